@@ -21,8 +21,11 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
+# Until the engine lands this prepares the database (embedded PostgreSQL unless database.dsn is set)
+# and reports protection coverage from it; it becomes the dashboard when that lands.
 run: $(VENV)/.installed
-	$(BIN)/tsbot run --config $(CONFIG)
+	$(BIN)/tsbot db migrate --config $(CONFIG)
+	$(BIN)/tsbot status --config $(CONFIG)
 
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

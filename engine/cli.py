@@ -1,0 +1,228 @@
+"""`tsbot`: everything that is not the dashboard.
+
+Exit codes: 0 done; 1 the command failed (database unreachable, …); 2 the operator's input is wrong
+(bad configuration, bad arguments). Errors are one line on stderr naming the thing at fault.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from decimal import Decimal
+from typing import Any
+
+from engine.config import ConfigError, LoadedConfig, load_config
+from engine.config_show import render_config
+from engine.logs import configure_logging
+from storage.database import Database, DatabaseUnavailable, open_database, resolve_target
+from storage.embedded import EmbeddedPostgresError, psql_executable
+from storage.migrator import MigrationError
+from storage.repositories import Store
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class CommandFailed(Exception):
+    """A command could not do its job; the message is the one line shown to the operator."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    config_option = argparse.ArgumentParser(add_help=False)
+    config_option.add_argument(
+        "--config",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help="configuration file (default: ./config.toml, else built-in defaults)",
+    )
+    parser = argparse.ArgumentParser(
+        prog="tsbot",
+        description="tsbot-tui engine commands (the dashboard is `tsbot-tui`).",
+        parents=[config_option],
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    config = commands.add_parser("config", help="inspect the configuration")
+    config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    config_commands.add_parser(
+        "show",
+        parents=[config_option],
+        help="print the effective configuration with the source of every value (secrets redacted)",
+    )
+
+    db = commands.add_parser("db", help="database maintenance")
+    db_commands = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
+    db_commands.add_parser("migrate", parents=[config_option], help="apply pending schema migrations")
+    psql = db_commands.add_parser(
+        "psql",
+        parents=[config_option],
+        help="open psql on the configured database (the embedded server stays up while it runs)",
+    )
+    psql.add_argument("psql_args", nargs=argparse.REMAINDER, help="arguments passed to psql, e.g. -c 'SQL'")
+
+    status = commands.add_parser(
+        "status",
+        parents=[config_option],
+        help="protection coverage and uncovered positions, from the database",
+    )
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        loaded = load_config(getattr(args, "config", None))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    handler = _HANDLERS[_command_key(args)]
+    try:
+        if handler is not _config_show:
+            configure_logging(loaded.settings.logging, loaded.secret_values(), stderr_level=logging.WARNING)
+        return handler(args, loaded)
+    except (CommandFailed, DatabaseUnavailable, EmbeddedPostgresError, MigrationError) as exc:
+        print(f"tsbot: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def _command_key(args: argparse.Namespace) -> str:
+    sub = getattr(args, f"{args.command}_command", None)
+    return f"{args.command} {sub}" if sub else args.command
+
+
+def _config_show(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    sys.stdout.write(render_config(loaded))
+    return EXIT_OK
+
+
+async def _open(loaded: LoadedConfig, *, migrate: bool = True) -> Database:
+    db = loaded.settings.database
+    return await open_database(
+        db.dsn,
+        db.data_dir,
+        db.name,
+        password=db.password.get_secret_value() if db.password else None,
+        min_size=db.pool_min_size,
+        max_size=db.pool_max_size,
+        command_timeout=float(db.command_timeout_seconds),
+        migrate=migrate,
+    )
+
+
+def _db_migrate(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    async def run() -> int:
+        database = await _open(loaded)
+        try:
+            applied = database.migrations_applied
+            if applied:
+                for migration in applied:
+                    print(f"applied {migration.filename}")
+            else:
+                print("database is up to date")
+            print(f"database: {database.target.display}")
+            return EXIT_OK
+        finally:
+            await database.close()
+
+    return asyncio.run(run())
+
+
+def _db_psql(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    db = loaded.settings.database
+
+    async def target() -> Any:
+        return await resolve_target(db.dsn, db.data_dir, db.name)
+
+    resolved = asyncio.run(target())
+    env = dict(os.environ)
+    if db.password is not None:
+        env["PGPASSWORD"] = db.password.get_secret_value()
+    extra = [a for a in args.psql_args if a != "--"]
+    try:
+        return subprocess.call([str(psql_executable()), resolved.dsn, *extra], env=env)
+    except OSError as exc:
+        raise CommandFailed(f"cannot start psql: {exc.strerror}") from None
+
+
+def _status(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    async def run() -> dict[str, Any]:
+        database = await _open(loaded)
+        try:
+            store = Store(database.pool)
+            coverage = await store.coverage()
+            uncovered = await store.uncovered_positions()
+        finally:
+            await database.close()
+        return {
+            "active": coverage.active,
+            "with_stop_loss": coverage.with_stop_loss,
+            "with_trailing_stop": coverage.with_trailing_stop,
+            "coverage_pct": coverage.coverage_pct,
+            "stop_loss_coverage_pct": coverage.stop_loss_coverage_pct,
+            "uncovered": [
+                {
+                    "position_id": p.id,
+                    "symbol": p.symbol,
+                    "side": p.side,
+                    "status": p.status.value,
+                    "has_stop_loss": p.has_stop_loss,
+                    "has_trailing_stop": p.has_trailing_stop,
+                    "opened_at": p.opened_at.isoformat() if p.opened_at else None,
+                }
+                for p in uncovered
+            ],
+        }
+
+    report = asyncio.run(run())
+    if args.json:
+        print(json.dumps(report, default=_json_default, indent=2))
+        return EXIT_OK
+    pct = "n/a (no active positions)" if report["coverage_pct"] is None else f"{report['coverage_pct']}%"
+    print(f"active positions:  {report['active']}")
+    print(f"with stop-loss:    {report['with_stop_loss']}")
+    print(f"with trailing stop:{report['with_trailing_stop']:>3}")
+    print(f"TS coverage:       {pct}")
+    print(f"uncovered:         {len(report['uncovered'])}")
+    for item in report["uncovered"]:
+        missing = [
+            name
+            for name, present in (
+                ("stop-loss", item["has_stop_loss"]),
+                ("trailing", item["has_trailing_stop"]),
+            )
+            if not present
+        ]
+        print(
+            f"  #{item['position_id']} {item['symbol']} {item['side']} ({item['status']}): no {', '.join(missing)}"
+        )
+    return EXIT_OK
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return float(value)  # presentation only: JSON has no decimal type
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+_HANDLERS = {
+    "config show": _config_show,
+    "db migrate": _db_migrate,
+    "db psql": _db_psql,
+    "status": _status,
+}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

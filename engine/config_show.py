@@ -1,0 +1,71 @@
+"""`tsbot config show`: the effective configuration as TOML, each value annotated with its source."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, SecretStr
+
+from engine.config import SECRETS, LoadedConfig, Source
+from storage.database import redact_dsn
+
+REDACTED = "<redacted>"
+
+
+def render_config(loaded: LoadedConfig) -> str:
+    lines = [
+        "# tsbot effective configuration",
+        f"# from: {loaded.origin}",
+        "# each value is followed by its source: default, file, env (TSBOT_<SECTION>__<KEY>) or secret-file",
+    ]
+    for name in type(loaded.settings).model_fields:
+        lines += _render_table(loaded, (name,), getattr(loaded.settings, name))
+    return "\n".join(lines) + "\n"
+
+
+def _render_table(loaded: LoadedConfig, path: tuple[str, ...], model: BaseModel) -> list[str]:
+    lines = ["", f"[{'.'.join(path)}]"]
+    tables: list[tuple[tuple[str, ...], BaseModel]] = []
+    rows: list[tuple[str, str]] = []
+    for key in type(model).model_fields:
+        value = getattr(model, key)
+        key_path = (*path, key)
+        if isinstance(value, BaseModel):
+            tables.append((key_path, value))
+            continue
+        source = loaded.source_of(key_path)
+        if key_path in SECRETS:
+            text = f"{key} = {json.dumps(REDACTED)}" if value is not None else f"# {key} = (not set)"
+        elif key_path == ("database", "dsn"):
+            text = f"{key} = {json.dumps(redact_dsn(value))}"
+        else:
+            text = f"{key} = {_toml_value(value)}"
+        rows.append((text, source.value if isinstance(source, Source) else str(source)))
+    width = max((len(text) for text, _ in rows), default=0)
+    lines += [f"{text.ljust(width)}  # {source}" for text, source in rows]
+    for key_path, value in tables:
+        lines += _render_table(loaded, key_path, value)
+    return lines
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Enum):
+        return json.dumps(value.value)
+    if isinstance(value, int | Decimal):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, SecretStr):
+        return json.dumps(REDACTED)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    return json.dumps(str(value))
