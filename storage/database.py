@@ -1,0 +1,128 @@
+"""Opening the database: an external server from `database.dsn`, or the embedded one; one asyncpg pool."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+
+from storage.embedded import EmbeddedPostgres, default_data_dir, start_embedded
+from storage.migrator import Migration, apply_migrations
+
+log = logging.getLogger(__name__)
+
+
+class DatabaseUnavailable(RuntimeError):
+    """The database could not be reached or prepared; the message names it (password redacted)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseTarget:
+    """Where to connect. `password` is kept out of `dsn` so the DSN can be shown."""
+
+    dsn: str
+    password: str | None = None
+    embedded: EmbeddedPostgres | None = None
+
+    @property
+    def display(self) -> str:
+        return redact_dsn(self.dsn)
+
+
+def redact_dsn(dsn: str) -> str:
+    """`postgresql://user:secret@host/db` -> `postgresql://user:***@host/db`; also `password=` params."""
+    dsn = re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", dsn)
+    return re.sub(r"(?i)(password=)[^&\s]+", r"\1***", dsn)
+
+
+async def resolve_target(dsn: str, data_dir: str, name: str, password: str | None = None) -> DatabaseTarget:
+    """An explicit DSN as given; otherwise start (or join) the embedded server and make sure `name` exists."""
+    if dsn:
+        return DatabaseTarget(dsn=dsn, password=password)
+    directory = Path(data_dir) if data_dir else default_data_dir()
+    embedded = await asyncio.to_thread(start_embedded, directory)
+    await ensure_database_exists(embedded.dsn("postgres"), name)
+    return DatabaseTarget(dsn=embedded.dsn(name), embedded=embedded)
+
+
+async def ensure_database_exists(admin_dsn: str, name: str, template: str | None = None) -> bool:
+    """Create database `name` if missing; True when it was created now."""
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        if await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+            return False
+        clause = f" TEMPLATE {_quote_ident(template)}" if template else ""
+        try:
+            await conn.execute(f"CREATE DATABASE {_quote_ident(name)}{clause}")
+        except asyncpg.DuplicateDatabaseError:
+            return False  # another process created it between our check and our create
+        return True
+    finally:
+        await conn.close()
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def create_pool(
+    target: DatabaseTarget, *, min_size: int = 1, max_size: int = 10, command_timeout: float = 10.0
+) -> asyncpg.Pool:
+    try:
+        return await asyncpg.create_pool(
+            target.dsn,
+            password=target.password,
+            min_size=min_size,
+            max_size=max_size,
+            command_timeout=command_timeout,
+            init=_init_connection,
+        )
+    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+        raise DatabaseUnavailable(f"database {target.display}: cannot connect: {exc}") from None
+
+
+@dataclass(slots=True)
+class Database:
+    """The pool plus what it points at. `close()` releases the pool (the embedded server outlives it)."""
+
+    pool: asyncpg.Pool
+    target: DatabaseTarget
+    migrations_applied: list[Migration]
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+
+async def open_database(
+    dsn: str = "",
+    data_dir: str = "",
+    name: str = "tsbot",
+    *,
+    password: str | None = None,
+    min_size: int = 1,
+    max_size: int = 10,
+    command_timeout: float = 10.0,
+    migrate: bool = True,
+) -> Database:
+    target = await resolve_target(dsn, data_dir, name, password)
+    pool = await create_pool(target, min_size=min_size, max_size=max_size, command_timeout=command_timeout)
+    applied: list[Migration] = []
+    if migrate:
+        try:
+            async with pool.acquire() as conn:
+                applied = await apply_migrations(conn)
+        except BaseException:
+            await pool.close()
+            raise
+        for migration in applied:
+            log.info("applied migration %s to %s", migration.filename, target.display)
+    return Database(pool=pool, target=target, migrations_applied=applied)

@@ -1,0 +1,481 @@
+"""Queries, named after what they answer. Every hot-path lookup is by key (position id, client order id,
+(exchange, symbol)) through an index; nothing reads all open positions to find one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any
+
+import asyncpg
+
+
+class PositionStatus(StrEnum):
+    PENDING_ENTRY = "pending_entry"
+    ENTRY_PLACED = "entry_placed"
+    PENDING_PROTECTION = "pending_protection"
+    ACTIVE = "active"
+    CLOSING = "closing"
+    CLOSED = "closed"
+    FAILED = "failed"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (PositionStatus.CLOSED, PositionStatus.FAILED)
+
+
+class OrderPurpose(StrEnum):
+    ENTRY = "entry"
+    STOP_LOSS = "stop_loss"
+    TRAILING_STOP = "trailing_stop"
+    CLOSE = "close"
+
+
+class OrderRecordStatus(StrEnum):
+    PENDING = "pending"  # recorded, not yet answered by the venue
+    OPEN = "open"
+    FILLED = "filled"
+    CANCELED = "canceled"
+    EXPIRED = "expired"
+    REJECTED = "rejected"
+    UNKNOWN = "unknown"  # the venue may or may not have it: resolve by client order id
+
+
+class Severity(StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+    CRITICAL = "critical"
+
+
+TERMINAL_STATUSES = tuple(s.value for s in PositionStatus if s.is_terminal)
+
+
+class PositionAlreadyOpen(Exception):
+    """(exchange, symbol) already has a non-terminal position."""
+
+    def __init__(self, exchange: str, symbol: str):
+        super().__init__(f"{symbol} on {exchange} already has an open position")
+        self.exchange = exchange
+        self.symbol = symbol
+
+
+@dataclass(frozen=True, slots=True)
+class PositionRecord:
+    id: int
+    symbol: str
+    exchange: str
+    side: str
+    quantity: Decimal
+    entry_price: Decimal | None
+    current_price: Decimal | None
+    stop_loss_price: Decimal | None
+    realized_pnl: Decimal | None
+    status: PositionStatus
+    has_stop_loss: bool
+    has_trailing_stop: bool
+    trailing_activated: bool
+    trailing_activation_percent: Decimal | None
+    trailing_callback_percent: Decimal | None
+    signal_id: int | None
+    wave_id: int | None
+    opened_at: datetime | None
+    protected_at: datetime | None
+    closed_at: datetime | None
+    updated_at: datetime
+    exit_reason: str | None
+
+    @property
+    def is_covered(self) -> bool:
+        return self.has_stop_loss and self.has_trailing_stop
+
+
+@dataclass(frozen=True, slots=True)
+class OrderRecord:
+    id: int
+    client_order_id: str
+    exchange_order_id: str | None
+    position_id: int | None
+    purpose: OrderPurpose
+    side: str
+    type: str
+    quantity: Decimal
+    trigger_price: Decimal | None
+    activation_price: Decimal | None
+    callback_percent: Decimal | None
+    status: OrderRecordStatus
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    id: int
+    created_at: datetime
+    severity: Severity
+    type: str
+    symbol: str | None
+    position_id: int | None
+    message: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Coverage:
+    """What the incident report's SQL answers, plus stop-loss coverage. Percentages are None with no
+    active positions (the SQL would divide by zero)."""
+
+    active: int
+    with_stop_loss: int
+    with_trailing_stop: int
+    coverage_pct: Decimal | None
+    stop_loss_coverage_pct: Decimal | None
+
+
+def _position(row: Mapping[str, Any]) -> PositionRecord:
+    values = dict(row)
+    values["status"] = PositionStatus(values["status"])
+    return PositionRecord(**values)
+
+
+def _order(row: Mapping[str, Any]) -> OrderRecord:
+    values = dict(row)
+    values["purpose"] = OrderPurpose(values["purpose"])
+    values["status"] = OrderRecordStatus(values["status"])
+    return OrderRecord(**values)
+
+
+def _event(row: Mapping[str, Any]) -> EventRecord:
+    values = dict(row)
+    values["severity"] = Severity(values["severity"])
+    return EventRecord(**values)
+
+
+_SEVERITY_RANK = {s: i for i, s in enumerate(Severity)}
+
+
+class Store:
+    """All reads and writes of the monitoring schema, over one pool."""
+
+    def __init__(self, pool: asyncpg.Pool):
+        self._pool = pool
+
+    # --- positions ---------------------------------------------------------------------------------------
+
+    async def create_position(
+        self,
+        *,
+        symbol: str,
+        exchange: str,
+        side: str,
+        quantity: Decimal,
+        status: PositionStatus = PositionStatus.PENDING_ENTRY,
+        signal_id: int | None = None,
+        wave_id: int | None = None,
+        trailing_activation_percent: Decimal | None = None,
+        trailing_callback_percent: Decimal | None = None,
+    ) -> PositionRecord:
+        try:
+            row = await self._pool.fetchrow(
+                """
+                INSERT INTO monitoring.positions
+                    (symbol, exchange, side, quantity, status, signal_id, wave_id,
+                     trailing_activation_percent, trailing_callback_percent)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                RETURNING *
+                """,
+                symbol,
+                exchange,
+                side,
+                quantity,
+                status.value,
+                signal_id,
+                wave_id,
+                trailing_activation_percent,
+                trailing_callback_percent,
+            )
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name == "positions_one_open_per_symbol":
+                raise PositionAlreadyOpen(exchange, symbol) from None
+            raise
+        return _position(row)
+
+    async def position(self, position_id: int) -> PositionRecord | None:
+        row = await self._pool.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", position_id)
+        return _position(row) if row else None
+
+    async def open_position_for_symbol(self, exchange: str, symbol: str) -> PositionRecord | None:
+        row = await self._pool.fetchrow(
+            """
+            SELECT * FROM monitoring.positions
+            WHERE exchange = $1 AND symbol = $2 AND status <> ALL($3::text[])
+            """,
+            exchange,
+            symbol,
+            TERMINAL_STATUSES,
+        )
+        return _position(row) if row else None
+
+    async def active_positions(self) -> list[PositionRecord]:
+        rows = await self._pool.fetch(
+            "SELECT * FROM monitoring.positions WHERE status = 'active' ORDER BY id"
+        )
+        return [_position(r) for r in rows]
+
+    async def open_positions(self) -> list[PositionRecord]:
+        """Every non-terminal position (what the exchange may hold), oldest first."""
+        rows = await self._pool.fetch(
+            "SELECT * FROM monitoring.positions WHERE status <> ALL($1::text[]) ORDER BY id",
+            TERMINAL_STATUSES,
+        )
+        return [_position(r) for r in rows]
+
+    async def set_position_status(
+        self, position_id: int, status: PositionStatus, *, exit_reason: str | None = None
+    ) -> PositionRecord:
+        row = await self._pool.fetchrow(
+            """
+            UPDATE monitoring.positions
+            SET status = $2,
+                exit_reason = COALESCE($3, exit_reason),
+                closed_at = CASE WHEN $2 = ANY($4::text[]) THEN COALESCE(closed_at, now()) ELSE closed_at END,
+                has_stop_loss = CASE WHEN $2 = ANY($4::text[]) THEN false ELSE has_stop_loss END,
+                has_trailing_stop = CASE WHEN $2 = ANY($4::text[]) THEN false ELSE has_trailing_stop END
+            WHERE id = $1
+            RETURNING *
+            """,
+            position_id,
+            status.value,
+            exit_reason,
+            TERMINAL_STATUSES,
+        )
+        return _position(self._require(row, position_id))
+
+    async def record_fill(self, position_id: int, quantity: Decimal, entry_price: Decimal) -> PositionRecord:
+        """The entry filled: quantity and the fill price, which every stop is computed from."""
+        row = await self._pool.fetchrow(
+            """
+            UPDATE monitoring.positions
+            SET quantity = $2, entry_price = $3, current_price = COALESCE(current_price, $3),
+                status = 'pending_protection', opened_at = COALESCE(opened_at, now())
+            WHERE id = $1
+            RETURNING *
+            """,
+            position_id,
+            quantity,
+            entry_price,
+        )
+        return _position(self._require(row, position_id))
+
+    async def set_protection_facts(
+        self,
+        position_id: int,
+        *,
+        has_stop_loss: bool,
+        has_trailing_stop: bool,
+        stop_loss_price: Decimal | None,
+        trailing_activated: bool | None = None,
+    ) -> PositionRecord:
+        """Record what the exchange confirmed. `protected_at` is stamped the first time both are live."""
+        row = await self._pool.fetchrow(
+            """
+            UPDATE monitoring.positions
+            SET has_stop_loss = $2, has_trailing_stop = $3, stop_loss_price = $4,
+                trailing_activated = COALESCE($5, trailing_activated),
+                protected_at = CASE WHEN $2 AND $3 THEN COALESCE(protected_at, now()) ELSE protected_at END
+            WHERE id = $1
+            RETURNING *
+            """,
+            position_id,
+            has_stop_loss,
+            has_trailing_stop,
+            stop_loss_price,
+            trailing_activated,
+        )
+        return _position(self._require(row, position_id))
+
+    async def update_marks(self, marks: Sequence[tuple[int, Decimal]]) -> None:
+        """Batch current_price for many positions in one round trip."""
+        if not marks:
+            return
+        await self._pool.execute(
+            """
+            UPDATE monitoring.positions AS p SET current_price = m.price
+            FROM unnest($1::bigint[], $2::numeric[]) AS m(id, price)
+            WHERE p.id = m.id
+            """,
+            [position_id for position_id, _ in marks],
+            [price for _, price in marks],
+        )
+
+    async def uncovered_positions(self) -> list[PositionRecord]:
+        """Live positions missing a confirmed stop-loss or trailing stop."""
+        rows = await self._pool.fetch(
+            """
+            SELECT * FROM monitoring.positions
+            WHERE status IN ('pending_protection', 'active') AND NOT (has_stop_loss AND has_trailing_stop)
+            ORDER BY opened_at NULLS FIRST, id
+            """
+        )
+        return [_position(r) for r in rows]
+
+    async def coverage(self) -> Coverage:
+        """The incident report's coverage query (same WHERE, same rounding), plus stop-loss coverage."""
+        row = await self._pool.fetchrow(
+            """
+            SELECT COUNT(*) AS total,
+                   COALESCE(SUM(CASE WHEN has_stop_loss THEN 1 ELSE 0 END), 0) AS with_sl,
+                   COALESCE(SUM(CASE WHEN has_trailing_stop THEN 1 ELSE 0 END), 0) AS with_ts,
+                   ROUND(100.0 * SUM(CASE WHEN has_trailing_stop THEN 1 ELSE 0 END) / NULLIF(COUNT(*), 0), 1)
+                       AS coverage_pct,
+                   ROUND(100.0 * SUM(CASE WHEN has_stop_loss THEN 1 ELSE 0 END) / NULLIF(COUNT(*), 0), 1)
+                       AS sl_pct
+            FROM monitoring.positions
+            WHERE status = 'active'
+            """
+        )
+        return Coverage(
+            active=row["total"],
+            with_stop_loss=row["with_sl"],
+            with_trailing_stop=row["with_ts"],
+            coverage_pct=row["coverage_pct"],
+            stop_loss_coverage_pct=row["sl_pct"],
+        )
+
+    # --- orders ------------------------------------------------------------------------------------------
+
+    async def record_order(
+        self,
+        *,
+        client_order_id: str,
+        purpose: OrderPurpose,
+        side: str,
+        type: str,
+        quantity: Decimal,
+        position_id: int | None = None,
+        trigger_price: Decimal | None = None,
+        activation_price: Decimal | None = None,
+        callback_percent: Decimal | None = None,
+        status: OrderRecordStatus = OrderRecordStatus.PENDING,
+    ) -> OrderRecord:
+        """Record an order before it is sent. Idempotent by client order id: a second call returns the
+        existing row unchanged (the id is the idempotency key, so the first intent stands)."""
+        row = await self._pool.fetchrow(
+            """
+            WITH inserted AS (
+                INSERT INTO monitoring.orders
+                    (client_order_id, position_id, purpose, side, type, quantity,
+                     trigger_price, activation_price, callback_percent, status)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                ON CONFLICT (client_order_id) DO NOTHING
+                RETURNING *
+            )
+            SELECT * FROM inserted
+            UNION ALL
+            SELECT * FROM monitoring.orders WHERE client_order_id = $1
+            LIMIT 1
+            """,
+            client_order_id,
+            position_id,
+            purpose.value,
+            side,
+            type,
+            quantity,
+            trigger_price,
+            activation_price,
+            callback_percent,
+            status.value,
+        )
+        return _order(row)
+
+    async def order_by_client_id(self, client_order_id: str) -> OrderRecord | None:
+        row = await self._pool.fetchrow(
+            "SELECT * FROM monitoring.orders WHERE client_order_id = $1", client_order_id
+        )
+        return _order(row) if row else None
+
+    async def set_order_status(
+        self,
+        client_order_id: str,
+        status: OrderRecordStatus,
+        *,
+        exchange_order_id: str | None = None,
+        error: str | None = None,
+    ) -> OrderRecord:
+        row = await self._pool.fetchrow(
+            """
+            UPDATE monitoring.orders
+            SET status = $2, exchange_order_id = COALESCE($3, exchange_order_id), error = COALESCE($4, error)
+            WHERE client_order_id = $1
+            RETURNING *
+            """,
+            client_order_id,
+            status.value,
+            exchange_order_id,
+            error,
+        )
+        return _order(self._require(row, client_order_id))
+
+    async def live_orders_for_position(self, position_id: int) -> list[OrderRecord]:
+        """Orders of ours that may be live on the exchange (open, pending or unknown)."""
+        rows = await self._pool.fetch(
+            """
+            SELECT * FROM monitoring.orders
+            WHERE position_id = $1 AND status IN ('pending', 'open', 'unknown')
+            ORDER BY id
+            """,
+            position_id,
+        )
+        return [_order(r) for r in rows]
+
+    # --- events ------------------------------------------------------------------------------------------
+
+    async def record_event(
+        self,
+        severity: Severity,
+        type: str,
+        message: str,
+        *,
+        symbol: str | None = None,
+        position_id: int | None = None,
+        data: Mapping[str, Any] | None = None,
+    ) -> int:
+        return await self._pool.fetchval(
+            """
+            INSERT INTO monitoring.events (severity, type, message, symbol, position_id, data)
+            VALUES ($1, $2, $3, $4, $5, $6) RETURNING id
+            """,
+            severity.value,
+            type,
+            message,
+            symbol,
+            position_id,
+            dict(data or {}),
+        )
+
+    async def recent_events(
+        self, limit: int = 100, min_severity: Severity = Severity.DEBUG
+    ) -> list[EventRecord]:
+        """Newest first, at or above `min_severity`."""
+        wanted = [s.value for s in Severity if _SEVERITY_RANK[s] >= _SEVERITY_RANK[min_severity]]
+        rows = await self._pool.fetch(
+            """
+            SELECT * FROM monitoring.events WHERE severity = ANY($1::text[])
+            ORDER BY created_at DESC, id DESC LIMIT $2
+            """,
+            wanted,
+            limit,
+        )
+        return [_event(r) for r in rows]
+
+    @staticmethod
+    def _require(row: Any, key: object) -> Any:
+        if row is None:
+            raise LookupError(f"no row for {key!r}")
+        return row
