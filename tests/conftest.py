@@ -1,0 +1,86 @@
+"""Shared fixtures: one real embedded PostgreSQL per test session, a fresh database per test.
+
+Each test database is created from a template that already carries the migrated schema, so a test starts
+from exactly what `tsbot db migrate` produces, in ~50 ms. Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from storage.database import Database, DatabaseTarget, create_pool, ensure_database_exists
+from storage.embedded import EmbeddedPostgres, start_embedded
+from storage.migrator import apply_migrations
+
+TEMPLATE_DB = "tsbot_template"
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> EmbeddedPostgres:
+    server = start_embedded(tmp_path_factory.mktemp("embedded-pg") / "pgdata")
+
+    async def prepare_template() -> None:
+        await ensure_database_exists(server.dsn("postgres"), TEMPLATE_DB)
+        conn = await asyncpg.connect(server.dsn(TEMPLATE_DB))
+        try:
+            await apply_migrations(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(prepare_template())
+    return server
+
+
+async def _create_database(server: EmbeddedPostgres, template: str) -> str:
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    admin = await asyncpg.connect(server.dsn("postgres"))
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    finally:
+        await admin.close()
+    return name
+
+
+async def _drop_database(server: EmbeddedPostgres, name: str) -> None:
+    admin = await asyncpg.connect(server.dsn("postgres"))
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def empty_database(pg_server: EmbeddedPostgres) -> AsyncIterator[str]:
+    """The name of a brand-new database with no schema at all."""
+    name = await _create_database(pg_server, "template0")
+    yield name
+    await _drop_database(pg_server, name)
+
+
+@pytest.fixture
+async def migrated_database(pg_server: EmbeddedPostgres) -> AsyncIterator[str]:
+    """The name of a fresh database carrying the migrated schema."""
+    name = await _create_database(pg_server, TEMPLATE_DB)
+    yield name
+    await _drop_database(pg_server, name)
+
+
+@pytest.fixture
+async def db(pg_server: EmbeddedPostgres, migrated_database: str) -> AsyncIterator[Database]:
+    """A pool on a fresh migrated database."""
+    target = DatabaseTarget(dsn=pg_server.dsn(migrated_database), embedded=pg_server)
+    pool = await create_pool(target, min_size=1, max_size=5)
+    database = Database(pool=pool, target=target, migrations_applied=[])
+    yield database
+    await database.close()
+
+
+@pytest.fixture
+def project_root() -> Path:
+    return Path(__file__).resolve().parent.parent

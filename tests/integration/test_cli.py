@@ -1,0 +1,152 @@
+"""The `tsbot` console script, run as an operator would, against the session's embedded PostgreSQL.
+
+Each test points `database.data_dir` at the session server (so the subprocess joins it rather than
+starting another) and uses its own database name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from decimal import Decimal
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from storage.embedded import EmbeddedPostgres
+
+TSBOT = str(Path(sys.executable).with_name("tsbot"))
+INCIDENT_COVERAGE_SQL = (
+    "SELECT COUNT(*) AS total, SUM(CASE WHEN has_trailing_stop THEN 1 ELSE 0 END) AS with_ts, "
+    "ROUND(100.0 * SUM(CASE WHEN has_trailing_stop THEN 1 ELSE 0 END) / COUNT(*), 1) AS coverage_pct "
+    "FROM monitoring.positions WHERE status='active';"
+)
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TSBOT_")}
+    env.update(extra)
+    return env
+
+
+def tsbot(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [TSBOT, *args], cwd=cwd, env=env or _clean_env(), capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, pg_server: EmbeddedPostgres) -> Path:
+    """A working directory whose config.toml uses the session's embedded server and a new database."""
+    name = f"cli_{uuid.uuid4().hex[:12]}"
+    (tmp_path / "config.toml").write_text(f'[database]\ndata_dir = "{pg_server.data_dir}"\nname = "{name}"\n')
+    return tmp_path
+
+
+def _db_name(workdir: Path) -> str:
+    return (workdir / "config.toml").read_text().split('name = "')[1].split('"')[0]
+
+
+def test_db_migrate_applies_once_then_reports_up_to_date(workdir: Path, pg_server: EmbeddedPostgres) -> None:
+    first = tsbot("db", "migrate", cwd=workdir)
+    assert first.returncode == 0, first.stderr
+    assert "applied 0001_monitoring.sql" in first.stdout
+    assert f"?host={pg_server.socket_dir}" in first.stdout
+
+    second = tsbot("db", "migrate", cwd=workdir)
+    assert second.returncode == 0, second.stderr
+    assert "database is up to date" in second.stdout
+    assert (workdir / "logs" / "trading_bot.log").exists()
+
+
+async def test_the_cli_joins_the_running_server_and_leaves_it_running(
+    workdir: Path, pg_server: EmbeddedPostgres
+) -> None:
+    assert tsbot("db", "migrate", cwd=workdir).returncode == 0
+    # The subprocess has exited; the server it joined is still ours and still answers.
+    conn = await asyncpg.connect(pg_server.dsn(_db_name(workdir)))
+    try:
+        assert await conn.fetchval("SELECT pg_backend_pid()") > 0
+        assert await conn.fetchval("SELECT count(*) FROM monitoring.schema_migrations") >= 1
+    finally:
+        await conn.close()
+
+
+async def test_status_json_agrees_with_the_incident_sql(workdir: Path, pg_server: EmbeddedPostgres) -> None:
+    assert tsbot("db", "migrate", cwd=workdir).returncode == 0
+    conn = await asyncpg.connect(pg_server.dsn(_db_name(workdir)))
+    try:
+        for i in range(7):
+            await conn.execute(
+                "INSERT INTO monitoring.positions (symbol, exchange, side, quantity, entry_price, status, "
+                "has_stop_loss, has_trailing_stop, opened_at) VALUES ($1, 'sim', 'long', 1, 2, 'active', true, $2, "
+                "now())",
+                f"S{i}USDT",
+                i < 5,
+            )
+        sql_row = await conn.fetchrow(INCIDENT_COVERAGE_SQL)
+    finally:
+        await conn.close()
+
+    result = tsbot("status", "--json", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert status["active"] == sql_row["total"] == 7
+    assert status["with_trailing_stop"] == sql_row["with_ts"] == 5
+    assert Decimal(str(status["coverage_pct"])) == sql_row["coverage_pct"] == Decimal("71.4")
+    assert status["with_stop_loss"] == 7
+    assert sorted(p["symbol"] for p in status["uncovered"]) == ["S5USDT", "S6USDT"]
+
+    human = tsbot("status", cwd=workdir)
+    assert "TS coverage:       71.4%" in human.stdout
+
+
+def test_incident_sql_runs_through_db_psql(workdir: Path) -> None:
+    assert tsbot("db", "migrate", cwd=workdir).returncode == 0
+    result = tsbot("db", "psql", "--", "-X", "-A", "-t", "-c", INCIDENT_COVERAGE_SQL, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "0||"  # no active positions: count 0, sums NULL
+
+
+def test_bad_config_value_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text("[protection]\ncallback_percent = 0\n")
+    for args in (("config", "show"), ("db", "migrate"), ("status",)):
+        result = tsbot(*args, cwd=tmp_path)
+        assert result.returncode == 2
+        assert (
+            result.stderr == "config.toml: protection.callback_percent: must be between 0.1 and 10, got 0\n"
+        )
+        assert result.stdout == ""
+
+
+def test_config_show_names_sources_and_hides_secrets(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text("[signals]\nwave_size = 9\n")
+    env = _clean_env(TSBOT_VENUE__API_SECRET="sekrit-value-1", TSBOT_PROTECTION__CALLBACK_PERCENT="0.8")
+    result = tsbot("config", "show", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "sekrit-value-1" not in result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("wave_size = 9") and line.endswith("# file") for line in lines)
+    assert any(line.startswith("callback_percent = 0.8") and line.endswith("# env") for line in lines)
+    assert any(line.startswith("stop_loss_percent = 3") and line.endswith("# default") for line in lines)
+    assert any(line.startswith('api_secret = "<redacted>"') and line.endswith("# env") for line in lines)
+
+
+def test_explicit_config_path_and_unknown_database_server_fail_cleanly(tmp_path: Path) -> None:
+    missing = tsbot("status", "--config", str(tmp_path / "absent.toml"), cwd=tmp_path)
+    assert missing.returncode == 2
+    assert missing.stderr == f"{tmp_path / 'absent.toml'}: config file not found\n"
+
+    (tmp_path / "ext.toml").write_text(
+        f'[database]\ndsn = "postgresql://bot@/tsbot?host={tmp_path}/no-such-socket-dir"\n'
+    )
+    env = _clean_env(TSBOT_DATABASE__PASSWORD="never-shown-pw")
+    unreachable = tsbot("status", "--config", str(tmp_path / "ext.toml"), cwd=tmp_path, env=env)
+    assert unreachable.returncode == 1
+    assert unreachable.stderr.startswith("tsbot: database postgresql://bot@/tsbot")
+    assert "cannot connect" in unreachable.stderr
+    assert "never-shown-pw" not in unreachable.stderr

@@ -1,0 +1,212 @@
+"""The monitoring schema and the repositories, against a real embedded PostgreSQL."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import asyncpg
+import pytest
+
+from storage.database import Database
+from storage.repositories import (
+    OrderPurpose,
+    OrderRecordStatus,
+    PositionAlreadyOpen,
+    PositionStatus,
+    Severity,
+    Store,
+)
+
+# Verbatim from the incident report: operators' SQL must keep working.
+INCIDENT_COVERAGE_SQL = (
+    "SELECT COUNT(*) AS total, SUM(CASE WHEN has_trailing_stop THEN 1 ELSE 0 END) AS with_ts, "
+    "ROUND(100.0 * SUM(CASE WHEN has_trailing_stop THEN 1 ELSE 0 END) / COUNT(*), 1) AS coverage_pct "
+    "FROM monitoring.positions WHERE status='active';"
+)
+
+
+async def _active_position(store: Store, symbol: str, *, trailing: bool, stop: bool = True) -> int:
+    position = await store.create_position(symbol=symbol, exchange="sim", side="long", quantity=Decimal("1"))
+    await store.record_fill(position.id, Decimal("1"), Decimal("100"))
+    await store.set_protection_facts(
+        position.id, has_stop_loss=stop, has_trailing_stop=trailing, stop_loss_price=Decimal("97")
+    )
+    await store.set_position_status(position.id, PositionStatus.ACTIVE)
+    return position.id
+
+
+async def test_incident_sql_runs_unchanged_and_matches_store_coverage(db: Database) -> None:
+    store = Store(db.pool)
+    for i in range(74):
+        await _active_position(store, f"C{i}USDT", trailing=i < 27)
+    # Terminal positions must not count, whatever their flags said while live.
+    closed = await _active_position(store, "GONEUSDT", trailing=True)
+    await store.set_position_status(closed, PositionStatus.CLOSED, exit_reason="stop_loss")
+
+    row = await db.pool.fetchrow(INCIDENT_COVERAGE_SQL)
+    coverage = await store.coverage()
+
+    assert (row["total"], row["with_ts"], row["coverage_pct"]) == (74, 27, Decimal("36.5"))
+    assert (coverage.active, coverage.with_trailing_stop, coverage.coverage_pct) == (74, 27, Decimal("36.5"))
+    assert coverage.with_stop_loss == 74
+    assert coverage.stop_loss_coverage_pct == Decimal("100.0")
+
+
+async def test_coverage_with_no_active_positions_is_unknown_not_zero(db: Database) -> None:
+    coverage = await Store(db.pool).coverage()
+    assert coverage.active == 0
+    assert coverage.coverage_pct is None
+
+
+async def test_one_non_terminal_position_per_exchange_and_symbol(db: Database) -> None:
+    store = Store(db.pool)
+    first = await store.create_position(symbol="SFPUSDT", exchange="sim", side="long", quantity=Decimal("5"))
+    with pytest.raises(PositionAlreadyOpen, match="SFPUSDT on sim already has an open position"):
+        await store.create_position(symbol="SFPUSDT", exchange="sim", side="short", quantity=Decimal("5"))
+    # Every non-terminal status holds the slot, not only 'active'.
+    for status in (PositionStatus.ENTRY_PLACED, PositionStatus.PENDING_PROTECTION, PositionStatus.CLOSING):
+        await store.set_position_status(first.id, status)
+        with pytest.raises(PositionAlreadyOpen):
+            await store.create_position(symbol="SFPUSDT", exchange="sim", side="long", quantity=Decimal("1"))
+    # Another venue, same symbol: allowed.
+    await store.create_position(symbol="SFPUSDT", exchange="bybit", side="long", quantity=Decimal("1"))
+    await store.set_position_status(first.id, PositionStatus.CLOSED, exit_reason="manual")
+    reopened = await store.create_position(
+        symbol="SFPUSDT", exchange="sim", side="short", quantity=Decimal("2")
+    )
+    assert reopened.id != first.id
+    assert (await store.open_position_for_symbol("sim", "SFPUSDT")).id == reopened.id
+
+
+async def test_protection_flags_default_false_and_are_cleared_when_the_position_ends(db: Database) -> None:
+    store = Store(db.pool)
+    created = await store.create_position(
+        symbol="ALLUSDT", exchange="sim", side="short", quantity=Decimal("3")
+    )
+    assert (created.has_stop_loss, created.has_trailing_stop, created.trailing_activated) == (
+        False,
+        False,
+        False,
+    )
+
+    filled = await store.record_fill(created.id, Decimal("3"), Decimal("0.4512"))
+    assert filled.status is PositionStatus.PENDING_PROTECTION
+    assert filled.entry_price == Decimal("0.4512")
+    assert filled.opened_at is not None
+
+    half = await store.set_protection_facts(
+        created.id, has_stop_loss=True, has_trailing_stop=False, stop_loss_price=Decimal("0.4647")
+    )
+    assert half.protected_at is None, "protected_at waits for both stops"
+    both = await store.set_protection_facts(
+        created.id, has_stop_loss=True, has_trailing_stop=True, stop_loss_price=Decimal("0.4647")
+    )
+    assert both.protected_at is not None
+    assert both.is_covered
+
+    closed = await store.set_position_status(created.id, PositionStatus.CLOSED, exit_reason="trailing_stop")
+    assert (closed.has_stop_loss, closed.has_trailing_stop) == (False, False)
+    assert closed.closed_at is not None
+    assert closed.exit_reason == "trailing_stop"
+
+
+async def test_schema_checks_refuse_values_outside_the_contract(db: Database) -> None:
+    with pytest.raises(asyncpg.CheckViolationError):
+        await db.pool.execute(
+            "INSERT INTO monitoring.positions (symbol, exchange, side, quantity) VALUES ('X', 'sim', 'LONG', 1)"
+        )
+    with pytest.raises(asyncpg.CheckViolationError):
+        await db.pool.execute(
+            "INSERT INTO monitoring.positions (symbol, exchange, side, quantity, status) "
+            "VALUES ('X', 'sim', 'long', 1, 'ACTIVE')"
+        )
+
+
+async def test_uncovered_positions_lists_live_positions_missing_either_stop(db: Database) -> None:
+    store = Store(db.pool)
+    covered = await _active_position(store, "AUSDT", trailing=True)
+    no_ts = await _active_position(store, "BUSDT", trailing=False)
+    no_sl = await _active_position(store, "CUSDT", trailing=True, stop=False)
+    pending = await store.create_position(symbol="DUSDT", exchange="sim", side="long", quantity=Decimal("1"))
+    await store.record_fill(pending.id, Decimal("1"), Decimal("10"))
+
+    uncovered = {p.id for p in await store.uncovered_positions()}
+
+    assert uncovered == {no_ts, no_sl, pending.id}
+    assert covered not in uncovered
+
+
+async def test_record_order_is_idempotent_by_client_order_id(db: Database) -> None:
+    store = Store(db.pool)
+    position = await store.create_position(
+        symbol="SUIUSDT", exchange="sim", side="long", quantity=Decimal("10")
+    )
+    first = await store.record_order(
+        client_order_id="tsb-1-sl-0",
+        position_id=position.id,
+        purpose=OrderPurpose.STOP_LOSS,
+        side="sell",
+        type="stop_market",
+        quantity=Decimal("10"),
+        trigger_price=Decimal("1.9400"),
+    )
+    again = await store.record_order(
+        client_order_id="tsb-1-sl-0",
+        position_id=position.id,
+        purpose=OrderPurpose.STOP_LOSS,
+        side="sell",
+        type="stop_market",
+        quantity=Decimal("99"),
+        trigger_price=Decimal("1.0"),
+    )
+    assert again == first
+    assert await db.pool.fetchval("SELECT count(*) FROM monitoring.orders") == 1
+
+    opened = await store.set_order_status("tsb-1-sl-0", OrderRecordStatus.OPEN, exchange_order_id="778")
+    assert opened.status is OrderRecordStatus.OPEN
+    assert opened.exchange_order_id == "778"
+    assert [o.client_order_id for o in await store.live_orders_for_position(position.id)] == ["tsb-1-sl-0"]
+    await store.set_order_status("tsb-1-sl-0", OrderRecordStatus.CANCELED)
+    assert await store.live_orders_for_position(position.id) == []
+    assert (await store.order_by_client_id("tsb-1-sl-0")).status is OrderRecordStatus.CANCELED
+
+
+async def test_client_order_ids_longer_than_36_chars_are_refused(db: Database) -> None:
+    with pytest.raises(asyncpg.CheckViolationError):
+        await Store(db.pool).record_order(
+            client_order_id="x" * 37,
+            purpose=OrderPurpose.ENTRY,
+            side="buy",
+            type="market",
+            quantity=Decimal("1"),
+        )
+
+
+async def test_events_are_append_only_and_filtered_by_severity(db: Database) -> None:
+    store = Store(db.pool)
+    await store.record_event(Severity.INFO, "position_opened", "opened SFPUSDT", symbol="SFPUSDT")
+    event_id = await store.record_event(
+        Severity.ERROR,
+        "protection_timeout",
+        "Timeout creating trailing stop for ALLUSDT",
+        symbol="ALLUSDT",
+        data={"latency_ms": 10012, "outcome": "retrying"},
+    )
+    errors = await store.recent_events(min_severity=Severity.WARNING)
+    assert [e.id for e in errors] == [event_id]
+    assert errors[0].data == {"latency_ms": 10012, "outcome": "retrying"}
+    assert len(await store.recent_events()) == 2
+
+    with pytest.raises(asyncpg.RaiseError, match="append-only"):
+        await db.pool.execute("UPDATE monitoring.events SET message = 'rewritten'")
+    with pytest.raises(asyncpg.RaiseError, match="append-only"):
+        await db.pool.execute("DELETE FROM monitoring.events")
+
+
+async def test_update_marks_sets_current_price_in_one_batch(db: Database) -> None:
+    store = Store(db.pool)
+    a = await _active_position(store, "AUSDT", trailing=True)
+    b = await _active_position(store, "BUSDT", trailing=True)
+    await store.update_marks([(a, Decimal("101.5")), (b, Decimal("99.25"))])
+    assert (await store.position(a)).current_price == Decimal("101.5")
+    assert (await store.position(b)).current_price == Decimal("99.25")

@@ -1,0 +1,246 @@
+"""Configuration: defaults, file, environment, validation messages, secrets."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from engine.config import (
+    SECRETS,
+    ConfigError,
+    Settings,
+    Source,
+    default_settings,
+    load_config,
+)
+from engine.config_show import render_config
+
+
+def _write(path: Path, text: str, mode: int = 0o644) -> Path:
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def _leaf_keys(model: type, prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    keys: set[tuple[str, ...]] = set()
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+            keys |= _leaf_keys(annotation, (*prefix, name))
+        else:
+            keys.add((*prefix, name))
+    return keys
+
+
+def test_shipped_config_toml_is_the_built_in_defaults(project_root: Path) -> None:
+    loaded = load_config(project_root / "config.toml", environ={})
+    assert loaded.settings == default_settings()
+
+
+def test_shipped_config_toml_has_every_key_and_a_comment_above_each(project_root: Path) -> None:
+    text = (project_root / "config.toml").read_text()
+    expected = _leaf_keys(Settings) - set(SECRETS)  # secrets never live in the file
+    found: set[tuple[str, ...]] = set()
+    table: tuple[str, ...] = ()
+    previous = ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if header := re.fullmatch(r"\[([a-z_.]+)\]", stripped):
+            table = tuple(header.group(1).split("."))
+        elif key := re.match(r"^([a-z_]+)\s*=", stripped):
+            found.add((*table, key.group(1)))
+            assert previous.startswith("#"), f"{'.'.join((*table, key.group(1)))} has no comment above it"
+        if stripped:
+            previous = stripped
+    assert found == expected
+
+
+def test_without_a_file_the_built_in_defaults_apply(tmp_path: Path) -> None:
+    loaded = load_config(None, environ={}, cwd=tmp_path)
+    assert loaded.path is None
+    assert loaded.settings.protection.callback_percent == Decimal("0.5")
+    assert loaded.source_of(("protection", "callback_percent")) is Source.DEFAULT
+
+
+def test_dot_config_toml_in_the_working_directory_is_found(tmp_path: Path) -> None:
+    _write(tmp_path / "config.toml", "[protection]\ncallback_percent = 0.7\n")
+    loaded = load_config(None, environ={}, cwd=tmp_path)
+    assert loaded.path == tmp_path / "config.toml"
+    assert loaded.settings.protection.callback_percent == Decimal("0.7")
+
+
+def test_bad_value_names_file_key_expectation_and_value(tmp_path: Path) -> None:
+    _write(tmp_path / "config.toml", "[protection]\ncallback_percent = 0\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, environ={}, cwd=tmp_path)
+    assert caught.value.lines == [
+        "config.toml: protection.callback_percent: must be between 0.1 and 10, got 0"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("[protection]\ncalback_percent = 0.5\n", "protection.calback_percent: unknown key (a typo?)"),
+        ("[protections]\nx = 1\n", "protections: unknown key (a typo?): expected one of venue, database"),
+        (
+            '[venue]\nkind = "binance"\n',
+            'venue.kind: must be one of "sim", "binanceusdm" or "bybit", got "binance"',
+        ),
+        (
+            '[signals]\nposition_size_usd = "lots"\n',
+            'signals.position_size_usd: must be a number, got "lots"',
+        ),
+        ("[signals]\nmax_positions = 2.5\n", "signals.max_positions: must be a whole number, got 2.5"),
+        (
+            "[signals]\nposition_size_usd = 0\n",
+            "signals.position_size_usd: must be > 0 and <= 1000000, got 0",
+        ),
+        ('[protection.trailing]\nmode = "smart"\n', "protection.trailing.mode: must be one of"),
+        (
+            '[logging]\nlevel = "verbose"\n',
+            'logging.level: must be one of "DEBUG", "INFO", "WARNING" or "ERROR"',
+        ),
+        (
+            "[protection]\nclose_on_would_trigger = 3\n",
+            "protection.close_on_would_trigger: must be true or false",
+        ),
+    ],
+)
+def test_every_invalid_value_gives_one_precise_line(tmp_path: Path, toml: str, message: str) -> None:
+    path = _write(tmp_path / "custom.toml", toml)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={})
+    assert len(caught.value.lines) == 1
+    assert caught.value.lines[0].startswith(f"{path}: ")
+    assert message in caught.value.lines[0]
+
+
+def test_invalid_toml_is_one_line(tmp_path: Path) -> None:
+    _write(tmp_path / "config.toml", "[protection\ncallback_percent = 0.5\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, environ={}, cwd=tmp_path)
+    assert len(caught.value.lines) == 1
+    assert caught.value.lines[0].startswith("config.toml: invalid TOML:")
+
+
+def test_missing_explicit_config_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nowhere\.toml: config file not found"):
+        load_config(tmp_path / "nowhere.toml", environ={})
+
+
+def test_environment_overrides_file_and_sources_are_tracked(tmp_path: Path) -> None:
+    path = _write(tmp_path / "c.toml", "[protection]\ncallback_percent = 0.7\nstop_loss_percent = 2\n")
+    loaded = load_config(
+        path,
+        environ={"TSBOT_PROTECTION__CALLBACK_PERCENT": "0.9", "TSBOT_PROTECTION__TRAILING__MODE": "managed"},
+    )
+    assert loaded.settings.protection.callback_percent == Decimal("0.9")
+    assert loaded.settings.protection.stop_loss_percent == Decimal("2")
+    assert loaded.settings.protection.trailing.mode == "managed"
+    assert loaded.source_of(("protection", "callback_percent")) is Source.ENV
+    assert loaded.source_of(("protection", "trailing", "mode")) is Source.ENV
+    assert loaded.source_of(("protection", "stop_loss_percent")) is Source.FILE
+    assert loaded.source_of(("protection", "grace_seconds")) is Source.DEFAULT
+
+
+def test_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, environ={"TSBOT_PROTECTION__CALLBACK_PERCENT": "20"}, cwd=tmp_path)
+    assert caught.value.lines == [
+        'TSBOT_PROTECTION__CALLBACK_PERCENT: protection.callback_percent: must be between 0.1 and 10, got "20"'
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("TSBOT_PROTECTOIN__CALLBACK_PERCENT", "unknown configuration section 'protectoin'"),
+        ("TSBOT_PROTECTION__CALBACK_PERCENT", "protection.calback_percent: unknown key"),
+        ("TSBOT_PROTECTION", "a whole section cannot be set at once"),
+    ],
+)
+def test_typos_in_environment_names_are_errors(tmp_path: Path, name: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, environ={name: "1"}, cwd=tmp_path)
+
+
+def test_secrets_in_the_config_file_are_refused(tmp_path: Path) -> None:
+    path = _write(tmp_path / "c.toml", '[venue]\napi_key = "AKIA-very-secret"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={})
+    line = caught.value.lines[0]
+    assert "venue.api_key: secrets are not read from the config file" in line
+    assert "TSBOT_VENUE__API_KEY" in line
+    assert "AKIA-very-secret" not in str(caught.value)
+
+
+def test_bad_secret_from_environment_is_not_echoed(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(
+            None, environ={"TSBOT_DATABASE__PASSWORD": "hunter2", "TSBOT_DATABASE__POOL_MIN_SIZE": "0"}
+        )
+    assert "hunter2" not in str(caught.value)
+
+
+def test_secret_from_environment_is_redacted_in_config_show(tmp_path: Path) -> None:
+    loaded = load_config(
+        None,
+        environ={"TSBOT_VENUE__API_KEY": "key-123456", "TSBOT_VENUE__API_SECRET": "sec-abcdef"},
+        cwd=tmp_path,
+    )
+    assert loaded.settings.venue.api_key.get_secret_value() == "key-123456"
+    shown = render_config(loaded)
+    assert "key-123456" not in shown
+    assert "sec-abcdef" not in shown
+    assert re.search(r'^api_key = "<redacted>"\s+# env$', shown, re.M)
+    assert re.search(r"^# password = \(not set\)\s+# default$", shown, re.M)
+    assert sorted(loaded.secret_values()) == ["key-123456", "sec-abcdef"]
+
+
+def test_secret_file_must_be_readable_by_its_owner_only(tmp_path: Path) -> None:
+    secret = _write(tmp_path / "db.pass", "s3cr3t-pw\n", mode=0o644)
+    config = _write(tmp_path / "c.toml", f'[database]\npassword_file = "{secret}"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(config, environ={})
+    assert caught.value.lines == [
+        f"{config}: database.password_file: secrets file {secret} must be readable by its owner only "
+        "(chmod 600), got mode 0644"
+    ]
+
+    secret.chmod(0o600)
+    loaded = load_config(config, environ={})
+    assert loaded.settings.database.password.get_secret_value() == "s3cr3t-pw"
+    assert loaded.source_of(("database", "password")) is Source.SECRET_FILE
+    assert "s3cr3t-pw" not in render_config(loaded)
+
+
+def test_dsn_password_is_redacted_in_config_show(tmp_path: Path) -> None:
+    loaded = load_config(
+        None, environ={"TSBOT_DATABASE__DSN": "postgresql://bot:pa55word@db.internal/tsbot"}, cwd=tmp_path
+    )
+    shown = render_config(loaded)
+    assert "pa55word" not in shown
+    assert 'dsn = "postgresql://bot:***@db.internal/tsbot"' in shown
+
+
+def test_config_show_is_toml_that_loads_back_to_the_same_settings(tmp_path: Path) -> None:
+    path = _write(tmp_path / "c.toml", '[protection]\ncallback_percent = 0.75\n[tui.keys]\nquit = "ctrl+q"\n')
+    loaded = load_config(path, environ={"TSBOT_SIGNALS__WAVE_SIZE": "9"})
+    shown = render_config(loaded)
+    assert tomllib.loads(shown)  # parses
+    again = load_config(_write(tmp_path / "shown.toml", shown), environ={})
+    assert again.settings == loaded.settings
+
+
+def test_process_environment_is_used_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TSBOT_HEALTH__INTERVAL_SECONDS", "7")
+    monkeypatch.chdir(tmp_path)
+    assert load_config().settings.health.interval_seconds == Decimal("7")
+    assert "TSBOT_HEALTH__INTERVAL_SECONDS" in os.environ
