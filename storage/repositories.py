@@ -138,6 +138,68 @@ class Coverage:
     stop_loss_coverage_pct: Decimal | None
 
 
+class SignalStatus(StrEnum):
+    NEW = "new"
+    TAKEN = "taken"
+    OPENED = "opened"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+
+
+class DuplicateExternalId(Exception):
+    def __init__(self, external_id: str):
+        super().__init__(f"a signal with external id {external_id!r} already exists")
+        self.external_id = external_id
+
+
+@dataclass(frozen=True, slots=True)
+class SignalRecord:
+    id: int
+    external_id: str | None
+    symbol: str
+    side: str
+    score: Decimal | None
+    received_at: datetime
+    wave_id: int | None
+    status: SignalStatus
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class WaveRecord:
+    id: int
+    started_at: datetime
+    finished_at: datetime | None
+    signals: int
+    opened: int
+    protected: int
+    failed: int
+    slowest_protection_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class TrailingStateRecord:
+    position_id: int
+    state_version: int
+    mode: str
+    state: str
+    activation_price: Decimal
+    peak_price: Decimal | None
+    current_stop_price: Decimal | None
+    stop_order_client_id: str | None
+    callback_percent: Decimal
+    activation_percent: Decimal
+    last_move_at: datetime | None
+    update_count: int
+    updated_at: datetime
+
+
+def _signal(row: Mapping[str, Any]) -> SignalRecord:
+    values = dict(row)
+    values["status"] = SignalStatus(values["status"])
+    return SignalRecord(**values)
+
+
 def _position(row: Mapping[str, Any]) -> PositionRecord:
     values = dict(row)
     values["status"] = PositionStatus(values["status"])
@@ -433,6 +495,167 @@ class Store:
             position_id,
         )
         return [_order(r) for r in rows]
+
+    # --- signals and waves -------------------------------------------------------------------------------
+
+    async def insert_signal(
+        self, symbol: str, side: str, *, score: Decimal | None = None, external_id: str | None = None
+    ) -> SignalRecord:
+        try:
+            row = await self._pool.fetchrow(
+                """
+                INSERT INTO monitoring.signals (symbol, side, score, external_id)
+                VALUES ($1, $2, $3, $4) RETURNING *
+                """,
+                symbol,
+                side,
+                score,
+                external_id,
+            )
+        except asyncpg.UniqueViolationError:
+            raise DuplicateExternalId(external_id or "") from None
+        return _signal(row)
+
+    async def insert_signals(self, rows: Sequence[tuple[str, str, Decimal | None, str | None]]) -> list[int]:
+        """Insert many (symbol, side, score, external_id) in one transaction: all or none."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            ids = []
+            for symbol, side, score, external_id in rows:
+                try:
+                    ids.append(
+                        await conn.fetchval(
+                            "INSERT INTO monitoring.signals (symbol, side, score, external_id) "
+                            "VALUES ($1, $2, $3, $4) RETURNING id",
+                            symbol,
+                            side,
+                            score,
+                            external_id,
+                        )
+                    )
+                except asyncpg.UniqueViolationError:
+                    raise DuplicateExternalId(external_id or "") from None
+            return ids
+
+    async def claim_new_signals(self, limit: int = 500) -> list[SignalRecord]:
+        """Take the oldest new signals, each exactly once across every process (SKIP LOCKED)."""
+        rows = await self._pool.fetch(
+            """
+            UPDATE monitoring.signals AS s SET status = 'taken'
+            FROM (
+                SELECT id FROM monitoring.signals WHERE status = 'new'
+                ORDER BY received_at, id LIMIT $1 FOR UPDATE SKIP LOCKED
+            ) AS claimed
+            WHERE s.id = claimed.id
+            RETURNING s.*
+            """,
+            limit,
+        )
+        return sorted((_signal(r) for r in rows), key=lambda r: (r.received_at, r.id))
+
+    async def finish_signal(
+        self, signal_id: int, status: SignalStatus, reason: str | None = None, *, wave_id: int | None = None
+    ) -> None:
+        await self._pool.execute(
+            "UPDATE monitoring.signals SET status = $2, reason = $3, wave_id = COALESCE($4, wave_id) WHERE id = $1",
+            signal_id,
+            status.value,
+            reason,
+            wave_id,
+        )
+
+    async def signal(self, signal_id: int) -> SignalRecord | None:
+        row = await self._pool.fetchrow("SELECT * FROM monitoring.signals WHERE id = $1", signal_id)
+        return _signal(row) if row else None
+
+    async def start_wave(self, signals: int) -> int:
+        return await self._pool.fetchval(
+            "INSERT INTO monitoring.waves (signals) VALUES ($1) RETURNING id", signals
+        )
+
+    async def finish_wave(
+        self, wave_id: int, *, opened: int, protected: int, failed: int, slowest_protection_ms: int | None
+    ) -> None:
+        await self._pool.execute(
+            """
+            UPDATE monitoring.waves
+            SET finished_at = now(), opened = $2, protected = $3, failed = $4, slowest_protection_ms = $5
+            WHERE id = $1
+            """,
+            wave_id,
+            opened,
+            protected,
+            failed,
+            slowest_protection_ms,
+        )
+
+    async def recent_waves(self, limit: int = 20) -> list[WaveRecord]:
+        rows = await self._pool.fetch(
+            "SELECT * FROM monitoring.waves ORDER BY started_at DESC, id DESC LIMIT $1", limit
+        )
+        return [WaveRecord(**dict(r)) for r in rows]
+
+    # --- trailing-stop state ------------------------------------------------------------------------------
+
+    async def save_trailing_state(
+        self,
+        position_id: int,
+        *,
+        mode: str,
+        state: str,
+        activation_price: Decimal,
+        callback_percent: Decimal,
+        activation_percent: Decimal,
+        peak_price: Decimal | None = None,
+        current_stop_price: Decimal | None = None,
+        stop_order_client_id: str | None = None,
+        last_move_at: datetime | None = None,
+        update_count: int = 0,
+    ) -> TrailingStateRecord:
+        row = await self._pool.fetchrow(
+            """
+            INSERT INTO monitoring.trailing_stop_state
+                (position_id, mode, state, activation_price, peak_price, current_stop_price,
+                 stop_order_client_id, callback_percent, activation_percent, last_move_at, update_count)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+            ON CONFLICT (position_id) DO UPDATE SET
+                mode = EXCLUDED.mode, state = EXCLUDED.state, activation_price = EXCLUDED.activation_price,
+                peak_price = EXCLUDED.peak_price, current_stop_price = EXCLUDED.current_stop_price,
+                stop_order_client_id = EXCLUDED.stop_order_client_id,
+                callback_percent = EXCLUDED.callback_percent, activation_percent = EXCLUDED.activation_percent,
+                last_move_at = EXCLUDED.last_move_at, update_count = EXCLUDED.update_count
+            RETURNING *
+            """,
+            position_id,
+            mode,
+            state,
+            activation_price,
+            peak_price,
+            current_stop_price,
+            stop_order_client_id,
+            callback_percent,
+            activation_percent,
+            last_move_at,
+            update_count,
+        )
+        return TrailingStateRecord(**dict(row))
+
+    async def trailing_state(self, position_id: int) -> TrailingStateRecord | None:
+        row = await self._pool.fetchrow(
+            "SELECT * FROM monitoring.trailing_stop_state WHERE position_id = $1", position_id
+        )
+        return TrailingStateRecord(**dict(row)) if row else None
+
+    async def trailing_states_of_open_positions(self) -> dict[int, TrailingStateRecord]:
+        """For restart: every persisted trailing state whose position is still live, by position id."""
+        rows = await self._pool.fetch(
+            """
+            SELECT t.* FROM monitoring.trailing_stop_state t
+            JOIN monitoring.positions p ON p.id = t.position_id
+            WHERE p.status <> ALL($1::text[])
+            """,
+            TERMINAL_STATUSES,
+        )
+        return {r["position_id"]: TrailingStateRecord(**dict(r)) for r in rows}
 
     # --- events ------------------------------------------------------------------------------------------
 

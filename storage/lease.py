@@ -1,0 +1,132 @@
+"""One engine per (venue, account): a PostgreSQL advisory lock held for the engine's whole life.
+
+The lock lives on a dedicated connection (a pooled connection would drop it on release). Whoever holds it
+also writes a row in `monitoring.engine_leases`, so anyone refused can say who has it. If the dedicated
+connection dies, the lock is gone: `alive()` turns false and the engine must stop trading.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+LEASE_NAMESPACE = 0x7473  # "ts": first key of the two-key advisory lock
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseHolder:
+    venue: str
+    account: str
+    pid: int
+    host: str
+    version: str
+    started_at: datetime
+    heartbeat_at: datetime
+
+    def describe(self) -> str:
+        return (
+            f"pid {self.pid} on {self.host}, version {self.version}, "
+            f"since {self.started_at.isoformat(timespec='seconds')}"
+        )
+
+
+class LeaseHeld(Exception):
+    """Another engine trades this account."""
+
+    def __init__(self, venue: str, account: str, holder: LeaseHolder | None):
+        who = holder.describe() if holder else "an engine that did not record itself"
+        super().__init__(f"account {account!r} on {venue} is already traded by {who}")
+        self.holder = holder
+
+
+def lease_key(venue: str, account: str) -> str:
+    return f"{venue}/{account}"
+
+
+class EngineLease:
+    """Held while the engine trades. Use `acquire()`; `release()` on shutdown."""
+
+    def __init__(self, conn: asyncpg.Connection, venue: str, account: str):
+        self._conn = conn
+        self.venue = venue
+        self.account = account
+
+    @classmethod
+    async def acquire(
+        cls, dsn: str, venue: str, account: str, version: str, password: str | None = None
+    ) -> EngineLease:
+        conn = await asyncpg.connect(dsn, password=password)
+        try:
+            got = await conn.fetchval(
+                "SELECT pg_try_advisory_lock($1, hashtext($2))", LEASE_NAMESPACE, lease_key(venue, account)
+            )
+            if not got:
+                raise LeaseHeld(venue, account, await _holder(conn, venue, account))
+            await conn.execute(
+                """
+                INSERT INTO monitoring.engine_leases (venue, account, pid, host, version)
+                VALUES ($1, $2, $3, $4, $5)
+                ON CONFLICT (venue, account) DO UPDATE
+                SET pid = EXCLUDED.pid, host = EXCLUDED.host, version = EXCLUDED.version,
+                    started_at = now(), heartbeat_at = now()
+                """,
+                venue,
+                account,
+                os.getpid(),
+                socket.gethostname(),
+                version,
+            )
+        except BaseException:
+            await conn.close()
+            raise
+        return cls(conn, venue, account)
+
+    def alive(self) -> bool:
+        return not self._conn.is_closed()
+
+    async def heartbeat(self) -> None:
+        await self._conn.execute(
+            "UPDATE monitoring.engine_leases SET heartbeat_at = now() WHERE venue = $1 AND account = $2",
+            self.venue,
+            self.account,
+        )
+
+    async def release(self) -> None:
+        if self._conn.is_closed():
+            return
+        try:
+            await self._conn.execute(
+                "SELECT pg_advisory_unlock($1, hashtext($2))",
+                LEASE_NAMESPACE,
+                lease_key(self.venue, self.account),
+            )
+        finally:
+            await self._conn.close()
+
+
+async def current_holder(pool: asyncpg.Pool, venue: str, account: str) -> LeaseHolder | None:
+    """Who holds the lease now (None when nobody does), for read-only watchers."""
+    async with pool.acquire() as conn:
+        held = await conn.fetchval(
+            """
+            SELECT EXISTS (
+                SELECT 1 FROM pg_locks
+                WHERE locktype = 'advisory' AND granted
+                  AND classid = $1::oid AND objid = hashtext($2)::oid AND objsubid = 2
+            )
+            """,
+            LEASE_NAMESPACE,
+            lease_key(venue, account),
+        )
+        return await _holder(conn, venue, account) if held else None
+
+
+async def _holder(conn: asyncpg.Connection, venue: str, account: str) -> LeaseHolder | None:
+    row = await conn.fetchrow(
+        "SELECT * FROM monitoring.engine_leases WHERE venue = $1 AND account = $2", venue, account
+    )
+    return LeaseHolder(**dict(row)) if row else None

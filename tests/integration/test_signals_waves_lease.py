@@ -1,0 +1,179 @@
+"""Signals claimed exactly once, NOTIFY on insert, waves, trailing-state persistence, the engine lease."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from decimal import Decimal
+
+import asyncpg
+import pytest
+
+from storage.database import Database
+from storage.lease import EngineLease, LeaseHeld, current_holder
+from storage.repositories import DuplicateExternalId, PositionStatus, SignalStatus, Store
+
+
+async def test_concurrent_claimers_take_each_signal_exactly_once(db: Database) -> None:
+    store = Store(db.pool)
+    await store.insert_signals([(f"S{i}USDT", "long", None, f"ext-{i}") for i in range(200)])
+
+    async def claim_all() -> list[int]:
+        taken: list[int] = []
+        while batch := await store.claim_new_signals(limit=7):
+            taken += [s.id for s in batch]
+        return taken
+
+    results = await asyncio.gather(*(claim_all() for _ in range(4)))
+    every_claim = [signal_id for result in results for signal_id in result]
+    assert len(every_claim) == 200
+    assert len(set(every_claim)) == 200
+    assert await db.pool.fetchval("SELECT count(*) FROM monitoring.signals WHERE status = 'taken'") == 200
+
+
+async def test_claims_come_oldest_first_and_finished_signals_keep_their_reason(db: Database) -> None:
+    store = Store(db.pool)
+    first = await store.insert_signal("SFPUSDT", "long", score=Decimal("0.8"), external_id="a")
+    second = await store.insert_signal("ALLUSDT", "short")
+    claimed = await store.claim_new_signals()
+    assert [s.id for s in claimed] == [first.id, second.id]
+    assert all(s.status is SignalStatus.TAKEN for s in claimed)
+    assert await store.claim_new_signals() == []
+
+    wave_id = await store.start_wave(signals=2)
+    await store.finish_signal(first.id, SignalStatus.OPENED, wave_id=wave_id)
+    await store.finish_signal(
+        second.id, SignalStatus.REJECTED, "symbol already has an open position", wave_id=wave_id
+    )
+    rejected = await store.signal(second.id)
+    assert rejected.status is SignalStatus.REJECTED
+    assert rejected.reason == "symbol already has an open position"
+    assert rejected.wave_id == wave_id
+
+
+async def test_duplicate_external_id_is_refused_and_a_batch_is_all_or_nothing(db: Database) -> None:
+    store = Store(db.pool)
+    await store.insert_signal("SFPUSDT", "long", external_id="dup")
+    with pytest.raises(DuplicateExternalId, match="'dup'"):
+        await store.insert_signal("SFPUSDT", "long", external_id="dup")
+    with pytest.raises(DuplicateExternalId):
+        await store.insert_signals([("AUSDT", "long", None, "new-1"), ("BUSDT", "long", None, "dup")])
+    assert await db.pool.fetchval("SELECT count(*) FROM monitoring.signals") == 1
+
+
+async def test_inserting_signals_notifies_listeners(db: Database) -> None:
+    listener = await asyncpg.connect(db.target.dsn)
+    woke = asyncio.Event()
+    try:
+        await listener.add_listener("tsbot_signals", lambda *_: woke.set())
+        await Store(db.pool).insert_signal("SUIUSDT", "long")
+        await asyncio.wait_for(woke.wait(), timeout=5)
+    finally:
+        await listener.close()
+
+
+async def test_waves_are_recorded_and_listed_newest_first(db: Database) -> None:
+    store = Store(db.pool)
+    older = await store.start_wave(signals=7)
+    newer = await store.start_wave(signals=3)
+    await store.finish_wave(older, opened=7, protected=7, failed=0, slowest_protection_ms=2104)
+    waves = await store.recent_waves()
+    assert [w.id for w in waves] == [newer, older]
+    assert (waves[1].opened, waves[1].protected, waves[1].slowest_protection_ms) == (7, 7, 2104)
+    assert waves[1].finished_at is not None
+    assert waves[0].finished_at is None
+
+
+async def test_trailing_state_is_keyed_by_position_and_restored_only_for_live_positions(db: Database) -> None:
+    store = Store(db.pool)
+    old = await store.create_position(symbol="SFPUSDT", exchange="sim", side="long", quantity=Decimal("10"))
+    await store.save_trailing_state(
+        old.id,
+        mode="managed",
+        state="active",
+        activation_price=Decimal("0.5075"),
+        callback_percent=Decimal("0.5"),
+        activation_percent=Decimal("1.5"),
+        peak_price=Decimal("0.5200"),
+        current_stop_price=Decimal("0.5174"),
+        stop_order_client_id="tsb-1-ts-1",
+        update_count=3,
+    )
+    await store.set_position_status(old.id, PositionStatus.CLOSED, exit_reason="trailing_stop")
+    # The same symbol re-opened on the other side must not inherit anything.
+    new = await store.create_position(symbol="SFPUSDT", exchange="sim", side="short", quantity=Decimal("10"))
+    saved = await store.save_trailing_state(
+        new.id,
+        mode="native",
+        state="armed",
+        activation_price=Decimal("0.4925"),
+        callback_percent=Decimal("0.5"),
+        activation_percent=Decimal("1.5"),
+    )
+    assert saved.peak_price is None
+    assert saved.update_count == 0
+
+    restored = await store.trailing_states_of_open_positions()
+    assert set(restored) == {new.id}
+    assert restored[new.id].state == "armed"
+    assert (await store.trailing_state(old.id)).current_stop_price == Decimal("0.5174")
+
+    updated = await store.save_trailing_state(
+        new.id,
+        mode="native",
+        state="active",
+        activation_price=Decimal("0.4925"),
+        callback_percent=Decimal("0.5"),
+        activation_percent=Decimal("1.5"),
+        peak_price=Decimal("0.4800"),
+        update_count=1,
+    )
+    assert (updated.state, updated.peak_price, updated.update_count) == ("active", Decimal("0.4800"), 1)
+
+    with pytest.raises(asyncpg.CheckViolationError):
+        await store.save_trailing_state(
+            new.id,
+            mode="managed",
+            state="ACTIVE",  # legacy upper-case enum values are refused at the database too
+            activation_price=Decimal("0.4925"),
+            callback_percent=Decimal("0.5"),
+            activation_percent=Decimal("1.5"),
+        )
+
+
+async def test_a_second_engine_on_the_same_account_is_refused_and_told_who_holds_it(db: Database) -> None:
+    first = await EngineLease.acquire(db.target.dsn, "sim", "main", "0.1.0")
+    try:
+        with pytest.raises(LeaseHeld) as refused:
+            await EngineLease.acquire(db.target.dsn, "sim", "main", "0.2.0")
+        holder = refused.value.holder
+        assert holder is not None
+        assert (holder.pid, holder.version) == (os.getpid(), "0.1.0")
+        assert f"pid {os.getpid()}" in str(refused.value)
+        assert (await current_holder(db.pool, "sim", "main")).version == "0.1.0"
+
+        # Another account on the same venue is independent.
+        other = await EngineLease.acquire(db.target.dsn, "sim", "second", "0.1.0")
+        await other.release()
+    finally:
+        await first.release()
+
+    assert await current_holder(db.pool, "sim", "main") is None
+    again = await EngineLease.acquire(db.target.dsn, "sim", "main", "0.3.0")
+    assert again.alive()
+    await again.release()
+    assert not again.alive()
+
+
+async def test_the_lease_is_freed_when_the_holding_connection_dies(db: Database) -> None:
+    first = await EngineLease.acquire(db.target.dsn, "sim", "main", "0.1.0")
+    # Simulate the holder process vanishing: the server ends its session, and with it the lock.
+    await db.pool.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid <> pg_backend_pid()"
+    )
+    second = await EngineLease.acquire(db.target.dsn, "sim", "main", "0.2.0")
+    try:
+        assert (await current_holder(db.pool, "sim", "main")).version == "0.2.0"
+    finally:
+        await second.release()
+        await first.release()
