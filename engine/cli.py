@@ -16,15 +16,17 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 from engine.config import ConfigError, LoadedConfig, load_config
 from engine.config_show import render_config
 from engine.logs import configure_logging
+from engine.signal_input import BadSignal, SignalInput, read_jsonl, signal_from_fields
 from storage.database import Database, DatabaseUnavailable, open_database, resolve_target
 from storage.embedded import EmbeddedPostgresError, psql_executable
 from storage.migrator import MigrationError
-from storage.repositories import Store
+from storage.repositories import DuplicateExternalId, Store
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,10 @@ def package_version() -> str:
         return importlib.metadata.version("tsbot-tui")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
+
+
+class UsageError(Exception):
+    """The operator's input is wrong (exit 2); the message is the one line shown."""
 
 
 class CommandFailed(Exception):
@@ -78,6 +84,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     psql.add_argument("psql_args", nargs=argparse.REMAINDER, help="arguments passed to psql, e.g. -c 'SQL'")
 
+    signals = commands.add_parser("signals", help="hand signals to the engine (rows in monitoring.signals)")
+    signal_commands = signals.add_subparsers(dest="signals_command", metavar="ACTION", required=True)
+    add = signal_commands.add_parser("add", parents=[config_option], help="insert one signal")
+    add.add_argument("symbol", help="exchange-native symbol, e.g. SFPUSDT")
+    add.add_argument("side", help="long or short")
+    add.add_argument("--score", help="optional signal score (a number)")
+    add.add_argument(
+        "--id", dest="external_id", help="optional external id; a second signal with it is refused"
+    )
+    imp = signal_commands.add_parser(
+        "import", parents=[config_option], help="insert every signal of a JSON-lines file (all or nothing)"
+    )
+    imp.add_argument(
+        "file", help='one object per line: {"symbol": "SFPUSDT", "side": "long", "score": 0.7, "id": "x"}'
+    )
+
     status = commands.add_parser(
         "status",
         parents=[config_option],
@@ -99,6 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if handler is not _config_show:
             configure_logging(loaded.settings.logging, loaded.secret_values(), stderr_level=logging.WARNING)
         return handler(args, loaded)
+    except UsageError as exc:
+        print(f"tsbot: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except (CommandFailed, DatabaseUnavailable, EmbeddedPostgresError, MigrationError) as exc:
         print(f"tsbot: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -165,6 +190,38 @@ def _db_psql(args: argparse.Namespace, loaded: LoadedConfig) -> int:
         raise CommandFailed(f"cannot start psql: {exc.strerror}") from None
 
 
+def _signals_add(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    try:
+        signal = signal_from_fields(args.symbol, args.side, args.score, args.external_id)
+    except BadSignal as exc:
+        raise UsageError(f"signal: {exc}") from None
+    ids = asyncio.run(_insert_signals(loaded, [signal]))
+    print(f"signal {ids[0]} added: {signal.symbol} {signal.side}")
+    return EXIT_OK
+
+
+def _signals_import(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    try:
+        signals = read_jsonl(Path(args.file))
+    except BadSignal as exc:
+        raise UsageError(str(exc)) from None
+    ids = asyncio.run(_insert_signals(loaded, signals))
+    print(f"{len(ids)} signals imported from {args.file}")
+    return EXIT_OK
+
+
+async def _insert_signals(loaded: LoadedConfig, signals: list[SignalInput]) -> list[int]:
+    database = await _open(loaded)
+    try:
+        return await Store(database.pool).insert_signals(
+            [(s.symbol, s.side, s.score, s.external_id) for s in signals]
+        )
+    except DuplicateExternalId as exc:
+        raise UsageError(f"signal: {exc}; nothing was inserted") from None
+    finally:
+        await database.close()
+
+
 def _status(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     async def run() -> dict[str, Any]:
         database = await _open(loaded)
@@ -229,6 +286,8 @@ _HANDLERS = {
     "config show": _config_show,
     "db migrate": _db_migrate,
     "db psql": _db_psql,
+    "signals add": _signals_add,
+    "signals import": _signals_import,
     "status": _status,
 }
 

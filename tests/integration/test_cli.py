@@ -150,3 +150,73 @@ def test_explicit_config_path_and_unknown_database_server_fail_cleanly(tmp_path:
     assert unreachable.stderr.startswith("tsbot: database postgresql://bot@/tsbot")
     assert "cannot connect" in unreachable.stderr
     assert "never-shown-pw" not in unreachable.stderr
+
+
+async def _signal_rows(pg_server: EmbeddedPostgres, workdir: Path) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(pg_server.dsn(_db_name(workdir)))
+    try:
+        return await conn.fetch(
+            "SELECT symbol, side, score, external_id, status FROM monitoring.signals ORDER BY id"
+        )
+    finally:
+        await conn.close()
+
+
+async def test_signals_add_inserts_a_new_row(workdir: Path, pg_server: EmbeddedPostgres) -> None:
+    result = tsbot("signals", "add", "sfpusdt", "LONG", "--score", "0.75", "--id", "tv-1", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert "SFPUSDT long" in result.stdout
+    rows = await _signal_rows(pg_server, workdir)
+    assert [tuple(r) for r in rows] == [("SFPUSDT", "long", Decimal("0.75"), "tv-1", "new")]
+
+    duplicate = tsbot("signals", "add", "ALLUSDT", "short", "--id", "tv-1", cwd=workdir)
+    assert duplicate.returncode == 2
+    assert duplicate.stderr == (
+        "tsbot: signal: a signal with external id 'tv-1' already exists; nothing was inserted\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("SFPUSDT", "up"), "tsbot: signal: side must be long or short, got 'up'\n"),
+        (
+            ("SFPUSDT", "long", "--score", "high"),
+            "tsbot: signal: score must be a finite number, got 'high'\n",
+        ),
+        (("SFP/USDT", "long"), "tsbot: signal: symbol must be exchange-native letters and digits"),
+    ],
+)
+def test_signals_add_refuses_bad_input_with_one_line(
+    workdir: Path, args: tuple[str, ...], message: str
+) -> None:
+    result = tsbot("signals", "add", *args, cwd=workdir)
+    assert result.returncode == 2
+    assert result.stderr.startswith(message)
+    assert result.stderr.count("\n") == 1
+
+
+async def test_signals_import_is_all_or_nothing(workdir: Path, pg_server: EmbeddedPostgres) -> None:
+    bad = workdir / "bad.jsonl"
+    bad.write_text(
+        '{"symbol": "SFPUSDT", "side": "long"}\n\n{"symbol": "ALLUSDT", "side": "short", "score": 1.5}\n'
+        '{"symbol": "SUIUSDT", "side": "sideways"}\n'
+    )
+    refused = tsbot("signals", "import", str(bad), cwd=workdir)
+    assert refused.returncode == 2
+    assert refused.stderr == f"tsbot: {bad}:4: side must be long or short, got 'sideways'\n"
+
+    good = workdir / "good.jsonl"
+    good.write_text(
+        '{"symbol": "SFPUSDT", "side": "long", "id": "a"}\n{"symbol": "ALLUSDT", "side": "short", "score": 1.5}\n'
+    )
+    assert tsbot("db", "migrate", cwd=workdir).returncode == 0
+    assert await _signal_rows(pg_server, workdir) == []
+    imported = tsbot("signals", "import", str(good), cwd=workdir)
+    assert imported.returncode == 0, imported.stderr
+    assert "2 signals imported" in imported.stdout
+    rows = await _signal_rows(pg_server, workdir)
+    assert [(r["symbol"], r["side"], r["score"]) for r in rows] == [
+        ("SFPUSDT", "long", None),
+        ("ALLUSDT", "short", Decimal("1.5")),
+    ]
