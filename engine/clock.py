@@ -1,0 +1,97 @@
+"""Injectable time: wall clock, monotonic clock and sleeping, behind one small protocol.
+
+Everything that waits or timestamps takes a `Clock`, so production uses `SystemClock` and tests use
+`ManualClock`, whose sleeps complete only when the test advances time: no real waiting, and the order in
+which sleepers wake is deterministic (by deadline, then by the order they went to sleep).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Clock(Protocol):
+    def now(self) -> float:
+        """Wall-clock time in epoch seconds."""
+        ...
+
+    def monotonic(self) -> float:
+        """Seconds on a clock that never goes backwards; only differences are meaningful."""
+        ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class SystemClock:
+    def now(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(0.0, seconds))
+
+
+class ManualClock:
+    """A clock that moves only when told to.
+
+    `await clock.sleep(s)` parks the caller until a test calls `await clock.advance(...)` far enough.
+    `advance` wakes sleepers one deadline at a time, setting the time to that deadline first, and lets the
+    event loop run the woken tasks before moving on, so a loop that sleeps again inside the advanced window
+    (a ticker) runs once per period, as it would in real time.
+    """
+
+    # Loop iterations granted to woken tasks after each wake-up; enough for a few awaits chained on
+    # already-completed futures, which is all the venue and the engine do between two sleeps.
+    _SETTLE_ITERATIONS = 20
+
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self._wall_offset = start
+        self._elapsed = 0.0
+        self._sequence = itertools.count()
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+
+    def now(self) -> float:
+        return self._wall_offset + self._elapsed
+
+    def monotonic(self) -> float:
+        return self._elapsed
+
+    @property
+    def sleepers(self) -> int:
+        """How many sleeps are waiting for time to move (cancelled ones excluded)."""
+        return sum(1 for _, _, future in self._sleepers if not future.done())
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._sleepers, (self._elapsed + seconds, next(self._sequence), future))
+        await future
+
+    async def advance(self, seconds: float) -> None:
+        """Move time forward by `seconds`, waking every sleeper whose deadline falls inside the window."""
+        if seconds < 0:
+            raise ValueError("time only moves forward")
+        target = self._elapsed + seconds
+        await self.settle()
+        while self._sleepers and self._sleepers[0][0] <= target:
+            deadline, _, future = heapq.heappop(self._sleepers)
+            self._elapsed = max(self._elapsed, deadline)
+            if not future.done():
+                future.set_result(None)
+                await self.settle()
+        self._elapsed = target
+        await self.settle()
+
+    async def settle(self) -> None:
+        """Let ready tasks run without moving time."""
+        for _ in range(self._SETTLE_ITERATIONS):
+            await asyncio.sleep(0)

@@ -1,0 +1,119 @@
+"""Typed exchange errors, named by what the caller should do next.
+
+Every venue implementation translates its own failures into exactly these types, once, at its edge
+(`raise … from e`). Callers never inspect HTTP codes or ccxt exception classes.
+
+* `Retryable` — the request was not executed (network error before send, 5xx before execution).
+  Retry with backoff, with the same client order id.
+* `RateLimited(retry_after)` — the order budget is spent (Binance HTTP 429). Wait `retry_after` seconds.
+* `Banned(until)` — repeated rate-limit violations (Binance HTTP 418). Send nothing until `until` (epoch s).
+* `OutcomeUnknown` — the request may have been executed (timeout after send, "execution status unknown").
+  Resolve with `fetch_order(symbol, client_order_id)`; never resend blindly.
+* `Rejected(code, reason)` — the venue refused the request and it had no effect. Do not retry unchanged.
+* `WouldTriggerImmediately` — a stop's trigger, or a trailing stop's activation, is already crossed (-2021).
+  The protection goal is already breached: close reduce-only at market.
+* `InsufficientMargin` — not enough available margin (-2019). Reduce the size or skip the entry.
+* `DuplicateClientOrderId` — the client order id was used before (-4116). That earlier order exists: fetch it.
+* `NotFound` — no order with that client order id on that symbol: it was never created.
+
+`WouldTriggerImmediately`, `InsufficientMargin` and `DuplicateClientOrderId` subclass `Rejected`: each is
+a refusal with a Binance code, but each has a distinct next step, so callers can catch them by name.
+Messages carry symbols, ids and venue codes only; never credentials or signed request parameters.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class RejectCode(IntEnum):
+    """Binance USDⓈ-M error codes the venues use (the sim raises them; adapters translate to them)."""
+
+    INVALID_PARAMETER = -1130
+    BAD_PRECISION = -1111
+    BAD_SYMBOL = -1121
+    NO_SUCH_ORDER = -2013
+    MARGIN_INSUFFICIENT = -2019
+    WOULD_IMMEDIATELY_TRIGGER = -2021
+    REDUCE_ONLY_REJECTED = -2022
+    QUANTITY_TOO_SMALL = -4003
+    INVALID_CLIENT_ORDER_ID = -4015
+    INVALID_LEVERAGE = -4028
+    MAX_CONDITIONAL_ORDERS = -4045
+    DUPLICATE_CLIENT_ORDER_ID = -4116
+    MIN_NOTIONAL = -4164
+
+
+class ExchangeError(Exception):
+    """Base of every error a venue raises through the port."""
+
+
+class Retryable(ExchangeError):
+    """The request was not executed; retrying it (same client order id) is safe."""
+
+
+class RateLimited(ExchangeError):
+    def __init__(self, retry_after: float, detail: str = "order rate limit exceeded") -> None:
+        super().__init__(f"{detail}; retry after {retry_after:.3f}s")
+        self.retry_after = retry_after
+
+
+class Banned(ExchangeError):
+    def __init__(self, until: float, detail: str = "banned for repeated rate-limit violations") -> None:
+        super().__init__(f"{detail}; until epoch {until:.3f}")
+        self.until = until
+
+
+class OutcomeUnknown(ExchangeError):
+    """The request may or may not have been executed. Resolve by client order id before doing anything."""
+
+    def __init__(self, client_order_id: str | None, detail: str = "no answer before timeout") -> None:
+        super().__init__(f"{detail} (client order id {client_order_id!r})")
+        self.client_order_id = client_order_id
+
+
+class Rejected(ExchangeError):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"rejected {code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+class WouldTriggerImmediately(Rejected):
+    def __init__(self, reason: str = "Order would immediately trigger.") -> None:
+        super().__init__(RejectCode.WOULD_IMMEDIATELY_TRIGGER, reason)
+
+
+class InsufficientMargin(Rejected):
+    def __init__(self, reason: str = "Margin is insufficient.") -> None:
+        super().__init__(RejectCode.MARGIN_INSUFFICIENT, reason)
+
+
+class DuplicateClientOrderId(Rejected):
+    def __init__(self, client_order_id: str) -> None:
+        super().__init__(
+            RejectCode.DUPLICATE_CLIENT_ORDER_ID, f"client order id {client_order_id!r} is duplicated"
+        )
+        self.client_order_id = client_order_id
+
+
+class NotFound(ExchangeError):
+    def __init__(self, symbol: str, client_order_id: str) -> None:
+        super().__init__(f"no order {client_order_id!r} on {symbol}")
+        self.symbol = symbol
+        self.client_order_id = client_order_id
+
+
+__all__ = [
+    "Banned",
+    "DuplicateClientOrderId",
+    "ExchangeError",
+    "InsufficientMargin",
+    "NotFound",
+    "OutcomeUnknown",
+    "RateLimited",
+    "RejectCode",
+    "Rejected",
+    "Retryable",
+    "WouldTriggerImmediately",
+]

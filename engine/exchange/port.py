@@ -1,0 +1,243 @@
+"""The exchange port: the only way the engine talks to a venue.
+
+Modelled on ccxt's unified semantics, with three deliberate differences:
+
+* symbols are exchange-native (`SFPUSDT`), never ccxt-unified (`SFP/USDT:USDT`); one mapping lives at the
+  adapter edge;
+* prices and quantities are `Decimal`, already quantized by the caller to the market's tick and step
+  (a venue rejects anything else with `RejectCode.BAD_PRECISION` rather than rounding silently);
+* every order-creating call carries a caller-chosen client order id (the idempotency key, at most 36
+  characters of `[A-Za-z0-9._:/-]`); a venue refuses an id it has seen before, so one id can never give two
+  live orders, and an ambiguous outcome is resolved with `fetch_order(symbol, client_order_id)`.
+
+Protective orders are always reduce-only and trigger on the mark price. Errors are the types in
+`engine.exchange.errors`; any method may also raise `Retryable`, `RateLimited`, `Banned` or
+`OutcomeUnknown` (reads only raise the first three).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Collection, Mapping
+from dataclasses import dataclass
+from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
+from enum import StrEnum
+from typing import Protocol, runtime_checkable
+
+MAX_CLIENT_ORDER_ID_LENGTH = 36
+CLIENT_ORDER_ID_PATTERN = re.compile(r"^[.A-Z:/a-z0-9_-]{1,36}$")
+
+
+class OrderSide(StrEnum):
+    BUY = "buy"
+    SELL = "sell"
+
+    @property
+    def opposite(self) -> OrderSide:
+        return OrderSide.SELL if self is OrderSide.BUY else OrderSide.BUY
+
+
+class PositionSide(StrEnum):
+    LONG = "long"
+    SHORT = "short"
+
+    @property
+    def closing_side(self) -> OrderSide:
+        """The order side that reduces a position of this side."""
+        return OrderSide.SELL if self is PositionSide.LONG else OrderSide.BUY
+
+
+class OrderType(StrEnum):
+    MARKET = "market"
+    STOP_MARKET = "stop_market"
+    TRAILING_STOP_MARKET = "trailing_stop_market"
+
+
+class OrderStatus(StrEnum):
+    NEW = "new"  # accepted and working (a conditional order waiting for its trigger)
+    FILLED = "filled"
+    CANCELED = "canceled"
+    EXPIRED = "expired"  # triggered with nothing to reduce, so it ended without a fill
+
+    @property
+    def is_open(self) -> bool:
+        return self is OrderStatus.NEW
+
+
+@dataclass(frozen=True, slots=True)
+class Market:
+    symbol: str
+    base_asset: str
+    quote_asset: str
+    tick_size: Decimal
+    step_size: Decimal
+    min_quantity: Decimal
+    min_notional: Decimal
+    max_leverage: int
+
+    def round_price(self, price: Decimal, rounding: str = ROUND_HALF_UP) -> Decimal:
+        return (price / self.tick_size).to_integral_value(rounding=rounding) * self.tick_size
+
+    def round_quantity(self, quantity: Decimal, rounding: str = ROUND_DOWN) -> Decimal:
+        return (quantity / self.step_size).to_integral_value(rounding=rounding) * self.step_size
+
+    def is_on_tick(self, price: Decimal) -> bool:
+        return price % self.tick_size == 0
+
+    def is_on_step(self, quantity: Decimal) -> bool:
+        return quantity % self.step_size == 0
+
+
+@dataclass(frozen=True, slots=True)
+class MarkPrice:
+    symbol: str
+    price: Decimal
+    timestamp: float  # epoch seconds at the venue
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    asset: str
+    wallet_balance: Decimal  # deposits + realized PnL − fees
+    unrealized_pnl: Decimal
+    available_balance: Decimal  # what new positions may use as initial margin
+
+    @property
+    def margin_balance(self) -> Decimal:
+        return self.wallet_balance + self.unrealized_pnl
+
+
+@dataclass(frozen=True, slots=True)
+class VenuePosition:
+    symbol: str
+    side: PositionSide
+    quantity: Decimal  # always > 0; the direction is `side`
+    entry_price: Decimal
+    mark_price: Decimal
+    unrealized_pnl: Decimal
+    leverage: int
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    client_order_id: str
+    venue_order_id: str
+    symbol: str
+    side: OrderSide
+    type: OrderType
+    status: OrderStatus
+    quantity: Decimal
+    filled_quantity: Decimal
+    average_price: Decimal | None  # None until something filled
+    reduce_only: bool
+    stop_price: Decimal | None  # STOP_MARKET trigger (mark price)
+    activation_price: Decimal | None  # TRAILING_STOP_MARKET arming price
+    callback_rate: Decimal | None  # TRAILING_STOP_MARKET, percent (1 = 1 %)
+    created_at: float
+    updated_at: float
+
+    @property
+    def is_open(self) -> bool:
+        return self.status.is_open
+
+
+@dataclass(frozen=True, slots=True)
+class RateBudget:
+    limit: int
+    window_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    native_trailing_stop: bool
+    callback_rate_min: Decimal  # percent
+    callback_rate_max: Decimal  # percent
+    attach_stop_to_entry: bool  # can a stop ride on the entry order itself
+    max_conditional_orders: int  # per account
+    order_rate_budgets: tuple[RateBudget, ...]
+
+
+@runtime_checkable
+class ExchangePort(Protocol):
+    @property
+    def name(self) -> str:
+        """A short venue id for logs and metrics (`sim`, `binance`)."""
+        ...
+
+    def capabilities(self) -> Capabilities: ...
+
+    async def connect(self) -> None:
+        """Open the session (start streams). Idempotent."""
+        ...
+
+    async def close(self) -> None:
+        """Stop streams and background tasks. Orders on the venue are left as they are."""
+        ...
+
+    async def load_markets(self) -> Mapping[str, Market]: ...
+
+    async def fetch_mark_prices(self, symbols: Collection[str] | None = None) -> dict[str, MarkPrice]:
+        """Snapshot of mark prices; all markets when `symbols` is None."""
+        ...
+
+    def watch_mark_prices(self, symbols: Collection[str] | None = None) -> AsyncIterator[MarkPrice]:
+        """Stream of mark prices. Coalescing: a slow reader gets the latest price per symbol, never a
+        backlog. Ends when the venue is closed."""
+        ...
+
+    async def fetch_balance(self) -> Balance: ...
+
+    async def fetch_positions(self) -> list[VenuePosition]:
+        """Open positions. An empty list right after connecting may be a venue glitch (seen in production):
+        treat it as "unknown" until confirmed."""
+        ...
+
+    async def fetch_open_protective_orders(self, symbol: str | None = None) -> list[Order]:
+        """Open STOP_MARKET and TRAILING_STOP_MARKET orders, of one symbol or all."""
+        ...
+
+    async def set_leverage(self, symbol: str, leverage: int) -> int: ...
+
+    async def create_market_order(
+        self,
+        symbol: str,
+        side: OrderSide,
+        quantity: Decimal,
+        *,
+        client_order_id: str,
+        reduce_only: bool = False,
+    ) -> Order: ...
+
+    async def create_stop_market_order(
+        self,
+        symbol: str,
+        side: OrderSide,
+        quantity: Decimal,
+        stop_price: Decimal,
+        *,
+        client_order_id: str,
+    ) -> Order:
+        """Reduce-only stop that triggers on the mark price (a SELL stop when mark <= stop_price)."""
+        ...
+
+    async def create_trailing_stop_order(
+        self,
+        symbol: str,
+        side: OrderSide,
+        quantity: Decimal,
+        callback_rate: Decimal,
+        *,
+        client_order_id: str,
+        activation_price: Decimal | None = None,
+    ) -> Order:
+        """Reduce-only trailing stop on the mark price. A SELL arms when mark >= activation_price (at once
+        when None), then triggers at highest mark × (1 − callback_rate / 100); BUY mirrors it."""
+        ...
+
+    async def cancel_order(self, symbol: str, client_order_id: str) -> Order:
+        """Cancel by client order id and return the order's final state. Cancelling an order that is no
+        longer open is not an error: the returned status says what happened to it (filled, expired)."""
+        ...
+
+    async def fetch_order(self, symbol: str, client_order_id: str) -> Order: ...

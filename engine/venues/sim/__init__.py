@@ -1,0 +1,10 @@
+"""The offline sim venue: a seeded, deterministic stand-in for Binance USDⓈ-M perpetuals.
+
+`SimVenue` implements the exchange port; `SimCore` is the synchronous matching core behind it.
+"""
+
+from engine.venues.sim.core import SimCore
+from engine.venues.sim.settings import CallKind, FaultKind, SimVenueSettings
+from engine.venues.sim.venue import SimVenue
+
+__all__ = ["CallKind", "FaultKind", "SimCore", "SimVenue", "SimVenueSettings"]

@@ -1,0 +1,609 @@
+"""The sim venue's matching core: synchronous, I/O-free, every call takes `now` (epoch seconds).
+
+It holds what an exchange holds — markets, mark prices, accounts (balance, one-way positions, orders) and
+the order-rate budget — and applies Binance USDⓈ-M rules to them. Time only enters through `now`, so the
+same sequence of calls gives the same state, and the same core can sit behind the async `SimVenue` or
+behind an HTTP emulator that speaks Binance's wire format.
+
+Rules modelled (Binance code in brackets):
+
+* market orders fill at once at mark ± slippage (adverse, rounded away from the caller to the tick),
+  taker fee on notional; non-reduce-only orders must meet the minimum notional [-4164] and fit the
+  available margin [-2019]; quantities and prices must already sit on step and tick [-1111];
+* one-way positions, weighted-average entry, a market order may flip a position;
+* reduce-only orders that would open or increase a position are rejected [-2022]; a reduce-only market
+  order larger than the position closes it and no more;
+* STOP_MARKET (reduce-only, mark price): SELL fires when mark <= stop, BUY when mark >= stop; placing one
+  that would fire at once is rejected [-2021];
+* TRAILING_STOP_MARKET (reduce-only, mark price, callback 0.1–10 %): see `trailing.py`; an activation price
+  already reached (SELL: activation <= mark; BUY: activation >= mark) is rejected [-2021], a missing one
+  arms at the current mark;
+* at most `max_conditional_orders` open conditional orders per account [-4045];
+* a client order id, once used on the account, is refused [-4116]; ids follow Binance's pattern [-4015];
+* a triggered stop fills against the position, capped at its size; with nothing to reduce it expires
+  without a fill. Stops are never cancelled because a position closed: that orphan is the caller's to
+  clean up;
+* order budget in fixed windows (default 300 / 10 s and 1 200 / min): over budget gives
+  `RateLimited(retry_after)`; `ban_after_violations` violations within `violation_window_seconds` give
+  `Banned(until)`, the ban doubling each time up to `max_ban_seconds`; while banned every call is refused.
+
+Not modelled: liquidation, funding, leverage brackets, limit orders and an order book, partial fills,
+hedge mode, price bands, open-order margin, cancels counting against any budget.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+
+from engine.exchange.errors import (
+    Banned,
+    DuplicateClientOrderId,
+    InsufficientMargin,
+    NotFound,
+    RateLimited,
+    RejectCode,
+    Rejected,
+    WouldTriggerImmediately,
+)
+from engine.exchange.port import (
+    CLIENT_ORDER_ID_PATTERN,
+    Balance,
+    Capabilities,
+    Market,
+    MarkPrice,
+    Order,
+    OrderSide,
+    OrderStatus,
+    OrderType,
+    PositionSide,
+    RateBudget,
+    VenuePosition,
+)
+from engine.venues.sim.settings import SimVenueSettings
+from engine.venues.sim.trailing import TrailingStopState
+from engine.venues.sim.universe import Listing
+
+DEFAULT_ACCOUNT = "main"
+QUOTE_ASSET = "USDT"
+CALLBACK_RATE_MIN = Decimal("0.1")
+CALLBACK_RATE_MAX = Decimal("10")
+_ZERO = Decimal(0)
+_BPS = Decimal(10_000)
+
+
+@dataclass(slots=True)
+class _OrderRecord:
+    client_order_id: str
+    venue_order_id: str
+    symbol: str
+    side: OrderSide
+    type: OrderType
+    quantity: Decimal
+    reduce_only: bool
+    created_at: float
+    stop_price: Decimal | None = None
+    activation_price: Decimal | None = None
+    callback_rate: Decimal | None = None
+    trailing: TrailingStopState | None = None
+    status: OrderStatus = OrderStatus.NEW
+    filled_quantity: Decimal = _ZERO
+    average_price: Decimal | None = None
+    updated_at: float = 0.0
+
+    def snapshot(self) -> Order:
+        return Order(
+            client_order_id=self.client_order_id,
+            venue_order_id=self.venue_order_id,
+            symbol=self.symbol,
+            side=self.side,
+            type=self.type,
+            status=self.status,
+            quantity=self.quantity,
+            filled_quantity=self.filled_quantity,
+            average_price=self.average_price,
+            reduce_only=self.reduce_only,
+            stop_price=self.stop_price,
+            activation_price=self.activation_price,
+            callback_rate=self.callback_rate,
+            created_at=self.created_at,
+            updated_at=self.updated_at,
+        )
+
+
+@dataclass(slots=True)
+class _PositionRecord:
+    quantity: Decimal  # signed: > 0 long, < 0 short
+    entry_price: Decimal
+    updated_at: float
+
+
+@dataclass(slots=True)
+class _RateState:
+    windows: dict[float, tuple[int, int]] = field(default_factory=dict)  # window -> (index, count)
+    violations: deque[float] = field(default_factory=deque)
+    banned_until: float = 0.0
+    bans: int = 0
+
+
+@dataclass(slots=True)
+class _Account:
+    wallet: Decimal
+    leverage: dict[str, int] = field(default_factory=dict)
+    positions: dict[str, _PositionRecord] = field(default_factory=dict)
+    orders: dict[str, _OrderRecord] = field(default_factory=dict)  # every order ever, by client id
+    open_conditional: dict[str, dict[str, _OrderRecord]] = field(
+        default_factory=dict
+    )  # symbol -> id -> order
+    open_conditional_count: int = 0
+    rate: _RateState = field(default_factory=_RateState)
+
+
+@dataclass(frozen=True, slots=True)
+class _Execution:
+    quantity: Decimal
+    price: Decimal
+
+
+class SimCore:
+    def __init__(self, listings: Mapping[str, Listing], settings: SimVenueSettings, now: float) -> None:
+        self._settings = settings
+        self._markets: dict[str, Market] = {symbol: listing.market for symbol, listing in listings.items()}
+        self._marks: dict[str, Decimal] = {
+            symbol: listing.initial_price for symbol, listing in listings.items()
+        }
+        self._mark_times: dict[str, float] = dict.fromkeys(listings, now)
+        self._accounts: dict[str, _Account] = {}
+        self._next_order_id = 1
+
+    # ---- market data -------------------------------------------------------------------------------
+
+    @property
+    def markets(self) -> Mapping[str, Market]:
+        return self._markets
+
+    def capabilities(self) -> Capabilities:
+        limits = self._settings.rate_limits
+        return Capabilities(
+            native_trailing_stop=True,
+            callback_rate_min=CALLBACK_RATE_MIN,
+            callback_rate_max=CALLBACK_RATE_MAX,
+            attach_stop_to_entry=False,
+            max_conditional_orders=self._settings.max_conditional_orders,
+            order_rate_budgets=(
+                RateBudget(limit=limits.orders_per_10s, window_seconds=10.0),
+                RateBudget(limit=limits.orders_per_minute, window_seconds=60.0),
+            ),
+        )
+
+    def mark(self, symbol: str) -> Decimal:
+        return self._marks[self._market(symbol).symbol]
+
+    def mark_prices(self, symbols: Collection[str] | None = None) -> dict[str, MarkPrice]:
+        wanted = self._marks.keys() if symbols is None else [self._market(s).symbol for s in symbols]
+        return {s: MarkPrice(symbol=s, price=self._marks[s], timestamp=self._mark_times[s]) for s in wanted}
+
+    def set_mark(self, symbol: str, price: Decimal, now: float) -> list[Order]:
+        """Publish a new mark and run the conditional orders of `symbol` against it.
+
+        Returns the orders that changed (triggered: filled or expired), in the order they were placed.
+        """
+        market = self._market(symbol)
+        if price <= 0 or not market.is_on_tick(price):
+            raise ValueError(f"mark for {symbol} must be a positive multiple of {market.tick_size}")
+        self._marks[symbol] = price
+        self._mark_times[symbol] = now
+        changed: list[Order] = []
+        for account in self._accounts.values():
+            working = account.open_conditional.get(symbol)
+            if not working:
+                continue
+            for order in list(working.values()):
+                if self._fires(order, price):
+                    self._fire(account, order, now)
+                    changed.append(order.snapshot())
+        return changed
+
+    # ---- account reads -----------------------------------------------------------------------------
+
+    def check_access(self, now: float, account_id: str = DEFAULT_ACCOUNT) -> None:
+        """Raise `Banned` while the account is banned; every call starts with this."""
+        rate = self._account(account_id).rate
+        if now < rate.banned_until:
+            raise Banned(rate.banned_until)
+
+    def balance(self, now: float, account_id: str = DEFAULT_ACCOUNT) -> Balance:
+        account = self._account(account_id)
+        self.check_access(now, account_id)
+        unrealized = sum((self._unrealized(symbol, p) for symbol, p in account.positions.items()), _ZERO)
+        return Balance(
+            asset=QUOTE_ASSET,
+            wallet_balance=account.wallet,
+            unrealized_pnl=unrealized,
+            available_balance=self._available(account),
+        )
+
+    def positions(self, now: float, account_id: str = DEFAULT_ACCOUNT) -> list[VenuePosition]:
+        account = self._account(account_id)
+        self.check_access(now, account_id)
+        return [
+            VenuePosition(
+                symbol=symbol,
+                side=PositionSide.LONG if record.quantity > 0 else PositionSide.SHORT,
+                quantity=abs(record.quantity),
+                entry_price=record.entry_price,
+                mark_price=self._marks[symbol],
+                unrealized_pnl=self._unrealized(symbol, record),
+                leverage=self._leverage(account, symbol),
+                updated_at=record.updated_at,
+            )
+            for symbol, record in account.positions.items()
+        ]
+
+    def open_protective_orders(
+        self, now: float, symbol: str | None = None, account_id: str = DEFAULT_ACCOUNT
+    ) -> list[Order]:
+        account = self._account(account_id)
+        self.check_access(now, account_id)
+        if symbol is not None:
+            return [
+                order.snapshot()
+                for order in account.open_conditional.get(self._market(symbol).symbol, {}).values()
+            ]
+        return [
+            order.snapshot() for working in account.open_conditional.values() for order in working.values()
+        ]
+
+    def get_order(
+        self, symbol: str, client_order_id: str, now: float, account_id: str = DEFAULT_ACCOUNT
+    ) -> Order:
+        account = self._account(account_id)
+        self.check_access(now, account_id)
+        return self._find(account, symbol, client_order_id).snapshot()
+
+    # ---- account writes ----------------------------------------------------------------------------
+
+    def set_leverage(self, symbol: str, leverage: int, now: float, account_id: str = DEFAULT_ACCOUNT) -> int:
+        account = self._account(account_id)
+        self.check_access(now, account_id)
+        market = self._market(symbol)
+        if not 1 <= leverage <= market.max_leverage:
+            raise Rejected(
+                RejectCode.INVALID_LEVERAGE, f"leverage {leverage} outside 1..{market.max_leverage}"
+            )
+        account.leverage[symbol] = leverage
+        return leverage
+
+    def place_market_order(
+        self,
+        symbol: str,
+        side: OrderSide,
+        quantity: Decimal,
+        client_order_id: str,
+        now: float,
+        *,
+        reduce_only: bool = False,
+        account_id: str = DEFAULT_ACCOUNT,
+    ) -> Order:
+        account = self._account(account_id)
+        market = self._admit_order(account, symbol, quantity, client_order_id, now)
+        if not reduce_only and quantity * self._marks[symbol] < market.min_notional:
+            raise Rejected(RejectCode.MIN_NOTIONAL, f"notional must be no smaller than {market.min_notional}")
+        execution = self._execute(account, symbol, side, quantity, now, reduce_only=reduce_only)
+        order = self._record(
+            account, symbol, side, OrderType.MARKET, quantity, client_order_id, now, reduce_only
+        )
+        order.status = OrderStatus.FILLED
+        order.filled_quantity = execution.quantity
+        order.average_price = execution.price
+        return order.snapshot()
+
+    def place_stop_market_order(
+        self,
+        symbol: str,
+        side: OrderSide,
+        quantity: Decimal,
+        stop_price: Decimal,
+        client_order_id: str,
+        now: float,
+        *,
+        account_id: str = DEFAULT_ACCOUNT,
+    ) -> Order:
+        account = self._account(account_id)
+        market = self._admit_order(account, symbol, quantity, client_order_id, now)
+        self._require_on_tick(market, stop_price, "stop price")
+        self._require_reduces(account, symbol, side)
+        mark = self._marks[symbol]
+        if (side is OrderSide.SELL and mark <= stop_price) or (side is OrderSide.BUY and mark >= stop_price):
+            raise WouldTriggerImmediately()
+        self._require_conditional_room(account)
+        order = self._record(
+            account, symbol, side, OrderType.STOP_MARKET, quantity, client_order_id, now, True
+        )
+        order.stop_price = stop_price
+        self._track_conditional(account, order)
+        return order.snapshot()
+
+    def place_trailing_stop_order(
+        self,
+        symbol: str,
+        side: OrderSide,
+        quantity: Decimal,
+        callback_rate: Decimal,
+        client_order_id: str,
+        now: float,
+        *,
+        activation_price: Decimal | None = None,
+        account_id: str = DEFAULT_ACCOUNT,
+    ) -> Order:
+        account = self._account(account_id)
+        market = self._admit_order(account, symbol, quantity, client_order_id, now)
+        if not CALLBACK_RATE_MIN <= callback_rate <= CALLBACK_RATE_MAX:
+            raise Rejected(
+                RejectCode.INVALID_PARAMETER,
+                f"callback rate {callback_rate} outside {CALLBACK_RATE_MIN}..{CALLBACK_RATE_MAX}",
+            )
+        mark = self._marks[symbol]
+        if activation_price is not None:
+            self._require_on_tick(market, activation_price, "activation price")
+        self._require_reduces(account, symbol, side)
+        if activation_price is None:
+            state = TrailingStopState(side, callback_rate, mark, armed=True, extreme=mark)
+        else:
+            # Binance: a SELL's activation must be above the latest (mark) price, a BUY's below it.
+            crossed = activation_price <= mark if side is OrderSide.SELL else activation_price >= mark
+            if crossed:
+                raise WouldTriggerImmediately()
+            state = TrailingStopState(side, callback_rate, activation_price)
+        self._require_conditional_room(account)
+        order = self._record(
+            account, symbol, side, OrderType.TRAILING_STOP_MARKET, quantity, client_order_id, now, True
+        )
+        order.activation_price = activation_price
+        order.callback_rate = callback_rate
+        order.trailing = state
+        self._track_conditional(account, order)
+        return order.snapshot()
+
+    def cancel_order(
+        self, symbol: str, client_order_id: str, now: float, account_id: str = DEFAULT_ACCOUNT
+    ) -> Order:
+        account = self._account(account_id)
+        self.check_access(now, account_id)
+        order = self._find(account, symbol, client_order_id)
+        if order.status.is_open:
+            self._untrack_conditional(account, order)
+            order.status = OrderStatus.CANCELED
+            order.updated_at = now
+        return order.snapshot()
+
+    # ---- internals ---------------------------------------------------------------------------------
+
+    def _account(self, account_id: str) -> _Account:
+        account = self._accounts.get(account_id)
+        if account is None:
+            account = _Account(wallet=self._settings.starting_balance)
+            self._accounts[account_id] = account
+        return account
+
+    def _market(self, symbol: str) -> Market:
+        market = self._markets.get(symbol)
+        if market is None:
+            raise Rejected(RejectCode.BAD_SYMBOL, f"invalid symbol {symbol!r}")
+        return market
+
+    def _leverage(self, account: _Account, symbol: str) -> int:
+        default = min(self._settings.default_leverage, self._markets[symbol].max_leverage)
+        return account.leverage.get(symbol, default)
+
+    def _find(self, account: _Account, symbol: str, client_order_id: str) -> _OrderRecord:
+        order = account.orders.get(client_order_id)
+        if order is None or order.symbol != symbol:
+            raise NotFound(symbol, client_order_id)
+        return order
+
+    def _admit_order(
+        self, account: _Account, symbol: str, quantity: Decimal, client_order_id: str, now: float
+    ) -> Market:
+        """Checks shared by every new order, in the venue's order: ban, budget, id, symbol, quantity."""
+        if now < account.rate.banned_until:
+            raise Banned(account.rate.banned_until)
+        self._consume_order_budget(account.rate, now)
+        if not CLIENT_ORDER_ID_PATTERN.fullmatch(client_order_id):
+            raise Rejected(
+                RejectCode.INVALID_CLIENT_ORDER_ID, "client order id is not valid (1-36 of [.A-Za-z0-9:/_-])"
+            )
+        if client_order_id in account.orders:
+            raise DuplicateClientOrderId(client_order_id)
+        market = self._market(symbol)
+        if quantity <= 0:
+            raise Rejected(RejectCode.QUANTITY_TOO_SMALL, "quantity must be greater than zero")
+        if not market.is_on_step(quantity):
+            raise Rejected(
+                RejectCode.BAD_PRECISION, f"quantity {quantity} is not a multiple of {market.step_size}"
+            )
+        if quantity < market.min_quantity:
+            raise Rejected(RejectCode.QUANTITY_TOO_SMALL, f"quantity below minimum {market.min_quantity}")
+        return market
+
+    def _consume_order_budget(self, rate: _RateState, now: float) -> None:
+        limits = self._settings.rate_limits
+        budgets = ((10.0, limits.orders_per_10s), (60.0, limits.orders_per_minute))
+        counts: list[tuple[float, int, int]] = []
+        for window, limit in budgets:
+            index = math.floor(now / window)
+            stored_index, count = rate.windows.get(window, (index, 0))
+            if stored_index != index:
+                count = 0
+            if count >= limit:
+                self._record_violation(rate, now)
+                raise RateLimited(retry_after=(index + 1) * window - now)
+            counts.append((window, index, count))
+        for window, index, count in counts:
+            rate.windows[window] = (index, count + 1)
+
+    def _record_violation(self, rate: _RateState, now: float) -> None:
+        limits = self._settings.rate_limits
+        rate.violations.append(now)
+        while rate.violations and rate.violations[0] <= now - limits.violation_window_seconds:
+            rate.violations.popleft()
+        if len(rate.violations) >= limits.ban_after_violations:
+            duration = min(limits.ban_seconds * 2**rate.bans, limits.max_ban_seconds)
+            rate.bans += 1
+            rate.violations.clear()
+            rate.banned_until = now + duration
+            raise Banned(rate.banned_until)
+
+    @staticmethod
+    def _require_on_tick(market: Market, price: Decimal, what: str) -> None:
+        if price <= 0 or not market.is_on_tick(price):
+            raise Rejected(
+                RejectCode.BAD_PRECISION, f"{what} {price} is not a positive multiple of {market.tick_size}"
+            )
+
+    @staticmethod
+    def _require_reduces(account: _Account, symbol: str, side: OrderSide) -> None:
+        position = account.positions.get(symbol)
+        reduces = position is not None and (position.quantity > 0) == (side is OrderSide.SELL)
+        if not reduces:
+            raise Rejected(
+                RejectCode.REDUCE_ONLY_REJECTED, "reduce-only order would open or increase a position"
+            )
+
+    def _require_conditional_room(self, account: _Account) -> None:
+        if account.open_conditional_count >= self._settings.max_conditional_orders:
+            raise Rejected(
+                RejectCode.MAX_CONDITIONAL_ORDERS,
+                f"reached the limit of {self._settings.max_conditional_orders} open conditional orders",
+            )
+
+    def _record(
+        self,
+        account: _Account,
+        symbol: str,
+        side: OrderSide,
+        order_type: OrderType,
+        quantity: Decimal,
+        client_order_id: str,
+        now: float,
+        reduce_only: bool,
+    ) -> _OrderRecord:
+        order = _OrderRecord(
+            client_order_id=client_order_id,
+            venue_order_id=str(self._next_order_id),
+            symbol=symbol,
+            side=side,
+            type=order_type,
+            quantity=quantity,
+            reduce_only=reduce_only,
+            created_at=now,
+            updated_at=now,
+        )
+        self._next_order_id += 1
+        account.orders[client_order_id] = order
+        return order
+
+    @staticmethod
+    def _track_conditional(account: _Account, order: _OrderRecord) -> None:
+        account.open_conditional.setdefault(order.symbol, {})[order.client_order_id] = order
+        account.open_conditional_count += 1
+
+    @staticmethod
+    def _untrack_conditional(account: _Account, order: _OrderRecord) -> None:
+        working = account.open_conditional.get(order.symbol, {})
+        if working.pop(order.client_order_id, None) is not None:
+            account.open_conditional_count -= 1
+
+    @staticmethod
+    def _fires(order: _OrderRecord, mark: Decimal) -> bool:
+        if order.type is OrderType.STOP_MARKET:
+            assert order.stop_price is not None
+            return mark <= order.stop_price if order.side is OrderSide.SELL else mark >= order.stop_price
+        assert order.trailing is not None
+        order.trailing = order.trailing.observe(mark)
+        return order.trailing.triggers_at(mark)
+
+    def _fire(self, account: _Account, order: _OrderRecord, now: float) -> None:
+        self._untrack_conditional(account, order)
+        order.updated_at = now
+        position = account.positions.get(order.symbol)
+        if position is None or (position.quantity > 0) != (order.side is OrderSide.SELL):
+            order.status = OrderStatus.EXPIRED  # nothing to reduce: the orphan case
+            return
+        execution = self._execute(account, order.symbol, order.side, order.quantity, now, reduce_only=True)
+        order.status = OrderStatus.FILLED
+        order.filled_quantity = execution.quantity
+        order.average_price = execution.price
+
+    def _fill_price(self, symbol: str, side: OrderSide) -> Decimal:
+        market = self._markets[symbol]
+        mark = self._marks[symbol]
+        slip = self._settings.slippage_bps / _BPS
+        if side is OrderSide.BUY:
+            return market.round_price(mark * (1 + slip), ROUND_CEILING)
+        return max(market.round_price(mark * (1 - slip), ROUND_FLOOR), market.tick_size)
+
+    def _unrealized(self, symbol: str, position: _PositionRecord) -> Decimal:
+        return (self._marks[symbol] - position.entry_price) * position.quantity
+
+    def _initial_margin(self, account: _Account) -> Decimal:
+        return sum(
+            (
+                abs(p.quantity) * self._marks[s] / self._leverage(account, s)
+                for s, p in account.positions.items()
+            ),
+            _ZERO,
+        )
+
+    def _available(self, account: _Account) -> Decimal:
+        unrealized = sum((self._unrealized(s, p) for s, p in account.positions.items()), _ZERO)
+        return account.wallet + unrealized - self._initial_margin(account)
+
+    def _execute(
+        self,
+        account: _Account,
+        symbol: str,
+        side: OrderSide,
+        quantity: Decimal,
+        now: float,
+        *,
+        reduce_only: bool,
+    ) -> _Execution:
+        position = account.positions.get(symbol)
+        held = position.quantity if position else _ZERO
+        direction = 1 if side is OrderSide.BUY else -1
+        opposes = held != 0 and (held > 0) != (direction > 0)
+        if reduce_only:
+            if not opposes:
+                raise Rejected(
+                    RejectCode.REDUCE_ONLY_REJECTED, "reduce-only order would open or increase a position"
+                )
+            quantity = min(quantity, abs(held))
+        price = self._fill_price(symbol, side)
+        closing = min(quantity, abs(held)) if opposes else _ZERO
+        opening = quantity - closing
+        fee = quantity * price * self._settings.taker_fee_rate
+        realized = _ZERO
+        if position is not None and closing:
+            realized = (price - position.entry_price) * closing * (1 if held > 0 else -1)
+        if opening:
+            leverage = self._leverage(account, symbol)
+            released = closing * self._marks[symbol] / leverage if closing else _ZERO
+            required = opening * price / leverage + fee
+            if required > self._available(account) + released + realized:
+                raise InsufficientMargin()
+        account.wallet += realized - fee
+        new_quantity = held + direction * quantity
+        if new_quantity == 0:
+            del account.positions[symbol]
+        elif position is None or closing == abs(held):
+            account.positions[symbol] = _PositionRecord(new_quantity, price, now)
+        elif opening:  # adding to a position on the same side
+            entry = (abs(held) * position.entry_price + opening * price) / (abs(held) + opening)
+            position.quantity, position.entry_price, position.updated_at = new_quantity, entry, now
+        else:  # partial reduction keeps the entry price
+            position.quantity, position.updated_at = new_quantity, now
+        return _Execution(quantity=quantity, price=price)

@@ -1,0 +1,81 @@
+"""Seeded latency and fault draws for the sim venue, per call kind.
+
+One plan per call: how long the round trip takes and which fault (if any) hits it. Latency and faults use
+separate generators, both seeded from the venue seed, so changing a latency setting does not move which
+calls fail. A test (or the contract harness) can also force the next faults of a call kind; forced faults
+are consumed before any random draw.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import deque
+from dataclasses import dataclass
+
+from engine.venues.sim.settings import (
+    CallKind,
+    FaultKind,
+    FaultSettings,
+    LatencyDistribution,
+    LatencySettings,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CallPlan:
+    latency: float  # round trip, seconds
+    fault: FaultKind | None
+
+
+def sample_latency(distribution: LatencyDistribution, rng: random.Random) -> float:
+    match distribution.distribution:
+        case "fixed":
+            value = distribution.seconds
+        case "uniform":
+            value = rng.uniform(
+                distribution.seconds - distribution.jitter_seconds,
+                distribution.seconds + distribution.jitter_seconds,
+            )
+        case "lognormal":
+            value = distribution.seconds * math.exp(distribution.sigma * rng.gauss(0.0, 1.0))
+    return min(max(0.0, value), distribution.cap_seconds)
+
+
+class FaultInjector:
+    def __init__(self, latency: LatencySettings, faults: FaultSettings, seed: int) -> None:
+        self._latency = latency
+        self._faults = faults
+        self._latency_rng = random.Random(f"latency:{seed}")
+        self._fault_rng = random.Random(f"faults:{seed}")
+        self._forced: dict[CallKind, deque[FaultKind]] = {}
+
+    def force(self, kind: CallKind, fault: FaultKind, count: int = 1) -> None:
+        """Make the next `count` calls of `kind` suffer `fault`, whatever the probabilities say."""
+        if count < 1:
+            raise ValueError("count must be >= 1")
+        self._forced.setdefault(kind, deque()).extend([fault] * count)
+
+    def clear_forced(self) -> None:
+        self._forced.clear()
+
+    def plan(self, kind: CallKind) -> CallPlan:
+        latency = sample_latency(self._latency.for_call(kind), self._latency_rng)
+        forced = self._forced.get(kind)
+        if forced:
+            return CallPlan(latency=latency, fault=forced.popleft())
+        return CallPlan(latency=latency, fault=self._draw_fault(kind))
+
+    def _draw_fault(self, kind: CallKind) -> FaultKind | None:
+        probabilities = self._faults.for_call(kind)
+        draw = self._fault_rng.random()  # one draw per call, always, to keep the sequence stable
+        threshold = probabilities.network_error_before_send
+        if draw < threshold:
+            return FaultKind.NETWORK_ERROR_BEFORE_SEND
+        threshold += probabilities.server_error
+        if draw < threshold:
+            return FaultKind.SERVER_ERROR
+        threshold += probabilities.timeout_after_accept
+        if draw < threshold:
+            return FaultKind.TIMEOUT_AFTER_ACCEPT
+        return None

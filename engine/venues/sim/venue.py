@@ -1,0 +1,353 @@
+"""`SimVenue`: the exchange port over the sim core, with seeded latency and faults, driven by a `Clock`.
+
+Each call draws a plan (round-trip latency, fault) and then plays it out on the clock:
+
+* request half of the latency, then the core executes the call at that instant; response half after;
+* `network_error_before_send`: nothing reaches the venue → `Retryable`;
+* `server_error`: an HTTP 5xx before execution → `Retryable`;
+* `timeout_after_accept`, or a latency longer than `request_timeout_seconds`: the venue executes the call
+  but the answer never arrives; after the timeout a mutating call raises `OutcomeUnknown` (resolve by
+  client order id) and a read raises `Retryable`. The execution is never later than the timeout: the sim
+  has no requests that land after the caller gave up.
+
+A mark-price ticker (one owned, named task, started by `connect()` and stopped by `close()`) steps the GBM
+walk every `mark_tick_seconds` of clock time, feeds the marks to the core (which fires stops) and to the
+`watch_mark_prices` subscribers. No lock anywhere: the core is synchronous, so each core call is atomic on
+the event loop, and nothing is held across an await.
+
+Besides the port, the venue has a small control surface for tests and demos: `override_mark_price`,
+`inject_fault`, `clear_injected_faults`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from decimal import Decimal
+from typing import TypeVar
+
+from engine.clock import Clock, SystemClock
+from engine.exchange.errors import ExchangeError, OutcomeUnknown, Retryable
+from engine.exchange.port import (
+    Balance,
+    Capabilities,
+    Market,
+    MarkPrice,
+    Order,
+    OrderSide,
+    VenuePosition,
+)
+from engine.venues.sim.core import DEFAULT_ACCOUNT, SimCore
+from engine.venues.sim.faults import FaultInjector
+from engine.venues.sim.prices import GbmWalk
+from engine.venues.sim.settings import CallKind, FaultKind, SimVenueSettings
+from engine.venues.sim.universe import select_listings
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_CLOSE_TIMEOUT_SECONDS = 5.0
+
+
+class _MarkSubscription:
+    """One reader of the mark stream: keeps only the latest mark per symbol (coalescing, bounded)."""
+
+    __slots__ = ("latest", "symbols", "wakeup")
+
+    def __init__(self, symbols: frozenset[str] | None) -> None:
+        self.symbols = symbols
+        self.latest: dict[str, MarkPrice] = {}
+        self.wakeup = asyncio.Event()
+
+    def offer(self, mark: MarkPrice) -> None:
+        if self.symbols is None or mark.symbol in self.symbols:
+            self.latest[mark.symbol] = mark
+            self.wakeup.set()
+
+
+class SimVenue:
+    def __init__(
+        self,
+        settings: SimVenueSettings | None = None,
+        *,
+        clock: Clock | None = None,
+        core: SimCore | None = None,
+        account_id: str = DEFAULT_ACCOUNT,
+    ) -> None:
+        self._settings = settings if settings is not None else SimVenueSettings()
+        self._clock: Clock = clock if clock is not None else SystemClock()
+        listings = select_listings(self._settings.symbols)
+        self._core = core if core is not None else SimCore(listings, self._settings, now=self._clock.now())
+        self._account_id = account_id
+        markets = self._core.markets
+        self._walk = GbmWalk(
+            seed=self._settings.seed,
+            initial_prices={symbol: self._core.mark(symbol) for symbol in markets},
+            tick_sizes={symbol: market.tick_size for symbol, market in markets.items()},
+            volatility={symbol: self._settings.volatility_for(symbol) for symbol in markets},
+        )
+        self._faults = FaultInjector(self._settings.latency, self._settings.faults, self._settings.seed)
+        self._connected_at = self._clock.monotonic()
+        self._ticker: asyncio.Task[None] | None = None
+        self._subscribers: set[_MarkSubscription] = set()
+        self._closed = False
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return "sim"
+
+    def capabilities(self) -> Capabilities:
+        return self._core.capabilities()
+
+    @property
+    def core(self) -> SimCore:
+        """The exchange-side state; hand it to a new `SimVenue` to model an engine restart."""
+        return self._core
+
+    async def connect(self) -> None:
+        self._ensure_open()
+        if self._ticker is None:
+            self._connected_at = self._clock.monotonic()
+            self._ticker = asyncio.create_task(self._run_ticker(), name="sim-venue-mark-ticker")
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        ticker, self._ticker = self._ticker, None
+        if ticker is not None:
+            ticker.cancel()
+            done, _ = await asyncio.wait({ticker}, timeout=_CLOSE_TIMEOUT_SECONDS)
+            if not done:
+                logger.error("sim venue: mark ticker did not stop within %.1fs", _CLOSE_TIMEOUT_SECONDS)
+        for subscription in self._subscribers:
+            subscription.wakeup.set()
+
+    async def __aenter__(self) -> SimVenue:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+    # ---- the port ----------------------------------------------------------------------------------
+
+    async def load_markets(self) -> Mapping[str, Market]:
+        return await self._call(CallKind.LOAD_MARKETS, lambda now: dict(self._core.markets))
+
+    async def fetch_mark_prices(self, symbols: Collection[str] | None = None) -> dict[str, MarkPrice]:
+        return await self._call(CallKind.FETCH_MARK_PRICES, lambda now: self._core.mark_prices(symbols))
+
+    async def watch_mark_prices(self, symbols: Collection[str] | None = None) -> AsyncIterator[MarkPrice]:
+        self._ensure_open()
+        subscription = _MarkSubscription(frozenset(symbols) if symbols is not None else None)
+        for mark in self._core.mark_prices(symbols).values():
+            subscription.offer(mark)
+        self._subscribers.add(subscription)
+        try:
+            while not self._closed:
+                await subscription.wakeup.wait()
+                subscription.wakeup.clear()
+                batch, subscription.latest = subscription.latest, {}
+                for mark in batch.values():
+                    yield mark
+        finally:
+            self._subscribers.discard(subscription)
+
+    async def fetch_balance(self) -> Balance:
+        return await self._call(CallKind.FETCH_BALANCE, lambda now: self._core.balance(now, self._account_id))
+
+    async def fetch_positions(self) -> list[VenuePosition]:
+        def positions(now: float) -> list[VenuePosition]:
+            found = self._core.positions(now, self._account_id)
+            since_connect = self._clock.monotonic() - self._connected_at
+            if since_connect < self._settings.faults.empty_positions_for_seconds:
+                logger.debug("sim venue: answering [] for positions %.1fs after connect", since_connect)
+                return []
+            return found
+
+        return await self._call(CallKind.FETCH_POSITIONS, positions)
+
+    async def fetch_open_protective_orders(self, symbol: str | None = None) -> list[Order]:
+        return await self._call(
+            CallKind.FETCH_OPEN_ORDERS,
+            lambda now: self._core.open_protective_orders(now, symbol, self._account_id),
+        )
+
+    async def set_leverage(self, symbol: str, leverage: int) -> int:
+        return await self._call(
+            CallKind.SET_LEVERAGE,
+            lambda now: self._core.set_leverage(symbol, leverage, now, self._account_id),
+        )
+
+    async def create_market_order(
+        self,
+        symbol: str,
+        side: OrderSide,
+        quantity: Decimal,
+        *,
+        client_order_id: str,
+        reduce_only: bool = False,
+    ) -> Order:
+        return await self._call(
+            CallKind.CREATE_ORDER,
+            lambda now: self._core.place_market_order(
+                symbol,
+                side,
+                quantity,
+                client_order_id,
+                now,
+                reduce_only=reduce_only,
+                account_id=self._account_id,
+            ),
+            client_order_id=client_order_id,
+        )
+
+    async def create_stop_market_order(
+        self,
+        symbol: str,
+        side: OrderSide,
+        quantity: Decimal,
+        stop_price: Decimal,
+        *,
+        client_order_id: str,
+    ) -> Order:
+        return await self._call(
+            CallKind.CREATE_ORDER,
+            lambda now: self._core.place_stop_market_order(
+                symbol, side, quantity, stop_price, client_order_id, now, account_id=self._account_id
+            ),
+            client_order_id=client_order_id,
+        )
+
+    async def create_trailing_stop_order(
+        self,
+        symbol: str,
+        side: OrderSide,
+        quantity: Decimal,
+        callback_rate: Decimal,
+        *,
+        client_order_id: str,
+        activation_price: Decimal | None = None,
+    ) -> Order:
+        return await self._call(
+            CallKind.CREATE_ORDER,
+            lambda now: self._core.place_trailing_stop_order(
+                symbol,
+                side,
+                quantity,
+                callback_rate,
+                client_order_id,
+                now,
+                activation_price=activation_price,
+                account_id=self._account_id,
+            ),
+            client_order_id=client_order_id,
+        )
+
+    async def cancel_order(self, symbol: str, client_order_id: str) -> Order:
+        return await self._call(
+            CallKind.CANCEL_ORDER,
+            lambda now: self._core.cancel_order(symbol, client_order_id, now, self._account_id),
+            client_order_id=client_order_id,
+        )
+
+    async def fetch_order(self, symbol: str, client_order_id: str) -> Order:
+        return await self._call(
+            CallKind.FETCH_ORDER,
+            lambda now: self._core.get_order(symbol, client_order_id, now, self._account_id),
+        )
+
+    # ---- control surface (tests, demos) ------------------------------------------------------------
+
+    def override_mark_price(self, symbol: str, price: Decimal) -> list[Order]:
+        """Set a symbol's mark now (the walk continues from it) and return the orders it triggered."""
+        market = self._core.markets[symbol]
+        on_tick = market.round_price(price)
+        self._walk.set_price(symbol, on_tick)
+        changed = self._core.set_mark(symbol, on_tick, self._clock.now())
+        self._publish(symbol, changed)
+        return changed
+
+    def inject_fault(self, kind: CallKind, fault: FaultKind, count: int = 1) -> None:
+        self._faults.force(kind, fault, count)
+
+    def clear_injected_faults(self) -> None:
+        self._faults.clear_forced()
+
+    # ---- internals ---------------------------------------------------------------------------------
+
+    def _ensure_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("sim venue is closed")
+
+    async def _call(
+        self, kind: CallKind, operation: Callable[[float], T], *, client_order_id: str | None = None
+    ) -> T:
+        self._ensure_open()
+        plan = self._faults.plan(kind)
+        timeout = self._settings.request_timeout_seconds
+        half = plan.latency / 2
+        arrival = min(half, timeout)
+        if plan.fault is FaultKind.NETWORK_ERROR_BEFORE_SEND:
+            await self._clock.sleep(arrival)
+            raise Retryable(f"sim {kind}: network error before the request was sent")
+        await self._clock.sleep(arrival)
+        if plan.fault is FaultKind.SERVER_ERROR:
+            await self._clock.sleep(min(half, timeout - arrival))
+            raise Retryable(f"sim {kind}: HTTP 500 before execution")
+        answer_lost = plan.fault is FaultKind.TIMEOUT_AFTER_ACCEPT or plan.latency > timeout
+        refusal: ExchangeError | None = None
+        result: T | None = None
+        try:
+            result = operation(self._clock.now())
+        except ExchangeError as error:
+            refusal = error
+        if answer_lost:
+            await self._clock.sleep(timeout - arrival)
+            logger.info(
+                "sim venue: %s answer lost after %.2fs (client id %s)", kind, timeout, client_order_id
+            )
+            if kind.mutates:
+                raise OutcomeUnknown(client_order_id, f"sim {kind}: no answer within {timeout:g}s")
+            raise Retryable(f"sim {kind}: read timed out after {timeout:g}s")
+        await self._clock.sleep(half)
+        if refusal is not None:
+            raise refusal
+        return result  # type: ignore[return-value]  # set whenever refusal is None
+
+    async def _run_ticker(self) -> None:
+        interval = self._settings.mark_tick_seconds
+        while True:
+            await self._clock.sleep(interval)
+            try:
+                self._tick(interval)
+            except Exception:
+                logger.exception("sim venue: mark tick failed; the ticker keeps running")
+
+    def _tick(self, interval: float) -> None:
+        marks = self._walk.step(interval)
+        now = self._clock.now()
+        for symbol, price in marks.items():
+            changed = self._core.set_mark(symbol, price, now)
+            self._publish(symbol, changed)
+
+    def _publish(self, symbol: str, changed: list[Order]) -> None:
+        for order in changed:
+            logger.info(
+                "sim venue: %s %s %s %s (filled %s at %s)",
+                order.symbol,
+                order.type,
+                order.client_order_id,
+                order.status,
+                order.filled_quantity,
+                order.average_price,
+            )
+        if self._subscribers:
+            mark = self._core.mark_prices([symbol])[symbol]
+            for subscription in self._subscribers:
+                subscription.offer(mark)
