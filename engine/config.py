@@ -28,6 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
+from engine.venues.sim.settings import SimVenueSettings
+
 ENV_PREFIX = "TSBOT_"
 ENV_NESTED_DELIMITER = "__"
 DEFAULT_CONFIG_NAME = "config.toml"
@@ -65,6 +67,7 @@ class VenueSettings(Section):
     api_secret_file: str = ""
     api_key: SecretStr | None = None
     api_secret: SecretStr | None = None
+    sim: SimVenueSettings = Field(default_factory=SimVenueSettings)
 
 
 # --- [database] ------------------------------------------------------------------------------------------

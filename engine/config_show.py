@@ -51,6 +51,11 @@ def _render_table(loaded: LoadedConfig, path: tuple[str, ...], model: BaseModel)
     return lines
 
 
+def _toml_key(key: Any) -> str:
+    text = key.value if isinstance(key, Enum) else str(key)
+    return text if text.replace("_", "").replace("-", "").isalnum() else json.dumps(text)
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -66,6 +71,10 @@ def _toml_value(value: Any) -> str:
         return json.dumps(REDACTED)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, BaseModel):
+        return _toml_value({name: getattr(value, name) for name in type(value).model_fields})
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+        if not value:
+            return "{}"
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
     return json.dumps(str(value))

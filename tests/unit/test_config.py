@@ -53,7 +53,7 @@ def test_shipped_config_toml_has_every_key_and_a_comment_above_each(project_root
         stripped = line.strip()
         if header := re.fullmatch(r"\[([a-z_.]+)\]", stripped):
             table = tuple(header.group(1).split("."))
-        elif key := re.match(r"^([a-z_]+)\s*=", stripped):
+        elif key := re.match(r"^([a-z0-9_]+)\s*=", stripped):
             found.add((*table, key.group(1)))
             assert previous.startswith("#"), f"{'.'.join((*table, key.group(1)))} has no comment above it"
         if stripped:
@@ -244,3 +244,30 @@ def test_process_environment_is_used_by_default(tmp_path: Path, monkeypatch: pyt
     monkeypatch.chdir(tmp_path)
     assert load_config().settings.health.interval_seconds == Decimal("7")
     assert "TSBOT_HEALTH__INTERVAL_SECONDS" in os.environ
+
+
+def test_sim_venue_settings_are_nested_under_venue_and_overridable(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path / "c.toml",
+        '[venue.sim.latency]\ndistribution = "uniform"\nseconds = 2.0\njitter_seconds = 0.4\n'
+        "by_call = { fetch_order = { seconds = 0.1 } }\n",
+    )
+    loaded = load_config(path, environ={"TSBOT_VENUE__SIM__FAULTS__TIMEOUT_AFTER_ACCEPT": "0.25"})
+    sim = loaded.settings.venue.sim
+    assert (sim.latency.distribution, sim.latency.seconds, sim.latency.jitter_seconds) == (
+        "uniform",
+        2.0,
+        0.4,
+    )
+    assert sim.latency.by_call["fetch_order"].seconds == 0.1
+    assert sim.faults.timeout_after_accept == 0.25
+    assert loaded.source_of(("venue", "sim", "faults", "timeout_after_accept")) is Source.ENV
+    again = load_config(_write(tmp_path / "shown.toml", render_config(loaded)), environ={})
+    assert again.settings == loaded.settings
+
+    bad = _write(tmp_path / "bad.toml", '[venue.sim]\nsymbols = ["NOPEUSDT"]\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(bad, environ={})
+    assert caught.value.lines == [
+        f"{bad}: venue.sim.symbols: value error, not in the sim universe: NOPEUSDT, got a list"
+    ]
