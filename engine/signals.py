@@ -1,0 +1,151 @@
+"""Signals in, waves out.
+
+Every signal, whichever its origin, goes through `monitoring.signals`: the sim generator inserts rows like
+any outside process would, and one consumer claims them. So every signal ends with a status and a reason in
+the same place, and `tsbot signals add` drives a running engine exactly as the generator does.
+
+The consumer wakes on `NOTIFY tsbot_signals` (a dedicated connection) and also polls, so a lost notification
+or a dropped listener connection delays a signal by at most the poll interval, never loses it. Signals
+arriving within `wave_window_ms` of the first one form one wave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import asyncpg
+
+from engine.clock import Clock
+from storage.repositories import SignalRecord, Store
+
+log = logging.getLogger(__name__)
+
+NOTIFY_CHANNEL = "tsbot_signals"
+MAX_WAVE_SIGNALS = 500
+
+
+@dataclass(frozen=True, slots=True)
+class SignalWave:
+    signals: tuple[SignalRecord, ...]
+
+
+class SignalConsumer:
+    """Claims new rows of `monitoring.signals` and yields them grouped into waves."""
+
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        *,
+        listen_dsn: str | None,
+        listen_password: str | None = None,
+        wave_window_seconds: float = 0.5,
+        poll_interval_seconds: float = 0.5,
+    ):
+        self._store = store
+        self._clock = clock
+        self._listen_dsn = listen_dsn
+        self._listen_password = listen_password
+        self._window = wave_window_seconds
+        self._poll = poll_interval_seconds
+        self._wake = asyncio.Event()
+        self._listener: asyncpg.Connection | None = None
+        self.listening = False
+        self.listener_connections = 0  # how many times LISTEN was (re)established
+
+    async def waves(self) -> AsyncIterator[SignalWave]:
+        try:
+            while True:
+                await self._ensure_listener()
+                first = await self._store.claim_new_signals(MAX_WAVE_SIGNALS)
+                if not first:
+                    await self._wait_for_signals()
+                    continue
+                if self._window > 0:
+                    await self._clock.sleep(self._window)
+                rest = await self._store.claim_new_signals(MAX_WAVE_SIGNALS - len(first))
+                yield SignalWave(signals=tuple(first + rest))
+        finally:
+            await self._close_listener()
+
+    async def _wait_for_signals(self) -> None:
+        self._wake.clear()
+        woke = asyncio.ensure_future(self._wake.wait())
+        slept = asyncio.ensure_future(self._clock.sleep(self._poll))
+        try:
+            await asyncio.wait({woke, slept}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in (woke, slept):
+                waiter.cancel()
+            await asyncio.gather(woke, slept, return_exceptions=True)
+
+    async def _ensure_listener(self) -> None:
+        if self._listen_dsn is None or (self._listener is not None and not self._listener.is_closed()):
+            return
+        self.listening = False
+        try:
+            self._listener = await asyncpg.connect(self._listen_dsn, password=self._listen_password)
+            await self._listener.add_listener(NOTIFY_CHANNEL, self._on_notify)
+            self._listener.add_termination_listener(self._on_listener_lost)
+            self.listening = True
+            self.listener_connections += 1
+        except (OSError, asyncpg.PostgresError) as exc:
+            # Polling carries on; the next pass retries the listener.
+            log.warning(
+                "signals: LISTEN %s unavailable, polling every %.1fs: %s", NOTIFY_CHANNEL, self._poll, exc
+            )
+            self._listener = None
+
+    def _on_notify(self, *_args: object) -> None:
+        self._wake.set()
+
+    def _on_listener_lost(self, *_args: object) -> None:
+        self.listening = False
+        log.warning("signals: LISTEN connection lost; polling until it is back")
+        self._wake.set()
+
+    async def _close_listener(self) -> None:
+        if self._listener is not None and not self._listener.is_closed():
+            await self._listener.close()
+        self._listener = None
+
+
+class SimSignalGenerator:
+    """A seeded stand-in for the operator's signal provider: `wave_size` signals on random symbols every
+    `wave_interval` seconds (the first wave at once), inserted into `monitoring.signals`."""
+
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        symbols: Sequence[str],
+        *,
+        wave_size: int,
+        wave_interval_seconds: float,
+        seed: int,
+    ):
+        if not symbols:
+            raise ValueError("the sim signal generator needs at least one symbol")
+        self._store = store
+        self._clock = clock
+        self._symbols = sorted(symbols)
+        self._wave_size = min(wave_size, len(self._symbols))
+        self._interval = wave_interval_seconds
+        self._random = random.Random(seed)
+        self.waves_generated = 0
+
+    def next_wave(self) -> list[tuple[str, str]]:
+        symbols = self._random.sample(self._symbols, self._wave_size)
+        return [(symbol, self._random.choice(("long", "short"))) for symbol in symbols]
+
+    async def run(self) -> None:
+        while True:
+            wave = self.next_wave()
+            await self._store.insert_signals([(symbol, side, None, None) for symbol, side in wave])
+            self.waves_generated += 1
+            log.info("sim signals: wave %d of %d signals", self.waves_generated, len(wave))
+            await self._clock.sleep(self._interval)

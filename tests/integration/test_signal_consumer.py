@@ -1,0 +1,143 @@
+"""Signals flow from monitoring.signals into waves: NOTIFY wake-up, polling fallback, wave window."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from engine.clock import ManualClock, SystemClock
+from engine.signals import SignalConsumer, SimSignalGenerator
+from storage.database import Database
+from storage.repositories import Store
+from tests.support.waiting import wait_until
+
+
+async def _next_wave(consumer: SignalConsumer):
+    iterator = consumer.waves()
+    try:
+        return await asyncio.wait_for(anext(iterator), timeout=10)
+    finally:
+        await iterator.aclose()
+
+
+async def test_notify_wakes_the_consumer_long_before_its_poll(db: Database) -> None:
+    store = Store(db.pool)
+    # Polling once an hour: only the NOTIFY can deliver this signal within the test's timeout.
+    consumer = SignalConsumer(
+        store, SystemClock(), listen_dsn=db.target.dsn, wave_window_seconds=0, poll_interval_seconds=3600
+    )
+    waiting = asyncio.create_task(_next_wave(consumer))
+    await wait_until(lambda: consumer.listening, what="the LISTEN connection")
+    await store.insert_signal("SFPUSDT", "long")
+    wave = await waiting
+    assert [s.symbol for s in wave.signals] == ["SFPUSDT"]
+
+
+async def test_polling_delivers_when_there_is_no_listener(db: Database) -> None:
+    store = Store(db.pool)
+    consumer = SignalConsumer(
+        store, SystemClock(), listen_dsn=None, wave_window_seconds=0, poll_interval_seconds=0.05
+    )
+    waiting = asyncio.create_task(_next_wave(consumer))
+    await store.insert_signal("ALLUSDT", "short")
+    wave = await waiting
+    assert [(s.symbol, s.side) for s in wave.signals] == [("ALLUSDT", "short")]
+
+
+async def test_a_lost_listener_is_re_established_and_nothing_is_missed(db: Database) -> None:
+    store = Store(db.pool)
+    consumer = SignalConsumer(
+        store, SystemClock(), listen_dsn=db.target.dsn, wave_window_seconds=0, poll_interval_seconds=0.1
+    )
+    waiting = asyncio.create_task(_next_wave(consumer))
+    await wait_until(lambda: consumer.listener_connections == 1, what="the LISTEN connection")
+    killed = await db.pool.fetchval(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid() AND query LIKE 'LISTEN%'"
+    )
+    assert killed == 1
+    await wait_until(lambda: consumer.listener_connections == 2, what="LISTEN to be re-established")
+    await store.insert_signal("SUIUSDT", "long")
+    wave = await waiting
+    assert [s.symbol for s in wave.signals] == ["SUIUSDT"]
+
+
+async def test_polling_carries_on_when_listen_cannot_connect(db: Database, pg_server) -> None:
+    store = Store(db.pool)
+    consumer = SignalConsumer(
+        store,
+        SystemClock(),
+        listen_dsn=pg_server.dsn("no_such_database"),
+        wave_window_seconds=0,
+        poll_interval_seconds=0.05,
+    )
+    waiting = asyncio.create_task(_next_wave(consumer))
+    await store.insert_signal("NMRUSDT", "short")
+    wave = await waiting
+    assert [s.symbol for s in wave.signals] == ["NMRUSDT"]
+    assert consumer.listener_connections == 0
+
+
+async def test_signals_arriving_within_the_window_form_one_wave(db: Database) -> None:
+    store = Store(db.pool)
+    clock = ManualClock()
+    consumer = SignalConsumer(
+        store, clock, listen_dsn=None, wave_window_seconds=0.5, poll_interval_seconds=0.1
+    )
+    iterator = consumer.waves()
+    waiting = asyncio.create_task(anext(iterator))
+    try:
+        await store.insert_signals([("AUSDT", "long", None, None), ("BUSDT", "short", None, None)])
+        await clock.advance(0.1)  # the poll finds them
+
+        async def first_two_taken_and_window_open() -> bool:
+            taken = await db.pool.fetchval("SELECT count(*) FROM monitoring.signals WHERE status = 'taken'")
+            return taken == 2 and clock.sleepers == 1
+
+        await wait_until(first_two_taken_and_window_open, what="the wave window to open")
+        await store.insert_signals([("CUSDT", "long", None, None)])
+        await clock.advance(0.5)
+        wave = await asyncio.wait_for(waiting, timeout=10)
+        assert [s.symbol for s in wave.signals] == ["AUSDT", "BUSDT", "CUSDT"]
+    finally:
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+            await waiting
+        await iterator.aclose()
+
+
+def test_sim_generator_is_seeded_and_picks_distinct_symbols() -> None:
+    symbols = [f"S{i}USDT" for i in range(40)]
+
+    def waves(seed: int) -> list[list[tuple[str, str]]]:
+        generator = SimSignalGenerator(
+            None, ManualClock(), symbols, wave_size=7, wave_interval_seconds=20, seed=seed
+        )  # type: ignore[arg-type]
+        return [generator.next_wave() for _ in range(5)]
+
+    assert waves(7) == waves(7)
+    assert waves(7) != waves(8)
+    for wave in waves(7):
+        assert len(wave) == 7
+        assert len({symbol for symbol, _ in wave}) == 7
+        assert {side for _, side in wave} <= {"long", "short"}
+
+
+async def test_sim_generator_inserts_a_wave_at_once_then_one_per_interval(db: Database) -> None:
+    clock = ManualClock()
+    generator = SimSignalGenerator(
+        Store(db.pool), clock, ["AUSDT", "BUSDT", "CUSDT"], wave_size=2, wave_interval_seconds=20, seed=1
+    )
+    task = asyncio.create_task(generator.run())
+    try:
+        await wait_until(lambda: generator.waves_generated == 1 and clock.sleepers == 1, what="first wave")
+        assert await db.pool.fetchval("SELECT count(*) FROM monitoring.signals") == 2
+        await clock.advance(20)
+        await wait_until(lambda: generator.waves_generated == 2, what="second wave")
+        assert await db.pool.fetchval("SELECT count(*) FROM monitoring.signals") == 4
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
