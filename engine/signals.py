@@ -110,6 +110,7 @@ class SignalConsumer:
 
     async def _close_listener(self) -> None:
         if self._listener is not None and not self._listener.is_closed():
+            self._listener.remove_termination_listener(self._on_listener_lost)  # our own close is no loss
             await self._listener.close()
         self._listener = None
 

@@ -194,6 +194,16 @@ class TrailingStateRecord:
     updated_at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class HealthRow:
+    component: str
+    state: str
+    summary: str
+    reason: str
+    measurements: Mapping[str, Any]
+    measured_at: datetime | None = None
+
+
 def _signal(row: Mapping[str, Any]) -> SignalRecord:
     values = dict(row)
     values["status"] = SignalStatus(values["status"])
@@ -361,6 +371,11 @@ class Store:
             trailing_activated,
         )
         return _position(self._require(row, position_id))
+
+    async def set_realized_pnl(self, position_id: int, realized_pnl: Decimal) -> None:
+        await self._pool.execute(
+            "UPDATE monitoring.positions SET realized_pnl = $2 WHERE id = $1", position_id, realized_pnl
+        )
 
     async def update_marks(self, marks: Sequence[tuple[int, Decimal]]) -> None:
         """Batch current_price for many positions in one round trip."""
@@ -656,6 +671,33 @@ class Store:
             TERMINAL_STATUSES,
         )
         return {r["position_id"]: TrailingStateRecord(**dict(r)) for r in rows}
+
+    # --- installation and health ----------------------------------------------------------------------
+
+    async def installation_token(self) -> str:
+        return await self._pool.fetchval("SELECT token FROM monitoring.installation")
+
+    async def save_health(self, components: Sequence[HealthRow]) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            for row in components:
+                await conn.execute(
+                    """
+                    INSERT INTO monitoring.health (component, state, summary, reason, measurements, measured_at)
+                    VALUES ($1, $2, $3, $4, $5, now())
+                    ON CONFLICT (component) DO UPDATE SET
+                        state = EXCLUDED.state, summary = EXCLUDED.summary, reason = EXCLUDED.reason,
+                        measurements = EXCLUDED.measurements, measured_at = EXCLUDED.measured_at
+                    """,
+                    row.component,
+                    row.state,
+                    row.summary,
+                    row.reason,
+                    dict(row.measurements),
+                )
+
+    async def latest_health(self) -> list[HealthRow]:
+        rows = await self._pool.fetch("SELECT * FROM monitoring.health ORDER BY component")
+        return [HealthRow(**dict(r)) for r in rows]
 
     # --- events ------------------------------------------------------------------------------------------
 

@@ -1,0 +1,118 @@
+"""The venue's order budget, kept on our side so protection always gets there first.
+
+Each of the venue's budgets (Binance: 300 orders / 10 s and 1 200 / min) is mirrored as a sliding window of
+send times: never more than `limit` sends within any `window` seconds, which also keeps every fixed window
+of the venue within its limit. Protective orders take a slot as soon as one is free and never wait behind
+an entry. An entry is admitted only when the budget can also hold the protective orders it will need
+(its own two plus every protective order already promised), so a big wave cannot eat the budget its
+positions need for their stops. If the venue answers RateLimited/Banned anyway, `hold_until()` stops all
+sends until then.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from engine.clock import Clock
+from engine.exchange.port import RateBudget
+
+PROTECTIVE_ORDERS_PER_POSITION = 2  # hard stop + trailing stop
+
+
+@dataclass(slots=True)
+class _Window:
+    limit: int
+    seconds: float
+    sends: deque[float]
+
+    def prune(self, now: float) -> None:
+        while self.sends and self.sends[0] <= now - self.seconds:
+            self.sends.popleft()
+
+    def free(self) -> int:
+        return self.limit - len(self.sends)
+
+    def wait_for(self, slots: int, now: float) -> float:
+        """Seconds until `slots` sends fit (0 if they fit now)."""
+        if self.free() >= slots:
+            return 0.0
+        blocking = self.sends[len(self.sends) - self.limit + slots - 1]
+        return max(0.0, blocking + self.seconds - now)
+
+
+class OrderBudget:
+    def __init__(self, budgets: Sequence[RateBudget], clock: Clock):
+        self._clock = clock
+        self._windows = [_Window(b.limit, b.window_seconds, deque()) for b in budgets]
+        self._promised = 0  # protective orders entries were admitted for and that are not sent yet
+        self._protective_waiting = 0
+        self._hold_until = 0.0
+        self.entries_admitted = 0
+        self.protective_sent = 0
+
+    @property
+    def promised(self) -> int:
+        return self._promised
+
+    def used_fraction(self) -> float:
+        """The fullest window's share used right now (0..1), for health."""
+        now = self._clock.monotonic()
+        fractions = []
+        for window in self._windows:
+            window.prune(now)
+            fractions.append(len(window.sends) / window.limit)
+        return max(fractions, default=0.0)
+
+    def hold_until(self, monotonic_deadline: float) -> None:
+        self._hold_until = max(self._hold_until, monotonic_deadline)
+
+    def release_promise(self, count: int) -> None:
+        """An admitted entry did not open a position: its protective orders will not be sent."""
+        self._promised = max(0, self._promised - count)
+
+    async def acquire_protective(self) -> None:
+        self._protective_waiting += 1
+        try:
+            await self._acquire(slots=1)
+        finally:
+            self._protective_waiting -= 1
+        self._promised = max(0, self._promised - 1)
+        self.protective_sent += 1
+
+    async def acquire_entry(self, protective_orders: int = PROTECTIVE_ORDERS_PER_POSITION) -> None:
+        """Admit one entry that will need `protective_orders` protective orders once it fills."""
+        while True:
+            if self._protective_waiting == 0:
+                needed = 1 + self._promised + protective_orders
+                wait = self._wait_for(needed)
+                if wait == 0.0:
+                    self._consume()
+                    self._promised += protective_orders
+                    self.entries_admitted += 1
+                    return
+            else:
+                wait = 0.0
+            # Protective sends go first; recheck once the budget moved or they are through.
+            await self._clock.sleep(max(wait, 0.01))
+
+    async def _acquire(self, slots: int) -> None:
+        while (wait := self._wait_for(slots)) > 0.0:
+            await self._clock.sleep(wait)
+        self._consume()
+
+    def _wait_for(self, slots: int) -> float:
+        now = self._clock.monotonic()
+        wait = max(0.0, self._hold_until - now)
+        for window in self._windows:
+            window.prune(now)
+            if slots > window.limit:
+                slots = window.limit  # an over-large promise must not deadlock admission
+            wait = max(wait, window.wait_for(slots, now))
+        return wait
+
+    def _consume(self) -> None:
+        now = self._clock.monotonic()
+        for window in self._windows:
+            window.sends.append(now)

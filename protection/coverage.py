@@ -1,0 +1,81 @@
+"""Coverage from confirmed facts: a pure function of per-position facts and the time.
+
+A position is *covered* when the exchange confirmed its hard stop and its trailing stop is confirmed
+(a native order live, or a managed trail persisted and armed). A position younger than the grace period
+and not yet covered is *protecting*, not uncovered. The TS/SL percentages use the same population and
+rounding as the operators' SQL (active positions, ROUND(…, 1)), so the gauge and the SQL agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class PositionCoverage:
+    position_id: int
+    symbol: str
+    has_stop_loss: bool
+    has_trailing_stop: bool
+    filled_at: float  # monotonic seconds when the entry filled (or the position was adopted/restored)
+    unprotected_since: float | None  # monotonic seconds since when it lacks a confirmed stop; None: covered
+
+    @property
+    def covered(self) -> bool:
+        return self.has_stop_loss and self.has_trailing_stop
+
+
+@dataclass(frozen=True, slots=True)
+class CoverageFigures:
+    active: int
+    protected: int
+    protecting: int  # uncovered but within grace
+    uncovered: int  # uncovered past grace
+    with_stop_loss: int
+    with_trailing_stop: int
+    oldest_unprotected_seconds: float | None  # among uncovered past grace
+    ts_coverage_pct: Decimal | None
+    sl_coverage_pct: Decimal | None
+    uncovered_ids: tuple[int, ...]
+
+
+def percent(part: int, whole: int) -> Decimal | None:
+    if whole == 0:
+        return None
+    return (Decimal(100) * part / whole).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP)
+
+
+def coverage_figures(
+    positions: Iterable[PositionCoverage], now: float, grace_seconds: float
+) -> CoverageFigures:
+    active = protected = protecting = with_sl = with_ts = 0
+    uncovered_ids: list[int] = []
+    oldest: float | None = None
+    for position in positions:
+        active += 1
+        with_sl += position.has_stop_loss
+        with_ts += position.has_trailing_stop
+        if position.covered:
+            protected += 1
+            continue
+        since = position.unprotected_since if position.unprotected_since is not None else position.filled_at
+        age = now - since
+        if now - position.filled_at < grace_seconds:
+            protecting += 1
+            continue
+        uncovered_ids.append(position.position_id)
+        oldest = age if oldest is None else max(oldest, age)
+    return CoverageFigures(
+        active=active,
+        protected=protected,
+        protecting=protecting,
+        uncovered=len(uncovered_ids),
+        with_stop_loss=with_sl,
+        with_trailing_stop=with_ts,
+        oldest_unprotected_seconds=oldest,
+        ts_coverage_pct=percent(with_ts, active),
+        sl_coverage_pct=percent(with_sl, active),
+        uncovered_ids=tuple(sorted(uncovered_ids)),
+    )
