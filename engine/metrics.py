@@ -1,0 +1,178 @@
+"""Rolling measurements of venue calls, for the health rules: latency percentiles, error rate, timeouts.
+
+The shell times each exchange call and records its outcome here; the health check asks for a summary
+every few seconds. Time enters only as arguments (`at`, `now`: seconds on one clock, normally the
+engine's monotonic clock), so nothing here reads a clock, sleeps or does I/O, and tests replay any
+timeline without waiting.
+
+Memory is bounded two ways: samples older than the window are dropped as new ones arrive (and on every
+summary), and at most `max_samples` are kept. Under a flood beyond the cap the summary describes the most
+recent `max_samples` calls of the window; `CallStats.dropped` counts what the cap pushed out early, so
+the truncation is visible rather than silent (F12).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass
+
+__all__ = [
+    "EMPTY_SUMMARY",
+    "CallStats",
+    "CallSummary",
+    "EventCounter",
+    "nearest_rank",
+]
+
+
+def nearest_rank(sorted_values: list[float], percent: int) -> float:
+    """The `percent`-th percentile of ascending `sorted_values` by the nearest-rank method: the smallest
+    value with at least `percent` % of the values at or below it. Always an observed value (no
+    interpolation), so "p99 2104 ms" means a call really took 2104 ms."""
+    if not sorted_values:
+        raise ValueError("no values")
+    if not 0 < percent <= 100:
+        raise ValueError(f"percent must be in (0, 100], got {percent}")
+    rank = -(-percent * len(sorted_values) // 100)  # ceil without floats
+    return sorted_values[rank - 1]
+
+
+@dataclass(frozen=True, slots=True)
+class CallSummary:
+    """Venue calls completed in the window. With no calls, the percentiles and the error rate are None:
+    there is nothing to measure, which the health rules report as UNKNOWN, never as healthy."""
+
+    calls: int
+    p50_ms: float | None
+    p99_ms: float | None
+    error_rate: float | None  # a fraction of `calls`: 0.25 means 25 % of the calls failed
+    timeouts: int
+
+    @property
+    def errors(self) -> int:
+        return 0 if self.error_rate is None else round(self.error_rate * self.calls)
+
+
+EMPTY_SUMMARY = CallSummary(calls=0, p50_ms=None, p99_ms=None, error_rate=None, timeouts=0)
+
+
+class CallStats:
+    """Outcomes of venue calls over the last `window_s` seconds.
+
+    `record(at, latency_s, ok, kind, timed_out=False)` is called when a call completes: `at` is the
+    completion time, `latency_s` how long it took, `ok` whether the venue answered as expected, `kind`
+    which call it was (`"create_order"`, `"fetch_positions"` …), `timed_out` whether we gave up waiting
+    (such a call is also not ok). Record in completion order; amortised O(1).
+
+    `summary(now)` covers every call, `summary(now, kind="create_order")` one kind; it sorts the
+    window's latencies (O(n log n) over a few thousand samples at most, every few seconds)."""
+
+    __slots__ = ("_samples", "dropped", "max_samples", "window_s")
+
+    def __init__(self, window_s: float = 300.0, max_samples: int = 10_000) -> None:
+        if not window_s > 0:
+            raise ValueError(f"window_s must be positive, got {window_s}")
+        if max_samples < 1:
+            raise ValueError(f"max_samples must be at least 1, got {max_samples}")
+        self.window_s = float(window_s)
+        self.max_samples = max_samples
+        self.dropped = 0  # samples the cap evicted while still inside the window
+        # (at, latency_s, ok, kind, timed_out): a tuple per call, the cheapest record in CPython
+        self._samples: deque[tuple[float, float, bool, str, bool]] = deque()
+
+    def __len__(self) -> int:
+        """Samples currently held (expired ones go on the next `record` or `summary`)."""
+        return len(self._samples)
+
+    def record(self, at: float, latency_s: float, ok: bool, kind: str, *, timed_out: bool = False) -> None:
+        if not latency_s >= 0:  # also refuses NaN
+            raise ValueError(f"latency_s must be a non-negative number, got {latency_s}")
+        samples = self._samples
+        self._expire(at)
+        if len(samples) >= self.max_samples:
+            samples.popleft()
+            self.dropped += 1
+        samples.append((at, latency_s, ok, kind, timed_out))
+
+    def summary(self, now: float, kind: str | None = None) -> CallSummary:
+        """The calls (of `kind`, or all) completed in the window ending at `now`; expires older samples."""
+        self._expire(now)
+        samples = self._samples if kind is None else [s for s in self._samples if s[3] == kind]
+        if not samples:
+            return EMPTY_SUMMARY
+        latencies = sorted(sample[1] for sample in samples)
+        errors = sum(1 for sample in samples if not sample[2])
+        timeouts = sum(1 for sample in samples if sample[4])
+        calls = len(samples)
+        return CallSummary(
+            calls=calls,
+            p50_ms=nearest_rank(latencies, 50) * 1000.0,
+            p99_ms=nearest_rank(latencies, 99) * 1000.0,
+            error_rate=errors / calls,
+            timeouts=timeouts,
+        )
+
+    def _expire(self, now: float) -> None:
+        # A sample at exactly `now - window_s` is out: the window is the half-open (now - window, now].
+        horizon = now - self.window_s
+        samples = self._samples
+        while samples and samples[0][0] <= horizon:
+            samples.popleft()
+
+
+class EventCounter:
+    """Counts events (timeouts, rejections …) in a trailing window: `add(at)`, `count(now, window_s)`.
+
+    Keeps the events of the last `horizon_s` seconds (so any `window_s` up to that can be asked for) and
+    at most `max_events` of them; asking for a window longer than the horizon raises rather than
+    undercounting. Events may arrive slightly out of order; they are kept sorted."""
+
+    __slots__ = ("_start", "_times", "dropped", "horizon_s", "max_events")
+
+    def __init__(self, horizon_s: float = 3600.0, max_events: int = 100_000) -> None:
+        if not horizon_s > 0:
+            raise ValueError(f"horizon_s must be positive, got {horizon_s}")
+        if max_events < 1:
+            raise ValueError(f"max_events must be at least 1, got {max_events}")
+        self.horizon_s = float(horizon_s)
+        self.max_events = max_events
+        self.dropped = 0  # events the cap evicted while still inside the horizon
+        # A sorted list whose live part starts at `_start`: dropping the oldest is an index bump, and the
+        # dead prefix is cut off once it is half the list, so each event is moved O(1) times on average.
+        self._times: list[float] = []
+        self._start = 0
+
+    def __len__(self) -> int:
+        return len(self._times) - self._start
+
+    def add(self, at: float) -> None:
+        times = self._times
+        if not times or at >= times[-1]:
+            times.append(at)
+        else:
+            bisect.insort(times, at, lo=self._start)
+        self._expire(times[-1])
+        if len(self) > self.max_events:
+            self._start += 1
+            self.dropped += 1
+        self._compact()
+
+    def count(self, now: float, window_s: float) -> int:
+        """Events with `now - window_s < at <= now`."""
+        if not 0 < window_s <= self.horizon_s:
+            raise ValueError(f"window_s must be in (0, {self.horizon_s}], got {window_s}")
+        self._expire(now)
+        self._compact()
+        times, start = self._times, self._start
+        return bisect.bisect_right(times, now, lo=start) - bisect.bisect_right(
+            times, now - window_s, lo=start
+        )
+
+    def _expire(self, now: float) -> None:
+        self._start = bisect.bisect_right(self._times, now - self.horizon_s, lo=self._start)
+
+    def _compact(self) -> None:
+        if self._start > 64 and self._start * 2 > len(self._times):
+            del self._times[: self._start]
+            self._start = 0

@@ -1,0 +1,686 @@
+"""The health rules, as pure functions: measurements + thresholds → one health record per component.
+
+The health check shell measures (times a trivial query, reads the call stats, counts coverage from
+confirmed facts) and calls `evaluate_health`; this module only decides. No clock, no I/O, no asyncio:
+every input is an argument, so each rule is example- and property-tested at its boundaries.
+
+Why it is built this way (F11, "health that lies"): the old bot hard-coded HEALTHY for half its
+components and raised a false DEGRADED 1 561 times a day until nobody looked. So here
+
+* every state comes from a measurement, and the record carries that measurement: `summary` (one human
+  line with the numbers), `measurements` (the raw numbers, JSON-friendly) and, when not healthy,
+  `reason` (the cause, one phrase). `ComponentHealth` refuses a non-healthy state without a reason;
+* a component with no measurement yet is UNKNOWN, never HEALTHY;
+* a condition that is already resolved (a timeout that was retried and the position is covered) or
+  that the operator chose (entries paused) is shown in the summary but raises no alarm.
+
+Rules (`T.x` is a `HealthThresholds` field; all causes of the winning severity are joined in `reason`)::
+
+    component   state     when
+    ----------  --------  ---------------------------------------------------------------------------------
+    any         unknown   no measurement passed (None): "not measured yet"
+    exchange    critical  banned by the venue (banned_for_seconds > 0)
+                critical  error rate >= 50 % over at least 5 calls
+                degraded  p99 latency > T.exchange_latency_degraded_ms
+                degraded  error rate >= 10 % (any number of calls)
+                degraded  rate budget used >= 80 %
+                unknown   no calls completed in the window (and none of the above)
+                healthy   otherwise
+    price_feed  critical  open positions and no mark price ever received (nobody is watching prices)
+                critical  open positions and newest mark older than 3 × T.mark_price_stale_seconds
+                degraded  newest mark older than T.mark_price_stale_seconds
+                unknown   no mark price received yet and no open positions
+                healthy   otherwise
+    database    critical  the probe query failed (its error is the reason)
+                degraded  probe round trip > T.database_latency_degraded_ms
+                healthy   otherwise
+    protection  healthy   no open positions ("no open positions" is a measurement)
+                critical  coverage < T.coverage_critical_percent while some position is uncovered
+                          past its grace period; coverage = positions with both stops confirmed, and the
+                          reason names the stop that is short ("Low TS coverage: 42.3% (30/71)")
+                critical  oldest uncovered position uncovered > T.uncovered_critical_seconds
+                degraded  any position uncovered past its grace period
+                healthy   every position past grace is covered; timeouts in the last hour are shown in
+                          the summary but never alarm on their own
+    signals     degraded  LISTEN connection down (polling fallback only)
+                unknown   no wave received yet
+                healthy   otherwise; "entries paused" is shown in the summary, not an alarm
+
+Coverage percents are `Decimal`, rounded half up to one decimal like SQL's `ROUND(x, 1)`, and compared
+with the threshold *as shown*: the reason never says "Low TS coverage: 95.0%" against a 95 % limit.
+The rule compares the share of positions with *both* stops (never above the TS or the SL share), so a
+low TS or SL share always trips it, and one more uncovered position can never make it healthier — which
+a rule on the TS share alone would allow when the newcomer has its trailing stop but no stop-loss.
+Coverage alarms need a position uncovered past grace because a wave being protected is not a fault:
+seven positions opened a second ago have no stops yet, and calling that CRITICAL for a few seconds on
+every wave is exactly the false alarm that trained the operator to ignore the old one.
+
+Overall state = the worst component by `critical > degraded > unknown > healthy`. UNKNOWN ranks above
+HEALTHY because "not measured" must never read as "fine", and below DEGRADED because a missing
+measurement (the first seconds after start, before the first wave) is not evidence of a fault, while a
+measured fault is: the overall state should name the fault. No components at all is UNKNOWN.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Context, Decimal
+from enum import StrEnum
+from typing import Any
+
+from engine.metrics import CallSummary
+
+__all__ = [
+    "DISPLAY_NAMES",
+    "EXCHANGE_BUDGET_DEGRADED_PERCENT",
+    "EXCHANGE_ERROR_RATE_CRITICAL",
+    "EXCHANGE_ERROR_RATE_DEGRADED",
+    "EXCHANGE_MIN_CALLS_FOR_CRITICAL",
+    "PRICE_FEED_CRITICAL_FACTOR",
+    "Component",
+    "ComponentHealth",
+    "DatabaseMeasurement",
+    "ExchangeMeasurement",
+    "HealthMeasurements",
+    "HealthReport",
+    "HealthState",
+    "HealthThresholds",
+    "JsonValue",
+    "PriceFeedMeasurement",
+    "ProtectionMeasurement",
+    "SignalsMeasurement",
+    "coverage_percent",
+    "evaluate_database",
+    "evaluate_exchange",
+    "evaluate_health",
+    "evaluate_price_feed",
+    "evaluate_protection",
+    "evaluate_signals",
+    "format_duration",
+    "log_level",
+    "log_line",
+    "worst_state",
+]
+
+# Fixed parts of the rules (the configurable parts are in HealthThresholds).
+EXCHANGE_ERROR_RATE_CRITICAL = 0.5
+EXCHANGE_ERROR_RATE_DEGRADED = 0.1
+EXCHANGE_MIN_CALLS_FOR_CRITICAL = 5  # one failed call out of one is a blip, not an outage
+EXCHANGE_BUDGET_DEGRADED_PERCENT = 80.0
+PRICE_FEED_CRITICAL_FACTOR = 3
+
+JsonValue = int | float | str | bool | None
+
+_ONE_DECIMAL = Decimal("0.1")
+_HUNDRED = Decimal(100)
+# Private so that a caller changing the thread's decimal context cannot change a shown percent.
+_DECIMAL = Context(prec=28, rounding=ROUND_HALF_UP)
+_MAX_ERROR_TEXT = 160
+
+
+class HealthState(StrEnum):
+    HEALTHY = "healthy"
+    DEGRADED = "degraded"
+    CRITICAL = "critical"
+    UNKNOWN = "unknown"
+
+    @property
+    def severity(self) -> int:
+        """Rank for "worst of": healthy 0 < unknown 1 < degraded 2 < critical 3."""
+        return _SEVERITY[self]
+
+
+_SEVERITY = {
+    HealthState.HEALTHY: 0,
+    HealthState.UNKNOWN: 1,
+    HealthState.DEGRADED: 2,
+    HealthState.CRITICAL: 3,
+}
+
+
+class Component(StrEnum):
+    EXCHANGE = "exchange"
+    PRICE_FEED = "price_feed"
+    DATABASE = "database"
+    PROTECTION = "protection"
+    SIGNALS = "signals"
+
+
+# The names operators grep for in logs/trading_bot.log ("Trailing Stop System: degraded - …").
+DISPLAY_NAMES: Mapping[Component, str] = {
+    Component.EXCHANGE: "Exchange",
+    Component.PRICE_FEED: "Price Feed",
+    Component.DATABASE: "Database",
+    Component.PROTECTION: "Trailing Stop System",
+    Component.SIGNALS: "Signals",
+}
+
+
+def worst_state(states: Iterable[HealthState]) -> HealthState:
+    """The most severe of `states`; UNKNOWN when there are none."""
+    return max(states, key=_SEVERITY.__getitem__, default=HealthState.UNKNOWN)
+
+
+# ----------------------------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True, slots=True)
+class ComponentHealth:
+    """One component's verdict and the measurement behind it. `measurements` is a plain dict of JSON
+    values (Decimals as strings) for the UI and the event log; treat it as read-only."""
+
+    component: Component
+    state: HealthState
+    summary: str
+    reason: str
+    measurements: dict[str, JsonValue]
+
+    def __post_init__(self) -> None:
+        if not self.summary:
+            raise ValueError(f"{self.component}: a health record needs a summary")
+        if self.state is HealthState.HEALTHY and self.reason:
+            raise ValueError(f"{self.component}: healthy with a reason ({self.reason!r})")
+        if self.state is not HealthState.HEALTHY and not self.reason:
+            raise ValueError(f"{self.component}: {self.state} without a reason (no alarm without a cause)")
+
+
+@dataclass(frozen=True, slots=True)
+class HealthReport:
+    """Every component's record, in `Component` order, and the overall (worst) state."""
+
+    components: tuple[ComponentHealth, ...]
+
+    @property
+    def state(self) -> HealthState:
+        return worst_state(c.state for c in self.components)
+
+    def __getitem__(self, component: Component | str) -> ComponentHealth:
+        for record in self.components:
+            if record.component == component:
+                return record
+        raise KeyError(component)
+
+
+# -------------------------------------------------------------------------------------------- thresholds
+
+
+@dataclass(frozen=True, slots=True)
+class HealthThresholds:
+    coverage_critical_percent: Decimal = Decimal(95)
+    uncovered_critical_seconds: float = 60.0
+    mark_price_stale_seconds: float = 5.0
+    exchange_latency_degraded_ms: int = 2500
+    database_latency_degraded_ms: int = 200
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.coverage_critical_percent, Decimal):
+            raise TypeError("coverage_critical_percent must be a Decimal")
+        if not Decimal(0) <= self.coverage_critical_percent <= _HUNDRED:
+            raise ValueError(
+                f"coverage_critical_percent must be 0..100, got {self.coverage_critical_percent}"
+            )
+        for name in (
+            "uncovered_critical_seconds",
+            "mark_price_stale_seconds",
+            "exchange_latency_degraded_ms",
+            "database_latency_degraded_ms",
+        ):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number, got {value}")
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> HealthThresholds:
+        """From any object with the same-named attributes (the app's `[health]` settings section)."""
+        coverage = settings.coverage_critical_percent
+        return cls(
+            coverage_critical_percent=coverage if isinstance(coverage, Decimal) else Decimal(str(coverage)),
+            uncovered_critical_seconds=float(settings.uncovered_critical_seconds),
+            mark_price_stale_seconds=float(settings.mark_price_stale_seconds),
+            exchange_latency_degraded_ms=int(settings.exchange_latency_degraded_ms),
+            database_latency_degraded_ms=int(settings.database_latency_degraded_ms),
+        )
+
+
+# ---------------------------------------------------------------------------------------- measurements
+
+
+def _require_count(owner: str, **counts: int) -> None:
+    for name, value in counts.items():
+        if value < 0:
+            raise ValueError(f"{owner}.{name} must be >= 0, got {value}")
+
+
+def _require_age(owner: str, **ages: float | None) -> None:
+    for name, value in ages.items():
+        if value is not None and not value >= 0:  # also refuses NaN
+            raise ValueError(f"{owner}.{name} must be None or >= 0 seconds, got {value}")
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeMeasurement:
+    """Venue calls over the stats window; the share of the rate budget used (None: the venue did not
+    say); seconds left of a ban (None or 0: not banned)."""
+
+    calls: CallSummary
+    budget_used_percent: float | None = None
+    banned_for_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        _require_age("ExchangeMeasurement", banned_for_seconds=self.banned_for_seconds)
+        if self.budget_used_percent is not None and not self.budget_used_percent >= 0:
+            raise ValueError(f"budget_used_percent must be None or >= 0, got {self.budget_used_percent}")
+
+
+@dataclass(frozen=True, slots=True)
+class PriceFeedMeasurement:
+    """Age of the newest mark price received (None: none yet), and how many positions are open."""
+
+    newest_mark_age_seconds: float | None
+    open_positions: int
+
+    def __post_init__(self) -> None:
+        _require_age("PriceFeedMeasurement", newest_mark_age_seconds=self.newest_mark_age_seconds)
+        _require_count("PriceFeedMeasurement", open_positions=self.open_positions)
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseMeasurement:
+    """One probe of a trivial query: its round trip, or the error it failed with (exactly one)."""
+
+    round_trip_ms: float | None = None
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.round_trip_ms is None) == (self.error is None):
+            raise ValueError("DatabaseMeasurement needs exactly one of round_trip_ms and error")
+        _require_age("DatabaseMeasurement", round_trip_ms=self.round_trip_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class ProtectionMeasurement:
+    """Coverage counted per position from confirmed exchange facts (F4, F11), not from row counts.
+
+    `protected_positions` have both stops confirmed; the rest are uncovered, and
+    `uncovered_past_grace` of those have been open longer than the protection grace period.
+    `ts_covered` / `sl_covered` count positions whose trailing stop / hard stop-loss is confirmed.
+    `oldest_uncovered_seconds` is how long the longest-uncovered position has been so (None when every
+    position is protected). `timeouts_last_hour` counts protection timeouts, resolved or not."""
+
+    active_positions: int
+    protected_positions: int
+    ts_covered: int
+    sl_covered: int
+    uncovered_past_grace: int
+    oldest_uncovered_seconds: float | None
+    timeouts_last_hour: int = 0
+
+    def __post_init__(self) -> None:
+        name = "ProtectionMeasurement"
+        _require_count(
+            name,
+            active_positions=self.active_positions,
+            protected_positions=self.protected_positions,
+            ts_covered=self.ts_covered,
+            sl_covered=self.sl_covered,
+            uncovered_past_grace=self.uncovered_past_grace,
+            timeouts_last_hour=self.timeouts_last_hour,
+        )
+        _require_age(name, oldest_uncovered_seconds=self.oldest_uncovered_seconds)
+        if max(self.ts_covered, self.sl_covered) > self.active_positions:
+            raise ValueError(f"{name}: more covered than active positions ({self})")
+        if self.protected_positions > min(self.ts_covered, self.sl_covered):
+            raise ValueError(f"{name}: a protected position has both stops, so counts in ts and sl ({self})")
+        if self.uncovered_past_grace > self.uncovered_positions:
+            raise ValueError(f"{name}: more uncovered past grace than uncovered ({self})")
+        if self.uncovered_positions == 0 and self.oldest_uncovered_seconds is not None:
+            raise ValueError(f"{name}: an oldest uncovered age with nothing uncovered ({self})")
+        if self.uncovered_past_grace > 0 and self.oldest_uncovered_seconds is None:
+            raise ValueError(f"{name}: positions uncovered past grace need the oldest uncovered age ({self})")
+
+    @property
+    def uncovered_positions(self) -> int:
+        return self.active_positions - self.protected_positions
+
+    @property
+    def protected_percent(self) -> Decimal | None:
+        return coverage_percent(self.protected_positions, self.active_positions)
+
+    @property
+    def ts_coverage_percent(self) -> Decimal | None:
+        return coverage_percent(self.ts_covered, self.active_positions)
+
+    @property
+    def sl_coverage_percent(self) -> Decimal | None:
+        return coverage_percent(self.sl_covered, self.active_positions)
+
+
+@dataclass(frozen=True, slots=True)
+class SignalsMeasurement:
+    """Age of the last signal wave (None: none yet), whether the LISTEN connection is up, and whether
+    the operator paused new entries."""
+
+    last_wave_age_seconds: float | None
+    listen_connected: bool
+    entries_paused: bool = False
+
+    def __post_init__(self) -> None:
+        _require_age("SignalsMeasurement", last_wave_age_seconds=self.last_wave_age_seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class HealthMeasurements:
+    """Everything one health check measured; None = that component has not been measured yet."""
+
+    exchange: ExchangeMeasurement | None = None
+    price_feed: PriceFeedMeasurement | None = None
+    database: DatabaseMeasurement | None = None
+    protection: ProtectionMeasurement | None = None
+    signals: SignalsMeasurement | None = None
+
+
+# ------------------------------------------------------------------------------------------ formatting
+
+
+def coverage_percent(covered: int, total: int) -> Decimal | None:
+    """`100 × covered / total` rounded half up to one decimal (SQL's ROUND(x, 1)); None for no total."""
+    if total == 0:
+        return None
+    return _DECIMAL.divide(_DECIMAL.multiply(Decimal(covered), _HUNDRED), Decimal(total)).quantize(
+        _ONE_DECIMAL, context=_DECIMAL
+    )
+
+
+def format_duration(seconds: float) -> str:
+    """Compact and floored: `7.2s`, `45s`, `1m52s`, `3h12m`, `2d03h`."""
+    seconds = max(0.0, seconds)
+    if seconds < 10:
+        return f"{math.floor(seconds * 10) / 10:.1f}s"
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
+
+
+def _number(value: float) -> str:
+    """`12` for whole numbers, else one decimal: `79.6`."""
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _one_line(text: str) -> str:
+    line = " ".join(text.split()) or "unknown error"
+    return line if len(line) <= _MAX_ERROR_TEXT else line[: _MAX_ERROR_TEXT - 1] + "…"
+
+
+def _verdict(
+    component: Component,
+    measurements: dict[str, JsonValue],
+    summary: str,
+    critical: list[str],
+    degraded: list[str],
+    unknown: str = "",
+) -> ComponentHealth:
+    """The most severe non-empty cause list wins; every cause at that severity is in the reason."""
+    if critical:
+        state, reason = HealthState.CRITICAL, "; ".join(critical)
+    elif degraded:
+        state, reason = HealthState.DEGRADED, "; ".join(degraded)
+    elif unknown:
+        state, reason = HealthState.UNKNOWN, unknown
+    else:
+        state, reason = HealthState.HEALTHY, ""
+    return ComponentHealth(component, state, summary, reason, measurements)
+
+
+def _not_measured(component: Component) -> ComponentHealth:
+    return ComponentHealth(component, HealthState.UNKNOWN, "not measured yet", "Not measured yet", {})
+
+
+# ------------------------------------------------------------------------------------------------ rules
+
+
+def evaluate_exchange(measured: ExchangeMeasurement | None, thresholds: HealthThresholds) -> ComponentHealth:
+    component = Component.EXCHANGE
+    if measured is None:
+        return _not_measured(component)
+    calls = measured.calls
+    budget = measured.budget_used_percent
+    banned = measured.banned_for_seconds is not None and measured.banned_for_seconds > 0
+    error_rate = calls.error_rate
+    critical: list[str] = []
+    degraded: list[str] = []
+
+    parts: list[str] = []
+    if banned:
+        parts.append(f"banned for {format_duration(measured.banned_for_seconds or 0.0)}")
+        critical.append(
+            f"Banned by the exchange for another {format_duration(measured.banned_for_seconds or 0.0)}"
+        )
+    if calls.calls == 0 or error_rate is None or calls.p50_ms is None or calls.p99_ms is None:
+        parts.append("no calls in the window")
+    else:
+        error_text = f"{error_rate * 100:.1f}"
+        parts.append(
+            f"p50 {calls.p50_ms:.0f} ms, p99 {calls.p99_ms:.0f} ms, "
+            f"errors {error_text} % of {_plural(calls.calls, 'call')}"
+        )
+        if error_rate >= EXCHANGE_ERROR_RATE_CRITICAL and calls.calls >= EXCHANGE_MIN_CALLS_FOR_CRITICAL:
+            critical.append(f"Exchange errors: {error_text}% of {calls.calls} calls")
+        elif error_rate >= EXCHANGE_ERROR_RATE_DEGRADED:
+            degraded.append(f"Exchange errors: {error_text}% of {_plural(calls.calls, 'call')}")
+        if calls.p99_ms > thresholds.exchange_latency_degraded_ms:
+            degraded.append(
+                f"Slow exchange: p99 {calls.p99_ms:.0f} ms (limit {thresholds.exchange_latency_degraded_ms} ms)"
+            )
+    parts.append("budget unknown" if budget is None else f"budget {_number(budget)} %")
+    if budget is not None and budget >= EXCHANGE_BUDGET_DEGRADED_PERCENT:
+        degraded.append(f"Rate budget {_number(budget)}% used")
+    if calls.timeouts:
+        parts.append(_plural(calls.timeouts, "timeout"))
+
+    measurements: dict[str, JsonValue] = {
+        "calls": calls.calls,
+        "p50_ms": calls.p50_ms,
+        "p99_ms": calls.p99_ms,
+        "error_rate": error_rate,
+        "timeouts": calls.timeouts,
+        "budget_used_percent": budget,
+        "banned_for_seconds": measured.banned_for_seconds,
+    }
+    unknown = "No exchange calls in the window" if calls.calls == 0 else ""
+    return _verdict(component, measurements, ", ".join(parts), critical, degraded, unknown)
+
+
+def evaluate_price_feed(
+    measured: PriceFeedMeasurement | None, thresholds: HealthThresholds
+) -> ComponentHealth:
+    component = Component.PRICE_FEED
+    if measured is None:
+        return _not_measured(component)
+    age = measured.newest_mark_age_seconds
+    open_positions = _plural(measured.open_positions, "open position")
+    stale_after = thresholds.mark_price_stale_seconds
+    critical_after = stale_after * PRICE_FEED_CRITICAL_FACTOR
+    critical: list[str] = []
+    degraded: list[str] = []
+    unknown = ""
+
+    if age is None:
+        summary = f"no mark price yet, {open_positions}"
+        if measured.open_positions:
+            critical.append(f"No mark price received with {open_positions}")
+        else:
+            unknown = "No mark price received yet"
+    else:
+        summary = f"newest mark {format_duration(age)} old, {open_positions}"
+        if age > critical_after and measured.open_positions:
+            critical.append(
+                f"Mark prices stale: newest {format_duration(age)} old with {open_positions} "
+                f"(critical after {format_duration(critical_after)})"
+            )
+        elif age > stale_after:
+            degraded.append(
+                f"Mark prices stale: newest {format_duration(age)} old (limit {format_duration(stale_after)})"
+            )
+
+    measurements: dict[str, JsonValue] = {
+        "newest_mark_age_seconds": age,
+        "open_positions": measured.open_positions,
+    }
+    return _verdict(component, measurements, summary, critical, degraded, unknown)
+
+
+def evaluate_database(measured: DatabaseMeasurement | None, thresholds: HealthThresholds) -> ComponentHealth:
+    component = Component.DATABASE
+    if measured is None:
+        return _not_measured(component)
+    critical: list[str] = []
+    degraded: list[str] = []
+    if measured.error is not None:
+        error = _one_line(measured.error)
+        summary = f"probe query failed: {error}"
+        critical.append(f"Database query failed: {error}")
+    else:
+        round_trip = measured.round_trip_ms or 0.0
+        summary = f"round trip {round_trip:.0f} ms"
+        if round_trip > thresholds.database_latency_degraded_ms:
+            degraded.append(
+                f"Slow database: round trip {round_trip:.0f} ms (limit {thresholds.database_latency_degraded_ms} ms)"
+            )
+    measurements: dict[str, JsonValue] = {"round_trip_ms": measured.round_trip_ms, "error": measured.error}
+    return _verdict(component, measurements, summary, critical, degraded)
+
+
+def evaluate_protection(
+    measured: ProtectionMeasurement | None, thresholds: HealthThresholds
+) -> ComponentHealth:
+    component = Component.PROTECTION
+    if measured is None:
+        return _not_measured(component)
+    active = measured.active_positions
+    uncovered = measured.uncovered_positions
+    past_grace = measured.uncovered_past_grace
+    oldest = measured.oldest_uncovered_seconds
+    protected_percent = measured.protected_percent
+    ts_percent = measured.ts_coverage_percent
+    sl_percent = measured.sl_coverage_percent
+    measurements: dict[str, JsonValue] = {
+        "active_positions": active,
+        "protected_positions": measured.protected_positions,
+        "uncovered_positions": uncovered,
+        "uncovered_past_grace": past_grace,
+        "oldest_uncovered_seconds": oldest,
+        "ts_covered": measured.ts_covered,
+        "sl_covered": measured.sl_covered,
+        "protected_percent": None if protected_percent is None else str(protected_percent),
+        "ts_coverage_percent": None if ts_percent is None else str(ts_percent),
+        "sl_coverage_percent": None if sl_percent is None else str(sl_percent),
+        "timeouts_last_hour": measured.timeouts_last_hour,
+    }
+    timeouts = (
+        f", {_plural(measured.timeouts_last_hour, 'timeout')} in the last hour"
+        if measured.timeouts_last_hour
+        else ""
+    )
+    # No open positions: nothing to protect, and that is a measurement, not a missing one.
+    if protected_percent is None or ts_percent is None or sl_percent is None:
+        return _verdict(component, measurements, f"no open positions{timeouts}", [], [])
+
+    ts_text = f"{ts_percent}% ({measured.ts_covered}/{active})"
+    sl_text = f"{sl_percent}% ({measured.sl_covered}/{active})"
+    uncovered_text = f"{uncovered} uncovered"
+    if past_grace != uncovered:
+        uncovered_text += f" ({past_grace} past grace)"
+    if oldest is not None:
+        uncovered_text += f", oldest {format_duration(oldest)}"
+    summary = (
+        f"TS {ts_percent} % ({measured.ts_covered}/{active}), SL {sl_percent} % ({measured.sl_covered}/{active}), "
+        f"{uncovered_text}{timeouts}"
+    )
+
+    critical: list[str] = []
+    degraded: list[str] = []
+    if past_grace:
+        limit = thresholds.coverage_critical_percent
+        if protected_percent < limit:
+            if ts_percent < limit:
+                critical.append(f"Low TS coverage: {ts_text}")
+            if sl_percent < limit:
+                critical.append(f"Low SL coverage: {sl_text}")
+            if ts_percent >= limit and sl_percent >= limit:  # each stop missing on different positions
+                critical.append(
+                    f"Low coverage: {protected_percent}% ({measured.protected_positions}/{active}) with both stops"
+                )
+        degraded.append(f"{_plural(past_grace, 'position')} uncovered past grace")
+    if oldest is not None and oldest > thresholds.uncovered_critical_seconds:
+        critical.append(
+            f"Position uncovered for {format_duration(oldest)} "
+            f"(limit {format_duration(thresholds.uncovered_critical_seconds)})"
+        )
+    return _verdict(component, measurements, summary, critical, degraded)
+
+
+def evaluate_signals(measured: SignalsMeasurement | None, thresholds: HealthThresholds) -> ComponentHealth:
+    del thresholds  # no configurable signal thresholds (yet); the parameter keeps the rules uniform
+    component = Component.SIGNALS
+    if measured is None:
+        return _not_measured(component)
+    age = measured.last_wave_age_seconds
+    parts = [
+        "no wave yet" if age is None else f"last wave {format_duration(age)} ago",
+        "LISTEN up" if measured.listen_connected else "LISTEN down (polling)",
+    ]
+    if measured.entries_paused:  # the operator's choice: shown, not an alarm
+        parts.append("entries paused")
+    degraded = [] if measured.listen_connected else ["LISTEN connection down: polling fallback only"]
+    measurements: dict[str, JsonValue] = {
+        "last_wave_age_seconds": age,
+        "listen_connected": measured.listen_connected,
+        "entries_paused": measured.entries_paused,
+    }
+    unknown = "No signal wave received yet" if age is None else ""
+    return _verdict(component, measurements, ", ".join(parts), [], degraded, unknown)
+
+
+def evaluate_health(measurements: HealthMeasurements, thresholds: HealthThresholds) -> HealthReport:
+    """Every component, in `Component` order."""
+    return HealthReport(
+        (
+            evaluate_exchange(measurements.exchange, thresholds),
+            evaluate_price_feed(measurements.price_feed, thresholds),
+            evaluate_database(measurements.database, thresholds),
+            evaluate_protection(measurements.protection, thresholds),
+            evaluate_signals(measurements.signals, thresholds),
+        )
+    )
+
+
+# ------------------------------------------------------------------------------------------------ logging
+
+
+def log_line(component: ComponentHealth) -> str:
+    """The operators' grep format, e.g. `Trailing Stop System: critical - Low TS coverage: 42.3% (30/71)`;
+    the reason when not healthy, the summary when healthy. The engine prefixes `health_check: `."""
+    detail = component.reason or component.summary
+    return f"{DISPLAY_NAMES[component.component]}: {component.state} - {detail}"
+
+
+def log_level(state: HealthState) -> int:
+    """INFO when healthy, WARNING when degraded or unknown (not measured is not fine), ERROR when
+    critical: anything that can leave a position unprotected is logged at WARNING or above (F12)."""
+    if state is HealthState.HEALTHY:
+        return logging.INFO
+    if state is HealthState.CRITICAL:
+        return logging.ERROR
+    return logging.WARNING
