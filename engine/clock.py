@@ -11,7 +11,10 @@ import asyncio
 import heapq
 import itertools
 import time
-from typing import Protocol, runtime_checkable
+from collections.abc import Awaitable, Iterable
+from typing import Protocol, TypeVar, runtime_checkable
+
+T = TypeVar("T")
 
 
 @runtime_checkable
@@ -95,3 +98,43 @@ class ManualClock:
         """Let ready tasks run without moving time."""
         for _ in range(self._SETTLE_ITERATIONS):
             await asyncio.sleep(0)
+
+
+async def with_timeout(clock: Clock, seconds: float, awaitable: Awaitable[T]) -> T:
+    """Await `awaitable`, but raise `TimeoutError` once `seconds` have passed on `clock` (not on the
+    event loop's own clock), so budgets mean the same in production and in virtual-time tests."""
+    work = asyncio.ensure_future(awaitable)
+    timer = asyncio.ensure_future(clock.sleep(seconds))
+    try:
+        await asyncio.wait({work, timer}, return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            return work.result()
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        raise TimeoutError(f"no answer within {seconds:g}s")
+    finally:
+        timer.cancel()
+        if not work.done():
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+        await asyncio.gather(timer, return_exceptions=True)
+
+
+async def wait_for_all(clock: Clock, seconds: float, awaitables: Iterable[Awaitable[object]]) -> int:
+    """Wait until every awaitable is done or `seconds` pass on `clock`; returns how many were still
+    pending (they are cancelled)."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    if not tasks:
+        return 0
+    timer = asyncio.ensure_future(clock.sleep(seconds))
+    try:
+        pending = set(tasks)
+        while pending and not timer.done():
+            _done, pending = await asyncio.wait(pending | {timer}, return_when=asyncio.FIRST_COMPLETED)
+            pending.discard(timer)
+        return sum(1 for task in tasks if not task.done())
+    finally:
+        timer.cancel()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(timer, *tasks, return_exceptions=True)
