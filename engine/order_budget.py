@@ -49,6 +49,7 @@ class OrderBudget:
         self._promised = 0  # protective orders entries were admitted for and that are not sent yet
         self._protective_waiting = 0
         self._hold_until = 0.0
+        self._banned_until = 0.0
         self.entries_admitted = 0
         self.protective_sent = 0
 
@@ -65,8 +66,15 @@ class OrderBudget:
             fractions.append(len(window.sends) / window.limit)
         return max(fractions, default=0.0)
 
-    def hold_until(self, monotonic_deadline: float) -> None:
+    def hold_until(self, monotonic_deadline: float, *, banned: bool = False) -> None:
         self._hold_until = max(self._hold_until, monotonic_deadline)
+        if banned:
+            self._banned_until = max(self._banned_until, monotonic_deadline)
+
+    def banned_for(self) -> float | None:
+        """Seconds left of a venue ban (not of an ordinary rate-limit pause), or None."""
+        left = self._banned_until - self._clock.monotonic()
+        return left if left > 0 else None
 
     def release_promise(self, count: int) -> None:
         """An admitted entry did not open a position: its protective orders will not be sent."""

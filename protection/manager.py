@@ -1,0 +1,1124 @@
+"""Protection: every position gets a hard stop and a trailing stop on the exchange, confirmed, or it is
+visibly uncovered and retried. This is where the incident's "continuing without TS" cannot happen.
+
+Shape: one `PositionGuard` per live position, each with its own task. A guard serialises everything that
+touches its position (place, resolve, move, close) by being a single task, so no lock exists, let alone one
+held across I/O (F1); positions never wait for each other, so a wave of N positions is protected in
+parallel, paced only by the venue's order budget, where protective orders go first.
+
+A guard converges: it compares what its position needs (hard stop, trailing stop or managed trail) with
+what the exchange has confirmed, and sends what is missing. Every send is recorded in `monitoring.orders`
+before it leaves, under a deterministic client order id. A timeout or `OutcomeUnknown` is resolved by
+fetching that id: found → confirmed; proven absent → sent again with the *same* id; still unknown → retried
+later. Never a blind second order (F2). `has_stop_loss` / `has_trailing_stop` are written only from
+confirmations (F4). A managed trail moves its stop make-before-break: the new stop is confirmed before the
+old one is cancelled (F5). A stop the venue would trigger at once means the price is already through it:
+the position is closed reduce-only at market (F8), if so configured.
+
+The mark-price path (`on_mark`) is synchronous and never awaits protection: it feeds the pure trailing core
+and, when the core decides a move, wakes the guard (F1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from decimal import ROUND_DOWN, ROUND_UP, Decimal
+from enum import StrEnum
+from typing import Any
+
+from engine.clock import Clock, with_timeout
+from engine.events import (
+    EventBus,
+    PositionClosed,
+    ProtectionConfirmed,
+    ProtectionFailed,
+    ProtectionTimedOut,
+    StopMoved,
+)
+from engine.exchange.errors import (
+    Banned,
+    DuplicateClientOrderId,
+    ExchangeError,
+    NotFound,
+    OutcomeUnknown,
+    RateLimited,
+    Rejected,
+    Retryable,
+    WouldTriggerImmediately,
+)
+from engine.exchange.port import (
+    Capabilities,
+    ExchangePort,
+    Market,
+    Order,
+    OrderSide,
+    OrderStatus,
+    PositionSide,
+)
+from engine.metrics import CallStats, EventCounter
+from engine.order_budget import OrderBudget
+from protection import trailing
+from protection.coverage import CoverageFigures, PositionCoverage, coverage_figures
+from protection.order_ids import client_order_id, parse_client_order_id
+from storage.repositories import (
+    OrderPurpose,
+    OrderRecord,
+    OrderRecordStatus,
+    PositionRecord,
+    PositionStatus,
+    Severity,
+    Store,
+    TrailingStateRecord,
+)
+
+log = logging.getLogger(__name__)
+
+_HUNDRED = Decimal(100)
+
+
+class TrailingKind(StrEnum):
+    NATIVE = "native"
+    MANAGED = "managed"
+
+
+@dataclass(frozen=True, slots=True)
+class ProtectionConfig:
+    stop_loss_percent: Decimal
+    activation_percent: Decimal
+    callback_percent: Decimal
+    call_timeout_seconds: float
+    grace_seconds: float
+    retry_initial_seconds: float
+    retry_max_seconds: float
+    close_on_would_trigger: bool
+    trailing_mode: str  # auto | native | managed
+    min_move_interval_seconds: Decimal
+    min_improvement_percent: Decimal
+    emergency_move_percent: Decimal
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> ProtectionConfig:
+        return cls(
+            stop_loss_percent=settings.stop_loss_percent,
+            activation_percent=settings.activation_percent,
+            callback_percent=settings.callback_percent,
+            call_timeout_seconds=float(settings.call_timeout_seconds),
+            grace_seconds=float(settings.grace_seconds),
+            retry_initial_seconds=float(settings.retry_initial_seconds),
+            retry_max_seconds=float(settings.retry_max_seconds),
+            close_on_would_trigger=settings.close_on_would_trigger,
+            trailing_mode=str(settings.trailing.mode),
+            min_move_interval_seconds=settings.trailing.min_move_interval_seconds,
+            min_improvement_percent=settings.trailing.min_improvement_percent,
+            emergency_move_percent=settings.trailing.emergency_move_percent,
+        )
+
+    def trailing_kind(self, capabilities: Capabilities) -> TrailingKind:
+        native_ok = (
+            capabilities.native_trailing_stop
+            and capabilities.callback_rate_min <= self.callback_percent <= capabilities.callback_rate_max
+        )
+        if self.trailing_mode == "managed" or (self.trailing_mode == "auto" and not native_ok):
+            return TrailingKind.MANAGED
+        return TrailingKind.NATIVE
+
+
+def stop_loss_price(side: PositionSide, entry: Decimal, percent: Decimal, market: Market) -> Decimal:
+    """Entry ∓ percent, on tick, rounded away from the entry so it can never sit closer than asked."""
+    if side is PositionSide.LONG:
+        return market.round_price(entry * (1 - percent / _HUNDRED), ROUND_DOWN)
+    return market.round_price(entry * (1 + percent / _HUNDRED), ROUND_UP)
+
+
+def activation_price(side: PositionSide, entry: Decimal, percent: Decimal, market: Market) -> Decimal:
+    if side is PositionSide.LONG:
+        return market.round_price(entry * (1 + percent / _HUNDRED), ROUND_UP)
+    return market.round_price(entry * (1 - percent / _HUNDRED), ROUND_DOWN)
+
+
+@dataclass(slots=True)
+class ProtectiveOrder:
+    """One protective order of a guard: its id, what it should be, and what the exchange confirmed."""
+
+    purpose: OrderPurpose
+    generation: int = 0
+    client_order_id: str | None = None
+    price: Decimal | None = None  # stop trigger (stop-loss, managed trail) or activation (native trail)
+    confirmed: bool = False
+    maybe_sent: bool = False  # the venue may have it: resolve by id before sending anything
+    arm_now: bool = False  # native trail: activation already passed, arm at the current mark
+
+
+class _Outcome(StrEnum):
+    CONFIRMED = "confirmed"
+    RETRY = "retry"  # transient, or still unknown: try again after backoff
+    ABSENT = "absent"  # proven not on the venue: the same id may be sent
+    BREACHED = "breached"  # would trigger immediately
+    GONE = "gone"  # the order ended (filled/cancelled/expired) before we saw it live
+
+
+@dataclass(slots=True)
+class GuardReport:
+    position_id: int
+    symbol: str
+    restored_orders: int = 0  # orders found live on the exchange from before
+    created_orders: int = 0  # orders we had to send
+    first_pass_ok: bool = False
+
+
+class PositionGuard:
+    """Everything about one position's protection, driven by one task."""
+
+    def __init__(
+        self,
+        manager: ProtectionManager,
+        position: PositionRecord,
+        market: Market,
+        kind: TrailingKind,
+        *,
+        filled_at: float,
+    ):
+        if position.entry_price is None:
+            raise ValueError(f"position {position.id} has no fill price; it cannot be protected yet")
+        self._m = manager
+        self.position_id = position.id
+        self.symbol = position.symbol
+        self.side = PositionSide(position.side)
+        self.quantity = position.quantity
+        self.entry_price = position.entry_price
+        self.status = position.status
+        self.market = market
+        self.kind = kind
+        self.closing_side: OrderSide = self.side.closing_side
+        self.filled_at = filled_at
+        self.unprotected_since: float | None = filled_at
+        self.protected_at: float | None = None
+
+        config = manager.config
+        self.callback_percent = config.callback_percent
+        self.activation_percent = config.activation_percent
+        self.stop_loss = ProtectiveOrder(
+            OrderPurpose.STOP_LOSS,
+            price=stop_loss_price(self.side, self.entry_price, config.stop_loss_percent, market),
+        )
+        self.trailing_stop = ProtectiveOrder(
+            OrderPurpose.TRAILING_STOP,
+            price=activation_price(self.side, self.entry_price, config.activation_percent, market)
+            if kind is TrailingKind.NATIVE
+            else None,
+        )
+        self.trail: trailing.TrailingState | None = None
+        self.trail_persisted = False
+        self.pending_move: trailing.PlaceStop | trailing.MoveStop | None = None
+        self._replacement: ProtectiveOrder | None = None  # a managed move's new stop, while in flight
+        self._next_trail_generation = 0
+        if kind is TrailingKind.MANAGED:
+            self.trail = trailing.TrailingState.start(self.trail_params())
+
+        self.closed = False
+        self.failures = 0
+        self.last_error: str | None = None
+        self.wake = asyncio.Event()
+        self.protected = asyncio.Event()
+        self.first_pass = asyncio.Event()
+        self.report = GuardReport(self.position_id, self.symbol)
+        self._written_facts: tuple[Any, ...] | None = None
+
+    # --- facts ---------------------------------------------------------------------------------------
+
+    def trail_params(
+        self, *, callback_percent: Decimal | None = None, activation_percent: Decimal | None = None
+    ) -> trailing.TrailingParams:
+        """The trail's parameters; a restore passes the percents the trail was started with, so a config
+        change between runs cannot silently re-shape a live trail."""
+        config = self._m.config
+        self.callback_percent = callback_percent if callback_percent is not None else config.callback_percent
+        self.activation_percent = (
+            activation_percent if activation_percent is not None else config.activation_percent
+        )
+        return trailing.TrailingParams(
+            side=self.side,
+            entry_price=self.entry_price,
+            activation_percent=self.activation_percent,
+            callback_percent=self.callback_percent,
+            tick_size=self.market.tick_size,
+            min_move_interval_seconds=config.min_move_interval_seconds,
+            min_improvement_percent=config.min_improvement_percent,
+            emergency_move_percent=config.emergency_move_percent,
+        )
+
+    @property
+    def has_stop_loss(self) -> bool:
+        return self.stop_loss.confirmed and not self.closed
+
+    @property
+    def has_trailing_stop(self) -> bool:
+        if self.closed:
+            return False
+        if self.kind is TrailingKind.NATIVE:
+            return self.trailing_stop.confirmed
+        # Managed: the trail is persisted and armed; once a trailing stop exists it must be confirmed.
+        if not self.trail_persisted or self.trail is None:
+            return False
+        return self.trail.stop_price is None or self.trailing_stop.confirmed
+
+    @property
+    def covered(self) -> bool:
+        return self.has_stop_loss and self.has_trailing_stop
+
+    def coverage(self) -> PositionCoverage:
+        return PositionCoverage(
+            position_id=self.position_id,
+            symbol=self.symbol,
+            has_stop_loss=self.has_stop_loss,
+            has_trailing_stop=self.has_trailing_stop,
+            filled_at=self.filled_at,
+            unprotected_since=None if self.covered else self.unprotected_since,
+        )
+
+    def order_ids(self) -> set[str]:
+        """Client ids this guard considers current (anything else of ours for this position is stale)."""
+        current = (self.stop_loss, self.trailing_stop, self._replacement)
+        return {o.client_order_id for o in current if o is not None and o.client_order_id}
+
+    # --- the task ------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        clock = self._m.clock
+        while not self.closed:
+            try:
+                converged = await self._converge()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug or a DB failure must not end protection: log, retry
+                converged = False
+                self._note_failure("protect", f"{type(exc).__name__}: {exc}", log_exception=True)
+            self.first_pass.set()
+            if self.closed:
+                break
+            if converged:
+                self.failures = 0
+                await self.wake.wait()
+            else:
+                delay = self._m.backoff(self.failures)
+                await _first_of(self.wake.wait(), clock.sleep(delay))
+            self.wake.clear()
+
+    async def _converge(self) -> bool:
+        # The hard stop and the trailing protection are independent orders of this one position: they go
+        # out together (two round trips from fill to covered, not three). Still one task per position.
+        steps: list[Awaitable[bool]] = []
+        if not self.stop_loss.confirmed:
+            steps.append(self._ensure_confirmed(self.stop_loss, self._send_stop_loss))
+        if self.kind is TrailingKind.NATIVE:
+            if not self.trailing_stop.confirmed:
+                steps.append(self._ensure_confirmed(self.trailing_stop, self._send_native_trailing))
+        else:
+            steps.append(self._ensure_trail())
+        results = await asyncio.gather(*steps)
+        if not self.closed:
+            await self._write_facts()
+        return all(results) and not self.closed
+
+    async def _ensure_confirmed(
+        self, order: ProtectiveOrder, send: Callable[[str], Awaitable[Order]]
+    ) -> bool:
+        if self.closed:
+            return True
+        return await self._ensure(order, send) is _Outcome.CONFIRMED
+
+    # --- one protective order ------------------------------------------------------------------------
+
+    async def _ensure(self, order: ProtectiveOrder, send: Callable[[str], Awaitable[Order]]) -> _Outcome:
+        m = self._m
+        if order.client_order_id is None:
+            order.client_order_id = client_order_id(
+                m.token, self.position_id, order.purpose, order.generation
+            )
+        cid = order.client_order_id
+        if order.maybe_sent:
+            found = await self._resolve(order, "verify")
+            if found is _Outcome.CONFIRMED:
+                self.report.restored_orders += 1
+                return found
+            if found is _Outcome.GONE:
+                return self._next_generation(order)
+            if found is not _Outcome.ABSENT:
+                return found
+            # proven absent: send it, with the same id
+
+        native_trailing = order.purpose is OrderPurpose.TRAILING_STOP and self.kind is TrailingKind.NATIVE
+        await m.store.record_order(
+            client_order_id=cid,
+            position_id=self.position_id,
+            purpose=order.purpose,
+            side=self.closing_side.value,
+            type="trailing_stop_market" if native_trailing else "stop_market",
+            quantity=self.quantity,
+            trigger_price=None if native_trailing else order.price,
+            activation_price=order.price if native_trailing and not order.arm_now else None,
+            callback_percent=m.config.callback_percent if native_trailing else None,
+        )
+        await m.budget.acquire_protective()
+        started = m.clock.monotonic()
+        try:
+            placed = await m.call(send(cid), "create_order")
+        except (OutcomeUnknown, TimeoutError) as exc:
+            latency = m.clock.monotonic() - started
+            order.maybe_sent = True
+            await m.store.set_order_status(cid, OrderRecordStatus.UNKNOWN, error=_short(exc))
+            log.error(
+                "Timeout creating %s for %s after %.1fs (outcome: resolving by client order id %s)",
+                _what(order.purpose),
+                self.symbol,
+                latency,
+                cid,
+            )
+            outcome = await self._resolve(order, "resolve")
+            # resolved: it was placed after all; retrying: absent (resent with the same id) or still unknown
+            label = "resolved" if outcome is _Outcome.CONFIRMED else "retrying"
+            m.timeouts.add(m.clock.monotonic())
+            m.publish(
+                ProtectionTimedOut(
+                    at=m.clock.now(),
+                    position_id=self.position_id,
+                    symbol=self.symbol,
+                    operation=f"create {_what(order.purpose)}",
+                    latency_seconds=latency,
+                    outcome=label,
+                )
+            )
+            await m.store.record_event(
+                Severity.ERROR if outcome is not _Outcome.CONFIRMED else Severity.WARNING,
+                "protection_timeout",
+                f"Timeout creating {_what(order.purpose)} for {self.symbol} (outcome: {label})",
+                symbol=self.symbol,
+                position_id=self.position_id,
+                data={"client_order_id": cid, "latency_seconds": round(latency, 3), "outcome": label},
+            )
+            if outcome is _Outcome.GONE:
+                return self._next_generation(order)
+            if outcome is not _Outcome.CONFIRMED:
+                self.failures += 1
+                return _Outcome.RETRY
+            return outcome
+        except DuplicateClientOrderId:
+            order.maybe_sent = True
+            outcome = await self._resolve(order, "resolve duplicate")
+            if outcome is _Outcome.GONE:
+                return self._next_generation(order)
+            return _Outcome.RETRY if outcome is _Outcome.ABSENT else outcome
+        except WouldTriggerImmediately as exc:
+            await m.store.set_order_status(cid, OrderRecordStatus.REJECTED, error=_short(exc))
+            return await self._breached(order)
+        except (RateLimited, Banned, Retryable, Rejected) as exc:
+            await self._refused(order, cid, exc)
+            return _Outcome.RETRY
+        return await self._accept(order, placed, m.clock.monotonic() - started)
+
+    async def _resolve(self, order: ProtectiveOrder, why: str) -> _Outcome:
+        """Ask the venue for this id: CONFIRMED (live), GONE (ended), ABSENT (never arrived), RETRY (unknown)."""
+        m = self._m
+        cid = order.client_order_id
+        assert cid is not None
+        try:
+            found = await m.call(m.venue.fetch_order(self.symbol, cid), "fetch_order")
+        except NotFound:
+            order.maybe_sent = False  # proven absent: the same id may be sent
+            log.warning(
+                "%s %s for %s: order %s is not on the exchange; sending it",
+                why,
+                _what(order.purpose),
+                self.symbol,
+                cid,
+            )
+            return _Outcome.ABSENT
+        except (ExchangeError, TimeoutError) as exc:
+            self._note_failure(f"{why} {_what(order.purpose)}", f"outcome still unknown: {_short(exc)}")
+            return _Outcome.RETRY
+        if found.status is OrderStatus.NEW:
+            order.maybe_sent = False
+            return await self._accept(order, found, None)
+        order.maybe_sent = False
+        await m.store.set_order_status(
+            cid, _record_status(found.status), exchange_order_id=found.venue_order_id
+        )
+        return _Outcome.GONE
+
+    def _next_generation(self, order: ProtectiveOrder) -> _Outcome:
+        """The order with the current id ended (cancelled by someone, expired, or filled): the next pass
+        uses a new id. A filled stop means the position is probably gone; the reconciler settles that."""
+        order.generation += 1
+        order.client_order_id = None
+        order.confirmed = False
+        self._m.request_reconcile()
+        return _Outcome.RETRY
+
+    async def _accept(self, order: ProtectiveOrder, placed: Order, latency: float | None) -> _Outcome:
+        m = self._m
+        cid = order.client_order_id
+        assert cid is not None
+        if placed.status is not OrderStatus.NEW:
+            await m.store.set_order_status(
+                cid, _record_status(placed.status), exchange_order_id=placed.venue_order_id
+            )
+            return _Outcome.GONE
+        await m.store.set_order_status(cid, OrderRecordStatus.OPEN, exchange_order_id=placed.venue_order_id)
+        order.confirmed = True
+        order.maybe_sent = False
+        if latency is not None:
+            self.report.created_orders += 1
+        price = placed.stop_price if placed.stop_price is not None else placed.activation_price
+        if order.purpose is OrderPurpose.TRAILING_STOP and self.kind is TrailingKind.NATIVE:
+            log.info(
+                "Created trailing stop for %s: activation %s, callback %s%% (client id %s)",
+                self.symbol,
+                placed.activation_price if placed.activation_price is not None else "now",
+                placed.callback_rate,
+                cid,
+            )
+        elif order.purpose is OrderPurpose.STOP_LOSS:
+            log.info("Created stop-loss for %s at %s (client id %s)", self.symbol, placed.stop_price, cid)
+        m.publish(
+            ProtectionConfirmed(
+                at=m.clock.now(),
+                position_id=self.position_id,
+                symbol=self.symbol,
+                purpose=order.purpose.value,
+                client_order_id=cid,
+                latency_seconds=latency or 0.0,
+                price=price,
+            )
+        )
+        return _Outcome.CONFIRMED
+
+    async def _refused(self, order: ProtectiveOrder, cid: str, exc: ExchangeError) -> None:
+        m = self._m
+        if isinstance(exc, RateLimited):
+            m.budget.hold_until(m.clock.monotonic() + exc.retry_after)
+        elif isinstance(exc, Banned):
+            m.budget.hold_until(m.clock.monotonic() + max(0.0, exc.until - m.clock.now()), banned=True)
+        if isinstance(exc, Rejected):
+            await m.store.set_order_status(cid, OrderRecordStatus.REJECTED, error=_short(exc))
+            # A rejected id is spent on the venue; the next attempt needs a fresh one.
+            order.generation += 1
+            order.client_order_id = None
+        else:
+            await m.store.set_order_status(cid, OrderRecordStatus.PENDING, error=_short(exc))
+        self._note_failure(f"create {_what(order.purpose)}", _short(exc))
+
+    async def _breached(self, order: ProtectiveOrder) -> _Outcome:
+        m = self._m
+        if (
+            order.purpose is OrderPurpose.TRAILING_STOP
+            and self.kind is TrailingKind.NATIVE
+            and not order.arm_now
+        ):
+            # The activation price is already behind us: arm the trailing stop at the current mark.
+            log.warning(
+                "%s: trailing stop activation already passed; arming it at the current mark", self.symbol
+            )
+            order.arm_now = True
+            order.generation += 1
+            order.client_order_id = None
+            return await self._ensure(order, self._send_native_trailing)
+        if order.purpose is OrderPurpose.STOP_LOSS:
+            message = f"{self.symbol}: price already through the stop-loss at {order.price} (would trigger immediately)"
+            if m.config.close_on_would_trigger:
+                log.error("%s: closing reduce-only at market", message)
+                await m.store.record_event(
+                    Severity.ERROR,
+                    "stop_breached",
+                    message + ": closing at market",
+                    symbol=self.symbol,
+                    position_id=self.position_id,
+                )
+                await self.close(exit_reason="stop_breached")
+                return _Outcome.BREACHED
+            log.error("%s: left open (close_on_would_trigger = false); uncovered", message)
+            await m.store.record_event(
+                Severity.CRITICAL,
+                "stop_breached",
+                message + ": left open, uncovered",
+                symbol=self.symbol,
+                position_id=self.position_id,
+            )
+            self._note_failure("create stop-loss", "price already through the stop")
+            return _Outcome.RETRY
+        self._note_failure(f"create {_what(order.purpose)}", "would trigger immediately")
+        return _Outcome.BREACHED
+
+    # --- managed trail -------------------------------------------------------------------------------
+
+    async def _ensure_trail(self) -> bool:
+        m = self._m
+        assert self.trail is not None
+        if self.trailing_stop.client_order_id and not self.trailing_stop.confirmed:
+            outcome = await self._ensure(self.trailing_stop, self._send_trail_stop(self.trailing_stop))
+            if outcome is _Outcome.RETRY:
+                return False
+        if not self.trail_persisted:
+            await self._save_trail()
+        move = self.pending_move
+        if move is None:
+            return True
+        new_price = move.stop_price if isinstance(move, trailing.PlaceStop) else move.new_stop_price
+        replacement = ProtectiveOrder(
+            OrderPurpose.TRAILING_STOP, generation=self._next_trail_generation, price=new_price
+        )
+        self._next_trail_generation += 1
+        self._replacement = replacement
+        try:
+            outcome = await self._ensure(replacement, self._send_trail_stop(replacement))
+        finally:
+            self._replacement = None
+        self.pending_move = None
+        if outcome is not _Outcome.CONFIRMED:
+            self.trail = trailing.on_stop_failed(self.trail)
+            return outcome is _Outcome.BREACHED  # breached: the old stop stays; nothing else to do now
+        old = self.trailing_stop
+        self.trail = trailing.on_stop_confirmed(self.trail, new_price, m.clock.now())
+        self.trailing_stop = replacement
+        await self._save_trail()
+        reason = move.reason.value if isinstance(move, trailing.MoveStop) else "activation"
+        log.info("Moved trailing stop for %s from %s to %s (%s)", self.symbol, old.price, new_price, reason)
+        if not old.client_order_id:
+            log.info(
+                "Created trailing stop for %s at %s (managed, client id %s)",
+                self.symbol,
+                new_price,
+                replacement.client_order_id,
+            )
+        m.publish(
+            StopMoved(
+                at=m.clock.now(),
+                position_id=self.position_id,
+                symbol=self.symbol,
+                old_stop=old.price,
+                new_stop=new_price,
+                reason=reason,
+            )
+        )
+        if old.client_order_id and old.confirmed:
+            await self._cancel_quietly(old)
+        return True
+
+    def _send_trail_stop(self, order: ProtectiveOrder) -> Callable[[str], Awaitable[Order]]:
+        def send(cid: str) -> Awaitable[Order]:
+            assert order.price is not None
+            return self._m.venue.create_stop_market_order(
+                self.symbol, self.closing_side, self.quantity, order.price, client_order_id=cid
+            )
+
+        return send
+
+    async def _save_trail(self) -> None:
+        assert self.trail is not None
+        state = self.trail
+        await self._m.store.save_trailing_state(
+            self.position_id,
+            mode=self.kind.value,
+            state=state.phase.value,
+            activation_price=state.activation_price,
+            callback_percent=self.callback_percent,
+            activation_percent=self.activation_percent,
+            peak_price=state.peak_price,
+            current_stop_price=state.stop_price,
+            stop_order_client_id=self.trailing_stop.client_order_id if state.stop_price is not None else None,
+            last_move_at=_datetime(state.last_move_at),
+            update_count=state.update_count,
+        )
+        self.trail_persisted = True
+
+    def on_mark(self, price: Decimal, at: float) -> None:
+        """Synchronous, allocation-free in the common case; never awaits (the price path must not wait)."""
+        if self.trail is None or self.closed:
+            return
+        self.trail, decision = trailing.on_mark(self.trail, price, at)
+        if decision is not trailing.HOLD:
+            self.pending_move = decision  # type: ignore[assignment]
+            self.wake.set()
+
+    # --- sending -------------------------------------------------------------------------------------
+
+    def _send_stop_loss(self, cid: str) -> Awaitable[Order]:
+        assert self.stop_loss.price is not None
+        return self._m.venue.create_stop_market_order(
+            self.symbol, self.closing_side, self.quantity, self.stop_loss.price, client_order_id=cid
+        )
+
+    def _send_native_trailing(self, cid: str) -> Awaitable[Order]:
+        order = self.trailing_stop
+        return self._m.venue.create_trailing_stop_order(
+            self.symbol,
+            self.closing_side,
+            self.quantity,
+            self._m.config.callback_percent,
+            client_order_id=cid,
+            activation_price=None if order.arm_now else order.price,
+        )
+
+    # --- closing -------------------------------------------------------------------------------------
+
+    async def close(self, *, exit_reason: str) -> bool:
+        """Close at market (reduce-only), then cancel our protective orders. True when the venue confirmed."""
+        m = self._m
+        cid = client_order_id(
+            m.token, self.position_id, OrderPurpose.CLOSE, m.next_close_generation(self.position_id)
+        )
+        await m.store.record_order(
+            client_order_id=cid,
+            position_id=self.position_id,
+            purpose=OrderPurpose.CLOSE,
+            side=self.closing_side.value,
+            type="market",
+            quantity=self.quantity,
+        )
+        await m.store.set_position_status(self.position_id, PositionStatus.CLOSING)
+        try:
+            filled = await m.call(
+                m.venue.create_market_order(
+                    self.symbol, self.closing_side, self.quantity, client_order_id=cid, reduce_only=True
+                ),
+                "create_order",
+            )
+        except (OutcomeUnknown, TimeoutError):
+            try:
+                filled = await m.call(m.venue.fetch_order(self.symbol, cid), "fetch_order")
+            except (ExchangeError, TimeoutError) as exc:
+                self._note_failure("close position", f"outcome unknown: {_short(exc)}")
+                return False
+        except ExchangeError as exc:
+            await m.store.set_order_status(cid, OrderRecordStatus.REJECTED, error=_short(exc))
+            self._note_failure("close position", _short(exc))
+            return False
+        await m.store.set_order_status(
+            cid, _record_status(filled.status), exchange_order_id=filled.venue_order_id
+        )
+        await self.finish(exit_reason=exit_reason, exit_price=filled.average_price)
+        return True
+
+    async def finish(self, *, exit_reason: str, exit_price: Decimal | None) -> None:
+        """The position is gone on the venue: record why, cancel what is left of ours, stop the guard."""
+        if self.closed:
+            return
+        m = self._m
+        self.closed = True
+        if self.trail is not None and not self.trail.phase.is_terminal:
+            self.trail = (
+                trailing.on_stop_triggered(self.trail)
+                if exit_reason == "trailing_stop"
+                else trailing.on_trailing_stopped(self.trail)
+            )
+            with contextlib.suppress(Exception):
+                await self._save_trail()
+        pnl = None
+        if exit_price is not None:
+            direction = 1 if self.side is PositionSide.LONG else -1
+            pnl = (exit_price - self.entry_price) * self.quantity * direction
+        for order in (self.stop_loss, self.trailing_stop):
+            if order.client_order_id and (order.confirmed or order.maybe_sent):
+                await self._cancel_quietly(order)
+        await m.store.set_position_status(self.position_id, PositionStatus.CLOSED, exit_reason=exit_reason)
+        if pnl is not None:
+            await m.store.set_realized_pnl(self.position_id, pnl)
+        log.info(
+            "Position %s %s closed: %s, realized PnL %s", self.position_id, self.symbol, exit_reason, pnl
+        )
+        m.publish(
+            PositionClosed(
+                at=m.clock.now(),
+                position_id=self.position_id,
+                symbol=self.symbol,
+                exit_reason=exit_reason,
+                realized_pnl=pnl,
+            )
+        )
+        await m.store.record_event(
+            Severity.INFO,
+            "position_closed",
+            f"{self.symbol} closed: {exit_reason}",
+            symbol=self.symbol,
+            position_id=self.position_id,
+            data={"realized_pnl": str(pnl) if pnl is not None else None},
+        )
+        self.wake.set()
+        m.forget(self)
+
+    async def _cancel_quietly(self, order: ProtectiveOrder) -> None:
+        """Cancel one of our orders; if that fails the reconciler cancels the orphan later."""
+        m = self._m
+        cid = order.client_order_id
+        assert cid is not None
+        try:
+            final = await m.call(m.venue.cancel_order(self.symbol, cid), "cancel_order")
+            await m.store.set_order_status(cid, _record_status(final.status))
+        except NotFound:
+            await m.store.set_order_status(cid, OrderRecordStatus.CANCELED)
+        except (ExchangeError, TimeoutError) as exc:
+            log.warning(
+                "%s: cancelling %s failed (%s); the reconciler will retry", self.symbol, cid, _short(exc)
+            )
+        order.confirmed = False
+
+    # --- bookkeeping ---------------------------------------------------------------------------------
+
+    def _note_failure(self, operation: str, error: str, *, log_exception: bool = False) -> None:
+        m = self._m
+        self.failures += 1
+        self.last_error = f"{operation}: {error}"
+        retry_in = m.backoff(self.failures)
+        (log.exception if log_exception else log.error)(
+            "%s unprotected: %s failed (%s); retrying in %.1fs", self.symbol, operation, error, retry_in
+        )
+        m.publish(
+            ProtectionFailed(
+                at=m.clock.now(),
+                position_id=self.position_id,
+                symbol=self.symbol,
+                operation=operation,
+                error=error,
+                retry_in_seconds=retry_in,
+            )
+        )
+        m.spawn_event_write(
+            Severity.ERROR,
+            "protection_failed",
+            f"{self.symbol} unprotected: {operation} failed: {error}",
+            self.symbol,
+            self.position_id,
+        )
+
+    async def _write_facts(self) -> None:
+        m = self._m
+        now = m.clock.monotonic()
+        covered = self.covered
+        if covered and self.protected_at is None:
+            self.protected_at = now
+            self.unprotected_since = None
+            self.protected.set()
+        elif not covered and self.unprotected_since is None:
+            self.unprotected_since = now
+        past_grace = now - self.filled_at >= m.config.grace_seconds
+        # Active once covered, or once the grace period is over: an uncovered position past grace must
+        # count in the operators' SQL (status = 'active'), never hide in pending_protection.
+        status = PositionStatus.ACTIVE if covered or past_grace else PositionStatus.PENDING_PROTECTION
+        facts = (
+            self.has_stop_loss,
+            self.has_trailing_stop,
+            self.stop_loss.price if self.has_stop_loss else None,
+            self.trail.stop_price is not None if self.trail is not None else None,
+            status,
+        )
+        if facts == self._written_facts:
+            return
+        record = await m.store.set_protection_facts(
+            self.position_id,
+            has_stop_loss=facts[0],
+            has_trailing_stop=facts[1],
+            stop_loss_price=facts[2],
+            trailing_activated=facts[3],
+        )
+        if (
+            record.status in (PositionStatus.PENDING_PROTECTION, PositionStatus.ACTIVE)
+            and record.status != status
+        ):
+            await m.store.set_position_status(self.position_id, status)
+        self.status = status
+        self._written_facts = facts
+        self.report.first_pass_ok = covered
+
+
+class ProtectionManager:
+    """Owns the guards. `protect()` is non-blocking; `on_mark()` is synchronous."""
+
+    def __init__(
+        self,
+        *,
+        venue: ExchangePort,
+        store: Store,
+        budget: OrderBudget,
+        clock: Clock,
+        events: EventBus,
+        config: ProtectionConfig,
+        token: str,
+        markets: Mapping[str, Market],
+        call_stats: CallStats | None = None,
+    ):
+        self.venue = venue
+        self.store = store
+        self.budget = budget
+        self.clock = clock
+        self.events = events
+        self.config = config
+        self.token = token
+        self.markets = markets
+        self.kind = config.trailing_kind(venue.capabilities())
+        self.call_stats = call_stats if call_stats is not None else CallStats()
+        self.timeouts = EventCounter()
+        self.guards: dict[int, PositionGuard] = {}
+        self.by_symbol: dict[str, PositionGuard] = {}
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._close_generations: dict[int, int] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._reconcile_requested = asyncio.Event()
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+
+    def protect(
+        self,
+        position: PositionRecord,
+        *,
+        filled_at: float | None = None,
+        live_orders: Iterable[OrderRecord] = (),
+        trail_record: TrailingStateRecord | None = None,
+    ) -> PositionGuard:
+        """Start guarding a filled position. Restored positions pass their DB orders and trail record;
+        those orders are verified against the venue before anything new is sent."""
+        if position.id in self.guards:
+            return self.guards[position.id]
+        market = self.markets[position.symbol]
+        guard = PositionGuard(
+            self,
+            position,
+            market,
+            self.kind,
+            filled_at=self.clock.monotonic() if filled_at is None else filled_at,
+        )
+        self._restore(guard, position, live_orders, trail_record)
+        self.guards[position.id] = guard
+        self.by_symbol[position.symbol] = guard
+        self._tasks[position.id] = asyncio.create_task(
+            guard.run(), name=f"protect-{position.symbol}-{position.id}"
+        )
+        self._tasks[position.id].add_done_callback(self._guard_ended)
+        return guard
+
+    def _restore(
+        self,
+        guard: PositionGuard,
+        position: PositionRecord,
+        live_orders: Iterable[OrderRecord],
+        trail_record: TrailingStateRecord | None,
+    ) -> None:
+        for record in live_orders:
+            key = parse_client_order_id(record.client_order_id, self.token)
+            if key is None or key.position_id != position.id:
+                continue
+            if key.purpose is OrderPurpose.STOP_LOSS:
+                target = guard.stop_loss
+            elif key.purpose is OrderPurpose.TRAILING_STOP:
+                target = guard.trailing_stop
+                guard._next_trail_generation = max(guard._next_trail_generation, key.generation + 1)
+            else:
+                continue
+            if target.client_order_id is None or key.generation > target.generation:
+                target.client_order_id = record.client_order_id
+                target.generation = key.generation
+                target.maybe_sent = True
+                if record.trigger_price is not None and key.purpose is OrderPurpose.STOP_LOSS:
+                    target.price = record.trigger_price
+                if guard.kind is TrailingKind.MANAGED and key.purpose is OrderPurpose.TRAILING_STOP:
+                    target.price = record.trigger_price
+        if (
+            guard.kind is TrailingKind.MANAGED
+            and trail_record is not None
+            and trail_record.mode == TrailingKind.MANAGED.value
+        ):
+            try:
+                guard.trail = trailing.TrailingState.restore(
+                    phase=trail_record.state,
+                    activation_price=trail_record.activation_price,
+                    peak_price=trail_record.peak_price,
+                    stop_price=trail_record.current_stop_price,
+                    last_move_at=trail_record.last_move_at.timestamp() if trail_record.last_move_at else None,
+                    update_count=trail_record.update_count,
+                    params=guard.trail_params(
+                        callback_percent=trail_record.callback_percent,
+                        activation_percent=trail_record.activation_percent,
+                    ),
+                )
+                if guard.trail.phase is trailing.TrailingPhase.MOVING:
+                    guard.trail = trailing.on_stop_failed(
+                        guard.trail
+                    )  # the in-flight move died with the old process
+                if (
+                    trail_record.stop_order_client_id
+                    and guard.trailing_stop.client_order_id != trail_record.stop_order_client_id
+                ):
+                    key = parse_client_order_id(trail_record.stop_order_client_id, self.token)
+                    guard.trailing_stop.client_order_id = trail_record.stop_order_client_id
+                    guard.trailing_stop.generation = key.generation if key else 0
+                    guard.trailing_stop.price = trail_record.current_stop_price
+                    guard.trailing_stop.maybe_sent = True
+            except (trailing.InvalidTrailingState, trailing.InvalidTrailingParams) as exc:
+                log.error(
+                    "%s: persisted trailing state refused (%s); starting the trail afresh from the fill price",
+                    position.symbol,
+                    exc,
+                )
+                self.spawn_event_write(
+                    Severity.ERROR,
+                    "trail_restore_refused",
+                    f"{position.symbol}: {exc}",
+                    position.symbol,
+                    position.id,
+                )
+                guard.trail = trailing.TrailingState.start(guard.trail_params())
+
+    def _guard_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        if (exc := task.exception()) is not None:
+            log.critical("protection task %s died: %r", task.get_name(), exc)
+
+    def forget(self, guard: PositionGuard) -> None:
+        self.guards.pop(guard.position_id, None)
+        if self.by_symbol.get(guard.symbol) is guard:
+            del self.by_symbol[guard.symbol]
+        self._tasks.pop(guard.position_id, None)
+
+    async def stop(self) -> None:
+        """Stop every guard task. Orders on the exchange stay where they are."""
+        tasks = list(self._tasks.values()) + list(self._background)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+        self._background.clear()
+        self.guards.clear()
+        self.by_symbol.clear()
+
+    # --- the price path ------------------------------------------------------------------------------
+
+    def on_mark(self, symbol: str, price: Decimal, at: float) -> None:
+        guard = self.by_symbol.get(symbol)
+        if guard is not None:
+            guard.on_mark(price, at)
+
+    # --- figures -------------------------------------------------------------------------------------
+
+    def coverage(self) -> CoverageFigures:
+        return coverage_figures(
+            (g.coverage() for g in self.guards.values()), self.clock.monotonic(), self.config.grace_seconds
+        )
+
+    @property
+    def protective_orders_per_position(self) -> int:
+        """What one new position will send: the hard stop, plus a native trailing order (a managed trail
+        sends its first stop only once it activates, paced like any other protective order)."""
+        return 2 if self.kind is TrailingKind.NATIVE else 1
+
+    def uncovered(self) -> list[PositionGuard]:
+        return [g for g in self.guards.values() if not g.covered]
+
+    # --- helpers for guards --------------------------------------------------------------------------
+
+    async def call(self, awaitable: Awaitable[Any], kind: str) -> Any:
+        """One venue call under the protection call budget, measured for health."""
+        started = self.clock.monotonic()
+        ok = timed_out = False
+        try:
+            result = await with_timeout(self.clock, self.config.call_timeout_seconds, awaitable)
+            ok = True
+            return result
+        except (NotFound, Rejected):
+            ok = True  # the venue answered
+            raise
+        except (TimeoutError, OutcomeUnknown):
+            timed_out = True
+            raise
+        finally:
+            now = self.clock.monotonic()
+            self.call_stats.record(now, now - started, ok, kind, timed_out=timed_out)
+
+    def backoff(self, failures: int) -> float:
+        if failures <= 0:
+            return self.config.retry_initial_seconds
+        return min(self.config.retry_max_seconds, self.config.retry_initial_seconds * 2 ** (failures - 1))
+
+    def next_close_generation(self, position_id: int) -> int:
+        generation = self._close_generations.get(position_id, 0)
+        self._close_generations[position_id] = generation + 1
+        return generation
+
+    def publish(self, event: Any) -> None:
+        self.events.publish(event)
+
+    def request_reconcile(self) -> None:
+        self._reconcile_requested.set()
+
+    @property
+    def reconcile_requested(self) -> asyncio.Event:
+        return self._reconcile_requested
+
+    def spawn_event_write(
+        self, severity: Severity, type_: str, message: str, symbol: str | None, position_id: int | None
+    ) -> None:
+        """Record an audit event without making the caller wait on the DB; failures are logged (F12)."""
+
+        async def write() -> None:
+            try:
+                await self.store.record_event(
+                    severity, type_, message, symbol=symbol, position_id=position_id
+                )
+            except Exception:
+                log.exception("could not record event %s for %s: %s", type_, symbol, message)
+
+        task = asyncio.create_task(write(), name=f"event-{type_}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def _what(purpose: OrderPurpose) -> str:
+    return (
+        "trailing stop"
+        if purpose is OrderPurpose.TRAILING_STOP
+        else "stop-loss"
+        if purpose is OrderPurpose.STOP_LOSS
+        else purpose.value
+    )
+
+
+def _record_status(status: OrderStatus) -> OrderRecordStatus:
+    return {
+        OrderStatus.NEW: OrderRecordStatus.OPEN,
+        OrderStatus.FILLED: OrderRecordStatus.FILLED,
+        OrderStatus.CANCELED: OrderRecordStatus.CANCELED,
+        OrderStatus.EXPIRED: OrderRecordStatus.EXPIRED,
+    }[status]
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _datetime(epoch: float | None) -> Any:
+    if epoch is None:
+        return None
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(epoch, tz=UTC)
+
+
+async def _first_of(*awaitables: Awaitable[Any]) -> None:
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+__all__ = [
+    "PositionGuard",
+    "ProtectionConfig",
+    "ProtectionManager",
+    "TrailingKind",
+]

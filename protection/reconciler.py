@@ -1,0 +1,203 @@
+"""The reconciler: the venue is the truth; the database and the guards are brought in line with it.
+
+Every `protection.reconcile_seconds` (and whenever a guard asks):
+
+* a confirmed stop of ours that is no longer open on the venue is un-confirmed and the guard re-protects
+  (the DB must never keep claiming a stop the exchange does not have, F4);
+* a position we track that the venue no longer has is closed in the database, with the reason taken from
+  our filled stop (`stop_loss` / `trailing_stop`) and its realized PnL; without such evidence it must be
+  missing twice in a row before we believe it;
+* a position the venue has and we do not is adopted (recorded and protected);
+* an open order carrying our client-id token that belongs to no live position, or is not the current
+  order of its position, is cancelled (an orphan or a duplicate, F6). Orders without our token are never
+  touched.
+
+An empty position list in the first seconds after connecting is "unknown", not "no positions" (F3): the
+venue has been seen to answer `[]` at start-up, and believing it would close every position we hold.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from engine.clock import Clock
+from engine.exchange.errors import ExchangeError, NotFound
+from engine.exchange.port import ExchangePort, Order, OrderStatus, VenuePosition
+from protection.manager import PositionGuard, ProtectionManager, TrailingKind
+from protection.order_ids import parse_client_order_id
+from storage.repositories import OrderPurpose, OrderRecordStatus, Severity, Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ReconcileReport:
+    skipped: str | None = None
+    closed: list[str] = field(default_factory=list)
+    reprotected: list[str] = field(default_factory=list)
+    adopted: list[str] = field(default_factory=list)
+    orphans_cancelled: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.closed or self.reprotected or self.adopted or self.orphans_cancelled)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        *,
+        manager: ProtectionManager,
+        venue: ExchangePort,
+        store: Store,
+        clock: Clock,
+        connected_at: float,
+        startup_unknown_seconds: float,
+        adopt: Callable[[VenuePosition], Awaitable[None]],
+        entries_in_flight: Callable[[], set[str]],
+    ):
+        self._manager = manager
+        self._venue = venue
+        self._store = store
+        self._clock = clock
+        self._connected_at = connected_at
+        self._startup_unknown = startup_unknown_seconds
+        self._adopt = adopt
+        self._entries_in_flight = entries_in_flight
+        self._absent_once: set[int] = set()
+        self.runs = 0
+
+    async def reconcile_once(self) -> ReconcileReport:
+        manager = self._manager
+        report = ReconcileReport()
+        positions = await manager.call(self._venue.fetch_positions(), "fetch_positions")
+        open_orders = await manager.call(self._venue.fetch_open_protective_orders(), "fetch_open_orders")
+        self.runs += 1
+        young = self._clock.monotonic() - self._connected_at < self._startup_unknown
+        if not positions and manager.guards and young:
+            report.skipped = "the venue reported no positions right after connecting; treated as unknown"
+            log.warning("reconcile: %s (%d positions tracked)", report.skipped, len(manager.guards))
+            return report
+
+        on_venue = {p.symbol: p for p in positions}
+        open_by_id = {o.client_order_id: o for o in open_orders}
+        for guard in list(manager.guards.values()):
+            if guard.closed:
+                continue
+            venue_position = on_venue.get(guard.symbol)
+            if venue_position is None or venue_position.side.value != guard.side.value:
+                await self._position_missing(guard, report)
+            else:
+                self._absent_once.discard(guard.position_id)
+                self._check_orders(guard, open_by_id, report)
+
+        tracked = {g.symbol for g in manager.guards.values()} | self._entries_in_flight()
+        for symbol, venue_position in on_venue.items():
+            if symbol not in tracked and symbol in manager.markets:
+                log.warning(
+                    "reconcile: %s %s %s on the venue is not ours in the database: adopting and protecting it",
+                    symbol,
+                    venue_position.side.value,
+                    venue_position.quantity,
+                )
+                await self._adopt(venue_position)
+                report.adopted.append(symbol)
+
+        for order in open_orders:
+            await self._cancel_if_stale(order, report)
+        if report.changed:
+            log.info(
+                "reconcile: closed %s, re-protected %s, adopted %s, orphans cancelled %s",
+                report.closed or "-",
+                report.reprotected or "-",
+                report.adopted or "-",
+                report.orphans_cancelled or "-",
+            )
+        return report
+
+    def _check_orders(
+        self, guard: PositionGuard, open_by_id: dict[str, Order], report: ReconcileReport
+    ) -> None:
+        for order in (guard.stop_loss, guard.trailing_stop):
+            if not order.confirmed or order.client_order_id is None:
+                continue
+            if order.client_order_id in open_by_id:
+                continue
+            # Confirmed by us, absent on the venue: it triggered, was cancelled by hand, or expired.
+            log.error(
+                "reconcile: %s of %s (%s) is no longer on the exchange; re-protecting",
+                "trailing stop" if order.purpose is OrderPurpose.TRAILING_STOP else "stop-loss",
+                guard.symbol,
+                order.client_order_id,
+            )
+            order.confirmed = False
+            order.maybe_sent = True  # fetch it first: a filled stop means the position is going
+            report.reprotected.append(guard.symbol)
+            guard.wake.set()
+
+    async def _position_missing(self, guard: PositionGuard, report: ReconcileReport) -> None:
+        exit_reason, exit_price = await self._exit_evidence(guard)
+        if exit_reason is None:
+            if guard.position_id not in self._absent_once:
+                self._absent_once.add(guard.position_id)
+                return
+            exit_reason = "closed_on_exchange"
+        self._absent_once.discard(guard.position_id)
+        await guard.finish(exit_reason=exit_reason, exit_price=exit_price)
+        report.closed.append(guard.symbol)
+
+    async def _exit_evidence(self, guard: PositionGuard) -> tuple[str | None, object]:
+        for order in (guard.stop_loss, guard.trailing_stop):
+            if order.client_order_id is None:
+                continue
+            try:
+                found = await self._manager.call(
+                    self._venue.fetch_order(guard.symbol, order.client_order_id), "fetch_order"
+                )
+            except (NotFound, ExchangeError, TimeoutError):
+                continue
+            if found.status is OrderStatus.FILLED:
+                await self._store.set_order_status(
+                    found.client_order_id, OrderRecordStatus.FILLED, exchange_order_id=found.venue_order_id
+                )
+                reason = (
+                    "trailing_stop"
+                    if order.purpose is OrderPurpose.TRAILING_STOP
+                    and (guard.kind is TrailingKind.NATIVE or guard.trail is not None)
+                    else "stop_loss"
+                )
+                return reason, found.average_price
+        return None, None
+
+    async def _cancel_if_stale(self, order: Order, report: ReconcileReport) -> None:
+        manager = self._manager
+        key = parse_client_order_id(order.client_order_id, manager.token)
+        if key is None:
+            return  # not ours: never touched
+        guard = manager.guards.get(key.position_id)
+        if guard is not None and order.client_order_id in guard.order_ids():
+            return
+        why = (
+            "orphan (its position is closed or unknown)"
+            if guard is None
+            else "duplicate (not the current order)"
+        )
+        try:
+            await manager.call(self._venue.cancel_order(order.symbol, order.client_order_id), "cancel_order")
+        except NotFound:
+            pass
+        except (ExchangeError, TimeoutError) as exc:
+            log.warning("reconcile: cancelling %s %s failed: %s", why, order.client_order_id, exc)
+            return
+        await self._store.set_order_status(order.client_order_id, OrderRecordStatus.CANCELED)
+        await self._store.record_event(
+            Severity.WARNING,
+            "orphan_cancelled",
+            f"cancelled our {why} {order.client_order_id} on {order.symbol}",
+            symbol=order.symbol,
+            position_id=key.position_id,
+        )
+        log.warning("reconcile: cancelled our %s %s on %s", why, order.client_order_id, order.symbol)
+        report.orphans_cancelled.append(order.client_order_id)
