@@ -100,7 +100,7 @@ class SignalsSettings(Section):
     wave_window_ms: int = Field(default=500, ge=0, le=60000)
     position_size_usd: Decimal = Field(default=Decimal(200), gt=0, le=1_000_000)
     max_positions: int = Field(default=100, ge=1, le=5000)
-    max_concurrent_entries: int = Field(default=20, ge=1, le=500)
+    max_concurrent_entries: int = Field(default=50, ge=1, le=500)
 
 
 # --- [protection] ----------------------------------------------------------------------------------------
