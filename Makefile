@@ -21,11 +21,9 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
-# Until the engine lands this prepares the database (embedded PostgreSQL unless database.dsn is set)
-# and reports protection coverage from it; it becomes the dashboard when that lands.
+# The headless engine on ./config.toml (sim venue, embedded PostgreSQL) until the dashboard lands.
 run: $(VENV)/.installed
-	$(BIN)/tsbot db migrate --config $(CONFIG)
-	$(BIN)/tsbot status --config $(CONFIG)
+	$(BIN)/tsbot run --config $(CONFIG)
 
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.metadata
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -21,12 +23,14 @@ from typing import Any
 
 from engine.config import ConfigError, LoadedConfig, load_config
 from engine.config_show import render_config
+from engine.engine import Engine
 from engine.logs import configure_logging
 from engine.signal_input import BadSignal, SignalInput, read_jsonl, signal_from_fields
 from storage.database import Database, DatabaseUnavailable, open_database, resolve_target
 from storage.embedded import EmbeddedPostgresError, psql_executable
+from storage.lease import LeaseHeld, current_holder
 from storage.migrator import MigrationError
-from storage.repositories import DuplicateExternalId, Store
+from storage.repositories import DuplicateExternalId, HealthRow, Store
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     imp.add_argument(
         "file", help='one object per line: {"symbol": "SFPUSDT", "side": "long", "score": 0.7, "id": "x"}'
+    )
+
+    run = commands.add_parser(
+        "run",
+        parents=[config_option],
+        help="run the engine headless (SIGTERM/SIGINT: stop, stops stay on the exchange)",
+    )
+    run.add_argument(
+        "--duration", type=float, metavar="SECONDS", help="stop by itself after this many seconds"
     )
 
     status = commands.add_parser(
@@ -222,13 +235,57 @@ async def _insert_signals(loaded: LoadedConfig, signals: list[SignalInput]) -> l
         await database.close()
 
 
+def _run(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    if args.duration is not None and args.duration <= 0:
+        raise UsageError(f"--duration must be a positive number of seconds, got {args.duration:g}")
+
+    async def run() -> int:
+        engine = Engine(loaded.settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            report = await engine.start()
+        except LeaseHeld as exc:
+            raise CommandFailed(f"{exc}; this engine will not trade (watch it with `tsbot status`)") from None
+        print(
+            f"tsbot {engine.version}: {engine.mode} on {engine.exchange_name}, account {loaded.settings.venue.account}"
+        )
+        print(f"start-up: {report.describe()}")
+        print(f"logging to {loaded.settings.logging.file}; stop with Ctrl-C or SIGTERM")
+        try:
+            if args.duration is None:
+                await stop.wait()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=args.duration)
+        finally:
+            figures = engine.snapshot().coverage
+            await engine.stop()
+        pct = "n/a" if figures.ts_coverage_pct is None else f"{figures.ts_coverage_pct}%"
+        print(
+            f"stopped: {figures.active} open positions keep their stops on the exchange; "
+            f"TS coverage {pct} ({figures.with_trailing_stop}/{figures.active}), uncovered {figures.uncovered}"
+        )
+        return EXIT_OK
+
+    return asyncio.run(run())
+
+
 def _status(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    grace = float(loaded.settings.protection.grace_seconds)
+    stale_after = float(loaded.settings.health.interval_seconds) * 3
+
     async def run() -> dict[str, Any]:
         database = await _open(loaded)
         try:
             store = Store(database.pool)
             coverage = await store.coverage()
-            uncovered = await store.uncovered_positions()
+            uncovered = await store.uncovered_positions(grace)
+            health_rows = await store.latest_health()
+            holder = await current_holder(database.pool, _venue_name(loaded), loaded.settings.venue.account)
+            now = await database.pool.fetchval("SELECT now()")
         finally:
             await database.close()
         return {
@@ -237,6 +294,15 @@ def _status(args: argparse.Namespace, loaded: LoadedConfig) -> int:
             "with_trailing_stop": coverage.with_trailing_stop,
             "coverage_pct": coverage.coverage_pct,
             "stop_loss_coverage_pct": coverage.stop_loss_coverage_pct,
+            "engine": None
+            if holder is None
+            else {
+                "pid": holder.pid,
+                "host": holder.host,
+                "version": holder.version,
+                "since": holder.started_at.isoformat(),
+            },
+            "health": _health_report(health_rows, now, stale_after, running=holder is not None),
             "uncovered": [
                 {
                     "position_id": p.id,
@@ -256,6 +322,20 @@ def _status(args: argparse.Namespace, loaded: LoadedConfig) -> int:
         print(json.dumps(report, default=_json_default, indent=2))
         return EXIT_OK
     pct = "n/a (no active positions)" if report["coverage_pct"] is None else f"{report['coverage_pct']}%"
+    engine = report["engine"]
+    print(
+        "engine:            "
+        + (
+            f"running (pid {engine['pid']} on {engine['host']}, {engine['version']}, since {engine['since']})"
+            if engine
+            else "not running"
+        )
+    )
+    print(f"health:            {report['health']['state']}")
+    for component in report["health"]["components"]:
+        print(
+            f"  {component['component']:<11} {component['state']:<9} {component['reason'] or component['summary']}"
+        )
     print(f"active positions:  {report['active']}")
     print(f"with stop-loss:    {report['with_stop_loss']}")
     print(f"with trailing stop:{report['with_trailing_stop']:>3}")
@@ -276,6 +356,35 @@ def _status(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     return EXIT_OK
 
 
+def _venue_name(loaded: LoadedConfig) -> str:
+    """The venue's name as the engine registers its lease (the sim venue is "sim")."""
+    return loaded.settings.venue.kind.value
+
+
+def _health_report(rows: list[HealthRow], now: Any, stale_after: float, *, running: bool) -> dict[str, Any]:
+    """The engine's last measurement per component; stale or absent when no engine is measuring."""
+    components = []
+    for row in rows:
+        age = (now - row.measured_at).total_seconds() if row.measured_at else None
+        stale = not running or age is None or age > stale_after
+        components.append(
+            {
+                "component": row.component,
+                "state": "unknown" if stale else row.state,
+                "measured_state": row.state,
+                "summary": row.summary,
+                "reason": "no engine is measuring: last measurement "
+                + (f"{age:.0f}s old" if age is not None else "missing")
+                if stale
+                else row.reason,
+                "age_seconds": None if age is None else round(age, 1),
+            }
+        )
+    order = {"critical": 3, "degraded": 2, "unknown": 1, "healthy": 0}
+    worst = max((c["state"] for c in components), key=lambda s: order.get(s, 1), default="unknown")
+    return {"state": worst, "components": components}
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, Decimal):
         return float(value)  # presentation only: JSON has no decimal type
@@ -288,6 +397,7 @@ _HANDLERS = {
     "db psql": _db_psql,
     "signals add": _signals_add,
     "signals import": _signals_import,
+    "run": _run,
     "status": _status,
 }
 

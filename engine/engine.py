@@ -846,9 +846,11 @@ class Engine:
             ),
             signals=health.SignalsMeasurement(
                 last_wave_age_seconds=None if self._last_wave_at is None else now - self._last_wave_at,
-                listen_connected=bool(self.consumer and self.consumer.listening),
+                listen_connected=self.consumer.listening,
                 entries_paused=self.entries_paused,
-            ),
+            )
+            if self.consumer is not None and self.consumer.listen_attempted
+            else None,
         )
         return health.evaluate_health(
             measurements, health.HealthThresholds.from_settings(self.settings.health)

@@ -56,6 +56,7 @@ class SignalConsumer:
         self._listener: asyncpg.Connection | None = None
         self.listening = False
         self.listener_connections = 0  # how many times LISTEN was (re)established
+        self.listen_attempted = False  # health must not call LISTEN "down" before it was ever tried
 
     async def waves(self) -> AsyncIterator[SignalWave]:
         try:
@@ -88,6 +89,7 @@ class SignalConsumer:
             return
         self.listening = False
         try:
+            self.listen_attempted = True
             self._listener = await asyncpg.connect(self._listen_dsn, password=self._listen_password)
             await self._listener.add_listener(NOTIFY_CHANNEL, self._on_notify)
             self._listener.add_termination_listener(self._on_listener_lost)

@@ -391,14 +391,17 @@ class Store:
             [price for _, price in marks],
         )
 
-    async def uncovered_positions(self) -> list[PositionRecord]:
-        """Live positions missing a confirmed stop-loss or trailing stop."""
+    async def uncovered_positions(self, grace_seconds: float = 0.0) -> list[PositionRecord]:
+        """Live positions missing a confirmed stop-loss or trailing stop, filled at least `grace_seconds`
+        ago (younger ones are still being protected, as the engine's gauge counts them)."""
         rows = await self._pool.fetch(
             """
             SELECT * FROM monitoring.positions
             WHERE status IN ('pending_protection', 'active') AND NOT (has_stop_loss AND has_trailing_stop)
+              AND (opened_at IS NULL OR opened_at <= now() - make_interval(secs => $1))
             ORDER BY opened_at NULLS FIRST, id
-            """
+            """,
+            float(grace_seconds),
         )
         return [_position(r) for r in rows]
 

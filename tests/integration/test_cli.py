@@ -84,10 +84,15 @@ async def test_status_json_agrees_with_the_incident_sql(workdir: Path, pg_server
             await conn.execute(
                 "INSERT INTO monitoring.positions (symbol, exchange, side, quantity, entry_price, status, "
                 "has_stop_loss, has_trailing_stop, opened_at) VALUES ($1, 'sim', 'long', 1, 2, 'active', true, $2, "
-                "now())",
+                "now() - interval '1 minute')",
                 f"S{i}USDT",
                 i < 5,
             )
+        # Opened a moment ago, no stops yet: still within the grace period, so not listed as uncovered.
+        await conn.execute(
+            "INSERT INTO monitoring.positions (symbol, exchange, side, quantity, entry_price, status, opened_at) "
+            "VALUES ('NEWUSDT', 'sim', 'short', 1, 2, 'pending_protection', now())"
+        )
         sql_row = await conn.fetchrow(INCIDENT_COVERAGE_SQL)
     finally:
         await conn.close()

@@ -1,0 +1,159 @@
+"""`tsbot run` as operators run it: headless, on the default configuration (sim venue, embedded
+PostgreSQL), stopped by --duration or SIGTERM; a second engine on the same account is refused."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from decimal import Decimal
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from storage.embedded import EmbeddedPostgres
+from tests.support.waiting import wait_until
+
+TSBOT = str(Path(sys.executable).with_name("tsbot"))
+INCIDENT_COVERAGE_SQL = (
+    "SELECT COUNT(*) AS total, SUM(CASE WHEN has_trailing_stop THEN 1 ELSE 0 END) AS with_ts, "
+    "ROUND(100.0 * SUM(CASE WHEN has_trailing_stop THEN 1 ELSE 0 END) / COUNT(*), 1) AS coverage_pct "
+    "FROM monitoring.positions WHERE status='active';"
+)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, pg_server: EmbeddedPostgres, project_root: Path) -> Path:
+    """The shipped config.toml, pointed at the session's embedded server and a new database, with waves
+    every 2 s so a short run sees several."""
+    text = (project_root / "config.toml").read_text()
+    text = text.replace('data_dir = ""', f'data_dir = "{pg_server.data_dir}"', 1)
+    text = text.replace('name = "tsbot"', f'name = "run_{uuid.uuid4().hex[:12]}"', 1)
+    text = text.replace("wave_interval_seconds = 20", "wave_interval_seconds = 2", 1)
+    (tmp_path / "config.toml").write_text(text)
+    return tmp_path
+
+
+def tsbot(*args: str, cwd: Path, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [TSBOT, *args], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _start(*args: str, cwd: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [TSBOT, *args], cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("TSBOT_")}
+
+
+def _dsn(pg_server: EmbeddedPostgres, workdir: Path) -> str:
+    name = (workdir / "config.toml").read_text().split('name = "run_')[1].split('"')[0]
+    return pg_server.dsn(f"run_{name}")
+
+
+async def test_run_for_a_duration_protects_every_position_and_status_agrees(
+    workdir: Path, pg_server: EmbeddedPostgres
+) -> None:
+    result = await asyncio.to_thread(tsbot, "run", "--duration", "8", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert "SIM on sim" in result.stdout
+    assert "start-up: restored 0, re-protected 0, adopted 0, failed 0" in result.stdout
+    assert "keep their stops on the exchange" in result.stdout
+
+    conn = await asyncpg.connect(_dsn(pg_server, workdir))
+    try:
+        row = await conn.fetchrow(INCIDENT_COVERAGE_SQL)
+        waves = await conn.fetchval("SELECT count(*) FROM monitoring.waves")
+    finally:
+        await conn.close()
+    assert waves >= 2
+    assert row["total"] >= 7
+    assert row["coverage_pct"] == Decimal("100.0")
+
+    status = await asyncio.to_thread(tsbot, "status", "--json", cwd=workdir)
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert report["active"] == row["total"]
+    assert report["with_trailing_stop"] == row["with_ts"]
+    assert Decimal(str(report["coverage_pct"])) == row["coverage_pct"]
+    assert report["uncovered"] == []
+    assert report["engine"] is None  # it stopped
+    assert {c["component"] for c in report["health"]["components"]} == {
+        "exchange",
+        "price_feed",
+        "database",
+        "protection",
+        "signals",
+    }
+    log = (workdir / "logs" / "trading_bot.log").read_text()
+    assert "Created trailing stop for " in log
+    assert "health_check: Trailing Stop System: healthy" in log
+    assert "Timeout creating" not in log
+
+
+async def test_sigterm_stops_cleanly_and_a_second_engine_is_refused(
+    workdir: Path, pg_server: EmbeddedPostgres
+) -> None:
+    first = _start("run", cwd=workdir)
+    try:
+
+        async def positions_open() -> bool:
+            try:
+                conn = await asyncpg.connect(_dsn(pg_server, workdir))
+            except (OSError, asyncpg.PostgresError):
+                return False
+            try:
+                return bool(
+                    await conn.fetchval(
+                        "SELECT to_regclass('monitoring.positions') IS NOT NULL AND "
+                        "(SELECT count(*) FROM monitoring.positions WHERE status = 'active') > 0"
+                    )
+                )
+            except asyncpg.PostgresError:
+                return False
+            finally:
+                await conn.close()
+
+        await wait_until(positions_open, within=60, what="the first engine to open positions")
+
+        second = await asyncio.to_thread(tsbot, "run", "--duration", "5", cwd=workdir)
+        assert second.returncode == 1
+        assert f"is already traded by pid {first.pid}" in second.stderr
+        assert "this engine will not trade" in second.stderr
+
+        status = json.loads((await asyncio.to_thread(tsbot, "status", "--json", cwd=workdir)).stdout)
+        assert status["engine"]["pid"] == first.pid
+
+        first.send_signal(signal.SIGTERM)
+        out, err = await asyncio.to_thread(first.communicate, timeout=60)
+        assert first.returncode == 0, err
+        assert "keep their stops on the exchange" in out
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+
+    conn = await asyncpg.connect(_dsn(pg_server, workdir))
+    try:
+        # Stopping leaves positions as they are (their stops stay on the exchange), and says so.
+        assert await conn.fetchval("SELECT count(*) FROM monitoring.positions WHERE status = 'closed'") == 0
+        assert (
+            await conn.fetchval("SELECT count(*) FROM monitoring.events WHERE type = 'engine_stopped'") == 1
+        )
+    finally:
+        await conn.close()
+
+
+def test_bad_duration_is_a_usage_error(workdir: Path) -> None:
+    result = tsbot("run", "--duration", "-1", cwd=workdir)
+    assert result.returncode == 2
+    assert result.stderr == "tsbot: --duration must be a positive number of seconds, got -1\n"
