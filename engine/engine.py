@@ -814,14 +814,15 @@ class Engine:
 
     async def measure_health(self) -> health.HealthReport:
         assert self.store is not None and self.manager is not None and self._db is not None
-        now = self.clock.monotonic()
-        figures = self.manager.coverage()
         started = time.perf_counter()
         try:
             await self._db.pool.fetchval("SELECT 1")
             database = health.DatabaseMeasurement(round_trip_ms=(time.perf_counter() - started) * 1000)
         except Exception as exc:
             database = health.DatabaseMeasurement(error=f"{type(exc).__name__}: {exc}"[:200])
+        # Read the clock after the probe's await: a mark that arrived meanwhile must not have a negative age.
+        now = self.clock.monotonic()
+        figures = self.manager.coverage()
         measurements = health.HealthMeasurements(
             exchange=health.ExchangeMeasurement(
                 calls=self._call_stats.summary(now),

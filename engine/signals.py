@@ -89,7 +89,6 @@ class SignalConsumer:
             return
         self.listening = False
         try:
-            self.listen_attempted = True
             self._listener = await asyncpg.connect(self._listen_dsn, password=self._listen_password)
             await self._listener.add_listener(NOTIFY_CHANNEL, self._on_notify)
             self._listener.add_termination_listener(self._on_listener_lost)
@@ -101,6 +100,9 @@ class SignalConsumer:
                 "signals: LISTEN %s unavailable, polling every %.1fs: %s", NOTIFY_CHANNEL, self._poll, exc
             )
             self._listener = None
+        finally:
+            # Only once the first attempt has an outcome: while it is in flight LISTEN is not "down".
+            self.listen_attempted = True
 
     def _on_notify(self, *_args: object) -> None:
         self._wake.set()

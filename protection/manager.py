@@ -309,6 +309,15 @@ class PositionGuard:
             self.wake.clear()
 
     async def _converge(self) -> bool:
+        written = self._written_facts
+        if (
+            written is not None
+            and not self.closed
+            and ((written[0] and not self.has_stop_loss) or (written[1] and not self.has_trailing_stop))
+        ):
+            # A confirmation was withdrawn (the reconciler found the order gone): the database must stop
+            # claiming it now, not after the venue round trips that re-protect it (F4).
+            await self._write_facts()
         # The hard stop and the trailing protection are independent orders of this one position: they go
         # out together (two round trips from fill to covered, not three). Still one task per position.
         steps: list[Awaitable[bool]] = []

@@ -18,11 +18,13 @@ venue has been seen to answer `[]` at start-up, and believing it would close eve
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from engine.clock import Clock
+from engine.events import ProtectionFailed
 from engine.exchange.errors import ExchangeError, NotFound
 from engine.exchange.port import ExchangePort, Order, OrderStatus, VenuePosition
 from protection.manager import PositionGuard, ProtectionManager, TrailingKind
@@ -126,11 +128,32 @@ class Reconciler:
             if order.client_order_id in open_by_id:
                 continue
             # Confirmed by us, absent on the venue: it triggered, was cancelled by hand, or expired.
+            what = "trailing stop" if order.purpose is OrderPurpose.TRAILING_STOP else "stop-loss"
             log.error(
                 "reconcile: %s of %s (%s) is no longer on the exchange; re-protecting",
-                "trailing stop" if order.purpose is OrderPurpose.TRAILING_STOP else "stop-loss",
+                what,
                 guard.symbol,
                 order.client_order_id,
+            )
+            # The position is unprotected until the guard replaces it: shown, not only logged (F12).
+            manager = self._manager
+            manager.publish(
+                ProtectionFailed(
+                    at=self._clock.now(),
+                    position_id=guard.position_id,
+                    symbol=guard.symbol,
+                    operation=f"verify {what}",
+                    error=f"{order.client_order_id} is no longer on the exchange",
+                    retry_in_seconds=0.0,
+                )
+            )
+            manager.spawn_event_write(
+                Severity.ERROR,
+                "protection_lost",
+                f"{guard.symbol}: {what} {order.client_order_id} is no longer on the exchange "
+                "(triggered, cancelled or expired); re-protecting",
+                guard.symbol,
+                guard.position_id,
             )
             order.confirmed = False
             order.maybe_sent = True  # fetch it first: a filled stop means the position is going
@@ -191,7 +214,9 @@ class Reconciler:
         except (ExchangeError, TimeoutError) as exc:
             log.warning("reconcile: cancelling %s %s failed: %s", why, order.client_order_id, exc)
             return
-        await self._store.set_order_status(order.client_order_id, OrderRecordStatus.CANCELED)
+        # Ours by token, but possibly not in this database's orders (e.g. of a position id we never saw).
+        with contextlib.suppress(LookupError):
+            await self._store.set_order_status(order.client_order_id, OrderRecordStatus.CANCELED)
         await self._store.record_event(
             Severity.WARNING,
             "orphan_cancelled",

@@ -15,6 +15,7 @@ from datetime import datetime
 import asyncpg
 
 LEASE_NAMESPACE = 0x7473  # "ts": first key of the two-key advisory lock
+RECORDING_NAMESPACE = 0x7472  # held only while a lease attempt takes the lock and records itself
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,26 +61,34 @@ class EngineLease:
         cls, dsn: str, venue: str, account: str, version: str, password: str | None = None
     ) -> EngineLease:
         conn = await asyncpg.connect(dsn, password=password)
+        key = lease_key(venue, account)
         try:
-            got = await conn.fetchval(
-                "SELECT pg_try_advisory_lock($1, hashtext($2))", LEASE_NAMESPACE, lease_key(venue, account)
-            )
+            # Attempts are serialised by a transaction-scoped lock, so that an engine refused in a race reads
+            # the holder row only once the winner has committed it (not a stale or missing one).
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", RECORDING_NAMESPACE, key)
+                got = await conn.fetchval(
+                    "SELECT pg_try_advisory_lock($1, hashtext($2))", LEASE_NAMESPACE, key
+                )
+                if not got:
+                    holder = await _holder(conn, venue, account)
+                else:
+                    await conn.execute(
+                        """
+                        INSERT INTO monitoring.engine_leases (venue, account, pid, host, version)
+                        VALUES ($1, $2, $3, $4, $5)
+                        ON CONFLICT (venue, account) DO UPDATE
+                        SET pid = EXCLUDED.pid, host = EXCLUDED.host, version = EXCLUDED.version,
+                            started_at = now(), heartbeat_at = now()
+                        """,
+                        venue,
+                        account,
+                        os.getpid(),
+                        socket.gethostname(),
+                        version,
+                    )
             if not got:
-                raise LeaseHeld(venue, account, await _holder(conn, venue, account))
-            await conn.execute(
-                """
-                INSERT INTO monitoring.engine_leases (venue, account, pid, host, version)
-                VALUES ($1, $2, $3, $4, $5)
-                ON CONFLICT (venue, account) DO UPDATE
-                SET pid = EXCLUDED.pid, host = EXCLUDED.host, version = EXCLUDED.version,
-                    started_at = now(), heartbeat_at = now()
-                """,
-                venue,
-                account,
-                os.getpid(),
-                socket.gethostname(),
-                version,
-            )
+                raise LeaseHeld(venue, account, holder)
         except BaseException:
             await conn.close()
             raise
