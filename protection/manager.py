@@ -588,6 +588,14 @@ class PositionGuard:
         self.pending_move = None
         if outcome is not _Outcome.CONFIRMED:
             self.trail = trailing.on_stop_failed(self.trail)
+            if replacement.client_order_id and not replacement.maybe_sent:
+                # Never reached the venue (or was refused): close the row; the next move takes a new id.
+                # An outcome still unknown stays 'unknown': if it turns up live the reconciler cancels it.
+                record = await m.store.order_by_client_id(replacement.client_order_id)
+                if record is not None and record.status is OrderRecordStatus.PENDING:
+                    await m.store.set_order_status(
+                        replacement.client_order_id, OrderRecordStatus.CANCELED, error="move abandoned"
+                    )
             return outcome is _Outcome.BREACHED  # breached: the old stop stays; nothing else to do now
         old = self.trailing_stop
         self.trail = trailing.on_stop_confirmed(self.trail, new_price, m.clock.now())
@@ -781,9 +789,23 @@ class PositionGuard:
         self.failures += 1
         self.last_error = f"{operation}: {error}"
         retry_in = m.backoff(self.failures)
-        (log.exception if log_exception else log.error)(
-            "%s unprotected: %s failed (%s); retrying in %.1fs", self.symbol, operation, error, retry_in
-        )
+        # Only say "unprotected" when it is true: a failed trail move leaves the confirmed stops in place.
+        still_covered = self.covered
+        state = "still protected by its confirmed stops" if still_covered else "unprotected"
+        if log_exception:
+            log.exception(
+                "%s %s: %s failed (%s); retrying in %.1fs", self.symbol, state, operation, error, retry_in
+            )
+        else:
+            log.log(
+                logging.WARNING if still_covered else logging.ERROR,
+                "%s %s: %s failed (%s); retrying in %.1fs",
+                self.symbol,
+                state,
+                operation,
+                error,
+                retry_in,
+            )
         m.publish(
             ProtectionFailed(
                 at=m.clock.now(),
@@ -795,9 +817,9 @@ class PositionGuard:
             )
         )
         m.spawn_event_write(
-            Severity.ERROR,
+            Severity.WARNING if still_covered else Severity.ERROR,
             "protection_failed",
-            f"{self.symbol} unprotected: {operation} failed: {error}",
+            f"{self.symbol} {state}: {operation} failed: {error}",
             self.symbol,
             self.position_id,
         )

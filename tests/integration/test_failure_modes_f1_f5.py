@@ -952,7 +952,9 @@ async def test_f4_stop_cancelled_behind_our_back_is_unconfirmed_then_replaced(db
         await drive(clock, engine.stop())
 
 
-async def test_f4_a_trail_move_is_committed_only_after_the_venue_confirms_it(db: Database) -> None:
+async def test_f4_a_trail_move_is_committed_only_after_the_venue_confirms_it(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
     """F4, optimistic stop moves: the old bot wrote the moved stop to the database while the exchange still
     had the old one (and after a restart re-placed the DB's stop, which the exchange rejected). Here a
     managed trail's move fails at the venue: the database and the trail keep the old, live stop; when the
@@ -990,6 +992,21 @@ async def test_f4_a_trail_move_is_committed_only_after_the_venue_confirms_it(db:
             live = live_trailing_stops(venue, clock, symbol, token)
             assert [(o.client_order_id, o.stop_price) for o in live] == [(first_cid, first_stop)]
         assert guard.covered  # the old trailing stop is still live and still counted
+        # ... so the failures are warnings that say so, never an "unprotected" alarm without a cause (F11),
+        failures = await events_of(db, "protection_failed")
+        assert failures
+        assert {row["severity"] for row in failures} == {"warning"}
+        assert all("still protected by its confirmed stops" in row["message"] for row in failures)
+        assert not [
+            r
+            for r in caplog.records
+            if r.levelno >= logging.ERROR and f"{symbol} unprotected" in r.getMessage()
+        ]
+        # ... and abandoned move attempts do not pile up as 'pending' order rows.
+        stuck = await db.pool.fetchval(
+            "SELECT count(*) FROM monitoring.orders WHERE purpose = 'trailing_stop' AND status = 'pending'"
+        )
+        assert stuck == 0
 
         venue.clear_injected_faults()
         # Sample until the database names the new stop; at every sample, what the database names is live.
