@@ -113,6 +113,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--duration", type=float, metavar="SECONDS", help="stop by itself after this many seconds"
     )
 
+    sim_exchange = commands.add_parser(
+        "sim-exchange",
+        parents=[config_option],
+        help="a local Binance USDⓈ-M REST emulator on 127.0.0.1 (rehearse live operation offline)",
+    )
+    sim_exchange.add_argument(
+        "--port", type=int, default=8900, help="TCP port on 127.0.0.1 (0: any free port)"
+    )
+    sim_exchange.add_argument(
+        "--seed", type=int, help="seed of prices and fault draws (default: venue.sim.seed)"
+    )
+    sim_exchange.add_argument(
+        "--latency-ms", type=int, default=0, metavar="L", help="added to every answer, in milliseconds"
+    )
+    sim_exchange.add_argument(
+        "--faults",
+        default="",
+        metavar="SPEC",
+        help="per-endpoint faults, e.g. 'POST:algoOrder=timeout@0.1,positionRisk=latency:800,*=busy@0.01' "
+        "(faults: latency:MS, timeout, unknown, busy, error, ratelimit, ban)",
+    )
+    sim_exchange.add_argument(
+        "--control", action="store_true", help="also serve the /_sim control API (set marks, force faults)"
+    )
+
     status = commands.add_parser(
         "status",
         parents=[config_option],
@@ -240,7 +265,10 @@ def _run(args: argparse.Namespace, loaded: LoadedConfig) -> int:
         raise UsageError(f"--duration must be a positive number of seconds, got {args.duration:g}")
 
     async def run() -> int:
-        engine = Engine(loaded.settings)
+        try:
+            engine = Engine(loaded.settings)
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -268,6 +296,67 @@ def _run(args: argparse.Namespace, loaded: LoadedConfig) -> int:
             f"stopped: {figures.active} open positions keep their stops on the exchange; "
             f"TS coverage {pct} ({figures.with_trailing_stop}/{figures.active}), uncovered {figures.uncovered}"
         )
+        return EXIT_OK
+
+    return asyncio.run(run())
+
+
+def _sim_exchange(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    from engine.venues.binance_emulator import BinanceEmulator, FaultPlan, FaultSpecError, parse_fault_spec
+
+    venue = loaded.settings.venue
+    if venue.api_key is None or venue.api_secret is None:
+        raise UsageError(
+            "sim-exchange needs TSBOT_VENUE__API_KEY and TSBOT_VENUE__API_SECRET (any values): it verifies "
+            "the engine's signatures with that pair"
+        )
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be within 0..65535, got {args.port}")
+    if not 0 <= args.latency_ms <= 600_000:
+        raise UsageError(f"--latency-ms must be within 0..600000, got {args.latency_ms}")
+    if args.seed is not None and args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    try:
+        rules = parse_fault_spec(args.faults)
+    except FaultSpecError as exc:
+        raise UsageError(f"--faults: {exc}") from None
+    sim = venue.sim if args.seed is None else venue.sim.model_copy(update={"seed": args.seed})
+    # Its own log file, next to the engine's: two processes must not rotate one file.
+    log_settings = loaded.settings.logging
+    sim_log = str(Path(log_settings.file).with_name("sim_exchange.log"))
+    configure_logging(log_settings.model_copy(update={"file": sim_log}), loaded.secret_values())
+    emulator = BinanceEmulator(
+        sim,
+        api_key=venue.api_key.get_secret_value(),
+        api_secret=venue.api_secret.get_secret_value(),
+        faults=FaultPlan(rules, seed=sim.seed, latency_ms=args.latency_ms),
+        control=args.control,
+    )
+
+    async def run() -> int:
+        from engine.venues.binance_emulator import serve_until
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+
+        def ready(url: str) -> None:
+            print(
+                f"sim-exchange: Binance USDⓈ-M emulator on {url} ({len(emulator.core.markets)} perpetuals, "
+                f"seed {sim.seed}{', control API on' if args.control else ''}{', faults: ' + args.faults if rules else ''})",
+                flush=True,
+            )
+            print(f'point the engine at it: [venue] kind = "binanceusdm", base_url = "{url}"', flush=True)
+            print(f"logging to {sim_log}; stop with Ctrl-C or SIGTERM", flush=True)
+
+        try:
+            await serve_until(emulator, args.port, stop, ready)
+        except OSError as exc:
+            raise CommandFailed(
+                f"sim-exchange: cannot listen on 127.0.0.1:{args.port}: {exc.strerror}"
+            ) from None
+        print(f"sim-exchange: stopped after {emulator.requests_served} requests", flush=True)
         return EXIT_OK
 
     return asyncio.run(run())
@@ -398,6 +487,7 @@ _HANDLERS = {
     "signals add": _signals_add,
     "signals import": _signals_import,
     "run": _run,
+    "sim-exchange": _sim_exchange,
     "status": _status,
 }
 

@@ -70,6 +70,36 @@ class VenueSettings(Section):
     sim: SimVenueSettings = Field(default_factory=SimVenueSettings)
 
 
+def real_venue_problems(venue: VenueSettings) -> list[str]:
+    """Why a real (ccxt) venue must not start with these settings: one line per problem, [] when fine.
+
+    Keys come from the environment (or owner-only files) only. Mainnet needs `testnet = false` *and* keys;
+    without a `base_url` override, `testnet = true` trades the venue's testnet / demo environment.
+    """
+    if venue.kind is VenueKind.SIM:
+        return []
+    problems = []
+    missing = [
+        name
+        for name, secret in (
+            ("TSBOT_VENUE__API_KEY", venue.api_key),
+            ("TSBOT_VENUE__API_SECRET", venue.api_secret),
+        )
+        if secret is None or not secret.get_secret_value()
+    ]
+    if missing:
+        where = "mainnet" if not venue.testnet else "testnet"
+        problems.append(
+            f"venue.kind {venue.kind.value!r} ({where}) needs API keys: set {' and '.join(missing)} "
+            "(or venue.api_key_file / venue.api_secret_file)"
+        )
+    if venue.base_url and not venue.base_url.startswith(("http://", "https://")):
+        problems.append(
+            f"venue.base_url: must start with http:// or https://, got {json.dumps(venue.base_url)}"
+        )
+    return problems
+
+
 # --- [database] ------------------------------------------------------------------------------------------
 
 

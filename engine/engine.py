@@ -24,7 +24,7 @@ from enum import StrEnum
 from typing import Any
 
 from engine.clock import Clock, SystemClock, wait_for_all
-from engine.config import Settings, VenueKind
+from engine.config import ConfigError, Settings, VenueKind, real_venue_problems
 from engine.events import (
     EngineEvent,
     EngineStateChanged,
@@ -215,7 +215,21 @@ def build_venue(settings: Settings, clock: Clock) -> ExchangePort:
         from engine.venues.sim import SimVenue
 
         return SimVenue(settings.venue.sim, clock=clock)
-    raise NotImplementedError(f"venue.kind {settings.venue.kind.value!r} is not available in this version")
+    problems = real_venue_problems(settings.venue)
+    if problems:
+        raise ConfigError(problems)
+    from engine.venues.ccxt_venue import CcxtVenueConfig, build_ccxt_venue
+
+    venue = settings.venue
+    assert venue.api_key is not None and venue.api_secret is not None
+    config = CcxtVenueConfig(
+        kind=venue.kind.value,
+        api_key=venue.api_key.get_secret_value(),
+        api_secret=venue.api_secret.get_secret_value(),
+        testnet=venue.testnet,
+        base_url=venue.base_url,
+    )
+    return build_ccxt_venue(config, clock=clock)
 
 
 class Engine:

@@ -1,4 +1,4 @@
-"""The contract suite runs once per exchange implementation listed here (test ids: `[sim]`, …)."""
+"""The contract suite runs once per exchange implementation listed here (test ids: `[sim]`, `[ccxt-binance]`)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from contextlib import AbstractAsyncContextManager
 
 import pytest
 
-from .harness import ContractSubject, sim_subject
+from .harness import ContractSubject, ccxt_binance_subject, sim_subject
 
 IMPLEMENTATIONS: dict[str, Callable[[], AbstractAsyncContextManager[ContractSubject]]] = {
     "sim": sim_subject,
+    "ccxt-binance": ccxt_binance_subject,
 }
 
 

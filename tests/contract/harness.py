@@ -2,8 +2,8 @@
 
 The tests talk to a venue only through `ExchangePort` and `VenueHarness`. The harness is what a test can
 do that a trading engine cannot: set a mark price, let time pass, force the next call of a kind to fail.
-For the sim venue it wraps the venue's control surface and a `ManualClock`; for the Binance-wire emulator
-(a later issue) it will speak to the emulator's control endpoint and let real time pass.
+For the sim venue it wraps the venue's control surface and a `ManualClock`; for the ccxt adapter it speaks
+to the Binance-wire emulator's loopback control endpoint, and the adapter speaks real HTTP to the emulator.
 """
 
 from __future__ import annotations
@@ -15,8 +15,13 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Protocol, TypeVar
 
+import aiohttp
+import pytest
+
 from engine.clock import ManualClock
 from engine.exchange.port import ExchangePort
+from engine.venues.binance_emulator import BinanceEmulator, running
+from engine.venues.ccxt_venue import BinanceUsdmVenue, CcxtVenueConfig
 from engine.venues.sim import CallKind, FaultKind, SimVenue, SimVenueSettings
 from engine.venues.sim.settings import LatencySettings
 
@@ -89,3 +94,82 @@ async def sim_subject() -> AsyncIterator[ContractSubject]:
         yield ContractSubject(port=venue, harness=SimHarness(venue, clock))
     finally:
         await venue.close()
+
+
+# ---- the ccxt adapter against the Binance-wire emulator (real ccxt, real HTTP, real signing) ------------
+
+EMULATOR_API_KEY = "contract-test-key"
+EMULATOR_API_SECRET = "contract-test-secret"
+_ADAPTER_TIMEOUT_SECONDS = 1.0  # short, so "answer lost" tests take a second, not ten
+
+_EMULATOR_FAULTS = {
+    FaultKind.TIMEOUT_AFTER_ACCEPT: "timeout",  # executed, the answer held back past the client's timeout
+    FaultKind.SERVER_ERROR: "busy",  # HTTP 503 -1008: refused before execution
+}
+
+
+class EmulatorHarness:
+    """Drives the emulator through its loopback control API; venue time moves with `/_sim/advance` (the
+    emulator's clock skips ahead, request signatures are still checked against the real clock)."""
+
+    def __init__(self, session: aiohttp.ClientSession, base_url: str) -> None:
+        self._session = session
+        self._base_url = base_url
+
+    async def _post(self, path: str, body: dict[str, object]) -> None:
+        async with self._session.post(f"{self._base_url}{path}", json=body) as response:
+            if response.status != 200:
+                raise AssertionError(f"emulator control {path}: {response.status} {await response.text()}")
+
+    async def set_mark_price(self, symbol: str, price: Decimal) -> None:
+        await self._post("/_sim/mark", {"symbol": symbol, "price": str(price)})
+
+    async def advance(self, seconds: float) -> None:
+        await self._post("/_sim/advance", {"seconds": seconds})
+
+    async def drive(self, awaitable: Awaitable[T]) -> T:
+        return await awaitable  # real time passes by itself
+
+    async def fail_next(self, call: CallKind, fault: FaultKind, count: int = 1) -> None:
+        emulated = _EMULATOR_FAULTS.get(fault)
+        if emulated is None:
+            pytest.skip(
+                "a request over real HTTP always reaches the server, so 'failed before it was sent' cannot be "
+                "staged on the emulator; connection refused → Retryable is covered in "
+                "tests/unit/test_ccxt_error_translation.py"
+            )
+        await self._post(
+            "/_sim/fault",
+            {
+                "call": call.value,
+                "fault": emulated,
+                "count": count,
+                "hold_seconds": _ADAPTER_TIMEOUT_SECONDS * 3,
+            },
+        )
+
+
+@asynccontextmanager
+async def ccxt_binance_subject() -> AsyncIterator[ContractSubject]:
+    """The ccxt adapter (`binanceusdm`) talking to a fresh emulator on a free loopback port."""
+    settings = SimVenueSettings(seed=7, volatility=0.0, symbols=["SFPUSDT", "BTCUSDT", "ETHUSDT"])
+    emulator = BinanceEmulator(
+        settings, api_key=EMULATOR_API_KEY, api_secret=EMULATOR_API_SECRET, control=True
+    )
+    async with running(emulator) as base_url, aiohttp.ClientSession() as control:
+        venue = BinanceUsdmVenue(
+            CcxtVenueConfig(
+                kind="binanceusdm",
+                api_key=EMULATOR_API_KEY,
+                api_secret=EMULATOR_API_SECRET,
+                base_url=base_url,
+                request_timeout_seconds=_ADAPTER_TIMEOUT_SECONDS,
+                mark_poll_seconds=0.05,
+            )
+        )
+        await venue.connect()
+        try:
+            await venue.load_markets()
+            yield ContractSubject(port=venue, harness=EmulatorHarness(control, base_url))
+        finally:
+            await venue.close()

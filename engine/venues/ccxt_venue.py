@@ -1,0 +1,1519 @@
+"""The exchange port over ccxt: Binance USDⓈ-M (`binanceusdm`) and Bybit linear perpetuals (`bybit`).
+
+This is the only module that imports ccxt. Everything ccxt-shaped stops here:
+
+* symbols: the port speaks exchange-native ids (`SFPUSDT`); ccxt speaks unified symbols
+  (`SFP/USDT:USDT`). `SymbolMap`, built from the loaded markets, is the one mapping;
+* numbers: prices and sizes are sent as exact decimal strings and read back from the venue's own strings
+  (`info`), never from ccxt's floats. Off-grid prices and sizes are refused here (`BAD_PRECISION`) rather
+  than silently rounded by ccxt's `*_to_precision`;
+* errors: every ccxt exception is translated once, by `translate_error`, into the port's typed errors
+  (`raise … from`), using the HTTP status, `Retry-After` and the venue's error code of the failed response.
+  Messages carry codes, symbols and client ids only: never URLs, signed parameters or keys.
+
+Binance specifics (since 2025-12 conditional orders live in the Algo Order API): STOP_MARKET and
+TRAILING_STOP_MARKET are sent through ccxt's `create_order`, which routes them to `POST /fapi/v1/algoOrder`
+with our client id as `clientAlgoId`; fetch and cancel pass `params={'trigger': True}`. Trailing stops
+carry quantity + reduceOnly (Binance refuses closePosition for them), every trigger uses
+`workingType=MARK_PRICE`, callbackRate is checked against 0.1–10 before sending, and the order budget is
+read from `exchangeInfo.rateLimits` (ORDERS) when the venue publishes it.
+
+Bybit specifics (v5, category linear): the hard stop and the trailing stop are position-level
+(`POST /v5/position/trading-stop`: `stopLoss` with `slTriggerBy=MarkPrice`, `trailingStop` as a price
+distance with `activePrice`, `positionIdx` for one-way or hedge mode). They carry no client order id on
+Bybit's side; the adapter keeps the caller's id and answers `fetch_order` from the position's current
+stop fields. Setting a position stop again replaces it, so a retried call can never leave two stops.
+
+Mark prices: ccxt.pro `watch_mark_prices` where the venue has it (Binance), else REST polling; while
+neither delivers, nothing is yielded and the engine's price-feed health sees the marks age.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from typing import Any, TypeVar
+
+import aiohttp
+import ccxt.async_support as ccxt_async
+import ccxt.pro as ccxt_pro
+from ccxt.base import errors as ccxt_errors
+
+from engine.clock import Clock, SystemClock
+from engine.exchange.errors import (
+    Banned,
+    DuplicateClientOrderId,
+    ExchangeError,
+    InsufficientMargin,
+    NotFound,
+    OutcomeUnknown,
+    RateLimited,
+    RejectCode,
+    Rejected,
+    Retryable,
+    WouldTriggerImmediately,
+)
+from engine.exchange.port import (
+    CLIENT_ORDER_ID_PATTERN,
+    Balance,
+    Capabilities,
+    Market,
+    MarkPrice,
+    Order,
+    OrderSide,
+    OrderStatus,
+    OrderType,
+    PositionSide,
+    RateBudget,
+    VenuePosition,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+BINANCEUSDM = "binanceusdm"
+BYBIT = "bybit"
+KINDS = (BINANCEUSDM, BYBIT)
+
+CALLBACK_RATE_MIN = Decimal("0.1")
+CALLBACK_RATE_MAX = Decimal("10")
+BINANCE_MAX_CONDITIONAL_ORDERS = 200
+BINANCE_DEFAULT_BUDGETS = (
+    RateBudget(limit=300, window_seconds=10.0),
+    RateBudget(limit=1200, window_seconds=60.0),
+)
+BYBIT_DEFAULT_BUDGETS = (RateBudget(limit=10, window_seconds=1.0),)
+DEFAULT_MAX_LEVERAGE = 125  # Binance publishes leverage brackets only on a private endpoint
+WEBSOCKET_RETRY_SECONDS = 60.0
+_ZERO = Decimal(0)
+_INTERVAL_SECONDS = {"SECOND": 1.0, "MINUTE": 60.0, "HOUR": 3600.0, "DAY": 86_400.0}
+_BAN_UNTIL = re.compile(r"banned until (\d{10,16})")
+_CODE_IN_TEXT = re.compile(r'"(?:code|retCode|ret_code)"\s*:\s*"?(-?\d+)')
+
+
+# ---- configuration --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CcxtVenueConfig:
+    kind: str  # "binanceusdm" | "bybit"
+    api_key: str = field(repr=False)
+    api_secret: str = field(repr=False)
+    testnet: bool = True
+    base_url: str = ""  # overrides every REST host (the local emulator); disables websockets
+    request_timeout_seconds: float = 8.0  # below the protection call budget, so a timeout is ours to name
+    mark_poll_seconds: float = 1.0
+    use_websocket: bool | None = None  # None: when the venue has it and base_url is not set
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unsupported ccxt venue {self.kind!r}: expected one of {', '.join(KINDS)}")
+        if not self.api_key or not self.api_secret:
+            raise ValueError(f"{self.kind}: an API key and secret are required")
+
+
+# ---- error translation ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HttpContext:
+    """What the failed HTTP exchange looked like (captured per request, so concurrent calls cannot mix)."""
+
+    status: int | None
+    headers: Mapping[str, str]
+    body: str
+
+    def header(self, name: str) -> str | None:
+        wanted = name.lower()
+        for key, value in self.headers.items():
+            if key.lower() == wanted:
+                return value
+        return None
+
+
+def _venue_code_and_message(error: Exception, context: HttpContext | None) -> tuple[int | None, str]:
+    """The venue's own error code and message, from the response body (or, failing that, the text)."""
+    text = context.body if context is not None and context.body else str(error)
+    start = text.find("{")
+    if start >= 0:
+        try:
+            payload = json.loads(text[start:])
+        except ValueError:
+            payload = None
+        if isinstance(payload, dict):
+            code = payload.get("code", payload.get("retCode", payload.get("ret_code")))
+            message = payload.get("msg", payload.get("retMsg", payload.get("ret_msg", "")))
+            try:
+                return (int(code) if code is not None else None), str(message)[:200]
+            except (TypeError, ValueError):
+                return None, str(message)[:200]
+    match = _CODE_IN_TEXT.search(text)
+    return (int(match.group(1)) if match else None), ""
+
+
+def _retry_after(context: HttpContext | None, default: float) -> float:
+    if context is not None:
+        value = context.header("Retry-After")
+        if value:
+            try:
+                return max(0.0, float(value))
+            except ValueError:
+                pass
+    return default
+
+
+# Binance USDⓈ-M codes and what they mean for the caller.
+_BINANCE_UNKNOWN_OUTCOME = {-1006, -1007}  # "execution status unknown"
+_BINANCE_NOT_EXECUTED = {-1008, -1021, -1001}  # server busy, timestamp outside recvWindow, disconnected
+_BINANCE_NOT_FOUND = {-2013, -2011, -20124}
+_BINANCE_DUPLICATE = {-4116, -20132}
+_BINANCE_RATE = {-1003, -1015}
+
+# Bybit v5 retCodes.
+_BYBIT_RATE = {10006, 10018}
+_BYBIT_NOT_EXECUTED = {10016, 10002}  # server error before processing, timestamp/recv_window
+_BYBIT_WOULD_TRIGGER = {110092, 110093}  # trigger price already crossed (expected rising/falling)
+_BYBIT_NOT_FOUND = {110001, 170213}
+_BYBIT_DUPLICATE = {110072, 10014}
+_BYBIT_MARGIN = {110007, 110004, 110012, 110044, 110045}
+_BYBIT_REDUCE_ONLY = {110017}
+
+
+def translate_error(
+    error: Exception,
+    *,
+    venue: str,
+    mutating: bool,
+    symbol: str | None = None,
+    client_order_id: str | None = None,
+    now: float | None = None,
+) -> ExchangeError:
+    """One ccxt (or transport) failure → the port's error named by what to do next."""
+    now = time.time() if now is None else now
+    context: HttpContext | None = getattr(error, "http_context", None)
+    status = context.status if context is not None else None
+    code, message = _venue_code_and_message(error, context)
+    label = f"{venue}{' ' + symbol if symbol else ''}"
+
+    def unknown(detail: str) -> ExchangeError:
+        if mutating:
+            return OutcomeUnknown(client_order_id, f"{label}: {detail}")
+        return Retryable(f"{label}: {detail}")
+
+    # Rate limits and bans first: they are answers about the account, whatever the endpoint.
+    ban_match = _BAN_UNTIL.search(message)
+    if status == 418 or ban_match is not None:
+        until = int(ban_match.group(1)) / 1000 if ban_match else now + _retry_after(context, 120.0)
+        return Banned(until, f"{label}: banned for repeated rate-limit violations (HTTP 418)")
+    if (
+        status == 429
+        or (venue == BINANCEUSDM and code in _BINANCE_RATE)
+        or (venue == BYBIT and code in _BYBIT_RATE)
+    ):
+        return RateLimited(_retry_after(context, 1.0), f"{label}: rate limit exceeded (code {code})")
+    if isinstance(error, ccxt_errors.DDoSProtection | ccxt_errors.RateLimitExceeded) and status is None:
+        # Siblings in ccxt's tree (neither catches the other): both mean "slow down" here.
+        return RateLimited(1.0, f"{label}: rate limit exceeded")
+
+    if venue == BINANCEUSDM and code is not None:
+        if code in _BINANCE_UNKNOWN_OUTCOME:
+            return unknown(f"execution status unknown (code {code})")
+        if code in _BINANCE_NOT_EXECUTED:
+            return Retryable(f"{label}: not executed (code {code}: {message})")
+        if code == RejectCode.WOULD_IMMEDIATELY_TRIGGER:
+            return WouldTriggerImmediately(f"{label}: order would immediately trigger")
+        if code == RejectCode.MAX_CONDITIONAL_ORDERS:
+            return Rejected(
+                RejectCode.MAX_CONDITIONAL_ORDERS, f"{label}: conditional order cap reached ({message})"
+            )
+        if code in _BINANCE_DUPLICATE:
+            return DuplicateClientOrderId(client_order_id or "?")
+        if code == RejectCode.MARGIN_INSUFFICIENT:
+            return InsufficientMargin(f"{label}: margin is insufficient")
+        if code in _BINANCE_NOT_FOUND:
+            return NotFound(symbol or "?", client_order_id or "?")
+        if code < 0 and (status is None or 400 <= status < 500):
+            return Rejected(_reject_code(code), f"{label}: {message or 'refused'}")
+    if venue == BYBIT and code is not None and code != 0:
+        if code in _BYBIT_NOT_EXECUTED:
+            return Retryable(f"{label}: not executed (retCode {code}: {message})")
+        if code in _BYBIT_WOULD_TRIGGER:
+            return WouldTriggerImmediately(f"{label}: stop would trigger immediately ({message})")
+        if code in _BYBIT_DUPLICATE:
+            return DuplicateClientOrderId(client_order_id or "?")
+        if code in _BYBIT_MARGIN:
+            return InsufficientMargin(f"{label}: {message or 'insufficient balance'}")
+        if code in _BYBIT_NOT_FOUND:
+            return NotFound(symbol or "?", client_order_id or "?")
+        if code in _BYBIT_REDUCE_ONLY:
+            return Rejected(RejectCode.REDUCE_ONLY_REJECTED, f"{label}: {message or 'reduce-only rejected'}")
+        if status is None or status < 500:
+            return Rejected(code, f"{label}: {message or 'refused'}")
+
+    if status is not None and status >= 500:
+        # Binance: a 5xx means the execution status is unknown; only -1008 (busy) is known not executed.
+        return unknown(f"HTTP {status}")
+    if isinstance(error, ccxt_errors.RequestTimeout):
+        return unknown("no answer before the timeout")
+    if isinstance(error, ccxt_errors.NetworkError):
+        if isinstance(error.__cause__, aiohttp.ClientConnectorError | OSError) and not isinstance(
+            error.__cause__, aiohttp.ServerDisconnectedError
+        ):
+            return Retryable(f"{label}: could not connect (nothing was sent)")
+        return unknown("connection lost before the answer")
+    if isinstance(error, ccxt_errors.AuthenticationError):
+        return Rejected(code or status or -2015, f"{label}: the venue refused the API key or signature")
+    if isinstance(error, ccxt_errors.BadResponse | ccxt_errors.NullResponse):
+        return unknown("unreadable answer")
+    if isinstance(error, ccxt_errors.InvalidOrder | ccxt_errors.BadRequest | ccxt_errors.ExchangeError):
+        return Rejected(code or status or 0, f"{label}: {message or type(error).__name__}")
+    if isinstance(error, asyncio.TimeoutError | aiohttp.ClientError):
+        return unknown(type(error).__name__)
+    return unknown(type(error).__name__)
+
+
+def _reject_code(code: int) -> int:
+    try:
+        return RejectCode(code)
+    except ValueError:
+        return code
+
+
+def _capturing(base: type) -> type:
+    """`base` (a ccxt exchange class) whose errors carry the failed response's status, headers and body."""
+
+    class Capturing(base):  # type: ignore[misc, valid-type]
+        def handle_errors(
+            self, code, reason, url, method, headers, body, response, request_headers, request_body
+        ):  # type: ignore[no-untyped-def]
+            try:
+                result = super().handle_errors(
+                    code, reason, url, method, headers, body, response, request_headers, request_body
+                )
+                if code is not None and code >= 400:
+                    self.handle_http_status_code(code, reason, url, method, body or "")
+            except ccxt_errors.BaseError as error:
+                error.http_context = HttpContext(code, dict(headers or {}), body or "")  # type: ignore[attr-defined]
+                raise
+            return result
+
+    Capturing.__name__ = f"Capturing{base.__name__}"
+    return Capturing
+
+
+# ---- symbols and numbers --------------------------------------------------------------------------------
+
+
+class SymbolMap:
+    """Exchange-native id ↔ ccxt unified symbol (`SFPUSDT` ↔ `SFP/USDT:USDT`), from the loaded markets."""
+
+    def __init__(self, pairs: Mapping[str, str]) -> None:
+        self._to_unified = dict(pairs)
+        self._to_native = {unified: native for native, unified in pairs.items()}
+
+    def unified(self, native: str) -> str:
+        try:
+            return self._to_unified[native]
+        except KeyError:
+            raise Rejected(RejectCode.BAD_SYMBOL, f"invalid symbol {native!r}") from None
+
+    def native(self, unified: str) -> str | None:
+        return self._to_native.get(unified)
+
+    def __contains__(self, native: object) -> bool:
+        return native in self._to_unified
+
+    def __len__(self) -> int:
+        return len(self._to_unified)
+
+
+def _decimal(value: Any, default: Decimal | None = None) -> Decimal | None:
+    """A venue number (string preferred) as Decimal; None/empty → default."""
+    if value is None or value == "":
+        return default
+    try:
+        return Decimal(value if isinstance(value, str) else str(value))
+    except InvalidOperation:
+        return default
+
+
+def _positive(value: Any) -> Decimal | None:
+    number = _decimal(value)
+    return number if number is not None and number > 0 else None
+
+
+def _wire(value: Decimal) -> str:
+    return format(value, "f")
+
+
+def _seconds(ms: Any, default: float) -> float:
+    try:
+        return int(ms) / 1000 if ms not in (None, "", 0, "0") else default
+    except (TypeError, ValueError):
+        return default
+
+
+# ---- the venue ------------------------------------------------------------------------------------------
+
+
+class CcxtVenue:
+    """Shared shell: ccxt instance, markets, error translation, the mark-price stream."""
+
+    kind: str = ""
+    _ccxt_id: str = ""
+
+    def __init__(self, config: CcxtVenueConfig, *, clock: Clock | None = None) -> None:
+        self._config = config
+        self._clock: Clock = clock if clock is not None else SystemClock()
+        websocket_possible = not config.base_url and config.use_websocket is not False
+        module = ccxt_pro if websocket_possible else ccxt_async
+        exchange_class = _capturing(getattr(module, self._ccxt_id))
+        self._exchange: Any = exchange_class(self._exchange_options())
+        # load_markets would also fetch currencies: a private wallet endpoint we have no use for.
+        self._exchange.has = {**self._exchange.has, "fetchCurrencies": False}
+        self._configure_urls()
+        self._use_websocket = bool(
+            websocket_possible
+            and self._exchange.has.get("watchMarkPrices")
+            and config.use_websocket is not False
+        )
+        self._markets: dict[str, Market] = {}
+        self._symbols = SymbolMap({})
+        self._budgets: tuple[RateBudget, ...] = ()
+        self._closed = False
+        self._connected = False
+
+    # ---- setup ------------------------------------------------------------------------------------------
+
+    def _exchange_options(self) -> dict[str, Any]:
+        return {
+            "apiKey": self._config.api_key,
+            "secret": self._config.api_secret,
+            "timeout": int(self._config.request_timeout_seconds * 1000),
+            # ccxt's throttle serialises every request through one queue; against the emulator our own order
+            # budget is the only limiter we want. Real venues keep ccxt's conservative request pacing.
+            "enableRateLimit": not self._config.base_url,
+            # ccxt waits 250 ms on close for TLS connections to wind down; plain loopback HTTP has none.
+            "timeout_on_exit": 0 if self._config.base_url.startswith("http://") else 250,
+        }
+
+    def _configure_urls(self) -> None:
+        if self._config.base_url:
+            self._exchange.urls["api"] = _rehost(
+                self._exchange.urls["api"], self._config.base_url.rstrip("/")
+            )
+
+    @property
+    def name(self) -> str:
+        return self.kind
+
+    def capabilities(self) -> Capabilities:
+        raise NotImplementedError
+
+    async def connect(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"{self.kind} venue is closed")
+        self._connected = True
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._exchange.close()
+        except Exception:
+            logger.exception("%s: closing the ccxt session failed", self.kind)
+
+    async def __aenter__(self) -> CcxtVenue:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+    # ---- shared helpers ---------------------------------------------------------------------------------
+
+    async def _call(
+        self,
+        awaitable: Any,
+        *,
+        mutating: bool,
+        symbol: str | None = None,
+        client_order_id: str | None = None,
+    ) -> Any:
+        try:
+            return await awaitable
+        except ExchangeError:
+            raise
+        except (TimeoutError, ccxt_errors.BaseError, aiohttp.ClientError) as error:
+            translated = translate_error(
+                error,
+                venue=self.kind,
+                mutating=mutating,
+                symbol=symbol,
+                client_order_id=client_order_id,
+                now=time.time(),
+            )
+            if isinstance(translated, OutcomeUnknown | Retryable | RateLimited | Banned):
+                logger.warning("%s", translated)
+            raise translated from error
+
+    async def _ensure_markets(self) -> None:
+        if not self._markets:
+            await self.load_markets()
+
+    def _market(self, symbol: str) -> Market:
+        market = self._markets.get(symbol)
+        if market is None:
+            raise Rejected(RejectCode.BAD_SYMBOL, f"invalid symbol {symbol!r}")
+        return market
+
+    @staticmethod
+    def _require_client_order_id(client_order_id: str) -> None:
+        if not CLIENT_ORDER_ID_PATTERN.fullmatch(client_order_id):
+            raise Rejected(
+                RejectCode.INVALID_CLIENT_ORDER_ID, "client order id is not valid (1-36 of [.A-Za-z0-9:/_-])"
+            )
+
+    @staticmethod
+    def _require_grid(market: Market, quantity: Decimal, *prices: tuple[str, Decimal | None]) -> None:
+        """Refuse what ccxt would silently round: sizes off the step, prices off the tick."""
+        if quantity <= 0:
+            raise Rejected(RejectCode.QUANTITY_TOO_SMALL, "quantity must be greater than zero")
+        if not market.is_on_step(quantity):
+            raise Rejected(
+                RejectCode.BAD_PRECISION, f"quantity {quantity} is not a multiple of {market.step_size}"
+            )
+        for what, price in prices:
+            if price is not None and (price <= 0 or not market.is_on_tick(price)):
+                raise Rejected(
+                    RejectCode.BAD_PRECISION,
+                    f"{what} {price} is not a positive multiple of {market.tick_size}",
+                )
+
+    @staticmethod
+    def _require_callback(callback_rate: Decimal) -> None:
+        if not CALLBACK_RATE_MIN <= callback_rate <= CALLBACK_RATE_MAX:
+            raise Rejected(
+                RejectCode.INVALID_PARAMETER,
+                f"callback rate {callback_rate} outside {CALLBACK_RATE_MIN}..{CALLBACK_RATE_MAX}",
+            )
+
+    # ---- mark prices ------------------------------------------------------------------------------------
+
+    async def fetch_mark_prices(self, symbols: Collection[str] | None = None) -> dict[str, MarkPrice]:
+        raise NotImplementedError
+
+    async def watch_mark_prices(self, symbols: Collection[str] | None = None) -> AsyncIterator[MarkPrice]:
+        """Websocket where the venue has it; REST polling otherwise, and while the websocket is down."""
+        await self._ensure_markets()
+        wanted = None if symbols is None else list(symbols)
+        last_seen: dict[str, float] = {}
+        websocket_down_until = 0.0
+        while not self._closed:
+            if self._use_websocket and self._clock.monotonic() >= websocket_down_until:
+                try:
+                    async for mark in self._websocket_marks(wanted):
+                        yield mark
+                except (TimeoutError, ccxt_errors.BaseError, aiohttp.ClientError, OSError) as error:
+                    if self._closed:
+                        return
+                    logger.warning(
+                        "%s: mark price stream failed (%s); polling REST every %.1fs for %.0fs",
+                        self.kind,
+                        type(error).__name__,
+                        self._config.mark_poll_seconds,
+                        WEBSOCKET_RETRY_SECONDS,
+                    )
+                    websocket_down_until = self._clock.monotonic() + WEBSOCKET_RETRY_SECONDS
+                continue
+            async for mark in self._poll_marks(wanted, last_seen, until=websocket_down_until):
+                yield mark
+
+    async def _websocket_marks(self, wanted: list[str] | None) -> AsyncIterator[MarkPrice]:
+        unified = None if wanted is None else [self._symbols.unified(s) for s in wanted]
+        while not self._closed:
+            tickers = await self._exchange.watch_mark_prices(unified)
+            for ticker in tickers.values():
+                native = self._symbols.native(ticker.get("symbol", ""))
+                info = ticker.get("info") or {}
+                price = _positive(info.get("p")) or _positive(ticker.get("markPrice"))
+                if native is None or price is None:
+                    continue
+                yield MarkPrice(
+                    native, price, _seconds(ticker.get("timestamp") or info.get("E"), time.time())
+                )
+
+    async def _poll_marks(
+        self, wanted: list[str] | None, last_seen: dict[str, float], *, until: float
+    ) -> AsyncIterator[MarkPrice]:
+        failing_since: float | None = None
+        while not self._closed:
+            try:
+                marks = await self.fetch_mark_prices(wanted)
+            except ExchangeError as error:
+                if failing_since is None:
+                    failing_since = self._clock.monotonic()
+                    logger.warning(
+                        "%s: mark prices unavailable (%s); the price feed goes stale", self.kind, error
+                    )
+            else:
+                if failing_since is not None:
+                    logger.info(
+                        "%s: mark prices back after %.1fs", self.kind, self._clock.monotonic() - failing_since
+                    )
+                    failing_since = None
+                for mark in marks.values():
+                    if mark.timestamp > last_seen.get(mark.symbol, -1.0):  # only fresh marks count as fresh
+                        last_seen[mark.symbol] = mark.timestamp
+                        yield mark
+            if self._use_websocket and self._clock.monotonic() >= until:
+                return
+            await self._clock.sleep(self._config.mark_poll_seconds)
+
+
+def _rehost(urls: Any, base_url: str) -> Any:
+    """Point every URL of ccxt's `urls['api']` at `base_url`, keeping the path (nothing leaves loopback)."""
+    if isinstance(urls, dict):
+        return {key: _rehost(value, base_url) for key, value in urls.items()}
+    if isinstance(urls, str) and "://" in urls:
+        scheme, rest = urls.split("://", 1)
+        path = rest.split("/", 1)[1] if "/" in rest else ""
+        target = base_url
+        if scheme in ("ws", "wss"):
+            target = base_url.replace("http://", "ws://").replace("https://", "wss://")
+        return f"{target}/{path}" if path else target
+    return urls
+
+
+# ---- Binance USDⓈ-M -------------------------------------------------------------------------------------
+
+_BINANCE_ORDER_STATUS = {
+    "NEW": OrderStatus.NEW,
+    "PARTIALLY_FILLED": OrderStatus.NEW,
+    "FILLED": OrderStatus.FILLED,
+    "CANCELED": OrderStatus.CANCELED,
+    "EXPIRED": OrderStatus.EXPIRED,
+    "EXPIRED_IN_MATCH": OrderStatus.EXPIRED,
+    "REJECTED": OrderStatus.EXPIRED,
+}
+_BINANCE_ORDER_TYPE = {
+    "MARKET": OrderType.MARKET,
+    "STOP_MARKET": OrderType.STOP_MARKET,
+    "TRAILING_STOP_MARKET": OrderType.TRAILING_STOP_MARKET,
+}
+
+
+class BinanceUsdmVenue(CcxtVenue):
+    kind = BINANCEUSDM
+    _ccxt_id = "binanceusdm"
+
+    def __init__(self, config: CcxtVenueConfig, *, clock: Clock | None = None) -> None:
+        super().__init__(config, clock=clock)
+        self._algo_ids: dict[str, bool] = {}  # client id -> is it an algo (conditional) order
+
+    def _exchange_options(self) -> dict[str, Any]:
+        options = super()._exchange_options()
+        options["options"] = {
+            "defaultType": "swap",
+            "fetchMarkets": {"types": ["linear"]},  # no spot/inverse/option hosts
+            "fetchCurrencies": False,  # a private sapi call on another host
+            "fetchMargins": False,
+            "adjustForTimeDifference": True,  # -1021 otherwise, when the local clock drifts
+            "warnOnFetchOpenOrdersWithoutSymbol": False,
+            "disableFuturesSandboxWarning": True,
+        }
+        return options
+
+    def _configure_urls(self) -> None:
+        if not self._config.base_url and self._config.testnet:
+            # ccxt retired Binance's futures sandbox in favour of demo trading (demo-fapi.binance.com).
+            self._exchange.enable_demo_trading(True)
+        super()._configure_urls()
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            native_trailing_stop=True,
+            callback_rate_min=CALLBACK_RATE_MIN,
+            callback_rate_max=CALLBACK_RATE_MAX,
+            attach_stop_to_entry=False,
+            max_conditional_orders=BINANCE_MAX_CONDITIONAL_ORDERS,
+            order_rate_budgets=self._budgets or BINANCE_DEFAULT_BUDGETS,
+        )
+
+    # ---- markets and market data ------------------------------------------------------------------------
+
+    async def load_markets(self) -> Mapping[str, Market]:
+        ex = self._exchange
+        info = await self._call(ex.fapiPublicGetExchangeInfo(), mutating=False)
+        self._budgets = _binance_order_budgets(info.get("rateLimits") or []) or BINANCE_DEFAULT_BUDGETS
+        loaded = await self._call(ex.load_markets(True), mutating=False)
+        markets: dict[str, Market] = {}
+        pairs: dict[str, str] = {}
+        for unified, market in loaded.items():
+            raw = market.get("info") or {}
+            if not (market.get("linear") and market.get("swap") and market.get("settle") == "USDT"):
+                continue
+            if raw.get("status", "TRADING") != "TRADING":
+                continue
+            parsed = _binance_market(raw, market)
+            if parsed is not None:
+                markets[parsed.symbol] = parsed
+                pairs[parsed.symbol] = unified
+        self._markets = markets
+        self._symbols = SymbolMap(pairs)
+        return dict(markets)
+
+    async def fetch_mark_prices(self, symbols: Collection[str] | None = None) -> dict[str, MarkPrice]:
+        await self._ensure_markets()
+        wanted = None if symbols is None else set(symbols)
+        if wanted is not None:
+            for symbol in wanted:
+                self._market(symbol)
+        request = {"symbol": next(iter(wanted))} if wanted is not None and len(wanted) == 1 else {}
+        rows = await self._call(self._exchange.fapiPublicGetPremiumIndex(request), mutating=False)
+        rows = rows if isinstance(rows, list) else [rows]
+        marks: dict[str, MarkPrice] = {}
+        for row in rows:
+            symbol = row.get("symbol")
+            price = _positive(row.get("markPrice"))
+            if symbol not in self._markets or price is None or (wanted is not None and symbol not in wanted):
+                continue
+            marks[symbol] = MarkPrice(symbol, price, _seconds(row.get("time"), time.time()))
+        return marks
+
+    # ---- account ----------------------------------------------------------------------------------------
+
+    async def fetch_balance(self) -> Balance:
+        rows = await self._call(self._exchange.fapiPrivateV2GetBalance(), mutating=False)
+        for row in rows:
+            if row.get("asset") == "USDT":
+                return Balance(
+                    asset="USDT",
+                    wallet_balance=_decimal(row.get("crossWalletBalance") or row.get("balance"), _ZERO),  # type: ignore[arg-type]
+                    unrealized_pnl=_decimal(row.get("crossUnPnl"), _ZERO),  # type: ignore[arg-type]
+                    available_balance=_decimal(row.get("availableBalance"), _ZERO),  # type: ignore[arg-type]
+                )
+        return Balance("USDT", _ZERO, _ZERO, _ZERO)
+
+    async def fetch_positions(self) -> list[VenuePosition]:
+        await self._ensure_markets()
+        rows = await self._call(self._exchange.fapiPrivateV2GetPositionRisk(), mutating=False)
+        positions = []
+        for row in rows:
+            amount = _decimal(row.get("positionAmt"), _ZERO)
+            symbol = row.get("symbol")
+            if not amount or symbol not in self._markets:
+                continue
+            hedge_side = row.get("positionSide", "BOTH")
+            side = (
+                PositionSide.LONG
+                if (hedge_side == "LONG" or (hedge_side == "BOTH" and amount > 0))
+                else PositionSide.SHORT
+            )
+            positions.append(
+                VenuePosition(
+                    symbol=symbol,
+                    side=side,
+                    quantity=abs(amount),  # type: ignore[arg-type]
+                    entry_price=_decimal(row.get("entryPrice"), _ZERO),  # type: ignore[arg-type]
+                    mark_price=_decimal(row.get("markPrice"), _ZERO),  # type: ignore[arg-type]
+                    unrealized_pnl=_decimal(row.get("unRealizedProfit"), _ZERO),  # type: ignore[arg-type]
+                    leverage=int(_decimal(row.get("leverage"), Decimal(1))),  # type: ignore[arg-type]
+                    updated_at=_seconds(row.get("updateTime"), time.time()),
+                )
+            )
+        return positions
+
+    async def fetch_open_protective_orders(self, symbol: str | None = None) -> list[Order]:
+        await self._ensure_markets()
+        unified = None if symbol is None else self._symbols.unified(symbol)
+        found = await self._call(
+            self._exchange.fetch_open_orders(unified, None, None, {"trigger": True}),
+            mutating=False,
+            symbol=symbol,
+        )
+        orders = []
+        for item in found:
+            info = item.get("info") or {}
+            if (
+                info.get("orderType") in ("STOP_MARKET", "TRAILING_STOP_MARKET")
+                and info.get("symbol") in self._markets
+            ):
+                orders.append(self._algo_order(info, None))
+        return orders
+
+    async def set_leverage(self, symbol: str, leverage: int) -> int:
+        await self._ensure_markets()
+        self._market(symbol)
+        answer = await self._call(
+            self._exchange.fapiPrivatePostLeverage({"symbol": symbol, "leverage": leverage}),
+            mutating=True,
+            symbol=symbol,
+        )
+        return int(answer.get("leverage", leverage))
+
+    # ---- orders -----------------------------------------------------------------------------------------
+
+    async def create_market_order(
+        self,
+        symbol: str,
+        side: OrderSide,
+        quantity: Decimal,
+        *,
+        client_order_id: str,
+        reduce_only: bool = False,
+    ) -> Order:
+        await self._ensure_markets()
+        self._require_grid(self._market(symbol), quantity)
+        self._require_client_order_id(client_order_id)
+        params: dict[str, Any] = {"newClientOrderId": client_order_id}
+        if reduce_only:
+            params["reduceOnly"] = True
+        self._algo_ids[client_order_id] = False
+        placed = await self._call(
+            self._exchange.create_order(
+                self._symbols.unified(symbol), "market", side.value, _wire(quantity), None, params
+            ),
+            mutating=True,
+            symbol=symbol,
+            client_order_id=client_order_id,
+        )
+        order = self._regular_order(placed.get("info") or {})
+        if order.status is OrderStatus.NEW:  # acknowledged before the fill: ask once more
+            return await self.fetch_order(symbol, client_order_id)
+        return order
+
+    async def create_stop_market_order(
+        self,
+        symbol: str,
+        side: OrderSide,
+        quantity: Decimal,
+        stop_price: Decimal,
+        *,
+        client_order_id: str,
+    ) -> Order:
+        await self._ensure_markets()
+        self._require_grid(self._market(symbol), quantity, ("stop price", stop_price))
+        self._require_client_order_id(client_order_id)
+        params = {
+            "triggerPrice": _wire(stop_price),
+            "reduceOnly": True,
+            "workingType": "MARK_PRICE",
+            "clientAlgoId": client_order_id,
+        }
+        return await self._place_algo(symbol, side, quantity, params, client_order_id)
+
+    async def create_trailing_stop_order(
+        self,
+        symbol: str,
+        side: OrderSide,
+        quantity: Decimal,
+        callback_rate: Decimal,
+        *,
+        client_order_id: str,
+        activation_price: Decimal | None = None,
+    ) -> Order:
+        await self._ensure_markets()
+        self._require_grid(self._market(symbol), quantity, ("activation price", activation_price))
+        self._require_client_order_id(client_order_id)
+        self._require_callback(callback_rate)
+        params: dict[str, Any] = {
+            "trailingPercent": _wire(callback_rate),  # → callbackRate
+            "reduceOnly": True,  # quantity + reduceOnly: Binance refuses closePosition on trailing orders
+            "workingType": "MARK_PRICE",
+            "clientAlgoId": client_order_id,
+        }
+        if activation_price is not None:
+            params["activationPrice"] = _wire(activation_price)  # → activatePrice on the algo endpoint
+        return await self._place_algo(symbol, side, quantity, params, client_order_id)
+
+    async def _place_algo(
+        self, symbol: str, side: OrderSide, quantity: Decimal, params: dict[str, Any], client_order_id: str
+    ) -> Order:
+        self._algo_ids[client_order_id] = True
+        placed = await self._call(
+            self._exchange.create_order(
+                self._symbols.unified(symbol), "market", side.value, _wire(quantity), None, params
+            ),
+            mutating=True,
+            symbol=symbol,
+            client_order_id=client_order_id,
+        )
+        return self._algo_order(placed.get("info") or {}, None)
+
+    async def cancel_order(self, symbol: str, client_order_id: str) -> Order:
+        await self._ensure_markets()
+        unified = self._symbols.unified(symbol)
+        if self._algo_ids.get(client_order_id) is False:
+            cancel = self._exchange.cancel_order(None, unified, {"origClientOrderId": client_order_id})
+        else:
+            cancel = self._exchange.cancel_order(
+                None, unified, {"trigger": True, "clientAlgoId": client_order_id}
+            )
+        # NotFound: already done (filled, expired, cancelled) or never placed; the order's state says which.
+        with contextlib.suppress(NotFound):
+            await self._call(cancel, mutating=True, symbol=symbol, client_order_id=client_order_id)
+        return await self.fetch_order(symbol, client_order_id)
+
+    async def fetch_order(self, symbol: str, client_order_id: str) -> Order:
+        await self._ensure_markets()
+        unified = self._symbols.unified(symbol)
+        hint = self._algo_ids.get(client_order_id)
+        attempts = (False, True) if hint is False else (True, False)
+        missing: NotFound | None = None
+        for algo in attempts:
+            try:
+                if algo:
+                    found = await self._call(
+                        self._exchange.fetch_order(
+                            None, unified, {"trigger": True, "clientAlgoId": client_order_id}
+                        ),
+                        mutating=False,
+                        symbol=symbol,
+                        client_order_id=client_order_id,
+                    )
+                    info = found.get("info") or {}
+                    if info.get("symbol") != symbol:
+                        raise NotFound(symbol, client_order_id)
+                    self._algo_ids[client_order_id] = True
+                    return await self._resolve_triggered(self._algo_order(info, None), info, symbol)
+                found = await self._call(
+                    self._exchange.fetch_order(None, unified, {"origClientOrderId": client_order_id}),
+                    mutating=False,
+                    symbol=symbol,
+                    client_order_id=client_order_id,
+                )
+                info = found.get("info") or {}
+                if info.get("symbol") != symbol:
+                    raise NotFound(symbol, client_order_id)
+                self._algo_ids[client_order_id] = False
+                return self._regular_order(info)
+            except NotFound as error:
+                missing = error  # try the other API's namespace
+        raise missing if missing is not None else NotFound(symbol, client_order_id)
+
+    async def _resolve_triggered(self, order: Order, info: Mapping[str, Any], symbol: str) -> Order:
+        """A triggered algo order's outcome lives on the regular order it placed (`actualOrderId`)."""
+        status = info.get("algoStatus")
+        child_id = str(info.get("actualOrderId") or "")
+        if status not in ("TRIGGERED", "FINISHED") or not child_id:
+            return order
+        try:
+            child = await self._call(
+                self._exchange.fetch_order(child_id, self._symbols.unified(symbol)),
+                mutating=False,
+                symbol=symbol,
+                client_order_id=order.client_order_id,
+            )
+        except NotFound:
+            return order
+        raw = child.get("info") or {}
+        filled = _decimal(raw.get("executedQty"), _ZERO)
+        child_status = _BINANCE_ORDER_STATUS.get(raw.get("status", ""), OrderStatus.NEW)
+        return Order(
+            client_order_id=order.client_order_id,
+            venue_order_id=order.venue_order_id,
+            symbol=order.symbol,
+            side=order.side,
+            type=order.type,
+            status=child_status,
+            quantity=order.quantity,
+            filled_quantity=filled,  # type: ignore[arg-type]
+            average_price=_positive(raw.get("avgPrice")) if filled else None,
+            reduce_only=order.reduce_only,
+            stop_price=order.stop_price,
+            activation_price=order.activation_price,
+            callback_rate=order.callback_rate,
+            created_at=order.created_at,
+            updated_at=_seconds(raw.get("updateTime"), order.updated_at),
+        )
+
+    # ---- parsing ----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _regular_order(info: Mapping[str, Any]) -> Order:
+        filled = _decimal(info.get("executedQty"), _ZERO)
+        created = _seconds(info.get("time") or info.get("updateTime"), time.time())
+        return Order(
+            client_order_id=str(info.get("clientOrderId", "")),
+            venue_order_id=str(info.get("orderId", "")),
+            symbol=str(info.get("symbol", "")),
+            side=OrderSide.BUY if info.get("side") == "BUY" else OrderSide.SELL,
+            type=_BINANCE_ORDER_TYPE.get(info.get("origType") or info.get("type", ""), OrderType.MARKET),
+            status=_BINANCE_ORDER_STATUS.get(info.get("status", ""), OrderStatus.NEW),
+            quantity=_decimal(info.get("origQty"), _ZERO),  # type: ignore[arg-type]
+            filled_quantity=filled,  # type: ignore[arg-type]
+            average_price=_positive(info.get("avgPrice")) if filled else None,
+            reduce_only=bool(info.get("reduceOnly", False)),
+            stop_price=_positive(info.get("stopPrice")),
+            activation_price=_positive(info.get("activatePrice")),
+            callback_rate=_positive(info.get("priceRate")),
+            created_at=created,
+            updated_at=_seconds(info.get("updateTime"), created),
+        )
+
+    @staticmethod
+    def _algo_order(info: Mapping[str, Any], _child: Mapping[str, Any] | None) -> Order:
+        status_text = info.get("algoStatus", "NEW")
+        status = {
+            "NEW": OrderStatus.NEW,
+            "TRIGGERING": OrderStatus.NEW,
+            "TRIGGERED": OrderStatus.NEW,  # placed in the matching engine; the child order says how it ended
+            "FINISHED": OrderStatus.EXPIRED,
+            "CANCELED": OrderStatus.CANCELED,
+            "EXPIRED": OrderStatus.EXPIRED,
+            "REJECTED": OrderStatus.EXPIRED,
+        }.get(status_text, OrderStatus.NEW)
+        order_type = _BINANCE_ORDER_TYPE.get(info.get("orderType", ""), OrderType.STOP_MARKET)
+        created = _seconds(info.get("createTime"), time.time())
+        return Order(
+            client_order_id=str(info.get("clientAlgoId", "")),
+            venue_order_id=str(info.get("algoId", "")),
+            symbol=str(info.get("symbol", "")),
+            side=OrderSide.BUY if info.get("side") == "BUY" else OrderSide.SELL,
+            type=order_type,
+            status=status,
+            quantity=_decimal(info.get("quantity"), _ZERO),  # type: ignore[arg-type]
+            filled_quantity=_ZERO,
+            average_price=None,
+            reduce_only=bool(info.get("reduceOnly", True)) or bool(info.get("closePosition", False)),
+            stop_price=_positive(info.get("triggerPrice")) if order_type is OrderType.STOP_MARKET else None,
+            activation_price=_positive(info.get("activatePrice")),
+            callback_rate=_positive(info.get("callbackRate")),
+            created_at=created,
+            updated_at=_seconds(info.get("updateTime"), created),
+        )
+
+
+def _binance_order_budgets(rate_limits: list[Mapping[str, Any]]) -> tuple[RateBudget, ...]:
+    budgets = []
+    for entry in rate_limits:
+        if entry.get("rateLimitType") != "ORDERS":
+            continue
+        seconds = _INTERVAL_SECONDS.get(str(entry.get("interval", "")))
+        try:
+            limit, count = int(entry.get("limit", 0)), int(entry.get("intervalNum", 1))
+        except (TypeError, ValueError):
+            continue
+        if seconds is not None and limit > 0 and count > 0:
+            budgets.append(RateBudget(limit=limit, window_seconds=seconds * count))
+    return tuple(sorted(budgets, key=lambda b: b.window_seconds))
+
+
+def _binance_market(raw: Mapping[str, Any], market: Mapping[str, Any]) -> Market | None:
+    filters = {f.get("filterType"): f for f in raw.get("filters", [])}
+    tick = _positive(filters.get("PRICE_FILTER", {}).get("tickSize"))
+    step = _positive(filters.get("LOT_SIZE", {}).get("stepSize"))
+    if tick is None or step is None:
+        return None
+    min_quantity = _positive(filters.get("LOT_SIZE", {}).get("minQty")) or step
+    min_notional = _decimal(filters.get("MIN_NOTIONAL", {}).get("notional"), _ZERO)
+    leverage = ((market.get("limits") or {}).get("leverage") or {}).get("max")
+    return Market(
+        symbol=str(raw.get("symbol")),
+        base_asset=str(raw.get("baseAsset", market.get("base", ""))),
+        quote_asset=str(raw.get("quoteAsset", market.get("quote", ""))),
+        tick_size=tick,
+        step_size=step,
+        min_quantity=max(min_quantity, step),
+        min_notional=min_notional,  # type: ignore[arg-type]
+        max_leverage=int(leverage) if leverage else DEFAULT_MAX_LEVERAGE,
+    )
+
+
+# ---- Bybit linear ---------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _PositionStop:
+    """A position-level stop we set on Bybit, remembered under the caller's client id."""
+
+    client_order_id: str
+    symbol: str
+    side: OrderSide
+    type: OrderType
+    quantity: Decimal
+    stop_price: Decimal | None
+    activation_price: Decimal | None
+    callback_rate: Decimal | None
+    distance: Decimal | None
+    created_at: float
+    status: OrderStatus = OrderStatus.NEW
+    updated_at: float = 0.0
+
+
+class BybitLinearVenue(CcxtVenue):
+    kind = BYBIT
+    _ccxt_id = "bybit"
+
+    def __init__(self, config: CcxtVenueConfig, *, clock: Clock | None = None) -> None:
+        super().__init__(config, clock=clock)
+        self._stops: dict[str, _PositionStop] = {}
+        self._hedge_mode: bool | None = None
+
+    def _exchange_options(self) -> dict[str, Any]:
+        options = super()._exchange_options()
+        options["options"] = {
+            "defaultType": "swap",
+            "defaultSubType": "linear",
+            "fetchMarkets": {"types": ["linear"]},
+            "fetchCurrencies": False,
+            "adjustForTimeDifference": False,
+            "enableUnifiedAccount": True,
+            "enableUnifiedMargin": False,
+        }
+        return options
+
+    def _configure_urls(self) -> None:
+        if not self._config.base_url and self._config.testnet:
+            self._exchange.set_sandbox_mode(True)  # api-testnet.bybit.com
+        super()._configure_urls()
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            native_trailing_stop=True,
+            callback_rate_min=CALLBACK_RATE_MIN,
+            callback_rate_max=CALLBACK_RATE_MAX,
+            attach_stop_to_entry=False,
+            max_conditional_orders=10_000,  # position-level stops are not orders on Bybit
+            order_rate_budgets=BYBIT_DEFAULT_BUDGETS,
+        )
+
+    async def load_markets(self) -> Mapping[str, Market]:
+        loaded = await self._call(self._exchange.load_markets(True), mutating=False)
+        markets: dict[str, Market] = {}
+        pairs: dict[str, str] = {}
+        for unified, market in loaded.items():
+            raw = market.get("info") or {}
+            if not (market.get("linear") and market.get("swap") and market.get("settle") == "USDT"):
+                continue
+            if raw.get("status", "Trading") != "Trading":
+                continue
+            price_filter = raw.get("priceFilter") or {}
+            lot = raw.get("lotSizeFilter") or {}
+            tick, step = _positive(price_filter.get("tickSize")), _positive(lot.get("qtyStep"))
+            if tick is None or step is None:
+                continue
+            leverage = _decimal((raw.get("leverageFilter") or {}).get("maxLeverage"), Decimal(1))
+            symbol = str(raw.get("symbol"))
+            markets[symbol] = Market(
+                symbol=symbol,
+                base_asset=str(raw.get("baseCoin", market.get("base", ""))),
+                quote_asset=str(raw.get("quoteCoin", market.get("quote", ""))),
+                tick_size=tick,
+                step_size=step,
+                min_quantity=max(_positive(lot.get("minOrderQty")) or step, step),
+                min_notional=_decimal(lot.get("minNotionalValue"), _ZERO),  # type: ignore[arg-type]
+                max_leverage=max(1, int(leverage)),  # type: ignore[arg-type]
+            )
+            pairs[symbol] = unified
+        self._markets = markets
+        self._symbols = SymbolMap(pairs)
+        return dict(markets)
+
+    async def fetch_mark_prices(self, symbols: Collection[str] | None = None) -> dict[str, MarkPrice]:
+        await self._ensure_markets()
+        wanted = None if symbols is None else set(symbols)
+        request: dict[str, Any] = {"category": "linear"}
+        if wanted is not None and len(wanted) == 1:
+            request["symbol"] = next(iter(wanted))
+        answer = await self._call(self._exchange.publicGetV5MarketTickers(request), mutating=False)
+        stamp = _seconds(answer.get("time"), time.time())
+        marks = {}
+        for row in (answer.get("result") or {}).get("list", []):
+            symbol, price = row.get("symbol"), _positive(row.get("markPrice"))
+            if symbol in self._markets and price is not None and (wanted is None or symbol in wanted):
+                marks[symbol] = MarkPrice(symbol, price, stamp)
+        return marks
+
+    async def fetch_balance(self) -> Balance:
+        answer = await self._call(
+            self._exchange.privateGetV5AccountWalletBalance({"accountType": "UNIFIED", "coin": "USDT"}),
+            mutating=False,
+        )
+        for account in (answer.get("result") or {}).get("list", []):
+            for coin in account.get("coin", []):
+                if coin.get("coin") == "USDT":
+                    wallet = _decimal(coin.get("walletBalance"), _ZERO)
+                    unrealized = _decimal(coin.get("unrealisedPnl"), _ZERO)
+                    available = _decimal(account.get("totalAvailableBalance"), None)
+                    if available is None:
+                        available = _decimal(coin.get("availableToWithdraw"), _ZERO)
+                    return Balance("USDT", wallet, unrealized, available)  # type: ignore[arg-type]
+        return Balance("USDT", _ZERO, _ZERO, _ZERO)
+
+    async def _position_rows(self, symbol: str | None = None) -> list[Mapping[str, Any]]:
+        request: dict[str, Any] = {"category": "linear"}
+        if symbol is None:
+            request["settleCoin"] = "USDT"
+        else:
+            request["symbol"] = symbol
+        answer = await self._call(
+            self._exchange.privateGetV5PositionList(request), mutating=False, symbol=symbol
+        )
+        rows = [
+            row for row in (answer.get("result") or {}).get("list", []) if _decimal(row.get("size"), _ZERO)
+        ]
+        if rows:
+            self._hedge_mode = any(int(row.get("positionIdx", 0) or 0) != 0 for row in rows)
+        return rows
+
+    async def fetch_positions(self) -> list[VenuePosition]:
+        await self._ensure_markets()
+        positions = []
+        for row in await self._position_rows():
+            symbol = row.get("symbol")
+            if symbol not in self._markets:
+                continue
+            positions.append(
+                VenuePosition(
+                    symbol=symbol,
+                    side=PositionSide.LONG if row.get("side") == "Buy" else PositionSide.SHORT,
+                    quantity=_decimal(row.get("size"), _ZERO),  # type: ignore[arg-type]
+                    entry_price=_decimal(row.get("avgPrice"), _ZERO),  # type: ignore[arg-type]
+                    mark_price=_decimal(row.get("markPrice"), _ZERO),  # type: ignore[arg-type]
+                    unrealized_pnl=_decimal(row.get("unrealisedPnl"), _ZERO),  # type: ignore[arg-type]
+                    leverage=int(_decimal(row.get("leverage"), Decimal(1))),  # type: ignore[arg-type]
+                    updated_at=_seconds(row.get("updatedTime"), time.time()),
+                )
+            )
+        return positions
+
+    async def fetch_open_protective_orders(self, symbol: str | None = None) -> list[Order]:
+        await self._ensure_markets()
+        rows = await self._position_rows(symbol)
+        orders = []
+        for row in rows:
+            native = row.get("symbol")
+            if native not in self._markets:
+                continue
+            for stop in self._stops_for(native):
+                current = self._current(stop, row)
+                if current.is_open:
+                    orders.append(current)
+        return orders
+
+    async def set_leverage(self, symbol: str, leverage: int) -> int:
+        await self._ensure_markets()
+        market = self._market(symbol)
+        if not 1 <= leverage <= market.max_leverage:
+            raise Rejected(
+                RejectCode.INVALID_LEVERAGE, f"leverage {leverage} outside 1..{market.max_leverage}"
+            )
+        try:
+            await self._call(
+                self._exchange.privatePostV5PositionSetLeverage(
+                    {
+                        "category": "linear",
+                        "symbol": symbol,
+                        "buyLeverage": str(leverage),
+                        "sellLeverage": str(leverage),
+                    }
+                ),
+                mutating=True,
+                symbol=symbol,
+            )
+        except Rejected as refused:
+            if refused.code != 110043:  # "leverage not modified": already set
+                raise
+        return leverage
+
+    async def create_market_order(
+        self,
+        symbol: str,
+        side: OrderSide,
+        quantity: Decimal,
+        *,
+        client_order_id: str,
+        reduce_only: bool = False,
+    ) -> Order:
+        await self._ensure_markets()
+        self._require_grid(self._market(symbol), quantity)
+        self._require_client_order_id(client_order_id)
+        request = {
+            "category": "linear",
+            "symbol": symbol,
+            "side": "Buy" if side is OrderSide.BUY else "Sell",
+            "orderType": "Market",
+            "qty": _wire(quantity),
+            "orderLinkId": client_order_id,
+            "positionIdx": self._position_idx(side, reduce_only),
+        }
+        if reduce_only:
+            request["reduceOnly"] = True
+        await self._call(
+            self._exchange.privatePostV5OrderCreate(request),
+            mutating=True,
+            symbol=symbol,
+            client_order_id=client_order_id,
+        )
+        return await self._fetch_regular(symbol, client_order_id)
+
+    async def create_stop_market_order(
+        self,
+        symbol: str,
+        side: OrderSide,
+        quantity: Decimal,
+        stop_price: Decimal,
+        *,
+        client_order_id: str,
+    ) -> Order:
+        await self._ensure_markets()
+        self._require_grid(self._market(symbol), quantity, ("stop price", stop_price))
+        self._require_client_order_id(client_order_id)
+        self._require_unused(client_order_id)
+        request = {
+            "category": "linear",
+            "symbol": symbol,
+            "tpslMode": "Full",
+            "stopLoss": _wire(stop_price),
+            "slTriggerBy": "MarkPrice",
+            "positionIdx": self._position_idx(side, reduce_only=True),
+        }
+        await self._call(
+            self._exchange.privatePostV5PositionTradingStop(request),
+            mutating=True,
+            symbol=symbol,
+            client_order_id=client_order_id,
+        )
+        now = time.time()
+        stop = _PositionStop(
+            client_order_id,
+            symbol,
+            side,
+            OrderType.STOP_MARKET,
+            quantity,
+            stop_price,
+            None,
+            None,
+            None,
+            now,
+            updated_at=now,
+        )
+        self._remember(stop)
+        return self._snapshot(stop)
+
+    async def create_trailing_stop_order(
+        self,
+        symbol: str,
+        side: OrderSide,
+        quantity: Decimal,
+        callback_rate: Decimal,
+        *,
+        client_order_id: str,
+        activation_price: Decimal | None = None,
+    ) -> Order:
+        await self._ensure_markets()
+        market = self._market(symbol)
+        self._require_grid(market, quantity, ("activation price", activation_price))
+        self._require_client_order_id(client_order_id)
+        self._require_callback(callback_rate)
+        self._require_unused(client_order_id)
+        reference = activation_price
+        if reference is None:
+            marks = await self.fetch_mark_prices([symbol])
+            if symbol not in marks:
+                raise Retryable(f"{self.kind} {symbol}: no mark price to size the trailing distance")
+            reference = marks[symbol].price
+        # Bybit trails by a price distance: the callback percent of the price it arms at, on the tick grid.
+        distance = max(market.round_price(reference * callback_rate / 100, ROUND_HALF_UP), market.tick_size)
+        request: dict[str, Any] = {
+            "category": "linear",
+            "symbol": symbol,
+            "tpslMode": "Full",
+            "trailingStop": _wire(distance),
+            "positionIdx": self._position_idx(side, reduce_only=True),
+        }
+        if activation_price is not None:
+            request["activePrice"] = _wire(activation_price)
+        await self._call(
+            self._exchange.privatePostV5PositionTradingStop(request),
+            mutating=True,
+            symbol=symbol,
+            client_order_id=client_order_id,
+        )
+        now = time.time()
+        stop = _PositionStop(
+            client_order_id,
+            symbol,
+            side,
+            OrderType.TRAILING_STOP_MARKET,
+            quantity,
+            None,
+            activation_price,
+            callback_rate,
+            distance,
+            now,
+            updated_at=now,
+        )
+        self._remember(stop)
+        return self._snapshot(stop)
+
+    async def cancel_order(self, symbol: str, client_order_id: str) -> Order:
+        await self._ensure_markets()
+        stop = self._stops.get(client_order_id)
+        if stop is None or stop.symbol != symbol:
+            return await self._fetch_regular(symbol, client_order_id)
+        rows = await self._position_rows(symbol)
+        current = self._current(stop, rows[0] if rows else None)
+        if not current.is_open:
+            return current
+        field_name = "stopLoss" if stop.type is OrderType.STOP_MARKET else "trailingStop"
+        await self._call(
+            self._exchange.privatePostV5PositionTradingStop(
+                {
+                    "category": "linear",
+                    "symbol": symbol,
+                    "tpslMode": "Full",
+                    field_name: "0",  # 0 removes the stop
+                    "positionIdx": self._position_idx(stop.side, reduce_only=True),
+                }
+            ),
+            mutating=True,
+            symbol=symbol,
+            client_order_id=client_order_id,
+        )
+        stop.status, stop.updated_at = OrderStatus.CANCELED, time.time()
+        return self._snapshot(stop)
+
+    async def fetch_order(self, symbol: str, client_order_id: str) -> Order:
+        await self._ensure_markets()
+        stop = self._stops.get(client_order_id)
+        if stop is not None and stop.symbol == symbol:
+            rows = await self._position_rows(symbol)
+            return self._current(stop, rows[0] if rows else None)
+        return await self._fetch_regular(symbol, client_order_id)
+
+    # ---- Bybit internals --------------------------------------------------------------------------------
+
+    def _position_idx(self, side: OrderSide, reduce_only: bool) -> int:
+        """0 in one-way mode; in hedge mode 1 (long side) / 2 (short side) of the position concerned."""
+        if not self._hedge_mode:
+            return 0
+        buys_long = side is OrderSide.BUY
+        long_position = buys_long != reduce_only
+        return 1 if long_position else 2
+
+    def _require_unused(self, client_order_id: str) -> None:
+        if client_order_id in self._stops:
+            raise DuplicateClientOrderId(client_order_id)
+
+    def _remember(self, stop: _PositionStop) -> None:
+        # A new position stop of a kind replaces the previous one of that kind on the same position.
+        for other in self._stops_for(stop.symbol):
+            if other.type is stop.type and other.status is OrderStatus.NEW:
+                other.status, other.updated_at = OrderStatus.CANCELED, stop.created_at
+        self._stops[stop.client_order_id] = stop
+
+    def _stops_for(self, symbol: str) -> list[_PositionStop]:
+        return [stop for stop in self._stops.values() if stop.symbol == symbol]
+
+    def _current(self, stop: _PositionStop, row: Mapping[str, Any] | None) -> Order:
+        """The stop's state from the position's fields: gone with the position → it fired (or was closed)."""
+        if stop.status is OrderStatus.NEW:
+            if row is None or not _decimal(row.get("size"), _ZERO):
+                stop.status, stop.updated_at = OrderStatus.FILLED, time.time()
+            else:
+                field_name = "stopLoss" if stop.type is OrderType.STOP_MARKET else "trailingStop"
+                if not _positive(row.get(field_name)):
+                    stop.status, stop.updated_at = OrderStatus.CANCELED, time.time()
+        return self._snapshot(stop)
+
+    @staticmethod
+    def _snapshot(stop: _PositionStop) -> Order:
+        filled = stop.quantity if stop.status is OrderStatus.FILLED else _ZERO
+        return Order(
+            client_order_id=stop.client_order_id,
+            venue_order_id=f"{stop.symbol}:{'sl' if stop.type is OrderType.STOP_MARKET else 'ts'}",
+            symbol=stop.symbol,
+            side=stop.side,
+            type=stop.type,
+            status=stop.status,
+            quantity=stop.quantity,
+            filled_quantity=filled,
+            average_price=None,
+            reduce_only=True,
+            stop_price=stop.stop_price,
+            activation_price=stop.activation_price,
+            callback_rate=stop.callback_rate,
+            created_at=stop.created_at,
+            updated_at=stop.updated_at or stop.created_at,
+        )
+
+    async def _fetch_regular(self, symbol: str, client_order_id: str) -> Order:
+        request = {"category": "linear", "symbol": symbol, "orderLinkId": client_order_id}
+        for method in (self._exchange.privateGetV5OrderRealtime, self._exchange.privateGetV5OrderHistory):
+            answer = await self._call(
+                method(request), mutating=False, symbol=symbol, client_order_id=client_order_id
+            )
+            rows = (answer.get("result") or {}).get("list", [])
+            if rows:
+                return _bybit_order(rows[0])
+        raise NotFound(symbol, client_order_id)
+
+
+_BYBIT_ORDER_STATUS = {
+    "New": OrderStatus.NEW,
+    "PartiallyFilled": OrderStatus.NEW,
+    "Untriggered": OrderStatus.NEW,
+    "Created": OrderStatus.NEW,
+    "Filled": OrderStatus.FILLED,
+    "Cancelled": OrderStatus.CANCELED,
+    "PartiallyFilledCanceled": OrderStatus.CANCELED,
+    "Deactivated": OrderStatus.CANCELED,
+    "Rejected": OrderStatus.EXPIRED,
+    "Triggered": OrderStatus.NEW,
+}
+
+
+def _bybit_order(row: Mapping[str, Any]) -> Order:
+    filled = _decimal(row.get("cumExecQty"), _ZERO)
+    created = _seconds(row.get("createdTime"), time.time())
+    return Order(
+        client_order_id=str(row.get("orderLinkId", "")),
+        venue_order_id=str(row.get("orderId", "")),
+        symbol=str(row.get("symbol", "")),
+        side=OrderSide.BUY if row.get("side") == "Buy" else OrderSide.SELL,
+        type=OrderType.MARKET,
+        status=_BYBIT_ORDER_STATUS.get(str(row.get("orderStatus", "")), OrderStatus.NEW),
+        quantity=_decimal(row.get("qty"), _ZERO),  # type: ignore[arg-type]
+        filled_quantity=filled,  # type: ignore[arg-type]
+        average_price=_positive(row.get("avgPrice")) if filled else None,
+        reduce_only=bool(row.get("reduceOnly", False)),
+        stop_price=None,
+        activation_price=None,
+        callback_rate=None,
+        created_at=created,
+        updated_at=_seconds(row.get("updatedTime"), created),
+    )
+
+
+# ---- construction ---------------------------------------------------------------------------------------
+
+
+def build_ccxt_venue(config: CcxtVenueConfig, *, clock: Clock | None = None) -> CcxtVenue:
+    factories: dict[str, Callable[..., CcxtVenue]] = {BINANCEUSDM: BinanceUsdmVenue, BYBIT: BybitLinearVenue}
+    return factories[config.kind](config, clock=clock)
+
+
+__all__ = [
+    "BINANCEUSDM",
+    "BYBIT",
+    "BinanceUsdmVenue",
+    "BybitLinearVenue",
+    "CcxtVenue",
+    "CcxtVenueConfig",
+    "HttpContext",
+    "SymbolMap",
+    "build_ccxt_venue",
+    "translate_error",
+]
