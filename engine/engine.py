@@ -413,7 +413,11 @@ class Engine:
 
     async def _start_protection(self) -> StartupReport:
         assert self.store is not None
-        budget = OrderBudget(self.venue.capabilities().order_rate_budgets, self.clock)
+        budget = OrderBudget(
+            self.venue.capabilities().order_rate_budgets,
+            self.clock,
+            round_trip=lambda: self.manager.order_round_trip_seconds if self.manager is not None else 0.0,
+        )
         self.manager = ProtectionManager(
             venue=self.venue,
             store=self.store,

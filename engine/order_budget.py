@@ -12,7 +12,7 @@ sends until then.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from engine.clock import Clock
@@ -34,17 +34,27 @@ class _Window:
     def free(self) -> int:
         return self.limit - len(self.sends)
 
-    def wait_for(self, slots: int, now: float) -> float:
-        """Seconds until `slots` sends fit (0 if they fit now)."""
-        if self.free() >= slots:
+    def wait_for(self, slots: int, at: float) -> float:
+        """Seconds to wait until `slots` more sends fit in this window as it stands at time `at`."""
+        cutoff = at - self.seconds
+        expired = 0
+        for sent in self.sends:  # ascending: stop at the first send still inside the window at `at`
+            if sent > cutoff:
+                break
+            expired += 1
+        inside = len(self.sends) - expired
+        if inside + slots <= self.limit:
             return 0.0
-        blocking = self.sends[len(self.sends) - self.limit + slots - 1]
-        return max(0.0, blocking + self.seconds - now)
+        blocking = self.sends[expired + inside + slots - self.limit - 1]
+        return max(0.0, blocking + self.seconds - at)
 
 
 class OrderBudget:
-    def __init__(self, budgets: Sequence[RateBudget], clock: Clock):
+    def __init__(
+        self, budgets: Sequence[RateBudget], clock: Clock, round_trip: Callable[[], float] = lambda: 0.0
+    ):
         self._clock = clock
+        self._round_trip = round_trip  # current estimate of one order round trip, seconds
         self._windows = [_Window(b.limit, b.window_seconds, deque()) for b in budgets]
         self._promised = 0  # protective orders entries were admitted for and that are not sent yet
         self._protective_waiting = 0
@@ -90,11 +100,16 @@ class OrderBudget:
         self.protective_sent += 1
 
     async def acquire_entry(self, protective_orders: int = PROTECTIVE_ORDERS_PER_POSITION) -> None:
-        """Admit one entry that will need `protective_orders` protective orders once it fills."""
+        """Admit one entry that will need `protective_orders` protective orders once it fills.
+
+        Those orders are sent one entry round trip later (the `round_trip` estimate, re-read at every
+        check), when the windows will have let older sends go: they are checked against the windows as
+        they will be then. An estimate that turns out too long only makes a stop wait briefly for its
+        slot; 0 (nothing measured yet) is the conservative choice."""
         while True:
             if self._protective_waiting == 0:
-                needed = 1 + self._promised + protective_orders
-                wait = self._wait_for(needed)
+                lead = max(0.0, self._round_trip())
+                wait = max(self._wait_for(1), self._wait_for(1 + self._promised + protective_orders, lead))
                 if wait == 0.0:
                     self._consume()
                     self._promised += protective_orders
@@ -110,14 +125,14 @@ class OrderBudget:
             await self._clock.sleep(wait)
         self._consume()
 
-    def _wait_for(self, slots: int) -> float:
+    def _wait_for(self, slots: int, lead_seconds: float = 0.0) -> float:
+        """Seconds until `slots` sends fit; with a lead, fit in the windows as they will be that much later."""
         now = self._clock.monotonic()
         wait = max(0.0, self._hold_until - now)
         for window in self._windows:
             window.prune(now)
-            if slots > window.limit:
-                slots = window.limit  # an over-large promise must not deadlock admission
-            wait = max(wait, window.wait_for(slots, now))
+            slots = min(slots, window.limit)  # an over-large promise must not deadlock admission
+            wait = max(wait, window.wait_for(slots, now + lead_seconds))
         return wait
 
     def _consume(self) -> None:

@@ -62,6 +62,8 @@ class SignalConsumer:
         try:
             while True:
                 await self._ensure_listener()
+                # Cleared before claiming: a NOTIFY arriving while the claim runs must wake the next wait.
+                self._wake.clear()
                 first = await self._store.claim_new_signals(MAX_WAVE_SIGNALS)
                 if not first:
                     await self._wait_for_signals()
@@ -74,7 +76,6 @@ class SignalConsumer:
             await self._close_listener()
 
     async def _wait_for_signals(self) -> None:
-        self._wake.clear()
         woke = asyncio.ensure_future(self._wake.wait())
         slept = asyncio.ensure_future(self._clock.sleep(self._poll))
         try:

@@ -149,6 +149,7 @@ class ProtectiveOrder:
     client_order_id: str | None = None
     price: Decimal | None = None  # stop trigger (stop-loss, managed trail) or activation (native trail)
     confirmed: bool = False
+    confirmed_at: float = 0.0  # monotonic time of the confirmation (the reconciler ignores newer ones)
     maybe_sent: bool = False  # the venue may have it: resolve by id before sending anything
     arm_now: bool = False  # native trail: activation already passed, arm at the current mark
 
@@ -478,6 +479,7 @@ class PositionGuard:
             return _Outcome.GONE
         await m.store.set_order_status(cid, OrderRecordStatus.OPEN, exchange_order_id=placed.venue_order_id)
         order.confirmed = True
+        order.confirmed_at = m.clock.monotonic()
         order.maybe_sent = False
         if latency is not None:
             self.report.created_orders += 1
@@ -891,6 +893,9 @@ class ProtectionManager:
         self.kind = config.trailing_kind(venue.capabilities())
         self.call_stats = call_stats if call_stats is not None else CallStats()
         self.timeouts = EventCounter()
+        self.order_round_trip_seconds = (
+            0.0  # moving average of answered create_order calls (budget look-ahead)
+        )
         self.guards: dict[int, PositionGuard] = {}
         self.by_symbol: dict[str, PositionGuard] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
@@ -1066,6 +1071,10 @@ class ProtectionManager:
         finally:
             now = self.clock.monotonic()
             self.call_stats.record(now, now - started, ok, kind, timed_out=timed_out)
+            if ok and kind == "create_order":
+                latency = now - started
+                previous = self.order_round_trip_seconds
+                self.order_round_trip_seconds = latency if previous == 0.0 else 0.8 * previous + 0.2 * latency
 
     def backoff(self, failures: int) -> float:
         if failures <= 0:

@@ -74,6 +74,7 @@ class Reconciler:
     async def reconcile_once(self) -> ReconcileReport:
         manager = self._manager
         report = ReconcileReport()
+        snapshot_at = self._clock.monotonic()
         positions = await manager.call(self._venue.fetch_positions(), "fetch_positions")
         open_orders = await manager.call(self._venue.fetch_open_protective_orders(), "fetch_open_orders")
         self.runs += 1
@@ -93,7 +94,7 @@ class Reconciler:
                 await self._position_missing(guard, report)
             else:
                 self._absent_once.discard(guard.position_id)
-                self._check_orders(guard, open_by_id, report)
+                self._check_orders(guard, open_by_id, report, snapshot_at)
 
         tracked = {g.symbol for g in manager.guards.values()} | self._entries_in_flight()
         for symbol, venue_position in on_venue.items():
@@ -120,11 +121,13 @@ class Reconciler:
         return report
 
     def _check_orders(
-        self, guard: PositionGuard, open_by_id: dict[str, Order], report: ReconcileReport
+        self, guard: PositionGuard, open_by_id: dict[str, Order], report: ReconcileReport, snapshot_at: float
     ) -> None:
         for order in (guard.stop_loss, guard.trailing_stop):
             if not order.confirmed or order.client_order_id is None:
                 continue
+            if order.confirmed_at >= snapshot_at:
+                continue  # confirmed after the venue was asked: its absence from the answer proves nothing
             if order.client_order_id in open_by_id:
                 continue
             # Confirmed by us, absent on the venue: it triggered, was cancelled by hand, or expired.

@@ -1,0 +1,120 @@
+"""The order budget: never more sends than a window allows, protective orders first, entries admitted only
+while their stops will fit."""
+
+from __future__ import annotations
+
+import asyncio
+
+from engine.clock import ManualClock
+from engine.exchange.port import RateBudget
+from engine.order_budget import OrderBudget
+
+
+def _budget(clock: ManualClock, limit: int = 10, window: float = 10.0) -> OrderBudget:
+    return OrderBudget([RateBudget(limit=limit, window_seconds=window)], clock)
+
+
+def _max_in_any_window(times: list[float], window: float) -> int:
+    return max((sum(1 for t in times if start <= t < start + window) for start in times), default=0)
+
+
+async def test_protective_sends_never_exceed_a_sliding_window() -> None:
+    clock = ManualClock()
+    budget = _budget(clock, limit=10, window=10.0)
+    sent: list[float] = []
+
+    async def send() -> None:
+        await budget.acquire_protective()
+        sent.append(clock.monotonic())
+
+    tasks = [asyncio.create_task(send()) for _ in range(35)]
+    await clock.settle()
+    while not all(t.done() for t in tasks):
+        await clock.advance(0.5)
+    assert len(sent) == 35
+    assert _max_in_any_window(sent, 10.0) == 10
+    assert max(sent) == 30.0  # 10 at t=0, 10 at t=10, 10 at t=20, 5 at t=30: no later than needed
+
+
+async def test_an_entry_is_admitted_only_with_room_for_its_stops() -> None:
+    clock = ManualClock()
+    budget = _budget(clock, limit=9, window=10.0)
+    admitted = 0
+
+    async def enter() -> None:
+        nonlocal admitted
+        await budget.acquire_entry(2)
+        admitted += 1
+
+    tasks = [asyncio.create_task(enter()) for _ in range(5)]
+    await clock.settle()
+    # 3 entries (3 sends) + 6 promised stops fill the window of 9: a 4th entry would starve a stop.
+    assert admitted == 3
+    assert budget.promised == 6
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_protective_orders_go_before_waiting_entries() -> None:
+    clock = ManualClock()
+    budget = _budget(clock, limit=3, window=10.0)
+    order: list[str] = []
+    await budget.acquire_entry(2)  # 1 sent, 2 promised: the window is spoken for
+    entry = asyncio.create_task(budget.acquire_entry(2))
+    entry.add_done_callback(lambda _: order.append("entry"))
+    stops = [asyncio.create_task(budget.acquire_protective()) for _ in range(2)]
+    for stop in stops:
+        stop.add_done_callback(lambda _: order.append("stop"))
+    await clock.settle()
+    while not entry.done():
+        await clock.advance(1.0)
+    assert order == ["stop", "stop", "entry"]
+
+
+async def test_admission_looks_ahead_one_round_trip() -> None:
+    """With 3N orders against a 300/10 s budget, entries admitted at t=10 have their stops sent at t=12,
+    after the stops of t=2 have left the window: looking ahead admits a full window of entries at t=10
+    (without the lead only a third fit), and no window is ever exceeded."""
+    round_trip = 2.0
+
+    async def run(lead: float) -> float:
+        clock = ManualClock()
+        budget = OrderBudget([RateBudget(limit=300, window_seconds=10.0)], clock, round_trip=lambda: lead)
+        sends: list[float] = []
+
+        async def position() -> None:
+            await budget.acquire_entry(2)
+            sends.append(clock.monotonic())
+            await clock.sleep(round_trip)
+            for _ in range(2):
+                await budget.acquire_protective()
+                sends.append(clock.monotonic())
+
+        tasks = [asyncio.create_task(position()) for _ in range(300)]
+        await clock.settle()
+        while not all(t.done() for t in tasks):
+            await clock.advance(0.25)
+        assert len(sends) == 900
+        assert _max_in_any_window(sends, 10.0) <= 300
+        return max(sends) - min(sends)
+
+    without_lead = await run(0.0)
+    with_lead = await run(round_trip)
+    assert with_lead < without_lead
+    assert with_lead <= 22.0 + 0.25  # the rate bound: the 900th send no earlier than t=20, its stops at +2
+
+
+async def test_a_venue_hold_stops_every_send_until_it_ends() -> None:
+    clock = ManualClock()
+    budget = _budget(clock, limit=100, window=10.0)
+    budget.hold_until(clock.monotonic() + 5.0, banned=True)
+    assert budget.banned_for() == 5.0
+    sent = asyncio.create_task(budget.acquire_protective())
+    await clock.advance(4.9)
+    assert not sent.done()
+    await clock.advance(0.2)
+    assert sent.done()
+    assert budget.banned_for() is None
+    budget.hold_until(clock.monotonic() + 3.0)  # a rate-limit pause is not a ban
+    assert budget.banned_for() is None
