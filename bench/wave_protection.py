@@ -1,0 +1,606 @@
+"""How long a wave of N signals takes from insertion until its last position is protected, against the
+fastest any engine could do it on the same venue.
+
+    python bench/wave_protection.py --signals N --latency-ms L [--jitter-pct J]
+        [--design per-position|global-lock] [--timeout-s 10] [--runs R] [--json]
+
+Set-up, per run (not timed): a fresh database in an embedded PostgreSQL started in a temporary directory
+for this invocation, migrated by the engine itself; a fresh sim venue (volatility 0, so no stop ever
+triggers and prices stand still; every call takes L ms round trip, or L ± J % uniform with `--jitter-pct`;
+no injected faults; the sim's own client timeout set to 300 s so that only the engine's budget can time a
+call out); the real `Engine` on the real `SystemClock`, configured through `load_config` as an operator
+would (`TSBOT_*` variables, no config file), started with `await engine.start()` (markets, marks and the
+start-up reconcile take a few round trips, before the wave). Signals come from `monitoring.signals`
+(`signals.source = "postgres"`), as from any outside provider. The wave goes into a running engine: the
+bench waits until the signal consumer's LISTEN is up, then `--settle-s` (1 s) more, so the insert does not
+collide with the engine's start-up (with no settle, the insert races the consumer's first claim and a
+NOTIFY can be lost; see `wave_started_seconds`).
+
+Measured, in real time: the N signals (distinct symbols, alternately long and short) are inserted in ONE
+transaction with `Store.insert_signals`. Time zero is the moment just before that insert starts; nothing
+is subtracted (the insert, the NOTIFY, the claim, the database writes are all in). A position is protected
+when the engine's own guard records it as covered, i.e. both its hard stop and its native trailing stop
+are confirmed by the venue (`PositionGuard.protected_at`, the engine's monotonic clock, which is the same
+`time.monotonic` the bench reads). `protect_seconds` = last position protected − time zero; it is reported
+only when every opened position got protected (else null, with `positions_protected` and
+`last_protected_seconds`). A run is abandoned after `--deadline-s` (default: generous, see `--help`).
+
+Also counted: `timeouts` — `ProtectionTimedOut` events (a protective order call that exceeded
+`protection.call_timeout_seconds`, the incident's "Timeout creating trailing stop"); `call_timeouts` — every
+venue call of the engine that timed out (entries and look-ups included); `positions_timed_out` and
+`protected_within_timeout` (positions covered no later than the call timeout after their fill: the
+incident's coverage); `wave_started_seconds` (when the engine began the wave, from `monitoring.waves`);
+`rate_limited` — `RateLimited` (HTTP 429) plus `Banned` (HTTP 418) answers of the venue, counted by a
+pass-through wrapper (`bench/global_lock.py: CountingVenue`).
+
+The lower bound (`lower_bound_seconds`), with L the round trip, for a client that honours the venue's
+order budgets (limit B orders per window W seconds; the sim, like Binance USDⓈ-M, has 300/10 s and
+1 200/60 s; read from the venue's `capabilities().order_rate_budgets`):
+
+* critical path: a position needs its entry fill before its stops can be placed, and both stops are
+  independent, so at least 2 round trips from the first send: 2·L.
+* rate bound: the wave needs 3N orders (entry + hard stop + trailing stop each). Kept as a sliding window
+  (never more than B sends in any W seconds — the only schedule that is safe whatever the venue's window
+  alignment, and the one the engine's `OrderBudget` keeps), the k-th send (k = 1, 2, …) can go no earlier
+  than floor((k − 1) / B) · W after the first. The last order of the wave is a protective one whose
+  answer comes L after it is sent: rate bound = max over budgets of floor((3N − 1) / B) · W, plus L.
+  (Likewise the last entry goes no earlier than floor((N − 1) / B) · W, plus 2·L; this term only matters
+  when L > W, but it is in the max.)
+* lower_bound = max(critical path, rate bound, entry term), computed by `lower_bound()` below; the JSON's
+  `lower_bound.binding` says which term it is. Examples: N = 50, L = 2 s: max(4, 0 + 2) = 4 s. N = 300, L = 2 s:
+  max(4, floor(899 / 300) · 10 + 2) = 22 s (the 1 200/min budget gives floor(899 / 1200) · 60 = 0).
+
+The rate bound assumes all N entries could go out in the first window and the 2N stops after; the engine
+deliberately does not do that (protection first: an entry is admitted only when the budget also holds its
+two stops and every stop already promised). Under that rule a window of W seconds can admit at most
+floor(B / 3) entries, so the last entry goes no earlier than floor((N − 1) / floor(B / 3)) · W and is
+protected 2·L later; this is reported as `reserved_budget_bound_seconds` (N = 300, L = 2 s: 24 s), for
+information. `ratio` is always protect_seconds / lower_bound_seconds.
+
+Configuration choices, all printed with the results:
+
+* `signals.wave_window_ms` = 0 by default (`--wave-window-ms`): the whole wave is inserted in one
+  transaction, so the consumer's first claim already takes all N and the window would only add a fixed
+  wait before processing (signal batching, not protection). Give 500 (the engine default) to include it.
+* `signals.max_concurrent_entries` = min(N, max(50, floor(B₁₀ / 3))) by default (`--max-concurrent-entries`):
+  the 10-second budget admits at most floor(300 / 3) = 100 protected entries at once, all at the very
+  start of a wave; fewer entry workers than that would let the worker pool, not the venue, pace that first
+  burst (at 50, the second 50 entries would start one round trip late), while more than 100 can never all
+  be admitted together and only wait in the budget. For N ≤ 50 this is the engine default of 50 (an
+  engine never runs more workers than the wave has entries).
+* `signals.max_positions` = max(100, N); `venue.sim.max_conditional_orders` = max(200, 2N) (the sim's
+  per-account cap of 200 open stops would otherwise refuse the stops of positions 101+).
+* N > 84: the sim universe lists 84 perpetuals and the engine allows one open position per symbol, so the
+  bench builds a wider, bench-only universe: the 84 real listings plus synthetic `BENCH001USDT`, … whose
+  price, tick, step, minimum notional and leverage copy a real listing's (cycling through the table). The
+  venue's `load_markets()` returns them like any other market, so the engine trades them end to end.
+
+`--design global-lock` (bench-only, `bench/global_lock.py: GlobalLockVenue`) wraps the venue so that both
+protective-order calls take one shared `asyncio.Lock` and hold it across the venue round trip: the
+incident's design. The engine's per-call timeout then includes the wait for the lock.
+
+With `--runs R` (default 3) the runs are made one after another in this invocation (each on a fresh
+database and venue); the report gives the median of each figure and every run's value. The figures are
+wall-clock measurements on a shared machine: the database and the bench share its cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from global_lock import CountingVenue, GlobalLockVenue
+
+from engine.clock import SystemClock
+from engine.config import Settings, load_config
+from engine.engine import Engine
+from engine.events import PositionOpened, ProtectionTimedOut, SignalRejected
+from engine.exchange.port import Market, RateBudget
+from engine.venues.sim import SimVenue
+from engine.venues.sim.core import SimCore
+from engine.venues.sim.universe import UNIVERSE, Listing
+from protection.manager import PositionGuard
+from storage.database import ensure_database_exists
+from storage.embedded import EmbeddedPostgres, start_embedded
+
+ORDERS_PER_POSITION = 3  # entry + hard stop + trailing stop
+CRITICAL_PATH_ROUND_TRIPS = 2  # entry, then both stops together
+ENGINE_DEFAULT_CONCURRENT_ENTRIES = 50
+DESIGNS = ("per-position", "global-lock")
+POLL_SECONDS = 0.02
+
+log = logging.getLogger("bench.wave_protection")
+
+
+# --- the lower bound -------------------------------------------------------------------------------------
+
+
+def earliest_send(k: int, budgets: Sequence[RateBudget]) -> float:
+    """Seconds after the first send at which the k-th send (1-based) can go out at the earliest, when no
+    more than `limit` sends may fall within any `window_seconds` (sliding windows, all budgets at once)."""
+    if k < 1:
+        raise ValueError("k counts from 1")
+    return max((((k - 1) // b.limit) * b.window_seconds for b in budgets), default=0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class LowerBound:
+    critical_path_seconds: float  # 2 round trips
+    rate_bound_seconds: float  # last of the 3N sends under the budgets, plus its round trip
+    entry_rate_bound_seconds: float  # last of the N entries under the budgets, plus 2 round trips
+    seconds: float  # the largest of the three
+    binding: str  # which one it is
+    reserved_budget_bound_seconds: float  # under the engine's protection-first admission (information)
+
+
+def lower_bound(signals: int, latency_s: float, budgets: Sequence[RateBudget]) -> LowerBound:
+    """The fastest a wave of `signals` positions can be protected (see the module docstring)."""
+    critical = CRITICAL_PATH_ROUND_TRIPS * latency_s
+    rate = earliest_send(ORDERS_PER_POSITION * signals, budgets) + latency_s
+    entries = earliest_send(signals, budgets) + CRITICAL_PATH_ROUND_TRIPS * latency_s
+    terms = {"critical_path": critical, "rate_budget": rate, "entry_rate_budget": entries}
+    binding = max(terms, key=lambda name: (terms[name], name == "critical_path"))
+    reserved = (
+        max(
+            (((signals - 1) // max(1, b.limit // ORDERS_PER_POSITION)) * b.window_seconds for b in budgets),
+            default=0.0,
+        )
+        + CRITICAL_PATH_ROUND_TRIPS * latency_s
+    )
+    return LowerBound(
+        critical_path_seconds=critical,
+        rate_bound_seconds=rate,
+        entry_rate_bound_seconds=entries,
+        seconds=terms[binding],
+        binding=binding,
+        reserved_budget_bound_seconds=max(reserved, terms[binding]),
+    )
+
+
+# --- the venue's universe --------------------------------------------------------------------------------
+
+
+def bench_listings(signals: int) -> tuple[dict[str, Listing], bool]:
+    """The real universe, widened with synthetic `BENCHnnnUSDT` listings when `signals` needs more symbols
+    than it has. Returns the listings and whether any is synthetic."""
+    listings = dict(UNIVERSE)
+    real = list(UNIVERSE.values())
+    extra = signals - len(listings)
+    for i in range(max(0, extra)):
+        shape = real[i % len(real)]
+        symbol = f"BENCH{i + 1:03d}USDT"
+        market = Market(
+            symbol=symbol,
+            base_asset=symbol.removesuffix("USDT"),
+            quote_asset="USDT",
+            tick_size=shape.market.tick_size,
+            step_size=shape.market.step_size,
+            min_quantity=shape.market.min_quantity,
+            min_notional=shape.market.min_notional,
+            max_leverage=shape.market.max_leverage,
+        )
+        listings[symbol] = Listing(market=market, initial_price=shape.initial_price)
+    return listings, extra > 0
+
+
+# --- one run ---------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class RunResult:
+    run: int
+    protect_seconds: float | None  # None: not every opened position was protected before the deadline
+    last_protected_seconds: float | None
+    ratio: float | None
+    timeouts: int
+    timeouts_by_operation: dict[str, int]
+    positions_timed_out: int  # distinct positions with at least one protection timeout
+    protected_within_timeout: int  # positions covered no later than timeout_s after their fill
+    call_timeouts: int
+    rate_limited: int
+    banned: int
+    signals_rejected: int
+    positions_opened: int
+    positions_protected: int
+    insert_seconds: float
+    wave_started_seconds: float | None  # the engine's `monitoring.waves.started_at` of the wave
+    first_fill_seconds: float | None
+    last_fill_seconds: float | None
+    fill_to_protected_median_seconds: float | None
+    fill_to_protected_max_seconds: float | None
+    protective_orders_sent: int
+    lock_wait_max_seconds: float | None = None
+    reject_reasons: dict[str, int] = field(default_factory=dict)
+
+
+def engine_environ(args: argparse.Namespace, dsn: str, seed: int) -> dict[str, str]:
+    latency_s = args.latency_ms / 1000
+    environ = {
+        "TSBOT_DATABASE__DSN": dsn,
+        "TSBOT_SIGNALS__SOURCE": "postgres",
+        "TSBOT_SIGNALS__WAVE_WINDOW_MS": str(args.wave_window_ms),
+        "TSBOT_SIGNALS__MAX_POSITIONS": str(max(100, args.signals)),
+        "TSBOT_SIGNALS__MAX_CONCURRENT_ENTRIES": str(args.max_concurrent_entries),
+        "TSBOT_VENUE__SIM__SEED": str(seed),
+        "TSBOT_VENUE__SIM__VOLATILITY": "0",
+        "TSBOT_VENUE__SIM__LATENCY__SECONDS": f"{latency_s:g}",
+        "TSBOT_VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "300",
+        "TSBOT_VENUE__SIM__MAX_CONDITIONAL_ORDERS": str(max(200, 2 * args.signals)),
+        "TSBOT_PROTECTION__CALL_TIMEOUT_SECONDS": f"{args.timeout_s:g}",
+    }
+    if args.jitter_pct > 0:
+        environ["TSBOT_VENUE__SIM__LATENCY__DISTRIBUTION"] = "uniform"
+        environ["TSBOT_VENUE__SIM__LATENCY__JITTER_SECONDS"] = f"{latency_s * args.jitter_pct / 100:g}"
+    return environ
+
+
+def sim_budgets() -> tuple[RateBudget, ...]:
+    """The sim venue's order budgets as it announces them (`capabilities().order_rate_budgets`)."""
+    return tuple(SimCore({}, load_settings({}).venue.sim, now=0.0).capabilities().order_rate_budgets)
+
+
+def load_settings(environ: dict[str, str]) -> Settings:
+    # A directory that cannot hold a config.toml: defaults + the environment above, nothing else.
+    return load_config(None, environ=environ, cwd=Path("/nonexistent-bench-config-dir")).settings
+
+
+async def run_once(
+    args: argparse.Namespace, server: EmbeddedPostgres, run: int, listings: dict[str, Listing], bound: float
+) -> RunResult:
+    dbname = f"bench_{uuid.uuid4().hex[:12]}"
+    await ensure_database_exists(server.dsn("postgres"), dbname)
+    settings = load_settings(engine_environ(args, server.dsn(dbname), seed=args.seed + run))
+    clock = SystemClock()
+    sim = SimVenue(
+        settings.venue.sim, clock=clock, core=SimCore(listings, settings.venue.sim, now=clock.now())
+    )
+    venue = GlobalLockVenue(sim) if args.design == "global-lock" else CountingVenue(sim)
+    engine = Engine(settings, venue=venue, clock=clock, version="bench", generate_signals=False)
+
+    opened: dict[int, PositionGuard] = {}
+    rejected: dict[str, int] = {}
+    timeouts: dict[str, int] = {}
+    timed_out_positions: set[int] = set()
+
+    async def follow() -> None:
+        async for event in engine.events():
+            if isinstance(event, PositionOpened):
+                assert engine.manager is not None
+                opened[event.position_id] = engine.manager.guards[event.position_id]
+            elif isinstance(event, SignalRejected):
+                rejected[event.reason] = rejected.get(event.reason, 0) + 1
+            elif isinstance(event, ProtectionTimedOut):
+                timeouts[event.operation] = timeouts.get(event.operation, 0) + 1
+                timed_out_positions.add(event.position_id)
+
+    follower = asyncio.create_task(follow(), name="bench-events")
+    await asyncio.sleep(0)  # subscribed before anything is published
+    try:
+        await engine.start()
+        assert engine.store is not None and engine.manager is not None
+        # Insert into a running engine, as a provider would: LISTEN up and the start-up burst over.
+        for _ in range(round(10.0 / POLL_SECONDS)):
+            if engine.consumer is not None and engine.consumer.listening:
+                break
+            await asyncio.sleep(POLL_SECONDS)
+        await asyncio.sleep(args.settle_s)
+        calls_before = engine.manager.call_stats.summary(clock.monotonic()).timeouts
+        symbols = list(listings)[: args.signals]
+        rows = [(symbol, "long" if i % 2 == 0 else "short", None, None) for i, symbol in enumerate(symbols)]
+        t0_wall, t0 = clock.now(), clock.monotonic()
+        await engine.store.insert_signals(rows)
+        inserted = clock.monotonic()
+
+        deadline = t0 + args.deadline_s
+        while clock.monotonic() < deadline:
+            resolved = len(opened) + sum(rejected.values()) >= args.signals
+            if resolved and all(g.protected_at is not None for g in opened.values()):
+                break
+            await asyncio.sleep(POLL_SECONDS)
+
+        protected = [g for g in opened.values() if g.protected_at is not None]
+        all_protected = (
+            len(opened) + sum(rejected.values()) >= args.signals and len(protected) == len(opened) > 0
+        )
+        last = max((g.protected_at - t0 for g in protected), default=None)  # type: ignore[operator]
+        fills = [g.filled_at - t0 for g in opened.values()]
+        fill_to_protected = [g.protected_at - g.filled_at for g in protected]  # type: ignore[operator]
+        protect = last if all_protected else None
+        wave_started = await _first_wave_started(server.dsn(dbname))
+        lock_waits = venue.lock_waits if isinstance(venue, GlobalLockVenue) else None
+        return RunResult(
+            run=run + 1,
+            protect_seconds=protect,
+            last_protected_seconds=last,
+            ratio=None if protect is None else protect / bound,
+            timeouts=sum(timeouts.values()),
+            timeouts_by_operation=dict(timeouts),
+            positions_timed_out=len(timed_out_positions),
+            protected_within_timeout=sum(1 for d in fill_to_protected if d <= args.timeout_s),
+            call_timeouts=engine.manager.call_stats.summary(clock.monotonic()).timeouts - calls_before,
+            rate_limited=venue.rate_limited + venue.banned,
+            banned=venue.banned,
+            signals_rejected=sum(rejected.values()),
+            positions_opened=len(opened),
+            positions_protected=len(protected),
+            insert_seconds=inserted - t0,
+            wave_started_seconds=None if wave_started is None else wave_started - t0_wall,
+            first_fill_seconds=min(fills, default=None),
+            last_fill_seconds=max(fills, default=None),
+            fill_to_protected_median_seconds=statistics.median(fill_to_protected)
+            if fill_to_protected
+            else None,
+            fill_to_protected_max_seconds=max(fill_to_protected, default=None),
+            protective_orders_sent=engine.manager.budget.protective_sent,
+            lock_wait_max_seconds=max(lock_waits, default=0.0) if lock_waits is not None else None,
+            reject_reasons=dict(rejected),
+        )
+    finally:
+        await engine.stop()
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+
+
+async def _first_wave_started(dsn: str) -> float | None:
+    """When the engine began processing the wave (epoch seconds, the database's clock = this host's)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval(
+            "SELECT extract(epoch FROM started_at)::float8 FROM monitoring.waves ORDER BY id LIMIT 1"
+        )
+    finally:
+        await conn.close()
+
+
+# --- the invocation --------------------------------------------------------------------------------------
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    """Median, with a missing value (a run that did not finish) ranked as worse than any other."""
+    if not values:
+        return None
+    ranked = sorted(values, key=lambda v: math.inf if v is None else v)
+    n = len(ranked)
+    middle = ranked[(n - 1) // 2 : n // 2 + 1]
+    if any(v is None for v in middle):
+        return None
+    if len(middle) == 1 or middle[0] == middle[1]:
+        return middle[0]
+    return (middle[0] + middle[1]) / 2  # type: ignore[operator]
+
+
+async def bench(args: argparse.Namespace, server: EmbeddedPostgres) -> dict[str, Any]:
+    listings, synthetic = bench_listings(args.signals)
+    budgets = sim_budgets()
+    bound = lower_bound(args.signals, args.latency_ms / 1000, budgets)
+    results = []
+    for run in range(args.runs):
+        result = await run_once(args, server, run, listings, bound.seconds)
+        results.append(result)
+        if not args.json:
+            print(_run_line(result), flush=True)
+
+    def values(name: str) -> list[Any]:
+        return [getattr(r, name) for r in results]
+
+    summary: dict[str, Any] = {
+        "design": args.design,
+        "signals": args.signals,
+        "latency_ms": args.latency_ms,
+        "jitter_pct": args.jitter_pct,
+        "timeout_s": args.timeout_s,
+        "runs": args.runs,
+        "protect_seconds": _median(values("protect_seconds")),
+        "lower_bound_seconds": bound.seconds,
+        "ratio": _median(values("ratio")),
+        "timeouts": _median(values("timeouts")),
+        "rate_limited": _median(values("rate_limited")),
+        "positions_protected": _median(values("positions_protected")),
+        "positions_timed_out": _median(values("positions_timed_out")),
+        "protected_within_timeout": _median(values("protected_within_timeout")),
+        "median": {
+            name: _median(values(name))
+            for name in (
+                "protect_seconds",
+                "ratio",
+                "timeouts",
+                "call_timeouts",
+                "rate_limited",
+                "positions_protected",
+                "last_protected_seconds",
+                "last_fill_seconds",
+                "fill_to_protected_max_seconds",
+            )
+        },
+        "values": {
+            name: values(name)
+            for name in (
+                "protect_seconds",
+                "ratio",
+                "timeouts",
+                "rate_limited",
+                "positions_protected",
+                "positions_timed_out",
+                "protected_within_timeout",
+            )
+        },
+        "max_timeouts": max(values("timeouts")),
+        "max_rate_limited": max(values("rate_limited")),
+        "lower_bound": {
+            "seconds": bound.seconds,
+            "binding": bound.binding,
+            "critical_path_seconds": bound.critical_path_seconds,
+            "rate_bound_seconds": bound.rate_bound_seconds,
+            "entry_rate_bound_seconds": bound.entry_rate_bound_seconds,
+            "reserved_budget_bound_seconds": bound.reserved_budget_bound_seconds,
+            "budgets": [{"limit": b.limit, "window_seconds": b.window_seconds} for b in budgets],
+            "formula": "max(2*L, max_b(floor((3N-1)/B_b)*W_b) + L, max_b(floor((N-1)/B_b)*W_b) + 2*L)",
+        },
+        "config": {
+            "wave_window_ms": args.wave_window_ms,
+            "max_concurrent_entries": args.max_concurrent_entries,
+            "max_positions": max(100, args.signals),
+            "max_conditional_orders": max(200, 2 * args.signals),
+            "synthetic_symbols": max(0, args.signals - len(UNIVERSE)) if synthetic else 0,
+            "deadline_s": args.deadline_s,
+            "seed": args.seed,
+            "settle_s": args.settle_s,
+        },
+        "all_runs": [asdict(r) for r in results],
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
+    }
+    return summary
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _run_line(r: RunResult) -> str:
+    text = (
+        f"run {r.run}: protected {r.positions_protected}/{r.positions_opened} "
+        f"(rejected {r.signals_rejected}), last at {_fmt(r.last_protected_seconds)} s, "
+        f"ratio {_fmt(r.ratio, 3)}, timeouts {r.timeouts} (all calls {r.call_timeouts}), "
+        f"{r.positions_timed_out} positions timed out, {r.protected_within_timeout} covered within the "
+        f"timeout of their fill, rate-limited {r.rate_limited}; wave claimed at {_fmt(r.wave_started_seconds)} s, fills {_fmt(r.first_fill_seconds)}–{_fmt(r.last_fill_seconds)} s, "
+        f"fill→protected max {_fmt(r.fill_to_protected_max_seconds)} s"
+    )
+    if r.lock_wait_max_seconds is not None:
+        text += f", longest lock wait {_fmt(r.lock_wait_max_seconds)} s"
+    if r.reject_reasons:
+        text += f"; rejects {r.reject_reasons}"
+    return text
+
+
+def print_human(s: dict[str, Any]) -> None:
+    lb = s["lower_bound"]
+    cfg = s["config"]
+    print(
+        f"wave of {s['signals']} signals, {s['latency_ms']:g} ms per call"
+        + (f" ± {s['jitter_pct']:g} %" if s["jitter_pct"] else "")
+        + f", design {s['design']}, call timeout {s['timeout_s']:g} s, {s['runs']} runs"
+    )
+    print(
+        f"  config: wave_window_ms {cfg['wave_window_ms']}, max_concurrent_entries "
+        f"{cfg['max_concurrent_entries']}, synthetic symbols {cfg['synthetic_symbols']}"
+    )
+    print(
+        f"  lower bound {lb['seconds']:.2f} s ({lb['binding']}): critical path 2×L = "
+        f"{lb['critical_path_seconds']:.2f} s, rate bound {lb['rate_bound_seconds']:.2f} s "
+        f"(3N = {3 * s['signals']} orders under "
+        + ", ".join(f"{b['limit']}/{b['window_seconds']:g} s" for b in lb["budgets"])
+        + f", + L); protection-first admission bound {lb['reserved_budget_bound_seconds']:.2f} s"
+    )
+    values = s["values"]
+    print(
+        f"  wave start → last position protected: median {_fmt(s['protect_seconds'])} s "
+        f"(runs: {', '.join(_fmt(v) for v in values['protect_seconds'])})"
+    )
+    print(
+        f"  ratio to the lower bound: median {_fmt(s['ratio'], 3)} "
+        f"(runs: {', '.join(_fmt(v, 3) for v in values['ratio'])})"
+    )
+    print(
+        f"  protection timeouts: median {_fmt(s['timeouts'], 0)} (runs: {values['timeouts']}); "
+        f"rate-limit rejections: median {_fmt(s['rate_limited'], 0)} (runs: {values['rate_limited']})"
+    )
+    print(
+        f"  positions protected: median {_fmt(s['positions_protected'], 0)} of {s['signals']} "
+        f"(runs: {values['positions_protected']}); positions with a timeout: median "
+        f"{_fmt(s['positions_timed_out'], 0)} (runs: {values['positions_timed_out']}); covered within "
+        f"{s['timeout_s']:g} s of their fill: median {_fmt(s['protected_within_timeout'], 0)} "
+        f"(runs: {values['protected_within_timeout']})"
+    )
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Time from a wave of N signals to its last position protected, on the sim venue.",
+    )
+    parser.add_argument(
+        "--signals", type=int, required=True, help="N: signals in the wave (distinct symbols)"
+    )
+    parser.add_argument("--latency-ms", type=float, required=True, help="L: round trip of every venue call")
+    parser.add_argument("--jitter-pct", type=float, default=0.0, help="uniform jitter, ± percent of L")
+    parser.add_argument("--design", choices=DESIGNS, default="per-position")
+    parser.add_argument("--timeout-s", type=float, default=10.0, help="protection.call_timeout_seconds")
+    parser.add_argument("--runs", type=int, default=3, help="runs in this invocation; the median is reported")
+    parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    parser.add_argument("--wave-window-ms", type=int, default=0, help="signals.wave_window_ms (default 0)")
+    parser.add_argument(
+        "--max-concurrent-entries",
+        type=int,
+        default=None,
+        help="signals.max_concurrent_entries (default min(N, max(50, floor(orders_per_10s / 3))))",
+    )
+    parser.add_argument(
+        "--deadline-s",
+        type=float,
+        default=None,
+        help="give a run up this long after the insert (default 4 × lower bound + 120)",
+    )
+    parser.add_argument(
+        "--settle-s",
+        type=float,
+        default=1.0,
+        help="wait this long after the engine has started and its LISTEN is up before inserting the wave",
+    )
+    parser.add_argument("--seed", type=int, default=42, help="sim seed of run 1 (run i uses seed + i − 1)")
+    parser.add_argument(
+        "--log-level", default="WARNING", help="engine log level on stderr (WARNING, ERROR, CRITICAL …)"
+    )
+    args = parser.parse_args(argv)
+    if args.signals < 1:
+        parser.error("--signals must be at least 1")
+    if not 0 < args.latency_ms <= 60_000:
+        parser.error("--latency-ms must be within (0, 60000]")
+    if not 0 <= args.jitter_pct <= 100:
+        parser.error("--jitter-pct must be within [0, 100]")
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    if args.max_concurrent_entries is None:
+        per_10s = load_settings({}).venue.sim.rate_limits.orders_per_10s
+        args.max_concurrent_entries = min(
+            args.signals, max(ENGINE_DEFAULT_CONCURRENT_ENTRIES, per_10s // ORDERS_PER_POSITION)
+        )
+    args.max_concurrent_entries = max(1, min(500, args.max_concurrent_entries))
+    if args.deadline_s is None:
+        bound = lower_bound(args.signals, args.latency_ms / 1000, sim_budgets())
+        args.deadline_s = 4 * bound.seconds + 120
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+    )
+    workdir = Path(tempfile.mkdtemp(prefix="tsbot-wave-"))
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)  # runs after the server's own atexit stop
+    server = start_embedded(workdir / "pgdata")
+    summary = asyncio.run(bench(args, server))
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print_human(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
