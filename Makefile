@@ -21,9 +21,9 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
-# The headless engine on ./config.toml (sim venue, embedded PostgreSQL) until the dashboard lands.
+# The engine and its dashboard on ./config.toml (sim venue, embedded PostgreSQL).
 run: $(VENV)/.installed
-	$(BIN)/tsbot run --config $(CONFIG)
+	$(BIN)/tsbot-tui --config $(CONFIG)
 
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

@@ -1,21 +1,661 @@
-"""`tsbot-tui`: the dashboard.
+"""`tsbot-tui`: the engine and its dashboard in one process.
 
-The dashboard is built in the "Dashboard" issue, on top of the engine. Until then this entry point says so
-and exits non-zero instead of showing an empty screen.
+The engine runs in the app's event loop. It is started from an exclusive async worker, and from then on its
+loops are the engine's own supervised tasks: no widget owns them, and closing a screen or a panel cannot
+stop protection. The app follows the engine through `events()` (a worker that posts one message per log row)
+and paints from `snapshot()` on a timer (`[tui] refresh_per_second`), so a storm of price ticks costs the
+screen nothing more than the next frame. Quitting stops the engine (no new signals) and leaves every stop
+on the exchange; if another engine holds the account's lease, the app offers to watch read-only instead.
+
+Nothing is written to stdout or stderr while the app runs: logs go to the log file and, from WARNING up,
+to the log panel.
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import contextlib
+import faulthandler
+import gc
+import logging
+import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from datetime import tzinfo
+from pathlib import Path
+from typing import ClassVar
+
+from textual import work
+from textual.app import App, ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal
+from textual.notifications import SeverityLevel
+from textual.widgets import Footer, Input
+
+from engine.config import ConfigError, Settings, load_config
+from engine.engine import Engine, EngineSnapshot, EngineState, StartupReport, package_version
+from engine.events import EngineStateChanged, EntriesToggled, EventsDropped, HealthChanged, PositionClosed
+from engine.logs import RedactingFormatter, configure_logging
+from protection.health import HealthThresholds
+from storage.lease import LeaseHeld
+from tui import formatting, keys
+from tui.code_watch import CodeDifference, SourceWatcher, package_roots
+from tui.commands import DashboardCommands
+from tui.feed import DashboardFeed, EngineFeed, LogEntry, LogTranslator, ReadOnlyFeed
+from tui.messages import (
+    CodeChanged,
+    CommandDone,
+    FeedFailed,
+    FeedRefused,
+    FeedStarted,
+    LogEntryAdded,
+    RepaintRequested,
+)
+from tui.screens.confirm import ConfirmScreen
+from tui.screens.info import HelpScreen, LeaseHeldScreen, StartFailedScreen
+from tui.screens.reprotect import ReprotectScreen
+from tui.screens.restart import RestartReportScreen
+from tui.widgets.coverage import CoverageGauge
+from tui.widgets.event_log import EventLog
+from tui.widgets.health import HealthPanel
+from tui.widgets.positions import PositionsTable
+from tui.widgets.status import CodeBanner, StatusBar
+from tui.widgets.waves import WavesTable
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+HANGUP_EXIT_SECONDS = 5.0
+
+# Events after which the operator should see the change now, not at the next frame.
+REPAINT_EVENTS = (EntriesToggled, EngineStateChanged, HealthChanged, PositionClosed, EventsDropped)
+# Log records the panel does not repeat: the protection manager's are shown from its domain events (with
+# latency and outcome), health lines from HealthChanged, entry toggles from EntriesToggled.
+PANEL_SKIPPED_LOGGERS = ("protection.manager",)
+PANEL_SKIPPED_PREFIXES = ("health_check:", "entries paused", "entries resumed")
+
+
+class FilterInput(Input):
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "clear_and_leave", "Clear filter", show=False)]
+
+    def action_clear_and_leave(self) -> None:
+        self.value = ""
+        self.remove_class("-visible")
+        self.screen.query_one("#positions").focus()
+
+
+class PanelLogHandler(logging.Handler):
+    """Log records from WARNING up, into the log panel (redacted like the log file)."""
+
+    def __init__(self, app: DashboardApp, secrets: Iterable[str]):
+        super().__init__(logging.WARNING)
+        self._app = app
+        self._redactor = RedactingFormatter(secrets)
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.get_ident()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            if record.name.startswith(PANEL_SKIPPED_LOGGERS):
+                return
+            message = self._redactor.redact(record.getMessage())
+            if message.startswith(PANEL_SKIPPED_PREFIXES):
+                return
+            entry = LogEntry(
+                record.created,
+                record.levelname.lower(),
+                "",
+                record.name,
+                None,
+                "",
+                message.splitlines()[0][:300] if message else "",
+            )
+            if threading.get_ident() == self._thread:
+                self._app.post_message(LogEntryAdded(entry))
+            elif not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._app.post_message, LogEntryAdded(entry))
+        except Exception:  # a log handler must never raise into the code that logged
+            self.handleError(record)
+
+
+class DashboardApp(App[int]):
+    CSS_PATH = "app.tcss"
+    TITLE = "tsbot-tui"
+    BINDINGS: ClassVar[list[BindingType]] = keys.bindings()
+    COMMANDS = App.COMMANDS | {DashboardCommands}
+    HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-narrow"), (140, "-wide")]
+    VERTICAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-short"), (34, "-tall")]
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        engine: Engine | None = None,
+        feed: DashboardFeed | None = None,
+        tz: tzinfo | None = None,
+        code_roots: Sequence[Path] | None = None,
+        code_check_seconds: float = 5.0,
+        secrets: Iterable[str] = (),
+        log_file: str = "",
+        freeze_gc_after_start: bool = False,
+    ):
+        super().__init__()
+        self.settings = settings
+        self.feed: DashboardFeed = feed if feed is not None else EngineFeed(engine or Engine(settings))
+        self.tz = tz
+        self.active_keymap = keys.keymap(settings.tui.keys)
+        self.thresholds = HealthThresholds.from_settings(settings.health)
+        self.log_file = log_file or settings.logging.file
+        self._secrets = list(secrets)
+        # The fingerprint of the code this process runs, taken now, at start (F10).
+        roots = package_roots() if code_roots is None else list(code_roots)
+        self._watcher = SourceWatcher(roots) if roots else None
+        self._code_check_seconds = code_check_seconds
+        self.code_difference: CodeDifference | None = None
+        self.feed_started = False
+        self.stopping = False
+        self.exit_code = EXIT_OK
+        self.last_snapshot: EngineSnapshot | None = None
+        self._final_snapshot: EngineSnapshot | None = None
+        self.startup_report: StartupReport | None = None
+        self.frame_seconds: deque[float] = deque(maxlen=10_000)  # paint durations, for the benchmark
+        self._log_handler: PanelLogHandler | None = None
+        self.read_only_poll_seconds = 1.0
+        self._freeze_gc = freeze_gc_after_start
+        self.hung_up = False
+
+    # --- layout --------------------------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        yield StatusBar(tz=self.tz, id="status")
+        yield CodeBanner("", id="code-banner", markup=False)
+        with Horizontal(id="top"):
+            yield CoverageGauge(thresholds=self.thresholds, id="gauge")
+            yield HealthPanel(id="health")
+        yield FilterInput(placeholder="symbol contains… (enter: keep, esc: clear)", id="filter", compact=True)
+        yield PositionsTable(id="positions")
+        with Horizontal(id="bottom"):
+            yield EventLog(tz=self.tz, id="log")
+            yield WavesTable(tz=self.tz, id="waves")
+        yield Footer(compact=True, show_command_palette=False)
+
+    def on_mount(self) -> None:
+        self.set_keymap(self.active_keymap)
+        try:
+            self.theme = self.settings.tui.theme
+        except Exception:  # an unknown theme name: say so, keep the default
+            self.notify(f"tui.theme: no theme named {self.settings.tui.theme!r}", severity="warning")
+        self._status = self.query_one(StatusBar)
+        self._banner = self.query_one(CodeBanner)
+        self._gauge = self.query_one(CoverageGauge)
+        self._health = self.query_one(HealthPanel)
+        self._waves = self.query_one(WavesTable)
+        self._positions = self.query_one(PositionsTable)
+        self._log_panel = self.query_one(EventLog)
+        self._log_handler = PanelLogHandler(self, self._secrets)
+        logging.getLogger().addHandler(self._log_handler)
+        self._positions.focus()
+        self.paint()
+        self.set_interval(1 / self.settings.tui.refresh_per_second, self.paint, name="paint")
+        if not self.feed.read_only:
+            self.follow_feed()  # before start: timeouts while restoring protection belong in the log
+        self.start_feed()
+        if self._watcher is not None:
+            self.watch_code()
+
+    def on_unmount(self) -> None:
+        if self._log_handler is not None:
+            logging.getLogger().removeHandler(self._log_handler)
+            self._log_handler = None
+
+    # --- painting ------------------------------------------------------------------------------------
+
+    def paint(self) -> None:
+        """One frame from the latest snapshot: every widget updates only what changed, in one batch."""
+        started = time.perf_counter()
+        # While stopping, the screen keeps the last running state: a stopped engine tracks no positions,
+        # but they are all still open on the exchange.
+        snapshot = self._final_snapshot or self.feed.snapshot()
+        self.last_snapshot = snapshot
+        with self.batch_update():
+            self._status.show(snapshot, watching=self._watching(), stopping=self.stopping)
+            self._gauge.show(snapshot)
+            self._health.show(snapshot.health)
+            self._waves.show(snapshot.waves)
+            self._positions.sync(snapshot.positions, snapshot.coverage.uncovered_ids)
+            self._positions.border_subtitle = last_wave(snapshot, self.tz)
+        self.frame_seconds.append(time.perf_counter() - started)
+
+    def _watching(self) -> str | None:
+        if not self.feed.read_only:
+            return None
+        holder = getattr(self.feed, "holder", None)
+        if holder is None:
+            return "no engine running"
+        return f"pid {holder.pid}@{holder.host} v{holder.version}"
+
+    # --- workers -------------------------------------------------------------------------------------
+
+    @work(exclusive=True, group="engine", exit_on_error=False, description="start the engine")
+    async def start_feed(self) -> None:
+        try:
+            report = await self.feed.start()
+        except LeaseHeld as exc:
+            log.warning("%s; offering read-only", exc)
+            self.post_message(FeedRefused(str(exc), exc.holder))
+            return
+        except Exception as exc:
+            log.exception("the engine did not start")
+            self.post_message(FeedFailed(f"{type(exc).__name__}: {exc}"))
+            return
+        self.post_message(FeedStarted(report))
+
+    @work(exclusive=True, group="follow", exit_on_error=False, description="follow the engine's events")
+    async def follow_feed(self) -> None:
+        translator = LogTranslator()
+        async for item in self.feed.follow():
+            entry = item if isinstance(item, LogEntry) else translator.entry(item)
+            if entry is not None:
+                self.post_message(LogEntryAdded(entry))
+            if isinstance(item, REPAINT_EVENTS):
+                self.post_message(RepaintRequested())
+
+    @work(exclusive=True, group="code-watch", exit_on_error=False, description="compare code on disk")
+    async def watch_code(self) -> None:
+        assert self._watcher is not None
+        while True:
+            await asyncio.sleep(self._code_check_seconds)
+            difference = await asyncio.to_thread(self._watcher.check)
+            if difference != self.code_difference:
+                self.post_message(CodeChanged(difference))
+
+    @work(group="command", exit_on_error=False, description="close a position")
+    async def close_selected(self, position_id: int, symbol: str) -> None:
+        try:
+            closed = await self.feed.close_position(position_id)
+        except Exception as exc:
+            log.exception("closing %s failed", symbol)
+            self.post_message(CommandDone(f"Closing {symbol} failed: {exc}", severity="error"))
+            return
+        if closed:
+            self.post_message(CommandDone(f"{symbol} closed at market; its stops were cancelled."))
+        else:
+            self.post_message(
+                CommandDone(
+                    f"{symbol}: the venue did not confirm the close; the position stays protected.",
+                    severity="error",
+                )
+            )
+
+    @work(exclusive=True, group="shutdown", exit_on_error=False, description="stop the engine and quit")
+    async def shutdown(self) -> None:
+        self.stopping = True
+        self._final_snapshot = self.feed.snapshot()
+        self.paint()
+        await self.stop_feed()
+        if self.hung_up:
+            # The engine has stopped (the only thing that matters); if restoring a terminal that no longer
+            # exists wedges the exit anyway, end the process rather than linger without a screen.
+            watchdog = threading.Timer(HANGUP_EXIT_SECONDS, os._exit, args=(self.exit_code,))
+            watchdog.daemon = True
+            watchdog.start()
+        self.exit(self.exit_code)
+
+    def request_shutdown(self, signum: int) -> None:
+        """A signal asked us to stop: no confirmation (nobody may be there to answer)."""
+        log.warning(
+            "%s received: stopping the engine; exchange stops stay in place", signal.Signals(signum).name
+        )
+        if signum == signal.SIGHUP:
+            # The terminal is gone and writing to it fails (EIO), which can wedge Textual's output thread on
+            # exit (Textualize/textual#5140): point the standard streams at /dev/null before anything draws.
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(devnull, fd)
+            os.close(devnull)
+            self.hung_up = True
+        if not self.stopping:
+            self.shutdown()
+
+    async def stop_feed(self) -> None:
+        """Stop the engine (or the watch); idempotent. A start still in progress is cancelled first."""
+        for worker in list(self.workers):
+            if worker.group == "engine" and worker.is_running:
+                worker.cancel()
+                with contextlib.suppress(Exception):
+                    await worker.wait()
+        try:
+            await self.feed.stop()
+        except Exception:
+            log.exception("stopping the engine failed")
+
+    # --- messages ------------------------------------------------------------------------------------
+
+    def on_feed_started(self, message: FeedStarted) -> None:
+        self.feed_started = True
+        if self._freeze_gc:
+            # Everything built at start (modules, widgets, caches, markets) will live as long as the process:
+            # keeping it out of the collector's full passes turns 50-80 ms gen-2 pauses, which stall the
+            # engine's loop too, into ~10 ms ones (bench/tui_render.py).
+            gc.freeze()
+        self.startup_report = message.report
+        if message.report is not None:
+            report = message.report
+            self.notify(
+                f"Engine started: {report.describe()}",
+                title="Start-up",
+                severity="warning" if report.failed else "information",
+                timeout=8,
+            )
+        if self.feed.read_only:
+            self.notify("Read-only: watching the database; commands are refused.", timeout=8)
+            self.follow_feed()
+        self.paint()
+
+    def on_feed_refused(self, message: FeedRefused) -> None:
+        def answered(read_only: bool | None) -> None:
+            if read_only:
+                self.feed = ReadOnlyFeed(self.settings, message.holder, interval=self.read_only_poll_seconds)
+                self.start_feed()
+            else:
+                self.exit_code = EXIT_FAILED
+                self.shutdown()
+
+        self.push_screen(LeaseHeldScreen(message.message, message.holder), answered)
+
+    def on_feed_failed(self, message: FeedFailed) -> None:
+        def closed(_: None) -> None:
+            self.exit_code = EXIT_FAILED
+            self.shutdown()
+
+        self.push_screen(StartFailedScreen(message.error, self.log_file), closed)
+
+    def on_log_entry_added(self, message: LogEntryAdded) -> None:
+        self._log_panel.add_entry(message.entry)
+
+    def on_repaint_requested(self, _message: RepaintRequested) -> None:
+        self.paint()
+
+    def on_code_changed(self, message: CodeChanged) -> None:
+        self.code_difference = message.difference
+        self._banner.show_difference(message.difference, self.tz)
+        if message.difference is not None:
+            log.warning(
+                "code on disk changed since start (%s): restart needed", message.difference.describe()
+            )
+
+    def on_command_done(self, message: CommandDone) -> None:
+        self.notify(message.text, severity=message.severity, timeout=8)
+        self.paint()
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if event.input.id == "filter":
+            self._positions.set_filter(needle=event.value)
+            self._log_panel.set_filter(event.value)
+            self.paint()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id == "filter":
+            if not event.value:
+                event.input.remove_class("-visible")
+            self._positions.focus()
+
+    def notify(
+        self,
+        message: str,
+        *,
+        title: str = "",
+        severity: SeverityLevel = "information",
+        timeout: float | None = None,
+        markup: bool = False,
+    ) -> None:
+        """A toast, and the same line kept in the log panel: a command's result outlives its toast."""
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
+        if getattr(self, "_log_panel", None) is not None:
+            snapshot = self.last_snapshot
+            self._log_panel.add_entry(
+                LogEntry(
+                    snapshot.taken_at if snapshot and snapshot.taken_at else time.time(),
+                    {"information": "info"}.get(severity, severity),
+                    "",
+                    "dashboard",
+                    None,
+                    "",
+                    f"{title}: {message}" if title else message,
+                )
+            )
+
+    # --- commands ------------------------------------------------------------------------------------
+
+    def _refuse_if_not_trading(self) -> bool:
+        """True (and the operator is told why) when trading commands cannot run now."""
+        if isinstance(self.feed, ReadOnlyFeed):
+            self.notify(self.feed.refusal(), severity="warning", timeout=8)
+            return True
+        if self.stopping:
+            self.notify("The engine is stopping.", severity="warning")
+            return True
+        snapshot = self.feed.snapshot()
+        if snapshot.state is not EngineState.RUNNING:
+            self.notify(f"The engine is {snapshot.state.value}; try again once it runs.", severity="warning")
+            return True
+        return False
+
+    def action_protect_uncovered(self) -> None:
+        if self._refuse_if_not_trading():
+            return
+        plan = self.feed.plan_reprotect()
+        if not plan:
+            figures = self.feed.snapshot().coverage
+            extra = f" ({figures.protecting} still inside their grace period)" if figures.protecting else ""
+            self.notify(f"Nothing to protect: every position is covered{extra}.")
+            return
+
+        def finished(results: object) -> None:
+            if isinstance(results, list) and results:
+                covered = sum(r.covered for r in results)
+                self.notify(
+                    f"Re-protect: {covered}/{len(results)} covered.",
+                    severity="information" if covered == len(results) else "error",
+                )
+            self.paint()
+
+        self.push_screen(ReprotectScreen(self.feed, plan), finished)
+
+    def action_restart_protection(self) -> None:
+        if self._refuse_if_not_trading():
+            return
+
+        def confirmed(yes: bool | None) -> None:
+            if yes:
+                self.push_screen(RestartReportScreen(self.feed), lambda _report: self.paint())
+
+        self.push_screen(
+            ConfirmScreen(
+                "Restart the trailing-stop manager?",
+                "The protection manager stops, reloads every open position from the database, verifies each "
+                "against the exchange and re-arms. Orders on the exchange stay in place meanwhile; new "
+                "signals wait. A report says what was restored, re-protected, adopted or failed.",
+                confirm_label="Restart",
+            ),
+            confirmed,
+        )
+
+    def action_toggle_entries(self) -> None:
+        if self._refuse_if_not_trading():
+            return
+        paused = not self.feed.snapshot().entries_paused
+        self.feed.set_entries_paused(paused)
+        self.notify(
+            "New entries PAUSED: signals are rejected; open positions stay protected."
+            if paused
+            else "New entries resumed.",
+            severity="warning" if paused else "information",
+        )
+        self.paint()
+
+    def action_close_position(self) -> None:
+        if self._refuse_if_not_trading():
+            return
+        selected = self._positions.selected_position_id()
+        # The engine's current view of it (a row off screen may show text one frame old).
+        view = next((p for p in self.feed.snapshot().positions if p.position_id == selected), None)
+        if view is None:
+            self.notify("No position selected.", severity="warning")
+            return
+
+        def confirmed(yes: bool | None) -> None:
+            if yes:
+                self.close_selected(view.position_id, view.symbol)
+
+        pnl = "" if view.pnl_percent is None else f", PnL {view.pnl_percent:+.2f}%"
+        self.push_screen(
+            ConfirmScreen(
+                f"Close {view.symbol}?",
+                f"Close {view.side.upper()} {view.quantity} {view.symbol} (position {view.position_id}) at "
+                f"market, reduce-only{pnl}. Its stop-loss and trailing stop are cancelled after the fill.",
+                confirm_label=f"Close {view.symbol}",
+            ),
+            confirmed,
+        )
+
+    def action_only_uncovered(self) -> None:
+        self._positions.set_filter(only_uncovered=not self._positions.only_uncovered)
+        self.paint()
+
+    def action_filter(self) -> None:
+        box = self.query_one(FilterInput)
+        box.add_class("-visible")
+        box.focus()
+
+    def action_focus_log(self) -> None:
+        self.screen.add_class("-show-log")
+        self._log_panel.focus()
+
+    def action_cycle_log_severity(self) -> None:
+        self._log_panel.action_cycle_severity()
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen(self.active_keymap, read_only=self.feed.read_only))
+
+    def action_toggle_dark_light(self) -> None:
+        self.theme = "textual-light" if self.current_theme.dark else "textual-dark"
+
+    async def action_quit(self) -> None:
+        """Quit: the engine stops taking signals; every exchange stop stays in place."""
+        if self.stopping:
+            return
+        snapshot = self.feed.snapshot()
+        if self.feed.read_only or not snapshot.positions:
+            self.shutdown()
+            return
+        self.push_screen(
+            ConfirmScreen("Quit tsbot-tui?", quit_warning(snapshot), confirm_label="Quit"), self._quit
+        )
+
+    def _quit(self, yes: bool | None) -> None:
+        if yes:
+            self.shutdown()
+
+    def exit_summary(self) -> str:
+        """One line for the terminal after the app has exited."""
+        snapshot = self.last_snapshot
+        if snapshot is None or self.feed.read_only or not self.feed_started:
+            return ""
+        figures = snapshot.coverage
+        managed = sum(1 for p in snapshot.positions if p.trailing_kind == "managed")
+        pct = "n/a" if figures.ts_coverage_pct is None else f"{figures.ts_coverage_pct}%"
+        return (
+            f"tsbot-tui stopped: {figures.active} open positions keep their stops on the exchange "
+            f"(TS coverage {pct}, uncovered {figures.uncovered})"
+            + (f"; {managed} managed trailing stops do not move until restart" if managed else "")
+        )
+
+
+def last_wave(snapshot: EngineSnapshot, tz: tzinfo | None) -> str:
+    """The newest wave in one line: below 140 columns the waves table gives its room to the log."""
+    if not snapshot.waves:
+        return "no wave yet"
+    wave = snapshot.waves[0]
+    slowest = "" if wave.slowest_protection_ms is None else f", slowest {wave.slowest_protection_ms:,} ms"
+    failed = f", {wave.failed} FAILED" if wave.failed else ""
+    return (
+        f"last wave {formatting.clock_time(wave.started_at, tz)}: {wave.signals} signals, "
+        f"{wave.opened} opened, {wave.protected} protected{failed}{slowest}"
+    )
+
+
+def quit_warning(snapshot: EngineSnapshot) -> str:
+    figures = snapshot.coverage
+    managed = sum(1 for p in snapshot.positions if p.trailing_kind == "managed")
+    lines = [
+        "The engine stops taking signals and stops its loops.",
+        f"{figures.active} open positions keep their stop-loss and trailing-stop orders on the exchange: "
+        "exchange stops stay in place.",
+        f"Managed trailing stops ({managed} now) stop moving until the engine is restarted; "
+        "native trailing stops keep trailing on the exchange.",
+    ]
+    if figures.uncovered:
+        lines.append(f"WARNING: {figures.uncovered} positions are UNCOVERED right now and will stay so.")
+    return "\n".join(lines)
+
+
+# --- entry point ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tsbot-tui",
+        description="The engine with its dashboard (same configuration as `tsbot run`).",
+    )
+    parser.add_argument(
+        "--config", metavar="PATH", help="configuration file (default: ./config.toml, else built-in defaults)"
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    print(
-        "tsbot-tui: the dashboard is not built yet; `tsbot status` shows coverage from the database",
-        file=sys.stderr,
-    )
-    return 1
+    args = build_parser().parse_args(argv)
+    try:
+        loaded = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    secrets = loaded.secret_values()
+    log_file = configure_logging(loaded.settings.logging, secrets)  # the file only: the screen is ours
+    logging.captureWarnings(True)
+    # `kill -USR1 <pid>` writes every thread's stack next to the log: a hung dashboard can be diagnosed.
+    stacks = open(log_file.with_name("tsbot-tui-stacks.txt"), "a", encoding="utf-8")  # noqa: SIM115
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
+    app = DashboardApp(loaded.settings, secrets=secrets, log_file=str(log_file), freeze_gc_after_start=True)
+    code = asyncio.run(_serve(app))
+    summary = app.exit_summary()
+    if summary:
+        print(summary)
+    return code
+
+
+async def _serve(app: DashboardApp) -> int:
+    # A closed terminal (SIGHUP: tmux kill-session, ssh drop) or SIGTERM stops the engine like `q` does.
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(signum, app.request_shutdown, signum)
+    try:
+        result = await app.run_async()
+    finally:
+        # However the app ended (quit, a closed terminal, a crash), the engine stops here, in its own loop.
+        await app.stop_feed()
+    if result is None:
+        return EXIT_FAILED if app.return_code else app.exit_code
+    return result
 
 
 if __name__ == "__main__":

@@ -1,0 +1,285 @@
+"""Every key of the dashboard, pressed with Pilot against a real engine (sim venue, fixed seed, ManualClock,
+real PostgreSQL): the action happens in the engine, and the screen shows its result."""
+
+from __future__ import annotations
+
+from engine.clock import ManualClock
+from engine.engine import EngineState
+from engine.venues.sim.settings import CallKind, FaultKind
+from engine.venues.sim.universe import UNIVERSE
+from storage.database import Database
+from storage.repositories import SignalStatus
+from tests.integration.engine_support import make_engine
+from tests.support.driving import drive
+from tests.tui.harness import dashboard, started, tui_settings
+from tui.screens.confirm import ConfirmScreen
+from tui.screens.info import HelpScreen
+from tui.screens.reprotect import ReprotectScreen
+from tui.screens.restart import RestartReportScreen
+from tui.widgets.positions import UNCOVERED_FLAG
+
+SYMBOLS = sorted(UNIVERSE)
+
+
+async def test_p_protects_a_position_left_uncovered_by_a_fault_and_reports_per_position(db: Database) -> None:
+    settings = tui_settings(
+        db,
+        {
+            "VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "2",
+            # Without `p` the next retry would be a minute away: the key must do it now.
+            "PROTECTION__RETRY_INITIAL_SECONDS": "60",
+            "PROTECTION__RETRY_MAX_SECONDS": "600",
+        },
+    )
+    async with dashboard(settings) as board:
+        await started(board)
+        symbol = SYMBOLS[3]
+        # The entry executes but its answer is lost (resolved by client id); every protective order fails.
+        board.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT, 1)
+        board.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 10_000)
+        await board.open_positions([symbol])
+        assert board.engine.manager is not None
+        guard = board.engine.manager.by_symbol[symbol]
+        await board.until(lambda: board.uncovered_text().startswith("UNCOVERED 1"), "gauge shows 1 uncovered")
+        assert board.positions.row_text(guard.position_id).startswith(f"{UNCOVERED_FLAG} {symbol}")
+        await board.until(
+            lambda: any(symbol == e.symbol for e in board.log.shown_entries()), "failure logged"
+        )
+
+        board.venue.clear_injected_faults()  # the venue recovers; the manager would wait a minute
+        await board.press("p")
+        screen = board.app.screen
+        assert isinstance(screen, ReprotectScreen)
+        plan = screen.query_one("#reprotect-plan")
+        assert [str(row.key.value) for row in plan.ordered_rows] == [str(guard.position_id)]  # type: ignore[attr-defined]
+        assert "stop_market" in str(plan.get_row(str(guard.position_id))[3])  # type: ignore[attr-defined]
+
+        await board.press("y")
+        await board.until(lambda: screen.state == "done", "re-protect finished")
+        assert screen.results is not None
+        assert [(r.symbol, r.covered) for r in screen.results] == [(symbol, True)]
+        assert str(plan.get_row(str(guard.position_id))[4]) == "covered"  # type: ignore[attr-defined]
+        await board.press("escape")
+        await board.until(lambda: board.uncovered_text() == "uncovered 0", "gauge shows 0 uncovered")
+        assert board.positions.row_text(guard.position_id).startswith(f"  {symbol}")
+        assert guard.covered
+        assert board.engine.snapshot().coverage.ts_coverage_pct == 100
+        assert any("Re-protect: 1/1 covered" in d for d in board.log_details())
+
+
+async def test_r_restarts_protection_shows_the_report_and_protection_continues(db: Database) -> None:
+    async with dashboard(tui_settings(db)) as board:
+        await started(board)
+        await board.open_positions(SYMBOLS[10:12])
+        await board.until(lambda: board.engine.snapshot().coverage.protected == 2, "2 covered")
+
+        await board.press("r")
+        confirm = board.app.screen
+        assert isinstance(confirm, ConfirmScreen)
+        await board.press("y")
+        report_screen = board.app.screen
+        assert isinstance(report_screen, RestartReportScreen)
+        await board.until(lambda: not report_screen.running, "restart finished")
+        text = str(report_screen.query_one("#restart-report").content)  # type: ignore[attr-defined]
+        assert "Protection restarted" in text
+        assert report_screen.report is not None
+        assert (report_screen.report.restored, report_screen.report.failed) == (2, 0)
+        assert "restored          2" in text
+        assert "failed            0" in text
+        await board.press("escape")
+
+        # Protection goes on after the restart: a new position is protected and shown covered.
+        await board.open_positions([SYMBOLS[12]])
+        await board.until(lambda: board.engine.snapshot().coverage.protected == 3, "3 covered")
+        await board.until(lambda: board.positions.row_count == 3 and board.uncovered_text() == "uncovered 0")
+
+
+async def test_e_pauses_new_entries_and_resumes_them(db: Database) -> None:
+    async with dashboard(tui_settings(db)) as board:
+        await started(board)
+        assert "entries on" in board.status_text()
+        await board.press("e")
+        assert board.engine.entries_paused
+        await board.until(lambda: "ENTRIES PAUSED" in board.status_text(), "header says paused")
+
+        store = board.engine.store
+        assert store is not None
+        (signal_id,) = await store.insert_signals([(SYMBOLS[20], "long", None, None)])
+
+        async def rejected() -> bool:
+            signal = await store.signal(signal_id)
+            return signal is not None and signal.status is SignalStatus.REJECTED
+
+        await board.until(rejected, "the signal is rejected")
+        assert board.engine.manager is not None
+        assert not board.engine.manager.guards
+        assert board.positions.row_count == 0
+
+        await board.press("e")
+        await board.until(lambda: "entries on" in board.status_text(), "header says entries on")
+        await board.open_positions([SYMBOLS[21]])
+        await board.until(lambda: board.positions.row_count == 1, "the new position is on screen")
+        assert any("PAUSED" in d for d in board.log_details())
+
+
+async def test_x_closes_the_selected_position_after_confirmation(db: Database) -> None:
+    async with dashboard(tui_settings(db)) as board:
+        await started(board)
+        await board.open_positions(SYMBOLS[30:32])
+        await board.until(lambda: board.engine.snapshot().coverage.protected == 2, "2 covered")
+        await board.until(lambda: board.positions.shown_symbols() == SYMBOLS[30:32], "both shown, covered")
+        await board.press("down")  # the second row, in display order
+        target = board.positions.selected_view()
+        assert target is not None
+        assert target.symbol == SYMBOLS[31]
+
+        await board.press("x")
+        confirm = board.app.screen
+        assert isinstance(confirm, ConfirmScreen)
+        assert target.symbol in str(confirm.query_one("#confirm-body").content)  # type: ignore[attr-defined]
+        await board.press("n")  # cancelled: nothing happens
+        assert board.positions.row_count == 2
+
+        await board.press("x", "y")
+        assert board.engine.manager is not None
+        manager = board.engine.manager
+        await board.until(lambda: target.symbol not in manager.by_symbol, "closed in the engine")
+        await board.until(lambda: board.positions.shown_symbols() == [SYMBOLS[30]], "row removed")
+        assert any(f"{target.symbol} closed at market" in d for d in board.log_details())
+
+
+async def test_u_slash_l_and_help_filter_focus_and_explain(db: Database) -> None:
+    settings = tui_settings(db, {"VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "2"})
+    async with dashboard(settings, size=(80, 24)) as board:
+        await started(board)
+        await board.open_positions(SYMBOLS[40:42])
+        await board.until(lambda: board.engine.snapshot().coverage.protected == 2, "2 covered")
+        board.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT, 1)
+        board.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 10_000)
+        await board.open_positions([SYMBOLS[42]])
+        await board.until(lambda: board.uncovered_text().startswith("UNCOVERED 1"), "one uncovered")
+        await board.until(lambda: board.positions.row_count == 3)
+
+        await board.press("u")  # only uncovered
+        await board.until(lambda: board.positions.shown_symbols() == [SYMBOLS[42]], "only the uncovered row")
+        assert "uncovered only" in str(board.positions.border_title)
+        await board.press("u")
+        await board.until(lambda: board.positions.row_count == 3, "all rows again")
+
+        await board.press("slash")
+        assert board.app.focused is not None
+        assert board.app.focused.id == "filter"
+        await board.press(*SYMBOLS[41][:6].lower(), "enter")
+        await board.until(lambda: board.positions.shown_symbols() == [SYMBOLS[41]], "filtered by symbol")
+        assert board.app.focused is board.positions
+        await board.press("slash", "escape")
+        await board.until(lambda: board.positions.row_count == 3, "filter cleared")
+
+        await board.press("l")  # at 80×24 the log replaces the positions table while it has focus
+        assert board.app.focused is board.log
+        assert board.log.display
+        assert not board.positions.display
+        assert any(e.symbol == SYMBOLS[42] for e in board.log.shown_entries())
+        await board.press("s", "s")  # errors only
+        assert board.log.shown_entries()
+        assert all(e.rank >= 3 for e in board.log.shown_entries())
+        await board.press("escape")
+        assert board.app.focused is board.positions
+        assert board.positions.display
+
+        await board.press("question_mark")
+        help_screen = board.app.screen
+        assert isinstance(help_screen, HelpScreen)
+        rows = {
+            str(r.key.value): help_screen.query_one("#help-keys").get_row(r.key)
+            for r in help_screen.query_one("#help-keys").ordered_rows
+            if r.key.value
+        }  # type: ignore[attr-defined]
+        assert rows["protect_uncovered"][0] == "p"
+        assert rows["filter"][0] == "/"
+        assert rows["help"][0] == "?"
+        await board.press("escape")
+        assert not isinstance(board.app.screen, HelpScreen)
+
+
+async def test_q_asks_while_positions_are_open_then_stops_the_engine_and_leaves_stops_in_place(
+    db: Database,
+) -> None:
+    settings = tui_settings(db, {"PROTECTION__TRAILING__MODE": "managed"})
+    async with dashboard(settings) as board:
+        await started(board)
+        await board.open_positions(SYMBOLS[50:52])
+        await board.until(lambda: board.engine.snapshot().coverage.protected == 2, "2 covered")
+        await board.press("q")
+        confirm = board.app.screen
+        assert isinstance(confirm, ConfirmScreen)
+        body = str(confirm.query_one("#confirm-body").content)  # type: ignore[attr-defined]
+        assert "exchange stops stay in place" in body
+        assert "Managed trailing stops (2 now) stop moving until the engine is restarted" in body
+        await board.press("n")
+        assert board.engine.state is EngineState.RUNNING
+
+        await board.press("q", "y")
+        await board.until(lambda: board.engine.state is EngineState.STOPPED, "engine stopped")
+        await board.until(lambda: not board.app.is_running, "app exited")
+        assert board.app.return_value == 0
+        assert board.app.exit_summary().startswith("tsbot-tui stopped: 2 open positions keep their stops")
+        live = board.venue.core.open_protective_orders(board.clock.now())
+        assert {o.symbol for o in live} == set(SYMBOLS[50:52])  # the stops stay on the exchange
+
+
+async def test_keys_are_remapped_from_config_everywhere(db: Database) -> None:
+    settings = tui_settings(db, {"TUI__KEYS__TOGGLE_ENTRIES": "t", "TUI__KEYS__QUIT": "ctrl+x"})
+    async with dashboard(settings) as board:
+        await started(board)
+        await board.press("e")  # no longer bound
+        assert not board.engine.entries_paused
+        await board.press("t")
+        assert board.engine.entries_paused
+        keys_shown = {b.binding.id: b.binding.key for b in board.app.active_bindings.values()}
+        assert keys_shown["toggle_entries"] == "t"
+        assert keys_shown["quit"] == "ctrl+x"
+        await board.press("question_mark")
+        table = board.app.screen.query_one("#help-keys")
+        assert table.get_row("toggle_entries")[0] == "t"  # type: ignore[attr-defined]
+        assert table.get_row("quit")[0] == "^x"  # type: ignore[attr-defined]
+        await board.press("escape")
+
+
+async def test_a_second_engine_on_the_account_opens_read_only_and_says_who_trades(db: Database) -> None:
+    settings = tui_settings(db)
+    clock = ManualClock()
+    trader = make_engine(settings, clock)
+    await drive(clock, trader.start())
+    try:
+        await trader.store.insert_signals([(SYMBOLS[60], "long", None, None)])  # type: ignore[union-attr]
+        await drive(clock, _until_covered(trader, clock))
+        second = make_engine(settings, clock)
+        async with dashboard(settings, engine=second) as board:
+            board.app.read_only_poll_seconds = 0.05
+            from tui.screens.info import LeaseHeldScreen
+
+            await board.until(lambda: isinstance(board.app.screen, LeaseHeldScreen), "lease refusal shown")
+            body = str(board.app.screen.query_one("#lease-body").content)  # type: ignore[attr-defined]
+            assert "already traded by pid" in body
+            assert "version test" in body
+            await board.press("o")
+            await board.until(lambda: "read-only" in board.status_text(), "read-only on the header")
+            await board.until(
+                lambda: board.positions.shown_symbols() == [SYMBOLS[60]], "the trader's position"
+            )
+            await board.until(lambda: board.uncovered_text() == "uncovered 0")
+            await board.press("e")  # refused, and the operator is told by whom
+            assert not trader.entries_paused
+            assert any("read-only" in d and "pid" in d for d in board.log_details())
+            await board.press("q")
+            await board.until(lambda: not board.app.is_running, "app exited")
+        assert trader.state is EngineState.RUNNING  # the watcher never touched the trader
+    finally:
+        await drive(clock, trader.stop())
+
+
+async def _until_covered(engine, clock) -> None:
+    from tests.support.driving import drive_until
+
+    await drive_until(clock, lambda: engine.manager.guards and engine.snapshot().coverage.protected == 1)

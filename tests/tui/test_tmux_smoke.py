@@ -1,0 +1,102 @@
+"""The real `tsbot-tui` in a real terminal: tmux at 120×40, the sim venue and sim signals on the wall clock.
+
+Start it detached, wait for the gauge to show open positions, read the screen with capture-pane, quit with
+`q` and confirm, and check that the process exited cleanly and said what it left on the exchange.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from storage.embedded import EmbeddedPostgres
+
+pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+
+TSBOT_TUI = Path(sys.executable).parent / "tsbot-tui"
+
+
+class Tmux:
+    def __init__(self, socket: str):
+        self.socket = socket
+
+    def run(self, *args: str) -> str:
+        result = subprocess.run(
+            ["tmux", "-L", self.socket, *args], capture_output=True, text=True, timeout=10, check=False
+        )
+        return result.stdout
+
+    def screen(self, session: str) -> str:
+        return self.run("capture-pane", "-p", "-t", session)
+
+    def wait_for(self, session: str, pattern: str, within: float = 40.0) -> str:
+        deadline = time.monotonic() + within
+        screen = ""
+        while time.monotonic() < deadline:
+            screen = self.screen(session)
+            if re.search(pattern, screen):
+                return screen
+            time.sleep(0.2)
+        raise AssertionError(f"{pattern!r} not on screen after {within}s:\n{screen}")
+
+
+@pytest.fixture
+def tmux() -> Iterator[Tmux]:
+    server = Tmux(f"tsbot-test-{uuid.uuid4().hex[:8]}")
+    yield server
+    server.run("kill-server")  # our own private server (-L socket), nothing else
+
+
+def test_tsbot_tui_in_tmux_shows_the_gauge_and_quits_cleanly(
+    tmux: Tmux, tmp_path: Path, pg_server: EmbeddedPostgres, migrated_database: str
+) -> None:
+    (tmp_path / "config.toml").write_text(
+        "[signals]\nwave_size = 3\nwave_interval_seconds = 2\n"
+        "[venue.sim]\nvolatility = 0.5\n"
+        "[tui]\nrefresh_per_second = 4\n"
+    )
+    env = {
+        "TSBOT_DATABASE__DSN": pg_server.dsn(migrated_database),
+        "TSBOT_LOGGING__FILE": str(tmp_path / "logs" / "trading_bot.log"),
+        "TERM": "xterm-256color",
+    }
+    exported = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+    # Textual draws on the terminal; after it exits the pane keeps what the program printed, and the exit code.
+    command = (
+        f"cd {shlex.quote(str(tmp_path))} && env {exported} {shlex.quote(str(TSBOT_TUI))}; "
+        f"echo $? > {shlex.quote(str(tmp_path / 'exit_code'))}; sleep 30"
+    )
+    tmux.run("new-session", "-d", "-s", "tsbt", "-x", "120", "-y", "40", command)
+
+    screen = tmux.wait_for("tsbt", r"TS coverage % \d+/[1-9]")  # the gauge, with open positions
+    assert re.search(r"Health: (ok|DEGRADED|CRITICAL|unknown)", screen), screen
+    assert re.search(r"(uncovered 0|UNCOVERED \d+)", screen), screen
+    assert " SIM " in screen
+    assert "running" in screen
+    assert "v0.1.0 started" in screen
+
+    tmux.run("send-keys", "-t", "tsbt", "q")
+    screen = tmux.wait_for("tsbt", "exchange stops stay in place")
+    assert "Managed trailing stops" in screen
+    tmux.run("send-keys", "-t", "tsbt", "y")
+
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "exit_code").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (tmp_path / "exit_code").read_text().strip() == "0"
+    after = [line for line in tmux.screen("tsbt").splitlines() if line.strip()]
+    # The terminal is given back clean: the one summary line, no traceback, no stray output.
+    assert len(after) == 1, after
+    assert after[0].startswith("tsbot-tui stopped:"), after
+    assert re.match(r"tsbot-tui stopped: [1-9]\d* open positions keep their stops on the exchange", after[0])
+    log = (tmp_path / "logs" / "trading_bot.log").read_text()
+    assert "engine stopped" in log

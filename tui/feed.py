@@ -1,0 +1,472 @@
+"""What the dashboard watches: a port with two implementations.
+
+`EngineFeed` runs the engine in this process (the app's event loop) and trades; `ReadOnlyFeed` watches the
+database of an engine that runs elsewhere (another process holds the account lease) and refuses commands.
+The screen only ever sees `EngineSnapshot` values and `LogEntry` rows, whichever feed it has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Protocol
+
+from engine.config import Settings, VenueKind
+from engine.engine import (
+    Engine,
+    EngineSnapshot,
+    EngineState,
+    PlannedProtection,
+    PositionView,
+    ProtectionResult,
+    StartupReport,
+    WaveView,
+)
+from engine.events import (
+    EngineEvent,
+    EngineStateChanged,
+    EntriesToggled,
+    EventsDropped,
+    HealthChanged,
+    PositionClosed,
+    ProtectionFailed,
+    ProtectionTimedOut,
+)
+from protection.coverage import CoverageFigures, PositionCoverage, coverage_figures
+from protection.health import Component, ComponentHealth, HealthState
+from storage.database import Database, open_database
+from storage.lease import LeaseHolder, current_holder
+from storage.repositories import (
+    EventRecord,
+    HealthRow,
+    PositionRecord,
+    Severity,
+    Store,
+    TrailingStateRecord,
+)
+
+log = logging.getLogger(__name__)
+
+SEVERITY_RANK = {"debug": 0, "info": 1, "warning": 2, "error": 3, "critical": 4}
+
+
+class ReadOnly(Exception):
+    """A command was sent to a feed that only watches."""
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    """One row of the timeout and error log."""
+
+    at: float  # epoch seconds
+    severity: str  # info | warning | error | critical
+    symbol: str
+    operation: str
+    latency_seconds: float | None
+    outcome: str  # resolved | retrying | failed | closed | a state | ""
+    detail: str
+
+    @property
+    def rank(self) -> int:
+        return SEVERITY_RANK.get(self.severity, 1)
+
+
+def entry_for_event(event: EngineEvent) -> LogEntry | None:
+    """The log row for a domain event, or None for events that only change the snapshot."""
+    match event:
+        case ProtectionTimedOut():
+            return LogEntry(
+                event.at,
+                "warning" if event.outcome == "resolved" else "error",
+                event.symbol,
+                event.operation,
+                event.latency_seconds,
+                event.outcome,
+                "timed out; outcome resolved by client order id"
+                if event.outcome == "resolved"
+                else "timed out; the position stays uncovered until confirmed",
+            )
+        case ProtectionFailed():
+            retrying = event.retry_in_seconds is not None
+            detail = event.error + (f" (retry in {event.retry_in_seconds:.0f}s)" if retrying else "")
+            return LogEntry(
+                event.at,
+                "error",
+                event.symbol,
+                event.operation,
+                None,
+                "retrying" if retrying else "failed",
+                detail,
+            )
+        case PositionClosed():
+            pnl = "" if event.realized_pnl is None else f", realized PnL {event.realized_pnl:.2f}"
+            return LogEntry(event.at, "info", event.symbol, "close", None, "closed", event.exit_reason + pnl)
+        case HealthChanged():
+            severity = {"critical": "error", "degraded": "warning"}.get(event.state, "info")
+            return LogEntry(
+                event.at,
+                severity,
+                "",
+                f"health {event.component}",
+                None,
+                event.state,
+                event.reason or event.summary,
+            )
+        case EventsDropped():
+            return LogEntry(
+                event.at,
+                "warning",
+                "",
+                "event stream",
+                None,
+                "dropped",
+                f"{event.count} events dropped while the screen was busy; the tables re-read the engine",
+            )
+        case EntriesToggled():
+            return LogEntry(
+                event.at,
+                "warning",
+                "",
+                "entries",
+                None,
+                "paused" if event.paused else "resumed",
+                "new entries paused by the operator" if event.paused else "new entries resumed",
+            )
+    return None
+
+
+class LogTranslator:
+    """Domain events → log rows for the app's follower. It remembers each component's health, so a fault and
+    its recovery are logged but a steady "healthy" (or the first "healthy" after start) is not, and engine
+    state changes are left to the status line."""
+
+    def __init__(self) -> None:
+        self._health: dict[str, str] = {}
+
+    def entry(self, event: EngineEvent) -> LogEntry | None:
+        if isinstance(event, EngineStateChanged):
+            return None
+        if isinstance(event, HealthChanged):
+            before = self._health.get(event.component)
+            self._health[event.component] = event.state
+            alarm = ("degraded", "critical")
+            if event.state not in alarm and before not in alarm:
+                return None
+            if event.state not in alarm:
+                return LogEntry(
+                    event.at,
+                    "info",
+                    "",
+                    f"health {event.component}",
+                    None,
+                    event.state,
+                    f"recovered from {before}: {event.summary}",
+                )
+        return entry_for_event(event)
+
+
+class DashboardFeed(Protocol):
+    read_only: bool
+    settings: Settings
+
+    async def start(self) -> StartupReport | None: ...
+
+    async def stop(self) -> None: ...
+
+    def snapshot(self) -> EngineSnapshot: ...
+
+    def follow(self) -> AsyncIterator[EngineEvent | LogEntry]: ...
+
+    def plan_reprotect(self) -> list[PlannedProtection]: ...
+
+    async def reprotect_uncovered(self, plan: list[PlannedProtection]) -> list[ProtectionResult]: ...
+
+    async def restart_protection(self) -> StartupReport: ...
+
+    def set_entries_paused(self, paused: bool) -> None: ...
+
+    async def close_position(self, position_id: int) -> bool: ...
+
+
+class EngineFeed:
+    """The engine in this process. Its loops are its own tasks: no widget owns them."""
+
+    read_only = False
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.settings = engine.settings
+
+    async def start(self) -> StartupReport:
+        return await self.engine.start()
+
+    async def stop(self) -> None:
+        # Only a running engine is stopped: a start that failed or was cancelled has released everything.
+        if self.engine.state is EngineState.RUNNING:
+            await self.engine.stop()
+
+    def snapshot(self) -> EngineSnapshot:
+        return self.engine.snapshot()
+
+    async def follow(self) -> AsyncIterator[EngineEvent | LogEntry]:
+        async for event in self.engine.events():
+            yield event
+
+    def plan_reprotect(self) -> list[PlannedProtection]:
+        if self.engine.manager is None:
+            return []
+        return self.engine.plan_reprotect()
+
+    async def reprotect_uncovered(self, plan: list[PlannedProtection]) -> list[ProtectionResult]:
+        return await self.engine.reprotect_uncovered(plan)
+
+    async def restart_protection(self) -> StartupReport:
+        return await self.engine.restart_protection()
+
+    def set_entries_paused(self, paused: bool) -> None:
+        if paused:
+            self.engine.pause_entries()
+        else:
+            self.engine.resume_entries()
+
+    async def close_position(self, position_id: int) -> bool:
+        return await self.engine.close_position(position_id)
+
+
+def mode_of(settings: Settings) -> str:
+    if settings.venue.kind is VenueKind.SIM:
+        return "SIM"
+    return "TESTNET" if settings.venue.testnet else "LIVE"
+
+
+class ReadOnlyFeed:
+    """Watches the database another engine writes: positions, coverage, health, waves, events.
+
+    Polls once per `interval` seconds from the app's follow worker; holds no tasks of its own. Commands
+    raise `ReadOnly`: trading belongs to the engine that holds the lease.
+    """
+
+    read_only = True
+
+    def __init__(self, settings: Settings, holder: LeaseHolder | None, *, interval: float = 1.0):
+        self.settings = settings
+        self.holder = holder
+        self.interval = interval
+        self._database: Database | None = None
+        self._store: Store | None = None
+        self._last_event_id = 0
+        self._snapshot = _empty_snapshot(settings, EngineState.STARTING, holder)
+
+    async def start(self) -> None:
+        db = self.settings.database
+        self._database = await open_database(
+            db.dsn,
+            db.data_dir,
+            db.name,
+            password=db.password.get_secret_value() if db.password else None,
+            min_size=1,
+            max_size=2,
+            command_timeout=float(db.command_timeout_seconds),
+            migrate=False,
+        )
+        self._store = Store(self._database.pool)
+        events = await self._store.recent_events(limit=1)
+        # Start the log from the last 50 warnings so the operator sees recent trouble at once.
+        self._last_event_id = events[0].id - 50 if events else 0
+        await self.poll()
+        return None
+
+    async def stop(self) -> None:
+        if self._database is not None:
+            await self._database.close()
+            self._database = None
+
+    def snapshot(self) -> EngineSnapshot:
+        return self._snapshot
+
+    async def follow(self) -> AsyncIterator[EngineEvent | LogEntry]:
+        while self._database is not None:
+            try:
+                for entry in await self.poll():
+                    yield entry
+            except Exception as exc:  # the database may restart under us: say so and keep watching
+                log.warning("read-only watch: reading the database failed: %s", exc)
+                yield LogEntry(time.time(), "error", "", "read-only watch", None, "failed", str(exc)[:200])
+            await asyncio.sleep(self.interval)
+
+    async def poll(self) -> list[LogEntry]:
+        """Re-read everything; returns the log rows of events recorded since the previous poll."""
+        assert self._database is not None and self._store is not None
+        pool, store, settings = self._database.pool, self._store, self.settings
+        now_dt: datetime = await pool.fetchval("SELECT now()")
+        now = now_dt.timestamp()
+        self.holder = await current_holder(pool, settings.venue.kind.value, settings.venue.account)
+        positions = await store.open_positions()
+        trails = await store.trailing_states_of_open_positions()
+        health_rows = await store.latest_health()
+        waves = await store.recent_waves(limit=50)
+        events = await store.recent_events(limit=200, min_severity=Severity.INFO)
+        live = [p for p in positions if p.entry_price is not None]
+        grace = float(settings.protection.grace_seconds)
+        coverage = coverage_figures(
+            (
+                PositionCoverage(
+                    p.id,
+                    p.symbol,
+                    p.has_stop_loss,
+                    p.has_trailing_stop,
+                    _epoch(p.opened_at, now),
+                    None if p.is_covered else _epoch(p.opened_at, now),
+                )
+                for p in live
+            ),
+            now,
+            grace,
+        )
+        stale_after = float(settings.health.interval_seconds) * 3
+        self._snapshot = EngineSnapshot(
+            state=EngineState.RUNNING if self.holder is not None else EngineState.STOPPED,
+            version=self.holder.version if self.holder else "—",
+            started_at=self.holder.started_at.timestamp() if self.holder else 0.0,
+            venue=settings.venue.kind.value,
+            account=settings.venue.account,
+            mode=mode_of(settings),
+            entries_paused=False,
+            positions=tuple(_position_view(p, trails.get(p.id), now) for p in live),
+            coverage=coverage,
+            health=tuple(
+                record
+                for row in health_rows
+                if (record := _health(row, now, stale_after, self.holder is not None)) is not None
+            ),
+            waves=tuple(
+                WaveView(
+                    w.id,
+                    w.started_at.timestamp(),
+                    w.signals,
+                    w.opened,
+                    w.protected,
+                    w.failed,
+                    w.slowest_protection_ms,
+                )
+                for w in waves
+            ),
+            taken_at=now,
+        )
+        fresh = sorted((e for e in events if e.id > self._last_event_id), key=lambda e: e.id)
+        if fresh:
+            self._last_event_id = fresh[-1].id
+        return [_entry_for_record(e) for e in fresh if e.severity is not Severity.INFO or e.symbol]
+
+    def plan_reprotect(self) -> list[PlannedProtection]:
+        raise ReadOnly(self.refusal())
+
+    async def reprotect_uncovered(self, plan: list[PlannedProtection]) -> list[ProtectionResult]:
+        raise ReadOnly(self.refusal())
+
+    async def restart_protection(self) -> StartupReport:
+        raise ReadOnly(self.refusal())
+
+    def set_entries_paused(self, paused: bool) -> None:
+        raise ReadOnly(self.refusal())
+
+    async def close_position(self, position_id: int) -> bool:
+        raise ReadOnly(self.refusal())
+
+    def refusal(self) -> str:
+        who = self.holder.describe() if self.holder else "no engine (none is running)"
+        return f"read-only: this dashboard watches the database; the account is traded by {who}"
+
+
+def _epoch(value: datetime | None, default: float) -> float:
+    return value.timestamp() if value is not None else default
+
+
+def _position_view(p: PositionRecord, trail: TrailingStateRecord | None, now: float) -> PositionView:
+    assert p.entry_price is not None
+    direction = 1 if p.side == "long" else -1
+    mark = p.current_price
+    pnl = None
+    if mark is not None:
+        pnl = ((mark - p.entry_price) / p.entry_price * 100 * direction).quantize(Decimal("0.01"))
+    activation = trail.activation_price if trail else None
+    distance = None
+    if activation is not None and mark is not None:
+        distance = ((activation - mark) / mark * 100 * direction).quantize(Decimal("0.01"))
+    if trail is not None and trail.mode == "managed":
+        phase = "waiting" if trail.state == "armed" else trail.state
+    else:
+        phase = "native" if p.has_trailing_stop else "pending"
+    return PositionView(
+        position_id=p.id,
+        symbol=p.symbol,
+        side=p.side,
+        quantity=p.quantity,
+        entry_price=p.entry_price,
+        mark_price=mark,
+        pnl_percent=pnl,
+        stop_loss_price=p.stop_loss_price,
+        has_stop_loss=p.has_stop_loss,
+        has_trailing_stop=p.has_trailing_stop,
+        trailing_kind=trail.mode if trail else "native",
+        trailing_phase=phase,
+        activation_price=activation,
+        distance_to_activation_percent=distance,
+        trailing_stop_price=trail.current_stop_price if trail else None,
+        covered=p.is_covered,
+        unprotected_seconds=None if p.is_covered else now - _epoch(p.opened_at, now),
+        last_error=None,
+    )
+
+
+def _health(row: HealthRow, now: float, stale_after: float, running: bool) -> ComponentHealth | None:
+    """The engine's last measurement; UNKNOWN when nobody measures any more (F11: never a stale green).
+    None for a component this version does not know (written by a newer engine)."""
+    age = None if row.measured_at is None else now - row.measured_at.timestamp()
+    if row.component not in Component._value2member_map_:
+        return None
+    component = Component(row.component)
+    if not running or age is None or age > stale_after:
+        why = "no engine is running" if not running else f"last measurement {age or 0:.0f}s old"
+        return ComponentHealth(component, HealthState.UNKNOWN, row.summary or "not measured", why, {})
+    state = HealthState(row.state) if row.state in HealthState._value2member_map_ else HealthState.UNKNOWN
+    reason = row.reason if state is not HealthState.HEALTHY else ""
+    if state is not HealthState.HEALTHY and not reason:
+        reason = "no reason recorded"
+    return ComponentHealth(component, state, row.summary or "—", reason, dict(row.measurements))
+
+
+def _entry_for_record(event: EventRecord) -> LogEntry:
+    data = event.data or {}
+    latency = data.get("latency_seconds")
+    return LogEntry(
+        at=event.created_at.timestamp(),
+        severity=event.severity.value,
+        symbol=event.symbol or "",
+        operation=event.type.replace("_", " "),
+        latency_seconds=float(latency) if isinstance(latency, int | float) else None,
+        outcome=str(data.get("outcome", "")),
+        detail=event.message,
+    )
+
+
+def _empty_snapshot(settings: Settings, state: EngineState, holder: LeaseHolder | None) -> EngineSnapshot:
+    return EngineSnapshot(
+        state=state,
+        version=holder.version if holder else "—",
+        started_at=holder.started_at.timestamp() if holder else 0.0,
+        venue=settings.venue.kind.value,
+        account=settings.venue.account,
+        mode=mode_of(settings),
+        entries_paused=False,
+        positions=(),
+        coverage=CoverageFigures(0, 0, 0, 0, 0, 0, None, None, None, ()),
+        health=(),
+        waves=(),
+        taken_at=0.0,
+    )

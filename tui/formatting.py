@@ -1,0 +1,64 @@
+"""How values read on screen: prices as the venue gave them, ages as "3m12s", times in one time zone."""
+
+from __future__ import annotations
+
+from datetime import datetime, tzinfo
+from decimal import Decimal
+
+
+def price(value: Decimal | None) -> str:
+    if value is None:
+        return "—"
+    text = format(value, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text
+
+
+def signed_percent(value: Decimal | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:+.2f}%"
+
+
+def percent(value: Decimal | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def duration(seconds: float | None) -> str:
+    """Compact age: 4s, 3m12s, 2h05m, 3d04h."""
+    if seconds is None:
+        return "—"
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, secs = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h{minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d{hours:02d}h"
+
+
+def clock_time(epoch: float, tz: tzinfo | None) -> str:
+    return datetime.fromtimestamp(epoch, tz).strftime("%H:%M:%S")
+
+
+def date_time(epoch: float, tz: tzinfo | None) -> str:
+    return datetime.fromtimestamp(epoch, tz).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def since(epoch: float, now: float, tz: tzinfo | None) -> str:
+    """A start time as short as it can be: the time alone on the same day, else the date too."""
+    start, today = datetime.fromtimestamp(epoch, tz), datetime.fromtimestamp(now or epoch, tz)
+    if start.date() == today.date():
+        return start.strftime("%H:%M:%S")
+    return start.strftime("%Y-%m-%d %H:%M")
+
+
+def milliseconds(value: int | float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:,.0f} ms"

@@ -1,0 +1,1 @@
+"""Modal screens: confirmations, the re-protect plan, the restart report, help, the lease refusal."""

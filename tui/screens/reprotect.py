@@ -1,0 +1,125 @@
+"""`p`: the re-protect plan (which positions get which orders), run on confirmation, result per position."""
+
+from __future__ import annotations
+
+import logging
+from typing import ClassVar
+
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Vertical
+from textual.message import Message
+from textual.screen import ModalScreen
+from textual.widgets import DataTable, Static
+
+from engine.engine import PlannedProtection, ProtectionResult
+from tui import formatting
+from tui.feed import DashboardFeed
+
+log = logging.getLogger(__name__)
+
+
+class ReprotectScreen(ModalScreen[list[ProtectionResult] | None]):
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("y", "run_plan", "Protect now", show=False),
+        Binding("escape,n,enter", "close", "Close", show=False),
+    ]
+
+    class Finished(Message):
+        def __init__(self, results: list[ProtectionResult] | None, error: str | None):
+            super().__init__()
+            self.results = results
+            self.error = error
+
+    def __init__(self, feed: DashboardFeed, plan: list[PlannedProtection]):
+        super().__init__(classes="dialog-screen")
+        self._feed = feed
+        self._plan = plan
+        self.state = "planned"  # planned | running | done
+        self.results: list[ProtectionResult] | None = None
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog wide-dialog") as dialog:
+            dialog.border_title = "Protect uncovered positions now"
+            yield Static(self._intro(), id="reprotect-status", classes="dialog-body", markup=False)
+            yield DataTable(id="reprotect-plan", cursor_type="none", show_cursor=False)
+            yield Static(
+                "[y] protect now    [n / esc] cancel",
+                id="reprotect-keys",
+                classes="dialog-keys",
+                markup=False,
+            )
+
+    def on_mount(self) -> None:
+        table = self.query_one("#reprotect-plan", DataTable)
+        table.add_column("Position", key="position", width=9)
+        table.add_column("Symbol", key="symbol", width=13)
+        table.add_column("Side", key="side", width=5)
+        table.add_column("Orders to place", key="orders", width=44)
+        table.add_column("Result", key="result", width=36)
+        for item in self._plan:
+            orders = ", ".join(
+                f"{order.kind}" + (f" @ {formatting.price(order.price)}" if order.price is not None else "")
+                for order in item.orders
+            )
+            detail = "planned" + (f" (last error: {item.last_error})" if item.last_error else "")
+            table.add_row(
+                str(item.position_id),
+                item.symbol,
+                item.side.upper(),
+                orders or "verify only",
+                detail,
+                key=str(item.position_id),
+            )
+
+    def _intro(self) -> str:
+        count = len(self._plan)
+        return (
+            f"{count} uncovered position{'s' if count != 1 else ''}. Each gets the orders below now, "
+            "skipping its retry backoff; an order whose earlier outcome is unknown is looked up by its client "
+            "order id first, never sent twice."
+        )
+
+    def action_run_plan(self) -> None:
+        if self.state != "planned":
+            return
+        self.state = "running"
+        self.query_one("#reprotect-status", Static).update("Protecting… (the engine keeps running)")
+        self.query_one("#reprotect-keys", Static).update("running…")
+        self.run_plan()
+
+    @work(exclusive=True, group="command", exit_on_error=False, description="re-protect uncovered positions")
+    async def run_plan(self) -> None:
+        try:
+            results = await self._feed.reprotect_uncovered(self._plan)
+        except Exception as exc:  # shown on this screen and logged; the engine keeps running
+            log.exception("operator command failed")
+            self.post_message(self.Finished(None, f"{type(exc).__name__}: {exc}"))
+            return
+        self.post_message(self.Finished(results, None))
+
+    def on_reprotect_screen_finished(self, message: Finished) -> None:
+        self.state = "done"
+        self.results = message.results
+        status = self.query_one("#reprotect-status", Static)
+        if message.results is None:
+            status.update(f"Re-protect failed: {message.error}")
+        else:
+            covered = sum(r.covered for r in message.results)
+            status.update(f"Done: {covered}/{len(message.results)} covered.")
+            table = self.query_one("#reprotect-plan", DataTable)
+            for result in message.results:
+                text = Text("covered" if result.covered else f"NOT covered: {result.detail}")
+                if not result.covered:
+                    text.stylize("bold")
+                if str(result.position_id) in table.rows:
+                    table.update_cell(str(result.position_id), "result", text)
+        self.query_one("#reprotect-keys", Static).update("[esc / enter] close")
+
+    def action_close(self) -> None:
+        if self.state == "running":
+            self.app.notify("Re-protect is still running; the result appears here when it finishes.")
+            return
+        self.dismiss(self.results)

@@ -1,0 +1,179 @@
+"""The coverage gauge: TS and SL coverage as big figures, a one-hour trend, the uncovered count.
+
+Figures are coloured by the same pure rule the health check uses (`protection.health.evaluate_protection`)
+so the gauge and the health panel can never disagree about whether coverage is an alarm (F11).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from decimal import Decimal
+from typing import ClassVar
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.widget import Widget
+from textual.widgets import Digits, Label
+
+from engine.engine import EngineSnapshot
+from protection import health
+from protection.coverage import CoverageFigures
+from tui import formatting
+
+TREND_WINDOW_SECONDS = 3600.0
+TREND_SAMPLE_SECONDS = 10.0
+BARS = "▁▂▃▄▅▆▇█"
+STATE_CLASSES = ("-healthy", "-protecting", "-degraded", "-critical", "-unknown")
+
+
+class CoverageTrend(Widget):
+    """Coverage over the last hour on an absolute 0–100 % scale, one column per time slice, each column
+    the worst sample in its slice. (Textual's Sparkline scales to the data's own min–max, which would draw
+    a steady 100 % as a row of floor bars: the wrong message for this figure.)"""
+
+    COMPONENT_CLASSES: ClassVar[set[str]] = {"trend--full", "trend--short", "trend--critical", "trend--empty"}
+
+    def __init__(self, *, critical_percent: Decimal, id: str | None = None):
+        super().__init__(id=id)
+        self._critical = float(critical_percent)
+        self._samples: deque[tuple[float, float | None]] = deque()
+        self._now = 0.0
+
+    def add_sample(self, at: float, value: Decimal | None) -> bool:
+        """Record one sample (at most one per TREND_SAMPLE_SECONDS); True when it was kept."""
+        if self._samples and at - self._samples[-1][0] < TREND_SAMPLE_SECONDS:
+            return False
+        self._samples.append((at, None if value is None else float(value)))
+        while self._samples and at - self._samples[0][0] > TREND_WINDOW_SECONDS:
+            self._samples.popleft()
+        self._now = at
+        self.refresh()
+        return True
+
+    def lowest(self) -> float | None:
+        values = [v for _, v in self._samples if v is not None]
+        return min(values) if values else None
+
+    def render(self) -> Text:
+        width = max(1, self.size.width)
+        columns: list[list[float]] = [[] for _ in range(width)]
+        slice_seconds = TREND_WINDOW_SECONDS / width
+        for at, value in self._samples:
+            if value is None:
+                continue
+            age = self._now - at
+            index = width - 1 - int(age // slice_seconds)
+            if 0 <= index < width:
+                columns[index].append(value)
+        text = Text()
+        empty = self.get_component_rich_style("trend--empty")
+        for values in columns:
+            if not values:
+                text.append("·", empty)
+                continue
+            low = min(values)
+            bar = BARS[min(len(BARS) - 1, int(low / 100 * (len(BARS) - 1) + 0.5))]
+            kind = "full" if low >= 100 else ("critical" if low < self._critical else "short")
+            text.append(bar, self.get_component_rich_style(f"trend--{kind}"))
+        return text
+
+
+class CoverageGauge(Vertical):
+    def __init__(self, *, thresholds: health.HealthThresholds, id: str | None = None):
+        super().__init__(id=id)
+        self._thresholds = thresholds
+        self._last: CoverageFigures | None = None
+        self._figures = {name: Vertical(classes="figure", id=f"{name}-figure") for name in ("ts", "sl")}
+        self._labels = {
+            name: Label(f"{name.upper()} coverage %", id=f"{name}-label", classes="figure-label")
+            for name in ("ts", "sl")
+        }
+        self._digits = {name: Digits("--", id=f"{name}-digits") for name in ("ts", "sl")}
+        self._trend = CoverageTrend(critical_percent=thresholds.coverage_critical_percent, id="trend")
+        self._uncovered = Label("", id="uncovered")
+        self._texts: dict[str | None, str] = {}
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="figures"):
+            for name in ("ts", "sl"):
+                with self._figures[name]:
+                    yield self._labels[name]
+                    yield self._digits[name]
+        yield self._trend
+        yield self._uncovered
+
+    def on_mount(self) -> None:
+        self.border_title = "Coverage"
+
+    def show(self, snapshot: EngineSnapshot) -> None:
+        figures = snapshot.coverage
+        trend = self._trend
+        worst = _worst(figures.ts_coverage_pct, figures.sl_coverage_pct)
+        if trend.add_sample(snapshot.taken_at, worst):
+            low = trend.lowest()
+            self.border_subtitle = "last hour" + ("" if low is None else f", low {low:.1f}%")
+        if figures == self._last:
+            return
+        self._last = figures
+        verdict = self.verdict(figures)
+        self._figure("ts", figures.ts_coverage_pct, figures.with_trailing_stop, figures, verdict)
+        self._figure("sl", figures.sl_coverage_pct, figures.with_stop_loss, figures, verdict)
+        label = self._uncovered
+        if figures.uncovered:
+            label.update(
+                f"UNCOVERED {figures.uncovered}, oldest "
+                f"{formatting.duration(figures.oldest_unprotected_seconds)}"
+                + (f" (+{figures.protecting} protecting)" if figures.protecting else "")
+            )
+        else:
+            label.update(
+                "uncovered 0" + (f" ({figures.protecting} protecting)" if figures.protecting else "")
+            )
+        label.set_class(figures.uncovered > 0, "-alarm")
+        self.set_class(verdict is health.HealthState.CRITICAL, "-critical")
+
+    def verdict(self, figures: CoverageFigures) -> health.HealthState:
+        """The protection rule on these figures: the same verdict the health panel will show."""
+        measured = health.ProtectionMeasurement(
+            active_positions=figures.active,
+            protected_positions=figures.protected,
+            ts_covered=figures.with_trailing_stop,
+            sl_covered=figures.with_stop_loss,
+            uncovered_past_grace=figures.uncovered,
+            oldest_uncovered_seconds=figures.oldest_unprotected_seconds if figures.uncovered else None,
+        )
+        return health.evaluate_protection(measured, self._thresholds).state
+
+    def _figure(
+        self,
+        name: str,
+        pct: Decimal | None,
+        count: int,
+        figures: CoverageFigures,
+        verdict: health.HealthState,
+    ) -> None:
+        self._digits[name].update("--" if pct is None else f"{pct:.1f}")
+        self._labels[name].update(f"{name.upper()} coverage % {count}/{figures.active}")
+        if pct is None:
+            state = "-unknown"
+        elif count == figures.active:
+            state = "-healthy"
+        elif figures.uncovered == 0:
+            state = "-protecting"  # short only by positions still inside their grace period
+        else:
+            state = f"-{verdict.value}" if verdict is not health.HealthState.HEALTHY else "-degraded"
+        figure = self._figures[name]
+        for cls in STATE_CLASSES:
+            figure.set_class(cls == state, cls)
+
+    def _set(self, label: Label, text: str) -> None:
+        """Only a changed text costs a layout pass (figures change on every frame, their text rarely)."""
+        if self._texts.get(label.id) != text:
+            self._texts[label.id] = text
+            label.update(text)
+
+
+def _worst(*values: Decimal | None) -> Decimal | None:
+    known = [v for v in values if v is not None]
+    return min(known) if known else None

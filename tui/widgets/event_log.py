@@ -1,0 +1,135 @@
+"""The timeout and error log: time, severity, symbol, operation, latency, outcome, detail.
+
+Rows arrive one message at a time (they are rare next to price ticks). The symbol filter is shared with the
+positions table (`/`); the severity filter cycles with `s` while the log has focus. The newest row is at the
+bottom and the view follows it unless the operator has scrolled up to read.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from datetime import tzinfo
+from typing import ClassVar
+
+from rich.text import Text
+from textual.binding import Binding, BindingType
+from textual.widgets import DataTable
+
+from tui import formatting
+from tui.feed import LogEntry
+
+COLUMNS = (
+    ("time", "Time", 8),
+    ("severity", "Sev", 4),
+    ("symbol", "Symbol", 12),
+    ("operation", "Operation", 17),
+    ("latency", "Latency", 7),
+    ("outcome", "Outcome", 8),
+    ("detail", "Detail", 100),
+)
+SEVERITY_LEVELS = (("all", 0), ("warning+", 2), ("error+", 3))
+SEVERITY_SHORT = {"debug": "dbg", "info": "info", "warning": "WARN", "error": "ERR", "critical": "CRIT"}
+
+
+class EventLog(DataTable[Text]):
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("s", "cycle_severity", "Severity", tooltip="Cycle the log between all, warnings and errors"),
+        Binding("escape", "leave", "Back", show=False),
+    ]
+    COMPONENT_CLASSES: ClassVar[set[str]] = DataTable.COMPONENT_CLASSES | {
+        "log--info",
+        "log--warning",
+        "log--error",
+        "log--critical",
+    }
+
+    def __init__(self, *, tz: tzinfo | None, limit: int = 1000, id: str | None = None):
+        super().__init__(id=id, cursor_type="row", zebra_stripes=False)
+        self._tz = tz
+        self._entries: deque[tuple[int, LogEntry]] = deque()
+        self._limit = limit
+        self._sequence = 0
+        self._severity_index = 0
+        self.needle = ""
+        self.counts = {"warning": 0, "error": 0}
+
+    def on_mount(self) -> None:
+        for key, label, width in COLUMNS:
+            self.add_column(label, key=key, width=width)
+        self._update_titles()
+
+    @property
+    def min_rank(self) -> int:
+        return SEVERITY_LEVELS[self._severity_index][1]
+
+    def add_entry(self, entry: LogEntry) -> None:
+        self._sequence += 1
+        self._entries.append((self._sequence, entry))
+        if entry.severity in ("warning", "error", "critical"):
+            key = "warning" if entry.severity == "warning" else "error"
+            self.counts[key] += 1
+        if len(self._entries) > self._limit:
+            old_sequence, _ = self._entries.popleft()
+            if str(old_sequence) in self.rows:
+                self.remove_row(str(old_sequence))
+        if self._shows(entry):
+            following = self.scroll_y >= self.max_scroll_y - 1
+            self._add_row(self._sequence, entry)
+            if following:
+                self.scroll_end(animate=False, immediate=False, x_axis=False)
+        self._update_titles()
+
+    def set_filter(self, needle: str) -> None:
+        needle = needle.strip().upper()
+        if needle != self.needle:
+            self.needle = needle
+            self._rebuild()
+
+    def action_cycle_severity(self) -> None:
+        self._severity_index = (self._severity_index + 1) % len(SEVERITY_LEVELS)
+        self._rebuild()
+
+    def action_leave(self) -> None:
+        self.screen.remove_class("-show-log")
+        self.screen.query_one("#positions").focus()
+
+    def shown_entries(self) -> list[LogEntry]:
+        by_sequence = dict(self._entries)
+        return [by_sequence[int(row.key.value)] for row in self.ordered_rows if row.key.value]
+
+    def _shows(self, entry: LogEntry) -> bool:
+        if entry.rank < self.min_rank:
+            return False
+        return not self.needle or self.needle in entry.symbol.upper()
+
+    def _rebuild(self) -> None:
+        self.clear()
+        for sequence, entry in self._entries:
+            if self._shows(entry):
+                self._add_row(sequence, entry)
+        self.scroll_end(animate=False, immediate=False, x_axis=False)
+        self._update_titles()
+
+    def _add_row(self, sequence: int, entry: LogEntry) -> None:
+        style = self.get_component_rich_style(f"log--{entry.severity}", partial=True)
+        latency = "" if entry.latency_seconds is None else f"{entry.latency_seconds:.1f}s"
+        self.add_row(
+            Text(formatting.clock_time(entry.at, self._tz) if entry.at else ""),
+            Text(SEVERITY_SHORT.get(entry.severity, entry.severity), style=style),
+            Text(entry.symbol),
+            Text(_short_operation(entry.operation)),
+            Text(latency, justify="right"),
+            Text(entry.outcome, style=style if entry.outcome in ("failed", "retrying") else ""),
+            Text(entry.detail),
+            key=str(sequence),
+        )
+
+    def _update_titles(self) -> None:
+        level = SEVERITY_LEVELS[self._severity_index][0]
+        extra = f", symbol ~ {self.needle}" if self.needle else ""
+        self.border_title = f"Timeouts and errors ({level}{extra})"
+        self.border_subtitle = f"{self.counts['error']} errors, {self.counts['warning']} warnings"
+
+
+def _short_operation(operation: str) -> str:
+    return operation.replace("trailing stop", "TS").replace("stop-loss", "SL")

@@ -1,0 +1,73 @@
+"""Health: one line per component, its state, and the measurement behind it (F11: no state without the
+number that produced it; no alarm without its cause)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+from rich.text import Text
+from textual.widgets import Static
+
+from protection.health import DISPLAY_NAMES, Component, ComponentHealth, HealthState, worst_state
+
+SHORT_NAMES = {
+    Component.EXCHANGE: "exchange",
+    Component.PRICE_FEED: "prices",
+    Component.DATABASE: "database",
+    Component.PROTECTION: "protection",
+    Component.SIGNALS: "signals",
+}
+STATE_WORDS = {
+    HealthState.HEALTHY: "ok",
+    HealthState.DEGRADED: "DEGRADED",
+    HealthState.CRITICAL: "CRITICAL",
+    HealthState.UNKNOWN: "unknown",
+}
+
+
+class HealthPanel(Static):
+    COMPONENT_CLASSES: ClassVar[set[str]] = {
+        "health--healthy",
+        "health--degraded",
+        "health--critical",
+        "health--unknown",
+    }
+
+    def __init__(self, *, id: str | None = None):
+        super().__init__("health: not measured yet", id=id)
+        self._shown: tuple[ComponentHealth, ...] | None = None
+
+    def on_mount(self) -> None:
+        self.border_title = "Health"
+        self.app.theme_changed_signal.subscribe(self, lambda _theme: self._redraw())
+
+    def show(self, components: Sequence[ComponentHealth]) -> None:
+        components = tuple(components)
+        if components == self._shown:
+            return
+        self._shown = components
+        self._redraw()
+
+    def _redraw(self) -> None:
+        components = self._shown or ()
+        overall = worst_state(c.state for c in components)
+        self.border_title = f"Health: {STATE_WORDS[overall]}"
+        for state in HealthState:
+            self.set_class(overall is state, f"-{state.value}")
+        if not components:
+            self.update("not measured yet")
+            return
+        lines = Text(no_wrap=True, overflow="ellipsis")
+        for index, component in enumerate(components):
+            if index:
+                lines.append("\n")
+            style = self.get_component_rich_style(f"health--{component.state.value}")
+            name = SHORT_NAMES.get(component.component, DISPLAY_NAMES.get(component.component, "?"))
+            lines.append(f"{name:<10} ", style="bold")
+            lines.append(f"{STATE_WORDS[component.state]:<8} ", style=style)
+            # The cause first when there is one, then the measurement it came from.
+            lines.append(
+                f"{component.reason} · {component.summary}" if component.reason else component.summary
+            )
+        self.update(lines)

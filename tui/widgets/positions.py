@@ -1,0 +1,240 @@
+"""The positions table, updated by row key (position id), changed cells only.
+
+A frame compares each `PositionView` with the one it showed last (frozen dataclasses: one equality test),
+formats only the rows that changed, and within them updates only the cells whose text changed. Rows are
+added and removed by key; the order (uncovered first, then by symbol) is re-sorted only when the set of
+rows or a row's coverage changed, and the cursor stays on the same position across re-sorts, so `x`
+always closes the position the operator is looking at.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from typing import ClassVar
+
+from rich.style import Style
+from rich.text import Text
+from textual.widgets import DataTable
+from textual.widgets.data_table import RowDoesNotExist
+
+from engine.engine import PositionView
+from tui import formatting
+
+COLUMNS = (  # what decides an action first, so that 80 columns still show it
+    ("flag", " ", 1),
+    ("symbol", "Symbol", 13),
+    ("side", "Side", 5),
+    ("pnl", "PnL %", 7),
+    ("ts", "TS", 16),
+    ("unprotected", "Unprot.", 7),
+    ("stop", "Stop", 10),
+    ("mark", "Mark", 10),
+    ("entry", "Entry", 10),
+    ("qty", "Qty", 9),
+)
+COLUMN_KEYS = tuple(key for key, _, _ in COLUMNS)
+UNCOVERED_FLAG = "!"
+PROTECTING_FLAG = "·"
+
+Cells = tuple[Text, ...]
+
+
+class PositionsTable(DataTable[Text]):
+    COMPONENT_CLASSES: ClassVar[set[str]] = DataTable.COMPONENT_CLASSES | {
+        "positions--uncovered",
+        "positions--missing",
+        "positions--gain",
+        "positions--loss",
+        "positions--active-trail",
+    }
+
+    def __init__(self, *, id: str | None = None):
+        super().__init__(id=id, cursor_type="row", zebra_stripes=True)
+        self._views: dict[int, PositionView] = {}
+        self._cells: dict[int, Cells] = {}
+        self._uncovered: frozenset[int] = frozenset()
+        self._styles: dict[str, Style] = {}
+        self.only_uncovered = False
+        self.needle = ""
+        self.total = 0
+        self.cell_updates = 0  # since mount: lets the benchmark and tests see that frames are incremental
+
+    def on_mount(self) -> None:
+        for key, label, width in COLUMNS:
+            self.add_column(label, key=key, width=width)
+        self.app.theme_changed_signal.subscribe(self, lambda _theme: self._restyle())
+
+    # --- what the app calls --------------------------------------------------------------------------
+
+    def sync(self, positions: Sequence[PositionView], uncovered_ids: Collection[int]) -> None:
+        """Bring the table to `positions` (filtered by `only_uncovered` and `needle`).
+
+        Rows outside the viewport keep their last text until they scroll into view (at most one frame
+        later): formatting and updating 1 000 rows that nobody sees would cost the engine's event loop
+        ~40 ms a frame. Their coverage flag is always current, because it decides the order.
+        """
+        if not self._styles:
+            self._load_styles()
+        self._uncovered = frozenset(uncovered_ids)
+        self.total = len(positions)
+        wanted = [p for p in positions if self._wanted(p)]
+        wanted_ids = {p.position_id for p in wanted}
+        reorder = False
+        selected = self.selected_position_id()
+        for position_id in [k for k in self._cells if k not in wanted_ids]:
+            self.remove_row(str(position_id))
+            del self._cells[position_id]
+            self._views.pop(position_id, None)
+            reorder = True
+        visible = self._visible_ids()
+        for view in wanted:
+            position_id = view.position_id
+            shown = self._cells.get(position_id)
+            if shown is not None:
+                if self._views.get(position_id) == view and not self._flag_is_stale(position_id):
+                    continue
+                if position_id not in visible and shown[0].plain == self._flag_text(view):
+                    continue  # off screen and still in the same place: formatted when it scrolls in
+            cells = self._format(view)
+            self._views[position_id] = view
+            self._cells[position_id] = cells
+            if shown is None:
+                self.add_row(*cells, key=str(position_id))
+                reorder = True
+                continue
+            for column, (before, after) in enumerate(zip(shown, cells, strict=True)):
+                if before != after:
+                    self.update_cell(str(position_id), COLUMN_KEYS[column], after)
+                    self.cell_updates += 1
+            if shown[0].plain != cells[0].plain:
+                reorder = True
+        if reorder:
+            self.sort("flag", "symbol", key=_order)
+            self._keep_cursor_on(selected)
+        self._update_titles()
+
+    def _visible_ids(self) -> set[int]:
+        """Position ids of the rows in the viewport (plus a screenful either side, for scrolling)."""
+        height = max(1, self.scrollable_content_region.height)
+        first = max(0, int(self.scroll_y) - height)
+        rows = self.ordered_rows[first : int(self.scroll_y) + 2 * height]
+        return {int(row.key.value) for row in rows if row.key.value is not None}
+
+    def set_filter(self, *, only_uncovered: bool | None = None, needle: str | None = None) -> None:
+        if only_uncovered is not None:
+            self.only_uncovered = only_uncovered
+        if needle is not None:
+            self.needle = needle.strip().upper()
+        self._update_titles()
+
+    def selected_position_id(self) -> int | None:
+        if not self.row_count:
+            return None
+        try:
+            row_key, _ = self.coordinate_to_cell_key(self.cursor_coordinate)
+        except Exception:
+            return None
+        return int(row_key.value) if row_key.value is not None else None
+
+    def selected_view(self) -> PositionView | None:
+        position_id = self.selected_position_id()
+        return None if position_id is None else self._views.get(position_id)
+
+    def shown_symbols(self) -> list[str]:
+        """Symbols in display order (tests and the benchmark read the table through this)."""
+        return [self._cells[int(row.key.value)][1].plain for row in self.ordered_rows if row.key.value]
+
+    def row_text(self, position_id: int) -> str:
+        cells = self._cells.get(position_id)
+        return " ".join(c.plain for c in cells) if cells else ""
+
+    # --- internals -----------------------------------------------------------------------------------
+
+    def _wanted(self, view: PositionView) -> bool:
+        if self.only_uncovered and view.covered:
+            return False
+        return not self.needle or self.needle in view.symbol
+
+    def _flag_is_stale(self, position_id: int) -> bool:
+        shown = self._cells.get(position_id)
+        return shown is None or (shown[0].plain == UNCOVERED_FLAG) != (position_id in self._uncovered)
+
+    def _flag_text(self, view: PositionView) -> str:
+        if view.position_id in self._uncovered:
+            return UNCOVERED_FLAG
+        return " " if view.covered else PROTECTING_FLAG
+
+    def _keep_cursor_on(self, position_id: int | None) -> None:
+        if position_id is None:
+            return
+        try:
+            row = self.get_row_index(str(position_id))
+        except RowDoesNotExist:
+            return
+        if row != self.cursor_row:
+            self.move_cursor(row=row, animate=False, scroll=False)
+
+    def _update_titles(self) -> None:
+        shown = self.row_count
+        what = "uncovered only" if self.only_uncovered else ""
+        if self.needle:
+            what = f"{what}, symbol ~ {self.needle}" if what else f"symbol ~ {self.needle}"
+        self.border_title = f"Positions {shown}/{self.total}" + (f" ({what})" if what else "")
+
+    def _load_styles(self) -> None:
+        self._styles = {
+            name: self.get_component_rich_style(f"positions--{name}", partial=True)
+            for name in ("uncovered", "missing", "gain", "loss", "active-trail")
+        }
+
+    def _restyle(self) -> None:
+        """A theme change: styles are baked into cell text, so re-format every row next frame."""
+        self._styles = {}
+        self._views.clear()
+
+    def _format(self, view: PositionView) -> Cells:
+        s = self._styles
+        uncovered = view.position_id in self._uncovered
+        flag = Text(self._flag_text(view), style=s["uncovered"] if uncovered else "")
+        symbol = Text(view.symbol, style=s["uncovered"] if uncovered else "")
+        pnl_style = ""
+        if view.pnl_percent is not None and view.pnl_percent:
+            pnl_style = s["gain"] if view.pnl_percent > 0 else s["loss"]
+        if view.has_stop_loss:
+            stop = Text(formatting.price(view.stop_loss_price))
+        else:
+            stop = Text("missing", style=s["missing"])
+        return (
+            flag,
+            symbol,
+            Text(view.side.upper()),
+            Text(formatting.signed_percent(view.pnl_percent), style=pnl_style, justify="right"),
+            _trailing_cell(view, s),
+            Text(
+                formatting.duration(view.unprotected_seconds) if not view.covered else "",
+                style=s["uncovered"] if uncovered else "",
+                justify="right",
+            ),
+            stop,
+            Text(formatting.price(view.mark_price), justify="right"),
+            Text(formatting.price(view.entry_price), justify="right"),
+            Text(formatting.price(view.quantity), justify="right"),
+        )
+
+
+def _trailing_cell(view: PositionView, styles: dict[str, Style]) -> Text:
+    if not view.has_trailing_stop:
+        return Text("MISSING", style=styles["missing"])
+    phase = view.trailing_phase
+    if phase == "waiting" or (phase == "native" and (view.distance_to_activation_percent or 0) > 0):
+        distance = view.distance_to_activation_percent
+        return Text("waiting" + ("" if distance is None else f" {distance:+.2f}%"))
+    if phase == "native":
+        return Text("venue trailing", style=styles["active-trail"])
+    stop = view.trailing_stop_price
+    return Text(f"{phase} @ {formatting.price(stop)}", style=styles["active-trail"])
+
+
+def _order(values: tuple[Text, Text]) -> tuple[bool, bool, str]:
+    flag, symbol = values
+    return (flag.plain != UNCOVERED_FLAG, flag.plain != PROTECTING_FLAG, symbol.plain)

@@ -1,0 +1,77 @@
+"""The top line: mode badge, venue and account, engine state, entries, running version and start time;
+and the banner that says the code on disk is no longer the code that runs (F10)."""
+
+from __future__ import annotations
+
+from datetime import tzinfo
+
+from textual.app import ComposeResult
+from textual.containers import Horizontal
+from textual.widgets import Label, Static
+
+from engine.engine import EngineSnapshot
+from tui import formatting
+from tui.code_watch import CodeDifference
+
+MODE_BADGES = {"SIM": " SIM ", "TESTNET": " TESTNET ", "LIVE": " ● LIVE · REAL MONEY "}
+
+
+class StatusBar(Horizontal):
+    """One line. State is shown as CSS classes (`-live`, `-testnet`, `-paused`, `-read-only` …)."""
+
+    def __init__(self, *, tz: tzinfo | None, id: str | None = None):
+        super().__init__(id=id)
+        self._tz = tz
+        self._shown: dict[str, str] = {}
+        self._labels = {
+            name: Label("", id=name)
+            for name in ("mode-badge", "venue", "engine-state", "entries", "version", "engine-clock")
+        }
+
+    def compose(self) -> ComposeResult:
+        yield from self._labels.values()
+
+    def show(self, snapshot: EngineSnapshot, *, watching: str | None = None, stopping: bool = False) -> None:
+        mode = snapshot.mode
+        for name in ("SIM", "TESTNET", "LIVE"):
+            self.set_class(mode == name, f"-{name.lower()}")
+        self.set_class(watching is not None, "-read-only")
+        state = "stopping" if stopping else snapshot.state.value
+        if watching is not None:
+            state = f"read-only · {watching}"
+        entries = (
+            "" if watching is not None else ("ENTRIES PAUSED" if snapshot.entries_paused else "entries on")
+        )
+        since = (
+            formatting.since(snapshot.started_at, snapshot.taken_at, self._tz) if snapshot.started_at else "—"
+        )
+        self._set("mode-badge", MODE_BADGES.get(mode, f" {mode} "))
+        self._set("venue", f"{snapshot.venue}/{snapshot.account}")
+        self._set("engine-state", state)
+        self._set("entries", entries)
+        self._set("version", f"v{snapshot.version} started {since}")
+        self._set(
+            "engine-clock", formatting.clock_time(snapshot.taken_at, self._tz) if snapshot.taken_at else ""
+        )
+        self._labels["entries"].set_class(snapshot.entries_paused and watching is None, "-paused")
+        self._labels["engine-state"].set_class(state != "running", "-not-running")
+
+    def _set(self, widget_id: str, text: str) -> None:
+        if self._shown.get(widget_id) != text:
+            self._shown[widget_id] = text
+            # The clock changes every second at the same width: no layout pass for it.
+            self._labels[widget_id].update(text, layout=widget_id != "engine-clock")
+
+
+class CodeBanner(Static):
+    """Hidden until the installed code differs from the code this process runs."""
+
+    def show_difference(self, difference: CodeDifference | None, tz: tzinfo | None) -> None:
+        self.set_class(difference is not None, "-visible")
+        if difference is None:
+            self.update("")
+            return
+        when = formatting.date_time(difference.newest_change, tz) if difference.newest_change else "now"
+        self.update(
+            f"code on disk changed since start — restart needed  ({difference.describe()}; changed {when})"
+        )
