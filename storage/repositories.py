@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
+
+R = TypeVar("R")
 
 
 class PositionStatus(StrEnum):
@@ -204,29 +206,28 @@ class HealthRow:
     measured_at: datetime | None = None
 
 
-def _signal(row: Mapping[str, Any]) -> SignalRecord:
+def _record(record_type: type[R], row: Mapping[str, Any], **enums: type[StrEnum]) -> R:
+    """A record dataclass from a row, its enum columns parsed (an unknown value fails loudly here)."""
     values = dict(row)
-    values["status"] = SignalStatus(values["status"])
-    return SignalRecord(**values)
+    for column, enum in enums.items():
+        values[column] = enum(values[column])
+    return record_type(**values)
+
+
+def _signal(row: Mapping[str, Any]) -> SignalRecord:
+    return _record(SignalRecord, row, status=SignalStatus)
 
 
 def _position(row: Mapping[str, Any]) -> PositionRecord:
-    values = dict(row)
-    values["status"] = PositionStatus(values["status"])
-    return PositionRecord(**values)
+    return _record(PositionRecord, row, status=PositionStatus)
 
 
 def _order(row: Mapping[str, Any]) -> OrderRecord:
-    values = dict(row)
-    values["purpose"] = OrderPurpose(values["purpose"])
-    values["status"] = OrderRecordStatus(values["status"])
-    return OrderRecord(**values)
+    return _record(OrderRecord, row, purpose=OrderPurpose, status=OrderRecordStatus)
 
 
 def _event(row: Mapping[str, Any]) -> EventRecord:
-    values = dict(row)
-    values["severity"] = Severity(values["severity"])
-    return EventRecord(**values)
+    return _record(EventRecord, row, severity=Severity)
 
 
 _SEVERITY_RANK = {s: i for i, s in enumerate(Severity)}

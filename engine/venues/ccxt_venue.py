@@ -476,6 +476,14 @@ class CcxtVenue:
             raise Rejected(RejectCode.BAD_SYMBOL, f"invalid symbol {symbol!r}")
         return market
 
+    async def _check_order(
+        self, symbol: str, quantity: Decimal, client_order_id: str, *prices: tuple[str, Decimal | None]
+    ) -> None:
+        """What every order passes before it is sent: a known market, values on its grid, a valid id."""
+        await self._ensure_markets()
+        self._require_grid(self._market(symbol), quantity, *prices)
+        self._require_client_order_id(client_order_id)
+
     @staticmethod
     def _require_client_order_id(client_order_id: str) -> None:
         if not CLIENT_ORDER_ID_PATTERN.fullmatch(client_order_id):
@@ -772,9 +780,7 @@ class BinanceUsdmVenue(CcxtVenue):
         client_order_id: str,
         reduce_only: bool = False,
     ) -> Order:
-        await self._ensure_markets()
-        self._require_grid(self._market(symbol), quantity)
-        self._require_client_order_id(client_order_id)
+        await self._check_order(symbol, quantity, client_order_id)
         params: dict[str, Any] = {"newClientOrderId": client_order_id}
         if reduce_only:
             params["reduceOnly"] = True
@@ -801,9 +807,7 @@ class BinanceUsdmVenue(CcxtVenue):
         *,
         client_order_id: str,
     ) -> Order:
-        await self._ensure_markets()
-        self._require_grid(self._market(symbol), quantity, ("stop price", stop_price))
-        self._require_client_order_id(client_order_id)
+        await self._check_order(symbol, quantity, client_order_id, ("stop price", stop_price))
         params = {
             "triggerPrice": _wire(stop_price),
             "reduceOnly": True,
@@ -822,9 +826,7 @@ class BinanceUsdmVenue(CcxtVenue):
         client_order_id: str,
         activation_price: Decimal | None = None,
     ) -> Order:
-        await self._ensure_markets()
-        self._require_grid(self._market(symbol), quantity, ("activation price", activation_price))
-        self._require_client_order_id(client_order_id)
+        await self._check_order(symbol, quantity, client_order_id, ("activation price", activation_price))
         self._require_callback(callback_rate)
         params: dict[str, Any] = {
             "trailingPercent": _wire(callback_rate),  # → callbackRate
@@ -1236,9 +1238,7 @@ class BybitLinearVenue(CcxtVenue):
         client_order_id: str,
         reduce_only: bool = False,
     ) -> Order:
-        await self._ensure_markets()
-        self._require_grid(self._market(symbol), quantity)
-        self._require_client_order_id(client_order_id)
+        await self._check_order(symbol, quantity, client_order_id)
         request = {
             "category": "linear",
             "symbol": symbol,
@@ -1267,9 +1267,7 @@ class BybitLinearVenue(CcxtVenue):
         *,
         client_order_id: str,
     ) -> Order:
-        await self._ensure_markets()
-        self._require_grid(self._market(symbol), quantity, ("stop price", stop_price))
-        self._require_client_order_id(client_order_id)
+        await self._check_order(symbol, quantity, client_order_id, ("stop price", stop_price))
         self._require_unused(client_order_id)
         request = {
             "category": "linear",
