@@ -1,5 +1,6 @@
 """Protection: every position gets a hard stop and a trailing stop on the exchange, confirmed, or it is
-visibly uncovered and retried. This is where the incident's "continuing without TS" cannot happen.
+visibly uncovered and retried. The incident's failing open (log a timeout, carry on with no trailing stop)
+cannot happen here.
 
 Shape: one `PositionGuard` per live position, each with its own task. A guard serialises everything that
 touches its position (place, resolve, move, close) by being a single task, so no lock exists, let alone one
