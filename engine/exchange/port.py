@@ -7,8 +7,11 @@ Modelled on ccxt's unified semantics, with three deliberate differences:
 * prices and quantities are `Decimal`, already quantized by the caller to the market's tick and step
   (a venue rejects anything else with `RejectCode.BAD_PRECISION` rather than rounding silently);
 * every order-creating call carries a caller-chosen client order id (the idempotency key, at most 36
-  characters of `[A-Za-z0-9._:/-]`); a venue refuses an id it has seen before, so one id can never give two
-  live orders, and an ambiguous outcome is resolved with `fetch_order(symbol, client_order_id)`.
+  characters of `[A-Za-z0-9._:/-]`). Like Binance, a venue refuses an id only while an order with it is
+  *open*: an id whose order has ended may be accepted again. One id can never give two live orders, and an
+  ambiguous outcome is resolved with `fetch_order(symbol, client_order_id)` — but a venue may answer
+  `NotFound` for an order it accepted moments ago (read-after-write lag, `Capabilities.read_after_write_seconds`),
+  so "absent" is proven only once that window has passed since the last send.
 
 Protective orders are always reduce-only and trigger on the mark price. Errors are the types in
 `engine.exchange.errors`; any method may also raise `Retryable`, `RateLimited`, `Banned` or
@@ -55,13 +58,22 @@ class OrderType(StrEnum):
 
 class OrderStatus(StrEnum):
     NEW = "new"  # accepted and working (a conditional order waiting for its trigger)
+    TRIGGERED = (
+        "triggered"  # a conditional order that fired and is on its way to a fill (Binance TRIGGERING /
+    )
+    # TRIGGERED): no longer protecting anything, not final either
     FILLED = "filled"
     CANCELED = "canceled"
     EXPIRED = "expired"  # triggered with nothing to reduce, so it ended without a fill
 
     @property
     def is_open(self) -> bool:
+        """Working on the venue: a protective order in this state protects its position."""
         return self is OrderStatus.NEW
+
+    @property
+    def is_final(self) -> bool:
+        return self in (OrderStatus.FILLED, OrderStatus.CANCELED, OrderStatus.EXPIRED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +168,9 @@ class Capabilities:
     attach_stop_to_entry: bool  # can a stop ride on the entry order itself
     max_conditional_orders: int  # per account
     order_rate_budgets: tuple[RateBudget, ...]
+    # Seconds after a send during which a query may still answer "no such order" for an order the venue
+    # accepted (Binance's algo service; 0 for a venue that reads its own writes at once).
+    read_after_write_seconds: float = 0.0
 
 
 @runtime_checkable
