@@ -1,7 +1,8 @@
 """Bench-only venue wrappers for `bench/wave_protection.py`. Nothing in the engine imports this module.
 
-* `CountingVenue` delegates every port call to the venue it wraps and counts what the venue refused for
-  its order budget: `RateLimited` (HTTP 429) and `Banned` (HTTP 418). It changes no behaviour.
+* `CountingVenue` delegates every port call to the venue it wraps, counts the calls by name, and counts
+  what the venue refused for its budget: `RateLimited` (HTTP 429) and `Banned` (HTTP 418). It changes no
+  behaviour.
 * `GlobalLockVenue` is the incident's design, rebuilt on purpose for comparison: the protective-order
   calls (`create_stop_market_order`, `create_trailing_stop_order`) take ONE `asyncio.Lock` shared by all
   positions and hold it for the whole venue round trip, so a wave's protective orders go out one at a
@@ -18,7 +19,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Collection, Mapping
 from decimal import Decimal
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from engine.exchange.errors import Banned, RateLimited
 from engine.exchange.port import (
@@ -43,8 +44,10 @@ class CountingVenue:
         self.rate_limited = 0
         self.banned = 0
         self.refusals: dict[str, int] = {}
+        self.calls: dict[str, int] = {}  # every port call made, by name
 
     async def _counted(self, call: str, awaitable: Awaitable[T]) -> T:
+        self.calls[call] = self.calls.get(call, 0) + 1
         try:
             return await awaitable
         except RateLimited:
@@ -64,6 +67,9 @@ class CountingVenue:
 
     def capabilities(self) -> Capabilities:
         return self.inner.capabilities()
+
+    def attach_pacing(self, pacing: Any) -> None:
+        self.inner.attach_pacing(pacing)
 
     async def connect(self) -> None:
         await self.inner.connect()

@@ -1,8 +1,15 @@
 """How long a wave of N signals takes from insertion until its last position is protected, against the
 fastest any engine could do it on the same venue.
 
-    python bench/wave_protection.py --signals N --latency-ms L [--jitter-pct J]
+    python bench/wave_protection.py --signals N --latency-ms L [--venue sim|emulator] [--jitter-pct J]
         [--design per-position|global-lock] [--timeout-s 10] [--runs R] [--json]
+
+`--venue sim` (default) runs the in-process sim venue. `--venue emulator` runs the real production path:
+`tsbot sim-exchange` in its own process (Binance's wire format, its request weights, order counts and limit
+headers), and the engine talking to it through real ccxt, real HTTP and real signing, configured exactly as
+for a real Binance account (`venue.kind = "binanceusdm"`; only `venue.base_url` differs). Every call then
+pays L twice over loopback HTTP in the emulator (its `--latency-ms`), and the engine paces every request
+itself (ccxt's throttle is off on every URL).
 
 Set-up, per run (not timed): a fresh database in an embedded PostgreSQL started in a temporary directory
 for this invocation, migrated by the engine itself; a fresh sim venue (volatility 0, so no stop ever
@@ -46,6 +53,8 @@ order budgets (limit B orders per window W seconds; the sim, like Binance USDⓈ
   answer comes L after it is sent: rate bound = max over budgets of floor((3N − 1) / B) · W, plus L.
   (Likewise the last entry goes no earlier than floor((N − 1) / B) · W, plus 2·L; this term only matters
   when L > W, but it is in the max.)
+* the budgets are those the engine allows itself: the venue's less its 10 % headroom (`engine.pacing`),
+  e.g. 270 / 10 s and 1 080 / min for Binance's 300 and 1 200. The venue's own limits are in the JSON too.
 * lower_bound = max(critical path, rate bound, entry term), computed by `lower_bound()` below; the JSON's
   `lower_bound.binding` says which term it is. Examples: N = 50, L = 2 s: max(4, 0 + 2) = 4 s. N = 300, L = 2 s:
   max(4, floor(899 / 300) · 10 + 2) = 22 s (the 1 200/min budget gives floor(899 / 1200) · 60 = 0).
@@ -71,9 +80,10 @@ Configuration choices, all printed with the results:
 * `signals.max_positions` = max(100, N); `venue.sim.max_conditional_orders` = max(200, 2N) (the sim's
   per-account cap of 200 open stops would otherwise refuse the stops of positions 101+).
 * N > 84: the sim universe lists 84 perpetuals and the engine allows one open position per symbol, so the
-  bench builds a wider, bench-only universe: the 84 real listings plus synthetic `BENCH001USDT`, … whose
-  price, tick, step, minimum notional and leverage copy a real listing's (cycling through the table). The
-  venue's `load_markets()` returns them like any other market, so the engine trades them end to end.
+  bench widens it with `venue.sim.synthetic_listings` = N − 84: synthetic `SYN001USDT`, … whose price, tick,
+  step, minimum notional and leverage copy a real listing's (cycling through the table). The venue's
+  `load_markets()` (the emulator's `exchangeInfo`) returns them like any other market, so the engine trades
+  them end to end.
 
 `--design global-lock` (bench-only, `bench/global_lock.py: GlobalLockVenue`) wraps the venue so that both
 protective-order calls take one shared `asyncio.Lock` and hold it across the venue round trip: the
@@ -105,16 +115,18 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+from emulator_process import emulator_process
 from global_lock import CountingVenue, GlobalLockVenue
 
 from engine.clock import SystemClock
 from engine.config import Settings, load_config
-from engine.engine import Engine
+from engine.engine import Engine, build_venue
 from engine.events import PositionOpened, ProtectionTimedOut, SignalRejected
-from engine.exchange.port import Market, RateBudget
+from engine.exchange.port import RateBudget
+from engine.pacing import DEFAULT_HEADROOM
 from engine.venues.sim import SimVenue
 from engine.venues.sim.core import SimCore
-from engine.venues.sim.universe import UNIVERSE, Listing
+from engine.venues.sim.universe import UNIVERSE, Listing, select_listings
 from protection.manager import PositionGuard
 from storage.database import ensure_database_exists
 from storage.embedded import EmbeddedPostgres, start_embedded
@@ -123,6 +135,7 @@ ORDERS_PER_POSITION = 3  # entry + hard stop + trailing stop
 CRITICAL_PATH_ROUND_TRIPS = 2  # entry, then both stops together
 ENGINE_DEFAULT_CONCURRENT_ENTRIES = 50
 DESIGNS = ("per-position", "global-lock")
+VENUES = ("sim", "emulator")
 POLL_SECONDS = 0.02
 
 log = logging.getLogger("bench.wave_protection")
@@ -177,26 +190,10 @@ def lower_bound(signals: int, latency_s: float, budgets: Sequence[RateBudget]) -
 
 
 def bench_listings(signals: int) -> tuple[dict[str, Listing], bool]:
-    """The real universe, widened with synthetic `BENCHnnnUSDT` listings when `signals` needs more symbols
-    than it has. Returns the listings and whether any is synthetic."""
-    listings = dict(UNIVERSE)
-    real = list(UNIVERSE.values())
-    extra = signals - len(listings)
-    for i in range(max(0, extra)):
-        shape = real[i % len(real)]
-        symbol = f"BENCH{i + 1:03d}USDT"
-        market = Market(
-            symbol=symbol,
-            base_asset=symbol.removesuffix("USDT"),
-            quote_asset="USDT",
-            tick_size=shape.market.tick_size,
-            step_size=shape.market.step_size,
-            min_quantity=shape.market.min_quantity,
-            min_notional=shape.market.min_notional,
-            max_leverage=shape.market.max_leverage,
-        )
-        listings[symbol] = Listing(market=market, initial_price=shape.initial_price)
-    return listings, extra > 0
+    """The real universe, widened with synthetic `SYNnnnUSDT` listings (`venue.sim.synthetic_listings`)
+    when `signals` needs more symbols than it has. Returns the listings and whether any is synthetic."""
+    extra = max(0, signals - len(UNIVERSE))
+    return select_listings((), extra), extra > 0
 
 
 # --- one run ---------------------------------------------------------------------------------------------
@@ -226,6 +223,8 @@ class RunResult:
     fill_to_protected_max_seconds: float | None
     protective_orders_sent: int
     lock_wait_max_seconds: float | None = None
+    budget_wait_p99_ms: float | None = None  # how long calls waited for rate budget during the wave
+    http_refusals: dict[int, int] = field(default_factory=dict)  # emulator: HTTP 429 / 418 by status
     reject_reasons: dict[str, int] = field(default_factory=dict)
 
 
@@ -251,8 +250,17 @@ def engine_environ(args: argparse.Namespace, dsn: str, seed: int) -> dict[str, s
 
 
 def sim_budgets() -> tuple[RateBudget, ...]:
-    """The sim venue's order budgets as it announces them (`capabilities().order_rate_budgets`)."""
+    """The sim venue's order budgets as it announces them (`capabilities().order_rate_budgets`); the
+    emulator announces the same in `exchangeInfo.rateLimits` (the same `[venue.sim]` settings)."""
     return tuple(SimCore({}, load_settings({}).venue.sim, now=0.0).capabilities().order_rate_budgets)
+
+
+def engine_budgets(venue_budgets: Sequence[RateBudget]) -> tuple[RateBudget, ...]:
+    """What the engine allows itself of each venue budget (its headroom below the venue's limit)."""
+    return tuple(
+        RateBudget(max(1, math.floor(b.limit * (1.0 - DEFAULT_HEADROOM))), b.window_seconds)
+        for b in venue_budgets
+    )
 
 
 def load_settings(environ: dict[str, str]) -> Settings:
@@ -263,14 +271,51 @@ def load_settings(environ: dict[str, str]) -> Settings:
 async def run_once(
     args: argparse.Namespace, server: EmbeddedPostgres, run: int, listings: dict[str, Listing], bound: float
 ) -> RunResult:
+    if args.venue == "emulator":
+        sim_settings = {
+            "TSBOT_VENUE__SIM__VOLATILITY": "0",
+            "TSBOT_VENUE__SIM__MAX_CONDITIONAL_ORDERS": str(max(200, 2 * args.signals)),
+            "TSBOT_VENUE__SIM__SYNTHETIC_LISTINGS": str(max(0, args.signals - len(UNIVERSE))),
+        }
+        workdir = Path(tempfile.mkdtemp(prefix="tsbot-wave-emulator-"))
+        with emulator_process(
+            workdir, latency_ms=round(args.latency_ms), seed=args.seed + run, settings=sim_settings
+        ) as emulator:
+            dbname = await _fresh_database(server)
+            environ = {**engine_environ(args, server.dsn(dbname), args.seed + run)}
+            environ.update(emulator.engine_environ())
+            return await _run_wave(
+                args, server, run, dbname, listings, bound, load_settings(environ), environ
+            )
+    dbname = await _fresh_database(server)
+    settings = load_settings(engine_environ(args, server.dsn(dbname), args.seed + run))
+    return await _run_wave(args, server, run, dbname, listings, bound, settings, None)
+
+
+async def _fresh_database(server: EmbeddedPostgres) -> str:
     dbname = f"bench_{uuid.uuid4().hex[:12]}"
     await ensure_database_exists(server.dsn("postgres"), dbname)
-    settings = load_settings(engine_environ(args, server.dsn(dbname), seed=args.seed + run))
+    return dbname
+
+
+async def _run_wave(
+    args: argparse.Namespace,
+    server: EmbeddedPostgres,
+    run: int,
+    dbname: str,
+    listings: dict[str, Listing],
+    bound: float,
+    settings: Settings,
+    emulator_environ: dict[str, str] | None,
+) -> RunResult:
     clock = SystemClock()
-    sim = SimVenue(
-        settings.venue.sim, clock=clock, core=SimCore(listings, settings.venue.sim, now=clock.now())
-    )
-    venue = GlobalLockVenue(sim) if args.design == "global-lock" else CountingVenue(sim)
+    if emulator_environ is None:
+        inner = SimVenue(
+            settings.venue.sim, clock=clock, core=SimCore(listings, settings.venue.sim, now=clock.now())
+        )
+    else:
+        inner = build_venue(settings, clock)  # exactly what `tsbot run` builds for a real Binance account
+    venue = GlobalLockVenue(inner) if args.design == "global-lock" else CountingVenue(inner)
     engine = Engine(settings, venue=venue, clock=clock, version="bench", generate_signals=False)
 
     opened: dict[int, PositionGuard] = {}
@@ -324,6 +369,7 @@ async def run_once(
         protect = last if all_protected else None
         wave_started = await _first_wave_started(server.dsn(dbname))
         lock_waits = venue.lock_waits if isinstance(venue, GlobalLockVenue) else None
+        waits = engine.budget_waits.summary(clock.monotonic())
         return RunResult(
             run=run + 1,
             protect_seconds=protect,
@@ -349,6 +395,8 @@ async def run_once(
             fill_to_protected_max_seconds=max(fill_to_protected, default=None),
             protective_orders_sent=engine.manager.budget.protective_sent,
             lock_wait_max_seconds=max(lock_waits, default=0.0) if lock_waits is not None else None,
+            budget_wait_p99_ms=waits.p99_ms,
+            http_refusals=dict(getattr(inner, "refusals", {})),
             reject_reasons=dict(rejected),
         )
     finally:
@@ -387,7 +435,8 @@ def _median(values: Sequence[float | None]) -> float | None:
 
 async def bench(args: argparse.Namespace, server: EmbeddedPostgres) -> dict[str, Any]:
     listings, synthetic = bench_listings(args.signals)
-    budgets = sim_budgets()
+    venue_budgets = sim_budgets()
+    budgets = engine_budgets(venue_budgets)
     bound = lower_bound(args.signals, args.latency_ms / 1000, budgets)
     results = []
     for run in range(args.runs):
@@ -399,7 +448,9 @@ async def bench(args: argparse.Namespace, server: EmbeddedPostgres) -> dict[str,
     def values(name: str) -> list[Any]:
         return [getattr(r, name) for r in results]
 
+    refusals = [sum(r.http_refusals.values()) + r.rate_limited for r in results]
     summary: dict[str, Any] = {
+        "venue": args.venue,
         "design": args.design,
         "signals": args.signals,
         "latency_ms": args.latency_ms,
@@ -411,6 +462,10 @@ async def bench(args: argparse.Namespace, server: EmbeddedPostgres) -> dict[str,
         "ratio": _median(values("ratio")),
         "timeouts": _median(values("timeouts")),
         "rate_limited": _median(values("rate_limited")),
+        "rate_limit_rejections": _median(refusals),
+        "max_rate_limit_rejections": max(refusals),
+        "entries_rejected": _median(values("signals_rejected")),
+        "budget_wait_p99_ms": _median(values("budget_wait_p99_ms")),
         "positions_protected": _median(values("positions_protected")),
         "positions_timed_out": _median(values("positions_timed_out")),
         "protected_within_timeout": _median(values("protected_within_timeout")),
@@ -450,6 +505,7 @@ async def bench(args: argparse.Namespace, server: EmbeddedPostgres) -> dict[str,
             "entry_rate_bound_seconds": bound.entry_rate_bound_seconds,
             "reserved_budget_bound_seconds": bound.reserved_budget_bound_seconds,
             "budgets": [{"limit": b.limit, "window_seconds": b.window_seconds} for b in budgets],
+            "venue_budgets": [{"limit": b.limit, "window_seconds": b.window_seconds} for b in venue_budgets],
             "formula": "max(2*L, max_b(floor((3N-1)/B_b)*W_b) + L, max_b(floor((N-1)/B_b)*W_b) + 2*L)",
         },
         "config": {
@@ -492,7 +548,7 @@ def print_human(s: dict[str, Any]) -> None:
     lb = s["lower_bound"]
     cfg = s["config"]
     print(
-        f"wave of {s['signals']} signals, {s['latency_ms']:g} ms per call"
+        f"{s['venue']}: wave of {s['signals']} signals, {s['latency_ms']:g} ms per call"
         + (f" ± {s['jitter_pct']:g} %" if s["jitter_pct"] else "")
         + f", design {s['design']}, call timeout {s['timeout_s']:g} s, {s['runs']} runs"
     )
@@ -518,7 +574,9 @@ def print_human(s: dict[str, Any]) -> None:
     )
     print(
         f"  protection timeouts: median {_fmt(s['timeouts'], 0)} (runs: {values['timeouts']}); "
-        f"rate-limit rejections: median {_fmt(s['rate_limited'], 0)} (runs: {values['rate_limited']})"
+        f"rate-limit rejections: median {_fmt(s['rate_limit_rejections'], 0)} (max {s['max_rate_limit_rejections']}); "
+        f"entries rejected: median {_fmt(s['entries_rejected'], 0)}; waiting for budget p99 "
+        f"{_fmt(s['budget_wait_p99_ms'], 0)} ms"
     )
     print(
         f"  positions protected: median {_fmt(s['positions_protected'], 0)} of {s['signals']} "
@@ -539,6 +597,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-ms", type=float, required=True, help="L: round trip of every venue call")
     parser.add_argument("--jitter-pct", type=float, default=0.0, help="uniform jitter, ± percent of L")
     parser.add_argument("--design", choices=DESIGNS, default="per-position")
+    parser.add_argument(
+        "--venue",
+        choices=VENUES,
+        default="sim",
+        help="sim: the in-process sim venue; emulator: tsbot sim-exchange over real ccxt/HTTP (production pacing)",
+    )
     parser.add_argument("--timeout-s", type=float, default=10.0, help="protection.call_timeout_seconds")
     parser.add_argument("--runs", type=int, default=3, help="runs in this invocation; the median is reported")
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
@@ -574,6 +638,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--jitter-pct must be within [0, 100]")
     if args.runs < 1:
         parser.error("--runs must be at least 1")
+    if args.venue == "emulator" and args.design != "per-position":
+        parser.error("--design global-lock wraps the sim venue only")
     if args.max_concurrent_entries is None:
         per_10s = load_settings({}).venue.sim.rate_limits.orders_per_10s
         args.max_concurrent_entries = min(
@@ -581,7 +647,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         )
     args.max_concurrent_entries = max(1, min(500, args.max_concurrent_entries))
     if args.deadline_s is None:
-        bound = lower_bound(args.signals, args.latency_ms / 1000, sim_budgets())
+        bound = lower_bound(args.signals, args.latency_ms / 1000, engine_budgets(sim_budgets()))
         args.deadline_s = 4 * bound.seconds + 120
     return args
 

@@ -35,7 +35,14 @@ from engine.events import (
     SignalRejected,
     WaveFinished,
 )
-from engine.exchange.errors import ExchangeError, InsufficientMargin, NotFound, OutcomeUnknown, Rejected
+from engine.exchange.errors import (
+    Banned,
+    ExchangeError,
+    InsufficientMargin,
+    NotFound,
+    OutcomeUnknown,
+    Rejected,
+)
 from engine.exchange.port import (
     ExchangePort,
     Market,
@@ -47,6 +54,7 @@ from engine.exchange.port import (
 )
 from engine.metrics import CallStats
 from engine.order_budget import OrderBudget
+from engine.pacing import DEFAULT_HEADROOM, BudgetWaits, Lane, RequestPacer, VenuePacing
 from engine.signal_input import BadSignal, parse_score, parse_side
 from engine.signals import SignalConsumer, SignalWave, SimSignalGenerator
 from protection import health
@@ -210,6 +218,13 @@ class _Supervisor:
         self._tasks.clear()
 
 
+def connection_pool_size(settings: Settings) -> int:
+    """HTTP connections to the venue: enough for the largest burst the engine makes at once (every entry
+    of a wave in flight, then each one's two stops together, plus the entries of the next wave and the
+    reads), so no protective order ever queues for a connection."""
+    return 4 * settings.signals.max_concurrent_entries + 64
+
+
 def build_venue(settings: Settings, clock: Clock) -> ExchangePort:
     if settings.venue.kind is VenueKind.SIM:
         from engine.venues.sim import SimVenue
@@ -228,6 +243,9 @@ def build_venue(settings: Settings, clock: Clock) -> ExchangePort:
         api_secret=venue.api_secret.get_secret_value(),
         testnet=venue.testnet,
         base_url=venue.base_url,
+        # The engine's own budget (from the moment a request is sent) times calls out; this is the net.
+        request_timeout_seconds=float(settings.protection.call_timeout_seconds) + 1.0,
+        max_connections=connection_pool_size(settings),
     )
     return build_ccxt_venue(config, clock=clock)
 
@@ -271,6 +289,10 @@ class Engine:
         self._wave_tasks: set[asyncio.Task[None]] = set()
         self._health: tuple[health.ComponentHealth, ...] = ()
         self._call_stats = CallStats()
+        self.budget_waits = BudgetWaits()
+        self.request_pacer: RequestPacer | None = None
+        self.order_budget: OrderBudget | None = None
+        self._venue_pacing: VenuePacing | None = None
         self._stopped = asyncio.Event()
         self._token = ""
 
@@ -308,9 +330,25 @@ class Engine:
             )
             self.store = Store(self._db.pool)
             self._token = await self.store.installation_token()
+            # Pacing first: every request from the very first one goes through the engine's budgets.
+            self.request_pacer = RequestPacer(
+                self.venue.capabilities().request_budgets, self.clock, waits=self.budget_waits
+            )
+            self._venue_pacing = VenuePacing(self.request_pacer, None, self.clock)
+            self.venue.attach_pacing(self._venue_pacing)
             await self.venue.connect()
             self._connected_at = self.clock.monotonic()
             self.markets = dict(await self.venue.load_markets())
+            # The order budget as the venue announced it (exchangeInfo), kept across protection restarts:
+            # the venue's counts do not reset when our manager does.
+            self.order_budget = OrderBudget(
+                self.venue.capabilities().order_rate_budgets,
+                self.clock,
+                round_trip=lambda: self.manager.order_round_trip_seconds if self.manager is not None else 0.0,
+                headroom=DEFAULT_HEADROOM,
+                waits=self.budget_waits,
+            )
+            self._venue_pacing.orders = self.order_budget
             self.marks = await self.venue.fetch_mark_prices()
             self._last_mark_at = self.clock.monotonic()
             self.startup_report = await self._start_protection()
@@ -412,16 +450,17 @@ class Engine:
     # --- protection start / restart ------------------------------------------------------------------
 
     async def _start_protection(self) -> StartupReport:
-        assert self.store is not None
-        budget = OrderBudget(
-            self.venue.capabilities().order_rate_budgets,
-            self.clock,
-            round_trip=lambda: self.manager.order_round_trip_seconds if self.manager is not None else 0.0,
-        )
+        """Restore every open position and verify it against the venue in a constant number of round
+        trips, whatever the number of positions: the database in three queries, the venue's positions and
+        open protective orders read once (together), entries left pending by the last run resolved in
+        parallel, and every guard started at once. Orders the venue lists are confirmed by that list; only
+        the others are looked up, each by its own guard, in parallel. Positions with nothing on the venue
+        are therefore re-protected first and together (never one after another: F15)."""
+        assert self.store is not None and self.order_budget is not None
         self.manager = ProtectionManager(
             venue=self.venue,
             store=self.store,
-            budget=budget,
+            budget=self.order_budget,
             clock=self.clock,
             events=self.events_bus,
             config=ProtectionConfig.from_settings(self.settings.protection),
@@ -439,19 +478,41 @@ class Engine:
             adopt=self._adopt,
             entries_in_flight=lambda: set(self._in_flight),
         )
-        guards: list[PositionGuard] = []
-        for position in await self.store.open_positions():
-            guard = await self._restore_position(position)
-            if guard is not None:
-                guards.append(guard)
-        await self._wait_first_pass(guards)
-        adopted = 0
+        positions, orders_by_position, trails = await asyncio.gather(
+            self.store.open_positions(),
+            self.store.live_orders_of_open_positions(),
+            self.store.trailing_states_of_open_positions(),
+        )
+        snapshot = None
         try:
-            report = await self.reconciler.reconcile_once()
-            adopted = len(report.adopted)
-            await self._wait_first_pass(list(self.manager.guards.values()))
+            snapshot = await self.reconciler.take_snapshot(Lane.PROTECTIVE)
         except (ExchangeError, TimeoutError) as exc:
-            log.error("start-up reconcile failed (%s); the periodic reconciler will retry", exc)
+            log.error("start-up: the venue did not answer (%s); every order is looked up on its own", exc)
+        venue_orders = snapshot.open_orders_by_id() if snapshot is not None else None
+        # An empty answer this soon after connecting may be a venue glitch (F3): it confirms nothing, so
+        # every order is looked up on its own rather than believed gone.
+        if snapshot is not None and not snapshot.positions and positions:
+            venue_orders = None
+        restorable = [p for p in positions if self._restorable(p)]
+        filled = await asyncio.gather(*(self._resolve_entry(p) for p in restorable if _entry_pending(p)))
+        ready = [p for p in restorable if not _entry_pending(p)] + [p for p in filled if p is not None]
+        guards = [
+            self.manager.protect(
+                position,
+                live_orders=orders_by_position.get(position.id, ()),
+                trail_record=trails.get(position.id),
+                venue_open_orders=venue_orders,
+            )
+            for position in ready
+        ]
+        adopted = 0
+        if snapshot is not None:
+            try:
+                report = await self.reconciler.reconcile_once(snapshot)
+                adopted = len(report.adopted)
+            except (ExchangeError, TimeoutError) as exc:
+                log.error("start-up reconcile failed (%s); the periodic reconciler will retry", exc)
+        await self._wait_first_pass(list(self.manager.guards.values()))
         restored = sum(1 for g in guards if g.covered and g.report.created_orders == 0)
         failed = [g.symbol for g in self.manager.guards.values() if not g.covered]
         reprotected = sum(1 for g in guards if g.covered and g.report.created_orders > 0)
@@ -463,36 +524,35 @@ class Engine:
         budget = float(self.settings.protection.call_timeout_seconds) * 3
         await wait_for_all(self.clock, budget, [g.first_pass.wait() for g in guards])
 
-    async def _restore_position(self, position: PositionRecord) -> PositionGuard | None:
-        assert self.store is not None and self.manager is not None
-        if position.symbol not in self.markets:
-            log.error(
-                "position %s: %s is not listed on %s; left as it is",
-                position.id,
-                position.symbol,
-                self.exchange_name,
-            )
-            return None
-        if (
-            position.status in (PositionStatus.PENDING_ENTRY, PositionStatus.ENTRY_PLACED)
-            or position.entry_price is None
-        ):
-            position = await self._resolve_entry(position)
-            if position is None:
-                return None
-        orders = await self.store.live_orders_for_position(position.id)
-        trail = await self.store.trailing_state(position.id)
-        return self.manager.protect(position, live_orders=orders, trail_record=trail)
+    def _restorable(self, position: PositionRecord) -> bool:
+        if position.symbol in self.markets:
+            return True
+        log.error(
+            "position %s: %s is not listed on %s; left as it is",
+            position.id,
+            position.symbol,
+            self.exchange_name,
+        )
+        return False
 
     async def _resolve_entry(self, position: PositionRecord) -> PositionRecord | None:
         """An entry from before a restart: filled → protect it; never sent or refused → the position failed."""
-        assert self.store is not None
+        assert self.store is not None and self.manager is not None
         cid = client_order_id(self._token, position.id, OrderPurpose.ENTRY, 0)
         try:
-            order = await self.venue.fetch_order(position.symbol, cid)
+            order = await self.manager.call(self.venue.fetch_order(position.symbol, cid), "fetch_order")
         except NotFound:
             await self.store.set_position_status(
                 position.id, PositionStatus.FAILED, exit_reason="entry not placed"
+            )
+            return None
+        except (ExchangeError, TimeoutError) as exc:
+            log.error(
+                "position %s %s: entry outcome still unknown at start-up (%s); the reconciler adopts it if "
+                "the venue holds it",
+                position.id,
+                position.symbol,
+                exc,
             )
             return None
         if order.status is OrderStatus.FILLED and order.average_price is not None:
@@ -702,7 +762,11 @@ class Engine:
         promise = manager.protective_orders_per_position
         self._in_flight.add(signal.symbol)
         try:
-            await manager.budget.acquire_entry(promise)
+            try:
+                await manager.budget.acquire_entry(promise)
+            except Banned as exc:
+                await self._reject(signal, f"venue refuses requests for now: {exc}", wave_id)
+                return None
             try:
                 position = await self.store.create_position(
                     symbol=signal.symbol,
@@ -733,10 +797,13 @@ class Engine:
                 order = await manager.call(
                     self.venue.create_market_order(signal.symbol, order_side, quantity, client_order_id=cid),
                     "create_order",
+                    Lane.ENTRY,
                 )
             except (OutcomeUnknown, TimeoutError):
                 try:
-                    order = await manager.call(self.venue.fetch_order(signal.symbol, cid), "fetch_order")
+                    order = await manager.call(
+                        self.venue.fetch_order(signal.symbol, cid), "fetch_order", Lane.ENTRY
+                    )
                 except (ExchangeError, TimeoutError) as exc:
                     return await self._entry_failed(
                         signal, position.id, cid, f"entry outcome unknown: {exc}", wave_id, promise
@@ -844,8 +911,9 @@ class Engine:
         measurements = health.HealthMeasurements(
             exchange=health.ExchangeMeasurement(
                 calls=self._call_stats.summary(now),
-                budget_used_percent=self.manager.budget.used_fraction() * 100,
-                banned_for_seconds=self.manager.budget.banned_for(),
+                budget_used_percent=self._budget_used_fraction() * 100,
+                banned_for_seconds=self._banned_for(),
+                budget_wait_p99_ms=self.budget_waits.summary(now).p99_ms,
             ),
             price_feed=health.PriceFeedMeasurement(
                 newest_mark_age_seconds=None if self._last_mark_at is None else now - self._last_mark_at,
@@ -874,6 +942,14 @@ class Engine:
         return health.evaluate_health(
             measurements, health.HealthThresholds.from_settings(self.settings.health)
         )
+
+    def _budget_used_fraction(self) -> float:
+        fractions = [b.used_fraction() for b in (self.order_budget, self.request_pacer) if b is not None]
+        return max(fractions, default=0.0)
+
+    def _banned_for(self) -> float | None:
+        left = [b.banned_for() for b in (self.order_budget, self.request_pacer) if b is not None]
+        return max((x for x in left if x is not None), default=None)
 
     async def _health_loop(self) -> None:
         assert self.store is not None
@@ -1065,6 +1141,13 @@ class Engine:
         if guard is None:
             return False
         return await guard.close(exit_reason="manual")
+
+
+def _entry_pending(position: PositionRecord) -> bool:
+    return (
+        position.status in (PositionStatus.PENDING_ENTRY, PositionStatus.ENTRY_PLACED)
+        or position.entry_price is None
+    )
 
 
 def _empty_coverage() -> CoverageFigures:

@@ -11,12 +11,15 @@ sends until then.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from engine.clock import Clock
+from engine.exchange.errors import Banned
 from engine.exchange.port import RateBudget
+from engine.pacing import BudgetWaits, Lane
 
 PROTECTIVE_ORDERS_PER_POSITION = 2  # hard stop + trailing stop
 
@@ -51,11 +54,25 @@ class _Window:
 
 class OrderBudget:
     def __init__(
-        self, budgets: Sequence[RateBudget], clock: Clock, round_trip: Callable[[], float] = lambda: 0.0
+        self,
+        budgets: Sequence[RateBudget],
+        clock: Clock,
+        round_trip: Callable[[], float] = lambda: 0.0,
+        *,
+        headroom: float = 0.0,
+        waits: BudgetWaits | None = None,
     ):
+        if not 0.0 <= headroom < 1.0:
+            raise ValueError(f"headroom must be within [0, 1), got {headroom}")
         self._clock = clock
         self._round_trip = round_trip  # current estimate of one order round trip, seconds
-        self._windows = [_Window(b.limit, b.window_seconds, deque()) for b in budgets]
+        self.venue_budgets = tuple(budgets)
+        self._windows = [
+            _Window(max(1, math.floor(b.limit * (1.0 - headroom))), b.window_seconds, deque())
+            for b in budgets
+        ]
+        self.waits = waits if waits is not None else BudgetWaits()
+        self._banned_until_epoch = 0.0
         self._promised = 0  # protective orders entries were admitted for and that are not sent yet
         self._protective_waiting = 0
         self._hold_until = 0.0
@@ -67,19 +84,36 @@ class OrderBudget:
     def promised(self) -> int:
         return self._promised
 
+    @property
+    def limits(self) -> tuple[RateBudget, ...]:
+        """The budgets we allow ourselves (the venue's less the headroom)."""
+        return tuple(RateBudget(w.limit, w.seconds) for w in self._windows)
+
     def used_fraction(self) -> float:
-        """The fullest window's share used right now (0..1), for health."""
+        """The fullest window's share of the venue's limit used right now (0..1), for health."""
         now = self._clock.monotonic()
         fractions = []
-        for window in self._windows:
+        for window, venue in zip(self._windows, self.venue_budgets, strict=True):
             window.prune(now)
-            fractions.append(len(window.sends) / window.limit)
+            fractions.append(len(window.sends) / venue.limit)
         return max(fractions, default=0.0)
+
+    def observe(self, window_seconds: float, used: int) -> None:
+        """The venue's own count of orders in its current `window_seconds` window. Our sliding window holds
+        every order of ours the venue counted there, so a higher count is someone else's: book it now."""
+        now = self._clock.monotonic()
+        for window in self._windows:
+            if window.seconds == window_seconds:
+                window.prune(now)
+                window.sends.extend([now] * max(0, used - len(window.sends)))
 
     def hold_until(self, monotonic_deadline: float, *, banned: bool = False) -> None:
         self._hold_until = max(self._hold_until, monotonic_deadline)
         if banned:
             self._banned_until = max(self._banned_until, monotonic_deadline)
+            self._banned_until_epoch = max(
+                self._banned_until_epoch, self._clock.now() + monotonic_deadline - self._clock.monotonic()
+            )
 
     def banned_for(self) -> float | None:
         """Seconds left of a venue ban (not of an ordinary rate-limit pause), or None."""
@@ -92,10 +126,13 @@ class OrderBudget:
 
     async def acquire_protective(self) -> None:
         self._protective_waiting += 1
+        started = self._clock.monotonic()
         try:
             await self._acquire(slots=1)
         finally:
             self._protective_waiting -= 1
+            now = self._clock.monotonic()
+            self.waits.record(now, now - started, Lane.PROTECTIVE)
         self._promised = max(0, self._promised - 1)
         self.protective_sent += 1
 
@@ -105,8 +142,12 @@ class OrderBudget:
         Those orders are sent one entry round trip later (the `round_trip` estimate, re-read at every
         check), when the windows will have let older sends go: they are checked against the windows as
         they will be then. An estimate that turns out too long only makes a stop wait briefly for its
-        slot; 0 (nothing measured yet) is the conservative choice."""
+        slot; 0 (nothing measured yet) is the conservative choice. Raises `Banned` while the venue bans us:
+        an entry never waits out a ban (its stops could not be placed meanwhile)."""
+        started = self._clock.monotonic()
         while True:
+            if self.banned_for() is not None:
+                raise Banned(self._banned_until_epoch, "entries wait for no ban")
             if self._protective_waiting == 0:
                 lead = max(0.0, self._round_trip())
                 wait = max(self._wait_for(1), self._wait_for(1 + self._promised + protective_orders, lead))
@@ -114,6 +155,8 @@ class OrderBudget:
                     self._consume()
                     self._promised += protective_orders
                     self.entries_admitted += 1
+                    now = self._clock.monotonic()
+                    self.waits.record(now, now - started, Lane.ENTRY)
                     return
             else:
                 wait = 0.0

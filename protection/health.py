@@ -268,9 +268,14 @@ class ExchangeMeasurement:
     calls: CallSummary
     budget_used_percent: float | None = None
     banned_for_seconds: float | None = None
+    budget_wait_p99_ms: float | None = None  # how long calls waited for rate budget (None: none waited)
 
     def __post_init__(self) -> None:
-        _require_age("ExchangeMeasurement", banned_for_seconds=self.banned_for_seconds)
+        _require_age(
+            "ExchangeMeasurement",
+            banned_for_seconds=self.banned_for_seconds,
+            budget_wait_p99_ms=self.budget_wait_p99_ms,
+        )
         if self.budget_used_percent is not None and not self.budget_used_percent >= 0:
             raise ValueError(f"budget_used_percent must be None or >= 0, got {self.budget_used_percent}")
 
@@ -486,6 +491,9 @@ def evaluate_exchange(measured: ExchangeMeasurement | None, thresholds: HealthTh
     parts.append("budget unknown" if budget is None else f"budget {_number(budget)} %")
     if budget is not None and budget >= EXCHANGE_BUDGET_DEGRADED_PERCENT:
         degraded.append(f"Rate budget {_number(budget)}% used")
+    wait_p99 = measured.budget_wait_p99_ms
+    if wait_p99 is not None and wait_p99 >= 1.0:
+        parts.append(f"waiting for budget p99 {wait_p99:.0f} ms")
     if calls.timeouts:
         parts.append(_plural(calls.timeouts, "timeout"))
 
@@ -497,6 +505,7 @@ def evaluate_exchange(measured: ExchangeMeasurement | None, thresholds: HealthTh
         "timeouts": calls.timeouts,
         "budget_used_percent": budget,
         "banned_for_seconds": measured.banned_for_seconds,
+        "budget_wait_p99_ms": wait_p99,
     }
     unknown = "No exchange calls in the window" if calls.calls == 0 else ""
     return _verdict(component, measurements, ", ".join(parts), critical, degraded, unknown)

@@ -31,7 +31,7 @@ from decimal import ROUND_DOWN, ROUND_UP, Decimal
 from enum import StrEnum
 from typing import Any
 
-from engine.clock import Clock, with_timeout
+from engine.clock import Clock
 from engine.events import (
     EventBus,
     PositionClosed,
@@ -62,15 +62,19 @@ from engine.exchange.port import (
 )
 from engine.metrics import CallStats, EventCounter
 from engine.order_budget import OrderBudget
+from engine.pacing import CallTicket, Lane, call_with_send_timeout
 from protection import trailing
 from protection.coverage import CoverageFigures, PositionCoverage, coverage_figures
 from protection.order_ids import client_order_id, parse_client_order_id
+from storage.batching import CoalescingWriter
 from storage.repositories import (
     OrderPurpose,
     OrderRecord,
     OrderRecordStatus,
+    OrderStatusRow,
     PositionRecord,
     PositionStatus,
+    ProtectionFactsRow,
     Severity,
     Store,
     TrailingStateRecord,
@@ -153,6 +157,8 @@ class ProtectiveOrder:
     confirmed_at: float = 0.0  # monotonic time of the confirmation (the reconciler ignores newer ones)
     maybe_sent: bool = False  # the venue may have it: resolve by id before sending anything
     arm_now: bool = False  # native trail: activation already passed, arm at the current mark
+    sent_at: float | None = None  # monotonic time of the last send (a "not found" sooner proves nothing)
+    fired_at: float | None = None  # monotonic time we first saw it fired but not finished (TRIGGERING)
 
 
 class _Outcome(StrEnum):
@@ -161,6 +167,7 @@ class _Outcome(StrEnum):
     ABSENT = "absent"  # proven not on the venue: the same id may be sent
     BREACHED = "breached"  # would trigger immediately
     GONE = "gone"  # the order ended (filled/cancelled/expired) before we saw it live
+    FIRED = "fired"  # it triggered and is on its way to a fill: it protects nothing, and it is not over
 
 
 @dataclass(slots=True)
@@ -332,6 +339,8 @@ class PositionGuard:
             steps.append(self._ensure_trail())
         results = await asyncio.gather(*steps)
         if not self.closed:
+            await self._check_fired()
+        if not self.closed:
             await self._write_facts()
         return all(results) and not self.closed
 
@@ -376,6 +385,7 @@ class PositionGuard:
         )
         await m.budget.acquire_protective()
         started = m.clock.monotonic()
+        order.sent_at = started
         try:
             placed = await m.call(send(cid), "create_order")
         except (OutcomeUnknown, TimeoutError) as exc:
@@ -439,6 +449,15 @@ class PositionGuard:
         try:
             found = await m.call(m.venue.fetch_order(self.symbol, cid), "fetch_order")
         except NotFound:
+            lag = m.read_after_write_seconds
+            if order.sent_at is not None and m.clock.monotonic() - order.sent_at < lag:
+                # The venue may not show an order it accepted moments ago (read-after-write lag): "not
+                # found" proves nothing yet. Still unconfirmed (so uncovered), asked again shortly.
+                self._note_failure(
+                    f"{why} {_what(order.purpose)}",
+                    f"{cid} not visible yet (the venue's reads lag its writes by up to {lag:g}s)",
+                )
+                return _Outcome.RETRY
             order.maybe_sent = False  # proven absent: the same id may be sent
             log.warning(
                 "%s %s for %s: order %s is not on the exchange; sending it",
@@ -454,6 +473,8 @@ class PositionGuard:
         if found.status is OrderStatus.NEW:
             order.maybe_sent = False
             return await self._accept(order, found, None)
+        if found.status is OrderStatus.TRIGGERED:
+            return self._fired(order)
         order.maybe_sent = False
         await m.store.set_order_status(
             cid, _record_status(found.status), exchange_order_id=found.venue_order_id
@@ -469,19 +490,80 @@ class PositionGuard:
         self._m.request_reconcile()
         return _Outcome.RETRY
 
+    def _fired(self, order: ProtectiveOrder) -> _Outcome:
+        """The stop fired and has not finished: the position should be closing. It is uncovered until the
+        venue says how it ended; past the grace period `_check_fired` acts on it."""
+        m = self._m
+        order.confirmed = False
+        order.maybe_sent = True  # ask again: it ends FILLED (position gone) or not at all
+        if order.fired_at is None:
+            order.fired_at = m.clock.monotonic()
+            log.warning(
+                "%s: %s %s fired and is still working its way to a fill (TRIGGERING); the position is uncovered "
+                "until the venue says how it ended",
+                self.symbol,
+                _what(order.purpose),
+                order.client_order_id,
+            )
+            m.request_reconcile()
+        return _Outcome.FIRED
+
+    async def _check_fired(self) -> None:
+        """A stop that fired but has not filled within the grace period while the position is still open
+        (seen on Binance: TRIGGERING that never finishes): close the position reduce-only at market, which
+        is what the stop was doing."""
+        m = self._m
+        stuck = [
+            o
+            for o in (self.stop_loss, self.trailing_stop)
+            if o.fired_at is not None and m.clock.monotonic() - o.fired_at >= m.config.grace_seconds
+        ]
+        if not stuck or self.closed:
+            return
+        for order in stuck:
+            outcome = await self._resolve(order, "re-check fired")
+            if outcome is not _Outcome.FIRED:
+                order.fired_at = None
+                return  # it ended (or can be re-placed); the reconciler settles a closed position
+        positions = await m.call(m.venue.fetch_positions(), "fetch_positions")
+        held = next((p for p in positions if p.symbol == self.symbol and p.side is self.side), None)
+        if held is None:
+            m.request_reconcile()
+            return
+        log.error(
+            "%s: %s fired %.1fs ago and has not filled while the position is still open; closing reduce-only "
+            "at market",
+            self.symbol,
+            ", ".join(_what(o.purpose) for o in stuck),
+            m.clock.monotonic() - min(o.fired_at or 0.0 for o in stuck),
+        )
+        await m.store.record_event(
+            Severity.ERROR,
+            "stop_stuck_triggering",
+            f"{self.symbol}: a fired stop did not fill within {m.config.grace_seconds:g}s; closing at market",
+            symbol=self.symbol,
+            position_id=self.position_id,
+        )
+        await self.close(exit_reason="stop_not_filled")
+
     async def _accept(self, order: ProtectiveOrder, placed: Order, latency: float | None) -> _Outcome:
         m = self._m
         cid = order.client_order_id
         assert cid is not None
+        if placed.status is OrderStatus.TRIGGERED:
+            return self._fired(order)
         if placed.status is not OrderStatus.NEW:
             await m.store.set_order_status(
                 cid, _record_status(placed.status), exchange_order_id=placed.venue_order_id
             )
             return _Outcome.GONE
-        await m.store.set_order_status(cid, OrderRecordStatus.OPEN, exchange_order_id=placed.venue_order_id)
+        await m.order_status_writer.write(
+            cid, OrderStatusRow(cid, OrderRecordStatus.OPEN, exchange_order_id=placed.venue_order_id)
+        )
         order.confirmed = True
         order.confirmed_at = m.clock.monotonic()
         order.maybe_sent = False
+        order.fired_at = None
         if latency is not None:
             self.report.created_orders += 1
         price = placed.stop_price if placed.stop_price is not None else placed.activation_price
@@ -827,6 +909,17 @@ class PositionGuard:
             self.position_id,
         )
 
+    def prime_written_facts(self, position: PositionRecord) -> None:
+        """Remember the facts the database holds for this position, so an unchanged first pass (a restored
+        position whose stops are all still live) writes nothing."""
+        self._written_facts = (
+            position.has_stop_loss,
+            position.has_trailing_stop,
+            position.stop_loss_price if position.has_stop_loss else None,
+            position.trailing_activated if self.trail is not None else None,
+            position.status,
+        )
+
     async def _write_facts(self) -> None:
         m = self._m
         now = m.clock.monotonic()
@@ -848,23 +941,22 @@ class PositionGuard:
             self.trail.stop_price is not None if self.trail is not None else None,
             status,
         )
-        if facts == self._written_facts:
-            return
-        record = await m.store.set_protection_facts(
-            self.position_id,
-            has_stop_loss=facts[0],
-            has_trailing_stop=facts[1],
-            stop_loss_price=facts[2],
-            trailing_activated=facts[3],
-        )
-        if (
-            record.status in (PositionStatus.PENDING_PROTECTION, PositionStatus.ACTIVE)
-            and record.status != status
-        ):
-            await m.store.set_position_status(self.position_id, status)
-        self.status = status
-        self._written_facts = facts
         self.report.first_pass_ok = covered
+        if facts == self._written_facts:
+            return  # the database already says exactly this
+        written = await m.facts_writer.write(
+            self.position_id,
+            ProtectionFactsRow(
+                position_id=self.position_id,
+                has_stop_loss=facts[0],
+                has_trailing_stop=facts[1],
+                stop_loss_price=facts[2],
+                trailing_activated=facts[3],
+                status=status,
+            ),
+        )
+        self.status = written if written is not None else status
+        self._written_facts = facts
 
 
 class ProtectionManager:
@@ -891,8 +983,18 @@ class ProtectionManager:
         self.config = config
         self.token = token
         self.markets = markets
-        self.kind = config.trailing_kind(venue.capabilities())
+        capabilities = venue.capabilities()
+        self.kind = config.trailing_kind(capabilities)
+        self.read_after_write_seconds = capabilities.read_after_write_seconds
         self.call_stats = call_stats if call_stats is not None else CallStats()
+        # The guards' writes of confirmed facts and order states, one statement per event-loop turn: a
+        # wave confirms a hundred stops at once, a restart verifies a thousand positions.
+        self.facts_writer: CoalescingWriter[int, ProtectionFactsRow, PositionStatus] = CoalescingWriter(
+            self._write_facts_batch, name="protection-facts"
+        )
+        self.order_status_writer: CoalescingWriter[str, OrderStatusRow, None] = CoalescingWriter(
+            self._write_order_statuses, name="order-statuses"
+        )
         self.timeouts = EventCounter()
         self.order_round_trip_seconds = (
             0.0  # moving average of answered create_order calls (budget look-ahead)
@@ -913,9 +1015,12 @@ class ProtectionManager:
         filled_at: float | None = None,
         live_orders: Iterable[OrderRecord] = (),
         trail_record: TrailingStateRecord | None = None,
+        venue_open_orders: Mapping[str, Order] | None = None,
     ) -> PositionGuard:
         """Start guarding a filled position. Restored positions pass their DB orders and trail record;
-        those orders are verified against the venue before anything new is sent."""
+        those orders are verified against the venue before anything new is sent: an order found in
+        `venue_open_orders` (the venue's open protective orders, read once for every position at start-up)
+        is confirmed by it, and only the others are looked up one by one."""
         if position.id in self.guards:
             return self.guards[position.id]
         market = self.markets[position.symbol]
@@ -927,6 +1032,8 @@ class ProtectionManager:
             filled_at=self.clock.monotonic() if filled_at is None else filled_at,
         )
         self._restore(guard, position, live_orders, trail_record)
+        if venue_open_orders is not None:
+            self._confirm_from_snapshot(guard, position, live_orders, venue_open_orders)
         self.guards[position.id] = guard
         self.by_symbol[position.symbol] = guard
         self._tasks[position.id] = asyncio.create_task(
@@ -957,6 +1064,11 @@ class ProtectionManager:
                 target.client_order_id = record.client_order_id
                 target.generation = key.generation
                 target.maybe_sent = True
+                # When it was sent, on our monotonic clock: a "not found" within the venue's read lag of it
+                # proves nothing.
+                target.sent_at = self.clock.monotonic() - max(
+                    0.0, self.clock.now() - record.created_at.timestamp()
+                )
                 if record.trigger_price is not None and key.purpose is OrderPurpose.STOP_LOSS:
                     target.price = record.trigger_price
                 if guard.kind is TrailingKind.MANAGED and key.purpose is OrderPurpose.TRAILING_STOP:
@@ -1007,6 +1119,42 @@ class ProtectionManager:
                 )
                 guard.trail = trailing.TrailingState.start(guard.trail_params())
 
+    def _confirm_from_snapshot(
+        self,
+        guard: PositionGuard,
+        position: PositionRecord,
+        live_orders: Iterable[OrderRecord],
+        venue_open_orders: Mapping[str, Order],
+    ) -> None:
+        """Confirm restored orders the venue listed as open, with no round trip; write only what changed."""
+        now = self.clock.monotonic()
+        records = {r.client_order_id: r for r in live_orders}
+        for order in (guard.stop_loss, guard.trailing_stop):
+            cid = order.client_order_id
+            found = venue_open_orders.get(cid) if cid else None
+            if cid is None or found is None or not order.maybe_sent:
+                continue
+            order.confirmed, order.confirmed_at, order.maybe_sent = True, now, False
+            guard.report.restored_orders += 1
+            record = records.get(cid)
+            if record is None or record.status is not OrderRecordStatus.OPEN:
+                self.spawn_order_status(OrderStatusRow(cid, OrderRecordStatus.OPEN, found.venue_order_id))
+        # What the database says now: the first pass writes only if the confirmed facts differ from it.
+        guard.prime_written_facts(position)
+
+    def spawn_order_status(self, row: OrderStatusRow) -> None:
+        """Record an order's state without making the caller wait (coalesced; failures are logged)."""
+
+        async def write() -> None:
+            try:
+                await self.order_status_writer.write(row.client_order_id, row)
+            except Exception:
+                log.exception("could not record order %s as %s", row.client_order_id, row.status.value)
+
+        task = asyncio.create_task(write(), name=f"order-status-{row.client_order_id}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def _guard_ended(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
             return
@@ -1019,12 +1167,23 @@ class ProtectionManager:
             del self.by_symbol[guard.symbol]
         self._tasks.pop(guard.position_id, None)
 
+    async def _write_facts_batch(
+        self, facts: Mapping[int, ProtectionFactsRow]
+    ) -> Mapping[int, PositionStatus]:
+        return await self.store.set_protection_facts_many(list(facts.values()))
+
+    async def _write_order_statuses(self, updates: Mapping[str, OrderStatusRow]) -> Mapping[str, None]:
+        await self.store.set_order_statuses_many(list(updates.values()))
+        return {}
+
     async def stop(self) -> None:
         """Stop every guard task. Orders on the exchange stay where they are."""
         tasks = list(self._tasks.values()) + list(self._background)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.facts_writer.close()
+        await self.order_status_writer.close()
         self._tasks.clear()
         self._background.clear()
         self.guards.clear()
@@ -1055,12 +1214,17 @@ class ProtectionManager:
 
     # --- helpers for guards --------------------------------------------------------------------------
 
-    async def call(self, awaitable: Awaitable[Any], kind: str) -> Any:
-        """One venue call under the protection call budget, measured for health."""
+    async def call(self, awaitable: Awaitable[Any], kind: str, lane: Lane = Lane.PROTECTIVE) -> Any:
+        """One venue call under the protection call budget, measured for health. The budget runs from
+        the moment the request is sent: a wait for rate budget (`engine.pacing`) is measured apart and
+        never times a call out."""
+        ticket = CallTicket(lane)
         started = self.clock.monotonic()
         ok = timed_out = False
         try:
-            result = await with_timeout(self.clock, self.config.call_timeout_seconds, awaitable)
+            result = await call_with_send_timeout(
+                self.clock, self.config.call_timeout_seconds, awaitable, lane, ticket
+            )
             ok = True
             return result
         except (NotFound, Rejected):
@@ -1071,9 +1235,9 @@ class ProtectionManager:
             raise
         finally:
             now = self.clock.monotonic()
-            self.call_stats.record(now, now - started, ok, kind, timed_out=timed_out)
+            latency = max(0.0, now - started - ticket.waited)
+            self.call_stats.record(now, latency, ok, kind, timed_out=timed_out)
             if ok and kind == "create_order":
-                latency = now - started
                 previous = self.order_round_trip_seconds
                 self.order_round_trip_seconds = latency if previous == 0.0 else 0.8 * previous + 0.2 * latency
 

@@ -18,6 +18,7 @@ venue has been seen to answer `[]` at start-up, and believing it would close eve
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -27,11 +28,25 @@ from engine.clock import Clock
 from engine.events import ProtectionFailed
 from engine.exchange.errors import ExchangeError, NotFound
 from engine.exchange.port import ExchangePort, Order, OrderStatus, VenuePosition
+from engine.pacing import Lane
 from protection.manager import PositionGuard, ProtectionManager, TrailingKind
 from protection.order_ids import parse_client_order_id
 from storage.repositories import OrderPurpose, OrderRecordStatus, Severity, Store
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class VenueSnapshot:
+    """What the venue holds, read once: its positions and our open protective orders, asked for together
+    at `taken_at` (monotonic)."""
+
+    positions: list[VenuePosition]
+    open_orders: list[Order]
+    taken_at: float
+
+    def open_orders_by_id(self) -> dict[str, Order]:
+        return {o.client_order_id: o for o in self.open_orders}
 
 
 @dataclass(slots=True)
@@ -71,12 +86,24 @@ class Reconciler:
         self._absent_once: set[int] = set()
         self.runs = 0
 
-    async def reconcile_once(self) -> ReconcileReport:
+    async def take_snapshot(self, lane: Lane = Lane.READ) -> VenueSnapshot:
+        """The venue's positions and open protective orders, both asked for at once (two requests in
+        flight together, one round trip)."""
+        manager = self._manager
+        taken_at = self._clock.monotonic()
+        positions, open_orders = await asyncio.gather(
+            manager.call(self._venue.fetch_positions(), "fetch_positions", lane),
+            manager.call(self._venue.fetch_open_protective_orders(), "fetch_open_orders", lane),
+        )
+        return VenueSnapshot(list(positions), list(open_orders), taken_at)
+
+    async def reconcile_once(self, snapshot: VenueSnapshot | None = None) -> ReconcileReport:
         manager = self._manager
         report = ReconcileReport()
-        snapshot_at = self._clock.monotonic()
-        positions = await manager.call(self._venue.fetch_positions(), "fetch_positions")
-        open_orders = await manager.call(self._venue.fetch_open_protective_orders(), "fetch_open_orders")
+        if snapshot is None:
+            snapshot = await self.take_snapshot()
+        snapshot_at = snapshot.taken_at
+        positions, open_orders = snapshot.positions, snapshot.open_orders
         self.runs += 1
         young = self._clock.monotonic() - self._connected_at < self._startup_unknown
         if not positions and manager.guards and young:
@@ -126,8 +153,10 @@ class Reconciler:
         for order in (guard.stop_loss, guard.trailing_stop):
             if not order.confirmed or order.client_order_id is None:
                 continue
-            if order.confirmed_at >= snapshot_at:
-                continue  # confirmed after the venue was asked: its absence from the answer proves nothing
+            if order.confirmed_at >= snapshot_at - self._manager.read_after_write_seconds:
+                # Confirmed after the venue was asked, or so shortly before that the venue's lagging
+                # reads may not list it yet: its absence from the answer proves nothing.
+                continue
             if order.client_order_id in open_by_id:
                 continue
             # Confirmed by us, absent on the venue: it triggered, was cancelled by hand, or expired.
@@ -180,7 +209,7 @@ class Reconciler:
                 continue
             try:
                 found = await self._manager.call(
-                    self._venue.fetch_order(guard.symbol, order.client_order_id), "fetch_order"
+                    self._venue.fetch_order(guard.symbol, order.client_order_id), "fetch_order", Lane.READ
                 )
             except (NotFound, ExchangeError, TimeoutError):
                 continue
@@ -211,7 +240,9 @@ class Reconciler:
             else "duplicate (not the current order)"
         )
         try:
-            await manager.call(self._venue.cancel_order(order.symbol, order.client_order_id), "cancel_order")
+            await manager.call(
+                self._venue.cancel_order(order.symbol, order.client_order_id), "cancel_order", Lane.READ
+            )
         except NotFound:
             pass
         except (ExchangeError, TimeoutError) as exc:

@@ -98,6 +98,26 @@ class PositionRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class ProtectionFactsRow:
+    """What the exchange confirmed for one position, as `set_protection_facts_many` writes it."""
+
+    position_id: int
+    has_stop_loss: bool
+    has_trailing_stop: bool
+    stop_loss_price: Decimal | None
+    trailing_activated: bool | None
+    status: PositionStatus  # the live status it should have: pending_protection or active
+
+
+@dataclass(frozen=True, slots=True)
+class OrderStatusRow:
+    client_order_id: str
+    status: OrderRecordStatus
+    exchange_order_id: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class OrderRecord:
     id: int
     client_order_id: str
@@ -373,6 +393,37 @@ class Store:
         )
         return _position(self._require(row, position_id))
 
+    async def set_protection_facts_many(
+        self, facts: Sequence[ProtectionFactsRow]
+    ) -> dict[int, PositionStatus]:
+        """Many positions' confirmed facts in one statement (see `set_protection_facts`), each with the
+        status it should have while live (`pending_protection` or `active`; a position in any other status
+        keeps it). Closed and failed positions are left alone: a late write must not resurrect a flag.
+        Returns the status each updated position has afterwards."""
+        if not facts:
+            return {}
+        rows = await self._pool.fetch(
+            """
+            UPDATE monitoring.positions AS p
+            SET has_stop_loss = f.sl, has_trailing_stop = f.ts, stop_loss_price = f.sl_price,
+                trailing_activated = COALESCE(f.activated, p.trailing_activated),
+                protected_at = CASE WHEN f.sl AND f.ts THEN COALESCE(p.protected_at, now()) ELSE p.protected_at END,
+                status = CASE WHEN p.status IN ('pending_protection', 'active') THEN f.status ELSE p.status END
+            FROM unnest($1::bigint[], $2::bool[], $3::bool[], $4::numeric[], $5::bool[], $6::text[])
+                AS f(id, sl, ts, sl_price, activated, status)
+            WHERE p.id = f.id AND p.status <> ALL($7::text[])
+            RETURNING p.id, p.status
+            """,
+            [f.position_id for f in facts],
+            [f.has_stop_loss for f in facts],
+            [f.has_trailing_stop for f in facts],
+            [f.stop_loss_price for f in facts],
+            [f.trailing_activated for f in facts],
+            [f.status.value for f in facts],
+            TERMINAL_STATUSES,
+        )
+        return {r["id"]: PositionStatus(r["status"]) for r in rows}
+
     async def set_realized_pnl(self, position_id: int, realized_pnl: Decimal) -> None:
         await self._pool.execute(
             "UPDATE monitoring.positions SET realized_pnl = $2 WHERE id = $1", position_id, realized_pnl
@@ -502,6 +553,41 @@ class Store:
             error,
         )
         return _order(self._require(row, client_order_id))
+
+    async def set_order_statuses_many(self, updates: Sequence[OrderStatusRow]) -> None:
+        """Many orders' statuses in one statement (see `set_order_status`)."""
+        if not updates:
+            return
+        await self._pool.execute(
+            """
+            UPDATE monitoring.orders AS o
+            SET status = u.status, exchange_order_id = COALESCE(u.exchange_order_id, o.exchange_order_id),
+                error = COALESCE(u.error, o.error)
+            FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS u(client_order_id, status,
+                                                                          exchange_order_id, error)
+            WHERE o.client_order_id = u.client_order_id
+            """,
+            [u.client_order_id for u in updates],
+            [u.status.value for u in updates],
+            [u.exchange_order_id for u in updates],
+            [u.error for u in updates],
+        )
+
+    async def live_orders_of_open_positions(self) -> dict[int, list[OrderRecord]]:
+        """For restart, in one query: every order of ours that may be live, by open position."""
+        rows = await self._pool.fetch(
+            """
+            SELECT o.* FROM monitoring.orders o
+            JOIN monitoring.positions p ON p.id = o.position_id
+            WHERE o.status IN ('pending', 'open', 'unknown') AND p.status <> ALL($1::text[])
+            ORDER BY o.id
+            """,
+            TERMINAL_STATUSES,
+        )
+        orders: dict[int, list[OrderRecord]] = {}
+        for row in rows:
+            orders.setdefault(row["position_id"], []).append(_order(row))
+        return orders
 
     async def live_orders_for_position(self, position_id: int) -> list[OrderRecord]:
         """Orders of ours that may be live on the exchange (open, pending or unknown)."""

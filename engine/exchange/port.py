@@ -25,7 +25,10 @@ from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass
 from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
 from enum import StrEnum
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from engine.pacing import VenuePacing
 
 MAX_CLIENT_ORDER_ID_LENGTH = 36
 CLIENT_ORDER_ID_PATTERN = re.compile(r"^[.A-Z:/a-z0-9_-]{1,36}$")
@@ -161,6 +164,17 @@ class RateBudget:
 
 
 @dataclass(frozen=True, slots=True)
+class RequestBudget:
+    """A request limit of the venue beside its order budgets: `limit` units per `window_seconds` under a
+    `key` naming what is counted (`"weight"`: Binance's IP request weight; an endpoint path: one of
+    Bybit's per-endpoint limits; `"ip"`: Bybit's per-IP request count)."""
+
+    key: str
+    limit: int
+    window_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
 class Capabilities:
     native_trailing_stop: bool
     callback_rate_min: Decimal  # percent
@@ -171,6 +185,7 @@ class Capabilities:
     # Seconds after a send during which a query may still answer "no such order" for an order the venue
     # accepted (Binance's algo service; 0 for a venue that reads its own writes at once).
     read_after_write_seconds: float = 0.0
+    request_budgets: tuple[RequestBudget, ...] = ()  # limits on requests (not orders); paced by the engine
 
 
 @runtime_checkable
@@ -184,6 +199,11 @@ class ExchangePort(Protocol):
 
     async def connect(self) -> None:
         """Open the session (start streams). Idempotent."""
+        ...
+
+    def attach_pacing(self, pacing: VenuePacing) -> None:
+        """Pace every request through the engine's budgets from now on (a venue with no request limits of
+        its own keeps the reference and sends as it did)."""
         ...
 
     async def close(self) -> None:

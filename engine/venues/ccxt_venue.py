@@ -24,8 +24,17 @@ distance with `activePrice`, `positionIdx` for one-way or hedge mode). They carr
 Bybit's side; the adapter keeps the caller's id and answers `fetch_order` from the position's current
 stop fields. Setting a position stop again replaces it, so a retried call can never leave two stops.
 
-Mark prices: ccxt.pro `watch_mark_prices` where the venue has it (Binance), else REST polling; while
-neither delivers, nothing is yielded and the engine's price-feed health sees the marks age.
+Pacing (the same on every venue and every URL: the emulator and the real venue differ only in the URL):
+ccxt's own throttle is off (`enableRateLimit=False`); every HTTP request, ccxt's internal ones included,
+first waits in the engine's `RequestPacer` (`engine.pacing`) for its cost under the venue's request
+budgets (Binance: IP weight per endpoint, `binance_limits`; Bybit: per-IP and per-endpoint limits,
+`bybit_limits`), in the lane of whoever started the call, and is signed only once it may go (so a wait
+can never push its timestamp out of `recvWindow`). Every answer's limit headers are handed back to the
+pacer and the order budget, and a 429 / 418 / Bybit 403 holds them. The HTTP session is our own, with a
+connection pool sized by the engine for its largest burst (ccxt's default caps it at 100), keep-alive on.
+
+Mark prices: REST polling every `mark_poll_seconds`; while it fails nothing is yielded and the engine's
+price-feed health sees the marks age.
 """
 
 from __future__ import annotations
@@ -35,15 +44,17 @@ import contextlib
 import json
 import logging
 import re
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import aiohttp
 import ccxt.async_support as ccxt_async
-import ccxt.pro as ccxt_pro
+import certifi
 from ccxt.base import errors as ccxt_errors
 
 from engine.clock import Clock, SystemClock
@@ -72,8 +83,11 @@ from engine.exchange.port import (
     OrderType,
     PositionSide,
     RateBudget,
+    RequestBudget,
     VenuePosition,
 )
+from engine.pacing import VenuePacing
+from engine.venues import binance_limits, bybit_limits
 
 logger = logging.getLogger(__name__)
 
@@ -87,12 +101,22 @@ CALLBACK_RATE_MIN = Decimal("0.1")
 CALLBACK_RATE_MAX = Decimal("10")
 BINANCE_MAX_CONDITIONAL_ORDERS = 200
 BINANCE_DEFAULT_BUDGETS = (
-    RateBudget(limit=300, window_seconds=10.0),
-    RateBudget(limit=1200, window_seconds=60.0),
+    RateBudget(limit=binance_limits.ORDERS_PER_10_SECONDS, window_seconds=10.0),
+    RateBudget(limit=binance_limits.ORDERS_PER_MINUTE, window_seconds=60.0),
 )
-BYBIT_DEFAULT_BUDGETS = (RateBudget(limit=10, window_seconds=1.0),)
+BINANCE_DEFAULT_REQUEST_BUDGETS = (RequestBudget("weight", binance_limits.REQUEST_WEIGHT_PER_MINUTE, 60.0),)
+# Binance's algo service can answer "does not exist" for an order it accepted moments ago
+# (freqtrade#12681); a query within this long after a send proves nothing.
+BINANCE_READ_AFTER_WRITE_SECONDS = 5.0
+BYBIT_DEFAULT_BUDGETS = (
+    RateBudget(limit=bybit_limits.ENDPOINT_LIMITS_PER_SECOND["/v5/order/create"], window_seconds=1.0),
+)
+BYBIT_REQUEST_BUDGETS = (
+    RequestBudget(bybit_limits.IP_BUDGET_KEY, bybit_limits.IP_REQUESTS_PER_5_SECONDS, 5.0),
+    *(RequestBudget(path, limit, 1.0) for path, limit in bybit_limits.ENDPOINT_LIMITS_PER_SECOND.items()),
+)
 DEFAULT_MAX_LEVERAGE = 125  # Binance publishes leverage brackets only on a private endpoint
-WEBSOCKET_RETRY_SECONDS = 60.0
+DEFAULT_MAX_CONNECTIONS = 256
 _ZERO = Decimal(0)
 _INTERVAL_SECONDS = {"SECOND": 1.0, "MINUTE": 60.0, "HOUR": 3600.0, "DAY": 86_400.0}
 _BAN_UNTIL = re.compile(r"banned until (\d{10,16})")
@@ -108,16 +132,20 @@ class CcxtVenueConfig:
     api_key: str = field(repr=False)
     api_secret: str = field(repr=False)
     testnet: bool = True
-    base_url: str = ""  # overrides every REST host (the local emulator); disables websockets
-    request_timeout_seconds: float = 8.0  # below the protection call budget, so a timeout is ours to name
+    base_url: str = ""  # overrides every REST host (the local emulator); nothing else changes with it
+    # A safety net behind the engine's own send-relative call budget, which fires first; like it, it
+    # starts when the request is sent (after any wait for budget).
+    request_timeout_seconds: float = 11.0
     mark_poll_seconds: float = 1.0
-    use_websocket: bool | None = None  # None: when the venue has it and base_url is not set
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # the HTTP pool: sized for the largest burst
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unsupported ccxt venue {self.kind!r}: expected one of {', '.join(KINDS)}")
         if not self.api_key or not self.api_secret:
             raise ValueError(f"{self.kind}: an API key and secret are required")
+        if self.max_connections < 1:
+            raise ValueError(f"{self.kind}: max_connections must be at least 1")
 
 
 # ---- error translation ----------------------------------------------------------------------------------
@@ -176,6 +204,11 @@ _BINANCE_NOT_EXECUTED = {-1008, -1021, -1001}  # server busy, timestamp outside 
 _BINANCE_NOT_FOUND = {-2013, -2011, -20124}
 _BINANCE_DUPLICATE = {-4116, -20132}
 _BINANCE_RATE = {-1003, -1015}
+_BINANCE_ORDER_RATE = -1015  # "Too many new orders": the account's order budget, not the IP's weight
+_BINANCE_WOULD_TRIGGER = {
+    int(RejectCode.WOULD_IMMEDIATELY_TRIGGER),
+    -4142,
+}  # -4142: "will be triggered immediately"
 
 # Bybit v5 retCodes.
 _BYBIT_RATE = {10006, 10018}
@@ -213,6 +246,11 @@ def translate_error(
     if status == 418 or ban_match is not None:
         until = int(ban_match.group(1)) / 1000 if ban_match else now + _retry_after(context, 120.0)
         return Banned(until, f"{label}: banned for repeated rate-limit violations (HTTP 418)")
+    if venue == BYBIT and status == 403:
+        # "403, access too frequent": the IP is banned for at least 10 minutes; retrying only extends it.
+        return Banned(
+            now + bybit_limits.IP_BAN_SECONDS, f"{label}: IP banned for requesting too often (HTTP 403)"
+        )
     if (
         status == 429
         or (venue == BINANCEUSDM and code in _BINANCE_RATE)
@@ -228,8 +266,8 @@ def translate_error(
             return unknown(f"execution status unknown (code {code})")
         if code in _BINANCE_NOT_EXECUTED:
             return Retryable(f"{label}: not executed (code {code}: {message})")
-        if code == RejectCode.WOULD_IMMEDIATELY_TRIGGER:
-            return WouldTriggerImmediately(f"{label}: order would immediately trigger")
+        if code in _BINANCE_WOULD_TRIGGER:
+            return WouldTriggerImmediately(f"{label}: order would immediately trigger (code {code})")
         if code == RejectCode.MAX_CONDITIONAL_ORDERS:
             return Rejected(
                 RejectCode.MAX_CONDITIONAL_ORDERS, f"{label}: conditional order cap reached ({message})"
@@ -287,13 +325,48 @@ def _reject_code(code: int) -> int:
         return code
 
 
+class RequestHooks:
+    """What the venue does around every HTTP request ccxt makes (set on the ccxt instance)."""
+
+    async def before_request(self, method: str, path: str, params: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+    def after_response(
+        self, method: str, path: str, status: int | None, headers: Mapping[str, str], body: str
+    ) -> None:
+        raise NotImplementedError
+
+
+def _request_path(exchange: Any, api: Any, path: str) -> str:
+    """The URL path ccxt will request for an implicit endpoint (what the venue's limits are keyed by)."""
+    key = api[0] if isinstance(api, list | tuple) and api else api
+    base = exchange.urls.get("api", {}).get(key, "") if isinstance(key, str) else ""
+    if not isinstance(base, str):
+        return "/" + path
+    base = base.replace("{hostname}", "host")
+    return urlsplit(f"{base.rstrip('/')}/{path}").path
+
+
 def _capturing(base: type) -> type:
-    """`base` (a ccxt exchange class) whose errors carry the failed response's status, headers and body."""
+    """`base` (a ccxt exchange class) whose requests go through the venue's hooks (pacing before, limit
+    headers after) and whose errors carry the failed response's status, headers and body."""
 
     class Capturing(base):  # type: ignore[misc, valid-type]
+        tsbot_hooks: RequestHooks | None = None
+
+        async def fetch2(self, path, api="public", method="GET", params=None, config=None):  # type: ignore[no-untyped-def]
+            params = {} if params is None else params
+            hooks = self.tsbot_hooks
+            if hooks is not None:
+                await hooks.before_request(method, _request_path(self, api, path), params)
+            return await super().fetch2(path, api, method, params, {} if config is None else config)
+
         def handle_errors(
             self, code, reason, url, method, headers, body, response, request_headers, request_body
         ):  # type: ignore[no-untyped-def]
+            hooks = self.tsbot_hooks
+            if hooks is not None:
+                hooks.after_response(method, urlsplit(url).path, code, dict(headers or {}), body or "")
             try:
                 result = super().handle_errors(
                     code, reason, url, method, headers, body, response, request_headers, request_body
@@ -364,8 +437,8 @@ def _seconds(ms: Any, default: float) -> float:
 # ---- the venue ------------------------------------------------------------------------------------------
 
 
-class CcxtVenue:
-    """Shared shell: ccxt instance, markets, error translation, the mark-price stream."""
+class CcxtVenue(RequestHooks):
+    """Shared shell: ccxt instance, HTTP session, pacing, markets, error translation, mark-price polling."""
 
     kind: str = ""
     _ccxt_id: str = ""
@@ -373,21 +446,18 @@ class CcxtVenue:
     def __init__(self, config: CcxtVenueConfig, *, clock: Clock | None = None) -> None:
         self._config = config
         self._clock: Clock = clock if clock is not None else SystemClock()
-        websocket_possible = not config.base_url and config.use_websocket is not False
-        module = ccxt_pro if websocket_possible else ccxt_async
-        exchange_class = _capturing(getattr(module, self._ccxt_id))
+        exchange_class = _capturing(getattr(ccxt_async, self._ccxt_id))
         self._exchange: Any = exchange_class(self._exchange_options())
+        self._exchange.tsbot_hooks = self
         # load_markets would also fetch currencies: a private wallet endpoint we have no use for.
         self._exchange.has = {**self._exchange.has, "fetchCurrencies": False}
         self._configure_urls()
-        self._use_websocket = bool(
-            websocket_possible
-            and self._exchange.has.get("watchMarkPrices")
-            and config.use_websocket is not False
-        )
         self._markets: dict[str, Market] = {}
         self._symbols = SymbolMap({})
         self._budgets: tuple[RateBudget, ...] = ()
+        self._pacing: VenuePacing | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self.refusals: dict[int, int] = {}  # HTTP status (429, 418, 403) -> how often the venue refused
         self._closed = False
         self._connected = False
 
@@ -398,11 +468,11 @@ class CcxtVenue:
             "apiKey": self._config.api_key,
             "secret": self._config.api_secret,
             "timeout": int(self._config.request_timeout_seconds * 1000),
-            # ccxt's throttle serialises every request through one queue; against the emulator our own order
-            # budget is the only limiter we want. Real venues keep ccxt's conservative request pacing.
-            "enableRateLimit": not self._config.base_url,
-            # ccxt waits 250 ms on close for TLS connections to wind down; plain loopback HTTP has none.
-            "timeout_on_exit": 0 if self._config.base_url.startswith("http://") else 250,
+            # The engine paces every request itself (`engine.pacing`), on every venue and every URL; ccxt's
+            # throttle would queue requests behind each other inside our call budgets (the incident's queue).
+            "enableRateLimit": False,
+            # Our own session is closed by `close()`; ccxt's extra wait on exit is for its own.
+            "timeout_on_exit": 0,
         }
 
     def _configure_urls(self) -> None:
@@ -411,6 +481,21 @@ class CcxtVenue:
                 self._exchange.urls["api"], self._config.base_url.rstrip("/")
             )
 
+    def _ensure_session(self) -> None:
+        """Our HTTP session: a pool as large as the engine asked for (ccxt's own stops at 100), keep-alive."""
+        if self._session is not None or self._closed:
+            return
+        connector = aiohttp.TCPConnector(
+            limit=self._config.max_connections,
+            limit_per_host=self._config.max_connections,
+            ssl=ssl.create_default_context(cafile=certifi.where()),
+            keepalive_timeout=30.0,
+            enable_cleanup_closed=True,
+        )
+        self._session = aiohttp.ClientSession(connector=connector)
+        self._exchange.session = self._session
+        self._exchange.own_session = False
+
     @property
     def name(self) -> str:
         return self.kind
@@ -418,9 +503,13 @@ class CcxtVenue:
     def capabilities(self) -> Capabilities:
         raise NotImplementedError
 
+    def attach_pacing(self, pacing: VenuePacing) -> None:
+        self._pacing = pacing
+
     async def connect(self) -> None:
         if self._closed:
             raise RuntimeError(f"{self.kind} venue is closed")
+        self._ensure_session()
         self._connected = True
 
     async def close(self) -> None:
@@ -431,6 +520,9 @@ class CcxtVenue:
             await self._exchange.close()
         except Exception:
             logger.exception("%s: closing the ccxt session failed", self.kind)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     async def __aenter__(self) -> CcxtVenue:
         await self.connect()
@@ -438,6 +530,45 @@ class CcxtVenue:
 
     async def __aexit__(self, *_exc: object) -> None:
         await self.close()
+
+    # ---- pacing (RequestHooks) --------------------------------------------------------------------------
+
+    def _request_costs(self, method: str, path: str, params: Mapping[str, Any]) -> dict[str, int]:
+        """What one request spends of each request budget (by budget key)."""
+        raise NotImplementedError
+
+    def _observe_limits(self, method: str, path: str, headers: Mapping[str, str]) -> None:
+        """Hand the venue's own counts from an answer's headers to the pacer and the order budget."""
+        raise NotImplementedError
+
+    async def before_request(self, method: str, path: str, params: Mapping[str, Any]) -> None:
+        self._ensure_session()
+        if self._pacing is not None:
+            await self._pacing.requests.acquire(self._request_costs(method.upper(), path, params))
+
+    def after_response(
+        self, method: str, path: str, status: int | None, headers: Mapping[str, str], body: str
+    ) -> None:
+        if status in (403, 418, 429):
+            self.refusals[status] = self.refusals.get(status, 0) + 1
+        pacing = self._pacing
+        if pacing is None:
+            return
+        try:
+            self._observe_limits(method.upper(), path, headers)
+        except (TypeError, ValueError):
+            logger.warning("%s: unreadable rate-limit headers on %s %s", self.kind, method, path)
+        context = HttpContext(status, headers, body)
+        code, message = _venue_code_and_message(Exception(body), context)
+        ban = _BAN_UNTIL.search(message)
+        if status == 418 or ban is not None:
+            until = int(ban.group(1)) / 1000 if ban else time.time() + _retry_after(context, 120.0)
+            pacing.banned(until)
+        elif status == 403 and self.kind == BYBIT:
+            pacing.banned(time.time() + bybit_limits.IP_BAN_SECONDS)
+        elif status == 429 or (self.kind == BYBIT and code in _BYBIT_RATE):
+            orders_only = self.kind == BINANCEUSDM and code == _BINANCE_ORDER_RATE
+            pacing.rate_limited(_retry_after(context, 1.0), orders_only=orders_only)
 
     # ---- shared helpers ---------------------------------------------------------------------------------
 
@@ -521,48 +652,10 @@ class CcxtVenue:
         raise NotImplementedError
 
     async def watch_mark_prices(self, symbols: Collection[str] | None = None) -> AsyncIterator[MarkPrice]:
-        """Websocket where the venue has it; REST polling otherwise, and while the websocket is down."""
+        """REST polling every `mark_poll_seconds` (a read: it yields to protective requests)."""
         await self._ensure_markets()
         wanted = None if symbols is None else list(symbols)
         last_seen: dict[str, float] = {}
-        websocket_down_until = 0.0
-        while not self._closed:
-            if self._use_websocket and self._clock.monotonic() >= websocket_down_until:
-                try:
-                    async for mark in self._websocket_marks(wanted):
-                        yield mark
-                except (TimeoutError, ccxt_errors.BaseError, aiohttp.ClientError, OSError) as error:
-                    if self._closed:
-                        return
-                    logger.warning(
-                        "%s: mark price stream failed (%s); polling REST every %.1fs for %.0fs",
-                        self.kind,
-                        type(error).__name__,
-                        self._config.mark_poll_seconds,
-                        WEBSOCKET_RETRY_SECONDS,
-                    )
-                    websocket_down_until = self._clock.monotonic() + WEBSOCKET_RETRY_SECONDS
-                continue
-            async for mark in self._poll_marks(wanted, last_seen, until=websocket_down_until):
-                yield mark
-
-    async def _websocket_marks(self, wanted: list[str] | None) -> AsyncIterator[MarkPrice]:
-        unified = None if wanted is None else [self._symbols.unified(s) for s in wanted]
-        while not self._closed:
-            tickers = await self._exchange.watch_mark_prices(unified)
-            for ticker in tickers.values():
-                native = self._symbols.native(ticker.get("symbol", ""))
-                info = ticker.get("info") or {}
-                price = _positive(info.get("p")) or _positive(ticker.get("markPrice"))
-                if native is None or price is None:
-                    continue
-                yield MarkPrice(
-                    native, price, _seconds(ticker.get("timestamp") or info.get("E"), time.time())
-                )
-
-    async def _poll_marks(
-        self, wanted: list[str] | None, last_seen: dict[str, float], *, until: float
-    ) -> AsyncIterator[MarkPrice]:
         failing_since: float | None = None
         while not self._closed:
             try:
@@ -583,8 +676,6 @@ class CcxtVenue:
                     if mark.timestamp > last_seen.get(mark.symbol, -1.0):  # only fresh marks count as fresh
                         last_seen[mark.symbol] = mark.timestamp
                         yield mark
-            if self._use_websocket and self._clock.monotonic() >= until:
-                return
             await self._clock.sleep(self._config.mark_poll_seconds)
 
 
@@ -620,6 +711,20 @@ _BINANCE_ORDER_TYPE = {
 }
 
 
+# Algo (conditional) order statuses. TRIGGERING / TRIGGERED: the order fired and is on its way through the
+# matching engine: it protects nothing any more, and it is not over either. FINISHED: the child order it
+# placed says how it ended (`_resolve_triggered`).
+_BINANCE_ALGO_STATUS = {
+    "NEW": OrderStatus.NEW,
+    "TRIGGERING": OrderStatus.TRIGGERED,
+    "TRIGGERED": OrderStatus.TRIGGERED,
+    "FINISHED": OrderStatus.EXPIRED,
+    "CANCELED": OrderStatus.CANCELED,
+    "EXPIRED": OrderStatus.EXPIRED,
+    "REJECTED": OrderStatus.EXPIRED,
+}
+
+
 class BinanceUsdmVenue(CcxtVenue):
     kind = BINANCEUSDM
     _ccxt_id = "binanceusdm"
@@ -627,6 +732,7 @@ class BinanceUsdmVenue(CcxtVenue):
     def __init__(self, config: CcxtVenueConfig, *, clock: Clock | None = None) -> None:
         super().__init__(config, clock=clock)
         self._algo_ids: dict[str, bool] = {}  # client id -> is it an algo (conditional) order
+        self._request_budgets: tuple[RequestBudget, ...] = BINANCE_DEFAULT_REQUEST_BUDGETS
 
     def _exchange_options(self) -> dict[str, Any]:
         options = super()._exchange_options()
@@ -655,14 +761,38 @@ class BinanceUsdmVenue(CcxtVenue):
             attach_stop_to_entry=False,
             max_conditional_orders=BINANCE_MAX_CONDITIONAL_ORDERS,
             order_rate_budgets=self._budgets or BINANCE_DEFAULT_BUDGETS,
+            read_after_write_seconds=BINANCE_READ_AFTER_WRITE_SECONDS,
+            request_budgets=self._request_budgets,
         )
+
+    # ---- pacing -----------------------------------------------------------------------------------------
+
+    def _request_costs(self, method: str, path: str, params: Mapping[str, Any]) -> dict[str, int]:
+        return {"weight": binance_limits.endpoint_cost(method, path).weight_for(params)}
+
+    def _observe_limits(self, method: str, path: str, headers: Mapping[str, str]) -> None:
+        assert self._pacing is not None
+        lowered = {key.lower(): value for key, value in headers.items()}
+        used = lowered.get(binance_limits.USED_WEIGHT_HEADER.lower())
+        if used is not None:
+            self._pacing.requests.observe("weight", int(used))
+        orders = self._pacing.orders
+        if orders is not None:
+            for header, seconds in binance_limits.ORDER_COUNT_HEADERS.items():
+                count = lowered.get(header.lower())
+                if count is not None:
+                    orders.observe(seconds, int(count))
 
     # ---- markets and market data ------------------------------------------------------------------------
 
     async def load_markets(self) -> Mapping[str, Market]:
         ex = self._exchange
         info = await self._call(ex.fapiPublicGetExchangeInfo(), mutating=False)
-        self._budgets = _binance_order_budgets(info.get("rateLimits") or []) or BINANCE_DEFAULT_BUDGETS
+        rate_limits = info.get("rateLimits") or []
+        self._budgets = _binance_order_budgets(rate_limits) or BINANCE_DEFAULT_BUDGETS
+        self._request_budgets = _binance_request_budgets(rate_limits) or BINANCE_DEFAULT_REQUEST_BUDGETS
+        if self._pacing is not None:
+            self._pacing.requests.configure(self._request_budgets)
         loaded = await self._call(ex.load_markets(True), mutating=False)
         markets: dict[str, Market] = {}
         pairs: dict[str, str] = {}
@@ -756,7 +886,9 @@ class BinanceUsdmVenue(CcxtVenue):
                 info.get("orderType") in ("STOP_MARKET", "TRAILING_STOP_MARKET")
                 and info.get("symbol") in self._markets
             ):
-                orders.append(self._algo_order(info, None))
+                order = self._algo_order(info, None)
+                if order.is_open:  # a TRIGGERING stop is not protecting anything
+                    orders.append(order)
         return orders
 
     async def set_leverage(self, symbol: str, leverage: int) -> int:
@@ -921,6 +1053,8 @@ class BinanceUsdmVenue(CcxtVenue):
         raw = child.get("info") or {}
         filled = _decimal(raw.get("executedQty"), _ZERO)
         child_status = _BINANCE_ORDER_STATUS.get(raw.get("status", ""), OrderStatus.NEW)
+        if not child_status.is_final:
+            child_status = OrderStatus.TRIGGERED  # still working through the matching engine
         return Order(
             client_order_id=order.client_order_id,
             venue_order_id=order.venue_order_id,
@@ -966,15 +1100,7 @@ class BinanceUsdmVenue(CcxtVenue):
     @staticmethod
     def _algo_order(info: Mapping[str, Any], _child: Mapping[str, Any] | None) -> Order:
         status_text = info.get("algoStatus", "NEW")
-        status = {
-            "NEW": OrderStatus.NEW,
-            "TRIGGERING": OrderStatus.NEW,
-            "TRIGGERED": OrderStatus.NEW,  # placed in the matching engine; the child order says how it ended
-            "FINISHED": OrderStatus.EXPIRED,
-            "CANCELED": OrderStatus.CANCELED,
-            "EXPIRED": OrderStatus.EXPIRED,
-            "REJECTED": OrderStatus.EXPIRED,
-        }.get(status_text, OrderStatus.NEW)
+        status = _BINANCE_ALGO_STATUS.get(status_text, OrderStatus.NEW)
         order_type = _BINANCE_ORDER_TYPE.get(info.get("orderType", ""), OrderType.STOP_MARKET)
         created = _seconds(info.get("createTime"), time.time())
         return Order(
@@ -996,10 +1122,11 @@ class BinanceUsdmVenue(CcxtVenue):
         )
 
 
-def _binance_order_budgets(rate_limits: list[Mapping[str, Any]]) -> tuple[RateBudget, ...]:
-    budgets = []
+def _binance_rate_limits(rate_limits: list[Mapping[str, Any]], kind: str) -> list[tuple[int, float]]:
+    """(limit, window seconds) of each `exchangeInfo.rateLimits` entry of `kind`, shortest window first."""
+    found = []
     for entry in rate_limits:
-        if entry.get("rateLimitType") != "ORDERS":
+        if entry.get("rateLimitType") != kind:
             continue
         seconds = _INTERVAL_SECONDS.get(str(entry.get("interval", "")))
         try:
@@ -1007,8 +1134,21 @@ def _binance_order_budgets(rate_limits: list[Mapping[str, Any]]) -> tuple[RateBu
         except (TypeError, ValueError):
             continue
         if seconds is not None and limit > 0 and count > 0:
-            budgets.append(RateBudget(limit=limit, window_seconds=seconds * count))
-    return tuple(sorted(budgets, key=lambda b: b.window_seconds))
+            found.append((limit, seconds * count))
+    return sorted(found, key=lambda item: item[1])
+
+
+def _binance_order_budgets(rate_limits: list[Mapping[str, Any]]) -> tuple[RateBudget, ...]:
+    return tuple(RateBudget(limit, seconds) for limit, seconds in _binance_rate_limits(rate_limits, "ORDERS"))
+
+
+def _binance_request_budgets(rate_limits: list[Mapping[str, Any]]) -> tuple[RequestBudget, ...]:
+    """The IP weight budget (the one-minute window the `X-MBX-USED-WEIGHT-1M` header reports)."""
+    return tuple(
+        RequestBudget("weight", limit, seconds)
+        for limit, seconds in _binance_rate_limits(rate_limits, "REQUEST_WEIGHT")
+        if seconds == 60.0
+    )
 
 
 def _binance_market(raw: Mapping[str, Any], market: Mapping[str, Any]) -> Market | None:
@@ -1088,7 +1228,22 @@ class BybitLinearVenue(CcxtVenue):
             attach_stop_to_entry=False,
             max_conditional_orders=10_000,  # position-level stops are not orders on Bybit
             order_rate_budgets=BYBIT_DEFAULT_BUDGETS,
+            request_budgets=BYBIT_REQUEST_BUDGETS,
         )
+
+    def _request_costs(self, method: str, path: str, params: Mapping[str, Any]) -> dict[str, int]:
+        costs = {bybit_limits.IP_BUDGET_KEY: 1}
+        if path in bybit_limits.ENDPOINT_LIMITS_PER_SECOND:
+            costs[path] = 1
+        return costs
+
+    def _observe_limits(self, method: str, path: str, headers: Mapping[str, str]) -> None:
+        assert self._pacing is not None
+        lowered = {key.lower(): value for key, value in headers.items()}
+        limit = lowered.get(bybit_limits.LIMIT_HEADER.lower())
+        left = lowered.get(bybit_limits.LIMIT_STATUS_HEADER.lower())
+        if limit is not None and left is not None and path in bybit_limits.ENDPOINT_LIMITS_PER_SECOND:
+            self._pacing.requests.observe(path, max(0, int(limit) - int(left)), limit=int(limit))
 
     async def load_markets(self) -> Mapping[str, Market]:
         loaded = await self._call(self._exchange.load_markets(True), mutating=False)

@@ -128,3 +128,31 @@ def test_forced_faults_come_before_draws_and_run_out() -> None:
     assert plan.draw("POST", "order").kind is EmulatorFaultKind.TIMEOUT  # type: ignore[union-attr]
     assert plan.draw("POST", "algoOrder").kind is EmulatorFaultKind.TIMEOUT  # type: ignore[union-attr]
     assert plan.draw("POST", "algoOrder") is None
+
+
+async def test_rehearsal_and_production_differ_only_in_the_url() -> None:
+    """F14: the emulator ran with ccxt's throttle off while real venues kept it on, so the rehearsal never
+    saw the queue a real venue would. Now every ccxt setting is the same whatever the URL: ccxt's
+    throttle is off everywhere (the engine paces every request itself), the same timeout, the same pool."""
+    from engine.venues.ccxt_venue import BinanceUsdmVenue, BybitLinearVenue, CcxtVenueConfig
+
+    for kind, venue_class in (("binanceusdm", BinanceUsdmVenue), ("bybit", BybitLinearVenue)):
+        production = venue_class(CcxtVenueConfig(kind=kind, api_key="k", api_secret="s", max_connections=300))
+        rehearsal = venue_class(
+            CcxtVenueConfig(
+                kind=kind, api_key="k", api_secret="s", max_connections=300, base_url="http://127.0.0.1:9"
+            )
+        )
+        try:
+            for venue in (production, rehearsal):
+                await venue.connect()
+            assert production._exchange_options() == rehearsal._exchange_options()
+            for venue in (production, rehearsal):
+                exchange = venue._exchange
+                assert exchange.enableRateLimit is False
+                assert exchange.session.connector.limit == 300  # ccxt's own pool stops at 100
+                assert exchange.session.connector.limit_per_host == 300
+            assert production.capabilities() == rehearsal.capabilities()
+        finally:
+            for venue in (production, rehearsal):
+                await venue.close()

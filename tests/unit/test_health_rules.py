@@ -289,7 +289,17 @@ def test_exchange_healthy_summary_carries_the_numbers() -> None:
         "timeouts": 0,
         "budget_used_percent": 12.0,
         "banned_for_seconds": None,
+        "budget_wait_p99_ms": None,
     }
+
+
+def test_exchange_summary_shows_how_long_calls_waited_for_budget() -> None:
+    health = evaluate_exchange(
+        ExchangeMeasurement(calls=exchange().calls, budget_used_percent=88.0, budget_wait_p99_ms=1840.0), T
+    )
+    assert "waiting for budget p99 1840 ms" in health.summary
+    assert health.measurements["budget_wait_p99_ms"] == 1840.0
+    assert "waiting for budget" not in evaluate_exchange(exchange(), T).summary
 
 
 def test_exchange_without_calls_is_unknown() -> None:

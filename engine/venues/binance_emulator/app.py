@@ -150,7 +150,7 @@ class BinanceEmulator:
         self.faults = faults if faults is not None else FaultPlan(seed=settings.seed)
         self._control = control
         self._offset = 0.0
-        listings = select_listings(settings.symbols)
+        listings = select_listings(settings.symbols, settings.synthetic_listings)
         self.core = SimCore(listings, settings, now=self.now())
         markets = self.core.markets
         self._walk = GbmWalk(

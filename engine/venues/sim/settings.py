@@ -107,6 +107,7 @@ class RateLimitSettings(_Strict):
 class SimVenueSettings(_Strict):
     seed: int = Field(default=42, ge=0)
     symbols: list[str] = Field(default_factory=list)
+    synthetic_listings: int = Field(default=0, ge=0, le=5000)
     volatility: float = Field(default=1.0, ge=0.0, le=50.0)
     volatility_by_symbol: dict[str, float] = Field(default_factory=dict)
     mark_tick_seconds: float = Field(default=1.0, gt=0.0, le=60.0)

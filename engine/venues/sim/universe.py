@@ -150,11 +150,35 @@ def _listing(row: tuple[str, str, str, str, str, int]) -> Listing:
 UNIVERSE: dict[str, Listing] = {row[0]: _listing(row) for row in _TABLE}
 
 
-def select_listings(symbols: list[str] | tuple[str, ...] = ()) -> dict[str, Listing]:
-    """The listings for `symbols`, in the given order; the whole universe when empty."""
+def synthetic_listings(count: int) -> dict[str, Listing]:
+    """`count` made-up perpetuals `SYN001USDT`, `SYN002USDT` …, each a copy of a real listing's price,
+    tick, step, minimum notional and leverage (cycling through the table): for benches and drills that need
+    more symbols than the real universe has (the engine holds one position per symbol)."""
+    real = list(UNIVERSE.values())
+    listings = {}
+    for i in range(count):
+        shape = real[i % len(real)]
+        symbol = f"SYN{i + 1:03d}USDT"
+        market = Market(
+            symbol=symbol,
+            base_asset=symbol.removesuffix("USDT"),
+            quote_asset="USDT",
+            tick_size=shape.market.tick_size,
+            step_size=shape.market.step_size,
+            min_quantity=shape.market.min_quantity,
+            min_notional=shape.market.min_notional,
+            max_leverage=shape.market.max_leverage,
+        )
+        listings[symbol] = Listing(market=market, initial_price=shape.initial_price)
+    return listings
+
+
+def select_listings(symbols: list[str] | tuple[str, ...] = (), synthetic: int = 0) -> dict[str, Listing]:
+    """The listings for `symbols`, in the given order (the whole universe when empty), plus `synthetic`
+    made-up ones (`synthetic_listings`)."""
     if not symbols:
-        return dict(UNIVERSE)
+        return {**UNIVERSE, **synthetic_listings(synthetic)}
     unknown = [symbol for symbol in symbols if symbol not in UNIVERSE]
     if unknown:
         raise ValueError(f"symbols not in the sim universe: {', '.join(unknown)}")
-    return {symbol: UNIVERSE[symbol] for symbol in symbols}
+    return {**{symbol: UNIVERSE[symbol] for symbol in symbols}, **synthetic_listings(synthetic)}

@@ -25,7 +25,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from decimal import Decimal
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from engine.clock import Clock, SystemClock
 from engine.exchange.errors import ExchangeError, OutcomeUnknown, Retryable
@@ -43,6 +43,9 @@ from engine.venues.sim.faults import FaultInjector
 from engine.venues.sim.prices import GbmWalk
 from engine.venues.sim.settings import CallKind, FaultKind, SimVenueSettings
 from engine.venues.sim.universe import select_listings
+
+if TYPE_CHECKING:
+    from engine.pacing import VenuePacing
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +81,7 @@ class SimVenue:
     ) -> None:
         self._settings = settings if settings is not None else SimVenueSettings()
         self._clock: Clock = clock if clock is not None else SystemClock()
-        listings = select_listings(self._settings.symbols)
+        listings = select_listings(self._settings.symbols, self._settings.synthetic_listings)
         self._core = core if core is not None else SimCore(listings, self._settings, now=self._clock.now())
         self._account_id = account_id
         markets = self._core.markets
@@ -93,6 +96,7 @@ class SimVenue:
         self._ticker: asyncio.Task[None] | None = None
         self._subscribers: set[_MarkSubscription] = set()
         self._closed = False
+        self._pacing: VenuePacing | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------------------
 
@@ -107,6 +111,10 @@ class SimVenue:
     def core(self) -> SimCore:
         """The exchange-side state; hand it to a new `SimVenue` to model an engine restart."""
         return self._core
+
+    def attach_pacing(self, pacing: VenuePacing) -> None:
+        """The sim venue has order budgets only (the engine's order budget paces those); kept for symmetry."""
+        self._pacing = pacing
 
     async def connect(self) -> None:
         self._ensure_open()

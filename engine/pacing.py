@@ -1,0 +1,388 @@
+"""Request pacing, owned by the engine on every venue: what the venue limits, kept below its limit, with
+protection first.
+
+Three pieces:
+
+* **Lanes.** Every venue call runs in a lane: `PROTECTIVE` (a guard placing, verifying or cancelling its
+  stops, or closing its position), `ENTRY` (opening a position), `READ` (reconcile, marks, balance). The
+  lane rides on a context variable set by whoever starts the call (`call_with_send_timeout`), so the venue
+  adapter can pace a request by its lane without every port method growing a parameter. A call started
+  without a lane is a read.
+* **`RequestPacer`**, the venue's request limits beside the order budget (`engine.order_budget`): Binance's
+  IP request weight (2 400 / min, per-endpoint weights), Bybit's per-endpoint limits. Each budget is a
+  sliding window of weighted sends kept `headroom` (10 %) below the venue's own limit, which also keeps
+  every fixed window the venue counts in below it. Waiting requests go strictly by lane, then first come
+  first served; reads may use at most `READ_SHARE` of the budget, so a burst of reads can never take the
+  room a protective write needs. The venue's own count (response headers) wins over ours when it is
+  higher (another process on the same IP or account). A 429 holds every lane until its `Retry-After`; a
+  418 ban refuses entries and reads at once (`Banned`) while protective requests wait for its end: a guard
+  retries when the venue says it may, not on its own backoff clock.
+* **Send-relative timeouts.** `call_with_send_timeout` gives a call its budget from the moment its request
+  is sent: time spent waiting for pacing is measured (`BudgetWaits`, shown by health as "waiting for
+  budget p99") but never counted toward the call's timeout, so a queue for budget can never turn into the
+  incident's "Timeout creating trailing stop".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import math
+from collections import deque
+from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Protocol, TypeVar
+
+from engine.clock import Clock
+from engine.exchange.errors import Banned
+from engine.exchange.port import RequestBudget
+from engine.metrics import CallStats, CallSummary
+
+T = TypeVar("T")
+
+DEFAULT_HEADROOM = 0.10  # stay this share below every limit the venue announces
+READ_SHARE = 0.8  # reads may fill at most this share of what we allow ourselves
+
+
+class Lane(IntEnum):
+    """Who is asking; a lower value goes first."""
+
+    PROTECTIVE = 0
+    ENTRY = 1
+    READ = 2
+
+
+@dataclass(slots=True)
+class CallTicket:
+    """One venue call: its lane and how long it has waited for budget (possibly over several requests)."""
+
+    lane: Lane
+    waited: float = 0.0
+    waiting_since: float | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def begin_wait(self, now: float) -> None:
+        if self.waiting_since is None:
+            self.waiting_since = now
+            self.changed.set()
+
+    def end_wait(self, now: float) -> float:
+        """Stop the wait clock; returns this wait's length."""
+        if self.waiting_since is None:
+            return 0.0
+        waited = max(0.0, now - self.waiting_since)
+        self.waited += waited
+        self.waiting_since = None
+        self.changed.set()
+        return waited
+
+
+_CURRENT_CALL: contextvars.ContextVar[CallTicket | None] = contextvars.ContextVar(
+    "tsbot_current_call", default=None
+)
+
+
+def current_ticket() -> CallTicket | None:
+    return _CURRENT_CALL.get()
+
+
+def current_lane() -> Lane:
+    ticket = _CURRENT_CALL.get()
+    return Lane.READ if ticket is None else ticket.lane
+
+
+class BudgetWaits:
+    """How long calls waited for budget (order budget and request budgets), per lane, for health."""
+
+    def __init__(self, window_s: float = 300.0) -> None:
+        self._stats = CallStats(window_s=window_s)
+
+    def record(self, at: float, waited: float, lane: Lane) -> None:
+        self._stats.record(at, max(0.0, waited), True, lane.name.lower())
+
+    def summary(self, now: float, lane: Lane | None = None) -> CallSummary:
+        return self._stats.summary(now, None if lane is None else lane.name.lower())
+
+
+@dataclass(slots=True)
+class _WeightedWindow:
+    venue_limit: int
+    seconds: float
+    headroom: float
+    sends: deque[tuple[float, int]] = field(default_factory=deque)
+    total: int = 0
+
+    @property
+    def limit(self) -> int:
+        """What we allow ourselves: the venue's limit less the headroom (at least 1)."""
+        return max(1, math.floor(self.venue_limit * (1.0 - self.headroom)))
+
+    def prune(self, now: float) -> None:
+        sends = self.sends
+        while sends and sends[0][0] <= now - self.seconds:
+            self.total -= sends.popleft()[1]
+
+    def wait_for(self, units: int, limit: int, now: float) -> float:
+        """Seconds until `units` more fit under `limit` (the window as it stands at `now`, pruned)."""
+        if units <= 0 or self.total + units <= limit:
+            return 0.0
+        excess = self.total + units - limit
+        freed = 0
+        for sent_at, sent_units in self.sends:
+            freed += sent_units
+            if freed >= excess:
+                return max(0.0, sent_at + self.seconds - now)
+        return self.seconds  # more units than the window can ever hold: one whole window
+
+    def add(self, now: float, units: int) -> None:
+        if units > 0:
+            self.sends.append((now, units))
+            self.total += units
+
+
+class RequestPacer:
+    """Paces a venue's requests under its request budgets; see the module docstring."""
+
+    def __init__(
+        self,
+        budgets: Sequence[RequestBudget],
+        clock: Clock,
+        *,
+        waits: BudgetWaits | None = None,
+        headroom: float = DEFAULT_HEADROOM,
+    ) -> None:
+        self._clock = clock
+        self._headroom = headroom
+        self._windows: dict[str, _WeightedWindow] = {
+            b.key: _WeightedWindow(b.limit, b.window_seconds, headroom) for b in budgets
+        }
+        self.waits = waits if waits is not None else BudgetWaits()
+        self._queue: list[tuple[int, int]] = []  # (lane, sequence) of waiting requests, sorted
+        self._sequence = 0
+        self._changed = asyncio.Event()
+        self._hold_until = 0.0
+        self._banned_until = 0.0  # monotonic
+        self._banned_until_epoch = 0.0
+        self.requests_sent = 0
+        self.requests_waited = 0
+
+    # --- what the venue tells us ---------------------------------------------------------------------
+
+    def configure(self, budgets: Sequence[RequestBudget]) -> None:
+        """Adopt the limits the venue announced (e.g. `exchangeInfo.rateLimits`), keeping what was used."""
+        for budget in budgets:
+            window = self._windows.get(budget.key)
+            if window is None:
+                self._windows[budget.key] = _WeightedWindow(
+                    budget.limit, budget.window_seconds, self._headroom
+                )
+            else:
+                window.venue_limit, window.seconds = budget.limit, budget.window_seconds
+        self._notify()
+
+    def observe(self, key: str, used: int, *, limit: int | None = None) -> None:
+        """The venue's own count of what is used in `key`'s window. Ours is at least the venue's for our
+        own traffic (every send we count was counted by the venue no earlier); a higher count means someone
+        else spends this budget too, so the difference is booked now."""
+        window = self._windows.get(key)
+        if window is None:
+            return
+        if limit is not None and limit > 0 and limit != window.venue_limit:
+            window.venue_limit = limit
+        now = self._clock.monotonic()
+        window.prune(now)
+        if used > window.total:
+            window.add(now, used - window.total)
+
+    def hold(self, seconds: float, *, banned: bool = False, banned_until_epoch: float | None = None) -> None:
+        """The venue said stop (429: for `seconds`; 418 ban: until its end)."""
+        now = self._clock.monotonic()
+        self._hold_until = max(self._hold_until, now + max(0.0, seconds))
+        if banned:
+            self._banned_until = max(self._banned_until, now + max(0.0, seconds))
+            self._banned_until_epoch = max(
+                self._banned_until_epoch,
+                banned_until_epoch if banned_until_epoch is not None else self._clock.now() + seconds,
+            )
+        self._notify()
+
+    # --- figures -------------------------------------------------------------------------------------
+
+    def used_fraction(self) -> float:
+        """The fullest budget's share of the venue's limit used now (0..1)."""
+        now = self._clock.monotonic()
+        fractions = []
+        for window in self._windows.values():
+            window.prune(now)
+            fractions.append(window.total / window.venue_limit)
+        return max(fractions, default=0.0)
+
+    def banned_for(self) -> float | None:
+        left = self._banned_until - self._clock.monotonic()
+        return left if left > 0 else None
+
+    def budgets(self) -> tuple[RequestBudget, ...]:
+        return tuple(RequestBudget(k, w.venue_limit, w.seconds) for k, w in self._windows.items())
+
+    # --- sending -------------------------------------------------------------------------------------
+
+    async def acquire(self, costs: Mapping[str, int]) -> None:
+        """Wait until a request costing `costs` (units per budget key) may be sent, then book it."""
+        lane = current_lane()
+        ticket = current_ticket()
+        clock = self._clock
+        self._refuse_if_banned(lane)
+        if not self._queue and self._wait_time(costs, lane) == 0.0:
+            self._book(costs)
+            return
+        self._sequence += 1
+        me = (int(lane), self._sequence)
+        self._queue.append(me)
+        self._queue.sort()
+        started = clock.monotonic()
+        if ticket is not None:
+            ticket.begin_wait(started)
+        self.requests_waited += 1
+        try:
+            while True:
+                self._refuse_if_banned(lane)
+                wait = self._wait_time(costs, lane)
+                if self._queue[0] == me and wait == 0.0:
+                    break
+                changed = self._changed
+                sleeper = asyncio.ensure_future(clock.sleep(wait if self._queue[0] == me else 3600.0))
+                waiter = asyncio.ensure_future(changed.wait())
+                try:
+                    await asyncio.wait({sleeper, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    sleeper.cancel()
+                    waiter.cancel()
+                    await asyncio.gather(sleeper, waiter, return_exceptions=True)
+        finally:
+            self._queue.remove(me)
+            now = clock.monotonic()
+            if ticket is not None:
+                ticket.end_wait(now)
+            self.waits.record(now, now - started, lane)
+            self._notify()
+        self._book(costs)
+
+    def _refuse_if_banned(self, lane: Lane) -> None:
+        if lane is not Lane.PROTECTIVE and self._banned_until > self._clock.monotonic():
+            raise Banned(self._banned_until_epoch, "the venue banned this IP; only protective requests wait")
+
+    def _wait_time(self, costs: Mapping[str, int], lane: Lane) -> float:
+        now = self._clock.monotonic()
+        wait = max(0.0, self._hold_until - now)
+        for key, units in costs.items():
+            window = self._windows.get(key)
+            if window is None:
+                continue
+            window.prune(now)
+            limit = window.limit
+            if lane is Lane.READ:
+                limit = max(1, math.floor(limit * READ_SHARE))
+            wait = max(wait, window.wait_for(min(units, limit), limit, now))
+        return wait
+
+    def _book(self, costs: Mapping[str, int]) -> None:
+        now = self._clock.monotonic()
+        for key, units in costs.items():
+            window = self._windows.get(key)
+            if window is not None:
+                window.add(now, units)
+        self.requests_sent += 1
+        self._notify()
+
+    def _notify(self) -> None:
+        # Wake every waiter once: each re-checks its place and the windows. A fresh event for the next round.
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+
+class OrderCounts(Protocol):
+    """The part of the order budget a venue adapter feeds (`engine.order_budget.OrderBudget`)."""
+
+    def observe(self, window_seconds: float, used: int) -> None: ...
+
+    def hold_until(self, monotonic_deadline: float, *, banned: bool = False) -> None: ...
+
+
+@dataclass(slots=True)
+class VenuePacing:
+    """What the engine hands a venue adapter (`ExchangePort.attach_pacing`): the request pacer every
+    request goes through, and the order budget the venue's own counts and refusals are reported to."""
+
+    requests: RequestPacer
+    orders: OrderCounts | None = None
+    clock: Clock | None = None
+
+    def rate_limited(self, retry_after: float, *, orders_only: bool = False) -> None:
+        """The venue answered 429: requests (or, for an order-count 429, orders) wait `retry_after` s."""
+        if orders_only:
+            if self.orders is not None and self.clock is not None:
+                self.orders.hold_until(self.clock.monotonic() + retry_after)
+            return
+        self.requests.hold(retry_after)
+
+    def banned(self, until_epoch: float) -> None:
+        """The venue answered 418: nothing is sent until the ban ends (protective requests wait for it)."""
+        clock = self.clock
+        seconds = max(0.0, until_epoch - (clock.now() if clock is not None else until_epoch))
+        self.requests.hold(seconds, banned=True, banned_until_epoch=until_epoch)
+        if self.orders is not None and clock is not None:
+            self.orders.hold_until(clock.monotonic() + seconds, banned=True)
+
+
+async def call_with_send_timeout(
+    clock: Clock, seconds: float, awaitable: Awaitable[T], lane: Lane, ticket: CallTicket | None = None
+) -> T:
+    """Run a venue call in `lane` and raise `TimeoutError` once it has spent `seconds` *sending*: time
+    spent waiting for budget (the ticket's waits; pass a ticket to read them afterwards) does not count."""
+    ticket = CallTicket(lane) if ticket is None else ticket
+    token = _CURRENT_CALL.set(ticket)
+    try:
+        work = asyncio.ensure_future(awaitable)  # the task copies the context: the ticket goes with it
+    finally:
+        _CURRENT_CALL.reset(token)
+    started = clock.monotonic()
+    try:
+        while not work.done():
+            ticket.changed.clear()
+            if ticket.waiting_since is not None:
+                deadline = None  # queued for budget: no clock runs against the call
+            else:
+                deadline = started + ticket.waited + seconds
+                if clock.monotonic() >= deadline:
+                    raise TimeoutError(f"no answer within {seconds:g}s")
+            waiters = {work, asyncio.ensure_future(ticket.changed.wait())}
+            if deadline is not None:
+                waiters.add(asyncio.ensure_future(clock.sleep(deadline - clock.monotonic())))
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters - {work}:
+                    waiter.cancel()
+                await asyncio.gather(*(waiters - {work}), return_exceptions=True)
+        return work.result()
+    finally:
+        if not work.done():
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+
+
+__all__ = [
+    "DEFAULT_HEADROOM",
+    "READ_SHARE",
+    "BudgetWaits",
+    "CallTicket",
+    "Lane",
+    "OrderCounts",
+    "RequestBudget",
+    "RequestPacer",
+    "VenuePacing",
+    "call_with_send_timeout",
+    "current_lane",
+    "current_ticket",
+]

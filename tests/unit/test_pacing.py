@@ -1,0 +1,183 @@
+"""The engine's request pacing (`engine.pacing`): below the venue's limits, protection first, the venue's
+own counts and refusals obeyed, and a wait for budget never counted toward a call's timeout.
+
+Virtual time throughout (`ManualClock`): nothing sleeps for real."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from engine.clock import ManualClock, with_timeout
+from engine.exchange.errors import Banned
+from engine.exchange.port import RequestBudget
+from engine.pacing import (
+    READ_SHARE,
+    CallTicket,
+    Lane,
+    RequestPacer,
+    call_with_send_timeout,
+    current_lane,
+)
+
+WEIGHT = "weight"
+
+
+def _pacer(clock: ManualClock, limit: int = 100, window: float = 60.0, headroom: float = 0.1) -> RequestPacer:
+    return RequestPacer([RequestBudget(WEIGHT, limit, window)], clock, headroom=headroom)
+
+
+async def _run_until_done(clock: ManualClock, tasks: list[asyncio.Task[object]], step: float = 0.5) -> None:
+    await clock.settle()
+    while not all(t.done() for t in tasks):
+        await clock.advance(step)
+
+
+def _in_lane(lane: Lane, pacer: RequestPacer, units: int, sent: list[tuple[float, str]], clock: ManualClock):  # type: ignore[no-untyped-def]
+    async def request() -> None:
+        await pacer.acquire({WEIGHT: units})
+        sent.append((clock.monotonic(), lane.name))
+
+    async def call() -> None:
+        await call_with_send_timeout(clock, 3600.0, request(), lane)
+
+    return call()
+
+
+async def test_weight_stays_headroom_below_the_venue_limit_in_every_window() -> None:
+    clock = ManualClock()
+    pacer = _pacer(clock, limit=100, window=60.0)  # we allow ourselves 90 per minute
+    sent: list[tuple[float, str]] = []
+    tasks = [asyncio.create_task(_in_lane(Lane.PROTECTIVE, pacer, 5, sent, clock)) for _ in range(40)]
+    await _run_until_done(clock, tasks)
+    times = [t for t, _ in sent]
+    per_window = max(sum(5 for t in times if start <= t < start + 60.0) for start in times)
+    assert per_window == 90  # 18 requests of 5 per minute, never more
+    assert max(times) == 120.0  # 18 at t=0, 18 at t=60, 4 at t=120: no later than needed
+
+
+async def test_protective_requests_go_before_waiting_reads_and_reads_never_fill_the_budget() -> None:
+    clock = ManualClock()
+    pacer = _pacer(clock, limit=100, window=10.0, headroom=0.0)
+    sent: list[tuple[float, str]] = []
+    reads = [asyncio.create_task(_in_lane(Lane.READ, pacer, 10, sent, clock)) for _ in range(12)]
+    await clock.settle()
+    read_cap = int(100 * READ_SHARE)
+    assert sum(10 for _, lane in sent if lane == "READ") == read_cap  # reads stop at their share
+    writes = [asyncio.create_task(_in_lane(Lane.PROTECTIVE, pacer, 10, sent, clock)) for _ in range(4)]
+    await clock.settle()
+    # The room reads left is the protective lane's at once: two writes go now, with reads still waiting.
+    assert [lane for _, lane in sent[-2:]] == ["PROTECTIVE", "PROTECTIVE"]
+    await _run_until_done(clock, [*reads, *writes])
+    first_window_after = [lane for t, lane in sent if t == 10.0]
+    assert first_window_after[:2] == ["PROTECTIVE", "PROTECTIVE"]  # the waiting writes before any read
+
+
+async def test_the_venues_higher_count_wins_and_a_lower_one_changes_nothing() -> None:
+    clock = ManualClock()
+    pacer = _pacer(clock, limit=100, window=60.0, headroom=0.0)
+    await pacer.acquire({WEIGHT: 10})
+    pacer.observe(WEIGHT, 4)  # lower than ours (our requests in flight): ignored
+    assert pacer.used_fraction() == pytest.approx(0.10)
+    pacer.observe(WEIGHT, 95)  # another process spends this IP's weight too
+    assert pacer.used_fraction() == pytest.approx(0.95)
+    blocked = asyncio.create_task(pacer.acquire({WEIGHT: 10}))
+    await clock.advance(59.0)
+    assert not blocked.done()
+    await clock.advance(1.5)
+    assert blocked.done()
+
+
+async def test_a_429_holds_every_lane_until_retry_after() -> None:
+    clock = ManualClock()
+    pacer = _pacer(clock)
+    pacer.hold(3.0)
+    sent: list[tuple[float, str]] = []
+    tasks = [
+        asyncio.create_task(_in_lane(lane, pacer, 1, sent, clock)) for lane in (Lane.READ, Lane.PROTECTIVE)
+    ]
+    await clock.advance(2.9)
+    assert sent == []
+    await _run_until_done(clock, tasks, step=0.25)
+    assert [lane for _, lane in sent] == ["PROTECTIVE", "READ"]
+    assert all(t >= 3.0 for t, _ in sent)
+
+
+async def test_a_ban_refuses_entries_and_reads_at_once_and_protective_requests_wait_for_its_end() -> None:
+    clock = ManualClock()
+    pacer = _pacer(clock)
+    pacer.hold(120.0, banned=True, banned_until_epoch=clock.now() + 120.0)
+    assert pacer.banned_for() == 120.0
+    for lane in (Lane.ENTRY, Lane.READ):
+        with pytest.raises(Banned):
+            await call_with_send_timeout(clock, 10.0, pacer.acquire({WEIGHT: 1}), lane)
+    protective = asyncio.create_task(
+        call_with_send_timeout(clock, 10.0, pacer.acquire({WEIGHT: 1}), Lane.PROTECTIVE)
+    )
+    await clock.advance(119.0)
+    assert not protective.done()
+    await clock.advance(1.5)
+    assert protective.done()
+    assert protective.exception() is None
+    assert pacer.banned_for() is None
+
+
+async def test_a_wait_for_budget_does_not_count_toward_the_call_timeout() -> None:
+    """The incident's mechanism: a call queued behind a budget (a lock, a throttle) ran out its 10 s
+    before it was sent. Here the call waits 8 s for budget and then takes 1.5 s on the wire; with a 2 s
+    budget measured from the send it succeeds, and the wait is reported apart."""
+    clock = ManualClock()
+    pacer = _pacer(clock, limit=10, window=10.0, headroom=0.0)
+    pacer.observe(WEIGHT, 10)  # the minute's budget is spent: the next request can go at t=10
+
+    async def venue_call() -> str:
+        await clock.sleep(2.0)  # the adapter's own work before the request
+        await pacer.acquire({WEIGHT: 1})
+        await clock.sleep(1.5)  # the round trip
+        return "placed"
+
+    ticket = CallTicket(Lane.PROTECTIVE)
+    call = asyncio.create_task(call_with_send_timeout(clock, 4.0, venue_call(), Lane.PROTECTIVE, ticket))
+    await _run_until_done(clock, [call], step=0.25)
+    assert call.result() == "placed"
+    assert ticket.waited == pytest.approx(8.0)
+    assert pacer.waits.summary(clock.monotonic(), Lane.PROTECTIVE).p99_ms == pytest.approx(8000.0)
+
+    # The same call under a timeout that counts the queue (what ccxt's throttle inside our budget did).
+    clock2 = ManualClock()
+    pacer = _pacer(clock2, limit=10, window=10.0, headroom=0.0)
+    pacer.observe(WEIGHT, 10)
+
+    async def queued_call() -> str:
+        await pacer.acquire({WEIGHT: 1})
+        await clock2.sleep(1.5)
+        return "placed"
+
+    timed = asyncio.create_task(with_timeout(clock2, 4.0, queued_call()))
+    await _run_until_done(clock2, [timed], step=0.25)
+    assert isinstance(timed.exception(), TimeoutError)
+
+
+async def test_a_call_still_times_out_on_the_wire() -> None:
+    clock = ManualClock()
+
+    async def hangs() -> None:
+        await clock.sleep(60.0)
+
+    call = asyncio.create_task(call_with_send_timeout(clock, 10.0, hangs(), Lane.PROTECTIVE))
+    await clock.advance(9.9)
+    assert not call.done()
+    await clock.advance(0.2)
+    assert isinstance(call.exception(), TimeoutError)
+
+
+async def test_the_lane_travels_with_the_call_and_defaults_to_read() -> None:
+    assert current_lane() is Lane.READ
+    clock = ManualClock()
+
+    async def which() -> Lane:
+        return current_lane()
+
+    assert await call_with_send_timeout(clock, 1.0, which(), Lane.ENTRY) is Lane.ENTRY
+    assert current_lane() is Lane.READ
