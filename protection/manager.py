@@ -159,6 +159,7 @@ class ProtectiveOrder:
     arm_now: bool = False  # native trail: activation already passed, arm at the current mark
     sent_at: float | None = None  # monotonic time of the last send (a "not found" sooner proves nothing)
     fired_at: float | None = None  # monotonic time we first saw it fired but not finished (TRIGGERING)
+    ended_as: OrderStatus | None = None  # how the venue said its last id ended (filled, cancelled …)
 
 
 class _Outcome(StrEnum):
@@ -366,7 +367,12 @@ class PositionGuard:
                 self.report.restored_orders += 1
                 return found
             if found is _Outcome.GONE:
-                return self._next_generation(order)
+                filled = order.ended_as is OrderStatus.FILLED
+                outcome = self._next_generation(order)
+                if filled:
+                    return outcome  # the position is probably gone: the reconciler settles it first
+                # Cancelled or expired without a fill: the position is naked now; replace it at once.
+                return await self._ensure(order, send)
             if found is not _Outcome.ABSENT:
                 return found
             # proven absent: send it, with the same id
@@ -476,6 +482,7 @@ class PositionGuard:
         if found.status is OrderStatus.TRIGGERED:
             return self._fired(order)
         order.maybe_sent = False
+        order.ended_as = found.status
         await m.store.set_order_status(
             cid, _record_status(found.status), exchange_order_id=found.venue_order_id
         )

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from engine.clock import SystemClock
 from engine.exchange import (
     DuplicateClientOrderId,
     OrderSide,
@@ -27,6 +28,9 @@ from engine.exchange import (
     Retryable,
     WouldTriggerImmediately,
 )
+from engine.exchange.errors import Banned
+from engine.exchange.port import RequestBudget
+from engine.pacing import RequestPacer, VenuePacing
 from engine.venues.ccxt_venue import BybitLinearVenue, CcxtVenueConfig
 
 KEY = "bybit-test-key"
@@ -72,12 +76,25 @@ class BybitStub:
     position: dict[str, Any] | None = None
     errors: dict[str, tuple[int, str]] = field(default_factory=dict)  # path -> (retCode, retMsg)
     requests: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+    limits: dict[str, tuple[int, int]] = field(default_factory=dict)  # path -> (X-Bapi-Limit, -Status)
+    status: dict[str, int] = field(default_factory=dict)  # path -> an HTTP status to answer with
+
+    async def handle(self, request: web.Request) -> web.Response:
+        response = await self._answer(request)
+        if request.path in self.limits:
+            limit, left = self.limits[request.path]
+            response.headers["X-Bapi-Limit"] = str(limit)
+            response.headers["X-Bapi-Limit-Status"] = str(left)
+            response.headers["X-Bapi-Limit-Reset-Timestamp"] = str(int(time.time() * 1000))
+        return response
 
     def sent(self, path: str) -> list[dict[str, Any]]:
         return [body for method, p, body in self.requests if p == path]
 
-    async def handle(self, request: web.Request) -> web.Response:
+    async def _answer(self, request: web.Request) -> web.Response:
         path = request.path
+        if path in self.status:
+            return web.Response(status=self.status[path], text="access too frequent")
         body_text = await request.text()
         if path.startswith("/v5/market/"):
             return self._public(path, request)
@@ -316,3 +333,35 @@ async def test_bybit_ret_codes_are_translated(code: int, expected: type[Exceptio
             )
     assert SECRET not in str(raised.value)
     assert raised.value.__cause__ is not None
+
+
+async def test_the_venues_own_per_endpoint_counts_reach_the_pacer() -> None:
+    """Bybit counts each endpoint per UID and says so in `X-Bapi-Limit` / `X-Bapi-Limit-Status`: the pacer
+    adopts the account's real limit and books what the venue says is used."""
+    stub = BybitStub(position=_position(), limits={"/v5/position/trading-stop": (10, 3)})
+    async with bybit(stub) as venue:
+        clock = SystemClock()
+        pacer = RequestPacer(venue.capabilities().request_budgets, clock)
+        venue.attach_pacing(VenuePacing(pacer, None, clock))
+        await venue.create_stop_market_order(
+            "SFPUSDT", OrderSide.SELL, Decimal(100), Decimal("0.4500"), client_order_id="sl-1"
+        )
+        # 7 of the endpoint's 10 per second are used (by us and anyone else on this account).
+        assert pacer.used_fraction() == pytest.approx(0.7)
+        assert RequestBudget("/v5/position/trading-stop", 10, 1.0) in pacer.budgets()
+
+
+async def test_a_403_bans_every_request_but_protective_ones_which_wait_for_its_end() -> None:
+    stub = BybitStub(position=_position(), status={"/v5/position/list": 403})
+    async with bybit(stub) as venue:
+        clock = SystemClock()
+        pacer = RequestPacer(venue.capabilities().request_budgets, clock)
+        venue.attach_pacing(VenuePacing(pacer, None, clock))
+        with pytest.raises(Banned):
+            await venue.fetch_positions()
+        banned_for = pacer.banned_for()
+        assert banned_for is not None
+        assert banned_for > 590.0
+        with pytest.raises(Banned):  # a read is refused at once, without reaching the venue
+            await venue.fetch_balance()
+        assert not any(path == "/v5/account/wallet-balance" for _, path, _ in stub.requests)

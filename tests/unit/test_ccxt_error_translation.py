@@ -419,3 +419,24 @@ def test_an_unreadable_answer_to_a_write_is_outcome_unknown() -> None:
     )
     assert isinstance(translated, OutcomeUnknown)
     assert translated.client_order_id == "x"
+
+
+def test_4142_will_be_triggered_immediately_is_would_trigger_like_2021() -> None:
+    """Binance answers -4142 ("will be triggered immediately") for some conditional orders whose trigger is
+    already crossed: the protection goal is breached exactly as with -2021, so the close-at-market path
+    must run, not an endless retry of a refused order."""
+    error = ccxt_errors.InvalidOrder("binanceusdm")
+    error.http_context = HttpContext(  # type: ignore[attr-defined]
+        400, {}, '{"code":-4142,"msg":"Order would be triggered immediately."}'
+    )
+    translated = translate_error(error, venue="binanceusdm", mutating=True, symbol=SYMBOL)
+    assert isinstance(translated, WouldTriggerImmediately)
+
+
+def test_a_bybit_403_is_a_ten_minute_ban_not_a_retry() -> None:
+    """Bybit: "403, access too frequent" bans the IP for at least 10 minutes; retrying only extends it."""
+    error = ccxt_errors.DDoSProtection("bybit 403")
+    error.http_context = HttpContext(403, {}, "access too frequent")  # type: ignore[attr-defined]
+    translated = translate_error(error, venue="bybit", mutating=True, now=1_000.0)
+    assert isinstance(translated, Banned)
+    assert translated.until == 1_600.0

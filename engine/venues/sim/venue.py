@@ -97,6 +97,7 @@ class SimVenue:
         self._subscribers: set[_MarkSubscription] = set()
         self._closed = False
         self._pacing: VenuePacing | None = None
+        self.calls_made: dict[CallKind, int] = {}  # requests that reached this venue, by kind
 
     # ---- lifecycle ---------------------------------------------------------------------------------
 
@@ -297,6 +298,7 @@ class SimVenue:
         self, kind: CallKind, operation: Callable[[float], T], *, client_order_id: str | None = None
     ) -> T:
         self._ensure_open()
+        self.calls_made[kind] = self.calls_made.get(kind, 0) + 1
         plan = self._faults.plan(kind)
         timeout = self._settings.request_timeout_seconds
         half = plan.latency / 2

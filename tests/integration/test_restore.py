@@ -1,0 +1,124 @@
+"""Start-up restore costs a constant number of round trips, not some per position (issue: production
+pacing). At 1 000 positions and 50 ms per call a per-position look-up took > 100 s through a real throttle;
+`bench/restore.py` measures the figures, these tests pin the shape: one venue snapshot, no per-order
+fetch when the venue lists the order, no database write when nothing changed."""
+
+from __future__ import annotations
+
+from engine.clock import ManualClock
+from engine.venues.sim import SimVenue
+from engine.venues.sim.settings import CallKind
+from storage.database import Database
+from tests.integration.engine_support import make_engine
+from tests.integration.test_failure_modes_f1_f5 import (
+    SYMBOLS,
+    drive_until_covered,
+    open_positions,
+    restarted,
+    settings_for,
+)
+from tests.support.driving import drive, drive_until
+
+
+async def test_restart_verifies_every_position_with_one_venue_snapshot_and_writes_nothing_unchanged(
+    db: Database,
+) -> None:
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine_a = make_engine(settings, clock)
+    await drive(clock, engine_a.start())
+    symbols = SYMBOLS[:12]
+    try:
+        await open_positions(engine_a, clock, symbols, ["long", "short"] * 6)
+        await drive_until_covered(engine_a, clock, 12)
+    finally:
+        await drive(clock, engine_a.stop())
+    positions_before = await db.pool.fetch("SELECT id, updated_at FROM monitoring.positions ORDER BY id")
+    orders_before = await db.pool.fetch("SELECT id, updated_at FROM monitoring.orders ORDER BY id")
+
+    engine_b = restarted(engine_a, settings, clock)
+    venue = engine_b.venue
+    assert isinstance(venue, SimVenue)
+    report = await drive(clock, engine_b.start())
+    calls = dict(venue.calls_made)
+    await drive(clock, engine_b.stop())
+
+    assert (report.restored, report.reprotected, report.failed) == (12, 0, 0)
+    # One snapshot of the venue (positions and open orders, asked together), whatever the number of
+    # positions: no fetch per order, nothing sent.
+    assert calls.get(CallKind.FETCH_POSITIONS) == 1
+    assert calls.get(CallKind.FETCH_OPEN_ORDERS) == 1
+    for kind in (CallKind.FETCH_ORDER, CallKind.CREATE_ORDER, CallKind.CANCEL_ORDER):
+        assert calls.get(kind, 0) == 0, kind
+    # The database already said exactly this: not one position or order row was rewritten.
+    assert (
+        await db.pool.fetch("SELECT id, updated_at FROM monitoring.positions ORDER BY id") == positions_before
+    )
+    assert await db.pool.fetch("SELECT id, updated_at FROM monitoring.orders ORDER BY id") == orders_before
+
+
+async def test_restart_looks_up_only_the_orders_the_venue_no_longer_lists(db: Database) -> None:
+    """A stop cancelled on the venue while the engine was down is missing from the snapshot: that one order
+    (and only it) is looked up, found cancelled, and replaced; the rest are confirmed by the snapshot."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine_a = make_engine(settings, clock)
+    await drive(clock, engine_a.start())
+    try:
+        guards = await open_positions(engine_a, clock, SYMBOLS[:5])
+        await drive_until_covered(engine_a, clock, 5)
+        lost = guards[2].stop_loss.client_order_id
+        assert lost is not None
+    finally:
+        await drive(clock, engine_a.stop())
+    core = engine_a.venue.core
+    core.cancel_order(guards[2].symbol, lost, clock.now())
+
+    engine_b = restarted(engine_a, settings, clock)
+    venue = engine_b.venue
+    assert isinstance(venue, SimVenue)
+    report = await drive(clock, engine_b.start())
+    try:
+        assert (report.restored, report.reprotected, report.failed) == (4, 1, 0)
+        assert venue.calls_made.get(CallKind.FETCH_ORDER) == 1
+        assert venue.calls_made.get(CallKind.CREATE_ORDER) == 1
+        assert engine_b.manager is not None
+        assert all(g.covered for g in engine_b.manager.guards.values())
+    finally:
+        await drive(clock, engine_b.stop())
+
+
+async def test_pending_entries_are_resolved_together_at_start_up(db: Database) -> None:
+    """Entries left pending by a crash are looked up in parallel (one round trip for all), then every
+    filled one is protected at once: the last is covered two round trips after the venue answered, not
+    one position after another (F15)."""
+    settings = settings_for(db, {"VENUE__SIM__LATENCY__SECONDS": "2"})
+    clock = ManualClock()
+    engine_a = make_engine(settings, clock)
+    await drive(clock, engine_a.start())
+    symbols = SYMBOLS[40:46]
+    try:
+        assert engine_a.store is not None
+        await engine_a.store.insert_signals([(s, "long", None, None) for s in symbols])
+        # The entries reach the venue (1 s there) and fill; the engine dies before their answers come back.
+        core = engine_a.venue.core
+        await drive_until(clock, lambda: len(core.positions(clock.now())) == 6, step=0.1, what="6 fills")
+    finally:
+        await drive(clock, engine_a.stop())
+    rows = await db.pool.fetch("SELECT status FROM monitoring.positions")
+    assert {r["status"] for r in rows} == {"entry_placed"}
+
+    engine_b = restarted(engine_a, settings, clock)
+    report = await drive(clock, engine_b.start())
+    try:
+        assert engine_b.manager is not None
+        assert report.failed == 0
+        assert len(engine_b.manager.guards) == 6
+        assert all(g.protected_at is not None for g in engine_b.manager.guards.values())
+        # Every stop went out together, one round trip after the venue answered the look-ups: the
+        # incident's queue in the restore path put them two round trips (4 s here) apart, one by one.
+        placed = [o.created_at for o in engine_b.venue.core.open_protective_orders(clock.now())]
+        assert len(placed) == 12
+        assert max(placed) - min(placed) < 2.0
+    finally:
+        await drive(clock, engine_b.stop())
