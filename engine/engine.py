@@ -1140,7 +1140,8 @@ class Engine:
         guard = self.manager.guards.get(position_id)
         if guard is None:
             return False
-        return await guard.close(exit_reason="manual")
+        closed, _detail = await guard.request_close("manual")
+        return closed
 
 
 def _entry_pending(position: PositionRecord) -> bool:

@@ -23,10 +23,10 @@ and, when the core decides a move, wakes the guard (F1).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import ROUND_DOWN, ROUND_UP, Decimal
 from enum import StrEnum
 from typing import Any
@@ -180,6 +180,47 @@ class GuardReport:
     first_pass_ok: bool = False
 
 
+@dataclass(slots=True)
+class GuardCommand:
+    """Something another part of the engine asks of a guard; the guard's own task applies it, in order,
+    between its protection passes (a checker reports facts, the owner applies them). `done` gets the
+    outcome: (ok, detail)."""
+
+    done: asyncio.Future[tuple[bool, str]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    urgent = False  # interrupt a protection pass in flight (what it sent is resolved by id afterwards)
+
+    def settle(self, ok: bool, detail: str) -> None:
+        if not self.done.done():
+            self.done.set_result((ok, detail))
+
+
+@dataclass(slots=True)
+class PositionGone(GuardCommand):
+    """The venue no longer holds the position (confirmed flat): record why and stop guarding it."""
+
+    exit_reason: str = "closed_on_exchange"
+    exit_price: Decimal | None = None
+    urgent = True
+
+
+@dataclass(slots=True)
+class ClosePosition(GuardCommand):
+    """Close the position reduce-only at market (operator, breached stop, stuck trigger)."""
+
+    exit_reason: str = "manual"
+    urgent = True
+
+
+@dataclass(slots=True)
+class OrderMissing(GuardCommand):
+    """A confirmed stop of ours was not in the venue's open orders read at `seen_at` (monotonic)."""
+
+    client_order_id: str = ""
+    seen_at: float = 0.0
+
+
 class PositionGuard:
     """Everything about one position's protection, driven by one task."""
 
@@ -232,6 +273,8 @@ class PositionGuard:
         self.closed = False
         self.failures = 0
         self.last_error: str | None = None
+        self._commands: deque[GuardCommand] = deque()
+        self._pass: asyncio.Future[bool] | None = None  # the protection pass in flight
         self.wake = asyncio.Event()
         self.protected = asyncio.Event()
         self.first_pass = asyncio.Event()
@@ -297,26 +340,88 @@ class PositionGuard:
 
     # --- the task ------------------------------------------------------------------------------------
 
+    def submit(self, command: GuardCommand) -> asyncio.Future[tuple[bool, str]]:
+        """Hand the guard a command; its task applies it. An urgent one interrupts a pass in flight."""
+        if self.closed:
+            command.settle(isinstance(command, PositionGone | ClosePosition), "position already closed")
+            return command.done
+        self._commands.append(command)
+        if command.urgent and self._pass is not None and not self._pass.done():
+            self._pass.cancel()
+        self.wake.set()
+        return command.done
+
     async def run(self) -> None:
         clock = self._m.clock
-        while not self.closed:
-            try:
-                converged = await self._converge()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # a bug or a DB failure must not end protection: log, retry
-                converged = False
-                self._note_failure("protect", f"{type(exc).__name__}: {exc}", log_exception=True)
-            self.first_pass.set()
-            if self.closed:
-                break
-            if converged:
-                self.failures = 0
-                await self.wake.wait()
-            else:
-                delay = self._m.backoff(self.failures)
-                await _first_of(self.wake.wait(), clock.sleep(delay))
-            self.wake.clear()
+        try:
+            while not self.closed:
+                if self._commands:
+                    await self._apply(self._commands.popleft())
+                    continue
+                converged = await self._one_pass()
+                self.first_pass.set()
+                if self.closed or self._commands:
+                    continue
+                if converged:
+                    self.failures = 0
+                    await self.wake.wait()
+                else:
+                    delay = self._m.backoff(self.failures)
+                    await _first_of(self.wake.wait(), clock.sleep(delay))
+                self.wake.clear()
+        finally:
+            if self._pass is not None and not self._pass.done():
+                self._pass.cancel()
+            for command in self._commands:
+                command.settle(False, "the guard stopped")
+
+    async def _one_pass(self) -> bool:
+        """One protection pass, in a task of its own so an urgent command can interrupt it."""
+        self._pass = asyncio.ensure_future(self._converge())
+        try:
+            await asyncio.wait({self._pass})
+        except asyncio.CancelledError:
+            self._pass.cancel()
+            await asyncio.gather(self._pass, return_exceptions=True)
+            raise
+        if self._pass.cancelled():
+            return False  # interrupted by a command: it runs next, then the pass again
+        exc = self._pass.exception()
+        if exc is not None:  # a bug or a DB failure must not end protection: log, retry
+            self._note_failure("protect", f"{type(exc).__name__}: {exc}", log_exception=exc)
+            return False
+        return self._pass.result()
+
+    async def _apply(self, command: GuardCommand) -> None:
+        try:
+            if isinstance(command, PositionGone):
+                await self._finish(exit_reason=command.exit_reason, exit_price=command.exit_price)
+                command.settle(True, command.exit_reason)
+            elif isinstance(command, ClosePosition):
+                ok = await self._close(exit_reason=command.exit_reason)
+                command.settle(ok, "closed" if ok else (self.last_error or "close failed"))
+            elif isinstance(command, OrderMissing):
+                command.settle(self._order_missing(command), command.client_order_id)
+        except asyncio.CancelledError:
+            command.settle(False, "the guard stopped")
+            raise
+        except Exception as exc:
+            self._note_failure(type(command).__name__, f"{type(exc).__name__}: {exc}", log_exception=exc)
+            command.settle(False, f"{type(exc).__name__}: {exc}")
+
+    def _order_missing(self, command: OrderMissing) -> bool:
+        """The reconciler did not see one of our confirmed stops: un-confirm it (the guard re-checks it by
+        id, and replaces it if it is gone). A confirmation newer than the venue's answer stands."""
+        m = self._m
+        for order in (self.stop_loss, self.trailing_stop):
+            if order.client_order_id != command.client_order_id or not order.confirmed:
+                continue
+            if order.confirmed_at >= command.seen_at - m.read_after_write_seconds:
+                return False
+            order.confirmed = False
+            order.maybe_sent = True  # fetch it first: a filled stop means the position is going
+            return True
+        return False
 
     async def _converge(self) -> bool:
         written = self._written_facts
@@ -338,7 +443,12 @@ class PositionGuard:
                 steps.append(self._ensure_confirmed(self.trailing_stop, self._send_native_trailing))
         else:
             steps.append(self._ensure_trail())
-        results = await asyncio.gather(*steps)
+        # Every branch finishes before the pass ends, even when one fails: a failed branch must not leave
+        # its sibling running on (a managed move sending a second replacement).
+        results = await asyncio.gather(*steps, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
         if not self.closed:
             await self._check_fired()
         if not self.closed:
@@ -392,6 +502,9 @@ class PositionGuard:
         await m.budget.acquire_protective()
         started = m.clock.monotonic()
         order.sent_at = started
+        # From here until a definite answer the venue may hold it (an interrupted pass leaves it to be
+        # resolved by id, and a finishing position cancels it).
+        order.maybe_sent = True
         try:
             placed = await m.call(send(cid), "create_order")
         except (OutcomeUnknown, TimeoutError) as exc:
@@ -440,9 +553,11 @@ class PositionGuard:
                 return self._next_generation(order)
             return _Outcome.RETRY if outcome is _Outcome.ABSENT else outcome
         except WouldTriggerImmediately as exc:
+            order.maybe_sent = False
             await m.store.set_order_status(cid, OrderRecordStatus.REJECTED, error=_short(exc))
             return await self._breached(order)
         except (RateLimited, Banned, Retryable, Rejected) as exc:
+            order.maybe_sent = False  # the venue said it did not execute it
             await self._refused(order, cid, exc)
             return _Outcome.RETRY
         return await self._accept(order, placed, m.clock.monotonic() - started)
@@ -491,8 +606,7 @@ class PositionGuard:
     def _next_generation(self, order: ProtectiveOrder) -> _Outcome:
         """The order with the current id ended (cancelled by someone, expired, or filled): the next pass
         uses a new id. A filled stop means the position is probably gone; the reconciler settles that."""
-        order.generation += 1
-        order.client_order_id = None
+        self._fresh_id(order)
         order.confirmed = False
         self._m.request_reconcile()
         return _Outcome.RETRY
@@ -551,7 +665,16 @@ class PositionGuard:
             symbol=self.symbol,
             position_id=self.position_id,
         )
-        await self.close(exit_reason="stop_not_filled")
+        self.submit(ClosePosition(exit_reason="stop_not_filled"))
+
+    def _fresh_id(self, order: ProtectiveOrder) -> None:
+        """The next id for `order` (a managed trail's stops share one sequence with its moves)."""
+        if order.purpose is OrderPurpose.TRAILING_STOP and self.kind is TrailingKind.MANAGED:
+            order.generation = self._next_trail_generation
+            self._next_trail_generation += 1
+        else:
+            order.generation += 1
+        order.client_order_id = None
 
     async def _accept(self, order: ProtectiveOrder, placed: Order, latency: float | None) -> _Outcome:
         m = self._m
@@ -606,8 +729,7 @@ class PositionGuard:
         if isinstance(exc, Rejected):
             await m.store.set_order_status(cid, OrderRecordStatus.REJECTED, error=_short(exc))
             # A rejected id is spent on the venue; the next attempt needs a fresh one.
-            order.generation += 1
-            order.client_order_id = None
+            self._fresh_id(order)
         else:
             await m.store.set_order_status(cid, OrderRecordStatus.PENDING, error=_short(exc))
         self._note_failure(f"create {_what(order.purpose)}", _short(exc))
@@ -624,8 +746,7 @@ class PositionGuard:
                 "%s: trailing stop activation already passed; arming it at the current mark", self.symbol
             )
             order.arm_now = True
-            order.generation += 1
-            order.client_order_id = None
+            self._fresh_id(order)
             return await self._ensure(order, self._send_native_trailing)
         if order.purpose is OrderPurpose.STOP_LOSS:
             message = f"{self.symbol}: price already through the stop-loss at {order.price} (would trigger immediately)"
@@ -638,7 +759,7 @@ class PositionGuard:
                     symbol=self.symbol,
                     position_id=self.position_id,
                 )
-                await self.close(exit_reason="stop_breached")
+                self.submit(ClosePosition(exit_reason="stop_breached"))
                 return _Outcome.BREACHED
             log.error("%s: left open (close_on_would_trigger = false); uncovered", message)
             await m.store.record_event(
@@ -658,9 +779,21 @@ class PositionGuard:
     async def _ensure_trail(self) -> bool:
         m = self._m
         assert self.trail is not None
-        if self.trailing_stop.client_order_id and not self.trailing_stop.confirmed:
+        if self.trail.stop_price is not None and not self.trailing_stop.confirmed:
+            # The trail has a stop and the venue no longer (or not yet) confirms it: (re)place it at the
+            # trail's current stop, whatever happened to the last one (cancelled, refused, lost).
+            if self.trailing_stop.price is None:
+                self.trailing_stop.price = self.trail.stop_price
             outcome = await self._ensure(self.trailing_stop, self._send_trail_stop(self.trailing_stop))
-            if outcome is _Outcome.RETRY:
+            if outcome is _Outcome.BREACHED and m.config.close_on_would_trigger:
+                log.error(
+                    "%s: price already through the trailing stop at %s; closing reduce-only at market",
+                    self.symbol,
+                    self.trailing_stop.price,
+                )
+                self.submit(ClosePosition(exit_reason="trailing_stop"))
+                return False
+            if outcome is not _Outcome.CONFIRMED:
                 return False
         if not self.trail_persisted:
             await self._save_trail()
@@ -773,8 +906,14 @@ class PositionGuard:
 
     # --- closing -------------------------------------------------------------------------------------
 
-    async def close(self, *, exit_reason: str) -> bool:
-        """Close at market (reduce-only), then cancel our protective orders. True when the venue confirmed."""
+    async def request_close(self, exit_reason: str = "manual") -> tuple[bool, str]:
+        """Close the position reduce-only at market, through the guard's own task (so nothing it is
+        sending can outlive the position). Returns (closed, detail)."""
+        return await self.submit(ClosePosition(exit_reason=exit_reason))
+
+    async def _close(self, *, exit_reason: str) -> bool:
+        """Close at market (reduce-only), then finish. True when the venue confirmed. On failure the
+        position is `active` again (never left `closing`, which no operator query counts)."""
         m = self._m
         cid = client_order_id(
             m.token, self.position_id, OrderPurpose.CLOSE, m.next_close_generation(self.position_id)
@@ -799,23 +938,43 @@ class PositionGuard:
             try:
                 filled = await m.call(m.venue.fetch_order(self.symbol, cid), "fetch_order")
             except (ExchangeError, TimeoutError) as exc:
-                self._note_failure("close position", f"outcome unknown: {_short(exc)}")
+                await self._close_failed(cid, f"outcome unknown: {_short(exc)}", OrderRecordStatus.UNKNOWN)
                 return False
         except ExchangeError as exc:
-            await m.store.set_order_status(cid, OrderRecordStatus.REJECTED, error=_short(exc))
-            self._note_failure("close position", _short(exc))
+            await self._close_failed(cid, _short(exc), OrderRecordStatus.REJECTED)
             return False
         await m.store.set_order_status(
             cid, _record_status(filled.status), exchange_order_id=filled.venue_order_id
         )
-        await self.finish(exit_reason=exit_reason, exit_price=filled.average_price)
+        if filled.status is not OrderStatus.FILLED:
+            await self._close_failed(cid, f"close order {filled.status.value}", None)
+            return False
+        await self._finish(exit_reason=exit_reason, exit_price=filled.average_price)
         return True
 
-    async def finish(self, *, exit_reason: str, exit_price: Decimal | None) -> None:
-        """The position is gone on the venue: record why, cancel what is left of ours, stop the guard."""
+    async def _close_failed(self, cid: str, error: str, status: OrderRecordStatus | None) -> None:
+        m = self._m
+        if status is not None:
+            await m.store.set_order_status(cid, status, error=error)
+        # Still open on the venue as far as we know: back to a status the operators' SQL counts.
+        live = PositionStatus.ACTIVE if self.covered else self.status
+        if live not in (PositionStatus.ACTIVE, PositionStatus.PENDING_PROTECTION):
+            live = PositionStatus.ACTIVE
+        await m.store.set_position_status(self.position_id, live)
+        self._note_failure("close position", error)
+        m.request_reconcile()  # the reconciler finds out whether the venue closed it after all
+
+    async def _finish(self, *, exit_reason: str, exit_price: Decimal | None) -> None:
+        """The position is gone on the venue: record why (first: a failed write leaves the guard open and
+        the reconciler asks again), then cancel what is left of ours and stop guarding."""
         if self.closed:
             return
         m = self._m
+        pnl = None
+        if exit_price is not None:
+            direction = 1 if self.side is PositionSide.LONG else -1
+            pnl = (exit_price - self.entry_price) * self.quantity * direction
+        await m.store.close_position(self.position_id, exit_reason=exit_reason, realized_pnl=pnl)
         self.closed = True
         if self.trail is not None and not self.trail.phase.is_terminal:
             self.trail = (
@@ -823,18 +982,13 @@ class PositionGuard:
                 if exit_reason == "trailing_stop"
                 else trailing.on_trailing_stopped(self.trail)
             )
-            with contextlib.suppress(Exception):
+            try:
                 await self._save_trail()
-        pnl = None
-        if exit_price is not None:
-            direction = 1 if self.side is PositionSide.LONG else -1
-            pnl = (exit_price - self.entry_price) * self.quantity * direction
+            except Exception:
+                log.exception("%s: could not record the final trailing state", self.symbol)
         for order in (self.stop_loss, self.trailing_stop):
             if order.client_order_id and (order.confirmed or order.maybe_sent):
                 await self._cancel_quietly(order)
-        await m.store.set_position_status(self.position_id, PositionStatus.CLOSED, exit_reason=exit_reason)
-        if pnl is not None:
-            await m.store.set_realized_pnl(self.position_id, pnl)
         log.info(
             "Position %s %s closed: %s, realized PnL %s", self.position_id, self.symbol, exit_reason, pnl
         )
@@ -847,12 +1001,12 @@ class PositionGuard:
                 realized_pnl=pnl,
             )
         )
-        await m.store.record_event(
+        m.spawn_event_write(
             Severity.INFO,
             "position_closed",
             f"{self.symbol} closed: {exit_reason}",
-            symbol=self.symbol,
-            position_id=self.position_id,
+            self.symbol,
+            self.position_id,
             data={"realized_pnl": str(pnl) if pnl is not None else None},
         )
         self.wake.set()
@@ -876,7 +1030,9 @@ class PositionGuard:
 
     # --- bookkeeping ---------------------------------------------------------------------------------
 
-    def _note_failure(self, operation: str, error: str, *, log_exception: bool = False) -> None:
+    def _note_failure(
+        self, operation: str, error: str, *, log_exception: BaseException | None = None
+    ) -> None:
         m = self._m
         self.failures += 1
         self.last_error = f"{operation}: {error}"
@@ -884,9 +1040,15 @@ class PositionGuard:
         # Only say "unprotected" when it is true: a failed trail move leaves the confirmed stops in place.
         still_covered = self.covered
         state = "still protected by its confirmed stops" if still_covered else "unprotected"
-        if log_exception:
-            log.exception(
-                "%s %s: %s failed (%s); retrying in %.1fs", self.symbol, state, operation, error, retry_in
+        if log_exception is not None:
+            log.error(
+                "%s %s: %s failed (%s); retrying in %.1fs",
+                self.symbol,
+                state,
+                operation,
+                error,
+                retry_in,
+                exc_info=log_exception,
             )
         else:
             log.log(
@@ -1269,14 +1431,20 @@ class ProtectionManager:
         return self._reconcile_requested
 
     def spawn_event_write(
-        self, severity: Severity, type_: str, message: str, symbol: str | None, position_id: int | None
+        self,
+        severity: Severity,
+        type_: str,
+        message: str,
+        symbol: str | None,
+        position_id: int | None,
+        data: Mapping[str, Any] | None = None,
     ) -> None:
         """Record an audit event without making the caller wait on the DB; failures are logged (F12)."""
 
         async def write() -> None:
             try:
                 await self.store.record_event(
-                    severity, type_, message, symbol=symbol, position_id=position_id
+                    severity, type_, message, symbol=symbol, position_id=position_id, data=data
                 )
             except Exception:
                 log.exception("could not record event %s for %s: %s", type_, symbol, message)

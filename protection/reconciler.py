@@ -29,7 +29,7 @@ from engine.events import ProtectionFailed
 from engine.exchange.errors import ExchangeError, NotFound
 from engine.exchange.port import ExchangePort, Order, OrderStatus, VenuePosition
 from engine.pacing import Lane
-from protection.manager import PositionGuard, ProtectionManager, TrailingKind
+from protection.manager import OrderMissing, PositionGone, PositionGuard, ProtectionManager, TrailingKind
 from protection.order_ids import parse_client_order_id
 from storage.repositories import OrderPurpose, OrderRecordStatus, Severity, Store
 
@@ -187,10 +187,9 @@ class Reconciler:
                 guard.symbol,
                 guard.position_id,
             )
-            order.confirmed = False
-            order.maybe_sent = True  # fetch it first: a filled stop means the position is going
+            # The guard un-confirms it (unless it confirmed it again meanwhile) and re-checks it by id.
+            guard.submit(OrderMissing(client_order_id=order.client_order_id, seen_at=snapshot_at))
             report.reprotected.append(guard.symbol)
-            guard.wake.set()
 
     async def _position_missing(self, guard: PositionGuard, report: ReconcileReport) -> None:
         exit_reason, exit_price = await self._exit_evidence(guard)
@@ -200,7 +199,7 @@ class Reconciler:
                 return
             exit_reason = "closed_on_exchange"
         self._absent_once.discard(guard.position_id)
-        await guard.finish(exit_reason=exit_reason, exit_price=exit_price)
+        guard.submit(PositionGone(exit_reason=exit_reason, exit_price=exit_price))  # type: ignore[arg-type]
         report.closed.append(guard.symbol)
 
     async def _exit_evidence(self, guard: PositionGuard) -> tuple[str | None, object]:

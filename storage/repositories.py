@@ -424,6 +424,25 @@ class Store:
         )
         return {r["id"]: PositionStatus(r["status"]) for r in rows}
 
+    async def close_position(
+        self, position_id: int, *, exit_reason: str, realized_pnl: Decimal | None
+    ) -> PositionRecord:
+        """The venue confirmed the position flat: closed, why, its realized PnL and no stops, in one write
+        (a reader never sees it closed without the rest)."""
+        row = await self._pool.fetchrow(
+            """
+            UPDATE monitoring.positions
+            SET status = 'closed', exit_reason = $2, realized_pnl = COALESCE($3, realized_pnl),
+                closed_at = COALESCE(closed_at, now()), has_stop_loss = false, has_trailing_stop = false
+            WHERE id = $1
+            RETURNING *
+            """,
+            position_id,
+            exit_reason,
+            realized_pnl,
+        )
+        return _position(self._require(row, position_id))
+
     async def set_realized_pnl(self, position_id: int, realized_pnl: Decimal) -> None:
         await self._pool.execute(
             "UPDATE monitoring.positions SET realized_pnl = $2 WHERE id = $1", position_id, realized_pnl

@@ -1,0 +1,182 @@
+"""The protection manager's guards under faults (issue: protection never fails open): commands applied by
+the guard's own task, a close that fails, a database that refuses the close record, a managed trailing stop
+that disappears. The venue's truth (the sim core) is read to judge the outcome."""
+
+from __future__ import annotations
+
+from engine.clock import ManualClock
+from engine.venues.sim.settings import CallKind, FaultKind
+from storage.database import Database
+from tests.integration.engine_support import make_engine
+from tests.integration.test_failure_modes_f1_f5 import (
+    SYMBOLS,
+    drive_until_covered,
+    open_positions,
+    settings_for,
+)
+from tests.support.driving import drive, drive_until
+
+
+async def _stops_recorded(db: Database, position_id: int) -> bool:
+    count = await db.pool.fetchval(
+        "SELECT count(*) FROM monitoring.orders WHERE position_id = $1 AND purpose <> 'entry'", position_id
+    )
+    return count == 2
+
+
+async def _status(db: Database, position_id: int) -> str:
+    return await db.pool.fetchval("SELECT status FROM monitoring.positions WHERE id = $1", position_id)
+
+
+async def test_a_close_the_venue_refuses_leaves_the_position_active_and_protected(db: Database) -> None:
+    """A failed close used to leave the position `closing` forever: invisible to the operators' SQL and to
+    `uncovered_positions()`. Now the position is `active` again, its stops untouched, and the guard goes on
+    protecting it; a later close succeeds."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[3]])
+        await drive_until_covered(engine, clock, 1)
+        venue = engine.venue
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR)
+        closed = await drive(clock, engine.close_position(guard.position_id))
+        assert closed is False
+        assert await _status(db, guard.position_id) == "active"
+        assert guard.covered
+        open_ids = {o.client_order_id for o in venue.core.open_protective_orders(clock.now())}
+        assert {guard.stop_loss.client_order_id, guard.trailing_stop.client_order_id} <= open_ids
+        assert venue.core.positions(clock.now())  # still open on the venue
+        # The operator tries again: now it closes, and nothing of it is left on the venue.
+        assert await drive(clock, engine.close_position(guard.position_id)) is True
+        assert await _status(db, guard.position_id) == "closed"
+        assert venue.core.positions(clock.now()) == []
+        assert venue.core.open_protective_orders(clock.now()) == []
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_database_error_while_closing_leaves_no_zombie_guard(db: Database) -> None:
+    """The venue closed the position (its stop-loss filled) but the database refuses the close record (a
+    real error: a constraint added for the test). The guard used to mark itself closed first: `active` in
+    the database, gone from memory, the symbol blocked, a false alarm forever. Now the guard stays until
+    the write succeeds; the reconciler asks again, and once the database accepts, the row is closed with
+    its reason and realized PnL in one write."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[5]])
+        await drive_until_covered(engine, clock, 1)
+        pid = guard.position_id
+        await db.pool.execute(
+            f"ALTER TABLE monitoring.positions ADD CONSTRAINT test_refuses_close "
+            f"CHECK (id <> {pid} OR status <> 'closed') NOT VALID"
+        )
+        assert guard.stop_loss.price is not None
+        engine.venue.override_mark_price(guard.symbol, guard.stop_loss.price - 5 * guard.market.tick_size)
+        assert engine.venue.core.positions(clock.now()) == []  # the stop fired: flat on the venue
+        assert engine.manager is not None
+        engine.manager.request_reconcile()
+        await drive_until(
+            clock,
+            lambda: "test_refuses_close" in (guard.last_error or ""),
+            what="the close record refused",
+        )
+        assert not guard.closed
+        assert engine.manager.guards.get(pid) is guard
+        assert await _status(db, pid) == "active"
+        await db.pool.execute("ALTER TABLE monitoring.positions DROP CONSTRAINT test_refuses_close")
+        engine.manager.request_reconcile()
+        await drive_until(clock, lambda: pid not in engine.manager.guards, what="the guard finished")
+        row = await db.pool.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", pid)
+        assert row["exit_reason"] == "stop_loss"
+        assert row["realized_pnl"] < 0
+        assert not row["has_stop_loss"]
+        assert pid not in engine.manager.guards
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_an_operator_close_runs_in_the_guards_task_and_leaves_nothing_in_flight(db: Database) -> None:
+    """An operator close used to run beside the guard: a stop it was sending could land after the close,
+    an orphan on a flat symbol that was already free to re-enter. Now the close interrupts the guard's
+    pass, the stop in flight is resolved by its id and cancelled, and only then is the symbol free."""
+    settings = settings_for(db, {"VENUE__SIM__LATENCY__BY_CALL": '{"create_order": {"seconds": 3}}'})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[7]])
+        # Both stops are recorded and on their way (3 s per order call); the operator closes meanwhile.
+        await drive_until(
+            clock,
+            lambda: _stops_recorded(db, guard.position_id),
+            step=0.01,
+            what="stops in flight",
+        )
+        assert not guard.covered
+        closed = await drive(clock, engine.close_position(guard.position_id))
+        assert closed is True
+        # Let every answer that was in flight land: nothing of ours may stay open on the flat symbol.
+        await clock.advance(10.0)
+        await drive_until(
+            clock,
+            lambda: engine.venue.core.open_protective_orders(clock.now()) == [],
+            what="no stop left on the flat symbol",
+            limit=60.0,
+        )
+        assert engine.venue.core.positions(clock.now()) == []
+        assert await _status(db, guard.position_id) == "closed"
+        # The guard cancelled its own stops: none had to be found and cancelled later as an orphan.
+        orphans = await db.pool.fetchval(
+            "SELECT count(*) FROM monitoring.events WHERE type = 'orphan_cancelled' AND position_id = $1",
+            guard.position_id,
+        )
+        assert orphans == 0
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_managed_trailing_stop_that_disappears_is_placed_again_at_the_trails_stop(
+    db: Database,
+) -> None:
+    """Managed mode: the trail's stop order vanished (cancelled by hand). It used to stay missing until the
+    next price peak (`p` said "still protecting"). Now the reconciler's report makes the guard look it up,
+    and a cancelled one is placed again at once, at the trail's current stop."""
+    settings = settings_for(db, {"PROTECTION__TRAILING__MODE": "managed"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[9]])
+        await drive_until_covered(engine, clock, 1)
+        assert guard.trail is not None
+        activation = guard.trail.activation_price
+        # Rise through the activation: the trail arms and places its stop; then the price eases off the
+        # peak (no new peak will come to move the trail).
+        peak = activation + 20 * guard.market.tick_size
+        engine.venue.override_mark_price(guard.symbol, peak)
+        await drive_until(clock, lambda: guard.trailing_stop.confirmed, what="trail stop placed")
+        trail_stop = guard.trail.stop_price
+        assert trail_stop is not None
+        engine.venue.override_mark_price(guard.symbol, peak - (peak - trail_stop) / 2)
+        lost = guard.trailing_stop.client_order_id
+        assert lost is not None
+        engine.venue.core.cancel_order(guard.symbol, lost, clock.now())
+        assert engine.manager is not None
+        engine.manager.request_reconcile()
+        await drive_until(
+            clock,
+            lambda: guard.trailing_stop.confirmed and guard.trailing_stop.client_order_id != lost,
+            what="trail stop placed again",
+        )
+        live = {o.client_order_id: o for o in engine.venue.core.open_protective_orders(clock.now())}
+        replacement = live[guard.trailing_stop.client_order_id]
+        assert replacement.stop_price == trail_stop
+        assert lost not in live
+        assert guard.covered
+    finally:
+        await drive(clock, engine.stop())
