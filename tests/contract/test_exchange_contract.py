@@ -487,25 +487,39 @@ async def test_same_client_order_id_twice_never_gives_two_live_orders(subject: C
     assert (await subject.port.fetch_order(SYMBOL, "sl-dup")).stop_price == D("0.4500")
 
 
-async def test_a_used_client_order_id_stays_used_after_cancel_and_after_fill(
+async def test_a_client_order_id_is_refused_while_open_and_free_again_once_its_order_ended(
     subject: ContractSubject,
 ) -> None:
+    """Binance: `newClientOrderId` / `clientAlgoId` are unique among *open* orders only."""
     await start_at(subject)
-    await open_position(subject.port, LONG, cid="entry-used")
-    await subject.port.create_stop_market_order(
-        SYMBOL, OrderSide.SELL, QTY, D("0.4500"), client_order_id="sl-used"
+    await open_position(subject.port, LONG, cid="entry-reuse")
+    first = await subject.port.create_stop_market_order(
+        SYMBOL, OrderSide.SELL, QTY, D("0.4500"), client_order_id="sl-reuse"
     )
-    await subject.port.cancel_order(SYMBOL, "sl-used")
-
     with pytest.raises(DuplicateClientOrderId):
         await subject.port.create_stop_market_order(
-            SYMBOL, OrderSide.SELL, QTY, D("0.4500"), client_order_id="sl-used"
+            SYMBOL, OrderSide.SELL, QTY, D("0.4400"), client_order_id="sl-reuse"
         )
-    with pytest.raises(DuplicateClientOrderId):
-        await subject.port.create_market_order(SYMBOL, OrderSide.BUY, QTY, client_order_id="entry-used")
+    await subject.port.cancel_order(SYMBOL, "sl-reuse")
 
-    assert await open_ids(subject.port) == []
-    assert await position_quantity(subject.port) == QTY
+    again = await subject.port.create_stop_market_order(
+        SYMBOL, OrderSide.SELL, QTY, D("0.4400"), client_order_id="sl-reuse"
+    )
+    reentered = await subject.port.create_market_order(
+        SYMBOL, OrderSide.BUY, QTY, client_order_id="entry-reuse"
+    )
+
+    assert again.status is OrderStatus.NEW
+    assert again.venue_order_id != first.venue_order_id
+    found = await subject.port.fetch_order(SYMBOL, "sl-reuse")
+    assert (found.venue_order_id, found.status, found.stop_price) == (
+        again.venue_order_id,
+        OrderStatus.NEW,
+        D("0.4400"),
+    )
+    assert await open_ids(subject.port) == ["sl-reuse"]
+    assert reentered.status is OrderStatus.FILLED
+    assert await position_quantity(subject.port) == 2 * QTY
 
 
 async def test_client_order_ids_follow_the_venue_pattern(subject: ContractSubject) -> None:
