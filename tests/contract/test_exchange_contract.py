@@ -628,6 +628,65 @@ async def test_conditional_orders_are_capped_per_account(subject: ContractSubjec
     assert len(await open_ids(subject.port)) == cap
 
 
+# ---- Binance's algo order lifecycle: TRIGGERING, read-after-write lag ----------------------------------
+
+
+async def test_a_fired_stop_sitting_in_triggering_is_triggered_protects_nothing_and_fills_later(
+    subject: ContractSubject,
+) -> None:
+    await start_at(subject)
+    await open_position(subject.port, LONG)
+    await subject.harness.delay_triggers(5.0)
+    await subject.port.create_stop_market_order(
+        SYMBOL, OrderSide.SELL, QTY, D("0.4500"), client_order_id="sl-trg"
+    )
+
+    await subject.harness.set_mark_price(SYMBOL, D("0.4400"))
+
+    fired = await subject.port.fetch_order(SYMBOL, "sl-trg")
+    if fired.status is OrderStatus.NEW and subject.port.name == "binanceusdm":
+        pytest.xfail(
+            reason="ccxt adapter: algoStatus TRIGGERING still maps to NEW (a fired stop reported as a live "
+            "one); it must map to OrderStatus.TRIGGERED (adapter fix pending)"
+        )
+    assert fired.status is OrderStatus.TRIGGERED
+    assert not fired.is_open
+    assert await open_ids(subject.port) == []
+    assert await position_quantity(subject.port) == QTY  # nothing filled yet
+    with pytest.raises(DuplicateClientOrderId):  # not final: its id is still taken
+        await subject.port.create_stop_market_order(
+            SYMBOL, OrderSide.SELL, QTY, D("0.4300"), client_order_id="sl-trg"
+        )
+
+    await subject.harness.advance(5.0)
+
+    filled = await subject.port.fetch_order(SYMBOL, "sl-trg")
+    assert filled.status is OrderStatus.FILLED
+    assert await position_quantity(subject.port) == 0
+
+
+async def test_a_just_placed_stop_may_read_as_not_found_yet_it_exists(subject: ContractSubject) -> None:
+    await start_at(subject)
+    await open_position(subject.port, LONG)
+    await subject.harness.lag_reads(3.0)
+
+    placed = await subject.port.create_stop_market_order(
+        SYMBOL, OrderSide.SELL, QTY, D("0.4500"), client_order_id="sl-lag"
+    )
+
+    assert placed.status is OrderStatus.NEW
+    with pytest.raises(NotFound):
+        await subject.port.fetch_order(SYMBOL, "sl-lag")
+    assert await open_ids(subject.port) == []
+    with pytest.raises(DuplicateClientOrderId):  # it exists: a resend cannot make a second one
+        await subject.port.create_stop_market_order(
+            SYMBOL, OrderSide.SELL, QTY, D("0.4500"), client_order_id="sl-lag"
+        )
+    await subject.harness.advance(3.0)
+    assert (await subject.port.fetch_order(SYMBOL, "sl-lag")).status is OrderStatus.NEW
+    assert await open_ids(subject.port) == ["sl-lag"]
+
+
 # ---- rate limits ---------------------------------------------------------------------------------------
 
 
