@@ -115,7 +115,6 @@ class _OrderRecord:
     # seconds it sits TRIGGERING once fired (None: whatever the core's setting is when it fires).
     visible_at: float = 0.0
     trigger_delay: float | None = None
-    fill_due: float = math.inf  # TRIGGERED only: when the fill executes
 
     @property
     def conditional(self) -> bool:
@@ -165,6 +164,7 @@ class _Account:
     # venue id.
     orders: dict[str, list[_OrderRecord]] = field(default_factory=dict)
     by_venue_id: dict[str, _OrderRecord] = field(default_factory=dict)
+    triggering: dict[str, _OrderRecord] = field(default_factory=dict)  # fired, fill pending; by venue id
     open_conditional: dict[str, dict[str, _OrderRecord]] = field(
         default_factory=dict
     )  # symbol -> id -> order
@@ -296,10 +296,7 @@ class SimCore:
         """The account as it is (see `Inspection`); due fills run first, nothing is refused or hidden."""
         self._settle(now)
         account = self._account(account_id)
-        triggering = sorted(
-            (o for o in account.by_venue_id.values() if o.status is OrderStatus.TRIGGERED),
-            key=lambda o: int(o.venue_order_id),
-        )
+        triggering = sorted(account.triggering.values(), key=lambda o: int(o.venue_order_id))
         banned = account.rate.banned_until
         return Inspection(
             positions=tuple(self._positions(account)),
@@ -551,8 +548,9 @@ class SimCore:
                 RejectCode.INVALID_CLIENT_ORDER_ID, "client order id is not valid (1-36 of [.A-Za-z0-9:/_-])"
             )
         used = account.orders.get(client_order_id)
-        if used and not used[-1].status.is_final:  # only the latest can still be live: ids are refused
-            raise DuplicateClientOrderId(client_order_id)  # while one is
+        # An id is refused while an order with it is live, so only the latest order with it can be.
+        if used and not used[-1].status.is_final:
+            raise DuplicateClientOrderId(client_order_id)
         market = self._market(symbol)
         if quantity <= 0:
             raise Rejected(RejectCode.QUANTITY_TOO_SMALL, "quantity must be greater than zero")
@@ -676,9 +674,9 @@ class SimCore:
             delay = self._trigger_delay_by_symbol.get(order.symbol, self._trigger_delay)
         if delay:  # forwarded to the matching engine, not filled yet: TRIGGERING on Binance
             order.status = OrderStatus.TRIGGERED
-            order.fill_due = now + delay
-            if order.fill_due < math.inf:
-                heapq.heappush(self._due, (order.fill_due, next(self._sequence), account, order))
+            account.triggering[order.venue_order_id] = order
+            if delay < STUCK:
+                heapq.heappush(self._due, (now + delay, next(self._sequence), account, order))
             return
         self._fill_fired(account, order, now)
 
@@ -687,6 +685,7 @@ class SimCore:
         settled: list[Order] = []
         while self._due and self._due[0][0] <= now:
             _due, _seq, account, order = heapq.heappop(self._due)
+            del account.triggering[order.venue_order_id]
             order.updated_at = now
             self._fill_fired(account, order, now)
             settled.append(order.snapshot())
