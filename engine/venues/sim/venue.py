@@ -16,7 +16,10 @@ walk every `mark_tick_seconds` of clock time, feeds the marks to the core (which
 the event loop, and nothing is held across an await.
 
 Besides the port, the venue has a small control surface for tests and demos: `override_mark_price`,
-`inject_fault`, `clear_injected_faults`.
+`inject_fault`, `clear_injected_faults`, and Binance's documented misbehaviour of algo orders:
+`set_trigger_delay` (fired stops sit TRIGGERING, or stick there, before their fill) and `set_read_lag`
+(a just-placed stop answers "unknown order" for a while). All of it runs on the venue's clock, so a
+`ManualClock` plays it out in virtual time.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from engine.exchange.port import (
     OrderSide,
     VenuePosition,
 )
-from engine.venues.sim.core import DEFAULT_ACCOUNT, SimCore
+from engine.venues.sim.core import DEFAULT_ACCOUNT, STUCK, SimCore
 from engine.venues.sim.faults import FaultInjector
 from engine.venues.sim.prices import GbmWalk
 from engine.venues.sim.settings import CallKind, FaultKind, SimVenueSettings
@@ -281,6 +284,26 @@ class SimVenue:
         changed = self._core.set_mark(symbol, on_tick, self._clock.now())
         self._publish(symbol, changed)
         return changed
+
+    def set_trigger_delay(
+        self, seconds: float | None, *, symbol: str | None = None, stuck: bool = False
+    ) -> None:
+        """Make conditional orders that fire from now on sit TRIGGERING (port status `TRIGGERED`) for
+        `seconds` of clock time before their fill executes, as Binance's algo orders do between the
+        trigger and the matching engine's fill; `stuck=True`: they never fill. None or 0: at once (the
+        default). With `symbol`, for that symbol only."""
+        if stuck and seconds is not None:
+            raise ValueError("a stuck trigger has no delay: pass seconds=None with stuck=True")
+        if symbol is not None and symbol not in self._core.markets:
+            raise ValueError(f"unknown symbol {symbol!r}")
+        self._core.set_trigger_delay(STUCK if stuck else seconds, symbol=symbol)
+
+    def set_read_lag(self, seconds: float) -> None:
+        """Conditional orders placed from now on read back as unknown (`fetch_order` and `cancel_order`
+        raise `NotFound`, `fetch_open_protective_orders` leaves them out) for `seconds` of clock time, as
+        Binance's algo service does right after a placement; they exist, trigger and hold their client id
+        meanwhile. `capabilities().read_after_write_seconds` announces it. 0: never (the default)."""
+        self._core.set_read_lag(seconds)
 
     def inject_fault(self, kind: CallKind, fault: FaultKind, count: int = 1) -> None:
         self._faults.force(kind, fault, count)
