@@ -187,6 +187,19 @@ def _venue_code_and_message(error: Exception, context: HttpContext | None) -> tu
     return (int(match.group(1)) if match else None), ""
 
 
+_ORDER_WINDOW_WORDS = {"TEN_SECONDS": 10.0, "SECOND": 1.0, "MINUTE": 60.0}
+
+
+def _rate_limit_wait(venue: str, code: int | None, message: str, context: HttpContext | None) -> float:
+    """How long a 429 says to wait. Binance sends `Retry-After` for its IP limits but not for the order
+    count (-1015: "… orders per TEN_SECONDS"), whose windows are fixed: without the header, wait out the
+    window the message names (a new window is certain after that long), never a guess shorter than it."""
+    if venue == BINANCEUSDM and code == _BINANCE_ORDER_RATE:
+        words = [w for w in _ORDER_WINDOW_WORDS if message.rstrip(".").upper().endswith(w)]
+        return _retry_after(context, _ORDER_WINDOW_WORDS[words[0]] if words else 10.0)
+    return _retry_after(context, 1.0)
+
+
 def _retry_after(context: HttpContext | None, default: float) -> float:
     if context is not None:
         value = context.header("Retry-After")
@@ -256,7 +269,9 @@ def translate_error(
         or (venue == BINANCEUSDM and code in _BINANCE_RATE)
         or (venue == BYBIT and code in _BYBIT_RATE)
     ):
-        return RateLimited(_retry_after(context, 1.0), f"{label}: rate limit exceeded (code {code})")
+        return RateLimited(
+            _rate_limit_wait(venue, code, message, context), f"{label}: rate limit exceeded (code {code})"
+        )
     if isinstance(error, ccxt_errors.DDoSProtection | ccxt_errors.RateLimitExceeded) and status is None:
         # Siblings in ccxt's tree (neither catches the other): both mean "slow down" here.
         return RateLimited(1.0, f"{label}: rate limit exceeded")
@@ -568,7 +583,7 @@ class CcxtVenue(RequestHooks):
             pacing.banned(time.time() + bybit_limits.IP_BAN_SECONDS)
         elif status == 429 or (self.kind == BYBIT and code in _BYBIT_RATE):
             orders_only = self.kind == BINANCEUSDM and code == _BINANCE_ORDER_RATE
-            pacing.rate_limited(_retry_after(context, 1.0), orders_only=orders_only)
+            pacing.rate_limited(_rate_limit_wait(self.kind, code, message, context), orders_only=orders_only)
 
     # ---- shared helpers ---------------------------------------------------------------------------------
 

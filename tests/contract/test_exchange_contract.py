@@ -644,11 +644,6 @@ async def test_a_fired_stop_sitting_in_triggering_is_triggered_protects_nothing_
     await subject.harness.set_mark_price(SYMBOL, D("0.4400"))
 
     fired = await subject.port.fetch_order(SYMBOL, "sl-trg")
-    if fired.status is OrderStatus.NEW and subject.port.name == "binanceusdm":
-        pytest.xfail(
-            reason="ccxt adapter: algoStatus TRIGGERING still maps to NEW (a fired stop reported as a live "
-            "one); it must map to OrderStatus.TRIGGERED (adapter fix pending)"
-        )
     assert fired.status is OrderStatus.TRIGGERED
     assert not fired.is_open
     assert await open_ids(subject.port) == []
@@ -719,20 +714,9 @@ async def test_order_budget_answers_rate_limited_with_a_wait_then_recovers(subje
     assert 1 <= accepted <= 2 * budget.limit
     assert 0 < limited.retry_after <= budget.window_seconds
     await subject.harness.advance(limited.retry_after)
-    try:
-        recovered = await subject.port.create_market_order(
-            SYMBOL, OrderSide.BUY, qty, client_order_id="rl-after"
-        )
-    except RateLimited:
-        if subject.port.name != "binanceusdm":
-            raise
-        # Binance answers an order-count 429 (-1015) without a Retry-After header (it promises one only for
-        # the IP limits), and the emulator now does the same; the adapter still takes the missing header as
-        # "1 s", which is too short for a fixed 10 s window. The adapter must work the wait out itself.
-        pytest.xfail(
-            reason="ccxt adapter: -1015 comes without Retry-After; its RateLimited(1.0) is shorter than the "
-            "order-count window (adapter fix pending)"
-        )
+    # Binance answers an order-count 429 (-1015) without a Retry-After header (it promises one only for its
+    # IP limits): the wait the port names must still be long enough for a new window.
+    recovered = await subject.port.create_market_order(SYMBOL, OrderSide.BUY, qty, client_order_id="rl-after")
     assert recovered.status is OrderStatus.FILLED
 
 
