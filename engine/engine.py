@@ -406,6 +406,11 @@ class Engine:
         if self.manager is not None:
             left = len(self.manager.guards)
             await self.manager.stop()
+            if self.manager.kind is TrailingKind.MANAGED and self.store is not None:
+                try:  # nobody moves a managed trail now: none is armed (has_trailing_stop stays venue truth)
+                    await self.store.disarm_managed_trails()
+                except Exception:
+                    log.exception("could not record the managed trails as disarmed")
         if self.store is not None:
             try:
                 await self.store.record_event(
@@ -1052,7 +1057,7 @@ class Engine:
             pnl_percent=pnl,
             stop_loss_price=guard.stop_loss.price,
             has_stop_loss=guard.has_stop_loss,
-            has_trailing_stop=guard.has_trailing_stop,
+            has_trailing_stop=guard.trailing_in_place,
             trailing_kind=guard.kind.value,
             trailing_phase=phase,
             activation_price=activation,
@@ -1077,7 +1082,7 @@ class Engine:
             orders = []
             if not guard.has_stop_loss:
                 orders.append(PlannedOrder("stop_loss", "stop_market", guard.stop_loss.price))
-            if not guard.has_trailing_stop:
+            if not guard.trailing_in_place:
                 if guard.kind is TrailingKind.NATIVE:
                     orders.append(
                         PlannedOrder("trailing_stop", "trailing_stop_market", guard.trailing_stop.price)

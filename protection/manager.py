@@ -310,25 +310,42 @@ class PositionGuard:
 
     @property
     def has_trailing_stop(self) -> bool:
-        if self.closed:
-            return False
+        """A trailing order of ours is confirmed live on the exchange (native: the trailing stop; managed:
+        the stop the trail placed and moves). What `positions.has_trailing_stop` records."""
+        return self.trailing_stop.confirmed and not self.closed
+
+    @property
+    def trail_armed(self) -> bool:
+        """Managed mode: this engine holds the trail (persisted, not over) and will place and move its stop."""
+        return (
+            not self.closed
+            and self.kind is TrailingKind.MANAGED
+            and self.trail_persisted
+            and self.trail is not None
+            and not self.trail.phase.is_terminal
+        )
+
+    @property
+    def trailing_in_place(self) -> bool:
+        """The trailing protection is in place: native, its order is live; managed, the trail is armed and
+        any stop it has placed is live (before activation there is no order yet, by design)."""
         if self.kind is TrailingKind.NATIVE:
-            return self.trailing_stop.confirmed
-        # Managed: the trail is persisted and armed; once a trailing stop exists it must be confirmed.
-        if not self.trail_persisted or self.trail is None:
-            return False
-        return self.trail.stop_price is None or self.trailing_stop.confirmed
+            return self.has_trailing_stop
+        assert self.trail is not None or not self.trail_armed
+        return self.trail_armed and (
+            self.trail is None or self.trail.stop_price is None or self.has_trailing_stop
+        )
 
     @property
     def covered(self) -> bool:
-        return self.has_stop_loss and self.has_trailing_stop
+        return self.has_stop_loss and self.trailing_in_place
 
     def coverage(self) -> PositionCoverage:
         return PositionCoverage(
             position_id=self.position_id,
             symbol=self.symbol,
             has_stop_loss=self.has_stop_loss,
-            has_trailing_stop=self.has_trailing_stop,
+            has_trailing_stop=self.trailing_in_place,
             filled_at=self.filled_at,
             unprotected_since=None if self.covered else self.unprotected_since,
         )
@@ -1087,6 +1104,28 @@ class PositionGuard:
             position.stop_loss_price if position.has_stop_loss else None,
             position.trailing_activated if self.trail is not None else None,
             position.status,
+            position.trail_armed,
+        )
+
+    def facts_written(self) -> bool:
+        """The database holds exactly what this guard knows now."""
+        return self._written_facts is not None and self._written_facts == self._facts(
+            self._m.clock.monotonic()
+        )
+
+    def _facts(self, now: float) -> tuple[Any, ...]:
+        covered = self.covered
+        past_grace = now - self.filled_at >= self._m.config.grace_seconds
+        # Active once covered, or once the grace period is over: an uncovered position past grace must
+        # count in the operators' SQL (status = 'active'), never hide in pending_protection.
+        status = PositionStatus.ACTIVE if covered or past_grace else PositionStatus.PENDING_PROTECTION
+        return (
+            self.has_stop_loss,
+            self.has_trailing_stop,
+            self.stop_loss.price if self.has_stop_loss else None,
+            self.trail.stop_price is not None if self.trail is not None else None,
+            status,
+            self.trail_armed,
         )
 
     async def _write_facts(self) -> None:
@@ -1099,17 +1138,7 @@ class PositionGuard:
             self.protected.set()
         elif not covered and self.unprotected_since is None:
             self.unprotected_since = now
-        past_grace = now - self.filled_at >= m.config.grace_seconds
-        # Active once covered, or once the grace period is over: an uncovered position past grace must
-        # count in the operators' SQL (status = 'active'), never hide in pending_protection.
-        status = PositionStatus.ACTIVE if covered or past_grace else PositionStatus.PENDING_PROTECTION
-        facts = (
-            self.has_stop_loss,
-            self.has_trailing_stop,
-            self.stop_loss.price if self.has_stop_loss else None,
-            self.trail.stop_price is not None if self.trail is not None else None,
-            status,
-        )
+        facts = self._facts(now)
         self.report.first_pass_ok = covered
         if facts == self._written_facts:
             return  # the database already says exactly this
@@ -1121,10 +1150,11 @@ class PositionGuard:
                 has_trailing_stop=facts[1],
                 stop_loss_price=facts[2],
                 trailing_activated=facts[3],
-                status=status,
+                status=facts[4],
+                trail_armed=facts[5],
             ),
         )
-        self.status = written if written is not None else status
+        self.status = written if written is not None else facts[4]
         self._written_facts = facts
 
 

@@ -91,10 +91,16 @@ class PositionRecord:
     closed_at: datetime | None
     updated_at: datetime
     exit_reason: str | None
+    trail_armed: bool = False  # a managed trail held (and moved) by a running engine
+
+    @property
+    def trailing_in_place(self) -> bool:
+        """A trailing order is live, or a managed trail is armed by its engine and has no stop yet."""
+        return self.has_trailing_stop or (self.trail_armed and not self.trailing_activated)
 
     @property
     def is_covered(self) -> bool:
-        return self.has_stop_loss and self.has_trailing_stop
+        return self.has_stop_loss and self.trailing_in_place
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +113,7 @@ class ProtectionFactsRow:
     stop_loss_price: Decimal | None
     trailing_activated: bool | None
     status: PositionStatus  # the live status it should have: pending_protection or active
+    trail_armed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,11 +413,11 @@ class Store:
             """
             UPDATE monitoring.positions AS p
             SET has_stop_loss = f.sl, has_trailing_stop = f.ts, stop_loss_price = f.sl_price,
-                trailing_activated = COALESCE(f.activated, p.trailing_activated),
+                trailing_activated = COALESCE(f.activated, p.trailing_activated), trail_armed = f.armed,
                 protected_at = CASE WHEN f.sl AND f.ts THEN COALESCE(p.protected_at, now()) ELSE p.protected_at END,
                 status = CASE WHEN p.status IN ('pending_protection', 'active') THEN f.status ELSE p.status END
-            FROM unnest($1::bigint[], $2::bool[], $3::bool[], $4::numeric[], $5::bool[], $6::text[])
-                AS f(id, sl, ts, sl_price, activated, status)
+            FROM unnest($1::bigint[], $2::bool[], $3::bool[], $4::numeric[], $5::bool[], $6::text[], $8::bool[])
+                AS f(id, sl, ts, sl_price, activated, status, armed)
             WHERE p.id = f.id AND p.status <> ALL($7::text[])
             RETURNING p.id, p.status
             """,
@@ -421,8 +428,16 @@ class Store:
             [f.trailing_activated for f in facts],
             [f.status.value for f in facts],
             TERMINAL_STATUSES,
+            [f.trail_armed for f in facts],
         )
         return {r["id"]: PositionStatus(r["status"]) for r in rows}
+
+    async def disarm_managed_trails(self) -> int:
+        """No engine moves managed trails any more (it stopped): none of them is armed."""
+        result = await self._pool.execute(
+            "UPDATE monitoring.positions SET trail_armed = false WHERE trail_armed"
+        )
+        return int(result.split()[-1])
 
     async def close_position(
         self, position_id: int, *, exit_reason: str, realized_pnl: Decimal | None
@@ -433,7 +448,8 @@ class Store:
             """
             UPDATE monitoring.positions
             SET status = 'closed', exit_reason = $2, realized_pnl = COALESCE($3, realized_pnl),
-                closed_at = COALESCE(closed_at, now()), has_stop_loss = false, has_trailing_stop = false
+                closed_at = COALESCE(closed_at, now()), has_stop_loss = false, has_trailing_stop = false,
+                trail_armed = false
             WHERE id = $1
             RETURNING *
             """,

@@ -319,7 +319,7 @@ class ReadOnlyFeed:
                     p.id,
                     p.symbol,
                     p.has_stop_loss,
-                    p.has_trailing_stop,
+                    p.trailing_in_place,
                     _epoch(p.opened_at, now),
                     None if p.is_covered else _epoch(p.opened_at, now),
                 )
@@ -412,7 +412,8 @@ def _position_view(p: PositionRecord, trail: TrailingStateRecord | None, now: fl
         pnl_percent=pnl,
         stop_loss_price=p.stop_loss_price,
         has_stop_loss=p.has_stop_loss,
-        has_trailing_stop=p.has_trailing_stop,
+        # A managed trail has no order before it activates: armed by its engine, that is protection in place.
+        has_trailing_stop=p.trailing_in_place,
         trailing_kind=trail.mode if trail else "native",
         trailing_phase=phase,
         activation_price=activation,

@@ -91,10 +91,7 @@ async def drive_until_covered(engine: Engine, clock: ManualClock, n: int, *, lim
         clock,
         lambda: (
             manager.coverage().protected == n
-            and all(
-                g._written_facts is not None and g._written_facts[0] and g._written_facts[1]
-                for g in manager.guards.values()
-            )
+            and all(g.covered and g.facts_written() for g in manager.guards.values())
         ),
         limit=limit,
         what=f"{n} positions protected and written",

@@ -180,3 +180,40 @@ async def test_a_managed_trailing_stop_that_disappears_is_placed_again_at_the_tr
         assert guard.covered
     finally:
         await drive(clock, engine.stop())
+
+
+async def test_managed_mode_says_has_trailing_stop_only_while_a_trailing_order_is_live(db: Database) -> None:
+    """`has_trailing_stop` means "a trailing order of ours is live on the exchange". Managed mode used to
+    set it as soon as the software trail was armed, with no order anywhere, and left it true after the
+    engine stopped. Now the arming is its own column (`trail_armed`) and the flag follows the venue."""
+    settings = settings_for(db, {"PROTECTION__TRAILING__MODE": "managed"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+
+    async def flags(position_id: int) -> tuple[bool, bool, str]:
+        row = await db.pool.fetchrow(
+            "SELECT has_trailing_stop, trail_armed, status FROM monitoring.positions WHERE id = $1",
+            position_id,
+        )
+        return row["has_trailing_stop"], row["trail_armed"], row["status"]
+
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[11]])
+        await drive_until_covered(engine, clock, 1)
+        assert engine.venue.core.open_protective_orders(clock.now())[0].type.value == "stop_market"
+        assert len(engine.venue.core.open_protective_orders(clock.now())) == 1  # the hard stop only
+        assert await flags(guard.position_id) == (False, True, "active")  # covered: armed, no order yet
+        assert guard.trail is not None
+        engine.venue.override_mark_price(
+            guard.symbol, guard.trail.activation_price + 20 * guard.market.tick_size
+        )
+        await drive_until(
+            clock, lambda: guard.has_trailing_stop and guard.facts_written(), what="trail stop live"
+        )
+        assert await flags(guard.position_id) == (True, True, "active")
+    finally:
+        await drive(clock, engine.stop())
+    # Nobody moves the trail now; its last stop is still on the venue.
+    assert await flags(guard.position_id) == (True, False, "active")
+    assert len(engine.venue.core.open_protective_orders(clock.now())) == 2
