@@ -180,6 +180,16 @@ class GuardReport:
     first_pass_ok: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class ExitEvidence:
+    """One of our stops filled: the position is (probably) gone, and this is why and at what price."""
+
+    exit_reason: str  # stop_loss | trailing_stop
+    exit_price: Decimal | None
+    client_order_id: str
+    seen_at: float  # monotonic
+
+
 @dataclass(slots=True)
 class GuardCommand:
     """Something another part of the engine asks of a guard; the guard's own task applies it, in order,
@@ -211,6 +221,13 @@ class ClosePosition(GuardCommand):
 
     exit_reason: str = "manual"
     urgent = True
+
+
+@dataclass(slots=True)
+class PositionHeld(GuardCommand):
+    """The venue listed the position in an answer read at `seen_at` (monotonic)."""
+
+    seen_at: float = 0.0
 
 
 @dataclass(slots=True)
@@ -274,6 +291,9 @@ class PositionGuard:
         self.failures = 0
         self.last_error: str | None = None
         self._commands: deque[GuardCommand] = deque()
+        # A stop of ours filled: sending stops for a position that is gone would only be refused (-2022);
+        # the reconciler settles it with this evidence, or clears it if the venue still holds the position.
+        self.exit_evidence: ExitEvidence | None = None
         self._pass: asyncio.Future[bool] | None = None  # the protection pass in flight
         self.wake = asyncio.Event()
         self.protected = asyncio.Event()
@@ -419,12 +439,30 @@ class PositionGuard:
                 command.settle(ok, "closed" if ok else (self.last_error or "close failed"))
             elif isinstance(command, OrderMissing):
                 command.settle(self._order_missing(command), command.client_order_id)
+            elif isinstance(command, PositionHeld):
+                command.settle(self._position_held(command), "")
         except asyncio.CancelledError:
             command.settle(False, "the guard stopped")
             raise
         except Exception as exc:
             self._note_failure(type(command).__name__, f"{type(exc).__name__}: {exc}", log_exception=exc)
             command.settle(False, f"{type(exc).__name__}: {exc}")
+
+    def _position_held(self, command: PositionHeld) -> bool:
+        """A stop of ours filled, yet the venue still holds the position, in an answer read after we saw
+        the fill (a partial fill, a flip): protect it again."""
+        evidence = self.exit_evidence
+        if evidence is None or command.seen_at <= evidence.seen_at:
+            return False
+        log.warning(
+            "%s: our %s %s filled but the venue still holds the position; protecting it again",
+            self.symbol,
+            evidence.exit_reason.replace("_", " "),
+            evidence.client_order_id,
+        )
+        self.exit_evidence = None
+        self.wake.set()
+        return True
 
     def _order_missing(self, command: OrderMissing) -> bool:
         """The reconciler did not see one of our confirmed stops: un-confirm it (the guard re-checks it by
@@ -441,6 +479,11 @@ class PositionGuard:
         return False
 
     async def _converge(self) -> bool:
+        if self.exit_evidence is not None:
+            await self._write_facts()
+            return (
+                False  # uncovered, and nothing to send for a position that is gone: the reconciler settles it
+            )
         written = self._written_facts
         if (
             written is not None
@@ -615,6 +658,13 @@ class PositionGuard:
             return self._fired(order)
         order.maybe_sent = False
         order.ended_as = found.status
+        if found.status is OrderStatus.FILLED:
+            self.exit_evidence = ExitEvidence(
+                "trailing_stop" if order.purpose is OrderPurpose.TRAILING_STOP else "stop_loss",
+                found.average_price,
+                cid,
+                m.clock.monotonic(),
+            )
         await m.store.set_order_status(
             cid, _record_status(found.status), exchange_order_id=found.venue_order_id
         )
@@ -692,6 +742,8 @@ class PositionGuard:
         else:
             order.generation += 1
         order.client_order_id = None
+        order.fired_at = None
+        order.confirmed = False
 
     async def _accept(self, order: ProtectiveOrder, placed: Order, latency: float | None) -> _Outcome:
         m = self._m
@@ -1497,6 +1549,7 @@ def _what(purpose: OrderPurpose) -> str:
 def _record_status(status: OrderStatus) -> OrderRecordStatus:
     return {
         OrderStatus.NEW: OrderRecordStatus.OPEN,
+        OrderStatus.TRIGGERED: OrderRecordStatus.UNKNOWN,  # fired, not final: it may still fill
         OrderStatus.FILLED: OrderRecordStatus.FILLED,
         OrderStatus.CANCELED: OrderRecordStatus.CANCELED,
         OrderStatus.EXPIRED: OrderRecordStatus.EXPIRED,

@@ -29,7 +29,7 @@ from engine.events import ProtectionFailed
 from engine.exchange.errors import ExchangeError, NotFound
 from engine.exchange.port import ExchangePort, Order, OrderStatus, VenuePosition
 from engine.pacing import Lane
-from protection.manager import OrderMissing, PositionGone, PositionGuard, ProtectionManager, TrailingKind
+from protection.manager import OrderMissing, PositionGone, PositionGuard, PositionHeld, ProtectionManager
 from protection.order_ids import parse_client_order_id
 from storage.repositories import OrderPurpose, OrderRecordStatus, Severity, Store
 
@@ -107,8 +107,19 @@ class Reconciler:
         self.runs += 1
         young = self._clock.monotonic() - self._connected_at < self._startup_unknown
         if not positions and manager.guards and young:
+            # Right after connecting an empty answer may be a venue glitch (F3): only a position whose own
+            # stop filled (conclusive evidence) is closed; the rest are left alone.
             report.skipped = "the venue reported no positions right after connecting; treated as unknown"
             log.warning("reconcile: %s (%d positions tracked)", report.skipped, len(manager.guards))
+            for guard in list(manager.guards.values()):
+                if not guard.closed and guard.exit_evidence is not None:
+                    guard.submit(
+                        PositionGone(
+                            exit_reason=guard.exit_evidence.exit_reason,
+                            exit_price=guard.exit_evidence.exit_price,
+                        )
+                    )
+                    report.closed.append(guard.symbol)
             return report
 
         on_venue = {p.symbol: p for p in positions}
@@ -121,6 +132,8 @@ class Reconciler:
                 await self._position_missing(guard, report)
             else:
                 self._absent_once.discard(guard.position_id)
+                if guard.exit_evidence is not None:
+                    guard.submit(PositionHeld(seen_at=snapshot_at))
                 self._check_orders(guard, open_by_id, report, snapshot_at)
 
         tracked = {g.symbol for g in manager.guards.values()} | self._entries_in_flight()
@@ -203,12 +216,20 @@ class Reconciler:
         report.closed.append(guard.symbol)
 
     async def _exit_evidence(self, guard: PositionGuard) -> tuple[str | None, object]:
-        for order in (guard.stop_loss, guard.trailing_stop):
-            if order.client_order_id is None:
-                continue
+        """Why the position left the venue: one of our stops (of any generation: an earlier stop may have
+        filled after it was replaced) or close orders filled. (None, None) without such evidence."""
+        if guard.exit_evidence is not None:
+            return guard.exit_evidence.exit_reason, guard.exit_evidence.exit_price
+        candidates = {
+            o.client_order_id: o.purpose for o in (guard.stop_loss, guard.trailing_stop) if o.client_order_id
+        }
+        for record in await self._store.live_orders_for_position(guard.position_id):
+            if record.purpose in (OrderPurpose.STOP_LOSS, OrderPurpose.TRAILING_STOP):
+                candidates.setdefault(record.client_order_id, record.purpose)
+        for client_order_id, purpose in candidates.items():
             try:
                 found = await self._manager.call(
-                    self._venue.fetch_order(guard.symbol, order.client_order_id), "fetch_order", Lane.READ
+                    self._venue.fetch_order(guard.symbol, client_order_id), "fetch_order", Lane.READ
                 )
             except (NotFound, ExchangeError, TimeoutError):
                 continue
@@ -216,12 +237,7 @@ class Reconciler:
                 await self._store.set_order_status(
                     found.client_order_id, OrderRecordStatus.FILLED, exchange_order_id=found.venue_order_id
                 )
-                reason = (
-                    "trailing_stop"
-                    if order.purpose is OrderPurpose.TRAILING_STOP
-                    and (guard.kind is TrailingKind.NATIVE or guard.trail is not None)
-                    else "stop_loss"
-                )
+                reason = "trailing_stop" if purpose is OrderPurpose.TRAILING_STOP else "stop_loss"
                 return reason, found.average_price
         return None, None
 

@@ -1,0 +1,127 @@
+"""Binance's algo-order lifecycle and read-after-write lag, as the engine meets them (issue: production
+pacing). A fired stop sits TRIGGERING before it fills, sometimes for good; a stop placed a moment ago can
+read as "does not exist". Each drives the engine to the right outcome, judged on the venue's truth (the
+sim core): uncovered while in doubt, then closed or re-protected, never two live stops of a kind."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from engine.clock import ManualClock
+from engine.exchange.port import OrderType
+from engine.venues.sim import SimVenue
+from engine.venues.sim.settings import CallKind, FaultKind
+from storage.database import Database
+from tests.integration.engine_support import make_engine
+from tests.integration.test_failure_modes_f1_f5 import (
+    SYMBOLS,
+    drive_until_covered,
+    open_positions,
+    settings_for,
+)
+from tests.support.driving import drive, drive_until
+
+
+def _live_kinds(venue: SimVenue, clock: ManualClock, symbol: str) -> Counter[OrderType]:
+    return Counter(o.type for o in venue.core.open_protective_orders(clock.now()) if o.symbol == symbol)
+
+
+async def test_a_stop_sitting_in_triggering_is_uncovered_then_the_fill_closes_the_position(
+    db: Database,
+) -> None:
+    settings = settings_for(db, {"PROTECTION__GRACE_SECONDS": "30"})
+    clock = ManualClock()
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[13]])
+        await drive_until_covered(engine, clock, 1)
+        venue.set_trigger_delay(8.0)
+        assert guard.stop_loss.price is not None
+        venue.override_mark_price(guard.symbol, guard.stop_loss.price - 3 * guard.market.tick_size)
+        # The stop fired and sits TRIGGERING: the position is still open on the venue, the stop protects
+        # nothing, and the engine says so (uncovered), without placing a second stop-loss meanwhile.
+        assert venue.core.positions(clock.now())
+        assert engine.manager is not None
+        engine.manager.request_reconcile()
+        await drive_until(clock, lambda: not guard.covered, what="uncovered while triggering", step=0.1)
+        assert _live_kinds(venue, clock, guard.symbol)[OrderType.STOP_MARKET] == 0
+        # The fill lands: the position is closed with the stop's reason and the fill's PnL.
+        await drive_until(
+            clock,
+            lambda: db.pool.fetchval(
+                "SELECT status = 'closed' FROM monitoring.positions WHERE id = $1", guard.position_id
+            ),
+            what="closed by the stop's fill",
+        )
+        row = await db.pool.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", guard.position_id)
+        assert row["exit_reason"] == "stop_loss"
+        assert row["realized_pnl"] < 0
+        assert venue.core.positions(clock.now()) == []
+        await drive_until(
+            clock,
+            lambda: not venue.core.open_protective_orders(clock.now()),
+            what="nothing left on the venue",
+        )
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_stop_stuck_in_triggering_is_closed_at_market_after_the_grace_period(db: Database) -> None:
+    settings = settings_for(db, {"PROTECTION__GRACE_SECONDS": "5"})
+    clock = ManualClock()
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[15]])
+        await drive_until_covered(engine, clock, 1)
+        venue.set_trigger_delay(None, stuck=True)
+        assert guard.stop_loss.price is not None
+        venue.override_mark_price(guard.symbol, guard.stop_loss.price - 3 * guard.market.tick_size)
+        assert engine.manager is not None
+        engine.manager.request_reconcile()
+        await drive_until(
+            clock,
+            lambda: db.pool.fetchval(
+                "SELECT status = 'closed' FROM monitoring.positions WHERE id = $1", guard.position_id
+            ),
+            what="closed at market",
+        )
+        row = await db.pool.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", guard.position_id)
+        assert row["exit_reason"] == "stop_not_filled"
+        assert venue.core.positions(clock.now()) == []  # flat on the venue, whatever the stuck order does
+        events = await db.pool.fetch(
+            "SELECT type FROM monitoring.events WHERE position_id = $1", guard.position_id
+        )
+        assert "stop_stuck_triggering" in {e["type"] for e in events}
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_stop_the_venue_cannot_read_back_yet_is_not_sent_twice(db: Database) -> None:
+    """The stop-loss is placed but its answer is lost; asked by its id, the venue answers "does not exist"
+    for 3 s (read-after-write lag). Proven absent is "not found after the lag window", so the engine waits
+    and finds it, instead of resending on a read that proves nothing."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    venue.set_read_lag(3.0)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    try:
+        assert engine.manager is not None
+        assert engine.manager.read_after_write_seconds == 3.0
+        creates_before = venue.calls_made.get(CallKind.CREATE_ORDER, 0)
+        [guard] = await open_positions(engine, clock, [SYMBOLS[17]])
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT)  # the stop-loss's answer
+        await drive_until_covered(engine, clock, 1)
+        # One entry, one stop-loss, one trailing stop: nothing was sent twice.
+        assert venue.calls_made.get(CallKind.CREATE_ORDER, 0) - creates_before == 3
+        assert _live_kinds(venue, clock, guard.symbol) == Counter(
+            {OrderType.STOP_MARKET: 1, OrderType.TRAILING_STOP_MARKET: 1}
+        )
+        assert guard.stop_loss.generation == 0
+    finally:
+        await drive(clock, engine.stop())
