@@ -185,6 +185,10 @@ class BinanceEmulator:
         )
         self._closing = asyncio.Event()
         self.requests_served = 0
+        # Requests being served at once, by "METHOD endpoint", and the most seen: how much a client runs
+        # in parallel (a pool cap on its side shows here as a ceiling).
+        self._in_flight: dict[str, int] = {}
+        self.max_in_flight: dict[str, int] = {}
 
     # ---- time ------------------------------------------------------------------------------------------
 
@@ -269,6 +273,15 @@ class BinanceEmulator:
     ) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def handle(request: web.Request) -> web.Response:
             self.requests_served += 1
+            key = f"{request.method} {endpoint}"
+            self._in_flight[key] = self._in_flight.get(key, 0) + 1
+            self.max_in_flight[key] = max(self.max_in_flight.get(key, 0), self._in_flight[key])
+            try:
+                return await handle_counted(request)
+            finally:
+                self._in_flight[key] -= 1
+
+        async def handle_counted(request: web.Request) -> web.Response:
             ip = request.remote or LOOPBACK_HOST
             raw_query, body, params = await self._read(request)
             # The IP limit comes first and weighs every request that reaches it, signed or not, valid or not.
@@ -1048,6 +1061,7 @@ class BinanceEmulator:
             {
                 "now": _ms(now),
                 "requests_served": self.requests_served,
+                "max_in_flight": dict(self.max_in_flight),
                 "positions": [
                     {"symbol": p.symbol, "side": p.side.value, "quantity": _text(p.quantity)}
                     for p in seen.positions

@@ -1,0 +1,143 @@
+"""Production pacing on the real path: the engine and ccxt against the Binance-wire emulator over loopback,
+configured exactly as for a real Binance account (only the URL differs). The emulator is the venue's truth:
+what it counted, refused and served at once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import aiohttp
+
+from engine.clock import SystemClock
+from engine.engine import Engine, build_venue
+from engine.exchange.errors import RateLimited
+from engine.order_budget import OrderBudget
+from engine.pacing import Lane, RequestPacer, VenuePacing, call_with_send_timeout
+from engine.venues.binance_emulator import BinanceEmulator, FaultPlan, running
+from engine.venues.binance_limits import USED_WEIGHT_HEADER
+from engine.venues.ccxt_venue import BinanceUsdmVenue, CcxtVenueConfig
+from engine.venues.sim.settings import SimVenueSettings
+from storage.database import Database
+from tests.integration.engine_support import engine_settings
+from tests.support.binance_client import BinanceClient
+from tests.support.waiting import wait_until
+
+KEY, SECRET = "pacing-key", "pacing-secret"
+
+
+def _binance(base_url: str) -> BinanceUsdmVenue:
+    return BinanceUsdmVenue(
+        CcxtVenueConfig(kind="binanceusdm", api_key=KEY, api_secret=SECRET, base_url=base_url)
+    )
+
+
+async def test_the_venues_weight_count_reaches_the_pacer_and_heavy_reads_wait() -> None:
+    """Another process spends this IP's weight (the emulator counts it; its `X-MBX-USED-WEIGHT-1M` says
+    so): the pacer books the venue's count and a heavy read waits below the limit instead of drawing a
+    429 (and, if the client kept going, a 418 ban)."""
+    settings = SimVenueSettings(seed=3, volatility=0.0, symbols=["SFPUSDT", "BTCUSDT"])
+    emulator = BinanceEmulator(settings, api_key=KEY, api_secret=SECRET, control=True)
+    async with running(emulator) as base_url, aiohttp.ClientSession() as session:
+        venue, pacer = _paced(base_url)
+        try:
+            await venue.load_markets()
+            other = BinanceClient(session, base_url, KEY, SECRET)
+            for _ in range(50):  # another client: 50 × 40 = 2 000 of the minute's 2 400
+                answer = await other.signed("GET", "/fapi/v1/openAlgoOrders")
+                assert answer.status == 200
+            used_by_venue = int(answer.headers[USED_WEIGHT_HEADER])
+            assert used_by_venue >= 2000
+            await venue.fetch_mark_prices(["SFPUSDT"])
+            assert pacer.used_fraction() * 2400 >= used_by_venue
+            # A heavy read (40) would cross the share reads may use: it waits instead of being sent.
+            clock = SystemClock()
+            heavy = asyncio.create_task(
+                call_with_send_timeout(clock, 10.0, venue.fetch_open_protective_orders(), Lane.READ)
+            )
+            await asyncio.sleep(0.5)
+            assert not heavy.done()
+            heavy.cancel()
+            await asyncio.gather(heavy, return_exceptions=True)
+            assert venue.refusals == {}
+        finally:
+            await venue.close()
+
+
+async def test_a_429_holds_every_request_until_its_retry_after() -> None:
+    settings = SimVenueSettings(seed=3, volatility=0.0, symbols=["SFPUSDT", "BTCUSDT"])
+    emulator = BinanceEmulator(settings, api_key=KEY, api_secret=SECRET, control=True)
+    async with running(emulator) as base_url, aiohttp.ClientSession() as session:
+        venue, _pacer = _paced(base_url)
+        try:
+            await venue.load_markets()
+            forced = await session.post(
+                f"{base_url}/_sim/fault", json={"call": "fetch_positions", "fault": "ratelimit", "count": 1}
+            )
+            assert forced.status == 200
+            with contextlib.suppress(RateLimited):
+                await venue.fetch_positions()
+            assert venue.refusals == {429: 1}
+            clock = SystemClock()
+            started = time.monotonic()
+            held = asyncio.create_task(
+                call_with_send_timeout(clock, 10.0, venue.fetch_positions(), Lane.PROTECTIVE)
+            )
+            await asyncio.sleep(0.5)
+            assert not held.done()  # held until the venue's Retry-After (1 s), not sent into a ban
+            assert await held == []
+            assert time.monotonic() - started >= 0.9
+            assert venue.refusals == {429: 1}
+        finally:
+            await venue.close()
+
+
+def _paced(base_url: str) -> tuple[BinanceUsdmVenue, RequestPacer]:
+    venue = _binance(base_url)
+    clock = SystemClock()
+    pacer = RequestPacer(venue.capabilities().request_budgets, clock)
+    budget = OrderBudget(venue.capabilities().order_rate_budgets, clock)
+    venue.attach_pacing(VenuePacing(pacer, budget, clock))
+    return venue, pacer
+
+
+async def test_a_wave_larger_than_cctxs_pool_sends_all_its_stops_at_once(db: Database) -> None:
+    """ccxt's own HTTP pool stops at 100 connections: a wave of 60 needs 120 stop requests at once, so the
+    last positions needed a third round trip. The engine's pool is sized for its largest burst: the
+    emulator sees every stop of the wave in flight together, and every position is protected."""
+    sim = SimVenueSettings(seed=5, volatility=0.0, max_conditional_orders=400)
+    emulator = BinanceEmulator(
+        sim, api_key=KEY, api_secret=SECRET, control=True, faults=FaultPlan(latency_ms=1000)
+    )
+    async with running(emulator) as base_url:
+        settings = engine_settings(
+            db.target.dsn,
+            {
+                "VENUE__KIND": "binanceusdm",
+                "VENUE__BASE_URL": base_url,
+                "VENUE__API_KEY": KEY,
+                "VENUE__API_SECRET": SECRET,
+                "SIGNALS__MAX_CONCURRENT_ENTRIES": "60",
+                "SIGNALS__MAX_POSITIONS": "100",
+                "SIGNALS__WAVE_WINDOW_MS": "0",
+            },
+        )
+        clock = SystemClock()
+        engine = Engine(settings, venue=build_venue(settings, clock), clock=clock, version="test")
+        await engine.start()
+        try:
+            assert engine.store is not None
+            assert engine.manager is not None
+            symbols = sorted(emulator.core.markets)[:60]
+            await engine.store.insert_signals([(s, "long", None, None) for s in symbols])
+            manager = engine.manager
+            await wait_until(
+                lambda: len(manager.guards) == 60 and all(g.covered for g in manager.guards.values()),
+                within=60.0,
+                what="60 positions protected",
+            )
+            assert emulator.max_in_flight["POST algoOrder"] >= 101  # more than ccxt's pool could carry
+            assert len(emulator.core.inspect(emulator.now()).open_conditional) == 120
+        finally:
+            await engine.stop()
