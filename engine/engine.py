@@ -191,18 +191,30 @@ class _Supervisor:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.restarts: dict[str, int] = {}
 
+    HEALTHY_RUN_SECONDS = 60.0  # a loop that ran this long before failing starts its backoff afresh
+
     def start(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
         self._tasks[name] = asyncio.create_task(self._run(name, loop), name=name)
+
+    async def stop_one(self, name: str) -> None:
+        """Stop one loop and wait until it has (a pass in flight is cancelled, not left running)."""
+        task = self._tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     async def _run(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
         delay = 1.0
         while True:
+            started = self._clock.monotonic()
             try:
                 await loop()
                 return
             except asyncio.CancelledError:
                 raise
             except Exception:
+                if self._clock.monotonic() - started >= self.HEALTHY_RUN_SECONDS:
+                    delay = 1.0  # it had recovered: this is a new failure, not the same one again
                 self.restarts[name] = self.restarts.get(name, 0) + 1
                 log.exception("%s failed; restarting in %.0fs", name, delay)
                 await self._clock.sleep(delay)
@@ -597,11 +609,19 @@ class Engine:
         self.manager.protect(position)
 
     async def restart_protection(self) -> StartupReport:
-        """Stop the TS manager, reload from the database, verify against the venue, re-arm."""
+        """Stop the TS manager, reload from the database, verify against the venue, re-arm.
+
+        The reconcile loop is stopped first (a pass in flight is cancelled and awaited): a pass that
+        outlived its manager saw every order of ours as an orphan and cancelled them all."""
         assert self.manager is not None
         log.warning("restarting the protection manager on operator request")
-        await self.manager.stop()
-        self.startup_report = await self._start_protection()
+        await self._supervisor.stop_one("reconciler")
+        try:
+            await self.manager.stop()
+            self.startup_report = await self._start_protection()
+        finally:
+            if self.state is EngineState.RUNNING:
+                self._supervisor.start("reconciler", self._reconcile_loop)
         log.info("protection restarted: %s", self.startup_report.describe())
         assert self.store is not None
         await self.store.record_event(

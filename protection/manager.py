@@ -1250,6 +1250,7 @@ class ProtectionManager:
         self.order_round_trip_seconds = (
             0.0  # moving average of answered create_order calls (budget look-ahead)
         )
+        self.stopped = False  # no guard runs any more: nothing may act in this manager's name
         self.guards: dict[int, PositionGuard] = {}
         self.by_symbol: dict[str, PositionGuard] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
@@ -1429,6 +1430,7 @@ class ProtectionManager:
 
     async def stop(self) -> None:
         """Stop every guard task. Orders on the exchange stay where they are."""
+        self.stopped = True
         tasks = list(self._tasks.values()) + list(self._background)
         for task in tasks:
             task.cancel()

@@ -138,6 +138,8 @@ class Reconciler:
 
         tracked = {g.symbol for g in manager.guards.values()} | self._entries_in_flight()
         for symbol, venue_position in on_venue.items():
+            if manager.stopped:
+                break  # an emptied manager would "adopt" every position it no longer tracks
             if symbol not in tracked and symbol in manager.markets:
                 log.warning(
                     "reconcile: %s %s %s on the venue is not ours in the database: adopting and protecting it",
@@ -243,6 +245,8 @@ class Reconciler:
 
     async def _cancel_if_stale(self, order: Order, report: ReconcileReport) -> None:
         manager = self._manager
+        if manager.stopped:
+            return  # this pass outlived its manager: every order would look like an orphan
         key = parse_client_order_id(order.client_order_id, manager.token)
         if key is None:
             return  # not ours: never touched

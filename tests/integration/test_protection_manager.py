@@ -217,3 +217,35 @@ async def test_managed_mode_says_has_trailing_stop_only_while_a_trailing_order_i
     # Nobody moves the trail now; its last stop is still on the venue.
     assert await flags(guard.position_id) == (True, False, "active")
     assert len(engine.venue.core.open_protective_orders(clock.now())) == 2
+
+
+async def test_restarting_protection_during_a_reconcile_pass_cancels_nothing(db: Database) -> None:
+    """`r` (restart the TS manager) while a reconcile pass was waiting for the venue: the pass kept the old,
+    emptied manager, took every order of ours for an orphan and cancelled them all (4 positions without a
+    stop-loss for up to 10 s), and reported positions as adopted. Now the pass is stopped first."""
+    settings = settings_for(db, {"VENUE__SIM__LATENCY__BY_CALL": '{"fetch_open_orders": {"seconds": 4}}'})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        await open_positions(engine, clock, SYMBOLS[20:24])
+        await drive_until_covered(engine, clock, 4)
+        venue = engine.venue
+        reads = venue.calls_made.get(CallKind.FETCH_OPEN_ORDERS, 0)
+        assert engine.manager is not None
+        engine.manager.request_reconcile()
+        await drive_until(
+            clock,
+            lambda: venue.calls_made.get(CallKind.FETCH_OPEN_ORDERS, 0) > reads,
+            what="a pass in flight",
+        )
+        report = await drive(clock, engine.restart_protection())
+        assert (report.restored, report.adopted, report.failed) == (4, 0, 0)
+        await drive_until(
+            clock, lambda: engine.reconciler is not None and engine.reconciler.runs >= 2, what="passes"
+        )
+        assert venue.calls_made.get(CallKind.CANCEL_ORDER, 0) == 0
+        assert len(venue.core.open_protective_orders(clock.now())) == 8
+        assert all(g.covered for g in engine.manager.guards.values())
+    finally:
+        await drive(clock, engine.stop())
