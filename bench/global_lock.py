@@ -89,8 +89,8 @@ class CountingVenue:
     async def fetch_balance(self) -> Balance:
         return await self._counted("fetch_balance", self.inner.fetch_balance())
 
-    async def fetch_positions(self) -> list[VenuePosition]:
-        return await self._counted("fetch_positions", self.inner.fetch_positions())
+    async def fetch_positions(self, symbol: str | None = None) -> list[VenuePosition]:
+        return await self._counted("fetch_positions", self.inner.fetch_positions(symbol))
 
     async def fetch_open_protective_orders(self, symbol: str | None = None) -> list[Order]:
         return await self._counted("fetch_open_orders", self.inner.fetch_open_protective_orders(symbol))

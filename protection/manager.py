@@ -231,6 +231,14 @@ class PositionHeld(GuardCommand):
 
 
 @dataclass(slots=True)
+class QuantityChanged(GuardCommand):
+    """The venue holds a different quantity than our stops cover (added to or reduced by hand, a partial
+    fill): the stops are resized to it, make-before-break."""
+
+    quantity: Decimal = Decimal(0)
+
+
+@dataclass(slots=True)
 class OrderMissing(GuardCommand):
     """A confirmed stop of ours was not in the venue's open orders read at `seen_at` (monotonic)."""
 
@@ -291,6 +299,7 @@ class PositionGuard:
         self.failures = 0
         self.last_error: str | None = None
         self._commands: deque[GuardCommand] = deque()
+        self._superseded: list[ProtectiveOrder] = []  # resized-away stops, cancelled once the new ones live
         # A stop of ours filled: sending stops for a position that is gone would only be refused (-2022);
         # the reconciler settles it with this evidence, or clears it if the venue still holds the position.
         self.exit_evidence: ExitEvidence | None = None
@@ -372,7 +381,7 @@ class PositionGuard:
 
     def order_ids(self) -> set[str]:
         """Client ids this guard considers current (anything else of ours for this position is stale)."""
-        current = (self.stop_loss, self.trailing_stop, self._replacement)
+        current = (self.stop_loss, self.trailing_stop, self._replacement, *self._superseded)
         return {o.client_order_id for o in current if o is not None and o.client_order_id}
 
     # --- the task ------------------------------------------------------------------------------------
@@ -441,12 +450,56 @@ class PositionGuard:
                 command.settle(self._order_missing(command), command.client_order_id)
             elif isinstance(command, PositionHeld):
                 command.settle(self._position_held(command), "")
+            elif isinstance(command, QuantityChanged):
+                command.settle(await self._quantity_changed(command), str(command.quantity))
         except asyncio.CancelledError:
             command.settle(False, "the guard stopped")
             raise
         except Exception as exc:
             self._note_failure(type(command).__name__, f"{type(exc).__name__}: {exc}", log_exception=exc)
             command.settle(False, f"{type(exc).__name__}: {exc}")
+
+    async def _quantity_changed(self, command: QuantityChanged) -> bool:
+        """Resize the stops to the venue's quantity: new ones first, the old ones cancelled once the new
+        are confirmed (a stop for the wrong size is still better than none meanwhile)."""
+        m = self._m
+        if command.quantity <= 0 or command.quantity == self.quantity or self.exit_evidence is not None:
+            return False
+        log.warning(
+            "%s: the venue holds %s where our stops cover %s; placing stops for %s",
+            self.symbol,
+            command.quantity,
+            self.quantity,
+            command.quantity,
+        )
+        await m.store.set_position_quantity(self.position_id, command.quantity)
+        m.spawn_event_write(
+            Severity.WARNING,
+            "quantity_changed",
+            f"{self.symbol}: venue quantity {command.quantity}, stops covered {self.quantity}: resizing them",
+            self.symbol,
+            self.position_id,
+        )
+        self.quantity = command.quantity
+        for order in (self.stop_loss, self.trailing_stop):
+            if order.client_order_id and (order.confirmed or order.maybe_sent):
+                self._superseded.append(
+                    ProtectiveOrder(
+                        order.purpose,
+                        generation=order.generation,
+                        client_order_id=order.client_order_id,
+                        confirmed=order.confirmed,
+                        maybe_sent=order.maybe_sent,
+                    )
+                )
+            self._fresh_id(order)
+            order.maybe_sent = False
+        self.wake.set()
+        return True
+
+    async def _cancel_superseded(self) -> None:
+        while self._superseded:
+            await self._cancel_quietly(self._superseded.pop())
 
     def _position_held(self, command: PositionHeld) -> bool:
         """A stop of ours filled, yet the venue still holds the position, in an answer read after we saw
@@ -513,6 +566,8 @@ class PositionGuard:
             await self._check_fired()
         if not self.closed:
             await self._write_facts()
+        if self._superseded and self.covered:
+            await self._cancel_superseded()
         return all(results) and not self.closed
 
     async def _ensure_confirmed(
@@ -1058,6 +1113,7 @@ class PositionGuard:
         for order in (self.stop_loss, self.trailing_stop):
             if order.client_order_id and (order.confirmed or order.maybe_sent):
                 await self._cancel_quietly(order)
+        await self._cancel_superseded()
         log.info(
             "Position %s %s closed: %s, realized PnL %s", self.position_id, self.symbol, exit_reason, pnl
         )

@@ -29,11 +29,20 @@ from engine.events import ProtectionFailed
 from engine.exchange.errors import ExchangeError, NotFound
 from engine.exchange.port import ExchangePort, Order, OrderStatus, VenuePosition
 from engine.pacing import Lane
-from protection.manager import OrderMissing, PositionGone, PositionGuard, PositionHeld, ProtectionManager
+from protection.manager import (
+    OrderMissing,
+    PositionGone,
+    PositionGuard,
+    PositionHeld,
+    ProtectionManager,
+    QuantityChanged,
+)
 from protection.order_ids import parse_client_order_id
 from storage.repositories import OrderPurpose, OrderRecordStatus, Severity, Store
 
 log = logging.getLogger(__name__)
+
+MISSING_CHECKS_PER_PASS = 20  # positions missing from the venue's list that one pass looks into
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,17 +133,26 @@ class Reconciler:
 
         on_venue = {p.symbol: p for p in positions}
         open_by_id = {o.client_order_id: o for o in open_orders}
+        missing: list[PositionGuard] = []
         for guard in list(manager.guards.values()):
             if guard.closed:
                 continue
             venue_position = on_venue.get(guard.symbol)
             if venue_position is None or venue_position.side.value != guard.side.value:
-                await self._position_missing(guard, report)
+                missing.append(guard)
             else:
                 self._absent_once.discard(guard.position_id)
                 if guard.exit_evidence is not None:
                     guard.submit(PositionHeld(seen_at=snapshot_at))
+                if venue_position.quantity != guard.quantity:
+                    guard.submit(QuantityChanged(quantity=venue_position.quantity))
                 self._check_orders(guard, open_by_id, report, snapshot_at)
+        # Each missing position costs look-ups (its stops, its symbol alone): a list that lost everything
+        # at once must not turn into a storm of reads. Those already seen missing once go first.
+        missing.sort(key=lambda g: (g.position_id not in self._absent_once, g.position_id))
+        for guard in missing[:MISSING_CHECKS_PER_PASS]:
+            if not manager.stopped:
+                await self._position_missing(guard, report)
 
         tracked = {g.symbol for g in manager.guards.values()} | self._entries_in_flight()
         for symbol, venue_position in on_venue.items():
@@ -207,8 +225,28 @@ class Reconciler:
             report.reprotected.append(guard.symbol)
 
     async def _position_missing(self, guard: PositionGuard, report: ReconcileReport) -> None:
+        """A position we guard is not in the venue's list. Flat only on evidence: one of our stops filled,
+        or — asked for its own symbol, twice in a row — the venue says it holds nothing there. A list that
+        lost every position at once (a venue glitch) therefore closes nothing, and no stop is cancelled
+        before its position is confirmed flat."""
         exit_reason, exit_price = await self._exit_evidence(guard)
         if exit_reason is None:
+            try:
+                alone = await self._manager.call(
+                    self._venue.fetch_positions(guard.symbol), "fetch_positions", Lane.READ
+                )
+            except (ExchangeError, TimeoutError) as exc:
+                log.warning(
+                    "reconcile: %s missing from the list, its own read failed (%s)", guard.symbol, exc
+                )
+                return
+            if any(p.side.value == guard.side.value for p in alone):
+                log.warning(
+                    "reconcile: the venue's list left out %s, which it still holds when asked alone; kept",
+                    guard.symbol,
+                )
+                self._absent_once.discard(guard.position_id)
+                return
             if guard.position_id not in self._absent_once:
                 self._absent_once.add(guard.position_id)
                 return

@@ -459,6 +459,12 @@ class Store:
         )
         return _position(self._require(row, position_id))
 
+    async def set_position_quantity(self, position_id: int, quantity: Decimal) -> None:
+        """The venue holds `quantity` (what its stops are sized to from now on)."""
+        await self._pool.execute(
+            "UPDATE monitoring.positions SET quantity = $2 WHERE id = $1", position_id, quantity
+        )
+
     async def set_realized_pnl(self, position_id: int, realized_pnl: Decimal) -> None:
         await self._pool.execute(
             "UPDATE monitoring.positions SET realized_pnl = $2 WHERE id = $1", position_id, realized_pnl

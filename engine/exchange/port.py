@@ -223,9 +223,10 @@ class ExchangePort(Protocol):
 
     async def fetch_balance(self) -> Balance: ...
 
-    async def fetch_positions(self) -> list[VenuePosition]:
-        """Open positions. An empty list right after connecting may be a venue glitch (seen in production):
-        treat it as "unknown" until confirmed."""
+    async def fetch_positions(self, symbol: str | None = None) -> list[VenuePosition]:
+        """Open positions, of one symbol or all. An empty list of all positions may be a venue glitch
+        (seen in production right after connecting): a position missing from it is confirmed gone only by
+        asking for its symbol alone."""
         ...
 
     async def fetch_open_protective_orders(self, symbol: str | None = None) -> list[Order]:

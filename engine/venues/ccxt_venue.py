@@ -857,9 +857,12 @@ class BinanceUsdmVenue(CcxtVenue):
                 )
         return Balance("USDT", _ZERO, _ZERO, _ZERO)
 
-    async def fetch_positions(self) -> list[VenuePosition]:
+    async def fetch_positions(self, symbol: str | None = None) -> list[VenuePosition]:
         await self._ensure_markets()
-        rows = await self._call(self._exchange.fapiPrivateV2GetPositionRisk(), mutating=False)
+        request = {} if symbol is None else {"symbol": self._market(symbol).symbol}
+        rows = await self._call(
+            self._exchange.fapiPrivateV2GetPositionRisk(request), mutating=False, symbol=symbol
+        )
         positions = []
         for row in rows:
             amount = _decimal(row.get("positionAmt"), _ZERO)
@@ -1339,10 +1342,10 @@ class BybitLinearVenue(CcxtVenue):
             self._hedge_mode = any(int(row.get("positionIdx", 0) or 0) != 0 for row in rows)
         return rows
 
-    async def fetch_positions(self) -> list[VenuePosition]:
+    async def fetch_positions(self, symbol: str | None = None) -> list[VenuePosition]:
         await self._ensure_markets()
         positions = []
-        for row in await self._position_rows():
+        for row in await self._position_rows(symbol):
             symbol = row.get("symbol")
             if symbol not in self._markets:
                 continue

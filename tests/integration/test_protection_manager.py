@@ -5,6 +5,7 @@ that disappears. The venue's truth (the sim core) is read to judge the outcome."
 from __future__ import annotations
 
 from engine.clock import ManualClock
+from engine.exchange.port import Order
 from engine.venues.sim.settings import CallKind, FaultKind
 from storage.database import Database
 from tests.integration.engine_support import make_engine
@@ -247,5 +248,68 @@ async def test_restarting_protection_during_a_reconcile_pass_cancels_nothing(db:
         assert venue.calls_made.get(CallKind.CANCEL_ORDER, 0) == 0
         assert len(venue.core.open_protective_orders(clock.now())) == 8
         assert all(g.covered for g in engine.manager.guards.values())
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_venue_that_answers_no_positions_at_all_closes_nothing(db: Database) -> None:
+    """Two empty answers to "all positions" after the first 30 s used to close every position and cancel
+    every stop while the venue still held them (and the next pass re-adopted them from the venue's entry
+    price, losing managed trails). "Everything gone at once" is unknown: each is asked for alone."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        guards = await open_positions(engine, clock, SYMBOLS[24:28])
+        await drive_until_covered(engine, clock, 4)
+        await clock.advance(40.0)  # past the start-up window in which an empty answer is ignored anyway
+        venue = engine.venue
+        assert engine.reconciler is not None
+        runs = engine.reconciler.runs
+        venue.glitch_empty_positions(3)
+        await drive_until(clock, lambda: engine.reconciler.runs >= runs + 4, what="four passes")
+        assert venue.calls_made.get(CallKind.CANCEL_ORDER, 0) == 0
+        assert len(venue.core.open_protective_orders(clock.now())) == 8
+        statuses = await db.pool.fetch("SELECT id, status FROM monitoring.positions ORDER BY id")
+        assert [r["id"] for r in statuses] == sorted(g.position_id for g in guards)  # nothing re-adopted
+        assert {r["status"] for r in statuses} == {"active"}
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_stops_follow_the_quantity_the_venue_holds(db: Database) -> None:
+    """Someone adds to a position by hand: the venue holds more than our stops cover. The stops are resized
+    to the venue's quantity, new ones live before the old ones are cancelled."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[29]])
+        await drive_until_covered(engine, clock, 1)
+        before = guard.quantity
+        core = engine.venue.core
+        core.place_market_order(
+            guard.symbol, guard.side.closing_side.opposite, before, "by-hand-1", clock.now()
+        )
+        assert engine.manager is not None
+        engine.manager.request_reconcile()
+
+        def live() -> list[Order]:
+            return [o for o in core.open_protective_orders(clock.now()) if o.symbol == guard.symbol]
+
+        await drive_until(
+            clock,
+            lambda: guard.quantity == 2 * before and guard.covered and len(live()) == 2,
+            what="resized, the old stops cancelled",
+        )
+        stops = live()
+        assert sorted(o.type.value for o in stops) == ["stop_market", "trailing_stop_market"]
+        assert {o.quantity for o in stops} == {2 * before}
+        stored = await db.pool.fetchval(
+            "SELECT quantity FROM monitoring.positions WHERE id = $1", guard.position_id
+        )
+        assert stored == 2 * before
     finally:
         await drive(clock, engine.stop())

@@ -101,6 +101,7 @@ class SimVenue:
         self._closed = False
         self._pacing: VenuePacing | None = None
         self.calls_made: dict[CallKind, int] = {}  # requests that reached this venue, by kind
+        self._empty_position_answers = 0
 
     # ---- lifecycle ---------------------------------------------------------------------------------
 
@@ -173,16 +174,30 @@ class SimVenue:
     async def fetch_balance(self) -> Balance:
         return await self._call(CallKind.FETCH_BALANCE, lambda now: self._core.balance(now, self._account_id))
 
-    async def fetch_positions(self) -> list[VenuePosition]:
+    async def fetch_positions(self, symbol: str | None = None) -> list[VenuePosition]:
         def positions(now: float) -> list[VenuePosition]:
             found = self._core.positions(now, self._account_id)
+            if symbol is not None:
+                self._core.mark(symbol)  # refuses an unknown symbol (-1121), as the venue does
+                return [p for p in found if p.symbol == symbol]
             since_connect = self._clock.monotonic() - self._connected_at
             if since_connect < self._settings.faults.empty_positions_for_seconds:
                 logger.debug("sim venue: answering [] for positions %.1fs after connect", since_connect)
                 return []
+            if self._empty_position_answers > 0:
+                self._empty_position_answers -= 1
+                logger.info("sim venue: answering [] for all positions (a glitch, as asked)")
+                return []
             return found
 
         return await self._call(CallKind.FETCH_POSITIONS, positions)
+
+    def glitch_empty_positions(self, count: int = 1) -> None:
+        """Answer the next `count` reads of *all* positions with `[]` while they are open, as Binance was
+        seen to (the incident bot deleted every state on it). A read of one symbol still answers truly."""
+        if count < 1:
+            raise ValueError("count must be >= 1")
+        self._empty_position_answers += count
 
     async def fetch_open_protective_orders(self, symbol: str | None = None) -> list[Order]:
         return await self._call(
