@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import ROUND_DOWN, Decimal
 from enum import StrEnum
 from typing import Any
@@ -516,6 +517,7 @@ class Engine:
         guards = [
             self.manager.protect(
                 position,
+                filled_at=self._monotonic_of(position.opened_at),
                 live_orders=orders_by_position.get(position.id, ()),
                 trail_record=trails.get(position.id),
                 venue_open_orders=venue_orders,
@@ -534,6 +536,14 @@ class Engine:
         failed = [g.symbol for g in self.manager.guards.values() if not g.covered]
         reprotected = sum(1 for g in guards if g.covered and g.report.created_orders > 0)
         return StartupReport(restored, reprotected, adopted, len(failed), tuple(sorted(failed)))
+
+    def _monotonic_of(self, moment: datetime | None) -> float:
+        """A wall-clock moment on the engine's monotonic clock (now for an unknown or future one): a restored
+        position's time unprotected counts from its fill, not from the restart."""
+        now = self.clock.monotonic()
+        if moment is None:
+            return now
+        return now - max(0.0, self.clock.now() - moment.timestamp())
 
     async def _wait_first_pass(self, guards: Sequence[PositionGuard]) -> None:
         if not guards:
@@ -576,7 +586,9 @@ class Engine:
             await self.store.set_order_status(
                 cid, OrderRecordStatus.FILLED, exchange_order_id=order.venue_order_id
             )
-            return await self.store.record_fill(position.id, order.filled_quantity, order.average_price)
+            return await self.store.record_fill(
+                position.id, order.filled_quantity, order.average_price, filled_at=_utc(order.updated_at)
+            )
         await self.store.set_position_status(
             position.id, PositionStatus.FAILED, exit_reason=f"entry {order.status.value}"
         )
@@ -597,7 +609,10 @@ class Engine:
             if position is None or position.id in self.manager.guards:
                 return
         position = await self.store.record_fill(
-            position.id, venue_position.quantity, venue_position.entry_price
+            position.id,
+            venue_position.quantity,
+            venue_position.entry_price,
+            filled_at=_utc(venue_position.updated_at),
         )
         await self.store.record_event(
             Severity.WARNING,
@@ -1167,6 +1182,10 @@ class Engine:
             return False
         closed, _detail = await guard.request_close("manual")
         return closed
+
+
+def _utc(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, tz=UTC)
 
 
 def _entry_pending(position: PositionRecord) -> bool:

@@ -158,6 +158,7 @@ class ProtectiveOrder:
     maybe_sent: bool = False  # the venue may have it: resolve by id before sending anything
     arm_now: bool = False  # native trail: activation already passed, arm at the current mark
     sent_at: float | None = None  # monotonic time of the last send (a "not found" sooner proves nothing)
+    sent_this_run: bool = False  # this process sent it (a confirmation is a creation, not a restore)
     fired_at: float | None = None  # monotonic time we first saw it fired but not finished (TRIGGERING)
     ended_as: OrderStatus | None = None  # how the venue said its last id ended (filled, cancelled …)
 
@@ -617,6 +618,7 @@ class PositionGuard:
         await m.budget.acquire_protective()
         started = m.clock.monotonic()
         order.sent_at = started
+        order.sent_this_run = True
         # From here until a definite answer the venue may hold it (an interrupted pass leaves it to be
         # resolved by id, and a finishing position cancels it).
         order.maybe_sent = True
@@ -821,16 +823,7 @@ class PositionGuard:
         if latency is not None:
             self.report.created_orders += 1
         price = placed.stop_price if placed.stop_price is not None else placed.activation_price
-        if order.purpose is OrderPurpose.TRAILING_STOP and self.kind is TrailingKind.NATIVE:
-            log.info(
-                "Created trailing stop for %s: activation %s, callback %s%% (client id %s)",
-                self.symbol,
-                placed.activation_price if placed.activation_price is not None else "now",
-                placed.callback_rate,
-                cid,
-            )
-        elif order.purpose is OrderPurpose.STOP_LOSS:
-            log.info("Created stop-loss for %s at %s (client id %s)", self.symbol, placed.stop_price, cid)
+        self._announce(order, placed)
         m.publish(
             ProtectionConfirmed(
                 at=m.clock.now(),
@@ -843,6 +836,30 @@ class PositionGuard:
             )
         )
         return _Outcome.CONFIRMED
+
+    def _announce(self, order: ProtectiveOrder, placed: Order) -> None:
+        """One log line per order id and run: "Created …" for what this run sent (the operators count
+        those lines), "Restored …" for an order found live from before. A managed trail's stop is logged
+        by its move."""
+        m = self._m
+        cid = placed.client_order_id or order.client_order_id
+        if cid in m.announced or (
+            order.purpose is OrderPurpose.TRAILING_STOP and self.kind is TrailingKind.MANAGED
+        ):
+            return
+        m.announced.add(cid)
+        verb = "Created" if order.sent_this_run else "Restored"
+        if order.purpose is OrderPurpose.TRAILING_STOP:
+            log.info(
+                "%s trailing stop for %s: activation %s, callback %s%% (client id %s)",
+                verb,
+                self.symbol,
+                placed.activation_price if placed.activation_price is not None else "now",
+                placed.callback_rate,
+                cid,
+            )
+        else:
+            log.info("%s stop-loss for %s at %s (client id %s)", verb, self.symbol, placed.stop_price, cid)
 
     async def _refused(self, order: ProtectiveOrder, cid: str, exc: ExchangeError) -> None:
         m = self._m
@@ -919,6 +936,14 @@ class PositionGuard:
                 return False
             if outcome is not _Outcome.CONFIRMED:
                 return False
+            if self.trailing_stop.sent_this_run and self.trailing_stop.client_order_id not in m.announced:
+                m.announced.add(self.trailing_stop.client_order_id or "")
+                log.info(
+                    "Created trailing stop for %s at %s (managed, replacing a lost one, client id %s)",
+                    self.symbol,
+                    self.trailing_stop.price,
+                    self.trailing_stop.client_order_id,
+                )
         if not self.trail_persisted:
             await self._save_trail()
         move = self.pending_move
@@ -1307,6 +1332,7 @@ class ProtectionManager:
             0.0  # moving average of answered create_order calls (budget look-ahead)
         )
         self.stopped = False  # no guard runs any more: nothing may act in this manager's name
+        self.announced: set[str] = set()  # order ids logged as created / restored in this run
         self.guards: dict[int, PositionGuard] = {}
         self.by_symbol: dict[str, PositionGuard] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}

@@ -357,19 +357,24 @@ class Store:
         )
         return _position(self._require(row, position_id))
 
-    async def record_fill(self, position_id: int, quantity: Decimal, entry_price: Decimal) -> PositionRecord:
-        """The entry filled: quantity and the fill price, which every stop is computed from."""
+    async def record_fill(
+        self, position_id: int, quantity: Decimal, entry_price: Decimal, *, filled_at: datetime | None = None
+    ) -> PositionRecord:
+        """The entry filled: quantity and the fill price, which every stop is computed from. `filled_at` is
+        the venue's fill time when it is known and not now (an entry found filled at a restart): the time
+        unprotected is counted from it, not from when we noticed."""
         row = await self._pool.fetchrow(
             """
             UPDATE monitoring.positions
             SET quantity = $2, entry_price = $3, current_price = COALESCE(current_price, $3),
-                status = 'pending_protection', opened_at = COALESCE(opened_at, now())
+                status = 'pending_protection', opened_at = COALESCE(opened_at, $4, now())
             WHERE id = $1
             RETURNING *
             """,
             position_id,
             quantity,
             entry_price,
+            filled_at,
         )
         return _position(self._require(row, position_id))
 

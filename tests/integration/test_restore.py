@@ -5,6 +5,10 @@ fetch when the venue lists the order, no database write when nothing changed."""
 
 from __future__ import annotations
 
+import logging
+
+import pytest
+
 from engine.clock import ManualClock
 from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind
@@ -21,7 +25,7 @@ from tests.support.driving import drive, drive_until
 
 
 async def test_restart_verifies_every_position_with_one_venue_snapshot_and_writes_nothing_unchanged(
-    db: Database,
+    db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = settings_for(db)
     clock = ManualClock()
@@ -39,9 +43,13 @@ async def test_restart_verifies_every_position_with_one_venue_snapshot_and_write
     engine_b = restarted(engine_a, settings, clock)
     venue = engine_b.venue
     assert isinstance(venue, SimVenue)
+    caplog.clear()
+    caplog.set_level(logging.INFO)
     report = await drive(clock, engine_b.start())
     calls = dict(venue.calls_made)
     await drive(clock, engine_b.stop())
+    # The operators count "Created trailing stop" lines: a restart creates nothing and says nothing of it.
+    assert not [r for r in caplog.records if "Created" in r.getMessage()]
 
     assert (report.restored, report.reprotected, report.failed) == (12, 0, 0)
     # One snapshot of the venue (positions and open orders, asked together), whatever the number of
@@ -120,5 +128,8 @@ async def test_pending_entries_are_resolved_together_at_start_up(db: Database) -
         placed = [o.created_at for o in engine_b.venue.core.open_protective_orders(clock.now())]
         assert len(placed) == 12
         assert max(placed) - min(placed) < 2.0
+        # Their time unprotected counts from the venue's fill (while the engine was dead), not the restart.
+        opened = await db.pool.fetch("SELECT opened_at FROM monitoring.positions")
+        assert all(r["opened_at"].timestamp() <= min(placed) - 2.0 for r in opened)
     finally:
         await drive(clock, engine_b.stop())
