@@ -300,6 +300,7 @@ class PositionGuard:
         self.failures = 0
         self.last_error: str | None = None
         self._commands: deque[GuardCommand] = deque()
+        self.retry_at: float | None = None  # the venue named when to try again (Retry-After, ban end)
         self._superseded: list[ProtectiveOrder] = []  # resized-away stops, cancelled once the new ones live
         # A stop of ours filled: sending stops for a position that is gone would only be refused (-2022);
         # the reconciler settles it with this evidence, or clears it if the venue still holds the position.
@@ -414,6 +415,9 @@ class PositionGuard:
                     await self.wake.wait()
                 else:
                     delay = self._m.backoff(self.failures)
+                    if self.retry_at is not None:
+                        delay = max(0.0, self.retry_at - clock.monotonic())
+                        self.retry_at = None
                     await _first_of(self.wake.wait(), clock.sleep(delay))
                 self.wake.clear()
         finally:
@@ -863,10 +867,11 @@ class PositionGuard:
 
     async def _refused(self, order: ProtectiveOrder, cid: str, exc: ExchangeError) -> None:
         m = self._m
-        if isinstance(exc, RateLimited):
-            m.budget.hold_until(m.clock.monotonic() + exc.retry_after)
-        elif isinstance(exc, Banned):
-            m.budget.hold_until(m.clock.monotonic() + max(0.0, exc.until - m.clock.now()), banned=True)
+        if isinstance(exc, RateLimited | Banned):
+            wait = exc.retry_after if isinstance(exc, RateLimited) else max(0.0, exc.until - m.clock.now())
+            m.budget.hold_until(m.clock.monotonic() + wait, banned=isinstance(exc, Banned))
+            # The venue said when it will take orders again: retry then, not on our own backoff clock.
+            self.retry_at = m.clock.monotonic() + wait
         if isinstance(exc, Rejected):
             await m.store.set_order_status(cid, OrderRecordStatus.REJECTED, error=_short(exc))
             # A rejected id is spent on the venue; the next attempt needs a fresh one.
@@ -1187,6 +1192,8 @@ class PositionGuard:
         self.failures += 1
         self.last_error = f"{operation}: {error}"
         retry_in = m.backoff(self.failures)
+        if self.retry_at is not None:  # the venue named the time
+            retry_in = max(0.0, self.retry_at - m.clock.monotonic())
         # Only say "unprotected" when it is true: a failed trail move leaves the confirmed stops in place.
         still_covered = self.covered
         state = "still protected by its confirmed stops" if still_covered else "unprotected"

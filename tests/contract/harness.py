@@ -123,6 +123,7 @@ _FROM_NOW_ON = 1_000_000  # placements a forced order trait lasts for
 
 _EMULATOR_FAULTS = {
     FaultKind.TIMEOUT_AFTER_ACCEPT: "timeout",  # executed, the answer held back past the client's timeout
+    FaultKind.RATE_LIMITED: "ratelimit",  # HTTP 429 with Retry-After: 1, not executed
     FaultKind.SERVER_ERROR: "busy",  # HTTP 503 -1008: refused before execution
 }
 

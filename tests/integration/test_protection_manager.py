@@ -313,3 +313,40 @@ async def test_stops_follow_the_quantity_the_venue_holds(db: Database) -> None:
         assert stored == 2 * before
     finally:
         await drive(clock, engine.stop())
+
+
+async def test_after_a_burst_of_429s_every_stop_is_retried_when_the_venue_says_not_on_a_backoff_clock(
+    db: Database,
+) -> None:
+    """The venue refused stop orders (429, Retry-After 1 s) for a while. Each guard's own exponential
+    backoff (1, 2, 4, 8 s) kept it waiting up to 8 s after the venue recovered; now every guard retries
+    when the Retry-After ends, and the last position is covered one round trip after the last refusal."""
+    settings = settings_for(db, {"VENUE__SIM__LATENCY__BY_CALL": '{"create_order": {"seconds": 2}}'})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        assert engine.store is not None
+        assert engine.manager is not None
+        manager = engine.manager
+        venue = engine.venue
+        await open_positions(engine, clock, SYMBOLS[30:37])
+        await drive_until_covered(engine, clock, 7)
+        # Every stop disappears (cancelled on the venue by hand); the venue then refuses four rounds of
+        # re-placements: each a 2 s round trip answered 429 "retry after 1 s".
+        for order in venue.core.open_protective_orders(clock.now()):
+            venue.core.cancel_order(order.symbol, order.client_order_id, clock.now())
+        creates = venue.calls_made[CallKind.CREATE_ORDER]
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.RATE_LIMITED, count=4 * 14)
+        manager.request_reconcile()
+        started = clock.monotonic()
+        await drive_until(clock, lambda: manager.coverage().protected == 0, what="all uncovered", step=0.01)
+        await drive_until(clock, lambda: manager.coverage().protected == 7, what="all protected", step=0.01)
+        took = clock.monotonic() - started
+        assert venue.calls_made[CallKind.CREATE_ORDER] - creates == 4 * 14 + 14  # every refusal was drawn
+        # The reconcile pass and the look-ups (< 1 s), four rounds of refusal + Retry-After (3 s each), the
+        # stops (2 s): 15 s, plus what the database's real round trips add to virtual time. Backoff clocks
+        # (1, 2, 4, 8 s after each refusal) would take 26 s.
+        assert took <= 1.0 + 4 * 3.0 + 2.0 + 2.0
+    finally:
+        await drive(clock, engine.stop())

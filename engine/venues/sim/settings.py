@@ -42,6 +42,7 @@ class FaultKind(StrEnum):
     NETWORK_ERROR_BEFORE_SEND = "network_error_before_send"  # not executed -> Retryable
     SERVER_ERROR = "server_error"  # HTTP 5xx before execution -> Retryable
     TIMEOUT_AFTER_ACCEPT = "timeout_after_accept"  # executed, answer lost -> OutcomeUnknown
+    RATE_LIMITED = "rate_limited"  # HTTP 429 with Retry-After 1 s, not executed (forced only) -> RateLimited
 
 
 class _Strict(BaseModel):

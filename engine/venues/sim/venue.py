@@ -31,7 +31,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, TypeVar
 
 from engine.clock import Clock, SystemClock
-from engine.exchange.errors import ExchangeError, OutcomeUnknown, Retryable
+from engine.exchange.errors import ExchangeError, OutcomeUnknown, RateLimited, Retryable
 from engine.exchange.port import (
     Balance,
     Capabilities,
@@ -49,6 +49,8 @@ from engine.venues.sim.universe import select_listings
 
 if TYPE_CHECKING:
     from engine.pacing import VenuePacing
+
+FORCED_RETRY_AFTER_SECONDS = 1.0  # what a forced 429 says to wait
 
 logger = logging.getLogger(__name__)
 
@@ -345,6 +347,9 @@ class SimVenue:
             await self._clock.sleep(arrival)
             raise Retryable(f"sim {kind}: network error before the request was sent")
         await self._clock.sleep(arrival)
+        if plan.fault is FaultKind.RATE_LIMITED:
+            await self._clock.sleep(min(half, timeout - arrival))
+            raise RateLimited(FORCED_RETRY_AFTER_SECONDS, f"sim {kind}: HTTP 429 (as asked)")
         if plan.fault is FaultKind.SERVER_ERROR:
             await self._clock.sleep(min(half, timeout - arrival))
             raise Retryable(f"sim {kind}: HTTP 500 before execution")
