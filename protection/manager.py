@@ -626,9 +626,11 @@ class PositionGuard:
         # From here until a definite answer the venue may hold it (an interrupted pass leaves it to be
         # resolved by id, and a finishing position cancels it).
         order.maybe_sent = True
+        m.protective_attempts.add(m.clock.monotonic())
         try:
             placed = await m.call(send(cid), "create_order")
         except (OutcomeUnknown, TimeoutError) as exc:
+            m.protective_failures.add(m.clock.monotonic())
             latency = m.clock.monotonic() - started
             order.maybe_sent = True
             await m.store.set_order_status(cid, OrderRecordStatus.UNKNOWN, error=_short(exc))
@@ -678,6 +680,7 @@ class PositionGuard:
             await m.store.set_order_status(cid, OrderRecordStatus.REJECTED, error=_short(exc))
             return await self._breached(order)
         except (RateLimited, Banned, Retryable, Rejected) as exc:
+            m.protective_failures.add(m.clock.monotonic())
             order.maybe_sent = False  # the venue said it did not execute it
             await self._refused(order, cid, exc)
             return _Outcome.RETRY
@@ -1335,6 +1338,10 @@ class ProtectionManager:
             self._write_order_statuses, name="order-statuses"
         )
         self.timeouts = EventCounter()
+        # Protective order sends and those that failed (refused, timed out, outcome unknown): the breaker's
+        # error rate.
+        self.protective_attempts = EventCounter()
+        self.protective_failures = EventCounter()
         self.order_round_trip_seconds = (
             0.0  # moving average of answered create_order calls (budget look-ahead)
         )

@@ -104,6 +104,16 @@ class PositionRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class EntriesControl:
+    """Whether entries are paused on an account, by whom and why (persisted: a pause outlives a restart)."""
+
+    paused: bool
+    paused_by: str  # operator | breaker | lease
+    reason: str
+    since: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class ProtectionFactsRow:
     """What the exchange confirmed for one position, as `set_protection_facts_many` writes it."""
 
@@ -807,6 +817,36 @@ class Store:
             TERMINAL_STATUSES,
         )
         return {r["position_id"]: TrailingStateRecord(**dict(r)) for r in rows}
+
+    # --- entries control ----------------------------------------------------------------------------------
+
+    async def entries_control(self, venue: str, account: str) -> EntriesControl | None:
+        row = await self._pool.fetchrow(
+            "SELECT paused, paused_by, reason, since FROM monitoring.entries_control WHERE venue = $1 AND account = $2",
+            venue,
+            account,
+        )
+        return EntriesControl(**dict(row)) if row else None
+
+    async def set_entries_control(
+        self, venue: str, account: str, *, paused: bool, paused_by: str, reason: str
+    ) -> EntriesControl:
+        row = await self._pool.fetchrow(
+            """
+            INSERT INTO monitoring.entries_control (venue, account, paused, paused_by, reason)
+            VALUES ($1, $2, $3, $4, $5)
+            ON CONFLICT (venue, account) DO UPDATE SET
+                paused = EXCLUDED.paused, paused_by = EXCLUDED.paused_by, reason = EXCLUDED.reason,
+                since = now()
+            RETURNING paused, paused_by, reason, since
+            """,
+            venue,
+            account,
+            paused,
+            paused_by,
+            reason[:1000],
+        )
+        return EntriesControl(**dict(row))
 
     # --- installation and health ----------------------------------------------------------------------
 

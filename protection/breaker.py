@@ -1,0 +1,85 @@
+"""The circuit breaker: entries stop by themselves while protection is failing (the incident's other half).
+
+While the incident's stops were timing out, waves kept opening positions: uncovered went 7 → 14 → 17 and
+coverage fell to 29 % with entries on. The breaker is a pure rule over what the engine measures; the
+engine evaluates it every health interval and, when it trips, pauses entries, says why everywhere (log,
+event, dashboard header, `tsbot status`) and persists the pause. Only the operator resumes, or — when
+`auto_resume_seconds` is set — a healthy stretch that long.
+
+It trips on any of:
+
+* a position uncovered past grace for longer than `uncovered_factor` × grace (one stuck position is
+  already a failing protection path, not a blip);
+* coverage below `coverage_floor_percent` among positions past their grace period (young positions
+  still being protected do not count against it: no false alarm at the start of every wave);
+* protective order sends failing: at least `min_attempts` in the last `error_window_seconds`, and at least
+  `error_rate` of them failed (refused, timed out, or answered with an unknown outcome).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+
+from protection.coverage import CoverageFigures
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerSettings:
+    uncovered_factor: float = 3.0
+    coverage_floor_percent: Decimal = Decimal(95)
+    error_rate: float = 0.5
+    error_window_seconds: float = 60.0
+    min_attempts: int = 6
+    auto_resume_seconds: float = 0.0  # 0: only the operator resumes
+
+    @classmethod
+    def from_settings(cls, protection: object, health: object) -> BreakerSettings:
+        breaker = protection.breaker  # type: ignore[attr-defined]
+        return cls(
+            uncovered_factor=float(breaker.uncovered_factor),
+            coverage_floor_percent=Decimal(health.coverage_critical_percent),  # type: ignore[attr-defined]
+            error_rate=float(breaker.error_rate),
+            error_window_seconds=float(breaker.error_window_seconds),
+            min_attempts=int(breaker.min_attempts),
+            auto_resume_seconds=float(breaker.auto_resume_seconds),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerInputs:
+    coverage: CoverageFigures
+    grace_seconds: float
+    protective_attempts: int  # protective order sends in the error window
+    protective_failures: int  # of those, refused / timed out / unknown
+
+
+def trip_reasons(inputs: BreakerInputs, settings: BreakerSettings) -> list[str]:
+    """Why entries must stop now; empty when protection is working."""
+    reasons = []
+    coverage = inputs.coverage
+    limit = inputs.grace_seconds * settings.uncovered_factor
+    oldest = coverage.oldest_unprotected_seconds
+    if coverage.uncovered and oldest is not None and oldest >= limit:
+        reasons.append(
+            f"{coverage.uncovered} position(s) uncovered, the oldest for {oldest:.0f}s "
+            f"(more than {settings.uncovered_factor:g} × grace {inputs.grace_seconds:g}s)"
+        )
+    judged = coverage.active - coverage.protecting  # past their grace period
+    if judged > 0:
+        covered_pct = Decimal(100) * coverage.protected / judged
+        if covered_pct < settings.coverage_floor_percent:
+            reasons.append(
+                f"coverage {covered_pct.quantize(Decimal('0.1'))} % of {judged} position(s) past grace "
+                f"(floor {settings.coverage_floor_percent} %)"
+            )
+    attempts, failures = inputs.protective_attempts, inputs.protective_failures
+    if attempts >= settings.min_attempts and failures / attempts >= settings.error_rate:
+        reasons.append(
+            f"{failures} of {attempts} protective order sends failed in the last "
+            f"{settings.error_window_seconds:g}s"
+        )
+    return reasons
+
+
+__all__ = ["BreakerInputs", "BreakerSettings", "trip_reasons"]
