@@ -112,6 +112,31 @@ class StartupReport:
 
 
 @dataclass(frozen=True, slots=True)
+class StopReport:
+    """What a stop leaves behind: the open positions (their stops stay on the exchange), how many of them
+    are uncovered, and entries whose outcome is still unknown (counted as uncovered: they may have filled)."""
+
+    open_positions: int
+    uncovered: int
+    unresolved_entries: int = 0
+    uncovered_symbols: tuple[str, ...] = ()
+
+    @property
+    def all_protected(self) -> bool:
+        return self.uncovered == 0 and self.unresolved_entries == 0
+
+    def describe(self) -> str:
+        text = f"{self.open_positions} open positions keep their stops on the exchange"
+        if self.uncovered or self.unresolved_entries:
+            text += (
+                f"; UNCOVERED {self.uncovered + self.unresolved_entries}"
+                + (f" ({', '.join(self.uncovered_symbols)})" if self.uncovered_symbols else "")
+                + (f", {self.unresolved_entries} entries of unknown outcome" if self.unresolved_entries else "")
+            )
+        return text
+
+
+@dataclass(frozen=True, slots=True)
 class PlannedOrder:
     purpose: str
     kind: str  # stop_market | trailing_stop_market | managed trail
@@ -303,6 +328,9 @@ class Engine:
         self._health: tuple[health.ComponentHealth, ...] = ()
         self._call_stats = CallStats()
         self.budget_waits = BudgetWaits()
+        self.stop_report: StopReport | None = None
+        self._draining = False  # stopping: no new signal is claimed, no unsent entry is sent
+        self._wave_in_progress: asyncio.Future[None] | None = None
         self.request_pacer: RequestPacer | None = None
         self.order_budget: OrderBudget | None = None
         self._venue_pacing: VenuePacing | None = None
@@ -406,44 +434,78 @@ class Engine:
             )
             sup.start("sim-signals", generator.run)
 
-    async def stop(self) -> None:
-        """Stop taking signals and stop every task; exchange orders stay in place."""
+    async def stop(self, *, drain: bool = True) -> StopReport:
+        """Stop taking signals, let every entry already sent reach "both stops confirmed" (bounded by the
+        call budget), then stop every task; exchange orders stay in place. The report counts what is still
+        uncovered (and entries of unknown outcome) so the caller can say so and exit non-zero.
+
+        `drain=False` stops at once, abandoning whatever is in flight, as a crash would (drills and tests
+        of what a restart finds)."""
         if self.state in (EngineState.STOPPING, EngineState.STOPPED):
-            return
+            await self._stopped.wait()
+            return self.stop_report or StopReport(0, 0)
         self._set_state(EngineState.STOPPING)
+        budget = float(self.settings.protection.call_timeout_seconds)
+        if drain:
+            await self._drain_entries(budget)
         await self._supervisor.stop()
         for task in list(self._wave_tasks):
             task.cancel()
         await asyncio.gather(*self._wave_tasks, return_exceptions=True)
-        left = 0
+        report = StopReport(0, 0)
         if self.manager is not None:
-            left = len(self.manager.guards)
-            await self.manager.stop()
-            if self.manager.kind is TrailingKind.MANAGED and self.store is not None:
+            manager = self.manager
+            uncovered = sorted(g.symbol for g in manager.guards.values() if not g.covered)
+            report = StopReport(
+                len(manager.guards), len(uncovered), self._entries_unresolved(), tuple(uncovered)
+            )
+            await manager.stop()
+            if manager.kind is TrailingKind.MANAGED and self.store is not None:
                 try:  # nobody moves a managed trail now: none is armed (has_trailing_stop stays venue truth)
                     await self.store.disarm_managed_trails()
                 except Exception:
                     log.exception("could not record the managed trails as disarmed")
+        self.stop_report = report
         if self.store is not None:
             try:
                 await self.store.record_event(
-                    Severity.INFO,
+                    Severity.INFO if report.all_protected else Severity.ERROR,
                     "engine_stopped",
-                    f"engine stopped; {left} positions keep their exchange stops",
+                    f"engine stopped; {report.describe()}",
                 )
             except Exception:
                 log.exception("could not record the stop event")
-        log.info(
-            "engine stopped: %d open positions keep their stops on the exchange%s",
-            left,
+        log.log(
+            logging.INFO if report.all_protected else logging.ERROR,
+            "engine stopped: %s%s",
+            report.describe(),
             "; managed trailing stops do not move until the engine runs again"
-            if self.manager and self.manager.kind is TrailingKind.MANAGED and left
+            if self.manager and self.manager.kind is TrailingKind.MANAGED and report.open_positions
             else "",
         )
         await self._release()
         self._set_state(EngineState.STOPPED)
         self.events_bus.close()
         self._stopped.set()
+        return report
+
+    async def _drain_entries(self, budget: float) -> None:
+        """Claim nothing more; entries not sent yet are rejected; entries already sent finish, and the
+        positions they open get their stops (each bounded by the call budget)."""
+        self._draining = True
+        await self._supervisor.stop_one("sim-signals")
+        if self._wave_in_progress is not None:
+            await wait_for_all(self.clock, 2 * budget, [asyncio.shield(self._wave_in_progress)])
+        await self._supervisor.stop_one("signals")
+        manager = self.manager
+        if manager is not None:
+            pending = [g.protected.wait() for g in manager.guards.values() if not g.covered and not g.closed]
+            if pending:
+                log.warning("stopping: waiting up to %.0fs for %d positions to be protected", budget, len(pending))
+                await wait_for_all(self.clock, budget, pending)
+
+    def _entries_unresolved(self) -> int:
+        return len(self._in_flight)
 
     async def _release(self) -> None:
         try:
@@ -708,7 +770,15 @@ class Engine:
     async def _wave_loop(self) -> None:
         assert self.consumer is not None
         async for wave in self.consumer.waves():
-            await self.process_wave(wave)
+            if self._draining:
+                for signal in wave.signals:
+                    await self._reject(signal, "engine stopping", None)
+                return
+            self._wave_in_progress = asyncio.ensure_future(self.process_wave(wave))
+            try:
+                await asyncio.shield(self._wave_in_progress)
+            finally:
+                self._wave_in_progress = None
 
     async def process_wave(self, wave: SignalWave) -> None:
         assert self.store is not None and self.manager is not None
@@ -733,6 +803,9 @@ class Engine:
         async def worker() -> None:
             while not queue.empty():
                 signal, side, quantity = queue.get_nowait()
+                if self._draining:  # not sent yet, and the engine is stopping: never sent
+                    await self._reject(signal, "engine stopping", wave_id)
+                    continue
                 guard = await self._open_position(signal, side, quantity, wave_id)
                 if guard is not None:
                     opened.append(guard)
@@ -786,7 +859,7 @@ class Engine:
             )
         return None, side, quantity
 
-    async def _reject(self, signal: SignalRecord, reason: str, wave_id: int) -> None:
+    async def _reject(self, signal: SignalRecord, reason: str, wave_id: int | None) -> None:
         assert self.store is not None
         await self.store.finish_signal(signal.id, SignalStatus.REJECTED, reason, wave_id=wave_id)
         log.info("signal %s %s %s rejected: %s", signal.id, signal.symbol, signal.side, reason)
@@ -1206,4 +1279,4 @@ def _jsonable(values: Any) -> dict[str, Any]:
     return out
 
 
-__all__ = ["Engine", "EngineSnapshot", "EngineState", "StartupReport"]
+__all__ = ["Engine", "EngineSnapshot", "EngineState", "StartupReport", "StopReport"]

@@ -108,7 +108,7 @@ async def test_a_wave_larger_than_cctxs_pool_sends_all_its_stops_at_once(db: Dat
     emulator sees every stop of the wave in flight together, and every position is protected."""
     sim = SimVenueSettings(seed=5, volatility=0.0, max_conditional_orders=400)
     emulator = BinanceEmulator(
-        sim, api_key=KEY, api_secret=SECRET, control=True, faults=FaultPlan(latency_ms=1000)
+        sim, api_key=KEY, api_secret=SECRET, control=True, faults=FaultPlan(latency_ms=2000)
     )
     async with running(emulator) as base_url:
         settings = engine_settings(

@@ -4,6 +4,8 @@ that disappears. The venue's truth (the sim core) is read to judge the outcome."
 
 from __future__ import annotations
 
+from collections import Counter
+
 from engine.clock import ManualClock
 from engine.exchange.port import Order
 from engine.venues.sim.settings import CallKind, FaultKind
@@ -350,3 +352,57 @@ async def test_after_a_burst_of_429s_every_stop_is_retried_when_the_venue_says_n
         assert took <= 1.0 + 4 * 3.0 + 2.0 + 2.0
     finally:
         await drive(clock, engine.stop())
+
+
+async def test_stopping_mid_wave_finishes_every_entry_already_sent_to_both_stops_confirmed(
+    db: Database,
+) -> None:
+    """SIGTERM mid-wave used to leave filled positions with no stops (10 of 31 on the emulator) while the
+    exit line said "uncovered 0". Now a stop claims nothing more, lets every entry already sent finish to
+    both stops confirmed (within the call budget), and its report counts what is still uncovered."""
+    settings = settings_for(db, {"VENUE__SIM__LATENCY__BY_CALL": '{"create_order": {"seconds": 2}}'})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    venue = engine.venue
+    assert engine.store is not None
+    await engine.store.insert_signals([(s, "long", None, None) for s in SYMBOLS[40:50]])
+    await drive_until(
+        clock, lambda: venue.calls_made.get(CallKind.CREATE_ORDER, 0) == 10, what="10 entries sent", step=0.01
+    )
+    report = await drive(clock, engine.stop())
+    held = venue.core.positions(clock.now())
+    assert len(held) == 10
+    live = Counter((o.symbol, o.type.value) for o in venue.core.open_protective_orders(clock.now()))
+    for position in held:
+        assert live[(position.symbol, "stop_market")] == 1
+        assert live[(position.symbol, "trailing_stop_market")] == 1
+    assert (report.open_positions, report.uncovered, report.unresolved_entries) == (10, 0, 0)
+    assert report.all_protected
+
+
+async def test_a_stop_that_cannot_protect_in_time_says_so(db: Database) -> None:
+    """The venue answers stop orders too slowly to be protected within the call budget: the report counts
+    those positions as uncovered (so `tsbot run` exits non-zero), it never says 0."""
+    settings = settings_for(
+        db,
+        {
+            "VENUE__SIM__LATENCY__BY_CALL": '{"create_order": {"seconds": 2}}',
+            "PROTECTION__CALL_TIMEOUT_SECONDS": "3",
+        },
+    )
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    venue = engine.venue
+    assert engine.store is not None
+    await engine.store.insert_signals([(s, "long", None, None) for s in SYMBOLS[50:53]])
+    await drive_until(
+        clock, lambda: venue.calls_made.get(CallKind.CREATE_ORDER, 0) == 3, what="3 entries sent", step=0.01
+    )
+    venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.RATE_LIMITED, count=1000)  # no stop gets through
+    report = await drive(clock, engine.stop())
+    assert len(venue.core.positions(clock.now())) == 3
+    assert report.uncovered == 3
+    assert not report.all_protected
+    assert "UNCOVERED 3" in report.describe()

@@ -11,6 +11,7 @@ from engine.clock import ManualClock, SystemClock
 from engine.signals import SignalConsumer, SimSignalGenerator
 from storage.database import Database
 from storage.repositories import Store
+from tests.support.driving import drive_until
 from tests.support.waiting import wait_until
 
 
@@ -90,13 +91,14 @@ async def test_signals_arriving_within_the_window_form_one_wave(db: Database) ->
     waiting = asyncio.create_task(anext(iterator))
     try:
         await store.insert_signals([("AUSDT", "long", None, None), ("BUSDT", "short", None, None)])
-        await clock.advance(0.1)  # the poll finds them
 
         async def first_two_taken_and_window_open() -> bool:
             taken = await db.pool.fetchval("SELECT count(*) FROM monitoring.signals WHERE status = 'taken'")
             return taken == 2 and clock.sleepers == 1
 
-        await wait_until(first_two_taken_and_window_open, what="the wave window to open")
+        # Polls until it finds them (a claim may still be in flight when time first moves), then the
+        # wave window opens: at most one step of it has passed when the third signal arrives.
+        await drive_until(clock, first_two_taken_and_window_open, step=0.05, what="the wave window to open")
         await store.insert_signals([("CUSDT", "long", None, None)])
         await clock.advance(0.5)
         wave = await asyncio.wait_for(waiting, timeout=10)
