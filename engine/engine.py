@@ -82,6 +82,8 @@ log = logging.getLogger(__name__)
 
 STARTUP_UNKNOWN_SECONDS = 30.0  # an empty position list this soon after connecting is "unknown" (F3)
 WAVE_PROTECTION_WAIT_SECONDS = 120.0
+HOUSEKEEPING_SECONDS = 60.0
+STALE_CLAIM_SECONDS = 600.0  # a wave handles its signals in seconds; ten minutes taken is abandoned
 
 
 def package_version() -> str:
@@ -131,7 +133,11 @@ class StopReport:
             text += (
                 f"; UNCOVERED {self.uncovered + self.unresolved_entries}"
                 + (f" ({', '.join(self.uncovered_symbols)})" if self.uncovered_symbols else "")
-                + (f", {self.unresolved_entries} entries of unknown outcome" if self.unresolved_entries else "")
+                + (
+                    f", {self.unresolved_entries} entries of unknown outcome"
+                    if self.unresolved_entries
+                    else ""
+                )
             )
         return text
 
@@ -393,6 +399,12 @@ class Engine:
             self.marks = await self.venue.fetch_mark_prices()
             self._last_mark_at = self.clock.monotonic()
             self.startup_report = await self._start_protection()
+            # Signals our last run claimed and never handled (it died holding them): expired, with a reason.
+            expired = await self.store.expire_claimed_signals(claimed_by=self._claimer)
+            if expired:
+                log.warning(
+                    "%d signals claimed by this engine's last run were never handled: expired", expired
+                )
         except BaseException:
             await self._release()
             raise
@@ -421,7 +433,9 @@ class Engine:
             listen_dsn=self._db.target.dsn,
             listen_password=db.password.get_secret_value() if db.password else None,
             wave_window_seconds=self.settings.signals.wave_window_ms / 1000,
+            claimed_by=self._claimer,
         )
+        sup.start("housekeeping", self._housekeeping)
         sup.start("signals", self._wave_loop)
         if self._generate:
             generator = SimSignalGenerator(
@@ -501,7 +515,9 @@ class Engine:
         if manager is not None:
             pending = [g.protected.wait() for g in manager.guards.values() if not g.covered and not g.closed]
             if pending:
-                log.warning("stopping: waiting up to %.0fs for %d positions to be protected", budget, len(pending))
+                log.warning(
+                    "stopping: waiting up to %.0fs for %d positions to be protected", budget, len(pending)
+                )
                 await wait_for_all(self.clock, budget, pending)
 
     def _entries_unresolved(self) -> int:
@@ -752,6 +768,24 @@ class Engine:
     async def reconcile_now(self) -> ReconcileReport:
         assert self.reconciler is not None
         return await self.reconciler.reconcile_once()
+
+    @property
+    def _claimer(self) -> str:
+        """Who claims signals: this engine's account (its lease key), whatever the process."""
+        return f"{self.exchange_name}/{self.settings.venue.account}"
+
+    async def _housekeeping(self) -> None:
+        """Every minute: signals left claimed longer than any wave takes (by any engine) are expired."""
+        assert self.store is not None
+        while True:
+            await self.clock.sleep(HOUSEKEEPING_SECONDS)
+            expired = await self.store.expire_claimed_signals(older_than_seconds=STALE_CLAIM_SECONDS)
+            if expired:
+                log.warning(
+                    "%d signals claimed more than %.0fs ago were never handled: expired",
+                    expired,
+                    STALE_CLAIM_SECONDS,
+                )
 
     async def _lease_heartbeat(self) -> None:
         while True:

@@ -45,7 +45,9 @@ class SignalConsumer:
         listen_password: str | None = None,
         wave_window_seconds: float = 0.5,
         poll_interval_seconds: float = 0.5,
+        claimed_by: str | None = None,
     ):
+        self._claimed_by = claimed_by
         self._store = store
         self._clock = clock
         self._listen_dsn = listen_dsn
@@ -64,13 +66,13 @@ class SignalConsumer:
                 await self._ensure_listener()
                 # Cleared before claiming: a NOTIFY arriving while the claim runs must wake the next wait.
                 self._wake.clear()
-                first = await self._store.claim_new_signals(MAX_WAVE_SIGNALS)
+                first = await self._store.claim_new_signals(MAX_WAVE_SIGNALS, self._claimed_by)
                 if not first:
                     await self._wait_for_signals()
                     continue
                 if self._window > 0:
                     await self._clock.sleep(self._window)
-                rest = await self._store.claim_new_signals(MAX_WAVE_SIGNALS - len(first))
+                rest = await self._store.claim_new_signals(MAX_WAVE_SIGNALS - len(first), self._claimed_by)
                 yield SignalWave(signals=tuple(first + rest))
         finally:
             await self._close_listener()

@@ -202,6 +202,8 @@ class SignalRecord:
     wave_id: int | None
     status: SignalStatus
     reason: str | None
+    claimed_by: str | None = None
+    claimed_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -697,11 +699,11 @@ class Store:
                     raise DuplicateExternalId(external_id or "") from None
             return ids
 
-    async def claim_new_signals(self, limit: int = 500) -> list[SignalRecord]:
+    async def claim_new_signals(self, limit: int = 500, claimed_by: str | None = None) -> list[SignalRecord]:
         """Take the oldest new signals, each exactly once across every process (SKIP LOCKED)."""
         rows = await self._pool.fetch(
             """
-            UPDATE monitoring.signals AS s SET status = 'taken'
+            UPDATE monitoring.signals AS s SET status = 'taken', claimed_by = $2, claimed_at = now()
             FROM (
                 SELECT id FROM monitoring.signals WHERE status = 'new'
                 ORDER BY received_at, id LIMIT $1 FOR UPDATE SKIP LOCKED
@@ -710,8 +712,30 @@ class Store:
             RETURNING s.*
             """,
             limit,
+            claimed_by,
         )
         return sorted((_signal(r) for r in rows), key=lambda r: (r.received_at, r.id))
+
+    async def expire_claimed_signals(
+        self, *, claimed_by: str | None = None, older_than_seconds: float | None = None
+    ) -> int:
+        """Expire signals left 'taken': those `claimed_by` an engine (its earlier run died holding them), or
+        claimed longer ago than `older_than_seconds` by anyone. Returns how many."""
+        result = await self._pool.execute(
+            """
+            UPDATE monitoring.signals
+            SET status = 'expired',
+                reason = 'claimed by an engine that stopped before handling it (claimed '
+                         || to_char(claimed_at, 'YYYY-MM-DD HH24:MI:SS') || ')'
+            WHERE status = 'taken'
+              AND (($1::text IS NOT NULL AND claimed_by = $1)
+                   OR ($2::float8 IS NOT NULL AND claimed_at < now() - make_interval(secs => $2))
+                   OR claimed_at IS NULL AND $2::float8 IS NOT NULL)
+            """,
+            claimed_by,
+            older_than_seconds,
+        )
+        return int(result.split()[-1])
 
     async def finish_signal(
         self, signal_id: int, status: SignalStatus, reason: str | None = None, *, wave_id: int | None = None

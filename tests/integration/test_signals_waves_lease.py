@@ -177,3 +177,39 @@ async def test_the_lease_is_freed_when_the_holding_connection_dies(db: Database)
     finally:
         await second.release()
         await first.release()
+
+
+async def test_signals_an_engine_died_holding_are_expired_with_a_reason(db: Database) -> None:
+    """Signals claimed at a crash or an outage stayed 'taken' forever. The engine that claimed them expires
+    them when it starts again; any engine expires a claim older than any wave takes."""
+    from engine.clock import ManualClock
+    from tests.integration.engine_support import engine_settings, make_engine
+    from tests.support.driving import drive, drive_until
+
+    store = Store(db.pool)
+    await store.insert_signals([("SFPUSDT", "long", None, "mine"), ("ALLUSDT", "long", None, "theirs")])
+    [mine] = await store.claim_new_signals(limit=1, claimed_by="sim/default")  # this engine's last run
+    [theirs] = await store.claim_new_signals(limit=1, claimed_by="sim/other")  # another account's engine
+    clock = ManualClock()
+    engine = make_engine(engine_settings(db.target.dsn), clock)
+    await drive(clock, engine.start())
+    try:
+        mine_now, theirs_now = await store.signal(mine.id), await store.signal(theirs.id)
+        assert mine_now is not None
+        assert theirs_now is not None
+        assert mine_now.status is SignalStatus.EXPIRED
+        assert mine_now.reason is not None
+        assert mine_now.reason.startswith("claimed by an engine that stopped before handling it")
+        assert theirs_now.status is SignalStatus.TAKEN  # maybe mid-wave: not this engine's to judge yet
+        await db.pool.execute(
+            "UPDATE monitoring.signals SET claimed_at = now() - interval '20 minutes' WHERE id = $1",
+            theirs.id,
+        )
+
+        async def theirs_expired() -> bool:
+            row = await store.signal(theirs.id)
+            return row is not None and row.status is SignalStatus.EXPIRED
+
+        await drive_until(clock, theirs_expired, step=1.0, what="a stale claim expired")
+    finally:
+        await drive(clock, engine.stop())
