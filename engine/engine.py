@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -64,7 +65,7 @@ from protection.manager import PositionGuard, ProtectionConfig, ProtectionManage
 from protection.order_ids import client_order_id
 from protection.reconciler import Reconciler, ReconcileReport
 from storage.database import Database, open_database
-from storage.lease import EngineLease
+from storage.lease import EngineLease, LeaseHeld
 from storage.repositories import (
     HealthRow,
     OrderPurpose,
@@ -83,7 +84,9 @@ log = logging.getLogger(__name__)
 STARTUP_UNKNOWN_SECONDS = 30.0  # an empty position list this soon after connecting is "unknown" (F3)
 WAVE_PROTECTION_WAIT_SECONDS = 120.0
 HOUSEKEEPING_SECONDS = 60.0
-STALE_CLAIM_SECONDS = 600.0  # a wave handles its signals in seconds; ten minutes taken is abandoned
+STALE_CLAIM_SECONDS = 600.0
+LEASE_CHECK_SECONDS = 2.0
+LEASE_SAY_EVERY_SECONDS = 60.0  # an unreachable database is said once a minute, not once per retry  # a wave handles its signals in seconds; ten minutes taken is abandoned
 
 
 def package_version() -> str:
@@ -311,7 +314,13 @@ class Engine:
         self.events_bus = EventBus()
         self.state = EngineState.STOPPED
         self.started_at = 0.0
-        self.entries_paused = False
+        self.entries_paused = False  # what `_validate` obeys: a persisted pause, or no lease
+        self.entries_paused_by = ""  # operator | breaker | lease ("" when entries are on)
+        self.entries_pause_reason = ""
+        self.lease_lost_since: float | None = None  # monotonic; None while the lease is held
+        self.fatal: str | None = None  # why the engine stopped itself (another engine took the account)
+        self._persisted_pause: tuple[bool, str, str] = (False, "", "")  # (paused, by, reason) in the database
+        self._background: set[asyncio.Task[Any]] = set()
         self.startup_report: StartupReport | None = None
         self._generate = (
             settings.signals.source.value == "sim" if generate_signals is None else generate_signals
@@ -372,11 +381,19 @@ class Engine:
             command_timeout=float(db.command_timeout_seconds),
         )
         try:
-            self._lease = await EngineLease.acquire(
-                self._db.target.dsn, self.exchange_name, self.settings.venue.account, self.version, password
-            )
+            self._lease = await self._acquire_lease()
             self.store = Store(self._db.pool)
             self._token = await self.store.installation_token()
+            control = await self.store.entries_control(self.exchange_name, self.settings.venue.account)
+            if control is not None and control.paused:
+                self._persisted_pause = (True, control.paused_by, control.reason)
+                self._apply_entries_state()
+                log.warning(
+                    "entries stay paused (by %s since %s: %s): only the operator resumes them",
+                    control.paused_by,
+                    control.since.isoformat(timespec="seconds"),
+                    control.reason or "no reason given",
+                )
             # Pacing first: every request from the very first one goes through the engine's budgets.
             self.request_pacer = RequestPacer(
                 self.venue.capabilities().request_budgets, self.clock, waits=self.budget_waits
@@ -466,6 +483,9 @@ class Engine:
         for task in list(self._wave_tasks):
             task.cancel()
         await asyncio.gather(*self._wave_tasks, return_exceptions=True)
+        writes = [t for t in self._background if t is not asyncio.current_task()]
+        if writes:  # records still being written (entries control): let them land, briefly
+            await wait_for_all(self.clock, 5.0, [asyncio.shield(t) for t in writes])
         report = StopReport(0, 0)
         if self.manager is not None:
             manager = self.manager
@@ -788,16 +808,56 @@ class Engine:
                 )
 
     async def _lease_heartbeat(self) -> None:
+        """Keep the account lease: heartbeat it; when its connection dies, stop entries at once (protection
+        goes on), say so once per interval, and take it again. If another engine holds it meanwhile, this
+        one stops at once and sends nothing more (`fatal`); `tsbot run` then exits non-zero."""
+        said_at = -math.inf
         while True:
-            await self.clock.sleep(10.0)
-            assert self._lease is not None
-            if not self._lease.alive():
-                log.critical(
-                    "the account lease connection is gone: stopping entries (another engine may take over)"
-                )
-                self.entries_paused = True
-                raise RuntimeError("account lease lost")
-            await self._lease.heartbeat()
+            await self.clock.sleep(LEASE_CHECK_SECONDS)
+            lease = self._lease
+            if lease is not None and lease.alive():
+                try:
+                    await lease.heartbeat()
+                    continue
+                except Exception as exc:
+                    log.error("account lease heartbeat failed (%s): the lease is lost", type(exc).__name__)
+                    await _quietly(lease.release())
+            now = self.clock.monotonic()
+            if self.lease_lost_since is None:
+                self.lease_lost_since = now
+                self._apply_entries_state()
+                log.critical("the account lease is lost: entries stop now; open positions stay protected")
+            try:
+                self._lease = await self._acquire_lease()
+            except LeaseHeld as exc:
+                self.fatal = f"another engine took the account: {exc}"
+                log.critical("%s; this engine stops and sends nothing more", self.fatal)
+                self._spawn(self.stop(drain=False), "stop-after-lease-lost")
+                return
+            except Exception as exc:
+                if now - said_at >= LEASE_SAY_EVERY_SECONDS:
+                    said_at = now
+                    log.error(
+                        "account lease lost for %.0fs and cannot be taken again (%s: %s); entries stay paused",
+                        now - self.lease_lost_since,
+                        type(exc).__name__,
+                        str(exc)[:200],
+                    )
+                continue
+            log.warning("account lease taken again after %.1fs", now - self.lease_lost_since)
+            self.lease_lost_since = None
+            self._apply_entries_state()
+
+    async def _acquire_lease(self) -> EngineLease:
+        assert self._db is not None
+        db = self.settings.database
+        return await EngineLease.acquire(
+            self._db.target.dsn,
+            self.exchange_name,
+            self.settings.venue.account,
+            self.version,
+            db.password.get_secret_value() if db.password else None,
+        )
 
     # --- waves ---------------------------------------------------------------------------------------
 
@@ -1272,15 +1332,70 @@ class Engine:
         )
         return results
 
-    def pause_entries(self) -> None:
-        self.entries_paused = True
-        log.warning("entries paused by the operator")
-        self.events_bus.publish(EntriesToggled(at=self.clock.now(), paused=True))
+    def pause_entries(self, by: str = "operator", reason: str = "") -> None:
+        """Stop opening positions (open positions stay protected); persisted, so a restart keeps it."""
+        self._persisted_pause = (True, by, reason)
+        self._apply_entries_state()
+        log.warning("entries paused by the %s%s", by, f": {reason}" if reason else "")
+        self._persist_entries_control(True, by, reason)
 
-    def resume_entries(self) -> None:
-        self.entries_paused = False
+    def resume_entries(self) -> tuple[bool, str]:
+        """Open positions again; refused while this engine does not hold the account's lease."""
+        if self.lease_lost_since is not None:
+            message = "refused: this engine has lost the account lease; entries stay paused until it is back"
+            log.warning("resume entries %s", message)
+            return False, message
+        self._persisted_pause = (False, "operator", "")
+        self._apply_entries_state()
         log.warning("entries resumed by the operator")
-        self.events_bus.publish(EntriesToggled(at=self.clock.now(), paused=False))
+        self._persist_entries_control(False, "operator", "")
+        return True, "entries on"
+
+    def _apply_entries_state(self) -> None:
+        """What entries do now: the persisted pause, or paused because the lease is gone."""
+        paused, by, reason = self._persisted_pause
+        if self.lease_lost_since is not None:
+            paused, by, reason = True, "lease", "the account lease is lost (another engine may take over)"
+        changed = paused != self.entries_paused or (by, reason) != (
+            self.entries_paused_by,
+            self.entries_pause_reason,
+        )
+        self.entries_paused = paused
+        self.entries_paused_by = by if paused else ""
+        self.entries_pause_reason = reason if paused else ""
+        if changed:
+            self.events_bus.publish(EntriesToggled(at=self.clock.now(), paused=paused))
+
+    def _persist_entries_control(self, paused: bool, by: str, reason: str) -> None:
+        store = self.store
+        if store is None:
+            return
+
+        async def write() -> None:
+            try:
+                await store.set_entries_control(
+                    self.exchange_name,
+                    self.settings.venue.account,
+                    paused=paused,
+                    paused_by=by,
+                    reason=reason,
+                )
+                await store.record_event(
+                    Severity.WARNING,
+                    "entries_paused" if paused else "entries_resumed",
+                    f"entries {'paused' if paused else 'resumed'} by the {by}"
+                    + (f": {reason}" if reason else ""),
+                )
+            except Exception:
+                log.exception("could not record that entries are %s", "paused" if paused else "on")
+
+        self._spawn(write(), "entries-control")
+
+    def _spawn(self, coroutine: Awaitable[Any], name: str) -> None:
+        task = asyncio.ensure_future(coroutine)
+        task.set_name(name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def close_position(self, position_id: int) -> bool:
         assert self.manager is not None
@@ -1289,6 +1404,13 @@ class Engine:
             return False
         closed, _detail = await guard.request_close("manual")
         return closed
+
+
+async def _quietly(awaitable: Awaitable[Any]) -> None:
+    try:
+        await awaitable
+    except Exception:
+        log.debug("ignored while cleaning up", exc_info=True)
 
 
 def _utc(epoch: float) -> datetime:

@@ -213,3 +213,71 @@ async def test_signals_an_engine_died_holding_are_expired_with_a_reason(db: Data
         await drive_until(clock, theirs_expired, step=1.0, what="a stale claim expired")
     finally:
         await drive(clock, engine.stop())
+
+
+async def _kill_lease_connection(db: Database, key: str) -> None:
+    """What a database restart or a network cut does to the lease: its backend goes away."""
+    from storage.lease import LEASE_NAMESPACE
+
+    pid = await db.pool.fetchval(
+        """
+        SELECT pid FROM pg_locks
+        WHERE locktype = 'advisory' AND granted AND classid = $1::oid AND objid = hashtext($2)::oid
+          AND objsubid = 2
+        """,
+        LEASE_NAMESPACE,
+        key,
+    )
+    assert pid is not None
+    await db.pool.execute("SELECT pg_terminate_backend($1)", pid)
+
+
+async def test_a_lost_lease_stops_entries_refuses_resume_and_is_taken_again(db: Database) -> None:
+    from engine.clock import ManualClock
+    from tests.integration.engine_support import engine_settings, make_engine
+    from tests.support.driving import drive, drive_until
+
+    clock = ManualClock()
+    engine = make_engine(engine_settings(db.target.dsn), clock)
+    await drive(clock, engine.start())
+    try:
+        assert not engine.entries_paused
+        await _kill_lease_connection(db, "sim/default")
+        await drive_until(clock, lambda: engine.entries_paused, what="entries paused by the lost lease")
+        assert engine.entries_paused_by == "lease"
+        assert engine.resume_entries()[0] is False  # no resume without the lease
+        await drive_until(clock, lambda: engine.lease_lost_since is None, what="lease taken again")
+        assert not engine.entries_paused
+        assert engine.fatal is None
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_an_engine_whose_lease_another_engine_took_stops_and_sends_nothing_more(db: Database) -> None:
+    from engine.clock import ManualClock
+    from engine.engine import EngineState
+    from engine.venues.sim.settings import CallKind
+    from tests.integration.engine_support import engine_settings, make_engine
+    from tests.support.driving import drive, drive_until
+
+    clock = ManualClock()
+    engine = make_engine(engine_settings(db.target.dsn), clock)
+    await drive(clock, engine.start())
+    other: EngineLease | None = None
+    try:
+        await _kill_lease_connection(db, "sim/default")
+        other = await EngineLease.acquire(db.target.dsn, "sim", "default", "other-engine")
+        await drive_until(
+            clock, lambda: engine.state is EngineState.STOPPED, what="the engine stopped itself"
+        )
+        assert engine.fatal is not None
+        assert "another engine took the account" in engine.fatal
+        writes = {
+            k: engine.venue.calls_made.get(k, 0) for k in (CallKind.CREATE_ORDER, CallKind.CANCEL_ORDER)
+        }
+        await clock.advance(60.0)
+        assert {k: engine.venue.calls_made.get(k, 0) for k in writes} == writes
+    finally:
+        if other is not None:
+            await other.release()
+        await drive(clock, engine.stop())
