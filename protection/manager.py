@@ -301,6 +301,8 @@ class PositionGuard:
         self.last_error: str | None = None
         self._commands: deque[GuardCommand] = deque()
         self.retry_at: float | None = None  # the venue named when to try again (Retry-After, ban end)
+        self.check_fired_soon = False  # the mark crossed one of our stops: ask the venue how it stands
+        self._native_extreme: Decimal | None = None  # best mark since the native trailing stop armed
         self._superseded: list[ProtectiveOrder] = []  # resized-away stops, cancelled once the new ones live
         # A stop of ours filled: sending stops for a position that is gone would only be refused (-2022);
         # the reconciler settles it with this evidence, or clears it if the venue still holds the position.
@@ -537,6 +539,9 @@ class PositionGuard:
         return False
 
     async def _converge(self) -> bool:
+        if self.check_fired_soon and self.exit_evidence is None:
+            self.check_fired_soon = False
+            await self._check_crossed()
         if self.exit_evidence is not None:
             await self._write_facts()
             return (
@@ -759,6 +764,19 @@ class PositionGuard:
             )
             m.request_reconcile()
         return _Outcome.FIRED
+
+    async def _check_crossed(self) -> None:
+        """The mark went through a stop of ours: look both up (in parallel). A fill is exit evidence and
+        the reconciler closes the position at once (cancelling the sibling); TRIGGERING leaves it uncovered."""
+        confirmed = [o for o in (self.stop_loss, self.trailing_stop) if o.confirmed and o.client_order_id]
+        outcomes = await asyncio.gather(
+            *(self._resolve(o, "check after the mark crossed") for o in confirmed)
+        )
+        for order, outcome in zip(confirmed, outcomes, strict=True):
+            if outcome is _Outcome.GONE:
+                self._fresh_id(order)
+        if self.exit_evidence is not None or _Outcome.FIRED in outcomes:
+            self._m.request_reconcile()
 
     async def _check_fired(self) -> None:
         """A stop that fired but has not filled within the grace period while the position is still open
@@ -1035,12 +1053,51 @@ class PositionGuard:
 
     def on_mark(self, price: Decimal, at: float) -> None:
         """Synchronous, allocation-free in the common case; never awaits (the price path must not wait)."""
-        if self.trail is None or self.closed:
+        if self.closed:
+            return
+        if self._crossed_by(price):
+            # The mark went through one of our stops: it has probably fired. Ask the venue now rather than
+            # at the next reconcile pass, so the sibling stop is cancelled and the position closed within a
+            # round trip or two, not up to `reconcile_seconds` later.
+            self.check_fired_soon = True
+            self.wake.set()
+        if self.trail is None:
             return
         self.trail, decision = trailing.on_mark(self.trail, price, at)
         if decision is not trailing.HOLD:
             self.pending_move = decision  # type: ignore[assignment]
             self.wake.set()
+
+    def _crossed_by(self, mark: Decimal) -> bool:
+        long = self.side is PositionSide.LONG
+        for order in (self.stop_loss, self.trailing_stop):
+            # A stop-market (the hard stop, or a managed trail's stop) fires at its price.
+            at_price = order.purpose is OrderPurpose.STOP_LOSS or self.kind is TrailingKind.MANAGED
+            if not (order.confirmed and at_price and order.price is not None):
+                continue
+            if (mark <= order.price) if long else (mark >= order.price):
+                return True
+        if self.kind is TrailingKind.NATIVE and self.trailing_stop.confirmed:
+            # The venue's trail is not ours to see: follow it from the marks (arms at the activation price,
+            # fires a callback below the best mark since).
+            activation = self.trailing_stop.price
+            armed = (
+                activation is None
+                or self.trailing_stop.arm_now
+                or ((mark >= activation) if long else (mark <= activation))
+            )
+            if armed or self._native_extreme is not None:
+                best = self._native_extreme
+                self._native_extreme = (
+                    mark if best is None else (max(best, mark) if long else min(best, mark))
+                )
+                fraction = self.callback_percent / _HUNDRED
+                trigger = (
+                    self._native_extreme * (1 - fraction) if long else self._native_extreme * (1 + fraction)
+                )
+                if (mark <= trigger) if long else (mark >= trigger):
+                    return True
+        return False
 
     # --- sending -------------------------------------------------------------------------------------
 

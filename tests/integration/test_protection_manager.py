@@ -406,3 +406,31 @@ async def test_a_stop_that_cannot_protect_in_time_says_so(db: Database) -> None:
     assert report.uncovered == 3
     assert not report.all_protected
     assert "UNCOVERED 3" in report.describe()
+
+
+async def test_a_fired_stop_closes_the_position_and_cancels_its_sibling_within_seconds(db: Database) -> None:
+    """When one stop fired, the other stayed live on the venue until the next reconcile pass (up to
+    `reconcile_seconds`): an orphan on a flat symbol, and the symbol blocked meanwhile. The mark crossing
+    a stop now makes the guard ask the venue at once."""
+    settings = settings_for(db, {"PROTECTION__RECONCILE_SECONDS": "60"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[55]])
+        await drive_until_covered(engine, clock, 1)
+        assert guard.stop_loss.price is not None
+        engine.venue.override_mark_price(guard.symbol, guard.stop_loss.price - 2 * guard.market.tick_size)
+        fired = clock.monotonic()
+        await drive_until(
+            clock,
+            lambda: not engine.venue.core.open_protective_orders(clock.now()) and guard.closed,
+            what="sibling cancelled, position closed",
+        )
+        assert clock.monotonic() - fired < 5.0  # a mark tick and a few 50 ms round trips, not 60 s
+        row = await db.pool.fetchrow(
+            "SELECT status, exit_reason FROM monitoring.positions WHERE id = $1", guard.position_id
+        )
+        assert tuple(row) == ("closed", "stop_loss")
+    finally:
+        await drive(clock, engine.stop())
