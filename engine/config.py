@@ -149,6 +149,14 @@ class TrailingSettings(Section):
     emergency_move_percent: Percent = Field(default=Decimal(1), gt=0, le=50)
 
 
+class BreakerSettings(Section):
+    uncovered_factor: Decimal = Field(default=Decimal(3), ge=1, le=1000)
+    error_rate: Decimal = Field(default=Decimal("0.5"), gt=0, le=1)
+    error_window_seconds: Decimal = Field(default=Decimal(60), ge=5, le=3600)
+    min_attempts: int = Field(default=6, ge=1, le=100_000)
+    auto_resume_seconds: Decimal = Field(default=Decimal(0), ge=0, le=86400)
+
+
 class ProtectionSettings(Section):
     stop_loss_percent: Percent = Field(default=Decimal(3), ge=Decimal("0.1"), le=50)
     activation_percent: Percent = Field(default=Decimal("1.5"), ge=0, le=100)
@@ -160,6 +168,7 @@ class ProtectionSettings(Section):
     retry_max_seconds: Decimal = Field(default=Decimal(30), gt=0, le=600)
     close_on_would_trigger: bool = True
     trailing: TrailingSettings = Field(default_factory=TrailingSettings)
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
 
 
 # --- [health] --------------------------------------------------------------------------------------------

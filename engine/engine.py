@@ -60,6 +60,7 @@ from engine.pacing import DEFAULT_HEADROOM, BudgetWaits, Lane, RequestPacer, Ven
 from engine.signal_input import BadSignal, parse_score, parse_side
 from engine.signals import SignalConsumer, SignalWave, SimSignalGenerator
 from protection import health
+from protection.breaker import BreakerInputs, BreakerSettings, trip_reasons
 from protection.coverage import CoverageFigures
 from protection.manager import PositionGuard, ProtectionConfig, ProtectionManager, TrailingKind
 from protection.order_ids import client_order_id
@@ -216,6 +217,8 @@ class EngineSnapshot:
     health: tuple[health.ComponentHealth, ...]
     waves: tuple[WaveView, ...]
     taken_at: float
+    entries_paused_by: str = ""  # operator | breaker | lease
+    entries_pause_reason: str = ""
 
 
 class _Supervisor:
@@ -320,6 +323,7 @@ class Engine:
         self.lease_lost_since: float | None = None  # monotonic; None while the lease is held
         self.fatal: str | None = None  # why the engine stopped itself (another engine took the account)
         self._persisted_pause: tuple[bool, str, str] = (False, "", "")  # (paused, by, reason) in the database
+        self._breaker_healthy_since: float | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self.startup_report: StartupReport | None = None
         self._generate = (
@@ -1150,6 +1154,43 @@ class Engine:
             measurements, health.HealthThresholds.from_settings(self.settings.health)
         )
 
+    def _check_breaker(self) -> None:
+        """Protection failing → entries pause by themselves (persisted); they resume only by the operator,
+        or after `auto_resume_seconds` of healthy protection when configured."""
+        manager = self.manager
+        if manager is None:
+            return
+        settings = BreakerSettings.from_settings(self.settings.protection, self.settings.health)
+        now = self.clock.monotonic()
+        window = settings.error_window_seconds
+        reasons = trip_reasons(
+            BreakerInputs(
+                manager.coverage(),
+                float(self.settings.protection.grace_seconds),
+                manager.protective_attempts.count(now, window),
+                manager.protective_failures.count(now, window),
+            ),
+            settings,
+        )
+        paused, by, _reason = self._persisted_pause
+        if reasons:
+            self._breaker_healthy_since = None
+            if not paused:
+                reason = "; ".join(reasons)
+                log.error("circuit breaker: protection is failing (%s): entries paused", reason)
+                self.pause_entries(by="breaker", reason=reason)
+            return
+        if not (paused and by == "breaker" and settings.auto_resume_seconds > 0):
+            return
+        if self._breaker_healthy_since is None:
+            self._breaker_healthy_since = now
+        elif now - self._breaker_healthy_since >= settings.auto_resume_seconds:
+            log.warning(
+                "circuit breaker: protection healthy for %.0fs: entries resume", settings.auto_resume_seconds
+            )
+            self._breaker_healthy_since = None
+            self.resume_entries()
+
     def _budget_used_fraction(self) -> float:
         fractions = [b.used_fraction() for b in (self.order_budget, self.request_pacer) if b is not None]
         return max(fractions, default=0.0)
@@ -1165,6 +1206,7 @@ class Engine:
         while True:
             report = await self.measure_health()
             self._health = tuple(report.components)
+            self._check_breaker()
             for component in report.components:
                 line = "health_check: " + health.log_line(component)
                 state = component.state.value
@@ -1215,6 +1257,8 @@ class Engine:
             account=self.settings.venue.account,
             mode=self.mode,
             entries_paused=self.entries_paused,
+            entries_paused_by=self.entries_paused_by,
+            entries_pause_reason=self.entries_pause_reason,
             positions=tuple(sorted(views, key=lambda v: v.position_id)),
             coverage=coverage,
             health=self._health,

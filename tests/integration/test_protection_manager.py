@@ -8,6 +8,7 @@ from collections import Counter
 
 from engine.clock import ManualClock
 from engine.exchange.port import Order
+from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, FaultKind
 from storage.database import Database
 from tests.integration.engine_support import make_engine
@@ -434,3 +435,53 @@ async def test_a_fired_stop_closes_the_position_and_cancels_its_sibling_within_s
         assert tuple(row) == ("closed", "stop_loss")
     finally:
         await drive(clock, engine.stop())
+
+
+async def test_the_circuit_breaker_stops_entries_while_protection_fails_and_the_pause_survives_a_restart(
+    db: Database,
+) -> None:
+    """The incident's other half: while stops were failing, waves kept opening positions (uncovered 7 → 14
+    → 17, coverage 29 % with "entries on"). Now entries pause by themselves, say why, stay paused across a
+    restart, and resume only by the operator."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    venue = engine.venue
+    try:
+        assert engine.store is not None
+        await engine.store.insert_signals([(s, "long", None, None) for s in SYMBOLS[60:63]])
+        await drive_until(
+            clock, lambda: venue.calls_made.get(CallKind.CREATE_ORDER, 0) == 3, what="entries", step=0.01
+        )
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, count=10_000)  # every stop fails
+        await drive_until(clock, lambda: engine.entries_paused, what="the breaker tripped", limit=120.0)
+        assert engine.entries_paused_by == "breaker"
+        assert "uncovered" in engine.entries_pause_reason or "failed" in engine.entries_pause_reason
+        rejected = await engine.store.insert_signals([(SYMBOLS[64], "long", None, None)])
+        await drive_until(
+            clock,
+            lambda: _signal_reason(db, rejected[0]),
+            what="the next signal handled",
+        )
+        assert await _signal_reason(db, rejected[0]) == "entries paused"
+        assert len(venue.core.positions(clock.now())) == 3  # nothing new opened
+    finally:
+        await drive(clock, engine.stop())
+    restarted_engine = make_engine(
+        settings, clock, SimVenue(settings.venue.sim, clock=clock, core=venue.core)
+    )
+    await drive(clock, restarted_engine.start())
+    try:
+        assert restarted_engine.entries_paused
+        assert restarted_engine.entries_paused_by == "breaker"
+        assert restarted_engine.resume_entries() == (True, "entries on")
+        assert not restarted_engine.entries_paused
+    finally:
+        await drive(clock, restarted_engine.stop())
+
+
+async def _signal_reason(db: Database, signal_id: int) -> str | None:
+    return await db.pool.fetchval(
+        "SELECT reason FROM monitoring.signals WHERE id = $1 AND status <> 'taken'", signal_id
+    )

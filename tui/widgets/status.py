@@ -39,9 +39,12 @@ class StatusBar(Horizontal):
         state = "stopping" if stopping else snapshot.state.value
         if watching is not None:
             state = f"read-only · {watching}"
-        entries = (
-            "" if watching is not None else ("ENTRIES PAUSED" if snapshot.entries_paused else "entries on")
-        )
+        entries = ""
+        if watching is None:
+            entries = "entries on"
+            if snapshot.entries_paused:
+                by = snapshot.entries_paused_by
+                entries = f"ENTRIES PAUSED ({by})" if by and by != "operator" else "ENTRIES PAUSED"
         since = (
             formatting.since(snapshot.started_at, snapshot.taken_at, self._tz) if snapshot.started_at else "—"
         )
