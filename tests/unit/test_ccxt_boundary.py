@@ -156,3 +156,24 @@ async def test_rehearsal_and_production_differ_only_in_the_url() -> None:
         finally:
             for venue in (production, rehearsal):
                 await venue.close()
+
+
+def test_an_engine_call_is_timed_out_by_the_engines_own_budget_not_by_ccxts() -> None:
+    """An entry whose answer came late gave up after 8 s (ccxt's fixed timeout) although the call budget
+    was 10 s. ccxt's timeout is now a net behind the engine's budget, above it, whatever the budget."""
+    from engine.clock import SystemClock
+    from engine.engine import build_venue
+
+    for budget in ("3", "10", "45"):
+        settings = load_config(
+            None,
+            environ={
+                "TSBOT_VENUE__KIND": "binanceusdm",
+                "TSBOT_VENUE__API_KEY": "k",
+                "TSBOT_VENUE__API_SECRET": "s",
+                "TSBOT_PROTECTION__CALL_TIMEOUT_SECONDS": budget,
+            },
+            cwd=Path("/nonexistent-config-dir"),
+        ).settings
+        venue = build_venue(settings, SystemClock())
+        assert venue._exchange.timeout > float(budget) * 1000  # type: ignore[attr-defined]
