@@ -25,6 +25,7 @@ from typing import Any
 
 from engine.clock import Clock, SystemClock, wait_for_all
 from engine.config import ConfigError, Settings, VenueKind, real_venue_problems
+from engine.credentials import check_credentials
 from engine.events import (
     EngineEvent,
     EngineStateChanged,
@@ -311,6 +312,9 @@ class Engine:
             await self.venue.connect()
             self._connected_at = self.clock.monotonic()
             self.markets = dict(await self.venue.load_markets())
+            # Issue 14: a signed read before anything is restored or traded. A wrong key or secret stops
+            # the start here (CredentialsRefused: one line, exit 2) instead of running with every order refused.
+            await check_credentials(self.venue)
             self.marks = await self.venue.fetch_mark_prices()
             self._last_mark_at = self.clock.monotonic()
             self.startup_report = await self._start_protection()
