@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from engine.config import ConfigError, load_config
+from engine.config_show import render_config
 
 
 def _write(path: Path, data: str | bytes, mode: int = 0o644) -> Path:
@@ -224,3 +225,16 @@ def test_several_errors_inside_one_value_share_its_line(tmp_path: Path) -> None:
     assert len(lines) == 1
     assert lines[0].startswith("TSBOT_VENUE__SIM__LATENCY__BY_CALL: venue.sim.latency.by_call")
     assert lines[0].endswith("(and 1 more in this value)")
+
+
+def test_config_show_writes_characters_beyond_the_bmp_as_toml_escapes(tmp_path: Path) -> None:
+    # json.dumps wrote "\ud83d\ude00", which TOML refuses (found by the fuzz).
+    loaded = load_config(
+        None,
+        environ={"TSBOT_DATABASE__DATA_DIR": "/data/😀é", "TSBOT_LOGGING__FILE": 'a"b\\c.log'},
+        cwd=tmp_path,
+    )
+    shown = render_config(loaded)
+    assert '"/data/\\U0001f600\\u00e9"' in shown
+    again = _write(tmp_path / "shown.toml", shown)
+    assert load_config(again, environ={}).settings == loaded.settings
