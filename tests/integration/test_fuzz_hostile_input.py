@@ -247,7 +247,8 @@ def test_fuzz_config_file(
     problems = _cli_problems(result)
     if result.code == 0 and not problems:
         problems += _config_show_problems(result.stdout, tmp_path)
-    config_tally.record(result.code == 0, problems, f"{path} = {value[:80]!r}")
+    what = f"{path} = {value[:80]!r}" if raw_file is None else f"file {raw_file[:80]!r}"
+    config_tally.record(result.code == 0, problems, what)
 
 
 def _config_show_problems(shown: str, tmp_path: Path) -> list[str]:
