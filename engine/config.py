@@ -339,7 +339,7 @@ class KeySettings(Section):
                 name = _KEY_ALIASES.get(key.strip(), key.strip())
                 if not name:
                     continue
-                if name in bound:
+                if name in bound and bound[name] != action:
                     # Name the binding the operator changed, not the default it collides with.
                     first, second = bound[name], action
                     if getattr(self, second) == fields[second].default:

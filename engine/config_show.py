@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from decimal import Decimal
 from enum import Enum
 from typing import Any
@@ -18,7 +19,8 @@ REDACTED = "<redacted>"
 def render_config(loaded: LoadedConfig) -> str:
     lines = [
         "# tsbot effective configuration",
-        f"# from: {loaded.origin}",
+        # The file name as given, undecodable bytes escaped: stdout may be strict UTF-8.
+        f"# from: {os.fsencode(loaded.origin).decode('utf-8', 'backslashreplace')}",
         "# each value is followed by its source: default, file, env (TSBOT_<SECTION>__<KEY>) or secret-file",
     ]
     for name in type(loaded.settings).model_fields:

@@ -370,6 +370,15 @@ def test_tsbot_tui_refuses_bad_input_before_the_screen_in_one_line(
     _assert_one_line(result, 2, starts)
 
 
+def test_config_show_of_a_file_with_an_undecodable_name(tmp_path: Path) -> None:
+    name = os.fsdecode(b"conf\xff.toml")
+    (tmp_path / name).write_text("[signals]\nwave_size = 9\n")
+    result = tsbot("config", "show", "--config", name, cwd=tmp_path)  # stdout here is strict UTF-8
+    assert result.problems() == []
+    assert result.code == 0
+    assert "# from: conf\\xff.toml\n" in result.stdout
+
+
 def test_config_show_stays_toml(tmp_path: Path) -> None:
     result = tsbot("config", "show", cwd=tmp_path, TSBOT_TUI__KEYS__QUIT="ctrl+q")
     assert result.code == 0

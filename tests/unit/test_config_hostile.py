@@ -192,6 +192,8 @@ def test_two_names_of_one_key_are_one_key(tmp_path: Path) -> None:
     (tmp_path / "config.toml").unlink()
     loaded = load_config(None, environ={"TSBOT_TUI__KEYS__FILTER": "/"}, cwd=tmp_path)  # its own key
     assert loaded.settings.tui.keys.filter == "/"
+    again = load_config(None, environ={"TSBOT_TUI__KEYS__QUIT": "q,ctrl+q,q"}, cwd=tmp_path)  # one action
+    assert again.settings.tui.keys.quit == "q,ctrl+q,q"
 
 
 @pytest.mark.parametrize("value", ["0", "1", "no", "off", "False ", "yes"])
