@@ -19,13 +19,19 @@ REDACTED = "<redacted>"
 def render_config(loaded: LoadedConfig) -> str:
     lines = [
         "# tsbot effective configuration",
-        # The file name as given, undecodable bytes escaped: stdout may be strict UTF-8.
-        f"# from: {os.fsencode(loaded.origin).decode('utf-8', 'backslashreplace')}",
+        f"# from: {_printable(loaded.origin)}",
         "# each value is followed by its source: default, file, env (TSBOT_<SECTION>__<KEY>) or secret-file",
     ]
     for name in type(loaded.settings).model_fields:
         lines += _render_table(loaded, (name,), getattr(loaded.settings, name))
     return "\n".join(lines) + "\n"
+
+
+def _printable(path: str) -> str:
+    """A file name as given, for a TOML comment on a possibly strict UTF-8 stdout: undecodable bytes and
+    control characters escaped (a comment cannot hold a control character)."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 def _render_table(loaded: LoadedConfig, path: tuple[str, ...], model: BaseModel) -> list[str]:

@@ -219,6 +219,15 @@ key_paths = st.one_of(
 
 # --- configuration files ----------------------------------------------------------------------------------
 
+# File names as a shell passes them: any bytes but "/" and NUL, so undecodable ones arrive as surrogates.
+file_names = st.one_of(
+    st.just("fuzz.toml"),
+    st.builds(
+        lambda raw: os.fsdecode(raw) or "x",
+        st.binary(min_size=1, max_size=40).filter(lambda b: b"/" not in b and b"\x00" not in b),
+    ).filter(lambda name: name not in (".", "..")),
+)
+
 
 @pytest.fixture(scope="module")
 def config_tally() -> Iterator[Tally]:
@@ -232,11 +241,20 @@ def config_tally() -> Iterator[Tally]:
     path=key_paths,
     value=st.one_of(toml_values.map(_toml), raw_values),
     raw_file=st.one_of(st.none(), st.binary(max_size=200), st.sampled_from(["\ufeff[venue]\n", "[venue"])),
+    file_name=file_names,
 )
 def test_fuzz_config_file(
-    tmp_path: Path, config_tally: Tally, path: tuple[str, ...], value: str, raw_file: bytes | str | None
+    tmp_path: Path,
+    config_tally: Tally,
+    path: tuple[str, ...],
+    value: str,
+    raw_file: bytes | str | None,
+    file_name: str,
 ) -> None:
-    config = tmp_path / "fuzz.toml"
+    config = tmp_path / "configs" / file_name
+    config.parent.mkdir(exist_ok=True)
+    if config.is_dir():
+        config = tmp_path / "fuzz.toml"
     if raw_file is None:
         *table, key = path
         header = f"[{'.'.join(table)}]\n" if table else ""
@@ -411,6 +429,7 @@ def _json_line(item: Any, ascii_only: bool) -> str:
     encoding=st.sampled_from(["utf-8", "utf-8", "utf-16", "latin-1"]),
     raw=st.one_of(st.none(), st.binary(max_size=120), st.sampled_from([b"[" * 100_000, b"{}\n" * 3])),
     newline=st.sampled_from(["\n", "\r\n", "\u2028\n"]),
+    file_name=file_names,
 )
 def test_fuzz_signals_import(
     cli_workdir: Path,
@@ -419,8 +438,10 @@ def test_fuzz_signals_import(
     encoding: str,
     raw: bytes | None,
     newline: str,
+    file_name: str,
 ) -> None:
-    path = cli_workdir / "fuzz.jsonl"
+    path = cli_workdir / "imports" / file_name
+    path.parent.mkdir(exist_ok=True)
     if raw is not None:
         path.write_bytes(raw)
     else:
