@@ -232,9 +232,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     secrets = loaded.secret_values()
     handler = _HANDLERS[_command_key(args)]
+    log_file = None
     try:
         if handler is not _config_show:
-            configure_logging(loaded.settings.logging, secrets)
+            log_file = configure_logging(loaded.settings.logging, secrets)
             logging.getLogger().addHandler(TerminalWarnings(secrets))
         code = handler(args, loaded)
         _terminal_go_live()
@@ -249,10 +250,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as exc:
         # Not the operator's doing: a bug. Its traceback goes to the log; the terminal gets one line.
+        # (Without a log file, as in `config show`, logging's last resort prints it above this line.)
         log.exception("tsbot %s: internal error", _command_key(args))
         print(
             f"tsbot: internal error (a bug, not your input): {one_line(f'{type(exc).__name__}: {exc}', secrets)}; "
-            f"the traceback is in {loaded.settings.logging.file}",
+            f"the traceback is {f'in {log_file}' if log_file else 'above'}",
             file=sys.stderr,
         )
         return EXIT_FAILED
@@ -373,9 +375,7 @@ def _run(args: argparse.Namespace, loaded: LoadedConfig) -> int:
             report = await engine.start()
         except LeaseHeld as exc:
             raise CommandFailed(f"{exc}; this engine will not trade (watch it with `tsbot status`)") from None
-        except CredentialsRefused:
-            raise
-        except ExchangeError as exc:
+        except ExchangeError as exc:  # CredentialsRefused is not one: it reaches main() as exit 2
             raise CommandFailed(_venue_failure(loaded, exc)) from None
         _terminal_go_live()
         print(
