@@ -1,6 +1,6 @@
 """The hostile-input fuzz of issue 14 at full size (≈ 10 000 inputs), with the figures per area.
 
-    python bench/fuzz_hostile_input.py [--scale 10] [--json]
+    python bench/fuzz_hostile_input.py [--scale 10] [--random] [--json]
 
 Runs tests/integration/test_fuzz_hostile_input.py (the same strategies and contract as `make test`, where
 it runs at scale 1, about 1 000 inputs) with every example count multiplied by `--scale`, on the test
@@ -33,13 +33,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--scale", type=float, default=10.0, help="multiplies every example count (1: make test)"
     )
+    parser.add_argument(
+        "--random",
+        action="store_true",
+        help="new inputs on every run (default: the fixed ones make test uses)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as scratch:
         report_path = Path(scratch) / "report.json"
         env = {k: v for k, v in os.environ.items() if not k.startswith("TSBOT_")}
-        env.update(HOSTILE_FUZZ_SCALE=str(args.scale), HOSTILE_FUZZ_REPORT=str(report_path))
+        env.update(
+            HOSTILE_FUZZ_SCALE=str(args.scale),
+            HOSTILE_FUZZ_REPORT=str(report_path),
+            HOSTILE_FUZZ_RANDOM="1" if args.random else "0",
+        )
         started = time.monotonic()
         run = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--timeout", "7200", FUZZ],
@@ -58,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     result = {
         "scale": args.scale,
+        "random": args.random,
         "seconds": round(elapsed, 1),
         "areas": {area: {key: row.get(key, 0) for key in totals} for area, row in rows.items()},
         "total": totals,
