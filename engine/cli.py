@@ -1,7 +1,9 @@
 """`tsbot`: everything that is not the dashboard.
 
-Exit codes: 0 done; 1 the command failed (database unreachable, …); 2 the operator's input is wrong
-(bad configuration, bad arguments). Errors are one line on stderr naming the thing at fault.
+Exit codes: 0 done; 1 the command failed (database or venue unreachable, …); 2 the operator's input is wrong
+(bad configuration, bad arguments, a key the venue refuses). Errors are one line on stderr naming the thing
+at fault, what was expected and what was found; input never causes a traceback. A real bug is one line
+too ("internal error"), with its traceback in the log file.
 """
 
 from __future__ import annotations
@@ -12,21 +14,24 @@ import contextlib
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from engine.config import ConfigError, LoadedConfig, load_config
+from engine.config import MAX_SEED, ConfigError, LoadedConfig, load_config
 from engine.config_show import render_config
+from engine.credentials import CredentialsRefused
 from engine.engine import Engine
-from engine.logs import configure_logging
+from engine.exchange.errors import ExchangeError, Rejected
+from engine.logs import LogFileError, RedactingFormatter, configure_logging
 from engine.signal_input import BadSignal, SignalInput, read_jsonl, signal_from_fields
-from storage.database import Database, DatabaseUnavailable, open_database, resolve_target
+from storage.database import Database, DatabaseUnavailable, InvalidDsn, open_database, resolve_target
 from storage.embedded import EmbeddedPostgresError, psql_executable
 from storage.lease import LeaseHeld, current_holder
 from storage.migrator import MigrationError
@@ -37,6 +42,12 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+MAX_DURATION_SECONDS = 366 * 86400
+MAX_MESSAGE_CHARS = 400
+
+# The operator's input is wrong: exit 2. The command could not do its job: exit 1.
+USER_ERRORS: tuple[type[BaseException], ...] = (CredentialsRefused, InvalidDsn, LogFileError)
+FAILURES: tuple[type[BaseException], ...] = (DatabaseUnavailable, EmbeddedPostgresError, MigrationError)
 
 
 def package_version() -> str:
@@ -54,15 +65,75 @@ class CommandFailed(Exception):
     """A command could not do its job; the message is the one line shown to the operator."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a wrong argument is one line (no usage block) and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def one_line(text: str, secrets: Iterable[str] = ()) -> str:
+    """`text` as the single line an operator sees: line breaks folded, secrets masked, length bounded.
+    (Only secrets of 6 characters or more are masked: masking "s" would mangle every word, and no real key
+    is that short.)"""
+    secrets = [secret for secret in secrets if len(secret) >= 6]
+    text = RedactingFormatter(secrets).redact(" ".join(str(text).split()))
+    return (
+        text if len(text) <= MAX_MESSAGE_CHARS else f"{text[:MAX_MESSAGE_CHARS]}… ({len(text):,} characters)"
+    )
+
+
+class TerminalWarnings(logging.Handler):
+    """WARNING and above on stderr, one line each (tracebacks stay in the log file), held back until the
+    command is under way: a command that fails says so in one line, and the log file has the rest."""
+
+    MAX_HELD = 200
+
+    def __init__(self, secrets: Iterable[str]):
+        super().__init__(logging.WARNING)
+        self._secrets = list(secrets)
+        self._held: list[logging.LogRecord] | None = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._held is None:
+            self._write(record)
+        elif len(self._held) < self.MAX_HELD:
+            self._held.append(record)
+
+    def _write(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(f"{record.levelname} {one_line(record.getMessage(), self._secrets)}\n")
+            sys.stderr.flush()
+        except Exception:
+            self.handleError(record)
+
+    def go_live(self) -> None:
+        """The command is under way: say what was held back, and from now on say it as it happens."""
+        held, self._held = self._held or [], None
+        for record in held:
+            self._write(record)
+
+
+def _terminal_go_live() -> None:
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, TerminalWarnings):
+            handler.go_live()
+
+
+def shown_path(path: str) -> str:
+    """A path from the command line as text that any terminal can print (undecodable bytes escaped)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    config_option = argparse.ArgumentParser(add_help=False)
+    config_option = OneLineParser(add_help=False)
     config_option.add_argument(
         "--config",
         metavar="PATH",
         default=argparse.SUPPRESS,
         help="configuration file (default: ./config.toml, else built-in defaults)",
     )
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="tsbot",
         description="tsbot-tui engine commands (the dashboard is `tsbot-tui`).",
         parents=[config_option],
@@ -150,25 +221,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; every error the operator can cause is caught here, at the edge, as one line."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help / --version (0), or a wrong argument already said in one line (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
         loaded = load_config(getattr(args, "config", None))
     except ConfigError as exc:
-        print(exc, file=sys.stderr)
+        for line in exc.lines:
+            print(one_line(line), file=sys.stderr)
         return EXIT_USAGE
+    secrets = loaded.secret_values()
     handler = _HANDLERS[_command_key(args)]
+    log_file = None
     try:
         if handler is not _config_show:
-            configure_logging(loaded.settings.logging, loaded.secret_values(), stderr_level=logging.WARNING)
-        return handler(args, loaded)
-    except UsageError as exc:
-        print(f"tsbot: {exc}", file=sys.stderr)
+            log_file = configure_logging(loaded.settings.logging, secrets)
+            logging.getLogger().addHandler(TerminalWarnings(secrets))
+        code = handler(args, loaded)
+        _terminal_go_live()
+        return code
+    except (UsageError, ConfigError, BadSignal, *USER_ERRORS) as exc:
+        print(f"tsbot: {one_line(str(exc), secrets)}", file=sys.stderr)
         return EXIT_USAGE
-    except (CommandFailed, DatabaseUnavailable, EmbeddedPostgresError, MigrationError) as exc:
-        print(f"tsbot: {exc}", file=sys.stderr)
+    except (CommandFailed, *FAILURES) as exc:
+        print(f"tsbot: {one_line(str(exc), secrets)}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        # Not the operator's doing: a bug. Its traceback goes to the log; the terminal gets one line.
+        # (Without a log file, as in `config show`, logging's last resort prints it above this line.)
+        log.exception("tsbot %s: internal error", _command_key(args))
+        print(
+            f"tsbot: internal error (a bug, not your input): {one_line(f'{type(exc).__name__}: {exc}', secrets)}; "
+            f"the traceback is {f'in {log_file}' if log_file else 'above'}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
 
 
 def _command_key(args: argparse.Namespace) -> str:
@@ -244,9 +335,11 @@ def _signals_import(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     try:
         signals = read_jsonl(Path(args.file))
     except BadSignal as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(str(exc).replace(args.file, shown_path(args.file), 1)) from None
+    except ValueError as exc:  # a NUL in the file name
+        raise UsageError(f"{shown_path(args.file)}: not a usable file name ({exc})") from None
     ids = asyncio.run(_insert_signals(loaded, signals))
-    print(f"{len(ids)} signals imported from {args.file}")
+    print(f"{len(ids)} signals imported from {shown_path(args.file)}")
     return EXIT_OK
 
 
@@ -263,8 +356,13 @@ async def _insert_signals(loaded: LoadedConfig, signals: list[SignalInput]) -> l
 
 
 def _run(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-    if args.duration is not None and args.duration <= 0:
-        raise UsageError(f"--duration must be a positive number of seconds, got {args.duration:g}")
+    if args.duration is not None and not (
+        math.isfinite(args.duration) and 0 < args.duration <= MAX_DURATION_SECONDS
+    ):
+        raise UsageError(
+            f"--duration must be a positive number of seconds, at most {MAX_DURATION_SECONDS} (366 days), "
+            f"got {args.duration:g}"
+        )
 
     async def run() -> int:
         try:
@@ -279,6 +377,9 @@ def _run(args: argparse.Namespace, loaded: LoadedConfig) -> int:
             report = await engine.start()
         except LeaseHeld as exc:
             raise CommandFailed(f"{exc}; this engine will not trade (watch it with `tsbot status`)") from None
+        except ExchangeError as exc:  # CredentialsRefused is not one: it reaches main() as exit 2
+            raise CommandFailed(_venue_failure(loaded, exc)) from None
+        _terminal_go_live()
         print(
             f"tsbot {engine.version}: {engine.mode} on {engine.exchange_name}, account {loaded.settings.venue.account}"
         )
@@ -303,25 +404,34 @@ def _run(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     return asyncio.run(run())
 
 
+def _venue_failure(loaded: LoadedConfig, exc: ExchangeError) -> str:
+    """The one line for a venue that failed the start: refused something, or could not be reached."""
+    venue = loaded.settings.venue
+    where = f"venue {venue.kind.value}" + (f" at {venue.base_url}" if venue.base_url else "")
+    if isinstance(exc, Rejected):
+        return f"{where} refused the start: {exc}"
+    return f"{where}: couldn't reach it: {exc}"
+
+
 def _sim_exchange(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     from engine.venues.binance_emulator import BinanceEmulator, FaultPlan, FaultSpecError, parse_fault_spec
 
     venue = loaded.settings.venue
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be within 0..65535, got {args.port}")
+    if not 0 <= args.latency_ms <= 600_000:
+        raise UsageError(f"--latency-ms must be within 0..600000, got {args.latency_ms}")
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+        raise UsageError(f"--seed must be within 0..{MAX_SEED}, got {args.seed}")
+    try:
+        rules = parse_fault_spec(args.faults)
+    except FaultSpecError as exc:
+        raise UsageError(f"--faults: {exc}") from None
     if venue.api_key is None or venue.api_secret is None:
         raise UsageError(
             "sim-exchange needs TSBOT_VENUE__API_KEY and TSBOT_VENUE__API_SECRET (any values): it verifies "
             "the engine's signatures with that pair"
         )
-    if not 0 <= args.port <= 65535:
-        raise UsageError(f"--port must be within 0..65535, got {args.port}")
-    if not 0 <= args.latency_ms <= 600_000:
-        raise UsageError(f"--latency-ms must be within 0..600000, got {args.latency_ms}")
-    if args.seed is not None and args.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {args.seed}")
-    try:
-        rules = parse_fault_spec(args.faults)
-    except FaultSpecError as exc:
-        raise UsageError(f"--faults: {exc}") from None
     sim = venue.sim if args.seed is None else venue.sim.model_copy(update={"seed": args.seed})
     # Its own log file, next to the engine's: two processes must not rotate one file.
     log_settings = loaded.settings.logging

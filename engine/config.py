@@ -16,6 +16,8 @@ import json
 import os
 import stat
 import tomllib
+import typing
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -24,7 +26,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import annotated_types
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -35,6 +47,11 @@ ENV_NESTED_DELIMITER = "__"
 DEFAULT_CONFIG_NAME = "config.toml"
 
 Percent = Annotated[Decimal, Field(allow_inf_nan=False)]
+# Longest value quoted back in a message: a 1 MB value must not become a 1 MB error line.
+SHOWN_VALUE_CHARS = 60
+MAX_TEXT_CHARS = 4096
+MAX_SECRET_FILE_BYTES = 64 * 1024
+MAX_SEED = 2**32 - 1
 
 
 class ConfigError(Exception):
@@ -43,6 +60,69 @@ class ConfigError(Exception):
     def __init__(self, lines: list[str]):
         super().__init__("\n".join(lines))
         self.lines = lines
+
+
+class FieldProblem(ValueError):
+    """A rule across fields is broken: raised by a model validator, reported against `key` of that model
+    (`<where>: <section>.<key>: <expected>, got <found>`)."""
+
+    def __init__(self, key: str, expected: str, found: Any):
+        super().__init__(f"{key}: {expected}")
+        self.key = key
+        self.expected = expected
+        self.found = found
+
+
+def shown(value: Any, limit: int = SHOWN_VALUE_CHARS) -> str:
+    """`value` quoted for a one-line message (JSON-escaped: no control characters), cut to `limit`."""
+    text = json.dumps(value, ensure_ascii=True) if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return text
+    length = f"{len(value):,} characters" if isinstance(value, str) else f"{len(text):,} characters"
+    return f"{text[:limit]}… ({length})"
+
+
+def _plain_text(value: str) -> str:
+    """Paths, URLs and names: printable, encodable text (a NUL or a lone surrogate breaks every use)."""
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        raise ValueError("must not contain control characters (newlines, tabs, NUL …)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid UTF-8 text") from None
+    return value
+
+
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS), AfterValidator(_plain_text)]
+
+
+def _check_url(value: str, *, schemes: tuple[str, ...], example: str) -> None:
+    expected = f"must be a URL starting with {' or '.join(s + '://' for s in schemes)}, like {example}"
+    try:
+        parts = urllib.parse.urlsplit(value)
+        parts.port  # noqa: B018  (raises ValueError for a port that is not a number in 0-65535)
+    except ValueError:
+        raise ValueError(expected) from None
+    if parts.scheme.lower() not in schemes:
+        raise ValueError(expected)
+    if parts.scheme.lower().startswith("http") and not parts.hostname:
+        raise ValueError(expected)
+
+
+def _check_secret(value: SecretStr | None) -> SecretStr | None:
+    """A key, secret or password is one line of text: a newline would end up inside an HTTP header."""
+    if value is None:
+        return None
+    text = value.get_secret_value()
+    if len(text) > MAX_TEXT_CHARS:
+        raise ValueError(f"must be at most {MAX_TEXT_CHARS} characters")
+    _plain_text(text)
+    return value
+
+
+# A boolean is `true` or `false`: never 0, 1, "no" or "false" in quotes (that once meant mainnet). The
+# environment can only hold strings, so `_MappingEnvSource` turns exactly "true" / "false" into booleans.
+Flag = Annotated[bool, Strict()]
 
 
 class Section(BaseModel):
@@ -61,13 +141,25 @@ class VenueKind(StrEnum):
 class VenueSettings(Section):
     kind: VenueKind = VenueKind.SIM
     account: str = Field(default="default", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
-    testnet: bool = True
-    base_url: str = ""
-    api_key_file: str = ""
-    api_secret_file: str = ""
+    testnet: Flag = True
+    base_url: Text = ""
+    api_key_file: Text = ""
+    api_secret_file: Text = ""
     api_key: SecretStr | None = None
     api_secret: SecretStr | None = None
     sim: SimVenueSettings = Field(default_factory=SimVenueSettings)
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url_is_a_url(cls, value: str) -> str:
+        if value:
+            _check_url(value, schemes=("http", "https"), example="http://127.0.0.1:8900")
+        return value
+
+    @field_validator("api_key", "api_secret")
+    @classmethod
+    def _secret_is_one_token(cls, value: SecretStr | None) -> SecretStr | None:
+        return _check_secret(value)
 
 
 def real_venue_problems(venue: VenueSettings) -> list[str]:
@@ -104,14 +196,38 @@ def real_venue_problems(venue: VenueSettings) -> list[str]:
 
 
 class DatabaseSettings(Section):
-    dsn: str = ""
-    data_dir: str = ""
+    dsn: Text = ""
+    data_dir: Text = ""
     name: str = Field(default="tsbot", min_length=1, max_length=63, pattern=r"^[a-z_][a-z0-9_]*$")
     pool_min_size: int = Field(default=1, ge=1, le=100)
     pool_max_size: int = Field(default=10, ge=1, le=100)
     command_timeout_seconds: Decimal = Field(default=Decimal(10), ge=1, le=300)
-    password_file: str = ""
+    password_file: Text = ""
     password: SecretStr | None = None
+
+    @field_validator("dsn")
+    @classmethod
+    def _dsn_is_postgresql(cls, value: str) -> str:
+        if value:
+            _check_url(
+                value, schemes=("postgresql", "postgres"), example="postgresql://bot@db.internal/tsbot"
+            )
+        return value
+
+    @field_validator("password")
+    @classmethod
+    def _password_is_one_line(cls, value: SecretStr | None) -> SecretStr | None:
+        return _check_secret(value)
+
+    @model_validator(mode="after")
+    def _pool_sizes_in_order(self) -> DatabaseSettings:
+        if self.pool_min_size > self.pool_max_size:
+            raise FieldProblem(
+                "pool_min_size",
+                f"must not exceed database.pool_max_size ({self.pool_max_size})",
+                self.pool_min_size,
+            )
+        return self
 
 
 # --- [signals] -------------------------------------------------------------------------------------------
@@ -126,7 +242,7 @@ class SignalsSettings(Section):
     source: SignalSource = SignalSource.SIM
     wave_size: int = Field(default=7, ge=1, le=500)
     wave_interval_seconds: Decimal = Field(default=Decimal(20), ge=1, le=86400)
-    seed: int = Field(default=7, ge=0)
+    seed: int = Field(default=7, ge=0, le=MAX_SEED)
     wave_window_ms: int = Field(default=500, ge=0, le=60000)
     position_size_usd: Decimal = Field(default=Decimal(200), gt=0, le=1_000_000)
     max_positions: int = Field(default=100, ge=1, le=5000)
@@ -148,6 +264,17 @@ class TrailingSettings(Section):
     min_improvement_percent: Percent = Field(default=Decimal("0.1"), ge=0, le=10)
     emergency_move_percent: Percent = Field(default=Decimal(1), gt=0, le=50)
 
+    @model_validator(mode="after")
+    def _emergency_beyond_improvement(self) -> TrailingSettings:
+        # "move at once past this lag" below "move only past this improvement" would make every move urgent.
+        if self.min_improvement_percent > self.emergency_move_percent:
+            raise FieldProblem(
+                "min_improvement_percent",
+                f"must not exceed protection.trailing.emergency_move_percent ({self.emergency_move_percent})",
+                self.min_improvement_percent,
+            )
+        return self
+
 
 class BreakerSettings(Section):
     uncovered_factor: Decimal = Field(default=Decimal(3), ge=1, le=1000)
@@ -161,14 +288,26 @@ class ProtectionSettings(Section):
     stop_loss_percent: Percent = Field(default=Decimal(3), ge=Decimal("0.1"), le=50)
     activation_percent: Percent = Field(default=Decimal("1.5"), ge=0, le=100)
     callback_percent: Percent = Field(default=Decimal("0.5"), ge=Decimal("0.1"), le=10)
-    call_timeout_seconds: Decimal = Field(default=Decimal(10), gt=0, le=120)
+    # A protective call cannot answer in less than a second over the internet; a smaller budget turns every
+    # call into an ambiguous outcome.
+    call_timeout_seconds: Decimal = Field(default=Decimal(10), ge=1, le=120)
     grace_seconds: Decimal = Field(default=Decimal(5), ge=0, le=600)
     reconcile_seconds: Decimal = Field(default=Decimal(10), ge=1, le=3600)
-    retry_initial_seconds: Decimal = Field(default=Decimal(1), gt=0, le=60)
-    retry_max_seconds: Decimal = Field(default=Decimal(30), gt=0, le=600)
-    close_on_would_trigger: bool = True
+    retry_initial_seconds: Decimal = Field(default=Decimal(1), ge=Decimal("0.1"), le=60)
+    retry_max_seconds: Decimal = Field(default=Decimal(30), ge=1, le=600)
+    close_on_would_trigger: Flag = True
     trailing: TrailingSettings = Field(default_factory=TrailingSettings)
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
+
+    @model_validator(mode="after")
+    def _retry_delays_in_order(self) -> ProtectionSettings:
+        if self.retry_initial_seconds > self.retry_max_seconds:
+            raise FieldProblem(
+                "retry_initial_seconds",
+                f"must not exceed protection.retry_max_seconds ({self.retry_max_seconds})",
+                self.retry_initial_seconds,
+            )
+        return self
 
 
 # --- [health] --------------------------------------------------------------------------------------------
@@ -176,7 +315,8 @@ class ProtectionSettings(Section):
 
 class HealthSettings(Section):
     interval_seconds: Decimal = Field(default=Decimal(5), ge=1, le=600)
-    coverage_critical_percent: Percent = Field(default=Decimal(95), ge=0, le=100)
+    # An alarm that stays quiet until half the positions are unprotected is no alarm (the incident: 36.5 %).
+    coverage_critical_percent: Percent = Field(default=Decimal(95), ge=50, le=100)
     uncovered_critical_seconds: Decimal = Field(default=Decimal(60), ge=1, le=3600)
     mark_price_stale_seconds: Decimal = Field(default=Decimal(5), ge=1, le=600)
     exchange_latency_degraded_ms: int = Field(default=2500, ge=1, le=60000)
@@ -199,9 +339,45 @@ class KeySettings(Section):
     help: KeyName = "question_mark"
     quit: KeyName = "q"
 
+    @model_validator(mode="after")
+    def _one_action_per_key(self) -> KeySettings:
+        bound: dict[str, str] = {}
+        fields = type(self).model_fields
+        for action in fields:
+            for key in getattr(self, action).split(","):
+                name = _KEY_ALIASES.get(key.strip(), key.strip())
+                if not name:
+                    continue
+                if name in bound and bound[name] != action:
+                    # Name the binding the operator changed, not the default it collides with.
+                    first, second = bound[name], action
+                    if getattr(self, second) == fields[second].default:
+                        first, second = second, first
+                    raise FieldProblem(
+                        second,
+                        f"must differ from tui.keys.{first} (both press {name!r})",
+                        getattr(self, second),
+                    )
+                bound[name] = action
+        return self
+
+
+# Characters allowed in a key name and the names Textual gives them: "/" and "slash" are one key.
+_KEY_ALIASES = {
+    "/": "slash",
+    "?": "question_mark",
+    "+": "plus",
+    "-": "minus",
+    "_": "underscore",
+    ".": "full_stop",
+    ",": "comma",
+    ";": "semicolon",
+    ":": "colon",
+}
+
 
 class TuiSettings(Section):
-    theme: str = Field(default="textual-dark", min_length=1)
+    theme: str = Field(default="textual-dark", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     refresh_per_second: int = Field(default=4, ge=1, le=30)
     keys: KeySettings = Field(default_factory=KeySettings)
 
@@ -211,8 +387,8 @@ class TuiSettings(Section):
 
 class LoggingSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    file: str = "logs/trading_bot.log"
-    max_bytes: int = Field(default=10_000_000, ge=10_000)
+    file: Text = Field(default="logs/trading_bot.log", min_length=1)
+    max_bytes: int = Field(default=10_000_000, ge=10_000, le=10_000_000_000)
     backup_count: int = Field(default=5, ge=0, le=100)
 
 
@@ -296,7 +472,13 @@ def resolve_config_path(explicit: str | os.PathLike[str] | None, cwd: Path | Non
     """`--config PATH` (must exist), else `./config.toml` if present, else None (built-in defaults)."""
     if explicit is not None:
         path = Path(explicit)
-        if not path.is_file():
+        try:
+            is_dir, is_file = path.is_dir(), path.is_file()
+        except (OSError, ValueError):  # a NUL in the name, a name too long for the file system
+            raise ConfigError([f"{shown(str(explicit))}: not a usable file name"]) from None
+        if is_dir:
+            raise ConfigError([f"{path}: is a directory: expected a TOML file like config.toml"])
+        if not is_file:
             raise ConfigError([f"{path}: config file not found"])
         return path
     candidate = (cwd or Path.cwd()) / DEFAULT_CONFIG_NAME
@@ -317,18 +499,16 @@ def load_config(
 
     problems = [f"{label}: {'.'.join(kp)}: {msg}" for kp, msg in _secrets_in_file(file_values)]
     problems += _unknown_env_sections(environ)
-    env_values = _env_values(environ)
     if problems:
         raise ConfigError(problems)
+    env_values = _env_values(environ)
 
     env_flat = dict(_flatten(env_values))
     file_flat = dict(_flatten(file_values))
     try:
         settings = _validate(file_values, environ)
     except ValidationError as exc:
-        raise ConfigError(
-            [_describe_error(err, label, env_flat) for err in exc.errors(include_url=False)]
-        ) from None
+        raise ConfigError(_describe_errors(exc, label, _env_names(environ))) from None
 
     sources: dict[tuple[str, ...], Source] = {}
     for key_path, _ in _flatten(settings.model_dump()):
@@ -339,13 +519,6 @@ def load_config(
 
     settings, secret_sources = _read_secret_files(settings, label, sources)
     sources.update(secret_sources)
-    if settings.database.pool_min_size > settings.database.pool_max_size:
-        raise ConfigError(
-            [
-                f"{label}: database.pool_min_size: must not exceed database.pool_max_size "
-                f"({settings.database.pool_max_size}), got {settings.database.pool_min_size}"
-            ]
-        )
     return LoadedConfig(settings=settings, path=path, sources=sources)
 
 
@@ -378,9 +551,59 @@ class _MappingEnvSource(EnvSettingsSource):
     def _load_env_vars(self) -> Mapping[str, str | None]:
         return self._environ
 
+    def __call__(self) -> dict[str, Any]:
+        return _flags_from_env(super().__call__(), Settings)
+
+
+def _flags_from_env(values: dict[str, Any], model: Any) -> dict[str, Any]:
+    """Exactly "true" / "false" (any case) become booleans for boolean keys; anything else stays a string
+    and is refused by the strict boolean ("0" must not mean false)."""
+    fields = getattr(model, "model_fields", {})
+    for key, value in values.items():
+        info = fields.get(key)
+        if info is None:
+            continue
+        if isinstance(value, dict):
+            _flags_from_env(value, info.annotation)
+        elif info.annotation is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+            values[key] = value.lower() == "true"
+    return values
+
 
 def _env_values(environ: Mapping[str, str]) -> dict[str, Any]:
-    return _MappingEnvSource(Settings, environ)()
+    try:
+        return _MappingEnvSource(Settings, environ)()
+    except Exception as exc:  # pydantic-settings' SettingsError names the section only: find the variable
+        failure = exc
+    problems = []
+    for name, value in sorted(environ.items()):
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        try:
+            _MappingEnvSource(Settings, {name: value})()
+        except Exception:
+            problems.append(_describe_env_value(name, value))
+    raise ConfigError(
+        problems or [f"environment: the TSBOT_ variables cannot be read together: {type(failure).__name__}"]
+    )
+
+
+def _describe_env_value(name: str, value: str) -> str:
+    """The one line for a variable whose value must be JSON (a list, a table) and is not."""
+    key_path = tuple(name[len(ENV_PREFIX) :].lower().split(ENV_NESTED_DELIMITER))
+    info = _field_at(key_path)
+    annotation = info.annotation if info is not None else None
+    origin = typing.get_origin(annotation)
+    where = f"{name}: {'.'.join(key_path)}"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return f"{where}: a whole table cannot be set at once: use {name.upper()}{ENV_NESTED_DELIMITER}<KEY>"
+    if annotation is list or origin is list:
+        expected = 'must be a JSON list like ["SFPUSDT", "BTCUSDT"]'
+    elif annotation is dict or origin is dict:
+        expected = 'must be a JSON object like {"SFPUSDT": 2.0}'
+    else:
+        expected = "must be JSON"
+    return f"{where}: {expected}, got {shown(value)}"
 
 
 def _read_toml(path: Path, label: str) -> dict[str, Any]:
@@ -388,7 +611,17 @@ def _read_toml(path: Path, label: str) -> dict[str, Any]:
         with path.open("rb") as fh:
             return tomllib.load(fh, parse_float=Decimal)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"{label}: invalid TOML: {exc}"]) from None
+        raise ConfigError([f"{label}: invalid TOML: {' '.join(str(exc).split())}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            [
+                f"{label}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}): save it as UTF-8"
+            ]
+        ) from None
+    except RecursionError:
+        raise ConfigError([f"{label}: invalid TOML: arrays or tables nested too deeply"]) from None
+    except ValueError as exc:  # e.g. an integer of more than 4 300 digits
+        raise ConfigError([f"{label}: invalid TOML: {shown(str(exc), 120)}"]) from None
     except OSError as exc:
         raise ConfigError([f"{label}: cannot read: {exc.strerror}"]) from None
 
@@ -448,6 +681,15 @@ def _read_owner_only_file(path: Path, label: str, key: str) -> str:
         info = path.stat()
     except OSError as exc:
         raise ConfigError([f"{label}: {key}: cannot read secrets file {path}: {exc.strerror}"]) from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+        raise ConfigError([f"{label}: {key}: secrets file {path} must be a regular file, got {kind}"])
+    if info.st_size > MAX_SECRET_FILE_BYTES:
+        raise ConfigError(
+            [
+                f"{label}: {key}: secrets file {path} must be at most {MAX_SECRET_FILE_BYTES} bytes, got {info.st_size}"
+            ]
+        )
     if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigError(
             [
@@ -459,9 +701,20 @@ def _read_owner_only_file(path: Path, label: str, key: str) -> str:
         raise ConfigError(
             [f"{label}: {key}: secrets file {path} must be owned by uid {os.getuid()}, got uid {info.st_uid}"]
         )
-    value = path.read_text(encoding="utf-8").strip()
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(
+            [f"{label}: {key}: secrets file {path} must be UTF-8 text, got other bytes"]
+        ) from None
+    except OSError as exc:
+        raise ConfigError([f"{label}: {key}: cannot read secrets file {path}: {exc.strerror}"]) from None
     if not value:
         raise ConfigError([f"{label}: {key}: secrets file {path} is empty"])
+    try:
+        _check_secret(SecretStr(value))
+    except ValueError as exc:  # the message never quotes the secret
+        raise ConfigError([f"{label}: {key}: secrets file {path}: the secret {exc}"]) from None
     return value
 
 
@@ -510,10 +763,10 @@ def _bounds(info: FieldInfo | None) -> tuple[Any, Any, bool, bool]:
 def _show(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int | Decimal | float):
-        return str(value)
-    if isinstance(value, str):
-        return json.dumps(value)
+    if isinstance(value, int):
+        return shown(value) if value.bit_length() < 4000 else "a number of more than 1 000 digits"
+    if isinstance(value, Decimal | float | str):
+        return shown(value)
     if isinstance(value, dict):
         return "a table"
     if isinstance(value, list):
@@ -556,13 +809,56 @@ def _expected(err: Mapping[str, Any], info: FieldInfo | None) -> str:
         return err["msg"].replace("String should", "must").lower()
     if kind in {"model_type", "model_attributes_type", "dict_type"}:
         return "must be a table"
+    if kind in {"list_type"}:
+        return "must be a list"
+    if kind == "value_error":
+        return str(ctx.get("error") or err["msg"])
     return err["msg"][0].lower() + err["msg"][1:]
 
 
-def _describe_error(err: Mapping[str, Any], label: str, env_flat: Mapping[tuple[str, ...], Any]) -> str:
+def _env_names(environ: Mapping[str, str]) -> dict[tuple[str, ...], str]:
+    """Key path → the TSBOT_ variable that sets it."""
+    return {
+        tuple(name[len(ENV_PREFIX) :].lower().split(ENV_NESTED_DELIMITER)): name
+        for name in sorted(environ)
+        if name.upper().startswith(ENV_PREFIX)
+    }
+
+
+def _describe_errors(exc: ValidationError, label: str, env_names: Mapping[tuple[str, ...], str]) -> list[str]:
+    """One line per value at fault: several errors inside one value (a table, a list) share its line."""
+    lines: dict[tuple[str, ...], list[str]] = {}
+    for err in exc.errors(include_url=False):
+        key_path = tuple(str(p) for p in err["loc"])
+        problem = (err.get("ctx") or {}).get("error")
+        if isinstance(problem, FieldProblem):
+            err = {**err, "loc": (*err["loc"], problem.key), "input": problem.found, "msg": problem.expected}
+            key_path = (*key_path, problem.key)
+        lines.setdefault(_value_at_fault(key_path), []).append(_describe_error(err, label, env_names))
+    return [
+        found[0] + (f" (and {len(found) - 1} more in this value)" if len(found) > 1 else "")
+        for found in lines.values()
+    ]
+
+
+def _value_at_fault(key_path: tuple[str, ...]) -> tuple[str, ...]:
+    """The deepest prefix of `key_path` that is a key of the schema (errors inside a table's entries or a
+    list's items belong to that key)."""
+    for end in range(len(key_path), 0, -1):
+        if _field_at(key_path[:end]) is not None:
+            return key_path[:end]
+    return key_path[:1]
+
+
+def _describe_error(err: Mapping[str, Any], label: str, env_names: Mapping[tuple[str, ...], str]) -> str:
     key_path = tuple(str(p) for p in err["loc"])
     info = _field_at(key_path)
-    from_env = any(k[: len(key_path)] == key_path for k in env_flat)
-    origin = ENV_PREFIX + ENV_NESTED_DELIMITER.join(key_path).upper() if from_env else label
-    shown = "a secret value" if key_path in SECRETS else _show(err.get("input"))
-    return f"{origin}: {'.'.join(key_path)}: {_expected(err, info)}, got {shown}"
+    # The variable that set this value (or a whole table around it), else one that set a key inside it.
+    origin = next(
+        (name for path, name in env_names.items() if key_path[: len(path)] == path),
+        next((name for path, name in env_names.items() if path[: len(key_path)] == key_path), label),
+    )
+    problem = (err.get("ctx") or {}).get("error")
+    expected = problem.expected if isinstance(problem, FieldProblem) else _expected(err, info)
+    value = "a secret value" if key_path in SECRETS else _show(err.get("input"))
+    return f"{origin}: {'.'.join(key_path)}: {expected}, got {value}"

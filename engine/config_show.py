@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from decimal import Decimal
 from enum import Enum
 from typing import Any
@@ -18,12 +19,19 @@ REDACTED = "<redacted>"
 def render_config(loaded: LoadedConfig) -> str:
     lines = [
         "# tsbot effective configuration",
-        f"# from: {loaded.origin}",
+        f"# from: {_printable(loaded.origin)}",
         "# each value is followed by its source: default, file, env (TSBOT_<SECTION>__<KEY>) or secret-file",
     ]
     for name in type(loaded.settings).model_fields:
         lines += _render_table(loaded, (name,), getattr(loaded.settings, name))
     return "\n".join(lines) + "\n"
+
+
+def _printable(path: str) -> str:
+    """A file name as given, for a TOML comment on a possibly strict UTF-8 stdout: undecodable bytes and
+    control characters escaped (a comment cannot hold a control character)."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 def _render_table(loaded: LoadedConfig, path: tuple[str, ...], model: BaseModel) -> list[str]:
@@ -40,7 +48,7 @@ def _render_table(loaded: LoadedConfig, path: tuple[str, ...], model: BaseModel)
         if key_path in SECRETS:
             text = f"{key} = {json.dumps(REDACTED)}" if value is not None else f"# {key} = (not set)"
         elif key_path == ("database", "dsn"):
-            text = f"{key} = {json.dumps(redact_dsn(value))}"
+            text = f"{key} = {_toml_string(redact_dsn(value))}"
         else:
             text = f"{key} = {_toml_value(value)}"
         rows.append((text, source.value if isinstance(source, Source) else str(source)))
@@ -53,7 +61,7 @@ def _render_table(loaded: LoadedConfig, path: tuple[str, ...], model: BaseModel)
 
 def _toml_key(key: Any) -> str:
     text = key.value if isinstance(key, Enum) else str(key)
-    return text if text.replace("_", "").replace("-", "").isalnum() else json.dumps(text)
+    return text if text.replace("_", "").replace("-", "").isalnum() and text.isascii() else _toml_string(text)
 
 
 def _toml_value(value: Any) -> str:
@@ -66,7 +74,7 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, float):
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value)
+        return _toml_string(value)
     if isinstance(value, SecretStr):
         return json.dumps(REDACTED)
     if isinstance(value, list | tuple):
@@ -77,4 +85,21 @@ def _toml_value(value: Any) -> str:
         if not value:
             return "{}"
         return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    return json.dumps(str(value))
+    return _toml_string(str(value))
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string in ASCII. Not json.dumps: JSON writes a character beyond U+FFFF as a surrogate
+    pair (\\ud83d\\ude00), which TOML refuses; TOML wants \\U0001f600."""
+    out = []
+    for char in text:
+        code = ord(char)
+        if char in ('"', "\\"):
+            out.append("\\" + char)
+        elif 0x20 <= code < 0x7F:
+            out.append(char)
+        elif code <= 0xFFFF:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return '"' + "".join(out) + '"'

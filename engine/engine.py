@@ -27,6 +27,7 @@ from typing import Any
 
 from engine.clock import Clock, SystemClock, wait_for_all
 from engine.config import ConfigError, Settings, VenueKind, real_venue_problems
+from engine.credentials import check_credentials
 from engine.events import (
     EngineEvent,
     EngineStateChanged,
@@ -407,6 +408,9 @@ class Engine:
             await self.venue.connect()
             self._connected_at = self.clock.monotonic()
             self.markets = dict(await self.venue.load_markets())
+            # A signed read before anything is restored or traded. A wrong key or secret stops
+            # the start here (CredentialsRefused: one line, exit 2) instead of running with every order refused.
+            await check_credentials(self.venue)
             # The order budget as the venue announced it (exchangeInfo), kept across protection restarts:
             # the venue's counts do not reset when our manager does.
             self.order_budget = OrderBudget(

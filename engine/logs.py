@@ -1,12 +1,17 @@
 """Logging: a rotating file (default `logs/trading_bot.log`) with the lines operators grep for.
 
-Secrets are redacted at the handler, so no code path can log one by accident.
+Secrets are redacted at the handler, so no code path can log one by accident. The file reveals trading
+activity, so it is created owner-only (0600, its directory 0700 when we create it). A message is cut at
+`MAX_LOG_MESSAGE_CHARS`: a 1 MB symbol in a signal row must not become a 2 MB line that rotates the whole
+history away.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import logging.handlers
+import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -14,12 +19,18 @@ from pathlib import Path
 from engine.config import LoggingSettings
 
 LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
+MAX_LOG_MESSAGE_CHARS = 4000
 _DSN_PASSWORD = re.compile(r"(://[^:/@\s]+):[^@\s]*@")
 _PASSWORD_PARAM = re.compile(r"(?i)(password=)[^&\s]+")
 
 
+class LogFileError(Exception):
+    """The configured log file cannot be opened; the message is the one line shown (a configuration error)."""
+
+
 class RedactingFormatter(logging.Formatter):
-    """Formats as usual, then masks configured secret values and passwords inside DSNs."""
+    """Formats as usual (the message cut to `MAX_LOG_MESSAGE_CHARS`), then masks configured secret values
+    and passwords inside DSNs."""
 
     def __init__(self, secrets: Iterable[str], fmt: str = LOG_FORMAT):
         super().__init__(fmt)
@@ -27,7 +38,7 @@ class RedactingFormatter(logging.Formatter):
         self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
 
     def format(self, record: logging.LogRecord) -> str:
-        return self.redact(super().format(record))
+        return self.redact(super().format(_cut(record)))
 
     def redact(self, text: str) -> str:
         for secret in self._secrets:
@@ -36,23 +47,62 @@ class RedactingFormatter(logging.Formatter):
         return _PASSWORD_PARAM.sub(r"\1***", text)
 
 
+def _cut(record: logging.LogRecord) -> logging.LogRecord:
+    """The record, or a copy whose message is cut (other handlers still get the original)."""
+    try:
+        message = record.getMessage()
+    except Exception:  # a bad format string: let logging report it as it always does
+        return record
+    if len(message) <= MAX_LOG_MESSAGE_CHARS:
+        return record
+    cut = copy.copy(record)
+    cut.msg = f"{message[:MAX_LOG_MESSAGE_CHARS]}… [{len(message):,} characters, cut]"
+    cut.args = None
+    return cut
+
+
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A rotating file created 0600, the first file and every one rotated in after it."""
+
+    def _open(self):  # type: ignore[no-untyped-def]
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        return open(fd, self.mode, encoding=self.encoding, errors=self.errors)
+
+
+def _make_private_dirs(directory: Path) -> None:
+    """Create `directory` and any missing parent, each 0700 (existing ones are left as they are)."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        if directory.parent == directory:
+            break
+        directory = directory.parent
+    for path in reversed(missing):
+        path.mkdir(mode=0o700)
+
+
 def configure_logging(
     settings: LoggingSettings, secrets: Iterable[str] = (), *, stderr_level: int | None = None
 ) -> Path:
     """Route the root logger to the rotating file (and, for CLI commands, problems to stderr).
 
-    Returns the log file path. Called once per process; replaces handlers set by an earlier call.
+    Returns the log file path. Called once per process; replaces handlers set by an earlier call. Raises
+    `LogFileError` (one line naming `logging.file`) when the file cannot be created or written.
     """
     path = Path(settings.file).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _make_private_dirs(path.parent)
+        file_handler = PrivateRotatingFileHandler(
+            path, maxBytes=settings.max_bytes, backupCount=settings.backup_count, encoding="utf-8"
+        )
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise LogFileError(f"logging.file: cannot write the log file {path}: {reason}") from None
     formatter = RedactingFormatter(secrets)
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
         handler.close()
-    file_handler = logging.handlers.RotatingFileHandler(
-        path, maxBytes=settings.max_bytes, backupCount=settings.backup_count, encoding="utf-8"
-    )
     file_handler.setFormatter(formatter)
     root.addHandler(file_handler)
     if stderr_level is not None:

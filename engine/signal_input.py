@@ -11,6 +11,13 @@ from typing import Any
 
 SIDES = ("long", "short")
 MAX_EXTERNAL_ID_LENGTH = 128
+MAX_SYMBOL_LENGTH = 32
+# A score is a ranking figure, not an amount: bounded so that every accepted value fits `numeric` (asyncpg
+# refuses exponents beyond ±16 383, PostgreSQL digits beyond 131 072) and reads back exactly.
+MAX_SCORE = Decimal(10) ** 12
+MAX_SCORE_PLACES = 30
+MAX_IMPORT_BYTES = 64 * 1024 * 1024
+SHOWN_CHARS = 60
 
 
 class BadSignal(ValueError):
@@ -25,43 +32,88 @@ class SignalInput:
     external_id: str | None = None
 
 
+def shown(value: Any) -> str:
+    """`value` as a message quotes it: its repr (escaped, one line), cut to a few dozen characters."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        return f"a number of {len(str(abs(value))) if value.bit_length() < 14_000 else 'over 4 300'} digits"
+    text = repr(value)
+    if len(text) <= SHOWN_CHARS:
+        return text
+    size = f"{len(value):,} characters" if isinstance(value, str) else f"{len(text):,} characters"
+    return f"{text[:SHOWN_CHARS]}… ({size})"
+
+
 def normalise_symbol(symbol: Any) -> str:
     if not isinstance(symbol, str) or not symbol.strip():
-        raise BadSignal(f"symbol must be a non-empty string, got {symbol!r}")
+        raise BadSignal(f"symbol must be a non-empty string, got {shown(symbol)}")
     cleaned = symbol.strip().upper()
-    if not cleaned.isalnum():
-        raise BadSignal(f"symbol must be exchange-native letters and digits (e.g. SFPUSDT), got {symbol!r}")
+    if not cleaned.isalnum() or len(cleaned) > MAX_SYMBOL_LENGTH:
+        raise BadSignal(
+            f"symbol must be exchange-native letters and digits (e.g. SFPUSDT, at most {MAX_SYMBOL_LENGTH}), "
+            f"got {shown(symbol)}"
+        )
     return cleaned
 
 
 def parse_side(side: Any) -> str:
     if not isinstance(side, str) or side.strip().lower() not in SIDES:
-        raise BadSignal(f"side must be long or short, got {side!r}")
+        raise BadSignal(f"side must be long or short, got {shown(side)}")
     return side.strip().lower()
 
 
 def parse_score(score: Any) -> Decimal | None:
     if score is None:
         return None
-    if isinstance(score, bool):
-        raise BadSignal(f"score must be a finite number, got {score!r}")
+    expected = (
+        f"score must be a finite number between -{MAX_SCORE:.0e} and {MAX_SCORE:.0e} "
+        f"with at most {MAX_SCORE_PLACES} digits after the point"
+    ).replace("e+", "e")
+    if isinstance(score, bool) or not isinstance(score, str | int | float | Decimal):
+        raise BadSignal(f"{expected}, got {shown(score)}")
     try:
-        value = Decimal(str(score))
-    except InvalidOperation:
-        raise BadSignal(f"score must be a finite number, got {score!r}") from None
-    if not value.is_finite():
-        raise BadSignal(f"score must be a finite number, got {score!r}")
+        value = score if isinstance(score, Decimal) else Decimal(str(score).strip())
+    except (InvalidOperation, ValueError):
+        raise BadSignal(f"{expected}, got {shown(score)}") from None
+    if not value.is_finite() or value.copy_abs() > MAX_SCORE:
+        raise BadSignal(f"{expected}, got {shown(score)}")
+    value = _without_trailing_zeros(value)
+    if value.as_tuple().exponent < -MAX_SCORE_PLACES:  # type: ignore[operator]  # finite: an int
+        raise BadSignal(f"{expected}, got {shown(score)}")
     return value
+
+
+def _without_trailing_zeros(value: Decimal) -> Decimal:
+    """1.5000 → 1.5 and 0E-100000 → 0, without rounding (what is left is exactly the same number): a
+    value written with 20 000 zeros after the point must not reach `numeric` with that scale."""
+    sign, digits, exponent = value.as_tuple()
+    assert isinstance(exponent, int)  # finite
+    if not any(digits):
+        return Decimal(0)
+    if exponent >= 0 or digits[-1] != 0:
+        return value
+    significant = "".join(map(str, digits)).rstrip("0")
+    trailing = min(len(digits) - len(significant), -exponent)
+    return Decimal((sign, digits[: len(digits) - trailing], exponent + trailing))
 
 
 def parse_external_id(external_id: Any) -> str | None:
     if external_id is None:
         return None
-    if not isinstance(external_id, str | int) or isinstance(external_id, bool) or str(external_id) == "":
-        raise BadSignal(f"id must be a non-empty string, got {external_id!r}")
+    if not isinstance(external_id, str | int) or isinstance(external_id, bool) or external_id == "":
+        raise BadSignal(f"id must be a non-empty string, got {shown(external_id)}")
+    if isinstance(external_id, int) and external_id.bit_length() > 4 * MAX_EXTERNAL_ID_LENGTH:
+        raise BadSignal(f"id must be at most {MAX_EXTERNAL_ID_LENGTH} characters, got {shown(external_id)}")
     text = str(external_id)
     if len(text) > MAX_EXTERNAL_ID_LENGTH:
         raise BadSignal(f"id must be at most {MAX_EXTERNAL_ID_LENGTH} characters, got {len(text)}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadSignal(f"id must be valid UTF-8 text, got {shown(text)}") from None
+    if not text.isprintable():
+        raise BadSignal(
+            f"id must be printable text (no NUL, line breaks or control characters), got {shown(text)}"
+        )
     return text
 
 
@@ -81,12 +133,25 @@ def read_jsonl(path: Path) -> list[SignalInput]:
     """Parse a JSON-lines file of {"symbol", "side", "score"?, "id"?}; any bad line fails the whole file
     (`BadSignal` naming file and line), so an import is all or nothing."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as fh:
+            data = fh.read(MAX_IMPORT_BYTES + 1)
     except OSError as exc:
         raise BadSignal(f"{path}: cannot read: {exc.strerror}") from None
+    if len(data) > MAX_IMPORT_BYTES:
+        raise BadSignal(
+            f"{path}: more than {MAX_IMPORT_BYTES // (1024 * 1024)} MiB: split it into several files"
+        )
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise BadSignal(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}): save it as UTF-8"
+        ) from None
     signals = []
     seen_ids: dict[str, int] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only: JSON strings may hold U+2028 and friends, which splitlines() would break at.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -94,6 +159,12 @@ def read_jsonl(path: Path) -> list[SignalInput]:
             item = json.loads(line, parse_float=Decimal)
         except json.JSONDecodeError as exc:
             raise BadSignal(f"{where}: not JSON: {exc.msg}") from None
+        except RecursionError:
+            raise BadSignal(f"{where}: not JSON this program reads: nested too deeply") from None
+        except ValueError:  # an integer of more than 4 300 digits
+            raise BadSignal(
+                f"{where}: not JSON this program reads: a number of more than 4 300 digits"
+            ) from None
         if not isinstance(item, dict):
             raise BadSignal(f'{where}: expected an object like {{"symbol": "SFPUSDT", "side": "long"}}')
         unknown = sorted(set(item) - _JSONL_KEYS)

@@ -21,6 +21,10 @@ class DatabaseUnavailable(RuntimeError):
     """The database could not be reached or prepared; the message names it (password redacted)."""
 
 
+class InvalidDsn(ValueError):
+    """`database.dsn` is not a DSN the driver accepts (a configuration error); the message names it."""
+
+
 @dataclass(frozen=True, slots=True)
 class DatabaseTarget:
     """Where to connect. `password` is kept out of `dsn` so the DSN can be shown."""
@@ -88,6 +92,8 @@ async def create_pool(
         )
     except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
         raise DatabaseUnavailable(f"database {target.display}: cannot connect: {exc}") from None
+    except (asyncpg.ClientConfigurationError, ValueError) as exc:
+        raise InvalidDsn(f"database.dsn: {target.display}: not a DSN asyncpg accepts: {exc}") from None
 
 
 @dataclass(slots=True)

@@ -15,6 +15,9 @@ import asyncpg
 
 R = TypeVar("R")
 
+# A rejection reason quotes what was sent (a symbol, a side): whatever its size, what is stored is bounded.
+MAX_REASON_CHARS = 500
+
 
 class PositionStatus(StrEnum):
     PENDING_ENTRY = "pending_entry"
@@ -740,6 +743,8 @@ class Store:
     async def finish_signal(
         self, signal_id: int, status: SignalStatus, reason: str | None = None, *, wave_id: int | None = None
     ) -> None:
+        if reason is not None and len(reason) > MAX_REASON_CHARS:
+            reason = f"{reason[:MAX_REASON_CHARS]}… [{len(reason):,} characters, cut]"
         await self._pool.execute(
             "UPDATE monitoring.signals SET status = $2, reason = $3, wave_id = COALESCE($4, wave_id) WHERE id = $1",
             signal_id,

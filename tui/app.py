@@ -37,10 +37,12 @@ from textual.containers import Horizontal
 from textual.notifications import SeverityLevel
 from textual.widgets import Footer, Input
 
+from engine.cli import OneLineParser, one_line
 from engine.config import ConfigError, Settings, load_config
+from engine.credentials import CredentialsRefused
 from engine.engine import Engine, EngineSnapshot, EngineState, StartupReport, package_version
 from engine.events import EngineStateChanged, EntriesToggled, EventsDropped, HealthChanged, PositionClosed
-from engine.logs import RedactingFormatter, configure_logging
+from engine.logs import LogFileError, RedactingFormatter, configure_logging
 from protection.health import HealthThresholds
 from storage.lease import LeaseHeld
 from tui import formatting, keys
@@ -162,6 +164,7 @@ class DashboardApp(App[int]):
         self.feed_started = False
         self.stopping = False
         self.exit_code = EXIT_OK
+        self.start_failure = ""  # the one line said on the terminal after the app, when the start failed
         self.last_snapshot: EngineSnapshot | None = None
         self._final_snapshot: EngineSnapshot | None = None
         self.startup_report: StartupReport | None = None
@@ -250,6 +253,11 @@ class DashboardApp(App[int]):
         except LeaseHeld as exc:
             log.warning("%s; offering read-only", exc)
             self.post_message(FeedRefused(str(exc), exc.holder))
+            return
+        except CredentialsRefused as exc:  # the operator's configuration, not a bug: no traceback
+            log.error("%s", exc)
+            self.exit_code = EXIT_USAGE
+            self.post_message(FeedFailed(str(exc)))
             return
         except Exception as exc:
             log.exception("the engine did not start")
@@ -371,8 +379,10 @@ class DashboardApp(App[int]):
         self.push_screen(LeaseHeldScreen(message.message, message.holder), answered)
 
     def on_feed_failed(self, message: FeedFailed) -> None:
+        self.start_failure = message.error
+
         def closed(_: None) -> None:
-            self.exit_code = EXIT_FAILED
+            self.exit_code = self.exit_code or EXIT_FAILED
             self.shutdown()
 
         self.push_screen(StartFailedScreen(message.error, self.log_file), closed)
@@ -611,7 +621,7 @@ def quit_warning(snapshot: EngineSnapshot) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="tsbot-tui",
         description="The engine with its dashboard (same configuration as `tsbot run`).",
     )
@@ -623,23 +633,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help / --version (0), or a wrong argument already said in one line (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
         loaded = load_config(args.config)
     except ConfigError as exc:
-        print(exc, file=sys.stderr)
+        for line in exc.lines:
+            print(one_line(line), file=sys.stderr)
         return EXIT_USAGE
     secrets = loaded.secret_values()
-    log_file = configure_logging(loaded.settings.logging, secrets)  # the file only: the screen is ours
+    try:
+        log_file = configure_logging(loaded.settings.logging, secrets)  # the file only: the screen is ours
+        engine = Engine(loaded.settings)
+    except (LogFileError, ConfigError) as exc:
+        print(f"tsbot-tui: {one_line(str(exc), secrets)}", file=sys.stderr)
+        return EXIT_USAGE
     logging.captureWarnings(True)
     # `kill -USR1 <pid>` writes every thread's stack next to the log: a hung dashboard can be diagnosed.
-    stacks = open(log_file.with_name("tsbot-tui-stacks.txt"), "a", encoding="utf-8")  # noqa: SIM115
+    # Owner-only, like the log: stacks show what the engine was doing.
+    stacks_fd = os.open(
+        log_file.with_name("tsbot-tui-stacks.txt"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600
+    )
+    stacks = open(stacks_fd, "a", encoding="utf-8")  # noqa: SIM115  (open for the process's lifetime)
     faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
-    app = DashboardApp(loaded.settings, secrets=secrets, log_file=str(log_file), freeze_gc_after_start=True)
+    app = DashboardApp(
+        loaded.settings, engine=engine, secrets=secrets, log_file=str(log_file), freeze_gc_after_start=True
+    )
     code = asyncio.run(_serve(app))
     summary = app.exit_summary()
     if summary:
         print(summary)
+    elif app.start_failure:
+        print(f"tsbot-tui: {one_line(app.start_failure, secrets)}", file=sys.stderr)
     return code
 
 

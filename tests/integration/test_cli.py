@@ -187,7 +187,8 @@ async def test_signals_add_inserts_a_new_row(workdir: Path, pg_server: EmbeddedP
         (("SFPUSDT", "up"), "tsbot: signal: side must be long or short, got 'up'\n"),
         (
             ("SFPUSDT", "long", "--score", "high"),
-            "tsbot: signal: score must be a finite number, got 'high'\n",
+            "tsbot: signal: score must be a finite number between -1e12 and 1e12 with at most 30 digits after "
+            "the point, got 'high'\n",
         ),
         (("SFP/USDT", "long"), "tsbot: signal: symbol must be exchange-native letters and digits"),
     ],

@@ -156,4 +156,6 @@ async def test_sigterm_stops_cleanly_and_a_second_engine_is_refused(
 def test_bad_duration_is_a_usage_error(workdir: Path) -> None:
     result = tsbot("run", "--duration", "-1", cwd=workdir)
     assert result.returncode == 2
-    assert result.stderr == "tsbot: --duration must be a positive number of seconds, got -1\n"
+    assert result.stderr == (
+        "tsbot: --duration must be a positive number of seconds, at most 31622400 (366 days), got -1\n"
+    )

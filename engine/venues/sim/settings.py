@@ -115,13 +115,13 @@ class RateLimitSettings(_Strict):
 
 
 class SimVenueSettings(_Strict):
-    seed: int = Field(default=42, ge=0)
+    seed: int = Field(default=42, ge=0, le=2**32 - 1)
     symbols: list[str] = Field(default_factory=list)
     synthetic_listings: int = Field(default=0, ge=0, le=5000)
     volatility: float = Field(default=1.0, ge=0.0, le=50.0)
     volatility_by_symbol: dict[str, float] = Field(default_factory=dict)
     mark_tick_seconds: float = Field(default=1.0, gt=0.0, le=60.0)
-    starting_balance: Decimal = Field(default=Decimal("10000"), gt=0)
+    starting_balance: Decimal = Field(default=Decimal("10000"), gt=0, le=Decimal("1e12"))
     taker_fee_rate: Decimal = Field(default=Decimal("0.0005"), ge=0, le=Decimal("0.01"))
     slippage_bps: Decimal = Field(default=Decimal("2"), ge=0, le=Decimal("500"))
     default_leverage: int = Field(default=10, ge=1, le=125)

@@ -1,0 +1,385 @@
+"""Hostile input at the command line (issue 14): every bad input is one line on stderr naming the thing at
+fault and an exit code (2 the operator's input, 1 couldn't reach), never a traceback.
+
+Most cases run `engine.cli.main` in-process (tests/support/cli_runner.py); the ones where the process
+boundary matters (a venue over real HTTP, file modes, the dashboard's entry point) run the console
+scripts as operators do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from engine import cli
+from engine.venues.binance_emulator import BinanceEmulator, running
+from engine.venues.sim import SimVenueSettings
+from storage.embedded import EmbeddedPostgres
+from tests.support.cli_runner import CliResult, run_in_process
+
+TSBOT = str(Path(sys.executable).with_name("tsbot"))
+TSBOT_TUI = str(Path(sys.executable).with_name("tsbot-tui"))
+API_KEY = "hostile-test-key-0123456789"
+API_SECRET = "hostile-test-secret-0123456789"
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, pg_server: EmbeddedPostgres) -> Path:
+    """A config.toml on the session's embedded server with a database of its own."""
+    name = f"hostile_{uuid.uuid4().hex[:12]}"
+    (tmp_path / "config.toml").write_text(f'[database]\ndata_dir = "{pg_server.data_dir}"\nname = "{name}"\n')
+    return tmp_path
+
+
+def tsbot(*argv: str, cwd: Path, **env: str) -> CliResult:
+    return run_in_process(cli.main, argv, env=env, cwd=cwd)
+
+
+def _one_line(result: CliResult, code: int, starts: str) -> None:
+    assert result.problems() == [], result
+    assert result.code == code, result
+    assert result.stderr_lines[0].startswith(starts), result.stderr
+    assert result.stdout == ""
+
+
+def _subprocess(*argv: str, cwd: Path, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("TSBOT_")}
+    return subprocess.run(
+        list(argv), cwd=cwd, env={**base, **env}, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _assert_one_line(result: subprocess.CompletedProcess[str], code: int, starts: str) -> None:
+    assert result.returncode == code, result
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(starts), result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+# --- signals ------------------------------------------------------------------------------------------------
+
+SCORE_EXPECTED = "tsbot: signal: score must be a finite number between -1e12 and 1e12 with at most 30 digits"
+
+
+@pytest.mark.parametrize(
+    ("argv", "starts"),
+    [
+        (("--score", "1e1000000"), SCORE_EXPECTED),
+        (("--score", "1e-16384"), SCORE_EXPECTED),
+        (("--id", "\udcff"), "tsbot: signal: id must be valid UTF-8 text, got '\\udcff'"),
+        (("--score", "9" * 5000), SCORE_EXPECTED),
+    ],
+)
+def test_signals_add_refuses_values_the_database_cannot_hold(
+    workdir: Path, argv: tuple[str, ...], starts: str
+) -> None:
+    _one_line(tsbot("signals", "add", "ZZZUSDT", "long", *argv, cwd=workdir), 2, starts)
+
+
+def test_signals_add_with_a_huge_score_in_a_real_process(workdir: Path) -> None:
+    result = _subprocess(TSBOT, "signals", "add", "ZZZUSDT", "long", "--score", "1e1000000", cwd=workdir)
+    _assert_one_line(result, 2, SCORE_EXPECTED)
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b'{"symbol": "SFPUSDT", "side": "long", "id": "x\\u0000"}\n', ":1: id must be printable text"),
+        (
+            b'{"symbol": "SFPUSDT", "side": "long", "score": 1' + b"0" * 4400 + b"}\n",
+            ":1: not JSON this program reads: a number of more than 4 300 digits",
+        ),
+        (b"[" * 200_000 + b"]" * 200_000 + b"\n", ":1: not JSON this program reads: nested too deeply"),
+        ('{"symbol": "SFPUSDT", "side": "long"}\n'.encode("utf-16"), ":1: not UTF-8 text (byte 0xff"),
+        ('{"symbol": "SFPUSDT", "side": "long", "id": "é"}\n'.encode("latin-1"), ":1: not UTF-8 text"),
+    ],
+)
+def test_signals_import_refuses_hostile_files_naming_file_and_line(
+    workdir: Path, content: bytes, reason: str
+) -> None:
+    path = workdir / "signals.jsonl"
+    path.write_bytes(content)
+    _one_line(tsbot("signals", "import", str(path), cwd=workdir), 2, f"tsbot: {path}{reason}")
+
+
+async def test_an_import_file_with_an_undecodable_name_is_imported_and_named(
+    workdir: Path, pg_server: EmbeddedPostgres
+) -> None:
+    name = os.fsdecode(b"sig\xffnals.jsonl")
+    (workdir / name).write_text('{"symbol": "SFPUSDT", "side": "long"}\n')
+    result = await asyncio.to_thread(tsbot, "signals", "import", name, cwd=workdir)
+    assert result.problems() == [], result
+    assert result.code == 0, result
+    assert result.stdout == "1 signals imported from sig\\xffnals.jsonl\n"
+
+
+# --- configuration ------------------------------------------------------------------------------------------
+
+
+def test_config_problems_from_the_environment_are_one_line_in_a_real_process(tmp_path: Path) -> None:
+    listed = _subprocess(TSBOT, "config", "show", cwd=tmp_path, TSBOT_VENUE__SIM__SYMBOLS="SFPUSDT,BTCUSDT")
+    _assert_one_line(listed, 2, "TSBOT_VENUE__SIM__SYMBOLS: venue.sim.symbols: must be a JSON list like")
+    whole = _subprocess(TSBOT, "config", "show", cwd=tmp_path, TSBOT_VENUE="x")
+    _assert_one_line(whole, 2, "TSBOT_VENUE: a whole section cannot be set at once: use TSBOT_VENUE__<KEY>")
+
+
+def _password_file_not_utf8(d: Path) -> None:
+    (d / "pw").write_bytes(b"\xff\xfe")
+    (d / "pw").chmod(0o600)
+    (d / "c.toml").write_text(f'[database]\npassword_file = "{d}/pw"\n')
+
+
+@pytest.mark.parametrize(
+    ("make", "starts"),
+    [
+        (lambda d: (d / "c.toml").write_bytes("[venue]\n".encode("utf-16")), "{d}/c.toml: not UTF-8 text"),
+        (
+            lambda d: (d / "c.toml").write_bytes('[venue]\naccount = "café"\n'.encode("latin-1")),
+            "{d}/c.toml: not UTF-8 text",
+        ),
+        (
+            lambda d: (
+                (d / "keys").mkdir() or (d / "c.toml").write_text(f'[venue]\napi_key_file = "{d}/keys"\n')
+            ),
+            "{d}/c.toml: venue.api_key_file: secrets file {d}/keys must be a regular file, got a directory",
+        ),
+        (
+            _password_file_not_utf8,
+            "{d}/c.toml: database.password_file: secrets file {d}/pw must be UTF-8 text",
+        ),
+        (
+            lambda d: (d / "c.toml").mkdir(),
+            "{d}/c.toml: is a directory: expected a TOML file like config.toml",
+        ),
+        (
+            lambda d: (d / "c.toml").write_text('[database]\ndsn = "abc"\n'),
+            "{d}/c.toml: database.dsn: must be",
+        ),
+        (
+            lambda d: (d / "c.toml").write_text('[database]\ndsn = "mysql://bot@localhost/tsbot"\n'),
+            "{d}/c.toml: database.dsn: must be a URL starting with postgresql:// or postgres://",
+        ),
+        (lambda d: (d / "c.toml").write_text("[venue]\ntestnet = 0\n"), "{d}/c.toml: venue.testnet: must be"),
+    ],
+)
+def test_bad_configuration_files_are_one_line_for_every_command(tmp_path: Path, make, starts: str) -> None:  # type: ignore[no-untyped-def]
+    make(tmp_path)
+    expected = starts.format(d=tmp_path)
+    for argv in (("config", "show"), ("status",), ("run", "--duration", "1")):
+        _one_line(tsbot(*argv, "--config", str(tmp_path / "c.toml"), cwd=tmp_path), 2, expected)
+
+
+@pytest.fixture
+def unwritable(tmp_path: Path) -> Path:
+    if os.geteuid() == 0:
+        return Path("/sys")  # root writes anywhere a mode allows, but not into sysfs
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    return locked
+
+
+@pytest.mark.parametrize(
+    ("log_file", "reason"),
+    [
+        ("", "logging.file: must have at least 1 character"),
+        ("{tmp}", "tsbot: logging.file: cannot write the log file {tmp}: Is a directory"),
+        ("{tmp}/a-file/trading_bot.log", "tsbot: logging.file: cannot write the log file {tmp}/a-file/"),
+        (
+            "{locked}/trading_bot.log",
+            "tsbot: logging.file: cannot write the log file {locked}/trading_bot.log",
+        ),
+    ],
+)
+def test_a_log_file_that_cannot_be_written_is_one_line(
+    workdir: Path, unwritable: Path, log_file: str, reason: str
+) -> None:
+    (workdir / "a-file").write_text("")
+    fill = {"tmp": workdir, "locked": unwritable}
+    env = {"TSBOT_LOGGING__FILE": log_file.format(**fill)}
+    expected = reason.format(**fill) if reason.startswith("tsbot:") else f"TSBOT_LOGGING__FILE: {reason}"
+    for argv in (("db", "migrate"), ("status",), ("signals", "add", "SFPUSDT", "long")):
+        _one_line(tsbot(*argv, cwd=workdir, **env), 2, expected)
+
+
+def test_a_real_bug_is_one_line_and_its_traceback_goes_to_the_log(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(_args: object, _loaded: object) -> int:
+        raise KeyError("a bug")
+
+    monkeypatch.setitem(cli._HANDLERS, "status", broken)
+    result = tsbot("status", cwd=workdir)
+    assert result.code == 1
+    assert result.stderr_lines == [
+        "tsbot: internal error (a bug, not your input): KeyError: 'a bug'; the traceback is in "
+        "logs/trading_bot.log"
+    ]
+    assert "Traceback (most recent call last)" in (workdir / "logs" / "trading_bot.log").read_text()
+
+
+# --- arguments ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "starts"),
+    [
+        (("run", "--duration", "inf"), "tsbot: --duration must be a positive number of seconds"),
+        (("run", "--duration", "nan"), "tsbot: --duration must be a positive number of seconds"),
+        (("run", "--duration", "1e400"), "tsbot: --duration must be a positive number of seconds"),
+        (("run", "--duration", "x"), "tsbot run: argument --duration: invalid float value: 'x'"),
+        (("signals", "add"), "tsbot signals add: the following arguments are required: symbol, side"),
+        (("nope",), "tsbot: argument COMMAND: invalid choice: 'nope'"),
+        (("sim-exchange", "--seed", "99999999999"), "tsbot: --seed must be within 0..4294967295"),
+        (("sim-exchange", "--port", "9" * 5000), "tsbot sim-exchange: argument --port: invalid int value"),
+    ],
+)
+def test_bad_arguments_are_one_line(workdir: Path, argv: tuple[str, ...], starts: str) -> None:
+    result = tsbot(*argv, cwd=workdir)
+    _one_line(result, 2, starts)
+    assert len(result.stderr) < 600
+
+
+def test_help_still_prints_and_exits_0(tmp_path: Path) -> None:
+    result = tsbot("signals", "add", "--help", cwd=tmp_path)
+    assert result.code == 0
+    assert "usage: tsbot signals add" in result.stdout
+
+
+# --- the venue at start: unreachable (1) or refusing the key (2) -------------------------------------------
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_venue_on_a_closed_port_is_one_line_couldnt_reach(workdir: Path) -> None:
+    url = f"http://127.0.0.1:{_closed_port()}"
+    result = _subprocess(
+        TSBOT,
+        "run",
+        "--duration",
+        "5",
+        cwd=workdir,
+        TSBOT_VENUE__KIND="binanceusdm",
+        TSBOT_VENUE__BASE_URL=url,
+        TSBOT_VENUE__API_KEY=API_KEY,
+        TSBOT_VENUE__API_SECRET=API_SECRET,
+    )
+    _assert_one_line(result, 1, f"tsbot: venue binanceusdm at {url}: couldn't reach it: ")
+    assert API_SECRET not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("key", "secret", "said"),
+    [
+        (API_KEY, "a-wrong-secret-0123456789", "code -1022: Signature for this request is not valid."),
+        ("a-wrong-key-0123456789", API_SECRET, "code -2015: Invalid API-key, IP, or permissions for action."),
+    ],
+)
+async def test_a_key_the_venue_refuses_stops_the_start_with_one_line(
+    workdir: Path, pg_server: EmbeddedPostgres, key: str, secret: str, said: str
+) -> None:
+    emulator = BinanceEmulator(
+        SimVenueSettings(seed=7, symbols=["SFPUSDT", "BTCUSDT"]), api_key=API_KEY, api_secret=API_SECRET
+    )
+    async with running(emulator) as url:
+        result = await asyncio.to_thread(
+            _subprocess,
+            TSBOT,
+            "run",
+            "--duration",
+            "30",
+            cwd=workdir,
+            TSBOT_VENUE__KIND="binanceusdm",
+            TSBOT_VENUE__BASE_URL=url,
+            TSBOT_VENUE__API_KEY=key,
+            TSBOT_VENUE__API_SECRET=secret,
+        )
+    _assert_one_line(result, 2, f"tsbot: venue binanceusdm refused the API key at start ({said})")
+    assert key not in result.stderr
+    assert secret not in result.stderr
+    assert result.stdout == ""
+    name = (workdir / "config.toml").read_text().split('name = "')[1].split('"')[0]
+    conn = await asyncpg.connect(pg_server.dsn(name))
+    try:  # nothing was traded
+        assert await conn.fetchval("SELECT count(*) FROM monitoring.positions") == 0
+    finally:
+        await conn.close()
+
+
+# --- files that reveal trading activity are private -----------------------------------------------------
+
+
+def test_trading_bot_log_is_created_0600_in_a_0700_directory(workdir: Path) -> None:
+    result = _subprocess(TSBOT, "db", "migrate", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert stat.S_IMODE((workdir / "logs" / "trading_bot.log").stat().st_mode) == 0o600
+    assert stat.S_IMODE((workdir / "logs").stat().st_mode) == 0o700
+
+
+def test_sim_exchange_log_is_created_0600(tmp_path: Path) -> None:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("TSBOT_")}
+    process = subprocess.Popen(
+        [TSBOT, "sim-exchange", "--port", "0"],
+        cwd=tmp_path,
+        env={**base, "TSBOT_VENUE__API_KEY": API_KEY, "TSBOT_VENUE__API_SECRET": API_SECRET},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:  # the emulator says where it logs once it listens
+            if line.startswith("logging to "):
+                break
+        assert stat.S_IMODE((tmp_path / "logs" / "sim_exchange.log").stat().st_mode) == 0o600
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=30)
+
+
+# --- the dashboard's entry point --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "starts"),
+    [
+        (("--nope",), {}, "tsbot-tui: unrecognized arguments: --nope"),
+        ((), {"TSBOT_VENUE__TESTNET": "0"}, "TSBOT_VENUE__TESTNET: venue.testnet: must be true or false"),
+        ((), {"TSBOT_LOGGING__FILE": "/"}, "tsbot-tui: logging.file: cannot write the log file /: "),
+        ((), {"TSBOT_VENUE__KIND": "bybit"}, "tsbot-tui: venue.kind 'bybit' (testnet) needs API keys"),
+    ],
+)
+def test_tsbot_tui_refuses_bad_input_before_the_screen_in_one_line(
+    tmp_path: Path, argv: tuple[str, ...], env: dict[str, str], starts: str
+) -> None:
+    result = _subprocess(TSBOT_TUI, *argv, cwd=tmp_path, **env)
+    _assert_one_line(result, 2, starts)
+
+
+def test_config_show_of_a_file_with_an_undecodable_name(tmp_path: Path) -> None:
+    name = os.fsdecode(b"conf\xff.toml")
+    (tmp_path / name).write_text("[signals]\nwave_size = 9\n")
+    result = tsbot("config", "show", "--config", name, cwd=tmp_path)  # stdout here is strict UTF-8
+    assert result.problems() == []
+    assert result.code == 0
+    assert "# from: conf\\xff.toml\n" in result.stdout
+
+
+def test_config_show_stays_toml(tmp_path: Path) -> None:
+    result = tsbot("config", "show", cwd=tmp_path, TSBOT_TUI__KEYS__QUIT="ctrl+q")
+    assert result.code == 0
+    assert json.dumps("ctrl+q") in result.stdout

@@ -1,0 +1,50 @@
+"""The dashboard when the engine cannot start (issue 14): a key the venue refuses is the operator's
+configuration (exit 2), said on screen and again as one line on the terminal afterwards; no traceback."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC
+
+import pytest
+
+from engine.clock import SystemClock
+from engine.engine import Engine
+from engine.venues.binance_emulator import BinanceEmulator, running
+from engine.venues.ccxt_venue import BinanceUsdmVenue, CcxtVenueConfig
+from engine.venues.sim import SimVenueSettings
+from storage.database import Database
+from tests.support.waiting import wait_until
+from tests.tui.harness import tui_settings
+from tui.app import EXIT_USAGE, DashboardApp
+from tui.screens.info import StartFailedScreen
+
+
+async def test_a_refused_key_shows_why_and_exits_2(db: Database, caplog: pytest.LogCaptureFixture) -> None:
+    emulator = BinanceEmulator(
+        SimVenueSettings(seed=7, symbols=["SFPUSDT"]), api_key="tui-test-key", api_secret="tui-test-secret"
+    )
+    async with running(emulator) as url:
+        venue = BinanceUsdmVenue(
+            CcxtVenueConfig(
+                kind="binanceusdm", api_key="tui-test-key", api_secret="not-the-secret", base_url=url
+            )
+        )
+        settings = tui_settings(db)
+        engine = Engine(settings, venue=venue, clock=SystemClock(), version="test")
+        app = DashboardApp(settings, engine=engine, tz=UTC, code_roots=[])
+        with caplog.at_level(logging.ERROR):
+            async with app.run_test(size=(100, 30)) as pilot:
+                await wait_until(
+                    lambda: isinstance(app.screen, StartFailedScreen),
+                    within=30,
+                    what="the start-failed screen",
+                )
+                await pilot.press("enter")
+                await wait_until(lambda: not app.is_running, within=30, what="the app to exit")
+    assert app.exit_code == EXIT_USAGE
+    assert app.start_failure.startswith(
+        "venue binanceusdm refused the API key at start (code -1022: Signature for this request is not valid.)"
+    )
+    assert "not-the-secret" not in app.start_failure
+    assert not any(record.exc_info for record in caplog.records)  # the operator's doing: no traceback logged
