@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib.metadata
 import json
 import logging
@@ -371,7 +370,8 @@ def _run(args: argparse.Namespace, loaded: LoadedConfig) -> int:
             raise UsageError(str(exc)) from None
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        # A closed terminal (SIGHUP, an ssh drop) stops the engine the same orderly way as SIGTERM.
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(signum, stop.set)
         try:
             report = await engine.start()
@@ -386,19 +386,27 @@ def _run(args: argparse.Namespace, loaded: LoadedConfig) -> int:
         print(f"start-up: {report.describe()}")
         print(f"logging to {loaded.settings.logging.file}; stop with Ctrl-C or SIGTERM")
         try:
-            if args.duration is None:
-                await stop.wait()
-            else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=args.duration)
+            # Until told to stop, the duration ends, or the engine stops itself (another engine took it).
+            waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(engine.wait_stopped())}
+            try:
+                await asyncio.wait(waiters, timeout=args.duration, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+                await asyncio.gather(*waiters, return_exceptions=True)
         finally:
-            figures = engine.snapshot().coverage
-            await engine.stop()
-        pct = "n/a" if figures.ts_coverage_pct is None else f"{figures.ts_coverage_pct}%"
-        print(
-            f"stopped: {figures.active} open positions keep their stops on the exchange; "
-            f"TS coverage {pct} ({figures.with_trailing_stop}/{figures.active}), uncovered {figures.uncovered}"
-        )
+            stopped = await engine.stop()
+        print(f"stopped: {stopped.describe()}")
+        if engine.fatal is not None:
+            print(f"tsbot run: {engine.fatal}", file=sys.stderr)
+            return EXIT_FAILED
+        if not stopped.all_protected:
+            print(
+                f"tsbot run: {stopped.uncovered + stopped.unresolved_entries} positions are UNCOVERED at exit "
+                "(see `tsbot status`)",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
         return EXIT_OK
 
     return asyncio.run(run())
@@ -450,7 +458,8 @@ def _sim_exchange(args: argparse.Namespace, loaded: LoadedConfig) -> int:
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        # A closed terminal (SIGHUP, an ssh drop) stops the engine the same orderly way as SIGTERM.
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(signum, stop.set)
 
         def ready(url: str) -> None:
@@ -486,6 +495,7 @@ def _status(args: argparse.Namespace, loaded: LoadedConfig) -> int:
             uncovered = await store.uncovered_positions(grace)
             health_rows = await store.latest_health()
             holder = await current_holder(database.pool, _venue_name(loaded), loaded.settings.venue.account)
+            control = await store.entries_control(_venue_name(loaded), loaded.settings.venue.account)
             now = await database.pool.fetchval("SELECT now()")
         finally:
             await database.close()
@@ -503,6 +513,10 @@ def _status(args: argparse.Namespace, loaded: LoadedConfig) -> int:
                 "version": holder.version,
                 "since": holder.started_at.isoformat(),
             },
+            "entries": "paused" if control is not None and control.paused else "on",
+            "entries_paused": None
+            if control is None or not control.paused
+            else {"by": control.paused_by, "reason": control.reason, "since": control.since.isoformat()},
             "health": _health_report(health_rows, now, stale_after, running=holder is not None),
             "uncovered": [
                 {
@@ -530,6 +544,16 @@ def _status(args: argparse.Namespace, loaded: LoadedConfig) -> int:
             f"running (pid {engine['pid']} on {engine['host']}, {engine['version']}, since {engine['since']})"
             if engine
             else "not running"
+        )
+    )
+    paused = report["entries_paused"]
+    print(
+        "entries:           "
+        + (
+            f"PAUSED by the {paused['by']} since {paused['since']}"
+            + (f": {paused['reason']}" if paused["reason"] else "")
+            if paused
+            else "on"
         )
     )
     print(f"health:            {report['health']['state']}")

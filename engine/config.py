@@ -286,7 +286,9 @@ class BreakerSettings(Section):
 
 class ProtectionSettings(Section):
     stop_loss_percent: Percent = Field(default=Decimal(3), ge=Decimal("0.1"), le=50)
-    activation_percent: Percent = Field(default=Decimal("1.5"), ge=0, le=100)
+    # > 0: at 0 the venue's trail (armed at once, from the mark) and the managed trail (from the fill)
+    # would exit on different ticks; an activation above the entry means the same thing for both.
+    activation_percent: Percent = Field(default=Decimal("1.5"), gt=0, le=100)
     callback_percent: Percent = Field(default=Decimal("0.5"), ge=Decimal("0.1"), le=10)
     # A protective call cannot answer in less than a second over the internet; a smaller budget turns every
     # call into an ambiguous outcome.

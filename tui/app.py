@@ -575,18 +575,23 @@ class DashboardApp(App[int]):
             self.shutdown()
 
     def exit_summary(self) -> str:
-        """One line for the terminal after the app has exited."""
+        """One line for the terminal after the app has exited: what the engine's stop left behind."""
         snapshot = self.last_snapshot
         if snapshot is None or self.feed.read_only or not self.feed_started:
             return ""
-        figures = snapshot.coverage
         managed = sum(1 for p in snapshot.positions if p.trailing_kind == "managed")
-        pct = "n/a" if figures.ts_coverage_pct is None else f"{figures.ts_coverage_pct}%"
-        return (
-            f"tsbot-tui stopped: {figures.active} open positions keep their stops on the exchange "
-            f"(TS coverage {pct}, uncovered {figures.uncovered})"
-            + (f"; {managed} managed trailing stops do not move until restart" if managed else "")
+        report = self.feed.stop_report
+        if report is None:  # the engine never ran to a stop of its own (a start that failed)
+            return ""
+        return f"tsbot-tui stopped: {report.describe()}" + (
+            f"; {managed} managed trailing stops do not move until restart" if managed else ""
         )
+
+    @property
+    def left_uncovered(self) -> bool:
+        """The engine stopped with positions uncovered (the exit code says so)."""
+        report = self.feed.stop_report
+        return report is not None and not report.all_protected
 
 
 def last_wave(snapshot: EngineSnapshot, tz: tzinfo | None) -> str:
@@ -607,13 +612,23 @@ def quit_warning(snapshot: EngineSnapshot) -> str:
     managed = sum(1 for p in snapshot.positions if p.trailing_kind == "managed")
     lines = [
         "The engine stops taking signals and stops its loops.",
-        f"{figures.active} open positions keep their stop-loss and trailing-stop orders on the exchange: "
-        "exchange stops stay in place.",
-        f"Managed trailing stops ({managed} now) stop moving until the engine is restarted; "
-        "native trailing stops keep trailing on the exchange.",
+        "Exchange stops stay in place: "
+        f"{figures.protected} of {figures.active} open positions have both stops on the exchange.",
     ]
+    if figures.protecting:
+        lines.append(
+            f"{figures.protecting} are being protected right now: the engine finishes them before it stops "
+            "(within the call budget)."
+        )
+    lines.append(
+        f"Managed trailing stops ({managed} now) stop moving until the engine is restarted; "
+        "native trailing stops keep trailing on the exchange."
+    )
     if figures.uncovered:
-        lines.append(f"WARNING: {figures.uncovered} positions are UNCOVERED right now and will stay so.")
+        lines.append(
+            f"WARNING: {figures.uncovered} positions are UNCOVERED right now and will stay so if they are not "
+            "protected before the engine stops."
+        )
     return "\n".join(lines)
 
 
@@ -665,6 +680,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = app.exit_summary()
     if summary:
         print(summary)
+        if app.left_uncovered and code == EXIT_OK:
+            code = EXIT_FAILED
     elif app.start_failure:
         print(f"tsbot-tui: {one_line(app.start_failure, secrets)}", file=sys.stderr)
     return code

@@ -25,6 +25,7 @@ from engine.engine import (
     PositionView,
     ProtectionResult,
     StartupReport,
+    StopReport,
     WaveView,
 )
 from engine.events import (
@@ -188,6 +189,11 @@ class DashboardFeed(Protocol):
 
     async def restart_protection(self) -> StartupReport: ...
 
+    @property
+    def stop_report(self) -> StopReport | None:
+        """What the engine's stop left behind (None: no engine of ours stopped, e.g. read-only)."""
+        ...
+
     def set_entries_paused(self, paused: bool) -> None: ...
 
     async def close_position(self, position_id: int) -> bool: ...
@@ -209,6 +215,10 @@ class EngineFeed:
         # Only a running engine is stopped: a start that failed or was cancelled has released everything.
         if self.engine.state is EngineState.RUNNING:
             await self.engine.stop()
+
+    @property
+    def stop_report(self) -> StopReport | None:
+        return self.engine.stop_report
 
     def snapshot(self) -> EngineSnapshot:
         return self.engine.snapshot()
@@ -252,6 +262,7 @@ class ReadOnlyFeed:
     """
 
     read_only = True
+    stop_report: StopReport | None = None  # it stops no engine
 
     def __init__(self, settings: Settings, holder: LeaseHolder | None, *, interval: float = 1.0):
         self.settings = settings

@@ -108,6 +108,28 @@ async def test_status_json_agrees_with_the_incident_sql(workdir: Path, pg_server
 
     human = tsbot("status", cwd=workdir)
     assert "TS coverage:       71.4%" in human.stdout
+    assert status["entries"] == "on"
+
+
+async def test_status_says_entries_are_paused_by_whom_and_why(
+    workdir: Path, pg_server: EmbeddedPostgres
+) -> None:
+    assert tsbot("db", "migrate", cwd=workdir).returncode == 0
+    conn = await asyncpg.connect(pg_server.dsn(_db_name(workdir)))
+    try:
+        await conn.execute(
+            "INSERT INTO monitoring.entries_control (venue, account, paused, paused_by, reason) "
+            "VALUES ('sim', 'default', true, 'breaker', '2 of 9 protective order sends failed')"
+        )
+    finally:
+        await conn.close()
+    status = json.loads(tsbot("status", "--json", cwd=workdir).stdout)
+    assert status["entries"] == "paused"
+    assert status["entries_paused"]["by"] == "breaker"
+    assert status["entries_paused"]["reason"] == "2 of 9 protective order sends failed"
+    human = tsbot("status", cwd=workdir).stdout
+    assert "entries:           PAUSED by the breaker since " in human
+    assert human.rstrip().count("\n") > 3
 
 
 def test_incident_sql_runs_through_db_psql(workdir: Path) -> None:

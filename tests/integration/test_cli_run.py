@@ -159,3 +159,40 @@ def test_bad_duration_is_a_usage_error(workdir: Path) -> None:
     assert result.stderr == (
         "tsbot: --duration must be a positive number of seconds, at most 31622400 (366 days), got -1\n"
     )
+
+
+async def test_a_closed_terminal_stops_the_engine_like_sigterm(
+    workdir: Path, pg_server: EmbeddedPostgres
+) -> None:
+    """SIGHUP (the terminal closed, an ssh session dropped) killed `tsbot run` at once (exit 129), leaving
+    whatever was in flight. It now stops the same orderly way as SIGTERM."""
+    engine = _start("run", cwd=workdir)
+    try:
+
+        async def positions_active() -> bool:
+            try:
+                conn = await asyncpg.connect(_dsn(pg_server, workdir))
+            except (OSError, asyncpg.PostgresError):
+                return False
+            try:
+                return bool(
+                    await conn.fetchval(
+                        "SELECT to_regclass('monitoring.positions') IS NOT NULL AND "
+                        "(SELECT count(*) FROM monitoring.positions WHERE status = 'active') > 0"
+                    )
+                )
+            except asyncpg.PostgresError:
+                return False
+            finally:
+                await conn.close()
+
+        await wait_until(positions_active, within=60, what="positions open")
+        engine.send_signal(signal.SIGHUP)
+        out, err = await asyncio.to_thread(engine.communicate, timeout=60)
+        assert engine.returncode == 0, err
+        assert "keep their stops on the exchange" in out
+        assert "UNCOVERED" not in out
+    finally:
+        if engine.poll() is None:
+            engine.kill()
+            engine.wait()

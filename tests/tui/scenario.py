@@ -302,6 +302,7 @@ class ScenarioFeed:
     """Always the same instant; commands are not part of a screen-shape test."""
 
     read_only = False
+    stop_report = None
 
     def __init__(self, settings: Settings):
         self.settings = settings

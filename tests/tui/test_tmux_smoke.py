@@ -85,7 +85,7 @@ def test_tsbot_tui_in_tmux_shows_the_gauge_and_quits_cleanly(
     assert "v0.1.0 started" in screen
 
     tmux.run("send-keys", "-t", "tsbt", "q")
-    screen = tmux.wait_for("tsbt", "exchange stops stay in place")
+    screen = tmux.wait_for("tsbt", "Exchange stops stay in place")
     assert "Managed trailing stops" in screen
     tmux.run("send-keys", "-t", "tsbt", "y")
 

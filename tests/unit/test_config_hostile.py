@@ -240,3 +240,12 @@ def test_config_show_writes_characters_beyond_the_bmp_as_toml_escapes(tmp_path: 
     assert '"/data/\\U0001f600\\u00e9"' in shown
     again = _write(tmp_path / "shown.toml", shown)
     assert load_config(again, environ={}).settings == loaded.settings
+
+
+def test_an_activation_of_zero_is_refused() -> None:
+    """At 0 the venue's trail arms at once from the mark while a managed trail starts from the fill: the
+    two modes would exit on different ticks. An activation above the entry means one thing for both."""
+    with pytest.raises(ConfigError) as refused:
+        load_config(None, environ={"TSBOT_PROTECTION__ACTIVATION_PERCENT": "0"}, cwd=Path("/nonexistent"))
+    [line] = refused.value.lines
+    assert line.startswith("TSBOT_PROTECTION__ACTIVATION_PERCENT: protection.activation_percent:")
