@@ -23,6 +23,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, NoReturn
 
+from engine.accounts import account_key
 from engine.config import MAX_SEED, ConfigError, LoadedConfig, load_config
 from engine.config_show import render_config
 from engine.credentials import CredentialsRefused
@@ -490,12 +491,13 @@ def _status(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     async def run() -> dict[str, Any]:
         database = await _open(loaded)
         try:
-            store = Store(database.pool)
+            account = account_key(loaded.settings.venue)
+            store = Store(database.pool, account)
             coverage = await store.coverage()
             uncovered = await store.uncovered_positions(grace)
             health_rows = await store.latest_health()
-            holder = await current_holder(database.pool, _venue_name(loaded), loaded.settings.venue.account)
-            control = await store.entries_control(_venue_name(loaded), loaded.settings.venue.account)
+            holder = await current_holder(database.pool, _venue_name(loaded), account)
+            control = await store.entries_control(_venue_name(loaded), account)
             now = await database.pool.fetchval("SELECT now()")
         finally:
             await database.close()

@@ -25,6 +25,7 @@ from decimal import ROUND_DOWN, Decimal
 from enum import StrEnum
 from typing import Any
 
+from engine.accounts import account_key
 from engine.clock import Clock, SystemClock, wait_for_all
 from engine.config import ConfigError, Settings, VenueKind, real_venue_problems
 from engine.credentials import check_credentials
@@ -315,6 +316,7 @@ class Engine:
         self.clock = clock or SystemClock()
         self.venue = venue or build_venue(settings, self.clock)
         self.version = version or package_version()
+        self.account_key = account_key(settings.venue)  # whose account: every query is scoped to it (F16)
         self.events_bus = EventBus()
         self.state = EngineState.STOPPED
         self.started_at = 0.0
@@ -387,9 +389,9 @@ class Engine:
         )
         try:
             self._lease = await self._acquire_lease()
-            self.store = Store(self._db.pool)
+            self.store = Store(self._db.pool, self.account_key)
             self._token = await self.store.installation_token()
-            control = await self.store.entries_control(self.exchange_name, self.settings.venue.account)
+            control = await self.store.entries_control(self.exchange_name, self.account_key)
             if control is not None and control.paused:
                 self._persisted_pause = (True, control.paused_by, control.reason)
                 self._apply_entries_state()
@@ -799,8 +801,8 @@ class Engine:
 
     @property
     def _claimer(self) -> str:
-        """Who claims signals: this engine's account (its lease key), whatever the process."""
-        return f"{self.exchange_name}/{self.settings.venue.account}"
+        """Who claims signals: this engine's account, whatever the process."""
+        return self.account_key
 
     async def _housekeeping(self) -> None:
         """Every minute: signals left claimed longer than any wave takes (by any engine) are expired."""
@@ -862,9 +864,10 @@ class Engine:
         return await EngineLease.acquire(
             self._db.target.dsn,
             self.exchange_name,
-            self.settings.venue.account,
+            self.account_key,
             self.version,
             db.password.get_secret_value() if db.password else None,
+            label=self.settings.venue.account,
         )
 
     # --- waves ---------------------------------------------------------------------------------------
@@ -1423,7 +1426,7 @@ class Engine:
             try:
                 await store.set_entries_control(
                     self.exchange_name,
-                    self.settings.venue.account,
+                    self.account_key,
                     paused=paused,
                     paused_by=by,
                     reason=reason,

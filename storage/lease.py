@@ -27,10 +27,12 @@ class LeaseHolder:
     version: str
     started_at: datetime
     heartbeat_at: datetime
+    label: str | None = None  # what the holder's operator calls the account (`venue.account`)
 
     def describe(self) -> str:
+        named = f" (account label {self.label!r})" if self.label else ""
         return (
-            f"pid {self.pid} on {self.host}, version {self.version}, "
+            f"pid {self.pid} on {self.host}{named}, version {self.version}, "
             f"since {self.started_at.isoformat(timespec='seconds')}"
         )
 
@@ -58,7 +60,13 @@ class EngineLease:
 
     @classmethod
     async def acquire(
-        cls, dsn: str, venue: str, account: str, version: str, password: str | None = None
+        cls,
+        dsn: str,
+        venue: str,
+        account: str,
+        version: str,
+        password: str | None = None,
+        label: str | None = None,
     ) -> EngineLease:
         conn = await asyncpg.connect(dsn, password=password)
         key = lease_key(venue, account)
@@ -75,17 +83,18 @@ class EngineLease:
                 else:
                     await conn.execute(
                         """
-                        INSERT INTO monitoring.engine_leases (venue, account, pid, host, version)
-                        VALUES ($1, $2, $3, $4, $5)
+                        INSERT INTO monitoring.engine_leases (venue, account, pid, host, version, label)
+                        VALUES ($1, $2, $3, $4, $5, $6)
                         ON CONFLICT (venue, account) DO UPDATE
                         SET pid = EXCLUDED.pid, host = EXCLUDED.host, version = EXCLUDED.version,
-                            started_at = now(), heartbeat_at = now()
+                            label = EXCLUDED.label, started_at = now(), heartbeat_at = now()
                         """,
                         venue,
                         account,
                         os.getpid(),
                         socket.gethostname(),
                         version,
+                        label,
                     )
             if not got:
                 raise LeaseHeld(venue, account, holder)

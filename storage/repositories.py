@@ -95,6 +95,7 @@ class PositionRecord:
     updated_at: datetime
     exit_reason: str | None
     trail_armed: bool = False  # a managed trail held (and moved) by a running engine
+    account: str = "sim:default"  # whose venue account (engine/accounts.py)
 
     @property
     def trailing_in_place(self) -> bool:
@@ -166,6 +167,7 @@ class EventRecord:
     position_id: int | None
     message: str
     data: dict[str, Any]
+    account: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,11 +277,16 @@ def _event(row: Mapping[str, Any]) -> EventRecord:
 _SEVERITY_RANK = {s: i for i, s in enumerate(Severity)}
 
 
-class Store:
-    """All reads and writes of the monitoring schema, over one pool."""
+DEFAULT_ACCOUNT = "sim:default"  # the sim venue with the default label (engine/accounts.py)
 
-    def __init__(self, pool: asyncpg.Pool):
+
+class Store:
+    """All reads and writes of the monitoring schema, over one pool, for one venue account: positions,
+    coverage, health and entries control are that account's only (F16). Signals and waves are shared."""
+
+    def __init__(self, pool: asyncpg.Pool, account: str = DEFAULT_ACCOUNT):
         self._pool = pool
+        self.account = account
 
     # --- positions ---------------------------------------------------------------------------------------
 
@@ -301,8 +308,8 @@ class Store:
                 """
                 INSERT INTO monitoring.positions
                     (symbol, exchange, side, quantity, status, signal_id, wave_id,
-                     trailing_activation_percent, trailing_callback_percent)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                     trailing_activation_percent, trailing_callback_percent, account)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
                 RETURNING *
                 """,
                 symbol,
@@ -314,6 +321,7 @@ class Store:
                 wave_id,
                 trailing_activation_percent,
                 trailing_callback_percent,
+                self.account,
             )
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name == "positions_one_open_per_symbol":
@@ -329,25 +337,28 @@ class Store:
         row = await self._pool.fetchrow(
             """
             SELECT * FROM monitoring.positions
-            WHERE exchange = $1 AND symbol = $2 AND status <> ALL($3::text[])
+            WHERE exchange = $1 AND symbol = $2 AND status <> ALL($3::text[]) AND account = $4
             """,
             exchange,
             symbol,
             TERMINAL_STATUSES,
+            self.account,
         )
         return _position(row) if row else None
 
     async def active_positions(self) -> list[PositionRecord]:
         rows = await self._pool.fetch(
-            "SELECT * FROM monitoring.positions WHERE status = 'active' ORDER BY id"
+            "SELECT * FROM monitoring.positions WHERE status = 'active' AND account = $1 ORDER BY id",
+            self.account,
         )
         return [_position(r) for r in rows]
 
     async def open_positions(self) -> list[PositionRecord]:
         """Every non-terminal position (what the exchange may hold), oldest first."""
         rows = await self._pool.fetch(
-            "SELECT * FROM monitoring.positions WHERE status <> ALL($1::text[]) ORDER BY id",
+            "SELECT * FROM monitoring.positions WHERE status <> ALL($1::text[]) AND account = $2 ORDER BY id",
             TERMINAL_STATUSES,
+            self.account,
         )
         return [_position(r) for r in rows]
 
@@ -455,7 +466,8 @@ class Store:
     async def disarm_managed_trails(self) -> int:
         """No engine moves managed trails any more (it stopped): none of them is armed."""
         result = await self._pool.execute(
-            "UPDATE monitoring.positions SET trail_armed = false WHERE trail_armed"
+            "UPDATE monitoring.positions SET trail_armed = false WHERE trail_armed AND account = $1",
+            self.account,
         )
         return int(result.split()[-1])
 
@@ -511,10 +523,11 @@ class Store:
             """
             SELECT * FROM monitoring.positions
             WHERE status IN ('pending_protection', 'active') AND NOT (has_stop_loss AND has_trailing_stop)
-              AND (opened_at IS NULL OR opened_at <= now() - make_interval(secs => $1))
+              AND (opened_at IS NULL OR opened_at <= now() - make_interval(secs => $1)) AND account = $2
             ORDER BY opened_at NULLS FIRST, id
             """,
             float(grace_seconds),
+            self.account,
         )
         return [_position(r) for r in rows]
 
@@ -530,8 +543,9 @@ class Store:
                    ROUND(100.0 * SUM(CASE WHEN has_stop_loss THEN 1 ELSE 0 END) / NULLIF(COUNT(*), 0), 1)
                        AS sl_pct
             FROM monitoring.positions
-            WHERE status = 'active'
-            """
+            WHERE status = 'active' AND account = $1
+            """,
+            self.account,
         )
         return Coverage(
             active=row["total"],
@@ -640,10 +654,11 @@ class Store:
             """
             SELECT o.* FROM monitoring.orders o
             JOIN monitoring.positions p ON p.id = o.position_id
-            WHERE o.status IN ('pending', 'open', 'unknown') AND p.status <> ALL($1::text[])
+            WHERE o.status IN ('pending', 'open', 'unknown') AND p.status <> ALL($1::text[]) AND p.account = $2
             ORDER BY o.id
             """,
             TERMINAL_STATUSES,
+            self.account,
         )
         orders: dict[int, list[OrderRecord]] = {}
         for row in rows:
@@ -841,9 +856,10 @@ class Store:
             """
             SELECT t.* FROM monitoring.trailing_stop_state t
             JOIN monitoring.positions p ON p.id = t.position_id
-            WHERE p.status <> ALL($1::text[])
+            WHERE p.status <> ALL($1::text[]) AND p.account = $2
             """,
             TERMINAL_STATUSES,
+            self.account,
         )
         return {r["position_id"]: TrailingStateRecord(**dict(r)) for r in rows}
 
@@ -887,9 +903,10 @@ class Store:
             for row in components:
                 await conn.execute(
                     """
-                    INSERT INTO monitoring.health (component, state, summary, reason, measurements, measured_at)
-                    VALUES ($1, $2, $3, $4, $5, now())
-                    ON CONFLICT (component) DO UPDATE SET
+                    INSERT INTO monitoring.health
+                        (component, state, summary, reason, measurements, measured_at, account)
+                    VALUES ($1, $2, $3, $4, $5, now(), $6)
+                    ON CONFLICT (account, component) DO UPDATE SET
                         state = EXCLUDED.state, summary = EXCLUDED.summary, reason = EXCLUDED.reason,
                         measurements = EXCLUDED.measurements, measured_at = EXCLUDED.measured_at
                     """,
@@ -898,10 +915,15 @@ class Store:
                     row.summary,
                     row.reason,
                     dict(row.measurements),
+                    self.account,
                 )
 
     async def latest_health(self) -> list[HealthRow]:
-        rows = await self._pool.fetch("SELECT * FROM monitoring.health ORDER BY component")
+        rows = await self._pool.fetch(
+            "SELECT component, state, summary, reason, measurements, measured_at FROM monitoring.health "
+            "WHERE account = $1 ORDER BY component",
+            self.account,
+        )
         return [HealthRow(**dict(r)) for r in rows]
 
     # --- events ------------------------------------------------------------------------------------------
@@ -918,8 +940,8 @@ class Store:
     ) -> int:
         return await self._pool.fetchval(
             """
-            INSERT INTO monitoring.events (severity, type, message, symbol, position_id, data)
-            VALUES ($1, $2, $3, $4, $5, $6) RETURNING id
+            INSERT INTO monitoring.events (severity, type, message, symbol, position_id, data, account)
+            VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id
             """,
             severity.value,
             type,
@@ -927,6 +949,7 @@ class Store:
             symbol,
             position_id,
             dict(data or {}),
+            self.account,
         )
 
     async def recent_events(
@@ -936,11 +959,13 @@ class Store:
         wanted = [s.value for s in Severity if _SEVERITY_RANK[s] >= _SEVERITY_RANK[min_severity]]
         rows = await self._pool.fetch(
             """
-            SELECT * FROM monitoring.events WHERE severity = ANY($1::text[])
+            SELECT * FROM monitoring.events
+            WHERE severity = ANY($1::text[]) AND (account = $3 OR account IS NULL)
             ORDER BY created_at DESC, id DESC LIMIT $2
             """,
             wanted,
             limit,
+            self.account,
         )
         return [_event(r) for r in rows]
 

@@ -16,6 +16,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Protocol
 
+from engine.accounts import account_key
 from engine.config import Settings, VenueKind
 from engine.engine import (
     Engine,
@@ -285,7 +286,7 @@ class ReadOnlyFeed:
             command_timeout=float(db.command_timeout_seconds),
             migrate=False,
         )
-        self._store = Store(self._database.pool)
+        self._store = Store(self._database.pool, account_key(self.settings.venue))
         events = await self._store.recent_events(limit=1)
         # Start the log from the last 50 warnings so the operator sees recent trouble at once.
         self._last_event_id = events[0].id - 50 if events else 0
@@ -316,7 +317,7 @@ class ReadOnlyFeed:
         pool, store, settings = self._database.pool, self._store, self.settings
         now_dt: datetime = await pool.fetchval("SELECT now()")
         now = now_dt.timestamp()
-        self.holder = await current_holder(pool, settings.venue.kind.value, settings.venue.account)
+        self.holder = await current_holder(pool, settings.venue.kind.value, account_key(settings.venue))
         positions = await store.open_positions()
         trails = await store.trailing_states_of_open_positions()
         health_rows = await store.latest_health()

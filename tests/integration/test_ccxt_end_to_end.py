@@ -33,16 +33,17 @@ API_SECRET = "e2e-emulator-secret"
 EMULATOR_FAULTS = "POST:algoOrder=latency:300"
 
 
-def _env() -> dict[str, str]:
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TSBOT_")}
     env["TSBOT_VENUE__API_KEY"] = API_KEY
     env["TSBOT_VENUE__API_SECRET"] = API_SECRET
+    env.update(extra or {})
     return env
 
 
-def _start(*args: str, cwd: Path) -> subprocess.Popen[str]:
+def _start(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [TSBOT, *args], cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [TSBOT, *args], cwd=cwd, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 
@@ -207,3 +208,37 @@ async def test_a_killed_engine_restarts_onto_the_emulator_with_every_position_pr
         f"\nccxt e2e: {protected_before} protected before the kill, {unprotected_at_kill} in flight at SIGKILL, "
         f"{len(rows)} protected after restart ({startup}); {len(ours)} stops of ours on the emulator"
     )
+
+
+async def test_two_labels_on_one_api_key_are_one_account_and_the_second_engine_is_refused(
+    workdir: Path, pg_server: EmbeddedPostgres, emulator: str
+) -> None:
+    """Issue 10 #6: `venue.account` is a label; the account is what the API key trades. A second engine
+    started on the same key under another label is refused by the lease (naming who holds it), instead of
+    starting beside the first and cancelling its stops."""
+    dsn = _dsn(pg_server, workdir)
+    first = _start("run", cwd=workdir, env={"TSBOT_VENUE__ACCOUNT": "main"})
+    try:
+        await wait_until(lambda: _fully_protected(dsn, 7), within=60, what="the first wave to be protected")
+        stops_before = {o["clientAlgoId"] for o in _emulator_state(emulator)["open_algo_orders"]}
+
+        second = _start("run", cwd=workdir, env={"TSBOT_VENUE__ACCOUNT": "second"})
+        out, err = await asyncio.to_thread(second.communicate, None, 60)
+        assert second.returncode == 1, (out, err)
+        assert "Traceback" not in err
+        refusal = err.strip().splitlines()
+        assert len(refusal) == 1, err
+        assert "already traded by pid" in refusal[0], refusal[0]
+        assert "account label 'main'" in refusal[0], refusal[0]
+        assert API_KEY not in err
+
+        # The first engine's stops are all still on the exchange and it still trades.
+        stops_after = {o["clientAlgoId"] for o in _emulator_state(emulator)["open_algo_orders"]}
+        assert stops_before <= stops_after
+        assert first.poll() is None
+        await wait_until(
+            lambda: _fully_protected(dsn, 7), within=60, what="the first engine still protecting"
+        )
+    finally:
+        out, err = _stop(first)
+    assert first.returncode == 0, err

@@ -82,16 +82,17 @@ async def test_status_json_agrees_with_the_incident_sql(workdir: Path, pg_server
     try:
         for i in range(7):
             await conn.execute(
-                "INSERT INTO monitoring.positions (symbol, exchange, side, quantity, entry_price, status, "
-                "has_stop_loss, has_trailing_stop, opened_at) VALUES ($1, 'sim', 'long', 1, 2, 'active', true, $2, "
+                "INSERT INTO monitoring.positions (account, symbol, exchange, side, quantity, entry_price, status, "
+                "has_stop_loss, has_trailing_stop, opened_at) VALUES ('sim:default', $1, 'sim', 'long', 1, 2, 'active', "
+                "true, $2, "
                 "now() - interval '1 minute')",
                 f"S{i}USDT",
                 i < 5,
             )
         # Opened a moment ago, no stops yet: still within the grace period, so not listed as uncovered.
         await conn.execute(
-            "INSERT INTO monitoring.positions (symbol, exchange, side, quantity, entry_price, status, opened_at) "
-            "VALUES ('NEWUSDT', 'sim', 'short', 1, 2, 'pending_protection', now())"
+            "INSERT INTO monitoring.positions (account, symbol, exchange, side, quantity, entry_price, status, "
+            "opened_at) VALUES ('sim:default', 'NEWUSDT', 'sim', 'short', 1, 2, 'pending_protection', now())"
         )
         sql_row = await conn.fetchrow(INCIDENT_COVERAGE_SQL)
     finally:
@@ -119,7 +120,7 @@ async def test_status_says_entries_are_paused_by_whom_and_why(
     try:
         await conn.execute(
             "INSERT INTO monitoring.entries_control (venue, account, paused, paused_by, reason) "
-            "VALUES ('sim', 'default', true, 'breaker', '2 of 9 protective order sends failed')"
+            "VALUES ('sim', 'sim:default', true, 'breaker', '2 of 9 protective order sends failed')"
         )
     finally:
         await conn.close()

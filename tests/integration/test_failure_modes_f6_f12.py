@@ -176,15 +176,16 @@ async def test_f6_database_refuses_a_second_live_position_per_symbol_in_every_no
         # Not only through the Store: the database itself holds the rule.
         with pytest.raises(asyncpg.UniqueViolationError):
             await db.pool.execute(
-                "INSERT INTO monitoring.positions (symbol, exchange, side, quantity, status) "
-                "VALUES ($1, 'sim', 'long', 1, $2)",
+                "INSERT INTO monitoring.positions (account, symbol, exchange, side, quantity, status) "
+                "VALUES ('sim:default', $1, 'sim', 'long', 1, $2)",
                 symbol,
                 PositionStatus.ACTIVE.value,
             )
-        other_exchange = await store.create_position(
+        # Another account (here another venue's) may hold the same symbol at the same time.
+        other_account = await Store(db.pool, account="binanceusdm:0123456789abcdef").create_position(
             symbol=symbol, exchange="binanceusdm", side="long", quantity=Decimal(1)
         )
-        assert other_exchange.id != first.id
+        assert other_account.id != first.id
         terminal = PositionStatus.CLOSED if status is PositionStatus.ACTIVE else PositionStatus.FAILED
         await store.set_position_status(first.id, terminal)
         reopened = await store.create_position(
@@ -192,8 +193,8 @@ async def test_f6_database_refuses_a_second_live_position_per_symbol_in_every_no
         )
         assert reopened.status is PositionStatus.PENDING_ENTRY
     counts = await db.pool.fetch(
-        "SELECT exchange, symbol, count(*) AS n FROM monitoring.positions "
-        "WHERE status NOT IN ('closed', 'failed') GROUP BY exchange, symbol"
+        "SELECT account, symbol, count(*) AS n FROM monitoring.positions "
+        "WHERE status NOT IN ('closed', 'failed') GROUP BY account, symbol"
     )
     assert all(row["n"] == 1 for row in counts)
 
@@ -546,7 +547,10 @@ async def test_f9_a_second_engine_on_the_same_account_is_refused_names_the_holde
         assert holder is not None
         assert (holder.pid, holder.host, holder.version) == (os.getpid(), socket.gethostname(), "1.0-first")
         assert holder.started_at is not None
-        assert f"pid {os.getpid()} on {socket.gethostname()}, version 1.0-first, since" in str(refused.value)
+        assert (
+            f"pid {os.getpid()} on {socket.gethostname()} (account label 'default'), version 1.0-first, since"
+            in str(refused.value)
+        )
         # Refused before anything else: no markets loaded, no store, no protection, nothing sent or written.
         assert second.markets == {}
         assert second.store is None

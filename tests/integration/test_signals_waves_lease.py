@@ -188,8 +188,8 @@ async def test_signals_an_engine_died_holding_are_expired_with_a_reason(db: Data
 
     store = Store(db.pool)
     await store.insert_signals([("SFPUSDT", "long", None, "mine"), ("ALLUSDT", "long", None, "theirs")])
-    [mine] = await store.claim_new_signals(limit=1, claimed_by="sim/default")  # this engine's last run
-    [theirs] = await store.claim_new_signals(limit=1, claimed_by="sim/other")  # another account's engine
+    [mine] = await store.claim_new_signals(limit=1, claimed_by="sim:default")  # this engine's last run
+    [theirs] = await store.claim_new_signals(limit=1, claimed_by="sim:other")  # another account's engine
     clock = ManualClock()
     engine = make_engine(engine_settings(db.target.dsn), clock)
     await drive(clock, engine.start())
@@ -242,7 +242,7 @@ async def test_a_lost_lease_stops_entries_refuses_resume_and_is_taken_again(db: 
     await drive(clock, engine.start())
     try:
         assert not engine.entries_paused
-        await _kill_lease_connection(db, "sim/default")
+        await _kill_lease_connection(db, "sim/sim:default")
         await drive_until(clock, lambda: engine.entries_paused, what="entries paused by the lost lease")
         assert engine.entries_paused_by == "lease"
         assert engine.resume_entries()[0] is False  # no resume without the lease
@@ -265,8 +265,8 @@ async def test_an_engine_whose_lease_another_engine_took_stops_and_sends_nothing
     await drive(clock, engine.start())
     other: EngineLease | None = None
     try:
-        await _kill_lease_connection(db, "sim/default")
-        other = await EngineLease.acquire(db.target.dsn, "sim", "default", "other-engine")
+        await _kill_lease_connection(db, "sim/sim:default")
+        other = await EngineLease.acquire(db.target.dsn, "sim", "sim:default", "other-engine")
         await drive_until(
             clock, lambda: engine.state is EngineState.STOPPED, what="the engine stopped itself"
         )

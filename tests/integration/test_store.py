@@ -58,7 +58,7 @@ async def test_coverage_with_no_active_positions_is_unknown_not_zero(db: Databas
     assert coverage.coverage_pct is None
 
 
-async def test_one_non_terminal_position_per_exchange_and_symbol(db: Database) -> None:
+async def test_one_non_terminal_position_per_account_and_symbol(db: Database) -> None:
     store = Store(db.pool)
     first = await store.create_position(symbol="SFPUSDT", exchange="sim", side="long", quantity=Decimal("5"))
     with pytest.raises(PositionAlreadyOpen, match="SFPUSDT on sim already has an open position"):
@@ -68,8 +68,9 @@ async def test_one_non_terminal_position_per_exchange_and_symbol(db: Database) -
         await store.set_position_status(first.id, status)
         with pytest.raises(PositionAlreadyOpen):
             await store.create_position(symbol="SFPUSDT", exchange="sim", side="long", quantity=Decimal("1"))
-    # Another venue, same symbol: allowed.
-    await store.create_position(symbol="SFPUSDT", exchange="bybit", side="long", quantity=Decimal("1"))
+    # Another account (here on another venue), same symbol: allowed.
+    other = Store(db.pool, account="bybit:0123456789abcdef")
+    await other.create_position(symbol="SFPUSDT", exchange="bybit", side="long", quantity=Decimal("1"))
     await store.set_position_status(first.id, PositionStatus.CLOSED, exit_reason="manual")
     reopened = await store.create_position(
         symbol="SFPUSDT", exchange="sim", side="short", quantity=Decimal("2")
@@ -113,12 +114,13 @@ async def test_protection_flags_default_false_and_are_cleared_when_the_position_
 async def test_schema_checks_refuse_values_outside_the_contract(db: Database) -> None:
     with pytest.raises(asyncpg.CheckViolationError):
         await db.pool.execute(
-            "INSERT INTO monitoring.positions (symbol, exchange, side, quantity) VALUES ('X', 'sim', 'LONG', 1)"
+            "INSERT INTO monitoring.positions (account, symbol, exchange, side, quantity) "
+            "VALUES ('sim:default', 'X', 'sim', 'LONG', 1)"
         )
     with pytest.raises(asyncpg.CheckViolationError):
         await db.pool.execute(
-            "INSERT INTO monitoring.positions (symbol, exchange, side, quantity, status) "
-            "VALUES ('X', 'sim', 'long', 1, 'ACTIVE')"
+            "INSERT INTO monitoring.positions (account, symbol, exchange, side, quantity, status) "
+            "VALUES ('sim:default', 'X', 'sim', 'long', 1, 'ACTIVE')"
         )
 
 
