@@ -16,7 +16,7 @@ walk every `mark_tick_seconds` of clock time, feeds the marks to the core (which
 the event loop, and nothing is held across an await.
 
 Besides the port, the venue has a small control surface for tests and demos: `override_mark_price`,
-`inject_fault`, `clear_injected_faults`, and Binance's documented misbehaviour of algo orders:
+`inject_fault`, `answer_positions_empty`, `clear_injected_faults`, and Binance's documented misbehaviour of algo orders:
 `set_trigger_delay` (fired stops sit TRIGGERING, or stick there, before their fill) and `set_read_lag`
 (a just-placed stop answers "unknown order" for a while). All of it runs on the venue's clock, so a
 `ManualClock` plays it out in virtual time.
@@ -100,6 +100,7 @@ class SimVenue:
         self._subscribers: set[_MarkSubscription] = set()
         self._closed = False
         self._pacing: VenuePacing | None = None
+        self._empty_position_answers = 0
         self.calls_made: dict[CallKind, int] = {}  # requests that reached this venue, by kind
 
     # ---- lifecycle ---------------------------------------------------------------------------------
@@ -179,6 +180,10 @@ class SimVenue:
             since_connect = self._clock.monotonic() - self._connected_at
             if since_connect < self._settings.faults.empty_positions_for_seconds:
                 logger.debug("sim venue: answering [] for positions %.1fs after connect", since_connect)
+                return []
+            if self._empty_position_answers:
+                self._empty_position_answers -= 1
+                logger.info("sim venue: answering [] for positions (%d positions held)", len(found))
                 return []
             return found
 
@@ -308,8 +313,16 @@ class SimVenue:
     def inject_fault(self, kind: CallKind, fault: FaultKind, count: int = 1) -> None:
         self._faults.force(kind, fault, count)
 
+    def answer_positions_empty(self, count: int = 1) -> None:
+        """The next `count` position reads that reach the venue answer `[]` whatever the account holds,
+        at any time (not only right after connecting, as `faults.empty_positions_for_seconds` does)."""
+        if count < 1:
+            raise ValueError("count must be >= 1")
+        self._empty_position_answers += count
+
     def clear_injected_faults(self) -> None:
         self._faults.clear_forced()
+        self._empty_position_answers = 0
 
     # ---- internals ---------------------------------------------------------------------------------
 
