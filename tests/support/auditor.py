@@ -20,13 +20,15 @@ mode: one position per symbol). "Ours" means the client id carries this installa
 The rules (allowances from `AuditLimits`, i.e. the engine's own settings):
 
 * `uncovered` — a venue position without a live hard stop and a live trailing stop of ours that close it
-  (side and quantity), past `grace_seconds`, while the engine is up. A fired stop (TRIGGERING) is not live.
+  (side and quantity), past `grace_seconds` (or `uncovered_seconds` where a schedule says so), while the
+  engine is up. A fired stop (TRIGGERING) is not live.
 * `duplicate` — more than one live stop of ours of one kind on one symbol (allowance 0: never; a managed
   trail's make-before-break may set `duplicate_overlap_seconds`). Counted whatever the engine's state:
   a duplicate outlives the engine that placed it.
 * `quantity` — a live stop of ours whose quantity differs from its symbol's position, past grace.
-* `orphan` — a live stop of ours on a symbol with no position (or one it would not reduce), past grace,
-  while the engine is up. A stop of a position that was just closed is fine within grace.
+* `orphan` — a live stop of ours on a symbol with no position (or one it would not reduce), past grace
+  (or `orphan_seconds` where a schedule says so), while the engine is up. A stop of a position that was
+  just closed is fine within grace.
 * `flag_without_order` — `has_stop_loss` / `has_trailing_stop` true in the database while none of that
   position's orders of that purpose is live on the venue, past one reconcile interval (+ slack).
 * `db_not_on_venue` — a position the database holds open (`pending_protection`, `active`, `closing`) that
@@ -273,6 +275,10 @@ class AuditLimits:
     # Managed trailing mode has no trailing order before the trail activates: then only the hard stop is
     # required of a position (the trail's stop, once placed, still counts towards coverage).
     trailing_order_required: bool = True
+    # How long a position may go without its stops, and a stop of ours outlive its position; None: the
+    # grace period. A schedule that knowingly tolerates a known defect says so here, by name.
+    uncovered_seconds: float | None = None
+    orphan_seconds: float | None = None
 
     @classmethod
     def from_settings(cls, settings: Any, **overrides: Any) -> AuditLimits:
@@ -290,6 +296,10 @@ class AuditLimits:
             return self.duplicate_overlap_seconds
         if rule in _DB_RULES:
             return self.reconcile_seconds + self.reconcile_slack_seconds
+        if rule is Rule.ORPHAN and self.orphan_seconds is not None:
+            return self.orphan_seconds
+        if rule is Rule.UNCOVERED and self.uncovered_seconds is not None:
+            return self.uncovered_seconds
         return self.grace_seconds
 
 

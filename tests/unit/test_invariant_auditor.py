@@ -378,3 +378,16 @@ def test_the_auditor_refuses_to_judge_without_the_token() -> None:
     audit = InvariantAuditor(None, None, LIMITS)
     with pytest.raises(RuntimeError, match="token"):
         audit.observe(0.0, covered(), None)
+
+
+def test_a_schedule_may_name_a_longer_allowance_for_uncovered_positions_and_orphans() -> None:
+    tolerant = AuditLimits(5.0, 10.0, 2.0, uncovered_seconds=8.0, orphan_seconds=12.0)
+    audit = auditor(limits=tolerant)
+    half = view([long()], [stop(1, "sl")])
+    play(audit, [(t, half, None) for t in every(0, 8)])
+    play(audit, [(t, view([], [stop(1, "sl")]), None) for t in every(8.5, 20.5)])
+    audit.assert_clean()
+    play(audit, [(21.0, view([], [stop(1, "sl")]), None)])
+    assert rules(audit) == [Rule.ORPHAN]
+    assert tolerant.allowance(Rule.UNCOVERED) == 8.0
+    assert tolerant.allowance(Rule.QUANTITY) == 5.0
