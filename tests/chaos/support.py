@@ -31,7 +31,7 @@ from tests.support.auditor import AuditLimits, InvariantAuditor, PostgresTruth, 
 T = TypeVar("T")
 
 SYMBOLS = sorted(UNIVERSE)
-STEP = 0.1  # virtual seconds per drive step, and per sample
+STEP = 0.2  # virtual seconds per drive step, and per sample
 
 
 def chaos_settings(db: Database, overrides: Mapping[str, str] | None = None) -> Settings:

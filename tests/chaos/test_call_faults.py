@@ -14,6 +14,7 @@ from storage.database import Database
 from tests.chaos.support import (
     NAKED_BACKOFF,
     SLOW_ORPHAN_CLEANUP,
+    STEP,
     ChaosRun,
     chaos_settings,
     tolerating,
@@ -104,7 +105,9 @@ async def burst_on_stop_placement(run: ChaosRun, *, waves: int = 4) -> None:
     positions (entries filled, stops on their way), another client on the account fills the window, so
     the stops meet 429 for the ~2-3 s left of it."""
     for _ in range(waves):
-        await run.until(lambda: abs(run.clock.now() % 10 - 5.5) < 0.05, limit=11, what="the window's middle")
+        await run.until(
+            lambda: 5.5 <= run.clock.now() % 10 < 5.5 + STEP, limit=11, what="the window's middle"
+        )
         symbols = await run.wave(WAVE_SIZE)
         await run.opened(symbols)
         spare = next(s for s in run.free_symbols(WAVE_SIZE + 1) if s not in symbols)
