@@ -12,6 +12,7 @@ commands (close a position, restart protection, stop and start): nothing is patc
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import itertools
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -58,27 +59,31 @@ NAKED_BACKOFF = (
 )
 
 
-def tolerating(settings: Settings, *defects: str) -> AuditLimits:
-    """The auditor's limits from the engine's settings, with the named known defects tolerated."""
-    limits = AuditLimits.from_settings(settings)
-    overrides: dict[str, float] = {}
+def tolerating(base: Settings | AuditLimits, *defects: str) -> AuditLimits:
+    """The auditor's limits (from the engine's settings, or given), with the named known defects
+    tolerated."""
+    limits = base if isinstance(base, AuditLimits) else AuditLimits.from_settings(base)
     if SLOW_ORPHAN_CLEANUP in defects:
-        overrides["orphan_seconds"] = limits.reconcile_seconds + limits.reconcile_slack_seconds
+        limits = dataclasses.replace(
+            limits, orphan_seconds=limits.reconcile_seconds + limits.reconcile_slack_seconds
+        )
     if NAKED_BACKOFF in defects:
-        overrides["uncovered_seconds"] = 3 * limits.grace_seconds
-    return AuditLimits.from_settings(settings, **overrides)
+        limits = dataclasses.replace(limits, uncovered_seconds=3 * limits.grace_seconds)
+    return limits
 
 
 class ChaosRun:
-    def __init__(self, db: Database, settings: Settings, *, limits: AuditLimits | None = None) -> None:
+    def __init__(self, db: Database | None, settings: Settings, *, limits: AuditLimits | None = None) -> None:
         self.db = db
         self.settings = settings
         self.clock = ManualClock()
         self.venue = SimVenue(settings.venue.sim, clock=self.clock)
         self.engine = make_engine(settings, self.clock, self.venue)
+        dsn = settings.database.dsn
+        assert dsn, "a chaos run needs the database's DSN in its settings"
         self.auditor = InvariantAuditor(
             SimTruth(self.venue.core, self.clock),
-            PostgresTruth(db.target.dsn),
+            PostgresTruth(dsn),
             limits or AuditLimits.from_settings(settings),
             clock=self.clock,
         )
@@ -135,6 +140,15 @@ class ChaosRun:
     async def run_for(self, seconds: float) -> None:
         for _ in range(round(seconds / STEP)):
             await self.step()
+
+    async def run_at_real_rate(self, seconds: float) -> None:
+        """Virtual time follows real time (a step per STEP of real time), while something outside the
+        virtual clock is broken for real seconds (a frozen or dead database); the auditor reads the
+        venue only meanwhile."""
+        for _ in range(round(seconds / STEP)):
+            await asyncio.sleep(STEP)
+            await self.clock.advance(STEP)
+            await self.auditor.sample(read_database=False)
 
     async def until(
         self,

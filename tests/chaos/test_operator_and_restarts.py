@@ -6,8 +6,11 @@ Virtual time, the auditor at every step (told when the engine is down)."""
 
 from __future__ import annotations
 
+import pytest
+
 from storage.database import Database
 from tests.chaos.support import ChaosRun, chaos_settings
+from tests.chaos.test_marks_and_triggers import after_a_reconcile
 from tests.integration.engine_support import engine_settings
 
 SLOW_ORDERS = {"VENUE__SIM__LATENCY__BY_CALL__CREATE_ORDER__SECONDS": "1.0"}
@@ -45,29 +48,49 @@ async def test_operator_closes_positions_while_their_stops_are_in_flight(db: Dat
         await run.stop()
 
 
-async def test_protection_restarted_mid_wave_and_mid_reconcile(db: Database) -> None:
-    settings = chaos_settings(
-        db, {**SLOW_ORDERS, "VENUE__SIM__LATENCY__BY_CALL__FETCH_POSITIONS__SECONDS": "1.0"}
-    )
-    run = ChaosRun(db, settings)
+async def test_protection_restarted_mid_wave(db: Database) -> None:
+    """The operator restarts the protection manager (the dashboard's `r`) while a wave's stops are on their
+    way: the new manager restores every position from the database and the venue and protects the rest.
+    (Each restart is made right after a reconcile pass, so that none is in flight: see the next test.)"""
+    run = ChaosRun(db, chaos_settings(db, SLOW_ORDERS))
     await run.start()
     try:
-        for wave in range(4):
+        for _ in range(3):
+            await after_a_reconcile(run)
             symbols = await run.wave(5)
             await run.until(
                 lambda s=symbols: bool(guards_in_flight(run, s)), limit=20, what="stops in flight"
             )
-            if wave % 2 == 0:  # mid-wave: the wave's stops are on their way
-                report = await run.drive(run.engine.restart_protection())
-            else:  # mid-reconcile: a pass is reading the venue's positions (1 s) when the manager restarts
-                run.background(run.engine.reconcile_now())
-                await run.step()
-                report = await run.drive(run.engine.restart_protection())
+            report = await run.drive(run.engine.restart_protection())
             assert report.failed == 0, report.describe()
-            await run.run_for(8)
-        await run.finish_background()
+            await run.run_for(6)
         await run.settle()
         run.verdict(coverage_at_least=85.0)
+    finally:
+        await run.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="D6: restart_protection while a reconcile pass is reading the venue: the pass carries on with the "
+    "stopped manager (no guards), 'adopts' every position and cancels every stop as an orphan; the venue "
+    "showed all 3 positions naked for 8-11 s until the next periodic reconcile re-placed them",
+)
+async def test_protection_restarted_mid_reconcile(db: Database) -> None:
+    settings = chaos_settings(db, {"VENUE__SIM__LATENCY__BY_CALL__FETCH_POSITIONS__SECONDS": "1.0"})
+    run = ChaosRun(db, settings)
+    await run.start()
+    try:
+        await run.opened(await run.wave(3))
+        await run.until(run.converged, what="protected")
+        await after_a_reconcile(run)  # the periodic pass that would repair it is an interval away
+        run.background(run.engine.reconcile_now())  # a pass reading the venue's positions (1 s)
+        await run.step()
+        report = await run.drive(run.engine.restart_protection())
+        assert report.failed == 0, report.describe()
+        await run.finish_background()
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)
     finally:
         await run.stop()
 

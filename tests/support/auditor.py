@@ -415,8 +415,10 @@ class InvariantAuditor:
         # nothing is asked of an engine that is down.
         self._close_where(lambda rule: rule not in _ALWAYS, self._now(now))
 
-    async def sample(self, now: float | None = None) -> None:
-        """Read the venue and the database once and judge them."""
+    async def sample(self, now: float | None = None, *, read_database: bool = True) -> None:
+        """Read the venue and the database once and judge them. `read_database=False`: the venue only
+        (the database rules keep their conditions for the next read), e.g. while the database is frozen
+        and a read would only wait out its timeout."""
         assert self.venue is not None, "no venue to sample"
         try:
             view = await self.venue.read()
@@ -424,7 +426,7 @@ class InvariantAuditor:
             self.venue_read_failures += 1
             return
         db_view = None
-        if self.database is not None:
+        if self.database is not None and (read_database or self.token is None):
             try:
                 if self.token is None:
                     self.token = await self.database.token()
@@ -660,6 +662,11 @@ class InvariantAuditor:
             venue_read_failures=self.venue_read_failures,
             db_read_failures=self.db_read_failures,
         )
+
+    def open_conditions(self) -> list[tuple[Rule, str, str]]:
+        """Conditions the last samples showed and that have not ended (violations or not yet): empty
+        when the venue, the database and the rules agree."""
+        return [(key[0], key[1], c.detail) for key, c in self._conditions.items()]
 
     # --- verdict -------------------------------------------------------------------------------------
 
