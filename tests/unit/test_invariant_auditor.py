@@ -249,6 +249,9 @@ def test_a_stop_left_behind_by_a_closed_position_is_fine_within_grace_only() -> 
     [violation] = audit.violations
     assert (violation.rule, violation.started_at) == (Rule.ORPHAN, 0.5)
     assert "no position" in violation.detail
+    assert [(rule, symbol) for rule, symbol, _ in audit.open_conditions()] == [(Rule.ORPHAN, "SFPUSDT")]
+    play(audit, [(6.5, view(), None)])
+    assert audit.open_conditions() == []
 
 
 def test_a_stop_cleaned_up_within_grace_is_clean() -> None:
