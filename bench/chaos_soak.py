@@ -14,7 +14,9 @@ signals from `monitoring.signals`), started with `await engine.start()`.
   positions close and re-open all the time), every call failing with probability `--fault-rate`, split
   evenly between a network error before send, an HTTP 5xx before execution and a lost answer after
   execution (ambiguous), and conditional orders reading back as unknown for 1 s after placement (read-
-  after-write lag, announced by the venue as Binance's is).
+  after-write lag, announced by the venue as Binance's is). Its order budget is Binance's (300 / 10 s,
+  1 200 / min); three refused orders within a minute ban the account for 5 s, doubling up to 20 s (418
+  bursts; Binance's own bans start at 2 minutes).
 * `--venue emulator`: `tsbot sim-exchange` in its own process (`bench/emulator_process.py`), the engine
   talking to it through real ccxt, HTTP and signing, with `--faults` at `--fault-rate` on every endpoint,
   split evenly between `timeout` (executed, answer held back), `unknown` (503 -1007), `busy` (503 -1008),
@@ -52,7 +54,8 @@ core's oracle view, or the emulator's `GET /_sim/state`) and the engine's databa
 * `venue_answers`: the venue's ordinary refusals the engine met (unknown orders, would-trigger, …), not
   faults; `venue_calls`: the engine's venue calls by kind;
 * `positions_opened` (venue positions seen), `positions_closed` (database, by exit reason), `waves`,
-  `signals` (by final status), `order_round_trip_s` (the engine's moving average of answered order calls).
+  `signals` (by final status), `order_round_trip_s` (the largest of the engine's moving averages of
+  answered order calls, read every second).
 
 The targets (`targets`): coverage ≥ 99.9 %, worst unprotected ≤ one order round trip + grace, 0
 duplicates, 0 lost positions; each reported as met or not. No tuning happens here: the figures are what
@@ -182,6 +185,10 @@ def engine_environ(args: argparse.Namespace, dsn: str) -> dict[str, str]:
         "TSBOT_VENUE__SIM__FAULTS__NETWORK_ERROR_BEFORE_SEND": f"{third:g}",
         "TSBOT_VENUE__SIM__FAULTS__SERVER_ERROR": f"{third:g}",
         "TSBOT_VENUE__SIM__FAULTS__TIMEOUT_AFTER_ACCEPT": f"{third:g}",
+        # 418 bursts, not Binance's 2-minute-and-doubling bans: three refused orders within a minute ban
+        # the account for 5 s, doubling up to 20 s.
+        "TSBOT_VENUE__SIM__RATE_LIMITS__BAN_SECONDS": "5",
+        "TSBOT_VENUE__SIM__RATE_LIMITS__MAX_BAN_SECONDS": "20",
     }
 
 
@@ -215,6 +222,7 @@ class Soak:
         )
         self.scheduled: Counter[str] = Counter()
         self.waves = 0
+        self.round_trip = 0.0  # the largest of the engine's order round-trip estimates seen
         self._symbols = sorted(UNIVERSE)
         self._stuck: set[str] = set()
         self._commands: set[asyncio.Task[Any]] = set()
@@ -308,6 +316,9 @@ class Soak:
         next_wave = time.monotonic()
         async with self.auditor.sampling(SAMPLE_SECONDS):
             while time.monotonic() < deadline:
+                manager = self.engine.manager  # (a protection restart replaces it)
+                if manager is not None:
+                    self.round_trip = max(self.round_trip, manager.order_round_trip_seconds)
                 if time.monotonic() >= next_wave:
                     await self.wave()
                     next_wave += self.args.wave_every
@@ -358,7 +369,7 @@ async def _soak(
     run = Soak(args, engine, venue, truth, dsn)
     try:
         await run.run()
-        round_trip = engine.manager.order_round_trip_seconds if engine.manager is not None else 0.0
+        round_trip = run.round_trip
         conn = await asyncpg.connect(dsn)
         try:
             closed = await conn.fetch(
@@ -390,6 +401,7 @@ async def _soak(
         "lost_positions": figures.lost_positions,
         "violations": dict(figures.violations),
         "violation_details": run.auditor.report().splitlines()[:12],
+        "all_violations": run.auditor.report().splitlines(),
         "faults_injected": faults,
         "venue_answers": dict(venue.answers),
         "venue_calls": dict(venue.calls),
@@ -454,6 +466,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--wave-size", type=int, default=5, help="signals per wave")
     parser.add_argument("--volatility", type=float, default=20.0, help="annualised volatility of the marks")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--details", type=Path, default=None, help="also write every violation and the engine's log here"
+    )
     args = parser.parse_args(argv)
     if not 0 < args.minutes <= 24 * 60:
         parser.error("--minutes must be within (0, 1440]")
@@ -476,6 +491,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     server = start_embedded(workdir / "pgdata")
     report = asyncio.run(soak(args, server, workdir))
+    if args.details is not None:
+        args.details.mkdir(parents=True, exist_ok=True)
+        (args.details / "violations.txt").write_text("\n".join(report.pop("all_violations")) + "\n")
+        shutil.copy(workdir / "soak.log", args.details / "soak.log")
+    else:
+        report.pop("all_violations")
     if args.json:
         print(json.dumps(report))
     else:

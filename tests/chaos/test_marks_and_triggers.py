@@ -30,7 +30,8 @@ async def fire_trailing_stop(run: ChaosRun, symbol: str) -> None:
 async def marks_schedule(run: ChaosRun, *, waves: int = 6) -> None:
     """Each wave: one held position's hard stop is crossed, another's trailing stop fires, and one of the
     new wave's positions has its mark pushed through its stop level between its fill and its stops'
-    arrival (breach → closed at market). The next wave re-opens the symbols that closed."""
+    arrival (breach → closed at market). The next wave signals the closed symbols again: re-opened once
+    the engine has seen them closed (a signal for a symbol it still guards is rejected)."""
     reopen: list[str] = []
     for _ in range(waves):
         symbols = reopen + run.free_symbols(5 - len(reopen))
