@@ -199,11 +199,15 @@ class ChaosRun:
                     break
         return chosen
 
-    async def wave(self, n: int, symbols: Sequence[str] | None = None) -> list[str]:
-        """Insert one wave of `n` signals (alternately long and short), as any signal provider would."""
+    async def wave(
+        self, n: int, symbols: Sequence[str] | None = None, sides: Sequence[str] | None = None
+    ) -> list[str]:
+        """Insert one wave of `n` signals (alternately long and short, unless `sides` says), as any signal
+        provider would."""
         assert self.engine.store is not None
         chosen = list(symbols) if symbols is not None else self.free_symbols(n)
-        sides = ["long" if (self.signals + i) % 2 == 0 else "short" for i in range(len(chosen))]
+        if sides is None:
+            sides = ["long" if (self.signals + i) % 2 == 0 else "short" for i in range(len(chosen))]
         await self.engine.store.insert_signals(
             [(s, side, None, None) for s, side in zip(chosen, sides, strict=True)]
         )

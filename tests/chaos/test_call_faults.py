@@ -20,7 +20,7 @@ from tests.chaos.support import (
     tolerating,
 )
 
-WAVES = 6
+WAVES = 5
 WAVE_SIZE = 5
 WAVE_EVERY = 8.0
 

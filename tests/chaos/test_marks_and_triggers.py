@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from engine.engine import STARTUP_UNKNOWN_SECONDS
+from engine.venues.sim.settings import CallKind, FaultKind
 from storage.database import Database
 from tests.chaos.support import SLOW_ORPHAN_CLEANUP, ChaosRun, chaos_settings, tolerating
 
@@ -27,7 +28,7 @@ async def fire_trailing_stop(run: ChaosRun, symbol: str) -> None:
     run.move_mark(symbol, back)
 
 
-async def marks_schedule(run: ChaosRun, *, waves: int = 6) -> None:
+async def marks_schedule(run: ChaosRun, *, waves: int = 5) -> None:
     """Each wave: one held position's hard stop is crossed, another's trailing stop fires, and one of the
     new wave's positions has its mark pushed through its stop level between its fill and its stops'
     arrival (breach → closed at market). The next wave signals the closed symbols again: re-opened once
@@ -64,9 +65,9 @@ async def test_marks_crossing_stops_close_positions_and_symbols_reopen(db: Datab
             "SELECT exit_reason, count(*) AS n FROM monitoring.positions WHERE status = 'closed' GROUP BY 1"
         )
         reasons = {r["exit_reason"]: r["n"] for r in closed}
-        assert reasons.get("stop_breached", 0) >= 4, reasons
-        assert reasons.get("stop_loss", 0) >= 4, reasons
-        assert reasons.get("trailing_stop", 0) >= 4, reasons
+        assert reasons.get("stop_breached", 0) >= 3, reasons
+        assert reasons.get("stop_loss", 0) >= 3, reasons
+        assert reasons.get("trailing_stop", 0) >= 3, reasons
     finally:
         await run.stop()
 
@@ -138,6 +139,42 @@ async def test_a_stuck_trigger_is_closed_within_grace(db: Database) -> None:
         await after_a_reconcile(run)
         await fire_hard_stop(run, symbols[0])
         await run.until(lambda: not run.held(), limit=60, what="closed at market")
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)
+    finally:
+        await run.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="D7 (F6): the hard stop filled, the close's cancels failed (network errors) and the guard was "
+    "forgotten anyway; a new long on the symbol got its trailing stop while the old one (for 13333, the new "
+    "position 14032) was still live: 2 live trailing stops of ours on one symbol for ~8 s (the soak's duplicates)",
+)
+async def test_a_new_position_never_shares_its_symbol_with_an_old_stop(db: Database) -> None:
+    settings = chaos_settings(db)
+    run = ChaosRun(db, settings, limits=tolerating(settings, SLOW_ORPHAN_CLEANUP))
+    await run.start()
+    try:
+        await past_the_start_up_window(run)
+        [symbol] = await run.opened(await run.wave(1, sides=["long"]))
+        await run.until(run.converged, what="protected")
+        await after_a_reconcile(run)
+        # the close cancels what is left: the filled hard stop first, then the trailing stop (both fail)
+        run.venue.inject_fault(CallKind.CANCEL_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 2)
+        await fire_hard_stop(run, symbol)  # flat on the venue; the trailing stop is left behind
+
+        async def closed_in_the_database() -> bool:
+            return (
+                await db.pool.fetchval(
+                    "SELECT count(*) FROM monitoring.positions WHERE symbol = $1 AND status = 'closed'",
+                    symbol,
+                )
+                == 1
+            )
+
+        await run.until(closed_in_the_database, limit=20, what="the engine saw the position closed")
+        await run.opened(await run.wave(1, [symbol], sides=["long"]))  # the operator's next signal
         await run.settle()
         run.verdict(coverage_at_least=0.0)
     finally:
