@@ -7,7 +7,9 @@ venue's truth for N minutes of real time.
 Set-up (not measured): an embedded PostgreSQL in a temporary directory and a fresh database; the real
 `Engine` on the real `SystemClock`, configured through `load_config` from `TSBOT_*` variables as an operator
 would (shipped protection settings: grace 5 s, reconcile 10 s, call budget 10 s, native trailing stops;
-signals from `monitoring.signals`), started with `await engine.start()`.
+signals from `monitoring.signals`), started with `await engine.start()`. The faults are on from the first
+request, so a start can fail (a 429 on `exchangeInfo`, say): it is tried again with a new engine, up to 5
+times, and the failures are reported (`failed_starts`).
 
 * `--venue sim` (default): the in-process sim venue (50 ms per call), its marks a random walk at
   `--volatility` (annualised; 20 moves a mark ~0.36 % a second, so hard stops and trailing stops fire and
@@ -77,7 +79,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
@@ -351,21 +353,45 @@ async def soak(args: argparse.Namespace, server: EmbeddedPostgres, workdir: Path
         ) as emulator:
             environ.update(emulator.engine_environ())
             settings = load_settings(environ)
-            venue = FaultCountingVenue(build_venue(settings, clock))
             truth: VenueTruth = EmulatorTruth(emulator.url)
-            return await _soak(args, settings, venue, truth, dsn)
+            return await _soak(
+                args, settings, lambda: FaultCountingVenue(build_venue(settings, clock)), truth, dsn
+            )
     settings = load_settings(environ)
-    sim = SimVenue(settings.venue.sim, clock=clock)
-    sim.set_read_lag(1.0)
-    return await _soak(args, settings, FaultCountingVenue(sim), SimTruth(sim.core, clock), dsn)
+    core = SimVenue(settings.venue.sim, clock=clock).core
+
+    def sim_session() -> FaultCountingVenue:  # a new connection to the same exchange account
+        sim = SimVenue(settings.venue.sim, clock=clock, core=core)
+        sim.set_read_lag(1.0)
+        return FaultCountingVenue(sim)
+
+    return await _soak(args, settings, sim_session, SimTruth(core, clock), dsn)
+
+
+START_ATTEMPTS = 5
 
 
 async def _soak(
-    args: argparse.Namespace, settings: Settings, venue: FaultCountingVenue, truth: VenueTruth, dsn: str
+    args: argparse.Namespace,
+    settings: Settings,
+    connect: Callable[[], FaultCountingVenue],
+    truth: VenueTruth,
+    dsn: str,
 ) -> dict[str, Any]:
-    engine = Engine(settings, venue=venue, clock=SystemClock(), version="chaos-soak")  # type: ignore[arg-type]
+    """Start the engine (the faults are on from the first request: a start that fails is tried again
+    with a new engine, as an operator would, up to `START_ATTEMPTS` times), then soak."""
     started = time.monotonic()
-    await engine.start()
+    failed_starts: list[str] = []
+    while True:
+        venue = connect()
+        engine = Engine(settings, venue=venue, clock=SystemClock(), version="chaos-soak")  # type: ignore[arg-type]
+        try:
+            await engine.start()
+            break
+        except (ExchangeError, TimeoutError) as exc:
+            failed_starts.append(f"{type(exc).__name__}: {exc}"[:200])
+            if len(failed_starts) >= START_ATTEMPTS:
+                raise
     run = Soak(args, engine, venue, truth, dsn)
     try:
         await run.run()
@@ -403,6 +429,7 @@ async def _soak(
         "violation_details": run.auditor.report().splitlines()[:12],
         "all_violations": run.auditor.report().splitlines(),
         "faults_injected": faults,
+        "failed_starts": failed_starts,
         "venue_answers": dict(venue.answers),
         "venue_calls": dict(venue.calls),
         "positions_opened": figures.positions,
