@@ -47,9 +47,10 @@ class EmulatorProcess:
 
 @contextmanager
 def emulator_process(
-    workdir: Path, *, latency_ms: int, seed: int, settings: Mapping[str, str] = {}
+    workdir: Path, *, latency_ms: int, seed: int, settings: Mapping[str, str] = {}, faults: str = ""
 ) -> Iterator[EmulatorProcess]:
-    """Start `tsbot sim-exchange` on a free loopback port; `settings` are extra `TSBOT_VENUE__SIM__*`."""
+    """Start `tsbot sim-exchange` on a free loopback port; `settings` are extra `TSBOT_VENUE__SIM__*`,
+    `faults` its `--faults` SPEC (none by default)."""
     workdir.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
@@ -70,6 +71,7 @@ def emulator_process(
             str(seed),
             "--latency-ms",
             str(latency_ms),
+            *(["--faults", faults] if faults else []),
         ],
         cwd=workdir,
         env=env,

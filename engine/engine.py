@@ -980,6 +980,15 @@ class Engine:
         promise = manager.protective_orders_per_position
         self._in_flight.add(signal.symbol)
         try:
+            # A stop of the symbol's last position whose cancel failed is being cancelled again: the new
+            # position waits for it (an old stop for the old quantity would act on the new position).
+            if not await manager.leftovers_cancelled(
+                signal.symbol, float(self.settings.protection.call_timeout_seconds)
+            ):
+                await self._reject(
+                    signal, "a stop of its closed position could not be cancelled yet", wave_id
+                )
+                return None
             try:
                 await manager.budget.acquire_entry(promise)
             except Banned as exc:
@@ -1476,7 +1485,7 @@ def _entry_pending(position: PositionRecord) -> bool:
 
 
 def _empty_coverage() -> CoverageFigures:
-    return CoverageFigures(0, 0, 0, 0, 0, 0, None, None, None, ())
+    return CoverageFigures(0, 0, 0, 0, 0, 0, None, 0, None, None, ())
 
 
 def _jsonable(values: Any) -> dict[str, Any]:

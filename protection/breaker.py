@@ -10,10 +10,14 @@ It trips on any of:
 
 * a position uncovered past grace for longer than `uncovered_factor` × grace (one stuck position is
   already a failing protection path, not a blip);
-* coverage below `coverage_floor_percent` among positions past their grace period (young positions
-  still being protected do not count against it: no false alarm at the start of every wave);
+* coverage below `coverage_floor_percent` among positions past their grace period, counting as failing
+  those without their stops for a grace period or more (young positions still being protected, and a
+  stop that just fired or is being replaced, do not count against it: no false alarm at every wave or
+  every fill);
 * protective order sends failing: at least `min_attempts` in the last `error_window_seconds`, and at least
-  `error_rate` of them failed (refused, timed out, or answered with an unknown outcome).
+  `error_rate` of them failed (refused, timed out, or answered with an unknown outcome). A rate-limit
+  answer (429, 418) is not a failure here: the venue named when to come back and the stop is sent then;
+  if that leaves positions naked, the two rules above say so.
 """
 
 from __future__ import annotations
@@ -67,7 +71,9 @@ def trip_reasons(inputs: BreakerInputs, settings: BreakerSettings) -> list[str]:
         )
     judged = coverage.active - coverage.protecting  # past their grace period
     if judged > 0:
-        covered_pct = Decimal(100) * coverage.protected / judged
+        # Failing are those without their stops for a grace period: a stop that just fired (TRIGGERING)
+        # or is being replaced makes its position uncovered on the gauge at once, not a failing path.
+        covered_pct = Decimal(100) * (judged - coverage.lasting) / judged
         if covered_pct < settings.coverage_floor_percent:
             reasons.append(
                 f"coverage {covered_pct.quantize(Decimal('0.1'))} % of {judged} position(s) past grace "

@@ -36,6 +36,7 @@ class CoverageFigures:
     with_stop_loss: int
     with_trailing_stop: int
     oldest_unprotected_seconds: float | None  # among uncovered past grace
+    lasting: int  # of the uncovered, those without their stops for a grace period or more
     ts_coverage_pct: Decimal | None
     sl_coverage_pct: Decimal | None
     uncovered_ids: tuple[int, ...]
@@ -50,7 +51,7 @@ def percent(part: int, whole: int) -> Decimal | None:
 def coverage_figures(
     positions: Iterable[PositionCoverage], now: float, grace_seconds: float
 ) -> CoverageFigures:
-    active = protected = protecting = with_sl = with_ts = 0
+    active = protected = protecting = with_sl = with_ts = lasting = 0
     uncovered_ids: list[int] = []
     oldest: float | None = None
     for position in positions:
@@ -67,6 +68,7 @@ def coverage_figures(
             continue
         uncovered_ids.append(position.position_id)
         oldest = age if oldest is None else max(oldest, age)
+        lasting += age >= grace_seconds
     return CoverageFigures(
         active=active,
         protected=protected,
@@ -75,6 +77,7 @@ def coverage_figures(
         with_stop_loss=with_sl,
         with_trailing_stop=with_ts,
         oldest_unprotected_seconds=oldest,
+        lasting=lasting,
         ts_coverage_pct=percent(with_ts, active),
         sl_coverage_pct=percent(with_sl, active),
         uncovered_ids=tuple(sorted(uncovered_ids)),

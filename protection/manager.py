@@ -161,6 +161,10 @@ class ProtectiveOrder:
     sent_this_run: bool = False  # this process sent it (a confirmation is a creation, not a restore)
     fired_at: float | None = None  # monotonic time we first saw it fired but not finished (TRIGGERING)
     ended_as: OrderStatus | None = None  # how the venue said its last id ended (filled, cancelled …)
+    recorded_id: str | None = None  # the id this process already wrote ahead (a retry writes nothing more)
+
+
+STUCK_TRIGGER_SHARE = 0.5  # of the grace period, that a fired stop gets to fill before we close at market
 
 
 class _Outcome(StrEnum):
@@ -416,10 +420,9 @@ class PositionGuard:
                     self.failures = 0
                     await self.wake.wait()
                 else:
-                    delay = self._m.backoff(self.failures)
-                    if self.retry_at is not None:
-                        delay = max(0.0, self.retry_at - clock.monotonic())
-                        self.retry_at = None
+                    self.failures += 1  # one per pass, however many of its orders failed
+                    delay = self._retry_delay(self.failures)
+                    self.retry_at = None
                     await _first_of(self.wake.wait(), clock.sleep(delay))
                 self.wake.clear()
         finally:
@@ -504,9 +507,13 @@ class PositionGuard:
         self.wake.set()
         return True
 
-    async def _cancel_superseded(self) -> None:
-        while self._superseded:
-            await self._cancel_quietly(self._superseded.pop())
+    async def _cancel_superseded(self) -> bool:
+        """Cancel the resized-away stops (together); those whose cancel failed stay listed for the next
+        pass. True when none is left."""
+        orders, self._superseded = self._superseded, []
+        gone = await asyncio.gather(*(self._cancel_quietly(order) for order in orders))
+        self._superseded.extend(order for order, done in zip(orders, gone, strict=True) if not done)
+        return not self._superseded
 
     def _position_held(self, command: PositionHeld) -> bool:
         """A stop of ours filled, yet the venue still holds the position, in an answer read after we saw
@@ -576,9 +583,10 @@ class PositionGuard:
             await self._check_fired()
         if not self.closed:
             await self._write_facts()
+        superseded_gone = True
         if self._superseded and self.covered:
-            await self._cancel_superseded()
-        return all(results) and not self.closed
+            superseded_gone = await self._cancel_superseded()
+        return all(results) and superseded_gone and not self.closed
 
     async def _ensure_confirmed(
         self, order: ProtectiveOrder, send: Callable[[str], Awaitable[Order]]
@@ -613,17 +621,19 @@ class PositionGuard:
             # proven absent: send it, with the same id
 
         native_trailing = order.purpose is OrderPurpose.TRAILING_STOP and self.kind is TrailingKind.NATIVE
-        await m.store.record_order(
-            client_order_id=cid,
-            position_id=self.position_id,
-            purpose=order.purpose,
-            side=self.closing_side.value,
-            type="trailing_stop_market" if native_trailing else "stop_market",
-            quantity=self.quantity,
-            trigger_price=None if native_trailing else order.price,
-            activation_price=order.price if native_trailing and not order.arm_now else None,
-            callback_percent=m.config.callback_percent if native_trailing else None,
-        )
+        if order.recorded_id != cid:  # written ahead once per id: the id is the idempotency key
+            await m.store.record_order(
+                client_order_id=cid,
+                position_id=self.position_id,
+                purpose=order.purpose,
+                side=self.closing_side.value,
+                type="trailing_stop_market" if native_trailing else "stop_market",
+                quantity=self.quantity,
+                trigger_price=None if native_trailing else order.price,
+                activation_price=order.price if native_trailing and not order.arm_now else None,
+                callback_percent=m.config.callback_percent if native_trailing else None,
+            )
+            order.recorded_id = cid
         await m.budget.acquire_protective()
         started = m.clock.monotonic()
         order.sent_at = started
@@ -671,7 +681,6 @@ class PositionGuard:
             if outcome is _Outcome.GONE:
                 return self._next_generation(order)
             if outcome is not _Outcome.CONFIRMED:
-                self.failures += 1
                 return _Outcome.RETRY
             return outcome
         except DuplicateClientOrderId:
@@ -685,7 +694,11 @@ class PositionGuard:
             await m.store.set_order_status(cid, OrderRecordStatus.REJECTED, error=_short(exc))
             return await self._breached(order)
         except (RateLimited, Banned, Retryable, Rejected) as exc:
-            m.protective_failures.add(m.clock.monotonic())
+            if not isinstance(exc, RateLimited | Banned):
+                m.protective_failures.add(m.clock.monotonic())
+            # A rate-limit answer is the venue's pacing ("not now, at T"), not a failing protection path:
+            # it is retried at T and, should it leave the position naked, the breaker's uncovered and
+            # coverage rules see that. Counting it here paused entries on a one-second burst.
             order.maybe_sent = False  # the venue said it did not execute it
             await self._refused(order, cid, exc)
             return _Outcome.RETRY
@@ -721,7 +734,8 @@ class PositionGuard:
             self._note_failure(f"{why} {_what(order.purpose)}", f"outcome still unknown: {_short(exc)}")
             return _Outcome.RETRY
         if found.status is OrderStatus.NEW:
-            order.maybe_sent = False
+            # `maybe_sent` stays set until `_accept` has marked it confirmed: a pass interrupted in
+            # between (an operator's close) must still find it to cancel.
             return await self._accept(order, found, None)
         if found.status is OrderStatus.TRIGGERED:
             return self._fired(order)
@@ -779,14 +793,16 @@ class PositionGuard:
             self._m.request_reconcile()
 
     async def _check_fired(self) -> None:
-        """A stop that fired but has not filled within the grace period while the position is still open
-        (seen on Binance: TRIGGERING that never finishes): close the position reduce-only at market, which
-        is what the stop was doing."""
+        """A stop that fired but has not filled within half the grace period while the position is still
+        open (seen on Binance: TRIGGERING that never finishes): close the position reduce-only at market,
+        which is what the stop was doing — within grace of the trigger, the close's own round trip
+        included (a normal TRIGGERING lasts well under a second)."""
         m = self._m
+        patience = m.config.grace_seconds * STUCK_TRIGGER_SHARE
         stuck = [
             o
             for o in (self.stop_loss, self.trailing_stop)
-            if o.fired_at is not None and m.clock.monotonic() - o.fired_at >= m.config.grace_seconds
+            if o.fired_at is not None and m.clock.monotonic() - o.fired_at >= patience
         ]
         if not stuck or self.closed:
             return
@@ -795,7 +811,7 @@ class PositionGuard:
             if outcome is not _Outcome.FIRED:
                 order.fired_at = None
                 return  # it ended (or can be re-placed); the reconciler settles a closed position
-        positions = await m.call(m.venue.fetch_positions(), "fetch_positions")
+        positions = await m.call(m.venue.fetch_positions(self.symbol), "fetch_positions")
         held = next((p for p in positions if p.symbol == self.symbol and p.side is self.side), None)
         if held is None:
             m.request_reconcile()
@@ -810,7 +826,7 @@ class PositionGuard:
         await m.store.record_event(
             Severity.ERROR,
             "stop_stuck_triggering",
-            f"{self.symbol}: a fired stop did not fill within {m.config.grace_seconds:g}s; closing at market",
+            f"{self.symbol}: a fired stop did not fill within {patience:g}s; closing at market",
             symbol=self.symbol,
             position_id=self.position_id,
         )
@@ -1020,8 +1036,8 @@ class PositionGuard:
                 reason=reason,
             )
         )
-        if old.client_order_id and old.confirmed:
-            await self._cancel_quietly(old)
+        if old.client_order_id and old.confirmed and not await self._cancel_quietly(old):
+            self._superseded.append(old)  # cancelled again by the next pass (or with the position's end)
         return True
 
     def _send_trail_stop(self, order: ProtectiveOrder) -> Callable[[str], Awaitable[Order]]:
@@ -1200,10 +1216,22 @@ class PositionGuard:
                 await self._save_trail()
             except Exception:
                 log.exception("%s: could not record the final trailing state", self.symbol)
-        for order in (self.stop_loss, self.trailing_stop):
-            if order.client_order_id and (order.confirmed or order.maybe_sent):
-                await self._cancel_quietly(order)
-        await self._cancel_superseded()
+        # Both stops (and any superseded generation) at once; one whose cancel fails is not left to the
+        # next reconcile pass: the manager keeps cancelling it within grace, and the symbol takes no new
+        # position until it is gone (an old stop for the old quantity would act on the new position).
+        ours = [
+            order
+            for order in (self.stop_loss, self.trailing_stop)
+            if order.client_order_id and (order.confirmed or order.maybe_sent)
+        ]
+        ours.extend(self._superseded)
+        self._superseded.clear()
+        cancelled = await asyncio.gather(*(self._cancel_quietly(order) for order in ours))
+        left = {
+            order.client_order_id: order.sent_at
+            for order, done in zip(ours, cancelled, strict=True)
+            if not done and order.client_order_id is not None
+        }
         log.info(
             "Position %s %s closed: %s, realized PnL %s", self.position_id, self.symbol, exit_reason, pnl
         )
@@ -1226,34 +1254,42 @@ class PositionGuard:
         )
         self.wake.set()
         m.forget(self)
+        if left:
+            m.sweep_leftovers(self.symbol, left)
 
-    async def _cancel_quietly(self, order: ProtectiveOrder) -> None:
-        """Cancel one of our orders; if that fails the reconciler cancels the orphan later."""
-        m = self._m
+    async def _cancel_quietly(self, order: ProtectiveOrder) -> bool:
+        """Cancel one of our orders: True when it is gone from the venue, False when the cancel failed
+        (the caller says who tries again)."""
         cid = order.client_order_id
         assert cid is not None
-        try:
-            final = await m.call(m.venue.cancel_order(self.symbol, cid), "cancel_order")
-            await m.store.set_order_status(cid, _record_status(final.status))
-        except NotFound:
-            await m.store.set_order_status(cid, OrderRecordStatus.CANCELED)
-        except (ExchangeError, TimeoutError) as exc:
-            log.warning(
-                "%s: cancelling %s failed (%s); the reconciler will retry", self.symbol, cid, _short(exc)
-            )
         order.confirmed = False
+        return await self._m.cancel_by_id(self.symbol, cid, sent_at=order.sent_at)
 
     # --- bookkeeping ---------------------------------------------------------------------------------
+
+    def _retry_delay(self, failures: int) -> float:
+        """When to try again after `failures` failed passes in a row. The venue's word comes first (a
+        Retry-After or a ban's end: then, not later). Otherwise the backoff doubles — but not past a
+        quarter of the grace period during a naked position's first grace period: it is retried several
+        times within grace however often it failed, where doubling used to leave it naked for 1 + 2 + 4 s
+        after three refusals. Past grace (the venue keeps failing) the doubling resumes: no hot loop."""
+        m = self._m
+        now = m.clock.monotonic()
+        if self.retry_at is not None:
+            return max(0.0, self.retry_at - now)
+        delay = m.backoff(failures)
+        grace = m.config.grace_seconds
+        since = self.unprotected_since
+        if not self.covered and since is not None and now - since < grace:
+            delay = min(delay, grace / 4)
+        return delay
 
     def _note_failure(
         self, operation: str, error: str, *, log_exception: BaseException | None = None
     ) -> None:
         m = self._m
-        self.failures += 1
         self.last_error = f"{operation}: {error}"
-        retry_in = m.backoff(self.failures)
-        if self.retry_at is not None:  # the venue named the time
-            retry_in = max(0.0, self.retry_at - m.clock.monotonic())
+        retry_in = self._retry_delay(self.failures + 1)
         # Only say "unprotected" when it is true: a failed trail move leaves the confirmed stops in place.
         still_covered = self.covered
         state = "still protected by its confirmed stops" if still_covered else "unprotected"
@@ -1409,6 +1445,9 @@ class ProtectionManager:
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._close_generations: dict[int, int] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        # Stops of ours still live on symbols whose positions ended, being cancelled again (by symbol).
+        self.leftovers: dict[str, dict[str, float | None]] = {}
+        self._sweepers: dict[str, asyncio.Task[None]] = {}
         self._reconcile_requested = asyncio.Event()
 
     # --- lifecycle -----------------------------------------------------------------------------------
@@ -1565,6 +1604,68 @@ class ProtectionManager:
             return
         if (exc := task.exception()) is not None:
             log.critical("protection task %s died: %r", task.get_name(), exc)
+
+    async def cancel_by_id(self, symbol: str, cid: str, *, sent_at: float | None = None) -> bool:
+        """Cancel one of our orders by client id: True when it is gone from the venue (cancelled now, or
+        already ended), False when the venue did not say so. "Unknown order" within the venue's
+        read-after-write lag of its send (`sent_at`) proves nothing: it may show up a moment later."""
+        try:
+            final = await self.call(self.venue.cancel_order(symbol, cid), "cancel_order")
+            await self.store.set_order_status(cid, _record_status(final.status))
+        except NotFound:
+            if sent_at is not None and self.clock.monotonic() - sent_at < self.read_after_write_seconds:
+                log.info("%s: %s not visible yet to cancel (read-after-write lag); trying again", symbol, cid)
+                return False
+            await self.store.set_order_status(cid, OrderRecordStatus.CANCELED)
+        except (ExchangeError, TimeoutError) as exc:
+            log.warning("%s: cancelling %s failed (%s); trying again", symbol, cid, _short(exc))
+            return False
+        return True
+
+    def sweep_leftovers(self, symbol: str, orders: Mapping[str, float | None]) -> None:
+        """Stops of ours left live on a symbol whose position ended (their cancel failed, or they were
+        not visible yet): cancel them again, a quarter of the grace period apart at first, until the venue
+        says they are gone. Until then the symbol takes no new position (`leftovers`). `orders`: client
+        id → when it was sent (monotonic, None if not by this process)."""
+        pending = self.leftovers.setdefault(symbol, {})
+        pending.update(orders)
+        if symbol in self._sweepers:
+            return
+        task = asyncio.create_task(self._sweep(symbol), name=f"sweep-{symbol}")
+        self._sweepers[symbol] = task
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _sweep(self, symbol: str) -> None:
+        delay = max(0.25, self.config.grace_seconds / 4)
+        try:
+            while pending := self.leftovers.get(symbol):
+                await self.clock.sleep(delay)
+                cids = sorted(pending)
+                gone = await asyncio.gather(
+                    *(self.cancel_by_id(symbol, cid, sent_at=pending[cid]) for cid in cids)
+                )
+                for cid, done in zip(cids, gone, strict=True):
+                    if done:
+                        del pending[cid]
+                delay = min(delay * 2, self.config.grace_seconds)
+            log.info("%s: the stops left by its closed position are cancelled", symbol)
+        finally:
+            self.leftovers.pop(symbol, None)
+            self._sweepers.pop(symbol, None)
+
+    async def leftovers_cancelled(self, symbol: str, within: float) -> bool:
+        """Wait (up to `within` seconds) until no stop of a closed position of ours is left on `symbol`."""
+        sweeper = self._sweepers.get(symbol)
+        if sweeper is None:
+            return True
+        timer = asyncio.ensure_future(self.clock.sleep(within))
+        try:
+            await asyncio.wait({sweeper, timer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timer.cancel()
+            await asyncio.gather(timer, return_exceptions=True)
+        return symbol not in self.leftovers
 
     def forget(self, guard: PositionGuard) -> None:
         self.guards.pop(guard.position_id, None)

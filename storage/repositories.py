@@ -288,6 +288,11 @@ class Store:
         self._pool = pool
         self.account = account
 
+    def round_trips_in_flight(self) -> int:
+        """Connections of the pool busy with a statement now (test harnesses on virtual time wait for
+        them before moving the clock: a database round trip takes no virtual time)."""
+        return self._pool.get_size() - self._pool.get_idle_size()
+
     # --- positions ---------------------------------------------------------------------------------------
 
     async def create_position(

@@ -478,7 +478,7 @@ def _empty_snapshot(settings: Settings, state: EngineState, holder: LeaseHolder 
         mode=mode_of(settings),
         entries_paused=False,
         positions=(),
-        coverage=CoverageFigures(0, 0, 0, 0, 0, 0, None, None, None, ()),
+        coverage=CoverageFigures(0, 0, 0, 0, 0, 0, None, 0, None, None, ()),
         health=(),
         waves=(),
         taken_at=0.0,

@@ -270,7 +270,7 @@ async def test_a_venue_that_answers_no_positions_at_all_closes_nothing(db: Datab
         venue = engine.venue
         assert engine.reconciler is not None
         runs = engine.reconciler.runs
-        venue.glitch_empty_positions(3)
+        venue.answer_positions_empty(3)
         await drive_until(clock, lambda: engine.reconciler.runs >= runs + 4, what="four passes")
         assert venue.calls_made.get(CallKind.CANCEL_ORDER, 0) == 0
         assert len(venue.core.open_protective_orders(clock.now())) == 8

@@ -142,6 +142,22 @@ async def test_positions_read_empty_for_the_first_seconds_after_connect(
     assert [p.symbol for p in await venue.fetch_positions()] == [SFP]
 
 
+async def test_positions_read_empty_when_told_to_at_any_time(clock: ManualClock, venue_factory: Any) -> None:
+    venue = venue_factory(settings())
+    await venue.connect()
+    await venue.create_market_order(SFP, OrderSide.BUY, QTY, client_order_id="in")
+    await clock.advance(60.0)
+
+    venue.answer_positions_empty(2)
+    assert await venue.fetch_positions() == []
+    assert [p.symbol for p in await venue.fetch_positions(SFP)] == [SFP]  # one symbol's read stays true
+    assert await venue.fetch_positions() == []
+    assert [p.symbol for p in await venue.fetch_positions()] == [SFP]
+    venue.answer_positions_empty(5)
+    venue.clear_injected_faults()
+    assert [p.symbol for p in await venue.fetch_positions()] == [SFP]
+
+
 async def test_the_ticker_moves_marks_with_the_clock_and_the_same_seed_gives_the_same_marks(
     clock: ManualClock, venue_factory: Any
 ) -> None:

@@ -16,7 +16,7 @@ walk every `mark_tick_seconds` of clock time, feeds the marks to the core (which
 the event loop, and nothing is held across an await.
 
 Besides the port, the venue has a small control surface for tests and demos: `override_mark_price`,
-`inject_fault`, `clear_injected_faults`, and Binance's documented misbehaviour of algo orders:
+`inject_fault`, `answer_positions_empty`, `clear_injected_faults`, and Binance's documented misbehaviour of algo orders:
 `set_trigger_delay` (fired stops sit TRIGGERING, or stick there, before their fill) and `set_read_lag`
 (a just-placed stop answers "unknown order" for a while). All of it runs on the venue's clock, so a
 `ManualClock` plays it out in virtual time.
@@ -102,8 +102,8 @@ class SimVenue:
         self._subscribers: set[_MarkSubscription] = set()
         self._closed = False
         self._pacing: VenuePacing | None = None
-        self.calls_made: dict[CallKind, int] = {}  # requests that reached this venue, by kind
         self._empty_position_answers = 0
+        self.calls_made: dict[CallKind, int] = {}  # requests that reached this venue, by kind
 
     # ---- lifecycle ---------------------------------------------------------------------------------
 
@@ -193,13 +193,6 @@ class SimVenue:
             return found
 
         return await self._call(CallKind.FETCH_POSITIONS, positions)
-
-    def glitch_empty_positions(self, count: int = 1) -> None:
-        """Answer the next `count` reads of *all* positions with `[]` while they are open, as Binance was
-        seen to (the incident bot deleted every state on it). A read of one symbol still answers truly."""
-        if count < 1:
-            raise ValueError("count must be >= 1")
-        self._empty_position_answers += count
 
     async def fetch_open_protective_orders(self, symbol: str | None = None) -> list[Order]:
         return await self._call(
@@ -325,8 +318,17 @@ class SimVenue:
     def inject_fault(self, kind: CallKind, fault: FaultKind, count: int = 1) -> None:
         self._faults.force(kind, fault, count)
 
+    def answer_positions_empty(self, count: int = 1) -> None:
+        """The next `count` reads of *all* positions answer `[]` whatever the account holds, at any time
+        (not only right after connecting, as `faults.empty_positions_for_seconds` does), as Binance was seen
+        to: the incident bot deleted every state on it. A read of one symbol still answers truly."""
+        if count < 1:
+            raise ValueError("count must be >= 1")
+        self._empty_position_answers += count
+
     def clear_injected_faults(self) -> None:
         self._faults.clear_forced()
+        self._empty_position_answers = 0
 
     # ---- internals ---------------------------------------------------------------------------------
 

