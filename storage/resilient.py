@@ -52,6 +52,7 @@ from storage.database import DatabaseDown, is_unreachable
 from storage.journal import JournalContents, JournalEntry, WriteJournal
 from storage.repositories import (
     EntriesControl,
+    HealthRow,
     OrderPurpose,
     OrderRecord,
     OrderRecordStatus,
@@ -693,6 +694,14 @@ class ResilientStore(Store):
             },
         )
         return 0
+
+    async def save_health(self, components: Sequence[HealthRow]) -> None:
+        """The latest health, which the next save replaces: while the database is away it is not kept (the
+        engine still evaluates, logs and shows it), so the health loop goes on through an outage."""
+        try:
+            await Store.save_health(self, components)
+        except DatabaseDown:
+            log.debug("health not saved: %s", self.describe_outage())
 
     # --- covered reads -------------------------------------------------------------------------------
 
