@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib.metadata
 import json
 import logging
@@ -284,13 +283,17 @@ def _run(args: argparse.Namespace, loaded: LoadedConfig) -> int:
         )
         print(f"start-up: {report.describe()}")
         print(f"logging to {loaded.settings.logging.file}; stop with Ctrl-C or SIGTERM")
+        # A signal, the duration, or the engine stopping by itself (another engine took the account).
+        stopped_itself = asyncio.ensure_future(engine.wait_stopped())
+        signalled = asyncio.ensure_future(stop.wait())
         try:
-            if args.duration is None:
-                await stop.wait()
-            else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=args.duration)
+            await asyncio.wait(
+                {stopped_itself, signalled}, timeout=args.duration, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
+            for waiter in (stopped_itself, signalled):
+                waiter.cancel()
+            await asyncio.gather(stopped_itself, signalled, return_exceptions=True)
             figures = engine.snapshot().coverage
             await engine.stop()
         pct = "n/a" if figures.ts_coverage_pct is None else f"{figures.ts_coverage_pct}%"
@@ -298,6 +301,9 @@ def _run(args: argparse.Namespace, loaded: LoadedConfig) -> int:
             f"stopped: {figures.active} open positions keep their stops on the exchange; "
             f"TS coverage {pct} ({figures.with_trailing_stop}/{figures.active}), uncovered {figures.uncovered}"
         )
+        if engine.fatal is not None:
+            print(f"tsbot: {engine.fatal}; this engine stopped", file=sys.stderr)
+            return EXIT_FAILED
         return EXIT_OK
 
     return asyncio.run(run())
