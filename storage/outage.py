@@ -227,8 +227,14 @@ class DatabaseWatch:
         now = self._clock.monotonic()
         if now < self._next_restart_at:
             return
+        # A start under way finishes before the watch ends (it cannot be cancelled half-way anyway): nothing
+        # of this engine's keeps starting servers after it stopped.
+        restarting = asyncio.ensure_future(asyncio.to_thread(restart_embedded, data_dir, kill=kill))
         try:
-            server = await asyncio.to_thread(restart_embedded, data_dir, kill=kill)
+            server = await asyncio.shield(restarting)
+        except asyncio.CancelledError:
+            await asyncio.gather(restarting, return_exceptions=True)
+            raise
         except EmbeddedPostgresError as exc:
             self._restart_failures += 1
             delay = min(MAX_RESTART_BACKOFF_SECONDS, 2.0 ** (self._restart_failures - 1))

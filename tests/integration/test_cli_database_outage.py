@@ -163,3 +163,37 @@ async def test_a_killed_postmaster_under_tsbot_run_is_started_again_and_the_engi
         f"\ntsbot run: {len(loud)} lines at WARNING or above from the outage to its end:\n  "
         + "\n  ".join(loud)
     )
+
+
+async def test_the_next_tsbot_command_starts_a_killed_embedded_server_again(workdir: Path) -> None:
+    """No engine was left to restart it (it died too): the postmaster's pid stays a zombie in a container
+    whose init does not reap, which pgserver and PostgreSQL both took for a live server, so every later
+    command failed with "cannot connect". The next command starts it again."""
+    data_dir = workdir / "pgdata"
+    starter = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", _START_AND_ABANDON, str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert starter.returncode == 0, starter.stderr
+    killed = await asyncio.to_thread(kill_postmaster, data_dir)
+
+    status = await asyncio.to_thread(_tsbot, workdir, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["engine"] is None
+    state, pid = postmaster_state(data_dir)
+    assert state is PostmasterState.RUNNING  # (the abandoned starter still counts as a user: it stays up)
+    assert pid != killed
+
+
+# Starts the embedded server and exits without saying so (SIGKILL-like: pgserver's exit hook never runs).
+_START_AND_ABANDON = (
+    "import os, sys; from pathlib import Path; from storage.embedded import start_embedded; "
+    "start_embedded(Path(sys.argv[1])); os._exit(0)"
+)
+
+
+def _tsbot(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([TSBOT, *args], cwd=workdir, env=_env(), capture_output=True, text=True, timeout=90)

@@ -332,3 +332,53 @@ async def test_a_postmaster_that_stops_answering_is_found_by_its_probe_killed_an
         if stopped is not None:
             resume(stopped)
         await drive(clock, engine.stop())
+
+
+async def test_a_journal_left_by_an_engine_that_stopped_during_an_outage_is_replayed_first_at_the_next_start(
+    owned_server: EmbeddedPostgres, tmp_path: Path
+) -> None:
+    """An engine dies while its database is away: what it journaled is on disk, and the next engine writes
+    it into the database before restoring anything from it — so it restores the replacement stop the first
+    one placed, instead of chasing the cancelled one, and sends nothing."""
+    settings, dsn = _settings(owned_server, tmp_path)
+    clock = ManualClock()
+    engine_a = make_engine(settings, clock)
+    await drive(clock, engine_a.start())
+    stale_lock = StaleSocketLock(owned_server)
+    try:
+        assert engine_a.manager is not None
+        guard = await _open(engine_a, clock, COVERED_BEFORE)
+        lost = guard.stop_loss.client_order_id
+        kill_postmaster(owned_server.data_dir)
+        stale_lock.hold()  # the engine cannot start it again before it dies
+        engine_a.venue.core.cancel_order(COVERED_BEFORE, lost, clock.now())  # type: ignore[attr-defined]
+        engine_a.manager.request_reconcile()
+        await drive_until(
+            clock,
+            lambda: guard.stop_loss.confirmed and guard.stop_loss.client_order_id != lost,
+            what="the stop-loss replaced during the outage",
+        )
+        replacement = guard.stop_loss.client_order_id
+    finally:
+        await drive(clock, engine_a.stop(drain=False))  # as if it died
+    [journal] = (tmp_path / "logs").glob("tsbot-journal-*.jsonl")
+    assert (journal.stat().st_mode & 0o777) == 0o600
+    assert replacement in journal.read_text()
+
+    stale_lock.release()
+    venue_b = SimVenue(settings.venue.sim, clock=clock, core=engine_a.venue.core)  # type: ignore[attr-defined]
+    engine_b = make_engine(settings, clock, venue_b)
+    report = await drive(clock, engine_b.start())  # its start brings the dead server back first
+    try:
+        assert not journal.exists()
+        assert (report.restored, report.reprotected, report.failed) == (1, 0, 0)
+        assert venue_b.calls_made.get(CallKind.CREATE_ORDER, 0) == 0  # nothing sent: it was all there
+        assert engine_b.manager is not None
+        assert engine_b.manager.by_symbol[COVERED_BEFORE].stop_loss.client_order_id == replacement
+        statuses = {
+            r["client_order_id"]: r["status"]
+            for r in await _rows(dsn, "SELECT client_order_id, status FROM monitoring.orders")
+        }
+        assert (statuses[lost], statuses[replacement]) == ("canceled", "open")
+    finally:
+        await drive(clock, engine_b.stop())
