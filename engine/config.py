@@ -202,6 +202,7 @@ class DatabaseSettings(Section):
     pool_min_size: int = Field(default=1, ge=1, le=100)
     pool_max_size: int = Field(default=10, ge=1, le=100)
     command_timeout_seconds: Decimal = Field(default=Decimal(10), ge=1, le=300)
+    probe_timeout_seconds: Decimal = Field(default=Decimal(3), ge=Decimal("0.2"), le=60)
     password_file: Text = ""
     password: SecretStr | None = None
 

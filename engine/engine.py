@@ -13,10 +13,11 @@ The UI reads `snapshot()`, follows `events()`, and sends commands (`reprotect_un
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import importlib.metadata
 import logging
 import math
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -67,8 +68,10 @@ from protection.coverage import CoverageFigures
 from protection.manager import PositionGuard, ProtectionConfig, ProtectionManager, TrailingKind
 from protection.order_ids import client_order_id
 from protection.reconciler import Reconciler, ReconcileReport
-from storage.database import Database, open_database
+from storage.database import Database, DatabaseDown, open_database
+from storage.journal import WriteJournal
 from storage.lease import EngineLease, LeaseHeld
+from storage.outage import DatabaseWatch, journal_path
 from storage.repositories import (
     HealthRow,
     OrderPurpose,
@@ -79,8 +82,8 @@ from storage.repositories import (
     Severity,
     SignalRecord,
     SignalStatus,
-    Store,
 )
+from storage.resilient import ResilientStore
 
 log = logging.getLogger(__name__)
 
@@ -135,17 +138,13 @@ class StopReport:
 
     def describe(self) -> str:
         text = f"{self.open_positions} open positions keep their stops on the exchange"
-        if self.uncovered or self.unresolved_entries:
-            text += (
-                f"; UNCOVERED {self.uncovered + self.unresolved_entries}"
-                + (f" ({', '.join(self.uncovered_symbols)})" if self.uncovered_symbols else "")
-                + (
-                    f", {self.unresolved_entries} entries of unknown outcome"
-                    if self.unresolved_entries
-                    else ""
-                )
-            )
-        return text
+        if self.all_protected:
+            return f"{text}; uncovered 0"  # said outright: operators read (and grep) the exit line for it
+        return (
+            f"{text}; UNCOVERED {self.uncovered + self.unresolved_entries}"
+            + (f" ({', '.join(self.uncovered_symbols)})" if self.uncovered_symbols else "")
+            + (f", {self.unresolved_entries} entries of unknown outcome" if self.unresolved_entries else "")
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +229,7 @@ class _Supervisor:
         self._clock = clock
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.restarts: dict[str, int] = {}
+        self.database_back: Callable[[], Awaitable[None]] | None = None
 
     HEALTHY_RUN_SECONDS = 60.0  # a loop that ran this long before failing starts its backoff afresh
 
@@ -252,6 +252,11 @@ class _Supervisor:
                 return
             except asyncio.CancelledError:
                 raise
+            except DatabaseDown as exc:  # said once per interval by the database watch, not per loop
+                log.debug("%s waits for the database: %s", name, exc)
+                await self._clock.sleep(1.0)
+                if self.database_back is not None:
+                    await self.database_back()
             except Exception:
                 if self._clock.monotonic() - started >= self.HEALTHY_RUN_SECONDS:
                     delay = 1.0  # it had recovered: this is a new failure, not the same one again
@@ -335,7 +340,8 @@ class Engine:
         self._supervisor = _Supervisor(self.clock)
         self._db: Database | None = None
         self._lease: EngineLease | None = None
-        self.store: Store | None = None
+        self.store: ResilientStore | None = None  # journals the protection path's writes in an outage
+        self.db_watch: DatabaseWatch | None = None
         self.manager: ProtectionManager | None = None
         self.reconciler: Reconciler | None = None
         self.consumer: SignalConsumer | None = None
@@ -389,8 +395,9 @@ class Engine:
         )
         try:
             self._lease = await self._acquire_lease()
-            self.store = Store(self._db.pool, self.account_key)
+            self.store = ResilientStore(self._db.pool, self.account_key)
             self._token = await self.store.installation_token()
+            await self._replay_left_journal()
             control = await self.store.entries_control(self.exchange_name, self.account_key)
             if control is not None and control.paused:
                 self._persisted_pause = (True, control.paused_by, control.reason)
@@ -454,6 +461,15 @@ class Engine:
         sup.start("health", self._health_loop)
         sup.start("lease-heartbeat", self._lease_heartbeat)
         db = self.settings.database
+        self.db_watch = DatabaseWatch(
+            self._db,
+            self.store,
+            self.clock,
+            probe_timeout_seconds=float(db.probe_timeout_seconds),
+            on_change=self._apply_entries_state,
+        )
+        sup.start("database-watch", self.db_watch.run)
+        sup.database_back = self.store.wait_up
         self.consumer = SignalConsumer(
             self.store,
             self.clock,
@@ -490,9 +506,10 @@ class Engine:
         if drain:
             await self._drain_entries(budget)
         await self._supervisor.stop()
-        for task in list(self._wave_tasks):
+        in_progress = [self._wave_in_progress] if self._wave_in_progress is not None else []
+        for task in [*self._wave_tasks, *in_progress]:  # a wave shielded from its loop stops with it
             task.cancel()
-        await asyncio.gather(*self._wave_tasks, return_exceptions=True)
+        await asyncio.gather(*self._wave_tasks, *in_progress, return_exceptions=True)
         writes = [t for t in self._background if t is not asyncio.current_task()]
         if writes:  # records still being written (entries control): let them land, briefly
             await wait_for_all(self.clock, 5.0, [asyncio.shield(t) for t in writes])
@@ -519,6 +536,10 @@ class Engine:
                 )
             except Exception:
                 log.exception("could not record the stop event")
+            if self.store.has_journal and not self.store.down:
+                with contextlib.suppress(DatabaseDown):
+                    await self.store.replay_journal()
+            await self.store.close()  # writes still journaled stay on disk: the next start replays them
         log.log(
             logging.INFO if report.all_protected else logging.ERROR,
             "engine stopped: %s%s",
@@ -565,6 +586,16 @@ class Engine:
                 log.exception("releasing the account lease failed")
         if self._db is not None:
             await self._db.close()
+
+    async def _replay_left_journal(self) -> None:
+        """What an earlier run journaled while its database was unreachable, and could not replay before it
+        died or stopped, goes into the database before anything is restored from it."""
+        assert self.store is not None
+        path = journal_path(self.settings.logging.file, self._token, self.exchange_name, self.account_key)
+        self.store.attach_journal(WriteJournal(path), self._token)
+        replayed = await self.store.replay_journal()
+        if replayed:
+            log.warning("replayed %d writes an earlier run journaled while the database was away", replayed)
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -794,6 +825,8 @@ class Engine:
                 await self.reconciler.reconcile_once()
             except (ExchangeError, TimeoutError) as exc:
                 log.warning("reconcile: venue unavailable (%s); next attempt in %.0fs", exc, interval)
+            except DatabaseDown:  # adopting needs the database; the rest of the pass went on without it
+                log.debug("reconcile: the database is unreachable; adoption waits for it")
 
     async def reconcile_now(self) -> ReconcileReport:
         assert self.reconciler is not None
@@ -845,7 +878,7 @@ class Engine:
                 self._spawn(self.stop(drain=False), "stop-after-lease-lost")
                 return
             except Exception as exc:
-                if now - said_at >= LEASE_SAY_EVERY_SECONDS:
+                if now - said_at >= LEASE_SAY_EVERY_SECONDS and not (self.db_watch and self.db_watch.down):
                     said_at = now
                     log.error(
                         "account lease lost for %.0fs and cannot be taken again (%s: %s); entries stay paused",
@@ -1125,13 +1158,9 @@ class Engine:
     # --- health --------------------------------------------------------------------------------------
 
     async def measure_health(self) -> health.HealthReport:
-        assert self.store is not None and self.manager is not None and self._db is not None
-        started = time.perf_counter()
-        try:
-            await self._db.pool.fetchval("SELECT 1")
-            database = health.DatabaseMeasurement(round_trip_ms=(time.perf_counter() - started) * 1000)
-        except Exception as exc:
-            database = health.DatabaseMeasurement(error=f"{type(exc).__name__}: {exc}"[:200])
+        assert self.store is not None and self.manager is not None and self.db_watch is not None
+        reading = await self.db_watch.measure()
+        database = health.DatabaseMeasurement(**dataclasses.asdict(reading))
         # Read the clock after the probe's await: a mark that arrived meanwhile must not have a negative age.
         now = self.clock.monotonic()
         figures = self.manager.coverage()
@@ -1226,7 +1255,13 @@ class Engine:
             for component in report.components:
                 line = "health_check: " + health.log_line(component)
                 state = component.state.value
-                if state in ("degraded", "critical"):
+                # While the database watch says a known outage once a minute, what it causes is not repeated.
+                said = (
+                    self.db_watch is not None and self.db_watch.down and component.component in _OUTAGE_SAID
+                )
+                if state in ("degraded", "critical") and not (
+                    said and previous.get(component.component) == state
+                ):
                     log.warning(line)
                 elif previous.get(component.component) != state:
                     log.info(line)
@@ -1401,6 +1436,10 @@ class Engine:
 
     def resume_entries(self) -> tuple[bool, str]:
         """Open positions again; refused while this engine does not hold the account's lease."""
+        if self.db_watch is not None and self.db_watch.down:
+            message = "refused: the database is unreachable; entries stay paused until it is back"
+            log.warning("resume entries %s", message)
+            return False, message
         if self.lease_lost_since is not None:
             message = "refused: this engine has lost the account lease; entries stay paused until it is back"
             log.warning("resume entries %s", message)
@@ -1416,6 +1455,8 @@ class Engine:
         paused, by, reason = self._persisted_pause
         if self.lease_lost_since is not None:
             paused, by, reason = True, "lease", "the account lease is lost (another engine may take over)"
+        if self.db_watch is not None and self.db_watch.down:  # a position could not be recorded
+            paused, by, reason = True, "database", "the database is unreachable; positions stay protected"
         changed = paused != self.entries_paused or (by, reason) != (
             self.entries_paused_by,
             self.entries_pause_reason,
@@ -1471,6 +1512,10 @@ async def _quietly(awaitable: Awaitable[Any]) -> None:
         await awaitable
     except Exception:
         log.debug("ignored while cleaning up", exc_info=True)
+
+
+# Health components an outage of the database degrades, whose lines the database watch's own say.
+_OUTAGE_SAID = frozenset({health.Component.DATABASE, health.Component.SIGNALS})
 
 
 def _utc(epoch: float) -> datetime:

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "tsbot_signals"
 MAX_WAVE_SIGNALS = 500
+LISTEN_CONNECT_TIMEOUT_SECONDS = 10.0  # a server that stopped answering must not hold the consumer
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +60,7 @@ class SignalConsumer:
         self.listening = False
         self.listener_connections = 0  # how many times LISTEN was (re)established
         self.listen_attempted = False  # health must not call LISTEN "down" before it was ever tried
+        self._listen_failure_said = False  # one warning per time LISTEN is unavailable, not one per poll
 
     async def waves(self) -> AsyncIterator[SignalWave]:
         try:
@@ -92,16 +94,26 @@ class SignalConsumer:
             return
         self.listening = False
         try:
-            self._listener = await asyncpg.connect(self._listen_dsn, password=self._listen_password)
+            self._listener = await asyncpg.connect(
+                self._listen_dsn, password=self._listen_password, timeout=LISTEN_CONNECT_TIMEOUT_SECONDS
+            )
             await self._listener.add_listener(NOTIFY_CHANNEL, self._on_notify)
             self._listener.add_termination_listener(self._on_listener_lost)
             self.listening = True
             self.listener_connections += 1
-        except (OSError, asyncpg.PostgresError) as exc:
+            if self._listen_failure_said:
+                self._listen_failure_said = False
+                log.info("signals: LISTEN %s is back", NOTIFY_CHANNEL)
+        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
             # Polling carries on; the next pass retries the listener.
-            log.warning(
-                "signals: LISTEN %s unavailable, polling every %.1fs: %s", NOTIFY_CHANNEL, self._poll, exc
+            log.log(
+                logging.DEBUG if self._listen_failure_said else logging.WARNING,
+                "signals: LISTEN %s unavailable, polling every %.1fs: %s",
+                NOTIFY_CHANNEL,
+                self._poll,
+                exc,
             )
+            self._listen_failure_said = True
             self._listener = None
         finally:
             # Only once the first attempt has an outcome: while it is in flight LISTEN is not "down".

@@ -31,7 +31,9 @@ Rules (`T.x` is a `HealthThresholds` field; all causes of the winning severity a
                 degraded  newest mark older than T.mark_price_stale_seconds
                 unknown   no mark price received yet and no open positions
                 healthy   otherwise
-    database    critical  the probe query failed (its error is the reason)
+    database    critical  the probe query failed (its error is the reason); during an outage the reason says
+                          for how long and how many protective writes wait in the local journal
+                degraded  writes journaled during an outage are still being replayed
                 degraded  probe round trip > T.database_latency_degraded_ms
                 healthy   otherwise
     protection  healthy   no open positions ("no open positions" is a measurement)
@@ -294,15 +296,22 @@ class PriceFeedMeasurement:
 
 @dataclass(frozen=True, slots=True)
 class DatabaseMeasurement:
-    """One probe of a trivial query: its round trip, or the error it failed with (exactly one)."""
+    """One probe of a trivial query: its round trip, or the error it failed with (exactly one). During an
+    outage: how long the database has been unreachable, and the protective writes waiting for it in the
+    local journal (`journal_depth`, also while they are being replayed)."""
 
     round_trip_ms: float | None = None
     error: str | None = None
+    down_for_seconds: float | None = None
+    journal_depth: int = 0
 
     def __post_init__(self) -> None:
         if (self.round_trip_ms is None) == (self.error is None):
             raise ValueError("DatabaseMeasurement needs exactly one of round_trip_ms and error")
-        _require_age("DatabaseMeasurement", round_trip_ms=self.round_trip_ms)
+        _require_age(
+            "DatabaseMeasurement", round_trip_ms=self.round_trip_ms, down_for_seconds=self.down_for_seconds
+        )
+        _require_count("DatabaseMeasurement", journal_depth=self.journal_depth)
 
 
 @dataclass(frozen=True, slots=True)
@@ -556,10 +565,19 @@ def evaluate_database(measured: DatabaseMeasurement | None, thresholds: HealthTh
         return _not_measured(component)
     critical: list[str] = []
     degraded: list[str] = []
+    journaled = measured.journal_depth
     if measured.error is not None:
         error = _one_line(measured.error)
-        summary = f"probe query failed: {error}"
-        critical.append(f"Database query failed: {error}")
+        if measured.down_for_seconds is not None:
+            down_for = format_duration(measured.down_for_seconds)
+            summary = f"unreachable for {down_for}: {error}; {journaled} protective writes journaled"
+            critical.append(
+                f"Database unreachable for {down_for} ({error}); {journaled} protective writes journaled "
+                "locally, entries paused"
+            )
+        else:
+            summary = f"probe query failed: {error}"
+            critical.append(f"Database query failed: {error}")
     else:
         round_trip = measured.round_trip_ms or 0.0
         summary = f"round trip {round_trip:.0f} ms"
@@ -567,7 +585,15 @@ def evaluate_database(measured: DatabaseMeasurement | None, thresholds: HealthTh
             degraded.append(
                 f"Slow database: round trip {round_trip:.0f} ms (limit {thresholds.database_latency_degraded_ms} ms)"
             )
-    measurements: dict[str, JsonValue] = {"round_trip_ms": measured.round_trip_ms, "error": measured.error}
+        if journaled:
+            summary += f"; {journaled} journaled writes being replayed"
+            degraded.append(f"{journaled} writes journaled during an outage not replayed yet")
+    measurements: dict[str, JsonValue] = {
+        "round_trip_ms": measured.round_trip_ms,
+        "error": measured.error,
+        "down_for_seconds": measured.down_for_seconds,
+        "journal_depth": journaled,
+    }
     return _verdict(component, measurements, summary, critical, degraded)
 
 

@@ -1368,11 +1368,12 @@ class PositionGuard:
         m = self._m
         now = m.clock.monotonic()
         covered = self.covered
-        if covered and self.protected_at is None:
-            self.protected_at = now
-            self.unprotected_since = None
-            self.protected.set()
-        elif not covered and self.unprotected_since is None:
+        if covered:
+            if self.protected_at is None:
+                self.protected_at = now
+                self.protected.set()
+            self.unprotected_since = None  # every time: the next loss is timed from its own start
+        elif self.unprotected_since is None:
             self.unprotected_since = now
         facts = self._facts(now)
         self.report.first_pass_ok = covered

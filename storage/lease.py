@@ -16,6 +16,9 @@ import asyncpg
 
 LEASE_NAMESPACE = 0x7473  # "ts": first key of the two-key advisory lock
 RECORDING_NAMESPACE = 0x7472  # held only while a lease attempt takes the lock and records itself
+# A server that stopped answering must not hold the lease watcher forever: a heartbeat or an attempt to
+# take the lease that gets no answer within this fails (the lease counts as lost, and is tried again).
+LEASE_TIMEOUT_SECONDS = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,13 +71,18 @@ class EngineLease:
         password: str | None = None,
         label: str | None = None,
     ) -> EngineLease:
-        conn = await asyncpg.connect(dsn, password=password)
+        conn = await asyncpg.connect(dsn, password=password, timeout=LEASE_TIMEOUT_SECONDS)
         key = lease_key(venue, account)
         try:
             # Attempts are serialised by a transaction-scoped lock, so that an engine refused in a race reads
             # the holder row only once the winner has committed it (not a stale or missing one).
             async with conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", RECORDING_NAMESPACE, key)
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+                    RECORDING_NAMESPACE,
+                    key,
+                    timeout=LEASE_TIMEOUT_SECONDS,
+                )
                 got = await conn.fetchval(
                     "SELECT pg_try_advisory_lock($1, hashtext($2))", LEASE_NAMESPACE, key
                 )
@@ -111,6 +119,7 @@ class EngineLease:
             "UPDATE monitoring.engine_leases SET heartbeat_at = now() WHERE venue = $1 AND account = $2",
             self.venue,
             self.account,
+            timeout=LEASE_TIMEOUT_SECONDS,
         )
 
     async def release(self) -> None:

@@ -368,14 +368,21 @@ class Store:
         return [_position(r) for r in rows]
 
     async def set_position_status(
-        self, position_id: int, status: PositionStatus, *, exit_reason: str | None = None
+        self,
+        position_id: int,
+        status: PositionStatus,
+        *,
+        exit_reason: str | None = None,
+        at: datetime | None = None,
     ) -> PositionRecord:
+        """`at`: when it happened, if not now (a write replayed from the journal)."""
         row = await self._pool.fetchrow(
             """
             UPDATE monitoring.positions
             SET status = $2,
                 exit_reason = COALESCE($3, exit_reason),
-                closed_at = CASE WHEN $2 = ANY($4::text[]) THEN COALESCE(closed_at, now()) ELSE closed_at END,
+                closed_at = CASE WHEN $2 = ANY($4::text[]) THEN COALESCE(closed_at, $5::timestamptz, now())
+                                 ELSE closed_at END,
                 has_stop_loss = CASE WHEN $2 = ANY($4::text[]) THEN false ELSE has_stop_loss END,
                 has_trailing_stop = CASE WHEN $2 = ANY($4::text[]) THEN false ELSE has_trailing_stop END
             WHERE id = $1
@@ -385,6 +392,7 @@ class Store:
             status.value,
             exit_reason,
             TERMINAL_STATUSES,
+            at,
         )
         return _position(self._require(row, position_id))
 
@@ -437,7 +445,7 @@ class Store:
         return _position(self._require(row, position_id))
 
     async def set_protection_facts_many(
-        self, facts: Sequence[ProtectionFactsRow]
+        self, facts: Sequence[ProtectionFactsRow], *, at: datetime | None = None
     ) -> dict[int, PositionStatus]:
         """Many positions' confirmed facts in one statement (see `set_protection_facts`), each with the
         status it should have while live (`pending_protection` or `active`; a position in any other status
@@ -450,7 +458,8 @@ class Store:
             UPDATE monitoring.positions AS p
             SET has_stop_loss = f.sl, has_trailing_stop = f.ts, stop_loss_price = f.sl_price,
                 trailing_activated = COALESCE(f.activated, p.trailing_activated), trail_armed = f.armed,
-                protected_at = CASE WHEN f.sl AND f.ts THEN COALESCE(p.protected_at, now()) ELSE p.protected_at END,
+                protected_at = CASE WHEN f.sl AND f.ts THEN COALESCE(p.protected_at, $9::timestamptz, now())
+                                    ELSE p.protected_at END,
                 status = CASE WHEN p.status IN ('pending_protection', 'active') THEN f.status ELSE p.status END
             FROM unnest($1::bigint[], $2::bool[], $3::bool[], $4::numeric[], $5::bool[], $6::text[], $8::bool[])
                 AS f(id, sl, ts, sl_price, activated, status, armed)
@@ -465,6 +474,7 @@ class Store:
             [f.status.value for f in facts],
             TERMINAL_STATUSES,
             [f.trail_armed for f in facts],
+            at,
         )
         return {r["id"]: PositionStatus(r["status"]) for r in rows}
 
@@ -477,7 +487,12 @@ class Store:
         return int(result.split()[-1])
 
     async def close_position(
-        self, position_id: int, *, exit_reason: str, realized_pnl: Decimal | None
+        self,
+        position_id: int,
+        *,
+        exit_reason: str,
+        realized_pnl: Decimal | None,
+        at: datetime | None = None,
     ) -> PositionRecord:
         """The venue confirmed the position flat: closed, why, its realized PnL and no stops, in one write
         (a reader never sees it closed without the rest)."""
@@ -485,7 +500,8 @@ class Store:
             """
             UPDATE monitoring.positions
             SET status = 'closed', exit_reason = $2, realized_pnl = COALESCE($3, realized_pnl),
-                closed_at = COALESCE(closed_at, now()), has_stop_loss = false, has_trailing_stop = false,
+                closed_at = COALESCE(closed_at, $4::timestamptz, now()), has_stop_loss = false,
+                has_trailing_stop = false,
                 trail_armed = false
             WHERE id = $1
             RETURNING *
@@ -493,6 +509,7 @@ class Store:
             position_id,
             exit_reason,
             realized_pnl,
+            at,
         )
         return _position(self._require(row, position_id))
 
@@ -575,16 +592,18 @@ class Store:
         activation_price: Decimal | None = None,
         callback_percent: Decimal | None = None,
         status: OrderRecordStatus = OrderRecordStatus.PENDING,
+        created_at: datetime | None = None,
     ) -> OrderRecord:
         """Record an order before it is sent. Idempotent by client order id: a second call returns the
-        existing row unchanged (the id is the idempotency key, so the first intent stands)."""
+        existing row unchanged (the id is the idempotency key, so the first intent stands). `created_at`:
+        when it was recorded, if not now (a write replayed from the journal)."""
         row = await self._pool.fetchrow(
             """
             WITH inserted AS (
                 INSERT INTO monitoring.orders
                     (client_order_id, position_id, purpose, side, type, quantity,
-                     trigger_price, activation_price, callback_percent, status)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                     trigger_price, activation_price, callback_percent, status, created_at)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, COALESCE($11::timestamptz, now()))
                 ON CONFLICT (client_order_id) DO NOTHING
                 RETURNING *
             )
@@ -603,6 +622,7 @@ class Store:
             activation_price,
             callback_percent,
             status.value,
+            created_at,
         )
         return _order(row)
 
@@ -783,12 +803,20 @@ class Store:
         )
 
     async def finish_wave(
-        self, wave_id: int, *, opened: int, protected: int, failed: int, slowest_protection_ms: int | None
+        self,
+        wave_id: int,
+        *,
+        opened: int,
+        protected: int,
+        failed: int,
+        slowest_protection_ms: int | None,
+        at: datetime | None = None,
     ) -> None:
         await self._pool.execute(
             """
             UPDATE monitoring.waves
-            SET finished_at = now(), opened = $2, protected = $3, failed = $4, slowest_protection_ms = $5
+            SET finished_at = COALESCE($6::timestamptz, now()), opened = $2, protected = $3, failed = $4,
+                slowest_protection_ms = $5
             WHERE id = $1
             """,
             wave_id,
@@ -796,6 +824,7 @@ class Store:
             protected,
             failed,
             slowest_protection_ms,
+            at,
         )
 
     async def recent_waves(self, limit: int = 20) -> list[WaveRecord]:
@@ -879,15 +908,22 @@ class Store:
         return EntriesControl(**dict(row)) if row else None
 
     async def set_entries_control(
-        self, venue: str, account: str, *, paused: bool, paused_by: str, reason: str
+        self,
+        venue: str,
+        account: str,
+        *,
+        paused: bool,
+        paused_by: str,
+        reason: str,
+        at: datetime | None = None,
     ) -> EntriesControl:
         row = await self._pool.fetchrow(
             """
-            INSERT INTO monitoring.entries_control (venue, account, paused, paused_by, reason)
-            VALUES ($1, $2, $3, $4, $5)
+            INSERT INTO monitoring.entries_control (venue, account, paused, paused_by, reason, since)
+            VALUES ($1, $2, $3, $4, $5, COALESCE($6::timestamptz, now()))
             ON CONFLICT (venue, account) DO UPDATE SET
                 paused = EXCLUDED.paused, paused_by = EXCLUDED.paused_by, reason = EXCLUDED.reason,
-                since = now()
+                since = EXCLUDED.since
             RETURNING paused, paused_by, reason, since
             """,
             venue,
@@ -895,6 +931,7 @@ class Store:
             paused,
             paused_by,
             reason[:1000],
+            at,
         )
         return EntriesControl(**dict(row))
 
@@ -942,18 +979,50 @@ class Store:
         symbol: str | None = None,
         position_id: int | None = None,
         data: Mapping[str, Any] | None = None,
+        at: datetime | None = None,
+        write_id: str | None = None,
     ) -> int:
+        """Append an event. With `write_id` (and `at`, its time) the write is idempotent: an event with the
+        same time and `data.write_id` already there is not added again (a write replayed from the journal
+        after the first attempt did reach the database)."""
+        if write_id is None:
+            return await self._pool.fetchval(
+                """
+                INSERT INTO monitoring.events (severity, type, message, symbol, position_id, data, created_at, account)
+                VALUES ($1, $2, $3, $4, $5, $6, COALESCE($7::timestamptz, now()), $8) RETURNING id
+                """,
+                severity.value,
+                type,
+                message,
+                symbol,
+                position_id,
+                dict(data or {}),
+                at,
+                self.account,
+            )
+        if at is None:
+            raise ValueError("an idempotent event write needs its time (at)")
+        # events_created_at_idx finds the earlier copy, if any, by its time.
         return await self._pool.fetchval(
             """
-            INSERT INTO monitoring.events (severity, type, message, symbol, position_id, data, account)
-            VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id
+            WITH earlier AS (
+                SELECT id FROM monitoring.events WHERE created_at = $7 AND data->>'write_id' = $8
+            ), inserted AS (
+                INSERT INTO monitoring.events (severity, type, message, symbol, position_id, data, created_at, account)
+                SELECT $1, $2, $3, $4, $5, $6, $7, $9
+                WHERE NOT EXISTS (SELECT 1 FROM earlier)
+                RETURNING id
+            )
+            SELECT id FROM inserted UNION ALL SELECT id FROM earlier LIMIT 1
             """,
             severity.value,
             type,
             message,
             symbol,
             position_id,
-            dict(data or {}),
+            {**dict(data or {}), "write_id": write_id},
+            at,
+            write_id,
             self.account,
         )
 

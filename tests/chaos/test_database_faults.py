@@ -1,5 +1,4 @@
-"""The database going away, mid-wave (issue 10 #4/#5, being fixed in parallel: these schedules run and are
-expected to fail until then; the day one passes, strict xfail turns it red so that its mark comes off).
+"""The database going away, mid-wave (issue 10 #4/#5).
 
 * the postmaster frozen (SIGSTOP of the server and its backends) for 6.5 s right after a wave's entries
   filled, then thawed;
@@ -126,10 +125,6 @@ async def _recovered(run: ChaosRun, dsn: str) -> None:
     await run.settle()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 10 #4: postmaster frozen 6.5 s mid-wave; see the module docstring",
-)
 async def test_postmaster_frozen_mid_wave(own_server: EmbeddedPostgres) -> None:
     dsn = await _fresh_database(own_server, "frozen")
     run = ChaosRun(None, _settings(dsn))
@@ -149,10 +144,6 @@ async def test_postmaster_frozen_mid_wave(own_server: EmbeddedPostgres) -> None:
         await run.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 10 #4: postmaster SIGKILL mid-wave, restarted 4 s later; see the module docstring",
-)
 async def test_postmaster_killed_mid_wave_and_restarted(own_server: EmbeddedPostgres) -> None:
     dsn = await _fresh_database(own_server, "killed")
     run = ChaosRun(None, _settings(dsn))

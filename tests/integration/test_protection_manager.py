@@ -409,6 +409,41 @@ async def test_a_stop_that_cannot_protect_in_time_says_so(db: Database) -> None:
     assert "UNCOVERED 3" in report.describe()
 
 
+async def test_a_second_loss_of_protection_is_timed_from_its_own_start(db: Database) -> None:
+    """A position that lost a stop once, was re-protected, and loses one again minutes later was counted
+    as uncovered since the *first* loss: the gauge said "oldest 2m" at once, and the breaker paused
+    entries on a stop that had just filled (seen by the chaos suite)."""
+    settings = settings_for(db, {"PROTECTION__RECONCILE_SECONDS": "5"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[56]])
+        await drive_until_covered(engine, clock, 1)
+        manager = engine.manager
+        assert manager is not None
+        venue = engine.venue
+        for _ in range(2):
+            [stop] = [
+                o
+                for o in venue.core.open_protective_orders(clock.now(), guard.symbol)
+                if o.client_order_id == guard.stop_loss.client_order_id
+            ]
+            venue.core.cancel_order(guard.symbol, stop.client_order_id, clock.now())  # by hand, on the venue
+            await drive_until(clock, lambda: not guard.covered, what="the loss seen")
+            lost = clock.monotonic()
+            figures = manager.coverage()
+            assert figures.uncovered + figures.protecting == 1
+            assert guard.coverage().unprotected_since is not None
+            assert lost - guard.coverage().unprotected_since < 1.0  # this loss, not the previous one
+            await drive_until_covered(engine, clock, 1)
+            until = clock.monotonic() + 60
+            await drive_until(clock, lambda at=until: clock.monotonic() >= at, limit=61, what="a minute")
+        assert not engine.entries_paused
+    finally:
+        await drive(clock, engine.stop())
+
+
 async def test_a_fired_stop_closes_the_position_and_cancels_its_sibling_within_seconds(db: Database) -> None:
     """When one stop fired, the other stayed live on the venue until the next reconcile pass (up to
     `reconcile_seconds`): an orphan on a flat symbol, and the symbol blocked meanwhile. The mark crossing

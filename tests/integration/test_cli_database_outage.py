@@ -1,0 +1,198 @@
+"""`tsbot run` as operators run it, on the embedded PostgreSQL it starts itself, whose postmaster is
+SIGKILLed under it (the OOM killer, an operator's `kill -9`). Before: nothing restarted it, the lease was
+lost for good, `tsbot status` said "not running" while the engine traded, and the log filled with
+tracebacks. Now the engine starts the server again, takes the lease again, trades on with every position
+protected, and says so in a few lines."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from storage.embedded import PostmasterState, postmaster_state
+from tests.support.owned_postgres import kill_postmaster
+from tests.support.waiting import wait_until
+
+TSBOT = str(Path(sys.executable).with_name("tsbot"))
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, project_root: Path) -> Path:
+    """The shipped config.toml with an embedded server of this test's own (the engine starts it and owns
+    it), waves every 2 s, and a short probe timeout."""
+    text = (project_root / "config.toml").read_text()
+    text = text.replace('data_dir = ""', f'data_dir = "{tmp_path / "pgdata"}"', 1)
+    text = text.replace("wave_interval_seconds = 20", "wave_interval_seconds = 2", 1)
+    text = text.replace("probe_timeout_seconds = 3", "probe_timeout_seconds = 1", 1)
+    (tmp_path / "config.toml").write_text(text)
+    yield tmp_path
+    # A run that failed half-way must not leave a server behind.
+    state, pid = postmaster_state(tmp_path / "pgdata")
+    if state is PostmasterState.RUNNING and pid is not None:
+        os.kill(pid, signal.SIGINT)  # fast shutdown
+        deadline = time.monotonic() + 30
+        while (
+            postmaster_state(tmp_path / "pgdata")[0] is PostmasterState.RUNNING
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.1)
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("TSBOT_")}
+
+
+def _start_run(workdir: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [TSBOT, "run"], cwd=workdir, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _dsn(data_dir: Path) -> str:
+    socket_dir = (data_dir / "postmaster.pid").read_text().splitlines()[4].strip()
+    return f"postgresql://postgres@/tsbot?host={socket_dir}"
+
+
+async def _fetch(data_dir: Path, query: str) -> list[asyncpg.Record] | None:
+    try:
+        conn = await asyncpg.connect(_dsn(data_dir), timeout=2)
+    except (OSError, TimeoutError, IndexError, asyncpg.PostgresError):
+        return None
+    try:
+        return await conn.fetch(query)
+    except asyncpg.PostgresError:
+        return None
+    finally:
+        conn.terminate()
+
+
+ACTIVE = "SELECT id, has_stop_loss, has_trailing_stop FROM monitoring.positions WHERE status = 'active'"
+IN_FLIGHT = (
+    "SELECT id FROM monitoring.positions WHERE status IN ('pending_entry', 'entry_placed', 'pending_protection') "
+    "OR (status = 'active' AND NOT (has_stop_loss AND has_trailing_stop))"
+)
+
+
+async def _protected(data_dir: Path, more_than: int) -> bool:
+    """More than `more_than` active positions, all with both stops recorded, none being opened."""
+    active, in_flight = await _fetch(data_dir, ACTIVE), await _fetch(data_dir, IN_FLIGHT)
+    if active is None or in_flight is None:
+        return False
+    return (
+        len(active) > more_than
+        and all(r["has_stop_loss"] and r["has_trailing_stop"] for r in active)
+        and not in_flight
+    )
+
+
+async def test_a_killed_postmaster_under_tsbot_run_is_started_again_and_the_engine_trades_on(
+    workdir: Path,
+) -> None:
+    data_dir = workdir / "pgdata"
+    engine = _start_run(workdir)
+    try:
+        await wait_until(lambda: _protected(data_dir, 6), within=60, what="the first wave protected")
+        protected_before = len(await _fetch(data_dir, ACTIVE) or [])
+        killed = await asyncio.to_thread(kill_postmaster, data_dir)
+
+        def started_again() -> bool:
+            state, pid = postmaster_state(data_dir)
+            return state is PostmasterState.RUNNING and pid != killed
+
+        await wait_until(started_again, within=30, what="the engine to start its server again")
+
+        async def status_shows_the_engine() -> bool:
+            result = await asyncio.to_thread(
+                subprocess.run,
+                [TSBOT, "status", "--json"],
+                cwd=workdir,
+                env=_env(),
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            if result.returncode != 0:
+                return False
+            holder = json.loads(result.stdout)["engine"]
+            return holder is not None and holder["pid"] == engine.pid
+
+        await wait_until(status_shows_the_engine, within=30, what="`tsbot status` to show the engine running")
+        # Entries resumed: later waves open positions, and every one is protected.
+        await wait_until(
+            lambda: _protected(data_dir, protected_before),
+            within=30,
+            what="positions opened after the restart",
+        )
+        assert engine.poll() is None  # it never stopped
+    finally:
+        if engine.poll() is None:
+            engine.send_signal(signal.SIGTERM)
+        try:
+            out, err = await asyncio.to_thread(engine.communicate, timeout=60)
+        except subprocess.TimeoutExpired:
+            engine.kill()
+            out, err = engine.communicate()
+    assert engine.returncode == 0, err
+    stopped = next(line for line in out.splitlines() if line.startswith("stopped:"))
+    assert stopped.endswith("uncovered 0"), stopped
+
+    log = (workdir / "logs" / "trading_bot.log").read_text()
+    assert "Traceback" not in log
+    assert log.count("database unreachable (") == 1
+    assert log.count("embedded PostgreSQL restarted") == 1
+    assert log.count("database back after") == 1
+    assert not list((workdir / "logs").glob("tsbot-journal-*"))
+    lines = log.splitlines()
+    start = next(i for i, line in enumerate(lines) if "database unreachable (" in line)
+    end = next(i for i, line in enumerate(lines) if "database back after" in line)
+    loud = [line for line in lines[start : end + 1] if " - INFO - " not in line and " - DEBUG - " not in line]
+    assert len(loud) <= 10, "\n".join(loud)
+    # The server it started again is still its own: it stops with the engine, as the first one would have.
+    assert postmaster_state(data_dir)[0] is PostmasterState.DEAD
+    print(
+        f"\ntsbot run: {len(loud)} lines at WARNING or above from the outage to its end:\n  "
+        + "\n  ".join(loud)
+    )
+
+
+async def test_the_next_tsbot_command_starts_a_killed_embedded_server_again(workdir: Path) -> None:
+    """No engine was left to restart it (it died too): the postmaster's pid stays a zombie in a container
+    whose init does not reap, which pgserver and PostgreSQL both took for a live server, so every later
+    command failed with "cannot connect". The next command starts it again."""
+    data_dir = workdir / "pgdata"
+    starter = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", _START_AND_ABANDON, str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert starter.returncode == 0, starter.stderr
+    killed = await asyncio.to_thread(kill_postmaster, data_dir)
+
+    status = await asyncio.to_thread(_tsbot, workdir, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["engine"] is None
+    state, pid = postmaster_state(data_dir)
+    assert state is PostmasterState.RUNNING  # (the abandoned starter still counts as a user: it stays up)
+    assert pid != killed
+
+
+# Starts the embedded server and exits without saying so (SIGKILL-like: pgserver's exit hook never runs).
+_START_AND_ABANDON = (
+    "import os, sys; from pathlib import Path; from storage.embedded import start_embedded; "
+    "start_embedded(Path(sys.argv[1])); os._exit(0)"
+)
+
+
+def _tsbot(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([TSBOT, *args], cwd=workdir, env=_env(), capture_output=True, text=True, timeout=90)

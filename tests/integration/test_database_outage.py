@@ -1,0 +1,384 @@
+"""Issue 10, item 4: the database goes away under a running engine, for real.
+
+The engine runs on the sim venue (virtual time) against an embedded PostgreSQL of this module's own, which
+it owns (no DSN), so it is the engine's to restart. Its postmaster is SIGKILLed (and kept from coming back
+for a while by a lock file naming a live process, as a stale one would), or SIGSTOPped (alive, answering no
+new connection). While it is away, protection goes on — the venue's own state is the oracle — and its
+writes go to the journal; the engine restarts the server, the journal is replayed (every order row there,
+none twice), the lease is taken again, and the log says it in a handful of lines, without a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from engine.clock import ManualClock
+from engine.config import Settings
+from engine.engine import Engine
+from engine.exchange.port import OrderType
+from engine.venues.sim import SimVenue
+from engine.venues.sim.settings import CallKind, LatencyDistribution, LatencySettings
+from protection.health import Component, HealthState
+from protection.manager import PositionGuard
+from storage.embedded import (
+    EmbeddedPostgres,
+    PostmasterState,
+    postmaster_state,
+    restart_embedded,
+    start_embedded,
+    stop_embedded,
+)
+from storage.repositories import PositionStatus
+from tests.integration.engine_support import engine_settings, make_engine
+from tests.support.driving import drive, drive_until
+from tests.support.owned_postgres import (
+    StaleSocketLock,
+    kill_postmaster,
+    postmaster_pid,
+    resume,
+    stop_postmaster,
+)
+
+COVERED_BEFORE = "SFPUSDT"  # covered before the outage; one of its stops is cancelled by hand during it
+FILLED_DURING = "ALLUSDT"  # its entry is on the venue when the database dies; the fill's answer comes after
+OPENED_AFTER = "JUPUSDT"  # entries work again once the database is back
+
+
+@pytest.fixture(scope="module")
+def owned_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+    server = start_embedded(tmp_path_factory.mktemp("outage-pg") / "pgdata")
+    yield server
+    if postmaster_state(server.data_dir)[0] is PostmasterState.DEAD:
+        restart_embedded(server.data_dir)
+    stop_embedded(server.data_dir)
+
+
+def _settings(server: EmbeddedPostgres, tmp_path: Path) -> tuple[Settings, str]:
+    name = f"outage_{uuid.uuid4().hex[:12]}"
+    settings = engine_settings(
+        "",  # no DSN: the embedded server in data_dir, which this engine then owns
+        {
+            "DATABASE__DATA_DIR": str(server.data_dir),
+            "DATABASE__NAME": name,
+            "DATABASE__PROBE_TIMEOUT_SECONDS": "1",
+            "LOGGING__FILE": str(tmp_path / "logs" / "trading_bot.log"),
+        },
+    )
+    return settings, server.dsn(name)
+
+
+async def _open(engine: Engine, clock: ManualClock, symbol: str, side: str = "long") -> PositionGuard:
+    assert engine.store is not None
+    assert engine.manager is not None
+    manager = engine.manager
+    await engine.store.insert_signals([(symbol, side, None, None)])
+    await drive_until(clock, lambda: symbol in manager.by_symbol, what=f"{symbol} opened")
+    guard = manager.by_symbol[symbol]
+    await drive_until(
+        clock, lambda: guard.covered and guard.status is PositionStatus.ACTIVE, what=f"{symbol} covered"
+    )
+    return guard
+
+
+def _stops_on_venue(venue: SimVenue, clock: ManualClock) -> dict[str, Counter[OrderType]]:
+    """The venue's truth: our open protective orders, by symbol and kind."""
+    found: dict[str, Counter[OrderType]] = {}
+    for order in venue.core.open_protective_orders(clock.now()):
+        found.setdefault(order.symbol, Counter())[order.type] += 1
+    return found
+
+
+def _loud(records: list[logging.LogRecord]) -> list[str]:
+    return [f"{r.levelname} {r.name}: {r.getMessage()}" for r in records if r.levelno >= logging.WARNING]
+
+
+async def _rows(dsn: str, query: str) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetch(query)
+    finally:
+        await conn.close()
+
+
+async def test_a_killed_postmaster_does_not_stop_protection_and_the_engine_brings_it_back(
+    owned_server: EmbeddedPostgres, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    settings, dsn = _settings(owned_server, tmp_path)
+    clock = ManualClock()
+    # Orders take a second: an entry is on the venue half a second before its answer is back.
+    sim = settings.venue.sim.model_copy(
+        update={
+            "latency": LatencySettings(
+                seconds=0.05, by_call={CallKind.CREATE_ORDER: LatencyDistribution(seconds=1.0)}
+            )
+        }
+    )
+    venue = SimVenue(sim, clock=clock)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    stale_lock = StaleSocketLock(owned_server)
+    try:
+        store, manager, watch = engine.store, engine.manager, engine.db_watch
+        assert store is not None
+        assert manager is not None
+        assert watch is not None
+        guard_a = await _open(engine, clock, COVERED_BEFORE)
+        lost = guard_a.stop_loss.client_order_id
+        assert lost is not None
+
+        await store.insert_signals([(FILLED_DURING, "short", None, None)])
+        await drive_until(
+            clock,
+            lambda: any(p.symbol == FILLED_DURING for p in venue.core.positions(clock.now())),
+            step=0.01,
+            what="the entry executed on the venue",
+        )
+        assert FILLED_DURING not in manager.by_symbol  # its answer is still on its way
+
+        # The database dies, and cannot come back for now: its socket's lock file names a live process.
+        first_record = len(caplog.records)
+        killed = kill_postmaster(owned_server.data_dir)
+        stale_lock.hold()
+        # ... and one of our stops vanishes from the exchange (cancelled by hand).
+        venue.core.cancel_order(COVERED_BEFORE, lost, clock.now())
+        await drive_until(clock, lambda: watch.down, what="the outage noticed")
+        outage_started = clock.monotonic()
+        manager.request_reconcile()
+
+        def protected() -> bool:
+            guard_c = manager.by_symbol.get(FILLED_DURING)
+            return (
+                guard_c is not None
+                and guard_c.covered
+                and guard_a.covered
+                and guard_a.stop_loss.client_order_id != lost
+            )
+
+        await drive_until(clock, protected, what="both positions protected while the database is away")
+        guard_c = manager.by_symbol[FILLED_DURING]
+        assert watch.down  # still away: everything above happened without it
+        # The venue's truth: one hard stop and one trailing stop each, the cancelled one replaced.
+        assert _stops_on_venue(venue, clock) == {
+            COVERED_BEFORE: Counter({OrderType.STOP_MARKET: 1, OrderType.TRAILING_STOP_MARKET: 1}),
+            FILLED_DURING: Counter({OrderType.STOP_MARKET: 1, OrderType.TRAILING_STOP_MARKET: 1}),
+        }
+        assert lost not in {o.client_order_id for o in venue.core.open_protective_orders(clock.now())}
+        # Each was recorded before it was sent: in the journal, the database being away.
+        sent_during = {
+            guard_a.stop_loss.client_order_id,
+            guard_c.stop_loss.client_order_id,
+            guard_c.trailing_stop.client_order_id,
+        }
+        assert sent_during <= store.journaled_order_ids
+        # Nothing sent twice: two entries, four stops, one replacement.
+        assert venue.calls_made[CallKind.CREATE_ORDER] == 7
+        # No guard is in backoff because of the database.
+        assert (guard_a.failures, guard_c.failures) == (0, 0)
+        # Entries wait for the database (a position could not be recorded); protection did not.
+        assert (engine.entries_paused, engine.entries_paused_by) == (True, "database")
+        assert engine.resume_entries()[0] is False
+        report = await engine.measure_health()
+        database = next(c for c in report.components if c.component is Component.DATABASE)
+        assert database.state is HealthState.CRITICAL
+        assert "unreachable for" in database.reason
+        assert database.measurements["journal_depth"] == store.journal_depth > 0
+
+        # The lock goes away: the engine starts the server again, replays, takes the lease again.
+        stale_lock.release()
+        await drive_until(
+            clock,
+            lambda: not watch.down and engine.lease_lost_since is None and not engine.entries_paused,
+            what="the database back, the lease held, entries on",
+        )
+        outage_seconds = clock.monotonic() - outage_started
+        assert watch.restarts == 1
+        assert postmaster_pid(owned_server.data_dir) != killed
+        assert not store.has_journal
+        assert not list((tmp_path / "logs").glob("tsbot-journal-*"))  # replayed and removed
+        outage_records = caplog.records[first_record:]
+
+        # The database now holds every order, once, with the venue's outcome; the positions' flags agree.
+        orders = {
+            r["client_order_id"]: r["status"] for r in await _rows(dsn, "SELECT * FROM monitoring.orders")
+        }
+        a, c = guard_a.position_id, guard_c.position_id
+        token = engine._token
+        assert orders == {
+            f"tsb{token}-{a}-en0": "filled",
+            f"tsb{token}-{a}-sl0": "canceled",
+            f"tsb{token}-{a}-sl1": "open",
+            f"tsb{token}-{a}-ts0": "open",
+            f"tsb{token}-{c}-en0": "filled",
+            f"tsb{token}-{c}-sl0": "open",
+            f"tsb{token}-{c}-ts0": "open",
+        }
+        positions = {
+            r["symbol"]: r for r in await _rows(dsn, "SELECT * FROM monitoring.positions ORDER BY id")
+        }
+        for symbol in (COVERED_BEFORE, FILLED_DURING):
+            row = positions[symbol]
+            assert (row["status"], row["has_stop_loss"], row["has_trailing_stop"]) == ("active", True, True)
+        assert positions[FILLED_DURING]["entry_price"] == guard_c.entry_price
+        assert [
+            r["status"] for r in await _rows(dsn, "SELECT status FROM monitoring.signals ORDER BY id")
+        ] == [
+            "opened",
+            "opened",
+        ]
+        assert not await _rows(
+            dsn,
+            "SELECT data->>'write_id' FROM monitoring.events WHERE data ? 'write_id' "
+            "GROUP BY 1 HAVING count(*) > 1",
+        )
+        assert await _rows(dsn, "SELECT 1 FROM monitoring.events WHERE type = 'protection_lost'")
+
+        # Said once, back once, no traceback; a handful of lines in all (one more per minute away).
+        loud = _loud(outage_records)
+        assert not [r for r in outage_records if r.exc_info], loud
+        assert [r.levelname for r in outage_records if r.getMessage().startswith("database unreachable")] == [
+            "ERROR"
+        ], loud
+        back = [r for r in outage_records if r.getMessage().startswith("database back after")]
+        assert [r.levelname for r in back] == ["WARNING"], loud
+        assert "journaled writes replayed" in back[0].getMessage()
+        assert len(loud) <= 12 + 3 * math.ceil(outage_seconds / 60), loud
+        print(
+            f"\nkilled postmaster: {len(loud)} lines at WARNING or above over {outage_seconds:.0f}s (virtual) "
+            f"of outage; {store.replayed_writes} journaled writes replayed:\n  " + "\n  ".join(loud)
+        )
+
+        # Entries work again.
+        guard_d = await _open(engine, clock, OPENED_AFTER)
+        assert guard_d.covered
+    finally:
+        stale_lock.release()
+        await drive(clock, engine.stop())
+
+
+async def test_a_postmaster_that_stops_answering_is_found_by_its_probe_killed_and_started_again(
+    owned_server: EmbeddedPostgres, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    settings, dsn = _settings(owned_server, tmp_path)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    stopped: int | None = None
+    try:
+        store, manager, watch = engine.store, engine.manager, engine.db_watch
+        assert store is not None
+        assert manager is not None
+        assert watch is not None
+        venue = engine.venue
+        assert isinstance(venue, SimVenue)
+        guard = await _open(engine, clock, COVERED_BEFORE)
+        lost = guard.trailing_stop.client_order_id
+        assert lost is not None
+
+        first_record = len(caplog.records)
+        stopped = stop_postmaster(owned_server.data_dir)  # its existing connections still work
+        await drive_until(clock, lambda: watch.down, what="a probe got no answer")
+        assert postmaster_pid(owned_server.data_dir) == stopped  # one silent probe is not enough to kill it
+        venue.core.cancel_order(COVERED_BEFORE, lost, clock.now())
+        manager.request_reconcile()
+        await drive_until(
+            clock,
+            lambda: guard.trailing_stop.confirmed and guard.trailing_stop.client_order_id != lost,
+            what="the trailing stop replaced",
+        )
+        assert guard.trailing_stop.client_order_id in store.journaled_order_ids
+        assert _stops_on_venue(venue, clock) == {
+            COVERED_BEFORE: Counter({OrderType.STOP_MARKET: 1, OrderType.TRAILING_STOP_MARKET: 1})
+        }
+
+        await drive_until(
+            clock,
+            lambda: not watch.down and engine.lease_lost_since is None and not engine.entries_paused,
+            what="the silent server killed and started again, the lease held",
+        )
+        assert watch.restarts == 1
+        assert postmaster_pid(owned_server.data_dir) != stopped
+        assert not store.has_journal
+        rows = await _rows(
+            dsn,
+            "SELECT o.client_order_id, o.status, p.has_stop_loss, p.has_trailing_stop FROM monitoring.orders o "
+            "JOIN monitoring.positions p ON p.id = o.position_id WHERE o.purpose = 'trailing_stop'",
+        )
+        assert {r["client_order_id"]: r["status"] for r in rows} == {
+            lost: "canceled",
+            guard.trailing_stop.client_order_id: "open",
+        }
+        assert all(r["has_stop_loss"] and r["has_trailing_stop"] for r in rows)
+
+        records = caplog.records[first_record:]
+        loud = _loud(records)
+        assert not [r for r in records if r.exc_info], loud
+        messages = [r.getMessage() for r in records]
+        assert sum(m.startswith("database unreachable (no answer within 1s)") for m in messages) == 1, loud
+        assert sum("stopped answering and was killed" in m for m in messages) == 1, loud
+        assert sum(m.startswith("database back after") for m in messages) == 1, loud
+        assert len(loud) <= 12, loud
+        print(f"\nstopped postmaster: {len(loud)} lines at WARNING or above:\n  " + "\n  ".join(loud))
+    finally:
+        if stopped is not None:
+            resume(stopped)
+        await drive(clock, engine.stop())
+
+
+async def test_a_journal_left_by_an_engine_that_stopped_during_an_outage_is_replayed_first_at_the_next_start(
+    owned_server: EmbeddedPostgres, tmp_path: Path
+) -> None:
+    """An engine dies while its database is away: what it journaled is on disk, and the next engine writes
+    it into the database before restoring anything from it — so it restores the replacement stop the first
+    one placed, instead of chasing the cancelled one, and sends nothing."""
+    settings, dsn = _settings(owned_server, tmp_path)
+    clock = ManualClock()
+    engine_a = make_engine(settings, clock)
+    await drive(clock, engine_a.start())
+    stale_lock = StaleSocketLock(owned_server)
+    try:
+        assert engine_a.manager is not None
+        guard = await _open(engine_a, clock, COVERED_BEFORE)
+        lost = guard.stop_loss.client_order_id
+        kill_postmaster(owned_server.data_dir)
+        stale_lock.hold()  # the engine cannot start it again before it dies
+        engine_a.venue.core.cancel_order(COVERED_BEFORE, lost, clock.now())  # type: ignore[attr-defined]
+        engine_a.manager.request_reconcile()
+        await drive_until(
+            clock,
+            lambda: guard.stop_loss.confirmed and guard.stop_loss.client_order_id != lost,
+            what="the stop-loss replaced during the outage",
+        )
+        replacement = guard.stop_loss.client_order_id
+    finally:
+        await drive(clock, engine_a.stop(drain=False))  # as if it died
+    [journal] = (tmp_path / "logs").glob("tsbot-journal-*.jsonl")
+    assert (journal.stat().st_mode & 0o777) == 0o600
+    assert replacement in journal.read_text()
+
+    stale_lock.release()
+    venue_b = SimVenue(settings.venue.sim, clock=clock, core=engine_a.venue.core)  # type: ignore[attr-defined]
+    engine_b = make_engine(settings, clock, venue_b)
+    report = await drive(clock, engine_b.start())  # its start brings the dead server back first
+    try:
+        assert not journal.exists()
+        assert (report.restored, report.reprotected, report.failed) == (1, 0, 0)
+        assert venue_b.calls_made.get(CallKind.CREATE_ORDER, 0) == 0  # nothing sent: it was all there
+        assert engine_b.manager is not None
+        assert engine_b.manager.by_symbol[COVERED_BEFORE].stop_loss.client_order_id == replacement
+        statuses = {
+            r["client_order_id"]: r["status"]
+            for r in await _rows(dsn, "SELECT client_order_id, status FROM monitoring.orders")
+        }
+        assert (statuses[lost], statuses[replacement]) == ("canceled", "open")
+    finally:
+        await drive(clock, engine_b.stop())

@@ -1,0 +1,317 @@
+"""The protection path's store across a real outage: a server of the test's own is SIGKILLed; the guards'
+writes go to the journal (the caller proceeds), their reads answer from memory, everything else refuses
+at once; once the server is started again the journal is replayed in order — nothing lost, nothing
+duplicated, and replaying it a second time (a crash before the journal was removed) changes nothing."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from storage.database import DatabaseDown, DatabaseTarget, create_pool
+from storage.embedded import (
+    EmbeddedPostgres,
+    PostmasterState,
+    postmaster_state,
+    restart_embedded,
+    start_embedded,
+    stop_embedded,
+)
+from storage.journal import WriteJournal, read_journal
+from storage.repositories import (
+    OrderPurpose,
+    OrderRecordStatus,
+    OrderStatusRow,
+    PositionStatus,
+    ProtectionFactsRow,
+    Severity,
+)
+from storage.resilient import ResilientStore
+from tests.support.owned_postgres import create_migrated_database, kill_postmaster
+
+
+@pytest.fixture(scope="module")
+def owned_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+    server = start_embedded(tmp_path_factory.mktemp("owned-pg") / "pgdata")
+    yield server
+    if postmaster_state(server.data_dir)[0] is PostmasterState.DEAD:
+        restart_embedded(server.data_dir)
+    stop_embedded(server.data_dir)
+
+
+@dataclass
+class Owned:
+    server: EmbeddedPostgres
+    pool: asyncpg.Pool
+    dsn: str
+    journal: Path
+
+
+@pytest.fixture
+async def owned(owned_server: EmbeddedPostgres, tmp_path: Path) -> AsyncIterator[Owned]:
+    if postmaster_state(owned_server.data_dir)[0] is PostmasterState.DEAD:
+        restart_embedded(owned_server.data_dir)
+    name = await create_migrated_database(owned_server)
+    dsn = owned_server.dsn(name)
+    pool = await create_pool(DatabaseTarget(dsn=dsn), min_size=1, max_size=4)  # with the jsonb codec
+    yield Owned(owned_server, pool, dsn, tmp_path / "logs" / "journal.jsonl")
+    pool.terminate()
+
+
+async def _store(owned: Owned) -> tuple[ResilientStore, str]:
+    store = ResilientStore(owned.pool, write_timeout_seconds=5.0)
+    token = await store.installation_token()
+    store.attach_journal(WriteJournal(owned.journal), token)
+    return store, token
+
+
+async def _bring_back(owned: Owned) -> None:
+    restart_embedded(owned.server.data_dir)
+    await owned.pool.expire_connections()
+
+
+async def _dump(dsn: str) -> dict[str, list[dict[str, object]]]:
+    """Every row the protection path writes, without the bookkeeping column a repeated UPDATE touches."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        tables = {
+            "positions": "SELECT * FROM monitoring.positions ORDER BY id",
+            "orders": "SELECT * FROM monitoring.orders ORDER BY client_order_id",
+            "trailing": "SELECT * FROM monitoring.trailing_stop_state ORDER BY position_id",
+            "events": "SELECT * FROM monitoring.events ORDER BY id",
+            "signals": "SELECT * FROM monitoring.signals ORDER BY id",
+        }
+        dump = {}
+        for table, query in tables.items():
+            dump[table] = [
+                {k: v for k, v in dict(r).items() if k != "updated_at"} for r in await conn.fetch(query)
+            ]
+        return dump
+    finally:
+        await conn.close()
+
+
+async def _open_position(store: ResilientStore) -> int:
+    position = await store.create_position(
+        symbol="SFPUSDT",
+        exchange="sim",
+        side="long",
+        quantity=Decimal("100"),
+        status=PositionStatus.ENTRY_PLACED,
+    )
+    await store.record_fill(position.id, Decimal("100"), Decimal("0.5000"))
+    await store.record_order(
+        client_order_id=f"tsbx-{position.id}-sl0",
+        position_id=position.id,
+        purpose=OrderPurpose.STOP_LOSS,
+        side="sell",
+        type="stop_market",
+        quantity=Decimal("100"),
+        trigger_price=Decimal("0.4850"),
+    )
+    await store.set_order_status(f"tsbx-{position.id}-sl0", OrderRecordStatus.OPEN, exchange_order_id="v1")
+    return position.id
+
+
+async def _protect_during_outage(store: ResilientStore, position_id: int) -> None:
+    """What a guard and the reconciler write while the database is away: the stop-loss was cancelled by
+    hand and is replaced (a new generation), the trailing stop is placed, the facts are recorded."""
+    sl0, sl1, ts0 = (f"tsbx-{position_id}-{suffix}" for suffix in ("sl0", "sl1", "ts0"))
+    await store.set_order_status(sl0, OrderRecordStatus.CANCELED)
+    for cid, purpose, kind, price in (
+        (sl1, OrderPurpose.STOP_LOSS, "stop_market", Decimal("0.4850")),
+        (ts0, OrderPurpose.TRAILING_STOP, "trailing_stop_market", None),
+    ):
+        await store.record_order(
+            client_order_id=cid,
+            position_id=position_id,
+            purpose=purpose,
+            side="sell",
+            type=kind,
+            quantity=Decimal("100"),
+            trigger_price=price,
+            activation_price=Decimal("0.5075") if price is None else None,
+            callback_percent=Decimal("0.5") if price is None else None,
+        )
+    await store.set_order_statuses_many(
+        [OrderStatusRow(sl1, OrderRecordStatus.OPEN, "v2"), OrderStatusRow(ts0, OrderRecordStatus.OPEN, "v3")]
+    )
+    statuses = await store.set_protection_facts_many(
+        [
+            ProtectionFactsRow(
+                position_id=position_id,
+                has_stop_loss=True,
+                has_trailing_stop=True,
+                stop_loss_price=Decimal("0.4850"),
+                trailing_activated=False,
+                status=PositionStatus.ACTIVE,
+            )
+        ]
+    )
+    assert statuses == {position_id: PositionStatus.ACTIVE}  # answered from memory, as the database would
+    await store.save_trailing_state(
+        position_id,
+        mode="native",
+        state="armed",
+        activation_price=Decimal("0.5075"),
+        callback_percent=Decimal("0.5"),
+        activation_percent=Decimal("1.5"),
+    )
+    await store.record_event(
+        Severity.ERROR,
+        "protection_lost",
+        f"SFPUSDT: stop-loss {sl0} is no longer on the exchange; re-protecting",
+        symbol="SFPUSDT",
+        position_id=position_id,
+        data={"client_order_id": sl0},
+    )
+
+
+async def test_a_killed_server_does_not_stop_protection_and_the_journal_replays_every_write(
+    owned: Owned,
+) -> None:
+    store, _token = await _store(owned)
+    position_id = await _open_position(store)
+    kill_postmaster(owned.server.data_dir)
+
+    await _protect_during_outage(store, position_id)
+    # Every write went to the journal, owner-only, and the store says how many wait.
+    assert store.journal_depth == 7
+    assert sorted(store.journaled) == [
+        "record_event",
+        "record_order",
+        "save_trailing_state",
+        "set_order_status",
+        "set_order_statuses_many",
+        "set_protection_facts_many",
+    ]
+    assert (owned.journal.stat().st_mode & 0o777) == 0o600
+    # The guard's reads answer from what this process knows.
+    sl1 = await store.order_by_client_id(f"tsbx-{position_id}-sl1")
+    assert sl1 is not None
+    assert (sl1.status, sl1.exchange_order_id) == (OrderRecordStatus.OPEN, "v2")
+    live = await store.live_orders_for_position(position_id)
+    assert {o.client_order_id for o in live} == {f"tsbx-{position_id}-sl1", f"tsbx-{position_id}-ts0"}
+    # Anything else refuses at once rather than hang or pretend.
+    with pytest.raises(DatabaseDown):
+        await store.coverage()
+
+    await _bring_back(owned)
+    assert await store.replay_journal() == 7
+    assert not owned.journal.exists()
+    assert store.journal_depth == 0
+    assert not store.down
+
+    conn = await asyncpg.connect(owned.dsn)
+    try:
+        orders = {
+            r["client_order_id"]: (r["status"], r["exchange_order_id"])
+            for r in await conn.fetch("SELECT * FROM monitoring.orders")
+        }
+        position = await conn.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", position_id)
+        events = await conn.fetch(
+            "SELECT data->>'client_order_id' AS cid, data->>'write_id' AS write_id FROM monitoring.events "
+            "WHERE type = 'protection_lost'"
+        )
+        trail = await conn.fetchrow(
+            "SELECT * FROM monitoring.trailing_stop_state WHERE position_id = $1", position_id
+        )
+    finally:
+        await conn.close()
+    assert orders == {
+        f"tsbx-{position_id}-sl0": ("canceled", "v1"),
+        f"tsbx-{position_id}-sl1": ("open", "v2"),
+        f"tsbx-{position_id}-ts0": ("open", "v3"),
+    }
+    assert (position["status"], position["has_stop_loss"], position["has_trailing_stop"]) == (
+        "active",
+        True,
+        True,
+    )
+    # Rows carry the time of the write, not the time of the replay.
+    assert position["protected_at"] < datetime.now(UTC) - timedelta(milliseconds=1)
+    assert len(events) == 1
+    assert events[0]["cid"] == f"tsbx-{position_id}-sl0"
+    assert events[0]["write_id"]  # what makes the event's replay idempotent
+    assert trail["activation_price"] == Decimal("0.5075")
+    # Back to writing directly.
+    await store.set_order_status(f"tsbx-{position_id}-ts0", OrderRecordStatus.OPEN)
+    assert not owned.journal.exists()
+
+
+async def test_replaying_a_journal_a_second_time_changes_nothing(owned: Owned) -> None:
+    """A crash after the replay and before the journal was removed: the next start replays it again."""
+    store, token = await _store(owned)
+    position_id = await _open_position(store)
+    kill_postmaster(owned.server.data_dir)
+    await _protect_during_outage(store, position_id)
+    await store.close_position(position_id, exit_reason="stop_loss", realized_pnl=Decimal("-1.5"))
+    copy = owned.journal.with_name("copy.jsonl")
+    shutil.copy(owned.journal, copy)
+
+    await _bring_back(owned)
+    assert await store.replay_journal() == 8
+    once = await _dump(owned.dsn)
+
+    shutil.copy(copy, owned.journal)
+    again = ResilientStore(owned.pool)
+    again.attach_journal(WriteJournal(owned.journal), token)
+    assert await again.replay_journal() == 8
+    assert await _dump(owned.dsn) == once
+    assert len(once["events"]) == 1
+    [position] = once["positions"]
+    assert (position["status"], position["exit_reason"], position["realized_pnl"]) == (
+        "closed",
+        "stop_loss",
+        Decimal("-1.5"),
+    )
+
+
+async def test_a_journal_left_by_a_crashed_process_is_replayed_by_the_next_and_a_torn_line_ignored(
+    owned: Owned,
+) -> None:
+    store, token = await _store(owned)
+    position_id = await _open_position(store)
+    kill_postmaster(owned.server.data_dir)
+    await _protect_during_outage(store, position_id)
+    # The process dies while appending one more line: half of it reached the file.
+    with owned.journal.open("ab") as f:
+        f.write(b'{"seq":99,"at":"2025-01-01T00:00:00+00:00","db":"' + token.encode() + b'","op":"close_po')
+    assert read_journal(owned.journal).torn_tail
+
+    await _bring_back(owned)
+    next_run = ResilientStore(owned.pool)
+    contents = next_run.attach_journal(WriteJournal(owned.journal), token)
+    assert contents.torn_tail
+    assert await next_run.replay_journal() == 7
+    assert not owned.journal.exists()
+    dump = await _dump(owned.dsn)
+    assert {o["client_order_id"]: o["status"] for o in dump["orders"]} == {
+        f"tsbx-{position_id}-sl0": "canceled",
+        f"tsbx-{position_id}-sl1": "open",
+        f"tsbx-{position_id}-ts0": "open",
+    }
+    assert dump["positions"][0]["status"] == "active"  # the torn close never happened
+
+
+async def test_a_constraint_violation_is_a_bug_and_is_raised_not_journaled(owned: Owned) -> None:
+    store, _token = await _store(owned)
+    position_id = await _open_position(store)
+    with pytest.raises(asyncpg.CheckViolationError):
+        await store.record_order(
+            client_order_id=f"tsbx-{position_id}-ts0",
+            position_id=position_id,
+            purpose=OrderPurpose.TRAILING_STOP,
+            side="sell",
+            type="trailing_stop_market",
+            quantity=Decimal("0"),
+        )
+    assert store.journal_depth == 0
+    assert not owned.journal.exists()

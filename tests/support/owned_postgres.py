@@ -1,0 +1,88 @@
+"""An embedded PostgreSQL of a test's own, for making the database unreachable for real: its postmaster is
+SIGKILLed or SIGSTOPped (never the session's shared server)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import asyncpg
+
+from storage.embedded import EmbeddedPostgres, PostmasterState, postmaster_state
+from storage.migrator import apply_migrations
+
+
+async def create_migrated_database(server: EmbeddedPostgres) -> str:
+    name = f"own_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(server.dsn("postgres"))
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    conn = await asyncpg.connect(server.dsn(name))
+    try:
+        await apply_migrations(conn)
+    finally:
+        await conn.close()
+    return name
+
+
+def postmaster_pid(data_dir: Path) -> int:
+    state, pid = postmaster_state(data_dir)
+    assert state is PostmasterState.RUNNING, state
+    assert pid is not None
+    return pid
+
+
+def kill_postmaster(data_dir: Path) -> int:
+    """SIGKILL the postmaster, as the OOM killer or an operator would; returns its pid once it is dead."""
+    pid = postmaster_pid(data_dir)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while postmaster_state(data_dir)[0] is PostmasterState.RUNNING:
+        assert time.monotonic() < deadline, "the killed postmaster is still running"
+        time.sleep(0.01)
+    return pid
+
+
+def stop_postmaster(data_dir: Path) -> int:
+    """SIGSTOP the postmaster: alive, but it answers no new connection (its existing backends still do)."""
+    pid = postmaster_pid(data_dir)
+    os.kill(pid, signal.SIGSTOP)
+    return pid
+
+
+def resume(pid: int) -> None:
+    """SIGCONT a stopped postmaster, if it is still there (the engine may have replaced it)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGCONT)
+
+
+class StaleSocketLock:
+    """A lock file on the server's socket that names a live process other than a postmaster, as one left
+    by a crashed server whose pid was reused: PostgreSQL refuses to start until it is gone. The process
+    runs as the server's user (PostgreSQL ignores a pid it may not signal: it cannot be a rival server)."""
+
+    def __init__(self, server: EmbeddedPostgres):
+        port = (server.data_dir / "postmaster.pid").read_text().splitlines()[3].strip()
+        self.path = server.socket_dir / f".s.PGSQL.{port}.lock"
+        self._owner = server.data_dir.stat().st_uid
+        self._holder: subprocess.Popen[bytes] | None = None
+
+    def hold(self) -> None:
+        as_owner = {"user": self._owner} if self._owner != os.getuid() else {}
+        self._holder = subprocess.Popen(["sleep", "300"], **as_owner)  # type: ignore[call-overload]
+        self.path.write_text(f"{self._holder.pid}\n")
+
+    def release(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        if self._holder is not None:
+            self._holder.kill()
+            self._holder.wait()
+            self._holder = None
