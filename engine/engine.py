@@ -773,6 +773,9 @@ class Engine:
         try:
             await self.manager.stop()
             self.startup_report = await self._start_protection()
+            # At once, not an interval later: a close or a cancel the old manager had under way when it was
+            # stopped may have left a stop of ours on a flat symbol.
+            self.manager.request_reconcile()
         finally:
             if self.state is EngineState.RUNNING:
                 self._supervisor.start("reconciler", self._reconcile_loop)

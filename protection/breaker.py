@@ -10,8 +10,9 @@ It trips on any of:
 
 * a position uncovered past grace for longer than `uncovered_factor` × grace (one stuck position is
   already a failing protection path, not a blip);
-* coverage below `coverage_floor_percent` among positions past their grace period, counting as failing
-  those without their stops for a grace period or more (young positions still being protected, and a
+* coverage below `coverage_floor_percent` among positions past their grace period, with at least two of
+  them failing (one alone is the rule above's), counting as failing those without their stops for a grace
+  period or more (young positions still being protected, and a
   stop that just fired or is being replaced, do not count against it: no false alarm at every wave or
   every fill);
 * protective order sends failing: at least `min_attempts` in the last `error_window_seconds`, and at least
@@ -26,6 +27,11 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from protection.coverage import CoverageFigures
+
+# The coverage rule is about a failing path, several positions at once (the incident: 7 → 14 → 17); one
+# position alone is the first rule's, after `uncovered_factor` grace periods. Without this, in a book of
+# fewer than 20 one position in doubt for a grace period (a verification answered 500) paused entries.
+COVERAGE_RULE_MIN_FAILING = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +76,7 @@ def trip_reasons(inputs: BreakerInputs, settings: BreakerSettings) -> list[str]:
             f"(more than {settings.uncovered_factor:g} × grace {inputs.grace_seconds:g}s)"
         )
     judged = coverage.active - coverage.protecting  # past their grace period
-    if judged > 0:
+    if judged > 0 and coverage.lasting >= COVERAGE_RULE_MIN_FAILING:
         # Failing are those without their stops for a grace period: a stop that just fired (TRIGGERING)
         # or is being replaced makes its position uncovered on the gauge at once, not a failing path.
         covered_pct = Decimal(100) * (judged - coverage.lasting) / judged

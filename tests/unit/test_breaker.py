@@ -59,6 +59,15 @@ def test_stops_that_just_fired_or_are_being_replaced_are_not_a_failing_path() ->
     assert reason == "coverage 66.7 % of 6 position(s) past grace (floor 95 %)"
 
 
+def test_one_position_in_doubt_in_a_small_book_is_the_first_rules_not_the_coverage_rules() -> None:
+    """One of 15 positions without its stops for a grace period (a verification answered 500 twice): 93 %
+    is below the floor, but one position is not a failing path until `uncovered_factor` grace periods."""
+    book = [_position(i, True, 0.0) for i in range(14)] + [_position(14, False, 0.0, 94.0)]
+    assert trip_reasons(_inputs(book, now=100.0), SETTINGS) == []
+    [reason] = trip_reasons(_inputs(book, now=109.5), SETTINGS)
+    assert reason.startswith("1 position(s) uncovered, the oldest for 16s")
+
+
 def test_failing_protective_sends_trip_once_there_are_enough_of_them() -> None:
     assert trip_reasons(_inputs([], now=0.0, attempts=4, failures=4), SETTINGS) == []  # too few to judge
     [reason] = trip_reasons(_inputs([], now=0.0, attempts=10, failures=5), SETTINGS)
