@@ -502,6 +502,10 @@ def _status(args: argparse.Namespace, loaded: LoadedConfig) -> int:
         finally:
             await database.close()
         return {
+            # The identity the database scopes everything to (add `AND account = '…'` to your own SQL when
+            # one database serves several accounts), and the label it was configured with.
+            "account": account,
+            "account_label": loaded.settings.venue.account,
             "active": coverage.active,
             "with_stop_loss": coverage.with_stop_loss,
             "with_trailing_stop": coverage.with_trailing_stop,
@@ -548,6 +552,7 @@ def _status(args: argparse.Namespace, loaded: LoadedConfig) -> int:
             else "not running"
         )
     )
+    print(f"account:           {report['account']} (label {report['account_label']!r})")
     paused = report["entries_paused"]
     print(
         "entries:           "

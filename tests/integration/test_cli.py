@@ -110,6 +110,9 @@ async def test_status_json_agrees_with_the_incident_sql(workdir: Path, pg_server
     human = tsbot("status", cwd=workdir)
     assert "TS coverage:       71.4%" in human.stdout
     assert status["entries"] == "on"
+    # The rows above were the sim venue's default account's: the status names it, as the SQL should.
+    assert (status["account"], status["account_label"]) == ("sim:default", "default")
+    assert "account:           sim:default (label 'default')" in human.stdout
 
 
 async def test_status_says_entries_are_paused_by_whom_and_why(
