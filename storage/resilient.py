@@ -291,7 +291,7 @@ class ResilientStore(Store):
             raise DatabaseDown("the store is closed: the engine stopped")
         if self._journal is None:
             return True, await live()
-        if self._journaling():
+        if self._journaling() and not await self._replayed_in_time():
             return False, None
         try:
             return True, await self._attempt(live(), self._write_timeout)
@@ -300,6 +300,24 @@ class ResilientStore(Store):
                 raise
             self._note_unreachable(exc)
             return False, None
+
+    async def _replayed_in_time(self) -> bool:
+        """While a replay runs against a database that answers, a covered write waits for it (as long as a
+        write may take anyway) and then goes straight to the database. Appending instead would let writers
+        that keep writing outrun a replay made one statement at a time, and the database would never count
+        as back. False: still journaling (down, no replay running, or the replay took too long)."""
+        task = self._replay_task
+        if task is None or self._down:
+            return False
+        declared = asyncio.ensure_future(self._down_event.wait())
+        try:
+            await asyncio.wait(
+                {task, declared}, timeout=self._write_timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            declared.cancel()
+            await asyncio.gather(declared, return_exceptions=True)
+        return not self._journaling()
 
     async def _attempt(self, work: Awaitable[T], limit_seconds: float | None) -> T:
         """Await `work`, giving up when the database is declared down meanwhile or after `limit_seconds`."""

@@ -5,6 +5,7 @@ duplicated, and replaying it a second time (a crash before the journal was remov
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -315,3 +316,62 @@ async def test_a_constraint_violation_is_a_bug_and_is_raised_not_journaled(owned
         )
     assert store.journal_depth == 0
     assert not owned.journal.exists()
+
+
+async def test_a_replay_catches_up_with_writers_that_keep_writing(owned: Owned) -> None:
+    """Found by the restore benchmark on a loaded machine: one write slower than the timeout sent every
+    write to the journal, and the replay — one statement at a time — never caught up with 300 guards that
+    kept appending, so the database never counted as back and entries stayed paused for good. The replay
+    must finish while writers go on, and their writes reach the database afterwards."""
+    store, _token = await _store(owned)
+    position_id = await _open_position(store)
+    kill_postmaster(owned.server.data_dir)
+    await _protect_during_outage(store, position_id)
+    await _bring_back(owned)
+
+    writes = 0
+    stop = asyncio.Event()
+
+    async def keep_writing(worker: int) -> None:
+        nonlocal writes
+        while not stop.is_set():
+            writes += 1
+            await store.save_trailing_state(
+                position_id,
+                mode="native",
+                state="armed",
+                activation_price=Decimal("0.5075") + Decimal(writes) / Decimal(10_000),
+                callback_percent=Decimal("0.5"),
+                activation_percent=Decimal("1.5"),
+            )
+            await asyncio.sleep(0)
+
+    writers = [asyncio.create_task(keep_writing(i)) for i in range(20)]
+    try:
+        # A liveness bound, not a speed figure: on the old code the replay never ends at all.
+        async with asyncio.timeout(60):
+            await store.replay_journal()
+        assert not store.down
+        assert store.journal_depth == 0
+    finally:
+        stop.set()
+        await asyncio.gather(*writers)
+    # Writes after the replay go straight to the database, and the last one written is what it holds.
+    last = Decimal("0.5075") + Decimal(writes + 1) / Decimal(10_000)
+    await store.save_trailing_state(
+        position_id,
+        mode="native",
+        state="armed",
+        activation_price=last,
+        callback_percent=Decimal("0.5"),
+        activation_percent=Decimal("1.5"),
+    )
+    assert not owned.journal.exists()
+    conn = await asyncpg.connect(owned.dsn)
+    try:
+        held = await conn.fetchval(
+            "SELECT activation_price FROM monitoring.trailing_stop_state WHERE position_id = $1", position_id
+        )
+    finally:
+        await conn.close()
+    assert held == last
