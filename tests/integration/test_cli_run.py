@@ -80,8 +80,9 @@ async def test_run_for_a_duration_protects_every_position_and_status_agrees(
     assert row["coverage_pct"] == Decimal("100.0")
 
     status = await asyncio.to_thread(tsbot, "status", "--json", cwd=workdir)
-    assert status.returncode == 0, status.stderr
+    assert status.returncode == 3, status.stderr  # unknown: the engine stopped, nothing is measuring
     report = json.loads(status.stdout)
+    assert report["state"] == "unknown"
     assert report["active"] == row["total"]
     assert report["with_trailing_stop"] == row["with_ts"]
     assert Decimal(str(report["coverage_pct"])) == row["coverage_pct"]
