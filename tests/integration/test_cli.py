@@ -163,9 +163,16 @@ def test_config_show_names_sources_and_hides_secrets(tmp_path: Path) -> None:
     assert "sekrit-value-1" not in result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert any(line.startswith("wave_size = 9") and line.endswith("# file") for line in lines)
-    assert any(line.startswith("callback_percent = 0.8") and line.endswith("# env") for line in lines)
+    assert any(
+        line.startswith("callback_percent = 0.8")
+        and line.endswith("# env TSBOT_PROTECTION__CALLBACK_PERCENT")
+        for line in lines
+    )
     assert any(line.startswith("stop_loss_percent = 3") and line.endswith("# default") for line in lines)
-    assert any(line.startswith('api_secret = "<redacted>"') and line.endswith("# env") for line in lines)
+    assert any(
+        line.startswith('api_secret = "<redacted>"') and line.endswith("# env TSBOT_VENUE__API_SECRET")
+        for line in lines
+    )
 
 
 def test_explicit_config_path_and_unknown_database_server_fail_cleanly(tmp_path: Path) -> None:
