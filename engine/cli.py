@@ -715,8 +715,11 @@ def _health_report(rows: list[HealthRow], now: Any, stale_after: float, *, runni
                 "state": "unknown" if stale else row.state,
                 "measured_state": row.state,
                 "summary": row.summary,
-                "reason": "no engine is measuring: last measurement "
-                + (f"{age:.0f}s old" if age is not None else "missing")
+                "reason": (
+                    ("no engine is measuring: " if not running else "stale: ")
+                    + "last measurement "
+                    + (f"{age:.0f}s old" if age is not None else "missing")
+                )
                 if stale
                 else row.reason,
                 "age_seconds": None if age is None else round(age, 1),

@@ -134,6 +134,13 @@ async def test_sigterm_stops_cleanly_and_a_second_engine_is_refused(
         status = json.loads((await asyncio.to_thread(tsbot, "status", "--json", cwd=workdir)).stdout)
         assert status["engine"]["pid"] == first.pid
 
+        # As a monitoring check: the running engine's own health makes the verdict, and the exit code.
+        async def status_says_ok() -> bool:
+            check = await asyncio.to_thread(tsbot, "status", cwd=workdir)
+            return check.returncode == 0 and check.stdout.startswith("OK: all 5 components healthy\n")
+
+        await wait_until(status_says_ok, within=60, what="`tsbot status` to say OK (exit 0) for the engine")
+
         first.send_signal(signal.SIGTERM)
         out, err = await asyncio.to_thread(first.communicate, timeout=60)
         assert first.returncode == 0, err

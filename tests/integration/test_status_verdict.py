@@ -191,7 +191,7 @@ async def test_nothing_measuring_is_unknown_never_ok(workdir: Path, engine_side:
     assert stale.returncode == 3
     report = json.loads(stale.stdout)
     assert report["state"] == "unknown"
-    assert report["reason"].startswith("database: no engine is measuring: last measurement 36")
+    assert report["reason"].startswith("database: stale: last measurement 36")
 
     # A stale component does not hide a fresh critical one: critical wins.
     await engine_side.measure(("protection", "critical", "3 positions uncovered for 75s"))
