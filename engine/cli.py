@@ -4,6 +4,9 @@ Exit codes: 0 done; 1 the command failed (database or venue unreachable, …); 2
 (bad configuration, bad arguments, a key the venue refuses). Errors are one line on stderr naming the thing
 at fault, what was expected and what was found; input never causes a traceback. A real bug is one line
 too ("internal error"), with its traceback in the log file.
+
+`tsbot status` is a monitoring check: once the configuration is read, its exit code is its verdict in the
+Nagios / Icinga plugin convention (0 ok, 1 degraded, 2 critical, 3 unknown), said on its first line.
 """
 
 from __future__ import annotations
@@ -512,7 +515,7 @@ def _status(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     try:
         report = asyncio.run(_status_report(loaded, account))
     except StatusUnknown as exc:
-        reason = str(exc)
+        reason = one_line(str(exc), loaded.secret_values())
         if args.json:
             unknown = {
                 "state": "unknown",
@@ -522,7 +525,7 @@ def _status(args: argparse.Namespace, loaded: LoadedConfig) -> int:
             }
             print(json.dumps(unknown, indent=2))
         else:
-            print(f"UNKNOWN: {one_line(reason, loaded.secret_values())}")
+            print(f"UNKNOWN: {reason}")
         return EXIT_UNKNOWN
     code = STATUS_EXIT[report["state"]]
     if args.json:
