@@ -4,6 +4,9 @@ Exit codes: 0 done; 1 the command failed (database or venue unreachable, …); 2
 (bad configuration, bad arguments, a key the venue refuses). Errors are one line on stderr naming the thing
 at fault, what was expected and what was found; input never causes a traceback. A real bug is one line
 too ("internal error"), with its traceback in the log file.
+
+`tsbot status` is a monitoring check: once the configuration is read, its exit code is its verdict in the
+Nagios / Icinga plugin convention (0 ok, 1 degraded, 2 critical, 3 unknown), said on its first line.
 """
 
 from __future__ import annotations
@@ -31,10 +34,19 @@ from engine.engine import Engine
 from engine.exchange.errors import ExchangeError, Rejected
 from engine.logs import LogFileError, RedactingFormatter, configure_logging
 from engine.signal_input import BadSignal, SignalInput, read_jsonl, signal_from_fields
-from storage.database import Database, DatabaseUnavailable, InvalidDsn, open_database, resolve_target
-from storage.embedded import EmbeddedPostgresError, psql_executable
+from storage.database import (
+    Database,
+    DatabaseTarget,
+    DatabaseUnavailable,
+    InvalidDsn,
+    create_pool,
+    is_unreachable,
+    open_database,
+    resolve_target,
+)
+from storage.embedded import EmbeddedPostgresError, default_data_dir, psql_executable, running_server
 from storage.lease import LeaseHeld, current_holder
-from storage.migrator import MigrationError
+from storage.migrator import MigrationError, apply_migrations
 from storage.repositories import DuplicateExternalId, HealthRow, Store
 
 log = logging.getLogger(__name__)
@@ -484,64 +496,42 @@ def _sim_exchange(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     return asyncio.run(run())
 
 
+# `tsbot status` answers in the monitoring-plugin convention (Nagios, Icinga): its exit code is the verdict.
+STATUS_EXIT = {"ok": 0, "degraded": 1, "critical": 2, "unknown": 3}
+EXIT_UNKNOWN = STATUS_EXIT["unknown"]
+_VERDICT_SEVERITY = {"ok": 0, "unknown": 1, "degraded": 2, "critical": 3}
+_VERDICT_OF_HEALTH = {"healthy": "ok", "degraded": "degraded", "critical": "critical", "unknown": "unknown"}
+# A look at the database connects within `database.probe_timeout_seconds` and each query answers within it
+# too; the whole look (connect, schema check, a handful of queries) gives up after this many of them.
+STATUS_DEADLINE_PROBES = 3
+
+
+class StatusUnknown(Exception):
+    """`tsbot status` cannot tell (the database is unreachable): exit 3; the message is the one line."""
+
+
 def _status(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-    grace = float(loaded.settings.protection.grace_seconds)
-    stale_after = float(loaded.settings.health.interval_seconds) * 3
-
-    async def run() -> dict[str, Any]:
-        database = await _open(loaded)
-        try:
-            account = account_key(loaded.settings.venue)
-            store = Store(database.pool, account)
-            coverage = await store.coverage()
-            uncovered = await store.uncovered_positions(grace)
-            health_rows = await store.latest_health()
-            holder = await current_holder(database.pool, _venue_name(loaded), account)
-            control = await store.entries_control(_venue_name(loaded), account)
-            now = await database.pool.fetchval("SELECT now()")
-        finally:
-            await database.close()
-        return {
-            # The identity the database scopes everything to (add `AND account = '…'` to your own SQL when
-            # one database serves several accounts), and the label it was configured with.
-            "account": account,
-            "account_label": loaded.settings.venue.account,
-            "active": coverage.active,
-            "with_stop_loss": coverage.with_stop_loss,
-            "with_trailing_stop": coverage.with_trailing_stop,
-            "coverage_pct": coverage.coverage_pct,
-            "stop_loss_coverage_pct": coverage.stop_loss_coverage_pct,
-            "engine": None
-            if holder is None
-            else {
-                "pid": holder.pid,
-                "host": holder.host,
-                "version": holder.version,
-                "since": holder.started_at.isoformat(),
-            },
-            "entries": "paused" if control is not None and control.paused else "on",
-            "entries_paused": None
-            if control is None or not control.paused
-            else {"by": control.paused_by, "reason": control.reason, "since": control.since.isoformat()},
-            "health": _health_report(health_rows, now, stale_after, running=holder is not None),
-            "uncovered": [
-                {
-                    "position_id": p.id,
-                    "symbol": p.symbol,
-                    "side": p.side,
-                    "status": p.status.value,
-                    "has_stop_loss": p.has_stop_loss,
-                    "has_trailing_stop": p.has_trailing_stop,
-                    "opened_at": p.opened_at.isoformat() if p.opened_at else None,
-                }
-                for p in uncovered
-            ],
-        }
-
-    report = asyncio.run(run())
+    account = account_key(loaded.settings.venue)
+    try:
+        report = asyncio.run(_status_report(loaded, account))
+    except StatusUnknown as exc:
+        reason = one_line(str(exc), loaded.secret_values())
+        if args.json:
+            unknown = {
+                "state": "unknown",
+                "reason": reason,
+                "account": account,
+                "account_label": loaded.settings.venue.account,
+            }
+            print(json.dumps(unknown, indent=2))
+        else:
+            print(f"UNKNOWN: {reason}")
+        return EXIT_UNKNOWN
+    code = STATUS_EXIT[report["state"]]
     if args.json:
         print(json.dumps(report, default=_json_default, indent=2))
-        return EXIT_OK
+        return code
+    print(f"{report['state'].upper()}: {report['reason']}")
     pct = "n/a (no active positions)" if report["coverage_pct"] is None else f"{report['coverage_pct']}%"
     engine = report["engine"]
     print(
@@ -574,18 +564,141 @@ def _status(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     print(f"TS coverage:       {pct}")
     print(f"uncovered:         {len(report['uncovered'])}")
     for item in report["uncovered"]:
-        missing = [
-            name
-            for name, present in (
-                ("stop-loss", item["has_stop_loss"]),
-                ("trailing", item["has_trailing_stop"]),
-            )
-            if not present
-        ]
         print(
-            f"  #{item['position_id']} {item['symbol']} {item['side']} ({item['status']}): no {', '.join(missing)}"
+            f"  #{item['position_id']} {item['symbol']} {item['side']} ({item['status']}): missing {item['missing']}"
         )
-    return EXIT_OK
+    return code
+
+
+async def _status_report(loaded: LoadedConfig, account: str) -> dict[str, Any]:
+    """What the database says about `account`, with the verdict; `StatusUnknown` when it cannot be read in
+    time. Never waits on a server that does not answer: a monitoring check must answer in seconds."""
+    timeout = float(loaded.settings.database.probe_timeout_seconds)
+    target = _status_target(loaded)
+    try:
+        return await asyncio.wait_for(
+            _read_status(loaded, target, account, timeout), timeout * STATUS_DEADLINE_PROBES
+        )
+    except TimeoutError:
+        raise StatusUnknown(f"database {target.display}: no answer within {timeout:g} s") from None
+    except DatabaseUnavailable as exc:  # refused, no such database, authentication failed …
+        raise StatusUnknown(str(exc)) from None
+    except Exception as exc:
+        if is_unreachable(exc):
+            raise StatusUnknown(
+                f"database {target.display}: unreachable: {type(exc).__name__}: {exc}".rstrip(": ")
+            ) from None
+        raise
+
+
+def _status_target(loaded: LoadedConfig) -> DatabaseTarget:
+    """Where status looks: the DSN, or the embedded server already running. A look never starts, joins or
+    stops a server: joining one that hangs could hang, and the last user of a server stops it on exit."""
+    db = loaded.settings.database
+    if db.dsn:
+        return DatabaseTarget(dsn=db.dsn, password=db.password.get_secret_value() if db.password else None)
+    directory = Path(db.data_dir).expanduser() if db.data_dir else default_data_dir()
+    server = running_server(directory)
+    if server is None:
+        raise StatusUnknown(
+            f"database: no embedded PostgreSQL is running in {shown_path(str(directory))} "
+            "(an engine starts it: `tsbot run`; `tsbot db psql` starts it to look at the last state)"
+        )
+    return DatabaseTarget(dsn=server.dsn(db.name), embedded=server)
+
+
+async def _read_status(
+    loaded: LoadedConfig, target: DatabaseTarget, account: str, probe_seconds: float
+) -> dict[str, Any]:
+    grace = float(loaded.settings.protection.grace_seconds)
+    stale_after = float(loaded.settings.health.interval_seconds) * 3
+    pool = await create_pool(
+        target, min_size=1, max_size=1, command_timeout=probe_seconds, connect_timeout=probe_seconds
+    )
+    try:
+        async with pool.acquire() as conn:
+            await apply_migrations(conn)  # a no-op once the engine ran; a fresh database gets its schema
+        store = Store(pool, account)
+        coverage = await store.coverage()
+        uncovered = await store.uncovered_positions(grace)
+        health_rows = await store.latest_health()
+        holder = await current_holder(pool, _venue_name(loaded), account)
+        control = await store.entries_control(_venue_name(loaded), account)
+        now = await pool.fetchval("SELECT now()")
+    finally:
+        pool.terminate()  # a look leaves nothing behind, and close() would wait on a server gone quiet
+    health = _health_report(health_rows, now, stale_after, running=holder is not None)
+    state, reason = _verdict(health, running=holder is not None, account=account)
+    return {
+        # The verdict (and the exit code): ok, degraded, critical, or unknown when no engine is measuring.
+        "state": state,
+        "reason": reason,
+        # The identity the database scopes everything to (add `AND account = '…'` to your own SQL when
+        # one database serves several accounts), and the label it was configured with.
+        "account": account,
+        "account_label": loaded.settings.venue.account,
+        "active": coverage.active,
+        "with_stop_loss": coverage.with_stop_loss,
+        "with_trailing_stop": coverage.with_trailing_stop,
+        "coverage_pct": coverage.coverage_pct,
+        "stop_loss_coverage_pct": coverage.stop_loss_coverage_pct,
+        "engine": None
+        if holder is None
+        else {
+            "pid": holder.pid,
+            "host": holder.host,
+            "version": holder.version,
+            "since": holder.started_at.isoformat(),
+        },
+        "entries": "paused" if control is not None and control.paused else "on",
+        "entries_paused": None
+        if control is None or not control.paused
+        else {"by": control.paused_by, "reason": control.reason, "since": control.since.isoformat()},
+        "health": health,
+        "uncovered": [
+            {
+                "position_id": p.id,
+                "symbol": p.symbol,
+                "side": p.side,
+                "status": p.status.value,
+                "has_stop_loss": p.has_stop_loss,
+                "has_trailing_stop": p.has_trailing_stop,
+                "missing": _missing_stops(p.has_stop_loss, p.has_trailing_stop),
+                "opened_at": p.opened_at.isoformat() if p.opened_at else None,
+            }
+            for p in uncovered
+        ],
+    }
+
+
+def _missing_stops(has_stop_loss: bool, has_trailing_stop: bool) -> str:
+    """Which of a position's two stops is not confirmed on the exchange, in words an operator acts on."""
+    if not has_stop_loss and not has_trailing_stop:
+        return "both (hard stop and trailing stop)"
+    return "hard stop" if not has_stop_loss else "trailing stop"
+
+
+def _verdict(health: dict[str, Any], *, running: bool, account: str) -> tuple[str, str]:
+    """The monitoring verdict and the reason for it, from the engine's last health per component.
+
+    Nothing measured is never "ok": no engine holding the account, no health row, or a stale one is unknown.
+    Otherwise the worst component decides (critical, then degraded, then unknown), and the reason names
+    every component in that state with the measurement behind it."""
+    components = health["components"]
+    if not running:
+        return "unknown", f"no engine is measuring: none holds the account {account}"
+    if not components:
+        return "unknown", "no engine has measured health yet"
+    states = [_VERDICT_OF_HEALTH.get(c["state"], "unknown") for c in components]
+    worst = max(states, key=_VERDICT_SEVERITY.__getitem__)
+    if worst == "ok":
+        return "ok", f"all {len(components)} components healthy"
+    named = [
+        f"{c['component']}: {c['reason'] or c['summary']}"
+        for c, state in zip(components, states, strict=True)
+        if state == worst
+    ]
+    return worst, "; ".join(named)
 
 
 def _venue_name(loaded: LoadedConfig) -> str:
@@ -605,8 +718,11 @@ def _health_report(rows: list[HealthRow], now: Any, stale_after: float, *, runni
                 "state": "unknown" if stale else row.state,
                 "measured_state": row.state,
                 "summary": row.summary,
-                "reason": "no engine is measuring: last measurement "
-                + (f"{age:.0f}s old" if age is not None else "missing")
+                "reason": (
+                    ("no engine is measuring: " if not running else "stale: ")
+                    + "last measurement "
+                    + (f"{age:.0f}s old" if age is not None else "missing")
+                )
                 if stale
                 else row.reason,
                 "age_seconds": None if age is None else round(age, 1),

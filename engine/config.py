@@ -21,7 +21,7 @@ import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from enum import StrEnum
+from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -453,13 +453,33 @@ class LoadedConfig:
     settings: Settings
     path: Path | None
     sources: dict[tuple[str, ...], Source] = field(default_factory=dict)
+    # Key path (lower case) -> the TSBOT_ variable that set it, or a table or dict around it.
+    env_names: dict[tuple[str, ...], str] = field(default_factory=dict)
 
     @property
     def origin(self) -> str:
         return str(self.path) if self.path else "built-in defaults"
 
     def source_of(self, key_path: tuple[str, ...]) -> Source:
-        return self.sources.get(key_path, Source.DEFAULT)
+        """Where the value at `key_path` came from; a key inside a dict setting (`venue.sim.latency.by_call.
+        create_order.seconds`) has its own source, as does the dict itself."""
+        return self.sources.get(_lower(key_path), Source.DEFAULT)
+
+    def env_name_of(self, key_path: tuple[str, ...]) -> str | None:
+        """The variable that set the value at `key_path` (itself, or the JSON table or dict holding it)."""
+        key_path = _lower(key_path)
+        for end in range(len(key_path), 0, -1):
+            if key_path[:end] in self.env_names:
+                return self.env_names[key_path[:end]]
+        return None
+
+    def source_label(self, key_path: tuple[str, ...]) -> str:
+        """What `config show` writes after a value: `default`, `file`, `env TSBOT_…` or `secret-file`."""
+        source = self.source_of(key_path)
+        if source is Source.ENV:
+            name = self.env_name_of(key_path)
+            return f"env {name}" if name else source.value
+        return source.value
 
     def secret_values(self) -> list[str]:
         """The configured secret strings, for redaction at the log handler."""
@@ -513,16 +533,21 @@ def load_config(
     except ValidationError as exc:
         raise ConfigError(_describe_errors(exc, label, _env_names(environ))) from None
 
+    # Every value's source, dict settings included: the dict itself (even when set to {}) and each value in
+    # it (a dict's entries may come from the file and the environment both: they are merged).
+    env_paths = _with_prefixes(env_flat)
+    file_paths = _with_prefixes(file_flat)
     sources: dict[tuple[str, ...], Source] = {}
-    for key_path, _ in _flatten(settings.model_dump()):
-        if key_path in env_flat:
+    for key_path in _with_prefixes(dict(_flatten(settings.model_dump()))):
+        if key_path in env_paths:
             sources[key_path] = Source.ENV
-        elif key_path in file_flat:
+        elif key_path in file_paths:
             sources[key_path] = Source.FILE
 
     settings, secret_sources = _read_secret_files(settings, label, sources)
     sources.update(secret_sources)
-    return LoadedConfig(settings=settings, path=path, sources=sources)
+    env_names = {_lower(key_path): name for key_path, name in _env_names(environ).items()}
+    return LoadedConfig(settings=settings, path=path, sources=sources, env_names=env_names)
 
 
 def default_settings() -> Settings:
@@ -722,17 +747,59 @@ def _read_owner_only_file(path: Path, label: str, key: str) -> str:
 
 
 def _flatten(value: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
-    if isinstance(value, Mapping):
+    """(lower-case key path, value) of every leaf; an empty table is a leaf (`by_call = {}` is a value)."""
+    if isinstance(value, Mapping) and value:
         for key, item in value.items():
-            yield from _flatten(item, (*prefix, str(key).lower()))
+            yield from _flatten(item, (*prefix, _key_text(key).lower()))
     else:
         yield prefix, value
+
+
+def _key_text(key: Any) -> str:
+    return key.value if isinstance(key, Enum) else str(key)
+
+
+def _lower(key_path: tuple[Any, ...]) -> tuple[str, ...]:
+    return tuple(_key_text(key).lower() for key in key_path)
+
+
+def _with_prefixes(flat: Mapping[tuple[str, ...], Any]) -> set[tuple[str, ...]]:
+    """Every leaf path and every path above it: a table's or a dict's own source is its keys' sources."""
+    return {key_path[:end] for key_path in flat for end in range(1, len(key_path) + 1)}
 
 
 def _get_path(obj: Any, key_path: tuple[str, ...]) -> Any:
     for key in key_path:
         obj = getattr(obj, key)
     return obj
+
+
+def _model_at(key_path: tuple[str, ...]) -> Any:
+    """The model (table) at `key_path`, through dict settings too: `venue.sim.latency.by_call.create_order`
+    is a `LatencyDistribution`. None when the path names no table."""
+    model: Any = Settings
+    keys = iter(key_path)
+    for key in keys:
+        fields = getattr(model, "model_fields", None)
+        if not fields or key not in fields:
+            return None
+        model = fields[key].annotation
+        if typing.get_origin(model) is dict:
+            if next(keys, None) is None:
+                return None  # the dict itself, not a table
+            model = typing.get_args(model)[1]
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _dict_keys_at(key_path: tuple[str, ...]) -> list[str] | None:
+    """The keys a dict setting at `key_path` accepts, when they are a fixed set (an enum), else None."""
+    info = _field_at(key_path)
+    if info is None or typing.get_origin(info.annotation) is not dict:
+        return None
+    key_type = typing.get_args(info.annotation)[0]
+    if isinstance(key_type, type) and issubclass(key_type, Enum):
+        return [member.value for member in key_type]
+    return None
 
 
 def _field_at(key_path: tuple[str, ...]) -> FieldInfo | None:
@@ -791,12 +858,9 @@ def _expected(err: Mapping[str, Any], info: FieldInfo | None) -> str:
     if kind in {"enum", "literal_error"}:
         return f"must be one of {ctx.get('expected', '')}".replace("'", '"')
     if kind == "extra_forbidden":
-        parent = _field_at(tuple(str(p) for p in err["loc"][:-1])) if len(err["loc"]) > 1 else None
-        known = (
-            list(parent.annotation.model_fields)
-            if parent and hasattr(parent.annotation, "model_fields")
-            else list(SECTIONS)
-        )
+        # The keys of the table the unknown key is in (a table inside a dict setting too), not the sections.
+        parent = _model_at(tuple(str(p) for p in err["loc"][:-1]))
+        known = list(parent.model_fields) if parent is not None else list(SECTIONS)
         return f"unknown key (a typo?): expected one of {', '.join(known)}"
     if kind in {"decimal_parsing", "decimal_type", "float_parsing", "float_type", "finite_number"}:
         return "must be a number"
@@ -854,14 +918,27 @@ def _value_at_fault(key_path: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _describe_error(err: Mapping[str, Any], label: str, env_names: Mapping[tuple[str, ...], str]) -> str:
-    key_path = tuple(str(p) for p in err["loc"])
+    # pydantic marks an error in a dict's key (not its value) with a "[key]" step: the key is the bad one.
+    bad_dict_key = bool(err["loc"]) and err["loc"][-1] == "[key]"
+    key_path = tuple(str(p) for p in err["loc"] if p != "[key]")
     info = _field_at(key_path)
-    # The variable that set this value (or a whole table around it), else one that set a key inside it.
-    origin = next(
-        (name for path, name in env_names.items() if key_path[: len(path)] == path),
-        next((name for path, name in env_names.items() if path[: len(key_path)] == key_path), label),
-    )
+    origin = _origin(key_path, label, env_names)
     problem = (err.get("ctx") or {}).get("error")
+    allowed = _dict_keys_at(key_path[:-1]) if bad_dict_key else None
+    if allowed is not None:
+        return f"{origin}: {'.'.join(key_path)}: unknown key (a typo?): expected one of {', '.join(allowed)}"
     expected = problem.expected if isinstance(problem, FieldProblem) else _expected(err, info)
     value = "a secret value" if key_path in SECRETS else _show(err.get("input"))
     return f"{origin}: {'.'.join(key_path)}: {expected}, got {value}"
+
+
+def _origin(key_path: tuple[str, ...], label: str, env_names: Mapping[tuple[str, ...], str]) -> str:
+    """The variable that set the value at fault: the one that set it or the JSON table around it (the
+    nearest), else one that set a key inside it; the file (or "defaults") when no variable did. Paths are
+    compared without case: the environment's are lower case, a JSON key keeps its own."""
+    wanted = _lower(key_path)
+    around = [(len(path), name) for path, name in env_names.items() if wanted[: len(path)] == _lower(path)]
+    if around:
+        return max(around)[1]
+    inside = [name for path, name in env_names.items() if _lower(path)[: len(wanted)] == wanted]
+    return inside[0] if inside else label

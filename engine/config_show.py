@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, SecretStr
 
-from engine.config import SECRETS, LoadedConfig, Source
+from engine.config import SECRETS, LoadedConfig
 from storage.database import redact_dsn
 
 REDACTED = "<redacted>"
@@ -20,7 +20,8 @@ def render_config(loaded: LoadedConfig) -> str:
     lines = [
         "# tsbot effective configuration",
         f"# from: {_printable(loaded.origin)}",
-        "# each value is followed by its source: default, file, env (TSBOT_<SECTION>__<KEY>) or secret-file",
+        "# each value is followed by its source: default, file, env TSBOT_<SECTION>__<KEY> (the variable that "
+        "set it) or secret-file",
     ]
     for name in type(loaded.settings).model_fields:
         lines += _render_table(loaded, (name,), getattr(loaded.settings, name))
@@ -35,28 +36,61 @@ def _printable(path: str) -> str:
 
 
 def _render_table(loaded: LoadedConfig, path: tuple[str, ...], model: BaseModel) -> list[str]:
-    lines = ["", f"[{'.'.join(path)}]"]
-    tables: list[tuple[tuple[str, ...], BaseModel]] = []
+    lines = ["", f"[{_toml_path(path)}]"]
+    tables: list[tuple[tuple[str, ...], Any]] = []
     rows: list[tuple[str, str]] = []
     for key in type(model).model_fields:
         value = getattr(model, key)
         key_path = (*path, key)
-        if isinstance(value, BaseModel):
+        if isinstance(value, BaseModel) or (isinstance(value, dict) and value):
+            # A dict setting is a table of its own, so that each of its values carries its own source.
             tables.append((key_path, value))
             continue
-        source = loaded.source_of(key_path)
         if key_path in SECRETS:
             text = f"{key} = {json.dumps(REDACTED)}" if value is not None else f"# {key} = (not set)"
         elif key_path == ("database", "dsn"):
             text = f"{key} = {_toml_string(redact_dsn(value))}"
         else:
             text = f"{key} = {_toml_value(value)}"
-        rows.append((text, source.value if isinstance(source, Source) else str(source)))
-    width = max((len(text) for text, _ in rows), default=0)
-    lines += [f"{text.ljust(width)}  # {source}" for text, source in rows]
+        rows.append((text, loaded.source_label(key_path)))
+    lines += _aligned(rows)
+    for key_path, value in tables:
+        lines += (
+            _render_table(loaded, key_path, value)
+            if isinstance(value, BaseModel)
+            else _render_dict(loaded, key_path, value)
+        )
+    return lines
+
+
+def _render_dict(loaded: LoadedConfig, path: tuple[str, ...], entries: dict[Any, Any]) -> list[str]:
+    """A dict setting (`volatility_by_symbol`, `by_call`): its plain values as one table, each labelled;
+    values that are tables themselves (a `by_call` entry) as a table each."""
+    rows = []
+    tables = []
+    for key, value in entries.items():
+        key_path = (*path, _key_text(key))
+        if isinstance(value, BaseModel):
+            tables.append((key_path, value))
+        else:
+            rows.append((f"{_toml_key(key)} = {_toml_value(value)}", loaded.source_label(key_path)))
+    lines = ["", f"[{_toml_path(path)}]", *_aligned(rows)] if rows else []
     for key_path, value in tables:
         lines += _render_table(loaded, key_path, value)
     return lines
+
+
+def _aligned(rows: list[tuple[str, str]]) -> list[str]:
+    width = max((len(text) for text, _ in rows), default=0)
+    return [f"{text.ljust(width)}  # {source}" for text, source in rows]
+
+
+def _key_text(key: Any) -> str:
+    return key.value if isinstance(key, Enum) else str(key)
+
+
+def _toml_path(path: tuple[str, ...]) -> str:
+    return ".".join(_toml_key(part) for part in path)
 
 
 def _toml_key(key: Any) -> str:

@@ -113,7 +113,12 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 
 async def create_pool(
-    target: DatabaseTarget, *, min_size: int = 1, max_size: int = 10, command_timeout: float = 10.0
+    target: DatabaseTarget,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    command_timeout: float = 10.0,
+    connect_timeout: float = 60.0,
 ) -> asyncpg.Pool:
     try:
         return await asyncpg.create_pool(
@@ -122,9 +127,14 @@ async def create_pool(
             min_size=min_size,
             max_size=max_size,
             command_timeout=command_timeout,
+            timeout=connect_timeout,
             init=_init_connection,
         )
-    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+    except TimeoutError:
+        raise DatabaseUnavailable(
+            f"database {target.display}: cannot connect: no answer within {connect_timeout:g} s"
+        ) from None
+    except (OSError, asyncpg.PostgresError) as exc:
         raise DatabaseUnavailable(f"database {target.display}: cannot connect: {exc}") from None
     except (asyncpg.ClientConfigurationError, ValueError) as exc:
         raise InvalidDsn(f"database.dsn: {target.display}: not a DSN asyncpg accepts: {exc}") from None

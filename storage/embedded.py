@@ -137,6 +137,25 @@ def postmaster_state(data_dir: Path) -> tuple[PostmasterState, int | None]:
     return PostmasterState.RUNNING, pid
 
 
+def running_server(data_dir: Path) -> EmbeddedPostgres | None:
+    """The embedded server whose postmaster is alive in `data_dir`, to look at without joining it, or None.
+
+    For a read-only look (`tsbot status`): it neither starts a server nor registers as a user of one, so
+    it can never be the "last user" that stops it, nor wait on pgserver's lock behind a restart under way.
+    Whether the server answers is for a connection (with a timeout) to find out."""
+    data_dir = data_dir.expanduser().resolve()
+    state, pid = postmaster_state(data_dir)
+    if state is not PostmasterState.RUNNING or pid is None:
+        return None
+    try:
+        lines = (data_dir / "postmaster.pid").read_text().splitlines()
+    except OSError:
+        return None
+    if len(lines) < 5 or not lines[4].strip():
+        return None  # no Unix socket (yet): nothing to connect to
+    return EmbeddedPostgres(data_dir=data_dir, socket_dir=Path(lines[4].strip()), pid=pid)
+
+
 def _joined(data_dir: Path) -> bool:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

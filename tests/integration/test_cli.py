@@ -99,8 +99,9 @@ async def test_status_json_agrees_with_the_incident_sql(workdir: Path, pg_server
         await conn.close()
 
     result = tsbot("status", "--json", cwd=workdir)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 3, result.stderr  # unknown: no engine is measuring
     status = json.loads(result.stdout)
+    assert status["state"] == "unknown"
     assert status["active"] == sql_row["total"] == 7
     assert status["with_trailing_stop"] == sql_row["with_ts"] == 5
     assert Decimal(str(status["coverage_pct"])) == sql_row["coverage_pct"] == Decimal("71.4")
@@ -162,9 +163,16 @@ def test_config_show_names_sources_and_hides_secrets(tmp_path: Path) -> None:
     assert "sekrit-value-1" not in result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert any(line.startswith("wave_size = 9") and line.endswith("# file") for line in lines)
-    assert any(line.startswith("callback_percent = 0.8") and line.endswith("# env") for line in lines)
+    assert any(
+        line.startswith("callback_percent = 0.8")
+        and line.endswith("# env TSBOT_PROTECTION__CALLBACK_PERCENT")
+        for line in lines
+    )
     assert any(line.startswith("stop_loss_percent = 3") and line.endswith("# default") for line in lines)
-    assert any(line.startswith('api_secret = "<redacted>"') and line.endswith("# env") for line in lines)
+    assert any(
+        line.startswith('api_secret = "<redacted>"') and line.endswith("# env TSBOT_VENUE__API_SECRET")
+        for line in lines
+    )
 
 
 def test_explicit_config_path_and_unknown_database_server_fail_cleanly(tmp_path: Path) -> None:
@@ -177,10 +185,15 @@ def test_explicit_config_path_and_unknown_database_server_fail_cleanly(tmp_path:
     )
     env = _clean_env(TSBOT_DATABASE__PASSWORD="never-shown-pw")
     unreachable = tsbot("status", "--config", str(tmp_path / "ext.toml"), cwd=tmp_path, env=env)
-    assert unreachable.returncode == 1
-    assert unreachable.stderr.startswith("tsbot: database postgresql://bot@/tsbot")
-    assert "cannot connect" in unreachable.stderr
-    assert "never-shown-pw" not in unreachable.stderr
+    assert unreachable.returncode == 3  # the monitoring convention's unknown
+    assert unreachable.stdout.startswith("UNKNOWN: database postgresql://bot@/tsbot")
+    assert "cannot connect" in unreachable.stdout
+    assert "never-shown-pw" not in unreachable.stdout + unreachable.stderr
+    migrate = tsbot("db", "migrate", "--config", str(tmp_path / "ext.toml"), cwd=tmp_path, env=env)
+    assert migrate.returncode == 1
+    assert migrate.stderr.startswith("tsbot: database postgresql://bot@/tsbot")
+    assert "cannot connect" in migrate.stderr
+    assert "never-shown-pw" not in migrate.stderr
 
 
 async def _signal_rows(pg_server: EmbeddedPostgres, workdir: Path) -> list[asyncpg.Record]:

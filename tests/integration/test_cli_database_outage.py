@@ -120,9 +120,9 @@ async def test_a_killed_postmaster_under_tsbot_run_is_started_again_and_the_engi
                 text=True,
                 timeout=60,
             )
-            if result.returncode != 0:
+            if result.returncode not in (0, 1, 2, 3) or not result.stdout.startswith("{"):
                 return False
-            holder = json.loads(result.stdout)["engine"]
+            holder = json.loads(result.stdout).get("engine")
             return holder is not None and holder["pid"] == engine.pid
 
         await wait_until(status_shows_the_engine, within=30, what="`tsbot status` to show the engine running")
@@ -179,9 +179,13 @@ async def test_the_next_tsbot_command_starts_a_killed_embedded_server_again(work
     assert starter.returncode == 0, starter.stderr
     killed = await asyncio.to_thread(kill_postmaster, data_dir)
 
-    status = await asyncio.to_thread(_tsbot, workdir, "status", "--json")
-    assert status.returncode == 0, status.stderr
-    assert json.loads(status.stdout)["engine"] is None
+    # (`tsbot status` only looks: it says the server is down, and leaves starting it to the commands that
+    # need it.)
+    status = await asyncio.to_thread(_tsbot, workdir, "status")
+    assert status.returncode == 3, status.stderr
+    assert status.stdout.startswith("UNKNOWN: database: no embedded PostgreSQL is running in ")
+    migrate = await asyncio.to_thread(_tsbot, workdir, "db", "migrate")
+    assert migrate.returncode == 0, migrate.stderr
     state, pid = postmaster_state(data_dir)
     assert state is PostmasterState.RUNNING  # (the abandoned starter still counts as a user: it stays up)
     assert pid != killed

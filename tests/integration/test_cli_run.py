@@ -80,8 +80,9 @@ async def test_run_for_a_duration_protects_every_position_and_status_agrees(
     assert row["coverage_pct"] == Decimal("100.0")
 
     status = await asyncio.to_thread(tsbot, "status", "--json", cwd=workdir)
-    assert status.returncode == 0, status.stderr
+    assert status.returncode == 3, status.stderr  # unknown: the engine stopped, nothing is measuring
     report = json.loads(status.stdout)
+    assert report["state"] == "unknown"
     assert report["active"] == row["total"]
     assert report["with_trailing_stop"] == row["with_ts"]
     assert Decimal(str(report["coverage_pct"])) == row["coverage_pct"]
@@ -132,6 +133,13 @@ async def test_sigterm_stops_cleanly_and_a_second_engine_is_refused(
 
         status = json.loads((await asyncio.to_thread(tsbot, "status", "--json", cwd=workdir)).stdout)
         assert status["engine"]["pid"] == first.pid
+
+        # As a monitoring check: the running engine's own health makes the verdict, and the exit code.
+        async def status_says_ok() -> bool:
+            check = await asyncio.to_thread(tsbot, "status", cwd=workdir)
+            return check.returncode == 0 and check.stdout.startswith("OK: all 5 components healthy\n")
+
+        await wait_until(status_says_ok, within=60, what="`tsbot status` to say OK (exit 0) for the engine")
 
         first.send_signal(signal.SIGTERM)
         out, err = await asyncio.to_thread(first.communicate, timeout=60)

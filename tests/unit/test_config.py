@@ -199,7 +199,7 @@ def test_secret_from_environment_is_redacted_in_config_show(tmp_path: Path) -> N
     shown = render_config(loaded)
     assert "key-123456" not in shown
     assert "sec-abcdef" not in shown
-    assert re.search(r'^api_key = "<redacted>"\s+# env$', shown, re.M)
+    assert re.search(r'^api_key = "<redacted>"\s+# env TSBOT_VENUE__API_KEY$', shown, re.M)
     assert re.search(r"^# password = \(not set\)\s+# default$", shown, re.M)
     assert sorted(loaded.secret_values()) == ["key-123456", "sec-abcdef"]
 

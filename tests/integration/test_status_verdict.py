@@ -1,0 +1,333 @@
+"""`tsbot status` as a monitoring check (Nagios / Icinga plugin convention), run as a monitoring system would:
+the exit code is the verdict (0 ok, 1 degraded, 2 critical, 3 unknown), the first line says it, `--json`
+carries it. Before: it exited 0 while the health was CRITICAL, hung for a minute on a frozen database, said
+"no stop-loss, trailing" without saying which stop was missing.
+
+The engine's side is the real one: the account lease taken the way an engine takes it, health rows written
+by the Store an engine writes them with; the database is the real embedded PostgreSQL, frozen (SIGSTOP) and
+stopped for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from engine.accounts import account_key
+from engine.config import load_config
+from storage.database import DatabaseTarget, create_pool
+from storage.embedded import EmbeddedPostgres, start_embedded, stop_embedded
+from storage.lease import EngineLease
+from storage.repositories import HealthRow, Store
+from tests.support.owned_postgres import create_migrated_database, resume, stop_postmaster
+
+TSBOT = str(Path(sys.executable).with_name("tsbot"))
+# Only a guard against a hang (the defect): a status that answers never comes near it.
+HANG_GUARD_SECONDS = 40
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TSBOT_")}
+    env.update(extra)
+    return env
+
+
+def tsbot(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [TSBOT, *args],
+        cwd=cwd,
+        env=_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_SECONDS,
+    )
+
+
+@pytest.fixture
+async def workdir(tmp_path: Path, pg_server: EmbeddedPostgres) -> AsyncIterator[Path]:
+    """config.toml on the session's embedded server, with a migrated database of this test's own."""
+    name = f"status_{uuid.uuid4().hex[:12]}"
+    (tmp_path / "config.toml").write_text(f'[database]\ndata_dir = "{pg_server.data_dir}"\nname = "{name}"\n')
+    admin = await asyncpg.connect(pg_server.dsn("postgres"))
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE tsbot_template')
+    finally:
+        await admin.close()
+    yield tmp_path
+    admin = await asyncpg.connect(pg_server.dsn("postgres"))
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+def _dsn(pg_server: EmbeddedPostgres, workdir: Path) -> str:
+    name = (workdir / "config.toml").read_text().split('name = "')[1].split('"')[0]
+    return pg_server.dsn(name)
+
+
+class EngineSide:
+    """What a running engine leaves in the database for status to read: the lease it holds, its health."""
+
+    def __init__(self, dsn: str, account: str = "sim:default", venue: str = "sim"):
+        self.dsn, self.account, self.venue = dsn, account, venue
+        self.lease: EngineLease | None = None
+
+    async def take_lease(self) -> None:
+        self.lease = await EngineLease.acquire(self.dsn, self.venue, self.account, "test", label="default")
+
+    async def drop_lease(self) -> None:
+        if self.lease is not None:
+            await self.lease.release()
+            self.lease = None
+
+    async def measure(self, *states: tuple[str, str, str]) -> None:
+        pool = await create_pool(DatabaseTarget(dsn=self.dsn), min_size=1, max_size=1)
+        try:
+            await Store(pool, self.account).save_health(
+                [
+                    HealthRow(component=c, state=s, summary=f"{c} measured", reason=r, measurements={})
+                    for c, s, r in states
+                ]
+            )
+        finally:
+            await pool.close()
+
+    async def execute(self, sql: str, *params: object) -> None:
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            await conn.execute(sql, *params)
+        finally:
+            await conn.close()
+
+
+@pytest.fixture
+async def engine_side(pg_server: EmbeddedPostgres, workdir: Path) -> AsyncIterator[EngineSide]:
+    side = EngineSide(_dsn(pg_server, workdir))
+    yield side
+    await side.drop_lease()
+
+
+HEALTHY = [
+    ("database", "healthy", ""),
+    ("exchange", "healthy", ""),
+    ("protection", "healthy", ""),
+]
+
+
+@pytest.mark.parametrize(
+    ("states", "code", "verdict", "reason"),
+    [
+        (HEALTHY, 0, "ok", "all 3 components healthy"),
+        (
+            [*HEALTHY[:2], ("protection", "degraded", "2 positions uncovered within grace")],
+            1,
+            "degraded",
+            "protection: 2 positions uncovered within grace",
+        ),
+        (
+            [
+                ("database", "healthy", ""),
+                ("exchange", "degraded", "error rate 12%"),
+                ("protection", "critical", "TS coverage 60.0% below 95%"),
+            ],
+            2,
+            "critical",
+            "protection: TS coverage 60.0% below 95%",
+        ),
+    ],
+)
+async def test_the_exit_code_is_the_verdict_of_the_engines_health(
+    workdir: Path,
+    engine_side: EngineSide,
+    states: list[tuple[str, str, str]],
+    code: int,
+    verdict: str,
+    reason: str,
+) -> None:
+    await engine_side.take_lease()
+    await engine_side.measure(*states)
+
+    human = tsbot("status", cwd=workdir)
+    assert human.returncode == code, human.stdout + human.stderr
+    assert human.stdout.splitlines()[0] == f"{verdict.upper()}: {reason}"
+    assert human.stderr == ""
+
+    machine = tsbot("status", "--json", cwd=workdir)
+    assert machine.returncode == code
+    report = json.loads(machine.stdout)
+    assert (report["state"], report["reason"]) == (verdict, reason)
+    assert report["engine"]["pid"] == os.getpid()
+
+
+async def test_nothing_measuring_is_unknown_never_ok(workdir: Path, engine_side: EngineSide) -> None:
+    # Healthy rows, but no engine holds the account: whoever wrote them is gone.
+    await engine_side.measure(*HEALTHY)
+    gone = tsbot("status", "--json", cwd=workdir)
+    assert gone.returncode == 3, gone.stdout + gone.stderr
+    report = json.loads(gone.stdout)
+    assert report["state"] == "unknown"
+    assert report["reason"] == "no engine is measuring: none holds the account sim:default"
+    assert report["engine"] is None
+
+    # An engine holds the account but has measured nothing yet.
+    await engine_side.execute("DELETE FROM monitoring.health")
+    await engine_side.take_lease()
+    silent = tsbot("status", cwd=workdir)
+    assert silent.returncode == 3
+    assert silent.stdout.splitlines()[0] == "UNKNOWN: no engine has measured health yet"
+
+    # It holds the account, but its last measurement is an hour old (its health loop is stuck).
+    await engine_side.measure(*HEALTHY)
+    await engine_side.execute("UPDATE monitoring.health SET measured_at = now() - interval '1 hour'")
+    stale = tsbot("status", "--json", cwd=workdir)
+    assert stale.returncode == 3
+    report = json.loads(stale.stdout)
+    assert report["state"] == "unknown"
+    assert report["reason"].startswith("database: stale: last measurement 36")
+
+    # A stale component does not hide a fresh critical one: critical wins.
+    await engine_side.measure(("protection", "critical", "3 positions uncovered for 75s"))
+    mixed = tsbot("status", "--json", cwd=workdir)
+    assert mixed.returncode == 2
+    assert json.loads(mixed.stdout)["reason"] == "protection: 3 positions uncovered for 75s"
+
+
+async def test_uncovered_positions_say_which_stop_is_missing(workdir: Path, engine_side: EngineSide) -> None:
+    for symbol, has_stop_loss, has_trailing_stop in (
+        ("AAAUSDT", False, True),
+        ("BBBUSDT", True, False),
+        ("CCCUSDT", False, False),
+    ):
+        await engine_side.execute(
+            "INSERT INTO monitoring.positions (account, symbol, exchange, side, quantity, entry_price, status, "
+            "has_stop_loss, has_trailing_stop, opened_at) "
+            "VALUES ('sim:default', $1, 'sim', 'long', 1, 2, 'active', $2, $3, now() - interval '1 minute')",
+            symbol,
+            has_stop_loss,
+            has_trailing_stop,
+        )
+    report = json.loads(tsbot("status", "--json", cwd=workdir).stdout)
+    assert {p["symbol"]: p["missing"] for p in report["uncovered"]} == {
+        "AAAUSDT": "hard stop",
+        "BBBUSDT": "trailing stop",
+        "CCCUSDT": "both (hard stop and trailing stop)",
+    }
+    human = tsbot("status", cwd=workdir).stdout
+    lines = [line.strip() for line in human.splitlines() if "USDT" in line]
+    assert [line.split(": ", 1)[1] for line in lines] == [
+        "missing hard stop",
+        "missing trailing stop",
+        "missing both (hard stop and trailing stop)",
+    ]
+    assert "no stop-loss" not in human
+
+
+async def test_status_lists_only_the_configured_accounts_positions(
+    workdir: Path, pg_server: EmbeddedPostgres, engine_side: EngineSide
+) -> None:
+    binance_env = {
+        "TSBOT_VENUE__KIND": "binanceusdm",
+        "TSBOT_VENUE__API_KEY": "status-test-key-1",
+        "TSBOT_VENUE__API_SECRET": "status-test-secret-1",
+    }
+    binance = account_key(load_config(None, environ=binance_env, cwd=workdir).settings.venue)
+    assert binance.startswith("binanceusdm-testnet:")
+    for account, symbol in (("sim:default", "SIMUSDT"), (binance, "BINUSDT"), ("sim:other", "OTHUSDT")):
+        await engine_side.execute(
+            "INSERT INTO monitoring.positions (account, symbol, exchange, side, quantity, entry_price, status, "
+            "has_stop_loss, has_trailing_stop, opened_at) "
+            "VALUES ($1, $2, 'x', 'long', 1, 2, 'active', false, false, now() - interval '1 minute')",
+            account,
+            symbol,
+        )
+    on_binance = json.loads(tsbot("status", "--json", cwd=workdir, **binance_env).stdout)
+    assert on_binance["account"] == binance
+    assert [p["symbol"] for p in on_binance["uncovered"]] == ["BINUSDT"]
+    assert on_binance["active"] == 1
+
+    on_sim = tsbot("status", cwd=workdir)
+    assert "SIMUSDT" in on_sim.stdout
+    assert "BINUSDT" not in on_sim.stdout
+    assert "OTHUSDT" not in on_sim.stdout
+    assert "active positions:  1" in on_sim.stdout
+
+
+# --- the database away ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def own_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+    """An embedded PostgreSQL of this module's own: it is frozen and stopped here, never the session's."""
+    server = start_embedded(tmp_path_factory.mktemp("status-pg") / "pgdata")
+    yield server
+    stop_embedded(server.data_dir)
+
+
+async def test_a_frozen_database_is_unknown_in_seconds_not_a_hang(
+    own_server: EmbeddedPostgres, tmp_path: Path
+) -> None:
+    name = await create_migrated_database(own_server)
+    (tmp_path / "config.toml").write_text(
+        f'[database]\ndata_dir = "{own_server.data_dir}"\nname = "{name}"\n'
+    )
+    dsn = f"postgresql://postgres@/{name}?host={own_server.socket_dir}"
+    (tmp_path / "dsn.toml").write_text(f'[database]\ndsn = "{dsn}"\n')
+
+    pid = stop_postmaster(own_server.data_dir)  # SIGSTOP: alive, answers nothing
+    try:
+        for args in (("status",), ("status", "--config", "dsn.toml")):
+            frozen = tsbot(*args, cwd=tmp_path)
+            assert frozen.returncode == 3, frozen.stdout + frozen.stderr
+            assert frozen.stdout == (
+                f"UNKNOWN: database postgresql://postgres@/{name}?host={own_server.socket_dir}: "
+                "cannot connect: no answer within 3 s\n"
+            )
+            assert frozen.stderr == ""
+        as_json = tsbot("status", "--json", cwd=tmp_path)
+        assert as_json.returncode == 3
+        report = json.loads(as_json.stdout)
+        assert report["state"] == "unknown"
+        assert report["reason"].endswith("cannot connect: no answer within 3 s")
+    finally:
+        resume(pid)
+
+    # Thawed, it answers again: readable, and still unknown (no engine measures this account).
+    thawed = tsbot("status", "--json", cwd=tmp_path)
+    assert thawed.returncode == 3, thawed.stderr
+    assert json.loads(thawed.stdout)["reason"].startswith("no engine is measuring")
+
+
+async def test_a_stopped_database_is_unknown_with_one_line_naming_it(
+    own_server: EmbeddedPostgres, tmp_path: Path
+) -> None:
+    """Runs last in this module: it stops the module's server."""
+    name = await create_migrated_database(own_server)
+    dsn = f"postgresql://postgres@/{name}?host={own_server.socket_dir}"
+    (tmp_path / "config.toml").write_text(
+        f'[database]\ndata_dir = "{own_server.data_dir}"\nname = "{name}"\n'
+    )
+    (tmp_path / "dsn.toml").write_text(f'[database]\ndsn = "{dsn}"\n')
+    stop_embedded(own_server.data_dir)
+
+    embedded = tsbot("status", cwd=tmp_path)
+    assert embedded.returncode == 3, embedded.stdout + embedded.stderr
+    assert embedded.stdout.startswith(
+        f"UNKNOWN: database: no embedded PostgreSQL is running in {own_server.data_dir} "
+    )
+    assert embedded.stdout.count("\n") == 1
+    assert embedded.stderr == ""
+
+    external = tsbot("status", "--config", "dsn.toml", cwd=tmp_path)
+    assert external.returncode == 3, external.stdout + external.stderr
+    assert external.stdout.startswith(f"UNKNOWN: database {dsn}: cannot connect: ")
+    assert external.stdout.count("\n") == 1
+    assert external.stderr == ""
+    assert "Traceback" not in external.stdout + external.stderr
