@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Mapping
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import pytest
 
@@ -21,8 +23,17 @@ from engine.logs import RedactingFormatter
 from engine.venues.sim.settings import CallKind, FaultKind
 from engine.venues.sim.universe import UNIVERSE
 from storage.database import Database
+from storage.embedded import (
+    EmbeddedPostgres,
+    PostmasterState,
+    postmaster_state,
+    restart_embedded,
+    start_embedded,
+    stop_embedded,
+)
 from tests.integration.engine_support import engine_settings, make_engine
 from tests.support.driving import drive, drive_until
+from tests.support.owned_postgres import StaleSocketLock, kill_postmaster
 from tests.support.webhook import WebhookReceiver
 
 SYMBOLS = sorted(UNIVERSE)
@@ -255,4 +266,55 @@ async def test_a_protection_restart_is_no_false_recovery_and_no_second_alert(
         assert [a.status.value for a in engine.alerter.sent if symbol in a.text] == ["new"]
         assert len(receiver.matching(symbol)) == 1
     finally:
+        await drive(clock, engine.stop())
+
+
+@pytest.fixture(scope="module")
+def owned_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+    """An embedded server of this module's own, which a test may kill."""
+    server = start_embedded(tmp_path_factory.mktemp("alerts-pg") / "pgdata")
+    yield server
+    if postmaster_state(server.data_dir)[0] is PostmasterState.DEAD:
+        restart_embedded(server.data_dir)
+    stop_embedded(server.data_dir)
+
+
+async def test_a_database_outage_and_the_lost_lease_are_alerted_and_their_recovery_sent(
+    owned_server: EmbeddedPostgres, receiver: WebhookReceiver, tmp_path: Path
+) -> None:
+    settings = engine_settings(
+        "",  # the embedded server in data_dir, which this engine then owns
+        {
+            "DATABASE__DATA_DIR": str(owned_server.data_dir),
+            "DATABASE__NAME": f"alerts_{uuid.uuid4().hex[:12]}",
+            "DATABASE__PROBE_TIMEOUT_SECONDS": "1",
+            "LOGGING__FILE": str(tmp_path / "logs" / "trading_bot.log"),
+            "ALERTS__URLS": receiver.url("/outage"),
+        },
+    )
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    stale_lock = StaleSocketLock(owned_server)
+    try:
+        watch = engine.db_watch
+        assert watch is not None
+        kill_postmaster(owned_server.data_dir)
+        stale_lock.hold()  # it cannot come back until the test lets it
+        await drive_until(clock, lambda: watch.down, what="the outage noticed")
+        await until_delivered(clock, receiver, "WARNING: database unreachable for")
+        await until_delivered(clock, receiver, "WARNING: account lease lost for")
+        assert receiver.matching("database unreachable")[0].payload["type"] == "warning"
+
+        stale_lock.release()
+        await drive_until(
+            clock,
+            lambda: not watch.down and engine.lease_lost_since is None,
+            what="the database back, the lease held",
+        )
+        await until_delivered(clock, receiver, "RECOVERED: the database answers again")
+        await until_delivered(clock, receiver, "RECOVERED: the account lease is held again")
+        assert len(receiver.matching("WARNING: database unreachable")) == 1  # said once while it lasted
+    finally:
+        stale_lock.release()
         await drive(clock, engine.stop())
