@@ -454,9 +454,10 @@ class AppriseNotifier:
 class _Channel:
     """One URL's queue and its delivery task: a slow or dead receiver holds up only itself."""
 
-    def __init__(self, notifier: Notifier, timeout_seconds: float):
+    def __init__(self, notifier: Notifier, timeout_seconds: float, retry_initial_seconds: float):
         self.notifier = notifier
         self.timeout_seconds = timeout_seconds
+        self.retry_initial_seconds = retry_initial_seconds
         self.queue: deque[Notification] = deque()
         self.dropped = 0
         self.delivered = 0
@@ -487,7 +488,7 @@ class _Channel:
                 await asyncio.sleep(RETRY_INITIAL_SECONDS)
 
     async def _deliver(self) -> None:
-        delay = RETRY_INITIAL_SECONDS
+        delay = self.retry_initial_seconds
         while True:
             if not self.queue:
                 self.ready.clear()
@@ -528,7 +529,7 @@ class _Channel:
                 self.queue.popleft()
             self.dropped = 0
             self.delivered += 1
-            delay = RETRY_INITIAL_SECONDS
+            delay = self.retry_initial_seconds
             if self.failures:
                 log.warning(
                     "alerts via %s delivered again after %d failed attempts",
@@ -550,6 +551,7 @@ class Alerter:
         *,
         source: str,
         notifiers: Sequence[Notifier],
+        retry_initial_seconds: float = RETRY_INITIAL_SECONDS,
     ):
         self.settings = settings
         self.rules = AlertRules.from_settings(settings)
@@ -557,7 +559,9 @@ class Alerter:
         self.source = source
         self.episodes: dict[str, Episode] = {}
         self.sent: list[Alert] = []  # every alert handed to delivery, newest last (bounded)
-        self._channels = [_Channel(n, float(settings.send_timeout_seconds)) for n in notifiers]
+        self._channels = [
+            _Channel(n, float(settings.send_timeout_seconds), retry_initial_seconds) for n in notifiers
+        ]
         self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod

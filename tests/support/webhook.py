@@ -26,8 +26,10 @@ class Delivery:
 @dataclass
 class WebhookReceiver:
     hang: bool = False
+    fail_first: int = 0  # answer this many requests with HTTP 500 (not delivered), then 200
     deliveries: list[Delivery] = field(default_factory=list)
     connections: int = 0
+    requests: int = 0
     _server: asyncio.Server | None = None
     _handlers: set[asyncio.Task[None]] = field(default_factory=set)
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
@@ -65,8 +67,13 @@ class WebhookReceiver:
                     if name.strip().lower() == "content-length":
                         length = int(value.strip())
                 body = await reader.readexactly(length) if length else b""
+                self.requests += 1
                 if self.hang:
                     await asyncio.Event().wait()  # never answers
+                if self.requests <= self.fail_first:
+                    writer.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\nfail")
+                    await writer.drain()
+                    continue
                 self.deliveries.append(Delivery(path, json.loads(body or b"{}")))
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok")
                 await writer.drain()
