@@ -13,7 +13,8 @@ Rules (times on the engine's clock; `R.x` is an `[alerts]` setting):
     condition           when                                                     level
     ------------------  -------------------------------------------------------  -------------------------
     coverage_low        coverage < R.coverage_below_percent while a position is   WARNING; CRITICAL below
-                        uncovered past its grace period (as the health rule)      R.coverage_critical_percent
+                        uncovered past its grace period; positions still within   R.coverage_critical_percent
+                        it are not counted (a wave being protected is no fault)
     position_uncovered  a position uncovered >= R.uncovered_seconds (one per      WARNING
                         position: its symbol and time unprotected are named)
     breaker_tripped     entries paused by the circuit breaker                    WARNING
@@ -110,6 +111,7 @@ class Observation:
     active: int
     protected: int
     uncovered: tuple[UncoveredPosition, ...] = ()  # past their grace period
+    protecting: int = 0  # uncovered but still within their grace period (a wave being protected)
     breaker_reason: str | None = None  # entries paused by the breaker: why
     lease_lost_seconds: float | None = None
     database_down_seconds: float | None = None
@@ -186,7 +188,9 @@ _RECOVERED = {
 def conditions(observed: Observation, rules: AlertRules) -> tuple[Condition, ...]:
     """What is wrong in `observed`, by the rules in the module docstring."""
     found: list[Condition] = []
-    coverage = percent(observed.protected, observed.active)
+    # Positions still within their grace period are not counted: a wave being protected is not a fault, and
+    # counting it would raise and clear the alarm on every wave while one old position stays uncovered.
+    coverage = percent(observed.protected, observed.active - observed.protecting)
     if observed.uncovered and coverage is not None and coverage < rules.coverage_below_percent:
         critical = coverage < rules.coverage_critical_percent
         found.append(
@@ -194,7 +198,8 @@ def conditions(observed: Observation, rules: AlertRules) -> tuple[Condition, ...
                 AlertKind.COVERAGE_LOW.value,
                 AlertKind.COVERAGE_LOW,
                 Level.CRITICAL if critical else Level.WARNING,
-                f"coverage {coverage}% ({observed.protected}/{observed.active} protected), below "
+                f"coverage {coverage}% ({observed.protected}/{observed.active - observed.protecting} "
+                "protected past grace), below "
                 f"{rules.coverage_critical_percent if critical else rules.coverage_below_percent}%; "
                 f"{len(observed.uncovered)} uncovered past grace",
             )
@@ -404,6 +409,7 @@ def observe_engine(engine: Engine, now: float) -> Observation:
         active=figures.active,
         protected=figures.protected,
         uncovered=tuple(uncovered),
+        protecting=figures.protecting,
         breaker_reason=engine.entries_pause_reason if engine.entries_paused_by == "breaker" else None,
         lease_lost_seconds=None if engine.lease_lost_since is None else now - engine.lease_lost_since,
         database_down_seconds=down_for,

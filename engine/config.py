@@ -420,20 +420,24 @@ def alert_url_scheme(url: str) -> str:
 
 def alert_url_secrets(url: str) -> list[str]:
     """The pieces of a notification URL that may be a token, for masking at the log handler: the URL,
-    everything after its scheme, the user and password, a host that is not a host name (tgram://BOT_TOKEN),
-    each path segment and query value."""
+    everything after its scheme, the password; and, where they look like a token (a digit in them, or 12
+    characters or more), the user, a host that is not a host name (tgram://BOT_TOKEN), each path segment
+    and query value. Plain words ("hooks", "operator") stay readable: masking them would mangle every
+    line that uses the word."""
     rest = url.split("://", 1)[1] if "://" in url else url
-    pieces = [url, rest]
+    always = [url, rest]
     address, _, query = rest.partition("?")
     netloc, _, path = address.partition("/")
     userinfo, _, host = netloc.rpartition("@")
-    pieces += userinfo.split(":")
+    user, _, password = userinfo.partition(":")
+    always.append(password)
+    maybe = [user, *path.split("/")]
     if not _HOST_NAME.match(host):
-        pieces += [host, *host.split(":")]
-    pieces += path.split("/")
+        maybe += [host, *host.split(":")]
     for pair in query.split("&"):
-        pieces.append(urllib.parse.unquote(pair.partition("=")[2]))
-        pieces.append(pair.partition("=")[2])
+        value = pair.partition("=")[2]
+        maybe += [value, urllib.parse.unquote(value)]
+    pieces = always + [p for p in maybe if len(p) >= 12 or any(ch.isdigit() for ch in p)]
     return [piece for piece in dict.fromkeys(pieces) if len(piece) >= MIN_MASKED_CHARS]
 
 

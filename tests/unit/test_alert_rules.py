@@ -69,12 +69,15 @@ def test_coverage_below_the_line_is_a_warning_and_below_the_critical_line_critic
     two = uncovered((1, "A", 5.0), (2, "B", 5.0))  # 18/20 = 90 %
     (found,) = conditions(two, RULES)
     assert (found.kind, found.level) == (AlertKind.COVERAGE_LOW, Level.WARNING)
-    assert "coverage 90.0% (18/20 protected)" in found.text
+    assert "coverage 90.0% (18/20 protected past grace)" in found.text
     five = uncovered(*((i, f"S{i}", 5.0) for i in range(5)))  # 75 %
     (found,) = conditions(five, RULES)
     assert found.level is Level.CRITICAL
-    # A wave being protected (nothing past grace) is no alarm, whatever the percentage.
-    assert conditions(Observation(active=20, protected=10), RULES) == ()
+    # A wave being protected (nothing past grace) is no alarm, whatever the percentage …
+    assert conditions(Observation(active=20, protected=10, protecting=10), RULES) == ()
+    # … nor does it count while one old position is uncovered: 50 protected of 51 past grace is 98 %.
+    wave = Observation(active=101, protected=50, protecting=50, uncovered=(UncoveredPosition(1, "A", 12.0),))
+    assert conditions(wave, RULES) == ()
 
 
 def test_a_condition_is_sent_once_while_it_lasts_then_a_reminder_then_recovery() -> None:

@@ -138,8 +138,13 @@ def test_a_log_line_quoting_a_url_or_a_piece_of_it_is_masked(tmp_path: Path) -> 
 
 
 def test_url_secret_pieces() -> None:
-    pieces = alert_url_secrets("mailto://user:pa55word-x@gmail.com?to=ops-team@example.org")
+    pieces = alert_url_secrets("mailto://operator:pa55word-x@gmail.com?to=ops-team-7@example.org")
     assert "pa55word-x" in pieces
-    assert "gmail.com" not in pieces
-    assert "ops-team@example.org" in pieces
+    assert "ops-team-7@example.org" in pieces
+    assert "gmail.com" not in pieces  # a host name
+    assert "operator" not in pieces  # a plain word: masking it would mangle "paused by the operator"
     assert "ntfy-topic-7781" in alert_url_secrets("ntfy://ntfy-topic-7781")
+    assert "secrettopicname" in alert_url_secrets("ntfy://ntfy.sh/secrettopicname")
+    slack = alert_url_secrets("slack://T1234ABCD/B5678EFGH/abcdefghijklmnopqrstuvwx/#alerts")
+    assert {"T1234ABCD", "B5678EFGH", "abcdefghijklmnopqrstuvwx"} <= set(pieces + slack)
+    assert "hooks" not in alert_url_secrets("json://127.0.0.1:8080/hooks/ab12cd34ef56")
