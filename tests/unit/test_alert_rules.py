@@ -6,6 +6,8 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from engine.alerts import (
     AlertKind,
@@ -227,3 +229,65 @@ def test_one_notification_per_check_with_the_worst_level_in_the_title() -> None:
     episodes, _ = step({}, conditions(uncovered((1, "A", 40.0)), RULES), 0.0, RULES)
     _, recovered = step(episodes, (), 5.0, RULES)
     assert compose(recovered, "x").kind is NotifyKind.SUCCESS
+
+
+# --- properties ------------------------------------------------------------------------------------------
+
+checks = st.lists(
+    st.tuples(
+        st.floats(min_value=0.1, max_value=900.0),  # seconds since the previous check
+        st.sampled_from(["clear", "warning", "critical"]),  # the breaker / coverage state observed
+    ),
+    min_size=1,
+    max_size=60,
+)
+
+
+def _observed(state: str) -> Observation:
+    if state == "clear":
+        return CALM
+    if state == "warning":
+        return uncovered((1, "A", 5.0), (2, "B", 5.0))  # 90 %
+    return uncovered(*((i, f"S{i}", 5.0) for i in range(6)))  # 70 %
+
+
+@given(checks)
+def test_properties_of_dedup_escalation_and_recovery(sequence: list[tuple[float, str]]) -> None:
+    episodes: dict[str, Episode] = {}
+    now = 0.0
+    open_since: float | None = None
+    last_sent = 0.0
+    levels: list[Level] = []
+    for gap, state in sequence:
+        now += gap
+        episodes, alerts = step(episodes, conditions(_observed(state), RULES), now, RULES)
+        assert len(alerts) <= 1  # one condition: at most one alert per check
+        if state == "clear":
+            if open_since is None:
+                assert alerts == []  # nothing to recover from: no recovery ever comes out of the blue
+            else:
+                (recovered,) = alerts  # every episode ends with exactly one recovery
+                assert recovered.status is Status.RECOVERED
+                assert recovered.lasted_seconds == pytest.approx(now - open_since)
+            open_since = None
+            levels = []
+            continue
+        if open_since is None:
+            (new,) = alerts  # every episode starts with exactly one alert, at its observed level
+            assert new.status is Status.NEW
+            assert new.level is (Level.CRITICAL if state == "critical" else Level.WARNING)
+            open_since, last_sent, levels = now, now, [new.level]
+            continue
+        expected_critical = state == "critical" or now - open_since >= RULES.escalate_after_seconds
+        if alerts:
+            (alert,) = alerts
+            # Sent again only to escalate, or as a reminder after the repeat interval.
+            assert alert.status is Status.ESCALATED or now - last_sent >= RULES.repeat_seconds
+            assert alert.level is not None
+            assert alert.level.rank >= levels[-1].rank  # never back down within an episode
+            last_sent = now
+            levels.append(alert.level)
+        else:
+            assert now - last_sent < RULES.repeat_seconds
+        if expected_critical:  # a critical episode is never left said only as a WARNING
+            assert levels[-1] is Level.CRITICAL
