@@ -434,7 +434,7 @@ class DeliveryRefused(Exception):
 class AppriseNotifier:
     """One notification URL, through apprise (imported only when alerts are configured)."""
 
-    def __init__(self, url: str, number: int):
+    def __init__(self, url: str, number: int, timeout_seconds: float | None = None):
         import apprise
 
         # apprise narrates each POST at DEBUG, URL included; its failures are ours to say, once.
@@ -448,6 +448,14 @@ class AppriseNotifier:
                     "apprise can send to: check its scheme and parts"
                 ]
             )
+        if timeout_seconds is not None:
+            # A send given up on must not leave its worker thread waiting on the socket much longer (a stop
+            # would wait for it at exit): the connection and read timeouts are at most the send timeout.
+            for service in self._apprise:
+                for name in ("socket_connect_timeout", "socket_read_timeout"):
+                    current = getattr(service, name, None)
+                    if isinstance(current, int | float):
+                        setattr(service, name, min(float(current), timeout_seconds))
 
     async def send(self, notification: Notification) -> None:
         delivered = await self._apprise.async_notify(
@@ -576,7 +584,8 @@ class Alerter:
         urls = alert_urls(settings.urls)
         if not urls:
             return None
-        notifiers = [AppriseNotifier(url, number) for number, url in enumerate(urls, start=1)]
+        timeout = float(settings.send_timeout_seconds)
+        notifiers = [AppriseNotifier(url, number, timeout) for number, url in enumerate(urls, start=1)]
         return cls(settings, clock, source=source, notifiers=notifiers)
 
     def start(self) -> None:
