@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import tomllib
 import typing
@@ -395,6 +396,87 @@ class LoggingSettings(Section):
     backup_count: int = Field(default=5, ge=0, le=100)
 
 
+# --- [alerts] ------------------------------------------------------------------------------------------
+
+# A notification URL as apprise spells them (tgram://, slack://, discord://, ntfy://, mailto://, json://,
+# form:// …). Only the shape is checked here; the alerter asks apprise whether it knows the scheme.
+_ALERT_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]{0,31}://[^\s\x00-\x1f\x7f]+$")
+_HOST_NAME = re.compile(r"^(localhost|[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+|\[[0-9A-Fa-f:.]+\])(:\d{1,5})?$")
+# Pieces of a URL shorter than this are not masked in logs: "hook" or "443" would mangle every line.
+MIN_MASKED_CHARS = 6
+
+
+def alert_urls(value: SecretStr | None) -> list[str]:
+    """The notification URLs in `alerts.urls`: separated by spaces, commas or newlines."""
+    if value is None:
+        return []
+    return [url for url in re.split(r"[\s,]+", value.get_secret_value()) if url]
+
+
+def alert_url_scheme(url: str) -> str:
+    """What may be said about a URL: its scheme (the rest may hold a token)."""
+    return url.split("://", 1)[0].lower() if "://" in url else "?"
+
+
+def alert_url_secrets(url: str) -> list[str]:
+    """The pieces of a notification URL that may be a token, for masking at the log handler: the URL,
+    everything after its scheme, the password; and, where they look like a token (a digit in them, or 12
+    characters or more), the user, a host that is not a host name (tgram://BOT_TOKEN), each path segment
+    and query value. Plain words ("hooks", "operator") stay readable: masking them would mangle every
+    line that uses the word."""
+    rest = url.split("://", 1)[1] if "://" in url else url
+    always = [url, rest]
+    address, _, query = rest.partition("?")
+    netloc, _, path = address.partition("/")
+    userinfo, _, host = netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    always.append(password)
+    maybe = [user, *path.split("/")]
+    if not _HOST_NAME.match(host):
+        maybe += [host, *host.split(":")]
+    for pair in query.split("&"):
+        value = pair.partition("=")[2]
+        maybe += [value, urllib.parse.unquote(value)]
+    pieces = always + [p for p in maybe if len(p) >= 12 or any(ch.isdigit() for ch in p)]
+    return [piece for piece in dict.fromkeys(pieces) if len(piece) >= MIN_MASKED_CHARS]
+
+
+class AlertsSettings(Section):
+    urls_file: Text = ""
+    urls: SecretStr | None = None
+    check_seconds: Decimal = Field(default=Decimal(1), ge=Decimal("0.2"), le=60)
+    coverage_below_percent: Percent = Field(default=Decimal(95), ge=0, le=100)
+    coverage_critical_percent: Percent = Field(default=Decimal(80), ge=0, le=100)
+    uncovered_seconds: Decimal = Field(default=Decimal(30), ge=0, le=86400)
+    escalate_after_seconds: Decimal = Field(default=Decimal(300), ge=0, le=86400)
+    repeat_minutes: Decimal = Field(default=Decimal(30), ge=1, le=10080)
+    send_timeout_seconds: Decimal = Field(default=Decimal(10), ge=1, le=120)
+
+    @field_validator("urls")
+    @classmethod
+    def _urls_are_notification_urls(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        if len(value.get_secret_value()) > MAX_SECRET_FILE_BYTES:
+            raise ValueError(f"must be at most {MAX_SECRET_FILE_BYTES} characters")
+        for number, url in enumerate(alert_urls(value), start=1):
+            if not _ALERT_URL.match(url):  # the message names the entry, never its text
+                raise ValueError(
+                    f"entry {number} is not a notification URL like json://host/path or tgram://TOKEN/CHAT"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _critical_below_warning(self) -> AlertsSettings:
+        if self.coverage_critical_percent > self.coverage_below_percent:
+            raise FieldProblem(
+                "coverage_critical_percent",
+                f"must not exceed alerts.coverage_below_percent ({self.coverage_below_percent})",
+                self.coverage_critical_percent,
+            )
+        return self
+
+
 # --- root ------------------------------------------------------------------------------------------------
 
 
@@ -416,6 +498,7 @@ class Settings(BaseSettings):
     health: HealthSettings = Field(default_factory=HealthSettings)
     tui: TuiSettings = Field(default_factory=TuiSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    alerts: AlertsSettings = Field(default_factory=AlertsSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -436,7 +519,10 @@ SECRETS: dict[tuple[str, ...], tuple[str, ...]] = {
     ("venue", "api_key"): ("venue", "api_key_file"),
     ("venue", "api_secret"): ("venue", "api_secret_file"),
     ("database", "password"): ("database", "password_file"),
+    ("alerts", "urls"): ("alerts", "urls_file"),
 }
+# Secrets whose file may hold one value per line (folded into one line, separated by spaces).
+MULTI_LINE_SECRETS = frozenset({("alerts", "urls")})
 
 
 class Source(StrEnum):
@@ -488,6 +574,8 @@ class LoadedConfig:
             secret = _get_path(self.settings, key_path)
             if secret is not None and secret.get_secret_value():
                 values.append(secret.get_secret_value())
+        for url in alert_urls(self.settings.alerts.urls):  # a log line may quote one URL, or a piece
+            values += alert_url_secrets(url)
         return values
 
 
@@ -692,7 +780,9 @@ def _read_secret_files(
         file_name = _get_path(settings, file_key)
         if not file_name or sources.get(key_path) == Source.ENV:
             continue
-        secret = _read_owner_only_file(Path(file_name).expanduser(), label, ".".join(file_key))
+        secret = _read_owner_only_file(
+            Path(file_name).expanduser(), label, ".".join(file_key), lines=key_path in MULTI_LINE_SECRETS
+        )
         updates.setdefault(key_path[0], {})[key_path[1]] = SecretStr(secret)
         found[key_path] = Source.SECRET_FILE
     if not updates:
@@ -704,7 +794,7 @@ def _read_secret_files(
     return settings.model_copy(update={k: v for k, v in sections.items() if v is not None}), found
 
 
-def _read_owner_only_file(path: Path, label: str, key: str) -> str:
+def _read_owner_only_file(path: Path, label: str, key: str, *, lines: bool = False) -> str:
     try:
         info = path.stat()
     except OSError as exc:
@@ -737,6 +827,10 @@ def _read_owner_only_file(path: Path, label: str, key: str) -> str:
         ) from None
     except OSError as exc:
         raise ConfigError([f"{label}: {key}: cannot read secrets file {path}: {exc.strerror}"]) from None
+    if lines:  # one value per line; blank lines and "#" comments skipped
+        value = " ".join(
+            line.strip() for line in value.splitlines() if line.strip() and not line.strip().startswith("#")
+        )
     if not value:
         raise ConfigError([f"{label}: {key}: secrets file {path} is empty"])
     try:

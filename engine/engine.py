@@ -27,6 +27,7 @@ from enum import StrEnum
 from typing import Any
 
 from engine.accounts import account_key
+from engine.alerts import Alerter, EngineObserver
 from engine.clock import Clock, SystemClock, wait_for_all
 from engine.config import ConfigError, Settings, VenueKind, real_venue_problems
 from engine.credentials import check_credentials
@@ -364,6 +365,9 @@ class Engine:
         self._venue_pacing: VenuePacing | None = None
         self._stopped = asyncio.Event()
         self._token = ""
+        self.alerter = Alerter.from_settings(  # None without alert URLs
+            settings.alerts, self.clock, source=f"{self.exchange_name}:{settings.venue.account}"
+        )
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -460,6 +464,10 @@ class Engine:
         sup.start("reconciler", self._reconcile_loop)
         sup.start("health", self._health_loop)
         sup.start("lease-heartbeat", self._lease_heartbeat)
+        if self.alerter is not None:
+            alerter = self.alerter
+            alerter.start()
+            sup.start("alerts", lambda: alerter.watch(EngineObserver(self)))
         db = self.settings.database
         self.db_watch = DatabaseWatch(
             self._db,
@@ -527,6 +535,8 @@ class Engine:
                 except Exception:
                     log.exception("could not record the managed trails as disarmed")
         self.stop_report = report
+        if self.alerter is not None:
+            self.alerter.engine_stopped(report.describe(), report.all_protected, self.fatal)
         if self.store is not None:
             try:
                 await self.store.record_event(
@@ -549,6 +559,8 @@ class Engine:
             else "",
         )
         await self._release()
+        if self.alerter is not None:
+            await self.alerter.close()  # a few seconds at most, even with a dead receiver
         self._set_state(EngineState.STOPPED)
         self.events_bus.close()
         self._stopped.set()

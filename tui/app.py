@@ -46,6 +46,7 @@ from engine.logs import LogFileError, RedactingFormatter, configure_logging
 from protection.health import HealthThresholds
 from storage.lease import LeaseHeld
 from tui import formatting, keys
+from tui.attention import CriticalAttention
 from tui.code_watch import CodeDifference, SourceWatcher, package_roots
 from tui.commands import DashboardCommands
 from tui.feed import DashboardFeed, EngineFeed, LogEntry, LogTranslator, ReadOnlyFeed
@@ -173,6 +174,7 @@ class DashboardApp(App[int]):
         self.read_only_poll_seconds = 1.0
         self._freeze_gc = freeze_gc_after_start
         self.hung_up = False
+        self.attention = CriticalAttention(in_tmux=bool(os.environ.get("TMUX")))
 
     # --- layout --------------------------------------------------------------------------------------
 
@@ -214,6 +216,8 @@ class DashboardApp(App[int]):
             self.watch_code()
 
     def on_unmount(self) -> None:
+        if self.attention.critical:
+            self._write_to_terminal(self.attention.restore())
         if self._log_handler is not None:
             logging.getLogger().removeHandler(self._log_handler)
             self._log_handler = None
@@ -234,7 +238,15 @@ class DashboardApp(App[int]):
             self._waves.show(snapshot.waves)
             self._positions.sync(snapshot.positions, snapshot.coverage.uncovered_ids)
             self._positions.border_subtitle = last_wave(snapshot, self.tz)
+        self._write_to_terminal(
+            self.attention.update(snapshot.health, f"{snapshot.venue}:{snapshot.account}")
+        )
         self.frame_seconds.append(time.perf_counter() - started)
+
+    def _write_to_terminal(self, sequence: str) -> None:
+        """The bell and the window title on CRITICAL (tui/attention.py), written as Textual's own bell()."""
+        if sequence and not self.is_headless and self._driver is not None:
+            self._driver.write(sequence)
 
     def _watching(self) -> str | None:
         if not self.feed.read_only:

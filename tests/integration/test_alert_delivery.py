@@ -1,0 +1,100 @@
+"""Delivery on its own: the alerter with real apprise posting to real HTTP receivers on 127.0.0.1.
+
+A receiver that fails is retried with backoff and said once in the log (never with the URL's token); one
+that hangs holds up only its own queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+
+from engine.alerts import Alerter, AppriseNotifier, Observation, UncoveredPosition
+from engine.clock import ManualClock
+from engine.config import LoadedConfig, load_config
+from engine.logs import RedactingFormatter
+from tests.support.webhook import WebhookReceiver
+
+TOKEN = "tok-5f4e3d2c1b0a-secret"
+UNCOVERED = Observation(active=50, protected=49, uncovered=(UncoveredPosition(7, "BTCUSDT", 42.0),))
+
+
+async def until(condition, what: str, limit: float = 60.0) -> None:
+    """Wait (real time: delivery is real I/O) until `condition` holds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"{what}: not within {limit:g}s")
+        await asyncio.sleep(0.01)
+
+
+def loaded_with(urls: str, tmp_path: Path) -> LoadedConfig:
+    return load_config(
+        None,
+        environ={"TSBOT_ALERTS__URLS": urls, "TSBOT_ALERTS__SEND_TIMEOUT_SECONDS": "1"},
+        cwd=tmp_path,
+    )
+
+
+def alerter_for(loaded: LoadedConfig, urls: list[str]) -> Alerter:
+    return Alerter(
+        loaded.settings.alerts,
+        ManualClock(),
+        source="sim:default",
+        notifiers=[AppriseNotifier(url, n) for n, url in enumerate(urls, start=1)],
+        retry_initial_seconds=0.05,
+    )
+
+
+async def test_a_failing_receiver_is_retried_and_said_once_without_its_token(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    receiver = await WebhookReceiver(fail_first=3).start()
+    url = receiver.url(f"/hooks/{TOKEN}")
+    loaded = loaded_with(url, tmp_path)
+    alerter = alerter_for(loaded, [url])
+    alerter.start()
+    try:
+        (alert,) = alerter.check(UNCOVERED)
+        assert "BTCUSDT uncovered for 42s" in alert.text
+        await until(lambda: receiver.deliveries, "delivered after the receiver's failures")
+        assert receiver.requests == 4  # three refused, the fourth delivered: retried, not dropped
+        (delivered,) = receiver.deliveries
+        assert "BTCUSDT uncovered for 42s" in delivered.payload["message"]
+    finally:
+        await alerter.close()
+        await receiver.close()
+    ours = [r for r in caplog.records if r.name == "engine.alerts" and r.levelno >= logging.WARNING]
+    said = [r.getMessage() for r in ours if "not delivered" in r.getMessage()]
+    assert said == [
+        "alerts via json:// #1 not delivered (DeliveryRefused: the receiver did not accept it); "
+        "retrying with backoff, said again when delivered"
+    ]
+    assert any("delivered again after 3 failed attempts" in r.getMessage() for r in ours)
+    assert all(TOKEN not in r.getMessage() for r in ours)  # our own lines never hold it, even unmasked
+    redactor = RedactingFormatter(loaded.secret_values())
+    assert all(TOKEN not in redactor.format(r) for r in caplog.records)
+
+
+async def test_a_hanging_receiver_holds_up_only_its_own_queue(tmp_path: Path) -> None:
+    dead = await WebhookReceiver(hang=True).start()
+    alive = await WebhookReceiver().start()
+    urls = [dead.url(f"/dead/{TOKEN}"), alive.url("/alive")]
+    alerter = alerter_for(loaded_with(" ".join(urls), tmp_path), urls)
+    alerter.start()
+    try:
+        alerter.check(UNCOVERED)
+        alerter.check(Observation(active=50, protected=50))  # the recovery
+        await until(lambda: len(alive.deliveries) == 2, "both alerts at the live receiver")
+        assert "RECOVERED" in alive.deliveries[1].payload["title"]
+        assert dead.deliveries == []
+        assert dead.connections >= 1
+    finally:
+        await alerter.close()
+        await dead.close()
+        await alive.close()
