@@ -34,7 +34,7 @@ def test_urls_from_the_environment_are_redacted_in_config_show(tmp_path: Path) -
     shown = render_config(loaded)
     assert TOKEN not in shown
     assert BOT.split(":")[1] not in shown
-    assert re.search(r'^urls = "<redacted>"\s+# env$', shown, re.M)
+    assert re.search(r'^urls = "<redacted>"\s+# env TSBOT_ALERTS__URLS$', shown, re.M)
     assert loaded.source_of(("alerts", "urls")) is Source.ENV
 
 
