@@ -78,6 +78,17 @@ class LogEntry:
         return SEVERITY_RANK.get(self.severity, 1)
 
 
+# The log panel's words for each class of failed protective call (engine.exchange.errors.FailureClass).
+FAILURE_LABELS = {
+    "timeout": "timed out",
+    "unknown_outcome": "outcome unknown (answer lost)",
+    "rejected": "rejected by the venue",
+    "server_error": "venue server error",
+    "rate_limited": "rate limited",
+    "not_sent": "not sent (venue unreachable)",
+}
+
+
 def entry_for_event(event: EngineEvent) -> LogEntry | None:
     """The log row for a domain event, or None for events that only change the snapshot."""
     match event:
@@ -92,6 +103,34 @@ def entry_for_event(event: EngineEvent) -> LogEntry | None:
                 "timed out; outcome resolved by client order id"
                 if event.outcome == "resolved"
                 else "timed out; the position stays uncovered until confirmed",
+            )
+        case ProtectionFailed() if event.failure_class is not None:
+            # A protective call that failed, labelled by what happened: a 500 is a server error, not a timeout.
+            resolved = event.outcome == "resolved"
+            answer = ", ".join(
+                part
+                for part in (
+                    f"HTTP {event.http_status}" if event.http_status is not None else "",
+                    f"code {event.venue_code}" if event.venue_code is not None else "",
+                )
+                if part
+            )
+            label = FAILURE_LABELS.get(event.failure_class, event.failure_class.replace("_", " "))
+            then = (
+                "outcome resolved by client order id"
+                if resolved
+                else f"retry in {event.retry_in_seconds:.0f}s"
+                if event.retry_in_seconds is not None
+                else "the position stays uncovered until confirmed"
+            )
+            return LogEntry(
+                event.at,
+                "warning" if resolved else "error",
+                event.symbol,
+                event.operation,
+                event.latency_seconds,
+                event.outcome or "retrying",
+                f"{label}{f' ({answer})' if answer else ''}; {then}: {event.error}",
             )
         case ProtectionFailed():
             retrying = event.retry_in_seconds is not None
