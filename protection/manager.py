@@ -27,6 +27,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import ROUND_DOWN, ROUND_UP, Decimal
 from enum import StrEnum
 from typing import Any
@@ -278,7 +279,13 @@ class PositionGuard:
         self.kind = kind
         self.closing_side: OrderSide = self.side.closing_side
         self.filled_at = filled_at
+        # Since when it lacks a confirmed stop (monotonic), and the same moment on the wall clock, fixed
+        # once: it is written with the facts, so a restarted manager or engine measures the time
+        # unprotected from when protection was really lost, not from its own start.
         self.unprotected_since: float | None = filled_at
+        self.unprotected_since_epoch: float | None = manager.clock.now() - (
+            manager.clock.monotonic() - filled_at
+        )
         self.protected_at: float | None = None
 
         config = manager.config
@@ -1404,7 +1411,18 @@ class PositionGuard:
             position.trailing_activated if self.trail is not None else None,
             position.status,
             position.trail_armed,
+            position.unprotected_since,
         )
+
+    def resume_unprotected_since(self, moment: datetime) -> None:
+        """A restored position was already unprotected since `moment` (recorded by the manager or engine
+        before this one): its time unprotected goes on from there, and its grace period is long over if
+        it began before that moment."""
+        clock = self._m.clock
+        since = clock.monotonic() - max(0.0, clock.now() - moment.timestamp())
+        self.unprotected_since = since
+        self.unprotected_since_epoch = moment.timestamp()
+        self.filled_at = min(self.filled_at, since)
 
     def facts_written(self) -> bool:
         """The database holds exactly what this guard knows now."""
@@ -1425,6 +1443,7 @@ class PositionGuard:
             self.trail.stop_price is not None if self.trail is not None else None,
             status,
             self.trail_armed,
+            None if covered else _datetime(self.unprotected_since_epoch),
         )
 
     async def _write_facts(self) -> None:
@@ -1436,8 +1455,10 @@ class PositionGuard:
                 self.protected_at = now
                 self.protected.set()
             self.unprotected_since = None  # every time: the next loss is timed from its own start
+            self.unprotected_since_epoch = None
         elif self.unprotected_since is None:
             self.unprotected_since = now
+            self.unprotected_since_epoch = m.clock.now()
         facts = self._facts(now)
         self.report.first_pass_ok = covered
         if facts == self._written_facts:
@@ -1452,6 +1473,7 @@ class PositionGuard:
                 trailing_activated=facts[3],
                 status=facts[4],
                 trail_armed=facts[5],
+                unprotected_since=facts[6],
             ),
         )
         self.status = written if written is not None else facts[4]
@@ -1539,6 +1561,8 @@ class ProtectionManager:
             self.kind,
             filled_at=self.clock.monotonic() if filled_at is None else filled_at,
         )
+        if position.unprotected_since is not None:
+            guard.resume_unprotected_since(position.unprotected_since)
         self._restore(guard, position, live_orders, trail_record)
         if venue_open_orders is not None:
             self._confirm_from_snapshot(guard, position, live_orders, venue_open_orders)
@@ -1901,11 +1925,9 @@ def _short(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _datetime(epoch: float | None) -> Any:
+def _datetime(epoch: float | None) -> datetime | None:
     if epoch is None:
         return None
-    from datetime import UTC, datetime
-
     return datetime.fromtimestamp(epoch, tz=UTC)
 
 

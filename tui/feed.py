@@ -372,7 +372,7 @@ class ReadOnlyFeed:
                     p.has_stop_loss,
                     p.trailing_in_place,
                     _epoch(p.opened_at, now),
-                    None if p.is_covered else _epoch(p.opened_at, now),
+                    None if p.is_covered else _epoch(p.unprotected_since or p.opened_at, now),
                 )
                 for p in live
             ),
@@ -471,7 +471,8 @@ def _position_view(p: PositionRecord, trail: TrailingStateRecord | None, now: fl
         distance_to_activation_percent=distance,
         trailing_stop_price=trail.current_stop_price if trail else None,
         covered=p.is_covered,
-        unprotected_seconds=None if p.is_covered else now - _epoch(p.opened_at, now),
+        # From when the engine saw protection lost (it survives restarts), else from the fill.
+        unprotected_seconds=None if p.is_covered else now - _epoch(p.unprotected_since or p.opened_at, now),
         last_error=None,
     )
 
