@@ -497,14 +497,21 @@ def _health(row: HealthRow, now: float, stale_after: float, running: bool) -> Co
 def _entry_for_record(event: EventRecord) -> LogEntry:
     data = event.data or {}
     latency = data.get("latency_seconds")
+    operation = event.type.replace("_", " ")
+    detail = event.message
+    failure = data.get("failure_class")
+    if isinstance(failure, str) and failure in FAILURE_LABELS:
+        # A failed protective create, as the live view labels it: the stop, then what happened.
+        operation = "create trailing stop" if data.get("stop") == "trailing_stop" else "create stop-loss"
+        detail = f"{FAILURE_LABELS[failure]}: {event.message}"
     return LogEntry(
         at=event.created_at.timestamp(),
         severity=event.severity.value,
         symbol=event.symbol or "",
-        operation=event.type.replace("_", " "),
+        operation=operation,
         latency_seconds=float(latency) if isinstance(latency, int | float) else None,
         outcome=str(data.get("outcome", "")),
-        detail=event.message,
+        detail=detail,
     )
 
 

@@ -20,6 +20,7 @@ from tests.integration.test_failure_modes_f1_f5 import (
     settings_for,
 )
 from tests.support.driving import drive, drive_until
+from tui.feed import LogEntry, ReadOnlyFeed
 
 
 async def _wait(clock: ManualClock, seconds: float) -> None:
@@ -128,3 +129,49 @@ async def test_a_restarted_engine_measures_the_time_unprotected_from_the_recorde
         assert abs(recorded - (clock.now() - (clock.monotonic() - lost))) < 6
     finally:
         await drive(clock, engine_b.stop())
+
+
+async def test_the_read_only_dashboard_shows_the_same_age_and_labels_failures_by_class(db: Database) -> None:
+    """The read-only dashboard (another process holds the lease) measured the time unprotected from the
+    fill: a position held for an hour that lost its stop 75 s ago showed "1h unprotected". It measures from
+    the recorded loss now, and its log rows name a failed stop by class, as the live view does."""
+    settings = settings_for(db, {"PROTECTION__RECONCILE_SECONDS": "5"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    feed = ReadOnlyFeed(settings, None, interval=1.0)
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[63]])
+        await drive_until_covered(engine, clock, 1)
+        await feed.start()
+        await _lose_protection(engine, clock, guard)
+
+        async def server_errors_read() -> bool:
+            rows = [e for e in await feed.poll() if e.symbol == guard.symbol]
+            seen.extend(rows)
+            return any(e.detail.startswith("venue server error") for e in seen)
+
+        seen: list[LogEntry] = []
+        await drive_until(clock, server_errors_read, step=0.5, limit=60, what="a server error read back")
+        [row] = [e for e in seen if e.detail.startswith("venue server error")][:1]
+        assert row.operation == "create stop-loss"
+        assert "Timeout" not in row.detail
+    finally:
+        await drive(clock, engine.stop())
+    # The database's clock is not the test's virtual one: put the recorded moments on it, an hour after
+    # the fill and 75 s after the loss.
+    await db.pool.execute(
+        "UPDATE monitoring.positions SET opened_at = now() - interval '1 hour', "
+        "unprotected_since = now() - interval '75 seconds' WHERE id = $1",
+        guard.position_id,
+    )
+    try:
+        await feed.poll()
+        snapshot = feed.snapshot()
+        [view] = [p for p in snapshot.positions if p.position_id == guard.position_id]
+        assert view.unprotected_seconds is not None
+        assert 74 <= view.unprotected_seconds < 90
+        assert snapshot.coverage.oldest_unprotected_seconds is not None
+        assert 74 <= snapshot.coverage.oldest_unprotected_seconds < 90
+    finally:
+        await feed.stop()
