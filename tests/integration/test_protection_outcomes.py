@@ -302,7 +302,6 @@ async def test_on_the_binance_wire_a_500_is_a_server_error_and_only_a_held_answe
             assert timeout["message"].startswith("Timeout creating ")
             for row in by_kind["protection_server_error"]:
                 assert row["message"].startswith("Server error creating ")
-                assert row["data"]["latency_seconds"] < 1.9
 
             # The operators' grep counts the one real timeout, and every failure is one line.
             grep = [r for r in caplog.records if "Timeout creating" in r.getMessage()]
