@@ -44,20 +44,33 @@ class ProtectionConfirmed(EngineEvent):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ProtectionTimedOut(EngineEvent):
+    """A protective call got no answer within its budget (a real timeout, and only that: an HTTP 500 or a
+    dropped connection is a `ProtectionFailed` with its own `failure_class`)."""
+
     position_id: int
     symbol: str
     operation: str
     latency_seconds: float
     outcome: str  # resolved | retrying | failed | closed
+    failure_class: str = "timeout"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ProtectionFailed(EngineEvent):
+    """A protection step failed. For a protective order the venue did not take, `failure_class` says what
+    happened (`engine.exchange.errors.FailureClass`: unknown_outcome, rejected, server_error, rate_limited,
+    not_sent), with the venue's code and the call's latency; None for failures that were no venue call."""
+
     position_id: int
     symbol: str
     operation: str
     error: str
     retry_in_seconds: float | None
+    failure_class: str | None = None
+    venue_code: int | None = None
+    http_status: int | None = None
+    latency_seconds: float | None = None
+    outcome: str | None = None  # resolved (by client order id) | retrying; None: not a call's outcome
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

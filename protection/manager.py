@@ -27,6 +27,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import ROUND_DOWN, ROUND_UP, Decimal
 from enum import StrEnum
 from typing import Any
@@ -44,12 +45,14 @@ from engine.exchange.errors import (
     Banned,
     DuplicateClientOrderId,
     ExchangeError,
+    FailureClass,
     NotFound,
     OutcomeUnknown,
     RateLimited,
     Rejected,
     Retryable,
     WouldTriggerImmediately,
+    failure_class,
 )
 from engine.exchange.port import (
     Capabilities,
@@ -276,7 +279,13 @@ class PositionGuard:
         self.kind = kind
         self.closing_side: OrderSide = self.side.closing_side
         self.filled_at = filled_at
+        # Since when it lacks a confirmed stop (monotonic), and the same moment on the wall clock, fixed
+        # once: it is written with the facts, so a restarted manager or engine measures the time
+        # unprotected from when protection was really lost, not from its own start.
         self.unprotected_since: float | None = filled_at
+        self.unprotected_since_epoch: float | None = manager.clock.now() - (
+            manager.clock.monotonic() - filled_at
+        )
         self.protected_at: float | None = None
 
         config = manager.config
@@ -648,36 +657,10 @@ class PositionGuard:
             m.protective_failures.add(m.clock.monotonic())
             latency = m.clock.monotonic() - started
             order.maybe_sent = True
-            await m.store.set_order_status(cid, OrderRecordStatus.UNKNOWN, error=_short(exc))
-            log.error(
-                "Timeout creating %s for %s after %.1fs (outcome: resolving by client order id %s)",
-                _what(order.purpose),
-                self.symbol,
-                latency,
-                cid,
-            )
+            await m.store.set_order_status(cid, OrderRecordStatus.UNKNOWN, error=_short(exc) or "no answer")
             outcome = await self._resolve(order, "resolve")
             # resolved: it was placed after all; retrying: absent (resent with the same id) or still unknown
-            label = "resolved" if outcome is _Outcome.CONFIRMED else "retrying"
-            m.timeouts.add(m.clock.monotonic())
-            m.publish(
-                ProtectionTimedOut(
-                    at=m.clock.now(),
-                    position_id=self.position_id,
-                    symbol=self.symbol,
-                    operation=f"create {_what(order.purpose)}",
-                    latency_seconds=latency,
-                    outcome=label,
-                )
-            )
-            await m.store.record_event(
-                Severity.ERROR if outcome is not _Outcome.CONFIRMED else Severity.WARNING,
-                "protection_timeout",
-                f"Timeout creating {_what(order.purpose)} for {self.symbol} (outcome: {label})",
-                symbol=self.symbol,
-                position_id=self.position_id,
-                data={"client_order_id": cid, "latency_seconds": round(latency, 3), "outcome": label},
-            )
+            self._create_failed(order, cid, exc, latency, resolved=outcome is _Outcome.CONFIRMED)
             if outcome is _Outcome.GONE:
                 return self._next_generation(order)
             if outcome is not _Outcome.CONFIRMED:
@@ -699,8 +682,10 @@ class PositionGuard:
             # A rate-limit answer is the venue's pacing ("not now, at T"), not a failing protection path:
             # it is retried at T and, should it leave the position naked, the breaker's uncovered and
             # coverage rules see that. Counting it here paused entries on a one-second burst.
+            latency = m.clock.monotonic() - started
             order.maybe_sent = False  # the venue said it did not execute it
             await self._refused(order, cid, exc)
+            self._create_failed(order, cid, exc, latency, resolved=False)
             return _Outcome.RETRY
         return await self._accept(order, placed, m.clock.monotonic() - started)
 
@@ -915,7 +900,92 @@ class PositionGuard:
             self._fresh_id(order)
         else:
             await m.store.set_order_status(cid, OrderRecordStatus.PENDING, error=_short(exc))
-        self._note_failure(f"create {_what(order.purpose)}", _short(exc))
+
+    def _create_failed(
+        self, order: ProtectiveOrder, cid: str, exc: BaseException, latency: float, *, resolved: bool
+    ) -> None:
+        """One failed protective create, reported once and by what happened (`FailureClass`): one log line
+        with the symbol, the stop, the class, the venue's code and the elapsed time; one domain event (a
+        `ProtectionTimedOut` for a real timeout only); one `monitoring.events` row of kind
+        `protection_<class>`. "Timeout creating …" is said of real timeouts only: an HTTP 500 answered at
+        once is a server error, and the operators' grep must not count it."""
+        m = self._m
+        failure = failure_class(exc)
+        what = _what(order.purpose)
+        code = exc.venue_code if isinstance(exc, ExchangeError) else None
+        status = exc.http_status if isinstance(exc, ExchangeError) else None
+        detail = _short(exc) if str(exc) else f"no answer within {m.config.call_timeout_seconds:g}s"
+        answer = ", ".join(
+            part
+            for part in (
+                f"class {failure.value}",
+                f"HTTP {status}" if status is not None else "",
+                f"venue code {code}" if code is not None else "no venue code",
+                f"client id {cid}",
+            )
+            if part
+        )
+        still_covered = self.covered
+        retry_in: float | None = None
+        if resolved:
+            state, severity = "it was placed after all (found by its client order id)", Severity.WARNING
+        else:
+            retry_in = self._retry_delay(self.failures + 1)
+            covered_words = "still protected by its confirmed stops" if still_covered else "unprotected"
+            state = f"{self.symbol} {covered_words}, retrying in {retry_in:.1f}s"
+            severity = Severity.WARNING if still_covered else Severity.ERROR
+            self.last_error = f"create {what}: {_FAILURE_WORDS[failure]} ({detail})"
+        message = (
+            f"{_FAILURE_PHRASE[failure]} {what} for {self.symbol} after {latency:.1f}s ({answer}): {detail}; "
+            f"{state}"
+        )
+        log.log(logging.WARNING if severity is Severity.WARNING else logging.ERROR, "%s", message)
+        outcome = "resolved" if resolved else "retrying"
+        if failure is FailureClass.TIMEOUT:
+            m.timeouts.add(m.clock.monotonic())
+            m.publish(
+                ProtectionTimedOut(
+                    at=m.clock.now(),
+                    position_id=self.position_id,
+                    symbol=self.symbol,
+                    operation=f"create {what}",
+                    latency_seconds=latency,
+                    outcome=outcome,
+                )
+            )
+        else:
+            m.publish(
+                ProtectionFailed(
+                    at=m.clock.now(),
+                    position_id=self.position_id,
+                    symbol=self.symbol,
+                    operation=f"create {what}",
+                    error=detail,
+                    retry_in_seconds=retry_in,
+                    failure_class=failure.value,
+                    venue_code=code,
+                    http_status=status,
+                    latency_seconds=latency,
+                    outcome=outcome,
+                )
+            )
+        m.spawn_event_write(
+            severity,
+            f"protection_{failure.value}",
+            message,
+            self.symbol,
+            self.position_id,
+            data={
+                "client_order_id": cid,
+                "stop": order.purpose.value,
+                "failure_class": failure.value,
+                "venue_code": code,
+                "http_status": status,
+                "latency_seconds": round(latency, 3),
+                "outcome": outcome,
+                "retry_in_seconds": None if retry_in is None else round(retry_in, 3),
+            },
+        )
 
     async def _breached(self, order: ProtectiveOrder) -> _Outcome:
         m = self._m
@@ -1341,7 +1411,18 @@ class PositionGuard:
             position.trailing_activated if self.trail is not None else None,
             position.status,
             position.trail_armed,
+            position.unprotected_since,
         )
+
+    def resume_unprotected_since(self, moment: datetime) -> None:
+        """A restored position was already unprotected since `moment` (recorded by the manager or engine
+        before this one): its time unprotected goes on from there, and its grace period is long over if
+        it began before that moment."""
+        clock = self._m.clock
+        since = clock.monotonic() - max(0.0, clock.now() - moment.timestamp())
+        self.unprotected_since = since
+        self.unprotected_since_epoch = moment.timestamp()
+        self.filled_at = min(self.filled_at, since)
 
     def facts_written(self) -> bool:
         """The database holds exactly what this guard knows now."""
@@ -1362,6 +1443,7 @@ class PositionGuard:
             self.trail.stop_price is not None if self.trail is not None else None,
             status,
             self.trail_armed,
+            None if covered else _datetime(self.unprotected_since_epoch),
         )
 
     async def _write_facts(self) -> None:
@@ -1373,8 +1455,10 @@ class PositionGuard:
                 self.protected_at = now
                 self.protected.set()
             self.unprotected_since = None  # every time: the next loss is timed from its own start
+            self.unprotected_since_epoch = None
         elif self.unprotected_since is None:
             self.unprotected_since = now
+            self.unprotected_since_epoch = m.clock.now()
         facts = self._facts(now)
         self.report.first_pass_ok = covered
         if facts == self._written_facts:
@@ -1389,6 +1473,7 @@ class PositionGuard:
                 trailing_activated=facts[3],
                 status=facts[4],
                 trail_armed=facts[5],
+                unprotected_since=facts[6],
             ),
         )
         self.status = written if written is not None else facts[4]
@@ -1476,6 +1561,8 @@ class ProtectionManager:
             self.kind,
             filled_at=self.clock.monotonic() if filled_at is None else filled_at,
         )
+        if position.unprotected_since is not None:
+            guard.resume_unprotected_since(position.unprotected_since)
         self._restore(guard, position, live_orders, trail_record)
         if venue_open_orders is not None:
             self._confirm_from_snapshot(guard, position, live_orders, venue_open_orders)
@@ -1738,8 +1825,8 @@ class ProtectionManager:
         except (NotFound, Rejected):
             ok = True  # the venue answered
             raise
-        except (TimeoutError, OutcomeUnknown):
-            timed_out = True
+        except (TimeoutError, OutcomeUnknown) as exc:
+            timed_out = failure_class(exc) is FailureClass.TIMEOUT  # a 500 answered at once is no timeout
             raise
         finally:
             now = self.clock.monotonic()
@@ -1793,6 +1880,26 @@ class ProtectionManager:
         task.add_done_callback(self._background.discard)
 
 
+# How each class of failed protective create starts its log line and event message. "Timeout creating
+# trailing stop for SYMBOL" is the operators' grep: it is said of real timeouts only.
+_FAILURE_PHRASE = {
+    FailureClass.TIMEOUT: "Timeout creating",
+    FailureClass.UNKNOWN_OUTCOME: "Unknown outcome creating",
+    FailureClass.REJECTED: "Rejected creating",
+    FailureClass.SERVER_ERROR: "Server error creating",
+    FailureClass.RATE_LIMITED: "Rate limited creating",
+    FailureClass.NOT_SENT: "Could not send",
+}
+_FAILURE_WORDS = {
+    FailureClass.TIMEOUT: "timed out",
+    FailureClass.UNKNOWN_OUTCOME: "outcome unknown",
+    FailureClass.REJECTED: "rejected",
+    FailureClass.SERVER_ERROR: "server error",
+    FailureClass.RATE_LIMITED: "rate limited",
+    FailureClass.NOT_SENT: "not sent",
+}
+
+
 def _what(purpose: OrderPurpose) -> str:
     return (
         "trailing stop"
@@ -1818,11 +1925,9 @@ def _short(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _datetime(epoch: float | None) -> Any:
+def _datetime(epoch: float | None) -> datetime | None:
     if epoch is None:
         return None
-    from datetime import UTC, datetime
-
     return datetime.fromtimestamp(epoch, tz=UTC)
 
 

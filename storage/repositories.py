@@ -96,6 +96,7 @@ class PositionRecord:
     exit_reason: str | None
     trail_armed: bool = False  # a managed trail held (and moved) by a running engine
     account: str = "sim:default"  # whose venue account (engine/accounts.py)
+    unprotected_since: datetime | None = None  # since when it lacks a confirmed stop (None: covered)
 
     @property
     def trailing_in_place(self) -> bool:
@@ -128,6 +129,7 @@ class ProtectionFactsRow:
     trailing_activated: bool | None
     status: PositionStatus  # the live status it should have: pending_protection or active
     trail_armed: bool = False
+    unprotected_since: datetime | None = None  # since when it lacks a confirmed stop; None: covered
 
 
 @dataclass(frozen=True, slots=True)
@@ -458,11 +460,13 @@ class Store:
             UPDATE monitoring.positions AS p
             SET has_stop_loss = f.sl, has_trailing_stop = f.ts, stop_loss_price = f.sl_price,
                 trailing_activated = COALESCE(f.activated, p.trailing_activated), trail_armed = f.armed,
+                unprotected_since = f.since,
                 protected_at = CASE WHEN f.sl AND f.ts THEN COALESCE(p.protected_at, $9::timestamptz, now())
                                     ELSE p.protected_at END,
                 status = CASE WHEN p.status IN ('pending_protection', 'active') THEN f.status ELSE p.status END
-            FROM unnest($1::bigint[], $2::bool[], $3::bool[], $4::numeric[], $5::bool[], $6::text[], $8::bool[])
-                AS f(id, sl, ts, sl_price, activated, status, armed)
+            FROM unnest($1::bigint[], $2::bool[], $3::bool[], $4::numeric[], $5::bool[], $6::text[], $8::bool[],
+                        $10::timestamptz[])
+                AS f(id, sl, ts, sl_price, activated, status, armed, since)
             WHERE p.id = f.id AND p.status <> ALL($7::text[])
             RETURNING p.id, p.status
             """,
@@ -475,6 +479,7 @@ class Store:
             TERMINAL_STATUSES,
             [f.trail_armed for f in facts],
             at,
+            [f.unprotected_since for f in facts],
         )
         return {r["id"]: PositionStatus(r["status"]) for r in rows}
 

@@ -905,6 +905,7 @@ def _position_with_facts(position: PositionRecord, fact: ProtectionFactsRow, at:
         if fact.trailing_activated is not None
         else position.trailing_activated,
         trail_armed=fact.trail_armed,
+        unprotected_since=fact.unprotected_since,
         protected_at=(position.protected_at or at) if both else position.protected_at,
         status=fact.status if position.status in _LIVE_POSITION_STATUSES else position.status,
         updated_at=at,
@@ -965,6 +966,7 @@ def _encode_facts(fact: ProtectionFactsRow) -> dict[str, Any]:
         "trailing_activated": fact.trailing_activated,
         "status": fact.status.value,
         "trail_armed": fact.trail_armed,
+        "unprotected_since": None if fact.unprotected_since is None else fact.unprotected_since.isoformat(),
     }
 
 
@@ -977,6 +979,7 @@ def _decode_facts(args: Mapping[str, Any]) -> ProtectionFactsRow:
         trailing_activated=args["trailing_activated"],
         status=PositionStatus(args["status"]),
         trail_armed=bool(args["trail_armed"]),
+        unprotected_since=_when(args.get("unprotected_since")),  # absent in a journal from before 0010
     )
 
 

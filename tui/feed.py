@@ -78,6 +78,17 @@ class LogEntry:
         return SEVERITY_RANK.get(self.severity, 1)
 
 
+# The log panel's words for each class of failed protective call (engine.exchange.errors.FailureClass).
+FAILURE_LABELS = {
+    "timeout": "timed out",
+    "unknown_outcome": "outcome unknown (answer lost)",
+    "rejected": "rejected by the venue",
+    "server_error": "venue server error",
+    "rate_limited": "rate limited",
+    "not_sent": "not sent (venue unreachable)",
+}
+
+
 def entry_for_event(event: EngineEvent) -> LogEntry | None:
     """The log row for a domain event, or None for events that only change the snapshot."""
     match event:
@@ -92,6 +103,34 @@ def entry_for_event(event: EngineEvent) -> LogEntry | None:
                 "timed out; outcome resolved by client order id"
                 if event.outcome == "resolved"
                 else "timed out; the position stays uncovered until confirmed",
+            )
+        case ProtectionFailed() if event.failure_class is not None:
+            # A protective call that failed, labelled by what happened: a 500 is a server error, not a timeout.
+            resolved = event.outcome == "resolved"
+            answer = ", ".join(
+                part
+                for part in (
+                    f"HTTP {event.http_status}" if event.http_status is not None else "",
+                    f"code {event.venue_code}" if event.venue_code is not None else "",
+                )
+                if part
+            )
+            label = FAILURE_LABELS.get(event.failure_class, event.failure_class.replace("_", " "))
+            then = (
+                "outcome resolved by client order id"
+                if resolved
+                else f"retry in {event.retry_in_seconds:.0f}s"
+                if event.retry_in_seconds is not None
+                else "the position stays uncovered until confirmed"
+            )
+            return LogEntry(
+                event.at,
+                "warning" if resolved else "error",
+                event.symbol,
+                event.operation,
+                event.latency_seconds,
+                event.outcome or "retrying",
+                f"{label}{f' ({answer})' if answer else ''}; {then}: {event.error}",
             )
         case ProtectionFailed():
             retrying = event.retry_in_seconds is not None
@@ -333,7 +372,7 @@ class ReadOnlyFeed:
                     p.has_stop_loss,
                     p.trailing_in_place,
                     _epoch(p.opened_at, now),
-                    None if p.is_covered else _epoch(p.opened_at, now),
+                    None if p.is_covered else _epoch(p.unprotected_since or p.opened_at, now),
                 )
                 for p in live
             ),
@@ -432,7 +471,8 @@ def _position_view(p: PositionRecord, trail: TrailingStateRecord | None, now: fl
         distance_to_activation_percent=distance,
         trailing_stop_price=trail.current_stop_price if trail else None,
         covered=p.is_covered,
-        unprotected_seconds=None if p.is_covered else now - _epoch(p.opened_at, now),
+        # From when the engine saw protection lost (it survives restarts), else from the fill.
+        unprotected_seconds=None if p.is_covered else now - _epoch(p.unprotected_since or p.opened_at, now),
         last_error=None,
     )
 
@@ -457,14 +497,21 @@ def _health(row: HealthRow, now: float, stale_after: float, running: bool) -> Co
 def _entry_for_record(event: EventRecord) -> LogEntry:
     data = event.data or {}
     latency = data.get("latency_seconds")
+    operation = event.type.replace("_", " ")
+    detail = event.message
+    failure = data.get("failure_class")
+    if isinstance(failure, str) and failure in FAILURE_LABELS:
+        # A failed protective create, as the live view labels it: the stop, then what happened.
+        operation = "create trailing stop" if data.get("stop") == "trailing_stop" else "create stop-loss"
+        detail = f"{FAILURE_LABELS[failure]}: {event.message}"
     return LogEntry(
         at=event.created_at.timestamp(),
         severity=event.severity.value,
         symbol=event.symbol or "",
-        operation=event.type.replace("_", " "),
+        operation=operation,
         latency_seconds=float(latency) if isinstance(latency, int | float) else None,
         outcome=str(data.get("outcome", "")),
-        detail=event.message,
+        detail=detail,
     )
 
 

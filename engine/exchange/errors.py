@@ -19,11 +19,18 @@ Every venue implementation translates its own failures into exactly these types,
 `WouldTriggerImmediately`, `InsufficientMargin` and `DuplicateClientOrderId` subclass `Rejected`: each is
 a refusal with a Binance code, but each has a distinct next step, so callers can catch them by name.
 Messages carry symbols, ids and venue codes only; never credentials or signed request parameters.
+
+The type says what to do next; `failure_class(error)` says what *happened*, for people (log lines, event
+kinds, the dashboard): an HTTP 500 answered at once and a call that got no answer within its budget both
+leave the outcome to be resolved by id (`OutcomeUnknown` on Binance), yet only the second is a timeout.
+Each error carries what the venue answered when it answered (`http_status`, `venue_code`); the venue's edge
+names the class where the type alone cannot (`failure=`).
 """
 
 from __future__ import annotations
 
-from enum import IntEnum
+from enum import IntEnum, StrEnum
+from typing import Self
 
 
 class RejectCode(IntEnum):
@@ -44,8 +51,41 @@ class RejectCode(IntEnum):
     MIN_NOTIONAL = -4164
 
 
+class FailureClass(StrEnum):
+    """What happened to a venue call that failed (not what to do next: that is the error's type)."""
+
+    TIMEOUT = "timeout"  # no answer within the call's time budget
+    UNKNOWN_OUTCOME = (
+        "unknown_outcome"  # sent, the answer lost (connection dropped, unreadable, "status unknown")
+    )
+    REJECTED = "rejected"  # the venue answered no, with its code
+    SERVER_ERROR = "server_error"  # the venue answered HTTP 5xx or a server-error code
+    RATE_LIMITED = "rate_limited"  # HTTP 429/418 or a rate-limit code: not now
+    NOT_SENT = "not_sent"  # the venue could not be reached: nothing was sent
+
+
 class ExchangeError(Exception):
     """Base of every error a venue raises through the port."""
+
+    http_status: int | None = None  # the venue's HTTP status, when it answered
+    venue_code: int | None = None  # the venue's own error code, when it gave one
+    failure: FailureClass | None = None  # what happened, when the type alone does not say
+
+    def answered(
+        self,
+        *,
+        http_status: int | None = None,
+        venue_code: int | None = None,
+        failure: FailureClass | None = None,
+    ) -> Self:
+        """Record what the venue answered (the edge that translated the error calls this); returns self."""
+        if http_status is not None:
+            self.http_status = http_status
+        if venue_code is not None:
+            self.venue_code = venue_code
+        if failure is not None:
+            self.failure = failure
+        return self
 
 
 class Retryable(ExchangeError):
@@ -77,6 +117,7 @@ class Rejected(ExchangeError):
         super().__init__(f"rejected {code}: {reason}")
         self.code = code
         self.reason = reason
+        self.venue_code = int(code)
 
 
 class WouldTriggerImmediately(Rejected):
@@ -97,6 +138,29 @@ class DuplicateClientOrderId(Rejected):
         self.client_order_id = client_order_id
 
 
+def failure_class(error: BaseException) -> FailureClass:
+    """What happened to a failed call: our own time budget running out is a timeout; otherwise the class
+    the venue's edge named, or the one the error's type and the venue's answer imply."""
+    if isinstance(error, TimeoutError):
+        return FailureClass.TIMEOUT
+    if not isinstance(error, ExchangeError):
+        return FailureClass.UNKNOWN_OUTCOME
+    if error.failure is not None:
+        return error.failure
+    if isinstance(error, RateLimited | Banned) or error.http_status in (418, 429):
+        return FailureClass.RATE_LIMITED
+    if isinstance(error, Rejected | NotFound):
+        return FailureClass.REJECTED
+    status = error.http_status
+    if status is not None and status >= 500:
+        return FailureClass.SERVER_ERROR
+    if status is not None and 400 <= status < 500:
+        return FailureClass.REJECTED
+    if isinstance(error, OutcomeUnknown):
+        return FailureClass.UNKNOWN_OUTCOME
+    return FailureClass.NOT_SENT  # Retryable with no answer: it never reached the venue
+
+
 class NotFound(ExchangeError):
     def __init__(self, symbol: str, client_order_id: str) -> None:
         super().__init__(f"no order {client_order_id!r} on {symbol}")
@@ -108,6 +172,7 @@ __all__ = [
     "Banned",
     "DuplicateClientOrderId",
     "ExchangeError",
+    "FailureClass",
     "InsufficientMargin",
     "NotFound",
     "OutcomeUnknown",
@@ -116,4 +181,5 @@ __all__ = [
     "Rejected",
     "Retryable",
     "WouldTriggerImmediately",
+    "failure_class",
 ]

@@ -62,6 +62,7 @@ from engine.exchange.errors import (
     Banned,
     DuplicateClientOrderId,
     ExchangeError,
+    FailureClass,
     InsufficientMargin,
     NotFound,
     OutcomeUnknown,
@@ -242,17 +243,40 @@ def translate_error(
     client_order_id: str | None = None,
     now: float | None = None,
 ) -> ExchangeError:
-    """One ccxt (or transport) failure → the port's error named by what to do next."""
-    now = time.time() if now is None else now
+    """One ccxt (or transport) failure → the port's error named by what to do next, carrying what the venue
+    answered (HTTP status, venue code) and, where the type does not say it, what happened (`FailureClass`)."""
+    context: HttpContext | None = getattr(error, "http_context", None)
+    status = context.status if context is not None else None
+    code, _ = _venue_code_and_message(error, context)
+    translated = _translate(
+        error,
+        venue=venue,
+        mutating=mutating,
+        symbol=symbol,
+        client_order_id=client_order_id,
+        now=time.time() if now is None else now,
+    )
+    return translated.answered(http_status=status, venue_code=code)
+
+
+def _translate(
+    error: Exception,
+    *,
+    venue: str,
+    mutating: bool,
+    symbol: str | None,
+    client_order_id: str | None,
+    now: float,
+) -> ExchangeError:
     context: HttpContext | None = getattr(error, "http_context", None)
     status = context.status if context is not None else None
     code, message = _venue_code_and_message(error, context)
     label = f"{venue}{' ' + symbol if symbol else ''}"
 
-    def unknown(detail: str) -> ExchangeError:
+    def unknown(detail: str, failure: FailureClass) -> ExchangeError:
         if mutating:
-            return OutcomeUnknown(client_order_id, f"{label}: {detail}")
-        return Retryable(f"{label}: {detail}")
+            return OutcomeUnknown(client_order_id, f"{label}: {detail}").answered(failure=failure)
+        return Retryable(f"{label}: {detail}").answered(failure=failure)
 
     # Rate limits and bans first: they are answers about the account, whatever the endpoint.
     ban_match = _BAN_UNTIL.search(message)
@@ -278,9 +302,11 @@ def translate_error(
 
     if venue == BINANCEUSDM and code is not None:
         if code in _BINANCE_UNKNOWN_OUTCOME:
-            return unknown(f"execution status unknown (code {code})")
+            return unknown(f"execution status unknown (code {code})", FailureClass.UNKNOWN_OUTCOME)
         if code in _BINANCE_NOT_EXECUTED:
-            return Retryable(f"{label}: not executed (code {code}: {message})")
+            # -1021 (timestamp outside recvWindow) is a refusal; -1001 and -1008 are the venue's own trouble.
+            failure = FailureClass.REJECTED if code == -1021 else FailureClass.SERVER_ERROR
+            return Retryable(f"{label}: not executed (code {code}: {message})").answered(failure=failure)
         if code in _BINANCE_WOULD_TRIGGER:
             return WouldTriggerImmediately(f"{label}: order would immediately trigger (code {code})")
         if code == RejectCode.MAX_CONDITIONAL_ORDERS:
@@ -297,7 +323,9 @@ def translate_error(
             return Rejected(_reject_code(code), f"{label}: {message or 'refused'}")
     if venue == BYBIT and code is not None and code != 0:
         if code in _BYBIT_NOT_EXECUTED:
-            return Retryable(f"{label}: not executed (retCode {code}: {message})")
+            # 10016: the venue's server error; 10002: our timestamp outside recv_window (a refusal).
+            failure = FailureClass.SERVER_ERROR if code == 10016 else FailureClass.REJECTED
+            return Retryable(f"{label}: not executed (retCode {code}: {message})").answered(failure=failure)
         if code in _BYBIT_WOULD_TRIGGER:
             return WouldTriggerImmediately(f"{label}: stop would trigger immediately ({message})")
         if code in _BYBIT_DUPLICATE:
@@ -313,24 +341,26 @@ def translate_error(
 
     if status is not None and status >= 500:
         # Binance: a 5xx means the execution status is unknown; only -1008 (busy) is known not executed.
-        return unknown(f"HTTP {status}")
+        return unknown(f"HTTP {status}", FailureClass.SERVER_ERROR)
     if isinstance(error, ccxt_errors.RequestTimeout):
-        return unknown("no answer before the timeout")
+        return unknown("no answer before the timeout", FailureClass.TIMEOUT)
     if isinstance(error, ccxt_errors.NetworkError):
         if isinstance(error.__cause__, aiohttp.ClientConnectorError | OSError) and not isinstance(
             error.__cause__, aiohttp.ServerDisconnectedError
         ):
-            return Retryable(f"{label}: could not connect (nothing was sent)")
-        return unknown("connection lost before the answer")
+            return Retryable(f"{label}: could not connect (nothing was sent)").answered(
+                failure=FailureClass.NOT_SENT
+            )
+        return unknown("connection lost before the answer", FailureClass.UNKNOWN_OUTCOME)
     if isinstance(error, ccxt_errors.AuthenticationError):
         return Rejected(code or status or -2015, f"{label}: the venue refused the API key or signature")
     if isinstance(error, ccxt_errors.BadResponse | ccxt_errors.NullResponse):
-        return unknown("unreadable answer")
+        return unknown("unreadable answer", FailureClass.UNKNOWN_OUTCOME)
     if isinstance(error, ccxt_errors.InvalidOrder | ccxt_errors.BadRequest | ccxt_errors.ExchangeError):
         return Rejected(code or status or 0, f"{label}: {message or type(error).__name__}")
-    if isinstance(error, asyncio.TimeoutError | aiohttp.ClientError):
-        return unknown(type(error).__name__)
-    return unknown(type(error).__name__)
+    if isinstance(error, asyncio.TimeoutError):
+        return unknown(type(error).__name__, FailureClass.TIMEOUT)
+    return unknown(type(error).__name__, FailureClass.UNKNOWN_OUTCOME)
 
 
 def _reject_code(code: int) -> int:
@@ -608,8 +638,9 @@ class CcxtVenue(RequestHooks):
                 client_order_id=client_order_id,
                 now=time.time(),
             )
-            if isinstance(translated, OutcomeUnknown | Retryable | RateLimited | Banned):
-                logger.warning("%s", translated)
+            # DEBUG only: the caller reports the failure once, in its own words (what it was doing, for
+            # which position, the class and the venue's code). A WARN here as well doubled every line.
+            logger.debug("%s", translated)
             raise translated from error
 
     async def _ensure_markets(self) -> None:

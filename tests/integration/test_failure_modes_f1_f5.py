@@ -381,7 +381,7 @@ async def test_f2_network_error_before_send_is_retried_with_the_same_client_id(d
         )
         assert len(events.of(ProtectionFailed)) == 2
         await drive_until(
-            clock, lambda: _count_events(db, "protection_failed", 2), what="protection_failed rows"
+            clock, lambda: _count_events(db, "protection_not_sent", 2), what="protection_not_sent rows"
         )
     finally:
         await events.close()
@@ -403,7 +403,7 @@ async def test_f2_persistent_failure_leaves_the_position_visibly_uncovered_until
     and unprotected, silently. Here every protective create_order fails: the position is not hidden. It is
     counted uncovered once past grace, shows as status 'active' with has_stop_loss / has_trailing_stop
     false (so the operators' SQL sees it), is logged at ERROR with its symbol, recorded as
-    `protection_failed` events, retried with backoff (not hammered), offered to the operator's re-protect,
+    `protection_not_sent` events (the class of a call that never reached the venue), retried with backoff (not hammered), offered to the operator's re-protect,
     and covered as soon as the venue accepts orders again."""
     caplog.set_level(logging.INFO)
     settings = settings_for(
@@ -454,7 +454,7 @@ async def test_f2_persistent_failure_leaves_the_position_visibly_uncovered_until
         errors = [r for r in caplog.records if r.levelno >= logging.ERROR and symbol in r.getMessage()]
         assert errors, "the uncovered position was not logged at ERROR with its symbol"
         assert any("unprotected" in r.getMessage() for r in errors)
-        failed = await events_of(db, "protection_failed")
+        failed = await events_of(db, "protection_not_sent")  # never reached the venue: nothing was sent
         assert failed
         assert all(r["symbol"] == symbol and r["severity"] == "error" for r in failed)
         # Backoff, not a hot loop: 30 s at 1, 2, 4, 8, 8 … s between passes is a handful of attempts.
@@ -977,7 +977,7 @@ async def test_f4_a_trail_move_is_committed_only_after_the_venue_confirms_it(
         higher = market.round_price(guard.entry_price * Decimal("1.05"))
         venue.override_mark_price(symbol, higher)
         await drive_until(
-            clock, lambda: _count_events(db, "protection_failed", 2), what="the move failing twice"
+            clock, lambda: _count_events(db, "protection_not_sent", 2), what="the move failing twice"
         )
         for _ in range(40):  # and while it keeps failing, nothing claims the move
             await step(clock)
@@ -990,7 +990,7 @@ async def test_f4_a_trail_move_is_committed_only_after_the_venue_confirms_it(
             assert [(o.client_order_id, o.stop_price) for o in live] == [(first_cid, first_stop)]
         assert guard.covered  # the old trailing stop is still live and still counted
         # ... so the failures are warnings that say so, never an "unprotected" alarm without a cause (F11),
-        failures = await events_of(db, "protection_failed")
+        failures = await events_of(db, "protection_not_sent")
         assert failures
         assert {row["severity"] for row in failures} == {"warning"}
         assert all("still protected by its confirmed stops" in row["message"] for row in failures)

@@ -799,7 +799,8 @@ async def test_f12_a_protective_order_that_keeps_failing_is_logged_recorded_and_
 ) -> None:
     """F12 (invisible failures): the old bot logged exceptions at DEBUG under INFO and its event queue
     overflowed silently. A protective order that keeps failing is logged at WARNING or above with the
-    symbol, recorded in `monitoring.events`, and published to the dashboard as `ProtectionFailed`."""
+    symbol, recorded in `monitoring.events` (an HTTP 500: `protection_server_error`), and published to the
+    dashboard as `ProtectionFailed` with its class."""
     caplog.set_level(logging.INFO)
     engine, clock = await _started(db, create_order_seconds=2.0)
     seen, follower = _collect(engine)
@@ -808,18 +809,23 @@ async def test_f12_a_protective_order_that_keeps_failing_is_logged_recorded_and_
         await drive_until(
             clock,
             lambda: db.pool.fetchval(
-                "SELECT count(*) >= 2 FROM monitoring.events WHERE type = 'protection_failed'"
+                "SELECT count(*) >= 2 FROM monitoring.events WHERE type = 'protection_server_error'"
             ),
             what="failures recorded",
         )
-        assert _loud(caplog, "protection.manager", SYMBOL, "unprotected", "create stop-loss failed")
-        assert _loud(caplog, "protection.manager", SYMBOL, "unprotected", "create trailing stop failed")
-        rows = await db.pool.fetch("SELECT * FROM monitoring.events WHERE type = 'protection_failed'")
+        assert _loud(
+            caplog, "protection.manager", "Server error creating stop-loss for " + SYMBOL, "unprotected"
+        )
+        assert _loud(
+            caplog, "protection.manager", "Server error creating trailing stop for " + SYMBOL, "unprotected"
+        )
+        rows = await db.pool.fetch("SELECT * FROM monitoring.events WHERE type = 'protection_server_error'")
         assert all(
             (r["severity"], r["symbol"], r["position_id"]) == ("error", SYMBOL, position_id) for r in rows
         )
         failed = [e for e in seen if isinstance(e, ProtectionFailed)]
         assert {e.operation for e in failed} >= {"create stop-loss", "create trailing stop"}
+        assert {e.failure_class for e in failed if e.operation.startswith("create")} == {"server_error"}
         assert all(e.symbol == SYMBOL and e.position_id == position_id for e in failed)
         assert all(e.retry_in_seconds is not None and e.retry_in_seconds > 0 for e in failed)
         # The faults run out: the retries (not a human) cover the position.

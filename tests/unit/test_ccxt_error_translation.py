@@ -32,7 +32,7 @@ from engine.exchange import (
     Retryable,
     WouldTriggerImmediately,
 )
-from engine.exchange.errors import ExchangeError
+from engine.exchange.errors import ExchangeError, FailureClass, failure_class
 from engine.venues.binance_emulator import BinanceEmulator, running
 from engine.venues.ccxt_venue import BinanceUsdmVenue, CcxtVenueConfig, HttpContext, translate_error
 from engine.venues.sim.settings import RateLimitSettings, SimVenueSettings
@@ -130,6 +130,11 @@ async def test_4045_conditional_order_cap_is_rejected_with_the_reason() -> None:
         )
         assert error.code == RejectCode.MAX_CONDITIONAL_ORDERS == -4045
         assert "conditional order cap" in str(error)
+        assert (failure_class(error), error.venue_code, error.http_status) == (
+            FailureClass.REJECTED,
+            -4045,
+            400,
+        )
 
 
 async def test_20132_duplicate_algo_id_is_duplicate_client_order_id() -> None:
@@ -229,6 +234,8 @@ async def test_503_1007_execution_status_unknown_on_a_write_is_outcome_unknown_a
             OutcomeUnknown, r.venue.create_market_order(SYMBOL, OrderSide.BUY, QTY, client_order_id="amb")
         )
         assert error.client_order_id == "amb"  # type: ignore[attr-defined]
+        # The venue answered (503) that it does not know: an unknown outcome, neither a timeout nor a 500.
+        assert (failure_class(error), error.venue_code) == (FailureClass.UNKNOWN_OUTCOME, -1007)
         assert (await r.venue.fetch_order(SYMBOL, "amb")).status is OrderStatus.FILLED
 
 
@@ -241,8 +248,13 @@ async def test_503_1007_on_a_read_is_retryable() -> None:
 async def test_503_1008_server_busy_is_retryable_and_nothing_was_executed() -> None:
     async with rig() as r:
         await r.fault("create_order", "busy")
-        await raises(
+        busy = await raises(
             Retryable, r.venue.create_market_order(SYMBOL, OrderSide.BUY, QTY, client_order_id="busy")
+        )
+        assert (failure_class(busy), busy.http_status, busy.venue_code) == (
+            FailureClass.SERVER_ERROR,
+            503,
+            -1008,
         )
         await raises(NotFound, r.venue.fetch_order(SYMBOL, "busy"))
 
@@ -250,11 +262,18 @@ async def test_503_1008_server_busy_is_retryable_and_nothing_was_executed() -> N
 async def test_http_500_on_a_write_is_outcome_unknown_and_on_a_read_retryable() -> None:
     async with rig() as r:
         await r.fault("create_order", "error")
-        await raises(
+        error = await raises(
             OutcomeUnknown, r.venue.create_market_order(SYMBOL, OrderSide.BUY, QTY, client_order_id="e")
         )
+        # Resolved by id like a timeout (a 5xx may have executed), but it is a server error, not a timeout.
+        assert (failure_class(error), error.http_status, error.venue_code) == (
+            FailureClass.SERVER_ERROR,
+            500,
+            -1000,
+        )
         await r.fault("fetch_positions", "error")
-        await raises(Retryable, r.venue.fetch_positions())
+        read = await raises(Retryable, r.venue.fetch_positions())
+        assert failure_class(read) is FailureClass.SERVER_ERROR
 
 
 async def test_request_timeout_on_a_write_is_outcome_unknown() -> None:
@@ -268,6 +287,7 @@ async def test_request_timeout_on_a_write_is_outcome_unknown() -> None:
             ),
         )
         assert error.client_order_id == "ts"  # type: ignore[attr-defined]
+        assert (failure_class(error), error.http_status) == (FailureClass.TIMEOUT, None)
         assert (await r.venue.fetch_order(SYMBOL, "ts")).is_open
 
 
@@ -317,12 +337,13 @@ async def test_a_dropped_connection_is_outcome_unknown_for_writes_and_retryable_
         venue = _venue(base_url)
         try:
             await raises(Retryable, venue.fetch_balance())
-            await raises(
+            dropped = await raises(
                 OutcomeUnknown,
                 venue._call(
                     venue._exchange.fapiPrivatePostLeverage({"symbol": SYMBOL, "leverage": 5}), mutating=True
                 ),
             )
+            assert failure_class(dropped) is FailureClass.UNKNOWN_OUTCOME
         finally:
             await venue.close()
 
@@ -336,12 +357,13 @@ async def test_a_refused_connection_is_retryable_even_for_writes() -> None:
     venue = _venue(base_url)
     try:
         await raises(Retryable, venue.fetch_balance())
-        await raises(
+        refused = await raises(
             Retryable,
             venue._call(
                 venue._exchange.fapiPrivatePostLeverage({"symbol": SYMBOL, "leverage": 5}), mutating=True
             ),
         )
+        assert failure_class(refused) is FailureClass.NOT_SENT
     finally:
         await venue.close()
 

@@ -31,7 +31,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, TypeVar
 
 from engine.clock import Clock, SystemClock
-from engine.exchange.errors import ExchangeError, OutcomeUnknown, RateLimited, Retryable
+from engine.exchange.errors import ExchangeError, FailureClass, OutcomeUnknown, RateLimited, Retryable
 from engine.exchange.port import (
     Balance,
     Capabilities,
@@ -347,14 +347,18 @@ class SimVenue:
         arrival = min(half, timeout)
         if plan.fault is FaultKind.NETWORK_ERROR_BEFORE_SEND:
             await self._clock.sleep(arrival)
-            raise Retryable(f"sim {kind}: network error before the request was sent")
+            raise Retryable(f"sim {kind}: network error before the request was sent").answered(
+                failure=FailureClass.NOT_SENT
+            )
         await self._clock.sleep(arrival)
         if plan.fault is FaultKind.RATE_LIMITED:
             await self._clock.sleep(min(half, timeout - arrival))
-            raise RateLimited(FORCED_RETRY_AFTER_SECONDS, f"sim {kind}: HTTP 429 (as asked)")
+            raise RateLimited(FORCED_RETRY_AFTER_SECONDS, f"sim {kind}: HTTP 429 (as asked)").answered(
+                http_status=429
+            )
         if plan.fault is FaultKind.SERVER_ERROR:
             await self._clock.sleep(min(half, timeout - arrival))
-            raise Retryable(f"sim {kind}: HTTP 500 before execution")
+            raise Retryable(f"sim {kind}: HTTP 500 before execution").answered(http_status=500)
         answer_lost = plan.fault is FaultKind.TIMEOUT_AFTER_ACCEPT or plan.latency > timeout
         refusal: ExchangeError | None = None
         result: T | None = None
@@ -368,8 +372,12 @@ class SimVenue:
                 "sim venue: %s answer lost after %.2fs (client id %s)", kind, timeout, client_order_id
             )
             if kind.mutates:
-                raise OutcomeUnknown(client_order_id, f"sim {kind}: no answer within {timeout:g}s")
-            raise Retryable(f"sim {kind}: read timed out after {timeout:g}s")
+                raise OutcomeUnknown(client_order_id, f"sim {kind}: no answer within {timeout:g}s").answered(
+                    failure=FailureClass.TIMEOUT
+                )
+            raise Retryable(f"sim {kind}: read timed out after {timeout:g}s").answered(
+                failure=FailureClass.TIMEOUT
+            )
         await self._clock.sleep(half)
         if refusal is not None:
             raise refusal

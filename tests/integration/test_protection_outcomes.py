@@ -1,0 +1,332 @@
+"""A failed protective order is named by what happened (issue 13, defect 5): an HTTP 500 answered at once
+used to be logged "Timeout creating trailing stop for …", recorded as `protection_timeout` and shown as
+"timed out", inflating the operators' grep. Each class now has its own words, its own event kind and its own
+label; "Timeout creating …" is said of real timeouts only. Each failure is logged once, with the symbol, the
+stop, the class, the venue's code and the elapsed time (it used to be a WARN from the venue adapter and an
+ERR from the guard).
+
+Two venues: the sim venue's fault knobs on virtual time, and the Binance-wire emulator over loopback with the
+real ccxt adapter (where a 500 is an `OutcomeUnknown`, resolved by client order id, yet no timeout)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import aiohttp
+import pytest
+
+from engine.clock import ManualClock, SystemClock
+from engine.engine import Engine, build_venue
+from engine.events import EngineEvent, ProtectionFailed, ProtectionTimedOut
+from engine.venues.binance_emulator import BinanceEmulator, running
+from engine.venues.sim.settings import CallKind, FaultKind, SimVenueSettings
+from storage.database import Database
+from tests.integration.engine_support import engine_settings, make_engine
+from tests.integration.test_failure_modes_f1_f5 import SYMBOLS
+from tests.support.driving import drive, drive_until
+from tests.support.waiting import wait_until
+from tui.feed import entry_for_event
+
+KEY, SECRET = "outcomes-key", "outcomes-secret"
+
+
+def _collect(engine: Engine) -> tuple[list[EngineEvent], asyncio.Task[None]]:
+    seen: list[EngineEvent] = []
+
+    async def follow() -> None:
+        async for event in engine.events():
+            seen.append(event)
+
+    return seen, asyncio.create_task(follow(), name="test-outcome-events")
+
+
+async def _events(db: Database, symbol: str) -> list[dict[str, Any]]:
+    rows = await db.pool.fetch(
+        "SELECT type, severity, message, data FROM monitoring.events WHERE symbol = $1 "
+        "AND type LIKE 'protection\\_%' ORDER BY id",
+        symbol,
+    )
+    return [
+        {**dict(r), "data": json.loads(r["data"]) if isinstance(r["data"], str) else (r["data"] or {})}
+        for r in rows
+    ]
+
+
+# --- the sim venue: each fault knob, its class, words, event kind and label ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("fault", "kind", "phrase", "http_status", "label"),
+    [
+        (
+            FaultKind.SERVER_ERROR,
+            "protection_server_error",
+            "Server error creating",
+            500,
+            "venue server error",
+        ),
+        (FaultKind.RATE_LIMITED, "protection_rate_limited", "Rate limited creating", 429, "rate limited"),
+        (FaultKind.NETWORK_ERROR_BEFORE_SEND, "protection_not_sent", "Could not send", None, "not sent"),
+        (FaultKind.TIMEOUT_AFTER_ACCEPT, "protection_timeout", "Timeout creating", None, "timed out"),
+    ],
+)
+async def test_each_failed_stop_on_the_sim_venue_is_named_by_what_happened(
+    db: Database,
+    caplog: pytest.LogCaptureFixture,
+    fault: FaultKind,
+    kind: str,
+    phrase: str,
+    http_status: int | None,
+    label: str,
+) -> None:
+    caplog.set_level(logging.INFO)
+    settings = engine_settings(
+        db.target.dsn,
+        {
+            "SIGNALS__MAX_POSITIONS": "10",
+            "VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "2",
+            "VENUE__SIM__LATENCY__BY_CALL": '{"create_order": {"seconds": 1}}',
+        },
+    )
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    seen, follower = _collect(engine)
+    symbol = SYMBOLS[11]
+    try:
+        assert engine.store is not None
+        assert engine.manager is not None
+        venue = engine.venue
+        await engine.store.insert_signals([(symbol, "long", None, None)])
+        await drive_until(
+            clock,
+            lambda: any(p.symbol == symbol for p in venue.core.positions(clock.now())),
+            step=0.01,
+            what="entry filled",
+        )
+        venue.inject_fault(CallKind.CREATE_ORDER, fault, 2)  # both stops' first sends
+        await drive_until(clock, lambda: symbol in engine.manager.by_symbol, what="guarded")
+        guard = engine.manager.by_symbol[symbol]
+        await drive_until(clock, lambda: guard.covered, what="covered once the faults are spent")
+        await drive_until(clock, lambda: _count(db, symbol, kind, 2), what=f"two {kind} rows", limit=30)
+
+        rows = await _events(db, symbol)
+        failures = [r for r in rows if r["type"] != "protection_restarted"]
+        assert [r["type"] for r in failures] == [kind, kind]  # no protection_timeout for a 500, …
+        assert sorted(r["data"]["stop"] for r in failures) == ["stop_loss", "trailing_stop"]
+        for row in failures:
+            assert row["data"]["failure_class"] == kind.removeprefix("protection_")
+            assert row["data"]["http_status"] == http_status
+            assert row["message"].startswith(phrase)
+            assert symbol in row["message"]
+
+        # One line per failure, from the guard, with the symbol, the stop, the class and the elapsed time.
+        lines = [r for r in caplog.records if r.levelno >= logging.WARNING and phrase in r.getMessage()]
+        assert len(lines) == 2, [r.getMessage() for r in lines]
+        assert {r.name for r in lines} == {"protection.manager"}
+        whats = sorted("stop-loss" if "stop-loss" in r.getMessage() else "trailing stop" for r in lines)
+        assert whats == ["stop-loss", "trailing stop"]
+        for record in lines:
+            message = record.getMessage()
+            assert f"for {symbol} after " in message
+            assert f"class {kind.removeprefix('protection_')}" in message
+        if fault is not FaultKind.TIMEOUT_AFTER_ACCEPT:
+            assert not [r for r in caplog.records if "Timeout creating" in r.getMessage()]
+        # Nothing else said the same failure a second time (the guard's old "… failed" line).
+        assert not [
+            r
+            for r in caplog.records
+            if r.levelno >= logging.WARNING and "create stop-loss failed" in r.getMessage()
+        ]
+
+        # The dashboard's event carries the class, and the log panel says it in words.
+        await drive_until(clock, lambda: len(_published(seen, symbol)) >= 2, what="events published")
+        published = _published(seen, symbol)
+        if fault is FaultKind.TIMEOUT_AFTER_ACCEPT:
+            assert all(isinstance(e, ProtectionTimedOut) for e in published)
+        else:
+            assert not [e for e in published if isinstance(e, ProtectionTimedOut)]
+            assert {e.failure_class for e in published} == {kind.removeprefix("protection_")}  # type: ignore[union-attr]
+        for event in published:
+            entry = entry_for_event(event)
+            assert entry is not None
+            assert entry.detail.startswith(label), entry.detail
+            assert entry.latency_seconds is not None
+    finally:
+        await drive(clock, engine.stop())
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+
+
+def _published(seen: list[EngineEvent], symbol: str) -> list[ProtectionFailed | ProtectionTimedOut]:
+    return [
+        e
+        for e in seen
+        if isinstance(e, ProtectionFailed | ProtectionTimedOut)
+        and e.symbol == symbol
+        and e.operation.startswith("create")
+    ]
+
+
+async def _count(db: Database, symbol: str, kind: str, at_least: int) -> bool:
+    count = await db.pool.fetchval(
+        "SELECT count(*) FROM monitoring.events WHERE symbol = $1 AND type = $2", symbol, kind
+    )
+    return count >= at_least
+
+
+async def test_a_stop_the_venue_rejects_is_recorded_as_rejected_with_the_venues_code(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The venue's conditional-order cap (-4045) refuses the trailing stop: `protection_rejected` with the
+    code, "Rejected creating trailing stop for …" once per refusal, never a timeout."""
+    caplog.set_level(logging.INFO)
+    settings = engine_settings(
+        db.target.dsn, {"SIGNALS__MAX_POSITIONS": "10", "VENUE__SIM__MAX_CONDITIONAL_ORDERS": "1"}
+    )
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    symbol = SYMBOLS[12]
+    try:
+        assert engine.store is not None
+        await engine.store.insert_signals([(symbol, "long", None, None)])
+        await drive_until(clock, lambda: _count(db, symbol, "protection_rejected", 1), what="a refusal")
+        rows = [r for r in await _events(db, symbol) if r["type"] == "protection_rejected"]
+        assert rows
+        row = rows[0]
+        assert row["data"]["venue_code"] == -4045
+        assert row["data"]["failure_class"] == "rejected"
+        assert row["severity"] == "error"  # the position is unprotected meanwhile
+        assert "venue code -4045" in row["message"]
+        refusals = [
+            r for r in await _events(db, symbol) if r["type"] in ("protection_timeout", "protection_failed")
+        ]
+        assert refusals == []
+        lines = [r.getMessage() for r in caplog.records if "Rejected creating" in r.getMessage()]
+        assert lines
+        assert all(f"for {symbol} after" in line and "venue code -4045" in line for line in lines)
+        assert len(lines) == len(rows) or len(lines) == len(rows) + 1  # a row may still be on its way
+    finally:
+        await drive(clock, engine.stop())
+
+
+# --- the Binance wire: a 500 is no timeout, a held answer is ------------------------------------------
+
+
+async def _force(
+    session: aiohttp.ClientSession, base_url: str, fault: str, count: int = 1, **extra: Any
+) -> None:
+    answer = await session.post(
+        f"{base_url}/_sim/fault",
+        json={"targets": ["POST:algoOrder"], "fault": fault, "count": count, **extra},
+    )
+    assert answer.status == 200, await answer.text()
+
+
+async def test_on_the_binance_wire_a_500_is_a_server_error_and_only_a_held_answer_is_a_timeout(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reported case: Binance answers HTTP 500 (-1000) in no time. The adapter makes it an
+    `OutcomeUnknown` (a 5xx may have executed: resolved by client order id), which the guard logged as
+    "Timeout creating …" and recorded as `protection_timeout`. Now: `protection_server_error`, the words
+    "Server error creating", the code; a -1007 is an unknown outcome, a 503 -1008 a server error, a 429
+    rate limited; only the answer held past the call budget is `protection_timeout`. One line each."""
+    caplog.set_level(logging.INFO)
+    sim = SimVenueSettings(seed=7, volatility=0.0)
+    emulator = BinanceEmulator(sim, api_key=KEY, api_secret=SECRET, control=True)
+    async with running(emulator) as base_url, aiohttp.ClientSession() as session:
+        settings = engine_settings(
+            db.target.dsn,
+            {
+                "VENUE__KIND": "binanceusdm",
+                "VENUE__BASE_URL": base_url,
+                "VENUE__API_KEY": KEY,
+                "VENUE__API_SECRET": SECRET,
+                "PROTECTION__CALL_TIMEOUT_SECONDS": "2",
+                "PROTECTION__RETRY_INITIAL_SECONDS": "1",
+                "PROTECTION__RETRY_MAX_SECONDS": "1",
+            },
+        )
+        clock = SystemClock()
+        engine = Engine(settings, venue=build_venue(settings, clock), clock=clock, version="test")
+        await engine.start()
+        symbol = sorted(emulator.core.markets)[3]
+        try:
+            assert engine.store is not None
+            assert engine.manager is not None
+            # The first five protective placements fail, one fault each, in this order.
+            await _force(session, base_url, "error")
+            await _force(session, base_url, "busy")
+            await _force(session, base_url, "unknown")
+            await _force(session, base_url, "ratelimit")
+            await _force(session, base_url, "timeout", hold_seconds=4.0)
+            await engine.store.insert_signals([(symbol, "long", None, None)])
+            manager = engine.manager
+            await wait_until(
+                lambda: symbol in manager.by_symbol and manager.by_symbol[symbol].covered,
+                within=40.0,
+                what="the position covered once the faults are spent",
+            )
+            expected = {
+                "protection_server_error": 2,
+                "protection_unknown_outcome": 1,
+                "protection_rate_limited": 1,
+                "protection_timeout": 1,
+            }
+
+            async def recorded() -> bool:
+                kinds = [r["type"] for r in await _events(db, symbol)]
+                return all(kinds.count(k) >= n for k, n in expected.items())
+
+            await wait_until(recorded, within=20.0, what="every failure recorded")
+            rows = await _events(db, symbol)
+            by_kind: dict[str, list[dict[str, Any]]] = {}
+            for row in rows:
+                by_kind.setdefault(row["type"], []).append(row)
+            # (`protection_failed` rows are the look-ups of a stop the venue's read lag hides for seconds.)
+            by_kind.pop("protection_failed", None)
+            assert {k: len(v) for k, v in by_kind.items()} == expected
+            assert sorted(r["data"]["venue_code"] for r in by_kind["protection_server_error"]) == [
+                -1008,
+                -1000,
+            ]
+            assert sorted(r["data"]["http_status"] for r in by_kind["protection_server_error"]) == [500, 503]
+            assert by_kind["protection_unknown_outcome"][0]["data"]["venue_code"] == -1007
+            assert by_kind["protection_rate_limited"][0]["data"]["http_status"] == 429
+            [timeout] = by_kind["protection_timeout"]
+            assert timeout["data"]["latency_seconds"] >= 1.9  # the call budget, not an answer at once
+            assert timeout["message"].startswith("Timeout creating ")
+            for row in by_kind["protection_server_error"]:
+                assert row["message"].startswith("Server error creating ")
+
+            # The operators' grep counts the one real timeout, and every failure is one line.
+            grep = [r for r in caplog.records if "Timeout creating" in r.getMessage()]
+            assert len(grep) == 1
+            assert symbol in grep[0].getMessage()
+            failure_lines = [
+                r
+                for r in caplog.records
+                if r.levelno >= logging.WARNING
+                and r.getMessage().startswith(
+                    (
+                        "Timeout creating",
+                        "Server error creating",
+                        "Unknown outcome creating",
+                        "Rate limited creating",
+                    )
+                )
+            ]
+            assert len(failure_lines) == 5
+            assert all(f"for {symbol} after " in r.getMessage() for r in failure_lines)
+            # The adapter no longer says it a second time, without the guard's context.
+            assert not [
+                r
+                for r in caplog.records
+                if r.name == "engine.venues.ccxt_venue" and r.levelno >= logging.WARNING
+            ]
+        finally:
+            await engine.stop()
