@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import importlib.metadata
 import logging
 import math
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_DOWN, Decimal
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from engine.accounts import account_key
@@ -69,6 +71,7 @@ from protection.manager import PositionGuard, ProtectionConfig, ProtectionManage
 from protection.order_ids import client_order_id
 from protection.reconciler import Reconciler, ReconcileReport
 from storage.database import Database, DatabaseDown, open_database
+from storage.embedded import default_data_dir
 from storage.journal import WriteJournal
 from storage.lease import EngineLease, LeaseHeld
 from storage.outage import DatabaseWatch, journal_path
@@ -282,11 +285,23 @@ def connection_pool_size(settings: Settings) -> int:
     return 4 * settings.signals.max_concurrent_entries + 64
 
 
+def sim_book_location(settings: Settings) -> Path:
+    """The sim venue's kept book: beside the embedded database's data directory, one per database and
+    account label (a database at a DSN is named by a digest of the DSN)."""
+    from engine.venues.sim import sim_book_path
+
+    db = settings.database
+    data_dir = Path(db.data_dir) if db.data_dir else default_data_dir()
+    database = f"dsn-{hashlib.sha256(db.dsn.encode()).hexdigest()[:12]}" if db.dsn else db.name
+    return sim_book_path(data_dir, database, settings.venue.account)
+
+
 def build_venue(settings: Settings, clock: Clock) -> ExchangePort:
     if settings.venue.kind is VenueKind.SIM:
-        from engine.venues.sim import SimVenue
+        from engine.venues.sim import SimBookFile, SimVenue
 
-        return SimVenue(settings.venue.sim, clock=clock)
+        book = SimBookFile(sim_book_location(settings)) if settings.venue.sim.keep_book else None
+        return SimVenue(settings.venue.sim, clock=clock, book=book)
     problems = real_venue_problems(settings.venue)
     if problems:
         raise ConfigError(problems)
