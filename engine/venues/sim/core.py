@@ -835,8 +835,8 @@ class SimCore:
         """Load what `export_book` wrote into this core, which must not have traded yet. Raises
         `ValueError` (naming what is wrong) for a book that does not fit: malformed, or holding positions or
         orders in symbols this core does not list. Marks of symbols it lists are taken from the book."""
-        if self._accounts or self._next_order_id != 1:
-            raise ValueError("a book is restored into a fresh core only")
+        if self._next_order_id != 1 or any(a.positions or a.by_venue_id for a in self._accounts.values()):
+            raise ValueError("a book is restored into a core that has not traded only")
         try:
             accounts = {account_id: _account_from_book(data) for account_id, data in book["accounts"].items()}
             next_order_id = int(book["next_order_id"])
