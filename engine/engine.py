@@ -66,7 +66,7 @@ from engine.signal_input import BadSignal, parse_score, parse_side
 from engine.signals import SignalConsumer, SignalWave, SimSignalGenerator
 from protection import health
 from protection.breaker import BreakerInputs, BreakerSettings, trip_reasons
-from protection.coverage import CoverageFigures
+from protection.coverage import CoverageFigures, PositionCoverage, coverage_figures
 from protection.manager import PositionGuard, ProtectionConfig, ProtectionManager, TrailingKind
 from protection.order_ids import client_order_id
 from protection.reconciler import Reconciler, ReconcileReport
@@ -194,6 +194,7 @@ class PositionView:
     covered: bool
     unprotected_seconds: float | None
     last_error: str | None
+    closing: bool = False  # a close we sent is in flight: on its way out on purpose, not an alarm
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +224,27 @@ class EngineSnapshot:
     taken_at: float
     entries_paused_by: str = ""  # operator | breaker | lease
     entries_pause_reason: str = ""
+
+
+@dataclass(slots=True)
+class _CarriedProtection:
+    """While the protection manager restarts: the last verified state of each position, shown until the
+    new manager has the venue's word on it. Stops that are on the venue are not "missing" because our
+    manager restarted (every row MISSING and 0/20 for seconds after `r`). It stands in only until the new
+    manager's guards exist: they are created from one venue snapshot, so a stop really absent from the venue
+    shows uncovered at once; without a usable snapshot each guard shows its own (unconfirmed: uncovered)
+    state, because then nothing vouches for its stops."""
+
+    views: dict[int, PositionView]
+    coverage: dict[int, PositionCoverage]
+    guards_created: bool = False
+
+    def view_at(self, position_id: int, now: float) -> PositionView:
+        view = self.views[position_id]
+        since = self.coverage[position_id].unprotected_since
+        if view.covered or since is None:
+            return view
+        return dataclasses.replace(view, unprotected_seconds=now - since)
 
 
 class _Supervisor:
@@ -379,6 +401,7 @@ class Engine:
         self._venue_pacing: VenuePacing | None = None
         self._stopped = asyncio.Event()
         self._token = ""
+        self._carried: _CarriedProtection | None = None  # while the protection manager restarts
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -531,10 +554,9 @@ class Engine:
         report = StopReport(0, 0)
         if self.manager is not None:
             manager = self.manager
-            uncovered = sorted(g.symbol for g in manager.guards.values() if not g.covered)
-            report = StopReport(
-                len(manager.guards), len(uncovered), self._entries_unresolved(), tuple(uncovered)
-            )
+            still_open = manager.open_guards()
+            uncovered = sorted(g.symbol for g in still_open if not g.covered)
+            report = StopReport(len(still_open), len(uncovered), self._entries_unresolved(), tuple(uncovered))
             await manager.stop()
             if manager.kind is TrailingKind.MANAGED and self.store is not None:
                 try:  # nobody moves a managed trail now: none is armed (has_trailing_stop stays venue truth)
@@ -668,6 +690,8 @@ class Engine:
         restorable = [p for p in positions if self._restorable(p)]
         filled = await asyncio.gather(*(self._resolve_entry(p) for p in restorable if _entry_pending(p)))
         ready = [p for p in restorable if not _entry_pending(p)] + [p for p in filled if p is not None]
+        if self._carried is not None:  # from here on each position shows what the new guards know
+            self._carried.guards_created = True
         guards = [
             self.manager.protect(
                 position,
@@ -785,6 +809,12 @@ class Engine:
         assert self.manager is not None
         log.warning("restarting the protection manager on operator request")
         await self._supervisor.stop_one("reconciler")
+        now = self.clock.monotonic()
+        still_open = self.manager.open_guards()
+        self._carried = _CarriedProtection(
+            views={g.position_id: self._position_view(g, now) for g in still_open},
+            coverage={g.position_id: g.coverage() for g in still_open},
+        )
         try:
             await self.manager.stop()
             self.startup_report = await self._start_protection()
@@ -792,6 +822,7 @@ class Engine:
             # stopped may have left a stop of ours on a flat symbol.
             self.manager.request_reconcile()
         finally:
+            self._carried = None
             if self.state is EngineState.RUNNING:
                 self._supervisor.start("reconciler", self._reconcile_loop)
         log.info("protection restarted: %s", self.startup_report.describe())
@@ -1181,7 +1212,7 @@ class Engine:
         database = health.DatabaseMeasurement(**dataclasses.asdict(reading))
         # Read the clock after the probe's await: a mark that arrived meanwhile must not have a negative age.
         now = self.clock.monotonic()
-        figures = self.manager.coverage()
+        figures = self.coverage()
         measurements = health.HealthMeasurements(
             exchange=health.ExchangeMeasurement(
                 calls=self._call_stats.summary(now),
@@ -1311,13 +1342,14 @@ class Engine:
     # --- what the UI reads ---------------------------------------------------------------------------
 
     def snapshot(self) -> EngineSnapshot:
-        manager = self.manager
         now = self.clock.monotonic()
-        views: list[PositionView] = []
-        if manager is not None:
-            for guard in manager.guards.values():
-                views.append(self._position_view(guard, now))
-        coverage = manager.coverage() if manager is not None else _empty_coverage()
+        views, facts = self._protection_state(now)
+        manager = self.manager
+        coverage = (
+            coverage_figures(facts, now, manager.config.grace_seconds)
+            if manager is not None
+            else _empty_coverage()
+        )
         return EngineSnapshot(
             state=self.state,
             version=self.version,
@@ -1334,6 +1366,35 @@ class Engine:
             waves=tuple(self._waves),
             taken_at=self.clock.now(),
         )
+
+    def coverage(self) -> CoverageFigures:
+        """Coverage as the snapshot shows it (the health check and the gauge read the same figures)."""
+        manager = self.manager
+        if manager is None:
+            return _empty_coverage()
+        now = self.clock.monotonic()
+        _views, facts = self._protection_state(now)
+        return coverage_figures(facts, now, manager.config.grace_seconds)
+
+    def _protection_state(self, now: float) -> tuple[list[PositionView], list[PositionCoverage]]:
+        """Each open position's view and coverage facts: from its guard, or, while the protection manager
+        restarts and before the new guards exist, the last verified state (`_CarriedProtection`). Closed
+        positions (their leftover stops being cancelled) are gone: not shown, not counted."""
+        manager = self.manager
+        carried = self._carried
+        views: list[PositionView] = []
+        facts: list[PositionCoverage] = []
+        shown: set[int] = set()
+        if manager is not None and not manager.stopped:
+            for guard in manager.open_guards():
+                shown.add(guard.position_id)
+                views.append(self._position_view(guard, now))
+                facts.append(guard.coverage())
+        if carried is not None and not carried.guards_created:
+            for position_id in carried.views.keys() - shown:
+                views.append(carried.view_at(position_id, now))
+                facts.append(carried.coverage[position_id])
+        return views, facts
 
     def _position_view(self, guard: PositionGuard, now: float) -> PositionView:
         mark = self.marks.get(guard.symbol)
@@ -1381,6 +1442,7 @@ class Engine:
             covered=guard.covered,
             unprotected_seconds=unprotected,
             last_error=guard.last_error,
+            closing=guard.closing,
         )
 
     async def events(self) -> AsyncIterator[EngineEvent]:

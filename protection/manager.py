@@ -301,6 +301,9 @@ class PositionGuard:
             self.trail = trailing.TrailingState.start(self.trail_params())
 
         self.closed = False
+        # A close we sent is in flight: the position is on its way out on purpose. Its stops stay on the
+        # venue until the close fills, so it is as covered as it was; shown as "closing", never an alarm.
+        self.closing = False
         self.failures = 0
         self.last_error: str | None = None
         self._commands: deque[GuardCommand] = deque()
@@ -1157,6 +1160,7 @@ class PositionGuard:
             quantity=self.quantity,
         )
         await m.store.set_position_status(self.position_id, PositionStatus.CLOSING)
+        self.closing = True
         try:
             filled = await m.call(
                 m.venue.create_market_order(
@@ -1184,6 +1188,7 @@ class PositionGuard:
 
     async def _close_failed(self, cid: str, error: str, status: OrderRecordStatus | None) -> None:
         m = self._m
+        self.closing = False
         if status is not None:
             await m.store.set_order_status(cid, status, error=error)
         # Still open on the venue as far as we know: back to a status the operators' SQL counts.
@@ -1540,6 +1545,10 @@ class ProtectionManager:
                     guard.trail = trailing.on_stop_failed(
                         guard.trail
                     )  # the in-flight move died with the old process
+                else:
+                    # The trail is what the database holds (it was just read from it): armed as it was, not
+                    # "missing" until the first pass writes it again (every row MISSING after a restart).
+                    guard.trail_persisted = True
                 if (
                     trail_record.stop_order_client_id
                     and guard.trailing_stop.client_order_id != trail_record.stop_order_client_id
@@ -1708,8 +1717,14 @@ class ProtectionManager:
 
     def coverage(self) -> CoverageFigures:
         return coverage_figures(
-            (g.coverage() for g in self.guards.values()), self.clock.monotonic(), self.config.grace_seconds
+            (g.coverage() for g in self.open_guards()), self.clock.monotonic(), self.config.grace_seconds
         )
+
+    def open_guards(self) -> list[PositionGuard]:
+        """Guards of positions still open. A closed one stays in `guards` only while its leftover stops are
+        cancelled: its position is gone, so it is neither covered nor uncovered (counting it uncovered, with
+        its age as time unprotected, was the manual close's false CRITICAL)."""
+        return [g for g in self.guards.values() if not g.closed]
 
     @property
     def protective_orders_per_position(self) -> int:
@@ -1718,7 +1733,7 @@ class ProtectionManager:
         return 2 if self.kind is TrailingKind.NATIVE else 1
 
     def uncovered(self) -> list[PositionGuard]:
-        return [g for g in self.guards.values() if not g.covered]
+        return [g for g in self.open_guards() if not g.covered]
 
     # --- helpers for guards --------------------------------------------------------------------------
 
