@@ -360,3 +360,20 @@ async def test_without_a_book_nothing_is_kept(clock: ManualClock, tmp_path: Path
             await fresh.fetch_order(SFP, "in")
     finally:
         await fresh.close()
+
+
+async def test_a_captured_book_is_the_book_of_its_instant_whatever_the_venue_does_next(
+    clock: ManualClock, venue: SimVenue
+) -> None:
+    """The book is captured on the event loop and turned into JSON on a worker thread while the venue goes
+    on trading: what is written must be the book of the capture's instant, not a mix."""
+    await trade_a_book(venue, clock)
+    core = venue.core
+    captured = core.capture_book(clock.now())
+    expected = core.export_book(clock.now())
+    await venue.cancel_order(SFP, "sfp-sl")
+    venue.override_mark_price(SFP, Decimal("0.5000"))  # moves the armed trail's extreme
+    await venue.create_market_order(SFP, OrderSide.BUY, QTY, client_order_id="sfp-more")
+    await venue.set_leverage(SFP, 3)
+    assert type(core).book_of(captured) == expected
+    assert core.export_book(clock.now()) != expected

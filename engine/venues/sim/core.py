@@ -51,9 +51,10 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import operator
 from collections import deque
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Any
 
@@ -280,12 +281,10 @@ class SimCore:
             if not working:
                 continue
             for order in list(working.values()):
-                trail = order.trailing
+                # A trailing stop's arming and extreme move with the marks, and are kept with them.
                 if self._fires(order, price):
                     self._fire(account, order, now)
                     changed.append(order.snapshot())
-                if order.trailing is not trail:  # armed, or a new extreme: the order's own state moved
-                    self.book_revision += 1
         if changed:
             self.book_revision += 1
         return changed
@@ -793,41 +792,61 @@ class SimCore:
     # ---- the book, kept across restarts ---------------------------------------------------------------
 
     def export_book(self, now: float) -> dict[str, Any]:
-        """Everything the venue holds, as plain JSON values (prices and sizes as decimal strings): marks,
-        the order-id counter, and per account the balance, leverage, positions, order budgets and orders
-        (open, triggering with when their fill comes due, and ended ones for their queries). Ended orders
+        """Everything the venue holds, as plain JSON values: `book_of(capture_book(now))`."""
+        return self.book_of(self.capture_book(now))
+
+    def capture_book(self, now: float) -> BookCapture:
+        """The book at this instant, cheaply: references to immutable values only (Decimals, strings,
+        frozen trailing states, copied containers), so it stays consistent while the core goes on, and
+        `book_of` turns it into JSON values anywhere — a worker thread — off the event loop. Ended orders
         older than `ENDED_ORDER_RETENTION_SECONDS` are left out, as Binance stops answering for them."""
         due = {order.venue_order_id: at for at, _seq, _account, order in self._due}
         oldest_kept = now - ENDED_ORDER_RETENTION_SECONDS
-        accounts: dict[str, Any] = {}
+        accounts = []
         for account_id, account in self._accounts.items():
-            orders = [
-                _order_to_book(order, due.get(order.venue_order_id))
-                for order in sorted(account.by_venue_id.values(), key=lambda o: int(o.venue_order_id))
-                if not (order.status.is_final and order.updated_at < oldest_kept)
-            ]
+            rate = account.rate
+            accounts.append(
+                (
+                    account_id,
+                    account.wallet,
+                    dict(account.leverage),
+                    [(s, p.quantity, p.entry_price, p.updated_at) for s, p in account.positions.items()],
+                    [  # by venue id in placement order: a reused client id's orders keep their order
+                        (_ORDER_VALUES(order), due.get(order.venue_order_id) if due else None)
+                        for order in account.by_venue_id.values()
+                        if order.updated_at >= oldest_kept or not order.status.is_final
+                    ],
+                    (dict(rate.windows), list(rate.violations), rate.banned_until, rate.bans),
+                )
+            )
+        return BookCapture(self._next_order_id, dict(self._marks), dict(self._mark_times), accounts)
+
+    @staticmethod
+    def book_of(capture: BookCapture) -> dict[str, Any]:
+        """A captured book as plain JSON values (prices and sizes as decimal strings): marks, the order-id
+        counter, and per account the balance, leverage, positions, order budgets and orders (open,
+        triggering with when their fill comes due, and ended ones for their queries)."""
+        accounts: dict[str, Any] = {}
+        for account_id, wallet, leverage, positions, orders, rate in capture.accounts:
+            windows, violations, banned_until, bans = rate
             accounts[account_id] = {
-                "wallet": str(account.wallet),
-                "leverage": dict(account.leverage),
+                "wallet": str(wallet),
+                "leverage": leverage,
                 "positions": {
-                    symbol: {
-                        "quantity": str(p.quantity),
-                        "entry_price": str(p.entry_price),
-                        "updated_at": p.updated_at,
-                    }
-                    for symbol, p in account.positions.items()
+                    symbol: {"quantity": str(q), "entry_price": str(entry), "updated_at": at}
+                    for symbol, q, entry, at in positions
                 },
-                "orders": orders,
+                "orders": [_order_to_book(values, due_at) for values, due_at in orders],
                 "rate": {
-                    "windows": [[w, i, c] for w, (i, c) in account.rate.windows.items()],
-                    "violations": list(account.rate.violations),
-                    "banned_until": account.rate.banned_until,
-                    "bans": account.rate.bans,
+                    "windows": [[w, i, c] for w, (i, c) in windows.items()],
+                    "violations": violations,
+                    "banned_until": banned_until,
+                    "bans": bans,
                 },
             }
         return {
-            "next_order_id": self._next_order_id,
-            "marks": {s: [str(self._marks[s]), self._mark_times[s]] for s in self._marks},
+            "next_order_id": capture.next_order_id,
+            "marks": {s: [str(price), capture.mark_times[s]] for s, price in capture.marks.items()},
             "accounts": accounts,
         }
 
@@ -898,20 +917,35 @@ def _seconds_from_book(value: float | str | None) -> float | None:
     return None if value is None else float(value)
 
 
-def _order_to_book(order: _OrderRecord, due_at: float | None) -> dict[str, Any]:
-    trail = order.trailing
+_ORDER_FIELDS = tuple(f.name for f in fields(_OrderRecord))
+_ORDER_VALUES = operator.attrgetter(*_ORDER_FIELDS)
+
+
+@dataclass(frozen=True, slots=True)
+class BookCapture:
+    """`SimCore.capture_book`: the book at one instant, as references to immutable values."""
+
+    next_order_id: int
+    marks: dict[str, Decimal]
+    mark_times: dict[str, float]
+    accounts: list[tuple[Any, ...]]
+
+
+def _order_to_book(values: tuple[Any, ...], due_at: float | None) -> dict[str, Any]:
+    order = dict(zip(_ORDER_FIELDS, values, strict=True))
+    trail: TrailingStopState | None = order["trailing"]
     return {
-        "client_order_id": order.client_order_id,
-        "venue_order_id": order.venue_order_id,
-        "symbol": order.symbol,
-        "side": order.side.value,
-        "type": order.type.value,
-        "quantity": str(order.quantity),
-        "reduce_only": order.reduce_only,
-        "created_at": order.created_at,
-        "stop_price": _str_or_none(order.stop_price),
-        "activation_price": _str_or_none(order.activation_price),
-        "callback_rate": _str_or_none(order.callback_rate),
+        "client_order_id": order["client_order_id"],
+        "venue_order_id": order["venue_order_id"],
+        "symbol": order["symbol"],
+        "side": order["side"].value,
+        "type": order["type"].value,
+        "quantity": str(order["quantity"]),
+        "reduce_only": order["reduce_only"],
+        "created_at": order["created_at"],
+        "stop_price": _str_or_none(order["stop_price"]),
+        "activation_price": _str_or_none(order["activation_price"]),
+        "callback_rate": _str_or_none(order["callback_rate"]),
         "trailing": None
         if trail is None
         else {
@@ -921,12 +955,12 @@ def _order_to_book(order: _OrderRecord, due_at: float | None) -> dict[str, Any]:
             "armed": trail.armed,
             "extreme": _str_or_none(trail.extreme),
         },
-        "status": order.status.value,
-        "filled_quantity": str(order.filled_quantity),
-        "average_price": _str_or_none(order.average_price),
-        "updated_at": order.updated_at,
-        "visible_at": order.visible_at,
-        "trigger_delay": _seconds_to_book(order.trigger_delay),
+        "status": order["status"].value,
+        "filled_quantity": str(order["filled_quantity"]),
+        "average_price": _str_or_none(order["average_price"]),
+        "updated_at": order["updated_at"],
+        "visible_at": order["visible_at"],
+        "trigger_delay": _seconds_to_book(order["trigger_delay"]),
         "due_at": due_at,  # a triggering order's fill: when it comes due (None: stuck, or not triggering)
     }
 

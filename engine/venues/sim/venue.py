@@ -24,8 +24,9 @@ Besides the port, the venue has a small control surface for tests and demos: `ov
 With a `book` (`SimBookFile`, what `tsbot run` and the dashboard use) the venue keeps its book across
 restarts: `connect()` locks and loads it, a saver task (owned, named, like the ticker) writes it within
 `BOOK_SAVE_SECONDS` of any change to orders, positions or balances and every `MARKS_SAVE_SECONDS` while
-only prices move, and `close()` writes it a last time and unlocks it. The snapshot is taken on the event
-loop (so it is consistent), the file is written off it.
+only prices (and with them trailing stops' extremes) move, and `close()` writes it a last time and unlocks
+it. The book is captured on the event loop (consistent, ~2 ms at 1 000 positions and 3 000 orders); its
+conversion to JSON (~100 ms there) and the write run on a worker thread.
 """
 
 from __future__ import annotations
@@ -404,12 +405,15 @@ class SimVenue:
 
     async def _save_book(self, book: SimBookFile) -> None:
         revisions = (self._core.book_revision, self._core.marks_revision)
-        snapshot = {
-            "saved_at": self._clock.now(),
-            "core": self._core.export_book(self._clock.now()),
-            "walk": {symbol: str(price) for symbol, price in self._walk.latent_prices().items()},
-        }
-        await asyncio.to_thread(book.save, snapshot)
+        now = self._clock.now()
+        captured = self._core.capture_book(now)  # on the loop: consistent, cheap
+        walk = self._walk.latent_prices()
+
+        def write() -> None:  # the conversion and the write, off the loop
+            core = SimCore.book_of(captured)
+            book.save({"saved_at": now, "core": core, "walk": {s: str(p) for s, p in walk.items()}})
+
+        await asyncio.to_thread(write)
         self._saved_revisions = revisions
         self._marks_saved_at = self._clock.monotonic()
 
