@@ -1146,7 +1146,15 @@ class PositionGuard:
 
     async def _close(self, *, exit_reason: str) -> bool:
         """Close at market (reduce-only), then finish. True when the venue confirmed. On failure the
-        position is `active` again (never left `closing`, which no operator query counts)."""
+        position is `active` again (never left `closing`, which no operator query counts). Meanwhile the
+        guard is `closing`, whatever ends the attempt."""
+        self.closing = True
+        try:
+            return await self._close_at_market(exit_reason=exit_reason)
+        finally:
+            self.closing = False
+
+    async def _close_at_market(self, *, exit_reason: str) -> bool:
         m = self._m
         cid = client_order_id(
             m.token, self.position_id, OrderPurpose.CLOSE, m.next_close_generation(self.position_id)
@@ -1160,7 +1168,6 @@ class PositionGuard:
             quantity=self.quantity,
         )
         await m.store.set_position_status(self.position_id, PositionStatus.CLOSING)
-        self.closing = True
         try:
             filled = await m.call(
                 m.venue.create_market_order(
@@ -1188,7 +1195,6 @@ class PositionGuard:
 
     async def _close_failed(self, cid: str, error: str, status: OrderRecordStatus | None) -> None:
         m = self._m
-        self.closing = False
         if status is not None:
             await m.store.set_order_status(cid, status, error=error)
         # Still open on the venue as far as we know: back to a status the operators' SQL counts.

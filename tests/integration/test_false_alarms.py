@@ -22,6 +22,7 @@ import pytest
 from engine.clock import ManualClock
 from engine.engine import Engine, EngineSnapshot
 from engine.venues.sim import SimVenue
+from engine.venues.sim.settings import CallKind, FaultKind
 from protection import health
 from storage.database import Database
 from tests.integration.engine_support import make_engine
@@ -196,5 +197,35 @@ async def test_restart_protection_still_shows_a_stop_removed_on_the_venue_uncove
         assert (
             sum(1 for o in venue.core.inspect(clock.now()).open_conditional if o.symbol == victim.symbol) == 2
         )
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_close_the_venue_refuses_leaves_the_position_open_covered_and_no_longer_closing(
+    db: Database,
+) -> None:
+    settings = settings_for(db, {"VENUE__SIM__LATENCY__BY_CALL": SLOW_WRITES})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, SYMBOLS[:1])
+        await drive_until_covered(engine, clock, 1, limit=60.0)
+        venue = engine.venue
+        assert isinstance(venue, SimVenue)
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR)
+        closing_seen = []
+
+        async def sample() -> None:
+            snapshot = engine.snapshot()
+            assert_all_covered(snapshot, 1)  # its stops never left the venue
+            closing_seen.extend(v.closing for v in snapshot.positions)
+
+        closed = await drive_sampling(clock, engine.close_position(guard.position_id), sample)
+        assert not closed
+        assert True in closing_seen
+        [view] = engine.snapshot().positions
+        assert not view.closing
+        assert view.covered
     finally:
         await drive(clock, engine.stop())
