@@ -42,6 +42,9 @@ Rules modelled (Binance code in brackets):
 
 `inspect` is the test oracle: the account as it is, through bans and read lag.
 
+`capture_book` / `book_of` / `restore_book`: the whole book as JSON values and back, so the venue keeps it
+across restarts (`engine.venues.sim.book` writes it); `book_revision` / `marks_revision` say when it moved.
+
 Not modelled: liquidation, funding, leverage brackets, limit orders and an order book, partial fills,
 hedge mode, price bands, open-order margin, cancels counting against any budget.
 """
