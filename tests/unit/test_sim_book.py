@@ -22,6 +22,7 @@ import pytest
 from engine.clock import ManualClock
 from engine.exchange import NotFound, OrderSide, OrderStatus
 from engine.venues.sim import SimBookError, SimBookFile, SimVenue, SimVenueSettings
+from engine.venues.sim.core import ENDED_ORDER_RETENTION_SECONDS
 from engine.venues.sim.venue import BOOK_SAVE_SECONDS
 
 SFP = "SFPUSDT"
@@ -375,3 +376,26 @@ async def test_a_captured_book_is_the_book_of_its_instant_whatever_the_venue_doe
     await venue.set_leverage(SFP, 3)
     assert type(core).book_of(captured) == expected
     assert core.export_book(clock.now()) != expected
+
+
+async def test_orders_that_ended_days_ago_are_forgotten_and_open_ones_never(
+    clock: ManualClock, book_path: Path, venue: SimVenue
+) -> None:
+    """Binance stops answering for orders that ended days ago; the kept book forgets them too (the saver
+    asks the core hourly), so it stays bounded however long the sim runs. Open stops, however old, stay."""
+    venue.override_mark_price(SFP, Decimal("0.4500"))
+    await venue.create_market_order(SFP, OrderSide.BUY, QTY, client_order_id="in")
+    await venue.create_stop_market_order(SFP, OrderSide.SELL, QTY, Decimal("0.4000"), client_order_id="sl")
+    await venue.create_stop_market_order(SFP, OrderSide.SELL, QTY, Decimal("0.3000"), client_order_id="old")
+    await venue.cancel_order(SFP, "old")
+    core = venue.core
+    days_later = clock.now() + ENDED_ORDER_RETENTION_SECONDS + 1.0
+    assert core.forget_ended_orders(clock.now()) == 0  # nothing is old yet
+    assert core.forget_ended_orders(days_later) == 2  # the filled entry and the cancelled stop
+    for cid in ("old", "in"):
+        with pytest.raises(NotFound):
+            core.get_order(SFP, cid, days_later)
+    assert core.get_order(SFP, "sl", days_later).status is OrderStatus.NEW
+    await venue.close()
+    orders = read_book(book_path)["core"]["accounts"]["main"]["orders"]
+    assert [o["client_order_id"] for o in orders] == ["sl"]

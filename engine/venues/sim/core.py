@@ -794,6 +794,26 @@ class SimCore:
 
     # ---- the book, kept across restarts ---------------------------------------------------------------
 
+    def forget_ended_orders(self, now: float) -> int:
+        """Drop ended orders older than `ENDED_ORDER_RETENTION_SECONDS` (Binance stops answering for them),
+        so a long-running sim's book stays bounded; returns how many went."""
+        oldest_kept = now - ENDED_ORDER_RETENTION_SECONDS
+        forgotten = 0
+        for account in self._accounts.values():
+            old = [
+                o for o in account.by_venue_id.values() if o.updated_at < oldest_kept and o.status.is_final
+            ]
+            for order in old:
+                del account.by_venue_id[order.venue_order_id]
+                same_id = account.orders[order.client_order_id]
+                same_id.remove(order)
+                if not same_id:
+                    del account.orders[order.client_order_id]
+            forgotten += len(old)
+        if forgotten:
+            self.book_revision += 1
+        return forgotten
+
     def export_book(self, now: float) -> dict[str, Any]:
         """Everything the venue holds, as plain JSON values: `book_of(capture_book(now))`."""
         return self.book_of(self.capture_book(now))

@@ -67,6 +67,7 @@ T = TypeVar("T")
 _CLOSE_TIMEOUT_SECONDS = 5.0
 BOOK_SAVE_SECONDS = 0.25  # a change to orders, positions or balances is on disk within this
 MARKS_SAVE_SECONDS = 5.0  # while only prices move, the marks are saved this often
+FORGET_ENDED_ORDERS_SECONDS = 3600.0  # how often a kept book drops orders that ended days ago
 
 
 class _MarkSubscription:
@@ -419,8 +420,12 @@ class SimVenue:
 
     async def _run_saver(self, book: SimBookFile) -> None:
         failing = False
+        forgotten_at = self._clock.monotonic()
         while True:
             await self._clock.sleep(BOOK_SAVE_SECONDS)
+            if self._clock.monotonic() - forgotten_at >= FORGET_ENDED_ORDERS_SECONDS:
+                forgotten_at = self._clock.monotonic()
+                self._core.forget_ended_orders(self._clock.now())
             book_revision, marks_revision = self._saved_revisions
             book_changed = self._core.book_revision != book_revision
             marks_due = (
