@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import importlib.metadata
 import logging
 import math
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_DOWN, Decimal
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from engine.accounts import account_key
@@ -65,11 +67,12 @@ from engine.signal_input import BadSignal, parse_score, parse_side
 from engine.signals import SignalConsumer, SignalWave, SimSignalGenerator
 from protection import health
 from protection.breaker import BreakerInputs, BreakerSettings, trip_reasons
-from protection.coverage import CoverageFigures
+from protection.coverage import CoverageFigures, PositionCoverage, coverage_figures
 from protection.manager import PositionGuard, ProtectionConfig, ProtectionManager, TrailingKind
 from protection.order_ids import client_order_id
 from protection.reconciler import Reconciler, ReconcileReport
 from storage.database import Database, DatabaseDown, open_database
+from storage.embedded import default_data_dir
 from storage.journal import WriteJournal
 from storage.lease import EngineLease, LeaseHeld
 from storage.outage import DatabaseWatch, journal_path
@@ -192,6 +195,7 @@ class PositionView:
     covered: bool
     unprotected_seconds: float | None
     last_error: str | None
+    closing: bool = False  # a close we sent is in flight: on its way out on purpose, not an alarm
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +225,27 @@ class EngineSnapshot:
     taken_at: float
     entries_paused_by: str = ""  # operator | breaker | lease
     entries_pause_reason: str = ""
+
+
+@dataclass(slots=True)
+class _CarriedProtection:
+    """While the protection manager restarts: the last verified state of each position, shown until the
+    new manager has the venue's word on it. Stops that are on the venue are not "missing" because our
+    manager restarted (every row MISSING and 0/20 for seconds after `r`). It stands in only until the new
+    manager's guards exist: they are created from one venue snapshot, so a stop really absent from the venue
+    shows uncovered at once; without a usable snapshot each guard shows its own (unconfirmed: uncovered)
+    state, because then nothing vouches for its stops."""
+
+    views: dict[int, PositionView]
+    coverage: dict[int, PositionCoverage]
+    guards_created: bool = False
+
+    def view_at(self, position_id: int, now: float) -> PositionView:
+        view = self.views[position_id]
+        since = self.coverage[position_id].unprotected_since
+        if view.covered or since is None:
+            return view
+        return dataclasses.replace(view, unprotected_seconds=now - since)
 
 
 class _Supervisor:
@@ -283,11 +308,23 @@ def connection_pool_size(settings: Settings) -> int:
     return 4 * settings.signals.max_concurrent_entries + 64
 
 
+def sim_book_location(settings: Settings) -> Path:
+    """The sim venue's kept book: beside the embedded database's data directory, one per database and
+    account label (a database at a DSN is named by a digest of the DSN)."""
+    from engine.venues.sim import sim_book_path
+
+    db = settings.database
+    data_dir = Path(db.data_dir) if db.data_dir else default_data_dir()
+    database = f"dsn-{hashlib.sha256(db.dsn.encode()).hexdigest()[:12]}" if db.dsn else db.name
+    return sim_book_path(data_dir, database, settings.venue.account)
+
+
 def build_venue(settings: Settings, clock: Clock) -> ExchangePort:
     if settings.venue.kind is VenueKind.SIM:
-        from engine.venues.sim import SimVenue
+        from engine.venues.sim import SimBookFile, SimVenue
 
-        return SimVenue(settings.venue.sim, clock=clock)
+        book = SimBookFile(sim_book_location(settings)) if settings.venue.sim.keep_book else None
+        return SimVenue(settings.venue.sim, clock=clock, book=book)
     problems = real_venue_problems(settings.venue)
     if problems:
         raise ConfigError(problems)
@@ -368,6 +405,7 @@ class Engine:
         self.alerter = Alerter.from_settings(  # None without alert URLs
             settings.alerts, self.clock, source=f"{self.exchange_name}:{settings.venue.account}"
         )
+        self._carried: _CarriedProtection | None = None  # while the protection manager restarts
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -524,10 +562,9 @@ class Engine:
         report = StopReport(0, 0)
         if self.manager is not None:
             manager = self.manager
-            uncovered = sorted(g.symbol for g in manager.guards.values() if not g.covered)
-            report = StopReport(
-                len(manager.guards), len(uncovered), self._entries_unresolved(), tuple(uncovered)
-            )
+            still_open = manager.open_guards()
+            uncovered = sorted(g.symbol for g in still_open if not g.covered)
+            report = StopReport(len(still_open), len(uncovered), self._entries_unresolved(), tuple(uncovered))
             await manager.stop()
             if manager.kind is TrailingKind.MANAGED and self.store is not None:
                 try:  # nobody moves a managed trail now: none is armed (has_trailing_stop stays venue truth)
@@ -665,6 +702,8 @@ class Engine:
         restorable = [p for p in positions if self._restorable(p)]
         filled = await asyncio.gather(*(self._resolve_entry(p) for p in restorable if _entry_pending(p)))
         ready = [p for p in restorable if not _entry_pending(p)] + [p for p in filled if p is not None]
+        if self._carried is not None:  # from here on each position shows what the new guards know
+            self._carried.guards_created = True
         guards = [
             self.manager.protect(
                 position,
@@ -782,6 +821,12 @@ class Engine:
         assert self.manager is not None
         log.warning("restarting the protection manager on operator request")
         await self._supervisor.stop_one("reconciler")
+        now = self.clock.monotonic()
+        still_open = self.manager.open_guards()
+        self._carried = _CarriedProtection(
+            views={g.position_id: self._position_view(g, now) for g in still_open},
+            coverage={g.position_id: g.coverage() for g in still_open},
+        )
         try:
             await self.manager.stop()
             self.startup_report = await self._start_protection()
@@ -789,6 +834,7 @@ class Engine:
             # stopped may have left a stop of ours on a flat symbol.
             self.manager.request_reconcile()
         finally:
+            self._carried = None
             if self.state is EngineState.RUNNING:
                 self._supervisor.start("reconciler", self._reconcile_loop)
         log.info("protection restarted: %s", self.startup_report.describe())
@@ -1178,7 +1224,7 @@ class Engine:
         database = health.DatabaseMeasurement(**dataclasses.asdict(reading))
         # Read the clock after the probe's await: a mark that arrived meanwhile must not have a negative age.
         now = self.clock.monotonic()
-        figures = self.manager.coverage()
+        figures = self.coverage()
         measurements = health.HealthMeasurements(
             exchange=health.ExchangeMeasurement(
                 calls=self._call_stats.summary(now),
@@ -1308,13 +1354,14 @@ class Engine:
     # --- what the UI reads ---------------------------------------------------------------------------
 
     def snapshot(self) -> EngineSnapshot:
-        manager = self.manager
         now = self.clock.monotonic()
-        views: list[PositionView] = []
-        if manager is not None:
-            for guard in manager.guards.values():
-                views.append(self._position_view(guard, now))
-        coverage = manager.coverage() if manager is not None else _empty_coverage()
+        views, facts = self._protection_state(now)
+        manager = self.manager
+        coverage = (
+            coverage_figures(facts, now, manager.config.grace_seconds)
+            if manager is not None
+            else _empty_coverage()
+        )
         return EngineSnapshot(
             state=self.state,
             version=self.version,
@@ -1331,6 +1378,35 @@ class Engine:
             waves=tuple(self._waves),
             taken_at=self.clock.now(),
         )
+
+    def coverage(self) -> CoverageFigures:
+        """Coverage as the snapshot shows it (the health check and the gauge read the same figures)."""
+        manager = self.manager
+        if manager is None:
+            return _empty_coverage()
+        now = self.clock.monotonic()
+        _views, facts = self._protection_state(now)
+        return coverage_figures(facts, now, manager.config.grace_seconds)
+
+    def _protection_state(self, now: float) -> tuple[list[PositionView], list[PositionCoverage]]:
+        """Each open position's view and coverage facts: from its guard, or, while the protection manager
+        restarts and before the new guards exist, the last verified state (`_CarriedProtection`). Closed
+        positions (their leftover stops being cancelled) are gone: not shown, not counted."""
+        manager = self.manager
+        carried = self._carried
+        views: list[PositionView] = []
+        facts: list[PositionCoverage] = []
+        shown: set[int] = set()
+        if manager is not None and not manager.stopped:
+            for guard in manager.open_guards():
+                shown.add(guard.position_id)
+                views.append(self._position_view(guard, now))
+                facts.append(guard.coverage())
+        if carried is not None and not carried.guards_created:
+            for position_id in carried.views.keys() - shown:
+                views.append(carried.view_at(position_id, now))
+                facts.append(carried.coverage[position_id])
+        return views, facts
 
     def _position_view(self, guard: PositionGuard, now: float) -> PositionView:
         mark = self.marks.get(guard.symbol)
@@ -1378,6 +1454,7 @@ class Engine:
             covered=guard.covered,
             unprotected_seconds=unprotected,
             last_error=guard.last_error,
+            closing=guard.closing,
         )
 
     async def events(self) -> AsyncIterator[EngineEvent]:

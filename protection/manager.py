@@ -310,6 +310,9 @@ class PositionGuard:
             self.trail = trailing.TrailingState.start(self.trail_params())
 
         self.closed = False
+        # A close we sent is in flight: the position is on its way out on purpose. Its stops stay on the
+        # venue until the close fills, so it is as covered as it was; shown as "closing", never an alarm.
+        self.closing = False
         self.failures = 0
         self.last_error: str | None = None
         self._commands: deque[GuardCommand] = deque()
@@ -1213,7 +1216,15 @@ class PositionGuard:
 
     async def _close(self, *, exit_reason: str) -> bool:
         """Close at market (reduce-only), then finish. True when the venue confirmed. On failure the
-        position is `active` again (never left `closing`, which no operator query counts)."""
+        position is `active` again (never left `closing`, which no operator query counts). Meanwhile the
+        guard is `closing`, whatever ends the attempt."""
+        self.closing = True
+        try:
+            return await self._close_at_market(exit_reason=exit_reason)
+        finally:
+            self.closing = False
+
+    async def _close_at_market(self, *, exit_reason: str) -> bool:
         m = self._m
         cid = client_order_id(
             m.token, self.position_id, OrderPurpose.CLOSE, m.next_close_generation(self.position_id)
@@ -1627,6 +1638,10 @@ class ProtectionManager:
                     guard.trail = trailing.on_stop_failed(
                         guard.trail
                     )  # the in-flight move died with the old process
+                else:
+                    # The trail is what the database holds (it was just read from it): armed as it was, not
+                    # "missing" until the first pass writes it again (every row MISSING after a restart).
+                    guard.trail_persisted = True
                 if (
                     trail_record.stop_order_client_id
                     and guard.trailing_stop.client_order_id != trail_record.stop_order_client_id
@@ -1795,8 +1810,14 @@ class ProtectionManager:
 
     def coverage(self) -> CoverageFigures:
         return coverage_figures(
-            (g.coverage() for g in self.guards.values()), self.clock.monotonic(), self.config.grace_seconds
+            (g.coverage() for g in self.open_guards()), self.clock.monotonic(), self.config.grace_seconds
         )
+
+    def open_guards(self) -> list[PositionGuard]:
+        """Guards of positions still open. A closed one stays in `guards` only while its leftover stops are
+        cancelled: its position is gone, so it is neither covered nor uncovered (counting it uncovered, with
+        its age as time unprotected, was the manual close's false CRITICAL)."""
+        return [g for g in self.guards.values() if not g.closed]
 
     @property
     def protective_orders_per_position(self) -> int:
@@ -1805,7 +1826,7 @@ class ProtectionManager:
         return 2 if self.kind is TrailingKind.NATIVE else 1
 
     def uncovered(self) -> list[PositionGuard]:
-        return [g for g in self.guards.values() if not g.covered]
+        return [g for g in self.open_guards() if not g.covered]
 
     # --- helpers for guards --------------------------------------------------------------------------
 

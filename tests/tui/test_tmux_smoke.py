@@ -66,6 +66,7 @@ def test_tsbot_tui_in_tmux_shows_the_gauge_and_quits_cleanly(
     )
     env = {
         "TSBOT_DATABASE__DSN": pg_server.dsn(migrated_database),
+        "TSBOT_DATABASE__DATA_DIR": str(tmp_path / "pgdata"),  # the sim keeps its book beside it
         "TSBOT_LOGGING__FILE": str(tmp_path / "logs" / "trading_bot.log"),
         "TERM": "xterm-256color",
     }

@@ -42,6 +42,9 @@ Rules modelled (Binance code in brackets):
 
 `inspect` is the test oracle: the account as it is, through bans and read lag.
 
+`capture_book` / `book_of` / `restore_book`: the whole book as JSON values and back, so the venue keeps it
+across restarts (`engine.venues.sim.book` writes it); `book_revision` / `marks_revision` say when it moved.
+
 Not modelled: liquidation, funding, leverage brackets, limit orders and an order book, partial fills,
 hedge mode, price bands, open-order margin, cancels counting against any budget.
 """
@@ -51,10 +54,12 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import operator
 from collections import deque
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+from typing import Any
 
 from engine.exchange.errors import (
     Banned,
@@ -89,6 +94,9 @@ QUOTE_ASSET = "USDT"
 STUCK = math.inf  # a trigger delay that never ends: the fired order stays TRIGGERING
 CALLBACK_RATE_MIN = Decimal("0.1")
 CALLBACK_RATE_MAX = Decimal("10")
+# Binance answers queries for ended orders for a limited time (3 days for cancelled/expired ones); the
+# kept book drops ended orders older than this, so it does not grow without end.
+ENDED_ORDER_RETENTION_SECONDS = 3 * 24 * 3600.0
 _ZERO = Decimal(0)
 _BPS = Decimal(10_000)
 
@@ -205,6 +213,10 @@ class SimCore:
         self._trigger_delay: float | None = None
         self._trigger_delay_by_symbol: dict[str, float | None] = {}
         self._read_lag = 0.0
+        # Bumped by every change to what the book holds (orders, positions, balances, order budgets) and to
+        # the marks: a keeper of the book saves when they move (see `engine.venues.sim.book`).
+        self.book_revision = 0
+        self.marks_revision = 0
 
     # ---- market data -------------------------------------------------------------------------------
 
@@ -266,14 +278,18 @@ class SimCore:
         changed = self._settle(now)  # fills that came due before this mark existed
         self._marks[symbol] = price
         self._mark_times[symbol] = now
+        self.marks_revision += 1
         for account in self._accounts.values():
             working = account.open_conditional.get(symbol)
             if not working:
                 continue
             for order in list(working.values()):
+                # A trailing stop's arming and extreme move with the marks, and are kept with them.
                 if self._fires(order, price):
                     self._fire(account, order, now)
                     changed.append(order.snapshot())
+        if changed:
+            self.book_revision += 1
         return changed
 
     # ---- account reads -----------------------------------------------------------------------------
@@ -379,6 +395,7 @@ class SimCore:
                 RejectCode.INVALID_LEVERAGE, f"leverage {leverage} outside 1..{market.max_leverage}"
             )
         account.leverage[symbol] = leverage
+        self.book_revision += 1
         return leverage
 
     def place_market_order(
@@ -494,6 +511,7 @@ class SimCore:
             self._untrack_conditional(account, order)
             order.status = OrderStatus.CANCELED
             order.updated_at = now
+            self.book_revision += 1
         return order.snapshot()
 
     # ---- internals ---------------------------------------------------------------------------------
@@ -563,6 +581,7 @@ class SimCore:
         return market
 
     def _consume_order_budget(self, rate: _RateState, now: float) -> None:
+        self.book_revision += 1  # counts or violations change whatever the outcome
         counts: list[tuple[float, int, int]] = []
         for window, limit in self._budgets():
             index = math.floor(now / window)
@@ -689,6 +708,8 @@ class SimCore:
             order.updated_at = now
             self._fill_fired(account, order, now)
             settled.append(order.snapshot())
+        if settled:
+            self.book_revision += 1
         return settled
 
     def _fill_fired(self, account: _Account, order: _OrderRecord, now: float) -> None:
@@ -771,6 +792,126 @@ class SimCore:
             position.quantity, position.updated_at = new_quantity, now
         return _Execution(quantity=quantity, price=price)
 
+    # ---- the book, kept across restarts ---------------------------------------------------------------
+
+    def forget_ended_orders(self, now: float) -> int:
+        """Drop ended orders older than `ENDED_ORDER_RETENTION_SECONDS` (Binance stops answering for them),
+        so a long-running sim's book stays bounded; returns how many went."""
+        oldest_kept = now - ENDED_ORDER_RETENTION_SECONDS
+        forgotten = 0
+        for account in self._accounts.values():
+            old = [
+                o for o in account.by_venue_id.values() if o.updated_at < oldest_kept and o.status.is_final
+            ]
+            for order in old:
+                del account.by_venue_id[order.venue_order_id]
+                same_id = account.orders[order.client_order_id]
+                same_id.remove(order)
+                if not same_id:
+                    del account.orders[order.client_order_id]
+            forgotten += len(old)
+        if forgotten:
+            self.book_revision += 1
+        return forgotten
+
+    def export_book(self, now: float) -> dict[str, Any]:
+        """Everything the venue holds, as plain JSON values: `book_of(capture_book(now))`."""
+        return self.book_of(self.capture_book(now))
+
+    def capture_book(self, now: float) -> BookCapture:
+        """The book at this instant, cheaply: references to immutable values only (Decimals, strings,
+        frozen trailing states, copied containers), so it stays consistent while the core goes on, and
+        `book_of` turns it into JSON values anywhere — a worker thread — off the event loop. Ended orders
+        older than `ENDED_ORDER_RETENTION_SECONDS` are left out, as Binance stops answering for them."""
+        due = {order.venue_order_id: at for at, _seq, _account, order in self._due}
+        oldest_kept = now - ENDED_ORDER_RETENTION_SECONDS
+        accounts = []
+        for account_id, account in self._accounts.items():
+            rate = account.rate
+            accounts.append(
+                (
+                    account_id,
+                    account.wallet,
+                    dict(account.leverage),
+                    [(s, p.quantity, p.entry_price, p.updated_at) for s, p in account.positions.items()],
+                    [  # by venue id in placement order: a reused client id's orders keep their order
+                        (_ORDER_VALUES(order), due.get(order.venue_order_id) if due else None)
+                        for order in account.by_venue_id.values()
+                        if order.updated_at >= oldest_kept or not order.status.is_final
+                    ],
+                    (dict(rate.windows), list(rate.violations), rate.banned_until, rate.bans),
+                )
+            )
+        return BookCapture(self._next_order_id, dict(self._marks), dict(self._mark_times), accounts)
+
+    @staticmethod
+    def book_of(capture: BookCapture) -> dict[str, Any]:
+        """A captured book as plain JSON values (prices and sizes as decimal strings): marks, the order-id
+        counter, and per account the balance, leverage, positions, order budgets and orders (open,
+        triggering with when their fill comes due, and ended ones for their queries)."""
+        accounts: dict[str, Any] = {}
+        for account_id, wallet, leverage, positions, orders, rate in capture.accounts:
+            windows, violations, banned_until, bans = rate
+            accounts[account_id] = {
+                "wallet": str(wallet),
+                "leverage": leverage,
+                "positions": {
+                    symbol: {"quantity": str(q), "entry_price": str(entry), "updated_at": at}
+                    for symbol, q, entry, at in positions
+                },
+                "orders": [_order_to_book(values, due_at) for values, due_at in orders],
+                "rate": {
+                    "windows": [[w, i, c] for w, (i, c) in windows.items()],
+                    "violations": violations,
+                    "banned_until": banned_until,
+                    "bans": bans,
+                },
+            }
+        return {
+            "next_order_id": capture.next_order_id,
+            "marks": {s: [str(price), capture.mark_times[s]] for s, price in capture.marks.items()},
+            "accounts": accounts,
+        }
+
+    def restore_book(self, book: Mapping[str, Any]) -> None:
+        """Load what `export_book` wrote into this core, which must not have traded yet. Raises
+        `ValueError` (naming what is wrong) for a book that does not fit: malformed, or holding positions or
+        orders in symbols this core does not list. Marks of symbols it lists are taken from the book."""
+        if self._next_order_id != 1 or any(a.positions or a.by_venue_id for a in self._accounts.values()):
+            raise ValueError("a book is restored into a core that has not traded only")
+        try:
+            accounts = {account_id: _account_from_book(data) for account_id, data in book["accounts"].items()}
+            next_order_id = int(book["next_order_id"])
+            marks = {s: (Decimal(p), float(t)) for s, (p, t) in book["marks"].items()}
+        except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
+            raise ValueError(f"malformed book ({type(exc).__name__}: {exc})") from None
+        held = {
+            symbol
+            for account, _due in accounts.values()
+            for symbol in [
+                *account.positions,
+                *(o.symbol for o in account.by_venue_id.values() if not o.status.is_final),
+            ]
+        }
+        unlisted = sorted(held - self._markets.keys())
+        if unlisted:
+            raise ValueError(
+                f"it holds positions or orders in {', '.join(unlisted)}, which this sim venue does not list"
+            )
+        for symbol, (price, at) in marks.items():
+            if symbol in self._markets and price > 0:
+                self._marks[symbol], self._mark_times[symbol] = price, at
+        self._next_order_id = max(
+            next_order_id,
+            1 + max((int(v) for a, _d in accounts.values() for v in a.by_venue_id), default=0),
+        )
+        for account_id, (account, due) in accounts.items():
+            self._accounts[account_id] = account
+            for at, order in due:
+                heapq.heappush(self._due, (at, next(self._sequence), account, order))
+        self.book_revision += 1
+        self.marks_revision += 1
+
 
 def _checked_seconds(seconds: float | None, what: str) -> float | None:
     """A delay in seconds: None, or a number >= 0 (math.inf allowed: never)."""
@@ -779,3 +920,147 @@ def _checked_seconds(seconds: float | None, what: str) -> float | None:
     if math.isnan(seconds) or seconds < 0:
         raise ValueError(f"{what} must be >= 0 seconds (or None), got {seconds}")
     return float(seconds)
+
+
+def _decimal_or_none(value: str | None) -> Decimal | None:
+    return None if value is None else Decimal(value)
+
+
+def _str_or_none(value: Decimal | None) -> str | None:
+    return None if value is None else str(value)
+
+
+def _seconds_to_book(seconds: float | None) -> float | str | None:
+    return "stuck" if seconds == STUCK else seconds
+
+
+def _seconds_from_book(value: float | str | None) -> float | None:
+    if value == "stuck":
+        return STUCK
+    return None if value is None else float(value)
+
+
+_ORDER_FIELDS = tuple(f.name for f in fields(_OrderRecord))
+_ORDER_VALUES = operator.attrgetter(*_ORDER_FIELDS)
+
+
+@dataclass(frozen=True, slots=True)
+class BookCapture:
+    """`SimCore.capture_book`: the book at one instant, as references to immutable values."""
+
+    next_order_id: int
+    marks: dict[str, Decimal]
+    mark_times: dict[str, float]
+    accounts: list[tuple[Any, ...]]
+
+
+def _order_to_book(values: tuple[Any, ...], due_at: float | None) -> dict[str, Any]:
+    order = dict(zip(_ORDER_FIELDS, values, strict=True))
+    trail: TrailingStopState | None = order["trailing"]
+    return {
+        "client_order_id": order["client_order_id"],
+        "venue_order_id": order["venue_order_id"],
+        "symbol": order["symbol"],
+        "side": order["side"].value,
+        "type": order["type"].value,
+        "quantity": str(order["quantity"]),
+        "reduce_only": order["reduce_only"],
+        "created_at": order["created_at"],
+        "stop_price": _str_or_none(order["stop_price"]),
+        "activation_price": _str_or_none(order["activation_price"]),
+        "callback_rate": _str_or_none(order["callback_rate"]),
+        "trailing": None
+        if trail is None
+        else {
+            "side": trail.side.value,
+            "callback_rate": str(trail.callback_rate),
+            "activation_price": str(trail.activation_price),
+            "armed": trail.armed,
+            "extreme": _str_or_none(trail.extreme),
+        },
+        "status": order["status"].value,
+        "filled_quantity": str(order["filled_quantity"]),
+        "average_price": _str_or_none(order["average_price"]),
+        "updated_at": order["updated_at"],
+        "visible_at": order["visible_at"],
+        "trigger_delay": _seconds_to_book(order["trigger_delay"]),
+        "due_at": due_at,  # a triggering order's fill: when it comes due (None: stuck, or not triggering)
+    }
+
+
+def _order_from_book(data: Mapping[str, Any]) -> _OrderRecord:
+    trail = data["trailing"]
+    order = _OrderRecord(
+        client_order_id=str(data["client_order_id"]),
+        venue_order_id=str(int(data["venue_order_id"])),
+        symbol=str(data["symbol"]),
+        side=OrderSide(data["side"]),
+        type=OrderType(data["type"]),
+        quantity=Decimal(data["quantity"]),
+        reduce_only=bool(data["reduce_only"]),
+        created_at=float(data["created_at"]),
+        stop_price=_decimal_or_none(data["stop_price"]),
+        activation_price=_decimal_or_none(data["activation_price"]),
+        callback_rate=_decimal_or_none(data["callback_rate"]),
+        trailing=None
+        if trail is None
+        else TrailingStopState(
+            side=OrderSide(trail["side"]),
+            callback_rate=Decimal(trail["callback_rate"]),
+            activation_price=Decimal(trail["activation_price"]),
+            armed=bool(trail["armed"]),
+            extreme=_decimal_or_none(trail["extreme"]),
+        ),
+        status=OrderStatus(data["status"]),
+        filled_quantity=Decimal(data["filled_quantity"]),
+        average_price=_decimal_or_none(data["average_price"]),
+        updated_at=float(data["updated_at"]),
+        visible_at=float(data["visible_at"]),
+        trigger_delay=_seconds_from_book(data["trigger_delay"]),
+    )
+    if order.type is OrderType.STOP_MARKET and order.stop_price is None:
+        raise ValueError(f"stop order {order.venue_order_id} has no stop price")
+    if order.type is OrderType.TRAILING_STOP_MARKET and order.trailing is None:
+        raise ValueError(f"trailing stop {order.venue_order_id} has no trailing state")
+    return order
+
+
+def _account_from_book(data: Mapping[str, Any]) -> tuple[_Account, list[tuple[float, _OrderRecord]]]:
+    """An account and its triggering orders' due fills (stuck ones never come due)."""
+    rate = data["rate"]
+    account = _Account(
+        wallet=Decimal(data["wallet"]),
+        leverage={str(s): int(x) for s, x in data["leverage"].items()},
+        positions={
+            str(symbol): _PositionRecord(
+                quantity=Decimal(p["quantity"]),
+                entry_price=Decimal(p["entry_price"]),
+                updated_at=float(p["updated_at"]),
+            )
+            for symbol, p in data["positions"].items()
+        },
+        rate=_RateState(
+            windows={float(w): (int(i), int(c)) for w, i, c in rate["windows"]},
+            violations=deque(float(v) for v in rate["violations"]),
+            banned_until=float(rate["banned_until"]),
+            bans=int(rate["bans"]),
+        ),
+    )
+    if any(p.quantity == 0 for p in account.positions.values()):
+        raise ValueError("a position of quantity 0")
+    due: list[tuple[float, _OrderRecord]] = []
+    for item in data["orders"]:  # oldest first: a reused client id's list keeps its order
+        order = _order_from_book(item)
+        if order.venue_order_id in account.by_venue_id:
+            raise ValueError(f"order id {order.venue_order_id} twice")
+        account.orders.setdefault(order.client_order_id, []).append(order)
+        account.by_venue_id[order.venue_order_id] = order
+        if order.status.is_open and order.conditional:
+            account.open_conditional.setdefault(order.symbol, {})[order.client_order_id] = order
+            account.open_conditional_count += 1
+        elif order.status is OrderStatus.TRIGGERED:
+            account.triggering[order.venue_order_id] = order
+            due_at = item.get("due_at")
+            if due_at is not None:
+                due.append((float(due_at), order))
+    return account, due

@@ -49,6 +49,10 @@ class GbmWalk:
             raise ValueError("price must be positive")
         self._latent[symbol] = price
 
+    def latent_prices(self) -> dict[str, Decimal]:
+        """Each symbol's unquantized price: what a restart needs for the walk to continue where it was."""
+        return dict(self._latent)
+
     def step(self, dt_seconds: float) -> dict[str, Decimal]:
         """Advance every symbol by `dt_seconds` and return the new marks."""
         if dt_seconds < 0:

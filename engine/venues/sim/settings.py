@@ -127,6 +127,7 @@ class SimVenueSettings(_Strict):
     default_leverage: int = Field(default=10, ge=1, le=125)
     max_conditional_orders: int = Field(default=200, ge=1, le=10_000)
     request_timeout_seconds: float = Field(default=10.0, gt=0.0, le=300.0)
+    keep_book: bool = True
     latency: LatencySettings = Field(default_factory=LatencySettings)
     faults: FaultSettings = Field(default_factory=FaultSettings)
     rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)

@@ -20,6 +20,13 @@ Besides the port, the venue has a small control surface for tests and demos: `ov
 `set_trigger_delay` (fired stops sit TRIGGERING, or stick there, before their fill) and `set_read_lag`
 (a just-placed stop answers "unknown order" for a while). All of it runs on the venue's clock, so a
 `ManualClock` plays it out in virtual time.
+
+With a `book` (`SimBookFile`, what `tsbot run` and the dashboard use) the venue keeps its book across
+restarts: `connect()` locks and loads it, a saver task (owned, named, like the ticker) writes it within
+`BOOK_SAVE_SECONDS` of any change to orders, positions or balances and every `MARKS_SAVE_SECONDS` while
+only prices (and with them trailing stops' extremes) move, and `close()` writes it a last time and unlocks
+it. The book is captured on the event loop (consistent, ~2 ms at 1 000 positions and 3 000 orders); its
+conversion to JSON (~100 ms there) and the write run on a worker thread.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from decimal import Decimal
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from engine.clock import Clock, SystemClock
 from engine.exchange.errors import ExchangeError, FailureClass, OutcomeUnknown, RateLimited, Retryable
@@ -41,6 +48,7 @@ from engine.exchange.port import (
     OrderSide,
     VenuePosition,
 )
+from engine.venues.sim.book import SimBookFile
 from engine.venues.sim.core import DEFAULT_ACCOUNT, STUCK, SimCore
 from engine.venues.sim.faults import FaultInjector
 from engine.venues.sim.prices import GbmWalk
@@ -57,6 +65,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _CLOSE_TIMEOUT_SECONDS = 5.0
+BOOK_SAVE_SECONDS = 0.25  # a change to orders, positions or balances is on disk within this
+MARKS_SAVE_SECONDS = 5.0  # while only prices move, the marks are saved this often
+FORGET_ENDED_ORDERS_SECONDS = 3600.0  # how often a kept book drops orders that ended days ago
 
 
 class _MarkSubscription:
@@ -83,7 +94,10 @@ class SimVenue:
         clock: Clock | None = None,
         core: SimCore | None = None,
         account_id: str = DEFAULT_ACCOUNT,
+        book: SimBookFile | None = None,
     ) -> None:
+        if book is not None and core is not None:
+            raise ValueError("a sim venue keeps a book of its own core only")
         self._settings = settings if settings is not None else SimVenueSettings()
         self._clock: Clock = clock if clock is not None else SystemClock()
         listings = select_listings(self._settings.symbols, self._settings.synthetic_listings)
@@ -104,6 +118,10 @@ class SimVenue:
         self._pacing: VenuePacing | None = None
         self._empty_position_answers = 0
         self.calls_made: dict[CallKind, int] = {}  # requests that reached this venue, by kind
+        self._book = book
+        self._saver: asyncio.Task[None] | None = None
+        self._saved_revisions: tuple[int, int] = (-1, -1)  # (book, marks) revisions on disk
+        self._marks_saved_at = 0.0  # monotonic
 
     # ---- lifecycle ---------------------------------------------------------------------------------
 
@@ -123,8 +141,14 @@ class SimVenue:
         """The sim venue has order budgets only (the engine's order budget paces those); kept for symmetry."""
         self._pacing = pacing
 
+    @property
+    def book(self) -> SimBookFile | None:
+        return self._book
+
     async def connect(self) -> None:
         self._ensure_open()
+        if self._book is not None and not self._book.is_open:
+            await self._open_book(self._book)
         if self._ticker is None:
             self._connected_at = self._clock.monotonic()
             self._ticker = asyncio.create_task(self._run_ticker(), name="sim-venue-mark-ticker")
@@ -133,12 +157,20 @@ class SimVenue:
         if self._closed:
             return
         self._closed = True
-        ticker, self._ticker = self._ticker, None
-        if ticker is not None:
-            ticker.cancel()
-            done, _ = await asyncio.wait({ticker}, timeout=_CLOSE_TIMEOUT_SECONDS)
-            if not done:
-                logger.error("sim venue: mark ticker did not stop within %.1fs", _CLOSE_TIMEOUT_SECONDS)
+        for name, task in (("mark ticker", self._ticker), ("book saver", self._saver)):
+            if task is not None:
+                task.cancel()
+                done, _ = await asyncio.wait({task}, timeout=_CLOSE_TIMEOUT_SECONDS)
+                if not done:
+                    logger.error("sim venue: %s did not stop within %.1fs", name, _CLOSE_TIMEOUT_SECONDS)
+        self._ticker = self._saver = None
+        if self._book is not None and self._book.is_open:
+            try:
+                await self._save_book(self._book)
+            except Exception:
+                logger.exception("sim venue: could not save its book %s at close", self._book.path)
+            finally:
+                self._book.close()
         for subscription in self._subscribers:
             subscription.wakeup.set()
 
@@ -329,6 +361,89 @@ class SimVenue:
     def clear_injected_faults(self) -> None:
         self._faults.clear_forced()
         self._empty_position_answers = 0
+
+    # ---- the kept book ------------------------------------------------------------------------------
+
+    async def _open_book(self, book: SimBookFile) -> None:
+        """Lock and load the book (before anything trades), then start saving it."""
+        saved = await asyncio.to_thread(book.open)
+        try:
+            if saved is not None:
+                self._restore(book, saved)
+            self._saved_revisions = (self._core.book_revision, self._core.marks_revision)
+            if saved is None:
+                await self._save_book(book)  # the book exists from the first connect
+        except BaseException:
+            book.close()
+            raise
+        self._marks_saved_at = self._clock.monotonic()
+        self._saver = asyncio.create_task(self._run_saver(book), name="sim-venue-book-saver")
+
+    def _restore(self, book: SimBookFile, saved: dict[str, Any]) -> None:
+        try:
+            core = saved["core"]
+            walk = saved["walk"]
+            if not isinstance(core, dict) or not isinstance(walk, dict):
+                raise ValueError("malformed book (no core or walk)")
+            self._core.restore_book(core)
+            latent = {symbol: Decimal(str(price)) for symbol, price in walk.items()}
+        except (KeyError, ValueError, ArithmeticError) as exc:
+            raise book.unreadable(str(exc)) from None
+        for symbol in self._core.markets:
+            # The walk continues from where it was: its unquantized price, else the restored mark.
+            price = latent.get(symbol)
+            self._walk.set_price(
+                symbol, price if price is not None and price > 0 else self._core.mark(symbol)
+            )
+        held = self._core.inspect(self._clock.now(), self._account_id)
+        logger.info(
+            "sim venue: book %s restored: %d positions, %d open conditional orders, %d triggering",
+            book.path,
+            len(held.positions),
+            len(held.open_conditional),
+            len(held.triggering),
+        )
+
+    async def _save_book(self, book: SimBookFile) -> None:
+        revisions = (self._core.book_revision, self._core.marks_revision)
+        now = self._clock.now()
+        captured = self._core.capture_book(now)  # on the loop: consistent, cheap
+        walk = self._walk.latent_prices()
+
+        def write() -> None:  # the conversion and the write, off the loop
+            core = SimCore.book_of(captured)
+            book.save({"saved_at": now, "core": core, "walk": {s: str(p) for s, p in walk.items()}})
+
+        await asyncio.to_thread(write)
+        self._saved_revisions = revisions
+        self._marks_saved_at = self._clock.monotonic()
+
+    async def _run_saver(self, book: SimBookFile) -> None:
+        failing = False
+        forgotten_at = self._clock.monotonic()
+        while True:
+            await self._clock.sleep(BOOK_SAVE_SECONDS)
+            if self._clock.monotonic() - forgotten_at >= FORGET_ENDED_ORDERS_SECONDS:
+                forgotten_at = self._clock.monotonic()
+                self._core.forget_ended_orders(self._clock.now())
+            book_revision, marks_revision = self._saved_revisions
+            book_changed = self._core.book_revision != book_revision
+            marks_due = (
+                self._core.marks_revision != marks_revision
+                and self._clock.monotonic() - self._marks_saved_at >= MARKS_SAVE_SECONDS
+            )
+            if not (book_changed or marks_due):
+                continue
+            try:
+                await self._save_book(book)
+            except Exception as exc:
+                if not failing:
+                    logger.error("sim venue: could not save its book %s (%s); retrying", book.path, exc)
+                failing = True
+                continue
+            if failing:
+                logger.info("sim venue: book %s saved again", book.path)
+            failing = False
 
     # ---- internals ---------------------------------------------------------------------------------
 

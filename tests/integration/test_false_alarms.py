@@ -1,0 +1,231 @@
+"""No false alarms in normal operation (issue 13, defect 3), without failing open.
+
+* A manual close (`x`) showed the position MISSING / uncovered, its age as "time unprotected", and
+  CRITICAL: while the close's leftover stops were being cancelled the guard was closed but still counted.
+  A position being closed on purpose is "closing" while the close is in flight and gone once closed.
+* `r` (restart protection) showed no position, or every one MISSING, until the new manager had verified
+  them: the last verified state is kept until the new manager has the venue's word — and a stop that is
+  really gone from the venue still shows uncovered at once.
+
+Snapshots are sampled at every step of a ManualClock, with venue latency so each transition takes time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import pytest
+
+from engine.clock import ManualClock
+from engine.engine import Engine, EngineSnapshot
+from engine.venues.sim import SimVenue
+from engine.venues.sim.settings import CallKind, FaultKind
+from protection import health
+from storage.database import Database
+from tests.integration.engine_support import make_engine
+from tests.integration.test_failure_modes_f1_f5 import (
+    SYMBOLS,
+    drive_until_covered,
+    open_positions,
+    settings_for,
+)
+from tests.support.driving import drive, drive_until
+
+T = TypeVar("T")
+SLOW_WRITES = json.dumps({"create_order": {"seconds": 1.0}, "cancel_order": {"seconds": 1.0}})
+
+
+async def drive_sampling(
+    clock: ManualClock, awaitable: Awaitable[T], sample: Callable[[], Awaitable[None]]
+) -> T:
+    """Drive `awaitable` to completion, awaiting `sample()` at every step of the clock."""
+    task = asyncio.ensure_future(awaitable)
+
+    async def sampled() -> bool:
+        await sample()
+        return task.done()
+
+    try:
+        await drive_until(clock, sampled, what="awaited call")
+    finally:
+        if not task.done():
+            task.cancel()
+    return task.result()
+
+
+async def protection_health(engine: Engine) -> health.ComponentHealth:
+    report = await engine.measure_health()
+    return next(c for c in report.components if c.component is health.Component.PROTECTION)
+
+
+def assert_all_covered(snapshot: EngineSnapshot, active: int) -> None:
+    coverage = snapshot.coverage
+    assert coverage.active == active, coverage
+    assert coverage.protected == active, coverage
+    assert coverage.uncovered == 0, coverage
+    assert coverage.ts_coverage_pct == 100
+    assert coverage.sl_coverage_pct == 100
+    assert [v.symbol for v in snapshot.positions if not v.covered] == []
+
+
+@pytest.mark.parametrize("trailing_mode", ["native", "managed"])
+async def test_a_manual_close_is_closing_then_gone_never_uncovered_or_critical(
+    db: Database, trailing_mode: str
+) -> None:
+    settings = settings_for(
+        db, {"VENUE__SIM__LATENCY__BY_CALL": SLOW_WRITES, "PROTECTION__TRAILING__MODE": trailing_mode}
+    )
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        guards = await open_positions(engine, clock, SYMBOLS[:3], ["long", "short", "long"])
+        await drive_until_covered(engine, clock, 3, limit=60.0)
+        await drive(clock, clock.sleep(30.0))  # far past grace: an uncovered count would be CRITICAL
+        target = guards[1]
+        closing_seen = []
+
+        async def sample() -> None:
+            snapshot = engine.snapshot()
+            [view] = [v for v in snapshot.positions if v.position_id == target.position_id] or [None]
+            assert_all_covered(snapshot, 3 if view is not None else 2)
+            if view is not None and view.closing:
+                closing_seen.append(clock.monotonic())
+            state = (await protection_health(engine)).state
+            assert state is health.HealthState.HEALTHY, state
+
+        closed = await drive_sampling(clock, engine.close_position(target.position_id), sample)
+        assert closed
+        for _ in range(40):  # and after: the leftover stops' cancels finish, nothing flickers
+            await sample()
+            await drive(clock, clock.sleep(0.05))
+        assert closing_seen  # the row said "closing" while the close was in flight
+        snapshot = engine.snapshot()
+        assert target.position_id not in {v.position_id for v in snapshot.positions}
+        venue = engine.venue
+        assert isinstance(venue, SimVenue)
+        held = venue.core.inspect(clock.now())
+        assert target.symbol not in {p.symbol for p in held.positions}
+        assert target.symbol not in {o.symbol for o in held.open_conditional}  # its stops were cancelled
+    finally:
+        await drive(clock, engine.stop())
+
+
+@pytest.mark.parametrize("trailing_mode", ["native", "managed"])
+async def test_restart_protection_keeps_every_verified_position_covered_throughout(
+    db: Database, trailing_mode: str
+) -> None:
+    settings = settings_for(
+        db, {"VENUE__SIM__LATENCY__SECONDS": "0.5", "PROTECTION__TRAILING__MODE": trailing_mode}
+    )
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        await open_positions(engine, clock, SYMBOLS[:6], ["long", "short"] * 3)
+        await drive_until_covered(engine, clock, 6, limit=60.0)
+        await drive(clock, clock.sleep(30.0))
+        samples = 0
+
+        async def sample() -> None:
+            nonlocal samples
+            assert_all_covered(engine.snapshot(), 6)
+            assert (await protection_health(engine)).state is health.HealthState.HEALTHY
+            samples += 1
+
+        report = await drive_sampling(clock, engine.restart_protection(), sample)
+        assert (report.restored, report.reprotected, report.failed) == (6, 0, 0)
+        assert samples > 10  # the restart took time (0.5 s per venue call) and every step was sampled
+        await sample()
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_restart_protection_still_shows_a_stop_removed_on_the_venue_uncovered_at_once(
+    db: Database,
+) -> None:
+    """Not failing open: a stop cancelled on the venue (by hand, on the exchange's site) while the manager
+    restarts is uncovered from the moment the new manager has the venue's list — not carried as covered
+    until its guard has re-placed it."""
+    settings = settings_for(db, {"VENUE__SIM__LATENCY__SECONDS": "0.5"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        guards = await open_positions(engine, clock, SYMBOLS[:4])
+        await drive_until_covered(engine, clock, 4, limit=60.0)
+        await drive(clock, clock.sleep(30.0))
+        victim = guards[2]
+        venue = engine.venue
+        assert isinstance(venue, SimVenue)
+        cid = victim.stop_loss.client_order_id
+        assert cid is not None
+        venue.core.cancel_order(victim.symbol, cid, clock.now())  # the venue's truth changes under us
+        seen: list[tuple[float, bool]] = []
+        old_manager = engine.manager
+
+        async def sample() -> None:
+            snapshot = engine.snapshot()
+            view = next((v for v in snapshot.positions if v.symbol == victim.symbol), None)
+            on_venue = any(
+                o.symbol == victim.symbol and o.client_order_id.endswith(("sl0", "sl1"))
+                for o in venue.core.inspect(clock.now()).open_conditional
+            )
+            if view is not None:
+                manager = engine.manager
+                rebuilt = (
+                    manager is not old_manager
+                    and manager is not None
+                    and victim.position_id in manager.guards
+                )
+                seen.append((rebuilt, view.covered))
+                if rebuilt:
+                    # The new guard exists: built from the venue's list, which lacked the stop, it never
+                    # calls the position covered while the venue holds no stop-loss for it.
+                    assert on_venue or not view.covered, view
+            assert snapshot.coverage.active == 4
+
+        await drive_sampling(clock, engine.restart_protection(), sample)
+        # Uncovered from the first moment the new manager had the venue's list (no carried "covered").
+        assert [covered for rebuilt, covered in seen if rebuilt][:1] == [False]
+        await drive_until(
+            clock, lambda: engine.snapshot().coverage.protected == 4, limit=30.0, what="stop re-placed"
+        )
+        assert (
+            sum(1 for o in venue.core.inspect(clock.now()).open_conditional if o.symbol == victim.symbol) == 2
+        )
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_close_the_venue_refuses_leaves_the_position_open_covered_and_no_longer_closing(
+    db: Database,
+) -> None:
+    settings = settings_for(db, {"VENUE__SIM__LATENCY__BY_CALL": SLOW_WRITES})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, SYMBOLS[:1])
+        await drive_until_covered(engine, clock, 1, limit=60.0)
+        venue = engine.venue
+        assert isinstance(venue, SimVenue)
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR)
+        closing_seen = []
+
+        async def sample() -> None:
+            snapshot = engine.snapshot()
+            assert_all_covered(snapshot, 1)  # its stops never left the venue
+            closing_seen.extend(v.closing for v in snapshot.positions)
+
+        closed = await drive_sampling(clock, engine.close_position(guard.position_id), sample)
+        assert not closed
+        assert True in closing_seen
+        [view] = engine.snapshot().positions
+        assert not view.closing
+        assert view.covered
+    finally:
+        await drive(clock, engine.stop())
