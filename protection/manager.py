@@ -703,11 +703,23 @@ class PositionGuard:
             lag = m.read_after_write_seconds
             if order.sent_at is not None and m.clock.monotonic() - order.sent_at < lag:
                 # The venue may not show an order it accepted moments ago (read-after-write lag): "not
-                # found" proves nothing yet. Still unconfirmed (so uncovered), asked again shortly.
-                self._note_failure(
-                    f"{why} {_what(order.purpose)}",
-                    f"{cid} not visible yet (the venue's reads lag its writes by up to {lag:g}s)",
+                # found" proves nothing yet. Still unconfirmed (so uncovered), asked again. Waiting out a documented lag is not a failure: said as information (an
+                # ERROR per look was noise that hid the real failures).
+                # Within the window the order may show at any moment: asked again at the first retry
+                # step, and no later than the window's end (then "not found" proves it absent).
+                wait = min(
+                    m.config.retry_initial_seconds, max(0.0, order.sent_at + lag - m.clock.monotonic())
                 )
+                log.info(
+                    "%s: %s %s not visible yet (the venue's reads lag its writes by up to %gs); "
+                    "asking again in %.1fs",
+                    self.symbol,
+                    _what(order.purpose),
+                    cid,
+                    lag,
+                    wait,
+                )
+                self.retry_at = m.clock.monotonic() + wait
                 return _Outcome.RETRY
             order.maybe_sent = False  # proven absent: the same id may be sent
             log.warning(

@@ -5,7 +5,10 @@ sim core): uncovered while in doubt, then closed or re-protected, never two live
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
+
+import pytest
 
 from engine.clock import ManualClock
 from engine.exchange.port import OrderType
@@ -123,5 +126,37 @@ async def test_a_stop_the_venue_cannot_read_back_yet_is_not_sent_twice(db: Datab
             {OrderType.STOP_MARKET: 1, OrderType.TRAILING_STOP_MARKET: 1}
         )
         assert guard.stop_loss.generation == 0
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_waiting_out_the_venues_read_lag_is_said_as_information_not_as_a_failure(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reconcile pass right after the stops were placed finds them missing from the venue's lagging
+    lists and asks for each by id: "does not exist" for the documented lag proves nothing. The guard waits
+    it out, uncovered in the meantime — but that is no failure: not an ERROR per look, which taught
+    operators to skip the real ones (an emulator run logged one per stop per pass)."""
+    caplog.set_level(logging.INFO, logger="protection")
+    # The venue gives up on a request after 1.5 s, and its reads lag its writes by 3 s.
+    settings = settings_for(db, {"VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "1.5"})
+    clock = ManualClock()
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    venue.set_read_lag(3.0)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    try:
+        assert engine.manager is not None
+        [guard] = await open_positions(engine, clock, [SYMBOLS[18]])
+        creates_before = venue.calls_made.get(CallKind.CREATE_ORDER, 0)
+        # The stop-loss's answer is lost: it is on the venue, and the guard asks for it by id at once.
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT)
+        await drive_until_covered(engine, clock, 1)
+        assert venue.calls_made.get(CallKind.CREATE_ORDER, 0) - creates_before == 2  # nothing sent twice
+        waits = [r for r in caplog.records if "not visible yet" in r.getMessage()]
+        assert waits, "the wait for the venue's reads is said"
+        assert {r.levelno for r in waits} == {logging.INFO}
+        assert not any("failed" in r.getMessage() for r in waits)
+        assert guard.covered
     finally:
         await drive(clock, engine.stop())
