@@ -19,14 +19,15 @@ import getpass
 import logging
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 
 from engine.clock import Clock
 from storage.commands import CommandKind, CommandQueue, CommandRecord, CommandState
+from storage.database import DatabaseDown, is_unreachable
 from storage.lease import LeaseHolder, current_holder
 from storage.repositories import Severity
 
@@ -34,7 +35,9 @@ if TYPE_CHECKING:
     from engine.engine import Engine
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
+LEFT_RUNNING = "no answer: the engine stopped, or lost its database, while executing it"
 POLL_SECONDS = 1.0  # a lost notification delays a command by at most this
 HOLDER_CHECK_SECONDS = 2.0  # how often a waiting sender checks that the engine is still there
 
@@ -95,12 +98,14 @@ class CommandRunner:
             self._wake.set()
 
     async def run(self) -> None:
-        left = await self._queue.fail_left_running("the engine stopped while executing it")
+        """Until cancelled. An unreachable database is `DatabaseDown` (the supervisor waits for it quietly);
+        a command taken and not answered then is failed when the loop starts again."""
+        left = await _reachable(self._queue.fail_left_running(LEFT_RUNNING))
         if left:
-            log.warning("%d commands an earlier run took and never answered: marked failed", left)
+            log.warning("%d commands taken earlier were never answered: marked failed", left)
         while True:
             self._wake.clear()  # before claiming: a NOTIFY during the claim wakes the next wait
-            command = await self._queue.claim_next()
+            command = await _reachable(self._queue.claim_next())
             if command is None:
                 await self._wait()
                 continue
@@ -133,7 +138,7 @@ class CommandRunner:
         except Exception as exc:  # a bug: the sender is told, the loop goes on
             log.exception("command #%d %s failed", command.id, command.kind.value)
             outcome = CommandOutcome(False, f"internal error: {type(exc).__name__}: {exc}")
-        await self._queue.finish(command.id, outcome.state, outcome.as_json())
+        await _reachable(self._queue.finish(command.id, outcome.state, outcome.as_json()))
         self.executed += 1
         log.log(
             logging.WARNING if outcome.ok else logging.ERROR,
@@ -282,6 +287,15 @@ class CommandRunner:
         if left:
             summary += f"; {left} positions still open"
         return CommandOutcome(ok, summary, results)
+
+
+async def _reachable(awaitable: Awaitable[T]) -> T:
+    try:
+        return await awaitable
+    except Exception as exc:
+        if is_unreachable(exc):
+            raise DatabaseDown(f"commands: {type(exc).__name__}: {exc}") from exc
+        raise
 
 
 # --- the sender's side --------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 
 from engine.clock import ManualClock
-from engine.commands import send_command
+from engine.commands import LEFT_RUNNING, send_command
 from engine.venues.sim.settings import CallKind, FaultKind
 from storage.commands import CommandKind, CommandQueue, CommandState
 from storage.database import Database
@@ -134,6 +134,6 @@ async def test_a_command_an_earlier_engine_took_and_never_answered_is_failed_at_
         record = await queue.get(left.id)
         assert record is not None
         assert record.result is not None
-        assert record.result["summary"] == "the engine stopped while executing it"
+        assert record.result["summary"] == LEFT_RUNNING
     finally:
         await drive(clock, engine.stop())
