@@ -7,7 +7,9 @@ with backoff when it fails and whose failure is logged (nothing is fire-and-forg
 and leaves every order on the exchange in place.
 
 The UI reads `snapshot()`, follows `events()`, and sends commands (`reprotect_uncovered`,
-`restart_protection`, `pause_entries` / `resume_entries`, `close_position`); it never reaches inside.
+`restart_protection`, `pause_entries` / `resume_entries`, `close_position`); it never reaches inside. A
+process that does not trade (`tsbot close`, a read-only dashboard) sends the same commands through
+`monitoring.commands`, which the engine's command loop (engine/commands.py) executes with these methods.
 """
 
 from __future__ import annotations

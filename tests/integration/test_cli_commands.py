@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import pty
 import subprocess
 import time
 from pathlib import Path
@@ -169,6 +171,15 @@ async def test_every_command_steers_a_headless_engine(workdir: tuple[Path, str])
             rows = await fetch(dsn, "SELECT count(*) AS n FROM monitoring.commands WHERE kind = 'flatten'")
             assert rows[0]["n"] == 0
 
+            # flatten on a terminal asks first; anything but yes sends nothing.
+            declined = await asyncio.to_thread(_flatten_on_a_terminal, cwd, "n\n")
+            assert declined.returncode == 1, declined.stderr
+            assert "Pause entries and close all 4 open positions of account" in declined.stdout
+            assert declined.stderr == "tsbot: flatten: not confirmed; nothing was sent\n"
+            rows = await fetch(dsn, "SELECT count(*) AS n FROM monitoring.commands WHERE kind = 'flatten'")
+            assert rows[0]["n"] == 0
+            assert len(symbols_held(await truth.read())) == 4
+
             # flatten --all --yes: the venue is flat, with no stop of ours left; entries stay paused.
             flat = await run_tsbot("flatten", "--all", "--yes", "--reason", "end of test", cwd=cwd)
             assert flat.returncode == 0, flat.stderr
@@ -198,6 +209,30 @@ async def test_every_command_steers_a_headless_engine(workdir: tuple[Path, str])
             await truth.close()
             code = await engine.stop()
         assert code == 0, engine.lines
+
+
+def _flatten_on_a_terminal(cwd: Path, answer: str) -> subprocess.CompletedProcess[str]:
+    """`tsbot flatten --all` with a terminal on stdin (a pty), answering the question with `answer`."""
+    master, slave = pty.openpty()
+    try:
+        process = subprocess.Popen(
+            [TSBOT, "flatten", "--all"],
+            cwd=cwd,
+            env=environ(),
+            stdin=slave,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        os.close(slave)
+        slave = -1
+        os.write(master, answer.encode())
+        out, err = process.communicate(timeout=90)
+        return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
 
 
 async def _signal_status(dsn: str, symbol: str, status: str) -> bool:
