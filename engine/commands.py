@@ -190,7 +190,7 @@ class CommandRunner:
             failed = tuple(
                 PositionOutcome(s, False, "uncovered after the restart") for s in report.failed_symbols
             )
-            return CommandOutcome(report.failed == 0, f"protection restarted: {report.describe()}", failed)
+            return CommandOutcome(report.failed == 0, report.describe(), failed)
         return CommandOutcome(False, f"unknown command {kind.value}")
 
     async def _protect(self, symbol: Any) -> CommandOutcome:
@@ -217,9 +217,7 @@ class CommandRunner:
         results = await engine.reprotect_uncovered(plan)
         outcomes = tuple(PositionOutcome(r.symbol, r.covered, r.detail, r.position_id) for r in results)
         covered = sum(r.covered for r in results)
-        return CommandOutcome(
-            covered == len(results), f"re-protect: {covered}/{len(results)} covered", outcomes
-        )
+        return CommandOutcome(covered == len(results), f"{covered}/{len(results)} covered", outcomes)
 
     async def _close(self, symbol: str) -> CommandOutcome:
         manager = self._engine.manager
@@ -281,9 +279,7 @@ class CommandRunner:
         closed = sum(o.ok for o in results)
         left = len(manager.guards)
         ok = closed == len(results) and left == 0
-        summary = (
-            f"flatten: {closed}/{len(results)} closed; entries paused (resume with `tsbot entries resume`)"
-        )
+        summary = f"{closed}/{len(results)} closed; entries paused (resume with `tsbot entries resume`)"
         if left:
             summary += f"; {left} positions still open"
         return CommandOutcome(ok, summary, results)
