@@ -19,7 +19,7 @@ import getpass
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 LEFT_RUNNING = "no answer: the engine stopped, or lost its database, while executing it"
-POLL_SECONDS = 1.0  # a lost notification delays a command by at most this
+POLL_SECONDS = 1.0  # while LISTEN is down, a command waits at most this long
+LISTENING_POLL_SECONDS = 5.0  # while it is up, the poll is only the safety net
 HOLDER_CHECK_SECONDS = 2.0  # how often a waiting sender checks that the engine is still there
 
 
@@ -82,11 +83,18 @@ class CommandRunner:
     """The engine's side: executes its account's commands one at a time."""
 
     def __init__(
-        self, engine: Engine, queue: CommandQueue, clock: Clock, *, poll_seconds: float = POLL_SECONDS
+        self,
+        engine: Engine,
+        queue: CommandQueue,
+        clock: Clock,
+        *,
+        listening: Callable[[], bool] = lambda: False,
+        poll_seconds: float = POLL_SECONDS,
     ):
         self._engine = engine
         self._queue = queue
         self._clock = clock
+        self._listening = listening
         self._poll = poll_seconds
         self._wake = asyncio.Event()
         self.executed = 0
@@ -113,7 +121,8 @@ class CommandRunner:
 
     async def _wait(self) -> None:
         woke = asyncio.ensure_future(self._wake.wait())
-        slept = asyncio.ensure_future(self._clock.sleep(self._poll))
+        interval = max(self._poll, LISTENING_POLL_SECONDS) if self._listening() else self._poll
+        slept = asyncio.ensure_future(self._clock.sleep(interval))
         try:
             await asyncio.wait({woke, slept}, return_when=asyncio.FIRST_COMPLETED)
         finally:

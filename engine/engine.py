@@ -484,8 +484,14 @@ class Engine:
             claimed_by=self._claimer,
         )
         # Operator commands (`tsbot close`, the read-only dashboard) wake it on the signals' LISTEN connection.
-        self.commands = CommandRunner(self, CommandQueue(self._db.pool, self.account_key), self.clock)
-        self.consumer.also_listen(NEW_COMMAND_CHANNEL, self.commands.notified)
+        consumer = self.consumer
+        self.commands = CommandRunner(
+            self,
+            CommandQueue(self._db.pool, self.account_key),
+            self.clock,
+            listening=lambda: consumer.listening,
+        )
+        consumer.also_listen(NEW_COMMAND_CHANNEL, self.commands.notified)
         sup.start("commands", self.commands.run)
         sup.start("housekeeping", self._housekeeping)
         sup.start("signals", self._wave_loop)

@@ -137,3 +137,34 @@ async def test_a_command_an_earlier_engine_took_and_never_answered_is_failed_at_
         assert record.result["summary"] == LEFT_RUNNING
     finally:
         await drive(clock, engine.stop())
+
+
+async def test_a_command_wakes_the_engine_by_notify_without_waiting_for_a_poll(db: Database) -> None:
+    """Virtual time stands still while the command is sent: no poll can fire, only NOTIFY wakes the loop."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        assert engine.consumer is not None
+        consumer = engine.consumer
+        await drive_until(clock, lambda: consumer.listening, what="LISTEN up")
+        frozen_at = clock.monotonic()
+        answer = await asyncio.wait_for(
+            send_command(
+                db.pool,
+                venue=engine.exchange_name,
+                account=engine.account_key,
+                kind=CommandKind.ENTRIES_PAUSE,
+                reason="by notify",
+                wait_seconds=30,
+                requested_by="op@host/7",
+            ),
+            timeout=30,
+        )
+        assert clock.monotonic() == frozen_at
+        assert answer.ok, answer.summary
+        assert engine.entries_paused
+        assert engine.entries_pause_reason == "by notify"
+    finally:
+        await drive(clock, engine.stop())
