@@ -136,7 +136,7 @@ class CommandRunner:
             "command #%d %s%s from %s%s",
             command.id,
             command.kind.value,
-            f" {dict(command.args)}" if command.args else "",
+            "".join(f" {key}={value}" for key, value in command.args.items()),
             who,
             f": {command.reason}" if command.reason else "",
         )
