@@ -1,7 +1,8 @@
 """`tsbot`: everything that is not the dashboard.
 
 Exit codes: 0 done; 1 the command failed (database or venue unreachable, …); 2 the operator's input is wrong
-(bad configuration, bad arguments, a key the venue refuses). Errors are one line on stderr naming the thing
+(bad configuration, bad arguments, a key the venue refuses); 3 a command for the running engine (`close`,
+`flatten`, …) found none running for the account. Errors are one line on stderr naming the thing
 at fault, what was expected and what was found; input never causes a traceback. A real bug is one line
 too ("internal error"), with its traceback in the log file.
 """
