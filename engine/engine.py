@@ -7,7 +7,9 @@ with backoff when it fails and whose failure is logged (nothing is fire-and-forg
 and leaves every order on the exchange in place.
 
 The UI reads `snapshot()`, follows `events()`, and sends commands (`reprotect_uncovered`,
-`restart_protection`, `pause_entries` / `resume_entries`, `close_position`); it never reaches inside.
+`restart_protection`, `pause_entries` / `resume_entries`, `close_position`); it never reaches inside. A
+process that does not trade (`tsbot close`, a read-only dashboard) sends the same commands through
+`monitoring.commands`, which the engine's command loop (engine/commands.py) executes with these methods.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 from engine.accounts import account_key
 from engine.alerts import Alerter, EngineObserver
 from engine.clock import Clock, SystemClock, wait_for_all
+from engine.commands import CommandRunner, requester_identity
 from engine.config import ConfigError, Settings, VenueKind, real_venue_problems
 from engine.credentials import check_credentials
 from engine.events import (
@@ -71,6 +74,7 @@ from protection.coverage import CoverageFigures, PositionCoverage, coverage_figu
 from protection.manager import PositionGuard, ProtectionConfig, ProtectionManager, TrailingKind
 from protection.order_ids import client_order_id
 from protection.reconciler import Reconciler, ReconcileReport
+from storage.commands import NEW_COMMAND_CHANNEL, CommandQueue
 from storage.database import Database, DatabaseDown, open_database
 from storage.embedded import default_data_dir
 from storage.journal import WriteJournal
@@ -383,6 +387,7 @@ class Engine:
         self.manager: ProtectionManager | None = None
         self.reconciler: Reconciler | None = None
         self.consumer: SignalConsumer | None = None
+        self.commands: CommandRunner | None = None
         self.markets: dict[str, Market] = {}
         self.marks: dict[str, MarkPrice] = {}
         self._last_mark_at: float | None = None
@@ -524,6 +529,16 @@ class Engine:
             wave_window_seconds=self.settings.signals.wave_window_ms / 1000,
             claimed_by=self._claimer,
         )
+        # Operator commands (`tsbot close`, the read-only dashboard) wake it on the signals' LISTEN connection.
+        consumer = self.consumer
+        self.commands = CommandRunner(
+            self,
+            CommandQueue(self._db.pool, self.account_key),
+            self.clock,
+            listening=lambda: consumer.listening,
+        )
+        consumer.also_listen(NEW_COMMAND_CHANNEL, self.commands.notified)
+        sup.start("commands", self.commands.run)
         sup.start("housekeeping", self._housekeeping)
         sup.start("signals", self._wave_loop)
         if self._generate:
@@ -1519,14 +1534,17 @@ class Engine:
         )
         return results
 
-    def pause_entries(self, by: str = "operator", reason: str = "") -> None:
-        """Stop opening positions (open positions stay protected); persisted, so a restart keeps it."""
+    def pause_entries(self, by: str = "operator", reason: str = "", who: str = "") -> None:
+        """Stop opening positions (open positions stay protected); persisted, so a restart keeps it. `who`:
+        the operator's user@host/pid (this process's when the dashboard's key says it)."""
+        if by == "operator" and not who:
+            who = requester_identity()
         self._persisted_pause = (True, by, reason)
         self._apply_entries_state()
         log.warning("entries paused by the %s%s", by, f": {reason}" if reason else "")
-        self._persist_entries_control(True, by, reason)
+        self._persist_entries_control(True, by, reason, who)
 
-    def resume_entries(self) -> tuple[bool, str]:
+    def resume_entries(self, who: str = "") -> tuple[bool, str]:
         """Open positions again; refused while this engine does not hold the account's lease."""
         if self.db_watch is not None and self.db_watch.down:
             message = "refused: the database is unreachable; entries stay paused until it is back"
@@ -1539,7 +1557,7 @@ class Engine:
         self._persisted_pause = (False, "operator", "")
         self._apply_entries_state()
         log.warning("entries resumed by the operator")
-        self._persist_entries_control(False, "operator", "")
+        self._persist_entries_control(False, "operator", "", who or requester_identity())
         return True, "entries on"
 
     def _apply_entries_state(self) -> None:
@@ -1559,7 +1577,7 @@ class Engine:
         if changed:
             self.events_bus.publish(EntriesToggled(at=self.clock.now(), paused=paused))
 
-    def _persist_entries_control(self, paused: bool, by: str, reason: str) -> None:
+    def _persist_entries_control(self, paused: bool, by: str, reason: str, who: str = "") -> None:
         store = self.store
         if store is None:
             return
@@ -1572,11 +1590,13 @@ class Engine:
                     paused=paused,
                     paused_by=by,
                     reason=reason,
+                    requested_by=who,
                 )
                 await store.record_event(
                     Severity.WARNING,
                     "entries_paused" if paused else "entries_resumed",
                     f"entries {'paused' if paused else 'resumed'} by the {by}"
+                    + (f" ({who})" if who else "")
                     + (f": {reason}" if reason else ""),
                 )
             except Exception:

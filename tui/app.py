@@ -44,6 +44,7 @@ from engine.engine import Engine, EngineSnapshot, EngineState, StartupReport, pa
 from engine.events import EngineStateChanged, EntriesToggled, EventsDropped, HealthChanged, PositionClosed
 from engine.logs import LogFileError, RedactingFormatter, configure_logging
 from protection.health import HealthThresholds
+from storage.commands import CommandKind
 from storage.lease import LeaseHeld
 from tui import formatting, keys
 from tui.attention import CriticalAttention
@@ -375,7 +376,9 @@ class DashboardApp(App[int]):
                 timeout=8,
             )
         if self.feed.read_only:
-            self.notify("Read-only: watching the database; commands are refused.", timeout=8)
+            self.notify(
+                "Read-only: watching the database; commands are sent to the engine that trades.", timeout=8
+            )
             self.follow_feed()
         self.paint()
 
@@ -470,7 +473,47 @@ class DashboardApp(App[int]):
             return True
         return False
 
+    @property
+    def _watching_only(self) -> bool:
+        """Read-only: commands go to the engine that holds the lease (monitoring.commands)."""
+        return isinstance(self.feed, ReadOnlyFeed) and not self.stopping
+
+    @work(group="command", exit_on_error=False, description="send a command to the trading engine")
+    async def send_to_engine(self, kind: CommandKind, args: dict[str, object], what: str) -> None:
+        """Hand one command to the engine that trades the account; its answer goes to the log panel (one
+        row per position) and a notification."""
+        feed = self.feed
+        if not isinstance(feed, ReadOnlyFeed):
+            return
+        self.post_message(CommandDone(f"{what}: sent to the engine that trades the account; waiting…"))
+        try:
+            answer = await feed.send_command(kind, args)
+        except Exception as exc:
+            log.exception("sending %s to the engine failed", what)
+            self.post_message(CommandDone(f"{what}: could not be sent: {exc}", severity="error"))
+            return
+        for position in answer.positions:
+            self.post_message(
+                LogEntryAdded(
+                    LogEntry(
+                        time.time(),
+                        "info" if position.ok else "error",
+                        position.symbol,
+                        kind.value,
+                        None,
+                        "ok" if position.ok else "failed",
+                        position.detail,
+                    )
+                )
+            )
+        self.post_message(
+            CommandDone(f"{what}: {answer.summary}", severity="information" if answer.ok else "error")
+        )
+
     def action_protect_uncovered(self) -> None:
+        if self._watching_only:
+            self.send_to_engine(CommandKind.PROTECT, {}, "Re-protect")
+            return
         if self._refuse_if_not_trading():
             return
         plan = self.feed.plan_reprotect()
@@ -492,11 +535,13 @@ class DashboardApp(App[int]):
         self.push_screen(ReprotectScreen(self.feed, plan), finished)
 
     def action_restart_protection(self) -> None:
-        if self._refuse_if_not_trading():
+        if not self._watching_only and self._refuse_if_not_trading():
             return
 
         def confirmed(yes: bool | None) -> None:
-            if yes:
+            if yes and self._watching_only:
+                self.send_to_engine(CommandKind.RESTART_PROTECTION, {}, "Restart protection")
+            elif yes:
                 self.push_screen(RestartReportScreen(self.feed), lambda _report: self.paint())
 
         self.push_screen(
@@ -511,6 +556,11 @@ class DashboardApp(App[int]):
         )
 
     def action_toggle_entries(self) -> None:
+        if self._watching_only:
+            paused = not self.feed.snapshot().entries_paused
+            kind = CommandKind.ENTRIES_PAUSE if paused else CommandKind.ENTRIES_RESUME
+            self.send_to_engine(kind, {}, "Pause entries" if paused else "Resume entries")
+            return
         if self._refuse_if_not_trading():
             return
         paused = not self.feed.snapshot().entries_paused
@@ -524,7 +574,7 @@ class DashboardApp(App[int]):
         self.paint()
 
     def action_close_position(self) -> None:
-        if self._refuse_if_not_trading():
+        if not self._watching_only and self._refuse_if_not_trading():
             return
         selected = self._positions.selected_position_id()
         # The engine's current view of it (a row off screen may show text one frame old).
@@ -534,7 +584,9 @@ class DashboardApp(App[int]):
             return
 
         def confirmed(yes: bool | None) -> None:
-            if yes:
+            if yes and self._watching_only:
+                self.send_to_engine(CommandKind.CLOSE, {"symbol": view.symbol}, f"Close {view.symbol}")
+            elif yes:
                 self.close_selected(view.position_id, view.symbol)
 
         pnl = "" if view.pnl_percent is None else f", PnL {view.pnl_percent:+.2f}%"

@@ -1,7 +1,8 @@
 """What the dashboard watches: a port with two implementations.
 
 `EngineFeed` runs the engine in this process (the app's event loop) and trades; `ReadOnlyFeed` watches the
-database of an engine that runs elsewhere (another process holds the account lease) and refuses commands.
+database of an engine that runs elsewhere (another process holds the account lease) and hands the
+operator's commands to that engine through `monitoring.commands` (as `tsbot close` does).
 The screen only ever sees `EngineSnapshot` values and `LogEntry` rows, whichever feed it has.
 """
 
@@ -10,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Protocol
+from typing import Any, Protocol
 
 from engine.accounts import account_key
+from engine.commands import CommandAnswer, send_command
 from engine.config import Settings, VenueKind
 from engine.engine import (
     Engine,
@@ -41,6 +43,7 @@ from engine.events import (
 )
 from protection.coverage import CoverageFigures, PositionCoverage, coverage_figures
 from protection.health import Component, ComponentHealth, HealthState
+from storage.commands import CommandKind
 from storage.database import Database, open_database
 from storage.lease import LeaseHolder, current_holder
 from storage.repositories import (
@@ -297,8 +300,9 @@ def mode_of(settings: Settings) -> str:
 class ReadOnlyFeed:
     """Watches the database another engine writes: positions, coverage, health, waves, events.
 
-    Polls once per `interval` seconds from the app's follow worker; holds no tasks of its own. Commands
-    raise `ReadOnly`: trading belongs to the engine that holds the lease.
+    Polls once per `interval` seconds from the app's follow worker; holds no tasks of its own. The engine
+    methods raise `ReadOnly`: trading belongs to the engine that holds the lease; `send_command` asks that
+    engine to do it, and returns its answer.
     """
 
     read_only = True
@@ -312,6 +316,7 @@ class ReadOnlyFeed:
         self._store: Store | None = None
         self._last_event_id = 0
         self._snapshot = _empty_snapshot(settings, EngineState.STARTING, holder)
+        self.command_wait_seconds = 30.0
 
     async def start(self) -> None:
         db = self.settings.database
@@ -362,6 +367,7 @@ class ReadOnlyFeed:
         health_rows = await store.latest_health()
         waves = await store.recent_waves(limit=50)
         events = await store.recent_events(limit=200, min_severity=Severity.INFO)
+        control = await store.entries_control(settings.venue.kind.value, account_key(settings.venue))
         live = [p for p in positions if p.entry_price is not None]
         grace = float(settings.protection.grace_seconds)
         coverage = coverage_figures(
@@ -387,7 +393,9 @@ class ReadOnlyFeed:
             venue=settings.venue.kind.value,
             account=settings.venue.account,
             mode=mode_of(settings),
-            entries_paused=False,
+            entries_paused=control is not None and control.paused,
+            entries_paused_by=control.paused_by if control is not None and control.paused else "",
+            entries_pause_reason=control.reason if control is not None and control.paused else "",
             positions=tuple(_position_view(p, trails.get(p.id), now) for p in live),
             coverage=coverage,
             health=tuple(
@@ -428,6 +436,25 @@ class ReadOnlyFeed:
 
     async def close_position(self, position_id: int) -> bool:
         raise ReadOnly(self.refusal())
+
+    async def send_command(
+        self, kind: CommandKind, args: Mapping[str, Any] | None = None, reason: str = ""
+    ) -> CommandAnswer:
+        """Hand a command to the engine that trades the account and wait for its answer."""
+        if self._database is None:
+            raise ReadOnly("read-only: the watch is not connected to the database")
+        db = self.settings.database
+        return await send_command(
+            self._database.pool,
+            venue=self.settings.venue.kind.value,
+            account=account_key(self.settings.venue),
+            kind=kind,
+            args=args,
+            reason=reason or "from the read-only dashboard",
+            wait_seconds=self.command_wait_seconds,
+            listen_dsn=self._database.target.dsn,
+            listen_password=db.password.get_secret_value() if db.password else None,
+        )
 
     def refusal(self) -> str:
         who = self.holder.describe() if self.holder else "no engine (none is running)"

@@ -39,7 +39,7 @@ class HelpScreen(ModalScreen[None]):
             dialog.border_title = "Keys"
             yield DataTable(id="help-keys", cursor_type="none", show_cursor=False)
             note = (
-                "Read-only: trading commands are refused; the engine that holds the lease trades."
+                "Read-only: commands are sent to the engine that holds the lease, which executes them."
                 if self._read_only
                 else "Keys are remappable in [tui.keys] of config.toml. Quitting leaves exchange stops in place."
             )
@@ -84,7 +84,8 @@ class LeaseHeldScreen(ModalScreen[bool]):
             yield Static(
                 f"{self._message}.\n\nHolder: {who}\n\nThis dashboard will not trade. It can open read-only: "
                 "it then watches the database that engine writes (positions, coverage, health, waves, "
-                "errors) and refuses every command.",
+                "errors) and hands your commands (re-protect, restart, entries, close) to that engine, "
+                "which executes them and answers in the log panel.",
                 id="lease-body",
                 classes="dialog-body",
                 markup=False,
