@@ -44,6 +44,7 @@ from engine.engine import Engine, EngineSnapshot, EngineState, StartupReport, pa
 from engine.events import EngineStateChanged, EntriesToggled, EventsDropped, HealthChanged, PositionClosed
 from engine.logs import LogFileError, RedactingFormatter, configure_logging
 from protection.health import HealthThresholds
+from storage.embedded import default_data_dir, leave_embedded
 from storage.lease import LeaseHeld
 from tui import formatting, keys
 from tui.code_watch import CodeDifference, SourceWatcher, package_roots
@@ -309,12 +310,24 @@ class DashboardApp(App[int]):
         self.paint()
         await self.stop_feed()
         if self.hung_up:
+            # Nobody may run this process's exit hooks (the watchdog below ends it with os._exit): the
+            # embedded server it started or joined is left now, and stopped if nobody else uses it.
+            await asyncio.to_thread(self.leave_embedded_database)
             # The engine has stopped (the only thing that matters); if restoring a terminal that no longer
             # exists wedges the exit anyway, end the process rather than linger without a screen.
             watchdog = threading.Timer(HANGUP_EXIT_SECONDS, os._exit, args=(self.exit_code,))
             watchdog.daemon = True
             watchdog.start()
         self.exit(self.exit_code)
+
+    def leave_embedded_database(self) -> None:
+        database = self.settings.database
+        if database.dsn:
+            return  # a server we did not start
+        try:
+            leave_embedded(Path(database.data_dir) if database.data_dir else default_data_dir())
+        except Exception:
+            log.exception("leaving the embedded PostgreSQL failed")
 
     def request_shutdown(self, signum: int) -> None:
         """A signal asked us to stop: no confirmation (nobody may be there to answer)."""
