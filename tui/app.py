@@ -621,27 +621,27 @@ def last_wave(snapshot: EngineSnapshot, tz: tzinfo | None) -> str:
 
 
 def quit_warning(snapshot: EngineSnapshot) -> str:
+    """What quitting leaves behind. Only positions whose both stops the venue confirmed are said to keep
+    their stops; every other one is UNCOVERED (inside its grace period or not), never both."""
     figures = snapshot.coverage
     managed = sum(1 for p in snapshot.positions if p.trailing_kind == "managed")
+    unconfirmed = figures.active - figures.protected
     lines = [
         "The engine stops taking signals and stops its loops.",
-        "Exchange stops stay in place: "
-        f"{figures.protected} of {figures.active} open positions have both stops on the exchange.",
+        f"Exchange stops stay in place: {figures.protected} of {figures.active} open positions keep their "
+        "stops on the exchange (both confirmed by the venue).",
     ]
-    if figures.protecting:
+    if unconfirmed:
+        grace = f", {figures.protecting} of them inside their grace period" if figures.protecting else ""
         lines.append(
-            f"{figures.protecting} are being protected right now: the engine finishes them before it stops "
-            "(within the call budget)."
+            f"WARNING: {unconfirmed} {'position is' if unconfirmed == 1 else 'positions are'} UNCOVERED "
+            f"right now{grace}. The engine tries to protect them before it stops (within the call budget); "
+            "any it cannot stays UNCOVERED."
         )
     lines.append(
         f"Managed trailing stops ({managed} now) stop moving until the engine is restarted; "
         "native trailing stops keep trailing on the exchange."
     )
-    if figures.uncovered:
-        lines.append(
-            f"WARNING: {figures.uncovered} positions are UNCOVERED right now and will stay so if they are not "
-            "protected before the engine stops."
-        )
     return "\n".join(lines)
 
 
