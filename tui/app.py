@@ -35,7 +35,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal
 from textual.notifications import SeverityLevel
-from textual.widgets import Footer, Input
+from textual.widgets import DataTable, Footer, Input
 
 from engine.cli import OneLineParser, one_line
 from engine.config import ConfigError, Settings, load_config
@@ -61,6 +61,7 @@ from tui.messages import (
 )
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.info import HelpScreen, LeaseHeldScreen, StartFailedScreen
+from tui.screens.position import PositionDetailScreen
 from tui.screens.reprotect import ReprotectScreen
 from tui.screens.restart import RestartReportScreen
 from tui.widgets.coverage import CoverageGauge
@@ -417,6 +418,20 @@ class DashboardApp(App[int]):
     def on_command_done(self, message: CommandDone) -> None:
         self.notify(message.text, severity=message.severity, timeout=8)
         self.paint()
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        """Enter on a position: every field of it, untruncated."""
+        if event.data_table is not self._positions or event.row_key.value is None:
+            return
+        position_id = int(event.row_key.value)
+        snapshot = self.last_snapshot
+        view = (
+            next((p for p in snapshot.positions if p.position_id == position_id), None) if snapshot else None
+        )
+        if view is None:
+            return
+        assert snapshot is not None
+        self.push_screen(PositionDetailScreen(view, uncovered=position_id in snapshot.coverage.uncovered_ids))
 
     def on_input_changed(self, event: Input.Changed) -> None:
         if event.input.id == "filter":

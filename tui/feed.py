@@ -46,6 +46,7 @@ from storage.lease import LeaseHolder, current_holder
 from storage.repositories import (
     EventRecord,
     HealthRow,
+    OrderRecord,
     PositionRecord,
     Severity,
     Store,
@@ -199,6 +200,10 @@ class DashboardFeed(Protocol):
 
     async def close_position(self, position_id: int) -> bool: ...
 
+    async def position_orders(self, position_id: int) -> list[OrderRecord]:
+        """A position's orders that may be live on the venue, as recorded (the detail view)."""
+        ...
+
 
 class EngineFeed:
     """The engine in this process. Its loops are its own tasks: no widget owns them."""
@@ -247,6 +252,11 @@ class EngineFeed:
 
     async def close_position(self, position_id: int) -> bool:
         return await self.engine.close_position(position_id)
+
+    async def position_orders(self, position_id: int) -> list[OrderRecord]:
+        if self.engine.store is None:
+            return []
+        return await self.engine.store.live_orders_for_position(position_id)
 
 
 def mode_of(settings: Settings) -> str:
@@ -389,6 +399,11 @@ class ReadOnlyFeed:
 
     async def close_position(self, position_id: int) -> bool:
         raise ReadOnly(self.refusal())
+
+    async def position_orders(self, position_id: int) -> list[OrderRecord]:
+        if self._store is None:
+            return []
+        return await self._store.live_orders_for_position(position_id)
 
     def refusal(self) -> str:
         who = self.holder.describe() if self.holder else "no engine (none is running)"

@@ -9,7 +9,10 @@ from engine.venues.sim.settings import CallKind, FaultKind
 from engine.venues.sim.universe import UNIVERSE
 from storage.database import Database
 from tests.tui.harness import dashboard, started, tui_settings
+from tests.tui.snapshots import svg_to_text
+from tui import formatting
 from tui.screens.confirm import ConfirmScreen
+from tui.screens.position import PositionDetailScreen
 
 SYMBOLS = sorted(UNIVERSE)
 
@@ -51,3 +54,45 @@ async def test_quit_dialog_and_exit_line_never_say_a_position_inside_its_grace_p
             f"tsbot-tui stopped: 3 open positions: 2 keep their stops on the exchange; UNCOVERED 1 ({SYMBOLS[72]})"
         )
         assert board.app.left_uncovered
+
+
+async def test_enter_on_a_position_shows_every_field_and_its_stop_orders_venue_ids(db: Database) -> None:
+    async with dashboard(tui_settings(db), size=(80, 24)) as board:
+        await started(board)
+        symbol = SYMBOLS[80]
+        await board.open_positions([symbol])
+        await board.until(lambda: board.engine.snapshot().coverage.protected == 1, "covered")
+        await board.until(lambda: board.positions.shown_symbols() == [symbol], "shown")
+        view = board.engine.snapshot().positions[0]
+        assert board.engine.store is not None
+        orders = await board.engine.store.live_orders_for_position(view.position_id)
+        assert {o.purpose.value for o in orders} == {"stop_loss", "trailing_stop"}
+
+        await board.press("enter")
+        screen = board.app.screen
+        assert isinstance(screen, PositionDetailScreen)
+        await board.until(lambda: screen.orders is not None, "orders read")
+        await board.pilot.pause()
+        text = " ".join(svg_to_text(board.app.export_screenshot(), 80, 24).split())
+        for field in (
+            "symbol",
+            "side",
+            "quantity",
+            "entry",
+            "mark",
+            "stop-loss",
+            "trailing stop",
+            "last error",
+        ):
+            assert field in text, field
+        assert symbol in text
+        assert f"quantity {formatting.price(view.quantity)}" in text
+        assert f"entry {formatting.price(view.entry_price)}" in text
+        assert "covered: both stops confirmed by the venue" in text
+        detail = str(screen.query_one("#position-detail").content)  # type: ignore[attr-defined]
+        for order in orders:  # the venue's ids, and ours, for both stops
+            assert order.exchange_order_id
+            assert f"venue id {order.exchange_order_id}" in detail
+            assert order.client_order_id in detail
+        await board.press("escape")
+        assert not isinstance(board.app.screen, PositionDetailScreen)

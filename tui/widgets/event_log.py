@@ -2,7 +2,9 @@
 
 Rows arrive one message at a time (they are rare next to price ticks). The symbol filter is shared with the
 positions table (`/`); the severity filter cycles with `s` while the log has focus. The newest row is at the
-bottom and the view follows it unless the operator has scrolled up to read.
+bottom and the view follows it (the cursor on the newest row) until the operator moves up to read; moving
+back to the last row, or `End`, follows again. Whether it follows is the operator's choice, kept as state:
+a check of the scroll position would be wrong during a burst, when rows arrive faster than the view scrolls.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import ClassVar
 
 from rich.text import Text
 from textual.binding import Binding, BindingType
+from textual.events import MouseScrollUp
 from textual.widgets import DataTable
 
 from tui import formatting
@@ -35,6 +38,8 @@ class EventLog(DataTable[Text]):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("s", "cycle_severity", "Severity", tooltip="Cycle the log between all, warnings and errors"),
         Binding("escape", "leave", "Back", show=False),
+        Binding("home", "scroll_top", "First row", show=False),
+        Binding("end", "scroll_bottom", "Last row", show=False),
     ]
     COMPONENT_CLASSES: ClassVar[set[str]] = DataTable.COMPONENT_CLASSES | {
         "log--info",
@@ -52,6 +57,7 @@ class EventLog(DataTable[Text]):
         self._severity_index = 0
         self.needle = ""
         self.counts = {"warning": 0, "error": 0}
+        self.following = True
 
     def on_mount(self) -> None:
         for key, label, width in COLUMNS:
@@ -73,11 +79,49 @@ class EventLog(DataTable[Text]):
             if str(old_sequence) in self.rows:
                 self.remove_row(str(old_sequence))
         if self._shows(entry):
-            following = self.scroll_y >= self.max_scroll_y - 1
             self._add_row(self._sequence, entry)
-            if following:
-                self.scroll_end(animate=False, immediate=False, x_axis=False)
+            if self.following:
+                self._follow()
         self._update_titles()
+
+    def _follow(self) -> None:
+        """The cursor on the newest row, and the view on it (once the table knows its new height)."""
+        if self.row_count:
+            self.move_cursor(row=self.row_count - 1, animate=False, scroll=True)
+        self.scroll_end(animate=False, immediate=False, x_axis=False)
+
+    # --- the operator's reading position: following the newest row or not --------------------------
+
+    def action_cursor_up(self) -> None:
+        super().action_cursor_up()
+        self.following = self.cursor_row >= self.row_count - 1
+
+    def action_cursor_down(self) -> None:
+        super().action_cursor_down()
+        self.following = self.cursor_row >= self.row_count - 1
+
+    def action_page_up(self) -> None:
+        super().action_page_up()
+        self.following = self.cursor_row >= self.row_count - 1
+
+    def action_page_down(self) -> None:
+        super().action_page_down()
+        self.following = self.cursor_row >= self.row_count - 1
+
+    def action_scroll_top(self) -> None:
+        """Home: the oldest row; the view stops following."""
+        self.following = False
+        if self.row_count:
+            self.move_cursor(row=0, animate=False)
+        self.scroll_to(y=0, animate=False)
+
+    def action_scroll_bottom(self) -> None:
+        """End: the newest row, and follow new ones again."""
+        self.following = True
+        self._follow()
+
+    def _on_mouse_scroll_up(self, event: MouseScrollUp) -> None:
+        self.following = False
 
     def set_filter(self, needle: str) -> None:
         needle = needle.strip().upper()
@@ -107,7 +151,8 @@ class EventLog(DataTable[Text]):
         for sequence, entry in self._entries:
             if self._shows(entry):
                 self._add_row(sequence, entry)
-        self.scroll_end(animate=False, immediate=False, x_axis=False)
+        if self.following:
+            self._follow()
         self._update_titles()
 
     def _add_row(self, sequence: int, entry: LogEntry) -> None:

@@ -3,8 +3,12 @@
 A frame compares each `PositionView` with the one it showed last (frozen dataclasses: one equality test),
 formats only the rows that changed, and within them updates only the cells whose text changed. Rows are
 added and removed by key; the order (uncovered first, then by symbol) is re-sorted only when the set of
-rows or a row's coverage changed, and the cursor stays on the same position across re-sorts, so `x`
-always closes the position the operator is looking at.
+rows or a row's coverage changed.
+
+Uncovered rows are pinned: they are the table's fixed rows, drawn at the top whatever the scroll position,
+so the operator cannot scroll (or be scrolled) away from them; the title carries their count. The cursor
+stays at the top until the operator moves it; from then on it stays on the same position across re-sorts,
+so `x` always closes the position the operator is looking at. Home and End go to the first and last row.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from typing import ClassVar
 
 from rich.style import Style
 from rich.text import Text
+from textual.binding import Binding, BindingType
+from textual.events import Click
 from textual.widgets import DataTable
 from textual.widgets.data_table import RowDoesNotExist
 
@@ -40,6 +46,10 @@ Cells = tuple[Text, ...]
 
 
 class PositionsTable(DataTable[Text]):
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("home", "scroll_top", "First row", show=False),
+        Binding("end", "scroll_bottom", "Last row", show=False),
+    ]
     COMPONENT_CLASSES: ClassVar[set[str]] = DataTable.COMPONENT_CLASSES | {
         "positions--uncovered",
         "positions--missing",
@@ -57,6 +67,9 @@ class PositionsTable(DataTable[Text]):
         self.only_uncovered = False
         self.needle = ""
         self.total = 0
+        self.uncovered_total = 0  # uncovered positions in the book, shown or filtered out
+        self._uncovered_shown = 0
+        self.follow_selection = False  # the operator moved the cursor: it stays on that position
         self.cell_updates = 0  # since mount: lets the benchmark and tests see that frames are incremental
 
     def on_mount(self) -> None:
@@ -77,6 +90,7 @@ class PositionsTable(DataTable[Text]):
             self._load_styles()
         self._uncovered = frozenset(uncovered_ids)
         self.total = len(positions)
+        self.uncovered_total = sum(1 for p in positions if p.position_id in self._uncovered)
         wanted = [p for p in positions if self._wanted(p)]
         wanted_ids = {p.position_id for p in wanted}
         reorder = False
@@ -110,15 +124,69 @@ class PositionsTable(DataTable[Text]):
                 reorder = True
         if reorder:
             self.sort("flag", "symbol", key=_order)
-            self._keep_cursor_on(selected)
+            if self.follow_selection:
+                self._keep_cursor_on(selected)
+            elif self.cursor_row != 0 and self.row_count:
+                self.move_cursor(row=0, animate=False)
+        self._pin_uncovered()
         self._update_titles()
 
+    def _pin_uncovered(self) -> None:
+        """The uncovered rows (first in the order) are the fixed rows: always on screen. If there are more
+        than the viewport holds, two rows stay scrollable and the title says how many are not pinned."""
+        uncovered = self._uncovered_shown = sum(
+            1 for position_id in self._cells if position_id in self._uncovered
+        )
+        room = max(1, self.scrollable_content_region.height - 1 - 2)  # the header, two scrollable rows
+        pinned = min(uncovered, room)
+        if pinned != self.fixed_rows:
+            self.fixed_rows = pinned
+
     def _visible_ids(self) -> set[int]:
-        """Position ids of the rows in the viewport (plus a screenful either side, for scrolling)."""
+        """Position ids of the rows in the viewport (plus a screenful either side, for scrolling), and the
+        pinned rows, which are on screen wherever the view is."""
         height = max(1, self.scrollable_content_region.height)
         first = max(0, int(self.scroll_y) - height)
-        rows = self.ordered_rows[first : int(self.scroll_y) + 2 * height]
+        rows = [
+            *self.ordered_rows[: self.fixed_rows],
+            *self.ordered_rows[first : int(self.scroll_y) + 2 * height],
+        ]
         return {int(row.key.value) for row in rows if row.key.value is not None}
+
+    # --- the operator's cursor -----------------------------------------------------------------------
+
+    def action_cursor_up(self) -> None:
+        self.follow_selection = True
+        super().action_cursor_up()
+
+    def action_cursor_down(self) -> None:
+        self.follow_selection = True
+        super().action_cursor_down()
+
+    def action_page_up(self) -> None:
+        self.follow_selection = True
+        super().action_page_up()
+
+    def action_page_down(self) -> None:
+        self.follow_selection = True
+        super().action_page_down()
+
+    def action_scroll_top(self) -> None:
+        """Home: the first row, and the view back at the top (the cursor no longer follows a position)."""
+        self.follow_selection = False
+        if self.row_count:
+            self.move_cursor(row=0, animate=False)
+        self.scroll_to(y=0, animate=False)
+
+    def action_scroll_bottom(self) -> None:
+        """End: the last row."""
+        self.follow_selection = True
+        if self.row_count:
+            self.move_cursor(row=self.row_count - 1, animate=False)
+
+    def _on_click(self, _event: Click) -> None:
+        # Textual runs DataTable's own click handler too (handlers are dispatched along the MRO).
+        self.follow_selection = True
 
     def set_filter(self, *, only_uncovered: bool | None = None, needle: str | None = None) -> None:
         if only_uncovered is not None:
@@ -175,11 +243,18 @@ class PositionsTable(DataTable[Text]):
             self.move_cursor(row=row, animate=False, scroll=False)
 
     def _update_titles(self) -> None:
-        shown = self.row_count
+        title = f"Positions {self.total}"
+        if self.uncovered_total:
+            title += f" · {self.uncovered_total} UNCOVERED"
+            hidden = self._uncovered_shown - self.fixed_rows
+            if hidden > 0:
+                title += f" ({hidden} below the pinned ones)"
         what = "uncovered only" if self.only_uncovered else ""
         if self.needle:
             what = f"{what}, symbol ~ {self.needle}" if what else f"symbol ~ {self.needle}"
-        self.border_title = f"Positions {shown}/{self.total}" + (f" ({what})" if what else "")
+        if what:
+            title += f" · showing {self.row_count} ({what})"
+        self.border_title = title
 
     def _load_styles(self) -> None:
         self._styles = {
