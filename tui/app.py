@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import faulthandler
 import gc
 import logging
@@ -41,9 +42,24 @@ from engine.cli import OneLineParser, one_line
 from engine.config import ConfigError, Settings, load_config
 from engine.credentials import CredentialsRefused
 from engine.engine import Engine, EngineSnapshot, EngineState, StartupReport, package_version
-from engine.events import EngineStateChanged, EntriesToggled, EventsDropped, HealthChanged, PositionClosed
+from engine.events import (
+    EngineStateChanged,
+    EntriesToggled,
+    EventsDropped,
+    HealthChanged,
+    PositionClosed,
+    PositionOpened,
+    WaveFinished,
+)
 from engine.logs import LogFileError, RedactingFormatter, configure_logging
-from protection.health import HealthThresholds
+from protection.health import (
+    Component,
+    ComponentHealth,
+    HealthState,
+    HealthThresholds,
+    ProtectionMeasurement,
+    evaluate_protection,
+)
 from storage.embedded import default_data_dir, leave_embedded
 from storage.lease import LeaseHeld
 from tui import formatting, keys
@@ -175,6 +191,7 @@ class DashboardApp(App[int]):
         self.read_only_poll_seconds = 1.0
         self._freeze_gc = freeze_gc_after_start
         self.hung_up = False
+        self.running_wave = RunningWave()
 
     # --- layout --------------------------------------------------------------------------------------
 
@@ -228,6 +245,11 @@ class DashboardApp(App[int]):
         # While stopping, the screen keeps the last running state: a stopped engine tracks no positions,
         # but they are all still open on the exchange.
         snapshot = self._final_snapshot or self.feed.snapshot()
+        # The health panel's protection line from the same figures as the gauge (the engine measures
+        # health every few seconds; the two panels must never disagree about the same instant).
+        snapshot = dataclasses.replace(
+            snapshot, health=coherent_health(snapshot, self.thresholds, read_only=self.feed.read_only)
+        )
         self.last_snapshot = snapshot
         with self.batch_update():
             self._status.show(snapshot, watching=self._watching(), stopping=self.stopping)
@@ -235,7 +257,7 @@ class DashboardApp(App[int]):
             self._health.show(snapshot.health)
             self._waves.show(snapshot.waves)
             self._positions.sync(snapshot.positions, snapshot.coverage.uncovered_ids)
-            self._positions.border_subtitle = last_wave(snapshot, self.tz)
+            self._positions.border_subtitle = wave_line(snapshot, self.running_wave, self.tz)
         self.frame_seconds.append(time.perf_counter() - started)
 
     def _watching(self) -> str | None:
@@ -271,6 +293,7 @@ class DashboardApp(App[int]):
     async def follow_feed(self) -> None:
         translator = LogTranslator()
         async for item in self.feed.follow():
+            self.running_wave.see(item)
             entry = item if isinstance(item, LogEntry) else translator.entry(item)
             if entry is not None:
                 self.post_message(LogEntryAdded(entry))
@@ -622,8 +645,46 @@ class DashboardApp(App[int]):
         return report is not None and not report.all_protected
 
 
+class RunningWave:
+    """The wave in progress, followed from the engine's events: the positions it opened since the last
+    finished wave. The engine lists a wave once it has finished (its protection waited for), so without this
+    the screen would show the previous, finished wave while the running one is failing."""
+
+    def __init__(self) -> None:
+        self.position_ids: list[int] = []
+        self.started_at: float | None = None
+
+    def see(self, event: object) -> None:
+        if isinstance(event, PositionOpened):
+            if not self.position_ids:
+                self.started_at = event.at
+            self.position_ids.append(event.position_id)
+        elif isinstance(event, WaveFinished):
+            self.position_ids = []
+            self.started_at = None
+
+
+def wave_line(snapshot: EngineSnapshot, running: RunningWave, tz: tzinfo | None) -> str:
+    """The wave in progress with its state, else the newest finished one, in one line (below 140 columns
+    the waves table gives its room to the log)."""
+    if running.position_ids and running.started_at is not None:
+        ids = set(running.position_ids)
+        uncovered = set(snapshot.coverage.uncovered_ids)
+        shown = [p for p in snapshot.positions if p.position_id in ids]
+        protected = sum(1 for p in shown if p.covered)
+        failing = sum(1 for p in shown if p.position_id in uncovered)
+        protecting = len(shown) - protected - failing
+        return (
+            f"wave running since {formatting.clock_time(running.started_at, tz)}: "
+            f"{len(running.position_ids)} opened, {protected} protected"
+            + (f", {protecting} protecting" if protecting else "")
+            + (f", {failing} UNCOVERED" if failing else "")
+        )
+    return last_wave(snapshot, tz)
+
+
 def last_wave(snapshot: EngineSnapshot, tz: tzinfo | None) -> str:
-    """The newest wave in one line: below 140 columns the waves table gives its room to the log."""
+    """The newest finished wave in one line."""
     if not snapshot.waves:
         return "no wave yet"
     wave = snapshot.waves[0]
@@ -633,6 +694,33 @@ def last_wave(snapshot: EngineSnapshot, tz: tzinfo | None) -> str:
         f"last wave {formatting.clock_time(wave.started_at, tz)}: {wave.signals} signals, "
         f"{wave.opened} opened, {wave.protected} protected{failed}{slowest}"
     )
+
+
+def coherent_health(
+    snapshot: EngineSnapshot, thresholds: HealthThresholds, *, read_only: bool
+) -> tuple[ComponentHealth, ...]:
+    """The snapshot's health with its protection line evaluated from the snapshot's own coverage figures, by
+    the engine's rule (`evaluate_protection`): the gauge and the health panel show one instant. (Read-only, a
+    line nobody measures any more stays UNKNOWN: the figures behind it are not being kept current.)"""
+    figures = snapshot.coverage
+    components = list(snapshot.health)
+    index = next((i for i, c in enumerate(components) if c.component is Component.PROTECTION), None)
+    if index is None or (read_only and components[index].state is HealthState.UNKNOWN):
+        return snapshot.health
+    timeouts = components[index].measurements.get("timeouts_last_hour", 0)
+    measured = ProtectionMeasurement(
+        active_positions=figures.active,
+        protected_positions=figures.protected,
+        ts_covered=figures.with_trailing_stop,
+        sl_covered=figures.with_stop_loss,
+        uncovered_past_grace=figures.uncovered,
+        oldest_uncovered_seconds=figures.oldest_unprotected_seconds
+        if figures.uncovered
+        else (None if figures.protected == figures.active else 0.0),
+        timeouts_last_hour=timeouts if isinstance(timeouts, int) else 0,
+    )
+    components[index] = evaluate_protection(measured, thresholds)
+    return tuple(components)
 
 
 def quit_warning(snapshot: EngineSnapshot) -> str:

@@ -4,6 +4,8 @@ needed for the picture."""
 
 from __future__ import annotations
 
+import re
+
 from engine.engine import EngineState
 from engine.venues.sim.settings import CallKind, FaultKind
 from engine.venues.sim.universe import UNIVERSE
@@ -96,3 +98,30 @@ async def test_enter_on_a_position_shows_every_field_and_its_stop_orders_venue_i
             assert order.client_order_id in detail
         await board.press("escape")
         assert not isinstance(board.app.screen, PositionDetailScreen)
+
+
+async def test_gauge_health_and_wave_line_show_the_same_instant_while_a_wave_is_failing(db: Database) -> None:
+    """The gauge counted an uncovered position while the health panel still said protection ok (it showed
+    the engine's last health check, up to an interval old), and the wave line showed the last finished wave
+    while the running one was failing."""
+    settings = tui_settings(db, {"HEALTH__INTERVAL_SECONDS": "600"})  # no health check during the test
+    async with dashboard(settings) as board:
+        await started(board)
+        await board.open_positions(SYMBOLS[74:76])
+        await board.until(lambda: bool(board.engine.snapshot().waves), "the first wave finished")
+        await board.until(
+            lambda: "2 opened, 2 protected" in str(board.positions.border_subtitle), "wave line"
+        )
+
+        board.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT, 1)
+        board.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 100_000)
+        await board.open_positions([SYMBOLS[76]])
+        await board.until(lambda: board.uncovered_text().startswith("UNCOVERED 1"), "gauge: 1 uncovered")
+        await board.pilot.pause()
+        text = svg_to_text(board.app.export_screenshot(), 120, 40)
+        assert "UNCOVERED 1" in text
+        assert re.search(r"Health: (DEGRADED|CRITICAL)", text), text
+        assert re.search(r"protection\s+(DEGRADED|CRITICAL)", text), text
+        subtitle = str(board.positions.border_subtitle)
+        assert subtitle.startswith("wave running since"), subtitle
+        assert subtitle.endswith("1 opened, 0 protected, 1 UNCOVERED"), subtitle
