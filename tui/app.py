@@ -266,7 +266,7 @@ class DashboardApp(App[int]):
         holder = getattr(self.feed, "holder", None)
         if holder is None:
             return "no engine running"
-        return f"pid {holder.pid}@{holder.host} v{holder.version}"
+        return f"pid {holder.pid}@{holder.host}"  # its version is on the header once, like the live view's
 
     # --- workers -------------------------------------------------------------------------------------
 

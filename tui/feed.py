@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -46,6 +46,7 @@ from storage.lease import LeaseHolder, current_holder
 from storage.repositories import (
     EventRecord,
     HealthRow,
+    OrderPurpose,
     OrderRecord,
     PositionRecord,
     Severity,
@@ -330,6 +331,7 @@ class ReadOnlyFeed:
         self.holder = await current_holder(pool, settings.venue.kind.value, account_key(settings.venue))
         positions = await store.open_positions()
         trails = await store.trailing_states_of_open_positions()
+        live_orders = await store.live_orders_of_open_positions()
         health_rows = await store.latest_health()
         waves = await store.recent_waves(limit=50)
         events = await store.recent_events(limit=200, min_severity=Severity.INFO)
@@ -359,7 +361,10 @@ class ReadOnlyFeed:
             account=settings.venue.account,
             mode=mode_of(settings),
             entries_paused=False,
-            positions=tuple(_position_view(p, trails.get(p.id), now) for p in live),
+            positions=tuple(
+                _position_view(p, trails.get(p.id), _trailing_order(live_orders.get(p.id, ())), now)
+                for p in live
+            ),
             coverage=coverage,
             health=tuple(
                 record
@@ -414,14 +419,28 @@ def _epoch(value: datetime | None, default: float) -> float:
     return value.timestamp() if value is not None else default
 
 
-def _position_view(p: PositionRecord, trail: TrailingStateRecord | None, now: float) -> PositionView:
+def _trailing_order(orders: Iterable[OrderRecord]) -> OrderRecord | None:
+    return next((o for o in orders if o.purpose is OrderPurpose.TRAILING_STOP), None)
+
+
+def _position_view(
+    p: PositionRecord, trail: TrailingStateRecord | None, trailing_order: OrderRecord | None, now: float
+) -> PositionView:
+    """The same view the engine builds for its own screen, from what it recorded: a native trailing stop's
+    activation is its order's (as the engine's view takes it from the order), so both screens say
+    "waiting +1.45%" of the same position, not one of them "venue trailing"."""
     assert p.entry_price is not None
     direction = 1 if p.side == "long" else -1
     mark = p.current_price
     pnl = None
     if mark is not None:
         pnl = ((mark - p.entry_price) / p.entry_price * 100 * direction).quantize(Decimal("0.01"))
-    activation = trail.activation_price if trail else None
+    if trail is not None and trail.mode == "managed":
+        activation: Decimal | None = trail.activation_price
+    elif trailing_order is not None and trailing_order.activation_price is not None:
+        activation = trailing_order.activation_price
+    else:
+        activation = trail.activation_price if trail else None
     distance = None
     if activation is not None and mark is not None:
         distance = ((activation - mark) / mark * 100 * direction).quantize(Decimal("0.01"))

@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import re
 
+from engine.clock import ManualClock
 from engine.engine import EngineState
 from engine.venues.sim.settings import CallKind, FaultKind
 from engine.venues.sim.universe import UNIVERSE
 from storage.database import Database
+from tests.integration.engine_support import make_engine
+from tests.support.driving import drive, drive_until
 from tests.tui.harness import dashboard, started, tui_settings
 from tests.tui.snapshots import svg_to_text
 from tui import formatting
 from tui.screens.confirm import ConfirmScreen
+from tui.screens.info import LeaseHeldScreen
 from tui.screens.position import PositionDetailScreen
 
 SYMBOLS = sorted(UNIVERSE)
@@ -125,3 +129,39 @@ async def test_gauge_health_and_wave_line_show_the_same_instant_while_a_wave_is_
         subtitle = str(board.positions.border_subtitle)
         assert subtitle.startswith("wave running since"), subtitle
         assert subtitle.endswith("1 opened, 0 protected, 1 UNCOVERED"), subtitle
+
+
+async def test_read_only_shows_the_trailing_stop_as_the_live_view_does_and_the_version_once(
+    db: Database,
+) -> None:
+    """Read-only said "venue trailing" where the trader's own screen said "waiting +1.45%" (same position,
+    same facts), and the header showed the version twice."""
+    settings = tui_settings(db)
+    clock = ManualClock()
+    trader = make_engine(settings, clock)
+    await drive(clock, trader.start())
+    try:
+        assert trader.store is not None
+        await trader.store.insert_signals([(SYMBOLS[78], "long", None, None)])
+        await drive_until(clock, lambda: trader.snapshot().coverage.protected == 1, what="covered")
+        live = trader.snapshot().positions[0]
+        assert live.trailing_phase == "native"
+        assert live.distance_to_activation_percent is not None
+        assert live.distance_to_activation_percent > 0  # not yet activated: the live view says "waiting"
+        async with dashboard(settings, engine=make_engine(settings, clock)) as board:
+            board.app.read_only_poll_seconds = 0.05
+            await board.until(lambda: isinstance(board.app.screen, LeaseHeldScreen), "lease refusal shown")
+            await board.press("o")
+            await board.until(
+                lambda: board.positions.shown_symbols() == [SYMBOLS[78]], "the trader's position"
+            )
+            await board.until(lambda: board.positions.row_text(live.position_id) != "", "row formatted")
+            row = board.positions.row_text(live.position_id)
+            assert "venue trailing" not in row
+            assert re.search(r"waiting \+\d+\.\d\d%", row), row
+            status = board.status_text()
+            assert status.count("vtest") == 1, status
+            await board.press("q")
+            await board.until(lambda: not board.app.is_running, "app exited")
+    finally:
+        await drive(clock, trader.stop())
