@@ -76,6 +76,7 @@ from tui.messages import (
     RepaintRequested,
 )
 from tui.screens.confirm import ConfirmScreen
+from tui.screens.health import HealthDetailScreen
 from tui.screens.info import HelpScreen, LeaseHeldScreen, StartFailedScreen
 from tui.screens.position import PositionDetailScreen
 from tui.screens.reprotect import ReprotectScreen
@@ -602,6 +603,9 @@ class DashboardApp(App[int]):
 
     def action_cycle_log_severity(self) -> None:
         self._log_panel.action_cycle_severity()
+
+    def action_health_detail(self) -> None:
+        self.push_screen(HealthDetailScreen(classes="dialog-screen"))
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen(self.active_keymap, read_only=self.feed.read_only))

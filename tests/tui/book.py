@@ -8,7 +8,7 @@ import dataclasses
 from decimal import Decimal
 
 from engine.config import Settings
-from engine.engine import EngineSnapshot, PositionView
+from engine.engine import EngineSnapshot, PlannedOrder, PlannedProtection, PositionView, ProtectionResult
 from protection.coverage import PositionCoverage, coverage_figures
 from tests.tui.scenario import MONO, ScenarioFeed
 
@@ -66,3 +66,32 @@ class BookFeed(ScenarioFeed):
 
     def snapshot(self) -> EngineSnapshot:
         return self._snapshot
+
+
+class PlanFeed(ScenarioFeed):
+    """The scenario with a re-protect plan for `p` and a result with a long failure for one position."""
+
+    FAILURE = "create trailing stop: HTTP 500 from the venue (server error), retry in 8s"
+
+    def plan_reprotect(self) -> list[PlannedProtection]:
+        return [
+            PlannedProtection(
+                103,
+                "1000PEPEUSDT",
+                "long",
+                (
+                    PlannedOrder("stop-loss", "stop_market", D("0.009904")),
+                    PlannedOrder("trailing stop", "trailing_stop_market", D("0.010363")),
+                ),
+                "create trailing stop: network error before send",
+            ),
+            PlannedProtection(
+                105, "SOLUSDT", "short", (PlannedOrder("stop-loss", "stop_market", D("146.62")),), None
+            ),
+        ]
+
+    async def reprotect_uncovered(self, plan: list[PlannedProtection]) -> list[ProtectionResult]:
+        return [
+            ProtectionResult(103, "1000PEPEUSDT", False, self.FAILURE),
+            ProtectionResult(105, "SOLUSDT", True, ""),
+        ]

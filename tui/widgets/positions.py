@@ -26,7 +26,7 @@ from textual.widgets.data_table import RowDoesNotExist
 from engine.engine import PositionView
 from tui import formatting
 
-COLUMNS = (  # what decides an action first, so that 80 columns still show it
+COLUMNS = (  # what decides an action first
     ("flag", " ", 1),
     ("symbol", "Symbol", 13),
     ("side", "Side", 5),
@@ -37,6 +37,19 @@ COLUMNS = (  # what decides an action first, so that 80 columns still show it
     ("mark", "Mark", 10),
     ("entry", "Entry", 10),
     ("qty", "Qty", 9),
+)
+# Below NARROW_BELOW columns (80×24) every column shown is shown whole: side and the trailing state are
+# abbreviated, entry and quantity are left to the detail view (Enter), rather than cutting Mark and the rest.
+NARROW_BELOW = 100
+NARROW_COLUMNS = (
+    ("flag", " ", 1),
+    ("symbol", "Symbol", 12),
+    ("side", "S", 1),
+    ("pnl", "PnL %", 7),
+    ("ts", "TS", 14),
+    ("unprotected", "Unprot", 6),
+    ("stop", "Stop", 9),
+    ("mark", "Mark", 9),
 )
 COLUMN_KEYS = tuple(key for key, _, _ in COLUMNS)
 UNCOVERED_FLAG = "!"
@@ -69,13 +82,33 @@ class PositionsTable(DataTable[Text]):
         self.total = 0
         self.uncovered_total = 0  # uncovered positions in the book, shown or filtered out
         self._uncovered_shown = 0
+        self.narrow = False
+        self._reselect: int | None = None
+        self._column_keys: tuple[str, ...] = COLUMN_KEYS
         self.follow_selection = False  # the operator moved the cursor: it stays on that position
         self.cell_updates = 0  # since mount: lets the benchmark and tests see that frames are incremental
 
     def on_mount(self) -> None:
-        for key, label, width in COLUMNS:
-            self.add_column(label, key=key, width=width)
+        self._build_columns()
         self.app.theme_changed_signal.subscribe(self, lambda _theme: self._restyle())
+
+    def on_resize(self) -> None:
+        narrow = self.size.width < NARROW_BELOW
+        if narrow != self.narrow:
+            self.narrow = narrow
+            self._build_columns()
+
+    def _build_columns(self) -> None:
+        """(Re)build the columns for the width; rows are added again by the next frame."""
+        columns = NARROW_COLUMNS if self.narrow else COLUMNS
+        selected = self.selected_position_id()
+        self.clear(columns=True)
+        self._cells.clear()
+        self._views.clear()
+        self._column_keys = tuple(key for key, _, _ in columns)
+        for key, label, width in columns:
+            self.add_column(label, key=key, width=width)
+        self._reselect = selected
 
     # --- what the app calls --------------------------------------------------------------------------
 
@@ -118,12 +151,14 @@ class PositionsTable(DataTable[Text]):
                 continue
             for column, (before, after) in enumerate(zip(shown, cells, strict=True)):
                 if before != after:
-                    self.update_cell(str(position_id), COLUMN_KEYS[column], after)
+                    self.update_cell(str(position_id), self._column_keys[column], after)
                     self.cell_updates += 1
             if shown[0].plain != cells[0].plain:
                 reorder = True
         if reorder:
             self.sort("flag", "symbol", key=_order)
+            if self._reselect is not None:  # the columns were rebuilt: back to the operator's position
+                selected, self._reselect = self._reselect, None
             if self.follow_selection:
                 self._keep_cursor_on(selected)
             elif self.cursor_row != 0 and self.row_count:
@@ -275,10 +310,26 @@ class PositionsTable(DataTable[Text]):
         pnl_style = ""
         if view.pnl_percent is not None and view.pnl_percent:
             pnl_style = s["gain"] if view.pnl_percent > 0 else s["loss"]
+        # Right-aligned like every other price column (it was the one left-aligned number).
         if view.has_stop_loss:
-            stop = Text(formatting.price(view.stop_loss_price))
+            stop = Text(formatting.price(view.stop_loss_price), justify="right")
         else:
-            stop = Text("missing", style=s["missing"])
+            stop = Text("missing", style=s["missing"], justify="right")
+        if self.narrow:
+            return (
+                flag,
+                symbol,
+                Text(view.side[:1].upper()),
+                Text(formatting.signed_percent(view.pnl_percent), style=pnl_style, justify="right"),
+                _trailing_cell(view, s, short=True),
+                Text(
+                    formatting.duration(view.unprotected_seconds) if not view.covered else "",
+                    style=s["uncovered"] if uncovered else "",
+                    justify="right",
+                ),
+                stop,
+                Text(formatting.price(view.mark_price), justify="right"),
+            )
         return (
             flag,
             symbol,
@@ -297,16 +348,20 @@ class PositionsTable(DataTable[Text]):
         )
 
 
-def _trailing_cell(view: PositionView, styles: dict[str, Style]) -> Text:
+def _trailing_cell(view: PositionView, styles: dict[str, Style], *, short: bool = False) -> Text:
+    """The trailing stop's state; `short` (narrow terminals) says the same in at most 14 characters."""
     if not view.has_trailing_stop:
         return Text("MISSING", style=styles["missing"])
     phase = view.trailing_phase
     if phase == "waiting" or (phase == "native" and (view.distance_to_activation_percent or 0) > 0):
         distance = view.distance_to_activation_percent
-        return Text("waiting" + ("" if distance is None else f" {distance:+.2f}%"))
+        word = "wait" if short else "waiting"
+        return Text(word + ("" if distance is None else f" {distance:+.2f}%"))
     if phase == "native":
-        return Text("venue trailing", style=styles["active-trail"])
+        return Text("venue trail" if short else "venue trailing", style=styles["active-trail"])
     stop = view.trailing_stop_price
+    if short:
+        return Text(f"{phase[:3]} {formatting.price(stop)}", style=styles["active-trail"])
     return Text(f"{phase} @ {formatting.price(stop)}", style=styles["active-trail"])
 
 
