@@ -29,13 +29,14 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from datetime import tzinfo
 from pathlib import Path
-from typing import ClassVar
+from typing import IO, ClassVar
 
 from textual import work
-from textual.app import App, ComposeResult
+from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal
 from textual.notifications import SeverityLevel
+from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input
 
 from engine.cli import OneLineParser, one_line
@@ -193,6 +194,12 @@ class DashboardApp(App[int]):
         self._freeze_gc = freeze_gc_after_start
         self.hung_up = False
         self.running_wave = RunningWave()
+
+    def get_system_commands(self, screen: Screen[object]) -> Iterable[SystemCommand]:
+        """Textual's own palette entries, less its "Quit": ours (with what quitting leaves) is the one."""
+        for command in super().get_system_commands(screen):
+            if command.callback != self.action_quit:
+                yield command
 
     # --- layout --------------------------------------------------------------------------------------
 
@@ -796,7 +803,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     app = DashboardApp(
         loaded.settings, engine=engine, secrets=secrets, log_file=str(log_file), freeze_gc_after_start=True
     )
-    code = asyncio.run(_serve(app))
+    try:
+        code = asyncio.run(_serve(app))
+    finally:
+        _remove_if_empty(stacks, log_file.with_name("tsbot-tui-stacks.txt"))
     summary = app.exit_summary()
     if summary:
         print(summary)
@@ -805,6 +815,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif app.start_failure:
         print(f"tsbot-tui: {one_line(app.start_failure, secrets)}", file=sys.stderr)
     return code
+
+
+def _remove_if_empty(stacks: IO[str], path: Path) -> None:
+    """The stack dump file exists for `kill -USR1`; one nobody asked for is not left behind."""
+    faulthandler.unregister(signal.SIGUSR1)
+    stacks.close()
+    with contextlib.suppress(OSError):
+        if path.stat().st_size == 0:
+            path.unlink()
 
 
 async def _serve(app: DashboardApp) -> int:

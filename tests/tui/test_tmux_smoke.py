@@ -102,6 +102,8 @@ def test_tsbot_tui_in_tmux_shows_the_gauge_and_quits_cleanly(
     assert re.match(r"tsbot-tui stopped: [1-9]\d* open positions keep their stops on the exchange", after[0])
     log = (tmp_path / "logs" / "trading_bot.log").read_text()
     assert "engine stopped" in log
+    # The stack dump file (for `kill -USR1`) is not left behind empty by every start.
+    assert not (tmp_path / "logs" / "tsbot-tui-stacks.txt").exists()
 
 
 def _postmaster_alive(data_dir: Path) -> int | None:

@@ -9,6 +9,7 @@ a check of the scroll position would be wrong during a burst, when rows arrive f
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from datetime import tzinfo
 from typing import ClassVar
@@ -30,6 +31,7 @@ COLUMNS = (
     ("outcome", "Outcome", 8),
     ("detail", "Detail", 100),
 )
+COUNT_WINDOW_SECONDS = 3600.0
 SEVERITY_LEVELS = (("all", 0), ("warning+", 2), ("error+", 3))
 SEVERITY_SHORT = {"debug": "dbg", "info": "info", "warning": "WARN", "error": "ERR", "critical": "CRIT"}
 
@@ -56,12 +58,33 @@ class EventLog(DataTable[Text]):
         self._sequence = 0
         self._severity_index = 0
         self.needle = ""
-        self.counts = {"warning": 0, "error": 0}
+        self.counts = {"warning": 0, "error": 0}  # in the last COUNT_WINDOW_SECONDS (they used to only grow)
+        self._counted: deque[tuple[float, str]] = deque()
         self.following = True
 
     def on_mount(self) -> None:
         for key, label, width in COLUMNS:
             self.add_column(label, key=key, width=width)
+        self._update_titles()
+        self.set_interval(30.0, self._recount_and_show, name="log counts")
+
+    def _now(self) -> float:
+        """The engine's clock as the screen last painted it (so the window agrees with the rows' times)."""
+        snapshot = getattr(self.app, "last_snapshot", None)
+        return snapshot.taken_at if snapshot is not None and snapshot.taken_at else time.time()
+
+    def _recount(self) -> None:
+        # Rows arrive roughly in time order; a late one only delays its own expiry.
+        horizon = self._now() - COUNT_WINDOW_SECONDS
+        while self._counted and self._counted[0][0] < horizon:
+            self._counted.popleft()
+        self.counts = {"warning": 0, "error": 0}
+        for at, key in self._counted:
+            if at >= horizon:
+                self.counts[key] += 1
+
+    def _recount_and_show(self) -> None:
+        self._recount()
         self._update_titles()
 
     @property
@@ -72,8 +95,8 @@ class EventLog(DataTable[Text]):
         self._sequence += 1
         self._entries.append((self._sequence, entry))
         if entry.severity in ("warning", "error", "critical"):
-            key = "warning" if entry.severity == "warning" else "error"
-            self.counts[key] += 1
+            self._counted.append((entry.at, "warning" if entry.severity == "warning" else "error"))
+            self._recount()
         if len(self._entries) > self._limit:
             old_sequence, _ = self._entries.popleft()
             if str(old_sequence) in self.rows:
@@ -173,7 +196,11 @@ class EventLog(DataTable[Text]):
         level = SEVERITY_LEVELS[self._severity_index][0]
         extra = f", symbol ~ {self.needle}" if self.needle else ""
         self.border_title = f"Timeouts and errors ({level}{extra})"
-        self.border_subtitle = f"{self.counts['error']} errors, {self.counts['warning']} warnings"
+        errors, warnings = self.counts["error"], self.counts["warning"]
+        self.border_subtitle = (
+            f"{errors} error{'' if errors == 1 else 's'}, {warnings} warning{'' if warnings == 1 else 's'} "
+            "in the last hour"
+        )
 
 
 def _short_operation(operation: str) -> str:

@@ -289,6 +289,8 @@ class PositionsTable(DataTable[Text]):
             what = f"{what}, symbol ~ {self.needle}" if what else f"symbol ~ {self.needle}"
         if what:
             title += f" · showing {self.row_count} ({what})"
+        if self.only_uncovered and not self.row_count:  # an empty table says why it is empty
+            title += " · no uncovered position" + (" matches" if self.needle else "") + " (u: show all)"
         self.border_title = title
 
     def _load_styles(self) -> None:
