@@ -37,7 +37,7 @@ from textual.binding import Binding, BindingType
 from textual.containers import Horizontal
 from textual.notifications import SeverityLevel
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Input
+from textual.widgets import DataTable, Footer, Input, Label
 
 from engine.cli import OneLineParser, one_line
 from engine.config import ConfigError, Settings, load_config
@@ -109,7 +109,7 @@ class FilterInput(Input):
 
     def action_clear_and_leave(self) -> None:
         self.value = ""
-        self.remove_class("-visible")
+        self.screen.query_one("#filter-bar").remove_class("-visible")
         self.screen.query_one("#positions").focus()
 
 
@@ -209,7 +209,11 @@ class DashboardApp(App[int]):
         with Horizontal(id="top"):
             yield CoverageGauge(thresholds=self.thresholds, id="gauge")
             yield HealthPanel(id="health")
-        yield FilterInput(placeholder="symbol contains… (enter: keep, esc: clear)", id="filter", compact=True)
+        with Horizontal(id="filter-bar"):  # labelled: once typed into, the placeholder is gone
+            yield Label("Filter positions and log by symbol:", id="filter-label")
+            yield FilterInput(
+                placeholder="part of a symbol (enter: keep, esc: clear)", id="filter", compact=True
+            )
         yield PositionsTable(id="positions")
         with Horizontal(id="bottom"):
             yield EventLog(tz=self.tz, id="log")
@@ -473,7 +477,7 @@ class DashboardApp(App[int]):
     def on_input_submitted(self, event: Input.Submitted) -> None:
         if event.input.id == "filter":
             if not event.value:
-                event.input.remove_class("-visible")
+                self.query_one("#filter-bar").remove_class("-visible")
             self._positions.focus()
 
     def notify(
@@ -601,7 +605,7 @@ class DashboardApp(App[int]):
 
     def action_filter(self) -> None:
         box = self.query_one(FilterInput)
-        box.add_class("-visible")
+        self.query_one("#filter-bar").add_class("-visible")
         box.focus()
 
     def action_focus_log(self) -> None:

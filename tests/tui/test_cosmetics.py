@@ -11,6 +11,7 @@ from storage.database import Database
 from tests.tui.book import BookFeed, book_position
 from tests.tui.harness import dashboard, started, tui_settings
 from tests.tui.scenario import T0, ScenarioFeed, scenario_settings
+from tests.tui.snapshots import svg_to_text
 from tui.app import DashboardApp
 from tui.feed import LogEntry
 from tui.messages import LogEntryAdded
@@ -105,3 +106,33 @@ async def test_r_puts_its_result_in_the_log_panel(db: Database) -> None:
             board.log_details()
         )
         await board.press("escape")
+
+
+async def test_panel_borders_stand_out_on_the_light_theme_too() -> None:
+    settings = scenario_settings()
+    app = DashboardApp(settings, feed=ScenarioFeed(settings), tz=UTC, code_roots=[])
+    async with app.run_test(size=(120, 40)) as pilot:
+        await _settled(app, pilot)
+        for theme in ("textual-dark", "textual-light"):
+            app.theme = theme
+            await pilot.pause()
+            log = app.query_one(EventLog)  # not focused, not alarmed: the plain panel border
+            background = log.background_colors[1]
+            border = background + log.styles.border_top[1]  # as drawn: blended over the background
+            assert abs(border.brightness - background.brightness) >= 0.25, (theme, border, background)
+
+
+async def test_the_filter_box_is_labelled_while_it_holds_text() -> None:
+    settings = scenario_settings()
+    app = DashboardApp(settings, feed=ScenarioFeed(settings), tz=UTC, code_roots=[])
+    async with app.run_test(size=(120, 40)) as pilot:
+        await _settled(app, pilot)
+        await pilot.press("slash", *"pepe")
+        await pilot.pause()
+        text = svg_to_text(app.export_screenshot(), 120, 40)
+        line = next((line for line in text.splitlines() if "pepe" in line), "")
+        assert "Filter positions and log by symbol: pepe" in line, text
+        assert app.query_one(PositionsTable).shown_symbols() == ["1000PEPEUSDT"]
+        await pilot.press("escape")
+        await pilot.pause()
+        assert "Filter positions and log by symbol" not in svg_to_text(app.export_screenshot(), 120, 40)
