@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import faulthandler
 import gc
+import json
 import logging
 import os
 import signal
@@ -167,6 +168,7 @@ class DashboardApp(App[int]):
         secrets: Iterable[str] = (),
         log_file: str = "",
         freeze_gc_after_start: bool = False,
+        ui_state_file: Path | None = None,
     ):
         super().__init__()
         self.settings = settings
@@ -192,6 +194,7 @@ class DashboardApp(App[int]):
         self._log_handler: PanelLogHandler | None = None
         self.read_only_poll_seconds = 1.0
         self._freeze_gc = freeze_gc_after_start
+        self.ui_state_file = ui_state_file  # the operator's screen choices (the theme), kept across starts
         self.hung_up = False
         self.running_wave = RunningWave()
 
@@ -226,6 +229,10 @@ class DashboardApp(App[int]):
             self.theme = self.settings.tui.theme
         except Exception:  # an unknown theme name: say so, keep the default
             self.notify(f"tui.theme: no theme named {self.settings.tui.theme!r}", severity="warning")
+        saved = load_ui_state(self.ui_state_file).get("theme")
+        if isinstance(saved, str) and saved in self.available_themes:
+            self.theme = saved  # the operator's last switch wins over the configured default
+        self.theme_changed_signal.subscribe(self, lambda theme: self._save_ui_state(theme=theme.name))
         self._status = self.query_one(StatusBar)
         self._banner = self.query_one(CodeBanner)
         self._gauge = self.query_one(CoverageGauge)
@@ -248,6 +255,17 @@ class DashboardApp(App[int]):
         if self._log_handler is not None:
             logging.getLogger().removeHandler(self._log_handler)
             self._log_handler = None
+
+    def _save_ui_state(self, **changes: object) -> None:
+        if self.ui_state_file is None:
+            return
+        state = {**load_ui_state(self.ui_state_file), **changes}
+        try:
+            fd = os.open(self.ui_state_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with open(fd, "w", encoding="utf-8") as out:
+                json.dump(state, out)
+        except OSError as exc:  # a screen preference is not worth more than a line in the log
+            log.warning("could not save the dashboard's settings to %s: %s", self.ui_state_file, exc)
 
     # --- painting ------------------------------------------------------------------------------------
 
@@ -805,7 +823,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     stacks = open(stacks_fd, "a", encoding="utf-8")  # noqa: SIM115  (open for the process's lifetime)
     faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     app = DashboardApp(
-        loaded.settings, engine=engine, secrets=secrets, log_file=str(log_file), freeze_gc_after_start=True
+        loaded.settings,
+        engine=engine,
+        secrets=secrets,
+        log_file=str(log_file),
+        freeze_gc_after_start=True,
+        ui_state_file=log_file.with_name("tsbot-tui-ui.json"),
     )
     try:
         code = asyncio.run(_serve(app))
@@ -819,6 +842,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif app.start_failure:
         print(f"tsbot-tui: {one_line(app.start_failure, secrets)}", file=sys.stderr)
     return code
+
+
+def load_ui_state(path: Path | None) -> dict[str, object]:
+    """The saved screen choices ({} when none, or unreadable: a preference never stops the dashboard)."""
+    if path is None:
+        return {}
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
 
 
 def _remove_if_empty(stacks: IO[str], path: Path) -> None:

@@ -136,3 +136,21 @@ async def test_the_filter_box_is_labelled_while_it_holds_text() -> None:
         await pilot.press("escape")
         await pilot.pause()
         assert "Filter positions and log by symbol" not in svg_to_text(app.export_screenshot(), 120, 40)
+
+
+async def test_the_theme_choice_is_kept_for_the_next_start(tmp_path) -> None:
+    settings = scenario_settings()
+    state = tmp_path / "tsbot-tui-ui.json"
+    app = DashboardApp(settings, feed=ScenarioFeed(settings), tz=UTC, code_roots=[], ui_state_file=state)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await _settled(app, pilot)
+        assert app.theme == "textual-dark"
+        await app.run_action("toggle_dark_light")
+        await pilot.pause()
+        assert app.theme == "textual-light"
+    assert state.stat().st_mode & 0o777 == 0o600
+
+    again = DashboardApp(settings, feed=ScenarioFeed(settings), tz=UTC, code_roots=[], ui_state_file=state)
+    async with again.run_test(size=(120, 40)) as pilot:
+        await _settled(again, pilot)
+        assert again.theme == "textual-light"
