@@ -154,3 +154,24 @@ async def test_reprotect_plan_and_result_are_whole(size: tuple[int, int]) -> Non
         result = await column_text(app, pilot, plan, "result")
         assert f"NOT covered: {PlanFeed.FAILURE}" in result
         assert result.endswith("covered")  # SOLUSDT
+
+
+async def test_a_wide_terminal_is_used_not_left_empty() -> None:
+    """At 200 columns the tables kept their 120-column widths: the log's details were cut at a fixed 100
+    columns while the rest of the line stayed empty. Now the positions get a last-error column and the
+    log's detail takes the panel's width (and wraps rather than being cut)."""
+    app = await started_app((200, 50))
+    async with app.run_test(size=(200, 50)) as pilot:
+        await settle(app, pilot)
+        for _ in range(200):
+            if app.query_one("#log", DataTable).row_count >= 6:
+                break
+            await pilot.pause(0.01)
+        await pilot.pause()
+        text = screen(app)
+        pepe = next(line for line in text.splitlines() if " 1000PEPEUSDT " in line and "LONG" in line)
+        assert "Last error" in text
+        assert "create trailing stop: network error before send" in pepe
+        details = await column_text(app, pilot, app.query_one("#log", DataTable), "detail")
+        for entry in app.query_one("#log").shown_entries():  # type: ignore[attr-defined]
+            assert flat(entry.detail) in details, entry.detail

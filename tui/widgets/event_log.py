@@ -18,6 +18,7 @@ from rich.text import Text
 from textual.binding import Binding, BindingType
 from textual.events import MouseScrollUp
 from textual.widgets import DataTable
+from textual.widgets.data_table import ColumnKey
 
 from tui import formatting
 from tui.feed import LogEntry
@@ -33,6 +34,7 @@ COLUMNS = (
 )
 COUNT_WINDOW_SECONDS = 3600.0
 SEVERITY_LEVELS = (("all", 0), ("warning+", 2), ("error+", 3))
+MIN_DETAIL_WIDTH = 30
 SEVERITY_SHORT = {"debug": "dbg", "info": "info", "warning": "WARN", "error": "ERR", "critical": "CRIT"}
 
 
@@ -65,8 +67,19 @@ class EventLog(DataTable[Text]):
     def on_mount(self) -> None:
         for key, label, width in COLUMNS:
             self.add_column(label, key=key, width=width)
+        self._detail_width = COLUMNS[-1][2]
         self._update_titles()
         self.set_interval(30.0, self._recount_and_show, name="log counts")
+
+    def on_resize(self) -> None:
+        """The detail column takes the width the panel has, and long details wrap: at 200 columns it stayed
+        100 wide, and wherever it was wider than the panel the end of the line was cut off."""
+        fixed = sum(width for _, _, width in COLUMNS[:-1]) + 2 * len(COLUMNS)
+        width = max(MIN_DETAIL_WIDTH, self.size.width - 2 - 2 - fixed)  # the border, a scrollbar
+        if width != self._detail_width:
+            self._detail_width = width
+            self.columns[ColumnKey("detail")].width = width
+            self._rebuild()  # row heights are measured when rows are added
 
     def _now(self) -> float:
         """The engine's clock as the screen last painted it (so the window agrees with the rows' times)."""
@@ -190,6 +203,7 @@ class EventLog(DataTable[Text]):
             Text(entry.outcome, style=style if entry.outcome in ("failed", "retrying") else ""),
             Text(entry.detail),
             key=str(sequence),
+            height=None,  # a long detail wraps in its column
         )
 
     def _update_titles(self) -> None:

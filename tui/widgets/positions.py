@@ -52,6 +52,10 @@ NARROW_COLUMNS = (
     ("mark", "Mark", 9),
 )
 COLUMN_KEYS = tuple(key for key, _, _ in COLUMNS)
+# From WIDE_FROM columns the room left over is not left empty: a last column shows each position's last
+# error (what an operator otherwise opens the detail view for).
+WIDE_FROM = 150
+ERROR_COLUMN = ("error", "Last error")
 UNCOVERED_FLAG = "!"
 PROTECTING_FLAG = "·"
 
@@ -83,6 +87,7 @@ class PositionsTable(DataTable[Text]):
         self.uncovered_total = 0  # uncovered positions in the book, shown or filtered out
         self._uncovered_shown = 0
         self.narrow = False
+        self.error_width: int | None = None
         self._reselect: int | None = None
         self._column_keys: tuple[str, ...] = COLUMN_KEYS
         self.follow_selection = False  # the operator moved the cursor: it stays on that position
@@ -94,13 +99,24 @@ class PositionsTable(DataTable[Text]):
 
     def on_resize(self) -> None:
         narrow = self.size.width < NARROW_BELOW
-        if narrow != self.narrow:
+        error_width = self._error_width_for(self.size.width)
+        if narrow != self.narrow or error_width != self.error_width:
             self.narrow = narrow
+            self.error_width = error_width
             self._build_columns()
+
+    @staticmethod
+    def _error_width_for(width: int) -> int | None:
+        if width < WIDE_FROM:
+            return None
+        used = sum(w for _, _, w in COLUMNS) + 2 * (len(COLUMNS) + 1)  # cell padding, the new column's too
+        return max(20, width - 2 - 2 - used)  # the border, a vertical scrollbar
 
     def _build_columns(self) -> None:
         """(Re)build the columns for the width; rows are added again by the next frame."""
         columns = NARROW_COLUMNS if self.narrow else COLUMNS
+        if self.error_width is not None and not self.narrow:
+            columns = (*columns, (*ERROR_COLUMN, self.error_width))
         selected = self.selected_position_id()
         self.clear(columns=True)
         self._cells.clear()
@@ -347,6 +363,10 @@ class PositionsTable(DataTable[Text]):
             Text(formatting.price(view.mark_price), justify="right"),
             Text(formatting.price(view.entry_price), justify="right"),
             Text(formatting.price(view.quantity), justify="right"),
+        ) + (
+            (Text(view.last_error or "", style=s["missing"] if view.last_error else ""),)
+            if self.error_width
+            else ()
         )
 
 
