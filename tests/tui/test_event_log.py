@@ -3,8 +3,10 @@ goes to the last row (it scrolled sideways), and an operator who scrolled up to 
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC
 
+from tests.tui.book import BookFeed, book_position
 from tests.tui.scenario import T0, ScenarioFeed, scenario_settings
 from tests.tui.snapshots import svg_to_text
 from tui.app import DashboardApp
@@ -62,3 +64,25 @@ async def test_the_log_follows_a_burst_and_end_goes_to_the_last_row() -> None:
         await settled(app, pilot, log, before + 115)
         assert log.scroll_y == log.max_scroll_y
         assert "burst row 114" in svg_to_text(app.export_screenshot(), 120, 40)
+
+
+async def test_the_log_keeps_following_a_burst_while_the_screen_is_busy() -> None:
+    """With 1 000 positions on screen (frames take long) and errors arriving a few at a time between them,
+    the log stopped following: its check "am I at the bottom?" ran before the previous scroll had landed."""
+    settings = scenario_settings()
+    book = [
+        book_position(i, f"S{i:04d}USDT", uncovered_for=60.0 if i % 7 == 0 else None) for i in range(1000)
+    ]
+    app = DashboardApp(settings, feed=BookFeed(settings, book), tz=UTC, code_roots=[])
+    async with app.run_test(size=(120, 40)) as pilot:
+        log = app.query_one(EventLog)
+        await pilot.pause(0.5)
+        before = log.row_count
+        for first in range(0, 400, 10):
+            for entry in burst(first, 10):
+                app.post_message(LogEntryAdded(entry))
+            await asyncio.sleep(0.003)  # real time for a frame to start between the bursts
+        await settled(app, pilot, log, before + 400)
+        await pilot.pause(0.3)
+        assert log.scroll_y == log.max_scroll_y > 0
+        assert "burst row 399" in svg_to_text(app.export_screenshot(), 120, 40)
