@@ -679,39 +679,57 @@ class DashboardApp(App[int]):
 
 
 class RunningWave:
-    """The wave in progress, followed from the engine's events: the positions it opened since the last
-    finished wave. The engine lists a wave once it has finished (its protection waited for), so without this
-    the screen would show the previous, finished wave while the running one is failing."""
+    """Positions opened by waves still in progress, followed from the engine's events. The engine lists a
+    wave once it has finished (its protection waited for, up to two minutes), so without this the screen
+    showed the previous, finished wave while the running one was failing.
+
+    Events carry no wave id, and a wave still waiting for its protection may finish after the next one: the
+    set is every position opened since the last moment when every opened position belonged to a finished
+    wave (counted from `WaveFinished.opened`). Each of them did open in a wave that is, or was until just
+    now, in progress, so the line never claims more than that."""
 
     def __init__(self) -> None:
-        self.position_ids: list[int] = []
-        self.started_at: float | None = None
+        self.positions: list[tuple[float, int]] = []  # (opened at, position id)
+        self._opened = 0  # PositionOpened seen
+        self._finished = 0  # positions accounted for by WaveFinished
 
     def see(self, event: object) -> None:
         if isinstance(event, PositionOpened):
-            if not self.position_ids:
-                self.started_at = event.at
-            self.position_ids.append(event.position_id)
+            if self._opened <= self._finished:
+                self.positions = []
+                self._opened = self._finished
+            self.positions.append((event.at, event.position_id))
+            self._opened += 1
         elif isinstance(event, WaveFinished):
-            self.position_ids = []
-            self.started_at = None
+            self._finished += event.opened
+            if self._finished >= self._opened:
+                self.positions = []
+        elif isinstance(event, EventsDropped):  # what was missed is unknown: no claim rather than a wrong one
+            self.positions = []
+            self._finished = self._opened
+
+    @property
+    def started_at(self) -> float | None:
+        return self.positions[0][0] if self.positions else None
 
 
 def wave_line(snapshot: EngineSnapshot, running: RunningWave, tz: tzinfo | None) -> str:
     """The wave in progress with its state, else the newest finished one, in one line (below 140 columns
     the waves table gives its room to the log)."""
-    if running.position_ids and running.started_at is not None:
-        ids = set(running.position_ids)
+    if running.started_at is not None:
+        ids = {position_id for _, position_id in running.positions}
         uncovered = set(snapshot.coverage.uncovered_ids)
         shown = [p for p in snapshot.positions if p.position_id in ids]
         protected = sum(1 for p in shown if p.covered)
         failing = sum(1 for p in shown if p.position_id in uncovered)
         protecting = len(shown) - protected - failing
+        closed = len(ids) - len(shown)
         return (
             f"wave running since {formatting.clock_time(running.started_at, tz)}: "
-            f"{len(running.position_ids)} opened, {protected} protected"
+            f"{len(ids)} opened, {protected} protected"
             + (f", {protecting} protecting" if protecting else "")
             + (f", {failing} UNCOVERED" if failing else "")
+            + (f", {closed} closed" if closed else "")
         )
     return last_wave(snapshot, tz)
 

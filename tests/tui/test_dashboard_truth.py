@@ -5,9 +5,11 @@ needed for the picture."""
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 
 from engine.clock import ManualClock
 from engine.engine import EngineState
+from engine.events import EventsDropped, PositionOpened, WaveFinished
 from engine.venues.sim.settings import CallKind, FaultKind
 from engine.venues.sim.universe import UNIVERSE
 from storage.database import Database
@@ -16,6 +18,7 @@ from tests.support.driving import drive, drive_until
 from tests.tui.harness import dashboard, started, tui_settings
 from tests.tui.snapshots import svg_to_text
 from tui import formatting
+from tui.app import RunningWave
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.info import LeaseHeldScreen
 from tui.screens.position import PositionDetailScreen
@@ -165,3 +168,44 @@ async def test_read_only_shows_the_trailing_stop_as_the_live_view_does_and_the_v
             await board.until(lambda: not board.app.is_running, "app exited")
     finally:
         await drive(clock, trader.stop())
+
+
+def _opened(position_id: int, at: float) -> PositionOpened:
+    return PositionOpened(
+        at=at,
+        position_id=position_id,
+        symbol=f"S{position_id}USDT",
+        side="long",
+        quantity=Decimal(1),
+        entry_price=Decimal(1),
+    )
+
+
+def _finished(opened: int, at: float) -> WaveFinished:
+    return WaveFinished(
+        at=at,
+        wave_id=0,
+        signals=opened,
+        opened=opened,
+        protected=opened,
+        failed=0,
+        slowest_protection_ms=None,
+    )
+
+
+def test_the_running_wave_line_never_drops_a_wave_still_in_progress() -> None:
+    """A wave whose protection is failing waits up to two minutes; the next wave may open and finish first.
+    Events carry no wave id: the line keeps every position since the oldest unfinished wave."""
+    wave = RunningWave()
+    for position_id, at in ((1, 10.0), (2, 10.1)):  # wave A: two positions, protection failing
+        wave.see(_opened(position_id, at))
+    wave.see(_opened(3, 30.0))  # wave B, 20 s later
+    wave.see(_finished(1, 30.5))  # B finishes first: A is still running
+    assert [p for _, p in wave.positions] == [1, 2, 3]
+    assert wave.started_at == 10.0
+    wave.see(_finished(2, 130.0))  # A gives up waiting
+    assert wave.started_at is None
+    wave.see(_opened(4, 150.0))  # the next wave starts afresh
+    assert [p for _, p in wave.positions] == [4]
+    wave.see(EventsDropped(at=151.0, count=40))  # missed events: no claim rather than a wrong one
+    assert wave.started_at is None

@@ -364,7 +364,8 @@ class PositionsTable(DataTable[Text]):
             Text(formatting.price(view.entry_price), justify="right"),
             Text(formatting.price(view.quantity), justify="right"),
         ) + (
-            (Text(view.last_error or "", style=s["missing"] if view.last_error else ""),)
+            # Red only while it matters: a covered position's last error is history, not an alarm.
+            (Text(view.last_error or "", style=s["missing"] if view.last_error and not view.covered else ""),)
             if self.error_width
             else ()
         )
