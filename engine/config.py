@@ -340,6 +340,7 @@ class KeySettings(Section):
     only_uncovered: KeyName = "u"
     filter: KeyName = "slash"
     focus_log: KeyName = "l"
+    health_detail: KeyName = "h"
     help: KeyName = "question_mark"
     quit: KeyName = "q"
 

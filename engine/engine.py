@@ -144,12 +144,19 @@ class StopReport:
     def all_protected(self) -> bool:
         return self.uncovered == 0 and self.unresolved_entries == 0
 
+    @property
+    def covered(self) -> int:
+        """Open positions whose both stops the venue confirmed: the only ones that keep their stops."""
+        return self.open_positions - self.uncovered
+
     def describe(self) -> str:
-        text = f"{self.open_positions} open positions keep their stops on the exchange"
-        if self.all_protected:
-            return f"{text}; uncovered 0"  # said outright: operators read (and grep) the exit line for it
+        if self.all_protected:  # "uncovered 0" said outright: operators read (and grep) the exit line for it
+            return f"{self.open_positions} open positions keep their stops on the exchange; uncovered 0"
+        # Only the covered ones are said to keep their stops; the others (inside their grace period or not)
+        # are uncovered, and no position is counted in both claims.
         return (
-            f"{text}; UNCOVERED {self.uncovered + self.unresolved_entries}"
+            f"{self.open_positions} open positions: {self.covered} keep their stops on the exchange; "
+            f"UNCOVERED {self.uncovered + self.unresolved_entries}"
             + (f" ({', '.join(self.uncovered_symbols)})" if self.uncovered_symbols else "")
             + (f", {self.unresolved_entries} entries of unknown outcome" if self.unresolved_entries else "")
         )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -49,6 +49,8 @@ from storage.lease import LeaseHolder, current_holder
 from storage.repositories import (
     EventRecord,
     HealthRow,
+    OrderPurpose,
+    OrderRecord,
     PositionRecord,
     Severity,
     Store,
@@ -241,6 +243,10 @@ class DashboardFeed(Protocol):
 
     async def close_position(self, position_id: int) -> bool: ...
 
+    async def position_orders(self, position_id: int) -> list[OrderRecord]:
+        """A position's orders that may be live on the venue, as recorded (the detail view)."""
+        ...
+
 
 class EngineFeed:
     """The engine in this process. Its loops are its own tasks: no widget owns them."""
@@ -289,6 +295,11 @@ class EngineFeed:
 
     async def close_position(self, position_id: int) -> bool:
         return await self.engine.close_position(position_id)
+
+    async def position_orders(self, position_id: int) -> list[OrderRecord]:
+        if self.engine.store is None:
+            return []
+        return await self.engine.store.live_orders_for_position(position_id)
 
 
 def mode_of(settings: Settings) -> str:
@@ -364,6 +375,7 @@ class ReadOnlyFeed:
         self.holder = await current_holder(pool, settings.venue.kind.value, account_key(settings.venue))
         positions = await store.open_positions()
         trails = await store.trailing_states_of_open_positions()
+        live_orders = await store.live_orders_of_open_positions()
         health_rows = await store.latest_health()
         waves = await store.recent_waves(limit=50)
         events = await store.recent_events(limit=200, min_severity=Severity.INFO)
@@ -396,7 +408,10 @@ class ReadOnlyFeed:
             entries_paused=control is not None and control.paused,
             entries_paused_by=control.paused_by if control is not None and control.paused else "",
             entries_pause_reason=control.reason if control is not None and control.paused else "",
-            positions=tuple(_position_view(p, trails.get(p.id), now) for p in live),
+            positions=tuple(
+                _position_view(p, trails.get(p.id), _trailing_order(live_orders.get(p.id, ())), now)
+                for p in live
+            ),
             coverage=coverage,
             health=tuple(
                 record
@@ -456,6 +471,11 @@ class ReadOnlyFeed:
             listen_password=db.password.get_secret_value() if db.password else None,
         )
 
+    async def position_orders(self, position_id: int) -> list[OrderRecord]:
+        if self._store is None:
+            return []
+        return await self._store.live_orders_for_position(position_id)
+
     def refusal(self) -> str:
         who = self.holder.describe() if self.holder else "no engine (none is running)"
         return f"read-only: this dashboard watches the database; the account is traded by {who}"
@@ -465,14 +485,28 @@ def _epoch(value: datetime | None, default: float) -> float:
     return value.timestamp() if value is not None else default
 
 
-def _position_view(p: PositionRecord, trail: TrailingStateRecord | None, now: float) -> PositionView:
+def _trailing_order(orders: Iterable[OrderRecord]) -> OrderRecord | None:
+    return next((o for o in orders if o.purpose is OrderPurpose.TRAILING_STOP), None)
+
+
+def _position_view(
+    p: PositionRecord, trail: TrailingStateRecord | None, trailing_order: OrderRecord | None, now: float
+) -> PositionView:
+    """The same view the engine builds for its own screen, from what it recorded: a native trailing stop's
+    activation is its order's (as the engine's view takes it from the order), so both screens say
+    "waiting +1.45%" of the same position, not one of them "venue trailing"."""
     assert p.entry_price is not None
     direction = 1 if p.side == "long" else -1
     mark = p.current_price
     pnl = None
     if mark is not None:
         pnl = ((mark - p.entry_price) / p.entry_price * 100 * direction).quantize(Decimal("0.01"))
-    activation = trail.activation_price if trail else None
+    if trail is not None and trail.mode == "managed":
+        activation: Decimal | None = trail.activation_price
+    elif trailing_order is not None and trailing_order.activation_price is not None:
+        activation = trailing_order.activation_price
+    else:
+        activation = trail.activation_price if trail else None
     distance = None
     if activation is not None and mark is not None:
         distance = ((activation - mark) / mark * 100 * direction).quantize(Decimal("0.01"))

@@ -214,7 +214,8 @@ async def test_q_asks_while_positions_are_open_then_stops_the_engine_and_leaves_
         confirm = board.app.screen
         assert isinstance(confirm, ConfirmScreen)
         body = str(confirm.query_one("#confirm-body").content)  # type: ignore[attr-defined]
-        assert "Exchange stops stay in place: 2 of 2 open positions have both stops" in body
+        assert "Exchange stops stay in place: 2 of 2 open positions keep their stops on the exchange" in body
+        assert "UNCOVERED" not in body
         assert "Managed trailing stops (2 now) stop moving until the engine is restarted" in body
         await board.press("n")
         assert board.engine.state is EngineState.RUNNING

@@ -14,6 +14,7 @@ from textual.widgets import Button, DataTable, Static
 
 from storage.lease import LeaseHolder
 from tui import keys
+from tui.screens.fit import rest_width, table_rows_that_fit
 
 OTHER_KEYS = (
     ("ctrl+p", "Command palette: every command above, the theme, screenshots"),
@@ -47,18 +48,22 @@ class HelpScreen(ModalScreen[None]):
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
+        # Screen margin, border, padding, the table's margin and the note below it: 11 lines.
+        table.styles.max_height = table_rows_that_fit(self.app.size.height, 11)
         table.add_column("Key", key="key", width=16)
         table.add_column("Command", key="command", width=11)
-        table.add_column("What it does", key="what", width=72)
+        # The description takes what the terminal leaves and wraps: never cut at 80 or 120 columns.
+        table.add_column("What it does", key="what", width=rest_width(self.app.size.width, (16, 11)))
         for command in keys.COMMANDS:
             table.add_row(
                 keys.key_for(command, self._active_keymap, self.app),
                 command.label,
-                command.description + (" (asks first)" if command.confirm else ""),
+                Text(command.description + (" (asks first)" if command.confirm else "")),
                 key=command.id,
+                height=None,
             )
         for key, what in OTHER_KEYS:
-            table.add_row(key, "", what)
+            table.add_row(key, "", Text(what), height=None)
 
     def action_close(self) -> None:
         self.dismiss(None)
