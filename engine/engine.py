@@ -61,6 +61,7 @@ from engine.exchange.port import (
     VenuePosition,
 )
 from engine.metrics import CallStats
+from engine.metrics_server import MetricsServer
 from engine.order_budget import OrderBudget
 from engine.pacing import DEFAULT_HEADROOM, BudgetWaits, Lane, RequestPacer, VenuePacing
 from engine.signal_input import BadSignal, parse_score, parse_side
@@ -406,12 +407,25 @@ class Engine:
             settings.alerts, self.clock, source=f"{self.exchange_name}:{settings.venue.account}"
         )
         self._carried: _CarriedProtection | None = None  # while the protection manager restarts
+        self.health_measured_at: float | None = None  # monotonic time of the last health measurement
+        # `/metrics` and `/healthz` ([metrics]), bound at start: None unless enabled.
+        self.metrics_server = MetricsServer(self, settings.metrics) if settings.metrics.enabled else None
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
     @property
     def exchange_name(self) -> str:
         return self.venue.name
+
+    @property
+    def call_stats(self) -> CallStats:
+        """Every venue call's latency and outcome (the health rules' window, the metrics' histograms)."""
+        return self._call_stats
+
+    @property
+    def health_components(self) -> tuple[health.ComponentHealth, ...]:
+        """The last health measurement, per component (empty before the first)."""
+        return self._health
 
     @property
     def mode(self) -> str:
@@ -424,17 +438,25 @@ class Engine:
         another engine trades this account (nothing is touched then)."""
         self._set_state(EngineState.STARTING)
         self.started_at = self.clock.now()
+        if self.metrics_server is not None:  # first: a port in use stops the start before anything is touched
+            await self.metrics_server.bind()
+            self._supervisor.start("metrics", self.metrics_server.serve)
+            self._supervisor.start("metrics-failures", self.metrics_server.count_failures)
         db = self.settings.database
         password = db.password.get_secret_value() if db.password else None
-        self._db = await open_database(
-            db.dsn,
-            db.data_dir,
-            db.name,
-            password=password,
-            min_size=db.pool_min_size,
-            max_size=db.pool_max_size,
-            command_timeout=float(db.command_timeout_seconds),
-        )
+        try:
+            self._db = await open_database(
+                db.dsn,
+                db.data_dir,
+                db.name,
+                password=password,
+                min_size=db.pool_min_size,
+                max_size=db.pool_max_size,
+                command_timeout=float(db.command_timeout_seconds),
+            )
+        except BaseException:
+            await self._stop_metrics()
+            raise
         try:
             self._lease = await self._acquire_lease()
             self.store = ResilientStore(self._db.pool, self.account_key)
@@ -623,7 +645,14 @@ class Engine:
     def _entries_unresolved(self) -> int:
         return len(self._in_flight)
 
+    async def _stop_metrics(self) -> None:
+        if self.metrics_server is not None:
+            await self._supervisor.stop_one("metrics")
+            await self._supervisor.stop_one("metrics-failures")
+            await self.metrics_server.close()
+
     async def _release(self) -> None:
+        await self._stop_metrics()
         try:
             await self.venue.close()
         except Exception:
@@ -1312,6 +1341,7 @@ class Engine:
         while True:
             report = await self.measure_health()
             self._health = tuple(report.components)
+            self.health_measured_at = self.clock.monotonic()
             self._check_breaker()
             for component in report.components:
                 line = "health_check: " + health.log_line(component)
