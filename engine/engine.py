@@ -1415,10 +1415,12 @@ class Engine:
         if manager is None:
             return _empty_coverage()
         now = self.clock.monotonic()
-        _views, facts = self._protection_state(now)
+        _views, facts = self._protection_state(now, with_views=False)  # the facts only: cheap per scrape
         return coverage_figures(facts, now, manager.config.grace_seconds)
 
-    def _protection_state(self, now: float) -> tuple[list[PositionView], list[PositionCoverage]]:
+    def _protection_state(
+        self, now: float, *, with_views: bool = True
+    ) -> tuple[list[PositionView], list[PositionCoverage]]:
         """Each open position's view and coverage facts: from its guard, or, while the protection manager
         restarts and before the new guards exist, the last verified state (`_CarriedProtection`). Closed
         positions (their leftover stops being cancelled) are gone: not shown, not counted."""
@@ -1430,11 +1432,13 @@ class Engine:
         if manager is not None and not manager.stopped:
             for guard in manager.open_guards():
                 shown.add(guard.position_id)
-                views.append(self._position_view(guard, now))
+                if with_views:
+                    views.append(self._position_view(guard, now))
                 facts.append(guard.coverage())
         if carried is not None and not carried.guards_created:
             for position_id in carried.views.keys() - shown:
-                views.append(carried.view_at(position_id, now))
+                if with_views:
+                    views.append(carried.view_at(position_id, now))
                 facts.append(carried.coverage[position_id])
         return views, facts
 
