@@ -403,7 +403,7 @@ class MetricsServer:
         self.registry = CollectorRegistry(auto_describe=False)  # this engine's own
         self.registry.register(self.collector)
         self._server: asyncio.Server | None = None
-        self._connections = 0
+        self._handlers: set[asyncio.Task[Any]] = set()  # connections being answered: cancelled at close
         self.scrapes = 0
 
     @property
@@ -448,15 +448,22 @@ class MetricsServer:
         server, self._server = self._server, None
         if server is not None:
             server.close()
+        handlers = list(self._handlers)
+        for task in handlers:  # a client holding a connection open does not outlive the engine
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        if server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), WRITE_TIMEOUT_SECONDS)
 
     # --- HTTP ----------------------------------------------------------------------------------------
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._connections += 1
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
         try:
-            if self._connections > MAX_CONNECTIONS:
+            if len(self._handlers) > MAX_CONNECTIONS:
                 return
             try:
                 method, path = await asyncio.wait_for(_read_request(reader), REQUEST_TIMEOUT_SECONDS)
@@ -477,7 +484,8 @@ class MetricsServer:
         except Exception:
             log.exception("metrics: answering a request failed")
         finally:
-            self._connections -= 1
+            if task is not None:
+                self._handlers.discard(task)
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), WRITE_TIMEOUT_SECONDS)

@@ -181,6 +181,12 @@ async def test_metrics_follow_the_venue_truth_and_healthz_turns_503_when_critica
         found = await scrape(engine)
         assert value(found, "tsbot_health_severity", component="protection") == 3
         assert value(found, "tsbot_healthz_ok") == 0
+
+        # Uncovered for more than 3 grace periods: the breaker pauses entries, and the metrics say so.
+        await drive_until(clock, lambda: engine.entries_paused_by == "breaker", what="the breaker tripped")
+        found = await scrape(engine)
+        assert value(found, "tsbot_circuit_breaker_tripped") == 1
+        assert value(found, "tsbot_entries_paused") == 1
     finally:
         await drive(clock, engine.stop())
     # Stopped: nothing listens any more.
@@ -241,3 +247,41 @@ async def test_two_engines_in_one_process_keep_their_own_figures(db: Database) -
             await drive(clock, second.stop())
     finally:
         await drive(clock, first.stop())
+
+
+async def test_a_silent_or_garbled_client_does_not_hold_up_a_scrape(db: Database) -> None:
+    settings = settings_for(db, METRICS_ON)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        server = engine.metrics_server
+        assert server is not None
+        assert server.port
+        # A client that connects and says nothing, held open across the scrape and the engine's stop.
+        idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            found = await scrape(engine)
+            assert value(found, "tsbot_engine_state", state="running") == 1
+            # Not HTTP: the connection is closed unanswered.
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"\x16\x03\x01 hello\r\n\r\n")
+            await writer.drain()
+            assert await reader.read() == b""
+            writer.close()
+            await writer.wait_closed()
+            # Only GET and HEAD; unknown paths are 404.
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+            assert (await reader.read()).startswith(b"HTTP/1.1 405 ")
+            writer.close()
+            await writer.wait_closed()
+            status, _headers, _body = await http_get(server.port, "/metrics/../etc/passwd")
+            assert status == 404
+            await drive(clock, engine.stop())
+            assert await idle_reader.read() == b""  # the engine's stop closed it, unanswered
+        finally:
+            idle_writer.close()
+    finally:
+        await drive(clock, engine.stop())
