@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import json
 import logging
 import socket
@@ -42,6 +43,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from engine.events import EventsDropped, ProtectionFailed, ProtectionTimedOut
 from engine.exchange.errors import FailureClass
 from engine.metrics import CumulativeHistogram
+from protection.coverage import percent
 from protection.health import ComponentHealth, HealthState, worst_state
 
 if TYPE_CHECKING:
@@ -357,6 +359,7 @@ class EngineCollector(Collector):
         now = engine.clock.monotonic()
         verdict = self._verdict(now)
         figures = engine.coverage()
+        both = percent(figures.protected, figures.active)
         measured = engine.health_measured_at
         body: dict[str, Any] = {
             "status": verdict.status,
@@ -367,9 +370,7 @@ class EngineCollector(Collector):
             "components": {str(c.component): c.state.value for c in engine.health_components},
             "open_positions": figures.active,
             "uncovered": figures.uncovered,
-            "coverage_percent": None
-            if not figures.active
-            else round(100.0 * figures.protected / figures.active, 1),
+            "coverage_percent": None if both is None else float(both),  # rounded as the gauge and the SQL
             "entries_paused": engine.entries_paused,
         }
         return verdict.http_status, body
@@ -429,6 +430,12 @@ class MetricsServer:
         sockets = self._server.sockets
         self.port = sockets[0].getsockname()[1] if sockets else self.configured_port
         log.info("metrics: serving /metrics and /healthz on http://%s", self.address)
+        if not _loopback(self.host):
+            log.warning(
+                "metrics: %s is not a loopback address: whoever can reach this machine can read the "
+                "engine's figures (there is no authentication)",
+                self.host,
+            )
 
     async def serve(self) -> None:
         server = self._server
@@ -519,6 +526,15 @@ async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str]:
         if header in (b"\r\n", b"\n", b""):
             return parts[0].upper(), parts[1]
     raise ValueError("too many header lines")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _why(exc: OSError) -> str:

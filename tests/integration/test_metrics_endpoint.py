@@ -177,6 +177,7 @@ async def test_metrics_follow_the_venue_truth_and_healthz_turns_503_when_critica
         assert body["status"] == "critical"
         assert "protection" in body["reason"]
         assert body["uncovered"] == 1
+        assert body["coverage_percent"] == 66.7  # 2 of 3 with both stops, rounded as the gauge's SQL
         assert body["components"]["protection"] == "critical"
         found = await scrape(engine)
         assert value(found, "tsbot_health_severity", component="protection") == 3
