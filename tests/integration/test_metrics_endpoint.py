@@ -9,16 +9,22 @@ import asyncio
 import json
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.clock import ManualClock
+from engine.config import MetricsSettings
 from engine.engine import Engine
 from engine.metrics_server import MetricsUnavailable
 from engine.venues.sim.settings import CallKind, FaultKind
 from storage.database import Database
+from storage.embedded import EmbeddedPostgres
 from tests.integration.engine_support import make_engine
+from tests.integration.test_database_outage import COVERED_BEFORE, owned_server  # noqa: F401  (fixture)
+from tests.integration.test_database_outage import _open as open_one
+from tests.integration.test_database_outage import _settings as outage_settings
 from tests.integration.test_failure_modes_f1_f5 import (
     SYMBOLS,
     drive_until_covered,
@@ -26,6 +32,7 @@ from tests.integration.test_failure_modes_f1_f5 import (
     settings_for,
 )
 from tests.support.driving import drive, drive_until
+from tests.support.owned_postgres import resume, stop_postmaster
 
 METRICS_ON = {"METRICS__ENABLED": "true", "METRICS__PORT": "0"}
 
@@ -285,4 +292,54 @@ async def test_a_silent_or_garbled_client_does_not_hold_up_a_scrape(db: Database
         finally:
             idle_writer.close()
     finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_frozen_database_shows_as_down_with_its_journal_and_scrapes_still_answer(
+    owned_server: EmbeddedPostgres,  # noqa: F811  (the fixture imported above)
+    tmp_path: Path,
+) -> None:
+    """The postmaster stops answering (SIGSTOP): the scrape reads nothing from the database, so it answers
+    at once, saying the database is down and how many protective writes wait in the journal; once the
+    engine has the server back, up again and the journal empty."""
+    settings, _dsn = outage_settings(owned_server, tmp_path)
+    settings = settings.model_copy(update={"metrics": MetricsSettings(enabled=True, port=0)})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    stopped: int | None = None
+    try:
+        store, manager, watch = engine.store, engine.manager, engine.db_watch
+        assert store is not None
+        assert manager is not None
+        assert watch is not None
+        guard = await open_one(engine, clock, COVERED_BEFORE)
+        assert value(await scrape(engine), "tsbot_database_up") == 1
+
+        stopped = stop_postmaster(owned_server.data_dir)
+        await drive_until(clock, lambda: watch.down, what="a probe got no answer")
+        lost = guard.trailing_stop.client_order_id
+        assert lost is not None
+        engine.venue.core.cancel_order(COVERED_BEFORE, lost, clock.now())
+        manager.request_reconcile()
+        await drive_until(
+            clock,
+            lambda: guard.trailing_stop.confirmed and guard.trailing_stop.client_order_id != lost,
+            what="the trailing stop replaced, its writes journaled",
+        )
+        found = await scrape(engine)
+        assert value(found, "tsbot_database_up") == 0
+        assert value(found, "tsbot_database_journal_depth") == store.journal_depth >= 1
+        assert value(found, "tsbot_entries_paused") == 1  # a position could not be recorded
+        status, body = await healthz(engine)  # from memory: answered while the database is frozen
+        assert body["entries_paused"] is True
+        assert status in (200, 503)
+
+        await drive_until(clock, lambda: not watch.down and not store.has_journal, what="the database back")
+        found = await scrape(engine)
+        assert value(found, "tsbot_database_up") == 1
+        assert value(found, "tsbot_database_journal_depth") == 0
+    finally:
+        if stopped is not None:
+            resume(stopped)
         await drive(clock, engine.stop())
