@@ -35,6 +35,7 @@ from engine.credentials import CredentialsRefused
 from engine.engine import Engine
 from engine.exchange.errors import ExchangeError, Rejected
 from engine.logs import LogFileError, RedactingFormatter, configure_logging
+from engine.metrics_server import MetricsUnavailable
 from engine.signal_input import BadSignal, SignalInput, normalise_symbol, read_jsonl, signal_from_fields
 from storage.commands import CommandKind
 from storage.database import (
@@ -63,7 +64,13 @@ MAX_MESSAGE_CHARS = 400
 
 # The operator's input is wrong: exit 2. The command could not do its job: exit 1.
 USER_ERRORS: tuple[type[BaseException], ...] = (CredentialsRefused, InvalidDsn, LogFileError)
-FAILURES: tuple[type[BaseException], ...] = (DatabaseUnavailable, EmbeddedPostgresError, MigrationError)
+# MetricsUnavailable: the [metrics] port is taken (or the address is not this machine's): one line, exit 1.
+FAILURES: tuple[type[BaseException], ...] = (
+    DatabaseUnavailable,
+    EmbeddedPostgresError,
+    MigrationError,
+    MetricsUnavailable,
+)
 
 
 def package_version() -> str:

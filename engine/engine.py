@@ -64,6 +64,7 @@ from engine.exchange.port import (
     VenuePosition,
 )
 from engine.metrics import CallStats
+from engine.metrics_server import MetricsServer
 from engine.order_budget import OrderBudget
 from engine.pacing import DEFAULT_HEADROOM, BudgetWaits, Lane, RequestPacer, VenuePacing
 from engine.signal_input import BadSignal, parse_score, parse_side
@@ -418,12 +419,25 @@ class Engine:
             settings.alerts, self.clock, source=f"{self.exchange_name}:{settings.venue.account}"
         )
         self._carried: _CarriedProtection | None = None  # while the protection manager restarts
+        self.health_measured_at: float | None = None  # monotonic time of the last health measurement
+        # `/metrics` and `/healthz` ([metrics]), bound at start: None unless enabled.
+        self.metrics_server = MetricsServer(self, settings.metrics) if settings.metrics.enabled else None
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
     @property
     def exchange_name(self) -> str:
         return self.venue.name
+
+    @property
+    def call_stats(self) -> CallStats:
+        """Every venue call's latency and outcome (the health rules' window, the metrics' histograms)."""
+        return self._call_stats
+
+    @property
+    def health_components(self) -> tuple[health.ComponentHealth, ...]:
+        """The last health measurement, per component (empty before the first)."""
+        return self._health
 
     @property
     def mode(self) -> str:
@@ -436,17 +450,25 @@ class Engine:
         another engine trades this account (nothing is touched then)."""
         self._set_state(EngineState.STARTING)
         self.started_at = self.clock.now()
+        if self.metrics_server is not None:  # first: a port in use stops the start before anything is touched
+            await self.metrics_server.bind()
+            self._supervisor.start("metrics", self.metrics_server.serve)
+            self._supervisor.start("metrics-failures", self.metrics_server.count_failures)
         db = self.settings.database
         password = db.password.get_secret_value() if db.password else None
-        self._db = await open_database(
-            db.dsn,
-            db.data_dir,
-            db.name,
-            password=password,
-            min_size=db.pool_min_size,
-            max_size=db.pool_max_size,
-            command_timeout=float(db.command_timeout_seconds),
-        )
+        try:
+            self._db = await open_database(
+                db.dsn,
+                db.data_dir,
+                db.name,
+                password=password,
+                min_size=db.pool_min_size,
+                max_size=db.pool_max_size,
+                command_timeout=float(db.command_timeout_seconds),
+            )
+        except BaseException:
+            await self._stop_metrics()
+            raise
         try:
             self._lease = await self._acquire_lease()
             self.store = ResilientStore(self._db.pool, self.account_key)
@@ -645,7 +667,14 @@ class Engine:
     def _entries_unresolved(self) -> int:
         return len(self._in_flight)
 
+    async def _stop_metrics(self) -> None:
+        if self.metrics_server is not None:
+            await self._supervisor.stop_one("metrics")
+            await self._supervisor.stop_one("metrics-failures")
+            await self.metrics_server.close()
+
     async def _release(self) -> None:
+        await self._stop_metrics()
         try:
             await self.venue.close()
         except Exception:
@@ -1334,6 +1363,7 @@ class Engine:
         while True:
             report = await self.measure_health()
             self._health = tuple(report.components)
+            self.health_measured_at = self.clock.monotonic()
             self._check_breaker()
             for component in report.components:
                 line = "health_check: " + health.log_line(component)
@@ -1407,10 +1437,12 @@ class Engine:
         if manager is None:
             return _empty_coverage()
         now = self.clock.monotonic()
-        _views, facts = self._protection_state(now)
+        _views, facts = self._protection_state(now, with_views=False)  # the facts only: cheap per scrape
         return coverage_figures(facts, now, manager.config.grace_seconds)
 
-    def _protection_state(self, now: float) -> tuple[list[PositionView], list[PositionCoverage]]:
+    def _protection_state(
+        self, now: float, *, with_views: bool = True
+    ) -> tuple[list[PositionView], list[PositionCoverage]]:
         """Each open position's view and coverage facts: from its guard, or, while the protection manager
         restarts and before the new guards exist, the last verified state (`_CarriedProtection`). Closed
         positions (their leftover stops being cancelled) are gone: not shown, not counted."""
@@ -1422,11 +1454,13 @@ class Engine:
         if manager is not None and not manager.stopped:
             for guard in manager.open_guards():
                 shown.add(guard.position_id)
-                views.append(self._position_view(guard, now))
+                if with_views:
+                    views.append(self._position_view(guard, now))
                 facts.append(guard.coverage())
         if carried is not None and not carried.guards_created:
             for position_id in carried.views.keys() - shown:
-                views.append(carried.view_at(position_id, now))
+                if with_views:
+                    views.append(carried.view_at(position_id, now))
                 facts.append(carried.coverage[position_id])
         return views, facts
 

@@ -54,6 +54,7 @@ from engine.events import (
     WaveFinished,
 )
 from engine.logs import LogFileError, RedactingFormatter, configure_logging
+from engine.metrics_server import MetricsUnavailable
 from protection.health import (
     Component,
     ComponentHealth,
@@ -324,6 +325,10 @@ class DashboardApp(App[int]):
         except CredentialsRefused as exc:  # the operator's configuration, not a bug: no traceback
             log.error("%s", exc)
             self.exit_code = EXIT_USAGE
+            self.post_message(FeedFailed(str(exc)))
+            return
+        except MetricsUnavailable as exc:  # the metrics port is taken: one line, no traceback
+            log.error("%s", exc)
             self.post_message(FeedFailed(str(exc)))
             return
         except Exception as exc:
