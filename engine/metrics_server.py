@@ -429,7 +429,6 @@ class MetricsServer:
             ) from None
         sockets = self._server.sockets
         self.port = sockets[0].getsockname()[1] if sockets else self.configured_port
-        log.info("metrics: serving /metrics and /healthz on http://%s", self.address)
         if not _loopback(self.host):
             log.warning(
                 "metrics: %s is not a loopback address: whoever can reach this machine can read the "
@@ -445,6 +444,9 @@ class MetricsServer:
             await self.bind()
             server = self._server
             assert server is not None
+        # Said once it listens (binding alone refuses connections): a scraper reading the log may go at once.
+        await server.start_serving()
+        log.info("metrics: serving /metrics and /healthz on http://%s", self.address)
         await server.serve_forever()
 
     async def count_failures(self) -> None:
