@@ -880,7 +880,7 @@ def _report_text(report: history.ShiftReport, loaded: LoadedConfig) -> str:
     ]
     lines += [f"  {cls:<19} {n}" for cls, n in report.failures.items()]
     lines.append(
-        f"uncovered:            {report.uncovered_seconds} s in {report.uncovered_spans} span"
+        f"uncovered:            {_seconds_text(report.uncovered_seconds)} in {report.uncovered_spans} span"
         + ("" if report.uncovered_spans == 1 else "s")
         + (f", {report.still_uncovered} still uncovered" if report.still_uncovered else "")
     )
@@ -888,7 +888,7 @@ def _report_text(report: history.ShiftReport, loaded: LoadedConfig) -> str:
         w = report.worst
         how = "still uncovered" if w.ended_at is None else f"ended: {w.ended_by}"
         lines.append(
-            f"  worst:              {w.seconds} s, #{w.position_id} {w.symbol} from {when(w.started_at)} "
+            f"  worst:              {_seconds_text(w.seconds)}, #{w.position_id} {w.symbol} from {when(w.started_at)} "
             f"({w.reason}; {how})"
         )
     if report.coverage_pct is None:
@@ -900,9 +900,19 @@ def _report_text(report: history.ShiftReport, loaded: LoadedConfig) -> str:
     lines += [f"  {reason:<19} {n}" for reason, n in report.closes.items()]
     lines.append(
         f"realized PnL:         {report.realized_pnl}"
-        + (f" ({report.closed_without_pnl} closes without a known PnL)" if report.closed_without_pnl else "")
+        + (
+            f" ({report.closed_without_pnl} of the closes without a known PnL)"
+            if report.closed_without_pnl
+            else ""
+        )
     )
     return "\n".join(lines) + "\n"
+
+
+def _seconds_text(seconds: Decimal) -> str:
+    """Exact seconds, and in hours and minutes once that reads better."""
+    text = f"{seconds} s"
+    return text if seconds < 60 else f"{text} ({_duration(timedelta(seconds=float(seconds)))})"
 
 
 def _duration(span: timedelta) -> str:

@@ -149,10 +149,10 @@ async def shift_report(
         WITH samples AS (
             SELECT at, coverage_pct, lead(at) OVER (ORDER BY at) AS next_at
             FROM monitoring.coverage_samples
-            WHERE account = $1 AND at < $3 AND at >= $2 - make_interval(secs => $4)
+            WHERE account = $1 AND at < $3::timestamptz AND at >= $2::timestamptz - make_interval(secs => $4)
         ), stretches AS (
-            SELECT coverage_pct, GREATEST(at, $2) AS from_at,
-                   LEAST(COALESCE(next_at, $3), at + make_interval(secs => $4), $3) AS to_at
+            SELECT coverage_pct, GREATEST(at, $2::timestamptz) AS from_at,
+                   LEAST(COALESCE(next_at, $3::timestamptz), at + make_interval(secs => $4), $3::timestamptz) AS to_at
             FROM samples
         ), measured AS (
             SELECT coverage_pct, EXTRACT(EPOCH FROM to_at - from_at) AS seconds
