@@ -10,12 +10,12 @@ from decimal import Decimal
 import asyncpg
 
 from engine.clock import ManualClock
-from engine.engine import COVERAGE_SAMPLE_SECONDS
+from engine.engine import COVERAGE_RETENTION_SECONDS, COVERAGE_SAMPLE_SECONDS, HOUSEKEEPING_SECONDS
 from engine.exchange.errors import FailureClass
 from engine.venues.sim.settings import CallKind, FaultKind
 from storage.database import Database
 from storage.history import PROTECTION_FAILURE_CLASSES
-from storage.repositories import PositionStatus, ProtectionFactsRow, Store
+from storage.repositories import CoverageSample, PositionStatus, ProtectionFactsRow, Store
 from tests.integration.engine_support import make_engine
 from tests.integration.test_failure_modes_f1_f5 import (
     SYMBOLS,
@@ -194,3 +194,39 @@ async def test_a_position_that_ends_uncovered_ends_its_span_and_a_repeated_write
     assert (other["ended_by"], other["exit_reason"]) == ("closed", "manual")
     assert other["ended_at"] is not None
     assert other["ended_at"] > t0
+
+
+async def test_the_housekeeping_deletes_this_accounts_samples_past_their_retention(db: Database) -> None:
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        now = datetime.fromtimestamp(clock.now(), tz=UTC)
+        kept = now - timedelta(seconds=COVERAGE_RETENTION_SECONDS) + timedelta(hours=1)
+        old = now - timedelta(seconds=COVERAGE_RETENTION_SECONDS) - timedelta(hours=1)
+        for account, at in ((engine.account_key, old), (engine.account_key, kept), ("sim:other", old)):
+            await Store(db.pool, account).record_coverage_sample(
+                CoverageSample(at, 1, 1, 0, 0, Decimal("100.0"))
+            )
+
+        async def old_gone() -> bool:
+            return not await db.pool.fetchval(
+                "SELECT count(*) FROM monitoring.coverage_samples WHERE account = $1 AND at = $2",
+                engine.account_key,
+                old,
+            )
+
+        gone = False
+        for _ in range(int(HOUSEKEEPING_SECONDS) + 30):
+            await _wait(clock, 1)
+            if gone := await old_gone():
+                break
+        assert gone
+        left = {
+            (r["account"], r["at"]) for r in await db.pool.fetch("SELECT * FROM monitoring.coverage_samples")
+        }
+        assert (engine.account_key, kept) in left
+        assert ("sim:other", old) in left  # another account's history is its own engine's to keep
+    finally:
+        await drive(clock, engine.stop())
