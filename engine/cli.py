@@ -773,12 +773,12 @@ def parse_since(text: str, now: datetime) -> datetime:
     match = _DURATION.fullmatch(spec.lower())
     if spec and match is not None:
         days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
-        span = timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
-        if span <= timedelta(0):
+        total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds  # exact: no timedelta overflow
+        if total <= 0:
             raise UsageError(f"--since {text!r}: the window is empty; give a duration above zero, e.g. 8h")
-        if span.total_seconds() > MAX_DURATION_SECONDS:
+        if total > MAX_DURATION_SECONDS:
             raise UsageError(f"--since {text!r}: at most {MAX_DURATION_SECONDS // 86400} days back")
-        return now - span
+        return now - timedelta(seconds=total)
     try:
         moment = datetime.fromisoformat(spec)
     except ValueError:
