@@ -1,7 +1,8 @@
 """`tsbot`: everything that is not the dashboard.
 
 Exit codes: 0 done; 1 the command failed (database or venue unreachable, …); 2 the operator's input is wrong
-(bad configuration, bad arguments, a key the venue refuses). Errors are one line on stderr naming the thing
+(bad configuration, bad arguments, a key the venue refuses); 3 a command for the running engine (`close`,
+`flatten`, …) found none running for the account. Errors are one line on stderr naming the thing
 at fault, what was expected and what was found; input never causes a traceback. A real bug is one line
 too ("internal error"), with its traceback in the log file.
 
@@ -30,14 +31,17 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from engine.accounts import account_key
+from engine.commands import CommandAnswer, send_command
 from engine.config import MAX_SEED, ConfigError, LoadedConfig, load_config
 from engine.config_show import render_config
 from engine.credentials import CredentialsRefused
 from engine.engine import COVERAGE_SAMPLE_SECONDS, Engine
 from engine.exchange.errors import ExchangeError, Rejected
 from engine.logs import LogFileError, RedactingFormatter, configure_logging
-from engine.signal_input import BadSignal, SignalInput, read_jsonl, signal_from_fields
+from engine.metrics_server import MetricsUnavailable
+from engine.signal_input import BadSignal, SignalInput, normalise_symbol, read_jsonl, signal_from_fields
 from storage import history
+from storage.commands import CommandKind
 from storage.database import (
     Database,
     DatabaseTarget,
@@ -58,12 +62,19 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_NO_ENGINE = 3  # a command for the running engine, and none runs for the account
 MAX_DURATION_SECONDS = 366 * 86400
 MAX_MESSAGE_CHARS = 400
 
 # The operator's input is wrong: exit 2. The command could not do its job: exit 1.
 USER_ERRORS: tuple[type[BaseException], ...] = (CredentialsRefused, InvalidDsn, LogFileError)
-FAILURES: tuple[type[BaseException], ...] = (DatabaseUnavailable, EmbeddedPostgresError, MigrationError)
+# MetricsUnavailable: the [metrics] port is taken (or the address is not this machine's): one line, exit 1.
+FAILURES: tuple[type[BaseException], ...] = (
+    DatabaseUnavailable,
+    EmbeddedPostgresError,
+    MigrationError,
+    MetricsUnavailable,
+)
 
 
 def package_version() -> str:
@@ -233,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="protection coverage and uncovered positions, from the database",
     )
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_steering_parsers(commands, config_option)
     _add_report_parser(commands, config_option)
     return parser
 
@@ -552,7 +564,9 @@ def _status(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     print(
         "entries:           "
         + (
-            f"PAUSED by the {paused['by']} since {paused['since']}"
+            f"PAUSED by the {paused['by']}"
+            + (f" ({paused['who']})" if paused["who"] else "")
+            + f" since {paused['since']}"
             + (f": {paused['reason']}" if paused["reason"] else "")
             if paused
             else "on"
@@ -658,7 +672,12 @@ async def _read_status(
         "entries": "paused" if control is not None and control.paused else "on",
         "entries_paused": None
         if control is None or not control.paused
-        else {"by": control.paused_by, "reason": control.reason, "since": control.since.isoformat()},
+        else {
+            "by": control.paused_by,
+            "who": control.requested_by,  # user@host/pid of the operator who paused them
+            "reason": control.reason,
+            "since": control.since.isoformat(),
+        },
         "health": health,
         "uncovered": [
             {
@@ -742,6 +761,171 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Decimal):
         return float(value)  # presentation only: JSON has no decimal type
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+# --- steering a running engine (monitoring.commands) ----------------------------------------------------
+
+DEFAULT_WAIT_SECONDS = 30.0
+MAX_WAIT_SECONDS = 3600.0
+MAX_REASON_CHARS = 1000
+
+
+def _add_steering_parsers(commands: Any, config_option: argparse.ArgumentParser) -> None:
+    """Commands executed by the engine that runs for the account (`tsbot run` or the dashboard)."""
+    steering = OneLineParser(add_help=False, parents=[config_option])
+    steering.add_argument("--reason", default="", help="why (recorded with who asked, in monitoring.events)")
+    steering.add_argument(
+        "--wait-seconds",
+        type=float,
+        default=DEFAULT_WAIT_SECONDS,
+        metavar="S",
+        help=f"how long to wait for the engine's answer (default {DEFAULT_WAIT_SECONDS:g})",
+    )
+    entries = commands.add_parser("entries", help="pause or resume new entries on the running engine")
+    entries_commands = entries.add_subparsers(dest="entries_command", metavar="ACTION", required=True)
+    entries_commands.add_parser(
+        "pause", parents=[steering], help="stop opening positions (open positions stay protected)"
+    )
+    entries_commands.add_parser("resume", parents=[steering], help="open positions on new signals again")
+    protect = commands.add_parser(
+        "protect", parents=[steering], help="re-protect uncovered positions now (all, or one symbol)"
+    )
+    protect.add_argument("--symbol", help="only this symbol's position, e.g. SFPUSDT")
+    close = commands.add_parser(
+        "close", parents=[steering], help="close one position at market; its stops are cancelled"
+    )
+    close.add_argument("symbol", help="exchange-native symbol, e.g. SFPUSDT")
+    flatten = commands.add_parser(
+        "flatten",
+        parents=[steering],
+        help="pause entries and close every position at market (asks first; --yes without a terminal)",
+    )
+    flatten.add_argument("--all", action="store_true", help="every open position of the account (required)")
+    flatten.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    commands.add_parser(
+        "restart-protection",
+        parents=[steering],
+        help="restart the protection manager: reload, verify against the venue, re-arm",
+    )
+
+
+def _entries_pause(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    return _steer(args, loaded, CommandKind.ENTRIES_PAUSE, {})
+
+
+def _entries_resume(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    return _steer(args, loaded, CommandKind.ENTRIES_RESUME, {})
+
+
+def _protect(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    command_args = {} if args.symbol is None else {"symbol": _symbol_argument(args.symbol, "--symbol")}
+    return _steer(args, loaded, CommandKind.PROTECT, command_args)
+
+
+def _close(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    return _steer(args, loaded, CommandKind.CLOSE, {"symbol": _symbol_argument(args.symbol, "SYMBOL")})
+
+
+def _flatten(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    if not args.all:
+        raise UsageError("flatten closes every position of the account: say so with --all")
+    if not args.yes and not sys.stdin.isatty():
+        raise UsageError(
+            "flatten --all closes every position at market: refused without a terminal to confirm on; "
+            "pass --yes to confirm"
+        )
+    return _steer(args, loaded, CommandKind.FLATTEN, {"all": True}, confirm=not args.yes)
+
+
+def _restart_protection(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    return _steer(args, loaded, CommandKind.RESTART_PROTECTION, {})
+
+
+def _symbol_argument(value: str, name: str) -> str:
+    try:
+        return normalise_symbol(value)
+    except BadSignal as exc:
+        raise UsageError(f"{name}: {exc}") from None
+
+
+def _steer(
+    args: argparse.Namespace,
+    loaded: LoadedConfig,
+    kind: CommandKind,
+    command_args: dict[str, Any],
+    *,
+    confirm: bool = False,
+) -> int:
+    """Send one command to the engine that runs for the account, wait for its answer, print it: one line per
+    position, then what was done. Exit 0 done, 1 failed or partly done (or no answer in time), 3 no engine."""
+    wait = args.wait_seconds
+    if not (math.isfinite(wait) and 0 < wait <= MAX_WAIT_SECONDS):
+        raise UsageError(
+            f"--wait-seconds must be within 0..{MAX_WAIT_SECONDS:g} (exclusive of 0), got {wait:g}"
+        )
+    if len(args.reason) > MAX_REASON_CHARS or any(ord(c) < 32 for c in args.reason):
+        raise UsageError(f"--reason must be one line of at most {MAX_REASON_CHARS} characters")
+    account = account_key(loaded.settings.venue)
+    venue = _venue_name(loaded)
+    db = loaded.settings.database
+    name = kind.value.replace("_", " ")
+
+    async def run() -> CommandAnswer | None:
+        database = await _open(loaded)
+        try:
+            if await current_holder(database.pool, venue, account) is None:
+                return CommandAnswer(
+                    None,
+                    no_engine=True,
+                    problem=f"no engine is running for account {account}; nothing was sent",
+                )
+            if confirm:
+                positions = await Store(database.pool, account).active_positions()
+                prompt = (
+                    f"Pause entries and close all {len(positions)} open positions of account {account} "
+                    "at market? [y/N] "
+                )
+                answer = await asyncio.to_thread(_ask, prompt)
+                if answer not in ("y", "yes"):
+                    return None
+            return await send_command(
+                database.pool,
+                venue=venue,
+                account=account,
+                kind=kind,
+                args=command_args,
+                reason=args.reason,
+                wait_seconds=wait,
+                listen_dsn=database.target.dsn,
+                listen_password=db.password.get_secret_value() if db.password else None,
+            )
+        finally:
+            await database.close()
+
+    answer = asyncio.run(run())
+    if answer is None:
+        print(f"tsbot: {name}: not confirmed; nothing was sent", file=sys.stderr)
+        return EXIT_FAILED
+    if answer.no_engine:
+        print(f"tsbot: {name}: {one_line(answer.summary)}", file=sys.stderr)
+        return EXIT_NO_ENGINE
+    for position in answer.positions:
+        number = f" (position {position.position_id})" if position.position_id is not None else ""
+        print(f"{position.symbol}{number}: {'ok' if position.ok else 'FAILED'}: {one_line(position.detail)}")
+    record = answer.record
+    if answer.ok:
+        print(f"{name}: {one_line(answer.summary)}")
+        return EXIT_OK
+    state = record.state.value if record is not None and not answer.problem else "no answer"
+    print(f"tsbot: {name}: {state}: {one_line(answer.summary)}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _ask(prompt: str) -> str:
+    try:
+        return input(prompt).strip().lower()
+    except EOFError:
+        return ""
 
 
 # --- tsbot report: the shift summary -------------------------------------------------------------------
@@ -940,6 +1124,12 @@ _HANDLERS = {
     "sim-exchange": _sim_exchange,
     "status": _status,
     "report": _report,
+    "entries pause": _entries_pause,
+    "entries resume": _entries_resume,
+    "protect": _protect,
+    "close": _close,
+    "flatten": _flatten,
+    "restart-protection": _restart_protection,
 }
 
 

@@ -12,6 +12,7 @@ environment or from a file named by a `*_file` key that only its owner can read.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -340,6 +341,7 @@ class KeySettings(Section):
     only_uncovered: KeyName = "u"
     filter: KeyName = "slash"
     focus_log: KeyName = "l"
+    health_detail: KeyName = "h"
     help: KeyName = "question_mark"
     quit: KeyName = "q"
 
@@ -477,6 +479,30 @@ class AlertsSettings(Section):
         return self
 
 
+# --- [metrics] -----------------------------------------------------------------------------------------
+
+
+def _listen_host(value: str) -> str:
+    """An address to listen on: an IP address literal (`127.0.0.1`, `::1`, `0.0.0.0`) or `localhost`. A
+    name that resolves to several addresses would make "which interface is this on" a guess."""
+    if value == "localhost":
+        return value
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError("must be an IP address like 127.0.0.1 or ::1, or localhost") from None
+    return value
+
+
+class MetricsSettings(Section):
+    """The Prometheus endpoint (`/metrics`) and `/healthz`, served by the engine. Off unless enabled; on
+    the loopback interface unless another address is configured here."""
+
+    enabled: Flag = False
+    host: Annotated[str, Field(max_length=64), AfterValidator(_listen_host)] = "127.0.0.1"
+    port: int = Field(default=9464, ge=0, le=65535)  # 0: any free port (tests; the log says which)
+
+
 # --- root ------------------------------------------------------------------------------------------------
 
 
@@ -499,6 +525,7 @@ class Settings(BaseSettings):
     tui: TuiSettings = Field(default_factory=TuiSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     alerts: AlertsSettings = Field(default_factory=AlertsSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -7,7 +7,9 @@ with backoff when it fails and whose failure is logged (nothing is fire-and-forg
 and leaves every order on the exchange in place.
 
 The UI reads `snapshot()`, follows `events()`, and sends commands (`reprotect_uncovered`,
-`restart_protection`, `pause_entries` / `resume_entries`, `close_position`); it never reaches inside.
+`restart_protection`, `pause_entries` / `resume_entries`, `close_position`); it never reaches inside. A
+process that does not trade (`tsbot close`, a read-only dashboard) sends the same commands through
+`monitoring.commands`, which the engine's command loop (engine/commands.py) executes with these methods.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 from engine.accounts import account_key
 from engine.alerts import Alerter, EngineObserver
 from engine.clock import Clock, SystemClock, wait_for_all
+from engine.commands import CommandRunner, requester_identity
 from engine.config import ConfigError, Settings, VenueKind, real_venue_problems
 from engine.credentials import check_credentials
 from engine.events import (
@@ -61,6 +64,7 @@ from engine.exchange.port import (
     VenuePosition,
 )
 from engine.metrics import CallStats
+from engine.metrics_server import MetricsServer
 from engine.order_budget import OrderBudget
 from engine.pacing import DEFAULT_HEADROOM, BudgetWaits, Lane, RequestPacer, VenuePacing
 from engine.signal_input import BadSignal, parse_score, parse_side
@@ -71,6 +75,7 @@ from protection.coverage import CoverageFigures, PositionCoverage, coverage_figu
 from protection.manager import PositionGuard, ProtectionConfig, ProtectionManager, TrailingKind
 from protection.order_ids import client_order_id
 from protection.reconciler import Reconciler, ReconcileReport
+from storage.commands import NEW_COMMAND_CHANNEL, CommandQueue
 from storage.database import Database, DatabaseDown, open_database
 from storage.embedded import default_data_dir
 from storage.journal import WriteJournal
@@ -145,12 +150,19 @@ class StopReport:
     def all_protected(self) -> bool:
         return self.uncovered == 0 and self.unresolved_entries == 0
 
+    @property
+    def covered(self) -> int:
+        """Open positions whose both stops the venue confirmed: the only ones that keep their stops."""
+        return self.open_positions - self.uncovered
+
     def describe(self) -> str:
-        text = f"{self.open_positions} open positions keep their stops on the exchange"
-        if self.all_protected:
-            return f"{text}; uncovered 0"  # said outright: operators read (and grep) the exit line for it
+        if self.all_protected:  # "uncovered 0" said outright: operators read (and grep) the exit line for it
+            return f"{self.open_positions} open positions keep their stops on the exchange; uncovered 0"
+        # Only the covered ones are said to keep their stops; the others (inside their grace period or not)
+        # are uncovered, and no position is counted in both claims.
         return (
-            f"{text}; UNCOVERED {self.uncovered + self.unresolved_entries}"
+            f"{self.open_positions} open positions: {self.covered} keep their stops on the exchange; "
+            f"UNCOVERED {self.uncovered + self.unresolved_entries}"
             + (f" ({', '.join(self.uncovered_symbols)})" if self.uncovered_symbols else "")
             + (f", {self.unresolved_entries} entries of unknown outcome" if self.unresolved_entries else "")
         )
@@ -388,6 +400,7 @@ class Engine:
         self.manager: ProtectionManager | None = None
         self.reconciler: Reconciler | None = None
         self.consumer: SignalConsumer | None = None
+        self.commands: CommandRunner | None = None
         self.markets: dict[str, Market] = {}
         self.marks: dict[str, MarkPrice] = {}
         self._last_mark_at: float | None = None
@@ -411,12 +424,25 @@ class Engine:
             settings.alerts, self.clock, source=f"{self.exchange_name}:{settings.venue.account}"
         )
         self._carried: _CarriedProtection | None = None  # while the protection manager restarts
+        self.health_measured_at: float | None = None  # monotonic time of the last health measurement
+        # `/metrics` and `/healthz` ([metrics]), bound at start: None unless enabled.
+        self.metrics_server = MetricsServer(self, settings.metrics) if settings.metrics.enabled else None
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
     @property
     def exchange_name(self) -> str:
         return self.venue.name
+
+    @property
+    def call_stats(self) -> CallStats:
+        """Every venue call's latency and outcome (the health rules' window, the metrics' histograms)."""
+        return self._call_stats
+
+    @property
+    def health_components(self) -> tuple[health.ComponentHealth, ...]:
+        """The last health measurement, per component (empty before the first)."""
+        return self._health
 
     @property
     def mode(self) -> str:
@@ -429,17 +455,25 @@ class Engine:
         another engine trades this account (nothing is touched then)."""
         self._set_state(EngineState.STARTING)
         self.started_at = self.clock.now()
+        if self.metrics_server is not None:  # first: a port in use stops the start before anything is touched
+            await self.metrics_server.bind()
+            self._supervisor.start("metrics", self.metrics_server.serve)
+            self._supervisor.start("metrics-failures", self.metrics_server.count_failures)
         db = self.settings.database
         password = db.password.get_secret_value() if db.password else None
-        self._db = await open_database(
-            db.dsn,
-            db.data_dir,
-            db.name,
-            password=password,
-            min_size=db.pool_min_size,
-            max_size=db.pool_max_size,
-            command_timeout=float(db.command_timeout_seconds),
-        )
+        try:
+            self._db = await open_database(
+                db.dsn,
+                db.data_dir,
+                db.name,
+                password=password,
+                min_size=db.pool_min_size,
+                max_size=db.pool_max_size,
+                command_timeout=float(db.command_timeout_seconds),
+            )
+        except BaseException:
+            await self._stop_metrics()
+            raise
         try:
             self._lease = await self._acquire_lease()
             self.store = ResilientStore(self._db.pool, self.account_key)
@@ -529,6 +563,16 @@ class Engine:
             wave_window_seconds=self.settings.signals.wave_window_ms / 1000,
             claimed_by=self._claimer,
         )
+        # Operator commands (`tsbot close`, the read-only dashboard) wake it on the signals' LISTEN connection.
+        consumer = self.consumer
+        self.commands = CommandRunner(
+            self,
+            CommandQueue(self._db.pool, self.account_key),
+            self.clock,
+            listening=lambda: consumer.listening,
+        )
+        consumer.also_listen(NEW_COMMAND_CHANNEL, self.commands.notified)
+        sup.start("commands", self.commands.run)
         sup.start("housekeeping", self._housekeeping)
         sup.start("coverage-samples", self._sample_coverage)
         sup.start("signals", self._wave_loop)
@@ -629,7 +673,14 @@ class Engine:
     def _entries_unresolved(self) -> int:
         return len(self._in_flight)
 
+    async def _stop_metrics(self) -> None:
+        if self.metrics_server is not None:
+            await self._supervisor.stop_one("metrics")
+            await self._supervisor.stop_one("metrics-failures")
+            await self.metrics_server.close()
+
     async def _release(self) -> None:
+        await self._stop_metrics()
         try:
             await self.venue.close()
         except Exception:
@@ -1338,6 +1389,7 @@ class Engine:
         while True:
             report = await self.measure_health()
             self._health = tuple(report.components)
+            self.health_measured_at = self.clock.monotonic()
             self._check_breaker()
             for component in report.components:
                 line = "health_check: " + health.log_line(component)
@@ -1411,10 +1463,12 @@ class Engine:
         if manager is None:
             return _empty_coverage()
         now = self.clock.monotonic()
-        _views, facts = self._protection_state(now)
+        _views, facts = self._protection_state(now, with_views=False)  # the facts only: cheap per scrape
         return coverage_figures(facts, now, manager.config.grace_seconds)
 
-    def _protection_state(self, now: float) -> tuple[list[PositionView], list[PositionCoverage]]:
+    def _protection_state(
+        self, now: float, *, with_views: bool = True
+    ) -> tuple[list[PositionView], list[PositionCoverage]]:
         """Each open position's view and coverage facts: from its guard, or, while the protection manager
         restarts and before the new guards exist, the last verified state (`_CarriedProtection`). Closed
         positions (their leftover stops being cancelled) are gone: not shown, not counted."""
@@ -1426,11 +1480,13 @@ class Engine:
         if manager is not None and not manager.stopped:
             for guard in manager.open_guards():
                 shown.add(guard.position_id)
-                views.append(self._position_view(guard, now))
+                if with_views:
+                    views.append(self._position_view(guard, now))
                 facts.append(guard.coverage())
         if carried is not None and not carried.guards_created:
             for position_id in carried.views.keys() - shown:
-                views.append(carried.view_at(position_id, now))
+                if with_views:
+                    views.append(carried.view_at(position_id, now))
                 facts.append(carried.coverage[position_id])
         return views, facts
 
@@ -1545,14 +1601,17 @@ class Engine:
         )
         return results
 
-    def pause_entries(self, by: str = "operator", reason: str = "") -> None:
-        """Stop opening positions (open positions stay protected); persisted, so a restart keeps it."""
+    def pause_entries(self, by: str = "operator", reason: str = "", who: str = "") -> None:
+        """Stop opening positions (open positions stay protected); persisted, so a restart keeps it. `who`:
+        the operator's user@host/pid (this process's when the dashboard's key says it)."""
+        if by == "operator" and not who:
+            who = requester_identity()
         self._persisted_pause = (True, by, reason)
         self._apply_entries_state()
         log.warning("entries paused by the %s%s", by, f": {reason}" if reason else "")
-        self._persist_entries_control(True, by, reason)
+        self._persist_entries_control(True, by, reason, who)
 
-    def resume_entries(self) -> tuple[bool, str]:
+    def resume_entries(self, who: str = "") -> tuple[bool, str]:
         """Open positions again; refused while this engine does not hold the account's lease."""
         if self.db_watch is not None and self.db_watch.down:
             message = "refused: the database is unreachable; entries stay paused until it is back"
@@ -1565,7 +1624,7 @@ class Engine:
         self._persisted_pause = (False, "operator", "")
         self._apply_entries_state()
         log.warning("entries resumed by the operator")
-        self._persist_entries_control(False, "operator", "")
+        self._persist_entries_control(False, "operator", "", who or requester_identity())
         return True, "entries on"
 
     def _apply_entries_state(self) -> None:
@@ -1585,7 +1644,7 @@ class Engine:
         if changed:
             self.events_bus.publish(EntriesToggled(at=self.clock.now(), paused=paused))
 
-    def _persist_entries_control(self, paused: bool, by: str, reason: str) -> None:
+    def _persist_entries_control(self, paused: bool, by: str, reason: str, who: str = "") -> None:
         store = self.store
         if store is None:
             return
@@ -1598,11 +1657,13 @@ class Engine:
                     paused=paused,
                     paused_by=by,
                     reason=reason,
+                    requested_by=who,
                 )
                 await store.record_event(
                     Severity.WARNING,
                     "entries_paused" if paused else "entries_resumed",
                     f"entries {'paused' if paused else 'resumed'} by the {by}"
+                    + (f" ({who})" if who else "")
                     + (f": {reason}" if reason else ""),
                 )
             except Exception:

@@ -19,11 +19,33 @@ from dataclasses import dataclass
 
 __all__ = [
     "EMPTY_SUMMARY",
+    "LATENCY_BUCKETS",
     "CallStats",
     "CallSummary",
+    "CumulativeHistogram",
     "EventCounter",
+    "HistogramCounts",
     "nearest_rank",
 ]
+
+# Upper bounds (seconds) of the cumulative latency buckets exported to Prometheus: from a loopback answer to
+# the longest call budget (`protection.call_timeout_seconds` is at most 120 s).
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+)
 
 
 def nearest_rank(sorted_values: list[float], percent: int) -> float:
@@ -57,6 +79,63 @@ class CallSummary:
 EMPTY_SUMMARY = CallSummary(calls=0, p50_ms=None, p99_ms=None, error_rate=None, timeouts=0)
 
 
+@dataclass(frozen=True, slots=True)
+class HistogramCounts:
+    """One label's cumulative figures since the process started: `buckets[i]` calls took at most
+    `bounds[i]` seconds (cumulative, as Prometheus wants them; `count` is the +Inf bucket)."""
+
+    bounds: tuple[float, ...]
+    buckets: tuple[int, ...]
+    count: int
+    total_seconds: float
+    errors: int
+    timeouts: int
+
+
+class CumulativeHistogram:
+    """Counts that only grow, per label (a call kind, a lane): how many observations fell at or below each
+    bound, their sum, and how many were errors or timeouts. Unlike the rolling window above nothing expires,
+    so a scraper's `rate()` sees every call; memory is one small list per label. O(log buckets) per record."""
+
+    __slots__ = ("_counts", "bounds")
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        if list(bounds) != sorted(set(bounds)) or not bounds:
+            raise ValueError("bounds must be ascending and distinct")
+        self.bounds = tuple(float(b) for b in bounds)
+        # label -> [per-bucket (not cumulative) counts..., overflow, count, errors, timeouts], sum
+        self._counts: dict[str, tuple[list[int], list[float]]] = {}
+
+    def record(self, label: str, seconds: float, *, ok: bool = True, timed_out: bool = False) -> None:
+        entry = self._counts.get(label)
+        if entry is None:
+            entry = self._counts[label] = ([0] * (len(self.bounds) + 4), [0.0])
+        counts, total = entry
+        counts[bisect.bisect_left(self.bounds, seconds)] += 1  # bucket i holds bounds[i-1] < s <= bounds[i]
+        n = len(self.bounds)  # counts[n] is the overflow bucket
+        counts[n + 1] += 1
+        counts[n + 2] += not ok
+        counts[n + 3] += timed_out
+        total[0] += seconds
+
+    def labels(self) -> list[str]:
+        return sorted(self._counts)
+
+    def counts(self, label: str) -> HistogramCounts:
+        entry = self._counts.get(label)
+        n = len(self.bounds)
+        if entry is None:
+            return HistogramCounts(self.bounds, (0,) * n, 0, 0.0, 0, 0)
+        counts, total = entry
+        cumulative, running = [], 0
+        for value in counts[:n]:
+            running += value
+            cumulative.append(running)
+        return HistogramCounts(
+            self.bounds, tuple(cumulative), counts[n + 1], total[0], counts[n + 2], counts[n + 3]
+        )
+
+
 class CallStats:
     """Outcomes of venue calls over the last `window_s` seconds.
 
@@ -65,10 +144,13 @@ class CallStats:
     which call it was (`"create_order"`, `"fetch_positions"` …), `timed_out` whether we gave up waiting
     (such a call is also not ok). Record in completion order; amortised O(1).
 
+    `histogram` keeps every call's latency since start in cumulative buckets per kind (nothing expires
+    there): what `/metrics` exports.
+
     `summary(now)` covers every call, `summary(now, kind="create_order")` one kind; it sorts the
     window's latencies (O(n log n) over a few thousand samples at most, every few seconds)."""
 
-    __slots__ = ("_samples", "dropped", "max_samples", "window_s")
+    __slots__ = ("_samples", "dropped", "histogram", "max_samples", "window_s")
 
     def __init__(self, window_s: float = 300.0, max_samples: int = 10_000) -> None:
         if not window_s > 0:
@@ -80,6 +162,7 @@ class CallStats:
         self.dropped = 0  # samples the cap evicted while still inside the window
         # (at, latency_s, ok, kind, timed_out): a tuple per call, the cheapest record in CPython
         self._samples: deque[tuple[float, float, bool, str, bool]] = deque()
+        self.histogram = CumulativeHistogram()  # every call since start, per kind: the metrics endpoint
 
     def __len__(self) -> int:
         """Samples currently held (expired ones go on the next `record` or `summary`)."""
@@ -94,6 +177,7 @@ class CallStats:
             samples.popleft()
             self.dropped += 1
         samples.append((at, latency_s, ok, kind, timed_out))
+        self.histogram.record(kind, latency_s, ok=ok, timed_out=timed_out)
 
     def summary(self, now: float, kind: str | None = None) -> CallSummary:
         """The calls (of `kind`, or all) completed in the window ending at `now`; expires older samples."""

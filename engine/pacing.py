@@ -37,7 +37,7 @@ from typing import Protocol, TypeVar
 from engine.clock import Clock
 from engine.exchange.errors import Banned
 from engine.exchange.port import RequestBudget
-from engine.metrics import CallStats, CallSummary
+from engine.metrics import CallStats, CallSummary, CumulativeHistogram
 
 T = TypeVar("T")
 
@@ -103,6 +103,11 @@ class BudgetWaits:
 
     def summary(self, now: float, lane: Lane | None = None) -> CallSummary:
         return self._stats.summary(now, None if lane is None else lane.name.lower())
+
+    @property
+    def histogram(self) -> CumulativeHistogram:
+        """Every wait since start, per lane (`protective`, `entry`, `read`), in cumulative buckets."""
+        return self._stats.histogram
 
 
 @dataclass(slots=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -61,6 +61,7 @@ class SignalConsumer:
         self.listener_connections = 0  # how many times LISTEN was (re)established
         self.listen_attempted = False  # health must not call LISTEN "down" before it was ever tried
         self._listen_failure_said = False  # one warning per time LISTEN is unavailable, not one per poll
+        self._other_channels: dict[str, Callable[..., None]] = {}
 
     async def waves(self) -> AsyncIterator[SignalWave]:
         try:
@@ -98,6 +99,8 @@ class SignalConsumer:
                 self._listen_dsn, password=self._listen_password, timeout=LISTEN_CONNECT_TIMEOUT_SECONDS
             )
             await self._listener.add_listener(NOTIFY_CHANNEL, self._on_notify)
+            for channel, callback in self._other_channels.items():
+                await self._listener.add_listener(channel, callback)
             self._listener.add_termination_listener(self._on_listener_lost)
             self.listening = True
             self.listener_connections += 1
@@ -118,6 +121,12 @@ class SignalConsumer:
         finally:
             # Only once the first attempt has an outcome: while it is in flight LISTEN is not "down".
             self.listen_attempted = True
+
+    def also_listen(self, channel: str, callback: Callable[..., None]) -> None:
+        """Another channel on the same dedicated LISTEN connection (one per engine); call it before `waves()`
+        runs (the channels are added when the connection is made). Whoever listens also polls: the
+        connection may be down."""
+        self._other_channels[channel] = callback
 
     def _on_notify(self, *_args: object) -> None:
         self._wake.set()

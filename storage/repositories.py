@@ -116,6 +116,7 @@ class EntriesControl:
     paused_by: str  # operator | breaker | lease
     reason: str
     since: datetime
+    requested_by: str = ""  # the operator's user@host/pid, when an operator said it
 
 
 @dataclass(frozen=True, slots=True)
@@ -973,7 +974,8 @@ class Store:
 
     async def entries_control(self, venue: str, account: str) -> EntriesControl | None:
         row = await self._pool.fetchrow(
-            "SELECT paused, paused_by, reason, since FROM monitoring.entries_control WHERE venue = $1 AND account = $2",
+            "SELECT paused, paused_by, reason, since, requested_by FROM monitoring.entries_control "
+            "WHERE venue = $1 AND account = $2",
             venue,
             account,
         )
@@ -988,15 +990,16 @@ class Store:
         paused_by: str,
         reason: str,
         at: datetime | None = None,
+        requested_by: str = "",
     ) -> EntriesControl:
         row = await self._pool.fetchrow(
             """
-            INSERT INTO monitoring.entries_control (venue, account, paused, paused_by, reason, since)
-            VALUES ($1, $2, $3, $4, $5, COALESCE($6::timestamptz, now()))
+            INSERT INTO monitoring.entries_control (venue, account, paused, paused_by, reason, since, requested_by)
+            VALUES ($1, $2, $3, $4, $5, COALESCE($6::timestamptz, now()), $7)
             ON CONFLICT (venue, account) DO UPDATE SET
                 paused = EXCLUDED.paused, paused_by = EXCLUDED.paused_by, reason = EXCLUDED.reason,
-                since = EXCLUDED.since
-            RETURNING paused, paused_by, reason, since
+                since = EXCLUDED.since, requested_by = EXCLUDED.requested_by
+            RETURNING paused, paused_by, reason, since, requested_by
             """,
             venue,
             account,
@@ -1004,6 +1007,7 @@ class Store:
             paused_by,
             reason[:1000],
             at,
+            requested_by[:300],
         )
         return EntriesControl(**dict(row))
 

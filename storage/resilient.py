@@ -648,8 +648,9 @@ class ResilientStore(Store):
         paused_by: str,
         reason: str,
         at: datetime | None = None,
+        requested_by: str = "",
     ) -> EntriesControl:
-        state = {"paused": paused, "paused_by": paused_by, "reason": reason}
+        state = {"paused": paused, "paused_by": paused_by, "reason": reason, "requested_by": requested_by}
         ok, control = await self._try_live(
             lambda: Store.set_entries_control(self, venue, account, **state, at=at)
         )
@@ -657,7 +658,13 @@ class ResilientStore(Store):
             assert control is not None
             return control
         entry = await self._append("set_entries_control", {"venue": venue, "account": account, **state})
-        return EntriesControl(paused=paused, paused_by=paused_by, reason=reason[:1000], since=entry.at)
+        return EntriesControl(
+            paused=paused,
+            paused_by=paused_by,
+            reason=reason[:1000],
+            since=entry.at,
+            requested_by=requested_by,
+        )
 
     async def disarm_managed_trails(self) -> int:
         ok, count = await self._try_live(lambda: Store.disarm_managed_trails(self))
@@ -1090,6 +1097,7 @@ async def _replay_set_entries_control(store: Store, entry: JournalEntry) -> None
         paused_by=a["paused_by"],
         reason=a["reason"],
         at=entry.at,
+        requested_by=a.get("requested_by", ""),
     )
 
 

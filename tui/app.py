@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import faulthandler
 import gc
+import json
 import logging
 import os
 import signal
@@ -28,22 +30,41 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from datetime import tzinfo
 from pathlib import Path
-from typing import ClassVar
+from typing import IO, ClassVar
 
 from textual import work
-from textual.app import App, ComposeResult
+from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal
 from textual.notifications import SeverityLevel
-from textual.widgets import Footer, Input
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Input, Label
 
 from engine.cli import OneLineParser, one_line
 from engine.config import ConfigError, Settings, load_config
 from engine.credentials import CredentialsRefused
 from engine.engine import Engine, EngineSnapshot, EngineState, StartupReport, package_version
-from engine.events import EngineStateChanged, EntriesToggled, EventsDropped, HealthChanged, PositionClosed
+from engine.events import (
+    EngineStateChanged,
+    EntriesToggled,
+    EventsDropped,
+    HealthChanged,
+    PositionClosed,
+    PositionOpened,
+    WaveFinished,
+)
 from engine.logs import LogFileError, RedactingFormatter, configure_logging
-from protection.health import HealthThresholds
+from engine.metrics_server import MetricsUnavailable
+from protection.health import (
+    Component,
+    ComponentHealth,
+    HealthState,
+    HealthThresholds,
+    ProtectionMeasurement,
+    evaluate_protection,
+)
+from storage.commands import CommandKind
+from storage.embedded import default_data_dir, leave_embedded
 from storage.lease import LeaseHeld
 from tui import formatting, keys
 from tui.attention import CriticalAttention
@@ -60,7 +81,9 @@ from tui.messages import (
     RepaintRequested,
 )
 from tui.screens.confirm import ConfirmScreen
+from tui.screens.health import HealthDetailScreen
 from tui.screens.info import HelpScreen, LeaseHeldScreen, StartFailedScreen
+from tui.screens.position import PositionDetailScreen
 from tui.screens.reprotect import ReprotectScreen
 from tui.screens.restart import RestartReportScreen
 from tui.widgets.coverage import CoverageGauge
@@ -90,7 +113,7 @@ class FilterInput(Input):
 
     def action_clear_and_leave(self) -> None:
         self.value = ""
-        self.remove_class("-visible")
+        self.screen.query_one("#filter-bar").remove_class("-visible")
         self.screen.query_one("#positions").focus()
 
 
@@ -148,6 +171,7 @@ class DashboardApp(App[int]):
         secrets: Iterable[str] = (),
         log_file: str = "",
         freeze_gc_after_start: bool = False,
+        ui_state_file: Path | None = None,
     ):
         super().__init__()
         self.settings = settings
@@ -173,8 +197,16 @@ class DashboardApp(App[int]):
         self._log_handler: PanelLogHandler | None = None
         self.read_only_poll_seconds = 1.0
         self._freeze_gc = freeze_gc_after_start
+        self.ui_state_file = ui_state_file  # the operator's screen choices (the theme), kept across starts
         self.hung_up = False
         self.attention = CriticalAttention(in_tmux=bool(os.environ.get("TMUX")))
+        self.running_wave = RunningWave()
+
+    def get_system_commands(self, screen: Screen[object]) -> Iterable[SystemCommand]:
+        """Textual's own palette entries, less its "Quit": ours (with what quitting leaves) is the one."""
+        for command in super().get_system_commands(screen):
+            if command.callback != self.action_quit:
+                yield command
 
     # --- layout --------------------------------------------------------------------------------------
 
@@ -184,7 +216,11 @@ class DashboardApp(App[int]):
         with Horizontal(id="top"):
             yield CoverageGauge(thresholds=self.thresholds, id="gauge")
             yield HealthPanel(id="health")
-        yield FilterInput(placeholder="symbol contains… (enter: keep, esc: clear)", id="filter", compact=True)
+        with Horizontal(id="filter-bar"):  # labelled: once typed into, the placeholder is gone
+            yield Label("Filter positions and log by symbol:", id="filter-label")
+            yield FilterInput(
+                placeholder="part of a symbol (enter: keep, esc: clear)", id="filter", compact=True
+            )
         yield PositionsTable(id="positions")
         with Horizontal(id="bottom"):
             yield EventLog(tz=self.tz, id="log")
@@ -197,6 +233,10 @@ class DashboardApp(App[int]):
             self.theme = self.settings.tui.theme
         except Exception:  # an unknown theme name: say so, keep the default
             self.notify(f"tui.theme: no theme named {self.settings.tui.theme!r}", severity="warning")
+        saved = load_ui_state(self.ui_state_file).get("theme")
+        if isinstance(saved, str) and saved in self.available_themes:
+            self.theme = saved  # the operator's last switch wins over the configured default
+        self.theme_changed_signal.subscribe(self, lambda theme: self._save_ui_state(theme=theme.name))
         self._status = self.query_one(StatusBar)
         self._banner = self.query_one(CodeBanner)
         self._gauge = self.query_one(CoverageGauge)
@@ -222,6 +262,17 @@ class DashboardApp(App[int]):
             logging.getLogger().removeHandler(self._log_handler)
             self._log_handler = None
 
+    def _save_ui_state(self, **changes: object) -> None:
+        if self.ui_state_file is None:
+            return
+        state = {**load_ui_state(self.ui_state_file), **changes}
+        try:
+            fd = os.open(self.ui_state_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with open(fd, "w", encoding="utf-8") as out:
+                json.dump(state, out)
+        except OSError as exc:  # a screen preference is not worth more than a line in the log
+            log.warning("could not save the dashboard's settings to %s: %s", self.ui_state_file, exc)
+
     # --- painting ------------------------------------------------------------------------------------
 
     def paint(self) -> None:
@@ -230,6 +281,11 @@ class DashboardApp(App[int]):
         # While stopping, the screen keeps the last running state: a stopped engine tracks no positions,
         # but they are all still open on the exchange.
         snapshot = self._final_snapshot or self.feed.snapshot()
+        # The health panel's protection line from the same figures as the gauge (the engine measures
+        # health every few seconds; the two panels must never disagree about the same instant).
+        snapshot = dataclasses.replace(
+            snapshot, health=coherent_health(snapshot, self.thresholds, read_only=self.feed.read_only)
+        )
         self.last_snapshot = snapshot
         with self.batch_update():
             self._status.show(snapshot, watching=self._watching(), stopping=self.stopping)
@@ -237,7 +293,7 @@ class DashboardApp(App[int]):
             self._health.show(snapshot.health)
             self._waves.show(snapshot.waves)
             self._positions.sync(snapshot.positions, snapshot.coverage.uncovered_ids)
-            self._positions.border_subtitle = last_wave(snapshot, self.tz)
+            self._positions.border_subtitle = wave_line(snapshot, self.running_wave, self.tz)
         self._write_to_terminal(
             self.attention.update(snapshot.health, f"{snapshot.venue}:{snapshot.account}")
         )
@@ -254,7 +310,7 @@ class DashboardApp(App[int]):
         holder = getattr(self.feed, "holder", None)
         if holder is None:
             return "no engine running"
-        return f"pid {holder.pid}@{holder.host} v{holder.version}"
+        return f"pid {holder.pid}@{holder.host}"  # its version is on the header once, like the live view's
 
     # --- workers -------------------------------------------------------------------------------------
 
@@ -271,6 +327,10 @@ class DashboardApp(App[int]):
             self.exit_code = EXIT_USAGE
             self.post_message(FeedFailed(str(exc)))
             return
+        except MetricsUnavailable as exc:  # the metrics port is taken: one line, no traceback
+            log.error("%s", exc)
+            self.post_message(FeedFailed(str(exc)))
+            return
         except Exception as exc:
             log.exception("the engine did not start")
             self.post_message(FeedFailed(f"{type(exc).__name__}: {exc}"))
@@ -281,6 +341,7 @@ class DashboardApp(App[int]):
     async def follow_feed(self) -> None:
         translator = LogTranslator()
         async for item in self.feed.follow():
+            self.running_wave.see(item)
             entry = item if isinstance(item, LogEntry) else translator.entry(item)
             if entry is not None:
                 self.post_message(LogEntryAdded(entry))
@@ -321,12 +382,24 @@ class DashboardApp(App[int]):
         self.paint()
         await self.stop_feed()
         if self.hung_up:
+            # Nobody may run this process's exit hooks (the watchdog below ends it with os._exit): the
+            # embedded server it started or joined is left now, and stopped if nobody else uses it.
+            await asyncio.to_thread(self.leave_embedded_database)
             # The engine has stopped (the only thing that matters); if restoring a terminal that no longer
             # exists wedges the exit anyway, end the process rather than linger without a screen.
             watchdog = threading.Timer(HANGUP_EXIT_SECONDS, os._exit, args=(self.exit_code,))
             watchdog.daemon = True
             watchdog.start()
         self.exit(self.exit_code)
+
+    def leave_embedded_database(self) -> None:
+        database = self.settings.database
+        if database.dsn:
+            return  # a server we did not start
+        try:
+            leave_embedded(Path(database.data_dir) if database.data_dir else default_data_dir())
+        except Exception:
+            log.exception("leaving the embedded PostgreSQL failed")
 
     def request_shutdown(self, signum: int) -> None:
         """A signal asked us to stop: no confirmation (nobody may be there to answer)."""
@@ -375,7 +448,9 @@ class DashboardApp(App[int]):
                 timeout=8,
             )
         if self.feed.read_only:
-            self.notify("Read-only: watching the database; commands are refused.", timeout=8)
+            self.notify(
+                "Read-only: watching the database; commands are sent to the engine that trades.", timeout=8
+            )
             self.follow_feed()
         self.paint()
 
@@ -417,6 +492,20 @@ class DashboardApp(App[int]):
         self.notify(message.text, severity=message.severity, timeout=8)
         self.paint()
 
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        """Enter on a position: every field of it, untruncated."""
+        if event.data_table is not self._positions or event.row_key.value is None:
+            return
+        position_id = int(event.row_key.value)
+        snapshot = self.last_snapshot
+        view = (
+            next((p for p in snapshot.positions if p.position_id == position_id), None) if snapshot else None
+        )
+        if view is None:
+            return
+        assert snapshot is not None
+        self.push_screen(PositionDetailScreen(view, uncovered=position_id in snapshot.coverage.uncovered_ids))
+
     def on_input_changed(self, event: Input.Changed) -> None:
         if event.input.id == "filter":
             self._positions.set_filter(needle=event.value)
@@ -426,7 +515,7 @@ class DashboardApp(App[int]):
     def on_input_submitted(self, event: Input.Submitted) -> None:
         if event.input.id == "filter":
             if not event.value:
-                event.input.remove_class("-visible")
+                self.query_one("#filter-bar").remove_class("-visible")
             self._positions.focus()
 
     def notify(
@@ -470,7 +559,47 @@ class DashboardApp(App[int]):
             return True
         return False
 
+    @property
+    def _watching_only(self) -> bool:
+        """Read-only: commands go to the engine that holds the lease (monitoring.commands)."""
+        return isinstance(self.feed, ReadOnlyFeed) and not self.stopping
+
+    @work(group="command", exit_on_error=False, description="send a command to the trading engine")
+    async def send_to_engine(self, kind: CommandKind, args: dict[str, object], what: str) -> None:
+        """Hand one command to the engine that trades the account; its answer goes to the log panel (one
+        row per position) and a notification."""
+        feed = self.feed
+        if not isinstance(feed, ReadOnlyFeed):
+            return
+        self.post_message(CommandDone(f"{what}: sent to the engine that trades the account; waiting…"))
+        try:
+            answer = await feed.send_command(kind, args)
+        except Exception as exc:
+            log.exception("sending %s to the engine failed", what)
+            self.post_message(CommandDone(f"{what}: could not be sent: {exc}", severity="error"))
+            return
+        for position in answer.positions:
+            self.post_message(
+                LogEntryAdded(
+                    LogEntry(
+                        time.time(),
+                        "info" if position.ok else "error",
+                        position.symbol,
+                        kind.value,
+                        None,
+                        "ok" if position.ok else "failed",
+                        position.detail,
+                    )
+                )
+            )
+        self.post_message(
+            CommandDone(f"{what}: {answer.summary}", severity="information" if answer.ok else "error")
+        )
+
     def action_protect_uncovered(self) -> None:
+        if self._watching_only:
+            self.send_to_engine(CommandKind.PROTECT, {}, "Re-protect")
+            return
         if self._refuse_if_not_trading():
             return
         plan = self.feed.plan_reprotect()
@@ -492,11 +621,13 @@ class DashboardApp(App[int]):
         self.push_screen(ReprotectScreen(self.feed, plan), finished)
 
     def action_restart_protection(self) -> None:
-        if self._refuse_if_not_trading():
+        if not self._watching_only and self._refuse_if_not_trading():
             return
 
         def confirmed(yes: bool | None) -> None:
-            if yes:
+            if yes and self._watching_only:
+                self.send_to_engine(CommandKind.RESTART_PROTECTION, {}, "Restart protection")
+            elif yes:
                 self.push_screen(RestartReportScreen(self.feed), lambda _report: self.paint())
 
         self.push_screen(
@@ -511,6 +642,11 @@ class DashboardApp(App[int]):
         )
 
     def action_toggle_entries(self) -> None:
+        if self._watching_only:
+            paused = not self.feed.snapshot().entries_paused
+            kind = CommandKind.ENTRIES_PAUSE if paused else CommandKind.ENTRIES_RESUME
+            self.send_to_engine(kind, {}, "Pause entries" if paused else "Resume entries")
+            return
         if self._refuse_if_not_trading():
             return
         paused = not self.feed.snapshot().entries_paused
@@ -524,7 +660,7 @@ class DashboardApp(App[int]):
         self.paint()
 
     def action_close_position(self) -> None:
-        if self._refuse_if_not_trading():
+        if not self._watching_only and self._refuse_if_not_trading():
             return
         selected = self._positions.selected_position_id()
         # The engine's current view of it (a row off screen may show text one frame old).
@@ -534,7 +670,9 @@ class DashboardApp(App[int]):
             return
 
         def confirmed(yes: bool | None) -> None:
-            if yes:
+            if yes and self._watching_only:
+                self.send_to_engine(CommandKind.CLOSE, {"symbol": view.symbol}, f"Close {view.symbol}")
+            elif yes:
                 self.close_selected(view.position_id, view.symbol)
 
         pnl = "" if view.pnl_percent is None else f", PnL {view.pnl_percent:+.2f}%"
@@ -554,7 +692,7 @@ class DashboardApp(App[int]):
 
     def action_filter(self) -> None:
         box = self.query_one(FilterInput)
-        box.add_class("-visible")
+        self.query_one("#filter-bar").add_class("-visible")
         box.focus()
 
     def action_focus_log(self) -> None:
@@ -563,6 +701,9 @@ class DashboardApp(App[int]):
 
     def action_cycle_log_severity(self) -> None:
         self._log_panel.action_cycle_severity()
+
+    def action_health_detail(self) -> None:
+        self.push_screen(HealthDetailScreen(classes="dialog-screen"))
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen(self.active_keymap, read_only=self.feed.read_only))
@@ -606,8 +747,64 @@ class DashboardApp(App[int]):
         return report is not None and not report.all_protected
 
 
+class RunningWave:
+    """Positions opened by waves still in progress, followed from the engine's events. The engine lists a
+    wave once it has finished (its protection waited for, up to two minutes), so without this the screen
+    showed the previous, finished wave while the running one was failing.
+
+    Events carry no wave id, and a wave still waiting for its protection may finish after the next one: the
+    set is every position opened since the last moment when every opened position belonged to a finished
+    wave (counted from `WaveFinished.opened`). Each of them did open in a wave that is, or was until just
+    now, in progress, so the line never claims more than that."""
+
+    def __init__(self) -> None:
+        self.positions: list[tuple[float, int]] = []  # (opened at, position id)
+        self._opened = 0  # PositionOpened seen
+        self._finished = 0  # positions accounted for by WaveFinished
+
+    def see(self, event: object) -> None:
+        if isinstance(event, PositionOpened):
+            if self._opened <= self._finished:
+                self.positions = []
+                self._opened = self._finished
+            self.positions.append((event.at, event.position_id))
+            self._opened += 1
+        elif isinstance(event, WaveFinished):
+            self._finished += event.opened
+            if self._finished >= self._opened:
+                self.positions = []
+        elif isinstance(event, EventsDropped):  # what was missed is unknown: no claim rather than a wrong one
+            self.positions = []
+            self._finished = self._opened
+
+    @property
+    def started_at(self) -> float | None:
+        return self.positions[0][0] if self.positions else None
+
+
+def wave_line(snapshot: EngineSnapshot, running: RunningWave, tz: tzinfo | None) -> str:
+    """The wave in progress with its state, else the newest finished one, in one line (below 140 columns
+    the waves table gives its room to the log)."""
+    if running.started_at is not None:
+        ids = {position_id for _, position_id in running.positions}
+        uncovered = set(snapshot.coverage.uncovered_ids)
+        shown = [p for p in snapshot.positions if p.position_id in ids]
+        protected = sum(1 for p in shown if p.covered)
+        failing = sum(1 for p in shown if p.position_id in uncovered)
+        protecting = len(shown) - protected - failing
+        closed = len(ids) - len(shown)
+        return (
+            f"wave running since {formatting.clock_time(running.started_at, tz)}: "
+            f"{len(ids)} opened, {protected} protected"
+            + (f", {protecting} protecting" if protecting else "")
+            + (f", {failing} UNCOVERED" if failing else "")
+            + (f", {closed} closed" if closed else "")
+        )
+    return last_wave(snapshot, tz)
+
+
 def last_wave(snapshot: EngineSnapshot, tz: tzinfo | None) -> str:
-    """The newest wave in one line: below 140 columns the waves table gives its room to the log."""
+    """The newest finished wave in one line."""
     if not snapshot.waves:
         return "no wave yet"
     wave = snapshot.waves[0]
@@ -619,28 +816,55 @@ def last_wave(snapshot: EngineSnapshot, tz: tzinfo | None) -> str:
     )
 
 
+def coherent_health(
+    snapshot: EngineSnapshot, thresholds: HealthThresholds, *, read_only: bool
+) -> tuple[ComponentHealth, ...]:
+    """The snapshot's health with its protection line evaluated from the snapshot's own coverage figures, by
+    the engine's rule (`evaluate_protection`): the gauge and the health panel show one instant. (Read-only, a
+    line nobody measures any more stays UNKNOWN: the figures behind it are not being kept current.)"""
+    figures = snapshot.coverage
+    components = list(snapshot.health)
+    index = next((i for i, c in enumerate(components) if c.component is Component.PROTECTION), None)
+    if index is None or (read_only and components[index].state is HealthState.UNKNOWN):
+        return snapshot.health
+    timeouts = components[index].measurements.get("timeouts_last_hour", 0)
+    measured = ProtectionMeasurement(
+        active_positions=figures.active,
+        protected_positions=figures.protected,
+        ts_covered=figures.with_trailing_stop,
+        sl_covered=figures.with_stop_loss,
+        uncovered_past_grace=figures.uncovered,
+        oldest_uncovered_seconds=figures.oldest_unprotected_seconds
+        if figures.uncovered
+        else (None if figures.protected == figures.active else 0.0),
+        timeouts_last_hour=timeouts if isinstance(timeouts, int) else 0,
+    )
+    components[index] = evaluate_protection(measured, thresholds)
+    return tuple(components)
+
+
 def quit_warning(snapshot: EngineSnapshot) -> str:
+    """What quitting leaves behind. Only positions whose both stops the venue confirmed are said to keep
+    their stops; every other one is UNCOVERED (inside its grace period or not), never both."""
     figures = snapshot.coverage
     managed = sum(1 for p in snapshot.positions if p.trailing_kind == "managed")
+    unconfirmed = figures.active - figures.protected
     lines = [
         "The engine stops taking signals and stops its loops.",
-        "Exchange stops stay in place: "
-        f"{figures.protected} of {figures.active} open positions have both stops on the exchange.",
+        f"Exchange stops stay in place: {figures.protected} of {figures.active} open positions keep their "
+        "stops on the exchange (both confirmed by the venue).",
     ]
-    if figures.protecting:
+    if unconfirmed:
+        grace = f", {figures.protecting} of them inside their grace period" if figures.protecting else ""
         lines.append(
-            f"{figures.protecting} are being protected right now: the engine finishes them before it stops "
-            "(within the call budget)."
+            f"WARNING: {unconfirmed} {'position is' if unconfirmed == 1 else 'positions are'} UNCOVERED "
+            f"right now{grace}. The engine tries to protect them before it stops (within the call budget); "
+            "any it cannot stays UNCOVERED."
         )
     lines.append(
         f"Managed trailing stops ({managed} now) stop moving until the engine is restarted; "
         "native trailing stops keep trailing on the exchange."
     )
-    if figures.uncovered:
-        lines.append(
-            f"WARNING: {figures.uncovered} positions are UNCOVERED right now and will stay so if they are not "
-            "protected before the engine stops."
-        )
     return "\n".join(lines)
 
 
@@ -686,9 +910,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     stacks = open(stacks_fd, "a", encoding="utf-8")  # noqa: SIM115  (open for the process's lifetime)
     faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     app = DashboardApp(
-        loaded.settings, engine=engine, secrets=secrets, log_file=str(log_file), freeze_gc_after_start=True
+        loaded.settings,
+        engine=engine,
+        secrets=secrets,
+        log_file=str(log_file),
+        freeze_gc_after_start=True,
+        ui_state_file=log_file.with_name("tsbot-tui-ui.json"),
     )
-    code = asyncio.run(_serve(app))
+    try:
+        code = asyncio.run(_serve(app))
+    finally:
+        _remove_if_empty(stacks, log_file.with_name("tsbot-tui-stacks.txt"))
     summary = app.exit_summary()
     if summary:
         print(summary)
@@ -697,6 +929,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif app.start_failure:
         print(f"tsbot-tui: {one_line(app.start_failure, secrets)}", file=sys.stderr)
     return code
+
+
+def load_ui_state(path: Path | None) -> dict[str, object]:
+    """The saved screen choices ({} when none, or unreadable: a preference never stops the dashboard)."""
+    if path is None:
+        return {}
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def _remove_if_empty(stacks: IO[str], path: Path) -> None:
+    """The stack dump file exists for `kill -USR1`; one nobody asked for is not left behind."""
+    faulthandler.unregister(signal.SIGUSR1)
+    stacks.close()
+    with contextlib.suppress(OSError):
+        if path.stat().st_size == 0:
+            path.unlink()
 
 
 async def _serve(app: DashboardApp) -> int:

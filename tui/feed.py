@@ -1,7 +1,8 @@
 """What the dashboard watches: a port with two implementations.
 
 `EngineFeed` runs the engine in this process (the app's event loop) and trades; `ReadOnlyFeed` watches the
-database of an engine that runs elsewhere (another process holds the account lease) and refuses commands.
+database of an engine that runs elsewhere (another process holds the account lease) and hands the
+operator's commands to that engine through `monitoring.commands` (as `tsbot close` does).
 The screen only ever sees `EngineSnapshot` values and `LogEntry` rows, whichever feed it has.
 """
 
@@ -10,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Protocol
+from typing import Any, Protocol
 
 from engine.accounts import account_key
+from engine.commands import CommandAnswer, send_command
 from engine.config import Settings, VenueKind
 from engine.engine import (
     Engine,
@@ -41,11 +43,14 @@ from engine.events import (
 )
 from protection.coverage import CoverageFigures, PositionCoverage, coverage_figures
 from protection.health import Component, ComponentHealth, HealthState
+from storage.commands import CommandKind
 from storage.database import Database, open_database
 from storage.lease import LeaseHolder, current_holder
 from storage.repositories import (
     EventRecord,
     HealthRow,
+    OrderPurpose,
+    OrderRecord,
     PositionRecord,
     Severity,
     Store,
@@ -238,6 +243,10 @@ class DashboardFeed(Protocol):
 
     async def close_position(self, position_id: int) -> bool: ...
 
+    async def position_orders(self, position_id: int) -> list[OrderRecord]:
+        """A position's orders that may be live on the venue, as recorded (the detail view)."""
+        ...
+
 
 class EngineFeed:
     """The engine in this process. Its loops are its own tasks: no widget owns them."""
@@ -287,6 +296,11 @@ class EngineFeed:
     async def close_position(self, position_id: int) -> bool:
         return await self.engine.close_position(position_id)
 
+    async def position_orders(self, position_id: int) -> list[OrderRecord]:
+        if self.engine.store is None:
+            return []
+        return await self.engine.store.live_orders_for_position(position_id)
+
 
 def mode_of(settings: Settings) -> str:
     if settings.venue.kind is VenueKind.SIM:
@@ -297,8 +311,9 @@ def mode_of(settings: Settings) -> str:
 class ReadOnlyFeed:
     """Watches the database another engine writes: positions, coverage, health, waves, events.
 
-    Polls once per `interval` seconds from the app's follow worker; holds no tasks of its own. Commands
-    raise `ReadOnly`: trading belongs to the engine that holds the lease.
+    Polls once per `interval` seconds from the app's follow worker; holds no tasks of its own. The engine
+    methods raise `ReadOnly`: trading belongs to the engine that holds the lease; `send_command` asks that
+    engine to do it, and returns its answer.
     """
 
     read_only = True
@@ -312,6 +327,7 @@ class ReadOnlyFeed:
         self._store: Store | None = None
         self._last_event_id = 0
         self._snapshot = _empty_snapshot(settings, EngineState.STARTING, holder)
+        self.command_wait_seconds = 30.0
 
     async def start(self) -> None:
         db = self.settings.database
@@ -359,9 +375,11 @@ class ReadOnlyFeed:
         self.holder = await current_holder(pool, settings.venue.kind.value, account_key(settings.venue))
         positions = await store.open_positions()
         trails = await store.trailing_states_of_open_positions()
+        live_orders = await store.live_orders_of_open_positions()
         health_rows = await store.latest_health()
         waves = await store.recent_waves(limit=50)
         events = await store.recent_events(limit=200, min_severity=Severity.INFO)
+        control = await store.entries_control(settings.venue.kind.value, account_key(settings.venue))
         live = [p for p in positions if p.entry_price is not None]
         grace = float(settings.protection.grace_seconds)
         coverage = coverage_figures(
@@ -387,8 +405,13 @@ class ReadOnlyFeed:
             venue=settings.venue.kind.value,
             account=settings.venue.account,
             mode=mode_of(settings),
-            entries_paused=False,
-            positions=tuple(_position_view(p, trails.get(p.id), now) for p in live),
+            entries_paused=control is not None and control.paused,
+            entries_paused_by=control.paused_by if control is not None and control.paused else "",
+            entries_pause_reason=control.reason if control is not None and control.paused else "",
+            positions=tuple(
+                _position_view(p, trails.get(p.id), _trailing_order(live_orders.get(p.id, ())), now)
+                for p in live
+            ),
             coverage=coverage,
             health=tuple(
                 record
@@ -429,6 +452,30 @@ class ReadOnlyFeed:
     async def close_position(self, position_id: int) -> bool:
         raise ReadOnly(self.refusal())
 
+    async def send_command(
+        self, kind: CommandKind, args: Mapping[str, Any] | None = None, reason: str = ""
+    ) -> CommandAnswer:
+        """Hand a command to the engine that trades the account and wait for its answer."""
+        if self._database is None:
+            raise ReadOnly("read-only: the watch is not connected to the database")
+        db = self.settings.database
+        return await send_command(
+            self._database.pool,
+            venue=self.settings.venue.kind.value,
+            account=account_key(self.settings.venue),
+            kind=kind,
+            args=args,
+            reason=reason or "from the read-only dashboard",
+            wait_seconds=self.command_wait_seconds,
+            listen_dsn=self._database.target.dsn,
+            listen_password=db.password.get_secret_value() if db.password else None,
+        )
+
+    async def position_orders(self, position_id: int) -> list[OrderRecord]:
+        if self._store is None:
+            return []
+        return await self._store.live_orders_for_position(position_id)
+
     def refusal(self) -> str:
         who = self.holder.describe() if self.holder else "no engine (none is running)"
         return f"read-only: this dashboard watches the database; the account is traded by {who}"
@@ -438,14 +485,28 @@ def _epoch(value: datetime | None, default: float) -> float:
     return value.timestamp() if value is not None else default
 
 
-def _position_view(p: PositionRecord, trail: TrailingStateRecord | None, now: float) -> PositionView:
+def _trailing_order(orders: Iterable[OrderRecord]) -> OrderRecord | None:
+    return next((o for o in orders if o.purpose is OrderPurpose.TRAILING_STOP), None)
+
+
+def _position_view(
+    p: PositionRecord, trail: TrailingStateRecord | None, trailing_order: OrderRecord | None, now: float
+) -> PositionView:
+    """The same view the engine builds for its own screen, from what it recorded: a native trailing stop's
+    activation is its order's (as the engine's view takes it from the order), so both screens say
+    "waiting +1.45%" of the same position, not one of them "venue trailing"."""
     assert p.entry_price is not None
     direction = 1 if p.side == "long" else -1
     mark = p.current_price
     pnl = None
     if mark is not None:
         pnl = ((mark - p.entry_price) / p.entry_price * 100 * direction).quantize(Decimal("0.01"))
-    activation = trail.activation_price if trail else None
+    if trail is not None and trail.mode == "managed":
+        activation: Decimal | None = trail.activation_price
+    elif trailing_order is not None and trailing_order.activation_price is not None:
+        activation = trailing_order.activation_price
+    else:
+        activation = trail.activation_price if trail else None
     distance = None
     if activation is not None and mark is not None:
         distance = ((activation - mark) / mark * 100 * direction).quantize(Decimal("0.01"))

@@ -27,6 +27,7 @@ class DashboardCommand:
     description: str  # help screen and command palette
     trading: bool = False  # changes what the engine does: refused when read-only
     confirm: bool = False  # goes through a confirmation screen
+    footer: bool = True  # in the footer (80 columns hold the first nine; the rest are named where they act)
 
 
 COMMANDS: tuple[DashboardCommand, ...] = (
@@ -86,6 +87,15 @@ COMMANDS: tuple[DashboardCommand, ...] = (
         "focus_log", "focus_log", "l", "Log", "Focus the error log", "Focus the timeout and error log"
     ),
     DashboardCommand(
+        "health_detail",
+        "health_detail",
+        "h",
+        "Health",
+        "Health: every line in full",
+        "Show every health line in full: state, cause and the measurement behind it",
+        footer=False,  # the health panel's border names the key
+    ),
+    DashboardCommand(
         "help", "help", "question_mark", "Help", "Help: every key", "Show every key and what it does"
     ),
     DashboardCommand(
@@ -113,7 +123,12 @@ def bindings() -> list[Binding]:
     """The app's BINDINGS: one per command, with its id so that `set_keymap` can remap it."""
     return [
         Binding(
-            command.default_key, command.action, command.label, id=command.id, tooltip=command.description
+            command.default_key,
+            command.action,
+            command.label,
+            show=command.footer,
+            id=command.id,
+            tooltip=command.description,
         )
         for command in COMMANDS
     ]

@@ -407,6 +407,8 @@ async def test_a_stop_that_cannot_protect_in_time_says_so(db: Database) -> None:
     assert report.uncovered == 3
     assert not report.all_protected
     assert "UNCOVERED 3" in report.describe()
+    # None of them is said to keep its stops (it said "3 open positions keep their stops …; UNCOVERED 3").
+    assert report.describe().startswith("3 open positions: 0 keep their stops on the exchange; UNCOVERED 3")
 
 
 async def test_a_second_loss_of_protection_is_timed_from_its_own_start(db: Database) -> None:

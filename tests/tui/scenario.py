@@ -337,3 +337,6 @@ class ScenarioFeed:
 
     async def close_position(self, position_id: int) -> bool:
         return False
+
+    async def position_orders(self, position_id: int) -> list:
+        return []

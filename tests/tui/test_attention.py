@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import UTC
+from decimal import Decimal
 
 from engine.engine import EngineSnapshot
 from protection.health import Component, ComponentHealth, HealthState
@@ -46,13 +47,31 @@ def test_no_reading_is_not_critical() -> None:
 
 
 class SwitchingFeed(ScenarioFeed):
-    """The scenario's instant (CRITICAL), with its health switchable by the test."""
+    """The scenario's instant (CRITICAL: positions uncovered), switchable by the test to the same book with
+    every position protected — health and coverage together, as the dashboard reads its protection line
+    from the snapshot's own coverage figures."""
 
     healthy = False
 
     def snapshot(self) -> EngineSnapshot:
         snapshot = super().snapshot()
-        return dataclasses.replace(snapshot, health=(HEALTHY,)) if self.healthy else snapshot
+        if not self.healthy:
+            return snapshot
+        active = snapshot.coverage.active
+        covered = dataclasses.replace(
+            snapshot.coverage,
+            protected=active,
+            protecting=0,
+            uncovered=0,
+            with_stop_loss=active,
+            with_trailing_stop=active,
+            oldest_unprotected_seconds=None,
+            lasting=0,
+            ts_coverage_pct=Decimal(100),
+            sl_coverage_pct=Decimal(100),
+            uncovered_ids=(),
+        )
+        return dataclasses.replace(snapshot, health=(HEALTHY,), coverage=covered)
 
 
 async def test_the_dashboard_asks_for_attention_once_per_episode() -> None:

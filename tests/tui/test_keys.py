@@ -214,7 +214,8 @@ async def test_q_asks_while_positions_are_open_then_stops_the_engine_and_leaves_
         confirm = board.app.screen
         assert isinstance(confirm, ConfirmScreen)
         body = str(confirm.query_one("#confirm-body").content)  # type: ignore[attr-defined]
-        assert "Exchange stops stay in place: 2 of 2 open positions have both stops" in body
+        assert "Exchange stops stay in place: 2 of 2 open positions keep their stops on the exchange" in body
+        assert "UNCOVERED" not in body
         assert "Managed trailing stops (2 now) stop moving until the engine is restarted" in body
         await board.press("n")
         assert board.engine.state is EngineState.RUNNING
@@ -246,7 +247,9 @@ async def test_keys_are_remapped_from_config_everywhere(db: Database) -> None:
         await board.press("escape")
 
 
-async def test_a_second_engine_on_the_account_opens_read_only_and_says_who_trades(db: Database) -> None:
+async def test_a_second_engine_on_the_account_opens_read_only_and_sends_commands_to_the_trader(
+    db: Database,
+) -> None:
     settings = tui_settings(db)
     clock = ManualClock()
     trader = make_engine(settings, clock)
@@ -269,9 +272,35 @@ async def test_a_second_engine_on_the_account_opens_read_only_and_says_who_trade
                 lambda: board.positions.shown_symbols() == [SYMBOLS[60]], "the trader's position"
             )
             await board.until(lambda: board.uncovered_text() == "uncovered 0")
-            await board.press("e")  # refused, and the operator is told by whom
-            assert not trader.entries_paused
-            assert any("read-only" in d and "pid" in d for d in board.log_details())
+            await board.press("e")  # sent to the trader, which pauses; its answer shows here
+            await board.until(lambda: trader.entries_paused, "the trading engine paused entries")
+            await board.until(
+                lambda: any("Pause entries: entries paused" in d for d in board.log_details()),
+                "the trader's answer in the log panel",
+            )
+            assert trader.entries_paused_by == "operator"
+            event = await db.pool.fetchrow(
+                "SELECT data FROM monitoring.events WHERE type = 'command_entries_pause'"
+            )
+            assert "@" in event["data"]["requested_by"]
+            await board.until(lambda: board.app.feed.snapshot().entries_paused, "the watch sees the pause")
+            await board.press("e")  # resume, the same way
+            await board.until(lambda: not trader.entries_paused, "the trading engine resumed entries")
+
+            # x: confirmed, then closed by the trader; the venue holds neither the position nor its stops.
+            await board.press("x")
+            assert isinstance(board.app.screen, ConfirmScreen)
+            await board.press("y")
+            await board.until(lambda: not trader.manager.by_symbol, "closed by the trading engine")
+            await board.until(
+                lambda: any(
+                    f"Close {SYMBOLS[60]}: {SYMBOLS[60]}: closed at market" in d for d in board.log_details()
+                ),
+                "the close's answer in the log panel",
+            )
+            assert any("closed at market; its stops are cancelled" in d for d in board.log_details())
+            assert trader.venue.core.open_protective_orders(clock.now()) == []  # type: ignore[attr-defined]
+            assert trader.venue.core.positions(clock.now()) == []  # type: ignore[attr-defined]
             await board.press("q")
             await board.until(lambda: not board.app.is_running, "app exited")
         assert trader.state is EngineState.RUNNING  # the watcher never touched the trader

@@ -6,9 +6,11 @@ Start it detached, wait for the gauge to show open positions, read the screen wi
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -101,3 +103,55 @@ def test_tsbot_tui_in_tmux_shows_the_gauge_and_quits_cleanly(
     assert re.match(r"tsbot-tui stopped: [1-9]\d* open positions keep their stops on the exchange", after[0])
     log = (tmp_path / "logs" / "trading_bot.log").read_text()
     assert "engine stopped" in log
+    # The stack dump file (for `kill -USR1`) is not left behind empty by every start.
+    assert not (tmp_path / "logs" / "tsbot-tui-stacks.txt").exists()
+
+
+def _postmaster_alive(data_dir: Path) -> int | None:
+    """The pid of a live postmaster serving `data_dir` (read from its pid file), else None."""
+    pid_file = data_dir / "postmaster.pid"
+    try:
+        pid = int(pid_file.read_text().splitlines()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    state = next((line.split()[1] for line in status.splitlines() if line.startswith("State:")), "")
+    return None if state == "Z" else pid
+
+
+def test_closing_the_terminal_stops_the_engine_and_the_embedded_server_it_started(
+    tmux: Tmux, tmp_path: Path
+) -> None:
+    """tmux kill-session (like an ssh drop) sends SIGHUP: the dashboard stops like `q` and the embedded
+    PostgreSQL it started does not outlive it."""
+    data_dir = tmp_path / "pgdata"
+    (tmp_path / "config.toml").write_text(
+        "[signals]\nwave_size = 3\nwave_interval_seconds = 2\n[tui]\nrefresh_per_second = 4\n"
+    )
+    env = {
+        "TSBOT_DATABASE__DATA_DIR": str(data_dir),
+        "TSBOT_LOGGING__FILE": str(tmp_path / "logs" / "trading_bot.log"),
+        "TERM": "xterm-256color",
+    }
+    exported = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+    command = f"cd {shlex.quote(str(tmp_path))} && exec env {exported} {shlex.quote(str(TSBOT_TUI))}"
+    tmux.run("new-session", "-d", "-s", "hup", "-x", "120", "-y", "40", command)
+    try:
+        tmux.wait_for("hup", r"TS coverage % \d+/[1-9]", within=90)  # running, on its own server
+        assert _postmaster_alive(data_dir) is not None
+        tmux.run("kill-session", "-t", "hup")
+
+        deadline = time.monotonic() + 60
+        while _postmaster_alive(data_dir) is not None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _postmaster_alive(data_dir) is None, "the embedded PostgreSQL outlived the closed terminal"
+        log = (tmp_path / "logs" / "trading_bot.log").read_text()
+        assert "SIGHUP received: stopping the engine" in log
+        assert "engine stopped" in log
+    finally:
+        left = _postmaster_alive(data_dir)
+        if left is not None:  # the server this test's dashboard started: a fast shutdown, nothing else
+            os.kill(left, signal.SIGINT)

@@ -14,6 +14,7 @@ from textual.widgets import Button, DataTable, Static
 
 from storage.lease import LeaseHolder
 from tui import keys
+from tui.screens.fit import rest_width, table_rows_that_fit
 
 OTHER_KEYS = (
     ("ctrl+p", "Command palette: every command above, the theme, screenshots"),
@@ -39,7 +40,7 @@ class HelpScreen(ModalScreen[None]):
             dialog.border_title = "Keys"
             yield DataTable(id="help-keys", cursor_type="none", show_cursor=False)
             note = (
-                "Read-only: trading commands are refused; the engine that holds the lease trades."
+                "Read-only: commands are sent to the engine that holds the lease, which executes them."
                 if self._read_only
                 else "Keys are remappable in [tui.keys] of config.toml. Quitting leaves exchange stops in place."
             )
@@ -47,18 +48,22 @@ class HelpScreen(ModalScreen[None]):
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
+        # Screen margin, border, padding, the table's margin and the note below it: 11 lines.
+        table.styles.max_height = table_rows_that_fit(self.app.size.height, 11)
         table.add_column("Key", key="key", width=16)
         table.add_column("Command", key="command", width=11)
-        table.add_column("What it does", key="what", width=72)
+        # The description takes what the terminal leaves and wraps: never cut at 80 or 120 columns.
+        table.add_column("What it does", key="what", width=rest_width(self.app.size.width, (16, 11)))
         for command in keys.COMMANDS:
             table.add_row(
                 keys.key_for(command, self._active_keymap, self.app),
                 command.label,
-                command.description + (" (asks first)" if command.confirm else ""),
+                Text(command.description + (" (asks first)" if command.confirm else "")),
                 key=command.id,
+                height=None,
             )
         for key, what in OTHER_KEYS:
-            table.add_row(key, "", what)
+            table.add_row(key, "", Text(what), height=None)
 
     def action_close(self) -> None:
         self.dismiss(None)
@@ -84,7 +89,8 @@ class LeaseHeldScreen(ModalScreen[bool]):
             yield Static(
                 f"{self._message}.\n\nHolder: {who}\n\nThis dashboard will not trade. It can open read-only: "
                 "it then watches the database that engine writes (positions, coverage, health, waves, "
-                "errors) and refuses every command.",
+                "errors) and hands your commands (re-protect, restart, entries, close) to that engine, "
+                "which executes them and answers in the log panel.",
                 id="lease-body",
                 classes="dialog-body",
                 markup=False,

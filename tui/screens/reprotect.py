@@ -17,6 +17,7 @@ from textual.widgets import DataTable, Static
 from engine.engine import PlannedProtection, ProtectionResult
 from tui import formatting
 from tui.feed import DashboardFeed
+from tui.screens.fit import rest_width, table_rows_that_fit
 
 log = logging.getLogger(__name__)
 
@@ -54,24 +55,46 @@ class ReprotectScreen(ModalScreen[list[ProtectionResult] | None]):
 
     def on_mount(self) -> None:
         table = self.query_one("#reprotect-plan", DataTable)
-        table.add_column("Position", key="position", width=9)
-        table.add_column("Symbol", key="symbol", width=13)
-        table.add_column("Side", key="side", width=5)
-        table.add_column("Orders to place", key="orders", width=44)
-        table.add_column("Result", key="result", width=36)
+        # Screen margin, border, padding, the intro (up to 4 lines wrapped) and its margin, the table's
+        # margin and the key line: 15 lines.
+        table.styles.max_height = table_rows_that_fit(self.app.size.height, 15)
+        # Orders and Result share what the terminal leaves and wrap (one order per line): at 80 columns the
+        # Result column was cut off entirely.
+        fixed = (8, 12, 5)
+        flexible = rest_width(self.app.size.width, (*fixed, 0), minimum=30)
+        orders_width = min(44, max(20, flexible * 2 // 5))
+        table.add_column("Position", key="position", width=fixed[0])
+        table.add_column("Symbol", key="symbol", width=fixed[1])
+        table.add_column("Side", key="side", width=fixed[2])
+        table.add_column("Orders to place", key="orders", width=orders_width)
+        table.add_column("Result", key="result", width=flexible - orders_width)
+        self._fill({})
+
+    def _fill(self, results: dict[int, ProtectionResult]) -> None:
+        """The plan's rows, with each position's result once known. Rows are added again rather than updated
+        in place: a row's height is measured when it is added, and a longer result must wrap, not be cut."""
+        table = self.query_one("#reprotect-plan", DataTable)
+        table.clear()
         for item in self._plan:
-            orders = ", ".join(
+            orders = "\n".join(
                 f"{order.kind}" + (f" @ {formatting.price(order.price)}" if order.price is not None else "")
                 for order in item.orders
             )
-            detail = "planned" + (f" (last error: {item.last_error})" if item.last_error else "")
+            result = results.get(item.position_id)
+            if result is None:
+                detail = Text("planned" + (f" (last error: {item.last_error})" if item.last_error else ""))
+            elif result.covered:
+                detail = Text("covered")
+            else:
+                detail = Text(f"NOT covered: {result.detail}", style="bold")
             table.add_row(
                 str(item.position_id),
                 item.symbol,
                 item.side.upper(),
-                orders or "verify only",
+                Text(orders or "verify only"),
                 detail,
                 key=str(item.position_id),
+                height=None,
             )
 
     def _intro(self) -> str:
@@ -109,13 +132,7 @@ class ReprotectScreen(ModalScreen[list[ProtectionResult] | None]):
         else:
             covered = sum(r.covered for r in message.results)
             status.update(f"Done: {covered}/{len(message.results)} covered.")
-            table = self.query_one("#reprotect-plan", DataTable)
-            for result in message.results:
-                text = Text("covered" if result.covered else f"NOT covered: {result.detail}")
-                if not result.covered:
-                    text.stylize("bold")
-                if str(result.position_id) in table.rows:
-                    table.update_cell(str(result.position_id), "result", text)
+            self._fill({result.position_id: result for result in message.results})
         self.query_one("#reprotect-keys", Static).update("[esc / enter] close")
 
     def action_close(self) -> None:

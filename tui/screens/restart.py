@@ -79,6 +79,15 @@ class RestartReportScreen(ModalScreen[StartupReport | None]):
                 lines.append(f"  failed: {', '.join(r.failed_symbols)}")
             body.update("\n".join(lines))
         self.query_one("#restart-keys", Static).update("[esc / enter] close")
+        # The result also goes to the log panel (as a toast too): it outlives this dialog.
+        if message.report is None:
+            self.app.notify(f"Protection restart FAILED: {message.error}", severity="error", timeout=8)
+        else:
+            self.app.notify(
+                f"Protection restarted: {message.report.describe()}",
+                severity="warning" if message.report.failed else "information",
+                timeout=8,
+            )
 
     def action_close(self) -> None:
         if self.running:

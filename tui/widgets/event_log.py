@@ -2,18 +2,23 @@
 
 Rows arrive one message at a time (they are rare next to price ticks). The symbol filter is shared with the
 positions table (`/`); the severity filter cycles with `s` while the log has focus. The newest row is at the
-bottom and the view follows it unless the operator has scrolled up to read.
+bottom and the view follows it (the cursor on the newest row) until the operator moves up to read; moving
+back to the last row, or `End`, follows again. Whether it follows is the operator's choice, kept as state:
+a check of the scroll position would be wrong during a burst, when rows arrive faster than the view scrolls.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from datetime import tzinfo
 from typing import ClassVar
 
 from rich.text import Text
 from textual.binding import Binding, BindingType
+from textual.events import MouseScrollUp
 from textual.widgets import DataTable
+from textual.widgets.data_table import ColumnKey
 
 from tui import formatting
 from tui.feed import LogEntry
@@ -27,7 +32,9 @@ COLUMNS = (
     ("outcome", "Outcome", 8),
     ("detail", "Detail", 100),
 )
+COUNT_WINDOW_SECONDS = 3600.0
 SEVERITY_LEVELS = (("all", 0), ("warning+", 2), ("error+", 3))
+MIN_DETAIL_WIDTH = 30
 SEVERITY_SHORT = {"debug": "dbg", "info": "info", "warning": "WARN", "error": "ERR", "critical": "CRIT"}
 
 
@@ -35,6 +42,8 @@ class EventLog(DataTable[Text]):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("s", "cycle_severity", "Severity", tooltip="Cycle the log between all, warnings and errors"),
         Binding("escape", "leave", "Back", show=False),
+        Binding("home", "scroll_top", "First row", show=False),
+        Binding("end", "scroll_bottom", "Last row", show=False),
     ]
     COMPONENT_CLASSES: ClassVar[set[str]] = DataTable.COMPONENT_CLASSES | {
         "log--info",
@@ -51,11 +60,44 @@ class EventLog(DataTable[Text]):
         self._sequence = 0
         self._severity_index = 0
         self.needle = ""
-        self.counts = {"warning": 0, "error": 0}
+        self.counts = {"warning": 0, "error": 0}  # in the last COUNT_WINDOW_SECONDS (they used to only grow)
+        self._counted: deque[tuple[float, str]] = deque()
+        self.following = True
 
     def on_mount(self) -> None:
         for key, label, width in COLUMNS:
             self.add_column(label, key=key, width=width)
+        self._detail_width = COLUMNS[-1][2]
+        self._update_titles()
+        self.set_interval(30.0, self._recount_and_show, name="log counts")
+
+    def on_resize(self) -> None:
+        """The detail column takes the width the panel has, and long details wrap: at 200 columns it stayed
+        100 wide, and wherever it was wider than the panel the end of the line was cut off."""
+        fixed = sum(width for _, _, width in COLUMNS[:-1]) + 2 * len(COLUMNS)
+        width = max(MIN_DETAIL_WIDTH, self.size.width - 2 - 2 - fixed)  # the border, a scrollbar
+        if width != self._detail_width:
+            self._detail_width = width
+            self.columns[ColumnKey("detail")].width = width
+            self._rebuild()  # row heights are measured when rows are added
+
+    def _now(self) -> float:
+        """The engine's clock as the screen last painted it (so the window agrees with the rows' times)."""
+        snapshot = getattr(self.app, "last_snapshot", None)
+        return snapshot.taken_at if snapshot is not None and snapshot.taken_at else time.time()
+
+    def _recount(self) -> None:
+        # Rows arrive roughly in time order; a late one only delays its own expiry.
+        horizon = self._now() - COUNT_WINDOW_SECONDS
+        while self._counted and self._counted[0][0] < horizon:
+            self._counted.popleft()
+        self.counts = {"warning": 0, "error": 0}
+        for at, key in self._counted:
+            if at >= horizon:
+                self.counts[key] += 1
+
+    def _recount_and_show(self) -> None:
+        self._recount()
         self._update_titles()
 
     @property
@@ -66,18 +108,56 @@ class EventLog(DataTable[Text]):
         self._sequence += 1
         self._entries.append((self._sequence, entry))
         if entry.severity in ("warning", "error", "critical"):
-            key = "warning" if entry.severity == "warning" else "error"
-            self.counts[key] += 1
+            self._counted.append((entry.at, "warning" if entry.severity == "warning" else "error"))
+            self._recount()
         if len(self._entries) > self._limit:
             old_sequence, _ = self._entries.popleft()
             if str(old_sequence) in self.rows:
                 self.remove_row(str(old_sequence))
         if self._shows(entry):
-            following = self.scroll_y >= self.max_scroll_y - 1
             self._add_row(self._sequence, entry)
-            if following:
-                self.scroll_end(animate=False, immediate=False, x_axis=False)
+            if self.following:
+                self._follow()
         self._update_titles()
+
+    def _follow(self) -> None:
+        """The cursor on the newest row, and the view on it (once the table knows its new height)."""
+        if self.row_count:
+            self.move_cursor(row=self.row_count - 1, animate=False, scroll=True)
+        self.scroll_end(animate=False, immediate=False, x_axis=False)
+
+    # --- the operator's reading position: following the newest row or not --------------------------
+
+    def action_cursor_up(self) -> None:
+        super().action_cursor_up()
+        self.following = self.cursor_row >= self.row_count - 1
+
+    def action_cursor_down(self) -> None:
+        super().action_cursor_down()
+        self.following = self.cursor_row >= self.row_count - 1
+
+    def action_page_up(self) -> None:
+        super().action_page_up()
+        self.following = self.cursor_row >= self.row_count - 1
+
+    def action_page_down(self) -> None:
+        super().action_page_down()
+        self.following = self.cursor_row >= self.row_count - 1
+
+    def action_scroll_top(self) -> None:
+        """Home: the oldest row; the view stops following."""
+        self.following = False
+        if self.row_count:
+            self.move_cursor(row=0, animate=False)
+        self.scroll_to(y=0, animate=False)
+
+    def action_scroll_bottom(self) -> None:
+        """End: the newest row, and follow new ones again."""
+        self.following = True
+        self._follow()
+
+    def _on_mouse_scroll_up(self, event: MouseScrollUp) -> None:
+        self.following = False
 
     def set_filter(self, needle: str) -> None:
         needle = needle.strip().upper()
@@ -107,7 +187,8 @@ class EventLog(DataTable[Text]):
         for sequence, entry in self._entries:
             if self._shows(entry):
                 self._add_row(sequence, entry)
-        self.scroll_end(animate=False, immediate=False, x_axis=False)
+        if self.following:
+            self._follow()
         self._update_titles()
 
     def _add_row(self, sequence: int, entry: LogEntry) -> None:
@@ -122,13 +203,18 @@ class EventLog(DataTable[Text]):
             Text(entry.outcome, style=style if entry.outcome in ("failed", "retrying") else ""),
             Text(entry.detail),
             key=str(sequence),
+            height=None,  # a long detail wraps in its column
         )
 
     def _update_titles(self) -> None:
         level = SEVERITY_LEVELS[self._severity_index][0]
         extra = f", symbol ~ {self.needle}" if self.needle else ""
         self.border_title = f"Timeouts and errors ({level}{extra})"
-        self.border_subtitle = f"{self.counts['error']} errors, {self.counts['warning']} warnings"
+        errors, warnings = self.counts["error"], self.counts["warning"]
+        self.border_subtitle = (
+            f"{errors} error{'' if errors == 1 else 's'}, {warnings} warning{'' if warnings == 1 else 's'} "
+            "in the last hour"
+        )
 
 
 def _short_operation(operation: str) -> str:

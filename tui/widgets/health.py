@@ -40,6 +40,7 @@ class HealthPanel(Static):
 
     def on_mount(self) -> None:
         self.border_title = "Health"
+        self.border_subtitle = "h: in full"
         self.app.theme_changed_signal.subscribe(self, lambda _theme: self._redraw())
 
     def show(self, components: Sequence[ComponentHealth]) -> None:

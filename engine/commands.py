@@ -1,0 +1,421 @@
+"""Operator commands for a running engine, through `monitoring.commands` (storage/commands.py).
+
+Two sides:
+
+* `CommandRunner`, one supervised loop of the engine: claims its account's commands (woken by NOTIFY on the
+  connection that already listens for signals, with a poll as the safety net), executes each through the
+  same Engine methods as the dashboard's keys, writes the per-position answer into the row, and records it
+  in `monitoring.events` (`command_<kind>`, with who asked and why). One command at a time, in order.
+* `send_command`, for a process that does not trade (`tsbot close`, the read-only dashboard): refuses at
+  once when no engine holds the account's lease, queues the command, waits for the answer, and withdraws
+  it if nobody took it in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import getpass
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import asyncpg
+
+from engine.clock import Clock
+from storage.commands import CommandKind, CommandQueue, CommandRecord, CommandState
+from storage.database import DatabaseDown, is_unreachable
+from storage.lease import LeaseHolder, current_holder
+from storage.repositories import Severity
+
+if TYPE_CHECKING:
+    from engine.engine import Engine
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+LEFT_RUNNING = "no answer: the engine stopped, or lost its database, while executing it"
+POLL_SECONDS = 1.0  # while LISTEN is down, a command waits at most this long
+LISTENING_POLL_SECONDS = 5.0  # while it is up, the poll is only the safety net
+HOLDER_CHECK_SECONDS = 2.0  # how often a waiting sender checks that the engine is still there
+
+
+def requester_identity() -> str:
+    """Who is asking: user@host/pid (what `tsbot status` shows as who paused entries)."""
+    try:
+        user = getpass.getuser()
+    except Exception:  # no name for this uid (a bare container): the uid says it
+        user = f"uid{os.getuid()}"
+    return f"{user}@{socket.gethostname()}/{os.getpid()}"
+
+
+@dataclass(frozen=True, slots=True)
+class PositionOutcome:
+    symbol: str
+    ok: bool
+    detail: str
+    position_id: int | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"position_id": self.position_id, "symbol": self.symbol, "ok": self.ok, "detail": self.detail}
+
+
+@dataclass(frozen=True, slots=True)
+class CommandOutcome:
+    ok: bool
+    summary: str
+    positions: tuple[PositionOutcome, ...] = ()
+
+    @property
+    def state(self) -> CommandState:
+        if self.ok:
+            return CommandState.DONE
+        return CommandState.PARTIAL if any(p.ok for p in self.positions) else CommandState.FAILED
+
+    def as_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "summary": self.summary, "positions": [p.as_json() for p in self.positions]}
+
+
+class CommandRunner:
+    """The engine's side: executes its account's commands one at a time."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        queue: CommandQueue,
+        clock: Clock,
+        *,
+        listening: Callable[[], bool] = lambda: False,
+        poll_seconds: float = POLL_SECONDS,
+    ):
+        self._engine = engine
+        self._queue = queue
+        self._clock = clock
+        self._listening = listening
+        self._poll = poll_seconds
+        self._wake = asyncio.Event()
+        self.executed = 0
+
+    def notified(self, *args: object) -> None:
+        """NOTIFY tsbot_commands (payload: the account): wake when it is ours."""
+        payload = args[3] if len(args) >= 4 else None
+        if payload is None or payload == self._queue.account:
+            self._wake.set()
+
+    async def run(self) -> None:
+        """Until cancelled. An unreachable database is `DatabaseDown` (the supervisor waits for it quietly);
+        a command taken and not answered then is failed when the loop starts again."""
+        left = await _reachable(self._queue.fail_left_running(LEFT_RUNNING))
+        if left:
+            log.warning("%d commands taken earlier were never answered: marked failed", left)
+        while True:
+            self._wake.clear()  # before claiming: a NOTIFY during the claim wakes the next wait
+            command = await _reachable(self._queue.claim_next())
+            if command is None:
+                await self._wait()
+                continue
+            await self._execute(command)
+
+    async def _wait(self) -> None:
+        woke = asyncio.ensure_future(self._wake.wait())
+        interval = max(self._poll, LISTENING_POLL_SECONDS) if self._listening() else self._poll
+        slept = asyncio.ensure_future(self._clock.sleep(interval))
+        try:
+            await asyncio.wait({woke, slept}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in (woke, slept):
+                waiter.cancel()
+            await asyncio.gather(woke, slept, return_exceptions=True)
+
+    async def _execute(self, command: CommandRecord) -> None:
+        who = command.requested_by
+        log.warning(
+            "command #%d %s%s from %s%s",
+            command.id,
+            command.kind.value,
+            "".join(f" {key}={value}" for key, value in command.args.items()),
+            who,
+            f": {command.reason}" if command.reason else "",
+        )
+        try:
+            outcome = await self._dispatch(command)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug: the sender is told, the loop goes on
+            log.exception("command #%d %s failed", command.id, command.kind.value)
+            outcome = CommandOutcome(False, f"internal error: {type(exc).__name__}: {exc}")
+        await _reachable(self._queue.finish(command.id, outcome.state, outcome.as_json()))
+        self.executed += 1
+        log.log(
+            logging.WARNING if outcome.ok else logging.ERROR,
+            "command #%d %s: %s",
+            command.id,
+            command.kind.value,
+            outcome.summary,
+        )
+        store = self._engine.store
+        assert store is not None
+        await store.record_event(
+            Severity.WARNING if outcome.ok else Severity.ERROR,
+            f"command_{command.kind.value}",
+            f"{command.kind.value.replace('_', ' ')} by {who}"
+            + (f" ({command.reason})" if command.reason else "")
+            + f": {outcome.summary}",
+            symbol=command.args.get("symbol") if isinstance(command.args.get("symbol"), str) else None,
+            data={
+                "command_id": command.id,
+                "requested_by": who,
+                "reason": command.reason,
+                "args": dict(command.args),
+                "state": outcome.state.value,
+                "positions": [p.as_json() for p in outcome.positions],
+            },
+        )
+
+    async def _dispatch(self, command: CommandRecord) -> CommandOutcome:
+        engine = self._engine
+        if engine.manager is None or engine.state.value != "running":
+            return CommandOutcome(False, f"the engine is {engine.state.value}; try again once it runs")
+        kind = command.kind
+        if kind is CommandKind.ENTRIES_PAUSE:
+            engine.pause_entries(by="operator", reason=command.reason, who=command.requested_by)
+            return CommandOutcome(
+                True, "entries paused: new signals are rejected; open positions stay protected"
+            )
+        if kind is CommandKind.ENTRIES_RESUME:
+            ok, message = engine.resume_entries(who=command.requested_by)
+            return CommandOutcome(ok, message)
+        if kind is CommandKind.PROTECT:
+            return await self._protect(command.args.get("symbol"))
+        if kind is CommandKind.CLOSE:
+            return await self._close(str(command.args.get("symbol", "")))
+        if kind is CommandKind.FLATTEN:
+            return await self._flatten(command)
+        if kind is CommandKind.RESTART_PROTECTION:
+            report = await engine.restart_protection()
+            failed = tuple(
+                PositionOutcome(s, False, "uncovered after the restart") for s in report.failed_symbols
+            )
+            return CommandOutcome(report.failed == 0, report.describe(), failed)
+        return CommandOutcome(False, f"unknown command {kind.value}")
+
+    async def _protect(self, symbol: Any) -> CommandOutcome:
+        engine = self._engine
+        manager = engine.manager
+        assert manager is not None
+        plan = engine.plan_reprotect()
+        if isinstance(symbol, str):
+            guard = manager.by_symbol.get(symbol)
+            if guard is None:
+                return CommandOutcome(False, f"no open position on {symbol}")
+            plan = [item for item in plan if item.symbol == symbol]
+            if not plan:
+                detail = "covered: both stops confirmed" if guard.covered else "being protected now"
+                return CommandOutcome(
+                    True,
+                    f"{symbol}: nothing to do",
+                    (PositionOutcome(symbol, True, detail, guard.position_id),),
+                )
+        if not plan:
+            protecting = sum(1 for g in manager.guards.values() if not g.covered)
+            extra = f" ({protecting} inside their grace period are being protected)" if protecting else ""
+            return CommandOutcome(True, f"nothing to protect: every position is covered{extra}")
+        results = await engine.reprotect_uncovered(plan)
+        outcomes = tuple(PositionOutcome(r.symbol, r.covered, r.detail, r.position_id) for r in results)
+        covered = sum(r.covered for r in results)
+        return CommandOutcome(covered == len(results), f"{covered}/{len(results)} covered", outcomes)
+
+    async def _close(self, symbol: str) -> CommandOutcome:
+        manager = self._engine.manager
+        assert manager is not None
+        guard = manager.by_symbol.get(symbol)
+        if guard is None:
+            return CommandOutcome(False, f"no open position on {symbol}")
+        outcome = await self._close_one(guard.position_id, symbol)
+        return CommandOutcome(outcome.ok, f"{symbol}: {outcome.detail}", (outcome,))
+
+    async def _close_one(self, position_id: int, symbol: str) -> PositionOutcome:
+        engine = self._engine
+        manager = engine.manager
+        assert manager is not None
+        guard = manager.guards.get(position_id)
+        closed = await engine.close_position(position_id)
+        if not closed:
+            why = (guard.last_error if guard is not None else None) or "the venue did not confirm the close"
+            return PositionOutcome(
+                symbol, False, f"NOT closed ({why}); the position stays protected", position_id
+            )
+        # The close cancels both stops; one whose cancel failed is cancelled again by the manager. The
+        # answer waits for that (bounded) so it says what the venue holds.
+        budget = float(engine.settings.protection.call_timeout_seconds)
+        if await manager.leftovers_cancelled(symbol, 2 * budget):
+            return PositionOutcome(symbol, True, "closed at market; its stops are cancelled", position_id)
+        return PositionOutcome(
+            symbol,
+            False,
+            "closed at market, but a stop of it is still being cancelled (retrying)",
+            position_id,
+        )
+
+    async def _flatten(self, command: CommandRecord) -> CommandOutcome:
+        """Entries pause first (else the next wave reopens what is closed), then every position closes at
+        once; a position whose entry was in flight meanwhile is closed in a further round."""
+        engine = self._engine
+        manager = engine.manager
+        assert manager is not None
+        engine.pause_entries(
+            by="operator",
+            reason=f"flatten{': ' + command.reason if command.reason else ''}",
+            who=command.requested_by,
+        )
+        outcomes: dict[int, PositionOutcome] = {}
+        for _round in range(3):
+            todo = [
+                (g.position_id, g.symbol)
+                for g in list(manager.guards.values())
+                if g.position_id not in outcomes
+            ]
+            if not todo:
+                break
+            done = await asyncio.gather(*(self._close_one(pid, symbol) for pid, symbol in todo))
+            outcomes.update((o.position_id or 0, o) for o in done)
+            if any(not o.ok for o in done):
+                break  # what failed stays open and protected; the operator decides what next
+        results = tuple(sorted(outcomes.values(), key=lambda o: o.symbol))
+        closed = sum(o.ok for o in results)
+        left = len(manager.guards)
+        ok = closed == len(results) and left == 0
+        summary = f"{closed}/{len(results)} closed; entries paused (resume with `tsbot entries resume`)"
+        if left:
+            summary += f"; {left} positions still open"
+        return CommandOutcome(ok, summary, results)
+
+
+async def _reachable(awaitable: Awaitable[T]) -> T:
+    try:
+        return await awaitable
+    except Exception as exc:
+        if is_unreachable(exc):
+            raise DatabaseDown(f"commands: {type(exc).__name__}: {exc}") from exc
+        raise
+
+
+# --- the sender's side --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CommandAnswer:
+    """What became of a command: `record` once sent; `no_engine` when no engine trades the account (nothing
+    was executed); `problem` says why there is no final answer."""
+
+    record: CommandRecord | None
+    holder: LeaseHolder | None = None
+    no_engine: bool = False
+    problem: str = ""
+    positions: tuple[PositionOutcome, ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        return self.record is not None and self.record.state is CommandState.DONE
+
+    @property
+    def summary(self) -> str:
+        if self.problem:
+            return self.problem
+        result = self.record.result if self.record is not None else None
+        return str((result or {}).get("summary", ""))
+
+
+def positions_of(record: CommandRecord | None) -> tuple[PositionOutcome, ...]:
+    result = record.result if record is not None else None
+    items: Sequence[Mapping[str, Any]] = (result or {}).get("positions") or ()
+    return tuple(
+        PositionOutcome(str(p.get("symbol")), bool(p.get("ok")), str(p.get("detail")), p.get("position_id"))
+        for p in items
+    )
+
+
+async def send_command(
+    pool: asyncpg.Pool,
+    *,
+    venue: str,
+    account: str,
+    kind: CommandKind,
+    args: Mapping[str, Any] | None = None,
+    reason: str = "",
+    wait_seconds: float = 30.0,
+    requested_by: str | None = None,
+    listen_dsn: str | None = None,
+    listen_password: str | None = None,
+) -> CommandAnswer:
+    """Queue a command for the engine that trades `account` and wait (up to `wait_seconds`) for its answer."""
+    holder = await current_holder(pool, venue, account)
+    if holder is None:
+        return CommandAnswer(
+            None, no_engine=True, problem=f"no engine is running for account {account}; nothing was sent"
+        )
+    queue = CommandQueue(pool, account)
+    record = await queue.submit(
+        kind,
+        args or {},
+        requested_by=requested_by or requester_identity(),
+        reason=reason,
+        expires_in_seconds=wait_seconds,
+    )
+
+    async def engine_still_there(latest: CommandRecord) -> bool:
+        return latest.state is not CommandState.PENDING or (
+            await current_holder(pool, venue, account) is not None
+        )
+
+    latest = await queue.wait_finished(
+        record.id,
+        wait_seconds,
+        listen_dsn=listen_dsn,
+        listen_password=listen_password,
+        keep_waiting=engine_still_there,
+        check_every_seconds=HOLDER_CHECK_SECONDS,
+    )
+    if (
+        latest is not None
+        and latest.state is CommandState.PENDING
+        and await current_holder(pool, venue, account) is None
+        and await queue.withdraw(record.id)
+    ):
+        return CommandAnswer(
+            await queue.get(record.id),
+            holder,
+            no_engine=True,
+            problem=f"the engine for account {account} stopped before it took command #{record.id}; "
+            "it was withdrawn, nothing was done",
+        )
+    if latest is not None and latest.state.finished:
+        return CommandAnswer(latest, holder, positions=positions_of(latest))
+    with contextlib.suppress(asyncpg.PostgresError, OSError):
+        if await queue.withdraw(record.id):
+            return CommandAnswer(
+                await queue.get(record.id),
+                holder,
+                problem=f"the engine ({holder.describe()}) did not take command #{record.id} within "
+                f"{wait_seconds:g}s; it was withdrawn, nothing was done",
+            )
+    return CommandAnswer(
+        latest,
+        holder,
+        problem=f"the engine took command #{record.id} but has not answered within {wait_seconds:g}s; it may "
+        "still finish (see `tsbot status` and monitoring.events)",
+    )
+
+
+__all__ = [
+    "CommandAnswer",
+    "CommandOutcome",
+    "CommandRunner",
+    "PositionOutcome",
+    "positions_of",
+    "requester_identity",
+    "send_command",
+]

@@ -1,0 +1,170 @@
+"""Operator commands (monitoring.commands) on their own and through an in-process engine (sim venue,
+ManualClock, real PostgreSQL): claimed once, only by their own account's engine, never after they expired;
+a close the venue refuses is answered as failed and leaves the position protected; a flatten that closes
+some positions only is partial; a command an earlier engine took and never answered is failed at start."""
+
+from __future__ import annotations
+
+import asyncio
+
+from engine.clock import ManualClock
+from engine.commands import LEFT_RUNNING, send_command
+from engine.venues.sim.settings import CallKind, FaultKind
+from storage.commands import CommandKind, CommandQueue, CommandState
+from storage.database import Database
+from tests.integration.engine_support import make_engine
+from tests.integration.test_failure_modes_f1_f5 import (
+    SYMBOLS,
+    drive_until_covered,
+    open_positions,
+    settings_for,
+)
+from tests.support.driving import drive, drive_until
+
+
+async def test_a_command_is_claimed_once_and_only_by_its_own_account(db: Database) -> None:
+    mine, theirs = CommandQueue(db.pool, "sim:main"), CommandQueue(db.pool, "sim:other")
+    sent = await mine.submit(
+        CommandKind.CLOSE, {"symbol": "SFPUSDT"}, requested_by="op@host/1", reason="", expires_in_seconds=60
+    )
+    assert sent.state is CommandState.PENDING
+    assert await theirs.claim_next() is None
+    # Several claimers at once (two engines racing, should the lease ever allow it): one gets it.
+    claims = await asyncio.gather(*(mine.claim_next() for _ in range(4)))
+    taken = [c for c in claims if c is not None]
+    assert [c.id for c in taken] == [sent.id]
+    assert taken[0].state is CommandState.RUNNING
+    assert taken[0].picked_at is not None
+    assert not await mine.withdraw(sent.id)  # taken: too late to withdraw
+    await mine.finish(sent.id, CommandState.DONE, {"ok": True, "summary": "x", "positions": []})
+    await theirs.finish(sent.id, CommandState.FAILED, {"ok": False})  # another account cannot touch it
+    final = await mine.get(sent.id)
+    assert final is not None
+    assert final.state is CommandState.DONE
+    assert await theirs.get(sent.id) is None
+
+
+async def test_an_expired_command_is_never_claimed(db: Database) -> None:
+    queue = CommandQueue(db.pool, "sim:main")
+    stale = await queue.submit(
+        CommandKind.FLATTEN, {"all": True}, requested_by="op@host/1", reason="", expires_in_seconds=0
+    )
+    assert await queue.claim_next() is None
+    record = await queue.get(stale.id)
+    assert record is not None
+    assert record.state is CommandState.EXPIRED
+    withdrawn = await queue.submit(
+        CommandKind.CLOSE, {"symbol": "SFPUSDT"}, requested_by="op@host/1", reason="", expires_in_seconds=60
+    )
+    assert await queue.withdraw(withdrawn.id)
+    assert await queue.claim_next() is None
+
+
+async def test_a_close_the_venue_refuses_fails_and_a_flatten_that_closes_some_is_partial(
+    db: Database,
+) -> None:
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        await open_positions(engine, clock, SYMBOLS[10:13])
+        await drive_until_covered(engine, clock, 3)
+        assert engine.store is not None
+
+        async def command(kind: CommandKind, args: dict[str, object]):  # type: ignore[no-untyped-def]
+            return await drive(
+                clock,
+                send_command(
+                    db.pool,
+                    venue=engine.exchange_name,
+                    account=engine.account_key,
+                    kind=kind,
+                    args=args,
+                    reason="test",
+                    wait_seconds=30,
+                ),
+            )
+
+        venue = engine.venue
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 1)  # type: ignore[attr-defined]
+        refused = await command(CommandKind.CLOSE, {"symbol": SYMBOLS[10]})
+        assert refused.record is not None
+        assert refused.record.state is CommandState.FAILED
+        [outcome] = refused.positions
+        assert outcome.symbol == SYMBOLS[10]
+        assert not outcome.ok
+        assert outcome.detail.startswith("NOT closed (")
+        assert "the position stays protected" in outcome.detail
+        assert SYMBOLS[10] in engine.manager.by_symbol  # type: ignore[union-attr]
+        await drive_until_covered(engine, clock, 3)  # still protected on the venue
+        assert {p.symbol for p in venue.core.positions(clock.now())} == set(SYMBOLS[10:13])  # type: ignore[attr-defined]
+
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 1)  # type: ignore[attr-defined]
+        partial = await command(CommandKind.FLATTEN, {"all": True})
+        assert partial.record is not None
+        assert partial.record.state is CommandState.PARTIAL
+        assert sorted(p.ok for p in partial.positions) == [False, True, True]
+        assert engine.entries_paused  # a flatten pauses entries first
+        held = {p.symbol for p in venue.core.positions(clock.now())}  # type: ignore[attr-defined]
+        assert len(held) == 1
+        assert {p.symbol for p in partial.positions if not p.ok} == held
+        assert {o.symbol for o in venue.core.open_protective_orders(clock.now())} == held  # type: ignore[attr-defined]
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_command_an_earlier_engine_took_and_never_answered_is_failed_at_start(db: Database) -> None:
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    queue = CommandQueue(db.pool, engine.account_key)
+    left = await queue.submit(
+        CommandKind.RESTART_PROTECTION, {}, requested_by="op@host/1", reason="", expires_in_seconds=60
+    )
+    assert (await queue.claim_next()) is not None  # the engine that took it died before answering
+    await drive(clock, engine.start())
+    try:
+
+        async def failed() -> bool:
+            record = await queue.get(left.id)
+            return record is not None and record.state is CommandState.FAILED
+
+        await drive_until(clock, failed, what="the orphaned command marked failed")
+        record = await queue.get(left.id)
+        assert record is not None
+        assert record.result is not None
+        assert record.result["summary"] == LEFT_RUNNING
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_command_wakes_the_engine_by_notify_without_waiting_for_a_poll(db: Database) -> None:
+    """Virtual time stands still while the command is sent: no poll can fire, only NOTIFY wakes the loop."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        assert engine.consumer is not None
+        consumer = engine.consumer
+        await drive_until(clock, lambda: consumer.listening, what="LISTEN up")
+        frozen_at = clock.monotonic()
+        answer = await asyncio.wait_for(
+            send_command(
+                db.pool,
+                venue=engine.exchange_name,
+                account=engine.account_key,
+                kind=CommandKind.ENTRIES_PAUSE,
+                reason="by notify",
+                wait_seconds=30,
+                requested_by="op@host/7",
+            ),
+            timeout=30,
+        )
+        assert clock.monotonic() == frozen_at
+        assert answer.ok, answer.summary
+        assert engine.entries_paused
+        assert engine.entries_pause_reason == "by notify"
+    finally:
+        await drive(clock, engine.stop())

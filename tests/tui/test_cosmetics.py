@@ -1,0 +1,156 @@
+"""Small things an operator trips over (issue 13, defect 13), each read from the screen."""
+
+from __future__ import annotations
+
+from datetime import UTC
+
+from textual.command import CommandList
+
+from engine.venues.sim.universe import UNIVERSE
+from storage.database import Database
+from tests.tui.book import BookFeed, book_position
+from tests.tui.harness import dashboard, started, tui_settings
+from tests.tui.scenario import T0, ScenarioFeed, scenario_settings
+from tests.tui.snapshots import svg_to_text
+from tui.app import DashboardApp
+from tui.feed import LogEntry
+from tui.messages import LogEntryAdded
+from tui.screens.confirm import ConfirmScreen
+from tui.screens.restart import RestartReportScreen
+from tui.widgets.event_log import EventLog
+from tui.widgets.positions import PositionsTable
+
+SYMBOLS = sorted(UNIVERSE)
+
+
+async def _settled(app: DashboardApp, pilot) -> None:
+    for _ in range(300):
+        if app.feed_started:
+            break
+        await pilot.pause(0.01)
+    app.paint()
+    await pilot.pause()
+
+
+async def test_the_palette_has_one_quit_and_it_is_ours() -> None:
+    settings = scenario_settings()
+    app = DashboardApp(settings, feed=ScenarioFeed(settings), tz=UTC, code_roots=[])
+    async with app.run_test(size=(120, 40)) as pilot:
+        await _settled(app, pilot)
+        await pilot.press("ctrl+p")
+        await pilot.press(*"quit")
+        palette = app.screen.query_one(CommandList)
+        for _ in range(200):
+            if palette.option_count:
+                break
+            await pilot.pause(0.01)
+        await pilot.pause(0.2)  # every provider has answered
+        prompts = [
+            str(palette.get_option_at_index(i).prompt).splitlines()[0] for i in range(palette.option_count)
+        ]
+        quits = [p for p in prompts if p.lower().startswith("quit")]
+        assert quits == ["Quit (exchange stops stay in place)  (q)"], prompts
+
+
+async def test_an_empty_uncovered_only_view_says_so() -> None:
+    settings = scenario_settings()
+    feed = BookFeed(settings, [book_position(i, s) for i, s in enumerate(SYMBOLS[:5])])
+    app = DashboardApp(settings, feed=feed, tz=UTC, code_roots=[])
+    async with app.run_test(size=(120, 40)) as pilot:
+        await _settled(app, pilot)
+        table = app.query_one(PositionsTable)
+        await pilot.press("u")
+        await pilot.pause()
+        assert table.row_count == 0
+        assert "no uncovered position (u: show all)" in str(table.border_title)
+
+
+async def test_log_counters_cover_the_last_hour_not_the_whole_run() -> None:
+    settings = scenario_settings()
+    app = DashboardApp(settings, feed=ScenarioFeed(settings), tz=UTC, code_roots=[])
+    async with app.run_test(size=(120, 40)) as pilot:
+        await _settled(app, pilot)
+        log = app.query_one(EventLog)
+        for _ in range(200):
+            if log.row_count >= 5:
+                break
+            await pilot.pause(0.01)
+        before = dict(log.counts)
+        for at in (T0 - 7200, T0 - 5400):  # two hours and ninety minutes before the engine's "now"
+            app.post_message(
+                LogEntryAdded(LogEntry(at, "error", "OLDUSDT", "create SL", None, "failed", "old"))
+            )
+        app.post_message(
+            LogEntryAdded(LogEntry(T0 - 5, "error", "NEWUSDT", "create SL", None, "failed", "new"))
+        )
+        await pilot.pause(0.1)
+        assert log.counts == {"error": before["error"] + 1, "warning": before["warning"]}
+        assert str(log.border_subtitle) == (
+            f"{before['error'] + 1} errors, {before['warning']} warnings in the last hour"
+        )
+
+
+async def test_r_puts_its_result_in_the_log_panel(db: Database) -> None:
+    async with dashboard(tui_settings(db)) as board:
+        await started(board)
+        await board.open_positions(SYMBOLS[82:84])
+        await board.until(lambda: board.engine.snapshot().coverage.protected == 2, "2 covered")
+        await board.press("r")
+        assert isinstance(board.app.screen, ConfirmScreen)
+        await board.press("y")
+        report_screen = board.app.screen
+        assert isinstance(report_screen, RestartReportScreen)
+        await board.until(lambda: not report_screen.running, "restart finished")
+        # Without closing the report: the log panel has it.
+        assert any(d.startswith("Protection restarted: restored 2") for d in board.log_details()), (
+            board.log_details()
+        )
+        await board.press("escape")
+
+
+async def test_panel_borders_stand_out_on_the_light_theme_too() -> None:
+    settings = scenario_settings()
+    app = DashboardApp(settings, feed=ScenarioFeed(settings), tz=UTC, code_roots=[])
+    async with app.run_test(size=(120, 40)) as pilot:
+        await _settled(app, pilot)
+        for theme in ("textual-dark", "textual-light"):
+            app.theme = theme
+            await pilot.pause()
+            log = app.query_one(EventLog)  # not focused, not alarmed: the plain panel border
+            background = log.background_colors[1]
+            border = background + log.styles.border_top[1]  # as drawn: blended over the background
+            assert abs(border.brightness - background.brightness) >= 0.25, (theme, border, background)
+
+
+async def test_the_filter_box_is_labelled_while_it_holds_text() -> None:
+    settings = scenario_settings()
+    app = DashboardApp(settings, feed=ScenarioFeed(settings), tz=UTC, code_roots=[])
+    async with app.run_test(size=(120, 40)) as pilot:
+        await _settled(app, pilot)
+        await pilot.press("slash", *"pepe")
+        await pilot.pause()
+        text = svg_to_text(app.export_screenshot(), 120, 40)
+        line = next((line for line in text.splitlines() if "pepe" in line), "")
+        assert "Filter positions and log by symbol: pepe" in line, text
+        assert app.query_one(PositionsTable).shown_symbols() == ["1000PEPEUSDT"]
+        await pilot.press("escape")
+        await pilot.pause()
+        assert "Filter positions and log by symbol" not in svg_to_text(app.export_screenshot(), 120, 40)
+
+
+async def test_the_theme_choice_is_kept_for_the_next_start(tmp_path) -> None:
+    settings = scenario_settings()
+    state = tmp_path / "tsbot-tui-ui.json"
+    app = DashboardApp(settings, feed=ScenarioFeed(settings), tz=UTC, code_roots=[], ui_state_file=state)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await _settled(app, pilot)
+        assert app.theme == "textual-dark"
+        await app.run_action("toggle_dark_light")
+        await pilot.pause()
+        assert app.theme == "textual-light"
+    assert state.stat().st_mode & 0o777 == 0o600
+
+    again = DashboardApp(settings, feed=ScenarioFeed(settings), tz=UTC, code_roots=[], ui_state_file=state)
+    async with again.run_test(size=(120, 40)) as pilot:
+        await _settled(again, pilot)
+        assert again.theme == "textual-light"

@@ -1,0 +1,211 @@
+"""The dashboard never claims more than the venue confirmed (issue 13): quitting, the exit line, what is
+on screen. Against the real engine (sim venue, ManualClock, real PostgreSQL) unless a frozen instant is
+needed for the picture."""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+
+from engine.clock import ManualClock
+from engine.engine import EngineState
+from engine.events import EventsDropped, PositionOpened, WaveFinished
+from engine.venues.sim.settings import CallKind, FaultKind
+from engine.venues.sim.universe import UNIVERSE
+from storage.database import Database
+from tests.integration.engine_support import make_engine
+from tests.support.driving import drive, drive_until
+from tests.tui.harness import dashboard, started, tui_settings
+from tests.tui.snapshots import svg_to_text
+from tui import formatting
+from tui.app import RunningWave
+from tui.screens.confirm import ConfirmScreen
+from tui.screens.info import LeaseHeldScreen
+from tui.screens.position import PositionDetailScreen
+
+SYMBOLS = sorted(UNIVERSE)
+
+
+async def test_quit_dialog_and_exit_line_never_say_a_position_inside_its_grace_period_keeps_its_stops(
+    db: Database,
+) -> None:
+    """A position inside its grace period has no confirmed stop: the dialog and the exit line counted it
+    among those that "keep their stops" (and the exit line said "3 keep their stops … UNCOVERED 1")."""
+    settings = tui_settings(
+        db,
+        {
+            "PROTECTION__GRACE_SECONDS": "600",  # the unprotected position stays inside its grace period
+            "PROTECTION__CALL_TIMEOUT_SECONDS": "2",
+        },
+    )
+    async with dashboard(settings) as board:
+        await started(board)
+        await board.open_positions(SYMBOLS[70:72])
+        await board.until(lambda: board.engine.snapshot().coverage.protected == 2, "2 covered")
+        # The entry executes (its answer lost, resolved by client id); no stop order gets through.
+        board.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT, 1)
+        board.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 100_000)
+        await board.open_positions([SYMBOLS[72]])
+        await board.until(lambda: board.uncovered_text() == "uncovered 0 (1 protecting)", "inside grace")
+
+        await board.press("q")
+        confirm = board.app.screen
+        assert isinstance(confirm, ConfirmScreen)
+        body = str(confirm.query_one("#confirm-body").content)  # type: ignore[attr-defined]
+        assert "UNCOVERED" in body  # said of the position inside its grace period
+        assert "2 of 3 open positions keep their stops on the exchange" in body
+        assert "WARNING: 1 position is UNCOVERED right now, 1 of them inside their grace period" in body
+        await board.press("y")
+        await board.until(lambda: board.engine.state is EngineState.STOPPED, "engine stopped")
+        await board.until(lambda: not board.app.is_running, "app exited")
+        summary = board.app.exit_summary()
+        assert summary == (
+            f"tsbot-tui stopped: 3 open positions: 2 keep their stops on the exchange; UNCOVERED 1 ({SYMBOLS[72]})"
+        )
+        assert board.app.left_uncovered
+
+
+async def test_enter_on_a_position_shows_every_field_and_its_stop_orders_venue_ids(db: Database) -> None:
+    async with dashboard(tui_settings(db), size=(80, 24)) as board:
+        await started(board)
+        symbol = SYMBOLS[80]
+        await board.open_positions([symbol])
+        await board.until(lambda: board.engine.snapshot().coverage.protected == 1, "covered")
+        await board.until(lambda: board.positions.shown_symbols() == [symbol], "shown")
+        view = board.engine.snapshot().positions[0]
+        assert board.engine.store is not None
+        orders = await board.engine.store.live_orders_for_position(view.position_id)
+        assert {o.purpose.value for o in orders} == {"stop_loss", "trailing_stop"}
+
+        await board.press("enter")
+        screen = board.app.screen
+        assert isinstance(screen, PositionDetailScreen)
+        await board.until(lambda: screen.orders is not None, "orders read")
+        await board.pilot.pause()
+        text = " ".join(svg_to_text(board.app.export_screenshot(), 80, 24).split())
+        for field in (
+            "symbol",
+            "side",
+            "quantity",
+            "entry",
+            "mark",
+            "stop-loss",
+            "trailing stop",
+            "last error",
+        ):
+            assert field in text, field
+        assert symbol in text
+        assert f"quantity {formatting.price(view.quantity)}" in text
+        assert f"entry {formatting.price(view.entry_price)}" in text
+        assert "covered: both stops confirmed by the venue" in text
+        detail = str(screen.query_one("#position-detail").content)  # type: ignore[attr-defined]
+        for order in orders:  # the venue's ids, and ours, for both stops
+            assert order.exchange_order_id
+            assert f"venue id {order.exchange_order_id}" in detail
+            assert order.client_order_id in detail
+        await board.press("escape")
+        assert not isinstance(board.app.screen, PositionDetailScreen)
+
+
+async def test_gauge_health_and_wave_line_show_the_same_instant_while_a_wave_is_failing(db: Database) -> None:
+    """The gauge counted an uncovered position while the health panel still said protection ok (it showed
+    the engine's last health check, up to an interval old), and the wave line showed the last finished wave
+    while the running one was failing."""
+    settings = tui_settings(db, {"HEALTH__INTERVAL_SECONDS": "600"})  # no health check during the test
+    async with dashboard(settings) as board:
+        await started(board)
+        await board.open_positions(SYMBOLS[74:76])
+        await board.until(lambda: bool(board.engine.snapshot().waves), "the first wave finished")
+        await board.until(
+            lambda: "2 opened, 2 protected" in str(board.positions.border_subtitle), "wave line"
+        )
+
+        board.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT, 1)
+        board.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 100_000)
+        await board.open_positions([SYMBOLS[76]])
+        await board.until(lambda: board.uncovered_text().startswith("UNCOVERED 1"), "gauge: 1 uncovered")
+        await board.pilot.pause()
+        text = svg_to_text(board.app.export_screenshot(), 120, 40)
+        assert "UNCOVERED 1" in text
+        assert re.search(r"Health: (DEGRADED|CRITICAL)", text), text
+        assert re.search(r"protection\s+(DEGRADED|CRITICAL)", text), text
+        subtitle = str(board.positions.border_subtitle)
+        assert subtitle.startswith("wave running since"), subtitle
+        assert subtitle.endswith("1 opened, 0 protected, 1 UNCOVERED"), subtitle
+
+
+async def test_read_only_shows_the_trailing_stop_as_the_live_view_does_and_the_version_once(
+    db: Database,
+) -> None:
+    """Read-only said "venue trailing" where the trader's own screen said "waiting +1.45%" (same position,
+    same facts), and the header showed the version twice."""
+    settings = tui_settings(db)
+    clock = ManualClock()
+    trader = make_engine(settings, clock)
+    await drive(clock, trader.start())
+    try:
+        assert trader.store is not None
+        await trader.store.insert_signals([(SYMBOLS[78], "long", None, None)])
+        await drive_until(clock, lambda: trader.snapshot().coverage.protected == 1, what="covered")
+        live = trader.snapshot().positions[0]
+        assert live.trailing_phase == "native"
+        assert live.distance_to_activation_percent is not None
+        assert live.distance_to_activation_percent > 0  # not yet activated: the live view says "waiting"
+        async with dashboard(settings, engine=make_engine(settings, clock)) as board:
+            board.app.read_only_poll_seconds = 0.05
+            await board.until(lambda: isinstance(board.app.screen, LeaseHeldScreen), "lease refusal shown")
+            await board.press("o")
+            await board.until(
+                lambda: board.positions.shown_symbols() == [SYMBOLS[78]], "the trader's position"
+            )
+            await board.until(lambda: board.positions.row_text(live.position_id) != "", "row formatted")
+            row = board.positions.row_text(live.position_id)
+            assert "venue trailing" not in row
+            assert re.search(r"waiting \+\d+\.\d\d%", row), row
+            status = board.status_text()
+            assert status.count("vtest") == 1, status
+            await board.press("q")
+            await board.until(lambda: not board.app.is_running, "app exited")
+    finally:
+        await drive(clock, trader.stop())
+
+
+def _opened(position_id: int, at: float) -> PositionOpened:
+    return PositionOpened(
+        at=at,
+        position_id=position_id,
+        symbol=f"S{position_id}USDT",
+        side="long",
+        quantity=Decimal(1),
+        entry_price=Decimal(1),
+    )
+
+
+def _finished(opened: int, at: float) -> WaveFinished:
+    return WaveFinished(
+        at=at,
+        wave_id=0,
+        signals=opened,
+        opened=opened,
+        protected=opened,
+        failed=0,
+        slowest_protection_ms=None,
+    )
+
+
+def test_the_running_wave_line_never_drops_a_wave_still_in_progress() -> None:
+    """A wave whose protection is failing waits up to two minutes; the next wave may open and finish first.
+    Events carry no wave id: the line keeps every position since the oldest unfinished wave."""
+    wave = RunningWave()
+    for position_id, at in ((1, 10.0), (2, 10.1)):  # wave A: two positions, protection failing
+        wave.see(_opened(position_id, at))
+    wave.see(_opened(3, 30.0))  # wave B, 20 s later
+    wave.see(_finished(1, 30.5))  # B finishes first: A is still running
+    assert [p for _, p in wave.positions] == [1, 2, 3]
+    assert wave.started_at == 10.0
+    wave.see(_finished(2, 130.0))  # A gives up waiting
+    assert wave.started_at is None
+    wave.see(_opened(4, 150.0))  # the next wave starts afresh
+    assert [p for _, p in wave.positions] == [4]
+    wave.see(EventsDropped(at=151.0, count=40))  # missed events: no claim rather than a wrong one
+    assert wave.started_at is None

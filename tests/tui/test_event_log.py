@@ -1,0 +1,88 @@
+"""The timeout and error log (issue 13, defect 4): it keeps following the newest row during a burst, `End`
+goes to the last row (it scrolled sideways), and an operator who scrolled up to read is not dragged down."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC
+
+from tests.tui.book import BookFeed, book_position
+from tests.tui.scenario import T0, ScenarioFeed, scenario_settings
+from tests.tui.snapshots import svg_to_text
+from tui.app import DashboardApp
+from tui.feed import LogEntry
+from tui.messages import LogEntryAdded
+from tui.widgets.event_log import EventLog
+
+
+def burst(first: int, count: int) -> list[LogEntry]:
+    return [
+        LogEntry(T0 + i, "error", f"SYM{i}USDT", "create stop-loss", 0.0, "retrying", f"burst row {i}")
+        for i in range(first, first + count)
+    ]
+
+
+async def settled(app: DashboardApp, pilot, log: EventLog, rows: int) -> None:
+    for _ in range(500):
+        if log.row_count >= rows:
+            break
+        await pilot.pause(0.01)
+    await pilot.pause()
+    await pilot.wait_for_scheduled_animations()
+
+
+async def test_the_log_follows_a_burst_and_end_goes_to_the_last_row() -> None:
+    settings = scenario_settings()
+    app = DashboardApp(settings, feed=ScenarioFeed(settings), tz=UTC, code_roots=[])
+    async with app.run_test(size=(120, 40)) as pilot:
+        log = app.query_one(EventLog)
+        await settled(app, pilot, log, 6)
+        before = log.row_count
+        for entry in burst(0, 80):  # faster than frames: all queued before the next refresh
+            app.post_message(LogEntryAdded(entry))
+        await settled(app, pilot, log, before + 80)
+        assert log.scroll_y == log.max_scroll_y > 0
+        assert "burst row 79" in svg_to_text(app.export_screenshot(), 120, 40)
+
+        # The operator scrolls up to read: new rows do not drag the view away.
+        log.focus()
+        await pilot.press("home")
+        await pilot.pause()
+        assert (log.cursor_row, log.scroll_y) == (0, 0)
+        for entry in burst(80, 5):
+            app.post_message(LogEntryAdded(entry))
+        await settled(app, pilot, log, before + 85)
+        assert log.scroll_y == 0
+
+        # End: the newest row (not the rightmost column), and the log follows again.
+        await pilot.press("end")
+        await settled(app, pilot, log, before + 85)
+        assert log.cursor_row == log.row_count - 1
+        assert log.scroll_x == 0
+        for entry in burst(85, 30):
+            app.post_message(LogEntryAdded(entry))
+        await settled(app, pilot, log, before + 115)
+        assert log.scroll_y == log.max_scroll_y
+        assert "burst row 114" in svg_to_text(app.export_screenshot(), 120, 40)
+
+
+async def test_the_log_keeps_following_a_burst_while_the_screen_is_busy() -> None:
+    """With 1 000 positions on screen (frames take long) and errors arriving a few at a time between them,
+    the log stopped following: its check "am I at the bottom?" ran before the previous scroll had landed."""
+    settings = scenario_settings()
+    book = [
+        book_position(i, f"S{i:04d}USDT", uncovered_for=60.0 if i % 7 == 0 else None) for i in range(1000)
+    ]
+    app = DashboardApp(settings, feed=BookFeed(settings, book), tz=UTC, code_roots=[])
+    async with app.run_test(size=(120, 40)) as pilot:
+        log = app.query_one(EventLog)
+        await pilot.pause(0.5)
+        before = log.row_count
+        for first in range(0, 400, 10):
+            for entry in burst(first, 10):
+                app.post_message(LogEntryAdded(entry))
+            await asyncio.sleep(0.003)  # real time for a frame to start between the bursts
+        await settled(app, pilot, log, before + 400)
+        await pilot.pause(0.3)
+        assert log.scroll_y == log.max_scroll_y > 0
+        assert "burst row 399" in svg_to_text(app.export_screenshot(), 120, 40)

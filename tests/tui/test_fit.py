@@ -1,0 +1,177 @@
+"""80×24 and 120×40 are usable for decisions (issue 13, defect 7): the key columns, the health lines, the help
+text and the `p` dialog's plan and result are on screen whole — shortened or wrapped, never cut at the edge.
+Asserted on the rendered screen."""
+
+from __future__ import annotations
+
+from datetime import UTC
+
+import pytest
+from textual.widgets import DataTable
+
+from tests.tui.book import PlanFeed
+from tests.tui.scenario import scenario_positions, scenario_settings
+from tests.tui.snapshots import svg_to_text
+from tui import formatting, keys
+from tui.app import DashboardApp
+from tui.screens.reprotect import ReprotectScreen
+
+SIZES = pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=["80x24", "120x40"])
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def dialog_text(text: str) -> str:
+    """The text inside a dialog's thick border (█ … █) on each line, joined: wrapped lines read as one."""
+    inside = []
+    for line in text.splitlines():
+        first, last = line.find("█"), line.rfind("█")
+        if first != -1 and last > first:
+            inside.append(line[first + 1 : last])
+    return flat(" ".join(inside))
+
+
+async def column_text(app: DashboardApp, pilot, table: DataTable, key: str) -> str:
+    """One column of a table as rendered on screen, every line of it (scrolling the table through), joined:
+    a wrapped cell reads as its whole text, and a cut one does not."""
+    offset = 0
+    for column_key, column in table.columns.items():
+        if column_key.value == key:
+            width = column.get_render_width(table)
+            break
+        offset += column.get_render_width(table)
+    else:
+        raise AssertionError(f"no column {key}")
+    lines: dict[int, str] = {}
+    await pilot.wait_for_scheduled_animations()
+    await pilot.pause()
+    while True:
+        rendered = screen(app).splitlines()
+        region = table.content_region
+        x = region.x + offset
+        for row in range(region.y + 1, region.y + region.height):  # below the header
+            lines[int(table.scroll_y) + row - region.y - 1] = rendered[row][x : x + width]
+        if table.scroll_y >= table.max_scroll_y:
+            break
+        before = table.scroll_y
+        table.scroll_to(y=table.scroll_y + max(1, region.height - 2), animate=False, immediate=True)
+        await pilot.pause()
+        await pilot.wait_for_scheduled_animations()
+        await pilot.pause()
+        assert table.scroll_y > before
+    return flat(" ".join(lines[k] for k in sorted(lines)))
+
+
+async def started_app(size: tuple[int, int]):
+    settings = scenario_settings()
+    app = DashboardApp(settings, feed=PlanFeed(settings), tz=UTC, code_roots=[])
+    return app
+
+
+async def settle(app: DashboardApp, pilot) -> None:
+    for _ in range(300):
+        if app.feed_started:
+            break
+        await pilot.pause(0.01)
+    app.clear_notifications()
+    app.paint()
+    await pilot.pause()
+
+
+def screen(app: DashboardApp) -> str:
+    width, height = app.size
+    return svg_to_text(app.export_screenshot(), width, height)
+
+
+@SIZES
+async def test_position_columns_are_whole(size: tuple[int, int]) -> None:
+    app = await started_app(size)
+    async with app.run_test(size=size) as pilot:
+        await settle(app, pilot)
+        text = screen(app)
+        lines = [line for line in text.splitlines() if line.startswith("│")]
+        for view in scenario_positions():
+            line = next((line for line in lines if f" {view.symbol} " in line), None)
+            assert line is not None, (view.symbol, text)
+            cells = line.strip("│ ").split()
+            assert formatting.price(view.mark_price) in cells, (view.symbol, line)
+            assert formatting.signed_percent(view.pnl_percent) in cells, (view.symbol, line)
+            if size[0] >= 100:  # wide enough for entry and quantity too (else Enter shows them)
+                assert formatting.price(view.entry_price) in cells, (view.symbol, line)
+                assert formatting.price(view.quantity) in cells, (view.symbol, line)
+        assert "Mark" in text
+
+
+@SIZES
+async def test_health_lines_are_whole_in_the_health_view(size: tuple[int, int]) -> None:
+    app = await started_app(size)
+    async with app.run_test(size=size) as pilot:
+        await settle(app, pilot)
+        await pilot.press("h")
+        await pilot.pause()
+        text = dialog_text(screen(app))
+        assert app.last_snapshot is not None
+        for component in app.last_snapshot.health:
+            assert flat(component.summary) in text, component.summary
+            if component.reason:
+                assert flat(component.reason) in text, component.reason
+
+
+@SIZES
+async def test_help_text_is_whole(size: tuple[int, int]) -> None:
+    app = await started_app(size)
+    async with app.run_test(size=size) as pilot:
+        await settle(app, pilot)
+        await pilot.press("question_mark")
+        await pilot.pause()
+        text = await column_text(app, pilot, app.screen.query_one("#help-keys", DataTable), "what")
+        for command in keys.COMMANDS:
+            assert flat(command.description) in text, command.description
+
+
+@SIZES
+async def test_reprotect_plan_and_result_are_whole(size: tuple[int, int]) -> None:
+    app = await started_app(size)
+    async with app.run_test(size=size) as pilot:
+        await settle(app, pilot)
+        await pilot.press("p")
+        await pilot.pause()
+        assert isinstance(app.screen, ReprotectScreen)
+        plan = app.screen.query_one("#reprotect-plan", DataTable)
+        orders = await column_text(app, pilot, plan, "orders")
+        assert "stop_market @ 0.009904" in orders
+        assert "trailing_stop_market @ 0.010363" in orders
+        result = await column_text(app, pilot, plan, "result")
+        assert "planned (last error: create trailing stop: network error before send)" in result
+        await pilot.press("y")
+        for _ in range(200):
+            if app.screen.state == "done":  # type: ignore[attr-defined]
+                break
+            await pilot.pause(0.01)
+        await pilot.pause()
+        result = await column_text(app, pilot, plan, "result")
+        assert f"NOT covered: {PlanFeed.FAILURE}" in result
+        assert result.endswith("covered")  # SOLUSDT
+
+
+async def test_a_wide_terminal_is_used_not_left_empty() -> None:
+    """At 200 columns the tables kept their 120-column widths: the log's details were cut at a fixed 100
+    columns while the rest of the line stayed empty. Now the positions get a last-error column and the
+    log's detail takes the panel's width (and wraps rather than being cut)."""
+    app = await started_app((200, 50))
+    async with app.run_test(size=(200, 50)) as pilot:
+        await settle(app, pilot)
+        for _ in range(200):
+            if app.query_one("#log", DataTable).row_count >= 6:
+                break
+            await pilot.pause(0.01)
+        await pilot.pause()
+        text = screen(app)
+        pepe = next(line for line in text.splitlines() if " 1000PEPEUSDT " in line and "LONG" in line)
+        assert "Last error" in text
+        assert "create trailing stop: network error before send" in pepe
+        details = await column_text(app, pilot, app.query_one("#log", DataTable), "detail")
+        for entry in app.query_one("#log").shown_entries():  # type: ignore[attr-defined]
+            assert flat(entry.detail) in details, entry.detail

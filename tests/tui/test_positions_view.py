@@ -1,0 +1,95 @@
+"""The positions table in transitions (issue 13, defect 1): uncovered rows are always on screen whatever the
+operator or the arriving rows did to the view, the table opens at the top, Home and End go to the first and
+last row, and the title carries the uncovered count. Read from the rendered screen."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC
+
+from engine.venues.sim.universe import UNIVERSE
+from tests.tui.book import BookFeed, book_position
+from tests.tui.scenario import scenario_settings
+from tests.tui.snapshots import svg_to_text
+from tui.app import DashboardApp
+from tui.widgets.positions import PositionsTable
+
+SYMBOLS = sorted(UNIVERSE)
+
+
+def screen_text(app: DashboardApp) -> str:
+    width, height = app.size
+    return svg_to_text(app.export_screenshot(), width, height)
+
+
+async def wait_for(pilot, condition: Callable[[], bool], what: str) -> None:
+    for _ in range(500):
+        if condition():
+            await pilot.pause()
+            return
+        await pilot.pause(0.01)
+    raise AssertionError(f"{what}: not reached")
+
+
+async def test_uncovered_rows_stay_on_screen_the_table_opens_at_the_top_and_home_end_move_the_cursor() -> (
+    None
+):
+    settings = scenario_settings()
+    last = SYMBOLS[-1]
+    feed = BookFeed(settings, [book_position(1, last)])
+    app = DashboardApp(settings, feed=feed, tz=UTC, code_roots=[])
+    async with app.run_test(size=(80, 24)) as pilot:
+        table = app.query_one(PositionsTable)
+        await wait_for(pilot, lambda: table.row_count == 1, "the first position shown")
+
+        # Thirty more arrive, all sorting before the first: the table stays at its top.
+        book = [book_position(1, last)] + [book_position(10 + i, s) for i, s in enumerate(SYMBOLS[:30])]
+        feed.set_positions(book)
+        await wait_for(pilot, lambda: table.row_count == 31, "31 positions shown")
+        assert (table.cursor_row, table.scroll_y) == (0, 0)
+        assert f"  {SYMBOLS[0]}" in screen_text(app)
+
+        # End: the last row (it scrolled sideways), with the view on it.
+        await pilot.press("end")
+        await pilot.pause()
+        assert table.cursor_row == 30
+        assert last in screen_text(app)
+
+        # A burst of uncovered positions while the operator is at the bottom: every one is on screen.
+        burst = [book_position(100 + i, s, uncovered_for=40.0 + i) for i, s in enumerate(SYMBOLS[40:44])]
+        feed.set_positions(book + burst)
+        await wait_for(pilot, lambda: table.row_count == 35, "35 positions shown")
+        text = screen_text(app)
+        for position in burst:
+            assert f"! {position.symbol}" in " ".join(text.split()), text
+        assert "Positions 35 · 4 UNCOVERED" in text
+        selected = table.selected_view()
+        assert selected is not None
+        assert selected.symbol == last  # the cursor stayed on the position the operator chose
+
+        # Home: the first row and the top of the table.
+        await pilot.press("home")
+        await pilot.pause()
+        assert (table.cursor_row, table.scroll_y) == (0, 0)
+        assert table.selected_view().symbol == SYMBOLS[40]  # type: ignore[union-attr]
+
+
+async def test_more_uncovered_than_the_view_holds_says_how_many_are_not_pinned() -> None:
+    settings = scenario_settings()
+    book = [book_position(i, s) for i, s in enumerate(SYMBOLS[:20])]
+    book += [book_position(100 + i, s, uncovered_for=60.0) for i, s in enumerate(SYMBOLS[50:70])]
+    feed = BookFeed(settings, book)
+    app = DashboardApp(settings, feed=feed, tz=UTC, code_roots=[])
+    async with app.run_test(size=(80, 24)) as pilot:
+        table = app.query_one(PositionsTable)
+        await wait_for(pilot, lambda: table.row_count == 40, "40 positions shown")
+        await wait_for(pilot, lambda: table.fixed_rows > 0, "uncovered rows pinned")
+        await pilot.press("end")
+        await pilot.pause()
+        text = screen_text(app)
+        pinned = table.fixed_rows
+        assert 0 < pinned < 20
+        assert f"Positions 40 · 20 UNCOVERED ({20 - pinned} below the pinned ones)" in text
+        flat = " ".join(text.split())
+        for symbol in SYMBOLS[50 : 50 + pinned]:
+            assert f"! {symbol}" in flat
