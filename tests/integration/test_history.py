@@ -74,7 +74,15 @@ async def test_a_stop_removed_on_the_venue_is_an_uncovered_span_until_it_is_prot
         # Seen within a reconcile interval of the venue's loss.
         assert lost_at <= span["started_at"].timestamp() <= lost_at + 5
 
-        await _wait(clock, 42)
+        # Restarting the protection manager meanwhile neither ends the span nor begins another.
+        await _wait(clock, 20)
+        await drive(clock, engine.restart_protection())
+        assert engine.manager is not None
+        guard = engine.manager.guards[guard.position_id]
+        await drive_until(clock, lambda: guard.facts_written(), what="the restored guard's facts written")
+        assert await _spans(db) == [span]
+
+        await _wait(clock, 22)
         venue.clear_injected_faults()
         await drive_until(clock, lambda: guard.covered and guard.facts_written(), what="protected again")
         regained_at = clock.now()  # the venue holds the new stop-loss from the pass that just confirmed it
