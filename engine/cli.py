@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib.metadata
 import json
 import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, NoReturn
@@ -32,11 +35,12 @@ from engine.commands import CommandAnswer, send_command
 from engine.config import MAX_SEED, ConfigError, LoadedConfig, load_config
 from engine.config_show import render_config
 from engine.credentials import CredentialsRefused
-from engine.engine import Engine
+from engine.engine import COVERAGE_SAMPLE_SECONDS, Engine
 from engine.exchange.errors import ExchangeError, Rejected
 from engine.logs import LogFileError, RedactingFormatter, configure_logging
 from engine.metrics_server import MetricsUnavailable
 from engine.signal_input import BadSignal, SignalInput, normalise_symbol, read_jsonl, signal_from_fields
+from storage import history
 from storage.commands import CommandKind
 from storage.database import (
     Database,
@@ -241,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--json", action="store_true", help="machine-readable output")
     _add_steering_parsers(commands, config_option)
+    _add_report_parser(commands, config_option)
     return parser
 
 
@@ -923,6 +928,192 @@ def _ask(prompt: str) -> str:
         return ""
 
 
+# --- tsbot report: the shift summary -------------------------------------------------------------------
+
+REPORT_SINCE_HELP = (
+    "8h, 90m, 2d, 1h30m (back from now) or 2026-12-01T08:00 (local time unless a zone is given)"
+)
+_DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+
+
+def _add_report_parser(commands: Any, config_option: argparse.ArgumentParser) -> None:
+    report = commands.add_parser(
+        "report",
+        parents=[config_option],
+        help="the shift summary from the database: waves, protection failures by class, uncovered time, "
+        "time-weighted coverage, closes by reason, realized PnL",
+    )
+    report.add_argument(
+        "--since", default="8h", metavar="WHEN", help=f"start of the window: {REPORT_SINCE_HELP}"
+    )
+    report.add_argument("--json", action="store_true", help="machine-readable output (Decimals as strings)")
+
+
+def parse_since(text: str, now: datetime) -> datetime:
+    """The start of a report's window: a duration back from `now`, or a moment (local time if it names no
+    zone). `UsageError` naming --since for anything else, a zero duration, or a moment not in the past."""
+    spec = text.strip()
+    wrong = f"--since {text!r}: expected {REPORT_SINCE_HELP}"
+    match = _DURATION.fullmatch(spec.lower())
+    if spec and match is not None:
+        days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
+        total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds  # exact: no timedelta overflow
+        if total <= 0:
+            raise UsageError(f"--since {text!r}: the window is empty; give a duration above zero, e.g. 8h")
+        if total > MAX_DURATION_SECONDS:
+            raise UsageError(f"--since {text!r}: at most {MAX_DURATION_SECONDS // 86400} days back")
+        return now - timedelta(seconds=total)
+    try:
+        moment = datetime.fromisoformat(spec)
+    except ValueError:
+        raise UsageError(wrong) from None
+    if moment.tzinfo is None:
+        moment = moment.astimezone()  # the operator's local time
+    if moment >= now:
+        raise UsageError(f"--since {text!r}: {moment.isoformat()} is not in the past")
+    return moment
+
+
+def _report(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    account = account_key(loaded.settings.venue)
+    parse_since(args.since, datetime.now(UTC))  # a wrong --since is said before any connection is tried
+    report = asyncio.run(_report_from_database(loaded, account, args.since))
+    if args.json:
+        print(json.dumps(_report_json(report, loaded), default=_exact_json, indent=2))
+    else:
+        sys.stdout.write(_report_text(report, loaded))
+    return EXIT_OK
+
+
+async def _report_from_database(loaded: LoadedConfig, account: str, since_text: str) -> history.ShiftReport:
+    """Read the report over the window ending at the database's now. Like `tsbot status`, it never starts or
+    waits on a server: one that does not answer within `database.probe_timeout_seconds` (connect) and
+    `database.command_timeout_seconds` (each query) is `CommandFailed`, at once."""
+    db = loaded.settings.database
+    probe = float(db.probe_timeout_seconds)
+    try:
+        target = _status_target(loaded)
+    except StatusUnknown as exc:
+        raise CommandFailed(str(exc)) from None
+    try:
+        pool = await asyncio.wait_for(
+            create_pool(
+                target,
+                min_size=1,
+                max_size=1,
+                command_timeout=float(db.command_timeout_seconds),
+                connect_timeout=probe,
+            ),
+            probe * STATUS_DEADLINE_PROBES,
+        )
+    except TimeoutError:
+        raise CommandFailed(f"database {target.display}: no answer within {probe:g} s") from None
+    try:
+        async with pool.acquire() as conn:
+            await apply_migrations(conn)  # a no-op once the engine ran; an older schema gets the history
+            until = await history.now(conn)
+            since = parse_since(since_text, until)
+            return await history.shift_report(
+                conn, account, since, until, sample_stands_seconds=COVERAGE_SAMPLE_STANDS_SECONDS
+            )
+    except Exception as exc:
+        if isinstance(exc, TimeoutError) or is_unreachable(exc):
+            raise CommandFailed(
+                f"database {target.display}: unreachable while reading the report: {type(exc).__name__}: {exc}"
+            ) from None
+        raise
+    finally:
+        pool.terminate()
+
+
+def _report_json(report: history.ShiftReport, loaded: LoadedConfig) -> dict[str, Any]:
+    out = dataclasses.asdict(report)
+    out["account_label"] = loaded.settings.venue.account
+    out["window_seconds"] = _seconds_between(report.since, report.until)
+    return out
+
+
+def _seconds_between(start: datetime, end: datetime) -> Decimal:
+    return Decimal(str((end - start).total_seconds())).quantize(Decimal("0.001"))
+
+
+def _exact_json(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return str(value)  # exact: money and seconds are not rounded through a float
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _report_text(report: history.ShiftReport, loaded: LoadedConfig) -> str:
+    def when(moment: datetime) -> str:
+        return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+    lines = [
+        f"shift report for {report.account} (label {loaded.settings.venue.account!r}): "
+        f"{when(report.since)} to {when(report.until)} ({_duration(report.until - report.since)})",
+        f"waves:                {report.waves}",
+        f"positions opened:     {report.opened}",
+        f"  protected:          {report.protected}"
+        + (
+            f" ({report.opened - report.protected} never protected)"
+            if report.opened > report.protected
+            else ""
+        ),
+        f"protection failures:  {sum(report.failures.values())}",
+    ]
+    lines += [f"  {cls:<19} {n}" for cls, n in report.failures.items()]
+    lines.append(
+        f"uncovered:            {_seconds_text(report.uncovered_seconds)} in {report.uncovered_spans} span"
+        + ("" if report.uncovered_spans == 1 else "s")
+        + (f", {report.still_uncovered} still uncovered" if report.still_uncovered else "")
+    )
+    if report.worst is not None:
+        w = report.worst
+        how = "still uncovered" if w.ended_at is None else f"ended: {w.ended_by}"
+        lines.append(
+            f"  worst:              {_seconds_text(w.seconds)}, #{w.position_id} {w.symbol} from {when(w.started_at)} "
+            f"({w.reason}; {how})"
+        )
+    if report.coverage_pct is None:
+        coverage = "n/a (no sample with active positions)"
+    else:
+        coverage = f"{report.coverage_pct} % time-weighted (lowest {report.lowest_coverage_pct} %)"
+    lines.append(f"coverage:             {coverage}, {report.measured_seconds} s measured")
+    lines.append(f"closes:               {sum(report.closes.values())}")
+    lines += [f"  {reason:<19} {n}" for reason, n in report.closes.items()]
+    lines.append(
+        f"realized PnL:         {report.realized_pnl}"
+        + (
+            f" ({report.closed_without_pnl} of the closes without a known PnL)"
+            if report.closed_without_pnl
+            else ""
+        )
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _seconds_text(seconds: Decimal) -> str:
+    """Exact seconds, and in hours and minutes once that reads better."""
+    text = f"{seconds} s"
+    return text if seconds < 60 else f"{text} ({_duration(timedelta(seconds=float(seconds)))})"
+
+
+def _duration(span: timedelta) -> str:
+    seconds = int(span.total_seconds())
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    parts = [f"{days}d" if days else "", f"{hours}h" if hours else "", f"{minutes}m" if minutes else ""]
+    parts.append(f"{seconds}s" if seconds or not any(parts) else "")
+    return "".join(parts)
+
+
+# A coverage sample stands for what follows it until the next one; past this with none (no engine measuring),
+# the time is not counted at all.
+COVERAGE_SAMPLE_STANDS_SECONDS = 3 * COVERAGE_SAMPLE_SECONDS
+
+
 _HANDLERS = {
     "config show": _config_show,
     "db migrate": _db_migrate,
@@ -932,6 +1123,7 @@ _HANDLERS = {
     "run": _run,
     "sim-exchange": _sim_exchange,
     "status": _status,
+    "report": _report,
     "entries pause": _entries_pause,
     "entries resume": _entries_resume,
     "protect": _protect,

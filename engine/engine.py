@@ -71,7 +71,7 @@ from engine.signal_input import BadSignal, parse_score, parse_side
 from engine.signals import SignalConsumer, SignalWave, SimSignalGenerator
 from protection import health
 from protection.breaker import BreakerInputs, BreakerSettings, trip_reasons
-from protection.coverage import CoverageFigures, PositionCoverage, coverage_figures
+from protection.coverage import CoverageFigures, PositionCoverage, coverage_figures, percent
 from protection.manager import PositionGuard, ProtectionConfig, ProtectionManager, TrailingKind
 from protection.order_ids import client_order_id
 from protection.reconciler import Reconciler, ReconcileReport
@@ -82,6 +82,7 @@ from storage.journal import WriteJournal
 from storage.lease import EngineLease, LeaseHeld
 from storage.outage import DatabaseWatch, journal_path
 from storage.repositories import (
+    CoverageSample,
     HealthRow,
     OrderPurpose,
     OrderRecordStatus,
@@ -99,6 +100,10 @@ log = logging.getLogger(__name__)
 STARTUP_UNKNOWN_SECONDS = 30.0  # an empty position list this soon after connecting is "unknown" (F3)
 WAVE_PROTECTION_WAIT_SECONDS = 120.0
 HOUSEKEEPING_SECONDS = 60.0
+# The coverage history (monitoring.coverage_samples): one sample of the gauge's figures this often, kept this
+# long (older ones are deleted by the housekeeping).
+COVERAGE_SAMPLE_SECONDS = 10.0
+COVERAGE_RETENTION_SECONDS = 30 * 86400.0
 STALE_CLAIM_SECONDS = 600.0
 LEASE_CHECK_SECONDS = 2.0
 LEASE_SAY_EVERY_SECONDS = 60.0  # an unreachable database is said once a minute, not once per retry  # a wave handles its signals in seconds; ten minutes taken is abandoned
@@ -569,6 +574,7 @@ class Engine:
         consumer.also_listen(NEW_COMMAND_CHANNEL, self.commands.notified)
         sup.start("commands", self.commands.run)
         sup.start("housekeeping", self._housekeeping)
+        sup.start("coverage-samples", self._sample_coverage)
         sup.start("signals", self._wave_loop)
         if self._generate:
             generator = SimSignalGenerator(
@@ -950,10 +956,14 @@ class Engine:
         return self.account_key
 
     async def _housekeeping(self) -> None:
-        """Every minute: signals left claimed longer than any wave takes (by any engine) are expired."""
+        """Every minute: signals left claimed longer than any wave takes (by any engine) are expired, and
+        this account's coverage samples older than the retention are deleted."""
         assert self.store is not None
         while True:
             await self.clock.sleep(HOUSEKEEPING_SECONDS)
+            await self.store.delete_coverage_samples_before(
+                _utc(self.clock.now() - COVERAGE_RETENTION_SECONDS)
+            )
             expired = await self.store.expire_claimed_signals(older_than_seconds=STALE_CLAIM_SECONDS)
             if expired:
                 log.warning(
@@ -961,6 +971,22 @@ class Engine:
                     expired,
                     STALE_CLAIM_SECONDS,
                 )
+
+    async def _sample_coverage(self) -> None:
+        """Every `COVERAGE_SAMPLE_SECONDS`: the coverage the gauge shows, into the history (journaled in an
+        outage like the protection path's writes). The shift report's time-weighted coverage is read there."""
+        assert self.store is not None
+        due = self.clock.monotonic()
+        while True:
+            await self.store.record_coverage_sample(coverage_sample(self.coverage(), _utc(self.clock.now())))
+            # On a fixed grid: a slow write does not push every later sample back (a write slower than
+            # the cadence skips the samples it overlapped rather than bunching them).
+            now = self.clock.monotonic()
+            due += COVERAGE_SAMPLE_SECONDS
+            if due <= now:
+                due += math.ceil((now - due) / COVERAGE_SAMPLE_SECONDS) * COVERAGE_SAMPLE_SECONDS
+                due = due if due > now else due + COVERAGE_SAMPLE_SECONDS
+            await self.clock.sleep(due - now)
 
     async def _lease_heartbeat(self) -> None:
         """Keep the account lease: heartbeat it; when its connection dies, stop entries at once (protection
@@ -1673,6 +1699,19 @@ _OUTAGE_SAID = frozenset({health.Component.DATABASE, health.Component.SIGNALS})
 
 def _utc(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch, tz=UTC)
+
+
+def coverage_sample(figures: CoverageFigures, at: datetime) -> CoverageSample:
+    """A history sample of coverage figures: positions inside their grace period count as active and not
+    protected (they are not, yet), as `uncovered` does not count them."""
+    return CoverageSample(
+        at=at,
+        active=figures.active,
+        protected=figures.protected,
+        uncovered=figures.uncovered,
+        lasting=figures.lasting,
+        coverage_pct=percent(figures.protected, figures.active),
+    )
 
 
 def _entry_pending(position: PositionRecord) -> bool:

@@ -1497,6 +1497,7 @@ class PositionGuard:
                 status=facts[4],
                 trail_armed=facts[5],
                 unprotected_since=facts[6],
+                observed_at=_datetime(m.clock.now()),  # an uncovered span these facts end, ends now
             ),
         )
         self.status = written if written is not None else facts[4]

@@ -131,6 +131,8 @@ class ProtectionFactsRow:
     status: PositionStatus  # the live status it should have: pending_protection or active
     trail_armed: bool = False
     unprotected_since: datetime | None = None  # since when it lacks a confirmed stop; None: covered
+    # When the writer saw these facts, on its clock: an uncovered span these facts end, ends then.
+    observed_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +185,19 @@ class Coverage:
     with_trailing_stop: int
     coverage_pct: Decimal | None
     stop_loss_coverage_pct: Decimal | None
+
+
+@dataclass(frozen=True, slots=True)
+class CoverageSample:
+    """The engine's coverage at one moment (a row of monitoring.coverage_samples). `coverage_pct`:
+    protected / active, None with no active position."""
+
+    at: datetime
+    active: int
+    protected: int
+    uncovered: int  # past the grace period
+    lasting: int  # of those, uncovered for a grace period or more
+    coverage_pct: Decimal | None
 
 
 class SignalStatus(StrEnum):
@@ -278,6 +293,26 @@ def _event(row: Mapping[str, Any]) -> EventRecord:
 
 
 _SEVERITY_RANK = {s: i for i, s in enumerate(Severity)}
+
+# What a position without its stops lacked, from its row (`{row}`: the alias of monitoring.positions). The
+# trailing protection is in place as `PositionRecord.trailing_in_place` says.
+_UNCOVERED_REASON = """
+    CASE WHEN {row}.protected_at IS NULL THEN 'not_yet_protected'
+         WHEN NOT {row}.has_stop_loss
+              AND NOT ({row}.has_trailing_stop OR ({row}.trail_armed AND NOT {row}.trailing_activated))
+             THEN 'both_missing'
+         WHEN NOT {row}.has_stop_loss THEN 'stop_loss_missing'
+         ELSE 'trailing_stop_missing' END"""
+
+# A position that ends (closed, failed) ends its open uncovered span, if any, when it ended (`{at}`: the
+# statement's parameter with that moment, NULL for now). A CTE after `closed AS (UPDATE … RETURNING *)`.
+_END_SPANS_ON_CLOSE = """ended AS (
+                UPDATE monitoring.uncovered_spans AS s
+                SET ended_at = GREATEST(s.started_at, COALESCE({at}::timestamptz, now())), ended_by = 'closed',
+                    exit_reason = c.exit_reason
+                FROM closed AS c
+                WHERE s.position_id = c.id AND s.ended_at IS NULL AND c.status IN ('closed', 'failed')
+            )"""
 
 
 DEFAULT_ACCOUNT = "sim:default"  # the sim venue with the default label (engine/accounts.py)
@@ -380,16 +415,19 @@ class Store:
     ) -> PositionRecord:
         """`at`: when it happened, if not now (a write replayed from the journal)."""
         row = await self._pool.fetchrow(
-            """
-            UPDATE monitoring.positions
-            SET status = $2,
-                exit_reason = COALESCE($3, exit_reason),
-                closed_at = CASE WHEN $2 = ANY($4::text[]) THEN COALESCE(closed_at, $5::timestamptz, now())
-                                 ELSE closed_at END,
-                has_stop_loss = CASE WHEN $2 = ANY($4::text[]) THEN false ELSE has_stop_loss END,
-                has_trailing_stop = CASE WHEN $2 = ANY($4::text[]) THEN false ELSE has_trailing_stop END
-            WHERE id = $1
-            RETURNING *
+            f"""
+            WITH closed AS (
+                UPDATE monitoring.positions
+                SET status = $2,
+                    exit_reason = COALESCE($3, exit_reason),
+                    closed_at = CASE WHEN $2 = ANY($4::text[]) THEN COALESCE(closed_at, $5::timestamptz, now())
+                                     ELSE closed_at END,
+                    has_stop_loss = CASE WHEN $2 = ANY($4::text[]) THEN false ELSE has_stop_loss END,
+                    has_trailing_stop = CASE WHEN $2 = ANY($4::text[]) THEN false ELSE has_trailing_stop END
+                WHERE id = $1
+                RETURNING *
+            ), {_END_SPANS_ON_CLOSE.format(at="$5")}
+            SELECT * FROM closed
             """,
             position_id,
             status.value,
@@ -456,20 +494,45 @@ class Store:
         Returns the status each updated position has afterwards."""
         if not facts:
             return {}
+        # One statement, so a span is exactly as durable as the facts that open or end it (a journaled write
+        # replays both). `old` is the row before this update: a change of `unprotected_since` is a span
+        # beginning (NULL → t) or ending (t → NULL; t → t' ends one and begins the next). A span is keyed
+        # by (position, start), so a replay that repeats the change writes nothing new.
         rows = await self._pool.fetch(
-            """
-            UPDATE monitoring.positions AS p
-            SET has_stop_loss = f.sl, has_trailing_stop = f.ts, stop_loss_price = f.sl_price,
-                trailing_activated = COALESCE(f.activated, p.trailing_activated), trail_armed = f.armed,
-                unprotected_since = f.since,
-                protected_at = CASE WHEN f.sl AND f.ts THEN COALESCE(p.protected_at, $9::timestamptz, now())
-                                    ELSE p.protected_at END,
-                status = CASE WHEN p.status IN ('pending_protection', 'active') THEN f.status ELSE p.status END
-            FROM unnest($1::bigint[], $2::bool[], $3::bool[], $4::numeric[], $5::bool[], $6::text[], $8::bool[],
-                        $10::timestamptz[])
-                AS f(id, sl, ts, sl_price, activated, status, armed, since)
-            WHERE p.id = f.id AND p.status <> ALL($7::text[])
-            RETURNING p.id, p.status
+            f"""
+            WITH changed AS (
+                UPDATE monitoring.positions AS p
+                SET has_stop_loss = f.sl, has_trailing_stop = f.ts, stop_loss_price = f.sl_price,
+                    trailing_activated = COALESCE(f.activated, p.trailing_activated), trail_armed = f.armed,
+                    unprotected_since = f.since,
+                    protected_at = CASE WHEN f.sl AND f.ts THEN COALESCE(p.protected_at, $9::timestamptz, now())
+                                        ELSE p.protected_at END,
+                    status = CASE WHEN p.status IN ('pending_protection', 'active') THEN f.status ELSE p.status END
+                FROM unnest($1::bigint[], $2::bool[], $3::bool[], $4::numeric[], $5::bool[], $6::text[],
+                            $8::bool[], $10::timestamptz[], $11::timestamptz[])
+                         AS f(id, sl, ts, sl_price, activated, status, armed, since, observed),
+                     monitoring.positions AS old
+                WHERE p.id = f.id AND old.id = f.id AND p.status <> ALL($7::text[])
+                RETURNING p.id, p.status, p.account, p.symbol, p.unprotected_since AS since,
+                          old.unprotected_since AS was, f.observed,
+                          {_UNCOVERED_REASON.format(row="old")} AS was_reason,
+                          {_UNCOVERED_REASON.format(row="p")} AS reason
+            ), ended AS (
+                INSERT INTO monitoring.uncovered_spans
+                    (account, position_id, symbol, started_at, ended_at, reason, ended_by)
+                SELECT account, id, symbol, was, GREATEST(was, COALESCE(since, observed, $9::timestamptz, now())),
+                       was_reason, 'protected'
+                FROM changed WHERE was IS NOT NULL AND was IS DISTINCT FROM since
+                ON CONFLICT (position_id, started_at) DO UPDATE
+                    SET ended_at = EXCLUDED.ended_at, ended_by = EXCLUDED.ended_by
+                    WHERE monitoring.uncovered_spans.ended_at IS NULL
+            ), started AS (
+                INSERT INTO monitoring.uncovered_spans (account, position_id, symbol, started_at, reason)
+                SELECT account, id, symbol, since, reason
+                FROM changed WHERE since IS NOT NULL AND since IS DISTINCT FROM was
+                ON CONFLICT (position_id, started_at) DO NOTHING
+            )
+            SELECT id, status FROM changed
             """,
             [f.position_id for f in facts],
             [f.has_stop_loss for f in facts],
@@ -481,6 +544,7 @@ class Store:
             [f.trail_armed for f in facts],
             at,
             [f.unprotected_since for f in facts],
+            [f.observed_at for f in facts],
         )
         return {r["id"]: PositionStatus(r["status"]) for r in rows}
 
@@ -503,14 +567,17 @@ class Store:
         """The venue confirmed the position flat: closed, why, its realized PnL and no stops, in one write
         (a reader never sees it closed without the rest)."""
         row = await self._pool.fetchrow(
-            """
-            UPDATE monitoring.positions
-            SET status = 'closed', exit_reason = $2, realized_pnl = COALESCE($3, realized_pnl),
-                closed_at = COALESCE(closed_at, $4::timestamptz, now()), has_stop_loss = false,
-                has_trailing_stop = false,
-                trail_armed = false
-            WHERE id = $1
-            RETURNING *
+            f"""
+            WITH closed AS (
+                UPDATE monitoring.positions
+                SET status = 'closed', exit_reason = $2, realized_pnl = COALESCE($3, realized_pnl),
+                    closed_at = COALESCE(closed_at, $4::timestamptz, now()), has_stop_loss = false,
+                    has_trailing_stop = false,
+                    trail_armed = false
+                WHERE id = $1
+                RETURNING *
+            ), {_END_SPANS_ON_CLOSE.format(at="$4")}
+            SELECT * FROM closed
             """,
             position_id,
             exit_reason,
@@ -976,6 +1043,33 @@ class Store:
             self.account,
         )
         return [HealthRow(**dict(r)) for r in rows]
+
+    # --- history -----------------------------------------------------------------------------------------
+
+    async def record_coverage_sample(self, sample: CoverageSample) -> None:
+        """One sample of the coverage series. Idempotent by (account, time): a replayed sample is kept once."""
+        await self._pool.execute(
+            """
+            INSERT INTO monitoring.coverage_samples
+                (account, at, active, protected, uncovered, lasting, coverage_pct)
+            VALUES ($1, $2, $3, $4, $5, $6, $7)
+            ON CONFLICT (account, at) DO NOTHING
+            """,
+            self.account,
+            sample.at,
+            sample.active,
+            sample.protected,
+            sample.uncovered,
+            sample.lasting,
+            sample.coverage_pct,
+        )
+
+    async def delete_coverage_samples_before(self, moment: datetime) -> int:
+        """Retention: this account's samples older than `moment` go. Returns how many."""
+        result = await self._pool.execute(
+            "DELETE FROM monitoring.coverage_samples WHERE account = $1 AND at < $2", self.account, moment
+        )
+        return int(result.split()[-1])
 
     # --- events ------------------------------------------------------------------------------------------
 

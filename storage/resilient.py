@@ -8,8 +8,10 @@ take them, and the caller proceeds as if they were written:
     record_order, set_order_status, set_order_statuses_many, set_protection_facts_many, save_trailing_state,
     close_position, set_position_status, set_position_quantity, record_event, and — so that an entry whose
     fill arrives during an outage is protected at once and its wave accounted for — record_fill,
-    finish_signal and finish_wave; set_entries_control (a breaker pause during an outage persists) and
-    disarm_managed_trails (an engine stopping during an outage).
+    finish_signal and finish_wave; set_entries_control (a breaker pause during an outage persists),
+    disarm_managed_trails (an engine stopping during an outage) and record_coverage_sample (the coverage
+    series has no hole where the database was). The uncovered spans (monitoring.uncovered_spans) are written
+    by the facts and close statements themselves, so they are journaled with them.
 
 "Cannot take" means unreachable (`storage.database.UNREACHABLE_ERRORS`: refused, reset, no answer within
 `write_timeout_seconds`, the server shutting down or starting up). A constraint violation or any other SQL
@@ -52,6 +54,7 @@ from storage.database import DatabaseDown, is_unreachable
 from storage.journal import JournalContents, JournalEntry, WriteJournal
 from storage.repositories import (
     DEFAULT_ACCOUNT,
+    CoverageSample,
     EntriesControl,
     HealthRow,
     OrderPurpose,
@@ -742,6 +745,12 @@ class ResilientStore(Store):
         )
         return 0
 
+    async def record_coverage_sample(self, sample: CoverageSample) -> None:
+        # Journaled like the rest: the shift's time-weighted coverage has no hole where the database was.
+        ok, _ = await self._try_live(lambda: Store.record_coverage_sample(self, sample))
+        if not ok:
+            await self._append("record_coverage_sample", _encode(dataclasses.asdict(sample)))
+
     async def save_health(self, components: Sequence[HealthRow]) -> None:
         """The latest health, which the next save replaces: while the database is away it is not kept (the
         engine still evaluates, logs and shows it), so the health loop goes on through an outage."""
@@ -974,6 +983,7 @@ def _encode_facts(fact: ProtectionFactsRow) -> dict[str, Any]:
         "status": fact.status.value,
         "trail_armed": fact.trail_armed,
         "unprotected_since": None if fact.unprotected_since is None else fact.unprotected_since.isoformat(),
+        "observed_at": None if fact.observed_at is None else fact.observed_at.isoformat(),
     }
 
 
@@ -987,6 +997,7 @@ def _decode_facts(args: Mapping[str, Any]) -> ProtectionFactsRow:
         status=PositionStatus(args["status"]),
         trail_armed=bool(args["trail_armed"]),
         unprotected_since=_when(args.get("unprotected_since")),  # absent in a journal from before 0010
+        observed_at=_when(args.get("observed_at")),  # absent in a journal from before 0011
     )
 
 
@@ -1120,6 +1131,20 @@ async def _replay_record_event(store: Store, entry: JournalEntry) -> None:
     )
 
 
+async def _replay_record_coverage_sample(store: Store, entry: JournalEntry) -> None:
+    a = entry.args
+    await store.record_coverage_sample(
+        CoverageSample(
+            at=datetime.fromisoformat(a["at"]),
+            active=int(a["active"]),
+            protected=int(a["protected"]),
+            uncovered=int(a["uncovered"]),
+            lasting=int(a["lasting"]),
+            coverage_pct=_decimal(a["coverage_pct"]),
+        )
+    )
+
+
 _REPLAY: dict[str, Callable[[Store, JournalEntry], Awaitable[None]]] = {
     "record_order": _replay_record_order,
     "set_order_status": _replay_set_order_status,
@@ -1135,6 +1160,7 @@ _REPLAY: dict[str, Callable[[Store, JournalEntry], Awaitable[None]]] = {
     "set_entries_control": _replay_set_entries_control,
     "disarm_managed_trails": _replay_disarm_managed_trails,
     "record_event": _replay_record_event,
+    "record_coverage_sample": _replay_record_coverage_sample,
 }
 
 COVERED_WRITES = tuple(_REPLAY)

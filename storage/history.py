@@ -1,0 +1,223 @@
+"""What a shift looked like, for one account: the figures operators used to assemble by hand from the
+monitoring tables (`tsbot report`). Read-only queries over a window [since, until).
+
+Uncovered time comes from `monitoring.uncovered_spans` (each span clipped to the window; one still open counts
+up to `until`), the time-weighted coverage from `monitoring.coverage_samples` (each sample stands until the
+next one, or for at most `sample_stands_seconds` when none follows: a gap where no engine measured is not
+counted as covered or as uncovered, it is left out and `measured_seconds` says how much was measured).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
+
+import asyncpg
+
+# The classes of a failed protective order, as `monitoring.events` types `protection_<class>` (the engine's
+# `FailureClass` values; a unit test keeps the two lists equal).
+PROTECTION_FAILURE_CLASSES = (
+    "timeout",
+    "unknown_outcome",
+    "rejected",
+    "server_error",
+    "rate_limited",
+    "not_sent",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class WorstSpan:
+    """The longest stretch one position went without its stops, among those overlapping the window."""
+
+    position_id: int
+    symbol: str
+    started_at: datetime
+    ended_at: datetime | None  # None: still without its stops at the end of the window
+    seconds: Decimal  # whole span, up to the window's end if it lasts
+    reason: str
+    ended_by: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ShiftReport:
+    account: str
+    since: datetime
+    until: datetime
+    waves: int  # started in the window that opened a position on this account, or none at all
+    opened: int  # this account's positions filled in the window
+    protected: int  # of those, how many had both stops confirmed
+    failures: dict[str, int]  # failed protective orders by class (every class, 0 included)
+    uncovered_spans: int  # spans overlapping the window
+    still_uncovered: int  # of them, still open at the window's end
+    uncovered_seconds: Decimal  # their time inside the window, summed
+    worst: WorstSpan | None
+    coverage_pct: Decimal | None  # time-weighted over the measured time with active positions
+    lowest_coverage_pct: Decimal | None
+    measured_seconds: Decimal  # how much of the window the samples cover
+    closes: dict[str, int]  # positions ended in the window, by exit reason
+    realized_pnl: Decimal  # of those with a known PnL
+    closed_without_pnl: int
+
+
+_SECONDS = Decimal("0.001")
+_PCT = Decimal("0.1")
+
+
+def _seconds(value: Any) -> Decimal:
+    return Decimal(value or 0).quantize(_SECONDS, rounding=ROUND_HALF_UP)
+
+
+async def now(conn: asyncpg.Connection | asyncpg.Pool) -> datetime:
+    """The database's time: the window ends there, whatever the reader's clock says."""
+    return await conn.fetchval("SELECT now()")
+
+
+async def shift_report(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    account: str,
+    since: datetime,
+    until: datetime,
+    *,
+    sample_stands_seconds: float,
+) -> ShiftReport:
+    waves = await conn.fetchval(
+        """
+        SELECT count(*) FROM monitoring.waves AS w
+        WHERE w.started_at >= $2 AND w.started_at < $3
+          AND (EXISTS (SELECT 1 FROM monitoring.positions p WHERE p.wave_id = w.id AND p.account = $1)
+               OR NOT EXISTS (SELECT 1 FROM monitoring.positions p WHERE p.wave_id = w.id))
+        """,
+        account,
+        since,
+        until,
+    )
+    opened = await conn.fetchrow(
+        """
+        SELECT count(*) AS opened, count(*) FILTER (WHERE protected_at IS NOT NULL) AS protected
+        FROM monitoring.positions
+        WHERE account = $1 AND opened_at >= $2 AND opened_at < $3
+        """,
+        account,
+        since,
+        until,
+    )
+    failures = dict.fromkeys(PROTECTION_FAILURE_CLASSES, 0)
+    for row in await conn.fetch(
+        """
+        SELECT substr(type, length('protection_') + 1) AS class, count(*) AS n
+        FROM monitoring.events
+        WHERE account = $1 AND type = ANY($4::text[]) AND created_at >= $2 AND created_at < $3
+        GROUP BY type
+        """,
+        account,
+        since,
+        until,
+        [f"protection_{c}" for c in PROTECTION_FAILURE_CLASSES],
+    ):
+        failures[row["class"]] = row["n"]
+    spans = await conn.fetchrow(
+        """
+        SELECT count(*) AS spans,
+               count(*) FILTER (WHERE ended_at IS NULL OR ended_at > $3) AS open,
+               sum(EXTRACT(EPOCH FROM LEAST(COALESCE(ended_at, $3), $3) - GREATEST(started_at, $2))) AS seconds
+        FROM monitoring.uncovered_spans
+        WHERE account = $1 AND started_at < $3 AND (ended_at IS NULL OR ended_at > $2)
+        """,
+        account,
+        since,
+        until,
+    )
+    worst_row = await conn.fetchrow(
+        """
+        SELECT position_id, symbol, started_at, CASE WHEN ended_at <= $3 THEN ended_at END AS ended_at,
+               EXTRACT(EPOCH FROM LEAST(COALESCE(ended_at, $3), $3) - started_at) AS seconds, reason,
+               CASE WHEN ended_at <= $3 THEN ended_by END AS ended_by
+        FROM monitoring.uncovered_spans
+        WHERE account = $1 AND started_at < $3 AND (ended_at IS NULL OR ended_at > $2)
+        ORDER BY seconds DESC, started_at, id
+        LIMIT 1
+        """,
+        account,
+        since,
+        until,
+    )
+    coverage = await conn.fetchrow(
+        """
+        WITH samples AS (
+            SELECT at, coverage_pct, lead(at) OVER (ORDER BY at) AS next_at
+            FROM monitoring.coverage_samples
+            WHERE account = $1 AND at < $3::timestamptz AND at >= $2::timestamptz - make_interval(secs => $4)
+        ), stretches AS (
+            SELECT coverage_pct, GREATEST(at, $2::timestamptz) AS from_at,
+                   LEAST(COALESCE(next_at, $3::timestamptz), at + make_interval(secs => $4), $3::timestamptz) AS to_at
+            FROM samples
+        ), measured AS (
+            SELECT coverage_pct, EXTRACT(EPOCH FROM to_at - from_at) AS seconds
+            FROM stretches WHERE to_at > from_at
+        )
+        SELECT sum(seconds) AS measured,
+               sum(seconds) FILTER (WHERE coverage_pct IS NOT NULL) AS with_positions,
+               sum(coverage_pct * seconds) FILTER (WHERE coverage_pct IS NOT NULL) AS weighted,
+               min(coverage_pct) AS lowest
+        FROM measured
+        """,
+        account,
+        since,
+        until,
+        float(sample_stands_seconds),
+    )
+    closes: dict[str, int] = {}
+    pnl = Decimal(0)
+    without_pnl = 0
+    for row in await conn.fetch(
+        """
+        SELECT COALESCE(exit_reason, status) AS reason, count(*) AS n,
+               sum(realized_pnl) AS pnl, count(*) FILTER (WHERE realized_pnl IS NULL) AS without_pnl
+        FROM monitoring.positions
+        WHERE account = $1 AND status IN ('closed', 'failed') AND closed_at >= $2 AND closed_at < $3
+        GROUP BY 1 ORDER BY 2 DESC, 1
+        """,
+        account,
+        since,
+        until,
+    ):
+        closes[row["reason"]] = row["n"]
+        pnl += row["pnl"] or 0
+        without_pnl += row["without_pnl"]
+    with_positions = coverage["with_positions"]
+    return ShiftReport(
+        account=account,
+        since=since,
+        until=until,
+        waves=waves,
+        opened=opened["opened"],
+        protected=opened["protected"],
+        failures=failures,
+        uncovered_spans=spans["spans"],
+        still_uncovered=spans["open"],
+        uncovered_seconds=_seconds(spans["seconds"]),
+        worst=None
+        if worst_row is None
+        else WorstSpan(
+            position_id=worst_row["position_id"],
+            symbol=worst_row["symbol"],
+            started_at=worst_row["started_at"],
+            ended_at=worst_row["ended_at"],
+            seconds=_seconds(worst_row["seconds"]),
+            reason=worst_row["reason"],
+            ended_by=worst_row["ended_by"],
+        ),
+        coverage_pct=(Decimal(coverage["weighted"]) / Decimal(with_positions)).quantize(
+            _PCT, rounding=ROUND_HALF_UP
+        )
+        if with_positions
+        else None,
+        lowest_coverage_pct=coverage["lowest"],
+        measured_seconds=_seconds(coverage["measured"]),
+        closes=closes,
+        realized_pnl=pnl,
+        closed_without_pnl=without_pnl,
+    )

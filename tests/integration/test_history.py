@@ -1,0 +1,240 @@
+"""History (issue 13): per-position uncovered spans and the coverage series, written by a real engine on the
+sim venue (virtual time) into real PostgreSQL. The venue's truth says when a stop really went and came back."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import asyncpg
+
+from engine.clock import ManualClock
+from engine.engine import COVERAGE_RETENTION_SECONDS, COVERAGE_SAMPLE_SECONDS, HOUSEKEEPING_SECONDS
+from engine.exchange.errors import FailureClass
+from engine.venues.sim.settings import CallKind, FaultKind
+from storage.database import Database
+from storage.history import PROTECTION_FAILURE_CLASSES
+from storage.repositories import CoverageSample, PositionStatus, ProtectionFactsRow, Store
+from tests.integration.engine_support import make_engine
+from tests.integration.test_failure_modes_f1_f5 import (
+    SYMBOLS,
+    drive_until_covered,
+    open_positions,
+    settings_for,
+)
+from tests.support.driving import drive, drive_until
+
+
+async def _wait(clock: ManualClock, seconds: float) -> None:
+    until = clock.monotonic() + seconds
+    await drive_until(clock, lambda: clock.monotonic() >= until, step=0.5, limit=seconds + 1, what="time")
+
+
+async def _spans(db: Database) -> list[asyncpg.Record]:
+    return await db.pool.fetch("SELECT * FROM monitoring.uncovered_spans ORDER BY id")
+
+
+async def _samples(db: Database) -> list[asyncpg.Record]:
+    return await db.pool.fetch("SELECT * FROM monitoring.coverage_samples ORDER BY at")
+
+
+def test_the_report_knows_every_failure_class_the_engine_records() -> None:
+    assert set(PROTECTION_FAILURE_CLASSES) == {c.value for c in FailureClass}
+
+
+async def test_a_stop_removed_on_the_venue_is_an_uncovered_span_until_it_is_protected_again(
+    db: Database,
+) -> None:
+    settings = settings_for(db, {"PROTECTION__RECONCILE_SECONDS": "5"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[64]])
+        await drive_until_covered(engine, clock, 1)
+        await _wait(clock, 60)
+        assert await _spans(db) == []  # protected on its first pass: nothing was ever recorded uncovered
+
+        # The venue loses the stop-loss (cancelled by hand); every replacement fails with HTTP 500 for now.
+        venue = engine.venue
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, 100_000)
+        assert guard.stop_loss.client_order_id is not None
+        venue.core.cancel_order(guard.symbol, guard.stop_loss.client_order_id, clock.now())
+        lost_at = clock.now()
+        await drive_until(clock, lambda: not guard.covered, what="the loss seen")
+        await drive_until(clock, lambda: guard.facts_written(), what="the loss written")
+        [span] = await _spans(db)
+        assert (span["position_id"], span["symbol"], span["account"]) == (
+            guard.position_id,
+            guard.symbol,
+            engine.account_key,
+        )
+        assert (span["reason"], span["ended_at"], span["ended_by"]) == ("stop_loss_missing", None, None)
+        # Seen within a reconcile interval of the venue's loss.
+        assert lost_at <= span["started_at"].timestamp() <= lost_at + 5
+
+        # Restarting the protection manager meanwhile neither ends the span nor begins another.
+        await _wait(clock, 20)
+        await drive(clock, engine.restart_protection())
+        assert engine.manager is not None
+        guard = engine.manager.guards[guard.position_id]
+        await drive_until(clock, lambda: guard.facts_written(), what="the restored guard's facts written")
+        assert await _spans(db) == [span]
+
+        await _wait(clock, 22)
+        venue.clear_injected_faults()
+        await drive_until(clock, lambda: guard.covered and guard.facts_written(), what="protected again")
+        regained_at = clock.now()  # the venue holds the new stop-loss from the pass that just confirmed it
+        [span] = await _spans(db)
+        assert span["ended_by"] == "protected"
+        assert span["ended_at"] is not None
+        assert span["ended_at"].timestamp() <= regained_at
+        duration = (span["ended_at"] - span["started_at"]).total_seconds()
+        # The venue was without the stop for (regained - lost); the span is that, less at most the reconcile
+        # interval it took to notice, and never more.
+        assert regained_at - lost_at - 5 <= duration <= regained_at - lost_at
+        assert duration >= 42
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_coverage_is_sampled_on_its_cadence_and_says_when_a_position_was_uncovered(
+    db: Database,
+) -> None:
+    settings = settings_for(db, {"PROTECTION__RECONCILE_SECONDS": "5", "PROTECTION__GRACE_SECONDS": "5"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[65]])
+        await drive_until_covered(engine, clock, 1)
+        await _wait(clock, 35)
+        engine.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, 100_000)
+        assert guard.stop_loss.client_order_id is not None
+        engine.venue.core.cancel_order(guard.symbol, guard.stop_loss.client_order_id, clock.now())
+        await drive_until(clock, lambda: not guard.covered, what="the loss seen")
+        await _wait(clock, 30)
+        stopped_sampling = clock.now()
+    finally:
+        await drive(clock, engine.stop())
+
+    samples = await _samples(db)
+    times = [s["at"].timestamp() for s in samples]
+    assert len(samples) >= 7
+    # On a fixed grid of the engine's clock, however long each write took.
+    assert all(abs(b - a - COVERAGE_SAMPLE_SECONDS) < 1e-3 for a, b in itertools.pairwise(times))
+    assert times[-1] <= stopped_sampling
+    assert {s["account"] for s in samples} == {engine.account_key}
+    protected = [s for s in samples if s["active"] == 1 and s["protected"] == 1]
+    assert protected
+    assert all(s["coverage_pct"] == Decimal("100.0") and s["uncovered"] == 0 for s in protected)
+    # Past the grace period the lost stop shows: 0 % with one uncovered, lasting once it passed grace again.
+    lost = [s for s in samples if s["uncovered"] == 1]
+    assert len(lost) >= 2
+    assert all((s["active"], s["protected"], s["coverage_pct"]) == (1, 0, Decimal("0.0")) for s in lost)
+    assert lost[-1]["lasting"] == 1
+    assert samples[-1]["uncovered"] == 1  # nothing was sampled after it as if it were covered
+
+
+async def _position(store: Store, symbol: str) -> int:
+    position = await store.create_position(
+        symbol=symbol,
+        exchange="sim",
+        side="long",
+        quantity=Decimal("10"),
+        status=PositionStatus.ENTRY_PLACED,
+    )
+    await store.record_fill(position.id, Decimal("10"), Decimal("2.5"))
+    return position.id
+
+
+def _facts(
+    position_id: int, *, covered: bool, since: datetime | None, observed: datetime
+) -> ProtectionFactsRow:
+    return ProtectionFactsRow(
+        position_id=position_id,
+        has_stop_loss=covered,
+        has_trailing_stop=True,
+        stop_loss_price=Decimal("2.4") if covered else None,
+        trailing_activated=False,
+        status=PositionStatus.ACTIVE,
+        unprotected_since=since,
+        observed_at=observed,
+    )
+
+
+async def test_a_position_that_ends_uncovered_ends_its_span_and_a_repeated_write_records_nothing_twice(
+    db: Database,
+) -> None:
+    store = Store(db.pool, "sim:default")
+    t0 = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
+    first = await _position(store, "SFPUSDT")
+    second = await _position(store, "ALLUSDT")
+    # First protected, then it loses its stop-loss at t0+60 s and gets it back at t0+90 s.
+    covered = _facts(first, covered=True, since=None, observed=t0)
+    lost = _facts(first, covered=False, since=t0 + timedelta(seconds=60), observed=t0 + timedelta(seconds=60))
+    back = _facts(first, covered=True, since=None, observed=t0 + timedelta(seconds=90))
+    # The other one never got its stop-loss (uncovered since its fill) and is closed by hand.
+    never = _facts(second, covered=False, since=t0, observed=t0)
+    for batch in ([covered, never], [lost], [back], [lost], [back]):  # the last two: a journal replayed again
+        await store.set_protection_facts_many(batch)
+    await store.close_position(second, exit_reason="manual", realized_pnl=Decimal("-0.25"))
+    await store.close_position(second, exit_reason="manual", realized_pnl=Decimal("-0.25"))
+
+    rows = await db.pool.fetch("SELECT * FROM monitoring.uncovered_spans ORDER BY position_id, started_at")
+    assert [
+        (r["position_id"], r["started_at"], r["ended_at"], r["reason"], r["ended_by"], r["exit_reason"])
+        for r in rows
+    ][:1] == [
+        (
+            first,
+            t0 + timedelta(seconds=60),
+            t0 + timedelta(seconds=90),
+            "stop_loss_missing",
+            "protected",
+            None,
+        )
+    ]
+    assert len(rows) == 2
+    other = rows[1]
+    assert (other["position_id"], other["started_at"], other["reason"]) == (second, t0, "not_yet_protected")
+    assert (other["ended_by"], other["exit_reason"]) == ("closed", "manual")
+    assert other["ended_at"] is not None
+    assert other["ended_at"] > t0
+
+
+async def test_the_housekeeping_deletes_this_accounts_samples_past_their_retention(db: Database) -> None:
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        now = datetime.fromtimestamp(clock.now(), tz=UTC)
+        kept = now - timedelta(seconds=COVERAGE_RETENTION_SECONDS) + timedelta(hours=1)
+        old = now - timedelta(seconds=COVERAGE_RETENTION_SECONDS) - timedelta(hours=1)
+        for account, at in ((engine.account_key, old), (engine.account_key, kept), ("sim:other", old)):
+            await Store(db.pool, account).record_coverage_sample(
+                CoverageSample(at, 1, 1, 0, 0, Decimal("100.0"))
+            )
+
+        async def old_gone() -> bool:
+            return not await db.pool.fetchval(
+                "SELECT count(*) FROM monitoring.coverage_samples WHERE account = $1 AND at = $2",
+                engine.account_key,
+                old,
+            )
+
+        gone = False
+        for _ in range(int(HOUSEKEEPING_SECONDS) + 30):
+            await _wait(clock, 1)
+            if gone := await old_gone():
+                break
+        assert gone
+        left = {
+            (r["account"], r["at"]) for r in await db.pool.fetch("SELECT * FROM monitoring.coverage_samples")
+        }
+        assert (engine.account_key, kept) in left
+        assert ("sim:other", old) in left  # another account's history is its own engine's to keep
+    finally:
+        await drive(clock, engine.stop())
