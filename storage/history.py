@@ -10,7 +10,7 @@ counted as covered or as uncovered, it is left out and `measured_seconds` says h
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, time, timedelta, tzinfo
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
@@ -221,3 +221,154 @@ async def shift_report(
         realized_pnl=pnl,
         closed_without_pnl=without_pnl,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class PeriodCoverage:
+    """One period (an hour, a day) of an account's history: the same measures as the shift report's, clipped
+    to [since, until)."""
+
+    since: datetime
+    until: datetime
+    coverage_pct: Decimal | None  # time-weighted over the measured time with active positions
+    lowest_coverage_pct: Decimal | None
+    measured_seconds: Decimal  # 0: no engine measured in this period
+    uncovered_spans: int  # spans overlapping the period
+    uncovered_seconds: Decimal  # their time inside the period, summed
+    worst_seconds: Decimal | None  # the longest one's time inside the period; None without spans
+
+
+@dataclass(frozen=True, slots=True)
+class DashboardHistory:
+    """What the dashboard's history screen shows, read at the database's `until`."""
+
+    until: datetime
+    hours: tuple[PeriodCoverage, ...]  # the last 24 hours, oldest first; the last one ends at `until`
+    days: tuple[PeriodCoverage, ...]  # the last 7 days (from local midnight), oldest first
+    shift: ShiftReport | None  # since the running engine started; None when no engine runs
+
+    @property
+    def empty(self) -> bool:
+        return not any(p.measured_seconds or p.uncovered_spans for p in self.days + self.hours)
+
+
+async def coverage_by_period(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    account: str,
+    periods: list[tuple[datetime, datetime]],
+    *,
+    sample_stands_seconds: float,
+) -> list[PeriodCoverage]:
+    """The coverage and the uncovered spans of each period [since, until), in one query. Samples stand as in
+    `shift_report` (until the next one, at most `sample_stands_seconds`); spans are clipped to each period,
+    one still open counting up to the period's end."""
+    if not periods:
+        return []
+    rows = await conn.fetch(
+        """
+        WITH periods AS (
+            SELECT * FROM unnest($2::timestamptz[], $3::timestamptz[]) WITH ORDINALITY AS p(from_at, to_at, n)
+        ), samples AS (
+            SELECT at, coverage_pct, lead(at) OVER (ORDER BY at) AS next_at
+            FROM monitoring.coverage_samples
+            WHERE account = $1 AND at < $5::timestamptz AND at >= $4::timestamptz - make_interval(secs => $6)
+        ), stretches AS (
+            SELECT coverage_pct, at AS from_at,
+                   LEAST(COALESCE(next_at, $5::timestamptz), at + make_interval(secs => $6), $5::timestamptz)
+                       AS to_at
+            FROM samples
+        ), measured AS (
+            SELECT p.n, s.coverage_pct,
+                   EXTRACT(EPOCH FROM LEAST(s.to_at, p.to_at) - GREATEST(s.from_at, p.from_at)) AS seconds
+            FROM periods AS p JOIN stretches AS s ON s.from_at < p.to_at AND s.to_at > p.from_at
+        ), coverage AS (
+            SELECT n, sum(seconds) AS measured,
+                   sum(seconds) FILTER (WHERE coverage_pct IS NOT NULL) AS with_positions,
+                   sum(coverage_pct * seconds) FILTER (WHERE coverage_pct IS NOT NULL) AS weighted,
+                   min(coverage_pct) AS lowest
+            FROM measured GROUP BY n
+        ), spans AS (
+            SELECT p.n, count(*) AS spans, sum(u.seconds) AS seconds, max(u.seconds) AS worst
+            FROM periods AS p
+            JOIN LATERAL (
+                SELECT EXTRACT(EPOCH FROM LEAST(COALESCE(s.ended_at, p.to_at), p.to_at)
+                                          - GREATEST(s.started_at, p.from_at)) AS seconds
+                FROM monitoring.uncovered_spans AS s
+                WHERE s.account = $1 AND s.started_at < p.to_at AND (s.ended_at IS NULL OR s.ended_at > p.from_at)
+            ) AS u ON true
+            GROUP BY p.n
+        )
+        SELECT p.from_at, p.to_at, c.measured, c.with_positions, c.weighted, c.lowest,
+               COALESCE(s.spans, 0) AS spans, s.seconds AS uncovered, s.worst
+        FROM periods AS p LEFT JOIN coverage AS c USING (n) LEFT JOIN spans AS s USING (n)
+        ORDER BY p.n
+        """,
+        account,
+        [since for since, _ in periods],
+        [until for _, until in periods],
+        min(since for since, _ in periods),
+        max(until for _, until in periods),
+        float(sample_stands_seconds),
+    )
+    return [
+        PeriodCoverage(
+            since=row["from_at"],
+            until=row["to_at"],
+            coverage_pct=(Decimal(row["weighted"]) / Decimal(row["with_positions"])).quantize(
+                _PCT, rounding=ROUND_HALF_UP
+            )
+            if row["with_positions"]
+            else None,
+            lowest_coverage_pct=row["lowest"],
+            measured_seconds=_seconds(row["measured"]),
+            uncovered_spans=row["spans"],
+            uncovered_seconds=_seconds(row["uncovered"]),
+            worst_seconds=None if row["worst"] is None else _seconds(row["worst"]),
+        )
+        for row in rows
+    ]
+
+
+def hour_periods(until: datetime, hours: int = 24) -> list[tuple[datetime, datetime]]:
+    """The last `hours` clock hours, oldest first: the last one is the current hour, up to `until`."""
+    top = until.replace(minute=0, second=0, microsecond=0)
+    starts = [top - timedelta(hours=back) for back in range(hours - 1, -1, -1)]
+    return [(start, min(start + timedelta(hours=1), until)) for start in starts]
+
+
+def day_periods(until: datetime, tz: tzinfo, days: int = 7) -> list[tuple[datetime, datetime]]:
+    """The last `days` calendar days in `tz`, oldest first: the last one is today, up to `until`."""
+    local = until.astimezone(tz)
+    today = local.date()
+    periods = []
+    for back in range(days - 1, -1, -1):
+        day = today - timedelta(days=back)
+        start = datetime.combine(day, time(), tzinfo=tz)
+        end = datetime.combine(day + timedelta(days=1), time(), tzinfo=tz)
+        periods.append((start, min(end, until)))
+    return periods
+
+
+async def dashboard_history(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    account: str,
+    *,
+    shift_since: datetime | None,
+    tz: tzinfo,
+    sample_stands_seconds: float,
+) -> DashboardHistory:
+    """The history screen's figures: per hour (24 h), per day (7 days) and the current shift, at the
+    database's now."""
+    until = await now(conn)
+    hours = await coverage_by_period(
+        conn, account, hour_periods(until), sample_stands_seconds=sample_stands_seconds
+    )
+    days = await coverage_by_period(
+        conn, account, day_periods(until, tz), sample_stands_seconds=sample_stands_seconds
+    )
+    shift = None
+    if shift_since is not None and shift_since < until:
+        shift = await shift_report(
+            conn, account, shift_since, until, sample_stands_seconds=sample_stands_seconds
+        )
+    return DashboardHistory(until=until, hours=tuple(hours), days=tuple(days), shift=shift)

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, tzinfo
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any, TypeVar
 
 import asyncpg
+
+from storage import history
 
 R = TypeVar("R")
 
@@ -1070,6 +1072,18 @@ class Store:
             "DELETE FROM monitoring.coverage_samples WHERE account = $1 AND at < $2", self.account, moment
         )
         return int(result.split()[-1])
+
+    async def dashboard_history(
+        self, *, shift_since: datetime | None, tz: tzinfo, sample_stands_seconds: float
+    ) -> history.DashboardHistory:
+        """This account's history as the dashboard shows it (per hour, per day, the current shift)."""
+        return await history.dashboard_history(
+            self._pool,
+            self.account,
+            shift_since=shift_since,
+            tz=tz,
+            sample_stands_seconds=sample_stands_seconds,
+        )
 
     # --- events ------------------------------------------------------------------------------------------
 
