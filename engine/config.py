@@ -342,6 +342,7 @@ class KeySettings(Section):
     filter: KeyName = "slash"
     focus_log: KeyName = "l"
     health_detail: KeyName = "h"
+    history: KeyName = "y"
     help: KeyName = "question_mark"
     quit: KeyName = "q"
 

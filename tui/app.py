@@ -82,6 +82,7 @@ from tui.messages import (
 )
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.health import HealthDetailScreen
+from tui.screens.history import HistoryScreen
 from tui.screens.info import HelpScreen, LeaseHeldScreen, StartFailedScreen
 from tui.screens.position import PositionDetailScreen
 from tui.screens.reprotect import ReprotectScreen
@@ -704,6 +705,9 @@ class DashboardApp(App[int]):
 
     def action_health_detail(self) -> None:
         self.push_screen(HealthDetailScreen(classes="dialog-screen"))
+
+    def action_history(self) -> None:
+        self.push_screen(HistoryScreen(self.tz))
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen(self.active_keymap, read_only=self.feed.read_only))

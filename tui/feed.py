@@ -13,11 +13,12 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, tzinfo
 from decimal import Decimal
 from typing import Any, Protocol
 
 from engine.accounts import account_key
+from engine.cli import COVERAGE_SAMPLE_STANDS_SECONDS
 from engine.commands import CommandAnswer, send_command
 from engine.config import Settings, VenueKind
 from engine.engine import (
@@ -45,6 +46,7 @@ from protection.coverage import CoverageFigures, PositionCoverage, coverage_figu
 from protection.health import Component, ComponentHealth, HealthState
 from storage.commands import CommandKind
 from storage.database import Database, open_database
+from storage.history import DashboardHistory
 from storage.lease import LeaseHolder, current_holder
 from storage.repositories import (
     EventRecord,
@@ -247,6 +249,11 @@ class DashboardFeed(Protocol):
         """A position's orders that may be live on the venue, as recorded (the detail view)."""
         ...
 
+    async def history(self, tz: tzinfo) -> DashboardHistory:
+        """Coverage per hour (24 h) and per day (7 days, days in `tz`), uncovered spans, the current shift:
+        read from the database (`monitoring.coverage_samples`, `monitoring.uncovered_spans`)."""
+        ...
+
 
 class EngineFeed:
     """The engine in this process. Its loops are its own tasks: no widget owns them."""
@@ -300,6 +307,16 @@ class EngineFeed:
         if self.engine.store is None:
             return []
         return await self.engine.store.live_orders_for_position(position_id)
+
+    async def history(self, tz: tzinfo) -> DashboardHistory:
+        if self.engine.store is None:
+            raise RuntimeError("the engine has no database yet")
+        started = self.engine.snapshot().started_at
+        return await self.engine.store.dashboard_history(
+            shift_since=_shift_start(started),
+            tz=tz,
+            sample_stands_seconds=COVERAGE_SAMPLE_STANDS_SECONDS,
+        )
 
 
 def mode_of(settings: Settings) -> str:
@@ -437,6 +454,16 @@ class ReadOnlyFeed:
             self._last_event_id = fresh[-1].id
         return [_entry_for_record(e) for e in fresh if e.severity is not Severity.INFO or e.symbol]
 
+    async def history(self, tz: tzinfo) -> DashboardHistory:
+        if self._store is None:
+            raise ReadOnly("read-only: the watch is not connected to the database")
+        # The shift of the engine that holds the lease (none runs: no current shift).
+        return await self._store.dashboard_history(
+            shift_since=_shift_start(self._snapshot.started_at),
+            tz=tz,
+            sample_stands_seconds=COVERAGE_SAMPLE_STANDS_SECONDS,
+        )
+
     def plan_reprotect(self) -> list[PlannedProtection]:
         raise ReadOnly(self.refusal())
 
@@ -479,6 +506,11 @@ class ReadOnlyFeed:
     def refusal(self) -> str:
         who = self.holder.describe() if self.holder else "no engine (none is running)"
         return f"read-only: this dashboard watches the database; the account is traded by {who}"
+
+
+def _shift_start(started_at: float) -> datetime | None:
+    """The current shift begins when the running engine started (epoch 0: no engine runs)."""
+    return datetime.fromtimestamp(started_at, UTC) if started_at > 0 else None
 
 
 def _epoch(value: datetime | None, default: float) -> float:

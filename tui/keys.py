@@ -96,6 +96,16 @@ COMMANDS: tuple[DashboardCommand, ...] = (
         footer=False,  # the health panel's border names the key
     ),
     DashboardCommand(
+        "history",
+        "history",
+        "y",
+        "History",
+        "History: coverage over time",
+        "Coverage history from the database: per hour (24 h) and per day (7 days), uncovered spans, "
+        "the worst time unprotected, this shift's summary",
+        footer=False,  # 80 columns hold nine in the footer: the help screen and the palette name it
+    ),
+    DashboardCommand(
         "help", "help", "question_mark", "Help", "Help: every key", "Show every key and what it does"
     ),
     DashboardCommand(

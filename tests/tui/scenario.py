@@ -10,6 +10,7 @@ real domain events through the same `entry_for_event` the app uses. The key test
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta, tzinfo
 from decimal import Decimal
 from pathlib import Path
 
@@ -27,6 +28,14 @@ from engine.events import EngineEvent, HealthChanged, PositionClosed, Protection
 from engine.metrics import CallSummary
 from protection import health
 from protection.coverage import PositionCoverage, coverage_figures
+from storage.history import (
+    DashboardHistory,
+    PeriodCoverage,
+    ShiftReport,
+    WorstSpan,
+    day_periods,
+    hour_periods,
+)
 from tui.feed import LogEntry
 
 T0 = 1_700_000_000.0  # the frozen wall clock (2023-11-14 22:13:20 UTC)
@@ -298,6 +307,53 @@ def scenario_events() -> list[EngineEvent]:
     ]
 
 
+def scenario_history(tz: tzinfo) -> DashboardHistory:
+    """A fixed history at T0: two dips (one of them an uncovered 3m32s span), an hour and a day nobody
+    measured, an hour and a day with nothing open."""
+    until = datetime.fromtimestamp(T0, UTC)
+    hours = []
+    for index, (since, end) in enumerate(hour_periods(until)):
+        dip = {20: (D("87.5"), 2, D("212"), D("180")), 22: (D("96.2"), 1, D("45.5"), D("45.5"))}.get(index)
+        pct, spans, uncovered, worst = dip or (D("100.0"), 0, D(0), None)
+        if index in (3, 4):  # nobody measured; measured with nothing open
+            measured = D(0) if index == 3 else D(3600)
+            hours.append(PeriodCoverage(since, end, None, None, measured, 0, D(0), None))
+            continue
+        hours.append(
+            PeriodCoverage(since, end, pct, D("75") if dip else pct, D(3600), spans, uncovered, worst)
+        )
+    days = []
+    for index, (since, end) in enumerate(day_periods(until, tz)):
+        if index == 1:  # nobody measured
+            days.append(PeriodCoverage(since, end, None, None, D(0), 0, D(0), None))
+        elif index == 2:  # measured, nothing open
+            days.append(PeriodCoverage(since, end, None, None, D(86400), 0, D(0), None))
+        else:
+            days.append(PeriodCoverage(since, end, D("99.4"), D("75"), D(86400), 3, D("257.5"), D("180")))
+    shift = ShiftReport(
+        account="sim:default",
+        since=until - timedelta(seconds=MONO),
+        until=until,
+        waves=7,
+        opened=21,
+        protected=20,
+        failures={},
+        uncovered_spans=3,
+        still_uncovered=1,
+        uncovered_seconds=D("257.5"),
+        worst=WorstSpan(
+            103, "1000PEPEUSDT", until - timedelta(seconds=212), None, D(212), "trailing_stop_missing", None
+        ),
+        coverage_pct=D("98.9"),
+        lowest_coverage_pct=D("75"),
+        measured_seconds=D(MONO),
+        closes={},
+        realized_pnl=D(0),
+        closed_without_pnl=0,
+    )
+    return DashboardHistory(until=until, hours=tuple(hours), days=tuple(days), shift=shift)
+
+
 class ScenarioFeed:
     """Always the same instant; commands are not part of a screen-shape test."""
 
@@ -340,3 +396,6 @@ class ScenarioFeed:
 
     async def position_orders(self, position_id: int) -> list:
         return []
+
+    async def history(self, tz: tzinfo) -> DashboardHistory:
+        return scenario_history(tz)
