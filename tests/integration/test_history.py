@@ -13,6 +13,7 @@ from engine.clock import ManualClock
 from engine.engine import COVERAGE_RETENTION_SECONDS, COVERAGE_SAMPLE_SECONDS, HOUSEKEEPING_SECONDS
 from engine.exchange.errors import FailureClass
 from engine.venues.sim.settings import CallKind, FaultKind
+from storage import history
 from storage.database import Database
 from storage.history import PROTECTION_FAILURE_CLASSES
 from storage.repositories import CoverageSample, PositionStatus, ProtectionFactsRow, Store
@@ -238,3 +239,52 @@ async def test_the_housekeeping_deletes_this_accounts_samples_past_their_retenti
         assert ("sim:other", old) in left  # another account's history is its own engine's to keep
     finally:
         await drive(clock, engine.stop())
+
+
+async def test_per_period_figures_clip_a_lasting_span_and_a_sample_across_the_period_boundaries(
+    db: Database,
+) -> None:
+    """The history screen's per-period query: a span still open counts up to each period's end (and the
+    window's), a sample that stands across a boundary is split between the two periods, and another
+    account's rows count nowhere."""
+    pool = db.pool
+    store, other = Store(pool, "sim:default"), Store(pool, "sim:other")
+    base: datetime = await pool.fetchval("SELECT date_trunc('hour', now()) - interval '3 hours'")
+    boundary = base + timedelta(hours=1)
+    # 0 % at 15 s before the boundary, 100 % at 5 s after it; the second stands its 30 s.
+    await store.record_coverage_sample(
+        CoverageSample(boundary - timedelta(seconds=15), 1, 0, 1, 0, Decimal(0))
+    )
+    await store.record_coverage_sample(
+        CoverageSample(boundary + timedelta(seconds=5), 1, 1, 0, 0, Decimal(100))
+    )
+    await other.record_coverage_sample(CoverageSample(boundary, 1, 0, 1, 0, Decimal(0)))
+    position_id = await pool.fetchval(
+        "INSERT INTO monitoring.positions (symbol, exchange, side, quantity, entry_price, status, account, "
+        "opened_at) VALUES ('SFPUSDT', 'sim', 'long', 10, 2.5, 'active', 'sim:default', $1) RETURNING id",
+        base,
+    )
+    await pool.execute(
+        "INSERT INTO monitoring.uncovered_spans (account, position_id, symbol, started_at, reason) "
+        "VALUES ('sim:default', $1, 'SFPUSDT', $2, 'not_yet_protected')",
+        position_id,
+        boundary - timedelta(minutes=10),
+    )
+    until = boundary + timedelta(minutes=30)
+    first, second = await history.coverage_by_period(
+        pool, "sim:default", [(base, boundary), (boundary, until)], sample_stands_seconds=30
+    )
+    # Before the boundary: 15 s at 0 %; after it: 5 s at 0 % then 30 s at 100 %.
+    assert (first.measured_seconds, first.coverage_pct, first.lowest_coverage_pct) == (
+        Decimal("15.000"),
+        Decimal("0.0"),
+        Decimal(0),
+    )
+    assert (second.measured_seconds, second.coverage_pct) == (Decimal("35.000"), Decimal("85.7"))
+    # The open span: 10 min in the first hour, up to the window's end (30 min) in the second.
+    assert (first.uncovered_spans, first.uncovered_seconds, first.worst_seconds) == (
+        1,
+        Decimal("600.000"),
+        Decimal("600.000"),
+    )
+    assert (second.uncovered_spans, second.uncovered_seconds) == (1, Decimal("1800.000"))
