@@ -3,6 +3,9 @@ PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= ./config.toml
+# Most tests wait on real engines, servers and terminals rather than compute: three workers on two cores
+# (a test file stays on one worker; each worker has its own embedded PostgreSQL). PYTEST_PARALLEL= runs serially.
+PYTEST_PARALLEL ?= -n 3 --dist loadfile
 
 .PHONY: run test lint format install clean-venv
 
@@ -28,7 +31,7 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL)
 
 format: $(VENV)/.installed-dev
 	$(BIN)/ruff check --fix .

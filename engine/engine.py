@@ -1314,17 +1314,7 @@ class Engine:
                 open_positions=figures.active,
             ),
             database=database,
-            protection=health.ProtectionMeasurement(
-                active_positions=figures.active,
-                protected_positions=figures.protected,
-                ts_covered=figures.with_trailing_stop,
-                sl_covered=figures.with_stop_loss,
-                uncovered_past_grace=figures.uncovered,
-                oldest_uncovered_seconds=figures.oldest_unprotected_seconds
-                if figures.uncovered
-                else (None if figures.protected == figures.active else 0.0),
-                timeouts_last_hour=self.manager.timeouts.count(now, 3600.0),
-            ),
+            protection=health.ProtectionMeasurement.of(figures, self.manager.timeouts.count(now, 3600.0)),
             signals=health.SignalsMeasurement(
                 last_wave_age_seconds=None if self._last_wave_at is None else now - self._last_wave_at,
                 listen_connected=self.consumer.listening,

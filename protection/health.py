@@ -74,6 +74,7 @@ from enum import StrEnum
 from typing import Any
 
 from engine.metrics import CallSummary
+from protection.coverage import CoverageFigures
 
 __all__ = [
     "DISPLAY_NAMES",
@@ -331,6 +332,21 @@ class ProtectionMeasurement:
     uncovered_past_grace: int
     oldest_uncovered_seconds: float | None
     timeouts_last_hour: int = 0
+
+    @classmethod
+    def of(cls, figures: CoverageFigures, timeouts_last_hour: int) -> ProtectionMeasurement:
+        """From the coverage figures the gauge shows (the health check and the dashboard read one rule)."""
+        return cls(
+            active_positions=figures.active,
+            protected_positions=figures.protected,
+            ts_covered=figures.with_trailing_stop,
+            sl_covered=figures.with_stop_loss,
+            uncovered_past_grace=figures.uncovered,
+            oldest_uncovered_seconds=figures.oldest_unprotected_seconds
+            if figures.uncovered
+            else (None if figures.protected == figures.active else 0.0),
+            timeouts_last_hour=timeouts_last_hour,
+        )
 
     def __post_init__(self) -> None:
         name = "ProtectionMeasurement"

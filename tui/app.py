@@ -832,17 +832,7 @@ def coherent_health(
     if index is None or (read_only and components[index].state is HealthState.UNKNOWN):
         return snapshot.health
     timeouts = components[index].measurements.get("timeouts_last_hour", 0)
-    measured = ProtectionMeasurement(
-        active_positions=figures.active,
-        protected_positions=figures.protected,
-        ts_covered=figures.with_trailing_stop,
-        sl_covered=figures.with_stop_loss,
-        uncovered_past_grace=figures.uncovered,
-        oldest_uncovered_seconds=figures.oldest_unprotected_seconds
-        if figures.uncovered
-        else (None if figures.protected == figures.active else 0.0),
-        timeouts_last_hour=timeouts if isinstance(timeouts, int) else 0,
-    )
+    measured = ProtectionMeasurement.of(figures, timeouts if isinstance(timeouts, int) else 0)
     components[index] = evaluate_protection(measured, thresholds)
     return tuple(components)
 

@@ -150,14 +150,20 @@ async def _position(store: Store, symbol: str) -> int:
     return position.id
 
 
-def _facts(
-    position_id: int, *, covered: bool, since: datetime | None, observed: datetime
+def facts_row(
+    position_id: int,
+    *,
+    covered: bool,
+    since: datetime | None,
+    observed: datetime,
+    stop_price: Decimal = Decimal("2.4"),
 ) -> ProtectionFactsRow:
+    """What a guard writes: the trailing stop in place, the hard stop there or not."""
     return ProtectionFactsRow(
         position_id=position_id,
         has_stop_loss=covered,
         has_trailing_stop=True,
-        stop_loss_price=Decimal("2.4") if covered else None,
+        stop_loss_price=stop_price if covered else None,
         trailing_activated=False,
         status=PositionStatus.ACTIVE,
         unprotected_since=since,
@@ -173,11 +179,13 @@ async def test_a_position_that_ends_uncovered_ends_its_span_and_a_repeated_write
     first = await _position(store, "SFPUSDT")
     second = await _position(store, "ALLUSDT")
     # First protected, then it loses its stop-loss at t0+60 s and gets it back at t0+90 s.
-    covered = _facts(first, covered=True, since=None, observed=t0)
-    lost = _facts(first, covered=False, since=t0 + timedelta(seconds=60), observed=t0 + timedelta(seconds=60))
-    back = _facts(first, covered=True, since=None, observed=t0 + timedelta(seconds=90))
+    covered = facts_row(first, covered=True, since=None, observed=t0)
+    lost = facts_row(
+        first, covered=False, since=t0 + timedelta(seconds=60), observed=t0 + timedelta(seconds=60)
+    )
+    back = facts_row(first, covered=True, since=None, observed=t0 + timedelta(seconds=90))
     # The other one never got its stop-loss (uncovered since its fill) and is closed by hand.
-    never = _facts(second, covered=False, since=t0, observed=t0)
+    never = facts_row(second, covered=False, since=t0, observed=t0)
     for batch in ([covered, never], [lost], [back], [lost], [back]):  # the last two: a journal replayed again
         await store.set_protection_facts_many(batch)
     await store.close_position(second, exit_reason="manual", realized_pnl=Decimal("-0.25"))

@@ -11,8 +11,9 @@ from decimal import Decimal
 import asyncpg
 
 from storage.journal import WriteJournal
-from storage.repositories import CoverageSample, PositionStatus, ProtectionFactsRow
+from storage.repositories import CoverageSample
 from storage.resilient import ResilientStore
+from tests.integration.test_history import facts_row
 from tests.integration.test_resilient_store import (  # noqa: F401 (fixtures)
     Owned,
     _bring_back,
@@ -23,20 +24,7 @@ from tests.integration.test_resilient_store import (  # noqa: F401 (fixtures)
 )
 from tests.support.owned_postgres import kill_postmaster
 
-
-def _facts(
-    position_id: int, *, covered: bool, since: datetime | None, observed: datetime
-) -> ProtectionFactsRow:
-    return ProtectionFactsRow(
-        position_id=position_id,
-        has_stop_loss=covered,
-        has_trailing_stop=True,
-        stop_loss_price=Decimal("0.4850") if covered else None,
-        trailing_activated=False,
-        status=PositionStatus.ACTIVE,
-        unprotected_since=since,
-        observed_at=observed,
-    )
+STOP = Decimal("0.4850")  # the hard stop of _open_position's SFPUSDT long at 0.5
 
 
 async def _history(dsn: str) -> tuple[list[tuple], list[tuple]]:
@@ -61,15 +49,19 @@ async def test_a_span_and_samples_written_during_an_outage_are_replayed_once_at_
     store, token = await _store(owned)
     position_id = await _open_position(store)
     t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
-    await store.set_protection_facts_many([_facts(position_id, covered=True, since=None, observed=t0)])
+    await store.set_protection_facts_many(
+        [facts_row(position_id, covered=True, since=None, observed=t0, stop_price=STOP)]
+    )
     kill_postmaster(owned.server.data_dir)
 
     lost, back = t0 + timedelta(seconds=60), t0 + timedelta(seconds=97)
-    await store.set_protection_facts_many([_facts(position_id, covered=False, since=lost, observed=lost)])
+    await store.set_protection_facts_many([facts_row(position_id, covered=False, since=lost, observed=lost)])
     await store.record_coverage_sample(
         CoverageSample(lost + timedelta(seconds=3), 1, 0, 1, 0, Decimal("0.0"))
     )
-    await store.set_protection_facts_many([_facts(position_id, covered=True, since=None, observed=back)])
+    await store.set_protection_facts_many(
+        [facts_row(position_id, covered=True, since=None, observed=back, stop_price=STOP)]
+    )
     await store.record_coverage_sample(
         CoverageSample(back + timedelta(seconds=3), 1, 1, 0, 0, Decimal("100.0"))
     )

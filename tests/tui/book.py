@@ -9,8 +9,7 @@ from decimal import Decimal
 
 from engine.config import Settings
 from engine.engine import EngineSnapshot, PlannedOrder, PlannedProtection, PositionView, ProtectionResult
-from protection.coverage import PositionCoverage, coverage_figures
-from tests.tui.scenario import MONO, ScenarioFeed
+from tests.tui.scenario import ScenarioFeed, figures_of
 
 D = Decimal
 
@@ -46,22 +45,7 @@ class BookFeed(ScenarioFeed):
         self.set_positions(positions or [])
 
     def set_positions(self, positions: list[PositionView]) -> None:
-        grace = float(self.settings.protection.grace_seconds)
-        figures = coverage_figures(
-            (
-                PositionCoverage(
-                    p.position_id,
-                    p.symbol,
-                    p.has_stop_loss,
-                    p.has_trailing_stop,
-                    filled_at=MONO - (p.unprotected_seconds or 600.0),
-                    unprotected_since=None if p.covered else MONO - (p.unprotected_seconds or 0.0),
-                )
-                for p in positions
-            ),
-            MONO,
-            grace,
-        )
+        figures = figures_of(positions, float(self.settings.protection.grace_seconds))
         self._snapshot = dataclasses.replace(self._snapshot, positions=tuple(positions), coverage=figures)
 
     def snapshot(self) -> EngineSnapshot:

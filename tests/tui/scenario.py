@@ -9,7 +9,7 @@ real domain events through the same `entry_for_event` the app uses. The key test
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime, timedelta, tzinfo
 from decimal import Decimal
 from pathlib import Path
@@ -27,7 +27,7 @@ from engine.engine import (
 from engine.events import EngineEvent, HealthChanged, PositionClosed, ProtectionFailed, ProtectionTimedOut
 from engine.metrics import CallSummary
 from protection import health
-from protection.coverage import PositionCoverage, coverage_figures
+from protection.coverage import CoverageFigures, PositionCoverage, coverage_figures
 from storage.history import (
     DashboardHistory,
     PeriodCoverage,
@@ -210,9 +210,9 @@ def scenario_positions() -> tuple[PositionView, ...]:
     return tuple(views)
 
 
-def scenario_snapshot(settings: Settings) -> EngineSnapshot:
-    positions = scenario_positions()
-    figures = coverage_figures(
+def figures_of(positions: Iterable[PositionView], grace_seconds: float) -> CoverageFigures:
+    """The coverage figures the engine would count for these rows, at the scenario's instant."""
+    return coverage_figures(
         (
             PositionCoverage(
                 p.position_id,
@@ -225,8 +225,13 @@ def scenario_snapshot(settings: Settings) -> EngineSnapshot:
             for p in positions
         ),
         MONO,
-        float(settings.protection.grace_seconds),
+        grace_seconds,
     )
+
+
+def scenario_snapshot(settings: Settings) -> EngineSnapshot:
+    positions = scenario_positions()
+    figures = figures_of(positions, float(settings.protection.grace_seconds))
     measured = health.HealthMeasurements(
         exchange=health.ExchangeMeasurement(
             calls=CallSummary(calls=412, p50_ms=51.0, p99_ms=2210.0, error_rate=0.012, timeouts=2),
