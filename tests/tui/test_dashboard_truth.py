@@ -72,6 +72,11 @@ async def test_enter_on_a_position_shows_every_field_and_its_stop_orders_venue_i
         await board.open_positions([symbol])
         await board.until(lambda: board.engine.snapshot().coverage.protected == 1, "covered")
         await board.until(lambda: board.positions.shown_symbols() == [symbol], "shown")
+        # The detail view opens on what the screen last painted: wait for a painted frame that has it covered.
+        await board.until(
+            lambda: board.app.last_snapshot is not None and board.app.last_snapshot.coverage.protected == 1,
+            "a covered frame painted",
+        )
         view = board.engine.snapshot().positions[0]
         assert board.engine.store is not None
         orders = await board.engine.store.live_orders_for_position(view.position_id)
