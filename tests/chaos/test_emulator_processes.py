@@ -128,5 +128,5 @@ async def test_ambiguous_stop_placements_and_a_429_418_burst(
     assert figures.time_weighted_coverage_pct is not None
     # Real time on a shared machine: the guarantee is `assert_clean` above (no position naked past the
     # tolerated backoff, no duplicate, none lost, judged on the venue). This floor only catches stops never
-    # placed; a 7-second audit under three test workers measured 67.6 % where a quiet run measures ~80 %.
+    # placed; a 7-second audit under three test workers once measured 67.6 %.
     assert figures.time_weighted_coverage_pct >= 50.0
