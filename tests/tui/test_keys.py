@@ -262,7 +262,13 @@ async def test_a_second_engine_on_the_account_opens_read_only_and_sends_commands
             board.app.read_only_poll_seconds = 0.05
             from tui.screens.info import LeaseHeldScreen
 
-            await board.until(lambda: isinstance(board.app.screen, LeaseHeldScreen), "lease refusal shown")
+            await board.until(
+                lambda: (
+                    isinstance(board.app.screen, LeaseHeldScreen)
+                    and bool(board.app.screen.query("#lease-body"))
+                ),
+                "lease refusal shown",
+            )
             body = str(board.app.screen.query_one("#lease-body").content)  # type: ignore[attr-defined]
             assert "already traded by pid" in body
             assert "version test" in body

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar
 
+from rich.style import Style
 from rich.text import Text
 from textual.widgets import Static
 
@@ -37,6 +38,7 @@ class HealthPanel(Static):
     def __init__(self, *, id: str | None = None):
         super().__init__("health: not measured yet", id=id)
         self._shown: tuple[ComponentHealth, ...] | None = None
+        self._restyle_pending = False
 
     def on_mount(self) -> None:
         self.border_title = "Health"
@@ -48,6 +50,22 @@ class HealthPanel(Static):
         if components == self._shown:
             return
         self._shown = components
+        self._redraw()
+
+    def _state_style(self, state: HealthState) -> Style | str:
+        """The state's colour from the stylesheet. While the stylesheet is being applied (a theme switch, a
+        saved theme restored at start) the component styles are not there yet: plain now, redrawn after the
+        refresh (a paint in that moment raised and ended the dashboard)."""
+        try:
+            return self.get_component_rich_style(f"health--{state.value}")
+        except KeyError:
+            if not self._restyle_pending:
+                self._restyle_pending = True
+                self.call_after_refresh(self._restyled)
+            return ""
+
+    def _restyled(self) -> None:
+        self._restyle_pending = False
         self._redraw()
 
     def _redraw(self) -> None:
@@ -63,7 +81,7 @@ class HealthPanel(Static):
         for index, component in enumerate(components):
             if index:
                 lines.append("\n")
-            style = self.get_component_rich_style(f"health--{component.state.value}")
+            style = self._state_style(component.state)
             name = SHORT_NAMES.get(component.component, DISPLAY_NAMES.get(component.component, "?"))
             lines.append(f"{name:<10} ", style="bold")
             lines.append(f"{STATE_WORDS[component.state]:<8} ", style=style)
