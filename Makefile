@@ -3,9 +3,9 @@ PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= ./config.toml
-# Most tests wait on real engines, servers and terminals rather than compute: three workers on two cores
+# Most tests wait on real engines, servers and terminals rather than compute: two workers, one per core
 # (a test file stays on one worker; each worker has its own embedded PostgreSQL). PYTEST_PARALLEL= runs serially.
-PYTEST_PARALLEL ?= -n 3 --dist loadfile
+PYTEST_PARALLEL ?= -n 2 --dist loadfile
 
 .PHONY: run test lint format install clean-venv
 
