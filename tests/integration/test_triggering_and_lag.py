@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from decimal import Decimal
 
 import pytest
 
 from engine.clock import ManualClock
-from engine.exchange.port import OrderType
+from engine.exchange.errors import Banned, ExchangeError
+from engine.exchange.port import OrderSide, OrderType
 from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, FaultKind
 from storage.database import Database
@@ -158,5 +160,66 @@ async def test_waiting_out_the_venues_read_lag_is_said_as_information_not_as_a_f
         assert {r.levelno for r in waits} == {logging.INFO}
         assert not any("failed" in r.getMessage() for r in waits)
         assert guard.covered
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_ban_the_sim_venue_answers_holds_the_engines_requests_until_it_ends(db: Database) -> None:
+    """Rehearsal = production: the ccxt venue reports a 418 to the engine's pacer, which then sends nothing
+    until the ban's end (protective requests wait for it, the rest are refused at home). The sim venue kept
+    the answer to itself, so the engine went on calling a banned account — a chaos soak counted 345 answers
+    418 in two minutes — and every refused call lengthened the venue's own ban. Here another client on the
+    account earns it a 20 s ban while one of our stops is missing: the guard's retries must wait for the end
+    instead of hammering, and the stop is back on the venue right after it."""
+    settings = settings_for(
+        db,
+        {
+            "VENUE__SIM__RATE_LIMITS__ORDERS_PER_10S": "12",
+            "VENUE__SIM__RATE_LIMITS__BAN_AFTER_VIOLATIONS": "1",
+            "VENUE__SIM__RATE_LIMITS__BAN_SECONDS": "20",
+        },
+    )
+    clock = ManualClock()
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[19]])
+        await drive_until_covered(engine, clock, 1)
+        await drive(clock, clock.sleep(11.0))  # a fresh 10-second order window
+        core = venue.core
+        assert guard.stop_loss.client_order_id is not None
+        core.cancel_order(guard.symbol, guard.stop_loss.client_order_id, clock.now())
+        flat = next(
+            s for s in SYMBOLS[20:] if s not in {p.symbol for p in core.inspect(clock.now()).positions}
+        )
+        banned_at = None
+        for i in range(100):  # another client fills the window with refused orders until the venue bans
+            try:
+                core.place_market_order(
+                    flat, OrderSide.SELL, Decimal(1), f"other-{i}", clock.now(), reduce_only=True
+                )
+            except Banned as ban:
+                banned_at = ban.until
+                break
+            except ExchangeError:
+                pass
+        assert banned_at is not None
+        calls_before = sum(venue.calls_made.values())
+        assert engine.manager is not None
+        engine.manager.request_reconcile()
+        await drive(clock, clock.sleep(banned_at - clock.now() - 1.0))
+        during_ban = sum(venue.calls_made.values()) - calls_before
+        # The call that met the ban (a read or the stop's placement), perhaps one more already in flight.
+        assert during_ban <= 2, venue.calls_made
+
+        def stop_back_on_the_venue() -> bool:
+            truth = core.inspect(clock.now())  # the oracle: what the venue holds, through any ban
+            return any(
+                o.symbol == guard.symbol and o.type is OrderType.STOP_MARKET for o in truth.open_conditional
+            )
+
+        await drive_until(clock, stop_back_on_the_venue, what="the hard stop back on the venue after the ban")
+        assert core.inspect(clock.now()).banned_until is None  # the engine did not earn a second ban
     finally:
         await drive(clock, engine.stop())

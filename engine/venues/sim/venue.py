@@ -38,7 +38,14 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from engine.clock import Clock, SystemClock
-from engine.exchange.errors import ExchangeError, FailureClass, OutcomeUnknown, RateLimited, Retryable
+from engine.exchange.errors import (
+    Banned,
+    ExchangeError,
+    FailureClass,
+    OutcomeUnknown,
+    RateLimited,
+    Retryable,
+)
 from engine.exchange.port import (
     Balance,
     Capabilities,
@@ -138,7 +145,8 @@ class SimVenue:
         return self._core
 
     def attach_pacing(self, pacing: VenuePacing) -> None:
-        """The sim venue has order budgets only (the engine's order budget paces those); kept for symmetry."""
+        """The sim venue has order budgets only (the engine's order budget paces those); its calls wait in
+        the pacer as ccxt's requests do, and it reports its 429s and bans there."""
         self._pacing = pacing
 
     @property
@@ -455,6 +463,10 @@ class SimVenue:
         self, kind: CallKind, operation: Callable[[float], T], *, client_order_id: str | None = None
     ) -> T:
         self._ensure_open()
+        if self._pacing is not None:
+            # As every ccxt request does: wait out a 429's hold and a ban (protective calls), or be refused
+            # at home during a ban (reads, entries). The sim has no request weight: nothing is booked.
+            await self._pacing.requests.acquire({})
         self.calls_made[kind] = self.calls_made.get(kind, 0) + 1
         plan = self._faults.plan(kind)
         timeout = self._settings.request_timeout_seconds
@@ -495,8 +507,20 @@ class SimVenue:
             )
         await self._clock.sleep(half)
         if refusal is not None:
+            self._report_pacing(refusal)
             raise refusal
         return result  # type: ignore[return-value]  # set whenever refusal is None
+
+    def _report_pacing(self, refusal: ExchangeError) -> None:
+        """A ban or an order-rate refusal reaches the engine's pacer as the ccxt venue reports a 418 or a 429:
+        nothing more is sent to a banned account until the ban ends (each refused call would lengthen it)."""
+        pacing = self._pacing
+        if pacing is None:
+            return
+        if isinstance(refusal, Banned):
+            pacing.banned(refusal.until)
+        elif isinstance(refusal, RateLimited):
+            pacing.rate_limited(refusal.retry_after, orders_only=True)  # the sim limits order counts only
 
     async def _run_ticker(self) -> None:
         interval = self._settings.mark_tick_seconds
