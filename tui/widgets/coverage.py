@@ -20,6 +20,7 @@ from engine.engine import EngineSnapshot
 from protection import health
 from protection.coverage import CoverageFigures
 from tui import formatting
+from tui.widgets.styling import component_style
 
 TREND_WINDOW_SECONDS = 3600.0
 TREND_SAMPLE_SECONDS = 10.0
@@ -67,7 +68,7 @@ class CoverageTrend(Widget):
             if 0 <= index < width:
                 columns[index].append(value)
         text = Text()
-        empty = self.get_component_rich_style("trend--empty")
+        empty = component_style(self, "trend--empty") or ""  # plain for a frame before styles apply
         for values in columns:
             if not values:
                 text.append("·", empty)
@@ -75,7 +76,7 @@ class CoverageTrend(Widget):
             low = min(values)
             bar = BARS[min(len(BARS) - 1, int(low / 100 * (len(BARS) - 1) + 0.5))]
             kind = "full" if low >= 100 else ("critical" if low < self._critical else "short")
-            text.append(bar, self.get_component_rich_style(f"trend--{kind}"))
+            text.append(bar, component_style(self, f"trend--{kind}") or "")
         return text
 
 

@@ -22,6 +22,7 @@ from textual.widgets.data_table import ColumnKey
 
 from tui import formatting
 from tui.feed import LogEntry
+from tui.widgets.styling import component_style
 
 COLUMNS = (
     ("time", "Time", 8),
@@ -192,7 +193,7 @@ class EventLog(DataTable[Text]):
         self._update_titles()
 
     def _add_row(self, sequence: int, entry: LogEntry) -> None:
-        style = self.get_component_rich_style(f"log--{entry.severity}", partial=True)
+        style = component_style(self, f"log--{entry.severity}", partial=True) or ""
         latency = "" if entry.latency_seconds is None else f"{entry.latency_seconds:.1f}s"
         self.add_row(
             Text(formatting.clock_time(entry.at, self._tz) if entry.at else ""),

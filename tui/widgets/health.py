@@ -11,6 +11,7 @@ from rich.text import Text
 from textual.widgets import Static
 
 from protection.health import DISPLAY_NAMES, Component, ComponentHealth, HealthState, worst_state
+from tui.widgets.styling import component_style
 
 SHORT_NAMES = {
     Component.EXCHANGE: "exchange",
@@ -53,16 +54,14 @@ class HealthPanel(Static):
         self._redraw()
 
     def _state_style(self, state: HealthState) -> Style | str:
-        """The state's colour from the stylesheet. While the stylesheet is being applied (a theme switch, a
-        saved theme restored at start) the component styles are not there yet: plain now, redrawn after the
-        refresh (a paint in that moment raised and ended the dashboard)."""
-        try:
-            return self.get_component_rich_style(f"health--{state.value}")
-        except KeyError:
-            if not self._restyle_pending:
-                self._restyle_pending = True
-                self.call_after_refresh(self._restyled)
-            return ""
+        """The state's colour; plain while the stylesheet is not applied yet, and redrawn after the refresh."""
+        style = component_style(self, f"health--{state.value}")
+        if style is not None:
+            return style
+        if not self._restyle_pending:
+            self._restyle_pending = True
+            self.call_after_refresh(self._restyled)
+        return ""
 
     def _restyled(self) -> None:
         self._restyle_pending = False

@@ -25,6 +25,7 @@ from textual.widgets.data_table import RowDoesNotExist
 
 from engine.engine import PositionView
 from tui import formatting
+from tui.widgets.styling import component_style
 
 COLUMNS = (  # what decides an action first
     ("flag", " ", 1),
@@ -81,6 +82,7 @@ class PositionsTable(DataTable[Text]):
         self._cells: dict[int, Cells] = {}
         self._uncovered: frozenset[int] = frozenset()
         self._styles: dict[str, Style] = {}
+        self._styles_missing = False
         self.only_uncovered = False
         self.needle = ""
         self.total = 0
@@ -135,7 +137,7 @@ class PositionsTable(DataTable[Text]):
         later): formatting and updating 1 000 rows that nobody sees would cost the engine's event loop
         ~40 ms a frame. Their coverage flag is always current, because it decides the order.
         """
-        if not self._styles:
+        if not self._styles or self._styles_missing:
             self._load_styles()
         self._uncovered = frozenset(uncovered_ids)
         self.total = len(positions)
@@ -310,10 +312,16 @@ class PositionsTable(DataTable[Text]):
         self.border_title = title
 
     def _load_styles(self) -> None:
-        self._styles = {
-            name: self.get_component_rich_style(f"positions--{name}", partial=True)
+        styles = {
+            name: component_style(self, f"positions--{name}", partial=True)
             for name in ("uncovered", "missing", "gain", "loss", "active-trail")
         }
+        missing = None in styles.values()
+        if self._styles_missing and not missing:
+            self._views.clear()  # rows formatted plain before the stylesheet applied: format them again
+        # Not applied yet (a paint before the stylesheet): plain this frame, read again next frame.
+        self._styles_missing = missing
+        self._styles = {name: style or Style() for name, style in styles.items()}
 
     def _restyle(self) -> None:
         """A theme change: styles are baked into cell text, so re-format every row next frame."""

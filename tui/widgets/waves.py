@@ -11,6 +11,7 @@ from textual.widgets import DataTable
 
 from engine.engine import WaveView
 from tui import formatting
+from tui.widgets.styling import component_style
 
 COLUMNS = (
     ("time", "Time", 8),
@@ -42,7 +43,10 @@ class WavesTable(DataTable[str | Text]):
             return
         self._shown = waves
         self.clear()
-        failed_style = self.get_component_rich_style("waves--failed")
+        failed_style = component_style(self, "waves--failed")
+        if failed_style is None:  # styles not applied yet: plain now, rebuilt at the next show
+            self._shown = None
+            failed_style = ""
         for wave in waves:  # newest first, as the engine keeps them
             failed = Text(str(wave.failed), style=failed_style if wave.failed else "")
             self.add_row(
