@@ -1570,11 +1570,16 @@ class Engine:
         assert self.manager is not None
         plan = self.plan_reprotect() if plan is None else plan
         guards = [self.manager.guards[p.position_id] for p in plan if p.position_id in self.manager.guards]
+        started = {guard.position_id: guard.passes_started for guard in guards}
         for guard in guards:
             guard.failures = 0
-            guard.first_pass.clear()
             guard.wake.set()
-        await self._wait_first_pass(guards)
+        # The result of a pass begun after the request: one already under way (failing, say, against a venue
+        # that has since recovered) says nothing about it.
+        budget = float(self.settings.protection.call_timeout_seconds) * 3
+        await wait_for_all(
+            self.clock, budget, [g.wait_pass_started_after(started[g.position_id]) for g in guards]
+        )
         results = []
         for item in plan:
             guard = self.manager.guards.get(item.position_id)

@@ -327,6 +327,9 @@ class PositionGuard:
         self.wake = asyncio.Event()
         self.protected = asyncio.Event()
         self.first_pass = asyncio.Event()
+        self.passes_started = 0  # protection passes begun so far
+        self._last_finished_pass = 0  # the number of the last pass that ended (converged or not)
+        self._pass_finished = asyncio.Event()
         self.report = GuardReport(self.position_id, self.symbol)
         self._written_facts: tuple[Any, ...] | None = None
 
@@ -443,8 +446,24 @@ class PositionGuard:
             for command in self._commands:
                 command.settle(False, "the guard stopped")
 
+    async def wait_pass_started_after(self, started: int) -> None:
+        """Until a pass begun after the `started`-th has ended (or the guard closed): what an operator's
+        re-protect reports, not a pass that was already failing when it was asked for."""
+        while self._last_finished_pass <= started and not self.closed:
+            self._pass_finished.clear()
+            await self._pass_finished.wait()
+
     async def _one_pass(self) -> bool:
         """One protection pass, in a task of its own so an urgent command can interrupt it."""
+        self.passes_started += 1
+        number = self.passes_started
+        try:
+            return await self._run_pass()
+        finally:
+            self._last_finished_pass = number
+            self._pass_finished.set()
+
+    async def _run_pass(self) -> bool:
         self._pass = asyncio.ensure_future(self._converge())
         try:
             await asyncio.wait({self._pass})
@@ -1299,6 +1318,7 @@ class PositionGuard:
             pnl = (exit_price - self.entry_price) * self.quantity * direction
         await m.store.close_position(self.position_id, exit_reason=exit_reason, realized_pnl=pnl)
         self.closed = True
+        self._pass_finished.set()  # nobody waits for a pass of a closed position
         if self.trail is not None and not self.trail.phase.is_terminal:
             self.trail = (
                 trailing.on_stop_triggered(self.trail)

@@ -524,3 +524,40 @@ async def _signal_reason(db: Database, signal_id: int) -> str | None:
     return await db.pool.fetchval(
         "SELECT reason FROM monitoring.signals WHERE id = $1 AND status <> 'taken'", signal_id
     )
+
+
+async def test_a_reprotect_reports_a_pass_begun_after_it_was_asked_for(db: Database) -> None:
+    """`p` while a failing pass is still under way (the venue recovered meanwhile): the re-protect used to
+    wait for whichever pass ended next — that failing one — and reported the position uncovered although
+    the pass it asked for would cover it (seen as a flaky dashboard test under load)."""
+    settings = settings_for(db, {"VENUE__SIM__LATENCY__BY_CALL": '{"create_order": {"seconds": 2.0}}'})
+    clock = ManualClock()
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[7]])
+        await drive_until_covered(engine, clock, 1)
+        assert guard.stop_loss.client_order_id is not None
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 10_000)
+        venue.core.cancel_order(guard.symbol, guard.stop_loss.client_order_id, clock.now())
+        assert engine.manager is not None
+        engine.manager.request_reconcile()
+        await drive_until(clock, lambda: not guard.covered, what="the missing stop seen")
+        # A pass is under way, its placement sent and failing (the answer comes 1 s after the call).
+        creates = venue.calls_made.get(CallKind.CREATE_ORDER, 0)
+        await drive_until(
+            clock,
+            lambda: (
+                venue.calls_made.get(CallKind.CREATE_ORDER, 0) > creates
+                and guard._pass is not None
+                and not guard._pass.done()
+            ),
+            what="a placement under way",
+            step=0.01,
+        )
+        venue.clear_injected_faults()  # the venue recovers while that pass still fails
+        results = await drive(clock, engine.reprotect_uncovered())
+        assert [(r.symbol, r.covered) for r in results] == [(guard.symbol, True)]
+    finally:
+        await drive(clock, engine.stop())
