@@ -158,6 +158,56 @@ class Order:
 
 
 @dataclass(frozen=True, slots=True)
+class OrderUpdate:
+    """The venue pushed a change of one of the account's orders (Binance `ORDER_TRADE_UPDATE` and
+    `ALGO_UPDATE`, Bybit's `order` topic), already translated: `order.client_order_id` is the id we sent
+    (for a fired conditional order, the conditional order's id, not the child order's), `order.status` and
+    `order.average_price` say how it stands after the event."""
+
+    order: Order
+    event_time: float  # epoch seconds at the venue
+    reason: str = ""  # the venue's words for why (e.g. an expiry reason), for logs
+
+
+@dataclass(frozen=True, slots=True)
+class PositionUpdate:
+    """The venue pushed a position's new size (Binance `ACCOUNT_UPDATE`, Bybit's `position` topic).
+    `quantity` 0 means flat on that side."""
+
+    symbol: str
+    side: PositionSide
+    quantity: Decimal
+    entry_price: Decimal
+    event_time: float  # epoch seconds at the venue
+
+
+@dataclass(frozen=True, slots=True)
+class StreamGap:
+    """The account stream was interrupted (reconnect, expired listen key, silent stall): events between
+    `since` and now may be lost, so the reader must read the venue's state again (reconcile). Also the
+    first item after (re)connecting, once the stream is live again."""
+
+    stream: str
+    since: float  # epoch seconds at the venue (or local wall clock) when events may have stopped
+    reason: str
+
+
+AccountEvent = OrderUpdate | PositionUpdate | StreamGap
+
+
+@dataclass(frozen=True, slots=True)
+class StreamState:
+    """How one of the venue's push streams is doing, for health and the dashboard."""
+
+    name: str  # "marks", "account"
+    connected: bool
+    last_event_at: float | None  # monotonic, of the last message of any kind (None: nothing yet)
+    reconnects: int
+    subscriptions: int = 0  # streams/topics subscribed right now
+    detail: str = ""  # why it is not connected, or what it falls back to (e.g. "REST polling")
+
+
+@dataclass(frozen=True, slots=True)
 class RateBudget:
     limit: int
     window_seconds: float
@@ -219,6 +269,17 @@ class ExchangePort(Protocol):
     def watch_mark_prices(self, symbols: Collection[str] | None = None) -> AsyncIterator[MarkPrice]:
         """Stream of mark prices. Coalescing: a slow reader gets the latest price per symbol, never a
         backlog. Ends when the venue is closed."""
+        ...
+
+    def watch_account(self) -> AsyncIterator[AccountEvent]:
+        """The account's order and position changes as the venue pushes them, from the call on, in the
+        venue's order. After any interruption it yields a `StreamGap` (the reader reconciles: what was
+        missed is not replayed). A venue with no account stream ends at once: the reconciler's polling is
+        then the only source. Ends when the venue is closed."""
+        ...
+
+    def stream_states(self) -> tuple[StreamState, ...]:
+        """The state of each push stream the venue runs (empty: everything is polled)."""
         ...
 
     async def fetch_balance(self) -> Balance: ...

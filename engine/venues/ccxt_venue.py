@@ -74,6 +74,7 @@ from engine.exchange.errors import (
 )
 from engine.exchange.port import (
     CLIENT_ORDER_ID_PATTERN,
+    AccountEvent,
     Balance,
     Capabilities,
     Market,
@@ -85,6 +86,7 @@ from engine.exchange.port import (
     PositionSide,
     RateBudget,
     RequestBudget,
+    StreamState,
     VenuePosition,
 )
 from engine.pacing import VenuePacing
@@ -723,6 +725,16 @@ class CcxtVenue(RequestHooks):
                         last_seen[mark.symbol] = mark.timestamp
                         yield mark
             await self._clock.sleep(self._config.mark_poll_seconds)
+
+    # ---- push streams -----------------------------------------------------------------------------------
+
+    async def watch_account(self) -> AsyncIterator[AccountEvent]:
+        """No account stream on this venue yet: the reconciler's polling is the only source."""
+        return
+        yield  # an async generator that ends at once
+
+    def stream_states(self) -> tuple[StreamState, ...]:
+        return ()
 
 
 def _rehost(urls: Any, base_url: str) -> Any:

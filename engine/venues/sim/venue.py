@@ -47,12 +47,14 @@ from engine.exchange.errors import (
     Retryable,
 )
 from engine.exchange.port import (
+    AccountEvent,
     Balance,
     Capabilities,
     Market,
     MarkPrice,
     Order,
     OrderSide,
+    StreamState,
     VenuePosition,
 )
 from engine.venues.sim.book import SimBookFile
@@ -212,6 +214,14 @@ class SimVenue:
                     yield mark
         finally:
             self._subscribers.discard(subscription)
+
+    async def watch_account(self) -> AsyncIterator[AccountEvent]:
+        """No account stream yet: the reconciler's polling is the only source."""
+        return
+        yield  # an async generator that ends at once
+
+    def stream_states(self) -> tuple[StreamState, ...]:
+        return ()
 
     async def fetch_balance(self) -> Balance:
         return await self._call(CallKind.FETCH_BALANCE, lambda now: self._core.balance(now, self._account_id))
