@@ -86,6 +86,7 @@ from engine.venues.binance_emulator.faults import (
     require_placement_target,
 )
 from engine.venues.binance_emulator.limits import Admission, RequestWeightLimiter, Verdict
+from engine.venues.binance_emulator.streams import StreamFaultError, StreamHub
 from engine.venues.binance_limits import ORDER_COUNT_HEADERS, USED_WEIGHT_HEADER, endpoint_cost
 from engine.venues.sim.core import DEFAULT_ACCOUNT, SimCore
 from engine.venues.sim.prices import GbmWalk
@@ -183,6 +184,7 @@ class BinanceEmulator:
             tick_sizes={symbol: market.tick_size for symbol, market in markets.items()},
             volatility={symbol: settings.volatility_for(symbol) for symbol in markets},
         )
+        self.streams = StreamHub(self.core, self.now)
         self._closing = asyncio.Event()
         self.requests_served = 0
         # Requests being served at once, by "METHOD endpoint", and the most seen: how much a client runs
@@ -215,12 +217,24 @@ class BinanceEmulator:
         app.router.add_get("/fapi/v1/algoOrder", route("algoOrder", self._query_algo_order))
         app.router.add_delete("/fapi/v1/algoOrder", route("algoOrder", self._cancel_algo_order))
         app.router.add_get("/fapi/v1/openAlgoOrders", route("openAlgoOrders", self._open_algo_orders))
+        # User data streams: the API key header, no signature (Binance's USER_STREAM security type).
+        app.router.add_post(
+            "/fapi/v1/listenKey", route("listenKey", self._new_listen_key, signed=False, keyed=True)
+        )
+        app.router.add_put(
+            "/fapi/v1/listenKey", route("listenKey", self._keep_alive_listen_key, signed=False, keyed=True)
+        )
+        app.router.add_delete(
+            "/fapi/v1/listenKey", route("listenKey", self._delete_listen_key, signed=False, keyed=True)
+        )
+        self.streams.add_routes(app)
         if self._control:
             app.router.add_post("/_sim/mark", self._control_mark)
             app.router.add_post("/_sim/fault", self._control_fault)
             app.router.add_post("/_sim/clear-faults", self._control_clear_faults)
             app.router.add_post("/_sim/advance", self._control_advance)
             app.router.add_get("/_sim/state", self._control_state)
+            app.router.add_post("/_sim/stream-fault", self._control_stream_fault)
         app.cleanup_ctx.append(self._mark_ticker_context)
         app.on_shutdown.append(self._on_shutdown)
         return app
@@ -243,6 +257,7 @@ class BinanceEmulator:
                 now = self.now()
                 for symbol, price in marks.items():
                     self._log_triggered(self.core.set_mark(symbol, price, now))
+                self.streams.account_changed()
             except Exception:
                 logger.exception("emulator: mark tick failed; the ticker keeps running")
 
@@ -253,6 +268,7 @@ class BinanceEmulator:
         self._walk.set_price(symbol, on_tick)
         changed = self.core.set_mark(symbol, on_tick, self.now())
         self._log_triggered(changed)
+        self.streams.account_changed()
         return changed
 
     @staticmethod
@@ -269,8 +285,15 @@ class BinanceEmulator:
             )
 
     def _route(
-        self, endpoint: str, handler: Callable[[_Request], Any], *, signed: bool = True
+        self,
+        endpoint: str,
+        handler: Callable[[_Request], Any],
+        *,
+        signed: bool = True,
+        keyed: bool = False,
     ) -> Callable[[web.Request], Awaitable[web.Response]]:
+        """`signed`: HMAC signature and timestamp (and the API key); `keyed`: the API key header only."""
+
         async def handle(request: web.Request) -> web.Response:
             self.requests_served += 1
             key = f"{request.method} {endpoint}"
@@ -288,7 +311,9 @@ class BinanceEmulator:
             weight = endpoint_cost(request.method, request.path).weight_for(params)
             admission = self._weights.admit(ip, weight, self.now())
             if admission.verdict is Verdict.SERVED:
-                response = await self._serve(request, endpoint, handler, signed, ip, raw_query, body, params)
+                response = await self._serve(
+                    request, endpoint, handler, signed, keyed, ip, raw_query, body, params
+                )
             else:
                 logger.info(
                     "emulator: %s %s refused by the IP limit (%s, %d used)",
@@ -309,12 +334,15 @@ class BinanceEmulator:
         endpoint: str,
         handler: Callable[[_Request], Any],
         signed: bool,
+        keyed: bool,
         ip: str,
         raw_query: str,
         body: str,
         params: dict[str, str],
     ) -> web.Response:
         try:
+            if keyed:
+                self._require_api_key(request)
             self._authenticate(request, raw_query, body, params, signed)
         except BinanceError as error:
             return error.response()
@@ -340,6 +368,7 @@ class BinanceEmulator:
             response = error.response()
         except ExchangeError as error:
             response = self._translate(error, endpoint, ip).response()
+        self.streams.account_changed()  # what the request changed reaches the user-data stream
         if fault is not None and fault.kind is EmulatorFaultKind.UNKNOWN:
             logger.info("emulator: fault unknown on %s %s (executed, answer 503)", request.method, endpoint)
             return BinanceError(
@@ -448,11 +477,7 @@ class BinanceEmulator:
         """Check a SIGNED request's key, signature and timestamp; drops `signature` from `params`."""
         if not signed:
             return
-        key = request.headers.get("X-MBX-APIKEY")
-        if not key:
-            raise BinanceError(400, -2014, "API-key format invalid.")
-        if not hmac.compare_digest(key, self._api_key):
-            raise BinanceError(401, -2015, "Invalid API-key, IP, or permissions for action.")
+        self._require_api_key(request)
         total = raw_query + body  # Binance signs the query string followed by the body
         payload, separator, signature = total.rpartition("signature=")
         if not separator or (payload and not payload.endswith("&")):
@@ -476,6 +501,13 @@ class BinanceEmulator:
         if timestamp > server_ms + 1000 or server_ms - timestamp > recv_window:
             raise BinanceError(400, -1021, "Timestamp for this request is outside of the recvWindow.")
         params.pop("signature", None)
+
+    def _require_api_key(self, request: web.Request) -> None:
+        key = request.headers.get("X-MBX-APIKEY")
+        if not key:
+            raise BinanceError(400, -2014, "API-key format invalid.")
+        if not hmac.compare_digest(key, self._api_key):
+            raise BinanceError(401, -2015, "Invalid API-key, IP, or permissions for action.")
 
     # ---- parameter helpers ------------------------------------------------------------------------------
 
@@ -730,6 +762,7 @@ class BinanceEmulator:
             reduce_only=self._flag(params, "reduceOnly"),
             account_id=DEFAULT_ACCOUNT,
         )
+        self.streams.note_market_order(order)
         return self._order_json(order)
 
     def _find_order(self, request: _Request, *, algo: bool) -> Order:
@@ -972,6 +1005,20 @@ class BinanceEmulator:
             "actualPrice": _text(order.average_price) if finished and order.average_price else "",
         }
 
+    # ---- user data streams (listen keys) ----------------------------------------------------------------
+
+    def _new_listen_key(self, _request: _Request) -> Any:
+        return self.streams.create_listen_key()
+
+    def _keep_alive_listen_key(self, _request: _Request) -> Any:
+        kept = self.streams.keep_alive_listen_key()
+        if kept is None:
+            raise BinanceError(400, -1125, "This listenKey does not exist.")
+        return kept
+
+    def _delete_listen_key(self, _request: _Request) -> Any:
+        return self.streams.delete_listen_key()
+
     # ---- control API (tests, rehearsals) ----------------------------------------------------------------
 
     @staticmethod
@@ -1034,9 +1081,18 @@ class BinanceEmulator:
             raise web.HTTPBadRequest(text=f"control API: {error}") from None
         return _json({"forced": fault.kind.value, "targets": target_texts})
 
+    async def _control_stream_fault(self, request: web.Request) -> web.Response:
+        body = await self._control_body(request)
+        try:
+            staged = await self.streams.stage_fault(body)
+        except StreamFaultError as error:
+            raise web.HTTPBadRequest(text=f"control API: {error}") from None
+        return _json({"fault": body.get("fault"), **staged})
+
     async def _control_clear_faults(self, request: web.Request) -> web.Response:
         self._require_loopback(request)
         self.faults.clear_forced()
+        self.streams.clear_faults()
         return _json({})
 
     async def _control_advance(self, request: web.Request) -> web.Response:
@@ -1080,6 +1136,7 @@ class BinanceEmulator:
                     {"clientAlgoId": o.client_order_id, "symbol": o.symbol, "since": _ms(o.updated_at)}
                     for o in seen.triggering
                 ],
+                "streams": self.streams.state(),
                 "rate": {
                     "used_weight_1m": self._weights.used(ip, now),
                     "order_count_10s": seen.order_counts[10.0],

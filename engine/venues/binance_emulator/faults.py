@@ -44,9 +44,10 @@ ENDPOINTS: frozenset[str] = frozenset(
         "order",
         "algoOrder",
         "openAlgoOrders",
+        "listenKey",
     }
 )
-METHODS: frozenset[str] = frozenset({"GET", "POST", "DELETE"})
+METHODS: frozenset[str] = frozenset({"GET", "POST", "PUT", "DELETE"})
 
 # The emulator endpoints behind each kind of port call (the sim venue's `CallKind` values), so a test can
 # say "fail the next create_order" without knowing which endpoint the adapter picks.
@@ -134,7 +135,9 @@ class Target:
             method_text, text = text.split(":", 1)
             method = method_text.strip().upper()
             if method not in METHODS:
-                raise FaultSpecError(f"unknown method {method_text!r}: expected one of GET, POST, DELETE")
+                raise FaultSpecError(
+                    f"unknown method {method_text!r}: expected one of GET, POST, PUT, DELETE"
+                )
         endpoint = text.strip()
         if endpoint != "*" and endpoint not in ENDPOINTS:
             raise FaultSpecError(
