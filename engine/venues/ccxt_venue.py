@@ -91,6 +91,7 @@ from engine.exchange.port import (
 )
 from engine.pacing import VenuePacing
 from engine.venues import binance_limits, bybit_limits
+from engine.venues.binance_streams import DEMO_WS_URL, PRODUCTION_WS_URL, BinanceStreams, StreamSettings
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +125,24 @@ _ZERO = Decimal(0)
 _INTERVAL_SECONDS = {"SECOND": 1.0, "MINUTE": 60.0, "HOUR": 3600.0, "DAY": 86_400.0}
 _BAN_UNTIL = re.compile(r"banned until (\d{10,16})")
 _CODE_IN_TEXT = re.compile(r'"(?:code|retCode|ret_code)"\s*:\s*"?(-?\d+)')
+_LISTEN_KEY_TEXT = re.compile(r"(['\"]?listenKey['\"]?\s*[:=]\s*['\"]?)[A-Za-z0-9]+")
+
+
+class _ListenKeyRedaction(logging.Filter):
+    """ccxt narrates every request and answer at DEBUG, the listen key's too: a listen key reads the
+    account's stream, so it is masked before any handler sees the line (the configured API key and secret
+    are masked by the log handler itself, `engine.logs`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "listenKey" in message:
+            record.msg, record.args = _LISTEN_KEY_TEXT.sub(r"\1***", message), None
+        return True
+
+
+_CCXT_LOGGER = logging.getLogger("ccxt.base.exchange")
+if not any(isinstance(f, _ListenKeyRedaction) for f in _CCXT_LOGGER.filters):
+    _CCXT_LOGGER.addFilter(_ListenKeyRedaction())
 
 
 # ---- configuration --------------------------------------------------------------------------------------
@@ -141,6 +160,8 @@ class CcxtVenueConfig:
     request_timeout_seconds: float = 11.0
     mark_poll_seconds: float = 1.0
     max_connections: int = DEFAULT_MAX_CONNECTIONS  # the HTTP pool: sized for the largest burst
+    # Push streams (Binance): stall, staleness, backoff timings; the same whatever the URL.
+    streams: StreamSettings = field(default_factory=StreamSettings)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -791,6 +812,29 @@ class BinanceUsdmVenue(CcxtVenue):
         super().__init__(config, clock=clock)
         self._algo_ids: dict[str, bool] = {}  # client id -> is it an algo (conditional) order
         self._request_budgets: tuple[RequestBudget, ...] = BINANCE_DEFAULT_REQUEST_BUDGETS
+        self._streams = BinanceStreams(
+            ws_url=self._websocket_url(),
+            settings=config.streams,
+            session=self._stream_session,
+            rest_marks=self.fetch_mark_prices,
+            create_key=self._create_listen_key,
+            keep_alive_key=self._keep_alive_listen_key,
+            delete_key=self._delete_listen_key,
+            mark_poll_seconds=config.mark_poll_seconds,
+        )
+
+    def _websocket_url(self) -> str:
+        """The streams' host, derived from the configured URL exactly as the REST hosts are."""
+        url = DEMO_WS_URL if self._config.testnet else PRODUCTION_WS_URL
+        if self._config.base_url:
+            return str(_rehost(url, self._config.base_url.rstrip("/")))
+        return url
+
+    def _stream_session(self) -> aiohttp.ClientSession:
+        self._ensure_session()
+        if self._session is None:
+            raise RuntimeError(f"{self.kind} venue is closed")
+        return self._session
 
     def _exchange_options(self) -> dict[str, Any]:
         options = super()._exchange_options()
@@ -840,6 +884,44 @@ class BinanceUsdmVenue(CcxtVenue):
                 count = lowered.get(header.lower())
                 if count is not None:
                     orders.observe(seconds, int(count))
+
+    # ---- push streams (`engine.venues.binance_streams`) -------------------------------------------------
+
+    async def close(self) -> None:
+        if not self._closed:
+            await self._streams.close()  # deletes the listen key while the session is still open
+        await super().close()
+
+    async def watch_mark_prices(self, symbols: Collection[str] | None = None) -> AsyncIterator[MarkPrice]:
+        """The mark price stream (`!markPrice@arr@1s`, or per symbol), REST while it is stale."""
+        await self._ensure_markets()
+        if symbols is not None:
+            for symbol in symbols:
+                self._market(symbol)
+        async for mark in self._streams.watch_mark_prices(symbols):
+            if mark.symbol in self._markets:
+                yield mark
+
+    async def watch_account(self) -> AsyncIterator[AccountEvent]:
+        """The user-data stream: order and position changes, a `StreamGap` after every interruption."""
+        async for event in self._streams.watch_account():
+            yield event
+
+    def stream_states(self) -> tuple[StreamState, ...]:
+        return self._streams.states()
+
+    async def _create_listen_key(self) -> str:
+        answer = await self._call(self._exchange.fapiPrivatePostListenKey(), mutating=False)
+        key = answer.get("listenKey") if isinstance(answer, dict) else None
+        if not key:
+            raise Retryable("binanceusdm: no listen key in the answer")
+        return str(key)
+
+    async def _keep_alive_listen_key(self) -> None:
+        await self._call(self._exchange.fapiPrivatePutListenKey(), mutating=False)
+
+    async def _delete_listen_key(self) -> None:
+        await self._call(self._exchange.fapiPrivateDeleteListenKey(), mutating=False)
 
     # ---- markets and market data ------------------------------------------------------------------------
 

@@ -1,0 +1,678 @@
+"""Binance USDⓈ-M push streams for `BinanceUsdmVenue`: mark prices over the market stream and the
+account's order and position changes over the user-data stream, each on one reconnecting websocket.
+
+Why our own client and not ccxt.pro: ccxt.pro (bundled with ccxt) parses `ORDER_TRADE_UPDATE`,
+`ALGO_UPDATE` and `ACCOUNT_UPDATE` into its order and position caches and has `watch_mark_prices`, but it
+does not tell its caller when a connection was lost or came back (so nothing would ask the engine to
+reconcile what was missed), it does not handle `listenKeyExpired`, it keeps its listen key alive on its
+own timer outside the engine's request pacing, it maps a fired algo order's `FINISHED` to "closed"
+without the fill, and it has no notion of a silent stall. Those are exactly this product's incident
+family, so the wire protocol (small) is spoken here; the REST calls for the listen key still go through
+ccxt and the engine's pacer like every request.
+
+* Market: one connection to `/stream` (combined form), `SUBSCRIBE` / `UNSUBSCRIBE` with ids for what the
+  watchers want (`!markPrice@arr@1s` for all symbols, `<symbol>@markPrice@1s` per symbol). What is wanted
+  while disconnected is kept and sent on the next connection, with everything else wanted. A stream
+  (or symbol) silent for `stale_mark_seconds` is subscribed again and, while it stays silent, its marks
+  come from REST (`fetch_mark_prices`) at the poll rate. Only marks newer than the last one yielded per
+  symbol are yielded.
+* Account: `POST /fapi/v1/listenKey`, connect `/ws/<listenKey>`, `PUT` every `listen_key_keepalive_seconds`
+  (30 min; the key lives 60). `listenKeyExpired` or a refused keep-alive (-1125) makes a new key and a new
+  connection. Once live again after any interruption the stream yields a `StreamGap` naming when events
+  may have stopped: the reader reconciles.
+* Both: no message (data, pong) for `stall_seconds` while connected is a stall (we ping at half of it):
+  the connection is dropped and made again. Reconnects wait an exponential backoff with jitter that only
+  resets after a connection stayed up `stable_seconds`, so a venue that drops every connection is not
+  hammered (no restart loop).
+
+The listen key is a credential: it appears in no log line, no state, no exception text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import aiohttp
+
+from engine.exchange.errors import ExchangeError
+from engine.exchange.port import (
+    AccountEvent,
+    MarkPrice,
+    Order,
+    OrderSide,
+    OrderStatus,
+    OrderType,
+    OrderUpdate,
+    PositionSide,
+    PositionUpdate,
+    StreamGap,
+    StreamState,
+)
+
+logger = logging.getLogger(__name__)
+
+PRODUCTION_WS_URL = "wss://fstream.binance.com"
+DEMO_WS_URL = "wss://fstream.binancefuture.com"
+ALL_MARKS_STREAM = "!markPrice@arr@1s"
+_ZERO = Decimal(0)
+_MAX_MESSAGE_BYTES = 16 << 20  # the all-market array of a large universe
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSettings:
+    stall_seconds: float = 10.0  # connected but nothing received (not even a pong) this long: reconnect
+    stale_mark_seconds: float = 3.0  # a wanted mark stream silent this long: resubscribe, REST meanwhile
+    backoff_initial_seconds: float = 0.5
+    backoff_max_seconds: float = 30.0
+    stable_seconds: float = 30.0  # a connection that lived this long resets the backoff
+    listen_key_keepalive_seconds: float = 1800.0  # Binance: every 30 min (a key lives 60)
+    connect_timeout_seconds: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.stall_seconds <= 0 or self.stale_mark_seconds <= 0 or self.backoff_initial_seconds <= 0:
+            raise ValueError("stream timings must be positive")
+
+
+def mark_stream_name(symbol: str) -> str:
+    return f"{symbol.lower()}@markPrice@1s"
+
+
+def _decimal(value: Any) -> Decimal | None:
+    try:
+        parsed = Decimal(str(value))
+    except (InvalidOperation, ValueError):
+        return None
+    return parsed if parsed.is_finite() else None
+
+
+def _seconds(ms: Any, default: float) -> float:
+    try:
+        return int(ms) / 1000
+    except (TypeError, ValueError):
+        return default
+
+
+WS_CLOSED_TYPES = (
+    aiohttp.WSMsgType.CLOSE,
+    aiohttp.WSMsgType.CLOSING,
+    aiohttp.WSMsgType.CLOSED,
+    aiohttp.WSMsgType.ERROR,
+)
+
+
+class _Stalled(Exception):
+    pass
+
+
+class _Reconnect(Exception):
+    """Leave this connection and make a new one (a reason the venue gave, or ours)."""
+
+
+class _Socket:
+    """One reconnecting websocket: backoff with jitter, stall detection, counters for `StreamState`."""
+
+    def __init__(
+        self, name: str, settings: StreamSettings, session: Callable[[], aiohttp.ClientSession]
+    ) -> None:
+        self.name = name
+        self._settings = settings
+        self._session = session
+        self.connected = False
+        self.last_message_at: float | None = None  # monotonic
+        self.reconnects = 0
+        self.attempts = 0  # connection attempts made (for tests of storms)
+        self.detail = "not started"
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._failures = 0
+        self._drop_reason = ""
+        self.lost_at: float | None = None  # wall clock: when the last connection ended
+        self.last_reason = ""  # why the last connection ended (kept while the next one lives)
+
+    async def run(
+        self,
+        url: Callable[[], Awaitable[str]],
+        on_open: Callable[[aiohttp.ClientWebSocketResponse], Awaitable[None]],
+        on_message: Callable[[Any], Awaitable[None]],
+    ) -> None:
+        while True:
+            opened_at: float | None = None
+            try:
+                target = await url()
+                self.attempts += 1
+                ws = await self._session().ws_connect(
+                    target,
+                    autoping=False,
+                    heartbeat=None,
+                    max_msg_size=_MAX_MESSAGE_BYTES,
+                    timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
+                )
+                self._ws = ws
+                opened_at = time.monotonic()
+                self.connected = True
+                self.last_message_at = opened_at
+                self.detail = ""
+                await on_open(ws)
+                await self._receive(ws, on_message)
+                reason = self._drop_reason or "closed by the venue"
+            except asyncio.CancelledError:
+                raise
+            except _Stalled:
+                reason = f"silent for {self._settings.stall_seconds:g}s"
+            except _Reconnect as why:
+                reason = str(why)
+            except ExchangeError as error:
+                reason = f"REST {type(error).__name__}"
+            except (aiohttp.ClientError, OSError, TimeoutError) as error:
+                # Never str(error): a handshake error's text carries the URL, and the account's URL is
+                # its listen key.
+                reason = f"connection failed ({type(error).__name__})"
+            finally:
+                ws, self._ws = self._ws, None
+                if ws is not None:
+                    with contextlib.suppress(Exception):
+                        await ws.close()
+            if self.connected:
+                self.connected = False
+                self.lost_at = time.time()
+                self.reconnects += 1
+            self.detail = self.last_reason = reason
+            self._drop_reason = ""
+            lived = time.monotonic() - opened_at if opened_at is not None else 0.0
+            if lived >= self._settings.stable_seconds:
+                self._failures = 0
+            delay = min(
+                self._settings.backoff_max_seconds,
+                self._settings.backoff_initial_seconds * (2**self._failures),
+            ) * random.uniform(0.5, 1.0)
+            self._failures = min(self._failures + 1, 30)
+            logger.warning("binance %s stream: %s; reconnecting in %.1fs", self.name, reason, delay)
+            await asyncio.sleep(delay)
+
+    async def _receive(
+        self, ws: aiohttp.ClientWebSocketResponse, on_message: Callable[[Any], Awaitable[None]]
+    ) -> None:
+        stall = self._settings.stall_seconds
+        pinged = False
+        while True:
+            assert self.last_message_at is not None
+            idle = time.monotonic() - self.last_message_at
+            if idle >= stall:
+                raise _Stalled()
+            wait = (stall / 2 - idle) if not pinged and idle < stall / 2 else (stall - idle)
+            try:
+                message = await ws.receive(timeout=max(wait, 0.01))
+            except TimeoutError:
+                if not pinged and time.monotonic() - self.last_message_at >= stall / 2:
+                    with contextlib.suppress(ConnectionError, RuntimeError):
+                        await ws.ping()
+                    pinged = True
+                continue
+            if message.type in WS_CLOSED_TYPES:
+                return
+            self.last_message_at = time.monotonic()
+            pinged = False
+            if message.type is aiohttp.WSMsgType.PING:
+                await ws.pong(message.data)
+            elif message.type is aiohttp.WSMsgType.TEXT:
+                try:
+                    payload = json.loads(message.data)
+                except ValueError:
+                    logger.warning("binance %s stream: unreadable message skipped", self.name)
+                    continue
+                await on_message(payload)
+
+    async def send(self, payload: Mapping[str, Any]) -> bool:
+        ws = self._ws
+        if ws is None or not self.connected:
+            return False
+        try:
+            await ws.send_str(json.dumps(payload))
+        except (ConnectionError, RuntimeError):
+            return False
+        return True
+
+    async def drop(self, reason: str) -> None:
+        """End the current connection (the loop makes a new one); `reason` is what it reports."""
+        self._drop_reason = reason
+        ws = self._ws
+        if ws is not None:
+            await ws.close()
+
+
+class _MarkWatcher:
+    def __init__(self, symbols: frozenset[str] | None) -> None:
+        self.symbols = symbols
+        self.pending: dict[str, MarkPrice] = {}
+        self.ready = asyncio.Event()
+
+    def offer(self, mark: MarkPrice) -> None:
+        if self.symbols is None or mark.symbol in self.symbols:
+            self.pending[mark.symbol] = mark  # coalesced: the latest per symbol
+            self.ready.set()
+
+
+class BinanceStreams:
+    """The venue's push streams. `rest_marks`, `create_key` and `keep_alive_key` are the venue's own REST
+    calls (through ccxt and the engine's pacer)."""
+
+    def __init__(
+        self,
+        *,
+        ws_url: str,
+        settings: StreamSettings,
+        session: Callable[[], aiohttp.ClientSession],
+        rest_marks: Callable[[Collection[str] | None], Awaitable[dict[str, MarkPrice]]],
+        create_key: Callable[[], Awaitable[str]],
+        keep_alive_key: Callable[[], Awaitable[None]],
+        delete_key: Callable[[], Awaitable[None]],
+        mark_poll_seconds: float,
+    ) -> None:
+        self._ws_url = ws_url.rstrip("/")
+        self._settings = settings
+        self._rest_marks = rest_marks
+        self._create_key = create_key
+        self._keep_alive_key = keep_alive_key
+        self._delete_key = delete_key
+        self._mark_poll_seconds = mark_poll_seconds
+        self._market = _Socket("marks", settings, session)
+        self._account = _Socket("account", settings, session)
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._closed = False
+        # Market stream.
+        self._wanted: dict[str, int] = {}  # stream name -> watchers wanting it
+        self._stream_seen: dict[str, float] = {}  # stream name -> monotonic of its last data
+        self._resubscribed: dict[str, float] = {}  # stream name -> monotonic of our last SUBSCRIBE for it
+        self._watchers: list[_MarkWatcher] = []
+        self._request_ids = 0
+        self.fallback_symbols: set[str] = set()
+        # Account stream.
+        self._listeners: list[asyncio.Queue[AccountEvent]] = []
+        self._listen_key: str | None = None
+        self._gap_since: float = time.time()
+        self._gap_reason = "stream started"
+        self._last_status: OrderedDict[str, tuple[int, float]] = OrderedDict()  # id -> (rank, event time)
+        self._positions_at: dict[str, float] = {}  # symbol -> event time of the last position told
+        self._child_to_algo: OrderedDict[str, str] = OrderedDict()  # actual order id -> client algo id
+
+    # ---- lifecycle ------------------------------------------------------------------------------------
+
+    def _start(self, name: str, factory: Callable[[], Awaitable[None]]) -> None:
+        task = self._tasks.get(name)
+        if task is None or task.done():
+            self._tasks[name] = asyncio.create_task(
+                self._supervised(name, factory), name=f"binance-{name}-stream"
+            )
+
+    async def _supervised(self, name: str, factory: Callable[[], Awaitable[None]]) -> None:
+        while not self._closed:
+            try:
+                await factory()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("binance %s stream: unexpected failure; restarting in 1s", name)
+                await asyncio.sleep(1.0)
+
+    async def close(self) -> None:
+        self._closed = True
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._listen_key is not None:
+            self._listen_key = None
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._delete_key(), 2.0)
+
+    def states(self) -> tuple[StreamState, ...]:
+        states = []
+        if "marks" in self._tasks:
+            detail = self._market.detail
+            if self.fallback_symbols:
+                detail = f"REST polling for {len(self.fallback_symbols)} symbol(s)" + (
+                    f"; {detail}" if detail else ""
+                )
+            states.append(
+                StreamState(
+                    name="marks",
+                    connected=self._market.connected,
+                    last_event_at=self._market.last_message_at,
+                    reconnects=self._market.reconnects,
+                    subscriptions=len(self._wanted),
+                    detail=detail,
+                )
+            )
+        if "account" in self._tasks:
+            states.append(
+                StreamState(
+                    name="account",
+                    connected=self._account.connected,
+                    last_event_at=self._account.last_message_at,
+                    reconnects=self._account.reconnects,
+                    subscriptions=1 if self._account.connected else 0,
+                    detail=self._account.detail,
+                )
+            )
+        return tuple(states)
+
+    # ---- mark prices ----------------------------------------------------------------------------------
+
+    async def watch_mark_prices(self, symbols: Collection[str] | None) -> AsyncIterator[MarkPrice]:
+        wanted = None if symbols is None else frozenset(symbols)
+        names = [ALL_MARKS_STREAM] if wanted is None else [mark_stream_name(s) for s in sorted(wanted)]
+        watcher = _MarkWatcher(wanted)
+        self._watchers.append(watcher)
+        added = [n for n in names if self._wanted.get(n, 0) == 0]
+        for name in names:
+            self._wanted[name] = self._wanted.get(name, 0) + 1
+            self._stream_seen.setdefault(name, time.monotonic())
+        self._start("marks", self._run_market)
+        if added:
+            await self._subscribe(added)
+        last_yielded: dict[str, float] = {}
+        last_rest = 0.0
+        try:
+            while not self._closed:
+                stale = self._stale_names(names)
+                if not stale:
+                    self.fallback_symbols.difference_update(wanted or {ALL_MARKS_STREAM})
+                if stale and time.monotonic() - last_rest >= self._mark_poll_seconds:
+                    last_rest = time.monotonic()
+                    await self._fallback(stale, wanted, watcher)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(watcher.ready.wait(), self._mark_poll_seconds)
+                watcher.ready.clear()
+                marks, watcher.pending = watcher.pending, {}
+                for mark in marks.values():
+                    if mark.timestamp > last_yielded.get(mark.symbol, -1.0):  # only fresh marks
+                        last_yielded[mark.symbol] = mark.timestamp
+                        yield mark
+        finally:
+            self._watchers.remove(watcher)
+            released = []
+            for name in names:
+                self._wanted[name] -= 1
+                if self._wanted[name] == 0:
+                    del self._wanted[name]
+                    released.append(name)
+            if released and not self._closed:
+                await self._market.send({"method": "UNSUBSCRIBE", "params": released, "id": self._next_id()})
+
+    def _stale_names(self, names: list[str]) -> list[str]:
+        now = time.monotonic()
+        limit = self._settings.stale_mark_seconds
+        return [
+            n for n in names if not self._market.connected or now - self._stream_seen.get(n, 0.0) >= limit
+        ]
+
+    async def _fallback(self, stale: list[str], wanted: frozenset[str] | None, watcher: _MarkWatcher) -> None:
+        """Marks by REST while their stream is silent; ask the venue for the stream again."""
+        if self._market.connected:
+            now = time.monotonic()
+            again = [
+                n for n in stale if now - self._resubscribed.get(n, 0.0) >= self._settings.stale_mark_seconds
+            ]
+            if again:
+                logger.warning("binance marks stream: %d stream(s) silent; subscribing again", len(again))
+                await self._subscribe(again)
+        symbols = None if wanted is None else sorted(s for s in wanted if mark_stream_name(s) in stale)
+        self.fallback_symbols.update(symbols if symbols is not None else {ALL_MARKS_STREAM})
+        try:
+            marks = await self._rest_marks(symbols)
+        except ExchangeError as error:
+            logger.warning("binance marks: REST fallback failed (%s); marks go stale", type(error).__name__)
+            return
+        for mark in marks.values():
+            watcher.offer(mark)
+
+    async def _subscribe(self, names: list[str]) -> None:
+        now = time.monotonic()
+        for name in names:
+            self._resubscribed[name] = now
+        await self._market.send({"method": "SUBSCRIBE", "params": names, "id": self._next_id()})
+
+    def _next_id(self) -> int:
+        self._request_ids += 1
+        return self._request_ids
+
+    async def _run_market(self) -> None:
+        async def url() -> str:
+            return f"{self._ws_url}/stream"
+
+        async def on_open(_ws: aiohttp.ClientWebSocketResponse) -> None:
+            # Everything wanted, including what was asked for while disconnected.
+            names = sorted(self._wanted)
+            now = time.monotonic()
+            for name in names:
+                self._stream_seen[name] = max(
+                    self._stream_seen.get(name, 0.0), now - self._settings.stale_mark_seconds / 2
+                )
+            if names:
+                await self._subscribe(names)
+
+        await self._market.run(url, on_open, self._on_market_message)
+
+    async def _on_market_message(self, payload: Any) -> None:
+        if not isinstance(payload, dict):
+            return
+        if "id" in payload:
+            if "error" in payload:
+                logger.warning(
+                    "binance marks stream: request %s refused: %s", payload.get("id"), payload.get("error")
+                )
+            return
+        name, data = payload.get("stream"), payload.get("data")
+        if not isinstance(name, str):
+            return
+        now = time.monotonic()
+        self._stream_seen[name] = now
+        rows = data if isinstance(data, list) else [data]
+        marks = []
+        for row in rows:
+            if not isinstance(row, dict) or row.get("e") != "markPriceUpdate":
+                continue
+            price = _decimal(row.get("p"))
+            symbol = row.get("s")
+            if price is None or price <= 0 or not isinstance(symbol, str):
+                continue
+            marks.append(MarkPrice(symbol, price, _seconds(row.get("E"), time.time())))
+            if name == ALL_MARKS_STREAM:
+                self._stream_seen[mark_stream_name(symbol)] = now
+        for watcher in self._watchers:
+            for mark in marks:
+                watcher.offer(mark)
+
+    # ---- account --------------------------------------------------------------------------------------
+
+    async def watch_account(self) -> AsyncIterator[AccountEvent]:
+        queue: asyncio.Queue[AccountEvent] = asyncio.Queue()
+        self._listeners.append(queue)
+        self._start("account", self._run_account)
+        try:
+            while not self._closed:
+                yield await queue.get()
+        finally:
+            self._listeners.remove(queue)
+
+    def _emit(self, event: AccountEvent) -> None:
+        for queue in self._listeners:
+            queue.put_nowait(event)
+
+    async def _run_account(self) -> None:
+        keep_alive: asyncio.Task[None] | None = None
+
+        async def url() -> str:
+            if self._listen_key is None:
+                self._listen_key = await self._create_key()
+            return f"{self._ws_url}/ws/{self._listen_key}"
+
+        async def on_open(_ws: aiohttp.ClientWebSocketResponse) -> None:
+            nonlocal keep_alive
+            if keep_alive is not None:
+                keep_alive.cancel()
+            keep_alive = asyncio.create_task(self._keep_alive(), name="binance-listen-key-keep-alive")
+            since = self._account.lost_at if self._account.lost_at is not None else self._gap_since
+            reason = self._account.last_reason if self._account.reconnects else self._gap_reason
+            self._emit(StreamGap(stream="account", since=since, reason=reason or "connected"))
+            logger.info("binance account stream: live again (%s)", reason or "connected")
+
+        try:
+            await self._account.run(url, on_open, self._on_account_message)
+        finally:
+            if keep_alive is not None:
+                keep_alive.cancel()
+                await asyncio.gather(keep_alive, return_exceptions=True)
+
+    async def _keep_alive(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.listen_key_keepalive_seconds)
+            try:
+                await self._keep_alive_key()
+            except ExchangeError as error:
+                # -1125 (the key is gone) or anything else: a new key and a new connection, with a gap.
+                logger.warning(
+                    "binance account stream: listen key keep-alive refused (%s)", type(error).__name__
+                )
+                self._listen_key = None
+                await self._account.drop("listen key keep-alive refused")
+                return
+
+    async def _on_account_message(self, payload: Any) -> None:
+        if not isinstance(payload, dict):
+            return
+        kind = payload.get("e")
+        if kind == "listenKeyExpired":
+            self._listen_key = None
+            raise _Reconnect("listen key expired")
+        try:
+            if kind == "ALGO_UPDATE":
+                self._on_algo_update(payload)
+            elif kind == "ORDER_TRADE_UPDATE":
+                self._on_order_update(payload)
+            elif kind == "ACCOUNT_UPDATE":
+                self._on_account_update(payload)
+        except (KeyError, TypeError, ValueError, InvalidOperation):
+            logger.warning("binance account stream: unreadable %s skipped", kind)
+
+    def _newer(self, key: str, status: OrderStatus, event_time: float) -> bool:
+        """Whether this update moves the order on (events may arrive out of order: never go back)."""
+        rank = 2 if status.is_final else (1 if status is OrderStatus.TRIGGERED else 0)
+        before = self._last_status.get(key)
+        if before is not None and before[0] >= rank:
+            return False  # told already (TRIGGERING then TRIGGERED), or a late echo of an earlier state
+        self._last_status[key] = (rank, event_time)
+        self._last_status.move_to_end(key)
+        while len(self._last_status) > 10_000:
+            self._last_status.popitem(last=False)
+        return True
+
+    def _on_algo_update(self, payload: Mapping[str, Any]) -> None:
+        o = payload["o"]
+        event_time = _seconds(payload.get("E"), time.time())
+        status_text = o.get("X", "")
+        filled = _decimal(o.get("aq")) or _ZERO
+        average = _decimal(o.get("ap"))
+        if status_text == "NEW":
+            status = OrderStatus.NEW
+        elif status_text in ("TRIGGERING", "TRIGGERED"):
+            status = OrderStatus.TRIGGERED
+        elif status_text == "CANCELED":
+            status = OrderStatus.CANCELED
+        elif status_text == "FINISHED":
+            status = OrderStatus.FILLED if filled > 0 else OrderStatus.EXPIRED
+        else:  # EXPIRED, REJECTED
+            status = OrderStatus.EXPIRED
+        if o.get("ai"):
+            self._child_to_algo[str(o["ai"])] = str(o["caid"])
+            while len(self._child_to_algo) > 10_000:
+                self._child_to_algo.popitem(last=False)
+        client_id = str(o["caid"])
+        if not self._newer(f"algo:{client_id}:{o.get('aid')}", status, event_time):
+            return
+        order_type = (
+            OrderType.TRAILING_STOP_MARKET if o.get("o") == "TRAILING_STOP_MARKET" else OrderType.STOP_MARKET
+        )
+        order = Order(
+            client_order_id=client_id,
+            venue_order_id=str(o.get("aid", "")),
+            symbol=str(o["s"]),
+            side=OrderSide.BUY if o.get("S") == "BUY" else OrderSide.SELL,
+            type=order_type,
+            status=status,
+            quantity=_decimal(o.get("q")) or _ZERO,
+            filled_quantity=filled if status is OrderStatus.FILLED else _ZERO,
+            average_price=average if status is OrderStatus.FILLED and average and average > 0 else None,
+            reduce_only=True,
+            stop_price=_positive(o.get("tp")) if order_type is OrderType.STOP_MARKET else None,
+            activation_price=None,
+            callback_rate=_positive(o.get("cr")),
+            created_at=_seconds(payload.get("T"), event_time),
+            updated_at=event_time,
+        )
+        reason = status_text if status_text != status.value.upper() else ""
+        self._emit(OrderUpdate(order=order, event_time=event_time, reason=str(o.get("rm") or reason)))
+
+    def _on_order_update(self, payload: Mapping[str, Any]) -> None:
+        o = payload["o"]
+        if o.get("ot", "MARKET") != "MARKET" or str(o.get("i")) in self._child_to_algo:
+            return  # the order a fired algo order placed: its outcome comes with the algo order's FINISHED
+        event_time = _seconds(payload.get("E"), time.time())
+        status = {
+            "NEW": OrderStatus.NEW,
+            "PARTIALLY_FILLED": OrderStatus.NEW,
+            "FILLED": OrderStatus.FILLED,
+            "CANCELED": OrderStatus.CANCELED,
+        }.get(o.get("X", ""), OrderStatus.EXPIRED)
+        client_id = str(o["c"])
+        if not self._newer(f"order:{client_id}:{o.get('i')}", status, event_time):
+            return
+        filled = _decimal(o.get("z")) or _ZERO
+        order = Order(
+            client_order_id=client_id,
+            venue_order_id=str(o.get("i", "")),
+            symbol=str(o["s"]),
+            side=OrderSide.BUY if o.get("S") == "BUY" else OrderSide.SELL,
+            type=OrderType.MARKET,
+            status=status,
+            quantity=_decimal(o.get("q")) or _ZERO,
+            filled_quantity=filled,
+            average_price=_positive(o.get("ap")) if filled > 0 else None,
+            reduce_only=bool(o.get("R", False)),
+            stop_price=None,
+            activation_price=None,
+            callback_rate=None,
+            created_at=_seconds(o.get("T"), event_time),
+            updated_at=event_time,
+        )
+        self._emit(OrderUpdate(order=order, event_time=event_time, reason=str(o.get("x", ""))))
+
+    def _on_account_update(self, payload: Mapping[str, Any]) -> None:
+        event_time = _seconds(payload.get("E"), time.time())
+        for row in payload["a"].get("P", []):
+            symbol = str(row["s"])
+            if event_time < self._positions_at.get(symbol, 0.0):
+                continue  # an older picture of this symbol arrived late
+            self._positions_at[symbol] = event_time
+            amount = _decimal(row.get("pa")) or _ZERO
+            entry = _decimal(row.get("ep")) or _ZERO
+            side = PositionSide.SHORT if amount < 0 else PositionSide.LONG
+            self._emit(
+                PositionUpdate(
+                    symbol=symbol, side=side, quantity=abs(amount), entry_price=entry, event_time=event_time
+                )
+            )
+
+
+def _positive(value: Any) -> Decimal | None:
+    parsed = _decimal(value)
+    return parsed if parsed is not None and parsed > 0 else None

@@ -1,0 +1,368 @@
+"""Binance's push streams on the real path: the venue's websocket client against the emulator's streams
+over loopback (same server and port as its REST API, Binance's paths and shapes). The emulator is the
+venue's truth; every fault the control API can stage must end with fresh marks, the subscriptions back
+and a `StreamGap` for the account stream, so nothing is missed silently."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+import pytest
+
+from engine.exchange.port import (
+    AccountEvent,
+    MarkPrice,
+    OrderSide,
+    OrderStatus,
+    OrderUpdate,
+    PositionUpdate,
+    StreamGap,
+)
+from engine.venues.binance_emulator import BinanceEmulator, running
+from engine.venues.binance_streams import PRODUCTION_WS_URL, StreamSettings
+from engine.venues.ccxt_venue import BinanceUsdmVenue, CcxtVenueConfig
+from engine.venues.sim.settings import SimVenueSettings
+from tests.support.waiting import wait_until
+
+KEY, SECRET = "streams-key", "streams-secret"
+SYMBOL = "SFPUSDT"
+FAST = StreamSettings(
+    stall_seconds=1.5,
+    stale_mark_seconds=2.5,
+    backoff_initial_seconds=0.2,
+    backoff_max_seconds=2.0,
+    stable_seconds=3.0,
+)
+
+
+@dataclass
+class Rig:
+    venue: BinanceUsdmVenue
+    emulator: BinanceEmulator
+    base_url: str
+    control: aiohttp.ClientSession
+    account: list[AccountEvent] = field(default_factory=list)
+    marks: list[tuple[float, MarkPrice]] = field(default_factory=list)  # (monotonic when yielded, mark)
+
+    async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        async with self.control.post(f"{self.base_url}{path}", json=body) as response:
+            assert response.status == 200, await response.text()
+            return await response.json()
+
+    async def state(self) -> dict[str, Any]:
+        async with self.control.get(f"{self.base_url}/_sim/state") as response:
+            assert response.status == 200
+            return await response.json()
+
+    def gaps(self) -> list[StreamGap]:
+        return [e for e in self.account if isinstance(e, StreamGap)]
+
+    def updates(self, client_id: str) -> list[OrderUpdate]:
+        return [
+            e for e in self.account if isinstance(e, OrderUpdate) and e.order.client_order_id == client_id
+        ]
+
+    def fresh_mark_since(self, moment: float, symbol: str = SYMBOL) -> bool:
+        return any(at > moment and mark.symbol == symbol for at, mark in self.marks)
+
+    async def market_subscriptions(self) -> list[str]:
+        state = await self.state()
+        return [
+            s for c in state["streams"]["connections"] if c["kind"] == "market" for s in c["subscriptions"]
+        ]
+
+    async def user_connected(self) -> bool:
+        state = await self.state()
+        return any(c["kind"] == "user" and not c["silenced"] for c in state["streams"]["connections"])
+
+    async def open_position_with_stop(self, client_id: str) -> Decimal:
+        mark = (await self.venue.fetch_mark_prices([SYMBOL]))[SYMBOL].price
+        await self.venue.create_market_order(
+            SYMBOL, OrderSide.BUY, Decimal(100), client_order_id=f"{client_id}-e"
+        )
+        stop = (mark * Decimal("0.9")).quantize(Decimal("0.0001"))
+        await self.venue.create_stop_market_order(
+            SYMBOL, OrderSide.SELL, Decimal(100), stop, client_order_id=client_id
+        )
+        return stop
+
+
+@contextlib.asynccontextmanager
+async def rig(settings: StreamSettings = FAST, symbols: list[str] | None = None) -> AsyncIterator[Rig]:
+    sim = SimVenueSettings(seed=7, volatility=0.0, symbols=["SFPUSDT", "BTCUSDT", "ETHUSDT"])
+    emulator = BinanceEmulator(sim, api_key=KEY, api_secret=SECRET, control=True)
+    async with running(emulator) as base_url, aiohttp.ClientSession() as control:
+        venue = BinanceUsdmVenue(
+            CcxtVenueConfig(
+                kind="binanceusdm",
+                api_key=KEY,
+                api_secret=SECRET,
+                base_url=base_url,
+                mark_poll_seconds=0.2,
+                streams=settings,
+            )
+        )
+        await venue.connect()
+        await venue.load_markets()
+        subject = Rig(venue, emulator, base_url, control)
+
+        async def read_account() -> None:
+            async for event in venue.watch_account():
+                subject.account.append(event)
+
+        async def read_marks() -> None:
+            async for mark in venue.watch_mark_prices(symbols):
+                subject.marks.append((time.monotonic(), mark))
+
+        tasks = [asyncio.create_task(read_account()), asyncio.create_task(read_marks())]
+        try:
+            await wait_until(lambda: len(subject.gaps()) == 1, what="the account stream live")
+            await wait_until(subject.user_connected, what="the user-data connection")
+            await wait_until(lambda: bool(subject.marks), what="a first mark")
+            yield subject
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await venue.close()
+
+
+async def test_a_fired_stop_reaches_watch_account_with_our_id_and_the_fill_price() -> None:
+    async with rig() as r:
+        stop = await r.open_position_with_stop("stop-1")
+        await wait_until(
+            lambda: any(u.order.status is OrderStatus.NEW for u in r.updates("stop-1")), what="NEW"
+        )
+        fired = await r.post("/_sim/mark", {"symbol": SYMBOL, "price": str(stop - Decimal("0.001"))})
+        assert fired["triggered"] == ["stop-1"]
+        await wait_until(
+            lambda: any(u.order.status is OrderStatus.FILLED for u in r.updates("stop-1")), what="the fill"
+        )
+        statuses = [u.order.status for u in r.updates("stop-1")]
+        assert statuses == [OrderStatus.NEW, OrderStatus.TRIGGERED, OrderStatus.FILLED]
+        filled = r.updates("stop-1")[-1].order
+        assert filled.filled_quantity == Decimal(100)
+        assert filled.average_price is not None
+        assert filled.average_price <= stop
+        # The fill price is the venue's own (what a query of the order answers).
+        queried = await r.venue.fetch_order(SYMBOL, "stop-1")
+        assert queried.average_price == filled.average_price
+        flat = [e for e in r.account if isinstance(e, PositionUpdate) and e.symbol == SYMBOL]
+        assert flat[-1].quantity == 0
+        # The child order the algo order placed is not told as an order of its own.
+        assert all(
+            e.order.client_order_id in ("stop-1", "stop-1-e") for e in r.account if isinstance(e, OrderUpdate)
+        )
+
+
+async def test_a_stop_sitting_in_triggering_is_told_triggered_before_it_fills() -> None:
+    async with rig() as r:
+        await r.post("/_sim/fault", {"targets": ["POST:algoOrder"], "fault": "triggering:1.5", "count": 1})
+        stop = await r.open_position_with_stop("stop-t")
+        await r.post("/_sim/mark", {"symbol": SYMBOL, "price": str(stop - Decimal("0.001"))})
+        await wait_until(
+            lambda: any(u.order.status is OrderStatus.TRIGGERED for u in r.updates("stop-t")),
+            what="TRIGGERED",
+        )
+        assert not any(u.order.status is OrderStatus.FILLED for u in r.updates("stop-t"))
+        await wait_until(
+            lambda: any(u.order.status is OrderStatus.FILLED for u in r.updates("stop-t")),
+            what="the deferred fill",
+        )
+
+
+async def test_a_cancelled_stop_is_told_cancelled() -> None:
+    async with rig() as r:
+        await r.open_position_with_stop("stop-c")
+        await r.venue.cancel_order(SYMBOL, "stop-c")
+        await wait_until(
+            lambda: any(u.order.status is OrderStatus.CANCELED for u in r.updates("stop-c")), what="CANCELED"
+        )
+
+
+async def _fault_and_recover(r: Rig, fault: dict[str, Any], *, expect_gap: bool) -> None:
+    gaps_before = len(r.gaps())
+    staged_at = time.monotonic()
+    await r.post("/_sim/stream-fault", fault)
+    if expect_gap:
+        await wait_until(lambda: len(r.gaps()) > gaps_before, within=20, what=f"a StreamGap after {fault}")
+    await wait_until(lambda: r.fresh_mark_since(staged_at), within=20, what=f"a fresh mark after {fault}")
+    await wait_until(
+        lambda: _stream_marks_since(r, staged_at),
+        within=20,
+        what=f"marks from the stream again after {fault}",
+    )
+    subscriptions = await r.market_subscriptions()
+    assert subscriptions == [f"{SYMBOL.lower()}@markPrice@1s"]
+    assert await r.user_connected()
+    # And the account stream carries events again.
+    stop = await r.open_position_with_stop(f"after-{fault['fault']}")
+    await r.post("/_sim/mark", {"symbol": SYMBOL, "price": str(stop - Decimal("0.001"))})
+    await wait_until(
+        lambda: any(u.order.status is OrderStatus.FILLED for u in r.updates(f"after-{fault['fault']}")),
+        within=20,
+        what=f"a fill told after {fault}",
+    )
+
+
+def _stream_marks_since(r: Rig, moment: float) -> bool:
+    """The marks stream is connected and its data is fresh again (not only REST fallback)."""
+    states = {s.name: s for s in r.venue.stream_states()}
+    marks = states["marks"]
+    return marks.connected and marks.last_event_at is not None and marks.last_event_at > moment
+
+
+@pytest.mark.parametrize(
+    ("fault", "expect_gap"),
+    [
+        ({"fault": "drop"}, True),
+        ({"fault": "stall", "seconds": 30}, True),
+        ({"fault": "drop_subscription"}, False),
+        ({"fault": "expire_listen_key"}, True),
+    ],
+    ids=["drop", "stall", "drop-subscription", "expire-listen-key"],
+)
+async def test_each_stream_fault_ends_with_fresh_marks_the_subscription_back_and_a_gap(
+    fault: dict[str, Any], expect_gap: bool
+) -> None:
+    async with rig(symbols=[SYMBOL]) as r:
+        await _fault_and_recover(r, fault, expect_gap=expect_gap)
+        states = {s.name: s for s in r.venue.stream_states()}
+        assert states["marks"].connected
+        assert states["account"].connected
+        assert states["marks"].subscriptions == 1
+
+
+async def test_delayed_and_reordered_account_events_still_end_in_the_final_state() -> None:
+    async with rig(symbols=[SYMBOL]) as r:
+        await r.post("/_sim/stream-fault", {"fault": "delay", "ms": 300})
+        await r.post("/_sim/stream-fault", {"fault": "reorder", "count": 5})
+        stop = await r.open_position_with_stop("stop-r")
+        await wait_until(lambda: bool(r.updates("stop-r")), what="the placement told")
+        await r.post("/_sim/mark", {"symbol": SYMBOL, "price": str(stop - Decimal("0.001"))})
+        await wait_until(
+            lambda: any(u.order.status is OrderStatus.FILLED for u in r.updates("stop-r")), what="the fill"
+        )
+        # In reverse order the fill came first: what came after it (TRIGGERED) did not undo it.
+        await wait_until(
+            lambda: any(isinstance(e, PositionUpdate) and e.quantity == 0 for e in r.account), what="flat"
+        )
+        assert r.updates("stop-r")[-1].order.status is OrderStatus.FILLED
+        await r.post("/_sim/clear-faults", {})
+
+
+async def test_a_reconnect_storm_does_not_spin() -> None:
+    """The venue drops every connection for 4 s: the client backs off (bounded attempts), then recovers."""
+    async with rig(symbols=[SYMBOL]) as r:
+        before = (await r.state())["streams"]["handshakes"]
+        staged_at = time.monotonic()
+        await r.post("/_sim/stream-fault", {"fault": "drop", "seconds": 4})
+        await wait_until(
+            lambda: len(r.gaps()) >= 2, within=30, what="the account stream back after the storm"
+        )
+        await wait_until(lambda: _stream_marks_since(r, staged_at + 4), within=30, what="marks back")
+        after = (await r.state())["streams"]["handshakes"]
+        # Backoff 0.2 s doubling (jitter 0.5-1x) to 2 s: within 4 s at most ~7 attempts per stream.
+        # A client reconnecting at once would make hundreds.
+        for kind in ("market", "user"):
+            assert after[kind] - before[kind] <= 10, (kind, before, after)
+        assert (await r.market_subscriptions()) == [f"{SYMBOL.lower()}@markPrice@1s"]
+
+
+async def test_a_subscription_asked_for_while_disconnected_is_sent_on_reconnect() -> None:
+    async with rig(symbols=[SYMBOL]) as r:
+        await r.post("/_sim/stream-fault", {"fault": "drop", "seconds": 1.5})
+        await wait_until(
+            lambda: not {s.name: s for s in r.venue.stream_states()}["marks"].connected, what="disconnected"
+        )
+        second: list[MarkPrice] = []
+
+        async def read_btc() -> None:
+            async for mark in r.venue.watch_mark_prices(["BTCUSDT"]):
+                second.append(mark)
+
+        task = asyncio.create_task(read_btc())
+        try:
+            await wait_until(
+                lambda: {s.name: s for s in r.venue.stream_states()}["marks"].connected,
+                within=20,
+                what="back",
+            )
+            await wait_until(
+                lambda: _has_subscription(r, "btcusdt@markPrice@1s"), within=20, what="BTC subscribed"
+            )
+            await wait_until(lambda: bool(second), what="a BTC mark")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+async def _has_subscription(r: Rig, name: str) -> bool:
+    return name in await r.market_subscriptions()
+
+
+async def test_all_market_marks_stream_and_rest_fallback_while_it_is_stale() -> None:
+    async with rig(symbols=None) as r:
+        assert await r.market_subscriptions() == ["!markPrice@arr@1s"]
+        await wait_until(
+            lambda: {m.symbol for _, m in r.marks} >= {"SFPUSDT", "BTCUSDT", "ETHUSDT"}, what="all"
+        )
+        staged_at = time.monotonic()
+        await r.post("/_sim/stream-fault", {"fault": "stall", "seconds": 60})
+        # REST keeps the marks coming while the stream is silent, then the stream is made again.
+        await wait_until(
+            lambda: r.fresh_mark_since(staged_at, "BTCUSDT"), within=20, what="marks while stalled"
+        )
+        await wait_until(lambda: _stream_marks_since(r, staged_at), within=20, what="the stream back")
+        assert await r.market_subscriptions() == ["!markPrice@arr@1s"]
+
+
+async def test_a_refused_keep_alive_makes_a_new_listen_key_and_a_gap() -> None:
+    """The key vanished without the `listenKeyExpired` reaching us (the connection was silent then): the
+    next keep-alive is refused with -1125 and the client makes a new key, reconnects and reports a gap."""
+    settings = StreamSettings(
+        stall_seconds=30.0,
+        stale_mark_seconds=2.5,
+        backoff_initial_seconds=0.2,
+        backoff_max_seconds=2.0,
+        stable_seconds=3.0,
+        listen_key_keepalive_seconds=1.0,
+    )
+    async with rig(settings=settings, symbols=[SYMBOL]) as r:
+        await r.post("/_sim/stream-fault", {"fault": "stall", "seconds": 5})
+        await r.post("/_sim/stream-fault", {"fault": "expire_listen_key"})
+        await wait_until(lambda: len(r.gaps()) >= 2, within=20, what="a gap after the refused keep-alive")
+        assert "keep-alive" in r.gaps()[-1].reason
+        await wait_until(r.user_connected, what="the new user-data connection")
+
+
+async def test_the_listen_key_is_in_no_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with rig(symbols=[SYMBOL]) as r:
+        async with r.control.post(f"{r.base_url}/fapi/v1/listenKey", headers={"X-MBX-APIKEY": KEY}) as answer:
+            key = (await answer.json())["listenKey"]  # Binance answers the account's active key
+        await r.post("/_sim/stream-fault", {"fault": "expire_listen_key"})
+        await wait_until(lambda: len(r.gaps()) >= 2, within=20, what="the new key in use")
+        assert "listenKey" in caplog.text  # ccxt narrated the calls, masked
+        assert key not in caplog.text
+        assert key not in repr(r.venue.stream_states())
+
+
+def test_the_stream_host_derives_from_the_configured_url_like_rest() -> None:
+    production = BinanceUsdmVenue(
+        CcxtVenueConfig(kind="binanceusdm", api_key="k", api_secret="s", testnet=False)
+    )
+    rehearsal = BinanceUsdmVenue(
+        CcxtVenueConfig(kind="binanceusdm", api_key="k", api_secret="s", base_url="http://127.0.0.1:9")
+    )
+    assert production._websocket_url() == PRODUCTION_WS_URL
+    assert rehearsal._websocket_url() == "ws://127.0.0.1:9"
+    assert production._config.streams == rehearsal._config.streams  # no stream setting depends on the URL
