@@ -10,13 +10,17 @@ without the fill, and it has no notion of a silent stall. Those are exactly this
 family, so the wire protocol (small) is spoken here; the REST calls for the listen key still go through
 ccxt and the engine's pacer like every request.
 
-* Market: one connection to `/stream` (combined form), `SUBSCRIBE` / `UNSUBSCRIBE` with ids for what the
-  watchers want (`!markPrice@arr@1s` for all symbols, `<symbol>@markPrice@1s` per symbol). What is wanted
+Binance routes USDⓈ-M websockets by kind since 2026 (the unrouted legacy URLs were retired on
+2026-04-23): mark prices on `/market`, user data on `/private`.
+
+* Market: one connection to `/market/stream?streams=...` (combined form), then `SUBSCRIBE` /
+  `UNSUBSCRIBE` with ids for what the watchers want later (`!markPrice@arr@1s` for all symbols, or more
+  than `MAX_SYMBOL_STREAMS`; `<symbol>@markPrice@1s` per symbol). What is wanted
   while disconnected is kept and sent on the next connection, with everything else wanted. A stream
   (or symbol) silent for `stale_mark_seconds` is subscribed again and, while it stays silent, its marks
   come from REST (`fetch_mark_prices`) at the poll rate. Only marks newer than the last one yielded per
   symbol are yielded.
-* Account: `POST /fapi/v1/listenKey`, connect `/ws/<listenKey>`, `PUT` every `listen_key_keepalive_seconds`
+* Account: `POST /fapi/v1/listenKey`, connect `/private/ws/<listenKey>`, `PUT` every `listen_key_keepalive_seconds`
   (30 min; the key lives 60). `listenKeyExpired` or a refused keep-alive (-1125) makes a new key and a new
   connection. Once live again after any interruption the stream yields a `StreamGap` naming when events
   may have stopped: the reader reconciles.
@@ -64,6 +68,10 @@ logger = logging.getLogger(__name__)
 PRODUCTION_WS_URL = "wss://fstream.binance.com"
 DEMO_WS_URL = "wss://fstream.binancefuture.com"
 ALL_MARKS_STREAM = "!markPrice@arr@1s"
+# Binance: at most 200 streams a connection and 10 incoming messages a second. More symbols than this
+# are read from the all-market array instead (filtered here).
+MAX_SYMBOL_STREAMS = 100
+_URL_STREAMS = 100
 _ZERO = Decimal(0)
 _MAX_MESSAGE_BYTES = 16 << 20  # the all-market array of a large universe
 
@@ -294,6 +302,7 @@ class BinanceStreams:
         self._resubscribed: dict[str, float] = {}  # stream name -> monotonic of our last SUBSCRIBE for it
         self._watchers: list[_MarkWatcher] = []
         self._request_ids = 0
+        self._in_url: set[str] = set()  # the streams named in the current connection's URL
         self.fallback_symbols: set[str] = set()
         # Account stream.
         self._listeners: list[asyncio.Queue[AccountEvent]] = []
@@ -369,7 +378,10 @@ class BinanceStreams:
 
     async def watch_mark_prices(self, symbols: Collection[str] | None) -> AsyncIterator[MarkPrice]:
         wanted = None if symbols is None else frozenset(symbols)
-        names = [ALL_MARKS_STREAM] if wanted is None else [mark_stream_name(s) for s in sorted(wanted)]
+        if wanted is None or len(wanted) > MAX_SYMBOL_STREAMS:
+            names = [ALL_MARKS_STREAM]
+        else:
+            names = [mark_stream_name(s) for s in sorted(wanted)]
         watcher = _MarkWatcher(wanted)
         self._watchers.append(watcher)
         added = [n for n in names if self._wanted.get(n, 0) == 0]
@@ -425,7 +437,10 @@ class BinanceStreams:
             if again:
                 logger.warning("binance marks stream: %d stream(s) silent; subscribing again", len(again))
                 await self._subscribe(again)
-        symbols = None if wanted is None else sorted(s for s in wanted if mark_stream_name(s) in stale)
+        if wanted is None or ALL_MARKS_STREAM in stale:
+            symbols = None if wanted is None else sorted(wanted)
+        else:
+            symbols = sorted(s for s in wanted if mark_stream_name(s) in stale)
         self.fallback_symbols.update(symbols if symbols is not None else {ALL_MARKS_STREAM})
         try:
             marks = await self._rest_marks(symbols)
@@ -447,7 +462,11 @@ class BinanceStreams:
 
     async def _run_market(self) -> None:
         async def url() -> str:
-            return f"{self._ws_url}/stream"
+            # Stream mode on the market route, what is wanted already in the URL (Binance asks no
+            # SUBSCRIBE for it); whatever is wanted later is subscribed on the open connection.
+            names = sorted(self._wanted)[:_URL_STREAMS]
+            self._in_url = set(names)
+            return f"{self._ws_url}/market/stream" + (f"?streams={'/'.join(names)}" if names else "")
 
         async def on_open(_ws: aiohttp.ClientWebSocketResponse) -> None:
             # Everything wanted, including what was asked for while disconnected.
@@ -514,7 +533,7 @@ class BinanceStreams:
         async def url() -> str:
             if self._listen_key is None:
                 self._listen_key = await self._create_key()
-            return f"{self._ws_url}/ws/{self._listen_key}"
+            return f"{self._ws_url}/private/ws/{self._listen_key}"
 
         async def on_open(_ws: aiohttp.ClientWebSocketResponse) -> None:
             nonlocal keep_alive

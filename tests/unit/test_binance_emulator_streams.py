@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
+import pytest
 
 from engine.venues.binance_emulator import BinanceEmulator, running
 from engine.venues.binance_limits import USED_WEIGHT_HEADER
@@ -51,13 +52,15 @@ async def answer_to(ws: aiohttp.ClientWebSocketResponse, request_id: int) -> Any
 
 async def test_raw_and_combined_mark_price_streams_carry_binance_fields() -> None:
     async with emulator() as (base_url, session, _api):
-        async with session.ws_connect(ws_url(base_url, "/ws/sfpusdt@markPrice@1s")) as raw:
+        async with session.ws_connect(ws_url(base_url, "/market/ws/sfpusdt@markPrice@1s")) as raw:
             payload = await next_json(raw)
             assert payload["e"] == "markPriceUpdate"
             assert payload["s"] == "SFPUSDT"
             assert set(payload) >= {"E", "p", "i", "P", "r", "T"}
             assert payload["E"] == int(T0 * 1000)
-        async with session.ws_connect(ws_url(base_url, "/stream?streams=!markPrice@arr@1s")) as combined:
+        async with session.ws_connect(
+            ws_url(base_url, "/market/stream?streams=!markPrice@arr@1s")
+        ) as combined:
             payload = await next_json(combined)
             assert payload["stream"] == "!markPrice@arr@1s"
             assert {row["s"] for row in payload["data"]} == {"SFPUSDT", "BTCUSDT"}
@@ -66,7 +69,7 @@ async def test_raw_and_combined_mark_price_streams_carry_binance_fields() -> Non
 async def test_subscribe_unsubscribe_and_list_with_ids() -> None:
     async with (
         emulator() as (base_url, session, _api),
-        session.ws_connect(ws_url(base_url, "/stream")) as ws,
+        session.ws_connect(ws_url(base_url, "/market/stream")) as ws,
     ):
         await ws.send_json({"method": "SUBSCRIBE", "params": ["btcusdt@markPrice@1s"], "id": 1})
         assert await answer_to(ws, 1) == {"result": None, "id": 1}
@@ -107,7 +110,7 @@ async def test_a_fill_is_pushed_on_the_user_stream_and_an_unkept_key_expires() -
         headers = {"X-MBX-APIKEY": KEY}
         async with session.post(f"{base_url}/fapi/v1/listenKey", headers=headers) as created:
             key = (await created.json())["listenKey"]
-        async with session.ws_connect(ws_url(base_url, f"/ws/{key}")) as ws:
+        async with session.ws_connect(ws_url(base_url, f"/private/ws/{key}")) as ws:
             placed = await api.signed(
                 "POST",
                 "/fapi/v1/order",
@@ -170,7 +173,7 @@ async def test_a_fill_is_pushed_on_the_user_stream_and_an_unkept_key_expires() -
 async def test_a_connection_is_closed_after_24_hours_and_the_state_lists_it() -> None:
     async with (
         emulator() as (base_url, session, api),
-        session.ws_connect(ws_url(base_url, "/ws/sfpusdt@markPrice@1s")) as ws,
+        session.ws_connect(ws_url(base_url, "/market/ws/sfpusdt@markPrice@1s")) as ws,
     ):
         await next_json(ws)
         state = (await api.control("GET", "/_sim/state")).body["streams"]
@@ -182,3 +185,30 @@ async def test_a_connection_is_closed_after_24_hours_and_the_state_lists_it() ->
             message = await ws.receive(timeout=10)
             if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
                 break
+
+
+async def test_legacy_unrouted_urls_are_retired_and_market_streams_are_not_private() -> None:
+    """Binance retired the unrouted USDⓈ-M websocket URLs on 2026-04-23: a client still using them must
+    fail here as it would there, not pass a rehearsal."""
+    async with emulator() as (base_url, session, _api):
+        for path in ("/ws/sfpusdt@markPrice@1s", "/stream?streams=sfpusdt@markPrice@1s"):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await session.ws_connect(ws_url(base_url, path))
+            assert refused.value.status == 404
+        async with session.ws_connect(ws_url(base_url, "/private/ws/not-a-key")) as ws:
+            message = await ws.receive(timeout=10)
+            assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+
+
+async def test_more_than_ten_messages_a_second_closes_the_connection() -> None:
+    async with (
+        emulator() as (base_url, session, _api),
+        session.ws_connect(ws_url(base_url, "/market/ws")) as ws,
+    ):
+        for request_id in range(1, 13):
+            await ws.send_json({"method": "LIST_SUBSCRIPTIONS", "id": request_id})
+        while True:
+            message = await ws.receive(timeout=10)
+            if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+                break
+            assert json.loads(message.data)["id"] <= 10

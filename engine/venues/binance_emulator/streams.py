@@ -1,18 +1,21 @@
 """The emulator's websocket streams, on the same loopback server and port as its REST API, with Binance's
-paths and shapes (USDⓈ-M Futures, "Websocket Market Streams" and "User Data Streams"):
+paths and shapes (USDⓈ-M Futures, "Websocket Market Streams" and "User Data Streams", after the routed-URL
+change: legacy unrouted URLs were retired on 2026-04-23, so only `/market` and `/private` are served):
 
-* market streams: raw `/ws/<stream>` (the payload as is) and combined `/stream?streams=<a>/<b>` (each
-  payload wrapped as `{"stream": name, "data": payload}`); `/ws` alone opens a raw connection with nothing
-  subscribed. On any of them `{"method": "SUBSCRIBE" | "UNSUBSCRIBE" | "LIST_SUBSCRIPTIONS", "params": [...],
-  "id": n}` is answered `{"result": null | [...], "id": n}`. Streams served: `<symbol>@markPrice` (every
-  3 s) and `<symbol>@markPrice@1s`, `!markPrice@arr` and `!markPrice@arr@1s` (every symbol in one array),
-  payload `markPriceUpdate` (`E`, `s`, `p`, `i`, `P`, `r`, `T`). At most 1 024 streams a connection;
-* the user-data stream: `POST|PUT|DELETE /fapi/v1/listenKey` (API key header, no signature; served by the
-  REST app, weighed like every request), one key per account, valid 60 minutes of venue time after its
-  creation or last keep-alive (POST with a key alive returns it and extends it; PUT with none: 400 -1125).
-  `/ws/<listenKey>` pushes `ORDER_TRADE_UPDATE`, `ALGO_UPDATE` and `ACCOUNT_UPDATE` whenever the sim core
-  changes an order or a position of the account, and `listenKeyExpired` when the key lapses (then nothing
-  more on that connection);
+* market streams (`/market`): raw `/market/ws/<stream>` (the payload as is) and combined
+  `/market/stream?streams=<a>/<b>` (each payload wrapped as `{"stream": name, "data": payload}`);
+  `/market/ws` alone opens a raw connection with nothing subscribed. `{"method": "SUBSCRIBE" |
+  "UNSUBSCRIBE" | "LIST_SUBSCRIPTIONS", "params": [...], "id": n}` is answered `{"result": null | [...],
+  "id": n}`. Streams served: `<symbol>@markPrice` (every 3 s) and `<symbol>@markPrice@1s`, `!markPrice@arr`
+  and `!markPrice@arr@1s` (every symbol in one array), payload `markPriceUpdate` (`E`, `s`, `p`, `i`, `P`,
+  `r`, `T`). At most 200 streams a connection; more than 10 incoming messages in a second closes it;
+* the user-data stream (`/private`): `POST|PUT|DELETE /fapi/v1/listenKey` (API key header, no signature;
+  served by the REST app, weighed like every request), one key per account, valid 60 minutes of venue
+  time after its creation or last keep-alive (POST with a key alive returns it and extends it; PUT with
+  none: 400 -1125). `/private/ws/<listenKey>` (or `/private/ws?listenKey=<key>`) pushes
+  `ORDER_TRADE_UPDATE`, `ALGO_UPDATE` and `ACCOUNT_UPDATE` whenever the sim core changes an order or a
+  position of the account, and `listenKeyExpired` when the key lapses (then nothing more on that
+  connection);
 * the server pings every connection every 3 minutes and closes one that has not answered for 10; a
   connection is closed after 24 hours (venue time: `/_sim/advance` moves it).
 
@@ -54,7 +57,8 @@ LISTEN_KEY_VALIDITY_SECONDS = 3600.0
 SERVER_PING_SECONDS = 180.0
 PONG_DEADLINE_SECONDS = 600.0
 CONNECTION_LIFETIME_SECONDS = 86_400.0
-MAX_STREAMS_PER_CONNECTION = 1024
+MAX_STREAMS_PER_CONNECTION = 200
+MAX_INCOMING_PER_SECOND = 10
 CHILD_ORDER_ID_OFFSET = 1_000_000_000  # as the REST app: the regular order a fired algo order places
 _TICK_SECONDS = 1.0
 _ZERO = Decimal(0)
@@ -111,6 +115,7 @@ class _Connection:
     stalled_until: float = 0.0  # monotonic
     silenced: bool = False  # its listen key expired: nothing more is sent
     last_pong: float = field(default_factory=time.monotonic)
+    incoming: list[float] = field(default_factory=list)  # monotonic times of the last second's messages
     outbox: asyncio.Queue[str] | None = None  # user connections: events leave in order, maybe late
 
     def stalled(self) -> bool:
@@ -147,9 +152,11 @@ class StreamHub:
     # ---- routes ---------------------------------------------------------------------------------------
 
     def add_routes(self, app: web.Application) -> None:
-        app.router.add_get("/ws", self._serve_raw)
-        app.router.add_get("/ws/{name}", self._serve_raw)
-        app.router.add_get("/stream", self._serve_combined)
+        app.router.add_get("/market/ws", self._serve_raw)
+        app.router.add_get("/market/ws/{name}", self._serve_raw)
+        app.router.add_get("/market/stream", self._serve_combined)
+        app.router.add_get("/private/ws", self._serve_private)
+        app.router.add_get("/private/ws/{name}", self._serve_private)
         app.cleanup_ctx.append(self._ticker_context)
         app.on_shutdown.append(self._close_all)
 
@@ -209,10 +216,15 @@ class StreamHub:
 
     # ---- serving a connection ---------------------------------------------------------------------------
 
+    async def _serve_private(self, request: web.Request) -> web.StreamResponse:
+        key = request.match_info.get("name") or request.query.get("listenKey", "")
+        if key and self._listen_key is not None and secrets.compare_digest(key, self._listen_key):
+            return await self._serve(request, kind="user", combined=False, streams=[], listen_key=key)
+        # Binance answers an unknown or expired listen key by closing the socket at once.
+        return await self._serve(request, kind="user", combined=False, streams=[], refuse=True)
+
     async def _serve_raw(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info.get("name", "")
-        if name and self._listen_key is not None and secrets.compare_digest(name, self._listen_key):
-            return await self._serve(request, kind="user", combined=False, streams=[], listen_key=name)
         if name and not self._valid_stream(name):
             # Binance answers an unknown listen key or stream name by closing the socket at once.
             return await self._serve(request, kind="market", combined=False, streams=[], refuse=True)
@@ -266,6 +278,12 @@ class StreamHub:
                 elif message.type is WSMsgType.PONG:
                     connection.last_pong = time.monotonic()
                 elif message.type is WSMsgType.TEXT and not connection.stalled():
+                    now = time.monotonic()
+                    connection.incoming = [t for t in connection.incoming if now - t < 1.0] + [now]
+                    if len(connection.incoming) > MAX_INCOMING_PER_SECOND:
+                        logger.info("emulator: connection %d sent too many messages; closed", connection.id)
+                        await ws.close(code=1008, message=b"too many requests")
+                        break
                     await self._answer_method(connection, message.data)
         finally:
             self._connections.pop(connection.id, None)
@@ -693,7 +711,7 @@ class StreamHub:
                 {
                     "id": c.id,
                     "kind": c.kind,
-                    "path": "/ws/<listenKey>" if c.kind == "user" else c.path,
+                    "path": "/private/ws/<listenKey>" if c.kind == "user" else c.path,
                     "combined": c.combined,
                     "subscriptions": list(c.subscriptions),
                     "stalled": c.stalled(),
