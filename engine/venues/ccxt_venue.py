@@ -33,8 +33,9 @@ can never push its timestamp out of `recvWindow`). Every answer's limit headers 
 pacer and the order budget, and a 429 / 418 / Bybit 403 holds them. The HTTP session is our own, with a
 connection pool sized by the engine for its largest burst (ccxt's default caps it at 100), keep-alive on.
 
-Mark prices: REST polling every `mark_poll_seconds`; while it fails nothing is yielded and the engine's
-price-feed health sees the marks age.
+Mark prices: on Bybit REST polling every `mark_poll_seconds`; while it fails nothing is yielded and the
+engine's price-feed health sees the marks age. On Binance the mark price stream and the user-data stream
+(`engine.venues.binance_streams`), REST polling only while a stream is stale.
 """
 
 from __future__ import annotations
