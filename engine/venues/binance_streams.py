@@ -184,6 +184,9 @@ class _Socket:
                 # Never str(error): a handshake error's text carries the URL, and the account's URL is
                 # its listen key.
                 reason = f"connection failed ({type(error).__name__})"
+            except Exception as error:  # a defect of ours: logged with its traceback, then the same backoff
+                logger.exception("binance %s stream: unexpected failure", self.name)
+                reason = f"unexpected failure ({type(error).__name__})"
             finally:
                 ws, self._ws = self._ws, None
                 if ws is not None:
@@ -284,7 +287,11 @@ class BinanceStreams:
         keep_alive_key: Callable[[], Awaitable[None]],
         delete_key: Callable[[], Awaitable[None]],
         mark_poll_seconds: float,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`monotonic`: the engine's clock, in which `StreamState.last_event_at` is reported (the
+        sockets themselves time stalls in real time)."""
+        self._monotonic = monotonic
         self._ws_url = ws_url.rstrip("/")
         self._settings = settings
         self._rest_marks = rest_marks
@@ -305,7 +312,7 @@ class BinanceStreams:
         self._in_url: set[str] = set()  # the streams named in the current connection's URL
         self.fallback_symbols: set[str] = set()
         # Account stream.
-        self._listeners: list[asyncio.Queue[AccountEvent]] = []
+        self._listeners: list[asyncio.Queue[AccountEvent | None]] = []  # None: the venue closed
         self._listen_key: str | None = None
         self._gap_since: float = time.time()
         self._gap_reason = "stream started"
@@ -334,6 +341,10 @@ class BinanceStreams:
 
     async def close(self) -> None:
         self._closed = True
+        for queue in self._listeners:
+            queue.put_nowait(None)  # the account watchers end
+        for watcher in self._watchers:
+            watcher.ready.set()  # the mark watchers see `_closed` at once
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
@@ -342,6 +353,9 @@ class BinanceStreams:
             self._listen_key = None
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._delete_key(), 2.0)
+
+    def _on_engine_clock(self, at: float | None) -> float | None:
+        return None if at is None else self._monotonic() - (time.monotonic() - at)
 
     def states(self) -> tuple[StreamState, ...]:
         states = []
@@ -355,7 +369,7 @@ class BinanceStreams:
                 StreamState(
                     name="marks",
                     connected=self._market.connected,
-                    last_event_at=self._market.last_message_at,
+                    last_event_at=self._on_engine_clock(self._market.last_message_at),
                     reconnects=self._market.reconnects,
                     subscriptions=len(self._wanted),
                     detail=detail,
@@ -366,7 +380,7 @@ class BinanceStreams:
                 StreamState(
                     name="account",
                     connected=self._account.connected,
-                    last_event_at=self._account.last_message_at,
+                    last_event_at=self._on_engine_clock(self._account.last_message_at),
                     reconnects=self._account.reconnects,
                     subscriptions=1 if self._account.connected else 0,
                     detail=self._account.detail,
@@ -514,12 +528,14 @@ class BinanceStreams:
     # ---- account --------------------------------------------------------------------------------------
 
     async def watch_account(self) -> AsyncIterator[AccountEvent]:
-        queue: asyncio.Queue[AccountEvent] = asyncio.Queue()
+        if self._closed:
+            return
+        queue: asyncio.Queue[AccountEvent | None] = asyncio.Queue()
         self._listeners.append(queue)
         self._start("account", self._run_account)
         try:
-            while not self._closed:
-                yield await queue.get()
+            while (event := await queue.get()) is not None:
+                yield event
         finally:
             self._listeners.remove(queue)
 

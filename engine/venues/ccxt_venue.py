@@ -822,6 +822,7 @@ class BinanceUsdmVenue(CcxtVenue):
             keep_alive_key=self._keep_alive_listen_key,
             delete_key=self._delete_listen_key,
             mark_poll_seconds=config.mark_poll_seconds,
+            monotonic=self._clock.monotonic,
         )
 
     def _websocket_url(self) -> str:

@@ -366,3 +366,29 @@ def test_the_stream_host_derives_from_the_configured_url_like_rest() -> None:
     assert production._websocket_url() == PRODUCTION_WS_URL
     assert rehearsal._websocket_url() == "ws://127.0.0.1:9"
     assert production._config.streams == rehearsal._config.streams  # no stream setting depends on the URL
+
+
+async def test_a_stop_fired_while_its_reads_still_lag_is_told_once_readable() -> None:
+    """A stop fired within its read-after-write lag: the venue cannot say how it ended yet. The stream
+    tells the fill once it can, even if nothing else changes on the account meanwhile."""
+    async with rig(symbols=[SYMBOL]) as r:
+        await r.post("/_sim/fault", {"targets": ["POST:algoOrder"], "fault": "lag:1.5", "count": 1})
+        stop = await r.open_position_with_stop("stop-lag")
+        await r.post("/_sim/mark", {"symbol": SYMBOL, "price": str(stop - Decimal("0.001"))})
+        await wait_until(
+            lambda: any(u.order.status is OrderStatus.FILLED for u in r.updates("stop-lag")),
+            what="the fill told after the lag",
+        )
+
+
+async def test_closing_the_venue_ends_its_watchers() -> None:
+    async with rig(symbols=[SYMBOL]) as r:
+        account = r.venue.watch_account()
+        marks = r.venue.watch_mark_prices([SYMBOL])
+        first = asyncio.ensure_future(anext(account))
+        await anext(marks)
+        await r.venue.close()
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(first, 10)
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(anext(marks), 10)

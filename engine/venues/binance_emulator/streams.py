@@ -405,6 +405,7 @@ class StreamHub:
         except ExchangeError:
             return
         watch.revision = self._core.book_revision
+        unresolved = False
         events: list[dict[str, Any]] = []
         for order in watch.market_orders:
             events.extend(self._regular_order_events(order, now))
@@ -423,7 +424,8 @@ class StreamHub:
             try:
                 final = self._core.get_order_by_venue_id(before.symbol, venue_id, now, DEFAULT_ACCOUNT)
             except (NotFound, ExchangeError):
-                continue  # not readable yet (read lag, a ban): told on a later look
+                unresolved = True  # not readable yet (read lag, a ban): told on a later look
+                continue
             del watch.orders[venue_id]
             events.extend(self._ended_algo_events(before, final, now))
         positions = {
@@ -436,6 +438,8 @@ class StreamHub:
         if changed:
             events.append(self._account_update(sorted(changed), positions, now))
         watch.positions = positions
+        if unresolved:
+            watch.revision = -1  # look again on the next tick even if nothing else changes
         if events:
             self._publish(events)
 
