@@ -547,8 +547,9 @@ class BinanceStreams:
         keep_alive: asyncio.Task[None] | None = None
 
         async def url() -> str:
-            if self._listen_key is None:
-                self._listen_key = await self._create_key()
+            # A POST on every connection: it answers the account's active key (extending it) or a new one,
+            # so a key the venue dropped without telling us is never retried in a loop.
+            self._listen_key = await self._create_key()
             return f"{self._ws_url}/private/ws/{self._listen_key}"
 
         async def on_open(_ws: aiohttp.ClientWebSocketResponse) -> None:

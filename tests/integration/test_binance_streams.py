@@ -392,3 +392,20 @@ async def test_closing_the_venue_ends_its_watchers() -> None:
             await asyncio.wait_for(first, 10)
         with pytest.raises(StopAsyncIteration):
             await asyncio.wait_for(anext(marks), 10)
+
+
+async def test_a_listen_key_deleted_by_another_client_is_replaced() -> None:
+    """Another process on the same API key deleted the account's listen key (Binance closes the stream):
+    the client makes a new key rather than retrying the dead one, and reports the gap."""
+    async with rig(symbols=[SYMBOL]) as r:
+        headers = {"X-MBX-APIKEY": KEY}
+        async with r.control.delete(f"{r.base_url}/fapi/v1/listenKey", headers=headers) as deleted:
+            assert deleted.status == 200
+        await wait_until(lambda: len(r.gaps()) >= 2, within=20, what="the stream live again on a new key")
+        await wait_until(r.user_connected, what="the new user-data connection")
+        stop = await r.open_position_with_stop("after-delete")
+        await r.post("/_sim/mark", {"symbol": SYMBOL, "price": str(stop - Decimal("0.001"))})
+        await wait_until(
+            lambda: any(u.order.status is OrderStatus.FILLED for u in r.updates("after-delete")),
+            what="a fill told on the new key",
+        )

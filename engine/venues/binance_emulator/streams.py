@@ -106,6 +106,7 @@ def _every_second(name: str) -> bool:
 class _Connection:
     id: int
     ws: web.WebSocketResponse
+    request: web.Request
     kind: str  # "market" | "user"
     path: str
     combined: bool
@@ -193,8 +194,9 @@ class StreamHub:
     def delete_listen_key(self) -> dict[str, Any]:
         key, self._listen_key = self._listen_key, None
         if key is not None:
-            for connection in self._user_connections(key):
-                connection.silenced = True  # the stream is over: nothing more is pushed on it
+            for connection in self._user_connections(key):  # "DELETE ... will close the stream"
+                connection.silenced = True
+                self._abort(connection)
         return {}
 
     def _expire_listen_key_if_due(self, now: float) -> None:
@@ -255,6 +257,7 @@ class StreamHub:
         connection = _Connection(
             id=next(self._ids),
             ws=ws,
+            request=request,
             kind=kind,
             path=request.path,
             combined=combined,
@@ -263,7 +266,7 @@ class StreamHub:
             subscriptions=list(dict.fromkeys(streams)),
         )
         if time.monotonic() < self._storm_until:
-            await ws.close(code=1006, message=b"dropped")
+            self._abort(connection)
             return ws
         self._connections[connection.id] = connection
         writer: asyncio.Task[None] | None = None
@@ -659,7 +662,7 @@ class StreamHub:
                 self._storm_until = time.monotonic() + seconds
             dropped = list(self._connections.values())
             for connection in dropped:
-                await connection.ws.close(code=1006, message=b"dropped")
+                self._abort(connection)
             logger.info("emulator: dropped %d stream connections", len(dropped))
             return {"dropped": len(dropped)}
         if kind is StreamFaultKind.STALL:
@@ -688,6 +691,13 @@ class StreamHub:
         count = int(self._number(body, "count", 1.0, 1_000_000.0) or 1)
         self._reorder_batches = count
         return {"reorder_batches": count}
+
+    @staticmethod
+    def _abort(connection: _Connection) -> None:
+        """The connection breaks as a network drop does: no close frame, the TCP connection just ends."""
+        transport = connection.request.transport
+        if transport is not None:
+            transport.abort()
 
     @staticmethod
     def _number(body: dict[str, Any], name: str, low: float, high: float) -> float:
