@@ -8,7 +8,9 @@ signing rules, JSON shapes, HTTP statuses and error codes:
   `GET /fapi/v2|v3/balance`, `GET /fapi/v2|v3/positionRisk`, `POST /fapi/v1/leverage`,
   `POST|GET|DELETE /fapi/v1/order` (MARKET orders; conditional types are refused with -4120 as Binance has
   done since the Algo Order migration), `POST|GET|DELETE /fapi/v1/algoOrder` (STOP_MARKET and
-  TRAILING_STOP_MARKET, `clientAlgoId`, mark-price triggers), `GET /fapi/v1/openAlgoOrders`.
+  TRAILING_STOP_MARKET, `clientAlgoId`, mark-price triggers), `GET /fapi/v1/openAlgoOrders`;
+* API key only (`X-MBX-APIKEY`, no signature): `POST|PUT|DELETE /fapi/v1/listenKey`;
+* websockets on the same port: the mark price streams and the user-data stream (`streams.py`).
 
 Errors: 400 with `{"code", "msg"}` (-2021 would trigger, -4045 conditional cap, -2019 margin, -2022
 reduce-only, -1111 precision, -4116 / -20132 duplicate ids, -2013 / -2011 unknown orders, -20124 an algo
@@ -39,9 +41,10 @@ can be killed and restarted against the same "exchange". Venue time is the wall 
 that only the control API moves; request timestamps are always checked against the real clock.
 
 Optional control API (served only when `control=True`, loopback callers only, never weighed or banned):
-`POST /_sim/mark`, `POST /_sim/fault`, `POST /_sim/clear-faults`, `POST /_sim/advance`, `GET /_sim/state`
-(positions, open and triggering algo orders, and the rate: weight used this minute, order counts, the
-ban's end).
+`POST /_sim/mark`, `POST /_sim/fault`, `POST /_sim/stream-fault` (websocket faults, see `streams.py`),
+`POST /_sim/clear-faults`, `POST /_sim/advance`, `GET /_sim/state` (positions, open and triggering algo
+orders, the stream connections and their subscriptions, and the rate: weight used this minute, order
+counts, the ban's end).
 """
 
 from __future__ import annotations

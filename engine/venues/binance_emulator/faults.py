@@ -3,7 +3,8 @@
 SPEC is a comma-separated list of rules `TARGET=FAULT[@PROBABILITY]`:
 
 * TARGET: an endpoint name (`order`, `algoOrder`, `openAlgoOrders`, `positionRisk`, `balance`, `leverage`,
-  `premiumIndex`, `exchangeInfo`, `time`), optionally with a method (`POST:algoOrder`), or `*` for all;
+  `premiumIndex`, `exchangeInfo`, `time`, `listenKey`), optionally with a method (`POST:algoOrder`,
+  `PUT:listenKey`), or `*` for all;
 * FAULT, one of the request faults: `latency:MS` (answer MS milliseconds late, executed normally),
   `timeout` (executed, the answer is held back until the client has given up: an ambiguous outcome),
   `unknown` (executed, then HTTP 503 -1007 "execution status unknown"), `busy` (not executed: HTTP 503
