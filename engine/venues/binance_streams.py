@@ -318,6 +318,7 @@ class BinanceStreams:
         self._gap_reason = "stream started"
         self._last_status: OrderedDict[str, tuple[int, float]] = OrderedDict()  # id -> (rank, event time)
         self._positions_at: dict[str, float] = {}  # symbol -> event time of the last position told
+        self._position_sides: dict[str, PositionSide] = {}  # symbol -> side last seen held
         self._child_to_algo: OrderedDict[str, str] = OrderedDict()  # actual order id -> client algo id
 
     # ---- lifecycle ------------------------------------------------------------------------------------
@@ -701,12 +702,24 @@ class BinanceStreams:
             self._positions_at[symbol] = event_time
             amount = _decimal(row.get("pa")) or _ZERO
             entry = _decimal(row.get("ep")) or _ZERO
-            side = PositionSide.SHORT if amount < 0 else PositionSide.LONG
-            self._emit(
-                PositionUpdate(
-                    symbol=symbol, side=side, quantity=abs(amount), entry_price=entry, event_time=event_time
+            if amount:
+                sides = [PositionSide.SHORT if amount < 0 else PositionSide.LONG]
+                self._position_sides[symbol] = sides[0]
+            else:
+                # One-way mode: flat is flat on both sides. Told for the side we last saw held (both when
+                # none was seen), so a reader looking the position up by side finds it closed.
+                known = self._position_sides.pop(symbol, None)
+                sides = [known] if known is not None else [PositionSide.LONG, PositionSide.SHORT]
+            for side in sides:
+                self._emit(
+                    PositionUpdate(
+                        symbol=symbol,
+                        side=side,
+                        quantity=abs(amount),
+                        entry_price=entry,
+                        event_time=event_time,
+                    )
                 )
-            )
 
 
 def _positive(value: Any) -> Decimal | None:

@@ -409,3 +409,30 @@ async def test_a_listen_key_deleted_by_another_client_is_replaced() -> None:
             lambda: any(u.order.status is OrderStatus.FILLED for u in r.updates("after-delete")),
             what="a fill told on the new key",
         )
+
+
+async def test_a_closed_short_is_told_flat_on_its_side_and_an_orphan_stop_expired() -> None:
+    async with rig(symbols=[SYMBOL]) as r:
+        mark = (await r.venue.fetch_mark_prices([SYMBOL]))[SYMBOL].price
+        await r.venue.create_market_order(SYMBOL, OrderSide.SELL, Decimal(100), client_order_id="short-e")
+        stop = (mark * Decimal("1.1")).quantize(Decimal("0.0001"))
+        await r.venue.create_stop_market_order(
+            SYMBOL, OrderSide.BUY, Decimal(100), stop, client_order_id="sl-s"
+        )
+        # Closed by hand: the stop is left with nothing to reduce.
+        await r.venue.create_market_order(
+            SYMBOL, OrderSide.BUY, Decimal(100), client_order_id="short-x", reduce_only=True
+        )
+
+        def positions() -> list[PositionUpdate]:
+            return [e for e in r.account if isinstance(e, PositionUpdate) and e.symbol == SYMBOL]
+
+        await wait_until(lambda: any(p.quantity == 0 for p in positions()), what="flat")
+        assert [(p.side.value, p.quantity) for p in positions()] == [("short", 100), ("short", 0)]
+        await r.post("/_sim/mark", {"symbol": SYMBOL, "price": str(stop + Decimal("0.001"))})
+        await wait_until(
+            lambda: any(u.order.status is OrderStatus.EXPIRED for u in r.updates("sl-s")), what="expired"
+        )
+        expired = r.updates("sl-s")[-1].order
+        assert expired.filled_quantity == 0
+        assert expired.average_price is None
