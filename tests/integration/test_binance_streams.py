@@ -436,3 +436,21 @@ async def test_a_closed_short_is_told_flat_on_its_side_and_an_orphan_stop_expire
         expired = r.updates("sl-s")[-1].order
         assert expired.filled_quantity == 0
         assert expired.average_price is None
+
+
+async def test_a_fired_trailing_stop_is_told_with_our_id_and_its_fill() -> None:
+    async with rig(symbols=[SYMBOL]) as r:
+        mark = (await r.venue.fetch_mark_prices([SYMBOL]))[SYMBOL].price
+        await r.venue.create_market_order(SYMBOL, OrderSide.BUY, Decimal(100), client_order_id="trail-e")
+        await r.venue.create_trailing_stop_order(
+            SYMBOL, OrderSide.SELL, Decimal(100), Decimal(1), client_order_id="trail-1"
+        )
+        await wait_until(lambda: bool(r.updates("trail-1")), what="NEW")
+        placed = r.updates("trail-1")[0].order
+        assert (placed.callback_rate, placed.stop_price) == (Decimal(1), None)
+        await r.post("/_sim/mark", {"symbol": SYMBOL, "price": str(mark * Decimal("0.98"))})
+        await wait_until(
+            lambda: any(u.order.status is OrderStatus.FILLED for u in r.updates("trail-1")), what="the fill"
+        )
+        filled = r.updates("trail-1")[-1].order
+        assert filled.average_price == (await r.venue.fetch_order(SYMBOL, "trail-1")).average_price
