@@ -31,7 +31,8 @@ from engine.exchange import (
 from engine.exchange.errors import Banned
 from engine.exchange.port import RequestBudget
 from engine.pacing import RequestPacer, VenuePacing
-from engine.venues.ccxt_venue import BybitLinearVenue, CcxtVenueConfig
+from engine.venues.bybit_venue import BybitLinearVenue
+from engine.venues.ccxt_venue import CcxtVenueConfig
 
 KEY = "bybit-test-key"
 SECRET = "bybit-test-secret"
