@@ -9,6 +9,8 @@ stop fields. Setting a position stop again replaces it, so a retried call can ne
 
 from __future__ import annotations
 
+import logging
+import re
 import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -16,7 +18,15 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from engine.clock import Clock
-from engine.exchange.errors import DuplicateClientOrderId, NotFound, RejectCode, Rejected, Retryable
+from engine.exchange.errors import (
+    DuplicateClientOrderId,
+    ExchangeError,
+    NotFound,
+    OutcomeUnknown,
+    RejectCode,
+    Rejected,
+    Retryable,
+)
 from engine.exchange.port import (
     Balance,
     Capabilities,
@@ -54,12 +64,29 @@ BYBIT_REQUEST_BUDGETS = (
     *(RequestBudget(path, limit, 1.0) for path, limit in bybit_limits.ENDPOINT_LIMITS_PER_SECOND.items()),
 )
 
+logger = logging.getLogger(__name__)
+
 # ---- Bybit linear ---------------------------------------------------------------------------------------
+
+
+# Bybit keeps no client id for a position stop; the engine's ids name their purpose (protection.order_ids:
+# `…-sl<n>` a hard stop, `…-ts<n>` a trailing stop), which is how a new process finds which of the
+# position's stops an id it persisted stands for. Ids outside that scheme are never adopted.
+_STOP_KIND_IN_ID = re.compile(r"-(sl|ts)\d+$")
+_NOT_MODIFIED = 34040  # trading-stop: the values sent are the ones the position holds already
+_POSITION_PAGE = 200  # position/list: limit 1..200 (default 20), then nextPageCursor
+_ORDER_PAGE = 50  # order/realtime: limit 1..50
+_EXECUTION_PAGE = 100  # execution/list: limit 1..100
+_FIELD = {OrderType.STOP_MARKET: "stopLoss", OrderType.TRAILING_STOP_MARKET: "trailingStop"}
+_STOP_ORDER_TYPE = {OrderType.STOP_MARKET: "StopLoss", OrderType.TRAILING_STOP_MARKET: "TrailingStop"}
 
 
 @dataclass(slots=True)
 class _PositionStop:
-    """A position-level stop we set on Bybit, remembered under the caller's client id."""
+    """A position-level stop on Bybit, remembered under the caller's client id.
+
+    `confirmed` is False while the trading-stop call that set it has no answer yet (or lost it): until the
+    position shows the value, the stop may not exist."""
 
     client_order_id: str
     symbol: str
@@ -73,6 +100,10 @@ class _PositionStop:
     created_at: float
     status: OrderStatus = OrderStatus.NEW
     updated_at: float = 0.0
+    venue_order_id: str = ""
+    confirmed: bool = True
+    filled_quantity: Decimal = _ZERO
+    average_price: Decimal | None = None
 
 
 class BybitLinearVenue(CcxtVenue):
@@ -91,7 +122,7 @@ class BybitLinearVenue(CcxtVenue):
             "defaultSubType": "linear",
             "fetchMarkets": {"types": ["linear"]},
             "fetchCurrencies": False,
-            "adjustForTimeDifference": False,
+            "adjustForTimeDifference": True,  # a drifting clock would answer 10002 forever
             "enableUnifiedAccount": True,
             "enableUnifiedMargin": False,
         }
@@ -191,20 +222,50 @@ class BybitLinearVenue(CcxtVenue):
         return Balance("USDT", _ZERO, _ZERO, _ZERO)
 
     async def _position_rows(self, symbol: str | None = None) -> list[Mapping[str, Any]]:
-        request: dict[str, Any] = {"category": "linear"}
+        """Every open position (all pages: the default page holds 20), or the symbol's."""
+        request: dict[str, Any] = {"category": "linear", "limit": _POSITION_PAGE}
         if symbol is None:
             request["settleCoin"] = "USDT"
         else:
             request["symbol"] = symbol
-        answer = await self._call(
-            self._exchange.privateGetV5PositionList(request), mutating=False, symbol=symbol
-        )
-        rows = [
-            row for row in (answer.get("result") or {}).get("list", []) if _decimal(row.get("size"), _ZERO)
-        ]
-        if rows:
+        rows: list[Mapping[str, Any]] = []
+        while True:
+            answer = await self._call(
+                self._exchange.privateGetV5PositionList(dict(request)), mutating=False, symbol=symbol
+            )
+            result = answer.get("result") or {}
+            rows.extend(result.get("list", []))
+            cursor = result.get("nextPageCursor")
+            if not cursor:
+                break
+            request["cursor"] = cursor
+        if rows:  # empty rows say the mode too (positionIdx 1/2 in hedge mode)
             self._hedge_mode = any(int(row.get("positionIdx", 0) or 0) != 0 for row in rows)
-        return rows
+        return [row for row in rows if _decimal(row.get("size"), _ZERO)]
+
+    async def _stop_order_rows(self, symbol: str | None) -> list[Mapping[str, Any]]:
+        """The system-created orders behind the position stops (`orderFilter=StopOrder`), all pages."""
+        request: dict[str, Any] = {"category": "linear", "orderFilter": "StopOrder", "limit": _ORDER_PAGE}
+        if symbol is None:
+            request["settleCoin"] = "USDT"
+        else:
+            request["symbol"] = symbol
+        rows: list[Mapping[str, Any]] = []
+        while True:
+            answer = await self._call(
+                self._exchange.privateGetV5OrderRealtime(dict(request)), mutating=False, symbol=symbol
+            )
+            result = answer.get("result") or {}
+            rows.extend(
+                row
+                for row in result.get("list", [])
+                if row.get("stopOrderType") in ("StopLoss", "TrailingStop")
+                and row.get("orderStatus") in ("Untriggered", "New", "Active")
+            )
+            cursor = result.get("nextPageCursor")
+            if not cursor:
+                return rows
+            request["cursor"] = cursor
 
     async def fetch_positions(self, symbol: str | None = None) -> list[VenuePosition]:
         await self._ensure_markets()
@@ -228,17 +289,23 @@ class BybitLinearVenue(CcxtVenue):
         return positions
 
     async def fetch_open_protective_orders(self, symbol: str | None = None) -> list[Order]:
+        """Our stops the venue holds: the positions' stop fields, with the stop orders behind them (which
+        carry the venue's order id and a trailing stop's current trigger level)."""
         await self._ensure_markets()
-        rows = await self._position_rows(symbol)
+        rows = {row.get("symbol"): row for row in await self._position_rows(symbol)}
+        stop_rows = await self._stop_order_rows(symbol)
         orders = []
-        for row in rows:
-            native = row.get("symbol")
+        for native, row in rows.items():
             if native not in self._markets:
                 continue
             for stop in self._stops_for(native):
-                current = self._current(stop, row)
-                if current.is_open:
-                    orders.append(current)
+                if (
+                    stop.status is OrderStatus.NEW
+                    and stop.confirmed
+                    and _positive(row.get(_FIELD[stop.type]))
+                ):
+                    self._attach_venue_order(stop, stop_rows)
+                    orders.append(self._snapshot(stop))
         return orders
 
     async def set_leverage(self, symbol: str, leverage: int) -> int:
@@ -306,6 +373,15 @@ class BybitLinearVenue(CcxtVenue):
     ) -> Order:
         await self._check_order(symbol, quantity, client_order_id, ("stop price", stop_price))
         self._require_unused(client_order_id)
+        row = await self._protected_row(symbol, side)
+        now = time.time()
+        stop = _PositionStop(
+            client_order_id, symbol, side, OrderType.STOP_MARKET, quantity, stop_price, None, None, None, now
+        )
+        if _decimal(row.get("stopLoss")) == stop_price:
+            # The position holds this stop already (sent by us before a restart, or by a call whose answer
+            # was lost): take it as ours. Sending it again would only earn 34040.
+            return self._adopted(stop, row)
         request = {
             "category": "linear",
             "symbol": symbol,
@@ -314,28 +390,7 @@ class BybitLinearVenue(CcxtVenue):
             "slTriggerBy": "MarkPrice",
             "positionIdx": self._position_idx(side, reduce_only=True),
         }
-        await self._call(
-            self._exchange.privatePostV5PositionTradingStop(request),
-            mutating=True,
-            symbol=symbol,
-            client_order_id=client_order_id,
-        )
-        now = time.time()
-        stop = _PositionStop(
-            client_order_id,
-            symbol,
-            side,
-            OrderType.STOP_MARKET,
-            quantity,
-            stop_price,
-            None,
-            None,
-            None,
-            now,
-            updated_at=now,
-        )
-        self._remember(stop)
-        return self._snapshot(stop)
+        return await self._set_position_stop(stop, request)
 
     async def create_trailing_stop_order(
         self,
@@ -353,6 +408,29 @@ class BybitLinearVenue(CcxtVenue):
         self._require_client_order_id(client_order_id)
         self._require_callback(callback_rate)
         self._require_unused(client_order_id)
+        row = await self._protected_row(symbol, side)
+        now = time.time()
+        live = _positive(row.get("trailingStop"))
+        if live is not None and not any(
+            other.type is OrderType.TRAILING_STOP_MARKET and other.status is OrderStatus.NEW
+            for other in self._stops_for(symbol)
+        ):
+            # A trailing stop is working on the position and we hold none in memory (a restart, or a lost
+            # answer): take it as ours. Sending one again would restart its high-water mark on Bybit and give
+            # back the profit it has locked in.
+            stop = _PositionStop(
+                client_order_id,
+                symbol,
+                side,
+                OrderType.TRAILING_STOP_MARKET,
+                quantity,
+                None,
+                activation_price,
+                callback_rate,
+                live,
+                now,
+            )
+            return self._adopted(stop, row)
         reference = activation_price
         if reference is None:
             marks = await self.fetch_mark_prices([symbol])
@@ -370,13 +448,6 @@ class BybitLinearVenue(CcxtVenue):
         }
         if activation_price is not None:
             request["activePrice"] = _wire(activation_price)
-        await self._call(
-            self._exchange.privatePostV5PositionTradingStop(request),
-            mutating=True,
-            symbol=symbol,
-            client_order_id=client_order_id,
-        )
-        now = time.time()
         stop = _PositionStop(
             client_order_id,
             symbol,
@@ -388,44 +459,44 @@ class BybitLinearVenue(CcxtVenue):
             callback_rate,
             distance,
             now,
-            updated_at=now,
         )
-        self._remember(stop)
-        return self._snapshot(stop)
+        return await self._set_position_stop(stop, request)
 
     async def cancel_order(self, symbol: str, client_order_id: str) -> Order:
         await self._ensure_markets()
-        stop = self._stops.get(client_order_id)
-        if stop is None or stop.symbol != symbol:
+        stop = await self._stop_for(symbol, client_order_id)
+        if stop is None:
             return await self._fetch_regular(symbol, client_order_id)
-        rows = await self._position_rows(symbol)
-        current = self._current(stop, rows[0] if rows else None)
+        current = await self._resolve(stop)
         if not current.is_open:
             return current
-        field_name = "stopLoss" if stop.type is OrderType.STOP_MARKET else "trailingStop"
-        await self._call(
-            self._exchange.privatePostV5PositionTradingStop(
-                {
-                    "category": "linear",
-                    "symbol": symbol,
-                    "tpslMode": "Full",
-                    field_name: "0",  # 0 removes the stop
-                    "positionIdx": self._position_idx(stop.side, reduce_only=True),
-                }
-            ),
-            mutating=True,
-            symbol=symbol,
-            client_order_id=client_order_id,
-        )
+        try:
+            await self._call(
+                self._exchange.privatePostV5PositionTradingStop(
+                    {
+                        "category": "linear",
+                        "symbol": symbol,
+                        "tpslMode": "Full",
+                        _FIELD[stop.type]: "0",  # 0 removes the stop
+                        "positionIdx": self._position_idx(stop.side, reduce_only=True),
+                    }
+                ),
+                mutating=True,
+                symbol=symbol,
+                client_order_id=client_order_id,
+            )
+        except Rejected as refused:
+            if refused.code != _NOT_MODIFIED:  # already gone: what became of it is read below
+                raise
+            return await self._resolve(stop)
         stop.status, stop.updated_at = OrderStatus.CANCELED, time.time()
         return self._snapshot(stop)
 
     async def fetch_order(self, symbol: str, client_order_id: str) -> Order:
         await self._ensure_markets()
-        stop = self._stops.get(client_order_id)
-        if stop is not None and stop.symbol == symbol:
-            rows = await self._position_rows(symbol)
-            return self._current(stop, rows[0] if rows else None)
+        stop = await self._stop_for(symbol, client_order_id)
+        if stop is not None:
+            return await self._resolve(stop)
         return await self._fetch_regular(symbol, client_order_id)
 
     # ---- Bybit internals --------------------------------------------------------------------------------
@@ -439,43 +510,184 @@ class BybitLinearVenue(CcxtVenue):
         return 1 if long_position else 2
 
     def _require_unused(self, client_order_id: str) -> None:
-        if client_order_id in self._stops:
+        """An id is refused while a stop under it may be live; once its stop has ended it is free again."""
+        held = self._stops.get(client_order_id)
+        if held is not None and held.status is OrderStatus.NEW:
             raise DuplicateClientOrderId(client_order_id)
+
+    async def _protected_row(self, symbol: str, side: OrderSide) -> Mapping[str, Any]:
+        """The position a stop of `side` would close; refused when there is none or it would grow it."""
+        rows = await self._position_rows(symbol)
+        if not rows:
+            raise Rejected(RejectCode.REDUCE_ONLY_REJECTED, f"{self.kind} {symbol}: no position to protect")
+        row = rows[0]
+        if (row.get("side") == "Buy") != (side is OrderSide.SELL):
+            raise Rejected(
+                RejectCode.REDUCE_ONLY_REJECTED,
+                f"{self.kind} {symbol}: a {side.value} stop would increase the position, not close it",
+            )
+        return row
+
+    async def _set_position_stop(self, stop: _PositionStop, request: Mapping[str, Any]) -> Order:
+        """Send a position stop; an answer lost leaves it remembered as unconfirmed (found or not later)."""
+        stop.confirmed = False
+        self._stops[stop.client_order_id] = stop
+        try:
+            await self._call(
+                self._exchange.privatePostV5PositionTradingStop(dict(request)),
+                mutating=True,
+                symbol=stop.symbol,
+                client_order_id=stop.client_order_id,
+            )
+        except OutcomeUnknown:
+            raise
+        except Rejected as refused:
+            if refused.code != _NOT_MODIFIED:
+                del self._stops[stop.client_order_id]
+                raise
+            # 34040: the position holds exactly these values already; the stop is there.
+        except ExchangeError:
+            del self._stops[stop.client_order_id]
+            raise
+        stop.confirmed, stop.updated_at = True, time.time()
+        self._remember(stop)
+        return self._snapshot(stop)
+
+    def _adopted(self, stop: _PositionStop, row: Mapping[str, Any]) -> Order:
+        stop.quantity = _decimal(row.get("size"), stop.quantity) or stop.quantity
+        stop.updated_at = stop.created_at
+        self._remember(stop)
+        logger.info(
+            "%s %s: adopted the position's live %s as %s",
+            self.kind,
+            stop.symbol,
+            _FIELD[stop.type],
+            stop.client_order_id,
+        )
+        return self._snapshot(stop)
 
     def _remember(self, stop: _PositionStop) -> None:
         # A new position stop of a kind replaces the previous one of that kind on the same position.
         for other in self._stops_for(stop.symbol):
-            if other.type is stop.type and other.status is OrderStatus.NEW:
+            if other is not stop and other.type is stop.type and other.status is OrderStatus.NEW:
                 other.status, other.updated_at = OrderStatus.CANCELED, stop.created_at
         self._stops[stop.client_order_id] = stop
 
     def _stops_for(self, symbol: str) -> list[_PositionStop]:
         return [stop for stop in self._stops.values() if stop.symbol == symbol]
 
-    def _current(self, stop: _PositionStop, row: Mapping[str, Any] | None) -> Order:
-        """The stop's state from the position's fields: gone with the position → it fired (or was closed)."""
-        if stop.status is OrderStatus.NEW:
-            if row is None or not _decimal(row.get("size"), _ZERO):
-                stop.status, stop.updated_at = OrderStatus.FILLED, time.time()
-            else:
-                field_name = "stopLoss" if stop.type is OrderType.STOP_MARKET else "trailingStop"
-                if not _positive(row.get(field_name)):
-                    stop.status, stop.updated_at = OrderStatus.CANCELED, time.time()
+    async def _stop_for(self, symbol: str, client_order_id: str) -> _PositionStop | None:
+        """The stop under this id: remembered, or (a new process) the position's live stop of the kind the
+        id names, when no other id of ours holds it. None: not a position stop we can name."""
+        stop = self._stops.get(client_order_id)
+        if stop is not None:
+            return stop if stop.symbol == symbol else None
+        match = _STOP_KIND_IN_ID.search(client_order_id)
+        if match is None:
+            return None
+        order_type = OrderType.STOP_MARKET if match.group(1) == "sl" else OrderType.TRAILING_STOP_MARKET
+        if any(o.type is order_type and o.status is OrderStatus.NEW for o in self._stops_for(symbol)):
+            return None
+        rows = await self._position_rows(symbol)
+        value = _positive(rows[0].get(_FIELD[order_type])) if rows else None
+        if value is None:
+            return None  # nothing of that kind on the venue: the id names no stop it holds
+        row = rows[0]
+        side = OrderSide.SELL if row.get("side") == "Buy" else OrderSide.BUY
+        stop = _PositionStop(
+            client_order_id,
+            symbol,
+            side,
+            order_type,
+            _decimal(row.get("size"), _ZERO),  # type: ignore[arg-type]
+            value if order_type is OrderType.STOP_MARKET else None,
+            None,
+            None,
+            value if order_type is OrderType.TRAILING_STOP_MARKET else None,
+            time.time(),
+        )
+        self._attach_venue_order(stop, await self._stop_order_rows(symbol))
+        self._adopted(stop, row)
+        return stop
+
+    def _attach_venue_order(self, stop: _PositionStop, stop_rows: list[Mapping[str, Any]]) -> None:
+        """The venue's order behind our stop: its id, when it was made, a trailing stop's current level."""
+        for row in stop_rows:
+            if row.get("symbol") == stop.symbol and row.get("stopOrderType") == _STOP_ORDER_TYPE[stop.type]:
+                stop.venue_order_id = str(row.get("orderId") or stop.venue_order_id)
+                stop.created_at = min(stop.created_at, _seconds(row.get("createdTime"), stop.created_at))
+                if stop.type is OrderType.TRAILING_STOP_MARKET:
+                    stop.stop_price = _positive(row.get("triggerPrice"))
+                return
+
+    async def _resolve(self, stop: _PositionStop) -> Order:
+        """The stop's state from the venue: on the position → working; gone → filled if the venue has an
+        execution of it (with its price), else cancelled (the position was closed otherwise, or the stop
+        removed); an unconfirmed stop the position never showed was never set (NotFound)."""
+        if stop.status is not OrderStatus.NEW:
+            return self._snapshot(stop)
+        rows = await self._position_rows(stop.symbol)
+        value = _positive(rows[0].get(_FIELD[stop.type])) if rows else None
+        expected = stop.stop_price if stop.type is OrderType.STOP_MARKET else stop.distance
+        if value is not None and (stop.confirmed or value == expected):
+            stop.confirmed = True
+            return self._snapshot(stop)
+        fill = await self._stop_fill(stop)
+        if fill is None and not stop.confirmed:
+            del self._stops[stop.client_order_id]
+            raise NotFound(stop.symbol, stop.client_order_id)
+        stop.confirmed, stop.updated_at = True, time.time()
+        if fill is None:
+            stop.status = OrderStatus.CANCELED
+        else:
+            stop.status, (stop.filled_quantity, stop.average_price, stop.venue_order_id) = (
+                OrderStatus.FILLED,
+                fill,
+            )
         return self._snapshot(stop)
 
-    @staticmethod
-    def _snapshot(stop: _PositionStop) -> Order:
-        filled = stop.quantity if stop.status is OrderStatus.FILLED else _ZERO
+    async def _stop_fill(self, stop: _PositionStop) -> tuple[Decimal, Decimal, str] | None:
+        """The venue's execution of this stop since it was set: (quantity, average price, order id)."""
+        answer = await self._call(
+            self._exchange.privateGetV5ExecutionList(
+                {"category": "linear", "symbol": stop.symbol, "limit": _EXECUTION_PAGE}
+            ),
+            mutating=False,
+            symbol=stop.symbol,
+            client_order_id=stop.client_order_id,
+        )
+        since_ms = int(stop.created_at * 1000) - 1000  # the venue's clock against ours: a second of slack
+        fills: dict[str, list[tuple[Decimal, Decimal]]] = {}
+        for row in (answer.get("result") or {}).get("list", []):
+            if (
+                row.get("stopOrderType") != _STOP_ORDER_TYPE[stop.type]
+                or row.get("execType", "Trade") != "Trade"
+            ):
+                continue
+            if int(row.get("execTime") or 0) < since_ms:
+                continue
+            qty, price = _positive(row.get("execQty")), _positive(row.get("execPrice"))
+            if qty is not None and price is not None:
+                fills.setdefault(str(row.get("orderId", "")), []).append((qty, price))
+        if not fills:
+            return None
+        order_id, parts = next(iter(fills.items()))  # newest first: the latest execution of this kind
+        total = sum((qty for qty, _ in parts), _ZERO)
+        average = sum((qty * price for qty, price in parts), _ZERO) / total
+        return total, average, order_id
+
+    def _snapshot(self, stop: _PositionStop) -> Order:
         return Order(
             client_order_id=stop.client_order_id,
-            venue_order_id=f"{stop.symbol}:{'sl' if stop.type is OrderType.STOP_MARKET else 'ts'}",
+            venue_order_id=stop.venue_order_id
+            or f"{stop.symbol}:{'sl' if stop.type is OrderType.STOP_MARKET else 'ts'}:{int(stop.created_at * 1e6)}",
             symbol=stop.symbol,
             side=stop.side,
             type=stop.type,
             status=stop.status,
             quantity=stop.quantity,
-            filled_quantity=filled,
-            average_price=None,
+            filled_quantity=stop.filled_quantity if stop.status is OrderStatus.FILLED else _ZERO,
+            average_price=stop.average_price if stop.status is OrderStatus.FILLED else None,
             reduce_only=True,
             stop_price=stop.stop_price,
             activation_price=stop.activation_price,

@@ -221,8 +221,13 @@ _BINANCE_WOULD_TRIGGER = {
 
 # Bybit v5 retCodes.
 _BYBIT_RATE = {10006, 10018}
-_BYBIT_NOT_EXECUTED = {10016, 10002}  # server error before processing, timestamp/recv_window
-_BYBIT_WOULD_TRIGGER = {110092, 110093}  # trigger price already crossed (expected rising/falling)
+_BYBIT_SERVER_ERROR = 10016  # "Internal server error": nothing says whether it was executed
+_BYBIT_NOT_EXECUTED = {10002}  # timestamp outside recv_window: refused before anything happened
+_BYBIT_WOULD_TRIGGER = {110092, 110093}  # order/create: trigger price already crossed (rising/falling)
+# trading-stop answers a stop already crossed with 10001 (a parameter error) naming the price it compared
+# with: "StopLoss:… set for Buy position should lower than base_price:…??MarkPrice".
+_BYBIT_PARAMS_ERROR = 10001
+_BYBIT_CROSSED = re.compile(r"base_price", re.IGNORECASE)
 _BYBIT_NOT_FOUND = {110001, 170213}
 _BYBIT_DUPLICATE = {110072, 10014}
 _BYBIT_MARGIN = {110007, 110004, 110012, 110044, 110045}
@@ -317,11 +322,13 @@ def _translate(
         if code < 0 and (status is None or 400 <= status < 500):
             return Rejected(_reject_code(code), f"{label}: {message or 'refused'}")
     if venue == BYBIT and code is not None and code != 0:
+        if code == _BYBIT_SERVER_ERROR:
+            return unknown(f"server error (retCode {code}: {message})", FailureClass.SERVER_ERROR)
         if code in _BYBIT_NOT_EXECUTED:
-            # 10016: the venue's server error; 10002: our timestamp outside recv_window (a refusal).
-            failure = FailureClass.SERVER_ERROR if code == 10016 else FailureClass.REJECTED
-            return Retryable(f"{label}: not executed (retCode {code}: {message})").answered(failure=failure)
-        if code in _BYBIT_WOULD_TRIGGER:
+            return Retryable(f"{label}: not executed (retCode {code}: {message})").answered(
+                failure=FailureClass.REJECTED
+            )
+        if code in _BYBIT_WOULD_TRIGGER or (code == _BYBIT_PARAMS_ERROR and _BYBIT_CROSSED.search(message)):
             return WouldTriggerImmediately(f"{label}: stop would trigger immediately ({message})")
         if code in _BYBIT_DUPLICATE:
             return DuplicateClientOrderId(client_order_id or "?")

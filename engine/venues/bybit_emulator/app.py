@@ -124,6 +124,7 @@ class BybitError(Exception):
         self.headers = headers or {}
 
     def response(self, now: float) -> web.Response:
+        """`now`: the server's clock (the envelope's `time`, which clients read to correct their own)."""
         body = {"retCode": self.code, "retMsg": self.msg, "result": {}, "retExtInfo": {}, "time": _ms(now)}
         return _json(body, status=self.status, headers=self.headers)
 
@@ -456,7 +457,7 @@ class BybitEmulator:
             try:
                 params = await self._read(request, signed)
             except BybitError as error:
-                return error.response(self.now())
+                return error.response(self.server_time())
             headers: dict[str, str] = {}
             if signed:
                 count = self.limits.admit_endpoint(path, self.now())
@@ -487,16 +488,16 @@ class BybitEmulator:
             refusal = _refusal(fault.kind)
             if refusal is not None:
                 logger.info("emulator: fault %s on %s %s (not executed)", fault.kind, method, endpoint)
-                return refusal if isinstance(refusal, web.Response) else refusal.response(self.now())
+                return refusal if isinstance(refusal, web.Response) else refusal.response(self.server_time())
             if fault.kind is EmulatorFaultKind.LATENCY:
                 await asyncio.sleep(fault.latency_ms / 1000)
         now = self.now()
         try:
-            response = _json(_ok(handler(_Request(method, params, now)), now))
+            response = _json(_ok(handler(_Request(method, params, now)), self.server_time()))
         except BybitError as error:
-            response = error.response(now)
+            response = error.response(self.server_time())
         except ExchangeError as error:
-            response = _translate(error).response(now)
+            response = _translate(error).response(self.server_time())
         if fault is not None and fault.kind is EmulatorFaultKind.UNKNOWN:
             logger.info("emulator: fault unknown on %s %s (executed, answer 502)", method, endpoint)
             return web.Response(status=502, text="<html><body>502 Bad Gateway</body></html>")
