@@ -180,6 +180,7 @@ class _PositionStops:
     active_price: Decimal | None = None
     armed: bool = False
     extreme: Decimal | None = None  # the best last price since armed (high for a long, low for a short)
+    trailing_set_at: float | None = None  # when trading-stop last set the trailing stop (a reset, on Bybit)
 
 
 @dataclass(slots=True)
@@ -957,7 +958,7 @@ class BybitEmulator:
                 else:
                     current.trigger_price, current.updated_at = level, request.now
                 stops.distance, stops.active_price = distance, wanted_active
-                stops.armed, stops.extreme = False, None
+                stops.armed, stops.extreme, stops.trailing_set_at = False, None, request.now
                 changed = True
         if not changed:
             raise BybitError(NOT_MODIFIED, "not modified")
@@ -1214,6 +1215,7 @@ class BybitEmulator:
                     "armed": held.armed,
                     "extreme": _text(held.extreme) if held.extreme is not None else None,
                     "trailingTrigger": _text(held.trailing.trigger_price) if held.trailing else None,
+                    "trailingSetAt": _ms(held.trailing_set_at) if held.trailing_set_at is not None else None,
                 }
             )
         banned = self.limits.banned_until(ip, now)
