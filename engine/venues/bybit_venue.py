@@ -343,6 +343,10 @@ class BybitLinearVenue(CcxtVenue):
         reduce_only: bool = False,
     ) -> Order:
         await self._check_order(symbol, quantity, client_order_id)
+        if self._hedge_mode is None:
+            # The account's position mode decides positionIdx; a symbol's rows say it even when flat (in
+            # hedge mode two empty rows, positionIdx 1 and 2), so a first entry does not guess one-way.
+            await self._position_rows(symbol)
         request = {
             "category": "linear",
             "symbol": symbol,

@@ -270,6 +270,19 @@ async def test_hard_stop_is_a_position_stop_loss_on_the_mark_price() -> None:
     )
 
 
+async def test_a_first_entry_learns_hedge_mode_from_the_symbols_empty_rows() -> None:
+    """In hedge mode Bybit lists a flat symbol as two empty rows (positionIdx 1 and 2); one-way would be
+    refused ("position idx not match position mode")."""
+    stub = BybitStub(position=_position(idx=1, size="0", side=""))
+    async with bybit(stub) as venue:
+        await venue.create_market_order(
+            "SFPUSDT", OrderSide.BUY, Decimal("100"), client_order_id="tsbabc123-9-en0"
+        )
+
+    [sent] = stub.sent("/v5/order/create")
+    assert sent["positionIdx"] == 1  # hedge mode, the long side
+
+
 async def test_trailing_stop_is_a_price_distance_with_active_price_and_hedge_mode_position_idx() -> None:
     stub = BybitStub(position=_position(idx=1))
     async with bybit(stub) as venue:
