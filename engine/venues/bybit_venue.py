@@ -292,21 +292,22 @@ class BybitLinearVenue(CcxtVenue):
         """Our stops the venue holds: the positions' stop fields, with the stop orders behind them (which
         carry the venue's order id and a trailing stop's current trigger level)."""
         await self._ensure_markets()
-        rows = {row.get("symbol"): row for row in await self._position_rows(symbol)}
-        stop_rows = await self._stop_order_rows(symbol)
-        orders = []
-        for native, row in rows.items():
-            if native not in self._markets:
+        rows = await self._position_rows(symbol)
+        listed = []
+        for stop in list(self._stops.values()):
+            if stop.status is not OrderStatus.NEW or not stop.confirmed or stop.symbol not in self._markets:
                 continue
-            for stop in self._stops_for(native):
-                if (
-                    stop.status is OrderStatus.NEW
-                    and stop.confirmed
-                    and _positive(row.get(_FIELD[stop.type]))
-                ):
+            if symbol is not None and stop.symbol != symbol:
+                continue
+            row = _row_closed_by(rows, stop.symbol, stop.side)
+            if row is not None and _positive(row.get(_FIELD[stop.type])):
+                listed.append(stop)
+        if any(not stop.venue_order_id for stop in listed):  # the venue's ids, read once per stop
+            stop_rows = await self._stop_order_rows(symbol)
+            for stop in listed:
+                if not stop.venue_order_id:
                     self._attach_venue_order(stop, stop_rows)
-                    orders.append(self._snapshot(stop))
-        return orders
+        return [self._snapshot(stop) for stop in listed]
 
     async def set_leverage(self, symbol: str, leverage: int) -> int:
         await self._ensure_markets()
@@ -524,8 +525,8 @@ class BybitLinearVenue(CcxtVenue):
         rows = await self._position_rows(symbol)
         if not rows:
             raise Rejected(RejectCode.REDUCE_ONLY_REJECTED, f"{self.kind} {symbol}: no position to protect")
-        row = rows[0]
-        if (row.get("side") == "Buy") != (side is OrderSide.SELL):
+        row = _row_closed_by(rows, symbol, side)
+        if row is None:
             raise Rejected(
                 RejectCode.REDUCE_ONLY_REJECTED,
                 f"{self.kind} {symbol}: a {side.value} stop would increase the position, not close it",
@@ -592,11 +593,11 @@ class BybitLinearVenue(CcxtVenue):
         order_type = OrderType.STOP_MARKET if match.group(1) == "sl" else OrderType.TRAILING_STOP_MARKET
         if any(o.type is order_type and o.status is OrderStatus.NEW for o in self._stops_for(symbol)):
             return None
-        rows = await self._position_rows(symbol)
-        value = _positive(rows[0].get(_FIELD[order_type])) if rows else None
-        if value is None:
-            return None  # nothing of that kind on the venue: the id names no stop it holds
-        row = rows[0]
+        held = [row for row in await self._position_rows(symbol) if _positive(row.get(_FIELD[order_type]))]
+        if len(held) != 1:
+            return None  # nothing of that kind on the venue (or one per side in hedge mode: which is ours?)
+        row = held[0]
+        value = _positive(row.get(_FIELD[order_type]))
         side = OrderSide.SELL if row.get("side") == "Buy" else OrderSide.BUY
         stop = _PositionStop(
             client_order_id,
@@ -630,8 +631,8 @@ class BybitLinearVenue(CcxtVenue):
         removed); an unconfirmed stop the position never showed was never set (NotFound)."""
         if stop.status is not OrderStatus.NEW:
             return self._snapshot(stop)
-        rows = await self._position_rows(stop.symbol)
-        value = _positive(rows[0].get(_FIELD[stop.type])) if rows else None
+        row = _row_closed_by(await self._position_rows(stop.symbol), stop.symbol, stop.side)
+        value = _positive(row.get(_FIELD[stop.type])) if row is not None else None
         expected = stop.stop_price if stop.type is OrderType.STOP_MARKET else stop.distance
         if value is not None and (stop.confirmed or value == expected):
             stop.confirmed = True
@@ -710,6 +711,12 @@ class BybitLinearVenue(CcxtVenue):
             if rows:
                 return _bybit_order(rows[0])
         raise NotFound(symbol, client_order_id)
+
+
+def _row_closed_by(rows: list[Mapping[str, Any]], symbol: str, side: OrderSide) -> Mapping[str, Any] | None:
+    """The open position of `symbol` that an order of `side` reduces (a SELL reduces the long one)."""
+    wanted = "Buy" if side is OrderSide.SELL else "Sell"
+    return next((row for row in rows if row.get("symbol") == symbol and row.get("side") == wanted), None)
 
 
 _BYBIT_ORDER_STATUS = {
