@@ -138,7 +138,7 @@ class BybitLinearVenue(CcxtVenue):
             native_trailing_stop=True,
             callback_rate_min=CALLBACK_RATE_MIN,
             callback_rate_max=CALLBACK_RATE_MAX,
-            attach_stop_to_entry=False,
+            attach_stop_to_entry=True,  # order/create takes stopLoss: the position is born with its stop
             max_conditional_orders=10_000,  # position-level stops are not orders on Bybit
             order_rate_budgets=BYBIT_DEFAULT_BUDGETS,
             request_budgets=BYBIT_REQUEST_BUDGETS,
@@ -366,6 +366,67 @@ class BybitLinearVenue(CcxtVenue):
             client_order_id=client_order_id,
         )
         return await self._fetch_regular(symbol, client_order_id)
+
+    async def create_market_order_with_stop(
+        self,
+        symbol: str,
+        side: OrderSide,
+        quantity: Decimal,
+        stop_price: Decimal,
+        *,
+        client_order_id: str,
+        stop_client_order_id: str,
+    ) -> Order:
+        """The entry with its hard stop on it (`stopLoss`, `slTriggerBy=MarkPrice`, `tpslMode=Full`): the
+        position never exists without it. The stop is then ours under `stop_client_order_id`."""
+        await self._check_order(symbol, quantity, client_order_id, ("stop price", stop_price))
+        self._require_client_order_id(stop_client_order_id)
+        self._require_unused(stop_client_order_id)
+        if self._hedge_mode is None:
+            await self._position_rows(symbol)
+        stop = _PositionStop(
+            stop_client_order_id,
+            symbol,
+            side.opposite,
+            OrderType.STOP_MARKET,
+            quantity,
+            stop_price,
+            None,
+            None,
+            None,
+            time.time(),
+            confirmed=False,  # until the entry is known filled: then the position carries it
+        )
+        self._stops[stop_client_order_id] = stop
+        request: dict[str, Any] = {
+            "category": "linear",
+            "symbol": symbol,
+            "side": "Buy" if side is OrderSide.BUY else "Sell",
+            "orderType": "Market",
+            "qty": _wire(quantity),
+            "orderLinkId": client_order_id,
+            "positionIdx": self._position_idx(side, reduce_only=False),
+            "stopLoss": _wire(stop_price),
+            "slTriggerBy": "MarkPrice",
+            "tpslMode": "Full",
+        }
+        try:
+            await self._call(
+                self._exchange.privatePostV5OrderCreate(request),
+                mutating=True,
+                symbol=symbol,
+                client_order_id=client_order_id,
+            )
+        except OutcomeUnknown:
+            raise  # the stop stays unconfirmed: the position says whether it came with it
+        except ExchangeError:
+            del self._stops[stop_client_order_id]
+            raise
+        order = await self._fetch_regular(symbol, client_order_id)
+        if order.status is OrderStatus.FILLED:
+            stop.confirmed, stop.quantity, stop.updated_at = True, order.filled_quantity, time.time()
+            self._remember(stop)
+        return order
 
     async def create_stop_market_order(
         self,

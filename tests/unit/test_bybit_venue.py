@@ -18,6 +18,7 @@ import pytest
 
 from engine.exchange import (
     Banned,
+    NotFound,
     OrderSide,
     OrderStatus,
     OrderType,
@@ -25,6 +26,7 @@ from engine.exchange import (
     Retryable,
     WouldTriggerImmediately,
 )
+from engine.exchange.port import AttachesStopToEntry
 from engine.venues.bybit_emulator import BybitEmulator, BybitLimiter, running
 from engine.venues.bybit_venue import BybitLinearVenue
 from engine.venues.ccxt_venue import CcxtVenueConfig
@@ -250,3 +252,53 @@ async def test_a_position_closed_by_hand_leaves_its_stops_cancelled_not_filled()
 
     assert (stop.status, stop.filled_quantity, stop.average_price) == (OrderStatus.CANCELED, 0, None)
     assert (trailing.status, trailing.filled_quantity) == (OrderStatus.CANCELED, 0)
+
+
+# ---- beyond Binance: the entry carries the hard stop -------------------------------------------------------
+
+
+async def test_an_entry_can_carry_its_hard_stop_so_the_position_is_never_naked() -> None:
+    async with bybit_venue() as venue, connected(venue) as adapter:
+        assert adapter.capabilities().attach_stop_to_entry
+        assert isinstance(adapter, AttachesStopToEntry)
+        entry = await adapter.create_market_order_with_stop(
+            SYMBOL,
+            OrderSide.BUY,
+            QTY,
+            Decimal("0.4000"),
+            client_order_id="tsbabc123-4-en0",
+            stop_client_order_id="tsbabc123-4-sl0",
+        )
+        stop = await adapter.fetch_order(SYMBOL, "tsbabc123-4-sl0")
+        listed = [o.client_order_id for o in await adapter.fetch_open_protective_orders(SYMBOL)]
+        state = await venue.state()
+
+    assert (entry.status, entry.filled_quantity) == (OrderStatus.FILLED, QTY)
+    assert (stop.status, stop.type, stop.stop_price, stop.quantity) == (
+        OrderStatus.NEW,
+        OrderType.STOP_MARKET,
+        Decimal("0.4000"),
+        QTY,
+    )
+    assert listed == ["tsbabc123-4-sl0"]
+    assert state["stops_attached_to_entries"] == 1
+    assert state["position_stops"][0]["stopLoss"] == "0.4000"
+    assert "POST position/trading-stop" not in state["requests_by_endpoint"]  # no second round trip
+
+
+async def test_an_entry_whose_stop_is_already_crossed_is_refused_whole() -> None:
+    async with bybit_venue() as venue, connected(venue) as adapter:
+        with pytest.raises(WouldTriggerImmediately):
+            await adapter.create_market_order_with_stop(
+                SYMBOL,
+                OrderSide.BUY,
+                QTY,
+                Decimal("0.4600"),
+                client_order_id="tsbabc123-5-en0",
+                stop_client_order_id="tsbabc123-5-sl0",
+            )
+        positions = await adapter.fetch_positions()
+        with pytest.raises(NotFound):
+            await adapter.fetch_order(SYMBOL, "tsbabc123-5-sl0")
+
+    assert positions == []

@@ -263,6 +263,8 @@ class BybitEmulator:
         self._ids = itertools.count(1)
         self._closing = asyncio.Event()
         self.requests_served = 0
+        self.requests_by_endpoint: dict[str, int] = {}  # "METHOD endpoint" -> requests served
+        self.stops_attached_to_entries = 0
 
     # ---- time ------------------------------------------------------------------------------------------
 
@@ -450,6 +452,8 @@ class BybitEmulator:
 
         async def handle(request: web.Request) -> web.Response:
             self.requests_served += 1
+            key = f"{request.method} {endpoint}"
+            self.requests_by_endpoint[key] = self.requests_by_endpoint.get(key, 0) + 1
             ip = request.remote or LOOPBACK_HOST
             banned_until = self.limits.admit_ip(ip, self.now())
             if banned_until is not None:
@@ -838,6 +842,7 @@ class BybitEmulator:
             self._deactivate(market.symbol, request.now)
         elif stop_loss is not None and stop_loss > 0:
             stops = self._book.stops.setdefault(market.symbol, _PositionStops())
+            self.stops_attached_to_entries += 1
             stops.stop_loss = self._new_stop(
                 market.symbol, "StopLoss", side.opposite, trigger_by, stop_loss, request.now
             )
@@ -1223,6 +1228,8 @@ class BybitEmulator:
             {
                 "now": _ms(now),
                 "requests_served": self.requests_served,
+                "requests_by_endpoint": dict(self.requests_by_endpoint),
+                "stops_attached_to_entries": self.stops_attached_to_entries,
                 "positions": [
                     {"symbol": p.symbol, "side": p.side.value, "quantity": _text(p.quantity)}
                     for p in seen.positions
