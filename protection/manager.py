@@ -851,6 +851,26 @@ class PositionGuard:
         )
         self.submit(ClosePosition(exit_reason="stop_not_filled"))
 
+    def correct_attached_stop_loss(self, from_fill: Decimal) -> None:
+        """The hard stop rode on the entry, priced from the mark before the fill. More than a tick from
+        the price the fill gives, it is replaced by a stop at that price (the attached one keeps the
+        position covered until then, and is cancelled once the new one is confirmed, as after a resize)."""
+        attached = self.stop_loss
+        if attached.price is None or abs(attached.price - from_fill) <= self.market.tick_size:
+            return
+        self._superseded.append(
+            ProtectiveOrder(
+                attached.purpose,
+                generation=attached.generation,
+                client_order_id=attached.client_order_id,
+                confirmed=False,
+                maybe_sent=True,
+            )
+        )
+        self._fresh_id(attached)
+        attached.maybe_sent = False
+        attached.price = from_fill
+
     def _fresh_id(self, order: ProtectiveOrder) -> None:
         """The next id for `order` (a managed trail's stops share one sequence with its moves)."""
         if order.purpose is OrderPurpose.TRAILING_STOP and self.kind is TrailingKind.MANAGED:
@@ -1590,11 +1610,14 @@ class ProtectionManager:
         live_orders: Iterable[OrderRecord] = (),
         trail_record: TrailingStateRecord | None = None,
         venue_open_orders: Mapping[str, Order] | None = None,
+        attached_stop_loss: OrderRecord | None = None,
     ) -> PositionGuard:
         """Start guarding a filled position. Restored positions pass their DB orders and trail record;
         those orders are verified against the venue before anything new is sent: an order found in
         `venue_open_orders` (the venue's open protective orders, read once for every position at start-up)
-        is confirmed by it, and only the others are looked up one by one."""
+        is confirmed by it, and only the others are looked up one by one. `attached_stop_loss`: the hard
+        stop that rode on the entry order (a venue with `attach_stop_to_entry`), verified like a restored
+        one and replaced from the fill price when it is more than a tick off."""
         if position.id in self.guards:
             return self.guards[position.id]
         market = self.markets[position.symbol]
@@ -1607,7 +1630,11 @@ class ProtectionManager:
         )
         if position.unprotected_since is not None:
             guard.resume_unprotected_since(position.unprotected_since)
+        from_fill = guard.stop_loss.price
         self._restore(guard, position, live_orders, trail_record)
+        if attached_stop_loss is not None and from_fill is not None:
+            self._restore(guard, position, [attached_stop_loss], None)
+            guard.correct_attached_stop_loss(from_fill)
         if venue_open_orders is not None:
             self._confirm_from_snapshot(guard, position, live_orders, venue_open_orders)
         self.guards[position.id] = guard

@@ -129,10 +129,23 @@ async def test_a_killed_engine_restarts_onto_bybit_with_every_position_protected
     assert trailing_before
     assert {symbol: stops[symbol]["trailingSetAt"] for symbol in trailing_before} == trailing_before
 
+    # Beyond Binance: every entry carried its hard stop (order/create with stopLoss), so no position was
+    # ever without one; trading-stop set the trailing stops (and a hard stop only where the fill moved it).
+    assert state["stops_attached_to_entries"] >= len(rows)
+    # What the database says each hard stop is, the venue holds (those the fill moved were corrected).
+    claimed = await _fetch(
+        dsn, "SELECT symbol, stop_loss_price FROM monitoring.positions WHERE status = 'active'"
+    )
+    assert {r["symbol"]: Decimal(r["stop_loss_price"]) for r in claimed} == {
+        symbol: Decimal(s["stopLoss"]) for symbol, s in stops.items()
+    }
+
     log = (workdir / "logs" / "trading_bot.log").read_text()
     assert API_SECRET not in log
     assert API_KEY not in log
     print(
         f"\nbybit e2e: {protected_before} protected before the kill, {len(trailing_before)} trailing stops kept, "
-        f"{len(rows)} protected after restart ({startup})"
+        f"{len(rows)} protected after restart ({startup}); {state['stops_attached_to_entries']} hard stops "
+        f"rode on their entries, {state['requests_by_endpoint'].get('POST position/trading-stop', 0)} trading-stop "
+        "calls"
     )
