@@ -188,6 +188,13 @@ class BybitLinearVenue(CcxtVenue):
             pairs[symbol] = unified
         self._markets = markets
         self._symbols = SymbolMap(pairs)
+        if self._hedge_mode is None and markets:
+            # The position mode, once, before any entry: a symbol's rows say it even when flat (one row
+            # in one-way mode, two in hedge mode). Otherwise a wave's first entries would each ask.
+            try:
+                await self._position_rows(min(markets))
+            except ExchangeError as error:  # best effort: the first entry asks again
+                logger.info("%s: position mode not read at start (%s)", self.kind, error)
         return dict(markets)
 
     async def fetch_mark_prices(self, symbols: Collection[str] | None = None) -> dict[str, MarkPrice]:
