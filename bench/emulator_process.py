@@ -30,11 +30,13 @@ _TSBOT = str(Path(sys.executable).with_name("tsbot"))
 class EmulatorProcess:
     url: str
     process: subprocess.Popen[str]
+    kind: str = "binanceusdm"  # the engine's venue kind for this emulator ("bybit" for --venue bybit)
 
     def engine_environ(self) -> dict[str, str]:
-        """What the engine needs to trade this emulator as it would trade Binance (only the URL differs)."""
+        """What the engine needs to trade this emulator as it would trade the real venue (only the URL
+        differs)."""
         return {
-            "TSBOT_VENUE__KIND": "binanceusdm",
+            "TSBOT_VENUE__KIND": self.kind,
             "TSBOT_VENUE__BASE_URL": self.url,
             "TSBOT_VENUE__API_KEY": API_KEY,
             "TSBOT_VENUE__API_SECRET": API_SECRET,
@@ -47,10 +49,16 @@ class EmulatorProcess:
 
 @contextmanager
 def emulator_process(
-    workdir: Path, *, latency_ms: int, seed: int, settings: Mapping[str, str] = {}, faults: str = ""
+    workdir: Path,
+    *,
+    latency_ms: int,
+    seed: int,
+    settings: Mapping[str, str] = {},
+    faults: str = "",
+    venue: str = "binance",
 ) -> Iterator[EmulatorProcess]:
     """Start `tsbot sim-exchange` on a free loopback port; `settings` are extra `TSBOT_VENUE__SIM__*`,
-    `faults` its `--faults` SPEC (none by default)."""
+    `faults` its `--faults` SPEC (none by default), `venue` the wire it speaks (binance, bybit)."""
     workdir.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
@@ -64,6 +72,8 @@ def emulator_process(
         [
             _TSBOT,
             "sim-exchange",
+            "--venue",
+            venue,
             "--port",
             "0",
             "--control",
@@ -89,7 +99,7 @@ def emulator_process(
                 break
         if url is None:
             raise RuntimeError(f"tsbot sim-exchange did not start (exit {process.wait(timeout=10)})")
-        yield EmulatorProcess(url, process)
+        yield EmulatorProcess(url, process, "bybit" if venue == "bybit" else "binanceusdm")
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)

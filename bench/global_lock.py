@@ -221,3 +221,30 @@ class GlobalLockVenue(CountingVenue):
 
 
 __all__ = ["CountingVenue", "GlobalLockVenue"]
+
+
+class CountingAttachingVenue(CountingVenue):
+    """`CountingVenue` for a venue whose entry can carry the hard stop (Bybit): the engine sees the
+    ability through the wrapper, as it would on the venue itself."""
+
+    async def create_market_order_with_stop(
+        self,
+        symbol: str,
+        side: Any,
+        quantity: Any,
+        stop_price: Any,
+        *,
+        client_order_id: str,
+        stop_client_order_id: str,
+    ) -> Any:
+        return await self._counted(
+            "create_market_order",
+            self.inner.create_market_order_with_stop(  # type: ignore[attr-defined]
+                symbol,
+                side,
+                quantity,
+                stop_price,
+                client_order_id=client_order_id,
+                stop_client_order_id=stop_client_order_id,
+            ),
+        )

@@ -116,14 +116,15 @@ from typing import Any
 
 import asyncpg
 from emulator_process import emulator_process
-from global_lock import CountingVenue, GlobalLockVenue
+from global_lock import CountingAttachingVenue, CountingVenue, GlobalLockVenue
 
 from engine.clock import SystemClock
 from engine.config import Settings, load_config
 from engine.engine import Engine, build_venue
 from engine.events import PositionOpened, ProtectionTimedOut, SignalRejected
-from engine.exchange.port import RateBudget
+from engine.exchange.port import AttachesStopToEntry, RateBudget
 from engine.pacing import DEFAULT_HEADROOM
+from engine.venues import bybit_limits
 from engine.venues.sim import SimVenue
 from engine.venues.sim.core import SimCore
 from engine.venues.sim.universe import UNIVERSE, Listing, select_listings
@@ -133,9 +134,10 @@ from storage.embedded import EmbeddedPostgres, start_embedded
 
 ORDERS_PER_POSITION = 3  # entry + hard stop + trailing stop
 CRITICAL_PATH_ROUND_TRIPS = 2  # entry, then both stops together
+BYBIT_CRITICAL_PATH_ROUND_TRIPS = 3  # entry with its hard stop, its fill read back, the trailing stop
 ENGINE_DEFAULT_CONCURRENT_ENTRIES = 50
 DESIGNS = ("per-position", "global-lock")
-VENUES = ("sim", "emulator")
+VENUES = ("sim", "emulator", "emulator-bybit")
 POLL_SECONDS = 0.02
 
 log = logging.getLogger("bench.wave_protection")
@@ -184,6 +186,39 @@ def lower_bound(signals: int, latency_s: float, budgets: Sequence[RateBudget]) -
         binding=binding,
         reserved_budget_bound_seconds=max(reserved, terms[binding]),
     )
+
+
+def bybit_lower_bound(signals: int, latency_s: float) -> tuple[LowerBound, tuple[RateBudget, ...]]:
+    """The same bound on Bybit, where the entry carries the hard stop (order/create with stopLoss) and the
+    trailing stop is one `trading-stop` call. order/create answers with ids only, so the fill price (which
+    the trailing stop is priced from) takes a second round trip (order/realtime): 3 round trips on the
+    critical path; N trailing stops under the engine's trading-stop budget (Bybit's 10/s per account less
+    the headroom), each sent no earlier than its entry's fill is known (2 L) and answered L later; N
+    entries under the order/create budget (20/s), each protected 3 round trips later. A hard stop the fill moved by more than a tick costs one more
+    trading-stop call, not counted here: a client could skip it. Returns the bound and the budgets."""
+    trading_stop = RateBudget(
+        math.floor(
+            bybit_limits.ENDPOINT_LIMITS_PER_SECOND["/v5/position/trading-stop"] * (1 - DEFAULT_HEADROOM)
+        ),
+        1.0,
+    )
+    order_create = RateBudget(
+        math.floor(bybit_limits.ENDPOINT_LIMITS_PER_SECOND["/v5/order/create"] * (1 - DEFAULT_HEADROOM)), 1.0
+    )
+    critical = BYBIT_CRITICAL_PATH_ROUND_TRIPS * latency_s
+    rate = 2 * latency_s + earliest_send(signals, [trading_stop]) + latency_s
+    entries = earliest_send(signals, [order_create]) + BYBIT_CRITICAL_PATH_ROUND_TRIPS * latency_s
+    terms = {"critical_path": critical, "rate_budget": rate, "entry_rate_budget": entries}
+    binding = max(terms, key=lambda name: (terms[name], name == "critical_path"))
+    bound = LowerBound(
+        critical_path_seconds=critical,
+        rate_bound_seconds=rate,
+        entry_rate_bound_seconds=entries,
+        seconds=terms[binding],
+        binding=binding,
+        reserved_budget_bound_seconds=terms[binding],
+    )
+    return bound, (trading_stop, order_create)
 
 
 # --- the venue's universe --------------------------------------------------------------------------------
@@ -271,7 +306,7 @@ def load_settings(environ: dict[str, str]) -> Settings:
 async def run_once(
     args: argparse.Namespace, server: EmbeddedPostgres, run: int, listings: dict[str, Listing], bound: float
 ) -> RunResult:
-    if args.venue == "emulator":
+    if args.venue.startswith("emulator"):
         sim_settings = {
             "TSBOT_VENUE__SIM__VOLATILITY": "0",
             "TSBOT_VENUE__SIM__MAX_CONDITIONAL_ORDERS": str(max(200, 2 * args.signals)),
@@ -279,7 +314,11 @@ async def run_once(
         }
         workdir = Path(tempfile.mkdtemp(prefix="tsbot-wave-emulator-"))
         with emulator_process(
-            workdir, latency_ms=round(args.latency_ms), seed=args.seed + run, settings=sim_settings
+            workdir,
+            latency_ms=round(args.latency_ms),
+            seed=args.seed + run,
+            settings=sim_settings,
+            venue="bybit" if args.venue == "emulator-bybit" else "binance",
         ) as emulator:
             dbname = await _fresh_database(server)
             environ = {**engine_environ(args, server.dsn(dbname), args.seed + run)}
@@ -315,7 +354,12 @@ async def _run_wave(
         )
     else:
         inner = build_venue(settings, clock)  # exactly what `tsbot run` builds for a real Binance account
-    venue = GlobalLockVenue(inner) if args.design == "global-lock" else CountingVenue(inner)
+    if args.design == "global-lock":
+        venue = GlobalLockVenue(inner)
+    elif isinstance(inner, AttachesStopToEntry):
+        venue = CountingAttachingVenue(inner)
+    else:
+        venue = CountingVenue(inner)
     engine = Engine(settings, venue=venue, clock=clock, version="bench", generate_signals=False)
 
     opened: dict[int, PositionGuard] = {}
@@ -438,6 +482,11 @@ async def bench(args: argparse.Namespace, server: EmbeddedPostgres) -> dict[str,
     venue_budgets = sim_budgets()
     budgets = engine_budgets(venue_budgets)
     bound = lower_bound(args.signals, args.latency_ms / 1000, budgets)
+    formula = "max(2*L, max_b(floor((3N-1)/B_b)*W_b) + L, max_b(floor((N-1)/B_b)*W_b) + 2*L)"
+    if args.venue == "emulator-bybit":
+        bound, budgets = bybit_lower_bound(args.signals, args.latency_ms / 1000)
+        venue_budgets = budgets
+        formula = "max(3*L, 2*L + floor((N-1)/B_trading_stop)*1s + L, floor((N-1)/B_order_create)*1s + 3*L)"
     results = []
     for run in range(args.runs):
         result = await run_once(args, server, run, listings, bound.seconds)
@@ -506,7 +555,7 @@ async def bench(args: argparse.Namespace, server: EmbeddedPostgres) -> dict[str,
             "reserved_budget_bound_seconds": bound.reserved_budget_bound_seconds,
             "budgets": [{"limit": b.limit, "window_seconds": b.window_seconds} for b in budgets],
             "venue_budgets": [{"limit": b.limit, "window_seconds": b.window_seconds} for b in venue_budgets],
-            "formula": "max(2*L, max_b(floor((3N-1)/B_b)*W_b) + L, max_b(floor((N-1)/B_b)*W_b) + 2*L)",
+            "formula": formula,
         },
         "config": {
             "wave_window_ms": args.wave_window_ms,
@@ -638,7 +687,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--jitter-pct must be within [0, 100]")
     if args.runs < 1:
         parser.error("--runs must be at least 1")
-    if args.venue == "emulator" and args.design != "per-position":
+    if args.venue.startswith("emulator") and args.design != "per-position":
         parser.error("--design global-lock wraps the sim venue only")
     if args.max_concurrent_entries is None:
         per_10s = load_settings({}).venue.sim.rate_limits.orders_per_10s

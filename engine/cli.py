@@ -214,7 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     sim_exchange = commands.add_parser(
         "sim-exchange",
         parents=[config_option],
-        help="a local Binance USDⓈ-M REST emulator on 127.0.0.1 (rehearse live operation offline)",
+        help="a local Binance USDⓈ-M or Bybit v5 REST emulator on 127.0.0.1 (rehearse live operation offline)",
+    )
+    sim_exchange.add_argument(
+        "--venue",
+        choices=("binance", "bybit"),
+        default="binance",
+        help="which venue's wire to speak (default: binance)",
     )
     sim_exchange.add_argument(
         "--port", type=int, default=8900, help="TCP port on 127.0.0.1 (0: any free port)"
@@ -452,7 +458,16 @@ def _venue_failure(loaded: LoadedConfig, exc: ExchangeError) -> str:
 
 
 def _sim_exchange(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-    from engine.venues.binance_emulator import BinanceEmulator, FaultPlan, FaultSpecError, parse_fault_spec
+    if args.venue == "bybit":
+        from engine.venues.bybit_emulator import BybitEmulator as Emulator
+        from engine.venues.bybit_emulator import FaultPlan, FaultSpecError, parse_fault_spec, serve_until
+
+        wire, kind = "Bybit v5 (linear)", "bybit"
+    else:
+        from engine.venues.binance_emulator import BinanceEmulator as Emulator
+        from engine.venues.binance_emulator import FaultPlan, FaultSpecError, parse_fault_spec, serve_until
+
+        wire, kind = "Binance USDⓈ-M", "binanceusdm"
 
     venue = loaded.settings.venue
     if not 0 <= args.port <= 65535:
@@ -475,7 +490,7 @@ def _sim_exchange(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     log_settings = loaded.settings.logging
     sim_log = str(Path(log_settings.file).with_name("sim_exchange.log"))
     configure_logging(log_settings.model_copy(update={"file": sim_log}), loaded.secret_values())
-    emulator = BinanceEmulator(
+    emulator = Emulator(
         sim,
         api_key=venue.api_key.get_secret_value(),
         api_secret=venue.api_secret.get_secret_value(),
@@ -484,8 +499,6 @@ def _sim_exchange(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     )
 
     async def run() -> int:
-        from engine.venues.binance_emulator import serve_until
-
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         # A closed terminal (SIGHUP, an ssh drop) stops the engine the same orderly way as SIGTERM.
@@ -494,11 +507,11 @@ def _sim_exchange(args: argparse.Namespace, loaded: LoadedConfig) -> int:
 
         def ready(url: str) -> None:
             print(
-                f"sim-exchange: Binance USDⓈ-M emulator on {url} ({len(emulator.core.markets)} perpetuals, "
+                f"sim-exchange: {wire} emulator on {url} ({len(emulator.core.markets)} perpetuals, "
                 f"seed {sim.seed}{', control API on' if args.control else ''}{', faults: ' + args.faults if rules else ''})",
                 flush=True,
             )
-            print(f'point the engine at it: [venue] kind = "binanceusdm", base_url = "{url}"', flush=True)
+            print(f'point the engine at it: [venue] kind = "{kind}", base_url = "{url}"', flush=True)
             print(f"logging to {sim_log}; stop with Ctrl-C or SIGTERM", flush=True)
 
         try:

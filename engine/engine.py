@@ -55,6 +55,7 @@ from engine.exchange.errors import (
     Rejected,
 )
 from engine.exchange.port import (
+    AttachesStopToEntry,
     ExchangePort,
     Market,
     MarkPrice,
@@ -72,7 +73,13 @@ from engine.signals import SignalConsumer, SignalWave, SimSignalGenerator
 from protection import health
 from protection.breaker import BreakerInputs, BreakerSettings, trip_reasons
 from protection.coverage import CoverageFigures, PositionCoverage, coverage_figures, percent
-from protection.manager import PositionGuard, ProtectionConfig, ProtectionManager, TrailingKind
+from protection.manager import (
+    PositionGuard,
+    ProtectionConfig,
+    ProtectionManager,
+    TrailingKind,
+    stop_loss_price,
+)
 from protection.order_ids import client_order_id
 from protection.reconciler import Reconciler, ReconcileReport
 from storage.commands import NEW_COMMAND_CHANNEL, CommandQueue
@@ -85,6 +92,7 @@ from storage.repositories import (
     CoverageSample,
     HealthRow,
     OrderPurpose,
+    OrderRecord,
     OrderRecordStatus,
     PositionAlreadyOpen,
     PositionRecord,
@@ -1190,13 +1198,25 @@ class Engine:
                 type="market",
                 quantity=quantity,
             )
+            # Where the venue allows it (Bybit), the hard stop rides on the entry: no naked moment at all.
+            stop_record = await self._record_attached_stop(signal.symbol, side, quantity, position.id)
             await self.store.set_position_status(position.id, PositionStatus.ENTRY_PLACED)
-            try:
-                order = await manager.call(
-                    self.venue.create_market_order(signal.symbol, order_side, quantity, client_order_id=cid),
-                    "create_order",
-                    Lane.ENTRY,
+            if stop_record is not None and isinstance(self.venue, AttachesStopToEntry):
+                assert stop_record.trigger_price is not None
+                entry_call = self.venue.create_market_order_with_stop(
+                    signal.symbol,
+                    order_side,
+                    quantity,
+                    stop_record.trigger_price,
+                    client_order_id=cid,
+                    stop_client_order_id=stop_record.client_order_id,
                 )
+            else:
+                entry_call = self.venue.create_market_order(
+                    signal.symbol, order_side, quantity, client_order_id=cid
+                )
+            try:
+                order = await manager.call(entry_call, "create_order", Lane.ENTRY)
             except (OutcomeUnknown, TimeoutError):
                 try:
                     order = await manager.call(
@@ -1204,25 +1224,37 @@ class Engine:
                     )
                 except (ExchangeError, TimeoutError) as exc:
                     return await self._entry_failed(
-                        signal, position.id, cid, f"entry outcome unknown: {exc}", wave_id, promise
+                        signal,
+                        position.id,
+                        cid,
+                        f"entry outcome unknown: {exc}",
+                        wave_id,
+                        promise,
+                        stop_record,
                     )
             except InsufficientMargin as exc:
                 return await self._entry_failed(
-                    signal, position.id, cid, f"insufficient margin: {exc.reason}", wave_id, promise
+                    signal,
+                    position.id,
+                    cid,
+                    f"insufficient margin: {exc.reason}",
+                    wave_id,
+                    promise,
+                    stop_record,
                 )
             except (Rejected, ExchangeError) as exc:
                 return await self._entry_failed(
-                    signal, position.id, cid, f"entry refused: {exc}", wave_id, promise
+                    signal, position.id, cid, f"entry refused: {exc}", wave_id, promise, stop_record
                 )
             if order.status is not OrderStatus.FILLED or order.average_price is None:
                 return await self._entry_failed(
-                    signal, position.id, cid, f"entry {order.status.value}", wave_id, promise
+                    signal, position.id, cid, f"entry {order.status.value}", wave_id, promise, stop_record
                 )
             await self.store.set_order_status(
                 cid, OrderRecordStatus.FILLED, exchange_order_id=order.venue_order_id
             )
             filled = await self.store.record_fill(position.id, order.filled_quantity, order.average_price)
-            guard = manager.protect(filled)
+            guard = manager.protect(filled, attached_stop_loss=stop_record)
             await self.store.finish_signal(signal.id, SignalStatus.OPENED, wave_id=wave_id)
             log.info(
                 "Opened %s %s %s at %s (position %s)",
@@ -1246,12 +1278,47 @@ class Engine:
         finally:
             self._in_flight.discard(signal.symbol)
 
+    async def _record_attached_stop(
+        self, symbol: str, side: PositionSide, quantity: Decimal, position_id: int
+    ) -> OrderRecord | None:
+        """The hard stop to send on the entry (written ahead like every order), priced from the mark the
+        entry was sized on; None where the venue cannot carry a stop on an entry."""
+        assert self.store is not None and self.manager is not None
+        if not (
+            self.venue.capabilities().attach_stop_to_entry and isinstance(self.venue, AttachesStopToEntry)
+        ):
+            return None
+        mark, market = self.marks.get(symbol), self.markets.get(symbol)
+        if mark is None or market is None:
+            return None
+        price = stop_loss_price(side, mark.price, self.manager.config.stop_loss_percent, market)
+        return await self.store.record_order(
+            client_order_id=client_order_id(self._token, position_id, OrderPurpose.STOP_LOSS, 0),
+            position_id=position_id,
+            purpose=OrderPurpose.STOP_LOSS,
+            side=side.closing_side.value,
+            type="stop_market",
+            quantity=quantity,
+            trigger_price=price,
+        )
+
     async def _entry_failed(
-        self, signal: SignalRecord, position_id: int, cid: str, reason: str, wave_id: int, promise: int
+        self,
+        signal: SignalRecord,
+        position_id: int,
+        cid: str,
+        reason: str,
+        wave_id: int,
+        promise: int,
+        stop_record: OrderRecord | None = None,
     ) -> None:
         assert self.store is not None and self.manager is not None
         self.manager.budget.release_promise(promise)
         await self.store.set_order_status(cid, OrderRecordStatus.REJECTED, error=reason[:500])
+        if stop_record is not None:  # the stop it carried went with it
+            await self.store.set_order_status(
+                stop_record.client_order_id, OrderRecordStatus.REJECTED, error=reason[:500]
+            )
         await self.store.set_position_status(position_id, PositionStatus.FAILED, exit_reason=reason[:200])
         await self.store.record_event(
             Severity.WARNING,

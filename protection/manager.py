@@ -320,6 +320,10 @@ class PositionGuard:
         self.check_fired_soon = False  # the mark crossed one of our stops: ask the venue how it stands
         self._native_extreme: Decimal | None = None  # best mark since the native trailing stop armed
         self._superseded: list[ProtectiveOrder] = []  # resized-away stops, cancelled once the new ones live
+        # A hard stop that rode on the entry: the price the fill gives it, when that is more than a tick
+        # away (replaced once confirmed), and the attached stop while its replacement is on its way.
+        self._attached_correction: Decimal | None = None
+        self._attached_holds: ProtectiveOrder | None = None
         # A stop of ours filled: sending stops for a position that is gone would only be refused (-2022);
         # the reconciler settles it with this evidence, or clears it if the venue still holds the position.
         self.exit_evidence: ExitEvidence | None = None
@@ -358,7 +362,8 @@ class PositionGuard:
 
     @property
     def has_stop_loss(self) -> bool:
-        return self.stop_loss.confirmed and not self.closed
+        holds = self._attached_holds  # an attached hard stop being replaced from the fill price
+        return (self.stop_loss.confirmed or (holds is not None and holds.confirmed)) and not self.closed
 
     @property
     def has_trailing_stop(self) -> bool:
@@ -612,10 +617,14 @@ class PositionGuard:
                 raise result
         if not self.closed:
             await self._check_fired()
+        if not self.closed and self._attached_correction is not None and self.stop_loss.confirmed:
+            self._replace_attached_stop_loss()
         if not self.closed:
             await self._write_facts()
+        if self._attached_holds is not None and self.stop_loss.confirmed:
+            self._attached_holds = None  # its replacement is live: the attached stop may go now
         superseded_gone = True
-        if self._superseded and self.covered:
+        if self._superseded and self.covered and self._attached_holds is None:
             superseded_gone = await self._cancel_superseded()
         return all(results) and superseded_gone and not self.closed
 
@@ -850,6 +859,33 @@ class PositionGuard:
             position_id=self.position_id,
         )
         self.submit(ClosePosition(exit_reason="stop_not_filled"))
+
+    def correct_attached_stop_loss(self, from_fill: Decimal) -> None:
+        """The hard stop rode on the entry, priced from the mark before the fill. More than a tick from
+        the price the fill gives, it is replaced by a stop at that price once it is confirmed."""
+        attached = self.stop_loss
+        if attached.price is not None and abs(attached.price - from_fill) > self.market.tick_size:
+            self._attached_correction = from_fill
+
+    def _replace_attached_stop_loss(self) -> None:
+        """The confirmed attached stop goes to the superseded list, still counted as the hard stop until
+        its replacement is confirmed (it covers the whole position meanwhile: no false alarm), and is
+        cancelled after, as a resized-away stop is."""
+        attached = self.stop_loss
+        assert self._attached_correction is not None
+        held = ProtectiveOrder(
+            attached.purpose,
+            generation=attached.generation,
+            client_order_id=attached.client_order_id,
+            confirmed=True,
+            maybe_sent=True,
+        )
+        self._superseded.append(held)
+        self._attached_holds = held
+        self._fresh_id(attached)
+        attached.maybe_sent = False
+        attached.price, self._attached_correction = self._attached_correction, None
+        self.wake.set()  # the replacement goes out in the next pass, at once
 
     def _fresh_id(self, order: ProtectiveOrder) -> None:
         """The next id for `order` (a managed trail's stops share one sequence with its moves)."""
@@ -1590,11 +1626,14 @@ class ProtectionManager:
         live_orders: Iterable[OrderRecord] = (),
         trail_record: TrailingStateRecord | None = None,
         venue_open_orders: Mapping[str, Order] | None = None,
+        attached_stop_loss: OrderRecord | None = None,
     ) -> PositionGuard:
         """Start guarding a filled position. Restored positions pass their DB orders and trail record;
         those orders are verified against the venue before anything new is sent: an order found in
         `venue_open_orders` (the venue's open protective orders, read once for every position at start-up)
-        is confirmed by it, and only the others are looked up one by one."""
+        is confirmed by it, and only the others are looked up one by one. `attached_stop_loss`: the hard
+        stop that rode on the entry order (a venue with `attach_stop_to_entry`), verified like a restored
+        one and replaced from the fill price when it is more than a tick off."""
         if position.id in self.guards:
             return self.guards[position.id]
         market = self.markets[position.symbol]
@@ -1607,7 +1646,11 @@ class ProtectionManager:
         )
         if position.unprotected_since is not None:
             guard.resume_unprotected_since(position.unprotected_since)
+        from_fill = guard.stop_loss.price
         self._restore(guard, position, live_orders, trail_record)
+        if attached_stop_loss is not None and from_fill is not None:
+            self._restore(guard, position, [attached_stop_loss], None)
+            guard.correct_attached_stop_loss(from_fill)
         if venue_open_orders is not None:
             self._confirm_from_snapshot(guard, position, live_orders, venue_open_orders)
         self.guards[position.id] = guard

@@ -338,3 +338,22 @@ class ExchangePort(Protocol):
         ...
 
     async def fetch_order(self, symbol: str, client_order_id: str) -> Order: ...
+
+
+@runtime_checkable
+class AttachesStopToEntry(Protocol):
+    """A venue whose entry order can carry the position's hard stop (`Capabilities.attach_stop_to_entry`,
+    Bybit: `order/create` with `stopLoss`): the position is born with its stop, never naked. The stop is
+    then a protective order like any other, known under `stop_client_order_id` (`fetch_order`,
+    `cancel_order`), a reduce-only stop on the mark price for the filled quantity."""
+
+    async def create_market_order_with_stop(
+        self,
+        symbol: str,
+        side: OrderSide,
+        quantity: Decimal,
+        stop_price: Decimal,
+        *,
+        client_order_id: str,
+        stop_client_order_id: str,
+    ) -> Order: ...

@@ -1,7 +1,8 @@
 """The Bybit (v5, linear) path of the ccxt adapter, against a loopback stub that checks ccxt's signature,
-records each request and answers canned v5 responses. There is no Bybit emulator: these tests pin what we
-send (`/v5/position/trading-stop` for the hard and the trailing stop, `positionIdx`, `/v5/order/create`)
-and how we read and translate the answers."""
+records each request and answers canned v5 responses: these tests pin exactly what we send
+(`/v5/position/trading-stop` for the hard and the trailing stop, `positionIdx`, `/v5/order/create`) and how
+we read and translate the answers. The venue's behaviour is tested against the Bybit emulator
+(tests/unit/test_bybit_venue.py, the contract suite's `[ccxt-bybit]`)."""
 
 from __future__ import annotations
 
@@ -24,14 +25,16 @@ from engine.exchange import (
     OrderSide,
     OrderStatus,
     OrderType,
+    OutcomeUnknown,
     RateLimited,
-    Retryable,
+    Rejected,
     WouldTriggerImmediately,
 )
 from engine.exchange.errors import Banned
 from engine.exchange.port import RequestBudget
 from engine.pacing import RequestPacer, VenuePacing
-from engine.venues.ccxt_venue import BybitLinearVenue, CcxtVenueConfig
+from engine.venues.bybit_venue import BybitLinearVenue
+from engine.venues.ccxt_venue import CcxtVenueConfig
 
 KEY = "bybit-test-key"
 SECRET = "bybit-test-secret"
@@ -78,6 +81,7 @@ class BybitStub:
     requests: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
     limits: dict[str, tuple[int, int]] = field(default_factory=dict)  # path -> (X-Bapi-Limit, -Status)
     status: dict[str, int] = field(default_factory=dict)  # path -> an HTTP status to answer with
+    executions: list[dict[str, Any]] = field(default_factory=list)  # execution/list rows, newest first
 
     async def handle(self, request: web.Request) -> web.Response:
         response = await self._answer(request)
@@ -120,6 +124,10 @@ class BybitStub:
             return _ok({})
         if path == "/v5/order/create":
             return _ok({"orderId": "b-1", "orderLinkId": body["orderLinkId"]})
+        if path == "/v5/execution/list":
+            return _ok({"category": "linear", "list": self.executions, "nextPageCursor": ""})
+        if path == "/v5/order/realtime" and body.get("orderFilter") == "StopOrder":
+            return _ok({"category": "linear", "list": [], "nextPageCursor": ""})
         if path == "/v5/order/realtime":
             return _ok(
                 {
@@ -223,7 +231,19 @@ async def test_hard_stop_is_a_position_stop_loss_on_the_mark_price() -> None:
         stub.position = _position(stopLoss="0.4850")
         working = await venue.fetch_order("SFPUSDT", "tsbabc123-1-sl0")
         listed = await venue.fetch_open_protective_orders()
-        stub.position = None  # the stop fired: the position is gone
+        stub.position = None  # the stop fired: the position is gone, the execution list has its fill
+        stub.executions = [
+            {
+                "symbol": "SFPUSDT",
+                "orderId": "sl-order-1",
+                "orderLinkId": "",
+                "stopOrderType": "StopLoss",
+                "execType": "Trade",
+                "execPrice": "0.4849",
+                "execQty": "100",
+                "execTime": str(int(time.time() * 1000)),
+            }
+        ]
         fired = await venue.fetch_order("SFPUSDT", "tsbabc123-1-sl0")
 
     assert stub.sent("/v5/position/trading-stop") == [
@@ -243,7 +263,24 @@ async def test_hard_stop_is_a_position_stop_loss_on_the_mark_price() -> None:
     )
     assert working.status is OrderStatus.NEW
     assert [o.client_order_id for o in listed] == ["tsbabc123-1-sl0"]
-    assert fired.status is OrderStatus.FILLED
+    assert (fired.status, fired.filled_quantity, fired.average_price) == (
+        OrderStatus.FILLED,
+        Decimal("100"),
+        Decimal("0.4849"),
+    )
+
+
+async def test_a_first_entry_learns_hedge_mode_from_the_symbols_empty_rows() -> None:
+    """In hedge mode Bybit lists a flat symbol as two empty rows (positionIdx 1 and 2); one-way would be
+    refused ("position idx not match position mode")."""
+    stub = BybitStub(position=_position(idx=1, size="0", side=""))
+    async with bybit(stub) as venue:
+        await venue.create_market_order(
+            "SFPUSDT", OrderSide.BUY, Decimal("100"), client_order_id="tsbabc123-9-en0"
+        )
+
+    [sent] = stub.sent("/v5/order/create")
+    assert sent["positionIdx"] == 1  # hedge mode, the long side
 
 
 async def test_trailing_stop_is_a_price_distance_with_active_price_and_hedge_mode_position_idx() -> None:
@@ -317,15 +354,24 @@ async def test_market_order_carries_the_client_id_and_is_read_back_filled() -> N
 
 
 @pytest.mark.parametrize(
-    ("code", "expected"),
+    ("code", "message", "expected"),
     [
-        pytest.param(110092, WouldTriggerImmediately, id="110092-would-trigger"),
-        pytest.param(10006, RateLimited, id="10006-rate-limit"),
-        pytest.param(10016, Retryable, id="10016-server-error"),
+        # trading-stop answers a stop already crossed with 10001 naming the base price (110092/110093 are
+        # order/create's codes for conditional orders)
+        pytest.param(
+            10001,
+            "StopLoss:0.4850 set for Buy position should lower than base_price:0.4800??MarkPrice",
+            WouldTriggerImmediately,
+            id="10001-base-price-would-trigger",
+        ),
+        pytest.param(10001, "params error: symbol invalid", Rejected, id="10001-other-parameter-error"),
+        pytest.param(10006, "Too many visits!", RateLimited, id="10006-rate-limit"),
+        # 10016 is Bybit's server error: nothing says whether the stop was set
+        pytest.param(10016, "Internal server error.", OutcomeUnknown, id="10016-server-error"),
     ],
 )
-async def test_bybit_ret_codes_are_translated(code: int, expected: type[Exception]) -> None:
-    stub = BybitStub(position=_position(), errors={"/v5/position/trading-stop": (code, "refused")})
+async def test_bybit_ret_codes_are_translated(code: int, message: str, expected: type[Exception]) -> None:
+    stub = BybitStub(position=_position(), errors={"/v5/position/trading-stop": (code, message)})
     async with bybit(stub) as venue:
         with pytest.raises(expected) as raised:
             await venue.create_stop_market_order(

@@ -1,0 +1,826 @@
+"""The exchange port for Bybit linear perpetuals (v5, category linear) over the shared ccxt plumbing.
+
+Bybit specifics: the hard stop and the trailing stop are position-level
+(`POST /v5/position/trading-stop`: `stopLoss` with `slTriggerBy=MarkPrice`, `trailingStop` as a price
+distance with `activePrice`, `positionIdx` for one-way or hedge mode). They carry no client order id on
+Bybit's side; the adapter keeps the caller's id and answers `fetch_order` from the position's current
+stop fields. Setting a position stop again replaces it, so a retried call can never leave two stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
+
+from engine.clock import Clock
+from engine.exchange.errors import (
+    DuplicateClientOrderId,
+    ExchangeError,
+    NotFound,
+    OutcomeUnknown,
+    RejectCode,
+    Rejected,
+    Retryable,
+)
+from engine.exchange.port import (
+    Balance,
+    Capabilities,
+    Market,
+    MarkPrice,
+    Order,
+    OrderSide,
+    OrderStatus,
+    OrderType,
+    PositionSide,
+    RateBudget,
+    RequestBudget,
+    VenuePosition,
+)
+from engine.venues import bybit_limits
+from engine.venues.ccxt_venue import (
+    _ZERO,
+    BYBIT,
+    CALLBACK_RATE_MAX,
+    CALLBACK_RATE_MIN,
+    CcxtVenue,
+    CcxtVenueConfig,
+    SymbolMap,
+    _decimal,
+    _positive,
+    _seconds,
+    _wire,
+)
+
+BYBIT_DEFAULT_BUDGETS = (
+    RateBudget(limit=bybit_limits.ENDPOINT_LIMITS_PER_SECOND["/v5/order/create"], window_seconds=1.0),
+)
+BYBIT_REQUEST_BUDGETS = (
+    RequestBudget(bybit_limits.IP_BUDGET_KEY, bybit_limits.IP_REQUESTS_PER_5_SECONDS, 5.0),
+    *(RequestBudget(path, limit, 1.0) for path, limit in bybit_limits.ENDPOINT_LIMITS_PER_SECOND.items()),
+)
+
+logger = logging.getLogger(__name__)
+
+# ---- Bybit linear ---------------------------------------------------------------------------------------
+
+
+# Bybit keeps no client id for a position stop; the engine's ids name their purpose (protection.order_ids:
+# `…-sl<n>` a hard stop, `…-ts<n>` a trailing stop), which is how a new process finds which of the
+# position's stops an id it persisted stands for. Ids outside that scheme are never adopted.
+_STOP_KIND_IN_ID = re.compile(r"-(sl|ts)\d+$")
+_NOT_MODIFIED = 34040  # trading-stop: the values sent are the ones the position holds already
+_POSITION_PAGE = 200  # position/list: limit 1..200 (default 20), then nextPageCursor
+_ORDER_PAGE = 50  # order/realtime: limit 1..50
+_EXECUTION_PAGE = 100  # execution/list: limit 1..100
+_FIELD = {OrderType.STOP_MARKET: "stopLoss", OrderType.TRAILING_STOP_MARKET: "trailingStop"}
+_STOP_ORDER_TYPE = {OrderType.STOP_MARKET: "StopLoss", OrderType.TRAILING_STOP_MARKET: "TrailingStop"}
+
+
+@dataclass(slots=True)
+class _PositionStop:
+    """A position-level stop on Bybit, remembered under the caller's client id.
+
+    `confirmed` is False while the trading-stop call that set it has no answer yet (or lost it): until the
+    position shows the value, the stop may not exist."""
+
+    client_order_id: str
+    symbol: str
+    side: OrderSide
+    type: OrderType
+    quantity: Decimal
+    stop_price: Decimal | None
+    activation_price: Decimal | None
+    callback_rate: Decimal | None
+    distance: Decimal | None
+    created_at: float
+    status: OrderStatus = OrderStatus.NEW
+    updated_at: float = 0.0
+    venue_order_id: str = ""
+    confirmed: bool = True
+    filled_quantity: Decimal = _ZERO
+    average_price: Decimal | None = None
+
+
+class BybitLinearVenue(CcxtVenue):
+    kind = BYBIT
+    _ccxt_id = "bybit"
+
+    def __init__(self, config: CcxtVenueConfig, *, clock: Clock | None = None) -> None:
+        super().__init__(config, clock=clock)
+        self._stops: dict[str, _PositionStop] = {}
+        self._hedge_mode: bool | None = None
+
+    def _exchange_options(self) -> dict[str, Any]:
+        options = super()._exchange_options()
+        options["options"] = {
+            "defaultType": "swap",
+            "defaultSubType": "linear",
+            "fetchMarkets": {"types": ["linear"]},
+            "fetchCurrencies": False,
+            "adjustForTimeDifference": True,  # a drifting clock would answer 10002 forever
+            "enableUnifiedAccount": True,
+            "enableUnifiedMargin": False,
+        }
+        return options
+
+    def _configure_urls(self) -> None:
+        if not self._config.base_url and self._config.testnet:
+            self._exchange.set_sandbox_mode(True)  # api-testnet.bybit.com
+        super()._configure_urls()
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            native_trailing_stop=True,
+            callback_rate_min=CALLBACK_RATE_MIN,
+            callback_rate_max=CALLBACK_RATE_MAX,
+            attach_stop_to_entry=True,  # order/create takes stopLoss: the position is born with its stop
+            max_conditional_orders=10_000,  # position-level stops are not orders on Bybit
+            order_rate_budgets=BYBIT_DEFAULT_BUDGETS,
+            request_budgets=BYBIT_REQUEST_BUDGETS,
+        )
+
+    def _request_costs(self, method: str, path: str, params: Mapping[str, Any]) -> dict[str, int]:
+        costs = {bybit_limits.IP_BUDGET_KEY: 1}
+        if path in bybit_limits.ENDPOINT_LIMITS_PER_SECOND:
+            costs[path] = 1
+        return costs
+
+    def _observe_limits(self, method: str, path: str, headers: Mapping[str, str]) -> None:
+        assert self._pacing is not None
+        lowered = {key.lower(): value for key, value in headers.items()}
+        limit = lowered.get(bybit_limits.LIMIT_HEADER.lower())
+        left = lowered.get(bybit_limits.LIMIT_STATUS_HEADER.lower())
+        if limit is not None and left is not None and path in bybit_limits.ENDPOINT_LIMITS_PER_SECOND:
+            self._pacing.requests.observe(path, max(0, int(limit) - int(left)), limit=int(limit))
+
+    async def load_markets(self) -> Mapping[str, Market]:
+        loaded = await self._call(self._exchange.load_markets(True), mutating=False)
+        markets: dict[str, Market] = {}
+        pairs: dict[str, str] = {}
+        for unified, market in loaded.items():
+            raw = market.get("info") or {}
+            if not (market.get("linear") and market.get("swap") and market.get("settle") == "USDT"):
+                continue
+            if raw.get("status", "Trading") != "Trading":
+                continue
+            price_filter = raw.get("priceFilter") or {}
+            lot = raw.get("lotSizeFilter") or {}
+            tick, step = _positive(price_filter.get("tickSize")), _positive(lot.get("qtyStep"))
+            if tick is None or step is None:
+                continue
+            leverage = _decimal((raw.get("leverageFilter") or {}).get("maxLeverage"), Decimal(1))
+            symbol = str(raw.get("symbol"))
+            markets[symbol] = Market(
+                symbol=symbol,
+                base_asset=str(raw.get("baseCoin", market.get("base", ""))),
+                quote_asset=str(raw.get("quoteCoin", market.get("quote", ""))),
+                tick_size=tick,
+                step_size=step,
+                min_quantity=max(_positive(lot.get("minOrderQty")) or step, step),
+                min_notional=_decimal(lot.get("minNotionalValue"), _ZERO),  # type: ignore[arg-type]
+                max_leverage=max(1, int(leverage)),  # type: ignore[arg-type]
+            )
+            pairs[symbol] = unified
+        self._markets = markets
+        self._symbols = SymbolMap(pairs)
+        if self._hedge_mode is None and markets:
+            # The position mode, once, before any entry: a symbol's rows say it even when flat (one row
+            # in one-way mode, two in hedge mode). Otherwise a wave's first entries would each ask.
+            try:
+                await self._position_rows(min(markets))
+            except ExchangeError as error:  # best effort: the first entry asks again
+                logger.info("%s: position mode not read at start (%s)", self.kind, error)
+        return dict(markets)
+
+    async def fetch_mark_prices(self, symbols: Collection[str] | None = None) -> dict[str, MarkPrice]:
+        await self._ensure_markets()
+        wanted = None if symbols is None else set(symbols)
+        request: dict[str, Any] = {"category": "linear"}
+        if wanted is not None and len(wanted) == 1:
+            request["symbol"] = next(iter(wanted))
+        answer = await self._call(self._exchange.publicGetV5MarketTickers(request), mutating=False)
+        stamp = _seconds(answer.get("time"), time.time())
+        marks = {}
+        for row in (answer.get("result") or {}).get("list", []):
+            symbol, price = row.get("symbol"), _positive(row.get("markPrice"))
+            if symbol in self._markets and price is not None and (wanted is None or symbol in wanted):
+                marks[symbol] = MarkPrice(symbol, price, stamp)
+        return marks
+
+    async def fetch_balance(self) -> Balance:
+        answer = await self._call(
+            self._exchange.privateGetV5AccountWalletBalance({"accountType": "UNIFIED", "coin": "USDT"}),
+            mutating=False,
+        )
+        for account in (answer.get("result") or {}).get("list", []):
+            for coin in account.get("coin", []):
+                if coin.get("coin") == "USDT":
+                    wallet = _decimal(coin.get("walletBalance"), _ZERO)
+                    unrealized = _decimal(coin.get("unrealisedPnl"), _ZERO)
+                    available = _decimal(account.get("totalAvailableBalance"), None)
+                    if available is None:
+                        available = _decimal(coin.get("availableToWithdraw"), _ZERO)
+                    return Balance("USDT", wallet, unrealized, available)  # type: ignore[arg-type]
+        return Balance("USDT", _ZERO, _ZERO, _ZERO)
+
+    async def _position_rows(self, symbol: str | None = None) -> list[Mapping[str, Any]]:
+        """Every open position (all pages: the default page holds 20), or the symbol's."""
+        request: dict[str, Any] = {"category": "linear", "limit": _POSITION_PAGE}
+        if symbol is None:
+            request["settleCoin"] = "USDT"
+        else:
+            request["symbol"] = symbol
+        rows: list[Mapping[str, Any]] = []
+        while True:
+            answer = await self._call(
+                self._exchange.privateGetV5PositionList(dict(request)), mutating=False, symbol=symbol
+            )
+            result = answer.get("result") or {}
+            rows.extend(result.get("list", []))
+            cursor = result.get("nextPageCursor")
+            if not cursor:
+                break
+            request["cursor"] = cursor
+        if rows:  # empty rows say the mode too (positionIdx 1/2 in hedge mode)
+            self._hedge_mode = any(int(row.get("positionIdx", 0) or 0) != 0 for row in rows)
+        return [row for row in rows if _decimal(row.get("size"), _ZERO)]
+
+    async def _stop_order_rows(self, symbol: str | None) -> list[Mapping[str, Any]]:
+        """The system-created orders behind the position stops (`orderFilter=StopOrder`), all pages."""
+        request: dict[str, Any] = {"category": "linear", "orderFilter": "StopOrder", "limit": _ORDER_PAGE}
+        if symbol is None:
+            request["settleCoin"] = "USDT"
+        else:
+            request["symbol"] = symbol
+        rows: list[Mapping[str, Any]] = []
+        while True:
+            answer = await self._call(
+                self._exchange.privateGetV5OrderRealtime(dict(request)), mutating=False, symbol=symbol
+            )
+            result = answer.get("result") or {}
+            rows.extend(
+                row
+                for row in result.get("list", [])
+                if row.get("stopOrderType") in ("StopLoss", "TrailingStop")
+                and row.get("orderStatus") in ("Untriggered", "New", "Active")
+            )
+            cursor = result.get("nextPageCursor")
+            if not cursor:
+                return rows
+            request["cursor"] = cursor
+
+    async def fetch_positions(self, symbol: str | None = None) -> list[VenuePosition]:
+        await self._ensure_markets()
+        positions = []
+        for row in await self._position_rows(symbol):
+            symbol = row.get("symbol")
+            if symbol not in self._markets:
+                continue
+            positions.append(
+                VenuePosition(
+                    symbol=symbol,
+                    side=PositionSide.LONG if row.get("side") == "Buy" else PositionSide.SHORT,
+                    quantity=_decimal(row.get("size"), _ZERO),  # type: ignore[arg-type]
+                    entry_price=_decimal(row.get("avgPrice"), _ZERO),  # type: ignore[arg-type]
+                    mark_price=_decimal(row.get("markPrice"), _ZERO),  # type: ignore[arg-type]
+                    unrealized_pnl=_decimal(row.get("unrealisedPnl"), _ZERO),  # type: ignore[arg-type]
+                    leverage=int(_decimal(row.get("leverage"), Decimal(1))),  # type: ignore[arg-type]
+                    updated_at=_seconds(row.get("updatedTime"), time.time()),
+                )
+            )
+        return positions
+
+    async def fetch_open_protective_orders(self, symbol: str | None = None) -> list[Order]:
+        """Our stops the venue holds: the positions' stop fields, with the stop orders behind them (which
+        carry the venue's order id and a trailing stop's current trigger level)."""
+        await self._ensure_markets()
+        rows = await self._position_rows(symbol)
+        listed = []
+        for stop in list(self._stops.values()):
+            if stop.status is not OrderStatus.NEW or not stop.confirmed or stop.symbol not in self._markets:
+                continue
+            if symbol is not None and stop.symbol != symbol:
+                continue
+            row = _row_closed_by(rows, stop.symbol, stop.side)
+            if row is not None and _positive(row.get(_FIELD[stop.type])):
+                listed.append(stop)
+        if any(not stop.venue_order_id for stop in listed):  # the venue's ids, read once per stop
+            stop_rows = await self._stop_order_rows(symbol)
+            for stop in listed:
+                if not stop.venue_order_id:
+                    self._attach_venue_order(stop, stop_rows)
+        return [self._snapshot(stop) for stop in listed]
+
+    async def set_leverage(self, symbol: str, leverage: int) -> int:
+        await self._ensure_markets()
+        market = self._market(symbol)
+        if not 1 <= leverage <= market.max_leverage:
+            raise Rejected(
+                RejectCode.INVALID_LEVERAGE, f"leverage {leverage} outside 1..{market.max_leverage}"
+            )
+        try:
+            await self._call(
+                self._exchange.privatePostV5PositionSetLeverage(
+                    {
+                        "category": "linear",
+                        "symbol": symbol,
+                        "buyLeverage": str(leverage),
+                        "sellLeverage": str(leverage),
+                    }
+                ),
+                mutating=True,
+                symbol=symbol,
+            )
+        except Rejected as refused:
+            if refused.code != 110043:  # "leverage not modified": already set
+                raise
+        return leverage
+
+    async def create_market_order(
+        self,
+        symbol: str,
+        side: OrderSide,
+        quantity: Decimal,
+        *,
+        client_order_id: str,
+        reduce_only: bool = False,
+    ) -> Order:
+        await self._check_order(symbol, quantity, client_order_id)
+        if self._hedge_mode is None:
+            # The account's position mode decides positionIdx; a symbol's rows say it even when flat (in
+            # hedge mode two empty rows, positionIdx 1 and 2), so a first entry does not guess one-way.
+            await self._position_rows(symbol)
+        request = {
+            "category": "linear",
+            "symbol": symbol,
+            "side": "Buy" if side is OrderSide.BUY else "Sell",
+            "orderType": "Market",
+            "qty": _wire(quantity),
+            "orderLinkId": client_order_id,
+            "positionIdx": self._position_idx(side, reduce_only),
+        }
+        if reduce_only:
+            request["reduceOnly"] = True
+        await self._call(
+            self._exchange.privatePostV5OrderCreate(request),
+            mutating=True,
+            symbol=symbol,
+            client_order_id=client_order_id,
+        )
+        return await self._fetch_regular(symbol, client_order_id)
+
+    async def create_market_order_with_stop(
+        self,
+        symbol: str,
+        side: OrderSide,
+        quantity: Decimal,
+        stop_price: Decimal,
+        *,
+        client_order_id: str,
+        stop_client_order_id: str,
+    ) -> Order:
+        """The entry with its hard stop on it (`stopLoss`, `slTriggerBy=MarkPrice`, `tpslMode=Full`): the
+        position never exists without it. The stop is then ours under `stop_client_order_id`."""
+        await self._check_order(symbol, quantity, client_order_id, ("stop price", stop_price))
+        self._require_client_order_id(stop_client_order_id)
+        self._require_unused(stop_client_order_id)
+        if self._hedge_mode is None:
+            await self._position_rows(symbol)
+        stop = _PositionStop(
+            stop_client_order_id,
+            symbol,
+            side.opposite,
+            OrderType.STOP_MARKET,
+            quantity,
+            stop_price,
+            None,
+            None,
+            None,
+            time.time(),
+            confirmed=False,  # until the entry is known filled: then the position carries it
+        )
+        self._stops[stop_client_order_id] = stop
+        request: dict[str, Any] = {
+            "category": "linear",
+            "symbol": symbol,
+            "side": "Buy" if side is OrderSide.BUY else "Sell",
+            "orderType": "Market",
+            "qty": _wire(quantity),
+            "orderLinkId": client_order_id,
+            "positionIdx": self._position_idx(side, reduce_only=False),
+            "stopLoss": _wire(stop_price),
+            "slTriggerBy": "MarkPrice",
+            "tpslMode": "Full",
+        }
+        try:
+            await self._call(
+                self._exchange.privatePostV5OrderCreate(request),
+                mutating=True,
+                symbol=symbol,
+                client_order_id=client_order_id,
+            )
+        except OutcomeUnknown:
+            raise  # the stop stays unconfirmed: the position says whether it came with it
+        except ExchangeError:
+            del self._stops[stop_client_order_id]
+            raise
+        order = await self._fetch_regular(symbol, client_order_id)
+        if order.status is OrderStatus.FILLED:
+            stop.confirmed, stop.quantity, stop.updated_at = True, order.filled_quantity, time.time()
+            self._remember(stop)
+        return order
+
+    async def create_stop_market_order(
+        self,
+        symbol: str,
+        side: OrderSide,
+        quantity: Decimal,
+        stop_price: Decimal,
+        *,
+        client_order_id: str,
+    ) -> Order:
+        await self._check_order(symbol, quantity, client_order_id, ("stop price", stop_price))
+        self._require_unused(client_order_id)
+        row = await self._protected_row(symbol, side)
+        now = time.time()
+        stop = _PositionStop(
+            client_order_id, symbol, side, OrderType.STOP_MARKET, quantity, stop_price, None, None, None, now
+        )
+        if _decimal(row.get("stopLoss")) == stop_price:
+            # The position holds this stop already (sent by us before a restart, or by a call whose answer
+            # was lost): take it as ours. Sending it again would only earn 34040.
+            return self._adopted(stop, row)
+        request = {
+            "category": "linear",
+            "symbol": symbol,
+            "tpslMode": "Full",
+            "stopLoss": _wire(stop_price),
+            "slTriggerBy": "MarkPrice",
+            "positionIdx": self._position_idx(side, reduce_only=True),
+        }
+        return await self._set_position_stop(stop, request)
+
+    async def create_trailing_stop_order(
+        self,
+        symbol: str,
+        side: OrderSide,
+        quantity: Decimal,
+        callback_rate: Decimal,
+        *,
+        client_order_id: str,
+        activation_price: Decimal | None = None,
+    ) -> Order:
+        await self._ensure_markets()
+        market = self._market(symbol)
+        self._require_grid(market, quantity, ("activation price", activation_price))
+        self._require_client_order_id(client_order_id)
+        self._require_callback(callback_rate)
+        self._require_unused(client_order_id)
+        row = await self._protected_row(symbol, side)
+        now = time.time()
+        live = _positive(row.get("trailingStop"))
+        if live is not None and not any(
+            other.type is OrderType.TRAILING_STOP_MARKET and other.status is OrderStatus.NEW
+            for other in self._stops_for(symbol)
+        ):
+            # A trailing stop is working on the position and we hold none in memory (a restart, or a lost
+            # answer): take it as ours. Sending one again would restart its high-water mark on Bybit and give
+            # back the profit it has locked in.
+            stop = _PositionStop(
+                client_order_id,
+                symbol,
+                side,
+                OrderType.TRAILING_STOP_MARKET,
+                quantity,
+                None,
+                activation_price,
+                callback_rate,
+                live,
+                now,
+            )
+            return self._adopted(stop, row)
+        reference = activation_price
+        if reference is None:
+            marks = await self.fetch_mark_prices([symbol])
+            if symbol not in marks:
+                raise Retryable(f"{self.kind} {symbol}: no mark price to size the trailing distance")
+            reference = marks[symbol].price
+        # Bybit trails by a price distance: the callback percent of the price it arms at, on the tick grid.
+        distance = max(market.round_price(reference * callback_rate / 100, ROUND_HALF_UP), market.tick_size)
+        request: dict[str, Any] = {
+            "category": "linear",
+            "symbol": symbol,
+            "tpslMode": "Full",
+            "trailingStop": _wire(distance),
+            "positionIdx": self._position_idx(side, reduce_only=True),
+        }
+        if activation_price is not None:
+            request["activePrice"] = _wire(activation_price)
+        stop = _PositionStop(
+            client_order_id,
+            symbol,
+            side,
+            OrderType.TRAILING_STOP_MARKET,
+            quantity,
+            None,
+            activation_price,
+            callback_rate,
+            distance,
+            now,
+        )
+        return await self._set_position_stop(stop, request)
+
+    async def cancel_order(self, symbol: str, client_order_id: str) -> Order:
+        await self._ensure_markets()
+        stop = await self._stop_for(symbol, client_order_id)
+        if stop is None:
+            return await self._fetch_regular(symbol, client_order_id)
+        current = await self._resolve(stop)
+        if not current.is_open:
+            return current
+        try:
+            await self._call(
+                self._exchange.privatePostV5PositionTradingStop(
+                    {
+                        "category": "linear",
+                        "symbol": symbol,
+                        "tpslMode": "Full",
+                        _FIELD[stop.type]: "0",  # 0 removes the stop
+                        "positionIdx": self._position_idx(stop.side, reduce_only=True),
+                    }
+                ),
+                mutating=True,
+                symbol=symbol,
+                client_order_id=client_order_id,
+            )
+        except Rejected as refused:
+            if refused.code != _NOT_MODIFIED:  # already gone: what became of it is read below
+                raise
+            return await self._resolve(stop)
+        stop.status, stop.updated_at = OrderStatus.CANCELED, time.time()
+        return self._snapshot(stop)
+
+    async def fetch_order(self, symbol: str, client_order_id: str) -> Order:
+        await self._ensure_markets()
+        stop = await self._stop_for(symbol, client_order_id)
+        if stop is not None:
+            return await self._resolve(stop)
+        return await self._fetch_regular(symbol, client_order_id)
+
+    # ---- Bybit internals --------------------------------------------------------------------------------
+
+    def _position_idx(self, side: OrderSide, reduce_only: bool) -> int:
+        """0 in one-way mode; in hedge mode 1 (long side) / 2 (short side) of the position concerned."""
+        if not self._hedge_mode:
+            return 0
+        buys_long = side is OrderSide.BUY
+        long_position = buys_long != reduce_only
+        return 1 if long_position else 2
+
+    def _require_unused(self, client_order_id: str) -> None:
+        """An id is refused while a stop under it may be live; once its stop has ended it is free again."""
+        held = self._stops.get(client_order_id)
+        if held is not None and held.status is OrderStatus.NEW:
+            raise DuplicateClientOrderId(client_order_id)
+
+    async def _protected_row(self, symbol: str, side: OrderSide) -> Mapping[str, Any]:
+        """The position a stop of `side` would close; refused when there is none or it would grow it."""
+        rows = await self._position_rows(symbol)
+        if not rows:
+            raise Rejected(RejectCode.REDUCE_ONLY_REJECTED, f"{self.kind} {symbol}: no position to protect")
+        row = _row_closed_by(rows, symbol, side)
+        if row is None:
+            raise Rejected(
+                RejectCode.REDUCE_ONLY_REJECTED,
+                f"{self.kind} {symbol}: a {side.value} stop would increase the position, not close it",
+            )
+        return row
+
+    async def _set_position_stop(self, stop: _PositionStop, request: Mapping[str, Any]) -> Order:
+        """Send a position stop; an answer lost leaves it remembered as unconfirmed (found or not later)."""
+        stop.confirmed = False
+        self._stops[stop.client_order_id] = stop
+        try:
+            await self._call(
+                self._exchange.privatePostV5PositionTradingStop(dict(request)),
+                mutating=True,
+                symbol=stop.symbol,
+                client_order_id=stop.client_order_id,
+            )
+        except OutcomeUnknown:
+            raise
+        except Rejected as refused:
+            if refused.code != _NOT_MODIFIED:
+                del self._stops[stop.client_order_id]
+                raise
+            # 34040: the position holds exactly these values already; the stop is there.
+        except ExchangeError:
+            del self._stops[stop.client_order_id]
+            raise
+        stop.confirmed, stop.updated_at = True, time.time()
+        self._remember(stop)
+        return self._snapshot(stop)
+
+    def _adopted(self, stop: _PositionStop, row: Mapping[str, Any]) -> Order:
+        stop.quantity = _decimal(row.get("size"), stop.quantity) or stop.quantity
+        stop.updated_at = stop.created_at
+        self._remember(stop)
+        logger.info(
+            "%s %s: adopted the position's live %s as %s",
+            self.kind,
+            stop.symbol,
+            _FIELD[stop.type],
+            stop.client_order_id,
+        )
+        return self._snapshot(stop)
+
+    def _remember(self, stop: _PositionStop) -> None:
+        # A new position stop of a kind replaces the previous one of that kind on the same position.
+        for other in self._stops_for(stop.symbol):
+            if other is not stop and other.type is stop.type and other.status is OrderStatus.NEW:
+                other.status, other.updated_at = OrderStatus.CANCELED, stop.created_at
+        self._stops[stop.client_order_id] = stop
+
+    def _stops_for(self, symbol: str) -> list[_PositionStop]:
+        return [stop for stop in self._stops.values() if stop.symbol == symbol]
+
+    async def _stop_for(self, symbol: str, client_order_id: str) -> _PositionStop | None:
+        """The stop under this id: remembered, or (a new process) the position's live stop of the kind the
+        id names, when no other id of ours holds it. None: not a position stop we can name."""
+        stop = self._stops.get(client_order_id)
+        if stop is not None:
+            return stop if stop.symbol == symbol else None
+        match = _STOP_KIND_IN_ID.search(client_order_id)
+        if match is None:
+            return None
+        order_type = OrderType.STOP_MARKET if match.group(1) == "sl" else OrderType.TRAILING_STOP_MARKET
+        if any(o.type is order_type and o.status is OrderStatus.NEW for o in self._stops_for(symbol)):
+            return None
+        held = [row for row in await self._position_rows(symbol) if _positive(row.get(_FIELD[order_type]))]
+        if len(held) != 1:
+            return None  # nothing of that kind on the venue (or one per side in hedge mode: which is ours?)
+        row = held[0]
+        value = _positive(row.get(_FIELD[order_type]))
+        side = OrderSide.SELL if row.get("side") == "Buy" else OrderSide.BUY
+        stop = _PositionStop(
+            client_order_id,
+            symbol,
+            side,
+            order_type,
+            _decimal(row.get("size"), _ZERO),  # type: ignore[arg-type]
+            value if order_type is OrderType.STOP_MARKET else None,
+            None,
+            None,
+            value if order_type is OrderType.TRAILING_STOP_MARKET else None,
+            time.time(),
+        )
+        self._attach_venue_order(stop, await self._stop_order_rows(symbol))
+        self._adopted(stop, row)
+        return stop
+
+    def _attach_venue_order(self, stop: _PositionStop, stop_rows: list[Mapping[str, Any]]) -> None:
+        """The venue's order behind our stop: its id, when it was made, a trailing stop's current level."""
+        for row in stop_rows:
+            if row.get("symbol") == stop.symbol and row.get("stopOrderType") == _STOP_ORDER_TYPE[stop.type]:
+                stop.venue_order_id = str(row.get("orderId") or stop.venue_order_id)
+                stop.created_at = min(stop.created_at, _seconds(row.get("createdTime"), stop.created_at))
+                if stop.type is OrderType.TRAILING_STOP_MARKET:
+                    stop.stop_price = _positive(row.get("triggerPrice"))
+                return
+
+    async def _resolve(self, stop: _PositionStop) -> Order:
+        """The stop's state from the venue: on the position → working; gone → filled if the venue has an
+        execution of it (with its price), else cancelled (the position was closed otherwise, or the stop
+        removed); an unconfirmed stop the position never showed was never set (NotFound)."""
+        if stop.status is not OrderStatus.NEW:
+            return self._snapshot(stop)
+        row = _row_closed_by(await self._position_rows(stop.symbol), stop.symbol, stop.side)
+        value = _positive(row.get(_FIELD[stop.type])) if row is not None else None
+        expected = stop.stop_price if stop.type is OrderType.STOP_MARKET else stop.distance
+        if value is not None and (stop.confirmed or value == expected):
+            stop.confirmed = True
+            return self._snapshot(stop)
+        fill = await self._stop_fill(stop)
+        if fill is None and not stop.confirmed:
+            del self._stops[stop.client_order_id]
+            raise NotFound(stop.symbol, stop.client_order_id)
+        stop.confirmed, stop.updated_at = True, time.time()
+        if fill is None:
+            stop.status = OrderStatus.CANCELED
+        else:
+            stop.status, (stop.filled_quantity, stop.average_price, stop.venue_order_id) = (
+                OrderStatus.FILLED,
+                fill,
+            )
+        return self._snapshot(stop)
+
+    async def _stop_fill(self, stop: _PositionStop) -> tuple[Decimal, Decimal, str] | None:
+        """The venue's execution of this stop since it was set: (quantity, average price, order id)."""
+        answer = await self._call(
+            self._exchange.privateGetV5ExecutionList(
+                {"category": "linear", "symbol": stop.symbol, "limit": _EXECUTION_PAGE}
+            ),
+            mutating=False,
+            symbol=stop.symbol,
+            client_order_id=stop.client_order_id,
+        )
+        since_ms = int(stop.created_at * 1000) - 1000  # the venue's clock against ours: a second of slack
+        fills: dict[str, list[tuple[Decimal, Decimal]]] = {}
+        for row in (answer.get("result") or {}).get("list", []):
+            if (
+                row.get("stopOrderType") != _STOP_ORDER_TYPE[stop.type]
+                or row.get("execType", "Trade") != "Trade"
+            ):
+                continue
+            if int(row.get("execTime") or 0) < since_ms:
+                continue
+            qty, price = _positive(row.get("execQty")), _positive(row.get("execPrice"))
+            if qty is not None and price is not None:
+                fills.setdefault(str(row.get("orderId", "")), []).append((qty, price))
+        if not fills:
+            return None
+        order_id, parts = next(iter(fills.items()))  # newest first: the latest execution of this kind
+        total = sum((qty for qty, _ in parts), _ZERO)
+        average = sum((qty * price for qty, price in parts), _ZERO) / total
+        return total, average, order_id
+
+    def _snapshot(self, stop: _PositionStop) -> Order:
+        return Order(
+            client_order_id=stop.client_order_id,
+            venue_order_id=stop.venue_order_id
+            or f"{stop.symbol}:{'sl' if stop.type is OrderType.STOP_MARKET else 'ts'}:{int(stop.created_at * 1e6)}",
+            symbol=stop.symbol,
+            side=stop.side,
+            type=stop.type,
+            status=stop.status,
+            quantity=stop.quantity,
+            filled_quantity=stop.filled_quantity if stop.status is OrderStatus.FILLED else _ZERO,
+            average_price=stop.average_price if stop.status is OrderStatus.FILLED else None,
+            reduce_only=True,
+            stop_price=stop.stop_price,
+            activation_price=stop.activation_price,
+            callback_rate=stop.callback_rate,
+            created_at=stop.created_at,
+            updated_at=stop.updated_at or stop.created_at,
+        )
+
+    async def _fetch_regular(self, symbol: str, client_order_id: str) -> Order:
+        request = {"category": "linear", "symbol": symbol, "orderLinkId": client_order_id}
+        for method in (self._exchange.privateGetV5OrderRealtime, self._exchange.privateGetV5OrderHistory):
+            answer = await self._call(
+                method(request), mutating=False, symbol=symbol, client_order_id=client_order_id
+            )
+            rows = (answer.get("result") or {}).get("list", [])
+            if rows:
+                return _bybit_order(rows[0])
+        raise NotFound(symbol, client_order_id)
+
+
+def _row_closed_by(rows: list[Mapping[str, Any]], symbol: str, side: OrderSide) -> Mapping[str, Any] | None:
+    """The open position of `symbol` that an order of `side` reduces (a SELL reduces the long one)."""
+    wanted = "Buy" if side is OrderSide.SELL else "Sell"
+    return next((row for row in rows if row.get("symbol") == symbol and row.get("side") == wanted), None)
+
+
+_BYBIT_ORDER_STATUS = {
+    "New": OrderStatus.NEW,
+    "PartiallyFilled": OrderStatus.NEW,
+    "Untriggered": OrderStatus.NEW,
+    "Created": OrderStatus.NEW,
+    "Filled": OrderStatus.FILLED,
+    "Cancelled": OrderStatus.CANCELED,
+    "PartiallyFilledCanceled": OrderStatus.CANCELED,
+    "Deactivated": OrderStatus.CANCELED,
+    "Rejected": OrderStatus.EXPIRED,
+    "Triggered": OrderStatus.NEW,
+}
+
+
+def _bybit_order(row: Mapping[str, Any]) -> Order:
+    filled = _decimal(row.get("cumExecQty"), _ZERO)
+    created = _seconds(row.get("createdTime"), time.time())
+    return Order(
+        client_order_id=str(row.get("orderLinkId", "")),
+        venue_order_id=str(row.get("orderId", "")),
+        symbol=str(row.get("symbol", "")),
+        side=OrderSide.BUY if row.get("side") == "Buy" else OrderSide.SELL,
+        type=OrderType.MARKET,
+        status=_BYBIT_ORDER_STATUS.get(str(row.get("orderStatus", "")), OrderStatus.NEW),
+        quantity=_decimal(row.get("qty"), _ZERO),  # type: ignore[arg-type]
+        filled_quantity=filled,  # type: ignore[arg-type]
+        average_price=_positive(row.get("avgPrice")) if filled else None,
+        reduce_only=bool(row.get("reduceOnly", False)),
+        stop_price=None,
+        activation_price=None,
+        callback_rate=None,
+        created_at=created,
+        updated_at=_seconds(row.get("updatedTime"), created),
+    )
+
+
+__all__ = ["BYBIT_DEFAULT_BUDGETS", "BYBIT_REQUEST_BUDGETS", "BybitLinearVenue"]

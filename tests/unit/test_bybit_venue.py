@@ -1,0 +1,304 @@
+"""The Bybit adapter (`BybitLinearVenue`, real ccxt, real HTTP, real signing) against the Bybit v5 emulator:
+the defects of issue 12, each staged the way Bybit behaves.
+
+A "restart" is a second adapter instance on the same emulator: it shares nothing with the first but the
+venue, as a new engine process would."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from decimal import ROUND_UP, Decimal
+from typing import Any
+
+import aiohttp
+import pytest
+
+from engine.exchange import (
+    Banned,
+    NotFound,
+    OrderSide,
+    OrderStatus,
+    OrderType,
+    OutcomeUnknown,
+    Retryable,
+    WouldTriggerImmediately,
+)
+from engine.exchange.port import AttachesStopToEntry
+from engine.venues.bybit_emulator import BybitEmulator, BybitLimiter, running
+from engine.venues.bybit_venue import BybitLinearVenue
+from engine.venues.ccxt_venue import CcxtVenueConfig
+from engine.venues.sim import SimVenueSettings
+
+KEY, SECRET = "bybit-venue-key", "bybit-venue-secret"
+SYMBOL = "SFPUSDT"  # starts at 0.4500, tick 0.0001, step 1
+QTY = Decimal("100")
+SL = "tsbabc123-1-sl0"  # the engine's id scheme: …-sl<n> a hard stop, …-ts<n> a trailing stop
+TS = "tsbabc123-1-ts0"
+
+
+@dataclass
+class Venue:
+    emulator: BybitEmulator
+    url: str
+    control: aiohttp.ClientSession
+
+    def adapter(self, timeout: float = 5.0) -> BybitLinearVenue:
+        return BybitLinearVenue(
+            CcxtVenueConfig(
+                kind="bybit",
+                api_key=KEY,
+                api_secret=SECRET,
+                base_url=self.url,
+                request_timeout_seconds=timeout,
+            )
+        )
+
+    async def post(self, path: str, **body: Any) -> dict[str, Any]:
+        async with self.control.post(f"{self.url}/_sim/{path}", json=body) as response:
+            assert response.status == 200, await response.text()
+            return await response.json()
+
+    async def state(self) -> dict[str, Any]:
+        async with self.control.get(f"{self.url}/_sim/state") as response:
+            return await response.json()
+
+
+@asynccontextmanager
+async def bybit_venue(limiter: BybitLimiter | None = None, **settings: Any) -> AsyncIterator[Venue]:
+    options: dict[str, Any] = {"seed": 7, "volatility": 0.0, "symbols": [SYMBOL, "BTCUSDT"]}
+    options.update(settings)
+    emulator = BybitEmulator(
+        SimVenueSettings(**options), api_key=KEY, api_secret=SECRET, control=True, limiter=limiter
+    )
+    async with running(emulator) as url, aiohttp.ClientSession() as control:
+        yield Venue(emulator, url, control)
+
+
+@asynccontextmanager
+async def connected(venue: Venue) -> AsyncIterator[BybitLinearVenue]:
+    adapter = venue.adapter()
+    await adapter.connect()
+    try:
+        await adapter.load_markets()
+        yield adapter
+    finally:
+        await adapter.close()
+
+
+async def protected_long(adapter: BybitLinearVenue) -> None:
+    await adapter.create_market_order(SYMBOL, OrderSide.BUY, QTY, client_order_id="tsbabc123-1-en0")
+    await adapter.create_stop_market_order(SYMBOL, OrderSide.SELL, QTY, Decimal("0.4000"), client_order_id=SL)
+    await adapter.create_trailing_stop_order(SYMBOL, OrderSide.SELL, QTY, Decimal("2"), client_order_id=TS)
+
+
+# ---- defect 1: stops are found after a restart, never blindly resent --------------------------------------
+
+
+async def test_after_a_restart_the_stops_are_found_on_the_venue() -> None:
+    async with bybit_venue() as venue:
+        async with connected(venue) as before:
+            await protected_long(before)
+        async with connected(venue) as after:  # a new process: nothing in memory
+            stop = await after.fetch_order(SYMBOL, SL)
+            trailing = await after.fetch_order(SYMBOL, TS)
+            listed = sorted(o.client_order_id for o in await after.fetch_open_protective_orders(SYMBOL))
+
+    assert (stop.status, stop.type, stop.stop_price, stop.quantity) == (
+        OrderStatus.NEW,
+        OrderType.STOP_MARKET,
+        Decimal("0.4000"),
+        QTY,
+    )
+    assert (trailing.status, trailing.type) == (OrderStatus.NEW, OrderType.TRAILING_STOP_MARKET)
+    assert listed == [SL, TS]
+
+
+async def test_a_resend_after_a_restart_is_not_modified_and_counts_as_placed() -> None:
+    """Bybit answers 34040 "not modified" to the same stop sent again: the stop is there, not refused."""
+    async with bybit_venue() as venue:
+        async with connected(venue) as before:
+            await protected_long(before)
+        async with connected(venue) as after:
+            again = await after.create_stop_market_order(
+                SYMBOL, OrderSide.SELL, QTY, Decimal("0.4000"), client_order_id=SL
+            )
+            found = await after.fetch_order(SYMBOL, SL)
+
+    assert again.status is OrderStatus.NEW
+    assert (found.status, found.stop_price) == (OrderStatus.NEW, Decimal("0.4000"))
+
+
+async def test_a_restart_never_resets_the_trailing_stops_high_water_mark() -> None:
+    async with bybit_venue() as venue:
+        async with connected(venue) as before:
+            await protected_long(before)
+        await venue.post("mark", symbol=SYMBOL, price="0.4800")  # the trail locks in profit
+        await venue.post("mark", symbol=SYMBOL, price="0.4750")
+        locked = (await venue.state())["position_stops"][0]
+        async with connected(venue) as after:
+            # The engine, unsure, asks for a trailing stop again (a new generation, from today's mark).
+            await after.create_trailing_stop_order(
+                SYMBOL, OrderSide.SELL, QTY, Decimal("2"), client_order_id="tsbabc123-1-ts1"
+            )
+        kept = (await venue.state())["position_stops"][0]
+
+    assert locked["extreme"] == "0.4800"
+    assert (kept["extreme"], kept["trailingTrigger"]) == (locked["extreme"], locked["trailingTrigger"])
+
+
+# ---- defect 2: "stop already crossed" on trading-stop is 10001 naming the base price -------------------
+
+
+async def test_a_stop_already_crossed_would_trigger_immediately() -> None:
+    async with bybit_venue() as venue, connected(venue) as adapter:
+        await adapter.create_market_order(SYMBOL, OrderSide.BUY, QTY, client_order_id="tsbabc123-2-en0")
+        with pytest.raises(WouldTriggerImmediately):
+            await adapter.create_stop_market_order(
+                SYMBOL, OrderSide.SELL, QTY, Decimal("0.4600"), client_order_id="tsbabc123-2-sl0"
+            )
+        await venue.post("last", symbol=SYMBOL, price="0.4300")  # a wick below the stop on the last price
+        with pytest.raises(WouldTriggerImmediately):
+            await adapter.create_stop_market_order(
+                SYMBOL, OrderSide.SELL, QTY, Decimal("0.4400"), client_order_id="tsbabc123-2-sl1"
+            )
+
+
+# ---- defect 3: every position, past the first page ---------------------------------------------------------
+
+
+async def test_positions_past_the_first_page_of_twenty_are_read() -> None:
+    limiter = BybitLimiter(endpoint_limits={})
+    async with bybit_venue(limiter, synthetic_listings=23) as venue, connected(venue) as adapter:
+        markets = await adapter.load_markets()
+        for index, (symbol, market) in enumerate(sorted(markets.items())):
+            price = venue.emulator.core.mark(symbol)
+            qty = max(market.min_quantity, market.round_quantity(market.min_notional * 2 / price, ROUND_UP))
+            await adapter.create_market_order(symbol, OrderSide.BUY, qty, client_order_id=f"page-{index}")
+        positions = await adapter.fetch_positions()
+
+    assert len(markets) > 20
+    assert sorted(p.symbol for p in positions) == sorted(markets)
+
+
+# ---- defect 4: HTTP 403 is a ban, not a retry --------------------------------------------------------------
+
+
+async def test_http_403_is_a_ban_not_a_retry() -> None:
+    async with bybit_venue(BybitLimiter(ip_requests_per_5_seconds=6)) as venue, connected(venue) as adapter:
+        raised: list[Exception] = []
+        for _ in range(10):
+            try:
+                await adapter.fetch_positions()
+            except (Banned, Retryable) as error:
+                raised.append(error)
+                break
+
+    assert raised
+    assert isinstance(raised[0], Banned)
+    assert raised[0].until - time.time() > 500  # Bybit's IP ban lasts ten minutes
+    assert not isinstance(raised[0], Retryable)
+
+
+# ---- defect 5: server error, clock drift, the real exit ------------------------------------------------------
+
+
+async def test_10016_on_a_placement_is_an_unknown_outcome_and_on_a_read_a_retry() -> None:
+    async with bybit_venue() as venue, connected(venue) as adapter:
+        await adapter.create_market_order(SYMBOL, OrderSide.BUY, QTY, client_order_id="tsbabc123-3-en0")
+        await venue.post("fault", call="create_order", fault="busy")
+        with pytest.raises(OutcomeUnknown):
+            await adapter.create_market_order(SYMBOL, OrderSide.BUY, QTY, client_order_id="tsbabc123-3-en1")
+        await venue.post("fault", call="fetch_positions", fault="busy")
+        with pytest.raises(Retryable):
+            await adapter.fetch_positions()
+
+
+async def test_clock_drift_is_corrected_from_the_venues_time() -> None:
+    async with bybit_venue() as venue:
+        await venue.post("skew", seconds=30)  # our clock is 30 s behind Bybit's
+        async with connected(venue) as adapter:
+            balance = await adapter.fetch_balance()
+
+    assert balance.wallet_balance == Decimal("10000")
+
+
+async def test_a_fired_stop_reports_its_real_fill_price() -> None:
+    async with bybit_venue() as venue, connected(venue) as adapter:
+        await protected_long(adapter)
+        await venue.post("mark", symbol=SYMBOL, price="0.3900")  # through both stops: one fires
+        stop = await adapter.fetch_order(SYMBOL, SL)
+        trailing = await adapter.fetch_order(SYMBOL, TS)
+
+    fired = stop if stop.status is OrderStatus.FILLED else trailing
+    other = trailing if fired is stop else stop
+    assert fired.status is OrderStatus.FILLED
+    assert fired.filled_quantity == QTY
+    assert fired.average_price is not None
+    assert Decimal("0.38") < fired.average_price < Decimal("0.40")
+    assert (other.status, other.filled_quantity) == (OrderStatus.CANCELED, 0)
+
+
+async def test_a_position_closed_by_hand_leaves_its_stops_cancelled_not_filled() -> None:
+    async with bybit_venue() as venue, connected(venue) as adapter:
+        await protected_long(adapter)
+        await adapter.create_market_order(
+            SYMBOL, OrderSide.SELL, QTY, client_order_id="tsbabc123-1-cl0", reduce_only=True
+        )
+        stop = await adapter.fetch_order(SYMBOL, SL)
+        trailing = await adapter.fetch_order(SYMBOL, TS)
+
+    assert (stop.status, stop.filled_quantity, stop.average_price) == (OrderStatus.CANCELED, 0, None)
+    assert (trailing.status, trailing.filled_quantity) == (OrderStatus.CANCELED, 0)
+
+
+# ---- beyond Binance: the entry carries the hard stop -------------------------------------------------------
+
+
+async def test_an_entry_can_carry_its_hard_stop_so_the_position_is_never_naked() -> None:
+    async with bybit_venue() as venue, connected(venue) as adapter:
+        assert adapter.capabilities().attach_stop_to_entry
+        assert isinstance(adapter, AttachesStopToEntry)
+        entry = await adapter.create_market_order_with_stop(
+            SYMBOL,
+            OrderSide.BUY,
+            QTY,
+            Decimal("0.4000"),
+            client_order_id="tsbabc123-4-en0",
+            stop_client_order_id="tsbabc123-4-sl0",
+        )
+        stop = await adapter.fetch_order(SYMBOL, "tsbabc123-4-sl0")
+        listed = [o.client_order_id for o in await adapter.fetch_open_protective_orders(SYMBOL)]
+        state = await venue.state()
+
+    assert (entry.status, entry.filled_quantity) == (OrderStatus.FILLED, QTY)
+    assert (stop.status, stop.type, stop.stop_price, stop.quantity) == (
+        OrderStatus.NEW,
+        OrderType.STOP_MARKET,
+        Decimal("0.4000"),
+        QTY,
+    )
+    assert listed == ["tsbabc123-4-sl0"]
+    assert state["stops_attached_to_entries"] == 1
+    assert state["position_stops"][0]["stopLoss"] == "0.4000"
+    assert "POST position/trading-stop" not in state["requests_by_endpoint"]  # no second round trip
+
+
+async def test_an_entry_whose_stop_is_already_crossed_is_refused_whole() -> None:
+    async with bybit_venue() as venue, connected(venue) as adapter:
+        with pytest.raises(WouldTriggerImmediately):
+            await adapter.create_market_order_with_stop(
+                SYMBOL,
+                OrderSide.BUY,
+                QTY,
+                Decimal("0.4600"),
+                client_order_id="tsbabc123-5-en0",
+                stop_client_order_id="tsbabc123-5-sl0",
+            )
+        positions = await adapter.fetch_positions()
+        with pytest.raises(NotFound):
+            await adapter.fetch_order(SYMBOL, "tsbabc123-5-sl0")
+
+    assert positions == []
