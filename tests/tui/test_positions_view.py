@@ -93,3 +93,25 @@ async def test_more_uncovered_than_the_view_holds_says_how_many_are_not_pinned()
         flat = " ".join(text.split())
         for symbol in SYMBOLS[50 : 50 + pinned]:
             assert f"! {symbol}" in flat
+
+
+async def test_a_resize_across_a_column_layout_with_pinned_rows_keeps_the_dashboard_running() -> None:
+    """Crossing a column layout (80 → 160 columns) rebuilt the table's columns, which emptied it while its
+    pinned-row count stayed: the next render looked up a pinned row that no longer existed (KeyError) and
+    ended the dashboard (seen in bench/tui_render.py at start-up)."""
+    settings = scenario_settings()
+    book = [book_position(i, s) for i, s in enumerate(SYMBOLS[:20])]
+    book += [book_position(100 + i, s, uncovered_for=60.0) for i, s in enumerate(SYMBOLS[50:54])]
+    feed = BookFeed(settings, book)
+    app = DashboardApp(settings, feed=feed, tz=UTC, code_roots=[])
+    async with app.run_test(size=(80, 24)) as pilot:
+        table = app.query_one(PositionsTable)
+        await wait_for(pilot, lambda: table.fixed_rows == 4, "the uncovered rows pinned")
+        for size in ((160, 48), (120, 40), (80, 24)):
+            await pilot.resize_terminal(*size)
+            await pilot.pause()
+            await wait_for(pilot, lambda: table.row_count == 24 and table.fixed_rows == 4, f"rows at {size}")
+            flat = " ".join(screen_text(app).split())
+            for symbol in SYMBOLS[50:54]:
+                assert f"! {symbol}" in flat, (size, flat)
+            assert "Positions 24 · 4 UNCOVERED" in flat

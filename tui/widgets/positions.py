@@ -120,6 +120,7 @@ class PositionsTable(DataTable[Text]):
         if self.error_width is not None and not self.narrow:
             columns = (*columns, (*ERROR_COLUMN, self.error_width))
         selected = self.selected_position_id()
+        self.fixed_rows = 0  # no row left to pin until the next frame adds them again
         self.clear(columns=True)
         self._cells.clear()
         self._views.clear()
