@@ -22,6 +22,8 @@ Measured:
   `lateness_p99_ratio` is the app phase's p99 over the headless p99 (both headless phases together);
 - CPU seconds of the process in each phase (time.process_time: what the app adds to the engine's work).
 
+`--engine-thread` runs the engine's ticks on an event loop of their own in another thread, in every
+phase: the "engine on its own thread" option, measured (tsbot-tui runs both on one loop).
 `--runs N` repeats the whole measurement N times in one invocation and reports each run and the medians.
 """
 
@@ -208,6 +210,17 @@ async def engine_ticks(feed: SyntheticFeed, per_second: int, seconds: float, see
     return lateness
 
 
+async def engine_phase(args: argparse.Namespace, feed: SyntheticFeed) -> list[float]:
+    """The engine's ticks on the app's event loop (as tsbot-tui runs it), or with `--engine-thread` on a
+    loop of their own in another thread: what that architecture would give (the GIL is then what the
+    two share)."""
+    if not args.engine_thread:
+        return await engine_ticks(feed, args.ticks_per_second, args.seconds, args.seed)
+    return await asyncio.to_thread(
+        lambda: asyncio.run(engine_ticks(feed, args.ticks_per_second, args.seconds, args.seed))
+    )
+
+
 def percentiles(values: list[float]) -> dict[str, float]:
     if not values:
         return {"p50_ms": 0.0, "p99_ms": 0.0, "max_ms": 0.0}
@@ -223,7 +236,7 @@ async def headless_phase(args: argparse.Namespace, settings: Settings) -> tuple[
     """The same load with no app: the engine's own lateness and CPU."""
     feed = SyntheticFeed(settings, args.positions, args.seed)
     cpu = time.process_time()
-    lateness = await engine_ticks(feed, args.ticks_per_second, args.seconds, args.seed)
+    lateness = await engine_phase(args, feed)
     return lateness, time.process_time() - cpu
 
 
@@ -245,7 +258,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         app.frame_seconds.clear()
         cells_before = table.cell_updates
         cpu = time.process_time()
-        lateness = await engine_ticks(feed, args.ticks_per_second, args.seconds, args.seed)
+        lateness = await engine_phase(args, feed)
         cpu_app = time.process_time() - cpu
         frames = list(app.frame_seconds)
         cells = table.cell_updates - cells_before
@@ -261,6 +274,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "seconds": args.seconds,
         "size": args.size,
         "refresh_per_second": args.fps,
+        "engine_thread": args.engine_thread,
         "frames": len(frames),
         "frame_paint": percentiles(frames),
         "cell_updates_per_frame": round(cells / max(1, len(frames))),
@@ -307,6 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fps", type=int, default=4, help="[tui] refresh_per_second")
     parser.add_argument("--size", default="160x48")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--engine-thread",
+        action="store_true",
+        help="run the engine's ticks on their own event loop in another thread (in every phase)",
+    )
     parser.add_argument("--runs", type=int, default=1, help="repeat the measurement; figures are medians")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args(argv)
