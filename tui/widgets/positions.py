@@ -25,7 +25,7 @@ from textual.coordinate import Coordinate
 from textual.events import Click
 from textual.strip import Strip
 from textual.widgets import DataTable
-from textual.widgets.data_table import ColumnKey, RowDoesNotExist, RowKey
+from textual.widgets.data_table import RowDoesNotExist, RowKey
 
 from engine.engine import PositionView
 from tui import formatting
@@ -101,9 +101,10 @@ class PositionsTable(DataTable[Text]):
         # Rendered lines and cells by row (see "rendering" below); a row's version moves when its cells do.
         self._row_versions: dict[str | None, int] = {}
         self._versions_given = 0
-        self._line_strips: dict[tuple[RowKey, int], tuple[tuple[object, ...], Strip]] = {}
+        # By row key: a row's slots go with it (one dict operation when 990 rows are filtered out).
+        self._line_strips: dict[str | None, dict[int, tuple[tuple[object, ...], Strip]]] = {}
         self._cell_lines: dict[
-            tuple[RowKey, ColumnKey], tuple[Text, tuple[object, ...], list[list[Segment]]]
+            str | None, dict[str | None, tuple[Text, tuple[object, ...], list[list[Segment]]]]
         ] = {}
         self.lines_rendered = 0  # since mount: table lines rendered anew (the rest came from the cache)
 
@@ -261,12 +262,12 @@ class PositionsTable(DataTable[Text]):
             row_index == hover_row,
             self._pseudo_class_state,
         )
-        slot = (row_key, line_in_row)
-        cached = self._line_strips.get(slot)
+        row_lines = self._line_strips.setdefault(row_key.value, {})
+        cached = row_lines.get(line_in_row)
         if cached is not None and cached[0] == key:
             return cached[1]
         strip = super()._render_line(y, x1, x2, base_style)
-        self._line_strips[slot] = (key, strip)
+        row_lines[line_in_row] = (key, strip)
         self.lines_rendered += 1
         return strip
 
@@ -333,8 +334,8 @@ class PositionsTable(DataTable[Text]):
             self._show_hover_cursor,
             self._pseudo_class_state,
         )
-        slot = (row_key, column_key)
-        cached = self._cell_lines.get(slot)
+        row_cells = self._cell_lines.setdefault(row_key.value, {})
+        cached = row_cells.get(column_key.value)
         # The very Text object rendered then (held by the slot, so its identity is its own).
         if cached is not None and cached[0] is cell and cached[1] == key:
             return cached[2]
@@ -342,7 +343,7 @@ class PositionsTable(DataTable[Text]):
             lines = self._render_plain_cell(cell, row_index, column_index, base_style, width, cursor, hover)
         else:
             lines = super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
-        self._cell_lines[slot] = (cell, key, lines)
+        row_cells[column_key.value] = (cell, key, lines)
         return lines
 
     def _render_plain_cell(
@@ -401,10 +402,8 @@ class PositionsTable(DataTable[Text]):
 
     def _forget_row(self, row_key: str) -> None:
         self._row_versions.pop(row_key, None)
-        for slot in [slot for slot in self._line_strips if slot[0].value == row_key]:
-            del self._line_strips[slot]
-        for cell_slot in [slot for slot in self._cell_lines if slot[0].value == row_key]:
-            del self._cell_lines[cell_slot]
+        self._line_strips.pop(row_key, None)
+        self._cell_lines.pop(row_key, None)
 
     def _forget_renders(self) -> None:
         self._line_strips.clear()
