@@ -30,6 +30,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from engine.account_stream import AccountStreamReader
 from engine.accounts import account_key
 from engine.alerts import Alerter, EngineObserver
 from engine.clock import Clock, SystemClock, wait_for_all
@@ -399,6 +400,9 @@ class Engine:
         self.db_watch: DatabaseWatch | None = None
         self.manager: ProtectionManager | None = None
         self.reconciler: Reconciler | None = None
+        # The venue's account events, read by a supervised loop and handed to the guards (the reconciler
+        # stays the safety net); None before the loops start.
+        self.account_stream: AccountStreamReader | None = None
         self.consumer: SignalConsumer | None = None
         self.commands: CommandRunner | None = None
         self.markets: dict[str, Market] = {}
@@ -539,6 +543,13 @@ class Engine:
         sup.start("mark-feed", self._mark_feed)
         sup.start("marks-to-db", self._marks_to_db)
         sup.start("reconciler", self._reconcile_loop)
+        self.account_stream = AccountStreamReader(
+            self.venue,
+            lambda: self.manager,  # restart_protection swaps it: each event goes to the manager of the moment
+            self.clock,
+            reconcile_seconds=float(self.settings.protection.reconcile_seconds),
+        )
+        sup.start("account-stream", self.account_stream.run)
         sup.start("health", self._health_loop)
         sup.start("lease-heartbeat", self._lease_heartbeat)
         if self.alerter is not None:
