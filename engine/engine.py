@@ -214,6 +214,7 @@ class PositionView:
     unprotected_seconds: float | None
     last_error: str | None
     closing: bool = False  # a close we sent is in flight: on its way out on purpose, not an alarm
+    mark_stale: bool = False  # its mark is older than `health.stale_mark_seconds`: the price shown is old
 
 
 @dataclass(frozen=True, slots=True)
@@ -407,6 +408,7 @@ class Engine:
         self.commands: CommandRunner | None = None
         self.markets: dict[str, Market] = {}
         self.marks: dict[str, MarkPrice] = {}
+        self._mark_received_at: dict[str, float] = {}  # monotonic, per symbol: its mark's age on our clock
         self._last_mark_at: float | None = None
         self._last_wave_at: float | None = None
         self._connected_at = 0.0
@@ -517,6 +519,7 @@ class Engine:
             self._venue_pacing.orders = self.order_budget
             self.marks = await self.venue.fetch_mark_prices()
             self._last_mark_at = self.clock.monotonic()
+            self._mark_received_at = dict.fromkeys(self.marks, self._last_mark_at)
             self.startup_report = await self._start_protection()
             # Signals our last run claimed and never handled (it died holding them): expired, with a reason.
             expired = await self.store.expire_claimed_signals(claimed_by=self._claimer)
@@ -918,7 +921,7 @@ class Engine:
         assert self.manager is not None
         async for mark in self.venue.watch_mark_prices():
             self.marks[mark.symbol] = mark
-            self._last_mark_at = self.clock.monotonic()
+            self._last_mark_at = self._mark_received_at[mark.symbol] = self.clock.monotonic()
             manager = self.manager  # restart_protection swaps it
             if manager is not None:
                 manager.on_mark(mark.symbol, mark.price, mark.timestamp)
@@ -1313,16 +1316,20 @@ class Engine:
         # Read the clock after the probe's await: a mark that arrived meanwhile must not have a negative age.
         now = self.clock.monotonic()
         figures = self.coverage()
+        streams = self._stream_measurements(now)
         measurements = health.HealthMeasurements(
             exchange=health.ExchangeMeasurement(
                 calls=self._call_stats.summary(now),
                 budget_used_percent=self._budget_used_fraction() * 100,
                 banned_for_seconds=self._banned_for(),
                 budget_wait_p99_ms=self.budget_waits.summary(now).p99_ms,
+                account_stream=streams.get("account"),
             ),
             price_feed=health.PriceFeedMeasurement(
                 newest_mark_age_seconds=None if self._last_mark_at is None else now - self._last_mark_at,
                 open_positions=figures.active,
+                stale_mark_symbols=self.stale_mark_symbols(now),
+                mark_stream=streams.get("marks"),
             ),
             database=database,
             protection=health.ProtectionMeasurement.of(figures, self.manager.timeouts.count(now, 3600.0)),
@@ -1337,6 +1344,33 @@ class Engine:
         return health.evaluate_health(
             measurements, health.HealthThresholds.from_settings(self.settings.health)
         )
+
+    def _stream_measurements(self, now: float) -> dict[str, health.StreamMeasurement]:
+        """The venue's push streams as health measures them, by name."""
+        return {
+            state.name: health.StreamMeasurement(
+                name=state.name,
+                connected=state.connected,
+                last_event_age_seconds=None
+                if state.last_event_at is None
+                else max(0.0, now - state.last_event_at),
+                reconnects=state.reconnects,
+                detail=state.detail,
+            )
+            for state in self.venue.stream_states()
+        }
+
+    def mark_is_stale(self, symbol: str, now: float) -> bool:
+        """This symbol's mark is older than `health.stale_mark_seconds` on our clock (or never came)."""
+        received = self._mark_received_at.get(symbol)
+        return received is None or now - received > float(self.settings.health.stale_mark_seconds)
+
+    def stale_mark_symbols(self, now: float) -> tuple[str, ...]:
+        """The symbols of open positions whose own mark is stale; a symbol nobody holds never counts."""
+        manager = self.manager
+        if manager is None or manager.stopped:
+            return ()
+        return tuple(sorted({g.symbol for g in manager.open_guards() if self.mark_is_stale(g.symbol, now)}))
 
     def _check_breaker(self) -> None:
         """Protection failing → entries pause by themselves (persisted); they resume only by the operator,
@@ -1538,6 +1572,7 @@ class Engine:
             unprotected_seconds=unprotected,
             last_error=guard.last_error,
             closing=guard.closing,
+            mark_stale=self.mark_is_stale(guard.symbol, now),
         )
 
     async def events(self) -> AsyncIterator[EngineEvent]:

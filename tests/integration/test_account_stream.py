@@ -292,3 +292,37 @@ async def test_a_venue_without_account_stream_is_polled_and_says_so_once(
 
 
 __all__ = ["Decimal"]
+
+
+async def test_a_position_whose_mark_stalls_is_flagged_stale_then_cleared_and_nobody_elses_counts(
+    db: Database,
+) -> None:
+    settings = settings_for(db, {"HEALTH__STALE_MARK_SECONDS": "3"})
+    clock = ManualClock()
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    try:
+        [held] = await open_positions(engine, clock, [SYMBOLS[16]])
+        await drive_until_covered(engine, clock, 1)
+        unheld = SYMBOLS[17]
+        venue.stall_marks(held.symbol, 10.0)
+        venue.stall_marks(unheld, 10.0)  # nobody holds it: never counted
+        view = lambda: next(v for v in engine.snapshot().positions if v.position_id == held.position_id)  # noqa: E731
+        assert not view().mark_stale
+        await drive_until(clock, lambda: view().mark_stale, what="flagged stale", step=0.25)
+        report = await engine.measure_health()
+        price_feed = report["price_feed"]
+        assert price_feed.state.value == "degraded"
+        assert held.symbol in price_feed.reason
+        assert unheld not in price_feed.reason
+        assert price_feed.measurements["stale_mark_positions"] == 1
+        assert engine.stale_mark_symbols(clock.monotonic()) == (held.symbol,)
+        # The account stream's state is in the exchange's summary.
+        assert "account stream up" in report["exchange"].summary
+        await drive_until(clock, lambda: not view().mark_stale, what="fresh again", step=0.25, limit=30.0)
+        report = await engine.measure_health()
+        assert report["price_feed"].measurements["stale_mark_positions"] == 0
+        assert report["price_feed"].state.value == "healthy"
+    finally:
+        await drive(clock, engine.stop())
