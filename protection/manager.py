@@ -644,6 +644,16 @@ class PositionGuard:
                 cid,
                 status.value,
             )
+            m.publish(  # unprotected until the replacement is confirmed: shown, not only logged (F12)
+                ProtectionFailed(
+                    at=m.clock.now(),
+                    position_id=self.position_id,
+                    symbol=self.symbol,
+                    operation=f"verify {_what(target.purpose)}",
+                    error=f"{cid} {status.value} on the venue, not by us",
+                    retry_in_seconds=0.0,
+                )
+            )
             m.spawn_event_write(
                 Severity.ERROR,
                 "protection_lost",
