@@ -1372,6 +1372,20 @@ class Engine:
             return ()
         return tuple(sorted({g.symbol for g in manager.open_guards() if self.mark_is_stale(g.symbol, now)}))
 
+    def stale_streams(self, now: float) -> tuple[tuple[str, float], ...]:
+        """What the alerts call stale streams, with seconds since their last message: the marks of each held
+        symbol whose own mark is stale, and the account stream while it is down (its silence while up is no
+        fault: an account with nothing happening sends nothing)."""
+        found = [
+            (f"marks {symbol}", now - self._mark_received_at.get(symbol, self._connected_at))
+            for symbol in self.stale_mark_symbols(now)
+        ]
+        for state in self.venue.stream_states():
+            if state.name == "account" and not state.connected:
+                since = state.last_event_at if state.last_event_at is not None else self._connected_at
+                found.append(("account", max(0.0, now - since)))
+        return tuple(found)
+
     def _check_breaker(self) -> None:
         """Protection failing → entries pause by themselves (persisted); they resume only by the operator,
         or after `auto_resume_seconds` of healthy protection when configured."""

@@ -11,6 +11,7 @@ from decimal import Decimal
 
 import pytest
 
+from engine.alerts import observe_engine
 from engine.clock import ManualClock
 from engine.engine import STARTUP_UNKNOWN_SECONDS
 from engine.exchange.port import OrderStatus, OrderType, OrderUpdate, PositionUpdate
@@ -318,11 +319,15 @@ async def test_a_position_whose_mark_stalls_is_flagged_stale_then_cleared_and_no
         assert unheld not in price_feed.reason
         assert price_feed.measurements["stale_mark_positions"] == 1
         assert engine.stale_mark_symbols(clock.monotonic()) == (held.symbol,)
+        assert [name for name, _age in observe_engine(engine, clock.monotonic()).stale_streams] == [
+            f"marks {held.symbol}"
+        ]
         # The account stream's state is in the exchange's summary.
         assert "account stream up" in report["exchange"].summary
         await drive_until(clock, lambda: not view().mark_stale, what="fresh again", step=0.25, limit=30.0)
         report = await engine.measure_health()
         assert report["price_feed"].measurements["stale_mark_positions"] == 0
         assert report["price_feed"].state.value == "healthy"
+        assert observe_engine(engine, clock.monotonic()).stale_streams == ()
     finally:
         await drive(clock, engine.stop())
