@@ -331,3 +331,39 @@ async def test_a_position_whose_mark_stalls_is_flagged_stale_then_cleared_and_no
         assert observe_engine(engine, clock.monotonic()).stale_streams == ()
     finally:
         await drive(clock, engine.stop())
+
+
+async def test_a_position_closed_by_hand_is_closed_after_one_read_once_the_stream_said_flat(
+    db: Database,
+) -> None:
+    """Flat by the stream alone is never believed (no stop is cancelled on it), but it is the venue's first
+    word: one read of the symbol confirming it closes the position, where the reconciler alone waits for a
+    second pass (`reconcile_seconds` later: an hour here)."""
+    settings = settings_for(db, NO_POLLING)
+    clock = ManualClock()
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    try:
+        gone, kept = await open_positions(engine, clock, [SYMBOLS[18], SYMBOLS[19]])
+        await drive_until_covered(engine, clock, 2)
+        await drive(clock, clock.sleep(1.0))  # the stream's first pass is over
+        # Someone closes it on the venue (reduce-only at market): no stop of ours filled.
+        venue.core.place_market_order(
+            gone.symbol, gone.closing_side, gone.quantity, "byhand-1", clock.now(), reduce_only=True
+        )
+        await drive_until(
+            clock,
+            lambda: db.pool.fetchval(
+                "SELECT status = 'closed' FROM monitoring.positions WHERE id = $1", gone.position_id
+            ),
+            what="closed after one read",
+            limit=10.0,
+        )
+        row = await _closed_row(db, gone)
+        assert row["exit_reason"] == "closed_on_exchange"
+        await drive_until(clock, lambda: not _live(venue, clock, gone.symbol), what="its stops cancelled")
+        assert kept.covered
+        assert len(_live(venue, clock, kept.symbol)) == 2
+    finally:
+        await drive(clock, engine.stop())
