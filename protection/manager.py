@@ -991,6 +991,8 @@ class PositionGuard:
             return
         for order in stuck:
             outcome = await self._resolve(order, "re-check fired")
+            if outcome is _Outcome.RETRY:
+                return  # the look-up failed: it proves nothing, the patience is not restarted
             if outcome is not _Outcome.FIRED:
                 order.fired_at = None
                 return  # it ended (or can be re-placed); the reconciler settles a closed position
@@ -1559,6 +1561,12 @@ class PositionGuard:
         since = self.unprotected_since
         if not self.covered and since is not None and now - since < grace:
             delay = min(delay, grace / 4)
+        fired = [o.fired_at for o in (self.stop_loss, self.trailing_stop) if o.fired_at is not None]
+        if fired:
+            # A fired stop that has not filled is closed at market once its patience ends (`_check_fired`):
+            # the next pass is then, not when a backoff doubled past grace says (it left one 31 s naked).
+            due = min(fired) + grace * STUCK_TRIGGER_SHARE - now
+            delay = min(delay, max(due, min(m.config.retry_initial_seconds, grace / 4)))
         return delay
 
     def _note_failure(
