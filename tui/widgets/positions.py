@@ -558,7 +558,7 @@ class PositionsTable(DataTable[Text]):
                     justify="right",
                 ),
                 stop,
-                Text(formatting.price(view.mark_price), justify="right"),
+                _mark_cell(view, s),
             )
         return (
             flag,
@@ -572,7 +572,7 @@ class PositionsTable(DataTable[Text]):
                 justify="right",
             ),
             stop,
-            Text(formatting.price(view.mark_price), justify="right"),
+            _mark_cell(view, s),
             Text(formatting.price(view.entry_price), justify="right"),
             Text(formatting.price(view.quantity), justify="right"),
         ) + (
@@ -586,6 +586,13 @@ class PositionsTable(DataTable[Text]):
 def _cropped(text: str, width: int) -> str:
     """`text` cut to `width` terminal cells (never padded)."""
     return set_cell_size(text, width) if cell_len(text) > width else text
+
+
+def _mark_cell(view: PositionView, styles: dict[str, Style]) -> Text:
+    """The mark; `~` before it (and the alarm colour) when it is older than `health.stale_mark_seconds`."""
+    if view.mark_stale:
+        return Text("~" + formatting.price(view.mark_price), style=styles["missing"], justify="right")
+    return Text(formatting.price(view.mark_price), justify="right")
 
 
 def _trailing_cell(view: PositionView, styles: dict[str, Style], *, short: bool = False) -> Text:
