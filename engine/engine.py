@@ -1764,7 +1764,14 @@ class Engine:
         self.entries_paused_by = by if paused else ""
         self.entries_pause_reason = reason if paused else ""
         if changed:
-            self.events_bus.publish(EntriesToggled(at=self.clock.now(), paused=paused))
+            self.events_bus.publish(
+                EntriesToggled(
+                    at=self.clock.now(),
+                    paused=paused,
+                    by=by if paused else "",
+                    reason=reason if paused else "",
+                )
+            )
 
     def _persist_entries_control(self, paused: bool, by: str, reason: str, who: str = "") -> None:
         store = self.store
