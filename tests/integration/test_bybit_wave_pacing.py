@@ -81,6 +81,19 @@ async def test_an_entry_refused_with_10006_is_sent_again_not_lost(db: Database) 
         assert rejected == []
         assert engine.manager is not None
         assert len(engine.manager.guards) == WAVE
+        # Every position was born with its hard stop (it rode on the entry): no time without one.
+        store = engine.store
+        assert store is not None
+        ids = list(engine.manager.guards)
+
+        async def gaps() -> list[object]:
+            return [(await store.position(i)).hard_stop_gap_seconds for i in ids]  # type: ignore[union-attr]
+
+        async def all_measured() -> bool:
+            return None not in await gaps()
+
+        await wait_until(all_measured, within=30.0, what="every hard stop gap recorded")
+        assert await gaps() == [0] * WAVE
 
 
 async def test_entries_over_the_accounts_own_limit_wait_for_the_reset_and_no_stop_promise_is_kept(
