@@ -261,6 +261,10 @@ class RunResult:
     budget_wait_p99_ms: float | None = None  # how long calls waited for rate budget during the wave
     http_refusals: dict[int, int] = field(default_factory=dict)  # emulator: HTTP 429 / 418 by status
     reject_reasons: dict[str, int] = field(default_factory=dict)
+    # Per position, the time from its fill until a hard stop of ours was live (monitoring.positions
+    # .hard_stop_gap_seconds): the longest, and how many positions had none recorded when the run ended.
+    hard_stop_gap_max_s: float | None = None
+    hard_stop_gap_unmeasured: int = 0
 
 
 def engine_environ(args: argparse.Namespace, dsn: str, seed: int) -> dict[str, str]:
@@ -412,6 +416,8 @@ async def _run_wave(
         fill_to_protected = [g.protected_at - g.filled_at for g in protected]  # type: ignore[operator]
         protect = last if all_protected else None
         wave_started = await _first_wave_started(server.dsn(dbname))
+        gaps = [p.hard_stop_gap_seconds for p in [await engine.store.position(i) for i in opened] if p]
+        measured = [float(g) for g in gaps if g is not None]
         lock_waits = venue.lock_waits if isinstance(venue, GlobalLockVenue) else None
         waits = engine.budget_waits.summary(clock.monotonic())
         return RunResult(
@@ -442,6 +448,8 @@ async def _run_wave(
             budget_wait_p99_ms=waits.p99_ms,
             http_refusals=dict(getattr(inner, "refusals", {})),
             reject_reasons=dict(rejected),
+            hard_stop_gap_max_s=max(measured, default=None),
+            hard_stop_gap_unmeasured=len(opened) - len(measured),
         )
     finally:
         await engine.stop()
@@ -518,6 +526,8 @@ async def bench(args: argparse.Namespace, server: EmbeddedPostgres) -> dict[str,
         "positions_protected": _median(values("positions_protected")),
         "positions_timed_out": _median(values("positions_timed_out")),
         "protected_within_timeout": _median(values("protected_within_timeout")),
+        "hard_stop_gap_max_s": max((v for v in values("hard_stop_gap_max_s") if v is not None), default=None),
+        "hard_stop_gap_unmeasured": max(values("hard_stop_gap_unmeasured")),
         "median": {
             name: _median(values(name))
             for name in (
@@ -633,6 +643,14 @@ def print_human(s: dict[str, Any]) -> None:
         f"{_fmt(s['positions_timed_out'], 0)} (runs: {values['positions_timed_out']}); covered within "
         f"{s['timeout_s']:g} s of their fill: median {_fmt(s['protected_within_timeout'], 0)} "
         f"(runs: {values['protected_within_timeout']})"
+    )
+    print(
+        f"  time without a hard stop after the fill, longest of all runs: {_fmt(s['hard_stop_gap_max_s'], 3)} s"
+        + (
+            f" ({s['hard_stop_gap_unmeasured']} positions not measured)"
+            if s["hard_stop_gap_unmeasured"]
+            else ""
+        )
     )
 
 
