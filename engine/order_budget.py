@@ -32,6 +32,7 @@ from engine.exchange.port import RateBudget
 from engine.pacing import BudgetWaits, Lane
 
 PROTECTIVE_ORDERS_PER_POSITION = 2  # hard stop + trailing stop
+DEFERRAL_LIMIT_SECONDS = 10.0  # the longest a deferrable protective send yields to the others
 
 
 @dataclass(slots=True)
@@ -151,7 +152,15 @@ class OrderBudget:
         self._promised = max(0, self._promised - count)
         del self._booked[max(0, len(self._booked) - count) :]
 
-    async def acquire_protective(self) -> None:
+    async def acquire_protective(self, *, deferrable: bool = False) -> None:
+        """Take a slot for a protective order. `deferrable`: it replaces a stop that protects the position
+        meanwhile (Bybit: the hard stop that rode on the entry, corrected from the fill). Where protective
+        orders have budgets of their own, such a send yields, for up to `DEFERRAL_LIMIT_SECONDS`, to every
+        other protective order and to the stops entries booked (it was never promised): a wave's positions
+        get covered first. Elsewhere it is an ordinary protective send."""
+        if deferrable and self._separate:
+            await self._acquire_deferred()
+            return
         self._protective_waiting += 1
         started = self._clock.monotonic()
         try:
@@ -165,6 +174,24 @@ class OrderBudget:
         self._promised = max(0, self._promised - 1)
         if self._booked:
             self._booked.pop(0)  # this send takes the place of the earliest booking
+        self.protective_sent += 1
+
+    async def _acquire_deferred(self) -> None:
+        started = self._clock.monotonic()
+        while True:
+            now = self._clock.monotonic()
+            if now - started >= DEFERRAL_LIMIT_SECONDS:
+                wait = self._wait_for(1, windows=self._protective_windows)
+            elif self._protective_waiting:
+                wait = 0.01  # the others first
+            else:
+                wait = self._wait_for(1, windows=self._protective_view(now))
+            if wait == 0.0:
+                break
+            await self._clock.sleep(min(max(wait, 0.01), 0.25))  # re-read soon: bookings come and go
+        self._consume(self._protective_windows)
+        now = self._clock.monotonic()
+        self.waits.record(now, now - started, Lane.PROTECTIVE)
         self.protective_sent += 1
 
     async def acquire_entry(self, protective_orders: int = PROTECTIVE_ORDERS_PER_POSITION) -> None:
