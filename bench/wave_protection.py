@@ -194,8 +194,10 @@ def bybit_lower_bound(signals: int, latency_s: float) -> tuple[LowerBound, tuple
     the trailing stop is priced from) takes a second round trip (order/realtime): 3 round trips on the
     critical path; N trailing stops under the engine's trading-stop budget (Bybit's 10/s per account less
     the headroom), each sent no earlier than its entry's fill is known (2 L) and answered L later; N
-    entries under the order/create budget (20/s), each protected 3 round trips later. A hard stop the fill moved by more than a tick costs one more
-    trading-stop call, not counted here: a client could skip it. Returns the bound and the budgets."""
+    entries under the order/create budget (Bybit's 10/s for linear less the headroom: 9/s), each protected 3
+    round trips later. The two are counted apart, as Bybit counts them (each endpoint its own rolling
+    second). A hard stop the fill moved by more than a tick costs the engine one more trading-stop call,
+    not counted here: a client could set it in the trailing stop's call. Returns the bound and the budgets."""
     trading_stop = RateBudget(
         math.floor(
             bybit_limits.ENDPOINT_LIMITS_PER_SECOND["/v5/position/trading-stop"] * (1 - DEFAULT_HEADROOM)
