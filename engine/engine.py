@@ -442,6 +442,10 @@ class Engine:
             settings.alerts, self.clock, source=f"{self.exchange_name}:{settings.venue.account}"
         )
         self._carried: _CarriedProtection | None = None  # while the protection manager restarts
+        # Cleared while the protection manager restarts: an entry that fills meanwhile waits for the new
+        # manager (the one it started under is stopped; a guard there would run unseen).
+        self._protection_ready = asyncio.Event()
+        self._protection_ready.set()
         self.health_measured_at: float | None = None  # monotonic time of the last health measurement
         # `/metrics` and `/healthz` ([metrics]), bound at start: None unless enabled.
         self.metrics_server = MetricsServer(self, settings.metrics) if settings.metrics.enabled else None
@@ -783,7 +787,13 @@ class Engine:
         # every order is looked up on its own rather than believed gone.
         if snapshot is not None and not snapshot.positions and positions:
             venue_orders = None
-        restorable = [p for p in positions if self._restorable(p)]
+        # An entry this engine has on its way (a protection restart mid-wave) is its own coroutine's to
+        # resolve: looked up now it may not be on the venue yet, and would be recorded failed while it fills.
+        restorable = [
+            p
+            for p in positions
+            if self._restorable(p) and not (_entry_pending(p) and p.symbol in self._in_flight)
+        ]
         filled = await asyncio.gather(*(self._resolve_entry(p) for p in restorable if _entry_pending(p)))
         ready = [p for p in restorable if not _entry_pending(p)] + [p for p in filled if p is not None]
         if self._carried is not None:  # from here on each position shows what the new guards know
@@ -911,6 +921,7 @@ class Engine:
             views={g.position_id: self._position_view(g, now) for g in still_open},
             coverage={g.position_id: g.coverage() for g in still_open},
         )
+        self._protection_ready.clear()
         try:
             await self.manager.stop()
             self.startup_report = await self._start_protection()
@@ -919,6 +930,7 @@ class Engine:
             self.manager.request_reconcile()
         finally:
             self._carried = None
+            self._protection_ready.set()
             if self.state is EngineState.RUNNING:
                 self._supervisor.start("reconciler", self._reconcile_loop)
         log.info("protection restarted: %s", self.startup_report.describe())
@@ -1279,6 +1291,9 @@ class Engine:
                 cid, OrderRecordStatus.FILLED, exchange_order_id=order.venue_order_id
             )
             filled = await self.store.record_fill(position.id, order.filled_quantity, order.average_price)
+            if not self._protection_ready.is_set():
+                await self._protection_ready.wait()  # guarded by the manager the restart brings up
+            manager = self.manager
             guard = manager.protect(filled, attached_stop_loss=stop_record)
             await self.store.finish_signal(signal.id, SignalStatus.OPENED, wave_id=wave_id)
             log.info(
