@@ -168,6 +168,7 @@ class ProtectiveOrder:
 
 
 STUCK_TRIGGER_SHARE = 0.5  # of the grace period, that a fired stop gets to fill before we close at market
+STUCK_CHECK_MIN_SECONDS = 0.5  # the least a stuck stop's re-check may take (a round trip)
 
 
 class _Outcome(StrEnum):
@@ -252,6 +253,15 @@ class OrderMissing(GuardCommand):
 
     client_order_id: str = ""
     seen_at: float = 0.0
+
+
+@dataclass(slots=True)
+class StuckTriggerCheck(GuardCommand):
+    """A fired stop's patience is over: check it (within what is left of the grace period) and close the
+    position at market if it is still working its way to a fill. Urgent: a pass stuck in a slow read must
+    not hold it back."""
+
+    urgent = True
 
 
 @dataclass(slots=True)
@@ -354,6 +364,7 @@ class PositionGuard:
         # the reconciler settles it with this evidence, or clears it if the venue still holds the position.
         self.exit_evidence: ExitEvidence | None = None
         self._pass: asyncio.Future[bool] | None = None  # the protection pass in flight
+        self._stuck_timer: asyncio.Task[None] | None = None  # asks for a StuckTriggerCheck when patience ends
         # The account stream's word on the position: when it last said its size (venue epoch seconds; an
         # older event is out of order and ignored) and whether that was "flat".
         self._stream_position_at = float("-inf")
@@ -480,6 +491,8 @@ class PositionGuard:
         finally:
             if self._pass is not None and not self._pass.done():
                 self._pass.cancel()
+            if self._stuck_timer is not None:
+                self._stuck_timer.cancel()
             for command in self._commands:
                 command.settle(False, "the guard stopped")
 
@@ -530,6 +543,9 @@ class PositionGuard:
                 command.settle(self._position_held(command), "")
             elif isinstance(command, QuantityChanged):
                 command.settle(await self._quantity_changed(command), str(command.quantity))
+            elif isinstance(command, StuckTriggerCheck):
+                await self._check_fired()
+                command.settle(True, "")
             elif isinstance(command, StreamOrderUpdate):
                 command.settle(await self._stream_order_update(command), "")
             elif isinstance(command, StreamPositionUpdate):
@@ -630,6 +646,7 @@ class PositionGuard:
             target.confirmed = False
             target.maybe_sent = True
             target.fired_at = m.clock.monotonic()
+            self._arm_stuck_check()
             log.warning(
                 "%s: %s %s fired (account stream); uncovered until it fills",
                 self.symbol,
@@ -962,6 +979,7 @@ class PositionGuard:
         order.maybe_sent = True  # ask again: it ends FILLED (position gone) or not at all
         if order.fired_at is None:
             order.fired_at = m.clock.monotonic()
+            self._arm_stuck_check()
             log.warning(
                 "%s: %s %s fired and is still working its way to a fill (TRIGGERING); the position is uncovered "
                 "until the venue says how it ended",
@@ -985,6 +1003,20 @@ class PositionGuard:
         if self.exit_evidence is not None or _Outcome.FIRED in outcomes:
             self._m.request_reconcile()
 
+    def _arm_stuck_check(self) -> None:
+        """When a fired stop's patience ends, its check interrupts whatever the guard is doing."""
+        if self._stuck_timer is not None and not self._stuck_timer.done():
+            return
+        patience = self._m.config.grace_seconds * STUCK_TRIGGER_SHARE
+
+        async def at_patience_end() -> None:
+            await self._m.clock.sleep(patience)
+            if any(o.fired_at is not None for o in (self.stop_loss, self.trailing_stop)):
+                self.submit(StuckTriggerCheck())
+
+        self._stuck_timer = asyncio.ensure_future(at_patience_end())
+        self._stuck_timer.set_name(f"stuck-check-{self.symbol}-{self.position_id}")
+
     async def _check_fired(self) -> None:
         """A stop that fired but has not filled within half the grace period while the position is still
         open (seen on Binance: TRIGGERING that never finishes): close the position reduce-only at market,
@@ -999,18 +1031,44 @@ class PositionGuard:
         ]
         if not stuck or self.closed:
             return
-        for order in stuck:
-            outcome = await self._resolve(order, "re-check fired")
-            if outcome is _Outcome.RETRY:
-                return  # the look-up failed: it proves nothing, the patience is not restarted
-            if outcome is not _Outcome.FIRED:
-                order.fired_at = None
-                return  # it ended (or can be re-placed); the reconciler settles a closed position
-        positions = await m.call(m.venue.fetch_positions(self.symbol), "fetch_positions")
-        held = next((p for p in positions if p.symbol == self.symbol and p.side is self.side), None)
-        if held is None:
-            m.request_reconcile()
-            return
+        # Half of what is left of the grace period bounds the look-ups (a read whose answer never came
+        # waited its whole call timeout), the other half is the close's: without an answer the stop is taken
+        # as still fired, and the close is reduce-only, so a position already flat refuses it and nothing is
+        # over-closed.
+        left = max((m.config.grace_seconds - patience) / 2, STUCK_CHECK_MIN_SECONDS)
+        look_ups = asyncio.ensure_future(
+            asyncio.gather(
+                asyncio.gather(*(self._resolve(order, "re-check fired") for order in stuck)),
+                m.call(m.venue.fetch_positions(self.symbol), "fetch_positions"),
+                return_exceptions=True,
+            )
+        )
+        await _first_of(asyncio.shield(look_ups), m.clock.sleep(left))
+        if look_ups.done():
+            outcomes, positions = look_ups.result()
+        else:
+            look_ups.cancel()
+            await asyncio.gather(look_ups, return_exceptions=True)
+            outcomes, positions = None, None
+            log.warning(
+                "%s: no answer about the fired stop or the position within %.1fs; closing anyway (reduce-only)",
+                self.symbol,
+                left,
+            )
+        if isinstance(outcomes, list):
+            for order, outcome in zip(stuck, outcomes, strict=True):
+                if outcome not in (_Outcome.FIRED, _Outcome.RETRY):  # a failed look-up proves nothing
+                    order.fired_at = None
+                    return  # it ended (or can be re-placed); the reconciler settles a closed position
+        elif isinstance(outcomes, BaseException) and not isinstance(outcomes, ExchangeError | TimeoutError):
+            raise outcomes
+        if isinstance(positions, list):
+            held = next((p for p in positions if p.symbol == self.symbol and p.side is self.side), None)
+            if held is None:
+                m.request_reconcile()
+                return
+        elif isinstance(positions, BaseException) and not isinstance(positions, ExchangeError | TimeoutError):
+            raise positions
         log.error(
             "%s: %s fired %.1fs ago and has not filled while the position is still open; closing reduce-only "
             "at market",

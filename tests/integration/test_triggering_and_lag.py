@@ -260,3 +260,39 @@ async def test_a_stuck_stop_is_closed_at_market_on_time_although_its_re_check_fa
         assert row["exit_reason"] == "stop_not_filled"
     finally:
         await drive(clock, engine.stop())
+
+
+async def test_a_stuck_stop_is_closed_within_grace_although_its_re_check_hangs(db: Database) -> None:
+    """Seen in the chaos soak after the fix above: the re-check at half the grace period was a read whose
+    answer never came, and the close waited the read's whole 10 s timeout (12.6 s uncovered). What is left
+    of the grace period bounds the re-check; without an answer the stop is taken as still fired and the
+    position is closed reduce-only (a position already flat refuses it: nothing is over-closed)."""
+    settings = settings_for(db, {"PROTECTION__GRACE_SECONDS": "5"})
+    clock = ManualClock()
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[17]])
+        await drive_until_covered(engine, clock, 1)
+        venue.set_trigger_delay(None, stuck=True)
+        assert guard.stop_loss.price is not None
+        venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT, count=4)  # answers lost
+        fired_at = clock.monotonic()
+        venue.override_mark_price(guard.symbol, guard.stop_loss.price - 3 * guard.market.tick_size)
+        await drive_until(
+            clock,
+            lambda: db.pool.fetchval(
+                "SELECT status = 'closed' FROM monitoring.positions WHERE id = $1", guard.position_id
+            ),
+            what="closed at market",
+            step=0.1,
+            limit=30.0,
+        )
+        # Virtual time: closed within the grace period of the fire (before: the read's 10 s timeout after it).
+        assert clock.monotonic() - fired_at <= 5.0
+        row = await db.pool.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", guard.position_id)
+        assert row["exit_reason"] == "stop_not_filled"
+        assert venue.core.positions(clock.now()) == []
+    finally:
+        await drive(clock, engine.stop())
