@@ -43,6 +43,11 @@ core's oracle view, or the emulator's `GET /_sim/state`) and the engine's databa
 * `time_weighted_coverage_pct`: Σ over every venue position of the seconds it had a live hard stop and a
   live trailing stop of ours closing it, ÷ Σ of the seconds it was open (left Riemann sum over samples;
   a fired, TRIGGERING stop is not live);
+* `unprotected_seconds_by_cause` (of `open_seconds`, the position-seconds the venue held): the seconds
+  without both stops split by why, at each sample: `fired` (one of the position's stops fired and the
+  venue has not finished filling it: TRIGGERING, the venue's own time), `opening` (a new position's first
+  stops on their way, within grace of it appearing), `other` (a stop lost, refused or not yet replaced:
+  the engine's to answer for);
 * `worst_unprotected_s`: the longest run of consecutive samples in which one venue position lacked one
   of its stops, from its first unprotected sample to the first protected one (resolution 200 ms);
 * `duplicates`: incidents of two live stops of ours of one kind on one symbol (never allowed);
@@ -423,6 +428,11 @@ async def _soak(
         "time_weighted_coverage_pct": None if coverage is None else round(coverage, 4),
         "worst_unprotected_s": round(figures.worst_unprotected_s, 3),
         "worst_unprotected_symbol": figures.worst_unprotected_symbol,
+        "open_seconds": round(figures.open_seconds, 3),
+        "unprotected_seconds_by_cause": {
+            cause: round(seconds, 3)
+            for cause, seconds in sorted(figures.unprotected_seconds_by_cause.items())
+        },
         "duplicates": figures.duplicates,
         "lost_positions": figures.lost_positions,
         "violations": dict(figures.violations),
@@ -472,6 +482,10 @@ def print_human(report: dict[str, Any]) -> None:
         f"  worst unprotected {report['worst_unprotected_s']} s on {report['worst_unprotected_symbol']} "
         f"(target ≤ {targets['worst_unprotected_s_at_most']} s: "
         f"{'met' if targets['worst_unprotected_met'] else 'NOT met'})"
+    )
+    print(
+        f"  unprotected seconds by cause {report['unprotected_seconds_by_cause']} "
+        f"of {report['open_seconds']} position-seconds open"
     )
     print(f"  duplicates {report['duplicates']}, lost positions {report['lost_positions']}")
     print(f"  violations {report['violations']}")

@@ -55,7 +55,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any, Protocol
@@ -335,6 +335,8 @@ class _Episode:
     unprotected_since: float | None = None
     worst_unprotected: float = 0.0
     closed_at: float | None = None
+    cause: str = ""  # why it was unprotected at the last sample (see `_cause`)
+    unprotected_by_cause: dict[str, float] = field(default_factory=dict)
 
     def unprotected_stretch(self, now: float) -> float:
         return 0.0 if self.unprotected_since is None else now - self.unprotected_since
@@ -355,6 +357,7 @@ class AuditFigures:
     lost_positions: int
     venue_read_failures: int
     db_read_failures: int
+    unprotected_seconds_by_cause: Mapping[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -373,6 +376,10 @@ class AuditFigures:
             "lost_positions": self.lost_positions,
             "venue_read_failures": self.venue_read_failures,
             "db_read_failures": self.db_read_failures,
+            "unprotected_seconds_by_cause": {
+                cause: round(seconds, 3)
+                for cause, seconds in sorted(self.unprotected_seconds_by_cause.items())
+            },
         }
 
 
@@ -603,6 +610,9 @@ class InvariantAuditor:
                 episode.open_seconds += elapsed
                 if episode.protected:
                     episode.protected_seconds += elapsed
+                else:
+                    causes = episode.unprotected_by_cause
+                    causes[episode.cause] = causes.get(episode.cause, 0.0) + elapsed
         self._last_sample = now
         present = {p.symbol: p for p in venue.positions}
         stops: dict[str, list[tuple[SeenStop, OrderPurpose]]] = {}
@@ -621,11 +631,22 @@ class InvariantAuditor:
             if episode is None:
                 episode = self._episodes[symbol] = _Episode(symbol, position.side, opened_at=now)
             episode.protected = not self._missing_protection(position, stops.get(symbol, ()))
+            episode.cause = "" if episode.protected else self._cause(episode, venue, now)
             if episode.protected:
                 episode.worst_unprotected = max(episode.worst_unprotected, episode.unprotected_stretch(now))
                 episode.unprotected_since = None
             elif episode.unprotected_since is None:
                 episode.unprotected_since = now
+
+    def _cause(self, episode: _Episode, venue: VenueView, now: float) -> str:
+        """Why a position lacks a stop: `fired` (one of its stops fired and the venue has not finished
+        filling it: TRIGGERING), `opening` (its first stops on their way, within grace of the position
+        appearing), else `other` (lost, refused or not yet replaced: what the engine must answer for)."""
+        if any(stop.symbol == episode.symbol for stop in venue.triggering):
+            return "fired"
+        if now - episode.opened_at <= self.limits.grace_seconds and episode.protected_seconds == 0.0:
+            return "opening"
+        return "other"
 
     @staticmethod
     def _close_episode(episode: _Episode, now: float) -> None:
@@ -661,6 +682,7 @@ class InvariantAuditor:
             + counts.get(Rule.VENUE_NOT_IN_DB.value, 0),
             venue_read_failures=self.venue_read_failures,
             db_read_failures=self.db_read_failures,
+            unprotected_seconds_by_cause=_summed(e.unprotected_by_cause for e in episodes),
         )
 
     def open_conditions(self) -> list[tuple[Rule, str, str]]:
@@ -692,6 +714,14 @@ class InvariantAuditor:
 
     def _now(self, now: float | None) -> float:
         return self._clock.monotonic() if now is None else now
+
+
+def _summed(parts: Iterable[Mapping[str, float]]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for part in parts:
+        for key, seconds in part.items():
+            total[key] = total.get(key, 0.0) + seconds
+    return total
 
 
 __all__ = [

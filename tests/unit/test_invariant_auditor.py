@@ -139,6 +139,32 @@ def test_a_position_without_its_trailing_stop_past_grace_is_uncovered() -> None:
         audit.assert_clean()
 
 
+def test_unprotected_seconds_are_split_by_why() -> None:
+    """Opening (first stops on their way, within grace), fired (the venue filling a TRIGGERING stop) and
+    other (a stop gone and not replaced): only the last is the engine's to answer for."""
+    audit = auditor()
+    bare = view([long()])
+    fired = view([long()], [stop(1, "ts")], triggering=[stop(1, "sl")])
+    lost = view([long()], [stop(1, "ts")])
+
+    def at(t: float) -> VenueView:
+        if t < 1.0:
+            return bare  # opening: 1 s
+        if t < 4.0:
+            return covered()  # 3 s protected
+        if t < 6.0:
+            return fired  # 2 s fired
+        if t < 7.5:
+            return covered()  # 1.5 s protected
+        return lost  # 2.5 s other (t 7.5 .. 10)
+
+    play(audit, [(t, at(t), None) for t in every(0, 10)])
+    figures = audit.figures()
+    assert figures.unprotected_seconds_by_cause == pytest.approx({"opening": 1.0, "fired": 2.0, "other": 2.5})
+    assert figures.open_seconds - figures.protected_seconds == pytest.approx(5.5)
+    assert figures.as_dict()["unprotected_seconds_by_cause"] == {"fired": 2.0, "opening": 1.0, "other": 2.5}
+
+
 def test_a_fired_stop_is_not_a_live_stop() -> None:
     audit = auditor()
     fired = view([long()], [stop(1, "ts")], triggering=[stop(1, "sl")])
