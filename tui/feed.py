@@ -192,7 +192,9 @@ def _entries_detail(event: EntriesToggled) -> str:
     """Who paused entries and why (the breaker, the lease, the database or an operator), as the header says."""
     if not event.paused:
         return "new entries resumed"
-    return f"new entries paused by the {event.by or 'operator'}" + (f": {event.reason}" if event.reason else "")
+    return f"new entries paused by the {event.by or 'operator'}" + (
+        f": {event.reason}" if event.reason else ""
+    )
 
 
 class LogTranslator:
