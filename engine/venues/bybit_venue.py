@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
@@ -28,6 +28,7 @@ from engine.exchange.errors import (
     Retryable,
 )
 from engine.exchange.port import (
+    AccountEvent,
     Balance,
     Capabilities,
     Market,
@@ -39,9 +40,17 @@ from engine.exchange.port import (
     PositionSide,
     RateBudget,
     RequestBudget,
+    StreamState,
     VenuePosition,
 )
 from engine.venues import bybit_limits
+from engine.venues.bybit_streams import (
+    PRODUCTION_PRIVATE_URL,
+    PRODUCTION_PUBLIC_URL,
+    TESTNET_PRIVATE_URL,
+    TESTNET_PUBLIC_URL,
+    BybitStreams,
+)
 from engine.venues.ccxt_venue import (
     _ZERO,
     BYBIT,
@@ -52,6 +61,7 @@ from engine.venues.ccxt_venue import (
     SymbolMap,
     _decimal,
     _positive,
+    _rehost,
     _seconds,
     _wire,
 )
@@ -114,6 +124,25 @@ class BybitLinearVenue(CcxtVenue):
         super().__init__(config, clock=clock)
         self._stops: dict[str, _PositionStop] = {}
         self._hedge_mode: bool | None = None
+        public, private = (
+            (TESTNET_PUBLIC_URL, TESTNET_PRIVATE_URL)
+            if config.testnet
+            else (PRODUCTION_PUBLIC_URL, PRODUCTION_PRIVATE_URL)
+        )
+        if config.base_url:  # the streams' host follows the configured URL exactly as the REST hosts do
+            public, private = (str(_rehost(url, config.base_url.rstrip("/"))) for url in (public, private))
+        self._streams = BybitStreams(
+            public_url=public,
+            private_url=private,
+            api_key=config.api_key,
+            api_secret=config.api_secret,
+            settings=config.streams,
+            session=self._stream_session,
+            rest_marks=self.fetch_mark_prices,
+            name_stop=self._stream_stop,
+            mark_poll_seconds=config.mark_poll_seconds,
+            monotonic=self._clock.monotonic,
+        )
 
     def _exchange_options(self) -> dict[str, Any]:
         options = super()._exchange_options()
@@ -157,6 +186,46 @@ class BybitLinearVenue(CcxtVenue):
         left = lowered.get(bybit_limits.LIMIT_STATUS_HEADER.lower())
         if limit is not None and left is not None and path in bybit_limits.ENDPOINT_LIMITS_PER_SECOND:
             self._pacing.requests.observe(path, max(0, int(limit) - int(left)), limit=int(limit))
+
+    # ---- push streams (`engine.venues.bybit_streams`) ---------------------------------------------------
+
+    async def close(self) -> None:
+        if not self._closed:
+            await self._streams.close()
+        await super().close()
+
+    async def watch_mark_prices(self, symbols: Collection[str] | None = None) -> AsyncIterator[MarkPrice]:
+        """The public `tickers.{symbol}` topics (every market's when `symbols` is None), REST while stale."""
+        await self._ensure_markets()
+        if symbols is not None:
+            for symbol in symbols:
+                self._market(symbol)
+        async for mark in self._streams.watch_mark_prices(
+            sorted(self._markets) if symbols is None else symbols
+        ):
+            if mark.symbol in self._markets:
+                yield mark
+
+    async def watch_account(self) -> AsyncIterator[AccountEvent]:
+        """The private `order` / `execution` / `position` topics, a `StreamGap` after every interruption."""
+        async for event in self._streams.watch_account():
+            yield event
+
+    def stream_states(self) -> tuple[StreamState, ...]:
+        return self._streams.states()
+
+    def _stream_stop(self, symbol: str, order_type: OrderType, venue_order_id: str) -> Order | None:
+        """Our id for the position's system-created stop order of this kind: the working stop we set (or
+        adopted) of that kind, else the one last known under that venue order id."""
+        kind = [stop for stop in self._stops_for(symbol) if stop.type is order_type]
+        stop = next((s for s in reversed(kind) if s.status is OrderStatus.NEW), None) or next(
+            (s for s in reversed(kind) if venue_order_id and s.venue_order_id == venue_order_id), None
+        )
+        if stop is None:
+            return None
+        if venue_order_id and not stop.venue_order_id:
+            stop.venue_order_id = venue_order_id
+        return self._snapshot(stop)
 
     async def load_markets(self) -> Mapping[str, Market]:
         loaded = await self._call(self._exchange.load_markets(True), mutating=False)

@@ -565,6 +565,13 @@ class CcxtVenue(RequestHooks):
         self._exchange.session = self._session
         self._exchange.own_session = False
 
+    def _stream_session(self) -> aiohttp.ClientSession:
+        """The HTTP session the push streams' websockets ride on (the REST pool's)."""
+        self._ensure_session()
+        if self._session is None:
+            raise RuntimeError(f"{self.kind} venue is closed")
+        return self._session
+
     @property
     def name(self) -> str:
         return self.kind
@@ -831,12 +838,6 @@ class BinanceUsdmVenue(CcxtVenue):
         if self._config.base_url:
             return str(_rehost(url, self._config.base_url.rstrip("/")))
         return url
-
-    def _stream_session(self) -> aiohttp.ClientSession:
-        self._ensure_session()
-        if self._session is None:
-            raise RuntimeError(f"{self.kind} venue is closed")
-        return self._session
 
     def _exchange_options(self) -> dict[str, Any]:
         options = super()._exchange_options()

@@ -50,6 +50,7 @@ class StreamSettings:
     backoff_max_seconds: float = 30.0
     stable_seconds: float = 30.0  # a connection that lived this long resets the backoff
     listen_key_keepalive_seconds: float = 1800.0  # Binance: every 30 min (a key lives 60)
+    subscription_check_seconds: float = 30.0  # Bybit: ask for each private topic again this often
     connect_timeout_seconds: float = 10.0
 
     def __post_init__(self) -> None:

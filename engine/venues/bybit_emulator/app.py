@@ -82,9 +82,11 @@ from engine.venues.bybit_emulator.faults import (
     parse_target,
 )
 from engine.venues.bybit_emulator.limits import BybitLimiter
+from engine.venues.bybit_emulator.streams import BybitStreamHub, stream_signature
 from engine.venues.sim.core import DEFAULT_ACCOUNT, SimCore
 from engine.venues.sim.prices import GbmWalk
 from engine.venues.sim.settings import SimVenueSettings
+from engine.venues.sim.stream_faults import StreamFaultError
 from engine.venues.sim.universe import select_listings
 
 logger = logging.getLogger(__name__)
@@ -265,6 +267,7 @@ class BybitEmulator:
         self.requests_served = 0
         self.requests_by_endpoint: dict[str, int] = {}  # "METHOD endpoint" -> requests served
         self.stops_attached_to_entries = 0
+        self.streams = BybitStreamHub(self)
 
     # ---- time ------------------------------------------------------------------------------------------
 
@@ -302,6 +305,8 @@ class BybitEmulator:
             app.router.add_post("/_sim/skew", self._control_skew)
             app.router.add_post("/_sim/position-stops", self._control_position_stops)
             app.router.add_get("/_sim/state", self._control_state)
+            app.router.add_post("/_sim/stream-fault", self._control_stream_fault)
+        self.streams.add_routes(app)
         app.cleanup_ctx.append(self._mark_ticker_context)
         app.on_shutdown.append(self._on_shutdown)
         return app
@@ -340,7 +345,10 @@ class BybitEmulator:
             self.core.set_mark(symbol, mark, now)
         if last is not None:
             self._last[symbol] = market.round_price(last)
-        return self._run_stops(symbol, now)
+        fired = self._run_stops(symbol, now)
+        if fired:
+            self.streams.account_changed()  # a fired stop reaches the private topics at once
+        return fired
 
     def last_price(self, symbol: str) -> Decimal:
         return self._last[symbol]
@@ -477,6 +485,7 @@ class BybitEmulator:
                             self.now()
                         )
             response = await self._serve(request.method, endpoint, handler, params)
+            self.streams.account_changed()  # what the request changed reaches the private topics
             for name, value in headers.items():
                 response.headers[name] = value
             return response
@@ -619,29 +628,31 @@ class BybitEmulator:
             if params["symbol"] not in self.core.markets:
                 raise BybitError(PARAMS_ERROR, f"params error: symbol invalid {params['symbol']!r}")
             symbols = [params["symbol"]]
-        rows = []
-        for symbol in symbols:
-            mark, last = self.core.mark(symbol), self._last[symbol]
-            rows.append(
-                {
-                    "symbol": symbol,
-                    "lastPrice": _text(last),
-                    "markPrice": _text(mark),
-                    "indexPrice": _text(mark),
-                    "bid1Price": _text(last),
-                    "ask1Price": _text(last),
-                    "prevPrice24h": _text(last),
-                    "price24hPcnt": "0",
-                    "highPrice24h": _text(last),
-                    "lowPrice24h": _text(last),
-                    "volume24h": "0",
-                    "turnover24h": "0",
-                    "fundingRate": "0.0001",
-                    "nextFundingTime": str(_ms(request.now) + 3_600_000),
-                    "openInterest": "0",
-                }
-            )
+        rows = [self.ticker_row(symbol, request.now) for symbol in symbols]
         return {"category": "linear", "list": rows}
+
+    def ticker_row(self, symbol: str, now: float) -> dict[str, Any] | None:
+        """A `tickers` row (REST and the `tickers.{symbol}` topic); None for an unknown symbol."""
+        if symbol not in self.core.markets:
+            return None
+        mark, last = self.core.mark(symbol), self._last[symbol]
+        return {
+            "symbol": symbol,
+            "lastPrice": _text(last),
+            "markPrice": _text(mark),
+            "indexPrice": _text(mark),
+            "bid1Price": _text(last),
+            "ask1Price": _text(last),
+            "prevPrice24h": _text(last),
+            "price24hPcnt": "0",
+            "highPrice24h": _text(last),
+            "lowPrice24h": _text(last),
+            "volume24h": "0",
+            "turnover24h": "0",
+            "fundingRate": "0.0001",
+            "nextFundingTime": str(_ms(now) + 3_600_000),
+            "openInterest": "0",
+        }
 
     # ---- account and positions --------------------------------------------------------------------------
 
@@ -1045,31 +1056,35 @@ class BybitEmulator:
                 continue
             if params.get("orderLinkId") and execution.order_link_id != params["orderLinkId"]:
                 continue
-            rows.append(
-                {
-                    "symbol": execution.symbol,
-                    "orderId": execution.order_id,
-                    "orderLinkId": execution.order_link_id,
-                    "side": _side_word(execution.side),
-                    "orderPrice": "0",
-                    "orderQty": _text(execution.qty),
-                    "leavesQty": "0",
-                    "orderType": "Market",
-                    "stopOrderType": execution.stop_order_type or "UNKNOWN",
-                    "execFee": "0",
-                    "execId": execution.exec_id,
-                    "execPrice": _text(execution.price),
-                    "execQty": _text(execution.qty),
-                    "execType": "Trade",
-                    "execValue": _text(execution.price * execution.qty),
-                    "execTime": str(_ms(execution.time)),
-                    "isMaker": False,
-                    "closedSize": _text(execution.qty) if execution.stop_order_type else "0",
-                }
-            )
+            rows.append(_execution_json(execution))
         start, limit = self._page(params, EXECUTION_PAGE_DEFAULT, EXECUTION_PAGE_MAX)
         page, cursor = self._paged(rows, start, limit)
         return {"category": "linear", "list": page, "nextPageCursor": cursor}
+
+    # ---- streams (`streams.py`) ----------------------------------------------------------------------------
+
+    def stream_rows(
+        self,
+    ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], dict[str, dict[str, Any]]]:
+        now = self.now()
+        orders = {order_id: _order_json(order) for order_id, order in self._book.orders.items()}
+        executions = [_execution_json(e) for e in self._book.executions]
+        positions = {}
+        for position in self.core.positions(now, DEFAULT_ACCOUNT):
+            row = self._position_row(position.symbol, position, now)
+            row["entryPrice"] = row.pop("avgPrice")
+            positions[position.symbol] = row
+        return orders, executions, positions
+
+    def verify_stream_auth(self, api_key: str, expires_ms: int, signature: str) -> str | None:
+        if not hmac.compare_digest(api_key, self._api_key):
+            return "Invalid apikey"
+        if expires_ms <= int(self.server_time() * 1000):
+            return "Params Error: request expired"
+        expected = stream_signature(self._secret.decode(), expires_ms)
+        if not hmac.compare_digest(signature, expected):
+            return "Invalid sign"
+        return None
 
     # ---- control API (tests, rehearsals) ----------------------------------------------------------------
 
@@ -1158,9 +1173,18 @@ class BybitEmulator:
             raise web.HTTPBadRequest(text=f"control API: {error}") from None
         return _json({"forced": fault.kind.value, "targets": target_texts})
 
+    async def _control_stream_fault(self, request: web.Request) -> web.Response:
+        body = await self._control_body(request)
+        try:
+            staged = await self.streams.stage_fault(body)
+        except StreamFaultError as error:
+            raise web.HTTPBadRequest(text=f"control API: {error}") from None
+        return _json(staged)
+
     async def _control_clear_faults(self, request: web.Request) -> web.Response:
         self._require_loopback(request)
         self.faults.clear_forced()
+        self.streams.clear_faults()
         return _json({})
 
     async def _control_advance(self, request: web.Request) -> web.Response:
@@ -1235,6 +1259,7 @@ class BybitEmulator:
                     for p in seen.positions
                 ],
                 "position_stops": stops,
+                "streams": self.streams.state(),
                 "rate": {
                     "ip_requests_5s": self.limits.ip_used(ip, now),
                     "banned_until_ms": _ms(banned) if banned else None,
@@ -1312,6 +1337,29 @@ def _instrument(market: Market) -> dict[str, Any]:
         "copyTrading": "both",
         "upperFundingRate": "0.005",
         "lowerFundingRate": "-0.005",
+    }
+
+
+def _execution_json(execution: _Execution) -> dict[str, Any]:
+    return {
+        "symbol": execution.symbol,
+        "orderId": execution.order_id,
+        "orderLinkId": execution.order_link_id,
+        "side": _side_word(execution.side),
+        "orderPrice": "0",
+        "orderQty": _text(execution.qty),
+        "leavesQty": "0",
+        "orderType": "Market",
+        "stopOrderType": execution.stop_order_type or "UNKNOWN",
+        "execFee": "0",
+        "execId": execution.exec_id,
+        "execPrice": _text(execution.price),
+        "execQty": _text(execution.qty),
+        "execType": "Trade",
+        "execValue": _text(execution.price * execution.qty),
+        "execTime": str(_ms(execution.time)),
+        "isMaker": False,
+        "closedSize": _text(execution.qty) if execution.stop_order_type else "0",
     }
 
 
