@@ -83,6 +83,7 @@ PRIVATE_TOPICS = ("order", "execution", "position")
 MAX_ARGS_CHARS = 21_000
 _ARGS_PER_REQUEST = 10
 _AUTH_EXPIRES_SECONDS = 10.0
+_REPEAT_SECONDS = 1.0
 _ZERO = Decimal(0)
 _STOP_TYPES = {"StopLoss": OrderType.STOP_MARKET, "TrailingStop": OrderType.TRAILING_STOP_MARKET}
 _ORDER_STATUS = {
@@ -154,6 +155,7 @@ class BybitStreams:
         self._resubscribed: dict[str, float] = {}
         self._tickers: dict[str, dict[str, Any]] = {}  # symbol -> merged ticker fields
         self._watchers: list[MarkWatcher] = []
+        self._offered: dict[str, MarkPrice] = {}  # symbol -> the last mark passed on (stream or REST)
         self.fallback_symbols: set[str] = set()
         # Account.
         self._listeners: list[asyncio.Queue[AccountEvent | None]] = []
@@ -284,6 +286,7 @@ class BybitStreams:
             logger.warning("bybit marks: REST fallback failed (%s); marks go stale", type(error).__name__)
             return
         for mark in marks.values():
+            self._offered[mark.symbol] = mark
             watcher.offer(mark)
 
     async def _subscribe(self, topics: list[str]) -> None:
@@ -340,6 +343,17 @@ class BybitStreams:
         if price is None:
             return  # a delta before any snapshot: nothing known yet
         mark = MarkPrice(symbol, price, seconds_from_ms(payload.get("ts"), time.time()))
+        before = self._offered.get(symbol)
+        if (
+            before is not None
+            and before.price == price
+            and mark.timestamp - before.timestamp < _REPEAT_SECONDS
+        ):
+            return  # an unchanged mark is passed on once a second (its freshness), not ten times
+        self._offer(mark)
+
+    def _offer(self, mark: MarkPrice) -> None:
+        self._offered[mark.symbol] = mark
         for watcher in self._watchers:
             watcher.offer(mark)
 

@@ -39,7 +39,10 @@ in the Binance emulator. Control API (loopback callers only, never counted): `PO
 unless `last` is given, last), `POST /_sim/last` (the last price alone: a wick), `POST /_sim/fault`,
 `POST /_sim/clear-faults`, `POST /_sim/advance`, `POST /_sim/skew` (the server clock's offset, for clock
 drift), `POST /_sim/position-stops` (seed stops straight on a position, as another client would),
-`GET /_sim/state`.
+`POST /_sim/stream-fault` (websocket faults), `GET /_sim/state`.
+
+Websockets on the same port (`streams.py`): the public `tickers` topic and the private `order`,
+`execution` and `position` topics, pushed from this book after every request and every price move.
 """
 
 from __future__ import annotations
