@@ -19,8 +19,8 @@ change: legacy unrouted URLs were retired on 2026-04-23, so only `/market` and `
 * the server pings every connection every 3 minutes and closes one that has not answered for 10; a
   connection is closed after 24 hours (venue time: `/_sim/advance` moves it).
 
-Faults (control API `POST /_sim/stream-fault`, body `{"fault": ..., ...}`; `POST /_sim/clear-faults` ends
-the lasting ones): `drop` (close every connection now; with `seconds`, also every connection opened during
+Faults (the model shared with the Bybit emulator, `engine.venues.sim.stream_faults`; control API
+`POST /_sim/stream-fault`, body `{"fault": ..., ...}`; `POST /_sim/clear-faults` ends the lasting ones): `drop` (close every connection now; with `seconds`, also every connection opened during
 those seconds, right after its handshake: a reconnect storm), `stall` (every open connection stays
 connected and sends nothing, not even a pong, for `seconds`), `drop_subscription` (the server forgets one
 subscription, `stream` or the first it holds, without telling anyone), `expire_listen_key` (the key
