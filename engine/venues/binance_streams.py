@@ -60,13 +60,12 @@ from engine.exchange.port import (
     StreamState,
 )
 from engine.venues.stream_client import (
-    MarkWatcher,
+    MarkTopics,
     Reconnect,
     ReconnectingSocket,
     StatusLedger,
     StreamSettings,
     Supervisor,
-    fresh_marks,
 )
 from engine.venues.stream_client import decimal_or_none as _decimal
 from engine.venues.stream_client import positive_or_none as _positive
@@ -86,6 +85,15 @@ _ZERO = Decimal(0)
 
 def mark_stream_name(symbol: str) -> str:
     return f"{symbol.lower()}@markPrice@1s"
+
+
+def _symbols_of(stale: list[str], wanted: frozenset[str] | None) -> list[str] | None:
+    """The symbols silent streams stand for (None: every symbol, the all-market stream)."""
+    if wanted is None:
+        return None
+    if ALL_MARKS_STREAM in stale:
+        return sorted(wanted)
+    return sorted(s for s in wanted if mark_stream_name(s) in stale)
 
 
 class BinanceStreams:
@@ -110,24 +118,27 @@ class BinanceStreams:
         self._monotonic = monotonic
         self._ws_url = ws_url.rstrip("/")
         self._settings = settings
-        self._rest_marks = rest_marks
         self._create_key = create_key
         self._keep_alive_key = keep_alive_key
         self._delete_key = delete_key
-        self._mark_poll_seconds = mark_poll_seconds
         self._market = ReconnectingSocket("binance", "marks", settings, session)
         self._account = ReconnectingSocket("binance", "account", settings, session)
         self._supervisor = Supervisor("binance")
         self._tasks = self._supervisor.tasks
         self._closed = False
         # Market stream.
-        self._wanted: dict[str, int] = {}  # stream name -> watchers wanting it
-        self._stream_seen: dict[str, float] = {}  # stream name -> monotonic of its last data
-        self._resubscribed: dict[str, float] = {}  # stream name -> monotonic of our last SUBSCRIBE for it
-        self._watchers: list[MarkWatcher] = []
+        self._marks = MarkTopics(
+            "binance",
+            self._market,
+            settings,
+            subscribe=self._send_subscribe,
+            unsubscribe=self._send_unsubscribe,
+            symbols_of=_symbols_of,
+            rest_marks=rest_marks,
+            poll_seconds=mark_poll_seconds,
+        )
         self._request_ids = 0
         self._in_url: set[str] = set()  # the streams named in the current connection's URL
-        self.fallback_symbols: set[str] = set()
         # Account stream.
         self._listeners: list[asyncio.Queue[AccountEvent | None]] = []  # None: the venue closed
         self._listen_key: str | None = None
@@ -147,8 +158,7 @@ class BinanceStreams:
         self._closed = True
         for queue in self._listeners:
             queue.put_nowait(None)  # the account watchers end
-        for watcher in self._watchers:
-            watcher.ready.set()  # the mark watchers see `_closed` at once
+        self._marks.close()
         await self._supervisor.close()
         if self._listen_key is not None:
             self._listen_key = None
@@ -161,21 +171,7 @@ class BinanceStreams:
     def states(self) -> tuple[StreamState, ...]:
         states = []
         if "marks" in self._tasks:
-            detail = self._market.detail
-            if self.fallback_symbols:
-                detail = f"REST polling for {len(self.fallback_symbols)} symbol(s)" + (
-                    f"; {detail}" if detail else ""
-                )
-            states.append(
-                StreamState(
-                    name="marks",
-                    connected=self._market.connected,
-                    last_event_at=self._on_engine_clock(self._market.last_message_at),
-                    reconnects=self._market.reconnects,
-                    subscriptions=len(self._wanted),
-                    detail=detail,
-                )
-            )
+            states.append(self._marks.state(self._on_engine_clock))
         if "account" in self._tasks:
             states.append(
                 StreamState(
@@ -197,80 +193,16 @@ class BinanceStreams:
             names = [ALL_MARKS_STREAM]
         else:
             names = [mark_stream_name(s) for s in sorted(wanted)]
-        watcher = MarkWatcher(wanted)
-        self._watchers.append(watcher)
-        added = [n for n in names if self._wanted.get(n, 0) == 0]
-        for name in names:
-            self._wanted[name] = self._wanted.get(name, 0) + 1
-            self._stream_seen.setdefault(name, time.monotonic())
-        self._start("marks", self._run_market)
-        if added:
-            await self._subscribe(added)
+        async for mark in self._marks.watch(
+            names, wanted, lambda: self._closed, lambda: self._start("marks", self._run_market)
+        ):
+            yield mark
 
-        def stale() -> list[str]:
-            silent = self._stale_names(names)
-            if not silent:
-                self.fallback_symbols.difference_update(wanted or {ALL_MARKS_STREAM})
-            return silent
-
-        async def fallback(silent: list[str]) -> None:
-            await self._fallback(silent, wanted, watcher)
-
-        try:
-            async for mark in fresh_marks(
-                watcher,
-                closed=lambda: self._closed,
-                stale=stale,
-                fallback=fallback,
-                poll_seconds=self._mark_poll_seconds,
-            ):
-                yield mark
-        finally:
-            self._watchers.remove(watcher)
-            released = []
-            for name in names:
-                self._wanted[name] -= 1
-                if self._wanted[name] == 0:
-                    del self._wanted[name]
-                    released.append(name)
-            if released and not self._closed:
-                await self._market.send({"method": "UNSUBSCRIBE", "params": released, "id": self._next_id()})
-
-    def _stale_names(self, names: list[str]) -> list[str]:
-        now = time.monotonic()
-        limit = self._settings.stale_mark_seconds
-        return [
-            n for n in names if not self._market.connected or now - self._stream_seen.get(n, 0.0) >= limit
-        ]
-
-    async def _fallback(self, stale: list[str], wanted: frozenset[str] | None, watcher: MarkWatcher) -> None:
-        """Marks by REST while their stream is silent; ask the venue for the stream again."""
-        if self._market.connected:
-            now = time.monotonic()
-            again = [
-                n for n in stale if now - self._resubscribed.get(n, 0.0) >= self._settings.stale_mark_seconds
-            ]
-            if again:
-                logger.warning("binance marks stream: %d stream(s) silent; subscribing again", len(again))
-                await self._subscribe(again)
-        if wanted is None or ALL_MARKS_STREAM in stale:
-            symbols = None if wanted is None else sorted(wanted)
-        else:
-            symbols = sorted(s for s in wanted if mark_stream_name(s) in stale)
-        self.fallback_symbols.update(symbols if symbols is not None else {ALL_MARKS_STREAM})
-        try:
-            marks = await self._rest_marks(symbols)
-        except ExchangeError as error:
-            logger.warning("binance marks: REST fallback failed (%s); marks go stale", type(error).__name__)
-            return
-        for mark in marks.values():
-            watcher.offer(mark)
-
-    async def _subscribe(self, names: list[str]) -> None:
-        now = time.monotonic()
-        for name in names:
-            self._resubscribed[name] = now
+    async def _send_subscribe(self, names: list[str]) -> None:
         await self._market.send({"method": "SUBSCRIBE", "params": names, "id": self._next_id()})
+
+    async def _send_unsubscribe(self, names: list[str]) -> None:
+        await self._market.send({"method": "UNSUBSCRIBE", "params": names, "id": self._next_id()})
 
     def _next_id(self) -> int:
         self._request_ids += 1
@@ -280,20 +212,14 @@ class BinanceStreams:
         async def url() -> str:
             # Stream mode on the market route, what is wanted already in the URL (Binance asks no
             # SUBSCRIBE for it); whatever is wanted later is subscribed on the open connection.
-            names = sorted(self._wanted)[:_URL_STREAMS]
+            names = sorted(self._marks.wanted)[:_URL_STREAMS]
             self._in_url = set(names)
             return f"{self._ws_url}/market/stream" + (f"?streams={'/'.join(names)}" if names else "")
 
         async def on_open(_ws: aiohttp.ClientWebSocketResponse) -> None:
-            # Everything wanted, including what was asked for while disconnected.
-            names = sorted(self._wanted)
-            now = time.monotonic()
-            for name in names:
-                self._stream_seen[name] = max(
-                    self._stream_seen.get(name, 0.0), now - self._settings.stale_mark_seconds / 2
-                )
+            names = self._marks.reopened()
             if names:
-                await self._subscribe(names)
+                await self._marks.subscribe(names)
 
         await self._market.run(url, on_open, self._on_market_message)
 
@@ -310,7 +236,7 @@ class BinanceStreams:
         if not isinstance(name, str):
             return
         now = time.monotonic()
-        self._stream_seen[name] = now
+        self._marks.seen[name] = now
         rows = data if isinstance(data, list) else [data]
         marks = []
         for row in rows:
@@ -322,10 +248,9 @@ class BinanceStreams:
                 continue
             marks.append(MarkPrice(symbol, price, _seconds(row.get("E"), time.time())))
             if name == ALL_MARKS_STREAM:
-                self._stream_seen[mark_stream_name(symbol)] = now
-        for watcher in self._watchers:
-            for mark in marks:
-                watcher.offer(mark)
+                self._marks.seen[mark_stream_name(symbol)] = now
+        for mark in marks:
+            self._marks.offer(mark)
 
     # ---- account --------------------------------------------------------------------------------------
 

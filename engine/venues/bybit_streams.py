@@ -45,7 +45,6 @@ from typing import Any
 
 import aiohttp
 
-from engine.exchange.errors import ExchangeError
 from engine.exchange.port import (
     AccountEvent,
     MarkPrice,
@@ -60,14 +59,13 @@ from engine.exchange.port import (
     StreamState,
 )
 from engine.venues.stream_client import (
-    MarkWatcher,
+    MarkTopics,
     Reconnect,
     ReconnectingSocket,
     StatusLedger,
     StreamRefused,
     StreamSettings,
     Supervisor,
-    fresh_marks,
     positive_or_none,
     seconds_from_ms,
 )
@@ -150,13 +148,19 @@ class BybitStreams:
         self._closed = False
         self._req_ids = 0
         # Marks.
-        self._wanted: dict[str, int] = {}  # topic -> watchers wanting it
-        self._seen: dict[str, float] = {}  # topic -> monotonic of its last message
-        self._resubscribed: dict[str, float] = {}
+        self._marks = MarkTopics(
+            "bybit",
+            self._public,
+            settings,
+            subscribe=self._send_subscribe,
+            unsubscribe=self._send_unsubscribe,
+            symbols_of=lambda stale, _wanted: sorted(t.split(".", 1)[1] for t in stale),
+            rest_marks=rest_marks,
+            poll_seconds=mark_poll_seconds,
+            on_rest_mark=self._note_offered,
+        )
         self._tickers: dict[str, dict[str, Any]] = {}  # symbol -> merged ticker fields
-        self._watchers: list[MarkWatcher] = []
         self._offered: dict[str, MarkPrice] = {}  # symbol -> the last mark passed on (stream or REST)
-        self.fallback_symbols: set[str] = set()
         # Account.
         self._listeners: list[asyncio.Queue[AccountEvent | None]] = []
         self._started_at = time.time()
@@ -174,8 +178,7 @@ class BybitStreams:
         self._closed = True
         for queue in self._listeners:
             queue.put_nowait(None)
-        for watcher in self._watchers:
-            watcher.ready.set()
+        self._marks.close()
         await self._supervisor.close()
 
     def _next_req_id(self, prefix: str) -> str:
@@ -189,21 +192,7 @@ class BybitStreams:
         states = []
         tasks = self._supervisor.tasks
         if "marks" in tasks:
-            detail = self._public.detail
-            if self.fallback_symbols:
-                detail = f"REST polling for {len(self.fallback_symbols)} symbol(s)" + (
-                    f"; {detail}" if detail else ""
-                )
-            states.append(
-                StreamState(
-                    name="marks",
-                    connected=self._public.connected,
-                    last_event_at=self._engine_clock(self._public.last_message_at),
-                    reconnects=self._public.reconnects,
-                    subscriptions=len(self._wanted),
-                    detail=detail,
-                )
-            )
+            states.append(self._marks.state(self._engine_clock))
         if "account" in tasks:
             states.append(
                 StreamState(
@@ -222,78 +211,13 @@ class BybitStreams:
     async def watch_mark_prices(self, symbols: Collection[str]) -> AsyncIterator[MarkPrice]:
         wanted = frozenset(symbols)
         topics = [ticker_topic(s) for s in sorted(wanted)]
-        watcher = MarkWatcher(wanted)
-        self._watchers.append(watcher)
-        added = [t for t in topics if self._wanted.get(t, 0) == 0]
-        for topic in topics:
-            self._wanted[topic] = self._wanted.get(topic, 0) + 1
-            self._seen.setdefault(topic, time.monotonic())
-        self._supervisor.start("marks", self._run_public)
-        if added:
-            await self._subscribe(added)
+        async for mark in self._marks.watch(
+            topics, wanted, lambda: self._closed, lambda: self._supervisor.start("marks", self._run_public)
+        ):
+            yield mark
 
-        def stale() -> list[str]:
-            silent = self._stale(topics)
-            if not silent:
-                self.fallback_symbols.difference_update(wanted)
-            return silent
-
-        async def fallback(silent: list[str]) -> None:
-            await self._fallback(silent, watcher)
-
-        try:
-            async for mark in fresh_marks(
-                watcher,
-                closed=lambda: self._closed,
-                stale=stale,
-                fallback=fallback,
-                poll_seconds=self._mark_poll_seconds,
-            ):
-                yield mark
-        finally:
-            self._watchers.remove(watcher)
-            released = []
-            for topic in topics:
-                self._wanted[topic] -= 1
-                if self._wanted[topic] == 0:
-                    del self._wanted[topic]
-                    released.append(topic)
-            if released and not self._closed:
-                for chunk in _chunks(released):
-                    await self._public.send(
-                        {"op": "unsubscribe", "args": chunk, "req_id": self._next_req_id("unsub")}
-                    )
-
-    def _stale(self, topics: list[str]) -> list[str]:
-        now = time.monotonic()
-        limit = self._settings.stale_mark_seconds
-        return [t for t in topics if not self._public.connected or now - self._seen.get(t, 0.0) >= limit]
-
-    async def _fallback(self, stale: list[str], watcher: MarkWatcher) -> None:
-        if self._public.connected:
-            now = time.monotonic()
-            again = [
-                t for t in stale if now - self._resubscribed.get(t, 0.0) >= self._settings.stale_mark_seconds
-            ]
-            if again:
-                logger.warning("bybit marks stream: %d topic(s) silent; subscribing again", len(again))
-                await self._subscribe(again)
-        symbols = sorted(t.split(".", 1)[1] for t in stale)
-        self.fallback_symbols.update(symbols)
-        try:
-            marks = await self._rest_marks(symbols)
-        except ExchangeError as error:
-            logger.warning("bybit marks: REST fallback failed (%s); marks go stale", type(error).__name__)
-            return
-        for mark in marks.values():
-            self._offered[mark.symbol] = mark
-            watcher.offer(mark)
-
-    async def _subscribe(self, topics: list[str]) -> None:
-        now = time.monotonic()
+    async def _send_subscribe(self, topics: list[str]) -> None:
         budget = MAX_ARGS_CHARS
-        for topic in topics:
-            self._resubscribed[topic] = now
         for chunk in _chunks(topics):
             size = sum(len(t) for t in chunk)
             if size > budget:
@@ -304,19 +228,20 @@ class BybitStreams:
             budget -= size
             await self._public.send({"op": "subscribe", "args": chunk, "req_id": self._next_req_id("sub")})
 
+    async def _send_unsubscribe(self, topics: list[str]) -> None:
+        for chunk in _chunks(topics):
+            await self._public.send(
+                {"op": "unsubscribe", "args": chunk, "req_id": self._next_req_id("unsub")}
+            )
+
     async def _run_public(self) -> None:
         async def url() -> str:
             return self._public_url
 
         async def on_open(_ws: aiohttp.ClientWebSocketResponse) -> None:
-            topics = sorted(self._wanted)  # including what was asked for while disconnected
-            now = time.monotonic()
-            for topic in topics:
-                self._seen[topic] = max(
-                    self._seen.get(topic, 0.0), now - self._settings.stale_mark_seconds / 2
-                )
+            topics = self._marks.reopened()
             if topics:
-                await self._subscribe(topics)
+                await self._marks.subscribe(topics)
 
         await self._public.run(url, on_open, self._on_public_message)
 
@@ -333,7 +258,7 @@ class BybitStreams:
         if not isinstance(topic, str) or not topic.startswith("tickers.") or not isinstance(data, dict):
             return
         symbol = topic[len("tickers.") :]
-        self._seen[topic] = time.monotonic()
+        self._marks.seen[topic] = time.monotonic()
         if payload.get("type") == "snapshot":
             state = self._tickers[symbol] = dict(data)
         else:
@@ -353,9 +278,11 @@ class BybitStreams:
         self._offer(mark)
 
     def _offer(self, mark: MarkPrice) -> None:
+        self._note_offered(mark)
+        self._marks.offer(mark)
+
+    def _note_offered(self, mark: MarkPrice) -> None:
         self._offered[mark.symbol] = mark
-        for watcher in self._watchers:
-            watcher.offer(mark)
 
     # ---- account --------------------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import logging
 import random
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 
 from engine.exchange.errors import ExchangeError
-from engine.exchange.port import MarkPrice, OrderStatus
+from engine.exchange.port import MarkPrice, OrderStatus, StreamState
 
 logger = logging.getLogger(__name__)
 
@@ -339,3 +339,150 @@ async def fresh_marks(
             if mark.timestamp > last_yielded.get(mark.symbol, -1.0):
                 last_yielded[mark.symbol] = mark.timestamp
                 yield mark
+
+
+class MarkTopics:
+    """The mark streams (Binance stream names, Bybit topics) the readers want, over one socket: how many
+    readers want each, when each last spoke, when we last asked the venue for it, and the symbols read by
+    REST while their stream is silent. The venue says how to ask (`subscribe` / `unsubscribe` send on the
+    socket) and which symbols a set of silent streams stands for (`symbols_of`; None: every symbol)."""
+
+    ALL = "*"  # in `fallback_symbols`: every symbol is read by REST
+
+    def __init__(
+        self,
+        venue: str,
+        socket: ReconnectingSocket,
+        settings: StreamSettings,
+        *,
+        subscribe: Callable[[list[str]], Awaitable[None]],
+        unsubscribe: Callable[[list[str]], Awaitable[None]],
+        symbols_of: Callable[[list[str], frozenset[str] | None], list[str] | None],
+        rest_marks: Callable[[Collection[str] | None], Awaitable[dict[str, MarkPrice]]],
+        poll_seconds: float,
+        on_rest_mark: Callable[[MarkPrice], None] | None = None,
+    ) -> None:
+        self._venue = venue
+        self._socket = socket
+        self._on_rest_mark = on_rest_mark
+        self._settings = settings
+        self._send_subscribe = subscribe
+        self._send_unsubscribe = unsubscribe
+        self._symbols_of = symbols_of
+        self._rest_marks = rest_marks
+        self._poll_seconds = poll_seconds
+        self.wanted: dict[str, int] = {}  # name -> readers wanting it
+        self.seen: dict[str, float] = {}  # name -> monotonic of its last data
+        self._asked: dict[str, float] = {}  # name -> monotonic of our last subscribe for it
+        self.watchers: list[MarkWatcher] = []
+        self.fallback_symbols: set[str] = set()
+
+    async def watch(
+        self,
+        names: list[str],
+        symbols: frozenset[str] | None,
+        closed: Callable[[], bool],
+        start: Callable[[], None],
+    ) -> AsyncIterator[MarkPrice]:
+        """One reader of `names` (filtered to `symbols`), from subscribing to releasing what it alone held."""
+        watcher = MarkWatcher(symbols)
+        self.watchers.append(watcher)
+        added = [n for n in names if self.wanted.get(n, 0) == 0]
+        for name in names:
+            self.wanted[name] = self.wanted.get(name, 0) + 1
+            self.seen.setdefault(name, time.monotonic())
+        start()
+        if added:
+            await self.subscribe(added)
+
+        def stale() -> list[str]:
+            silent = self._stale(names)
+            if not silent:
+                self.fallback_symbols.difference_update(symbols or {self.ALL})
+            return silent
+
+        async def fallback(silent: list[str]) -> None:
+            await self._fallback(silent, symbols, watcher)
+
+        try:
+            async for mark in fresh_marks(
+                watcher, closed=closed, stale=stale, fallback=fallback, poll_seconds=self._poll_seconds
+            ):
+                yield mark
+        finally:
+            self.watchers.remove(watcher)
+            released = []
+            for name in names:
+                self.wanted[name] -= 1
+                if self.wanted[name] == 0:
+                    del self.wanted[name]
+                    released.append(name)
+            if released and not closed():
+                await self._send_unsubscribe(released)
+
+    def _stale(self, names: list[str]) -> list[str]:
+        now = time.monotonic()
+        limit = self._settings.stale_mark_seconds
+        return [n for n in names if not self._socket.connected or now - self.seen.get(n, 0.0) >= limit]
+
+    async def _fallback(self, stale: list[str], symbols: frozenset[str] | None, watcher: MarkWatcher) -> None:
+        """Marks by REST while their stream is silent; ask the venue for the stream again."""
+        if self._socket.connected:
+            now = time.monotonic()
+            again = [n for n in stale if now - self._asked.get(n, 0.0) >= self._settings.stale_mark_seconds]
+            if again:
+                logger.warning(
+                    "%s marks stream: %d stream(s) silent; subscribing again", self._venue, len(again)
+                )
+                await self.subscribe(again)
+        wanted = self._symbols_of(stale, symbols)
+        self.fallback_symbols.update(wanted if wanted is not None else {self.ALL})
+        try:
+            marks = await self._rest_marks(wanted)
+        except ExchangeError as error:
+            logger.warning(
+                "%s marks: REST fallback failed (%s); marks go stale", self._venue, type(error).__name__
+            )
+            return
+        for mark in marks.values():
+            if self._on_rest_mark is not None:
+                self._on_rest_mark(mark)
+            watcher.offer(mark)
+
+    async def subscribe(self, names: list[str]) -> None:
+        now = time.monotonic()
+        for name in names:
+            self._asked[name] = now
+        await self._send_subscribe(names)
+
+    def reopened(self) -> list[str]:
+        """A new connection: what to ask for (all that is wanted, including what was asked for while
+        disconnected), each given half the staleness limit to speak before it counts as silent."""
+        names = sorted(self.wanted)
+        now = time.monotonic()
+        for name in names:
+            self.seen[name] = max(self.seen.get(name, 0.0), now - self._settings.stale_mark_seconds / 2)
+        return names
+
+    def offer(self, mark: MarkPrice) -> None:
+        for watcher in self.watchers:
+            watcher.offer(mark)
+
+    def close(self) -> None:
+        for watcher in self.watchers:
+            watcher.ready.set()  # the readers see the venue closed at once
+
+    def state(self, engine_clock: Callable[[float | None], float | None]) -> StreamState:
+        detail = self._socket.detail
+        if self.fallback_symbols:
+            detail = f"REST polling for {len(self.fallback_symbols)} symbol(s)" + (
+                f"; {detail}" if detail else ""
+            )
+        return StreamState(
+            name="marks",
+            connected=self._socket.connected,
+            last_event_at=engine_clock(self._socket.last_message_at),
+            reconnects=self._socket.reconnects,
+            subscriptions=len(self.wanted),
+            detail=detail,
+        )
