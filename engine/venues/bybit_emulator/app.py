@@ -1228,6 +1228,7 @@ class BybitEmulator:
             self._trading_stop(_Request("POST", params, self.now()))
         except BybitError as error:
             raise web.HTTPBadRequest(text=f"control API: {error.code} {error.msg}") from None
+        self.streams.account_changed()
         return _json({})
 
     async def _control_state(self, request: web.Request) -> web.Response:

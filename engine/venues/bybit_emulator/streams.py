@@ -322,7 +322,11 @@ class BybitStreamHub:
             before = self._told_orders.get(order_id)
             if before == key:
                 continue
-            if row.get("stopOrderType") and row.get("orderStatus") == "Filled" and before is not None:
+            if (
+                row.get("stopOrderType")
+                and row.get("orderStatus") == "Filled"
+                and (before is None or before[0] == "Untriggered")
+            ):  # a stop that fires is Triggered, then Filled
                 order_rows.append({**row, "orderStatus": "Triggered", "cumExecQty": "0", "avgPrice": ""})
             order_rows.append(row)
             self._told_orders[order_id] = key
