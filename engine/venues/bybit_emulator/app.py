@@ -57,7 +57,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -85,7 +85,7 @@ from engine.venues.bybit_emulator.faults import (
     parse_target,
 )
 from engine.venues.bybit_emulator.limits import BybitLimiter
-from engine.venues.bybit_emulator.streams import BybitStreamHub, stream_signature
+from engine.venues.bybit_emulator.streams import BybitStreamHub, StreamRows, stream_signature
 from engine.venues.sim.core import DEFAULT_ACCOUNT, SimCore
 from engine.venues.sim.prices import GbmWalk
 from engine.venues.sim.settings import SimVenueSettings
@@ -1066,18 +1066,26 @@ class BybitEmulator:
 
     # ---- streams (`streams.py`) ----------------------------------------------------------------------------
 
-    def stream_rows(
-        self,
-    ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    def stream_rows(self, orders_from: int, watched: Collection[str], executions_from: int) -> StreamRows:
+        """What the private topics may have to tell: the orders from the `orders_from`th on and those in
+        `watched` (still open when last told), the executions from the `executions_from`th on, and every
+        open position, as REST rows (a position's `avgPrice` named `entryPrice`, as the topic names it)."""
         now = self.now()
-        orders = {order_id: _order_json(order) for order_id, order in self._book.orders.items()}
-        executions = [_execution_json(e) for e in self._book.executions]
+        book = self._book
+        orders = {
+            order_id: _order_json(order)
+            for order_id, order in itertools.islice(book.orders.items(), orders_from, None)
+        }
+        for order_id in watched:
+            if order_id not in orders and order_id in book.orders:
+                orders[order_id] = _order_json(book.orders[order_id])
+        executions = [_execution_json(e) for e in book.executions[executions_from:]]
         positions = {}
         for position in self.core.positions(now, DEFAULT_ACCOUNT):
             row = self._position_row(position.symbol, position, now)
             row["entryPrice"] = row.pop("avgPrice")
             positions[position.symbol] = row
-        return orders, executions, positions
+        return StreamRows(orders, len(book.orders), executions, len(book.executions), positions)
 
     def verify_stream_auth(self, api_key: str, expires_ms: int, signature: str) -> str | None:
         if not hmac.compare_digest(api_key, self._api_key):

@@ -38,7 +38,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -55,7 +55,17 @@ MAX_ARGS_CHARS = 21_000
 IDLE_CLOSE_SECONDS = 600.0
 _TICK_SECONDS = 0.1
 _QUIET_DELTA_SECONDS = 1.0
+_FINAL_ORDER_STATUSES = {"Filled", "Cancelled", "Deactivated", "Rejected", "PartiallyFilledCanceled"}
 _TICKER_PRICE_FIELDS = ("markPrice", "lastPrice", "indexPrice", "bid1Price", "ask1Price")
+
+
+@dataclass(frozen=True, slots=True)
+class StreamRows:
+    orders: dict[str, dict[str, Any]]  # orderId -> row: the new ones and the watched ones
+    order_count: int
+    executions: list[dict[str, Any]]  # the new ones, oldest first
+    execution_count: int
+    positions: dict[str, dict[str, Any]]  # symbol -> row, open positions only
 
 
 class BookView(Protocol):
@@ -65,11 +75,7 @@ class BookView(Protocol):
 
     def ticker_row(self, symbol: str, now: float) -> dict[str, Any] | None: ...
 
-    def stream_rows(
-        self,
-    ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], dict[str, dict[str, Any]]]:
-        """(orders by orderId, executions oldest first, positions by symbol) as REST rows."""
-        ...
+    def stream_rows(self, orders_from: int, watched: Collection[str], executions_from: int) -> StreamRows: ...
 
     def verify_stream_auth(self, api_key: str, expires_ms: int, signature: str) -> str | None:
         """None when the auth args are right, else Bybit's `ret_msg`."""
@@ -110,7 +116,8 @@ class BybitStreamHub:
         self._ids = itertools.count(1)
         self._faults = StreamFaults()
         self.handshakes: dict[str, int] = {"public": 0, "private": 0}
-        self._told_orders: dict[str, tuple[Any, ...]] = {}
+        self._told_orders: dict[str, tuple[Any, ...]] = {}  # orderId -> what was told, while it is open
+        self._orders_seen = 0
         self._told_executions = 0
         self._told_positions: dict[str, tuple[Any, ...]] = {}
         self._cross_seq = itertools.count(1)
@@ -315,9 +322,10 @@ class BybitStreamHub:
 
     def account_changed(self) -> None:
         """Compare the book with what the private topics have told and push the difference."""
-        orders, executions, positions = self._view.stream_rows()
+        rows = self._view.stream_rows(self._orders_seen, list(self._told_orders), self._told_executions)
+        self._orders_seen = rows.order_count
         order_rows: list[dict[str, Any]] = []
-        for order_id, row in orders.items():
+        for order_id, row in rows.orders.items():
             key = (row.get("orderStatus"), row.get("triggerPrice"), row.get("cumExecQty"), row.get("qty"))
             before = self._told_orders.get(order_id)
             if before == key:
@@ -329,9 +337,13 @@ class BybitStreamHub:
             ):  # a stop that fires is Triggered, then Filled
                 order_rows.append({**row, "orderStatus": "Triggered", "cumExecQty": "0", "avgPrice": ""})
             order_rows.append(row)
-            self._told_orders[order_id] = key
-        execution_rows = executions[self._told_executions :]
-        self._told_executions = len(executions)
+            if row.get("orderStatus") in _FINAL_ORDER_STATUSES:
+                self._told_orders.pop(order_id, None)  # told for good: not looked at again
+            else:
+                self._told_orders[order_id] = key
+        execution_rows = rows.executions
+        self._told_executions = rows.execution_count
+        positions = rows.positions
         position_rows = []
         for symbol in sorted(positions.keys() | self._told_positions.keys()):
             row = positions.get(symbol)
