@@ -98,8 +98,8 @@ _ORDER_STATUS = {
 }
 
 # The venue's view of a position stop it knows under our id: (symbol, stopOrderType's OrderType, the
-# venue's orderId) -> its snapshot (our client id, side, quantity, trigger), or None when not ours.
-NameStop = Callable[[str, OrderType, str], Order | None]
+# closing side, the venue's orderId) -> its snapshot (our client id, quantity, trigger), or None.
+NameStop = Callable[[str, OrderType, OrderSide, str], Order | None]
 
 
 def ticker_topic(symbol: str) -> str:
@@ -403,7 +403,8 @@ class BybitStreams:
         order_id, link_id = str(row.get("orderId", "")), str(row.get("orderLinkId") or "")
         stop_type = _STOP_TYPES.get(str(row.get("stopOrderType") or ""))
         if stop_type is not None and not link_id:
-            named = self._name_stop(str(row["symbol"]), stop_type, order_id)
+            side = OrderSide.BUY if row.get("side") == "Buy" else OrderSide.SELL
+            named = self._name_stop(str(row["symbol"]), stop_type, side, order_id)
             if named is None:
                 return  # a stop that is not ours (set by hand, or before we knew it)
             base = named

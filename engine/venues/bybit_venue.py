@@ -214,10 +214,12 @@ class BybitLinearVenue(CcxtVenue):
     def stream_states(self) -> tuple[StreamState, ...]:
         return self._streams.states()
 
-    def _stream_stop(self, symbol: str, order_type: OrderType, venue_order_id: str) -> Order | None:
-        """Our id for the position's system-created stop order of this kind: the working stop we set (or
-        adopted) of that kind, else the one last known under that venue order id."""
-        kind = [stop for stop in self._stops_for(symbol) if stop.type is order_type]
+    def _stream_stop(
+        self, symbol: str, order_type: OrderType, side: OrderSide, venue_order_id: str
+    ) -> Order | None:
+        """Our id for the position's system-created stop order of this kind and closing side: the working
+        stop we set (or adopted) of that kind, else the one last known under that venue order id."""
+        kind = [s for s in self._stops_for(symbol) if s.type is order_type and s.side is side]
         stop = next((s for s in reversed(kind) if s.status is OrderStatus.NEW), None) or next(
             (s for s in reversed(kind) if venue_order_id and s.venue_order_id == venue_order_id), None
         )

@@ -335,3 +335,24 @@ async def test_a_wrong_api_key_is_one_clear_error_not_a_loop(caplog: pytest.LogC
 
 def _states_of(venue: BybitLinearVenue) -> dict[str, Any]:
     return {s.name: s for s in venue.stream_states()}
+
+
+async def test_a_short_positions_fired_stop_is_told_under_our_id() -> None:
+    """The stop order closing a short buys: it is named by its kind and its closing side."""
+    async with rig(symbols=[SYMBOL]) as r:
+        mark = (await r.venue.fetch_mark_prices([SYMBOL]))[SYMBOL].price
+        await r.venue.create_market_order(SYMBOL, OrderSide.SELL, Decimal(100), client_order_id="s1-e")
+        stop = (mark * Decimal("1.1")).quantize(Decimal("0.0001"))
+        await r.venue.create_stop_market_order(
+            SYMBOL, OrderSide.BUY, Decimal(100), stop, client_order_id="s1-sl1"
+        )
+        await wait_until(lambda: bool(r.updates("s1-sl1")), what="the stop told")
+        await r.post("/_sim/mark", {"symbol": SYMBOL, "price": str(stop + Decimal("0.001"))})
+        await wait_until(lambda: r.filled("s1-sl1"), what="the short's stop filled")
+        filled = r.updates("s1-sl1")[-1].order
+        assert filled.side is OrderSide.BUY
+        assert filled.average_price is not None
+        assert filled.average_price >= stop
+        flat = [e for e in r.account if isinstance(e, PositionUpdate) and e.symbol == SYMBOL]
+        assert flat[-1].quantity == 0
+        assert flat[-1].side.value == "short"
