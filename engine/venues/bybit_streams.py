@@ -208,8 +208,9 @@ class BybitStreams:
 
     # ---- mark prices ----------------------------------------------------------------------------------
 
-    async def watch_mark_prices(self, symbols: Collection[str]) -> AsyncIterator[MarkPrice]:
-        wanted = frozenset(symbols)
+    async def watch_mark_prices(self, symbols: Collection[str] | None) -> AsyncIterator[MarkPrice]:
+        """`symbols` by name: Bybit has no all-market ticker topic (the venue passes every market's)."""
+        wanted = frozenset(symbols or ())
         topics = [ticker_topic(s) for s in sorted(wanted)]
         async for mark in self._marks.watch(
             topics, wanted, lambda: self._closed, lambda: self._supervisor.start("marks", self._run_public)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Collection, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
@@ -28,7 +28,6 @@ from engine.exchange.errors import (
     Retryable,
 )
 from engine.exchange.port import (
-    AccountEvent,
     Balance,
     Capabilities,
     Market,
@@ -40,7 +39,6 @@ from engine.exchange.port import (
     PositionSide,
     RateBudget,
     RequestBudget,
-    StreamState,
     VenuePosition,
 )
 from engine.venues import bybit_limits
@@ -189,30 +187,8 @@ class BybitLinearVenue(CcxtVenue):
 
     # ---- push streams (`engine.venues.bybit_streams`) ---------------------------------------------------
 
-    async def close(self) -> None:
-        if not self._closed:
-            await self._streams.close()
-        await super().close()
-
-    async def watch_mark_prices(self, symbols: Collection[str] | None = None) -> AsyncIterator[MarkPrice]:
-        """The public `tickers.{symbol}` topics (every market's when `symbols` is None), REST while stale."""
-        await self._ensure_markets()
-        if symbols is not None:
-            for symbol in symbols:
-                self._market(symbol)
-        async for mark in self._streams.watch_mark_prices(
-            sorted(self._markets) if symbols is None else symbols
-        ):
-            if mark.symbol in self._markets:
-                yield mark
-
-    async def watch_account(self) -> AsyncIterator[AccountEvent]:
-        """The private `order` / `execution` / `position` topics, a `StreamGap` after every interruption."""
-        async for event in self._streams.watch_account():
-            yield event
-
-    def stream_states(self) -> tuple[StreamState, ...]:
-        return self._streams.states()
+    def _stream_symbols(self, symbols: Collection[str] | None) -> Collection[str]:
+        return sorted(self._markets) if symbols is None else symbols  # Bybit has no all-market topic
 
     def _stream_stop(
         self, symbol: str, order_type: OrderType, side: OrderSide, venue_order_id: str

@@ -23,12 +23,12 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
 from engine.exchange.errors import ExchangeError
-from engine.exchange.port import MarkPrice, OrderStatus, StreamState
+from engine.exchange.port import AccountEvent, MarkPrice, OrderStatus, StreamState
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,18 @@ def seconds_from_ms(ms: Any, default: float) -> float:
         return int(ms) / 1000
     except (TypeError, ValueError):
         return default
+
+
+class VenueStreams(Protocol):
+    """What a venue's push-stream client offers the venue module (Binance's, Bybit's)."""
+
+    def watch_mark_prices(self, symbols: Collection[str] | None) -> AsyncIterator[MarkPrice]: ...
+
+    def watch_account(self) -> AsyncIterator[AccountEvent]: ...
+
+    def states(self) -> tuple[StreamState, ...]: ...
+
+    async def close(self) -> None: ...
 
 
 class Stalled(Exception):
