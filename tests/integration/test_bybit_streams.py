@@ -5,11 +5,10 @@ back and a `StreamGap` for the account stream; a fired position stop must come b
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -17,19 +16,17 @@ import aiohttp
 import pytest
 
 from engine.exchange.port import (
-    AccountEvent,
-    MarkPrice,
     OrderSide,
     OrderStatus,
     OrderUpdate,
     PositionUpdate,
-    StreamGap,
 )
 from engine.venues.bybit_emulator import BybitEmulator, running
 from engine.venues.bybit_venue import BybitLinearVenue
 from engine.venues.ccxt_venue import CcxtVenueConfig
 from engine.venues.sim.settings import SimVenueSettings
 from engine.venues.stream_client import StreamSettings
+from tests.support.stream_rig import StreamRig, reading
 from tests.support.waiting import wait_until
 
 KEY, SECRET = "bybit-streams-key", "bybit-streams-secret"
@@ -47,37 +44,15 @@ FAST = StreamSettings(
 
 
 @dataclass
-class Rig:
+class Rig(StreamRig):
     venue: BybitLinearVenue
     emulator: BybitEmulator
-    base_url: str
-    control: aiohttp.ClientSession
-    account: list[AccountEvent] = field(default_factory=list)
-    marks: list[tuple[float, MarkPrice]] = field(default_factory=list)  # (monotonic when yielded, mark)
-
-    async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        async with self.control.post(f"{self.base_url}{path}", json=body) as response:
-            assert response.status == 200, await response.text()
-            return await response.json()
-
-    async def streams(self) -> dict[str, Any]:
-        async with self.control.get(f"{self.base_url}/_sim/state") as response:
-            assert response.status == 200
-            return (await response.json())["streams"]
-
-    def gaps(self) -> list[StreamGap]:
-        return [e for e in self.account if isinstance(e, StreamGap)]
-
-    def updates(self, client_id: str) -> list[OrderUpdate]:
-        return [
-            e for e in self.account if isinstance(e, OrderUpdate) and e.order.client_order_id == client_id
-        ]
-
-    def filled(self, client_id: str) -> bool:
-        return any(u.order.status is OrderStatus.FILLED for u in self.updates(client_id))
 
     def fresh_mark_since(self, moment: float, symbol: str = SYMBOL) -> bool:
-        return any(at > moment and mark.symbol == symbol for at, mark in self.marks)
+        return super().fresh_mark_since(moment, symbol)
+
+    async def streams(self) -> dict[str, Any]:
+        return (await self.state())["streams"]
 
     async def subscriptions(self, kind: str) -> list[str]:
         state = await self.streams()
@@ -109,14 +84,8 @@ def _states(r: Rig) -> dict[str, Any]:
 
 
 def _stream_marks_since(r: Rig, moment: float) -> bool:
-    """The marks stream is connected and its data is fresh again (not only REST fallback)."""
-    marks = _states(r)["marks"]
-    return (
-        marks.connected
-        and marks.last_event_at is not None
-        and marks.last_event_at > moment
-        and "REST" not in marks.detail
-    )
+    """Fresh from the stream itself, with no symbol read by REST any more."""
+    return r.stream_marks_since(moment) and "REST" not in _states(r)["marks"].detail
 
 
 def _venue(base_url: str, settings: StreamSettings, key: str = KEY) -> BybitLinearVenue:
@@ -141,25 +110,8 @@ async def rig(settings: StreamSettings = FAST, symbols: list[str] | None = None)
         await venue.connect()
         await venue.load_markets()
         subject = Rig(venue, emulator, base_url, control)
-
-        async def read_account() -> None:
-            async for event in venue.watch_account():
-                subject.account.append(event)
-
-        async def read_marks() -> None:
-            async for mark in venue.watch_mark_prices(symbols):
-                subject.marks.append((time.monotonic(), mark))
-
-        tasks = [asyncio.create_task(read_account()), asyncio.create_task(read_marks())]
-        try:
-            await wait_until(lambda: len(subject.gaps()) == 1, what="the account stream live")
-            await wait_until(lambda: bool(subject.marks), what="a first mark")
+        async with reading(subject, symbols):
             yield subject
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await venue.close()
 
 
 async def test_a_fired_position_stop_reaches_watch_account_with_our_id_and_the_fill_price() -> None:
