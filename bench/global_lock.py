@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from engine.exchange.errors import Banned, RateLimited
 from engine.exchange.port import (
+    AccountEvent,
     Balance,
     Capabilities,
     ExchangePort,
@@ -30,6 +31,7 @@ from engine.exchange.port import (
     MarkPrice,
     Order,
     OrderSide,
+    StreamState,
     VenuePosition,
 )
 
@@ -85,6 +87,12 @@ class CountingVenue:
 
     def watch_mark_prices(self, symbols: Collection[str] | None = None) -> AsyncIterator[MarkPrice]:
         return self.inner.watch_mark_prices(symbols)
+
+    def watch_account(self) -> AsyncIterator[AccountEvent]:
+        return self.inner.watch_account()
+
+    def stream_states(self) -> tuple[StreamState, ...]:
+        return self.inner.stream_states()
 
     async def fetch_balance(self) -> Balance:
         return await self._counted("fetch_balance", self.inner.fetch_balance())

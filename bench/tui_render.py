@@ -15,9 +15,16 @@ Load: an "engine" task on the same event loop delivers `--ticks-per-second` mark
 Measured:
 - frame: the app's `paint()` (snapshot + every widget's diff and cell updates), p50 / p99 / max, and the
   cells updated per frame;
-- engine tick latency: for every batch, how late it ran against its schedule (loop lag: anything that
+- engine tick lateness: for every batch, how late it ran against its schedule (loop lag: anything that
   blocks the event loop — our paint, Textual's layout and render — shows here), p50 / p99 / max; measured
-  once with the app running and once with the same load and no app (baseline).
+  with the app running, and without the app (headless) for the same length of time just before and just
+  after the app phase (the machine's load drifts: a baseline on one side only flatters or blames the app);
+  `lateness_p99_ratio` is the app phase's p99 over the headless p99 (both headless phases together);
+- CPU seconds of the process in each phase (time.process_time: what the app adds to the engine's work).
+
+`--engine-thread` runs the engine's ticks on an event loop of their own in another thread, in every
+phase: the "engine on its own thread" option, measured (tsbot-tui runs both on one loop).
+`--runs N` repeats the whole measurement N times in one invocation and reports each run and the medians.
 """
 
 from __future__ import annotations
@@ -203,6 +210,17 @@ async def engine_ticks(feed: SyntheticFeed, per_second: int, seconds: float, see
     return lateness
 
 
+async def engine_phase(args: argparse.Namespace, feed: SyntheticFeed) -> list[float]:
+    """The engine's ticks on the app's event loop (as tsbot-tui runs it), or with `--engine-thread` on a
+    loop of their own in another thread: what that architecture would give (the GIL is then what the
+    two share)."""
+    if not args.engine_thread:
+        return await engine_ticks(feed, args.ticks_per_second, args.seconds, args.seed)
+    return await asyncio.to_thread(
+        lambda: asyncio.run(engine_ticks(feed, args.ticks_per_second, args.seconds, args.seed))
+    )
+
+
 def percentiles(values: list[float]) -> dict[str, float]:
     if not values:
         return {"p50_ms": 0.0, "p99_ms": 0.0, "max_ms": 0.0}
@@ -214,6 +232,14 @@ def percentiles(values: list[float]) -> dict[str, float]:
     }
 
 
+async def headless_phase(args: argparse.Namespace, settings: Settings) -> tuple[list[float], float]:
+    """The same load with no app: the engine's own lateness and CPU."""
+    feed = SyntheticFeed(settings, args.positions, args.seed)
+    cpu = time.process_time()
+    lateness = await engine_phase(args, feed)
+    return lateness, time.process_time() - cpu
+
+
 async def run(args: argparse.Namespace) -> dict[str, object]:
     environ = {
         "TSBOT_TUI__REFRESH_PER_SECOND": str(args.fps),
@@ -222,8 +248,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     settings = load_config(None, environ=environ, cwd=Path("/nonexistent-config-dir")).settings
     width, height = (int(v) for v in args.size.split("x"))
 
-    baseline_feed = SyntheticFeed(settings, args.positions, args.seed)
-    baseline = await engine_ticks(baseline_feed, args.ticks_per_second, min(args.seconds, 3.0), args.seed)
+    before, cpu_before = await headless_phase(args, settings)
 
     feed = SyntheticFeed(settings, args.positions, args.seed)
     app = DashboardApp(settings, feed=feed, code_roots=[], freeze_gc_after_start=True)
@@ -232,10 +257,16 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         table = app.query_one(PositionsTable)
         app.frame_seconds.clear()
         cells_before = table.cell_updates
-        lateness = await engine_ticks(feed, args.ticks_per_second, args.seconds, args.seed)
+        cpu = time.process_time()
+        lateness = await engine_phase(args, feed)
+        cpu_app = time.process_time() - cpu
         frames = list(app.frame_seconds)
         cells = table.cell_updates - cells_before
         rows = table.row_count
+
+    after, cpu_after = await headless_phase(args, settings)
+    headless = percentiles(before + after)
+    with_app = percentiles(lateness)
     return {
         "positions": args.positions,
         "rows_in_table": rows,
@@ -243,14 +274,43 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "seconds": args.seconds,
         "size": args.size,
         "refresh_per_second": args.fps,
+        "engine_thread": args.engine_thread,
         "frames": len(frames),
         "frame_paint": percentiles(frames),
         "cell_updates_per_frame": round(cells / max(1, len(frames))),
-        "engine_tick_lateness_with_app": percentiles(lateness),
-        "engine_tick_lateness_baseline": percentiles(baseline),
+        "engine_tick_lateness_with_app": with_app,
+        "engine_tick_lateness_baseline": headless,
+        "engine_tick_lateness_headless_before": percentiles(before),
+        "engine_tick_lateness_headless_after": percentiles(after),
+        "lateness_p99_ratio": round(with_app["p99_ms"] / max(headless["p99_ms"], 1e-3), 2),
+        "cpu_seconds": {
+            "headless_before": round(cpu_before, 3),
+            "with_app": round(cpu_app, 3),
+            "headless_after": round(cpu_after, 3),
+        },
         "python": platform.python_version(),
         "machine": platform.machine(),
     }
+
+
+def medians(runs: list[dict[str, object]]) -> dict[str, object]:
+    """The median of every figure over the runs (nested one level: the percentile and CPU groups)."""
+    result: dict[str, object] = {}
+    for key, value in runs[0].items():
+        if isinstance(value, dict):
+            result[key] = {k: statistics.median(r[key][k] for r in runs) for k in value}  # type: ignore[index]
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            result[key] = statistics.median(r[key] for r in runs)  # type: ignore[misc]
+        else:
+            result[key] = value
+    return result
+
+
+async def run_all(args: argparse.Namespace) -> dict[str, object]:
+    runs = [await run(args) for _ in range(args.runs)]
+    if len(runs) == 1:
+        return runs[0]
+    return {**medians(runs), "runs": len(runs), "each_run": runs}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,9 +321,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fps", type=int, default=4, help="[tui] refresh_per_second")
     parser.add_argument("--size", default="160x48")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--engine-thread",
+        action="store_true",
+        help="run the engine's ticks on their own event loop in another thread (in every phase)",
+    )
+    parser.add_argument("--runs", type=int, default=1, help="repeat the measurement; figures are medians")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args(argv)
-    result = asyncio.run(run(args))
+    result = asyncio.run(run_all(args))
     if args.json:
         print(json.dumps(result))
         return 0
@@ -273,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{result['positions']} positions, {result['ticks_per_second_total']} mark ticks/s, "
         f"{result['refresh_per_second']} frames/s at {result['size']} for {result['seconds']:g}s"
+        + (f" (medians of {result['runs']} runs)" if "runs" in result else "")
     )
     print(
         f"frame paint (snapshot + diff + cell updates): p50 {paint['p50_ms']} ms, p99 {paint['p99_ms']} ms, "  # type: ignore[index]
@@ -282,7 +349,12 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"engine tick lateness with the app: p50 {with_app['p50_ms']} ms, p99 {with_app['p99_ms']} ms, "  # type: ignore[index]
         f"max {with_app['max_ms']} ms (baseline without the app: p50 {base['p50_ms']} ms, "  # type: ignore[index]
-        f"p99 {base['p99_ms']} ms, max {base['max_ms']} ms)"  # type: ignore[index]
+        f"p99 {base['p99_ms']} ms, max {base['max_ms']} ms, before and after the app phase)"  # type: ignore[index]
+    )
+    cpu = result["cpu_seconds"]
+    print(
+        f"p99 ratio app/headless: {result['lateness_p99_ratio']}; CPU seconds: headless before "
+        f"{cpu['headless_before']}, with the app {cpu['with_app']}, headless after {cpu['headless_after']}"  # type: ignore[index]
     )
     return 0
 

@@ -20,8 +20,8 @@ Rules (times on the engine's clock; `R.x` is an `[alerts]` setting):
     breaker_tripped     entries paused by the circuit breaker                    WARNING
     lease_lost          the account lease is lost (entries paused)               WARNING
     database_down       the database does not answer (protection goes on)        WARNING
-    stream_stale        a stream named in the observation is stale (a hook: the  WARNING
-                        engine fills it once it has streams to watch)
+    stream_stale        a held symbol's mark older than health.stale_mark_seconds WARNING
+                        ("marks SYMBOL"), or the account stream down ("account")
     engine_stopped      the engine stopped (the exit line, with the uncovered    CRITICAL when something is
                         count); sent once                                        uncovered or it was forced
 
@@ -414,6 +414,7 @@ def observe_engine(engine: Engine, now: float) -> Observation:
         lease_lost_seconds=None if engine.lease_lost_since is None else now - engine.lease_lost_since,
         database_down_seconds=down_for,
         database_problem=str(getattr(watch, "problem", "") or "")[:200] if down_for is not None else "",
+        stale_streams=engine.stale_streams(now),
     )
 
 

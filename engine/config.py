@@ -324,6 +324,8 @@ class HealthSettings(Section):
     coverage_critical_percent: Percent = Field(default=Decimal(95), ge=50, le=100)
     uncovered_critical_seconds: Decimal = Field(default=Decimal(60), ge=1, le=3600)
     mark_price_stale_seconds: Decimal = Field(default=Decimal(5), ge=1, le=600)
+    # Per position: its own symbol's mark older than this is flagged on its row and counted by health.
+    stale_mark_seconds: Decimal = Field(default=Decimal(10), ge=Decimal("0.5"), le=3600)
     exchange_latency_degraded_ms: int = Field(default=2500, ge=1, le=60000)
     database_latency_degraded_ms: int = Field(default=200, ge=1, le=60000)
 

@@ -30,6 +30,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from engine.account_stream import AccountStreamReader
 from engine.accounts import account_key
 from engine.alerts import Alerter, EngineObserver
 from engine.clock import Clock, SystemClock, wait_for_all
@@ -221,6 +222,7 @@ class PositionView:
     unprotected_seconds: float | None
     last_error: str | None
     closing: bool = False  # a close we sent is in flight: on its way out on purpose, not an alarm
+    mark_stale: bool = False  # its mark is older than `health.stale_mark_seconds`: the price shown is old
 
 
 @dataclass(frozen=True, slots=True)
@@ -407,10 +409,14 @@ class Engine:
         self.db_watch: DatabaseWatch | None = None
         self.manager: ProtectionManager | None = None
         self.reconciler: Reconciler | None = None
+        # The venue's account events, read by a supervised loop and handed to the guards (the reconciler
+        # stays the safety net); None before the loops start.
+        self.account_stream: AccountStreamReader | None = None
         self.consumer: SignalConsumer | None = None
         self.commands: CommandRunner | None = None
         self.markets: dict[str, Market] = {}
         self.marks: dict[str, MarkPrice] = {}
+        self._mark_received_at: dict[str, float] = {}  # monotonic, per symbol: its mark's age on our clock
         self._last_mark_at: float | None = None
         self._last_wave_at: float | None = None
         self._connected_at = 0.0
@@ -521,6 +527,7 @@ class Engine:
             self._venue_pacing.orders = self.order_budget
             self.marks = await self.venue.fetch_mark_prices()
             self._last_mark_at = self.clock.monotonic()
+            self._mark_received_at = dict.fromkeys(self.marks, self._last_mark_at)
             self.startup_report = await self._start_protection()
             # Signals our last run claimed and never handled (it died holding them): expired, with a reason.
             expired = await self.store.expire_claimed_signals(claimed_by=self._claimer)
@@ -547,6 +554,13 @@ class Engine:
         sup.start("mark-feed", self._mark_feed)
         sup.start("marks-to-db", self._marks_to_db)
         sup.start("reconciler", self._reconcile_loop)
+        self.account_stream = AccountStreamReader(
+            self.venue,
+            lambda: self.manager,  # restart_protection swaps it: each event goes to the manager of the moment
+            self.clock,
+            reconcile_seconds=float(self.settings.protection.reconcile_seconds),
+        )
+        sup.start("account-stream", self.account_stream.run)
         sup.start("health", self._health_loop)
         sup.start("lease-heartbeat", self._lease_heartbeat)
         if self.alerter is not None:
@@ -915,7 +929,7 @@ class Engine:
         assert self.manager is not None
         async for mark in self.venue.watch_mark_prices():
             self.marks[mark.symbol] = mark
-            self._last_mark_at = self.clock.monotonic()
+            self._last_mark_at = self._mark_received_at[mark.symbol] = self.clock.monotonic()
             manager = self.manager  # restart_protection swaps it
             if manager is not None:
                 manager.on_mark(mark.symbol, mark.price, mark.timestamp)
@@ -1369,16 +1383,20 @@ class Engine:
         # Read the clock after the probe's await: a mark that arrived meanwhile must not have a negative age.
         now = self.clock.monotonic()
         figures = self.coverage()
+        streams = self._stream_measurements(now)
         measurements = health.HealthMeasurements(
             exchange=health.ExchangeMeasurement(
                 calls=self._call_stats.summary(now),
                 budget_used_percent=self._budget_used_fraction() * 100,
                 banned_for_seconds=self._banned_for(),
                 budget_wait_p99_ms=self.budget_waits.summary(now).p99_ms,
+                account_stream=streams.get("account"),
             ),
             price_feed=health.PriceFeedMeasurement(
                 newest_mark_age_seconds=None if self._last_mark_at is None else now - self._last_mark_at,
                 open_positions=figures.active,
+                stale_mark_symbols=self.stale_mark_symbols(now),
+                mark_stream=streams.get("marks"),
             ),
             database=database,
             protection=health.ProtectionMeasurement.of(figures, self.manager.timeouts.count(now, 3600.0)),
@@ -1393,6 +1411,47 @@ class Engine:
         return health.evaluate_health(
             measurements, health.HealthThresholds.from_settings(self.settings.health)
         )
+
+    def _stream_measurements(self, now: float) -> dict[str, health.StreamMeasurement]:
+        """The venue's push streams as health measures them, by name."""
+        return {
+            state.name: health.StreamMeasurement(
+                name=state.name,
+                connected=state.connected,
+                last_event_age_seconds=None
+                if state.last_event_at is None
+                else max(0.0, now - state.last_event_at),
+                reconnects=state.reconnects,
+                detail=state.detail,
+            )
+            for state in self.venue.stream_states()
+        }
+
+    def mark_is_stale(self, symbol: str, now: float) -> bool:
+        """This symbol's mark is older than `health.stale_mark_seconds` on our clock (or never came)."""
+        received = self._mark_received_at.get(symbol)
+        return received is None or now - received > float(self.settings.health.stale_mark_seconds)
+
+    def stale_mark_symbols(self, now: float) -> tuple[str, ...]:
+        """The symbols of open positions whose own mark is stale; a symbol nobody holds never counts."""
+        manager = self.manager
+        if manager is None or manager.stopped:
+            return ()
+        return tuple(sorted({g.symbol for g in manager.open_guards() if self.mark_is_stale(g.symbol, now)}))
+
+    def stale_streams(self, now: float) -> tuple[tuple[str, float], ...]:
+        """What the alerts call stale streams, with seconds since their last message: the marks of each held
+        symbol whose own mark is stale, and the account stream while it is down (its silence while up is no
+        fault: an account with nothing happening sends nothing)."""
+        found = [
+            (f"marks {symbol}", now - self._mark_received_at.get(symbol, self._connected_at))
+            for symbol in self.stale_mark_symbols(now)
+        ]
+        for state in self.venue.stream_states():
+            if state.name == "account" and not state.connected:
+                since = state.last_event_at if state.last_event_at is not None else self._connected_at
+                found.append(("account", max(0.0, now - since)))
+        return tuple(found)
 
     def _check_breaker(self) -> None:
         """Protection failing → entries pause by themselves (persisted); they resume only by the operator,
@@ -1594,6 +1653,7 @@ class Engine:
             unprotected_seconds=unprotected,
             last_error=guard.last_error,
             closing=guard.closing,
+            mark_stale=self.mark_is_stale(guard.symbol, now),
         )
 
     async def events(self) -> AsyncIterator[EngineEvent]:
@@ -1704,7 +1764,14 @@ class Engine:
         self.entries_paused_by = by if paused else ""
         self.entries_pause_reason = reason if paused else ""
         if changed:
-            self.events_bus.publish(EntriesToggled(at=self.clock.now(), paused=paused))
+            self.events_bus.publish(
+                EntriesToggled(
+                    at=self.clock.now(),
+                    paused=paused,
+                    by=by if paused else "",
+                    reason=reason if paused else "",
+                )
+            )
 
     def _persist_entries_control(self, paused: bool, by: str, reason: str, who: str = "") -> None:
         store = self.store

@@ -118,6 +118,8 @@ class HealthChanged(EngineEvent):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EntriesToggled(EngineEvent):
     paused: bool
+    by: str = ""  # who paused: operator, breaker, lease, database ("" when resumed)
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

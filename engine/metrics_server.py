@@ -160,6 +160,7 @@ class EngineCollector(Collector):
         yield from self._entries_and_breaker()
         yield from self._database()
         yield from self._health(now)
+        yield from self._streams(now)
 
         failures = CounterMetricFamily(
             "tsbot_protection_failures",
@@ -320,6 +321,33 @@ class EngineCollector(Collector):
                 "Protective writes journaled locally, waiting for the database.",
                 value=store.journal_depth,
             )
+
+    def _streams(self, now: float) -> Iterator[Metric]:
+        engine = self._engine
+        connected = GaugeMetricFamily(
+            "tsbot_stream_connected", "1 while the venue's push stream is connected.", labels=["stream"]
+        )
+        age = GaugeMetricFamily(
+            "tsbot_stream_last_event_age_seconds",
+            "Seconds since the venue's push stream last sent anything.",
+            labels=["stream"],
+        )
+        reconnects = CounterMetricFamily(
+            "tsbot_stream_reconnects", "Reconnects of the venue's push stream.", labels=["stream"]
+        )
+        for stream in engine.venue.stream_states():
+            connected.add_metric([stream.name], 1 if stream.connected else 0)
+            if stream.last_event_at is not None:
+                age.add_metric([stream.name], max(0.0, now - stream.last_event_at))
+            reconnects.add_metric([stream.name], stream.reconnects)
+        yield connected
+        yield age
+        yield reconnects
+        yield GaugeMetricFamily(
+            "tsbot_stale_mark_positions",
+            "Open positions whose own mark is older than health.stale_mark_seconds.",
+            value=len(engine.stale_mark_symbols(now)),
+        )
 
     def _health(self, now: float) -> Iterator[Metric]:
         engine = self._engine

@@ -24,11 +24,15 @@ Rules (`T.x` is a `HealthThresholds` field; all causes of the winning severity a
                 degraded  p99 latency > T.exchange_latency_degraded_ms
                 degraded  error rate >= 10 % (any number of calls)
                 degraded  rate budget used >= 80 %
+                degraded  the venue's account stream is down (fills are learned by polling meanwhile);
+                          the summary says its state: connected, last event age, reconnects
                 unknown   no calls completed in the window (and none of the above)
                 healthy   otherwise
     price_feed  critical  open positions and no mark price ever received (nobody is watching prices)
                 critical  open positions and newest mark older than 3 × T.mark_price_stale_seconds
                 degraded  newest mark older than T.mark_price_stale_seconds
+                degraded  some open position's own mark older than T.stale_mark_seconds (symbols nobody
+                          holds never count); the summary says the mark stream's state
                 unknown   no mark price received yet and no open positions
                 healthy   otherwise
     database    critical  the probe query failed (its error is the reason); during an outage the reason says
@@ -95,6 +99,7 @@ __all__ = [
     "PriceFeedMeasurement",
     "ProtectionMeasurement",
     "SignalsMeasurement",
+    "StreamMeasurement",
     "coverage_percent",
     "evaluate_database",
     "evaluate_exchange",
@@ -217,6 +222,7 @@ class HealthThresholds:
     mark_price_stale_seconds: float = 5.0
     exchange_latency_degraded_ms: int = 2500
     database_latency_degraded_ms: int = 200
+    stale_mark_seconds: float = 10.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.coverage_critical_percent, Decimal):
@@ -230,6 +236,7 @@ class HealthThresholds:
             "mark_price_stale_seconds",
             "exchange_latency_degraded_ms",
             "database_latency_degraded_ms",
+            "stale_mark_seconds",
         ):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -245,6 +252,7 @@ class HealthThresholds:
             mark_price_stale_seconds=float(settings.mark_price_stale_seconds),
             exchange_latency_degraded_ms=int(settings.exchange_latency_degraded_ms),
             database_latency_degraded_ms=int(settings.database_latency_degraded_ms),
+            stale_mark_seconds=float(getattr(settings, "stale_mark_seconds", 10.0)),
         )
 
 
@@ -264,6 +272,22 @@ def _require_age(owner: str, **ages: float | None) -> None:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamMeasurement:
+    """One of the venue's push streams ("account", "marks"): connected or not, seconds since its last
+    message (None: none yet), reconnects so far, and the venue's words on it."""
+
+    name: str
+    connected: bool
+    last_event_age_seconds: float | None
+    reconnects: int = 0
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        _require_age("StreamMeasurement", last_event_age_seconds=self.last_event_age_seconds)
+        _require_count("StreamMeasurement", reconnects=self.reconnects)
+
+
+@dataclass(frozen=True, slots=True)
 class ExchangeMeasurement:
     """Venue calls over the stats window; the share of the rate budget used (None: the venue did not
     say); seconds left of a ban (None or 0: not banned)."""
@@ -272,6 +296,8 @@ class ExchangeMeasurement:
     budget_used_percent: float | None = None
     banned_for_seconds: float | None = None
     budget_wait_p99_ms: float | None = None  # how long calls waited for rate budget (None: none waited)
+    # The venue's account stream (None: the venue has none, everything is polled).
+    account_stream: StreamMeasurement | None = None
 
     def __post_init__(self) -> None:
         _require_age(
@@ -285,14 +311,19 @@ class ExchangeMeasurement:
 
 @dataclass(frozen=True, slots=True)
 class PriceFeedMeasurement:
-    """Age of the newest mark price received (None: none yet), and how many positions are open."""
+    """Age of the newest mark price received (None: none yet), and how many positions are open; of those,
+    the ones whose own mark is stale (older than the stale-mark limit); the mark stream's state."""
 
     newest_mark_age_seconds: float | None
     open_positions: int
+    stale_mark_symbols: tuple[str, ...] = ()
+    mark_stream: StreamMeasurement | None = None
 
     def __post_init__(self) -> None:
         _require_age("PriceFeedMeasurement", newest_mark_age_seconds=self.newest_mark_age_seconds)
         _require_count("PriceFeedMeasurement", open_positions=self.open_positions)
+        if len(self.stale_mark_symbols) > self.open_positions:
+            raise ValueError("PriceFeedMeasurement: more stale marks than open positions")
 
 
 @dataclass(frozen=True, slots=True)
@@ -521,6 +552,14 @@ def evaluate_exchange(measured: ExchangeMeasurement | None, thresholds: HealthTh
         parts.append(f"waiting for budget p99 {wait_p99:.0f} ms")
     if calls.timeouts:
         parts.append(_plural(calls.timeouts, "timeout"))
+    stream = measured.account_stream
+    if stream is not None:
+        parts.append(_stream_words(stream))
+        if not stream.connected:
+            degraded.append(
+                f"Account stream down{f' ({stream.detail})' if stream.detail else ''}: fills and cancels "
+                "are learned by polling"
+            )
 
     measurements: dict[str, JsonValue] = {
         "calls": calls.calls,
@@ -531,6 +570,7 @@ def evaluate_exchange(measured: ExchangeMeasurement | None, thresholds: HealthTh
         "budget_used_percent": budget,
         "banned_for_seconds": measured.banned_for_seconds,
         "budget_wait_p99_ms": wait_p99,
+        **_stream_values(stream),
     }
     unknown = "No exchange calls in the window" if calls.calls == 0 else ""
     return _verdict(component, measurements, ", ".join(parts), critical, degraded, unknown)
@@ -568,11 +608,46 @@ def evaluate_price_feed(
                 f"Mark prices stale: newest {format_duration(age)} old (limit {format_duration(stale_after)})"
             )
 
+    stale = measured.stale_mark_symbols
+    if stale:
+        summary += f", {_plural(len(stale), 'stale mark')}"
+        shown = ", ".join(stale[:5]) + (f" and {len(stale) - 5} more" if len(stale) > 5 else "")
+        degraded.append(
+            f"Stale marks on {_plural(len(stale), 'position')} ({shown}): older than "
+            f"{format_duration(thresholds.stale_mark_seconds)}"
+        )
+    if measured.mark_stream is not None:
+        summary += f", {_stream_words(measured.mark_stream)}"
     measurements: dict[str, JsonValue] = {
         "newest_mark_age_seconds": age,
         "open_positions": measured.open_positions,
+        "stale_mark_positions": len(stale),
+        "stale_mark_symbols": ",".join(stale),
+        **_stream_values(measured.mark_stream),
     }
     return _verdict(component, measurements, summary, critical, degraded, unknown)
+
+
+def _stream_words(stream: StreamMeasurement) -> str:
+    """`account stream up, last event 2s ago, 1 reconnect` / `account stream down (why)`."""
+    state = "up" if stream.connected else "down"
+    words = f"{stream.name} stream {state}"
+    if stream.detail:
+        words += f" ({stream.detail})"
+    age = stream.last_event_age_seconds
+    words += ", no event yet" if age is None else f", last event {format_duration(age)} ago"
+    return words + f", {_plural(stream.reconnects, 'reconnect')}"
+
+
+def _stream_values(stream: StreamMeasurement | None) -> dict[str, JsonValue]:
+    if stream is None:
+        return {}
+    prefix = f"{stream.name}_stream"
+    return {
+        f"{prefix}_connected": stream.connected,
+        f"{prefix}_last_event_age_seconds": stream.last_event_age_seconds,
+        f"{prefix}_reconnects": stream.reconnects,
+    }
 
 
 def evaluate_database(measured: DatabaseMeasurement | None, thresholds: HealthThresholds) -> ComponentHealth:

@@ -254,6 +254,32 @@ class OrderMissing(GuardCommand):
     seen_at: float = 0.0
 
 
+@dataclass(slots=True)
+class StreamOrderUpdate(GuardCommand):
+    """The venue's account stream said how one of this position's orders stands (`order`), at
+    `event_time` (the venue's epoch seconds). A fill closes the position at once (urgent); a fired stop
+    makes it uncovered; a stop of ours cancelled or expired by someone else is re-placed now."""
+
+    order: Order | None = None
+    event_time: float = 0.0
+
+    @property  # type: ignore[override]
+    def urgent(self) -> bool:  # a fill ends the position: it goes before a pass in flight
+        return self.order is not None and self.order.status is OrderStatus.FILLED
+
+
+@dataclass(slots=True)
+class StreamPositionUpdate(GuardCommand):
+    """The venue's account stream pushed this position's size (0: flat on our side) at `event_time`."""
+
+    quantity: Decimal = Decimal(0)
+    event_time: float = 0.0
+
+    @property  # type: ignore[override]
+    def urgent(self) -> bool:  # flat: with a fill of ours, the position ends now
+        return self.quantity == 0
+
+
 class PositionGuard:
     """Everything about one position's protection, driven by one task."""
 
@@ -328,6 +354,12 @@ class PositionGuard:
         # the reconciler settles it with this evidence, or clears it if the venue still holds the position.
         self.exit_evidence: ExitEvidence | None = None
         self._pass: asyncio.Future[bool] | None = None  # the protection pass in flight
+        # The account stream's word on the position: when it last said its size (venue epoch seconds; an
+        # older event is out of order and ignored) and whether that was "flat".
+        self._stream_position_at = float("-inf")
+        self.venue_flat_at: float | None = None
+        # The fill on the wall clock: a pushed size older than the position itself is about an earlier one.
+        self.opened_epoch = manager.clock.now() - (manager.clock.monotonic() - filled_at)
         self.wake = asyncio.Event()
         self.protected = asyncio.Event()
         self.first_pass = asyncio.Event()
@@ -498,6 +530,10 @@ class PositionGuard:
                 command.settle(self._position_held(command), "")
             elif isinstance(command, QuantityChanged):
                 command.settle(await self._quantity_changed(command), str(command.quantity))
+            elif isinstance(command, StreamOrderUpdate):
+                command.settle(await self._stream_order_update(command), "")
+            elif isinstance(command, StreamPositionUpdate):
+                command.settle(await self._stream_position_update(command), "")
         except asyncio.CancelledError:
             command.settle(False, "the guard stopped")
             raise
@@ -543,6 +579,126 @@ class PositionGuard:
         self.wake.set()
         return True
 
+    # --- the account stream's facts ---------------------------------------------------------------------
+
+    async def _stream_order_update(self, command: StreamOrderUpdate) -> bool:
+        """Apply what the venue pushed about one of our orders. Only an order this guard considers current
+        is acted on: an event for an earlier generation, a superseded size or an id we already moved past
+        (a late or repeated event) changes nothing, so nothing regresses (a NEW after FILLED, a second
+        CANCELED); our own cancels never hit a current confirmed order (`_cancel_quietly` un-confirms it
+        first, and a finished guard takes no command), so they cause no re-placement."""
+        update = command.order
+        if update is None or self.closed:
+            return False
+        cid = update.client_order_id
+        target = next(
+            (
+                o
+                for o in (self.stop_loss, self.trailing_stop)
+                if o.client_order_id and o.client_order_id == cid
+            ),
+            None,
+        )
+        if target is None:
+            return False
+        m = self._m
+        status = update.status
+        if status is OrderStatus.FILLED:
+            reason = "trailing_stop" if target.purpose is OrderPurpose.TRAILING_STOP else "stop_loss"
+            self.exit_evidence = ExitEvidence(reason, update.average_price, cid, m.clock.monotonic())
+            target.ended_as = OrderStatus.FILLED
+            target.maybe_sent = False
+            self._fresh_id(target)
+            log.warning(
+                "%s: %s %s filled at %s (account stream)",
+                self.symbol,
+                _what(target.purpose),
+                cid,
+                update.average_price,
+            )
+            m.spawn_order_status(OrderStatusRow(cid, OrderRecordStatus.FILLED, update.venue_order_id))
+            if self.venue_flat_at is not None:
+                await self._finish(exit_reason=reason, exit_price=update.average_price)
+            else:
+                m.request_reconcile()  # the venue's position read settles it (flat, or a partial fill)
+            return True
+        if status is OrderStatus.TRIGGERED:
+            if target.fired_at is not None or not (target.confirmed or target.maybe_sent):
+                return False
+            # It protects nothing now and is not over: uncovered until the venue says how it ended (the
+            # stream's fill, or the guard's own look-up; past half the grace period `_check_fired` acts).
+            target.confirmed = False
+            target.maybe_sent = True
+            target.fired_at = m.clock.monotonic()
+            log.warning(
+                "%s: %s %s fired (account stream); uncovered until it fills",
+                self.symbol,
+                _what(target.purpose),
+                cid,
+            )
+            self.wake.set()
+            return True
+        if status in (OrderStatus.CANCELED, OrderStatus.EXPIRED):
+            if not target.confirmed:
+                self.wake.set()  # in flight or fired: the guard's look-up by id settles it
+                return False
+            log.error(
+                "%s: %s %s was %s on the venue, not by us (account stream); re-placing it now",
+                self.symbol,
+                _what(target.purpose),
+                cid,
+                status.value,
+            )
+            m.publish(  # unprotected until the replacement is confirmed: shown, not only logged (F12)
+                ProtectionFailed(
+                    at=m.clock.now(),
+                    position_id=self.position_id,
+                    symbol=self.symbol,
+                    operation=f"verify {_what(target.purpose)}",
+                    error=f"{cid} {status.value} on the venue, not by us",
+                    retry_in_seconds=0.0,
+                )
+            )
+            m.spawn_event_write(
+                Severity.ERROR,
+                "protection_lost",
+                f"{self.symbol}: {_what(target.purpose)} {cid} {status.value} on the venue, not by us; re-placing",
+                self.symbol,
+                self.position_id,
+            )
+            m.spawn_order_status(OrderStatusRow(cid, _record_status(status), update.venue_order_id))
+            target.ended_as = status
+            target.maybe_sent = False
+            self._fresh_id(target)  # un-confirmed: the next pass (right after this) sends a new one
+            self.wake.set()
+            return True
+        return False  # NEW: our own send's answer confirms it
+
+    async def _stream_position_update(self, command: StreamPositionUpdate) -> bool:
+        """Apply the venue's pushed size. Flat with a fill of ours: the position is over (closed with the
+        fill's price and reason, the sibling cancelled). Flat without one: never believed alone (no stop is
+        cancelled before the position is confirmed flat); the reconciler asks the venue now. A size of its
+        own: the stops are resized; still held after our stop filled: protected again."""
+        if self.closed or command.event_time < max(self._stream_position_at, self.opened_epoch):
+            return False  # out of order (a newer size was applied), or about an earlier position
+        self._stream_position_at = command.event_time
+        m = self._m
+        if command.quantity == 0:
+            self.venue_flat_at = command.event_time
+            evidence = self.exit_evidence
+            if evidence is not None:
+                await self._finish(exit_reason=evidence.exit_reason, exit_price=evidence.exit_price)
+            elif not any(o.fired_at is not None for o in (self.stop_loss, self.trailing_stop)):
+                m.request_reconcile()  # nothing of ours fired: the venue is asked (closed by hand?)
+            # else one of our stops fired: its fill is on its way (the stream's, or the guard's look-up)
+            return True
+        self.venue_flat_at = None
+        if self.exit_evidence is not None:
+            self._position_held(PositionHeld(seen_at=m.clock.monotonic()))
+        if command.quantity != self.quantity:
+            return await self._quantity_changed(QuantityChanged(quantity=command.quantity))
+        return True
+
     async def _cancel_superseded(self) -> bool:
         """Cancel the resized-away stops (together); those whose cancel failed stay listed for the next
         pass. True when none is left."""
@@ -586,6 +742,14 @@ class PositionGuard:
             self.check_fired_soon = False
             await self._check_crossed()
         if self.exit_evidence is not None:
+            if self.venue_flat_at is not None:
+                # Our stop filled and the account stream said flat: the position is over, now (applied by
+                # this task, between passes).
+                evidence = self.exit_evidence
+                self._commands.append(
+                    PositionGone(exit_reason=evidence.exit_reason, exit_price=evidence.exit_price)
+                )
+                return False
             await self._write_facts()
             return (
                 False  # uncovered, and nothing to send for a position that is gone: the reconciler settles it
@@ -836,6 +1000,8 @@ class PositionGuard:
             return
         for order in stuck:
             outcome = await self._resolve(order, "re-check fired")
+            if outcome is _Outcome.RETRY:
+                return  # the look-up failed: it proves nothing, the patience is not restarted
             if outcome is not _Outcome.FIRED:
                 order.fired_at = None
                 return  # it ended (or can be re-placed); the reconciler settles a closed position
@@ -1431,6 +1597,12 @@ class PositionGuard:
         since = self.unprotected_since
         if not self.covered and since is not None and now - since < grace:
             delay = min(delay, grace / 4)
+        fired = [o.fired_at for o in (self.stop_loss, self.trailing_stop) if o.fired_at is not None]
+        if fired:
+            # A fired stop that has not filled is closed at market once its patience ends (`_check_fired`):
+            # the next pass is then, not when a backoff doubled past grace says (it left one 31 s naked).
+            due = min(fired) + grace * STUCK_TRIGGER_SHARE - now
+            delay = min(delay, max(due, min(m.config.retry_initial_seconds, grace / 4)))
         return delay
 
     def _note_failure(

@@ -226,7 +226,8 @@ class Reconciler:
 
     async def _position_missing(self, guard: PositionGuard, report: ReconcileReport) -> None:
         """A position we guard is not in the venue's list. Flat only on evidence: one of our stops filled,
-        or — asked for its own symbol, twice in a row — the venue says it holds nothing there. A list that
+        or — asked for its own symbol, twice in a row (or once after its account stream said flat) — the
+        venue says it holds nothing there. A list that
         lost every position at once (a venue glitch) therefore closes nothing, and no stop is cancelled
         before its position is confirmed flat."""
         exit_reason, exit_price = await self._exit_evidence(guard)
@@ -247,7 +248,9 @@ class Reconciler:
                 )
                 self._absent_once.discard(guard.position_id)
                 return
-            if guard.position_id not in self._absent_once:
+            # Twice in a row — or once, when the venue's account stream already said this position went
+            # flat: two answers of the venue, independent of each other.
+            if guard.position_id not in self._absent_once and guard.venue_flat_at is None:
                 self._absent_once.add(guard.position_id)
                 return
             exit_reason = "closed_on_exchange"

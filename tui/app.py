@@ -100,6 +100,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 HANGUP_EXIT_SECONDS = 5.0
+FRAME_STEP_PAUSE = 0.001  # between taking a frame's snapshot and showing it (see _paint_on_timer)
 
 # Events after which the operator should see the change now, not at the next frame.
 REPAINT_EVENTS = (EntriesToggled, EngineStateChanged, HealthChanged, PositionClosed, EventsDropped)
@@ -195,6 +196,7 @@ class DashboardApp(App[int]):
         self._final_snapshot: EngineSnapshot | None = None
         self.startup_report: StartupReport | None = None
         self.frame_seconds: deque[float] = deque(maxlen=10_000)  # paint durations, for the benchmark
+        self._frames_shown = 0
         self._log_handler: PanelLogHandler | None = None
         self.read_only_poll_seconds = 1.0
         self._freeze_gc = freeze_gc_after_start
@@ -249,7 +251,7 @@ class DashboardApp(App[int]):
         logging.getLogger().addHandler(self._log_handler)
         self._positions.focus()
         self.paint()
-        self.set_interval(1 / self.settings.tui.refresh_per_second, self.paint, name="paint")
+        self.set_interval(1 / self.settings.tui.refresh_per_second, self._paint_on_timer, name="paint")
         if not self.feed.read_only:
             self.follow_feed()  # before start: timeouts while restoring protection belong in the log
         self.start_feed()
@@ -279,14 +281,38 @@ class DashboardApp(App[int]):
     def paint(self) -> None:
         """One frame from the latest snapshot: every widget updates only what changed, in one batch."""
         started = time.perf_counter()
+        self._show(self._take_snapshot())
+        self.frame_seconds.append(time.perf_counter() - started)
+
+    async def _paint_on_timer(self) -> None:
+        """The timer's frame, in two steps with the event loop free in between: the engine's work that fell
+        due while the snapshot was taken runs before the screen is updated from it, so the engine waits
+        for the longer of the two steps, not for both (bench/tui_render.py). A frame painted meanwhile (a
+        key, an event) is newer: this one is then dropped rather than shown over it."""
+        started = time.perf_counter()
+        frame = self._frames_shown
+        snapshot = self._take_snapshot()
+        taken = time.perf_counter() - started
+        # A timer, not sleep(0): a zero sleep resumes ahead of the engine's timers that fell due meanwhile.
+        await asyncio.sleep(FRAME_STEP_PAUSE)
+        if self._frames_shown != frame:
+            return
+        started = time.perf_counter()
+        self._show(snapshot)
+        self.frame_seconds.append(taken + time.perf_counter() - started)
+
+    def _take_snapshot(self) -> EngineSnapshot:
         # While stopping, the screen keeps the last running state: a stopped engine tracks no positions,
         # but they are all still open on the exchange.
         snapshot = self._final_snapshot or self.feed.snapshot()
         # The health panel's protection line from the same figures as the gauge (the engine measures
         # health every few seconds; the two panels must never disagree about the same instant).
-        snapshot = dataclasses.replace(
+        return dataclasses.replace(
             snapshot, health=coherent_health(snapshot, self.thresholds, read_only=self.feed.read_only)
         )
+
+    def _show(self, snapshot: EngineSnapshot) -> None:
+        self._frames_shown += 1
         self.last_snapshot = snapshot
         with self.batch_update():
             self._status.show(snapshot, watching=self._watching(), stopping=self.stopping)
@@ -298,7 +324,6 @@ class DashboardApp(App[int]):
         self._write_to_terminal(
             self.attention.update(snapshot.health, f"{snapshot.venue}:{snapshot.account}")
         )
-        self.frame_seconds.append(time.perf_counter() - started)
 
     def _write_to_terminal(self, sequence: str) -> None:
         """The bell and the window title on CRITICAL (tui/attention.py), written as Textual's own bell()."""

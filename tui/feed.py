@@ -183,9 +183,16 @@ def entry_for_event(event: EngineEvent) -> LogEntry | None:
                 "entries",
                 None,
                 "paused" if event.paused else "resumed",
-                "new entries paused by the operator" if event.paused else "new entries resumed",
+                _entries_detail(event),
             )
     return None
+
+
+def _entries_detail(event: EntriesToggled) -> str:
+    """Who paused entries and why (the breaker, the lease, the database or an operator), as the header says."""
+    if not event.paused:
+        return "new entries resumed"
+    return f"new entries paused by the {event.by or 'operator'}" + (f": {event.reason}" if event.reason else "")
 
 
 class LogTranslator:

@@ -41,14 +41,13 @@ engine's price-feed health sees the marks age. On Binance the mark price stream 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -831,6 +830,9 @@ _BINANCE_ALGO_STATUS = {
 }
 
 
+_WORKING_ORDERS_KEPT = 10_000  # working algo orders remembered for cancels (2 per open position)
+
+
 class BinanceUsdmVenue(CcxtVenue):
     kind = BINANCEUSDM
     _ccxt_id = "binanceusdm"
@@ -838,6 +840,9 @@ class BinanceUsdmVenue(CcxtVenue):
     def __init__(self, config: CcxtVenueConfig, *, clock: Clock | None = None) -> None:
         super().__init__(config, clock=clock)
         self._algo_ids: dict[str, bool] = {}  # client id -> is it an algo (conditional) order
+        # Algo orders last seen working (placed, listed or fetched open), by client id: a cancel Binance
+        # answers with success ended one of these, so its final state is known without asking again.
+        self._working: dict[str, Order] = {}
         self._request_budgets: tuple[RequestBudget, ...] = BINANCE_DEFAULT_REQUEST_BUDGETS
         self._streams = BinanceStreams(
             ws_url=self._websocket_url(),
@@ -1028,7 +1033,7 @@ class BinanceUsdmVenue(CcxtVenue):
                 info.get("orderType") in ("STOP_MARKET", "TRAILING_STOP_MARKET")
                 and info.get("symbol") in self._markets
             ):
-                order = self._algo_order(info, None)
+                order = self._note_working(self._algo_order(info, None))
                 if order.is_open:  # a TRIGGERING stop is not protecting anything
                     orders.append(order)
         return orders
@@ -1124,7 +1129,16 @@ class BinanceUsdmVenue(CcxtVenue):
             symbol=symbol,
             client_order_id=client_order_id,
         )
-        return self._algo_order(placed.get("info") or {}, None)
+        return self._note_working(self._algo_order(placed.get("info") or {}, None))
+
+    def _note_working(self, order: Order) -> Order:
+        if order.is_open:
+            if len(self._working) >= _WORKING_ORDERS_KEPT:  # ids whose end we never saw: forget the oldest
+                del self._working[next(iter(self._working))]
+            self._working[order.client_order_id] = order
+        else:
+            self._working.pop(order.client_order_id, None)
+        return order
 
     async def cancel_order(self, symbol: str, client_order_id: str) -> Order:
         await self._ensure_markets()
@@ -1136,8 +1150,15 @@ class BinanceUsdmVenue(CcxtVenue):
                 None, unified, {"trigger": True, "clientAlgoId": client_order_id}
             )
         # NotFound: already done (filled, expired, cancelled) or never placed; the order's state says which.
-        with contextlib.suppress(NotFound):
+        try:
             await self._call(cancel, mutating=True, symbol=symbol, client_order_id=client_order_id)
+        except NotFound:
+            return await self.fetch_order(symbol, client_order_id)
+        working = self._working.pop(client_order_id, None)
+        if working is not None and self._algo_ids.get(client_order_id) is not False:
+            # Binance answers an algo cancel with success only when it cancelled a working order: its end
+            # is known (one round trip where asking again made two, on the path that closes a position).
+            return replace(working, status=OrderStatus.CANCELED, updated_at=self._clock.now())
         return await self.fetch_order(symbol, client_order_id)
 
     async def fetch_order(self, symbol: str, client_order_id: str) -> Order:
@@ -1161,7 +1182,8 @@ class BinanceUsdmVenue(CcxtVenue):
                     if info.get("symbol") != symbol:
                         raise NotFound(symbol, client_order_id)
                     self._algo_ids[client_order_id] = True
-                    return await self._resolve_triggered(self._algo_order(info, None), info, symbol)
+                    order = await self._resolve_triggered(self._algo_order(info, None), info, symbol)
+                    return self._note_working(order)
                 found = await self._call(
                     self._exchange.fetch_order(None, unified, {"origClientOrderId": client_order_id}),
                     mutating=False,

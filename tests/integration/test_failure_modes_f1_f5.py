@@ -890,8 +890,15 @@ async def test_f4_stop_cancelled_behind_our_back_is_unconfirmed_then_replaced(db
     has_stop_loss = false before anything else is sent, and only once the replacement (a new client id
     generation) is confirmed live does it say true again. At no sampled moment after detection does the
     database claim a stop the venue does not have."""
+    # The reconciler's path (the safety net): a venue without account stream, which would re-place the stop
+    # before any pass (tests/integration/test_account_stream.py covers that path).
     settings = settings_for(
-        db, {"VENUE__SIM__LATENCY__SECONDS": "1.0", "PROTECTION__RECONCILE_SECONDS": "3600"}
+        db,
+        {
+            "VENUE__SIM__LATENCY__SECONDS": "1.0",
+            "PROTECTION__RECONCILE_SECONDS": "3600",
+            "VENUE__SIM__ACCOUNT_STREAM__ENABLED": "false",
+        },
     )
     clock = ManualClock()
     engine = make_engine(settings, clock)

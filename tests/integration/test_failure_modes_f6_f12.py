@@ -884,7 +884,9 @@ async def test_f12_a_stop_that_vanished_from_the_exchange_is_loud_and_replaced(
     until we notice; that must not be silent: the reconciler logs it at ERROR with the symbol, records an
     event, publishes `ProtectionFailed`, and the guard places a new stop (a new client id)."""
     caplog.set_level(logging.INFO)
-    engine, clock = await _started(db)
+    # The reconciler's path (the safety net): a venue without account stream, which would re-place the stop
+    # before any pass (tests/integration/test_account_stream.py covers that path).
+    engine, clock = await _started(db, {"VENUE__SIM__ACCOUNT_STREAM__ENABLED": "false"})
     seen, follower = _collect(engine)
     try:
         assert engine.manager is not None

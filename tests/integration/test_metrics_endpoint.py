@@ -133,6 +133,11 @@ async def test_metrics_follow_the_venue_truth_and_healthz_turns_503_when_critica
         for stop in ("hard_stop", "trailing_stop", "both"):
             assert value(found, "tsbot_coverage_percent", stop=stop) == 100.0
         assert value(found, "tsbot_database_up") == 1
+        # The sim venue's push streams (issue 11), and no position with a stale mark.
+        assert value(found, "tsbot_stream_connected", stream="account") == 1
+        assert value(found, "tsbot_stream_connected", stream="marks") == 1
+        assert value(found, "tsbot_stream_reconnects_total", stream="account") == 0
+        assert value(found, "tsbot_stale_mark_positions") == 0
         assert value(found, "tsbot_database_journal_depth") == 0
         assert value(found, "tsbot_entries_paused") == 0
         assert value(found, "tsbot_circuit_breaker_tripped") == 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections import Counter
 
 from engine.clock import ManualClock
+from engine.events import EntriesToggled
 from engine.exchange.port import Order
 from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, FaultKind
@@ -18,6 +19,7 @@ from tests.integration.test_failure_modes_f1_f5 import (
     open_positions,
     settings_for,
 )
+from tests.integration.test_failure_modes_f6_f12 import _collect
 from tests.support.driving import drive, drive_until
 
 
@@ -487,6 +489,7 @@ async def test_the_circuit_breaker_stops_entries_while_protection_fails_and_the_
     engine = make_engine(settings, clock)
     await drive(clock, engine.start())
     venue = engine.venue
+    seen, follower = _collect(engine)
     try:
         assert engine.store is not None
         await engine.store.insert_signals([(s, "long", None, None) for s in SYMBOLS[60:63]])
@@ -497,6 +500,12 @@ async def test_the_circuit_breaker_stops_entries_while_protection_fails_and_the_
         await drive_until(clock, lambda: engine.entries_paused, what="the breaker tripped", limit=120.0)
         assert engine.entries_paused_by == "breaker"
         assert "uncovered" in engine.entries_pause_reason or "failed" in engine.entries_pause_reason
+        await drive_until(clock, lambda: any(isinstance(e, EntriesToggled) for e in seen), what="told")
+        toggled = [e for e in seen if isinstance(e, EntriesToggled)]
+        # Told as the header says it: by the breaker and why, never "by the operator" (the log said so).
+        assert [(e.paused, e.by, e.reason) for e in toggled] == [
+            (True, "breaker", engine.entries_pause_reason)
+        ]
         rejected = await engine.store.insert_signals([(SYMBOLS[64], "long", None, None)])
         await drive_until(
             clock,
@@ -506,6 +515,7 @@ async def test_the_circuit_breaker_stops_entries_while_protection_fails_and_the_
         assert await _signal_reason(db, rejected[0]) == "entries paused"
         assert len(venue.core.positions(clock.now())) == 3  # nothing new opened
     finally:
+        follower.cancel()
         await drive(clock, engine.stop())
     restarted_engine = make_engine(
         settings, clock, SimVenue(settings.venue.sim, clock=clock, core=venue.core)

@@ -223,3 +223,40 @@ async def test_a_ban_the_sim_venue_answers_holds_the_engines_requests_until_it_e
         assert core.inspect(clock.now()).banned_until is None  # the engine did not earn a second ban
     finally:
         await drive(clock, engine.stop())
+
+
+async def test_a_stuck_stop_is_closed_at_market_on_time_although_its_re_check_failed_and_passes_backed_off(
+    db: Database,
+) -> None:
+    """Seen in the chaos soak: a stop stuck TRIGGERING, its re-check at half the grace period failing once
+    (a network error), and the position stayed uncovered 31 s. The failed look-up started the patience
+    again, and past grace the guard's passes back off (1, 2, 4, 8, 16 s): the close waited for the doubling.
+    A look-up that failed proves nothing, and a fired stop is checked when its patience ends, not later."""
+    settings = settings_for(db, {"PROTECTION__GRACE_SECONDS": "5", "PROTECTION__RETRY_MAX_SECONDS": "30"})
+    clock = ManualClock()
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[16]])
+        await drive_until_covered(engine, clock, 1)
+        venue.set_trigger_delay(None, stuck=True)
+        assert guard.stop_loss.price is not None
+        # Every look-up fails for a while: the passes fail and back off past grace.
+        venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, count=6)
+        venue.override_mark_price(guard.symbol, guard.stop_loss.price - 3 * guard.market.tick_size)
+        # Within patience (half the grace period) plus the look-ups that failed, each retried within a
+        # second (virtual time): before, 36 s.
+        await drive_until(
+            clock,
+            lambda: db.pool.fetchval(
+                "SELECT status = 'closed' FROM monitoring.positions WHERE id = $1", guard.position_id
+            ),
+            what="closed at market",
+            step=0.1,
+            limit=10.0,
+        )
+        row = await db.pool.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", guard.position_id)
+        assert row["exit_reason"] == "stop_not_filled"
+    finally:
+        await drive(clock, engine.stop())

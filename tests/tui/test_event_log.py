@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC
 
+from engine.events import EntriesToggled
 from tests.tui.book import BookFeed, book_position
 from tests.tui.scenario import T0, ScenarioFeed, scenario_settings
 from tests.tui.snapshots import svg_to_text
 from tui.app import DashboardApp
-from tui.feed import LogEntry
+from tui.feed import LogEntry, LogTranslator
 from tui.messages import LogEntryAdded
 from tui.widgets.event_log import EventLog
 
@@ -86,3 +87,16 @@ async def test_the_log_keeps_following_a_burst_while_the_screen_is_busy() -> Non
         await pilot.pause(0.3)
         assert log.scroll_y == log.max_scroll_y > 0
         assert "burst row 399" in svg_to_text(app.export_screenshot(), 120, 40)
+
+
+def test_a_pause_is_logged_with_who_paused_and_why() -> None:
+    """The breaker's pause was logged as "new entries paused by the operator" while the header said
+    "ENTRIES PAUSED (breaker)"."""
+    translator = LogTranslator()
+    reason = "protection is failing (7 of 11 protective order sends failed in the last 60s)"
+    paused = translator.entry(EntriesToggled(at=T0, paused=True, by="breaker", reason=reason))
+    resumed = translator.entry(EntriesToggled(at=T0 + 1, paused=False))
+    assert paused is not None
+    assert resumed is not None
+    assert paused.detail == f"new entries paused by the breaker: {reason}"
+    assert resumed.detail == "new entries resumed"

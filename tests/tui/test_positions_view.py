@@ -4,8 +4,10 @@ last row, and the title carries the uncovered count. Read from the rendered scre
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from datetime import UTC
+from decimal import Decimal
 
 from engine.venues.sim.universe import UNIVERSE
 from tests.tui.book import BookFeed, book_position
@@ -93,3 +95,55 @@ async def test_more_uncovered_than_the_view_holds_says_how_many_are_not_pinned()
         flat = " ".join(text.split())
         for symbol in SYMBOLS[50 : 50 + pinned]:
             assert f"! {symbol}" in flat
+
+
+async def test_a_resize_across_a_column_layout_with_pinned_rows_keeps_the_dashboard_running() -> None:
+    """Crossing a column layout (80 → 160 columns) rebuilt the table's columns, which emptied it while its
+    pinned-row count stayed: the next render looked up a pinned row that no longer existed (KeyError) and
+    ended the dashboard (seen in bench/tui_render.py at start-up)."""
+    settings = scenario_settings()
+    book = [book_position(i, s) for i, s in enumerate(SYMBOLS[:20])]
+    book += [book_position(100 + i, s, uncovered_for=60.0) for i, s in enumerate(SYMBOLS[50:54])]
+    feed = BookFeed(settings, book)
+    app = DashboardApp(settings, feed=feed, tz=UTC, code_roots=[])
+    async with app.run_test(size=(80, 24)) as pilot:
+        table = app.query_one(PositionsTable)
+        await wait_for(pilot, lambda: table.fixed_rows == 4, "the uncovered rows pinned")
+        for size in ((160, 48), (120, 40), (80, 24)):
+            await pilot.resize_terminal(*size)
+            await pilot.pause()
+            await wait_for(pilot, lambda: table.row_count == 24 and table.fixed_rows == 4, f"rows at {size}")
+            flat = " ".join(screen_text(app).split())
+            for symbol in SYMBOLS[50:54]:
+                assert f"! {symbol}" in flat, (size, flat)
+            assert "Positions 24 · 4 UNCOVERED" in flat
+
+
+async def test_a_frame_renders_again_only_the_rows_that_changed_and_shows_their_new_text() -> None:
+    """Changed cells only reach the renderer (issue 13, P4): DataTable re-rendered every visible row on any
+    cell update. One position's mark moves: one line is rendered anew, and it shows the new mark; the
+    cursor moving re-renders the two rows it left and reached, with the highlight where it is now."""
+    settings = scenario_settings()
+    book = [book_position(i, s) for i, s in enumerate(SYMBOLS[:12], start=1)]
+    feed = BookFeed(settings, book)
+    app = DashboardApp(settings, feed=feed, tz=UTC, code_roots=[])
+    async with app.run_test(size=(120, 40)) as pilot:
+        table = app.query_one(PositionsTable)
+        await wait_for(pilot, lambda: table.row_count == 12, "12 positions shown")
+        await pilot.pause(0.2)  # a few frames of nothing changing: every line is in the cache
+        before = table.lines_rendered
+        await pilot.pause(0.2)
+        assert table.lines_rendered == before  # nothing changed, nothing rendered
+
+        moved = dataclasses.replace(book[4], mark_price=Decimal("7.7777"))
+        feed.set_positions([*book[:4], moved, *book[5:]])
+        await wait_for(pilot, lambda: "7.7777" in screen_text(app), "the new mark on screen")
+        assert table.lines_rendered == before + 1
+        line = next(line for line in screen_text(app).splitlines() if "7.7777" in line)
+        assert SYMBOLS[4] in line
+
+        before = table.lines_rendered
+        await pilot.press("down")
+        await pilot.pause(0.1)
+        assert table.lines_rendered == before + 2  # the row the cursor left and the one it reached
+        assert table.selected_view().symbol == SYMBOLS[1]  # type: ignore[union-attr]

@@ -122,14 +122,15 @@ class CoverageGauge(Vertical):
         self._figure("sl", figures.sl_coverage_pct, figures.with_stop_loss, figures, verdict)
         label = self._uncovered
         if figures.uncovered:
-            label.update(
+            self._set(
+                label,
                 f"UNCOVERED {figures.uncovered}, oldest "
                 f"{formatting.duration(figures.oldest_unprotected_seconds)}"
-                + (f" (+{figures.protecting} protecting)" if figures.protecting else "")
+                + (f" (+{figures.protecting} protecting)" if figures.protecting else ""),
             )
         else:
-            label.update(
-                "uncovered 0" + (f" ({figures.protecting} protecting)" if figures.protecting else "")
+            self._set(
+                label, "uncovered 0" + (f" ({figures.protecting} protecting)" if figures.protecting else "")
             )
         label.set_class(figures.uncovered > 0, "-alarm")
         self.set_class(verdict is health.HealthState.CRITICAL, "-critical")
@@ -154,8 +155,8 @@ class CoverageGauge(Vertical):
         figures: CoverageFigures,
         verdict: health.HealthState,
     ) -> None:
-        self._digits[name].update("--" if pct is None else f"{pct:.1f}")
-        self._labels[name].update(f"{name.upper()} coverage % {count}/{figures.active}")
+        self._set(self._digits[name], "--" if pct is None else f"{pct:.1f}")
+        self._set(self._labels[name], f"{name.upper()} coverage % {count}/{figures.active}")
         if pct is None:
             state = "-unknown"
         elif count == figures.active:
@@ -168,7 +169,7 @@ class CoverageGauge(Vertical):
         for cls in STATE_CLASSES:
             figure.set_class(cls == state, cls)
 
-    def _set(self, label: Label, text: str) -> None:
+    def _set(self, label: Label | Digits, text: str) -> None:
         """Only a changed text costs a layout pass (figures change on every frame, their text rarely)."""
         if self._texts.get(label.id) != text:
             self._texts[label.id] = text

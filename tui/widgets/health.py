@@ -10,7 +10,14 @@ from rich.style import Style
 from rich.text import Text
 from textual.widgets import Static
 
-from protection.health import DISPLAY_NAMES, Component, ComponentHealth, HealthState, worst_state
+from protection.health import (
+    DISPLAY_NAMES,
+    Component,
+    ComponentHealth,
+    HealthState,
+    format_duration,
+    worst_state,
+)
 from tui.widgets.styling import component_style
 
 SHORT_NAMES = {
@@ -88,4 +95,35 @@ class HealthPanel(Static):
             lines.append(
                 f"{component.reason} · {component.summary}" if component.reason else component.summary
             )
+        streams = stream_words(components)
+        if streams:  # the venue's push streams, most telling first (a narrow panel cuts the rest)
+            lines.append("\n")
+            lines.append(f"{'streams':<10} ", style="bold")
+            for index, (_name, connected, text) in enumerate(streams):
+                if index:
+                    lines.append(" · ")
+                state = HealthState.HEALTHY if connected else HealthState.DEGRADED
+                lines.append(text, style="" if connected else self._state_style(state))
         self.update(lines)
+
+
+def stream_words(components: Sequence[ComponentHealth]) -> list[tuple[str, bool, str]]:
+    """Each push stream the measurements name (`<name>_stream_connected` …), as (name, connected, words),
+    e.g. `account up 2.0s ago, 1 reconnect`, those down first. Empty when the venue runs none (polled)."""
+    found: list[tuple[str, bool, str]] = []
+    suffix = "_stream_connected"
+    for component in components:
+        values = component.measurements
+        for key, connected in values.items():
+            if not key.endswith(suffix):
+                continue
+            name = key[: -len(suffix)]
+            age = values.get(f"{name}_stream_last_event_age_seconds")
+            reconnects = values.get(f"{name}_stream_reconnects") or 0
+            words = f"{name} {'up' if connected else 'DOWN'}"
+            words += " (no event yet)" if not isinstance(age, int | float) else f" {format_duration(age)} ago"
+            if reconnects:
+                words += f", {reconnects} reconnect{'s' if reconnects != 1 else ''}"
+            found.append((name, bool(connected), words))
+    found.sort(key=lambda item: item[1])  # a stream that is down first
+    return found

@@ -16,12 +16,16 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import ClassVar
 
+from rich.cells import cell_len, set_cell_size
+from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
 from textual.binding import Binding, BindingType
+from textual.coordinate import Coordinate
 from textual.events import Click
+from textual.strip import Strip
 from textual.widgets import DataTable
-from textual.widgets.data_table import RowDoesNotExist
+from textual.widgets.data_table import RowDoesNotExist, RowKey
 
 from engine.engine import PositionView
 from tui import formatting
@@ -94,6 +98,15 @@ class PositionsTable(DataTable[Text]):
         self._column_keys: tuple[str, ...] = COLUMN_KEYS
         self.follow_selection = False  # the operator moved the cursor: it stays on that position
         self.cell_updates = 0  # since mount: lets the benchmark and tests see that frames are incremental
+        # Rendered lines and cells by row (see "rendering" below); a row's version moves when its cells do.
+        self._row_versions: dict[str | None, int] = {}
+        self._versions_given = 0
+        # By row key: a row's slots go with it (one dict operation when 990 rows are filtered out).
+        self._line_strips: dict[str | None, dict[int, tuple[tuple[object, ...], Strip]]] = {}
+        self._cell_lines: dict[
+            str | None, dict[str | None, tuple[Text, tuple[object, ...], list[list[Segment]]]]
+        ] = {}
+        self.lines_rendered = 0  # since mount: table lines rendered anew (the rest came from the cache)
 
     def on_mount(self) -> None:
         self._build_columns()
@@ -120,7 +133,9 @@ class PositionsTable(DataTable[Text]):
         if self.error_width is not None and not self.narrow:
             columns = (*columns, (*ERROR_COLUMN, self.error_width))
         selected = self.selected_position_id()
+        self.fixed_rows = 0  # no row left to pin until the next frame adds them again
         self.clear(columns=True)
+        self._forget_renders()
         self._cells.clear()
         self._views.clear()
         self._column_keys = tuple(key for key, _, _ in columns)
@@ -148,6 +163,7 @@ class PositionsTable(DataTable[Text]):
         selected = self.selected_position_id()
         for position_id in [k for k in self._cells if k not in wanted_ids]:
             self.remove_row(str(position_id))
+            self._forget_row(str(position_id))
             del self._cells[position_id]
             self._views.pop(position_id, None)
             reorder = True
@@ -156,20 +172,24 @@ class PositionsTable(DataTable[Text]):
             position_id = view.position_id
             shown = self._cells.get(position_id)
             if shown is not None:
-                if self._views.get(position_id) == view and not self._flag_is_stale(position_id):
+                if position_id not in visible:
+                    if shown[0].plain == self._flag_text(view):
+                        continue  # off screen and still in the same place: formatted when it scrolls in
+                elif self._views.get(position_id) == view and not self._flag_is_stale(position_id):
                     continue
-                if position_id not in visible and shown[0].plain == self._flag_text(view):
-                    continue  # off screen and still in the same place: formatted when it scrolls in
             cells = self._format(view)
             self._views[position_id] = view
             self._cells[position_id] = cells
+            row_key = str(position_id)
             if shown is None:
-                self.add_row(*cells, key=str(position_id))
+                self.add_row(*cells, key=row_key)
+                self._row_changed(row_key)
                 reorder = True
                 continue
             for column, (before, after) in enumerate(zip(shown, cells, strict=True)):
                 if before != after:
-                    self.update_cell(str(position_id), self._column_keys[column], after)
+                    self.update_cell(row_key, self._column_keys[column], after)
+                    self._row_changed(row_key)
                     self.cell_updates += 1
             if shown[0].plain != cells[0].plain:
                 reorder = True
@@ -205,6 +225,189 @@ class PositionsTable(DataTable[Text]):
             *self.ordered_rows[first : int(self.scroll_y) + 2 * height],
         ]
         return {int(row.key.value) for row in rows if row.key.value is not None}
+
+    # --- rendering ------------------------------------------------------------------------------------
+    # DataTable keys every render cache (cells, rows, lines) on one counter that each `update_cell` bumps:
+    # one changed price re-rendered every visible cell of the table through rich, most of a frame's cost
+    # at 1 000 positions (bench/tui_render.py). These two caches are keyed by what decides a line's or a
+    # cell's look instead, one slot per row line and per cell, so a frame renders the rows that changed.
+
+    def _render_line(self, y: int, x1: int, x2: int, base_style: Style) -> Strip:
+        try:
+            row_key, line_in_row = self._get_offsets(y)
+        except LookupError:
+            return super()._render_line(y, x1, x2, base_style)
+        cursor_row = self.cursor_coordinate.row
+        hover_row = self.hover_coordinate.row
+        if row_key is self._header_row_key:
+            row_index = -1
+            version = 0
+        else:
+            row_index = self._row_locations.get(row_key)
+            if row_index is None:
+                return super()._render_line(y, x1, x2, base_style)
+            version = self._row_versions.get(row_key.value, 0)
+        key = (
+            version,
+            row_index,
+            row_index < self.fixed_rows,
+            x1,
+            x2,
+            self.size.width,
+            base_style,
+            self.cursor_type,
+            self.show_cursor,
+            self._show_hover_cursor,
+            row_index == cursor_row,
+            row_index == hover_row,
+            self._pseudo_class_state,
+        )
+        row_lines = self._line_strips.setdefault(row_key.value, {})
+        cached = row_lines.get(line_in_row)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        strip = super()._render_line(y, x1, x2, base_style)
+        row_lines[line_in_row] = (key, strip)
+        self.lines_rendered += 1
+        return strip
+
+    def _render_line_in_row(
+        self,
+        row_key: RowKey,
+        line_no: int,
+        base_style: Style,
+        cursor_location: Coordinate,
+        hover_location: Coordinate,
+    ) -> tuple[list[list[Segment]], list[list[Segment]]]:
+        """A data row's segments as DataTable lays them out for a row cursor (its cells, then the row's
+        style out to the widget's edge), without its per-call look-ups of styles nobody uses here (the
+        header's, row labels', fixed columns')."""
+        row_index = self._row_locations.get(row_key) if row_key is not self._header_row_key else None
+        if (
+            row_index is None
+            or self.cursor_type != "row"
+            or self.fixed_columns
+            or (self._labelled_row_exists and self.show_row_labels)
+        ):
+            return super()._render_line_in_row(row_key, line_no, base_style, cursor_location, hover_location)
+        cursor = row_index == cursor_location.row
+        hover = row_index == hover_location.row
+        row_style = self._get_row_style(row_index, base_style)
+        scrollable: list[list[Segment]] = []
+        table_width = 0
+        for column_index, column in enumerate(self.ordered_columns):
+            width = column.get_render_width(self)
+            table_width += width
+            lines = self._render_cell(row_index, column_index, row_style, width, cursor=cursor, hover=hover)
+            scrollable.append(lines[line_no])
+        extend_style, _ = self._get_styles_to_render_cell(
+            False, False, False, hover, cursor, self.show_cursor, self._show_hover_cursor, False, False
+        )
+        extend_style = (
+            row_style + extend_style + Style.from_meta({"row": row_index, "column": 0, "out_of_bounds": True})
+        )
+        remaining = max(0, self.size.width - table_width - self._row_label_column_width)
+        scrollable.append([Segment(" " * remaining, extend_style)])
+        return [], scrollable
+
+    def _render_cell(
+        self,
+        row_index: int,
+        column_index: int,
+        base_style: Style,
+        width: int,
+        cursor: bool = False,
+        hover: bool = False,
+    ) -> list[list[Segment]]:
+        if row_index < 0 or column_index < 0:  # the header and row labels: DataTable's own cache
+            return super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
+        row_key = self._row_locations.get_key(row_index)
+        column_key = self._column_locations.get_key(column_index)
+        cell = self._data[row_key][column_key]
+        key = (
+            row_index,  # the mouse metadata says which row a click is on
+            row_index < self.fixed_rows,
+            base_style,
+            width,
+            cursor,
+            hover,
+            self._show_hover_cursor,
+            self._pseudo_class_state,
+        )
+        row_cells = self._cell_lines.setdefault(row_key.value, {})
+        cached = row_cells.get(column_key.value)
+        # The very Text object rendered then (held by the slot, so its identity is its own).
+        if cached is not None and cached[0] is cell and cached[1] == key:
+            return cached[2]
+        if isinstance(cell, Text) and not cell.spans and "\n" not in cell.plain and "\t" not in cell.plain:
+            lines = self._render_plain_cell(cell, row_index, column_index, base_style, width, cursor, hover)
+        else:
+            lines = super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
+        row_cells[column_key.value] = (cell, key, lines)
+        return lines
+
+    def _render_plain_cell(
+        self,
+        cell: Text,
+        row_index: int,
+        column_index: int,
+        base_style: Style,
+        width: int,
+        cursor: bool,
+        hover: bool,
+    ) -> list[list[Segment]]:
+        """What DataTable renders through rich for a one-line, one-style cell (the text padded by one
+        column either side, cropped or justified to the column; the pre- and post-styles of the cursor
+        and the row), built directly: rich's general layout was most of a changed row's cost."""
+        is_fixed = row_index < self.fixed_rows or column_index < self.fixed_columns
+        component_style, post_style = self._get_styles_to_render_cell(
+            False,
+            False,
+            is_fixed,
+            hover,
+            cursor,
+            self.show_cursor,
+            self._show_hover_cursor,
+            self.cursor_foreground_priority == "css",
+            self.cursor_background_priority == "css",
+        )
+        pre = base_style + Style.from_meta({"row": row_index, "column": column_index}) + component_style
+        text_style = pre + self.app.console.get_style(cell.style, default=Style.null()) + post_style
+        pad_style = pre + post_style
+        room = max(0, width - 2 * self.cell_padding)
+        plain = cell.plain
+        padding = " " * self.cell_padding
+        if cell.justify == "right":  # rich: stripped, cropped, then padded on the left in the text's style
+            body = _cropped(plain.rstrip(), room)
+            body = " " * (room - cell_len(body)) + body
+            segments = [Segment(padding, pad_style), Segment(body, text_style), Segment(padding, pad_style)]
+        elif cell.justify in (None, "default"):  # cropped; the rest of the column in the padding's style
+            body = _cropped(plain, room)
+            rest = " " * (room - cell_len(body))
+            segments = [Segment(padding, pad_style)]
+            if body:
+                segments.append(Segment(body, text_style))
+            segments.append(Segment(rest + padding, pad_style))
+        else:  # another justification: rich's own layout
+            return super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
+        return [segments]
+
+    def notify_style_update(self) -> None:
+        super().notify_style_update()
+        self._forget_renders()
+
+    def _row_changed(self, row_key: str) -> None:
+        self._versions_given += 1  # never reused: a row removed and added again has a new version
+        self._row_versions[row_key] = self._versions_given
+
+    def _forget_row(self, row_key: str) -> None:
+        self._row_versions.pop(row_key, None)
+        self._line_strips.pop(row_key, None)
+        self._cell_lines.pop(row_key, None)
+
+    def _forget_renders(self) -> None:
+        self._line_strips.clear()
+        self._cell_lines.clear()
 
     # --- the operator's cursor -----------------------------------------------------------------------
 
@@ -327,6 +530,7 @@ class PositionsTable(DataTable[Text]):
         """A theme change: styles are baked into cell text, so re-format every row next frame."""
         self._styles = {}
         self._views.clear()
+        self._forget_renders()
 
     def _format(self, view: PositionView) -> Cells:
         s = self._styles
@@ -354,7 +558,7 @@ class PositionsTable(DataTable[Text]):
                     justify="right",
                 ),
                 stop,
-                Text(formatting.price(view.mark_price), justify="right"),
+                _mark_cell(view, s),
             )
         return (
             flag,
@@ -368,7 +572,7 @@ class PositionsTable(DataTable[Text]):
                 justify="right",
             ),
             stop,
-            Text(formatting.price(view.mark_price), justify="right"),
+            _mark_cell(view, s),
             Text(formatting.price(view.entry_price), justify="right"),
             Text(formatting.price(view.quantity), justify="right"),
         ) + (
@@ -377,6 +581,18 @@ class PositionsTable(DataTable[Text]):
             if self.error_width
             else ()
         )
+
+
+def _cropped(text: str, width: int) -> str:
+    """`text` cut to `width` terminal cells (never padded)."""
+    return set_cell_size(text, width) if cell_len(text) > width else text
+
+
+def _mark_cell(view: PositionView, styles: dict[str, Style]) -> Text:
+    """The mark; `~` before it (and the alarm colour) when it is older than `health.stale_mark_seconds`."""
+    if view.mark_stale:
+        return Text("~" + formatting.price(view.mark_price), style=styles["missing"], justify="right")
+    return Text(formatting.price(view.mark_price), justify="right")
 
 
 def _trailing_cell(view: PositionView, styles: dict[str, Style], *, short: bool = False) -> Text:

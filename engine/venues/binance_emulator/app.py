@@ -43,8 +43,8 @@ that only the control API moves; request timestamps are always checked against t
 Optional control API (served only when `control=True`, loopback callers only, never weighed or banned):
 `POST /_sim/mark`, `POST /_sim/fault`, `POST /_sim/stream-fault` (websocket faults, see `streams.py`),
 `POST /_sim/clear-faults`, `POST /_sim/advance`, `GET /_sim/state` (positions, open and triggering algo
-orders, the stream connections and their subscriptions, and the rate: weight used this minute, order
-counts, the ban's end).
+orders, the stream connections and their subscriptions, requests served per endpoint, and the rate:
+weight used this minute, order counts, the ban's end).
 """
 
 from __future__ import annotations
@@ -178,6 +178,7 @@ class BinanceEmulator:
         self._wall_clock = wall_clock
         self._offset = 0.0
         self._weights = RequestWeightLimiter(settings.rate_limits)
+        self.requests_by_endpoint: dict[str, int] = {}  # "METHOD endpoint" -> requests received
         listings = select_listings(settings.symbols, settings.synthetic_listings)
         self.core = SimCore(listings, settings, now=self.now())
         markets = self.core.markets
@@ -300,6 +301,7 @@ class BinanceEmulator:
         async def handle(request: web.Request) -> web.Response:
             self.requests_served += 1
             key = f"{request.method} {endpoint}"
+            self.requests_by_endpoint[key] = self.requests_by_endpoint.get(key, 0) + 1
             self._in_flight[key] = self._in_flight.get(key, 0) + 1
             self.max_in_flight[key] = max(self.max_in_flight.get(key, 0), self._in_flight[key])
             try:
@@ -1140,6 +1142,7 @@ class BinanceEmulator:
                     for o in seen.triggering
                 ],
                 "streams": self.streams.state(),
+                "requests_by_endpoint": dict(self.requests_by_endpoint),
                 "rate": {
                     "used_weight_1m": self._weights.used(ip, now),
                     "order_count_10s": seen.order_counts[10.0],

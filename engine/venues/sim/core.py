@@ -56,7 +56,7 @@ import itertools
 import math
 import operator
 from collections import deque
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, fields
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Any
@@ -73,6 +73,7 @@ from engine.exchange.errors import (
 )
 from engine.exchange.port import (
     CLIENT_ORDER_ID_PATTERN,
+    AccountEvent,
     Balance,
     Capabilities,
     Market,
@@ -81,7 +82,9 @@ from engine.exchange.port import (
     OrderSide,
     OrderStatus,
     OrderType,
+    OrderUpdate,
     PositionSide,
+    PositionUpdate,
     RateBudget,
     VenuePosition,
 )
@@ -166,6 +169,7 @@ class _RateState:
 @dataclass(slots=True)
 class _Account:
     wallet: Decimal
+    name: str = DEFAULT_ACCOUNT  # its id in the core's accounts (what account listeners are told)
     leverage: dict[str, int] = field(default_factory=dict)
     positions: dict[str, _PositionRecord] = field(default_factory=dict)
     # Every order ever, by client id, oldest first (an id is reused once its order has ended), and by
@@ -213,6 +217,9 @@ class SimCore:
         self._trigger_delay: float | None = None
         self._trigger_delay_by_symbol: dict[str, float | None] = {}
         self._read_lag = 0.0
+        # Called, synchronously and in the venue's order, with (account id, event) for every change of an
+        # order's status and of a position: what a venue's account stream pushes (see `add_account_listener`).
+        self._account_listeners: list[Callable[[str, AccountEvent], None]] = []
         # Bumped by every change to what the book holds (orders, positions, balances, order budgets) and to
         # the marks: a keeper of the book saves when they move (see `engine.venues.sim.book`).
         self.book_revision = 0
@@ -258,6 +265,39 @@ class SimCore:
     def set_read_lag(self, seconds: float) -> None:
         """Conditional orders placed from now on read back as unknown for `seconds` (0: never)."""
         self._read_lag = _checked_seconds(seconds, "read lag") or 0.0
+
+    def add_account_listener(self, listener: Callable[[str, AccountEvent], None]) -> None:
+        """Be told of every account event as it happens: `listener(account_id, event)` with an
+        `OrderUpdate` whenever an order is placed (NEW), cancelled, fires (TRIGGERED), fills (FILLED, with
+        its average price) or expires, and a `PositionUpdate` whenever a position's size changes (0: flat).
+        Nothing is coalesced: these are events, not marks. A listener must not call back into the core."""
+        self._account_listeners.append(listener)
+
+    def remove_account_listener(self, listener: Callable[[str, AccountEvent], None]) -> None:
+        if listener in self._account_listeners:
+            self._account_listeners.remove(listener)
+
+    def _order_event(self, account: _Account, order: _OrderRecord, now: float) -> None:
+        if self._account_listeners:
+            event = OrderUpdate(order=order.snapshot(), event_time=now)
+            for listener in tuple(self._account_listeners):
+                listener(account.name, event)
+
+    def _position_event(
+        self,
+        account: _Account,
+        symbol: str,
+        side: PositionSide,
+        quantity: Decimal,
+        entry: Decimal,
+        now: float,
+    ) -> None:
+        if self._account_listeners:
+            event = PositionUpdate(
+                symbol=symbol, side=side, quantity=quantity, entry_price=entry, event_time=now
+            )
+            for listener in tuple(self._account_listeners):
+                listener(account.name, event)
 
     def mark(self, symbol: str) -> Decimal:
         return self._marks[self._market(symbol).symbol]
@@ -420,6 +460,7 @@ class SimCore:
         order.status = OrderStatus.FILLED
         order.filled_quantity = execution.quantity
         order.average_price = execution.price
+        self._order_event(account, order, now)
         return order.snapshot()
 
     def place_stop_market_order(
@@ -452,6 +493,7 @@ class SimCore:
         )
         order.stop_price = stop_price
         self._track_conditional(account, order, now, read_lag, trigger_delay)
+        self._order_event(account, order, now)
         return order.snapshot()
 
     def place_trailing_stop_order(
@@ -498,6 +540,7 @@ class SimCore:
         order.callback_rate = callback_rate
         order.trailing = state
         self._track_conditional(account, order, now, read_lag, trigger_delay)
+        self._order_event(account, order, now)
         return order.snapshot()
 
     def cancel_order(
@@ -512,6 +555,7 @@ class SimCore:
             order.status = OrderStatus.CANCELED
             order.updated_at = now
             self.book_revision += 1
+            self._order_event(account, order, now)
         return order.snapshot()
 
     # ---- internals ---------------------------------------------------------------------------------
@@ -527,7 +571,7 @@ class SimCore:
     def _account(self, account_id: str) -> _Account:
         account = self._accounts.get(account_id)
         if account is None:
-            account = _Account(wallet=self._settings.starting_balance)
+            account = _Account(wallet=self._settings.starting_balance, name=account_id)
             self._accounts[account_id] = account
         return account
 
@@ -691,8 +735,9 @@ class SimCore:
         delay = order.trigger_delay
         if delay is None:
             delay = self._trigger_delay_by_symbol.get(order.symbol, self._trigger_delay)
+        order.status = OrderStatus.TRIGGERED  # the stream says so even when the fill follows at once
+        self._order_event(account, order, now)
         if delay:  # forwarded to the matching engine, not filled yet: TRIGGERING on Binance
-            order.status = OrderStatus.TRIGGERED
             account.triggering[order.venue_order_id] = order
             if delay < STUCK:
                 heapq.heappush(self._due, (now + delay, next(self._sequence), account, order))
@@ -716,11 +761,13 @@ class SimCore:
         position = account.positions.get(order.symbol)
         if position is None or (position.quantity > 0) != (order.side is OrderSide.SELL):
             order.status = OrderStatus.EXPIRED  # nothing to reduce: the orphan case
+            self._order_event(account, order, now)
             return
         execution = self._execute(account, order.symbol, order.side, order.quantity, now, reduce_only=True)
         order.status = OrderStatus.FILLED
         order.filled_quantity = execution.quantity
         order.average_price = execution.price
+        self._order_event(account, order, now)
 
     def _fill_price(self, symbol: str, side: OrderSide) -> Decimal:
         market = self._markets[symbol]
@@ -790,6 +837,13 @@ class SimCore:
             position.quantity, position.entry_price, position.updated_at = new_quantity, entry, now
         else:  # partial reduction keeps the entry price
             position.quantity, position.updated_at = new_quantity, now
+        if new_quantity == 0:  # flat on the side it held
+            side_held = PositionSide.LONG if held > 0 else PositionSide.SHORT
+            self._position_event(account, symbol, side_held, _ZERO, price, now)
+        else:
+            record = account.positions[symbol]
+            side_now = PositionSide.LONG if new_quantity > 0 else PositionSide.SHORT
+            self._position_event(account, symbol, side_now, abs(new_quantity), record.entry_price, now)
         return _Execution(quantity=quantity, price=price)
 
     # ---- the book, kept across restarts ---------------------------------------------------------------
@@ -906,6 +960,7 @@ class SimCore:
             1 + max((int(v) for a, _d in accounts.values() for v in a.by_venue_id), default=0),
         )
         for account_id, (account, due) in accounts.items():
+            account.name = account_id
             self._accounts[account_id] = account
             for at, order in due:
                 heapq.heappush(self._due, (at, next(self._sequence), account, order))

@@ -14,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from engine.venues.sim.settings import (
+    AccountStreamSettings,
     CallKind,
     FaultKind,
     FaultSettings,
@@ -49,6 +50,14 @@ class FaultInjector:
         self._latency_rng = random.Random(f"latency:{seed}")
         self._fault_rng = random.Random(f"faults:{seed}")
         self._forced: dict[CallKind, deque[FaultKind]] = {}
+        self._stream_rng = random.Random(f"stream:{seed}")
+
+    def drops_account_stream(self, stream: AccountStreamSettings) -> bool:
+        """Whether the account stream's connection drops at this event (seeded, one draw per event, apart
+        from the calls' draws so a stream setting does not move which calls fail)."""
+        if stream.drop_probability <= 0:
+            return False
+        return self._stream_rng.random() < stream.drop_probability
 
     def force(self, kind: CallKind, fault: FaultKind, count: int = 1) -> None:
         """Make the next `count` calls of `kind` suffer `fault`, whatever the probabilities say."""

@@ -114,6 +114,19 @@ class RateLimitSettings(_Strict):
         return self
 
 
+class AccountStreamSettings(_Strict):
+    """The sim venue's account stream (what Binance's user-data stream is): order and position events
+    pushed as they happen. `enabled = false` models a venue with no account stream (fills and cancels are
+    learned by polling only). The faults rehearse what real streams do: every event arrives
+    `event_delay_seconds` late; with probability `drop_probability` per event the connection drops at
+    that event (it and everything until `down_seconds` later are lost; the reader then gets a `StreamGap`)."""
+
+    enabled: bool = True
+    event_delay_seconds: float = Field(default=0.0, ge=0.0, le=60.0)
+    drop_probability: float = Field(default=0.0, ge=0.0, le=1.0)
+    down_seconds: float = Field(default=1.0, ge=0.0, le=600.0)
+
+
 class SimVenueSettings(_Strict):
     seed: int = Field(default=42, ge=0, le=2**32 - 1)
     symbols: list[str] = Field(default_factory=list)
@@ -131,6 +144,7 @@ class SimVenueSettings(_Strict):
     latency: LatencySettings = Field(default_factory=LatencySettings)
     faults: FaultSettings = Field(default_factory=FaultSettings)
     rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
+    account_stream: AccountStreamSettings = Field(default_factory=AccountStreamSettings)
 
     @field_validator("symbols")
     @classmethod

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -54,6 +55,7 @@ from engine.exchange.port import (
     MarkPrice,
     Order,
     OrderSide,
+    StreamGap,
     StreamState,
     VenuePosition,
 )
@@ -95,6 +97,20 @@ class _MarkSubscription:
             self.wakeup.set()
 
 
+class _AccountSubscription:
+    """One reader of the account stream: every event, in order (nothing coalesced), each delivered at its
+    due time (the configured delay); while the connection is down, events are lost and a `StreamGap` is
+    owed for when it is back."""
+
+    __slots__ = ("down_until", "gap", "queue", "wakeup")
+
+    def __init__(self) -> None:
+        self.queue: deque[tuple[float, AccountEvent]] = deque()  # (due, monotonic), event
+        self.wakeup = asyncio.Event()
+        self.down_until: float | None = None  # monotonic: the connection is down until then
+        self.gap: StreamGap | None = None
+
+
 class SimVenue:
     def __init__(
         self,
@@ -131,6 +147,13 @@ class SimVenue:
         self._saver: asyncio.Task[None] | None = None
         self._saved_revisions: tuple[int, int] = (-1, -1)  # (book, marks) revisions on disk
         self._marks_saved_at = 0.0  # monotonic
+        # The account stream (see `watch_account`) and the mark stream's state, for `stream_states`.
+        self._account_subscribers: set[_AccountSubscription] = set()
+        self._account_event_delay: float | None = None  # None: the setting's delay
+        self._account_last_event_at: float | None = None  # monotonic
+        self._account_reconnects = 0
+        self._marks_published_at: float | None = None  # monotonic
+        self._mark_stalls: dict[str, float] = {}  # symbol -> monotonic end of its silent stall
 
     # ---- lifecycle ---------------------------------------------------------------------------------
 
@@ -183,6 +206,8 @@ class SimVenue:
                 self._book.close()
         for subscription in self._subscribers:
             subscription.wakeup.set()
+        for account_subscription in self._account_subscribers:
+            account_subscription.wakeup.set()
 
     async def __aenter__(self) -> SimVenue:
         await self.connect()
@@ -216,12 +241,94 @@ class SimVenue:
             self._subscribers.discard(subscription)
 
     async def watch_account(self) -> AsyncIterator[AccountEvent]:
-        """No account stream yet: the reconciler's polling is the only source."""
-        return
-        yield  # an async generator that ends at once
+        """The account's order and position events as the core makes them (`SimCore.add_account_listener`),
+        for this venue's account: first a `StreamGap` ("connected": read the venue's state once, the stream
+        carries changes only), then every event in order, each `account_stream.event_delay_seconds` late; a
+        dropped connection loses its events and yields a `StreamGap` once it is back. With
+        `account_stream.enabled = false` it ends at once: a venue without account stream."""
+        self._ensure_open()
+        if not self._settings.account_stream.enabled:
+            return
+        subscription = _AccountSubscription()
+        if not self._account_subscribers:
+            self._core.add_account_listener(self._on_account_event)
+        self._account_subscribers.add(subscription)
+        clock = self._clock
+        try:
+            yield StreamGap("account", since=clock.now(), reason="connected")
+            while not self._closed:
+                if subscription.down_until is not None:
+                    wait = subscription.down_until - clock.monotonic()
+                    if wait > 0:
+                        await clock.sleep(wait)
+                        continue
+                    gap, subscription.gap, subscription.down_until = subscription.gap, None, None
+                    self._account_reconnects += 1
+                    logger.info("sim venue: account stream connected again")
+                    if gap is not None:
+                        yield gap
+                    continue
+                if not subscription.queue:
+                    subscription.wakeup.clear()
+                    await subscription.wakeup.wait()
+                    continue
+                due, event = subscription.queue[0]
+                wait = due - clock.monotonic()
+                if wait > 0:
+                    await clock.sleep(wait)  # a drop meanwhile empties the queue: checked again first
+                    continue
+                subscription.queue.popleft()
+                self._account_last_event_at = clock.monotonic()
+                yield event
+        finally:
+            self._account_subscribers.discard(subscription)
+            if not self._account_subscribers:
+                self._core.remove_account_listener(self._on_account_event)
+
+    def _on_account_event(self, account_id: str, event: AccountEvent) -> None:
+        """The core's listener (synchronous): queue the event for every reader, or drop the connection at
+        it (a seeded fault)."""
+        if account_id != self._account_id or not self._account_subscribers:
+            return
+        stream = self._settings.account_stream
+        if self._faults.drops_account_stream(stream):
+            self.drop_account_stream(stream.down_seconds, reason="connection dropped (sim fault)")
+            return
+        delay = stream.event_delay_seconds if self._account_event_delay is None else self._account_event_delay
+        due = self._clock.monotonic() + delay
+        for subscription in self._account_subscribers:
+            if subscription.down_until is None:
+                subscription.queue.append((due, event))
+                subscription.wakeup.set()
 
     def stream_states(self) -> tuple[StreamState, ...]:
-        return ()
+        """The mark stream (always: the ticker pushes marks) and, when enabled, the account stream."""
+        now = self._clock.monotonic()
+        stalled = sorted(s for s, until in self._mark_stalls.items() if until > now)
+        states = [
+            StreamState(
+                name="marks",
+                connected=self._ticker is not None and not self._closed,
+                last_event_at=self._marks_published_at,
+                reconnects=0,
+                subscriptions=len(self._subscribers),
+                detail=f"silent for {', '.join(stalled)}" if stalled else "",
+            )
+        ]
+        if self._settings.account_stream.enabled:
+            readers = self._account_subscribers
+            down = any(r.down_until is not None for r in readers)
+            states.append(
+                StreamState(
+                    name="account",
+                    connected=bool(readers) and not down and not self._closed,
+                    last_event_at=self._account_last_event_at,
+                    reconnects=self._account_reconnects,
+                    subscriptions=len(readers),
+                    detail="dropped, reconnecting" if down else ("" if readers else "nobody subscribed"),
+                )
+            )
+        return tuple(states)
 
     async def fetch_balance(self) -> Balance:
         return await self._call(CallKind.FETCH_BALANCE, lambda now: self._core.balance(now, self._account_id))
@@ -364,6 +471,34 @@ class SimVenue:
         Binance's algo service does right after a placement; they exist, trigger and hold their client id
         meanwhile. `capabilities().read_after_write_seconds` announces it. 0: never (the default)."""
         self._core.set_read_lag(seconds)
+
+    def drop_account_stream(self, seconds: float, *, reason: str = "connection dropped (as asked)") -> None:
+        """The account stream's connection drops now and is back after `seconds` of clock time: events
+        queued and made meanwhile are lost, and each reader gets a `StreamGap` when it is back."""
+        if seconds < 0:
+            raise ValueError("seconds must be >= 0")
+        since = self._clock.now()
+        until = self._clock.monotonic() + seconds
+        for subscription in self._account_subscribers:
+            subscription.queue.clear()
+            if subscription.down_until is None:
+                subscription.gap = StreamGap("account", since=since, reason=reason)
+            subscription.down_until = max(until, subscription.down_until or until)
+            subscription.wakeup.set()
+        logger.info("sim venue: account stream %s for %.1fs", reason, seconds)
+
+    def delay_account_events(self, seconds: float | None) -> None:
+        """Account events made from now on arrive `seconds` late (None: back to the setting)."""
+        if seconds is not None and seconds < 0:
+            raise ValueError("seconds must be >= 0 (or None)")
+        self._account_event_delay = seconds
+
+    def stall_marks(self, symbol: str, seconds: float) -> None:
+        """The mark stream stays connected but sends nothing for `symbol` for `seconds` of clock time (a
+        silent stall of one subscription); the venue's marks go on moving and firing stops meanwhile."""
+        if symbol not in self._core.markets:
+            raise ValueError(f"unknown symbol {symbol!r}")
+        self._mark_stalls[symbol] = self._clock.monotonic() + seconds
 
     def inject_fault(self, kind: CallKind, fault: FaultKind, count: int = 1) -> None:
         self._faults.force(kind, fault, count)
@@ -560,6 +695,12 @@ class SimVenue:
                 order.average_price,
             )
         if self._subscribers:
+            stall = self._mark_stalls.get(symbol)
+            if stall is not None:
+                if self._clock.monotonic() < stall:
+                    return  # silent for this symbol
+                del self._mark_stalls[symbol]
+            self._marks_published_at = self._clock.monotonic()
             mark = self._core.mark_prices([symbol])[symbol]
             for subscription in self._subscribers:
                 subscription.offer(mark)

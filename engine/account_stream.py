@@ -1,0 +1,74 @@
+"""The engine's reader of the venue's account stream: one named, supervised loop.
+
+Reads `venue.watch_account()` and hands every event to the protection manager of the moment
+(`protection.stream_events.route_account_event`; a `restart_protection` swaps the manager, the reader
+stays). A venue without account stream ends the iteration at once: the engine then learns of fills and
+cancels by polling only (the reconciler every `reconcile_seconds`), said once in the log. A stream that
+ends after it had delivered is read again after a pause, with a reconcile pass in between (what it missed
+is not replayed).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from engine.clock import Clock
+from engine.exchange.port import ExchangePort
+from protection.manager import ProtectionManager
+from protection.stream_events import route_account_event
+
+log = logging.getLogger(__name__)
+
+RESUBSCRIBE_SECONDS = 1.0
+
+
+class AccountStreamReader:
+    def __init__(
+        self,
+        venue: ExchangePort,
+        manager: Callable[[], ProtectionManager | None],
+        clock: Clock,
+        *,
+        reconcile_seconds: float,
+    ) -> None:
+        self._venue = venue
+        self._manager = manager
+        self._clock = clock
+        self._reconcile_seconds = reconcile_seconds
+        self.events_read = 0
+        self.events_routed = 0
+        self.streaming = False  # the venue's account stream is being read
+        self.polling_only = False  # the venue has no account stream
+
+    async def run(self) -> None:
+        while True:
+            received = 0
+            self.streaming = True
+            try:
+                async for event in self._venue.watch_account():
+                    received += 1
+                    self.events_read += 1
+                    manager = self._manager()
+                    if manager is not None and route_account_event(manager, event):
+                        self.events_routed += 1
+            finally:
+                self.streaming = False
+            if received == 0:
+                self.polling_only = True
+                log.info(
+                    "%s has no account stream: fills, fired and cancelled stops are learned by polling only "
+                    "(the reconciler every %gs)",
+                    self._venue.name,
+                    self._reconcile_seconds,
+                )
+                return
+            log.warning(
+                "account stream of %s ended; reading the venue now and subscribing again in %gs",
+                self._venue.name,
+                RESUBSCRIBE_SECONDS,
+            )
+            manager = self._manager()
+            if manager is not None:
+                manager.request_reconcile()
+            await self._clock.sleep(RESUBSCRIBE_SECONDS)

@@ -1,0 +1,71 @@
+"""The venue's account events, turned into facts for the guards that own them.
+
+The account stream is the primary path (a fired stop is known in milliseconds, not at the next reconcile
+pass); the reconciler stays the safety net. This module decides only *whose* fact an event is and hands it
+over (`guard.submit(...)`): each guard's own task applies it, in order, between its protection passes, so
+nothing here writes a guard's state (a checker reports facts, the owner applies them).
+
+* `OrderUpdate` of an order carrying our token → the guard of the position its id names. Ids of other
+  installations are never touched; a stop of ours that no guard holds (left from an ended position) and
+  that filled asks for a reconcile pass (its orphan logic cancels what is left). NEW is not routed: our own
+  send's answer confirms it.
+* `PositionUpdate` → the guard holding that symbol. In one-way mode a size on the other side means our
+  side is flat.
+* `StreamGap` → a reconcile pass at once: what the stream missed is read from the venue.
+"""
+
+from __future__ import annotations
+
+import logging
+from decimal import Decimal
+
+from engine.exchange.port import AccountEvent, OrderStatus, OrderUpdate, PositionUpdate, StreamGap
+from protection.manager import ProtectionManager, StreamOrderUpdate, StreamPositionUpdate
+from protection.order_ids import parse_client_order_id
+from storage.repositories import OrderPurpose
+
+log = logging.getLogger(__name__)
+
+_ZERO = Decimal(0)
+_STOPS = (OrderPurpose.STOP_LOSS, OrderPurpose.TRAILING_STOP)
+
+
+def route_account_event(manager: ProtectionManager, event: AccountEvent) -> bool:
+    """Hand `event` to the guard it concerns (or ask for a reconcile pass); True when someone took it."""
+    if manager.stopped:
+        return False  # a manager being replaced: the new one reconciles when it starts
+    if isinstance(event, StreamGap):
+        log.info("account stream: %s (events since then may be lost); reading the venue now", event.reason)
+        manager.request_reconcile()
+        return True
+    if isinstance(event, OrderUpdate):
+        order = event.order
+        if order.status is OrderStatus.NEW:
+            return False
+        key = parse_client_order_id(order.client_order_id, manager.token)
+        if key is None:
+            return False  # not ours: never touched
+        guard = manager.guards.get(key.position_id)
+        if guard is None or guard.closed:
+            if order.status is OrderStatus.FILLED and key.purpose in _STOPS:
+                # A stop of ours that no guard holds (left from an ended position) filled: it acted on
+                # whatever the symbol holds now. The reconciler reads the venue and cancels what is left.
+                log.warning(
+                    "account stream: our %s %s on %s, of no position we guard, filled; reading the venue now",
+                    key.purpose.value,
+                    order.client_order_id,
+                    order.symbol,
+                )
+                manager.request_reconcile()
+                return True
+            return False
+        guard.submit(StreamOrderUpdate(order=order, event_time=event.event_time))
+        return True
+    if isinstance(event, PositionUpdate):
+        guard = manager.by_symbol.get(event.symbol)
+        if guard is None or guard.closed:
+            return False
+        quantity = event.quantity if event.side is guard.side else _ZERO
+        guard.submit(StreamPositionUpdate(quantity=quantity, event_time=event.event_time))
+        return True
+    return False

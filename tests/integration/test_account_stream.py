@@ -1,0 +1,369 @@
+"""The account stream as the engine's primary path (issue 11), on the sim venue's stream, with the real
+embedded PostgreSQL: a fired stop closes its position with the fill's price and cancels its sibling at once,
+a stop cancelled by someone else is re-placed at once — both with the reconciler's interval at an hour, so
+polling cannot be what did it — a dropped stream ends in a reconcile pass that catches what it lost, and
+late or repeated events change nothing. Judged on the venue's truth (the sim core) and the database."""
+
+from __future__ import annotations
+
+import logging
+from decimal import Decimal
+
+import pytest
+
+from engine.alerts import observe_engine
+from engine.clock import ManualClock
+from engine.engine import STARTUP_UNKNOWN_SECONDS
+from engine.exchange.port import OrderStatus, OrderType, OrderUpdate, PositionUpdate
+from engine.venues.sim import SimVenue
+from engine.venues.sim.settings import CallKind
+from protection.manager import PositionGuard
+from protection.stream_events import route_account_event
+from storage.database import Database
+from tests.integration.engine_support import make_engine
+from tests.integration.test_failure_modes_f1_f5 import (
+    SYMBOLS,
+    drive_until_covered,
+    open_positions,
+    settings_for,
+)
+from tests.support.driving import drive, drive_until
+
+NO_POLLING = {"PROTECTION__RECONCILE_SECONDS": "3600"}  # an hour: polling cannot be what acted
+
+
+def _position_reads(venue: SimVenue) -> int:
+    """Reads of the venue's positions that reached it: every reconcile pass makes one."""
+    return venue.calls_made.get(CallKind.FETCH_POSITIONS, 0)
+
+
+def _live(venue: SimVenue, clock: ManualClock, symbol: str) -> list[tuple[OrderType, str]]:
+    return sorted(
+        (o.type, o.client_order_id)
+        for o in venue.core.open_protective_orders(clock.now())
+        if o.symbol == symbol
+    )
+
+
+async def _closed_row(db: Database, guard: PositionGuard):  # type: ignore[no-untyped-def]
+    return await db.pool.fetchrow(
+        "SELECT status, exit_reason, realized_pnl FROM monitoring.positions WHERE id = $1", guard.position_id
+    )
+
+
+async def test_a_fired_stop_closes_the_position_with_its_fill_price_and_cancels_the_sibling_without_polling(
+    db: Database,
+) -> None:
+    settings = settings_for(db, NO_POLLING)
+    clock = ManualClock()
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[3]])
+        await drive_until_covered(engine, clock, 1)
+        await drive(clock, clock.sleep(1.0))  # the stream's first pass ("connected") is over
+        reads_before = _position_reads(venue)
+        stop_id = guard.stop_loss.client_order_id
+        assert stop_id is not None
+        assert guard.stop_loss.price is not None
+        venue.override_mark_price(guard.symbol, guard.stop_loss.price - 3 * guard.market.tick_size)
+        await drive_until(
+            clock,
+            lambda: db.pool.fetchval(
+                "SELECT status = 'closed' FROM monitoring.positions WHERE id = $1", guard.position_id
+            ),
+            what="closed by the stream's fill",
+            step=0.01,
+            limit=5.0,
+        )
+        assert engine.manager is not None
+        manager = engine.manager
+        await drive_until(
+            clock,
+            lambda: not _live(venue, clock, guard.symbol) and guard.symbol not in manager.by_symbol,
+            what="sibling cancelled, the symbol free",
+            step=0.01,
+            limit=5.0,
+        )
+        # Nothing polled: no reconcile pass (nor any read of positions) between the fire and the close.
+        assert _position_reads(venue) == reads_before
+        fill = venue.core.get_order(guard.symbol, stop_id, clock.now())
+        assert fill.status is OrderStatus.FILLED
+        assert fill.average_price is not None
+        row = await _closed_row(db, guard)
+        assert row["exit_reason"] == "stop_loss"
+        assert row["realized_pnl"] == (fill.average_price - guard.entry_price) * guard.quantity
+        assert venue.core.positions(clock.now()) == []
+        assert guard.symbol not in manager.leftovers  # re-entry on the symbol is free at once
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_stop_cancelled_by_someone_else_is_placed_again_at_once(db: Database) -> None:
+    settings = settings_for(db, NO_POLLING)
+    clock = ManualClock()
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[5]])
+        await drive_until_covered(engine, clock, 1)
+        await drive(clock, clock.sleep(1.0))  # the stream's first pass ("connected") is over
+        reads_before = _position_reads(venue)
+        first_id = guard.stop_loss.client_order_id
+        assert first_id is not None
+        venue.core.cancel_order(guard.symbol, first_id, clock.now())  # by hand, on the venue
+        await drive_until(
+            clock,
+            lambda: (
+                guard.covered
+                and guard.stop_loss.client_order_id != first_id
+                and OrderType.STOP_MARKET in {kind for kind, _ in _live(venue, clock, guard.symbol)}
+            ),
+            what="stop-loss placed again",
+            step=0.01,
+            limit=5.0,
+        )
+        assert _position_reads(venue) == reads_before
+        second_id = guard.stop_loss.client_order_id
+        # The same CANCELED again, late (a repeated event): it names an id we moved past, nothing happens.
+        assert engine.manager is not None
+        repeated = venue.core.get_order(guard.symbol, first_id, clock.now())
+        route_account_event(engine.manager, OrderUpdate(order=repeated, event_time=clock.now()))
+        await drive_until_covered(engine, clock, 1)
+        await drive(clock, clock.sleep(1.0))
+        assert guard.stop_loss.client_order_id == second_id
+        stops = [cid for kind, cid in _live(venue, clock, guard.symbol) if kind is OrderType.STOP_MARKET]
+        assert stops == [second_id]
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_late_and_repeated_events_do_not_regress_a_closed_or_live_position(db: Database) -> None:
+    settings = settings_for(db, NO_POLLING)
+    clock = ManualClock()
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    try:
+        closing, staying = await open_positions(engine, clock, [SYMBOLS[7], SYMBOLS[8]])
+        await drive_until_covered(engine, clock, 2)
+        manager = engine.manager
+        assert manager is not None
+        # A stale size, older than what the venue already said: no resize.
+        quantity = staying.quantity
+        route_account_event(
+            manager,
+            PositionUpdate(
+                symbol=staying.symbol,
+                side=staying.side,
+                quantity=quantity * 2,
+                entry_price=staying.entry_price,
+                event_time=clock.now() - 3600,
+            ),
+        )
+        stop_id = closing.stop_loss.client_order_id
+        assert stop_id is not None
+        assert closing.stop_loss.price is not None
+        venue.override_mark_price(closing.symbol, closing.stop_loss.price - 3 * closing.market.tick_size)
+        await drive_until(clock, lambda: closing.closed, what="closed by the fill", step=0.01, limit=5.0)
+        filled = venue.core.get_order(closing.symbol, stop_id, clock.now())
+        # Replayed out of order after the fill: NEW, TRIGGERED, FILLED again, and a flat size.
+        for status in (OrderStatus.NEW, OrderStatus.TRIGGERED, OrderStatus.FILLED):
+            late = OrderUpdate(order=_with_status(filled, status), event_time=clock.now())
+            route_account_event(manager, late)
+        await drive_until_covered(engine, clock, 1)
+        await drive(clock, clock.sleep(1.0))
+        rows = await db.pool.fetch(
+            "SELECT status, exit_reason FROM monitoring.positions WHERE symbol = $1", closing.symbol
+        )
+        assert [(r["status"], r["exit_reason"]) for r in rows] == [("closed", "stop_loss")]
+        assert staying.quantity == quantity
+        assert staying.covered
+        assert not _live(venue, clock, closing.symbol)
+        assert len(_live(venue, clock, staying.symbol)) == 2
+    finally:
+        await drive(clock, engine.stop())
+
+
+def _with_status(order, status: OrderStatus):  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    return replace(order, status=status)
+
+
+async def test_a_fill_lost_with_a_dropped_stream_is_caught_by_the_reconcile_pass_it_asks_for(
+    db: Database,
+) -> None:
+    settings = settings_for(db, NO_POLLING)
+    clock = ManualClock()
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[10]])
+        await drive_until_covered(engine, clock, 1)
+        assert guard.stop_loss.price is not None
+        # Past the start-up window in which an empty position list is "unknown" (F3): the only position
+        # gone must then be believed gone.
+        await drive(clock, clock.sleep(STARTUP_UNKNOWN_SECONDS + 1), step=0.5)
+        # The stream drops, and the engine's marks for the symbol stall too (so the price path's own look-up
+        # cannot be what notices): the stop fires and fills unseen.
+        venue.stall_marks(guard.symbol, 120.0)
+        venue.drop_account_stream(3.0)
+        venue.override_mark_price(guard.symbol, guard.stop_loss.price - 3 * guard.market.tick_size)
+        assert venue.core.positions(clock.now()) == []
+        await drive(clock, clock.sleep(1.0))
+        assert not guard.closed  # lost with the connection
+        await drive_until(
+            clock,
+            lambda: db.pool.fetchval(
+                "SELECT status = 'closed' FROM monitoring.positions WHERE id = $1", guard.position_id
+            ),
+            what="closed after the stream came back",
+            limit=30.0,
+        )
+        row = await _closed_row(db, guard)
+        assert row["exit_reason"] == "stop_loss"
+        await drive_until(clock, lambda: not _live(venue, clock, guard.symbol), what="sibling cancelled")
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_the_stream_reaches_the_new_manager_after_a_protection_restart(db: Database) -> None:
+    settings = settings_for(db, NO_POLLING)
+    clock = ManualClock()
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    try:
+        await open_positions(engine, clock, [SYMBOLS[12]])
+        await drive_until_covered(engine, clock, 1)
+        await drive(clock, engine.restart_protection())
+        await drive_until_covered(engine, clock, 1)
+        assert engine.manager is not None
+        assert engine.reconciler is not None
+        await drive(clock, clock.sleep(1.0))
+        reads_before = _position_reads(venue)
+        [guard] = engine.manager.guards.values()
+        first_id = guard.stop_loss.client_order_id
+        assert first_id is not None
+        venue.core.cancel_order(guard.symbol, first_id, clock.now())
+        await drive_until(
+            clock,
+            lambda: guard.covered and guard.stop_loss.client_order_id != first_id,
+            what="re-placed by the new manager",
+            step=0.01,
+            limit=5.0,
+        )
+        assert _position_reads(venue) == reads_before
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_venue_without_account_stream_is_polled_and_says_so_once(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = settings_for(
+        db, {"VENUE__SIM__ACCOUNT_STREAM__ENABLED": "false", "PROTECTION__RECONCILE_SECONDS": "2"}
+    )
+    clock = ManualClock()
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    engine = make_engine(settings, clock, venue)
+    caplog.set_level(logging.INFO, logger="engine.account_stream")
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[14]])
+        await drive_until_covered(engine, clock, 1)
+        first_id = guard.stop_loss.client_order_id
+        assert first_id is not None
+        venue.core.cancel_order(guard.symbol, first_id, clock.now())
+        await drive_until(
+            clock,
+            lambda: guard.covered and guard.stop_loss.client_order_id != first_id,
+            what="re-placed after the reconcile pass",
+        )
+        said = [r for r in caplog.records if "has no account stream" in r.getMessage()]
+        assert len(said) == 1
+        assert engine.account_stream is not None
+        assert engine.account_stream.polling_only
+    finally:
+        await drive(clock, engine.stop())
+
+
+__all__ = ["Decimal"]
+
+
+async def test_a_position_whose_mark_stalls_is_flagged_stale_then_cleared_and_nobody_elses_counts(
+    db: Database,
+) -> None:
+    settings = settings_for(db, {"HEALTH__STALE_MARK_SECONDS": "3"})
+    clock = ManualClock()
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    try:
+        [held] = await open_positions(engine, clock, [SYMBOLS[16]])
+        await drive_until_covered(engine, clock, 1)
+        unheld = SYMBOLS[17]
+        venue.stall_marks(held.symbol, 10.0)
+        venue.stall_marks(unheld, 10.0)  # nobody holds it: never counted
+        view = lambda: next(v for v in engine.snapshot().positions if v.position_id == held.position_id)  # noqa: E731
+        assert not view().mark_stale
+        await drive_until(clock, lambda: view().mark_stale, what="flagged stale", step=0.25)
+        report = await engine.measure_health()
+        price_feed = report["price_feed"]
+        assert price_feed.state.value == "degraded"
+        assert held.symbol in price_feed.reason
+        assert unheld not in price_feed.reason
+        assert price_feed.measurements["stale_mark_positions"] == 1
+        assert engine.stale_mark_symbols(clock.monotonic()) == (held.symbol,)
+        assert [name for name, _age in observe_engine(engine, clock.monotonic()).stale_streams] == [
+            f"marks {held.symbol}"
+        ]
+        # The account stream's state is in the exchange's summary.
+        assert "account stream up" in report["exchange"].summary
+        await drive_until(clock, lambda: not view().mark_stale, what="fresh again", step=0.25, limit=30.0)
+        report = await engine.measure_health()
+        assert report["price_feed"].measurements["stale_mark_positions"] == 0
+        assert report["price_feed"].state.value == "healthy"
+        assert observe_engine(engine, clock.monotonic()).stale_streams == ()
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_position_closed_by_hand_is_closed_after_one_read_once_the_stream_said_flat(
+    db: Database,
+) -> None:
+    """Flat by the stream alone is never believed (no stop is cancelled on it), but it is the venue's first
+    word: one read of the symbol confirming it closes the position, where the reconciler alone waits for a
+    second pass (`reconcile_seconds` later: an hour here)."""
+    settings = settings_for(db, NO_POLLING)
+    clock = ManualClock()
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    try:
+        gone, kept = await open_positions(engine, clock, [SYMBOLS[18], SYMBOLS[19]])
+        await drive_until_covered(engine, clock, 2)
+        await drive(clock, clock.sleep(1.0))  # the stream's first pass is over
+        # Someone closes it on the venue (reduce-only at market): no stop of ours filled.
+        venue.core.place_market_order(
+            gone.symbol, gone.closing_side, gone.quantity, "byhand-1", clock.now(), reduce_only=True
+        )
+        await drive_until(
+            clock,
+            lambda: db.pool.fetchval(
+                "SELECT status = 'closed' FROM monitoring.positions WHERE id = $1", gone.position_id
+            ),
+            what="closed after one read",
+            limit=10.0,
+        )
+        row = await _closed_row(db, gone)
+        assert row["exit_reason"] == "closed_on_exchange"
+        await drive_until(clock, lambda: not _live(venue, clock, gone.symbol), what="its stops cancelled")
+        assert kept.covered
+        assert len(_live(venue, clock, kept.symbol)) == 2
+    finally:
+        await drive(clock, engine.stop())
