@@ -82,6 +82,7 @@ MAX_ARGS_CHARS = 21_000
 _ARGS_PER_REQUEST = 10
 _AUTH_EXPIRES_SECONDS = 10.0
 _REPEAT_SECONDS = 1.0
+_HOLD_SECONDS = 2.0
 _ZERO = Decimal(0)
 _STOP_TYPES = {"StopLoss": OrderType.STOP_MARKET, "TrailingStop": OrderType.TRAILING_STOP_MARKET}
 _ORDER_STATUS = {
@@ -170,6 +171,8 @@ class BybitStreams:
         self._fills: OrderedDict[str, tuple[Decimal, Decimal]] = OrderedDict()  # orderId -> (qty, notional)
         self._awaiting_fill: dict[str, tuple[Order, float]] = {}  # orderId -> (FILLED order sans price, time)
         self._position_sides: dict[str, PositionSide] = {}
+        self._held_cancels: dict[str, list[tuple[Order, float, str]]] = {}  # symbol -> deactivated stops
+        self._ended: OrderedDict[str, Order] = OrderedDict()  # client id -> its final state, as told
         self._positions_at: dict[str, float] = {}
 
     # ---- lifecycle ------------------------------------------------------------------------------------
@@ -429,11 +432,33 @@ class BybitStreams:
                 self._awaiting_fill[order_id] = (order, event_time)  # told once its execution arrives
                 return
             order = _with(order, average_price=price)
+        if stop_type is not None and status_text == "Deactivated":
+            # Bybit deactivates a position's stops when the position closes: told after the position's
+            # next row (it always follows: the position closed, or its stop field went to 0), so a reader
+            # sees the position flat before the sibling gone, and does not take the venue's own clean-up
+            # for a stop someone removed. Told anyway after `_HOLD_SECONDS` if no row comes.
+            held = self._held_cancels.setdefault(order.symbol, [])
+            held.append((order, event_time, status_text))
+            if len(held) == 1:
+                asyncio.get_running_loop().call_later(_HOLD_SECONDS, self._release_held, order.symbol)
+            return
         self._tell(order, event_time, status_text)
+
+    def _release_held(self, symbol: str) -> None:
+        for order, event_time, reason in self._held_cancels.pop(symbol, []):
+            self._tell(order, event_time, reason)
 
     def _tell(self, order: Order, event_time: float, reason: str) -> None:
         if self._ledger.newer(f"{order.client_order_id}:{order.venue_order_id}", order.status, event_time):
+            if order.status.is_final:
+                self._ended[order.client_order_id] = order
+                while len(self._ended) > 10_000:
+                    self._ended.popitem(last=False)
             self._emit(OrderUpdate(order=order, event_time=event_time, reason=reason))
+
+    def ended(self, client_order_id: str) -> Order | None:
+        """How the venue said one of our orders ended (filled, cancelled), if the stream told it."""
+        return self._ended.get(client_order_id)
 
     def _fill_price(self, order_id: str) -> Decimal | None:
         qty, notional = self._fills.get(order_id, (_ZERO, _ZERO))
@@ -478,6 +503,7 @@ class BybitStreams:
                     symbol=symbol, side=side, quantity=size, entry_price=entry, event_time=event_time
                 )
             )
+        self._release_held(symbol)
 
 
 def _chunks(topics: list[str]) -> list[list[str]]:

@@ -129,7 +129,7 @@ class BybitLinearVenue(CcxtVenue):
         )
         if config.base_url:  # the streams' host follows the configured URL exactly as the REST hosts do
             public, private = (str(_rehost(url, config.base_url.rstrip("/"))) for url in (public, private))
-        self._streams = BybitStreams(
+        self._bybit_streams = BybitStreams(
             public_url=public,
             private_url=private,
             api_key=config.api_key,
@@ -141,6 +141,7 @@ class BybitLinearVenue(CcxtVenue):
             mark_poll_seconds=config.mark_poll_seconds,
             monotonic=self._clock.monotonic,
         )
+        self._streams = self._bybit_streams
 
     def _exchange_options(self) -> dict[str, Any]:
         options = super()._exchange_options()
@@ -745,6 +746,14 @@ class BybitLinearVenue(CcxtVenue):
         execution of it (with its price), else cancelled (the position was closed otherwise, or the stop
         removed); an unconfirmed stop the position never showed was never set (NotFound)."""
         if stop.status is not OrderStatus.NEW:
+            return self._snapshot(stop)
+        told = self._bybit_streams.ended(stop.client_order_id)
+        if (
+            told is not None
+        ):  # the account stream said how it ended (Bybit deactivates a closed position's stops)
+            stop.confirmed, stop.status, stop.updated_at = True, told.status, told.updated_at
+            stop.filled_quantity, stop.average_price = told.filled_quantity, told.average_price
+            stop.venue_order_id = told.venue_order_id or stop.venue_order_id
             return self._snapshot(stop)
         row = _row_closed_by(await self._position_rows(stop.symbol), stop.symbol, stop.side)
         value = _positive(row.get(_FIELD[stop.type])) if row is not None else None

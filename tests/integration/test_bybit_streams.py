@@ -140,6 +140,10 @@ async def test_a_fired_position_stop_reaches_watch_account_with_our_id_and_the_f
         flat = [e for e in r.account if isinstance(e, PositionUpdate) and e.symbol == SYMBOL]
         assert flat[-1].quantity == 0
         assert flat[-1].side.value == "long"
+        # Bybit's own clean-up of the sibling is told after the position is told flat, so a reader does
+        # not take it for a stop someone removed from an open position.
+        cancelled = next(u for u in r.updates("p1-ts1") if u.order.status is OrderStatus.CANCELED)
+        assert r.account.index(flat[-1]) < r.account.index(cancelled)
         # Only our ids: the venue's closing order has no orderLinkId of ours.
         assert {e.order.client_order_id for e in r.account if isinstance(e, OrderUpdate)} == {
             "p1-e",
@@ -308,3 +312,22 @@ async def test_a_short_positions_fired_stop_is_told_under_our_id() -> None:
         flat = [e for e in r.account if isinstance(e, PositionUpdate) and e.symbol == SYMBOL]
         assert flat[-1].quantity == 0
         assert flat[-1].side.value == "short"
+
+
+async def test_cancelling_a_sibling_the_venue_already_deactivated_asks_nothing() -> None:
+    """Once the stream told that Bybit removed the sibling with the closed position, the close path's
+    cancel of it is answered from what was told: no trading-stop, no position or execution read."""
+    async with rig(symbols=[SYMBOL]) as r:
+        stop = await r.open_position_with_stops("p4")
+        await wait_until(lambda: bool(r.updates("p4-ts1")), what="the stops told")
+        await r.post("/_sim/mark", {"symbol": SYMBOL, "price": str(stop - Decimal("0.001"))})
+        await wait_until(
+            lambda: any(u.order.status is OrderStatus.CANCELED for u in r.updates("p4-ts1")), what="sibling"
+        )
+        before = dict(r.emulator.requests_by_endpoint)
+        cancelled = await r.venue.cancel_order(SYMBOL, "p4-ts1")
+        assert cancelled.status is OrderStatus.CANCELED
+        assert r.emulator.requests_by_endpoint == before
+        filled = await r.venue.fetch_order(SYMBOL, "p4-sl1")  # the filled one, from the stream as well
+        assert filled.status is OrderStatus.FILLED
+        assert filled.average_price == r.updates("p4-sl1")[-1].order.average_price
