@@ -194,8 +194,10 @@ def bybit_lower_bound(signals: int, latency_s: float) -> tuple[LowerBound, tuple
     the trailing stop is priced from) takes a second round trip (order/realtime): 3 round trips on the
     critical path; N trailing stops under the engine's trading-stop budget (Bybit's 10/s per account less
     the headroom), each sent no earlier than its entry's fill is known (2 L) and answered L later; N
-    entries under the order/create budget (20/s), each protected 3 round trips later. A hard stop the fill moved by more than a tick costs one more
-    trading-stop call, not counted here: a client could skip it. Returns the bound and the budgets."""
+    entries under the order/create budget (Bybit's 10/s for linear less the headroom: 9/s), each protected 3
+    round trips later. The two are counted apart, as Bybit counts them (each endpoint its own rolling
+    second). A hard stop the fill moved by more than a tick costs the engine one more trading-stop call,
+    not counted here: a client could set it in the trailing stop's call. Returns the bound and the budgets."""
     trading_stop = RateBudget(
         math.floor(
             bybit_limits.ENDPOINT_LIMITS_PER_SECOND["/v5/position/trading-stop"] * (1 - DEFAULT_HEADROOM)
@@ -261,6 +263,10 @@ class RunResult:
     budget_wait_p99_ms: float | None = None  # how long calls waited for rate budget during the wave
     http_refusals: dict[int, int] = field(default_factory=dict)  # emulator: HTTP 429 / 418 by status
     reject_reasons: dict[str, int] = field(default_factory=dict)
+    # Per position, the time from its fill until a hard stop of ours was live (monitoring.positions
+    # .hard_stop_gap_seconds): the longest, and how many positions had none recorded when the run ended.
+    hard_stop_gap_max_s: float | None = None
+    hard_stop_gap_unmeasured: int = 0
 
 
 def engine_environ(args: argparse.Namespace, dsn: str, seed: int) -> dict[str, str]:
@@ -412,6 +418,8 @@ async def _run_wave(
         fill_to_protected = [g.protected_at - g.filled_at for g in protected]  # type: ignore[operator]
         protect = last if all_protected else None
         wave_started = await _first_wave_started(server.dsn(dbname))
+        gaps = [p.hard_stop_gap_seconds for p in [await engine.store.position(i) for i in opened] if p]
+        measured = [float(g) for g in gaps if g is not None]
         lock_waits = venue.lock_waits if isinstance(venue, GlobalLockVenue) else None
         waits = engine.budget_waits.summary(clock.monotonic())
         return RunResult(
@@ -442,6 +450,8 @@ async def _run_wave(
             budget_wait_p99_ms=waits.p99_ms,
             http_refusals=dict(getattr(inner, "refusals", {})),
             reject_reasons=dict(rejected),
+            hard_stop_gap_max_s=max(measured, default=None),
+            hard_stop_gap_unmeasured=len(opened) - len(measured),
         )
     finally:
         await engine.stop()
@@ -518,6 +528,8 @@ async def bench(args: argparse.Namespace, server: EmbeddedPostgres) -> dict[str,
         "positions_protected": _median(values("positions_protected")),
         "positions_timed_out": _median(values("positions_timed_out")),
         "protected_within_timeout": _median(values("protected_within_timeout")),
+        "hard_stop_gap_max_s": max((v for v in values("hard_stop_gap_max_s") if v is not None), default=None),
+        "hard_stop_gap_unmeasured": max(values("hard_stop_gap_unmeasured")),
         "median": {
             name: _median(values(name))
             for name in (
@@ -633,6 +645,14 @@ def print_human(s: dict[str, Any]) -> None:
         f"{_fmt(s['positions_timed_out'], 0)} (runs: {values['positions_timed_out']}); covered within "
         f"{s['timeout_s']:g} s of their fill: median {_fmt(s['protected_within_timeout'], 0)} "
         f"(runs: {values['protected_within_timeout']})"
+    )
+    print(
+        f"  time without a hard stop after the fill, longest of all runs: {_fmt(s['hard_stop_gap_max_s'], 3)} s"
+        + (
+            f" ({s['hard_stop_gap_unmeasured']} positions not measured)"
+            if s["hard_stop_gap_unmeasured"]
+            else ""
+        )
     )
 
 

@@ -1076,6 +1076,11 @@ def _report_text(report: history.ShiftReport, loaded: LoadedConfig) -> str:
         f"protection failures:  {sum(report.failures.values())}",
     ]
     lines += [f"  {cls:<19} {n}" for cls, n in report.failures.items()]
+    if report.hard_stop_gap_max_seconds is not None:
+        lines.append(
+            f"without a hard stop:  {report.without_hard_stop} of {report.hard_stop_measured} after the fill, "
+            f"longest {_seconds_text(report.hard_stop_gap_max_seconds)}"
+        )
     lines.append(
         f"uncovered:            {_seconds_text(report.uncovered_seconds)} in {report.uncovered_spans} span"
         + ("" if report.uncovered_spans == 1 else "s")

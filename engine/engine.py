@@ -53,6 +53,7 @@ from engine.exchange.errors import (
     InsufficientMargin,
     NotFound,
     OutcomeUnknown,
+    RateLimited,
     Rejected,
 )
 from engine.exchange.port import (
@@ -115,6 +116,9 @@ COVERAGE_SAMPLE_SECONDS = 10.0
 COVERAGE_RETENTION_SECONDS = 30 * 86400.0
 STALE_CLAIM_SECONDS = 600.0
 LEASE_CHECK_SECONDS = 2.0
+ENTRY_RATE_LIMIT_ATTEMPTS = (
+    5  # an entry refused by a rate limit (not executed) is sent this many times at most
+)
 LEASE_SAY_EVERY_SECONDS = 60.0  # an unreachable database is said once a minute, not once per retry  # a wave handles its signals in seconds; ten minutes taken is abandoned
 
 
@@ -438,6 +442,10 @@ class Engine:
             settings.alerts, self.clock, source=f"{self.exchange_name}:{settings.venue.account}"
         )
         self._carried: _CarriedProtection | None = None  # while the protection manager restarts
+        # Cleared while the protection manager restarts: an entry that fills meanwhile waits for the new
+        # manager (the one it started under is stopped; a guard there would run unseen).
+        self._protection_ready = asyncio.Event()
+        self._protection_ready.set()
         self.health_measured_at: float | None = None  # monotonic time of the last health measurement
         # `/metrics` and `/healthz` ([metrics]), bound at start: None unless enabled.
         self.metrics_server = MetricsServer(self, settings.metrics) if settings.metrics.enabled else None
@@ -523,6 +531,7 @@ class Engine:
                 round_trip=lambda: self.manager.order_round_trip_seconds if self.manager is not None else 0.0,
                 headroom=DEFAULT_HEADROOM,
                 waits=self.budget_waits,
+                protective_budgets=self.venue.capabilities().protective_rate_budgets,
             )
             self._venue_pacing.orders = self.order_budget
             self.marks = await self.venue.fetch_mark_prices()
@@ -778,7 +787,13 @@ class Engine:
         # every order is looked up on its own rather than believed gone.
         if snapshot is not None and not snapshot.positions and positions:
             venue_orders = None
-        restorable = [p for p in positions if self._restorable(p)]
+        # An entry this engine has on its way (a protection restart mid-wave) is its own coroutine's to
+        # resolve: looked up now it may not be on the venue yet, and would be recorded failed while it fills.
+        restorable = [
+            p
+            for p in positions
+            if self._restorable(p) and not (_entry_pending(p) and p.symbol in self._in_flight)
+        ]
         filled = await asyncio.gather(*(self._resolve_entry(p) for p in restorable if _entry_pending(p)))
         ready = [p for p in restorable if not _entry_pending(p)] + [p for p in filled if p is not None]
         if self._carried is not None:  # from here on each position shows what the new guards know
@@ -906,6 +921,7 @@ class Engine:
             views={g.position_id: self._position_view(g, now) for g in still_open},
             coverage={g.position_id: g.coverage() for g in still_open},
         )
+        self._protection_ready.clear()
         try:
             await self.manager.stop()
             self.startup_report = await self._start_protection()
@@ -914,6 +930,7 @@ class Engine:
             self.manager.request_reconcile()
         finally:
             self._carried = None
+            self._protection_ready.set()
             if self.state is EngineState.RUNNING:
                 self._supervisor.start("reconciler", self._reconcile_loop)
         log.info("protection restarted: %s", self.startup_report.describe())
@@ -1171,6 +1188,10 @@ class Engine:
         assert self.store is not None and self.manager is not None
         manager = self.manager
         promise = manager.protective_orders_per_position
+        if self.venue.capabilities().attach_stop_to_entry and isinstance(self.venue, AttachesStopToEntry):
+            # The hard stop rides on the entry: no send of its own is promised (one moved by the fill is
+            # replaced by a protective send that goes first anyway). Promised, it stayed booked for good.
+            promise -= 1
         self._in_flight.add(signal.symbol)
         try:
             # A stop of the symbol's last position whose cancel failed is being cancelled again: the new
@@ -1215,22 +1236,24 @@ class Engine:
             # Where the venue allows it (Bybit), the hard stop rides on the entry: no naked moment at all.
             stop_record = await self._record_attached_stop(signal.symbol, side, quantity, position.id)
             await self.store.set_position_status(position.id, PositionStatus.ENTRY_PLACED)
-            if stop_record is not None and isinstance(self.venue, AttachesStopToEntry):
-                assert stop_record.trigger_price is not None
-                entry_call = self.venue.create_market_order_with_stop(
-                    signal.symbol,
-                    order_side,
-                    quantity,
-                    stop_record.trigger_price,
-                    client_order_id=cid,
-                    stop_client_order_id=stop_record.client_order_id,
-                )
-            else:
-                entry_call = self.venue.create_market_order(
+
+            def entry_call() -> Awaitable[Any]:
+                if stop_record is not None and isinstance(self.venue, AttachesStopToEntry):
+                    assert stop_record.trigger_price is not None
+                    return self.venue.create_market_order_with_stop(
+                        signal.symbol,
+                        order_side,
+                        quantity,
+                        stop_record.trigger_price,
+                        client_order_id=cid,
+                        stop_client_order_id=stop_record.client_order_id,
+                    )
+                return self.venue.create_market_order(
                     signal.symbol, order_side, quantity, client_order_id=cid
                 )
+
             try:
-                order = await manager.call(entry_call, "create_order", Lane.ENTRY)
+                order = await self._send_entry(entry_call, signal.symbol)
             except (OutcomeUnknown, TimeoutError):
                 try:
                     order = await manager.call(
@@ -1268,6 +1291,9 @@ class Engine:
                 cid, OrderRecordStatus.FILLED, exchange_order_id=order.venue_order_id
             )
             filled = await self.store.record_fill(position.id, order.filled_quantity, order.average_price)
+            if not self._protection_ready.is_set():
+                await self._protection_ready.wait()  # guarded by the manager the restart brings up
+            manager = self.manager
             guard = manager.protect(filled, attached_stop_loss=stop_record)
             await self.store.finish_signal(signal.id, SignalStatus.OPENED, wave_id=wave_id)
             log.info(
@@ -1291,6 +1317,21 @@ class Engine:
             return guard
         finally:
             self._in_flight.discard(signal.symbol)
+
+    async def _send_entry(self, entry_call: Callable[[], Awaitable[Any]], symbol: str) -> Any:
+        """Send an entry. A rate-limit answer (Bybit 10006, HTTP 429) means it was not executed: it is sent
+        again, with the same id, once the venue says its window has room (Bybit's reset timestamp, a
+        `Retry-After`), a few times; before, the refused entry was lost with its signal."""
+        assert self.manager is not None
+        for attempt in range(1, ENTRY_RATE_LIMIT_ATTEMPTS + 1):
+            try:
+                return await self.manager.call(entry_call(), "create_order", Lane.ENTRY)
+            except RateLimited as exc:
+                if attempt == ENTRY_RATE_LIMIT_ATTEMPTS:
+                    raise
+                log.info("entry %s rate limited (%s): sent again in %.3fs", symbol, exc, exc.retry_after)
+                await self.clock.sleep(max(0.0, exc.retry_after))
+        raise AssertionError("unreachable")
 
     async def _record_attached_stop(
         self, symbol: str, side: PositionSide, quantity: Decimal, position_id: int

@@ -7,10 +7,20 @@ an entry. An entry is admitted only when the budget can also hold the protective
 (its own two plus every protective order already promised), so a big wave cannot eat the budget its
 positions need for their stops. If the venue answers RateLimited/Banned anyway, `hold_until()` stops all
 sends until then.
+
+Where the venue counts protective orders apart from entries (`Capabilities.protective_rate_budgets`: Bybit
+counts order/create and position/trading-stop each in its own rolling second), entries and protective
+orders live in their own windows: an entry takes one slot of the entry budget, and books its stops in the
+protective windows at the time they are expected (one round trip on); it is admitted while they fit
+there beside the stops already sent and those booked by earlier entries. A stop sent takes the place of
+the earliest booking. Counting every promised stop in one window instead (right when the entry's own send
+fills the same window) would hold entries to a few per round trip. Binance counts both in the same order
+budget and gives none: one set of windows, as before.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -22,6 +32,7 @@ from engine.exchange.port import RateBudget
 from engine.pacing import BudgetWaits, Lane
 
 PROTECTIVE_ORDERS_PER_POSITION = 2  # hard stop + trailing stop
+DEFERRAL_LIMIT_SECONDS = 10.0  # the longest a deferrable protective send yields to the others
 
 
 @dataclass(slots=True)
@@ -61,6 +72,7 @@ class OrderBudget:
         *,
         headroom: float = 0.0,
         waits: BudgetWaits | None = None,
+        protective_budgets: Sequence[RateBudget] = (),
     ):
         if not 0.0 <= headroom < 1.0:
             raise ValueError(f"headroom must be within [0, 1), got {headroom}")
@@ -71,9 +83,21 @@ class OrderBudget:
             _Window(max(1, math.floor(b.limit * (1.0 - headroom))), b.window_seconds, deque())
             for b in budgets
         ]
+        # The windows protective orders are counted in: their own where the venue counts them apart.
+        self.protective_venue_budgets = tuple(protective_budgets)
+        self._separate = bool(protective_budgets)
+        self._protective_windows = (
+            [
+                _Window(max(1, math.floor(b.limit * (1.0 - headroom))), b.window_seconds, deque())
+                for b in protective_budgets
+            ]
+            if self._separate
+            else self._windows
+        )
         self.waits = waits if waits is not None else BudgetWaits()
         self._banned_until_epoch = 0.0
         self._promised = 0  # protective orders entries were admitted for and that are not sent yet
+        self._booked: list[float] = []  # apart: when the promised stops are expected to go (sorted)
         self._protective_waiting = 0
         self._hold_until = 0.0
         self._banned_until = 0.0
@@ -93,7 +117,10 @@ class OrderBudget:
         """The fullest window's share of the venue's limit used right now (0..1), for health."""
         now = self._clock.monotonic()
         fractions = []
-        for window, venue in zip(self._windows, self.venue_budgets, strict=True):
+        pairs = list(zip(self._windows, self.venue_budgets, strict=True))
+        if self._separate:
+            pairs += zip(self._protective_windows, self.protective_venue_budgets, strict=True)
+        for window, venue in pairs:
             window.prune(now)
             fractions.append(len(window.sends) / venue.limit)
         return max(fractions, default=0.0)
@@ -123,17 +150,48 @@ class OrderBudget:
     def release_promise(self, count: int) -> None:
         """An admitted entry did not open a position: its protective orders will not be sent."""
         self._promised = max(0, self._promised - count)
+        del self._booked[max(0, len(self._booked) - count) :]
 
-    async def acquire_protective(self) -> None:
+    async def acquire_protective(self, *, deferrable: bool = False) -> None:
+        """Take a slot for a protective order. `deferrable`: it replaces a stop that protects the position
+        meanwhile (Bybit: the hard stop that rode on the entry, corrected from the fill). Where protective
+        orders have budgets of their own, such a send yields, for up to `DEFERRAL_LIMIT_SECONDS`, to every
+        other protective order and to the stops entries booked (it was never promised): a wave's positions
+        get covered first. Elsewhere it is an ordinary protective send."""
+        if deferrable and self._separate:
+            await self._acquire_deferred()
+            return
         self._protective_waiting += 1
         started = self._clock.monotonic()
         try:
-            await self._acquire(slots=1)
+            while (wait := self._wait_for(1, windows=self._protective_windows)) > 0.0:
+                await self._clock.sleep(wait)
+            self._consume(self._protective_windows)
         finally:
             self._protective_waiting -= 1
             now = self._clock.monotonic()
             self.waits.record(now, now - started, Lane.PROTECTIVE)
         self._promised = max(0, self._promised - 1)
+        if self._booked:
+            self._booked.pop(0)  # this send takes the place of the earliest booking
+        self.protective_sent += 1
+
+    async def _acquire_deferred(self) -> None:
+        started = self._clock.monotonic()
+        while True:
+            now = self._clock.monotonic()
+            if now - started >= DEFERRAL_LIMIT_SECONDS:
+                wait = self._wait_for(1, windows=self._protective_windows)
+            elif self._protective_waiting:
+                wait = 0.01  # the others first
+            else:
+                wait = self._wait_for(1, windows=self._protective_view(now))
+            if wait == 0.0:
+                break
+            await self._clock.sleep(min(max(wait, 0.01), 0.25))  # re-read soon: bookings come and go
+        self._consume(self._protective_windows)
+        now = self._clock.monotonic()
+        self.waits.record(now, now - started, Lane.PROTECTIVE)
         self.protective_sent += 1
 
     async def acquire_entry(self, protective_orders: int = PROTECTIVE_ORDERS_PER_POSITION) -> None:
@@ -150,9 +208,20 @@ class OrderBudget:
                 raise Banned(self._banned_until_epoch, "entries wait for no ban")
             if self._protective_waiting == 0:
                 lead = max(0.0, self._round_trip())
-                wait = max(self._wait_for(1), self._wait_for(1 + self._promised + protective_orders, lead))
+                # Its stops, and every stop promised before, in the protective windows one round trip on
+                # (with the entry itself where entries and stops share the windows).
+                if self._separate:
+                    stops = self._protective_view(self._clock.monotonic())
+                    wait = max(self._wait_for(1), self._wait_for(protective_orders, lead, windows=stops))
+                else:
+                    promised = 1 + self._promised + protective_orders
+                    wait = max(self._wait_for(1), self._wait_for(promised, lead))
                 if wait == 0.0:
-                    self._consume()
+                    if self._separate:
+                        at = self._clock.monotonic() + lead
+                        for _ in range(protective_orders):
+                            bisect.insort(self._booked, at)
+                    self._consume(self._windows)
                     self._promised += protective_orders
                     self.entries_admitted += 1
                     now = self._clock.monotonic()
@@ -163,22 +232,29 @@ class OrderBudget:
             # Protective sends go first; recheck once the budget moved or they are through.
             await self._clock.sleep(max(wait, 0.01))
 
-    async def _acquire(self, slots: int) -> None:
-        while (wait := self._wait_for(slots)) > 0.0:
-            await self._clock.sleep(wait)
-        self._consume()
+    def _protective_view(self, now: float) -> list[_Window]:
+        """The protective windows with the promised stops booked at their expected times."""
+        views = []
+        for window in self._protective_windows:
+            window.prune(now)
+            booked = [t for t in self._booked if t > now - window.seconds]
+            views.append(_Window(window.limit, window.seconds, deque(sorted([*window.sends, *booked]))))
+        return views
 
-    def _wait_for(self, slots: int, lead_seconds: float = 0.0) -> float:
-        """Seconds until `slots` sends fit; with a lead, fit in the windows as they will be that much later."""
+    def _wait_for(
+        self, slots: int, lead_seconds: float = 0.0, *, windows: Sequence[_Window] | None = None
+    ) -> float:
+        """Seconds until `slots` sends fit in `windows` (the entry windows unless given); with a lead, fit
+        in the windows as they will be that much later."""
         now = self._clock.monotonic()
         wait = max(0.0, self._hold_until - now)
-        for window in self._windows:
+        for window in self._windows if windows is None else windows:
             window.prune(now)
             slots = min(slots, window.limit)  # an over-large promise must not deadlock admission
             wait = max(wait, window.wait_for(slots, now + lead_seconds))
         return wait
 
-    def _consume(self) -> None:
+    def _consume(self, windows: Sequence[_Window]) -> None:
         now = self._clock.monotonic()
-        for window in self._windows:
+        for window in windows:
             window.sends.append(now)

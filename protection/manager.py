@@ -838,7 +838,8 @@ class PositionGuard:
                 callback_percent=m.config.callback_percent if native_trailing else None,
             )
             order.recorded_id = cid
-        await m.budget.acquire_protective()
+        # A replacement of the stop that rode on the entry may wait: that stop protects the position meanwhile.
+        await m.budget.acquire_protective(deferrable=self._attached_holds is not None)
         started = m.clock.monotonic()
         order.sent_at = started
         order.sent_this_run = True

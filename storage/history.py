@@ -60,6 +60,11 @@ class ShiftReport:
     closes: dict[str, int]  # positions ended in the window, by exit reason
     realized_pnl: Decimal  # of those with a known PnL
     closed_without_pnl: int
+    # Of the positions opened in the window: how many had a hard stop measured, how many of them were
+    # without one for a while after the fill (the stop not on the entry), and the longest such time.
+    hard_stop_measured: int = 0
+    without_hard_stop: int = 0
+    hard_stop_gap_max_seconds: Decimal | None = None
 
 
 _SECONDS = Decimal("0.001")
@@ -96,7 +101,10 @@ async def shift_report(
     )
     opened = await conn.fetchrow(
         """
-        SELECT count(*) AS opened, count(*) FILTER (WHERE protected_at IS NOT NULL) AS protected
+        SELECT count(*) AS opened, count(*) FILTER (WHERE protected_at IS NOT NULL) AS protected,
+               count(hard_stop_gap_seconds) AS gap_measured,
+               count(*) FILTER (WHERE hard_stop_gap_seconds > 0) AS without_hard_stop,
+               max(hard_stop_gap_seconds) AS gap_max
         FROM monitoring.positions
         WHERE account = $1 AND opened_at >= $2 AND opened_at < $3
         """,
@@ -220,6 +228,9 @@ async def shift_report(
         closes=closes,
         realized_pnl=pnl,
         closed_without_pnl=without_pnl,
+        hard_stop_measured=opened["gap_measured"],
+        without_hard_stop=opened["without_hard_stop"],
+        hard_stop_gap_max_seconds=None if opened["gap_max"] is None else _seconds(opened["gap_max"]),
     )
 
 

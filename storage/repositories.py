@@ -99,6 +99,8 @@ class PositionRecord:
     trail_armed: bool = False  # a managed trail held (and moved) by a running engine
     account: str = "sim:default"  # whose venue account (engine/accounts.py)
     unprotected_since: datetime | None = None  # since when it lacks a confirmed stop (None: covered)
+    # Seconds from its fill until a hard stop of ours was live (0: it rode on the entry); None: not yet.
+    hard_stop_gap_seconds: Decimal | None = None
 
     @property
     def trailing_in_place(self) -> bool:
@@ -306,6 +308,18 @@ _UNCOVERED_REASON = """
          WHEN NOT {row}.has_stop_loss THEN 'stop_loss_missing'
          ELSE 'trailing_stop_missing' END"""
 
+# The time a position was without a hard stop of ours after its fill, stamped when its hard stop is first
+# confirmed (`{p}`: the row of monitoring.positions, `{seen}`: when the confirmation is written, a little
+# after it was seen: never less than the gap was). 0 when the stop rode on the entry: a hard stop of the
+# position recorded before its fill and not known failed.
+_HARD_STOP_GAP = """
+    CASE WHEN EXISTS (SELECT 1 FROM monitoring.orders AS o
+                      WHERE o.position_id = {p}.id AND o.purpose = 'stop_loss'
+                        AND o.created_at <= {p}.opened_at AND o.status IN ('pending', 'open'))
+         THEN 0
+         ELSE GREATEST(0, EXTRACT(EPOCH FROM {seen} - COALESCE({p}.opened_at, {seen}))) END"""
+_SEEN = "now()"  # the database's clock, as `opened_at` (the engine's may be another, e.g. in a rehearsal)
+
 # A position that ends (closed, failed) ends its open uncovered span, if any, when it ended (`{at}`: the
 # statement's parameter with that moment, NULL for now). A CTE after `closed AS (UPDATE … RETURNING *)`.
 _END_SPANS_ON_CLOSE = """ended AS (
@@ -469,13 +483,17 @@ class Store:
         stop_loss_price: Decimal | None,
         trailing_activated: bool | None = None,
     ) -> PositionRecord:
-        """Record what the exchange confirmed. `protected_at` is stamped the first time both are live."""
+        """Record what the exchange confirmed. `protected_at` is stamped the first time both are live, the
+        hard stop gap the first time the hard stop is."""
         row = await self._pool.fetchrow(
-            """
+            f"""
             UPDATE monitoring.positions
             SET has_stop_loss = $2, has_trailing_stop = $3, stop_loss_price = $4,
                 trailing_activated = COALESCE($5, trailing_activated),
-                protected_at = CASE WHEN $2 AND $3 THEN COALESCE(protected_at, now()) ELSE protected_at END
+                protected_at = CASE WHEN $2 AND $3 THEN COALESCE(protected_at, now()) ELSE protected_at END,
+                hard_stop_gap_seconds = CASE WHEN $2 AND hard_stop_gap_seconds IS NULL
+                                             THEN {_HARD_STOP_GAP.format(p="monitoring.positions", seen="now()")}
+                                             ELSE hard_stop_gap_seconds END
             WHERE id = $1
             RETURNING *
             """,
@@ -509,6 +527,9 @@ class Store:
                     unprotected_since = f.since,
                     protected_at = CASE WHEN f.sl AND f.ts THEN COALESCE(p.protected_at, $9::timestamptz, now())
                                         ELSE p.protected_at END,
+                    hard_stop_gap_seconds = CASE WHEN f.sl AND p.hard_stop_gap_seconds IS NULL
+                                                 THEN {_HARD_STOP_GAP.format(p="p", seen=_SEEN)}
+                                                 ELSE p.hard_stop_gap_seconds END,
                     status = CASE WHEN p.status IN ('pending_protection', 'active') THEN f.status ELSE p.status END
                 FROM unnest($1::bigint[], $2::bool[], $3::bool[], $4::numeric[], $5::bool[], $6::text[],
                             $8::bool[], $10::timestamptz[], $11::timestamptz[])

@@ -236,6 +236,9 @@ class Capabilities:
     # accepted (Binance's algo service; 0 for a venue that reads its own writes at once).
     read_after_write_seconds: float = 0.0
     request_budgets: tuple[RequestBudget, ...] = ()  # limits on requests (not orders); paced by the engine
+    # Where the venue counts protective orders apart from entries (Bybit: position/trading-stop has its own
+    # per-second limit, order/create another), their budgets; empty: they share `order_rate_budgets`.
+    protective_rate_budgets: tuple[RateBudget, ...] = ()
 
 
 @runtime_checkable

@@ -2,10 +2,13 @@
 
 * **per IP**: at most 600 requests in any 5-second window, all endpoints together. Exceeding it answers
   HTTP 403 "access too frequent" and the IP is banned for at least 10 minutes.
-* **per UID and endpoint**: a rolling one-second limit per endpoint (e.g. order/create 20/s for linear on a
-  unified account, trading-stop 10/s). Over it the answer is HTTP 200 with `retCode` 10006 "Too many
-  visits!". Every answer carries `X-Bapi-Limit` (the endpoint's current limit for this account),
-  `X-Bapi-Limit-Status` (requests left in the window) and `X-Bapi-Limit-Reset-Timestamp`.
+* **per UID and endpoint**: "based on the rolling time window per second and UID", each endpoint counted
+  apart (order/create 10/s for linear and inverse, 20/s for spot; the default futures tier of the VIP table
+  is 10/s too; trading-stop 10/s). Over it the answer is HTTP 200 with `retCode` 10006 "Too many visits!".
+  Every answer carries `X-Bapi-Limit` (the endpoint's current limit for this account),
+  `X-Bapi-Limit-Status` (requests left in the window) and `X-Bapi-Limit-Reset-Timestamp` ("when your
+  request limit resets if you have exceeded your rate_limit. Otherwise, this is just the current
+  timestamp"): on a 10006 it says when the endpoint may be asked again.
 
 The table holds the endpoints the adapter calls; an account with raised limits reports them in
 `X-Bapi-Limit`, which the pacer adopts.
@@ -25,8 +28,8 @@ LIMIT_RESET_HEADER = "X-Bapi-Limit-Reset-Timestamp"
 
 # Path → requests per second per UID (unified account, linear).
 ENDPOINT_LIMITS_PER_SECOND: Mapping[str, int] = {
-    "/v5/order/create": 20,
-    "/v5/order/cancel": 20,
+    "/v5/order/create": 10,  # linear; spot's 20/s does not apply to perpetuals
+    "/v5/order/cancel": 10,
     "/v5/order/realtime": 50,
     "/v5/order/history": 50,
     "/v5/execution/list": 50,

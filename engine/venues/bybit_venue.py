@@ -67,6 +67,12 @@ from engine.venues.ccxt_venue import (
 BYBIT_DEFAULT_BUDGETS = (
     RateBudget(limit=bybit_limits.ENDPOINT_LIMITS_PER_SECOND["/v5/order/create"], window_seconds=1.0),
 )
+# The stops are position fields set by trading-stop, counted in that endpoint's own rolling second.
+BYBIT_PROTECTIVE_BUDGETS = (
+    RateBudget(
+        limit=bybit_limits.ENDPOINT_LIMITS_PER_SECOND["/v5/position/trading-stop"], window_seconds=1.0
+    ),
+)
 BYBIT_REQUEST_BUDGETS = (
     RequestBudget(bybit_limits.IP_BUDGET_KEY, bybit_limits.IP_REQUESTS_PER_5_SECONDS, 5.0),
     *(RequestBudget(path, limit, 1.0) for path, limit in bybit_limits.ENDPOINT_LIMITS_PER_SECOND.items()),
@@ -170,6 +176,7 @@ class BybitLinearVenue(CcxtVenue):
             max_conditional_orders=10_000,  # position-level stops are not orders on Bybit
             order_rate_budgets=BYBIT_DEFAULT_BUDGETS,
             request_budgets=BYBIT_REQUEST_BUDGETS,
+            protective_rate_budgets=BYBIT_PROTECTIVE_BUDGETS,
         )
 
     def _request_costs(self, method: str, path: str, params: Mapping[str, Any]) -> dict[str, int]:
@@ -879,4 +886,4 @@ def _bybit_order(row: Mapping[str, Any]) -> Order:
     )
 
 
-__all__ = ["BYBIT_DEFAULT_BUDGETS", "BYBIT_REQUEST_BUDGETS", "BybitLinearVenue"]
+__all__ = ["BYBIT_DEFAULT_BUDGETS", "BYBIT_PROTECTIVE_BUDGETS", "BYBIT_REQUEST_BUDGETS", "BybitLinearVenue"]

@@ -215,7 +215,33 @@ def _rate_limit_wait(venue: str, code: int | None, message: str, context: HttpCo
     if venue == BINANCEUSDM and code == _BINANCE_ORDER_RATE:
         words = [w for w in _ORDER_WINDOW_WORDS if message.rstrip(".").upper().endswith(w)]
         return _retry_after(context, _ORDER_WINDOW_WORDS[words[0]] if words else 10.0)
+    if venue == BYBIT and code in _BYBIT_RATE:
+        reset = _bybit_reset_wait(context)
+        if reset is not None:
+            return reset
     return _retry_after(context, 1.0)
+
+
+def _bybit_reset_wait(context: HttpContext | None) -> float | None:
+    """Bybit's 10006 says when the endpoint's rolling second frees a request: X-Bapi-Limit-Reset-Timestamp,
+    read against the answer's own `time` (the venue's clock, so our clock's drift does not matter); at
+    most one window (1 s), as a per-second limit cannot hold a request longer."""
+    if context is None:
+        return None
+    reset = context.header(bybit_limits.LIMIT_RESET_HEADER)
+    if not reset:
+        return None
+    try:
+        answered = json.loads(context.body).get("time") if context.body else None
+        now_ms = float(answered) if answered is not None else time.time() * 1000
+        return min(1.0, max(0.0, (float(reset) - now_ms) / 1000))
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+def headers_have(headers: Mapping[str, str], *names: str) -> bool:
+    lowered = {key.lower() for key in headers}
+    return all(name.lower() in lowered for name in names)
 
 
 def _retry_after(context: HttpContext | None, default: float) -> float:
@@ -645,6 +671,14 @@ class CcxtVenue(RequestHooks):
             pacing.banned(until)
         elif status == 403 and self.kind == BYBIT:
             pacing.banned(time.time() + bybit_limits.IP_BAN_SECONDS)
+        elif (
+            self.kind == BYBIT
+            and code in _BYBIT_RATE
+            and headers_have(headers, bybit_limits.LIMIT_STATUS_HEADER, bybit_limits.LIMIT_HEADER)
+        ):
+            # Bybit counts per endpoint: the answer's limit headers booked that endpoint's window full
+            # (`_observe_limits`); the other endpoints (a guard's trading-stop) are not held back.
+            return
         elif status == 429 or (self.kind == BYBIT and code in _BYBIT_RATE):
             orders_only = self.kind == BINANCEUSDM and code == _BINANCE_ORDER_RATE
             pacing.rate_limited(_rate_limit_wait(self.kind, code, message, context), orders_only=orders_only)

@@ -108,6 +108,8 @@ async def _seed(dsn: str) -> datetime:
         p1 = await position(
             "SFPUSDT", opened=65, protected=65.1, closed=100, exit_reason="stop_loss", pnl="-1.50", wave_id=w2
         )
+        # Its hard stop followed the fill by a quarter second (stamped by the engine when it is confirmed).
+        await conn.execute("UPDATE monitoring.positions SET hard_stop_gap_seconds = 0.25 WHERE id = $1", p1)
         await position(
             "ALLUSDT",
             opened=75,
@@ -198,6 +200,7 @@ async def test_the_shift_report_adds_up_the_seeded_history(
         "positions opened:     4",
         "  protected:          3 (1 never protected)",
         "protection failures:  5",
+        "without a hard stop:  1 of 1 after the fill, longest 0.250 s",
         "  timeout             2",
         "  server_error        3",
         "  rejected            0",

@@ -175,3 +175,23 @@ async def test_the_read_only_dashboard_shows_the_same_age_and_labels_failures_by
         assert 74 <= snapshot.coverage.oldest_unprotected_seconds < 90
     finally:
         await feed.stop()
+
+
+async def test_a_position_whose_hard_stop_followed_its_fill_records_the_time_without_it(db: Database) -> None:
+    """Time without a hard stop, per position (issue 12): on a venue whose entry cannot carry the stop (the
+    sim, like Binance), the hard stop is sent after the fill, so the position was without one for at least a
+    round trip; the database says how long, once the stop is confirmed."""
+    settings = settings_for(db, {})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[62]])
+        await drive_until_covered(engine, clock, 1)
+        assert engine.store is not None
+        position = await drive(clock, engine.store.position(guard.position_id))
+        assert position is not None
+        assert position.hard_stop_gap_seconds is not None
+        assert position.hard_stop_gap_seconds > 0
+    finally:
+        await drive(clock, engine.stop())

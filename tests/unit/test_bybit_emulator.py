@@ -348,6 +348,29 @@ async def test_endpoint_limit_answers_10006_with_the_limit_headers() -> None:
     )
 
 
+async def test_the_reset_timestamp_is_the_answers_own_time_until_the_limit_is_exceeded() -> None:
+    # Bybit: "the timestamp indicating when your request limit resets if you have exceeded your rate_limit.
+    # Otherwise, this is just the current timestamp". The emulator gave the window's end on every answer,
+    # so a client reading it as "wait until" waited for nothing.
+    async with emulator(BybitLimiter(endpoint_limits={"/v5/position/list": 2})) as client:
+        answers = []
+        for _ in range(3):
+            before = int(client.emulator.now() * 1000)
+            _, body, headers = await client.get("/v5/position/list", category="linear", settleCoin="USDT")
+            answers.append((before, int(client.emulator.now() * 1000), body["retCode"], headers))
+
+    for before, after, code, headers in answers[:2]:
+        assert code == 0
+        assert before <= int(headers["X-Bapi-Limit-Reset-Timestamp"]) <= after
+    first_sent = answers[0][0]
+    before, after, code, headers = answers[2]
+    assert code == 10006
+    reset = int(headers["X-Bapi-Limit-Reset-Timestamp"])
+    assert reset > after  # in the future: when the first of the two leaves the rolling second
+    assert reset <= answers[0][1] + 1000
+    assert reset >= first_sent + 1000
+
+
 async def test_too_many_requests_from_an_ip_is_a_403_ban_for_everything() -> None:
     async with emulator(BybitLimiter(ip_requests_per_5_seconds=3, ban_seconds=600.0)) as client:
         answers = [await client.get("/v5/market/time") for _ in range(5)]

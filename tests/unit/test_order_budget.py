@@ -118,3 +118,97 @@ async def test_a_venue_hold_stops_every_send_until_it_ends() -> None:
     assert budget.banned_for() is None
     budget.hold_until(clock.monotonic() + 3.0)  # a rate-limit pause is not a ban
     assert budget.banned_for() is None
+
+
+async def test_where_the_venue_counts_stops_apart_entries_wait_only_for_their_own_window() -> None:
+    """Bybit counts order/create and position/trading-stop each in its own rolling second. Booked in one
+    window as on Binance, an entry held room for itself and both its stops in order/create's 9/s: 3 entries
+    a second. Apart: a full window of entries, while the stop budget holds every stop they promise."""
+    clock = ManualClock()
+    budget = OrderBudget(
+        [RateBudget(limit=9, window_seconds=1.0)],
+        clock,
+        protective_budgets=[RateBudget(limit=20, window_seconds=1.0)],
+    )
+    admitted = 0
+
+    async def enter() -> None:
+        nonlocal admitted
+        await budget.acquire_entry(2)
+        admitted += 1
+
+    tasks = [asyncio.create_task(enter()) for _ in range(12)]
+    await clock.settle()
+    assert admitted == 9  # the entry window's 9, each with its 2 stops in the 20 of the stop window
+    assert budget.promised == 18
+    # The stops go out in their own window: the entry window does not hold them back.
+    stops = [asyncio.create_task(budget.acquire_protective()) for _ in range(18)]
+    await clock.settle()
+    assert all(stop.done() for stop in stops)
+    assert budget.promised == 0
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_apart_an_entry_still_waits_while_the_stop_window_cannot_hold_its_stops() -> None:
+    clock = ManualClock()
+    budget = OrderBudget(
+        [RateBudget(limit=100, window_seconds=1.0)],
+        clock,
+        protective_budgets=[RateBudget(limit=4, window_seconds=1.0)],
+    )
+    admitted = 0
+
+    async def enter() -> None:
+        nonlocal admitted
+        await budget.acquire_entry(2)
+        admitted += 1
+
+    tasks = [asyncio.create_task(enter()) for _ in range(5)]
+    await clock.settle()
+    assert admitted == 2  # 4 stops promised fill the stop window, however empty the entry window is
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_a_deferrable_replacement_yields_to_stops_entries_booked_and_to_other_stops() -> None:
+    """Bybit: the hard stop that rode on the entry, corrected from the fill, protects the position while its
+    replacement waits. The replacement went first-come like any stop and took the slots the wave's trailing
+    stops were booked in (a correction for every other position: the wave's stops lagged past grace and
+    the breaker paused entries). It yields now: to the booked stops, then goes."""
+    clock = ManualClock()
+    budget = OrderBudget(
+        [RateBudget(limit=10, window_seconds=1.0)],
+        clock,
+        protective_budgets=[RateBudget(limit=2, window_seconds=1.0)],
+    )
+    await budget.acquire_entry(1)
+    await budget.acquire_entry(1)  # two trailing stops booked: the stop window is spoken for
+    correction = asyncio.create_task(budget.acquire_protective(deferrable=True))
+    await clock.settle()
+    assert not correction.done()
+    stops = [asyncio.create_task(budget.acquire_protective()) for _ in range(2)]
+    await clock.settle()
+    assert all(stop.done() for stop in stops)  # the booked stops were not held back by it
+    assert not correction.done()
+    while not correction.done():
+        await clock.advance(0.25)
+    assert clock.monotonic() >= 1.0  # once the booked stops' second has passed
+    assert budget.promised == 0
+
+
+async def test_a_deferrable_send_waits_no_longer_than_its_limit() -> None:
+    clock = ManualClock()
+    budget = OrderBudget(
+        [RateBudget(limit=10, window_seconds=1.0)],
+        clock,
+        protective_budgets=[RateBudget(limit=2, window_seconds=1.0)],
+    )
+    await budget.acquire_entry(1)
+    await budget.acquire_entry(1)  # booked stops that never come (their entries are stuck)
+    correction = asyncio.create_task(budget.acquire_protective(deferrable=True))
+    while not correction.done():
+        await clock.advance(0.5)
+    assert clock.monotonic() <= 10.5

@@ -270,6 +270,7 @@ class BybitEmulator:
         self.requests_served = 0
         self.requests_by_endpoint: dict[str, int] = {}  # "METHOD endpoint" -> requests served
         self.stops_attached_to_entries = 0
+        self.too_many_visits: dict[str, int] = {}  # 10006 answers of the endpoint limits, by path
         self.streams = BybitStreamHub(self)
 
     # ---- time ------------------------------------------------------------------------------------------
@@ -484,6 +485,7 @@ class BybitEmulator:
                         bybit_limits.LIMIT_RESET_HEADER: str(count.reset_ms),
                     }
                     if count.refused:
+                        self.too_many_visits[path] = self.too_many_visits.get(path, 0) + 1
                         return BybitError(TOO_MANY_VISITS, "Too many visits!", headers=headers).response(
                             self.now()
                         )

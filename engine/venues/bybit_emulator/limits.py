@@ -4,11 +4,13 @@
 * **per IP**: at most `ip_requests_per_5_seconds` requests (600) in any 5-second window, every endpoint
   together. The request over it is answered HTTP 403 "access too frequent" and the IP is banned for
   `ban_seconds` (10 minutes): every request until then gets the same 403, and each one counts.
-* **per account and endpoint**: a rolling one-second window per private endpoint (order/create 20/s,
-  trading-stop 10/s, ...). The request over it is answered HTTP 200 with `retCode` 10006 "Too many
-  visits!" and is not executed. Every answer of a limited endpoint carries `X-Bapi-Limit` (the limit),
-  `X-Bapi-Limit-Status` (requests left in the window) and `X-Bapi-Limit-Reset-Timestamp` (ms, when the
-  window frees its oldest request).
+* **per account and endpoint**: "based on the rolling time window per second and UID", each endpoint its
+  own (order/create 10/s for linear by default, trading-stop 10/s, ...). The request over it is answered
+  HTTP 200 with `retCode` 10006 "Too many visits!" and is not executed (nor counted). Every answer of a
+  limited endpoint carries `X-Bapi-Limit` (the limit), `X-Bapi-Limit-Status` (requests left in the
+  window) and `X-Bapi-Limit-Reset-Timestamp`, which Bybit defines as "the timestamp indicating when your
+  request limit resets if you have exceeded your rate_limit. Otherwise, this is just the current
+  timestamp": the moment the window frees its oldest request on a 10006, the answer's own time else.
 """
 
 from __future__ import annotations
@@ -86,5 +88,5 @@ class BybitLimiter:
         refused = len(window) >= limit
         if not refused:
             window.append(now)
-        reset = window[0] + ENDPOINT_WINDOW_SECONDS if window else now
+        reset = window[0] + ENDPOINT_WINDOW_SECONDS if refused else now
         return EndpointCount(limit, max(0, limit - len(window)), int(reset * 1000), refused)

@@ -1,0 +1,126 @@
+"""A Bybit wave paced as Bybit counts: the engine against the Bybit v5 emulator in process, over loopback
+HTTP through real ccxt and real signing, configured as for a real Bybit account (only the URL differs)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from engine.clock import SystemClock
+from engine.engine import Engine, build_venue
+from engine.events import SignalRejected
+from engine.venues.binance_emulator.faults import Target
+from engine.venues.bybit_emulator import BybitEmulator, BybitLimiter, FaultPlan, running
+from engine.venues.bybit_emulator.faults import parse_bybit_fault
+from engine.venues.bybit_limits import ENDPOINT_LIMITS_PER_SECOND
+from engine.venues.sim.settings import SimVenueSettings
+from storage.database import Database
+from tests.integration.engine_support import engine_settings
+from tests.support.waiting import wait_until
+
+KEY, SECRET = "bybit-wave-key", "bybit-wave-secret"
+WAVE = 10
+
+
+@asynccontextmanager
+async def bybit_engine(db: Database, emulator: BybitEmulator) -> AsyncIterator[tuple[Engine, list[str]]]:
+    async with running(emulator) as base_url:
+        settings = engine_settings(
+            db.target.dsn,
+            {
+                "VENUE__KIND": "bybit",
+                "VENUE__BASE_URL": base_url,
+                "VENUE__API_KEY": KEY,
+                "VENUE__API_SECRET": SECRET,
+                "SIGNALS__WAVE_WINDOW_MS": "0",
+            },
+        )
+        clock = SystemClock()
+        engine = Engine(settings, venue=build_venue(settings, clock), clock=clock, version="test")
+        rejected: list[str] = []
+
+        async def follow() -> None:
+            async for event in engine.events():
+                if isinstance(event, SignalRejected):
+                    rejected.append(event.reason)
+
+        follower = asyncio.create_task(follow(), name="test-events")
+        await asyncio.sleep(0)
+        await engine.start()
+        try:
+            yield engine, rejected
+        finally:
+            await engine.stop()
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
+
+
+async def _wave(engine: Engine, emulator: BybitEmulator, rejected: list[str]) -> None:
+    assert engine.store is not None
+    assert engine.manager is not None
+    manager = engine.manager
+    symbols = sorted(emulator.core.markets)[:WAVE]
+    await engine.store.insert_signals([(s, "long", None, None) for s in symbols])
+    await wait_until(
+        lambda: (
+            len(manager.guards) + len(rejected) == WAVE and all(g.covered for g in manager.guards.values())
+        ),
+        within=90.0,
+        what="every signal of the wave opened and protected, or rejected",
+    )
+
+
+async def test_an_entry_refused_with_10006_is_sent_again_not_lost(db: Database) -> None:
+    """10006 "Too many visits!" means the entry was not executed: it is sent again once the venue's window
+    has room. Before, the refused entry was failed and its signal rejected ("entry refused")."""
+    emulator = BybitEmulator(SimVenueSettings(seed=11, volatility=0.0), api_key=KEY, api_secret=SECRET)
+    emulator.faults.force((Target("POST", "order/create"),), parse_bybit_fault("ratelimit"), count=2)
+    async with bybit_engine(db, emulator) as (engine, rejected):
+        await _wave(engine, emulator, rejected)
+        assert rejected == []
+        assert engine.manager is not None
+        assert len(engine.manager.guards) == WAVE
+        # Every position was born with its hard stop (it rode on the entry): no time without one.
+        store = engine.store
+        assert store is not None
+        ids = list(engine.manager.guards)
+
+        async def gaps() -> list[object]:
+            return [(await store.position(i)).hard_stop_gap_seconds for i in ids]  # type: ignore[union-attr]
+
+        async def all_measured() -> bool:
+            return None not in await gaps()
+
+        await wait_until(all_measured, within=30.0, what="every hard stop gap recorded")
+        assert await gaps() == [0] * WAVE
+
+
+async def test_entries_over_the_accounts_own_limit_wait_for_the_reset_and_no_stop_promise_is_kept(
+    db: Database,
+) -> None:
+    """The account allows order/create 3 a second (its own limit, announced only in the answers'
+    X-Bapi-Limit): the wave's first burst goes out under the documented 10/s and some entries are refused
+    with 10006; each is sent again when the reset timestamp says, so every signal opens a protected
+    position. Once every position is protected no protective order is still promised: the hard stop rode
+    on the entry (before, each entry's promise for it stayed booked for good, holding budget from every
+    later entry)."""
+    limits = dict(ENDPOINT_LIMITS_PER_SECOND)
+    limits["/v5/order/create"] = 3
+    emulator = BybitEmulator(
+        SimVenueSettings(seed=11, volatility=0.0),
+        api_key=KEY,
+        api_secret=SECRET,
+        limiter=BybitLimiter(endpoint_limits=limits),
+        faults=FaultPlan(latency_ms=300),  # the burst is out before the first answer tells the limit
+    )
+    async with bybit_engine(db, emulator) as (engine, rejected):
+        await _wave(engine, emulator, rejected)
+        assert rejected == []
+        assert emulator.stops_attached_to_entries >= WAVE
+        manager = engine.manager
+        assert manager is not None
+        # A hard stop the fill moved is replaced just after its position shows covered: wait for that too.
+        await wait_until(
+            lambda: manager.budget.promised == 0, within=30.0, what="no protective order still promised"
+        )
