@@ -1,7 +1,7 @@
 """How long from a stop firing on the venue until its sibling is cancelled and the position is closed in the
 database: by the account stream, and by polling alone, against one round trip.
 
-    python bench/fire_to_close.py --latency-ms 50 [--fires 20] [--venue sim|emulator] [--json]
+    python bench/fire_to_close.py --latency-ms 50 [--fires 20] [--venue sim|emulator|emulator-bybit] [--json]
 
 Set-up (not timed): an embedded PostgreSQL in a temporary directory, a fresh database per mode; the venue
 with volatility 0 (prices stand still, nothing fires by itself) and every call taking L ms round trip
@@ -28,7 +28,8 @@ Modes:
 * `round_trip_ms`: the median of 20 `fetch_mark_prices` calls made by the bench through the same venue.
 
 Every figure is a median over the fires (and `*_max_ms` the worst). Target: streams_ms <= 2 x round_trip_ms.
-With `--venue emulator` the stream is the venue client's (`watch_account` of the Binance venue module):
+With `--venue emulator` the stream is the venue client's (`watch_account` of the Binance venue module;
+`--venue emulator-bybit`: the Bybit emulator and venue module, whose position stops fire the same way):
 `account_stream` in the JSON says whether the engine read one (`false`: the client has none yet, and
 streams_ms is polling too).
 """
@@ -125,11 +126,12 @@ async def fresh_database(server: EmbeddedPostgres) -> str:
 async def measure(args: argparse.Namespace, server: EmbeddedPostgres, mode: str) -> ModeResult:
     dbname = await fresh_database(server)
     environ = engine_environ(args, server.dsn(dbname))
-    if args.venue == "emulator":
+    if args.venue in ("emulator", "emulator-bybit"):
         workdir = Path(tempfile.mkdtemp(prefix="tsbot-fire-emulator-"))
         sim = {"TSBOT_VENUE__SIM__VOLATILITY": "0"}
+        wire = "bybit" if args.venue == "emulator-bybit" else "binance"
         with emulator_process(
-            workdir, latency_ms=round(args.latency_ms), seed=args.seed, settings=sim
+            workdir, latency_ms=round(args.latency_ms), seed=args.seed, settings=sim, venue=wire
         ) as emulator:
             environ.update(emulator.engine_environ())
             return await _measure(args, server, dbname, mode, load_settings(environ), emulator)
@@ -264,7 +266,16 @@ async def _check_truth(
         ]
     else:
         state = await emulator.state()
-        left = [o["clientAlgoId"] for o in state["open_algo_orders"] if o["symbol"] == guard.symbol]  # type: ignore[index, union-attr]
+        if emulator.kind == "bybit":  # position stops: the ones still on the symbol's position
+            left = [
+                f"{k}:{v}"
+                for p in state["position_stops"]
+                if p["symbol"] == guard.symbol  # type: ignore[index, union-attr]
+                for k, v in p.items()
+                if k in ("stopLoss", "trailingStop") and v
+            ]
+        else:
+            left = [o["clientAlgoId"] for o in state["open_algo_orders"] if o["symbol"] == guard.symbol]  # type: ignore[index, union-attr]
     return f"orders left on the venue: {left}" if left else ""
 
 
@@ -296,7 +307,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--latency-ms", type=float, default=50.0, help="round trip of every venue call")
     parser.add_argument("--fires", type=int, default=20, help="stops fired per mode (the median is reported)")
-    parser.add_argument("--venue", choices=("sim", "emulator"), default="sim")
+    parser.add_argument("--venue", choices=("sim", "emulator", "emulator-bybit"), default="sim")
     parser.add_argument("--reconcile-seconds", type=float, default=10.0, help="protection.reconcile_seconds")
     parser.add_argument("--gap-s", type=float, default=0.3, help="pause between fires")
     parser.add_argument("--seed", type=int, default=42)

@@ -36,13 +36,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import random
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
-from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -62,6 +59,17 @@ from engine.exchange.port import (
     StreamGap,
     StreamState,
 )
+from engine.venues.stream_client import (
+    MarkTopics,
+    Reconnect,
+    ReconnectingSocket,
+    StatusLedger,
+    StreamSettings,
+    Supervisor,
+)
+from engine.venues.stream_client import decimal_or_none as _decimal
+from engine.venues.stream_client import positive_or_none as _positive
+from engine.venues.stream_client import seconds_from_ms as _seconds
 
 logger = logging.getLogger(__name__)
 
@@ -73,203 +81,19 @@ ALL_MARKS_STREAM = "!markPrice@arr@1s"
 MAX_SYMBOL_STREAMS = 100
 _URL_STREAMS = 100
 _ZERO = Decimal(0)
-_MAX_MESSAGE_BYTES = 16 << 20  # the all-market array of a large universe
-
-
-@dataclass(frozen=True, slots=True)
-class StreamSettings:
-    stall_seconds: float = 10.0  # connected but nothing received (not even a pong) this long: reconnect
-    stale_mark_seconds: float = 3.0  # a wanted mark stream silent this long: resubscribe, REST meanwhile
-    backoff_initial_seconds: float = 0.5
-    backoff_max_seconds: float = 30.0
-    stable_seconds: float = 30.0  # a connection that lived this long resets the backoff
-    listen_key_keepalive_seconds: float = 1800.0  # Binance: every 30 min (a key lives 60)
-    connect_timeout_seconds: float = 10.0
-
-    def __post_init__(self) -> None:
-        if self.stall_seconds <= 0 or self.stale_mark_seconds <= 0 or self.backoff_initial_seconds <= 0:
-            raise ValueError("stream timings must be positive")
 
 
 def mark_stream_name(symbol: str) -> str:
     return f"{symbol.lower()}@markPrice@1s"
 
 
-def _decimal(value: Any) -> Decimal | None:
-    try:
-        parsed = Decimal(str(value))
-    except (InvalidOperation, ValueError):
+def _symbols_of(stale: list[str], wanted: frozenset[str] | None) -> list[str] | None:
+    """The symbols silent streams stand for (None: every symbol, the all-market stream)."""
+    if wanted is None:
         return None
-    return parsed if parsed.is_finite() else None
-
-
-def _seconds(ms: Any, default: float) -> float:
-    try:
-        return int(ms) / 1000
-    except (TypeError, ValueError):
-        return default
-
-
-WS_CLOSED_TYPES = (
-    aiohttp.WSMsgType.CLOSE,
-    aiohttp.WSMsgType.CLOSING,
-    aiohttp.WSMsgType.CLOSED,
-    aiohttp.WSMsgType.ERROR,
-)
-
-
-class _Stalled(Exception):
-    pass
-
-
-class _Reconnect(Exception):
-    """Leave this connection and make a new one (a reason the venue gave, or ours)."""
-
-
-class _Socket:
-    """One reconnecting websocket: backoff with jitter, stall detection, counters for `StreamState`."""
-
-    def __init__(
-        self, name: str, settings: StreamSettings, session: Callable[[], aiohttp.ClientSession]
-    ) -> None:
-        self.name = name
-        self._settings = settings
-        self._session = session
-        self.connected = False
-        self.last_message_at: float | None = None  # monotonic
-        self.reconnects = 0
-        self.attempts = 0  # connection attempts made (for tests of storms)
-        self.detail = "not started"
-        self._ws: aiohttp.ClientWebSocketResponse | None = None
-        self._failures = 0
-        self._drop_reason = ""
-        self.lost_at: float | None = None  # wall clock: when the last connection ended
-        self.last_reason = ""  # why the last connection ended (kept while the next one lives)
-
-    async def run(
-        self,
-        url: Callable[[], Awaitable[str]],
-        on_open: Callable[[aiohttp.ClientWebSocketResponse], Awaitable[None]],
-        on_message: Callable[[Any], Awaitable[None]],
-    ) -> None:
-        while True:
-            opened_at: float | None = None
-            try:
-                target = await url()
-                self.attempts += 1
-                ws = await self._session().ws_connect(
-                    target,
-                    autoping=False,
-                    heartbeat=None,
-                    max_msg_size=_MAX_MESSAGE_BYTES,
-                    timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
-                )
-                self._ws = ws
-                opened_at = time.monotonic()
-                self.connected = True
-                self.last_message_at = opened_at
-                self.detail = ""
-                await on_open(ws)
-                await self._receive(ws, on_message)
-                reason = self._drop_reason or "closed by the venue"
-            except asyncio.CancelledError:
-                raise
-            except _Stalled:
-                reason = f"silent for {self._settings.stall_seconds:g}s"
-            except _Reconnect as why:
-                reason = str(why)
-            except ExchangeError as error:
-                reason = f"REST {type(error).__name__}"
-            except (aiohttp.ClientError, OSError, TimeoutError) as error:
-                # Never str(error): a handshake error's text carries the URL, and the account's URL is
-                # its listen key.
-                reason = f"connection failed ({type(error).__name__})"
-            except Exception as error:  # a defect of ours: logged with its traceback, then the same backoff
-                logger.exception("binance %s stream: unexpected failure", self.name)
-                reason = f"unexpected failure ({type(error).__name__})"
-            finally:
-                ws, self._ws = self._ws, None
-                if ws is not None:
-                    with contextlib.suppress(Exception):
-                        await ws.close()
-            if self.connected:
-                self.connected = False
-                self.lost_at = time.time()
-                self.reconnects += 1
-            self.detail = self.last_reason = reason
-            self._drop_reason = ""
-            lived = time.monotonic() - opened_at if opened_at is not None else 0.0
-            if lived >= self._settings.stable_seconds:
-                self._failures = 0
-            delay = min(
-                self._settings.backoff_max_seconds,
-                self._settings.backoff_initial_seconds * (2**self._failures),
-            ) * random.uniform(0.5, 1.0)
-            self._failures = min(self._failures + 1, 30)
-            logger.warning("binance %s stream: %s; reconnecting in %.1fs", self.name, reason, delay)
-            await asyncio.sleep(delay)
-
-    async def _receive(
-        self, ws: aiohttp.ClientWebSocketResponse, on_message: Callable[[Any], Awaitable[None]]
-    ) -> None:
-        stall = self._settings.stall_seconds
-        pinged = False
-        while True:
-            assert self.last_message_at is not None
-            idle = time.monotonic() - self.last_message_at
-            if idle >= stall:
-                raise _Stalled()
-            wait = (stall / 2 - idle) if not pinged and idle < stall / 2 else (stall - idle)
-            try:
-                message = await ws.receive(timeout=max(wait, 0.01))
-            except TimeoutError:
-                if not pinged and time.monotonic() - self.last_message_at >= stall / 2:
-                    with contextlib.suppress(ConnectionError, RuntimeError):
-                        await ws.ping()
-                    pinged = True
-                continue
-            if message.type in WS_CLOSED_TYPES:
-                return
-            self.last_message_at = time.monotonic()
-            pinged = False
-            if message.type is aiohttp.WSMsgType.PING:
-                await ws.pong(message.data)
-            elif message.type is aiohttp.WSMsgType.TEXT:
-                try:
-                    payload = json.loads(message.data)
-                except ValueError:
-                    logger.warning("binance %s stream: unreadable message skipped", self.name)
-                    continue
-                await on_message(payload)
-
-    async def send(self, payload: Mapping[str, Any]) -> bool:
-        ws = self._ws
-        if ws is None or not self.connected:
-            return False
-        try:
-            await ws.send_str(json.dumps(payload))
-        except (ConnectionError, RuntimeError):
-            return False
-        return True
-
-    async def drop(self, reason: str) -> None:
-        """End the current connection (the loop makes a new one); `reason` is what it reports."""
-        self._drop_reason = reason
-        ws = self._ws
-        if ws is not None:
-            await ws.close()
-
-
-class _MarkWatcher:
-    def __init__(self, symbols: frozenset[str] | None) -> None:
-        self.symbols = symbols
-        self.pending: dict[str, MarkPrice] = {}
-        self.ready = asyncio.Event()
-
-    def offer(self, mark: MarkPrice) -> None:
-        if self.symbols is None or mark.symbol in self.symbols:
-            self.pending[mark.symbol] = mark  # coalesced: the latest per symbol
-            self.ready.set()
+    if ALL_MARKS_STREAM in stale:
+        return sorted(wanted)
+    return sorted(s for s in wanted if mark_stream_name(s) in stale)
 
 
 class BinanceStreams:
@@ -294,29 +118,33 @@ class BinanceStreams:
         self._monotonic = monotonic
         self._ws_url = ws_url.rstrip("/")
         self._settings = settings
-        self._rest_marks = rest_marks
         self._create_key = create_key
         self._keep_alive_key = keep_alive_key
         self._delete_key = delete_key
-        self._mark_poll_seconds = mark_poll_seconds
-        self._market = _Socket("marks", settings, session)
-        self._account = _Socket("account", settings, session)
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._market = ReconnectingSocket("binance", "marks", settings, session)
+        self._account = ReconnectingSocket("binance", "account", settings, session)
+        self._supervisor = Supervisor("binance")
+        self._tasks = self._supervisor.tasks
         self._closed = False
         # Market stream.
-        self._wanted: dict[str, int] = {}  # stream name -> watchers wanting it
-        self._stream_seen: dict[str, float] = {}  # stream name -> monotonic of its last data
-        self._resubscribed: dict[str, float] = {}  # stream name -> monotonic of our last SUBSCRIBE for it
-        self._watchers: list[_MarkWatcher] = []
+        self._marks = MarkTopics(
+            "binance",
+            self._market,
+            settings,
+            subscribe=self._send_subscribe,
+            unsubscribe=self._send_unsubscribe,
+            symbols_of=_symbols_of,
+            rest_marks=rest_marks,
+            poll_seconds=mark_poll_seconds,
+        )
         self._request_ids = 0
         self._in_url: set[str] = set()  # the streams named in the current connection's URL
-        self.fallback_symbols: set[str] = set()
         # Account stream.
         self._listeners: list[asyncio.Queue[AccountEvent | None]] = []  # None: the venue closed
         self._listen_key: str | None = None
         self._gap_since: float = time.time()
         self._gap_reason = "stream started"
-        self._last_status: OrderedDict[str, tuple[int, float]] = OrderedDict()  # id -> (rank, event time)
+        self._ledger = StatusLedger()
         self._positions_at: dict[str, float] = {}  # symbol -> event time of the last position told
         self._position_sides: dict[str, PositionSide] = {}  # symbol -> side last seen held
         self._child_to_algo: OrderedDict[str, str] = OrderedDict()  # actual order id -> client algo id
@@ -324,32 +152,14 @@ class BinanceStreams:
     # ---- lifecycle ------------------------------------------------------------------------------------
 
     def _start(self, name: str, factory: Callable[[], Awaitable[None]]) -> None:
-        task = self._tasks.get(name)
-        if task is None or task.done():
-            self._tasks[name] = asyncio.create_task(
-                self._supervised(name, factory), name=f"binance-{name}-stream"
-            )
-
-    async def _supervised(self, name: str, factory: Callable[[], Awaitable[None]]) -> None:
-        while not self._closed:
-            try:
-                await factory()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("binance %s stream: unexpected failure; restarting in 1s", name)
-                await asyncio.sleep(1.0)
+        self._supervisor.start(name, factory)
 
     async def close(self) -> None:
         self._closed = True
         for queue in self._listeners:
             queue.put_nowait(None)  # the account watchers end
-        for watcher in self._watchers:
-            watcher.ready.set()  # the mark watchers see `_closed` at once
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        self._marks.close()
+        await self._supervisor.close()
         if self._listen_key is not None:
             self._listen_key = None
             with contextlib.suppress(Exception):
@@ -361,21 +171,7 @@ class BinanceStreams:
     def states(self) -> tuple[StreamState, ...]:
         states = []
         if "marks" in self._tasks:
-            detail = self._market.detail
-            if self.fallback_symbols:
-                detail = f"REST polling for {len(self.fallback_symbols)} symbol(s)" + (
-                    f"; {detail}" if detail else ""
-                )
-            states.append(
-                StreamState(
-                    name="marks",
-                    connected=self._market.connected,
-                    last_event_at=self._on_engine_clock(self._market.last_message_at),
-                    reconnects=self._market.reconnects,
-                    subscriptions=len(self._wanted),
-                    detail=detail,
-                )
-            )
+            states.append(self._marks.state(self._on_engine_clock))
         if "account" in self._tasks:
             states.append(
                 StreamState(
@@ -397,79 +193,16 @@ class BinanceStreams:
             names = [ALL_MARKS_STREAM]
         else:
             names = [mark_stream_name(s) for s in sorted(wanted)]
-        watcher = _MarkWatcher(wanted)
-        self._watchers.append(watcher)
-        added = [n for n in names if self._wanted.get(n, 0) == 0]
-        for name in names:
-            self._wanted[name] = self._wanted.get(name, 0) + 1
-            self._stream_seen.setdefault(name, time.monotonic())
-        self._start("marks", self._run_market)
-        if added:
-            await self._subscribe(added)
-        last_yielded: dict[str, float] = {}
-        last_rest = 0.0
-        try:
-            while not self._closed:
-                stale = self._stale_names(names)
-                if not stale:
-                    self.fallback_symbols.difference_update(wanted or {ALL_MARKS_STREAM})
-                if stale and time.monotonic() - last_rest >= self._mark_poll_seconds:
-                    last_rest = time.monotonic()
-                    await self._fallback(stale, wanted, watcher)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(watcher.ready.wait(), self._mark_poll_seconds)
-                watcher.ready.clear()
-                marks, watcher.pending = watcher.pending, {}
-                for mark in marks.values():
-                    if mark.timestamp > last_yielded.get(mark.symbol, -1.0):  # only fresh marks
-                        last_yielded[mark.symbol] = mark.timestamp
-                        yield mark
-        finally:
-            self._watchers.remove(watcher)
-            released = []
-            for name in names:
-                self._wanted[name] -= 1
-                if self._wanted[name] == 0:
-                    del self._wanted[name]
-                    released.append(name)
-            if released and not self._closed:
-                await self._market.send({"method": "UNSUBSCRIBE", "params": released, "id": self._next_id()})
+        async for mark in self._marks.watch(
+            names, wanted, lambda: self._closed, lambda: self._start("marks", self._run_market)
+        ):
+            yield mark
 
-    def _stale_names(self, names: list[str]) -> list[str]:
-        now = time.monotonic()
-        limit = self._settings.stale_mark_seconds
-        return [
-            n for n in names if not self._market.connected or now - self._stream_seen.get(n, 0.0) >= limit
-        ]
-
-    async def _fallback(self, stale: list[str], wanted: frozenset[str] | None, watcher: _MarkWatcher) -> None:
-        """Marks by REST while their stream is silent; ask the venue for the stream again."""
-        if self._market.connected:
-            now = time.monotonic()
-            again = [
-                n for n in stale if now - self._resubscribed.get(n, 0.0) >= self._settings.stale_mark_seconds
-            ]
-            if again:
-                logger.warning("binance marks stream: %d stream(s) silent; subscribing again", len(again))
-                await self._subscribe(again)
-        if wanted is None or ALL_MARKS_STREAM in stale:
-            symbols = None if wanted is None else sorted(wanted)
-        else:
-            symbols = sorted(s for s in wanted if mark_stream_name(s) in stale)
-        self.fallback_symbols.update(symbols if symbols is not None else {ALL_MARKS_STREAM})
-        try:
-            marks = await self._rest_marks(symbols)
-        except ExchangeError as error:
-            logger.warning("binance marks: REST fallback failed (%s); marks go stale", type(error).__name__)
-            return
-        for mark in marks.values():
-            watcher.offer(mark)
-
-    async def _subscribe(self, names: list[str]) -> None:
-        now = time.monotonic()
-        for name in names:
-            self._resubscribed[name] = now
+    async def _send_subscribe(self, names: list[str]) -> None:
         await self._market.send({"method": "SUBSCRIBE", "params": names, "id": self._next_id()})
+
+    async def _send_unsubscribe(self, names: list[str]) -> None:
+        await self._market.send({"method": "UNSUBSCRIBE", "params": names, "id": self._next_id()})
 
     def _next_id(self) -> int:
         self._request_ids += 1
@@ -479,20 +212,14 @@ class BinanceStreams:
         async def url() -> str:
             # Stream mode on the market route, what is wanted already in the URL (Binance asks no
             # SUBSCRIBE for it); whatever is wanted later is subscribed on the open connection.
-            names = sorted(self._wanted)[:_URL_STREAMS]
+            names = sorted(self._marks.wanted)[:_URL_STREAMS]
             self._in_url = set(names)
             return f"{self._ws_url}/market/stream" + (f"?streams={'/'.join(names)}" if names else "")
 
         async def on_open(_ws: aiohttp.ClientWebSocketResponse) -> None:
-            # Everything wanted, including what was asked for while disconnected.
-            names = sorted(self._wanted)
-            now = time.monotonic()
-            for name in names:
-                self._stream_seen[name] = max(
-                    self._stream_seen.get(name, 0.0), now - self._settings.stale_mark_seconds / 2
-                )
+            names = self._marks.reopened()
             if names:
-                await self._subscribe(names)
+                await self._marks.subscribe(names)
 
         await self._market.run(url, on_open, self._on_market_message)
 
@@ -509,7 +236,7 @@ class BinanceStreams:
         if not isinstance(name, str):
             return
         now = time.monotonic()
-        self._stream_seen[name] = now
+        self._marks.seen[name] = now
         rows = data if isinstance(data, list) else [data]
         marks = []
         for row in rows:
@@ -521,10 +248,9 @@ class BinanceStreams:
                 continue
             marks.append(MarkPrice(symbol, price, _seconds(row.get("E"), time.time())))
             if name == ALL_MARKS_STREAM:
-                self._stream_seen[mark_stream_name(symbol)] = now
-        for watcher in self._watchers:
-            for mark in marks:
-                watcher.offer(mark)
+                self._marks.seen[mark_stream_name(symbol)] = now
+        for mark in marks:
+            self._marks.offer(mark)
 
     # ---- account --------------------------------------------------------------------------------------
 
@@ -590,7 +316,7 @@ class BinanceStreams:
         kind = payload.get("e")
         if kind == "listenKeyExpired":
             self._listen_key = None
-            raise _Reconnect("listen key expired")
+            raise Reconnect("listen key expired")
         try:
             if kind == "ALGO_UPDATE":
                 self._on_algo_update(payload)
@@ -602,16 +328,7 @@ class BinanceStreams:
             logger.warning("binance account stream: unreadable %s skipped", kind)
 
     def _newer(self, key: str, status: OrderStatus, event_time: float) -> bool:
-        """Whether this update moves the order on (events may arrive out of order: never go back)."""
-        rank = 2 if status.is_final else (1 if status is OrderStatus.TRIGGERED else 0)
-        before = self._last_status.get(key)
-        if before is not None and before[0] >= rank:
-            return False  # told already (TRIGGERING then TRIGGERED), or a late echo of an earlier state
-        self._last_status[key] = (rank, event_time)
-        self._last_status.move_to_end(key)
-        while len(self._last_status) > 10_000:
-            self._last_status.popitem(last=False)
-        return True
+        return self._ledger.newer(key, status, event_time)
 
     def _on_algo_update(self, payload: Mapping[str, Any]) -> None:
         o = payload["o"]
@@ -720,8 +437,3 @@ class BinanceStreams:
                         event_time=event_time,
                     )
                 )
-
-
-def _positive(value: Any) -> Decimal | None:
-    parsed = _decimal(value)
-    return parsed if parsed is not None and parsed > 0 else None

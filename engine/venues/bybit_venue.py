@@ -42,6 +42,13 @@ from engine.exchange.port import (
     VenuePosition,
 )
 from engine.venues import bybit_limits
+from engine.venues.bybit_streams import (
+    PRODUCTION_PRIVATE_URL,
+    PRODUCTION_PUBLIC_URL,
+    TESTNET_PRIVATE_URL,
+    TESTNET_PUBLIC_URL,
+    BybitStreams,
+)
 from engine.venues.ccxt_venue import (
     _ZERO,
     BYBIT,
@@ -52,6 +59,7 @@ from engine.venues.ccxt_venue import (
     SymbolMap,
     _decimal,
     _positive,
+    _rehost,
     _seconds,
     _wire,
 )
@@ -120,6 +128,26 @@ class BybitLinearVenue(CcxtVenue):
         super().__init__(config, clock=clock)
         self._stops: dict[str, _PositionStop] = {}
         self._hedge_mode: bool | None = None
+        public, private = (
+            (TESTNET_PUBLIC_URL, TESTNET_PRIVATE_URL)
+            if config.testnet
+            else (PRODUCTION_PUBLIC_URL, PRODUCTION_PRIVATE_URL)
+        )
+        if config.base_url:  # the streams' host follows the configured URL exactly as the REST hosts do
+            public, private = (str(_rehost(url, config.base_url.rstrip("/"))) for url in (public, private))
+        self._bybit_streams = BybitStreams(
+            public_url=public,
+            private_url=private,
+            api_key=config.api_key,
+            api_secret=config.api_secret,
+            settings=config.streams,
+            session=self._stream_session,
+            rest_marks=self.fetch_mark_prices,
+            name_stop=self._stream_stop,
+            mark_poll_seconds=config.mark_poll_seconds,
+            monotonic=self._clock.monotonic,
+        )
+        self._streams = self._bybit_streams
 
     def _exchange_options(self) -> dict[str, Any]:
         options = super()._exchange_options()
@@ -164,6 +192,26 @@ class BybitLinearVenue(CcxtVenue):
         left = lowered.get(bybit_limits.LIMIT_STATUS_HEADER.lower())
         if limit is not None and left is not None and path in bybit_limits.ENDPOINT_LIMITS_PER_SECOND:
             self._pacing.requests.observe(path, max(0, int(limit) - int(left)), limit=int(limit))
+
+    # ---- push streams (`engine.venues.bybit_streams`) ---------------------------------------------------
+
+    def _stream_symbols(self, symbols: Collection[str] | None) -> Collection[str]:
+        return sorted(self._markets) if symbols is None else symbols  # Bybit has no all-market topic
+
+    def _stream_stop(
+        self, symbol: str, order_type: OrderType, side: OrderSide, venue_order_id: str
+    ) -> Order | None:
+        """Our id for the position's system-created stop order of this kind and closing side: the working
+        stop we set (or adopted) of that kind, else the one last known under that venue order id."""
+        kind = [s for s in self._stops_for(symbol) if s.type is order_type and s.side is side]
+        stop = next((s for s in reversed(kind) if s.status is OrderStatus.NEW), None) or next(
+            (s for s in reversed(kind) if venue_order_id and s.venue_order_id == venue_order_id), None
+        )
+        if stop is None:
+            return None
+        if venue_order_id and not stop.venue_order_id:
+            stop.venue_order_id = venue_order_id
+        return self._snapshot(stop)
 
     async def load_markets(self) -> Mapping[str, Market]:
         loaded = await self._call(self._exchange.load_markets(True), mutating=False)
@@ -705,6 +753,14 @@ class BybitLinearVenue(CcxtVenue):
         execution of it (with its price), else cancelled (the position was closed otherwise, or the stop
         removed); an unconfirmed stop the position never showed was never set (NotFound)."""
         if stop.status is not OrderStatus.NEW:
+            return self._snapshot(stop)
+        told = self._bybit_streams.ended(stop.client_order_id)
+        if (
+            told is not None
+        ):  # the account stream said how it ended (Bybit deactivates a closed position's stops)
+            stop.confirmed, stop.status, stop.updated_at = True, told.status, told.updated_at
+            stop.filled_quantity, stop.average_price = told.filled_quantity, told.average_price
+            stop.venue_order_id = told.venue_order_id or stop.venue_order_id
             return self._snapshot(stop)
         row = _row_closed_by(await self._position_rows(stop.symbol), stop.symbol, stop.side)
         value = _positive(row.get(_FIELD[stop.type])) if row is not None else None

@@ -92,6 +92,7 @@ from engine.exchange.port import (
 from engine.pacing import VenuePacing
 from engine.venues import binance_limits, bybit_limits
 from engine.venues.binance_streams import DEMO_WS_URL, PRODUCTION_WS_URL, BinanceStreams, StreamSettings
+from engine.venues.stream_client import VenueStreams
 
 logger = logging.getLogger(__name__)
 
@@ -551,6 +552,7 @@ class CcxtVenue(RequestHooks):
         self._budgets: tuple[RateBudget, ...] = ()
         self._pacing: VenuePacing | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._streams: VenueStreams | None = None  # set by a venue with push streams
         self.refusals: dict[int, int] = {}  # HTTP status (429, 418, 403) -> how often the venue refused
         self._closed = False
         self._connected = False
@@ -590,6 +592,13 @@ class CcxtVenue(RequestHooks):
         self._exchange.session = self._session
         self._exchange.own_session = False
 
+    def _stream_session(self) -> aiohttp.ClientSession:
+        """The HTTP session the push streams' websockets ride on (the REST pool's)."""
+        self._ensure_session()
+        if self._session is None:
+            raise RuntimeError(f"{self.kind} venue is closed")
+        return self._session
+
     @property
     def name(self) -> str:
         return self.kind
@@ -609,6 +618,8 @@ class CcxtVenue(RequestHooks):
     async def close(self) -> None:
         if self._closed:
             return
+        if self._streams is not None:
+            await self._streams.close()  # Binance deletes its listen key while the session is still open
         self._closed = True
         try:
             await self._exchange.close()
@@ -755,8 +766,16 @@ class CcxtVenue(RequestHooks):
         raise NotImplementedError
 
     async def watch_mark_prices(self, symbols: Collection[str] | None = None) -> AsyncIterator[MarkPrice]:
-        """REST polling every `mark_poll_seconds` (a read: it yields to protective requests)."""
+        """The venue's mark stream (REST for what is stale), or without one REST polling every
+        `mark_poll_seconds` (a read: it yields to protective requests)."""
         await self._ensure_markets()
+        if self._streams is not None:
+            for symbol in symbols or ():
+                self._market(symbol)
+            async for mark in self._streams.watch_mark_prices(self._stream_symbols(symbols)):
+                if mark.symbol in self._markets:
+                    yield mark
+            return
         wanted = None if symbols is None else list(symbols)
         last_seen: dict[str, float] = {}
         failing_since: float | None = None
@@ -783,13 +802,20 @@ class CcxtVenue(RequestHooks):
 
     # ---- push streams -----------------------------------------------------------------------------------
 
+    def _stream_symbols(self, symbols: Collection[str] | None) -> Collection[str] | None:
+        """What to ask the mark stream for (None: every symbol, where the venue has such a stream)."""
+        return symbols
+
     async def watch_account(self) -> AsyncIterator[AccountEvent]:
-        """No account stream on this venue yet: the reconciler's polling is the only source."""
-        return
-        yield  # an async generator that ends at once
+        """The venue's account stream (a `StreamGap` after every interruption); without one it ends at
+        once: the reconciler's polling is then the only source."""
+        if self._streams is None:
+            return
+        async for event in self._streams.watch_account():
+            yield event
 
     def stream_states(self) -> tuple[StreamState, ...]:
-        return ()
+        return () if self._streams is None else self._streams.states()
 
 
 def _rehost(urls: Any, base_url: str) -> Any:
@@ -871,12 +897,6 @@ class BinanceUsdmVenue(CcxtVenue):
             return str(_rehost(url, self._config.base_url.rstrip("/")))
         return url
 
-    def _stream_session(self) -> aiohttp.ClientSession:
-        self._ensure_session()
-        if self._session is None:
-            raise RuntimeError(f"{self.kind} venue is closed")
-        return self._session
-
     def _exchange_options(self) -> dict[str, Any]:
         options = super()._exchange_options()
         options["options"] = {
@@ -927,29 +947,6 @@ class BinanceUsdmVenue(CcxtVenue):
                     orders.observe(seconds, int(count))
 
     # ---- push streams (`engine.venues.binance_streams`) -------------------------------------------------
-
-    async def close(self) -> None:
-        if not self._closed:
-            await self._streams.close()  # deletes the listen key while the session is still open
-        await super().close()
-
-    async def watch_mark_prices(self, symbols: Collection[str] | None = None) -> AsyncIterator[MarkPrice]:
-        """The mark price stream (`!markPrice@arr@1s`, or per symbol), REST while it is stale."""
-        await self._ensure_markets()
-        if symbols is not None:
-            for symbol in symbols:
-                self._market(symbol)
-        async for mark in self._streams.watch_mark_prices(symbols):
-            if mark.symbol in self._markets:
-                yield mark
-
-    async def watch_account(self) -> AsyncIterator[AccountEvent]:
-        """The user-data stream: order and position changes, a `StreamGap` after every interruption."""
-        async for event in self._streams.watch_account():
-            yield event
-
-    def stream_states(self) -> tuple[StreamState, ...]:
-        return self._streams.states()
 
     async def _create_listen_key(self) -> str:
         answer = await self._call(self._exchange.fapiPrivatePostListenKey(), mutating=False)

@@ -10,7 +10,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -18,18 +18,17 @@ import aiohttp
 import pytest
 
 from engine.exchange.port import (
-    AccountEvent,
     MarkPrice,
     OrderSide,
     OrderStatus,
     OrderUpdate,
     PositionUpdate,
-    StreamGap,
 )
 from engine.venues.binance_emulator import BinanceEmulator, running
 from engine.venues.binance_streams import PRODUCTION_WS_URL, StreamSettings
 from engine.venues.ccxt_venue import BinanceUsdmVenue, CcxtVenueConfig
 from engine.venues.sim.settings import SimVenueSettings
+from tests.support.stream_rig import StreamRig, reading
 from tests.support.waiting import wait_until
 
 KEY, SECRET = "streams-key", "streams-secret"
@@ -44,34 +43,12 @@ FAST = StreamSettings(
 
 
 @dataclass
-class Rig:
+class Rig(StreamRig):
     venue: BinanceUsdmVenue
     emulator: BinanceEmulator
-    base_url: str
-    control: aiohttp.ClientSession
-    account: list[AccountEvent] = field(default_factory=list)
-    marks: list[tuple[float, MarkPrice]] = field(default_factory=list)  # (monotonic when yielded, mark)
-
-    async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        async with self.control.post(f"{self.base_url}{path}", json=body) as response:
-            assert response.status == 200, await response.text()
-            return await response.json()
-
-    async def state(self) -> dict[str, Any]:
-        async with self.control.get(f"{self.base_url}/_sim/state") as response:
-            assert response.status == 200
-            return await response.json()
-
-    def gaps(self) -> list[StreamGap]:
-        return [e for e in self.account if isinstance(e, StreamGap)]
-
-    def updates(self, client_id: str) -> list[OrderUpdate]:
-        return [
-            e for e in self.account if isinstance(e, OrderUpdate) and e.order.client_order_id == client_id
-        ]
 
     def fresh_mark_since(self, moment: float, symbol: str = SYMBOL) -> bool:
-        return any(at > moment and mark.symbol == symbol for at, mark in self.marks)
+        return super().fresh_mark_since(moment, symbol)
 
     async def market_subscriptions(self) -> list[str]:
         state = await self.state()
@@ -113,26 +90,9 @@ async def rig(settings: StreamSettings = FAST, symbols: list[str] | None = None)
         await venue.connect()
         await venue.load_markets()
         subject = Rig(venue, emulator, base_url, control)
-
-        async def read_account() -> None:
-            async for event in venue.watch_account():
-                subject.account.append(event)
-
-        async def read_marks() -> None:
-            async for mark in venue.watch_mark_prices(symbols):
-                subject.marks.append((time.monotonic(), mark))
-
-        tasks = [asyncio.create_task(read_account()), asyncio.create_task(read_marks())]
-        try:
-            await wait_until(lambda: len(subject.gaps()) == 1, what="the account stream live")
+        async with reading(subject, symbols):
             await wait_until(subject.user_connected, what="the user-data connection")
-            await wait_until(lambda: bool(subject.marks), what="a first mark")
             yield subject
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await venue.close()
 
 
 async def test_a_fired_stop_reaches_watch_account_with_our_id_and_the_fill_price() -> None:
@@ -214,10 +174,7 @@ async def _fault_and_recover(r: Rig, fault: dict[str, Any], *, expect_gap: bool)
 
 
 def _stream_marks_since(r: Rig, moment: float) -> bool:
-    """The marks stream is connected and its data is fresh again (not only REST fallback)."""
-    states = {s.name: s for s in r.venue.stream_states()}
-    marks = states["marks"]
-    return marks.connected and marks.last_event_at is not None and marks.last_event_at > moment
+    return r.stream_marks_since(moment)
 
 
 @pytest.mark.parametrize(

@@ -19,8 +19,8 @@ change: legacy unrouted URLs were retired on 2026-04-23, so only `/market` and `
 * the server pings every connection every 3 minutes and closes one that has not answered for 10; a
   connection is closed after 24 hours (venue time: `/_sim/advance` moves it).
 
-Faults (control API `POST /_sim/stream-fault`, body `{"fault": ..., ...}`; `POST /_sim/clear-faults` ends
-the lasting ones): `drop` (close every connection now; with `seconds`, also every connection opened during
+Faults (the model shared with the Bybit emulator, `engine.venues.sim.stream_faults`; control API
+`POST /_sim/stream-fault`, body `{"fault": ..., ...}`; `POST /_sim/clear-faults` ends the lasting ones): `drop` (close every connection now; with `seconds`, also every connection opened during
 those seconds, right after its handshake: a reconnect storm), `stall` (every open connection stays
 connected and sends nothing, not even a pong, for `seconds`), `drop_subscription` (the server forgets one
 subscription, `stream` or the first it holds, without telling anyone), `expire_listen_key` (the key
@@ -35,14 +35,12 @@ import contextlib
 import itertools
 import json
 import logging
-import math
 import secrets
 import string
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from enum import StrEnum
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -50,6 +48,9 @@ from aiohttp import WSMsgType, web
 from engine.exchange.errors import ExchangeError, NotFound
 from engine.exchange.port import Order, OrderStatus
 from engine.venues.sim.core import DEFAULT_ACCOUNT, SimCore
+from engine.venues.sim.stream_faults import StreamFaultError, StreamFaults, abort
+
+__all__ = ["StreamFaultError", "StreamHub"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,19 +64,6 @@ CHILD_ORDER_ID_OFFSET = 1_000_000_000  # as the REST app: the regular order a fi
 _TICK_SECONDS = 1.0
 _ZERO = Decimal(0)
 _KEY_ALPHABET = string.ascii_letters + string.digits
-
-
-class StreamFaultKind(StrEnum):
-    DROP = "drop"
-    STALL = "stall"
-    DROP_SUBSCRIPTION = "drop_subscription"
-    EXPIRE_LISTEN_KEY = "expire_listen_key"
-    DELAY = "delay"
-    REORDER = "reorder"
-
-
-class StreamFaultError(ValueError):
-    """A stream fault the control API cannot stage; the message says why."""
 
 
 def _ms(seconds: float) -> int:
@@ -143,10 +131,7 @@ class StreamHub:
         self._listen_key: str | None = None
         self._listen_key_expires = 0.0
         self._watch = _AccountWatch()
-        self._storm_until = 0.0  # monotonic: connections opened before it are closed after the handshake
-        self._delay_ms = 0
-        self._delay_until = math.inf
-        self._reorder_batches = 0
+        self._faults = StreamFaults()
         self.handshakes: dict[str, int] = {"market": 0, "user": 0}
         self._tick = 0
 
@@ -265,7 +250,7 @@ class StreamHub:
             listen_key=listen_key,
             subscriptions=list(dict.fromkeys(streams)),
         )
-        if time.monotonic() < self._storm_until:
+        if self._faults.storming():
             self._abort(connection)
             return ws
         self._connections[connection.id] = connection
@@ -618,10 +603,7 @@ class StreamHub:
         }
 
     def _publish(self, events: list[dict[str, Any]]) -> None:
-        if self._reorder_batches > 0 and len(events) > 1:
-            self._reorder_batches -= 1
-            events = list(reversed(events))
-            logger.info("emulator: %d account events sent in reverse order", len(events))
+        events = self._faults.reordered(events)
         if self._listen_key is None:
             return
         texts = [json.dumps(event, separators=(",", ":")) for event in events]
@@ -639,8 +621,7 @@ class StreamHub:
         assert connection.outbox is not None
         while True:
             text = await connection.outbox.get()
-            if self._delay_ms and time.monotonic() < self._delay_until:
-                await asyncio.sleep(self._delay_ms / 1000)
+            await self._faults.hold()
             if connection.stalled():
                 continue
             with contextlib.suppress(ConnectionError, RuntimeError):
@@ -649,73 +630,19 @@ class StreamHub:
     # ---- faults and state (control API) -----------------------------------------------------------------
 
     async def stage_fault(self, body: dict[str, Any]) -> dict[str, Any]:
-        try:
-            kind = StreamFaultKind(str(body.get("fault", "")))
-        except ValueError:
-            expected = ", ".join(k.value for k in StreamFaultKind)
-            raise StreamFaultError(
-                f"unknown stream fault {body.get('fault')!r}: expected one of {expected}"
-            ) from None
-        seconds = self._number(body, "seconds", 0.0, 86_400.0)
-        if kind is StreamFaultKind.DROP:
-            if seconds:
-                self._storm_until = time.monotonic() + seconds
-            dropped = list(self._connections.values())
-            for connection in dropped:
-                self._abort(connection)
-            logger.info("emulator: dropped %d stream connections", len(dropped))
-            return {"dropped": len(dropped)}
-        if kind is StreamFaultKind.STALL:
-            if not seconds:
-                raise StreamFaultError("stall needs seconds > 0")
-            for connection in self._connections.values():
-                connection.stalled_until = time.monotonic() + seconds
-            return {"stalled": len(self._connections)}
-        if kind is StreamFaultKind.DROP_SUBSCRIPTION:
-            wanted = body.get("stream")
-            for connection in self._connections.values():
-                for name in connection.subscriptions:
-                    if wanted in (None, name):
-                        connection.subscriptions.remove(name)
-                        logger.info("emulator: forgot the subscription %s", name)
-                        return {"dropped": name, "connection": connection.id}
-            raise StreamFaultError(f"no connection holds the subscription {wanted or '(any)'}")
-        if kind is StreamFaultKind.EXPIRE_LISTEN_KEY:
+        def expire() -> dict[str, Any]:
             had = self._listen_key is not None
             self.expire_listen_key()
             return {"expired": had}
-        if kind is StreamFaultKind.DELAY:
-            self._delay_ms = int(self._number(body, "ms", 0.0, 600_000.0))
-            self._delay_until = time.monotonic() + seconds if seconds else math.inf
-            return {"delay_ms": self._delay_ms}
-        count = int(self._number(body, "count", 1.0, 1_000_000.0) or 1)
-        self._reorder_batches = count
-        return {"reorder_batches": count}
+
+        return self._faults.stage(body, self._connections.values(), expire)
 
     @staticmethod
     def _abort(connection: _Connection) -> None:
-        """The connection breaks as a network drop does: no close frame, the TCP connection just ends."""
-        transport = connection.request.transport
-        if transport is not None:
-            transport.abort()
-
-    @staticmethod
-    def _number(body: dict[str, Any], name: str, low: float, high: float) -> float:
-        try:
-            value = float(body.get(name, low))
-        except (TypeError, ValueError):
-            raise StreamFaultError(f"{name} must be a number") from None
-        if not low <= value <= high:
-            raise StreamFaultError(f"{name} must be within {low:g}..{high:g}")
-        return value
+        abort(connection)
 
     def clear_faults(self) -> None:
-        self._storm_until = 0.0
-        self._delay_ms = 0
-        self._delay_until = math.inf
-        self._reorder_batches = 0
-        for connection in self._connections.values():
-            connection.stalled_until = 0.0
+        self._faults.clear(self._connections.values())
 
     def state(self) -> dict[str, Any]:
         """Connections and subscriptions, for tests; never the listen key itself (a credential)."""

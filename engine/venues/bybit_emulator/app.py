@@ -39,7 +39,10 @@ in the Binance emulator. Control API (loopback callers only, never counted): `PO
 unless `last` is given, last), `POST /_sim/last` (the last price alone: a wick), `POST /_sim/fault`,
 `POST /_sim/clear-faults`, `POST /_sim/advance`, `POST /_sim/skew` (the server clock's offset, for clock
 drift), `POST /_sim/position-stops` (seed stops straight on a position, as another client would),
-`GET /_sim/state`.
+`POST /_sim/stream-fault` (websocket faults), `GET /_sim/state`.
+
+Websockets on the same port (`streams.py`): the public `tickers` topic and the private `order`,
+`execution` and `position` topics, pushed from this book after every request and every price move.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -82,9 +85,11 @@ from engine.venues.bybit_emulator.faults import (
     parse_target,
 )
 from engine.venues.bybit_emulator.limits import BybitLimiter
+from engine.venues.bybit_emulator.streams import BybitStreamHub, StreamRows, stream_signature
 from engine.venues.sim.core import DEFAULT_ACCOUNT, SimCore
 from engine.venues.sim.prices import GbmWalk
 from engine.venues.sim.settings import SimVenueSettings
+from engine.venues.sim.stream_faults import StreamFaultError
 from engine.venues.sim.universe import select_listings
 
 logger = logging.getLogger(__name__)
@@ -266,6 +271,7 @@ class BybitEmulator:
         self.requests_by_endpoint: dict[str, int] = {}  # "METHOD endpoint" -> requests served
         self.stops_attached_to_entries = 0
         self.too_many_visits: dict[str, int] = {}  # 10006 answers of the endpoint limits, by path
+        self.streams = BybitStreamHub(self)
 
     # ---- time ------------------------------------------------------------------------------------------
 
@@ -303,6 +309,8 @@ class BybitEmulator:
             app.router.add_post("/_sim/skew", self._control_skew)
             app.router.add_post("/_sim/position-stops", self._control_position_stops)
             app.router.add_get("/_sim/state", self._control_state)
+            app.router.add_post("/_sim/stream-fault", self._control_stream_fault)
+        self.streams.add_routes(app)
         app.cleanup_ctx.append(self._mark_ticker_context)
         app.on_shutdown.append(self._on_shutdown)
         return app
@@ -341,7 +349,10 @@ class BybitEmulator:
             self.core.set_mark(symbol, mark, now)
         if last is not None:
             self._last[symbol] = market.round_price(last)
-        return self._run_stops(symbol, now)
+        fired = self._run_stops(symbol, now)
+        if fired:
+            self.streams.account_changed()  # a fired stop reaches the private topics at once
+        return fired
 
     def last_price(self, symbol: str) -> Decimal:
         return self._last[symbol]
@@ -479,6 +490,7 @@ class BybitEmulator:
                             self.now()
                         )
             response = await self._serve(request.method, endpoint, handler, params)
+            self.streams.account_changed()  # what the request changed reaches the private topics
             for name, value in headers.items():
                 response.headers[name] = value
             return response
@@ -621,29 +633,31 @@ class BybitEmulator:
             if params["symbol"] not in self.core.markets:
                 raise BybitError(PARAMS_ERROR, f"params error: symbol invalid {params['symbol']!r}")
             symbols = [params["symbol"]]
-        rows = []
-        for symbol in symbols:
-            mark, last = self.core.mark(symbol), self._last[symbol]
-            rows.append(
-                {
-                    "symbol": symbol,
-                    "lastPrice": _text(last),
-                    "markPrice": _text(mark),
-                    "indexPrice": _text(mark),
-                    "bid1Price": _text(last),
-                    "ask1Price": _text(last),
-                    "prevPrice24h": _text(last),
-                    "price24hPcnt": "0",
-                    "highPrice24h": _text(last),
-                    "lowPrice24h": _text(last),
-                    "volume24h": "0",
-                    "turnover24h": "0",
-                    "fundingRate": "0.0001",
-                    "nextFundingTime": str(_ms(request.now) + 3_600_000),
-                    "openInterest": "0",
-                }
-            )
+        rows = [self.ticker_row(symbol, request.now) for symbol in symbols]
         return {"category": "linear", "list": rows}
+
+    def ticker_row(self, symbol: str, now: float) -> dict[str, Any] | None:
+        """A `tickers` row (REST and the `tickers.{symbol}` topic); None for an unknown symbol."""
+        if symbol not in self.core.markets:
+            return None
+        mark, last = self.core.mark(symbol), self._last[symbol]
+        return {
+            "symbol": symbol,
+            "lastPrice": _text(last),
+            "markPrice": _text(mark),
+            "indexPrice": _text(mark),
+            "bid1Price": _text(last),
+            "ask1Price": _text(last),
+            "prevPrice24h": _text(last),
+            "price24hPcnt": "0",
+            "highPrice24h": _text(last),
+            "lowPrice24h": _text(last),
+            "volume24h": "0",
+            "turnover24h": "0",
+            "fundingRate": "0.0001",
+            "nextFundingTime": str(_ms(now) + 3_600_000),
+            "openInterest": "0",
+        }
 
     # ---- account and positions --------------------------------------------------------------------------
 
@@ -1047,31 +1061,43 @@ class BybitEmulator:
                 continue
             if params.get("orderLinkId") and execution.order_link_id != params["orderLinkId"]:
                 continue
-            rows.append(
-                {
-                    "symbol": execution.symbol,
-                    "orderId": execution.order_id,
-                    "orderLinkId": execution.order_link_id,
-                    "side": _side_word(execution.side),
-                    "orderPrice": "0",
-                    "orderQty": _text(execution.qty),
-                    "leavesQty": "0",
-                    "orderType": "Market",
-                    "stopOrderType": execution.stop_order_type or "UNKNOWN",
-                    "execFee": "0",
-                    "execId": execution.exec_id,
-                    "execPrice": _text(execution.price),
-                    "execQty": _text(execution.qty),
-                    "execType": "Trade",
-                    "execValue": _text(execution.price * execution.qty),
-                    "execTime": str(_ms(execution.time)),
-                    "isMaker": False,
-                    "closedSize": _text(execution.qty) if execution.stop_order_type else "0",
-                }
-            )
+            rows.append(_execution_json(execution))
         start, limit = self._page(params, EXECUTION_PAGE_DEFAULT, EXECUTION_PAGE_MAX)
         page, cursor = self._paged(rows, start, limit)
         return {"category": "linear", "list": page, "nextPageCursor": cursor}
+
+    # ---- streams (`streams.py`) ----------------------------------------------------------------------------
+
+    def stream_rows(self, orders_from: int, watched: Collection[str], executions_from: int) -> StreamRows:
+        """What the private topics may have to tell: the orders from the `orders_from`th on and those in
+        `watched` (still open when last told), the executions from the `executions_from`th on, and every
+        open position, as REST rows (a position's `avgPrice` named `entryPrice`, as the topic names it)."""
+        now = self.now()
+        book = self._book
+        orders = {
+            order_id: _order_json(order)
+            for order_id, order in itertools.islice(book.orders.items(), orders_from, None)
+        }
+        for order_id in watched:
+            if order_id not in orders and order_id in book.orders:
+                orders[order_id] = _order_json(book.orders[order_id])
+        executions = [_execution_json(e) for e in book.executions[executions_from:]]
+        positions = {}
+        for position in self.core.positions(now, DEFAULT_ACCOUNT):
+            row = self._position_row(position.symbol, position, now)
+            row["entryPrice"] = row.pop("avgPrice")
+            positions[position.symbol] = row
+        return StreamRows(orders, len(book.orders), executions, len(book.executions), positions)
+
+    def verify_stream_auth(self, api_key: str, expires_ms: int, signature: str) -> str | None:
+        if not hmac.compare_digest(api_key, self._api_key):
+            return "Invalid apikey"
+        if expires_ms <= int(self.server_time() * 1000):
+            return "Params Error: request expired"
+        expected = stream_signature(self._secret.decode(), expires_ms)
+        if not hmac.compare_digest(signature, expected):
+            return "Invalid sign"
+        return None
 
     # ---- control API (tests, rehearsals) ----------------------------------------------------------------
 
@@ -1160,9 +1186,18 @@ class BybitEmulator:
             raise web.HTTPBadRequest(text=f"control API: {error}") from None
         return _json({"forced": fault.kind.value, "targets": target_texts})
 
+    async def _control_stream_fault(self, request: web.Request) -> web.Response:
+        body = await self._control_body(request)
+        try:
+            staged = await self.streams.stage_fault(body)
+        except StreamFaultError as error:
+            raise web.HTTPBadRequest(text=f"control API: {error}") from None
+        return _json(staged)
+
     async def _control_clear_faults(self, request: web.Request) -> web.Response:
         self._require_loopback(request)
         self.faults.clear_forced()
+        self.streams.clear_faults()
         return _json({})
 
     async def _control_advance(self, request: web.Request) -> web.Response:
@@ -1203,6 +1238,7 @@ class BybitEmulator:
             self._trading_stop(_Request("POST", params, self.now()))
         except BybitError as error:
             raise web.HTTPBadRequest(text=f"control API: {error.code} {error.msg}") from None
+        self.streams.account_changed()
         return _json({})
 
     async def _control_state(self, request: web.Request) -> web.Response:
@@ -1237,6 +1273,7 @@ class BybitEmulator:
                     for p in seen.positions
                 ],
                 "position_stops": stops,
+                "streams": self.streams.state(),
                 "rate": {
                     "ip_requests_5s": self.limits.ip_used(ip, now),
                     "banned_until_ms": _ms(banned) if banned else None,
@@ -1314,6 +1351,29 @@ def _instrument(market: Market) -> dict[str, Any]:
         "copyTrading": "both",
         "upperFundingRate": "0.005",
         "lowerFundingRate": "-0.005",
+    }
+
+
+def _execution_json(execution: _Execution) -> dict[str, Any]:
+    return {
+        "symbol": execution.symbol,
+        "orderId": execution.order_id,
+        "orderLinkId": execution.order_link_id,
+        "side": _side_word(execution.side),
+        "orderPrice": "0",
+        "orderQty": _text(execution.qty),
+        "leavesQty": "0",
+        "orderType": "Market",
+        "stopOrderType": execution.stop_order_type or "UNKNOWN",
+        "execFee": "0",
+        "execId": execution.exec_id,
+        "execPrice": _text(execution.price),
+        "execQty": _text(execution.qty),
+        "execType": "Trade",
+        "execValue": _text(execution.price * execution.qty),
+        "execTime": str(_ms(execution.time)),
+        "isMaker": False,
+        "closedSize": _text(execution.qty) if execution.stop_order_type else "0",
     }
 
 

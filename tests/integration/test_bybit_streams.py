@@ -1,0 +1,333 @@
+"""Bybit's push streams on the real path: the venue's websocket client (`engine.venues.bybit_streams`)
+against the Bybit emulator's streams over loopback (same server and port as its REST API, Bybit v5's
+paths and shapes). Every fault the control API can stage must end with fresh marks, the subscriptions
+back and a `StreamGap` for the account stream; a fired position stop must come back under our id."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+import pytest
+
+from engine.exchange.port import (
+    OrderSide,
+    OrderStatus,
+    OrderUpdate,
+    PositionUpdate,
+)
+from engine.venues.bybit_emulator import BybitEmulator, running
+from engine.venues.bybit_venue import BybitLinearVenue
+from engine.venues.ccxt_venue import CcxtVenueConfig
+from engine.venues.sim.settings import SimVenueSettings
+from engine.venues.stream_client import StreamSettings
+from tests.support.stream_rig import StreamRig, reading
+from tests.support.waiting import wait_until
+
+KEY, SECRET = "bybit-streams-key", "bybit-streams-secret"
+SYMBOL = "SFPUSDT"
+TOPIC = f"tickers.{SYMBOL}"
+PRIVATE = ["execution", "order", "position"]  # sorted
+FAST = StreamSettings(
+    stall_seconds=1.5,
+    stale_mark_seconds=2.5,
+    backoff_initial_seconds=0.2,
+    backoff_max_seconds=2.0,
+    stable_seconds=3.0,
+    subscription_check_seconds=1.0,
+)
+
+
+@dataclass
+class Rig(StreamRig):
+    venue: BybitLinearVenue
+    emulator: BybitEmulator
+
+    def fresh_mark_since(self, moment: float, symbol: str = SYMBOL) -> bool:
+        return super().fresh_mark_since(moment, symbol)
+
+    async def streams(self) -> dict[str, Any]:
+        return (await self.state())["streams"]
+
+    async def subscriptions(self, kind: str) -> list[str]:
+        state = await self.streams()
+        return sorted(s for c in state["connections"] if c["kind"] == kind for s in c["subscriptions"])
+
+    async def open_position_with_stops(self, name: str) -> Decimal:
+        """A long with its hard stop (`<name>-sl1`) and trailing stop (`<name>-ts1`); returns the stop."""
+        mark = (await self.venue.fetch_mark_prices([SYMBOL]))[SYMBOL].price
+        await self.venue.create_market_order(SYMBOL, OrderSide.BUY, Decimal(100), client_order_id=f"{name}-e")
+        stop = (mark * Decimal("0.9")).quantize(Decimal("0.0001"))
+        await self.venue.create_stop_market_order(
+            SYMBOL, OrderSide.SELL, Decimal(100), stop, client_order_id=f"{name}-sl1"
+        )
+        await self.venue.create_trailing_stop_order(
+            SYMBOL,
+            OrderSide.SELL,
+            Decimal(100),
+            Decimal(5),
+            client_order_id=f"{name}-ts1",
+            activation_price=(mark * Decimal("1.05")).quantize(
+                Decimal("0.0001")
+            ),  # unarmed: the hard stop fires
+        )
+        return stop
+
+
+def _states(r: Rig) -> dict[str, Any]:
+    return {s.name: s for s in r.venue.stream_states()}
+
+
+def _stream_marks_since(r: Rig, moment: float) -> bool:
+    """Fresh from the stream itself, with no symbol read by REST any more."""
+    return r.stream_marks_since(moment) and "REST" not in _states(r)["marks"].detail
+
+
+def _venue(base_url: str, settings: StreamSettings, key: str = KEY) -> BybitLinearVenue:
+    return BybitLinearVenue(
+        CcxtVenueConfig(
+            kind="bybit",
+            api_key=key,
+            api_secret=SECRET,
+            base_url=base_url,
+            mark_poll_seconds=0.2,
+            streams=settings,
+        )
+    )
+
+
+@contextlib.asynccontextmanager
+async def rig(settings: StreamSettings = FAST, symbols: list[str] | None = None) -> AsyncIterator[Rig]:
+    sim = SimVenueSettings(seed=7, volatility=0.0, symbols=["SFPUSDT", "BTCUSDT", "ETHUSDT"])
+    emulator = BybitEmulator(sim, api_key=KEY, api_secret=SECRET, control=True)
+    async with running(emulator) as base_url, aiohttp.ClientSession() as control:
+        venue = _venue(base_url, settings)
+        await venue.connect()
+        await venue.load_markets()
+        subject = Rig(venue, emulator, base_url, control)
+        async with reading(subject, symbols):
+            yield subject
+
+
+async def test_a_fired_position_stop_reaches_watch_account_with_our_id_and_the_fill_price() -> None:
+    async with rig(symbols=[SYMBOL]) as r:
+        stop = await r.open_position_with_stops("p1")
+        await wait_until(
+            lambda: bool(r.updates("p1-sl1")) and bool(r.updates("p1-ts1")), what="both stops told"
+        )
+        fired = await r.post("/_sim/mark", {"symbol": SYMBOL, "price": str(stop - Decimal("0.001"))})
+        assert len(fired["triggered"]) == 1
+        await wait_until(lambda: r.filled("p1-sl1"), what="the hard stop's fill")
+        statuses = [u.order.status for u in r.updates("p1-sl1")]
+        assert statuses == [OrderStatus.NEW, OrderStatus.TRIGGERED, OrderStatus.FILLED]
+        filled = r.updates("p1-sl1")[-1].order
+        assert filled.venue_order_id == fired["triggered"][0]
+        assert filled.filled_quantity == Decimal(100)
+        assert filled.average_price is not None
+        assert filled.average_price <= stop
+        # The venue's own fill price: what a query of the order answers (from execution/list).
+        queried = await r.venue.fetch_order(SYMBOL, "p1-sl1")
+        assert queried.average_price == filled.average_price
+        # The sibling the venue deactivated is told cancelled under our id; the position told flat.
+        await wait_until(
+            lambda: any(u.order.status is OrderStatus.CANCELED for u in r.updates("p1-ts1")), what="sibling"
+        )
+        flat = [e for e in r.account if isinstance(e, PositionUpdate) and e.symbol == SYMBOL]
+        assert flat[-1].quantity == 0
+        assert flat[-1].side.value == "long"
+        # Bybit's own clean-up of the sibling is told after the position is told flat, so a reader does
+        # not take it for a stop someone removed from an open position.
+        cancelled = next(u for u in r.updates("p1-ts1") if u.order.status is OrderStatus.CANCELED)
+        assert r.account.index(flat[-1]) < r.account.index(cancelled)
+        # Only our ids: the venue's closing order has no orderLinkId of ours.
+        assert {e.order.client_order_id for e in r.account if isinstance(e, OrderUpdate)} == {
+            "p1-e",
+            "p1-sl1",
+            "p1-ts1",
+        }
+
+
+async def test_a_fill_whose_execution_arrives_first_still_carries_the_execution_price() -> None:
+    async with rig(symbols=[SYMBOL]) as r:
+        stop = await r.open_position_with_stops("p2")
+        await wait_until(lambda: bool(r.updates("p2-ts1")), what="the stops told")
+        await r.post("/_sim/stream-fault", {"fault": "reorder", "count": 1})  # position, execution, order
+        await r.post("/_sim/mark", {"symbol": SYMBOL, "price": str(stop - Decimal("0.001"))})
+        await wait_until(lambda: r.filled("p2-sl1"), what="the fill")
+        filled = r.updates("p2-sl1")[-1].order
+        queried = await r.venue.fetch_order(SYMBOL, "p2-sl1")
+        assert filled.average_price == queried.average_price
+        assert [u.order.status for u in r.updates("p2-sl1")] == [
+            OrderStatus.NEW,
+            OrderStatus.TRIGGERED,
+            OrderStatus.FILLED,
+        ]
+
+
+async def test_a_wick_delta_without_mark_price_keeps_the_mark_and_the_stream_fresh() -> None:
+    """Bybit's ticker deltas carry only what changed: a move of the last price alone has no `markPrice`."""
+    async with rig(symbols=[SYMBOL]) as r:
+        await r.post("/_sim/mark", {"symbol": SYMBOL, "price": "0.5"})
+        await wait_until(lambda: r.marks[-1][1].price == Decimal("0.5"), what="the new mark")
+        moved_at = time.monotonic()
+        await r.post("/_sim/last", {"symbol": SYMBOL, "price": "0.52"})
+        await wait_until(lambda: r.fresh_mark_since(moved_at + 1.0), what="marks after the wick")
+        assert all(m.price == Decimal("0.5") for at, m in r.marks if at > moved_at)
+        assert _stream_marks_since(r, moved_at)
+
+
+async def _fault_and_recover(r: Rig, fault: dict[str, Any], *, expect_gap: bool) -> None:
+    gaps_before = len(r.gaps())
+    staged_at = time.monotonic()
+    await r.post("/_sim/stream-fault", fault)
+    if expect_gap:
+        await wait_until(lambda: len(r.gaps()) > gaps_before, within=20, what=f"a StreamGap after {fault}")
+    await wait_until(lambda: r.fresh_mark_since(staged_at), within=20, what=f"a fresh mark after {fault}")
+    await wait_until(
+        lambda: _stream_marks_since(r, staged_at),
+        within=20,
+        what=f"marks from the stream again after {fault}",
+    )
+
+    async def everything_subscribed() -> bool:
+        return await r.subscriptions("public") == [TOPIC] and await r.subscriptions("private") == PRIVATE
+
+    await wait_until(everything_subscribed, within=20, what=f"every subscription back after {fault}")
+    # And the account stream carries events again.
+    name = f"after-{fault['fault']}"
+    stop = await r.open_position_with_stops(name)
+    await r.post("/_sim/mark", {"symbol": SYMBOL, "price": str(stop - Decimal("0.001"))})
+    await wait_until(lambda: r.filled(f"{name}-sl1"), within=20, what=f"a fill told after {fault}")
+
+
+@pytest.mark.parametrize(
+    ("fault", "expect_gap"),
+    [
+        ({"fault": "drop"}, True),
+        ({"fault": "stall", "seconds": 30}, True),
+        ({"fault": "drop_subscription", "stream": TOPIC}, False),
+        ({"fault": "drop_subscription", "stream": "order"}, True),
+    ],
+    ids=["drop", "stall", "drop-ticker-topic", "drop-order-topic"],
+)
+async def test_each_stream_fault_ends_with_fresh_marks_the_subscriptions_back_and_a_gap(
+    fault: dict[str, Any], expect_gap: bool
+) -> None:
+    async with rig(symbols=[SYMBOL]) as r:
+        await _fault_and_recover(r, fault, expect_gap=expect_gap)
+        states = _states(r)
+        assert states["marks"].connected
+        assert states["account"].connected
+        assert states["marks"].subscriptions == 1
+        assert states["account"].subscriptions == 3
+
+
+async def test_delayed_account_events_are_told_late_but_told() -> None:
+    async with rig(symbols=[SYMBOL]) as r:
+        await r.post("/_sim/stream-fault", {"fault": "delay", "ms": 300})
+        stop = await r.open_position_with_stops("p3")
+        await r.post("/_sim/mark", {"symbol": SYMBOL, "price": str(stop - Decimal("0.001"))})
+        await wait_until(lambda: r.filled("p3-sl1"), what="the delayed fill")
+        await r.post("/_sim/clear-faults", {})
+
+
+async def test_the_listen_key_fault_is_refused_on_bybit() -> None:
+    async with (
+        rig(symbols=[SYMBOL]) as r,
+        r.control.post(f"{r.base_url}/_sim/stream-fault", json={"fault": "expire_listen_key"}) as response,
+    ):
+        assert response.status == 400
+        assert "no listen key" in await response.text()
+
+
+async def test_a_reconnect_storm_does_not_spin() -> None:
+    """The venue drops every connection for 4 s: the client backs off (bounded attempts), then recovers."""
+    async with rig(symbols=[SYMBOL]) as r:
+        before = (await r.streams())["handshakes"]
+        staged_at = time.monotonic()
+        await r.post("/_sim/stream-fault", {"fault": "drop", "seconds": 4})
+        await wait_until(
+            lambda: len(r.gaps()) >= 2, within=30, what="the account stream back after the storm"
+        )
+        await wait_until(lambda: _stream_marks_since(r, staged_at + 4), within=30, what="marks back")
+        after = (await r.streams())["handshakes"]
+        # Backoff 0.2 s doubling (jitter 0.5-1x) to 2 s: within 4 s at most ~7 attempts per stream.
+        # A client reconnecting at once would make hundreds.
+        for kind in ("public", "private"):
+            assert after[kind] - before[kind] <= 10, (kind, before, after)
+        assert await r.subscriptions("public") == [TOPIC]
+
+
+async def test_a_wrong_api_key_is_one_clear_error_not_a_loop(caplog: pytest.LogCaptureFixture) -> None:
+    sim = SimVenueSettings(seed=7, volatility=0.0, symbols=[SYMBOL])
+    emulator = BybitEmulator(sim, api_key=KEY, api_secret=SECRET, control=True)
+    async with running(emulator) as base_url:
+        venue = _venue(base_url, FAST, key="not-the-key")
+        await venue.connect()
+        try:
+            events = [event async for event in venue.watch_account()]  # ends: no account stream
+            assert events == []
+            state = _states_of(venue)["account"]
+            assert not state.connected
+            assert "authentication refused" in state.detail
+            assert "Invalid apikey" in state.detail
+            assert emulator.streams.handshakes["private"] == 1
+            # Asked again, it does not connect again.
+            assert [event async for event in venue.watch_account()] == []
+            assert emulator.streams.handshakes["private"] == 1
+            errors = [
+                r for r in caplog.records if r.levelname == "ERROR" and "authentication refused" in r.message
+            ]
+            assert len(errors) == 1
+            assert SECRET not in caplog.text
+        finally:
+            await venue.close()
+
+
+def _states_of(venue: BybitLinearVenue) -> dict[str, Any]:
+    return {s.name: s for s in venue.stream_states()}
+
+
+async def test_a_short_positions_fired_stop_is_told_under_our_id() -> None:
+    """The stop order closing a short buys: it is named by its kind and its closing side."""
+    async with rig(symbols=[SYMBOL]) as r:
+        mark = (await r.venue.fetch_mark_prices([SYMBOL]))[SYMBOL].price
+        await r.venue.create_market_order(SYMBOL, OrderSide.SELL, Decimal(100), client_order_id="s1-e")
+        stop = (mark * Decimal("1.1")).quantize(Decimal("0.0001"))
+        await r.venue.create_stop_market_order(
+            SYMBOL, OrderSide.BUY, Decimal(100), stop, client_order_id="s1-sl1"
+        )
+        await wait_until(lambda: bool(r.updates("s1-sl1")), what="the stop told")
+        await r.post("/_sim/mark", {"symbol": SYMBOL, "price": str(stop + Decimal("0.001"))})
+        await wait_until(lambda: r.filled("s1-sl1"), what="the short's stop filled")
+        filled = r.updates("s1-sl1")[-1].order
+        assert filled.side is OrderSide.BUY
+        assert filled.average_price is not None
+        assert filled.average_price >= stop
+        flat = [e for e in r.account if isinstance(e, PositionUpdate) and e.symbol == SYMBOL]
+        assert flat[-1].quantity == 0
+        assert flat[-1].side.value == "short"
+
+
+async def test_cancelling_a_sibling_the_venue_already_deactivated_asks_nothing() -> None:
+    """Once the stream told that Bybit removed the sibling with the closed position, the close path's
+    cancel of it is answered from what was told: no trading-stop, no position or execution read."""
+    async with rig(symbols=[SYMBOL]) as r:
+        stop = await r.open_position_with_stops("p4")
+        await wait_until(lambda: bool(r.updates("p4-ts1")), what="the stops told")
+        await r.post("/_sim/mark", {"symbol": SYMBOL, "price": str(stop - Decimal("0.001"))})
+        await wait_until(
+            lambda: any(u.order.status is OrderStatus.CANCELED for u in r.updates("p4-ts1")), what="sibling"
+        )
+        before = dict(r.emulator.requests_by_endpoint)
+        cancelled = await r.venue.cancel_order(SYMBOL, "p4-ts1")
+        assert cancelled.status is OrderStatus.CANCELED
+        assert r.emulator.requests_by_endpoint == before
+        filled = await r.venue.fetch_order(SYMBOL, "p4-sl1")  # the filled one, from the stream as well
+        assert filled.status is OrderStatus.FILLED
+        assert filled.average_price == r.updates("p4-sl1")[-1].order.average_price
