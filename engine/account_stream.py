@@ -2,7 +2,7 @@
 
 Reads `venue.watch_account()` and hands every event to the protection manager of the moment
 (`protection.stream_events.route_account_event`; a `restart_protection` swaps the manager, the reader
-stays). A venue without account stream ends the iteration at once: the engine then learns of fills and
+stays, and holds the events that arrive meanwhile until the new manager has restored its guards). A venue without account stream ends the iteration at once: the engine then learns of fills and
 cancels by polling only (the reconciler every `reconcile_seconds`), said once in the log. A stream that
 ends after it had delivered is read again after a pause, with a reconcile pass in between (what it missed
 is not replayed).
@@ -10,6 +10,7 @@ is not replayed).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
@@ -31,9 +32,13 @@ class AccountStreamReader:
         clock: Clock,
         *,
         reconcile_seconds: float,
+        protection_ready: asyncio.Event | None = None,
     ) -> None:
         self._venue = venue
         self._manager = manager
+        # Cleared while the protection manager restarts: an event then waits until the new manager guards
+        # its positions (routed before, it found "no position we guard" and was lost).
+        self._protection_ready = protection_ready
         self._clock = clock
         self._reconcile_seconds = reconcile_seconds
         self.events_read = 0
@@ -49,6 +54,9 @@ class AccountStreamReader:
                 async for event in self._venue.watch_account():
                     received += 1
                     self.events_read += 1
+                    ready = self._protection_ready
+                    if ready is not None and not ready.is_set():
+                        await ready.wait()
                     manager = self._manager()
                     if manager is not None and route_account_event(manager, event):
                         self.events_routed += 1

@@ -568,6 +568,7 @@ class Engine:
             lambda: self.manager,  # restart_protection swaps it: each event goes to the manager of the moment
             self.clock,
             reconcile_seconds=float(self.settings.protection.reconcile_seconds),
+            protection_ready=self._protection_ready,
         )
         sup.start("account-stream", self.account_stream.run)
         sup.start("health", self._health_loop)

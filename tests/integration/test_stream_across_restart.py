@@ -1,0 +1,78 @@
+"""Account events that arrive while the protection manager restarts (the chaos soak restarts it every few
+minutes under waves). They went to the new manager before it had restored its guards ("of no position we
+guard") and were lost: a stop that filled meanwhile was learned again only by polling, the position stayed
+active in the database and its sibling stop live on the venue for two reconcile passes (20-22 s in the
+soak, three positions counted lost). They now wait until the new manager guards its positions."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from engine.clock import ManualClock
+from engine.venues.sim import SimVenue
+from engine.venues.sim.settings import CallKind, FaultKind, LatencyDistribution, LatencySettings
+from storage.database import Database
+from tests.integration.engine_support import engine_settings, make_engine
+from tests.integration.test_failure_modes_f1_f5 import SYMBOLS, drive_until_covered, open_positions
+from tests.support.driving import drive, drive_until
+
+
+async def test_a_stop_filling_while_protection_restarts_closes_its_position_without_waiting_for_polling(
+    db: Database,
+) -> None:
+    settings = engine_settings(db.target.dsn, {"SIGNALS__MAX_POSITIONS": "100"})
+    # Virtual time from the wall clock's now: a restored position's fill time comes from the database's
+    # clock, and the venue's events are ordered against it.
+    clock = ManualClock(start=time.time())
+    # The restart's read of the venue's positions takes 2 s: the stop fires while it is under way.
+    sim = settings.venue.sim.model_copy(
+        update={
+            "latency": LatencySettings(
+                seconds=0.05, by_call={CallKind.FETCH_POSITIONS: LatencyDistribution(seconds=2.0)}
+            )
+        }
+    )
+    venue = SimVenue(sim, clock=clock)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[20]])
+        await drive_until_covered(engine, clock, 1)
+        old_manager = engine.manager
+        restart = asyncio.ensure_future(engine.restart_protection())
+        # The new manager exists (events go to it) but has not restored its guards yet: it is reading the
+        # venue. In the soak that read met a 10 s timeout, and five fills found "no position we guard".
+        await drive_until(
+            clock, lambda: engine.manager is not old_manager, what="the new manager created", step=0.01
+        )
+        assert not engine.manager.guards
+        # That read fails, and so do the next position reads (the reconcile passes asked for at once):
+        # only the account stream can tell the position is flat.
+        venue.inject_fault(CallKind.FETCH_POSITIONS, FaultKind.SERVER_ERROR, count=4)
+        assert guard.stop_loss.price is not None
+        venue.override_mark_price(guard.symbol, guard.stop_loss.price - 3 * guard.market.tick_size)
+        await drive_until(clock, restart.done, what="the protection restart")
+        restarted_at = clock.monotonic()
+        await drive_until(
+            clock,
+            lambda: db.pool.fetchval(
+                "SELECT status = 'closed' FROM monitoring.positions WHERE id = $1", guard.position_id
+            ),
+            what="the position closed in the database",
+            step=0.05,
+            limit=30.0,
+        )
+        # Within a couple of round trips of the restart, not two reconcile passes (10 s each) later.
+        assert clock.monotonic() - restarted_at < 3.0
+        row = await db.pool.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", guard.position_id)
+        assert row["exit_reason"] == "stop_loss"
+        assert venue.core.positions(clock.now()) == []
+        await drive_until(
+            clock,
+            lambda: not venue.core.open_protective_orders(clock.now(), guard.symbol),
+            what="the sibling stop cancelled",
+            limit=3.0,
+        )
+    finally:
+        await drive(clock, engine.stop())
