@@ -21,10 +21,11 @@ import pytest
 from engine.clock import ManualClock
 from engine.exchange.port import ExchangePort
 from engine.venues.binance_emulator import BinanceEmulator, running
+from engine.venues.binance_venue import BinanceUsdmVenue
 from engine.venues.bybit_emulator import BybitEmulator, BybitLimiter
 from engine.venues.bybit_emulator import running as running_bybit
 from engine.venues.bybit_venue import BybitLinearVenue
-from engine.venues.ccxt_venue import BinanceUsdmVenue, CcxtVenueConfig
+from engine.venues.ccxt_venue import CcxtVenueConfig
 from engine.venues.sim import CallKind, FaultKind, SimVenue, SimVenueSettings
 from engine.venues.sim.settings import LatencySettings
 

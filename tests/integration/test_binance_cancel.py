@@ -13,7 +13,8 @@ import aiohttp
 
 from engine.exchange.port import OrderSide, OrderStatus
 from engine.venues.binance_emulator import BinanceEmulator, running
-from engine.venues.ccxt_venue import BinanceUsdmVenue, CcxtVenueConfig
+from engine.venues.binance_venue import BinanceUsdmVenue
+from engine.venues.ccxt_venue import CcxtVenueConfig
 from engine.venues.sim.settings import SimVenueSettings
 
 KEY, SECRET = "cancel-key", "cancel-secret"

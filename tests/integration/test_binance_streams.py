@@ -26,7 +26,8 @@ from engine.exchange.port import (
 )
 from engine.venues.binance_emulator import BinanceEmulator, running
 from engine.venues.binance_streams import PRODUCTION_WS_URL, StreamSettings
-from engine.venues.ccxt_venue import BinanceUsdmVenue, CcxtVenueConfig
+from engine.venues.binance_venue import BinanceUsdmVenue
+from engine.venues.ccxt_venue import CcxtVenueConfig
 from engine.venues.sim.settings import SimVenueSettings
 from tests.support.stream_rig import StreamRig, reading
 from tests.support.waiting import wait_until

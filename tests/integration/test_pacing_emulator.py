@@ -17,7 +17,8 @@ from engine.order_budget import OrderBudget
 from engine.pacing import Lane, RequestPacer, VenuePacing, call_with_send_timeout
 from engine.venues.binance_emulator import BinanceEmulator, FaultPlan, running
 from engine.venues.binance_limits import USED_WEIGHT_HEADER
-from engine.venues.ccxt_venue import BinanceUsdmVenue, CcxtVenueConfig
+from engine.venues.binance_venue import BinanceUsdmVenue
+from engine.venues.ccxt_venue import CcxtVenueConfig
 from engine.venues.sim.settings import SimVenueSettings
 from storage.database import Database
 from tests.integration.engine_support import engine_settings

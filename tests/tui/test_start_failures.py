@@ -12,7 +12,8 @@ import pytest
 from engine.clock import SystemClock
 from engine.engine import Engine
 from engine.venues.binance_emulator import BinanceEmulator, running
-from engine.venues.ccxt_venue import BinanceUsdmVenue, CcxtVenueConfig
+from engine.venues.binance_venue import BinanceUsdmVenue
+from engine.venues.ccxt_venue import CcxtVenueConfig
 from engine.venues.sim import SimVenue, SimVenueSettings
 from storage.database import Database
 from tests.support.waiting import wait_until

@@ -135,8 +135,9 @@ async def test_rehearsal_and_production_differ_only_in_the_url() -> None:
     """F14: the emulator ran with ccxt's throttle off while real venues kept it on, so the rehearsal never
     saw the queue a real venue would. Now every ccxt setting is the same whatever the URL: ccxt's
     throttle is off everywhere (the engine paces every request itself), the same timeout, the same pool."""
+    from engine.venues.binance_venue import BinanceUsdmVenue
     from engine.venues.bybit_venue import BybitLinearVenue
-    from engine.venues.ccxt_venue import BinanceUsdmVenue, CcxtVenueConfig
+    from engine.venues.ccxt_venue import CcxtVenueConfig
 
     for kind, venue_class in (("binanceusdm", BinanceUsdmVenue), ("bybit", BybitLinearVenue)):
         production = venue_class(CcxtVenueConfig(kind=kind, api_key="k", api_secret="s", max_connections=300))

@@ -34,7 +34,8 @@ from engine.exchange import (
 )
 from engine.exchange.errors import ExchangeError, FailureClass, failure_class
 from engine.venues.binance_emulator import BinanceEmulator, running
-from engine.venues.ccxt_venue import BinanceUsdmVenue, CcxtVenueConfig, HttpContext, translate_error
+from engine.venues.binance_venue import BinanceUsdmVenue
+from engine.venues.ccxt_venue import CcxtVenueConfig, HttpContext, translate_error
 from engine.venues.sim.settings import RateLimitSettings, SimVenueSettings
 
 KEY = "translation-key"
