@@ -227,6 +227,7 @@ class PositionView:
     last_error: str | None
     closing: bool = False  # a close we sent is in flight: on its way out on purpose, not an alarm
     mark_stale: bool = False  # its mark is older than `health.stale_mark_seconds`: the price shown is old
+    trailing_follows: str = "mark"  # the price its trailing stop follows: "mark", or "last" (Bybit's native)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1696,6 +1697,11 @@ class Engine:
             last_error=guard.last_error,
             closing=guard.closing,
             mark_stale=self.mark_is_stale(guard.symbol, now),
+            trailing_follows=(
+                self.venue.capabilities().trailing_stop_follows
+                if guard.kind is TrailingKind.NATIVE
+                else "mark"
+            ),
         )
 
     async def events(self) -> AsyncIterator[EngineEvent]:

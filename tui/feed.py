@@ -328,6 +328,12 @@ class EngineFeed:
         )
 
 
+def native_trailing_follows(kind: VenueKind) -> str:
+    """The price a native trailing stop follows on this venue, as its capabilities say
+    (`Capabilities.trailing_stop_follows`): the read-only screen has no venue to ask."""
+    return "last" if kind is VenueKind.BYBIT else "mark"
+
+
 def mode_of(settings: Settings) -> str:
     if settings.venue.kind is VenueKind.SIM:
         return "SIM"
@@ -435,7 +441,13 @@ class ReadOnlyFeed:
             entries_paused_by=control.paused_by if control is not None and control.paused else "",
             entries_pause_reason=control.reason if control is not None and control.paused else "",
             positions=tuple(
-                _position_view(p, trails.get(p.id), _trailing_order(live_orders.get(p.id, ())), now)
+                _position_view(
+                    p,
+                    trails.get(p.id),
+                    _trailing_order(live_orders.get(p.id, ())),
+                    now,
+                    native_trailing_follows(settings.venue.kind),
+                )
                 for p in live
             ),
             coverage=coverage,
@@ -531,7 +543,11 @@ def _trailing_order(orders: Iterable[OrderRecord]) -> OrderRecord | None:
 
 
 def _position_view(
-    p: PositionRecord, trail: TrailingStateRecord | None, trailing_order: OrderRecord | None, now: float
+    p: PositionRecord,
+    trail: TrailingStateRecord | None,
+    trailing_order: OrderRecord | None,
+    now: float,
+    trailing_follows: str = "mark",
 ) -> PositionView:
     """The same view the engine builds for its own screen, from what it recorded: a native trailing stop's
     activation is its order's (as the engine's view takes it from the order), so both screens say
@@ -576,6 +592,7 @@ def _position_view(
         # From when the engine saw protection lost (it survives restarts), else from the fill.
         unprotected_seconds=None if p.is_covered else now - _epoch(p.unprotected_since or p.opened_at, now),
         last_error=None,
+        trailing_follows="mark" if trail is not None and trail.mode == "managed" else trailing_follows,
     )
 
 

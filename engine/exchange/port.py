@@ -239,6 +239,9 @@ class Capabilities:
     # Where the venue counts protective orders apart from entries (Bybit: position/trading-stop has its own
     # per-second limit, order/create another), their budgets; empty: they share `order_rate_budgets`.
     protective_rate_budgets: tuple[RateBudget, ...] = ()
+    # The price a native trailing stop follows: "mark" (Binance: callback rate on the mark price) or "last"
+    # (Bybit: a fixed price distance from the last traded price, no trigger-by option).
+    trailing_stop_follows: str = "mark"
 
 
 @runtime_checkable

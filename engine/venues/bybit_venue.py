@@ -177,6 +177,7 @@ class BybitLinearVenue(CcxtVenue):
             order_rate_budgets=BYBIT_DEFAULT_BUDGETS,
             request_budgets=BYBIT_REQUEST_BUDGETS,
             protective_rate_budgets=BYBIT_PROTECTIVE_BUDGETS,
+            trailing_stop_follows="last",  # trading-stop's trailingStop tracks LastPrice, no trigger-by option
         )
 
     def _request_costs(self, method: str, path: str, params: Mapping[str, Any]) -> dict[str, int]:

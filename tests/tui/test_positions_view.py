@@ -147,3 +147,39 @@ async def test_a_frame_renders_again_only_the_rows_that_changed_and_shows_their_
         await pilot.pause(0.1)
         assert table.lines_rendered == before + 2  # the row the cursor left and the one it reached
         assert table.selected_view().symbol == SYMBOLS[1]  # type: ignore[union-attr]
+
+
+async def test_a_trailing_stop_that_follows_the_last_price_says_so_on_its_row_and_in_its_detail() -> None:
+    """A Bybit trailing stop follows the last traded price at a fixed distance (Binance's follows the mark
+    at a callback rate): the row and the detail view say which, at 120 and at 80 columns."""
+    settings = scenario_settings()
+    trailing = {"distance_to_activation_percent": Decimal("-0.20"), "trailing_phase": "native"}
+    on_last = dataclasses.replace(book_position(1, SYMBOLS[0]), trailing_follows="last", **trailing)
+    on_mark = dataclasses.replace(book_position(2, SYMBOLS[1]), **trailing)
+    feed = BookFeed(settings, [on_last, on_mark])
+    app = DashboardApp(settings, feed=feed, tz=UTC, code_roots=[])
+    async with app.run_test(size=(120, 40)) as pilot:
+        table = app.query_one(PositionsTable)
+        await wait_for(pilot, lambda: table.row_count == 2, "both positions shown")
+        assert "venue trail, last" in table.row_text(1)
+        assert "venue trailing" in table.row_text(2)
+        assert "last" not in table.row_text(2)
+        await pilot.press("enter")  # the cursor is on the first row: its detail
+        await wait_for(pilot, lambda: "follows the last traded price" in screen_text(app), "detail")
+        await pilot.press("escape")
+        await pilot.resize_terminal(80, 24)
+        await wait_for(pilot, lambda: "trail on last" in table.row_text(1), "the narrow form")
+
+
+def test_the_read_only_screen_says_what_each_venue_s_own_capabilities_say() -> None:
+    from engine.config import VenueKind
+    from engine.venues.binance_venue import BinanceUsdmVenue
+    from engine.venues.bybit_venue import BybitLinearVenue
+    from engine.venues.ccxt_venue import CcxtVenueConfig
+    from tui.feed import native_trailing_follows
+
+    bybit = BybitLinearVenue(CcxtVenueConfig(kind="bybit", api_key="k", api_secret="s"))
+    binance = BinanceUsdmVenue(CcxtVenueConfig(kind="binanceusdm", api_key="k", api_secret="s"))
+    assert native_trailing_follows(VenueKind.BYBIT) == bybit.capabilities().trailing_stop_follows == "last"
+    assert native_trailing_follows(VenueKind.BINANCEUSDM) == binance.capabilities().trailing_stop_follows
+    assert native_trailing_follows(VenueKind.SIM) == "mark"

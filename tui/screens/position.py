@@ -109,6 +109,12 @@ class PositionDetailScreen(ModalScreen[None]):
             trailing += f" ({v.distance_to_activation_percent:+.2f}% away)"
         if v.trailing_stop_price is not None:
             trailing += f", stop {price(v.trailing_stop_price)}"
+        if v.trailing_kind == "native":
+            trailing += (
+                ", follows the last traded price at a fixed distance (Bybit)"
+                if v.trailing_follows == "last"
+                else ", follows the mark price"
+            )
         trailing += ", confirmed" if v.has_trailing_stop else ", MISSING: not confirmed"
         line("trailing stop", trailing)
         line("last error", v.last_error or "—")
