@@ -145,6 +145,7 @@ class SimVenue:
         self.calls_made: dict[CallKind, int] = {}  # requests that reached this venue, by kind
         self._book = book
         self._saver: asyncio.Task[None] | None = None
+        self._book_write: asyncio.Future[None] | None = None  # the book's last write (a thread)
         self._saved_revisions: tuple[int, int] = (-1, -1)  # (book, marks) revisions on disk
         self._marks_saved_at = 0.0  # monotonic
         # The account stream (see `watch_account`) and the mark stream's state, for `stream_states`.
@@ -197,6 +198,8 @@ class SimVenue:
                 if not done:
                     logger.error("sim venue: %s did not stop within %.1fs", name, _CLOSE_TIMEOUT_SECONDS)
         self._ticker = self._saver = None
+        if self._book_write is not None:  # a save the saver had under way finishes first
+            await asyncio.gather(self._book_write, return_exceptions=True)
         if self._book is not None and self._book.is_open:
             try:
                 await self._save_book(self._book)
@@ -567,7 +570,11 @@ class SimVenue:
             core = SimCore.book_of(captured)
             book.save({"saved_at": now, "core": core, "walk": {s: str(p) for s, p in walk.items()}})
 
-        await asyncio.to_thread(write)
+        # A cancelled caller (the saver, at close) does not stop the thread: close waits for it, so two
+        # writes of one book never overlap (the later one's rename found the temporary file gone, and an
+        # older state could land after a newer one).
+        self._book_write = asyncio.ensure_future(asyncio.to_thread(write))
+        await asyncio.shield(self._book_write)
         self._saved_revisions = revisions
         self._marks_saved_at = self._clock.monotonic()
 
