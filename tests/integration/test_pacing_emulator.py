@@ -108,8 +108,10 @@ async def test_a_wave_larger_than_cctxs_pool_sends_all_its_stops_at_once(db: Dat
     last positions needed a third round trip. The engine's pool is sized for its largest burst: the
     emulator sees every stop of the wave in flight together, and every position is protected."""
     sim = SimVenueSettings(seed=5, volatility=0.0, max_conditional_orders=400)
+    # 5 s per request: on a loaded machine the wave's 60 entries are answered over a second or more (ccxt
+    # builds and signs each), and the stops of the first must still be in flight when the last are sent.
     emulator = BinanceEmulator(
-        sim, api_key=KEY, api_secret=SECRET, control=True, faults=FaultPlan(latency_ms=2000)
+        sim, api_key=KEY, api_secret=SECRET, control=True, faults=FaultPlan(latency_ms=5000)
     )
     async with running(emulator) as base_url:
         settings = engine_settings(
