@@ -447,6 +447,7 @@ class Engine:
         # manager (the one it started under is stopped; a guard there would run unseen).
         self._protection_ready = asyncio.Event()
         self._protection_ready.set()
+        self._restart: asyncio.Task[StartupReport] | None = None  # the protection restart under way
         self.health_measured_at: float | None = None  # monotonic time of the last health measurement
         # `/metrics` and `/healthz` ([metrics]), bound at start: None unless enabled.
         self.metrics_server = MetricsServer(self, settings.metrics) if settings.metrics.enabled else None
@@ -635,6 +636,9 @@ class Engine:
         if drain:
             await self._drain_entries(budget)
         await self._supervisor.stop()
+        if self._restart is not None and not self._restart.done():  # a protection restart under way
+            self._restart.cancel()
+            await asyncio.gather(self._restart, return_exceptions=True)
         in_progress = [self._wave_in_progress] if self._wave_in_progress is not None else []
         for task in [*self._wave_tasks, *in_progress]:  # a wave shielded from its loop stops with it
             task.cancel()
@@ -910,9 +914,17 @@ class Engine:
         self.manager.protect(position)
 
     async def restart_protection(self) -> StartupReport:
-        """Stop the TS manager, reload from the database, verify against the venue, re-arm.
+        """Stop the TS manager, reload from the database, verify against the venue, re-arm. Asked again
+        while one runs (the dashboard's key and a `tsbot restart-protection` together), the asker gets that
+        restart's report: two interleaved restarts stopped each other's manager mid-restore."""
+        running = self._restart
+        if running is None or running.done():
+            running = self._restart = asyncio.ensure_future(self._restart_protection())
+            running.set_name("restart-protection")
+        return await asyncio.shield(running)
 
-        The reconcile loop is stopped first (a pass in flight is cancelled and awaited): a pass that
+    async def _restart_protection(self) -> StartupReport:
+        """The reconcile loop is stopped first (a pass in flight is cancelled and awaited): a pass that
         outlived its manager saw every order of ours as an orphan and cancelled them all."""
         assert self.manager is not None
         log.warning("restarting the protection manager on operator request")
@@ -1293,10 +1305,11 @@ class Engine:
                 cid, OrderRecordStatus.FILLED, exchange_order_id=order.venue_order_id
             )
             filled = await self.store.record_fill(position.id, order.filled_quantity, order.average_price)
-            if not self._protection_ready.is_set():
+            filled_at = self.clock.monotonic()  # its time unprotected counts from here, a restart or not
+            while not self._protection_ready.is_set() or self.manager.stopped:
                 await self._protection_ready.wait()  # guarded by the manager the restart brings up
             manager = self.manager
-            guard = manager.protect(filled, attached_stop_loss=stop_record)
+            guard = manager.protect(filled, filled_at=filled_at, attached_stop_loss=stop_record)
             await self.store.finish_signal(signal.id, SignalStatus.OPENED, wave_id=wave_id)
             log.info(
                 "Opened %s %s %s at %s (position %s)",

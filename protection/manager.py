@@ -1043,12 +1043,17 @@ class PositionGuard:
                 return_exceptions=True,
             )
         )
-        await _first_of(asyncio.shield(look_ups), m.clock.sleep(left))
-        if look_ups.done():
+        answered = False
+        try:
+            await _first_of(asyncio.shield(look_ups), m.clock.sleep(left))
+            answered = look_ups.done()
+        finally:
+            if not look_ups.done():  # no answer in time, or the check itself was cancelled (the manager
+                look_ups.cancel()  # stopping): the look-ups end with it, they change nothing afterwards
+                await asyncio.gather(look_ups, return_exceptions=True)
+        if answered:
             outcomes, positions = look_ups.result()
         else:
-            look_ups.cancel()
-            await asyncio.gather(look_ups, return_exceptions=True)
             outcomes, positions = None, None
             log.warning(
                 "%s: no answer about the fired stop or the position within %.1fs; closing anyway (reduce-only)",
@@ -1865,6 +1870,8 @@ class ProtectionManager:
         is confirmed by it, and only the others are looked up one by one. `attached_stop_loss`: the hard
         stop that rode on the entry order (a venue with `attach_stop_to_entry`), verified like a restored
         one and replaced from the fill price when it is more than a tick off."""
+        if self.stopped:  # a guard here would run unseen by the manager that replaced this one
+            raise RuntimeError(f"protection manager stopped: position {position.id} not guarded here")
         if position.id in self.guards:
             return self.guards[position.id]
         market = self.markets[position.symbol]
