@@ -9,8 +9,8 @@ nothing here writes a guard's state (a checker reports facts, the owner applies 
   installations are never touched; a stop of ours that no guard holds (left from an ended position) and
   that filled asks for a reconcile pass (its orphan logic cancels what is left). NEW is not routed: our own
   send's answer confirms it.
-* `PositionUpdate` → the guard holding that symbol. In one-way mode a size on the other side means our
-  side is flat.
+* `PositionUpdate` → the guard holding that symbol, for its side; a row of the other side (hedge mode's
+  idle side, or a one-way flip) only asks for a reconcile pass.
 * `StreamGap` → a reconcile pass at once: what the stream missed is read from the venue.
 """
 
@@ -65,7 +65,12 @@ def route_account_event(manager: ProtectionManager, event: AccountEvent) -> bool
         guard = manager.by_symbol.get(event.symbol)
         if guard is None or guard.closed:
             return False
-        quantity = event.quantity if event.side is guard.side else _ZERO
-        guard.submit(StreamPositionUpdate(quantity=quantity, event_time=event.event_time))
+        if event.side is not guard.side:
+            # The other side's row: in hedge mode it says nothing about ours (a zero-size short row next to
+            # our long was taken for "flat" and let one glitchy read close a live position); in one-way
+            # mode a size there means ours flipped. Either way the venue's own read settles it.
+            manager.request_reconcile()
+            return True
+        guard.submit(StreamPositionUpdate(quantity=event.quantity, event_time=event.event_time))
         return True
     return False

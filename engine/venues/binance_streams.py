@@ -96,6 +96,9 @@ def _symbols_of(stale: list[str], wanted: frozenset[str] | None) -> list[str] | 
     return sorted(s for s in wanted if mark_stream_name(s) in stale)
 
 
+_HEDGE_SIDES = {"LONG": PositionSide.LONG, "SHORT": PositionSide.SHORT}  # `ps` of a hedge-mode row
+
+
 class BinanceStreams:
     """The venue's push streams. `rest_marks`, `create_key` and `keep_alive_key` are the venue's own REST
     calls (through ccxt and the engine's pacer)."""
@@ -145,7 +148,7 @@ class BinanceStreams:
         self._gap_since: float = time.time()
         self._gap_reason = "stream started"
         self._ledger = StatusLedger()
-        self._positions_at: dict[str, float] = {}  # symbol -> event time of the last position told
+        self._positions_at: dict[str, float] = {}  # "SYMBOL:ps" -> event time of the last position told
         self._position_sides: dict[str, PositionSide] = {}  # symbol -> side last seen held
         self._child_to_algo: OrderedDict[str, str] = OrderedDict()  # actual order id -> client algo id
 
@@ -414,12 +417,16 @@ class BinanceStreams:
         event_time = _seconds(payload.get("E"), time.time())
         for row in payload["a"].get("P", []):
             symbol = str(row["s"])
-            if event_time < self._positions_at.get(symbol, 0.0):
-                continue  # an older picture of this symbol arrived late
-            self._positions_at[symbol] = event_time
+            hedge_side = _HEDGE_SIDES.get(str(row.get("ps", "BOTH")))
+            key = f"{symbol}:{row.get('ps', 'BOTH')}"
+            if event_time < self._positions_at.get(key, 0.0):
+                continue  # an older picture of this symbol (side) arrived late
+            self._positions_at[key] = event_time
             amount = _decimal(row.get("pa")) or _ZERO
             entry = _decimal(row.get("ep")) or _ZERO
-            if amount:
+            if hedge_side is not None:  # hedge mode: each side has its own row, sized without a sign
+                sides = [hedge_side]
+            elif amount:
                 sides = [PositionSide.SHORT if amount < 0 else PositionSide.LONG]
                 self._position_sides[symbol] = sides[0]
             else:

@@ -483,14 +483,18 @@ class BybitStreams:
 
     def _on_position(self, row: Mapping[str, Any], event_time: float) -> None:
         symbol = str(row["symbol"])
+        index = str(row.get("positionIdx", 0))
         at = seconds_from_ms(row.get("updatedTime"), event_time)
-        if at < self._positions_at.get(symbol, 0.0):
+        if at < self._positions_at.get(f"{symbol}:{index}", 0.0):
             return  # an older picture arrived late
-        self._positions_at[symbol] = at
+        self._positions_at[f"{symbol}:{index}"] = at
         size = _decimal(row.get("size")) or _ZERO
         entry = _decimal(row.get("entryPrice")) or _ZERO
         side_word = row.get("side")
-        if size and side_word in ("Buy", "Sell"):
+        if index in ("1", "2"):  # hedge mode: 1 is the long side's row, 2 the short side's, flat or not
+            sides = [PositionSide.LONG if index == "1" else PositionSide.SHORT]
+            size = size if side_word in ("Buy", "Sell") else _ZERO
+        elif size and side_word in ("Buy", "Sell"):
             sides = [PositionSide.LONG if side_word == "Buy" else PositionSide.SHORT]
             self._position_sides[symbol] = sides[0]
         else:

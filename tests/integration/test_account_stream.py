@@ -14,7 +14,7 @@ import pytest
 from engine.alerts import observe_engine
 from engine.clock import ManualClock
 from engine.engine import STARTUP_UNKNOWN_SECONDS
-from engine.exchange.port import OrderStatus, OrderType, OrderUpdate, PositionUpdate
+from engine.exchange.port import OrderStatus, OrderType, OrderUpdate, PositionSide, PositionUpdate
 from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind
 from protection.manager import PositionGuard
@@ -365,5 +365,38 @@ async def test_a_position_closed_by_hand_is_closed_after_one_read_once_the_strea
         await drive_until(clock, lambda: not _live(venue, clock, gone.symbol), what="its stops cancelled")
         assert kept.covered
         assert len(_live(venue, clock, kept.symbol)) == 2
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_the_other_sides_zero_row_in_hedge_mode_is_not_taken_for_our_position_being_flat(
+    db: Database,
+) -> None:
+    """Binance's ACCOUNT_UPDATE lists a hedge-mode symbol's idle side with size 0 next to ours, and Bybit
+    pushes that side's row (positionIdx 2) too: it was routed as "our side flat", which then let a single
+    glitchy venue read close the live position and cancel both its stops."""
+    settings = settings_for(db, NO_POLLING)
+    clock = ManualClock()
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    try:
+        [long] = await open_positions(engine, clock, [SYMBOLS[9]])
+        await drive_until_covered(engine, clock, 1)
+        manager = engine.manager
+        assert manager is not None
+        idle_short = PositionUpdate(
+            symbol=long.symbol,
+            side=PositionSide.SHORT,
+            quantity=Decimal(0),
+            entry_price=Decimal(0),
+            event_time=clock.now(),
+        )
+        assert route_account_event(manager, idle_short)
+        await drive(clock, clock.sleep(2.0))  # the reconcile pass it asks for has read the venue
+        assert long.venue_flat_at is None
+        assert long.covered
+        assert not long.closed
+        assert len(_live(venue, clock, long.symbol)) == 2
     finally:
         await drive(clock, engine.stop())
