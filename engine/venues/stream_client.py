@@ -147,13 +147,15 @@ class ReconnectingSocket:
             try:
                 target = await url()
                 self.attempts += 1
-                ws = await self._session().ws_connect(
-                    target,
-                    autoping=False,
-                    heartbeat=None,
-                    max_msg_size=_MAX_MESSAGE_BYTES,
-                    timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
-                )
+                # A handshake that never answers is a failed attempt (the session's own limit is minutes).
+                async with asyncio.timeout(self._settings.connect_timeout_seconds):
+                    ws = await self._session().ws_connect(
+                        target,
+                        autoping=False,
+                        heartbeat=None,
+                        max_msg_size=_MAX_MESSAGE_BYTES,
+                        timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
+                    )
                 self._ws = ws
                 opened_at = time.monotonic()
                 self.connected = True
