@@ -115,8 +115,10 @@ class _WeightedWindow:
     venue_limit: int
     seconds: float
     headroom: float
+    spread: bool = False
     sends: deque[tuple[float, int]] = field(default_factory=deque)
     total: int = 0
+    last_send: float | None = None  # kept past the window's pruning, for `spread`
 
     @property
     def limit(self) -> int:
@@ -130,20 +132,26 @@ class _WeightedWindow:
 
     def wait_for(self, units: int, limit: int, now: float) -> float:
         """Seconds until `units` more fit under `limit` (the window as it stands at `now`, pruned)."""
-        if units <= 0 or self.total + units <= limit:
+        if units <= 0:
             return 0.0
+        spaced = 0.0
+        if self.spread and self.last_send is not None:
+            spaced = max(0.0, self.last_send + self.seconds * units / self.limit - now)
+        if self.total + units <= limit:
+            return spaced
         excess = self.total + units - limit
         freed = 0
         for sent_at, sent_units in self.sends:
             freed += sent_units
             if freed >= excess:
-                return max(0.0, sent_at + self.seconds - now)
+                return max(spaced, sent_at + self.seconds - now)
         return self.seconds  # more units than the window can ever hold: one whole window
 
     def add(self, now: float, units: int) -> None:
         if units > 0:
             self.sends.append((now, units))
             self.total += units
+            self.last_send = now
 
 
 class RequestPacer:
@@ -160,7 +168,7 @@ class RequestPacer:
         self._clock = clock
         self._headroom = headroom
         self._windows: dict[str, _WeightedWindow] = {
-            b.key: _WeightedWindow(b.limit, b.window_seconds, headroom) for b in budgets
+            b.key: _WeightedWindow(b.limit, b.window_seconds, headroom, b.spread) for b in budgets
         }
         self.waits = waits if waits is not None else BudgetWaits()
         self._queue: list[tuple[int, int]] = []  # (lane, sequence) of waiting requests, sorted
@@ -180,10 +188,11 @@ class RequestPacer:
             window = self._windows.get(budget.key)
             if window is None:
                 self._windows[budget.key] = _WeightedWindow(
-                    budget.limit, budget.window_seconds, self._headroom
+                    budget.limit, budget.window_seconds, self._headroom, budget.spread
                 )
             else:
                 window.venue_limit, window.seconds = budget.limit, budget.window_seconds
+                window.spread = budget.spread
         self._notify()
 
     def observe(self, key: str, used: int, *, limit: int | None = None) -> None:
@@ -228,7 +237,7 @@ class RequestPacer:
         return left if left > 0 else None
 
     def budgets(self) -> tuple[RequestBudget, ...]:
-        return tuple(RequestBudget(k, w.venue_limit, w.seconds) for k, w in self._windows.items())
+        return tuple(RequestBudget(k, w.venue_limit, w.seconds, w.spread) for k, w in self._windows.items())
 
     # --- sending -------------------------------------------------------------------------------------
 

@@ -222,6 +222,11 @@ class RequestBudget:
     key: str
     limit: int
     window_seconds: float
+    # Sends spread at least `window_seconds / limit` apart (less the pacer's headroom), not let out in a
+    # burst when the window frees: for a venue that counts a rolling window at the request's *arrival*
+    # (Bybit), a burst released the instant our window frees lands in the venue's window beside the
+    # previous burst when the two arrive skewed by even a few milliseconds.
+    spread: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,3 +365,25 @@ class AttachesStopToEntry(Protocol):
         client_order_id: str,
         stop_client_order_id: str,
     ) -> Order: ...
+
+
+@runtime_checkable
+class MovesStopWithTrailingStop(Protocol):
+    """A venue that sets a position's trailing stop and moves its hard stop in one call (Bybit:
+    `position/trading-stop` takes `trailingStop` and `stopLoss` together, tpslMode Full). The new hard
+    stop replaces the position's previous one in place (the position is never without one), and is then a
+    protective order like any other under `stop_client_order_id`; the previous one ends as cancelled.
+    Returns (the trailing stop, the new hard stop)."""
+
+    async def create_trailing_stop_order_with_stop(
+        self,
+        symbol: str,
+        side: OrderSide,
+        quantity: Decimal,
+        callback_rate: Decimal,
+        stop_price: Decimal,
+        *,
+        client_order_id: str,
+        stop_client_order_id: str,
+        activation_price: Decimal | None = None,
+    ) -> tuple[Order, Order]: ...

@@ -75,7 +75,11 @@ BYBIT_PROTECTIVE_BUDGETS = (
 )
 BYBIT_REQUEST_BUDGETS = (
     RequestBudget(bybit_limits.IP_BUDGET_KEY, bybit_limits.IP_REQUESTS_PER_5_SECONDS, 5.0),
-    *(RequestBudget(path, limit, 1.0) for path, limit in bybit_limits.ENDPOINT_LIMITS_PER_SECOND.items()),
+    # Bybit counts each endpoint's rolling second at the request's arrival: sends are spread, not burst.
+    *(
+        RequestBudget(path, limit, 1.0, spread=True)
+        for path, limit in bybit_limits.ENDPOINT_LIMITS_PER_SECOND.items()
+    ),
 )
 
 logger = logging.getLogger(__name__)
