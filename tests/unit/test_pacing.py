@@ -216,3 +216,34 @@ async def test_bybit_endpoint_sends_are_spread_so_a_skewed_arrival_is_not_refuse
         at for at in arrivals if (count := limiter.admit_endpoint(path, 1000.0 + at)) and count.refused
     ]
     assert refused == []
+
+
+async def test_a_request_waiting_for_one_endpoint_does_not_hold_back_another_endpoints() -> None:
+    """Bybit counts each endpoint apart: a trading-stop waiting for room in trading-stop's second must not
+    hold back an entry's order/create, whose second has room (before, every waiting request queued behind
+    the first, whatever it waited for: spread trading-stops held the wave's entries back, entries went at
+    half their rate). A request for the same endpoint still waits its turn behind it."""
+    from engine.venues.bybit_venue import BYBIT_REQUEST_BUDGETS
+
+    stops, entries = "/v5/position/trading-stop", "/v5/order/create"
+    clock = ManualClock()
+    pacer = RequestPacer(BYBIT_REQUEST_BUDGETS, clock)
+    sent: list[tuple[float, str]] = []
+
+    async def request(path: str, what: str) -> None:
+        await pacer.acquire({"ip": 1, path: 1})
+        sent.append((clock.monotonic(), what))
+
+    pacer.observe(stops, 9)  # trading-stop's second is full (as the venue counts it)
+    waiting_stop = asyncio.create_task(
+        call_with_send_timeout(clock, 3600.0, request(stops, "stop"), Lane.PROTECTIVE)
+    )
+    await clock.settle()
+    entry = asyncio.create_task(call_with_send_timeout(clock, 3600.0, request(entries, "entry"), Lane.ENTRY))
+    await clock.settle()
+    assert "entry" in [what for _, what in sent]
+    assert not waiting_stop.done()
+    await _run_until_done(clock, [waiting_stop, entry], step=0.05)
+    times = {what: at for at, what in sent}
+    assert times["entry"] == 0.0
+    assert times["stop"] >= 1.0
