@@ -365,25 +365,3 @@ class AttachesStopToEntry(Protocol):
         client_order_id: str,
         stop_client_order_id: str,
     ) -> Order: ...
-
-
-@runtime_checkable
-class MovesStopWithTrailingStop(Protocol):
-    """A venue that sets a position's trailing stop and moves its hard stop in one call (Bybit:
-    `position/trading-stop` takes `trailingStop` and `stopLoss` together, tpslMode Full). The new hard
-    stop replaces the position's previous one in place (the position is never without one), and is then a
-    protective order like any other under `stop_client_order_id`; the previous one ends as cancelled.
-    Returns (the trailing stop, the new hard stop)."""
-
-    async def create_trailing_stop_order_with_stop(
-        self,
-        symbol: str,
-        side: OrderSide,
-        quantity: Decimal,
-        callback_rate: Decimal,
-        stop_price: Decimal,
-        *,
-        client_order_id: str,
-        stop_client_order_id: str,
-        activation_price: Decimal | None = None,
-    ) -> tuple[Order, Order]: ...
