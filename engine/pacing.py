@@ -115,8 +115,10 @@ class _WeightedWindow:
     venue_limit: int
     seconds: float
     headroom: float
+    spread: bool = False
     sends: deque[tuple[float, int]] = field(default_factory=deque)
     total: int = 0
+    last_send: float | None = None  # kept past the window's pruning, for `spread`
 
     @property
     def limit(self) -> int:
@@ -130,20 +132,26 @@ class _WeightedWindow:
 
     def wait_for(self, units: int, limit: int, now: float) -> float:
         """Seconds until `units` more fit under `limit` (the window as it stands at `now`, pruned)."""
-        if units <= 0 or self.total + units <= limit:
+        if units <= 0:
             return 0.0
+        spaced = 0.0
+        if self.spread and self.last_send is not None:
+            spaced = max(0.0, self.last_send + self.seconds * units / self.limit - now)
+        if self.total + units <= limit:
+            return spaced
         excess = self.total + units - limit
         freed = 0
         for sent_at, sent_units in self.sends:
             freed += sent_units
             if freed >= excess:
-                return max(0.0, sent_at + self.seconds - now)
+                return max(spaced, sent_at + self.seconds - now)
         return self.seconds  # more units than the window can ever hold: one whole window
 
     def add(self, now: float, units: int) -> None:
         if units > 0:
             self.sends.append((now, units))
             self.total += units
+            self.last_send = now
 
 
 class RequestPacer:
@@ -160,10 +168,11 @@ class RequestPacer:
         self._clock = clock
         self._headroom = headroom
         self._windows: dict[str, _WeightedWindow] = {
-            b.key: _WeightedWindow(b.limit, b.window_seconds, headroom) for b in budgets
+            b.key: _WeightedWindow(b.limit, b.window_seconds, headroom, b.spread) for b in budgets
         }
         self.waits = waits if waits is not None else BudgetWaits()
         self._queue: list[tuple[int, int]] = []  # (lane, sequence) of waiting requests, sorted
+        self._waiting: dict[tuple[int, int], Mapping[str, int]] = {}  # what each waiting request costs
         self._sequence = 0
         self._changed = asyncio.Event()
         self._hold_until = 0.0
@@ -180,10 +189,11 @@ class RequestPacer:
             window = self._windows.get(budget.key)
             if window is None:
                 self._windows[budget.key] = _WeightedWindow(
-                    budget.limit, budget.window_seconds, self._headroom
+                    budget.limit, budget.window_seconds, self._headroom, budget.spread
                 )
             else:
                 window.venue_limit, window.seconds = budget.limit, budget.window_seconds
+                window.spread = budget.spread
         self._notify()
 
     def observe(self, key: str, used: int, *, limit: int | None = None) -> None:
@@ -228,7 +238,7 @@ class RequestPacer:
         return left if left > 0 else None
 
     def budgets(self) -> tuple[RequestBudget, ...]:
-        return tuple(RequestBudget(k, w.venue_limit, w.seconds) for k, w in self._windows.items())
+        return tuple(RequestBudget(k, w.venue_limit, w.seconds, w.spread) for k, w in self._windows.items())
 
     # --- sending -------------------------------------------------------------------------------------
 
@@ -238,13 +248,14 @@ class RequestPacer:
         ticket = current_ticket()
         clock = self._clock
         self._refuse_if_banned(lane)
-        if not self._queue and self._wait_time(costs, lane) == 0.0:
+        me = (int(lane), self._sequence + 1)
+        if self._wait_time(costs, lane) == 0.0 and not self._held_back(me, costs):
             self._book(costs)
             return
         self._sequence += 1
-        me = (int(lane), self._sequence)
         self._queue.append(me)
         self._queue.sort()
+        self._waiting[me] = costs
         started = clock.monotonic()
         if ticket is not None:
             ticket.begin_wait(started)
@@ -253,10 +264,11 @@ class RequestPacer:
             while True:
                 self._refuse_if_banned(lane)
                 wait = self._wait_time(costs, lane)
-                if self._queue[0] == me and wait == 0.0:
+                clear = not self._held_back(me, costs)
+                if clear and wait == 0.0:
                     break
                 changed = self._changed
-                sleeper = asyncio.ensure_future(clock.sleep(wait if self._queue[0] == me else 3600.0))
+                sleeper = asyncio.ensure_future(clock.sleep(wait if clear else 3600.0))
                 waiter = asyncio.ensure_future(changed.wait())
                 try:
                     await asyncio.wait({sleeper, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -266,12 +278,48 @@ class RequestPacer:
                     await asyncio.gather(sleeper, waiter, return_exceptions=True)
         finally:
             self._queue.remove(me)
+            del self._waiting[me]
             now = clock.monotonic()
             if ticket is not None:
                 ticket.end_wait(now)
             self.waits.record(now, now - started, lane)
             self._notify()
         self._book(costs)
+
+    def _held_back(self, me: tuple[int, int], costs: Mapping[str, int]) -> bool:
+        """Whether a waiting request ahead of `me` (a higher lane, or the same lane and earlier) would be
+        sent later if `me` were sent now. Only such a one holds `me` back: a request waiting for one
+        endpoint's budget (a spread trading-stop) does not hold back one for another endpoint (an entry's
+        order/create), which Bybit counts apart."""
+        for ahead in self._queue:
+            if ahead >= me:
+                break
+            waiting, lane = self._waiting[ahead], Lane(ahead[0])
+            if self._wait_time(waiting, lane) == 0.0 or self._would_delay(waiting, lane, costs):
+                return True  # it may go now (and goes first), or my send would make it wait longer
+        return False
+
+    def _would_delay(self, waiting: Mapping[str, int], lane: Lane, costs: Mapping[str, int]) -> bool:
+        now = self._clock.monotonic()
+        for key, units in costs.items():
+            window = self._windows.get(key)
+            if window is None or units <= 0 or waiting.get(key, 0) <= 0:
+                continue
+            window.prune(now)
+            limit = window.limit
+            if lane is Lane.READ:
+                limit = max(1, math.floor(limit * READ_SHARE))
+            wanted = min(waiting[key], limit)
+            before = window.wait_for(wanted, limit, now)
+            last_send = window.last_send
+            window.add(now, units)
+            after = window.wait_for(wanted, limit, now)
+            window.sends.pop()
+            window.total -= units
+            window.last_send = last_send
+            if after > before:
+                return True
+        return False
 
     def _refuse_if_banned(self, lane: Lane) -> None:
         if lane is not Lane.PROTECTIVE and self._banned_until > self._clock.monotonic():

@@ -222,6 +222,11 @@ class RequestBudget:
     key: str
     limit: int
     window_seconds: float
+    # Sends spread at least `window_seconds / limit` apart (less the pacer's headroom), not let out in a
+    # burst when the window frees: for a venue that counts a rolling window at the request's *arrival*
+    # (Bybit), a burst released the instant our window frees lands in the venue's window beside the
+    # previous burst when the two arrive skewed by even a few milliseconds.
+    spread: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,7 +75,11 @@ BYBIT_PROTECTIVE_BUDGETS = (
 )
 BYBIT_REQUEST_BUDGETS = (
     RequestBudget(bybit_limits.IP_BUDGET_KEY, bybit_limits.IP_REQUESTS_PER_5_SECONDS, 5.0),
-    *(RequestBudget(path, limit, 1.0) for path, limit in bybit_limits.ENDPOINT_LIMITS_PER_SECOND.items()),
+    # Bybit counts each endpoint's rolling second at the request's arrival: sends are spread, not burst.
+    *(
+        RequestBudget(path, limit, 1.0, spread=True)
+        for path, limit in bybit_limits.ENDPOINT_LIMITS_PER_SECOND.items()
+    ),
 )
 
 logger = logging.getLogger(__name__)
@@ -87,6 +91,7 @@ logger = logging.getLogger(__name__)
 # `…-sl<n>` a hard stop, `…-ts<n>` a trailing stop), which is how a new process finds which of the
 # position's stops an id it persisted stands for. Ids outside that scheme are never adopted.
 _STOP_KIND_IN_ID = re.compile(r"-(sl|ts)\d+$")
+_PARAMS_ERROR = 10001  # trading-stop on a flat position: "can not set tp/sl/ts for zero position"
 _NOT_MODIFIED = 34040  # trading-stop: the values sent are the ones the position holds already
 _POSITION_PAGE = 200  # position/list: limit 1..200 (default 20), then nextPageCursor
 _ORDER_PAGE = 50  # order/realtime: limit 1..50
@@ -118,6 +123,7 @@ class _PositionStop:
     confirmed: bool = True
     filled_quantity: Decimal = _ZERO
     average_price: Decimal | None = None
+    from_entry: bool = False  # rode on an entry this process sent and saw filled
 
 
 class BybitLinearVenue(CcxtVenue):
@@ -488,6 +494,7 @@ class BybitLinearVenue(CcxtVenue):
         order = await self._fetch_regular(symbol, client_order_id)
         if order.status is OrderStatus.FILLED:
             stop.confirmed, stop.quantity, stop.updated_at = True, order.filled_quantity, time.time()
+            stop.from_entry = True
             self._remember(stop)
         return order
 
@@ -502,12 +509,12 @@ class BybitLinearVenue(CcxtVenue):
     ) -> Order:
         await self._check_order(symbol, quantity, client_order_id, ("stop price", stop_price))
         self._require_unused(client_order_id)
-        row = await self._protected_row(symbol, side)
         now = time.time()
         stop = _PositionStop(
             client_order_id, symbol, side, OrderType.STOP_MARKET, quantity, stop_price, None, None, None, now
         )
-        if _decimal(row.get("stopLoss")) == stop_price:
+        row = None if self._opened_here(symbol, side) else await self._protected_row(symbol, side)
+        if row is not None and _decimal(row.get("stopLoss")) == stop_price:
             # The position holds this stop already (sent by us before a restart, or by a call whose answer
             # was lost): take it as ours. Sending it again would only earn 34040.
             return self._adopted(stop, row)
@@ -537,12 +544,16 @@ class BybitLinearVenue(CcxtVenue):
         self._require_client_order_id(client_order_id)
         self._require_callback(callback_rate)
         self._require_unused(client_order_id)
-        row = await self._protected_row(symbol, side)
+        row = None if self._opened_here(symbol, side) else await self._protected_row(symbol, side)
         now = time.time()
-        live = _positive(row.get("trailingStop"))
-        if live is not None and not any(
-            other.type is OrderType.TRAILING_STOP_MARKET and other.status is OrderStatus.NEW
-            for other in self._stops_for(symbol)
+        live = None if row is None else _positive(row.get("trailingStop"))
+        if (
+            row is not None
+            and live is not None
+            and not any(
+                other.type is OrderType.TRAILING_STOP_MARKET and other.status is OrderStatus.NEW
+                for other in self._stops_for(symbol)
+            )
         ):
             # A trailing stop is working on the position and we hold none in memory (a restart, or a lost
             # answer): take it as ours. Sending one again would restart its high-water mark on Bybit and give
@@ -657,6 +668,17 @@ class BybitLinearVenue(CcxtVenue):
             )
         return row
 
+    def _opened_here(self, symbol: str, side: OrderSide) -> bool:
+        """The position a stop of `side` closes is one this process opened, its hard stop on the entry,
+        and that stop is working: the position is there, `side` closes it, and any trailing stop on it is
+        one we set (a restart finds the position's stops by reading it). No need to read the position
+        before setting its stops (one round trip on every stop's path); should it have closed meanwhile,
+        trading-stop refuses ("zero position") as the read would have."""
+        return self._hedge_mode is not None and any(
+            other.from_entry and other.side is side and other.confirmed and other.status is OrderStatus.NEW
+            for other in self._stops_for(symbol)
+        )
+
     async def _set_position_stop(self, stop: _PositionStop, request: Mapping[str, Any]) -> Order:
         """Send a position stop; an answer lost leaves it remembered as unconfirmed (found or not later)."""
         stop.confirmed = False
@@ -673,6 +695,10 @@ class BybitLinearVenue(CcxtVenue):
         except Rejected as refused:
             if refused.code != _NOT_MODIFIED:
                 del self._stops[stop.client_order_id]
+                if refused.code == _PARAMS_ERROR and "zero position" in str(refused):
+                    raise Rejected(
+                        RejectCode.REDUCE_ONLY_REJECTED, f"{self.kind} {stop.symbol}: no position to protect"
+                    ) from refused
                 raise
             # 34040: the position holds exactly these values already; the stop is there.
         except ExchangeError:

@@ -23,6 +23,8 @@ from engine.exchange import (
     OrderStatus,
     OrderType,
     OutcomeUnknown,
+    RejectCode,
+    Rejected,
     Retryable,
     WouldTriggerImmediately,
 )
@@ -284,6 +286,58 @@ async def test_an_entry_can_carry_its_hard_stop_so_the_position_is_never_naked()
     assert state["stops_attached_to_entries"] == 1
     assert state["position_stops"][0]["stopLoss"] == "0.4000"
     assert "POST position/trading-stop" not in state["requests_by_endpoint"]  # no second round trip
+
+
+async def test_the_stops_of_a_position_opened_here_are_set_without_reading_it_first() -> None:
+    """A position this adapter opened with its hard stop on the entry is known to be there and whom it
+    belongs to: its trailing stop and a corrected hard stop go out in one trading-stop call each, without
+    a position/list read before (that read put a fourth round trip on every position's way to covered,
+    where Bybit needs three). Closed meanwhile, trading-stop's "zero position" is the same refusal the
+    read gave."""
+    async with bybit_venue() as venue, connected(venue) as adapter:
+        await adapter.create_market_order_with_stop(
+            SYMBOL,
+            OrderSide.BUY,
+            QTY,
+            Decimal("0.4000"),
+            client_order_id="tsbabc123-6-en0",
+            stop_client_order_id="tsbabc123-6-sl0",
+        )
+        before = dict((await venue.state())["requests_by_endpoint"])
+        trailing = await adapter.create_trailing_stop_order(
+            SYMBOL,
+            OrderSide.SELL,
+            QTY,
+            Decimal("2"),
+            client_order_id="tsbabc123-6-ts0",
+            activation_price=Decimal("0.4600"),
+        )
+        stop = await adapter.create_stop_market_order(
+            SYMBOL, OrderSide.SELL, QTY, Decimal("0.4100"), client_order_id="tsbabc123-6-sl1"
+        )
+        after = dict((await venue.state())["requests_by_endpoint"])
+        old = await adapter.fetch_order(SYMBOL, "tsbabc123-6-sl0")
+        state = await venue.state()
+        await adapter.create_market_order(
+            SYMBOL, OrderSide.SELL, QTY, client_order_id="tsbabc123-6-cl0", reduce_only=True
+        )
+        with pytest.raises(Rejected) as refused:
+            await adapter.create_stop_market_order(
+                SYMBOL, OrderSide.SELL, QTY, Decimal("0.4200"), client_order_id="tsbabc123-6-sl2"
+            )
+
+    sent = {key: after.get(key, 0) - before.get(key, 0) for key in after}
+    assert sent.get("POST position/trading-stop") == 2
+    assert sent.get("GET position/list", 0) == 0
+    assert (trailing.status, stop.status, stop.stop_price) == (
+        OrderStatus.NEW,
+        OrderStatus.NEW,
+        Decimal("0.4100"),
+    )
+    assert old.status is OrderStatus.CANCELED  # replaced in place by the corrected one
+    assert state["position_stops"][0]["stopLoss"] == "0.4100"
+    assert state["position_stops"][0]["trailingStop"]
+    assert refused.value.code == RejectCode.REDUCE_ONLY_REJECTED
 
 
 async def test_an_entry_whose_stop_is_already_crossed_is_refused_whole() -> None:

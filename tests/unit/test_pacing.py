@@ -181,3 +181,69 @@ async def test_the_lane_travels_with_the_call_and_defaults_to_read() -> None:
 
     assert await call_with_send_timeout(clock, 1.0, which(), Lane.ENTRY) is Lane.ENTRY
     assert current_lane() is Lane.READ
+
+
+async def test_bybit_endpoint_sends_are_spread_so_a_skewed_arrival_is_not_refused() -> None:
+    """Bybit counts each endpoint's rolling second at the request's arrival. Released in a burst the
+    instant our window freed, a second's sends landed in Bybit's window beside the previous second's when
+    those arrived a few milliseconds late (the wave bench's trading-stop 10006 in bursts, three refused at
+    one instant, although we sent at most 9 a second). Spread at least a ninth of a second apart, a skew of
+    40 ms refuses nothing: replayed here through the emulator's own limiter."""
+    from engine.venues.bybit_emulator.limits import BybitLimiter
+    from engine.venues.bybit_venue import BYBIT_REQUEST_BUDGETS
+
+    path = "/v5/position/trading-stop"
+    clock = ManualClock()
+    pacer = RequestPacer(BYBIT_REQUEST_BUDGETS, clock)
+    sent: list[float] = []
+
+    async def request() -> None:
+        await pacer.acquire({path: 1})
+        sent.append(clock.monotonic())
+
+    tasks = [
+        asyncio.create_task(call_with_send_timeout(clock, 3600.0, request(), Lane.PROTECTIVE))
+        for _ in range(36)
+    ]
+    await _run_until_done(clock, tasks, step=0.01)
+    assert len(sent) == 36
+    # Still no more than 9 in any second of ours.
+    assert max(sum(1 for t in sent if start <= t < start + 1.0) for start in sent) <= 9
+    # The venue's clock: what left in an even second arrived 40 ms late, what left in an odd one at once.
+    limiter = BybitLimiter()
+    arrivals = sorted(t + (0.04 if int(t) % 2 == 0 else 0.0) for t in sent)
+    refused = [
+        at for at in arrivals if (count := limiter.admit_endpoint(path, 1000.0 + at)) and count.refused
+    ]
+    assert refused == []
+
+
+async def test_a_request_waiting_for_one_endpoint_does_not_hold_back_another_endpoints() -> None:
+    """Bybit counts each endpoint apart: a trading-stop waiting for room in trading-stop's second must not
+    hold back an entry's order/create, whose second has room (before, every waiting request queued behind
+    the first, whatever it waited for: spread trading-stops held the wave's entries back, entries went at
+    half their rate). A request for the same endpoint still waits its turn behind it."""
+    from engine.venues.bybit_venue import BYBIT_REQUEST_BUDGETS
+
+    stops, entries = "/v5/position/trading-stop", "/v5/order/create"
+    clock = ManualClock()
+    pacer = RequestPacer(BYBIT_REQUEST_BUDGETS, clock)
+    sent: list[tuple[float, str]] = []
+
+    async def request(path: str, what: str) -> None:
+        await pacer.acquire({"ip": 1, path: 1})
+        sent.append((clock.monotonic(), what))
+
+    pacer.observe(stops, 9)  # trading-stop's second is full (as the venue counts it)
+    waiting_stop = asyncio.create_task(
+        call_with_send_timeout(clock, 3600.0, request(stops, "stop"), Lane.PROTECTIVE)
+    )
+    await clock.settle()
+    entry = asyncio.create_task(call_with_send_timeout(clock, 3600.0, request(entries, "entry"), Lane.ENTRY))
+    await clock.settle()
+    assert "entry" in [what for _, what in sent]
+    assert not waiting_stop.done()
+    await _run_until_done(clock, [waiting_stop, entry], step=0.05)
+    times = {what: at for at, what in sent}
+    assert times["entry"] == 0.0
+    assert times["stop"] >= 1.0
