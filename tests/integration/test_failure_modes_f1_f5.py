@@ -604,6 +604,16 @@ async def test_f3_restart_restores_a_managed_trail_peak_and_stop(db: Database) -
             for g in (long_a, short_a)
         }
         assert all(t[3] == 2 and t[2] is not None for t in trails_a.values())
+        # Restart once both moves are recorded (what is restored is the subject here, not a stop in the
+        # middle of a move): the second move's record landed after the stop in a loaded CI run.
+        await drive_until(
+            clock,
+            lambda: db.pool.fetchval(
+                "SELECT count(*) = 2 FROM monitoring.trailing_stop_state"
+                " WHERE state = 'active' AND update_count = 2"
+            ),
+            what="both trails' second move recorded",
+        )
     finally:
         await drive(clock, engine_a.stop())
     rows_before = await db.pool.fetchval("SELECT count(*) FROM monitoring.orders")

@@ -394,7 +394,7 @@ async def test_the_venues_own_per_endpoint_counts_reach_the_pacer() -> None:
         )
         # 7 of the endpoint's 10 per second are used (by us and anyone else on this account).
         assert pacer.used_fraction() == pytest.approx(0.7)
-        assert RequestBudget("/v5/position/trading-stop", 10, 1.0) in pacer.budgets()
+        assert RequestBudget("/v5/position/trading-stop", 10, 1.0, spread=True) in pacer.budgets()
 
 
 async def test_a_403_bans_every_request_but_protective_ones_which_wait_for_its_end() -> None:
