@@ -53,7 +53,6 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import math
@@ -91,6 +90,7 @@ from engine.venues.binance_emulator.faults import (
 from engine.venues.binance_emulator.limits import Admission, RequestWeightLimiter, Verdict
 from engine.venues.binance_emulator.streams import StreamFaultError, StreamHub
 from engine.venues.binance_limits import ORDER_COUNT_HEADERS, USED_WEIGHT_HEADER, endpoint_cost
+from engine.venues.sim.control_api import advance_seconds, control_body, require_loopback
 from engine.venues.sim.core import DEFAULT_ACCOUNT, SimCore
 from engine.venues.sim.prices import GbmWalk
 from engine.venues.sim.settings import SimVenueSettings
@@ -1026,25 +1026,10 @@ class BinanceEmulator:
 
     # ---- control API (tests, rehearsals) ----------------------------------------------------------------
 
-    @staticmethod
-    def _require_loopback(request: web.Request) -> None:
-        remote = request.remote or ""
-        try:
-            loopback = ipaddress.ip_address(remote).is_loopback
-        except ValueError:
-            loopback = False
-        if not loopback:
-            raise web.HTTPForbidden(text="control API: loopback callers only")
+    _require_loopback = staticmethod(require_loopback)
 
     async def _control_body(self, request: web.Request) -> dict[str, Any]:
-        self._require_loopback(request)
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, ValueError):
-            raise web.HTTPBadRequest(text="control API: body must be a JSON object") from None
-        if not isinstance(body, dict):
-            raise web.HTTPBadRequest(text="control API: body must be a JSON object")
-        return body
+        return await control_body(request)
 
     async def _control_mark(self, request: web.Request) -> web.Response:
         body = await self._control_body(request)
@@ -1101,14 +1086,7 @@ class BinanceEmulator:
         return _json({})
 
     async def _control_advance(self, request: web.Request) -> web.Response:
-        body = await self._control_body(request)
-        try:
-            seconds = float(body.get("seconds", 0))
-        except (TypeError, ValueError):
-            raise web.HTTPBadRequest(text="control API: seconds must be a number") from None
-        if not 0 <= seconds <= 30 * 86_400:
-            raise web.HTTPBadRequest(text="control API: seconds must be within 0..2592000")
-        self._offset += seconds
+        self._offset += advance_seconds(await self._control_body(request))
         return _json({"now": _ms(self.now())})
 
     async def _control_state(self, request: web.Request) -> web.Response:

@@ -51,7 +51,6 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import ipaddress
 import itertools
 import json
 import logging
@@ -86,6 +85,7 @@ from engine.venues.bybit_emulator.faults import (
 )
 from engine.venues.bybit_emulator.limits import BybitLimiter
 from engine.venues.bybit_emulator.streams import BybitStreamHub, StreamRows, stream_signature
+from engine.venues.sim.control_api import advance_seconds, control_body, require_loopback
 from engine.venues.sim.core import DEFAULT_ACCOUNT, SimCore
 from engine.venues.sim.prices import GbmWalk
 from engine.venues.sim.settings import SimVenueSettings
@@ -1101,24 +1101,10 @@ class BybitEmulator:
 
     # ---- control API (tests, rehearsals) ----------------------------------------------------------------
 
-    @staticmethod
-    def _require_loopback(request: web.Request) -> None:
-        try:
-            loopback = ipaddress.ip_address(request.remote or "").is_loopback
-        except ValueError:
-            loopback = False
-        if not loopback:
-            raise web.HTTPForbidden(text="control API: loopback callers only")
+    _require_loopback = staticmethod(require_loopback)
 
     async def _control_body(self, request: web.Request) -> dict[str, Any]:
-        self._require_loopback(request)
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, ValueError):
-            raise web.HTTPBadRequest(text="control API: body must be a JSON object") from None
-        if not isinstance(body, dict):
-            raise web.HTTPBadRequest(text="control API: body must be a JSON object")
-        return body
+        return await control_body(request)
 
     def _control_symbol_price(self, body: dict[str, Any], name: str = "price") -> tuple[str, Decimal | None]:
         symbol = str(body.get("symbol", ""))
@@ -1201,14 +1187,7 @@ class BybitEmulator:
         return _json({})
 
     async def _control_advance(self, request: web.Request) -> web.Response:
-        body = await self._control_body(request)
-        try:
-            seconds = float(body.get("seconds", 0))
-        except (TypeError, ValueError):
-            raise web.HTTPBadRequest(text="control API: seconds must be a number") from None
-        if not 0 <= seconds <= 30 * 86_400:
-            raise web.HTTPBadRequest(text="control API: seconds must be within 0..2592000")
-        self._offset += seconds
+        self._offset += advance_seconds(await self._control_body(request))
         return _json({"now": _ms(self.now())})
 
     async def _control_skew(self, request: web.Request) -> web.Response:
