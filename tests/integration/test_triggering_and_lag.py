@@ -149,12 +149,25 @@ async def test_waiting_out_the_venues_read_lag_is_said_as_information_not_as_a_f
     await drive(clock, engine.start())
     try:
         assert engine.manager is not None
-        [guard] = await open_positions(engine, clock, [SYMBOLS[18]])
+        assert engine.store is not None
         creates_before = venue.calls_made.get(CallKind.CREATE_ORDER, 0)
-        # The stop-loss's answer is lost: it is on the venue, and the guard asks for it by id at once.
+        await engine.store.insert_signals([(SYMBOLS[18], "long", None, None)])
+        # Once the entry is sent, the next order is a stop (asked for before the entry's answer, under load
+        # the stops had gone out before the test looked): its answer is lost, it is on the venue, and the
+        # guard asks for it by id at once.
+        await drive_until(
+            clock,
+            lambda: venue.calls_made.get(CallKind.CREATE_ORDER, 0) == creates_before + 1,
+            what="the entry sent",
+            step=0.01,
+        )
         venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT)
+        manager = engine.manager
+        await drive_until(clock, lambda: SYMBOLS[18] in manager.by_symbol, what="the position opened")
+        guard = manager.by_symbol[SYMBOLS[18]]
         await drive_until_covered(engine, clock, 1)
-        assert venue.calls_made.get(CallKind.CREATE_ORDER, 0) - creates_before == 2  # nothing sent twice
+        # The entry and the two stops: nothing sent twice.
+        assert venue.calls_made.get(CallKind.CREATE_ORDER, 0) - creates_before == 3
         waits = [r for r in caplog.records if "not visible yet" in r.getMessage()]
         assert waits, "the wait for the venue's reads is said"
         assert {r.levelno for r in waits} == {logging.INFO}
