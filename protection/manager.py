@@ -169,6 +169,10 @@ class ProtectiveOrder:
 
 STUCK_TRIGGER_SHARE = 0.5  # of the grace period, that a fired stop gets to fill before we close at market
 STUCK_CHECK_MIN_SECONDS = 0.5  # the least a stuck stop's re-check may take (a round trip)
+# A protective create whose answer is this late (in order round trips, and never before the venue's
+# read-after-write lag or this floor) is looked up by its client id while the call goes on.
+LATE_ANSWER_ROUND_TRIPS = 4
+LATE_ANSWER_MIN_SECONDS = 0.5
 
 
 class _Outcome(StrEnum):
@@ -865,7 +869,9 @@ class PositionGuard:
         order.maybe_sent = True
         m.protective_attempts.add(m.clock.monotonic())
         try:
-            placed = await m.call(send(cid), "create_order")
+            placed = await self._create(order, send(cid))
+            if isinstance(placed, _Outcome):  # decided by a look-up while the answer was late
+                return self._next_generation(order) if placed is _Outcome.GONE else placed
         except (OutcomeUnknown, TimeoutError) as exc:
             m.protective_failures.add(m.clock.monotonic())
             latency = m.clock.monotonic() - started
@@ -902,8 +908,72 @@ class PositionGuard:
             return _Outcome.RETRY
         return await self._accept(order, placed, m.clock.monotonic() - started)
 
-    async def _resolve(self, order: ProtectiveOrder, why: str) -> _Outcome:
-        """Ask the venue for this id: CONFIRMED (live), GONE (ended), ABSENT (never arrived), RETRY (unknown)."""
+    async def _create(self, order: ProtectiveOrder, create: Awaitable[Order]) -> Order | _Outcome:
+        """The create call, and meanwhile, once its answer is late, look-ups of the order by its client id.
+
+        An answer can be lost after the venue executed the request; waiting out the call budget (10 s)
+        then kept a position that was protected on the venue "uncovered" in the engine's eyes for that
+        long: a false alarm, and the breaker counting it. The order is visible by its id one read-after-
+        write lag after the venue took it, so from then on it is looked for, every retry step, while the
+        call goes on. A look-up that finds it decides (live, fired or ended: the late answer would say
+        no more); one that does not find it changes nothing (a slow venue may still be working on the
+        request, which is never given up for it): the call goes on to its answer or its budget, as
+        before. The look-up waits for the request to have left: time queued for budget does not count."""
+        m = self._m
+        ticket = CallTicket(Lane.PROTECTIVE)
+        call = asyncio.ensure_future(m.call(create, "create_order", ticket=ticket))
+        look_after = max(
+            m.read_after_write_seconds,
+            LATE_ANSWER_ROUND_TRIPS * m.order_round_trip_seconds,
+            LATE_ANSWER_MIN_SECONDS,
+        )
+        started = m.clock.monotonic()
+        try:
+            while not call.done():
+                now = m.clock.monotonic()
+                due = started + ticket.waited + look_after
+                if ticket.waiting_since is not None or now < due:
+                    # queued for budget (not sent yet), or not late yet; the ticket says when a wait ends
+                    nap = LATE_ANSWER_MIN_SECONDS if ticket.waiting_since is not None else due - now
+                    ticket.changed.clear()
+                    await _first_of(asyncio.shield(call), ticket.changed.wait(), m.clock.sleep(nap))
+                    continue
+                look_up = asyncio.ensure_future(
+                    self._resolve(order, "late answer: look up", absent_means_send=False)
+                )
+                try:
+                    await _first_of(asyncio.shield(call), asyncio.shield(look_up))
+                finally:
+                    if not look_up.done():  # the answer came first: it decides, the look-up ends
+                        look_up.cancel()
+                        await asyncio.gather(look_up, return_exceptions=True)
+                if look_up.cancelled():
+                    continue
+                outcome = look_up.result()
+                if outcome in (_Outcome.CONFIRMED, _Outcome.GONE, _Outcome.FIRED):
+                    # The answer is lost or late: an unknown outcome, resolved by its id (reported as
+                    # one; "Timeout creating …" stays for real timeouts, which the operators count).
+                    waited = m.clock.monotonic() - started - ticket.waited
+                    lost = OutcomeUnknown(
+                        order.client_order_id, f"no answer after {waited:.1f}s, {_LATE_ANSWER_WORDS[outcome]}"
+                    )
+                    self._create_failed(order, order.client_order_id or "?", lost, waited, resolved=True)
+                    if outcome is _Outcome.CONFIRMED:
+                        self.report.created_orders += 1
+                    return outcome
+                # Not visible yet (read lag), not there yet (a slow venue still working on the request:
+                # the request is not given up, it may land), or the look-up failed: look again later.
+                order.maybe_sent = True
+                look_after += m.config.retry_initial_seconds
+            return call.result()
+        finally:
+            if not call.done():
+                call.cancel()
+                await asyncio.gather(call, return_exceptions=True)
+
+    async def _resolve(self, order: ProtectiveOrder, why: str, *, absent_means_send: bool = True) -> _Outcome:
+        """Ask the venue for this id: CONFIRMED (live), GONE (ended), ABSENT (never arrived), RETRY (unknown).
+        `absent_means_send=False`: the request is still in flight, so "absent" is said quietly."""
         m = self._m
         cid = order.client_order_id
         assert cid is not None
@@ -932,6 +1002,8 @@ class PositionGuard:
                 self.retry_at = m.clock.monotonic() + wait
                 return _Outcome.RETRY
             order.maybe_sent = False  # proven absent: the same id may be sent
+            if not absent_means_send:
+                return _Outcome.ABSENT
             log.warning(
                 "%s %s for %s: order %s is not on the exchange; sending it",
                 why,
@@ -2144,11 +2216,18 @@ class ProtectionManager:
 
     # --- helpers for guards --------------------------------------------------------------------------
 
-    async def call(self, awaitable: Awaitable[Any], kind: str, lane: Lane = Lane.PROTECTIVE) -> Any:
+    async def call(
+        self,
+        awaitable: Awaitable[Any],
+        kind: str,
+        lane: Lane = Lane.PROTECTIVE,
+        *,
+        ticket: CallTicket | None = None,
+    ) -> Any:
         """One venue call under the protection call budget, measured for health. The budget runs from
         the moment the request is sent: a wait for rate budget (`engine.pacing`) is measured apart and
-        never times a call out."""
-        ticket = CallTicket(lane)
+        never times a call out. Pass a `ticket` (of `lane`) to watch the call's budget waits."""
+        ticket = CallTicket(lane) if ticket is None else ticket
         started = self.clock.monotonic()
         ok = timed_out = False
         try:
@@ -2217,6 +2296,12 @@ class ProtectionManager:
 
 # How each class of failed protective create starts its log line and event message. "Timeout creating
 # trailing stop for SYMBOL" is the operators' grep: it is said of real timeouts only.
+_LATE_ANSWER_WORDS = {
+    _Outcome.CONFIRMED: "found live by its client order id",
+    _Outcome.FIRED: "found fired by its client order id",
+    _Outcome.GONE: "found ended by its client order id",
+}
+
 _FAILURE_PHRASE = {
     FailureClass.TIMEOUT: "Timeout creating",
     FailureClass.UNKNOWN_OUTCOME: "Unknown outcome creating",

@@ -85,6 +85,32 @@ async def test_three_refused_stops_in_a_row_are_retried_within_grace(db: Databas
         await run.stop()
 
 
+async def test_stops_whose_answers_are_lost_are_found_by_their_ids_within_grace(db: Database) -> None:
+    """The venue places both stops of a new position and neither answer comes back; the client gives up
+    after 10 s, as ccxt's default timeout does. The stops are live on the venue all along: the engine must
+    look them up by their client ids once the venue's read-after-write lag allows, not wait out the call,
+    so the position is known to be protected within grace (it used to stay uncovered for the whole call)."""
+    settings = chaos_settings(db, {"VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "10"})
+    run = ChaosRun(db, settings)
+    await run.start()
+    try:
+        [symbol] = await run.wave(1)
+        await run.opened([symbol])
+        run.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT, 2)
+
+        def engine_sees_it_covered() -> bool:
+            manager = run.engine.manager
+            guard = manager.by_symbol.get(symbol) if manager is not None else None
+            return guard is not None and guard.covered
+
+        # Grace is 5 s and the calls hang for 10: the engine must know well before either ends.
+        await run.until(engine_sees_it_covered, limit=5.0, what=f"the engine sees {symbol} covered")
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)
+    finally:
+        await run.stop()
+
+
 RATE_LIMITED = {
     # A small order window, so that another client fills it in one burst without touching the minute's.
     "VENUE__SIM__RATE_LIMITS__ORDERS_PER_10S": "60",

@@ -53,11 +53,13 @@ async def _started(
     overrides: Mapping[str, str] | None = None,
     *,
     create_order_seconds: float | None = None,
+    read_lag_seconds: float | None = None,
     clock: ManualClock | None = None,
     venue: SimVenue | None = None,
 ) -> tuple[Engine, ManualClock]:
     """A started engine on `db`. `create_order_seconds` makes only order creation slow (entries and stops
-    alike), every other call keeps the default 50 ms."""
+    alike), every other call keeps the default 50 ms; `read_lag_seconds` is the venue's read-after-write
+    lag on conditional orders."""
     settings = engine_settings(db.target.dsn, overrides)
     clock = clock or ManualClock()
     if venue is None and create_order_seconds is not None:
@@ -70,6 +72,9 @@ async def _started(
             }
         )
         venue = SimVenue(sim, clock=clock)
+    if read_lag_seconds is not None:
+        assert venue is not None, "a read lag needs the venue built here"
+        venue.set_read_lag(read_lag_seconds)
     engine = make_engine(settings, clock, venue)
     await drive(clock, engine.start())
     return engine, clock
@@ -842,11 +847,13 @@ async def test_f12_a_protective_order_timeout_is_logged_recorded_and_published(
     db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
     """F12 on the incident's own failure, "Timeout creating trailing stop for SFPUSDT": the venue accepts
-    the stops but the answers are lost. Each timeout is logged at ERROR with the symbol, recorded as a
-    `protection_timeout` event, published as `ProtectionTimedOut`, and resolved by client order id (one
-    order each on the venue, not a blind second one)."""
+    the stops but the answers are lost, and its reads show new stops only 12 s later, past the 10 s call
+    budget, so no look-up can settle them before the calls time out. Each timeout is logged with the
+    symbol, recorded as a `protection_timeout` event, published as `ProtectionTimedOut` (outcome
+    "retrying": still unknown), and resolved by client order id once the venue shows the order (one order
+    each on the venue, not a blind second one)."""
     caplog.set_level(logging.INFO)
-    engine, clock = await _started(db, create_order_seconds=2.0)
+    engine, clock = await _started(db, create_order_seconds=2.0, read_lag_seconds=12.0)
     seen, follower = _collect(engine)
     try:
         assert engine.manager is not None
@@ -868,7 +875,7 @@ async def test_f12_a_protective_order_timeout_is_logged_recorded_and_published(
         assert all(r["symbol"] == SYMBOL and r["severity"] in ("warning", "error") for r in rows)
         timed_out = [e for e in seen if isinstance(e, ProtectionTimedOut)]
         assert sorted(e.operation for e in timed_out) == ["create stop-loss", "create trailing stop"]
-        assert all(e.symbol == SYMBOL and e.outcome == "resolved" for e in timed_out)
+        assert all(e.symbol == SYMBOL and e.outcome == "retrying" for e in timed_out)
         assert engine.manager.timeouts.count(clock.monotonic(), 3600) == 2
         open_orders = await drive(clock, engine.venue.fetch_open_protective_orders(SYMBOL))
         assert sorted(o.type for o in open_orders) == [OrderType.STOP_MARKET, OrderType.TRAILING_STOP_MARKET]
