@@ -510,6 +510,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--details", type=Path, default=None, help="also write every violation and the engine's log here"
     )
+    parser.add_argument(
+        "--log-level",
+        choices=("DEBUG", "INFO", "WARNING"),
+        default="WARNING",
+        help="the engine's log level in the --details log (INFO shows every send and answer)",
+    )
     args = parser.parse_args(argv)
     if not 0 < args.minutes <= 24 * 60:
         parser.error("--minutes must be within (0, 1440]")
@@ -526,7 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     atexit.register(shutil.rmtree, workdir, ignore_errors=True)  # after the server's own atexit stop
     # The engine logs plenty at WARNING under faults: to a file, never over the figures.
     logging.basicConfig(
-        level=logging.WARNING,
+        level=getattr(logging, args.log_level),
         filename=str(workdir / "soak.log"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
