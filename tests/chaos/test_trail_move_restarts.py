@@ -17,12 +17,15 @@ orphans, database against venue).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from decimal import Decimal
 
 import pytest
 
+from engine.config import Settings
 from engine.exchange.port import Order
 from engine.venues.sim import SimVenue
+from protection.manager import PositionGuard
 from protection.order_ids import parse_client_order_id
 from protection.trailing import TrailingPhase
 from storage.database import Database
@@ -70,11 +73,14 @@ class StopWatch:
         self.floor: Decimal | None = None
         self.most_live = 0
         self.samples = 0
+        self.allow_none = False  # before the trail's first stop, or while the test has taken them away
 
     def check(self) -> None:
         live = live_trailing_stops(self.run, self.symbol)
         self.samples += 1
         self.most_live = max(self.most_live, len(live))
+        if not live and self.allow_none:
+            return
         assert live, f"{self.symbol}: no trailing stop of ours on the venue"
         best = max(o.stop_price for o in live if o.stop_price is not None)
         if self.floor is not None:
@@ -95,34 +101,34 @@ class StopWatch:
             elapsed += 0.2
 
 
-@pytest.mark.parametrize(
-    ("drain", "placed"),
-    [
-        pytest.param(True, True, id="clean-stop-new-stop-live"),
-        pytest.param(False, True, id="crash-new-stop-live"),
-        pytest.param(False, False, id="crash-before-the-venue-has-it"),
-    ],
-)
-async def test_an_engine_stopped_mid_move_resolves_the_move_on_restart(
-    db: Database, drain: bool, placed: bool
-) -> None:
-    settings = chaos_settings(db, MANAGED_SLOW_CREATES)
-    run = ChaosRun(db, settings)
-    # Make-before-break has both stops live for a move's round trips, and a crash leaves both live until
-    # the next engine resolves them: the auditor allows that overlap (the downtime and a restart); the
-    # test below holds the restarted engine to one stop within the grace period.
-    run.auditor.limits = dataclasses.replace(run.auditor.limits, duplicate_overlap_seconds=20.0)
-    await run.start()
-    try:
-        (symbol,) = await run.opened(await run.wave(1, sides=["long"]))
-        await run.until(run.converged, what="protected")
-        manager = run.engine.manager
-        assert manager is not None
-        guard = manager.by_symbol[symbol]
-        market = run.engine.markets[symbol]
-        watch = StopWatch(run, symbol)
+@dataclasses.dataclass
+class MoveInFlight:
+    """Engine A's position, its trail's stop before the move (None: the move is the first placement), the
+    peak that decided the move, the stop it decided on, and the new stop if the venue had placed it."""
 
-        # Activation: the trail's first stop, confirmed and recorded.
+    symbol: str
+    position_id: int
+    entry_price: Decimal
+    old: Order | None
+    peak: Decimal
+    wanted: Decimal
+    new: Order | None
+    watch: StopWatch
+
+
+async def a_move_in_flight(run: ChaosRun, *, placed: bool, first_stop: bool = False) -> MoveInFlight:
+    """Open a long, let its managed trail place its first stop (unless `first_stop`: that placement is the
+    move), then push the mark to a new peak and drive until the move's new stop is live on the venue
+    (`placed`) or only just sent (the venue places a create after 1 s)."""
+    (symbol,) = await run.opened(await run.wave(1, sides=["long"]))
+    await run.until(run.converged, what="protected")
+    manager = run.engine.manager
+    assert manager is not None
+    guard = manager.by_symbol[symbol]
+    market = run.engine.markets[symbol]
+    watch = StopWatch(run, symbol)
+    old = None
+    if not first_stop:
         run.venue.override_mark_price(symbol, market.round_price(guard.entry_price * Decimal("1.02")))
         await run.until(
             lambda: (
@@ -135,98 +141,251 @@ async def test_an_engine_stopped_mid_move_resolves_the_move_on_restart(
             what="the first trailing stop",
         )
         await run.until(
-            lambda: db.pool.fetchval(
-                "SELECT state = 'active' FROM monitoring.trailing_stop_state WHERE position_id = $1",
-                guard.position_id,
-            ),
-            what="the first trailing stop recorded",
+            lambda: db_trail_state(run, guard.position_id, "active"), what="the first trailing stop recorded"
         )
         (old,) = live_trailing_stops(run, symbol)
         watch.check()
+    else:
+        watch.allow_none = True  # no trailing stop yet: the hard stop protects until the trail activates
 
-        # The move: a new peak; the engine sends the new stop, the venue places it after 1 s.
-        peak = market.round_price(guard.entry_price * Decimal("1.04"))
-        run.venue.override_mark_price(symbol, peak)
-        assert guard.trail is not None
-        wanted = guard.trail.params.trail_price(peak)
-        assert wanted > old.stop_price
-        if placed:
-            await watch.until(
-                lambda: len(live_trailing_stops(run, symbol)) == 2, limit=10, what="the new stop live"
-            )
-            new = max(live_trailing_stops(run, symbol), key=lambda o: generation(run, o))
-            assert new.stop_price == wanted
-            watch.floor = new.stop_price  # the venue holds it: protection may never fall below it again
-        else:
-            await watch.until(
-                lambda: guard.trail is not None and guard.trail.phase is TrailingPhase.MOVING,
-                limit=10,
-                what="the move decided",
-            )
-            await watch.step()  # sent (0.2 s of the 1 s it takes the venue to place it)
-            assert len(live_trailing_stops(run, symbol)) == 1
+    # The move: a new peak; the engine sends the new stop, the venue places it after 1 s.
+    peak = market.round_price(guard.entry_price * Decimal("1.04"))
+    run.venue.override_mark_price(symbol, peak)
+    assert guard.trail is not None
+    wanted = guard.trail.params.trail_price(peak)
+    assert old is None or wanted > old.stop_price
+    new = None
+    if placed:
+        before = 0 if old is None else 1
+        await watch.until(
+            lambda: len(live_trailing_stops(run, symbol)) == before + 1, limit=10, what="the new stop live"
+        )
+        new = max(live_trailing_stops(run, symbol), key=lambda o: generation(run, o))
+        assert new.stop_price == wanted
+        watch.floor = new.stop_price  # the venue holds it: protection may never fall below it again
+        watch.allow_none = False
+    else:
+        await watch.until(
+            lambda: guard.trail is not None and guard.trail.phase is TrailingPhase.MOVING,
+            limit=10,
+            what="the move decided",
+        )
+        await watch.step()  # sent (0.2 s of the 1 s it takes the venue to place it)
+        assert len(live_trailing_stops(run, symbol)) == (0 if old is None else 1)
+    return MoveInFlight(symbol, guard.position_id, guard.entry_price, old, peak, wanted, new, watch)
 
-        # Engine A stops before the create's answer arrives.
-        run.auditor.engine_up(False)
-        await run.drive(run.engine.stop(drain=drain))
-        watch.check()
+
+async def db_trail_state(run: ChaosRun, position_id: int, state: str) -> bool:
+    assert run.db is not None
+    return bool(
+        await run.db.pool.fetchval(
+            "SELECT state = $2 FROM monitoring.trailing_stop_state WHERE position_id = $1", position_id, state
+        )
+    )
+
+
+async def restart(
+    run: ChaosRun, settings: Settings, move: MoveInFlight, *, drain: bool, meanwhile: Callable[[], None]
+) -> PositionGuard:
+    """Engine A stops (cleanly, or as a crash would: `drain=False`) before the create's answer arrives;
+    `meanwhile` changes the venue while no engine runs; then engine B starts on the same account and
+    database. Returns B's guard of the position."""
+    run.auditor.engine_up(False)
+    await run.drive(run.engine.stop(drain=drain))
+    move.watch.check()
+    meanwhile()
+    for _ in range(round(DOWNTIME_SECONDS / 0.2)):
+        await move.watch.step()
+    run.venue = SimVenue(settings.venue.sim, clock=run.clock, core=run.venue.core)
+    run.engine = make_engine(settings, run.clock, run.venue)
+    await run.drive(run.engine.start())
+    run.auditor.engine_up(True)
+    move.watch.check()
+    manager = run.engine.manager
+    assert manager is not None
+    return manager.guards[move.position_id]
+
+
+def set_mark(run: ChaosRun, move: MoveInFlight, factor: str) -> None:
+    market = run.engine.markets[move.symbol]
+    run.venue.override_mark_price(move.symbol, market.round_price(move.entry_price * Decimal(factor)))
+
+
+async def settles_at_the_trails_stop(
+    run: ChaosRun, settings: Settings, move: MoveInFlight, guard: PositionGuard
+) -> Order:
+    """Within the grace period: one trailing stop of ours, at the price the trail decided on, which the
+    engine, the database and the venue all name; and so through a full reconcile interval (the reconciler
+    finds nothing stale). Returns the live stop."""
+    symbol, wanted = move.symbol, move.wanted
+
+    def settled() -> bool:
+        live = live_trailing_stops(run, symbol)
+        return (
+            len(live) == 1
+            and live[0].stop_price == wanted
+            and guard.trail is not None
+            and guard.trail.phase is TrailingPhase.ACTIVE
+            and guard.trail.stop_price == wanted
+            and guard.trailing_stop.confirmed
+            and guard.trailing_stop.client_order_id == live[0].client_order_id
+        )
+
+    # (A move the venue never had is made again by B: until then the old stop protects.)
+    await move.watch.until(
+        settled, limit=float(settings.protection.grace_seconds), what="one stop, at the trail's"
+    )
+    move.watch.floor = wanted
+    (live,) = live_trailing_stops(run, symbol)
+    assert run.db is not None
+    row = await run.db.pool.fetchrow(
+        "SELECT * FROM monitoring.trailing_stop_state WHERE position_id = $1", move.position_id
+    )
+    assert row["state"] == "active"
+    assert row["peak_price"] >= move.peak
+    assert row["current_stop_price"] == wanted
+    assert row["stop_order_client_id"] == live.client_order_id
+    for _ in range(round((float(settings.protection.reconcile_seconds) + 2) / 0.2)):
+        await move.watch.step()
+    assert live_trailing_stops(run, symbol) == [live]
+    assert move.watch.most_live <= 2
+    return live
+
+
+def chaos_run(db: Database) -> tuple[ChaosRun, Settings]:
+    settings = chaos_settings(db, MANAGED_SLOW_CREATES)
+    run = ChaosRun(db, settings)
+    # Make-before-break has both stops live for a move's round trips, and a stop mid-move leaves both live
+    # until the next engine resolves them: the auditor allows that overlap (the downtime and a restart);
+    # the tests hold the restarted engine to one stop within the grace period.
+    run.auditor.limits = dataclasses.replace(run.auditor.limits, duplicate_overlap_seconds=20.0)
+    return run, settings
+
+
+@pytest.mark.parametrize(
+    ("drain", "placed", "first_stop"),
+    [
+        pytest.param(True, True, False, id="clean-stop-new-stop-live"),
+        pytest.param(False, True, False, id="crash-new-stop-live"),
+        pytest.param(False, False, False, id="crash-before-the-venue-has-it"),
+        pytest.param(False, True, True, id="crash-first-stop-live"),
+    ],
+)
+async def test_an_engine_stopped_mid_move_resolves_the_move_on_restart(
+    db: Database, drain: bool, placed: bool, first_stop: bool
+) -> None:
+    run, settings = chaos_run(db)
+    await run.start()
+    try:
+        move = await a_move_in_flight(run, placed=placed, first_stop=first_stop)
         # While no engine runs the mark falls back a little (below the peak, above the new stop): the
         # restarted engine can only know the peak from what A recorded.
-        run.venue.override_mark_price(symbol, market.round_price(guard.entry_price * Decimal("1.038")))
-        for _ in range(round(DOWNTIME_SECONDS / 0.2)):
-            await watch.step()
-
-        run.venue = SimVenue(settings.venue.sim, clock=run.clock, core=run.venue.core)
-        run.engine = make_engine(settings, run.clock, run.venue)
-        await run.drive(run.engine.start())
-        run.auditor.engine_up(True)
-        watch.check()
-        manager_b = run.engine.manager
-        assert manager_b is not None
-        guard_b = manager_b.guards[guard.position_id]
-        assert guard_b.trail is not None
-        assert guard_b.trail.peak_price is not None
-        assert guard_b.trail.peak_price >= peak, (
-            f"the restored trail lost its peak: {guard_b.trail.peak_price} < {peak}"
+        guard = await restart(
+            run, settings, move, drain=drain, meanwhile=lambda: set_mark(run, move, "1.038")
         )
-
-        # Within the grace period: one trailing stop, at the price the trail decided on, which the
-        # engine, the database and the venue all name.
-        def settled() -> bool:
-            live = live_trailing_stops(run, symbol)
-            return (
-                len(live) == 1
-                and live[0].stop_price == wanted
-                and guard_b.trail is not None
-                and guard_b.trail.phase is TrailingPhase.ACTIVE
-                and guard_b.trail.stop_price == wanted
-                and guard_b.trailing_stop.confirmed
-                and guard_b.trailing_stop.client_order_id == live[0].client_order_id
-            )
-
-        # (A move the venue never had is made again by B: until then the old stop protects.)
-        await watch.until(
-            settled, limit=float(settings.protection.grace_seconds), what="one stop, at the trail's"
+        assert guard.trail is not None
+        assert guard.trail.peak_price is not None
+        assert guard.trail.peak_price >= move.peak, (
+            f"the restored trail lost its peak: {guard.trail.peak_price} < {move.peak}"
         )
-        watch.floor = wanted
-        if placed:
-            # The live new stop was adopted, not replaced by a third generation.
-            (live,) = live_trailing_stops(run, symbol)
-            assert live.client_order_id == new.client_order_id
-        row = await db.pool.fetchrow(
-            "SELECT * FROM monitoring.trailing_stop_state WHERE position_id = $1", guard.position_id
-        )
-        assert row["state"] == "active"
-        assert row["peak_price"] >= peak
-        assert row["current_stop_price"] == wanted
-        assert row["stop_order_client_id"] == live_trailing_stops(run, symbol)[0].client_order_id
-
-        # And it stays so through a full reconcile interval (the reconciler sees nothing stale).
-        for _ in range(round((float(settings.protection.reconcile_seconds) + 2) / 0.2)):
-            await watch.step()
-        assert len(live_trailing_stops(run, symbol)) == 1
-        assert watch.most_live <= 2
+        live = await settles_at_the_trails_stop(run, settings, move, guard)
+        if move.new is not None:  # the live new stop was adopted, not replaced by another generation
+            assert live.client_order_id == move.new.client_order_id
         await run.settle()
         run.verdict(coverage_at_least=85.0)  # the opening takes two 2 s round trips
+    finally:
+        await run.stop()
+
+
+async def test_a_move_left_in_flight_whose_old_stop_was_cancelled_meanwhile_is_adopted(db: Database) -> None:
+    """While no engine runs, someone cancels the old stop on the venue: the new one, live, is adopted as it
+    is — nothing is placed again, and the position is never without a trailing stop."""
+    run, settings = chaos_run(db)
+    await run.start()
+    try:
+        move = await a_move_in_flight(run, placed=True)
+        assert move.old is not None
+        old = move.old
+        guard = await restart(
+            run,
+            settings,
+            move,
+            drain=False,
+            meanwhile=lambda: run.venue.core.cancel_order(move.symbol, old.client_order_id, run.clock.now()),
+        )
+        live = await settles_at_the_trails_stop(run, settings, move, guard)
+        assert move.new is not None
+        assert live.client_order_id == move.new.client_order_id
+        await run.settle()
+        run.verdict(coverage_at_least=85.0)
+    finally:
+        await run.stop()
+
+
+async def test_a_move_left_in_flight_with_both_stops_gone_is_placed_again(db: Database) -> None:
+    """While no engine runs, both trailing stops are cancelled on the venue: engine B places the trail's
+    stop again within the grace period of its start, and trails on to the stop its peak gives."""
+    run, settings = chaos_run(db)
+    await run.start()
+    try:
+        move = await a_move_in_flight(run, placed=True)
+
+        def cancel_both() -> None:
+            for order in live_trailing_stops(run, move.symbol):
+                run.venue.core.cancel_order(move.symbol, order.client_order_id, run.clock.now())
+            move.watch.allow_none, move.watch.floor = True, None  # taken away by hand while no engine runs
+
+        guard = await restart(run, settings, move, drain=False, meanwhile=cancel_both)
+        move.watch.allow_none = False
+        await settles_at_the_trails_stop(run, settings, move, guard)
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)  # no stop while no engine ran: the test took them away
+    finally:
+        await run.stop()
+
+
+async def test_a_move_left_in_flight_with_both_stops_gone_and_the_mark_through_them_closes(
+    db: Database,
+) -> None:
+    """While no engine runs, both trailing stops are cancelled on the venue and the mark falls through the
+    trail's stop (not the hard stop's): a stop there would trigger at once, so engine B closes the position
+    reduce-only at market, within the grace period of its start, and leaves no stop of ours behind."""
+    run, settings = chaos_run(db)
+    await run.start()
+    try:
+        move = await a_move_in_flight(run, placed=True)
+
+        def cancel_both_then_fall() -> None:
+            for order in live_trailing_stops(run, move.symbol):
+                run.venue.core.cancel_order(move.symbol, order.client_order_id, run.clock.now())
+            move.watch.allow_none, move.watch.floor = True, None
+            set_mark(run, move, "1.005")
+
+        await restart(run, settings, move, drain=False, meanwhile=cancel_both_then_fall)
+        await run.until(
+            lambda: move.symbol not in run.held(),
+            limit=float(settings.protection.grace_seconds),
+            what="the position closed at market",
+        )
+        assert run.db is not None
+        await run.until(
+            lambda: run.db.pool.fetchval(
+                "SELECT status = 'closed' FROM monitoring.positions WHERE id = $1", move.position_id
+            ),
+            limit=float(settings.protection.grace_seconds),
+            what="the position recorded closed",
+        )
+        row = await run.db.pool.fetchrow(
+            "SELECT status, exit_reason FROM monitoring.positions WHERE id = $1", move.position_id
+        )
+        assert row["exit_reason"] == "trailing_stop"
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)
+        token = run.auditor.token
+        assert not [
+            o
+            for o in run.venue.core.inspect(run.clock.now()).open_conditional
+            if o.symbol == move.symbol and parse_client_order_id(o.client_order_id, token or "") is not None
+        ]
     finally:
         await run.stop()
