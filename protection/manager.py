@@ -32,7 +32,7 @@ from decimal import ROUND_DOWN, ROUND_UP, Decimal
 from enum import StrEnum
 from typing import Any
 
-from engine.clock import Clock
+from engine.clock import Clock, wait_for_all
 from engine.events import (
     EventBus,
     PositionClosed,
@@ -442,6 +442,11 @@ class PositionGuard:
     @property
     def covered(self) -> bool:
         return self.has_stop_loss and self.trailing_in_place
+
+    @property
+    def move_in_flight(self) -> bool:
+        """A managed move's new stop has been sent (or was left in flight by the last run) and not resolved."""
+        return self._replacement is not None or self._restored_move is not None
 
     def coverage(self) -> PositionCoverage:
         return PositionCoverage(
@@ -1381,6 +1386,8 @@ class PositionGuard:
         move = self.pending_move
         if move is None:
             return True
+        if m.moves_frozen:
+            return True  # stopping: no new move is sent (the confirmed stop stays; the next start trails on)
         new_price = move.stop_price if isinstance(move, trailing.PlaceStop) else move.new_stop_price
         # Written ahead: the trail is `moving`, with the peak that decided the move, before the new stop is
         # sent (its order row, with its id and price, is written ahead by `_ensure`). An engine that stops
@@ -1953,6 +1960,7 @@ class ProtectionManager:
             0.0  # moving average of answered create_order calls (budget look-ahead)
         )
         self.stopped = False  # no guard runs any more: nothing may act in this manager's name
+        self.moves_frozen = False  # stopping: managed moves already sent finish, no new one is sent
         self.announced: set[str] = set()  # order ids logged as created / restored in this run
         self.guards: dict[int, PositionGuard] = {}
         self.by_symbol: dict[str, PositionGuard] = {}
@@ -2267,6 +2275,33 @@ class ProtectionManager:
     async def _write_order_statuses(self, updates: Mapping[str, OrderStatusRow]) -> Mapping[str, None]:
         await self.store.set_order_statuses_many(list(updates.values()))
         return {}
+
+    async def finish_moves(self, within: float) -> int:
+        """Before a clean stop: no managed trail sends a new move any more, and the moves already sent are
+        given up to `within` seconds to finish (the new stop confirmed and recorded, the old one cancelled —
+        or the move failed and the old stop kept), so that no engine leaves two trailing stops behind. A
+        move still unresolved then stays recorded as `moving` with its new stop's id (written ahead), which
+        the next start resolves against the venue. Returns how many were still in flight."""
+        self.moves_frozen = True
+        in_flight = [g for g in self.guards.values() if g.move_in_flight and not g.closed]
+        if not in_flight:
+            return 0
+        log.info(
+            "stopping: letting %d managed trailing stop moves in flight finish (up to %.0fs)",
+            len(in_flight),
+            within,
+        )
+        left = await wait_for_all(
+            self.clock, within, [g.wait_pass_started_after(g.passes_started - 1) for g in in_flight]
+        )
+        if left:
+            log.warning(
+                "stopping: %d managed trailing stop moves still unanswered after %.0fs; recorded as moving, "
+                "the next start resolves them on the venue",
+                left,
+                within,
+            )
+        return left
 
     async def stop(self) -> None:
         """Stop every guard task. Orders on the exchange stay where they are."""

@@ -258,7 +258,11 @@ def chaos_run(db: Database) -> tuple[ChaosRun, Settings]:
     # Make-before-break has both stops live for a move's round trips, and a stop mid-move leaves both live
     # until the next engine resolves them: the auditor allows that overlap (the downtime and a restart);
     # the tests hold the restarted engine to one stop within the grace period.
-    run.auditor.limits = dataclasses.replace(run.auditor.limits, duplicate_overlap_seconds=20.0)
+    # Before its activation a managed trail has no order: the auditor asks for the hard stop only, and the
+    # `StopWatch` asks for a trailing stop at every step once the trail has placed one.
+    run.auditor.limits = dataclasses.replace(
+        run.auditor.limits, duplicate_overlap_seconds=20.0, trailing_order_required=False
+    )
     return run, settings
 
 
@@ -387,5 +391,45 @@ async def test_a_move_left_in_flight_with_both_stops_gone_and_the_mark_through_t
             for o in run.venue.core.inspect(run.clock.now()).open_conditional
             if o.symbol == move.symbol and parse_client_order_id(o.client_order_id, token or "") is not None
         ]
+    finally:
+        await run.stop()
+
+
+async def test_a_clean_stop_lets_a_move_in_flight_finish(db: Database) -> None:
+    """Before a clean stop the protection manager lets the managed moves already sent finish
+    (`finish_moves`, bounded by the call budget): the new stop is confirmed and recorded and the old one
+    cancelled before the engine goes, so no engine leaves two trailing stops behind; no new move is sent
+    meanwhile. The next engine restores that one stop and sends nothing."""
+    run, settings = chaos_run(db)
+    run.auditor.limits = dataclasses.replace(run.auditor.limits, duplicate_overlap_seconds=0.0)
+    # (a move's make-before-break overlap is judged here by the test itself, below)
+    await run.start()
+    try:
+        move = await a_move_in_flight(run, placed=True)
+        assert move.new is not None
+        manager = run.engine.manager
+        assert manager is not None
+        left = await run.drive(manager.finish_moves(float(settings.protection.call_timeout_seconds)))
+        assert left == 0
+        assert [o.client_order_id for o in live_trailing_stops(run, move.symbol)] == [
+            move.new.client_order_id
+        ]
+        # A new peak now decides no move: the engine is stopping.
+        set_mark(run, move, "1.06")
+        for _ in range(10):
+            await move.watch.step()
+        assert [o.client_order_id for o in live_trailing_stops(run, move.symbol)] == [
+            move.new.client_order_id
+        ]
+        assert await db_trail_state(run, move.position_id, "active")
+
+        def one_stop_meanwhile() -> None:
+            move.watch.most_live = 0  # from here on: one trailing stop, never two
+
+        guard = await restart(run, settings, move, drain=True, meanwhile=one_stop_meanwhile)
+        assert move.watch.most_live == 1
+        assert guard.trailing_stop.client_order_id == move.new.client_order_id
+        assert guard.trail is not None
+        assert guard.trail.stop_price == move.wanted
     finally:
         await run.stop()
