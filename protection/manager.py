@@ -593,6 +593,13 @@ class PositionGuard:
             self.position_id,
         )
         self.quantity = command.quantity
+        restored_move, self._restored_move = self._restored_move, None
+        if restored_move is not None:
+            # A move the last run left in flight was for the old size: not adopted, cancelled with the
+            # other resized-away stops once the new ones are live.
+            self._superseded.append(restored_move)
+            if self.trail is not None and self.trail.phase is trailing.TrailingPhase.MOVING:
+                self.trail = trailing.on_stop_failed(self.trail)
         for order in (self.stop_loss, self.trailing_stop):
             if order.client_order_id and (order.confirmed or order.maybe_sent):
                 self._superseded.append(
@@ -1405,6 +1412,7 @@ class PositionGuard:
         self.pending_move = None
         if outcome is not _Outcome.CONFIRMED:
             self.trail = trailing.on_stop_failed(self.trail)
+            await self._save_trail()  # no longer `moving`: the record says the old stop is the trail's
             if replacement.client_order_id and not replacement.maybe_sent:
                 # Never reached the venue (or was refused): close the row; the next move takes a new id.
                 # An outcome still unknown stays 'unknown': if it turns up live the reconciler cancels it.
