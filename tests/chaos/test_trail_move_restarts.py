@@ -433,3 +433,28 @@ async def test_a_clean_stop_lets_a_move_in_flight_finish(db: Database) -> None:
         assert guard.trail.stop_price == move.wanted
     finally:
         await run.stop()
+
+
+async def test_a_protection_restart_mid_move_adopts_the_live_new_stop(db: Database) -> None:
+    """The operator restarts the protection manager (`R`) while a move's new stop is live and unanswered:
+    the new manager restores the trail from the database (written ahead as `moving`) and adopts that stop,
+    as a restarted engine does; the venue's stop never falls back to the old one."""
+    run, settings = chaos_run(db)
+    await run.start()
+    try:
+        move = await a_move_in_flight(run, placed=True)
+        assert move.new is not None
+        report = await run.drive(run.engine.restart_protection())
+        assert report.failed == 0, report.describe()
+        manager = run.engine.manager
+        assert manager is not None
+        guard = manager.guards[move.position_id]
+        assert guard.trail is not None
+        assert guard.trail.peak_price is not None
+        assert guard.trail.peak_price >= move.peak
+        live = await settles_at_the_trails_stop(run, settings, move, guard)
+        assert live.client_order_id == move.new.client_order_id
+        await run.settle()
+        run.verdict(coverage_at_least=85.0)
+    finally:
+        await run.stop()
