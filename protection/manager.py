@@ -32,7 +32,7 @@ from decimal import ROUND_DOWN, ROUND_UP, Decimal
 from enum import StrEnum
 from typing import Any
 
-from engine.clock import Clock
+from engine.clock import Clock, wait_for_all
 from engine.events import (
     EventBus,
     PositionClosed,
@@ -345,6 +345,9 @@ class PositionGuard:
         self.trail_persisted = False
         self.pending_move: trailing.PlaceStop | trailing.MoveStop | None = None
         self._replacement: ProtectiveOrder | None = None  # a managed move's new stop, while in flight
+        # A managed move the last engine sent and never saw answered (it stopped or died in between): the
+        # new stop may be live on the venue. Resolved by its id before anything else is done to the trail.
+        self._restored_move: ProtectiveOrder | None = None
         self._next_trail_generation = 0
         if kind is TrailingKind.MANAGED:
             self.trail = trailing.TrailingState.start(self.trail_params())
@@ -444,6 +447,11 @@ class PositionGuard:
     def covered(self) -> bool:
         return self.has_stop_loss and self.trailing_in_place
 
+    @property
+    def move_in_flight(self) -> bool:
+        """A managed move's new stop has been sent (or was left in flight by the last run) and not resolved."""
+        return self._replacement is not None or self._restored_move is not None
+
     def coverage(self) -> PositionCoverage:
         return PositionCoverage(
             position_id=self.position_id,
@@ -456,7 +464,13 @@ class PositionGuard:
 
     def order_ids(self) -> set[str]:
         """Client ids this guard considers current (anything else of ours for this position is stale)."""
-        current = (self.stop_loss, self.trailing_stop, self._replacement, *self._superseded)
+        current = (
+            self.stop_loss,
+            self.trailing_stop,
+            self._replacement,
+            self._restored_move,
+            *self._superseded,
+        )
         return {o.client_order_id for o in current if o is not None and o.client_order_id}
 
     # --- the task ------------------------------------------------------------------------------------
@@ -583,6 +597,13 @@ class PositionGuard:
             self.position_id,
         )
         self.quantity = command.quantity
+        restored_move, self._restored_move = self._restored_move, None
+        if restored_move is not None:
+            # A move the last run left in flight was for the old size: not adopted, cancelled with the
+            # other resized-away stops once the new ones are live.
+            self._superseded.append(restored_move)
+            if self.trail is not None and self.trail.phase is trailing.TrailingPhase.MOVING:
+                self.trail = trailing.on_stop_failed(self.trail)
         for order in (self.stop_loss, self.trailing_stop):
             if order.client_order_id and (order.confirmed or order.maybe_sent):
                 self._superseded.append(
@@ -1404,6 +1425,11 @@ class PositionGuard:
     async def _ensure_trail(self) -> bool:
         m = self._m
         assert self.trail is not None
+        move_resolved = True
+        if self._restored_move is not None:
+            move_resolved = await self._resume_move()
+            if self.exit_evidence is not None or self.closed:
+                return False  # the new stop filled: the position is going; the reconciler settles it
         if self.trail.stop_price is not None and not self.trailing_stop.confirmed:
             # The trail has a stop and the venue no longer (or not yet) confirms it: (re)place it at the
             # trail's current stop, whatever happened to the last one (cancelled, refused, lost).
@@ -1420,6 +1446,10 @@ class PositionGuard:
                 return False
             if outcome is not _Outcome.CONFIRMED:
                 return False
+            if self.trailing_stop.sent_this_run:
+                # The trail's record names the stop that is live now (a re-placed one has a new id): a
+                # restart must find it, not the one that was lost.
+                await self._save_trail()
             if self.trailing_stop.sent_this_run and self.trailing_stop.client_order_id not in m.announced:
                 m.announced.add(self.trailing_stop.client_order_id or "")
                 log.info(
@@ -1430,10 +1460,18 @@ class PositionGuard:
                 )
         if not self.trail_persisted:
             await self._save_trail()
+        if not move_resolved:
+            return False  # a move of the last engine is still unresolved: nothing new is decided meanwhile
         move = self.pending_move
         if move is None:
             return True
+        if m.moves_frozen:
+            return True  # stopping: no new move is sent (the confirmed stop stays; the next start trails on)
         new_price = move.stop_price if isinstance(move, trailing.PlaceStop) else move.new_stop_price
+        # Written ahead: the trail is `moving`, with the peak that decided the move, before the new stop is
+        # sent (its order row, with its id and price, is written ahead by `_ensure`). An engine that stops
+        # or dies before the answer leaves a record the next one resolves against the venue.
+        await self._save_trail()
         replacement = ProtectiveOrder(
             OrderPurpose.TRAILING_STOP, generation=self._next_trail_generation, price=new_price
         )
@@ -1446,6 +1484,7 @@ class PositionGuard:
         self.pending_move = None
         if outcome is not _Outcome.CONFIRMED:
             self.trail = trailing.on_stop_failed(self.trail)
+            await self._save_trail()  # no longer `moving`: the record says the old stop is the trail's
             if replacement.client_order_id and not replacement.maybe_sent:
                 # Never reached the venue (or was refused): close the row; the next move takes a new id.
                 # An outcome still unknown stays 'unknown': if it turns up live the reconciler cancels it.
@@ -1480,6 +1519,91 @@ class PositionGuard:
         )
         if old.client_order_id and old.confirmed and not await self._cancel_quietly(old):
             self._superseded.append(old)  # cancelled again by the next pass (or with the position's end)
+        return True
+
+    async def _resume_move(self) -> bool:
+        """Resolve the move the last engine left in flight (its trail recorded `moving`), by the new stop's
+        client id: live → adopted as the trail's stop, and only then the old one cancelled; never reached
+        the venue, or ended without a fill → the move failed, the old stop (verified, or re-placed at the
+        trail's stop, or the position closed if that would trigger) stays; filled → exit evidence. False
+        while the venue's answer is still unknown (both ids stay current: the reconciler cancels neither)."""
+        m = self._m
+        move = self._restored_move
+        assert move is not None and move.client_order_id is not None and self.trail is not None
+        if move.confirmed:  # listed by the venue's open orders at start-up
+            outcome = _Outcome.CONFIRMED
+        else:
+            outcome = await self._resolve(move, "resume the trailing stop move to")
+        if outcome is _Outcome.RETRY:
+            return False
+        self._restored_move = None
+        if outcome in (_Outcome.CONFIRMED, _Outcome.FIRED):
+            old = self.trailing_stop
+            assert move.price is not None
+            try:
+                self.trail = trailing.on_stop_confirmed(self.trail, move.price, m.clock.now())
+            except (trailing.InvalidTrailingState, trailing.UnexpectedTrailingEvent) as exc:
+                # Only a record written before moves were written ahead can get here (its peak is older
+                # than the move's). The stop is kept as a superseded one: cancelled once the trail's own
+                # stop is confirmed, never before.
+                log.error(
+                    "%s: the trailing stop %s left in flight by the last run cannot be adopted (%s); the "
+                    "trail keeps %s",
+                    self.symbol,
+                    move.client_order_id,
+                    exc,
+                    old.client_order_id,
+                )
+                if self.trail.phase is trailing.TrailingPhase.MOVING:
+                    self.trail = trailing.on_stop_failed(self.trail)
+                self._superseded.append(move)
+                await self._save_trail()
+                return True
+            self.trailing_stop = move
+            await self._save_trail()
+            log.info(
+                "Resumed the trailing stop move for %s left in flight by the last run: the stop at %s is live "
+                "(client id %s)%s",
+                self.symbol,
+                move.price,
+                move.client_order_id,
+                f"; cancelling the old one at {old.price} ({old.client_order_id})"
+                if old.client_order_id
+                else "",
+            )
+            m.publish(
+                StopMoved(
+                    at=m.clock.now(),
+                    position_id=self.position_id,
+                    symbol=self.symbol,
+                    old_stop=old.price,
+                    new_stop=move.price,
+                    reason="resumed",
+                )
+            )
+            if old.client_order_id and (old.confirmed or old.maybe_sent):
+                if outcome is _Outcome.FIRED:
+                    self._superseded.append(old)  # the new one fired: the old stays until it has filled
+                elif not await self._cancel_quietly(old):
+                    self._superseded.append(old)  # cancelled again by the next pass
+            return True
+        # ABSENT (never reached the venue) or GONE (cancelled, expired, or filled: exit evidence).
+        self.trail = trailing.on_stop_failed(self.trail)
+        await self._save_trail()
+        log.warning(
+            "%s: the trailing stop move left in flight by the last run did not take effect (%s is %s); the "
+            "trail keeps its stop at %s",
+            self.symbol,
+            move.client_order_id,
+            "not on the venue" if outcome is _Outcome.ABSENT else (move.ended_as or "gone"),
+            self.trail.stop_price,
+        )
+        if outcome is _Outcome.ABSENT:
+            record = await m.store.order_by_client_id(move.client_order_id)
+            if record is not None and record.status in (OrderRecordStatus.PENDING, OrderRecordStatus.UNKNOWN):
+                await m.store.set_order_status(
+                    move.client_order_id, OrderRecordStatus.CANCELED, error="move abandoned"
+                )
         return True
 
     def _send_trail_stop(self, order: ProtectiveOrder) -> Callable[[str], Awaitable[Order]]:
@@ -1677,6 +1801,9 @@ class PositionGuard:
         ]
         ours.extend(self._superseded)
         self._superseded.clear()
+        restored_move, self._restored_move = self._restored_move, None
+        if restored_move is not None and restored_move.client_order_id:
+            ours.append(restored_move)  # a move the last engine left in flight may have reached the venue
         cancelled = await asyncio.gather(*(self._cancel_quietly(order) for order in ours))
         left = {
             order.client_order_id: order.sent_at
@@ -1913,6 +2040,7 @@ class ProtectionManager:
             0.0  # moving average of answered create_order calls (budget look-ahead)
         )
         self.stopped = False  # no guard runs any more: nothing may act in this manager's name
+        self.moves_frozen = False  # stopping: managed moves already sent finish, no new one is sent
         self.announced: set[str] = set()  # order ids logged as created / restored in this run
         self.guards: dict[int, PositionGuard] = {}
         self.by_symbol: dict[str, PositionGuard] = {}
@@ -2021,9 +2149,11 @@ class ProtectionManager:
                     ),
                 )
                 if guard.trail.phase is trailing.TrailingPhase.MOVING:
-                    guard.trail = trailing.on_stop_failed(
-                        guard.trail
-                    )  # the in-flight move died with the old process
+                    # A place or move was in flight when the last engine stopped: its new stop may be live.
+                    # Resolved by its id before anything else (`_resume_move`); none recorded → it died.
+                    guard._restored_move = self._move_in_flight(guard, live_orders, trail_record)
+                    if guard._restored_move is None:
+                        guard.trail = trailing.on_stop_failed(guard.trail)
                 else:
                     # The trail is what the database holds (it was just read from it): armed as it was, not
                     # "missing" until the first pass writes it again (every row MISSING after a restart).
@@ -2037,6 +2167,12 @@ class ProtectionManager:
                     guard.trailing_stop.generation = key.generation if key else 0
                     guard.trailing_stop.price = trail_record.current_stop_price
                     guard.trailing_stop.maybe_sent = True
+                restored_move = guard._restored_move
+                if restored_move is not None and (
+                    guard.trailing_stop.client_order_id == restored_move.client_order_id
+                ):
+                    # The first placement was in flight: the trail has no stop of its own yet.
+                    guard.trailing_stop = ProtectiveOrder(OrderPurpose.TRAILING_STOP)
             except (trailing.InvalidTrailingState, trailing.InvalidTrailingParams) as exc:
                 log.error(
                     "%s: persisted trailing state refused (%s); starting the trail afresh from the fill price",
@@ -2051,6 +2187,45 @@ class ProtectionManager:
                     position.id,
                 )
                 guard.trail = trailing.TrailingState.start(guard.trail_params())
+                guard._restored_move = None
+
+    def _move_in_flight(
+        self,
+        guard: PositionGuard,
+        live_orders: Iterable[OrderRecord],
+        trail_record: TrailingStateRecord,
+    ) -> ProtectiveOrder | None:
+        """The new stop of the move a `moving` trail was making: the latest trailing-stop generation written
+        ahead after the trail's recorded stop (every send is recorded before it goes out), if it may be live."""
+        recorded = (
+            parse_client_order_id(trail_record.stop_order_client_id, self.token)
+            if trail_record.stop_order_client_id
+            else None
+        )
+        latest: OrderRecord | None = None
+        latest_generation = recorded.generation if recorded is not None else -1
+        for record in live_orders:
+            key = parse_client_order_id(record.client_order_id, self.token)
+            if (
+                key is None
+                or key.position_id != guard.position_id
+                or key.purpose is not OrderPurpose.TRAILING_STOP
+                or record.trigger_price is None
+                or key.generation <= latest_generation
+            ):
+                continue
+            latest, latest_generation = record, key.generation
+        if latest is None:
+            return None
+        return ProtectiveOrder(
+            OrderPurpose.TRAILING_STOP,
+            generation=latest_generation,
+            client_order_id=latest.client_order_id,
+            price=latest.trigger_price,
+            maybe_sent=True,
+            sent_at=self.clock.monotonic() - max(0.0, self.clock.now() - latest.created_at.timestamp()),
+            recorded_id=latest.client_order_id,
+        )
 
     def _confirm_from_snapshot(
         self,
@@ -2072,6 +2247,16 @@ class ProtectionManager:
             record = records.get(cid)
             if record is None or record.status is not OrderRecordStatus.OPEN:
                 self.spawn_order_status(OrderStatusRow(cid, OrderRecordStatus.OPEN, found.venue_order_id))
+        move = guard._restored_move
+        if move is not None and move.client_order_id in venue_open_orders:
+            # The move the last engine left in flight reached the venue: its guard adopts it first thing.
+            found = venue_open_orders[move.client_order_id]
+            move.confirmed, move.confirmed_at, move.maybe_sent = True, now, False
+            record = records.get(move.client_order_id)
+            if record is None or record.status is not OrderRecordStatus.OPEN:
+                self.spawn_order_status(
+                    OrderStatusRow(move.client_order_id, OrderRecordStatus.OPEN, found.venue_order_id)
+                )
         # What the database says now: the first pass writes only if the confirmed facts differ from it.
         guard.prime_written_facts(position)
 
@@ -2170,6 +2355,33 @@ class ProtectionManager:
     async def _write_order_statuses(self, updates: Mapping[str, OrderStatusRow]) -> Mapping[str, None]:
         await self.store.set_order_statuses_many(list(updates.values()))
         return {}
+
+    async def finish_moves(self, within: float) -> int:
+        """Before a clean stop: no managed trail sends a new move any more, and the moves already sent are
+        given up to `within` seconds to finish (the new stop confirmed and recorded, the old one cancelled —
+        or the move failed and the old stop kept), so that no engine leaves two trailing stops behind. A
+        move still unresolved then stays recorded as `moving` with its new stop's id (written ahead), which
+        the next start resolves against the venue. Returns how many were still in flight."""
+        self.moves_frozen = True
+        in_flight = [g for g in self.guards.values() if g.move_in_flight and not g.closed]
+        if not in_flight:
+            return 0
+        log.info(
+            "stopping: letting %d managed trailing stop moves in flight finish (up to %.0fs)",
+            len(in_flight),
+            within,
+        )
+        left = await wait_for_all(
+            self.clock, within, [g.wait_pass_started_after(g.passes_started - 1) for g in in_flight]
+        )
+        if left:
+            log.warning(
+                "stopping: %d managed trailing stop moves still unanswered after %.0fs; recorded as moving, "
+                "the next start resolves them on the venue",
+                left,
+                within,
+            )
+        return left
 
     async def stop(self) -> None:
         """Stop every guard task. Orders on the exchange stay where they are."""
