@@ -635,6 +635,8 @@ class Engine:
         budget = float(self.settings.protection.call_timeout_seconds)
         if drain:
             await self._drain_entries(budget)
+            if self.manager is not None:  # a managed trail's move in flight finishes, or is left recorded
+                await self.manager.finish_moves(budget)
         await self._supervisor.stop()
         if self._restart is not None and not self._restart.done():  # a protection restart under way
             self._restart.cancel()

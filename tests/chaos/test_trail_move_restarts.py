@@ -435,6 +435,26 @@ async def test_a_clean_stop_lets_a_move_in_flight_finish(db: Database) -> None:
         await run.stop()
 
 
+async def test_the_engine_s_clean_stop_finishes_a_move_in_flight(db: Database) -> None:
+    """`Engine.stop()` itself (the operator's quit, SIGTERM) lets a managed move already sent finish
+    before the engine goes: afterwards the venue holds exactly the new trailing stop and the database
+    names it, with the trail `active` (it used to go with both stops live and the trail's record stale)."""
+    run, _settings = chaos_run(db)
+    run.auditor.limits = dataclasses.replace(run.auditor.limits, duplicate_overlap_seconds=0.0)
+    await run.start()
+    try:
+        move = await a_move_in_flight(run, placed=True)
+        assert move.new is not None
+        run.auditor.engine_up(False)
+        await run.drive(run.engine.stop())
+        assert [o.client_order_id for o in live_trailing_stops(run, move.symbol)] == [
+            move.new.client_order_id
+        ]
+        assert await db_trail_state(run, move.position_id, "active")
+    finally:
+        await run.stop()
+
+
 async def test_a_protection_restart_mid_move_adopts_the_live_new_stop(db: Database) -> None:
     """The operator restarts the protection manager (`R`) while a move's new stop is live and unanswered:
     the new manager restores the trail from the database (written ahead as `moving`) and adopts that stop,
