@@ -859,7 +859,9 @@ class Engine:
         assert self.store is not None and self.manager is not None
         cid = client_order_id(self._token, position.id, OrderPurpose.ENTRY, 0)
         try:
-            order = await self.manager.call(self.venue.fetch_order(position.symbol, cid), "fetch_order")
+            order = await self.manager.read(
+                lambda: self.venue.fetch_order(position.symbol, cid), "fetch_order"
+            )
         except NotFound:
             await self.store.set_position_status(
                 position.id, PositionStatus.FAILED, exit_reason="entry not placed"

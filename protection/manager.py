@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import ROUND_DOWN, ROUND_UP, Decimal
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from engine.clock import Clock, wait_for_all
 from engine.events import (
@@ -86,6 +86,7 @@ from storage.repositories import (
 log = logging.getLogger(__name__)
 
 _HUNDRED = Decimal(100)
+_T = TypeVar("_T")
 
 
 class TrailingKind(StrEnum):
@@ -999,7 +1000,7 @@ class PositionGuard:
         cid = order.client_order_id
         assert cid is not None
         try:
-            found = await m.call(m.venue.fetch_order(self.symbol, cid), "fetch_order")
+            found = await m.read(lambda: m.venue.fetch_order(self.symbol, cid), "fetch_order")
         except NotFound:
             lag = m.read_after_write_seconds
             if order.sent_at is not None and m.clock.monotonic() - order.sent_at < lag:
@@ -1132,7 +1133,7 @@ class PositionGuard:
         look_ups = asyncio.ensure_future(
             asyncio.gather(
                 asyncio.gather(*(self._resolve(order, "re-check fired") for order in stuck)),
-                m.call(m.venue.fetch_positions(self.symbol), "fetch_positions"),
+                m.read(lambda: m.venue.fetch_positions(self.symbol), "fetch_positions"),
                 return_exceptions=True,
             )
         )
@@ -1740,7 +1741,7 @@ class PositionGuard:
             )
         except (OutcomeUnknown, TimeoutError):
             try:
-                filled = await m.call(m.venue.fetch_order(self.symbol, cid), "fetch_order")
+                filled = await m.read(lambda: m.venue.fetch_order(self.symbol, cid), "fetch_order")
             except (ExchangeError, TimeoutError) as exc:
                 await self._close_failed(cid, f"outcome unknown: {_short(exc)}", OrderRecordStatus.UNKNOWN)
                 return False
@@ -2461,6 +2462,47 @@ class ProtectionManager:
             if ok and kind == "create_order":
                 previous = self.order_round_trip_seconds
                 self.order_round_trip_seconds = latency if previous == 0.0 else 0.8 * previous + 0.2 * latency
+
+    async def read(self, make: Callable[[], Awaitable[_T]], kind: str, lane: Lane = Lane.PROTECTIVE) -> _T:
+        """An idempotent read (`make()` builds the request), hedged: once its answer is late —
+        `LATE_ANSWER_ROUND_TRIPS` order round trips after it was sent, at least `LATE_ANSWER_MIN_SECONDS`
+        — the same read is sent once more and the first answer wins. An answer lost after the venue
+        executed the read used to hold whatever waited on it for the whole call budget (10 s): a
+        protection restart's reconcile, during which no guard runs, or a fired stop's check."""
+        ticket = CallTicket(lane)
+        first = asyncio.ensure_future(self.call(make(), kind, lane, ticket=ticket))
+        started = self.clock.monotonic()
+        late = max(LATE_ANSWER_MIN_SECONDS, LATE_ANSWER_ROUND_TRIPS * self.order_round_trip_seconds)
+        tasks = [first]
+        try:
+            while not first.done():
+                now = self.clock.monotonic()
+                due = started + ticket.waited + late
+                if ticket.waiting_since is None and now >= due:
+                    break
+                nap = LATE_ANSWER_MIN_SECONDS if ticket.waiting_since is not None else due - now
+                ticket.changed.clear()
+                await _first_of(asyncio.shield(first), ticket.changed.wait(), self.clock.sleep(nap))
+            if first.done():
+                return first.result()
+            tasks.append(asyncio.ensure_future(self.call(make(), kind, lane)))
+            pending, error = set(tasks), None
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    exc = task.exception()
+                    if exc is None:
+                        return task.result()
+                    if isinstance(exc, NotFound | Rejected):  # an answer: it decides
+                        raise exc
+                    error = error or exc
+            assert error is not None
+            raise error
+        finally:
+            left = [t for t in tasks if not t.done()]
+            for task in left:
+                task.cancel()
+            await asyncio.gather(*left, return_exceptions=True)
 
     def backoff(self, failures: int) -> float:
         if failures <= 0:

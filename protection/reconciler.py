@@ -101,8 +101,8 @@ class Reconciler:
         manager = self._manager
         taken_at = self._clock.monotonic()
         positions, open_orders = await asyncio.gather(
-            manager.call(self._venue.fetch_positions(), "fetch_positions", lane),
-            manager.call(self._venue.fetch_open_protective_orders(), "fetch_open_orders", lane),
+            manager.read(self._venue.fetch_positions, "fetch_positions", lane),
+            manager.read(self._venue.fetch_open_protective_orders, "fetch_open_orders", lane),
         )
         return VenueSnapshot(list(positions), list(open_orders), taken_at)
 
@@ -233,8 +233,8 @@ class Reconciler:
         exit_reason, exit_price = await self._exit_evidence(guard)
         if exit_reason is None:
             try:
-                alone = await self._manager.call(
-                    self._venue.fetch_positions(guard.symbol), "fetch_positions", Lane.READ
+                alone = await self._manager.read(
+                    lambda: self._venue.fetch_positions(guard.symbol), "fetch_positions", Lane.READ
                 )
             except (ExchangeError, TimeoutError) as exc:
                 log.warning(
@@ -271,8 +271,10 @@ class Reconciler:
                 candidates.setdefault(record.client_order_id, record.purpose)
         for client_order_id, purpose in candidates.items():
             try:
-                found = await self._manager.call(
-                    self._venue.fetch_order(guard.symbol, client_order_id), "fetch_order", Lane.READ
+                found = await self._manager.read(
+                    lambda cid=client_order_id: self._venue.fetch_order(guard.symbol, cid),
+                    "fetch_order",
+                    Lane.READ,
                 )
             except (NotFound, ExchangeError, TimeoutError):
                 continue

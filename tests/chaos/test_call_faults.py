@@ -111,6 +111,28 @@ async def test_stops_whose_answers_are_lost_are_found_by_their_ids_within_grace(
         await run.stop()
 
 
+async def test_a_protection_restart_is_not_held_by_a_read_whose_answer_is_lost(db: Database) -> None:
+    """The operator restarts protection (`R`) and the venue loses the answer to the new manager's reads of
+    positions and of open orders (it executed them; the client gives up after 10 s, as ccxt does). Reads
+    are idempotent, so a late one is asked again and the first answer wins: the restart — during which
+    no guard runs — must not wait out the lost answers (it used to take the whole 10 s)."""
+    settings = chaos_settings(db, {"VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "10"})
+    run = ChaosRun(db, settings)
+    await run.start()
+    try:
+        symbols = await run.wave(3)
+        await run.opened(symbols)
+        await run.until(run.converged, limit=30, what="the wave protected")
+        run.venue.inject_fault(CallKind.FETCH_POSITIONS, FaultKind.TIMEOUT_AFTER_ACCEPT, 1)
+        run.venue.inject_fault(CallKind.FETCH_OPEN_ORDERS, FaultKind.TIMEOUT_AFTER_ACCEPT, 1)
+        report = await run.drive(run.engine.restart_protection(), limit=5.0)
+        assert report.restored == len(symbols)
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)
+    finally:
+        await run.stop()
+
+
 RATE_LIMITED = {
     # A small order window, so that another client fills it in one burst without touching the minute's.
     "VENUE__SIM__RATE_LIMITS__ORDERS_PER_10S": "60",
