@@ -2,7 +2,8 @@
 venue's truth for N minutes of real time.
 
     python bench/chaos_soak.py --minutes N [--fault-rate 0.05] [--venue sim|emulator] [--json]
-        [--wave-every 4] [--wave-size 5] [--volatility 20] [--seed 42]
+        [--wave-every 4] [--wave-size 5] [--volatility 20] [--seed 42] [--breaker-auto-resume 30]
+        [--details DIR] [--log-level INFO]
 
 Set-up (not measured): an embedded PostgreSQL in a temporary directory and a fresh database; the real
 `Engine` on the real `SystemClock`, configured through `load_config` from `TSBOT_*` variables as an operator
@@ -62,7 +63,12 @@ core's oracle view, or the emulator's `GET /_sim/state`) and the engine's databa
   faults; `venue_calls`: the engine's venue calls by kind;
 * `positions_opened` (venue positions seen), `positions_closed` (database, by exit reason), `waves`,
   `signals` (by final status), `order_round_trip_s` (the largest of the engine's moving averages of
-  answered order calls, read every second).
+  answered order calls, read every second);
+* `breaker`: how often the circuit breaker paused entries (`trips`), how often they were resumed, and
+  for how many seconds of the run entries were paused. The breaker trips under these faults (it should:
+  protection *is* failing at times), and once tripped only the operator resumes by default, which would
+  leave most of a long run without waves; `--breaker-auto-resume S` (default 30) stands in for that
+  operator with the product's own `protection.breaker.auto_resume_seconds`.
 
 The targets (`targets`): coverage ≥ 99.9 %, worst unprotected ≤ one order round trip + grace, 0
 duplicates, 0 lost positions; each reported as met or not. No tuning happens here: the figures are what
@@ -196,6 +202,9 @@ def engine_environ(args: argparse.Namespace, dsn: str) -> dict[str, str]:
         # the account for 5 s, doubling up to 20 s.
         "TSBOT_VENUE__SIM__RATE_LIMITS__BAN_SECONDS": "5",
         "TSBOT_VENUE__SIM__RATE_LIMITS__MAX_BAN_SECONDS": "20",
+        # The operator who would look at the cause and resume entries: the breaker resumes them itself
+        # after this long without a reason to trip (0: entries stay paused once it trips).
+        "TSBOT_PROTECTION__BREAKER__AUTO_RESUME_SECONDS": f"{args.breaker_auto_resume:g}",
     }
 
 
@@ -233,6 +242,7 @@ class Soak:
         self._symbols = sorted(UNIVERSE)
         self._stuck: set[str] = set()
         self._commands: set[asyncio.Task[Any]] = set()
+        self.entries_paused_seconds = 0.0  # seconds of the run with entries paused (sampled every second)
 
     def held(self) -> set[str]:
         if self.sim is not None:
@@ -331,6 +341,8 @@ class Soak:
                     next_wave += self.args.wave_every
                 self.scheduled_faults()
                 await asyncio.sleep(1.0)
+                if self.engine.entries_paused:
+                    self.entries_paused_seconds += 1.0
             limits = self.auditor.limits
             await asyncio.sleep(
                 limits.reconcile_seconds + limits.reconcile_slack_seconds + DRAIN_EXTRA_SECONDS
@@ -407,6 +419,9 @@ async def _soak(
                 "SELECT exit_reason, count(*) AS n FROM monitoring.positions WHERE status = 'closed' GROUP BY 1"
             )
             signals = await conn.fetch("SELECT status, count(*) AS n FROM monitoring.signals GROUP BY 1")
+            pauses = await conn.fetch(
+                "SELECT type, message FROM monitoring.events WHERE type IN ('entries_paused', 'entries_resumed')"
+            )
         finally:
             await conn.close()
     finally:
@@ -447,6 +462,12 @@ async def _soak(
         "waves": run.waves,
         "signals": {r["status"]: r["n"] for r in signals},
         "order_round_trip_s": round(round_trip, 4),
+        "breaker": {
+            "trips": sum(1 for r in pauses if r["type"] == "entries_paused" and "breaker" in r["message"]),
+            "resumes": sum(1 for r in pauses if r["type"] == "entries_resumed"),
+            "entries_paused_s": run.entries_paused_seconds,
+            "auto_resume_s": args.breaker_auto_resume,
+        },
         "samples": figures.samples,
         "seconds_audited": round(figures.seconds_audited, 1),
         "settings": {
@@ -493,6 +514,7 @@ def print_human(report: dict[str, Any]) -> None:
         print(f"  {line}")
     print(f"  faults {report['faults_injected']}")
     print(f"  closed {report['positions_closed']}; signals {report['signals']}")
+    print(f"  breaker {report['breaker']}")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -509,6 +531,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument(
         "--details", type=Path, default=None, help="also write every violation and the engine's log here"
+    )
+    parser.add_argument(
+        "--breaker-auto-resume",
+        type=float,
+        default=30.0,
+        help="seconds without a reason to trip after which the circuit breaker resumes entries (the "
+        "operator's resume; 0: never, the shipped default, so a long run soaks an engine with entries paused)",
     )
     parser.add_argument(
         "--log-level",
