@@ -1271,7 +1271,7 @@ class Engine:
                 )
 
             try:
-                order = await self._send_entry(entry_call, signal.symbol)
+                order = await self._send_entry(entry_call, signal.symbol, cid)
             except (OutcomeUnknown, TimeoutError):
                 try:
                     order = await manager.call(
@@ -1337,14 +1337,19 @@ class Engine:
         finally:
             self._in_flight.discard(signal.symbol)
 
-    async def _send_entry(self, entry_call: Callable[[], Awaitable[Any]], symbol: str) -> Any:
+    async def _send_entry(self, entry_call: Callable[[], Awaitable[Any]], symbol: str, cid: str) -> Any:
         """Send an entry. A rate-limit answer (Bybit 10006, HTTP 429) means it was not executed: it is sent
         again, with the same id, once the venue says its window has room (Bybit's reset timestamp, a
-        `Retry-After`), a few times; before, the refused entry was lost with its signal."""
-        assert self.manager is not None
+        `Retry-After`), a few times; before, the refused entry was lost with its signal. An answer that is
+        late is not waited out: the entry is looked for by its id meanwhile (a filled entry is a position
+        to protect now)."""
+        manager = self.manager
+        assert manager is not None
         for attempt in range(1, ENTRY_RATE_LIMIT_ATTEMPTS + 1):
             try:
-                return await self.manager.call(entry_call(), "create_order", Lane.ENTRY)
+                return await manager.create_or_find(
+                    entry_call(), lambda: self.venue.fetch_order(symbol, cid), f"entry {symbol}", Lane.ENTRY
+                )
             except RateLimited as exc:
                 if attempt == ENTRY_RATE_LIMIT_ATTEMPTS:
                     raise

@@ -23,6 +23,7 @@ and, when the core decides a move, wakes the guard (F1).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -944,22 +945,11 @@ class PositionGuard:
         m = self._m
         ticket = CallTicket(Lane.PROTECTIVE)
         call = asyncio.ensure_future(m.call(create, "create_order", ticket=ticket))
-        look_after = max(
-            m.read_after_write_seconds,
-            LATE_ANSWER_ROUND_TRIPS * m.order_round_trip_seconds,
-            LATE_ANSWER_MIN_SECONDS,
-        )
+        look_after = max(m.read_after_write_seconds, m.late_answer_seconds())
         started = m.clock.monotonic()
+        handed_off = False
         try:
-            while not call.done():
-                now = m.clock.monotonic()
-                due = started + ticket.waited + look_after
-                if ticket.waiting_since is not None or now < due:
-                    # queued for budget (not sent yet), or not late yet; the ticket says when a wait ends
-                    nap = LATE_ANSWER_MIN_SECONDS if ticket.waiting_since is not None else due - now
-                    ticket.changed.clear()
-                    await _first_of(asyncio.shield(call), ticket.changed.wait(), m.clock.sleep(nap))
-                    continue
+            while await _until_late(m.clock, call, ticket, look_after):
                 look_up = asyncio.ensure_future(
                     self._resolve(order, "late answer: look up", absent_means_send=False)
                 )
@@ -973,23 +963,29 @@ class PositionGuard:
                     continue
                 outcome = look_up.result()
                 if outcome in (_Outcome.CONFIRMED, _Outcome.GONE, _Outcome.FIRED):
-                    # The answer is lost or late: an unknown outcome, resolved by its id (reported as
-                    # one; "Timeout creating …" stays for real timeouts, which the operators count).
-                    waited = m.clock.monotonic() - started - ticket.waited
-                    lost = OutcomeUnknown(
-                        order.client_order_id, f"no answer after {waited:.1f}s, {_LATE_ANSWER_WORDS[outcome]}"
+                    # Settled by the venue itself. Not a failure: a slow answer is still on its way, and
+                    # the call goes on in the background to its answer or its budget, measured as any call
+                    # (a lost answer shows there as the timeout it is).
+                    log.info(
+                        "%s: %s %s %s %.1fs after it was sent, before its answer came",
+                        self.symbol,
+                        _what(order.purpose),
+                        order.client_order_id,
+                        _LATE_ANSWER_WORDS[outcome],
+                        m.clock.monotonic() - started - ticket.waited,
                     )
-                    self._create_failed(order, order.client_order_id or "?", lost, waited, resolved=True)
+                    m.let_finish(call)
+                    handed_off = True
                     if outcome is _Outcome.CONFIRMED:
                         self.report.created_orders += 1
                     return outcome
                 # Not visible yet (read lag), not there yet (a slow venue still working on the request:
                 # the request is not given up, it may land), or the look-up failed: look again later.
                 order.maybe_sent = True
-                look_after += m.config.retry_initial_seconds
+                look_after = m.config.retry_initial_seconds
             return call.result()
         finally:
-            if not call.done():
+            if not handed_off and not call.done():
                 call.cancel()
                 await asyncio.gather(call, return_exceptions=True)
 
@@ -2463,6 +2459,66 @@ class ProtectionManager:
                 previous = self.order_round_trip_seconds
                 self.order_round_trip_seconds = latency if previous == 0.0 else 0.8 * previous + 0.2 * latency
 
+    def let_finish(self, call: asyncio.Future[Any]) -> None:
+        """A venue call whose answer is no longer needed (a look-up or a second read settled it first)
+        runs on to its answer or its budget in the background, so that its measurement stays true (a
+        slow answer is a slow call, a lost one a timeout); the manager's stop cancels it."""
+        if call.done():
+            return
+
+        async def finish() -> None:
+            with contextlib.suppress(Exception):
+                await call
+
+        task = asyncio.ensure_future(finish())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def late_answer_seconds(self) -> float:
+        """How long after its send an order call's answer counts as late (and is looked for)."""
+        return max(LATE_ANSWER_MIN_SECONDS, LATE_ANSWER_ROUND_TRIPS * self.order_round_trip_seconds)
+
+    async def create_or_find(
+        self, request: Awaitable[Order], find: Callable[[], Awaitable[Order]], what: str, lane: Lane
+    ) -> Order:
+        """An order call whose answer can be lost (`request`), and meanwhile, once that answer is late,
+        look-ups of the order by its client id (`find`, raising `NotFound` while the venue does not show
+        it) every retry step: the first of the answer and a found order wins. An entry whose answer was
+        lost after the venue filled it left the position naked for the whole call budget (10 s) before
+        anything looked for it. Were neither to come, the call's own timeout or error is raised."""
+        ticket = CallTicket(lane)
+        call = asyncio.ensure_future(self.call(request, "create_order", lane, ticket=ticket))
+        started = self.clock.monotonic()
+        look_after = self.late_answer_seconds()
+        handed_off = False
+        try:
+            while await _until_late(self.clock, call, ticket, look_after):
+                look_up = asyncio.ensure_future(self.read(find, "fetch_order", lane))
+                try:
+                    await _first_of(asyncio.shield(call), asyncio.shield(look_up))
+                finally:
+                    if not look_up.done():  # the answer came first: it decides
+                        look_up.cancel()
+                        await asyncio.gather(look_up, return_exceptions=True)
+                if look_up.done() and not look_up.cancelled() and look_up.exception() is None:
+                    found: Order = look_up.result()
+                    log.info(
+                        "%s %s found %s by its client order id %.1fs after it was sent, before its answer came",
+                        what,
+                        found.client_order_id,
+                        found.status.value,
+                        self.clock.monotonic() - started - ticket.waited,
+                    )
+                    self.let_finish(call)
+                    handed_off = True
+                    return found
+                look_after = self.config.retry_initial_seconds  # not there (yet), or the look-up failed
+            return call.result()
+        finally:
+            if not handed_off and not call.done():
+                call.cancel()
+                await asyncio.gather(call, return_exceptions=True)
+
     async def read(self, make: Callable[[], Awaitable[_T]], kind: str, lane: Lane = Lane.PROTECTIVE) -> _T:
         """An idempotent read (`make()` builds the request), hedged: once its answer is late —
         `LATE_ANSWER_ROUND_TRIPS` order round trips after it was sent, at least `LATE_ANSWER_MIN_SECONDS`
@@ -2471,19 +2527,9 @@ class ProtectionManager:
         protection restart's reconcile, during which no guard runs, or a fired stop's check."""
         ticket = CallTicket(lane)
         first = asyncio.ensure_future(self.call(make(), kind, lane, ticket=ticket))
-        started = self.clock.monotonic()
-        late = max(LATE_ANSWER_MIN_SECONDS, LATE_ANSWER_ROUND_TRIPS * self.order_round_trip_seconds)
         tasks = [first]
         try:
-            while not first.done():
-                now = self.clock.monotonic()
-                due = started + ticket.waited + late
-                if ticket.waiting_since is None and now >= due:
-                    break
-                nap = LATE_ANSWER_MIN_SECONDS if ticket.waiting_since is not None else due - now
-                ticket.changed.clear()
-                await _first_of(asyncio.shield(first), ticket.changed.wait(), self.clock.sleep(nap))
-            if first.done():
+            if not await _until_late(self.clock, first, ticket, self.late_answer_seconds()):
                 return first.result()
             tasks.append(asyncio.ensure_future(self.call(make(), kind, lane)))
             pending, error = set(tasks), None
@@ -2491,10 +2537,11 @@ class ProtectionManager:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     exc = task.exception()
-                    if exc is None:
+                    if exc is None or isinstance(exc, NotFound | Rejected):  # an answer: it decides
+                        for other in pending:
+                            self.let_finish(other)
+                        tasks.clear()
                         return task.result()
-                    if isinstance(exc, NotFound | Rejected):  # an answer: it decides
-                        raise exc
                     error = error or exc
             assert error is not None
             raise error
@@ -2603,6 +2650,21 @@ def _datetime(epoch: float | None) -> datetime | None:
     if epoch is None:
         return None
     return datetime.fromtimestamp(epoch, tz=UTC)
+
+
+async def _until_late(clock: Clock, call: asyncio.Future[Any], ticket: CallTicket, after: float) -> bool:
+    """Wait for `call` until its answer is `after` seconds late, counted from when it was sent (time queued
+    for budget, on `ticket`, does not count); True if it is still unanswered then."""
+    started, waited_before = clock.monotonic(), ticket.waited
+    while not call.done():
+        now = clock.monotonic()
+        due = started + (ticket.waited - waited_before) + after
+        if ticket.waiting_since is None and now >= due:
+            return True
+        nap = LATE_ANSWER_MIN_SECONDS if ticket.waiting_since is not None else due - now
+        ticket.changed.clear()
+        await _first_of(asyncio.shield(call), ticket.changed.wait(), clock.sleep(nap))
+    return False
 
 
 async def _first_of(*awaitables: Awaitable[Any]) -> None:

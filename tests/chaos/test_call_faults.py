@@ -111,6 +111,24 @@ async def test_stops_whose_answers_are_lost_are_found_by_their_ids_within_grace(
         await run.stop()
 
 
+async def test_an_entry_whose_answer_is_lost_is_protected_within_grace(db: Database) -> None:
+    """The venue fills an entry and its answer never comes back (the client gives up after 10 s, as ccxt's
+    default does). The position is live and naked on the venue from the fill: the engine must find the
+    entry by its client id once the answer is late and protect the position within grace, not wait out
+    the call first (the auditor, reading the venue, saw it naked for 10 s)."""
+    settings = chaos_settings(db, {"VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "10"})
+    run = ChaosRun(db, settings)
+    await run.start()
+    try:
+        run.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT, 1)
+        symbols = await run.wave(1)
+        await run.opened(symbols)
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)
+    finally:
+        await run.stop()
+
+
 async def test_a_protection_restart_is_not_held_by_a_read_whose_answer_is_lost(db: Database) -> None:
     """The operator restarts protection (`R`) and the venue loses the answer to the new manager's reads of
     positions and of open orders (it executed them; the client gives up after 10 s, as ccxt does). Reads

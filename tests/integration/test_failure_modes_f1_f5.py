@@ -247,7 +247,7 @@ async def test_f1_marks_flow_while_protection_calls_are_in_flight(db: Database) 
 
 
 def lost_answers(events: EventLog) -> list[ProtectionFailed]:
-    """The protective creates reported as answered too late (or never): found by their client ids."""
+    """The protective creates reported as unknown outcomes (sent, the answer lost)."""
     return [e for e in events.of(ProtectionFailed) if e.failure_class == "unknown_outcome"]
 
 
@@ -255,8 +255,8 @@ async def test_f2_timeout_after_accept_is_resolved_by_client_id_never_a_second_o
     """F2, ambiguous outcome: the create_order call times out although the venue placed the order
     (`timeout_after_accept`). The old bot either gave up ("continuing without TS") or could send a blind
     second order. Here the outcome is resolved by fetching the client order id once the answer is late:
-    exactly one stop-loss and one trailing stop per position, the lost answer published (outcome
-    "resolved") and recorded."""
+    exactly one stop-loss and one trailing stop per position, confirmed before the call gave up, and the
+    lost answers measured as the timeouts they were."""
     settings = settings_for(
         db, {"VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "3", "PROTECTION__CALL_TIMEOUT_SECONDS": "10"}
     )
@@ -301,21 +301,18 @@ async def test_f2_timeout_after_accept_is_resolved_by_client_id_never_a_second_o
                 True,
             )
 
-        # Each stop's answer was late, so it was looked up by its client id (well before the client's
-        # own 3 s timeout) and found live: an unknown outcome, resolved, reported once; no timeout.
-        await drive_until(clock, lambda: len(lost_answers(events)) == 6, what="lost answers reported")
-        lost = lost_answers(events)
-        assert {e.outcome for e in lost} == {"resolved"}
-        assert sorted(e.symbol for e in lost) == sorted(symbols * 2)
-        assert all(e.latency_seconds < 3.0 for e in lost)
+        # Each order's answer was late, so it was looked up by its client id (well before the client's
+        # own 3 s timeout) and found: protection confirmed, no protection failure to report. The calls
+        # themselves ran on to the client's timeout and are measured as what they were: 9 timeouts.
         assert events.of(ProtectionTimedOut) == []
+        assert lost_answers(events) == []
         assert engine.manager.timeouts.count(clock.monotonic(), 3600) == 0
-        rows = await events_of(db, "protection_unknown_outcome")
-        assert len(rows) == 6
-        assert [_data(r)["outcome"] for r in rows] == ["resolved"] * 6
-        assert {_data(r)["client_order_id"] for r in rows} == {
-            o for g in guards for o in (g.stop_loss.client_order_id, g.trailing_stop.client_order_id)
-        }
+        assert await events_of(db, "protection_timeout") == []
+        await drive_until(
+            clock,
+            lambda: engine.manager.call_stats.summary(clock.monotonic(), "create_order").timeouts == 9,
+            what="the lost answers measured as timeouts",
+        )
     finally:
         await events.close()
         await drive(clock, engine.stop())
@@ -354,11 +351,15 @@ async def test_f2_call_slower_than_the_protection_budget_is_resolved_by_client_i
                 guard.position_id,
             )
             assert count == 2
-        # The venue took each stop at 3 s; a look-up by client id found it before the 4 s budget ran out.
-        await drive_until(clock, lambda: len(lost_answers(events)) == 4, what="late answers reported")
-        assert {e.outcome for e in lost_answers(events)} == {"resolved"}
-        assert all(3.0 <= e.latency_seconds < 4.0 for e in lost_answers(events))
+        # The venue took each stop at 3 s; a look-up by client id found it before the 4 s budget ran out:
+        # no protection failure. The calls ran on to the budget and are measured as the timeouts they were.
         assert events.of(ProtectionTimedOut) == []
+        assert lost_answers(events) == []
+        await drive_until(
+            clock,
+            lambda: engine.manager.call_stats.summary(clock.monotonic(), "create_order").timeouts >= 4,
+            what="the slow calls measured as timeouts",
+        )
     finally:
         await events.close()
         await drive(clock, engine.stop())

@@ -93,6 +93,10 @@ async def test_each_failed_stop_on_the_sim_venue_is_named_by_what_happened(
     )
     clock = ManualClock()
     engine = make_engine(settings, clock)
+    if fault is FaultKind.TIMEOUT_AFTER_ACCEPT:
+        # Its reads show a new stop only after the client gave up (2 s): no look-up by client id settles
+        # it first, so the call really times out.
+        engine.venue.set_read_lag(3.0)
     await drive(clock, engine.start())
     seen, follower = _collect(engine)
     symbol = SYMBOLS[11]
