@@ -151,6 +151,7 @@ class BybitLinearVenue(CcxtVenue):
             rest_marks=self.fetch_mark_prices,
             name_stop=self._stream_stop,
             mark_poll_seconds=config.mark_poll_seconds,
+            rest_fill_price=self._execution_price,
             monotonic=self._clock.monotonic,
         )
         self._streams = self._bybit_streams
@@ -219,6 +220,24 @@ class BybitLinearVenue(CcxtVenue):
         if venue_order_id and not stop.venue_order_id:
             stop.venue_order_id = venue_order_id
         return self._snapshot(stop)
+
+    async def _execution_price(self, symbol: str, venue_order_id: str) -> Decimal | None:
+        """The volume-weighted price of one order's executions (`execution/list` by orderId), or None."""
+        answer = await self._call(
+            self._exchange.privateGetV5ExecutionList(
+                {"category": "linear", "symbol": symbol, "orderId": venue_order_id, "limit": _EXECUTION_PAGE}
+            ),
+            mutating=False,
+            symbol=symbol,
+        )
+        total = notional = _ZERO
+        for row in (answer.get("result") or {}).get("list", []):
+            if str(row.get("orderId", "")) != venue_order_id or row.get("execType", "Trade") != "Trade":
+                continue
+            qty, price = _positive(row.get("execQty")), _positive(row.get("execPrice"))
+            if qty is not None and price is not None:
+                total, notional = total + qty, notional + qty * price
+        return notional / total if total > 0 else None
 
     async def load_markets(self) -> Mapping[str, Market]:
         loaded = await self._call(self._exchange.load_markets(True), mutating=False)
@@ -782,9 +801,9 @@ class BybitLinearVenue(CcxtVenue):
         if stop.status is not OrderStatus.NEW:
             return self._snapshot(stop)
         told = self._bybit_streams.ended(stop.client_order_id)
-        if (
-            told is not None
-        ):  # the account stream said how it ended (Bybit deactivates a closed position's stops)
+        if told is not None and not (told.status is OrderStatus.FILLED and told.average_price is None):
+            # The account stream said how it ended (Bybit deactivates a closed position's stops); a fill it
+            # told without a price is read from the execution list below.
             stop.confirmed, stop.status, stop.updated_at = True, told.status, told.updated_at
             stop.filled_quantity, stop.average_price = told.filled_quantity, told.average_price
             stop.venue_order_id = told.venue_order_id or stop.venue_order_id

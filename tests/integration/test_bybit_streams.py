@@ -6,11 +6,14 @@ back and a `StreamGap` for the account stream; a fired position stop must come b
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 import pytest
@@ -331,3 +334,53 @@ async def test_cancelling_a_sibling_the_venue_already_deactivated_asks_nothing()
         filled = await r.venue.fetch_order(SYMBOL, "p4-sl1")  # the filled one, from the stream as well
         assert filled.status is OrderStatus.FILLED
         assert filled.average_price == r.updates("p4-sl1")[-1].order.average_price
+
+
+async def test_a_fired_stop_whose_execution_is_lost_is_told_filled_with_the_venues_price() -> None:
+    """F6: the order topic says Filled without an average price (Bybit's "" for an order without one) and
+    the execution message that would give it never arrives. The fill is told all the same, with the
+    price the venue's execution list gives, not held until a reconcile pass finds it."""
+    async with rig(symbols=[SYMBOL]) as r:
+        stop = await r.open_position_with_stops("p5")
+        await wait_until(lambda: bool(r.updates("p5-ts1")), what="the stops told")
+        await r.post("/_sim/stream-fault", {"fault": "lose", "topic": "execution", "count": 1})
+        await r.post("/_sim/stream-fault", {"fault": "blank", "topic": "order", "field": "avgPrice"})
+        fired = await r.post("/_sim/mark", {"symbol": SYMBOL, "price": str(stop - Decimal("0.001"))})
+        assert len(fired["triggered"]) == 1
+        await wait_until(lambda: r.filled("p5-sl1"), within=30, what="the fill of the stop")
+        filled = r.updates("p5-sl1")[-1].order
+        assert filled.venue_order_id == fired["triggered"][0]
+        assert filled.filled_quantity == Decimal(100)
+        executions = await _executions_of(r, fired["triggered"][0])
+        assert len(executions) == 1
+        assert filled.average_price == Decimal(executions[0]["execPrice"])
+
+
+async def test_the_lose_and_blank_faults_name_a_topic_and_a_field_the_venue_has() -> None:
+    async with rig(symbols=[SYMBOL]) as r:
+        for body, says in (
+            ({"fault": "lose", "topic": "tickers"}, "unknown topic"),
+            ({"fault": "blank", "topic": "execution", "field": "execPrice"}, "no field"),
+            ({"fault": "blank", "topic": "order", "field": "qty"}, "no field"),
+        ):
+            async with r.control.post(f"{r.base_url}/_sim/stream-fault", json=body) as response:
+                assert response.status == 400
+                assert says in await response.text()
+
+
+async def _executions_of(r: Rig, order_id: str) -> list[dict[str, Any]]:
+    """The venue's own execution rows of one order, as `execution/list` answers them (signed here, as
+    Bybit documents: HMAC-SHA256 over timestamp + key + recvWindow + query string)."""
+    query = urlencode({"category": "linear", "symbol": SYMBOL, "orderId": order_id})
+    stamp, window = str(int(time.time() * 1000)), "5000"
+    sign = hmac.new(SECRET.encode(), (stamp + KEY + window + query).encode(), hashlib.sha256).hexdigest()
+    headers = {
+        "X-BAPI-API-KEY": KEY,
+        "X-BAPI-TIMESTAMP": stamp,
+        "X-BAPI-RECV-WINDOW": window,
+        "X-BAPI-SIGN": sign,
+    }
+    async with r.control.get(f"{r.base_url}/v5/execution/list?{query}", headers=headers) as response:
+        answer = await response.json()
+    assert answer["retCode"] == 0, answer
+    return list(answer["result"]["list"])
