@@ -102,8 +102,9 @@ _ORDER_STATUS = {
 }
 
 # The venue's view of a position stop it knows under our id: (symbol, stopOrderType's OrderType, the
-# closing side, the venue's orderId) -> its snapshot (our client id, quantity, trigger), or None.
-NameStop = Callable[[str, OrderType, OrderSide, str], Order | None]
+# closing side, the venue's orderId, the row's triggerPrice, its updatedTime in ms) -> its snapshot (our
+# client id, quantity, trigger), or None (not ours, or a row that cannot be the stop's order).
+NameStop = Callable[[str, OrderType, OrderSide, str, Decimal | None, int | None], Order | None]
 # REST's word on one order's fill: (symbol, the venue's orderId) -> its volume-weighted price, or None.
 RestFillPrice = Callable[[str, str], Awaitable[Decimal | None]]
 FILL_WAIT_SECONDS = 1.0
@@ -423,7 +424,15 @@ class BybitStreams:
         stop_type = _STOP_TYPES.get(str(row.get("stopOrderType") or ""))
         if stop_type is not None and not link_id:
             side = OrderSide.BUY if row.get("side") == "Buy" else OrderSide.SELL
-            named = self._name_stop(str(row["symbol"]), stop_type, side, order_id)
+            updated = _decimal(row.get("updatedTime"))
+            named = self._name_stop(
+                str(row["symbol"]),
+                stop_type,
+                side,
+                order_id,
+                positive_or_none(row.get("triggerPrice")),
+                None if updated is None else int(updated),
+            )
             if named is None:
                 return  # a stop that is not ours (set by hand, or before we knew it)
             base = named

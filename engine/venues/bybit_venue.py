@@ -96,6 +96,7 @@ _NOT_MODIFIED = 34040  # trading-stop: the values sent are the ones the position
 _POSITION_PAGE = 200  # position/list: limit 1..200 (default 20), then nextPageCursor
 _ORDER_PAGE = 50  # order/realtime: limit 1..50
 _EXECUTION_PAGE = 100  # execution/list: limit 1..100
+_CLOCK_SLACK_SECONDS = 1.0  # the venue's clock against ours, when a venue time is compared with our own
 _FIELD = {OrderType.STOP_MARKET: "stopLoss", OrderType.TRAILING_STOP_MARKET: "trailingStop"}
 _STOP_ORDER_TYPE = {OrderType.STOP_MARKET: "StopLoss", OrderType.TRAILING_STOP_MARKET: "TrailingStop"}
 
@@ -207,14 +208,47 @@ class BybitLinearVenue(CcxtVenue):
         return sorted(self._markets) if symbols is None else symbols  # Bybit has no all-market topic
 
     def _stream_stop(
-        self, symbol: str, order_type: OrderType, side: OrderSide, venue_order_id: str
+        self,
+        symbol: str,
+        order_type: OrderType,
+        side: OrderSide,
+        venue_order_id: str,
+        trigger: Decimal | None = None,
+        updated_ms: int | None = None,
     ) -> Order | None:
-        """Our id for the position's system-created stop order of this kind and closing side: the working
-        stop we set (or adopted) of that kind, else the one last known under that venue order id."""
+        """Our id for a system-created stop order of this kind and closing side, told by the stream.
+
+        Each stop we set is a venue order of its own, and the stream can be late: the row of an earlier
+        stop (the previous position's, or one we replaced) may arrive after the current stop was set. So a
+        row is named after the working stop only if it can be that stop's order: the venue order it is
+        known under, or (not known yet) a hard stop's own trigger price and a state no older than the stop,
+        for a trailing stop also an order no other stop of ours is known under. Else after the stop known
+        under that venue order, else after an earlier stop it fits; else it is not named (skipped: the
+        reconciler's reads stay the net)."""
         kind = [s for s in self._stops_for(symbol) if s.type is order_type and s.side is side]
-        stop = next((s for s in reversed(kind) if s.status is OrderStatus.NEW), None) or next(
-            (s for s in reversed(kind) if venue_order_id and s.venue_order_id == venue_order_id), None
-        )
+
+        def fits(stop: _PositionStop) -> bool:
+            if stop.venue_order_id:
+                return stop.venue_order_id == venue_order_id
+            if (
+                order_type is OrderType.STOP_MARKET
+                and trigger is not None
+                and stop.stop_price is not None
+                and trigger != stop.stop_price
+            ):
+                return False  # a hard stop's order at another price: an earlier stop's
+            if updated_ms is not None and updated_ms < (stop.created_at - _CLOCK_SLACK_SECONDS) * 1000:
+                return False  # a state from before this stop was set
+            return order_type is OrderType.STOP_MARKET or not any(
+                other is not stop and other.venue_order_id == venue_order_id for other in kind
+            )
+
+        working = next((s for s in reversed(kind) if s.status is OrderStatus.NEW), None)
+        stop = working if working is not None and fits(working) else None
+        if stop is None and venue_order_id:
+            stop = next((s for s in reversed(kind) if s.venue_order_id == venue_order_id), None)
+        if stop is None:
+            stop = next((s for s in reversed(kind) if s is not working and fits(s)), None)
         if stop is None:
             return None
         if venue_order_id and not stop.venue_order_id:

@@ -356,6 +356,27 @@ async def test_a_fired_stop_whose_execution_is_lost_is_told_filled_with_the_venu
         assert filled.average_price == Decimal(executions[0]["execPrice"])
 
 
+async def test_a_lost_execution_with_rest_failing_too_is_told_filled_without_a_made_up_price() -> None:
+    """With neither the execution message nor REST's execution list, the fill is still told (the position
+    is over), without a price rather than a guessed one; once REST answers, a query gives the real one."""
+    async with rig(symbols=[SYMBOL]) as r:
+        stop = await r.open_position_with_stops("p6")
+        await wait_until(lambda: bool(r.updates("p6-ts1")), what="the stops told")
+        await r.post("/_sim/fault", {"targets": ["GET:execution/list"], "fault": "error", "count": 100})
+        await r.post("/_sim/stream-fault", {"fault": "lose", "topic": "execution", "count": 1})
+        await r.post("/_sim/stream-fault", {"fault": "blank", "topic": "order", "field": "avgPrice"})
+        fired = await r.post("/_sim/mark", {"symbol": SYMBOL, "price": str(stop - Decimal("0.001"))})
+        await wait_until(lambda: r.filled("p6-sl1"), within=30, what="the fill of the stop")
+        filled = r.updates("p6-sl1")[-1].order
+        assert filled.average_price is None
+        assert filled.filled_quantity == Decimal(100)
+        await r.post("/_sim/clear-faults", {})
+        queried = await r.venue.fetch_order(SYMBOL, "p6-sl1")
+        assert queried.status is OrderStatus.FILLED
+        executions = await _executions_of(r, fired["triggered"][0])
+        assert queried.average_price == Decimal(executions[0]["execPrice"])
+
+
 async def test_the_lose_and_blank_faults_name_a_topic_and_a_field_the_venue_has() -> None:
     async with rig(symbols=[SYMBOL]) as r:
         for body, says in (
@@ -384,3 +405,55 @@ async def _executions_of(r: Rig, order_id: str) -> list[dict[str, Any]]:
         answer = await response.json()
     assert answer["retCode"] == 0, answer
     return list(answer["result"]["list"])
+
+
+async def test_late_events_of_an_earlier_positions_stop_are_not_named_after_the_current_stop() -> None:
+    """F7: Bybit's position stops carry no id of ours, and a new stop is a new venue order. The events of
+    the previous position's hard stop (fired, filled) arrive late, after a new position on the symbol got
+    its own hard stop: they are told under the old stop's id, never under the new one's (which would say
+    a stop still protecting a live position fired and filled)."""
+    async with rig(symbols=[SYMBOL]) as r:
+        stop = await r.open_position_with_stops("q1")
+        await wait_until(
+            lambda: bool(r.updates("q1-sl1")) and bool(r.updates("q1-ts1")), what="the first stops told"
+        )
+        await r.post("/_sim/stream-fault", {"fault": "delay", "ms": 1500})
+        fired = await r.post("/_sim/mark", {"symbol": SYMBOL, "price": str(stop - Decimal("0.001"))})
+        assert len(fired["triggered"]) == 1
+        mark = (await r.venue.fetch_mark_prices([SYMBOL]))[SYMBOL].price
+        second = (mark * Decimal("0.8")).quantize(Decimal("0.0001"))
+        await r.venue.create_market_order_with_stop(
+            SYMBOL, OrderSide.BUY, Decimal(100), second, client_order_id="q2-e", stop_client_order_id="q2-sl1"
+        )
+        await wait_until(
+            lambda: bool(r.updates("q2-sl1")), within=30, what="the late events, then the new stop's"
+        )
+        await r.post("/_sim/clear-faults", {})
+        assert r.filled("q1-sl1")
+        assert r.updates("q1-sl1")[-1].order.venue_order_id == fired["triggered"][0]
+        assert [u.order.status for u in r.updates("q2-sl1")] == [OrderStatus.NEW]
+        assert r.updates("q2-sl1")[-1].order.venue_order_id != fired["triggered"][0]
+        current = await r.venue.fetch_order(SYMBOL, "q2-sl1")
+        assert current.status is OrderStatus.NEW
+        assert current.stop_price == second
+
+
+async def test_late_events_of_an_earlier_stop_never_seen_are_not_named_after_the_current_stop() -> None:
+    """F7, the old stop's venue order unknown (its first event late as well): the late rows carry the old
+    trigger price, which is not the current stop's, so they are not named after it."""
+    async with rig(symbols=[SYMBOL]) as r:
+        await r.post("/_sim/stream-fault", {"fault": "delay", "ms": 1500})
+        stop = await r.open_position_with_stops("u1")
+        fired = await r.post("/_sim/mark", {"symbol": SYMBOL, "price": str(stop - Decimal("0.001"))})
+        assert len(fired["triggered"]) == 1
+        mark = (await r.venue.fetch_mark_prices([SYMBOL]))[SYMBOL].price
+        second = (mark * Decimal("0.8")).quantize(Decimal("0.0001"))
+        await r.venue.create_market_order_with_stop(
+            SYMBOL, OrderSide.BUY, Decimal(100), second, client_order_id="u2-e", stop_client_order_id="u2-sl1"
+        )
+        await wait_until(lambda: bool(r.updates("u2-sl1")), within=30, what="the new stop told")
+        await r.post("/_sim/clear-faults", {})
+        assert [u.order.status for u in r.updates("u2-sl1")] == [OrderStatus.NEW]
+        assert r.updates("u2-sl1")[-1].order.venue_order_id != fired["triggered"][0]
+        assert r.filled("u1-sl1")  # the old one's fill, under its own id
+        assert (await r.venue.fetch_order(SYMBOL, "u2-sl1")).status is OrderStatus.NEW
