@@ -360,6 +360,7 @@ class PositionGuard:
         # away (replaced once confirmed), and the attached stop while its replacement is on its way.
         self._attached_correction: Decimal | None = None
         self._attached_holds: ProtectiveOrder | None = None
+        self._correction_rides = False  # sent beside the trailing stop, in its call (this pass)
         # A stop of ours filled: sending stops for a position that is gone would only be refused (-2022);
         # the reconciler settles it with this evidence, or clears it if the venue still holds the position.
         self.exit_evidence: ExitEvidence | None = None
@@ -784,7 +785,7 @@ class PositionGuard:
         # out together (two round trips from fill to covered, not three). Still one task per position.
         steps: list[Awaitable[bool]] = []
         if not self.stop_loss.confirmed:
-            steps.append(self._ensure_confirmed(self.stop_loss, self._send_stop_loss))
+            steps.append(self._ensure_hard_stop())
         if self.kind is TrailingKind.NATIVE:
             if not self.trailing_stop.confirmed:
                 steps.append(self._ensure_confirmed(self.trailing_stop, self._send_native_trailing))
@@ -793,6 +794,7 @@ class PositionGuard:
         # Every branch finishes before the pass ends, even when one fails: a failed branch must not leave
         # its sibling running on (a managed move sending a second replacement).
         results = await asyncio.gather(*steps, return_exceptions=True)
+        self._correction_rides = False
         for result in results:
             if isinstance(result, BaseException):
                 raise result
@@ -808,6 +810,26 @@ class PositionGuard:
         if self._superseded and self.covered and self._attached_holds is None:
             superseded_gone = await self._cancel_superseded()
         return all(results) and superseded_gone and not self.closed
+
+    async def _ensure_hard_stop(self) -> bool:
+        """The hard stop, in this pass. The stop that rode on the entry, once verified, is corrected from
+        the fill at once when the trailing stop is being sent beside it on a venue whose entry carries the
+        stop (Bybit): trading-stop takes stopLoss and trailingStop together, so the correction rides in the
+        trailing stop's call instead of being a call of its own after it. The attached stop stays the
+        hard stop until the corrected one is confirmed."""
+        confirmed = await self._ensure_confirmed(self.stop_loss, self._send_stop_loss)
+        if (
+            not confirmed
+            or self.closed
+            or self._attached_correction is None
+            or self.kind is not TrailingKind.NATIVE
+            or self.trailing_stop.confirmed
+            or not self._m.venue.capabilities().attach_stop_to_entry
+        ):
+            return confirmed
+        self._replace_attached_stop_loss()
+        self._correction_rides = True
+        return await self._ensure_confirmed(self.stop_loss, self._send_stop_loss)
 
     async def _ensure_confirmed(
         self, order: ProtectiveOrder, send: Callable[[str], Awaitable[Order]]
@@ -856,7 +878,10 @@ class PositionGuard:
             )
             order.recorded_id = cid
         # A replacement of the stop that rode on the entry may wait: that stop protects the position meanwhile.
-        await m.budget.acquire_protective(deferrable=self._attached_holds is not None)
+        # Sent beside its trailing stop (`_ensure_hard_stop`) it takes no slot: it rides in that call.
+        correction = order is self.stop_loss and self._attached_holds is not None
+        if not (correction and self._correction_rides):
+            await m.budget.acquire_protective(deferrable=correction)
         started = m.clock.monotonic()
         order.sent_at = started
         order.sent_this_run = True

@@ -10,10 +10,12 @@ from contextlib import asynccontextmanager
 from engine.clock import SystemClock
 from engine.engine import Engine, build_venue
 from engine.events import SignalRejected
+from engine.exchange.port import OrderStatus
 from engine.venues.binance_emulator.faults import Target
 from engine.venues.bybit_emulator import BybitEmulator, BybitLimiter, FaultPlan, running
 from engine.venues.bybit_emulator.faults import parse_bybit_fault
 from engine.venues.bybit_limits import ENDPOINT_LIMITS_PER_SECOND
+from engine.venues.bybit_venue import BybitLinearVenue
 from engine.venues.sim.settings import SimVenueSettings
 from storage.database import Database
 from tests.integration.engine_support import engine_settings
@@ -124,3 +126,54 @@ async def test_entries_over_the_accounts_own_limit_wait_for_the_reset_and_no_sto
         await wait_until(
             lambda: manager.budget.promised == 0, within=30.0, what="no protective order still promised"
         )
+
+
+async def test_a_hard_stop_corrected_from_the_fill_rides_in_the_trailing_stops_call(db: Database) -> None:
+    """Bybit sets a position's stopLoss and trailingStop in one trading-stop call: a hard stop the fill
+    moved by more than a tick, corrected while the position's trailing stop is still waiting for its
+    turn (trading-stop is the wave's narrow endpoint: here 3 a second, announced in the answers), rides
+    in that call instead of being a call of its own. Never a moment without a hard stop: the attached
+    one counts until the corrected one is confirmed, on the venue at the corrected price."""
+    limits = dict(ENDPOINT_LIMITS_PER_SECOND)
+    limits["/v5/position/trading-stop"] = 3
+    emulator = BybitEmulator(
+        SimVenueSettings(seed=11, volatility=0.0),
+        api_key=KEY,
+        api_secret=SECRET,
+        limiter=BybitLimiter(endpoint_limits=limits),
+    )
+    async with bybit_engine(db, emulator) as (engine, rejected):
+        await _wave(engine, emulator, rejected)
+        assert rejected == []
+        manager = engine.manager
+        store = engine.store
+        assert manager is not None
+        assert store is not None
+        ids = list(manager.guards)
+        await wait_until(
+            lambda: all(g.stop_loss.confirmed for g in manager.guards.values()),
+            within=60.0,
+            what="every hard stop confirmed, the corrected ones too",
+        )
+
+        async def gaps() -> list[object]:
+            return [(await store.position(i)).hard_stop_gap_seconds for i in ids]  # type: ignore[union-attr]
+
+        async def all_measured() -> bool:
+            return None not in await gaps()
+
+        await wait_until(all_measured, within=30.0, what="every hard stop gap recorded")
+        assert await gaps() == [0] * WAVE
+        corrected = await db.pool.fetchval(
+            "SELECT count(DISTINCT position_id) FROM monitoring.orders"
+            " WHERE purpose = 'stop_loss' AND client_order_id NOT LIKE '%-sl0'"
+        )
+        assert corrected > 0  # the wave has corrections to make, else this proves nothing
+        venue = engine.venue
+        assert isinstance(venue, BybitLinearVenue)
+        assert 0 < venue.riders_carried <= corrected
+        for guard in manager.guards.values():  # the venue's own word on each position's hard stop
+            assert guard.covered
+            assert guard.stop_loss.client_order_id is not None
+            held = await venue.fetch_order(guard.symbol, guard.stop_loss.client_order_id)
+            assert (held.status, held.stop_price) == (OrderStatus.NEW, guard.stop_loss.price)
