@@ -783,6 +783,7 @@ class PositionGuard:
             await self._write_facts()
         # The hard stop and the trailing protection are independent orders of this one position: they go
         # out together (two round trips from fill to covered, not three). Still one task per position.
+        self._correction_rides = await self._correct_with_trailing_stop()
         steps: list[Awaitable[bool]] = []
         if not self.stop_loss.confirmed:
             steps.append(self._ensure_hard_stop())
@@ -812,24 +813,21 @@ class PositionGuard:
         return all(results) and superseded_gone and not self.closed
 
     async def _ensure_hard_stop(self) -> bool:
-        """The hard stop, in this pass. The stop that rode on the entry, once verified, is corrected from
-        the fill at once when the trailing stop is being sent beside it on a venue whose entry carries the
-        stop (Bybit): trading-stop takes stopLoss and trailingStop together, so the correction rides in the
-        trailing stop's call instead of being a call of its own after it. The attached stop stays the
-        hard stop until the corrected one is confirmed."""
+        """The hard stop, in this pass. When the correction of the stop that rode on the entry went beside
+        the trailing stop (`_correct_with_trailing_stop`) and did not get through, the attached stop is
+        verified now: it is the position's hard stop until the corrected one is confirmed."""
         confirmed = await self._ensure_confirmed(self.stop_loss, self._send_stop_loss)
+        held = self._attached_holds
         if (
-            not confirmed
-            or self.closed
-            or self._attached_correction is None
-            or self.kind is not TrailingKind.NATIVE
-            or self.trailing_stop.confirmed
-            or not self._m.venue.capabilities().attach_stop_to_entry
+            self._correction_rides
+            and not confirmed
+            and not self.closed
+            and held is not None
+            and held.maybe_sent
+            and not held.confirmed
         ):
-            return confirmed
-        self._replace_attached_stop_loss()
-        self._correction_rides = True
-        return await self._ensure_confirmed(self.stop_loss, self._send_stop_loss)
+            await self._resolve(held, "verify")
+        return confirmed
 
     async def _ensure_confirmed(
         self, order: ProtectiveOrder, send: Callable[[str], Awaitable[Order]]
@@ -863,20 +861,7 @@ class PositionGuard:
                 return found
             # proven absent: send it, with the same id
 
-        native_trailing = order.purpose is OrderPurpose.TRAILING_STOP and self.kind is TrailingKind.NATIVE
-        if order.recorded_id != cid:  # written ahead once per id: the id is the idempotency key
-            await m.store.record_order(
-                client_order_id=cid,
-                position_id=self.position_id,
-                purpose=order.purpose,
-                side=self.closing_side.value,
-                type="trailing_stop_market" if native_trailing else "stop_market",
-                quantity=self.quantity,
-                trigger_price=None if native_trailing else order.price,
-                activation_price=order.price if native_trailing and not order.arm_now else None,
-                callback_percent=m.config.callback_percent if native_trailing else None,
-            )
-            order.recorded_id = cid
+        await self._record_ahead(order, cid)
         # A replacement of the stop that rode on the entry may wait: that stop protects the position meanwhile.
         # Sent beside its trailing stop (`_ensure_hard_stop`) it takes no slot: it rides in that call.
         correction = order is self.stop_loss and self._attached_holds is not None
@@ -926,6 +911,25 @@ class PositionGuard:
             self._create_failed(order, cid, exc, latency, resolved=False)
             return _Outcome.RETRY
         return await self._accept(order, placed, m.clock.monotonic() - started)
+
+    async def _record_ahead(self, order: ProtectiveOrder, cid: str) -> None:
+        """Written ahead once per id: the id is the idempotency key."""
+        if order.recorded_id == cid:
+            return
+        m = self._m
+        native_trailing = order.purpose is OrderPurpose.TRAILING_STOP and self.kind is TrailingKind.NATIVE
+        await m.store.record_order(
+            client_order_id=cid,
+            position_id=self.position_id,
+            purpose=order.purpose,
+            side=self.closing_side.value,
+            type="trailing_stop_market" if native_trailing else "stop_market",
+            quantity=self.quantity,
+            trigger_price=None if native_trailing else order.price,
+            activation_price=order.price if native_trailing and not order.arm_now else None,
+            callback_percent=m.config.callback_percent if native_trailing else None,
+        )
+        order.recorded_id = cid
 
     async def _resolve(self, order: ProtectiveOrder, why: str) -> _Outcome:
         """Ask the venue for this id: CONFIRMED (live), GONE (ended), ABSENT (never arrived), RETRY (unknown)."""
@@ -1122,6 +1126,32 @@ class PositionGuard:
         if attached.price is not None and abs(attached.price - from_fill) > self.market.tick_size:
             self._attached_correction = from_fill
 
+    async def _correct_with_trailing_stop(self) -> bool:
+        """The first pass of a position whose attached hard stop needs correcting, on a venue whose entry
+        carries the stop (Bybit): trading-stop takes stopLoss and trailingStop together, so the correction
+        goes now, beside the native trailing stop, and rides in its call instead of being a second call
+        after it. Written ahead here, so its send reaches the venue first and waits there for the trailing
+        stop's. The attached stop stays the hard stop until the corrected one is confirmed (unverified
+        until then, as it was before its verification)."""
+        attached = self.stop_loss
+        if (
+            self.closed
+            or self._attached_correction is None
+            or self._attached_holds is not None
+            or attached.client_order_id is None
+            or not (attached.confirmed or attached.maybe_sent)
+            or self.kind is not TrailingKind.NATIVE
+            or self.trailing_stop.confirmed
+            or self.trailing_stop.maybe_sent
+            or not self._m.venue.capabilities().attach_stop_to_entry
+        ):
+            return False
+        self._replace_attached_stop_loss()
+        cid = client_order_id(self._m.token, self.position_id, attached.purpose, attached.generation)
+        attached.client_order_id = cid
+        await self._record_ahead(attached, cid)
+        return True
+
     def _replace_attached_stop_loss(self) -> None:
         """The confirmed attached stop goes to the superseded list, still counted as the hard stop until
         its replacement is confirmed (it covers the whole position meanwhile: no false alarm), and is
@@ -1132,7 +1162,7 @@ class PositionGuard:
             attached.purpose,
             generation=attached.generation,
             client_order_id=attached.client_order_id,
-            confirmed=True,
+            confirmed=attached.confirmed,  # not yet verified: verified if its replacement fails
             maybe_sent=True,
         )
         self._superseded.append(held)

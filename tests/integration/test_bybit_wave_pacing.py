@@ -130,18 +130,11 @@ async def test_entries_over_the_accounts_own_limit_wait_for_the_reset_and_no_sto
 
 async def test_a_hard_stop_corrected_from_the_fill_rides_in_the_trailing_stops_call(db: Database) -> None:
     """Bybit sets a position's stopLoss and trailingStop in one trading-stop call: a hard stop the fill
-    moved by more than a tick, corrected while the position's trailing stop is still waiting for its
-    turn (trading-stop is the wave's narrow endpoint: here 3 a second, announced in the answers), rides
-    in that call instead of being a call of its own. Never a moment without a hard stop: the attached
-    one counts until the corrected one is confirmed, on the venue at the corrected price."""
-    limits = dict(ENDPOINT_LIMITS_PER_SECOND)
-    limits["/v5/position/trading-stop"] = 3
-    emulator = BybitEmulator(
-        SimVenueSettings(seed=11, volatility=0.0),
-        api_key=KEY,
-        api_secret=SECRET,
-        limiter=BybitLimiter(endpoint_limits=limits),
-    )
+    moved by more than a tick is corrected in the call that places the trailing stop, not by a call of
+    its own after it (before: one call more for about one position in two). One trading-stop call per
+    position, and never a moment without a hard stop: the attached one counts until the corrected one
+    is confirmed, on the venue at the corrected price."""
+    emulator = BybitEmulator(SimVenueSettings(seed=11, volatility=0.0), api_key=KEY, api_secret=SECRET)
     async with bybit_engine(db, emulator) as (engine, rejected):
         await _wave(engine, emulator, rejected)
         assert rejected == []
@@ -171,7 +164,8 @@ async def test_a_hard_stop_corrected_from_the_fill_rides_in_the_trailing_stops_c
         assert corrected > 0  # the wave has corrections to make, else this proves nothing
         venue = engine.venue
         assert isinstance(venue, BybitLinearVenue)
-        assert 0 < venue.riders_carried <= corrected
+        assert venue.riders_carried == corrected
+        assert emulator.requests_by_endpoint.get("POST position/trading-stop") == WAVE
         for guard in manager.guards.values():  # the venue's own word on each position's hard stop
             assert guard.covered
             assert guard.stop_loss.client_order_id is not None
