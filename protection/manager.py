@@ -1127,29 +1127,36 @@ class PositionGuard:
             self._attached_correction = from_fill
 
     async def _correct_with_trailing_stop(self) -> bool:
-        """The first pass of a position whose attached hard stop needs correcting, on a venue whose entry
-        carries the stop (Bybit): trading-stop takes stopLoss and trailingStop together, so the correction
-        goes now, beside the native trailing stop, and rides in its call instead of being a second call
-        after it. Written ahead here, so its send reaches the venue first and waits there for the trailing
-        stop's. The attached stop stays the hard stop until the corrected one is confirmed (unverified
-        until then, as it was before its verification)."""
-        attached = self.stop_loss
+        """A pass that sends the native trailing stop of a position whose attached hard stop needs
+        correcting (its first, or a retry of both), on a venue whose entry carries the stop (Bybit):
+        trading-stop takes stopLoss and trailingStop together, so the correction goes in this pass, beside
+        the trailing stop, and rides in its call instead of being a second call after it. Written ahead
+        here, so its send reaches the venue first and waits there for the trailing stop's. The attached
+        stop stays the hard stop until the corrected one is confirmed (unverified until then, as it was
+        before its verification)."""
         if (
             self.closed
-            or self._attached_correction is None
-            or self._attached_holds is not None
-            or attached.client_order_id is None
-            or not (attached.confirmed or attached.maybe_sent)
             or self.kind is not TrailingKind.NATIVE
             or self.trailing_stop.confirmed
             or self.trailing_stop.maybe_sent
             or not self._m.venue.capabilities().attach_stop_to_entry
         ):
             return False
-        self._replace_attached_stop_loss()
-        cid = client_order_id(self._m.token, self.position_id, attached.purpose, attached.generation)
-        attached.client_order_id = cid
-        await self._record_ahead(attached, cid)
+        attached = self.stop_loss
+        if (
+            self._attached_correction is not None
+            and self._attached_holds is None
+            and attached.client_order_id is not None
+            and (attached.confirmed or attached.maybe_sent)
+        ):
+            self._replace_attached_stop_loss()
+        elif self._attached_holds is None or attached.confirmed or attached.maybe_sent:
+            return False  # no correction to send now
+        if attached.client_order_id is None:
+            attached.client_order_id = client_order_id(
+                self._m.token, self.position_id, attached.purpose, attached.generation
+            )
+        await self._record_ahead(attached, attached.client_order_id)
         return True
 
     def _replace_attached_stop_loss(self) -> None:

@@ -7,6 +7,8 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import pytest
+
 from engine.clock import SystemClock
 from engine.engine import Engine, build_venue
 from engine.events import SignalRejected
@@ -128,13 +130,21 @@ async def test_entries_over_the_accounts_own_limit_wait_for_the_reset_and_no_sto
         )
 
 
-async def test_a_hard_stop_corrected_from_the_fill_rides_in_the_trailing_stops_call(db: Database) -> None:
+@pytest.mark.parametrize("refused", [0, 2], ids=["answered", "two-trading-stops-refused-10006"])
+async def test_a_hard_stop_corrected_from_the_fill_rides_in_the_trailing_stops_call(
+    db: Database, refused: int
+) -> None:
     """Bybit sets a position's stopLoss and trailingStop in one trading-stop call: a hard stop the fill
     moved by more than a tick is corrected in the call that places the trailing stop, not by a call of
     its own after it (before: one call more for about one position in two). One trading-stop call per
     position, and never a moment without a hard stop: the attached one counts until the corrected one
-    is confirmed, on the venue at the corrected price."""
+    is confirmed, on the venue at the corrected price. A call refused with 10006 (not executed) is sent
+    again, both stops in it again."""
     emulator = BybitEmulator(SimVenueSettings(seed=11, volatility=0.0), api_key=KEY, api_secret=SECRET)
+    if refused:
+        emulator.faults.force(
+            (Target("POST", "position/trading-stop"),), parse_bybit_fault("ratelimit"), count=refused
+        )
     async with bybit_engine(db, emulator) as (engine, rejected):
         await _wave(engine, emulator, rejected)
         assert rejected == []
@@ -165,7 +175,7 @@ async def test_a_hard_stop_corrected_from_the_fill_rides_in_the_trailing_stops_c
         venue = engine.venue
         assert isinstance(venue, BybitLinearVenue)
         assert venue.riders_carried == corrected
-        assert emulator.requests_by_endpoint.get("POST position/trading-stop") == WAVE
+        assert emulator.requests_by_endpoint.get("POST position/trading-stop") == WAVE + refused
         for guard in manager.guards.values():  # the venue's own word on each position's hard stop
             assert guard.covered
             assert guard.stop_loss.client_order_id is not None
