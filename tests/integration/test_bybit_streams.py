@@ -457,3 +457,41 @@ async def test_late_events_of_an_earlier_stop_never_seen_are_not_named_after_the
         assert r.updates("u2-sl1")[-1].order.venue_order_id != fired["triggered"][0]
         assert r.filled("u1-sl1")  # the old one's fill, under its own id
         assert (await r.venue.fetch_order(SYMBOL, "u2-sl1")).status is OrderStatus.NEW
+
+
+async def test_a_late_deactivation_of_the_previous_trailing_stop_is_not_named_after_the_current_one() -> None:
+    """F7, a trailing stop: the previous position's trailing stop, deactivated by Bybit when its position
+    closed, is told late, after the new position on the symbol got its own trailing stop. A trailing
+    stop's trigger moves, so the venue order the row is known under decides: told as the old stop's
+    cancel, never as "the new trailing stop was cancelled on the venue" (which re-places a live stop)."""
+    async with rig(symbols=[SYMBOL]) as r:
+        stop = await r.open_position_with_stops("t1")
+        await wait_until(
+            lambda: bool(r.updates("t1-sl1")) and bool(r.updates("t1-ts1")), what="the first stops told"
+        )
+        await r.post("/_sim/stream-fault", {"fault": "delay", "ms": 1500})
+        await r.post("/_sim/mark", {"symbol": SYMBOL, "price": str(stop - Decimal("0.001"))})
+        mark = (await r.venue.fetch_mark_prices([SYMBOL]))[SYMBOL].price
+        await r.venue.create_market_order_with_stop(
+            SYMBOL,
+            OrderSide.BUY,
+            Decimal(100),
+            (mark * Decimal("0.8")).quantize(Decimal("0.0001")),
+            client_order_id="t2-e",
+            stop_client_order_id="t2-sl1",
+        )
+        await r.venue.create_trailing_stop_order(
+            SYMBOL,
+            OrderSide.BUY.opposite,
+            Decimal(100),
+            Decimal(5),
+            client_order_id="t2-ts1",
+            activation_price=(mark * Decimal("1.05")).quantize(Decimal("0.0001")),
+        )
+        await wait_until(
+            lambda: bool(r.updates("t2-ts1")), within=30, what="the late rows, then the new stop's"
+        )
+        await r.post("/_sim/clear-faults", {})
+        assert any(u.order.status is OrderStatus.CANCELED for u in r.updates("t1-ts1"))
+        assert [u.order.status for u in r.updates("t2-ts1")] == [OrderStatus.NEW]
+        assert (await r.venue.fetch_order(SYMBOL, "t2-ts1")).status is OrderStatus.NEW
