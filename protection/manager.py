@@ -369,6 +369,7 @@ class PositionGuard:
         # away (replaced once confirmed), and the attached stop while its replacement is on its way.
         self._attached_correction: Decimal | None = None
         self._attached_holds: ProtectiveOrder | None = None
+        self._correction_rides = False  # sent beside the trailing stop, in its call (this pass)
         # A stop of ours filled: sending stops for a position that is gone would only be refused (-2022);
         # the reconciler settles it with this evidence, or clears it if the venue still holds the position.
         self.exit_evidence: ExitEvidence | None = None
@@ -809,9 +810,10 @@ class PositionGuard:
             await self._write_facts()
         # The hard stop and the trailing protection are independent orders of this one position: they go
         # out together (two round trips from fill to covered, not three). Still one task per position.
+        self._correction_rides = await self._correct_with_trailing_stop()
         steps: list[Awaitable[bool]] = []
         if not self.stop_loss.confirmed:
-            steps.append(self._ensure_confirmed(self.stop_loss, self._send_stop_loss))
+            steps.append(self._ensure_hard_stop())
         if self.kind is TrailingKind.NATIVE:
             if not self.trailing_stop.confirmed:
                 steps.append(self._ensure_confirmed(self.trailing_stop, self._send_native_trailing))
@@ -820,6 +822,7 @@ class PositionGuard:
         # Every branch finishes before the pass ends, even when one fails: a failed branch must not leave
         # its sibling running on (a managed move sending a second replacement).
         results = await asyncio.gather(*steps, return_exceptions=True)
+        self._correction_rides = False
         for result in results:
             if isinstance(result, BaseException):
                 raise result
@@ -835,6 +838,23 @@ class PositionGuard:
         if self._superseded and self.covered and self._attached_holds is None:
             superseded_gone = await self._cancel_superseded()
         return all(results) and superseded_gone and not self.closed
+
+    async def _ensure_hard_stop(self) -> bool:
+        """The hard stop, in this pass. When the correction of the stop that rode on the entry went beside
+        the trailing stop (`_correct_with_trailing_stop`) and did not get through, the attached stop is
+        verified now: it is the position's hard stop until the corrected one is confirmed."""
+        confirmed = await self._ensure_confirmed(self.stop_loss, self._send_stop_loss)
+        held = self._attached_holds
+        if (
+            self._correction_rides
+            and not confirmed
+            and not self.closed
+            and held is not None
+            and held.maybe_sent
+            and not held.confirmed
+        ):
+            await self._resolve(held, "verify")
+        return confirmed
 
     async def _ensure_confirmed(
         self, order: ProtectiveOrder, send: Callable[[str], Awaitable[Order]]
@@ -868,22 +888,12 @@ class PositionGuard:
                 return found
             # proven absent: send it, with the same id
 
-        native_trailing = order.purpose is OrderPurpose.TRAILING_STOP and self.kind is TrailingKind.NATIVE
-        if order.recorded_id != cid:  # written ahead once per id: the id is the idempotency key
-            await m.store.record_order(
-                client_order_id=cid,
-                position_id=self.position_id,
-                purpose=order.purpose,
-                side=self.closing_side.value,
-                type="trailing_stop_market" if native_trailing else "stop_market",
-                quantity=self.quantity,
-                trigger_price=None if native_trailing else order.price,
-                activation_price=order.price if native_trailing and not order.arm_now else None,
-                callback_percent=m.config.callback_percent if native_trailing else None,
-            )
-            order.recorded_id = cid
+        await self._record_ahead(order, cid)
         # A replacement of the stop that rode on the entry may wait: that stop protects the position meanwhile.
-        await m.budget.acquire_protective(deferrable=self._attached_holds is not None)
+        # Sent beside its trailing stop (`_ensure_hard_stop`) it takes no slot: it rides in that call.
+        correction = order is self.stop_loss and self._attached_holds is not None
+        if not (correction and self._correction_rides):
+            await m.budget.acquire_protective(deferrable=correction)
         started = m.clock.monotonic()
         order.sent_at = started
         order.sent_this_run = True
@@ -930,6 +940,25 @@ class PositionGuard:
             self._create_failed(order, cid, exc, latency, resolved=False)
             return _Outcome.RETRY
         return await self._accept(order, placed, m.clock.monotonic() - started)
+
+    async def _record_ahead(self, order: ProtectiveOrder, cid: str) -> None:
+        """Written ahead once per id: the id is the idempotency key."""
+        if order.recorded_id == cid:
+            return
+        m = self._m
+        native_trailing = order.purpose is OrderPurpose.TRAILING_STOP and self.kind is TrailingKind.NATIVE
+        await m.store.record_order(
+            client_order_id=cid,
+            position_id=self.position_id,
+            purpose=order.purpose,
+            side=self.closing_side.value,
+            type="trailing_stop_market" if native_trailing else "stop_market",
+            quantity=self.quantity,
+            trigger_price=None if native_trailing else order.price,
+            activation_price=order.price if native_trailing and not order.arm_now else None,
+            callback_percent=m.config.callback_percent if native_trailing else None,
+        )
+        order.recorded_id = cid
 
     async def _create(self, order: ProtectiveOrder, create: Awaitable[Order]) -> Order | _Outcome:
         """The create call, and meanwhile, once its answer is late, look-ups of the order by its client id.
@@ -1187,6 +1216,39 @@ class PositionGuard:
         if attached.price is not None and abs(attached.price - from_fill) > self.market.tick_size:
             self._attached_correction = from_fill
 
+    async def _correct_with_trailing_stop(self) -> bool:
+        """A pass that sends the native trailing stop of a position whose attached hard stop needs
+        correcting (its first, or a retry of both), on a venue whose entry carries the stop (Bybit):
+        trading-stop takes stopLoss and trailingStop together, so the correction goes in this pass, beside
+        the trailing stop, and rides in its call instead of being a second call after it. Written ahead
+        here, so its send reaches the venue first and waits there for the trailing stop's. The attached
+        stop stays the hard stop until the corrected one is confirmed (unverified until then, as it was
+        before its verification)."""
+        if (
+            self.closed
+            or self.kind is not TrailingKind.NATIVE
+            or self.trailing_stop.confirmed
+            or self.trailing_stop.maybe_sent
+            or not self._m.venue.capabilities().attach_stop_to_entry
+        ):
+            return False
+        attached = self.stop_loss
+        if (
+            self._attached_correction is not None
+            and self._attached_holds is None
+            and attached.client_order_id is not None
+            and (attached.confirmed or attached.maybe_sent)
+        ):
+            self._replace_attached_stop_loss()
+        elif self._attached_holds is None or attached.confirmed or attached.maybe_sent:
+            return False  # no correction to send now
+        if attached.client_order_id is None:
+            attached.client_order_id = client_order_id(
+                self._m.token, self.position_id, attached.purpose, attached.generation
+            )
+        await self._record_ahead(attached, attached.client_order_id)
+        return True
+
     def _replace_attached_stop_loss(self) -> None:
         """The confirmed attached stop goes to the superseded list, still counted as the hard stop until
         its replacement is confirmed (it covers the whole position meanwhile: no false alarm), and is
@@ -1197,7 +1259,7 @@ class PositionGuard:
             attached.purpose,
             generation=attached.generation,
             client_order_id=attached.client_order_id,
-            confirmed=True,
+            confirmed=attached.confirmed,  # not yet verified: verified if its replacement fails
             maybe_sent=True,
         )
         self._superseded.append(held)

@@ -26,8 +26,11 @@ Ids: the engine's position stops have no id on Bybit (they are the position's `s
 shown as system-created orders with `stopOrderType` StopLoss / TrailingStop and no `orderLinkId`); the
 venue names them (`name_stop`): a fired position stop is told under our id, FILLED, with the volume-
 weighted price of its executions from the `execution` topic (or the order's `avgPrice` when the
-execution has not arrived; with neither, the FILLED waits for the execution). Orders sent with an
-`orderLinkId` are told under it; anything else is not ours and skipped.
+execution has not arrived). With neither, the FILLED waits for the execution `fill_wait_seconds` at most,
+then asks REST (`execution/list` of that order): a lost execution message does not hold a closed
+position open until a reconcile pass; should REST not know the price either, the FILLED is told without
+one (the exit is known, its price is not: never a made-up price). Orders sent with an `orderLinkId` are
+told under it; anything else is not ours and skipped.
 """
 
 from __future__ import annotations
@@ -99,8 +102,12 @@ _ORDER_STATUS = {
 }
 
 # The venue's view of a position stop it knows under our id: (symbol, stopOrderType's OrderType, the
-# closing side, the venue's orderId) -> its snapshot (our client id, quantity, trigger), or None.
-NameStop = Callable[[str, OrderType, OrderSide, str], Order | None]
+# closing side, the venue's orderId, the row's triggerPrice, its updatedTime in ms) -> its snapshot (our
+# client id, quantity, trigger), or None (not ours, or a row that cannot be the stop's order).
+NameStop = Callable[[str, OrderType, OrderSide, str, Decimal | None, int | None], Order | None]
+# REST's word on one order's fill: (symbol, the venue's orderId) -> its volume-weighted price, or None.
+RestFillPrice = Callable[[str, str], Awaitable[Decimal | None]]
+FILL_WAIT_SECONDS = 1.0
 
 
 def ticker_topic(symbol: str) -> str:
@@ -131,6 +138,8 @@ class BybitStreams:
         rest_marks: Callable[[Collection[str] | None], Awaitable[dict[str, MarkPrice]]],
         name_stop: NameStop,
         mark_poll_seconds: float,
+        rest_fill_price: RestFillPrice | None = None,
+        fill_wait_seconds: float = FILL_WAIT_SECONDS,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._public_url = public_url
@@ -140,6 +149,8 @@ class BybitStreams:
         self._settings = settings
         self._rest_marks = rest_marks
         self._name_stop = name_stop
+        self._rest_fill_price = rest_fill_price
+        self._fill_wait_seconds = fill_wait_seconds
         self._mark_poll_seconds = mark_poll_seconds
         self._check_seconds = settings.subscription_check_seconds
         self._monotonic = monotonic
@@ -170,6 +181,7 @@ class BybitStreams:
         self._ledger = StatusLedger()
         self._fills: OrderedDict[str, tuple[Decimal, Decimal]] = OrderedDict()  # orderId -> (qty, notional)
         self._awaiting_fill: dict[str, tuple[Order, float]] = {}  # orderId -> (FILLED order sans price, time)
+        self._fill_waits: dict[str, asyncio.Task[None]] = {}  # orderId -> its bounded wait, then REST
         self._position_sides: dict[str, PositionSide] = {}
         self._held_cancels: dict[str, list[tuple[Order, float, str]]] = {}  # symbol -> deactivated stops
         self._ended: OrderedDict[str, Order] = OrderedDict()  # client id -> its final state, as told
@@ -182,6 +194,10 @@ class BybitStreams:
         for queue in self._listeners:
             queue.put_nowait(None)
         self._marks.close()
+        waits = list(self._fill_waits.values())
+        for task in waits:
+            task.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
         await self._supervisor.close()
 
     def _next_req_id(self, prefix: str) -> str:
@@ -408,7 +424,15 @@ class BybitStreams:
         stop_type = _STOP_TYPES.get(str(row.get("stopOrderType") or ""))
         if stop_type is not None and not link_id:
             side = OrderSide.BUY if row.get("side") == "Buy" else OrderSide.SELL
-            named = self._name_stop(str(row["symbol"]), stop_type, side, order_id)
+            updated = _decimal(row.get("updatedTime"))
+            named = self._name_stop(
+                str(row["symbol"]),
+                stop_type,
+                side,
+                order_id,
+                positive_or_none(row.get("triggerPrice")),
+                None if updated is None else int(updated),
+            )
             if named is None:
                 return  # a stop that is not ours (set by hand, or before we knew it)
             base = named
@@ -429,7 +453,12 @@ class BybitStreams:
             price = self._fill_price(order_id) or positive_or_none(row.get("avgPrice"))
             order = _with(order, filled_quantity=filled or order.quantity)
             if price is None:
-                self._awaiting_fill[order_id] = (order, event_time)  # told once its execution arrives
+                # Told once its execution arrives, or after a bounded wait with REST's price.
+                self._awaiting_fill[order_id] = (order, event_time)
+                if order_id not in self._fill_waits:
+                    self._fill_waits[order_id] = asyncio.create_task(
+                        self._settle_fill(order_id), name=f"bybit-fill-{order_id}"
+                    )
                 return
             order = _with(order, average_price=price)
         if stop_type is not None and status_text == "Deactivated":
@@ -480,6 +509,46 @@ class BybitStreams:
         if waiting is not None:
             order, at = waiting
             self._tell(_with(order, average_price=self._fill_price(order_id)), at, "Filled")
+            task = self._fill_waits.pop(order_id, None)
+            if task is not None:
+                task.cancel()
+
+    async def _settle_fill(self, order_id: str) -> None:
+        """A FILLED without a price waits `fill_wait_seconds` for its execution; then REST is asked. Either
+        way it is told: a fill held back keeps a closed position open (and its sibling working)."""
+        try:
+            await asyncio.sleep(self._fill_wait_seconds)
+            waiting = self._awaiting_fill.get(order_id)
+            if waiting is None:
+                return
+            order = waiting[0]
+            price: Decimal | None = None
+            if self._rest_fill_price is not None:
+                try:
+                    price = await self._rest_fill_price(order.symbol, order_id)
+                except Exception as error:  # the fill is told all the same, without a price
+                    logger.warning(
+                        "bybit account stream: %s %s: no execution told and REST could not say its price: %s",
+                        order.symbol,
+                        order.client_order_id,
+                        error,
+                    )
+            waiting = self._awaiting_fill.pop(order_id, None)
+            if waiting is None:
+                return  # the execution arrived meanwhile and told it
+            order, at = waiting
+            price = self._fill_price(order_id) or price
+            logger.warning(
+                "bybit account stream: %s %s filled; its execution was not told within %gs: %s",
+                order.symbol,
+                order.client_order_id,
+                self._fill_wait_seconds,
+                f"price {price} from REST" if price is not None else "told without a price",
+            )
+            self._tell(_with(order, average_price=price), at, "Filled")
+        finally:
+            if self._fill_waits.get(order_id) is asyncio.current_task():
+                del self._fill_waits[order_id]
 
     def _on_position(self, row: Mapping[str, Any], event_time: float) -> None:
         symbol = str(row["symbol"])

@@ -5,10 +5,18 @@ Bybit specifics: the hard stop and the trailing stop are position-level
 distance with `activePrice`, `positionIdx` for one-way or hedge mode). They carry no client order id on
 Bybit's side; the adapter keeps the caller's id and answers `fetch_order` from the position's current
 stop fields. Setting a position stop again replaces it, so a retried call can never leave two stops.
+
+One trading-stop call takes `stopLoss` and `trailingStop` together. The hard stop that replaces the one
+that rode on the entry (corrected from the fill) is therefore not a call of its own when the position's
+trailing stop is on its way: it waits for that call (`RIDE_WAIT_SECONDS` at most) and rides in it, sent
+in the same request; the attached stop protects the position meanwhile. Should the combined call be
+refused, each stop is sent alone and gets its own verdict.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
 import re
 import time
@@ -41,6 +49,7 @@ from engine.exchange.port import (
     RequestBudget,
     VenuePosition,
 )
+from engine.pacing import CallTicket, current_ticket
 from engine.venues import bybit_limits
 from engine.venues.bybit_streams import (
     PRODUCTION_PRIVATE_URL,
@@ -96,6 +105,9 @@ _NOT_MODIFIED = 34040  # trading-stop: the values sent are the ones the position
 _POSITION_PAGE = 200  # position/list: limit 1..200 (default 20), then nextPageCursor
 _ORDER_PAGE = 50  # order/realtime: limit 1..50
 _EXECUTION_PAGE = 100  # execution/list: limit 1..100
+RIDE_WAIT_SECONDS = 2.0  # a corrected hard stop waits this long at most for its trailing stop's call
+_TRADING_STOP_PATH = "/v5/position/trading-stop"
+_CLOCK_SLACK_SECONDS = 1.0  # the venue's clock against ours, when a venue time is compared with our own
 _FIELD = {OrderType.STOP_MARKET: "stopLoss", OrderType.TRAILING_STOP_MARKET: "trailingStop"}
 _STOP_ORDER_TYPE = {OrderType.STOP_MARKET: "StopLoss", OrderType.TRAILING_STOP_MARKET: "TrailingStop"}
 
@@ -126,6 +138,31 @@ class _PositionStop:
     from_entry: bool = False  # rode on an entry this process sent and saw filled
 
 
+@dataclass(slots=True, eq=False)
+class _Rider:
+    """A hard stop riding in its position's trailing-stop call: its fields, and how the call ended for
+    it (its order; None: go alone; or the call's error)."""
+
+    stop: _PositionStop
+    fields: dict[str, Any]
+    done: asyncio.Future[Order | None]
+    ticket: CallTicket | None
+    merged: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class _Carrier:
+    """A trailing-stop call not sent yet: the hard stop that joins it goes out in its request."""
+
+    key: tuple[str, OrderSide]
+    rider: _Rider | None = None  # one: a position has one hard stop
+    sent: bool = False
+
+
+# The trailing-stop call the current task is making (the request hook reads it).
+_CARRYING: contextvars.ContextVar[_Carrier | None] = contextvars.ContextVar("bybit_carrying", default=None)
+
+
 class BybitLinearVenue(CcxtVenue):
     kind = BYBIT
     _ccxt_id = "bybit"
@@ -134,6 +171,9 @@ class BybitLinearVenue(CcxtVenue):
         super().__init__(config, clock=clock)
         self._stops: dict[str, _PositionStop] = {}
         self._hedge_mode: bool | None = None
+        self._waiting_riders: dict[tuple[str, OrderSide], _Rider] = {}  # hard stops awaiting a trailing call
+        self._carriers: dict[tuple[str, OrderSide], _Carrier] = {}  # trailing-stop calls not sent yet
+        self.riders_carried = 0  # hard stops sent in their trailing stop's call (no call of their own)
         public, private = (
             (TESTNET_PUBLIC_URL, TESTNET_PRIVATE_URL)
             if config.testnet
@@ -151,6 +191,7 @@ class BybitLinearVenue(CcxtVenue):
             rest_marks=self.fetch_mark_prices,
             name_stop=self._stream_stop,
             mark_poll_seconds=config.mark_poll_seconds,
+            rest_fill_price=self._execution_price,
             monotonic=self._clock.monotonic,
         )
         self._streams = self._bybit_streams
@@ -206,19 +247,70 @@ class BybitLinearVenue(CcxtVenue):
         return sorted(self._markets) if symbols is None else symbols  # Bybit has no all-market topic
 
     def _stream_stop(
-        self, symbol: str, order_type: OrderType, side: OrderSide, venue_order_id: str
+        self,
+        symbol: str,
+        order_type: OrderType,
+        side: OrderSide,
+        venue_order_id: str,
+        trigger: Decimal | None = None,
+        updated_ms: int | None = None,
     ) -> Order | None:
-        """Our id for the position's system-created stop order of this kind and closing side: the working
-        stop we set (or adopted) of that kind, else the one last known under that venue order id."""
+        """Our id for a system-created stop order of this kind and closing side, told by the stream.
+
+        Each stop we set is a venue order of its own, and the stream can be late: the row of an earlier
+        stop (the previous position's, or one we replaced) may arrive after the current stop was set. So a
+        row is named after the working stop only if it can be that stop's order: the venue order it is
+        known under, or (not known yet) a hard stop's own trigger price and a state no older than the stop,
+        for a trailing stop also an order no other stop of ours is known under. Else after the stop known
+        under that venue order, else after an earlier stop it fits; else it is not named (skipped: the
+        reconciler's reads stay the net)."""
         kind = [s for s in self._stops_for(symbol) if s.type is order_type and s.side is side]
-        stop = next((s for s in reversed(kind) if s.status is OrderStatus.NEW), None) or next(
-            (s for s in reversed(kind) if venue_order_id and s.venue_order_id == venue_order_id), None
-        )
+
+        def fits(stop: _PositionStop) -> bool:
+            if stop.venue_order_id:
+                return stop.venue_order_id == venue_order_id
+            if (
+                order_type is OrderType.STOP_MARKET
+                and trigger is not None
+                and stop.stop_price is not None
+                and trigger != stop.stop_price
+            ):
+                return False  # a hard stop's order at another price: an earlier stop's
+            if updated_ms is not None and updated_ms < (stop.created_at - _CLOCK_SLACK_SECONDS) * 1000:
+                return False  # a state from before this stop was set
+            return order_type is OrderType.STOP_MARKET or not any(
+                other is not stop and other.venue_order_id == venue_order_id for other in kind
+            )
+
+        working = next((s for s in reversed(kind) if s.status is OrderStatus.NEW), None)
+        stop = working if working is not None and fits(working) else None
+        if stop is None and venue_order_id:
+            stop = next((s for s in reversed(kind) if s.venue_order_id == venue_order_id), None)
+        if stop is None:
+            stop = next((s for s in reversed(kind) if s is not working and fits(s)), None)
         if stop is None:
             return None
         if venue_order_id and not stop.venue_order_id:
             stop.venue_order_id = venue_order_id
         return self._snapshot(stop)
+
+    async def _execution_price(self, symbol: str, venue_order_id: str) -> Decimal | None:
+        """The volume-weighted price of one order's executions (`execution/list` by orderId), or None."""
+        answer = await self._call(
+            self._exchange.privateGetV5ExecutionList(
+                {"category": "linear", "symbol": symbol, "orderId": venue_order_id, "limit": _EXECUTION_PAGE}
+            ),
+            mutating=False,
+            symbol=symbol,
+        )
+        total = notional = _ZERO
+        for row in (answer.get("result") or {}).get("list", []):
+            if str(row.get("orderId", "")) != venue_order_id or row.get("execType", "Trade") != "Trade":
+                continue
+            qty, price = _positive(row.get("execQty")), _positive(row.get("execPrice"))
+            if qty is not None and price is not None:
+                total, notional = total + qty, notional + qty * price
+        return notional / total if total > 0 else None
 
     async def load_markets(self) -> Mapping[str, Market]:
         loaded = await self._call(self._exchange.load_markets(True), mutating=False)
@@ -526,6 +618,10 @@ class BybitLinearVenue(CcxtVenue):
             "slTriggerBy": "MarkPrice",
             "positionIdx": self._position_idx(side, reduce_only=True),
         }
+        if self._opened_here(symbol, side):
+            carried = await self._ride(stop, request)
+            if carried is not None:
+                return carried
         return await self._set_position_stop(stop, request)
 
     async def create_trailing_stop_order(
@@ -679,8 +775,133 @@ class BybitLinearVenue(CcxtVenue):
             for other in self._stops_for(symbol)
         )
 
-    async def _set_position_stop(self, stop: _PositionStop, request: Mapping[str, Any]) -> Order:
-        """Send a position stop; an answer lost leaves it remembered as unconfirmed (found or not later)."""
+    async def _ride(self, stop: _PositionStop, request: Mapping[str, Any]) -> Order | None:
+        """Send the hard stop `stop` in its position's trailing-stop call, when that call is on its way and
+        not sent yet, or comes within `RIDE_WAIT_SECONDS`: its order once that call set it. None: it goes
+        alone (the trailing stop is set or already sent, none came, or the combined call was refused)."""
+        key = (stop.symbol, stop.side)
+        carrier = self._carriers.get(key)
+        if carrier is not None and carrier.rider is not None:
+            return None
+        if carrier is None and any(
+            other.type is OrderType.TRAILING_STOP_MARKET
+            and other.side is stop.side
+            and other.status is OrderStatus.NEW
+            for other in self._stops_for(stop.symbol)
+        ):
+            return None  # the trailing stop is set, or its call is on the wire
+        if carrier is None and key in self._waiting_riders:
+            return None
+        rider = _Rider(
+            stop,
+            {name: request[name] for name in ("stopLoss", "slTriggerBy")},
+            asyncio.get_running_loop().create_future(),
+            current_ticket(),
+        )
+        stop.confirmed = False  # until the call it rides in is answered
+        self._stops[stop.client_order_id] = stop
+        if carrier is not None:
+            carrier.rider = rider
+        else:
+            self._waiting_riders[key] = rider
+        if rider.ticket is not None:
+            rider.ticket.begin_wait(self._clock.monotonic())  # queued behind another call: no timeout runs
+        try:
+            try:
+                result = await asyncio.wait_for(asyncio.shield(rider.done), RIDE_WAIT_SECONDS)
+            except TimeoutError:
+                if self._waiting_riders.get(key) is rider:
+                    del self._waiting_riders[key]
+                    return None  # no trailing-stop call came: alone
+                result = await rider.done  # taken by a call meanwhile: its answer decides
+        except OutcomeUnknown:
+            raise  # remembered unconfirmed: the position says later whether it came
+        except BaseException:
+            if self._stops.get(stop.client_order_id) is stop and not stop.confirmed:
+                del self._stops[stop.client_order_id]
+            raise
+        finally:
+            if self._waiting_riders.get(key) is rider:
+                del self._waiting_riders[key]
+            if rider.ticket is not None:
+                rider.ticket.end_wait(self._clock.monotonic())
+        return result
+
+    async def before_request(self, method: str, path: str, params: Mapping[str, Any]) -> None:
+        await super().before_request(method, path, params)
+        carrier = _CARRYING.get()
+        if carrier is None or carrier.sent or path != _TRADING_STOP_PATH or not isinstance(params, dict):
+            return
+        # The trailing-stop call is about to leave (its pacing is done): a hard stop riding in it goes in
+        # the same request, and its call's clock starts now.
+        carrier.sent = True
+        if self._carriers.get(carrier.key) is carrier:
+            del self._carriers[carrier.key]
+        rider = carrier.rider
+        if rider is not None:
+            params.update(rider.fields)
+            rider.merged = True
+            if rider.ticket is not None:
+                rider.ticket.end_wait(self._clock.monotonic())
+
+    async def _set_position_stop(
+        self, stop: _PositionStop, request: Mapping[str, Any], *, carry: bool = True
+    ) -> Order:
+        """Send a position stop; an answer lost leaves it remembered as unconfirmed (found or not later).
+        A trailing stop carries the hard stop waiting to ride in its call (`_ride`)."""
+        key = (stop.symbol, stop.side)
+        if carry and stop.type is OrderType.TRAILING_STOP_MARKET and key not in self._carriers:
+            carrier = _Carrier(key, self._waiting_riders.pop(key, None))
+            self._carriers[key] = carrier
+            token = _CARRYING.set(carrier)
+            try:
+                return await self._carry(stop, request, carrier)
+            finally:
+                _CARRYING.reset(token)
+                if self._carriers.get(key) is carrier:
+                    del self._carriers[key]
+        return await self._send_position_stop(stop, request)
+
+    async def _carry(self, stop: _PositionStop, request: Mapping[str, Any], carrier: _Carrier) -> Order:
+        """The trailing stop's call, with the hard stop riding in it if one joined before it left."""
+        try:
+            placed = await self._send_position_stop(stop, request)
+        except BaseException as error:
+            rider = carrier.rider
+            if rider is None or rider.done.done():
+                raise
+            if not rider.merged:
+                rider.done.set_result(None)  # it never left with this call: alone
+                raise
+            if isinstance(error, Rejected):
+                # Which of the two was refused? Each is sent alone and gets its own verdict.
+                rider.done.set_result(None)
+                logger.info(
+                    "%s %s: trading-stop with both stops refused (%s); sending each alone",
+                    self.kind,
+                    stop.symbol,
+                    error,
+                )
+                return await self._set_position_stop(stop, request, carry=False)
+            if isinstance(error, ExchangeError):
+                rider.done.set_exception(error)  # the same outcome for both (not executed, or unknown)
+            else:
+                rider.done.set_exception(
+                    OutcomeUnknown(f"{self.kind} {stop.symbol}: trading-stop interrupted: {error!r}")
+                )
+            raise
+        rider = carrier.rider
+        if rider is not None and not rider.done.done():
+            if rider.merged:
+                rider.stop.confirmed, rider.stop.updated_at = True, time.time()
+                self._remember(rider.stop)
+                self.riders_carried += 1
+                rider.done.set_result(self._snapshot(rider.stop))
+            else:
+                rider.done.set_result(None)
+        return placed
+
+    async def _send_position_stop(self, stop: _PositionStop, request: Mapping[str, Any]) -> Order:
         stop.confirmed = False
         self._stops[stop.client_order_id] = stop
         try:
@@ -782,9 +1003,9 @@ class BybitLinearVenue(CcxtVenue):
         if stop.status is not OrderStatus.NEW:
             return self._snapshot(stop)
         told = self._bybit_streams.ended(stop.client_order_id)
-        if (
-            told is not None
-        ):  # the account stream said how it ended (Bybit deactivates a closed position's stops)
+        if told is not None and not (told.status is OrderStatus.FILLED and told.average_price is None):
+            # The account stream said how it ended (Bybit deactivates a closed position's stops); a fill it
+            # told without a price is read from the execution list below.
             stop.confirmed, stop.status, stop.updated_at = True, told.status, told.updated_at
             stop.filled_quantity, stop.average_price = told.filled_quantity, told.average_price
             stop.venue_order_id = told.venue_order_id or stop.venue_order_id

@@ -6,11 +6,14 @@ back and a `StreamGap` for the account stream; a fired position stop must come b
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 import pytest
@@ -331,3 +334,164 @@ async def test_cancelling_a_sibling_the_venue_already_deactivated_asks_nothing()
         filled = await r.venue.fetch_order(SYMBOL, "p4-sl1")  # the filled one, from the stream as well
         assert filled.status is OrderStatus.FILLED
         assert filled.average_price == r.updates("p4-sl1")[-1].order.average_price
+
+
+async def test_a_fired_stop_whose_execution_is_lost_is_told_filled_with_the_venues_price() -> None:
+    """F6: the order topic says Filled without an average price (Bybit's "" for an order without one) and
+    the execution message that would give it never arrives. The fill is told all the same, with the
+    price the venue's execution list gives, not held until a reconcile pass finds it."""
+    async with rig(symbols=[SYMBOL]) as r:
+        stop = await r.open_position_with_stops("p5")
+        await wait_until(lambda: bool(r.updates("p5-ts1")), what="the stops told")
+        await r.post("/_sim/stream-fault", {"fault": "lose", "topic": "execution", "count": 1})
+        await r.post("/_sim/stream-fault", {"fault": "blank", "topic": "order", "field": "avgPrice"})
+        fired = await r.post("/_sim/mark", {"symbol": SYMBOL, "price": str(stop - Decimal("0.001"))})
+        assert len(fired["triggered"]) == 1
+        await wait_until(lambda: r.filled("p5-sl1"), within=30, what="the fill of the stop")
+        filled = r.updates("p5-sl1")[-1].order
+        assert filled.venue_order_id == fired["triggered"][0]
+        assert filled.filled_quantity == Decimal(100)
+        executions = await _executions_of(r, fired["triggered"][0])
+        assert len(executions) == 1
+        assert filled.average_price == Decimal(executions[0]["execPrice"])
+
+
+async def test_a_lost_execution_with_rest_failing_too_is_told_filled_without_a_made_up_price() -> None:
+    """With neither the execution message nor REST's execution list, the fill is still told (the position
+    is over), without a price rather than a guessed one; once REST answers, a query gives the real one."""
+    async with rig(symbols=[SYMBOL]) as r:
+        stop = await r.open_position_with_stops("p6")
+        await wait_until(lambda: bool(r.updates("p6-ts1")), what="the stops told")
+        await r.post("/_sim/fault", {"targets": ["GET:execution/list"], "fault": "error", "count": 100})
+        await r.post("/_sim/stream-fault", {"fault": "lose", "topic": "execution", "count": 1})
+        await r.post("/_sim/stream-fault", {"fault": "blank", "topic": "order", "field": "avgPrice"})
+        fired = await r.post("/_sim/mark", {"symbol": SYMBOL, "price": str(stop - Decimal("0.001"))})
+        await wait_until(lambda: r.filled("p6-sl1"), within=30, what="the fill of the stop")
+        filled = r.updates("p6-sl1")[-1].order
+        assert filled.average_price is None
+        assert filled.filled_quantity == Decimal(100)
+        await r.post("/_sim/clear-faults", {})
+        queried = await r.venue.fetch_order(SYMBOL, "p6-sl1")
+        assert queried.status is OrderStatus.FILLED
+        executions = await _executions_of(r, fired["triggered"][0])
+        assert queried.average_price == Decimal(executions[0]["execPrice"])
+
+
+async def test_the_lose_and_blank_faults_name_a_topic_and_a_field_the_venue_has() -> None:
+    async with rig(symbols=[SYMBOL]) as r:
+        for body, says in (
+            ({"fault": "lose", "topic": "tickers"}, "unknown topic"),
+            ({"fault": "blank", "topic": "execution", "field": "execPrice"}, "no field"),
+            ({"fault": "blank", "topic": "order", "field": "qty"}, "no field"),
+        ):
+            async with r.control.post(f"{r.base_url}/_sim/stream-fault", json=body) as response:
+                assert response.status == 400
+                assert says in await response.text()
+
+
+async def _executions_of(r: Rig, order_id: str) -> list[dict[str, Any]]:
+    """The venue's own execution rows of one order, as `execution/list` answers them (signed here, as
+    Bybit documents: HMAC-SHA256 over timestamp + key + recvWindow + query string)."""
+    query = urlencode({"category": "linear", "symbol": SYMBOL, "orderId": order_id})
+    stamp, window = str(int(time.time() * 1000)), "5000"
+    sign = hmac.new(SECRET.encode(), (stamp + KEY + window + query).encode(), hashlib.sha256).hexdigest()
+    headers = {
+        "X-BAPI-API-KEY": KEY,
+        "X-BAPI-TIMESTAMP": stamp,
+        "X-BAPI-RECV-WINDOW": window,
+        "X-BAPI-SIGN": sign,
+    }
+    async with r.control.get(f"{r.base_url}/v5/execution/list?{query}", headers=headers) as response:
+        answer = await response.json()
+    assert answer["retCode"] == 0, answer
+    return list(answer["result"]["list"])
+
+
+async def test_late_events_of_an_earlier_positions_stop_are_not_named_after_the_current_stop() -> None:
+    """F7: Bybit's position stops carry no id of ours, and a new stop is a new venue order. The events of
+    the previous position's hard stop (fired, filled) arrive late, after a new position on the symbol got
+    its own hard stop: they are told under the old stop's id, never under the new one's (which would say
+    a stop still protecting a live position fired and filled)."""
+    async with rig(symbols=[SYMBOL]) as r:
+        stop = await r.open_position_with_stops("q1")
+        await wait_until(
+            lambda: bool(r.updates("q1-sl1")) and bool(r.updates("q1-ts1")), what="the first stops told"
+        )
+        await r.post("/_sim/stream-fault", {"fault": "delay", "ms": 1500})
+        fired = await r.post("/_sim/mark", {"symbol": SYMBOL, "price": str(stop - Decimal("0.001"))})
+        assert len(fired["triggered"]) == 1
+        mark = (await r.venue.fetch_mark_prices([SYMBOL]))[SYMBOL].price
+        second = (mark * Decimal("0.8")).quantize(Decimal("0.0001"))
+        await r.venue.create_market_order_with_stop(
+            SYMBOL, OrderSide.BUY, Decimal(100), second, client_order_id="q2-e", stop_client_order_id="q2-sl1"
+        )
+        await wait_until(
+            lambda: bool(r.updates("q2-sl1")), within=30, what="the late events, then the new stop's"
+        )
+        await r.post("/_sim/clear-faults", {})
+        assert r.filled("q1-sl1")
+        assert r.updates("q1-sl1")[-1].order.venue_order_id == fired["triggered"][0]
+        assert [u.order.status for u in r.updates("q2-sl1")] == [OrderStatus.NEW]
+        assert r.updates("q2-sl1")[-1].order.venue_order_id != fired["triggered"][0]
+        current = await r.venue.fetch_order(SYMBOL, "q2-sl1")
+        assert current.status is OrderStatus.NEW
+        assert current.stop_price == second
+
+
+async def test_late_events_of_an_earlier_stop_never_seen_are_not_named_after_the_current_stop() -> None:
+    """F7, the old stop's venue order unknown (its first event late as well): the late rows carry the old
+    trigger price, which is not the current stop's, so they are not named after it."""
+    async with rig(symbols=[SYMBOL]) as r:
+        await r.post("/_sim/stream-fault", {"fault": "delay", "ms": 1500})
+        stop = await r.open_position_with_stops("u1")
+        fired = await r.post("/_sim/mark", {"symbol": SYMBOL, "price": str(stop - Decimal("0.001"))})
+        assert len(fired["triggered"]) == 1
+        mark = (await r.venue.fetch_mark_prices([SYMBOL]))[SYMBOL].price
+        second = (mark * Decimal("0.8")).quantize(Decimal("0.0001"))
+        await r.venue.create_market_order_with_stop(
+            SYMBOL, OrderSide.BUY, Decimal(100), second, client_order_id="u2-e", stop_client_order_id="u2-sl1"
+        )
+        await wait_until(lambda: bool(r.updates("u2-sl1")), within=30, what="the new stop told")
+        await r.post("/_sim/clear-faults", {})
+        assert [u.order.status for u in r.updates("u2-sl1")] == [OrderStatus.NEW]
+        assert r.updates("u2-sl1")[-1].order.venue_order_id != fired["triggered"][0]
+        assert r.filled("u1-sl1")  # the old one's fill, under its own id
+        assert (await r.venue.fetch_order(SYMBOL, "u2-sl1")).status is OrderStatus.NEW
+
+
+async def test_a_late_deactivation_of_the_previous_trailing_stop_is_not_named_after_the_current_one() -> None:
+    """F7, a trailing stop: the previous position's trailing stop, deactivated by Bybit when its position
+    closed, is told late, after the new position on the symbol got its own trailing stop. A trailing
+    stop's trigger moves, so the venue order the row is known under decides: told as the old stop's
+    cancel, never as "the new trailing stop was cancelled on the venue" (which re-places a live stop)."""
+    async with rig(symbols=[SYMBOL]) as r:
+        stop = await r.open_position_with_stops("t1")
+        await wait_until(
+            lambda: bool(r.updates("t1-sl1")) and bool(r.updates("t1-ts1")), what="the first stops told"
+        )
+        await r.post("/_sim/stream-fault", {"fault": "delay", "ms": 1500})
+        await r.post("/_sim/mark", {"symbol": SYMBOL, "price": str(stop - Decimal("0.001"))})
+        mark = (await r.venue.fetch_mark_prices([SYMBOL]))[SYMBOL].price
+        await r.venue.create_market_order_with_stop(
+            SYMBOL,
+            OrderSide.BUY,
+            Decimal(100),
+            (mark * Decimal("0.8")).quantize(Decimal("0.0001")),
+            client_order_id="t2-e",
+            stop_client_order_id="t2-sl1",
+        )
+        await r.venue.create_trailing_stop_order(
+            SYMBOL,
+            OrderSide.BUY.opposite,
+            Decimal(100),
+            Decimal(5),
+            client_order_id="t2-ts1",
+            activation_price=(mark * Decimal("1.05")).quantize(Decimal("0.0001")),
+        )
+        await wait_until(
+            lambda: bool(r.updates("t2-ts1")), within=30, what="the late rows, then the new stop's"
+        )
+        await r.post("/_sim/clear-faults", {})
+        assert any(u.order.status is OrderStatus.CANCELED for u in r.updates("t1-ts1"))
+        assert [u.order.status for u in r.updates("t2-ts1")] == [OrderStatus.NEW]
+        assert (await r.venue.fetch_order(SYMBOL, "t2-ts1")).status is OrderStatus.NEW

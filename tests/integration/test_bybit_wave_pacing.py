@@ -7,13 +7,17 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import pytest
+
 from engine.clock import SystemClock
 from engine.engine import Engine, build_venue
 from engine.events import SignalRejected
+from engine.exchange.port import OrderStatus
 from engine.venues.binance_emulator.faults import Target
 from engine.venues.bybit_emulator import BybitEmulator, BybitLimiter, FaultPlan, running
 from engine.venues.bybit_emulator.faults import parse_bybit_fault
 from engine.venues.bybit_limits import ENDPOINT_LIMITS_PER_SECOND
+from engine.venues.bybit_venue import BybitLinearVenue
 from engine.venues.sim.settings import SimVenueSettings
 from storage.database import Database
 from tests.integration.engine_support import engine_settings
@@ -124,3 +128,56 @@ async def test_entries_over_the_accounts_own_limit_wait_for_the_reset_and_no_sto
         await wait_until(
             lambda: manager.budget.promised == 0, within=30.0, what="no protective order still promised"
         )
+
+
+@pytest.mark.parametrize("refused", [0, 2], ids=["answered", "two-trading-stops-refused-10006"])
+async def test_a_hard_stop_corrected_from_the_fill_rides_in_the_trailing_stops_call(
+    db: Database, refused: int
+) -> None:
+    """Bybit sets a position's stopLoss and trailingStop in one trading-stop call: a hard stop the fill
+    moved by more than a tick is corrected in the call that places the trailing stop, not by a call of
+    its own after it (before: one call more for about one position in two). One trading-stop call per
+    position, and never a moment without a hard stop: the attached one counts until the corrected one
+    is confirmed, on the venue at the corrected price. A call refused with 10006 (not executed) is sent
+    again, both stops in it again."""
+    emulator = BybitEmulator(SimVenueSettings(seed=11, volatility=0.0), api_key=KEY, api_secret=SECRET)
+    if refused:
+        emulator.faults.force(
+            (Target("POST", "position/trading-stop"),), parse_bybit_fault("ratelimit"), count=refused
+        )
+    async with bybit_engine(db, emulator) as (engine, rejected):
+        await _wave(engine, emulator, rejected)
+        assert rejected == []
+        manager = engine.manager
+        store = engine.store
+        assert manager is not None
+        assert store is not None
+        ids = list(manager.guards)
+        await wait_until(
+            lambda: all(g.stop_loss.confirmed for g in manager.guards.values()),
+            within=60.0,
+            what="every hard stop confirmed, the corrected ones too",
+        )
+
+        async def gaps() -> list[object]:
+            return [(await store.position(i)).hard_stop_gap_seconds for i in ids]  # type: ignore[union-attr]
+
+        async def all_measured() -> bool:
+            return None not in await gaps()
+
+        await wait_until(all_measured, within=30.0, what="every hard stop gap recorded")
+        assert await gaps() == [0] * WAVE
+        corrected = await db.pool.fetchval(
+            "SELECT count(DISTINCT position_id) FROM monitoring.orders"
+            " WHERE purpose = 'stop_loss' AND client_order_id NOT LIKE '%-sl0'"
+        )
+        assert corrected > 0  # the wave has corrections to make, else this proves nothing
+        venue = engine.venue
+        assert isinstance(venue, BybitLinearVenue)
+        assert venue.riders_carried == corrected
+        assert emulator.requests_by_endpoint.get("POST position/trading-stop") == WAVE + refused
+        for guard in manager.guards.values():  # the venue's own word on each position's hard stop
+            assert guard.covered
+            assert guard.stop_loss.client_order_id is not None
+            held = await venue.fetch_order(guard.symbol, guard.stop_loss.client_order_id)
+            assert (held.status, held.stop_price) == (OrderStatus.NEW, guard.stop_loss.price)

@@ -6,6 +6,7 @@ venue, as a new engine process would."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,7 +29,7 @@ from engine.exchange import (
     Retryable,
     WouldTriggerImmediately,
 )
-from engine.exchange.port import AttachesStopToEntry
+from engine.exchange.port import AttachesStopToEntry, Order
 from engine.venues.bybit_emulator import BybitEmulator, BybitLimiter, running
 from engine.venues.bybit_venue import BybitLinearVenue
 from engine.venues.ccxt_venue import CcxtVenueConfig
@@ -338,6 +339,109 @@ async def test_the_stops_of_a_position_opened_here_are_set_without_reading_it_fi
     assert state["position_stops"][0]["stopLoss"] == "0.4100"
     assert state["position_stops"][0]["trailingStop"]
     assert refused.value.code == RejectCode.REDUCE_ONLY_REJECTED
+
+
+async def _opened_with_attached_stop(adapter: BybitLinearVenue, n: int) -> None:
+    await adapter.create_market_order_with_stop(
+        SYMBOL,
+        OrderSide.BUY,
+        QTY,
+        Decimal("0.4000"),
+        client_order_id=f"tsbabc123-{n}-en0",
+        stop_client_order_id=f"tsbabc123-{n}-sl0",
+    )
+
+
+def _sent(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {key: after.get(key, 0) - before.get(key, 0) for key in after}
+
+
+async def test_a_corrected_hard_stop_rides_in_its_trailing_stops_call() -> None:
+    """Bybit's trading-stop takes stopLoss and trailingStop together: the hard stop corrected from the
+    fill, sent while the position's trailing stop is on its way, goes in that call (one request, not
+    two). The attached stop is the position's hard stop until then."""
+    async with bybit_venue() as venue, connected(venue) as adapter:
+        await _opened_with_attached_stop(adapter, 7)
+        before = dict((await venue.state())["requests_by_endpoint"])
+        stop, trailing = await asyncio.gather(
+            adapter.create_stop_market_order(
+                SYMBOL, OrderSide.SELL, QTY, Decimal("0.4100"), client_order_id="tsbabc123-7-sl1"
+            ),
+            adapter.create_trailing_stop_order(
+                SYMBOL,
+                OrderSide.SELL,
+                QTY,
+                Decimal("2"),
+                client_order_id="tsbabc123-7-ts0",
+                activation_price=Decimal("0.4600"),
+            ),
+        )
+        after = dict((await venue.state())["requests_by_endpoint"])
+        old = await adapter.fetch_order(SYMBOL, "tsbabc123-7-sl0")
+        fetched = await adapter.fetch_order(SYMBOL, "tsbabc123-7-sl1")
+        state = await venue.state()
+
+    assert _sent(before, after).get("POST position/trading-stop") == 1
+    assert (stop.status, stop.stop_price, trailing.status) == (
+        OrderStatus.NEW,
+        Decimal("0.4100"),
+        OrderStatus.NEW,
+    )
+    assert (fetched.status, fetched.stop_price) == (OrderStatus.NEW, Decimal("0.4100"))
+    assert old.status is OrderStatus.CANCELED
+    assert state["position_stops"][0]["stopLoss"] == "0.4100"
+    assert state["position_stops"][0]["trailingStop"]
+    assert adapter.riders_carried == 1
+
+
+async def test_a_combined_trading_stop_refused_sends_each_stop_alone_for_its_own_verdict() -> None:
+    """The corrected hard stop would trigger at once (above the mark for a long): the combined call is
+    refused, so each stop goes alone: the trailing stop is set, the hard stop gets its own refusal, and
+    the attached stop stays on the position."""
+    async with bybit_venue() as venue, connected(venue) as adapter:
+        await _opened_with_attached_stop(adapter, 8)
+        before = dict((await venue.state())["requests_by_endpoint"])
+        stop, trailing = await asyncio.gather(
+            adapter.create_stop_market_order(
+                SYMBOL, OrderSide.SELL, QTY, Decimal("0.4600"), client_order_id="tsbabc123-8-sl1"
+            ),
+            adapter.create_trailing_stop_order(
+                SYMBOL,
+                OrderSide.SELL,
+                QTY,
+                Decimal("2"),
+                client_order_id="tsbabc123-8-ts0",
+                activation_price=Decimal("0.4700"),
+            ),
+            return_exceptions=True,
+        )
+        after = dict((await venue.state())["requests_by_endpoint"])
+        state = await venue.state()
+        attached = await adapter.fetch_order(SYMBOL, "tsbabc123-8-sl0")
+
+    assert isinstance(stop, WouldTriggerImmediately)
+    assert isinstance(trailing, Order)
+    assert trailing.status is OrderStatus.NEW
+    assert _sent(before, after).get("POST position/trading-stop") == 3
+    assert state["position_stops"][0]["stopLoss"] == "0.4000"
+    assert state["position_stops"][0]["trailingStop"]
+    assert attached.status is OrderStatus.NEW
+
+
+async def test_a_corrected_hard_stop_with_no_trailing_call_coming_goes_alone() -> None:
+    async with bybit_venue() as venue, connected(venue) as adapter:
+        await _opened_with_attached_stop(adapter, 9)
+        before = dict((await venue.state())["requests_by_endpoint"])
+        stop = await adapter.create_stop_market_order(
+            SYMBOL, OrderSide.SELL, QTY, Decimal("0.4100"), client_order_id="tsbabc123-9-sl1"
+        )
+        after = dict((await venue.state())["requests_by_endpoint"])
+        state = await venue.state()
+
+    assert (stop.status, stop.stop_price) == (OrderStatus.NEW, Decimal("0.4100"))
+    assert _sent(before, after).get("POST position/trading-stop") == 1
+    assert state["position_stops"][0]["stopLoss"] == "0.4100"
+    assert adapter.riders_carried == 0
 
 
 async def test_an_entry_whose_stop_is_already_crossed_is_refused_whole() -> None:

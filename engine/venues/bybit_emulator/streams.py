@@ -24,7 +24,9 @@ Bybit v5's paths and shapes (bybit-exchange.github.io/docs/v5/ws/connect, .../we
   minutes is closed, as Bybit does.
 
 Faults: the shared model (`engine.venues.sim.stream_faults`), `POST /_sim/stream-fault`; `expire_listen_key`
-is refused (Bybit authenticates each private connection, there is no listen key).
+is refused (Bybit authenticates each private connection, there is no listen key); `lose` takes the next
+messages of a private topic (`order`, `execution`, `position`), `blank` empties `avgPrice` in the next
+`order` messages that carry one.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ IDLE_CLOSE_SECONDS = 600.0
 _TICK_SECONDS = 0.1
 _QUIET_DELTA_SECONDS = 1.0
 _FINAL_ORDER_STATUSES = {"Filled", "Cancelled", "Deactivated", "Rejected", "PartiallyFilledCanceled"}
+# What `lose` / `blank` stream faults may name: the private topics, and the fields a row may say it does
+# not know (Bybit gives `avgPrice` "" to an order without an average price).
+_FAULT_TOPICS: dict[str, tuple[str, ...]] = {"order": ("avgPrice",), "execution": (), "position": ()}
 _TICKER_PRICE_FIELDS = ("markPrice", "lastPrice", "indexPrice", "bid1Price", "ask1Price")
 
 
@@ -372,11 +377,12 @@ class BybitStreamHub:
                 self._told_positions.pop(symbol, None)
         messages = []
         now_ms = int(self._view.now() * 1000)
-        for topic, rows in (
+        for topic, told in (
             ("order", order_rows),
             ("execution", execution_rows),
             ("position", position_rows),
         ):
+            rows = self._faults.outgoing(topic, told) if told else None
             if rows:
                 messages.append(
                     {
@@ -400,7 +406,7 @@ class BybitStreamHub:
     # ---- faults and state -----------------------------------------------------------------------------
 
     async def stage_fault(self, body: dict[str, Any]) -> dict[str, Any]:
-        return self._faults.stage(body, self._connections.values())
+        return self._faults.stage(body, self._connections.values(), topics=_FAULT_TOPICS)
 
     def clear_faults(self) -> None:
         self._faults.clear(self._connections.values())

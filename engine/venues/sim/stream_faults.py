@@ -9,7 +9,14 @@
 * `expire_listen_key`: the venue's account credential for the stream lapses (Binance's listen key; a
   venue without one refuses the fault);
 * `delay`: account events leave `ms` milliseconds late, for `seconds` or until cleared;
-* `reorder`: the next `count` batches of account events go out in reverse order.
+* `reorder`: the next `count` batches of account events go out in reverse order;
+* `lose`: the next `count` account messages of `topic` never leave (the venue lost them: no gap, no
+  reconnect, nothing tells the client);
+* `blank`: the next `count` account messages of `topic` whose rows carry `field` leave with it empty
+  (`""`, as a venue says "not known": Bybit's order topic gives `avgPrice` "" to orders without one).
+
+`lose` and `blank` name a venue's own topics and fields: a hub offers them (`stage(..., topics=...)`)
+or refuses both.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from enum import StrEnum
 from typing import Any, Protocol, TypeVar
 
@@ -36,6 +43,8 @@ class StreamFaultKind(StrEnum):
     EXPIRE_LISTEN_KEY = "expire_listen_key"
     DELAY = "delay"
     REORDER = "reorder"
+    LOSE = "lose"
+    BLANK = "blank"
 
 
 class StreamFaultError(ValueError):
@@ -57,6 +66,8 @@ class StreamFaults:
         self.delay_ms = 0
         self.delay_until = math.inf
         self.reorder_batches = 0
+        self.lose: dict[str, int] = {}  # topic -> messages still to lose
+        self.blank: dict[tuple[str, str], int] = {}  # (topic, field) -> messages still to blank
 
     def storming(self) -> bool:
         return time.monotonic() < self.storm_until
@@ -66,7 +77,10 @@ class StreamFaults:
         body: dict[str, Any],
         connections: Iterable[FaultedConnection],
         expire_key: Callable[[], dict[str, Any]] | None = None,
+        topics: Mapping[str, Collection[str]] | None = None,
     ) -> dict[str, Any]:
+        """Stage `body`'s fault. `topics`: the account topics a `lose` may name, each with the row fields
+        a `blank` may empty (None: this venue's streams stage neither)."""
         try:
             kind = StreamFaultKind(str(body.get("fault", "")))
         except ValueError:
@@ -107,8 +121,38 @@ class StreamFaults:
             self.delay_until = time.monotonic() + seconds if seconds else math.inf
             return {"delay_ms": self.delay_ms}
         count = int(self._number(body, "count", 1.0, 1_000_000.0) or 1)
-        self.reorder_batches = count
-        return {"reorder_batches": count}
+        if kind is StreamFaultKind.REORDER:
+            self.reorder_batches = count
+            return {"reorder_batches": count}
+        if topics is None:
+            raise StreamFaultError(f"this venue's streams cannot {kind.value} messages by topic")
+        topic = str(body.get("topic", ""))
+        if topic not in topics:
+            raise StreamFaultError(f"unknown topic {topic!r}: expected one of {', '.join(sorted(topics))}")
+        if kind is StreamFaultKind.LOSE:
+            self.lose[topic] = count
+            return {"lose": topic, "count": count}
+        name = str(body.get("field", ""))
+        if name not in topics[topic]:
+            fields = ", ".join(sorted(topics[topic])) or "none"
+            raise StreamFaultError(f"{topic} rows have no field {name!r} to blank: expected one of {fields}")
+        self.blank[(topic, name)] = count
+        return {"blank": name, "topic": topic, "count": count}
+
+    def outgoing(self, topic: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+        """An account message's rows as they leave: None when a `lose` fault takes the message, rows
+        with a field emptied while a `blank` fault lasts."""
+        if self.lose.get(topic, 0) > 0:
+            self.lose[topic] -= 1
+            logger.info("emulator: an account message of %s lost (%d rows)", topic, len(rows))
+            return None
+        for (blank_topic, name), left in self.blank.items():
+            if blank_topic != topic or left <= 0 or not any(row.get(name) for row in rows):
+                continue
+            self.blank[(blank_topic, name)] = left - 1
+            logger.info("emulator: an account message of %s sent with %s blank", topic, name)
+            rows = [{**row, name: ""} if name in row else row for row in rows]
+        return rows
 
     def reordered(self, events: list[T]) -> list[T]:
         """A batch of account events as it leaves: reversed while a `reorder` fault lasts."""
@@ -128,6 +172,8 @@ class StreamFaults:
         self.delay_ms = 0
         self.delay_until = math.inf
         self.reorder_batches = 0
+        self.lose.clear()
+        self.blank.clear()
         for connection in connections:
             connection.stalled_until = 0.0
 
