@@ -173,6 +173,7 @@ STUCK_TRIGGER_SHARE = 0.5  # of the grace period, that a fired stop gets to fill
 STUCK_CHECK_MIN_SECONDS = 0.5  # the least a stuck stop's re-check may take (a round trip)
 # A protective create whose answer is this late (in order round trips, and never before the venue's
 # read-after-write lag or this floor) is looked up by its client id while the call goes on.
+FIRST_RETRY_MIN_SECONDS = 0.05  # the least a naked position's first retry waits (a round trip, unknown yet)
 LATE_ANSWER_ROUND_TRIPS = 4
 LATE_ANSWER_MIN_SECONDS = 0.5
 
@@ -456,13 +457,19 @@ class PositionGuard:
         return self._replacement is not None or self._restored_move is not None
 
     def coverage(self) -> PositionCoverage:
+        covered = self.covered
+        if not covered and self.unprotected_since is None:
+            # Coverage just lost (a stop fired, or was found gone) and the pass has not written it yet: it
+            # is timed from now, not from the fill (which read as "uncovered for as long as it was held").
+            self.unprotected_since = self._m.clock.monotonic()
+            self.unprotected_since_epoch = self._m.clock.now()
         return PositionCoverage(
             position_id=self.position_id,
             symbol=self.symbol,
             has_stop_loss=self.has_stop_loss,
             has_trailing_stop=self.trailing_in_place,
             filled_at=self.filled_at,
-            unprotected_since=None if self.covered else self.unprotected_since,
+            unprotected_since=None if covered else self.unprotected_since,
         )
 
     def order_ids(self) -> set[str]:
@@ -1907,9 +1914,10 @@ class PositionGuard:
     def _retry_delay(self, failures: int) -> float:
         """When to try again after `failures` failed passes in a row. The venue's word comes first (a
         Retry-After or a ban's end: then, not later). Otherwise the backoff doubles — but not past a
-        quarter of the grace period during a naked position's first grace period: it is retried several
-        times within grace however often it failed, where doubling used to leave it naked for 1 + 2 + 4 s
-        after three refusals. Past grace (the venue keeps failing) the doubling resumes: no hot loop."""
+        quarter of the grace period during a naked position's first grace period, and its first retry is
+        one round trip later: it is retried several times within grace however often it failed, where
+        doubling used to leave it naked for 1 + 2 + 4 s after three refusals. Past grace (the venue keeps
+        failing) the doubling resumes: no hot loop."""
         m = self._m
         now = m.clock.monotonic()
         if self.retry_at is not None:
@@ -1919,6 +1927,11 @@ class PositionGuard:
         since = self.unprotected_since
         if not self.covered and since is not None and now - since < grace:
             delay = min(delay, grace / 4)
+            if failures <= 1:
+                # A naked position's first failed pass is tried again one round trip later: what was
+                # refused is sent again at once (a definite "not executed" may go with the same id; an
+                # unknown outcome is looked up first). Only further failures back off.
+                delay = min(delay, max(m.order_round_trip_seconds, FIRST_RETRY_MIN_SECONDS))
         fired = [o.fired_at for o in (self.stop_loss, self.trailing_stop) if o.fired_at is not None]
         if fired:
             # A fired stop that has not filled is closed at market once its patience ends (`_check_fired`):

@@ -85,6 +85,33 @@ async def test_three_refused_stops_in_a_row_are_retried_within_grace(db: Databas
         await run.stop()
 
 
+async def test_a_naked_positions_first_refused_stops_are_sent_again_at_once(db: Database) -> None:
+    """Both stops of a new position are refused before execution (HTTP 500): nothing was placed, the
+    position is naked, and the same ids may go again. The first retry is one round trip later, not after
+    the guard's one-second backoff step (the soak's positions waited 1.1 s at the 90th percentile for
+    their stops); only further failures back off."""
+    settings = chaos_settings(db)
+    run = ChaosRun(db, settings)
+    await run.start()
+    try:
+        [symbol] = await run.wave(1)
+        await run.opened([symbol])
+        run.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, 2)
+
+        def venue_holds_both_stops() -> bool:
+            stops = [
+                o for o in run.venue.core.inspect(run.clock.now()).open_conditional if o.symbol == symbol
+            ]
+            return len(stops) == 2
+
+        # 50 ms per call: the refusals come back within 0.2 s, the resent stops are live within 0.5 s.
+        await run.until(venue_holds_both_stops, limit=0.5, what=f"both stops of {symbol} live on the venue")
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)
+    finally:
+        await run.stop()
+
+
 async def test_stops_whose_answers_are_lost_are_found_by_their_ids_within_grace(db: Database) -> None:
     """The venue places both stops of a new position and neither answer comes back; the client gives up
     after 10 s, as ccxt's default timeout does. The stops are live on the venue all along: the engine must

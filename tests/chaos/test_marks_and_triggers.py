@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from engine.engine import STARTUP_UNKNOWN_SECONDS
 from engine.venues.sim.settings import CallKind, FaultKind
+from protection.coverage import coverage_figures
 from storage.database import Database
 from tests.chaos.support import ChaosRun, chaos_settings
 
@@ -158,5 +159,35 @@ async def test_a_new_position_never_shares_its_symbol_with_an_old_stop(db: Datab
         await run.opened(await run.wave(1, [symbol], sides=["long"]))  # the operator's next signal
         await run.settle()
         run.verdict(coverage_at_least=0.0)
+    finally:
+        await run.stop()
+
+
+async def test_a_stop_that_just_fired_is_uncovered_since_it_fired_not_since_the_fill(db: Database) -> None:
+    """A position held 30 s has its hard stop fire (2 s TRIGGERING, as Binance's algo orders may sit).
+    It is uncovered from that moment, and for that long: the coverage figures used to time it from the
+    fill until the guard's pass wrote its facts, so a health check or breaker evaluation in between saw
+    "uncovered for 30 s" and paused entries (a false alarm seen in a loaded run of the schedule above)."""
+    settings = chaos_settings(db)
+    run = ChaosRun(db, settings)
+    run.venue.set_trigger_delay(2.0)
+    await run.start()
+    try:
+        [symbol] = await run.wave(1)
+        await run.opened([symbol])
+        await run.until(run.converged, limit=30, what="the position protected")
+        await run.run_for(30.0)
+        manager = run.engine.manager
+        assert manager is not None
+        guard = manager.by_symbol[symbol]
+        await fire_hard_stop(run, symbol)
+        await run.until(lambda: not guard.covered, limit=2.0, what="the hard stop fired")
+        fired_at = run.clock.monotonic()
+        figures = coverage_figures(
+            [guard.coverage()], fired_at + 6.0, float(settings.protection.grace_seconds)
+        )
+        # seen 6 s after it fired: uncovered past grace (5 s) for 6 s at most, not for the 36 s since the fill
+        assert figures.oldest_unprotected_seconds is not None
+        assert figures.oldest_unprotected_seconds <= 6.0
     finally:
         await run.stop()
