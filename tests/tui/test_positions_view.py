@@ -10,7 +10,7 @@ from datetime import UTC
 from decimal import Decimal
 
 from engine.venues.sim.universe import UNIVERSE
-from tests.tui.book import BookFeed, book_position
+from tests.tui.book import BookFeed, ScreenScopedBookFeed, book_position
 from tests.tui.scenario import scenario_settings
 from tests.tui.snapshots import svg_to_text
 from tui.app import DashboardApp
@@ -183,3 +183,52 @@ def test_the_read_only_screen_says_what_each_venue_s_own_capabilities_say() -> N
     assert native_trailing_follows(VenueKind.BYBIT) == bybit.capabilities().trailing_stop_follows == "last"
     assert native_trailing_follows(VenueKind.BINANCEUSDM) == binance.capabilities().trailing_stop_follows
     assert native_trailing_follows(VenueKind.SIM) == "mark"
+
+
+def _big_book() -> tuple[list, list[str], str]:
+    """300 covered positions and 3 uncovered ones whose ids and symbols sort after all of them."""
+    covered = [book_position(i + 1, f"{SYMBOLS[i % len(SYMBOLS)][:-4]}{i:04d}USDT") for i in range(300)]
+    uncovered = [book_position(1000 + i, f"ZZZ{i}USDT", uncovered_for=90.0) for i in range(3)]
+    return covered + uncovered, [p.symbol for p in uncovered], max(p.symbol for p in covered)
+
+
+async def _screen_of(feed: BookFeed, settings, keys: tuple[str, ...] = ()) -> tuple[str, str]:
+    app = DashboardApp(settings, feed=feed, tz=UTC, code_roots=[])
+    async with app.run_test(size=(120, 40)) as pilot:
+        table = app.query_one(PositionsTable)
+        await wait_for(pilot, lambda: table.row_count == 303 and table.fixed_rows == 3, "the book shown")
+        for key in keys:
+            await pilot.press(key)
+        frames = app._frames_shown
+        await wait_for(pilot, lambda: app._frames_shown >= frames + 2, "two more frames")
+        title = str(table.border_title)
+        return screen_text(app), title
+
+
+async def test_a_frame_builds_views_only_of_the_rows_on_screen_and_shows_what_the_full_snapshot_shows() -> (
+    None
+):
+    """P4: the engine builds a full view only of the positions on screen (`snapshot(views_of=…)`); the
+    screen is the same as from a snapshot with every view, at the top and after End, the uncovered rows
+    (last by id and symbol) pinned with their whole row and counted in the title."""
+    settings = scenario_settings()
+    book, uncovered, last = _big_book()
+    scoped = ScreenScopedBookFeed(settings, book)
+    for keys in ((), ("end",)):
+        expected, expected_title = await _screen_of(BookFeed(settings, book), settings, keys)
+        shown, title = await _screen_of(scoped, settings, keys)
+        assert shown == expected
+        assert title == expected_title
+        assert "3 UNCOVERED" in title
+        lines = shown.splitlines()
+        for symbol in uncovered:
+            [line] = [line for line in lines if symbol in line]
+            assert line.lstrip("│ ").startswith("!")
+            assert "missing" in line
+            assert "1m30s" in line  # its time unprotected: the whole row
+        if keys:
+            [line] = [line for line in lines if last in line]
+            assert "1.2401" in line  # the bottom row, scrolled to, has its full view
+    # Not every view every frame: the rows on screen with half a screen either side, the pinned ones.
+    assert scoped.views_given
+    assert scoped.views_given[-1] < 100
