@@ -16,7 +16,7 @@ so `x` always closes the position the operator is looking at. Home and End go to
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
@@ -454,6 +454,12 @@ class PositionsTable(DataTable[Text]):
                 self._meta_styles.clear()
             meta = self._meta_styles[key] = Style.from_meta({"row": row_index, "column": column_index})
         return meta
+
+    def _update_dimensions(self, new_rows: Iterable[RowKey]) -> None:
+        """The virtual size, without measuring the new rows' cells: every column here has a set width and
+        every row is one line, so the measurement (11 000 cells for 1 000 new rows, ~150 ms of the event
+        loop in one go) could not change anything."""
+        super()._update_dimensions(())
 
     def _render_line(self, y: int, x1: int, x2: int, base_style: Style) -> Strip:
         try:
