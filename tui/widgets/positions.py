@@ -70,7 +70,8 @@ COLUMN_KEYS = tuple(key for key, _, _ in COLUMNS)
 WIDE_FROM = 150
 ERROR_COLUMN = ("error", "Last error")
 UNCOVERED_FLAG = "!"
-LINES_PER_SLICE = 6  # changed table lines redrawn per screen update (see PositionsTable._repaint_slice)
+VIEW_MARGIN = 3  # rows either side of the viewport with full views (a scroll further paints a frame at once)
+LINES_PER_SLICE = 3  # changed table lines redrawn per screen update (see PositionsTable._repaint_slice)
 SLICE_SECONDS = 0.02  # between two slices: longer than a screen update (Textual draws at most 60 a second)
 PROTECTING_FLAG = "·"
 
@@ -100,6 +101,7 @@ class _Plan:
     symbols: dict[int, str]
     uncovered_total: int  # uncovered positions in the book, shown or filtered out
     uncovered_shown: int
+    ranked: list[tuple[int, str, int]]  # (rank, symbol, id) in the facts' order: unchanged, so is the order
 
 
 class PositionsTable(DataTable[Text]):
@@ -151,8 +153,9 @@ class PositionsTable(DataTable[Text]):
         self._title = ""
         self._repaint_rows: set[int] = set()  # position ids whose changed row is not redrawn yet
         self._repaint_timer: Timer | None = None
-        self._pass_style: Style | None = None
-        self._pass_row_styles: dict[tuple[int, Style], Style] | None = None
+        self._base_style: Style | None = None  # the widget's rich style, until its styles change
+        self._row_styles: dict[tuple[int, Style], Style] = {}  # by (header / fixed / even / odd, base)
+        self._pass_width: int | None = None
         self._meta_styles: dict[tuple[int, int], Style] = {}
 
     def on_mount(self) -> None:
@@ -199,7 +202,7 @@ class PositionsTable(DataTable[Text]):
         """Which positions this frame needs a full view of (the engine builds only those: a `ViewSelector`).
 
         From every position's facts, the same order and filter `sync` applies: the pinned (uncovered) rows,
-        the rows in the viewport with half a screenful either side (for scrolling; a scroll past them paints
+        the rows in the viewport with VIEW_MARGIN rows either side (for scrolling; a scroll past them paints
         a frame at once), and the cursor's row. Before the table has a size: every row."""
         plan = self._plan(rows, uncovered_ids)
         order = plan.order
@@ -207,7 +210,7 @@ class PositionsTable(DataTable[Text]):
         if height <= 0:
             return set(order)
         top = int(self.scroll_y)
-        margin = height // 2 + 1
+        margin = VIEW_MARGIN
         ids = set(order[: min(plan.uncovered_shown, self._pin_room())])
         ids.update(order[max(0, top - margin) : top + height + margin])
         selected = self.selected_position_id()
@@ -357,8 +360,11 @@ class PositionsTable(DataTable[Text]):
             flags[position_id] = flag
             symbols[position_id] = row.symbol
             ranked.append((rank, row.symbol, position_id))
-        ranked.sort()
-        plan = _Plan(key, rows, [r[2] for r in ranked], flags, symbols, uncovered_total, uncovered_shown)
+        if plan is not None and plan.ranked == ranked:  # the same rows in the same states: the same order
+            order = plan.order
+        else:
+            order = [position_id for _, _, position_id in sorted(ranked)]
+        plan = _Plan(key, rows, order, flags, symbols, uncovered_total, uncovered_shown, ranked)
         self._last_plan = plan
         return plan
 
@@ -396,7 +402,7 @@ class PositionsTable(DataTable[Text]):
         if window is None or self._frame_asked:
             return
         top, height = window
-        margin = height // 2 + 1
+        margin = VIEW_MARGIN
         if (
             new_value < top - margin
             or new_value + self.scrollable_content_region.height > top + height + margin
@@ -414,34 +420,33 @@ class PositionsTable(DataTable[Text]):
     # cell's look instead, one slot per row line and per cell, so a frame renders the rows that changed.
 
     def render_lines(self, crop: Region) -> list[Strip]:
-        """One compositor pass: the widget's style and the row styles are worked out once for all its lines
-        (DataTable resolves them through the DOM for every line: a third of a line's cost)."""
-        self._pass_style = self.rich_style
-        self._pass_row_styles = {}
+        """A compositor pass. The widget's style and the row styles are resolved through the DOM once until
+        the table's styles change (`notify_style_update`), not for every line: that was a third of a line's
+        cost, and a screen update now redraws a few lines at a time (`_repaint_slice`)."""
+        if self._base_style is None:
+            self._base_style = self.rich_style
+        self._pass_width = self.size.width
         try:
             return super().render_lines(crop)
         finally:
-            self._pass_style = None
-            self._pass_row_styles = None
+            self._pass_width = None
 
     def render_line(self, y: int) -> Strip:
         """DataTable's `render_line` (the header and the pinned rows fixed, the rest scrolled), for rows one
-        line high (every row here is), with the pass's style."""
-        base_style = self._pass_style if self._pass_style is not None else self.rich_style
+        line high (every row here is), with the resolved style."""
+        base_style = self._base_style if self._base_style is not None else self.rich_style
+        width = self._pass_width if self._pass_width is not None else self.size.width
         scroll_x, scroll_y = self.scroll_offset
         fixed_height = self.fixed_rows + (self.header_height if self.show_header else 0)
         if y >= fixed_height:
             y += scroll_y
-        return self._render_line(y, scroll_x, scroll_x + self.size.width, base_style)
+        return self._render_line(y, scroll_x, scroll_x + width, base_style)
 
     def _get_row_style(self, row_index: int, base_style: Style) -> Style:
-        cache = self._pass_row_styles
-        if cache is None:
-            return super()._get_row_style(row_index, base_style)
         kind = -1 if row_index == -1 else (0 if row_index < self.fixed_rows else 1 + row_index % 2)
-        style = cache.get((kind, base_style))
+        style = self._row_styles.get((kind, base_style))
         if style is None:
-            style = cache[(kind, base_style)] = super()._get_row_style(row_index, base_style)
+            style = self._row_styles[(kind, base_style)] = super()._get_row_style(row_index, base_style)
         return style
 
     def _cell_meta(self, row_index: int, column_index: int) -> Style:
@@ -482,7 +487,7 @@ class PositionsTable(DataTable[Text]):
             row_index < self.fixed_rows,
             x1,
             x2,
-            self.size.width,
+            self._pass_width if self._pass_width is not None else self.size.width,
             base_style,
             self.cursor_type,
             self.show_cursor,
@@ -641,6 +646,8 @@ class PositionsTable(DataTable[Text]):
         self._cell_lines.pop(row_key, None)
 
     def _forget_renders(self) -> None:
+        self._base_style = None
+        self._row_styles.clear()
         self._line_strips.clear()
         self._cell_lines.clear()
 
