@@ -284,7 +284,12 @@ class PositionsTable(DataTable[Text]):
                         changed.add(position_id)
                         self._row_changed(row_key)
         if changed:
-            self._update_count += 1  # DataTable's own caches (the header's, rows not ours)
+            # DataTable's own render caches (behind ours) are stale for these rows. Not by bumping its update
+            # count: that also rebuilds its index of 1 000 row offsets, in the next screen update.
+            self._line_cache.clear()
+            self._cell_render_cache.clear()
+            self._row_render_cache.clear()
+            self._row_renderable_cache.clear()
             self._repaint_rows.update(changed)
             if self._repaint_timer is None:
                 self._repaint_slice()
