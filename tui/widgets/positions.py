@@ -70,7 +70,7 @@ COLUMN_KEYS = tuple(key for key, _, _ in COLUMNS)
 WIDE_FROM = 150
 ERROR_COLUMN = ("error", "Last error")
 UNCOVERED_FLAG = "!"
-VIEW_MARGIN = 3  # rows either side of the viewport with full views (a scroll further paints a frame at once)
+VIEW_MARGIN = 1  # rows either side of the viewport with full views (a scroll further paints a frame at once)
 LINES_PER_SLICE = 3  # changed table lines redrawn per screen update (see PositionsTable._repaint_slice)
 SLICE_SECONDS = 0.02  # between two slices: longer than a screen update (Textual draws at most 60 a second)
 PROTECTING_FLAG = "·"
@@ -329,8 +329,8 @@ class PositionsTable(DataTable[Text]):
                 lines.append((y, position_id))
         lines.sort()
         width = self.size.width
-        for y, _ in lines[:LINES_PER_SLICE]:
-            self.refresh(Region(0, y, width, 1))
+        if lines:
+            self.refresh(*(Region(0, y, width, 1) for y, _ in lines[:LINES_PER_SLICE]))
         self._repaint_rows = {position_id for _, position_id in lines[LINES_PER_SLICE:]}
         if self._repaint_rows:
             self._repaint_timer = self.set_timer(SLICE_SECONDS, self._repaint_slice, name="repaint rows")
