@@ -288,10 +288,11 @@ class DashboardApp(App[int]):
         self.frame_seconds.append(time.perf_counter() - started)
 
     async def _paint_on_timer(self) -> None:
-        """The timer's frame, in two steps with the event loop free in between: the engine's work that fell
-        due while the snapshot was taken runs before the screen is updated from it, so the engine waits
-        for the longer of the two steps, not for both (bench/tui_render.py). A frame painted meanwhile (a
-        key, an event) is newer: this one is then dropped rather than shown over it."""
+        """The timer's frame, in three steps with the event loop free in between (the snapshot; the panels
+        and the table's order, pinned rows and first changed rows; its other changed rows): the engine's
+        work that fell due during a step runs before the next, so the engine waits for the longest step,
+        not for all (bench/tui_render.py). A frame painted meanwhile (a key, an event) is newer: this one
+        is then dropped rather than shown over it."""
         started = time.perf_counter()
         frame = self._frames_shown
         snapshot = self._take_snapshot()
@@ -301,8 +302,12 @@ class DashboardApp(App[int]):
         if self._frames_shown != frame:
             return
         started = time.perf_counter()
-        self._show(snapshot)
-        self.frame_seconds.append(taken + time.perf_counter() - started)
+        self._show(snapshot, defer_rows=True)
+        shown = time.perf_counter() - started
+        await asyncio.sleep(FRAME_STEP_PAUSE)  # the rest of the table's changed rows in a third step
+        started = time.perf_counter()
+        self._positions.sync_deferred()  # also after a newer frame: it left none (every sync resets them)
+        self.frame_seconds.append(taken + shown + time.perf_counter() - started)
 
     def _take_snapshot(self) -> EngineSnapshot:
         # While stopping, the screen keeps the last running state: a stopped engine tracks no positions,
@@ -334,7 +339,7 @@ class DashboardApp(App[int]):
     def on_positions_table_frame_wanted(self, _message: PositionsTable.FrameWanted) -> None:
         self.paint()
 
-    def _show(self, snapshot: EngineSnapshot) -> None:
+    def _show(self, snapshot: EngineSnapshot, *, defer_rows: bool = False) -> None:
         self._frames_shown += 1
         self.last_snapshot = snapshot
         with self.batch_update():
@@ -343,7 +348,10 @@ class DashboardApp(App[int]):
             self._health.show(snapshot.health)
             self._waves.show(snapshot.waves)
             self._positions.sync(
-                snapshot.rows or snapshot.positions, snapshot.coverage.uncovered_ids, snapshot.positions
+                snapshot.rows or snapshot.positions,
+                snapshot.coverage.uncovered_ids,
+                snapshot.positions,
+                defer=defer_rows,
             )
             subtitle = wave_line(snapshot, self.running_wave, self.tz)
             if subtitle != self._positions_subtitle:  # setting one repaints the whole table, even unchanged

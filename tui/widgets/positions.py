@@ -70,6 +70,7 @@ COLUMN_KEYS = tuple(key for key, _, _ in COLUMNS)
 WIDE_FROM = 150
 ERROR_COLUMN = ("error", "Last error")
 UNCOVERED_FLAG = "!"
+ROWS_FORMATTED_AT_ONCE = 12  # by sync(defer=True); the rest in the frame's next step (sync_deferred)
 VIEW_MARGIN = 1  # rows either side of the viewport with full views (a scroll further paints a frame at once)
 LINES_PER_SLICE = 3  # changed table lines redrawn per screen update (see PositionsTable._repaint_slice)
 SLICE_SECONDS = 0.02  # between two slices: longer than a screen update (Textual draws at most 60 a second)
@@ -150,8 +151,10 @@ class PositionsTable(DataTable[Text]):
         self._last_plan: _Plan | None = None
         self._window: tuple[int, int] | None = None  # (top, height) when the last frame's views were chosen
         self._frame_asked = False
+        self._deferred: list[PositionView] = []  # changed rows sync(defer=True) left to sync_deferred
         self._title = ""
-        self._repaint_rows: set[int] = set()  # position ids whose changed row is not redrawn yet
+        # Position ids whose changed row is not redrawn yet, in the order they changed (a dict: ordered).
+        self._repaint_rows: dict[int, None] = {}
         self._repaint_timer: Timer | None = None
         self._base_style: Style | None = None  # the widget's rich style, until its styles change
         self._row_styles: dict[tuple[int, Style], Style] = {}  # by (header / fixed / even / odd, base)
@@ -224,14 +227,20 @@ class PositionsTable(DataTable[Text]):
         rows: Sequence[PositionRow],
         uncovered_ids: Collection[int],
         views: Sequence[PositionView] = (),
+        *,
+        defer: bool = False,
     ) -> None:
         """Bring the table to `rows` (every open position, filtered by `only_uncovered` and `needle`).
 
         Each row of `views` that changed is formatted again, and within it only the cells whose text changed
         are updated. A row without a view (off screen: see `rows_on_screen`) keeps its last text, or shows
         its symbol only if it is new, until it comes into view; its flag, which decides the order, is
-        always current.
+        always current. With `defer`, the changed rows past the first ROWS_FORMATTED_AT_ONCE (never a
+        pinned row, a new row or one whose flag changed: the order, the pinned rows and the titles are
+        always this snapshot's) are left to `sync_deferred`, which the app calls once the event loop has
+        run what fell due meanwhile: formatting a screenful of rows in one go blocked the engine's ticks.
         """
+        self._deferred = []
         if not self._styles or self._styles_missing:
             self._load_styles()
         self._frame_asked = False
@@ -241,7 +250,8 @@ class PositionsTable(DataTable[Text]):
         self.uncovered_total = plan.uncovered_total
         flags = plan.flags
         by_id = {view.position_id: view for view in views}
-        changed: set[int] = set()
+        changed: dict[int, None] = {}  # in display order
+        formatted = 0
         reorder = False
         selected = self.selected_position_id()
         for position_id in [k for k in self._cells if k not in flags]:
@@ -264,6 +274,13 @@ class PositionsTable(DataTable[Text]):
                     continue
             elif shown is not None and shown[0].plain == flag and self._views.get(position_id) == view:
                 continue
+            elif defer and shown is not None and shown[0].plain == flag and flag != UNCOVERED_FLAG:
+                if formatted >= ROWS_FORMATTED_AT_ONCE:
+                    self._deferred.append(view)
+                    continue
+                formatted += 1
+                cells = self._format(view)
+                self._views[position_id] = view
             else:
                 cells = self._format(view)
                 self._views[position_id] = view
@@ -274,25 +291,8 @@ class PositionsTable(DataTable[Text]):
                 self._row_changed(row_key)
                 reorder = True
                 continue
-            data = self._data[self._row_keys[position_id]]
-            for column, (before, after) in enumerate(zip(shown, cells, strict=True)):
-                if before != after:
-                    # What `update_cell` does, without its repaint of the whole table (see _repaint_slice).
-                    data[self._column_key_objects[column]] = after
-                    self.cell_updates += 1
-                    if position_id not in changed:
-                        changed.add(position_id)
-                        self._row_changed(row_key)
-        if changed:
-            # DataTable's own render caches (behind ours) are stale for these rows. Not by bumping its update
-            # count: that also rebuilds its index of 1 000 row offsets, in the next screen update.
-            self._line_cache.clear()
-            self._cell_render_cache.clear()
-            self._row_render_cache.clear()
-            self._row_renderable_cache.clear()
-            self._repaint_rows.update(changed)
-            if self._repaint_timer is None:
-                self._repaint_slice()
+            self._update_cells(position_id, shown, cells, changed)
+        self._cells_changed(changed)
         if reorder or plan.order != self._order:
             self._apply_order(plan.order)
             if self._reselect is not None:  # the columns were rebuilt: back to the operator's position
@@ -304,12 +304,56 @@ class PositionsTable(DataTable[Text]):
         self._pin_uncovered(plan)
         self._update_titles()
 
+    def sync_deferred(self) -> None:
+        """The rows `sync(defer=True)` left: each formatted from its view if it is still shown with the same
+        flag (else the next frame has it)."""
+        deferred, self._deferred = self._deferred, []
+        plan = self._last_plan
+        if plan is None:
+            return
+        changed: dict[int, None] = {}  # in display order
+        for view in deferred:
+            position_id = view.position_id
+            shown = self._cells.get(position_id)
+            if shown is None or shown[0].plain != plan.flags.get(position_id):
+                continue
+            cells = self._format(view)
+            self._views[position_id] = view
+            self._cells[position_id] = cells
+            self._update_cells(position_id, shown, cells, changed)
+        self._cells_changed(changed)
+
+    def _update_cells(self, position_id: int, shown: Cells, cells: Cells, changed: dict[int, None]) -> None:
+        data = self._data[self._row_keys[position_id]]
+        for column, (before, after) in enumerate(zip(shown, cells, strict=True)):
+            if before != after:
+                # What `update_cell` does, without its repaint of the whole table (see _repaint_slice).
+                data[self._column_key_objects[column]] = after
+                self.cell_updates += 1
+                if position_id not in changed:
+                    changed[position_id] = None
+                    self._row_changed(str(position_id))
+
+    def _cells_changed(self, changed: dict[int, None]) -> None:
+        if not changed:
+            return
+        # DataTable's own render caches (behind ours) are stale for these rows. Not by bumping its update
+        # count: that also rebuilds its index of 1 000 row offsets, in the next screen update.
+        self._line_cache.clear()
+        self._cell_render_cache.clear()
+        self._row_render_cache.clear()
+        self._row_renderable_cache.clear()
+        self._repaint_rows.update(changed)
+        if self._repaint_timer is None:
+            self._repaint_slice()
+
     def _repaint_slice(self) -> None:
-        """Repaint the changed rows on screen, LINES_PER_SLICE lines per screen update (pinned rows first,
-        then from the top), the next slice a screen update later: a screen update that redraws every row
-        at once blocks the event loop, and with it the engine, for ~15 ms at 1 000 positions
-        (bench/tui_render.py). A frame's rows are all redrawn within a fraction of the frame interval; a
-        row off screen is dropped here (scrolling repaints the whole view, from the rows' current text)."""
+        """Repaint the changed rows on screen, LINES_PER_SLICE lines per screen update, the next slice a
+        screen update later: a screen update that redraws every row at once blocks the event loop, and with
+        it the engine, for ~15 ms at 1 000 positions (bench/tui_render.py). Rows go in the order they
+        changed (a row changed again keeps its place), so none waits behind rows that change every frame:
+        at 4 frames a second a frame's rows are all redrawn well within the frame interval. A row off
+        screen is dropped here (scrolling repaints the whole view, from the rows' current text)."""
         self._repaint_timer = None
         pending = self._repaint_rows
         if not pending:
@@ -318,21 +362,22 @@ class PositionsTable(DataTable[Text]):
         fixed = self.fixed_rows
         top = int(self.scroll_y)
         height = self.size.height
-        lines: list[tuple[int, int]] = []
-        for position_id in pending:
+        lines: list[int] = []
+        for position_id in list(pending):
+            if len(lines) == LINES_PER_SLICE:
+                break
+            del pending[position_id]
             row_key = self._row_keys.get(position_id)
             index = None if row_key is None else self._row_locations.get(row_key)
             if index is None:
                 continue
             y = header + index if index < fixed else header + index - top
             if (index < fixed or y >= header + fixed) and y < height:
-                lines.append((y, position_id))
-        lines.sort()
-        width = self.size.width
+                lines.append(y)
         if lines:
-            self.refresh(*(Region(0, y, width, 1) for y, _ in lines[:LINES_PER_SLICE]))
-        self._repaint_rows = {position_id for _, position_id in lines[LINES_PER_SLICE:]}
-        if self._repaint_rows:
+            width = self.size.width
+            self.refresh(*(Region(0, y, width, 1) for y in lines))
+        if pending:
             self._repaint_timer = self.set_timer(SLICE_SECONDS, self._repaint_slice, name="repaint rows")
 
     def _plan(self, rows: Sequence[PositionRow], uncovered_ids: Collection[int]) -> _Plan:
