@@ -253,6 +253,7 @@ class DashboardApp(App[int]):
         self._log_handler = PanelLogHandler(self, self._secrets)
         logging.getLogger().addHandler(self._log_handler)
         self._positions.focus()
+        self._positions.redraw_within = 1 / self.settings.tui.refresh_per_second
         self.paint()
         self.set_interval(1 / self.settings.tui.refresh_per_second, self._paint_on_timer, name="paint")
         if not self.feed.read_only:

@@ -298,7 +298,7 @@ async def test_every_changed_row_on_screen_shows_its_new_text_when_a_frame_forma
             return len(rows) > ROWS_FORMATTED_AT_ONCE and all("1.3001" in row for row in rows)
 
         await wait_for(pilot, rows_below_redrawn, "the rows below the ticking ones redrawn")
-        assert feed.ticks > 10  # the top rows kept changing meanwhile
+        assert feed.ticks >= 2  # the top rows kept changing meanwhile
         feed.tick = False
         feed.set_positions(moved)
         await wait_for(pilot, lambda: screen_text(app) == expected, "the screen of a fresh start")

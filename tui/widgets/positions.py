@@ -151,6 +151,9 @@ class PositionsTable(DataTable[Text]):
         self._last_plan: _Plan | None = None
         self._window: tuple[int, int] | None = None  # (top, height) when the last frame's views were chosen
         self._frame_asked = False
+        self.redraw_within = (
+            0.25  # seconds: the frame interval (the app sets it); changed rows redrawn by then
+        )
         self._deferred: list[PositionView] = []  # changed rows sync(defer=True) left to sync_deferred
         self._title = ""
         # Position ids whose changed row is not redrawn yet, in the order they changed (a dict: ordered).
@@ -351,9 +354,10 @@ class PositionsTable(DataTable[Text]):
         """Repaint the changed rows on screen, LINES_PER_SLICE lines per screen update, the next slice a
         screen update later: a screen update that redraws every row at once blocks the event loop, and with
         it the engine, for ~15 ms at 1 000 positions (bench/tui_render.py). Rows go in the order they
-        changed (a row changed again keeps its place), so none waits behind rows that change every frame:
-        at 4 frames a second a frame's rows are all redrawn well within the frame interval. A row off
-        screen is dropped here (scrolling repaints the whole view, from the rows' current text)."""
+        changed (a row changed again keeps its place), so none waits behind rows that change every frame,
+        and a slice takes more lines when that is what redraws them all within `redraw_within` (the frame
+        interval). A row off screen is dropped here (scrolling repaints the whole view, from the rows'
+        current text)."""
         self._repaint_timer = None
         pending = self._repaint_rows
         if not pending:
@@ -362,9 +366,12 @@ class PositionsTable(DataTable[Text]):
         fixed = self.fixed_rows
         top = int(self.scroll_y)
         height = self.size.height
+        # More lines per slice when there are more rows than slices before the next frame.
+        slices = max(1, int(self.redraw_within * 0.8 / SLICE_SECONDS))
+        per_slice = max(LINES_PER_SLICE, -(-len(pending) // slices))
         lines: list[int] = []
         for position_id in list(pending):
-            if len(lines) == LINES_PER_SLICE:
+            if len(lines) == per_slice:
                 break
             del pending[position_id]
             row_key = self._row_keys.get(position_id)
