@@ -70,7 +70,7 @@ COLUMN_KEYS = tuple(key for key, _, _ in COLUMNS)
 WIDE_FROM = 150
 ERROR_COLUMN = ("error", "Last error")
 UNCOVERED_FLAG = "!"
-ROWS_FORMATTED_AT_ONCE = 12  # by sync(defer=True); the rest in the frame's next step (sync_deferred)
+ROWS_FORMATTED_AT_ONCE = 6  # by sync(defer=True); the rest in the frame's next step (sync_deferred)
 VIEW_MARGIN = 1  # rows either side of the viewport with full views (a scroll further paints a frame at once)
 LINES_PER_SLICE = 3  # changed table lines redrawn per screen update (see PositionsTable._repaint_slice)
 SLICE_SECONDS = 0.02  # between two slices: longer than a screen update (Textual draws at most 60 a second)
