@@ -6,8 +6,9 @@
 Set-up: the real `DashboardApp`, headless at `--size` (Textual composes and renders every frame exactly as
 on a terminal; only the bytes go nowhere), fed by a synthetic feed of `--positions` positions (1 % of them
 uncovered, a mix of trailing states). The sim venue has 84 symbols, so 1 000 positions cannot come from the
-real engine; the feed builds its `EngineSnapshot` the way `Engine.snapshot()` does (one `PositionView` per
-position with the same Decimal PnL and distance arithmetic), so the snapshot's cost is in the frame.
+real engine; the feed builds its `EngineSnapshot` the way `Engine.snapshot(views_of)` does (every
+position's coverage facts and the figures, then a `PositionView` with the same Decimal PnL and distance
+arithmetic for each position the dashboard asks for), so the snapshot's cost is in the frame.
 
 Load: an "engine" task on the same event loop delivers `--ticks-per-second` mark ticks to every position
 (1 000 × 10 = 10 000 ticks/s) in batches every 10 ms, like the engine's mark feed does.
@@ -49,6 +50,7 @@ from engine.engine import (
     PositionView,
     ProtectionResult,
     StartupReport,
+    ViewSelector,
 )
 from engine.events import EngineEvent
 from engine.venues.sim.universe import UNIVERSE
@@ -108,10 +110,28 @@ class SyntheticFeed:
     async def stop(self) -> None:
         return None
 
-    def snapshot(self) -> EngineSnapshot:
+    def snapshot(self, views_of: ViewSelector | None = None) -> EngineSnapshot:
+        """As `Engine.snapshot(views_of)`: every position's coverage facts and the figures, then a full view
+        of each position the selector picks (all of them without one)."""
         now = time.monotonic() - self._mono0 if hasattr(self, "_mono0") else 0.0
+        facts = [
+            PositionCoverage(
+                row["id"],
+                row["symbol"],
+                row["covered"],
+                row["covered"],
+                row["filled_at"],
+                None if row["covered"] else row["filled_at"],
+            )
+            for row in self.rows
+        ]
+        figures = coverage_figures(facts, now, 5.0)
+        rows = tuple(sorted(facts, key=lambda fact: fact.position_id))
+        wanted = None if views_of is None else set(views_of(rows, figures))
         views = []
         for row, mark in zip(self.rows, self.marks, strict=True):
+            if wanted is not None and row["id"] not in wanted:
+                continue
             direction = 1 if row["side"] == "long" else -1
             entry: Decimal = row["entry"]
             pnl = ((mark - entry) / entry * 100 * direction).quantize(CENT)
@@ -139,21 +159,6 @@ class SyntheticFeed:
                     last_error=None,
                 )
             )
-        figures = coverage_figures(
-            (
-                PositionCoverage(
-                    v.position_id,
-                    v.symbol,
-                    v.has_stop_loss,
-                    v.has_trailing_stop,
-                    r["filled_at"],
-                    None if v.covered else r["filled_at"],
-                )
-                for v, r in zip(views, self.rows, strict=True)
-            ),
-            now,
-            5.0,
-        )
         return EngineSnapshot(
             state=EngineState.RUNNING,
             version="bench",
@@ -162,11 +167,12 @@ class SyntheticFeed:
             account="bench",
             mode="SIM",
             entries_paused=False,
-            positions=tuple(views),
+            positions=tuple(sorted(views, key=lambda view: view.position_id)),
             coverage=figures,
             health=(),
             waves=(),
             taken_at=time.time(),
+            rows=rows,
         )
 
     async def follow(self) -> AsyncIterator[EngineEvent | LogEntry]:

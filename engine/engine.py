@@ -22,7 +22,7 @@ import importlib.metadata
 import logging
 import math
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_DOWN, Decimal
@@ -257,6 +257,15 @@ class EngineSnapshot:
     taken_at: float
     entries_paused_by: str = ""  # operator | breaker | lease
     entries_pause_reason: str = ""
+    # Every open position's coverage facts, by position id (what `coverage` counts): the cheap row of each
+    # position (id, symbol, covered). `positions` holds a view of every one of them, or, from
+    # `snapshot(views_of=…)`, of those the selector asked for.
+    rows: tuple[PositionCoverage, ...] = ()
+
+
+# Given every open position's coverage facts (by position id) and the coverage figures, which positions
+# need a full view: a screen asks for the rows it shows (engine.snapshot's `views_of`).
+ViewSelector = Callable[[Sequence[PositionCoverage], CoverageFigures], Collection[int]]
 
 
 @dataclass(slots=True)
@@ -1612,15 +1621,34 @@ class Engine:
 
     # --- what the UI reads ---------------------------------------------------------------------------
 
-    def snapshot(self) -> EngineSnapshot:
+    def snapshot(self, views_of: ViewSelector | None = None) -> EngineSnapshot:
+        """The engine at this instant. The counts, the coverage figures and every position's coverage facts
+        (`rows`) always cover every open position; a full `PositionView` (Decimal PnL and distance, the
+        trailing state) is built for each position, or, with `views_of`, only for those it picks from the
+        facts and figures: a dashboard shows a screenful of 1 000 positions, and building the other views
+        every frame was a quarter of the frame's cost on the engine's event loop (bench/tui_render.py)."""
         now = self.clock.monotonic()
-        views, facts = self._protection_state(now)
+        guards, carried_ids, facts = self._protection_facts()
         manager = self.manager
         coverage = (
             coverage_figures(facts, now, manager.config.grace_seconds)
             if manager is not None
             else _empty_coverage()
         )
+        rows = tuple(sorted(facts, key=_by_position_id))
+        wanted = None if views_of is None else set(views_of(rows, coverage))
+        views = [
+            self._position_view(guard, now)
+            for guard in guards
+            if wanted is None or guard.position_id in wanted
+        ]
+        carried = self._carried
+        if carried is not None:
+            views.extend(
+                carried.view_at(position_id, now)
+                for position_id in carried_ids
+                if wanted is None or position_id in wanted
+            )
         return EngineSnapshot(
             state=self.state,
             version=self.version,
@@ -1631,11 +1659,12 @@ class Engine:
             entries_paused=self.entries_paused,
             entries_paused_by=self.entries_paused_by,
             entries_pause_reason=self.entries_pause_reason,
-            positions=tuple(sorted(views, key=lambda v: v.position_id)),
+            positions=tuple(sorted(views, key=_by_position_id)),
             coverage=coverage,
             health=self._health,
             waves=tuple(self._waves),
             taken_at=self.clock.now(),
+            rows=rows,
         )
 
     def coverage(self) -> CoverageFigures:
@@ -1644,32 +1673,30 @@ class Engine:
         if manager is None:
             return _empty_coverage()
         now = self.clock.monotonic()
-        _views, facts = self._protection_state(now, with_views=False)  # the facts only: cheap per scrape
+        _guards, _carried, facts = self._protection_facts()  # the facts only: cheap per scrape
         return coverage_figures(facts, now, manager.config.grace_seconds)
 
-    def _protection_state(
-        self, now: float, *, with_views: bool = True
-    ) -> tuple[list[PositionView], list[PositionCoverage]]:
-        """Each open position's view and coverage facts: from its guard, or, while the protection manager
-        restarts and before the new guards exist, the last verified state (`_CarriedProtection`). Closed
-        positions (their leftover stops being cancelled) are gone: not shown, not counted."""
+    def _protection_facts(self) -> tuple[list[PositionGuard], list[int], list[PositionCoverage]]:
+        """Each open position's coverage facts, with where its view comes from: its guard, or, while the
+        protection manager restarts and before the new guards exist, the last verified state
+        (`_CarriedProtection`, by position id). Closed positions (their leftover stops being cancelled) are
+        gone: not shown, not counted."""
         manager = self.manager
         carried = self._carried
-        views: list[PositionView] = []
+        guards: list[PositionGuard] = []
+        carried_ids: list[int] = []
         facts: list[PositionCoverage] = []
         shown: set[int] = set()
         if manager is not None and not manager.stopped:
-            for guard in manager.open_guards():
+            guards = manager.open_guards()
+            for guard in guards:
                 shown.add(guard.position_id)
-                if with_views:
-                    views.append(self._position_view(guard, now))
                 facts.append(guard.coverage())
         if carried is not None and not carried.guards_created:
             for position_id in carried.views.keys() - shown:
-                if with_views:
-                    views.append(carried.view_at(position_id, now))
+                carried_ids.append(position_id)
                 facts.append(carried.coverage[position_id])
-        return views, facts
+        return guards, carried_ids, facts
 
     def _position_view(self, guard: PositionGuard, now: float) -> PositionView:
         mark = self.marks.get(guard.symbol)
@@ -1918,6 +1945,10 @@ def _entry_pending(position: PositionRecord) -> bool:
         position.status in (PositionStatus.PENDING_ENTRY, PositionStatus.ENTRY_PLACED)
         or position.entry_price is None
     )
+
+
+def _by_position_id(item: PositionCoverage | PositionView) -> int:
+    return item.position_id
 
 
 def _empty_coverage() -> CoverageFigures:

@@ -43,7 +43,7 @@ from textual.widgets import DataTable, Footer, Input, Label
 from engine.cli import OneLineParser, one_line
 from engine.config import ConfigError, Settings, load_config
 from engine.credentials import CredentialsRefused
-from engine.engine import Engine, EngineSnapshot, EngineState, StartupReport, package_version
+from engine.engine import Engine, EngineSnapshot, EngineState, PositionView, StartupReport, package_version
 from engine.events import (
     EngineStateChanged,
     EntriesToggled,
@@ -55,6 +55,7 @@ from engine.events import (
 )
 from engine.logs import LogFileError, RedactingFormatter, configure_logging
 from engine.metrics_server import MetricsUnavailable
+from protection.coverage import CoverageFigures, PositionCoverage
 from protection.health import (
     Component,
     ComponentHealth,
@@ -196,6 +197,8 @@ class DashboardApp(App[int]):
         self._final_snapshot: EngineSnapshot | None = None
         self.startup_report: StartupReport | None = None
         self.frame_seconds: deque[float] = deque(maxlen=10_000)  # paint durations, for the benchmark
+        self._positions_subtitle: str | None = None
+        self.detailed_positions: set[int] = set()  # open in a detail view: their full view every frame
         self._frames_shown = 0
         self._log_handler: PanelLogHandler | None = None
         self.read_only_poll_seconds = 1.0
@@ -250,6 +253,7 @@ class DashboardApp(App[int]):
         self._log_handler = PanelLogHandler(self, self._secrets)
         logging.getLogger().addHandler(self._log_handler)
         self._positions.focus()
+        self._positions.redraw_within = 1 / self.settings.tui.refresh_per_second
         self.paint()
         self.set_interval(1 / self.settings.tui.refresh_per_second, self._paint_on_timer, name="paint")
         if not self.feed.read_only:
@@ -285,10 +289,11 @@ class DashboardApp(App[int]):
         self.frame_seconds.append(time.perf_counter() - started)
 
     async def _paint_on_timer(self) -> None:
-        """The timer's frame, in two steps with the event loop free in between: the engine's work that fell
-        due while the snapshot was taken runs before the screen is updated from it, so the engine waits
-        for the longer of the two steps, not for both (bench/tui_render.py). A frame painted meanwhile (a
-        key, an event) is newer: this one is then dropped rather than shown over it."""
+        """The timer's frame, in three steps with the event loop free in between (the snapshot; the panels
+        and the table's order, pinned rows and first changed rows; its other changed rows): the engine's
+        work that fell due during a step runs before the next, so the engine waits for the longest step,
+        not for all (bench/tui_render.py). A frame painted meanwhile (a key, an event) is newer: this one
+        is then dropped rather than shown over it."""
         started = time.perf_counter()
         frame = self._frames_shown
         snapshot = self._take_snapshot()
@@ -298,20 +303,44 @@ class DashboardApp(App[int]):
         if self._frames_shown != frame:
             return
         started = time.perf_counter()
-        self._show(snapshot)
-        self.frame_seconds.append(taken + time.perf_counter() - started)
+        self._show(snapshot, defer_rows=True)
+        shown = time.perf_counter() - started
+        await asyncio.sleep(FRAME_STEP_PAUSE)  # the rest of the table's changed rows in a third step
+        started = time.perf_counter()
+        self._positions.sync_deferred()  # also after a newer frame: it left none (every sync resets them)
+        self.frame_seconds.append(taken + shown + time.perf_counter() - started)
 
     def _take_snapshot(self) -> EngineSnapshot:
         # While stopping, the screen keeps the last running state: a stopped engine tracks no positions,
         # but they are all still open on the exchange.
-        snapshot = self._final_snapshot or self.feed.snapshot()
+        snapshot = self._final_snapshot or self.feed.snapshot(views_of=self._views_to_build)
         # The health panel's protection line from the same figures as the gauge (the engine measures
         # health every few seconds; the two panels must never disagree about the same instant).
         return dataclasses.replace(
             snapshot, health=coherent_health(snapshot, self.thresholds, read_only=self.feed.read_only)
         )
 
-    def _show(self, snapshot: EngineSnapshot) -> None:
+    def _views_to_build(self, rows: Sequence[PositionCoverage], figures: CoverageFigures) -> set[int]:
+        """The positions a frame shows in full (the engine builds a view of these only): the table's rows
+        on screen, the running wave's (its line counts their state), any open in a detail view."""
+        ids = self._positions.rows_on_screen(rows, figures.uncovered_ids)
+        ids.update(position_id for _, position_id in self.running_wave.positions)
+        ids.update(self.detailed_positions)
+        return ids
+
+    def position_view(self, position_id: int) -> PositionView | None:
+        """A position's latest view: from the last frame, or asked of the engine if the frame had none."""
+        snapshot = self.last_snapshot
+        if snapshot is not None:
+            view = next((p for p in snapshot.positions if p.position_id == position_id), None)
+            if view is not None:
+                return view
+        return next((p for p in self.feed.snapshot().positions if p.position_id == position_id), None)
+
+    def on_positions_table_frame_wanted(self, _message: PositionsTable.FrameWanted) -> None:
+        self.paint()
+
+    def _show(self, snapshot: EngineSnapshot, *, defer_rows: bool = False) -> None:
         self._frames_shown += 1
         self.last_snapshot = snapshot
         with self.batch_update():
@@ -319,8 +348,16 @@ class DashboardApp(App[int]):
             self._gauge.show(snapshot)
             self._health.show(snapshot.health)
             self._waves.show(snapshot.waves)
-            self._positions.sync(snapshot.positions, snapshot.coverage.uncovered_ids)
-            self._positions.border_subtitle = wave_line(snapshot, self.running_wave, self.tz)
+            self._positions.sync(
+                snapshot.rows or snapshot.positions,
+                snapshot.coverage.uncovered_ids,
+                snapshot.positions,
+                defer=defer_rows,
+            )
+            subtitle = wave_line(snapshot, self.running_wave, self.tz)
+            if subtitle != self._positions_subtitle:  # setting one repaints the whole table, even unchanged
+                self._positions_subtitle = subtitle
+                self._positions.border_subtitle = subtitle
         self._write_to_terminal(
             self.attention.update(snapshot.health, f"{snapshot.venue}:{snapshot.account}")
         )
@@ -523,13 +560,10 @@ class DashboardApp(App[int]):
         if event.data_table is not self._positions or event.row_key.value is None:
             return
         position_id = int(event.row_key.value)
+        view = self.position_view(position_id)
         snapshot = self.last_snapshot
-        view = (
-            next((p for p in snapshot.positions if p.position_id == position_id), None) if snapshot else None
-        )
-        if view is None:
+        if view is None or snapshot is None:
             return
-        assert snapshot is not None
         self.push_screen(PositionDetailScreen(view, uncovered=position_id in snapshot.coverage.uncovered_ids))
 
     def on_input_changed(self, event: Input.Changed) -> None:
@@ -758,7 +792,8 @@ class DashboardApp(App[int]):
 
     def exit_summary(self) -> str:
         """One line for the terminal after the app has exited: what the engine's stop left behind."""
-        snapshot = self.last_snapshot
+        # The stop's own snapshot has every position's view (a frame's has those on screen).
+        snapshot = self._final_snapshot or self.last_snapshot
         if snapshot is None or self.feed.read_only or not self.feed_started:
             return ""
         managed = sum(1 for p in snapshot.positions if p.trailing_kind == "managed")
@@ -817,7 +852,7 @@ def wave_line(snapshot: EngineSnapshot, running: RunningWave, tz: tzinfo | None)
     if running.started_at is not None:
         ids = {position_id for _, position_id in running.positions}
         uncovered = set(snapshot.coverage.uncovered_ids)
-        shown = [p for p in snapshot.positions if p.position_id in ids]
+        shown = [p for p in snapshot.rows or snapshot.positions if p.position_id in ids]
         protected = sum(1 for p in shown if p.covered)
         failing = sum(1 for p in shown if p.position_id in uncovered)
         protecting = len(shown) - protected - failing

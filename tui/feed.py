@@ -30,6 +30,7 @@ from engine.engine import (
     ProtectionResult,
     StartupReport,
     StopReport,
+    ViewSelector,
     WaveView,
 )
 from engine.events import (
@@ -235,7 +236,10 @@ class DashboardFeed(Protocol):
 
     async def stop(self) -> None: ...
 
-    def snapshot(self) -> EngineSnapshot: ...
+    def snapshot(self, views_of: ViewSelector | None = None) -> EngineSnapshot:
+        """The engine's snapshot; with `views_of`, full position views at least for the positions it picks
+        (a feed may give more), every position's facts and figures always."""
+        ...
 
     def follow(self) -> AsyncIterator[EngineEvent | LogEntry]: ...
 
@@ -285,8 +289,8 @@ class EngineFeed:
     def stop_report(self) -> StopReport | None:
         return self.engine.stop_report
 
-    def snapshot(self) -> EngineSnapshot:
-        return self.engine.snapshot()
+    def snapshot(self, views_of: ViewSelector | None = None) -> EngineSnapshot:
+        return self.engine.snapshot(views_of)
 
     async def follow(self) -> AsyncIterator[EngineEvent | LogEntry]:
         async for event in self.engine.events():
@@ -385,8 +389,8 @@ class ReadOnlyFeed:
             await self._database.close()
             self._database = None
 
-    def snapshot(self) -> EngineSnapshot:
-        return self._snapshot
+    def snapshot(self, views_of: ViewSelector | None = None) -> EngineSnapshot:
+        return self._snapshot  # read from the database every few seconds: every view, small
 
     async def follow(self) -> AsyncIterator[EngineEvent | LogEntry]:
         while self._database is not None:

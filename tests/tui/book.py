@@ -8,8 +8,16 @@ import dataclasses
 from decimal import Decimal
 
 from engine.config import Settings
-from engine.engine import EngineSnapshot, PlannedOrder, PlannedProtection, PositionView, ProtectionResult
-from tests.tui.scenario import ScenarioFeed, figures_of
+from engine.engine import (
+    EngineSnapshot,
+    PlannedOrder,
+    PlannedProtection,
+    PositionView,
+    ProtectionResult,
+    ViewSelector,
+)
+from protection.coverage import PositionCoverage
+from tests.tui.scenario import MONO, ScenarioFeed, figures_of
 
 D = Decimal
 
@@ -48,7 +56,7 @@ class BookFeed(ScenarioFeed):
         figures = figures_of(positions, float(self.settings.protection.grace_seconds))
         self._snapshot = dataclasses.replace(self._snapshot, positions=tuple(positions), coverage=figures)
 
-    def snapshot(self) -> EngineSnapshot:
+    def snapshot(self, views_of: ViewSelector | None = None) -> EngineSnapshot:
         return self._snapshot
 
 
@@ -79,3 +87,43 @@ class PlanFeed(ScenarioFeed):
             ProtectionResult(103, "1000PEPEUSDT", False, self.FAILURE),
             ProtectionResult(105, "SOLUSDT", True, ""),
         ]
+
+
+class ScreenScopedBookFeed(BookFeed):
+    """A book that builds views the way `Engine.snapshot(views_of)` does: every position's coverage facts
+    and the figures always, a full view only of the positions the dashboard asks for. Counts the views
+    handed out per snapshot, to see that a frame asks only for what it shows."""
+
+    def __init__(self, settings: Settings, positions: list[PositionView] | None = None):
+        self.views_given: list[int] = []
+        super().__init__(settings, positions)
+
+    def set_positions(self, positions: list[PositionView]) -> None:
+        super().set_positions(positions)
+        grace = float(self.settings.protection.grace_seconds)
+        self._rows = tuple(
+            sorted(
+                (
+                    PositionCoverage(
+                        p.position_id,
+                        p.symbol,
+                        p.has_stop_loss,
+                        p.has_trailing_stop,
+                        filled_at=MONO - (p.unprotected_seconds or 600.0),
+                        unprotected_since=None if p.covered else MONO - (p.unprotected_seconds or 0.0),
+                    )
+                    for p in positions
+                ),
+                key=lambda row: row.position_id,
+            )
+        )
+        assert figures_of(positions, grace) == self._snapshot.coverage
+
+    def snapshot(self, views_of: ViewSelector | None = None) -> EngineSnapshot:
+        snapshot = dataclasses.replace(self._snapshot, rows=self._rows)
+        if views_of is None:
+            return snapshot
+        wanted = set(views_of(self._rows, snapshot.coverage))
+        views = tuple(p for p in snapshot.positions if p.position_id in wanted)
+        self.views_given.append(len(views))
+        return dataclasses.replace(snapshot, positions=views)

@@ -22,6 +22,7 @@ from engine.engine import (
     PositionView,
     ProtectionResult,
     StartupReport,
+    ViewSelector,
     WaveView,
 )
 from engine.events import EngineEvent, HealthChanged, PositionClosed, ProtectionFailed, ProtectionTimedOut
@@ -377,7 +378,7 @@ class ScenarioFeed:
     async def stop(self) -> None:
         self.started = False
 
-    def snapshot(self) -> EngineSnapshot:
+    def snapshot(self, views_of: ViewSelector | None = None) -> EngineSnapshot:
         return self._snapshot
 
     async def follow(self) -> AsyncIterator[EngineEvent | LogEntry]:

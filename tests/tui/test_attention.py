@@ -7,7 +7,7 @@ import dataclasses
 from datetime import UTC
 from decimal import Decimal
 
-from engine.engine import EngineSnapshot
+from engine.engine import EngineSnapshot, ViewSelector
 from protection.health import Component, ComponentHealth, HealthState
 from tests.tui.scenario import ScenarioFeed, scenario_settings
 from tui.app import DashboardApp
@@ -53,8 +53,8 @@ class SwitchingFeed(ScenarioFeed):
 
     healthy = False
 
-    def snapshot(self) -> EngineSnapshot:
-        snapshot = super().snapshot()
+    def snapshot(self, views_of: ViewSelector | None = None) -> EngineSnapshot:
+        snapshot = super().snapshot(views_of)
         if not self.healthy:
             return snapshot
         active = snapshot.coverage.active

@@ -10,11 +10,11 @@ from datetime import UTC
 from decimal import Decimal
 
 from engine.venues.sim.universe import UNIVERSE
-from tests.tui.book import BookFeed, book_position
+from tests.tui.book import BookFeed, ScreenScopedBookFeed, book_position
 from tests.tui.scenario import scenario_settings
 from tests.tui.snapshots import svg_to_text
 from tui.app import DashboardApp
-from tui.widgets.positions import PositionsTable
+from tui.widgets.positions import ROWS_FORMATTED_AT_ONCE, PositionsTable
 
 SYMBOLS = sorted(UNIVERSE)
 
@@ -183,3 +183,122 @@ def test_the_read_only_screen_says_what_each_venue_s_own_capabilities_say() -> N
     assert native_trailing_follows(VenueKind.BYBIT) == bybit.capabilities().trailing_stop_follows == "last"
     assert native_trailing_follows(VenueKind.BINANCEUSDM) == binance.capabilities().trailing_stop_follows
     assert native_trailing_follows(VenueKind.SIM) == "mark"
+
+
+def _big_book() -> tuple[list, list[str], str]:
+    """300 covered positions and 3 uncovered ones whose ids and symbols sort after all of them."""
+    covered = [book_position(i + 1, f"{SYMBOLS[i % len(SYMBOLS)][:-4]}{i:04d}USDT") for i in range(300)]
+    uncovered = [book_position(1000 + i, f"ZZZ{i}USDT", uncovered_for=90.0) for i in range(3)]
+    return covered + uncovered, [p.symbol for p in uncovered], max(p.symbol for p in covered)
+
+
+async def _screen_of(feed: BookFeed, settings, keys: tuple[str, ...] = ()) -> tuple[str, str]:
+    app = DashboardApp(settings, feed=feed, tz=UTC, code_roots=[])
+    async with app.run_test(size=(120, 40)) as pilot:
+        table = app.query_one(PositionsTable)
+        await wait_for(pilot, lambda: table.row_count == 303 and table.fixed_rows == 3, "the book shown")
+        for key in keys:
+            await pilot.press(key)
+        frames = app._frames_shown
+        await wait_for(pilot, lambda: app._frames_shown >= frames + 2, "two more frames")
+        title = str(table.border_title)
+        return screen_text(app), title
+
+
+async def test_a_frame_builds_views_only_of_the_rows_on_screen_and_shows_what_the_full_snapshot_shows() -> (
+    None
+):
+    """P4: the engine builds a full view only of the positions on screen (`snapshot(views_of=…)`); the
+    screen is the same as from a snapshot with every view, at the top and after End, the uncovered rows
+    (last by id and symbol) pinned with their whole row and counted in the title."""
+    settings = scenario_settings()
+    book, uncovered, last = _big_book()
+    scoped = ScreenScopedBookFeed(settings, book)
+    for keys in ((), ("end",)):
+        expected, expected_title = await _screen_of(BookFeed(settings, book), settings, keys)
+        shown, title = await _screen_of(scoped, settings, keys)
+        assert shown == expected
+        assert title == expected_title
+        assert "3 UNCOVERED" in title
+        lines = shown.splitlines()
+        for symbol in uncovered:
+            [line] = [line for line in lines if symbol in line]
+            assert line.lstrip("│ ").startswith("!")
+            assert "missing" in line
+            assert "1m30s" in line  # its time unprotected: the whole row
+        if keys:
+            [line] = [line for line in lines if last in line]
+            assert "1.2401" in line  # the bottom row, scrolled to, has its full view
+    # Not every view every frame: the rows on screen with half a screen either side, the pinned ones.
+    assert scoped.views_given
+    assert scoped.views_given[-1] < 100
+
+
+class TickingTopRows(ScreenScopedBookFeed):
+    """Once `tick` is set, the first ten positions' marks move on every snapshot (each frame)."""
+
+    tick = False
+
+    def snapshot(self, views_of=None):  # type: ignore[no-untyped-def]
+        if self.tick:
+            self.ticks += 1
+            mark = Decimal("1.3001") + Decimal(self.ticks % 50) / 10_000
+            self.set_positions(
+                [dataclasses.replace(p, mark_price=mark) if p.position_id <= 10 else p for p in self.book]
+            )
+        return super().snapshot(views_of)
+
+    def set_positions(self, positions):  # type: ignore[no-untyped-def]
+        self.book = positions
+        super().set_positions(positions)
+
+
+async def test_every_changed_row_on_screen_shows_its_new_text_when_a_frame_formats_them_in_two_steps() -> (
+    None
+):
+    """A timer frame formats the first changed rows with the panels and the rest in a step of its own (P4):
+    once a frame that started after the change has run, every row holds the snapshot's text (without its
+    last step, a frame formats only the first ROWS_FORMATTED_AT_ONCE). The screen redraws changed rows a
+    few at a time, in the order they changed: rows that change every frame (here the top ten, at the
+    tests' 30 frames a second) do not keep the others from being redrawn. Then the screen is the one a
+    fresh start shows."""
+    settings = scenario_settings()
+    book = [book_position(i + 1, f"{SYMBOLS[i][:-4]}{i:04d}USDT") for i in range(60)]
+    moved = [dataclasses.replace(p, mark_price=Decimal("1.3001"), pnl_percent=Decimal("5.31")) for p in book]
+    fresh = DashboardApp(settings, feed=BookFeed(settings, moved), tz=UTC, code_roots=[])
+    async with fresh.run_test(size=(120, 70)) as pilot:
+        table = fresh.query_one(PositionsTable)
+        await wait_for(pilot, lambda: table.row_count == 60 and "1.3001" in screen_text(fresh), "the book")
+        expected = screen_text(fresh)
+    feed = TickingTopRows(settings, book)
+    feed.ticks = 0
+    app = DashboardApp(settings, feed=feed, tz=UTC, code_roots=[])
+    async with app.run_test(size=(120, 70)) as pilot:
+        table = app.query_one(PositionsTable)
+        await wait_for(
+            pilot, lambda: table.row_count == 60 and "1.2401" in screen_text(app), "the book shown"
+        )
+        feed.set_positions(moved)
+        feed.tick = True
+        frames = len(app.frame_seconds)
+        # The second timer frame from now began after the change (the first may have begun before it).
+        # Read as soon as it has run (wait_for pauses once more, and further frames would fill in the rest).
+        for _ in range(500):
+            if len(app.frame_seconds) >= frames + 2:
+                break
+            await pilot.pause(0.005)
+        on_screen = [
+            p.position_id for p in moved[10:] if f"{SYMBOLS[p.position_id - 1][:-4]}" in screen_text(app)
+        ]
+        assert len(on_screen) > ROWS_FORMATTED_AT_ONCE
+        assert all("1.3001" in table.row_text(position_id) for position_id in on_screen)
+
+        def rows_below_redrawn() -> bool:
+            rows = [line for line in screen_text(app).splitlines() if " LONG " in line][10:]
+            return len(rows) > ROWS_FORMATTED_AT_ONCE and all("1.3001" in row for row in rows)
+
+        await wait_for(pilot, rows_below_redrawn, "the rows below the ticking ones redrawn")
+        assert feed.ticks >= 2  # the top rows kept changing meanwhile
+        feed.tick = False
+        feed.set_positions(moved)
+        await wait_for(pilot, lambda: screen_text(app) == expected, "the screen of a fresh start")

@@ -44,9 +44,18 @@ class PositionDetailScreen(ModalScreen[None]):
             yield Static("esc / enter: close", classes="dialog-keys", markup=False)
 
     def on_mount(self) -> None:
+        # The dashboard's frames build full views of the rows on screen only: this one's too while open.
+        detailed = getattr(self.app, "detailed_positions", None)
+        if detailed is not None:
+            detailed.add(self.view.position_id)
         self.set_interval(1.0, self.refresh_view, name="position detail")
         self.load_orders()
         self.set_interval(ORDERS_EVERY_SECONDS, self.load_orders, name="position orders")
+
+    def on_unmount(self) -> None:
+        detailed = getattr(self.app, "detailed_positions", None)
+        if detailed is not None:
+            detailed.discard(self.view.position_id)
 
     def refresh_view(self) -> None:
         snapshot = getattr(self.app, "last_snapshot", None)

@@ -10,6 +10,7 @@ from collections import deque
 from decimal import Decimal
 from typing import ClassVar
 
+from rich.cells import cell_len
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
@@ -170,10 +171,16 @@ class CoverageGauge(Vertical):
             figure.set_class(cls == state, cls)
 
     def _set(self, label: Label | Digits, text: str) -> None:
-        """Only a changed text costs a layout pass (figures change on every frame, their text rarely)."""
-        if self._texts.get(label.id) != text:
+        """Only a changed text costs a repaint, and only a changed width a layout pass: the uncovered line's
+        oldest age changes every second, and a layout pass of the whole screen blocked the event loop (the
+        engine's ticks) for ~30 ms at 1 000 positions (bench/tui_render.py)."""
+        before = self._texts.get(label.id)
+        if before != text:
             self._texts[label.id] = text
-            label.update(text)
+            if isinstance(label, Label):
+                label.update(text, layout=before is None or cell_len(before) != cell_len(text))
+            else:
+                label.update(text)
 
 
 def _worst(*values: Decimal | None) -> Decimal | None:

@@ -1,9 +1,12 @@
-"""The positions table, updated by row key (position id), changed cells only.
+"""The positions table, updated by row key (position id), changed cells only, full views of what is shown.
 
-A frame compares each `PositionView` with the one it showed last (frozen dataclasses: one equality test),
-formats only the rows that changed, and within them updates only the cells whose text changed. Rows are
-added and removed by key; the order (uncovered first, then by symbol) is re-sorted only when the set of
-rows or a row's coverage changed.
+Every frame the table orders and filters every open position from its cheap facts (id, symbol, covered: the
+snapshot's `rows`) and asks the engine for full `PositionView`s of the rows on screen only
+(`rows_on_screen`, the snapshot's `views_of`): building and comparing 1 000 views a frame was most of a
+frame's cost on the engine's event loop. It compares each view with the one it showed last (frozen
+dataclasses: one equality test), formats only the rows that changed, and within them updates only the cells
+whose text changed; the changed lines are redrawn a few per screen update (`_repaint_slice`). Rows are added
+and removed by key; the order is uncovered first, then still protecting, then by symbol (and id).
 
 Uncovered rows are pinned: they are the table's fixed rows, drawn at the top whatever the scroll position,
 so the operator cannot scroll (or be scrolled) away from them; the title carries their count. The cursor
@@ -13,19 +16,24 @@ so `x` always closes the position the operator is looking at. Home and End go to
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
-from typing import ClassVar
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
 
 from rich.cells import cell_len, set_cell_size
 from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
+from textual._two_way_dict import TwoWayDict
 from textual.binding import Binding, BindingType
 from textual.coordinate import Coordinate
 from textual.events import Click
+from textual.geometry import Region
+from textual.message import Message
 from textual.strip import Strip
+from textual.timer import Timer
 from textual.widgets import DataTable
-from textual.widgets.data_table import RowDoesNotExist, RowKey
+from textual.widgets.data_table import ColumnKey, RowDoesNotExist, RowKey
 
 from engine.engine import PositionView
 from tui import formatting
@@ -62,9 +70,39 @@ COLUMN_KEYS = tuple(key for key, _, _ in COLUMNS)
 WIDE_FROM = 150
 ERROR_COLUMN = ("error", "Last error")
 UNCOVERED_FLAG = "!"
+ROWS_FORMATTED_AT_ONCE = 6  # by sync(defer=True); the rest in the frame's next step (sync_deferred)
+VIEW_MARGIN = 1  # rows either side of the viewport with full views (a scroll further paints a frame at once)
+LINES_PER_SLICE = 3  # changed table lines redrawn per screen update (see PositionsTable._repaint_slice)
+SLICE_SECONDS = 0.02  # between two slices: longer than a screen update (Textual draws at most 60 a second)
 PROTECTING_FLAG = "·"
 
 Cells = tuple[Text, ...]
+
+
+class PositionRow(Protocol):
+    """What the table needs of every open position, on screen or not (a `PositionCoverage` of the snapshot's
+    `rows`, or a `PositionView`)."""
+
+    @property
+    def position_id(self) -> int: ...
+
+    @property
+    def symbol(self) -> str: ...
+
+    @property
+    def covered(self) -> bool: ...
+
+
+@dataclass(slots=True)
+class _Plan:
+    key: tuple[object, ...]
+    rows: object  # held: the key has its id
+    order: list[int]  # position ids shown, in display order
+    flags: dict[int, str]
+    symbols: dict[int, str]
+    uncovered_total: int  # uncovered positions in the book, shown or filtered out
+    uncovered_shown: int
+    ranked: list[tuple[int, str, int]]  # (rank, symbol, id) in the facts' order: unchanged, so is the order
 
 
 class PositionsTable(DataTable[Text]):
@@ -96,6 +134,7 @@ class PositionsTable(DataTable[Text]):
         self.error_width: int | None = None
         self._reselect: int | None = None
         self._column_keys: tuple[str, ...] = COLUMN_KEYS
+        self._column_key_objects: tuple[ColumnKey, ...] = ()
         self.follow_selection = False  # the operator moved the cursor: it stays on that position
         self.cell_updates = 0  # since mount: lets the benchmark and tests see that frames are incremental
         # Rendered lines and cells by row (see "rendering" below); a row's version moves when its cells do.
@@ -107,6 +146,23 @@ class PositionsTable(DataTable[Text]):
             str | None, dict[str | None, tuple[Text, tuple[object, ...], list[list[Segment]]]]
         ] = {}
         self.lines_rendered = 0  # since mount: table lines rendered anew (the rest came from the cache)
+        self._row_keys: dict[int, RowKey] = {}
+        self._order: list[int] = []
+        self._last_plan: _Plan | None = None
+        self._window: tuple[int, int] | None = None  # (top, height) when the last frame's views were chosen
+        self._frame_asked = False
+        self.redraw_within = (
+            0.25  # seconds: the frame interval (the app sets it); changed rows redrawn by then
+        )
+        self._deferred: list[PositionView] = []  # changed rows sync(defer=True) left to sync_deferred
+        self._title = ""
+        # Position ids whose changed row is not redrawn yet, in the order they changed (a dict: ordered).
+        self._repaint_rows: dict[int, None] = {}
+        self._repaint_timer: Timer | None = None
+        self._base_style: Style | None = None  # the widget's rich style, until its styles change
+        self._row_styles: dict[tuple[int, Style], Style] = {}  # by (header / fixed / even / odd, base)
+        self._pass_width: int | None = None
+        self._meta_styles: dict[tuple[int, int], Style] = {}
 
     def on_mount(self) -> None:
         self._build_columns()
@@ -138,99 +194,334 @@ class PositionsTable(DataTable[Text]):
         self._forget_renders()
         self._cells.clear()
         self._views.clear()
+        self._row_keys.clear()
+        self._order = []
         self._column_keys = tuple(key for key, _, _ in columns)
-        for key, label, width in columns:
-            self.add_column(label, key=key, width=width)
+        self._column_key_objects = tuple(
+            self.add_column(label, key=key, width=width) for key, label, width in columns
+        )
         self._reselect = selected
 
     # --- what the app calls --------------------------------------------------------------------------
 
-    def sync(self, positions: Sequence[PositionView], uncovered_ids: Collection[int]) -> None:
-        """Bring the table to `positions` (filtered by `only_uncovered` and `needle`).
+    def rows_on_screen(self, rows: Sequence[PositionRow], uncovered_ids: Collection[int]) -> set[int]:
+        """Which positions this frame needs a full view of (the engine builds only those: a `ViewSelector`).
 
-        Rows outside the viewport keep their last text until they scroll into view (at most one frame
-        later): formatting and updating 1 000 rows that nobody sees would cost the engine's event loop
-        ~40 ms a frame. Their coverage flag is always current, because it decides the order.
+        From every position's facts, the same order and filter `sync` applies: the pinned (uncovered) rows,
+        the rows in the viewport with VIEW_MARGIN rows either side (for scrolling; a scroll past them paints
+        a frame at once), and the cursor's row. Before the table has a size: every row."""
+        plan = self._plan(rows, uncovered_ids)
+        order = plan.order
+        height = self.scrollable_content_region.height
+        if height <= 0:
+            return set(order)
+        top = int(self.scroll_y)
+        margin = VIEW_MARGIN
+        ids = set(order[: min(plan.uncovered_shown, self._pin_room())])
+        ids.update(order[max(0, top - margin) : top + height + margin])
+        selected = self.selected_position_id()
+        if selected is not None:
+            ids.add(selected)
+        self._window = (top, height)
+        return ids
+
+    def sync(
+        self,
+        rows: Sequence[PositionRow],
+        uncovered_ids: Collection[int],
+        views: Sequence[PositionView] = (),
+        *,
+        defer: bool = False,
+    ) -> None:
+        """Bring the table to `rows` (every open position, filtered by `only_uncovered` and `needle`).
+
+        Each row of `views` that changed is formatted again, and within it only the cells whose text changed
+        are updated. A row without a view (off screen: see `rows_on_screen`) keeps its last text, or shows
+        its symbol only if it is new, until it comes into view; its flag, which decides the order, is
+        always current. With `defer`, the changed rows past the first ROWS_FORMATTED_AT_ONCE (never a
+        pinned row, a new row or one whose flag changed: the order, the pinned rows and the titles are
+        always this snapshot's) are left to `sync_deferred`, which the app calls once the event loop has
+        run what fell due meanwhile: formatting a screenful of rows in one go blocked the engine's ticks.
         """
+        self._deferred = []
         if not self._styles or self._styles_missing:
             self._load_styles()
+        self._frame_asked = False
         self._uncovered = frozenset(uncovered_ids)
-        self.total = len(positions)
-        self.uncovered_total = sum(1 for p in positions if p.position_id in self._uncovered)
-        wanted = [p for p in positions if self._wanted(p)]
-        wanted_ids = {p.position_id for p in wanted}
+        plan = self._plan(rows, self._uncovered)
+        self.total = len(rows)
+        self.uncovered_total = plan.uncovered_total
+        flags = plan.flags
+        by_id = {view.position_id: view for view in views}
+        changed: dict[int, None] = {}  # in display order
+        formatted = 0
         reorder = False
         selected = self.selected_position_id()
-        for position_id in [k for k in self._cells if k not in wanted_ids]:
+        for position_id in [k for k in self._cells if k not in flags]:
             self.remove_row(str(position_id))
             self._forget_row(str(position_id))
             del self._cells[position_id]
             self._views.pop(position_id, None)
+            self._row_keys.pop(position_id, None)
             reorder = True
-        visible = self._visible_ids()
-        for view in wanted:
-            position_id = view.position_id
+        for position_id in plan.order:
+            flag = flags[position_id]
             shown = self._cells.get(position_id)
-            if shown is not None:
-                if position_id not in visible:
-                    if shown[0].plain == self._flag_text(view):
-                        continue  # off screen and still in the same place: formatted when it scrolls in
-                elif self._views.get(position_id) == view and not self._flag_is_stale(position_id):
+            view = by_id.get(position_id)
+            if view is None:
+                if shown is None:  # new and off screen: its symbol now, the rest once it is in view
+                    cells = self._placeholder(plan.symbols[position_id], flag)
+                elif shown[0].plain != flag:
+                    cells = (*self._placeholder(plan.symbols[position_id], flag)[:2], *shown[2:])
+                else:
                     continue
-            cells = self._format(view)
-            self._views[position_id] = view
+            elif shown is not None and shown[0].plain == flag and self._views.get(position_id) == view:
+                continue
+            elif defer and shown is not None and shown[0].plain == flag and flag != UNCOVERED_FLAG:
+                if formatted >= ROWS_FORMATTED_AT_ONCE:
+                    self._deferred.append(view)
+                    continue
+                formatted += 1
+                cells = self._format(view)
+                self._views[position_id] = view
+            else:
+                cells = self._format(view)
+                self._views[position_id] = view
             self._cells[position_id] = cells
             row_key = str(position_id)
             if shown is None:
-                self.add_row(*cells, key=row_key)
+                self._row_keys[position_id] = self.add_row(*cells, key=row_key)
                 self._row_changed(row_key)
                 reorder = True
                 continue
-            for column, (before, after) in enumerate(zip(shown, cells, strict=True)):
-                if before != after:
-                    self.update_cell(row_key, self._column_keys[column], after)
-                    self._row_changed(row_key)
-                    self.cell_updates += 1
-            if shown[0].plain != cells[0].plain:
-                reorder = True
-        if reorder:
-            self.sort("flag", "symbol", key=_order)
+            self._update_cells(position_id, shown, cells, changed)
+        self._cells_changed(changed)
+        if reorder or plan.order != self._order:
+            self._apply_order(plan.order)
             if self._reselect is not None:  # the columns were rebuilt: back to the operator's position
                 selected, self._reselect = self._reselect, None
             if self.follow_selection:
                 self._keep_cursor_on(selected)
             elif self.cursor_row != 0 and self.row_count:
                 self.move_cursor(row=0, animate=False)
-        self._pin_uncovered()
+        self._pin_uncovered(plan)
         self._update_titles()
 
-    def _pin_uncovered(self) -> None:
+    def sync_deferred(self) -> None:
+        """The rows `sync(defer=True)` left: each formatted from its view if it is still shown with the same
+        flag (else the next frame has it)."""
+        deferred, self._deferred = self._deferred, []
+        plan = self._last_plan
+        if plan is None:
+            return
+        changed: dict[int, None] = {}  # in display order
+        for view in deferred:
+            position_id = view.position_id
+            shown = self._cells.get(position_id)
+            if shown is None or shown[0].plain != plan.flags.get(position_id):
+                continue
+            cells = self._format(view)
+            self._views[position_id] = view
+            self._cells[position_id] = cells
+            self._update_cells(position_id, shown, cells, changed)
+        self._cells_changed(changed)
+
+    def _update_cells(self, position_id: int, shown: Cells, cells: Cells, changed: dict[int, None]) -> None:
+        data = self._data[self._row_keys[position_id]]
+        for column, (before, after) in enumerate(zip(shown, cells, strict=True)):
+            if before != after:
+                # What `update_cell` does, without its repaint of the whole table (see _repaint_slice).
+                data[self._column_key_objects[column]] = after
+                self.cell_updates += 1
+                if position_id not in changed:
+                    changed[position_id] = None
+                    self._row_changed(str(position_id))
+
+    def _cells_changed(self, changed: dict[int, None]) -> None:
+        if not changed:
+            return
+        # DataTable's own render caches (behind ours) are stale for these rows. Not by bumping its update
+        # count: that also rebuilds its index of 1 000 row offsets, in the next screen update.
+        self._line_cache.clear()
+        self._cell_render_cache.clear()
+        self._row_render_cache.clear()
+        self._row_renderable_cache.clear()
+        self._repaint_rows.update(changed)
+        if self._repaint_timer is None:
+            self._repaint_slice()
+
+    def _repaint_slice(self) -> None:
+        """Repaint the changed rows on screen, LINES_PER_SLICE lines per screen update, the next slice a
+        screen update later: a screen update that redraws every row at once blocks the event loop, and with
+        it the engine, for ~15 ms at 1 000 positions (bench/tui_render.py). Rows go in the order they
+        changed (a row changed again keeps its place), so none waits behind rows that change every frame,
+        and a slice takes more lines when that is what redraws them all within `redraw_within` (the frame
+        interval). A row off screen is dropped here (scrolling repaints the whole view, from the rows'
+        current text)."""
+        self._repaint_timer = None
+        pending = self._repaint_rows
+        if not pending:
+            return
+        header = self.header_height if self.show_header else 0
+        fixed = self.fixed_rows
+        top = int(self.scroll_y)
+        height = self.size.height
+        # More lines per slice when there are more rows than slices before the next frame.
+        slices = max(1, int(self.redraw_within * 0.8 / SLICE_SECONDS))
+        per_slice = max(LINES_PER_SLICE, -(-len(pending) // slices))
+        lines: list[int] = []
+        for position_id in list(pending):
+            if len(lines) == per_slice:
+                break
+            del pending[position_id]
+            row_key = self._row_keys.get(position_id)
+            index = None if row_key is None else self._row_locations.get(row_key)
+            if index is None:
+                continue
+            y = header + index if index < fixed else header + index - top
+            if (index < fixed or y >= header + fixed) and y < height:
+                lines.append(y)
+        if lines:
+            width = self.size.width
+            self.refresh(*(Region(0, y, width, 1) for y in lines))
+        if pending:
+            self._repaint_timer = self.set_timer(SLICE_SECONDS, self._repaint_slice, name="repaint rows")
+
+    def _plan(self, rows: Sequence[PositionRow], uncovered_ids: Collection[int]) -> _Plan:
+        """The rows shown, their flags and their order (uncovered first, then those still protecting, each
+        by symbol), from every position's facts; computed once per snapshot (`rows_on_screen` and `sync`
+        of one frame share it)."""
+        uncovered = uncovered_ids if isinstance(uncovered_ids, frozenset) else frozenset(uncovered_ids)
+        key = (id(rows), uncovered, self.only_uncovered, self.needle)
+        plan = self._last_plan
+        if plan is not None and plan.key == key and plan.rows is rows:
+            return plan
+        flags: dict[int, str] = {}
+        symbols: dict[int, str] = {}
+        ranked: list[tuple[int, str, int]] = []
+        uncovered_total = uncovered_shown = 0
+        only_uncovered, needle = self.only_uncovered, self.needle
+        for row in rows:
+            position_id = row.position_id
+            covered = row.covered
+            if position_id in uncovered:
+                uncovered_total += 1
+                flag, rank = UNCOVERED_FLAG, 0
+            elif covered:
+                flag, rank = " ", 2
+            else:
+                flag, rank = PROTECTING_FLAG, 1
+            if (only_uncovered and covered) or (needle and needle not in row.symbol):
+                continue
+            uncovered_shown += rank == 0
+            flags[position_id] = flag
+            symbols[position_id] = row.symbol
+            ranked.append((rank, row.symbol, position_id))
+        if plan is not None and plan.ranked == ranked:  # the same rows in the same states: the same order
+            order = plan.order
+        else:
+            order = [position_id for _, _, position_id in sorted(ranked)]
+        plan = _Plan(key, rows, order, flags, symbols, uncovered_total, uncovered_shown, ranked)
+        self._last_plan = plan
+        return plan
+
+    def _apply_order(self, order: list[int]) -> None:
+        """The rows in `order` (what `DataTable.sort` does, from our own order: it includes off-screen rows
+        whose cells are not current, and ties go by position id)."""
+        keys = self._row_keys
+        self._row_locations = TwoWayDict(
+            {keys[position_id]: index for index, position_id in enumerate(order)}
+        )
+        self._order = order
+        self._update_count += 1
+        self.refresh()
+
+    def _placeholder(self, symbol: str, flag: str) -> Cells:
+        style = self._styles.get("uncovered", "") if flag == UNCOVERED_FLAG else ""
+        cells = (Text(flag, style=style), Text(symbol, style=style))
+        return cells + tuple(Text("") for _ in self._column_keys[2:])
+
+    def _pin_room(self) -> int:
+        return max(1, self.scrollable_content_region.height - 1 - 2)  # the header, two scrollable rows
+
+    def _pin_uncovered(self, plan: _Plan) -> None:
         """The uncovered rows (first in the order) are the fixed rows: always on screen. If there are more
         than the viewport holds, two rows stay scrollable and the title says how many are not pinned."""
-        uncovered = self._uncovered_shown = sum(
-            1 for position_id in self._cells if position_id in self._uncovered
-        )
-        room = max(1, self.scrollable_content_region.height - 1 - 2)  # the header, two scrollable rows
-        pinned = min(uncovered, room)
+        self._uncovered_shown = plan.uncovered_shown
+        pinned = min(plan.uncovered_shown, self._pin_room())
         if pinned != self.fixed_rows:
             self.fixed_rows = pinned
 
-    def _visible_ids(self) -> set[int]:
-        """Position ids of the rows in the viewport (plus a screenful either side, for scrolling), and the
-        pinned rows, which are on screen wherever the view is."""
-        height = max(1, self.scrollable_content_region.height)
-        first = max(0, int(self.scroll_y) - height)
-        rows = [
-            *self.ordered_rows[: self.fixed_rows],
-            *self.ordered_rows[first : int(self.scroll_y) + 2 * height],
-        ]
-        return {int(row.key.value) for row in rows if row.key.value is not None}
+    def watch_scroll_y(self, old_value: float, new_value: float) -> None:
+        """Scrolled past the rows the last frame formatted: a frame now, not at the next tick."""
+        super().watch_scroll_y(old_value, new_value)
+        window = self._window
+        if window is None or self._frame_asked:
+            return
+        top, height = window
+        margin = VIEW_MARGIN
+        if (
+            new_value < top - margin
+            or new_value + self.scrollable_content_region.height > top + height + margin
+        ):
+            self._frame_asked = True
+            self.post_message(self.FrameWanted())
+
+    class FrameWanted(Message):
+        """Rows came into view that the last frame did not format."""
 
     # --- rendering ------------------------------------------------------------------------------------
     # DataTable keys every render cache (cells, rows, lines) on one counter that each `update_cell` bumps:
     # one changed price re-rendered every visible cell of the table through rich, most of a frame's cost
     # at 1 000 positions (bench/tui_render.py). These two caches are keyed by what decides a line's or a
     # cell's look instead, one slot per row line and per cell, so a frame renders the rows that changed.
+
+    def render_lines(self, crop: Region) -> list[Strip]:
+        """A compositor pass. The widget's style and the row styles are resolved through the DOM once until
+        the table's styles change (`notify_style_update`), not for every line: that was a third of a line's
+        cost, and a screen update now redraws a few lines at a time (`_repaint_slice`)."""
+        if self._base_style is None:
+            self._base_style = self.rich_style
+        self._pass_width = self.size.width
+        try:
+            return super().render_lines(crop)
+        finally:
+            self._pass_width = None
+
+    def render_line(self, y: int) -> Strip:
+        """DataTable's `render_line` (the header and the pinned rows fixed, the rest scrolled), for rows one
+        line high (every row here is), with the resolved style."""
+        base_style = self._base_style if self._base_style is not None else self.rich_style
+        width = self._pass_width if self._pass_width is not None else self.size.width
+        scroll_x, scroll_y = self.scroll_offset
+        fixed_height = self.fixed_rows + (self.header_height if self.show_header else 0)
+        if y >= fixed_height:
+            y += scroll_y
+        return self._render_line(y, scroll_x, scroll_x + width, base_style)
+
+    def _get_row_style(self, row_index: int, base_style: Style) -> Style:
+        kind = -1 if row_index == -1 else (0 if row_index < self.fixed_rows else 1 + row_index % 2)
+        style = self._row_styles.get((kind, base_style))
+        if style is None:
+            style = self._row_styles[(kind, base_style)] = super()._get_row_style(row_index, base_style)
+        return style
+
+    def _cell_meta(self, row_index: int, column_index: int) -> Style:
+        """The mouse metadata of a cell, one Style object per cell: rich caches style sums by identity, and a
+        new metadata Style per render missed that cache every time."""
+        key = (row_index, column_index)
+        meta = self._meta_styles.get(key)
+        if meta is None:
+            if len(self._meta_styles) > 20_000:
+                self._meta_styles.clear()
+            meta = self._meta_styles[key] = Style.from_meta({"row": row_index, "column": column_index})
+        return meta
+
+    def _update_dimensions(self, new_rows: Iterable[RowKey]) -> None:
+        """The virtual size, without measuring the new rows' cells: every column here has a set width and
+        every row is one line, so the measurement (11 000 cells for 1 000 new rows, ~150 ms of the event
+        loop in one go) could not change anything."""
+        super()._update_dimensions(())
 
     def _render_line(self, y: int, x1: int, x2: int, base_style: Style) -> Strip:
         try:
@@ -253,7 +544,7 @@ class PositionsTable(DataTable[Text]):
             row_index < self.fixed_rows,
             x1,
             x2,
-            self.size.width,
+            self._pass_width if self._pass_width is not None else self.size.width,
             base_style,
             self.cursor_type,
             self.show_cursor,
@@ -303,12 +594,18 @@ class PositionsTable(DataTable[Text]):
         extend_style, _ = self._get_styles_to_render_cell(
             False, False, False, hover, cursor, self.show_cursor, self._show_hover_cursor, False, False
         )
-        extend_style = (
-            row_style + extend_style + Style.from_meta({"row": row_index, "column": 0, "out_of_bounds": True})
-        )
+        extend_style = row_style + extend_style + self._out_of_bounds_meta(row_index)
         remaining = max(0, self.size.width - table_width - self._row_label_column_width)
         scrollable.append([Segment(" " * remaining, extend_style)])
         return [], scrollable
+
+    def _out_of_bounds_meta(self, row_index: int) -> Style:
+        meta = self._meta_styles.get((row_index, -1))
+        if meta is None:
+            meta = self._meta_styles[(row_index, -1)] = Style.from_meta(
+                {"row": row_index, "column": 0, "out_of_bounds": True}
+            )
+        return meta
 
     def _render_cell(
         self,
@@ -371,7 +668,7 @@ class PositionsTable(DataTable[Text]):
             self.cursor_foreground_priority == "css",
             self.cursor_background_priority == "css",
         )
-        pre = base_style + Style.from_meta({"row": row_index, "column": column_index}) + component_style
+        pre = base_style + self._cell_meta(row_index, column_index) + component_style
         text_style = pre + self.app.console.get_style(cell.style, default=Style.null()) + post_style
         pad_style = pre + post_style
         room = max(0, width - 2 * self.cell_padding)
@@ -406,6 +703,8 @@ class PositionsTable(DataTable[Text]):
         self._cell_lines.pop(row_key, None)
 
     def _forget_renders(self) -> None:
+        self._base_style = None
+        self._row_styles.clear()
         self._line_strips.clear()
         self._cell_lines.clear()
 
@@ -479,10 +778,6 @@ class PositionsTable(DataTable[Text]):
             return False
         return not self.needle or self.needle in view.symbol
 
-    def _flag_is_stale(self, position_id: int) -> bool:
-        shown = self._cells.get(position_id)
-        return shown is None or (shown[0].plain == UNCOVERED_FLAG) != (position_id in self._uncovered)
-
     def _flag_text(self, view: PositionView) -> str:
         if view.position_id in self._uncovered:
             return UNCOVERED_FLAG
@@ -512,7 +807,9 @@ class PositionsTable(DataTable[Text]):
             title += f" · showing {self.row_count} ({what})"
         if self.only_uncovered and not self.row_count:  # an empty table says why it is empty
             title += " · no uncovered position" + (" matches" if self.needle else "") + " (u: show all)"
-        self.border_title = title
+        if title != self._title:  # setting a border title repaints the whole table, even the same title
+            self._title = title
+            self.border_title = title
 
     def _load_styles(self) -> None:
         styles = {
@@ -612,8 +909,3 @@ def _trailing_cell(view: PositionView, styles: dict[str, Style], *, short: bool 
     if short:
         return Text(f"{phase[:3]} {formatting.price(stop)}", style=styles["active-trail"])
     return Text(f"{phase} @ {formatting.price(stop)}", style=styles["active-trail"])
-
-
-def _order(values: tuple[Text, Text]) -> tuple[bool, bool, str]:
-    flag, symbol = values
-    return (flag.plain != UNCOVERED_FLAG, flag.plain != PROTECTING_FLAG, symbol.plain)
