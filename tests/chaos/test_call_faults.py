@@ -7,6 +7,10 @@ floor on time-weighted coverage."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Awaitable
+from typing import Any
+
 import pytest
 
 from engine.venues.sim.settings import CallKind, FaultKind
@@ -85,6 +89,10 @@ async def test_three_refused_stops_in_a_row_are_retried_within_grace(db: Databas
         await run.stop()
 
 
+async def _two(rows: Awaitable[list[Any]]) -> bool:
+    return len(await rows) == 2
+
+
 async def test_a_naked_positions_first_refused_stops_are_sent_again_at_once(db: Database) -> None:
     """Both stops of a new position are refused before execution (HTTP 500): nothing was placed, the
     position is naked, and the same ids may go again. The first retry is one round trip later, not after
@@ -104,8 +112,20 @@ async def test_a_naked_positions_first_refused_stops_are_sent_again_at_once(db: 
             ]
             return len(stops) == 2
 
-        # 50 ms per call: the refusals come back within 0.2 s, the resent stops are live within 0.5 s.
-        await run.until(venue_holds_both_stops, limit=0.5, what=f"both stops of {symbol} live on the venue")
+        await run.until(venue_holds_both_stops, limit=5.0, what=f"both stops of {symbol} live on the venue")
+
+        async def refusals() -> list[dict[str, Any]]:
+            rows = await db.pool.fetch(
+                "SELECT data FROM monitoring.events WHERE type = 'protection_server_error' AND symbol = $1",
+                symbol,
+            )
+            return [json.loads(r["data"]) if isinstance(r["data"], str) else dict(r["data"]) for r in rows]
+
+        await run.until(lambda: _two(refusals()), limit=5.0, what="both refusals recorded")
+        # What the guard decided (not how fast a loaded machine let it go): one round trip, 50 ms here,
+        # where the backoff's first step is 1 s.
+        assert sorted(r["stop"] for r in await refusals()) == ["stop_loss", "trailing_stop"]
+        assert all(r["retry_in_seconds"] <= 0.1 for r in await refusals()), await refusals()
         await run.settle()
         run.verdict(coverage_at_least=0.0)
     finally:
@@ -130,8 +150,9 @@ async def test_stops_whose_answers_are_lost_are_found_by_their_ids_within_grace(
             guard = manager.by_symbol.get(symbol) if manager is not None else None
             return guard is not None and guard.covered
 
-        # Grace is 5 s and the calls hang for 10: the engine must know well before either ends.
-        await run.until(engine_sees_it_covered, limit=5.0, what=f"the engine sees {symbol} covered")
+        # The calls hang for 10 s: the engine must know well before they end (8 virtual seconds leaves a
+        # loaded machine's database writes room; the look-ups themselves go at 0.5 s).
+        await run.until(engine_sees_it_covered, limit=8.0, what=f"the engine sees {symbol} covered")
         await run.settle()
         run.verdict(coverage_at_least=0.0)
     finally:
@@ -170,7 +191,8 @@ async def test_a_protection_restart_is_not_held_by_a_read_whose_answer_is_lost(d
         await run.until(run.converged, limit=30, what="the wave protected")
         run.venue.inject_fault(CallKind.FETCH_POSITIONS, FaultKind.TIMEOUT_AFTER_ACCEPT, 1)
         run.venue.inject_fault(CallKind.FETCH_OPEN_ORDERS, FaultKind.TIMEOUT_AFTER_ACCEPT, 1)
-        report = await run.drive(run.engine.restart_protection(), limit=5.0)
+        # the lost answers would hold it 10 s; 8 leaves a loaded machine's database work room
+        report = await run.drive(run.engine.restart_protection(), limit=8.0)
         assert report.restored == len(symbols)
         await run.settle()
         run.verdict(coverage_at_least=0.0)
