@@ -159,6 +159,10 @@ class Reconciler:
             if manager.stopped:
                 break  # an emptied manager would "adopt" every position it no longer tracks
             if symbol not in tracked and symbol in manager.markets:
+                # The list may be older than what the engine knows since (a stop filled and its guard
+                # closed after the read): only a fresh read of the symbol makes it a position to adopt.
+                if not await self._still_held(venue_position):
+                    continue
                 log.warning(
                     "reconcile: %s %s %s on the venue is not ours in the database: adopting and protecting it",
                     symbol,
@@ -179,6 +183,22 @@ class Reconciler:
                 report.orphans_cancelled or "-",
             )
         return report
+
+    async def _still_held(self, seen: VenuePosition) -> bool:
+        """Whether the venue, asked about this symbol alone now, still holds the position a list showed."""
+        try:
+            alone = await self._manager.read(
+                lambda: self._venue.fetch_positions(seen.symbol), "fetch_positions", Lane.READ
+            )
+        except (ExchangeError, TimeoutError) as exc:
+            log.warning("reconcile: %s not adopted this pass, its own read failed (%s)", seen.symbol, exc)
+            return False
+        held = any(p.symbol == seen.symbol and p.side is seen.side and p.quantity > 0 for p in alone)
+        if not held:
+            log.info(
+                "reconcile: %s was in the list but is flat when asked alone: nothing to adopt", seen.symbol
+            )
+        return held
 
     def _check_orders(
         self, guard: PositionGuard, open_by_id: dict[str, Order], report: ReconcileReport, snapshot_at: float

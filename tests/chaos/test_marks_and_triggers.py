@@ -191,3 +191,39 @@ async def test_a_stop_that_just_fired_is_uncovered_since_it_fired_not_since_the_
         assert figures.oldest_unprotected_seconds <= 6.0
     finally:
         await run.stop()
+
+
+async def test_a_snapshot_taken_before_a_stop_filled_adopts_no_phantom(db: Database) -> None:
+    """A reconcile pass reads the venue, then a hard stop fills and its guard closes the position before
+    the pass compares: the snapshot still lists the position, which no guard tracks any more. It must
+    not be adopted as an unknown position of the venue's (the soak saw phantoms made this way: 'active'
+    for a minute while the venue was flat, their stops refused -2022 over and over); a fresh read of that
+    symbol decides."""
+    settings = chaos_settings(db)
+    run = ChaosRun(db, settings)
+    await run.start()
+    try:
+        [symbol] = await run.wave(1)
+        await run.opened([symbol])
+        await run.until(run.converged, limit=30, what="the position protected")
+        reconciler = run.engine.reconciler
+        manager = run.engine.manager
+        assert reconciler is not None
+        assert manager is not None
+        stale = await run.drive(reconciler.take_snapshot())
+        assert symbol in {p.symbol for p in stale.positions}
+        await fire_hard_stop(run, symbol)
+        await run.until(
+            lambda: symbol not in manager.by_symbol and symbol not in run.held(), limit=10.0, what="closed"
+        )
+        await run.until(lambda: not manager.guards, limit=10.0, what="its guard gone")
+        report = await run.drive(reconciler.reconcile_once(stale))
+        assert report.adopted == []
+        open_rows = await db.pool.fetchval(
+            "SELECT count(*) FROM monitoring.positions WHERE symbol = $1 AND status <> 'closed'", symbol
+        )
+        assert open_rows == 0
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)
+    finally:
+        await run.stop()
