@@ -149,10 +149,12 @@ class Reconciler:
                 self._check_orders(guard, open_by_id, report, snapshot_at)
         # Each missing position costs look-ups (its stops, its symbol alone): a list that lost everything
         # at once must not turn into a storm of reads. Those already seen missing once go first.
+        # They are independent: looked into together (one after another took three reads per position).
         missing.sort(key=lambda g: (g.position_id not in self._absent_once, g.position_id))
-        for guard in missing[:MISSING_CHECKS_PER_PASS]:
-            if not manager.stopped:
-                await self._position_missing(guard, report)
+        if not manager.stopped:
+            await asyncio.gather(
+                *(self._position_missing(g, report) for g in missing[:MISSING_CHECKS_PER_PASS])
+            )
 
         tracked = {g.symbol for g in manager.guards.values()} | self._entries_in_flight()
         for symbol, venue_position in on_venue.items():
@@ -250,17 +252,26 @@ class Reconciler:
         venue says it holds nothing there. A list that
         lost every position at once (a venue glitch) therefore closes nothing, and no stop is cancelled
         before its position is confirmed flat."""
-        exit_reason, exit_price = await self._exit_evidence(guard)
+        # Its stops and its symbol alone are asked about together; the symbol's answer counts only
+        # without exit evidence.
+        evidence, alone = await asyncio.gather(
+            self._exit_evidence(guard),
+            self._manager.read(
+                lambda: self._venue.fetch_positions(guard.symbol), "fetch_positions", Lane.READ
+            ),
+            return_exceptions=True,
+        )
+        if isinstance(evidence, BaseException):
+            raise evidence
+        exit_reason, exit_price = evidence
         if exit_reason is None:
-            try:
-                alone = await self._manager.read(
-                    lambda: self._venue.fetch_positions(guard.symbol), "fetch_positions", Lane.READ
-                )
-            except (ExchangeError, TimeoutError) as exc:
+            if isinstance(alone, ExchangeError | TimeoutError):
                 log.warning(
-                    "reconcile: %s missing from the list, its own read failed (%s)", guard.symbol, exc
+                    "reconcile: %s missing from the list, its own read failed (%s)", guard.symbol, alone
                 )
                 return
+            if isinstance(alone, BaseException):
+                raise alone
             if any(p.side.value == guard.side.value for p in alone):
                 log.warning(
                     "reconcile: the venue's list left out %s, which it still holds when asked alone; kept",
@@ -289,15 +300,22 @@ class Reconciler:
         for record in await self._store.live_orders_for_position(guard.position_id):
             if record.purpose in (OrderPurpose.STOP_LOSS, OrderPurpose.TRAILING_STOP):
                 candidates.setdefault(record.client_order_id, record.purpose)
-        for client_order_id, purpose in candidates.items():
-            try:
-                found = await self._manager.read(
+        looked_up = await asyncio.gather(
+            *(
+                self._manager.read(
                     lambda cid=client_order_id: self._venue.fetch_order(guard.symbol, cid),
                     "fetch_order",
                     Lane.READ,
                 )
-            except (NotFound, ExchangeError, TimeoutError):
+                for client_order_id in candidates
+            ),
+            return_exceptions=True,
+        )
+        for (_cid, purpose), found in zip(candidates.items(), looked_up, strict=True):
+            if isinstance(found, NotFound | ExchangeError | TimeoutError):
                 continue
+            if isinstance(found, BaseException):
+                raise found
             if found.status is OrderStatus.FILLED:
                 await self._store.set_order_status(
                     found.client_order_id, OrderRecordStatus.FILLED, exchange_order_id=found.venue_order_id

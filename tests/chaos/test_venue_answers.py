@@ -77,3 +77,33 @@ async def test_read_after_write_lag_while_order_answers_are_lost(db: Database) -
         run.verdict(coverage_at_least=97.0)
     finally:
         await run.stop()
+
+
+async def test_positions_missing_from_a_glitched_list_are_looked_into_together(db: Database) -> None:
+    """The venue's list of positions comes back empty (a glitch) while ten positions are held. Each one
+    is looked into (its stops by id, its symbol alone) before anything is believed gone; those look-ups
+    are independent, so they go together: with reads taking 1 s, one pass takes a few round trips, not
+    three reads per position one after another (30 s here; a protection restart waited on it with no
+    guard running)."""
+    slow_reads = {
+        "VENUE__SIM__LATENCY__BY_CALL__FETCH_ORDER__SECONDS": "1.0",
+        "VENUE__SIM__LATENCY__BY_CALL__FETCH_POSITIONS__SECONDS": "1.0",
+    }
+    settings = chaos_settings(db, slow_reads)
+    run = ChaosRun(db, settings)
+    await run.start()
+    try:
+        symbols = await run.wave(10)
+        await run.opened(symbols)
+        await run.until(run.converged, limit=60, what="the wave protected")
+        await run.run_for(STARTUP_UNKNOWN_SECONDS + 1.0)  # an empty list right after connecting is skipped
+        run.venue.answer_positions_empty(1)
+        started = run.clock.monotonic()
+        report = await run.drive(run.engine.reconcile_now(), limit=60.0)
+        took = run.clock.monotonic() - started
+        assert report.closed == []  # nothing believed gone on a glitch
+        assert took < 10.0, f"one pass took {took:.1f} virtual s"
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)
+    finally:
+        await run.stop()
