@@ -96,7 +96,7 @@ async def test_an_engine_restarted_on_the_sim_finds_its_positions_and_stops_and_
         venue = second.venue
         assert isinstance(venue, SimVenue)
         assert venue.book is not None
-        if venue.book.is_open:
+        if venue.book_loaded:
             assert venue_truth(second, clock) == ours
 
     starting = second.start()

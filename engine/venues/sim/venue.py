@@ -144,6 +144,7 @@ class SimVenue:
         self._empty_position_answers = 0
         self.calls_made: dict[CallKind, int] = {}  # requests that reached this venue, by kind
         self._book = book
+        self._book_loaded = False
         self._saver: asyncio.Task[None] | None = None
         self._book_write: asyncio.Future[None] | None = None  # the book's last write (a thread)
         self._saved_revisions: tuple[int, int] = (-1, -1)  # (book, marks) revisions on disk
@@ -178,6 +179,12 @@ class SimVenue:
     @property
     def book(self) -> SimBookFile | None:
         return self._book
+
+    @property
+    def book_loaded(self) -> bool:
+        """The kept book is open and its positions and orders are back in the venue (a book's lock is
+        taken before its contents are read and restored: `book.is_open` alone is true a moment sooner)."""
+        return self._book is not None and self._book.is_open and self._book_loaded
 
     async def connect(self) -> None:
         self._ensure_open()
@@ -533,6 +540,7 @@ class SimVenue:
             book.close()
             raise
         self._marks_saved_at = self._clock.monotonic()
+        self._book_loaded = True
         self._saver = asyncio.create_task(self._run_saver(book), name="sim-venue-book-saver")
 
     def _restore(self, book: SimBookFile, saved: dict[str, Any]) -> None:
