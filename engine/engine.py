@@ -760,7 +760,7 @@ class Engine:
 
     # --- protection start / restart ------------------------------------------------------------------
 
-    async def _start_protection(self) -> StartupReport:
+    async def _start_protection(self, handover: Callable[[], None] | None = None) -> StartupReport:
         """Restore every open position and verify it against the venue in a constant number of round
         trips, whatever the number of positions: the database in three queries, the venue's positions and
         open protective orders read once (together), entries left pending by the last run resolved in
@@ -825,6 +825,8 @@ class Engine:
             )
             for position in ready
         ]
+        if handover is not None:  # the guards exist: the account's events reach them from now on
+            handover()
         adopted = 0
         if snapshot is not None:
             try:
@@ -832,6 +834,8 @@ class Engine:
                 adopted = len(report.adopted)
             except (ExchangeError, TimeoutError) as exc:
                 log.error("start-up reconcile failed (%s); the periodic reconciler will retry", exc)
+        if handover is not None:
+            handover()  # the reconciler too: it runs while the report waits for the first passes
         await self._wait_first_pass(list(self.manager.guards.values()))
         restored = sum(1 for g in guards if g.covered and g.report.created_orders == 0)
         failed = [g.symbol for g in self.manager.guards.values() if not g.covered]
@@ -949,17 +953,31 @@ class Engine:
             coverage={g.position_id: g.coverage() for g in still_open},
         )
         self._protection_ready.clear()
+        handed_over = 0
+
+        def hand_over() -> None:
+            """In two steps, as soon as each can be taken, not once every guard's first pass has ended (a
+            pass through a ban held a restart 37 s in the chaos soak, a stop's fill unread all along):
+            the guards exist (the account's events wait for them), then the venue's list is reconciled
+            (the reconcile loop runs again)."""
+            nonlocal handed_over
+            handed_over += 1
+            if handed_over == 1:
+                self._carried = None
+                self._protection_ready.set()
+            elif handed_over == 2 and self.state is EngineState.RUNNING:
+                self._supervisor.start("reconciler", self._reconcile_loop)
+                # At once, not an interval later: a close or a cancel the old manager had under way when
+                # it was stopped may have left a stop of ours on a flat symbol.
+                assert self.manager is not None
+                self.manager.request_reconcile()
+
         try:
             await self.manager.stop()
-            self.startup_report = await self._start_protection()
-            # At once, not an interval later: a close or a cancel the old manager had under way when it was
-            # stopped may have left a stop of ours on a flat symbol.
-            self.manager.request_reconcile()
+            self.startup_report = await self._start_protection(hand_over)
         finally:
-            self._carried = None
-            self._protection_ready.set()
-            if self.state is EngineState.RUNNING:
-                self._supervisor.start("reconciler", self._reconcile_loop)
+            while handed_over < 2:  # a restart that failed still hands over what it has
+                hand_over()
         log.info("protection restarted: %s", self.startup_report.describe())
         assert self.store is not None
         await self.store.record_event(

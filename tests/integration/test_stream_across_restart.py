@@ -76,3 +76,65 @@ async def test_a_stop_filling_while_protection_restarts_closes_its_position_with
         )
     finally:
         await drive(clock, engine.stop())
+
+
+async def test_a_stop_filling_while_a_slow_first_pass_holds_the_restart_is_learned_at_once(db: Database) -> None:
+    """The restart hands over as soon as its guards exist: the chaos soak saw a restart take 37 s through
+    a ban, most of it waiting for every guard's first pass, while a stop's fill sat in the account stream
+    and its position counted as lost. One position's first pass here takes 6 s (its trailing stop is gone
+    and every order call takes 6 s); another's stop fills meanwhile and is recorded at once."""
+    settings = engine_settings(db.target.dsn, {"SIGNALS__MAX_POSITIONS": "100"})
+    clock = ManualClock(start=time.time())
+    sim = settings.venue.sim.model_copy(
+        update={
+            "latency": LatencySettings(
+                seconds=0.05,
+                by_call={
+                    CallKind.CREATE_ORDER: LatencyDistribution(seconds=6.0),
+                    CallKind.FETCH_POSITIONS: LatencyDistribution(seconds=1.0),
+                },
+            )
+        }
+    )
+    venue = SimVenue(sim, clock=clock)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    try:
+        fills, slow = await open_positions(engine, clock, [SYMBOLS[21], SYMBOLS[22]])
+        await drive_until_covered(engine, clock, 2)
+        old_manager = engine.manager
+        restart = asyncio.ensure_future(engine.restart_protection())
+        await drive_until(
+            clock, lambda: engine.manager is not old_manager, what="the new manager created", step=0.01
+        )
+        # While the new manager reads the venue (1 s), a trailing stop is cancelled there (by hand).
+        assert slow.trailing_stop.client_order_id is not None
+        venue.core.cancel_order(slow.symbol, slow.trailing_stop.client_order_id, clock.now())
+        await drive_until(
+            clock,
+            lambda: len(engine.manager.guards) == 2,
+            what="the new guards created",
+            step=0.01,
+        )
+        assert fills.stop_loss.price is not None
+        venue.override_mark_price(fills.symbol, fills.stop_loss.price - 3 * fills.market.tick_size)
+        fired_at = clock.monotonic()
+        await drive_until(
+            clock,
+            lambda: db.pool.fetchval(
+                "SELECT status = 'closed' FROM monitoring.positions WHERE id = $1", fills.position_id
+            ),
+            what="the position closed in the database",
+            step=0.05,
+            limit=30.0,
+        )
+        closed_after = clock.monotonic() - fired_at
+        assert not restart.done()  # the slow first pass still holds the restart's report
+        assert closed_after < 2.0, closed_after
+        report = await drive(clock, restart)
+        # The report counts what its first passes left: one re-protected, the other closed by its stop.
+        assert (report.reprotected, report.failed) == (1, 0)
+        row = await db.pool.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", fills.position_id)
+        assert row["exit_reason"] == "stop_loss"
+    finally:
+        await drive(clock, engine.stop())
