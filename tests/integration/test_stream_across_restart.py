@@ -78,7 +78,9 @@ async def test_a_stop_filling_while_protection_restarts_closes_its_position_with
         await drive(clock, engine.stop())
 
 
-async def test_a_stop_filling_while_a_slow_first_pass_holds_the_restart_is_learned_at_once(db: Database) -> None:
+async def test_a_stop_filling_while_a_slow_first_pass_holds_the_restart_is_learned_at_once(
+    db: Database,
+) -> None:
     """The restart hands over as soon as its guards exist: the chaos soak saw a restart take 37 s through
     a ban, most of it waiting for every guard's first pass, while a stop's fill sat in the account stream
     and its position counted as lost. One position's first pass here takes 6 s (its trailing stop is gone
