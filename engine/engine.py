@@ -22,7 +22,7 @@ import importlib.metadata
 import logging
 import math
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_DOWN, Decimal
@@ -701,6 +701,10 @@ class Engine:
         self._stopped.set()
         return report
 
+    def _protection_handed_over(self) -> bool:
+        """No protection restart is between managers (the new one guards what the old one did)."""
+        return self._protection_ready.is_set() and self.manager is not None and not self.manager.stopped
+
     async def _drain_entries(self, budget: float) -> None:
         """Claim nothing more; entries not sent yet are rejected; entries already sent finish, and the
         positions they open get their stops (each bounded by the call budget)."""
@@ -760,7 +764,11 @@ class Engine:
 
     # --- protection start / restart ------------------------------------------------------------------
 
-    async def _start_protection(self, handover: Callable[[], None] | None = None) -> StartupReport:
+    async def _start_protection(
+        self,
+        handover: Callable[[], None] | None = None,
+        unfinished_cancels: Mapping[str, Mapping[str, float | None]] | None = None,
+    ) -> StartupReport:
         """Restore every open position and verify it against the venue in a constant number of round
         trips, whatever the number of positions: the database in three queries, the venue's positions and
         open protective orders read once (together), entries left pending by the last run resolved in
@@ -779,6 +787,10 @@ class Engine:
             markets=self.markets,
             call_stats=self._call_stats,
         )
+        # Stops of closed positions the last manager was still cancelling: cancelled now, and until they
+        # are gone their symbols take no new position (an old stop would act on the new position).
+        for symbol, orders in (unfinished_cancels or {}).items():
+            self.manager.sweep_leftovers(symbol, orders, at_once=True)
         self.reconciler = Reconciler(
             manager=self.manager,
             venue=self.venue,
@@ -974,7 +986,7 @@ class Engine:
 
         try:
             await self.manager.stop()
-            self.startup_report = await self._start_protection(hand_over)
+            self.startup_report = await self._start_protection(hand_over, self.manager.handed_over)
         finally:
             while handed_over < 2:  # a restart that failed still hands over what it has
                 hand_over()
@@ -1239,6 +1251,11 @@ class Engine:
             promise -= 1
         self._in_flight.add(signal.symbol)
         try:
+            if not self._protection_handed_over():
+                # The protection manager restarts: the one that knows what is left to cancel on the
+                # symbol is the next one (the stopped one has let go of it).
+                await self._protection_ready.wait()
+                manager = self.manager
             # A stop of the symbol's last position whose cancel failed is being cancelled again: the new
             # position waits for it (an old stop for the old quantity would act on the new position).
             if not await manager.leftovers_cancelled(
@@ -1337,7 +1354,7 @@ class Engine:
             )
             filled = await self.store.record_fill(position.id, order.filled_quantity, order.average_price)
             filled_at = self.clock.monotonic()  # its time unprotected counts from here, a restart or not
-            while not self._protection_ready.is_set() or self.manager.stopped:
+            if not self._protection_handed_over():
                 await self._protection_ready.wait()  # guarded by the manager the restart brings up
             manager = self.manager
             guard = manager.protect(filled, filled_at=filled_at, attached_stop_loss=stop_record)

@@ -171,6 +171,9 @@ class ProtectiveOrder:
 
 STUCK_TRIGGER_SHARE = 0.5  # of the grace period, that a fired stop gets to fill before we close at market
 STUCK_CHECK_MIN_SECONDS = 0.5  # the least a stuck stop's re-check may take (a round trip)
+# How far back a fired stop's patience may start from the venue's time of firing (a venue clock far off
+# ours must not make every fired stop "stuck" at once).
+MAX_FIRED_AGE_SECONDS = 60.0
 # A protective create whose answer is this late (in order round trips, and never before the venue's
 # read-after-write lag or this floor) is looked up by its client id while the call goes on.
 FIRST_RETRY_MIN_SECONDS = 0.05  # the least a naked position's first retry waits (a round trip, unknown yet)
@@ -366,6 +369,9 @@ class PositionGuard:
         self.check_fired_soon = False  # the mark crossed one of our stops: ask the venue how it stands
         self._native_extreme: Decimal | None = None  # best mark since the native trailing stop armed
         self._superseded: list[ProtectiveOrder] = []  # resized-away stops, cancelled once the new ones live
+        # A closed position's stops whose cancels are on their way (client id → sent at): a manager stopped
+        # meanwhile hands them to the next one, which cancels them before the symbol takes a new position.
+        self.retiring: dict[str, float | None] = {}
         # A hard stop that rode on the entry: the price the fill gives it, when that is more than a tick
         # away (replaced once confirmed), and the attached stop while its replacement is on its way.
         self._attached_correction: Decimal | None = None
@@ -1074,7 +1080,7 @@ class PositionGuard:
             # between (an operator's close) must still find it to cancel.
             return await self._accept(order, found, None)
         if found.status is OrderStatus.TRIGGERED:
-            return self._fired(order)
+            return self._fired(order, found.updated_at)
         order.maybe_sent = False
         order.ended_as = found.status
         if found.status is OrderStatus.FILLED:
@@ -1097,14 +1103,18 @@ class PositionGuard:
         self._m.request_reconcile()
         return _Outcome.RETRY
 
-    def _fired(self, order: ProtectiveOrder) -> _Outcome:
+    def _fired(self, order: ProtectiveOrder, venue_fired_at: float) -> _Outcome:
         """The stop fired and has not finished: the position should be closing. It is uncovered until the
-        venue says how it ended; past the grace period `_check_fired` acts on it."""
+        venue says how it ended; past the grace period `_check_fired` acts on it. Its patience counts from
+        when the venue says it fired (`venue_fired_at`, epoch seconds; 0: unknown), not from when we saw
+        it: a guard that finds it after a protection restart (or a ban) does not wait out a second
+        patience before closing at market."""
         m = self._m
         order.confirmed = False
         order.maybe_sent = True  # ask again: it ends FILLED (position gone) or not at all
         if order.fired_at is None:
-            order.fired_at = m.clock.monotonic()
+            age = m.clock.now() - venue_fired_at if venue_fired_at > 0 else 0.0
+            order.fired_at = m.clock.monotonic() - min(max(age, 0.0), MAX_FIRED_AGE_SECONDS)
             self._arm_stuck_check()
             log.warning(
                 "%s: %s %s fired and is still working its way to a fill (TRIGGERING); the position is uncovered "
@@ -1134,6 +1144,9 @@ class PositionGuard:
         if self._stuck_timer is not None and not self._stuck_timer.done():
             return
         patience = self._m.config.grace_seconds * STUCK_TRIGGER_SHARE
+        fired = [o.fired_at for o in (self.stop_loss, self.trailing_stop) if o.fired_at is not None]
+        if fired:  # from the first one's firing (the venue's time when it said it)
+            patience = max(0.0, min(fired) + patience - self._m.clock.monotonic())
 
         async def at_patience_end() -> None:
             await self._m.clock.sleep(patience)
@@ -1292,7 +1305,7 @@ class PositionGuard:
         cid = order.client_order_id
         assert cid is not None
         if placed.status is OrderStatus.TRIGGERED:
-            return self._fired(order)
+            return self._fired(order, placed.updated_at)
         if placed.status is not OrderStatus.NEW:
             await m.store.set_order_status(
                 cid, _record_status(placed.status), exchange_order_id=placed.venue_order_id
@@ -1870,7 +1883,9 @@ class PositionGuard:
         restored_move, self._restored_move = self._restored_move, None
         if restored_move is not None and restored_move.client_order_id:
             ours.append(restored_move)  # a move the last engine left in flight may have reached the venue
+        self.retiring = {o.client_order_id: o.sent_at for o in ours if o.client_order_id is not None}
         cancelled = await asyncio.gather(*(self._cancel_quietly(order) for order in ours))
+        self.retiring = {}
         left = {
             order.client_order_id: order.sent_at
             for order, done in zip(ours, cancelled, strict=True)
@@ -2121,6 +2136,7 @@ class ProtectionManager:
         self._background: set[asyncio.Task[Any]] = set()
         # Stops of ours still live on symbols whose positions ended, being cancelled again (by symbol).
         self.leftovers: dict[str, dict[str, float | None]] = {}
+        self.handed_over: dict[str, dict[str, float | None]] = {}  # set by `stop`
         self._sweepers: dict[str, asyncio.Task[None]] = {}
         self._reconcile_requested = asyncio.Event()
 
@@ -2368,23 +2384,36 @@ class ProtectionManager:
             return False
         return True
 
-    def sweep_leftovers(self, symbol: str, orders: Mapping[str, float | None]) -> None:
+    def sweep_leftovers(
+        self, symbol: str, orders: Mapping[str, float | None], *, at_once: bool = False
+    ) -> None:
         """Stops of ours left live on a symbol whose position ended (their cancel failed, or they were
-        not visible yet): cancel them again, a quarter of the grace period apart at first, until the venue
-        says they are gone. Until then the symbol takes no new position (`leftovers`). `orders`: client
-        id → when it was sent (monotonic, None if not by this process)."""
+        not visible yet): cancel them again, a quarter of the grace period apart at first (`at_once`: the
+        first time now), until the venue says they are gone. Until then the symbol takes no new position
+        (`leftovers`). `orders`: client id → when it was sent (monotonic, None if not by this process)."""
         pending = self.leftovers.setdefault(symbol, {})
         pending.update(orders)
         if symbol in self._sweepers:
             return
-        task = asyncio.create_task(self._sweep(symbol), name=f"sweep-{symbol}")
+        task = asyncio.create_task(self._sweep(symbol, at_once), name=f"sweep-{symbol}")
         self._sweepers[symbol] = task
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _sweep(self, symbol: str) -> None:
+    def unfinished_cancels(self) -> dict[str, dict[str, float | None]]:
+        """Stops of closed positions not cancelled yet, by symbol: those being swept and those whose
+        guard's cancels are on their way (what a restart hands to the next manager)."""
+        found = {symbol: dict(orders) for symbol, orders in self.leftovers.items() if orders}
+        for guard in self.guards.values():
+            if guard.closed and guard.retiring:
+                found.setdefault(guard.symbol, {}).update(guard.retiring)
+        return found
+
+    async def _sweep(self, symbol: str, at_once: bool = False) -> None:
         delay = max(0.25, self.config.grace_seconds / 4)
         try:
+            if at_once:
+                delay = 0.0
             while pending := self.leftovers.get(symbol):
                 await self.clock.sleep(delay)
                 cids = sorted(pending)
@@ -2394,7 +2423,7 @@ class ProtectionManager:
                 for cid, done in zip(cids, gone, strict=True):
                     if done:
                         del pending[cid]
-                delay = min(delay * 2, self.config.grace_seconds)
+                delay = min(max(delay, 0.125) * 2, self.config.grace_seconds)
             log.info("%s: the stops left by its closed position are cancelled", symbol)
         finally:
             self.leftovers.pop(symbol, None)
@@ -2456,8 +2485,10 @@ class ProtectionManager:
         return left
 
     async def stop(self) -> None:
-        """Stop every guard task. Orders on the exchange stay where they are."""
+        """Stop every guard task. Orders on the exchange stay where they are; the cancels of closed
+        positions' stops that were not finished are kept in `handed_over` for the next manager."""
         self.stopped = True
+        self.handed_over = self.unfinished_cancels()
         tasks = list(self._tasks.values()) + list(self._background)
         for task in tasks:
             task.cancel()

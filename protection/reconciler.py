@@ -157,25 +157,16 @@ class Reconciler:
             )
 
         tracked = {g.symbol for g in manager.guards.values()} | self._entries_in_flight()
-        for symbol, venue_position in on_venue.items():
-            if manager.stopped:
-                break  # an emptied manager would "adopt" every position it no longer tracks
-            if symbol not in tracked and symbol in manager.markets:
-                # The list may be older than what the engine knows since (a stop filled and its guard
-                # closed after the read): only a fresh read of the symbol makes it a position to adopt.
-                if not await self._still_held(venue_position):
-                    continue
-                log.warning(
-                    "reconcile: %s %s %s on the venue is not ours in the database: adopting and protecting it",
-                    symbol,
-                    venue_position.side.value,
-                    venue_position.quantity,
-                )
-                await self._adopt(venue_position)
-                report.adopted.append(symbol)
-
-        for order in open_orders:
-            await self._cancel_if_stale(order, report)
+        # Positions to adopt and stale orders to cancel are each independent: together, not one round
+        # trip after another (15 orphans took 0.8 s one by one in the chaos soak).
+        await asyncio.gather(
+            *(
+                self._adopt_if_held(venue_position, report)
+                for symbol, venue_position in on_venue.items()
+                if symbol not in tracked and symbol in manager.markets
+            )
+        )
+        await asyncio.gather(*(self._cancel_if_stale(order, report) for order in open_orders))
         if report.changed:
             log.info(
                 "reconcile: closed %s, re-protected %s, adopted %s, orphans cancelled %s",
@@ -323,6 +314,22 @@ class Reconciler:
                 reason = "trailing_stop" if purpose is OrderPurpose.TRAILING_STOP else "stop_loss"
                 return reason, found.average_price
         return None, None
+
+    async def _adopt_if_held(self, venue_position: VenuePosition, report: ReconcileReport) -> None:
+        """The list may be older than what the engine knows since (a stop filled and its guard closed
+        after the read): only a fresh read of the symbol makes it a position to adopt."""
+        if self._manager.stopped:
+            return  # an emptied manager would "adopt" every position it no longer tracks
+        if not await self._still_held(venue_position) or self._manager.stopped:
+            return
+        log.warning(
+            "reconcile: %s %s %s on the venue is not ours in the database: adopting and protecting it",
+            venue_position.symbol,
+            venue_position.side.value,
+            venue_position.quantity,
+        )
+        await self._adopt(venue_position)
+        report.adopted.append(venue_position.symbol)
 
     async def _cancel_if_stale(self, order: Order, report: ReconcileReport) -> None:
         manager = self._manager

@@ -105,6 +105,45 @@ async def test_a_stop_stuck_in_triggering_is_closed_at_market_after_the_grace_pe
         await drive(clock, engine.stop())
 
 
+async def test_a_stuck_stop_found_after_a_protection_restart_is_closed_when_its_patience_ends(
+    db: Database,
+) -> None:
+    """A stop stuck in TRIGGERING is closed at market half a grace period after it fired. A protection
+    restart in between made the new guard start that patience again from when it found the stop (the
+    chaos soak: a stuck stop found again after a restart through a ban waited 2.6 s more, with the
+    position long past grace). The patience counts from the venue's time of firing."""
+    settings = settings_for(db, {"PROTECTION__GRACE_SECONDS": "5"})
+    clock = ManualClock()
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[16]])
+        await drive_until_covered(engine, clock, 1)
+        venue.set_trigger_delay(None, stuck=True)
+        assert guard.stop_loss.price is not None
+        venue.override_mark_price(guard.symbol, guard.stop_loss.price - 3 * guard.market.tick_size)
+        fired_at = clock.monotonic()
+        await drive_until(clock, lambda: not guard.covered, what="the stop seen fired", step=0.05)
+        await drive(clock, clock.sleep(2.0 - (clock.monotonic() - fired_at)))
+        await drive(clock, engine.restart_protection())
+        await drive_until(
+            clock,
+            lambda: db.pool.fetchval(
+                "SELECT status = 'closed' FROM monitoring.positions WHERE id = $1", guard.position_id
+            ),
+            what="closed at market",
+        )
+        took = clock.monotonic() - fired_at
+        # Patience 2.5 s from the firing, then a look-up and the close (50 ms each); not 2.5 s more.
+        assert took < 3.6, f"closed {took:.2f} s after the stop fired"
+        row = await db.pool.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", guard.position_id)
+        assert row["exit_reason"] == "stop_not_filled"
+        assert venue.core.positions(clock.now()) == []
+    finally:
+        await drive(clock, engine.stop())
+
+
 async def test_a_stop_the_venue_cannot_read_back_yet_is_not_sent_twice(db: Database) -> None:
     """The stop-loss is placed but its answer is lost; asked by its id, the venue answers "does not exist"
     for 3 s (read-after-write lag). Proven absent is "not found after the lag window", so the engine waits

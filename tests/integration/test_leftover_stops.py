@@ -1,0 +1,118 @@
+"""A closed position's stops of ours are still on the venue while their cancels are on their way; a new
+position on the symbol waits for them (an old stop for the old quantity would act on the new position).
+
+The chaos soak found the gap twice: the position was recorded closed before its sibling stop's cancel was
+sent, so a signal on the symbol went through while the cancel was in flight; and a protection restart in
+that moment dropped the cancel altogether, the new manager knowing nothing of it, and a new position on
+the symbol had two hard stops of ours for 0.4 s until the reconciler cancelled the old one as an orphan.
+Judged on the venue's truth: never two live stops of ours of one kind on one symbol."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from decimal import Decimal
+
+from engine.clock import ManualClock
+from engine.exchange.port import OrderSide
+from engine.venues.sim import SimVenue
+from engine.venues.sim.settings import CallKind, LatencyDistribution, LatencySettings
+from protection.order_ids import client_order_id
+from storage.database import Database
+from storage.repositories import OrderPurpose
+from tests.integration.engine_support import engine_settings, make_engine
+from tests.integration.test_failure_modes_f1_f5 import SYMBOLS, drive_until_covered, open_positions
+from tests.support.driving import drive, drive_until
+
+SYMBOL = SYMBOLS[30]
+
+
+def _stops_of_each_kind(venue: SimVenue, clock: ManualClock) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for order in venue.core.open_protective_orders(clock.now(), SYMBOL):
+        counts[order.client_order_id[-3:-1]] = counts.get(order.client_order_id[-3:-1], 0) + 1
+    return counts
+
+
+async def test_a_protection_restart_keeps_cancelling_a_closed_positions_stops(db: Database) -> None:
+    settings = engine_settings(db.target.dsn, {"SIGNALS__MAX_POSITIONS": "100"})
+    clock = ManualClock(start=time.time())
+    # A cancel reaches the venue 3 s after it is sent (6 s round trip): the sibling stop stays live that
+    # long, and a restart in that moment stops the cancel on its way.
+    sim = settings.venue.sim.model_copy(
+        update={
+            "latency": LatencySettings(
+                seconds=0.05, by_call={CallKind.CANCEL_ORDER: LatencyDistribution(seconds=6.0)}
+            )
+        }
+    )
+    venue = SimVenue(sim, clock=clock)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    try:
+        [first] = await open_positions(engine, clock, [SYMBOL])
+        await drive_until_covered(engine, clock, 1)
+        assert first.stop_loss.price is not None
+        venue.override_mark_price(SYMBOL, first.stop_loss.price - 3 * first.market.tick_size)
+        await drive_until(clock, lambda: first.closed, what="the first position closed", step=0.01)
+        assert _stops_of_each_kind(venue, clock) == {"ts": 1}  # its trailing stop: being cancelled
+        # The operator restarts protection, and a signal for the symbol arrives meanwhile.
+        restart = asyncio.ensure_future(engine.restart_protection())
+        assert engine.store is not None
+        await engine.store.insert_signals([(SYMBOL, "long", None, None)])
+        seen: list[dict[str, int]] = []
+
+        def second_covered() -> bool:
+            seen.append(_stops_of_each_kind(venue, clock))
+            manager = engine.manager
+            guard = manager.by_symbol.get(SYMBOL) if manager is not None else None
+            return guard is not None and guard is not first and guard.covered
+
+        await drive_until(clock, second_covered, what="the second position protected", step=0.02, limit=60.0)
+        await drive(clock, restart)
+        # Never two live stops of ours of one kind on the symbol; the new position has its own two.
+        assert max(max(c.values(), default=0) for c in seen) == 1, seen
+        assert _stops_of_each_kind(venue, clock) == {"sl": 1, "ts": 1}
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_orphans_found_by_a_pass_are_cancelled_together(db: Database) -> None:
+    """Ten stops of ours live on symbols the engine holds nothing on (left by an earlier run): one pass
+    cancels them together, not one round trip after another (the chaos soak's pass after a restart took
+    15 round trips for 15 orphans while their symbols were taking new positions)."""
+    settings = engine_settings(db.target.dsn, {"SIGNALS__MAX_POSITIONS": "100"})
+    clock = ManualClock(start=time.time())
+    sim = settings.venue.sim.model_copy(
+        update={
+            "latency": LatencySettings(
+                seconds=0.05, by_call={CallKind.CANCEL_ORDER: LatencyDistribution(seconds=1.0)}
+            )
+        }
+    )
+    venue = SimVenue(sim, clock=clock)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    try:
+        core, now = venue.core, clock.now()
+        orphans = []
+        for n, symbol in enumerate(SYMBOLS[40:50]):
+            # Another run's position (opened and closed at once, unseen by this engine) and its stop.
+            market = engine.markets[symbol]
+            quantity = market.round_quantity(market.min_notional * 3 / core.mark(symbol))
+            core.place_market_order(symbol, OrderSide.BUY, quantity, f"other-{n}", now)
+            cid = client_order_id(engine.manager.token, 9_000 + n, OrderPurpose.STOP_LOSS, 0)
+            stop = market.round_price(core.mark(symbol) * Decimal("0.9"))
+            core.place_stop_market_order(symbol, OrderSide.SELL, quantity, stop, cid, now)
+            core.place_market_order(
+                symbol, OrderSide.SELL, quantity, f"other-close-{n}", now, reduce_only=True
+            )
+            orphans.append(cid)
+        started = clock.monotonic()
+        report = await drive(clock, engine.reconcile_now())
+        took = clock.monotonic() - started
+        assert sorted(report.orphans_cancelled) == sorted(orphans)
+        assert not [o for o in core.inspect(clock.now()).open_conditional if o.client_order_id in orphans]
+        assert took < 3.0, f"one pass took {took:.1f} virtual s for 10 cancels of 1 s each"
+    finally:
+        await drive(clock, engine.stop())
