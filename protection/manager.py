@@ -1362,10 +1362,8 @@ class PositionGuard:
     async def _refused(self, order: ProtectiveOrder, cid: str, exc: ExchangeError) -> None:
         m = self._m
         if isinstance(exc, RateLimited | Banned):
-            wait = exc.retry_after if isinstance(exc, RateLimited) else max(0.0, exc.until - m.clock.now())
-            m.budget.hold_until(m.clock.monotonic() + wait, banned=isinstance(exc, Banned))
             # The venue said when it will take orders again: retry then, not on our own backoff clock.
-            self.retry_at = m.clock.monotonic() + wait
+            self.retry_at = m.clock.monotonic() + m.hold_orders_for(exc)
         if isinstance(exc, Rejected):
             await m.store.set_order_status(cid, OrderRecordStatus.REJECTED, error=_short(exc))
             # A rejected id is spent on the venue; the next attempt needs a fresh one.
@@ -1810,6 +1808,9 @@ class PositionGuard:
             quantity=self.quantity,
         )
         await m.store.set_position_status(self.position_id, PositionStatus.CLOSING)
+        # An order like any other for the venue's order counts: it waits out a 429's hold and a ban
+        # (sent into either it is refused, and three refusals within a minute get the account banned).
+        await m.budget.acquire_protective()
         try:
             filled = await m.call(
                 m.venue.create_market_order(
@@ -1817,6 +1818,10 @@ class PositionGuard:
                 ),
                 "create_order",
             )
+        except (RateLimited, Banned) as exc:
+            m.hold_orders_for(exc)
+            await self._close_failed(cid, _short(exc), OrderRecordStatus.REJECTED)
+            return False
         except (OutcomeUnknown, TimeoutError):
             try:
                 filled = await m.read(lambda: m.venue.fetch_order(self.symbol, cid), "fetch_order")
@@ -2564,6 +2569,16 @@ class ProtectionManager:
             if ok and kind == "create_order":
                 previous = self.order_round_trip_seconds
                 self.order_round_trip_seconds = latency if previous == 0.0 else 0.8 * previous + 0.2 * latency
+
+    def hold_orders_for(self, refusal: RateLimited | Banned) -> float:
+        """The venue refused an order for its rate (429) or a ban (418): no order goes out until it said
+        it takes them again. Returns the seconds of that hold."""
+        if isinstance(refusal, RateLimited):
+            wait = refusal.retry_after
+        else:
+            wait = max(0.0, refusal.until - self.clock.now())
+        self.budget.hold_until(self.clock.monotonic() + wait, banned=isinstance(refusal, Banned))
+        return wait
 
     def let_finish(self, call: asyncio.Future[Any]) -> None:
         """A venue call whose answer is no longer needed (a look-up or a second read settled it first)

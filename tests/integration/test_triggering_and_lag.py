@@ -12,7 +12,7 @@ from decimal import Decimal
 import pytest
 
 from engine.clock import ManualClock
-from engine.exchange.errors import Banned, ExchangeError
+from engine.exchange.errors import Banned, ExchangeError, RateLimited
 from engine.exchange.port import OrderSide, OrderType
 from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, FaultKind
@@ -137,6 +137,51 @@ async def test_a_stuck_stop_found_after_a_protection_restart_is_closed_when_its_
         took = clock.monotonic() - fired_at
         # Patience 2.5 s from the firing, then a look-up and the close (50 ms each); not 2.5 s more.
         assert took < 3.6, f"closed {took:.2f} s after the stop fired"
+        row = await db.pool.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", guard.position_id)
+        assert row["exit_reason"] == "stop_not_filled"
+        assert venue.core.positions(clock.now()) == []
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_stuck_stops_close_at_market_waits_out_the_venues_order_limit(db: Database) -> None:
+    """The close at market of a stuck stop's position is an order like any other: refused for the
+    order-count window (429, Retry-After), the next one waits for it. The chaos soak saw the close sent
+    again 0.1 s after such a 429 and the account banned for 20 s (three refusals within a minute), the
+    position without protection all along."""
+    settings = settings_for(db, {"PROTECTION__GRACE_SECONDS": "5"})
+    clock = ManualClock()
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[18]])
+        await drive_until_covered(engine, clock, 1)
+        venue.set_trigger_delay(None, stuck=True)
+        assert guard.stop_loss.price is not None
+        venue.override_mark_price(guard.symbol, guard.stop_loss.price - 3 * guard.market.tick_size)
+        await drive_until(clock, lambda: not guard.covered, what="the stop seen fired", step=0.05)
+        # Another client on the account fills the order window, up to its first refusal.
+        core, flat = venue.core, SYMBOLS[19]
+        for i in range(100_000):
+            try:
+                core.place_market_order(
+                    flat, OrderSide.SELL, Decimal(1), f"other-{i}", clock.now(), reduce_only=True
+                )
+            except RateLimited:
+                break
+            except ExchangeError:
+                pass  # reduce-only on a flat symbol: refused, and counted as every new order is
+        bans: list[float] = []
+
+        def closed() -> bool:
+            banned = core.inspect(clock.now()).banned_until
+            if banned is not None:
+                bans.append(banned)
+            return guard.closed
+
+        await drive_until(clock, closed, what="closed at market", step=0.05, limit=120.0)
+        assert bans == [], "the account was banned: an order was sent while the venue said to wait"
         row = await db.pool.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", guard.position_id)
         assert row["exit_reason"] == "stop_not_filled"
         assert venue.core.positions(clock.now()) == []
