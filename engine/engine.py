@@ -456,6 +456,10 @@ class Engine:
         # manager (the one it started under is stopped; a guard there would run unseen).
         self._protection_ready = asyncio.Event()
         self._protection_ready.set()
+        # Cleared while the protection manager restarts, until the new one has reconciled the venue's list
+        # (stale stops found cancelled): entries wait for it.
+        self._entries_handed_over = asyncio.Event()
+        self._entries_handed_over.set()
         self._restart: asyncio.Task[StartupReport] | None = None  # the protection restart under way
         self.health_measured_at: float | None = None  # monotonic time of the last health measurement
         # `/metrics` and `/healthz` ([metrics]), bound at start: None unless enabled.
@@ -701,6 +705,22 @@ class Engine:
         self._stopped.set()
         return report
 
+    async def _manager_with_symbol_clear(self, symbol: str, within: float) -> ProtectionManager | None:
+        """The protection manager once no stop of a closed position of ours is left on `symbol` (None if
+        that takes longer than `within`). During a protection restart the one that knows is the next
+        manager, once it has reconciled the venue's list: a restart that begins while this waits is
+        waited for, and the question asked again of the new manager."""
+        deadline = self.clock.monotonic() + within
+        while True:
+            if not self._entries_handed_over.is_set():
+                await self._entries_handed_over.wait()
+            manager = self.manager
+            assert manager is not None
+            clear = await manager.leftovers_cancelled(symbol, max(0.0, deadline - self.clock.monotonic()))
+            if manager is self.manager and self._entries_handed_over.is_set():
+                # A stopped manager here is no restart's (the engine is stopping): no entry then.
+                return manager if clear and not manager.stopped else None
+
     def _protection_handed_over(self) -> bool:
         """No protection restart is between managers (the new one guards what the old one did)."""
         return self._protection_ready.is_set() and self.manager is not None and not self.manager.stopped
@@ -846,11 +866,14 @@ class Engine:
                 adopted = len(report.adopted)
             except (ExchangeError, TimeoutError) as exc:
                 log.error("start-up reconcile failed (%s); the periodic reconciler will retry", exc)
+        # What this report is about: the positions restored and adopted here (not those that entries or
+        # the reconcile loop add once the restart has handed over).
+        waited = list(self.manager.guards.values())
         if handover is not None:
             handover()  # the reconciler too: it runs while the report waits for the first passes
-        await self._wait_first_pass(list(self.manager.guards.values()))
+        await self._wait_first_pass(waited)
         restored = sum(1 for g in guards if g.covered and g.report.created_orders == 0)
-        failed = [g.symbol for g in self.manager.guards.values() if not g.covered]
+        failed = [g.symbol for g in waited if not g.covered and not g.closed]
         reprotected = sum(1 for g in guards if g.covered and g.report.created_orders > 0)
         return StartupReport(restored, reprotected, adopted, len(failed), tuple(sorted(failed)))
 
@@ -965,6 +988,7 @@ class Engine:
             coverage={g.position_id: g.coverage() for g in still_open},
         )
         self._protection_ready.clear()
+        self._entries_handed_over.clear()
         handed_over = 0
 
         def hand_over() -> None:
@@ -977,12 +1001,14 @@ class Engine:
             if handed_over == 1:
                 self._carried = None
                 self._protection_ready.set()
-            elif handed_over == 2 and self.state is EngineState.RUNNING:
-                self._supervisor.start("reconciler", self._reconcile_loop)
-                # At once, not an interval later: a close or a cancel the old manager had under way when
-                # it was stopped may have left a stop of ours on a flat symbol.
-                assert self.manager is not None
-                self.manager.request_reconcile()
+            elif handed_over == 2:
+                self._entries_handed_over.set()
+                if self.state is EngineState.RUNNING:
+                    self._supervisor.start("reconciler", self._reconcile_loop)
+                    # At once, not an interval later: a close or a cancel the old manager had under way
+                    # when it was stopped may have left a stop of ours on a flat symbol.
+                    assert self.manager is not None
+                    self.manager.request_reconcile()
 
         try:
             await self.manager.stop()
@@ -1251,16 +1277,12 @@ class Engine:
             promise -= 1
         self._in_flight.add(signal.symbol)
         try:
-            if not self._protection_handed_over():
-                # The protection manager restarts: the one that knows what is left to cancel on the
-                # symbol is the next one (the stopped one has let go of it).
-                await self._protection_ready.wait()
-                manager = self.manager
             # A stop of the symbol's last position whose cancel failed is being cancelled again: the new
             # position waits for it (an old stop for the old quantity would act on the new position).
-            if not await manager.leftovers_cancelled(
+            manager = await self._manager_with_symbol_clear(
                 signal.symbol, float(self.settings.protection.call_timeout_seconds)
-            ):
+            )
+            if manager is None:
                 await self._reject(
                     signal, "a stop of its closed position could not be cancelled yet", wave_id
                 )

@@ -161,20 +161,29 @@ class OrderBudget:
         if deferrable and self._separate:
             await self._acquire_deferred()
             return
-        self._protective_waiting += 1
-        started = self._clock.monotonic()
-        try:
-            while (wait := self._wait_for(1, windows=self._protective_windows)) > 0.0:
-                await self._clock.sleep(wait)
-            self._consume(self._protective_windows)
-        finally:
-            self._protective_waiting -= 1
-            now = self._clock.monotonic()
-            self.waits.record(now, now - started, Lane.PROTECTIVE)
+        await self._take_ahead_of_entries(self._protective_windows)
         self._promised = max(0, self._promised - 1)
         if self._booked:
             self._booked.pop(0)  # this send takes the place of the earliest booking
         self.protective_sent += 1
+
+    async def acquire_close(self) -> None:
+        """Take a slot for a reduce-only market close (a stuck stop's position, an operator's close): an
+        order where the venue counts orders (the entries' windows), ahead of any entry, and in no promised
+        stop's place. It waits out a 429's hold and a ban like every order."""
+        await self._take_ahead_of_entries(self._windows)
+
+    async def _take_ahead_of_entries(self, windows: Sequence[_Window]) -> None:
+        self._protective_waiting += 1  # entries wait while this does
+        started = self._clock.monotonic()
+        try:
+            while (wait := self._wait_for(1, windows=windows)) > 0.0:
+                await self._clock.sleep(wait)
+            self._consume(windows)
+        finally:
+            self._protective_waiting -= 1
+            now = self._clock.monotonic()
+            self.waits.record(now, now - started, Lane.PROTECTIVE)
 
     async def _acquire_deferred(self) -> None:
         started = self._clock.monotonic()

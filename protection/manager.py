@@ -171,9 +171,6 @@ class ProtectiveOrder:
 
 STUCK_TRIGGER_SHARE = 0.5  # of the grace period, that a fired stop gets to fill before we close at market
 STUCK_CHECK_MIN_SECONDS = 0.5  # the least a stuck stop's re-check may take (a round trip)
-# How far back a fired stop's patience may start from the venue's time of firing (a venue clock far off
-# ours must not make every fired stop "stuck" at once).
-MAX_FIRED_AGE_SECONDS = 60.0
 # A protective create whose answer is this late (in order round trips, and never before the venue's
 # read-after-write lag or this floor) is looked up by its client id while the call goes on.
 FIRST_RETRY_MIN_SECONDS = 0.05  # the least a naked position's first retry waits (a round trip, unknown yet)
@@ -1113,8 +1110,12 @@ class PositionGuard:
         order.confirmed = False
         order.maybe_sent = True  # ask again: it ends FILLED (position gone) or not at all
         if order.fired_at is None:
+            # At least one round trip from now all the same: a venue clock ahead of ours must not make a
+            # stop that fired a moment ago "stuck" at first sight (its close would race its own fill).
+            patience = m.config.grace_seconds * STUCK_TRIGGER_SHARE
+            least = max(m.order_round_trip_seconds, STUCK_CHECK_MIN_SECONDS)
             age = m.clock.now() - venue_fired_at if venue_fired_at > 0 else 0.0
-            order.fired_at = m.clock.monotonic() - min(max(age, 0.0), MAX_FIRED_AGE_SECONDS)
+            order.fired_at = m.clock.monotonic() - min(max(age, 0.0), max(0.0, patience - least))
             self._arm_stuck_check()
             log.warning(
                 "%s: %s %s fired and is still working its way to a fill (TRIGGERING); the position is uncovered "
@@ -1807,10 +1808,11 @@ class PositionGuard:
             type="market",
             quantity=self.quantity,
         )
-        await m.store.set_position_status(self.position_id, PositionStatus.CLOSING)
         # An order like any other for the venue's order counts: it waits out a 429's hold and a ban
-        # (sent into either it is refused, and three refusals within a minute get the account banned).
-        await m.budget.acquire_protective()
+        # (sent into either it is refused, and three refusals within a minute get the account banned);
+        # the position is `closing` only once it goes (a restart meanwhile leaves it `active`).
+        await m.budget.acquire_close()
+        await m.store.set_position_status(self.position_id, PositionStatus.CLOSING)
         try:
             filled = await m.call(
                 m.venue.create_market_order(
@@ -1862,9 +1864,31 @@ class PositionGuard:
         if exit_price is not None:
             direction = 1 if self.side is PositionSide.LONG else -1
             pnl = (exit_price - self.entry_price) * self.quantity * direction
-        await m.store.close_position(self.position_id, exit_reason=exit_reason, realized_pnl=pnl)
+        # Both stops (and any superseded generation) at once; one whose cancel fails is not left to the
+        # next reconcile pass: the manager keeps cancelling it within grace, and the symbol takes no new
+        # position until it is gone (an old stop for the old quantity would act on the new position).
+        # Known as retiring from before the position is recorded closed: a manager stopped from here on
+        # hands them to the next one (which restores no guard for a closed position).
+        ours = [
+            order
+            for order in (self.stop_loss, self.trailing_stop)
+            if order.client_order_id and (order.confirmed or order.maybe_sent)
+        ]
+        ours.extend(self._superseded)
+        if self._restored_move is not None and self._restored_move.client_order_id:
+            ours.append(
+                self._restored_move
+            )  # a move the last engine left in flight may have reached the venue
+        self.retiring = {o.client_order_id: o.sent_at for o in ours if o.client_order_id is not None}
+        try:
+            await m.store.close_position(self.position_id, exit_reason=exit_reason, realized_pnl=pnl)
+        except BaseException:
+            self.retiring = {}  # still open: its stops are its own again
+            raise
         self.closed = True
         self._pass_finished.set()  # nobody waits for a pass of a closed position
+        self._superseded.clear()
+        self._restored_move = None
         if self.trail is not None and not self.trail.phase.is_terminal:
             self.trail = (
                 trailing.on_stop_triggered(self.trail)
@@ -1875,20 +1899,6 @@ class PositionGuard:
                 await self._save_trail()
             except Exception:
                 log.exception("%s: could not record the final trailing state", self.symbol)
-        # Both stops (and any superseded generation) at once; one whose cancel fails is not left to the
-        # next reconcile pass: the manager keeps cancelling it within grace, and the symbol takes no new
-        # position until it is gone (an old stop for the old quantity would act on the new position).
-        ours = [
-            order
-            for order in (self.stop_loss, self.trailing_stop)
-            if order.client_order_id and (order.confirmed or order.maybe_sent)
-        ]
-        ours.extend(self._superseded)
-        self._superseded.clear()
-        restored_move, self._restored_move = self._restored_move, None
-        if restored_move is not None and restored_move.client_order_id:
-            ours.append(restored_move)  # a move the last engine left in flight may have reached the venue
-        self.retiring = {o.client_order_id: o.sent_at for o in ours if o.client_order_id is not None}
         cancelled = await asyncio.gather(*(self._cancel_quietly(order) for order in ours))
         self.retiring = {}
         left = {
@@ -2410,7 +2420,7 @@ class ProtectionManager:
         guard's cancels are on their way (what a restart hands to the next manager)."""
         found = {symbol: dict(orders) for symbol, orders in self.leftovers.items() if orders}
         for guard in self.guards.values():
-            if guard.closed and guard.retiring:
+            if guard.retiring:  # closed, or being recorded closed
                 found.setdefault(guard.symbol, {}).update(guard.retiring)
         return found
 
@@ -2435,8 +2445,11 @@ class ProtectionManager:
             self._sweepers.pop(symbol, None)
 
     async def leftovers_cancelled(self, symbol: str, within: float) -> bool:
-        """Wait (up to `within` seconds) until no stop of a closed position of ours is left on `symbol`."""
+        """Wait (up to `within` seconds) until no stop of a closed position of ours is left on `symbol`.
+        A stopped manager knows nothing any more (it handed its leftovers to the next one): False."""
         sweeper = self._sweepers.get(symbol)
+        if self.stopped:
+            return False
         if sweeper is None:
             return True
         timer = asyncio.ensure_future(self.clock.sleep(within))
@@ -2445,7 +2458,7 @@ class ProtectionManager:
         finally:
             timer.cancel()
             await asyncio.gather(timer, return_exceptions=True)
-        return symbol not in self.leftovers
+        return symbol not in self.leftovers and not self.stopped
 
     def forget(self, guard: PositionGuard) -> None:
         self.guards.pop(guard.position_id, None)

@@ -159,14 +159,22 @@ class Reconciler:
         tracked = {g.symbol for g in manager.guards.values()} | self._entries_in_flight()
         # Positions to adopt and stale orders to cancel are each independent: together, not one round
         # trip after another (15 orphans took 0.8 s one by one in the chaos soak).
-        await asyncio.gather(
+        # Each runs to its end whatever the others do (an exception of one, a database error say, must not
+        # leave the others running on with nobody waiting for them); the first exception is raised after.
+        outcomes = await asyncio.gather(
             *(
                 self._adopt_if_held(venue_position, report)
                 for symbol, venue_position in on_venue.items()
                 if symbol not in tracked and symbol in manager.markets
-            )
+            ),
+            return_exceptions=True,
         )
-        await asyncio.gather(*(self._cancel_if_stale(order, report) for order in open_orders))
+        outcomes += await asyncio.gather(
+            *(self._cancel_if_stale(order, report) for order in open_orders), return_exceptions=True
+        )
+        failure = next((o for o in outcomes if isinstance(o, BaseException)), None)
+        if failure is not None:
+            raise failure
         if report.changed:
             log.info(
                 "reconcile: closed %s, re-protected %s, adopted %s, orphans cancelled %s",

@@ -537,7 +537,13 @@ class BinanceUsdmVenue(CcxtVenue):
             activation_price=_positive(info.get("activatePrice")),
             callback_rate=_positive(info.get("callbackRate")),
             created_at=created,
-            updated_at=_seconds(info.get("updateTime"), created),
+            # A fired order's time is when it fired (`triggerTime`): what the patience with a stop
+            # sitting TRIGGERING counts from.
+            updated_at=_seconds(
+                (info.get("triggerTime") if status is OrderStatus.TRIGGERED else None)
+                or info.get("updateTime"),
+                created,
+            ),
         )
 
 

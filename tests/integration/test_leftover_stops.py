@@ -16,7 +16,7 @@ from decimal import Decimal
 from engine.clock import ManualClock
 from engine.exchange.port import OrderSide
 from engine.venues.sim import SimVenue
-from engine.venues.sim.settings import CallKind, LatencyDistribution, LatencySettings
+from engine.venues.sim.settings import CallKind, FaultKind, LatencyDistribution, LatencySettings
 from protection.order_ids import client_order_id
 from storage.database import Database
 from storage.repositories import OrderPurpose
@@ -114,5 +114,56 @@ async def test_orphans_found_by_a_pass_are_cancelled_together(db: Database) -> N
         assert sorted(report.orphans_cancelled) == sorted(orphans)
         assert not [o for o in core.inspect(clock.now()).open_conditional if o.client_order_id in orphans]
         assert took < 3.0, f"one pass took {took:.1f} virtual s for 10 cancels of 1 s each"
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_an_entry_waiting_for_a_leftover_stop_asks_the_manager_a_restart_brings_up(
+    db: Database,
+) -> None:
+    """A closed position's sibling stop could not be cancelled (the venue refused the cancels), so a
+    signal for the symbol waits for it; meanwhile the operator restarts protection. The stopped manager
+    let go of the leftover: the entry must ask the new one, which is still cancelling it."""
+    settings = engine_settings(db.target.dsn, {"SIGNALS__MAX_POSITIONS": "100"})
+    clock = ManualClock(start=time.time())
+    sim = settings.venue.sim.model_copy(
+        update={
+            "latency": LatencySettings(
+                seconds=0.05, by_call={CallKind.CANCEL_ORDER: LatencyDistribution(seconds=1.0)}
+            )
+        }
+    )
+    venue = SimVenue(sim, clock=clock)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    try:
+        [first] = await open_positions(engine, clock, [SYMBOL])
+        await drive_until_covered(engine, clock, 1)
+        # Every cancel fails for a while (HTTP 500): the trailing stop is left live, and swept.
+        venue.inject_fault(CallKind.CANCEL_ORDER, FaultKind.SERVER_ERROR, count=6)
+        assert first.stop_loss.price is not None
+        venue.override_mark_price(SYMBOL, first.stop_loss.price - 3 * first.market.tick_size)
+        manager = engine.manager
+        assert manager is not None
+        await drive_until(clock, lambda: SYMBOL in manager.leftovers, what="a leftover swept", step=0.01)
+        assert engine.store is not None
+        await engine.store.insert_signals([(SYMBOL, "long", None, None)])
+        # The entry is on its way and waits for the leftover to be cancelled.
+        await drive_until(clock, lambda: SYMBOL in engine._in_flight, what="the entry under way", step=0.01)
+        await drive(clock, clock.sleep(0.2))
+        assert not venue.core.positions(clock.now())
+        restart = asyncio.ensure_future(engine.restart_protection())
+        seen: list[dict[str, int]] = []
+
+        def settled() -> bool:
+            seen.append(_stops_of_each_kind(venue, clock))
+            current = engine.manager
+            second = current.by_symbol.get(SYMBOL) if current is not None else None
+            return restart.done() and second is not None and second.covered
+
+        await drive_until(clock, settled, what="the second position protected", limit=60.0)
+        await drive(clock, clock.sleep(3.0))
+        seen.append(_stops_of_each_kind(venue, clock))
+        assert max(max(c.values(), default=0) for c in seen) == 1, seen
     finally:
         await drive(clock, engine.stop())
