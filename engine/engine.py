@@ -1240,9 +1240,14 @@ class Engine:
             return f"unknown symbol {signal.symbol} on {self.exchange_name}", side, Decimal(0)
         if signal.symbol in seen:
             return "symbol appears twice in this wave", side, Decimal(0)
-        if signal.symbol in self.manager.by_symbol or signal.symbol in self._in_flight:
+        held = set(self.manager.by_symbol)
+        carried = self._carried
+        if carried is not None:  # a protection restart before its guards exist: the positions it carries
+            held.update(view.symbol for view in carried.views.values())
+        if signal.symbol in held or signal.symbol in self._in_flight:
             return "symbol already has an open position", side, Decimal(0)
-        if len(self.manager.guards) + len(self._in_flight) + pending >= self.settings.signals.max_positions:
+        open_positions = max(len(self.manager.guards), len(carried.views) if carried is not None else 0)
+        if open_positions + len(self._in_flight) + pending >= self.settings.signals.max_positions:
             return f"max_positions ({self.settings.signals.max_positions}) reached", side, Decimal(0)
         mark = self.marks.get(signal.symbol)
         if mark is None:

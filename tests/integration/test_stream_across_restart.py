@@ -140,3 +140,44 @@ async def test_a_stop_filling_while_a_slow_first_pass_holds_the_restart_is_learn
         assert row["exit_reason"] == "stop_loss"
     finally:
         await drive(clock, engine.stop())
+
+
+async def test_a_signal_during_a_protection_restart_counts_the_positions_it_restores(db: Database) -> None:
+    """While the protection manager restarts, the new one has no guards until it has read the venue: the
+    signal checks counted 0 open positions then, and let a wave past `max_positions`."""
+    settings = engine_settings(db.target.dsn, {"SIGNALS__MAX_POSITIONS": "2"})
+    clock = ManualClock(start=time.time())
+    sim = settings.venue.sim.model_copy(
+        update={
+            "latency": LatencySettings(
+                seconds=0.05, by_call={CallKind.FETCH_POSITIONS: LatencyDistribution(seconds=2.0)}
+            )
+        }
+    )
+    venue = SimVenue(sim, clock=clock)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    try:
+        await open_positions(engine, clock, [SYMBOLS[23], SYMBOLS[24]])
+        await drive_until_covered(engine, clock, 2)
+        old_manager = engine.manager
+        restart = asyncio.ensure_future(engine.restart_protection())
+        await drive_until(
+            clock, lambda: engine.manager is not old_manager, what="the new manager created", step=0.01
+        )
+        assert engine.store is not None
+        [signal_id] = await engine.store.insert_signals([(SYMBOLS[25], "long", None, None)])
+        await drive_until(
+            clock,
+            lambda: db.pool.fetchval(
+                "SELECT status IN ('opened', 'rejected', 'expired') FROM monitoring.signals WHERE id = $1",
+                signal_id,
+            ),
+            what="the signal handled",
+        )
+        row = await db.pool.fetchrow("SELECT status, reason FROM monitoring.signals WHERE id = $1", signal_id)
+        assert (row["status"], row["reason"]) == ("rejected", "max_positions (2) reached")
+        await drive(clock, restart)
+        assert len(venue.core.positions(clock.now())) == 2
+    finally:
+        await drive(clock, engine.stop())
