@@ -714,6 +714,9 @@ class Engine:
         while True:
             if not self._entries_handed_over.is_set():
                 await self._entries_handed_over.wait()
+                deadline = self.clock.monotonic() + within  # the budget runs from the hand-over
+            if self._draining or self.state is not EngineState.RUNNING:
+                return None  # the engine began stopping meanwhile: an entry not sent yet is never sent
             manager = self.manager
             assert manager is not None
             clear = await manager.leftovers_cancelled(symbol, max(0.0, deadline - self.clock.monotonic()))
@@ -1288,9 +1291,13 @@ class Engine:
                 signal.symbol, float(self.settings.protection.call_timeout_seconds)
             )
             if manager is None:
-                await self._reject(
-                    signal, "a stop of its closed position could not be cancelled yet", wave_id
-                )
+                if self._draining or self.state is not EngineState.RUNNING:
+                    reason = "engine stopping"
+                elif self.manager is None or self.manager.stopped:
+                    reason = "the protection manager is stopped (its restart failed)"
+                else:
+                    reason = "a stop of its closed position could not be cancelled yet"
+                await self._reject(signal, reason, wave_id)
                 return None
             try:
                 await manager.budget.acquire_entry(promise)

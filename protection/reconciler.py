@@ -172,9 +172,11 @@ class Reconciler:
         outcomes += await asyncio.gather(
             *(self._cancel_if_stale(order, report) for order in open_orders), return_exceptions=True
         )
-        failure = next((o for o in outcomes if isinstance(o, BaseException)), None)
-        if failure is not None:
-            raise failure
+        failures = [o for o in outcomes if isinstance(o, BaseException)]
+        for extra in failures[1:]:
+            log.warning("reconcile: another step of this pass failed too: %r", extra)
+        if failures:
+            raise failures[0]
         if report.changed:
             log.info(
                 "reconcile: closed %s, re-protected %s, adopted %s, orphans cancelled %s",
@@ -362,6 +364,8 @@ class Reconciler:
             pass
         except (ExchangeError, TimeoutError) as exc:
             log.warning("reconcile: cancelling %s %s failed: %s", why, order.client_order_id, exc)
+            if guard is None:  # an orphan left live: cancelled again, and its symbol takes no new position
+                manager.sweep_leftovers(order.symbol, {order.client_order_id: None})
             return
         # Ours by token, but possibly not in this database's orders (e.g. of a position id we never saw).
         with contextlib.suppress(LookupError):

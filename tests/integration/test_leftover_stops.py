@@ -167,3 +167,44 @@ async def test_an_entry_waiting_for_a_leftover_stop_asks_the_manager_a_restart_b
         assert max(max(c.values(), default=0) for c in seen) == 1, seen
     finally:
         await drive(clock, engine.stop())
+
+
+async def test_an_orphan_whose_cancel_failed_keeps_its_symbol_from_a_new_position(db: Database) -> None:
+    """A reconcile pass finds a stop of ours on a flat symbol (left by an earlier run) and its cancel is
+    refused: it was only logged, so a signal for the symbol opened a position beside that stop. It is now
+    cancelled again, and the symbol takes no new position until it is gone."""
+    settings = engine_settings(db.target.dsn, {"SIGNALS__MAX_POSITIONS": "100"})
+    clock = ManualClock(start=time.time())
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    try:
+        core, now = venue.core, clock.now()
+        market = engine.markets[SYMBOL]
+        quantity = market.round_quantity(market.min_notional * 3 / core.mark(SYMBOL))
+        core.place_market_order(SYMBOL, OrderSide.BUY, quantity, "other-open", now)
+        assert engine.manager is not None
+        cid = client_order_id(engine.manager.token, 9_100, OrderPurpose.TRAILING_STOP, 0)
+        core.place_stop_market_order(
+            SYMBOL, OrderSide.SELL, quantity, market.round_price(core.mark(SYMBOL) * Decimal("0.9")), cid, now
+        )
+        core.place_market_order(SYMBOL, OrderSide.SELL, quantity, "other-close", now, reduce_only=True)
+        venue.inject_fault(CallKind.CANCEL_ORDER, FaultKind.SERVER_ERROR, count=2)
+        report = await drive(clock, engine.reconcile_now())
+        assert report.orphans_cancelled == []  # refused
+        assert engine.store is not None
+        await engine.store.insert_signals([(SYMBOL, "long", None, None)])
+        seen: list[int] = []
+
+        def settled() -> bool:
+            orders = core.open_protective_orders(clock.now(), SYMBOL)
+            seen.append(sum(1 for o in orders if o.client_order_id == cid) * len(core.positions(clock.now())))
+            manager = engine.manager
+            guard = manager.by_symbol.get(SYMBOL) if manager is not None else None
+            return guard is not None and guard.covered
+
+        await drive_until(clock, settled, what="the new position protected", step=0.02, limit=60.0)
+        assert max(seen) == 0, "a position was opened while the orphan stop was still live"
+        assert not [o for o in core.open_protective_orders(clock.now(), SYMBOL) if o.client_order_id == cid]
+    finally:
+        await drive(clock, engine.stop())
