@@ -45,6 +45,11 @@ log = logging.getLogger(__name__)
 MISSING_CHECKS_PER_PASS = 20  # positions missing from the venue's list that one pass looks into
 
 
+# The exit reason of a position found closed by a close order of ours whose guard never heard its answer
+# (what it was closing for — the operator, a stuck stop — went with the guard).
+CLOSED_AT_MARKET = "closed_at_market"
+
+
 @dataclass(frozen=True, slots=True)
 class VenueSnapshot:
     """What the venue holds, read once: its positions and our open protective orders, asked for together
@@ -299,7 +304,9 @@ class Reconciler:
             o.client_order_id: o.purpose for o in (guard.stop_loss, guard.trailing_stop) if o.client_order_id
         }
         for record in await self._store.live_orders_for_position(guard.position_id):
-            if record.purpose in (OrderPurpose.STOP_LOSS, OrderPurpose.TRAILING_STOP):
+            # Close orders too: a close at market whose answer never reached its guard (a protection
+            # restart cancelled it mid-call) left the position `closing` for two passes and more.
+            if record.purpose in (OrderPurpose.STOP_LOSS, OrderPurpose.TRAILING_STOP, OrderPurpose.CLOSE):
                 candidates.setdefault(record.client_order_id, record.purpose)
         looked_up = await asyncio.gather(
             *(
@@ -321,7 +328,10 @@ class Reconciler:
                 await self._store.set_order_status(
                     found.client_order_id, OrderRecordStatus.FILLED, exchange_order_id=found.venue_order_id
                 )
-                reason = "trailing_stop" if purpose is OrderPurpose.TRAILING_STOP else "stop_loss"
+                reason = {
+                    OrderPurpose.TRAILING_STOP: "trailing_stop",
+                    OrderPurpose.CLOSE: CLOSED_AT_MARKET,
+                }.get(purpose, "stop_loss")
                 return reason, found.average_price
         return None, None
 

@@ -14,12 +14,13 @@ import time
 from decimal import Decimal
 
 from engine.clock import ManualClock
+from engine.engine import STARTUP_UNKNOWN_SECONDS
 from engine.exchange.port import OrderSide
 from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, FaultKind, LatencyDistribution, LatencySettings
 from protection.order_ids import client_order_id
 from storage.database import Database
-from storage.repositories import OrderPurpose
+from storage.repositories import OrderPurpose, PositionStatus
 from tests.integration.engine_support import engine_settings, make_engine
 from tests.integration.test_failure_modes_f1_f5 import SYMBOLS, drive_until_covered, open_positions
 from tests.support.driving import drive, drive_until
@@ -206,5 +207,45 @@ async def test_an_orphan_whose_cancel_failed_keeps_its_symbol_from_a_new_positio
         await drive_until(clock, settled, what="the new position protected", step=0.02, limit=60.0)
         assert max(seen) == 0, "a position was opened while the orphan stop was still live"
         assert not [o for o in core.open_protective_orders(clock.now(), SYMBOL) if o.client_order_id == cid]
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_close_whose_answer_its_guard_never_heard_is_evidence_of_the_exit(db: Database) -> None:
+    """A close at market filled on the venue while its guard was stopped (a protection restart cancelled
+    it mid-call): the position stayed `closing` in the database for 48 s in the chaos soak, because only
+    our stops' fills counted as evidence and "flat" needs two passes without it. The recorded close order,
+    found filled by its client id, closes the position at the first pass, with its price."""
+    settings = engine_settings(db.target.dsn, {"SIGNALS__MAX_POSITIONS": "100"})
+    clock = ManualClock(start=time.time())
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOL])
+        await drive_until_covered(engine, clock, 1)
+        await drive(clock, clock.sleep(STARTUP_UNKNOWN_SECONDS + 1.0))  # an empty list now means something
+        venue.drop_account_stream(120.0)  # nothing tells the engine but the venue's answers
+        assert engine.store is not None
+        assert engine.manager is not None
+        cid = client_order_id(engine.manager.token, guard.position_id, OrderPurpose.CLOSE, 0)
+        await engine.store.record_order(
+            client_order_id=cid,
+            position_id=guard.position_id,
+            purpose=OrderPurpose.CLOSE,
+            side=guard.closing_side.value,
+            type="market",
+            quantity=guard.quantity,
+        )
+        await engine.store.set_position_status(guard.position_id, PositionStatus.CLOSING)
+        venue.core.place_market_order(
+            SYMBOL, guard.closing_side, guard.quantity, cid, clock.now(), reduce_only=True
+        )
+        report = await drive(clock, engine.reconcile_now())
+        assert report.closed == [SYMBOL]
+        await drive_until(clock, lambda: guard.closed, what="the position closed", limit=10.0)
+        row = await db.pool.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", guard.position_id)
+        assert (row["status"], row["exit_reason"]) == ("closed", "closed_at_market")
+        assert row["realized_pnl"] is not None
     finally:
         await drive(clock, engine.stop())
