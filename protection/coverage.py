@@ -62,7 +62,8 @@ def coverage_figures(
             protected += 1
             continue
         since = position.unprotected_since if position.unprotected_since is not None else position.filled_at
-        age = now - since
+        # A loss first seen after `now` was taken (the facts are read after it) is 0 s old, not negative.
+        age = max(0.0, now - since)
         if now - position.filled_at < grace_seconds:
             protecting += 1
             continue
