@@ -17,7 +17,7 @@ from engine.clock import ManualClock
 from engine.engine import STARTUP_UNKNOWN_SECONDS
 from engine.exchange.port import OrderSide
 from engine.venues.sim import SimVenue
-from engine.venues.sim.settings import CallKind, FaultKind, LatencyDistribution, LatencySettings
+from engine.venues.sim.settings import CallKind, FaultKind
 from protection.order_ids import client_order_id
 from storage.database import Database
 from storage.repositories import OrderPurpose, PositionStatus
@@ -36,18 +36,14 @@ def _stops_of_each_kind(venue: SimVenue, clock: ManualClock) -> dict[str, int]:
 
 
 async def test_a_protection_restart_keeps_cancelling_a_closed_positions_stops(db: Database) -> None:
-    settings = engine_settings(db.target.dsn, {"SIGNALS__MAX_POSITIONS": "100"})
+    settings = engine_settings(
+        db.target.dsn,
+        {"SIGNALS__MAX_POSITIONS": "100", "VENUE__SIM__LATENCY__BY_CALL__CANCEL_ORDER__SECONDS": "6.0"},
+    )
     clock = ManualClock(start=time.time())
     # A cancel reaches the venue 3 s after it is sent (6 s round trip): the sibling stop stays live that
     # long, and a restart in that moment stops the cancel on its way.
-    sim = settings.venue.sim.model_copy(
-        update={
-            "latency": LatencySettings(
-                seconds=0.05, by_call={CallKind.CANCEL_ORDER: LatencyDistribution(seconds=6.0)}
-            )
-        }
-    )
-    venue = SimVenue(sim, clock=clock)
+    venue = SimVenue(settings.venue.sim, clock=clock)
     engine = make_engine(settings, clock, venue)
     await drive(clock, engine.start())
     try:
@@ -82,16 +78,12 @@ async def test_orphans_found_by_a_pass_are_cancelled_together(db: Database) -> N
     """Ten stops of ours live on symbols the engine holds nothing on (left by an earlier run): one pass
     cancels them together, not one round trip after another (the chaos soak's pass after a restart took
     15 round trips for 15 orphans while their symbols were taking new positions)."""
-    settings = engine_settings(db.target.dsn, {"SIGNALS__MAX_POSITIONS": "100"})
-    clock = ManualClock(start=time.time())
-    sim = settings.venue.sim.model_copy(
-        update={
-            "latency": LatencySettings(
-                seconds=0.05, by_call={CallKind.CANCEL_ORDER: LatencyDistribution(seconds=1.0)}
-            )
-        }
+    settings = engine_settings(
+        db.target.dsn,
+        {"SIGNALS__MAX_POSITIONS": "100", "VENUE__SIM__LATENCY__BY_CALL__CANCEL_ORDER__SECONDS": "1.0"},
     )
-    venue = SimVenue(sim, clock=clock)
+    clock = ManualClock(start=time.time())
+    venue = SimVenue(settings.venue.sim, clock=clock)
     engine = make_engine(settings, clock, venue)
     await drive(clock, engine.start())
     try:
@@ -125,16 +117,12 @@ async def test_an_entry_waiting_for_a_leftover_stop_asks_the_manager_a_restart_b
     """A closed position's sibling stop could not be cancelled (the venue refused the cancels), so a
     signal for the symbol waits for it; meanwhile the operator restarts protection. The stopped manager
     let go of the leftover: the entry must ask the new one, which is still cancelling it."""
-    settings = engine_settings(db.target.dsn, {"SIGNALS__MAX_POSITIONS": "100"})
-    clock = ManualClock(start=time.time())
-    sim = settings.venue.sim.model_copy(
-        update={
-            "latency": LatencySettings(
-                seconds=0.05, by_call={CallKind.CANCEL_ORDER: LatencyDistribution(seconds=1.0)}
-            )
-        }
+    settings = engine_settings(
+        db.target.dsn,
+        {"SIGNALS__MAX_POSITIONS": "100", "VENUE__SIM__LATENCY__BY_CALL__CANCEL_ORDER__SECONDS": "1.0"},
     )
-    venue = SimVenue(sim, clock=clock)
+    clock = ManualClock(start=time.time())
+    venue = SimVenue(settings.venue.sim, clock=clock)
     engine = make_engine(settings, clock, venue)
     await drive(clock, engine.start())
     try:

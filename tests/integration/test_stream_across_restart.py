@@ -11,7 +11,7 @@ import time
 
 from engine.clock import ManualClock
 from engine.venues.sim import SimVenue
-from engine.venues.sim.settings import CallKind, FaultKind, LatencyDistribution, LatencySettings
+from engine.venues.sim.settings import CallKind, FaultKind
 from storage.database import Database
 from tests.integration.engine_support import engine_settings, make_engine
 from tests.integration.test_failure_modes_f1_f5 import SYMBOLS, drive_until_covered, open_positions
@@ -21,19 +21,15 @@ from tests.support.driving import drive, drive_until
 async def test_a_stop_filling_while_protection_restarts_closes_its_position_without_waiting_for_polling(
     db: Database,
 ) -> None:
-    settings = engine_settings(db.target.dsn, {"SIGNALS__MAX_POSITIONS": "100"})
+    settings = engine_settings(
+        db.target.dsn,
+        {"SIGNALS__MAX_POSITIONS": "100", "VENUE__SIM__LATENCY__BY_CALL__FETCH_POSITIONS__SECONDS": "2.0"},
+    )
     # Virtual time from the wall clock's now: a restored position's fill time comes from the database's
     # clock, and the venue's events are ordered against it.
     clock = ManualClock(start=time.time())
     # The restart's read of the venue's positions takes 2 s: the stop fires while it is under way.
-    sim = settings.venue.sim.model_copy(
-        update={
-            "latency": LatencySettings(
-                seconds=0.05, by_call={CallKind.FETCH_POSITIONS: LatencyDistribution(seconds=2.0)}
-            )
-        }
-    )
-    venue = SimVenue(sim, clock=clock)
+    venue = SimVenue(settings.venue.sim, clock=clock)
     engine = make_engine(settings, clock, venue)
     await drive(clock, engine.start())
     try:
@@ -85,20 +81,16 @@ async def test_a_stop_filling_while_a_slow_first_pass_holds_the_restart_is_learn
     a ban, most of it waiting for every guard's first pass, while a stop's fill sat in the account stream
     and its position counted as lost. One position's first pass here takes 6 s (its trailing stop is gone
     and every order call takes 6 s); another's stop fills meanwhile and is recorded at once."""
-    settings = engine_settings(db.target.dsn, {"SIGNALS__MAX_POSITIONS": "100"})
-    clock = ManualClock(start=time.time())
-    sim = settings.venue.sim.model_copy(
-        update={
-            "latency": LatencySettings(
-                seconds=0.05,
-                by_call={
-                    CallKind.CREATE_ORDER: LatencyDistribution(seconds=6.0),
-                    CallKind.FETCH_POSITIONS: LatencyDistribution(seconds=1.0),
-                },
-            )
-        }
+    settings = engine_settings(
+        db.target.dsn,
+        {
+            "SIGNALS__MAX_POSITIONS": "100",
+            "VENUE__SIM__LATENCY__BY_CALL__CREATE_ORDER__SECONDS": "6.0",
+            "VENUE__SIM__LATENCY__BY_CALL__FETCH_POSITIONS__SECONDS": "1.0",
+        },
     )
-    venue = SimVenue(sim, clock=clock)
+    clock = ManualClock(start=time.time())
+    venue = SimVenue(settings.venue.sim, clock=clock)
     engine = make_engine(settings, clock, venue)
     await drive(clock, engine.start())
     try:
@@ -145,16 +137,12 @@ async def test_a_stop_filling_while_a_slow_first_pass_holds_the_restart_is_learn
 async def test_a_signal_during_a_protection_restart_counts_the_positions_it_restores(db: Database) -> None:
     """While the protection manager restarts, the new one has no guards until it has read the venue: the
     signal checks counted 0 open positions then, and let a wave past `max_positions`."""
-    settings = engine_settings(db.target.dsn, {"SIGNALS__MAX_POSITIONS": "2"})
-    clock = ManualClock(start=time.time())
-    sim = settings.venue.sim.model_copy(
-        update={
-            "latency": LatencySettings(
-                seconds=0.05, by_call={CallKind.FETCH_POSITIONS: LatencyDistribution(seconds=2.0)}
-            )
-        }
+    settings = engine_settings(
+        db.target.dsn,
+        {"SIGNALS__MAX_POSITIONS": "2", "VENUE__SIM__LATENCY__BY_CALL__FETCH_POSITIONS__SECONDS": "2.0"},
     )
-    venue = SimVenue(sim, clock=clock)
+    clock = ManualClock(start=time.time())
+    venue = SimVenue(settings.venue.sim, clock=clock)
     engine = make_engine(settings, clock, venue)
     await drive(clock, engine.start())
     try:
