@@ -43,6 +43,9 @@ class FaultKind(StrEnum):
     SERVER_ERROR = "server_error"  # HTTP 5xx before execution -> Retryable
     TIMEOUT_AFTER_ACCEPT = "timeout_after_accept"  # executed, answer lost -> OutcomeUnknown
     RATE_LIMITED = "rate_limited"  # HTTP 429 with Retry-After 1 s, not executed (forced only) -> RateLimited
+    # The request is lost on its way and the client times out: the same answer as TIMEOUT_AFTER_ACCEPT (Binance
+    # -1007 "execution status unknown" covers both), but nothing was executed (forced only) -> OutcomeUnknown
+    TIMEOUT_NOT_EXECUTED = "timeout_not_executed"
 
 
 class _Strict(BaseModel):

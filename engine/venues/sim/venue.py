@@ -70,6 +70,8 @@ if TYPE_CHECKING:
     from engine.pacing import VenuePacing
 
 FORCED_RETRY_AFTER_SECONDS = 1.0  # what a forced 429 says to wait
+# A call whose answer never comes: the client times out, whether or not the venue executed it.
+_ANSWER_LOST = frozenset({FaultKind.TIMEOUT_AFTER_ACCEPT, FaultKind.TIMEOUT_NOT_EXECUTED})
 
 logger = logging.getLogger(__name__)
 
@@ -646,11 +648,12 @@ class SimVenue:
         if plan.fault is FaultKind.SERVER_ERROR:
             await self._clock.sleep(min(half, timeout - arrival))
             raise Retryable(f"sim {kind}: HTTP 500 before execution").answered(http_status=500)
-        answer_lost = plan.fault is FaultKind.TIMEOUT_AFTER_ACCEPT or plan.latency > timeout
+        answer_lost = plan.fault in _ANSWER_LOST or plan.latency > timeout
         refusal: ExchangeError | None = None
         result: T | None = None
         try:
-            result = operation(self._clock.now())
+            if plan.fault is not FaultKind.TIMEOUT_NOT_EXECUTED:
+                result = operation(self._clock.now())
         except ExchangeError as error:
             refusal = error
         if answer_lost:
