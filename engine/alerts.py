@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from engine.clock import Clock
 from engine.config import AlertsSettings, ConfigError, alert_url_scheme, alert_urls
-from protection.coverage import percent
+from protection.coverage import coverage_figures, percent
 from protection.health import format_duration
 
 if TYPE_CHECKING:
@@ -395,14 +395,17 @@ class EngineObserver:
 def observe_engine(engine: Engine, now: float) -> Observation:
     manager = engine.manager
     assert manager is not None
-    figures = manager.coverage()
+    # The manager's guards, and the entries of unknown outcome (each may be a position without stops).
+    guards, doubts = manager.open_guards(), engine.entries_in_doubt()
+    facts = [*(g.coverage() for g in guards), *(d.coverage() for d in doubts)]
+    figures = coverage_figures(facts, manager.clock.monotonic(), manager.config.grace_seconds)
+    symbols = {f.position_id: f.symbol for f in facts}
+    since_of = {f.position_id: f.unprotected_since for f in facts}
     uncovered = []
     for position_id in figures.uncovered_ids:
-        guard = manager.guards.get(position_id)
-        if guard is None:
-            continue
-        since = guard.unprotected_since if guard.unprotected_since is not None else guard.filled_at
-        uncovered.append(UncoveredPosition(position_id, guard.symbol, max(0.0, now - since)))
+        since = since_of.get(position_id)
+        if since is not None:
+            uncovered.append(UncoveredPosition(position_id, symbols[position_id], max(0.0, now - since)))
     watch = engine.db_watch
     down_for = watch.down_for() if watch is not None else None
     return Observation(

@@ -55,7 +55,7 @@ from storage.database import (
 from storage.embedded import EmbeddedPostgresError, default_data_dir, psql_executable, running_server
 from storage.lease import LeaseHeld, current_holder
 from storage.migrator import MigrationError, apply_migrations
-from storage.repositories import DuplicateExternalId, HealthRow, Store
+from storage.repositories import DuplicateExternalId, HealthRow, PositionStatus, Store
 
 log = logging.getLogger(__name__)
 
@@ -700,7 +700,9 @@ async def _read_status(
                 "status": p.status.value,
                 "has_stop_loss": p.has_stop_loss,
                 "has_trailing_stop": p.has_trailing_stop,
-                "missing": _missing_stops(p.has_stop_loss, p.has_trailing_stop),
+                "missing": "both (the entry's outcome is unknown: it may have filled)"
+                if p.status is PositionStatus.ENTRY_PLACED
+                else _missing_stops(p.has_stop_loss, p.has_trailing_stop),
                 "opened_at": p.opened_at.isoformat() if p.opened_at else None,
             }
             for p in uncovered

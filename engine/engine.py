@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import importlib.metadata
 import logging
@@ -61,6 +62,7 @@ from engine.exchange.port import (
     ExchangePort,
     Market,
     MarkPrice,
+    Order,
     OrderSide,
     OrderStatus,
     PositionSide,
@@ -119,6 +121,10 @@ LEASE_CHECK_SECONDS = 2.0
 ENTRY_RATE_LIMIT_ATTEMPTS = (
     5  # an entry refused by a rate limit (not executed) is sent this many times at most
 )
+ENTRY_IN_DOUBT_PHASE = "entry outcome unknown"  # the trailing phase shown for an entry in doubt (no stops)
+# An entry of unknown outcome may be a position with no stop: its look-ups back off no further than this (a
+# read of one order by id; the protective backoff's 30 s left one waiting 23 s after the venue answered again).
+ENTRY_SETTLE_MAX_BACKOFF_SECONDS = 4.0
 LEASE_SAY_EVERY_SECONDS = 60.0  # an unreachable database is said once a minute, not once per retry  # a wave handles its signals in seconds; ten minutes taken is abandoned
 
 
@@ -211,7 +217,7 @@ class PositionView:
     symbol: str
     side: str
     quantity: Decimal
-    entry_price: Decimal
+    entry_price: Decimal | None  # None: an entry of unknown outcome (it may not have filled)
     mark_price: Decimal | None
     pnl_percent: Decimal | None
     stop_loss_price: Decimal | None
@@ -287,6 +293,47 @@ class _CarriedProtection:
         if view.covered or since is None:
             return view
         return dataclasses.replace(view, unprotected_seconds=now - since)
+
+
+@dataclass(slots=True)
+class EntryInDoubt:
+    """An entry sent whose outcome the venue has not told: its answer lost, the look-ups by its id failing.
+    It may have filled, so it counts as a position without stops from its send, and its symbol stays held,
+    until a look-up settles it. The chaos soak recorded one `failed` after a single failed look-up: the
+    venue held it with no stop of ours for 68 s, the reconciler's list answering [] on most passes."""
+
+    position_id: int
+    symbol: str
+    side: PositionSide
+    quantity: Decimal
+    client_order_id: str
+    sent_at: float = 0.0  # monotonic: the last send of the entry
+    error: str = ""
+
+    def coverage(self) -> PositionCoverage:
+        return PositionCoverage(self.position_id, self.symbol, False, False, self.sent_at, self.sent_at)
+
+    def view_at(self, now: float, mark: Decimal | None) -> PositionView:
+        return PositionView(
+            position_id=self.position_id,
+            symbol=self.symbol,
+            side=self.side.value,
+            quantity=self.quantity,
+            entry_price=None,  # not known: nothing says it filled, or at what price
+            mark_price=mark,
+            pnl_percent=None,
+            stop_loss_price=None,
+            has_stop_loss=False,
+            has_trailing_stop=False,
+            trailing_kind="—",
+            trailing_phase=ENTRY_IN_DOUBT_PHASE,
+            activation_price=None,
+            distance_to_activation_percent=None,
+            trailing_stop_price=None,
+            covered=False,
+            unprotected_seconds=now - self.sent_at,
+            last_error=self.error,
+        )
 
 
 class _Supervisor:
@@ -435,6 +482,9 @@ class Engine:
         self._last_wave_at: float | None = None
         self._connected_at = 0.0
         self._in_flight: set[str] = set()
+        # Entries of unknown outcome, by symbol (their symbols stay in `_in_flight`), and the tasks settling them.
+        self._in_doubt: dict[str, EntryInDoubt] = {}
+        self._settlers: set[asyncio.Task[None]] = set()
         self._waves: deque[WaveView] = deque(maxlen=50)
         self._wave_tasks: set[asyncio.Task[None]] = set()
         self._health: tuple[health.ComponentHealth, ...] = ()
@@ -655,9 +705,11 @@ class Engine:
             self._restart.cancel()
             await asyncio.gather(self._restart, return_exceptions=True)
         in_progress = [self._wave_in_progress] if self._wave_in_progress is not None else []
-        for task in [*self._wave_tasks, *in_progress]:  # a wave shielded from its loop stops with it
+        # A wave shielded from its loop stops with it; an entry still in doubt stays so (counted below).
+        stopping = [*self._wave_tasks, *in_progress, *self._settlers]
+        for task in stopping:
             task.cancel()
-        await asyncio.gather(*self._wave_tasks, *in_progress, return_exceptions=True)
+        await asyncio.gather(*stopping, return_exceptions=True)
         writes = [t for t in self._background if t is not asyncio.current_task()]
         if writes:  # records still being written (entries control): let them land, briefly
             await wait_for_all(self.clock, 5.0, [asyncio.shield(t) for t in writes])
@@ -736,6 +788,11 @@ class Engine:
         if self._wave_in_progress is not None:
             await wait_for_all(self.clock, 2 * budget, [asyncio.shield(self._wave_in_progress)])
         await self._supervisor.stop_one("signals")
+        if self._settlers:  # entries of unknown outcome: the venue gets the call budget to settle them
+            log.warning(
+                "stopping: waiting up to %.0fs for %d entries of unknown outcome", budget, len(self._settlers)
+            )
+            await wait_for_all(self.clock, budget, [asyncio.shield(t) for t in list(self._settlers)])
         manager = self.manager
         if manager is not None:
             pending = [g.protected.wait() for g in manager.guards.values() if not g.covered and not g.closed]
@@ -745,8 +802,13 @@ class Engine:
                 )
                 await wait_for_all(self.clock, budget, pending)
 
+    def entries_in_doubt(self) -> list[EntryInDoubt]:
+        """Entries whose outcome the venue has not told yet, each counted as a position without stops."""
+        return list(self._in_doubt.values())
+
     def _entries_unresolved(self) -> int:
-        return len(self._in_flight)
+        """Entries whose outcome the venue has not told (in flight, or in doubt and left so by the stop)."""
+        return len(self._in_flight | self._in_doubt.keys())
 
     async def _stop_metrics(self) -> None:
         if self.metrics_server is not None:
@@ -906,30 +968,71 @@ class Engine:
         return False
 
     async def _resolve_entry(self, position: PositionRecord) -> PositionRecord | None:
-        """An entry from before a restart: filled → protect it; never sent or refused → the position failed."""
+        """An entry from before a restart: filled → protect it; never executed or refused → the position
+        failed; unknown (the venue does not answer, or cannot prove it absent yet) → in doubt, counted as a
+        position without stops and settled in the background (a failed read left it to the reconciler's
+        list, which may answer [] for a while)."""
         assert self.store is not None and self.manager is not None
         cid = client_order_id(self._token, position.id, OrderPurpose.ENTRY, 0)
+        doubt = EntryInDoubt(
+            position.id,
+            position.symbol,
+            PositionSide(position.side),
+            position.quantity,
+            cid,
+            sent_at=self._monotonic_of(position.updated_at),
+        )
         try:
-            order = await self.manager.read(
+            order: Order | None = await self.manager.read(
                 lambda: self.venue.fetch_order(position.symbol, cid), "fetch_order"
             )
-        except NotFound:
+        except NotFound as exc:
+            if not self._absence_proven(doubt):
+                return self._doubt_restored_entry(position, doubt, exc)
+            order = None
+        except (ExchangeError, TimeoutError) as exc:
+            return self._doubt_restored_entry(position, doubt, exc)
+        return await self._restored_entry_outcome(position, order)
+
+    def _doubt_restored_entry(
+        self, position: PositionRecord, doubt: EntryInDoubt, exc: BaseException
+    ) -> None:
+        doubt.error = f"entry outcome unknown after a restart: {str(exc) or type(exc).__name__}"
+        self._doubt_entry(doubt, functools.partial(self._restored_entry_settled, position, doubt))
+        return None
+
+    async def _restored_entry_settled(
+        self, position: PositionRecord, doubt: EntryInDoubt, order: Order | None
+    ) -> None:
+        """An entry from before a restart, in doubt at start-up, answered: recorded, and protected if filled."""
+        filled = await self._restored_entry_outcome(position, order)
+        if filled is not None:
+            if not self._protection_handed_over():
+                await self._protection_ready.wait()
+            assert self.manager is not None
+            self.manager.protect(filled, filled_at=doubt.sent_at)
+            log.warning(
+                "position %s %s: its entry from before the restart filled at %s; protecting it",
+                position.id,
+                position.symbol,
+                filled.entry_price,
+            )
+        self._in_doubt.pop(doubt.symbol, None)
+
+    async def _restored_entry_outcome(
+        self, position: PositionRecord, order: Order | None
+    ) -> PositionRecord | None:
+        """What the venue said of an entry from before a restart, recorded: the filled position, or None
+        (failed)."""
+        assert self.store is not None
+        if order is None:
             await self.store.set_position_status(
                 position.id, PositionStatus.FAILED, exit_reason="entry not placed"
             )
             return None
-        except (ExchangeError, TimeoutError) as exc:
-            log.error(
-                "position %s %s: entry outcome still unknown at start-up (%s); the reconciler adopts it if "
-                "the venue holds it",
-                position.id,
-                position.symbol,
-                exc,
-            )
-            return None
         if order.status is OrderStatus.FILLED and order.average_price is not None:
             await self.store.set_order_status(
-                cid, OrderRecordStatus.FILLED, exchange_order_id=order.venue_order_id
+                order.client_order_id, OrderRecordStatus.FILLED, exchange_order_id=order.venue_order_id
             )
             return await self.store.record_fill(
                 position.id, order.filled_quantity, order.average_price, filled_at=_utc(order.updated_at)
@@ -1284,6 +1387,7 @@ class Engine:
             # replaced by a protective send that goes first anyway). Promised, it stayed booked for good.
             promise -= 1
         self._in_flight.add(signal.symbol)
+        settling = False  # in doubt: `_settle` frees the symbol once the outcome is known
         try:
             # A stop of the symbol's last position whose cancel failed is being cancelled again: the new
             # position waits for it (an old stop for the old quantity would act on the new position).
@@ -1348,23 +1452,19 @@ class Engine:
                     signal.symbol, order_side, quantity, client_order_id=cid
                 )
 
+            doubt = EntryInDoubt(position.id, signal.symbol, side, quantity, cid)
             try:
-                order = await self._send_entry(entry_call, signal.symbol, cid)
-            except (OutcomeUnknown, TimeoutError):
-                try:
-                    order = await manager.call(
-                        self.venue.fetch_order(signal.symbol, cid), "fetch_order", Lane.ENTRY
-                    )
-                except (ExchangeError, TimeoutError) as exc:
-                    return await self._entry_failed(
-                        signal,
-                        position.id,
-                        cid,
-                        f"entry outcome unknown: {exc}",
-                        wave_id,
-                        promise,
-                        stop_record,
-                    )
+                order = await self._send_entry(entry_call, doubt)
+            except (OutcomeUnknown, TimeoutError) as exc:
+                # It may have filled: settled by its id in the background (the wave does not wait on a venue
+                # that does not answer), counted uncovered meanwhile, its symbol held until then.
+                doubt.error = f"entry outcome unknown: {str(exc) or type(exc).__name__}"
+                self._doubt_entry(
+                    doubt,
+                    functools.partial(self._entry_settled, signal, doubt, wave_id, promise, stop_record),
+                )
+                settling = True
+                return None
             except InsufficientMargin as exc:
                 return await self._entry_failed(
                     signal,
@@ -1379,43 +1479,175 @@ class Engine:
                 return await self._entry_failed(
                     signal, position.id, cid, f"entry refused: {exc}", wave_id, promise, stop_record
                 )
-            if order.status is not OrderStatus.FILLED or order.average_price is None:
-                return await self._entry_failed(
-                    signal, position.id, cid, f"entry {order.status.value}", wave_id, promise, stop_record
-                )
-            await self.store.set_order_status(
-                cid, OrderRecordStatus.FILLED, exchange_order_id=order.venue_order_id
-            )
-            filled = await self.store.record_fill(position.id, order.filled_quantity, order.average_price)
-            filled_at = self.clock.monotonic()  # its time unprotected counts from here, a restart or not
-            if not self._protection_handed_over():
-                await self._protection_ready.wait()  # guarded by the manager the restart brings up
-            manager = self.manager
-            guard = manager.protect(filled, filled_at=filled_at, attached_stop_loss=stop_record)
-            await self.store.finish_signal(signal.id, SignalStatus.OPENED, wave_id=wave_id)
-            log.info(
-                "Opened %s %s %s at %s (position %s)",
-                side.value,
-                order.filled_quantity,
-                signal.symbol,
-                order.average_price,
-                position.id,
-            )
-            self.events_bus.publish(
-                PositionOpened(
-                    at=self.clock.now(),
-                    position_id=position.id,
-                    symbol=signal.symbol,
-                    side=side.value,
-                    quantity=order.filled_quantity,
-                    entry_price=order.average_price,
-                )
-            )
-            return guard
+            return await self._entry_answered(signal, side, position.id, order, wave_id, promise, stop_record)
         finally:
-            self._in_flight.discard(signal.symbol)
+            if not settling:
+                self._in_flight.discard(signal.symbol)
 
-    async def _send_entry(self, entry_call: Callable[[], Awaitable[Any]], symbol: str, cid: str) -> Any:
+    async def _entry_answered(
+        self,
+        signal: SignalRecord,
+        side: PositionSide,
+        position_id: int,
+        order: Order,
+        wave_id: int,
+        promise: int,
+        stop_record: OrderRecord | None,
+        *,
+        doubt: EntryInDoubt | None = None,
+    ) -> PositionGuard | None:
+        """The venue's word on an entry (its answer, or its order found by id): a fill is a position to
+        protect now; anything else failed it."""
+        assert self.store is not None
+        cid = order.client_order_id
+        if order.status is not OrderStatus.FILLED or order.average_price is None:
+            if doubt is not None:
+                self._in_doubt.pop(doubt.symbol, None)
+            return await self._entry_failed(
+                signal, position_id, cid, f"entry {order.status.value}", wave_id, promise, stop_record
+            )
+        await self.store.set_order_status(
+            cid, OrderRecordStatus.FILLED, exchange_order_id=order.venue_order_id
+        )
+        filled = await self.store.record_fill(position_id, order.filled_quantity, order.average_price)
+        # Its time unprotected counts from here, a restart or not (for an entry in doubt, from its send).
+        filled_at = self.clock.monotonic() if doubt is None else doubt.sent_at
+        if not self._protection_handed_over():
+            await self._protection_ready.wait()  # guarded by the manager the restart brings up
+        manager = self.manager
+        assert manager is not None
+        guard = manager.protect(filled, filled_at=filled_at, attached_stop_loss=stop_record)
+        if doubt is not None:  # its guard counts it from now on
+            self._in_doubt.pop(doubt.symbol, None)
+        await self.store.finish_signal(signal.id, SignalStatus.OPENED, wave_id=wave_id)
+        log.info(
+            "Opened %s %s %s at %s (position %s)%s",
+            side.value,
+            order.filled_quantity,
+            signal.symbol,
+            order.average_price,
+            position_id,
+            ""
+            if doubt is None
+            else f"; its outcome known {self.clock.monotonic() - doubt.sent_at:.1f}s after it was sent",
+        )
+        self.events_bus.publish(
+            PositionOpened(
+                at=self.clock.now(),
+                position_id=position_id,
+                symbol=signal.symbol,
+                side=side.value,
+                quantity=order.filled_quantity,
+                entry_price=order.average_price,
+            )
+        )
+        return guard
+
+    def _doubt_entry(self, doubt: EntryInDoubt, settle: Callable[[Order | None], Awaitable[object]]) -> None:
+        """From now on `doubt` counts as a position without stops and holds its symbol, and a task asks the
+        venue for it by its id until it answers (`_entry_by_id`), then hands the answer to `settle`."""
+        self._in_doubt[doubt.symbol] = doubt
+        self._in_flight.add(doubt.symbol)
+        task = asyncio.create_task(self._settle(doubt, settle), name=f"settle-entry-{doubt.symbol}")
+        self._settlers.add(task)
+        task.add_done_callback(self._settlers.discard)
+
+    async def _settle(self, doubt: EntryInDoubt, settle: Callable[[Order | None], Awaitable[object]]) -> None:
+        """Said once (log, event, its entry order recorded `unknown` for the operators' SQL and a read-only
+        dashboard); settled once the venue answers. Cancelled (the engine stopping), or failing, it stays in
+        doubt and holds its symbol: the stop report counts it, and the next start settles it from its
+        record."""
+        assert self.store is not None
+        symbol = doubt.symbol
+        try:
+            log.error(
+                "%s (position %s): %s; counted uncovered, asked for by its id (%s) until the venue answers",
+                symbol,
+                doubt.position_id,
+                doubt.error,
+                doubt.client_order_id,
+            )
+            try:
+                await self.store.set_order_status(
+                    doubt.client_order_id, OrderRecordStatus.UNKNOWN, error=doubt.error[:500]
+                )
+                await self.store.record_event(
+                    Severity.ERROR,
+                    "entry_outcome_unknown",
+                    f"{symbol}: {doubt.error}; counted uncovered, asked for by its id until the venue answers",
+                    symbol=symbol,
+                    position_id=doubt.position_id,
+                )
+            except Exception as exc:  # the venue's answer matters more than the record of the doubt
+                log.warning("%s: could not record the entry of unknown outcome (%s)", symbol, exc)
+            await settle(await self._entry_by_id(doubt))
+        except Exception:
+            log.exception(
+                "%s: settling the entry of unknown outcome failed; it stays counted uncovered", symbol
+            )
+        finally:
+            if symbol not in self._in_doubt:  # settled; else (a stop, a failure) its symbol stays held
+                self._in_flight.discard(symbol)
+
+    async def _entry_settled(
+        self,
+        signal: SignalRecord,
+        doubt: EntryInDoubt,
+        wave_id: int,
+        promise: int,
+        stop_record: OrderRecord | None,
+        order: Order | None,
+    ) -> None:
+        """A wave's entry in doubt, answered: filled → protected like any entry; no such order (proven) or
+        refused → failed, and its signal rejected."""
+        if order is not None:
+            await self._entry_answered(
+                signal, doubt.side, doubt.position_id, order, wave_id, promise, stop_record, doubt=doubt
+            )
+            return
+        self._in_doubt.pop(doubt.symbol, None)
+        await self._entry_failed(
+            signal,
+            doubt.position_id,
+            doubt.client_order_id,
+            "entry not placed (the venue has no order by its id)",
+            wave_id,
+            promise,
+            stop_record,
+        )
+
+    def _absence_proven(self, doubt: EntryInDoubt) -> bool:
+        """Whether "no such order" now proves the entry was never executed: the call budget after its send
+        (ccxt's recvWindow, 10 s on Binance and 5 s on Bybit, is no longer: an older request is refused,
+        never run), and the venue's read lag after that."""
+        budget = float(self.settings.protection.call_timeout_seconds)
+        lag = self.venue.capabilities().read_after_write_seconds
+        return self.clock.monotonic() >= doubt.sent_at + budget + lag
+
+    async def _entry_by_id(self, doubt: EntryInDoubt) -> Order | None:
+        """The entry as the venue has it, asked by its client id with backoff until the venue answers; None
+        once "no such order" proves it was never executed (`_absence_proven`)."""
+        protection = self.settings.protection
+        delay = float(protection.retry_initial_seconds)
+        while True:
+            manager = self.manager
+            assert manager is not None
+            try:
+                return await manager.read(
+                    lambda: self.venue.fetch_order(doubt.symbol, doubt.client_order_id),
+                    "fetch_order",
+                    Lane.ENTRY,
+                )
+            except NotFound:
+                if self._absence_proven(doubt):
+                    return None
+                doubt.error = "entry outcome unknown: not on the venue yet (its reads may lag)"
+            except (ExchangeError, TimeoutError) as exc:
+                doubt.error = f"entry outcome unknown: {exc}"
+            await self.clock.sleep(delay)
+            delay = min(delay * 2, float(protection.retry_max_seconds), ENTRY_SETTLE_MAX_BACKOFF_SECONDS)
+
+    async def _send_entry(self, entry_call: Callable[[], Awaitable[Any]], doubt: EntryInDoubt) -> Any:
         """Send an entry. A rate-limit answer (Bybit 10006, HTTP 429) means it was not executed: it is sent
         again, with the same id, once the venue says its window has room (Bybit's reset timestamp, a
         `Retry-After`), a few times; before, the refused entry was lost with its signal. An answer that is
@@ -1423,7 +1655,9 @@ class Engine:
         to protect now)."""
         manager = self.manager
         assert manager is not None
+        symbol, cid = doubt.symbol, doubt.client_order_id
         for attempt in range(1, ENTRY_RATE_LIMIT_ATTEMPTS + 1):
+            doubt.sent_at = self.clock.monotonic()  # were its outcome to stay unknown, counted from here
             try:
                 return await manager.create_or_find(
                     entry_call(), lambda: self.venue.fetch_order(symbol, cid), f"entry {symbol}", Lane.ENTRY
@@ -1718,6 +1952,11 @@ class Engine:
                 for position_id in carried_ids
                 if wanted is None or position_id in wanted
             )
+        shown = {view.position_id for view in views}
+        for doubt in list(self._in_doubt.values()):
+            if doubt.position_id not in shown and (wanted is None or doubt.position_id in wanted):
+                mark = self.marks.get(doubt.symbol)
+                views.append(doubt.view_at(now, mark.price if mark else None))
         return EngineSnapshot(
             state=self.state,
             version=self.version,
@@ -1765,6 +2004,9 @@ class Engine:
             for position_id in carried.views.keys() - shown:
                 carried_ids.append(position_id)
                 facts.append(carried.coverage[position_id])
+                shown.add(position_id)
+        # Entries of unknown outcome: they may have filled, so each is a position without stops.
+        facts.extend(d.coverage() for d in self._in_doubt.values() if d.position_id not in shown)
         return guards, carried_ids, facts
 
     def _position_view(self, guard: PositionGuard, now: float) -> PositionView:

@@ -636,11 +636,15 @@ class Store:
 
     async def uncovered_positions(self, grace_seconds: float = 0.0) -> list[PositionRecord]:
         """Live positions missing a confirmed stop-loss or trailing stop, filled at least `grace_seconds`
-        ago (younger ones are still being protected, as the engine's gauge counts them)."""
+        ago (younger ones are still being protected, as the engine's gauge counts them), and entries of
+        unknown outcome (their entry order `unknown`: they may have filled, with no stop of ours)."""
         rows = await self._pool.fetch(
             """
-            SELECT * FROM monitoring.positions
-            WHERE status IN ('pending_protection', 'active') AND NOT (has_stop_loss AND has_trailing_stop)
+            SELECT * FROM monitoring.positions AS p
+            WHERE ((status IN ('pending_protection', 'active') AND NOT (has_stop_loss AND has_trailing_stop))
+                   OR (status = 'entry_placed' AND EXISTS (
+                       SELECT 1 FROM monitoring.orders AS o
+                       WHERE o.position_id = p.id AND o.purpose = 'entry' AND o.status = 'unknown')))
               AND (opened_at IS NULL OR opened_at <= now() - make_interval(secs => $1)) AND account = $2
             ORDER BY opened_at NULLS FIRST, id
             """,

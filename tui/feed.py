@@ -25,6 +25,7 @@ from engine.engine import (
     Engine,
     EngineSnapshot,
     EngineState,
+    EntryInDoubt,
     PlannedProtection,
     PositionView,
     ProtectionResult,
@@ -43,6 +44,7 @@ from engine.events import (
     ProtectionFailed,
     ProtectionTimedOut,
 )
+from engine.exchange.port import PositionSide
 from protection.coverage import CoverageFigures, PositionCoverage, coverage_figures
 from protection.health import Component, ComponentHealth, HealthState
 from storage.commands import CommandKind
@@ -54,7 +56,9 @@ from storage.repositories import (
     HealthRow,
     OrderPurpose,
     OrderRecord,
+    OrderRecordStatus,
     PositionRecord,
+    PositionStatus,
     Severity,
     Store,
     TrailingStateRecord,
@@ -417,22 +421,28 @@ class ReadOnlyFeed:
         events = await store.recent_events(limit=200, min_severity=Severity.INFO)
         control = await store.entries_control(settings.venue.kind.value, account_key(settings.venue))
         live = [p for p in positions if p.entry_price is not None]
+        # Entries of unknown outcome (their entry order `unknown`): counted and shown as the engine does.
+        doubts = [d for p in positions if (d := _in_doubt(p, live_orders.get(p.id, ()), now)) is not None]
         grace = float(settings.protection.grace_seconds)
         coverage = coverage_figures(
-            (
-                PositionCoverage(
-                    p.id,
-                    p.symbol,
-                    p.has_stop_loss,
-                    p.trailing_in_place,
-                    _epoch(p.opened_at, now),
-                    None if p.is_covered else _epoch(p.unprotected_since or p.opened_at, now),
-                )
-                for p in live
-            ),
+            [
+                *(
+                    PositionCoverage(
+                        p.id,
+                        p.symbol,
+                        p.has_stop_loss,
+                        p.trailing_in_place,
+                        _epoch(p.opened_at, now),
+                        None if p.is_covered else _epoch(p.unprotected_since or p.opened_at, now),
+                    )
+                    for p in live
+                ),
+                *(d.coverage() for d in doubts),
+            ],
             now,
             grace,
         )
+        prices = {p.id: p.current_price for p in positions}
         stale_after = float(settings.health.interval_seconds) * 3
         self._snapshot = EngineSnapshot(
             state=EngineState.RUNNING if self.holder is not None else EngineState.STOPPED,
@@ -453,7 +463,8 @@ class ReadOnlyFeed:
                     native_trailing_follows(settings.venue.kind),
                 )
                 for p in live
-            ),
+            )
+            + tuple(d.view_at(now, prices.get(d.position_id)) for d in doubts),
             coverage=coverage,
             health=tuple(
                 record
@@ -536,6 +547,25 @@ class ReadOnlyFeed:
 def _shift_start(started_at: float) -> datetime | None:
     """The current shift begins when the running engine started (epoch 0: no engine runs)."""
     return datetime.fromtimestamp(started_at, UTC) if started_at > 0 else None
+
+
+def _in_doubt(p: PositionRecord, orders: Iterable[OrderRecord], now: float) -> EntryInDoubt | None:
+    """The engine's entry in doubt, as its records show it: a position not filled whose entry order is
+    `unknown` (the engine writes it so when the entry's outcome stays unknown)."""
+    if p.entry_price is not None or p.status is not PositionStatus.ENTRY_PLACED:
+        return None
+    entry = next((o for o in orders if o.purpose is OrderPurpose.ENTRY), None)
+    if entry is None or entry.status is not OrderRecordStatus.UNKNOWN:
+        return None
+    return EntryInDoubt(
+        p.id,
+        p.symbol,
+        PositionSide(p.side),
+        p.quantity,
+        entry.client_order_id,
+        sent_at=_epoch(p.updated_at, now),
+        error=entry.error or "entry outcome unknown",
+    )
 
 
 def _epoch(value: datetime | None, default: float) -> float:

@@ -214,19 +214,34 @@ async def test_uncovered_positions_say_which_stop_is_missing(workdir: Path, engi
             has_stop_loss,
             has_trailing_stop,
         )
+    # Two entries sent, not filled as far as the records go: one in flight (its entry order pending), one
+    # whose outcome the engine could not learn (its entry order `unknown`: it may have filled).
+    for symbol, entry_status in (("DDDUSDT", "pending"), ("EEEUSDT", "unknown")):
+        await engine_side.execute(
+            "WITH p AS (INSERT INTO monitoring.positions (account, symbol, exchange, side, quantity, status) "
+            "VALUES ('sim:default', $1, 'sim', 'long', 1, 'entry_placed') RETURNING id) "
+            "INSERT INTO monitoring.orders (client_order_id, position_id, purpose, side, type, quantity, status) "
+            "SELECT 'x-' || p.id || '-en0', p.id, 'entry', 'buy', 'market', 1, $2 FROM p",
+            symbol,
+            entry_status,
+        )
     report = json.loads(tsbot("status", "--json", cwd=workdir).stdout)
     assert {p["symbol"]: p["missing"] for p in report["uncovered"]} == {
         "AAAUSDT": "hard stop",
         "BBBUSDT": "trailing stop",
         "CCCUSDT": "both (hard stop and trailing stop)",
+        "EEEUSDT": "both (the entry's outcome is unknown: it may have filled)",
     }
     human = tsbot("status", cwd=workdir).stdout
     lines = [line.strip() for line in human.splitlines() if "USDT" in line]
-    assert [line.split(": ", 1)[1] for line in lines] == [
-        "missing hard stop",
-        "missing trailing stop",
-        "missing both (hard stop and trailing stop)",
-    ]
+    assert sorted(line.split(": ", 1)[1] for line in lines) == sorted(
+        [
+            "missing hard stop",
+            "missing trailing stop",
+            "missing both (hard stop and trailing stop)",
+            "missing both (the entry's outcome is unknown: it may have filled)",
+        ]
+    )
     assert "no stop-loss" not in human
 
 

@@ -19,6 +19,7 @@ from tests.tui.harness import dashboard, started, tui_settings
 from tests.tui.snapshots import svg_to_text
 from tui import formatting
 from tui.app import RunningWave
+from tui.feed import ReadOnlyFeed
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.info import LeaseHeldScreen
 from tui.screens.position import PositionDetailScreen
@@ -214,3 +215,38 @@ def test_the_running_wave_line_never_drops_a_wave_still_in_progress() -> None:
     assert [p for _, p in wave.positions] == [4]
     wave.see(EventsDropped(at=151.0, count=40))  # missed events: no claim rather than a wrong one
     assert wave.started_at is None
+
+
+async def test_an_entry_of_unknown_outcome_is_a_flagged_row_and_counted_uncovered(db: Database) -> None:
+    """An entry whose answer was lost and whose look-ups fail may have filled: the screen shows it as a
+    row of its own, flagged, with "ENTRY UNKNOWN" where its trailing stop would be (not "MISSING": nothing
+    says there is a position), no entry price, and the gauge counts it uncovered past its grace period."""
+    settings = tui_settings(
+        db, {"VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "2", "PROTECTION__GRACE_SECONDS": "5"}
+    )
+    async with dashboard(settings) as board:
+        await started(board)
+        assert board.engine.store is not None
+        board.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT, 1)
+        board.venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 100_000)
+        await board.engine.store.insert_signals([(SYMBOLS[77], "long", None, None)])
+        await board.until(lambda: board.uncovered_text().startswith("UNCOVERED 1"), "gauge: 1 uncovered")
+        await board.pilot.pause()
+        text = " ".join(svg_to_text(board.app.export_screenshot(), 120, 40).split())
+        assert f"! {SYMBOLS[77]}" in text
+        assert "ENTRY UNKNOWN" in text
+        assert "MISSING" not in text
+        # A read-only dashboard, reading what the engine recorded, counts and shows it the same way.
+        feed = ReadOnlyFeed(settings, None)
+        await drive(board.clock, feed.start())
+        try:
+            snapshot = feed.snapshot()
+        finally:
+            await feed.stop()
+        assert (snapshot.coverage.active, snapshot.coverage.protected) == (1, 0)
+        [view] = snapshot.positions
+        assert (view.symbol, view.trailing_phase, view.entry_price) == (
+            SYMBOLS[77],
+            "entry outcome unknown",
+            None,
+        )

@@ -35,7 +35,7 @@ from textual.timer import Timer
 from textual.widgets import DataTable
 from textual.widgets.data_table import ColumnKey, RowDoesNotExist, RowKey
 
-from engine.engine import PositionView
+from engine.engine import ENTRY_IN_DOUBT_PHASE, PositionView
 from tui import formatting
 from tui.widgets.styling import component_style
 
@@ -894,6 +894,8 @@ def _mark_cell(view: PositionView, styles: dict[str, Style]) -> Text:
 
 def _trailing_cell(view: PositionView, styles: dict[str, Style], *, short: bool = False) -> Text:
     """The trailing stop's state; `short` (narrow terminals) says the same in at most 14 characters."""
+    if view.trailing_phase == ENTRY_IN_DOUBT_PHASE:  # it may have filled: no stop of ours either way
+        return Text("ENTRY?" if short else "ENTRY UNKNOWN", style=styles["missing"])
     if not view.has_trailing_stop:
         return Text("MISSING", style=styles["missing"])
     phase = view.trailing_phase
