@@ -307,7 +307,10 @@ class EntryInDoubt:
     side: PositionSide
     quantity: Decimal
     client_order_id: str
-    sent_at: float = 0.0  # monotonic: the last send of the entry
+    sent_at: float = 0.0  # monotonic: the last send of the entry (its time unprotected counts from here)
+    # Monotonic: when its outcome became unknown (every send of it was before); "no such order" proves it
+    # absent only a request window and a read lag after this (`Engine._absence_proven`).
+    unknown_at: float = 0.0
     error: str = ""
 
     def coverage(self) -> PositionCoverage:
@@ -884,7 +887,9 @@ class Engine:
             connected_at=self._connected_at,
             startup_unknown_seconds=STARTUP_UNKNOWN_SECONDS,
             adopt=self._adopt,
-            entries_in_flight=lambda: set(self._in_flight),
+            # An entry in doubt is not skipped: a position the venue's list shows on its symbol is adopted
+            # into its record (its look-ups by id may fail for long; the list is evidence too).
+            entries_in_flight=lambda: self._in_flight - self._in_doubt.keys(),
         )
         positions, orders_by_position, trails = await asyncio.gather(
             self.store.open_positions(),
@@ -1005,12 +1010,15 @@ class Engine:
         self, position: PositionRecord, doubt: EntryInDoubt, order: Order | None
     ) -> None:
         """An entry from before a restart, in doubt at start-up, answered: recorded, and protected if filled."""
+        assert self.store is not None
         filled = await self._restored_entry_outcome(position, order)
         if filled is not None:
+            # Its orders as recorded (on Bybit the hard stop it carried): verified, not sent again blindly.
+            live = (await self.store.live_orders_of_open_positions()).get(position.id, ())
             if not self._protection_handed_over():
                 await self._protection_ready.wait()
             assert self.manager is not None
-            self.manager.protect(filled, filled_at=doubt.sent_at)
+            self.manager.protect(filled, filled_at=doubt.sent_at, live_orders=live)
             log.warning(
                 "position %s %s: its entry from before the restart filled at %s; protecting it",
                 position.id,
@@ -1070,6 +1078,14 @@ class Engine:
             position_id=position.id,
         )
         self.manager.protect(position)
+        doubt = self._in_doubt.get(venue_position.symbol)
+        if doubt is not None and doubt.position_id == position.id:  # its guard counts it from here
+            self._in_doubt.pop(venue_position.symbol, None)
+            log.warning(
+                "%s: the entry of unknown outcome is held on the venue (its list): protected as position %s",
+                venue_position.symbol,
+                position.id,
+            )
 
     async def restart_protection(self) -> StartupReport:
         """Stop the TS manager, reload from the database, verify against the venue, re-arm. Asked again
@@ -1455,6 +1471,8 @@ class Engine:
             doubt = EntryInDoubt(position.id, signal.symbol, side, quantity, cid)
             try:
                 order = await self._send_entry(entry_call, doubt)
+                if not order.status.is_final:  # accepted, not filled yet (asked once more already)
+                    raise OutcomeUnknown(cid, f"the venue has it {order.status.value}, not filled yet")
             except (OutcomeUnknown, TimeoutError) as exc:
                 # It may have filled: settled by its id in the background (the wave does not wait on a venue
                 # that does not answer), counted uncovered meanwhile, its symbol held until then.
@@ -1500,16 +1518,22 @@ class Engine:
         protect now; anything else failed it."""
         assert self.store is not None
         cid = order.client_order_id
-        if order.status is not OrderStatus.FILLED or order.average_price is None:
+        if order.filled_quantity <= 0 or order.average_price is None:
             if doubt is not None:
                 self._in_doubt.pop(doubt.symbol, None)
             return await self._entry_failed(
                 signal, position_id, cid, f"entry {order.status.value}", wave_id, promise, stop_record
             )
+        # Filled — or ended part-filled (cancelled, expired): a position of what did fill, protected as such.
         await self.store.set_order_status(
             cid, OrderRecordStatus.FILLED, exchange_order_id=order.venue_order_id
         )
-        filled = await self.store.record_fill(position_id, order.filled_quantity, order.average_price)
+        filled = await self.store.record_fill(
+            position_id,
+            order.filled_quantity,
+            order.average_price,
+            filled_at=None if doubt is None else _utc(order.updated_at),
+        )
         # Its time unprotected counts from here, a restart or not (for an entry in doubt, from its send).
         filled_at = self.clock.monotonic() if doubt is None else doubt.sent_at
         if not self._protection_handed_over():
@@ -1546,6 +1570,7 @@ class Engine:
     def _doubt_entry(self, doubt: EntryInDoubt, settle: Callable[[Order | None], Awaitable[object]]) -> None:
         """From now on `doubt` counts as a position without stops and holds its symbol, and a task asks the
         venue for it by its id until it answers (`_entry_by_id`), then hands the answer to `settle`."""
+        doubt.unknown_at = self.clock.monotonic()
         self._in_doubt[doubt.symbol] = doubt
         self._in_flight.add(doubt.symbol)
         task = asyncio.create_task(self._settle(doubt, settle), name=f"settle-entry-{doubt.symbol}")
@@ -1554,40 +1579,56 @@ class Engine:
 
     async def _settle(self, doubt: EntryInDoubt, settle: Callable[[Order | None], Awaitable[object]]) -> None:
         """Said once (log, event, its entry order recorded `unknown` for the operators' SQL and a read-only
-        dashboard); settled once the venue answers. Cancelled (the engine stopping), or failing, it stays in
-        doubt and holds its symbol: the stop report counts it, and the next start settles it from its
-        record."""
-        assert self.store is not None
+        dashboard); settled once the venue answers, and tried again, with backoff, should settling fail (a
+        database error, say: the symbol held for good was the alternative). Cancelled (the engine
+        stopping), it stays in doubt and holds its symbol: the stop report counts it, and the next start
+        settles it from its record."""
         symbol = doubt.symbol
+        log.error(
+            "%s (position %s): %s; counted uncovered, asked for by its id (%s) until the venue answers",
+            symbol,
+            doubt.position_id,
+            doubt.error,
+            doubt.client_order_id,
+        )
+        recorded = False
+        delay = float(self.settings.protection.retry_initial_seconds)
         try:
-            log.error(
-                "%s (position %s): %s; counted uncovered, asked for by its id (%s) until the venue answers",
-                symbol,
-                doubt.position_id,
-                doubt.error,
-                doubt.client_order_id,
-            )
-            try:
-                await self.store.set_order_status(
-                    doubt.client_order_id, OrderRecordStatus.UNKNOWN, error=doubt.error[:500]
-                )
-                await self.store.record_event(
-                    Severity.ERROR,
-                    "entry_outcome_unknown",
-                    f"{symbol}: {doubt.error}; counted uncovered, asked for by its id until the venue answers",
-                    symbol=symbol,
-                    position_id=doubt.position_id,
-                )
-            except Exception as exc:  # the venue's answer matters more than the record of the doubt
-                log.warning("%s: could not record the entry of unknown outcome (%s)", symbol, exc)
-            await settle(await self._entry_by_id(doubt))
-        except Exception:
-            log.exception(
-                "%s: settling the entry of unknown outcome failed; it stays counted uncovered", symbol
-            )
+            while symbol in self._in_doubt:
+                if not recorded:
+                    recorded = await self._record_doubt(doubt)
+                try:
+                    await settle(await self._entry_by_id(doubt))
+                except Exception:
+                    log.exception(
+                        "%s: settling the entry of unknown outcome failed; counted uncovered, tried again in "
+                        "%.0fs",
+                        symbol,
+                        delay,
+                    )
+                    await self.clock.sleep(delay)
+                    delay = min(delay * 2, float(self.settings.protection.retry_max_seconds))
         finally:
-            if symbol not in self._in_doubt:  # settled; else (a stop, a failure) its symbol stays held
+            if symbol not in self._in_doubt:  # settled; else (the engine stopping) its symbol stays held
                 self._in_flight.discard(symbol)
+
+    async def _record_doubt(self, doubt: EntryInDoubt) -> bool:
+        assert self.store is not None
+        try:
+            await self.store.set_order_status(
+                doubt.client_order_id, OrderRecordStatus.UNKNOWN, error=doubt.error[:500]
+            )
+            await self.store.record_event(
+                Severity.ERROR,
+                "entry_outcome_unknown",
+                f"{doubt.symbol}: {doubt.error}; counted uncovered, asked for by its id until the venue answers",
+                symbol=doubt.symbol,
+                position_id=doubt.position_id,
+            )
+        except Exception as exc:  # the venue's answer matters more than the record of the doubt
+            log.warning("%s: could not record the entry of unknown outcome yet (%s)", doubt.symbol, exc)
+            return False
+        return True
 
     async def _entry_settled(
         self,
@@ -1606,6 +1647,15 @@ class Engine:
             )
             return
         self._in_doubt.pop(doubt.symbol, None)
+        assert self.store is not None and self.manager is not None
+        if doubt.position_id in self.manager.guards:  # the venue's list showed it: adopted, not absent
+            log.warning(
+                "%s: no order by the entry's id, but the venue holds the position: kept as position %s",
+                doubt.symbol,
+                doubt.position_id,
+            )
+            await self.store.finish_signal(signal.id, SignalStatus.OPENED, wave_id=wave_id)
+            return
         await self._entry_failed(
             signal,
             doubt.position_id,
@@ -1617,12 +1667,15 @@ class Engine:
         )
 
     def _absence_proven(self, doubt: EntryInDoubt) -> bool:
-        """Whether "no such order" now proves the entry was never executed: the call budget after its send
-        (ccxt's recvWindow, 10 s on Binance and 5 s on Bybit, is no longer: an older request is refused,
-        never run), and the venue's read lag after that."""
-        budget = float(self.settings.protection.call_timeout_seconds)
-        lag = self.venue.capabilities().read_after_write_seconds
-        return self.clock.monotonic() >= doubt.sent_at + budget + lag
+        """Whether "no such order" now proves the entry was never executed: its every send was before its
+        outcome became unknown, and the venue runs no request older than its request window (the
+        `recvWindow` we send: 10 s to Binance, 5 s to Bybit), nor fails to show one it ran after its read
+        lag. Sent and held up before it left (a pacing wait inside the call), a request is still younger
+        than the moment its outcome became unknown. Were the venue to run one later still (Binance's -1007
+        "execution status unknown" names no bound), the reconciler adopts what its list shows."""
+        capabilities = self.venue.capabilities()
+        window = capabilities.request_window_seconds + capabilities.read_after_write_seconds
+        return self.clock.monotonic() >= doubt.unknown_at + window
 
     async def _entry_by_id(self, doubt: EntryInDoubt) -> Order | None:
         """The entry as the venue has it, asked by its client id with backoff until the venue answers; None
@@ -1633,7 +1686,7 @@ class Engine:
             manager = self.manager
             assert manager is not None
             try:
-                return await manager.read(
+                order = await manager.read(
                     lambda: self.venue.fetch_order(doubt.symbol, doubt.client_order_id),
                     "fetch_order",
                     Lane.ENTRY,
@@ -1644,6 +1697,12 @@ class Engine:
                 doubt.error = "entry outcome unknown: not on the venue yet (its reads may lag)"
             except (ExchangeError, TimeoutError) as exc:
                 doubt.error = f"entry outcome unknown: {exc}"
+            else:
+                if order.status.is_final:
+                    return order
+                # Accepted and working (Binance NEW / PARTIALLY_FILLED, Bybit New / PartiallyFilled): not
+                # an answer yet — failing it here was a naked position once it filled a moment later.
+                doubt.error = f"entry {order.status.value} on the venue, not filled yet"
             await self.clock.sleep(delay)
             delay = min(delay * 2, float(protection.retry_max_seconds), ENTRY_SETTLE_MAX_BACKOFF_SECONDS)
 
@@ -1841,7 +1900,7 @@ class Engine:
         window = settings.error_window_seconds
         reasons = trip_reasons(
             BreakerInputs(
-                manager.coverage(),
+                self.coverage(),  # entries in doubt included: each may be a position without stops
                 float(self.settings.protection.grace_seconds),
                 manager.protective_attempts.count(now, window),
                 manager.protective_failures.count(now, window),

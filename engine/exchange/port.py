@@ -240,6 +240,9 @@ class Capabilities:
     # Seconds after a send during which a query may still answer "no such order" for an order the venue
     # accepted (Binance's algo service; 0 for a venue that reads its own writes at once).
     read_after_write_seconds: float = 0.0
+    # How long after its timestamp the venue still runs a signed request (its `recvWindow`, as we send it);
+    # an older one is refused unrun. 0: nothing runs after the client gave up (the sim venue).
+    request_window_seconds: float = 0.0
     request_budgets: tuple[RequestBudget, ...] = ()  # limits on requests (not orders); paced by the engine
     # Where the venue counts protective orders apart from entries (Bybit: position/trading-stop has its own
     # per-second limit, order/create another), their budgets; empty: they share `order_rate_budgets`.

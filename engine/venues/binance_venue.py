@@ -51,6 +51,9 @@ BINANCE_DEFAULT_REQUEST_BUDGETS = (RequestBudget("weight", binance_limits.REQUES
 # Binance's algo service can answer "does not exist" for an order it accepted moments ago
 # (freqtrade#12681); a query within this long after a send proves nothing.
 BINANCE_READ_AFTER_WRITE_SECONDS = 5.0
+# The `recvWindow` sent with every signed request (ccxt's default, set here so the engine knows it): a request
+# that reaches the venue later than this after its timestamp is refused (-1021), never run.
+BINANCE_RECV_WINDOW_MS = 10_000
 DEFAULT_MAX_LEVERAGE = 125  # Binance publishes leverage brackets only on a private endpoint
 _INTERVAL_SECONDS = {"SECOND": 1.0, "MINUTE": 60.0, "HOUR": 3600.0, "DAY": 86_400.0}
 
@@ -128,6 +131,7 @@ class BinanceUsdmVenue(CcxtVenue):
             "adjustForTimeDifference": True,  # -1021 otherwise, when the local clock drifts
             "warnOnFetchOpenOrdersWithoutSymbol": False,
             "disableFuturesSandboxWarning": True,
+            "recvWindow": BINANCE_RECV_WINDOW_MS,
         }
         return options
 
@@ -146,6 +150,7 @@ class BinanceUsdmVenue(CcxtVenue):
             max_conditional_orders=BINANCE_MAX_CONDITIONAL_ORDERS,
             order_rate_budgets=self._budgets or BINANCE_DEFAULT_BUDGETS,
             read_after_write_seconds=BINANCE_READ_AFTER_WRITE_SECONDS,
+            request_window_seconds=BINANCE_RECV_WINDOW_MS / 1000,
             request_budgets=self._request_budgets,
         )
 

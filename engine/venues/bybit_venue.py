@@ -73,6 +73,9 @@ from engine.venues.ccxt_venue import (
     _wire,
 )
 
+# The `recv_window` sent with every signed request (ccxt's default, set here so the engine knows it): a request
+# that reaches the venue later than this after its timestamp is refused (10002), never run.
+BYBIT_RECV_WINDOW_MS = 5_000
 BYBIT_DEFAULT_BUDGETS = (
     RateBudget(limit=bybit_limits.ENDPOINT_LIMITS_PER_SECOND["/v5/order/create"], window_seconds=1.0),
 )
@@ -206,6 +209,7 @@ class BybitLinearVenue(CcxtVenue):
             "adjustForTimeDifference": True,  # a drifting clock would answer 10002 forever
             "enableUnifiedAccount": True,
             "enableUnifiedMargin": False,
+            "recvWindow": BYBIT_RECV_WINDOW_MS,
         }
         return options
 
@@ -225,6 +229,7 @@ class BybitLinearVenue(CcxtVenue):
             request_budgets=BYBIT_REQUEST_BUDGETS,
             protective_rate_budgets=BYBIT_PROTECTIVE_BUDGETS,
             trailing_stop_follows="last",  # trading-stop's trailingStop tracks LastPrice, no trigger-by option
+            request_window_seconds=BYBIT_RECV_WINDOW_MS / 1000,
         )
 
     def _request_costs(self, method: str, path: str, params: Mapping[str, Any]) -> dict[str, int]:

@@ -37,6 +37,8 @@ async def test_an_entry_of_unknown_outcome_is_settled_by_its_id_and_protected(db
             "SIGNALS__MAX_POSITIONS": "100",
             "VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "2",
             "PROTECTION__GRACE_SECONDS": "5",
+            # The breaker would pause entries (its own test below): the symbol's own hold is seen here.
+            "PROTECTION__BREAKER__UNCOVERED_FACTOR": "1000",
         },
     )
     clock = ManualClock(start=time.time())
@@ -123,7 +125,12 @@ async def test_an_entry_the_venue_never_executed_is_recorded_failed_once_its_id_
     order" after the request could no longer execute, the position is failed and the symbol free again;
     until then it was counted as a doubt, not hidden."""
     settings = engine_settings(
-        db.target.dsn, {"SIGNALS__MAX_POSITIONS": "100", "VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "2"}
+        db.target.dsn,
+        {
+            "SIGNALS__MAX_POSITIONS": "100",
+            "VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "2",
+            "PROTECTION__BREAKER__UNCOVERED_FACTOR": "1000",
+        },
     )
     clock = ManualClock(start=time.time())
     venue = SimVenue(settings.venue.sim, clock=clock)
@@ -213,3 +220,86 @@ async def test_an_entry_still_in_doubt_at_a_stop_is_said_and_settled_by_the_next
         assert second.coverage().active == 1
     finally:
         await drive(clock, second.stop())
+
+
+async def test_an_entry_in_doubt_past_the_breakers_limit_pauses_entries(db: Database) -> None:
+    """The circuit breaker counts an entry in doubt as the position without stops it may be: uncovered
+    past 3 × grace, entries pause (it read the manager's guards only, so a doubt never tripped it)."""
+    settings = engine_settings(
+        db.target.dsn,
+        {
+            "SIGNALS__MAX_POSITIONS": "100",
+            "VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "2",
+            "PROTECTION__GRACE_SECONDS": "5",
+        },
+    )
+    clock = ManualClock(start=time.time())
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    try:
+        assert engine.store is not None
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT, 1)
+        venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 100_000)
+        venue.answer_positions_empty(100_000)
+        await engine.store.insert_signals([(SYMBOL, "long", None, None)])
+        await drive_until(
+            clock, lambda: engine.entries_paused_by == "breaker", what="entries paused by the breaker"
+        )
+        assert "uncovered" in engine.entries_pause_reason
+        assert engine.coverage().uncovered == 1
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_position_the_venues_list_shows_for_an_entry_in_doubt_is_protected_without_waiting(
+    db: Database,
+) -> None:
+    """The list of positions is evidence too: while the entry's look-ups by id keep failing, a reconcile
+    pass that sees the position on its symbol adopts it into the entry's own record and protects it (the
+    reconciler skipped every symbol with an entry on its way, so a doubt's position waited for its id)."""
+    settings = engine_settings(
+        db.target.dsn,
+        {
+            "SIGNALS__MAX_POSITIONS": "100",
+            "VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "2",
+            "PROTECTION__BREAKER__UNCOVERED_FACTOR": "1000",
+        },
+    )
+    clock = ManualClock(start=time.time())
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    try:
+        assert engine.store is not None
+        assert engine.manager is not None
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT, 1)
+        venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 100_000)
+        await engine.store.insert_signals([(SYMBOL, "long", None, None)])
+        await drive_until(clock, lambda: engine.coverage().active == 1, what="the entry in doubt counted")
+        doubted_at = clock.monotonic()
+        await drive_until(
+            clock, lambda: _our_stops(venue, clock, SYMBOL) == ["sl", "ts"], what="both stops on the venue"
+        )
+        assert clock.monotonic() - doubted_at < 25  # within two reconcile passes, the look-ups still failing
+        guard = engine.manager.by_symbol[SYMBOL]
+        entry_row = await db.pool.fetchval(
+            "SELECT id FROM monitoring.positions WHERE symbol = $1 AND status <> 'failed'", SYMBOL
+        )
+        assert guard.position_id == entry_row  # the entry's own record, not a second position
+        # The look-ups answer again: the entry is found filled, its signal opened; still one position.
+        venue.clear_injected_faults()
+        await drive_until(clock, lambda: _signal_status_is(db, SYMBOL, "opened"), what="the signal opened")
+        assert engine.coverage().active == 1
+        assert engine.entries_in_doubt() == []
+        positions = await db.pool.fetchval(
+            "SELECT count(*) FROM monitoring.positions WHERE symbol = $1", SYMBOL
+        )
+        assert positions == 1
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def _signal_status_is(db: Database, symbol: str, status: str) -> bool:
+    found = await db.pool.fetchval("SELECT status FROM monitoring.signals WHERE symbol = $1", symbol)
+    return found == status
