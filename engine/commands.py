@@ -32,7 +32,7 @@ from storage.lease import LeaseHolder, current_holder
 from storage.repositories import Severity
 
 if TYPE_CHECKING:
-    from engine.engine import Engine
+    from engine.engine import Engine, EntryInDoubt
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -220,6 +220,16 @@ class CommandRunner:
                     (PositionOutcome(symbol, True, detail, guard.position_id),),
                 )
         if not plan:
+            doubts = _unguarded_doubts(engine)
+            if doubts and not isinstance(
+                symbol, str
+            ):  # not "every position is covered": they may be positions
+                return CommandOutcome(
+                    False,
+                    f"nothing to send: {len(doubts)} entries of unknown outcome are being asked for by their ids "
+                    "(counted uncovered; protected once the venue shows them)",
+                    tuple(_doubt_outcome(d) for d in doubts),
+                )
             protecting = sum(1 for g in manager.guards.values() if not g.covered)
             extra = f" ({protecting} inside their grace period are being protected)" if protecting else ""
             return CommandOutcome(True, f"nothing to protect: every position is covered{extra}")
@@ -284,14 +294,31 @@ class CommandRunner:
             outcomes.update((o.position_id or 0, o) for o in done)
             if any(not o.ok for o in done):
                 break  # what failed stays open and protected; the operator decides what next
-        results = tuple(sorted(outcomes.values(), key=lambda o: o.symbol))
+        # An entry of unknown outcome may be a position: not closed (nothing says it exists), not "all closed".
+        doubts = tuple(_doubt_outcome(d) for d in _unguarded_doubts(engine))
+        results = tuple(sorted([*outcomes.values(), *doubts], key=lambda o: o.symbol))
         closed = sum(o.ok for o in results)
-        left = len(manager.guards)
+        left = len(manager.guards) + len(doubts)
         ok = closed == len(results) and left == 0
         summary = f"{closed}/{len(results)} closed; entries paused (resume with `tsbot entries resume`)"
         if left:
             summary += f"; {left} positions still open"
         return CommandOutcome(ok, summary, results)
+
+
+def _unguarded_doubts(engine: Engine) -> list[EntryInDoubt]:
+    manager = engine.manager
+    guarded = set(manager.guards) if manager is not None else set()
+    return [d for d in engine.entries_in_doubt() if d.position_id not in guarded]
+
+
+def _doubt_outcome(doubt: EntryInDoubt) -> PositionOutcome:
+    return PositionOutcome(
+        doubt.symbol,
+        False,
+        "entry of unknown outcome: not closed (the venue has not shown it yet); protected once it does",
+        doubt.position_id,
+    )
 
 
 async def _reachable(awaitable: Awaitable[T]) -> T:

@@ -10,13 +10,20 @@ import time
 
 from engine.alerts import observe_engine
 from engine.clock import ManualClock
+from engine.commands import CommandAnswer, send_command
 from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, FaultKind
 from protection.order_ids import client_order_id
+from storage.commands import CommandKind, CommandState
 from storage.database import Database
 from storage.repositories import OrderPurpose
 from tests.integration.engine_support import engine_settings, make_engine
-from tests.integration.test_failure_modes_f1_f5 import SYMBOLS, restarted
+from tests.integration.test_failure_modes_f1_f5 import (
+    SYMBOLS,
+    drive_until_covered,
+    open_positions,
+    restarted,
+)
 from tests.support.driving import drive, drive_until
 
 SYMBOL = SYMBOLS[33]
@@ -303,3 +310,60 @@ async def test_a_position_the_venues_list_shows_for_an_entry_in_doubt_is_protect
 async def _signal_status_is(db: Database, symbol: str, status: str) -> bool:
     found = await db.pool.fetchval("SELECT status FROM monitoring.signals WHERE symbol = $1", symbol)
     return found == status
+
+
+async def test_a_flatten_with_an_entry_in_doubt_is_not_all_closed(db: Database) -> None:
+    """`tsbot flatten --all` closed every guarded position and answered "all closed, ok" while an entry of
+    unknown outcome (a position the venue may hold) was left as it was: now it is named, not closed, and the
+    flatten is partial. `tsbot protect` no longer says "every position is covered" meanwhile."""
+    settings = engine_settings(
+        db.target.dsn,
+        {
+            "SIGNALS__MAX_POSITIONS": "100",
+            "VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "2",
+            "PROTECTION__BREAKER__UNCOVERED_FACTOR": "1000",
+        },
+    )
+    clock = ManualClock(start=time.time())
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    try:
+        assert engine.store is not None
+        [other] = await open_positions(engine, clock, [SYMBOLS[34]])
+        await drive_until_covered(engine, clock, 1)
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT, 1)
+        venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 100_000)
+        venue.answer_positions_empty(100_000)
+        await engine.store.insert_signals([(SYMBOL, "long", None, None)])
+        await drive_until(clock, lambda: len(engine.entries_in_doubt()) == 1, what="the entry in doubt")
+
+        async def command(kind: CommandKind) -> CommandAnswer:
+            return await drive(
+                clock,
+                send_command(
+                    db.pool,
+                    venue=engine.exchange_name,
+                    account=engine.account_key,
+                    kind=kind,
+                    args={"all": True} if kind is CommandKind.FLATTEN else {},
+                    reason="test",
+                    wait_seconds=30,
+                ),
+            )
+
+        protect = await command(CommandKind.PROTECT)
+        assert protect.record is not None
+        assert protect.record.state is CommandState.FAILED
+        assert "1 entries of unknown outcome" in protect.summary
+        flatten = await command(CommandKind.FLATTEN)
+        assert flatten.record is not None
+        assert flatten.record.state is CommandState.PARTIAL
+        assert sorted((p.symbol, p.ok) for p in flatten.positions) == sorted(
+            [(other.symbol, True), (SYMBOL, False)]
+        )
+        [doubt] = [p for p in flatten.positions if not p.ok]
+        assert doubt.detail.startswith("entry of unknown outcome: not closed")
+        assert "1 positions still open" in flatten.summary
+    finally:
+        await drive(clock, engine.stop())
