@@ -1528,6 +1528,16 @@ class Engine:
         await self.store.set_order_status(
             cid, OrderRecordStatus.FILLED, exchange_order_id=order.venue_order_id
         )
+        adopted = self.manager.guards.get(position_id) if doubt is not None and self.manager else None
+        if adopted is not None:  # in doubt, the reconciler adopted it from the venue's list meanwhile
+            self._in_doubt.pop(adopted.symbol, None)
+            await self.store.finish_signal(signal.id, SignalStatus.OPENED, wave_id=wave_id)
+            log.info(
+                "%s: the entry in doubt is found filled; it is position %s, guarded",
+                signal.symbol,
+                position_id,
+            )
+            return adopted  # its record is the guard's now (filling it in again read it back as unprotected)
         filled = await self.store.record_fill(
             position_id,
             order.filled_quantity,

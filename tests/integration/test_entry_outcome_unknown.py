@@ -303,6 +303,14 @@ async def test_a_position_the_venues_list_shows_for_an_entry_in_doubt_is_protect
             "SELECT count(*) FROM monitoring.positions WHERE symbol = $1", SYMBOL
         )
         assert positions == 1
+        # Its record stays the guard's: active with both stops (filling it in again read it back as
+        # `pending_protection`, out of the operators' coverage SQL).
+        await drive_until(clock, lambda: clock.monotonic() - doubted_at > 60, what="a minute on")
+        row = await db.pool.fetchrow(
+            "SELECT status, has_stop_loss, has_trailing_stop FROM monitoring.positions WHERE id = $1",
+            entry_row,
+        )
+        assert (row["status"], row["has_stop_loss"], row["has_trailing_stop"]) == ("active", True, True)
     finally:
         await drive(clock, engine.stop())
 
