@@ -2040,6 +2040,11 @@ class PositionGuard:
         self.unprotected_since_epoch = moment.timestamp()
         self.filled_at = min(self.filled_at, since)
 
+    def covered_until_now(self) -> None:
+        """Its record says both stops were confirmed: an uncovered spell, if any, begins when first seen."""
+        self.unprotected_since = None
+        self.unprotected_since_epoch = None
+
     def facts_written(self) -> bool:
         """The database holds exactly what this guard knows now."""
         return self._written_facts is not None and self._written_facts == self._facts(
@@ -2187,6 +2192,10 @@ class ProtectionManager:
         )
         if position.unprotected_since is not None:
             guard.resume_unprotected_since(position.unprotected_since)
+        elif position.has_stop_loss and position.trailing_in_place:
+            # Covered when last recorded: should this guard find its stops unconfirmed, they are missing from
+            # now on, not since the fill (a restart showed 2m31s unprotected for one covered a second before).
+            guard.covered_until_now()
         from_fill = guard.stop_loss.price
         self._restore(guard, position, live_orders, trail_record)
         if attached_stop_loss is not None and from_fill is not None:

@@ -6,12 +6,13 @@ fetch when the venue lists the order, no database write when nothing changed."""
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 
 from engine.clock import ManualClock
 from engine.venues.sim import SimVenue
-from engine.venues.sim.settings import CallKind
+from engine.venues.sim.settings import CallKind, FaultKind
 from storage.database import Database
 from tests.integration.engine_support import make_engine
 from tests.integration.test_failure_modes_f1_f5 import (
@@ -137,3 +138,41 @@ async def test_pending_entries_are_resolved_together_at_start_up(db: Database) -
         assert all(r["opened_at"].timestamp() <= min(placed) - 2.0 for r in opened)
     finally:
         await drive(clock, engine_b.stop())
+
+
+async def test_a_covered_position_a_protection_restart_cannot_verify_is_uncovered_from_the_restart(
+    db: Database,
+) -> None:
+    """A position covered when last recorded, whose stops a protection restart cannot verify (the venue's
+    reads failing), is uncovered from the restart on — not from its fill: the chaos soak showed "Position
+    uncovered for 2m31s" and a breaker trip on "the oldest for 152s" for positions covered until the
+    restart a second before. (A position never recorded covered still counts from its fill.)"""
+    settings = settings_for(db, {"PROTECTION__BREAKER__UNCOVERED_FACTOR": "1000"})
+    clock = ManualClock(start=time.time())  # the records' wall-clock times and the engine's agree
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[40]])
+        await drive_until_covered(engine, clock, 1)
+        covered_at = clock.monotonic()
+        await drive_until(clock, lambda: clock.monotonic() - covered_at > 120, what="two minutes covered")
+        venue = engine.venue
+        for kind in (CallKind.FETCH_OPEN_ORDERS, CallKind.FETCH_ORDER, CallKind.FETCH_POSITIONS):
+            venue.inject_fault(kind, FaultKind.NETWORK_ERROR_BEFORE_SEND, 100_000)  # type: ignore[attr-defined]
+        restarted_at = clock.monotonic()
+        await drive(clock, engine.restart_protection())
+        assert engine.manager is not None
+        restored = engine.manager.by_symbol[SYMBOLS[40]]
+        assert restored is not guard
+        assert not restored.covered
+        await drive_until(clock, lambda: clock.monotonic() - restarted_at > 10, what="10 s after the restart")
+        [view] = engine.snapshot().positions
+        assert view.unprotected_seconds is not None
+        assert view.unprotected_seconds <= clock.monotonic() - restarted_at + 0.5
+        figures = engine.coverage()
+        assert figures.uncovered == 1
+        assert figures.oldest_unprotected_seconds is not None
+        assert figures.oldest_unprotected_seconds < 60
+    finally:
+        venue.clear_injected_faults()  # type: ignore[attr-defined]
+        await drive(clock, engine.stop())
