@@ -85,7 +85,7 @@ from protection.manager import (
     stop_loss_price,
 )
 from protection.order_ids import client_order_id
-from protection.reconciler import Reconciler, ReconcileReport
+from protection.reconciler import Reconciler, ReconcileReport, VenueSnapshot
 from storage.commands import NEW_COMMAND_CHANNEL, CommandQueue
 from storage.database import Database, DatabaseDown, open_database
 from storage.embedded import default_data_dir
@@ -122,6 +122,9 @@ ENTRY_RATE_LIMIT_ATTEMPTS = (
     5  # an entry refused by a rate limit (not executed) is sent this many times at most
 )
 ENTRY_IN_DOUBT_PHASE = "entry outcome unknown"  # the trailing phase shown for an entry in doubt (no stops)
+# A protection restart waits this many late answers for the venue's snapshot before its guards start without
+# it (the account stream's fills wait for the guards meanwhile).
+RESTART_SNAPSHOT_LATE_ANSWERS = 3
 # An entry of unknown outcome may be a position with no stop: its look-ups back off no further than this (a
 # read of one order by id; the protective backoff's 30 s left one waiting 23 s after the venue answered again).
 ENTRY_SETTLE_MAX_BACKOFF_SECONDS = 4.0
@@ -896,11 +899,7 @@ class Engine:
             self.store.live_orders_of_open_positions(),
             self.store.trailing_states_of_open_positions(),
         )
-        snapshot = None
-        try:
-            snapshot = await self.reconciler.take_snapshot(Lane.PROTECTIVE)
-        except (ExchangeError, TimeoutError) as exc:
-            log.error("start-up: the venue did not answer (%s); every order is looked up on its own", exc)
+        snapshot = await self._restore_snapshot(restart=handover is not None)
         venue_orders = snapshot.open_orders_by_id() if snapshot is not None else None
         # An empty answer this soon after connecting may be a venue glitch (F3): it confirms nothing, so
         # every order is looked up on its own rather than believed gone.
@@ -946,6 +945,32 @@ class Engine:
         failed = [g.symbol for g in waited if not g.covered and not g.closed]
         reprotected = sum(1 for g in guards if g.covered and g.report.created_orders > 0)
         return StartupReport(restored, reprotected, adopted, len(failed), tuple(sorted(failed)))
+
+    async def _restore_snapshot(self, *, restart: bool) -> VenueSnapshot | None:
+        """The venue's positions and protective orders for a restore (None: each order is looked up by its
+        own guard). A protection restart waits for it only `RESTART_SNAPSHOT_LATE_ANSWERS` late answers:
+        until the new guards exist the account stream's fills wait for them, and a snapshot held by a ban
+        and a lost answer kept two stop fills unread for 28 s in the chaos soak."""
+        assert self.reconciler is not None and self.manager is not None
+        read = asyncio.ensure_future(self.reconciler.take_snapshot(Lane.PROTECTIVE))
+        try:
+            if restart:
+                patience = RESTART_SNAPSHOT_LATE_ANSWERS * self.manager.late_answer_seconds()
+                if await wait_for_all(self.clock, patience, [asyncio.shield(read)]):
+                    log.warning(
+                        "protection restart: the venue's snapshot is not back after %.1fs; the guards start "
+                        "and verify their own orders",
+                        patience,
+                    )
+                    return None
+            return await read
+        except (ExchangeError, TimeoutError) as exc:
+            log.error("start-up: the venue did not answer (%s); every order is looked up on its own", exc)
+            return None
+        finally:
+            if not read.done():
+                read.cancel()
+                await asyncio.gather(read, return_exceptions=True)
 
     def _monotonic_of(self, moment: datetime | None) -> float:
         """A wall-clock moment on the engine's monotonic clock (now for an unknown or future one): a restored

@@ -134,6 +134,56 @@ async def test_a_stop_filling_while_a_slow_first_pass_holds_the_restart_is_learn
         await drive(clock, engine.stop())
 
 
+async def test_a_stop_filling_while_a_restarts_venue_snapshot_is_late_is_learned_without_waiting_for_it(
+    db: Database,
+) -> None:
+    """The chaos soak saw a protection restart's venue snapshot wait through a ban and a lost answer (30 s)
+    while two stops filled: their fills waited in the account stream for guards that did not exist yet, and
+    both positions counted as lost. The restart now waits a few late answers for the snapshot, then starts
+    its guards without it (each verifies its own orders): a fill meanwhile is recorded at once."""
+    settings = engine_settings(
+        db.target.dsn,
+        {
+            "SIGNALS__MAX_POSITIONS": "100",
+            # Every read of all positions takes 8 s: the restart's snapshot is late, the start's too.
+            "VENUE__SIM__LATENCY__BY_CALL__FETCH_POSITIONS__SECONDS": "8.0",
+        },
+    )
+    clock = ManualClock(start=time.time())
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    try:
+        [fills, other] = await open_positions(engine, clock, [SYMBOLS[23], SYMBOLS[24]])
+        await drive_until_covered(engine, clock, 2)
+        restart = asyncio.ensure_future(engine.restart_protection())
+        await drive_until(clock, lambda: engine._carried is not None, what="the restart begun", step=0.01)
+        assert fills.stop_loss.price is not None
+        venue.override_mark_price(fills.symbol, fills.stop_loss.price - 3 * fills.market.tick_size)
+        fired_at = clock.monotonic()
+        await drive_until(
+            clock,
+            lambda: db.pool.fetchval(
+                "SELECT status = 'closed' FROM monitoring.positions WHERE id = $1", fills.position_id
+            ),
+            what="the position closed in the database",
+            step=0.05,
+            limit=30.0,
+        )
+        assert clock.monotonic() - fired_at < 4.0, clock.monotonic() - fired_at
+        report = await drive(clock, restart)
+        assert report.failed == 0
+        assert engine.manager is not None
+        assert engine.manager.by_symbol[other.symbol].covered
+        live = {o.client_order_id for o in venue.core.open_protective_orders(clock.now(), other.symbol)}
+        assert live == {
+            other.stop_loss.client_order_id,
+            other.trailing_stop.client_order_id,
+        }  # kept, not re-sent
+    finally:
+        await drive(clock, engine.stop())
+
+
 async def test_a_signal_during_a_protection_restart_counts_the_positions_it_restores(db: Database) -> None:
     """While the protection manager restarts, the new one has no guards until it has read the venue: the
     signal checks counted 0 open positions then, and let a wave past `max_positions`."""
