@@ -4,7 +4,10 @@ that disappears. The venue's truth (the sim core) is read to judge the outcome."
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
+
+import pytest
 
 from engine.clock import ManualClock
 from engine.events import EntriesToggled
@@ -259,10 +262,14 @@ async def test_restarting_protection_during_a_reconcile_pass_cancels_nothing(db:
         await drive(clock, engine.stop())
 
 
-async def test_a_venue_that_answers_no_positions_at_all_closes_nothing(db: Database) -> None:
+async def test_a_venue_that_answers_no_positions_at_all_closes_nothing(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
     """Two empty answers to "all positions" after the first 30 s used to close every position and cancel
     every stop while the venue still held them (and the next pass re-adopted them from the venue's entry
-    price, losing managed trails). "Everything gone at once" is unknown: each is asked for alone."""
+    price, losing managed trails). "Everything gone at once" is unknown: each is asked for alone. And it
+    is said once a pass, naming them all (one WARNING per position was 20 lines a pass in the chaos soak)."""
+    caplog.set_level(logging.WARNING, logger="protection.reconciler")
     settings = settings_for(db)
     clock = ManualClock()
     engine = make_engine(settings, clock)
@@ -281,6 +288,10 @@ async def test_a_venue_that_answers_no_positions_at_all_closes_nothing(db: Datab
         statuses = await db.pool.fetch("SELECT id, status FROM monitoring.positions ORDER BY id")
         assert [r["id"] for r in statuses] == sorted(g.position_id for g in guards)  # nothing re-adopted
         assert {r["status"] for r in statuses} == {"active"}
+        said = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+        symbols = ", ".join(sorted(g.symbol for g in guards))
+        kept = f"reconcile: the venue's list left out 4 positions it still holds when asked alone ({symbols}); kept"
+        assert said == [kept] * 3  # three empty answers, three passes, one line each
     finally:
         await drive(clock, engine.stop())
 
