@@ -142,8 +142,8 @@ class Reconciler:
         open_by_id = {o.client_order_id: o for o in open_orders}
         missing: list[PositionGuard] = []
         for guard in list(manager.guards.values()):
-            if guard.closed:
-                continue
+            if guard.closed or guard.filled_at >= snapshot_at:
+                continue  # (filled after the venue was asked: the list could not show it)
             venue_position = on_venue.get(guard.symbol)
             if venue_position is None or venue_position.side.value != guard.side.value:
                 missing.append(guard)

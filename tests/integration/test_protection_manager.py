@@ -296,6 +296,40 @@ async def test_a_venue_that_answers_no_positions_at_all_closes_nothing(
         await drive(clock, engine.stop())
 
 
+async def test_a_position_opened_while_a_pass_reads_the_list_is_not_taken_for_missing(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pass's list is as old as its read: a position filled after the venue ran the read could not be in
+    it. It was taken for missing, asked for alone (a read per new position: a wave's worth during a slow
+    pass) and said to be "left out of the venue's list" — a false warning for every position of the wave."""
+    caplog.set_level(logging.WARNING, logger="protection.reconciler")
+    # The venue runs a read of all positions 3 s after its send and answers 3 s later.
+    settings = settings_for(db, {"VENUE__SIM__LATENCY__BY_CALL__FETCH_POSITIONS__SECONDS": "6.0"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        await drive_until(clock, lambda: clock.monotonic() > 40, what="past the start-up window")
+        assert engine.reconciler is not None
+        venue = engine.venue
+        reads = venue.calls_made.get(CallKind.FETCH_POSITIONS, 0)
+        await drive_until(
+            clock,
+            lambda: venue.calls_made.get(CallKind.FETCH_POSITIONS, 0) > reads,
+            what="a pass's read sent",
+        )
+        sent_at, runs = clock.monotonic(), engine.reconciler.runs
+        await drive_until(clock, lambda: clock.monotonic() - sent_at >= 3.2, what="the read run on the venue")
+        guards = await open_positions(engine, clock, SYMBOLS[30:33])
+        await drive_until(clock, lambda: engine.reconciler.runs > runs, what="that pass's list back")
+        # (a missing position's own read takes another round trip: the pass is over well within 9 s more)
+        await drive_until(clock, lambda: clock.monotonic() - sent_at >= 15, what="that pass over")
+        said = [r.getMessage() for r in caplog.records]
+        assert not [m for m in said if any(g.symbol in m for g in guards)], said
+    finally:
+        await drive(clock, engine.stop())
+
+
 async def test_stops_follow_the_quantity_the_venue_holds(db: Database) -> None:
     """Someone adds to a position by hand: the venue holds more than our stops cover. The stops are resized
     to the venue's quantity, new ones live before the old ones are cancelled."""
