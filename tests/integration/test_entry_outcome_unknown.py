@@ -11,6 +11,7 @@ import time
 from engine.alerts import observe_engine
 from engine.clock import ManualClock
 from engine.commands import CommandAnswer, send_command
+from engine.engine import Engine
 from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, FaultKind
 from protection.order_ids import client_order_id
@@ -37,29 +38,46 @@ def _venue_holds(venue: SimVenue, clock: ManualClock, symbol: str) -> bool:
     return any(p.symbol == symbol for p in venue.core.inspect(clock.now()).positions)
 
 
-async def test_an_entry_of_unknown_outcome_is_settled_by_its_id_and_protected(db: Database) -> None:
+def _engine(db: Database, overrides: dict[str, str] | None = None) -> tuple[Engine, SimVenue, ManualClock]:
+    """An engine on the sim venue (its own clock, from now), answers lost after 2 s."""
     settings = engine_settings(
         db.target.dsn,
+        {"SIGNALS__MAX_POSITIONS": "100", "VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "2", **(overrides or {})},
+    )
+    clock = ManualClock(start=time.time())
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    return make_engine(settings, clock, venue), venue, clock
+
+
+def _lose_the_entry(venue: SimVenue, *, executed: bool = True, list_glitch: bool = True) -> None:
+    """The next entry's answer is lost (the venue filled it, or never ran it), every look-up by id fails
+    before it is sent, and with `list_glitch` the list of all positions answers []."""
+    venue.inject_fault(
+        CallKind.CREATE_ORDER,
+        FaultKind.TIMEOUT_AFTER_ACCEPT if executed else FaultKind.TIMEOUT_NOT_EXECUTED,
+        1,
+    )
+    venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 100_000)
+    if list_glitch:
+        venue.answer_positions_empty(100_000)
+
+
+async def test_an_entry_of_unknown_outcome_is_settled_by_its_id_and_protected(db: Database) -> None:
+    engine, venue, clock = _engine(
+        db,
         {
-            "SIGNALS__MAX_POSITIONS": "100",
-            "VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "2",
             "PROTECTION__GRACE_SECONDS": "5",
             # The breaker would pause entries (its own test below): the symbol's own hold is seen here.
             "PROTECTION__BREAKER__UNCOVERED_FACTOR": "1000",
         },
     )
-    clock = ManualClock(start=time.time())
-    venue = SimVenue(settings.venue.sim, clock=clock)
-    engine = make_engine(settings, clock, venue)
     await drive(clock, engine.start())
     try:
         assert engine.store is not None
         assert engine.manager is not None
         # The venue fills the entry and its answer is lost; every look-up by id fails before it is sent;
         # the list of all positions answers [] (the glitch the soak saw on most reconcile passes).
-        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT, 1)
-        venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 100_000)
-        venue.answer_positions_empty(100_000)
+        _lose_the_entry(venue)
         await engine.store.insert_signals([(SYMBOL, "long", None, None)])
         await drive_until(clock, lambda: _venue_holds(venue, clock, SYMBOL), what="the entry filled")
         filled_at = clock.monotonic()
@@ -131,23 +149,12 @@ async def test_an_entry_the_venue_never_executed_is_recorded_failed_once_its_id_
     """The other side: a lost answer for an entry the venue never executed. Once a look-up answers "no such
     order" after the request could no longer execute, the position is failed and the symbol free again;
     until then it was counted as a doubt, not hidden."""
-    settings = engine_settings(
-        db.target.dsn,
-        {
-            "SIGNALS__MAX_POSITIONS": "100",
-            "VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "2",
-            "PROTECTION__BREAKER__UNCOVERED_FACTOR": "1000",
-        },
-    )
-    clock = ManualClock(start=time.time())
-    venue = SimVenue(settings.venue.sim, clock=clock)
-    engine = make_engine(settings, clock, venue)
+    engine, venue, clock = _engine(db, {"PROTECTION__BREAKER__UNCOVERED_FACTOR": "1000"})
     await drive(clock, engine.start())
     try:
         assert engine.store is not None
         # Sent and never executed, and the first look-ups fail: its outcome stays unknown a while.
-        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_NOT_EXECUTED, 1)
-        venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 100_000)
+        _lose_the_entry(venue, executed=False, list_glitch=False)
         await engine.store.insert_signals([(SYMBOL, "long", None, None)])
         started = clock.monotonic()
         await drive_until(clock, lambda: clock.monotonic() - started > 30, what="30 s")
@@ -189,18 +196,11 @@ async def test_an_entry_still_in_doubt_at_a_stop_is_said_and_settled_by_the_next
     """Stopped while an entry is in doubt: the exit line counts it (the engine exits non-zero), and the next
     start, its look-ups failing too and the list answering [], counts it uncovered and protects it once the
     venue answers (before, a failed look-up at start-up left it to the reconciler's list)."""
-    settings = engine_settings(
-        db.target.dsn, {"SIGNALS__MAX_POSITIONS": "100", "VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "2"}
-    )
-    clock = ManualClock(start=time.time())
-    venue = SimVenue(settings.venue.sim, clock=clock)
-    engine = make_engine(settings, clock, venue)
+    engine, venue, clock = _engine(db)
     await drive(clock, engine.start())
     try:
         assert engine.store is not None
-        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT, 1)
-        venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 100_000)
-        venue.answer_positions_empty(100_000)
+        _lose_the_entry(venue)
         await engine.store.insert_signals([(SYMBOL, "long", None, None)])
         await drive_until(clock, lambda: engine.coverage().active == 1, what="the entry in doubt counted")
     finally:
@@ -209,7 +209,7 @@ async def test_an_entry_still_in_doubt_at_a_stop_is_said_and_settled_by_the_next
     assert "1 entries of unknown outcome" in report.describe()
     assert _venue_holds(venue, clock, SYMBOL)
 
-    second = restarted(engine, settings, clock)
+    second = restarted(engine, engine.settings, clock)
     second.venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 100_000)
     second.venue.answer_positions_empty(100_000)
     await drive(clock, second.start())
@@ -232,23 +232,11 @@ async def test_an_entry_still_in_doubt_at_a_stop_is_said_and_settled_by_the_next
 async def test_an_entry_in_doubt_past_the_breakers_limit_pauses_entries(db: Database) -> None:
     """The circuit breaker counts an entry in doubt as the position without stops it may be: uncovered
     past 3 × grace, entries pause (it read the manager's guards only, so a doubt never tripped it)."""
-    settings = engine_settings(
-        db.target.dsn,
-        {
-            "SIGNALS__MAX_POSITIONS": "100",
-            "VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "2",
-            "PROTECTION__GRACE_SECONDS": "5",
-        },
-    )
-    clock = ManualClock(start=time.time())
-    venue = SimVenue(settings.venue.sim, clock=clock)
-    engine = make_engine(settings, clock, venue)
+    engine, venue, clock = _engine(db, {"PROTECTION__GRACE_SECONDS": "5"})
     await drive(clock, engine.start())
     try:
         assert engine.store is not None
-        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT, 1)
-        venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 100_000)
-        venue.answer_positions_empty(100_000)
+        _lose_the_entry(venue)
         await engine.store.insert_signals([(SYMBOL, "long", None, None)])
         await drive_until(
             clock, lambda: engine.entries_paused_by == "breaker", what="entries paused by the breaker"
@@ -265,23 +253,12 @@ async def test_a_position_the_venues_list_shows_for_an_entry_in_doubt_is_protect
     """The list of positions is evidence too: while the entry's look-ups by id keep failing, a reconcile
     pass that sees the position on its symbol adopts it into the entry's own record and protects it (the
     reconciler skipped every symbol with an entry on its way, so a doubt's position waited for its id)."""
-    settings = engine_settings(
-        db.target.dsn,
-        {
-            "SIGNALS__MAX_POSITIONS": "100",
-            "VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "2",
-            "PROTECTION__BREAKER__UNCOVERED_FACTOR": "1000",
-        },
-    )
-    clock = ManualClock(start=time.time())
-    venue = SimVenue(settings.venue.sim, clock=clock)
-    engine = make_engine(settings, clock, venue)
+    engine, venue, clock = _engine(db, {"PROTECTION__BREAKER__UNCOVERED_FACTOR": "1000"})
     await drive(clock, engine.start())
     try:
         assert engine.store is not None
         assert engine.manager is not None
-        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT, 1)
-        venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 100_000)
+        _lose_the_entry(venue, list_glitch=False)
         await engine.store.insert_signals([(SYMBOL, "long", None, None)])
         await drive_until(clock, lambda: engine.coverage().active == 1, what="the entry in doubt counted")
         doubted_at = clock.monotonic()
@@ -324,25 +301,13 @@ async def test_a_flatten_with_an_entry_in_doubt_is_not_all_closed(db: Database) 
     """`tsbot flatten --all` closed every guarded position and answered "all closed, ok" while an entry of
     unknown outcome (a position the venue may hold) was left as it was: now it is named, not closed, and the
     flatten is partial. `tsbot protect` no longer says "every position is covered" meanwhile."""
-    settings = engine_settings(
-        db.target.dsn,
-        {
-            "SIGNALS__MAX_POSITIONS": "100",
-            "VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "2",
-            "PROTECTION__BREAKER__UNCOVERED_FACTOR": "1000",
-        },
-    )
-    clock = ManualClock(start=time.time())
-    venue = SimVenue(settings.venue.sim, clock=clock)
-    engine = make_engine(settings, clock, venue)
+    engine, venue, clock = _engine(db, {"PROTECTION__BREAKER__UNCOVERED_FACTOR": "1000"})
     await drive(clock, engine.start())
     try:
         assert engine.store is not None
         [other] = await open_positions(engine, clock, [SYMBOLS[34]])
         await drive_until_covered(engine, clock, 1)
-        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT, 1)
-        venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 100_000)
-        venue.answer_positions_empty(100_000)
+        _lose_the_entry(venue)
         await engine.store.insert_signals([(SYMBOL, "long", None, None)])
         await drive_until(clock, lambda: len(engine.entries_in_doubt()) == 1, what="the entry in doubt")
 
