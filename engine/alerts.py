@@ -396,10 +396,10 @@ def observe_engine(engine: Engine, now: float) -> Observation:
     manager = engine.manager
     assert manager is not None
     # The manager's guards, and the entries of unknown outcome (each may be a position without stops).
-    guards = manager.open_guards()
-    guarded = {g.position_id for g in guards}  # an entry in doubt the reconciler adopted: its guard counts it
-    doubts = [d for d in engine.entries_in_doubt() if d.position_id not in guarded]
-    facts = [*(g.coverage() for g in guards), *(d.coverage() for d in doubts)]
+    facts = [
+        *(g.coverage() for g in manager.open_guards()),
+        *(d.coverage() for d in engine.entries_in_doubt()),
+    ]
     figures = coverage_figures(facts, manager.clock.monotonic(), manager.config.grace_seconds)
     symbols = {f.position_id: f.symbol for f in facts}
     since_of = {f.position_id: f.unprotected_since for f in facts}

@@ -220,7 +220,7 @@ class CommandRunner:
                     (PositionOutcome(symbol, True, detail, guard.position_id),),
                 )
         if not plan:
-            doubts = _unguarded_doubts(engine)
+            doubts = engine.entries_in_doubt()
             if doubts and not isinstance(
                 symbol, str
             ):  # not "every position is covered": they may be positions
@@ -295,7 +295,7 @@ class CommandRunner:
             if any(not o.ok for o in done):
                 break  # what failed stays open and protected; the operator decides what next
         # An entry of unknown outcome may be a position: not closed (nothing says it exists), not "all closed".
-        doubts = tuple(_doubt_outcome(d) for d in _unguarded_doubts(engine))
+        doubts = tuple(_doubt_outcome(d) for d in engine.entries_in_doubt())
         results = tuple(sorted([*outcomes.values(), *doubts], key=lambda o: o.symbol))
         closed = sum(o.ok for o in results)
         left = len(manager.guards) + len(doubts)
@@ -304,12 +304,6 @@ class CommandRunner:
         if left:
             summary += f"; {left} positions still open"
         return CommandOutcome(ok, summary, results)
-
-
-def _unguarded_doubts(engine: Engine) -> list[EntryInDoubt]:
-    manager = engine.manager
-    guarded = set(manager.guards) if manager is not None else set()
-    return [d for d in engine.entries_in_doubt() if d.position_id not in guarded]
 
 
 def _doubt_outcome(doubt: EntryInDoubt) -> PositionOutcome:

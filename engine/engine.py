@@ -809,8 +809,10 @@ class Engine:
                 await wait_for_all(self.clock, budget, pending)
 
     def entries_in_doubt(self) -> list[EntryInDoubt]:
-        """Entries whose outcome the venue has not told yet, each counted as a position without stops."""
-        return list(self._in_doubt.values())
+        """Entries whose outcome the venue has not told yet, each counted as a position without stops (one
+        a guard has taken over meanwhile is counted by its guard)."""
+        guarded = self.manager.guards if self.manager is not None else {}
+        return [d for d in self._in_doubt.values() if d.position_id not in guarded]
 
     def _entries_unresolved(self) -> int:
         """Entries whose outcome the venue has not told (in flight, or in doubt and left so by the stop)."""
