@@ -54,7 +54,7 @@ from engine.engine import (
 )
 from engine.events import EngineEvent
 from engine.venues.sim.universe import UNIVERSE
-from protection.coverage import PositionCoverage, coverage_figures
+from protection.coverage import PositionCoverage, coverage_figures, rows_by_position
 from tui.app import DashboardApp
 from tui.feed import LogEntry
 from tui.widgets.positions import PositionsTable
@@ -93,6 +93,8 @@ class SyntheticFeed:
         self.marks = [row["entry"] for row in self.rows]
         self.started_at = time.time()
         self.ticks = 0
+        self._facts: dict[int, PositionCoverage] = {}
+        self._rows: tuple[PositionCoverage, ...] = ()
 
     def tick(self, first: int, count: int, rng: random.Random) -> None:
         """One batch of mark ticks (what the engine's mark feed does per message)."""
@@ -114,19 +116,26 @@ class SyntheticFeed:
         """As `Engine.snapshot(views_of)`: every position's coverage facts and the figures, then a full view
         of each position the selector picks (all of them without one)."""
         now = time.monotonic() - self._mono0 if hasattr(self, "_mono0") else 0.0
-        facts = [
-            PositionCoverage(
-                row["id"],
-                row["symbol"],
-                row["covered"],
-                row["covered"],
-                row["filled_at"],
-                None if row["covered"] else row["filled_at"],
-            )
-            for row in self.rows
-        ]
+        facts = []
+        for row in self.rows:
+            # As a guard's coverage(): its last fact again unless one of the facts changed.
+            covered, filled_at = row["covered"], row["filled_at"]
+            unprotected_since = None if covered else filled_at
+            fact = self._facts.get(row["id"])
+            if (
+                fact is None
+                or fact.has_stop_loss != covered
+                or fact.has_trailing_stop != covered
+                or fact.filled_at != filled_at
+                or fact.unprotected_since != unprotected_since
+                or fact.symbol != row["symbol"]
+            ):
+                fact = self._facts[row["id"]] = PositionCoverage(
+                    row["id"], row["symbol"], covered, covered, filled_at, unprotected_since
+                )
+            facts.append(fact)
         figures = coverage_figures(facts, now, 5.0)
-        rows = tuple(sorted(facts, key=lambda fact: fact.position_id))
+        rows = self._rows = rows_by_position(facts, self._rows)
         wanted = None if views_of is None else set(views_of(rows, figures))
         views = []
         for row, mark in zip(self.rows, self.marks, strict=True):

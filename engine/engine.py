@@ -76,7 +76,13 @@ from engine.signal_input import BadSignal, parse_score, parse_side
 from engine.signals import SignalConsumer, SignalWave, SimSignalGenerator
 from protection import health
 from protection.breaker import BreakerInputs, BreakerSettings, trip_reasons
-from protection.coverage import CoverageFigures, PositionCoverage, coverage_figures, percent
+from protection.coverage import (
+    CoverageFigures,
+    PositionCoverage,
+    coverage_figures,
+    percent,
+    rows_by_position,
+)
 from protection.manager import (
     PositionGuard,
     ProtectionConfig,
@@ -490,6 +496,7 @@ class Engine:
         self._in_flight: set[str] = set()
         # Entries of unknown outcome, by symbol (their symbols stay in `_in_flight`), and the tasks settling them.
         self._in_doubt: dict[str, EntryInDoubt] = {}
+        self._rows: tuple[PositionCoverage, ...] = ()  # the last snapshot's facts (rows_by_position)
         self._settlers: set[asyncio.Task[None]] = set()
         self._waves: deque[WaveView] = deque(maxlen=50)
         self._wave_tasks: set[asyncio.Task[None]] = set()
@@ -2034,7 +2041,7 @@ class Engine:
             if manager is not None
             else _empty_coverage()
         )
-        rows = tuple(sorted(facts, key=_by_position_id))
+        rows = self._rows = rows_by_position(facts, self._rows)
         wanted = None if views_of is None else set(views_of(rows, coverage))
         views = [
             self._position_view(guard, now)

@@ -8,7 +8,8 @@ rounding as the operators' SQL (active positions, ROUND(…, 1)), so the gauge a
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import operator
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 
@@ -83,3 +84,19 @@ def coverage_figures(
         sl_coverage_pct=percent(with_sl, active),
         uncovered_ids=tuple(sorted(uncovered_ids)),
     )
+
+
+def rows_by_position(
+    facts: Iterable[PositionCoverage], previous: tuple[PositionCoverage, ...]
+) -> tuple[PositionCoverage, ...]:
+    """The facts in position-id order; `previous` itself when it holds the very same fact objects (a
+    guard gives its fact again while nothing changed), so what a reader derived from the last rows (the
+    dashboard's order of 1 000 rows) can be kept by identity rather than computed again."""
+    rows: Sequence[PositionCoverage] = sorted(facts, key=_position_id)
+    if len(rows) == len(previous) and all(map(operator.is_, rows, previous)):
+        return previous
+    return tuple(rows)
+
+
+def _position_id(fact: PositionCoverage) -> int:
+    return fact.position_id

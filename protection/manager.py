@@ -379,6 +379,7 @@ class PositionGuard:
         self.exit_evidence: ExitEvidence | None = None
         self._pass: asyncio.Future[bool] | None = None  # the protection pass in flight
         self._stuck_timer: asyncio.Task[None] | None = None  # asks for a StuckTriggerCheck when patience ends
+        self._fact: PositionCoverage | None = None  # the last coverage(), given again while nothing changed
         # The account stream's word on the position: when it last said its size (venue epoch seconds; an
         # older event is out of order and ignored) and whether that was "flat".
         self._stream_position_at = float("-inf")
@@ -466,14 +467,29 @@ class PositionGuard:
             # is timed from now, not from the fill (which read as "uncovered for as long as it was held").
             self.unprotected_since = self._m.clock.monotonic()
             self.unprotected_since_epoch = self._m.clock.now()
-        return PositionCoverage(
-            position_id=self.position_id,
-            symbol=self.symbol,
-            has_stop_loss=self.has_stop_loss,
-            has_trailing_stop=self.trailing_in_place,
-            filled_at=self.filled_at,
-            unprotected_since=None if covered else self.unprotected_since,
-        )
+        has_trailing_stop = self.trailing_in_place
+        unprotected_since = None if covered else self.unprotected_since
+        fact = self._fact
+        # The same object while the facts are the same: every dashboard frame asks every guard, and making
+        # 1 000 of them anew was most of the snapshot's cost (bench/tui_render.py); an unchanged set of
+        # facts then also keeps the snapshot's rows, and what the dashboard derives from them, as they were.
+        if (
+            fact is None
+            or fact.has_stop_loss != self.has_stop_loss
+            or fact.has_trailing_stop != has_trailing_stop
+            or fact.filled_at != self.filled_at
+            or fact.unprotected_since != unprotected_since
+            or fact.symbol != self.symbol
+        ):
+            fact = self._fact = PositionCoverage(
+                position_id=self.position_id,
+                symbol=self.symbol,
+                has_stop_loss=self.has_stop_loss,
+                has_trailing_stop=has_trailing_stop,
+                filled_at=self.filled_at,
+                unprotected_since=unprotected_since,
+            )
+        return fact
 
     def order_ids(self) -> set[str]:
         """Client ids this guard considers current (anything else of ours for this position is stale)."""

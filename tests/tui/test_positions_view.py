@@ -302,3 +302,26 @@ async def test_every_changed_row_on_screen_shows_its_new_text_when_a_frame_forma
         feed.tick = False
         feed.set_positions(moved)
         await wait_for(pilot, lambda: screen_text(app) == expected, "the screen of a fresh start")
+
+
+async def test_a_resize_that_rebuilds_the_columns_adds_back_the_rows_off_screen_too() -> None:
+    """A frame whose positions' facts are the ones the table last synced walks only the rows it has views
+    of (P4: the other 1 000 have nothing new). A resize across a column layout empties the table between
+    two such frames: every row, off screen too, must come back, or the table would hold a screenful."""
+    settings = scenario_settings()
+    book, uncovered, _last = _big_book()
+    feed = ScreenScopedBookFeed(settings, book)
+    app = DashboardApp(settings, feed=feed, tz=UTC, code_roots=[])
+    async with app.run_test(size=(120, 40)) as pilot:
+        table = app.query_one(PositionsTable)
+        await wait_for(pilot, lambda: table.row_count == 303 and table.fixed_rows == 3, "the book shown")
+        assert feed.views_given[-1] < 100  # the rows off screen have no view in a frame
+        for size in ((160, 40), (120, 40)):  # across WIDE_FROM: the error column comes and goes
+            await pilot.resize_terminal(*size)
+            await wait_for(pilot, lambda: table.row_count == 303 and table.fixed_rows == 3, f"rows at {size}")
+            await pilot.press("end")
+            await wait_for(pilot, lambda: "1.2401" in screen_text(app), f"the last rows at {size}")
+            await pilot.press("home")
+            assert "Positions 303 · 3 UNCOVERED" in str(table.border_title)
+            for symbol in uncovered:
+                assert symbol in screen_text(app)

@@ -149,6 +149,7 @@ class PositionsTable(DataTable[Text]):
         self._row_keys: dict[int, RowKey] = {}
         self._order: list[int] = []
         self._last_plan: _Plan | None = None
+        self._synced_plan: _Plan | None = None  # the plan the last sync brought every row to
         self._window: tuple[int, int] | None = None  # (top, height) when the last frame's views were chosen
         self._frame_asked = False
         self.redraw_within = (
@@ -195,6 +196,7 @@ class PositionsTable(DataTable[Text]):
         self._cells.clear()
         self._views.clear()
         self._row_keys.clear()
+        self._synced_plan = None  # every row is to be added again
         self._order = []
         self._column_keys = tuple(key for key, _, _ in columns)
         self._column_key_objects = tuple(
@@ -257,14 +259,21 @@ class PositionsTable(DataTable[Text]):
         formatted = 0
         reorder = False
         selected = self.selected_position_id()
-        for position_id in [k for k in self._cells if k not in flags]:
-            self.remove_row(str(position_id))
-            self._forget_row(str(position_id))
-            del self._cells[position_id]
-            self._views.pop(position_id, None)
-            self._row_keys.pop(position_id, None)
-            reorder = True
-        for position_id in plan.order:
+        if plan is self._synced_plan:
+            # The same rows with the same flags as the last sync: the rows without a view have nothing new
+            # to show, and walking all 1 000 of them was most of this step (bench/tui_render.py).
+            order = [position_id for position_id in plan.order if position_id in by_id]
+        else:
+            order = plan.order
+            for position_id in [k for k in self._cells if k not in flags]:
+                self.remove_row(str(position_id))
+                self._forget_row(str(position_id))
+                del self._cells[position_id]
+                self._views.pop(position_id, None)
+                self._row_keys.pop(position_id, None)
+                reorder = True
+        self._synced_plan = plan
+        for position_id in order:
             flag = flags[position_id]
             shown = self._cells.get(position_id)
             view = by_id.get(position_id)
