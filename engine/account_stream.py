@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 
 from engine.clock import Clock
-from engine.exchange.port import ExchangePort
+from engine.exchange.port import AccountEvent, ExchangePort
 from protection.manager import ProtectionManager
 from protection.stream_events import route_account_event
 
@@ -33,8 +33,11 @@ class AccountStreamReader:
         *,
         reconcile_seconds: float,
         protection_ready: asyncio.Event | None = None,
+        unrouted: Callable[[AccountEvent], None] | None = None,
     ) -> None:
         self._venue = venue
+        # Told of every event no guard took: an entry's own fill, which settles an entry of unknown outcome.
+        self._unrouted = unrouted
         self._manager = manager
         # Cleared while the protection manager restarts: an event then waits until the new manager guards
         # its positions (routed before, it found "no position we guard" and was lost).
@@ -60,6 +63,8 @@ class AccountStreamReader:
                     manager = self._manager()
                     if manager is not None and route_account_event(manager, event):
                         self.events_routed += 1
+                    elif self._unrouted is not None:
+                        self._unrouted(event)
             finally:
                 self.streaming = False
             if received == 0:

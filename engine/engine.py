@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from decimal import ROUND_DOWN, Decimal
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from engine.account_stream import AccountStreamReader
 from engine.accounts import account_key
@@ -58,6 +58,7 @@ from engine.exchange.errors import (
     Rejected,
 )
 from engine.exchange.port import (
+    AccountEvent,
     AttachesStopToEntry,
     ExchangePort,
     Market,
@@ -65,6 +66,7 @@ from engine.exchange.port import (
     Order,
     OrderSide,
     OrderStatus,
+    OrderUpdate,
     PositionSide,
     VenuePosition,
 )
@@ -90,7 +92,7 @@ from protection.manager import (
     TrailingKind,
     stop_loss_price,
 )
-from protection.order_ids import client_order_id
+from protection.order_ids import client_order_id, parse_client_order_id
 from protection.reconciler import Reconciler, ReconcileReport, VenueSnapshot
 from storage.commands import NEW_COMMAND_CHANNEL, CommandQueue
 from storage.database import Database, DatabaseDown, open_database
@@ -114,6 +116,7 @@ from storage.repositories import (
 from storage.resilient import ResilientStore
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 STARTUP_UNKNOWN_SECONDS = 30.0  # an empty position list this soon after connecting is "unknown" (F3)
 WAVE_PROTECTION_WAIT_SECONDS = 120.0
@@ -134,6 +137,7 @@ RESTART_SNAPSHOT_LATE_ANSWERS = 3
 # An entry of unknown outcome may be a position with no stop: its look-ups back off no further than this (a
 # read of one order by id; the protective backoff's 30 s left one waiting 23 s after the venue answered again).
 ENTRY_SETTLE_MAX_BACKOFF_SECONDS = 4.0
+STREAMED_ENTRIES_KEPT = 256  # entries' ends told by the account stream, the latest (_entry_streamed)
 LEASE_SAY_EVERY_SECONDS = 60.0  # an unreachable database is said once a minute, not once per retry  # a wave handles its signals in seconds; ten minutes taken is abandoned
 
 
@@ -321,6 +325,8 @@ class EntryInDoubt:
     # absent only a request window and a read lag after this (`Engine._absence_proven`).
     unknown_at: float = 0.0
     error: str = ""
+    # Set when the account stream told the entry's outcome (`Engine._entry_streamed`): the look-ups stop.
+    heard: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
     def coverage(self) -> PositionCoverage:
         return PositionCoverage(self.position_id, self.symbol, False, False, self.sent_at, self.sent_at)
@@ -497,6 +503,9 @@ class Engine:
         # Entries of unknown outcome, by symbol (their symbols stay in `_in_flight`), and the tasks settling them.
         self._in_doubt: dict[str, EntryInDoubt] = {}
         self._rows: tuple[PositionCoverage, ...] = ()  # the last snapshot's facts (rows_by_position)
+        # Entries of ours the account stream said ended (filled, or not), by client id, the latest kept:
+        # the evidence that settles an entry in doubt, which may only become one after its event came.
+        self._streamed_entries: dict[str, Order] = {}
         self._settlers: set[asyncio.Task[None]] = set()
         self._waves: deque[WaveView] = deque(maxlen=50)
         self._wave_tasks: set[asyncio.Task[None]] = set()
@@ -647,6 +656,7 @@ class Engine:
             self.clock,
             reconcile_seconds=float(self.settings.protection.reconcile_seconds),
             protection_ready=self._protection_ready,
+            unrouted=self._entry_streamed,
         )
         sup.start("account-stream", self.account_stream.run)
         sup.start("health", self._health_loop)
@@ -1721,20 +1731,77 @@ class Engine:
         window = capabilities.request_window_seconds + capabilities.read_after_write_seconds
         return self.clock.monotonic() >= doubt.unknown_at + window
 
+    def _entry_streamed(self, event: AccountEvent) -> None:
+        """An account event no guard took: if it says an entry of ours ended, kept as that entry's outcome,
+        and an entry in doubt by that id stops asking for it. The chaos soak's entries in doubt waited
+        10 s for the look-ups to answer while the stream had told their fill within milliseconds."""
+        if not isinstance(event, OrderUpdate) or not event.order.status.is_final:
+            return
+        order = event.order
+        key = parse_client_order_id(order.client_order_id, self._token)
+        if key is None or key.purpose is not OrderPurpose.ENTRY:
+            return
+        streamed = self._streamed_entries
+        streamed.pop(order.client_order_id, None)
+        streamed[order.client_order_id] = order
+        while len(streamed) > STREAMED_ENTRIES_KEPT:
+            del streamed[next(iter(streamed))]
+        for doubt in self._in_doubt.values():
+            if doubt.client_order_id == order.client_order_id:
+                doubt.heard.set()
+
+    async def _entry_lookup(self, symbol: str, client_id: str) -> Order:
+        """An entry whose answer was lost, by its id: the account stream's word if it told the entry's end
+        (a look-up failing for the rest of the call budget then does not leave a filled entry waiting),
+        else the venue's answer."""
+        streamed = self._streamed_entries.get(client_id)
+        if streamed is not None:
+            return streamed
+        return await self.venue.fetch_order(symbol, client_id)
+
+    async def _unless_streamed(self, doubt: EntryInDoubt, work: Awaitable[T]) -> tuple[bool, T | None]:
+        """(True, `work`'s result), or (False, None) as soon as the account stream told the entry's outcome
+        (`work` is then cancelled: a look-up held up by a ban need not be waited out)."""
+        task = asyncio.ensure_future(work)
+        heard = asyncio.ensure_future(doubt.heard.wait())
+        try:
+            await asyncio.wait({task, heard}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                return True, task.result()
+            return False, None
+        finally:
+            heard.cancel()
+            task.cancel()
+            await asyncio.gather(task, heard, return_exceptions=True)
+
     async def _entry_by_id(self, doubt: EntryInDoubt) -> Order | None:
-        """The entry as the venue has it, asked by its client id with backoff until the venue answers; None
-        once "no such order" proves it was never executed (`_absence_proven`)."""
+        """The entry as the venue has it: told by the account stream, or asked by its client id with backoff
+        until the venue answers; None once "no such order" proves it was never executed
+        (`_absence_proven`)."""
         protection = self.settings.protection
         delay = float(protection.retry_initial_seconds)
         while True:
+            streamed = self._streamed_entries.get(doubt.client_order_id)
+            if streamed is not None:
+                log.info(
+                    "%s: the account stream told the entry's outcome (%s)", doubt.symbol, streamed.status
+                )
+                return streamed
+            doubt.heard.clear()  # (told, but the outcome is no longer kept: asked for by id)
             manager = self.manager
             assert manager is not None
             try:
-                order = await manager.read(
-                    lambda: self.venue.fetch_order(doubt.symbol, doubt.client_order_id),
-                    "fetch_order",
-                    Lane.ENTRY,
+                answered, order = await self._unless_streamed(
+                    doubt,
+                    manager.read(
+                        lambda: self.venue.fetch_order(doubt.symbol, doubt.client_order_id),
+                        "fetch_order",
+                        Lane.ENTRY,
+                    ),
                 )
+                if not answered:
+                    continue
+                assert order is not None
             except NotFound:
                 if self._absence_proven(doubt):
                     return None
@@ -1747,7 +1814,7 @@ class Engine:
                 # Accepted and working (Binance NEW / PARTIALLY_FILLED, Bybit New / PartiallyFilled): not
                 # an answer yet — failing it here was a naked position once it filled a moment later.
                 doubt.error = f"entry {order.status.value} on the venue, not filled yet"
-            await self.clock.sleep(delay)
+            await self._unless_streamed(doubt, self.clock.sleep(delay))
             delay = min(delay * 2, float(protection.retry_max_seconds), ENTRY_SETTLE_MAX_BACKOFF_SECONDS)
 
     async def _send_entry(self, entry_call: Callable[[], Awaitable[Any]], doubt: EntryInDoubt) -> Any:
@@ -1763,7 +1830,7 @@ class Engine:
             doubt.sent_at = self.clock.monotonic()  # were its outcome to stay unknown, counted from here
             try:
                 return await manager.create_or_find(
-                    entry_call(), lambda: self.venue.fetch_order(symbol, cid), f"entry {symbol}", Lane.ENTRY
+                    entry_call(), lambda: self._entry_lookup(symbol, cid), f"entry {symbol}", Lane.ENTRY
                 )
             except RateLimited as exc:
                 if attempt == ENTRY_RATE_LIMIT_ATTEMPTS:

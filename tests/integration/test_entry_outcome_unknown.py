@@ -28,6 +28,7 @@ from tests.integration.test_failure_modes_f1_f5 import (
 from tests.support.driving import drive, drive_until
 
 SYMBOL = SYMBOLS[33]
+FILL_TOLD_LATE_SECONDS = 15.0  # past the entry's call budget (10 s): told once the entry is in doubt
 
 
 def _our_stops(venue: SimVenue, clock: ManualClock, symbol: str) -> list[str]:
@@ -49,9 +50,14 @@ def _engine(db: Database, overrides: dict[str, str] | None = None) -> tuple[Engi
     return make_engine(settings, clock, venue), venue, clock
 
 
-def _lose_the_entry(venue: SimVenue, *, executed: bool = True, list_glitch: bool = True) -> None:
+def _lose_the_entry(
+    venue: SimVenue, *, executed: bool = True, list_glitch: bool = True, stream_down: bool = True
+) -> None:
     """The next entry's answer is lost (the venue filled it, or never ran it), every look-up by id fails
-    before it is sent, and with `list_glitch` the list of all positions answers []."""
+    before it is sent, with `list_glitch` the list of all positions answers [], and with `stream_down` the
+    account stream's connection is down (its fill event lost): nothing but the look-ups and the list."""
+    if stream_down:
+        venue.drop_account_stream(100_000)
     venue.inject_fault(
         CallKind.CREATE_ORDER,
         FaultKind.TIMEOUT_AFTER_ACCEPT if executed else FaultKind.TIMEOUT_NOT_EXECUTED,
@@ -338,5 +344,76 @@ async def test_a_flatten_with_an_entry_in_doubt_is_not_all_closed(db: Database) 
         [doubt] = [p for p in flatten.positions if not p.ok]
         assert doubt.detail.startswith("entry of unknown outcome: not closed")
         assert "1 positions still open" in flatten.summary
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_an_entry_whose_look_ups_fail_is_protected_from_the_fill_the_account_stream_told(
+    db: Database,
+) -> None:
+    """The answer lost, every look-up by id failing, the list glitching, but the account stream up: it
+    told the entry's fill within milliseconds, and that is an answer. Before, the stream's fill event of an
+    entry was dropped (no guard held it): the position waited without stops for as long as the look-ups
+    failed (here for good)."""
+    engine, venue, clock = _engine(
+        db, {"PROTECTION__GRACE_SECONDS": "5", "PROTECTION__BREAKER__UNCOVERED_FACTOR": "1000"}
+    )
+    await drive(clock, engine.start())
+    try:
+        assert engine.store is not None
+        _lose_the_entry(venue, stream_down=False)
+        await engine.store.insert_signals([(SYMBOL, "long", None, None)])
+        await drive_until(clock, lambda: _venue_holds(venue, clock, SYMBOL), what="the entry filled")
+        filled_at = clock.monotonic()
+        await drive_until(
+            clock,
+            lambda: _our_stops(venue, clock, SYMBOL) == ["sl", "ts"],
+            limit=60,
+            what="both stops on the venue, the look-ups still failing",
+        )
+        # Found at the first look-up after the answer was late: the stream's word stands for the venue's.
+        assert clock.monotonic() - filled_at < 5
+        assert engine.entries_in_doubt() == []
+        [position] = engine.snapshot().positions
+        assert position.entry_price == venue.core.inspect(clock.now()).positions[0].entry_price
+        await drive_until(clock, lambda: engine.coverage().protected == 1, what="counted protected")
+        status = await db.pool.fetchval("SELECT status FROM monitoring.signals WHERE symbol = $1", SYMBOL)
+        assert status == "opened"
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_an_entry_in_doubt_is_settled_by_the_fill_the_account_stream_tells_late(db: Database) -> None:
+    """The stream tells the fill only after the entry's call budget ran out (its events 15 s late): the
+    entry is in doubt by then, counted uncovered, and the stream's word settles it without a look-up ever
+    answering; the look-up loop does not sleep past it."""
+    engine, venue, clock = _engine(
+        db,
+        {
+            "PROTECTION__GRACE_SECONDS": "5",
+            "PROTECTION__BREAKER__UNCOVERED_FACTOR": "1000",
+            "VENUE__SIM__ACCOUNT_STREAM__EVENT_DELAY_SECONDS": str(FILL_TOLD_LATE_SECONDS),
+        },
+    )
+    await drive(clock, engine.start())
+    try:
+        assert engine.store is not None
+        _lose_the_entry(venue, stream_down=False)
+        await engine.store.insert_signals([(SYMBOL, "long", None, None)])
+        await drive_until(clock, lambda: _venue_holds(venue, clock, SYMBOL), what="the entry filled")
+        filled_at = clock.monotonic()
+        await drive_until(clock, lambda: engine.entries_in_doubt() != [], limit=30, what="the entry in doubt")
+        assert clock.monotonic() - filled_at < FILL_TOLD_LATE_SECONDS
+        assert engine.coverage().uncovered + engine.coverage().protecting == 1
+        await drive_until(
+            clock,
+            lambda: _our_stops(venue, clock, SYMBOL) == ["sl", "ts"],
+            limit=60,
+            what="both stops on the venue, the look-ups still failing",
+        )
+        assert clock.monotonic() - filled_at < FILL_TOLD_LATE_SECONDS + 3
+        assert engine.entries_in_doubt() == []
+        status = await db.pool.fetchval("SELECT status FROM monitoring.signals WHERE symbol = $1", SYMBOL)
+        assert status == "opened"
     finally:
         await drive(clock, engine.stop())
