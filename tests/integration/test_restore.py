@@ -112,6 +112,9 @@ async def test_pending_entries_are_resolved_together_at_start_up(db: Database) -
     symbols = SYMBOLS[40:46]
     try:
         assert engine_a.store is not None
+        assert isinstance(engine_a.venue, SimVenue)
+        # The account stream is down (its fill events would answer the entries before the engine dies).
+        engine_a.venue.drop_account_stream(100_000)
         await engine_a.store.insert_signals([(s, "long", None, None) for s in symbols])
         # The entries reach the venue (1 s there) and fill; the engine dies before their answers come back.
         core = engine_a.venue.core
