@@ -56,6 +56,7 @@ from engine.exchange.errors import (
     OutcomeUnknown,
     RateLimited,
     Rejected,
+    Retryable,
 )
 from engine.exchange.port import (
     AccountEvent,
@@ -137,6 +138,9 @@ RESTART_SNAPSHOT_LATE_ANSWERS = 3
 # An entry of unknown outcome may be a position with no stop: its look-ups back off no further than this (a
 # read of one order by id; the protective backoff's 30 s left one waiting 23 s after the venue answered again).
 ENTRY_SETTLE_MAX_BACKOFF_SECONDS = 4.0
+# A read the start needs (markets, credentials, marks) is tried this many times while its failures are
+# transient (_startup_read): 1 + 2 + 4 + 8 + 16 s of backoff at the default retry settings.
+STARTUP_READ_ATTEMPTS = 6
 STREAMED_ENTRIES_KEPT = 256  # entries' ends told by the account stream, the latest (_entry_streamed)
 LEASE_SAY_EVERY_SECONDS = 60.0  # an unreachable database is said once a minute, not once per retry  # a wave handles its signals in seconds; ten minutes taken is abandoned
 
@@ -606,10 +610,10 @@ class Engine:
             self.venue.attach_pacing(self._venue_pacing)
             await self.venue.connect()
             self._connected_at = self.clock.monotonic()
-            self.markets = dict(await self.venue.load_markets())
+            self.markets = dict(await self._startup_read("load_markets", self.venue.load_markets))
             # A signed read before anything is restored or traded. A wrong key or secret stops
             # the start here (CredentialsRefused: one line, exit 2) instead of running with every order refused.
-            await check_credentials(self.venue)
+            await self._startup_read("the credentials' check", lambda: check_credentials(self.venue))
             # The order budget as the venue announced it (exchangeInfo), kept across protection restarts:
             # the venue's counts do not reset when our manager does.
             self.order_budget = OrderBudget(
@@ -621,7 +625,7 @@ class Engine:
                 protective_budgets=self.venue.capabilities().protective_rate_budgets,
             )
             self._venue_pacing.orders = self.order_budget
-            self.marks = await self.venue.fetch_mark_prices()
+            self.marks = await self._startup_read("fetch_mark_prices", self.venue.fetch_mark_prices)
             self._last_mark_at = self.clock.monotonic()
             self._mark_received_at = dict.fromkeys(self.marks, self._last_mark_at)
             self.startup_report = await self._start_protection()
@@ -643,6 +647,33 @@ class Engine:
         self._start_loops()
         self._set_state(EngineState.RUNNING)
         return self.startup_report
+
+    async def _startup_read(self, what: str, read: Callable[[], Awaitable[T]]) -> T:
+        """A venue read the start cannot go on without (the markets, the credentials' check, the marks). A
+        failure that says the venue may answer next time (not executed, no answer, rate limited) is tried
+        again with backoff, each retry said; before, one HTTP 500 on the markets ended the start ("the
+        engine did not start"), the positions on the venue left unguarded until an operator started it
+        again. A refusal (a wrong key, a rejected request) still ends it at once."""
+        protection = self.settings.protection
+        delay = float(protection.retry_initial_seconds)
+        for attempt in range(1, STARTUP_READ_ATTEMPTS + 1):
+            try:
+                return await read()
+            except (Retryable, OutcomeUnknown, RateLimited, TimeoutError) as exc:
+                if attempt == STARTUP_READ_ATTEMPTS:
+                    raise
+                wait = max(delay, exc.retry_after) if isinstance(exc, RateLimited) else delay
+                log.warning(
+                    "start-up: %s failed (%s); trying again in %.1fs (attempt %d of %d)",
+                    what,
+                    exc,
+                    wait,
+                    attempt + 1,
+                    STARTUP_READ_ATTEMPTS,
+                )
+                await self.clock.sleep(wait)
+                delay = min(delay * 2, float(protection.retry_max_seconds))
+        raise AssertionError("unreachable")
 
     def _start_loops(self) -> None:
         assert self.store is not None and self._db is not None

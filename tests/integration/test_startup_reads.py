@@ -1,0 +1,59 @@
+"""The reads the start cannot go on without (the markets, the credentials' check, the marks) meet the
+venue's transient failures like any other read: tried again with backoff, each retry said. Found in tmux:
+with the sim venue answering HTTP 500 now and then, one 500 on `load_markets` ended the start ("The
+engine did not start"), leaving the positions on the venue unguarded until an operator started it again."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+
+from engine.clock import ManualClock
+from engine.engine import STARTUP_READ_ATTEMPTS, EngineState
+from engine.exchange.errors import Retryable
+from engine.venues.sim import SimVenue
+from engine.venues.sim.settings import CallKind, FaultKind
+from storage.database import Database
+from tests.integration.engine_support import engine_settings, make_engine
+from tests.support.driving import drive
+
+
+def _engine(db: Database):  # type: ignore[no-untyped-def]
+    settings = engine_settings(db.target.dsn)
+    clock = ManualClock(start=time.time())
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    return make_engine(settings, clock, venue), venue, clock
+
+
+async def test_transient_failures_of_the_start_s_reads_are_tried_again_and_the_engine_starts(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine, venue, clock = _engine(db)
+    venue.inject_fault(CallKind.LOAD_MARKETS, FaultKind.SERVER_ERROR, 2)
+    venue.inject_fault(CallKind.FETCH_BALANCE, FaultKind.NETWORK_ERROR_BEFORE_SEND, 1)
+    venue.inject_fault(CallKind.FETCH_MARK_PRICES, FaultKind.SERVER_ERROR, 1)
+    with caplog.at_level(logging.WARNING, logger="engine.engine"):
+        await drive(clock, engine.start())
+    try:
+        assert engine.state is EngineState.RUNNING
+        assert engine.markets
+        assert engine.marks
+        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("start-up: ")]
+        assert len(said) == 4
+        assert said[0].startswith("start-up: load_markets failed (")
+        assert "trying again in 1.0s (attempt 2 of 6)" in said[0]
+        assert "trying again in 2.0s (attempt 3 of 6)" in said[1]
+        assert said[2].startswith("start-up: the credentials' check failed (")
+        assert said[3].startswith("start-up: fetch_mark_prices failed (")
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_venue_failing_every_attempt_still_ends_the_start_with_its_error(db: Database) -> None:
+    engine, venue, clock = _engine(db)
+    venue.inject_fault(CallKind.LOAD_MARKETS, FaultKind.SERVER_ERROR, STARTUP_READ_ATTEMPTS)
+    with pytest.raises(Retryable, match="load_markets"):
+        await drive(clock, engine.start())
+    assert engine.state is not EngineState.RUNNING
