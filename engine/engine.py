@@ -331,6 +331,9 @@ class EntryInDoubt:
     error: str = ""
     # Set when the account stream told the entry's outcome (`Engine._entry_streamed`): the look-ups stop.
     heard: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    # Set once it is settled; `guard` is then the position it turned out to be (None: it never executed).
+    ended: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    guard: PositionGuard | None = None
 
     def coverage(self) -> PositionCoverage:
         return PositionCoverage(self.position_id, self.symbol, False, False, self.sent_at, self.sent_at)
@@ -1394,6 +1397,7 @@ class Engine:
         for item in accepted:
             queue.put_nowait(item)
         opened: list[PositionGuard] = []
+        doubts: list[EntryInDoubt] = []
 
         async def worker() -> None:
             while not queue.empty():
@@ -1401,21 +1405,24 @@ class Engine:
                 if self._draining:  # not sent yet, and the engine is stopping: never sent
                     await self._reject(signal, "engine stopping", wave_id)
                     continue
-                guard = await self._open_position(signal, side, quantity, wave_id)
-                if guard is not None:
-                    opened.append(guard)
+                outcome = await self._open_position(signal, side, quantity, wave_id)
+                if isinstance(outcome, PositionGuard):
+                    opened.append(outcome)
+                elif isinstance(outcome, EntryInDoubt):
+                    doubts.append(outcome)
 
         workers = min(len(accepted), self.settings.signals.max_concurrent_entries)
         await asyncio.gather(*(worker() for _ in range(workers)))
         log.info(
-            "wave %d: %d signals, %d accepted, %d opened",
+            "wave %d: %d signals, %d accepted, %d opened%s",
             wave_id,
             len(wave.signals),
             len(accepted),
             len(opened),
+            f", {len(doubts)} of unknown outcome" if doubts else "",
         )
         task = asyncio.create_task(
-            self._finish_wave(wave_id, started, len(wave.signals), opened), name=f"wave-{wave_id}"
+            self._finish_wave(wave_id, started, len(wave.signals), opened, doubts), name=f"wave-{wave_id}"
         )
         self._wave_tasks.add(task)
         task.add_done_callback(self._wave_tasks.discard)
@@ -1469,7 +1476,9 @@ class Engine:
 
     async def _open_position(
         self, signal: SignalRecord, side: PositionSide, quantity: Decimal, wave_id: int
-    ) -> PositionGuard | None:
+    ) -> PositionGuard | EntryInDoubt | None:
+        """The signal's position, guarded; the entry in doubt when its outcome is not known (settled in the
+        background); None when no position was opened."""
         assert self.store is not None and self.manager is not None
         manager = self.manager
         promise = manager.protective_orders_per_position
@@ -1557,7 +1566,7 @@ class Engine:
                     functools.partial(self._entry_settled, signal, doubt, wave_id, promise, stop_record),
                 )
                 settling = True
-                return None
+                return doubt
             except InsufficientMargin as exc:
                 return await self._entry_failed(
                     signal,
@@ -1696,6 +1705,7 @@ class Engine:
         finally:
             if symbol not in self._in_doubt:  # settled; else (the engine stopping) its symbol stays held
                 self._in_flight.discard(symbol)
+                doubt.ended.set()
 
     async def _record_doubt(self, doubt: EntryInDoubt) -> bool:
         assert self.store is not None
@@ -1727,13 +1737,14 @@ class Engine:
         """A wave's entry in doubt, answered: filled → protected like any entry; no such order (proven) or
         refused → failed, and its signal rejected."""
         if order is not None:
-            await self._entry_answered(
+            doubt.guard = await self._entry_answered(
                 signal, doubt.side, doubt.position_id, order, wave_id, promise, stop_record, doubt=doubt
             )
             return
         self._in_doubt.pop(doubt.symbol, None)
         assert self.store is not None and self.manager is not None
         if doubt.position_id in self.manager.guards:  # the venue's list showed it: adopted, not absent
+            doubt.guard = self.manager.guards[doubt.position_id]
             log.warning(
                 "%s: no order by the entry's id, but the venue holds the position: kept as position %s",
                 doubt.symbol,
@@ -1923,29 +1934,46 @@ class Engine:
         return None
 
     async def _finish_wave(
-        self, wave_id: int, started: float, signals: int, opened: list[PositionGuard]
+        self,
+        wave_id: int,
+        started: float,
+        signals: int,
+        opened: list[PositionGuard],
+        doubts: Sequence[EntryInDoubt] = (),
     ) -> None:
+        """The wave's figures once its positions are protected (or WAVE_PROTECTION_WAIT_SECONDS passed). Its
+        entries of unknown outcome are waited for within the same time: one that turns out filled is a
+        position of the wave like the others; one still unknown at the end counts as opened and not
+        protected (it may be a position without stops). Before, they were left out: "7 signals, 3 opened,
+        3 protected" while a fourth was on the venue without a stop."""
         assert self.store is not None
-        await wait_for_all(self.clock, WAVE_PROTECTION_WAIT_SECONDS, [g.protected.wait() for g in opened])
+        waiting_since = self.clock.monotonic()
+        if doubts:
+            await wait_for_all(self.clock, WAVE_PROTECTION_WAIT_SECONDS, [d.ended.wait() for d in doubts])
+            opened = [*opened, *(d.guard for d in doubts if d.guard is not None)]
+        left = max(0.0, WAVE_PROTECTION_WAIT_SECONDS - (self.clock.monotonic() - waiting_since))
+        await wait_for_all(self.clock, left, [g.protected.wait() for g in opened])
         protected = [g for g in opened if g.protected_at is not None]
         slowest = max(((g.protected_at - g.filled_at) for g in protected), default=None)  # type: ignore[operator]
         slowest_ms = None if slowest is None else round(slowest * 1000)
-        failed = len(opened) - len(protected)
+        unknown = sum(1 for d in doubts if not d.ended.is_set())
+        failed = len(opened) + unknown - len(protected)
+        opened_count = len(opened) + unknown
         await self.store.finish_wave(
             wave_id,
-            opened=len(opened),
+            opened=opened_count,
             protected=len(protected),
             failed=failed,
             slowest_protection_ms=slowest_ms,
         )
-        view = WaveView(wave_id, started, signals, len(opened), len(protected), failed, slowest_ms)
+        view = WaveView(wave_id, started, signals, opened_count, len(protected), failed, slowest_ms)
         self._waves.appendleft(view)
         self.events_bus.publish(
             WaveFinished(
                 at=self.clock.now(),
                 wave_id=wave_id,
                 signals=signals,
-                opened=len(opened),
+                opened=opened_count,
                 protected=len(protected),
                 failed=failed,
                 slowest_protection_ms=slowest_ms,
