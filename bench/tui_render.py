@@ -54,7 +54,7 @@ from engine.engine import (
 )
 from engine.events import EngineEvent
 from engine.venues.sim.universe import UNIVERSE
-from protection.coverage import PositionCoverage, coverage_figures, rows_by_position
+from protection.coverage import PositionCoverage, coverage_figures, kept_fact, rows_by_position
 from tui.app import DashboardApp
 from tui.feed import LogEntry
 from tui.widgets.positions import PositionsTable
@@ -119,20 +119,16 @@ class SyntheticFeed:
         facts = []
         for row in self.rows:
             # As a guard's coverage(): its last fact again unless one of the facts changed.
-            covered, filled_at = row["covered"], row["filled_at"]
-            unprotected_since = None if covered else filled_at
-            fact = self._facts.get(row["id"])
-            if (
-                fact is None
-                or fact.has_stop_loss != covered
-                or fact.has_trailing_stop != covered
-                or fact.filled_at != filled_at
-                or fact.unprotected_since != unprotected_since
-                or fact.symbol != row["symbol"]
-            ):
-                fact = self._facts[row["id"]] = PositionCoverage(
-                    row["id"], row["symbol"], covered, covered, filled_at, unprotected_since
-                )
+            covered = row["covered"]
+            fact = self._facts[row["id"]] = kept_fact(
+                self._facts.get(row["id"]),
+                row["id"],
+                row["symbol"],
+                covered,
+                covered,
+                row["filled_at"],
+                None if covered else row["filled_at"],
+            )
             facts.append(fact)
         figures = coverage_figures(facts, now, 5.0)
         rows = self._rows = rows_by_position(facts, self._rows)

@@ -86,6 +86,33 @@ def coverage_figures(
     )
 
 
+def kept_fact(
+    previous: PositionCoverage | None,
+    position_id: int,
+    symbol: str,
+    has_stop_loss: bool,
+    has_trailing_stop: bool,
+    filled_at: float,
+    unprotected_since: float | None,
+) -> PositionCoverage:
+    """A position's coverage fact: `previous` itself while every field is the same, else a new one. Every
+    dashboard frame asks every position for its fact, and making 1 000 anew was most of the snapshot's cost
+    (bench/tui_render.py); the same objects also let `rows_by_position` keep the rows as they were."""
+    if (
+        previous is not None
+        and previous.position_id == position_id
+        and previous.has_stop_loss == has_stop_loss
+        and previous.has_trailing_stop == has_trailing_stop
+        and previous.filled_at == filled_at
+        and previous.unprotected_since == unprotected_since
+        and previous.symbol == symbol
+    ):
+        return previous
+    return PositionCoverage(
+        position_id, symbol, has_stop_loss, has_trailing_stop, filled_at, unprotected_since
+    )
+
+
 def rows_by_position(
     facts: Iterable[PositionCoverage], previous: tuple[PositionCoverage, ...]
 ) -> tuple[PositionCoverage, ...]:

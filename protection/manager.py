@@ -68,7 +68,7 @@ from engine.metrics import CallStats, EventCounter
 from engine.order_budget import OrderBudget
 from engine.pacing import CallTicket, Lane, call_with_send_timeout
 from protection import trailing
-from protection.coverage import CoverageFigures, PositionCoverage, coverage_figures
+from protection.coverage import CoverageFigures, PositionCoverage, coverage_figures, kept_fact
 from protection.order_ids import client_order_id, parse_client_order_id
 from storage.batching import CoalescingWriter
 from storage.repositories import (
@@ -467,29 +467,16 @@ class PositionGuard:
             # is timed from now, not from the fill (which read as "uncovered for as long as it was held").
             self.unprotected_since = self._m.clock.monotonic()
             self.unprotected_since_epoch = self._m.clock.now()
-        has_trailing_stop = self.trailing_in_place
-        unprotected_since = None if covered else self.unprotected_since
-        fact = self._fact
-        # The same object while the facts are the same: every dashboard frame asks every guard, and making
-        # 1 000 of them anew was most of the snapshot's cost (bench/tui_render.py); an unchanged set of
-        # facts then also keeps the snapshot's rows, and what the dashboard derives from them, as they were.
-        if (
-            fact is None
-            or fact.has_stop_loss != self.has_stop_loss
-            or fact.has_trailing_stop != has_trailing_stop
-            or fact.filled_at != self.filled_at
-            or fact.unprotected_since != unprotected_since
-            or fact.symbol != self.symbol
-        ):
-            fact = self._fact = PositionCoverage(
-                position_id=self.position_id,
-                symbol=self.symbol,
-                has_stop_loss=self.has_stop_loss,
-                has_trailing_stop=has_trailing_stop,
-                filled_at=self.filled_at,
-                unprotected_since=unprotected_since,
-            )
-        return fact
+        self._fact = kept_fact(
+            self._fact,
+            self.position_id,
+            self.symbol,
+            self.has_stop_loss,
+            self.trailing_in_place,
+            self.filled_at,
+            None if covered else self.unprotected_since,
+        )
+        return self._fact
 
     def order_ids(self) -> set[str]:
         """Client ids this guard considers current (anything else of ours for this position is stale)."""
