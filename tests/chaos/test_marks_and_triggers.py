@@ -187,8 +187,10 @@ async def test_a_stop_that_just_fired_is_uncovered_since_it_fired_not_since_the_
             [guard.coverage()], fired_at + 6.0, float(settings.protection.grace_seconds)
         )
         # seen 6 s after it fired: uncovered past grace (5 s) for 6 s at most, not for the 36 s since the fill
+        # (to within float rounding: the moment it fired comes from the stream event's epoch time, mapped
+        # onto the clock's monotonic seconds; one run read 6.000000000000007)
         assert figures.oldest_unprotected_seconds is not None
-        assert figures.oldest_unprotected_seconds <= 6.0
+        assert figures.oldest_unprotected_seconds <= 6.0 + 1e-6
     finally:
         await run.stop()
 
