@@ -73,7 +73,7 @@ from engine.exchange.port import (
 )
 from engine.metrics import CallStats
 from engine.metrics_server import MetricsServer
-from engine.order_budget import OrderBudget
+from engine.order_budget import EntryPromise, OrderBudget
 from engine.pacing import DEFAULT_HEADROOM, BudgetWaits, Lane, RequestPacer, VenuePacing
 from engine.signal_input import BadSignal, parse_score, parse_side
 from engine.signals import SignalConsumer, SignalWave, SimSignalGenerator
@@ -1481,11 +1481,11 @@ class Engine:
         background); None when no position was opened."""
         assert self.store is not None and self.manager is not None
         manager = self.manager
-        promise = manager.protective_orders_per_position
+        stops = manager.protective_orders_per_position
         if self.venue.capabilities().attach_stop_to_entry and isinstance(self.venue, AttachesStopToEntry):
             # The hard stop rides on the entry: no send of its own is promised (one moved by the fill is
             # replaced by a protective send that goes first anyway). Promised, it stayed booked for good.
-            promise -= 1
+            stops -= 1
         self._in_flight.add(signal.symbol)
         settling = False  # in doubt: `_settle` frees the symbol once the outcome is known
         try:
@@ -1504,7 +1504,7 @@ class Engine:
                 await self._reject(signal, reason, wave_id)
                 return None
             try:
-                await manager.budget.acquire_entry(promise)
+                promise = await manager.budget.acquire_entry(stops)
             except Banned as exc:
                 await self._reject(signal, f"venue refuses requests for now: {exc}", wave_id)
                 return None
@@ -1593,7 +1593,7 @@ class Engine:
         position_id: int,
         order: Order,
         wave_id: int,
-        promise: int,
+        promise: EntryPromise,
         stop_record: OrderRecord | None,
         *,
         doubt: EntryInDoubt | None = None,
@@ -1730,7 +1730,7 @@ class Engine:
         signal: SignalRecord,
         doubt: EntryInDoubt,
         wave_id: int,
-        promise: int,
+        promise: EntryPromise,
         stop_record: OrderRecord | None,
         order: Order | None,
     ) -> None:
@@ -1912,7 +1912,7 @@ class Engine:
         cid: str,
         reason: str,
         wave_id: int,
-        promise: int,
+        promise: EntryPromise,
         stop_record: OrderRecord | None = None,
     ) -> None:
         assert self.store is not None and self.manager is not None

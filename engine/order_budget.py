@@ -63,6 +63,15 @@ class _Window:
         return max(0.0, blocking + self.seconds - at)
 
 
+@dataclass(frozen=True, slots=True)
+class EntryPromise:
+    """What admitting an entry promised: `count` protective orders, booked for `booked_at` (monotonic;
+    None where protective orders share the entry windows and are not booked apart)."""
+
+    count: int
+    booked_at: float | None = None
+
+
 class OrderBudget:
     def __init__(
         self,
@@ -147,10 +156,19 @@ class OrderBudget:
         left = self._banned_until - self._clock.monotonic()
         return left if left > 0 else None
 
-    def release_promise(self, count: int) -> None:
-        """An admitted entry did not open a position: its protective orders will not be sent."""
-        self._promised = max(0, self._promised - count)
-        del self._booked[max(0, len(self._booked) - count) :]
+    def release_promise(self, promise: EntryPromise) -> None:
+        """An admitted entry did not open a position: its protective orders will not be sent. Its own
+        bookings go; before, the newest did, so an entry in doubt for a while, released late, took the
+        bookings of entries admitted after it, and its stale one stayed. A booking of its already taken
+        by a protective send (which takes the earliest) is made up by the earliest left."""
+        self._promised = max(0, self._promised - promise.count)
+        booked = self._booked
+        for _ in range(promise.count):
+            index = bisect.bisect_left(booked, promise.booked_at) if promise.booked_at is not None else 0
+            if index < len(booked) and booked[index] == promise.booked_at:
+                del booked[index]
+            elif booked:
+                del booked[0]
 
     async def acquire_protective(self, *, deferrable: bool = False) -> None:
         """Take a slot for a protective order. `deferrable`: it replaces a stop that protects the position
@@ -203,8 +221,9 @@ class OrderBudget:
         self.waits.record(now, now - started, Lane.PROTECTIVE)
         self.protective_sent += 1
 
-    async def acquire_entry(self, protective_orders: int = PROTECTIVE_ORDERS_PER_POSITION) -> None:
-        """Admit one entry that will need `protective_orders` protective orders once it fills.
+    async def acquire_entry(self, protective_orders: int = PROTECTIVE_ORDERS_PER_POSITION) -> EntryPromise:
+        """Admit one entry that will need `protective_orders` protective orders once it fills; what was
+        promised is handed back with `release_promise` should the entry open no position.
 
         Those orders are sent one entry round trip later (the `round_trip` estimate, re-read at every
         check), when the windows will have let older sends go: they are checked against the windows as
@@ -226,6 +245,7 @@ class OrderBudget:
                     promised = 1 + self._promised + protective_orders
                     wait = max(self._wait_for(1), self._wait_for(promised, lead))
                 if wait == 0.0:
+                    at = None
                     if self._separate:
                         at = self._clock.monotonic() + lead
                         for _ in range(protective_orders):
@@ -235,7 +255,7 @@ class OrderBudget:
                     self.entries_admitted += 1
                     now = self._clock.monotonic()
                     self.waits.record(now, now - started, Lane.ENTRY)
-                    return
+                    return EntryPromise(protective_orders, at)
             else:
                 wait = 0.0
             # Protective sends go first; recheck once the budget moved or they are through.

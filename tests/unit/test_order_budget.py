@@ -212,3 +212,26 @@ async def test_a_deferrable_send_waits_no_longer_than_its_limit() -> None:
     while not correction.done():
         await clock.advance(0.5)
     assert clock.monotonic() <= 10.5
+
+
+async def test_an_entry_released_late_gives_back_its_own_booking_not_a_newer_entry_s() -> None:
+    """An entry in doubt for a while, then found never executed, hands back its promise late. That took
+    the newest booking, a later entry's, and left the stale one: the next entry was admitted into the
+    window the later entry's stop was booked in, and the two stops met in one second the venue allows one."""
+    clock = ManualClock()
+    budget = OrderBudget(
+        [RateBudget(limit=10, window_seconds=1.0)],
+        clock,
+        round_trip=lambda: 1.0,
+        protective_budgets=[RateBudget(limit=1, window_seconds=1.0)],
+    )
+    in_doubt = await budget.acquire_entry(1)  # its stop booked for t = 1
+    await clock.advance(5.0)
+    await budget.acquire_entry(1)  # a later entry: its stop booked for t = 6
+    budget.release_promise(in_doubt)  # the first never executed, known only now
+    await clock.advance(0.5)
+    admitted = asyncio.create_task(budget.acquire_entry(1))  # would book t = 6.5, within a second of 6
+    while not admitted.done():
+        await clock.advance(0.05)
+    assert clock.monotonic() >= 6.0 - 1e-9
+    assert budget.promised == 2
