@@ -1792,15 +1792,6 @@ class Engine:
             if doubt.client_order_id == order.client_order_id:
                 doubt.heard.set()
 
-    async def _entry_lookup(self, symbol: str, client_id: str) -> Order:
-        """An entry whose answer was lost, by its id: the account stream's word if it told the entry's end
-        (a look-up failing for the rest of the call budget then does not leave a filled entry waiting),
-        else the venue's answer."""
-        streamed = self._streamed_entries.get(client_id)
-        if streamed is not None:
-            return streamed
-        return await self.venue.fetch_order(symbol, client_id)
-
     async def _unless_streamed(self, doubt: EntryInDoubt, work: Awaitable[T]) -> tuple[bool, T | None]:
         """(True, `work`'s result), or (False, None) as soon as the account stream told the entry's outcome
         (`work` is then cancelled: a look-up held up by a ban need not be waited out)."""
@@ -1872,7 +1863,11 @@ class Engine:
             doubt.sent_at = self.clock.monotonic()  # were its outcome to stay unknown, counted from here
             try:
                 return await manager.create_or_find(
-                    entry_call(), lambda: self._entry_lookup(symbol, cid), f"entry {symbol}", Lane.ENTRY
+                    entry_call(),
+                    lambda: self.venue.fetch_order(symbol, cid),
+                    f"entry {symbol}",
+                    Lane.ENTRY,
+                    known=lambda: self._streamed_entries.get(cid),
                 )
             except RateLimited as exc:
                 if attempt == ENTRY_RATE_LIMIT_ATTEMPTS:

@@ -2625,13 +2625,21 @@ class ProtectionManager:
         return max(LATE_ANSWER_MIN_SECONDS, LATE_ANSWER_ROUND_TRIPS * self.order_round_trip_seconds)
 
     async def create_or_find(
-        self, request: Awaitable[Order], find: Callable[[], Awaitable[Order]], what: str, lane: Lane
+        self,
+        request: Awaitable[Order],
+        find: Callable[[], Awaitable[Order]],
+        what: str,
+        lane: Lane,
+        *,
+        known: Callable[[], Order | None] | None = None,
     ) -> Order:
         """An order call whose answer can be lost (`request`), and meanwhile, once that answer is late,
         look-ups of the order by its client id (`find`, raising `NotFound` while the venue does not show
         it) every retry step: the first of the answer and a found order wins. An entry whose answer was
         lost after the venue filled it left the position naked for the whole call budget (10 s) before
-        anything looked for it. Were neither to come, the call's own timeout or error is raised."""
+        anything looked for it. Were neither to come, the call's own timeout or error is raised. `known`:
+        what is already known of the order without asking (the account stream's word), tried before each
+        look-up, which it then spares (a look-up not sent is no call in the venue's figures)."""
         ticket = CallTicket(lane)
         call = asyncio.ensure_future(self.call(request, "create_order", lane, ticket=ticket))
         started = self.clock.monotonic()
@@ -2639,6 +2647,17 @@ class ProtectionManager:
         handed_off = False
         try:
             while await _until_late(self.clock, call, ticket, look_after):
+                told = known() if known is not None else None
+                if told is not None:
+                    log.info(
+                        "%s %s: its end is known (%s) before its answer came",
+                        what,
+                        told.client_order_id,
+                        told.status.value,
+                    )
+                    self.let_finish(call)
+                    handed_off = True
+                    return told
                 look_up = asyncio.ensure_future(self.read(find, "fetch_order", lane))
                 try:
                     await _first_of(asyncio.shield(call), asyncio.shield(look_up))
