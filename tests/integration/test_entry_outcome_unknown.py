@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from engine.alerts import observe_engine
 from engine.clock import ManualClock
 from engine.commands import CommandAnswer, send_command
@@ -419,8 +421,9 @@ async def test_an_entry_in_doubt_is_settled_by_the_fill_the_account_stream_tells
         await drive(clock, engine.stop())
 
 
+@pytest.mark.parametrize("settles", [True, False], ids=["found-filled", "still-unknown"])
 async def test_a_wave_counts_its_entry_of_unknown_outcome_once_settled_or_as_not_protected(
-    db: Database,
+    db: Database, settles: bool
 ) -> None:
     """A wave's figures waited for its opened positions only: an entry in doubt was left out ("2 signals,
     1 opened, 1 protected" while the venue held the other without a stop). Now the wave waits for it within
@@ -432,38 +435,27 @@ async def test_a_wave_counts_its_entry_of_unknown_outcome_once_settled_or_as_not
     await drive(clock, engine.start())
     try:
         assert engine.store is not None
-        for symbols, settles in (((SYMBOL, SYMBOLS[34]), True), ((SYMBOLS[35], SYMBOLS[36]), False)):
-            waves_before = len(engine.snapshot().waves)
-            _lose_the_entry(venue)  # the wave's first entry: answer, look-ups, list and stream all lost
-            await engine.store.insert_signals([(s, "long", None, None) for s in symbols])
-            await drive_until(clock, lambda: engine.entries_in_doubt() != [], limit=60, what="one in doubt")
-            await drive_until(clock, lambda: engine.coverage().protected >= 1, limit=60, what="the other")
-            if settles:
-                since = clock.monotonic()
-                await drive_until(clock, lambda t=since: clock.monotonic() - t > 20, what="20 s in doubt")
-                venue.clear_injected_faults()
-                venue.answer_positions_empty(100_000)
-            await drive_until(
-                clock,
-                lambda before=waves_before: len(engine.snapshot().waves) > before,
-                limit=200,
-                what="the wave's end",
-            )
-            wave = engine.snapshot().waves[0]
-            assert wave.signals == 2
-            assert wave.opened == 2
-            if settles:
-                assert (wave.protected, wave.failed) == (2, 0)
-                assert wave.slowest_protection_ms is not None
-                assert wave.slowest_protection_ms > 20_000  # the doubt's, counted from its send
-            else:
-                assert (wave.protected, wave.failed) == (1, 1)
-                assert engine.entries_in_doubt() != []  # still counted uncovered after the wave's end
-            recorded = await db.pool.fetchrow(
-                "SELECT opened, protected, failed FROM monitoring.waves ORDER BY id DESC LIMIT 1"
-            )
-            assert tuple(recorded) == (wave.opened, wave.protected, wave.failed)
+        _lose_the_entry(venue)  # the wave's first entry: answer, look-ups, list and stream all lost
+        await engine.store.insert_signals([(s, "long", None, None) for s in (SYMBOL, SYMBOLS[34])])
+        await drive_until(clock, lambda: engine.entries_in_doubt() != [], limit=60, what="one in doubt")
+        await drive_until(clock, lambda: engine.coverage().protected == 1, limit=60, what="the other")
+        if settles:
+            since = clock.monotonic()
+            await drive_until(clock, lambda: clock.monotonic() - since > 20, what="20 s in doubt")
             venue.clear_injected_faults()
-            await drive_until(clock, lambda: engine.entries_in_doubt() == [], limit=60, what="doubt settled")
+            venue.answer_positions_empty(100_000)
+        await drive_until(clock, lambda: len(engine.snapshot().waves) == 1, limit=200, what="the wave's end")
+        [wave] = engine.snapshot().waves
+        assert wave.signals == 2
+        assert wave.opened == 2
+        if settles:
+            assert (wave.protected, wave.failed) == (2, 0)
+            assert wave.slowest_protection_ms is not None
+            assert wave.slowest_protection_ms > 20_000  # the doubt's, counted from its send
+        else:
+            assert (wave.protected, wave.failed) == (1, 1)
+            assert engine.entries_in_doubt() != []  # still counted uncovered after the wave's end
+        recorded = await db.pool.fetchrow("SELECT opened, protected, failed FROM monitoring.waves")
+        assert tuple(recorded) == (wave.opened, wave.protected, wave.failed)
     finally:
         await drive(clock, engine.stop())
