@@ -70,6 +70,18 @@ def _lose_the_entry(
         venue.answer_positions_empty(100_000)
 
 
+async def _entry_filled_unanswered(
+    engine: Engine, venue: SimVenue, clock: ManualClock, *, stream_down: bool = True
+) -> float:
+    """A long signal on SYMBOL whose entry the venue fills while its answer is lost (`_lose_the_entry`);
+    returns when it filled (the engine's monotonic clock)."""
+    assert engine.store is not None
+    _lose_the_entry(venue, stream_down=stream_down)
+    await engine.store.insert_signals([(SYMBOL, "long", None, None)])
+    await drive_until(clock, lambda: _venue_holds(venue, clock, SYMBOL), what="the entry filled")
+    return clock.monotonic()
+
+
 async def test_an_entry_of_unknown_outcome_is_settled_by_its_id_and_protected(db: Database) -> None:
     engine, venue, clock = _engine(
         db,
@@ -85,10 +97,7 @@ async def test_an_entry_of_unknown_outcome_is_settled_by_its_id_and_protected(db
         assert engine.manager is not None
         # The venue fills the entry and its answer is lost; every look-up by id fails before it is sent;
         # the list of all positions answers [] (the glitch the soak saw on most reconcile passes).
-        _lose_the_entry(venue)
-        await engine.store.insert_signals([(SYMBOL, "long", None, None)])
-        await drive_until(clock, lambda: _venue_holds(venue, clock, SYMBOL), what="the entry filled")
-        filled_at = clock.monotonic()
+        filled_at = await _entry_filled_unanswered(engine, venue, clock)
         await drive_until(clock, lambda: clock.monotonic() - filled_at > 40, what="40 s of failing look-ups")
 
         assert _venue_holds(venue, clock, SYMBOL)
@@ -363,10 +372,7 @@ async def test_an_entry_whose_look_ups_fail_is_protected_from_the_fill_the_accou
     await drive(clock, engine.start())
     try:
         assert engine.store is not None
-        _lose_the_entry(venue, stream_down=False)
-        await engine.store.insert_signals([(SYMBOL, "long", None, None)])
-        await drive_until(clock, lambda: _venue_holds(venue, clock, SYMBOL), what="the entry filled")
-        filled_at = clock.monotonic()
+        filled_at = await _entry_filled_unanswered(engine, venue, clock, stream_down=False)
         await drive_until(
             clock,
             lambda: _our_stops(venue, clock, SYMBOL) == ["sl", "ts"],
@@ -400,10 +406,7 @@ async def test_an_entry_in_doubt_is_settled_by_the_fill_the_account_stream_tells
     await drive(clock, engine.start())
     try:
         assert engine.store is not None
-        _lose_the_entry(venue, stream_down=False)
-        await engine.store.insert_signals([(SYMBOL, "long", None, None)])
-        await drive_until(clock, lambda: _venue_holds(venue, clock, SYMBOL), what="the entry filled")
-        filled_at = clock.monotonic()
+        filled_at = await _entry_filled_unanswered(engine, venue, clock, stream_down=False)
         await drive_until(clock, lambda: engine.entries_in_doubt() != [], limit=30, what="the entry in doubt")
         assert clock.monotonic() - filled_at < FILL_TOLD_LATE_SECONDS
         assert engine.coverage().uncovered + engine.coverage().protecting == 1
