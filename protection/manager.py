@@ -169,7 +169,12 @@ class ProtectiveOrder:
     recorded_id: str | None = None  # the id this process already wrote ahead (a retry writes nothing more)
 
 
-STUCK_TRIGGER_SHARE = 0.5  # of the grace period, that a fired stop gets to fill before we close at market
+# How long a fired stop gets to fill before we close its position at market: a normal TRIGGERING ends well
+# within a second (the venue forwards the order to its matching engine at once), so a second, or this many
+# order round trips on a slow venue; never more than this share of the grace period.
+STUCK_TRIGGER_SECONDS = 1.0
+STUCK_TRIGGER_ROUND_TRIPS = 3
+STUCK_TRIGGER_SHARE = 0.5
 STUCK_CHECK_MIN_SECONDS = 0.5  # the least a stuck stop's re-check may take (a round trip)
 # A protective create whose answer is this late (in order round trips, and never before the venue's
 # read-after-write lag or this floor) is looked up by its client id while the call goes on.
@@ -683,7 +688,7 @@ class PositionGuard:
             if target.fired_at is not None or not (target.confirmed or target.maybe_sent):
                 return False
             # It protects nothing now and is not over: uncovered until the venue says how it ended (the
-            # stream's fill, or the guard's own look-up; past half the grace period `_check_fired` acts).
+            # stream's fill, or the guard's own look-up; when its patience ends `_check_fired` acts).
             target.confirmed = False
             target.maybe_sent = True
             target.fired_at = m.clock.monotonic()
@@ -1115,7 +1120,7 @@ class PositionGuard:
         if order.fired_at is None:
             # At least one round trip from now all the same: a venue clock ahead of ours must not make a
             # stop that fired a moment ago "stuck" at first sight (its close would race its own fill).
-            patience = m.config.grace_seconds * STUCK_TRIGGER_SHARE
+            patience = m.stuck_trigger_patience()
             least = max(m.order_round_trip_seconds, STUCK_CHECK_MIN_SECONDS)
             age = m.clock.now() - venue_fired_at if venue_fired_at > 0 else 0.0
             order.fired_at = m.clock.monotonic() - min(max(age, 0.0), max(0.0, patience - least))
@@ -1147,7 +1152,7 @@ class PositionGuard:
         """When a fired stop's patience ends, its check interrupts whatever the guard is doing."""
         if self._stuck_timer is not None and not self._stuck_timer.done():
             return
-        patience = self._m.config.grace_seconds * STUCK_TRIGGER_SHARE
+        patience = self._m.stuck_trigger_patience()
         fired = [o.fired_at for o in (self.stop_loss, self.trailing_stop) if o.fired_at is not None]
         if fired:  # from the first one's firing (the venue's time when it said it)
             patience = max(0.0, min(fired) + patience - self._m.clock.monotonic())
@@ -1161,24 +1166,30 @@ class PositionGuard:
         self._stuck_timer.set_name(f"stuck-check-{self.symbol}-{self.position_id}")
 
     async def _check_fired(self) -> None:
-        """A stop that fired but has not filled within half the grace period while the position is still
-        open (seen on Binance: TRIGGERING that never finishes): close the position reduce-only at market,
-        which is what the stop was doing — within grace of the trigger, the close's own round trip
-        included (a normal TRIGGERING lasts well under a second)."""
+        """A stop that fired but has not filled within its patience (`stuck_trigger_patience`) while the
+        position is still open (seen on Binance: TRIGGERING that never finishes): close the position
+        reduce-only at market, which is what the stop was doing — within grace of the trigger, the
+        close's own round trip included."""
         m = self._m
-        patience = m.config.grace_seconds * STUCK_TRIGGER_SHARE
+        patience = m.stuck_trigger_patience()
         stuck = [
             o
             for o in (self.stop_loss, self.trailing_stop)
-            if o.fired_at is not None and m.clock.monotonic() - o.fired_at >= patience
+            if o.fired_at is not None and m.clock.monotonic() - o.fired_at >= patience - 1e-6
         ]
-        if not stuck or self.closed:
+        if self.closed:
             return
-        # Half of what is left of the grace period bounds the look-ups (a read whose answer never came
-        # waited its whole call timeout), the other half is the close's: without an answer the stop is taken
-        # as still fired, and the close is reduce-only, so a position already flat refuses it and nothing is
-        # over-closed.
-        left = max((m.config.grace_seconds - patience) / 2, STUCK_CHECK_MIN_SECONDS)
+        if not stuck:  # patience grew with the round trip since the check was armed: check again later
+            if any(o.fired_at is not None for o in (self.stop_loss, self.trailing_stop)):
+                self._arm_stuck_check()
+            return
+        # A late answer, and at most half of what is left of the grace period, bounds the look-ups (a read
+        # whose answer never came waited its whole call timeout); the rest is the close's. Without an answer
+        # the stop is taken as still fired, and the close is reduce-only, so a position already flat
+        # refuses it and nothing is over-closed.
+        left = max(
+            min((m.config.grace_seconds - patience) / 2, m.late_answer_seconds()), STUCK_CHECK_MIN_SECONDS
+        )
         look_ups = asyncio.ensure_future(
             asyncio.gather(
                 asyncio.gather(*(self._resolve(order, "re-check fired") for order in stuck)),
@@ -1969,7 +1980,7 @@ class PositionGuard:
         if fired:
             # A fired stop that has not filled is closed at market once its patience ends (`_check_fired`):
             # the next pass is then, not when a backoff doubled past grace says (it left one 31 s naked).
-            due = min(fired) + grace * STUCK_TRIGGER_SHARE - now
+            due = min(fired) + m.stuck_trigger_patience() - now
             delay = min(delay, max(due, min(m.config.retry_initial_seconds, grace / 4)))
         return delay
 
@@ -2623,6 +2634,11 @@ class ProtectionManager:
     def late_answer_seconds(self) -> float:
         """How long after its send an order call's answer counts as late (and is looked for)."""
         return max(LATE_ANSWER_MIN_SECONDS, LATE_ANSWER_ROUND_TRIPS * self.order_round_trip_seconds)
+
+    def stuck_trigger_patience(self) -> float:
+        """How long a fired stop gets to fill before its position is closed at market (`_check_fired`)."""
+        venue_time = max(STUCK_TRIGGER_SECONDS, STUCK_TRIGGER_ROUND_TRIPS * self.order_round_trip_seconds)
+        return min(venue_time, self.config.grace_seconds * STUCK_TRIGGER_SHARE)
 
     async def create_or_find(
         self,

@@ -42,7 +42,8 @@ async def test_a_stop_sitting_in_triggering_is_uncovered_then_the_fill_closes_th
     try:
         [guard] = await open_positions(engine, clock, [SYMBOLS[13]])
         await drive_until_covered(engine, clock, 1)
-        venue.set_trigger_delay(8.0)
+        # Within the fired stop's patience (a second): past it the engine closes at market itself.
+        venue.set_trigger_delay(0.6)
         assert guard.stop_loss.price is not None
         venue.override_mark_price(guard.symbol, guard.stop_loss.price - 3 * guard.market.tick_size)
         # The stop fired and sits TRIGGERING: the position is still open on the venue, the stop protects
@@ -50,7 +51,8 @@ async def test_a_stop_sitting_in_triggering_is_uncovered_then_the_fill_closes_th
         assert venue.core.positions(clock.now())
         assert engine.manager is not None
         engine.manager.request_reconcile()
-        await drive_until(clock, lambda: not guard.covered, what="uncovered while triggering", step=0.1)
+        await drive_until(clock, lambda: not guard.covered, what="uncovered while triggering", step=0.05)
+        assert venue.core.positions(clock.now())
         assert _live_kinds(venue, clock, guard.symbol)[OrderType.STOP_MARKET] == 0
         # The fill lands: the position is closed with the stop's reason and the fill's PnL.
         await drive_until(
@@ -391,5 +393,43 @@ async def test_a_stuck_stop_is_closed_within_grace_although_its_re_check_hangs(d
         row = await db.pool.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", guard.position_id)
         assert row["exit_reason"] == "stop_not_filled"
         assert venue.core.positions(clock.now()) == []
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_stuck_stop_is_closed_about_a_second_after_it_fired_whatever_the_grace_period(
+    db: Database,
+) -> None:
+    """A fired stop normally leaves TRIGGERING well within a second (the venue forwards it to its matching
+    engine at once). Its patience was half the grace period: with the shipped grace of 5 s a stuck stop
+    left its position without a working stop for 2.5 s and the look-up after it, with 30 s for 15 s. The
+    chaos soak counted 3.8 s for each stuck stop outside a ban. How long the venue takes to fill a fired
+    stop is the venue's latency, not the grace period: a second, or three order round trips on a slow
+    venue, and never past half the grace period."""
+    settings = settings_for(db, {"PROTECTION__GRACE_SECONDS": "30"})
+    clock = ManualClock()
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[18]])
+        await drive_until_covered(engine, clock, 1)
+        venue.set_trigger_delay(None, stuck=True)
+        assert guard.stop_loss.price is not None
+        fired_at = clock.monotonic()
+        venue.override_mark_price(guard.symbol, guard.stop_loss.price - 3 * guard.market.tick_size)
+        await drive_until(clock, lambda: not venue.core.positions(clock.now()), what="flat", step=0.02)
+        took = clock.monotonic() - fired_at
+        # Virtual time: the patience (1 s), the look-ups and the close (50 ms each). Before: 15.1 s.
+        assert took < 1.3, f"flat {took:.2f} s after the stop fired"
+        await drive_until(
+            clock,
+            lambda: db.pool.fetchval(
+                "SELECT exit_reason FROM monitoring.positions WHERE id = $1", guard.position_id
+            ),
+            what="closed in the database",
+        )
+        row = await db.pool.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", guard.position_id)
+        assert row["exit_reason"] == "stop_not_filled"
     finally:
         await drive(clock, engine.stop())
