@@ -7,6 +7,7 @@ counted uncovered meanwhile, and its symbol stays held. Judged on the venue's tr
 from __future__ import annotations
 
 import time
+from decimal import Decimal
 
 import pytest
 
@@ -460,5 +461,90 @@ async def test_a_wave_counts_its_entry_of_unknown_outcome_once_settled_or_as_not
             assert engine.entries_in_doubt() != []  # still counted uncovered after the wave's end
         recorded = await db.pool.fetchrow("SELECT opened, protected, failed FROM monitoring.waves")
         assert tuple(recorded) == (wave.opened, wave.protected, wave.failed)
+    finally:
+        await drive(clock, engine.stop())
+
+
+def _stop_quantities(venue: SimVenue, clock: ManualClock, symbol: str) -> set[Decimal]:
+    return {o.quantity for o in venue.core.open_protective_orders(clock.now(), symbol)}
+
+
+def _held_quantity(venue: SimVenue, clock: ManualClock, symbol: str) -> Decimal:
+    return sum(
+        (p.quantity for p in venue.core.inspect(clock.now()).positions if p.symbol == symbol), Decimal(0)
+    )
+
+
+@pytest.mark.parametrize("stream_up", [True, False], ids=["stream", "look-ups-only"])
+async def test_an_entry_the_venue_answers_new_is_protected_once_it_fills(
+    db: Database, stream_up: bool
+) -> None:
+    """Bybit's order creation is asynchronous: its answer says the order was accepted, and a read right
+    after may find it New. The entry answered NEW (working, not filled) is not a failure and not a
+    position yet: it is settled by the account stream's fill or by its id, and its stops go on as soon as
+    it is known filled — one entry sent, one position, both stops sized to it."""
+    engine, venue, clock = _engine(
+        db, {"PROTECTION__GRACE_SECONDS": "5", "PROTECTION__BREAKER__UNCOVERED_FACTOR": "1000"}
+    )
+    await drive(clock, engine.start())
+    try:
+        assert engine.store is not None
+        if not stream_up:
+            venue.drop_account_stream(100_000)
+        venue.set_market_fill(3.0)
+        await engine.store.insert_signals([(SYMBOL, "long", None, None)])
+        await drive_until(
+            clock, lambda: _venue_holds(venue, clock, SYMBOL), step=0.02, what="the entry filled"
+        )
+        filled_at = clock.monotonic()
+        await drive_until(
+            clock, lambda: _our_stops(venue, clock, SYMBOL) == ["sl", "ts"], limit=60, what="both stops on"
+        )
+        # The stream's fill at once; without it, the look-ups by id (backing off from 1 s) find it filled.
+        assert clock.monotonic() - filled_at < (1 if stream_up else 5)
+        held = _held_quantity(venue, clock, SYMBOL)
+        assert _stop_quantities(venue, clock, SYMBOL) == {held}
+        entries = [o for o in venue.core.inspect(clock.now()).positions if o.symbol == SYMBOL]
+        assert len(entries) == 1
+        position_id = await db.pool.fetchval("SELECT id FROM monitoring.positions WHERE symbol = $1", SYMBOL)
+        entry = client_order_id(engine._token, position_id, OrderPurpose.ENTRY, 0)
+        assert venue.core.get_order(SYMBOL, entry, clock.now()).filled_quantity == held  # sent once
+        row = await db.pool.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", position_id)
+        assert (row["quantity"], row["entry_price"]) == (held, entries[0].entry_price)
+        status = await db.pool.fetchval("SELECT status FROM monitoring.signals WHERE symbol = $1", SYMBOL)
+        assert status == "opened"
+    finally:
+        await drive(clock, engine.stop())
+
+
+@pytest.mark.parametrize("delay", [0.0, 3.0], ids=["answered-part-filled", "new-then-part-filled"])
+async def test_an_entry_that_ends_part_filled_is_a_position_of_what_filled(
+    db: Database, delay: float
+) -> None:
+    """A market entry may end part-filled, the rest cancelled (Bybit `PartiallyFilledCanceled`, Binance
+    `EXPIRED` with an executed quantity): the position is what filled, recorded and protected as such —
+    its stops sized to the venue's position, not to the signal's quantity."""
+    engine, venue, clock = _engine(
+        db, {"PROTECTION__GRACE_SECONDS": "5", "PROTECTION__BREAKER__UNCOVERED_FACTOR": "1000"}
+    )
+    await drive(clock, engine.start())
+    try:
+        assert engine.store is not None
+        venue.set_market_fill(delay, share=Decimal("0.4"))
+        await engine.store.insert_signals([(SYMBOL, "long", None, None)])
+        await drive_until(
+            clock, lambda: _our_stops(venue, clock, SYMBOL) == ["sl", "ts"], limit=60, what="both stops on"
+        )
+        held = _held_quantity(venue, clock, SYMBOL)
+        position_id = await db.pool.fetchval("SELECT id FROM monitoring.positions WHERE symbol = $1", SYMBOL)
+        entry = client_order_id(engine._token, position_id, OrderPurpose.ENTRY, 0)
+        order = venue.core.get_order(SYMBOL, entry, clock.now())
+        assert 0 < held == order.filled_quantity < order.quantity
+        assert _stop_quantities(venue, clock, SYMBOL) == {held}
+        assert (
+            await db.pool.fetchval("SELECT quantity FROM monitoring.positions WHERE id = $1", position_id)
+            == held
+        )
+        await drive_until(clock, lambda: engine.coverage().protected == 1, what="counted protected")
     finally:
         await drive(clock, engine.stop())

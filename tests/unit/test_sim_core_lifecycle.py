@@ -314,3 +314,83 @@ def test_inspect_sees_through_a_ban_and_reports_it() -> None:
     assert [p.quantity for p in seen.positions] == [QTY]
     assert seen.banned_until == T0 + 120
     assert core.inspect(T0 + 120).banned_until is None
+
+
+# ---- market orders that work before they fill (`set_market_fill`) ---------------------------------------
+
+
+def _events(core: SimCore) -> list[tuple[str, OrderStatus, Decimal]]:
+    seen: list[tuple[str, OrderStatus, Decimal]] = []
+
+    def listener(_account: str, event: object) -> None:
+        order = getattr(event, "order", None)
+        if order is not None:
+            seen.append((order.client_order_id, order.status, order.filled_quantity))
+
+    core.add_account_listener(listener)
+    return seen
+
+
+def test_a_working_market_order_answers_new_and_fills_when_due_at_the_mark_of_then() -> None:
+    core = make_core()
+    events = _events(core)
+    core.set_market_fill(3.0)
+
+    answer = core.place_market_order(SFP, BUY, QTY, "entry", T0)
+
+    assert (answer.status, answer.filled_quantity, answer.average_price) == (OrderStatus.NEW, D("0"), None)
+    assert position(core, T0 + 1) == 0
+    assert core.get_order(SFP, "entry", T0 + 2).status is OrderStatus.NEW
+    core.set_mark(SFP, D("0.4600"), T0 + 2.5)
+    core.set_mark(BTC, core.mark(BTC), T0 + 3)  # any call at or past the deadline runs the fill
+    filled = core.get_order(SFP, "entry", T0 + 3)
+    assert (filled.status, filled.filled_quantity, filled.average_price) == (
+        OrderStatus.FILLED,
+        QTY,
+        D("0.4600"),
+    )
+    assert position(core, T0 + 3) == QTY
+    assert events == [("entry", OrderStatus.NEW, D("0")), ("entry", OrderStatus.FILLED, QTY)]
+
+
+def test_a_market_order_may_end_part_filled_the_rest_cancelled() -> None:
+    core = make_core()
+    core.set_market_fill(share=D("0.37"))
+
+    answer = core.place_market_order(SFP, BUY, QTY, "entry", T0)
+
+    assert (answer.status, answer.filled_quantity) == (OrderStatus.EXPIRED, D("37"))
+    assert answer.status.is_final
+    assert position(core, T0) == D("37")
+
+
+def test_closing_orders_execute_at_once_in_full_whatever_the_setting() -> None:
+    core = make_core()
+    core.place_market_order(SFP, BUY, QTY, "entry", T0)
+    core.set_market_fill(5.0, share=D("0.5"))
+
+    close = core.place_market_order(SFP, SELL, QTY, "close", T0 + 1, reduce_only=True)
+
+    assert (close.status, close.filled_quantity) == (OrderStatus.FILLED, QTY)
+    assert position(core, T0 + 1) == 0
+
+
+def test_a_working_market_order_is_kept_in_the_book_and_fills_after_a_restore() -> None:
+    core = make_core()
+    core.set_market_fill(4.0, share=D("0.5"))
+    core.place_market_order(SFP, BUY, QTY, "entry", T0)
+
+    again = make_core()
+    again.restore_book(core.export_book(T0 + 1))
+    again.set_mark(BTC, again.mark(BTC), T0 + 4)
+
+    filled = again.get_order(SFP, "entry", T0 + 4)
+    assert (filled.status, filled.filled_quantity) == (OrderStatus.EXPIRED, D("50"))
+    assert position(again, T0 + 4) == D("50")
+
+
+def test_a_market_fill_setting_is_checked() -> None:
+    core = make_core()
+    for seconds, share in ((-1.0, D("1")), (math.inf, D("1")), (0.0, D("0")), (0.0, D("1.5"))):
+        with pytest.raises(ValueError, match="market fill"):
+            core.set_market_fill(seconds, share=share)

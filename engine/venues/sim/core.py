@@ -35,6 +35,10 @@ Rules modelled (Binance code in brackets):
 * a conditional order may read back as unknown for a while after it was placed (read-after-write lag, seen
   on Binance's algo service): queries and cancels by its ids answer `NotFound` and the open-order list
   leaves it out, yet it exists, triggers and holds its client id;
+* a market order that opens or adds to a position may work before it fills (`set_market_fill`: Bybit's
+  asynchronous order creation, whose answer only says the order was accepted): answered and read NEW,
+  executed when due at the mark of then; and it may end part-filled, the rest cancelled (port status
+  EXPIRED with a filled quantity). Closing orders always execute at once, in full;
 * order budget in fixed windows (default 300 / 10 s and 1 200 / min): over budget gives
   `RateLimited(retry_after)`; `ban_after_violations` violations within `violation_window_seconds` give
   `Banned(until)`, the ban doubling each time up to `max_ban_seconds`; while banned every call is refused.
@@ -45,8 +49,8 @@ Rules modelled (Binance code in brackets):
 `capture_book` / `book_of` / `restore_book`: the whole book as JSON values and back, so the venue keeps it
 across restarts (`engine.venues.sim.book` writes it); `book_revision` / `marks_revision` say when it moved.
 
-Not modelled: liquidation, funding, leverage brackets, limit orders and an order book, partial fills,
-hedge mode, price bands, open-order margin, cancels counting against any budget.
+Not modelled: liquidation, funding, leverage brackets, limit orders and an order book, partial fills of
+stops and closes, hedge mode, price bands, open-order margin, cancels counting against any budget.
 """
 
 from __future__ import annotations
@@ -126,6 +130,8 @@ class _OrderRecord:
     # seconds it sits TRIGGERING once fired (None: whatever the core's setting is when it fires).
     visible_at: float = 0.0
     trigger_delay: float | None = None
+    # A working market order (`set_market_fill`): the share of its quantity that fills when it comes due.
+    fill_share: Decimal | None = None
 
     @property
     def conditional(self) -> bool:
@@ -211,12 +217,14 @@ class SimCore:
         self._mark_times: dict[str, float] = dict.fromkeys(listings, now)
         self._accounts: dict[str, _Account] = {}
         self._next_order_id = 1
-        # Fired orders whose fill is deferred: (due, sequence, account, order). Stuck ones never come due.
+        # Deferred fills, of fired orders and working market orders: (due, sequence, account, order). Stuck
+        # ones never come due.
         self._due: list[tuple[float, int, _Account, _OrderRecord]] = []
         self._sequence = itertools.count()
         self._trigger_delay: float | None = None
         self._trigger_delay_by_symbol: dict[str, float | None] = {}
         self._read_lag = 0.0
+        self._market_fill: tuple[float, Decimal] = (0.0, Decimal(1))  # see `set_market_fill`
         # Called, synchronously and in the venue's order, with (account id, event) for every change of an
         # order's status and of a position: what a venue's account stream pushes (see `add_account_listener`).
         self._account_listeners: list[Callable[[str, AccountEvent], None]] = []
@@ -265,6 +273,20 @@ class SimCore:
     def set_read_lag(self, seconds: float) -> None:
         """Conditional orders placed from now on read back as unknown for `seconds` (0: never)."""
         self._read_lag = _checked_seconds(seconds, "read lag") or 0.0
+
+    def set_market_fill(self, seconds: float = 0.0, *, share: Decimal = Decimal(1)) -> None:
+        """How market orders that open or add to a position, placed from now on, execute: `seconds` after
+        they are accepted (answered and read as NEW meanwhile, as Bybit's asynchronous order creation
+        does), at the mark of that moment, and only `share` of their quantity (rounded down to the step;
+        the rest cancelled, the order ending part-filled: Bybit `PartiallyFilledCanceled`, Binance
+        `EXPIRED` with an executed quantity). The default, 0 s and all of it: at once, in full. Closing
+        (reduce-only) orders always execute at once."""
+        delay = _checked_seconds(seconds, "market fill delay") or 0.0
+        if delay == STUCK:
+            raise ValueError("market fill delay must be finite")
+        if not 0 < share <= 1:
+            raise ValueError(f"market fill share must be in (0, 1], not {share}")
+        self._market_fill = (delay, share)
 
     def add_account_listener(self, listener: Callable[[str, AccountEvent], None]) -> None:
         """Be told of every account event as it happens: `listener(account_id, event)` with an
@@ -453,6 +475,18 @@ class SimCore:
         market = self._admit_order(account, symbol, quantity, client_order_id, now)
         if not reduce_only and quantity * self._marks[symbol] < market.min_notional:
             raise Rejected(RejectCode.MIN_NOTIONAL, f"notional must be no smaller than {market.min_notional}")
+        delay, share = (0.0, Decimal(1)) if reduce_only else self._market_fill
+        if delay or share != 1:
+            order = self._record(
+                account, symbol, side, OrderType.MARKET, quantity, client_order_id, now, reduce_only
+            )
+            order.fill_share = share
+            self._order_event(account, order, now)  # NEW: accepted, working
+            if delay:
+                heapq.heappush(self._due, (now + delay, next(self._sequence), account, order))
+            else:
+                self._fill_working(account, order, now)
+            return order.snapshot()
         execution = self._execute(account, symbol, side, quantity, now, reduce_only=reduce_only)
         order = self._record(
             account, symbol, side, OrderType.MARKET, quantity, client_order_id, now, reduce_only
@@ -749,9 +783,12 @@ class SimCore:
         settled: list[Order] = []
         while self._due and self._due[0][0] <= now:
             _due, _seq, account, order = heapq.heappop(self._due)
-            del account.triggering[order.venue_order_id]
             order.updated_at = now
-            self._fill_fired(account, order, now)
+            if order.conditional:
+                del account.triggering[order.venue_order_id]
+                self._fill_fired(account, order, now)
+            else:
+                self._fill_working(account, order, now)
             settled.append(order.snapshot())
         if settled:
             self.book_revision += 1
@@ -767,6 +804,27 @@ class SimCore:
         order.status = OrderStatus.FILLED
         order.filled_quantity = execution.quantity
         order.average_price = execution.price
+        self._order_event(account, order, now)
+
+    def _fill_working(self, account: _Account, order: _OrderRecord, now: float) -> None:
+        """A working market order executes: its share of the quantity (`set_market_fill`), the rest
+        cancelled; refused by then (margin, a quantity below the step) it expires with nothing filled."""
+        market = self._markets[order.symbol]
+        share = order.fill_share if order.fill_share is not None else Decimal(1)
+        quantity = market.round_quantity(order.quantity * share) if share != 1 else order.quantity
+        order.updated_at = now
+        try:
+            if quantity <= 0:
+                raise Rejected(RejectCode.QUANTITY_TOO_SMALL, "nothing of it fills")
+            execution = self._execute(
+                account, order.symbol, order.side, quantity, now, reduce_only=order.reduce_only
+            )
+        except (Rejected, InsufficientMargin):
+            order.status = OrderStatus.EXPIRED
+        else:
+            order.filled_quantity = execution.quantity
+            order.average_price = execution.price
+            order.status = OrderStatus.FILLED if execution.quantity == order.quantity else OrderStatus.EXPIRED
         self._order_event(account, order, now)
 
     def _fill_price(self, symbol: str, side: OrderSide) -> Decimal:
@@ -1039,7 +1097,9 @@ def _order_to_book(values: tuple[Any, ...], due_at: float | None) -> dict[str, A
         "updated_at": order["updated_at"],
         "visible_at": order["visible_at"],
         "trigger_delay": _seconds_to_book(order["trigger_delay"]),
-        "due_at": due_at,  # a triggering order's fill: when it comes due (None: stuck, or not triggering)
+        # A triggering order's fill, or a working market order's: when it comes due (None: stuck, or none).
+        "due_at": due_at,
+        "fill_share": _str_or_none(order["fill_share"]),
     }
 
 
@@ -1072,6 +1132,7 @@ def _order_from_book(data: Mapping[str, Any]) -> _OrderRecord:
         updated_at=float(data["updated_at"]),
         visible_at=float(data["visible_at"]),
         trigger_delay=_seconds_from_book(data["trigger_delay"]),
+        fill_share=_decimal_or_none(data.get("fill_share")),  # absent from books written before it
     )
     if order.type is OrderType.STOP_MARKET and order.stop_price is None:
         raise ValueError(f"stop order {order.venue_order_id} has no stop price")
@@ -1118,4 +1179,6 @@ def _account_from_book(data: Mapping[str, Any]) -> tuple[_Account, list[tuple[fl
             due_at = item.get("due_at")
             if due_at is not None:
                 due.append((float(due_at), order))
+        elif order.status is OrderStatus.NEW and item.get("due_at") is not None:  # a working market order
+            due.append((float(item["due_at"]), order))
     return account, due

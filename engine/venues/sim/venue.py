@@ -484,6 +484,13 @@ class SimVenue:
         meanwhile. `capabilities().read_after_write_seconds` announces it. 0: never (the default)."""
         self._core.set_read_lag(seconds)
 
+    def set_market_fill(self, seconds: float = 0.0, *, share: Decimal = Decimal(1)) -> None:
+        """Market orders that open or add to a position, placed from now on, are answered NEW and execute
+        `seconds` of clock time later at the mark of then (Bybit's order creation is asynchronous: its
+        answer only says the order was accepted), and only `share` of their quantity fills, the rest
+        cancelled (an order ending part-filled). The default (0 s, all of it): at once, in full."""
+        self._core.set_market_fill(seconds, share=share)
+
     def drop_account_stream(self, seconds: float, *, reason: str = "connection dropped (as asked)") -> None:
         """The account stream's connection drops now and is back after `seconds` of clock time: events
         queued and made meanwhile are lost, and each reader gets a `StreamGap` when it is back."""
