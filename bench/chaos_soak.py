@@ -46,9 +46,10 @@ core's oracle view, or the emulator's `GET /_sim/state`) and the engine's databa
   a fired, TRIGGERING stop is not live);
 * `unprotected_seconds_by_cause` (of `open_seconds`, the position-seconds the venue held): the seconds
   without both stops split by why, at each sample: `fired` (one of the position's stops fired and the
-  venue has not finished filling it: TRIGGERING, the venue's own time), `opening` (a new position's first
-  stops on their way, within grace of it appearing), `other` (a stop lost, refused or not yet replaced:
-  the engine's to answer for);
+  venue has not finished filling it: TRIGGERING, the venue's own time until the engine's patience ends
+  and it closes the position at market), `fired_banned` (the same while the venue bans the engine: that
+  close cannot be sent before the ban ends), `opening` (a new position's first stops on their way, within
+  grace of it appearing), `other` (a stop lost, refused or not yet replaced: the engine's to answer for);
 * `worst_unprotected_s`: the longest run of consecutive samples in which one venue position lacked one
   of its stops, from its first unprotected sample to the first protected one (resolution 200 ms);
 * `duplicates`: incidents of two live stops of ours of one kind on one symbol (never allowed);

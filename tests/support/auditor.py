@@ -99,6 +99,7 @@ class VenueView:
     positions: tuple[SeenPosition, ...]
     open_stops: tuple[SeenStop, ...]
     triggering: tuple[SeenStop, ...] = ()
+    banned: bool = False  # the venue refuses every request of the engine now (an HTTP 418 ban)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +145,7 @@ class SimTruth:
             positions=tuple(SeenPosition(p.symbol, p.side.value, p.quantity) for p in seen.positions),
             open_stops=tuple(_sim_stop(o) for o in seen.open_conditional),
             triggering=tuple(_sim_stop(o) for o in seen.triggering),
+            banned=seen.banned_until is not None,
         )
 
 
@@ -183,6 +185,7 @@ class EmulatorTruth:
                 SeenStop(o["symbol"], o["clientAlgoId"], "", Decimal(0), "")
                 for o in state.get("triggering_algo_orders", ())
             ),
+            banned=state.get("banned_until_ms") is not None,
         )
 
     async def close(self) -> None:
@@ -640,10 +643,11 @@ class InvariantAuditor:
 
     def _cause(self, episode: _Episode, venue: VenueView, now: float) -> str:
         """Why a position lacks a stop: `fired` (one of its stops fired and the venue has not finished
-        filling it: TRIGGERING), `opening` (its first stops on their way, within grace of the position
+        filling it: TRIGGERING), `fired_banned` (the same while the venue bans the engine: its close at
+        market cannot be sent), `opening` (its first stops on their way, within grace of the position
         appearing), else `other` (lost, refused or not yet replaced: what the engine must answer for)."""
         if any(stop.symbol == episode.symbol for stop in venue.triggering):
-            return "fired"
+            return "fired_banned" if venue.banned else "fired"
         if now - episode.opened_at <= self.limits.grace_seconds and episode.protected_seconds == 0.0:
             return "opening"
         return "other"

@@ -165,6 +165,24 @@ def test_unprotected_seconds_are_split_by_why() -> None:
     assert figures.as_dict()["unprotected_seconds_by_cause"] == {"fired": 2.0, "opening": 1.0, "other": 2.5}
 
 
+def test_a_fired_stop_during_a_ban_is_counted_apart() -> None:
+    """A stop stuck TRIGGERING while the venue bans the engine: its close at market waits for the ban's
+    end. Still uncovered time, told apart from the fired time the engine could have shortened."""
+    audit = auditor()
+    fired = view([long()], [stop(1, "ts")], triggering=[stop(1, "sl")])
+    banned = VenueView(fired.positions, fired.open_stops, fired.triggering, banned=True)
+
+    def at(t: float) -> VenueView:
+        if t < 1.0:
+            return covered()
+        return fired if t < 2.0 else banned  # 1 s fired, then 3 s while banned
+
+    play(audit, [(t, at(t), None) for t in every(0, 5)])
+    figures = audit.figures()
+    assert figures.unprotected_seconds_by_cause == pytest.approx({"fired": 1.0, "fired_banned": 3.0})
+    assert figures.protected_seconds == pytest.approx(1.0)
+
+
 def test_a_fired_stop_is_not_a_live_stop() -> None:
     audit = auditor()
     fired = view([long()], [stop(1, "ts")], triggering=[stop(1, "sl")])
