@@ -509,6 +509,7 @@ class Engine:
         self._in_flight: set[str] = set()
         # Entries of unknown outcome, by symbol (their symbols stay in `_in_flight`), and the tasks settling them.
         self._in_doubt: dict[str, EntryInDoubt] = {}
+        self._sending: dict[str, EntryInDoubt] = {}  # entries on their way, by client id (`_send_entry`)
         self._rows: tuple[PositionCoverage, ...] = ()  # the last snapshot's facts (rows_by_position)
         # Entries of ours the account stream said ended (filled, or not), by client id, the latest kept:
         # the evidence that settles an entry in doubt, which may only become one after its event came.
@@ -1788,6 +1789,9 @@ class Engine:
         streamed[order.client_order_id] = order
         while len(streamed) > STREAMED_ENTRIES_KEPT:
             del streamed[next(iter(streamed))]
+        sending = self._sending.get(order.client_order_id)
+        if sending is not None:  # told before its answer came back: that is the venue's word
+            sending.heard.set()
         for doubt in self._in_doubt.values():
             if doubt.client_order_id == order.client_order_id:
                 doubt.heard.set()
@@ -1859,22 +1863,27 @@ class Engine:
         manager = self.manager
         assert manager is not None
         symbol, cid = doubt.symbol, doubt.client_order_id
-        for attempt in range(1, ENTRY_RATE_LIMIT_ATTEMPTS + 1):
-            doubt.sent_at = self.clock.monotonic()  # were its outcome to stay unknown, counted from here
-            try:
-                return await manager.create_or_find(
-                    entry_call(),
-                    lambda: self.venue.fetch_order(symbol, cid),
-                    f"entry {symbol}",
-                    Lane.ENTRY,
-                    known=lambda: self._streamed_entries.get(cid),
-                )
-            except RateLimited as exc:
-                if attempt == ENTRY_RATE_LIMIT_ATTEMPTS:
-                    raise
-                log.info("entry %s rate limited (%s): sent again in %.3fs", symbol, exc, exc.retry_after)
-                await self.clock.sleep(max(0.0, exc.retry_after))
-        raise AssertionError("unreachable")
+        self._sending[cid] = doubt
+        try:
+            for attempt in range(1, ENTRY_RATE_LIMIT_ATTEMPTS + 1):
+                doubt.sent_at = self.clock.monotonic()  # were its outcome to stay unknown, counted from here
+                try:
+                    return await manager.create_or_find(
+                        entry_call(),
+                        lambda: self.venue.fetch_order(symbol, cid),
+                        f"entry {symbol}",
+                        Lane.ENTRY,
+                        known=lambda: self._streamed_entries.get(cid),
+                        told=doubt.heard,
+                    )
+                except RateLimited as exc:
+                    if attempt == ENTRY_RATE_LIMIT_ATTEMPTS:
+                        raise
+                    log.info("entry %s rate limited (%s): sent again in %.3fs", symbol, exc, exc.retry_after)
+                    await self.clock.sleep(max(0.0, exc.retry_after))
+            raise AssertionError("unreachable")
+        finally:
+            self._sending.pop(cid, None)
 
     async def _record_attached_stop(
         self, symbol: str, side: PositionSide, quantity: Decimal, position_id: int

@@ -2648,32 +2648,42 @@ class ProtectionManager:
         lane: Lane,
         *,
         known: Callable[[], Order | None] | None = None,
+        told: asyncio.Event | None = None,
     ) -> Order:
         """An order call whose answer can be lost (`request`), and meanwhile, once that answer is late,
         look-ups of the order by its client id (`find`, raising `NotFound` while the venue does not show
         it) every retry step: the first of the answer and a found order wins. An entry whose answer was
         lost after the venue filled it left the position naked for the whole call budget (10 s) before
         anything looked for it. Were neither to come, the call's own timeout or error is raised. `known`:
-        what is already known of the order without asking (the account stream's word), tried before each
-        look-up, which it then spares (a look-up not sent is no call in the venue's figures)."""
+        what is already known of the order without asking (the account stream's word, which `told` is set
+        for): taken as the venue's answer as soon as it is told, the answer still on its way or not, and
+        tried before each look-up, which it then spares (a look-up not sent is no call in the venue's
+        figures)."""
         ticket = CallTicket(lane)
         call = asyncio.ensure_future(self.call(request, "create_order", lane, ticket=ticket))
         started = self.clock.monotonic()
         look_after = self.late_answer_seconds()
         handed_off = False
         try:
-            while await _until_late(self.clock, call, ticket, look_after):
-                told = known() if known is not None else None
-                if told is not None:
+            while True:
+                late = await _until_late(self.clock, call, ticket, look_after, told)
+                told_order = known() if known is not None else None
+                if told_order is not None and not call.done():
                     log.info(
                         "%s %s: its end is known (%s) before its answer came",
                         what,
-                        told.client_order_id,
-                        told.status.value,
+                        told_order.client_order_id,
+                        told_order.status.value,
                     )
                     self.let_finish(call)
                     handed_off = True
-                    return told
+                    return told_order
+                if not late:
+                    if call.done():
+                        break
+                    if told is not None:
+                        told.clear()  # told of something else than its end (kept no more): wait on
+                    continue
                 look_up = asyncio.ensure_future(self.read(find, "fetch_order", lane))
                 try:
                     await _first_of(asyncio.shield(call), asyncio.shield(look_up))
@@ -2833,18 +2843,28 @@ def _datetime(epoch: float | None) -> datetime | None:
     return datetime.fromtimestamp(epoch, tz=UTC)
 
 
-async def _until_late(clock: Clock, call: asyncio.Future[Any], ticket: CallTicket, after: float) -> bool:
+async def _until_late(
+    clock: Clock,
+    call: asyncio.Future[Any],
+    ticket: CallTicket,
+    after: float,
+    told: asyncio.Event | None = None,
+) -> bool:
     """Wait for `call` until its answer is `after` seconds late, counted from when it was sent (time queued
-    for budget, on `ticket`, does not count); True if it is still unanswered then."""
+    for budget, on `ticket`, does not count); True if it is still unanswered then. False as soon as it is
+    answered, or `told` is set."""
     started, waited_before = clock.monotonic(), ticket.waited
-    while not call.done():
+    while not call.done() and not (told is not None and told.is_set()):
         now = clock.monotonic()
         due = started + (ticket.waited - waited_before) + after
         if ticket.waiting_since is None and now >= due:
             return True
         nap = LATE_ANSWER_MIN_SECONDS if ticket.waiting_since is not None else due - now
         ticket.changed.clear()
-        await _first_of(asyncio.shield(call), ticket.changed.wait(), clock.sleep(nap))
+        wakes = [asyncio.shield(call), ticket.changed.wait(), clock.sleep(nap)]
+        if told is not None:
+            wakes.append(told.wait())
+        await _first_of(*wakes)
     return False
 
 

@@ -548,3 +548,45 @@ async def test_an_entry_that_ends_part_filled_is_a_position_of_what_filled(
         await drive_until(clock, lambda: engine.coverage().protected == 1, what="counted protected")
     finally:
         await drive(clock, engine.stop())
+
+
+async def test_an_entry_whose_fill_the_account_stream_tells_first_gets_its_stops_without_waiting_for_its_answer(
+    db: Database,
+) -> None:
+    """On a slow venue (the incident's: order answers taking seconds) the account stream tells an entry's
+    fill as the venue executes it, while its answer is still on its way back. That is the venue's word: the
+    stops go out then. Before, the stream's word was read only once the answer was late (four order round
+    trips: 16 s here, past the call budget, so never), and the position waited for the answer's way back."""
+    engine, venue, clock = _engine(
+        db,
+        {
+            "PROTECTION__GRACE_SECONDS": "30",
+            "VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "10",
+            "VENUE__SIM__LATENCY__BY_CALL__CREATE_ORDER__SECONDS": "4.0",  # 2 s each way
+        },
+    )
+    await drive(clock, engine.start())
+    try:
+        assert engine.store is not None
+        assert engine.manager is not None
+        await open_positions(engine, clock, [SYMBOLS[34]])  # the engine has seen how slow its orders are
+        await drive_until_covered(engine, clock, 1)
+        assert engine.manager.order_round_trip_seconds > 3.0
+        await engine.store.insert_signals([(SYMBOL, "long", None, None)])
+        await drive_until(
+            clock, lambda: _venue_holds(venue, clock, SYMBOL), step=0.02, what="the entry filled"
+        )
+        filled_at = clock.monotonic()
+        await drive_until(
+            clock, lambda: _our_stops(venue, clock, SYMBOL) == ["sl", "ts"], step=0.02, what="both stops on"
+        )
+        # Sent as the stream told the fill, they reach the venue 2 s later. Before: 2 s more (the answer).
+        took = clock.monotonic() - filled_at
+        assert took < 3.0, f"both stops on {took:.2f} s after the fill"
+        held = _held_quantity(venue, clock, SYMBOL)
+        assert _stop_quantities(venue, clock, SYMBOL) == {held}
+        await drive_until(clock, lambda: engine.coverage().protected == 1, what="counted protected")
+        status = await db.pool.fetchval("SELECT status FROM monitoring.signals WHERE symbol = $1", SYMBOL)
+        assert status == "opened"
+    finally:
+        await drive(clock, engine.stop())
