@@ -279,15 +279,18 @@ class StuckTriggerCheck(GuardCommand):
 @dataclass(slots=True)
 class StreamOrderUpdate(GuardCommand):
     """The venue's account stream said how one of this position's orders stands (`order`), at
-    `event_time` (the venue's epoch seconds). A fill closes the position at once (urgent); a fired stop
-    makes it uncovered; a stop of ours cancelled or expired by someone else is re-placed now."""
+    `event_time` (the venue's epoch seconds). A fill closes the position at once; a fired stop makes it
+    uncovered and starts the stop's patience (both urgent); a stop of ours cancelled or expired by someone
+    else is re-placed now."""
 
     order: Order | None = None
     event_time: float = 0.0
 
     @property  # type: ignore[override]
-    def urgent(self) -> bool:  # a fill ends the position: it goes before a pass in flight
-        return self.order is not None and self.order.status is OrderStatus.FILLED
+    def urgent(self) -> bool:
+        # Both go before a pass in flight: a fill ends the position, and a fired stop's patience must not
+        # wait behind a pass held up by a slow read (15 s through a ban in the chaos soak).
+        return self.order is not None and self.order.status in (OrderStatus.FILLED, OrderStatus.TRIGGERED)
 
 
 @dataclass(slots=True)

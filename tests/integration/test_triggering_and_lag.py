@@ -5,6 +5,7 @@ sim core): uncovered while in doubt, then closed or re-protected, never two live
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from decimal import Decimal
@@ -16,6 +17,7 @@ from engine.exchange.errors import Banned, ExchangeError, RateLimited
 from engine.exchange.port import OrderSide, OrderType
 from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, FaultKind
+from protection.manager import PositionGuard
 from storage.database import Database
 from tests.integration.engine_support import make_engine
 from tests.integration.test_failure_modes_f1_f5 import (
@@ -431,5 +433,60 @@ async def test_a_stuck_stop_is_closed_about_a_second_after_it_fired_whatever_the
         )
         row = await db.pool.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", guard.position_id)
         assert row["exit_reason"] == "stop_not_filled"
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_stop_that_fires_while_its_guard_waits_on_a_slow_read_is_taken_from_the_stream_at_once(
+    db: Database,
+) -> None:
+    """Seen in the chaos soak: a protection restart through a ban; each new guard's first pass verified its
+    stops with reads that waited for the ban's end. A trailing stop fired meanwhile and the account stream
+    said so at once, but that fact waited in the guard's queue behind the pass (only a fill went before a
+    pass in flight): the guard learnt of the fire 15 s later, the position without a working stop all
+    along. A fired stop starts its patience at once, whatever the guard is doing."""
+    settings = settings_for(
+        db,
+        {
+            "PROTECTION__GRACE_SECONDS": "5",
+            "VENUE__SIM__LATENCY__BY_CALL__FETCH_ORDER__SECONDS": "8.0",
+            "VENUE__SIM__LATENCY__BY_CALL__FETCH_OPEN_ORDERS__SECONDS": "8.0",
+        },
+    )
+    clock = ManualClock()
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[19]])
+        await drive_until_covered(engine, clock, 1)
+        venue.set_trigger_delay(None, stuck=True)
+        restart = asyncio.ensure_future(engine.restart_protection())
+
+        def restarted_guard() -> PositionGuard | None:
+            manager = engine.manager
+            return None if manager is None else manager.guards.get(guard.position_id)
+
+        # The new guard's first pass verifies its stops: reads that take 8 s.
+        await drive_until(
+            clock,
+            lambda: (g := restarted_guard()) is not None and g is not guard and g.passes_started > 0,
+            what="the restarted guard in its first pass",
+            step=0.05,
+        )
+        new_guard = restarted_guard()
+        assert new_guard is not None
+        assert new_guard.stop_loss.price is not None
+        await drive(clock, clock.sleep(0.5))
+        fired_at = clock.monotonic()
+        venue.override_mark_price(guard.symbol, new_guard.stop_loss.price - 3 * guard.market.tick_size)
+        await drive_until(
+            clock, lambda: not venue.core.positions(clock.now()), what="flat", step=0.05, limit=60
+        )
+        took = clock.monotonic() - fired_at
+        # Virtual time: the patience (1 s), its look-ups cut short (0.5 s) and the close. Before: after the
+        # pass's 8 s reads.
+        assert took < 2.5, f"flat {took:.2f} s after the stop fired"
+        await drive(clock, restart)
     finally:
         await drive(clock, engine.stop())
