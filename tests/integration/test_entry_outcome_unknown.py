@@ -469,6 +469,23 @@ def _stop_quantities(venue: SimVenue, clock: ManualClock, symbol: str) -> set[De
     return {o.quantity for o in venue.core.open_protective_orders(clock.now(), symbol)}
 
 
+async def _from_fill_to_both_stops(engine: Engine, venue: SimVenue, clock: ManualClock) -> float:
+    """A long signal on SYMBOL: the virtual seconds from its entry's fill on the venue to both its stops
+    live there."""
+    assert engine.store is not None
+    await engine.store.insert_signals([(SYMBOL, "long", None, None)])
+    await drive_until(clock, lambda: _venue_holds(venue, clock, SYMBOL), step=0.02, what="the entry filled")
+    filled_at = clock.monotonic()
+    await drive_until(
+        clock,
+        lambda: _our_stops(venue, clock, SYMBOL) == ["sl", "ts"],
+        step=0.02,
+        limit=60,
+        what="both stops on",
+    )
+    return clock.monotonic() - filled_at
+
+
 def _held_quantity(venue: SimVenue, clock: ManualClock, symbol: str) -> Decimal:
     return sum(
         (p.quantity for p in venue.core.inspect(clock.now()).positions if p.symbol == symbol), Decimal(0)
@@ -492,16 +509,9 @@ async def test_an_entry_the_venue_answers_new_is_protected_once_it_fills(
         if not stream_up:
             venue.drop_account_stream(100_000)
         venue.set_market_fill(3.0)
-        await engine.store.insert_signals([(SYMBOL, "long", None, None)])
-        await drive_until(
-            clock, lambda: _venue_holds(venue, clock, SYMBOL), step=0.02, what="the entry filled"
-        )
-        filled_at = clock.monotonic()
-        await drive_until(
-            clock, lambda: _our_stops(venue, clock, SYMBOL) == ["sl", "ts"], limit=60, what="both stops on"
-        )
+        took = await _from_fill_to_both_stops(engine, venue, clock)
         # The stream's fill at once; without it, the look-ups by id (backing off from 1 s) find it filled.
-        assert clock.monotonic() - filled_at < (1 if stream_up else 5)
+        assert took < (1 if stream_up else 5)
         held = _held_quantity(venue, clock, SYMBOL)
         assert _stop_quantities(venue, clock, SYMBOL) == {held}
         entries = [o for o in venue.core.inspect(clock.now()).positions if o.symbol == SYMBOL]
@@ -572,16 +582,8 @@ async def test_an_entry_whose_fill_the_account_stream_tells_first_gets_its_stops
         await open_positions(engine, clock, [SYMBOLS[34]])  # the engine has seen how slow its orders are
         await drive_until_covered(engine, clock, 1)
         assert engine.manager.order_round_trip_seconds > 3.0
-        await engine.store.insert_signals([(SYMBOL, "long", None, None)])
-        await drive_until(
-            clock, lambda: _venue_holds(venue, clock, SYMBOL), step=0.02, what="the entry filled"
-        )
-        filled_at = clock.monotonic()
-        await drive_until(
-            clock, lambda: _our_stops(venue, clock, SYMBOL) == ["sl", "ts"], step=0.02, what="both stops on"
-        )
+        took = await _from_fill_to_both_stops(engine, venue, clock)
         # Sent as the stream told the fill, they reach the venue 2 s later. Before: 2 s more (the answer).
-        took = clock.monotonic() - filled_at
         assert took < 3.0, f"both stops on {took:.2f} s after the fill"
         held = _held_quantity(venue, clock, SYMBOL)
         assert _stop_quantities(venue, clock, SYMBOL) == {held}

@@ -6,13 +6,16 @@ sim core): uncovered while in doubt, then closed or re-protected, never two live
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
+from collections.abc import AsyncIterator
 from decimal import Decimal
 
 import pytest
 
 from engine.clock import ManualClock
+from engine.engine import Engine
 from engine.exchange.errors import Banned, ExchangeError, RateLimited
 from engine.exchange.port import OrderSide, OrderType
 from engine.venues.sim import SimVenue
@@ -28,22 +31,37 @@ from tests.integration.test_failure_modes_f1_f5 import (
 )
 from tests.support.driving import drive, drive_until
 
+GRACE_5 = {"PROTECTION__GRACE_SECONDS": "5"}
+GRACE_30 = {"PROTECTION__GRACE_SECONDS": "30"}
+
 
 def _live_kinds(venue: SimVenue, clock: ManualClock, symbol: str) -> Counter[OrderType]:
     return Counter(o.type for o in venue.core.open_protective_orders(clock.now()) if o.symbol == symbol)
 
 
-async def test_a_stop_sitting_in_triggering_is_uncovered_then_the_fill_closes_the_position(
-    db: Database,
-) -> None:
-    settings = settings_for(db, {"PROTECTION__GRACE_SECONDS": "30"})
+@contextlib.asynccontextmanager
+async def _one_guarded_position(
+    db: Database, symbol: str, overrides: dict[str, str] | None = None
+) -> AsyncIterator[tuple[Engine, SimVenue, ManualClock, PositionGuard]]:
+    """An engine on the sim venue (virtual time) with one position on `symbol`, both its stops on; stopped
+    after."""
+    settings = settings_for(db, overrides)
     clock = ManualClock()
     venue = SimVenue(settings.venue.sim, clock=clock)
     engine = make_engine(settings, clock, venue)
     await drive(clock, engine.start())
     try:
-        [guard] = await open_positions(engine, clock, [SYMBOLS[13]])
+        [guard] = await open_positions(engine, clock, [symbol])
         await drive_until_covered(engine, clock, 1)
+        yield engine, venue, clock, guard
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_stop_sitting_in_triggering_is_uncovered_then_the_fill_closes_the_position(
+    db: Database,
+) -> None:
+    async with _one_guarded_position(db, SYMBOLS[13], GRACE_30) as (engine, venue, clock, guard):
         # Within the fired stop's patience (a second): past it the engine closes at market itself.
         venue.set_trigger_delay(0.6)
         assert guard.stop_loss.price is not None
@@ -73,19 +91,10 @@ async def test_a_stop_sitting_in_triggering_is_uncovered_then_the_fill_closes_th
             lambda: not venue.core.open_protective_orders(clock.now()),
             what="nothing left on the venue",
         )
-    finally:
-        await drive(clock, engine.stop())
 
 
 async def test_a_stop_stuck_in_triggering_is_closed_at_market_after_the_grace_period(db: Database) -> None:
-    settings = settings_for(db, {"PROTECTION__GRACE_SECONDS": "5"})
-    clock = ManualClock()
-    venue = SimVenue(settings.venue.sim, clock=clock)
-    engine = make_engine(settings, clock, venue)
-    await drive(clock, engine.start())
-    try:
-        [guard] = await open_positions(engine, clock, [SYMBOLS[15]])
-        await drive_until_covered(engine, clock, 1)
+    async with _one_guarded_position(db, SYMBOLS[15], GRACE_5) as (engine, venue, clock, guard):
         venue.set_trigger_delay(None, stuck=True)
         assert guard.stop_loss.price is not None
         venue.override_mark_price(guard.symbol, guard.stop_loss.price - 3 * guard.market.tick_size)
@@ -105,8 +114,6 @@ async def test_a_stop_stuck_in_triggering_is_closed_at_market_after_the_grace_pe
             "SELECT type FROM monitoring.events WHERE position_id = $1", guard.position_id
         )
         assert "stop_stuck_triggering" in {e["type"] for e in events}
-    finally:
-        await drive(clock, engine.stop())
 
 
 async def test_a_stuck_stop_found_after_a_protection_restart_is_closed_when_its_patience_ends(
@@ -116,14 +123,7 @@ async def test_a_stuck_stop_found_after_a_protection_restart_is_closed_when_its_
     restart in between made the new guard start that patience again from when it found the stop (the
     chaos soak: a stuck stop found again after a restart through a ban waited 2.6 s more, with the
     position long past grace). The patience counts from the venue's time of firing."""
-    settings = settings_for(db, {"PROTECTION__GRACE_SECONDS": "5"})
-    clock = ManualClock()
-    venue = SimVenue(settings.venue.sim, clock=clock)
-    engine = make_engine(settings, clock, venue)
-    await drive(clock, engine.start())
-    try:
-        [guard] = await open_positions(engine, clock, [SYMBOLS[16]])
-        await drive_until_covered(engine, clock, 1)
+    async with _one_guarded_position(db, SYMBOLS[16], GRACE_5) as (engine, venue, clock, guard):
         venue.set_trigger_delay(None, stuck=True)
         assert guard.stop_loss.price is not None
         venue.override_mark_price(guard.symbol, guard.stop_loss.price - 3 * guard.market.tick_size)
@@ -144,8 +144,6 @@ async def test_a_stuck_stop_found_after_a_protection_restart_is_closed_when_its_
         row = await db.pool.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", guard.position_id)
         assert row["exit_reason"] == "stop_not_filled"
         assert venue.core.positions(clock.now()) == []
-    finally:
-        await drive(clock, engine.stop())
 
 
 async def test_a_stuck_stops_close_at_market_waits_out_the_venues_order_limit(db: Database) -> None:
@@ -153,14 +151,7 @@ async def test_a_stuck_stops_close_at_market_waits_out_the_venues_order_limit(db
     order-count window (429, Retry-After), the next one waits for it. The chaos soak saw the close sent
     again 0.1 s after such a 429 and the account banned for 20 s (three refusals within a minute), the
     position without protection all along."""
-    settings = settings_for(db, {"PROTECTION__GRACE_SECONDS": "5"})
-    clock = ManualClock()
-    venue = SimVenue(settings.venue.sim, clock=clock)
-    engine = make_engine(settings, clock, venue)
-    await drive(clock, engine.start())
-    try:
-        [guard] = await open_positions(engine, clock, [SYMBOLS[18]])
-        await drive_until_covered(engine, clock, 1)
+    async with _one_guarded_position(db, SYMBOLS[18], GRACE_5) as (_engine, venue, clock, guard):
         venue.set_trigger_delay(None, stuck=True)
         assert guard.stop_loss.price is not None
         venue.override_mark_price(guard.symbol, guard.stop_loss.price - 3 * guard.market.tick_size)
@@ -189,8 +180,6 @@ async def test_a_stuck_stops_close_at_market_waits_out_the_venues_order_limit(db
         row = await db.pool.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", guard.position_id)
         assert row["exit_reason"] == "stop_not_filled"
         assert venue.core.positions(clock.now()) == []
-    finally:
-        await drive(clock, engine.stop())
 
 
 async def test_a_stop_the_venue_cannot_read_back_yet_is_not_sent_twice(db: Database) -> None:
@@ -272,21 +261,15 @@ async def test_a_ban_the_sim_venue_answers_holds_the_engines_requests_until_it_e
     418 in two minutes — and every refused call lengthened the venue's own ban. Here another client on the
     account earns it a 20 s ban while one of our stops is missing: the guard's retries must wait for the end
     instead of hammering, and the stop is back on the venue right after it."""
-    settings = settings_for(
+    async with _one_guarded_position(
         db,
+        SYMBOLS[19],
         {
             "VENUE__SIM__RATE_LIMITS__ORDERS_PER_10S": "12",
             "VENUE__SIM__RATE_LIMITS__BAN_AFTER_VIOLATIONS": "1",
             "VENUE__SIM__RATE_LIMITS__BAN_SECONDS": "20",
         },
-    )
-    clock = ManualClock()
-    venue = SimVenue(settings.venue.sim, clock=clock)
-    engine = make_engine(settings, clock, venue)
-    await drive(clock, engine.start())
-    try:
-        [guard] = await open_positions(engine, clock, [SYMBOLS[19]])
-        await drive_until_covered(engine, clock, 1)
+    ) as (engine, venue, clock, guard):
         await drive(clock, clock.sleep(11.0))  # a fresh 10-second order window
         core = venue.core
         assert guard.stop_loss.client_order_id is not None
@@ -322,8 +305,6 @@ async def test_a_ban_the_sim_venue_answers_holds_the_engines_requests_until_it_e
 
         await drive_until(clock, stop_back_on_the_venue, what="the hard stop back on the venue after the ban")
         assert core.inspect(clock.now()).banned_until is None  # the engine did not earn a second ban
-    finally:
-        await drive(clock, engine.stop())
 
 
 async def test_a_stuck_stop_is_closed_at_market_on_time_although_its_re_check_failed_and_passes_backed_off(
@@ -333,14 +314,9 @@ async def test_a_stuck_stop_is_closed_at_market_on_time_although_its_re_check_fa
     (a network error), and the position stayed uncovered 31 s. The failed look-up started the patience
     again, and past grace the guard's passes back off (1, 2, 4, 8, 16 s): the close waited for the doubling.
     A look-up that failed proves nothing, and a fired stop is checked when its patience ends, not later."""
-    settings = settings_for(db, {"PROTECTION__GRACE_SECONDS": "5", "PROTECTION__RETRY_MAX_SECONDS": "30"})
-    clock = ManualClock()
-    venue = SimVenue(settings.venue.sim, clock=clock)
-    engine = make_engine(settings, clock, venue)
-    await drive(clock, engine.start())
-    try:
-        [guard] = await open_positions(engine, clock, [SYMBOLS[16]])
-        await drive_until_covered(engine, clock, 1)
+    async with _one_guarded_position(
+        db, SYMBOLS[16], {"PROTECTION__GRACE_SECONDS": "5", "PROTECTION__RETRY_MAX_SECONDS": "30"}
+    ) as (_engine, venue, clock, guard):
         venue.set_trigger_delay(None, stuck=True)
         assert guard.stop_loss.price is not None
         # Every look-up fails for a while: the passes fail and back off past grace.
@@ -359,8 +335,6 @@ async def test_a_stuck_stop_is_closed_at_market_on_time_although_its_re_check_fa
         )
         row = await db.pool.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", guard.position_id)
         assert row["exit_reason"] == "stop_not_filled"
-    finally:
-        await drive(clock, engine.stop())
 
 
 async def test_a_stuck_stop_is_closed_within_grace_although_its_re_check_hangs(db: Database) -> None:
@@ -368,14 +342,7 @@ async def test_a_stuck_stop_is_closed_within_grace_although_its_re_check_hangs(d
     answer never came, and the close waited the read's whole 10 s timeout (12.6 s uncovered). What is left
     of the grace period bounds the re-check; without an answer the stop is taken as still fired and the
     position is closed reduce-only (a position already flat refuses it: nothing is over-closed)."""
-    settings = settings_for(db, {"PROTECTION__GRACE_SECONDS": "5"})
-    clock = ManualClock()
-    venue = SimVenue(settings.venue.sim, clock=clock)
-    engine = make_engine(settings, clock, venue)
-    await drive(clock, engine.start())
-    try:
-        [guard] = await open_positions(engine, clock, [SYMBOLS[17]])
-        await drive_until_covered(engine, clock, 1)
+    async with _one_guarded_position(db, SYMBOLS[17], GRACE_5) as (_engine, venue, clock, guard):
         venue.set_trigger_delay(None, stuck=True)
         assert guard.stop_loss.price is not None
         venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT, count=4)  # answers lost
@@ -395,8 +362,6 @@ async def test_a_stuck_stop_is_closed_within_grace_although_its_re_check_hangs(d
         row = await db.pool.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", guard.position_id)
         assert row["exit_reason"] == "stop_not_filled"
         assert venue.core.positions(clock.now()) == []
-    finally:
-        await drive(clock, engine.stop())
 
 
 async def test_a_stuck_stop_is_closed_about_a_second_after_it_fired_whatever_the_grace_period(
@@ -408,14 +373,7 @@ async def test_a_stuck_stop_is_closed_about_a_second_after_it_fired_whatever_the
     chaos soak counted 3.8 s for each stuck stop outside a ban. How long the venue takes to fill a fired
     stop is the venue's latency, not the grace period: a second, or three order round trips on a slow
     venue, and never past half the grace period."""
-    settings = settings_for(db, {"PROTECTION__GRACE_SECONDS": "30"})
-    clock = ManualClock()
-    venue = SimVenue(settings.venue.sim, clock=clock)
-    engine = make_engine(settings, clock, venue)
-    await drive(clock, engine.start())
-    try:
-        [guard] = await open_positions(engine, clock, [SYMBOLS[18]])
-        await drive_until_covered(engine, clock, 1)
+    async with _one_guarded_position(db, SYMBOLS[18], GRACE_30) as (_engine, venue, clock, guard):
         venue.set_trigger_delay(None, stuck=True)
         assert guard.stop_loss.price is not None
         fired_at = clock.monotonic()
@@ -433,8 +391,6 @@ async def test_a_stuck_stop_is_closed_about_a_second_after_it_fired_whatever_the
         )
         row = await db.pool.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", guard.position_id)
         assert row["exit_reason"] == "stop_not_filled"
-    finally:
-        await drive(clock, engine.stop())
 
 
 async def test_a_stop_that_fires_while_its_guard_waits_on_a_slow_read_is_taken_from_the_stream_at_once(
@@ -445,21 +401,15 @@ async def test_a_stop_that_fires_while_its_guard_waits_on_a_slow_read_is_taken_f
     said so at once, but that fact waited in the guard's queue behind the pass (only a fill went before a
     pass in flight): the guard learnt of the fire 15 s later, the position without a working stop all
     along. A fired stop starts its patience at once, whatever the guard is doing."""
-    settings = settings_for(
+    async with _one_guarded_position(
         db,
+        SYMBOLS[19],
         {
             "PROTECTION__GRACE_SECONDS": "5",
             "VENUE__SIM__LATENCY__BY_CALL__FETCH_ORDER__SECONDS": "8.0",
             "VENUE__SIM__LATENCY__BY_CALL__FETCH_OPEN_ORDERS__SECONDS": "8.0",
         },
-    )
-    clock = ManualClock()
-    venue = SimVenue(settings.venue.sim, clock=clock)
-    engine = make_engine(settings, clock, venue)
-    await drive(clock, engine.start())
-    try:
-        [guard] = await open_positions(engine, clock, [SYMBOLS[19]])
-        await drive_until_covered(engine, clock, 1)
+    ) as (engine, venue, clock, guard):
         venue.set_trigger_delay(None, stuck=True)
         restart = asyncio.ensure_future(engine.restart_protection())
 
@@ -488,5 +438,3 @@ async def test_a_stop_that_fires_while_its_guard_waits_on_a_slow_read_is_taken_f
         # pass's 8 s reads.
         assert took < 2.5, f"flat {took:.2f} s after the stop fired"
         await drive(clock, restart)
-    finally:
-        await drive(clock, engine.stop())
