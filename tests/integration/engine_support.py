@@ -10,6 +10,8 @@ from engine.clock import ManualClock
 from engine.config import Settings, load_config
 from engine.engine import Engine
 from engine.venues.sim import SimVenue
+from storage.database import Database
+from tests.support.driving import drive_until
 
 
 def engine_settings(dsn: str, overrides: Mapping[str, str] | None = None) -> Settings:
@@ -27,3 +29,24 @@ def engine_settings(dsn: str, overrides: Mapping[str, str] | None = None) -> Set
 def make_engine(settings: Settings, clock: ManualClock, venue: SimVenue | None = None) -> Engine:
     venue = venue or SimVenue(settings.venue.sim, clock=clock)
     return Engine(settings, venue=venue, clock=clock, version="test")
+
+
+async def until_closed_in_db(
+    db: Database,
+    clock: ManualClock,
+    position_id: int,
+    *,
+    what: str = "the position closed in the database",
+    step: float = 0.05,
+    limit: float = 30.0,
+) -> None:
+    """Advance `clock` until the operators' SQL shows the position closed (at most `limit` virtual s)."""
+    await drive_until(
+        clock,
+        lambda: db.pool.fetchval(
+            "SELECT status = 'closed' FROM monitoring.positions WHERE id = $1", position_id
+        ),
+        what=what,
+        step=step,
+        limit=limit,
+    )

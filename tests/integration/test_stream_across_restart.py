@@ -13,21 +13,9 @@ from engine.clock import ManualClock
 from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, FaultKind
 from storage.database import Database
-from tests.integration.engine_support import engine_settings, make_engine
+from tests.integration.engine_support import engine_settings, make_engine, until_closed_in_db
 from tests.integration.test_failure_modes_f1_f5 import SYMBOLS, drive_until_covered, open_positions
 from tests.support.driving import drive, drive_until
-
-
-async def _until_closed_in_db(db: Database, clock: ManualClock, position_id: int) -> None:
-    await drive_until(
-        clock,
-        lambda: db.pool.fetchval(
-            "SELECT status = 'closed' FROM monitoring.positions WHERE id = $1", position_id
-        ),
-        what="the position closed in the database",
-        step=0.05,
-        limit=30.0,
-    )
 
 
 async def test_a_stop_filling_while_protection_restarts_closes_its_position_without_waiting_for_polling(
@@ -62,7 +50,7 @@ async def test_a_stop_filling_while_protection_restarts_closes_its_position_with
         venue.override_mark_price(guard.symbol, guard.stop_loss.price - 3 * guard.market.tick_size)
         await drive_until(clock, restart.done, what="the protection restart")
         restarted_at = clock.monotonic()
-        await _until_closed_in_db(db, clock, guard.position_id)
+        await until_closed_in_db(db, clock, guard.position_id)
         # Within a couple of round trips of the restart, not two reconcile passes (10 s each) later.
         assert clock.monotonic() - restarted_at < 3.0
         row = await db.pool.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", guard.position_id)
@@ -117,7 +105,7 @@ async def test_a_stop_filling_while_a_slow_first_pass_holds_the_restart_is_learn
         assert fills.stop_loss.price is not None
         venue.override_mark_price(fills.symbol, fills.stop_loss.price - 3 * fills.market.tick_size)
         fired_at = clock.monotonic()
-        await _until_closed_in_db(db, clock, fills.position_id)
+        await until_closed_in_db(db, clock, fills.position_id)
         closed_after = clock.monotonic() - fired_at
         assert not restart.done()  # the slow first pass still holds the restart's report
         assert closed_after < 2.0, closed_after
@@ -157,7 +145,7 @@ async def test_a_stop_filling_while_a_restarts_venue_snapshot_is_late_is_learned
         assert fills.stop_loss.price is not None
         venue.override_mark_price(fills.symbol, fills.stop_loss.price - 3 * fills.market.tick_size)
         fired_at = clock.monotonic()
-        await _until_closed_in_db(db, clock, fills.position_id)
+        await until_closed_in_db(db, clock, fills.position_id)
         assert clock.monotonic() - fired_at < 4.0, clock.monotonic() - fired_at
         report = await drive(clock, restart)
         assert report.failed == 0

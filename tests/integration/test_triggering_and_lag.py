@@ -22,7 +22,7 @@ from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, FaultKind
 from protection.manager import PositionGuard
 from storage.database import Database
-from tests.integration.engine_support import make_engine
+from tests.integration.engine_support import make_engine, until_closed_in_db
 from tests.integration.test_failure_modes_f1_f5 import (
     SYMBOLS,
     drive_until_covered,
@@ -75,13 +75,7 @@ async def test_a_stop_sitting_in_triggering_is_uncovered_then_the_fill_closes_th
         assert venue.core.positions(clock.now())
         assert _live_kinds(venue, clock, guard.symbol)[OrderType.STOP_MARKET] == 0
         # The fill lands: the position is closed with the stop's reason and the fill's PnL.
-        await drive_until(
-            clock,
-            lambda: db.pool.fetchval(
-                "SELECT status = 'closed' FROM monitoring.positions WHERE id = $1", guard.position_id
-            ),
-            what="closed by the stop's fill",
-        )
+        await until_closed_in_db(db, clock, guard.position_id, what="closed by the stop's fill")
         row = await db.pool.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", guard.position_id)
         assert row["exit_reason"] == "stop_loss"
         assert row["realized_pnl"] < 0
@@ -100,13 +94,7 @@ async def test_a_stop_stuck_in_triggering_is_closed_at_market_after_the_grace_pe
         venue.override_mark_price(guard.symbol, guard.stop_loss.price - 3 * guard.market.tick_size)
         assert engine.manager is not None
         engine.manager.request_reconcile()
-        await drive_until(
-            clock,
-            lambda: db.pool.fetchval(
-                "SELECT status = 'closed' FROM monitoring.positions WHERE id = $1", guard.position_id
-            ),
-            what="closed at market",
-        )
+        await until_closed_in_db(db, clock, guard.position_id, what="closed at market")
         row = await db.pool.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", guard.position_id)
         assert row["exit_reason"] == "stop_not_filled"
         assert venue.core.positions(clock.now()) == []  # flat on the venue, whatever the stuck order does
@@ -131,13 +119,7 @@ async def test_a_stuck_stop_found_after_a_protection_restart_is_closed_when_its_
         await drive_until(clock, lambda: not guard.covered, what="the stop seen fired", step=0.05)
         await drive(clock, clock.sleep(2.0 - (clock.monotonic() - fired_at)))
         await drive(clock, engine.restart_protection())
-        await drive_until(
-            clock,
-            lambda: db.pool.fetchval(
-                "SELECT status = 'closed' FROM monitoring.positions WHERE id = $1", guard.position_id
-            ),
-            what="closed at market",
-        )
+        await until_closed_in_db(db, clock, guard.position_id, what="closed at market")
         took = clock.monotonic() - fired_at
         # Patience 2.5 s from the firing, then a look-up and the close (50 ms each); not 2.5 s more.
         assert took < 3.6, f"closed {took:.2f} s after the stop fired"
@@ -324,15 +306,7 @@ async def test_a_stuck_stop_is_closed_at_market_on_time_although_its_re_check_fa
         venue.override_mark_price(guard.symbol, guard.stop_loss.price - 3 * guard.market.tick_size)
         # Within patience (half the grace period) plus the look-ups that failed, each retried within a
         # second (virtual time): before, 36 s.
-        await drive_until(
-            clock,
-            lambda: db.pool.fetchval(
-                "SELECT status = 'closed' FROM monitoring.positions WHERE id = $1", guard.position_id
-            ),
-            what="closed at market",
-            step=0.1,
-            limit=10.0,
-        )
+        await until_closed_in_db(db, clock, guard.position_id, what="closed at market", step=0.1, limit=10.0)
         row = await db.pool.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", guard.position_id)
         assert row["exit_reason"] == "stop_not_filled"
 
@@ -348,15 +322,7 @@ async def test_a_stuck_stop_is_closed_within_grace_although_its_re_check_hangs(d
         venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT, count=4)  # answers lost
         fired_at = clock.monotonic()
         venue.override_mark_price(guard.symbol, guard.stop_loss.price - 3 * guard.market.tick_size)
-        await drive_until(
-            clock,
-            lambda: db.pool.fetchval(
-                "SELECT status = 'closed' FROM monitoring.positions WHERE id = $1", guard.position_id
-            ),
-            what="closed at market",
-            step=0.1,
-            limit=30.0,
-        )
+        await until_closed_in_db(db, clock, guard.position_id, what="closed at market", step=0.1, limit=30.0)
         # Virtual time: closed within the grace period of the fire (before: the read's 10 s timeout after it).
         assert clock.monotonic() - fired_at <= 5.0
         row = await db.pool.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", guard.position_id)
@@ -382,13 +348,7 @@ async def test_a_stuck_stop_is_closed_about_a_second_after_it_fired_whatever_the
         took = clock.monotonic() - fired_at
         # Virtual time: the patience (1 s), the look-ups and the close (50 ms each). Before: 15.1 s.
         assert took < 1.3, f"flat {took:.2f} s after the stop fired"
-        await drive_until(
-            clock,
-            lambda: db.pool.fetchval(
-                "SELECT exit_reason FROM monitoring.positions WHERE id = $1", guard.position_id
-            ),
-            what="closed in the database",
-        )
+        await until_closed_in_db(db, clock, guard.position_id, what="closed in the database")
         row = await db.pool.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", guard.position_id)
         assert row["exit_reason"] == "stop_not_filled"
 
