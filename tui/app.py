@@ -102,6 +102,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 HANGUP_EXIT_SECONDS = 5.0
 FRAME_STEP_PAUSE = 0.001  # between taking a frame's snapshot and showing it (see _paint_on_timer)
+GC_FREEZE_AFTER_ROWS = 100  # table rows added since the last gc.freeze() that are frozen too (see _show)
 
 # Events after which the operator should see the change now, not at the next frame.
 REPAINT_EVENTS = (EntriesToggled, EngineStateChanged, HealthChanged, PositionClosed, EventsDropped)
@@ -203,6 +204,7 @@ class DashboardApp(App[int]):
         self._log_handler: PanelLogHandler | None = None
         self.read_only_poll_seconds = 1.0
         self._freeze_gc = freeze_gc_after_start
+        self._rows_frozen = 0  # the table's `rows_added` at the last gc.freeze()
         self.ui_state_file = ui_state_file  # the operator's screen choices (the theme), kept across starts
         self.hung_up = False
         self.attention = CriticalAttention(in_tmux=bool(os.environ.get("TMUX")))
@@ -364,6 +366,24 @@ class DashboardApp(App[int]):
         self._write_to_terminal(
             self.attention.update(snapshot.health, f"{snapshot.venue}:{snapshot.account}")
         )
+        if self._freeze_gc and self.feed_started:
+            self._freeze_new_rows()
+
+    def _freeze_new_rows(self) -> None:
+        """The table's rows live as long as their positions: at 1 000 positions some 60 000 objects (cells,
+        their spans, row keys) that every full collection traversed, ~35 ms of the event loop each time,
+        which set the engine's worst tick delays (bench/tui_render.py). The start's freeze
+        (`on_feed_started`) does not hold the rows the table builds after it: all of them again after a
+        resize across a column layout (the first resize at start among them) or a filter, a large wave's.
+        Once GC_FREEZE_AFTER_ROWS rows were added since the last freeze, a full collection (so that no
+        garbage is frozen with them: it would never be freed) and a freeze, once, where every later full
+        collection would have traversed them again. A row removed later is still freed: reference counting
+        frees it (rows hold no reference cycles)."""
+        added = self._positions.rows_added
+        if added - self._rows_frozen >= GC_FREEZE_AFTER_ROWS:
+            self._rows_frozen = added
+            gc.collect()
+            gc.freeze()
 
     def _write_to_terminal(self, sequence: str) -> None:
         """The bell and the window title on CRITICAL (tui/attention.py), written as Textual's own bell()."""
@@ -504,6 +524,7 @@ class DashboardApp(App[int]):
             # keeping it out of the collector's full passes turns 50-80 ms gen-2 pauses, which stall the
             # engine's loop too, into ~10 ms ones (bench/tui_render.py).
             gc.freeze()
+            self._rows_frozen = self._positions.rows_added
         self.startup_report = message.report
         if message.report is not None:
             report = message.report

@@ -137,6 +137,7 @@ class PositionsTable(DataTable[Text]):
         self._column_key_objects: tuple[ColumnKey, ...] = ()
         self.follow_selection = False  # the operator moved the cursor: it stays on that position
         self.cell_updates = 0  # since mount: lets the benchmark and tests see that frames are incremental
+        self.rows_added = 0  # since mount (the app freezes a bulk of new rows out of the collector's passes)
         # Rendered lines and cells by row (see "rendering" below); a row's version moves when its cells do.
         self._row_versions: dict[str | None, int] = {}
         self._versions_given = 0
@@ -300,6 +301,7 @@ class PositionsTable(DataTable[Text]):
             row_key = str(position_id)
             if shown is None:
                 self._row_keys[position_id] = self.add_row(*cells, key=row_key)
+                self.rows_added += 1
                 self._row_changed(row_key)
                 reorder = True
                 continue
