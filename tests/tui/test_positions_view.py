@@ -327,6 +327,37 @@ async def test_a_resize_that_rebuilds_the_columns_adds_back_the_rows_off_screen_
                 assert symbol in screen_text(app)
 
 
+async def test_each_line_of_the_table_is_the_line_textual_s_data_table_renders_at_every_layout() -> None:
+    """P4: the table builds a data row's line from its cached cells (`_data_line`) instead of DataTable's
+    general path. Every line on screen, rendered both ways — covered, pinned uncovered and the cursor's row,
+    at the three column layouts — has the same segments, text and styles alike."""
+    from textual.widgets import DataTable
+
+    settings = scenario_settings()
+    book = [book_position(i, s) for i, s in enumerate(SYMBOLS[:25], start=1)]
+    book += [book_position(100 + i, s, uncovered_for=75.0) for i, s in enumerate(SYMBOLS[60:63])]
+    feed = BookFeed(settings, book)
+    app = DashboardApp(settings, feed=feed, tz=UTC, code_roots=[])
+    async with app.run_test(size=(160, 48)) as pilot:
+        table = app.query_one(PositionsTable)
+        for size in ((160, 48), (120, 40), (80, 24)):
+            await pilot.resize_terminal(*size)
+            await wait_for(pilot, lambda: table.row_count == 28 and table.fixed_rows == 3, f"rows at {size}")
+            await pilot.press("down", "down")
+            await pilot.pause(0.1)
+            width = table.size.width
+            base = table.rich_style
+            compared = 0
+            for y in range(1, table.size.height):  # under the header
+                table._forget_renders()
+                ours = table._render_line(y, 0, width, base)
+                table._forget_renders()
+                theirs = DataTable._render_line(table, y, 0, width, base)
+                assert list(ours.simplify()) == list(theirs.simplify()), (size, y)
+                compared += bool(ours.text.strip())
+            assert compared >= min(28, table.size.height - 2), size
+
+
 async def test_rows_the_table_builds_after_the_start_are_kept_out_of_the_collector_s_full_passes() -> None:
     """P4: the start's `gc.freeze()` kept what existed then out of the collector's full passes, not the
     table's rows built afterwards (the first resize across a column layout rebuilds all of them): at 1 000

@@ -5,8 +5,9 @@ snapshot's `rows`) and asks the engine for full `PositionView`s of the rows on s
 (`rows_on_screen`, the snapshot's `views_of`): building and comparing 1 000 views a frame was most of a
 frame's cost on the engine's event loop. It compares each view with the one it showed last (frozen
 dataclasses: one equality test), formats only the rows that changed, and within them updates only the cells
-whose text changed; the changed lines are redrawn a few per screen update (`_repaint_slice`). Rows are added
-and removed by key; the order is uncovered first, then still protecting, then by symbol (and id).
+whose text changed; the changed lines are rendered a few at a time, each batch drawn by a screen update of
+its own (`_repaint_slice`). Rows are added and removed by key; the order is uncovered first, then still
+protecting, then by symbol (and id).
 
 Uncovered rows are pinned: they are the table's fixed rows, drawn at the top whatever the scroll position,
 so the operator cannot scroll (or be scrolled) away from them; the title carries their count. The cursor
@@ -70,10 +71,15 @@ COLUMN_KEYS = tuple(key for key, _, _ in COLUMNS)
 WIDE_FROM = 150
 ERROR_COLUMN = ("error", "Last error")
 UNCOVERED_FLAG = "!"
-ROWS_FORMATTED_AT_ONCE = 6  # by sync(defer=True); the rest in the frame's next step (sync_deferred)
+ROWS_FORMATTED_AT_ONCE = 3  # by sync(defer=True); the rest in the frame's next steps (sync_deferred)
+DEFERRED_ROWS_PER_STEP = 8  # rows a frame's later step formats (sync_deferred's limit, from the app)
 VIEW_MARGIN = 1  # rows either side of the viewport with full views (a scroll further paints a frame at once)
 LINES_PER_SLICE = 3  # changed table lines redrawn per screen update (see PositionsTable._repaint_slice)
 SLICE_SECONDS = 0.02  # between two slices: longer than a screen update (Textual draws at most 60 a second)
+# Before a frame's first slice, and from a slice (which renders its lines) to the refresh that has the screen
+# update draw them: timers, so each runs in a callback of its own, after the engine's work that fell due
+# meanwhile (Textual's sleep does not wait at all below half a millisecond). See _repaint_slice.
+STEP_SECONDS = 0.002
 PROTECTING_FLAG = "·"
 
 Cells = tuple[Text, ...]
@@ -161,6 +167,8 @@ class PositionsTable(DataTable[Text]):
         # Position ids whose changed row is not redrawn yet, in the order they changed (a dict: ordered).
         self._repaint_rows: dict[int, None] = {}
         self._repaint_timer: Timer | None = None
+        self._rendered_lines: list[int] = []  # rendered by a slice, for _refresh_rendered to refresh
+        self._refresh_timer: Timer | None = None
         self._base_style: Style | None = None  # the widget's rich style, until its styles change
         self._row_styles: dict[tuple[int, Style], Style] = {}  # by (header / fixed / even / odd, base)
         self._pass_width: int | None = None
@@ -241,10 +249,12 @@ class PositionsTable(DataTable[Text]):
         Each row of `views` that changed is formatted again, and within it only the cells whose text changed
         are updated. A row without a view (off screen: see `rows_on_screen`) keeps its last text, or shows
         its symbol only if it is new, until it comes into view; its flag, which decides the order, is
-        always current. With `defer`, the changed rows past the first ROWS_FORMATTED_AT_ONCE (never a
-        pinned row, a new row or one whose flag changed: the order, the pinned rows and the titles are
-        always this snapshot's) are left to `sync_deferred`, which the app calls once the event loop has
-        run what fell due meanwhile: formatting a screenful of rows in one go blocked the engine's ticks.
+        always current. With `defer`, the changed rows past the first ROWS_FORMATTED_AT_ONCE (never a new
+        row or one whose flag changed: the order, the pinned rows and the titles are always this
+        snapshot's) are left to `sync_deferred`, which the app calls once the event loop has run what fell
+        due meanwhile: formatting a screenful of rows in one go blocked the engine's ticks. (A pinned row
+        whose flag did not change is deferred like any other: it keeps its place, and its text follows
+        a step later in the same frame; pinned rows come first in the order, so they are formatted first.)
         """
         self._deferred = []
         if not self._styles or self._styles_missing:
@@ -287,7 +297,7 @@ class PositionsTable(DataTable[Text]):
                     continue
             elif shown is not None and shown[0].plain == flag and self._views.get(position_id) == view:
                 continue
-            elif defer and shown is not None and shown[0].plain == flag and flag != UNCOVERED_FLAG:
+            elif defer and shown is not None and shown[0].plain == flag:
                 if formatted >= ROWS_FORMATTED_AT_ONCE:
                     self._deferred.append(view)
                     continue
@@ -318,13 +328,18 @@ class PositionsTable(DataTable[Text]):
         self._pin_uncovered(plan)
         self._update_titles()
 
-    def sync_deferred(self) -> None:
-        """The rows `sync(defer=True)` left: each formatted from its view if it is still shown with the same
-        flag (else the next frame has it)."""
-        deferred, self._deferred = self._deferred, []
+    def sync_deferred(self, limit: int | None = None) -> bool:
+        """The rows `sync(defer=True)` left, in display order, at most `limit` of them: each formatted from
+        its view if it is still shown with the same flag (else the next frame has it). True while rows are
+        left (the app calls again after the event loop has run what fell due meanwhile)."""
+        if limit is None or limit >= len(self._deferred):
+            deferred, self._deferred = self._deferred, []
+        else:
+            deferred, self._deferred = self._deferred[:limit], self._deferred[limit:]
         plan = self._last_plan
         if plan is None:
-            return
+            self._deferred = []
+            return False
         changed: dict[int, None] = {}  # in display order
         for view in deferred:
             position_id = view.position_id
@@ -336,6 +351,7 @@ class PositionsTable(DataTable[Text]):
             self._cells[position_id] = cells
             self._update_cells(position_id, shown, cells, changed)
         self._cells_changed(changed)
+        return bool(self._deferred)
 
     def _update_cells(self, position_id: int, shown: Cells, cells: Cells, changed: dict[int, None]) -> None:
         data = self._data[self._row_keys[position_id]]
@@ -359,7 +375,7 @@ class PositionsTable(DataTable[Text]):
         self._row_renderable_cache.clear()
         self._repaint_rows.update(changed)
         if self._repaint_timer is None:
-            self._repaint_slice()
+            self._repaint_timer = self.set_timer(STEP_SECONDS, self._repaint_slice, name="repaint rows")
 
     def _repaint_slice(self) -> None:
         """Repaint the changed rows on screen, LINES_PER_SLICE lines per screen update, the next slice a
@@ -368,7 +384,12 @@ class PositionsTable(DataTable[Text]):
         changed (a row changed again keeps its place), so none waits behind rows that change every frame,
         and a slice takes more lines when that is what redraws them all within `redraw_within` (the frame
         interval). A row off screen is dropped here (scrolling repaints the whole view, from the rows'
-        current text)."""
+        current text).
+
+        The slice renders its lines here (`_render_ahead`) and refreshes them STEP_SECONDS later
+        (`_refresh_rendered`): the screen update that a refresh brings about follows it at once (before
+        the engine's work that fell due meanwhile), so rendering the lines in the same callback as the
+        refresh, or in the update, blocked the engine for both."""
         self._repaint_timer = None
         pending = self._repaint_rows
         if not pending:
@@ -393,10 +414,54 @@ class PositionsTable(DataTable[Text]):
             if (index < fixed or y >= header + fixed) and y < height:
                 lines.append(y)
         if lines:
-            width = self.size.width
-            self.refresh(*(Region(0, y, width, 1) for y in lines))
+            self._render_ahead(lines)
+            self._rendered_lines.extend(lines)
+            if self._refresh_timer is None:
+                self._refresh_timer = self.set_timer(
+                    STEP_SECONDS, self._refresh_rendered, name="refresh rows"
+                )
         if pending:
             self._repaint_timer = self.set_timer(SLICE_SECONDS, self._repaint_slice, name="repaint rows")
+
+    def _render_ahead(self, lines: list[int]) -> None:
+        """Render these lines (content y) as the next screen update will, into our line cache, where that
+        update finds them (`_render_line`; their key has everything that decides their look, so a line
+        that changes again meanwhile is rendered anew)."""
+        if not self.region or not self.display:
+            return
+        if self._base_style is None:
+            self._base_style = self.rich_style
+        self._pseudo_class_state = self.get_pseudo_class_state()  # as DataTable's render_lines sets it
+        self._pass_width = self.size.width
+        try:
+            for y in lines:
+                self.render_line(y)
+        finally:
+            self._pass_width = None
+
+    def _refresh_rendered(self) -> None:
+        """Refresh the lines the slices rendered, and style them as the next screen update would (Textual's
+        cache of the widget's styled lines, from ours: `render_lines` is what the compositor calls), so
+        that update has only to compose them."""
+        self._refresh_timer = None
+        width, height = self.size
+        lines = sorted({y for y in self._rendered_lines if y < height})  # the table may have shrunk
+        self._rendered_lines = []
+        if not lines:
+            return  # (a refresh without regions would repaint the whole table)
+        self.refresh(*(Region(0, y, width, 1) for y in lines))
+        region = self.region
+        if not region or not self.display:
+            return
+        top = self.content_offset.y
+        start = previous = lines[0]
+        for y in [*lines[1:], None]:  # one call for each run of adjacent lines
+            if y is not None and y == previous + 1:
+                previous = y
+                continue
+            self.render_lines(Region(0, top + start, region.width, previous - start + 1))
+            if y is not None:
+                start = previous = y
 
     def _plan(self, rows: Sequence[PositionRow], uncovered_ids: Collection[int]) -> _Plan:
         """The rows shown, their flags and their order (uncovered first, then those still protecting, each
@@ -549,13 +614,14 @@ class PositionsTable(DataTable[Text]):
             if row_index is None:
                 return super()._render_line(y, x1, x2, base_style)
             version = self._row_versions.get(row_key.value, 0)
+        width = self._pass_width if self._pass_width is not None else self.size.width
         key = (
             version,
             row_index,
             row_index < self.fixed_rows,
             x1,
             x2,
-            self._pass_width if self._pass_width is not None else self.size.width,
+            width,
             base_style,
             self.cursor_type,
             self.show_cursor,
@@ -568,10 +634,68 @@ class PositionsTable(DataTable[Text]):
         cached = row_lines.get(line_in_row)
         if cached is not None and cached[0] == key:
             return cached[1]
-        strip = super()._render_line(y, x1, x2, base_style)
+        strip = None
+        if row_index >= 0 and not x1 and x2 == width:
+            strip = self._data_line(row_key, row_index, line_in_row, width, base_style)
+        if strip is None:
+            strip = super()._render_line(y, x1, x2, base_style)
         row_lines[line_in_row] = (key, strip)
         self.lines_rendered += 1
         return strip
+
+    def _data_line(
+        self, row_key: RowKey, row_index: int, line_no: int, width: int, base_style: Style
+    ) -> Strip | None:
+        """A data row's line, not scrolled sideways, as DataTable's `_render_line` builds it from
+        `_render_line_in_row` (the cells, then the row's style out to the widget's edge), without the steps
+        that cannot change it here: cropping and measuring a line exactly as wide as the view (every cell is
+        laid out to its column's width, by `_render_plain_cell` or rich), looking the row, each column and
+        the table's settings up again for every cell. None where DataTable's own way is needed (the table
+        wider than the view, row labels, fixed columns)."""
+        columns = self._column_key_objects
+        if (
+            self.cursor_type != "row"
+            or self.fixed_columns
+            or (self._labelled_row_exists and self.show_row_labels)
+            or len(columns) != len(self.columns)
+        ):
+            return None
+        cursor = row_index == self.cursor_coordinate.row
+        hover = row_index == self.hover_coordinate.row
+        row_style = self._get_row_style(row_index, base_style)
+        data = self._data[row_key]
+        row_cells = self._cell_lines.setdefault(row_key.value, {})
+        fixed = row_index < self.fixed_rows
+        show_hover_cursor = self._show_hover_cursor
+        pseudo_classes = self._pseudo_class_state
+        padding = 2 * self.cell_padding
+        all_columns = self.columns
+        segments: list[Segment] = []
+        table_width = 0
+        for column_index, column_key in enumerate(columns):
+            column = all_columns[column_key]
+            # The column's render width (`Column.get_render_width`, without reading the padding each time).
+            cell_width = padding + (column.content_width if column.auto_width else column.width)
+            table_width += cell_width
+            cell = data[column_key]
+            key = (row_index, fixed, row_style, cell_width, cursor, hover, show_hover_cursor, pseudo_classes)
+            cached = row_cells.get(column_key.value)  # as `_render_cell` keeps it
+            if cached is not None and cached[0] is cell and cached[1] == key:
+                segments.extend(cached[2][line_no])
+            else:
+                segments.extend(
+                    self._render_cell(row_index, column_index, row_style, cell_width, cursor, hover)[line_no]
+                )
+        remaining = width - table_width - self._row_label_column_width
+        if remaining < 0:
+            return None
+        extend_style, _ = self._get_styles_to_render_cell(
+            False, False, False, hover, cursor, self.show_cursor, show_hover_cursor, False, False
+        )
+        segments.append(
+            Segment(" " * remaining, row_style + extend_style + self._out_of_bounds_meta(row_index))
+        )
+        return Strip(segments, width).simplify()
 
     def _render_line_in_row(
         self,
@@ -647,7 +771,7 @@ class PositionsTable(DataTable[Text]):
         # The very Text object rendered then (held by the slot, so its identity is its own).
         if cached is not None and cached[0] is cell and cached[1] == key:
             return cached[2]
-        if isinstance(cell, Text) and not cell.spans and "\n" not in cell.plain and "\t" not in cell.plain:
+        if _plain(cell):
             lines = self._render_plain_cell(cell, row_index, column_index, base_style, width, cursor, hover)
         else:
             lines = super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
@@ -685,17 +809,24 @@ class PositionsTable(DataTable[Text]):
         room = max(0, width - 2 * self.cell_padding)
         plain = cell.plain
         padding = " " * self.cell_padding
+        # A cell in one style is one segment: what the line's `simplify()` would have joined (a segment
+        # fewer to divide, filter and compare at every step of a screen update).
         if cell.justify == "right":  # rich: stripped, cropped, then padded on the left in the text's style
             body = _cropped(plain.rstrip(), room)
             body = " " * (room - cell_len(body)) + body
+            if text_style == pad_style:
+                return [[Segment(padding + body + padding, pad_style)]]
             segments = [Segment(padding, pad_style), Segment(body, text_style), Segment(padding, pad_style)]
         elif cell.justify in (None, "default"):  # cropped; the rest of the column in the padding's style
             body = _cropped(plain, room)
             rest = " " * (room - cell_len(body))
-            segments = [Segment(padding, pad_style)]
-            if body:
-                segments.append(Segment(body, text_style))
-            segments.append(Segment(rest + padding, pad_style))
+            if not body or text_style == pad_style:
+                return [[Segment(padding + body + rest + padding, pad_style)]]
+            segments = [
+                Segment(padding, pad_style),
+                Segment(body, text_style),
+                Segment(rest + padding, pad_style),
+            ]
         else:  # another justification: rich's own layout
             return super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
         return [segments]
@@ -889,6 +1020,17 @@ class PositionsTable(DataTable[Text]):
             if self.error_width
             else ()
         )
+
+
+def _plain(cell: object) -> bool:
+    """A cell `_render_plain_cell` lays out (one line in one style, justified left or right)."""
+    return (
+        isinstance(cell, Text)
+        and not cell.spans
+        and cell.justify in ("right", None, "default")
+        and "\n" not in cell.plain
+        and "\t" not in cell.plain
+    )
 
 
 def _cropped(text: str, width: int) -> str:
