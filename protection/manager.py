@@ -396,7 +396,11 @@ class PositionGuard:
         self.opened_epoch = manager.clock.now() - (manager.clock.monotonic() - filled_at)
         self.wake = asyncio.Event()
         self.protected = asyncio.Event()
+        # Set once a pass reached a verdict: covered, or not for a reason of its own. A pass that ended only
+        # waiting out the venue's read-after-write lag (an order sent, not readable yet) has none: the
+        # start-up report waits for the look-up after the lag instead of calling live stops failed.
         self.first_pass = asyncio.Event()
+        self._waiting_out_lag = False  # this pass found an order not readable yet within the lag window
         self.passes_started = 0  # protection passes begun so far
         self._last_finished_pass = 0  # the number of the last pass that ended (converged or not)
         self._pass_finished = asyncio.Event()
@@ -518,7 +522,8 @@ class PositionGuard:
                     await self._apply(self._commands.popleft())
                     continue
                 converged = await self._one_pass()
-                self.first_pass.set()
+                if converged or not self._waiting_out_lag:
+                    self.first_pass.set()
                 if self.closed or self._commands:
                     continue
                 if converged:
@@ -549,6 +554,7 @@ class PositionGuard:
         """One protection pass, in a task of its own so an urgent command can interrupt it."""
         self.passes_started += 1
         number = self.passes_started
+        self._waiting_out_lag = False
         try:
             return await self._run_pass()
         finally:
@@ -1068,6 +1074,7 @@ class PositionGuard:
                     wait,
                 )
                 self.retry_at = m.clock.monotonic() + wait
+                self._waiting_out_lag = True
                 return _Outcome.RETRY
             order.maybe_sent = False  # proven absent: the same id may be sent
             if not absent_means_send:

@@ -80,6 +80,11 @@ async def test_sigterm_then_sigkill_mid_wave_and_restarts(
                     engine.signal(how)
                     code = await engine.wait()
                     assert code == (0 if how is signal.SIGTERM else -signal.SIGKILL), engine.lines
+                except BaseException:  # the last engine too: a failed check must not leave it running
+                    if engine.process.returncode is None:
+                        engine.process.kill()
+                        await engine.wait()
+                    raise
                 finally:
                     if how is not None and engine.process.returncode is None:
                         engine.process.kill()
