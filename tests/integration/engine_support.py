@@ -26,8 +26,15 @@ def engine_settings(dsn: str, overrides: Mapping[str, str] | None = None) -> Set
     return load_config(None, environ=environ, cwd=Path("/nonexistent-config-dir")).settings
 
 
-def make_engine(settings: Settings, clock: ManualClock, venue: SimVenue | None = None) -> Engine:
-    venue = venue or SimVenue(settings.venue.sim, clock=clock)
+def make_engine(
+    settings: Settings, clock: ManualClock, venue: SimVenue | None = None, *, read_lag: float | None = None
+) -> Engine:
+    """`read_lag`: the sim venue built here reads conditional orders back as unknown for that long after
+    their placement (the venue's read-after-write lag)."""
+    if venue is None:
+        venue = SimVenue(settings.venue.sim, clock=clock)
+        if read_lag is not None:
+            venue.set_read_lag(read_lag)
     return Engine(settings, venue=venue, clock=clock, version="test")
 
 

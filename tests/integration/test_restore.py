@@ -192,18 +192,16 @@ async def test_a_restart_within_the_venues_read_lag_waits_for_the_stops_the_last
     twice."""
     settings = settings_for(db, {"VENUE__SIM__LATENCY__SECONDS": "1"})
     clock = ManualClock()
-    venue = SimVenue(settings.venue.sim, clock=clock)
     # Longer than the emulator's 5 s: the engine's start-up (migrations, real database I/O) runs on the
     # driven clock too, and must not outlast the lag.
-    venue.set_read_lag(20.0)
-    engine_a = make_engine(settings, clock, venue)
+    engine_a = make_engine(settings, clock, read_lag=20.0)
     await drive(clock, engine_a.start())
     symbols = SYMBOLS[50:53]
     try:
         assert engine_a.store is not None
         await engine_a.store.insert_signals([(s, "long", None, None) for s in symbols])
         # The stops reach the venue (0.5 s there) and the engine dies before their answers come back.
-        core = venue.core
+        core = engine_a.venue.core
         await drive_until(
             clock,
             lambda: len(core.inspect(clock.now()).open_conditional) == 6,
