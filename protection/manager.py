@@ -180,6 +180,11 @@ STUCK_CHECK_MIN_SECONDS = 0.5  # the least a stuck stop's re-check may take (a r
 # read-after-write lag or this floor) is looked up by its client id while the call goes on.
 FIRST_RETRY_MIN_SECONDS = 0.05  # the least a naked position's first retry waits (a round trip, unknown yet)
 LATE_ANSWER_ROUND_TRIPS = 4
+# A venue's read-after-write lag counts from when the order reached it, a one-way trip after our send; a
+# look reaches it a one-way trip after it leaves. So a look proves an order absent only once it left this
+# long after the lag's end (on a venue with a lag): sent right at the end, it could arrive just before the
+# order shows, and a live stop was reported "not on the exchange" and sent again (refused as a duplicate).
+READ_LAG_MARGIN_SECONDS = 0.25
 LATE_ANSWER_MIN_SECONDS = 0.5
 
 
@@ -1051,11 +1056,15 @@ class PositionGuard:
         m = self._m
         cid = order.client_order_id
         assert cid is not None
+        asked_at = m.clock.monotonic()
         try:
             found = await m.read(lambda: m.venue.fetch_order(self.symbol, cid), "fetch_order")
         except NotFound:
             lag = m.read_after_write_seconds
-            if order.sent_at is not None and m.clock.monotonic() - order.sent_at < lag:
+            if lag > 0:
+                lag += READ_LAG_MARGIN_SECONDS
+            # Judged by when the look left (its answer may come after the window's end, and prove nothing).
+            if order.sent_at is not None and asked_at - order.sent_at < lag:
                 # The venue may not show an order it accepted moments ago (read-after-write lag): "not
                 # found" proves nothing yet. Still unconfirmed (so uncovered), asked again. Waiting out a documented lag is not a failure: said as information (an
                 # ERROR per look was noise that hid the real failures).
@@ -1070,7 +1079,7 @@ class PositionGuard:
                     self.symbol,
                     _what(order.purpose),
                     cid,
-                    lag,
+                    m.read_after_write_seconds,
                     wait,
                 )
                 self.retry_at = m.clock.monotonic() + wait

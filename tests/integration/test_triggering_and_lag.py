@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -164,15 +165,28 @@ async def test_a_stuck_stops_close_at_market_waits_out_the_venues_order_limit(db
         assert venue.core.positions(clock.now()) == []
 
 
-async def test_a_stop_the_venue_cannot_read_back_yet_is_not_sent_twice(db: Database) -> None:
+@pytest.mark.parametrize("create_seconds", [None, 0.4], ids=["fast-create", "slow-create"])
+async def test_a_stop_the_venue_cannot_read_back_yet_is_not_sent_twice(
+    db: Database, create_seconds: float | None
+) -> None:
     """The stop-loss is placed but its answer is lost; asked by its id, the venue answers "does not exist"
     for 3 s (read-after-write lag). Proven absent is "not found after the lag window", so the engine waits
-    and finds it, instead of resending on a read that proves nothing."""
-    settings = settings_for(db)
+    and finds it, instead of resending on a read that proves nothing.
+
+    The window is the venue's: it starts when the order reached the venue, a one-way trip after the send,
+    and a look tells what the venue held when the look reached it. Judged by the look's answer and sent
+    right at the window's end, the last look reached the venue before the order showed (at once on a venue
+    whose order trips are slower than its reads: 400 ms round trips for orders, 50 ms for reads; now and
+    then by timing at 50 ms for both, seen in a full run): "not on the exchange", sent again. Now a look
+    proves absence only if it left READ_LAG_MARGIN_SECONDS after the window's end."""
+    overrides = {"VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "1.5"}
+    if create_seconds is not None:
+        overrides["VENUE__SIM__LATENCY__BY_CALL"] = json.dumps({"create_order": {"seconds": create_seconds}})
+    settings = settings_for(db, overrides)
     clock = ManualClock()
-    venue = SimVenue(settings.venue.sim, clock=clock)
-    venue.set_read_lag(3.0)
-    engine = make_engine(settings, clock, venue)
+    engine = make_engine(settings, clock, read_lag=3.0)
+    venue = engine.venue
+    assert isinstance(venue, SimVenue)
     await drive(clock, engine.start())
     try:
         assert engine.manager is not None
@@ -199,14 +213,12 @@ async def test_waiting_out_the_venues_read_lag_is_said_as_information_not_as_a_f
     it out, uncovered in the meantime — but that is no failure: not an ERROR per look, which taught
     operators to skip the real ones (an emulator run logged one per stop per pass)."""
     caplog.set_level(logging.INFO, logger="protection")
-    # The venue gives up on a request after 1.5 s, and its reads lag its writes by 8 s (3 s let the driven
-    # clock, which moves on while the engine waits for the database, reach the look-up after the window
-    # now and then under load: "proven absent", sent again).
+    # The venue gives up on a request after 1.5 s, and its reads lag its writes by 3 s.
     settings = settings_for(db, {"VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "1.5"})
     clock = ManualClock()
-    venue = SimVenue(settings.venue.sim, clock=clock)
-    venue.set_read_lag(8.0)
-    engine = make_engine(settings, clock, venue)
+    engine = make_engine(settings, clock, read_lag=3.0)
+    venue = engine.venue
+    assert isinstance(venue, SimVenue)
     await drive(clock, engine.start())
     try:
         assert engine.manager is not None
