@@ -50,6 +50,7 @@ class FaultInjector:
         self._latency_rng = random.Random(f"latency:{seed}")
         self._fault_rng = random.Random(f"faults:{seed}")
         self._forced: dict[CallKind, deque[FaultKind]] = {}
+        self._forced_stops: deque[FaultKind] = deque()  # placements of conditional orders only
         self._stream_rng = random.Random(f"stream:{seed}")
 
     def drops_account_stream(self, stream: AccountStreamSettings) -> bool:
@@ -59,18 +60,24 @@ class FaultInjector:
             return False
         return self._stream_rng.random() < stream.drop_probability
 
-    def force(self, kind: CallKind, fault: FaultKind, count: int = 1) -> None:
-        """Make the next `count` calls of `kind` suffer `fault`, whatever the probabilities say."""
+    def force(self, kind: CallKind, fault: FaultKind, count: int = 1, *, stops_only: bool = False) -> None:
+        """Make the next `count` calls of `kind` suffer `fault`, whatever the probabilities say; with
+        `stops_only`, the next `count` placements of conditional orders (Binance takes them at an endpoint
+        of their own, the Algo API, which can refuse while orders go through)."""
         if count < 1:
             raise ValueError("count must be >= 1")
-        self._forced.setdefault(kind, deque()).extend([fault] * count)
+        if stops_only and kind is not CallKind.CREATE_ORDER:
+            raise ValueError("stops_only applies to create_order")
+        queue = self._forced_stops if stops_only else self._forced.setdefault(kind, deque())
+        queue.extend([fault] * count)
 
     def clear_forced(self) -> None:
         self._forced.clear()
+        self._forced_stops.clear()
 
-    def plan(self, kind: CallKind) -> CallPlan:
+    def plan(self, kind: CallKind, *, stop: bool = False) -> CallPlan:
         latency = sample_latency(self._latency.for_call(kind), self._latency_rng)
-        forced = self._forced.get(kind)
+        forced = self._forced_stops if stop and self._forced_stops else self._forced.get(kind)
         if forced:
             return CallPlan(latency=latency, fault=forced.popleft())
         return CallPlan(latency=latency, fault=self._draw_fault(kind))

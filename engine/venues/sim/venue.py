@@ -413,6 +413,7 @@ class SimVenue:
                 symbol, side, quantity, stop_price, client_order_id, now, account_id=self._account_id
             ),
             client_order_id=client_order_id,
+            stop=True,
         )
 
     async def create_trailing_stop_order(
@@ -438,6 +439,7 @@ class SimVenue:
                 account_id=self._account_id,
             ),
             client_order_id=client_order_id,
+            stop=True,
         )
 
     async def cancel_order(self, symbol: str, client_order_id: str) -> Order:
@@ -519,8 +521,10 @@ class SimVenue:
             raise ValueError(f"unknown symbol {symbol!r}")
         self._mark_stalls[symbol] = self._clock.monotonic() + seconds
 
-    def inject_fault(self, kind: CallKind, fault: FaultKind, count: int = 1) -> None:
-        self._faults.force(kind, fault, count)
+    def inject_fault(
+        self, kind: CallKind, fault: FaultKind, count: int = 1, *, stops_only: bool = False
+    ) -> None:
+        self._faults.force(kind, fault, count, stops_only=stops_only)
 
     def answer_positions_empty(self, count: int = 1) -> None:
         """The next `count` reads of *all* positions answer `[]` whatever the account holds, at any time
@@ -629,7 +633,12 @@ class SimVenue:
             raise RuntimeError("sim venue is closed")
 
     async def _call(
-        self, kind: CallKind, operation: Callable[[float], T], *, client_order_id: str | None = None
+        self,
+        kind: CallKind,
+        operation: Callable[[float], T],
+        *,
+        client_order_id: str | None = None,
+        stop: bool = False,
     ) -> T:
         self._ensure_open()
         if self._pacing is not None:
@@ -637,7 +646,7 @@ class SimVenue:
             # at home during a ban (reads, entries). The sim has no request weight: nothing is booked.
             await self._pacing.requests.acquire({})
         self.calls_made[kind] = self.calls_made.get(kind, 0) + 1
-        plan = self._faults.plan(kind)
+        plan = self._faults.plan(kind, stop=stop)
         timeout = self._settings.request_timeout_seconds
         half = plan.latency / 2
         arrival = min(half, timeout)
