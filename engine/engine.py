@@ -627,6 +627,7 @@ class Engine:
                 headroom=DEFAULT_HEADROOM,
                 waits=self.budget_waits,
                 protective_budgets=self.venue.capabilities().protective_rate_budgets,
+                probe_patience_seconds=float(self.settings.protection.call_timeout_seconds),
             )
             self._venue_pacing.orders = self.order_budget
             self.marks = await self._startup_read("fetch_mark_prices", self.venue.fetch_mark_prices)
@@ -1489,6 +1490,7 @@ class Engine:
             stops -= 1
         self._in_flight.add(signal.symbol)
         settling = False  # in doubt: `_settle` frees the symbol once the outcome is known
+        promise: EntryPromise | None = None
         try:
             # A stop of the symbol's last position whose cancel failed is being cancelled again: the new
             # position waits for it (an old stop for the old quantity would act on the new position).
@@ -1555,7 +1557,7 @@ class Engine:
 
             doubt = EntryInDoubt(position.id, signal.symbol, side, quantity, cid)
             try:
-                order = await self._send_entry(entry_call, doubt)
+                order = await self._send_entry(entry_call, doubt, promise)
                 if not order.status.is_final:  # accepted, not filled yet (asked once more already)
                     raise OutcomeUnknown(cid, f"the venue has it {order.status.value}, not filled yet")
             except (OutcomeUnknown, TimeoutError) as exc:
@@ -1584,6 +1586,8 @@ class Engine:
                 )
             return await self._entry_answered(signal, side, position.id, order, wave_id, promise, stop_record)
         finally:
+            if promise is not None:  # a probe that never reached the venue (a failed write) ends here
+                manager.budget.entry_answered(promise, room=False)
             if not settling:
                 self._in_flight.discard(signal.symbol)
 
@@ -1854,12 +1858,15 @@ class Engine:
             await self._unless_streamed(doubt, self.clock.sleep(delay))
             delay = min(delay * 2, float(protection.retry_max_seconds), ENTRY_SETTLE_MAX_BACKOFF_SECONDS)
 
-    async def _send_entry(self, entry_call: Callable[[], Awaitable[Any]], doubt: EntryInDoubt) -> Any:
+    async def _send_entry(
+        self, entry_call: Callable[[], Awaitable[Any]], doubt: EntryInDoubt, promise: EntryPromise
+    ) -> Any:
         """Send an entry. A rate-limit answer (Bybit 10006, HTTP 429) means it was not executed: it is sent
         again, with the same id, once the venue says its window has room (Bybit's reset timestamp, a
         `Retry-After`), a few times; before, the refused entry was lost with its signal. An answer that is
         late is not waited out: the entry is looked for by its id meanwhile (a filled entry is a position
-        to protect now)."""
+        to protect now). Each answer tells the order budget whether the venue's windows had room (the
+        entries that wait for a probe's answer, `OrderBudget.entry_answered`)."""
         manager = self.manager
         assert manager is not None
         symbol, cid = doubt.symbol, doubt.client_order_id
@@ -1868,7 +1875,7 @@ class Engine:
             for attempt in range(1, ENTRY_RATE_LIMIT_ATTEMPTS + 1):
                 doubt.sent_at = self.clock.monotonic()  # were its outcome to stay unknown, counted from here
                 try:
-                    return await manager.create_or_find(
+                    order = await manager.create_or_find(
                         entry_call(),
                         lambda: self.venue.fetch_order(symbol, cid),
                         f"entry {symbol}",
@@ -1877,10 +1884,18 @@ class Engine:
                         told=doubt.heard,
                     )
                 except RateLimited as exc:
+                    manager.budget.entry_answered(promise, room=False)
                     if attempt == ENTRY_RATE_LIMIT_ATTEMPTS:
                         raise
                     log.info("entry %s rate limited (%s): sent again in %.3fs", symbol, exc, exc.retry_after)
                     await self.clock.sleep(max(0.0, exc.retry_after))
+                    promise = await manager.budget.acquire_resend(promise)
+                    continue
+                except BaseException:
+                    manager.budget.entry_answered(promise, room=False)
+                    raise
+                manager.budget.entry_answered(promise, room=True)
+                return order
             raise AssertionError("unreachable")
         finally:
             self._sending.pop(cid, None)

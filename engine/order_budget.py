@@ -8,6 +8,16 @@ an entry. An entry is admitted only when the budget can also hold the protective
 positions need for their stops. If the venue answers RateLimited/Banned anyway, `hold_until()` stops all
 sends until then.
 
+Our windows hold only our own orders (and, where the venue sends its counts, what it counted when it last
+answered); another client on the account can fill the venue's window at any moment. Once the account is
+seen shared (a 429, or the venue counting more orders than ours, within `CONTESTED_SECONDS`), entries
+probe: into a window no order answer has shown room in for `PROBE_FRESH_SECONDS`, one entry goes alone and
+the others wait for its answer (`entry_answered`). Room: they go together. HTTP 429: its hold keeps them
+back until the window ends, at the cost of one refusal. A wave sent blind into a full window meets one
+refusal per entry, and refusals in a row are what a venue bans for (Binance: repeated 429s, then 418 for
+2 minutes and up); a ban refuses the protective orders too. Entries can wait a round trip; protection
+cannot wait out a ban. An engine alone on its account never probes: its entries pay nothing.
+
 Where the venue counts protective orders apart from entries (`Capabilities.protective_rate_budgets`: Bybit
 counts order/create and position/trading-stop each in its own rolling second), entries and protective
 orders live in their own windows: an entry takes one slot of the entry budget, and books its stops in the
@@ -20,7 +30,9 @@ budget and gives none: one set of windows, as before.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
+import dataclasses
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -33,6 +45,8 @@ from engine.pacing import BudgetWaits, Lane
 
 PROTECTIVE_ORDERS_PER_POSITION = 2  # hard stop + trailing stop
 DEFERRAL_LIMIT_SECONDS = 10.0  # the longest a deferrable protective send yields to the others
+PROBE_FRESH_SECONDS = 1.0  # an order answer this recent shows the venue's windows had room: no probe
+CONTESTED_SECONDS = 600.0  # entries probe for this long after the account was last seen shared
 
 
 @dataclass(slots=True)
@@ -70,6 +84,7 @@ class EntryPromise:
 
     count: int
     booked_at: float | None = None
+    probe_at: float | None = None  # sent alone into a window nobody had seen lately (monotonic)
 
 
 class OrderBudget:
@@ -82,10 +97,14 @@ class OrderBudget:
         headroom: float = 0.0,
         waits: BudgetWaits | None = None,
         protective_budgets: Sequence[RateBudget] = (),
+        probe_patience_seconds: float = 10.0,
     ):
         if not 0.0 <= headroom < 1.0:
             raise ValueError(f"headroom must be within [0, 1), got {headroom}")
         self._clock = clock
+        # How long entries wait for a probe's answer (the engine gives the call budget: an entry's answer,
+        # or its look-up by id, comes within it); past that, the next entry probes as well.
+        self._probe_patience = probe_patience_seconds
         self._round_trip = round_trip  # current estimate of one order round trip, seconds
         self.venue_budgets = tuple(budgets)
         self._windows = [
@@ -110,7 +129,12 @@ class OrderBudget:
         self._protective_waiting = 0
         self._hold_until = 0.0
         self._banned_until = 0.0
+        self._room_seen_at = -math.inf  # the last order answer that showed the windows had room
+        self._shared_seen_at = -math.inf  # the last sign of another client's orders (a 429, the counts)
+        self._probe_at: float | None = None  # the entry probing the windows, until its answer
+        self._probe_answered = asyncio.Event()  # set by the probe's answer: the entries behind it go
         self.entries_admitted = 0
+        self.probes = 0
         self.protective_sent = 0
 
     @property
@@ -141,9 +165,14 @@ class OrderBudget:
         for window in self._windows:
             if window.seconds == window_seconds:
                 window.prune(now)
+                if used > len(window.sends):
+                    self._shared_seen_at = now
                 window.sends.extend([now] * max(0, used - len(window.sends)))
 
     def hold_until(self, monotonic_deadline: float, *, banned: bool = False) -> None:
+        """The venue refused an order for its rate (429) or banned us (418): nothing is sent until then.
+        We keep below its limits, so a refusal is also the sign of another client on the account."""
+        self._shared_seen_at = self._clock.monotonic()
         self._hold_until = max(self._hold_until, monotonic_deadline)
         if banned:
             self._banned_until = max(self._banned_until, monotonic_deadline)
@@ -155,6 +184,41 @@ class OrderBudget:
         """Seconds left of a venue ban (not of an ordinary rate-limit pause), or None."""
         left = self._banned_until - self._clock.monotonic()
         return left if left > 0 else None
+
+    def entry_answered(self, promise: EntryPromise, *, room: bool) -> None:
+        """The venue answered an entry: `room` when it took the order (an answer that was not a rate
+        refusal; a 429's hold comes through `hold_until`). Ends the probe it was, if it was one."""
+        if room:
+            self._room_seen_at = max(self._room_seen_at, self._clock.monotonic())
+        if promise.probe_at is not None and self._probe_at == promise.probe_at:
+            self._probe_at = None
+            self._probe_answered.set()
+
+    def _probing(self, now: float) -> tuple[bool, float]:
+        """(this entry would probe, seconds it waits for the answer of the probe out, 0 if none)."""
+        if now - self._shared_seen_at > CONTESTED_SECONDS or now - self._room_seen_at <= PROBE_FRESH_SECONDS:
+            return False, 0.0
+        if self._probe_at is None:
+            return True, 0.0
+        return True, max(0.0, self._probe_at + self._probe_patience - now)
+
+    def _send_probe(self, now: float) -> float:
+        self._probe_at = now
+        self._probe_answered = asyncio.Event()
+        self.probes += 1
+        return now
+
+    async def _await_probe(self, seconds: float) -> None:
+        """Until the probe out is answered, or for `seconds`: then its answer is late, and the first entry
+        to look again (`_probing` finds its patience spent) probes as well."""
+        answered = asyncio.ensure_future(self._probe_answered.wait())
+        late = asyncio.ensure_future(self._clock.sleep(seconds))
+        try:
+            await asyncio.wait({answered, late}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in (answered, late):
+                waiter.cancel()
+            await asyncio.gather(answered, late, return_exceptions=True)
 
     def release_promise(self, promise: EntryPromise) -> None:
         """An admitted entry did not open a position: its protective orders will not be sent. Its own
@@ -229,11 +293,17 @@ class OrderBudget:
         check), when the windows will have let older sends go: they are checked against the windows as
         they will be then. An estimate that turns out too long only makes a stop wait briefly for its
         slot; 0 (nothing measured yet) is the conservative choice. Raises `Banned` while the venue bans us:
-        an entry never waits out a ban (its stops could not be placed meanwhile)."""
+        an entry never waits out a ban (its stops could not be placed meanwhile). On an account seen
+        shared, into windows no answer showed room in lately, the entry is a probe (see the module's
+        note) or waits for one's answer."""
         started = self._clock.monotonic()
         while True:
             if self.banned_for() is not None:
                 raise Banned(self._banned_until_epoch, "entries wait for no ban")
+            probe, probe_wait = self._probing(self._clock.monotonic())
+            if probe_wait > 0.0:
+                await self._await_probe(probe_wait)
+                continue
             if self._protective_waiting == 0:
                 lead = max(0.0, self._round_trip())
                 # Its stops, and every stop promised before, in the protective windows one round trip on
@@ -255,10 +325,27 @@ class OrderBudget:
                     self.entries_admitted += 1
                     now = self._clock.monotonic()
                     self.waits.record(now, now - started, Lane.ENTRY)
-                    return EntryPromise(protective_orders, at)
+                    return EntryPromise(protective_orders, at, self._send_probe(now) if probe else None)
             else:
                 wait = 0.0
-            # Protective sends go first; recheck once the budget moved or they are through.
+            # Protective sends go first, a probe's answer comes first; recheck once either moved.
+            await self._clock.sleep(max(wait, 0.01))
+
+    async def acquire_resend(self, promise: EntryPromise) -> EntryPromise:
+        """Take a slot to send again an entry the venue refused for its rate (429): after the hold, as a
+        probe or behind one like any entry, its stops still promised. Raises `Banned` as `acquire_entry`."""
+        while True:
+            if self.banned_for() is not None:
+                raise Banned(self._banned_until_epoch, "entries wait for no ban")
+            now = self._clock.monotonic()
+            probe, probe_wait = self._probing(now)
+            if probe_wait > 0.0:
+                await self._await_probe(probe_wait)
+                continue
+            wait = 0.0 if self._protective_waiting else self._wait_for(1)
+            if wait == 0.0 and not self._protective_waiting:
+                self._consume(self._windows)
+                return dataclasses.replace(promise, probe_at=self._send_probe(now) if probe else None)
             await self._clock.sleep(max(wait, 0.01))
 
     def _protective_view(self, now: float) -> list[_Window]:

@@ -250,3 +250,50 @@ async def test_rate_limit_bursts_on_stop_placement(db: Database, bans: dict[str,
         run.verdict(coverage_at_least=85.0)
     finally:
         await run.stop()
+
+
+async def test_a_wave_sent_into_an_order_window_another_client_filled_costs_one_refusal_not_a_ban(
+    db: Database,
+) -> None:
+    """Another client on the account fills the 10-second order window, once before a lone signal, then
+    again before a wave. The wave's five entries went out together, so the venue refused them together:
+    with the lone entry's refusal, the third within a minute, and the sim's Binance-like escalation banned
+    the account for 2 minutes (a chaos soak traced every one of its bans to such a wave). A ban refuses
+    protective orders too: no stop replaced, no fired stop's position closed until it ends. Entries can
+    wait; protection cannot. On an account seen shared (that first 429), into a window no answer has shown
+    room in lately, one entry now goes first; its 429 holds the rest until the window ends: one refusal,
+    no ban, and the whole wave opens, protected, right after it."""
+    settings = chaos_settings(db, {"VENUE__SIM__RATE_LIMITS__ORDERS_PER_10S": "60"})
+    run = ChaosRun(db, settings)
+    await run.start()
+    banned_until: float | None = None
+
+    def banned() -> bool:
+        nonlocal banned_until
+        banned_until = run.venue.core.inspect(run.clock.now()).banned_until
+        return banned_until is not None
+
+    async def into_a_filled_window(n: int) -> float:
+        await run.until(lambda: 1.0 <= run.clock.now() % 10 < 1.0 + STEP, limit=11, what="a window's start")
+        spare, *symbols = run.free_symbols(n + 1)
+        assert run.neighbour_fills_order_window(spare) > 0
+        await run.wave(n, symbols=symbols)
+        waited = await run.until(
+            lambda: banned() or (set(symbols) <= set(run.held()) and run.converged()),
+            limit=30,
+            what="the signals opened and protected",
+        )
+        assert banned_until is None, (
+            f"the venue banned the account for {banned_until - run.clock.now():.0f} s"
+        )
+        return waited
+
+    try:
+        assert await into_a_filled_window(1) < 10.0  # the window's end (< 9 s away), then a round trip
+        assert await into_a_filled_window(WAVE_SIZE) < 10.0
+        await run.settle()
+        run.verdict(coverage_at_least=95.0)
+        # Nothing naked but the first stops on their way (a sample or two per position, at 0.2 s each).
+        assert set(run.auditor.figures().unprotected_seconds_by_cause) <= {"opening"}
+    finally:
+        await run.stop()

@@ -7,7 +7,15 @@ import asyncio
 
 from engine.clock import ManualClock
 from engine.exchange.port import RateBudget
-from engine.order_budget import OrderBudget
+from engine.order_budget import CONTESTED_SECONDS, PROBE_FRESH_SECONDS, EntryPromise, OrderBudget
+
+
+async def _enter(budget: OrderBudget, protective_orders: int = 2) -> EntryPromise:
+    """Admit an entry, and answer it as the venue does when it takes the order (the engine tells the budget
+    every entry's answer: the windows had room, entries behind a probe may go)."""
+    promise = await budget.acquire_entry(protective_orders)
+    budget.entry_answered(promise, room=True)
+    return promise
 
 
 def _budget(clock: ManualClock, limit: int = 10, window: float = 10.0) -> OrderBudget:
@@ -43,7 +51,7 @@ async def test_an_entry_is_admitted_only_with_room_for_its_stops() -> None:
 
     async def enter() -> None:
         nonlocal admitted
-        await budget.acquire_entry(2)
+        await _enter(budget, 2)
         admitted += 1
 
     tasks = [asyncio.create_task(enter()) for _ in range(5)]
@@ -60,7 +68,7 @@ async def test_protective_orders_go_before_waiting_entries() -> None:
     clock = ManualClock()
     budget = _budget(clock, limit=3, window=10.0)
     order: list[str] = []
-    await budget.acquire_entry(2)  # 1 sent, 2 promised: the window is spoken for
+    await _enter(budget, 2)  # 1 sent, 2 promised: the window is spoken for
     entry = asyncio.create_task(budget.acquire_entry(2))
     entry.add_done_callback(lambda _: order.append("entry"))
     stops = [asyncio.create_task(budget.acquire_protective()) for _ in range(2)]
@@ -84,7 +92,7 @@ async def test_admission_looks_ahead_one_round_trip() -> None:
         sends: list[float] = []
 
         async def position() -> None:
-            await budget.acquire_entry(2)
+            await _enter(budget, 2)
             sends.append(clock.monotonic())
             await clock.sleep(round_trip)
             for _ in range(2):
@@ -134,7 +142,7 @@ async def test_where_the_venue_counts_stops_apart_entries_wait_only_for_their_ow
 
     async def enter() -> None:
         nonlocal admitted
-        await budget.acquire_entry(2)
+        await _enter(budget, 2)
         admitted += 1
 
     tasks = [asyncio.create_task(enter()) for _ in range(12)]
@@ -162,7 +170,7 @@ async def test_apart_an_entry_still_waits_while_the_stop_window_cannot_hold_its_
 
     async def enter() -> None:
         nonlocal admitted
-        await budget.acquire_entry(2)
+        await _enter(budget, 2)
         admitted += 1
 
     tasks = [asyncio.create_task(enter()) for _ in range(5)]
@@ -184,8 +192,8 @@ async def test_a_deferrable_replacement_yields_to_stops_entries_booked_and_to_ot
         clock,
         protective_budgets=[RateBudget(limit=2, window_seconds=1.0)],
     )
-    await budget.acquire_entry(1)
-    await budget.acquire_entry(1)  # two trailing stops booked: the stop window is spoken for
+    await _enter(budget, 1)
+    await _enter(budget, 1)  # two trailing stops booked: the stop window is spoken for
     correction = asyncio.create_task(budget.acquire_protective(deferrable=True))
     await clock.settle()
     assert not correction.done()
@@ -206,8 +214,8 @@ async def test_a_deferrable_send_waits_no_longer_than_its_limit() -> None:
         clock,
         protective_budgets=[RateBudget(limit=2, window_seconds=1.0)],
     )
-    await budget.acquire_entry(1)
-    await budget.acquire_entry(1)  # booked stops that never come (their entries are stuck)
+    await _enter(budget, 1)
+    await _enter(budget, 1)  # booked stops that never come (their entries are stuck)
     correction = asyncio.create_task(budget.acquire_protective(deferrable=True))
     while not correction.done():
         await clock.advance(0.5)
@@ -225,9 +233,9 @@ async def test_an_entry_released_late_gives_back_its_own_booking_not_a_newer_ent
         round_trip=lambda: 1.0,
         protective_budgets=[RateBudget(limit=1, window_seconds=1.0)],
     )
-    in_doubt = await budget.acquire_entry(1)  # its stop booked for t = 1
+    in_doubt = await _enter(budget, 1)  # its stop booked for t = 1
     await clock.advance(5.0)
-    await budget.acquire_entry(1)  # a later entry: its stop booked for t = 6
+    await _enter(budget, 1)  # a later entry: its stop booked for t = 6
     budget.release_promise(in_doubt)  # the first never executed, known only now
     await clock.advance(0.5)
     admitted = asyncio.create_task(budget.acquire_entry(1))  # would book t = 6.5, within a second of 6
@@ -235,3 +243,117 @@ async def test_an_entry_released_late_gives_back_its_own_booking_not_a_newer_ent
         await clock.advance(0.05)
     assert clock.monotonic() >= 6.0 - 1e-9
     assert budget.promised == 2
+
+
+def _shared(clock: ManualClock, limit: int = 100, **kwargs: float) -> OrderBudget:
+    """A budget on an account another client uses: the venue refused one of our orders for its rate
+    (a 429 whose hold is over)."""
+    budget = OrderBudget([RateBudget(limit=limit, window_seconds=10.0)], clock, **kwargs)
+    budget.hold_until(clock.monotonic())
+    return budget
+
+
+async def _cancel(tasks: list[asyncio.Task[EntryPromise]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_into_windows_no_answer_showed_room_in_one_entry_probes_and_the_rest_wait_for_its_answer() -> (
+    None
+):
+    """Another client can fill the venue's window between our orders. Sent together, a wave's entries
+    met one 429 each, and refusals in a row earn a ban that refuses protective orders too."""
+    clock = ManualClock()
+    budget = _shared(clock)
+    tasks = [asyncio.create_task(budget.acquire_entry(2)) for _ in range(5)]
+    await clock.settle()
+    done = [t for t in tasks if t.done()]
+    assert len(done) == 1
+    assert budget.probes == 1
+    probe = done[0].result()
+    assert probe.probe_at is not None
+    budget.entry_answered(probe, room=True)
+    await clock.settle()
+    assert all(t.done() for t in tasks)  # together, at once: no time passed
+    assert clock.monotonic() == 0.0
+    assert budget.probes == 1
+    assert all(t.result().probe_at is None for t in tasks if t is not done[0])
+
+
+async def test_a_probe_refused_for_the_rate_holds_the_rest_until_the_window_ends_then_one_probes_again() -> (
+    None
+):
+    clock = ManualClock()
+    budget = _shared(clock)
+    tasks = [asyncio.create_task(budget.acquire_entry(2)) for _ in range(5)]
+    await clock.settle()
+    (probe,) = [t.result() for t in tasks if t.done()]
+    budget.hold_until(clock.monotonic() + 5.0)  # the venue's 429: Retry-After 5 s
+    budget.entry_answered(probe, room=False)
+    await clock.advance(4.9)
+    assert sum(t.done() for t in tasks) == 1  # nothing more sent into the full window
+    await clock.advance(0.2)
+    assert sum(t.done() for t in tasks) == 2
+    assert budget.probes == 2
+    (second,) = [t.result() for t in tasks if t.done() and t.result() is not probe]
+    budget.entry_answered(second, room=True)
+    await clock.settle()
+    assert all(t.done() for t in tasks)
+
+
+async def test_a_probe_whose_answer_is_late_lets_one_more_entry_probe_after_its_patience() -> None:
+    clock = ManualClock()
+    budget = _shared(clock, probe_patience_seconds=3.0)
+    tasks = [asyncio.create_task(budget.acquire_entry(2)) for _ in range(3)]
+    await clock.settle()
+    assert sum(t.done() for t in tasks) == 1
+    await clock.advance(2.9)
+    assert sum(t.done() for t in tasks) == 1
+    await clock.advance(0.2)
+    assert sum(t.done() for t in tasks) == 2
+    assert budget.probes == 2
+    await _cancel(tasks)
+
+
+async def test_entries_within_a_second_of_an_answer_that_showed_room_do_not_probe() -> None:
+    clock = ManualClock()
+    budget = _shared(clock)
+    await _enter(budget)
+    assert budget.probes == 1
+    await clock.advance(PROBE_FRESH_SECONDS - 0.1)
+    tasks = [asyncio.create_task(budget.acquire_entry(2)) for _ in range(4)]
+    await clock.settle()
+    assert all(t.done() for t in tasks)
+    assert budget.probes == 1
+    await clock.advance(0.2)  # over a second since the windows were seen
+    later = [asyncio.create_task(budget.acquire_entry(2)) for _ in range(3)]
+    await clock.settle()
+    assert sum(t.done() for t in later) == 1
+    assert budget.probes == 2
+    await _cancel(later)
+
+
+async def test_an_engine_alone_on_its_account_never_probes_and_a_shared_one_stops_after_a_quiet_while() -> (
+    None
+):
+    """Probing costs the wave's other entries a round trip: only an account seen shared pays it."""
+    clock = ManualClock()
+    budget = _budget(clock, limit=100)
+    tasks = [asyncio.create_task(budget.acquire_entry(2)) for _ in range(5)]
+    await clock.settle()
+    assert all(t.done() for t in tasks)
+    assert budget.probes == 0
+    budget.observe(10.0, 5 + 60)  # the venue counts 60 orders in the window that are not ours
+    await clock.advance(PROBE_FRESH_SECONDS + 0.1)
+    shared = [asyncio.create_task(budget.acquire_entry(2)) for _ in range(3)]
+    await clock.settle()
+    assert sum(t.done() for t in shared) == 1
+    assert budget.probes == 1
+    budget.entry_answered(next(t.result() for t in shared if t.done()), room=True)
+    await clock.settle()
+    await clock.advance(CONTESTED_SECONDS)  # ten quiet minutes: alone again
+    quiet = [asyncio.create_task(budget.acquire_entry(2)) for _ in range(3)]
+    await clock.settle()
+    assert all(t.done() for t in quiet)
+    assert budget.probes == 1
