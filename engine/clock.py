@@ -100,6 +100,20 @@ class ManualClock:
             await asyncio.sleep(0)
 
 
+async def wait_event(clock: Clock, event: asyncio.Event, seconds: float) -> bool:
+    """Wait until `event` is set or `seconds` pass on `clock`, whichever comes first; returns whether the
+    event was set. Neither waiter outlives the call."""
+    woke = asyncio.ensure_future(event.wait())
+    slept = asyncio.ensure_future(clock.sleep(seconds))
+    try:
+        await asyncio.wait({woke, slept}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in (woke, slept):
+            waiter.cancel()
+        await asyncio.gather(woke, slept, return_exceptions=True)
+    return event.is_set()
+
+
 async def with_timeout(clock: Clock, seconds: float, awaitable: Awaitable[T]) -> T:
     """Await `awaitable`, but raise `TimeoutError` once `seconds` have passed on `clock` (not on the
     event loop's own clock), so budgets mean the same in production and in virtual-time tests."""

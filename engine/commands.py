@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 
-from engine.clock import Clock
+from engine.clock import Clock, wait_event
 from storage.commands import CommandKind, CommandQueue, CommandRecord, CommandState
 from storage.database import DatabaseDown, is_unreachable
 from storage.lease import LeaseHolder, current_holder
@@ -120,15 +120,8 @@ class CommandRunner:
             await self._execute(command)
 
     async def _wait(self) -> None:
-        woke = asyncio.ensure_future(self._wake.wait())
         interval = max(self._poll, LISTENING_POLL_SECONDS) if self._listening() else self._poll
-        slept = asyncio.ensure_future(self._clock.sleep(interval))
-        try:
-            await asyncio.wait({woke, slept}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in (woke, slept):
-                waiter.cancel()
-            await asyncio.gather(woke, slept, return_exceptions=True)
+        await wait_event(self._clock, self._wake, interval)
 
     async def _execute(self, command: CommandRecord) -> None:
         who = command.requested_by

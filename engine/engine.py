@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 from engine.account_stream import AccountStreamReader
 from engine.accounts import account_key
 from engine.alerts import Alerter, EngineObserver
-from engine.clock import Clock, SystemClock, wait_for_all
+from engine.clock import Clock, SystemClock, wait_event, wait_for_all
 from engine.commands import CommandRunner, requester_identity
 from engine.config import ConfigError, Settings, VenueKind, real_venue_problems
 from engine.credentials import check_credentials
@@ -1254,13 +1254,7 @@ class Engine:
         while True:
             manager = self.manager
             assert manager is not None
-            woke = asyncio.ensure_future(manager.reconcile_requested.wait())
-            slept = asyncio.ensure_future(self.clock.sleep(interval))
-            try:
-                await asyncio.wait({woke, slept}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                woke.cancel()
-                slept.cancel()
+            await wait_event(self.clock, manager.reconcile_requested, interval)
             manager.reconcile_requested.clear()
             assert self.reconciler is not None
             try:

@@ -38,7 +38,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from engine.clock import Clock
+from engine.clock import Clock, wait_event
 from engine.exchange.errors import Banned
 from engine.exchange.port import RateBudget
 from engine.pacing import BudgetWaits, Lane
@@ -211,14 +211,7 @@ class OrderBudget:
     async def _await_probe(self, seconds: float) -> None:
         """Until the probe out is answered, or for `seconds`: then its answer is late, and the first entry
         to look again (`_probing` finds its patience spent) probes as well."""
-        answered = asyncio.ensure_future(self._probe_answered.wait())
-        late = asyncio.ensure_future(self._clock.sleep(seconds))
-        try:
-            await asyncio.wait({answered, late}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in (answered, late):
-                waiter.cancel()
-            await asyncio.gather(answered, late, return_exceptions=True)
+        await wait_event(self._clock, self._probe_answered, seconds)
 
     def release_promise(self, promise: EntryPromise) -> None:
         """An admitted entry did not open a position: its protective orders will not be sent. Its own

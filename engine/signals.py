@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from engine.clock import Clock
+from engine.clock import Clock, wait_event
 from storage.repositories import SignalRecord, Store
 
 log = logging.getLogger(__name__)
@@ -81,14 +81,7 @@ class SignalConsumer:
             await self._close_listener()
 
     async def _wait_for_signals(self) -> None:
-        woke = asyncio.ensure_future(self._wake.wait())
-        slept = asyncio.ensure_future(self._clock.sleep(self._poll))
-        try:
-            await asyncio.wait({woke, slept}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in (woke, slept):
-                waiter.cancel()
-            await asyncio.gather(woke, slept, return_exceptions=True)
+        await wait_event(self._clock, self._wake, self._poll)
 
     async def _ensure_listener(self) -> None:
         if self._listen_dsn is None or (self._listener is not None and not self._listener.is_closed()):

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import asyncpg
 
-from engine.clock import Clock
+from engine.clock import Clock, wait_event
 from storage.database import Database, DatabaseDown
 from storage.embedded import EmbeddedPostgresError, PostmasterState, postmaster_state, restart_embedded
 from storage.resilient import ResilientStore
@@ -175,14 +175,7 @@ class DatabaseWatch:
         if self.down:
             await self._clock.sleep(PROBE_SECONDS)
             return
-        woke = asyncio.ensure_future(self._store.suspected.wait())
-        slept = asyncio.ensure_future(self._clock.sleep(PROBE_SECONDS))
-        try:
-            await asyncio.wait({woke, slept}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in (woke, slept):
-                waiter.cancel()
-            await asyncio.gather(woke, slept, return_exceptions=True)
+        await wait_event(self._clock, self._store.suspected, PROBE_SECONDS)
 
     # --- going down ----------------------------------------------------------------------------------
 
