@@ -208,10 +208,18 @@ class OrderBudget:
         self.probes += 1
         return now
 
-    async def _await_probe(self, seconds: float) -> None:
-        """Until the probe out is answered, or for `seconds`: then its answer is late, and the first entry
-        to look again (`_probing` finds its patience spent) probes as well."""
-        await wait_event(self._clock, self._probe_answered, seconds)
+    async def _entry_turn(self) -> bool:
+        """What every entry send waits for before its windows are looked at: no ban (raises `Banned`: an
+        entry never waits one out), and no probe out within its patience (a late one's answer: the first
+        entry to look again probes as well). Returns whether this entry would probe. It returns without
+        suspending once nothing holds it, so the caller's admission is in the same step as its check."""
+        while True:
+            if self.banned_for() is not None:
+                raise Banned(self._banned_until_epoch, "entries wait for no ban")
+            probe, probe_wait = self._probing(self._clock.monotonic())
+            if probe_wait == 0.0:
+                return probe
+            await wait_event(self._clock, self._probe_answered, probe_wait)
 
     def release_promise(self, promise: EntryPromise) -> None:
         """An admitted entry did not open a position: its protective orders will not be sent. Its own
@@ -291,12 +299,7 @@ class OrderBudget:
         note) or waits for one's answer."""
         started = self._clock.monotonic()
         while True:
-            if self.banned_for() is not None:
-                raise Banned(self._banned_until_epoch, "entries wait for no ban")
-            probe, probe_wait = self._probing(self._clock.monotonic())
-            if probe_wait > 0.0:
-                await self._await_probe(probe_wait)
-                continue
+            probe = await self._entry_turn()
             if self._protective_waiting == 0:
                 lead = max(0.0, self._round_trip())
                 # Its stops, and every stop promised before, in the protective windows one round trip on
@@ -328,16 +331,11 @@ class OrderBudget:
         """Take a slot to send again an entry the venue refused for its rate (429): after the hold, as a
         probe or behind one like any entry, its stops still promised. Raises `Banned` as `acquire_entry`."""
         while True:
-            if self.banned_for() is not None:
-                raise Banned(self._banned_until_epoch, "entries wait for no ban")
-            now = self._clock.monotonic()
-            probe, probe_wait = self._probing(now)
-            if probe_wait > 0.0:
-                await self._await_probe(probe_wait)
-                continue
+            probe = await self._entry_turn()
             wait = 0.0 if self._protective_waiting else self._wait_for(1)
             if wait == 0.0 and not self._protective_waiting:
                 self._consume(self._windows)
+                now = self._clock.monotonic()
                 return dataclasses.replace(promise, probe_at=self._send_probe(now) if probe else None)
             await self._clock.sleep(max(wait, 0.01))
 
