@@ -31,8 +31,8 @@ Every `--wave-every` seconds a wave of `--wave-size` signals on symbols neither 
 engine guards is inserted into `monitoring.signals` (alternately long and short). Every second, each of
 these happens with probability `--fault-rate` (sim venue: all of them; emulator: the engine's own
 commands only): the venue answers the next position read with `[]` (`answer_positions_empty`); a held
-symbol's fired stops sit TRIGGERING 2 s; a held symbol's fired stops stick in TRIGGERING for good (until
-its position is gone); another client on the account fills the 10-second order window (HTTP 429 for
+symbol's fired stops sit TRIGGERING 2 s, or stick in TRIGGERING for good, until its position is gone
+(`HeldSymbolTriggers`); another client on the account fills the 10-second order window (HTTP 429 for
 what is left of it, 418 bans if violations pile up); the operator closes a position (`close_position`);
 the operator restarts the protection manager (`restart_protection`). After `--minutes`, waves and
 scheduled faults stop and the run drains for one reconcile interval plus slack plus 5 s (the per-call
@@ -225,6 +225,35 @@ def load_settings(environ: dict[str, str]) -> Settings:
 # --- the soak --------------------------------------------------------------------------------------------
 
 
+class HeldSymbolTriggers:
+    """The sim venue's fired stops on chosen held symbols sit TRIGGERING (2 s, or for good) until that
+    symbol's position is gone; the next position on the symbol starts with a venue that fills at once."""
+
+    DELAY_SECONDS = 2.0
+
+    def __init__(self, sim: SimVenue) -> None:
+        self.sim = sim
+        self._misbehaving: set[str] = set()
+
+    def lift_where_gone(self, held: set[str]) -> None:
+        for symbol in sorted(self._misbehaving - held):
+            self.sim.set_trigger_delay(None, symbol=symbol)
+            self._misbehaving.discard(symbol)
+
+    def delay(self, symbol: str) -> bool:
+        """Fired stops on `symbol` sit TRIGGERING for 2 s; False (nothing done) if it misbehaves already."""
+        if symbol in self._misbehaving:
+            return False
+        self.sim.set_trigger_delay(self.DELAY_SECONDS, symbol=symbol)
+        self._misbehaving.add(symbol)
+        return True
+
+    def stick(self, symbol: str) -> None:
+        """Fired stops on `symbol` stay TRIGGERING for good."""
+        self.sim.set_trigger_delay(None, symbol=symbol, stuck=True)
+        self._misbehaving.add(symbol)
+
+
 class Soak:
     def __init__(
         self, args: argparse.Namespace, engine: Engine, venue: FaultCountingVenue, truth: VenueTruth, dsn: str
@@ -241,7 +270,7 @@ class Soak:
         self.waves = 0
         self.round_trip = 0.0  # the largest of the engine's order round-trip estimates seen
         self._symbols = sorted(UNIVERSE)
-        self._stuck: set[str] = set()
+        self._triggers = HeldSymbolTriggers(self.sim) if self.sim is not None else None
         self._commands: set[asyncio.Task[Any]] = set()
         self.entries_paused_seconds = 0.0  # seconds of the run with entries paused (sampled every second)
 
@@ -279,22 +308,15 @@ class Soak:
         rate, rng = self.args.fault_rate, self.rng
         manager = self.engine.manager
         held = sorted(self.held())
-        if self.sim is not None:
-            for symbol in [s for s in self._stuck if s not in held]:
-                self.sim.set_trigger_delay(None, symbol=symbol)
-                self._stuck.discard(symbol)
+        if self.sim is not None and self._triggers is not None:
+            self._triggers.lift_where_gone(set(held))
             if rng.random() < rate:
                 self.sim.answer_positions_empty(1)
                 self.scheduled["empty_positions_answer"] += 1
+            if held and rng.random() < rate and self._triggers.delay(rng.choice(held)):
+                self.scheduled["trigger_delay_2s"] += 1
             if held and rng.random() < rate:
-                symbol = rng.choice(held)
-                if symbol not in self._stuck:
-                    self.sim.set_trigger_delay(2.0, symbol=symbol)
-                    self.scheduled["trigger_delay_2s"] += 1
-            if held and rng.random() < rate:
-                symbol = rng.choice(held)
-                self.sim.set_trigger_delay(None, symbol=symbol, stuck=True)
-                self._stuck.add(symbol)
+                self._triggers.stick(rng.choice(held))
                 self.scheduled["stuck_trigger"] += 1
             if rng.random() < rate and self._fill_order_window():
                 self.scheduled["order_window_filled_429"] += 1

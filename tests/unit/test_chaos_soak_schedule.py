@@ -1,0 +1,68 @@
+"""The chaos soak's schedule (bench/chaos_soak.py) misbehaves the way it says it does: its staged faults on a
+held symbol's fired stops end with that symbol's position, as its note and its fault counts say."""
+
+from __future__ import annotations
+
+import importlib
+from decimal import Decimal
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from engine.clock import ManualClock
+from engine.exchange import OrderSide, OrderStatus
+from engine.venues.sim import SimVenue
+from engine.venues.sim.core import SimCore
+from engine.venues.sim.settings import SimVenueSettings
+from engine.venues.sim.universe import select_listings
+
+T0 = 6000.0
+SFP = "SFPUSDT"
+QTY = Decimal("100")
+ENTRY, STOP, PAST_THE_STOP = Decimal("0.4500"), Decimal("0.4000"), Decimal("0.3990")
+
+
+@pytest.fixture
+def chaos_soak(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "bench"))  # its sibling modules
+    return importlib.import_module("chaos_soak")
+
+
+def _fired_stop(core: SimCore, n: int, now: float) -> OrderStatus:
+    """Open a long on SFP, give it a stop, cross the stop: what the fired stop is at once."""
+    core.set_mark(SFP, ENTRY, now)
+    core.place_market_order(SFP, OrderSide.BUY, QTY, f"entry-{n}", now)
+    core.place_stop_market_order(SFP, OrderSide.SELL, QTY, STOP, f"sl-{n}", now)
+    [fired] = core.set_mark(SFP, PAST_THE_STOP, now + 1)
+    return fired.status
+
+
+@pytest.mark.parametrize("fault", ["delay", "stick"])
+def test_a_held_symbols_trigger_fault_ends_with_its_position(chaos_soak: ModuleType, fault: str) -> None:
+    """The 2 s delay was never lifted: every later position on a symbol it once hit had its stops sit
+    TRIGGERING, so the soak staged far more unfilled stops than its 5 % rate and its counts said."""
+    core = SimCore(
+        select_listings([SFP, "BTCUSDT"]), SimVenueSettings.model_validate({"slippage_bps": 0}), now=T0
+    )
+    triggers = chaos_soak.HeldSymbolTriggers(SimVenue(core=core, clock=ManualClock()))
+    getattr(triggers, fault)(SFP)
+    assert _fired_stop(core, 1, T0) is OrderStatus.TRIGGERED
+    core.place_market_order(
+        SFP, OrderSide.SELL, QTY, "close-1", T0 + 2, reduce_only=True
+    )  # the engine's close
+    assert not core.inspect(T0 + 2).positions
+
+    triggers.lift_where_gone(held=set())
+
+    assert _fired_stop(core, 2, T0 + 10) is OrderStatus.FILLED
+    assert not core.inspect(T0 + 11).positions
+
+
+def test_a_symbol_already_misbehaving_takes_no_second_delay(chaos_soak: ModuleType) -> None:
+    core = SimCore(select_listings([SFP]), SimVenueSettings(), now=T0)
+    triggers = chaos_soak.HeldSymbolTriggers(SimVenue(core=core, clock=ManualClock()))
+    triggers.stick(SFP)
+    assert not triggers.delay(SFP)  # not counted: it would not change what the venue does
+    triggers.lift_where_gone(held={SFP})
+    assert _fired_stop(core, 1, T0) is OrderStatus.TRIGGERED
