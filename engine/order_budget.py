@@ -10,13 +10,16 @@ sends until then.
 
 Our windows hold only our own orders (and, where the venue sends its counts, what it counted when it last
 answered); another client on the account can fill the venue's window at any moment. Once the account is
-seen shared (a 429, or the venue counting more orders than ours, within `CONTESTED_SECONDS`), entries
-probe: into a window no order answer has shown room in for `PROBE_FRESH_SECONDS`, one entry goes alone and
-the others wait for its answer (`entry_answered`). Room: they go together. HTTP 429: its hold keeps them
-back until the window ends, at the cost of one refusal. A wave sent blind into a full window meets one
-refusal per entry, and refusals in a row are what a venue bans for (Binance: repeated 429s, then 418 for
-2 minutes and up); a ban refuses the protective orders too. Entries can wait a round trip; protection
-cannot wait out a ban. An engine alone on its account never probes: its entries pay nothing.
+seen shared (a 429, or the venue counting more orders than ours, within `CONTESTED_SECONDS`), orders
+probe: into a window no order answer has shown room in for `PROBE_FRESH_SECONDS`, one order goes alone and
+the others wait for its answer (`order_answered`, `entry_answered`). Room: they go together. HTTP 429: its
+hold keeps them back until the window ends, at the cost of one refusal. Orders sent blind into a full
+window meet one refusal each, and refusals in a row are what a venue bans for (Binance: repeated 429s,
+then 418 for 2 minutes and up); a ban refuses every order, protective ones included, for far longer than
+a round trip. So protective orders probe too, but wait for a probe's answer only as long as an answer
+normally takes (`protective_probe_patience`), and go together once a 429's hold is over (the venue said
+its window has room again then), and entries wait for them as always. An engine alone on its account
+never probes: its orders pay nothing.
 
 Where the venue counts protective orders apart from entries (`Capabilities.protective_rate_budgets`: Bybit
 counts order/create and position/trading-stop each in its own rolling second), entries and protective
@@ -35,18 +38,22 @@ import bisect
 import dataclasses
 import math
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from engine.clock import Clock, wait_event
-from engine.exchange.errors import Banned
+from engine.exchange.errors import Banned, Rejected
 from engine.exchange.port import RateBudget
 from engine.pacing import BudgetWaits, Lane
+
+T = TypeVar("T")
 
 PROTECTIVE_ORDERS_PER_POSITION = 2  # hard stop + trailing stop
 DEFERRAL_LIMIT_SECONDS = 10.0  # the longest a deferrable protective send yields to the others
 PROBE_FRESH_SECONDS = 1.0  # an order answer this recent shows the venue's windows had room: no probe
-CONTESTED_SECONDS = 600.0  # entries probe for this long after the account was last seen shared
+CONTESTED_SECONDS = 600.0  # orders probe for this long after the account was last seen shared
+PROTECTIVE_PROBE_PATIENCE_SECONDS = 0.5  # at least; else 4 order round trips (a late answer)
 
 
 @dataclass(slots=True)
@@ -180,27 +187,62 @@ class OrderBudget:
                 self._banned_until_epoch, self._clock.now() + monotonic_deadline - self._clock.monotonic()
             )
 
+    def held_for(self) -> float | None:
+        """Seconds left before the venue takes orders again (a 429's hold or a ban), or None."""
+        left = self._hold_until - self._clock.monotonic()
+        return left if left > 0 else None
+
     def banned_for(self) -> float | None:
         """Seconds left of a venue ban (not of an ordinary rate-limit pause), or None."""
         left = self._banned_until - self._clock.monotonic()
         return left if left > 0 else None
 
     def entry_answered(self, promise: EntryPromise, *, room: bool) -> None:
-        """The venue answered an entry: `room` when it took the order (an answer that was not a rate
-        refusal; a 429's hold comes through `hold_until`). Ends the probe it was, if it was one."""
+        """The venue answered an entry (see `order_answered`)."""
+        self.order_answered(promise.probe_at, room=room)
+
+    def order_answered(self, probe_at: float | None, *, room: bool) -> None:
+        """An order's call ended: `room` when the venue answered it other than with a rate refusal (it took
+        the order, or refused it for itself: either way its windows had room; a 429's hold comes through
+        `hold_until`). `probe_at`: what the order's acquire returned; ends the probe it was, if it was one
+        (with or without an answer: the next order to look probes then)."""
         if room:
             self._room_seen_at = max(self._room_seen_at, self._clock.monotonic())
-        if promise.probe_at is not None and self._probe_at == promise.probe_at:
+        if probe_at is not None and self._probe_at == probe_at:
             self._probe_at = None
             self._probe_answered.set()
 
-    def _probing(self, now: float) -> tuple[bool, float]:
-        """(this entry would probe, seconds it waits for the answer of the probe out, 0 if none)."""
-        if now - self._shared_seen_at > CONTESTED_SECONDS or now - self._room_seen_at <= PROBE_FRESH_SECONDS:
+    async def sent(self, probe_at: float | None, call: Awaitable[T]) -> T:
+        """Await an order's call and tell the budget what its end showed (`order_answered`)."""
+        room = False
+        try:
+            result = await call
+            room = True
+            return result
+        except Rejected:  # refused for itself: the venue's windows had room for it
+            room = True
+            raise
+        finally:
+            self.order_answered(probe_at, room=room)
+
+    def protective_probe_patience(self) -> float:
+        """How long a protective order waits for a probe's answer before it probes as well: as long as an
+        answer normally takes, never the entries' patience (a lost answer must not hold a stop back)."""
+        late = max(PROTECTIVE_PROBE_PATIENCE_SECONDS, 4.0 * self._round_trip())
+        return min(self._probe_patience, late)
+
+    def _probing(self, now: float, patience: float, *, hold_is_room: bool = False) -> tuple[bool, float]:
+        """(this order would probe, seconds it waits for the answer of the probe out, 0 if none).
+        `hold_is_room`: the end of a 429's hold counts as an answer that showed room (the venue said its
+        window has room again then)."""
+        room_seen = self._room_seen_at
+        if hold_is_room and self._hold_until <= now:
+            room_seen = max(room_seen, self._hold_until)
+        if now - self._shared_seen_at > CONTESTED_SECONDS or now - room_seen <= PROBE_FRESH_SECONDS:
             return False, 0.0
         if self._probe_at is None:
             return True, 0.0
-        return True, max(0.0, self._probe_at + self._probe_patience - now)
+        return True, max(0.0, self._probe_at + patience - now)
 
     def _send_probe(self, now: float) -> float:
         self._probe_at = now
@@ -216,7 +258,7 @@ class OrderBudget:
         while True:
             if self.banned_for() is not None:
                 raise Banned(self._banned_until_epoch, "entries wait for no ban")
-            probe, probe_wait = self._probing(self._clock.monotonic())
+            probe, probe_wait = self._probing(self._clock.monotonic(), self._probe_patience)
             if probe_wait == 0.0:
                 return probe
             await wait_event(self._clock, self._probe_answered, probe_wait)
@@ -235,34 +277,49 @@ class OrderBudget:
             elif booked:
                 del booked[0]
 
-    async def acquire_protective(self, *, deferrable: bool = False) -> None:
+    async def acquire_protective(self, *, deferrable: bool = False) -> float | None:
         """Take a slot for a protective order. `deferrable`: it replaces a stop that protects the position
         meanwhile (Bybit: the hard stop that rode on the entry, corrected from the fill). Where protective
         orders have budgets of their own, such a send yields, for up to `DEFERRAL_LIMIT_SECONDS`, to every
         other protective order and to the stops entries booked (it was never promised): a wave's positions
-        get covered first. Elsewhere it is an ordinary protective send."""
+        get covered first. Elsewhere it is an ordinary protective send. Returns the probe it is (see the
+        module's note), or None: hand it to `sent` (or `order_answered`) with the order's call."""
         if deferrable and self._separate:
             await self._acquire_deferred()
-            return
-        await self._take_ahead_of_entries(self._protective_windows)
+            return None
+        probe_at = await self._take_ahead_of_entries(self._protective_windows)
         self._promised = max(0, self._promised - 1)
         if self._booked:
             self._booked.pop(0)  # this send takes the place of the earliest booking
         self.protective_sent += 1
+        return probe_at
 
-    async def acquire_close(self) -> None:
+    async def acquire_close(self) -> float | None:
         """Take a slot for a reduce-only market close (a stuck stop's position, an operator's close): an
         order where the venue counts orders (the entries' windows), ahead of any entry, and in no promised
-        stop's place. It waits out a 429's hold and a ban like every order."""
-        await self._take_ahead_of_entries(self._windows)
+        stop's place. It waits out a 429's hold and a ban like every order, and probes like a protective
+        order (returned as by `acquire_protective`)."""
+        return await self._take_ahead_of_entries(self._windows)
 
-    async def _take_ahead_of_entries(self, windows: Sequence[_Window]) -> None:
+    async def _take_ahead_of_entries(self, windows: Sequence[_Window]) -> float | None:
         self._protective_waiting += 1  # entries wait while this does
         started = self._clock.monotonic()
         try:
-            while (wait := self._wait_for(1, windows=windows)) > 0.0:
+            while True:
+                now = self._clock.monotonic()
+                # A protective order takes the end of a 429's hold for room, as the venue said: the
+                # stops it held go together then (each one round trip behind the other was 2 s a stop
+                # on a slow venue); entries probe again, they can wait.
+                probe, probe_wait = self._probing(now, self.protective_probe_patience(), hold_is_room=True)
+                if probe_wait > 0.0:
+                    await wait_event(self._clock, self._probe_answered, probe_wait)
+                    continue
+                wait = self._wait_for(1, windows=windows)
+                if wait == 0.0:
+                    break
                 await self._clock.sleep(wait)
             self._consume(windows)
+            return self._send_probe(now) if probe else None
         finally:
             self._protective_waiting -= 1
             now = self._clock.monotonic()

@@ -924,8 +924,9 @@ class PositionGuard:
         # A replacement of the stop that rode on the entry may wait: that stop protects the position meanwhile.
         # Sent beside its trailing stop (`_ensure_hard_stop`) it takes no slot: it rides in that call.
         correction = order is self.stop_loss and self._attached_holds is not None
+        probe_at = None
         if not (correction and self._correction_rides):
-            await m.budget.acquire_protective(deferrable=correction)
+            probe_at = await m.budget.acquire_protective(deferrable=correction)
         started = m.clock.monotonic()
         order.sent_at = started
         order.sent_this_run = True
@@ -934,7 +935,7 @@ class PositionGuard:
         order.maybe_sent = True
         m.protective_attempts.add(m.clock.monotonic())
         try:
-            placed = await self._create(order, send(cid))
+            placed = await m.budget.sent(probe_at, self._create(order, send(cid)))
             if isinstance(placed, _Outcome):  # decided by a look-up while the answer was late
                 return self._next_generation(order) if placed is _Outcome.GONE else placed
         except (OutcomeUnknown, TimeoutError) as exc:
@@ -1844,14 +1845,17 @@ class PositionGuard:
         # An order like any other for the venue's order counts: it waits out a 429's hold and a ban
         # (sent into either it is refused, and three refusals within a minute get the account banned);
         # the position is `closing` only once it goes (a restart meanwhile leaves it `active`).
-        await m.budget.acquire_close()
+        probe_at = await m.budget.acquire_close()
         await m.store.set_position_status(self.position_id, PositionStatus.CLOSING)
         try:
-            filled = await m.call(
-                m.venue.create_market_order(
-                    self.symbol, self.closing_side, self.quantity, client_order_id=cid, reduce_only=True
+            filled = await m.budget.sent(
+                probe_at,
+                m.call(
+                    m.venue.create_market_order(
+                        self.symbol, self.closing_side, self.quantity, client_order_id=cid, reduce_only=True
+                    ),
+                    "create_order",
                 ),
-                "create_order",
             )
         except (RateLimited, Banned) as exc:
             m.hold_orders_for(exc)
@@ -2008,7 +2012,8 @@ class PositionGuard:
     ) -> None:
         m = self._m
         self.last_error = f"{operation}: {error}"
-        retry_in = self._retry_delay(self.failures + 1)
+        # The next pass's order waits for the venue to take orders again (a 429's hold, a ban): say when.
+        retry_in = max(self._retry_delay(self.failures + 1), m.budget.held_for() or 0.0)
         # Only say "unprotected" when it is true: a failed trail move leaves the confirmed stops in place.
         still_covered = self.covered
         state = "still protected by its confirmed stops" if still_covered else "unprotected"

@@ -22,6 +22,7 @@ from tests.chaos.support import (
     chaos_settings,
     tolerating,
 )
+from tests.support.auditor import AuditLimits
 
 WAVES = 5
 WAVE_SIZE = 5
@@ -289,11 +290,67 @@ async def test_a_wave_sent_into_an_order_window_another_client_filled_costs_one_
         return waited
 
     try:
-        assert await into_a_filled_window(1) < 10.0  # the window's end (< 9 s away), then a round trip
-        assert await into_a_filled_window(WAVE_SIZE) < 10.0
+        # Protected after the window's end (< 9 s away) and a few round trips and database writes, each
+        # a 0.2 s step here; a ban would have been 2 minutes.
+        assert await into_a_filled_window(1) < 11.0
+        assert await into_a_filled_window(WAVE_SIZE) < 11.0
         await run.settle()
         run.verdict(coverage_at_least=95.0)
         # Nothing naked but the first stops on their way (a sample or two per position, at 0.2 s each).
         assert set(run.auditor.figures().unprotected_seconds_by_cause) <= {"opening"}
+    finally:
+        await run.stop()
+
+
+async def test_stuck_stops_closed_together_into_an_order_window_another_client_filled_cost_one_refusal(
+    db: Database,
+) -> None:
+    """Two positions' hard stops fire and stick in TRIGGERING together; a second later the engine closes
+    both at market, at once, into a 10-second order window another client on the account has just filled.
+    The account was already seen shared: a lone entry met a 429 earlier in the minute. Both closes were
+    refused, the third refusal within a minute, and the sim's Binance-like escalation banned the account for
+    2 minutes, during which nothing could close either position (a chaos soak's last bans were such pairs of
+    closes). On an account seen shared, into a window no answer has shown room in lately, a protective
+    order goes first like an entry; its 429 holds the other until the window ends: no ban, both closed."""
+    settings = chaos_settings(db, {"VENUE__SIM__RATE_LIMITS__ORDERS_PER_10S": "60"})
+    # Both positions wait out the other client's window without a live hard stop: that is the venue's
+    # doing (no order of anyone's goes through it), not a stop the engine failed to send.
+    run = ChaosRun(db, settings, limits=AuditLimits.from_settings(settings, uncovered_seconds=12.0))
+    await run.start()
+
+    def banned_for() -> float | None:
+        until = run.venue.core.inspect(run.clock.now()).banned_until
+        return None if until is None else until - run.clock.now()
+
+    async def a_window_starts() -> None:
+        await run.until(lambda: 1.0 <= run.clock.now() % 10 < 1.0 + STEP, limit=11, what="a window's start")
+
+    try:
+        held = await run.opened(await run.wave(2), limit=10)
+        assert len(held) == 2
+        await run.until(run.converged, limit=10, what="both protected")
+        # The account is seen shared: the other client's full window refuses a lone entry (refusal 1).
+        await a_window_starts()
+        spare, lone = run.free_symbols(2)
+        assert run.neighbour_fills_order_window(spare) > 0
+        await run.wave(1, symbols=[lone])
+        await run.until(lambda: lone in run.held() and run.converged(), limit=15, what="the lone entry")
+        assert banned_for() is None
+        # Then both hard stops fire and stick, inside a window the other client has filled again.
+        await a_window_starts()
+        for symbol in held:
+            run.venue.set_trigger_delay(None, symbol=symbol, stuck=True)
+        assert run.neighbour_fills_order_window(spare) > 0
+        for symbol in held:
+            run.move_mark(symbol, run.against(symbol, "5"))  # past the 3 % hard stop
+        await run.until(
+            lambda: banned_for() is not None or not set(held) & set(run.held()),
+            limit=15,
+            what="both positions closed",
+        )
+        ban = banned_for()
+        assert ban is None, f"the venue banned the account for {ban:.0f} s"
+        await run.settle()
+        run.verdict(coverage_at_least=50.0)
     finally:
         await run.stop()

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from engine.clock import ManualClock
+from engine.exchange.errors import RateLimited, Rejected
 from engine.exchange.port import RateBudget
 from engine.order_budget import CONTESTED_SECONDS, PROBE_FRESH_SECONDS, EntryPromise, OrderBudget
 
@@ -357,3 +360,92 @@ async def test_an_engine_alone_on_its_account_never_probes_and_a_shared_one_stop
     await clock.settle()
     assert all(t.done() for t in quiet)
     assert budget.probes == 1
+
+
+async def test_protective_orders_into_windows_no_answer_showed_room_in_probe_as_entries_do() -> None:
+    """Two stuck stops' closes sent together into a window another client had filled met two 429s: with
+    one refusal earlier in the minute, the third that gets an account banned, and a ban holds every
+    protective order for far longer than a probe's round trip."""
+    clock = ManualClock()
+    budget = _shared(clock)
+    await clock.advance(PROBE_FRESH_SECONDS + 0.1)  # that 429's hold ended a while ago
+    closes = [asyncio.create_task(budget.acquire_close()) for _ in range(2)]
+    stops = [asyncio.create_task(budget.acquire_protective()) for _ in range(2)]
+    await clock.settle()
+    sends = [*closes, *stops]
+    (probe,) = [t.result() for t in sends if t.done()]
+    assert probe is not None
+    assert budget.probes == 1
+    budget.hold_until(clock.monotonic() + 5.0)  # its answer: 429, Retry-After 5 s
+    budget.order_answered(probe, room=False)
+    await clock.advance(4.9)
+    assert sum(t.done() for t in sends) == 1  # nothing more into the full window
+    await clock.advance(0.2)
+    # The window is over, as the venue said: the stops it held go together (an entry would probe again).
+    assert all(t.done() for t in sends)
+    assert budget.probes == 1
+
+
+async def test_a_protective_order_waits_for_a_probe_only_as_long_as_an_answer_takes() -> None:
+    """An entry probing holds the wave's other entries for up to the call budget; a stop behind a probe
+    whose answer is late probes itself after 4 round trips (0.5 s at least)."""
+    clock = ManualClock()
+    round_trip = 0.05  # the engine's estimate of an order round trip
+    budget = OrderBudget(
+        [RateBudget(limit=100, window_seconds=10.0)], clock, lambda: round_trip, probe_patience_seconds=10.0
+    )
+    budget.hold_until(clock.monotonic())  # shared: a 429 whose hold is over
+    await clock.advance(PROBE_FRESH_SECONDS + 0.1)
+    assert budget.protective_probe_patience() == 0.5
+    entry = await budget.acquire_entry(2)
+    assert entry.probe_at is not None
+    stop = asyncio.create_task(budget.acquire_protective())
+    await clock.advance(0.45)
+    assert not stop.done()
+    await clock.advance(0.1)
+    assert stop.done()
+    assert stop.result() is not None  # it probes in its turn
+    assert budget.probes == 2
+    round_trip = 0.3
+    assert budget.protective_probe_patience() == 4 * 0.3
+
+
+async def test_orders_alone_on_their_account_or_after_a_fresh_answer_never_wait_for_a_probe() -> None:
+    clock = ManualClock()
+    alone = _budget(clock, limit=100)
+    sends = [asyncio.create_task(alone.acquire_protective()) for _ in range(4)]
+    sends += [asyncio.create_task(alone.acquire_close()) for _ in range(4)]
+    await clock.settle()
+    assert all(t.done() and t.result() is None for t in sends)
+    assert alone.probes == 0
+
+    shared = _shared(clock)
+    await clock.advance(PROBE_FRESH_SECONDS + 0.1)
+    probe = await shared.acquire_protective()
+    assert probe is not None
+
+    async def refused_for_itself() -> None:
+        raise Rejected(-2022, "ReduceOnly Order is rejected.")
+
+    with pytest.raises(Rejected):  # an answer: the venue's windows had room for it
+        await shared.sent(probe, refused_for_itself())
+    sends = [asyncio.create_task(shared.acquire_close()) for _ in range(4)]
+    await clock.settle()
+    assert all(t.done() and t.result() is None for t in sends)
+    assert shared.probes == 1
+
+    await clock.advance(PROBE_FRESH_SECONDS + 0.1)
+    probe = await shared.acquire_close()
+
+    async def rate_refused() -> None:
+        shared.hold_until(clock.monotonic() + 2.0)  # as the venue adapter reports a 429
+        raise RateLimited(2.0)
+
+    with pytest.raises(RateLimited):  # no room: the next orders wait for the window the venue named
+        await shared.sent(probe, rate_refused())
+    after = [asyncio.create_task(shared.acquire_close()) for _ in range(3)]
+    await clock.advance(1.9)
+    assert not any(t.done() for t in after)
+    await clock.advance(0.2)
+    assert all(t.done() and t.result() is None for t in after)
+    assert shared.probes == 2
