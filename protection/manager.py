@@ -1846,7 +1846,11 @@ class PositionGuard:
         # (sent into either it is refused, and three refusals within a minute get the account banned);
         # the position is `closing` only once it goes (a restart meanwhile leaves it `active`).
         probe_at = await m.budget.acquire_close()
-        await m.store.set_position_status(self.position_id, PositionStatus.CLOSING)
+        try:
+            await m.store.set_position_status(self.position_id, PositionStatus.CLOSING)
+        except BaseException:
+            m.budget.order_answered(probe_at, room=False)  # never sent: the orders behind it go on
+            raise
         try:
             filled = await m.budget.sent(
                 probe_at,
