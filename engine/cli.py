@@ -238,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-endpoint faults, e.g. 'POST:algoOrder=timeout@0.1,positionRisk=latency:800,*=busy@0.01' "
         "(faults: latency:MS, timeout, unknown, busy, error, ratelimit, ban; and traits of the algo orders "
         "POST:algoOrder places: lag:SECONDS (reads answer 'unknown order' that long), triggering:SECONDS "
-        "(a fired order sits that long in TRIGGERING), stuck (it never finishes))",
+        "(a fired order sits that long in TRIGGERING), stuck (it never finishes); on --venue bybit, "
+        "POST:order/create=async:SECONDS (answered at once, the market order New until it fills SECONDS "
+        "later))",
     )
     sim_exchange.add_argument(
         "--control", action="store_true", help="also serve the /_sim control API (set marks, force faults)"

@@ -4,6 +4,7 @@ HTTP through real ccxt and real signing, configured as for a real Bybit account 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -12,7 +13,7 @@ import pytest
 from engine.clock import SystemClock
 from engine.engine import Engine, build_venue
 from engine.events import SignalRejected
-from engine.exchange.port import OrderStatus
+from engine.exchange.port import OrderStatus, OrderType
 from engine.venues.binance_emulator.faults import Target
 from engine.venues.bybit_emulator import BybitEmulator, BybitLimiter, FaultPlan, running
 from engine.venues.bybit_emulator.faults import parse_bybit_fault
@@ -181,3 +182,30 @@ async def test_a_hard_stop_corrected_from_the_fill_rides_in_the_trailing_stops_c
             assert guard.stop_loss.client_order_id is not None
             held = await venue.fetch_order(guard.symbol, guard.stop_loss.client_order_id)
             assert (held.status, held.stop_price) == (OrderStatus.NEW, guard.stop_loss.price)
+
+
+async def test_entries_bybit_executes_after_answering_are_protected_once_they_fill(db: Database) -> None:
+    """Bybit documents order creation as asynchronous: the answer carries the order's ids, and the order
+    is New, with no position yet, until it executes. The emulator executed every market order inside the
+    create call, so the real path (ccxt, the read-back of the order, the account stream, the stop riding
+    on the entry) never met an entry that had not filled when it was read back. Each entry here executes
+    0.5 s after its answer: every signal opens one position, sent once, with its hard stop on it from the
+    fill (it rode on the entry) and its trailing stop."""
+    emulator = BybitEmulator(SimVenueSettings(seed=11, volatility=0.0), api_key=KEY, api_secret=SECRET)
+    emulator.faults.force((Target("POST", "order/create"),), parse_bybit_fault("async:0.5"), count=WAVE)
+    async with bybit_engine(db, emulator) as (engine, rejected):
+        await _wave(engine, emulator, rejected)
+        assert rejected == []
+        assert emulator.orders_answered_working == WAVE  # every entry answered before it executed
+        manager = engine.manager
+        assert manager is not None
+        venue = engine.venue  # the venue's word, over the wire
+        held = {p.symbol: p.quantity for p in await venue.fetch_positions()}
+        assert held == {g.symbol: g.quantity for g in manager.guards.values()}
+        entries = await db.pool.fetchval("SELECT count(*) FROM monitoring.orders WHERE purpose = 'entry'")
+        assert entries == WAVE  # none sent twice
+        live = Counter((o.symbol, o.type) for o in await venue.fetch_open_protective_orders())
+        assert live == Counter(
+            {(s, kind): 1 for s in held for kind in (OrderType.STOP_MARKET, OrderType.TRAILING_STOP_MARKET)}
+        )
+        assert emulator.stops_attached_to_entries == WAVE

@@ -44,6 +44,7 @@ def test_the_order_traits_parse_with_their_arguments() -> None:
         ("algoOrder=stuck:5", "fault 'stuck' takes no argument, got 'stuck:5'"),
         ("positionRisk=lag:3", "lag is drawn when an algo order is placed: target POST:algoOrder"),
         ("GET:algoOrder=stuck", "stuck is drawn when an algo order is placed: target POST:algoOrder"),
+        ("POST:order=async:0.5", "async is Bybit's asynchronous order creation"),
     ],
 )
 def test_bad_order_traits_name_the_bad_part(spec: str, message: str) -> None:

@@ -81,6 +81,9 @@ class EmulatorFaultKind(StrEnum):
     LAG = "lag"
     TRIGGERING = "triggering"
     STUCK = "stuck"
+    # Bybit's asynchronous order creation: the market order is answered with its ids at once and executes
+    # SECONDS later (New meanwhile). A request fault of Bybit's `POST order/create`; Binance refuses it.
+    ASYNC = "async"
 
     @property
     def executes(self) -> bool:
@@ -96,8 +99,16 @@ _ORDER_TRAITS = frozenset({EmulatorFaultKind.LAG, EmulatorFaultKind.TRIGGERING, 
 # The request that places an algo order: the only one order traits are drawn for.
 PLACE_ALGO_ORDER = ("POST", "algoOrder")
 # Longest accepted argument of each trait with seconds.
-_MAX_SECONDS = {EmulatorFaultKind.LAG: 3600.0, EmulatorFaultKind.TRIGGERING: 86_400.0}
-_EXAMPLE_SECONDS = {EmulatorFaultKind.LAG: "lag:3", EmulatorFaultKind.TRIGGERING: "triggering:5"}
+_MAX_SECONDS = {
+    EmulatorFaultKind.LAG: 3600.0,
+    EmulatorFaultKind.TRIGGERING: 86_400.0,
+    EmulatorFaultKind.ASYNC: 60.0,
+}
+_EXAMPLE_SECONDS = {
+    EmulatorFaultKind.LAG: "lag:3",
+    EmulatorFaultKind.TRIGGERING: "triggering:5",
+    EmulatorFaultKind.ASYNC: "async:0.5",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +116,7 @@ class Fault:
     kind: EmulatorFaultKind
     latency_ms: int = 0  # LATENCY only
     hold_seconds: float = 30.0  # TIMEOUT: how long the answer is held back
-    seconds: float = 0.0  # LAG, TRIGGERING
+    seconds: float = 0.0  # LAG, TRIGGERING, ASYNC
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +198,12 @@ def parse_fault(text: str, hold_seconds: float = 30.0) -> Fault:
 
 
 def require_placement_target(targets: tuple[Target, ...], fault: Fault) -> None:
-    """An order trait needs a target that can match the placement of an algo order."""
+    """A fault Binance's wire can show: an order trait needs a target that can match the placement of an
+    algo order, and `async` (Bybit's) is refused."""
+    if fault.kind is EmulatorFaultKind.ASYNC:
+        raise FaultSpecError(
+            "async is Bybit's asynchronous order creation; Binance answers a market order with its fill"
+        )
     if fault.kind.is_order_trait and not any(t.matches(*PLACE_ALGO_ORDER) for t in targets):
         raise FaultSpecError(
             f"{fault.kind.value} is drawn when an algo order is placed: target POST:algoOrder (or "

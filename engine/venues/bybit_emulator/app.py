@@ -12,7 +12,9 @@ error codes (bybit-exchange.github.io/docs/v5):
   `GET /v5/account/wallet-balance` (accountType UNIFIED only), `GET /v5/position/list` (symbol or
   settleCoin, `limit` 1..200 default 20, `cursor`), `POST /v5/position/set-leverage` (110043 when
   unchanged), `POST /v5/order/create` (Market only; 110072 duplicate `orderLinkId`, 110017 reduce-only with
-  nothing to reduce, 110007 balance; `stopLoss` with `slTriggerBy`/`tpslMode=Full` on the entry),
+  nothing to reduce, 110007 balance; `stopLoss` with `slTriggerBy`/`tpslMode=Full` on the entry; with the
+  `async:SECONDS` fault, executed SECONDS after its answer, `New` meanwhile, as Bybit's creation is
+  asynchronous),
   `GET /v5/order/realtime` and `/v5/order/history` (`orderFilter=Order|StopOrder`, by `orderId` /
   `orderLinkId`), `GET /v5/execution/list` (the fills, the stops' fills too, with their price),
   `POST /v5/position/trading-stop` (below).
@@ -73,7 +75,7 @@ from engine.exchange.errors import (
     RejectCode,
     Rejected,
 )
-from engine.exchange.port import Market, OrderSide, VenuePosition
+from engine.exchange.port import Market, Order, OrderSide, OrderStatus, VenuePosition
 from engine.venues import bybit_limits
 from engine.venues.bybit_emulator.faults import (
     TARGETS_BY_CALL,
@@ -82,6 +84,7 @@ from engine.venues.bybit_emulator.faults import (
     FaultSpecError,
     parse_bybit_fault,
     parse_target,
+    require_order_create_target,
 )
 from engine.venues.bybit_emulator.limits import BybitLimiter
 from engine.venues.bybit_emulator.streams import BybitStreamHub, StreamRows, stream_signature
@@ -220,6 +223,17 @@ class _Request:
     method: str
     params: dict[str, Any]
     now: float
+    fill_after: float | None = None  # an `async` fault: the market order it places executes this much later
+
+
+@dataclass(frozen=True, slots=True)
+class _Working:
+    """A market order accepted and not executed yet (Bybit's asynchronous creation), with what it carries:
+    the core's client id for it and the `stopLoss` to set on the position once it fills."""
+
+    client_id: str
+    stop_loss: Decimal | None
+    trigger_by: str
 
 
 @dataclass(slots=True)
@@ -228,6 +242,7 @@ class _Book:
     orders: dict[str, _RegularOrder | _StopOrder] = field(default_factory=dict)  # by orderId, in order
     by_link_id: dict[str, str] = field(default_factory=dict)
     executions: list[_Execution] = field(default_factory=list)
+    working: dict[str, _Working] = field(default_factory=dict)  # by orderId: accepted, not executed yet
 
 
 class BybitEmulator:
@@ -270,6 +285,7 @@ class BybitEmulator:
         self.requests_served = 0
         self.requests_by_endpoint: dict[str, int] = {}  # "METHOD endpoint" -> requests served
         self.stops_attached_to_entries = 0
+        self.orders_answered_working = 0  # market orders answered before they executed (`async`)
         self.too_many_visits: dict[str, int] = {}  # 10006 answers of the endpoint limits, by path
         self.streams = BybitStreamHub(self)
 
@@ -331,6 +347,8 @@ class BybitEmulator:
             try:
                 for symbol, price in self._walk.step(interval).items():
                     self.set_prices(symbol, mark=price, last=price)
+                if self.settle_working(self.now()):
+                    self.streams.account_changed()
             except Exception:
                 logger.exception("emulator: price tick failed; the ticker keeps running")
 
@@ -511,8 +529,10 @@ class BybitEmulator:
             if fault.kind is EmulatorFaultKind.LATENCY:
                 await asyncio.sleep(fault.latency_ms / 1000)
         now = self.now()
+        self.settle_working(now)
+        fill_after = fault.seconds if fault is not None and fault.kind is EmulatorFaultKind.ASYNC else None
         try:
-            response = _json(_ok(handler(_Request(method, params, now)), self.server_time()))
+            response = _json(_ok(handler(_Request(method, params, now, fill_after)), self.server_time()))
         except BybitError as error:
             response = error.response(self.server_time())
         except ExchangeError as error:
@@ -818,7 +838,7 @@ class BybitEmulator:
             self._check_stop_loss(market, "long" if side is OrderSide.BUY else "short", stop_loss, trigger_by)
         order_id = self._new_id()
         client_id = link_id or f"bybit-{order_id[:28]}"
-        filled = self.core.place_market_order(
+        placed = self.core.place_market_order(
             market.symbol,
             side,
             qty,
@@ -826,43 +846,84 @@ class BybitEmulator:
             request.now,
             reduce_only=reduce_only,
             account_id=DEFAULT_ACCOUNT,
+            fill_after=request.fill_after,
         )
         record = _RegularOrder(
-            order_id,
-            link_id,
-            market.symbol,
-            side,
-            qty,
-            filled.filled_quantity,
-            filled.average_price,
-            reduce_only,
-            request.now,
+            order_id, link_id, market.symbol, side, qty, _ZERO, None, reduce_only, request.now, status="New"
         )
         self._book.orders[order_id] = record
         if link_id:
             self._book.by_link_id[link_id] = order_id
-        self._book.executions.append(
-            _Execution(
-                self._new_id(),
-                order_id,
-                link_id,
-                market.symbol,
-                side,
-                filled.average_price or _ZERO,
-                filled.filled_quantity,
-                "",
-                request.now,
+        sl = stop_loss if stop_loss is not None and stop_loss > 0 else None
+        if placed.status.is_final:
+            self._executed(record, sl, trigger_by, placed, request.now)
+        else:  # Bybit's asynchronous creation: answered with the ids, New until the core executes it
+            self._book.working[order_id] = _Working(client_id, sl, trigger_by)
+            self.orders_answered_working += 1
+            # Told when it executes (a moment after it comes due, so that the core has it due by then).
+            asyncio.get_running_loop().call_later((request.fill_after or 0.0) + 0.005, self._settle_and_tell)
+        return {"orderId": order_id, "orderLinkId": link_id}
+
+    def _settle_and_tell(self) -> None:
+        if self.settle_working(self.now()):
+            self.streams.account_changed()
+
+    def settle_working(self, now: float) -> bool:
+        """Market orders whose execution came due by `now`: filled (or ended), with their executions,
+        positions and stops. True if any did."""
+        settled = False
+        for order_id, working in list(self._book.working.items()):
+            record = self._book.orders[order_id]
+            assert isinstance(record, _RegularOrder)
+            order = self.core.get_order(
+                record.symbol, working.client_id, now, DEFAULT_ACCOUNT, conditional=False
             )
-        )
-        if self._position(market.symbol, request.now) is None:
-            self._deactivate(market.symbol, request.now)
-        elif stop_loss is not None and stop_loss > 0:
-            stops = self._book.stops.setdefault(market.symbol, _PositionStops())
+            if not order.status.is_final:
+                continue
+            del self._book.working[order_id]
+            self._executed(record, working.stop_loss, working.trigger_by, order, now)
+            settled = True
+        return settled
+
+    def _executed(
+        self,
+        record: _RegularOrder,
+        stop_loss: Decimal | None,
+        trigger_by: str,
+        executed: Order,
+        now: float,
+    ) -> None:
+        """A market order executed (the core's order, ended): its row, its execution, and the position's
+        stops (the `stopLoss` it carried set on the position it opened; all gone if it left none). A
+        reduce-only order larger than the position fills what there was, as Bybit's does."""
+        filled, price = executed.filled_quantity, executed.average_price
+        record.exec_qty, record.avg_price = filled, price
+        if executed.status is OrderStatus.FILLED:
+            record.status = "Filled"
+        else:
+            record.status = "PartiallyFilledCanceled" if filled else "Cancelled"
+        if filled:
+            self._book.executions.append(
+                _Execution(
+                    self._new_id(),
+                    record.order_id,
+                    record.order_link_id,
+                    record.symbol,
+                    record.side,
+                    price or _ZERO,
+                    filled,
+                    "",
+                    now,
+                )
+            )
+        if self._position(record.symbol, now) is None:
+            self._deactivate(record.symbol, now)
+        elif stop_loss is not None and filled:
+            stops = self._book.stops.setdefault(record.symbol, _PositionStops())
             self.stops_attached_to_entries += 1
             stops.stop_loss = self._new_stop(
-                market.symbol, "StopLoss", side.opposite, trigger_by, stop_loss, request.now
+                record.symbol, "StopLoss", record.side.opposite, trigger_by, stop_loss, now
             )
-        return {"orderId": order_id, "orderLinkId": link_id}
 
     def _new_stop(
         self, symbol: str, kind: str, side: OrderSide, trigger_by: str, price: Decimal, now: float
@@ -1167,6 +1228,7 @@ class BybitEmulator:
             fault = parse_bybit_fault(
                 str(body.get("fault", "")), hold_seconds=float(body.get("hold_seconds", 30.0))
             )
+            require_order_create_target(targets, fault)
             self.faults.force(targets, fault, int(body.get("count", 1)))
         except (FaultSpecError, ValueError) as error:
             raise web.HTTPBadRequest(text=f"control API: {error}") from None

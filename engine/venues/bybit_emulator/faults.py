@@ -11,7 +11,11 @@ client sees, on Bybit's wire:
   cannot tell whether it was executed);
 * `error`: not executed, HTTP 500;
 * `ratelimit`: not executed, HTTP 200 `retCode` 10006 "Too many visits!" (an answer only);
-* `ban`: not executed, HTTP 403 "access too frequent" (an answer only: no ban is in force afterwards).
+* `ban`: not executed, HTTP 403 "access too frequent" (an answer only: no ban is in force afterwards);
+* `async:SECONDS` (`POST:order/create` only): executed as Bybit documents order creation, asynchronously:
+  answered at once with the order's ids, the market order `New` (in `order/realtime`, on the `order`
+  topic) and no position for SECONDS, then filled (its execution, the position, a `stopLoss` sent with
+  it). Reduce-only orders execute at once.
 
 The Binance emulator's order traits (`lag`, `triggering`, `stuck`) belong to Binance's algo service and
 are refused here: Bybit's position stops are read back from the position itself.
@@ -45,6 +49,7 @@ ENDPOINTS: frozenset[str] = frozenset(
     }
 )
 METHODS: frozenset[str] = frozenset({"GET", "POST"})
+CREATE_ORDER = ("POST", "order/create")
 
 # The emulator endpoints behind each kind of port call (the sim venue's `CallKind` values).
 TARGETS_BY_CALL: dict[str, tuple[str, ...]] = {
@@ -83,6 +88,15 @@ def parse_bybit_fault(text: str, hold_seconds: float = 30.0) -> Fault:
     return fault
 
 
+def require_order_create_target(targets: tuple[Target, ...], fault: Fault) -> None:
+    """`async` is about the order `POST order/create` places: its targets must be able to match it."""
+    if fault.kind is EmulatorFaultKind.ASYNC and not any(t.matches(*CREATE_ORDER) for t in targets):
+        raise FaultSpecError(
+            "async is drawn when a market order is placed: target POST:order/create (or order/create, *), "
+            f"got {', '.join(repr(str(t)) for t in targets)}"
+        )
+
+
 def parse_fault_spec(spec: str) -> tuple[FaultRule, ...]:
     """Parse `--faults` for the Bybit emulator; an empty spec means no faults."""
     rules: list[FaultRule] = []
@@ -97,7 +111,9 @@ def parse_fault_spec(spec: str) -> tuple[FaultRule, ...]:
             raise FaultSpecError(f"probability {probability_text!r} is not a number") from None
         if not 0.0 <= probability <= 1.0:
             raise FaultSpecError(f"probability must be within 0..1, got {probability_text.strip()}")
-        rules.append(FaultRule(parse_target(target_text), parse_bybit_fault(fault_text), probability))
+        target, fault = parse_target(target_text), parse_bybit_fault(fault_text)
+        require_order_create_target((target,), fault)
+        rules.append(FaultRule(target, fault, probability))
     return tuple(rules)
 
 
@@ -111,4 +127,5 @@ __all__ = [
     "parse_bybit_fault",
     "parse_fault_spec",
     "parse_target",
+    "require_order_create_target",
 ]

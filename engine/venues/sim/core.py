@@ -470,12 +470,18 @@ class SimCore:
         *,
         reduce_only: bool = False,
         account_id: str = DEFAULT_ACCOUNT,
+        fill_after: float | None = None,
     ) -> Order:
+        """`fill_after`: this opening order's own delay before it executes (None: `set_market_fill`'s)."""
         account = self._enter(now, account_id)
         market = self._admit_order(account, symbol, quantity, client_order_id, now)
         if not reduce_only and quantity * self._marks[symbol] < market.min_notional:
             raise Rejected(RejectCode.MIN_NOTIONAL, f"notional must be no smaller than {market.min_notional}")
         delay, share = (0.0, Decimal(1)) if reduce_only else self._market_fill
+        if fill_after is not None and not reduce_only:
+            delay = _checked_seconds(fill_after, "market fill delay") or 0.0
+            if delay == STUCK:
+                raise ValueError("market fill delay must be finite")
         if delay or share != 1:
             order = self._record(
                 account, symbol, side, OrderType.MARKET, quantity, client_order_id, now, reduce_only
