@@ -11,15 +11,18 @@ sends until then.
 Our windows hold only our own orders (and, where the venue sends its counts, what it counted when it last
 answered); another client on the account can fill the venue's window at any moment. Once the account is
 seen shared (a 429, or the venue counting more orders than ours, within `CONTESTED_SECONDS`), orders
-probe: into a window no order answer has shown room in for `PROBE_FRESH_SECONDS`, one order goes alone and
+probe: into a window no order answer has shown room in lately, one order goes alone and
 the others wait for its answer (`order_answered`, `entry_answered`). Room: they go together. HTTP 429: its
 hold keeps them back until the window ends, at the cost of one refusal. Orders sent blind into a full
 window meet one refusal each, and refusals in a row are what a venue bans for (Binance: repeated 429s,
 then 418 for 2 minutes and up); a ban refuses every order, protective ones included, for far longer than
-a round trip. So protective orders probe too, but wait for a probe's answer only as long as an answer
-normally takes (`protective_probe_patience`), and go together once a 429's hold is over (the venue said
-its window has room again then), and entries wait for them as always. An engine alone on its account
-never probes: its orders pay nothing.
+a round trip. So protective orders probe too, but take an answer up to `PROBE_FRESH_SECONDS` old for
+room, wait for a probe's answer only as long as an answer normally takes (`protective_probe_patience`),
+and go together once a 429's hold is over (the venue said its window has room again then). Entries can
+wait: they take an answer for room only if it is about as fresh as a probe's would be (one order round
+trip; a wave sent whole on a close's answer 0.8 s old met a window another client had filled since, and
+a ban), and wait for protective orders as always. An engine alone on its account never probes: its orders
+pay nothing.
 
 Where the venue counts protective orders apart from entries (`Capabilities.protective_rate_budgets`: Bybit
 counts order/create and position/trading-stop each in its own rolling second), entries and protective
@@ -51,7 +54,9 @@ T = TypeVar("T")
 
 PROTECTIVE_ORDERS_PER_POSITION = 2  # hard stop + trailing stop
 DEFERRAL_LIMIT_SECONDS = 10.0  # the longest a deferrable protective send yields to the others
-PROBE_FRESH_SECONDS = 1.0  # an order answer this recent shows the venue's windows had room: no probe
+PROBE_FRESH_SECONDS = 1.0  # an order answer this recent shows a protective order the windows had room
+# An entry trusts an answer only about as fresh as a probe's would be: one order round trip (this at least).
+ENTRY_FRESH_MIN_SECONDS = 0.05
 CONTESTED_SECONDS = 600.0  # orders probe for this long after the account was last seen shared
 PROTECTIVE_PROBE_PATIENCE_SECONDS = 0.5  # at least; else 4 order round trips (a late answer)
 
@@ -231,14 +236,16 @@ class OrderBudget:
         late = max(PROTECTIVE_PROBE_PATIENCE_SECONDS, 4.0 * self._round_trip())
         return min(self._probe_patience, late)
 
-    def _probing(self, now: float, patience: float, *, hold_is_room: bool = False) -> tuple[bool, float]:
-        """(this order would probe, seconds it waits for the answer of the probe out, 0 if none).
-        `hold_is_room`: the end of a 429's hold counts as an answer that showed room (the venue said its
-        window has room again then)."""
+    def _probing(
+        self, now: float, patience: float, *, fresh: float, hold_is_room: bool = False
+    ) -> tuple[bool, float]:
+        """(this order would probe, seconds it waits for the answer of the probe out, 0 if none). `fresh`:
+        how old an answer that showed room may be and still spare the probe. `hold_is_room`: the end of a
+        429's hold counts as such an answer (the venue said its window has room again then)."""
         room_seen = self._room_seen_at
         if hold_is_room and self._hold_until <= now:
             room_seen = max(room_seen, self._hold_until)
-        if now - self._shared_seen_at > CONTESTED_SECONDS or now - room_seen <= PROBE_FRESH_SECONDS:
+        if now - self._shared_seen_at > CONTESTED_SECONDS or now - room_seen <= fresh:
             return False, 0.0
         if self._probe_at is None:
             return True, 0.0
@@ -258,7 +265,8 @@ class OrderBudget:
         while True:
             if self.banned_for() is not None:
                 raise Banned(self._banned_until_epoch, "entries wait for no ban")
-            probe, probe_wait = self._probing(self._clock.monotonic(), self._probe_patience)
+            fresh = max(ENTRY_FRESH_MIN_SECONDS, self._round_trip())
+            probe, probe_wait = self._probing(self._clock.monotonic(), self._probe_patience, fresh=fresh)
             if probe_wait == 0.0:
                 return probe
             await wait_event(self._clock, self._probe_answered, probe_wait)
@@ -310,7 +318,9 @@ class OrderBudget:
                 # A protective order takes the end of a 429's hold for room, as the venue said: the
                 # stops it held go together then (each one round trip behind the other was 2 s a stop
                 # on a slow venue); entries probe again, they can wait.
-                probe, probe_wait = self._probing(now, self.protective_probe_patience(), hold_is_room=True)
+                probe, probe_wait = self._probing(
+                    now, self.protective_probe_patience(), fresh=PROBE_FRESH_SECONDS, hold_is_room=True
+                )
                 if probe_wait > 0.0:
                     await wait_event(self._clock, self._probe_answered, probe_wait)
                     continue

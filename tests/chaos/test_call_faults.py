@@ -354,3 +354,56 @@ async def test_stuck_stops_closed_together_into_an_order_window_another_client_f
         run.verdict(coverage_at_least=50.0)
     finally:
         await run.stop()
+
+
+async def test_a_wave_right_after_an_order_answer_is_not_sent_blind_into_a_window_filled_since(
+    db: Database,
+) -> None:
+    """On an account seen shared, an order answer less than a second old counted as proof that the venue's
+    window had room, so a wave then went out whole, without a probe. A soak's ban: an operator-like close
+    answered at :27.35, another client filled the window, the next wave at :28.1 met a 429 and then the
+    ban (the third refusal within a minute). Entries can wait a round trip: they now trust only an answer
+    about as fresh as one, and a probe takes the refusal alone."""
+    settings = chaos_settings(db, {"VENUE__SIM__RATE_LIMITS__ORDERS_PER_10S": "60"})
+    run = ChaosRun(db, settings)
+    await run.start()
+
+    def banned_for() -> float | None:
+        until = run.venue.core.inspect(run.clock.now()).banned_until
+        return None if until is None else until - run.clock.now()
+
+    async def a_window_starts() -> None:
+        await run.until(lambda: 1.0 <= run.clock.now() % 10 < 1.0 + STEP, limit=11, what="a window's start")
+
+    try:
+        [first] = await run.opened(await run.wave(1), limit=10)
+        await run.until(run.converged, limit=10, what="protected")
+        # The account is seen shared: the other client's full window refuses a lone entry (refusal 1).
+        await a_window_starts()
+        spare, lone = run.free_symbols(2)
+        assert run.neighbour_fills_order_window(spare) > 0
+        await run.wave(1, symbols=[lone])
+        await run.until(lambda: lone in run.held() and run.converged(), limit=15, what="the lone entry")
+        # The operator closes the first position: the close is answered, the window had room then ...
+        await a_window_starts()
+        manager = run.engine.manager
+        assert manager is not None
+        [position_id] = [i for i, g in manager.guards.items() if g.symbol == first]
+        run.background(run.engine.close_position(position_id))
+        await run.until(lambda: first not in run.held(), limit=5, what="the close")
+        # ... then the other client fills it, and a wave follows within the second.
+        assert run.neighbour_fills_order_window(spare) > 0
+        symbols = run.free_symbols(WAVE_SIZE)
+        await run.wave(WAVE_SIZE, symbols=symbols)
+        await run.until(
+            lambda: banned_for() is not None or (set(symbols) <= set(run.held()) and run.converged()),
+            limit=20,
+            what="the wave opened and protected",
+        )
+        ban = banned_for()
+        assert ban is None, f"the venue banned the account for {ban:.0f} s"
+        await run.finish_background()
+        await run.settle()
+        run.verdict(coverage_at_least=95.0)
+    finally:
+        await run.stop()

@@ -319,22 +319,31 @@ async def test_a_probe_whose_answer_is_late_lets_one_more_entry_probe_after_its_
     await _cancel(tasks)
 
 
-async def test_entries_within_a_second_of_an_answer_that_showed_room_do_not_probe() -> None:
+async def test_entries_within_a_round_trip_of_an_answer_that_showed_room_do_not_probe() -> None:
+    """An answer as fresh as a probe's would be spares the probe. One 0.8 s old did too, and a wave sent
+    whole on it met a window another client had filled since: 429s and a ban. A protective order still
+    takes an answer up to a second old (a probe costs it exposure)."""
     clock = ManualClock()
-    budget = _shared(clock)
+    round_trip = 0.2
+    budget = OrderBudget([RateBudget(limit=100, window_seconds=10.0)], clock, lambda: round_trip)
+    budget.hold_until(clock.monotonic())  # shared: a 429 whose hold is over
+    await clock.advance(PROBE_FRESH_SECONDS + 0.1)
     await _enter(budget)
     assert budget.probes == 1
-    await clock.advance(PROBE_FRESH_SECONDS - 0.1)
+    await clock.advance(round_trip - 0.05)
     tasks = [asyncio.create_task(budget.acquire_entry(2)) for _ in range(4)]
     await clock.settle()
     assert all(t.done() for t in tasks)
     assert budget.probes == 1
-    await clock.advance(0.2)  # over a second since the windows were seen
+    await clock.advance(0.1)  # a round trip since the windows were seen: the answer is stale for entries
     later = [asyncio.create_task(budget.acquire_entry(2)) for _ in range(3)]
     await clock.settle()
     assert sum(t.done() for t in later) == 1
     assert budget.probes == 2
     await _cancel(later)
+    await clock.advance(0.5)  # 0.75 s since the answer: a protective order still goes without a probe
+    assert await budget.acquire_protective() is None
+    assert budget.probes == 2
 
 
 async def test_an_engine_alone_on_its_account_never_probes_and_a_shared_one_stops_after_a_quiet_while() -> (
