@@ -98,6 +98,7 @@ from engine.venues.sim.universe import select_listings
 logger = logging.getLogger(__name__)
 
 LOOPBACK_HOST = "127.0.0.1"
+_OPEN_STATUSES = frozenset({"New", "Untriggered"})  # what order/realtime lists; order/history the rest
 DEFAULT_RECV_WINDOW_MS = 5_000
 POSITION_PAGE_DEFAULT, POSITION_PAGE_MAX = 20, 200
 ORDER_PAGE_DEFAULT, ORDER_PAGE_MAX = 20, 50
@@ -1093,7 +1094,7 @@ class BybitEmulator:
         rows = [
             _order_json(o)
             for o in self._orders_matching(params, request.now)
-            if by_id or (isinstance(o, _StopOrder) and o.status == "Untriggered")
+            if by_id or o.status in _OPEN_STATUSES  # open orders: a working market order, a stop
         ]
         start, limit = self._page(params, ORDER_PAGE_DEFAULT, ORDER_PAGE_MAX)
         page, cursor = self._paged(rows, start, limit)
@@ -1103,7 +1104,7 @@ class BybitEmulator:
         rows = [
             _order_json(o)
             for o in self._orders_matching(request.params, request.now)
-            if not (isinstance(o, _StopOrder) and o.status == "Untriggered")
+            if o.status not in _OPEN_STATUSES  # ended orders
         ]
         start, limit = self._page(request.params, ORDER_PAGE_DEFAULT, ORDER_PAGE_MAX)
         page, cursor = self._paged(rows, start, limit)
