@@ -2436,10 +2436,15 @@ class ProtectionManager:
     async def cancel_by_id(self, symbol: str, cid: str, *, sent_at: float | None = None) -> bool:
         """Cancel one of our orders by client id: True when it is gone from the venue (cancelled now, or
         already ended), False when the venue did not say so. "Unknown order" within the venue's
-        read-after-write lag of its send (`sent_at`) proves nothing: it may show up a moment later."""
+        read-after-write lag of its send (`sent_at`) proves nothing: it may show up a moment later. Nor
+        does a cancel that leaves a fired stop TRIGGERING: its fill, reduce-only, would still come, and
+        would close a new position of the same side on the symbol (a soak saw 1354 short cut to 27.8)."""
         try:
             final = await self.call(self.venue.cancel_order(symbol, cid), "cancel_order")
             await self.store.set_order_status(cid, _record_status(final.status))
+            if not final.status.is_final:  # fired, not finished: it can still fill, cancelled or not
+                log.info("%s: %s fired and has not finished on the venue; asking again", symbol, cid)
+                return False
         except NotFound:
             if sent_at is not None and self.clock.monotonic() - sent_at < self.read_after_write_seconds:
                 log.info("%s: %s not visible yet to cancel (read-after-write lag); trying again", symbol, cid)

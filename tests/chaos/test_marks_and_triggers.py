@@ -229,3 +229,38 @@ async def test_a_snapshot_taken_before_a_stop_filled_adopts_no_phantom(db: Datab
         run.verdict(coverage_at_least=0.0)
     finally:
         await run.stop()
+
+
+async def test_a_new_position_waits_until_the_old_positions_fired_stop_has_finished(db: Database) -> None:
+    """A fired stop sat TRIGGERING (4 s here); after the patience the engine closed the position at
+    market, and the symbol was free at once: the cancel of the fired stop answered it as it was (still
+    triggering), which counted as gone. The next signal on the symbol opened a new position of the same
+    side, and the old stop's fill, reduce-only, then closed most of it (a chaos soak: 1354 short left at
+    27.8, the engine resizing its stops and two live stops of each kind for 10 s). A fired stop is gone
+    only once the venue says it ended: until then the symbol takes no new position."""
+    settings = chaos_settings(db)
+    run = ChaosRun(db, settings)
+    await run.start()
+    try:
+        await past_the_start_up_window(run)
+        [symbol] = await run.opened(await run.wave(1, sides=["long"]))
+        await run.until(run.converged, what="protected")
+        run.venue.set_trigger_delay(4.0, symbol=symbol)
+        await fire_hard_stop(run, symbol)
+        await run.until(lambda: symbol not in run.held(), limit=10, what="closed at market")
+        run.venue.set_trigger_delay(None, symbol=symbol)
+        # The next signal on the symbol, at once, the same side: it waits for the fired stop's end.
+        await run.wave(1, symbols=[symbol], sides=["long"])
+        await run.run_for(6.0)
+        await run.wave(1, symbols=[symbol], sides=["long"])  # in case the first was turned away meanwhile
+        await run.until(lambda: symbol in run.held() and run.converged(), limit=20, what="re-opened")
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)  # no quantity or duplicate rule broken on the way
+        rows = await db.pool.fetch(
+            "SELECT quantity, exit_reason FROM monitoring.positions WHERE symbol = $1 ORDER BY id", symbol
+        )
+        assert [r["exit_reason"] for r in rows][:1] == ["stop_not_filled"]
+        held = run.held()[symbol].quantity
+        assert held == rows[-1]["quantity"], "the old stop's fill reduced the new position"
+    finally:
+        await run.stop()
