@@ -648,6 +648,9 @@ class PositionGuard:
                         client_order_id=order.client_order_id,
                         confirmed=order.confirmed,
                         maybe_sent=order.maybe_sent,
+                        # Its cancel may come inside the venue's read-after-write lag: "unknown order"
+                        # then proves nothing (without it, both sizes stayed live until the reconciler).
+                        sent_at=order.sent_at,
                     )
                 )
             self._fresh_id(order)

@@ -6,6 +6,7 @@ Virtual time, the auditor at every step."""
 from __future__ import annotations
 
 from engine.engine import STARTUP_UNKNOWN_SECONDS
+from engine.exchange.port import OrderSide
 from storage.database import Database
 from tests.chaos.support import (
     NAKED_BACKOFF,
@@ -13,6 +14,7 @@ from tests.chaos.support import (
     chaos_settings,
     tolerating,
 )
+from tests.support.auditor import AuditLimits
 
 
 async def test_single_empty_position_answers_change_nothing(db: Database) -> None:
@@ -105,5 +107,47 @@ async def test_positions_missing_from_a_glitched_list_are_looked_into_together(d
         assert took < 10.0, f"one pass took {took:.1f} virtual s"
         await run.settle()
         run.verdict(coverage_at_least=0.0)
+    finally:
+        await run.stop()
+
+
+async def test_stops_resized_within_the_read_lag_do_not_stay_live_beside_their_replacements(
+    db: Database,
+) -> None:
+    """Another client halves a position right after its stops were sent, inside the venue's read-after-
+    write lag. The engine places stops for the new size, then cancels the old ones: "unknown order" then
+    proves nothing, but the resize listed the old stops without their send times, so the answer counted
+    as gone, and both generations stayed live until the reconciler's next pass (a chaos soak: two live
+    stops of each kind for 10 s). They are now cancelled again once the venue can see them."""
+    settings = chaos_settings(db)
+    lag = 1.0
+    # The new stops go first, the old ones are cancelled once the venue can see them: an overlap of the
+    # lag and the guard's next pass (its retry step), by design (a stop for the wrong size beats none
+    # meanwhile). Before, the overlap lasted until the reconciler's pass: 8.2 s here.
+    overlap = lag + 2.0
+    run = ChaosRun(
+        db, settings, limits=AuditLimits.from_settings(settings, duplicate_overlap_seconds=overlap)
+    )
+    run.venue.set_read_lag(lag)
+    await run.start()
+    try:
+        [symbol] = await run.opened(await run.wave(1, sides=["long"]))
+        manager = run.engine.manager
+        assert manager is not None
+        await run.until(lambda: symbol in manager.by_symbol, limit=5, what="guarded")
+        guard = manager.by_symbol[symbol]
+        await run.until(
+            lambda: guard.stop_loss.sent_at is not None and guard.trailing_stop.sent_at is not None,
+            limit=5,
+            what="both stops sent",
+        )
+        held = run.held()[symbol].quantity
+        half = run.venue.core.markets[symbol].round_quantity(held / 2)
+        run.venue.core.place_market_order(
+            symbol, OrderSide.SELL, half, "another-client-1", run.clock.now(), reduce_only=True
+        )
+        await run.until(lambda: guard.quantity == held - half, limit=5, what="the resize")
+        await run.settle()
+        run.verdict(coverage_at_least=90.0)
     finally:
         await run.stop()
