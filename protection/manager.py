@@ -2201,6 +2201,7 @@ class ProtectionManager:
         self._background: set[asyncio.Task[Any]] = set()
         # Stops of ours still live on symbols whose positions ended, being cancelled again (by symbol).
         self.leftovers: dict[str, dict[str, float | None]] = {}
+        self._unfinished_told: set[str] = set()  # fired stops of closed positions already said (once each)
         self.handed_over: dict[str, dict[str, float | None]] = {}  # set by `stop`
         self._sweepers: dict[str, asyncio.Task[None]] = {}
         self._reconcile_requested = asyncio.Event()
@@ -2446,7 +2447,14 @@ class ProtectionManager:
             final = await self.call(self.venue.cancel_order(symbol, cid), "cancel_order")
             await self.store.set_order_status(cid, _record_status(final.status))
             if not final.status.is_final:  # fired, not finished: it can still fill, cancelled or not
-                log.info("%s: %s fired and has not finished on the venue; asking again", symbol, cid)
+                if cid not in self._unfinished_told:  # said once: the sweep asks again every few seconds
+                    self._unfinished_told.add(cid)
+                    log.warning(
+                        "%s: %s fired and has not finished on the venue; no new position on %s until it has",
+                        symbol,
+                        cid,
+                        symbol,
+                    )
                 return False
         except NotFound:
             if sent_at is not None and self.clock.monotonic() - sent_at < self.read_after_write_seconds:
