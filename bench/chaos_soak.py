@@ -31,8 +31,8 @@ Every `--wave-every` seconds a wave of `--wave-size` signals on symbols neither 
 engine guards is inserted into `monitoring.signals` (alternately long and short). Every second, each of
 these happens with probability `--fault-rate` (sim venue: all of them; emulator: the engine's own
 commands only): the venue answers the next position read with `[]` (`answer_positions_empty`); a held
-symbol's fired stops sit TRIGGERING 2 s, or stick in TRIGGERING for good, until its position is gone
-(`HeldSymbolTriggers`); another client on the account fills the 10-second order window (HTTP 429 for
+symbol's fired stops sit TRIGGERING 2 s, or stick in TRIGGERING, until its position is gone (then a stuck
+one expires: `HeldSymbolTriggers`); another client on the account fills the 10-second order window (HTTP 429 for
 what is left of it, 418 bans if violations pile up); the operator closes a position (`close_position`);
 the operator restarts the protection manager (`restart_protection`). After `--minutes`, waves and
 scheduled faults stop and the run drains for one reconcile interval plus slack plus 5 s (the per-call
@@ -227,7 +227,10 @@ def load_settings(environ: dict[str, str]) -> Settings:
 
 class HeldSymbolTriggers:
     """The sim venue's fired stops on chosen held symbols sit TRIGGERING (2 s, or for good) until that
-    symbol's position is gone; the next position on the symbol starts with a venue that fills at once."""
+    symbol's position is gone; then a stuck one finishes (it expires: nothing left to reduce), and the next
+    position on the symbol starts with a venue that fills at once. A stuck order the venue never ended
+    would hold its symbol closed to new positions for the rest of the run: the engine waits for a fired
+    stop to end before it opens anything there (it could close whatever the symbol holds next)."""
 
     DELAY_SECONDS = 2.0
 
@@ -238,6 +241,7 @@ class HeldSymbolTriggers:
     def lift_where_gone(self, held: set[str]) -> None:
         for symbol in sorted(self._misbehaving - held):
             self.sim.set_trigger_delay(None, symbol=symbol)
+            self.sim.end_stuck_triggers(symbol)
             self._misbehaving.discard(symbol)
 
     def delay(self, symbol: str) -> bool:

@@ -66,3 +66,18 @@ def test_a_symbol_already_misbehaving_takes_no_second_delay(chaos_soak: ModuleTy
     assert not triggers.delay(SFP)  # not counted: it would not change what the venue does
     triggers.lift_where_gone(held={SFP})
     assert _fired_stop(core, 1, T0) is OrderStatus.TRIGGERED
+
+
+def test_a_stuck_trigger_ends_once_its_position_is_gone(chaos_soak: ModuleType) -> None:
+    """A stuck order the sim never ended kept its symbol closed to new positions for the rest of a soak
+    (the engine waits for a fired stop to end: its fill could close whatever the symbol holds next)."""
+    core = SimCore(select_listings([SFP]), SimVenueSettings.model_validate({"slippage_bps": 0}), now=T0)
+    clock = ManualClock(start=T0)
+    triggers = chaos_soak.HeldSymbolTriggers(SimVenue(core=core, clock=clock))
+    triggers.stick(SFP)
+    assert _fired_stop(core, 1, T0) is OrderStatus.TRIGGERED
+    core.place_market_order(SFP, OrderSide.SELL, QTY, "close-1", T0 + 2, reduce_only=True)
+
+    triggers.lift_where_gone(held=set())
+
+    assert core.get_order(SFP, "sl-1", T0 + 3).status is OrderStatus.EXPIRED

@@ -270,6 +270,19 @@ class SimCore:
         else:
             self._trigger_delay_by_symbol[self._market(symbol).symbol] = delay
 
+    def end_stuck_triggers(self, symbol: str, now: float) -> int:
+        """Forward now the fired orders of `symbol` stuck in TRIGGERING (a `STUCK` delay): their fill runs
+        at the next call, as any fill due (reduce-only: with no position to reduce, they expire). Returns
+        how many there were."""
+        due = {id(entry[3]) for entry in self._due}
+        ended = 0
+        for account in self._accounts.values():
+            for order in account.triggering.values():
+                if order.symbol == symbol and id(order) not in due:
+                    heapq.heappush(self._due, (now, next(self._sequence), account, order))
+                    ended += 1
+        return ended
+
     def set_read_lag(self, seconds: float) -> None:
         """Conditional orders placed from now on read back as unknown for `seconds` (0: never)."""
         self._read_lag = _checked_seconds(seconds, "read lag") or 0.0

@@ -479,6 +479,13 @@ class SimVenue:
             raise ValueError(f"unknown symbol {symbol!r}")
         self._core.set_trigger_delay(STUCK if stuck else seconds, symbol=symbol)
 
+    def end_stuck_triggers(self, symbol: str) -> int:
+        """The fired orders of `symbol` stuck in TRIGGERING (`set_trigger_delay(stuck=True)`) finish now:
+        filled if their position is still there, else expired. Returns how many there were."""
+        if symbol not in self._core.markets:
+            raise ValueError(f"unknown symbol {symbol!r}")
+        return self._core.end_stuck_triggers(symbol, self._clock.now())
+
     def set_read_lag(self, seconds: float) -> None:
         """Conditional orders placed from now on read back as unknown (`fetch_order` and `cancel_order`
         raise `NotFound`, `fetch_open_protective_orders` leaves them out) for `seconds` of clock time, as
