@@ -237,6 +237,15 @@ class ChaosRun:
         change = Decimal(percent) / 100
         return str(1 - change if self.held()[symbol].side.value == "long" else 1 + change)
 
+    def banned_for(self) -> float | None:
+        """Seconds left of the venue's ban of the account (the oracle view), or None."""
+        until = self.venue.core.inspect(self.clock.now()).banned_until
+        return None if until is None else until - self.clock.now()
+
+    async def a_window_starts(self) -> None:
+        """Drive to just after the start of one of the venue's 10-second order windows."""
+        await self.until(lambda: 1.0 <= self.clock.now() % 10 < 1.0 + STEP, limit=11, what="a window's start")
+
     # --- another client on the same account ----------------------------------------------------------
 
     def neighbour_fills_order_window(self, symbol: str) -> int:

@@ -267,26 +267,19 @@ async def test_a_wave_sent_into_an_order_window_another_client_filled_costs_one_
     settings = chaos_settings(db, {"VENUE__SIM__RATE_LIMITS__ORDERS_PER_10S": "60"})
     run = ChaosRun(db, settings)
     await run.start()
-    banned_until: float | None = None
-
-    def banned() -> bool:
-        nonlocal banned_until
-        banned_until = run.venue.core.inspect(run.clock.now()).banned_until
-        return banned_until is not None
 
     async def into_a_filled_window(n: int) -> float:
-        await run.until(lambda: 1.0 <= run.clock.now() % 10 < 1.0 + STEP, limit=11, what="a window's start")
+        await run.a_window_starts()
         spare, *symbols = run.free_symbols(n + 1)
         assert run.neighbour_fills_order_window(spare) > 0
         await run.wave(n, symbols=symbols)
         waited = await run.until(
-            lambda: banned() or (set(symbols) <= set(run.held()) and run.converged()),
+            lambda: run.banned_for() is not None or (set(symbols) <= set(run.held()) and run.converged()),
             limit=30,
             what="the signals opened and protected",
         )
-        assert banned_until is None, (
-            f"the venue banned the account for {banned_until - run.clock.now():.0f} s"
-        )
+        ban = run.banned_for()
+        assert ban is None, f"the venue banned the account for {ban:.0f} s"
         return waited
 
     try:
@@ -318,37 +311,30 @@ async def test_stuck_stops_closed_together_into_an_order_window_another_client_f
     run = ChaosRun(db, settings, limits=AuditLimits.from_settings(settings, uncovered_seconds=12.0))
     await run.start()
 
-    def banned_for() -> float | None:
-        until = run.venue.core.inspect(run.clock.now()).banned_until
-        return None if until is None else until - run.clock.now()
-
-    async def a_window_starts() -> None:
-        await run.until(lambda: 1.0 <= run.clock.now() % 10 < 1.0 + STEP, limit=11, what="a window's start")
-
     try:
         held = await run.opened(await run.wave(2), limit=10)
         assert len(held) == 2
         await run.until(run.converged, limit=10, what="both protected")
         # The account is seen shared: the other client's full window refuses a lone entry (refusal 1).
-        await a_window_starts()
+        await run.a_window_starts()
         spare, lone = run.free_symbols(2)
         assert run.neighbour_fills_order_window(spare) > 0
         await run.wave(1, symbols=[lone])
         await run.until(lambda: lone in run.held() and run.converged(), limit=15, what="the lone entry")
-        assert banned_for() is None
+        assert run.banned_for() is None
         # Then both hard stops fire and stick, inside a window the other client has filled again.
-        await a_window_starts()
+        await run.a_window_starts()
         for symbol in held:
             run.venue.set_trigger_delay(None, symbol=symbol, stuck=True)
         assert run.neighbour_fills_order_window(spare) > 0
         for symbol in held:
             run.move_mark(symbol, run.against(symbol, "5"))  # past the 3 % hard stop
         await run.until(
-            lambda: banned_for() is not None or not set(held) & set(run.held()),
+            lambda: run.banned_for() is not None or not set(held) & set(run.held()),
             limit=15,
             what="both positions closed",
         )
-        ban = banned_for()
+        ban = run.banned_for()
         assert ban is None, f"the venue banned the account for {ban:.0f} s"
         await run.settle()
         run.verdict(coverage_at_least=50.0)
@@ -368,24 +354,17 @@ async def test_a_wave_right_after_an_order_answer_is_not_sent_blind_into_a_windo
     run = ChaosRun(db, settings)
     await run.start()
 
-    def banned_for() -> float | None:
-        until = run.venue.core.inspect(run.clock.now()).banned_until
-        return None if until is None else until - run.clock.now()
-
-    async def a_window_starts() -> None:
-        await run.until(lambda: 1.0 <= run.clock.now() % 10 < 1.0 + STEP, limit=11, what="a window's start")
-
     try:
         [first] = await run.opened(await run.wave(1), limit=10)
         await run.until(run.converged, limit=10, what="protected")
         # The account is seen shared: the other client's full window refuses a lone entry (refusal 1).
-        await a_window_starts()
+        await run.a_window_starts()
         spare, lone = run.free_symbols(2)
         assert run.neighbour_fills_order_window(spare) > 0
         await run.wave(1, symbols=[lone])
         await run.until(lambda: lone in run.held() and run.converged(), limit=15, what="the lone entry")
         # The operator closes the first position: the close is answered, the window had room then ...
-        await a_window_starts()
+        await run.a_window_starts()
         manager = run.engine.manager
         assert manager is not None
         [position_id] = [i for i, g in manager.guards.items() if g.symbol == first]
@@ -396,11 +375,11 @@ async def test_a_wave_right_after_an_order_answer_is_not_sent_blind_into_a_windo
         symbols = run.free_symbols(WAVE_SIZE)
         await run.wave(WAVE_SIZE, symbols=symbols)
         await run.until(
-            lambda: banned_for() is not None or (set(symbols) <= set(run.held()) and run.converged()),
+            lambda: run.banned_for() is not None or (set(symbols) <= set(run.held()) and run.converged()),
             limit=20,
             what="the wave opened and protected",
         )
-        ban = banned_for()
+        ban = run.banned_for()
         assert ban is None, f"the venue banned the account for {ban:.0f} s"
         await run.finish_background()
         await run.settle()
