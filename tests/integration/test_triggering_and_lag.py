@@ -37,7 +37,10 @@ GRACE_30 = {"PROTECTION__GRACE_SECONDS": "30"}
 
 
 def _live_kinds(venue: SimVenue, clock: ManualClock, symbol: str) -> Counter[OrderType]:
-    return Counter(o.type for o in venue.core.open_protective_orders(clock.now()) if o.symbol == symbol)
+    """The venue's truth: its live stops on `symbol`, read-lagged ones included (the venue's own lagging
+    list left out stops placed less than its lag ago, and a check right after coverage read none)."""
+    live = venue.core.inspect(clock.now()).open_conditional
+    return Counter(o.type for o in live if o.symbol == symbol)
 
 
 @contextlib.asynccontextmanager
