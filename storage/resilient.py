@@ -337,6 +337,11 @@ class ResilientStore(Store):
                 task.cancel()
                 self._abandoned.add(task)
                 task.add_done_callback(_forget_abandoned(self._abandoned))
+            elif not task.cancelled():
+                # Retrieved here as well: a caller cancelled as the statement failed leaves by the exception
+                # below and never reads it ("Task exception was never retrieved", seen in a database
+                # outage test). The result path still raises it.
+                task.exception()
             await asyncio.gather(declared, return_exceptions=True)
         if not task.done() or task.cancelled():
             if self._down:
