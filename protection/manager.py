@@ -226,6 +226,7 @@ class GuardCommand:
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
     urgent = False  # interrupt a protection pass in flight (what it sent is resolved by id afterwards)
+    ends_position = False  # may end the position: applied even while a close waits for its order slot
 
     def settle(self, ok: bool, detail: str) -> None:
         if not self.done.done():
@@ -239,6 +240,7 @@ class PositionGone(GuardCommand):
     exit_reason: str = "closed_on_exchange"
     exit_price: Decimal | None = None
     urgent = True
+    ends_position = True
 
 
 @dataclass(slots=True)
@@ -297,6 +299,10 @@ class StreamOrderUpdate(GuardCommand):
         # wait behind a pass held up by a slow read (15 s through a ban in the chaos soak).
         return self.order is not None and self.order.status in (OrderStatus.FILLED, OrderStatus.TRIGGERED)
 
+    @property  # type: ignore[override]
+    def ends_position(self) -> bool:
+        return self.order is not None and self.order.status is OrderStatus.FILLED
+
 
 @dataclass(slots=True)
 class StreamPositionUpdate(GuardCommand):
@@ -307,6 +313,10 @@ class StreamPositionUpdate(GuardCommand):
 
     @property  # type: ignore[override]
     def urgent(self) -> bool:  # flat: with a fill of ours, the position ends now
+        return self.quantity == 0
+
+    @property  # type: ignore[override]
+    def ends_position(self) -> bool:
         return self.quantity == 0
 
 
@@ -372,6 +382,12 @@ class PositionGuard:
         # A close we sent is in flight: the position is on its way out on purpose. Its stops stay on the
         # venue until the close fills, so it is as covered as it was; shown as "closing", never an alarm.
         self.closing = False
+        # The account stream's word on the close in flight (its client id), kept for `_close_at_market`:
+        # the venue's answer when the call's own answer is late or lost.
+        self._closing_cid: str | None = None
+        self._close_heard: Order | None = None
+        self._close_told = asyncio.Event()
+        self._ending_told = asyncio.Event()  # a command that may end the position is queued
         self.failures = 0
         self.last_error: str | None = None
         self._commands: deque[GuardCommand] = deque()
@@ -516,6 +532,8 @@ class PositionGuard:
         self._commands.append(command)
         if command.urgent and self._pass is not None and not self._pass.done():
             self._pass.cancel()
+        if command.ends_position:
+            self._ending_told.set()
         self.wake.set()
         return command.done
 
@@ -1831,37 +1849,49 @@ class PositionGuard:
             return await self._close_at_market(exit_reason=exit_reason)
         finally:
             self.closing = False
+            self._closing_cid = self._close_heard = None
 
     async def _close_at_market(self, *, exit_reason: str) -> bool:
         m = self._m
         cid = client_order_id(
             m.token, self.position_id, OrderPurpose.CLOSE, m.next_close_generation(self.position_id)
         )
-        await m.store.record_order(
-            client_order_id=cid,
-            position_id=self.position_id,
-            purpose=OrderPurpose.CLOSE,
-            side=self.closing_side.value,
-            type="market",
-            quantity=self.quantity,
-        )
         # An order like any other for the venue's order counts: it waits out a 429's hold and a ban
         # (sent into either it is refused, and three refusals within a minute get the account banned);
         # the position is `closing` only once it goes (a restart meanwhile leaves it `active`).
-        probe_at = await m.budget.acquire_close()
+        placed, probe_at = await self._close_slot()
+        if not placed:
+            return True  # over while the close waited: nothing to send
         try:
+            await m.store.record_order(
+                client_order_id=cid,
+                position_id=self.position_id,
+                purpose=OrderPurpose.CLOSE,
+                side=self.closing_side.value,
+                type="market",
+                quantity=self.quantity,
+            )
             await m.store.set_position_status(self.position_id, PositionStatus.CLOSING)
         except BaseException:
             m.budget.order_answered(probe_at, room=False)  # never sent: the orders behind it go on
             raise
+        # An answer lost after the venue filled the close would hold the position's stops live on a flat
+        # symbol (and the symbol closed to new positions) for the whole call budget: the account stream's
+        # word, or the order found by its id once the answer is late, ends the wait (`create_or_find`).
+        self._closing_cid, self._close_heard = cid, None
+        self._close_told.clear()
         try:
             filled = await m.budget.sent(
                 probe_at,
-                m.call(
+                m.create_or_find(
                     m.venue.create_market_order(
                         self.symbol, self.closing_side, self.quantity, client_order_id=cid, reduce_only=True
                     ),
-                    "create_order",
+                    lambda: m.venue.fetch_order(self.symbol, cid),
+                    f"close {self.symbol}",
+                    Lane.PROTECTIVE,
+                    known=lambda: self._close_heard,
+                    told=self._close_told,
                 ),
             )
         except (RateLimited, Banned) as exc:
@@ -1884,6 +1914,51 @@ class PositionGuard:
             await self._close_failed(cid, f"close order {filled.status.value}", None)
             return False
         await self._finish(exit_reason=exit_reason, exit_price=filled.average_price)
+        return True
+
+    async def _close_slot(self) -> tuple[bool, float | None]:
+        """Wait for the close's place in the venue's order windows (`OrderBudget.acquire_close`, through a
+        429's hold or a ban: seconds, or minutes) while applying, as they come, the commands that can end
+        the position (its stop's fill, the position flat, the reconciler's word): they used to wait behind
+        the close in the guard's task, and a chaos soak saw a filled stop's sibling live on a flat symbol
+        for the rest of a hold. (True, probe) once the place is taken, as `acquire_close` returns it;
+        (False, None) once the position is over."""
+        m = self._m
+        while True:
+            slot = asyncio.ensure_future(m.budget.acquire_close())
+            try:
+                while not slot.done() and not self._ending_queued():
+                    self._ending_told.clear()
+                    await _first_of(asyncio.shield(slot), self._ending_told.wait())
+            except BaseException:
+                await _stop_waiting(slot)
+                if not slot.cancelled() and slot.exception() is None:  # a place taken, never sent
+                    m.budget.order_answered(slot.result(), room=False)
+                raise
+            await _stop_waiting(slot)
+            if not slot.cancelled():  # the place came as the wait ended: the close goes
+                return True, slot.result()
+            while (ending := self._take_ending()) is not None:
+                await self._apply(ending)
+            if self.closed:
+                return False, None
+
+    def _ending_queued(self) -> bool:
+        return any(c.ends_position for c in self._commands)
+
+    def _take_ending(self) -> GuardCommand | None:
+        command = next((c for c in self._commands if c.ends_position), None)
+        if command is not None:
+            self._commands.remove(command)
+        return command
+
+    def hear_close(self, order: Order) -> bool:
+        """The account stream says how a close of ours ended: True when it is the close in flight (taken by
+        `_close_at_market` as the venue's answer, whether or not the call's own answer comes)."""
+        if not order.status.is_final or order.client_order_id != self._closing_cid:
+            return False
+        self._close_heard = order
+        self._close_told.set()
         return True
 
     async def _close_failed(self, cid: str, error: str, status: OrderRecordStatus | None) -> None:
@@ -2910,6 +2985,13 @@ async def _until_late(
             wakes.append(told.wait())
         await _first_of(*wakes)
     return False
+
+
+async def _stop_waiting(wait: asyncio.Future[Any]) -> None:
+    """Cancel `wait` unless it is done, and let it end (it may have ended with its result meanwhile)."""
+    if not wait.done():
+        wait.cancel()
+    await asyncio.gather(wait, return_exceptions=True)
 
 
 async def _first_of(*awaitables: Awaitable[Any]) -> None:

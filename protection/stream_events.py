@@ -5,7 +5,8 @@ pass); the reconciler stays the safety net. This module decides only *whose* fac
 over (`guard.submit(...)`): each guard's own task applies it, in order, between its protection passes, so
 nothing here writes a guard's state (a checker reports facts, the owner applies them).
 
-* `OrderUpdate` of an order carrying our token → the guard of the position its id names. Ids of other
+* `OrderUpdate` of an order carrying our token → the guard of the position its id names (a close's end
+  straight to the close in flight, which waits for it in the guard's own task). Ids of other
   installations are never touched; a stop of ours that no guard holds (left from an ended position) and
   that filled asks for a reconcile pass (its orphan logic cancels what is left). NEW is not routed: our own
   send's answer confirms it.
@@ -59,6 +60,8 @@ def route_account_event(manager: ProtectionManager, event: AccountEvent) -> bool
                 manager.request_reconcile()
                 return True
             return False
+        if key.purpose is OrderPurpose.CLOSE:  # its own call waits for it, in the guard's task
+            return guard.hear_close(order)
         guard.submit(StreamOrderUpdate(order=order, event_time=event.event_time))
         return True
     if isinstance(event, PositionUpdate):

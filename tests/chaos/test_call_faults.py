@@ -178,6 +178,37 @@ async def test_an_entry_whose_answer_is_lost_is_protected_within_grace(db: Datab
         await run.stop()
 
 
+@pytest.mark.parametrize("stream", ["told", "dropped"])
+async def test_a_close_whose_answer_is_lost_ends_its_stops_within_grace(db: Database, stream: str) -> None:
+    """The operator closes a protected position; the venue fills the close and its answer never comes back
+    (the client gives up after 10 s, as ccxt's default does). The position is flat from the fill, and its
+    two stops are then ours on no position: the engine must learn the close's end — from the account
+    stream (`told`) or, the stream down, by looking the order up by its client id once the answer is late
+    (`dropped`) — and cancel them within grace, not wait out the call first (a chaos soak saw two stops
+    live on a flat symbol for 10 s, and the symbol closed to new positions all that time)."""
+    settings = chaos_settings(db, {"VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "10"})
+    run = ChaosRun(db, settings)
+    await run.start()
+    try:
+        [symbol] = await run.wave(1)
+        await run.opened([symbol])
+        await run.until(run.converged, limit=30, what="the position protected")
+        manager = run.engine.manager
+        assert manager is not None
+        position_id = manager.by_symbol[symbol].position_id
+        if stream == "dropped":
+            run.venue.drop_account_stream(100_000)
+        run.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT, 1)
+        # the lost answer would hold it 10 s; 8 leaves a loaded machine's database work room
+        assert await run.drive(run.engine.close_position(position_id), limit=8.0)
+        assert symbol not in run.held()
+        assert not run.venue.core.inspect(run.clock.now()).open_conditional
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)
+    finally:
+        await run.stop()
+
+
 async def test_a_protection_restart_is_not_held_by_a_read_whose_answer_is_lost(db: Database) -> None:
     """The operator restarts protection (`R`) and the venue loses the answer to the new manager's reads of
     positions and of open orders (it executed them; the client gives up after 10 s, as ccxt does). Reads

@@ -133,6 +133,34 @@ async def test_a_stuck_trigger_is_closed_within_grace(db: Database) -> None:
         await run.stop()
 
 
+async def test_a_stop_that_fills_while_its_close_waits_out_a_429_ends_the_position_at_once(
+    db: Database,
+) -> None:
+    """A hard stop fires and sits TRIGGERING 2.5 s. Past its 1 s patience the engine closes the position at
+    market, into an order window another client on the account has just filled: HTTP 429, and the next
+    close waits for the window's end, ~8 s away. The stop fills meanwhile: the position is over, and its
+    trailing stop is ours on a flat symbol. It must be cancelled within grace, not once the close's wait
+    ends (a chaos soak saw it live for 6 s on a flat symbol: the account stream's fill waited behind a
+    close waiting out a hold, in the guard's own task)."""
+    run = ChaosRun(db, chaos_settings(db))
+    await run.start()
+    try:
+        await past_the_start_up_window(run)
+        [symbol] = await run.opened(await run.wave(1))
+        await run.until(run.converged, what="protected")
+        run.venue.set_trigger_delay(2.5, symbol=symbol)
+        await run.a_window_starts()
+        spare = next(s for s in run.free_symbols(2) if s != symbol)
+        assert run.neighbour_fills_order_window(spare) > 0
+        await fire_hard_stop(run, symbol)
+        await run.until(lambda: symbol not in run.held(), limit=5, what="the stop filled")
+        assert run.banned_for() is None
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)
+    finally:
+        await run.stop()
+
+
 async def test_a_new_position_never_shares_its_symbol_with_an_old_stop(db: Database) -> None:
     settings = chaos_settings(db)
     run = ChaosRun(db, settings)
