@@ -914,6 +914,8 @@ class Engine:
         self,
         handover: Callable[[], None] | None = None,
         unfinished_cancels: Mapping[str, Mapping[str, float | None]] | None = None,
+        never_taken: frozenset[str] = frozenset(),
+        confirmed_within_lag: Mapping[str, float] | None = None,
     ) -> StartupReport:
         """Restore every open position and verify it against the venue in a constant number of round
         trips, whatever the number of positions: the database in three queries, the venue's positions and
@@ -933,6 +935,9 @@ class Engine:
             markets=self.markets,
             call_stats=self._call_stats,
         )
+        # What the last manager knew of its stops that the venue cannot tell yet (a protection restart).
+        self.manager.known_unsent = never_taken
+        self.manager.known_confirmed = confirmed_within_lag or {}
         # Stops of closed positions the last manager was still cancelling: cancelled now, and until they
         # are gone their symbols take no new position (an old stop would act on the new position).
         for symbol, orders in (unfinished_cancels or {}).items():
@@ -1214,7 +1219,10 @@ class Engine:
 
         try:
             await self.manager.stop()
-            self.startup_report = await self._start_protection(hand_over, self.manager.handed_over)
+            old = self.manager
+            self.startup_report = await self._start_protection(
+                hand_over, old.handed_over, old.handed_over_unsent, old.handed_over_confirmed
+            )
         finally:
             while handed_over < 2:  # a restart that failed still hands over what it has
                 hand_over()

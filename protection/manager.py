@@ -2278,6 +2278,13 @@ class ProtectionManager:
         self.leftovers: dict[str, dict[str, float | None]] = {}
         self._unfinished_told: set[str] = set()  # fired stops of closed positions already said (once each)
         self.handed_over: dict[str, dict[str, float | None]] = {}  # set by `stop`
+        # Set by `stop`: `never_taken()` and `confirmed_within_lag()`, for the manager that replaces this one.
+        self.handed_over_unsent: frozenset[str] = frozenset()
+        self.handed_over_confirmed: dict[str, float] = {}
+        # What the manager this one replaces knew of its stops and the venue cannot tell yet (set before any
+        # position is protected here; `_restore`): ids it never took, and ids it confirmed within its lag.
+        self.known_unsent: frozenset[str] = frozenset()
+        self.known_confirmed: Mapping[str, float] = {}
         self._sweepers: dict[str, asyncio.Task[None]] = {}
         self._reconcile_requested = asyncio.Event()
 
@@ -2353,7 +2360,14 @@ class ProtectionManager:
             if target.client_order_id is None or key.generation > target.generation:
                 target.client_order_id = record.client_order_id
                 target.generation = key.generation
-                target.maybe_sent = True
+                confirmed_at = self.known_confirmed.get(record.client_order_id)
+                if confirmed_at is not None:  # the venue's own answer, which no read can check yet
+                    target.confirmed, target.confirmed_at = True, confirmed_at
+                    target.maybe_sent = False
+                else:
+                    # The last manager knew the venue never took it (refused "not now", or held back by
+                    # the order budget): sent as soon as the guard may, not after the venue's read lag.
+                    target.maybe_sent = record.client_order_id not in self.known_unsent
                 # When it was sent, on our monotonic clock: a "not found" within the venue's read lag of it
                 # proves nothing.
                 target.sent_at = self.clock.monotonic() - max(
@@ -2566,6 +2580,38 @@ class ProtectionManager:
                 found.setdefault(guard.symbol, {}).update(guard.retiring)
         return found
 
+    def never_taken(self) -> frozenset[str]:
+        """Ids of the open positions' stops that the venue never took, as this manager knows: refused with
+        "not executed" (a 429, a ban, a network error before the send) or still waiting for the order
+        budget, and not on their way (a send in flight, or cancelled in flight, is `maybe_sent`). Their
+        records say `pending` (written ahead, the id kept for the retry): a restart hands this to the next
+        manager, which would otherwise look them up first and wait out the venue's read-after-write lag
+        (5 s on Binance) before sending them (the emulator's chaos soak saw a position 5.2 s without its
+        hard stop that way)."""
+        return frozenset(
+            order.client_order_id
+            for guard in self.guards.values()
+            if not guard.closed
+            for order in (guard.stop_loss, guard.trailing_stop)
+            if order.client_order_id and not order.maybe_sent and not order.confirmed
+        )
+
+    def confirmed_within_lag(self) -> dict[str, float]:
+        """The open positions' stops the venue's answer confirmed less than its read-after-write lag ago, with
+        when (monotonic): a restart hands them to the next manager, which cannot read them back before the
+        lag ends. It counted such a position uncovered for up to 5 s after the restart, past grace: a false
+        alarm for the gauge and the breaker. (Older confirmations are verified on the venue as ever; the
+        reconciler checks these once its list can show them.)"""
+        window = self.read_after_write_seconds + READ_LAG_MARGIN_SECONDS
+        now = self.clock.monotonic()
+        return {
+            order.client_order_id: order.confirmed_at
+            for guard in self.guards.values()
+            if not guard.closed
+            for order in (guard.stop_loss, guard.trailing_stop)
+            if order.client_order_id and order.confirmed and now - order.confirmed_at < window
+        }
+
     async def _sweep(self, symbol: str, at_once: bool = False) -> None:
         delay = max(0.25, self.config.grace_seconds / 4)
         try:
@@ -2653,6 +2699,7 @@ class ProtectionManager:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self.handed_over_unsent, self.handed_over_confirmed = self.never_taken(), self.confirmed_within_lag()
         await self.facts_writer.close()
         await self.order_status_writer.close()
         self._tasks.clear()

@@ -6,6 +6,7 @@ Virtual time, the auditor at every step (told when the engine is down)."""
 
 from __future__ import annotations
 
+from engine.venues.sim.settings import CallKind, FaultKind
 from storage.database import Database
 from tests.chaos.support import ChaosRun, chaos_settings
 from tests.chaos.test_marks_and_triggers import after_a_reconcile
@@ -64,6 +65,64 @@ async def test_protection_restarted_mid_wave(db: Database) -> None:
             await run.run_for(6)
         await run.settle()
         run.verdict(coverage_at_least=85.0)
+    finally:
+        await run.stop()
+
+
+async def test_a_stop_the_venue_refused_is_sent_at_the_holds_end_across_a_protection_restart(
+    db: Database,
+) -> None:
+    """A new position's stop meets HTTP 429 ("not now": the venue did not take it) and the operator restarts
+    protection within the 1 s hold. The stop's record says `pending` (written ahead, its id kept for the
+    retry), which the new manager, reading the database, took for an order that may be on the venue: it
+    waited out the venue's 5 s read-after-write lag before sending it (the emulator's chaos soak saw a
+    position 5.2 s without its hard stop). The old manager knew it was never taken: the new one sends it as
+    soon as the hold ends. The other stop, which the venue took just before the restart, is hidden from
+    reads by the lag for 5 s: the new manager took it for unconfirmed all that time (the position
+    "uncovered" past grace: a false alarm). The old manager had the venue's answer: that carries over."""
+    run = ChaosRun(db, chaos_settings(db))
+    run.venue.set_read_lag(5.0)
+    await run.start()
+    try:
+        run.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.RATE_LIMITED, 1, stops_only=True)
+        [symbol] = await run.opened(await run.wave(1))
+        manager = run.engine.manager
+        assert manager is not None
+
+        def one_refused_one_confirmed() -> bool:
+            guard = manager.by_symbol.get(symbol)
+            if guard is None:
+                return False
+            stops = (guard.stop_loss, guard.trailing_stop)
+            refused = [o for o in stops if o.sent_at is not None and not o.maybe_sent and not o.confirmed]
+            return len(refused) == 1 and sum(o.confirmed for o in stops) == 1
+
+        await run.until(one_refused_one_confirmed, limit=5, what="one stop refused, the other confirmed")
+        run.background(run.engine.restart_protection())
+
+        # On the venue (its truth, read-lagged orders included): the hold ends within 1 s of the refusal,
+        # and a stop's round trip comes on top.
+        def both_stops_live() -> bool:
+            live = run.venue.core.inspect(run.clock.now()).open_conditional
+            return len({o.type for o in live if o.symbol == symbol}) == 2
+
+        await run.until(both_stops_live, limit=2.0, what=f"both stops of {symbol} live on the venue")
+        # And the new manager knows it: the hard stop the venue took just before the restart is hidden by
+        # the lag from its reads, but the old manager had the venue's answer (it counted the position
+        # uncovered for 5 s, past grace: a false alarm).
+        await run.until(
+            lambda: (
+                run.engine.manager is not None
+                and run.engine.manager is not manager
+                and run.engine.manager.by_symbol[symbol].covered
+            ),
+            limit=1.0,
+            what=f"the new manager sees {symbol} covered",
+        )
+        [report] = await run.finish_background()
+        assert report.failed == 0, report.describe()
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)
     finally:
         await run.stop()
 
