@@ -1218,7 +1218,7 @@ class Engine:
                     self.manager.request_reconcile()
 
         try:
-            await self.manager.stop()
+            await self.manager.stop(drain=True)  # what is on its way gets its answer
             old = self.manager
             self.startup_report = await self._start_protection(
                 hand_over, old.handed_over, old.handed_over_unsent, old.handed_over_confirmed

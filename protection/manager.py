@@ -26,14 +26,14 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import ROUND_DOWN, ROUND_UP, Decimal
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from engine.clock import Clock, wait_for_all
+from engine.clock import Clock, wait_event, wait_for_all
 from engine.events import (
     EventBus,
     PositionClosed,
@@ -948,6 +948,9 @@ class PositionGuard:
         probe_at = None
         if not (correction and self._correction_rides):
             probe_at = await m.budget.acquire_protective(deferrable=correction)
+        if m.draining:  # the manager is being replaced: its successor sends it (never taken, handed over)
+            m.budget.order_answered(probe_at, room=False)
+            return _Outcome.RETRY
         started = m.clock.monotonic()
         order.sent_at = started
         order.sent_this_run = True
@@ -955,45 +958,50 @@ class PositionGuard:
         # resolved by id, and a finishing position cancels it).
         order.maybe_sent = True
         m.protective_attempts.add(m.clock.monotonic())
-        try:
-            placed = await m.budget.sent(probe_at, self._create(order, send(cid)))
-            if isinstance(placed, _Outcome):  # decided by a look-up while the answer was late
-                return self._next_generation(order) if placed is _Outcome.GONE else placed
-        except (OutcomeUnknown, TimeoutError) as exc:
-            m.protective_failures.add(m.clock.monotonic())
-            latency = m.clock.monotonic() - started
-            order.maybe_sent = True
-            await m.store.set_order_status(cid, OrderRecordStatus.UNKNOWN, error=_short(exc) or "no answer")
-            outcome = await self._resolve(order, "resolve")
-            # resolved: it was placed after all; retrying: absent (resent with the same id) or still unknown
-            self._create_failed(order, cid, exc, latency, resolved=outcome is _Outcome.CONFIRMED)
-            if outcome is _Outcome.GONE:
-                return self._next_generation(order)
-            if outcome is not _Outcome.CONFIRMED:
-                return _Outcome.RETRY
-            return outcome
-        except DuplicateClientOrderId:
-            order.maybe_sent = True
-            outcome = await self._resolve(order, "resolve duplicate")
-            if outcome is _Outcome.GONE:
-                return self._next_generation(order)
-            return _Outcome.RETRY if outcome is _Outcome.ABSENT else outcome
-        except WouldTriggerImmediately as exc:
-            order.maybe_sent = False
-            await m.store.set_order_status(cid, OrderRecordStatus.REJECTED, error=_short(exc))
-            return await self._breached(order)
-        except (RateLimited, Banned, Retryable, Rejected) as exc:
-            if not isinstance(exc, RateLimited | Banned):
+        # Until the answer is applied (confirmed, refused, resolved): a stop draining for a protection
+        # restart waits for that, so the next manager knows what it knew (`stop(drain=True)`).
+        with m.sending():
+            try:
+                placed = await m.budget.sent(probe_at, self._create(order, send(cid)))
+                if isinstance(placed, _Outcome):  # decided by a look-up while the answer was late
+                    return self._next_generation(order) if placed is _Outcome.GONE else placed
+            except (OutcomeUnknown, TimeoutError) as exc:
                 m.protective_failures.add(m.clock.monotonic())
-            # A rate-limit answer is the venue's pacing ("not now, at T"), not a failing protection path:
-            # it is retried at T and, should it leave the position naked, the breaker's uncovered and
-            # coverage rules see that. Counting it here paused entries on a one-second burst.
-            latency = m.clock.monotonic() - started
-            order.maybe_sent = False  # the venue said it did not execute it
-            await self._refused(order, cid, exc)
-            self._create_failed(order, cid, exc, latency, resolved=False)
-            return _Outcome.RETRY
-        return await self._accept(order, placed, m.clock.monotonic() - started)
+                latency = m.clock.monotonic() - started
+                order.maybe_sent = True
+                await m.store.set_order_status(
+                    cid, OrderRecordStatus.UNKNOWN, error=_short(exc) or "no answer"
+                )
+                outcome = await self._resolve(order, "resolve")
+                # resolved: it was placed after all; retrying: absent (resent with the same id) or still unknown
+                self._create_failed(order, cid, exc, latency, resolved=outcome is _Outcome.CONFIRMED)
+                if outcome is _Outcome.GONE:
+                    return self._next_generation(order)
+                if outcome is not _Outcome.CONFIRMED:
+                    return _Outcome.RETRY
+                return outcome
+            except DuplicateClientOrderId:
+                order.maybe_sent = True
+                outcome = await self._resolve(order, "resolve duplicate")
+                if outcome is _Outcome.GONE:
+                    return self._next_generation(order)
+                return _Outcome.RETRY if outcome is _Outcome.ABSENT else outcome
+            except WouldTriggerImmediately as exc:
+                order.maybe_sent = False
+                await m.store.set_order_status(cid, OrderRecordStatus.REJECTED, error=_short(exc))
+                return await self._breached(order)
+            except (RateLimited, Banned, Retryable, Rejected) as exc:
+                if not isinstance(exc, RateLimited | Banned):
+                    m.protective_failures.add(m.clock.monotonic())
+                # A rate-limit answer is the venue's pacing ("not now, at T"), not a failing protection path:
+                # it is retried at T and, should it leave the position naked, the breaker's uncovered and
+                # coverage rules see that. Counting it here paused entries on a one-second burst.
+                latency = m.clock.monotonic() - started
+                order.maybe_sent = False  # the venue said it did not execute it
+                await self._refused(order, cid, exc)
+                self._create_failed(order, cid, exc, latency, resolved=False)
+                return _Outcome.RETRY
+            return await self._accept(order, placed, m.clock.monotonic() - started)
 
     async def _record_ahead(self, order: ProtectiveOrder, cid: str) -> None:
         """Written ahead once per id: the id is the idempotency key."""
@@ -2287,6 +2295,11 @@ class ProtectionManager:
         self.known_confirmed: Mapping[str, float] = {}
         self._sweepers: dict[str, asyncio.Task[None]] = {}
         self._reconcile_requested = asyncio.Event()
+        # Protective orders whose answer is awaited, and whether a stop is letting them finish (`stop`).
+        self._sending = 0
+        self._nothing_sending = asyncio.Event()
+        self._nothing_sending.set()
+        self.draining = False
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -2690,9 +2703,37 @@ class ProtectionManager:
             )
         return left
 
-    async def stop(self) -> None:
+    @contextlib.contextmanager
+    def sending(self) -> Iterator[None]:
+        """Around a protective order's call, until its answer (`stop(drain=True)` waits for these)."""
+        self._sending += 1
+        self._nothing_sending.clear()
+        try:
+            yield
+        finally:
+            self._sending -= 1
+            if self._sending == 0:
+                self._nothing_sending.set()
+
+    async def stop(self, *, drain: bool = False) -> None:
         """Stop every guard task. Orders on the exchange stay where they are; the cancels of closed
-        positions' stops that were not finished are kept in `handed_over` for the next manager."""
+        positions' stops that were not finished are kept in `handed_over` for the next manager.
+
+        `drain` (a protection restart): no protective order is sent from now on, and those on their way
+        get their answers first, for as long as an answer normally takes (`late_answer_seconds`, at least
+        a second). Cancelled in flight, a stop's answer is lost by our own hand: the next manager had to
+        look each one up and, on a venue with a read-after-write lag, wait that lag out (5 s on Binance)
+        before sending it again; the emulator's chaos soak saw a wave's positions 7 s without stops so."""
+        if drain and not self.stopped:
+            self.draining = True
+            within = max(1.0, self.late_answer_seconds())
+            if not await wait_event(self.clock, self._nothing_sending, within):
+                log.warning(
+                    "protection restart: %d protective orders still unanswered after %.1fs; the next "
+                    "manager looks them up",
+                    self._sending,
+                    within,
+                )
         self.stopped = True
         self.handed_over = self.unfinished_cancels()
         tasks = list(self._tasks.values()) + list(self._background)

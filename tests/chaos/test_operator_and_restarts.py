@@ -127,6 +127,42 @@ async def test_a_stop_the_venue_refused_is_sent_at_the_holds_end_across_a_protec
         await run.stop()
 
 
+async def test_a_protection_restart_lets_the_stops_on_their_way_get_their_answers(db: Database) -> None:
+    """The operator restarts protection while a wave's stops are on their way (orders take 1 s), on a venue
+    whose reads lag its writes by 5 s (Binance's algo service). Cancelled in flight, those calls never
+    reached the venue, and the new manager, which could not tell, looked each stop up and waited the lag
+    out before sending it: every position of the wave naked ~6 s (the emulator's chaos soak saw a wave of
+    20 so for 7 s). The old manager lets them finish first: the stops are live and known within their
+    round trip."""
+    run = ChaosRun(db, chaos_settings(db, SLOW_ORDERS))
+    run.venue.set_read_lag(5.0)
+    await run.start()
+    try:
+        await after_a_reconcile(run)
+        symbols = await run.wave(3)
+        await run.until(lambda: bool(guards_in_flight(run, symbols)), limit=20, what="stops in flight")
+        old = run.engine.manager
+        restart = run.background(run.engine.restart_protection())
+
+        def live_on_the_venue() -> bool:
+            live = run.venue.core.inspect(run.clock.now()).open_conditional
+            held = set(run.held())
+            return all(len({o.type for o in live if o.symbol == s}) == 2 for s in symbols if s in held)
+
+        await run.until(live_on_the_venue, limit=3.0, what="the wave's stops live on the venue")
+        await run.until(
+            lambda: restart.done() and run.engine.manager is not old and not guards_in_flight(run, symbols),
+            limit=3.0,
+            what="the restarted manager sees the wave covered",
+        )
+        [report] = await run.finish_background()
+        assert report.failed == 0, report.describe()
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)
+    finally:
+        await run.stop()
+
+
 async def test_protection_restarted_mid_reconcile(db: Database) -> None:
     settings = chaos_settings(db, {"VENUE__SIM__LATENCY__BY_CALL__FETCH_POSITIONS__SECONDS": "1.0"})
     run = ChaosRun(db, settings)
