@@ -220,6 +220,12 @@ class ChaosRun:
         self.signals += len(chosen)
         return chosen
 
+    async def one_protected_position(self, *, sides: Sequence[str] | None = None) -> str:
+        """A wave of one signal, filled and protected (both stops confirmed and written): its symbol."""
+        [symbol] = await self.opened(await self.wave(1, sides=sides))
+        await self.until(self.converged, limit=30, what="the position protected")
+        return symbol
+
     async def opened(self, symbols: Sequence[str], *, limit: float = 30.0) -> list[str]:
         """Drive until the venue holds at least one of `symbols`; returns those it holds."""
         await self.until(lambda: bool(set(symbols) & set(self.held())), limit=limit, what="a wave filled")

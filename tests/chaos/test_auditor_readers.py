@@ -23,8 +23,7 @@ async def test_the_readers_judge_the_real_venue_and_database_and_catch_what_happ
     run = ChaosRun(db, chaos_settings(db))
     await run.start()
     try:
-        [symbol] = await run.opened(await run.wave(1))
-        await run.until(run.converged, what="protected")
+        symbol = await run.one_protected_position()
         await run.run_for(25)
         run.auditor.assert_clean()  # a protected position, the database agreeing: nothing to say
         assert run.auditor.figures().positions == 1

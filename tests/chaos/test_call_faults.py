@@ -190,9 +190,7 @@ async def test_a_close_whose_answer_is_lost_ends_its_stops_within_grace(db: Data
     run = ChaosRun(db, settings)
     await run.start()
     try:
-        [symbol] = await run.wave(1)
-        await run.opened([symbol])
-        await run.until(run.converged, limit=30, what="the position protected")
+        symbol = await run.one_protected_position()
         manager = run.engine.manager
         assert manager is not None
         position_id = manager.by_symbol[symbol].position_id

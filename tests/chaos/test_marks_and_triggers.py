@@ -106,8 +106,7 @@ async def test_a_filled_stops_sibling_is_cancelled_within_grace(db: Database) ->
     await run.start()
     try:
         await past_the_start_up_window(run)
-        symbols = await run.opened(await run.wave(1))
-        await run.until(run.converged, what="protected")
+        symbols = [await run.one_protected_position()]
         await after_a_reconcile(run)
         await fire_hard_stop(run, symbols[0])
         await run.settle()
@@ -121,8 +120,7 @@ async def test_a_stuck_trigger_is_closed_within_grace(db: Database) -> None:
     await run.start()
     try:
         await past_the_start_up_window(run)
-        symbols = await run.opened(await run.wave(1))
-        await run.until(run.converged, what="protected")
+        symbols = [await run.one_protected_position()]
         run.venue.set_trigger_delay(None, stuck=True)
         await after_a_reconcile(run)
         await fire_hard_stop(run, symbols[0])
@@ -146,8 +144,7 @@ async def test_a_stop_that_fills_while_its_close_waits_out_a_429_ends_the_positi
     await run.start()
     try:
         await past_the_start_up_window(run)
-        [symbol] = await run.opened(await run.wave(1))
-        await run.until(run.converged, what="protected")
+        symbol = await run.one_protected_position()
         run.venue.set_trigger_delay(2.5, symbol=symbol)
         await run.a_window_starts()
         spare = next(s for s in run.free_symbols(2) if s != symbol)
@@ -167,8 +164,7 @@ async def test_a_new_position_never_shares_its_symbol_with_an_old_stop(db: Datab
     await run.start()
     try:
         await past_the_start_up_window(run)
-        [symbol] = await run.opened(await run.wave(1, sides=["long"]))
-        await run.until(run.converged, what="protected")
+        symbol = await run.one_protected_position(sides=["long"])
         await after_a_reconcile(run)
         # the close cancels what is left: the filled hard stop first, then the trailing stop (both fail)
         run.venue.inject_fault(CallKind.CANCEL_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 2)
@@ -201,9 +197,7 @@ async def test_a_stop_that_just_fired_is_uncovered_since_it_fired_not_since_the_
     run.venue.set_trigger_delay(2.0)
     await run.start()
     try:
-        [symbol] = await run.wave(1)
-        await run.opened([symbol])
-        await run.until(run.converged, limit=30, what="the position protected")
+        symbol = await run.one_protected_position()
         await run.run_for(30.0)
         manager = run.engine.manager
         assert manager is not None
@@ -233,9 +227,7 @@ async def test_a_snapshot_taken_before_a_stop_filled_adopts_no_phantom(db: Datab
     run = ChaosRun(db, settings)
     await run.start()
     try:
-        [symbol] = await run.wave(1)
-        await run.opened([symbol])
-        await run.until(run.converged, limit=30, what="the position protected")
+        symbol = await run.one_protected_position()
         reconciler = run.engine.reconciler
         manager = run.engine.manager
         assert reconciler is not None
@@ -271,8 +263,7 @@ async def test_a_new_position_waits_until_the_old_positions_fired_stop_has_finis
     await run.start()
     try:
         await past_the_start_up_window(run)
-        [symbol] = await run.opened(await run.wave(1, sides=["long"]))
-        await run.until(run.converged, what="protected")
+        symbol = await run.one_protected_position(sides=["long"])
         run.venue.set_trigger_delay(4.0, symbol=symbol)
         await fire_hard_stop(run, symbol)
         await run.until(lambda: symbol not in run.held(), limit=10, what="closed at market")

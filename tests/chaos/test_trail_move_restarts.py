@@ -120,8 +120,7 @@ async def a_move_in_flight(run: ChaosRun, *, placed: bool, first_stop: bool = Fa
     """Open a long, let its managed trail place its first stop (unless `first_stop`: that placement is the
     move), then push the mark to a new peak and drive until the move's new stop is live on the venue
     (`placed`) or only just sent (the venue places a create after 1 s)."""
-    (symbol,) = await run.opened(await run.wave(1, sides=["long"]))
-    await run.until(run.converged, what="protected")
+    symbol = await run.one_protected_position(sides=["long"])
     manager = run.engine.manager
     assert manager is not None
     guard = manager.by_symbol[symbol]
