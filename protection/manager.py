@@ -2546,7 +2546,10 @@ class ProtectionManager:
         does a cancel that leaves a fired stop TRIGGERING: its fill, reduce-only, would still come, and
         would close a new position of the same side on the symbol (a soak saw 1354 short cut to 27.8)."""
         try:
-            final = await self.call(self.venue.cancel_order(symbol, cid), "cancel_order")
+            # Idempotent like a read: sent again once its answer is late, the first answer settles it (a
+            # second cancel of a cancelled order answers "unknown order": gone). A lost answer held the
+            # position's other cancels, and their retries, for the whole call budget.
+            final = await self.read(lambda: self.venue.cancel_order(symbol, cid), "cancel_order")
             await self.store.set_order_status(cid, _record_status(final.status))
             if not final.status.is_final:  # fired, not finished: it can still fill, cancelled or not
                 if cid not in self._unfinished_told:  # said once: the sweep asks again every few seconds

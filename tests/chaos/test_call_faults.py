@@ -207,6 +207,32 @@ async def test_a_close_whose_answer_is_lost_ends_its_stops_within_grace(db: Data
         await run.stop()
 
 
+async def test_a_closed_positions_stops_are_cancelled_within_grace_when_a_cancels_answer_is_lost(
+    db: Database,
+) -> None:
+    """The operator closes a protected position; of its two stops' cancels, one is executed and its answer
+    lost (the client gives up after 10 s, as ccxt does), the other fails before it is sent. The second stop
+    stays live on a flat symbol until it is cancelled again: that retry waited for the first cancel's
+    whole call budget (a chaos soak saw a trailing stop 11 s on a flat symbol so). A cancel is idempotent:
+    sent again once its answer is late, like a read, the first answer (or "unknown order") settles it."""
+    settings = chaos_settings(db, {"VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "10"})
+    run = ChaosRun(db, settings)
+    await run.start()
+    try:
+        symbol = await run.one_protected_position()
+        manager = run.engine.manager
+        assert manager is not None
+        position_id = manager.by_symbol[symbol].position_id
+        run.venue.inject_fault(CallKind.CANCEL_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT, 1)
+        run.venue.inject_fault(CallKind.CANCEL_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 1)
+        assert await run.drive(run.engine.close_position(position_id), limit=8.0)
+        await run.settle()
+        assert not run.venue.core.inspect(run.clock.now()).open_conditional
+        run.verdict(coverage_at_least=0.0)
+    finally:
+        await run.stop()
+
+
 async def test_a_protection_restart_is_not_held_by_a_read_whose_answer_is_lost(db: Database) -> None:
     """The operator restarts protection (`R`) and the venue loses the answer to the new manager's reads of
     positions and of open orders (it executed them; the client gives up after 10 s, as ccxt does). Reads
