@@ -1513,6 +1513,9 @@ class Engine:
             except Banned as exc:
                 await self._reject(signal, f"venue refuses requests for now: {exc}", wave_id)
                 return None
+            except RateLimited as exc:  # refusals piled up: the next could be a ban's (`OrderBudget`)
+                await self._reject(signal, str(exc), wave_id)
+                return None
             try:
                 position = await self.store.create_position(
                     symbol=signal.symbol,

@@ -24,6 +24,15 @@ trip; a wave sent whole on a close's answer 0.8 s old met a window another clien
 a ban), and wait for protective orders as always. An engine alone on its account never probes: its orders
 pay nothing.
 
+The venue bans for refusals that pile up, not for one: Binance does not say how many, our sim venue bans
+at the third within a minute. Every request the venue refuses for its rate (`rate_refused`, told by the
+venue adapter once per refused call) is remembered for `RATE_REFUSAL_MEMORY_SECONDS`. Once
+`ENTRY_PAUSE_REFUSALS` are remembered, entries are not sent (`acquire_entry` raises `RateLimited` until
+the oldest is forgotten): in a soak, four bans of five began with an entry that was the third refusal in
+a minute, and a ban holds every stop and close back with it. Protective orders and closes still go, but
+probe (one alone, the others behind its answer) even once a 429's hold is over: orders sent together
+then, into a window refilled meanwhile, would be refusals enough for a ban by themselves.
+
 Where the venue counts protective orders apart from entries (`Capabilities.protective_rate_budgets`: Bybit
 counts order/create and position/trading-stop each in its own rolling second), entries and protective
 orders live in their own windows: an entry takes one slot of the entry budget, and books its stops in the
@@ -46,7 +55,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from engine.clock import Clock, wait_event
-from engine.exchange.errors import Banned, Rejected
+from engine.exchange.errors import Banned, RateLimited, Rejected
 from engine.exchange.port import RateBudget
 from engine.pacing import BudgetWaits, Lane
 
@@ -58,6 +67,8 @@ PROBE_FRESH_SECONDS = 1.0  # an order answer this recent shows a protective orde
 # An entry trusts an answer only about as fresh as a probe's would be: one order round trip (this at least).
 ENTRY_FRESH_MIN_SECONDS = 0.05
 CONTESTED_SECONDS = 600.0  # orders probe for this long after the account was last seen shared
+RATE_REFUSAL_MEMORY_SECONDS = 60.0  # a venue counts its refusals toward a ban within about this (sim: 60 s)
+ENTRY_PAUSE_REFUSALS = 2  # refusals remembered that hold entries back: the next one could be a ban's
 PROTECTIVE_PROBE_PATIENCE_SECONDS = 0.5  # at least; else 4 order round trips (a late answer)
 
 
@@ -143,6 +154,7 @@ class OrderBudget:
         self._banned_until = 0.0
         self._room_seen_at = -math.inf  # the last order answer that showed the windows had room
         self._shared_seen_at = -math.inf  # the last sign of another client's orders (a 429, the counts)
+        self._refusals: deque[float] = deque()  # when the venue refused a request for its rate (monotonic)
         self._probe_at: float | None = None  # the entry probing the windows, until its answer
         self._probe_answered = asyncio.Event()  # set by the probe's answer: the entries behind it go
         self.entries_admitted = 0
@@ -191,6 +203,26 @@ class OrderBudget:
             self._banned_until_epoch = max(
                 self._banned_until_epoch, self._clock.now() + monotonic_deadline - self._clock.monotonic()
             )
+
+    def rate_refused(self) -> None:
+        """The venue refused a request for its rate (HTTP 429; once per refused call, from the venue adapter):
+        remembered toward the entries' pause (`refusal_pause_for`). A sign of another client, too."""
+        now = self._clock.monotonic()
+        self._shared_seen_at = now
+        self._refusals.append(now)
+
+    def _recent_refusals(self, now: float) -> int:
+        while self._refusals and self._refusals[0] <= now - RATE_REFUSAL_MEMORY_SECONDS:
+            self._refusals.popleft()
+        return len(self._refusals)
+
+    def refusal_pause_for(self) -> float | None:
+        """Seconds left before entries go again after rate refusals piled up (see the module's note), or None."""
+        now = self._clock.monotonic()
+        count = self._recent_refusals(now)
+        if count < ENTRY_PAUSE_REFUSALS:
+            return None
+        return self._refusals[count - ENTRY_PAUSE_REFUSALS] + RATE_REFUSAL_MEMORY_SECONDS - now
 
     def held_for(self) -> float | None:
         """Seconds left before the venue takes orders again (a 429's hold or a ban), or None."""
@@ -259,12 +291,20 @@ class OrderBudget:
 
     async def _entry_turn(self) -> bool:
         """What every entry send waits for before its windows are looked at: no ban (raises `Banned`: an
-        entry never waits one out), and no probe out within its patience (a late one's answer: the first
-        entry to look again probes as well). Returns whether this entry would probe. It returns without
-        suspending once nothing holds it, so the caller's admission is in the same step as its check."""
+        entry never waits one out), no pause for refusals piled up (raises `RateLimited` with the pause's
+        end), and no probe out within its patience (a late one's answer: the first entry to look again
+        probes as well). Returns whether this entry would probe. It returns without suspending once
+        nothing holds it, so the caller's admission is in the same step as its check."""
         while True:
             if self.banned_for() is not None:
                 raise Banned(self._banned_until_epoch, "entries wait for no ban")
+            pause = self.refusal_pause_for()
+            if pause is not None:
+                raise RateLimited(
+                    pause,
+                    f"entries held back: the venue refused {len(self._refusals)} requests for its rate "
+                    f"within {RATE_REFUSAL_MEMORY_SECONDS:.0f}s, and it bans for refusals that pile up",
+                )
             fresh = max(ENTRY_FRESH_MIN_SECONDS, self._round_trip())
             probe, probe_wait = self._probing(self._clock.monotonic(), self._probe_patience, fresh=fresh)
             if probe_wait == 0.0:
@@ -318,8 +358,13 @@ class OrderBudget:
                 # A protective order takes the end of a 429's hold for room, as the venue said: the
                 # stops it held go together then (each one round trip behind the other was 2 s a stop
                 # on a slow venue); entries probe again, they can wait.
+                # Not with refusals piled up: the orders a hold kept back, sent together into a window
+                # refilled meanwhile, would be refusals enough for a ban.
                 probe, probe_wait = self._probing(
-                    now, self.protective_probe_patience(), fresh=PROBE_FRESH_SECONDS, hold_is_room=True
+                    now,
+                    self.protective_probe_patience(),
+                    fresh=PROBE_FRESH_SECONDS,
+                    hold_is_room=self._recent_refusals(now) < ENTRY_PAUSE_REFUSALS,
                 )
                 if probe_wait > 0.0:
                     await wait_event(self._clock, self._probe_answered, probe_wait)

@@ -361,6 +361,8 @@ class OrderCounts(Protocol):
 
     def hold_until(self, monotonic_deadline: float, *, banned: bool = False) -> None: ...
 
+    def rate_refused(self) -> None: ...
+
 
 @dataclass(slots=True)
 class VenuePacing:
@@ -372,7 +374,10 @@ class VenuePacing:
     clock: Clock | None = None
 
     def rate_limited(self, retry_after: float, *, orders_only: bool = False) -> None:
-        """The venue answered 429: requests (or, for an order-count 429, orders) wait `retry_after` s."""
+        """The venue answered 429: requests (or, for an order-count 429, orders) wait `retry_after` s.
+        Either is one refusal toward a ban: the order budget holds entries back once they pile up."""
+        if self.orders is not None:
+            self.orders.rate_refused()
         if orders_only:
             if self.orders is not None and self.clock is not None:
                 self.orders.hold_until(self.clock.monotonic() + retry_after)

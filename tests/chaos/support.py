@@ -81,6 +81,7 @@ class ChaosRun:
         self._symbols = itertools.cycle(SYMBOLS)
         self._background: list[asyncio.Future[Any]] = []
         self.signals = 0
+        self.signal_ids: dict[str, int] = {}  # each symbol's latest signal
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -214,9 +215,10 @@ class ChaosRun:
         chosen = list(symbols) if symbols is not None else self.free_symbols(n)
         if sides is None:
             sides = ["long" if (self.signals + i) % 2 == 0 else "short" for i in range(len(chosen))]
-        await self.engine.store.insert_signals(
+        ids = await self.engine.store.insert_signals(
             [(s, side, None, None) for s, side in zip(chosen, sides, strict=True)]
         )
+        self.signal_ids.update(zip(chosen, ids, strict=True))
         self.signals += len(chosen)
         return chosen
 
@@ -242,6 +244,28 @@ class ChaosRun:
         """The factor that moves `symbol`'s position `percent` % against it."""
         change = Decimal(percent) / 100
         return str(1 - change if self.held()[symbol].side.value == "long" else 1 + change)
+
+    def rate_violations(self) -> int:
+        """Requests the venue refused for its rate within its ban's count window (the oracle view)."""
+        return self.venue.core.inspect(self.clock.now()).rate_violations
+
+    async def until_signal_ends(self, symbol: str, *, limit: float = 30.0) -> str:
+        """Drive until the symbol's latest signal is opened or rejected; returns "opened", or
+        "rejected: <its reason>"."""
+        store = self.engine.store
+        assert store is not None
+        signal_id = self.signal_ids[symbol]
+        ended: list[str] = []
+
+        async def done() -> bool:
+            record = await store.signal(signal_id)
+            assert record is not None
+            if record.status.value in ("opened", "rejected"):
+                ended[:] = [record.status.value + (f": {record.reason}" if record.reason else "")]
+            return bool(ended)
+
+        await self.until(done, limit=limit, what=f"signal {signal_id} ended")
+        return ended[0]
 
     def banned_for(self) -> float | None:
         """Seconds left of the venue's ban of the account (the oracle view), or None."""

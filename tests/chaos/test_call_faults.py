@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from engine.order_budget import RATE_REFUSAL_MEMORY_SECONDS
 from engine.venues.sim.settings import CallKind, FaultKind
 from storage.database import Database
 from tests.chaos.support import (
@@ -267,8 +268,12 @@ RATE_LIMITED = {
 async def burst_on_stop_placement(run: ChaosRun, *, waves: int = 4) -> None:
     """Each wave is inserted 5.5 s into a 10-second order window; as soon as the venue holds its first
     positions (entries filled, stops on their way), another client on the account fills the window, so
-    the stops meet 429 for the ~2-3 s left of it."""
+    the stops meet 429 for the ~2-3 s left of it. Each burst is refusals enough to hold entries back for
+    a minute (the next could be a ban's): each wave waits for entries to go again."""
+    budget = run.engine.order_budget
+    assert budget is not None
     for _ in range(waves):
+        await run.until(lambda: budget.refusal_pause_for() is None, limit=61, what="entries go again")
         await run.until(
             lambda: 5.5 <= run.clock.now() % 10 < 5.5 + STEP, limit=11, what="the window's middle"
         )
@@ -341,6 +346,9 @@ async def test_a_wave_sent_into_an_order_window_another_client_filled_costs_one_
         # Protected after the window's end (< 9 s away) and a few round trips and database writes, each
         # a 0.2 s step here; a ban would have been 2 minutes.
         assert await into_a_filled_window(1) < 11.0
+        # Two refusals within a minute hold entries back (the next one could be a ban's): a minute on,
+        # the lone entry's is forgotten.
+        await run.run_for(RATE_REFUSAL_MEMORY_SECONDS)
         assert await into_a_filled_window(WAVE_SIZE) < 11.0
         await run.settle()
         run.verdict(coverage_at_least=95.0)
@@ -419,6 +427,8 @@ async def test_a_wave_right_after_an_order_answer_is_not_sent_blind_into_a_windo
         assert run.neighbour_fills_order_window(spare) > 0
         await run.wave(1, symbols=[lone])
         await run.until(lambda: lone in run.held() and run.converged(), limit=15, what="the lone entry")
+        # A minute on, that refusal is forgotten (two would hold the wave back); the account is still shared.
+        await run.run_for(RATE_REFUSAL_MEMORY_SECONDS)
         # The operator closes the first position: the close is answered, the window had room then ...
         await run.a_window_starts()
         manager = run.engine.manager
@@ -440,5 +450,45 @@ async def test_a_wave_right_after_an_order_answer_is_not_sent_blind_into_a_windo
         await run.finish_background()
         await run.settle()
         run.verdict(coverage_at_least=95.0)
+    finally:
+        await run.stop()
+
+
+async def test_no_entry_is_sent_that_could_be_the_third_refusal_within_a_minute(db: Database) -> None:
+    """Soak h32's other four bans each began with an entry that was the venue's third refusal within a
+    minute: another client kept filling the order window, a lone entry (a probe) met each full window, and
+    the third such refusal got the account banned, stops and closes with it, for 20 s (Binance: 2 minutes
+    and up). Entries can wait; protection cannot. Once two refusals are remembered, no entry goes until
+    the older is a minute old: its signal is rejected with that reason, there is no ban, and the position
+    already open keeps both stops throughout."""
+    settings = chaos_settings(db, {"VENUE__SIM__RATE_LIMITS__ORDERS_PER_10S": "60"})
+    run = ChaosRun(db, settings)
+    await run.start()
+
+    async def a_lone_entry_into_a_filled_window() -> tuple[str, str]:
+        await run.a_window_starts()
+        spare, lone = run.free_symbols(2)
+        assert run.neighbour_fills_order_window(spare) > 0
+        await run.wave(1, symbols=[lone])
+        return lone, await run.until_signal_ends(lone)
+
+    try:
+        symbol = await run.one_protected_position()
+        first, first_end = await a_lone_entry_into_a_filled_window()  # refusal 1, then sent again: opened
+        assert first_end == "opened", (first, first_end)
+        second, second_end = await a_lone_entry_into_a_filled_window()  # refusal 2: not sent again
+        third, third_end = await a_lone_entry_into_a_filled_window()  # not sent at all
+        ban = run.banned_for()
+        assert ban is None, f"the venue banned the account for {ban:.0f} s"
+        assert run.rate_violations() == 2
+        for lone, end in ((second, second_end), (third, third_end)):
+            assert end.startswith("rejected"), (lone, end)
+            assert "entries held back" in end, (lone, end)
+        assert symbol in run.held()
+        # A minute after the first refusal, entries go again.
+        await run.run_for(RATE_REFUSAL_MEMORY_SECONDS)
+        await run.opened(await run.wave(1), limit=10)
+        await run.settle()
+        run.verdict(coverage_at_least=99.0)
     finally:
         await run.stop()

@@ -10,7 +10,13 @@ import pytest
 from engine.clock import ManualClock
 from engine.exchange.errors import RateLimited, Rejected
 from engine.exchange.port import RateBudget
-from engine.order_budget import CONTESTED_SECONDS, PROBE_FRESH_SECONDS, EntryPromise, OrderBudget
+from engine.order_budget import (
+    CONTESTED_SECONDS,
+    PROBE_FRESH_SECONDS,
+    RATE_REFUSAL_MEMORY_SECONDS,
+    EntryPromise,
+    OrderBudget,
+)
 
 
 async def _enter(budget: OrderBudget, protective_orders: int = 2) -> EntryPromise:
@@ -458,3 +464,56 @@ async def test_orders_alone_on_their_account_or_after_a_fresh_answer_never_wait_
     await clock.advance(0.2)
     assert all(t.done() and t.result() is None for t in after)
     assert shared.probes == 2
+
+
+async def test_entries_are_held_back_once_two_refusals_are_remembered_and_protective_orders_still_go() -> (
+    None
+):
+    """A venue bans for refusals that pile up (the sim at the third within a minute): a soak's bans began
+    with an entry that was that third. Two refusals remembered hold entries back (`RateLimited`, until
+    the older is a minute old); protective orders and closes still go once the hold is over."""
+    clock = ManualClock()
+    budget = _budget(clock, limit=100)
+    budget.rate_refused()
+    budget.hold_until(clock.monotonic() + 1.0)
+    assert budget.refusal_pause_for() is None
+    await clock.advance(20.0)
+    assert isinstance(await _enter(budget), EntryPromise)  # one refusal remembered: entries go
+    budget.rate_refused()
+    budget.hold_until(clock.monotonic() + 1.0)
+    with pytest.raises(RateLimited, match="entries held back") as refused:
+        await budget.acquire_entry(2)
+    assert refused.value.retry_after == pytest.approx(RATE_REFUSAL_MEMORY_SECONDS - 20.0)
+    await clock.advance(1.1)  # the hold is over
+    budget.order_answered(await budget.acquire_protective(), room=True)
+    budget.order_answered(await budget.acquire_close(), room=True)
+    with pytest.raises(RateLimited, match="entries held back"):
+        await budget.acquire_entry(2)
+    await clock.advance(RATE_REFUSAL_MEMORY_SECONDS - 20.0 - 1.1)  # the first refusal is a minute old
+    assert budget.refusal_pause_for() is None
+    assert isinstance(await _enter(budget), EntryPromise)
+
+
+async def test_with_two_refusals_remembered_the_orders_a_hold_kept_back_probe_at_its_end() -> None:
+    """Orders kept back by a 429's hold go together at its end (the venue said its window has room then),
+    but not with two refusals remembered: a window refilled meanwhile would refuse them all, refusals
+    enough for a ban by themselves. One goes first; the others follow its answer."""
+    clock = ManualClock()
+    budget = _budget(clock, limit=100)
+    budget.rate_refused()
+    budget.hold_until(clock.monotonic() + 1.0)
+    await clock.advance(1.1)
+    together = [asyncio.create_task(budget.acquire_protective()) for _ in range(3)]
+    await clock.settle()
+    assert all(t.done() for t in together)  # one refusal remembered: the hold's end is room
+    budget.rate_refused()
+    budget.hold_until(clock.monotonic() + 1.0)
+    await clock.advance(1.1)  # the hold ended 0.1 s ago
+    sends = [asyncio.create_task(budget.acquire_protective()) for _ in range(2)]
+    sends += [asyncio.create_task(budget.acquire_close()) for _ in range(2)]
+    await clock.settle()
+    [probe] = [t.result() for t in sends if t.done()]
+    assert probe is not None
+    budget.order_answered(probe, room=True)
+    await clock.settle()
+    assert all(t.done() for t in sends)

@@ -205,6 +205,8 @@ class Inspection:
     triggering: tuple[Order, ...]  # fired, fill pending (`updated_at` is when they fired)
     order_counts: Mapping[float, int]  # see `SimCore.order_counts`
     banned_until: float | None  # None when not banned
+    rate_violations: int = 0  # refused for the rate within `violation_window_seconds`, toward a ban
+    bans: int = 0  # every ban so far
 
 
 class SimCore:
@@ -397,6 +399,12 @@ class SimCore:
             triggering=tuple(o.snapshot() for o in triggering),
             order_counts=self.order_counts(now, account_id),
             banned_until=banned if now < banned else None,
+            rate_violations=sum(
+                1
+                for v in account.rate.violations
+                if v > now - self._settings.rate_limits.violation_window_seconds
+            ),
+            bans=account.rate.bans,
         )
 
     def balance(self, now: float, account_id: str = DEFAULT_ACCOUNT) -> Balance:
