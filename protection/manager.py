@@ -422,6 +422,7 @@ class PositionGuard:
         # start-up report waits for the look-up after the lag instead of calling live stops failed.
         self.first_pass = asyncio.Event()
         self._waiting_out_lag = False  # this pass found an order not readable yet within the lag window
+        self._interrupted = False  # the last pass was cut short by an urgent command
         self.passes_started = 0  # protection passes begun so far
         self._last_finished_pass = 0  # the number of the last pass that ended (converged or not)
         self._pass_finished = asyncio.Event()
@@ -545,7 +546,10 @@ class PositionGuard:
                     await self._apply(self._commands.popleft())
                     continue
                 converged = await self._one_pass()
-                if converged or not self._waiting_out_lag:
+                # A pass a command interrupted has not tried everything yet (a protection restart's report
+                # counted a wave's new positions "failed" when the account stream's word on their fills
+                # cut their first passes short): the first pass is the first one that ran to its end.
+                if (converged or not self._waiting_out_lag) and not self._interrupted:
                     self.first_pass.set()
                 if self.closed or self._commands:
                     continue
@@ -578,6 +582,7 @@ class PositionGuard:
         self.passes_started += 1
         number = self.passes_started
         self._waiting_out_lag = False
+        self._interrupted = False
         try:
             return await self._run_pass()
         finally:
@@ -593,6 +598,7 @@ class PositionGuard:
             await asyncio.gather(self._pass, return_exceptions=True)
             raise
         if self._pass.cancelled():
+            self._interrupted = True
             return False  # interrupted by a command: it runs next, then the pass again
         exc = self._pass.exception()
         if exc is not None:  # a bug or a DB failure must not end protection: log, retry

@@ -366,6 +366,10 @@ class Reconciler:
         guard = manager.guards.get(key.position_id)
         if guard is not None and order.client_order_id in guard.order_ids():
             return
+        if guard is None and order.symbol in self._entries_in_flight():
+            # The stop an entry on its way carried (Bybit): its position's guard is about to exist. Taken
+            # for an orphan, its cancel cleared the position's stopLoss on the venue.
+            return
         why = (
             "orphan (its position is closed or unknown)"
             if guard is None

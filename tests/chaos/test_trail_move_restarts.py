@@ -183,12 +183,12 @@ async def db_trail_state(run: ChaosRun, position_id: int, state: str) -> bool:
     )
 
 
-async def restart(
+async def restarted(
     run: ChaosRun, settings: Settings, move: MoveInFlight, *, drain: bool, meanwhile: Callable[[], None]
-) -> PositionGuard:
+) -> None:
     """Engine A stops (cleanly, or as a crash would: `drain=False`) before the create's answer arrives;
     `meanwhile` changes the venue while no engine runs; then engine B starts on the same account and
-    database. Returns B's guard of the position."""
+    database (its start waits for every guard's first pass, which may close the position)."""
     run.auditor.engine_up(False)
     await run.drive(run.engine.stop(drain=drain))
     move.watch.check()
@@ -200,6 +200,13 @@ async def restart(
     await run.drive(run.engine.start())
     run.auditor.engine_up(True)
     move.watch.check()
+
+
+async def restart(
+    run: ChaosRun, settings: Settings, move: MoveInFlight, *, drain: bool, meanwhile: Callable[[], None]
+) -> PositionGuard:
+    """`restarted`, for a position engine B guards: returns B's guard of it."""
+    await restarted(run, settings, move, drain=drain, meanwhile=meanwhile)
     manager = run.engine.manager
     assert manager is not None
     return manager.guards[move.position_id]
@@ -364,7 +371,7 @@ async def test_a_move_left_in_flight_with_both_stops_gone_and_the_mark_through_t
             move.watch.allow_none, move.watch.floor = True, None
             set_mark(run, move, "1.005")
 
-        await restart(run, settings, move, drain=False, meanwhile=cancel_both_then_fall)
+        await restarted(run, settings, move, drain=False, meanwhile=cancel_both_then_fall)
         await run.until(
             lambda: move.symbol not in run.held(),
             limit=float(settings.protection.grace_seconds),
