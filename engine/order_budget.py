@@ -21,14 +21,17 @@ room, wait for a probe's answer only as long as an answer normally takes (`prote
 and go together once a 429's hold is over (the venue said its window has room again then). Entries can
 wait: they take an answer for room only if it is about as fresh as a probe's would be (one order round
 trip; a wave sent whole on a close's answer 0.8 s old met a window another client had filled since, and
-a ban), and wait for protective orders as always. An engine alone on its account never probes: its orders
-pay nothing.
+a ban), and wait for protective orders as always. No engine can tell at its start that it is alone on its
+account (a first wave sent whole into a window another client had filled met five refusals at once, and
+a ban): its entries probe from its start until `CONTESTED_SECONDS` pass with no sign of another client
+(its protective orders trust the probes' fresh answers). Past that, an engine alone on its account never
+probes, and its orders pay nothing.
 
 The venue bans for refusals that pile up, not for one: Binance does not say how many, our sim venue bans
 at the third within a minute. Every request the venue refuses for its rate (`rate_refused`, told by the
 venue adapter once per refused call) is remembered for `RATE_REFUSAL_MEMORY_SECONDS`. Once
 `ENTRY_PAUSE_REFUSALS` are remembered, entries are not sent (`acquire_entry` raises `RateLimited` until
-the oldest is forgotten): in a soak, four bans of five began with an entry that was the third refusal in
+the older is a minute old): in a soak, four bans of five began with an entry that was the third refusal in
 a minute, and a ban holds every stop and close back with it. Protective orders and closes still go, but
 probe (one alone, the others behind its answer) even once a 429's hold is over: orders sent together
 then, into a window refilled meanwhile, would be refusals enough for a ban by themselves.
@@ -121,6 +124,7 @@ class OrderBudget:
         waits: BudgetWaits | None = None,
         protective_budgets: Sequence[RateBudget] = (),
         probe_patience_seconds: float = 10.0,
+        known_alone: bool = False,
     ):
         if not 0.0 <= headroom < 1.0:
             raise ValueError(f"headroom must be within [0, 1), got {headroom}")
@@ -154,6 +158,9 @@ class OrderBudget:
         self._banned_until = 0.0
         self._room_seen_at = -math.inf  # the last order answer that showed the windows had room
         self._shared_seen_at = -math.inf  # the last sign of another client's orders (a 429, the counts)
+        # For entries, the start counts as one: no engine knows it is alone on its account (`known_alone`
+        # is for tests of the windows by themselves).
+        self._started_at = -math.inf if known_alone else clock.monotonic()
         self._refusals: deque[float] = deque()  # when the venue refused a request for its rate (monotonic)
         self._probe_at: float | None = None  # the entry probing the windows, until its answer
         self._probe_answered = asyncio.Event()  # set by the probe's answer: the entries behind it go
@@ -269,15 +276,17 @@ class OrderBudget:
         return min(self._probe_patience, late)
 
     def _probing(
-        self, now: float, patience: float, *, fresh: float, hold_is_room: bool = False
+        self, now: float, patience: float, *, fresh: float, hold_is_room: bool = False, entry: bool = False
     ) -> tuple[bool, float]:
         """(this order would probe, seconds it waits for the answer of the probe out, 0 if none). `fresh`:
         how old an answer that showed room may be and still spare the probe. `hold_is_room`: the end of a
-        429's hold counts as such an answer (the venue said its window has room again then)."""
+        429's hold counts as such an answer (the venue said its window has room again then). `entry`: for
+        an entry, the engine's start counts as a sign of another client."""
         room_seen = self._room_seen_at
         if hold_is_room and self._hold_until <= now:
             room_seen = max(room_seen, self._hold_until)
-        if now - self._shared_seen_at > CONTESTED_SECONDS or now - room_seen <= fresh:
+        shared_seen = max(self._shared_seen_at, self._started_at) if entry else self._shared_seen_at
+        if now - shared_seen > CONTESTED_SECONDS or now - room_seen <= fresh:
             return False, 0.0
         if self._probe_at is None:
             return True, 0.0
@@ -306,7 +315,9 @@ class OrderBudget:
                     f"within {RATE_REFUSAL_MEMORY_SECONDS:.0f}s, and it bans for refusals that pile up",
                 )
             fresh = max(ENTRY_FRESH_MIN_SECONDS, self._round_trip())
-            probe, probe_wait = self._probing(self._clock.monotonic(), self._probe_patience, fresh=fresh)
+            probe, probe_wait = self._probing(
+                self._clock.monotonic(), self._probe_patience, fresh=fresh, entry=True
+            )
             if probe_wait == 0.0:
                 return probe
             await wait_event(self._clock, self._probe_answered, probe_wait)

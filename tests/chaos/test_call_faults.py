@@ -273,9 +273,14 @@ async def burst_on_stop_placement(run: ChaosRun, *, waves: int = 4) -> None:
     budget = run.engine.order_budget
     assert budget is not None
     for _ in range(waves):
-        await run.until(lambda: budget.refusal_pause_for() is None, limit=61, what="entries go again")
         await run.until(
-            lambda: 5.5 <= run.clock.now() % 10 < 5.5 + STEP, limit=11, what="the window's middle"
+            lambda: (
+                budget.refusal_pause_for() is None
+                and budget.banned_for() is None
+                and 5.5 <= run.clock.now() % 10 < 5.5 + STEP
+            ),
+            limit=75,
+            what="entries going again, in the window's middle",
         )
         symbols = await run.wave(WAVE_SIZE)
         await run.opened(symbols)
@@ -490,5 +495,36 @@ async def test_no_entry_is_sent_that_could_be_the_third_refusal_within_a_minute(
         await run.opened(await run.wave(1), limit=10)
         await run.settle()
         run.verdict(coverage_at_least=99.0)
+    finally:
+        await run.stop()
+
+
+async def test_an_engines_first_wave_into_an_order_window_another_client_filled_costs_one_refusal(
+    db: Database,
+) -> None:
+    """Soak h32's first ban, 10 s into the run (h33's and h34's too, 30 and 54 s in): another client on
+    the account had filled the order window, and an early wave went out whole (the engine had seen no sign
+    of that client yet, so it took the account for its own). Entries refused together are three refusals
+    within a minute and more: the sim bans at the third, and a ban holds every stop back with it. No
+    engine can tell at its start that it is alone: its entries probe from its start, so the wave costs
+    one refusal, and opens after the window."""
+    settings = chaos_settings(db, {"VENUE__SIM__RATE_LIMITS__ORDERS_PER_10S": "60"})
+    run = ChaosRun(db, settings)
+    await run.start()
+    try:
+        await run.a_window_starts()
+        spare, *symbols = run.free_symbols(WAVE_SIZE + 1)
+        assert run.neighbour_fills_order_window(spare) > 0
+        await run.wave(WAVE_SIZE, symbols=symbols)
+        await run.until(
+            lambda: run.banned_for() is not None or (set(symbols) <= set(run.held()) and run.converged()),
+            limit=30,
+            what="the wave opened and protected",
+        )
+        ban = run.banned_for()
+        assert ban is None, f"the venue banned the account for {ban:.0f} s"
+        assert run.rate_violations() == 1
+        await run.settle()
+        run.verdict(coverage_at_least=95.0)
     finally:
         await run.stop()

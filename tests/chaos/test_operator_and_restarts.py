@@ -140,7 +140,18 @@ async def test_a_protection_restart_lets_the_stops_on_their_way_get_their_answer
     try:
         await after_a_reconcile(run)
         symbols = await run.wave(3)
-        await run.until(lambda: bool(guards_in_flight(run, symbols)), limit=20, what="stops in flight")
+        manager = run.engine.manager
+        assert manager is not None
+        # Every entry filled (the first goes alone: an engine probes the order window from its start) and
+        # stops on their way.
+        await run.until(
+            lambda: (
+                set(symbols) <= {g.symbol for g in manager.guards.values()}
+                and bool(guards_in_flight(run, symbols))
+            ),
+            limit=20,
+            what="every entry filled, stops in flight",
+        )
         old = run.engine.manager
         run.background(run.engine.restart_protection())
 

@@ -28,7 +28,7 @@ async def _enter(budget: OrderBudget, protective_orders: int = 2) -> EntryPromis
 
 
 def _budget(clock: ManualClock, limit: int = 10, window: float = 10.0) -> OrderBudget:
-    return OrderBudget([RateBudget(limit=limit, window_seconds=window)], clock)
+    return OrderBudget([RateBudget(limit=limit, window_seconds=window)], clock, known_alone=True)
 
 
 def _max_in_any_window(times: list[float], window: float) -> int:
@@ -97,7 +97,9 @@ async def test_admission_looks_ahead_one_round_trip() -> None:
 
     async def run(lead: float) -> float:
         clock = ManualClock()
-        budget = OrderBudget([RateBudget(limit=300, window_seconds=10.0)], clock, round_trip=lambda: lead)
+        budget = OrderBudget(
+            [RateBudget(limit=300, window_seconds=10.0)], clock, round_trip=lambda: lead, known_alone=True
+        )
         sends: list[float] = []
 
         async def position() -> None:
@@ -352,29 +354,44 @@ async def test_entries_within_a_round_trip_of_an_answer_that_showed_room_do_not_
     assert budget.probes == 2
 
 
-async def test_an_engine_alone_on_its_account_never_probes_and_a_shared_one_stops_after_a_quiet_while() -> (
-    None
-):
-    """Probing costs the wave's other entries a round trip: only an account seen shared pays it."""
+async def test_an_engine_probes_its_entries_from_its_start_and_stops_after_a_quiet_while() -> None:
+    """Probing costs a wave's other entries a round trip, paid only on an account that may be shared. No
+    engine knows at its start that it is alone: its first wave sent whole into a window another client
+    had filled met five refusals at once, and a ban. Ten quiet minutes show it alone."""
     clock = ManualClock()
-    budget = _budget(clock, limit=100)
-    tasks = [asyncio.create_task(budget.acquire_entry(2)) for _ in range(5)]
+    budget = OrderBudget([RateBudget(limit=100, window_seconds=10.0)], clock)
+    first = [asyncio.create_task(budget.acquire_entry(2)) for _ in range(5)]
     await clock.settle()
-    assert all(t.done() for t in tasks)
-    assert budget.probes == 0
-    budget.observe(10.0, 5 + 60)  # the venue counts 60 orders in the window that are not ours
-    await clock.advance(PROBE_FRESH_SECONDS + 0.1)
-    shared = [asyncio.create_task(budget.acquire_entry(2)) for _ in range(3)]
-    await clock.settle()
-    assert sum(t.done() for t in shared) == 1
+    assert sum(t.done() for t in first) == 1
     assert budget.probes == 1
-    budget.entry_answered(next(t.result() for t in shared if t.done()), room=True)
+    budget.entry_answered(next(t.result() for t in first if t.done()), room=True)
     await clock.settle()
-    await clock.advance(CONTESTED_SECONDS)  # ten quiet minutes: alone again
+    assert all(t.done() for t in first)  # room: the others go together on the probe's answer
+    assert budget.probes == 1
+    await clock.advance(CONTESTED_SECONDS + 0.1)  # ten quiet minutes: alone
     quiet = [asyncio.create_task(budget.acquire_entry(2)) for _ in range(3)]
     await clock.settle()
     assert all(t.done() for t in quiet)
     assert budget.probes == 1
+    budget.observe(10.0, 8 + 60)  # the venue counts 60 orders in the window that are not ours
+    await clock.advance(PROBE_FRESH_SECONDS + 0.1)
+    shared = [asyncio.create_task(budget.acquire_entry(2)) for _ in range(3)]
+    await clock.settle()
+    assert sum(t.done() for t in shared) == 1
+    assert budget.probes == 2
+    await _cancel(shared)
+
+
+async def test_protective_orders_do_not_probe_at_the_engines_start() -> None:
+    """Only entries count the start as a sign of another client: a naked position's stops go at once
+    (they trust the probing entry's fresh answer, or go alone on an account never seen shared)."""
+    clock = ManualClock()
+    budget = OrderBudget([RateBudget(limit=100, window_seconds=10.0)], clock)
+    sends = [asyncio.create_task(budget.acquire_protective()) for _ in range(4)]
+    sends += [asyncio.create_task(budget.acquire_close()) for _ in range(2)]
+    await clock.settle()
+    assert all(t.done() for t in sends)
+    assert budget.probes == 0
 
 
 async def test_protective_orders_into_windows_no_answer_showed_room_in_probe_as_entries_do() -> None:
