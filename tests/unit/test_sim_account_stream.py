@@ -142,6 +142,28 @@ async def test_a_dropped_connection_loses_its_events_and_owes_a_gap(
     await reader.stop()
 
 
+async def test_a_reader_that_connects_while_the_stream_is_down_gets_nothing_until_it_is_back(
+    venue: SimVenue, clock: ManualClock
+) -> None:
+    """The outage is the venue's, not one connection's: a reader that connects during it (an engine's
+    stream task that subscribed a moment after the drop) hears nothing until it ends, then "connected"."""
+    venue.drop_account_stream(2.0)
+    reader = Reader(venue)
+    await settle(clock)
+    await call(clock, venue.create_market_order(SFP, OrderSide.BUY, QTY, client_order_id="lost-1"))
+    await settle(clock)
+    assert reader.events == []
+    assert not {s.name: s for s in venue.stream_states()}["account"].connected
+    await clock.advance(2.5)
+    await settle(clock)
+    await call(clock, venue.create_market_order(SFP, OrderSide.BUY, QTY, client_order_id="seen-1"))
+    await settle(clock)
+    assert [g.reason for g in reader.gaps()] == ["connected"]
+    assert [cid for cid, _status in reader.orders()] == ["seen-1"]
+    assert {s.name: s for s in venue.stream_states()}["account"].connected
+    await reader.stop()
+
+
 async def test_delayed_events_arrive_late_and_in_order(venue: SimVenue, clock: ManualClock) -> None:
     reader = Reader(venue)
     await settle(clock)

@@ -156,6 +156,7 @@ class SimVenue:
         self._account_event_delay: float | None = None  # None: the setting's delay
         self._account_last_event_at: float | None = None  # monotonic
         self._account_reconnects = 0
+        self._account_down_until: float | None = None  # monotonic end of the venue's stream outage
         self._marks_published_at: float | None = None  # monotonic
         self._mark_stalls: dict[str, float] = {}  # symbol -> monotonic end of its silent stall
 
@@ -262,12 +263,18 @@ class SimVenue:
         if not self._settings.account_stream.enabled:
             return
         subscription = _AccountSubscription()
+        clock = self._clock
+        down_until = self._account_down_until
+        if down_until is not None and down_until > clock.monotonic():
+            # The outage is the venue's: a connection made during it is down too, "connected" once it ends.
+            subscription.down_until = down_until
+            subscription.gap = StreamGap("account", since=clock.now(), reason="connected")
         if not self._account_subscribers:
             self._core.add_account_listener(self._on_account_event)
         self._account_subscribers.add(subscription)
-        clock = self._clock
         try:
-            yield StreamGap("account", since=clock.now(), reason="connected")
+            if subscription.down_until is None:
+                yield StreamGap("account", since=clock.now(), reason="connected")
             while not self._closed:
                 if subscription.down_until is not None:
                     wait = subscription.down_until - clock.monotonic()
@@ -275,8 +282,9 @@ class SimVenue:
                         await clock.sleep(wait)
                         continue
                     gap, subscription.gap, subscription.down_until = subscription.gap, None, None
-                    self._account_reconnects += 1
-                    logger.info("sim venue: account stream connected again")
+                    first = gap is not None and gap.reason == "connected"  # connected during the outage
+                    self._account_reconnects += 0 if first else 1
+                    logger.info("sim venue: account stream %s", "connected" if first else "connected again")
                     if gap is not None:
                         yield gap
                     continue
@@ -502,11 +510,13 @@ class SimVenue:
 
     def drop_account_stream(self, seconds: float, *, reason: str = "connection dropped (as asked)") -> None:
         """The account stream's connection drops now and is back after `seconds` of clock time: events
-        queued and made meanwhile are lost, and each reader gets a `StreamGap` when it is back."""
+        queued and made meanwhile are lost, and each reader gets a `StreamGap` when it is back. A reader
+        that connects meanwhile is down too until then."""
         if seconds < 0:
             raise ValueError("seconds must be >= 0")
         since = self._clock.now()
         until = self._clock.monotonic() + seconds
+        self._account_down_until = max(until, self._account_down_until or until)
         for subscription in self._account_subscribers:
             subscription.queue.clear()
             if subscription.down_until is None:
