@@ -334,6 +334,11 @@ class DashboardApp(App[int]):
         ids.update(self.detailed_positions)
         return ids
 
+    def _still_open(self, position_id: int) -> bool:
+        """Whether the engine holds this position now (not as the last frame showed it)."""
+        now = self.feed.snapshot(views_of=lambda _rows, _figures: {position_id})
+        return any(p.position_id == position_id for p in now.positions)
+
     def position_view(self, position_id: int) -> PositionView | None:
         """A position's latest view: from the last frame, or asked of the engine if the frame had none."""
         snapshot = self.last_snapshot
@@ -760,16 +765,24 @@ class DashboardApp(App[int]):
         def confirmed(yes: bool | None) -> None:
             if yes and self._watching_only:
                 self.send_to_engine(CommandKind.CLOSE, {"symbol": view.symbol}, f"Close {view.symbol}")
-            elif yes:
+            elif yes and self._still_open(view.position_id):
                 self.close_selected(view.position_id, view.symbol)
+            elif yes:
+                self.notify(f"{view.symbol} is no longer open: nothing to close.", severity="warning")
 
-        pnl = "" if view.pnl_percent is None else f", PnL {view.pnl_percent:+.2f}%"
+        def body() -> str:  # read again while the dialog is open: its PnL moves, its stop may close it
+            now = self.position_view(view.position_id)
+            if now is None:
+                return f"{view.symbol} (position {view.position_id}) is no longer open: nothing to close."
+            pnl = "" if now.pnl_percent is None else f", PnL {now.pnl_percent:+.2f}%"
+            return (
+                f"Close {now.side.upper()} {now.quantity} {now.symbol} (position {now.position_id}) at "
+                f"market, reduce-only{pnl}. Its stop-loss and trailing stop are cancelled after the fill."
+            )
+
         self.push_screen(
             ConfirmScreen(
-                f"Close {view.symbol}?",
-                f"Close {view.side.upper()} {view.quantity} {view.symbol} (position {view.position_id}) at "
-                f"market, reduce-only{pnl}. Its stop-loss and trailing stop are cancelled after the fill.",
-                confirm_label=f"Close {view.symbol}",
+                f"Close {view.symbol}?", body(), confirm_label=f"Close {view.symbol}", live_body=body
             ),
             confirmed,
         )
@@ -811,7 +824,14 @@ class DashboardApp(App[int]):
             self.shutdown()
             return
         self.push_screen(
-            ConfirmScreen("Quit tsbot-tui?", quit_warning(snapshot), confirm_label="Quit"), self._quit
+            ConfirmScreen(
+                "Quit tsbot-tui?",
+                quit_warning(snapshot),
+                confirm_label="Quit",
+                # A wave, a lost stop, a close while it is open: what quitting leaves is said as it is now.
+                live_body=lambda: quit_warning(self.feed.snapshot()),
+            ),
+            self._quit,
         )
 
     def _quit(self, yes: bool | None) -> None:

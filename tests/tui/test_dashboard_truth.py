@@ -66,6 +66,35 @@ async def test_quit_dialog_and_exit_line_never_say_a_position_inside_its_grace_p
         assert board.app.left_uncovered
 
 
+async def test_the_quit_dialog_says_what_quitting_leaves_now_not_when_it_opened(db: Database) -> None:
+    """The dialog's words were those of the moment `q` was pressed: left open while a wave came, it said
+    "2 of 2 open positions keep their stops" over a third position without any, and `y` then quit on it."""
+    settings = tui_settings(db, {"PROTECTION__GRACE_SECONDS": "600", "PROTECTION__CALL_TIMEOUT_SECONDS": "2"})
+    async with dashboard(settings) as board:
+        await started(board)
+        await board.open_positions(SYMBOLS[74:76])
+        await board.until(lambda: board.engine.snapshot().coverage.protected == 2, "2 covered")
+        await board.press("q")
+        confirm = board.app.screen
+        assert isinstance(confirm, ConfirmScreen)
+
+        def body() -> str:
+            return str(confirm.query_one("#confirm-body").content)  # type: ignore[attr-defined]
+
+        assert "2 of 2 open positions keep their stops on the exchange" in body()
+        assert "UNCOVERED" not in body()
+        # While it is open, a position comes whose stops the venue does not take.
+        board.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT, 1)
+        board.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 100_000)
+        await board.open_positions([SYMBOLS[76]])
+        await board.until(
+            lambda: "2 of 3 open positions keep their stops" in body(), "the dialog says 2 of 3"
+        )
+        assert "WARNING: 1 position is UNCOVERED right now" in body()
+        assert board.app.screen is confirm  # the same dialog, its words brought up to date
+        await board.press("n")
+
+
 async def test_enter_on_a_position_shows_every_field_and_its_stop_orders_venue_ids(db: Database) -> None:
     async with dashboard(tui_settings(db), size=(80, 24)) as board:
         await started(board)

@@ -318,3 +318,31 @@ async def _until_covered(engine, clock) -> None:
     from tests.support.driving import drive_until
 
     await drive_until(clock, lambda: engine.manager.guards and engine.snapshot().coverage.protected == 1)
+
+
+async def test_the_close_dialog_says_so_when_its_position_closed_while_it_was_open(db: Database) -> None:
+    """Its words were those of the moment `x` was pressed: the position closed meanwhile (its stop, say),
+    it still offered to close it, and `y` then said "the venue did not confirm the close; the position
+    stays protected" of a position that no longer existed."""
+    async with dashboard(tui_settings(db)) as board:
+        await started(board)
+        await board.open_positions([SYMBOLS[33]])
+        await board.until(lambda: board.engine.snapshot().coverage.protected == 1, "covered")
+        await board.until(lambda: board.positions.shown_symbols() == [SYMBOLS[33]], "shown")
+        await board.press("x")
+        confirm = board.app.screen
+        assert isinstance(confirm, ConfirmScreen)
+
+        def body() -> str:
+            return str(confirm.query_one("#confirm-body").content)  # type: ignore[attr-defined]
+
+        assert body().startswith("Close LONG ")
+        position_id = board.engine.snapshot().positions[0].position_id
+        assert await drive(board.clock, board.engine.close_position(position_id))  # closed meanwhile
+        await board.until(lambda: "is no longer open: nothing to close" in body(), "the dialog says it")
+        await board.press("y")
+        await board.until(
+            lambda: any(f"{SYMBOLS[33]} is no longer open" in d for d in board.log_details()),
+            "told nothing was closed",
+        )
+        assert not any("did not confirm the close" in d for d in board.log_details())
