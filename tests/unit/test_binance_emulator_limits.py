@@ -286,3 +286,25 @@ async def test_an_account_ban_for_order_violations_refuses_public_requests_too()
         assert f"banned until {T0_MS + 60_000}" in (banned.msg or "")
         assert (await r.ping()).status == 418
         assert (await r.state())["rate"]["banned_until_ms"] == T0_MS + 60_000
+
+
+async def test_a_ban_fault_puts_the_ban_it_answers_in_force() -> None:
+    """A 418 says "banned until T", and Binance refuses every request of the IP until then. The `ban`
+    fault answered so and then served the next request as if nothing had happened: a client that ignored
+    the 418 lost nothing here, and would be refused on the venue."""
+    async with rig() as r:
+        forced = await r.api.control(
+            "POST", "/_sim/fault", {"targets": ["GET:balance"], "fault": "ban", "count": 1}
+        )
+        assert forced.status == 200, forced.body
+
+        banned = await r.api.signed("GET", "/fapi/v2/balance")
+
+        assert (banned.status, banned.code, banned.headers["Retry-After"]) == (418, -1003, "2")
+        assert f"banned until {T0_MS + 2_000}" in (banned.msg or "")
+        for answer in (await r.ping(), await r.buy("during-ban")):  # other endpoints, public ones too
+            assert (answer.status, answer.code) == (418, -1003)
+        assert (await r.state())["rate"]["banned_until_ms"] == T0_MS + 2_000
+        await r.advance(2.0)
+        assert (await r.ping()).status == 200
+        assert (await r.buy("after-ban")).status == 200

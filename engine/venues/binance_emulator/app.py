@@ -102,6 +102,7 @@ LOOPBACK_HOST = "127.0.0.1"
 DEFAULT_RECV_WINDOW_MS = 5_000
 MAX_RECV_WINDOW_MS = 60_000
 CHILD_ORDER_ID_OFFSET = 1_000_000_000  # the regular order an algo order places when it triggers
+BAN_FAULT_SECONDS = 2.0  # the `ban` fault's ban (Binance's own start at 2 minutes: a test waits less)
 _ZERO = Decimal(0)
 
 _MSG_WOULD_TRIGGER = "Order would immediately trigger."
@@ -428,8 +429,12 @@ class BinanceEmulator:
             return BinanceError(500, -1000, "An unknown error occurred while processing the request.")
         if kind is EmulatorFaultKind.RATELIMIT:  # an answer only: the IP's real count is untouched
             return self._too_many_requests(ip, 1)
-        if kind is EmulatorFaultKind.BAN:  # an answer only: no ban is in force afterwards
-            return self._ban(ip, self.now() + 2.0)
+        if (
+            kind is EmulatorFaultKind.BAN
+        ):  # as on Binance, the ban it answers is in force: every request waits
+            until = self.now() + BAN_FAULT_SECONDS
+            self._weights.impose_ban(ip, until, self.now())
+            return self._ban(ip, until)
         return None
 
     def _translate(self, error: ExchangeError, endpoint: str, ip: str) -> BinanceError:

@@ -9,7 +9,7 @@ SPEC is a comma-separated list of rules `TARGET=FAULT[@PROBABILITY]`:
   `timeout` (executed, the answer is held back until the client has given up: an ambiguous outcome),
   `unknown` (executed, then HTTP 503 -1007 "execution status unknown"), `busy` (not executed: HTTP 503
   -1008, server overloaded), `error` (not executed: HTTP 500), `ratelimit` (not executed: HTTP 429 with
-  Retry-After), `ban` (not executed: HTTP 418 with the ban's end);
+  Retry-After), `ban` (not executed: HTTP 418, and the IP banned for 2 s: every request refused until then);
   or one of the order traits, drawn when an algo order is placed (POST algoOrder; the target must be able
   to match it: `POST:algoOrder`, `algoOrder` or `*`) and carried by that order for its life: `lag:SECONDS`
   (for SECONDS after placement the order answers GET/DELETE algoOrder with -2013 / -2011 and is missing
