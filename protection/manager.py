@@ -1133,6 +1133,10 @@ class PositionGuard:
             )
             return _Outcome.ABSENT
         except (ExchangeError, TimeoutError) as exc:
+            if isinstance(exc, RateLimited | Banned):
+                # The venue said when it answers again: asked then, not on our backoff clock (a look-up
+                # that met a 2 s ban waited 8 s in an emulator soak, its position without a hard stop).
+                self.retry_at = m.clock.monotonic() + refusal_seconds(exc, m.clock)
             self._note_failure(f"{why} {_what(order.purpose)}", f"outcome still unknown: {_short(exc)}")
             return _Outcome.RETRY
         if found.status is OrderStatus.NEW:
@@ -2825,10 +2829,7 @@ class ProtectionManager:
     def hold_orders_for(self, refusal: RateLimited | Banned) -> float:
         """The venue refused an order for its rate (429) or a ban (418): no order goes out until it said
         it takes them again. Returns the seconds of that hold."""
-        if isinstance(refusal, RateLimited):
-            wait = refusal.retry_after
-        else:
-            wait = max(0.0, refusal.until - self.clock.now())
+        wait = refusal_seconds(refusal, self.clock)
         self.budget.hold_until(self.clock.monotonic() + wait, banned=isinstance(refusal, Banned))
         return wait
 
@@ -3046,6 +3047,13 @@ def _record_status(status: OrderStatus) -> OrderRecordStatus:
         OrderStatus.CANCELED: OrderRecordStatus.CANCELED,
         OrderStatus.EXPIRED: OrderRecordStatus.EXPIRED,
     }[status]
+
+
+def refusal_seconds(refusal: RateLimited | Banned, clock: Clock) -> float:
+    """How long the venue said it refuses us: a 429's Retry-After, or what is left of a ban."""
+    if isinstance(refusal, RateLimited):
+        return refusal.retry_after
+    return max(0.0, refusal.until - clock.now())
 
 
 def _short(exc: BaseException) -> str:

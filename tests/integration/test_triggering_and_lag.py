@@ -21,6 +21,7 @@ from engine.exchange.errors import Banned, ExchangeError, RateLimited
 from engine.exchange.port import OrderSide, OrderType
 from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, FaultKind
+from engine.venues.sim.venue import FORCED_RETRY_AFTER_SECONDS
 from protection.manager import PositionGuard
 from storage.database import Database
 from tests.integration.engine_support import make_engine, until_closed_in_db
@@ -415,3 +416,49 @@ async def test_a_stop_that_fires_while_its_guard_waits_on_a_slow_read_is_taken_f
         # pass's 8 s reads.
         assert took < 2.5, f"flat {took:.2f} s after the stop fired"
         await drive(clock, restart)
+
+
+async def test_a_stops_look_up_the_venue_refuses_for_its_rate_is_asked_again_when_the_venue_says(
+    db: Database,
+) -> None:
+    """Emulator soak h38: a stop-loss's answer was lost, its look-ups by id went on (a guard's passes,
+    backing off once its grace was over), and one met a ban of 2 s. The guard asked again 8 s later, on its
+    own backoff clock: 14 s without a hard stop. A look-up the venue refuses for its rate (429 or 418) is
+    asked again when the venue says it answers again, as a refused placement is."""
+    settings = settings_for(db, {"VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "1.5", **GRACE_5})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    venue = engine.venue
+    assert isinstance(venue, SimVenue)
+    await drive(clock, engine.start())
+    try:
+        assert engine.manager is not None
+        assert engine.store is not None
+        manager = engine.manager
+        creates_before = venue.calls_made.get(CallKind.CREATE_ORDER, 0)
+        await engine.store.insert_signals([(SYMBOLS[24], "long", None, None)])
+        await drive_until(
+            clock,
+            lambda: venue.calls_made.get(CallKind.CREATE_ORDER, 0) == creates_before + 1,
+            what="the entry sent",
+            step=0.01,
+        )
+        # The next order (a stop) is placed and its answer lost; its look-ups fail before they leave, long
+        # enough for the guard's passes to back off past its grace; then one is refused for the rate.
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT)
+        venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 6)
+        venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.RATE_LIMITED)
+        await drive_until(clock, lambda: SYMBOLS[24] in manager.by_symbol, what="the position opened")
+        guard = manager.by_symbol[SYMBOLS[24]]
+        await drive_until(
+            clock, lambda: "HTTP 429" in (guard.last_error or ""), what="a look-up refused for the rate"
+        )
+        refused_at = clock.monotonic()
+        assert not guard.covered
+        await drive_until_covered(engine, clock, 1)
+        assert clock.monotonic() - refused_at <= FORCED_RETRY_AFTER_SECONDS + 0.5
+        assert _live_kinds(venue, clock, guard.symbol) == Counter(
+            {OrderType.STOP_MARKET: 1, OrderType.TRAILING_STOP_MARKET: 1}
+        )
+    finally:
+        await drive(clock, engine.stop())
