@@ -422,6 +422,7 @@ class PositionGuard:
         # start-up report waits for the look-up after the lag instead of calling live stops failed.
         self.first_pass = asyncio.Event()
         self._waiting_out_lag = False  # this pass found an order not readable yet within the lag window
+        self._failed_this_pass = False  # this pass met a failure (`_note_failure`, a create that failed)
         self._interrupted = False  # the last pass was cut short by an urgent command
         self.passes_started = 0  # protection passes begun so far
         self._last_finished_pass = 0  # the number of the last pass that ended (converged or not)
@@ -557,7 +558,11 @@ class PositionGuard:
                     self.failures = 0
                     await self.wake.wait()
                 else:
-                    self.failures += 1  # one per pass, however many of its orders failed
+                    # One per pass, however many of its orders failed. A pass that only waited out the
+                    # venue's read lag met no failure: counted, it made the first real failure after a 5 s
+                    # lag back off as a sixth (30 s, its position without a hard stop, in a soak).
+                    if self._failed_this_pass or not self._waiting_out_lag:
+                        self.failures += 1
                     delay = self._retry_delay(self.failures)
                     self.retry_at = None
                     await _first_of(self.wake.wait(), clock.sleep(delay))
@@ -582,6 +587,7 @@ class PositionGuard:
         self.passes_started += 1
         number = self.passes_started
         self._waiting_out_lag = False
+        self._failed_this_pass = False
         self._interrupted = False
         try:
             return await self._run_pass()
@@ -1479,6 +1485,7 @@ class PositionGuard:
             state = f"{self.symbol} {covered_words}, retrying in {retry_in:.1f}s"
             severity = Severity.WARNING if still_covered else Severity.ERROR
             self.last_error = f"create {what}: {_FAILURE_WORDS[failure]} ({detail})"
+            self._failed_this_pass = True
         message = (
             f"{_FAILURE_PHRASE[failure]} {what} for {self.symbol} after {latency:.1f}s ({answer}): {detail}; "
             f"{state}"
@@ -2112,6 +2119,7 @@ class PositionGuard:
     ) -> None:
         m = self._m
         self.last_error = f"{operation}: {error}"
+        self._failed_this_pass = True
         # The next pass's order waits for the venue to take orders again (a 429's hold, a ban): say when.
         retry_in = max(self._retry_delay(self.failures + 1), m.budget.held_for() or 0.0)
         # Only say "unprotected" when it is true: a failed trail move leaves the confirmed stops in place.

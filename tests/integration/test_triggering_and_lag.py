@@ -462,3 +462,54 @@ async def test_a_stops_look_up_the_venue_refuses_for_its_rate_is_asked_again_whe
         )
     finally:
         await drive(clock, engine.stop())
+
+
+async def test_passes_that_waited_out_the_read_lag_do_not_lengthen_the_backoff_of_a_real_failure(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Emulator soak h38: a stop-loss answered HTTP 500 was looked up by its id once a second through the
+    venue's 5 s read lag ("not visible yet": no failure, and said so); the first look-up after it met a
+    server error, and the guard waited 30 s to ask again, its position past grace without a hard stop.
+    Each pass that waited out the lag had counted as a failure, so the first real one backed off as a
+    sixth. Waiting out a documented lag is not a failure: the backoff counts failures only."""
+    caplog.set_level(logging.INFO, logger="protection")
+    settings = settings_for(db, {"VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "1.5", **GRACE_5})
+    clock = ManualClock()
+    engine = make_engine(settings, clock, read_lag=5.0)
+    venue = engine.venue
+    assert isinstance(venue, SimVenue)
+    await drive(clock, engine.start())
+    try:
+        assert engine.manager is not None
+        assert engine.store is not None
+        manager = engine.manager
+        creates_before = venue.calls_made.get(CallKind.CREATE_ORDER, 0)
+        await engine.store.insert_signals([(SYMBOLS[25], "long", None, None)])
+        await drive_until(
+            clock,
+            lambda: venue.calls_made.get(CallKind.CREATE_ORDER, 0) == creates_before + 1,
+            what="the entry sent",
+            step=0.01,
+        )
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT)  # a stop's answer lost
+        await drive_until(clock, lambda: SYMBOLS[25] in manager.by_symbol, what="the position opened")
+        guard = manager.by_symbol[SYMBOLS[25]]
+
+        def lag_waits() -> int:
+            return sum(1 for r in caplog.records if "not visible yet" in r.getMessage())
+
+        await drive_until(clock, lambda: lag_waits() >= 4, what="the read lag waited out four times")
+        venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.SERVER_ERROR)  # the next look-up's answer
+        await drive_until(
+            clock, lambda: "HTTP 500" in (guard.last_error or ""), what="a look-up met a server error"
+        )
+        failed_at = clock.monotonic()
+        assert not guard.covered
+        await drive_until_covered(engine, clock, 1)
+        # Two failures (the create's lost answer, this look-up), not one per pass that waited out the lag.
+        assert clock.monotonic() - failed_at <= manager.backoff(2) + 0.5
+        assert _live_kinds(venue, clock, guard.symbol) == Counter(
+            {OrderType.STOP_MARKET: 1, OrderType.TRAILING_STOP_MARKET: 1}
+        )
+    finally:
+        await drive(clock, engine.stop())
