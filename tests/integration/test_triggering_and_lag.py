@@ -63,6 +63,47 @@ async def _one_guarded_position(
         await drive(clock, engine.stop())
 
 
+@contextlib.asynccontextmanager
+async def _a_stops_answer_lost(
+    db: Database,
+    symbol: str,
+    overrides: dict[str, str] | None = None,
+    *,
+    read_lag: float | None = None,
+    look_ups: tuple[tuple[FaultKind, int], ...] = (),
+) -> AsyncIterator[tuple[Engine, SimVenue, ManualClock, PositionGuard]]:
+    """An engine on the sim venue (virtual time; it gives up on a request after 1.5 s) with one position on
+    `symbol` whose first stop sent is placed on the venue and its answer lost, and whose look-ups by id
+    meet `look_ups` (fault, count) first; yielded as soon as its guard exists, stopped after. The fault is
+    set once the entry is sent (asked for before the entry's answer, under load the stops had gone out
+    before the test looked)."""
+    settings = settings_for(db, {"VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "1.5", **(overrides or {})})
+    clock = ManualClock()
+    engine = make_engine(settings, clock, read_lag=read_lag)
+    venue = engine.venue
+    assert isinstance(venue, SimVenue)
+    await drive(clock, engine.start())
+    try:
+        assert engine.manager is not None
+        assert engine.store is not None
+        manager = engine.manager
+        creates_before = venue.calls_made.get(CallKind.CREATE_ORDER, 0)
+        await engine.store.insert_signals([(symbol, "long", None, None)])
+        await drive_until(
+            clock,
+            lambda: venue.calls_made.get(CallKind.CREATE_ORDER, 0) == creates_before + 1,
+            what="the entry sent",
+            step=0.01,
+        )
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT)
+        for fault, count in look_ups:
+            venue.inject_fault(CallKind.FETCH_ORDER, fault, count)
+        await drive_until(clock, lambda: symbol in manager.by_symbol, what="the position opened")
+        yield engine, venue, clock, manager.by_symbol[symbol]
+    finally:
+        await drive(clock, engine.stop())
+
+
 async def test_a_stop_sitting_in_triggering_is_uncovered_then_the_fill_closes_the_position(
     db: Database,
 ) -> None:
@@ -217,41 +258,17 @@ async def test_waiting_out_the_venues_read_lag_is_said_as_information_not_as_a_f
     it out, uncovered in the meantime — but that is no failure: not an ERROR per look, which taught
     operators to skip the real ones (an emulator run logged one per stop per pass)."""
     caplog.set_level(logging.INFO, logger="protection")
-    # The venue gives up on a request after 1.5 s, and its reads lag its writes by 3 s.
-    settings = settings_for(db, {"VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "1.5"})
-    clock = ManualClock()
-    engine = make_engine(settings, clock, read_lag=3.0)
-    venue = engine.venue
-    assert isinstance(venue, SimVenue)
-    await drive(clock, engine.start())
-    try:
-        assert engine.manager is not None
-        assert engine.store is not None
-        creates_before = venue.calls_made.get(CallKind.CREATE_ORDER, 0)
-        await engine.store.insert_signals([(SYMBOLS[18], "long", None, None)])
-        # Once the entry is sent, the next order is a stop (asked for before the entry's answer, under load
-        # the stops had gone out before the test looked): its answer is lost, it is on the venue, and the
-        # guard asks for it by id at once.
-        await drive_until(
-            clock,
-            lambda: venue.calls_made.get(CallKind.CREATE_ORDER, 0) == creates_before + 1,
-            what="the entry sent",
-            step=0.01,
-        )
-        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT)
-        manager = engine.manager
-        await drive_until(clock, lambda: SYMBOLS[18] in manager.by_symbol, what="the position opened")
-        guard = manager.by_symbol[SYMBOLS[18]]
+    # A reconcile pass right after finds the stop missing from the venue's lagging lists (reads lag writes
+    # by 3 s) and the guard asks for it by id at once.
+    async with _a_stops_answer_lost(db, SYMBOLS[18], read_lag=3.0) as (engine, venue, clock, guard):
         await drive_until_covered(engine, clock, 1)
-        # The entry and the two stops: nothing sent twice.
-        assert venue.calls_made.get(CallKind.CREATE_ORDER, 0) - creates_before == 3
+        # The entry and the two stops on a fresh venue: nothing sent twice.
+        assert venue.calls_made.get(CallKind.CREATE_ORDER, 0) == 3
         waits = [r for r in caplog.records if "not visible yet" in r.getMessage()]
         assert waits, "the wait for the venue's reads is said"
         assert {r.levelno for r in waits} == {logging.INFO}
         assert not any("failed" in r.getMessage() for r in waits)
         assert guard.covered
-    finally:
-        await drive(clock, engine.stop())
 
 
 async def test_a_ban_the_sim_venue_answers_holds_the_engines_requests_until_it_ends(db: Database) -> None:
@@ -425,31 +442,15 @@ async def test_a_stops_look_up_the_venue_refuses_for_its_rate_is_asked_again_whe
     backing off once its grace was over), and one met a ban of 2 s. The guard asked again 8 s later, on its
     own backoff clock: 14 s without a hard stop. A look-up the venue refuses for its rate (429 or 418) is
     asked again when the venue says it answers again, as a refused placement is."""
-    settings = settings_for(db, {"VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "1.5", **GRACE_5})
-    clock = ManualClock()
-    engine = make_engine(settings, clock)
-    venue = engine.venue
-    assert isinstance(venue, SimVenue)
-    await drive(clock, engine.start())
-    try:
-        assert engine.manager is not None
-        assert engine.store is not None
-        manager = engine.manager
-        creates_before = venue.calls_made.get(CallKind.CREATE_ORDER, 0)
-        await engine.store.insert_signals([(SYMBOLS[24], "long", None, None)])
-        await drive_until(
-            clock,
-            lambda: venue.calls_made.get(CallKind.CREATE_ORDER, 0) == creates_before + 1,
-            what="the entry sent",
-            step=0.01,
-        )
-        # The next order (a stop) is placed and its answer lost; its look-ups fail before they leave, long
-        # enough for the guard's passes to back off past its grace; then one is refused for the rate.
-        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT)
-        venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 6)
-        venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.RATE_LIMITED)
-        await drive_until(clock, lambda: SYMBOLS[24] in manager.by_symbol, what="the position opened")
-        guard = manager.by_symbol[SYMBOLS[24]]
+    # Its look-ups fail before they leave, long enough for the guard's passes to back off past its grace;
+    # then one is refused for the rate.
+    look_ups = ((FaultKind.NETWORK_ERROR_BEFORE_SEND, 6), (FaultKind.RATE_LIMITED, 1))
+    async with _a_stops_answer_lost(db, SYMBOLS[24], GRACE_5, look_ups=look_ups) as (
+        engine,
+        venue,
+        clock,
+        guard,
+    ):
         await drive_until(
             clock, lambda: "HTTP 429" in (guard.last_error or ""), what="a look-up refused for the rate"
         )
@@ -460,8 +461,6 @@ async def test_a_stops_look_up_the_venue_refuses_for_its_rate_is_asked_again_whe
         assert _live_kinds(venue, clock, guard.symbol) == Counter(
             {OrderType.STOP_MARKET: 1, OrderType.TRAILING_STOP_MARKET: 1}
         )
-    finally:
-        await drive(clock, engine.stop())
 
 
 async def test_passes_that_waited_out_the_read_lag_do_not_lengthen_the_backoff_of_a_real_failure(
@@ -473,27 +472,7 @@ async def test_passes_that_waited_out_the_read_lag_do_not_lengthen_the_backoff_o
     Each pass that waited out the lag had counted as a failure, so the first real one backed off as a
     sixth. Waiting out a documented lag is not a failure: the backoff counts failures only."""
     caplog.set_level(logging.INFO, logger="protection")
-    settings = settings_for(db, {"VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "1.5", **GRACE_5})
-    clock = ManualClock()
-    engine = make_engine(settings, clock, read_lag=5.0)
-    venue = engine.venue
-    assert isinstance(venue, SimVenue)
-    await drive(clock, engine.start())
-    try:
-        assert engine.manager is not None
-        assert engine.store is not None
-        manager = engine.manager
-        creates_before = venue.calls_made.get(CallKind.CREATE_ORDER, 0)
-        await engine.store.insert_signals([(SYMBOLS[25], "long", None, None)])
-        await drive_until(
-            clock,
-            lambda: venue.calls_made.get(CallKind.CREATE_ORDER, 0) == creates_before + 1,
-            what="the entry sent",
-            step=0.01,
-        )
-        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT)  # a stop's answer lost
-        await drive_until(clock, lambda: SYMBOLS[25] in manager.by_symbol, what="the position opened")
-        guard = manager.by_symbol[SYMBOLS[25]]
+    async with _a_stops_answer_lost(db, SYMBOLS[25], GRACE_5, read_lag=5.0) as (engine, venue, clock, guard):
 
         def lag_waits() -> int:
             return sum(1 for r in caplog.records if "not visible yet" in r.getMessage())
@@ -507,9 +486,8 @@ async def test_passes_that_waited_out_the_read_lag_do_not_lengthen_the_backoff_o
         assert not guard.covered
         await drive_until_covered(engine, clock, 1)
         # Two failures (the create's lost answer, this look-up), not one per pass that waited out the lag.
-        assert clock.monotonic() - failed_at <= manager.backoff(2) + 0.5
+        assert engine.manager is not None
+        assert clock.monotonic() - failed_at <= engine.manager.backoff(2) + 0.5
         assert _live_kinds(venue, clock, guard.symbol) == Counter(
             {OrderType.STOP_MARKET: 1, OrderType.TRAILING_STOP_MARKET: 1}
         )
-    finally:
-        await drive(clock, engine.stop())

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC
 
 from textual.pilot import Pilot
-from textual.widgets import Label
+from textual.widgets import Label, Static
 
 from engine.clock import ManualClock
 from engine.config import Settings
@@ -23,6 +23,7 @@ from storage.database import Database
 from tests.integration.engine_support import engine_settings, make_engine
 from tests.support.driving import drive, drive_until
 from tui.app import DashboardApp
+from tui.screens.confirm import ConfirmScreen
 from tui.widgets.coverage import CoverageGauge
 from tui.widgets.event_log import EventLog
 from tui.widgets.positions import PositionsTable
@@ -63,6 +64,12 @@ class Dashboard:
     def status_text(self) -> str:
         bar = self.app.query_one(StatusBar)
         return " ".join(str(label.content) for label in bar.query(Label))
+
+    def confirm_body(self) -> str:
+        """The words of the question on screen (a `ConfirmScreen`), as it shows them now."""
+        confirm = self.app.screen
+        assert isinstance(confirm, ConfirmScreen), confirm
+        return str(confirm.query_one("#confirm-body", Static).content)
 
     def uncovered_text(self) -> str:
         return str(self.app.query_one(CoverageGauge).query_one("#uncovered", Label).content)

@@ -20,7 +20,6 @@ from tests.tui.snapshots import svg_to_text
 from tui import formatting
 from tui.app import RunningWave
 from tui.feed import ReadOnlyFeed
-from tui.screens.confirm import ConfirmScreen
 from tui.screens.info import LeaseHeldScreen
 from tui.screens.position import PositionDetailScreen
 
@@ -50,9 +49,7 @@ async def test_quit_dialog_and_exit_line_never_say_a_position_inside_its_grace_p
         await board.until(lambda: board.uncovered_text() == "uncovered 0 (1 protecting)", "inside grace")
 
         await board.press("q")
-        confirm = board.app.screen
-        assert isinstance(confirm, ConfirmScreen)
-        body = str(confirm.query_one("#confirm-body").content)  # type: ignore[attr-defined]
+        body = board.confirm_body()
         assert "UNCOVERED" in body  # said of the position inside its grace period
         assert "2 of 3 open positions keep their stops on the exchange" in body
         assert "WARNING: 1 position is UNCOVERED right now, 1 of them inside their grace period" in body
@@ -76,11 +73,7 @@ async def test_the_quit_dialog_says_what_quitting_leaves_now_not_when_it_opened(
         await board.until(lambda: board.engine.snapshot().coverage.protected == 2, "2 covered")
         await board.press("q")
         confirm = board.app.screen
-        assert isinstance(confirm, ConfirmScreen)
-
-        def body() -> str:
-            return str(confirm.query_one("#confirm-body").content)  # type: ignore[attr-defined]
-
+        body = board.confirm_body
         assert "2 of 2 open positions keep their stops on the exchange" in body()
         assert "UNCOVERED" not in body()
         # While it is open, a position comes whose stops the venue does not take.

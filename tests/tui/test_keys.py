@@ -134,9 +134,7 @@ async def test_x_closes_the_selected_position_after_confirmation(db: Database) -
         assert target.symbol == SYMBOLS[31]
 
         await board.press("x")
-        confirm = board.app.screen
-        assert isinstance(confirm, ConfirmScreen)
-        assert target.symbol in str(confirm.query_one("#confirm-body").content)  # type: ignore[attr-defined]
+        assert target.symbol in board.confirm_body()
         await board.press("n")  # cancelled: nothing happens
         assert board.positions.row_count == 2
 
@@ -211,9 +209,7 @@ async def test_q_asks_while_positions_are_open_then_stops_the_engine_and_leaves_
         await board.open_positions(SYMBOLS[50:52])
         await board.until(lambda: board.engine.snapshot().coverage.protected == 2, "2 covered")
         await board.press("q")
-        confirm = board.app.screen
-        assert isinstance(confirm, ConfirmScreen)
-        body = str(confirm.query_one("#confirm-body").content)  # type: ignore[attr-defined]
+        body = board.confirm_body()
         assert "Exchange stops stay in place: 2 of 2 open positions keep their stops on the exchange" in body
         assert "UNCOVERED" not in body
         assert "Managed trailing stops (2 now) stop moving until the engine is restarted" in body
@@ -330,12 +326,7 @@ async def test_the_close_dialog_says_so_when_its_position_closed_while_it_was_op
         await board.until(lambda: board.engine.snapshot().coverage.protected == 1, "covered")
         await board.until(lambda: board.positions.shown_symbols() == [SYMBOLS[33]], "shown")
         await board.press("x")
-        confirm = board.app.screen
-        assert isinstance(confirm, ConfirmScreen)
-
-        def body() -> str:
-            return str(confirm.query_one("#confirm-body").content)  # type: ignore[attr-defined]
-
+        body = board.confirm_body
         assert body().startswith("Close LONG ")
         position_id = board.engine.snapshot().positions[0].position_id
         assert await drive(board.clock, board.engine.close_position(position_id))  # closed meanwhile
