@@ -429,9 +429,8 @@ class BinanceEmulator:
             return BinanceError(500, -1000, "An unknown error occurred while processing the request.")
         if kind is EmulatorFaultKind.RATELIMIT:  # an answer only: the IP's real count is untouched
             return self._too_many_requests(ip, 1)
-        if (
-            kind is EmulatorFaultKind.BAN
-        ):  # as on Binance, the ban it answers is in force: every request waits
+        if kind is EmulatorFaultKind.BAN:
+            # As on Binance, the ban it answers is in force: every request is refused until its end.
             until = self.now() + BAN_FAULT_SECONDS
             self._weights.impose_ban(ip, until, self.now())
             return self._ban(ip, until)
