@@ -95,6 +95,20 @@ async def _two(rows: Awaitable[list[Any]]) -> bool:
     return len(await rows) == 2
 
 
+async def _wave_opens_without_a_ban(run: ChaosRun, symbols: list[str], *, limit: float) -> float:
+    """Send a wave on `symbols` and wait until every one is open and protected, or the venue bans the
+    account (then fail, saying for how long); returns the seconds it took."""
+    await run.wave(len(symbols), symbols=symbols)
+    waited = await run.until(
+        lambda: run.banned_for() is not None or (set(symbols) <= set(run.held()) and run.converged()),
+        limit=limit,
+        what="the wave opened and protected",
+    )
+    ban = run.banned_for()
+    assert ban is None, f"the venue banned the account for {ban:.0f} s"
+    return waited
+
+
 async def test_a_naked_positions_first_refused_stops_are_sent_again_at_once(db: Database) -> None:
     """Both stops of a new position are refused before execution (HTTP 500): nothing was placed, the
     position is naked, and the same ids may go again. The first retry is one round trip later, not after
@@ -337,15 +351,7 @@ async def test_a_wave_sent_into_an_order_window_another_client_filled_costs_one_
         await run.a_window_starts()
         spare, *symbols = run.free_symbols(n + 1)
         assert run.neighbour_fills_order_window(spare) > 0
-        await run.wave(n, symbols=symbols)
-        waited = await run.until(
-            lambda: run.banned_for() is not None or (set(symbols) <= set(run.held()) and run.converged()),
-            limit=30,
-            what="the signals opened and protected",
-        )
-        ban = run.banned_for()
-        assert ban is None, f"the venue banned the account for {ban:.0f} s"
-        return waited
+        return await _wave_opens_without_a_ban(run, symbols, limit=30)
 
     try:
         # Protected after the window's end (< 9 s away) and a few round trips and database writes, each
@@ -444,14 +450,7 @@ async def test_a_wave_right_after_an_order_answer_is_not_sent_blind_into_a_windo
         # ... then the other client fills it, and a wave follows within the second.
         assert run.neighbour_fills_order_window(spare) > 0
         symbols = run.free_symbols(WAVE_SIZE)
-        await run.wave(WAVE_SIZE, symbols=symbols)
-        await run.until(
-            lambda: run.banned_for() is not None or (set(symbols) <= set(run.held()) and run.converged()),
-            limit=20,
-            what="the wave opened and protected",
-        )
-        ban = run.banned_for()
-        assert ban is None, f"the venue banned the account for {ban:.0f} s"
+        await _wave_opens_without_a_ban(run, symbols, limit=20)
         await run.finish_background()
         await run.settle()
         run.verdict(coverage_at_least=95.0)
@@ -515,14 +514,7 @@ async def test_an_engines_first_wave_into_an_order_window_another_client_filled_
         await run.a_window_starts()
         spare, *symbols = run.free_symbols(WAVE_SIZE + 1)
         assert run.neighbour_fills_order_window(spare) > 0
-        await run.wave(WAVE_SIZE, symbols=symbols)
-        await run.until(
-            lambda: run.banned_for() is not None or (set(symbols) <= set(run.held()) and run.converged()),
-            limit=30,
-            what="the wave opened and protected",
-        )
-        ban = run.banned_for()
-        assert ban is None, f"the venue banned the account for {ban:.0f} s"
+        await _wave_opens_without_a_ban(run, symbols, limit=30)
         assert run.rate_violations() == 1
         await run.settle()
         run.verdict(coverage_at_least=95.0)
