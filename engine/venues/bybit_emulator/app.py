@@ -508,7 +508,7 @@ class BybitEmulator:
                         return BybitError(TOO_MANY_VISITS, "Too many visits!", headers=headers).response(
                             self.now()
                         )
-            response = await self._serve(request.method, endpoint, handler, params)
+            response = await self._serve(request.method, endpoint, handler, params, ip)
             self.streams.account_changed()  # what the request changed reaches the private topics
             for name, value in headers.items():
                 response.headers[name] = value
@@ -517,13 +517,15 @@ class BybitEmulator:
         return handle
 
     async def _serve(
-        self, method: str, endpoint: str, handler: Callable[[_Request], Any], params: dict[str, Any]
+        self, method: str, endpoint: str, handler: Callable[[_Request], Any], params: dict[str, Any], ip: str
     ) -> web.Response:
         fault = self.faults.draw(method, endpoint)
         if self.faults.base_latency_ms:
             await asyncio.sleep(self.faults.base_latency_ms / 1000)
         if fault is not None:
             refusal = _refusal(fault.kind)
+            if fault.kind is EmulatorFaultKind.BAN:  # as on Bybit, the 403 is the start of the IP's ban
+                self.limits.ban(ip, self.now())
             if refusal is not None:
                 logger.info("emulator: fault %s on %s %s (not executed)", fault.kind, method, endpoint)
                 return refusal if isinstance(refusal, web.Response) else refusal.response(self.server_time())

@@ -11,7 +11,8 @@ client sees, on Bybit's wire:
   cannot tell whether it was executed);
 * `error`: not executed, HTTP 500;
 * `ratelimit`: not executed, HTTP 200 `retCode` 10006 "Too many visits!" (an answer only);
-* `ban`: not executed, HTTP 403 "access too frequent" (an answer only: no ban is in force afterwards);
+* `ban`: not executed, HTTP 403 "access too frequent", and the IP banned as Bybit bans it (the limiter's
+  `ban_seconds`, 10 minutes by default): every request until then gets the same 403;
 * `async:SECONDS` (`POST:order/create` only): executed as Bybit documents order creation, asynchronously:
   answered at once with the order's ids, the market order `New` (in `order/realtime`, on the `order`
   topic) and no position for SECONDS, then filled (its execution, the position, a `stopLoss` sent with

@@ -61,11 +61,16 @@ class BybitLimiter:
         while state.seen and state.seen[0] <= now - IP_WINDOW_SECONDS:
             state.seen.popleft()
         if len(state.seen) >= self.ip_limit:
-            state.banned_until = now + self.ban_seconds
-            state.seen.clear()
-            return state.banned_until
+            return self.ban(ip, now)
         state.seen.append(now)
         return None
+
+    def ban(self, ip: str, now: float) -> float:
+        """Ban `ip` from `now` for `ban_seconds` (what a 403 means, however it came about); its end."""
+        state = self._ips.setdefault(ip, _IpState())
+        state.banned_until = max(state.banned_until, now + self.ban_seconds)
+        state.seen.clear()
+        return state.banned_until
 
     def banned_until(self, ip: str, now: float) -> float | None:
         state = self._ips.get(ip)
