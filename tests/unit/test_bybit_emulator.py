@@ -392,6 +392,21 @@ async def test_forced_faults_answer_in_bybit_words(fault: str, code: int) -> Non
     assert after[1]["retCode"] == 0
 
 
+async def test_a_ratelimit_fault_answers_with_the_endpoints_limit_headers() -> None:
+    # Bybit's 10006 carries the endpoint's X-Bapi-Limit headers, which say when the endpoint may be asked
+    # again. The fault answered without them, so a client could not tell which endpoint was full, nor when.
+    async with emulator() as client:
+        await client.control("fault", call="fetch_positions", fault="ratelimit")
+        before = int(client.emulator.now() * 1000)
+        status, body, headers = await client.get("/v5/position/list", category="linear", settleCoin="USDT")
+        after = int(client.emulator.now() * 1000)
+
+    assert (status, body["retCode"]) == (200, 10006)
+    assert headers["X-Bapi-Limit"] == "50"
+    assert headers["X-Bapi-Limit-Status"] == "0"
+    assert before < int(headers["X-Bapi-Limit-Reset-Timestamp"]) <= after + 1000
+
+
 async def test_a_ban_fault_puts_bybits_ip_ban_in_force() -> None:
     # Bybit's 403 "access too frequent" is the start of a ban of the IP (10 minutes): the fault answered
     # it and served the next request, so a client that ignored the 403 lost nothing on the emulator.

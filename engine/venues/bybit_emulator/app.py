@@ -86,7 +86,7 @@ from engine.venues.bybit_emulator.faults import (
     parse_target,
     require_order_create_target,
 )
-from engine.venues.bybit_emulator.limits import BybitLimiter
+from engine.venues.bybit_emulator.limits import ENDPOINT_WINDOW_SECONDS, BybitLimiter
 from engine.venues.bybit_emulator.streams import BybitStreamHub, StreamRows, stream_signature
 from engine.venues.sim.control_api import advance_seconds, control_body, require_loopback
 from engine.venues.sim.core import DEFAULT_ACCOUNT, SimCore
@@ -508,22 +508,36 @@ class BybitEmulator:
                         return BybitError(TOO_MANY_VISITS, "Too many visits!", headers=headers).response(
                             self.now()
                         )
-            response = await self._serve(request.method, endpoint, handler, params, ip)
+            response = await self._serve(request.method, endpoint, handler, params, ip, headers)
             self.streams.account_changed()  # what the request changed reaches the private topics
             for name, value in headers.items():
-                response.headers[name] = value
+                response.headers.setdefault(name, value)  # a refusal's own count stands
             return response
 
         return handle
 
     async def _serve(
-        self, method: str, endpoint: str, handler: Callable[[_Request], Any], params: dict[str, Any], ip: str
+        self,
+        method: str,
+        endpoint: str,
+        handler: Callable[[_Request], Any],
+        params: dict[str, Any],
+        ip: str,
+        limit_headers: dict[str, str],
     ) -> web.Response:
+        """Serve one admitted request (`limit_headers`: its endpoint's count, when the endpoint is limited)."""
         fault = self.faults.draw(method, endpoint)
         if self.faults.base_latency_ms:
             await asyncio.sleep(self.faults.base_latency_ms / 1000)
         if fault is not None:
             refusal = _refusal(fault.kind)
+            if isinstance(refusal, BybitError) and refusal.code == TOO_MANY_VISITS and limit_headers:
+                # Bybit's 10006 carries the endpoint's limit headers, the window full until it frees
+                refusal.headers = {
+                    **limit_headers,
+                    bybit_limits.LIMIT_STATUS_HEADER: "0",
+                    bybit_limits.LIMIT_RESET_HEADER: str(_ms(self.now() + ENDPOINT_WINDOW_SECONDS)),
+                }
             if fault.kind is EmulatorFaultKind.BAN:  # as on Bybit, the 403 is the start of the IP's ban
                 self.limits.ban(ip, self.now())
             if refusal is not None:

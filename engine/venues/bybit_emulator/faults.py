@@ -10,7 +10,8 @@ client sees, on Bybit's wire:
 * `busy`: not executed, HTTP 200 `retCode` 10016 "Internal server error" (Bybit's server error: the client
   cannot tell whether it was executed);
 * `error`: not executed, HTTP 500;
-* `ratelimit`: not executed, HTTP 200 `retCode` 10006 "Too many visits!" (an answer only);
+* `ratelimit`: not executed, HTTP 200 `retCode` 10006 "Too many visits!" (an answer only), on a limited
+  endpoint with its `X-Bapi-Limit` headers: none left, the reset a second on;
 * `ban`: not executed, HTTP 403 "access too frequent", and the IP banned as Bybit bans it (the limiter's
   `ban_seconds`, 10 minutes by default): every request until then gets the same 403;
 * `async:SECONDS` (`POST:order/create` only): executed as Bybit documents order creation, asynchronously:
