@@ -1,7 +1,7 @@
 """Chaos soak: a running engine, waves of signals, moving marks and faults of every kind, judged on the
 venue's truth for N minutes of real time.
 
-    python bench/chaos_soak.py --minutes N [--fault-rate 0.05] [--venue sim|emulator] [--json]
+    python bench/chaos_soak.py --minutes N [--fault-rate 0.05] [--venue sim|emulator|bybit-emulator] [--json]
         [--wave-every 4] [--wave-size 5] [--volatility 20] [--seed 42] [--breaker-auto-resume 30]
         [--details DIR] [--log-level INFO]
 
@@ -26,6 +26,12 @@ times, and the failures are reported (`failed_starts`).
   `error` (500), `ratelimit` (429) and `ban` (418, 2 s), plus, on stop placements, `lag:1`
   (read-after-write lag) and `triggering:2` (a fired stop sits 2 s TRIGGERING) at the same rate and
   `stuck` at a fifth of it; marks from the emulator's own walk at `--volatility`.
+* `--venue bybit-emulator`: `tsbot sim-exchange --venue bybit` the same way (the engine's venue kind
+  `bybit`), its `--faults` at `--fault-rate` on every endpoint, split evenly between `timeout`, `unknown`
+  (HTTP 502), `busy` (10016), `error` (500) and `ratelimit` (10006 with its endpoint's limit headers),
+  plus entries executed asynchronously (`POST:order/create=async:2`: answered at once, filled 2 s later)
+  at the same rate; no `ban` (`bybit_emulator_faults` says why). Bybit's stops are fields of the
+  position, read as such by the auditor (`BybitEmulatorTruth`).
 
 Every `--wave-every` seconds a wave of `--wave-size` signals on symbols neither the venue holds nor the
 engine guards is inserted into `monitoring.signals` (alternately long and short). Every second, each of
@@ -124,6 +130,7 @@ from storage.database import ensure_database_exists
 from storage.embedded import EmbeddedPostgres, start_embedded
 from tests.support.auditor import (
     AuditLimits,
+    BybitEmulatorTruth,
     EmulatorTruth,
     InvariantAuditor,
     PostgresTruth,
@@ -216,6 +223,27 @@ def emulator_faults(rate: float) -> str:
     rules += [f"POST:algoOrder=lag:1@{rate:g}", f"POST:algoOrder=triggering:2@{rate:g}"]
     rules += [f"POST:algoOrder=stuck@{rate / 5:g}"]
     return ",".join(rules)
+
+
+def bybit_emulator_faults(rate: float) -> str:
+    """The Bybit emulator's: its request faults at `rate` on every endpoint, and entries executed as Bybit
+    documents order creation (asynchronously: filled 2 s after their answer) at `rate`. No `ban`: Bybit's
+    403 bans the IP for 10 minutes, and only past 600 requests in 5 s, which the engine's pacer never
+    reaches; one would stop every request of the run for 10 minutes, on Bybit as on its emulator."""
+    request_faults = ("timeout", "unknown", "busy", "error", "ratelimit")
+    each = rate / len(request_faults)
+    rules = [f"*={fault}@{each:g}" for fault in request_faults]
+    rules += [f"POST:order/create=async:2@{rate:g}"]
+    return ",".join(rules)
+
+
+def venue_faults(args: argparse.Namespace) -> str | None:
+    """The `--faults` SPEC the emulator of `--venue` runs with (None: the sim venue's own faults)."""
+    if args.venue == "emulator":
+        return emulator_faults(args.fault_rate)
+    if args.venue == "bybit-emulator":
+        return bybit_emulator_faults(args.fault_rate)
+    return None
 
 
 def load_settings(environ: dict[str, str]) -> Settings:
@@ -386,18 +414,21 @@ async def soak(args: argparse.Namespace, server: EmbeddedPostgres, workdir: Path
     dsn = server.dsn(dbname)
     environ = engine_environ(args, dsn)
     clock = SystemClock()
-    if args.venue == "emulator":
+    faults = venue_faults(args)
+    if faults is not None:
         emulator_settings = {"TSBOT_VENUE__SIM__VOLATILITY": f"{args.volatility:g}"}
+        bybit = args.venue == "bybit-emulator"
         with emulator_process(
             workdir / "emulator",
             latency_ms=0,
             seed=args.seed,
             settings=emulator_settings,
-            faults=emulator_faults(args.fault_rate),
+            faults=faults,
+            venue="bybit" if bybit else "binance",
         ) as emulator:
             environ.update(emulator.engine_environ())
             settings = load_settings(environ)
-            truth: VenueTruth = EmulatorTruth(emulator.url)
+            truth: VenueTruth = BybitEmulatorTruth(emulator.url) if bybit else EmulatorTruth(emulator.url)
             return await _soak(
                 args, settings, lambda: FaultCountingVenue(build_venue(settings, clock)), truth, dsn
             )
@@ -503,7 +534,7 @@ async def _soak(
             "call_timeout_seconds": float(settings.protection.call_timeout_seconds),
             "wave_every_s": args.wave_every,
             "wave_size": args.wave_size,
-            "emulator_faults": emulator_faults(args.fault_rate) if args.venue == "emulator" else None,
+            "emulator_faults": venue_faults(args),
         },
         "targets": {
             "coverage_pct_at_least": TARGET_COVERAGE_PCT,
@@ -550,7 +581,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--minutes", type=float, required=True, help="N: minutes of waves and faults")
     parser.add_argument("--fault-rate", type=float, default=0.05, help="probability of each fault (0..1)")
-    parser.add_argument("--venue", choices=("sim", "emulator"), default="sim")
+    parser.add_argument("--venue", choices=("sim", "emulator", "bybit-emulator"), default="sim")
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
     parser.add_argument("--wave-every", type=float, default=4.0, help="seconds between waves")
     parser.add_argument("--wave-size", type=int, default=5, help="signals per wave")

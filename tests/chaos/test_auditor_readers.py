@@ -7,14 +7,28 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+import aiohttp
+
 from engine.clock import ManualClock
 from engine.exchange.port import OrderSide
 from engine.venues.binance_emulator import BinanceEmulator
 from engine.venues.binance_emulator.server import running
+from engine.venues.bybit_emulator import BybitEmulator
+from engine.venues.bybit_emulator import running as running_bybit
 from engine.venues.sim.settings import SimVenueSettings
 from storage.database import Database
+from storage.repositories import OrderPurpose
 from tests.chaos.support import ChaosRun, chaos_settings
-from tests.support.auditor import EmulatorTruth, Rule, SimTruth
+from tests.support.auditor import (
+    AuditLimits,
+    BybitEmulatorTruth,
+    EmulatorTruth,
+    InvariantAuditor,
+    Rule,
+    SeenPosition,
+    SeenStop,
+    SimTruth,
+)
 
 
 async def test_the_readers_judge_the_real_venue_and_database_and_catch_what_happens_behind_the_engine(
@@ -78,3 +92,45 @@ async def test_the_emulator_truth_reads_what_the_core_behind_it_holds() -> None:
     assert over_http == direct
     assert [p.symbol for p in over_http.positions] == ["SFPUSDT"]
     assert sorted(s.type for s in over_http.open_stops) == ["stop_market", "trailing_stop_market"]
+
+
+async def test_the_bybit_emulator_truth_reads_a_positions_stops_as_the_fields_they_are() -> None:
+    settings = SimVenueSettings(symbols=["SFPUSDT", "BTCUSDT"], volatility=0.0)
+    emulator = BybitEmulator(settings, api_key="k", api_secret="s", control=True)
+    core = emulator.core
+    core.place_market_order("SFPUSDT", OrderSide.SELL, Decimal("300"), "entry-1", emulator.now())
+    above = core.markets["SFPUSDT"].round_price(core.mark("SFPUSDT") * Decimal("1.1"))
+    distance = core.markets["SFPUSDT"].round_price(core.mark("SFPUSDT") * Decimal("0.01"))
+
+    async with running_bybit(emulator) as url, aiohttp.ClientSession() as session:
+        truth = BybitEmulatorTruth(url)
+        try:
+            bare = await truth.read()
+            await _post(session, url, {"symbol": "SFPUSDT", "stopLoss": str(above)})
+            hard_only = await truth.read()
+            await _post(session, url, {"symbol": "SFPUSDT", "trailingStop": str(distance)})
+            both = await truth.read()
+        finally:
+            await truth.close()
+
+    assert bare.positions == (SeenPosition("SFPUSDT", "short", Decimal("300")),)
+    assert bare.open_stops == ()
+    hard = SeenStop("SFPUSDT", "stopLoss", "buy", Decimal("300"), "stop_market", OrderPurpose.STOP_LOSS)
+    assert hard_only.open_stops == (hard,)
+    trailing = SeenStop(
+        "SFPUSDT", "trailingStop", "buy", Decimal("300"), "trailing_stop_market", OrderPurpose.TRAILING_STOP
+    )
+    assert both.open_stops == (hard, trailing)
+    assert not both.banned
+
+    audit = InvariantAuditor(None, None, AuditLimits(5.0, 10.0, 2.0), token="abc123", engine_up=True)
+    for at, seen in ((0.0, bare), (6.0, hard_only)):
+        audit.observe(at, seen, None)
+    assert [v.rule for v in audit.violations] == [Rule.UNCOVERED]  # the trailing stop missing past grace
+    audit.observe(7.0, both, None)
+    assert audit.open_conditions() == []
+
+
+async def _post(session: aiohttp.ClientSession, url: str, body: dict[str, str]) -> None:
+    async with session.post(f"{url}/_sim/position-stops", json=body) as response:
+        assert response.status == 200, await response.text()

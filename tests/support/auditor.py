@@ -2,8 +2,9 @@
 database (CONVENTIONS 17: a checker in the manner of Jepsen's, history in, verdict and figures out).
 
 Each `sample()` reads what the venue holds — through a `VenueTruth`: `SimTruth` (the sim core's oracle view,
-`SimCore.inspect`, which no ban refuses and no read lag hides) or `EmulatorTruth` (`GET /_sim/state` of
-`tsbot sim-exchange --control`, never weighed nor banned) — and what the engine's database says
+`SimCore.inspect`, which no ban refuses and no read lag hides), `EmulatorTruth` or `BybitEmulatorTruth`
+(`GET /_sim/state` of `tsbot sim-exchange --control`, Binance's wire or Bybit's, never weighed nor
+banned) — and what the engine's database says
 (`monitoring.positions` joined with `monitoring.orders` by position, our orders recognised by the client-id
 token of `monitoring.installation`), and hands both to `observe()`, which is pure: a test can feed it a
 hand-built timeline. With a `ManualClock` the test calls `sample()` at each drive step; in real time
@@ -15,7 +16,8 @@ starts at the first sample that shows it and ends at the first sample that no lo
 it started, when it was judged a violation and how long it lasted. Positions are matched by symbol (one-way
 mode: one position per symbol). "Ours" means the client id carries this installation's token
 (`protection.order_ids.parse_client_order_id`); a stop of ours is a hard stop (`sl`) or a trailing stop
-(`ts`, a native trailing order or a managed trail's stop) by the purpose in its id.
+(`ts`, a native trailing order or a managed trail's stop) by the purpose in its id. On Bybit the stops are
+fields of the position, with no id: each is ours, by the field it is.
 
 The rules (allowances from `AuditLimits`, i.e. the engine's own settings):
 
@@ -89,6 +91,9 @@ class SeenStop:
     side: str  # buy | sell
     quantity: Decimal
     type: str  # stop_market | trailing_stop_market
+    # A position-level stop (Bybit's `stopLoss` / `trailingStop` fields): the venue names its purpose and
+    # keeps no client id (`client_order_id` then says which field it is). None: an order, ours by its id.
+    purpose: OrderPurpose | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,24 +158,37 @@ def _sim_stop(order: Any) -> SeenStop:
     return SeenStop(order.symbol, order.client_order_id, order.side.value, order.quantity, order.type.value)
 
 
-class EmulatorTruth:
-    """`GET /_sim/state` of the Binance-wire emulator over loopback HTTP (its control API)."""
+class _ControlApiTruth:
+    """`GET /_sim/state` of a wire emulator over loopback HTTP (its control API, never weighed nor banned)."""
 
     def __init__(self, base_url: str, *, timeout_seconds: float = 2.0) -> None:
         self._url = f"{base_url.rstrip('/')}/_sim/state"
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         self._session: aiohttp.ClientSession | None = None
 
-    async def read(self) -> VenueView:
+    async def _state(self) -> dict[str, Any]:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         async with self._session.get(self._url) as response:
             response.raise_for_status()
-            state = await response.json()
+            return await response.json()
+
+    @staticmethod
+    def _positions(state: Mapping[str, Any]) -> tuple[SeenPosition, ...]:
+        return tuple(SeenPosition(p["symbol"], p["side"], Decimal(p["quantity"])) for p in state["positions"])
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+class EmulatorTruth(_ControlApiTruth):
+    """The Binance-wire emulator's state: its positions, open and triggering algo orders, its ban."""
+
+    async def read(self) -> VenueView:
+        state = await self._state()
         return VenueView(
-            positions=tuple(
-                SeenPosition(p["symbol"], p["side"], Decimal(p["quantity"])) for p in state["positions"]
-            ),
+            positions=self._positions(state),
             open_stops=tuple(
                 SeenStop(
                     o["symbol"],
@@ -188,9 +206,33 @@ class EmulatorTruth:
             banned=state.get("banned_until_ms") is not None,
         )
 
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+
+class BybitEmulatorTruth(_ControlApiTruth):
+    """The Bybit-wire emulator's state. Bybit's stops are fields of the position (`stopLoss`, and
+    `trailingStop` with its optional `activePrice`), set by trading-stop: each closes the whole position
+    (tpslMode Full), and none carries a client id, so each is seen by its purpose (`SeenStop.purpose`). A
+    fired one closes the position at once (nothing sits TRIGGERING); a stop left on a symbol the account
+    no longer holds would be seen reducing nothing (an orphan)."""
+
+    async def read(self) -> VenueView:
+        state = await self._state()
+        positions = self._positions(state)
+        held = {p.symbol: p for p in positions}
+        stops = []
+        for fields in state["position_stops"]:
+            position = held.get(fields["symbol"])
+            side, quantity = (position.closing_side, position.quantity) if position else ("", Decimal(0))
+            for field_name, kind, purpose in (
+                ("stopLoss", "stop_market", OrderPurpose.STOP_LOSS),
+                ("trailingStop", "trailing_stop_market", OrderPurpose.TRAILING_STOP),
+            ):
+                if fields.get(field_name) is not None:
+                    stops.append(SeenStop(fields["symbol"], field_name, side, quantity, kind, purpose))
+        return VenueView(
+            positions=positions,
+            open_stops=tuple(stops),
+            banned=state["rate"].get("banned_until_ms") is not None,
+        )
 
 
 # ----------------------------------------------------------------------------------------- the database
@@ -510,16 +552,26 @@ class InvariantAuditor:
         for key in [k for k in self._conditions if k[0] in judged and k not in seen]:
             self._end(key, now)
 
-    def _venue_conditions(self, venue: VenueView) -> dict[tuple[Rule, str, str], str]:
+    def _our_stops(self, venue: VenueView) -> dict[str, list[tuple[SeenStop, OrderPurpose]]]:
+        """The live stops of ours by symbol, each with its purpose: an order by the purpose in its id (this
+        installation's token), a position-level stop by the field it is (the venue's stops of the account's
+        own positions: nobody else sets them there)."""
         token = self.token
         assert token is not None
-        found: dict[tuple[Rule, str, str], str] = {}
-        positions = {p.symbol: p for p in venue.positions}
         ours: dict[str, list[tuple[SeenStop, OrderPurpose]]] = {}
         for stop in venue.open_stops:
-            key = parse_client_order_id(stop.client_order_id, token)
-            if key is not None and key.purpose in (OrderPurpose.STOP_LOSS, OrderPurpose.TRAILING_STOP):
-                ours.setdefault(stop.symbol, []).append((stop, key.purpose))
+            purpose = stop.purpose
+            if purpose is None:
+                key = parse_client_order_id(stop.client_order_id, token)
+                purpose = None if key is None else key.purpose
+            if purpose in (OrderPurpose.STOP_LOSS, OrderPurpose.TRAILING_STOP):
+                ours.setdefault(stop.symbol, []).append((stop, purpose))
+        return ours
+
+    def _venue_conditions(self, venue: VenueView) -> dict[tuple[Rule, str, str], str]:
+        found: dict[tuple[Rule, str, str], str] = {}
+        positions = {p.symbol: p for p in venue.positions}
+        ours = self._our_stops(venue)
         for symbol, stops in ours.items():
             for purpose in (OrderPurpose.STOP_LOSS, OrderPurpose.TRAILING_STOP):
                 ids = sorted(s.client_order_id for s, p in stops if p is purpose)
@@ -569,15 +621,22 @@ class InvariantAuditor:
 
     def _db_conditions(self, venue: VenueView, db: DbView) -> dict[tuple[Rule, str, str], str]:
         found: dict[tuple[Rule, str, str], str] = {}
-        live = {s.client_order_id for s in venue.open_stops}
+        live = {s.client_order_id for s in venue.open_stops if s.purpose is None}
+        # A position-level stop has no id: whichever of the position's orders of its purpose set it
+        live_fields = {(s.symbol, s.purpose) for s in venue.open_stops if s.purpose is not None}
         held = {(p.symbol, p.side) for p in venue.positions}
         for row in db.positions:
             if row.status in DB_OPEN:
-                for flag, ids, what in (
-                    (row.has_stop_loss, row.stop_loss_ids, "has_stop_loss"),
-                    (row.has_trailing_stop, row.trailing_stop_ids, "has_trailing_stop"),
+                for flag, ids, what, purpose in (
+                    (row.has_stop_loss, row.stop_loss_ids, "has_stop_loss", OrderPurpose.STOP_LOSS),
+                    (
+                        row.has_trailing_stop,
+                        row.trailing_stop_ids,
+                        "has_trailing_stop",
+                        OrderPurpose.TRAILING_STOP,
+                    ),
                 ):
-                    if flag and not ids & live:
+                    if flag and not ids & live and (row.symbol, purpose) not in live_fields:
                         found[(Rule.FLAG_WITHOUT_ORDER, row.symbol, f"{row.id}:{what}")] = (
                             f"position {row.id} {what} true, none of its orders live "
                             f"({', '.join(sorted(ids)) or 'none recorded'})"
@@ -618,12 +677,7 @@ class InvariantAuditor:
                     causes[episode.cause] = causes.get(episode.cause, 0.0) + elapsed
         self._last_sample = now
         present = {p.symbol: p for p in venue.positions}
-        stops: dict[str, list[tuple[SeenStop, OrderPurpose]]] = {}
-        assert self.token is not None
-        for stop in venue.open_stops:
-            key = parse_client_order_id(stop.client_order_id, self.token)
-            if key is not None and key.purpose in (OrderPurpose.STOP_LOSS, OrderPurpose.TRAILING_STOP):
-                stops.setdefault(stop.symbol, []).append((stop, key.purpose))
+        stops = self._our_stops(venue)
         for symbol, episode in list(self._episodes.items()):
             position = present.get(symbol)
             if position is None or position.side != episode.side:

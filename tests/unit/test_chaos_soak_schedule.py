@@ -4,14 +4,18 @@ held symbol's fired stops end with that symbol's position, as its note and its f
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
 from engine.clock import ManualClock
 from engine.exchange import OrderSide, OrderStatus
+from engine.venues.binance_emulator import faults as binance_faults
+from engine.venues.bybit_emulator import faults as bybit_faults
 from engine.venues.sim import SimVenue
 from engine.venues.sim.core import SimCore
 from engine.venues.sim.settings import SimVenueSettings
@@ -81,3 +85,19 @@ def test_a_stuck_trigger_ends_once_its_position_is_gone(chaos_soak: ModuleType) 
     triggers.lift_where_gone(held=set())
 
     assert core.get_order(SFP, "sl-1", T0 + 3).status is OrderStatus.EXPIRED
+
+
+@pytest.mark.parametrize(
+    ("venue", "parse"),
+    [("emulator", binance_faults.parse_fault_spec), ("bybit-emulator", bybit_faults.parse_fault_spec)],
+)
+def test_each_emulators_fault_mix_is_one_it_runs_and_split_as_said(
+    chaos_soak: ModuleType, venue: str, parse: Callable[[str], tuple[Any, ...]]
+) -> None:
+    args = chaos_soak.parse_args(["--minutes", "1", "--venue", venue, "--fault-rate", "0.05"])
+    rules = parse(chaos_soak.venue_faults(args))  # what `tsbot sim-exchange --faults` would refuse
+    on_every_call = [r for r in rules if r.target.endpoint == "*"]
+    assert sum(r.probability for r in on_every_call) == pytest.approx(0.05)
+    faults = {r.fault.kind.value for r in rules}
+    assert ("ban" in faults) is (venue == "emulator")  # Bybit's 403 would ban the run for 10 minutes
+    assert chaos_soak.venue_faults(chaos_soak.parse_args(["--minutes", "1"])) is None  # the sim's own

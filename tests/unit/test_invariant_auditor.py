@@ -8,6 +8,7 @@ from decimal import Decimal
 
 import pytest
 
+from storage.repositories import OrderPurpose
 from tests.support.auditor import (
     AuditLimits,
     DbPosition,
@@ -340,6 +341,38 @@ def test_a_database_claiming_a_stop_the_venue_no_longer_has_is_flagged_past_one_
     flag = next(v for v in audit.violations if v.rule is Rule.FLAG_WITHOUT_ORDER)
     assert "has_stop_loss" in flag.detail
     assert flag.ended_at == 13.0
+
+
+def field_stop(purpose: str, symbol: str = "SFPUSDT", *, quantity: Decimal = QTY) -> SeenStop:
+    """A Bybit position stop: a field of the position (no client id), named by its purpose."""
+    if purpose == "sl":
+        return SeenStop(symbol, "stopLoss", "sell", quantity, "stop_market", OrderPurpose.STOP_LOSS)
+    return SeenStop(
+        symbol, "trailingStop", "sell", quantity, "trailing_stop_market", OrderPurpose.TRAILING_STOP
+    )
+
+
+def test_position_level_stops_are_judged_by_the_field_they_are() -> None:
+    # Bybit's stops carry no id: a position holding both fields is covered, and the database's flags are
+    # true while the field of their purpose is set, whatever the order id they were recorded under.
+    audit = auditor()
+    both = view([long()], [field_stop("sl"), field_stop("ts")])
+    play(audit, [(t, both, db(row())) for t in every(0, 20)])
+    audit.assert_clean()
+    assert audit.figures().time_weighted_coverage_pct == pytest.approx(100.0)
+
+    hard_only = view([long()], [field_stop("sl")])  # the trailing stop's field cleared on the venue
+    play(audit, [(t, hard_only, db(row())) for t in every(20.5, 40)])
+    assert sorted(rules(audit)) == [Rule.FLAG_WITHOUT_ORDER, Rule.UNCOVERED]
+    flag = next(v for v in audit.violations if v.rule is Rule.FLAG_WITHOUT_ORDER)
+    assert "has_trailing_stop" in flag.detail
+
+
+def test_a_position_field_left_on_a_symbol_the_account_no_longer_holds_is_an_orphan() -> None:
+    audit = auditor()
+    left = SeenStop("SFPUSDT", "stopLoss", "", Decimal(0), "stop_market", OrderPurpose.STOP_LOSS)
+    play(audit, [(t, view([], [left]), None) for t in every(0, 6)])
+    assert rules(audit) == [Rule.ORPHAN]
 
 
 def test_the_database_following_the_venue_within_one_reconcile_interval_is_clean() -> None:
