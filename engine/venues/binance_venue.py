@@ -334,7 +334,7 @@ class BinanceUsdmVenue(CcxtVenue):
         )
         order = self._regular_order(placed.get("info") or {})
         if order.status is OrderStatus.NEW:  # acknowledged before the fill: ask once more
-            return await self.fetch_order(symbol, client_order_id)
+            return await self._read_back(symbol, client_order_id, self.fetch_order(symbol, client_order_id))
         return order
 
     async def create_stop_market_order(

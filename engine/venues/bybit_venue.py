@@ -531,7 +531,7 @@ class BybitLinearVenue(CcxtVenue):
             symbol=symbol,
             client_order_id=client_order_id,
         )
-        return await self._fetch_regular(symbol, client_order_id)
+        return await self._read_back(symbol, client_order_id, self._fetch_regular(symbol, client_order_id))
 
     async def create_market_order_with_stop(
         self,
@@ -588,7 +588,8 @@ class BybitLinearVenue(CcxtVenue):
         except ExchangeError:
             del self._stops[stop_client_order_id]
             raise
-        order = await self._fetch_regular(symbol, client_order_id)
+        # Unread (the error says the outcome is unknown), the stop stays unconfirmed as above
+        order = await self._read_back(symbol, client_order_id, self._fetch_regular(symbol, client_order_id))
         if order.status is OrderStatus.FILLED:
             stop.confirmed, stop.quantity, stop.updated_at = True, order.filled_quantity, time.time()
             stop.from_entry = True

@@ -46,7 +46,7 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any, TypeVar
@@ -78,6 +78,7 @@ from engine.exchange.port import (
     Capabilities,
     Market,
     MarkPrice,
+    Order,
     RateBudget,
     StreamState,
 )
@@ -691,6 +692,19 @@ class CcxtVenue(RequestHooks):
             # which position, the class and the venue's code). A WARN here as well doubled every line.
             logger.debug("%s", translated)
             raise translated from error
+
+    async def _read_back(self, symbol: str, client_order_id: str, read: Awaitable[Order]) -> Order:
+        """An order the venue has just accepted, read back for its fill. The read failing says nothing about
+        the order: it was accepted, and its outcome stays unknown until it is read by its id. Raised as it
+        came (a 429, a 5xx, "not found" within the read lag) it was taken for the order's refusal: an entry
+        rejected with its signal while its position opened, or an entry "refused for the rate" sent again
+        with an id the venue no longer holds open, a second entry where the first had filled."""
+        try:
+            return await read
+        except ExchangeError as exc:
+            raise OutcomeUnknown(
+                client_order_id, f"{self.kind} {symbol}: accepted, then reading it back failed ({exc})"
+            ).answered(failure=FailureClass.UNKNOWN_OUTCOME) from exc
 
     async def _ensure_markets(self) -> None:
         if not self._markets:

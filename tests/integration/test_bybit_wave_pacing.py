@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import aiohttp
 import pytest
 
 from engine.clock import SystemClock
@@ -22,6 +23,7 @@ from engine.venues.bybit_venue import BybitLinearVenue
 from engine.venues.sim.settings import SimVenueSettings
 from storage.database import Database
 from tests.integration.engine_support import engine_settings
+from tests.support.auditor import BybitEmulatorTruth
 from tests.support.waiting import wait_until
 
 KEY, SECRET = "bybit-wave-key", "bybit-wave-secret"
@@ -99,6 +101,39 @@ async def test_an_entry_refused_with_10006_is_sent_again_not_lost(db: Database) 
 
         await wait_until(all_measured, within=30.0, what="every hard stop gap recorded")
         assert await gaps() == [0] * WAVE
+
+
+async def test_an_entry_the_venue_accepted_is_not_rejected_when_reading_it_back_fails(db: Database) -> None:
+    """Each entry is accepted; reading it back for its fill meets Bybit's server error (10016). That read's
+    error was taken for the entry's refusal: the signal rejected while its position opened on the venue,
+    found by the reconciler's next pass and adopted as a stranger's (a chaos soak on the Bybit emulator).
+    Now its outcome is unknown until it is read by its id: every signal opens a protected position."""
+    emulator = BybitEmulator(
+        SimVenueSettings(seed=11, volatility=0.0), api_key=KEY, api_secret=SECRET, control=True
+    )
+    async with bybit_engine(db, emulator) as (engine, rejected):
+        # The account stream tells each fill 2 s late: the read-back's answer comes first, as in the soak.
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{engine.settings.venue.base_url}/_sim/stream-fault",
+                json={"fault": "delay", "ms": 2000, "seconds": 60},
+            ) as response,
+        ):
+            assert response.status == 200, await response.text()
+        emulator.faults.force((Target("GET", "order/realtime"),), parse_bybit_fault("busy"), count=WAVE)
+        await _wave(engine, emulator, rejected)
+        assert rejected == []
+        truth = BybitEmulatorTruth(engine.settings.venue.base_url)
+        try:
+            seen = await truth.read()
+        finally:
+            await truth.close()
+        opened = await db.pool.fetchval(
+            "SELECT count(*) FROM monitoring.positions WHERE signal_id IS NOT NULL AND status = 'active'"
+        )
+    assert len(seen.positions) == WAVE == opened
+    assert len([s for s in seen.open_stops if s.side]) == 2 * WAVE  # both stops, on a position each
 
 
 async def test_entries_over_the_accounts_own_limit_wait_for_the_reset_and_no_stop_promise_is_kept(

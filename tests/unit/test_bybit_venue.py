@@ -205,6 +205,40 @@ async def test_http_403_is_a_ban_not_a_retry() -> None:
     assert not isinstance(raised[0], Retryable)
 
 
+# ---- an accepted entry whose read-back fails --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["busy", "ratelimit", "error"])
+@pytest.mark.parametrize("with_stop", [False, True], ids=["entry", "entry-with-stop"])
+async def test_an_accepted_entry_whose_read_back_fails_is_of_unknown_outcome_not_refused(
+    fault: str, with_stop: bool
+) -> None:
+    # order/create answered retCode 0; the read for its fill (order/realtime) failed. Raised as it came, a
+    # 10006 there read as "the entry was refused for the rate": the engine sends such an entry again.
+    async with bybit_venue() as venue, connected(venue) as adapter:
+        await venue.post("fault", call="fetch_order", fault=fault)
+        entry_call = (
+            adapter.create_market_order_with_stop(
+                SYMBOL,
+                OrderSide.BUY,
+                QTY,
+                Decimal("0.4000"),
+                client_order_id="tsbabc123-4-en0",
+                stop_client_order_id="tsbabc123-4-sl0",
+            )
+            if with_stop and isinstance(adapter, AttachesStopToEntry)
+            else adapter.create_market_order(SYMBOL, OrderSide.BUY, QTY, client_order_id="tsbabc123-4-en0")
+        )
+        with pytest.raises(OutcomeUnknown, match="accepted, then reading it back failed"):
+            await entry_call
+        entry = await adapter.fetch_order(SYMBOL, "tsbabc123-4-en0")
+        stop = await adapter.fetch_order(SYMBOL, "tsbabc123-4-sl0") if with_stop else None
+
+    assert (entry.status, entry.filled_quantity) == (OrderStatus.FILLED, QTY)
+    if stop is not None:  # the position carries the stop that rode on it
+        assert (stop.status, stop.stop_price) == (OrderStatus.NEW, Decimal("0.4000"))
+
+
 # ---- defect 5: server error, clock drift, the real exit ------------------------------------------------------
 
 
