@@ -949,9 +949,15 @@ class BybitLinearVenue(CcxtVenue):
         return self._snapshot(stop)
 
     def _remember(self, stop: _PositionStop) -> None:
-        # A new position stop of a kind replaces the previous one of that kind on the same position.
+        # A new position stop of a kind replaces the earlier ones of that kind on the same position (not a
+        # later one still on its way: its own answer or look-up decides it).
         for other in self._stops_for(stop.symbol):
-            if other is not stop and other.type is stop.type and other.status is OrderStatus.NEW:
+            if (
+                other is not stop
+                and other.type is stop.type
+                and other.status is OrderStatus.NEW
+                and other.created_at <= stop.created_at
+            ):
                 other.status, other.updated_at = OrderStatus.CANCELED, stop.created_at
         self._stops[stop.client_order_id] = stop
 
@@ -1020,7 +1026,11 @@ class BybitLinearVenue(CcxtVenue):
         value = _positive(row.get(_FIELD[stop.type])) if row is not None else None
         expected = stop.stop_price if stop.type is OrderType.STOP_MARKET else stop.distance
         if value is not None and (stop.confirmed or value == expected):
-            stop.confirmed = True
+            if not stop.confirmed:  # its call's answer never came: the position shows it set
+                stop.confirmed = True
+                # It replaced the stop of its kind it was sent to replace: that one is no longer ours to
+                # cancel (a cancel is the field set to 0, which would clear this one).
+                self._remember(stop)
             return self._snapshot(stop)
         fill = await self._stop_fill(stop)
         if fill is None and not stop.confirmed:

@@ -22,6 +22,7 @@ from engine.venues.bybit_limits import ENDPOINT_LIMITS_PER_SECOND
 from engine.venues.bybit_venue import BybitLinearVenue
 from engine.venues.sim.settings import SimVenueSettings
 from storage.database import Database
+from storage.repositories import OrderPurpose
 from tests.integration.engine_support import engine_settings
 from tests.support.auditor import BybitEmulatorTruth
 from tests.support.waiting import wait_until
@@ -134,6 +135,41 @@ async def test_an_entry_the_venue_accepted_is_not_rejected_when_reading_it_back_
         )
     assert len(seen.positions) == WAVE == opened
     assert len([s for s in seen.open_stops if s.side]) == 2 * WAVE  # both stops, on a position each
+
+
+async def test_a_hard_stop_found_live_is_not_cleared_by_cancelling_the_stop_it_replaced(db: Database) -> None:
+    """Each position's trailing stop and corrected hard stop go in one trading-stop call whose answer is
+    held back (executed). The guard finds both live by a look-up, then cancels the hard stop that rode on
+    the entry, replaced. On Bybit that cancel is `stopLoss` 0 on the position: it cleared the new hard stop
+    (the adapter had confirmed it without noting what it replaced), and the stream's word on it read as a
+    stop removed by someone else. Judged on the venue, sampled every 20 ms: no position without its stop."""
+    emulator = BybitEmulator(
+        SimVenueSettings(seed=11, volatility=0.0), api_key=KEY, api_secret=SECRET, control=True
+    )
+    async with bybit_engine(db, emulator) as (engine, rejected):
+        emulator.faults.force(
+            (Target("POST", "position/trading-stop"),), parse_bybit_fault("timeout"), count=WAVE
+        )
+        truth = BybitEmulatorTruth(engine.settings.venue.base_url)
+        naked: set[str] = set()
+
+        async def watch() -> None:
+            while True:
+                seen = await truth.read()
+                hard = {s.symbol for s in seen.open_stops if s.purpose is OrderPurpose.STOP_LOSS}
+                naked.update(p.symbol for p in seen.positions if p.symbol not in hard)
+                await asyncio.sleep(0.02)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await _wave(engine, emulator, rejected)
+            await asyncio.sleep(2.0)  # the replaced stops' cancels go out once the new ones are live
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+            await truth.close()
+    assert rejected == []
+    assert naked == set()
 
 
 async def test_entries_over_the_accounts_own_limit_wait_for_the_reset_and_no_stop_promise_is_kept(
