@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from decimal import ROUND_UP, Decimal
@@ -78,6 +78,18 @@ async def bybit_venue(limiter: BybitLimiter | None = None, **settings: Any) -> A
     )
     async with running(emulator) as url, aiohttp.ClientSession() as control:
         yield Venue(emulator, url, control)
+
+
+def entry_carrying_its_stop(adapter: BybitLinearVenue) -> Awaitable[Order]:
+    """Position 4's long entry with its hard stop at 0.4000 on it (`tsbabc123-4-en0`, `-sl0`)."""
+    return adapter.create_market_order_with_stop(
+        SYMBOL,
+        OrderSide.BUY,
+        QTY,
+        Decimal("0.4000"),
+        client_order_id="tsbabc123-4-en0",
+        stop_client_order_id="tsbabc123-4-sl0",
+    )
 
 
 @asynccontextmanager
@@ -218,15 +230,8 @@ async def test_an_accepted_entry_whose_read_back_fails_is_of_unknown_outcome_not
     async with bybit_venue() as venue, connected(venue) as adapter:
         await venue.post("fault", call="fetch_order", fault=fault)
         entry_call = (
-            adapter.create_market_order_with_stop(
-                SYMBOL,
-                OrderSide.BUY,
-                QTY,
-                Decimal("0.4000"),
-                client_order_id="tsbabc123-4-en0",
-                stop_client_order_id="tsbabc123-4-sl0",
-            )
-            if with_stop and isinstance(adapter, AttachesStopToEntry)
+            entry_carrying_its_stop(adapter)
+            if with_stop
             else adapter.create_market_order(SYMBOL, OrderSide.BUY, QTY, client_order_id="tsbabc123-4-en0")
         )
         with pytest.raises(OutcomeUnknown, match="accepted, then reading it back failed"):
@@ -298,14 +303,7 @@ async def test_an_entry_can_carry_its_hard_stop_so_the_position_is_never_naked()
     async with bybit_venue() as venue, connected(venue) as adapter:
         assert adapter.capabilities().attach_stop_to_entry
         assert isinstance(adapter, AttachesStopToEntry)
-        entry = await adapter.create_market_order_with_stop(
-            SYMBOL,
-            OrderSide.BUY,
-            QTY,
-            Decimal("0.4000"),
-            client_order_id="tsbabc123-4-en0",
-            stop_client_order_id="tsbabc123-4-sl0",
-        )
+        entry = await entry_carrying_its_stop(adapter)
         stop = await adapter.fetch_order(SYMBOL, "tsbabc123-4-sl0")
         listed = [o.client_order_id for o in await adapter.fetch_open_protective_orders(SYMBOL)]
         state = await venue.state()
