@@ -7,6 +7,7 @@ Venue time is frozen (the emulator's wall clock is injected) and moves only thro
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -212,3 +213,34 @@ async def test_more_than_ten_messages_a_second_closes_the_connection() -> None:
             if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
                 break
             assert json.loads(message.data)["id"] <= 10
+
+
+async def test_a_delayed_user_stream_tells_each_event_late_not_each_after_the_one_before() -> None:
+    # Under a `delay` fault each user-stream event waited the delay after the previous one left: an
+    # order's three events arrived 1, 2 and 3 s late. A slow stream is late; it does not slow down.
+    async with emulator() as (base_url, session, api):
+        async with session.post(f"{base_url}/fapi/v1/listenKey", headers={"X-MBX-APIKEY": KEY}) as created:
+            key = (await created.json())["listenKey"]
+        async with session.ws_connect(ws_url(base_url, f"/private/ws/{key}")) as ws:
+            async with session.post(
+                f"{base_url}/_sim/stream-fault", json={"fault": "delay", "ms": 1000}
+            ) as r:
+                assert r.status == 200, await r.text()
+            sent = time.monotonic()
+            placed = await api.signed(
+                "POST",
+                "/fapi/v1/order",
+                symbol="SFPUSDT",
+                side="BUY",
+                type="MARKET",
+                quantity="100",
+                newClientOrderId="e1",
+            )
+            assert placed.status == 200, placed.body
+            arrived = []
+            for _ in range(3):
+                await next_json(ws)
+                arrived.append(time.monotonic() - sent)
+
+    assert arrived[0] >= 0.9, arrived  # late, as staged
+    assert arrived[-1] - arrived[0] < 0.5, arrived  # each by the delay, not summed

@@ -153,3 +153,32 @@ async def test_a_position_stop_that_fires_is_told_triggered_then_filled_with_its
         assert execution["execPrice"] == stop_rows[-1]["avgPrice"]
         assert seen["position"][-1]["size"] == "0"
         assert seen["position"][-1]["side"] == ""
+
+
+async def test_a_delayed_stream_tells_each_event_late_not_each_after_the_one_before() -> None:
+    # A `delay` fault made each account message wait the delay after the previous one left: an order's
+    # three messages (order, execution, position) arrived 1, 2 and 3 s late, so a position's "flat" came
+    # seconds after its stops' "deactivated" and a reader held those waiting for it in vain. A slow stream
+    # is late; it does not slow down.
+    async with (
+        emulator() as (base_url, session, venue),
+        session.ws_connect(ws_url(base_url, "/v5/private")) as ws,
+    ):
+        await ws.send_json(auth())
+        await next_matching(ws, lambda p: p.get("op") == "auth")
+        await ws.send_json({"op": "subscribe", "args": ["order", "execution", "position"], "req_id": "s"})
+        await next_matching(ws, lambda p: p.get("req_id") == "s")
+        api = Client(session, base_url, venue)
+        await api.control("stream-fault", fault="delay", ms=1000)
+        sent = time.monotonic()
+        status, body, _ = await api.post(
+            "/v5/order/create", category="linear", symbol="SFPUSDT", side="Buy", orderType="Market", qty="100"
+        )
+        assert (status, body["retCode"]) == (200, 0)
+        arrived: dict[str, float] = {}
+        while len(arrived) < 3:
+            payload = await next_matching(ws, lambda p: p.get("topic") in ("order", "execution", "position"))
+            arrived.setdefault(payload["topic"], time.monotonic() - sent)
+
+    assert min(arrived.values()) >= 0.9, arrived  # late, as staged
+    assert max(arrived.values()) - min(arrived.values()) < 0.5, arrived  # each by the delay, not summed

@@ -105,7 +105,8 @@ class _Connection:
     silenced: bool = False  # its listen key expired: nothing more is sent
     last_pong: float = field(default_factory=time.monotonic)
     incoming: list[float] = field(default_factory=list)  # monotonic times of the last second's messages
-    outbox: asyncio.Queue[str] | None = None  # user connections: events leave in order, maybe late
+    # user connections: events leave in order, each maybe late ((when it may leave, monotonic; the text))
+    outbox: asyncio.Queue[tuple[float, str]] | None = None
 
     def stalled(self) -> bool:
         return time.monotonic() < self.stalled_until
@@ -615,13 +616,13 @@ class StreamHub:
 
     def _send_user(self, connection: _Connection, text: str) -> None:
         if connection.outbox is not None:
-            connection.outbox.put_nowait(text)
+            connection.outbox.put_nowait((self._faults.departure(), text))
 
     async def _write_user(self, connection: _Connection) -> None:
         assert connection.outbox is not None
         while True:
-            text = await connection.outbox.get()
-            await self._faults.hold()
+            departure, text = await connection.outbox.get()
+            await self._faults.hold_until(departure)
             if connection.stalled():
                 continue
             with contextlib.suppress(ConnectionError, RuntimeError):

@@ -108,7 +108,7 @@ class _Connection:
     authed: bool = False
     last_heard: float = field(default_factory=time.monotonic)
     sent: dict[str, tuple[dict[str, Any], float]] = field(default_factory=dict)  # topic -> (row, monotonic)
-    outbox: asyncio.Queue[str] | None = None
+    outbox: asyncio.Queue[tuple[float, str]] | None = None  # (when it may leave, monotonic; the text)
 
     def stalled(self) -> bool:
         return time.monotonic() < self.stalled_until
@@ -262,14 +262,14 @@ class BybitStreamHub:
 
     def _send(self, connection: _Connection, payload: Mapping[str, Any]) -> None:
         if connection.outbox is not None and not connection.stalled():
-            connection.outbox.put_nowait(json.dumps(payload, separators=(",", ":")))
+            departure = self._faults.departure() if connection.private else 0.0
+            connection.outbox.put_nowait((departure, json.dumps(payload, separators=(",", ":"))))
 
     async def _write(self, connection: _Connection) -> None:
         assert connection.outbox is not None
         while True:
-            text = await connection.outbox.get()
-            if connection.private:
-                await self._faults.hold()
+            departure, text = await connection.outbox.get()
+            await self._faults.hold_until(departure)
             if connection.stalled():
                 continue
             with contextlib.suppress(ConnectionError, RuntimeError):

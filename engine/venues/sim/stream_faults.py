@@ -162,10 +162,22 @@ class StreamFaults:
             return list(reversed(events))
         return events
 
-    async def hold(self) -> None:
-        """Wait as long as a `delay` fault says, before an account event leaves."""
-        if self.delay_ms and time.monotonic() < self.delay_until:
-            await asyncio.sleep(self.delay_ms / 1000)
+    def departure(self) -> float:
+        """When an account event put out now leaves (monotonic): `delay_ms` later while a `delay` fault
+        lasts, else now. Each event is late by the delay, not by the delays of the events queued before
+        it: a slow stream is late, it does not slow down (a burst of three messages arrived 1, 2 and 3 s
+        late under a 1 s delay)."""
+        now = time.monotonic()
+        if self.delay_ms and now < self.delay_until:
+            return now + self.delay_ms / 1000
+        return now
+
+    @staticmethod
+    async def hold_until(departure: float) -> None:
+        """Wait for an event's `departure` (from `departure()`)."""
+        wait = departure - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     def clear(self, connections: Iterable[FaultedConnection]) -> None:
         self.storm_until = 0.0
