@@ -166,10 +166,16 @@ class StartupReport:
     adopted: int  # positions the venue had and the database did not
     failed: int  # positions still uncovered after the first pass
     failed_symbols: tuple[str, ...] = ()
+    # Uncovered because the venue refused their stops for reducing nothing: gone from the venue as far
+    # as it says, being confirmed by the reconciler (not a protection failure; still uncovered until then).
+    gone_symbols: tuple[str, ...] = ()
 
     def describe(self) -> str:
         text = f"restored {self.restored}, re-protected {self.reprotected}, adopted {self.adopted}, failed {self.failed}"
-        return text + (f" ({', '.join(self.failed_symbols)})" if self.failed_symbols else "")
+        text += f" ({', '.join(self.failed_symbols)})" if self.failed_symbols else ""
+        if self.gone_symbols:
+            text += f"; gone from the venue, being confirmed: {', '.join(self.gone_symbols)}"
+        return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -1002,9 +1008,11 @@ class Engine:
             handover()  # the reconciler too: it runs while the report waits for the first passes
         await self._wait_first_pass(waited)
         restored = sum(1 for g in guards if g.covered and g.report.created_orders == 0)
-        failed = [g.symbol for g in waited if not g.covered and not g.closed]
+        uncovered = [g for g in waited if not g.covered and not g.closed]
+        failed = sorted(g.symbol for g in uncovered if g.said_gone_at is None)
+        gone = tuple(sorted(g.symbol for g in uncovered if g.said_gone_at is not None))
         reprotected = sum(1 for g in guards if g.covered and g.report.created_orders > 0)
-        return StartupReport(restored, reprotected, adopted, len(failed), tuple(sorted(failed)))
+        return StartupReport(restored, reprotected, adopted, len(failed), tuple(failed), gone)
 
     async def _restore_snapshot(self, *, restart: bool) -> VenueSnapshot | None:
         """The venue's positions and protective orders for a restore (None: each order is looked up by its

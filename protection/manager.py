@@ -50,6 +50,7 @@ from engine.exchange.errors import (
     NotFound,
     OutcomeUnknown,
     RateLimited,
+    RejectCode,
     Rejected,
     Retryable,
     WouldTriggerImmediately,
@@ -406,6 +407,10 @@ class PositionGuard:
         # A stop of ours filled: sending stops for a position that is gone would only be refused (-2022);
         # the reconciler settles it with this evidence, or clears it if the venue still holds the position.
         self.exit_evidence: ExitEvidence | None = None
+        # The venue's word that the position is gone (monotonic time): one of our stops refused for reducing
+        # nothing, or deactivated after the account stream said flat. No stop is sent until the
+        # reconciler's answer (flat: the position is closed; held: protected again).
+        self.said_gone_at: float | None = None
         self._pass: asyncio.Future[bool] | None = None  # the protection pass in flight
         self._stuck_timer: asyncio.Task[None] | None = None  # asks for a StuckTriggerCheck when patience ends
         self._fact: PositionCoverage | None = None  # the last coverage(), given again while nothing changed
@@ -752,6 +757,22 @@ class PositionGuard:
             if not target.confirmed:
                 self.wake.set()  # in flight or fired: the guard's look-up by id settles it
                 return False
+            if self.venue_flat_at is not None and self.exit_evidence is None:
+                # The stream said the position went flat: the venue deactivates what is left on it (Bybit
+                # does), nobody removed a stop. Said at ERROR, with a stop "re-placed" into "no position".
+                log.info(
+                    "%s: %s %s %s with its position (the account stream said flat); asking the venue",
+                    self.symbol,
+                    _what(target.purpose),
+                    cid,
+                    status.value,
+                )
+                m.spawn_order_status(OrderStatusRow(cid, _record_status(status), update.venue_order_id))
+                target.ended_as = status
+                target.maybe_sent = False
+                self._fresh_id(target)
+                self._said_gone(m.clock.monotonic())
+                return True
             log.error(
                 "%s: %s %s was %s on the venue, not by us (account stream); re-placing it now",
                 self.symbol,
@@ -818,8 +839,16 @@ class PositionGuard:
         return not self._superseded
 
     def _position_held(self, command: PositionHeld) -> bool:
-        """A stop of ours filled, yet the venue still holds the position, in an answer read after we saw
-        the fill (a partial fill, a flip): protect it again."""
+        """A stop of ours filled, or the venue said the position was gone (`said_gone_at`), yet the venue
+        still holds it, in an answer read after that (a partial fill, a flip): protect it again."""
+        said_at = self.said_gone_at
+        if said_at is not None and command.seen_at > said_at:
+            log.warning(
+                "%s: the venue said the position was gone, yet holds it; protecting it again", self.symbol
+            )
+            self.said_gone_at = None
+            self.wake.set()
+            return True
         evidence = self.exit_evidence
         if evidence is None or command.seen_at <= evidence.seen_at:
             return False
@@ -851,6 +880,9 @@ class PositionGuard:
         if self.check_fired_soon and self.exit_evidence is None:
             self.check_fired_soon = False
             await self._check_crossed()
+        if self.said_gone_at is not None and self.exit_evidence is None:
+            await self._write_facts()
+            return False  # uncovered; nothing sent into "no position" before the reconciler's answer
         if self.exit_evidence is not None:
             if self.venue_flat_at is not None:
                 # Our stop filled and the account stream said flat: the position is over, now (applied by
@@ -1003,17 +1035,45 @@ class PositionGuard:
                 await m.store.set_order_status(cid, OrderRecordStatus.REJECTED, error=_short(exc))
                 return await self._breached(order)
             except (RateLimited, Banned, Retryable, Rejected) as exc:
+                order.maybe_sent = False  # the venue said it did not execute it
+                if isinstance(exc, Rejected) and exc.code == RejectCode.REDUCE_ONLY_REJECTED:
+                    await self._refused(order, cid, exc)
+                    return self._refused_as_gone(order, exc)
                 if not isinstance(exc, RateLimited | Banned):
                     m.protective_failures.add(m.clock.monotonic())
                 # A rate-limit answer is the venue's pacing ("not now, at T"), not a failing protection path:
                 # it is retried at T and, should it leave the position naked, the breaker's uncovered and
                 # coverage rules see that. Counting it here paused entries on a one-second burst.
                 latency = m.clock.monotonic() - started
-                order.maybe_sent = False  # the venue said it did not execute it
                 await self._refused(order, cid, exc)
                 self._create_failed(order, cid, exc, latency, resolved=False)
                 return _Outcome.RETRY
             return await self._accept(order, placed, m.clock.monotonic() - started)
+
+    def _refused_as_gone(self, order: ProtectiveOrder, exc: Rejected) -> _Outcome:
+        """The venue refused a stop for reducing nothing (-2022): it holds no position this stop closes.
+        That is the venue's word on the position, not a failing protection path: counted as a failure, a
+        position closed during a protection restart (the close's answer lost with the old manager, Bybit's
+        stops deactivated with the position) had its guard send stops into that refusal until the breaker
+        paused entries. No stop is sent until the reconciler has asked the venue: flat (and this word
+        with it) closes the position; held protects it again. Uncovered meanwhile, as it must be."""
+        m = self._m
+        if self.said_gone_at is None:
+            log.warning(
+                "%s: the venue refused the %s: %s; asking the venue whether the position is gone",
+                self.symbol,
+                _what(order.purpose),
+                _short(exc),
+            )
+        self._said_gone(m.clock.monotonic())
+        return _Outcome.RETRY
+
+    def _said_gone(self, at: float) -> None:
+        """The venue's word that the position is gone (monotonic `at`): nothing is sent for it until the
+        reconciler has asked the venue (`said_gone_at`)."""
+        self.said_gone_at = at
+        self._m.request_reconcile()
+        self.wake.set()
 
     async def _record_ahead(self, order: ProtectiveOrder, cid: str) -> None:
         """Written ahead once per id: the id is the idempotency key."""

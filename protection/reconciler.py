@@ -127,6 +127,7 @@ class Reconciler:
             # stop filled (conclusive evidence) is closed; the rest are left alone.
             report.skipped = "the venue reported no positions right after connecting; treated as unknown"
             log.warning("reconcile: %s (%d positions tracked)", report.skipped, len(manager.guards))
+            said_gone: list[PositionGuard] = []
             for guard in list(manager.guards.values()):
                 if not guard.closed and guard.exit_evidence is not None:
                     guard.submit(
@@ -136,6 +137,12 @@ class Reconciler:
                         )
                     )
                     report.closed.append(guard.symbol)
+                elif not guard.closed and guard.said_gone_at is not None:
+                    said_gone.append(guard)
+            # The venue's own word on a position (a stop refused for reducing nothing, its stops deactivated
+            # after the stream said flat): its symbol is asked alone (the list's emptiness closes nothing).
+            if not manager.stopped:
+                await asyncio.gather(*(self._position_missing(g, report) for g in said_gone))
             return report
 
         on_venue = {p.symbol: p for p in positions}
@@ -149,7 +156,7 @@ class Reconciler:
                 missing.append(guard)
             else:
                 self._absent_once.discard(guard.position_id)
-                if guard.exit_evidence is not None:
+                if guard.exit_evidence is not None or guard.said_gone_at is not None:
                     guard.submit(PositionHeld(seen_at=snapshot_at))
                 if venue_position.quantity != guard.quantity:
                     guard.submit(QuantityChanged(quantity=venue_position.quantity))
@@ -268,6 +275,7 @@ class Reconciler:
         before its position is confirmed flat."""
         # Its stops and its symbol alone are asked about together; the symbol's answer counts only
         # without exit evidence.
+        asked_at = self._clock.monotonic()
         evidence, alone = await asyncio.gather(
             self._exit_evidence(guard),
             self._manager.read(
@@ -289,10 +297,17 @@ class Reconciler:
             if any(p.side.value == guard.side.value for p in alone):
                 report.kept.append(guard.symbol)
                 self._absent_once.discard(guard.position_id)
+                if guard.said_gone_at is not None:
+                    guard.submit(PositionHeld(seen_at=asked_at))
                 return
             # Twice in a row — or once, when the venue's account stream already said this position went
-            # flat: two answers of the venue, independent of each other.
-            if guard.position_id not in self._absent_once and guard.venue_flat_at is None:
+            # flat, or the venue said it was gone (`said_gone_at`): two answers of the venue, independent of
+            # each other.
+            if (
+                guard.position_id not in self._absent_once
+                and guard.venue_flat_at is None
+                and guard.said_gone_at is None
+            ):
                 self._absent_once.add(guard.position_id)
                 return
             exit_reason = "closed_on_exchange"

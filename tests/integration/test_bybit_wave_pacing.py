@@ -172,6 +172,68 @@ async def test_a_hard_stop_found_live_is_not_cleared_by_cancelling_the_stop_it_r
     assert naked == set()
 
 
+async def test_a_position_closed_while_protection_restarts_is_recorded_closed_not_a_failure(
+    db: Database,
+) -> None:
+    """An operator's close is executed, its answer held back; the protection manager restarts meanwhile,
+    its account stream late (a chaos soak on the Bybit emulator: three positions). The new manager found
+    the position's stops gone (Bybit deactivates them with the position) and sent new ones into the
+    venue's "no position to protect", counted as failing protection: the breaker paused entries, the
+    restart reported the position failed, and with no position left in the list (the first 30 s after a
+    connection, when an empty list proves nothing) it stayed `closing` and uncovered for good; the stream's
+    word that Bybit deactivated its stops read as stops removed by someone. The refusal and that word are
+    the venue's: the position is asked about alone, found flat, and closed with the close's fill."""
+    emulator = BybitEmulator(
+        SimVenueSettings(seed=11, volatility=0.0), api_key=KEY, api_secret=SECRET, control=True
+    )
+    async with bybit_engine(db, emulator) as (engine, _rejected):
+        assert engine.store is not None
+        await engine.store.insert_signals([("SFPUSDT", "long", None, None)])
+        await wait_until(
+            lambda: (
+                engine.manager is not None
+                and len(engine.manager.guards) == 1
+                and all(g.covered for g in engine.manager.guards.values())
+            ),
+            within=30.0,
+            what="the position protected",
+        )
+        [guard] = engine.manager.guards.values()  # type: ignore[union-attr]
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{engine.settings.venue.base_url}/_sim/stream-fault",
+                json={"fault": "delay", "ms": 5000, "seconds": 60},
+            ) as response,
+        ):
+            assert response.status == 200, await response.text()
+        emulator.faults.force((Target("POST", "order/create"),), parse_bybit_fault("timeout"), count=1)
+        close = asyncio.ensure_future(engine.close_position(guard.position_id))
+        await asyncio.sleep(0.2)  # the close executed, its answer held
+        report = await engine.restart_protection()
+        await asyncio.gather(close, return_exceptions=True)
+
+        async def closed() -> bool:
+            row = await db.pool.fetchrow(
+                "SELECT status FROM monitoring.positions WHERE id = $1", guard.position_id
+            )
+            return row["status"] == "closed"
+
+        await wait_until(closed, within=15.0, what="the position closed in the database")
+        row = await db.pool.fetchrow(
+            "SELECT exit_reason, realized_pnl FROM monitoring.positions WHERE id = $1", guard.position_id
+        )
+        paused, lost = await db.pool.fetchrow(
+            "SELECT count(*) FILTER (WHERE type = 'entries_paused'),"
+            " count(*) FILTER (WHERE type = 'protection_lost') FROM monitoring.events"
+        )
+        assert not engine.entries_paused
+    assert emulator.core.inspect(emulator.now()).positions == ()
+    assert (row["exit_reason"], row["realized_pnl"] is not None) == ("closed_at_market", True)
+    assert (paused, lost) == (0, 0)  # nor a stop "removed by someone": the venue cleared a closed position's
+    assert report.failed == 0, report.describe()
+
+
 async def test_entries_over_the_accounts_own_limit_wait_for_the_reset_and_no_stop_promise_is_kept(
     db: Database,
 ) -> None:
