@@ -1009,7 +1009,7 @@ class BybitLinearVenue(CcxtVenue):
                 return
 
     async def _resolve(self, stop: _PositionStop) -> Order:
-        """The stop's state from the venue: on the position → working; gone → filled if the venue has an
+        """The stop's state from the venue: its value in the position's field → working; gone → filled if the venue has an
         execution of it (with its price), else cancelled (the position was closed otherwise, or the stop
         removed); an unconfirmed stop the position never showed was never set (NotFound)."""
         if stop.status is not OrderStatus.NEW:
@@ -1025,7 +1025,9 @@ class BybitLinearVenue(CcxtVenue):
         row = _row_closed_by(await self._position_rows(stop.symbol), stop.symbol, stop.side)
         value = _positive(row.get(_FIELD[stop.type])) if row is not None else None
         expected = stop.stop_price if stop.type is OrderType.STOP_MARKET else stop.distance
-        if value is not None and (stop.confirmed or value == expected):
+        # Only its own value is this stop: another in the field is a later stop's, maybe the next
+        # position's on the symbol (taken for this one, its cancel cleared that position's stop).
+        if value is not None and value == expected:
             if not stop.confirmed:  # its call's answer never came: the position shows it set
                 stop.confirmed = True
                 # It replaced the stop of its kind it was sent to replace: that one is no longer ours to

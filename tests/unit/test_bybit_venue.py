@@ -244,6 +244,39 @@ async def test_an_accepted_entry_whose_read_back_fails_is_of_unknown_outcome_not
         assert (stop.status, stop.stop_price) == (OrderStatus.NEW, Decimal("0.4000"))
 
 
+# ---- an earlier position's stop is not the next position's -------------------------------------------------
+
+
+async def test_cancelling_an_earlier_positions_stop_leaves_the_next_positions_stop_alone() -> None:
+    # A chaos soak on the Bybit emulator: the reconciler cancelled the previous position's hard stop as an
+    # orphan 11 ms after the next position on the symbol opened (its entry answered New, its stop riding on
+    # it not yet known here). A cancel is `stopLoss` 0 on the position: it cleared the new position's stop.
+    async with bybit_venue() as venue, connected(venue) as adapter:
+        await entry_carrying_its_stop(adapter)  # position 4, its stop at 0.4000 (ours, confirmed)
+        await adapter.create_market_order(
+            SYMBOL, OrderSide.SELL, QTY, client_order_id="tsbabc123-4-cl0", reduce_only=True
+        )  # closed: the venue deactivates its stop (this adapter is not told: no stream here)
+        await venue.post("fault", call="create_order", fault="async:0.5")
+        assert isinstance(adapter, AttachesStopToEntry)
+        answered = await adapter.create_market_order_with_stop(
+            SYMBOL,
+            OrderSide.BUY,
+            QTY,
+            Decimal("0.4100"),
+            client_order_id="tsbabc123-5-en0",
+            stop_client_order_id="tsbabc123-5-sl0",
+        )
+        await asyncio.sleep(1.0)  # position 5 fills, its stop with it
+        before = (await venue.state())["position_stops"]
+        old = await adapter.cancel_order(SYMBOL, "tsbabc123-4-sl0")
+        after = (await venue.state())["position_stops"]
+
+    assert answered.status is OrderStatus.NEW
+    assert [s["stopLoss"] for s in before] == ["0.4100"]
+    assert old.status is OrderStatus.CANCELED  # gone with its position: nothing to cancel
+    assert after == before
+
+
 # ---- defect 5: server error, clock drift, the real exit ------------------------------------------------------
 
 
