@@ -8,7 +8,6 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import aiohttp
 import pytest
 
 from engine.clock import SystemClock
@@ -114,14 +113,7 @@ async def test_an_entry_the_venue_accepted_is_not_rejected_when_reading_it_back_
     )
     async with bybit_engine(db, emulator) as (engine, rejected):
         # The account stream tells each fill 2 s late: the read-back's answer comes first, as in the soak.
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(
-                f"{engine.settings.venue.base_url}/_sim/stream-fault",
-                json={"fault": "delay", "ms": 2000, "seconds": 60},
-            ) as response,
-        ):
-            assert response.status == 200, await response.text()
+        await emulator.streams.stage_fault({"fault": "delay", "ms": 2000, "seconds": 60})
         emulator.faults.force((Target("GET", "order/realtime"),), parse_bybit_fault("busy"), count=WAVE)
         await _wave(engine, emulator, rejected)
         assert rejected == []
@@ -199,14 +191,7 @@ async def test_a_position_closed_while_protection_restarts_is_recorded_closed_no
             what="the position protected",
         )
         [guard] = engine.manager.guards.values()  # type: ignore[union-attr]
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(
-                f"{engine.settings.venue.base_url}/_sim/stream-fault",
-                json={"fault": "delay", "ms": 5000, "seconds": 60},
-            ) as response,
-        ):
-            assert response.status == 200, await response.text()
+        await emulator.streams.stage_fault({"fault": "delay", "ms": 5000, "seconds": 60})
         emulator.faults.force((Target("POST", "order/create"),), parse_bybit_fault("timeout"), count=1)
         close = asyncio.ensure_future(engine.close_position(guard.position_id))
         await asyncio.sleep(0.2)  # the close executed, its answer held

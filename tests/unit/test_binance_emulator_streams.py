@@ -51,6 +51,20 @@ async def answer_to(ws: aiohttp.ClientWebSocketResponse, request_id: int) -> Any
             return payload
 
 
+async def buy_at_market(api: BinanceClient, client_order_id: str) -> None:
+    """A long of 100 SFPUSDT at market (its events follow on the user stream)."""
+    placed = await api.signed(
+        "POST",
+        "/fapi/v1/order",
+        symbol="SFPUSDT",
+        side="BUY",
+        type="MARKET",
+        quantity="100",
+        newClientOrderId=client_order_id,
+    )
+    assert placed.status == 200, placed.body
+
+
 async def test_raw_and_combined_mark_price_streams_carry_binance_fields() -> None:
     async with emulator() as (base_url, session, _api):
         async with session.ws_connect(ws_url(base_url, "/market/ws/sfpusdt@markPrice@1s")) as raw:
@@ -112,16 +126,7 @@ async def test_a_fill_is_pushed_on_the_user_stream_and_an_unkept_key_expires() -
         async with session.post(f"{base_url}/fapi/v1/listenKey", headers=headers) as created:
             key = (await created.json())["listenKey"]
         async with session.ws_connect(ws_url(base_url, f"/private/ws/{key}")) as ws:
-            placed = await api.signed(
-                "POST",
-                "/fapi/v1/order",
-                symbol="SFPUSDT",
-                side="BUY",
-                type="MARKET",
-                quantity="100",
-                newClientOrderId="entry",
-            )
-            assert placed.status == 200, placed.body
+            await buy_at_market(api, "entry")
             events = [await next_json(ws) for _ in range(3)]
             assert [e["e"] for e in events] == ["ORDER_TRADE_UPDATE", "ORDER_TRADE_UPDATE", "ACCOUNT_UPDATE"]
             assert [e["o"]["X"] for e in events[:2]] == ["NEW", "FILLED"]
@@ -227,16 +232,7 @@ async def test_a_delayed_user_stream_tells_each_event_late_not_each_after_the_on
             ) as r:
                 assert r.status == 200, await r.text()
             sent = time.monotonic()
-            placed = await api.signed(
-                "POST",
-                "/fapi/v1/order",
-                symbol="SFPUSDT",
-                side="BUY",
-                type="MARKET",
-                quantity="100",
-                newClientOrderId="e1",
-            )
-            assert placed.status == 200, placed.body
+            await buy_at_market(api, "e1")
             arrived = []
             for _ in range(3):
                 await next_json(ws)

@@ -41,6 +41,20 @@ async def next_matching(ws: aiohttp.ClientWebSocketResponse, match: Callable[[An
             return payload
 
 
+@asynccontextmanager
+async def private_stream() -> AsyncIterator[tuple[aiohttp.ClientWebSocketResponse, Client]]:
+    """An authed private connection subscribed to order, execution and position, and the REST client."""
+    async with (
+        emulator() as (base_url, session, venue),
+        session.ws_connect(ws_url(base_url, "/v5/private")) as ws,
+    ):
+        await ws.send_json(auth())
+        await next_matching(ws, lambda p: p.get("op") == "auth")
+        await ws.send_json({"op": "subscribe", "args": ["order", "execution", "position"], "req_id": "s"})
+        await next_matching(ws, lambda p: p.get("req_id") == "s")
+        yield ws, Client(session, base_url, venue)
+
+
 def auth(key: str = KEY, secret: str = SECRET, ahead: float = 10.0) -> dict[str, Any]:
     expires = int((time.time() + ahead) * 1000)
     signature = hmac.new(secret.encode(), f"GET/realtime{expires}".encode(), hashlib.sha256).hexdigest()
@@ -108,15 +122,7 @@ async def test_private_topics_need_auth_and_a_wrong_key_or_sign_is_refused() -> 
 
 
 async def test_a_position_stop_that_fires_is_told_triggered_then_filled_with_its_execution() -> None:
-    async with (
-        emulator() as (base_url, session, venue),
-        session.ws_connect(ws_url(base_url, "/v5/private")) as ws,
-    ):
-        await ws.send_json(auth())
-        await next_matching(ws, lambda p: p.get("op") == "auth")
-        await ws.send_json({"op": "subscribe", "args": ["order", "execution", "position"], "req_id": "s"})
-        await next_matching(ws, lambda p: p.get("req_id") == "s")
-        api = Client(session, base_url, venue)
+    async with private_stream() as (ws, api):
         await api.control("mark", symbol="SFPUSDT", price="0.45")
         status, body, _ = await api.post(
             "/v5/order/create",
@@ -160,15 +166,7 @@ async def test_a_delayed_stream_tells_each_event_late_not_each_after_the_one_bef
     # three messages (order, execution, position) arrived 1, 2 and 3 s late, so a position's "flat" came
     # seconds after its stops' "deactivated" and a reader held those waiting for it in vain. A slow stream
     # is late; it does not slow down.
-    async with (
-        emulator() as (base_url, session, venue),
-        session.ws_connect(ws_url(base_url, "/v5/private")) as ws,
-    ):
-        await ws.send_json(auth())
-        await next_matching(ws, lambda p: p.get("op") == "auth")
-        await ws.send_json({"op": "subscribe", "args": ["order", "execution", "position"], "req_id": "s"})
-        await next_matching(ws, lambda p: p.get("req_id") == "s")
-        api = Client(session, base_url, venue)
+    async with private_stream() as (ws, api):
         await api.control("stream-fault", fault="delay", ms=1000)
         sent = time.monotonic()
         status, body, _ = await api.post(

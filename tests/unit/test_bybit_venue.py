@@ -80,15 +80,18 @@ async def bybit_venue(limiter: BybitLimiter | None = None, **settings: Any) -> A
         yield Venue(emulator, url, control)
 
 
-def entry_carrying_its_stop(adapter: BybitLinearVenue) -> Awaitable[Order]:
-    """Position 4's long entry with its hard stop at 0.4000 on it (`tsbabc123-4-en0`, `-sl0`)."""
+def entry_carrying_its_stop(
+    adapter: BybitLinearVenue, position: int = 4, stop: Decimal = Decimal("0.4000")
+) -> Awaitable[Order]:
+    """A position's long entry with its hard stop on it (`tsbabc123-<position>-en0`, `-sl0`)."""
+    assert isinstance(adapter, AttachesStopToEntry)
     return adapter.create_market_order_with_stop(
         SYMBOL,
         OrderSide.BUY,
         QTY,
-        Decimal("0.4000"),
-        client_order_id="tsbabc123-4-en0",
-        stop_client_order_id="tsbabc123-4-sl0",
+        stop,
+        client_order_id=f"tsbabc123-{position}-en0",
+        stop_client_order_id=f"tsbabc123-{position}-sl0",
     )
 
 
@@ -257,15 +260,7 @@ async def test_cancelling_an_earlier_positions_stop_leaves_the_next_positions_st
             SYMBOL, OrderSide.SELL, QTY, client_order_id="tsbabc123-4-cl0", reduce_only=True
         )  # closed: the venue deactivates its stop (this adapter is not told: no stream here)
         await venue.post("fault", call="create_order", fault="async:0.5")
-        assert isinstance(adapter, AttachesStopToEntry)
-        answered = await adapter.create_market_order_with_stop(
-            SYMBOL,
-            OrderSide.BUY,
-            QTY,
-            Decimal("0.4100"),
-            client_order_id="tsbabc123-5-en0",
-            stop_client_order_id="tsbabc123-5-sl0",
-        )
+        answered = await entry_carrying_its_stop(adapter, 5, Decimal("0.4100"))
         await asyncio.sleep(1.0)  # position 5 fills, its stop with it
         before = (await venue.state())["position_stops"]
         old = await adapter.cancel_order(SYMBOL, "tsbabc123-4-sl0")
@@ -361,14 +356,7 @@ async def test_the_stops_of_a_position_opened_here_are_set_without_reading_it_fi
     where Bybit needs three). Closed meanwhile, trading-stop's "zero position" is the same refusal the
     read gave."""
     async with bybit_venue() as venue, connected(venue) as adapter:
-        await adapter.create_market_order_with_stop(
-            SYMBOL,
-            OrderSide.BUY,
-            QTY,
-            Decimal("0.4000"),
-            client_order_id="tsbabc123-6-en0",
-            stop_client_order_id="tsbabc123-6-sl0",
-        )
+        await entry_carrying_its_stop(adapter, 6)
         before = dict((await venue.state())["requests_by_endpoint"])
         trailing = await adapter.create_trailing_stop_order(
             SYMBOL,
@@ -406,17 +394,6 @@ async def test_the_stops_of_a_position_opened_here_are_set_without_reading_it_fi
     assert refused.value.code == RejectCode.REDUCE_ONLY_REJECTED
 
 
-async def _opened_with_attached_stop(adapter: BybitLinearVenue, n: int) -> None:
-    await adapter.create_market_order_with_stop(
-        SYMBOL,
-        OrderSide.BUY,
-        QTY,
-        Decimal("0.4000"),
-        client_order_id=f"tsbabc123-{n}-en0",
-        stop_client_order_id=f"tsbabc123-{n}-sl0",
-    )
-
-
 def _sent(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {key: after.get(key, 0) - before.get(key, 0) for key in after}
 
@@ -426,7 +403,7 @@ async def test_a_corrected_hard_stop_rides_in_its_trailing_stops_call() -> None:
     fill, sent while the position's trailing stop is on its way, goes in that call (one request, not
     two). The attached stop is the position's hard stop until then."""
     async with bybit_venue() as venue, connected(venue) as adapter:
-        await _opened_with_attached_stop(adapter, 7)
+        await entry_carrying_its_stop(adapter, 7)
         before = dict((await venue.state())["requests_by_endpoint"])
         stop, trailing = await asyncio.gather(
             adapter.create_stop_market_order(
@@ -464,7 +441,7 @@ async def test_a_combined_trading_stop_refused_sends_each_stop_alone_for_its_own
     refused, so each stop goes alone: the trailing stop is set, the hard stop gets its own refusal, and
     the attached stop stays on the position."""
     async with bybit_venue() as venue, connected(venue) as adapter:
-        await _opened_with_attached_stop(adapter, 8)
+        await entry_carrying_its_stop(adapter, 8)
         before = dict((await venue.state())["requests_by_endpoint"])
         stop, trailing = await asyncio.gather(
             adapter.create_stop_market_order(
@@ -495,7 +472,7 @@ async def test_a_combined_trading_stop_refused_sends_each_stop_alone_for_its_own
 
 async def test_a_corrected_hard_stop_with_no_trailing_call_coming_goes_alone() -> None:
     async with bybit_venue() as venue, connected(venue) as adapter:
-        await _opened_with_attached_stop(adapter, 9)
+        await entry_carrying_its_stop(adapter, 9)
         before = dict((await venue.state())["requests_by_endpoint"])
         stop = await adapter.create_stop_market_order(
             SYMBOL, OrderSide.SELL, QTY, Decimal("0.4100"), client_order_id="tsbabc123-9-sl1"
@@ -512,14 +489,7 @@ async def test_a_corrected_hard_stop_with_no_trailing_call_coming_goes_alone() -
 async def test_an_entry_whose_stop_is_already_crossed_is_refused_whole() -> None:
     async with bybit_venue() as venue, connected(venue) as adapter:
         with pytest.raises(WouldTriggerImmediately):
-            await adapter.create_market_order_with_stop(
-                SYMBOL,
-                OrderSide.BUY,
-                QTY,
-                Decimal("0.4600"),
-                client_order_id="tsbabc123-5-en0",
-                stop_client_order_id="tsbabc123-5-sl0",
-            )
+            await entry_carrying_its_stop(adapter, 5, Decimal("0.4600"))
         positions = await adapter.fetch_positions()
         with pytest.raises(NotFound):
             await adapter.fetch_order(SYMBOL, "tsbabc123-5-sl0")
