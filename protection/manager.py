@@ -757,9 +757,10 @@ class PositionGuard:
             if not target.confirmed:
                 self.wake.set()  # in flight or fired: the guard's look-up by id settles it
                 return False
-            if self.venue_flat_at is not None and self.exit_evidence is None:
-                # The stream said the position went flat: the venue deactivates what is left on it (Bybit
-                # does), nobody removed a stop. Said at ERROR, with a stop "re-placed" into "no position".
+            # After the stream said the position went flat, the venue deactivates what is left on it (Bybit
+            # does): nobody removed a stop. Said at ERROR, with a stop "re-placed" into "no position".
+            cleaned_up = self.venue_flat_at is not None and self.exit_evidence is None
+            if cleaned_up:
                 log.info(
                     "%s: %s %s %s with its position (the account stream said flat); asking the venue",
                     self.symbol,
@@ -767,41 +768,39 @@ class PositionGuard:
                     cid,
                     status.value,
                 )
-                m.spawn_order_status(OrderStatusRow(cid, _record_status(status), update.venue_order_id))
-                target.ended_as = status
-                target.maybe_sent = False
-                self._fresh_id(target)
-                self._said_gone(m.clock.monotonic())
-                return True
-            log.error(
-                "%s: %s %s was %s on the venue, not by us (account stream); re-placing it now",
-                self.symbol,
-                _what(target.purpose),
-                cid,
-                status.value,
-            )
-            m.publish(  # unprotected until the replacement is confirmed: shown, not only logged (F12)
-                ProtectionFailed(
-                    at=m.clock.now(),
-                    position_id=self.position_id,
-                    symbol=self.symbol,
-                    operation=f"verify {_what(target.purpose)}",
-                    error=f"{cid} {status.value} on the venue, not by us",
-                    retry_in_seconds=0.0,
+            else:
+                log.error(
+                    "%s: %s %s was %s on the venue, not by us (account stream); re-placing it now",
+                    self.symbol,
+                    _what(target.purpose),
+                    cid,
+                    status.value,
                 )
-            )
-            m.spawn_event_write(
-                Severity.ERROR,
-                "protection_lost",
-                f"{self.symbol}: {_what(target.purpose)} {cid} {status.value} on the venue, not by us; re-placing",
-                self.symbol,
-                self.position_id,
-            )
+                m.publish(  # unprotected until the replacement is confirmed: shown, not only logged (F12)
+                    ProtectionFailed(
+                        at=m.clock.now(),
+                        position_id=self.position_id,
+                        symbol=self.symbol,
+                        operation=f"verify {_what(target.purpose)}",
+                        error=f"{cid} {status.value} on the venue, not by us",
+                        retry_in_seconds=0.0,
+                    )
+                )
+                m.spawn_event_write(
+                    Severity.ERROR,
+                    "protection_lost",
+                    f"{self.symbol}: {_what(target.purpose)} {cid} {status.value} on the venue, not by us; re-placing",
+                    self.symbol,
+                    self.position_id,
+                )
             m.spawn_order_status(OrderStatusRow(cid, _record_status(status), update.venue_order_id))
             target.ended_as = status
             target.maybe_sent = False
-            self._fresh_id(target)  # un-confirmed: the next pass (right after this) sends a new one
-            self.wake.set()
+            self._fresh_id(target)  # un-confirmed: the next pass sends a new one (or asks the venue first)
+            if cleaned_up:
+                self._said_gone(m.clock.monotonic())
+            else:
+                self.wake.set()
             return True
         return False  # NEW: our own send's answer confirms it
 

@@ -1009,9 +1009,10 @@ class BybitLinearVenue(CcxtVenue):
                 return
 
     async def _resolve(self, stop: _PositionStop) -> Order:
-        """The stop's state from the venue: its value in the position's field → working; gone → filled if the venue has an
-        execution of it (with its price), else cancelled (the position was closed otherwise, or the stop
-        removed); an unconfirmed stop the position never showed was never set (NotFound)."""
+        """The stop's state from the venue: its value in the position's field → working; gone → filled if
+        the venue has an execution of it (with its price), else cancelled (the position was closed
+        otherwise, or the stop removed or replaced); an unconfirmed stop the position never showed was never
+        set (NotFound)."""
         if stop.status is not OrderStatus.NEW:
             return self._snapshot(stop)
         told = self._bybit_streams.ended(stop.client_order_id)
