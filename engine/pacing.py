@@ -92,6 +92,17 @@ def current_lane() -> Lane:
     return Lane.READ if ticket is None else ticket.lane
 
 
+def start_with_own_ticket(awaitable: Awaitable[T]) -> asyncio.Future[T]:
+    """Run `awaitable` as a task in the current call's lane, its waits for budget on a ticket of its own
+    (a second request sent for a call whose first is out: its wait stops no clock of that call)."""
+    ticket = _CURRENT_CALL.get()
+    token = _CURRENT_CALL.set(None if ticket is None else CallTicket(ticket.lane))
+    try:
+        return asyncio.ensure_future(awaitable)
+    finally:
+        _CURRENT_CALL.reset(token)
+
+
 class BudgetWaits:
     """How long calls waited for budget (order budget and request budgets), per lane, for health."""
 

@@ -221,7 +221,7 @@ class BinanceUsdmVenue(CcxtVenue):
             for symbol in wanted:
                 self._market(symbol)
         request = {"symbol": next(iter(wanted))} if wanted is not None and len(wanted) == 1 else {}
-        rows = await self._call(self._exchange.fapiPublicGetPremiumIndex(request), mutating=False)
+        rows = await self._read(lambda: self._exchange.fapiPublicGetPremiumIndex(request), "premiumIndex")
         rows = rows if isinstance(rows, list) else [rows]
         marks: dict[str, MarkPrice] = {}
         for row in rows:
@@ -235,7 +235,7 @@ class BinanceUsdmVenue(CcxtVenue):
     # ---- account ----------------------------------------------------------------------------------------
 
     async def fetch_balance(self) -> Balance:
-        rows = await self._call(self._exchange.fapiPrivateV2GetBalance(), mutating=False)
+        rows = await self._read(self._exchange.fapiPrivateV2GetBalance, "balance")
         for row in rows:
             if row.get("asset") == "USDT":
                 return Balance(
@@ -249,8 +249,8 @@ class BinanceUsdmVenue(CcxtVenue):
     async def fetch_positions(self, symbol: str | None = None) -> list[VenuePosition]:
         await self._ensure_markets()
         request = {} if symbol is None else {"symbol": self._market(symbol).symbol}
-        rows = await self._call(
-            self._exchange.fapiPrivateV2GetPositionRisk(request), mutating=False, symbol=symbol
+        rows = await self._read(
+            lambda: self._exchange.fapiPrivateV2GetPositionRisk(request), "positionRisk", symbol=symbol
         )
         positions = []
         for row in rows:
@@ -281,9 +281,9 @@ class BinanceUsdmVenue(CcxtVenue):
     async def fetch_open_protective_orders(self, symbol: str | None = None) -> list[Order]:
         await self._ensure_markets()
         unified = None if symbol is None else self._symbols.unified(symbol)
-        found = await self._call(
-            self._exchange.fetch_open_orders(unified, None, None, {"trigger": True}),
-            mutating=False,
+        found = await self._read(
+            lambda: self._exchange.fetch_open_orders(unified, None, None, {"trigger": True}),
+            "openAlgoOrders",
             symbol=symbol,
         )
         orders = []
@@ -430,11 +430,11 @@ class BinanceUsdmVenue(CcxtVenue):
         for algo in attempts:
             try:
                 if algo:
-                    found = await self._call(
-                        self._exchange.fetch_order(
+                    found = await self._read(
+                        lambda: self._exchange.fetch_order(
                             None, unified, {"trigger": True, "clientAlgoId": client_order_id}
                         ),
-                        mutating=False,
+                        "algoOrder",
                         symbol=symbol,
                         client_order_id=client_order_id,
                     )
@@ -444,9 +444,9 @@ class BinanceUsdmVenue(CcxtVenue):
                     self._algo_ids[client_order_id] = True
                     order = await self._resolve_triggered(self._algo_order(info, None), info, symbol)
                     return self._note_working(order)
-                found = await self._call(
-                    self._exchange.fetch_order(None, unified, {"origClientOrderId": client_order_id}),
-                    mutating=False,
+                found = await self._read(
+                    lambda: self._exchange.fetch_order(None, unified, {"origClientOrderId": client_order_id}),
+                    "order",
                     symbol=symbol,
                     client_order_id=client_order_id,
                 )
@@ -466,9 +466,9 @@ class BinanceUsdmVenue(CcxtVenue):
         if status not in ("TRIGGERED", "FINISHED") or not child_id:
             return order
         try:
-            child = await self._call(
-                self._exchange.fetch_order(child_id, self._symbols.unified(symbol)),
-                mutating=False,
+            child = await self._read(
+                lambda: self._exchange.fetch_order(child_id, self._symbols.unified(symbol)),
+                "order",
                 symbol=symbol,
                 client_order_id=order.client_order_id,
             )

@@ -23,6 +23,7 @@ import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
+from functools import partial
 from typing import Any
 
 from engine.clock import Clock
@@ -301,11 +302,12 @@ class BybitLinearVenue(CcxtVenue):
 
     async def _execution_price(self, symbol: str, venue_order_id: str) -> Decimal | None:
         """The volume-weighted price of one order's executions (`execution/list` by orderId), or None."""
-        answer = await self._call(
-            self._exchange.privateGetV5ExecutionList(
-                {"category": "linear", "symbol": symbol, "orderId": venue_order_id, "limit": _EXECUTION_PAGE}
+        answer = await self._read(
+            partial(
+                self._exchange.privateGetV5ExecutionList,
+                {"category": "linear", "symbol": symbol, "orderId": venue_order_id, "limit": _EXECUTION_PAGE},
             ),
-            mutating=False,
+            "execution/list",
             symbol=symbol,
         )
         total = notional = _ZERO
@@ -362,7 +364,7 @@ class BybitLinearVenue(CcxtVenue):
         request: dict[str, Any] = {"category": "linear"}
         if wanted is not None and len(wanted) == 1:
             request["symbol"] = next(iter(wanted))
-        answer = await self._call(self._exchange.publicGetV5MarketTickers(request), mutating=False)
+        answer = await self._read(partial(self._exchange.publicGetV5MarketTickers, request), "market/tickers")
         stamp = _seconds(answer.get("time"), time.time())
         marks = {}
         for row in (answer.get("result") or {}).get("list", []):
@@ -372,9 +374,11 @@ class BybitLinearVenue(CcxtVenue):
         return marks
 
     async def fetch_balance(self) -> Balance:
-        answer = await self._call(
-            self._exchange.privateGetV5AccountWalletBalance({"accountType": "UNIFIED", "coin": "USDT"}),
-            mutating=False,
+        answer = await self._read(
+            partial(
+                self._exchange.privateGetV5AccountWalletBalance, {"accountType": "UNIFIED", "coin": "USDT"}
+            ),
+            "account/wallet-balance",
         )
         for account in (answer.get("result") or {}).get("list", []):
             for coin in account.get("coin", []):
@@ -396,8 +400,10 @@ class BybitLinearVenue(CcxtVenue):
             request["symbol"] = symbol
         rows: list[Mapping[str, Any]] = []
         while True:
-            answer = await self._call(
-                self._exchange.privateGetV5PositionList(dict(request)), mutating=False, symbol=symbol
+            answer = await self._read(
+                partial(self._exchange.privateGetV5PositionList, dict(request)),
+                "position/list",
+                symbol=symbol,
             )
             result = answer.get("result") or {}
             rows.extend(result.get("list", []))
@@ -418,8 +424,10 @@ class BybitLinearVenue(CcxtVenue):
             request["symbol"] = symbol
         rows: list[Mapping[str, Any]] = []
         while True:
-            answer = await self._call(
-                self._exchange.privateGetV5OrderRealtime(dict(request)), mutating=False, symbol=symbol
+            answer = await self._read(
+                partial(self._exchange.privateGetV5OrderRealtime, dict(request)),
+                "order/realtime",
+                symbol=symbol,
             )
             result = answer.get("result") or {}
             rows.extend(
@@ -1051,11 +1059,12 @@ class BybitLinearVenue(CcxtVenue):
 
     async def _stop_fill(self, stop: _PositionStop) -> tuple[Decimal, Decimal, str] | None:
         """The venue's execution of this stop since it was set: (quantity, average price, order id)."""
-        answer = await self._call(
-            self._exchange.privateGetV5ExecutionList(
-                {"category": "linear", "symbol": stop.symbol, "limit": _EXECUTION_PAGE}
+        answer = await self._read(
+            partial(
+                self._exchange.privateGetV5ExecutionList,
+                {"category": "linear", "symbol": stop.symbol, "limit": _EXECUTION_PAGE},
             ),
-            mutating=False,
+            "execution/list",
             symbol=stop.symbol,
             client_order_id=stop.client_order_id,
         )
@@ -1101,9 +1110,12 @@ class BybitLinearVenue(CcxtVenue):
 
     async def _fetch_regular(self, symbol: str, client_order_id: str) -> Order:
         request = {"category": "linear", "symbol": symbol, "orderLinkId": client_order_id}
-        for method in (self._exchange.privateGetV5OrderRealtime, self._exchange.privateGetV5OrderHistory):
-            answer = await self._call(
-                method(request), mutating=False, symbol=symbol, client_order_id=client_order_id
+        for method, what in (
+            (self._exchange.privateGetV5OrderRealtime, "order/realtime"),
+            (self._exchange.privateGetV5OrderHistory, "order/history"),
+        ):
+            answer = await self._read(
+                partial(method, request), what, symbol=symbol, client_order_id=client_order_id
             )
             rows = (answer.get("result") or {}).get("list", [])
             if rows:

@@ -85,6 +85,7 @@ from engine.exchange.port import (
 from engine.pacing import VenuePacing
 from engine.venues import bybit_limits
 from engine.venues.binance_streams import StreamSettings
+from engine.venues.read_hedge import ReadHedger, mark_sent
 from engine.venues.stream_client import VenueStreams
 
 logger = logging.getLogger(__name__)
@@ -536,6 +537,7 @@ class CcxtVenue(RequestHooks):
         self._session: aiohttp.ClientSession | None = None
         self._streams: VenueStreams | None = None  # set by a venue with push streams
         self.refusals: dict[int, int] = {}  # HTTP status (429, 418, 403) -> how often the venue refused
+        self.hedges = ReadHedger(self._clock)  # a late read is asked again (`engine.venues.read_hedge`)
         self._closed = False
         self._connected = False
 
@@ -632,6 +634,7 @@ class CcxtVenue(RequestHooks):
         self._ensure_session()
         if self._pacing is not None:
             await self._pacing.requests.acquire(self._request_costs(method.upper(), path, params))
+        mark_sent()  # a read's lateness counts from here, not from its wait for budget
 
     def after_response(
         self, method: str, path: str, status: int | None, headers: Mapping[str, str], body: str
@@ -692,6 +695,20 @@ class CcxtVenue(RequestHooks):
             # which position, the class and the venue's code). A WARN here as well doubled every line.
             logger.debug("%s", translated)
             raise translated from error
+
+    async def _read(
+        self,
+        make: Callable[[], Awaitable[Any]],
+        what: str,
+        *,
+        symbol: str | None = None,
+        client_order_id: str | None = None,
+    ) -> Any:
+        """An idempotent read (`make()` builds its request), asked again once its answer is late."""
+        return await self.hedges.read(
+            lambda: self._call(make(), mutating=False, symbol=symbol, client_order_id=client_order_id),
+            f"{self.kind} {what}" + (f" {symbol}" if symbol else ""),
+        )
 
     async def _read_back(self, symbol: str, client_order_id: str, read: Awaitable[Order]) -> Order:
         """An order the venue has just accepted, read back for its fill. The read failing says nothing about

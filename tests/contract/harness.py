@@ -49,6 +49,10 @@ class VenueHarness(Protocol):
         """Make the next `count` calls of kind `call` suffer `fault`."""
         ...
 
+    async def clear_faults(self) -> None:
+        """Forget the faults forced with `fail_next` that no call has met yet."""
+        ...
+
     async def delay_triggers(self, seconds: float) -> None:
         """Conditional orders placed from now on sit `seconds` of venue time in TRIGGERING once they fire
         (Binance: forwarded to the matching engine, not filled yet). Call it before placing them."""
@@ -93,6 +97,9 @@ class SimHarness:
 
     async def fail_next(self, call: CallKind, fault: FaultKind, count: int = 1) -> None:
         self._venue.inject_fault(call, fault, count)
+
+    async def clear_faults(self) -> None:
+        self._venue.clear_injected_faults()
 
     async def delay_triggers(self, seconds: float) -> None:
         # The sim applies its delay when an order fires, not when it is placed: the same for a test that
@@ -171,6 +178,9 @@ class EmulatorHarness:
                 "hold_seconds": _ADAPTER_TIMEOUT_SECONDS * 3,
             },
         )
+
+    async def clear_faults(self) -> None:
+        await self._post("/_sim/clear-faults", {})
 
     async def delay_triggers(self, seconds: float) -> None:
         await self._force_trait(f"triggering:{seconds:g}")

@@ -827,11 +827,14 @@ async def test_timed_out_cancel_is_outcome_unknown_and_fetch_shows_the_cancel(
 async def test_failed_reads_are_retryable_and_change_nothing(subject: ContractSubject) -> None:
     await start_at(subject)
     await open_position(subject.port, LONG)
-    await subject.harness.fail_next(CallKind.FETCH_POSITIONS, FaultKind.TIMEOUT_AFTER_ACCEPT)
-    await subject.harness.fail_next(CallKind.FETCH_BALANCE, FaultKind.SERVER_ERROR)
-
+    # Lost however often it is asked: a port may send a late read once more (the ccxt venues do,
+    # `engine.venues.read_hedge`), so the second request's answer is lost too; what is left unmet is dropped.
+    await subject.harness.fail_next(CallKind.FETCH_POSITIONS, FaultKind.TIMEOUT_AFTER_ACCEPT, count=2)
     with pytest.raises(Retryable):
         await subject.harness.drive(subject.port.fetch_positions())
+    await subject.harness.clear_faults()
+
+    await subject.harness.fail_next(CallKind.FETCH_BALANCE, FaultKind.SERVER_ERROR)
     with pytest.raises(Retryable):
         await subject.harness.drive(subject.port.fetch_balance())
 
