@@ -2999,29 +2999,53 @@ class ProtectionManager:
         `LATE_ANSWER_ROUND_TRIPS` order round trips after it was sent, at least `LATE_ANSWER_MIN_SECONDS`
         — the same read is sent once more and the first answer wins. An answer lost after the venue
         executed the read used to hold whatever waited on it for the whole call budget (10 s): a
-        protection restart's reconcile, during which no guard runs, or a fired stop's check."""
+        protection restart's reconcile, during which no guard runs, or a fired stop's check.
+
+        While the first is out, a copy that fails is sent again after the pause its failure calls for
+        (the venue's Retry-After, else the retry backoff): a refused second copy left only the lost first
+        to wait for, and a Bybit soak had a position without its trailing stop for 9.6 s so. Once every
+        copy has failed, the last failure is raised."""
         ticket = CallTicket(lane)
         first = asyncio.ensure_future(self.call(make(), kind, lane, ticket=ticket))
-        tasks = [first]
+        copies = [first]
         try:
             if not await _until_late(self.clock, first, ticket, self.late_answer_seconds()):
                 return first.result()
-            tasks.append(asyncio.ensure_future(self.call(make(), kind, lane)))
-            pending, error = set(tasks), None
-            while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    exc = task.exception()
-                    if exc is None or isinstance(exc, NotFound | Rejected):  # an answer: it decides
-                        for other in pending:
+            failures = 0
+            while True:
+                latest = asyncio.ensure_future(self.call(make(), kind, lane))
+                copies.append(latest)
+                while not latest.done() and _answer_among(copies) is None:
+                    await asyncio.wait(
+                        [c for c in copies if not c.done()], return_when=asyncio.FIRST_COMPLETED
+                    )
+                if _answer_among(copies) is None:
+                    # The latest copy failed while an earlier one is still out (or none is: then it says why).
+                    failures += 1
+                    error = latest.exception()
+                    assert error is not None
+                    out = [c for c in copies if not c.done()]
+                    if not out:
+                        raise error
+                    pause = (
+                        refusal_seconds(error, self.clock)
+                        if isinstance(error, RateLimited | Banned)
+                        else self.backoff(failures)
+                    )
+                    await _first_of(self.clock.sleep(pause), *(asyncio.shield(c) for c in out))
+                answer = _answer_among(copies)
+                if answer is not None:
+                    for other in copies:
+                        if other is not answer:
                             self.let_finish(other)
-                        tasks.clear()
-                        return task.result()
-                    error = error or exc
-            assert error is not None
-            raise error
+                    copies.clear()
+                    return answer.result()
+                if all(c.done() for c in copies):  # every copy failed: the latest says why
+                    failure = latest.exception()
+                    assert failure is not None
+                    raise failure
         finally:
-            left = [t for t in tasks if not t.done()]
+            left = [t for t in copies if not t.done()]
             for task in left:
                 task.cancel()
             await asyncio.gather(*left, return_exceptions=True)
@@ -3164,6 +3188,16 @@ async def _stop_waiting(wait: asyncio.Future[Any]) -> None:
     if not wait.done():
         wait.cancel()
     await asyncio.gather(wait, return_exceptions=True)
+
+
+def _answer_among(copies: Iterable[asyncio.Future[_T]]) -> asyncio.Future[_T] | None:
+    """The first copy of a read the venue answered (a "not found" or a refusal is an answer too)."""
+    for copy in copies:
+        if copy.done() and not copy.cancelled():
+            error = copy.exception()
+            if error is None or isinstance(error, NotFound | Rejected):
+                return copy
+    return None
 
 
 async def _first_of(*awaitables: Awaitable[Any]) -> None:

@@ -271,6 +271,27 @@ async def test_a_protection_restart_is_not_held_by_a_read_whose_answer_is_lost(d
         await run.stop()
 
 
+async def test_a_late_reads_second_copy_failing_is_asked_again_not_waited_out(db: Database) -> None:
+    """A stop's answer is lost (it was placed), and so is the answer to the first look-up for it by its
+    client id; the copy of that look-up sent once it was late is refused (HTTP 500, at once). A failed copy
+    is asked again while the first is still out: the stop must be confirmed within a few seconds, not
+    after the lost answers' 10 s (a failed second copy used to leave only the lost first to wait for; a
+    Bybit soak had a position without its trailing stop for 9.6 s so)."""
+    settings = chaos_settings(db, {"VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "10"})
+    run = ChaosRun(db, settings)
+    await run.start()
+    try:
+        [symbol] = await run.opened(await run.wave(1))
+        run.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT, 1)
+        run.venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT, 1)
+        run.venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.SERVER_ERROR, 1)
+        await run.until(run.converged, limit=5.0, what=f"{symbol}'s stops confirmed")
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)
+    finally:
+        await run.stop()
+
+
 RATE_LIMITED = {
     # A small order window, so that another client fills it in one burst without touching the minute's.
     "VENUE__SIM__RATE_LIMITS__ORDERS_PER_10S": "60",
