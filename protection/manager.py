@@ -776,22 +776,12 @@ class PositionGuard:
                     cid,
                     status.value,
                 )
-                m.publish(  # unprotected until the replacement is confirmed: shown, not only logged (F12)
-                    ProtectionFailed(
-                        at=m.clock.now(),
-                        position_id=self.position_id,
-                        symbol=self.symbol,
-                        operation=f"verify {_what(target.purpose)}",
-                        error=f"{cid} {status.value} on the venue, not by us",
-                        retry_in_seconds=0.0,
-                    )
-                )
-                m.spawn_event_write(
-                    Severity.ERROR,
-                    "protection_lost",
-                    f"{self.symbol}: {_what(target.purpose)} {cid} {status.value} on the venue, not by us; re-placing",
+                m.protection_lost(
                     self.symbol,
                     self.position_id,
+                    _what(target.purpose),
+                    f"{cid} {status.value} on the venue, not by us",
+                    f"{self.symbol}: {_what(target.purpose)} {cid} {status.value} on the venue, not by us; re-placing",
                 )
             m.spawn_order_status(OrderStatusRow(cid, _record_status(status), update.venue_order_id))
             target.ended_as = status
@@ -3069,6 +3059,21 @@ class ProtectionManager:
     @property
     def reconcile_requested(self) -> asyncio.Event:
         return self._reconcile_requested
+
+    def protection_lost(self, symbol: str, position_id: int, what: str, error: str, message: str) -> None:
+        """A position's stop is gone, not by us: the position is unprotected until its guard replaces it
+        (at once), so that is shown (`ProtectionFailed`), not only logged (F12), and recorded as an event."""
+        self.publish(
+            ProtectionFailed(
+                at=self.clock.now(),
+                position_id=position_id,
+                symbol=symbol,
+                operation=f"verify {what}",
+                error=error,
+                retry_in_seconds=0.0,
+            )
+        )
+        self.spawn_event_write(Severity.ERROR, "protection_lost", message, symbol, position_id)
 
     def spawn_event_write(
         self,

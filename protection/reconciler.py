@@ -25,7 +25,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from engine.clock import Clock
-from engine.events import ProtectionFailed
 from engine.exchange.errors import ExchangeError, NotFound
 from engine.exchange.port import ExchangePort, Order, OrderStatus, VenuePosition
 from engine.pacing import Lane
@@ -243,25 +242,13 @@ class Reconciler:
                 guard.symbol,
                 order.client_order_id,
             )
-            # The position is unprotected until the guard replaces it: shown, not only logged (F12).
-            manager = self._manager
-            manager.publish(
-                ProtectionFailed(
-                    at=self._clock.now(),
-                    position_id=guard.position_id,
-                    symbol=guard.symbol,
-                    operation=f"verify {what}",
-                    error=f"{order.client_order_id} is no longer on the exchange",
-                    retry_in_seconds=0.0,
-                )
-            )
-            manager.spawn_event_write(
-                Severity.ERROR,
-                "protection_lost",
-                f"{guard.symbol}: {what} {order.client_order_id} is no longer on the exchange "
-                "(triggered, cancelled or expired); re-protecting",
+            self._manager.protection_lost(
                 guard.symbol,
                 guard.position_id,
+                what,
+                f"{order.client_order_id} is no longer on the exchange",
+                f"{guard.symbol}: {what} {order.client_order_id} is no longer on the exchange "
+                "(triggered, cancelled or expired); re-protecting",
             )
             # The guard un-confirms it (unless it confirmed it again meanwhile) and re-checks it by id.
             guard.submit(OrderMissing(client_order_id=order.client_order_id, seen_at=snapshot_at))
