@@ -163,11 +163,26 @@ class ProtectiveOrder:
     confirmed_at: float = 0.0  # monotonic time of the confirmation (the reconciler ignores newer ones)
     maybe_sent: bool = False  # the venue may have it: resolve by id before sending anything
     arm_now: bool = False  # native trail: activation already passed, arm at the current mark
-    sent_at: float | None = None  # monotonic time of the last send (a "not found" sooner proves nothing)
+    sent_at: float | None = None  # monotonic time the last send began (see `left_at`)
+    send_ticket: CallTicket | None = None  # that send's call: how long it waited for the venue's pacing
     sent_this_run: bool = False  # this process sent it (a confirmation is a creation, not a restore)
     fired_at: float | None = None  # monotonic time we first saw it fired but not finished (TRIGGERING)
     ended_as: OrderStatus | None = None  # how the venue said its last id ended (filled, cancelled …)
     recorded_id: str | None = None  # the id this process already wrote ahead (a retry writes nothing more)
+
+    def left_at(self, now: float) -> float | None:
+        """When its last send left for the venue (monotonic; a "not found" sooner than the venue's read lag
+        after it proves nothing): the send's start plus its waits for the venue's pacing (a 429's
+        Retry-After, a ban), `now` while it still waits. Counted from the start, a stop held 2 s by the
+        pacer was taken for absent while the venue's reads still lagged its placement, and sent again."""
+        if self.sent_at is None:
+            return None
+        ticket = self.send_ticket
+        if ticket is None:
+            return self.sent_at
+        if ticket.waiting_since is not None:
+            return now
+        return self.sent_at + ticket.waited
 
 
 # How long a fired stop gets to fill before we close its position at market: a normal TRIGGERING ends well
@@ -686,6 +701,7 @@ class PositionGuard:
                         # Its cancel may come inside the venue's read-after-write lag: "unknown order"
                         # then proves nothing (without it, both sizes stayed live until the reconciler).
                         sent_at=order.sent_at,
+                        send_ticket=order.send_ticket,
                     )
                 )
             self._fresh_id(order)
@@ -985,7 +1001,7 @@ class PositionGuard:
             m.budget.order_answered(probe_at, room=False)
             return _Outcome.RETRY
         started = m.clock.monotonic()
-        order.sent_at = started
+        order.sent_at, order.send_ticket = started, None
         order.sent_this_run = True
         # From here until a definite answer the venue may hold it (an interrupted pass leaves it to be
         # resolved by id, and a finishing position cancels it).
@@ -1095,7 +1111,7 @@ class PositionGuard:
         request, which is never given up for it): the call goes on to its answer or its budget, as
         before. The look-up waits for the request to have left: time queued for budget does not count."""
         m = self._m
-        ticket = CallTicket(Lane.PROTECTIVE)
+        ticket = order.send_ticket = CallTicket(Lane.PROTECTIVE)
         call = asyncio.ensure_future(m.call(create, "create_order", ticket=ticket))
         look_after = max(m.read_after_write_seconds, m.late_answer_seconds())
         started = m.clock.monotonic()
@@ -1155,15 +1171,14 @@ class PositionGuard:
             if lag > 0:
                 lag += READ_LAG_MARGIN_SECONDS
             # Judged by when the look left (its answer may come after the window's end, and prove nothing).
-            if order.sent_at is not None and asked_at - order.sent_at < lag:
+            left_at = order.left_at(asked_at)
+            if left_at is not None and asked_at - left_at < lag:
                 # The venue may not show an order it accepted moments ago (read-after-write lag): "not
                 # found" proves nothing yet. Still unconfirmed (so uncovered), asked again. Waiting out a documented lag is not a failure: said as information (an
                 # ERROR per look was noise that hid the real failures).
                 # Within the window the order may show at any moment: asked again at the first retry
                 # step, and no later than the window's end (then "not found" proves it absent).
-                wait = min(
-                    m.config.retry_initial_seconds, max(0.0, order.sent_at + lag - m.clock.monotonic())
-                )
+                wait = min(m.config.retry_initial_seconds, max(0.0, left_at + lag - m.clock.monotonic()))
                 log.info(
                     "%s: %s %s not visible yet (the venue's reads lag its writes by up to %gs); "
                     "asking again in %.1fs",
@@ -2072,7 +2087,8 @@ class PositionGuard:
             ours.append(
                 self._restored_move
             )  # a move the last engine left in flight may have reached the venue
-        self.retiring = {o.client_order_id: o.sent_at for o in ours if o.client_order_id is not None}
+        now = m.clock.monotonic()
+        self.retiring = {o.client_order_id: o.left_at(now) for o in ours if o.client_order_id is not None}
         try:
             await m.store.close_position(self.position_id, exit_reason=exit_reason, realized_pnl=pnl)
         except BaseException:
@@ -2095,7 +2111,7 @@ class PositionGuard:
         cancelled = await asyncio.gather(*(self._cancel_quietly(order) for order in ours))
         self.retiring = {}
         left = {
-            order.client_order_id: order.sent_at
+            order.client_order_id: order.left_at(m.clock.monotonic())
             for order, done in zip(ours, cancelled, strict=True)
             if not done and order.client_order_id is not None
         }
@@ -2130,7 +2146,7 @@ class PositionGuard:
         cid = order.client_order_id
         assert cid is not None
         order.confirmed = False
-        return await self._m.cancel_by_id(self.symbol, cid, sent_at=order.sent_at)
+        return await self._m.cancel_by_id(self.symbol, cid, sent_at=order.left_at(self._m.clock.monotonic()))
 
     # --- bookkeeping ---------------------------------------------------------------------------------
 

@@ -250,6 +250,49 @@ async def test_a_stop_the_venue_cannot_read_back_yet_is_not_sent_twice(
         await drive(clock, engine.stop())
 
 
+async def test_a_stop_that_waited_for_request_budget_is_not_judged_absent_before_the_lag_after_it_left(
+    db: Database,
+) -> None:
+    """The read-after-write window starts when the request left for the venue, not when the guard began
+    to send it: a stop held 2 s by the venue's pacing (a 429's Retry-After) was counted from before that
+    wait, so its look-up after a lost answer took the venue's lagging "does not exist" for proof, and the
+    stop was sent a second time ("not on the exchange; sending it") while it worked on the venue."""
+    settings = settings_for(db, {"VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "1.5"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock, read_lag=3.0)
+    venue = engine.venue
+    assert isinstance(venue, SimVenue)
+    await drive(clock, engine.start())
+    try:
+        assert engine.manager is not None
+        assert engine.store is not None
+        assert engine.request_pacer is not None
+        manager = engine.manager
+        creates_before = venue.calls_made.get(CallKind.CREATE_ORDER, 0)
+        symbol = SYMBOLS[19]
+        await engine.store.insert_signals([(symbol, "long", None, None)])
+        await drive_until(
+            clock,
+            lambda: venue.calls_made.get(CallKind.CREATE_ORDER, 0) == creates_before + 1,
+            what="the entry sent",
+            step=0.01,
+        )
+        # The entry is on its way; what is sent next (its stops) waits 2 s for the venue's pacing, and the
+        # first stop's answer is lost after the venue placed it.
+        engine.request_pacer.hold(2.0)
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT)
+        await drive_until(clock, lambda: symbol in manager.by_symbol, what="the position opened")
+        guard = manager.by_symbol[symbol]
+        await drive_until_covered(engine, clock, 1)
+        # One entry, one stop-loss, one trailing stop: nothing was sent twice.
+        assert venue.calls_made.get(CallKind.CREATE_ORDER, 0) - creates_before == 3
+        assert _live_kinds(venue, clock, guard.symbol) == Counter(
+            {OrderType.STOP_MARKET: 1, OrderType.TRAILING_STOP_MARKET: 1}
+        )
+    finally:
+        await drive(clock, engine.stop())
+
+
 async def test_waiting_out_the_venues_read_lag_is_said_as_information_not_as_a_failure(
     db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
