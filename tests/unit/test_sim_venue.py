@@ -11,7 +11,11 @@ import pytest
 
 from engine.clock import ManualClock
 from engine.exchange import ExchangePort, OrderSide, OrderStatus, OutcomeUnknown, Retryable
+from engine.exchange.errors import RateLimited
+from engine.pacing import RequestPacer, VenuePacing
 from engine.venues.sim import SimVenue, SimVenueSettings
+from engine.venues.sim.settings import CallKind, FaultKind
+from engine.venues.sim.venue import FORCED_RETRY_AFTER_SECONDS
 
 SFP = "SFPUSDT"
 QTY = Decimal("100")
@@ -245,3 +249,21 @@ async def test_a_new_session_on_the_same_core_sees_the_exchange_state(
 
     assert [p.quantity for p in await restarted.fetch_positions()] == [QTY]
     assert [o.client_order_id for o in await restarted.fetch_open_protective_orders()] == ["sl"]
+
+
+async def test_a_forced_429_holds_the_engines_next_requests_for_its_retry_after(
+    clock: ManualClock, venue_factory: Any
+) -> None:
+    """Rehearsal = production: a ccxt venue reports an HTTP 429 to the engine's pacer, which sends nothing
+    more until its Retry-After. The sim venue raised its forced 429 without telling the pacer, so under
+    the sim the engine went on sending at once what it would hold on Binance."""
+    venue = venue_factory(settings(latency={"seconds": 0.05}))
+    venue.attach_pacing(VenuePacing(RequestPacer(venue.capabilities().request_budgets, clock), None, clock))
+    venue.inject_fault(CallKind.FETCH_POSITIONS, FaultKind.RATE_LIMITED)
+    took, refused = await elapsed(clock, venue.fetch_positions())
+    assert isinstance(refused, RateLimited)
+    assert refused.retry_after == FORCED_RETRY_AFTER_SECONDS
+    took, answered = await elapsed(clock, venue.fetch_mark_prices([SFP]))
+    assert SFP in answered
+    # Held for what was left of the Retry-After when it was asked, then one call's latency.
+    assert took >= FORCED_RETRY_AFTER_SECONDS - 0.5

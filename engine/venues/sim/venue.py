@@ -675,6 +675,8 @@ class SimVenue:
         await self._clock.sleep(arrival)
         if plan.fault is FaultKind.RATE_LIMITED:
             await self._clock.sleep(min(half, timeout - arrival))
+            if self._pacing is not None:  # a request-rate 429: reported as a ccxt venue reports one
+                self._pacing.rate_limited(FORCED_RETRY_AFTER_SECONDS)
             raise RateLimited(FORCED_RETRY_AFTER_SECONDS, f"sim {kind}: HTTP 429 (as asked)").answered(
                 http_status=429
             )
