@@ -960,9 +960,10 @@ class Engine:
             # into its record (its look-ups by id may fail for long; the list is evidence too).
             entries_in_flight=lambda: self._in_flight - self._in_doubt.keys(),
         )
-        positions, orders_by_position, trails = await asyncio.gather(
+        positions, orders_by_position, ids_by_position, trails = await asyncio.gather(
             self.store.open_positions(),
             self.store.live_orders_of_open_positions(),
+            self.store.order_ids_of_open_positions(),
             self.store.trailing_states_of_open_positions(),
         )
         snapshot = await self._restore_snapshot(restart=handover is not None)
@@ -989,6 +990,7 @@ class Engine:
                 live_orders=orders_by_position.get(position.id, ()),
                 trail_record=trails.get(position.id),
                 venue_open_orders=venue_orders,
+                used_order_ids=ids_by_position.get(position.id, ()),
             )
             for position in ready
         ]

@@ -391,6 +391,8 @@ class PositionGuard:
         # new stop may be live on the venue. Resolved by its id before anything else is done to the trail.
         self._restored_move: ProtectiveOrder | None = None
         self._next_trail_generation = 0
+        # Per purpose, the least generation not used yet by an order of this position (`skip_used_ids`).
+        self._unused_generation: dict[OrderPurpose, int] = {}
         if kind is TrailingKind.MANAGED:
             self.trail = trailing.TrailingState.start(self.trail_params())
 
@@ -1439,10 +1441,27 @@ class PositionGuard:
             order.generation = self._next_trail_generation
             self._next_trail_generation += 1
         else:
-            order.generation += 1
+            order.generation = max(order.generation + 1, self._unused_generation.get(order.purpose, 0))
         order.client_order_id = None
         order.fired_at = None
         order.confirmed = False
+
+    def skip_used_ids(self, client_order_ids: Iterable[str]) -> None:
+        """This position's earlier ids (its ended orders, an earlier engine's) are never sent again: a
+        restored guard numbered from its live orders only, so a stop that filled just before a protection
+        restart had its id sent again by the new guard, refused, and the fill's record overwritten
+        `rejected` (the position then recorded `closed_on_exchange` without its PnL). One id, one order."""
+        for cid in client_order_ids:
+            key = parse_client_order_id(cid, self._m.token)
+            if key is None or key.position_id != self.position_id:
+                continue
+            if key.purpose is OrderPurpose.TRAILING_STOP:
+                self._next_trail_generation = max(self._next_trail_generation, key.generation + 1)
+            unused = max(self._unused_generation.get(key.purpose, 0), key.generation + 1)
+            self._unused_generation[key.purpose] = unused
+        for order in (self.stop_loss, self.trailing_stop):
+            if order.client_order_id is None:
+                order.generation = max(order.generation, self._unused_generation.get(order.purpose, 0))
 
     async def _accept(self, order: ProtectiveOrder, placed: Order, latency: float | None) -> _Outcome:
         m = self._m
@@ -2395,6 +2414,7 @@ class ProtectionManager:
         trail_record: TrailingStateRecord | None = None,
         venue_open_orders: Mapping[str, Order] | None = None,
         attached_stop_loss: OrderRecord | None = None,
+        used_order_ids: Iterable[str] = (),
     ) -> PositionGuard:
         """Start guarding a filled position. Restored positions pass their DB orders and trail record;
         those orders are verified against the venue before anything new is sent: an order found in
@@ -2422,6 +2442,7 @@ class ProtectionManager:
             guard.covered_until_now()
         from_fill = guard.stop_loss.price
         self._restore(guard, position, live_orders, trail_record)
+        guard.skip_used_ids(used_order_ids)
         if attached_stop_loss is not None and from_fill is not None:
             self._restore(guard, position, [attached_stop_loss], None)
             guard.correct_attached_stop_loss(from_fill)

@@ -23,6 +23,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 from engine.clock import Clock
 from engine.exchange.errors import ExchangeError, NotFound
@@ -37,7 +38,7 @@ from protection.manager import (
     QuantityChanged,
 )
 from protection.order_ids import parse_client_order_id
-from storage.repositories import OrderPurpose, OrderRecordStatus, Severity, Store
+from storage.repositories import LIVE_ORDER_STATUSES, OrderPurpose, OrderRecordStatus, Severity, Store
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,22 @@ MISSING_CHECKS_PER_PASS = 20  # positions missing from the venue's list that one
 # The exit reason of a position found closed by a close order of ours whose guard never heard its answer
 # (what it was closing for — the operator, a stuck stop — went with the guard).
 CLOSED_AT_MARKET = "closed_at_market"
+# Why a position left the venue, by the purpose of the order of ours that filled (a stop-loss otherwise).
+_EXIT_REASONS = {OrderPurpose.TRAILING_STOP: "trailing_stop", OrderPurpose.CLOSE: CLOSED_AT_MARKET}
+# Our orders that may have closed a position: those that may be live, and those recorded filled.
+_EXIT_CANDIDATE_STATUSES = LIVE_ORDER_STATUSES | {OrderRecordStatus.FILLED}
+
+
+@dataclass(frozen=True, slots=True)
+class _ExitEvidence:
+    """What the venue tells of why a position left it (`reason`, `price`: one of our orders filled), or,
+    without that, the reason a fill of ours recorded earlier gives (`recorded`): the venue no longer tells
+    of it (a new process on Bybit, whose position stops carry no id), and it says why once the venue says
+    the position is flat, which it does not prove."""
+
+    reason: str | None = None
+    price: Decimal | None = None
+    recorded: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,7 +289,7 @@ class Reconciler:
         )
         if isinstance(evidence, BaseException):
             raise evidence
-        exit_reason, exit_price = evidence
+        exit_reason, exit_price = evidence.reason, evidence.price
         if exit_reason is None:
             if isinstance(alone, ExchangeError | TimeoutError):
                 log.warning(
@@ -297,24 +314,30 @@ class Reconciler:
             ):
                 self._absent_once.add(guard.position_id)
                 return
-            exit_reason = "closed_on_exchange"
+            exit_reason = evidence.recorded or "closed_on_exchange"
         self._absent_once.discard(guard.position_id)
-        guard.submit(PositionGone(exit_reason=exit_reason, exit_price=exit_price))  # type: ignore[arg-type]
+        guard.submit(PositionGone(exit_reason=exit_reason, exit_price=exit_price))
         report.closed.append(guard.symbol)
 
-    async def _exit_evidence(self, guard: PositionGuard) -> tuple[str | None, object]:
+    async def _exit_evidence(self, guard: PositionGuard) -> _ExitEvidence:
         """Why the position left the venue: one of our stops (of any generation: an earlier stop may have
-        filled after it was replaced) or close orders filled. (None, None) without such evidence."""
+        filled after it was replaced) or close orders filled, as the venue tells now."""
         if guard.exit_evidence is not None:
-            return guard.exit_evidence.exit_reason, guard.exit_evidence.exit_price
+            return _ExitEvidence(guard.exit_evidence.exit_reason, guard.exit_evidence.exit_price)
         candidates = {
             o.client_order_id: o.purpose for o in (guard.stop_loss, guard.trailing_stop) if o.client_order_id
         }
-        for record in await self._store.live_orders_for_position(guard.position_id):
+        # Recorded filled: the venue said so to a guard that did not live to close the position (a
+        # protection restart between the look-up and the close); its successor's guard starts on the next
+        # id, and the Bybit soak recorded such a position `closed_on_exchange` without its PnL.
+        recorded_filled: dict[str, OrderPurpose] = {}
+        for record in await self._store.orders_for_position(guard.position_id, _EXIT_CANDIDATE_STATUSES):
             # Close orders too: a close at market whose answer never reached its guard (a protection
             # restart cancelled it mid-call) left the position `closing` for two passes and more.
             if record.purpose in (OrderPurpose.STOP_LOSS, OrderPurpose.TRAILING_STOP, OrderPurpose.CLOSE):
                 candidates.setdefault(record.client_order_id, record.purpose)
+                if record.status is OrderRecordStatus.FILLED:
+                    recorded_filled[record.client_order_id] = record.purpose
         looked_up = await asyncio.gather(
             *(
                 self._manager.read(
@@ -335,12 +358,9 @@ class Reconciler:
                 await self._store.set_order_status(
                     found.client_order_id, OrderRecordStatus.FILLED, exchange_order_id=found.venue_order_id
                 )
-                reason = {
-                    OrderPurpose.TRAILING_STOP: "trailing_stop",
-                    OrderPurpose.CLOSE: CLOSED_AT_MARKET,
-                }.get(purpose, "stop_loss")
-                return reason, found.average_price
-        return None, None
+                return _ExitEvidence(_EXIT_REASONS.get(purpose, "stop_loss"), found.average_price)
+        recorded = next(iter(recorded_filled.values()), None)
+        return _ExitEvidence(recorded=None if recorded is None else _EXIT_REASONS.get(recorded, "stop_loss"))
 
     async def _adopt_if_held(self, venue_position: VenuePosition, report: ReconcileReport) -> None:
         """The list may be older than what the engine knows since (a stop filled and its guard closed

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
 from decimal import Decimal
@@ -50,6 +50,12 @@ class OrderRecordStatus(StrEnum):
     EXPIRED = "expired"
     REJECTED = "rejected"
     UNKNOWN = "unknown"  # the venue may or may not have it: resolve by client order id
+
+
+# An order of ours in one of these may be live on the venue.
+LIVE_ORDER_STATUSES = frozenset(
+    {OrderRecordStatus.PENDING, OrderRecordStatus.OPEN, OrderRecordStatus.UNKNOWN}
+)
 
 
 class Severity(StrEnum):
@@ -790,15 +796,40 @@ class Store:
             orders.setdefault(row["position_id"], []).append(_order(row))
         return orders
 
+    async def order_ids_of_open_positions(self) -> dict[int, list[str]]:
+        """For restart, in one query: the client ids of every order of ours of each open position, ended
+        ones included (an id is sent once: `PositionGuard.skip_used_ids`)."""
+        rows = await self._pool.fetch(
+            """
+            SELECT o.position_id, o.client_order_id FROM monitoring.orders o
+            JOIN monitoring.positions p ON p.id = o.position_id
+            WHERE p.status <> ALL($1::text[]) AND p.account = $2
+            ORDER BY o.id
+            """,
+            TERMINAL_STATUSES,
+            self.account,
+        )
+        ids: dict[int, list[str]] = {}
+        for row in rows:
+            ids.setdefault(row["position_id"], []).append(row["client_order_id"])
+        return ids
+
     async def live_orders_for_position(self, position_id: int) -> list[OrderRecord]:
         """Orders of ours that may be live on the exchange (open, pending or unknown)."""
+        return await self.orders_for_position(position_id, LIVE_ORDER_STATUSES)
+
+    async def orders_for_position(
+        self, position_id: int, statuses: Collection[OrderRecordStatus]
+    ) -> list[OrderRecord]:
+        """The position's orders of ours in these statuses, oldest first."""
         rows = await self._pool.fetch(
             """
             SELECT * FROM monitoring.orders
-            WHERE position_id = $1 AND status IN ('pending', 'open', 'unknown')
+            WHERE position_id = $1 AND status = ANY($2::text[])
             ORDER BY id
             """,
             position_id,
+            [status.value for status in statuses],
         )
         return [_order(r) for r in rows]
 

@@ -20,7 +20,8 @@ until it has been replayed, so no write overtakes an earlier one.
 
 Reads the guards and the reconciler make on that path answer from memory while writes are journaled:
 `order_by_client_id` from the orders this process recorded, changed or read (restored at start-up included);
-`live_orders_for_position` lists those of the position that may be live. An order only the database knows
+`orders_for_position` (`live_orders_for_position` with it) lists those of the position in the statuses asked
+for (those that may be live, or filled). An order only the database knows
 (one this process never saw) is not found; the reconciler then looks at the guard's current orders only,
 which is all it needs to find a filled stop. Every other query (entries, signals, health, the dashboard)
 fails at once with `DatabaseDown` while the database is known to be away, and waits for the journal to be
@@ -43,7 +44,7 @@ import logging
 import os
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -74,7 +75,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_LIVE_ORDER_STATUSES = (OrderRecordStatus.PENDING, OrderRecordStatus.OPEN, OrderRecordStatus.UNKNOWN)
 _LIVE_POSITION_STATUSES = (PositionStatus.PENDING_PROTECTION, PositionStatus.ACTIVE)
 
 
@@ -772,17 +772,15 @@ class ResilientStore(Store):
             return self._remember_order(record) if record is not None else None
         return self._orders.get(client_order_id)
 
-    async def live_orders_for_position(self, position_id: int) -> list[OrderRecord]:
-        ok, records = await self._try_live(lambda: Store.live_orders_for_position(self, position_id))
+    async def orders_for_position(
+        self, position_id: int, statuses: Collection[OrderRecordStatus]
+    ) -> list[OrderRecord]:
+        ok, records = await self._try_live(lambda: Store.orders_for_position(self, position_id, statuses))
         if ok:
             assert records is not None
             return [self._remember_order(r) for r in records]
         return sorted(
-            (
-                o
-                for o in self._orders.values()
-                if o.position_id == position_id and o.status in _LIVE_ORDER_STATUSES
-            ),
+            (o for o in self._orders.values() if o.position_id == position_id and o.status in statuses),
             key=lambda o: (o.created_at, o.client_order_id),
         )
 

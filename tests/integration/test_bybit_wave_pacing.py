@@ -327,3 +327,68 @@ async def test_entries_bybit_executes_after_answering_are_protected_once_they_fi
             {(s, kind): 1 for s in held for kind in (OrderType.STOP_MARKET, OrderType.TRAILING_STOP_MARKET)}
         )
         assert emulator.stops_attached_to_entries == WAVE
+
+
+@pytest.mark.parametrize(
+    "when",
+    ["during-restart", "during-restart-stream-late", "known-filled-before-restart-stream-late"],
+)
+async def test_a_stop_that_fills_around_a_protection_restart_is_recorded_with_its_fill(
+    db: Database, when: str
+) -> None:
+    """The hard stop fires while the protection manager restarts, or just before: its guard has asked the
+    venue and learned it filled, with the account stream 5 s late and the venue's empty position list
+    proving nothing yet (the first 30 s after connecting), when the restart comes. The new manager's guard
+    numbered its ids from the live orders only: it sent the filled stop's id again (refused, and the fill's
+    record overwritten `rejected`), and the position was recorded `closed_on_exchange` without its PnL (a
+    10-minute Bybit soak; under load in a full test run). Now no id is sent twice, and the fill recorded
+    is looked up again: the position is recorded closed by its stop, with the fill's PnL."""
+    emulator = BybitEmulator(
+        SimVenueSettings(seed=11, volatility=0.0), api_key=KEY, api_secret=SECRET, control=True
+    )
+    async with bybit_engine(db, emulator) as (engine, _rejected):
+        assert engine.store is not None
+        await engine.store.insert_signals([("SFPUSDT", "long", None, None)])
+        await wait_until(
+            lambda: (
+                engine.manager is not None
+                and len(engine.manager.guards) == 1
+                and all(g.covered for g in engine.manager.guards.values())
+            ),
+            within=30.0,
+            what="the position protected",
+        )
+        [guard] = engine.manager.guards.values()  # type: ignore[union-attr]
+        assert guard.stop_loss.price is not None
+        if when.endswith("stream-late"):
+            await emulator.streams.stage_fault({"fault": "delay", "ms": 5000, "seconds": 60})
+        mark = guard.stop_loss.price - 3 * guard.market.tick_size
+        if when.startswith("known-filled"):
+            assert emulator.set_prices("SFPUSDT", mark=mark)
+            await wait_until(lambda: guard.exit_evidence is not None, what="the guard learned the fill")
+            assert not guard.closed
+            await engine.restart_protection()
+        else:
+            restart = asyncio.ensure_future(engine.restart_protection())
+            await asyncio.sleep(0.3)  # the old manager drains
+            assert emulator.set_prices("SFPUSDT", mark=mark)
+            await restart
+
+        async def closed() -> bool:
+            row = await db.pool.fetchrow(
+                "SELECT status FROM monitoring.positions WHERE id = $1", guard.position_id
+            )
+            return row["status"] == "closed"
+
+        await wait_until(closed, within=25.0, what="the position closed in the database")
+        row = await db.pool.fetchrow(
+            "SELECT exit_reason, realized_pnl FROM monitoring.positions WHERE id = $1", guard.position_id
+        )
+        stops = await db.pool.fetch(
+            "SELECT client_order_id, status FROM monitoring.orders WHERE position_id = $1"
+            " AND purpose = 'stop_loss' ORDER BY id",
+            guard.position_id,
+        )
+    assert (row["exit_reason"], row["realized_pnl"] is not None) == ("stop_loss", True)
+    # The stop that filled is recorded filled: its id was not sent again (one id, one venue order).
+    assert [r["status"] for r in stops][:1] == ["filled"], [dict(r) for r in stops]
