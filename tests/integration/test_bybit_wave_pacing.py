@@ -20,6 +20,7 @@ from engine.venues.bybit_emulator.faults import parse_bybit_fault
 from engine.venues.bybit_limits import ENDPOINT_LIMITS_PER_SECOND
 from engine.venues.bybit_venue import BybitLinearVenue
 from engine.venues.sim.settings import SimVenueSettings
+from protection.manager import PositionGuard
 from storage.database import Database
 from storage.repositories import OrderPurpose
 from tests.integration.engine_support import engine_settings
@@ -61,6 +62,32 @@ async def bybit_engine(db: Database, emulator: BybitEmulator) -> AsyncIterator[t
             await engine.stop()
             follower.cancel()
             await asyncio.gather(follower, return_exceptions=True)
+
+
+async def _one_protected(engine: Engine, symbol: str) -> PositionGuard:
+    """A long on `symbol` from a signal, once both its stops are confirmed: its guard."""
+    assert engine.store is not None
+    await engine.store.insert_signals([(symbol, "long", None, None)])
+    await wait_until(
+        lambda: (
+            engine.manager is not None
+            and len(engine.manager.guards) == 1
+            and all(g.covered for g in engine.manager.guards.values())
+        ),
+        within=30.0,
+        what="the position protected",
+    )
+    assert engine.manager is not None
+    [guard] = engine.manager.guards.values()
+    return guard
+
+
+async def _until_closed(db: Database, position_id: int, *, within: float) -> None:
+    async def closed() -> bool:
+        row = await db.pool.fetchrow("SELECT status FROM monitoring.positions WHERE id = $1", position_id)
+        return row["status"] == "closed"
+
+    await wait_until(closed, within=within, what="the position closed in the database")
 
 
 async def _wave(engine: Engine, emulator: BybitEmulator, rejected: list[str]) -> None:
@@ -179,32 +206,14 @@ async def test_a_position_closed_while_protection_restarts_is_recorded_closed_no
         SimVenueSettings(seed=11, volatility=0.0), api_key=KEY, api_secret=SECRET, control=True
     )
     async with bybit_engine(db, emulator) as (engine, _rejected):
-        assert engine.store is not None
-        await engine.store.insert_signals([("SFPUSDT", "long", None, None)])
-        await wait_until(
-            lambda: (
-                engine.manager is not None
-                and len(engine.manager.guards) == 1
-                and all(g.covered for g in engine.manager.guards.values())
-            ),
-            within=30.0,
-            what="the position protected",
-        )
-        [guard] = engine.manager.guards.values()  # type: ignore[union-attr]
+        guard = await _one_protected(engine, "SFPUSDT")
         await emulator.streams.stage_fault({"fault": "delay", "ms": 5000, "seconds": 60})
         emulator.faults.force((Target("POST", "order/create"),), parse_bybit_fault("timeout"), count=1)
         close = asyncio.ensure_future(engine.close_position(guard.position_id))
         await asyncio.sleep(0.2)  # the close executed, its answer held
         report = await engine.restart_protection()
         await asyncio.gather(close, return_exceptions=True)
-
-        async def closed() -> bool:
-            row = await db.pool.fetchrow(
-                "SELECT status FROM monitoring.positions WHERE id = $1", guard.position_id
-            )
-            return row["status"] == "closed"
-
-        await wait_until(closed, within=15.0, what="the position closed in the database")
+        await _until_closed(db, guard.position_id, within=15.0)
         row = await db.pool.fetchrow(
             "SELECT exit_reason, realized_pnl FROM monitoring.positions WHERE id = $1", guard.position_id
         )
@@ -347,18 +356,7 @@ async def test_a_stop_that_fills_around_a_protection_restart_is_recorded_with_it
         SimVenueSettings(seed=11, volatility=0.0), api_key=KEY, api_secret=SECRET, control=True
     )
     async with bybit_engine(db, emulator) as (engine, _rejected):
-        assert engine.store is not None
-        await engine.store.insert_signals([("SFPUSDT", "long", None, None)])
-        await wait_until(
-            lambda: (
-                engine.manager is not None
-                and len(engine.manager.guards) == 1
-                and all(g.covered for g in engine.manager.guards.values())
-            ),
-            within=30.0,
-            what="the position protected",
-        )
-        [guard] = engine.manager.guards.values()  # type: ignore[union-attr]
+        guard = await _one_protected(engine, "SFPUSDT")
         assert guard.stop_loss.price is not None
         if when.endswith("stream-late"):
             await emulator.streams.stage_fault({"fault": "delay", "ms": 5000, "seconds": 60})
@@ -373,14 +371,7 @@ async def test_a_stop_that_fills_around_a_protection_restart_is_recorded_with_it
             await asyncio.sleep(0.3)  # the old manager drains
             assert emulator.set_prices("SFPUSDT", mark=mark)
             await restart
-
-        async def closed() -> bool:
-            row = await db.pool.fetchrow(
-                "SELECT status FROM monitoring.positions WHERE id = $1", guard.position_id
-            )
-            return row["status"] == "closed"
-
-        await wait_until(closed, within=25.0, what="the position closed in the database")
+        await _until_closed(db, guard.position_id, within=25.0)
         row = await db.pool.fetchrow(
             "SELECT exit_reason, realized_pnl FROM monitoring.positions WHERE id = $1", guard.position_id
         )
