@@ -922,6 +922,7 @@ class Engine:
         unfinished_cancels: Mapping[str, Mapping[str, float | None]] | None = None,
         never_taken: frozenset[str] = frozenset(),
         confirmed_within_lag: Mapping[str, float] | None = None,
+        left_unsettled: Mapping[str, float] | None = None,
     ) -> StartupReport:
         """Restore every open position and verify it against the venue in a constant number of round
         trips, whatever the number of positions: the database in three queries, the venue's positions and
@@ -944,6 +945,7 @@ class Engine:
         # What the last manager knew of its stops that the venue cannot tell yet (a protection restart).
         self.manager.known_unsent = never_taken
         self.manager.known_confirmed = confirmed_within_lag or {}
+        self.manager.known_left_at = left_unsettled or {}
         # Stops of closed positions the last manager was still cancelling: cancelled now, and until they
         # are gone their symbols take no new position (an old stop would act on the new position).
         for symbol, orders in (unfinished_cancels or {}).items():
@@ -1110,10 +1112,11 @@ class Engine:
         if filled is not None:
             # Its orders as recorded (on Bybit the hard stop it carried): verified, not sent again blindly.
             live = (await self.store.live_orders_of_open_positions()).get(position.id, ())
+            used = await self._used_order_ids(position.id)
             if not self._protection_handed_over():
                 await self._protection_ready.wait()
             assert self.manager is not None
-            self.manager.protect(filled, filled_at=doubt.sent_at, live_orders=live)
+            self.manager.protect(filled, filled_at=doubt.sent_at, live_orders=live, used_order_ids=used)
             log.warning(
                 "position %s %s: its entry from before the restart filled at %s; protecting it",
                 position.id,
@@ -1172,7 +1175,9 @@ class Engine:
             symbol=venue_position.symbol,
             position_id=position.id,
         )
-        self.manager.protect(position)
+        # Adopted into its own record (an entry in doubt): the ids it used (on Bybit the stop its entry
+        # carried) are not sent again.
+        self.manager.protect(position, used_order_ids=await self._used_order_ids(position.id))
         doubt = self._in_doubt.get(venue_position.symbol)
         if doubt is not None and doubt.position_id == position.id:  # its guard counts it from here
             self._in_doubt.pop(venue_position.symbol, None)
@@ -1181,6 +1186,14 @@ class Engine:
                 venue_position.symbol,
                 position.id,
             )
+
+    async def _used_order_ids(self, position_id: int) -> list[str]:
+        """Every client id this position's orders have used, whatever became of them."""
+        assert self.store is not None
+        return [
+            o.client_order_id
+            for o in await self.store.orders_for_position(position_id, tuple(OrderRecordStatus))
+        ]
 
     async def restart_protection(self) -> StartupReport:
         """Stop the TS manager, reload from the database, verify against the venue, re-arm. Asked again
@@ -1231,7 +1244,11 @@ class Engine:
             await self.manager.stop(drain=True)  # what is on its way gets its answer
             old = self.manager
             self.startup_report = await self._start_protection(
-                hand_over, old.handed_over, old.handed_over_unsent, old.handed_over_confirmed
+                hand_over,
+                old.handed_over,
+                old.handed_over_unsent,
+                old.handed_over_confirmed,
+                old.handed_over_left,
             )
         finally:
             while handed_over < 2:  # a restart that failed still hands over what it has

@@ -1461,7 +1461,11 @@ class PositionGuard:
             self._unused_generation[key.purpose] = unused
         for order in (self.stop_loss, self.trailing_stop):
             if order.client_order_id is None:
-                order.generation = max(order.generation, self._unused_generation.get(order.purpose, 0))
+                order.generation = max(order.generation, self.unused_generation(order.purpose))
+
+    def unused_generation(self, purpose: OrderPurpose) -> int:
+        """The least generation of `purpose` no order of this position has used (as `skip_used_ids` was told)."""
+        return self._unused_generation.get(purpose, 0)
 
     async def _accept(self, order: ProtectiveOrder, placed: Order, latency: float | None) -> _Outcome:
         m = self._m
@@ -2391,10 +2395,12 @@ class ProtectionManager:
         # Set by `stop`: `never_taken()` and `confirmed_within_lag()`, for the manager that replaces this one.
         self.handed_over_unsent: frozenset[str] = frozenset()
         self.handed_over_confirmed: dict[str, float] = {}
+        self.handed_over_left: dict[str, float] = {}
         # What the manager this one replaces knew of its stops and the venue cannot tell yet (set before any
         # position is protected here; `_restore`): ids it never took, and ids it confirmed within its lag.
         self.known_unsent: frozenset[str] = frozenset()
         self.known_confirmed: Mapping[str, float] = {}
+        self.known_left_at: Mapping[str, float] = {}
         self._sweepers: dict[str, asyncio.Task[None]] = {}
         self._reconcile_requested = asyncio.Event()
         # Protective orders whose answer is awaited, and whether a stop is letting them finish (`stop`).
@@ -2443,6 +2449,11 @@ class ProtectionManager:
         from_fill = guard.stop_loss.price
         self._restore(guard, position, live_orders, trail_record)
         guard.skip_used_ids(used_order_ids)
+        # Its closes too: a close id sent again (an earlier close refused or expired, then a restart) would
+        # be two venue orders under one record.
+        self._close_generations[position.id] = max(
+            self._close_generations.get(position.id, 0), guard.unused_generation(OrderPurpose.CLOSE)
+        )
         if attached_stop_loss is not None and from_fill is not None:
             self._restore(guard, position, [attached_stop_loss], None)
             guard.correct_attached_stop_loss(from_fill)
@@ -2486,9 +2497,12 @@ class ProtectionManager:
                     # the order budget): sent as soon as the guard may, not after the venue's read lag.
                     target.maybe_sent = record.client_order_id not in self.known_unsent
                 # When it was sent, on our monotonic clock: a "not found" within the venue's read lag of it
-                # proves nothing.
-                target.sent_at = self.clock.monotonic() - max(
-                    0.0, self.clock.now() - record.created_at.timestamp()
+                # proves nothing. The last manager knew when it left; the record, when it was written.
+                left_at = self.known_left_at.get(record.client_order_id)
+                target.sent_at = (
+                    left_at
+                    if left_at is not None
+                    else self.clock.monotonic() - max(0.0, self.clock.now() - record.created_at.timestamp())
                 )
                 if record.trigger_price is not None and key.purpose is OrderPurpose.STOP_LOSS:
                     target.price = record.trigger_price
@@ -2716,6 +2730,22 @@ class ProtectionManager:
             if order.client_order_id and not order.maybe_sent and not order.confirmed
         )
 
+    def left_unsettled(self) -> dict[str, float]:
+        """The open positions' stops the venue may hold but has not confirmed (`maybe_sent`), with when
+        their last send left for the venue (monotonic, `ProtectiveOrder.left_at`): a restart hands them to
+        the next manager, whose look-ups judge the venue's read lag from that, not from the record's
+        creation (written before the send waited for budget: a "not found" within the lag was proof)."""
+        now = self.clock.monotonic()
+        left: dict[str, float] = {}
+        for guard in self.guards.values():
+            if guard.closed:
+                continue
+            for order in (guard.stop_loss, guard.trailing_stop):
+                at = order.left_at(now)
+                if order.client_order_id and order.maybe_sent and not order.confirmed and at is not None:
+                    left[order.client_order_id] = at
+        return left
+
     def confirmed_within_lag(self) -> dict[str, float]:
         """The open positions' stops the venue's answer confirmed less than its read-after-write lag ago, with
         when (monotonic): a restart hands them to the next manager, which cannot read them back before the
@@ -2848,6 +2878,7 @@ class ProtectionManager:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.handed_over_unsent, self.handed_over_confirmed = self.never_taken(), self.confirmed_within_lag()
+        self.handed_over_left = self.left_unsettled()
         await self.facts_writer.close()
         await self.order_status_writer.close()
         self._tasks.clear()

@@ -56,14 +56,15 @@ _EXIT_CANDIDATE_STATUSES = LIVE_ORDER_STATUSES | {OrderRecordStatus.FILLED}
 
 @dataclass(frozen=True, slots=True)
 class _ExitEvidence:
-    """What the venue tells of why a position left it (`reason`, `price`: one of our orders filled), or,
-    without that, the reason a fill of ours recorded earlier gives (`recorded`): the venue no longer tells
-    of it (a new process on Bybit, whose position stops carry no id), and it says why once the venue says
-    the position is flat, which it does not prove."""
+    """What the venue tells of why a position left it (`reason`, `price`: one of our current orders
+    filled: the position is gone), or, without that, the reason and price the latest fill of ours recorded
+    earlier gives (`recorded`, `recorded_price`): they say why once the venue says the position is flat,
+    which such a fill does not prove."""
 
     reason: str | None = None
     price: Decimal | None = None
     recorded: str | None = None
+    recorded_price: Decimal | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,7 +315,7 @@ class Reconciler:
             ):
                 self._absent_once.add(guard.position_id)
                 return
-            exit_reason = evidence.recorded or "closed_on_exchange"
+            exit_reason, exit_price = evidence.recorded or "closed_on_exchange", evidence.recorded_price
         self._absent_once.discard(guard.position_id)
         guard.submit(PositionGone(exit_reason=exit_reason, exit_price=exit_price))
         report.closed.append(guard.symbol)
@@ -327,17 +328,23 @@ class Reconciler:
         candidates = {
             o.client_order_id: o.purpose for o in (guard.stop_loss, guard.trailing_stop) if o.client_order_id
         }
-        # Recorded filled: the venue said so to a guard that did not live to close the position (a
-        # protection restart between the look-up and the close); its successor's guard starts on the next
-        # id, and the Bybit soak recorded such a position `closed_on_exchange` without its PnL.
-        recorded_filled: dict[str, OrderPurpose] = {}
+        # Recorded filled (not the guard's current orders): the venue said so to a guard that did not live
+        # to close the position (a protection restart between the look-up and the close); its successor's
+        # guard starts on the next id, and the Bybit soak recorded such a position `closed_on_exchange`
+        # without its PnL. Such a fill says why and at what price, never that the position is gone: a stop
+        # can fill while part of the position stays (a partial fill, a flip), protected again since.
+        filled_before: dict[str, OrderPurpose] = {}
         for record in await self._store.orders_for_position(guard.position_id, _EXIT_CANDIDATE_STATUSES):
             # Close orders too: a close at market whose answer never reached its guard (a protection
             # restart cancelled it mid-call) left the position `closing` for two passes and more.
-            if record.purpose in (OrderPurpose.STOP_LOSS, OrderPurpose.TRAILING_STOP, OrderPurpose.CLOSE):
+            if record.purpose not in (OrderPurpose.STOP_LOSS, OrderPurpose.TRAILING_STOP, OrderPurpose.CLOSE):
+                continue
+            if record.status is OrderRecordStatus.FILLED and record.client_order_id not in candidates:
+                filled_before[record.client_order_id] = record.purpose
+            else:
                 candidates.setdefault(record.client_order_id, record.purpose)
-                if record.status is OrderRecordStatus.FILLED:
-                    recorded_filled[record.client_order_id] = record.purpose
+        newest_first = dict(reversed(filled_before.items()))
+        asked = {**candidates, **newest_first}
         looked_up = await asyncio.gather(
             *(
                 self._manager.read(
@@ -345,22 +352,30 @@ class Reconciler:
                     "fetch_order",
                     Lane.READ,
                 )
-                for client_order_id in candidates
+                for client_order_id in asked
             ),
             return_exceptions=True,
         )
-        for (_cid, purpose), found in zip(candidates.items(), looked_up, strict=True):
+        recorded: _ExitEvidence | None = None
+        for (cid, purpose), found in zip(asked.items(), looked_up, strict=True):
             if isinstance(found, NotFound | ExchangeError | TimeoutError):
-                continue
-            if isinstance(found, BaseException):
+                found = None
+            elif isinstance(found, BaseException):
                 raise found
-            if found.status is OrderStatus.FILLED:
+            reason = _EXIT_REASONS.get(purpose, "stop_loss")
+            if cid in newest_first:
+                # The venue no longer telling of it (a new process on Bybit, whose position stops carry no
+                # id), the record still says why; its price only the venue's answer gives.
+                if recorded is None:
+                    price = found.average_price if found is not None else None
+                    recorded = _ExitEvidence(recorded=reason, recorded_price=price)
+                continue
+            if found is not None and found.status is OrderStatus.FILLED:
                 await self._store.set_order_status(
                     found.client_order_id, OrderRecordStatus.FILLED, exchange_order_id=found.venue_order_id
                 )
-                return _ExitEvidence(_EXIT_REASONS.get(purpose, "stop_loss"), found.average_price)
-        recorded = next(iter(recorded_filled.values()), None)
-        return _ExitEvidence(recorded=None if recorded is None else _EXIT_REASONS.get(recorded, "stop_loss"))
+                return _ExitEvidence(reason, found.average_price)
+        return recorded or _ExitEvidence()
 
     async def _adopt_if_held(self, venue_position: VenuePosition, report: ReconcileReport) -> None:
         """The list may be older than what the engine knows since (a stop filled and its guard closed

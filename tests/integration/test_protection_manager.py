@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import Counter
-from decimal import Decimal
+from decimal import ROUND_DOWN, Decimal
 
 import pytest
 
@@ -17,7 +17,9 @@ from engine.exchange.errors import ExchangeError
 from engine.exchange.port import Order, OrderSide
 from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, FaultKind
+from protection.order_ids import client_order_id
 from storage.database import Database
+from storage.repositories import OrderPurpose, OrderRecordStatus
 from tests.integration.engine_support import make_engine
 from tests.integration.test_failure_modes_f1_f5 import (
     SYMBOLS,
@@ -65,6 +67,35 @@ async def test_a_close_the_venue_refuses_leaves_the_position_active_and_protecte
         assert await _status(db, guard.position_id) == "closed"
         assert venue.core.positions(clock.now()) == []
         assert venue.core.open_protective_orders(clock.now()) == []
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_close_after_a_protection_restart_takes_a_new_id_not_the_refused_closes(db: Database) -> None:
+    """Close ids are numbered per manager: after a protection restart the operator's next close reused the
+    id of the close the venue had refused before it. Binance keeps client ids unique among open orders
+    only, so one id named two venue orders, and a look-up by it could find the old one; its record was
+    overwritten. The new manager numbers a position's closes past every id it used."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[4]])
+        await drive_until_covered(engine, clock, 1)
+        venue = engine.venue
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR)
+        assert await drive(clock, engine.close_position(guard.position_id)) is False
+        await drive(clock, engine.restart_protection())
+        assert await drive(clock, engine.close_position(guard.position_id)) is True
+        closes = await db.pool.fetch(
+            "SELECT client_order_id, status FROM monitoring.orders WHERE position_id = $1 AND purpose = 'close'"
+            " ORDER BY id",
+            guard.position_id,
+        )
+        assert [r["client_order_id"][-3:] for r in closes] == ["cl0", "cl1"], [dict(r) for r in closes]
+        assert closes[0]["status"] != "filled"
+        assert venue.core.positions(clock.now()) == []
     finally:
         await drive(clock, engine.stop())
 
@@ -295,6 +326,63 @@ async def test_a_venue_that_answers_no_positions_at_all_closes_nothing(
         symbols = ", ".join(sorted(g.symbol for g in guards))
         kept = f"reconcile: the venue's list left out 4 positions it still holds when asked alone ({symbols}); kept"
         assert said == [kept] * 3  # three empty answers, three passes, one line each
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_stop_of_ours_that_filled_part_of_a_position_does_not_close_it_on_a_list_that_left_it_out(
+    db: Database,
+) -> None:
+    """An earlier stop of ours filled while part of the position stayed on the venue (here a reduce-only
+    stop for half of it, recorded filled). A list that then leaves the position out must not close it on
+    that old fill: the reconciler asks about the position's orders recorded filled too (their reason and
+    price, for a position the venue shows flat), and taking such a fill as proof closed a position the
+    venue held and cancelled its stops, without asking for the symbol alone."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[28]])
+        await drive_until_covered(engine, clock, 1)
+        await clock.advance(40.0)  # past the start-up window in which an empty answer is ignored anyway
+        venue = engine.venue
+        assert isinstance(venue, SimVenue)
+        assert engine.store is not None
+        assert engine.manager is not None
+        assert engine.reconciler is not None
+        core, market = venue.core, guard.market
+        [held] = core.positions(clock.now())
+        half = market.round_quantity(held.quantity / 2, ROUND_DOWN)
+        assert guard.stop_loss.price is not None
+        mark = core.mark(guard.symbol)
+        trigger = market.round_price((mark + guard.stop_loss.price) / 2)
+        partial = client_order_id(engine.manager.token, guard.position_id, OrderPurpose.STOP_LOSS, 7)
+        core.place_stop_market_order(guard.symbol, OrderSide.SELL, half, trigger, partial, clock.now())
+        venue.override_mark_price(guard.symbol, trigger - market.tick_size)
+        venue.override_mark_price(guard.symbol, mark)
+        await engine.store.record_order(
+            client_order_id=partial,
+            position_id=guard.position_id,
+            purpose=OrderPurpose.STOP_LOSS,
+            side="sell",
+            type="stop_market",
+            quantity=half,
+            trigger_price=trigger,
+            status=OrderRecordStatus.FILLED,
+        )
+        [rest] = core.positions(clock.now())
+        assert rest.quantity == held.quantity - half
+        await drive_until(clock, lambda: guard.covered, what="the rest protected again")
+        runs = engine.reconciler.runs
+        venue.answer_positions_empty(1)
+        await drive_until(clock, lambda: engine.reconciler.runs >= runs + 2, what="two passes")
+        row = await db.pool.fetchrow(
+            "SELECT status FROM monitoring.positions WHERE id = $1", guard.position_id
+        )
+        assert row["status"] == "active"
+        assert core.positions(clock.now()) == [rest]
+        assert guard.covered
     finally:
         await drive(clock, engine.stop())
 

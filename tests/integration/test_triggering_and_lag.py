@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -44,6 +45,17 @@ def _live_kinds(venue: SimVenue, clock: ManualClock, symbol: str) -> Counter[Ord
     return Counter(o.type for o in live if o.symbol == symbol)
 
 
+def _assert_nothing_sent_twice(
+    venue: SimVenue, clock: ManualClock, guard: PositionGuard, *, creates: int
+) -> None:
+    """The venue took `creates` orders in all (one entry, one stop-loss, one trailing stop per position),
+    and holds one live stop of each kind for `guard`'s position."""
+    assert venue.calls_made.get(CallKind.CREATE_ORDER, 0) == creates
+    assert _live_kinds(venue, clock, guard.symbol) == Counter(
+        {OrderType.STOP_MARKET: 1, OrderType.TRAILING_STOP_MARKET: 1}
+    )
+
+
 @contextlib.asynccontextmanager
 async def _one_guarded_position(
     db: Database, symbol: str, overrides: dict[str, str] | None = None
@@ -71,14 +83,17 @@ async def _a_stops_answer_lost(
     *,
     read_lag: float | None = None,
     look_ups: tuple[tuple[FaultKind, int], ...] = (),
+    stops_held: float = 0.0,
+    clock: ManualClock | None = None,
 ) -> AsyncIterator[tuple[Engine, SimVenue, ManualClock, PositionGuard]]:
     """An engine on the sim venue (virtual time; it gives up on a request after 1.5 s) with one position on
     `symbol` whose first stop sent is placed on the venue and its answer lost, and whose look-ups by id
     meet `look_ups` (fault, count) first; yielded as soon as its guard exists, stopped after. The fault is
     set once the entry is sent (asked for before the entry's answer, under load the stops had gone out
-    before the test looked)."""
+    before the test looked). `stops_held`: what is sent after the entry (its stops) first waits that long
+    for the venue's pacing (a 429's Retry-After)."""
     settings = settings_for(db, {"VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "1.5", **(overrides or {})})
-    clock = ManualClock()
+    clock = ManualClock() if clock is None else clock
     engine = make_engine(settings, clock, read_lag=read_lag)
     venue = engine.venue
     assert isinstance(venue, SimVenue)
@@ -95,6 +110,9 @@ async def _a_stops_answer_lost(
             what="the entry sent",
             step=0.01,
         )
+        if stops_held:
+            assert engine.request_pacer is not None
+            engine.request_pacer.hold(stops_held)
         venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT)
         for fault, count in look_ups:
             venue.inject_fault(CallKind.FETCH_ORDER, fault, count)
@@ -240,11 +258,7 @@ async def test_a_stop_the_venue_cannot_read_back_yet_is_not_sent_twice(
         [guard] = await open_positions(engine, clock, [SYMBOLS[17]])
         venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT)  # the stop-loss's answer
         await drive_until_covered(engine, clock, 1)
-        # One entry, one stop-loss, one trailing stop: nothing was sent twice.
-        assert venue.calls_made.get(CallKind.CREATE_ORDER, 0) - creates_before == 3
-        assert _live_kinds(venue, clock, guard.symbol) == Counter(
-            {OrderType.STOP_MARKET: 1, OrderType.TRAILING_STOP_MARKET: 1}
-        )
+        _assert_nothing_sent_twice(venue, clock, guard, creates=3 + creates_before)
         assert guard.stop_loss.generation == 0
     finally:
         await drive(clock, engine.stop())
@@ -257,40 +271,38 @@ async def test_a_stop_that_waited_for_request_budget_is_not_judged_absent_before
     to send it: a stop held 2 s by the venue's pacing (a 429's Retry-After) was counted from before that
     wait, so its look-up after a lost answer took the venue's lagging "does not exist" for proof, and the
     stop was sent a second time ("not on the exchange; sending it") while it worked on the venue."""
-    settings = settings_for(db, {"VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "1.5"})
-    clock = ManualClock()
-    engine = make_engine(settings, clock, read_lag=3.0)
-    venue = engine.venue
-    assert isinstance(venue, SimVenue)
-    await drive(clock, engine.start())
-    try:
-        assert engine.manager is not None
-        assert engine.store is not None
-        assert engine.request_pacer is not None
-        manager = engine.manager
-        creates_before = venue.calls_made.get(CallKind.CREATE_ORDER, 0)
-        symbol = SYMBOLS[19]
-        await engine.store.insert_signals([(symbol, "long", None, None)])
-        await drive_until(
-            clock,
-            lambda: venue.calls_made.get(CallKind.CREATE_ORDER, 0) == creates_before + 1,
-            what="the entry sent",
-            step=0.01,
-        )
-        # The entry is on its way; what is sent next (its stops) waits 2 s for the venue's pacing, and the
-        # first stop's answer is lost after the venue placed it.
-        engine.request_pacer.hold(2.0)
-        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT)
-        await drive_until(clock, lambda: symbol in manager.by_symbol, what="the position opened")
-        guard = manager.by_symbol[symbol]
+    async with _a_stops_answer_lost(db, SYMBOLS[19], read_lag=3.0, stops_held=2.0) as (
+        engine,
+        venue,
+        clock,
+        guard,
+    ):
         await drive_until_covered(engine, clock, 1)
-        # One entry, one stop-loss, one trailing stop: nothing was sent twice.
-        assert venue.calls_made.get(CallKind.CREATE_ORDER, 0) - creates_before == 3
-        assert _live_kinds(venue, clock, guard.symbol) == Counter(
-            {OrderType.STOP_MARKET: 1, OrderType.TRAILING_STOP_MARKET: 1}
-        )
-    finally:
-        await drive(clock, engine.stop())
+        _assert_nothing_sent_twice(venue, clock, guard, creates=3)
+
+
+async def test_a_protection_restart_hands_over_when_an_unsettled_stop_left_not_when_it_was_recorded(
+    db: Database,
+) -> None:
+    """The same stop (held 2 s for the venue's pacing, its answer lost), and the protection manager
+    restarts while the guard waits out the venue's read lag for it. The new manager took its send time
+    from the record, written before the 2 s wait: its first look-up, inside the lag, took "does not
+    exist" for proof and sent the stop a second time. The old manager hands over when it left."""
+    # Virtual time from the wall clock's now: a restored order's send time comes from the database's clock.
+    wall = ManualClock(start=time.time())
+    async with _a_stops_answer_lost(db, SYMBOLS[21], read_lag=3.0, stops_held=2.0, clock=wall) as (
+        engine,
+        venue,
+        clock,
+        guard,
+    ):
+        # The stop left ~2 s after the entry's answer and lost its answer 1.5 s later: its outcome is
+        # unknown, and the venue will show it only ~3 s after it arrived.
+        await drive(clock, clock.sleep(3.7))
+        assert not guard.covered
+        await drive(clock, engine.restart_protection())
+        await drive_until_covered(engine, clock, 1)
+        _assert_nothing_sent_twice(venue, clock, guard, creates=3)
 
 
 async def test_waiting_out_the_venues_read_lag_is_said_as_information_not_as_a_failure(
