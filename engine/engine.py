@@ -102,6 +102,7 @@ from storage.journal import WriteJournal
 from storage.lease import EngineLease, LeaseHeld
 from storage.outage import DatabaseWatch, journal_path
 from storage.repositories import (
+    LIVE_ORDER_STATUSES,
     CoverageSample,
     HealthRow,
     OrderPurpose,
@@ -290,6 +291,15 @@ class EngineSnapshot:
     # position (id, symbol, covered). `positions` holds a view of every one of them, or, from
     # `snapshot(views_of=…)`, of those the selector asked for.
     rows: tuple[PositionCoverage, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedOrders:
+    """A position's orders as recorded (`Engine._recorded_orders`)."""
+
+    live: list[OrderRecord]  # those that may be live on the venue
+    attached_stop_loss: OrderRecord | None  # the hard stop its entry carried, where the venue carries one
+    used_ids: list[str]  # every client id its orders have used
 
 
 # Given every open position's coverage facts (by position id) and the coverage figures, which positions
@@ -1110,13 +1120,17 @@ class Engine:
         assert self.store is not None
         filled = await self._restored_entry_outcome(position, order)
         if filled is not None:
-            # Its orders as recorded (on Bybit the hard stop it carried): verified, not sent again blindly.
-            live = (await self.store.live_orders_of_open_positions()).get(position.id, ())
-            used = await self._used_order_ids(position.id)
+            recorded = await self._recorded_orders(position.id)
             if not self._protection_handed_over():
                 await self._protection_ready.wait()
             assert self.manager is not None
-            self.manager.protect(filled, filled_at=doubt.sent_at, live_orders=live, used_order_ids=used)
+            self.manager.protect(
+                filled,
+                filled_at=doubt.sent_at,
+                live_orders=recorded.live,
+                attached_stop_loss=recorded.attached_stop_loss,
+                used_order_ids=recorded.used_ids,
+            )
             log.warning(
                 "position %s %s: its entry from before the restart filled at %s; protecting it",
                 position.id,
@@ -1175,9 +1189,15 @@ class Engine:
             symbol=venue_position.symbol,
             position_id=position.id,
         )
-        # Adopted into its own record (an entry in doubt): the ids it used (on Bybit the stop its entry
-        # carried) are not sent again.
-        self.manager.protect(position, used_order_ids=await self._used_order_ids(position.id))
+        # Adopted into its own record (an entry in doubt): its orders as recorded (on Bybit the hard stop
+        # its entry carried) are verified, and no id it used is sent again.
+        recorded = await self._recorded_orders(position.id)
+        self.manager.protect(
+            position,
+            live_orders=recorded.live,
+            attached_stop_loss=recorded.attached_stop_loss,
+            used_order_ids=recorded.used_ids,
+        )
         doubt = self._in_doubt.get(venue_position.symbol)
         if doubt is not None and doubt.position_id == position.id:  # its guard counts it from here
             self._in_doubt.pop(venue_position.symbol, None)
@@ -1187,13 +1207,17 @@ class Engine:
                 position.id,
             )
 
-    async def _used_order_ids(self, position_id: int) -> list[str]:
-        """Every client id this position's orders have used, whatever became of them."""
+    async def _recorded_orders(self, position_id: int) -> RecordedOrders:
+        """A position's orders as recorded, for a guard that starts on a record with a past (an entry of
+        unknown outcome settled or adopted): those that may be live are verified, not sent again blindly;
+        the hard stop its entry carried (a venue with `attach_stop_to_entry`) is corrected from the fill
+        like any carried stop; and no client id it used is sent again, whatever became of its order."""
         assert self.store is not None
-        return [
-            o.client_order_id
-            for o in await self.store.orders_for_position(position_id, tuple(OrderRecordStatus))
-        ]
+        orders = await self.store.orders_for_position(position_id, tuple(OrderRecordStatus))
+        live = [o for o in orders if o.status in LIVE_ORDER_STATUSES]
+        carried = self.venue.capabilities().attach_stop_to_entry
+        attached = next((o for o in live if o.purpose is OrderPurpose.STOP_LOSS), None) if carried else None
+        return RecordedOrders(live, attached, [o.client_order_id for o in orders])
 
     async def restart_protection(self) -> StartupReport:
         """Stop the TS manager, reload from the database, verify against the venue, re-arm. Asked again

@@ -383,3 +383,61 @@ async def test_a_stop_that_fills_around_a_protection_restart_is_recorded_with_it
     assert (row["exit_reason"], row["realized_pnl"] is not None) == ("stop_loss", True)
     # The stop that filled is recorded filled: its id was not sent again (one id, one venue order).
     assert [r["status"] for r in stops][:1] == ["filled"], [dict(r) for r in stops]
+
+
+async def test_an_entry_of_unknown_outcome_adopted_from_the_venues_list_keeps_the_stop_it_carried(
+    db: Database,
+) -> None:
+    """The entry's answer is lost and the venue answers no read by its id, while its position, with the
+    hard stop that rode on the entry, shows in the venue's list: the reconciler adopts it into its own
+    record. Its guard knew nothing of the stop it carried: the venue's one stop was recorded twice, the
+    entry's record left `pending` for good beside the guard's under a new id (found in a review). Now the
+    adopted guard verifies the recorded stop, as a restored one; once the venue answers for the entry, its
+    signal is opened and its record filled."""
+    emulator = BybitEmulator(
+        SimVenueSettings(seed=11, volatility=0.0), api_key=KEY, api_secret=SECRET, control=True
+    )
+    emulator.faults.force((Target("POST", "order/create"),), parse_bybit_fault("unknown"), count=1)
+    reads = (Target("GET", "order/realtime"), Target("GET", "order/history"))
+    emulator.faults.force(reads, parse_bybit_fault("busy"), count=100_000)
+    async with bybit_engine(db, emulator) as (engine, rejected):
+        assert engine.store is not None
+        # The account stream tells the fill only after the reconciler's pass has read the venue's list.
+        await emulator.streams.stage_fault({"fault": "delay", "ms": 20_000, "seconds": 60})
+        await engine.store.insert_signals([("SFPUSDT", "long", None, None)])
+        await wait_until(
+            lambda: engine.manager is not None and len(engine.manager.guards) == 1,
+            within=30.0,
+            what="the position adopted from the venue's list",
+        )
+        adopted = await db.pool.fetchval(
+            "SELECT count(*) FROM monitoring.events WHERE type = 'position_adopted'"
+        )
+        emulator.faults.clear_forced()
+        manager = engine.manager
+        assert manager is not None
+        [guard] = manager.guards.values()
+
+        async def settled() -> bool:
+            status = await db.pool.fetchval("SELECT status FROM monitoring.signals")
+            return guard.covered and status == "opened"
+
+        await wait_until(settled, within=30.0, what="the position protected and its signal opened")
+        records = await db.pool.fetch(
+            "SELECT client_order_id, purpose, status, trigger_price FROM monitoring.orders"
+            " WHERE position_id = $1 ORDER BY id",
+            guard.position_id,
+        )
+        live = await engine.venue.fetch_open_protective_orders()
+    assert (adopted, rejected) == (1, [])
+    assert [(o.type, o.client_order_id) for o in live] == [
+        (OrderType.STOP_MARKET, guard.stop_loss.client_order_id),
+        (OrderType.TRAILING_STOP_MARKET, guard.trailing_stop.client_order_id),
+    ]
+    [stop] = [o for o in live if o.type is OrderType.STOP_MARKET]
+    by_purpose = {(r["purpose"], r["status"]): r for r in records}
+    # One record per venue order, each as the venue has it: the entry filled, the stop it carried live.
+    assert sorted(by_purpose) == [("entry", "filled"), ("stop_loss", "open"), ("trailing_stop", "open")], [
+        dict(r) for r in records
+    ]
+    assert by_purpose["stop_loss", "open"]["trigger_price"] == stop.stop_price
