@@ -66,7 +66,6 @@ from engine.exchange.port import (
     MarkPrice,
     Order,
     OrderSide,
-    OrderStatus,
     OrderUpdate,
     PositionSide,
     VenuePosition,
@@ -1093,6 +1092,9 @@ class Engine:
             position.quantity,
             cid,
             sent_at=self._monotonic_of(position.updated_at),
+            # When the last process last sent it is not known, only that it was before now: "no such
+            # order" proves nothing until the venue's request window and read lag have passed since.
+            unknown_at=self.clock.monotonic(),
         )
         try:
             order: Order | None = await self.manager.read(
@@ -1104,12 +1106,14 @@ class Engine:
             order = None
         except (ExchangeError, TimeoutError) as exc:
             return self._doubt_restored_entry(position, doubt, exc)
+        if order is not None and not _entry_ended(order):  # still working: a position once it fills
+            return self._doubt_restored_entry(position, doubt, _entry_not_ended(order))
         return await self._restored_entry_outcome(position, order)
 
     def _doubt_restored_entry(
-        self, position: PositionRecord, doubt: EntryInDoubt, exc: BaseException
+        self, position: PositionRecord, doubt: EntryInDoubt, why: BaseException | str
     ) -> None:
-        doubt.error = f"entry outcome unknown after a restart: {str(exc) or type(exc).__name__}"
+        doubt.error = f"entry outcome unknown after a restart: {str(why) or type(why).__name__}"
         self._doubt_entry(doubt, functools.partial(self._restored_entry_settled, position, doubt))
         return None
 
@@ -1150,7 +1154,8 @@ class Engine:
                 position.id, PositionStatus.FAILED, exit_reason="entry not placed"
             )
             return None
-        if order.status is OrderStatus.FILLED and order.average_price is not None:
+        if order.filled_quantity > 0 and order.average_price is not None:
+            # Filled, or ended part-filled (the rest cancelled or expired): a position of what filled.
             await self.store.set_order_status(
                 order.client_order_id, OrderRecordStatus.FILLED, exchange_order_id=order.venue_order_id
             )
@@ -1614,8 +1619,8 @@ class Engine:
             doubt = EntryInDoubt(position.id, signal.symbol, side, quantity, cid)
             try:
                 order = await self._send_entry(entry_call, doubt, promise)
-                if not order.status.is_final:  # accepted, not filled yet (asked once more already)
-                    raise OutcomeUnknown(cid, f"the venue has it {order.status.value}, not filled yet")
+                if not _entry_ended(order):  # accepted, not filled yet (asked once more already)
+                    raise OutcomeUnknown(cid, _entry_not_ended(order))
             except (OutcomeUnknown, TimeoutError) as exc:
                 # It may have filled: settled by its id in the background (the wave does not wait on a venue
                 # that does not answer), counted uncovered meanwhile, its symbol held until then.
@@ -1838,8 +1843,8 @@ class Engine:
         """An account event no guard took: if it says an entry of ours ended, kept as that entry's outcome,
         and an entry in doubt by that id stops asking for it. The chaos soak's entries in doubt waited
         10 s for the look-ups to answer while the stream had told their fill within milliseconds."""
-        if not isinstance(event, OrderUpdate) or not event.order.status.is_final:
-            return
+        if not isinstance(event, OrderUpdate) or not _entry_ended(event.order):
+            return  # (a fill told without its price: asked for by id, which answers with it)
         order = event.order
         key = parse_client_order_id(order.client_order_id, self._token)
         if key is None or key.purpose is not OrderPurpose.ENTRY:
@@ -1906,11 +1911,11 @@ class Engine:
             except (ExchangeError, TimeoutError) as exc:
                 doubt.error = f"entry outcome unknown: {exc}"
             else:
-                if order.status.is_final:
+                if _entry_ended(order):
                     return order
                 # Accepted and working (Binance NEW / PARTIALLY_FILLED, Bybit New / PartiallyFilled): not
                 # an answer yet — failing it here was a naked position once it filled a moment later.
-                doubt.error = f"entry {order.status.value} on the venue, not filled yet"
+                doubt.error = f"entry outcome unknown: {_entry_not_ended(order)}"
             await self._unless_streamed(doubt, self.clock.sleep(delay))
             delay = min(delay * 2, float(protection.retry_max_seconds), ENTRY_SETTLE_MAX_BACKOFF_SECONDS)
 
@@ -2553,6 +2558,19 @@ def coverage_sample(figures: CoverageFigures, at: datetime) -> CoverageSample:
         lasting=figures.lasting,
         coverage_pct=percent(figures.protected, figures.active),
     )
+
+
+def _entry_ended(order: Order) -> bool:
+    """Whether the venue's word on an entry settles it: ended, and if anything filled, at a known price (a
+    position's stops are priced from its fill). Bybit's stream tells a fill without its price when the
+    execution message is lost: that is a position whose price is still to be asked, not a failed entry."""
+    return order.status.is_final and (order.filled_quantity <= 0 or order.average_price is not None)
+
+
+def _entry_not_ended(order: Order) -> str:
+    if order.status.is_final:
+        return f"the venue has it {order.status.value} without its fill price yet"
+    return f"the venue has it {order.status.value}, not filled yet"
 
 
 def _entry_pending(position: PositionRecord) -> bool:

@@ -441,3 +441,39 @@ async def test_an_entry_of_unknown_outcome_adopted_from_the_venues_list_keeps_th
         dict(r) for r in records
     ]
     assert by_purpose["stop_loss", "open"]["trigger_price"] == stop.stop_price
+
+
+async def test_an_entry_whose_fill_the_stream_tells_without_a_price_is_a_position_not_a_failure(
+    db: Database,
+) -> None:
+    """The account stream tells the entry Filled before its answer is back, but without its price: the
+    execution message was lost and the execution list failed too, so the stream says so rather than guess.
+    That word was taken for a failed entry ("entry filled"): the signal rejected, the position recorded
+    failed while the venue held it, with only the stop it carried and counted nowhere (found in a review).
+    Now it is not an answer yet: the entry is asked for by its id, which gives its price."""
+    emulator = BybitEmulator(
+        SimVenueSettings(seed=11, volatility=0.0), api_key=KEY, api_secret=SECRET, control=True
+    )
+    emulator.faults.force((Target("GET", "execution/list"),), parse_bybit_fault("error"), count=100_000)
+    # Its answer is held back and the first reads by its id fail: the stream tells the fill first (once it
+    # gave up waiting for its execution).
+    emulator.faults.force((Target("POST", "order/create"),), parse_bybit_fault("timeout"), count=1)
+    reads = (Target("GET", "order/realtime"), Target("GET", "order/history"))
+    emulator.faults.force(reads, parse_bybit_fault("busy"), count=4)
+    async with bybit_engine(db, emulator) as (engine, rejected):
+        assert engine.store is not None
+        await emulator.streams.stage_fault({"fault": "lose", "topic": "execution", "count": 1})
+        await emulator.streams.stage_fault({"fault": "blank", "topic": "order", "field": "avgPrice"})
+        guard = await _one_protected(engine, "SFPUSDT")
+
+        async def opened() -> bool:
+            signal = await db.pool.fetchval("SELECT status FROM monitoring.signals")
+            position = await db.pool.fetchval("SELECT status FROM monitoring.positions")
+            return (signal, position) == ("opened", "active")
+
+        await wait_until(opened, within=30.0, what="the signal opened and its position active")
+        row = await db.pool.fetchrow("SELECT status, entry_price FROM monitoring.positions")
+        [held] = await engine.venue.fetch_positions()
+    assert rejected == []
+    assert row["entry_price"] == held.entry_price
+    assert guard.quantity == held.quantity

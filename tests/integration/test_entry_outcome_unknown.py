@@ -20,7 +20,7 @@ from engine.venues.sim.settings import CallKind, FaultKind
 from protection.order_ids import client_order_id
 from storage.commands import CommandKind, CommandState
 from storage.database import Database
-from storage.repositories import OrderPurpose
+from storage.repositories import OrderPurpose, PositionStatus
 from tests.integration.engine_support import engine_settings, make_engine
 from tests.integration.test_failure_modes_f1_f5 import (
     SYMBOLS,
@@ -592,3 +592,108 @@ async def test_an_entry_whose_fill_the_account_stream_tells_first_gets_its_stops
         assert status == "opened"
     finally:
         await drive(clock, engine.stop())
+
+
+@pytest.mark.parametrize(
+    ("delay", "share"),
+    [(30.0, Decimal(1)), (5.0, Decimal("0.4"))],
+    ids=["still-working-at-restart", "part-filled-before-restart"],
+)
+async def test_an_entry_in_doubt_at_a_crash_that_was_working_or_part_filled_is_protected_by_the_next_start(
+    db: Database, delay: float, share: Decimal
+) -> None:
+    """The process dies while an entry answered NEW is in doubt (Bybit's creation is asynchronous): at the
+    next start the venue says it is still working, or that it ended part-filled. Start-up recorded either
+    as a failed entry (its status the reason), so the position the venue then held had no stop and
+    was counted nowhere (found in a review). Now a working entry stays in doubt, counted uncovered, until it
+    ends, and what filled is a position, protected like any other."""
+    engine, venue, clock = _engine(
+        db, {"PROTECTION__GRACE_SECONDS": "5", "PROTECTION__BREAKER__UNCOVERED_FACTOR": "1000"}
+    )
+    await drive(clock, engine.start())
+    try:
+        assert engine.store is not None
+        venue.drop_account_stream(100_000)
+        venue.set_market_fill(delay, share=share)
+        await engine.store.insert_signals([(SYMBOL, "long", None, None)])
+        await drive_until(clock, lambda: engine.entries_in_doubt() != [], what="the entry in doubt")
+    finally:
+        await drive(clock, engine.stop(drain=False))
+    if share < 1:  # it ends, part-filled, while no engine runs
+        await drive_until(clock, lambda: _venue_holds(venue, clock, SYMBOL), what="the entry part-filled")
+
+    second = restarted(engine, engine.settings, clock)
+    second.venue.answer_positions_empty(100_000)  # the list shows nothing: only the entry's own id tells
+    await drive(clock, second.start())
+    try:
+        await drive_until(
+            clock, lambda: _our_stops(venue, clock, SYMBOL) == ["sl", "ts"], limit=60, what="both stops on"
+        )
+        await drive_until(clock, lambda: second.coverage().protected == 1, what="counted protected")
+        await drive_until(
+            clock,
+            lambda: db.pool.fetchval("SELECT status = 'active' FROM monitoring.positions"),
+            what="recorded active",
+        )
+        held = _held_quantity(venue, clock, SYMBOL)
+        assert _stop_quantities(venue, clock, SYMBOL) == {held}
+        assert await db.pool.fetchval("SELECT quantity FROM monitoring.positions") == held
+    finally:
+        await drive(clock, second.stop())
+
+
+async def test_an_entry_recorded_sent_at_a_crash_is_not_judged_absent_at_once_by_the_next_start(
+    db: Database,
+) -> None:
+    """The process died with an entry recorded as sent: when its request left, if it did, the next process
+    cannot know. Start-up took the venue's first "no such order" as proof that it never executed: the
+    moment its outcome became unknown was left at 0 on the monotonic clock, so the venue's request window
+    and read lag had always passed (found in a review). A request still on its way executes after such an
+    answer, and the position it opens was then counted nowhere. Now "no such order" proves the entry
+    absent only once the request window and read lag (here the venue's 5 s) have passed since the start."""
+    engine, venue, clock = _engine(db)
+    venue.set_read_lag(5.0)
+    await drive(clock, engine.start())
+    try:
+        store = engine.store
+        assert store is not None
+        position = await store.create_position(
+            symbol=SYMBOL, exchange=engine.exchange_name, side="long", quantity=Decimal(1)
+        )
+        await store.record_order(
+            client_order_id=client_order_id(engine._token, position.id, OrderPurpose.ENTRY, 0),
+            position_id=position.id,
+            purpose=OrderPurpose.ENTRY,
+            side="buy",
+            type="market",
+            quantity=Decimal(1),
+        )
+        await store.set_position_status(position.id, PositionStatus.ENTRY_PLACED)
+        # The process has run a while (on a real machine the monotonic clock is the host's uptime).
+        await drive_until(clock, lambda: clock.monotonic() > 10.0, limit=11.0, what="10 s run")
+    finally:
+        await drive(clock, engine.stop(drain=False))  # dead before the answer, or before the send
+
+    second = restarted(engine, engine.settings, clock)
+    await drive(clock, second.start())
+    started = clock.monotonic()
+    try:
+
+        async def status() -> str:
+            return await db.pool.fetchval(
+                "SELECT status FROM monitoring.positions WHERE id = $1", position.id
+            )
+
+        assert await status() == "entry_placed"
+        assert [d.position_id for d in second.entries_in_doubt()] == [position.id]  # counted uncovered
+        await drive_until(
+            clock,
+            lambda: db.pool.fetchval(
+                "SELECT status = 'failed' FROM monitoring.positions WHERE id = $1", position.id
+            ),
+            limit=30,
+            what="recorded failed",
+        )
+        assert clock.monotonic() - started >= 5.0
+    finally:
+        await drive(clock, second.stop())
