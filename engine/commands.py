@@ -35,6 +35,13 @@ if TYPE_CHECKING:
     from engine.engine import Engine, EntryInDoubt
 
 log = logging.getLogger(__name__)
+
+
+class ProtectionRestartRefused(Exception):
+    """A protection restart (the dashboard's key, this command) that cannot be done now; the message says
+    why, in one line."""
+
+
 T = TypeVar("T")
 
 LEFT_RUNNING = "no answer: the engine stopped, or lost its database, while executing it"
@@ -188,7 +195,10 @@ class CommandRunner:
         if kind is CommandKind.FLATTEN:
             return await self._flatten(command)
         if kind is CommandKind.RESTART_PROTECTION:
-            report = await engine.restart_protection()
+            try:
+                report = await engine.restart_protection()
+            except ProtectionRestartRefused as exc:
+                return CommandOutcome(False, str(exc))
             failed = tuple(
                 PositionOutcome(s, False, "uncovered after the restart") for s in report.failed_symbols
             )

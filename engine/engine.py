@@ -29,13 +29,13 @@ from datetime import UTC, datetime
 from decimal import ROUND_DOWN, Decimal
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from engine.account_stream import AccountStreamReader
 from engine.accounts import account_key
 from engine.alerts import Alerter, EngineObserver
 from engine.clock import Clock, SystemClock, wait_event, wait_for_all
-from engine.commands import CommandRunner, requester_identity
+from engine.commands import CommandRunner, ProtectionRestartRefused, requester_identity
 from engine.config import ConfigError, Settings, VenueKind, real_venue_problems
 from engine.credentials import check_credentials
 from engine.events import (
@@ -95,7 +95,13 @@ from protection.manager import (
 from protection.order_ids import client_order_id, parse_client_order_id
 from protection.reconciler import Reconciler, ReconcileReport, VenueSnapshot
 from storage.commands import NEW_COMMAND_CHANNEL, CommandQueue
-from storage.database import Database, DatabaseDown, open_database
+from storage.database import (
+    UNREACHABLE_ERRORS,
+    Database,
+    DatabaseDown,
+    DatabaseUnavailable,
+    open_database,
+)
 from storage.embedded import default_data_dir
 from storage.journal import WriteJournal
 from storage.lease import EngineLease, LeaseHeld
@@ -113,6 +119,7 @@ from storage.repositories import (
     Severity,
     SignalRecord,
     SignalStatus,
+    TrailingStateRecord,
 )
 from storage.resilient import ResilientStore
 
@@ -301,6 +308,16 @@ class RecordedOrders:
     used_ids: list[str]  # every client id its orders have used
 
 
+# A restore's reads from the database (`Engine._restore_records`): the open positions, the orders of each
+# that may be live and the ids each has used (by position id), and the trail records.
+_RestoreRecords = tuple[
+    list[PositionRecord],
+    dict[int, list[OrderRecord]],
+    dict[int, list[str]],
+    dict[int, TrailingStateRecord],
+]
+
+
 # Given every open position's coverage facts (by position id) and the coverage figures, which positions
 # need a full view: a screen asks for the rows it shows (engine.snapshot's `views_of`).
 ViewSelector = Callable[[Sequence[PositionCoverage], CoverageFigures], Collection[int]]
@@ -318,6 +335,24 @@ class _CarriedProtection:
     views: dict[int, PositionView]
     coverage: dict[int, PositionCoverage]
     guards_created: bool = False
+
+    def unverified_from(self, now: float) -> None:
+        """Nothing verifies these positions from `now` on (a restart waiting for the database): each counts
+        as without confirmed stops since then, uncovered once past its grace period."""
+        for position_id, fact in self.coverage.items():
+            self.coverage[position_id] = dataclasses.replace(
+                fact,
+                has_stop_loss=False,
+                has_trailing_stop=False,
+                unprotected_since=now if fact.unprotected_since is None else fact.unprotected_since,
+            )
+            self.views[position_id] = dataclasses.replace(
+                self.views[position_id],
+                has_stop_loss=False,
+                has_trailing_stop=False,
+                covered=False,
+                last_error="not verified: the protection restart waits for the database",
+            )
 
     def view_at(self, position_id: int, now: float) -> PositionView:
         view = self.views[position_id]
@@ -940,6 +975,11 @@ class Engine:
         the others are looked up, each by its own guard, in parallel. Positions with nothing on the venue
         are therefore re-protected first and together (never one after another: F15)."""
         assert self.store is not None and self.order_budget is not None
+        # The database first: a manager installed before a read that failed had no guard, and its reconciler
+        # cancelled every stop of ours as an orphan (a restart while the database was down).
+        positions, orders_by_position, ids_by_position, trails = await self._restore_records(
+            restart=handover is not None
+        )
         self.manager = ProtectionManager(
             venue=self.venue,
             store=self.store,
@@ -970,12 +1010,6 @@ class Engine:
             # An entry in doubt is not skipped: a position the venue's list shows on its symbol is adopted
             # into its record (its look-ups by id may fail for long; the list is evidence too).
             entries_in_flight=lambda: self._in_flight - self._in_doubt.keys(),
-        )
-        positions, orders_by_position, ids_by_position, trails = await asyncio.gather(
-            self.store.open_positions(),
-            self.store.live_orders_of_open_positions(),
-            self.store.order_ids_of_open_positions(),
-            self.store.trailing_states_of_open_positions(),
         )
         snapshot = await self._restore_snapshot(restart=handover is not None)
         venue_orders = snapshot.open_orders_by_id() if snapshot is not None else None
@@ -1026,6 +1060,48 @@ class Engine:
         gone = tuple(sorted(g.symbol for g in uncovered if g.said_gone_at is not None))
         reprotected = sum(1 for g in guards if g.covered and g.report.created_orders > 0)
         return StartupReport(restored, reprotected, adopted, len(failed), tuple(failed), gone)
+
+    async def _restore_records(self, *, restart: bool) -> _RestoreRecords:
+        """What a restore reads from the database: the open positions, the orders of each that may be live,
+        the ids each has used, and the trail records. At start-up a database that does not answer fails
+        the start. A protection restart waits for it, said once and retried with backoff: the old manager
+        is stopped by then, and until the new guards exist the positions show as last verified, counted
+        uncovered after their grace period (nothing verifies them meanwhile); the reconciler stays stopped,
+        so nothing of ours is cancelled."""
+        assert self.store is not None
+        store = self.store
+        delay = float(self.settings.protection.retry_initial_seconds)
+        waiting_since: float | None = None
+        while True:
+            answers = await asyncio.gather(
+                store.open_positions(),
+                store.live_orders_of_open_positions(),
+                store.order_ids_of_open_positions(),
+                store.trailing_states_of_open_positions(),
+                return_exceptions=True,
+            )
+            failure = next((a for a in answers if isinstance(a, BaseException)), None)
+            if failure is None:
+                if waiting_since is not None:
+                    log.warning(
+                        "protection restart: the database answers again after %.0fs; restoring",
+                        self.clock.monotonic() - waiting_since,
+                    )
+                return cast(_RestoreRecords, tuple(answers))
+            if not restart or not isinstance(failure, (DatabaseUnavailable, *UNREACHABLE_ERRORS)):
+                raise failure
+            if waiting_since is None:
+                waiting_since = self.clock.monotonic()
+                if self._carried is not None:
+                    self._carried.unverified_from(waiting_since)
+                log.critical(
+                    "protection restart: the database does not answer (%s); no guard runs until it does, "
+                    "positions keep the stops already on the exchange and count uncovered past their grace "
+                    "period; retried with backoff",
+                    str(failure) or type(failure).__name__,
+                )
+            await self.clock.sleep(delay)
+            delay = min(delay * 2, float(self.settings.protection.retry_max_seconds))
 
     async def _restore_snapshot(self, *, restart: bool) -> VenueSnapshot | None:
         """The venue's positions and protective orders for a restore (None: each order is looked up by its
@@ -1227,9 +1303,18 @@ class Engine:
     async def restart_protection(self) -> StartupReport:
         """Stop the TS manager, reload from the database, verify against the venue, re-arm. Asked again
         while one runs (the dashboard's key and a `tsbot restart-protection` together), the asker gets that
-        restart's report: two interleaved restarts stopped each other's manager mid-restore."""
+        restart's report: two interleaved restarts stopped each other's manager mid-restore. Refused
+        (`ProtectionRestartRefused`) while the database is unreachable: a restart reloads every position
+        from it, and the running guards protect without it."""
         running = self._restart
         if running is None or running.done():
+            if self.db_watch is not None and self.db_watch.down:
+                message = (
+                    "refused: the database is unreachable; a restart reloads every position from it, so the "
+                    "running guards keep protecting until it is back"
+                )
+                log.warning("restart protection %s", message)
+                raise ProtectionRestartRefused(message)
             running = self._restart = asyncio.ensure_future(self._restart_protection())
             running.set_name("restart-protection")
         return await asyncio.shield(running)

@@ -10,6 +10,7 @@ none twice), the lease is taken again, and the log says it in a handful of lines
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import uuid
@@ -21,6 +22,7 @@ import asyncpg
 import pytest
 
 from engine.clock import ManualClock
+from engine.commands import ProtectionRestartRefused
 from engine.config import Settings
 from engine.engine import Engine
 from engine.exchange.port import OrderType
@@ -382,3 +384,60 @@ async def test_a_journal_left_by_an_engine_that_stopped_during_an_outage_is_repl
         assert (statuses[lost], statuses[replacement]) == ("canceled", "open")
     finally:
         await drive(clock, engine_b.stop())
+
+
+@pytest.mark.parametrize("when", ["outage-known", "outage-begins-with-the-restart"])
+async def test_a_protection_restart_while_the_database_is_down_cancels_nothing_and_hides_nothing(
+    owned_server: EmbeddedPostgres, tmp_path: Path, when: str
+) -> None:
+    """A protection restart (the dashboard's `r`, a command read just before) during an outage: the new
+    manager was installed before its read of the database failed, with no guard, so its reconciler found
+    every stop of ours an orphan and cancelled it, and the positions left the coverage figures (found in
+    a review). Now a restart asked while the outage is known is refused (the running guards keep
+    protecting); one whose outage begins with it waits for the database, the positions counted as not
+    verified meanwhile, and nothing is cancelled; once the database answers it restores them."""
+    settings, _dsn = _settings(owned_server, tmp_path)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    stale_lock = StaleSocketLock(owned_server)
+    try:
+        watch = engine.db_watch
+        assert watch is not None
+        guard = await _open(engine, clock, COVERED_BEFORE)
+        venue = engine.venue
+        assert isinstance(venue, SimVenue)
+        both = {COVERED_BEFORE: Counter({OrderType.STOP_MARKET: 1, OrderType.TRAILING_STOP_MARKET: 1})}
+        assert _stops_on_venue(venue, clock) == both
+        kill_postmaster(owned_server.data_dir)
+        stale_lock.hold()  # it cannot be started again for now
+        if when == "outage-known":
+            await drive_until(clock, lambda: watch.down, what="the outage noticed")
+            with pytest.raises(ProtectionRestartRefused, match="the database is unreachable"):
+                await engine.restart_protection()
+            restart = None
+        else:  # asked before anything noticed the outage
+            restart = asyncio.ensure_future(engine.restart_protection())
+        await drive_until(clock, lambda: clock.monotonic() > 40, limit=60, what="40 s of outage")
+        # The venue's truth: the stops are where they were.
+        assert _stops_on_venue(venue, clock) == both
+        figures = engine.coverage()
+        if restart is None:  # the running guard protects on
+            assert engine.manager is not None
+            assert not engine.manager.stopped
+            assert engine.manager.by_symbol[COVERED_BEFORE] is guard
+            assert (figures.active, figures.protected) == (1, 1)
+        else:  # counted, as not verified: nothing runs to verify it until the database answers
+            assert not restart.done()
+            assert (figures.active, figures.uncovered) == (1, 1)
+        stale_lock.release()
+        await drive_until(clock, lambda: not watch.down, limit=120, what="the database back")
+        if restart is None:
+            restart = asyncio.ensure_future(engine.restart_protection())
+        report = await drive(clock, restart)
+        assert (report.restored, report.reprotected, report.failed) == (1, 0, 0)
+        assert _stops_on_venue(venue, clock) == both
+        await drive_until(clock, lambda: engine.coverage().protected == 1, what="counted protected")
+    finally:
+        stale_lock.release()
+        await drive(clock, engine.stop())

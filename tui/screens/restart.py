@@ -13,6 +13,7 @@ from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
+from engine.commands import ProtectionRestartRefused
 from engine.engine import StartupReport
 from tui.feed import DashboardFeed
 
@@ -53,6 +54,9 @@ class RestartReportScreen(ModalScreen[StartupReport | None]):
     async def restart(self) -> None:
         try:
             report = await self._feed.restart_protection()
+        except ProtectionRestartRefused as exc:  # said by the engine's log already; no traceback
+            self.post_message(self.Finished(None, str(exc)))
+            return
         except Exception as exc:  # shown on this screen and logged; the engine keeps running
             log.exception("operator command failed")
             self.post_message(self.Finished(None, f"{type(exc).__name__}: {exc}"))
