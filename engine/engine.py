@@ -810,6 +810,10 @@ class Engine:
             if self.manager is not None:  # a managed trail's move in flight finishes, or is left recorded
                 await self.manager.finish_moves(budget)
         await self._supervisor.stop()
+        # Positions a protection restart under way carries, their new guards not created yet: counted as
+        # last verified (not verified at all while the restart waits for the database), not left out.
+        carried = self._carried
+        carried_facts = list(carried.coverage.values()) if carried and not carried.guards_created else []
         if self._restart is not None and not self._restart.done():  # a protection restart under way
             self._restart.cancel()
             await asyncio.gather(self._restart, return_exceptions=True)
@@ -826,8 +830,15 @@ class Engine:
         if self.manager is not None:
             manager = self.manager
             still_open = manager.open_guards()
-            uncovered = sorted(g.symbol for g in still_open if not g.covered)
-            report = StopReport(len(still_open), len(uncovered), self._entries_unresolved(), tuple(uncovered))
+            guarded = {g.position_id for g in still_open}
+            unguarded = [f for f in carried_facts if f.position_id not in guarded]
+            uncovered = sorted(
+                [g.symbol for g in still_open if not g.covered]
+                + [f.symbol for f in unguarded if not f.covered]
+            )
+            report = StopReport(
+                len(still_open) + len(unguarded), len(uncovered), self._entries_unresolved(), tuple(uncovered)
+            )
             await manager.stop()
             if manager.kind is TrailingKind.MANAGED and self.store is not None:
                 try:  # nobody moves a managed trail now: none is armed (has_trailing_stop stays venue truth)

@@ -441,3 +441,36 @@ async def test_a_protection_restart_while_the_database_is_down_cancels_nothing_a
     finally:
         stale_lock.release()
         await drive(clock, engine.stop())
+
+
+async def test_a_stop_while_a_protection_restart_waits_for_the_database_counts_its_positions(
+    owned_server: EmbeddedPostgres, tmp_path: Path
+) -> None:
+    """Stopped while a protection restart waits for the database: the old manager's guards were gone and
+    the new ones not there yet, so the exit line said "0 open positions … uncovered 0" while the venue
+    held a position nothing had verified since. Now the positions the restart carries are counted, each
+    as it was last verified (here: not verified, so uncovered), and nothing of ours is cancelled."""
+    settings, _dsn = _settings(owned_server, tmp_path)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    stale_lock = StaleSocketLock(owned_server)
+    try:
+        await _open(engine, clock, COVERED_BEFORE)
+        venue = engine.venue
+        assert isinstance(venue, SimVenue)
+        kill_postmaster(owned_server.data_dir)
+        stale_lock.hold()
+        restart = asyncio.ensure_future(engine.restart_protection())
+        await drive_until(clock, lambda: clock.monotonic() > 20, limit=30, what="20 s of outage")
+        assert not restart.done()
+    finally:
+        report = await drive(clock, engine.stop(drain=False))
+        stale_lock.release()
+    assert (report.open_positions, report.uncovered, report.uncovered_symbols) == (1, 1, (COVERED_BEFORE,))
+    assert "UNCOVERED 1" in report.describe()
+    assert _stops_on_venue(venue, clock) == {
+        COVERED_BEFORE: Counter({OrderType.STOP_MARKET: 1, OrderType.TRAILING_STOP_MARKET: 1})
+    }
+    with pytest.raises(asyncio.CancelledError):
+        await restart
