@@ -411,6 +411,46 @@ class EntryInDoubt:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class _AwaitingGuard:
+    """A position filled while the protection manager restarts, before the new manager can guard it: a
+    position without stops until then."""
+
+    position: PositionRecord
+    filled_at: float  # monotonic
+
+    @property
+    def position_id(self) -> int:
+        return self.position.id
+
+    def coverage(self) -> PositionCoverage:
+        p = self.position
+        return PositionCoverage(p.id, p.symbol, False, False, self.filled_at, self.filled_at)
+
+    def view_at(self, now: float, mark: Decimal | None) -> PositionView:
+        p = self.position
+        return PositionView(
+            position_id=p.id,
+            symbol=p.symbol,
+            side=p.side,
+            quantity=p.quantity,
+            entry_price=p.entry_price,
+            mark_price=mark,
+            pnl_percent=None,
+            stop_loss_price=None,
+            has_stop_loss=False,
+            has_trailing_stop=False,
+            trailing_kind="—",
+            trailing_phase="waiting for its guard",
+            activation_price=None,
+            distance_to_activation_percent=None,
+            trailing_stop_price=None,
+            covered=False,
+            unprotected_seconds=now - self.filled_at,
+            last_error="filled while the protection manager restarts: no stop yet",
+        )
+
+
 class _Supervisor:
     """Runs named loops; a loop that fails is logged and restarted with backoff. Nothing unowned."""
 
@@ -582,6 +622,8 @@ class Engine:
             settings.alerts, self.clock, source=f"{self.exchange_name}:{settings.venue.account}"
         )
         self._carried: _CarriedProtection | None = None  # while the protection manager restarts
+        # Positions filled while the protection manager restarts, until the new manager guards them.
+        self._awaiting_guard: dict[int, _AwaitingGuard] = {}
         # Cleared while the protection manager restarts: an entry that fills meanwhile waits for the new
         # manager (the one it started under is stopped; a guard there would run unseen).
         self._protection_ready = asyncio.Event()
@@ -814,6 +856,7 @@ class Engine:
         # last verified (not verified at all while the restart waits for the database), not left out.
         carried = self._carried
         carried_facts = list(carried.coverage.values()) if carried and not carried.guards_created else []
+        carried_facts += [w.coverage() for w in self._awaiting_guard.values()]
         if self._restart is not None and not self._restart.done():  # a protection restart under way
             self._restart.cancel()
             await asyncio.gather(self._restart, return_exceptions=True)
@@ -1075,10 +1118,11 @@ class Engine:
     async def _restore_records(self, *, restart: bool) -> _RestoreRecords:
         """What a restore reads from the database: the open positions, the orders of each that may be live,
         the ids each has used, and the trail records. At start-up a database that does not answer fails
-        the start. A protection restart waits for it, said once and retried with backoff: the old manager
-        is stopped by then, and until the new guards exist the positions show as last verified, counted
-        uncovered after their grace period (nothing verifies them meanwhile); the reconciler stays stopped,
-        so nothing of ours is cancelled."""
+        the start. A protection restart waits for it (or for a read that fails otherwise to succeed), said
+        once and retried with backoff, at once when the database is back: the old manager is stopped by
+        then, and until the new guards exist the positions show as last verified, counted uncovered after
+        their grace period (nothing verifies them meanwhile); the reconciler stays stopped, so nothing of
+        ours is cancelled."""
         assert self.store is not None
         store = self.store
         delay = float(self.settings.protection.retry_initial_seconds)
@@ -1099,19 +1143,24 @@ class Engine:
                         self.clock.monotonic() - waiting_since,
                     )
                 return cast(_RestoreRecords, tuple(answers))
-            if not restart or not isinstance(failure, (DatabaseUnavailable, *UNREACHABLE_ERRORS)):
+            if not restart or not isinstance(failure, Exception):
                 raise failure
             if waiting_since is None:
                 waiting_since = self.clock.monotonic()
                 if self._carried is not None:
                     self._carried.unverified_from(waiting_since)
+                outage = isinstance(failure, (DatabaseUnavailable, *UNREACHABLE_ERRORS))
                 log.critical(
-                    "protection restart: the database does not answer (%s); no guard runs until it does, "
-                    "positions keep the stops already on the exchange and count uncovered past their grace "
-                    "period; retried with backoff",
+                    "protection restart: %s (%s); no guard runs until the read succeeds, positions keep "
+                    "the stops already on the exchange and count uncovered past their grace period; retried "
+                    "with backoff",
+                    "the database does not answer" if outage else "reading the database failed",
                     str(failure) or type(failure).__name__,
                 )
-            await self.clock.sleep(delay)
+            if store.down:  # tried again as soon as it is back, not a backoff step later
+                await wait_for_all(self.clock, delay, [store.wait_up()])
+            else:
+                await self.clock.sleep(delay)
             delay = min(delay * 2, float(self.settings.protection.retry_max_seconds))
 
     async def _restore_snapshot(self, *, restart: bool) -> VenueSnapshot | None:
@@ -1207,8 +1256,23 @@ class Engine:
     async def _restored_entry_settled(
         self, position: PositionRecord, doubt: EntryInDoubt, order: Order | None
     ) -> None:
-        """An entry from before a restart, in doubt at start-up, answered: recorded, and protected if filled."""
+        """An entry from before a restart, in doubt at start-up, answered: recorded, and protected if filled.
+        Adopted from the venue's list meanwhile, it is its guard's: only the entry's fill is recorded (its
+        fill recorded again put the guarded position back to `pending_protection` for good)."""
         assert self.store is not None
+        manager = self.manager
+        if manager is not None and position.id in manager.guards:
+            if order is not None and order.filled_quantity > 0:
+                await self.store.set_order_status(
+                    order.client_order_id, OrderRecordStatus.FILLED, exchange_order_id=order.venue_order_id
+                )
+            self._in_doubt.pop(doubt.symbol, None)
+            log.info(
+                "position %s %s: its entry from before the restart is settled; guarded",
+                position.id,
+                position.symbol,
+            )
+            return
         filled = await self._restored_entry_outcome(position, order)
         if filled is not None:
             recorded = await self._recorded_orders(position.id)
@@ -1792,8 +1856,16 @@ class Engine:
         )
         # Its time unprotected counts from here, a restart or not (for an entry in doubt, from its send).
         filled_at = self.clock.monotonic() if doubt is None else doubt.sent_at
-        if not self._protection_handed_over():
-            await self._protection_ready.wait()  # guarded by the manager the restart brings up
+        if not self._protection_handed_over():  # guarded by the manager the restart brings up
+            # Meanwhile a position without stops (an entry in doubt is counted as one already): the restart
+            # may wait for the database, and this position was counted nowhere (the gauge, the exit line).
+            waiting = None if doubt is not None else _AwaitingGuard(filled, filled_at)
+            if waiting is not None:
+                self._awaiting_guard[position_id] = waiting
+            try:
+                await self._protection_ready.wait()
+            finally:
+                self._awaiting_guard.pop(position_id, None)
         manager = self.manager
         assert manager is not None
         guard = manager.protect(filled, filled_at=filled_at, attached_stop_loss=stop_record)
@@ -2358,6 +2430,11 @@ class Engine:
                 if wanted is None or position_id in wanted
             )
         shown = {view.position_id for view in views}
+        for waiting in list(self._awaiting_guard.values()):
+            if waiting.position_id not in shown and (wanted is None or waiting.position_id in wanted):
+                mark = self.marks.get(waiting.position.symbol)
+                views.append(waiting.view_at(now, mark.price if mark else None))
+                shown.add(waiting.position_id)
         for doubt in list(self._in_doubt.values()):
             if doubt.position_id not in shown and (wanted is None or doubt.position_id in wanted):
                 mark = self.marks.get(doubt.symbol)
@@ -2410,7 +2487,12 @@ class Engine:
                 carried_ids.append(position_id)
                 facts.append(carried.coverage[position_id])
                 shown.add(position_id)
-        # Entries of unknown outcome: they may have filled, so each is a position without stops.
+        # Filled while the manager restarts, and entries of unknown outcome (they may have filled): each is a
+        # position without stops.
+        for waiting in self._awaiting_guard.values():
+            if waiting.position_id not in shown:
+                facts.append(waiting.coverage())
+                shown.add(waiting.position_id)
         facts.extend(d.coverage() for d in self._in_doubt.values() if d.position_id not in shown)
         return guards, carried_ids, facts
 

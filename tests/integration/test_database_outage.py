@@ -432,9 +432,12 @@ async def test_a_protection_restart_while_the_database_is_down_cancels_nothing_a
             assert (figures.active, figures.uncovered) == (1, 1)
         stale_lock.release()
         await drive_until(clock, lambda: not watch.down, limit=120, what="the database back")
+        back_at = clock.monotonic()
         if restart is None:
             restart = asyncio.ensure_future(engine.restart_protection())
         report = await drive(clock, restart)
+        # At once, not a backoff step later (up to `retry_max_seconds`, 30 s, with nothing guarding).
+        assert clock.monotonic() - back_at < 2.0
         assert (report.restored, report.reprotected, report.failed) == (1, 0, 0)
         assert _stops_on_venue(venue, clock) == both
         await drive_until(clock, lambda: engine.coverage().protected == 1, what="counted protected")
@@ -474,3 +477,82 @@ async def test_a_stop_while_a_protection_restart_waits_for_the_database_counts_i
     }
     with pytest.raises(asyncio.CancelledError):
         await restart
+
+
+async def test_a_position_filled_while_a_protection_restart_waits_for_the_database_is_counted(
+    owned_server: EmbeddedPostgres, tmp_path: Path
+) -> None:
+    """An entry on its way when a protection restart begins, the database dying with it: its fill waits
+    for the new manager, which waits for the database. That position, without a stop on the venue, was
+    counted nowhere: not in the gauge, and the exit line said "0 open positions … uncovered 0" (found in a
+    review). Now it is a position without stops until a guard has it: uncovered past its grace period, and
+    in the exit line."""
+    settings, _dsn = _settings(owned_server, tmp_path)
+    clock = ManualClock()
+    # Orders take a second: the entry executes half a second before its answer is back.
+    sim = settings.venue.sim.model_copy(
+        update={
+            "latency": LatencySettings(
+                seconds=0.05, by_call={CallKind.CREATE_ORDER: LatencyDistribution(seconds=1.0)}
+            )
+        }
+    )
+    venue = SimVenue(sim, clock=clock)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    stale_lock = StaleSocketLock(owned_server)
+    try:
+        assert engine.store is not None
+        await engine.store.insert_signals([(FILLED_DURING, "short", None, None)])
+        await drive_until(
+            clock,
+            lambda: any(p.symbol == FILLED_DURING for p in venue.core.positions(clock.now())),
+            step=0.01,
+            what="the entry executed on the venue",
+        )
+        restart = asyncio.ensure_future(engine.restart_protection())
+        kill_postmaster(owned_server.data_dir)
+        stale_lock.hold()
+        # (Its fill's record waits for the database until the outage is noticed, then is journaled.)
+        await drive_until(clock, lambda: engine.coverage().uncovered == 1, limit=60, what="counted uncovered")
+        assert not restart.done()
+        assert _stops_on_venue(venue, clock) == {}  # the venue's truth: nothing guards it yet
+        assert engine.coverage().active == 1
+        assert [v.symbol for v in engine.snapshot().positions] == [FILLED_DURING]
+    finally:
+        report = await drive(clock, engine.stop(drain=False))
+        stale_lock.release()
+    assert (report.open_positions, report.uncovered, report.uncovered_symbols) == (1, 1, (FILLED_DURING,))
+
+
+async def test_a_protection_restart_whose_read_fails_otherwise_waits_and_cancels_nothing(
+    owned_server: EmbeddedPostgres, tmp_path: Path
+) -> None:
+    """The database answers, but a restore's read fails (here a table renamed under the engine; a disk
+    full, a corrupt row): the restart gave up after stopping the old manager, handed over a stopped one,
+    and the positions left the gauge with no guard running (found in a review). Now it waits for the read
+    to succeed, the positions counted as not verified, nothing cancelled, and then restores them."""
+    settings, dsn = _settings(owned_server, tmp_path)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        await _open(engine, clock, COVERED_BEFORE)
+        venue = engine.venue
+        assert isinstance(venue, SimVenue)
+        both = {COVERED_BEFORE: Counter({OrderType.STOP_MARKET: 1, OrderType.TRAILING_STOP_MARKET: 1})}
+        await _rows(dsn, "ALTER TABLE monitoring.trailing_stop_state RENAME TO trailing_stop_state_away")
+        restart = asyncio.ensure_future(engine.restart_protection())
+        await drive_until(
+            clock, lambda: engine.coverage().uncovered == 1, limit=60, what="counted as not verified"
+        )
+        await drive(clock, clock.sleep(10.0))  # and it stays so, nothing cancelled
+        assert not restart.done()
+        assert _stops_on_venue(venue, clock) == both
+        assert (engine.coverage().active, engine.coverage().uncovered) == (1, 1)
+        await _rows(dsn, "ALTER TABLE monitoring.trailing_stop_state_away RENAME TO trailing_stop_state")
+        report = await drive(clock, restart)
+        assert (report.restored, report.reprotected, report.failed) == (1, 0, 0)
+        assert _stops_on_venue(venue, clock) == both
+    finally:
+        await drive(clock, engine.stop())

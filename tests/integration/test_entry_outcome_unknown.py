@@ -697,3 +697,47 @@ async def test_an_entry_recorded_sent_at_a_crash_is_not_judged_absent_at_once_by
         assert clock.monotonic() - started >= 5.0
     finally:
         await drive(clock, second.stop())
+
+
+async def test_an_entry_in_doubt_at_a_restart_adopted_from_the_list_is_recorded_active_once_settled(
+    db: Database,
+) -> None:
+    """At start-up an entry from before is in doubt (its look-ups fail) while the venue's list shows its
+    position: the start-up reconcile adopts it into its record. When its look-up then answers, its fill
+    was recorded again, which put the guarded position back to `pending_protection` for good: out of the
+    operators' SQL (found in a review). Now the adopted position stays `active`, its entry recorded filled."""
+    engine, venue, clock = _engine(db)
+    await drive(clock, engine.start())
+    try:
+        assert engine.store is not None
+        _lose_the_entry(venue, list_glitch=False)
+        await engine.store.insert_signals([(SYMBOL, "long", None, None)])
+        await drive_until(clock, lambda: engine.entries_in_doubt() != [], what="the entry in doubt")
+    finally:
+        await drive(clock, engine.stop(drain=False))
+    assert _venue_holds(venue, clock, SYMBOL)
+
+    second = restarted(engine, engine.settings, clock)
+    second.venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 100_000)
+    await drive(clock, second.start())
+    try:
+        assert second.manager is not None
+        manager = second.manager
+        await drive_until(
+            clock,
+            lambda: any(g.symbol == SYMBOL and g.covered for g in manager.guards.values()),
+            what="adopted from the list and protected",
+        )
+        second.venue.clear_injected_faults()
+        await drive_until(clock, lambda: second.entries_in_doubt() == [], what="the entry settled")
+        await drive(clock, clock.sleep(2.0))
+        rows = await db.pool.fetch("SELECT id, status FROM monitoring.positions")
+        assert [r["status"] for r in rows] == ["active"]
+        entry = client_order_id(engine._token, rows[0]["id"], OrderPurpose.ENTRY, 0)
+        status = await db.pool.fetchval(
+            "SELECT status FROM monitoring.orders WHERE client_order_id = $1", entry
+        )
+        assert status == "filled"
+        assert _our_stops(venue, clock, SYMBOL) == ["sl", "ts"]
+    finally:
+        await drive(clock, second.stop())
