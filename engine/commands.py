@@ -285,12 +285,20 @@ class CommandRunner:
             who=command.requested_by,
         )
         outcomes: dict[int, PositionOutcome] = {}
-        for _round in range(3):
-            todo = [
+
+        def open_now() -> list[tuple[int, str]]:
+            return [
                 (g.position_id, g.symbol)
                 for g in list(manager.guards.values())
                 if g.position_id not in outcomes
             ]
+
+        for _round in range(3):
+            todo = open_now()
+            # A wave under way: its entries already sent get their answer (those not sent yet are not sent),
+            # and what they opened is closed too; before, "all closed" came while they were opening.
+            if not todo and await engine.wave_under_way_settled():
+                todo = open_now()
             if not todo:
                 break
             done = await asyncio.gather(*(self._close_one(pid, symbol) for pid, symbol in todo))

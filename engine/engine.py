@@ -965,6 +965,17 @@ class Engine:
                 )
                 await wait_for_all(self.clock, budget, pending)
 
+    async def wave_under_way_settled(self) -> bool:
+        """Wait, within twice the call budget, for the wave under way if there is one: once entries are paused
+        its entries not sent yet are not sent and those sent get their answer and, filled, their guard.
+        Whether there was one."""
+        wave = self._wave_in_progress
+        if wave is None or wave.done():
+            return False
+        budget = float(self.settings.protection.call_timeout_seconds)
+        await wait_for_all(self.clock, 2 * budget, [asyncio.shield(wave)])
+        return True
+
     def entries_in_doubt(self) -> list[EntryInDoubt]:
         """Entries whose outcome the venue has not told yet, each counted as a position without stops (one
         a guard has taken over meanwhile is counted by its guard)."""
@@ -1686,6 +1697,13 @@ class Engine:
             )
         return None, side, quantity
 
+    def _paused_before_sent(self) -> str:
+        """The reason of an entry a wave accepted and a pause stopped before it was sent: a pause stops
+        every entry not sent yet, not only the next wave's (the incident's waves kept opening positions while
+        their stops failed)."""
+        why = f": {self.entries_pause_reason}" if self.entries_pause_reason else ""
+        return f"entries paused by the {self.entries_paused_by or 'operator'} before it was sent{why}"
+
     async def _reject(self, signal: SignalRecord, reason: str, wave_id: int | None) -> None:
         assert self.store is not None
         await self.store.finish_signal(signal.id, SignalStatus.REJECTED, reason, wave_id=wave_id)
@@ -1732,6 +1750,10 @@ class Engine:
             except RateLimited as exc:  # refusals piled up: the next could be a ban's (`OrderBudget`)
                 await self._reject(signal, str(exc), wave_id)
                 return None
+            if self.entries_paused:  # paused while it waited (the breaker, say, while stops were refused)
+                manager.budget.release_promise(promise)  # (its probe, if it was one, ends below)
+                await self._reject(signal, self._paused_before_sent(), wave_id)
+                return None
             try:
                 position = await self.store.create_position(
                     symbol=signal.symbol,
@@ -1776,6 +1798,10 @@ class Engine:
                     signal.symbol, order_side, quantity, client_order_id=cid
                 )
 
+            if self.entries_paused:  # paused while it was recorded: not sent
+                return await self._entry_failed(
+                    signal, position.id, cid, self._paused_before_sent(), wave_id, promise, stop_record
+                )
             doubt = EntryInDoubt(position.id, signal.symbol, side, quantity, cid)
             try:
                 order = await self._send_entry(entry_call, doubt, promise)

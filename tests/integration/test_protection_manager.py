@@ -12,12 +12,14 @@ from decimal import ROUND_DOWN, Decimal
 import pytest
 
 from engine.clock import ManualClock
+from engine.commands import send_command
 from engine.events import EntriesToggled
 from engine.exchange.errors import ExchangeError
 from engine.exchange.port import Order, OrderSide
 from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, FaultKind
 from protection.order_ids import client_order_id
+from storage.commands import CommandKind, CommandState
 from storage.database import Database
 from storage.repositories import OrderPurpose, OrderRecordStatus
 from tests.integration.engine_support import make_engine
@@ -686,6 +688,93 @@ async def test_the_circuit_breaker_stops_entries_while_protection_fails_and_the_
         assert not restarted_engine.entries_paused
     finally:
         await drive(clock, restarted_engine.stop())
+
+
+async def test_a_pause_stops_the_entries_a_wave_accepted_that_are_not_sent_yet(db: Database) -> None:
+    """A wave is accepted whole, then its entries go out a few at a time. A pause (the breaker's, while
+    stops are being refused; an operator's) was obeyed only by the next wave: the entries of the wave under
+    way still went out, opening positions while protection failed — the incident's pattern (found in a
+    review). Now an entry not sent yet when entries pause is not sent, its signal rejected with why."""
+    settings = settings_for(
+        db,
+        {
+            "SIGNALS__MAX_CONCURRENT_ENTRIES": "1",
+            "VENUE__SIM__LATENCY__BY_CALL__CREATE_ORDER__SECONDS": "1.0",
+        },
+    )
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    venue = engine.venue
+    try:
+        assert engine.store is not None
+        ids = await engine.store.insert_signals([(s, "long", None, None) for s in SYMBOLS[60:63]])
+        await drive_until(
+            clock, lambda: venue.calls_made.get(CallKind.CREATE_ORDER, 0) >= 1, step=0.01, what="one sent"
+        )
+        engine.pause_entries(by="breaker", reason="2 positions uncovered past 15s")
+        await drive_until(
+            clock,
+            lambda: db.pool.fetchval(
+                "SELECT count(*) = 3 FROM monitoring.signals WHERE status <> 'taken' AND status <> 'new'"
+            ),
+            what="every signal of the wave handled",
+        )
+        reasons = [await _signal_reason(db, i) for i in ids]
+        assert len(venue.core.positions(clock.now())) == 1  # the one sent before the pause, and only it
+        assert reasons[0] is None  # opened
+        assert (
+            reasons[1:]
+            == ["entries paused by the breaker before it was sent: 2 positions uncovered past 15s"] * 2
+        )
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_flatten_during_a_wave_closes_what_the_wave_opened_and_sends_nothing_more(
+    db: Database,
+) -> None:
+    """`tsbot flatten --all` while a wave's entries are going out one after another: it answered "0/0
+    closed, ok" at once, and the wave's entries kept opening positions after it (found in a review). Now
+    the entries not sent yet are not sent, and the one on its way is closed once it has filled."""
+    settings = settings_for(
+        db,
+        {
+            "SIGNALS__MAX_CONCURRENT_ENTRIES": "1",
+            "VENUE__SIM__LATENCY__BY_CALL__CREATE_ORDER__SECONDS": "1.0",
+        },
+    )
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    venue = engine.venue
+    try:
+        assert engine.store is not None
+        await engine.store.insert_signals([(s, "long", None, None) for s in SYMBOLS[60:63]])
+        await drive_until(
+            clock, lambda: venue.calls_made.get(CallKind.CREATE_ORDER, 0) >= 1, step=0.01, what="one sent"
+        )
+        answer = await drive(
+            clock,
+            send_command(
+                db.pool,
+                venue=engine.exchange_name,
+                account=engine.account_key,
+                kind=CommandKind.FLATTEN,
+                args={"all": True},
+                reason="test",
+                wait_seconds=60,
+            ),
+        )
+        assert answer.record is not None
+        assert answer.record.state is CommandState.DONE, answer.summary
+        assert [(p.symbol, p.ok) for p in answer.positions] == [(SYMBOLS[60], True)]
+        assert venue.core.positions(clock.now()) == []  # the venue's truth: nothing left open
+        assert await db.pool.fetchval("SELECT count(*) FROM monitoring.orders WHERE purpose = 'entry'") == 1
+        statuses = await db.pool.fetch("SELECT status FROM monitoring.signals ORDER BY id")
+        assert [r["status"] for r in statuses] == ["opened", "rejected", "rejected"]
+    finally:
+        await drive(clock, engine.stop())
 
 
 async def _signal_reason(db: Database, signal_id: int) -> str | None:
