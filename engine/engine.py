@@ -389,25 +389,13 @@ class EntryInDoubt:
         return PositionCoverage(self.position_id, self.symbol, False, False, self.sent_at, self.sent_at)
 
     def view_at(self, now: float, mark: Decimal | None) -> PositionView:
-        return PositionView(
-            position_id=self.position_id,
-            symbol=self.symbol,
-            side=self.side.value,
-            quantity=self.quantity,
-            entry_price=None,  # not known: nothing says it filled, or at what price
-            mark_price=mark,
-            pnl_percent=None,
-            stop_loss_price=None,
-            has_stop_loss=False,
-            has_trailing_stop=False,
-            trailing_kind="—",
-            trailing_phase=ENTRY_IN_DOUBT_PHASE,
-            activation_price=None,
-            distance_to_activation_percent=None,
-            trailing_stop_price=None,
-            covered=False,
-            unprotected_seconds=now - self.sent_at,
-            last_error=self.error,
+        return _unguarded_view(
+            (self.position_id, self.symbol, self.side.value, self.quantity),
+            None,  # not known: nothing says it filled, or at what price
+            mark,
+            ENTRY_IN_DOUBT_PHASE,
+            now - self.sent_at,
+            self.error,
         )
 
 
@@ -429,26 +417,47 @@ class _AwaitingGuard:
 
     def view_at(self, now: float, mark: Decimal | None) -> PositionView:
         p = self.position
-        return PositionView(
-            position_id=p.id,
-            symbol=p.symbol,
-            side=p.side,
-            quantity=p.quantity,
-            entry_price=p.entry_price,
-            mark_price=mark,
-            pnl_percent=None,
-            stop_loss_price=None,
-            has_stop_loss=False,
-            has_trailing_stop=False,
-            trailing_kind="—",
-            trailing_phase="waiting for its guard",
-            activation_price=None,
-            distance_to_activation_percent=None,
-            trailing_stop_price=None,
-            covered=False,
-            unprotected_seconds=now - self.filled_at,
-            last_error="filled while the protection manager restarts: no stop yet",
+        return _unguarded_view(
+            (p.id, p.symbol, p.side, p.quantity),
+            p.entry_price,
+            mark,
+            "waiting for its guard",
+            now - self.filled_at,
+            "filled while the protection manager restarts: no stop yet",
         )
+
+
+def _unguarded_view(
+    who: tuple[int, str, str, Decimal],
+    entry_price: Decimal | None,
+    mark: Decimal | None,
+    phase: str,
+    unprotected_seconds: float,
+    error: str,
+) -> PositionView:
+    """The row of a position no guard has (yet): no stop of ours, uncovered. `who`: its id, symbol, side
+    and quantity."""
+    position_id, symbol, side, quantity = who
+    return PositionView(
+        position_id=position_id,
+        symbol=symbol,
+        side=side,
+        quantity=quantity,
+        entry_price=entry_price,
+        mark_price=mark,
+        pnl_percent=None,
+        stop_loss_price=None,
+        has_stop_loss=False,
+        has_trailing_stop=False,
+        trailing_kind="—",
+        trailing_phase=phase,
+        activation_price=None,
+        distance_to_activation_percent=None,
+        trailing_stop_price=None,
+        covered=False,
+        unprotected_seconds=unprotected_seconds,
+        last_error=error,
+    )
 
 
 class _Supervisor:

@@ -90,6 +90,19 @@ async def _open(engine: Engine, clock: ManualClock, symbol: str, side: str = "lo
     return guard
 
 
+def _slow_orders(settings: Settings, clock: ManualClock) -> SimVenue:
+    """A sim venue whose orders take a second: an entry is on the venue half a second before its answer
+    is back."""
+    sim = settings.venue.sim.model_copy(
+        update={
+            "latency": LatencySettings(
+                seconds=0.05, by_call={CallKind.CREATE_ORDER: LatencyDistribution(seconds=1.0)}
+            )
+        }
+    )
+    return SimVenue(sim, clock=clock)
+
+
 def _stops_on_venue(venue: SimVenue, clock: ManualClock) -> dict[str, Counter[OrderType]]:
     """The venue's truth: our open protective orders, by symbol and kind."""
     found: dict[str, Counter[OrderType]] = {}
@@ -116,15 +129,7 @@ async def test_a_killed_postmaster_does_not_stop_protection_and_the_engine_bring
     caplog.set_level(logging.INFO)
     settings, dsn = _settings(owned_server, tmp_path)
     clock = ManualClock()
-    # Orders take a second: an entry is on the venue half a second before its answer is back.
-    sim = settings.venue.sim.model_copy(
-        update={
-            "latency": LatencySettings(
-                seconds=0.05, by_call={CallKind.CREATE_ORDER: LatencyDistribution(seconds=1.0)}
-            )
-        }
-    )
-    venue = SimVenue(sim, clock=clock)
+    venue = _slow_orders(settings, clock)
     engine = make_engine(settings, clock, venue)
     await drive(clock, engine.start())
     stale_lock = StaleSocketLock(owned_server)
@@ -489,15 +494,7 @@ async def test_a_position_filled_while_a_protection_restart_waits_for_the_databa
     in the exit line."""
     settings, _dsn = _settings(owned_server, tmp_path)
     clock = ManualClock()
-    # Orders take a second: the entry executes half a second before its answer is back.
-    sim = settings.venue.sim.model_copy(
-        update={
-            "latency": LatencySettings(
-                seconds=0.05, by_call={CallKind.CREATE_ORDER: LatencyDistribution(seconds=1.0)}
-            )
-        }
-    )
-    venue = SimVenue(sim, clock=clock)
+    venue = _slow_orders(settings, clock)
     engine = make_engine(settings, clock, venue)
     await drive(clock, engine.start())
     stale_lock = StaleSocketLock(owned_server)

@@ -13,6 +13,7 @@ import pytest
 
 from engine.clock import ManualClock
 from engine.commands import send_command
+from engine.engine import Engine
 from engine.events import EntriesToggled
 from engine.exchange.errors import ExchangeError
 from engine.exchange.port import Order, OrderSide
@@ -690,11 +691,9 @@ async def test_the_circuit_breaker_stops_entries_while_protection_fails_and_the_
         await drive(clock, restarted_engine.stop())
 
 
-async def test_a_pause_stops_the_entries_a_wave_accepted_that_are_not_sent_yet(db: Database) -> None:
-    """A wave is accepted whole, then its entries go out a few at a time. A pause (the breaker's, while
-    stops are being refused; an operator's) was obeyed only by the next wave: the entries of the wave under
-    way still went out, opening positions while protection failed — the incident's pattern (found in a
-    review). Now an entry not sent yet when entries pause is not sent, its signal rejected with why."""
+async def _a_wave_one_entry_sent(db: Database) -> tuple[Engine, ManualClock, list[int]]:
+    """A started engine whose wave of three signals sends its entries one at a time, each taking a second:
+    returned once the first is on its way (the signals' ids)."""
     settings = settings_for(
         db,
         {
@@ -705,13 +704,21 @@ async def test_a_pause_stops_the_entries_a_wave_accepted_that_are_not_sent_yet(d
     clock = ManualClock()
     engine = make_engine(settings, clock)
     await drive(clock, engine.start())
+    assert engine.store is not None
+    ids = await engine.store.insert_signals([(s, "long", None, None) for s in SYMBOLS[60:63]])
+    calls = engine.venue.calls_made  # type: ignore[attr-defined]
+    await drive_until(clock, lambda: calls.get(CallKind.CREATE_ORDER, 0) >= 1, step=0.01, what="one sent")
+    return engine, clock, ids
+
+
+async def test_a_pause_stops_the_entries_a_wave_accepted_that_are_not_sent_yet(db: Database) -> None:
+    """A wave is accepted whole, then its entries go out a few at a time. A pause (the breaker's, while
+    stops are being refused; an operator's) was obeyed only by the next wave: the entries of the wave under
+    way still went out, opening positions while protection failed — the incident's pattern (found in a
+    review). Now an entry not sent yet when entries pause is not sent, its signal rejected with why."""
+    engine, clock, ids = await _a_wave_one_entry_sent(db)
     venue = engine.venue
     try:
-        assert engine.store is not None
-        ids = await engine.store.insert_signals([(s, "long", None, None) for s in SYMBOLS[60:63]])
-        await drive_until(
-            clock, lambda: venue.calls_made.get(CallKind.CREATE_ORDER, 0) >= 1, step=0.01, what="one sent"
-        )
         engine.pause_entries(by="breaker", reason="2 positions uncovered past 15s")
         await drive_until(
             clock,
@@ -737,23 +744,9 @@ async def test_a_flatten_during_a_wave_closes_what_the_wave_opened_and_sends_not
     """`tsbot flatten --all` while a wave's entries are going out one after another: it answered "0/0
     closed, ok" at once, and the wave's entries kept opening positions after it (found in a review). Now
     the entries not sent yet are not sent, and the one on its way is closed once it has filled."""
-    settings = settings_for(
-        db,
-        {
-            "SIGNALS__MAX_CONCURRENT_ENTRIES": "1",
-            "VENUE__SIM__LATENCY__BY_CALL__CREATE_ORDER__SECONDS": "1.0",
-        },
-    )
-    clock = ManualClock()
-    engine = make_engine(settings, clock)
-    await drive(clock, engine.start())
+    engine, clock, _ids = await _a_wave_one_entry_sent(db)
     venue = engine.venue
     try:
-        assert engine.store is not None
-        await engine.store.insert_signals([(s, "long", None, None) for s in SYMBOLS[60:63]])
-        await drive_until(
-            clock, lambda: venue.calls_made.get(CallKind.CREATE_ORDER, 0) >= 1, step=0.01, what="one sent"
-        )
         answer = await drive(
             clock,
             send_command(
