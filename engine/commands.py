@@ -277,13 +277,22 @@ class CommandRunner:
         """Entries pause first (else the next wave reopens what is closed), then every position closes at
         once; a position whose entry was in flight meanwhile is closed in a further round."""
         engine = self._engine
-        manager = engine.manager
-        assert manager is not None
         engine.pause_entries(
             by="operator",
             reason=f"flatten{': ' + command.reason if command.reason else ''}",
             who=command.requested_by,
         )
+        # Mid protection restart there is no guard to close: the restart hands over first (before, "0/0
+        # closed, ok" while the venue held every position).
+        budget = float(engine.settings.protection.call_timeout_seconds)
+        if not await engine.protection_in_place(3 * budget):
+            return CommandOutcome(
+                False,
+                "nothing closed: a protection restart is under way and has not handed over yet; entries "
+                "paused (ask again once it has)",
+            )
+        manager = engine.manager
+        assert manager is not None
         outcomes: dict[int, PositionOutcome] = {}
 
         def open_now() -> list[tuple[int, str]]:

@@ -974,6 +974,13 @@ class Engine:
                 )
                 await wait_for_all(self.clock, budget, pending)
 
+    async def protection_in_place(self, seconds: float) -> bool:
+        """Wait, up to `seconds`, until no protection restart is between managers (the new one guards what
+        the old one did); whether none is. What reads the guards (a flatten) found none mid-restart."""
+        if not self._protection_handed_over():
+            await wait_event(self.clock, self._protection_ready, seconds)
+        return self._protection_handed_over()
+
     async def wave_under_way_settled(self) -> bool:
         """Wait, within twice the call budget, for the wave under way if there is one: once entries are paused
         its entries not sent yet are not sent and those sent get their answer and, filled, their guard.

@@ -4,6 +4,7 @@ that disappears. The venue's truth (the sim core) is read to judge the outcome."
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections import Counter
@@ -766,6 +767,43 @@ async def test_a_flatten_during_a_wave_closes_what_the_wave_opened_and_sends_not
         assert await db.pool.fetchval("SELECT count(*) FROM monitoring.orders WHERE purpose = 'entry'") == 1
         statuses = await db.pool.fetch("SELECT status FROM monitoring.signals ORDER BY id")
         assert [r["status"] for r in statuses] == ["opened", "rejected", "rejected"]
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_flatten_during_a_protection_restart_closes_the_positions_it_restores(db: Database) -> None:
+    """`tsbot flatten --all` while a protection restart reads the venue: the old manager's guards were gone
+    and the new ones not there yet, so the flatten closed nothing and answered "0/0 closed, ok" while the
+    venue held every position (found in a review). Now it waits for the restart to hand over, then closes
+    what it restored."""
+    settings = settings_for(db, {"VENUE__SIM__LATENCY__BY_CALL__FETCH_POSITIONS__SECONDS": "3.0"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    venue = engine.venue
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[60]])
+        await drive_until_covered(engine, clock, 1)
+        restart = asyncio.ensure_future(engine.restart_protection())
+        await drive(clock, clock.sleep(0.5))
+        assert not restart.done()  # reading the venue's positions
+        answer = await drive(
+            clock,
+            send_command(
+                db.pool,
+                venue=engine.exchange_name,
+                account=engine.account_key,
+                kind=CommandKind.FLATTEN,
+                args={"all": True},
+                reason="test",
+                wait_seconds=60,
+            ),
+        )
+        assert answer.record is not None
+        assert answer.record.state is CommandState.DONE, answer.summary
+        assert [(p.symbol, p.ok) for p in answer.positions] == [(guard.symbol, True)]
+        assert venue.core.positions(clock.now()) == []  # the venue's truth
+        await drive(clock, restart)
     finally:
         await drive(clock, engine.stop())
 
