@@ -2019,6 +2019,13 @@ class PositionGuard:
         except ExchangeError as exc:
             await self._close_failed(cid, _short(exc), OrderRecordStatus.REJECTED)
             return False
+        except asyncio.CancelledError:
+            # Stopped with the close on its way (the engine stopping): the position is `active` again until
+            # the venue says it is flat (the next start looks the close up by its id); `closing`, it was out
+            # of the operators' SQL while the engine was down.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(m.store.set_position_status(self.position_id, self._open_status()))
+            raise
         await m.store.set_order_status(
             cid, _record_status(filled.status), exchange_order_id=filled.venue_order_id
         )
@@ -2073,15 +2080,18 @@ class PositionGuard:
         self._close_told.set()
         return True
 
+    def _open_status(self) -> PositionStatus:
+        """Still open on the venue as far as we know: a status the operators' SQL counts (not `closing`)."""
+        live = PositionStatus.ACTIVE if self.covered else self.status
+        if live not in (PositionStatus.ACTIVE, PositionStatus.PENDING_PROTECTION):
+            live = PositionStatus.ACTIVE
+        return live
+
     async def _close_failed(self, cid: str, error: str, status: OrderRecordStatus | None) -> None:
         m = self._m
         if status is not None:
             await m.store.set_order_status(cid, status, error=error)
-        # Still open on the venue as far as we know: back to a status the operators' SQL counts.
-        live = PositionStatus.ACTIVE if self.covered else self.status
-        if live not in (PositionStatus.ACTIVE, PositionStatus.PENDING_PROTECTION):
-            live = PositionStatus.ACTIVE
-        await m.store.set_position_status(self.position_id, live)
+        await m.store.set_position_status(self.position_id, self._open_status())
         self._note_failure("close position", error)
         m.request_reconcile()  # the reconciler finds out whether the venue closed it after all
 

@@ -75,6 +75,35 @@ async def test_a_close_the_venue_refuses_leaves_the_position_active_and_protecte
         await drive(clock, engine.stop())
 
 
+async def test_an_engine_stopped_while_a_close_is_on_its_way_leaves_the_position_active_not_closing(
+    db: Database,
+) -> None:
+    """The engine stops while an operator's close is on its way (its answer held up): the position stayed
+    `closing`, out of the operators' SQL while the engine was down, whatever the venue did with the close
+    (found in a review). Now it is `active` again; the next start looks the close up by its id."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[3]])
+        await drive_until_covered(engine, clock, 1)
+        venue = engine.venue
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_NOT_EXECUTED)
+        creates = venue.calls_made[CallKind.CREATE_ORDER]
+        closing = asyncio.ensure_future(engine.close_position(guard.position_id))
+        await drive_until(
+            clock, lambda: venue.calls_made[CallKind.CREATE_ORDER] > creates, step=0.01, what="the close sent"
+        )
+        assert await _status(db, guard.position_id) == "closing"
+    finally:
+        await drive(clock, engine.stop())
+    with contextlib.suppress(asyncio.CancelledError):
+        await closing
+    assert await _status(db, guard.position_id) == "active"
+    assert venue.core.positions(clock.now())  # the venue still holds it (the close never ran)
+
+
 async def test_a_close_after_a_protection_restart_takes_a_new_id_not_the_refused_closes(db: Database) -> None:
     """Close ids are numbered per manager: after a protection restart the operator's next close reused the
     id of the close the venue had refused before it. Binance keeps client ids unique among open orders
