@@ -13,7 +13,7 @@ from decimal import ROUND_DOWN, Decimal
 import pytest
 
 from engine.clock import ManualClock
-from engine.commands import send_command
+from engine.commands import CommandAnswer, send_command
 from engine.engine import Engine
 from engine.events import EntriesToggled
 from engine.exchange.errors import ExchangeError
@@ -721,6 +721,25 @@ async def test_the_circuit_breaker_stops_entries_while_protection_fails_and_the_
         await drive(clock, restarted_engine.stop())
 
 
+async def _flatten_all(db: Database, engine: Engine, clock: ManualClock) -> CommandAnswer:
+    """`tsbot flatten --all` through the command queue, as the CLI sends it; its answer, which must be DONE."""
+    answer = await drive(
+        clock,
+        send_command(
+            db.pool,
+            venue=engine.exchange_name,
+            account=engine.account_key,
+            kind=CommandKind.FLATTEN,
+            args={"all": True},
+            reason="test",
+            wait_seconds=60,
+        ),
+    )
+    assert answer.record is not None
+    assert answer.record.state is CommandState.DONE, answer.summary
+    return answer
+
+
 async def _a_wave_one_entry_sent(db: Database) -> tuple[Engine, ManualClock, list[int]]:
     """A started engine whose wave of three signals sends its entries one at a time, each taking a second:
     returned once the first is on its way (the signals' ids)."""
@@ -777,20 +796,7 @@ async def test_a_flatten_during_a_wave_closes_what_the_wave_opened_and_sends_not
     engine, clock, _ids = await _a_wave_one_entry_sent(db)
     venue = engine.venue
     try:
-        answer = await drive(
-            clock,
-            send_command(
-                db.pool,
-                venue=engine.exchange_name,
-                account=engine.account_key,
-                kind=CommandKind.FLATTEN,
-                args={"all": True},
-                reason="test",
-                wait_seconds=60,
-            ),
-        )
-        assert answer.record is not None
-        assert answer.record.state is CommandState.DONE, answer.summary
+        answer = await _flatten_all(db, engine, clock)
         assert [(p.symbol, p.ok) for p in answer.positions] == [(SYMBOLS[60], True)]
         assert venue.core.positions(clock.now()) == []  # the venue's truth: nothing left open
         assert await db.pool.fetchval("SELECT count(*) FROM monitoring.orders WHERE purpose = 'entry'") == 1
@@ -816,20 +822,7 @@ async def test_a_flatten_during_a_protection_restart_closes_the_positions_it_res
         restart = asyncio.ensure_future(engine.restart_protection())
         await drive(clock, clock.sleep(0.5))
         assert not restart.done()  # reading the venue's positions
-        answer = await drive(
-            clock,
-            send_command(
-                db.pool,
-                venue=engine.exchange_name,
-                account=engine.account_key,
-                kind=CommandKind.FLATTEN,
-                args={"all": True},
-                reason="test",
-                wait_seconds=60,
-            ),
-        )
-        assert answer.record is not None
-        assert answer.record.state is CommandState.DONE, answer.summary
+        answer = await _flatten_all(db, engine, clock)
         assert [(p.symbol, p.ok) for p in answer.positions] == [(guard.symbol, True)]
         assert venue.core.positions(clock.now()) == []  # the venue's truth
         await drive(clock, restart)
