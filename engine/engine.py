@@ -307,6 +307,19 @@ class RecordedOrders:
     attached_stop_loss: OrderRecord | None  # the hard stop its entry carried, where the venue carries one
     used_ids: list[str]  # every client id its orders have used
 
+    def protect(
+        self, manager: ProtectionManager, position: PositionRecord, *, filled_at: float | None = None
+    ) -> PositionGuard:
+        """Guard `position` on these records: the live ones verified, the carried stop corrected from the
+        fill, no used id sent again."""
+        return manager.protect(
+            position,
+            filled_at=filled_at,
+            live_orders=self.live,
+            attached_stop_loss=self.attached_stop_loss,
+            used_order_ids=self.used_ids,
+        )
+
 
 # A restore's reads from the database (`Engine._restore_records`): the open positions, the orders of each
 # that may be live and the ids each has used (by position id), and the trail records.
@@ -410,6 +423,10 @@ class _AwaitingGuard:
     @property
     def position_id(self) -> int:
         return self.position.id
+
+    @property
+    def symbol(self) -> str:
+        return self.position.symbol
 
     def coverage(self) -> PositionCoverage:
         p = self.position
@@ -1306,13 +1323,7 @@ class Engine:
             if not self._protection_handed_over():
                 await self._protection_ready.wait()
             assert self.manager is not None
-            self.manager.protect(
-                filled,
-                filled_at=doubt.sent_at,
-                live_orders=recorded.live,
-                attached_stop_loss=recorded.attached_stop_loss,
-                used_order_ids=recorded.used_ids,
-            )
+            recorded.protect(self.manager, filled, filled_at=doubt.sent_at)
             log.warning(
                 "position %s %s: its entry from before the restart filled at %s; protecting it",
                 position.id,
@@ -1374,13 +1385,7 @@ class Engine:
         )
         # Adopted into its own record (an entry in doubt): its orders as recorded (on Bybit the hard stop
         # its entry carried) are verified, and no id it used is sent again.
-        recorded = await self._recorded_orders(position.id)
-        self.manager.protect(
-            position,
-            live_orders=recorded.live,
-            attached_stop_loss=recorded.attached_stop_loss,
-            used_order_ids=recorded.used_ids,
-        )
+        (await self._recorded_orders(position.id)).protect(self.manager, position)
         doubt = self._in_doubt.get(venue_position.symbol)
         if doubt is not None and doubt.position_id == position.id:  # its guard counts it from here
             self._in_doubt.pop(venue_position.symbol, None)
@@ -2472,15 +2477,11 @@ class Engine:
                 if wanted is None or position_id in wanted
             )
         shown = {view.position_id for view in views}
-        for waiting in list(self._awaiting_guard.values()):
-            if waiting.position_id not in shown and (wanted is None or waiting.position_id in wanted):
-                mark = self.marks.get(waiting.position.symbol)
-                views.append(waiting.view_at(now, mark.price if mark else None))
-                shown.add(waiting.position_id)
-        for doubt in list(self._in_doubt.values()):
-            if doubt.position_id not in shown and (wanted is None or doubt.position_id in wanted):
-                mark = self.marks.get(doubt.symbol)
-                views.append(doubt.view_at(now, mark.price if mark else None))
+        for unguarded in self._unguarded():
+            if unguarded.position_id not in shown and (wanted is None or unguarded.position_id in wanted):
+                mark = self.marks.get(unguarded.symbol)
+                views.append(unguarded.view_at(now, mark.price if mark else None))
+                shown.add(unguarded.position_id)
         return EngineSnapshot(
             state=self.state,
             version=self.version,
@@ -2529,14 +2530,16 @@ class Engine:
                 carried_ids.append(position_id)
                 facts.append(carried.coverage[position_id])
                 shown.add(position_id)
-        # Filled while the manager restarts, and entries of unknown outcome (they may have filled): each is a
-        # position without stops.
-        for waiting in self._awaiting_guard.values():
-            if waiting.position_id not in shown:
-                facts.append(waiting.coverage())
-                shown.add(waiting.position_id)
-        facts.extend(d.coverage() for d in self._in_doubt.values() if d.position_id not in shown)
+        for unguarded in self._unguarded():
+            if unguarded.position_id not in shown:
+                facts.append(unguarded.coverage())
+                shown.add(unguarded.position_id)
         return guards, carried_ids, facts
+
+    def _unguarded(self) -> list[_AwaitingGuard | EntryInDoubt]:
+        """Positions no guard has, each a position without stops: filled while the protection manager
+        restarts, and entries of unknown outcome (they may have filled)."""
+        return [*self._awaiting_guard.values(), *self._in_doubt.values()]
 
     def _position_view(self, guard: PositionGuard, now: float) -> PositionView:
         mark = self.marks.get(guard.symbol)
