@@ -514,7 +514,8 @@ class PositionGuard:
 
     @property
     def move_in_flight(self) -> bool:
-        """A managed move's new stop has been sent (or was left in flight by the last run) and not resolved."""
+        """A managed move's new stop has been sent (or was left in flight by the last run or an interrupted
+        pass) and not resolved."""
         return self._replacement is not None or self._restored_move is not None
 
     def coverage(self) -> PositionCoverage:
@@ -840,10 +841,23 @@ class PositionGuard:
     async def _cancel_superseded(self) -> bool:
         """Cancel the resized-away stops (together); those whose cancel failed stay listed for the next
         pass. True when none is left."""
-        orders, self._superseded = self._superseded, []
+        orders = list(self._superseded)
         gone = await asyncio.gather(*(self._cancel_quietly(order) for order in orders))
-        self._superseded.extend(order for order, done in zip(orders, gone, strict=True) if not done)
+        self._drop_superseded(order for order, done in zip(orders, gone, strict=True) if done)
         return not self._superseded
+
+    async def _retire(self, order: ProtectiveOrder) -> None:
+        """Cancel a stop the guard no longer keeps (a move's old stop). It is listed as superseded until the
+        venue says it is gone, so a cancel that fails, or is interrupted by an urgent command, is tried
+        again by the next pass or with the position's end: dropped before its answer, an old stop stayed
+        live after a close."""
+        self._superseded.append(order)
+        if await self._cancel_quietly(order):
+            self._drop_superseded([order])
+
+    def _drop_superseded(self, gone: Iterable[ProtectiveOrder]) -> None:
+        ids = {id(order) for order in gone}
+        self._superseded = [order for order in self._superseded if id(order) not in ids]
 
     def _position_held(self, command: PositionHeld) -> bool:
         """A stop of ours filled, or the venue said the position was gone (`said_gone_at`), yet the venue
@@ -1724,6 +1738,15 @@ class PositionGuard:
         self._replacement = replacement
         try:
             outcome = await self._ensure(replacement, self._send_trail_stop(replacement))
+        except asyncio.CancelledError:
+            if replacement.maybe_sent:
+                # Interrupted (an urgent command, the guard stopping) with the new stop perhaps on the venue:
+                # it is resolved by its id as a restart resolves a move left in flight (`_resume_move`), and
+                # a position that ends meanwhile cancels it. Forgotten, it stayed live after a close, and the
+                # next pass sent the same move again under the next generation (three stops live at once).
+                self._restored_move = replacement
+                self.pending_move = None
+            raise
         finally:
             self._replacement = None
         self.pending_move = None
@@ -1762,8 +1785,8 @@ class PositionGuard:
                 reason=reason,
             )
         )
-        if old.client_order_id and old.confirmed and not await self._cancel_quietly(old):
-            self._superseded.append(old)  # cancelled again by the next pass (or with the position's end)
+        if old.client_order_id and old.confirmed:
+            await self._retire(old)
         return True
 
     async def _resume_move(self) -> bool:
@@ -1782,6 +1805,7 @@ class PositionGuard:
         if outcome is _Outcome.RETRY:
             return False
         self._restored_move = None
+        left_by = "an interrupted pass" if move.sent_this_run else "the last run"
         if outcome in (_Outcome.CONFIRMED, _Outcome.FIRED):
             old = self.trailing_stop
             assert move.price is not None
@@ -1792,10 +1816,10 @@ class PositionGuard:
                 # than the move's). The stop is kept as a superseded one: cancelled once the trail's own
                 # stop is confirmed, never before.
                 log.error(
-                    "%s: the trailing stop %s left in flight by the last run cannot be adopted (%s); the "
-                    "trail keeps %s",
+                    "%s: the trailing stop %s left in flight by %s cannot be adopted (%s); the trail keeps %s",
                     self.symbol,
                     move.client_order_id,
+                    left_by,
                     exc,
                     old.client_order_id,
                 )
@@ -1807,9 +1831,10 @@ class PositionGuard:
             self.trailing_stop = move
             await self._save_trail()
             log.info(
-                "Resumed the trailing stop move for %s left in flight by the last run: the stop at %s is live "
+                "Resumed the trailing stop move for %s left in flight by %s: the stop at %s is live "
                 "(client id %s)%s",
                 self.symbol,
+                left_by,
                 move.price,
                 move.client_order_id,
                 f"; cancelling the old one at {old.price} ({old.client_order_id})"
@@ -1829,16 +1854,17 @@ class PositionGuard:
             if old.client_order_id and (old.confirmed or old.maybe_sent):
                 if outcome is _Outcome.FIRED:
                     self._superseded.append(old)  # the new one fired: the old stays until it has filled
-                elif not await self._cancel_quietly(old):
-                    self._superseded.append(old)  # cancelled again by the next pass
+                else:
+                    await self._retire(old)
             return True
         # ABSENT (never reached the venue) or GONE (cancelled, expired, or filled: exit evidence).
         self.trail = trailing.on_stop_failed(self.trail)
         await self._save_trail()
         log.warning(
-            "%s: the trailing stop move left in flight by the last run did not take effect (%s is %s); the "
-            "trail keeps its stop at %s",
+            "%s: the trailing stop move left in flight by %s did not take effect (%s is %s); the trail "
+            "keeps its stop at %s",
             self.symbol,
+            left_by,
             move.client_order_id,
             "not on the venue" if outcome is _Outcome.ABSENT else (move.ended_as or "gone"),
             self.trail.stop_price,

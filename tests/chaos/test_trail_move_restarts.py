@@ -25,7 +25,7 @@ import pytest
 from engine.config import Settings
 from engine.exchange.port import Order
 from engine.venues.sim import SimVenue
-from protection.manager import PositionGuard
+from protection.manager import PositionGuard, StuckTriggerCheck
 from protection.order_ids import parse_client_order_id
 from protection.trailing import TrailingPhase
 from storage.database import Database
@@ -40,6 +40,9 @@ MANAGED_SLOW_CREATES = {
     "VENUE__SIM__LATENCY__BY_CALL__CREATE_ORDER__SECONDS": "2.0",
 }
 DOWNTIME_SECONDS = 3.0
+# A position closed by the operator some 7 s after its entry, of which its opening (the entry's fill until
+# both stops are confirmed) is about 1 s: the only time it is uncovered.
+CLOSED_EARLY_COVERAGE = 75.0
 
 
 def live_trailing_stops(run: ChaosRun, symbol: str) -> list[Order]:
@@ -258,8 +261,8 @@ async def settles_at_the_trails_stop(
     return live
 
 
-def chaos_run(db: Database) -> tuple[ChaosRun, Settings]:
-    settings = chaos_settings(db, MANAGED_SLOW_CREATES)
+def chaos_run(db: Database, overrides: dict[str, str] | None = None) -> tuple[ChaosRun, Settings]:
+    settings = chaos_settings(db, {**MANAGED_SLOW_CREATES, **(overrides or {})})
     run = ChaosRun(db, settings)
     # Make-before-break has both stops live for a move's round trips, and a stop mid-move leaves both live
     # until the next engine resolves them: the auditor allows that overlap (the downtime and a restart);
@@ -482,5 +485,78 @@ async def test_a_protection_restart_mid_move_adopts_the_live_new_stop(db: Databa
         assert live.client_order_id == move.new.client_order_id
         await run.settle()
         run.verdict(coverage_at_least=85.0)
+    finally:
+        await run.stop()
+
+
+async def test_a_close_while_a_move_is_in_flight_cancels_the_moves_new_stop(db: Database) -> None:
+    """The operator closes the position while a move's new stop is live on the venue and its answer has
+    not come: the close interrupts the guard's pass, and the new stop, which the venue holds, goes with the
+    position. It used to be forgotten by the interrupted pass and left live on the flat symbol until a
+    reconcile pass found it (a reduce-only stop the next position on that symbol would meet)."""
+    run, _settings = chaos_run(db)
+    await run.start()
+    try:
+        move = await a_move_in_flight(run, placed=True)
+        assert move.new is not None
+        assert await run.drive(run.engine.close_position(move.position_id), limit=10.0)
+        assert move.symbol not in run.held()
+        await run.step()  # the cancels go out with the close's end, a round trip of 0.05 s
+        assert live_trailing_stops(run, move.symbol) == [], "a trailing stop of ours outlived the close"
+        await run.settle()
+        run.verdict(coverage_at_least=CLOSED_EARLY_COVERAGE)
+    finally:
+        await run.stop()
+
+
+async def test_a_command_that_interrupts_a_move_in_flight_does_not_send_a_second_new_stop(
+    db: Database,
+) -> None:
+    """An urgent command (a fired stop's check) interrupts the guard's pass while a move's new stop is
+    live on the venue and unanswered: the next pass resolves that stop by its id and adopts it. It used to
+    forget it and send the same move again under the next generation, so three trailing stops of ours were
+    live at once and the first new one was cancelled later as an orphan."""
+    run, settings = chaos_run(db)
+    await run.start()
+    try:
+        move = await a_move_in_flight(run, placed=True)
+        assert move.new is not None
+        manager = run.engine.manager
+        assert manager is not None
+        guard = manager.guards[move.position_id]
+        checked = guard.submit(StuckTriggerCheck())
+        await move.watch.until(checked.done, limit=5, what="the check applied")
+        live = await settles_at_the_trails_stop(run, settings, move, guard)
+        assert live.client_order_id == move.new.client_order_id
+        await run.settle()
+        run.verdict(coverage_at_least=85.0)
+    finally:
+        await run.stop()
+
+
+async def test_a_close_while_a_moves_old_stop_is_being_cancelled_cancels_it(db: Database) -> None:
+    """The operator closes the position right after a move's new stop is confirmed, while the old stop's
+    cancel is on its way (the venue takes 2 s to answer a cancel, 1 s to act on it): neither stop of ours
+    is left live once the close has answered. The old one used to be dropped with the interrupted cancel
+    and left live on the flat symbol until a reconcile pass found it."""
+    run, _settings = chaos_run(db, {"VENUE__SIM__LATENCY__BY_CALL__CANCEL_ORDER__SECONDS": "2.0"})
+    await run.start()
+    try:
+        move = await a_move_in_flight(run, placed=True)
+        assert move.new is not None
+        assert move.old is not None
+        manager = run.engine.manager
+        assert manager is not None
+        guard = manager.guards[move.position_id]
+        new_id = move.new.client_order_id
+        await move.watch.until(
+            lambda: guard.trailing_stop.client_order_id == new_id, limit=5, what="the new stop confirmed"
+        )
+        assert move.old in live_trailing_stops(run, move.symbol)  # its cancel has not reached the venue
+        assert await run.drive(run.engine.close_position(move.position_id), limit=10.0)
+        assert move.symbol not in run.held()
+        assert live_trailing_stops(run, move.symbol) == [], "a trailing stop of ours outlived the close"
+        await run.settle()
+        run.verdict(coverage_at_least=CLOSED_EARLY_COVERAGE)
     finally:
         await run.stop()
