@@ -596,7 +596,10 @@ class PositionGuard:
             if self._stuck_timer is not None:
                 self._stuck_timer.cancel()
             for command in self._commands:
-                command.settle(False, "the guard stopped")
+                if self.closed and isinstance(command, PositionGone | ClosePosition):
+                    command.settle(True, "position already closed")  # (asked twice, or as it ended)
+                else:
+                    command.settle(False, "the guard stopped")
 
     async def wait_pass_started_after(self, started: int) -> None:
         """Until a pass begun after the `started`-th has ended (or the guard closed): what an operator's
@@ -2042,6 +2045,16 @@ class PositionGuard:
             except (ExchangeError, TimeoutError) as exc:
                 await self._close_failed(cid, f"outcome unknown: {_short(exc)}", OrderRecordStatus.UNKNOWN)
                 return False
+        except Rejected as exc:
+            if exc.code != RejectCode.REDUCE_ONLY_REJECTED:
+                await self._close_failed(cid, _short(exc), OrderRecordStatus.REJECTED)
+                return False
+            await m.store.set_order_status(cid, OrderRecordStatus.REJECTED, error=_short(exc))
+            await m.store.set_position_status(self.position_id, self._open_status())
+            if await self._gone_after_refusal(exc):
+                return True
+            await self._close_failed(cid, _short(exc), None)
+            return False
         except ExchangeError as exc:
             await self._close_failed(cid, _short(exc), OrderRecordStatus.REJECTED)
             return False
@@ -2088,14 +2101,44 @@ class PositionGuard:
             if self.closed:
                 return False, None
 
+    async def _gone_after_refusal(self, refusal: Rejected) -> bool:
+        """The venue refused the close for reducing nothing (-2022): it holds no position on our side now,
+        most likely ended an instant before by a stop of ours (or by hand). The reconciler asks the venue
+        (`_said_gone`); its answer is applied here as it comes: gone ends the position, and the close is
+        done (True); held, or no answer within the call budget, and the close failed (False). Answered
+        "close failed" at once, a closed position had its operator told it was still open, and an error
+        logged and counted."""
+        m = self._m
+        log.warning(
+            "%s: the venue refused the close: %s; asking the venue whether the position is gone",
+            self.symbol,
+            _short(refusal),
+        )
+        self._said_gone(m.clock.monotonic())
+        deadline = m.clock.monotonic() + float(m.config.call_timeout_seconds)
+        while not self.closed and self.said_gone_at is not None:
+            answer = self._take(lambda c: c.ends_position or isinstance(c, PositionHeld))
+            if answer is not None:
+                await self._apply(answer)
+                continue
+            left = deadline - m.clock.monotonic()
+            if left <= 0:
+                break
+            self.wake.clear()
+            await _first_of(self.wake.wait(), m.clock.sleep(left))
+        return self.closed
+
+    def _take(self, match: Callable[[GuardCommand], bool]) -> GuardCommand | None:
+        command = next((c for c in self._commands if match(c)), None)
+        if command is not None:
+            self._commands.remove(command)
+        return command
+
     def _ending_queued(self) -> bool:
         return any(c.ends_position for c in self._commands)
 
     def _take_ending(self) -> GuardCommand | None:
-        command = next((c for c in self._commands if c.ends_position), None)
-        if command is not None:
-            self._commands.remove(command)
-        return command
+        return self._take(lambda c: c.ends_position)
 
     def hear_close(self, order: Order) -> bool:
         """The account stream says how a close of ours ended: True when it is the close in flight (taken by

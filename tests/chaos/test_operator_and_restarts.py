@@ -247,3 +247,58 @@ async def test_signals_claimed_when_the_engine_stops_are_not_left_claimed(db: Da
         assert await _signals_claimed(db, "new", "taken") == 0
     finally:
         await run.stop()
+
+
+async def closed_as(run: ChaosRun, position_id: int) -> tuple[str, str | None]:
+    assert run.db is not None
+    row = await run.db.pool.fetchrow(
+        "SELECT status, exit_reason FROM monitoring.positions WHERE id = $1", position_id
+    )
+    return row["status"], row["exit_reason"]
+
+
+async def test_an_operators_close_that_meets_the_hard_stops_fill_answers_closed(db: Database) -> None:
+    """The operator closes a position just as its hard stop fills: the venue takes the close 1 s after it
+    is sent (it answers after 2 s), by then flat, and refuses it for reducing nothing (-2022). The close
+    answers "closed" once the venue confirms the position gone, recorded as the stop's exit. It used to
+    answer "close failed" for a position that was closed, with an error logged and counted."""
+    run = ChaosRun(db, chaos_settings(db, {"VENUE__SIM__LATENCY__BY_CALL__CREATE_ORDER__SECONDS": "2.0"}))
+    await run.start()
+    try:
+        symbol = await run.one_protected_position()
+        manager = run.engine.manager
+        assert manager is not None
+        position_id = manager.by_symbol[symbol].position_id
+        [close] = [run.background(run.engine.close_position(position_id))]
+        await run.step()  # the close is on its way, not at the venue yet
+        run.move_mark(symbol, run.against(symbol, "10"))  # through the hard stop: it fills
+        assert symbol not in run.held()
+        await run.until(close.done, limit=20, what="the close answered")
+        assert close.result() is True
+        assert await closed_as(run, position_id) == ("closed", "stop_loss")
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)  # (a position of 10 s, 4 s of them opening on a slow venue)
+    finally:
+        await run.stop()
+
+
+async def test_two_closes_of_one_position_at_once_both_answer_closed(db: Database) -> None:
+    """Two operators close the same position at once (the dashboard's close and `tsbot close`): one close
+    goes to the venue, and both answer "closed". The second used to answer "the guard stopped", a
+    failure, for the position the first had closed."""
+    run = ChaosRun(db, chaos_settings(db, SLOW_ORDERS))
+    await run.start()
+    try:
+        symbol = await run.one_protected_position()
+        manager = run.engine.manager
+        assert manager is not None
+        position_id = manager.by_symbol[symbol].position_id
+        closes = [run.background(run.engine.close_position(position_id)) for _ in range(2)]
+        assert await run.finish_background() == [True, True]
+        assert all(c.done() for c in closes)
+        assert symbol not in run.held()
+        assert await closed_as(run, position_id) == ("closed", "manual")
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)  # (closed within seconds of its opening on a slow venue)
+    finally:
+        await run.stop()
