@@ -849,13 +849,21 @@ class PositionGuard:
         self._drop_superseded(order for order, done in zip(orders, gone, strict=True) if done)
         return not self._superseded
 
-    async def _retire(self, order: ProtectiveOrder) -> None:
-        """Cancel a stop the guard no longer keeps (a move's old stop). It is listed as superseded until the
-        venue says it is gone, so a cancel that fails, or is interrupted by an urgent command, is tried
-        again by the next pass or with the position's end: dropped before its answer, an old stop stayed
-        live after a close."""
-        self._superseded.append(order)
-        if await self._cancel_quietly(order):
+    def _take_trailing_stop(self, new: ProtectiveOrder) -> ProtectiveOrder | None:
+        """Make `new` the trail's stop (a move confirmed); the old one, if the venue may hold it, is listed as
+        superseded at once, before anything awaits, and returned for `_retire`. Listed until the venue
+        says it is gone, it is cancelled again by the next pass, or with the position's end, whatever
+        interrupts its cancel (an urgent command): dropped before that, an old stop stayed live after a
+        close."""
+        old, self.trailing_stop = self.trailing_stop, new
+        if old.client_order_id is None or not (old.confirmed or old.maybe_sent):
+            return None
+        self._superseded.append(old)
+        return old
+
+    async def _retire(self, order: ProtectiveOrder | None) -> None:
+        """Cancel a superseded stop now (`_take_trailing_stop`); it stays listed if the cancel fails."""
+        if order is not None and await self._cancel_quietly(order):
             self._drop_superseded([order])
 
     def _drop_superseded(self, gone: Iterable[ProtectiveOrder]) -> None:
@@ -1767,7 +1775,7 @@ class PositionGuard:
             return outcome is _Outcome.BREACHED  # breached: the old stop stays; nothing else to do now
         old = self.trailing_stop
         self.trail = trailing.on_stop_confirmed(self.trail, new_price, m.clock.now())
-        self.trailing_stop = replacement
+        retired = self._take_trailing_stop(replacement)
         await self._save_trail()
         reason = move.reason.value if isinstance(move, trailing.MoveStop) else "activation"
         log.info("Moved trailing stop for %s from %s to %s (%s)", self.symbol, old.price, new_price, reason)
@@ -1788,8 +1796,7 @@ class PositionGuard:
                 reason=reason,
             )
         )
-        if old.client_order_id and old.confirmed:
-            await self._retire(old)
+        await self._retire(retired)
         return True
 
     async def _resume_move(self) -> bool:
@@ -1831,7 +1838,9 @@ class PositionGuard:
                 self._superseded.append(move)
                 await self._save_trail()
                 return True
-            self.trailing_stop = move
+            retired = self._take_trailing_stop(move)
+            if retired is not None and outcome is _Outcome.FIRED:
+                retired = None  # the new one fired: the old stays until it has filled (superseded)
             await self._save_trail()
             log.info(
                 "Resumed the trailing stop move for %s left in flight by %s: the stop at %s is live "
@@ -1854,11 +1863,7 @@ class PositionGuard:
                     reason="resumed",
                 )
             )
-            if old.client_order_id and (old.confirmed or old.maybe_sent):
-                if outcome is _Outcome.FIRED:
-                    self._superseded.append(old)  # the new one fired: the old stays until it has filled
-                else:
-                    await self._retire(old)
+            await self._retire(retired)
             return True
         # ABSENT (never reached the venue) or GONE (cancelled, expired, or filled: exit evidence).
         self.trail = trailing.on_stop_failed(self.trail)
