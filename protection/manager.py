@@ -169,6 +169,9 @@ class ProtectiveOrder:
     fired_at: float | None = None  # monotonic time we first saw it fired but not finished (TRIGGERING)
     ended_as: OrderStatus | None = None  # how the venue said its last id ended (filled, cancelled …)
     recorded_id: str | None = None  # the id this process already wrote ahead (a retry writes nothing more)
+    # Sent again with its id within the venue's read lag after an unknown outcome (`_Outcome.UNSEEN`): once;
+    # from then on it is waited for (the next "not found" after the lag proves it absent).
+    sent_again: bool = False
 
     def left_at(self, now: float) -> float | None:
         """When its last send left for the venue (monotonic; a "not found" sooner than the venue's read lag
@@ -208,6 +211,7 @@ class _Outcome(StrEnum):
     CONFIRMED = "confirmed"
     RETRY = "retry"  # transient, or still unknown: try again after backoff
     ABSENT = "absent"  # proven not on the venue: the same id may be sent
+    UNSEEN = "unseen"  # not visible yet within the venue's read lag: sent again with the same id (`_ensure`)
     BREACHED = "breached"  # would trigger immediately
     GONE = "gone"  # the order ended (filled/cancelled/expired) before we saw it live
     FIRED = "fired"  # it triggered and is on its way to a fill: it protects nothing, and it is not over
@@ -1002,7 +1006,7 @@ class PositionGuard:
             )
         cid = order.client_order_id
         if order.maybe_sent:
-            found = await self._resolve(order, "verify")
+            found = await self._resolve(order, "verify", unseen=not order.sent_again)
             if found is _Outcome.CONFIRMED:
                 self.report.restored_orders += 1
                 return found
@@ -1013,9 +1017,12 @@ class PositionGuard:
                     return outcome  # the position is probably gone: the reconciler settles it first
                 # Cancelled or expired without a fill: the position is naked now; replace it at once.
                 return await self._ensure(order, send)
-            if found is not _Outcome.ABSENT:
+            if found not in (_Outcome.ABSENT, _Outcome.UNSEEN):
                 return found
-            # proven absent: send it, with the same id
+            # Proven absent, or not seen yet: sent with the same id. The venue takes one open order per
+            # client id, so a send whose outcome was unknown is sent again at once instead of after its
+            # read lag (5 s on Binance): one that never reached the venue (an HTTP 500, a lost request)
+            # is placed now, one that did is refused as a duplicate. Once: then it is waited for.
 
         await self._record_ahead(order, cid)
         # A replacement of the stop that rode on the entry may wait: that stop protects the position meanwhile.
@@ -1027,6 +1034,10 @@ class PositionGuard:
         if m.draining:  # the manager is being replaced: its successor sends it (never taken, handed over)
             m.budget.order_answered(probe_at, room=False)
             return _Outcome.RETRY
+        # Sent again after an unknown outcome (UNSEEN): the earlier send may still be on the venue whatever
+        # this one's answer says, and it is the one the venue's reads show first.
+        resend, earlier_send = order.maybe_sent, (order.sent_at, order.send_ticket)
+        order.sent_again = resend
         started = m.clock.monotonic()
         order.sent_at, order.send_ticket = started, None
         order.sent_this_run = True
@@ -1048,25 +1059,33 @@ class PositionGuard:
                 await m.store.set_order_status(
                     cid, OrderRecordStatus.UNKNOWN, error=_short(exc) or "no answer"
                 )
-                outcome = await self._resolve(order, "resolve")
+                outcome = await self._resolve(order, "resolve", unseen=not resend)
                 # resolved: it was placed after all; retrying: absent (resent with the same id) or still unknown
                 self._create_failed(order, cid, exc, latency, resolved=outcome is _Outcome.CONFIRMED)
                 if outcome is _Outcome.GONE:
                     return self._next_generation(order)
+                if outcome is _Outcome.UNSEEN:
+                    self.retry_at = m.clock.monotonic()  # sent again by the next pass, at once
                 if outcome is not _Outcome.CONFIRMED:
                     return _Outcome.RETRY
                 return outcome
             except DuplicateClientOrderId:
                 order.maybe_sent = True
+                if resend:
+                    order.sent_at, order.send_ticket = earlier_send
                 outcome = await self._resolve(order, "resolve duplicate")
                 if outcome is _Outcome.GONE:
                     return self._next_generation(order)
                 return _Outcome.RETRY if outcome is _Outcome.ABSENT else outcome
             except WouldTriggerImmediately as exc:
+                if resend:
+                    return self._resend_refused(order, cid, exc, m.clock.monotonic() - started)
                 order.maybe_sent = False
                 await m.store.set_order_status(cid, OrderRecordStatus.REJECTED, error=_short(exc))
                 return await self._breached(order)
             except (RateLimited, Banned, Retryable, Rejected) as exc:
+                if resend:
+                    return self._resend_refused(order, cid, exc, m.clock.monotonic() - started)
                 order.maybe_sent = False  # the venue said it did not execute it
                 if isinstance(exc, Rejected) and exc.code == RejectCode.REDUCE_ONLY_REJECTED:
                     await self._refused(order, cid, exc)
@@ -1081,6 +1100,20 @@ class PositionGuard:
                 self._create_failed(order, cid, exc, latency, resolved=False)
                 return _Outcome.RETRY
             return await self._accept(order, placed, m.clock.monotonic() - started)
+
+    def _resend_refused(
+        self, order: ProtectiveOrder, cid: str, exc: ExchangeError, latency: float
+    ) -> _Outcome:
+        """A send again (UNSEEN) was refused: that says nothing of the earlier send, which may be on the venue
+        all the same. The order keeps its id and its record and is resolved by that id; the refusal counts
+        as the failed attempt it is, and a rate limit's hold is kept."""
+        m = self._m
+        if isinstance(exc, RateLimited | Banned):
+            self.retry_at = m.clock.monotonic() + m.hold_orders_for(exc)
+        else:
+            m.protective_failures.add(m.clock.monotonic())
+        self._create_failed(order, cid, exc, latency, resolved=False)
+        return _Outcome.RETRY
 
     def _refused_as_gone(self, order: ProtectiveOrder, exc: Rejected) -> _Outcome:
         """The venue refused a stop for reducing nothing (-2022): it holds no position this stop closes.
@@ -1184,9 +1217,12 @@ class PositionGuard:
                 call.cancel()
                 await asyncio.gather(call, return_exceptions=True)
 
-    async def _resolve(self, order: ProtectiveOrder, why: str, *, absent_means_send: bool = True) -> _Outcome:
+    async def _resolve(
+        self, order: ProtectiveOrder, why: str, *, absent_means_send: bool = True, unseen: bool = False
+    ) -> _Outcome:
         """Ask the venue for this id: CONFIRMED (live), GONE (ended), ABSENT (never arrived), RETRY (unknown).
-        `absent_means_send=False`: the request is still in flight, so "absent" is said quietly."""
+        `absent_means_send=False`: the request is still in flight, so "absent" is said quietly. `unseen`:
+        "not found" within the venue's read lag is UNSEEN (the caller sends the same id again), not RETRY."""
         m = self._m
         cid = order.client_order_id
         assert cid is not None
@@ -1199,6 +1235,16 @@ class PositionGuard:
                 lag += READ_LAG_MARGIN_SECONDS
             # Judged by when the look left (its answer may come after the window's end, and prove nothing).
             left_at = order.left_at(asked_at)
+            if left_at is not None and asked_at - left_at < lag and unseen:
+                log.info(
+                    "%s: %s %s not visible yet (the venue's reads lag its writes by up to %gs); sending it "
+                    "again with the same id (the venue refuses a duplicate of an open order)",
+                    self.symbol,
+                    _what(order.purpose),
+                    cid,
+                    m.read_after_write_seconds,
+                )
+                return _Outcome.UNSEEN
             if left_at is not None and asked_at - left_at < lag:
                 # The venue may not show an order it accepted moments ago (read-after-write lag): "not
                 # found" proves nothing yet. Still unconfirmed (so uncovered), asked again. Waiting out a documented lag is not a failure: said as information (an
@@ -1470,6 +1516,7 @@ class PositionGuard:
         order.client_order_id = None
         order.fired_at = None
         order.confirmed = False
+        order.sent_again = False
 
     def skip_used_ids(self, client_order_ids: Iterable[str]) -> None:
         """This position's earlier ids (its ended orders, an earlier engine's) are never sent again: a

@@ -5,8 +5,11 @@ Virtual time, the auditor at every step."""
 
 from __future__ import annotations
 
+import pytest
+
 from engine.engine import STARTUP_UNKNOWN_SECONDS
 from engine.exchange.port import OrderSide
+from engine.venues.sim.settings import CallKind, FaultKind
 from storage.database import Database
 from tests.chaos.support import (
     NAKED_BACKOFF,
@@ -149,5 +152,36 @@ async def test_stops_resized_within_the_read_lag_do_not_stay_live_beside_their_r
         await run.until(lambda: guard.quantity == held - half, limit=5, what="the resize")
         await run.settle()
         run.verdict(coverage_at_least=90.0)
+    finally:
+        await run.stop()
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        pytest.param(FaultKind.TIMEOUT_NOT_EXECUTED, id="lost-on-its-way"),
+        pytest.param(FaultKind.TIMEOUT_AFTER_ACCEPT, id="placed-answer-lost"),
+    ],
+)
+async def test_a_stop_whose_outcome_is_unknown_inside_the_read_lag_is_sent_again_with_its_id(
+    db: Database, fault: FaultKind
+) -> None:
+    """On a venue whose reads lag its writes by 5 s (Binance's algo service) a stop's answer is lost (the
+    client gives up after 3 s). Lost on its way, the stop is not on the venue: it used to be waited for
+    through the rest of the lag before it was sent again, and its position was naked past the 5 s grace
+    period. It is now sent again at once with the same id: the venue places it, or, when the first send
+    did reach it, refuses the duplicate, so there is never a second stop of a kind."""
+    settings = chaos_settings(db)
+    run = ChaosRun(db, settings)
+    run.venue.set_read_lag(5.0)
+    await run.start()
+    try:
+        run.venue.inject_fault(CallKind.CREATE_ORDER, fault, stops_only=True)
+        await run.opened(await run.wave(1))
+        await run.until(run.converged, limit=30, what="the position protected")
+        figures = run.auditor.figures()
+        assert figures.worst_unprotected_s < float(settings.protection.grace_seconds), figures.as_dict()
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)  # (no rule broken: no duplicate, nothing naked past grace)
     finally:
         await run.stop()

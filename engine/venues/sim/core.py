@@ -207,6 +207,7 @@ class Inspection:
     banned_until: float | None  # None when not banned
     rate_violations: int = 0  # refused for the rate within `violation_window_seconds`, toward a ban
     bans: int = 0  # every ban so far
+    orders_placed: int = 0  # every order the venue took (a refused one is not), ended ones it forgot aside
 
 
 class SimCore:
@@ -405,6 +406,7 @@ class SimCore:
                 if v > now - self._settings.rate_limits.violation_window_seconds
             ),
             bans=account.rate.bans,
+            orders_placed=len(account.by_venue_id),
         )
 
     def balance(self, now: float, account_id: str = DEFAULT_ACCOUNT) -> Balance:
