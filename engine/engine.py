@@ -2357,21 +2357,11 @@ class Engine:
     def _check_breaker(self) -> None:
         """Protection failing → entries pause by themselves (persisted); they resume only by the operator,
         or after `auto_resume_seconds` of healthy protection when configured."""
-        manager = self.manager
-        if manager is None:
+        if self.manager is None:
             return
         settings = BreakerSettings.from_settings(self.settings.protection, self.settings.health)
         now = self.clock.monotonic()
-        window = settings.error_window_seconds
-        reasons = trip_reasons(
-            BreakerInputs(
-                self.coverage(),  # entries in doubt included: each may be a position without stops
-                float(self.settings.protection.grace_seconds),
-                manager.protective_attempts.count(now, window),
-                manager.protective_failures.count(now, window),
-            ),
-            settings,
-        )
+        reasons = self._breaker_reasons(settings)
         paused, by, _reason = self._persisted_pause
         if reasons:
             self._breaker_healthy_since = None
@@ -2389,7 +2379,28 @@ class Engine:
                 "circuit breaker: protection healthy for %.0fs: entries resume", settings.auto_resume_seconds
             )
             self._breaker_healthy_since = None
-            self.resume_entries()
+            self.resume_entries(
+                by="breaker", reason=f"protection healthy for {settings.auto_resume_seconds:.0f}s"
+            )
+
+    def _breaker_reasons(self, settings: BreakerSettings | None = None) -> list[str]:
+        """Why the circuit breaker would pause entries now (empty: protection is healthy)."""
+        manager = self.manager
+        if manager is None:
+            return []
+        if settings is None:
+            settings = BreakerSettings.from_settings(self.settings.protection, self.settings.health)
+        now = self.clock.monotonic()
+        window = settings.error_window_seconds
+        return trip_reasons(
+            BreakerInputs(
+                self.coverage(),  # entries in doubt included: each may be a position without stops
+                float(self.settings.protection.grace_seconds),
+                manager.protective_attempts.count(now, window),
+                manager.protective_failures.count(now, window),
+            ),
+            settings,
+        )
 
     def _budget_used_fraction(self) -> float:
         fractions = [b.used_fraction() for b in (self.order_budget, self.request_pacer) if b is not None]
@@ -2673,8 +2684,11 @@ class Engine:
         log.warning("entries paused by the %s%s", by, f": {reason}" if reason else "")
         self._persist_entries_control(True, by, reason, who)
 
-    def resume_entries(self, who: str = "") -> tuple[bool, str]:
-        """Open positions again; refused while this engine does not hold the account's lease."""
+    def resume_entries(self, who: str = "", *, by: str = "operator", reason: str = "") -> tuple[bool, str]:
+        """Open positions again; refused while this engine does not hold the account's lease, and the
+        operator's while protection is failing (the breaker would pause them again at its next look, a
+        wave's entries perhaps sent meanwhile). `by="breaker"`: its own resume after a healthy stretch,
+        recorded as such (it was recorded as the operator's, with this process's user@host)."""
         if self.db_watch is not None and self.db_watch.down:
             message = "refused: the database is unreachable; entries stay paused until it is back"
             log.warning("resume entries %s", message)
@@ -2683,10 +2697,16 @@ class Engine:
             message = "refused: this engine has lost the account lease; entries stay paused until it is back"
             log.warning("resume entries %s", message)
             return False, message
-        self._persisted_pause = (False, "operator", "")
+        if by == "operator" and (failing := self._breaker_reasons()):
+            message = f"refused: protection is failing ({'; '.join(failing)}); entries stay paused"
+            log.warning("resume entries %s", message)
+            return False, message
+        self._persisted_pause = (False, by, "")
         self._apply_entries_state()
-        log.warning("entries resumed by the operator")
-        self._persist_entries_control(False, "operator", "", who or requester_identity())
+        log.warning("entries resumed by the %s%s", by, f": {reason}" if reason else "")
+        if by == "operator" and not who:
+            who = requester_identity()
+        self._persist_entries_control(False, by, reason, who)
         return True, "entries on"
 
     def _apply_entries_state(self) -> None:

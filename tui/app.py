@@ -743,13 +743,15 @@ class DashboardApp(App[int]):
         if self._refuse_if_not_trading():
             return
         paused = not self.feed.snapshot().entries_paused
-        self.feed.set_entries_paused(paused)
-        self.notify(
-            "New entries PAUSED: signals are rejected; open positions stay protected."
-            if paused
-            else "New entries resumed.",
-            severity="warning" if paused else "information",
-        )
+        done, answer = self.feed.set_entries_paused(paused)
+        if paused:
+            self.notify(
+                "New entries PAUSED: signals are rejected; open positions stay protected.", severity="warning"
+            )
+        elif done:
+            self.notify("New entries resumed.", severity="information")
+        else:  # (it said "resumed" while the engine refused: the database down, the lease lost)
+            self.notify(f"Entries NOT resumed: {answer}", severity="error", timeout=15)
         self.paint()
 
     def action_close_position(self) -> None:

@@ -258,7 +258,9 @@ class DashboardFeed(Protocol):
         """What the engine's stop left behind (None: no engine of ours stopped, e.g. read-only)."""
         ...
 
-    def set_entries_paused(self, paused: bool) -> None: ...
+    def set_entries_paused(self, paused: bool) -> tuple[bool, str]:
+        """Pause or resume entries: (done, the engine's answer; a resume can be refused)."""
+        ...
 
     async def close_position(self, position_id: int) -> bool: ...
 
@@ -311,11 +313,11 @@ class EngineFeed:
     async def restart_protection(self) -> StartupReport:
         return await self.engine.restart_protection()
 
-    def set_entries_paused(self, paused: bool) -> None:
+    def set_entries_paused(self, paused: bool) -> tuple[bool, str]:
         if paused:
             self.engine.pause_entries()
-        else:
-            self.engine.resume_entries()
+            return True, "entries paused"
+        return self.engine.resume_entries()
 
     async def close_position(self, position_id: int) -> bool:
         return await self.engine.close_position(position_id)
@@ -509,7 +511,7 @@ class ReadOnlyFeed:
     async def restart_protection(self) -> StartupReport:
         raise ReadOnly(self.refusal())
 
-    def set_entries_paused(self, paused: bool) -> None:
+    def set_entries_paused(self, paused: bool) -> tuple[bool, str]:
         raise ReadOnly(self.refusal())
 
     async def close_position(self, position_id: int) -> bool:

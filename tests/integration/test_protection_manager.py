@@ -721,6 +721,45 @@ async def test_the_circuit_breaker_stops_entries_while_protection_fails_and_the_
         await drive(clock, restarted_engine.stop())
 
 
+async def test_the_operators_resume_is_refused_while_protection_fails_and_the_breakers_resume_is_its_own(
+    db: Database,
+) -> None:
+    """While the breaker's reasons hold, the operator's resume is refused, saying why: it used to be taken,
+    and the breaker paused again at its next look, a wave's entries perhaps sent in between. Once
+    protection is healthy for `auto_resume_seconds`, the breaker resumes entries itself, and says so: it
+    was recorded as "resumed by the operator", with this process's user@host as the one who asked."""
+    settings = settings_for(db, {"PROTECTION__BREAKER__AUTO_RESUME_SECONDS": "10"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    venue = engine.venue
+    try:
+        store = engine.store
+        assert store is not None
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, count=10_000, stops_only=True)
+        await store.insert_signals([(s, "long", None, None) for s in SYMBOLS[60:63]])
+        await drive_until(clock, lambda: engine.entries_paused, what="the breaker tripped", limit=120.0)
+        ok, answer = engine.resume_entries()
+        assert not ok
+        assert answer.startswith("refused: protection is failing ("), answer
+        assert (engine.entries_paused, engine.entries_paused_by) == (True, "breaker")
+        venue.clear_injected_faults()
+        await drive_until(clock, lambda: not engine.entries_paused, what="the breaker's resume", limit=180.0)
+
+        async def recorded() -> bool:
+            control = await store.entries_control(engine.exchange_name, engine.account_key)
+            return control is not None and not control.paused
+
+        await drive_until(clock, recorded, what="the resume recorded")
+        control = await store.entries_control(engine.exchange_name, engine.account_key)
+        assert control is not None
+        assert (control.paused_by, control.requested_by) == ("breaker", "")
+        said = await db.pool.fetch("SELECT message FROM monitoring.events WHERE type = 'entries_resumed'")
+        assert [r["message"] for r in said] == ["entries resumed by the breaker: protection healthy for 10s"]
+    finally:
+        await drive(clock, engine.stop())
+
+
 async def _flatten_all(db: Database, engine: Engine, clock: ManualClock) -> CommandAnswer:
     """`tsbot flatten --all` through the command queue, as the CLI sends it; its answer, which must be DONE."""
     answer = await drive(

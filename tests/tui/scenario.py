@@ -394,8 +394,8 @@ class ScenarioFeed:
     async def restart_protection(self) -> StartupReport:
         return await self.start()
 
-    def set_entries_paused(self, paused: bool) -> None:
-        return None
+    def set_entries_paused(self, paused: bool) -> tuple[bool, str]:
+        return True, "entries paused" if paused else "entries on"
 
     async def close_position(self, position_id: int) -> bool:
         return False

@@ -225,6 +225,30 @@ async def test_q_asks_while_positions_are_open_then_stops_the_engine_and_leaves_
         assert {o.symbol for o in live} == set(SYMBOLS[50:52])  # the stops stay on the exchange
 
 
+def _notices(board) -> list[str]:  # type: ignore[no-untyped-def]
+    """The notifications the dashboard shows now (the app's own list: its toasts render from it)."""
+    return [n.message for n in board.app._notifications]
+
+
+async def test_e_says_so_when_the_engine_refuses_to_resume_entries(db: Database) -> None:
+    """The breaker paused entries (every stop refused) and the operator presses `e`: the engine refuses
+    to resume while protection is failing, and the dashboard says that, naming why. It used to say "New
+    entries resumed." whatever the engine answered (with the database down or the lease lost, too)."""
+    async with dashboard(tui_settings(db)) as board:
+        await started(board)
+        board.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, count=10_000, stops_only=True)
+        await board.open_positions([SYMBOLS[30]])
+        await board.until(lambda: board.engine.entries_paused, "the breaker paused entries")
+        await board.press("e")
+        await board.until(
+            lambda: any("Entries NOT resumed: refused: protection is failing" in n for n in _notices(board)),
+            "the refusal shown",
+        )
+        assert board.engine.entries_paused
+        assert not any("New entries resumed" in n for n in _notices(board))
+        assert "ENTRIES PAUSED" in board.status_text()
+
+
 async def test_keys_are_remapped_from_config_everywhere(db: Database) -> None:
     settings = tui_settings(db, {"TUI__KEYS__TOGGLE_ENTRIES": "t", "TUI__KEYS__QUIT": "ctrl+x"})
     async with dashboard(settings) as board:
