@@ -169,9 +169,10 @@ class ProtectiveOrder:
     fired_at: float | None = None  # monotonic time we first saw it fired but not finished (TRIGGERING)
     ended_as: OrderStatus | None = None  # how the venue said its last id ended (filled, cancelled …)
     recorded_id: str | None = None  # the id this process already wrote ahead (a retry writes nothing more)
-    # Sent again with its id within the venue's read lag after an unknown outcome (`_Outcome.UNSEEN`): once;
-    # from then on it is waited for (the next "not found" after the lag proves it absent).
-    sent_again: bool = False
+    # Its last send, by this process, had no clear answer (HTTP 500, -1007, a timeout) and was not itself a
+    # send again: inside the venue's read lag it may be sent again once with its id (`_Outcome.UNSEEN`).
+    # Nothing else that leaves an order in doubt allows that (a fired stop, a restored one).
+    may_send_again: bool = False
 
     def left_at(self, now: float) -> float | None:
         """When its last send left for the venue (monotonic; a "not found" sooner than the venue's read lag
@@ -1006,7 +1007,9 @@ class PositionGuard:
             )
         cid = order.client_order_id
         if order.maybe_sent:
-            found = await self._resolve(order, "verify", unseen=not order.sent_again)
+            found = await self._resolve(
+                order, "verify", unseen=order.may_send_again and order.fired_at is None
+            )
             if found is _Outcome.CONFIRMED:
                 self.report.restored_orders += 1
                 return found
@@ -1037,7 +1040,7 @@ class PositionGuard:
         # Sent again after an unknown outcome (UNSEEN): the earlier send may still be on the venue whatever
         # this one's answer says, and it is the one the venue's reads show first.
         resend, earlier_send = order.maybe_sent, (order.sent_at, order.send_ticket)
-        order.sent_again = resend
+        order.may_send_again = False
         started = m.clock.monotonic()
         order.sent_at, order.send_ticket = started, None
         order.sent_this_run = True
@@ -1056,16 +1059,17 @@ class PositionGuard:
                 m.protective_failures.add(m.clock.monotonic())
                 latency = m.clock.monotonic() - started
                 order.maybe_sent = True
+                order.may_send_again = not resend
                 await m.store.set_order_status(
                     cid, OrderRecordStatus.UNKNOWN, error=_short(exc) or "no answer"
                 )
-                outcome = await self._resolve(order, "resolve", unseen=not resend)
+                outcome = await self._resolve(order, "resolve", unseen=order.may_send_again)
+                if outcome is _Outcome.UNSEEN:
+                    self.retry_at = m.clock.monotonic()  # sent again by the next pass, at once
                 # resolved: it was placed after all; retrying: absent (resent with the same id) or still unknown
                 self._create_failed(order, cid, exc, latency, resolved=outcome is _Outcome.CONFIRMED)
                 if outcome is _Outcome.GONE:
                     return self._next_generation(order)
-                if outcome is _Outcome.UNSEEN:
-                    self.retry_at = m.clock.monotonic()  # sent again by the next pass, at once
                 if outcome is not _Outcome.CONFIRMED:
                     return _Outcome.RETRY
                 return outcome
@@ -1078,14 +1082,20 @@ class PositionGuard:
                     return self._next_generation(order)
                 return _Outcome.RETRY if outcome is _Outcome.ABSENT else outcome
             except WouldTriggerImmediately as exc:
+                if resend and order.purpose is OrderPurpose.STOP_LOSS:
+                    # The mark is through the hard stop whether or not the first send is on the venue (if
+                    # it is, it fires): the position is closed now, not after the lag. The first send stays
+                    # the order's (cancelled with the position if it is live).
+                    order.sent_at, order.send_ticket = earlier_send
+                    return await self._breached(order)
                 if resend:
-                    return self._resend_refused(order, cid, exc, m.clock.monotonic() - started)
+                    return self._resend_refused(order, cid, exc, m.clock.monotonic() - started, earlier_send)
                 order.maybe_sent = False
                 await m.store.set_order_status(cid, OrderRecordStatus.REJECTED, error=_short(exc))
                 return await self._breached(order)
             except (RateLimited, Banned, Retryable, Rejected) as exc:
                 if resend:
-                    return self._resend_refused(order, cid, exc, m.clock.monotonic() - started)
+                    return self._resend_refused(order, cid, exc, m.clock.monotonic() - started, earlier_send)
                 order.maybe_sent = False  # the venue said it did not execute it
                 if isinstance(exc, Rejected) and exc.code == RejectCode.REDUCE_ONLY_REJECTED:
                     await self._refused(order, cid, exc)
@@ -1102,15 +1112,25 @@ class PositionGuard:
             return await self._accept(order, placed, m.clock.monotonic() - started)
 
     def _resend_refused(
-        self, order: ProtectiveOrder, cid: str, exc: ExchangeError, latency: float
+        self,
+        order: ProtectiveOrder,
+        cid: str,
+        exc: ExchangeError,
+        latency: float,
+        earlier_send: tuple[float | None, CallTicket | None],
     ) -> _Outcome:
         """A send again (UNSEEN) was refused: that says nothing of the earlier send, which may be on the venue
-        all the same. The order keeps its id and its record and is resolved by that id; the refusal counts
-        as the failed attempt it is, and a rate limit's hold is kept."""
+        all the same. The order keeps its id, its record and its earlier send's time (the venue's reads
+        show that one first) and is resolved by that id. "Nothing to reduce" (-2022: the first send filled,
+        or the position went) is the venue's word on the position, asked about as any; a rate limit's
+        hold is kept; any other refusal counts as the failed attempt it is."""
         m = self._m
+        order.sent_at, order.send_ticket = earlier_send
+        if isinstance(exc, Rejected) and exc.code == RejectCode.REDUCE_ONLY_REJECTED:
+            return self._refused_as_gone(order, exc)
         if isinstance(exc, RateLimited | Banned):
             self.retry_at = m.clock.monotonic() + m.hold_orders_for(exc)
-        else:
+        elif not isinstance(exc, WouldTriggerImmediately):
             m.protective_failures.add(m.clock.monotonic())
         self._create_failed(order, cid, exc, latency, resolved=False)
         return _Outcome.RETRY
@@ -1230,9 +1250,7 @@ class PositionGuard:
         try:
             found = await m.read(lambda: m.venue.fetch_order(self.symbol, cid), "fetch_order")
         except NotFound:
-            lag = m.read_after_write_seconds
-            if lag > 0:
-                lag += READ_LAG_MARGIN_SECONDS
+            lag = m.absence_window()
             # Judged by when the look left (its answer may come after the window's end, and prove nothing).
             left_at = order.left_at(asked_at)
             if left_at is not None and asked_at - left_at < lag and unseen:
@@ -1516,7 +1534,7 @@ class PositionGuard:
         order.client_order_id = None
         order.fired_at = None
         order.confirmed = False
-        order.sent_again = False
+        order.may_send_again = False
 
     def skip_used_ids(self, client_order_ids: Iterable[str]) -> None:
         """This position's earlier ids (its ended orders, an earlier engine's) are never sent again: a
@@ -1556,6 +1574,7 @@ class PositionGuard:
         order.confirmed = True
         order.confirmed_at = m.clock.monotonic()
         order.maybe_sent = False
+        order.may_send_again = False
         order.fired_at = None
         if latency is not None:
             self.report.created_orders += 1
@@ -1796,18 +1815,24 @@ class PositionGuard:
         self._replacement = replacement
         try:
             outcome = await self._ensure(replacement, self._send_trail_stop(replacement))
-        except asyncio.CancelledError:
+        except BaseException:
             if replacement.maybe_sent:
-                # Interrupted (an urgent command, the guard stopping) with the new stop perhaps on the venue:
-                # it is resolved by its id as a restart resolves a move left in flight (`_resume_move`), and
-                # a position that ends meanwhile cancels it. Forgotten, it stayed live after a close, and the
-                # next pass sent the same move again under the next generation (three stops live at once).
+                # Interrupted (an urgent command, the guard stopping, a failed write) with the new stop
+                # perhaps on the venue: it is resolved by its id as a restart resolves a move left in flight
+                # (`_resume_move`), and a position that ends meanwhile cancels it. Forgotten, it stayed live
+                # after a close, and the next pass sent the same move again under the next generation
+                # (three stops live at once).
                 self._restored_move = replacement
                 self.pending_move = None
             raise
         finally:
             self._replacement = None
         self.pending_move = None
+        if outcome is not _Outcome.CONFIRMED and replacement.maybe_sent:
+            # Its outcome still unknown (no clear answer, not visible yet): resolved by its id, the trail
+            # `moving` meanwhile (no new move decided). Given up, it was left live beside the next move's.
+            self._restored_move = replacement
+            return False
         if outcome is not _Outcome.CONFIRMED:
             self.trail = trailing.on_stop_failed(self.trail)
             await self._save_trail()  # no longer `moving`: the record says the old stop is the trail's
@@ -1862,7 +1887,7 @@ class PositionGuard:
         if outcome is _Outcome.RETRY:
             return False
         self._restored_move = None
-        left_by = "an interrupted pass" if move.sent_this_run else "the last run"
+        left_by = "this run" if move.sent_this_run else "the last run"
         if outcome in (_Outcome.CONFIRMED, _Outcome.FIRED):
             old = self.trailing_stop
             assert move.price is not None
@@ -2811,7 +2836,7 @@ class ProtectionManager:
                     )
                 return False
         except NotFound:
-            if sent_at is not None and self.clock.monotonic() - sent_at < self.read_after_write_seconds:
+            if sent_at is not None and self.clock.monotonic() - sent_at < self.absence_window():
                 log.info("%s: %s not visible yet to cancel (read-after-write lag); trying again", symbol, cid)
                 return False
             await self.store.set_order_status(cid, OrderRecordStatus.CANCELED)
@@ -2871,7 +2896,9 @@ class ProtectionManager:
         for guard in self.guards.values():
             if guard.closed:
                 continue
-            for order in (guard.stop_loss, guard.trailing_stop):
+            for order in (guard.stop_loss, guard.trailing_stop, guard._restored_move):
+                if order is None:
+                    continue
                 at = order.left_at(now)
                 if order.client_order_id and order.maybe_sent and not order.confirmed and at is not None:
                     left[order.client_order_id] = at
@@ -2883,7 +2910,7 @@ class ProtectionManager:
         lag ends. It counted such a position uncovered for up to 5 s after the restart, past grace: a false
         alarm for the gauge and the breaker. (Older confirmations are verified on the venue as ever; the
         reconciler checks these once its list can show them.)"""
-        window = self.read_after_write_seconds + READ_LAG_MARGIN_SECONDS
+        window = self.absence_window()
         now = self.clock.monotonic()
         return {
             order.client_order_id: order.confirmed_at
@@ -2908,6 +2935,14 @@ class ProtectionManager:
                     if done:
                         del pending[cid]
                 delay = min(max(delay, 0.125) * 2, self.config.grace_seconds)
+                # One the venue cannot show yet (its read lag) is asked again right when it can: the
+                # doubled step went past that, and a stop of a position closed 4 s into its stops' lag was
+                # still live on the flat symbol past the grace period.
+                now = self.clock.monotonic()
+                lag = self.absence_window()
+                visible = [sent + lag for sent in pending.values() if sent is not None and sent + lag > now]
+                if visible:
+                    delay = min(delay, min(visible) - now)
             log.info("%s: the stops left by its closed position are cancelled", symbol)
         finally:
             self.leftovers.pop(symbol, None)
@@ -3081,6 +3116,17 @@ class ProtectionManager:
             if ok and kind == "create_order":
                 previous = self.order_round_trip_seconds
                 self.order_round_trip_seconds = latency if previous == 0.0 else 0.8 * previous + 0.2 * latency
+
+    def absence_window(self) -> float:
+        """How long after a send left "no such order" proves nothing (0: at once, on a venue without a read
+        lag): the venue's read-after-write lag counted from the order's arrival, a one-way trip of an order
+        round trip after its send, and at least READ_LAG_MARGIN_SECONDS. Counted with the margin alone, a
+        create answered in 2 s (it reached the venue after 1 s) was proven absent while it waited to show,
+        and a managed move taken for failed left its live stop beside the next move's."""
+        lag = self.read_after_write_seconds
+        if lag <= 0:
+            return 0.0
+        return lag + max(READ_LAG_MARGIN_SECONDS, self.order_round_trip_seconds / 2)
 
     def hold_orders_for(self, refusal: RateLimited | Banned) -> float:
         """The venue refused an order for its rate (429) or a ban (418): no order goes out until it said

@@ -25,6 +25,7 @@ import pytest
 from engine.config import Settings
 from engine.exchange.port import Order
 from engine.venues.sim import SimVenue
+from engine.venues.sim.settings import CallKind, FaultKind
 from protection.manager import PositionGuard, StuckTriggerCheck
 from protection.order_ids import parse_client_order_id
 from protection.trailing import TrailingPhase
@@ -119,7 +120,9 @@ class MoveInFlight:
     watch: StopWatch
 
 
-async def a_move_in_flight(run: ChaosRun, *, placed: bool, first_stop: bool = False) -> MoveInFlight:
+async def a_move_in_flight(
+    run: ChaosRun, *, placed: bool, first_stop: bool = False, before: Callable[[], None] | None = None
+) -> MoveInFlight:
     """Open a long, let its managed trail place its first stop (unless `first_stop`: that placement is the
     move), then push the mark to a new peak and drive until the move's new stop is live on the venue
     (`placed`) or only just sent (the venue places a create after 1 s)."""
@@ -151,6 +154,8 @@ async def a_move_in_flight(run: ChaosRun, *, placed: bool, first_stop: bool = Fa
         watch.allow_none = True  # no trailing stop yet: the hard stop protects until the trail activates
 
     # The move: a new peak; the engine sends the new stop, the venue places it after 1 s.
+    if before is not None:
+        before()
     peak = market.round_price(guard.entry_price * Decimal("1.04"))
     run.venue.override_mark_price(symbol, peak)
     assert guard.trail is not None
@@ -221,7 +226,12 @@ def set_mark(run: ChaosRun, move: MoveInFlight, factor: str) -> None:
 
 
 async def settles_at_the_trails_stop(
-    run: ChaosRun, settings: Settings, move: MoveInFlight, guard: PositionGuard
+    run: ChaosRun,
+    settings: Settings,
+    move: MoveInFlight,
+    guard: PositionGuard,
+    *,
+    within: float | None = None,
 ) -> Order:
     """Within the grace period: one trailing stop of ours, at the price the trail decided on, which the
     engine, the database and the venue all name; and so through a full reconcile interval (the reconciler
@@ -241,9 +251,8 @@ async def settles_at_the_trails_stop(
         )
 
     # (A move the venue never had is made again by B: until then the old stop protects.)
-    await move.watch.until(
-        settled, limit=float(settings.protection.grace_seconds), what="one stop, at the trail's"
-    )
+    limit = float(settings.protection.grace_seconds) if within is None else within
+    await move.watch.until(settled, limit=limit, what="one stop, at the trail's")
     move.watch.floor = wanted
     (live,) = live_trailing_stops(run, symbol)
     assert run.db is not None
@@ -558,5 +567,35 @@ async def test_a_close_while_a_moves_old_stop_is_being_cancelled_cancels_it(db: 
         assert live_trailing_stops(run, move.symbol) == [], "a trailing stop of ours outlived the close"
         await run.settle()
         run.verdict(coverage_at_least=CLOSED_EARLY_COVERAGE)
+    finally:
+        await run.stop()
+
+
+async def test_a_move_whose_answer_is_lost_inside_the_read_lag_is_resolved_not_made_again(
+    db: Database,
+) -> None:
+    """The move's new stop is placed by the venue, its answer lost (the client gives up after 3 s), and the
+    venue's reads lag its writes by 5 s: the move's outcome stays unknown for seconds. It is resolved by
+    its id, the trail `moving` meanwhile, and the live new stop adopted. It used to be given up at once:
+    the old stop kept as the trail's, the next mark made the same move again under the next generation,
+    and three trailing stops of ours were live (the first new one until a reconcile pass found it)."""
+    run, settings = chaos_run(db)
+    run.venue.set_read_lag(5.0)
+    await run.start()
+    try:
+
+        def answer_lost() -> None:
+            run.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT, stops_only=True)
+
+        move = await a_move_in_flight(run, placed=True, before=answer_lost)
+        assert move.new is not None
+        manager = run.engine.manager
+        assert manager is not None
+        guard = manager.guards[move.position_id]
+        # Adopted once the venue shows it: its read lag after it was placed, and the old one's cancel.
+        live = await settles_at_the_trails_stop(run, settings, move, guard, within=8.0)
+        assert live.client_order_id == move.new.client_order_id
+        await run.settle()
+        run.verdict(coverage_at_least=85.0)
     finally:
         await run.stop()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from engine.engine import STARTUP_UNKNOWN_SECONDS
-from engine.exchange.port import OrderSide
+from engine.exchange.port import OrderSide, OrderType
 from engine.venues.sim.settings import CallKind, FaultKind
 from storage.database import Database
 from tests.chaos.support import (
@@ -183,5 +183,98 @@ async def test_a_stop_whose_outcome_is_unknown_inside_the_read_lag_is_sent_again
         assert figures.worst_unprotected_s < float(settings.protection.grace_seconds), figures.as_dict()
         await run.settle()
         run.verdict(coverage_at_least=0.0)  # (no rule broken: no duplicate, nothing naked past grace)
+    finally:
+        await run.stop()
+
+
+def our_stop_loss_live(run: ChaosRun, symbol: str) -> bool:
+    return any(
+        o.symbol == symbol and o.type is OrderType.STOP_MARKET
+        for o in run.venue.core.inspect(run.clock.now()).open_conditional
+    )
+
+
+async def closed_in_db(run: ChaosRun, symbol: str) -> str | None:
+    """The exit reason of `symbol`'s position once the database records it closed."""
+    assert run.db is not None
+    return await run.db.pool.fetchval(
+        "SELECT exit_reason FROM monitoring.positions WHERE symbol = $1 AND status = 'closed'", symbol
+    )
+
+
+async def test_a_stop_that_fired_inside_the_read_lag_is_not_sent_again(db: Database) -> None:
+    """A hard stop confirmed a moment ago fires (it sits TRIGGERING 0.6 s) while the venue's reads still
+    lag its placement: the fired stop is in doubt until it fills, but nothing about it is sent again. Only
+    a send whose answer was unclear may be sent again with its id inside the lag; a fired stop was too,
+    costing an order slot per fired stop (and, where the venue frees the id once the stop triggered, a
+    second stop on a position that is closing)."""
+    run = ChaosRun(db, chaos_settings(db))
+    run.venue.set_read_lag(5.0)
+    run.venue.set_trigger_delay(0.6)
+    await run.start()
+    try:
+        [symbol] = await run.opened(await run.wave(1, sides=["long"]))
+        await run.until(run.converged, limit=10, what="the position protected")
+        creates = run.venue.calls_made[CallKind.CREATE_ORDER]
+        run.move_mark(symbol, run.against(symbol, "10"))  # through the hard stop, inside its read lag
+        await run.until(lambda: closed_in_db(run, symbol), limit=10, what="the position closed")
+        assert await closed_in_db(run, symbol) == "stop_loss"
+        assert run.venue.calls_made[CallKind.CREATE_ORDER] == creates, "a fired stop was sent again"
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)
+    finally:
+        await run.stop()
+
+
+async def test_a_stop_sent_again_into_a_flat_position_asks_whether_the_position_is_gone(db: Database) -> None:
+    """Both stops' answers are lost (the venue placed them); the hard stop fills before the client gives
+    up, the account stream's word on it late. Sent again with their ids inside the read lag, they are
+    refused for reducing nothing (-2022): that is the venue's word on the position, which is asked about
+    and closed. It used to count as a failed protective send (toward the breaker) logged as an error."""
+    run = ChaosRun(db, chaos_settings(db))
+    run.venue.set_read_lag(5.0)
+    await run.start()
+    try:
+        run.venue.delay_account_events(10.0)
+        run.venue.inject_fault(
+            CallKind.CREATE_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT, count=2, stops_only=True
+        )
+        [symbol] = await run.opened(await run.wave(1, sides=["long"]))
+        await run.until(lambda: our_stop_loss_live(run, symbol), limit=5, what="the hard stop placed")
+        run.move_mark(symbol, run.against(symbol, "10"))
+        assert symbol not in run.held()
+        await run.until(lambda: closed_in_db(run, symbol), limit=15, what="the position closed")
+        assert run.db is not None
+        refused = await run.db.pool.fetchval(
+            "SELECT count(*) FROM monitoring.events WHERE type = 'protection_rejected'"
+        )
+        assert refused == 0
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)
+    finally:
+        await run.stop()
+
+
+async def test_a_hard_stop_sent_again_through_the_mark_closes_the_position_at_once(db: Database) -> None:
+    """Both stops' sends are lost on their way (nothing placed) and the mark goes through the hard stop's
+    price meanwhile. Sent again with its id inside the read lag, the hard stop would trigger at once
+    (-2021): the position is closed at market then. It used to wait out the rest of the lag before the
+    stop was sent a third time, refused again, and only then closed (naked through its stop)."""
+    run = ChaosRun(db, chaos_settings(db))
+    run.venue.set_read_lag(5.0)
+    await run.start()
+    try:
+        run.venue.inject_fault(
+            CallKind.CREATE_ORDER, FaultKind.TIMEOUT_NOT_EXECUTED, count=2, stops_only=True
+        )
+        [symbol] = await run.opened(await run.wave(1, sides=["long"]))
+        opened_at = run.clock.monotonic()
+        run.move_mark(symbol, run.against(symbol, "10"))
+        await run.until(lambda: closed_in_db(run, symbol), limit=15, what="the position closed")
+        assert await closed_in_db(run, symbol) == "stop_breached"
+        # The client gives up on the sends after 3 s; then a look-up, the send again, the close: round trips.
+        assert run.clock.monotonic() - opened_at < 4.5
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)
     finally:
         await run.stop()
