@@ -191,6 +191,12 @@ async def db_trail_state(run: ChaosRun, position_id: int, state: str) -> bool:
     )
 
 
+def guard_of(run: ChaosRun, move: MoveInFlight) -> PositionGuard:
+    manager = run.engine.manager
+    assert manager is not None
+    return manager.guards[move.position_id]
+
+
 async def restarted(
     run: ChaosRun, settings: Settings, move: MoveInFlight, *, drain: bool, meanwhile: Callable[[], None]
 ) -> None:
@@ -215,9 +221,7 @@ async def restart(
 ) -> PositionGuard:
     """`restarted`, for a position engine B guards: returns B's guard of it."""
     await restarted(run, settings, move, drain=drain, meanwhile=meanwhile)
-    manager = run.engine.manager
-    assert manager is not None
-    return manager.guards[move.position_id]
+    return guard_of(run, move)
 
 
 def set_mark(run: ChaosRun, move: MoveInFlight, factor: str) -> None:
@@ -268,6 +272,15 @@ async def settles_at_the_trails_stop(
     assert live_trailing_stops(run, symbol) == [live]
     assert move.watch.most_live <= 2
     return live
+
+
+async def closed_leaving_no_trailing_stop(run: ChaosRun, move: MoveInFlight) -> None:
+    """The operator closes the position mid-move: the close answers, the venue holds no position, and
+    (the cancels going out with the close's end, a round trip later) no trailing stop of ours."""
+    assert await run.drive(run.engine.close_position(move.position_id), limit=10.0)
+    assert move.symbol not in run.held()
+    await run.step()
+    assert live_trailing_stops(run, move.symbol) == [], "a trailing stop of ours outlived the close"
 
 
 def chaos_run(db: Database, overrides: dict[str, str] | None = None) -> tuple[ChaosRun, Settings]:
@@ -484,9 +497,7 @@ async def test_a_protection_restart_mid_move_adopts_the_live_new_stop(db: Databa
         assert move.new is not None
         report = await run.drive(run.engine.restart_protection())
         assert report.failed == 0, report.describe()
-        manager = run.engine.manager
-        assert manager is not None
-        guard = manager.guards[move.position_id]
+        guard = guard_of(run, move)
         assert guard.trail is not None
         assert guard.trail.peak_price is not None
         assert guard.trail.peak_price >= move.peak
@@ -508,10 +519,7 @@ async def test_a_close_while_a_move_is_in_flight_cancels_the_moves_new_stop(db: 
     try:
         move = await a_move_in_flight(run, placed=True)
         assert move.new is not None
-        assert await run.drive(run.engine.close_position(move.position_id), limit=10.0)
-        assert move.symbol not in run.held()
-        await run.step()  # the cancels go out with the close's end, a round trip of 0.05 s
-        assert live_trailing_stops(run, move.symbol) == [], "a trailing stop of ours outlived the close"
+        await closed_leaving_no_trailing_stop(run, move)
         await run.settle()
         run.verdict(coverage_at_least=CLOSED_EARLY_COVERAGE)
     finally:
@@ -530,9 +538,7 @@ async def test_a_command_that_interrupts_a_move_in_flight_does_not_send_a_second
     try:
         move = await a_move_in_flight(run, placed=True)
         assert move.new is not None
-        manager = run.engine.manager
-        assert manager is not None
-        guard = manager.guards[move.position_id]
+        guard = guard_of(run, move)
         checked = guard.submit(StuckTriggerCheck())
         await move.watch.until(checked.done, limit=5, what="the check applied")
         live = await settles_at_the_trails_stop(run, settings, move, guard)
@@ -554,17 +560,13 @@ async def test_a_close_while_a_moves_old_stop_is_being_cancelled_cancels_it(db: 
         move = await a_move_in_flight(run, placed=True)
         assert move.new is not None
         assert move.old is not None
-        manager = run.engine.manager
-        assert manager is not None
-        guard = manager.guards[move.position_id]
+        guard = guard_of(run, move)
         new_id = move.new.client_order_id
         await move.watch.until(
             lambda: guard.trailing_stop.client_order_id == new_id, limit=5, what="the new stop confirmed"
         )
         assert move.old in live_trailing_stops(run, move.symbol)  # its cancel has not reached the venue
-        assert await run.drive(run.engine.close_position(move.position_id), limit=10.0)
-        assert move.symbol not in run.held()
-        assert live_trailing_stops(run, move.symbol) == [], "a trailing stop of ours outlived the close"
+        await closed_leaving_no_trailing_stop(run, move)
         await run.settle()
         run.verdict(coverage_at_least=CLOSED_EARLY_COVERAGE)
     finally:
@@ -589,9 +591,7 @@ async def test_a_move_whose_answer_is_lost_inside_the_read_lag_is_resolved_not_m
 
         move = await a_move_in_flight(run, placed=True, before=answer_lost)
         assert move.new is not None
-        manager = run.engine.manager
-        assert manager is not None
-        guard = manager.guards[move.position_id]
+        guard = guard_of(run, move)
         # Adopted once the venue shows it: its read lag after it was placed, and the old one's cancel.
         live = await settles_at_the_trails_stop(run, settings, move, guard, within=8.0)
         assert live.client_order_id == move.new.client_order_id
