@@ -194,8 +194,8 @@ class SyntheticFeed:
     async def restart_protection(self) -> StartupReport:
         return StartupReport(0, 0, 0, 0)
 
-    def set_entries_paused(self, paused: bool) -> None:
-        return None
+    def set_entries_paused(self, paused: bool) -> tuple[bool, str]:
+        return True, "entries paused" if paused else "entries on"
 
     async def close_position(self, position_id: int) -> bool:
         return False

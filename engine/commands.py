@@ -186,7 +186,7 @@ class CommandRunner:
                 True, "entries paused: new signals are rejected; open positions stay protected"
             )
         if kind is CommandKind.ENTRIES_RESUME:
-            ok, message = engine.resume_entries(who=command.requested_by)
+            ok, message = engine.resume_entries(who=command.requested_by, reason=command.reason)
             return CommandOutcome(ok, message)
         if kind is CommandKind.PROTECT:
             return await self._protect(command.args.get("symbol"))

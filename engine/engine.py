@@ -1078,6 +1078,7 @@ class Engine:
         positions, orders_by_position, ids_by_position, trails = await self._restore_records(
             restart=handover is not None
         )
+        previous = self.manager if handover is not None else None
         self.manager = ProtectionManager(
             venue=self.venue,
             store=self.store,
@@ -1093,6 +1094,12 @@ class Engine:
         self.manager.known_unsent = never_taken
         self.manager.known_confirmed = confirmed_within_lag or {}
         self.manager.known_left_at = left_unsettled or {}
+        if previous is not None:
+            # The breaker's error window and the order round trip go on across a protection restart: a
+            # restart wiped the failures, and an operator's resume refused while stops failed went through.
+            self.manager.protective_attempts = previous.protective_attempts
+            self.manager.protective_failures = previous.protective_failures
+            self.manager.order_round_trip_seconds = previous.order_round_trip_seconds
         # Stops of closed positions the last manager was still cancelling: cancelled now, and until they
         # are gone their symbols take no new position (an old stop would act on the new position).
         for symbol, orders in (unfinished_cancels or {}).items():
@@ -2375,13 +2382,10 @@ class Engine:
         if self._breaker_healthy_since is None:
             self._breaker_healthy_since = now
         elif now - self._breaker_healthy_since >= settings.auto_resume_seconds:
-            log.warning(
-                "circuit breaker: protection healthy for %.0fs: entries resume", settings.auto_resume_seconds
-            )
             self._breaker_healthy_since = None
             self.resume_entries(
                 by="breaker", reason=f"protection healthy for {settings.auto_resume_seconds:.0f}s"
-            )
+            )  # (refused while the database is down or the lease lost: it says so itself)
 
     def _breaker_reasons(self, settings: BreakerSettings | None = None) -> list[str]:
         """Why the circuit breaker would pause entries now (empty: protection is healthy)."""

@@ -173,6 +173,9 @@ class ProtectiveOrder:
     # send again: inside the venue's read lag it may be sent again once with its id (`_Outcome.UNSEEN`).
     # Nothing else that leaves an order in doubt allows that (a fired stop, a restored one).
     may_send_again: bool = False
+    # Monotonic time its last unclear answer came (None: none since its last send): a send that reached
+    # the venue late (a 500 answered after seconds, a lost answer) shows one read lag after that at most.
+    unclear_at: float | None = None
 
     def left_at(self, now: float) -> float | None:
         """When its last send left for the venue (monotonic; a "not found" sooner than the venue's read lag
@@ -205,6 +208,7 @@ LATE_ANSWER_ROUND_TRIPS = 4
 # long after the lag's end (on a venue with a lag): sent right at the end, it could arrive just before the
 # order shows, and a live stop was reported "not on the exchange" and sent again (refused as a duplicate).
 READ_LAG_MARGIN_SECONDS = 0.25
+ABSENCE_MARGIN_MAX_SECONDS = 2.0  # the one-way trip counted at most (an unclear answer's own time counts too)
 LATE_ANSWER_MIN_SECONDS = 0.5
 
 
@@ -1041,13 +1045,16 @@ class PositionGuard:
         # this one's answer says, and it is the one the venue's reads show first.
         resend, earlier_send = order.maybe_sent, (order.sent_at, order.send_ticket)
         order.may_send_again = False
+        if not resend:
+            order.unclear_at = None
         started = m.clock.monotonic()
         order.sent_at, order.send_ticket = started, None
         order.sent_this_run = True
         # From here until a definite answer the venue may hold it (an interrupted pass leaves it to be
         # resolved by id, and a finishing position cancels it).
         order.maybe_sent = True
-        m.protective_attempts.add(m.clock.monotonic())
+        if not resend:  # (a send again of the same order is no new attempt: it halved the error rate)
+            m.protective_attempts.add(m.clock.monotonic())
         # Until the answer is applied (confirmed, refused, resolved): a stop draining for a protection
         # restart waits for that, so the next manager knows what it knew (`stop(drain=True)`).
         with m.sending():
@@ -1056,10 +1063,12 @@ class PositionGuard:
                 if isinstance(placed, _Outcome):  # decided by a look-up while the answer was late
                     return self._next_generation(order) if placed is _Outcome.GONE else placed
             except (OutcomeUnknown, TimeoutError) as exc:
-                m.protective_failures.add(m.clock.monotonic())
+                if not resend:  # (the same attempt's: counted once)
+                    m.protective_failures.add(m.clock.monotonic())
                 latency = m.clock.monotonic() - started
                 order.maybe_sent = True
                 order.may_send_again = not resend
+                order.unclear_at = m.clock.monotonic()
                 await m.store.set_order_status(
                     cid, OrderRecordStatus.UNKNOWN, error=_short(exc) or "no answer"
                 )
@@ -1082,10 +1091,13 @@ class PositionGuard:
                     return self._next_generation(order)
                 return _Outcome.RETRY if outcome is _Outcome.ABSENT else outcome
             except WouldTriggerImmediately as exc:
-                if resend and order.purpose is OrderPurpose.STOP_LOSS:
-                    # The mark is through the hard stop whether or not the first send is on the venue (if
-                    # it is, it fires): the position is closed now, not after the lag. The first send stays
-                    # the order's (cancelled with the position if it is live).
+                if resend and not (
+                    order.purpose is OrderPurpose.TRAILING_STOP and self.kind is TrailingKind.NATIVE
+                ):
+                    # The mark is through the stop (the hard stop, a managed trail's) whether or not the first
+                    # send is on the venue (if it is, it fires): the position is closed now, not after the
+                    # lag. The first send stays the order's (cancelled with the position if it is live). A
+                    # native trail is re-armed under a new id: that waits for the first send's fate.
                     order.sent_at, order.send_ticket = earlier_send
                     return await self._breached(order)
                 if resend:
@@ -1123,15 +1135,14 @@ class PositionGuard:
         all the same. The order keeps its id, its record and its earlier send's time (the venue's reads
         show that one first) and is resolved by that id. "Nothing to reduce" (-2022: the first send filled,
         or the position went) is the venue's word on the position, asked about as any; a rate limit's
-        hold is kept; any other refusal counts as the failed attempt it is."""
+        hold is kept."""
         m = self._m
         order.sent_at, order.send_ticket = earlier_send
         if isinstance(exc, Rejected) and exc.code == RejectCode.REDUCE_ONLY_REJECTED:
             return self._refused_as_gone(order, exc)
         if isinstance(exc, RateLimited | Banned):
             self.retry_at = m.clock.monotonic() + m.hold_orders_for(exc)
-        elif not isinstance(exc, WouldTriggerImmediately):
-            m.protective_failures.add(m.clock.monotonic())
+        # (Not counted toward the breaker: the attempt's unclear answer was.)
         self._create_failed(order, cid, exc, latency, resolved=False)
         return _Outcome.RETRY
 
@@ -1250,10 +1261,9 @@ class PositionGuard:
         try:
             found = await m.read(lambda: m.venue.fetch_order(self.symbol, cid), "fetch_order")
         except NotFound:
-            lag = m.absence_window()
             # Judged by when the look left (its answer may come after the window's end, and prove nothing).
-            left_at = order.left_at(asked_at)
-            if left_at is not None and asked_at - left_at < lag and unseen:
+            proof_at = self._absence_provable_at(order, asked_at)
+            if proof_at is not None and asked_at < proof_at and unseen:
                 log.info(
                     "%s: %s %s not visible yet (the venue's reads lag its writes by up to %gs); sending it "
                     "again with the same id (the venue refuses a duplicate of an open order)",
@@ -1263,13 +1273,13 @@ class PositionGuard:
                     m.read_after_write_seconds,
                 )
                 return _Outcome.UNSEEN
-            if left_at is not None and asked_at - left_at < lag:
+            if proof_at is not None and asked_at < proof_at:
                 # The venue may not show an order it accepted moments ago (read-after-write lag): "not
                 # found" proves nothing yet. Still unconfirmed (so uncovered), asked again. Waiting out a documented lag is not a failure: said as information (an
                 # ERROR per look was noise that hid the real failures).
                 # Within the window the order may show at any moment: asked again at the first retry
                 # step, and no later than the window's end (then "not found" proves it absent).
-                wait = min(m.config.retry_initial_seconds, max(0.0, left_at + lag - m.clock.monotonic()))
+                wait = min(m.config.retry_initial_seconds, max(0.0, proof_at - m.clock.monotonic()))
                 log.info(
                     "%s: %s %s not visible yet (the venue's reads lag its writes by up to %gs); "
                     "asking again in %.1fs",
@@ -1319,6 +1329,19 @@ class PositionGuard:
             cid, _record_status(found.status), exchange_order_id=found.venue_order_id
         )
         return _Outcome.GONE
+
+    def _absence_provable_at(self, order: ProtectiveOrder, now: float) -> float | None:
+        """From when "no such order" proves `order` absent (monotonic; None: at once, a venue without a read
+        lag or an order with no known send): the absence window after its send left, and never before a
+        read lag after its last unclear answer (it may have reached the venue just before that answer)."""
+        m = self._m
+        left_at = order.left_at(now)
+        if m.read_after_write_seconds <= 0 or left_at is None:
+            return None
+        at = left_at + m.absence_window()
+        if order.unclear_at is not None:
+            at = max(at, order.unclear_at + m.read_after_write_seconds + READ_LAG_MARGIN_SECONDS)
+        return at
 
     def _next_generation(self, order: ProtectiveOrder) -> _Outcome:
         """The order with the current id ended (cancelled by someone, expired, or filled): the next pass
@@ -1535,6 +1558,7 @@ class PositionGuard:
         order.fired_at = None
         order.confirmed = False
         order.may_send_again = False
+        order.unclear_at = None
 
     def skip_used_ids(self, client_order_ids: Iterable[str]) -> None:
         """This position's earlier ids (its ended orders, an earlier engine's) are never sent again: a
@@ -1883,7 +1907,8 @@ class PositionGuard:
         if move.confirmed:  # listed by the venue's open orders at start-up
             outcome = _Outcome.CONFIRMED
         else:
-            outcome = await self._resolve(move, "resume the trailing stop move to")
+            # (Absent: said below as the move's end, not as "sending it": it is not sent again.)
+            outcome = await self._resolve(move, "resume the trailing stop move to", absent_means_send=False)
         if outcome is _Outcome.RETRY:
             return False
         self._restored_move = None
@@ -2699,6 +2724,8 @@ class ProtectionManager:
                     key = parse_client_order_id(trail_record.stop_order_client_id, self.token)
                     guard.trailing_stop.client_order_id = trail_record.stop_order_client_id
                     guard.trailing_stop.generation = key.generation if key else 0
+                    # (The send time the loop above gave it was the move's, a later record's.)
+                    guard.trailing_stop.sent_at = self.known_left_at.get(trail_record.stop_order_client_id)
                     guard.trailing_stop.price = trail_record.current_stop_price
                     guard.trailing_stop.maybe_sent = True
                 restored_move = guard._restored_move
@@ -2757,7 +2784,12 @@ class ProtectionManager:
             client_order_id=latest.client_order_id,
             price=latest.trigger_price,
             maybe_sent=True,
-            sent_at=self.clock.monotonic() - max(0.0, self.clock.now() - latest.created_at.timestamp()),
+            # When it left, as the last manager knew it (a restart); else the record's writing, before any
+            # wait for order budget (too early: only a crash's successor has nothing better).
+            sent_at=self.known_left_at.get(
+                latest.client_order_id,
+                self.clock.monotonic() - max(0.0, self.clock.now() - latest.created_at.timestamp()),
+            ),
             recorded_id=latest.client_order_id,
         )
 
@@ -3126,7 +3158,9 @@ class ProtectionManager:
         lag = self.read_after_write_seconds
         if lag <= 0:
             return 0.0
-        return lag + max(READ_LAG_MARGIN_SECONDS, self.order_round_trip_seconds / 2)
+        return lag + min(
+            max(READ_LAG_MARGIN_SECONDS, self.order_round_trip_seconds / 2), ABSENCE_MARGIN_MAX_SECONDS
+        )
 
     def hold_orders_for(self, refusal: RateLimited | Banned) -> float:
         """The venue refused an order for its rate (429) or a ban (418): no order goes out until it said

@@ -599,3 +599,42 @@ async def test_a_move_whose_answer_is_lost_inside_the_read_lag_is_resolved_not_m
         run.verdict(coverage_at_least=85.0)
     finally:
         await run.stop()
+
+
+async def test_a_managed_stop_sent_again_through_the_mark_closes_the_position_at_once(db: Database) -> None:
+    """Someone cancels the managed trail's stop; its re-placement is lost on its way (nothing placed) while
+    the venue's reads lag its writes by 5 s, and the mark falls through the trail's stop meanwhile. Sent
+    again with its id inside the lag, it would trigger at once (-2021): the position is closed at market
+    then, as for the hard stop. It used to wait out the rest of the lag, send a third time, be refused
+    again, and only then close, the price through the trail's stop all along."""
+    run, _settings = chaos_run(db)
+    run.venue.set_read_lag(5.0)
+    await run.start()
+    try:
+        move = await a_move_in_flight(run, placed=True)
+        assert move.new is not None
+        guard = guard_of(run, move)
+        await move.watch.until(
+            lambda: (
+                guard.trailing_stop.client_order_id == move.new.client_order_id  # type: ignore[union-attr]
+                and not guard.move_in_flight
+            ),
+            limit=10,
+            what="the move settled",
+        )
+        for _ in range(28):  # past the read lag: the venue can find the stop to cancel it by hand
+            await move.watch.step()
+        move.watch.allow_none = True  # (the test takes the trail's stop away)
+        move.watch.floor = None
+        run.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_NOT_EXECUTED, stops_only=True)
+        run.venue.core.cancel_order(move.symbol, move.new.client_order_id, run.clock.now())  # by hand
+        cancelled_at = run.clock.monotonic()
+        set_mark(run, move, "1.03")  # below the trail's stop (the move's), above the hard stop
+        await run.until(lambda: move.symbol not in run.held(), limit=15, what="the position closed")
+        # The client gives up on the re-placement after 3 s; then a look-up, the send again refused (2 s,
+        # as every create here), the close (2 s): ~7.2 s. Waiting out the lag first took ~10 s.
+        assert run.clock.monotonic() - cancelled_at < 8.5
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)
+    finally:
+        await run.stop()

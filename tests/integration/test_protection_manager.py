@@ -724,8 +724,9 @@ async def test_the_circuit_breaker_stops_entries_while_protection_fails_and_the_
 async def test_the_operators_resume_is_refused_while_protection_fails_and_the_breakers_resume_is_its_own(
     db: Database,
 ) -> None:
-    """While the breaker's reasons hold, the operator's resume is refused, saying why: it used to be taken,
-    and the breaker paused again at its next look, a wave's entries perhaps sent in between. Once
+    """While the breaker's reasons hold, the operator's resume is refused, saying why (a protection restart
+    in between changes nothing): it used to be taken, and the breaker paused again at its next look, a
+    wave's entries perhaps sent in between. Once
     protection is healthy for `auto_resume_seconds`, the breaker resumes entries itself, and says so: it
     was recorded as "resumed by the operator", with this process's user@host as the one who asked."""
     settings = settings_for(db, {"PROTECTION__BREAKER__AUTO_RESUME_SECONDS": "10"})
@@ -744,6 +745,15 @@ async def test_the_operators_resume_is_refused_while_protection_fails_and_the_br
         assert answer.startswith("refused: protection is failing ("), answer
         assert (engine.entries_paused, engine.entries_paused_by) == (True, "breaker")
         venue.clear_injected_faults()
+        manager = engine.manager
+        assert manager is not None
+        await drive_until(clock, lambda: not manager.uncovered(), what="every position covered again")
+        # Covered now, but most stop sends of the last minute failed: a protection restart does not wipe
+        # that (the new manager started with no failures, and the operator's resume went through).
+        await drive(clock, engine.restart_protection())
+        ok, answer = engine.resume_entries()
+        assert not ok
+        assert "protective order sends failed" in answer, answer
         await drive_until(clock, lambda: not engine.entries_paused, what="the breaker's resume", limit=180.0)
 
         async def recorded() -> bool:
