@@ -208,6 +208,7 @@ LATE_ANSWER_ROUND_TRIPS = 4
 # long after the lag's end (on a venue with a lag): sent right at the end, it could arrive just before the
 # order shows, and a live stop was reported "not on the exchange" and sent again (refused as a duplicate).
 READ_LAG_MARGIN_SECONDS = 0.25
+LEFTOVER_QUICK_GRACES = 3  # a closed position's leftover stops: asked again quickly for this many graces
 ABSENCE_MARGIN_MAX_SECONDS = 2.0  # the one-way trip counted at most (an unclear answer's own time counts too)
 LATE_ANSWER_MIN_SECONDS = 0.5
 
@@ -2953,7 +2954,9 @@ class ProtectionManager:
         }
 
     async def _sweep(self, symbol: str, at_once: bool = False) -> None:
-        delay = max(0.25, self.config.grace_seconds / 4)
+        grace = self.config.grace_seconds
+        delay = max(0.25, grace / 4)
+        started = self.clock.monotonic()
         try:
             if at_once:
                 delay = 0.0
@@ -2966,7 +2969,11 @@ class ProtectionManager:
                 for cid, done in zip(cids, gone, strict=True):
                     if done:
                         del pending[cid]
-                delay = min(max(delay, 0.125) * 2, self.config.grace_seconds)
+                delay = min(max(delay, 0.125) * 2, grace)
+                if self.clock.monotonic() - started < LEFTOVER_QUICK_GRACES * grace:
+                    # A quarter of grace apart at most at first: doubling (1.25, 2.5, 5 s), three refused
+                    # cancels in a row (busy, a ban, busy) left a closed position's stop live 8.8 s.
+                    delay = min(delay, max(0.25, grace / 4))
                 # One the venue cannot show yet (its read lag) is asked again right when it can: the
                 # doubled step went past that, and a stop of a position closed 4 s into its stops' lag was
                 # still live on the flat symbol past the grace period.

@@ -541,3 +541,26 @@ async def test_an_engines_first_wave_into_an_order_window_another_client_filled_
         run.verdict(coverage_at_least=95.0)
     finally:
         await run.stop()
+
+
+async def test_a_closed_positions_stops_whose_cancels_are_refused_are_gone_within_grace(db: Database) -> None:
+    """The operator closes a position and the venue refuses five cancels in a row (HTTP 5xx, not executed):
+    its stops are asked again a quarter of grace apart, and are gone within grace. The sweep used to double
+    its step (1.25, 2.5, 5 s): three refusals in a row left a stop of ours live on the flat symbol 8.8 s
+    in a Binance-emulator soak."""
+    run = ChaosRun(db, chaos_settings(db))
+    await run.start()
+    try:
+        symbol = await run.one_protected_position()
+        manager = run.engine.manager
+        assert manager is not None
+        position_id = manager.by_symbol[symbol].position_id
+        run.venue.inject_fault(CallKind.CANCEL_ORDER, FaultKind.SERVER_ERROR, count=5)
+        assert await run.drive(run.engine.close_position(position_id), limit=10.0)
+        await run.settle()
+        run.verdict(
+            coverage_at_least=0.0
+        )  # (the auditor's rule: no stop of ours live on no position past grace)
+        assert not run.venue.core.open_protective_orders(run.clock.now())
+    finally:
+        await run.stop()
