@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 
 import pytest
@@ -90,6 +90,10 @@ async def _until_closed(db: Database, position_id: int, *, within: float) -> Non
     await wait_until(closed, within=within, what="the position closed in the database")
 
 
+async def _equals(value: Awaitable[int], expected: int) -> bool:
+    return await value == expected
+
+
 async def _wave(engine: Engine, emulator: BybitEmulator, rejected: list[str]) -> None:
     assert engine.store is not None
     assert engine.manager is not None
@@ -149,10 +153,15 @@ async def test_an_entry_the_venue_accepted_is_not_rejected_when_reading_it_back_
             seen = await truth.read()
         finally:
             await truth.close()
-        opened = await db.pool.fetchval(
-            "SELECT count(*) FROM monitoring.positions WHERE signal_id IS NOT NULL AND status = 'active'"
-        )
-    assert len(seen.positions) == WAVE == opened
+
+        async def opened() -> int:
+            return await db.pool.fetchval(
+                "SELECT count(*) FROM monitoring.positions WHERE signal_id IS NOT NULL AND status = 'active'"
+            )
+
+        # (The guards' coverage reaches the database in a batched write a moment after the wave ends.)
+        await wait_until(lambda: _equals(opened(), WAVE), within=10.0, what="every position recorded active")
+    assert len(seen.positions) == WAVE
     assert len([s for s in seen.open_stops if s.side]) == 2 * WAVE  # both stops, on a position each
 
 
