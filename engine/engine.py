@@ -1377,11 +1377,24 @@ class Engine:
             position = await self.store.open_position_for_symbol(self.exchange_name, venue_position.symbol)
             if position is None or position.id in self.manager.guards:
                 return
+        # The venue's side, not the record's: a long entry in doubt whose symbol shows a short (an operator's
+        # trade) kept "long", and a long's stops cannot reduce a short; it was never protected.
+        held = venue_position.side.value
+        if held != position.side:
+            log.error(
+                "position %s %s: recorded %s, the venue holds %s %s; protected as the venue holds it",
+                position.id,
+                venue_position.symbol,
+                position.side,
+                held,
+                venue_position.quantity,
+            )
         position = await self.store.record_fill(
             position.id,
             venue_position.quantity,
             venue_position.entry_price,
             filled_at=_utc(venue_position.updated_at),
+            side=held if held != position.side else None,
         )
         await self.store.record_event(
             Severity.WARNING,

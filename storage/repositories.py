@@ -460,16 +460,24 @@ class Store:
         return _position(self._require(row, position_id))
 
     async def record_fill(
-        self, position_id: int, quantity: Decimal, entry_price: Decimal, *, filled_at: datetime | None = None
+        self,
+        position_id: int,
+        quantity: Decimal,
+        entry_price: Decimal,
+        *,
+        filled_at: datetime | None = None,
+        side: str | None = None,
     ) -> PositionRecord:
         """The entry filled: quantity and the fill price, which every stop is computed from. `filled_at` is
         the venue's fill time when it is known and not now (an entry found filled at a restart): the time
-        unprotected is counted from it, not from when we noticed."""
+        unprotected is counted from it, not from when we noticed. `side`: the side the venue holds, when it
+        is not the one recorded (a position adopted from the venue's list into an entry's record)."""
         row = await self._pool.fetchrow(
             """
             UPDATE monitoring.positions
             SET quantity = $2, entry_price = $3, current_price = COALESCE(current_price, $3),
-                status = 'pending_protection', opened_at = COALESCE(opened_at, $4, now())
+                status = 'pending_protection', opened_at = COALESCE(opened_at, $4, now()),
+                side = COALESCE($5, side)
             WHERE id = $1
             RETURNING *
             """,
@@ -477,6 +485,7 @@ class Store:
             quantity,
             entry_price,
             filled_at,
+            side,
         )
         return _position(self._require(row, position_id))
 

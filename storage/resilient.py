@@ -602,10 +602,18 @@ class ResilientStore(Store):
             self._remember_position(dataclasses.replace(known, quantity=quantity))
 
     async def record_fill(
-        self, position_id: int, quantity: Decimal, entry_price: Decimal, *, filled_at: datetime | None = None
+        self,
+        position_id: int,
+        quantity: Decimal,
+        entry_price: Decimal,
+        *,
+        filled_at: datetime | None = None,
+        side: str | None = None,
     ) -> PositionRecord:
         ok, record = await self._try_live(
-            lambda: Store.record_fill(self, position_id, quantity, entry_price, filled_at=filled_at)
+            lambda: Store.record_fill(
+                self, position_id, quantity, entry_price, filled_at=filled_at, side=side
+            )
         )
         if ok:
             assert record is not None
@@ -618,11 +626,13 @@ class ResilientStore(Store):
                 "quantity": str(quantity),
                 "entry_price": str(entry_price),
                 "filled_at": (filled_at or _now()).isoformat(),
+                "side": side,
             },
         )
         return self._remember_position(
             dataclasses.replace(
                 known,
+                side=side or known.side,
                 quantity=quantity,
                 entry_price=entry_price,
                 current_price=known.current_price or entry_price,
@@ -1081,6 +1091,7 @@ async def _replay_record_fill(store: Store, entry: JournalEntry) -> None:
         Decimal(a["quantity"]),
         Decimal(a["entry_price"]),
         filled_at=_when(a["filled_at"]) or entry.at,
+        side=a.get("side"),  # (journals written before it had no side: the recorded one)
     )
 
 

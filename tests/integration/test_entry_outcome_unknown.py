@@ -15,6 +15,7 @@ from engine.alerts import observe_engine
 from engine.clock import ManualClock
 from engine.commands import CommandAnswer, send_command
 from engine.engine import Engine
+from engine.exchange.port import OrderSide, PositionSide
 from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, FaultKind
 from protection.order_ids import client_order_id
@@ -741,3 +742,45 @@ async def test_an_entry_in_doubt_at_a_restart_adopted_from_the_list_is_recorded_
         assert _our_stops(venue, clock, SYMBOL) == ["sl", "ts"]
     finally:
         await drive(clock, second.stop())
+
+
+async def test_a_position_on_the_other_side_of_an_entry_in_doubt_is_adopted_as_the_venue_holds_it(
+    db: Database,
+) -> None:
+    """While a long entry is in doubt (never executed, its look-ups failing), the venue's list shows a short
+    on its symbol (an operator's manual trade). The reconciler adopted it into the entry's record and kept the
+    record's side: the guard sent a long's stops, which cannot reduce a short, so the short was never
+    protected (found in a review). Now the adopted record takes the venue's side and quantity, and its stops
+    are a short's, on the venue."""
+    engine, venue, clock = _engine(db, {"PROTECTION__BREAKER__UNCOVERED_FACTOR": "1000"})
+    await drive(clock, engine.start())
+    try:
+        assert engine.store is not None
+        assert engine.manager is not None
+        _lose_the_entry(venue, executed=False, list_glitch=False)
+        await engine.store.insert_signals([(SYMBOL, "long", None, None)])
+        await drive_until(clock, lambda: engine.entries_in_doubt() != [], what="the entry in doubt")
+        short = engine.markets[SYMBOL].round_quantity(Decimal(60) / venue.core.mark(SYMBOL))
+        venue.core.place_market_order(SYMBOL, OrderSide.SELL, short, "manual-short", clock.now())
+        await drive_until(
+            clock, lambda: _our_stops(venue, clock, SYMBOL) == ["sl", "ts"], what="both stops on the venue"
+        )
+        [held] = [p for p in venue.core.inspect(clock.now()).positions if p.symbol == SYMBOL]
+        assert held.side is PositionSide.SHORT
+        stops = venue.core.open_protective_orders(clock.now(), SYMBOL)
+        assert {o.side for o in stops} == {OrderSide.BUY}  # a short's stops
+        [hard] = [o for o in stops if o.stop_price is not None]
+        assert hard.stop_price > held.entry_price
+        await drive_until(
+            clock,
+            lambda: db.pool.fetchval("SELECT status = 'active' FROM monitoring.positions"),
+            what="recorded active",
+        )
+        row = await db.pool.fetchrow("SELECT side, quantity FROM monitoring.positions")
+        assert (row["side"], row["quantity"]) == ("short", short)
+        # The mark through the short's stop: the venue closes it.
+        through = engine.markets[SYMBOL].round_price(hard.stop_price * Decimal("1.01"))
+        venue.core.set_mark(SYMBOL, through, clock.now())
+        await drive_until(clock, lambda: not _venue_holds(venue, clock, SYMBOL), what="the short stopped out")
+    finally:
+        await drive(clock, engine.stop())
