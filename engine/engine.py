@@ -145,6 +145,9 @@ RESTART_SNAPSHOT_LATE_ANSWERS = 3
 # An entry of unknown outcome may be a position with no stop: its look-ups back off no further than this (a
 # read of one order by id; the protective backoff's 30 s left one waiting 23 s after the venue answered again).
 ENTRY_SETTLE_MAX_BACKOFF_SECONDS = 4.0
+# An entry's look-up due when "no such order" becomes proof is asked this long after that moment (clocks of
+# one process: a hair, so that the answer is read after the moment, not just before it).
+ABSENCE_PROOF_MARGIN_SECONDS = 0.05
 # A read the start needs (markets, credentials, marks) is tried this many times while its failures are
 # transient (_startup_read): 1 + 2 + 4 + 8 + 16 s of backoff at the default retry settings.
 STARTUP_READ_ATTEMPTS = 6
@@ -2066,13 +2069,18 @@ class Engine:
     def _absence_proven(self, doubt: EntryInDoubt) -> bool:
         """Whether "no such order" now proves the entry was never executed: its every send was before its
         outcome became unknown, and the venue runs no request older than its request window (the
-        `recvWindow` we send: 10 s to Binance, 5 s to Bybit), nor fails to show one it ran after its read
+        `recvWindow` we send: 5 s to Binance and to Bybit), nor fails to show one it ran after its read
         lag. Sent and held up before it left (a pacing wait inside the call), a request is still younger
         than the moment its outcome became unknown. Were the venue to run one later still (Binance's -1007
         "execution status unknown" names no bound), the reconciler adopts what its list shows."""
+        return self._absence_provable_in(doubt) <= 0
+
+    def _absence_provable_in(self, doubt: EntryInDoubt, asked_at: float | None = None) -> float:
+        """Seconds until "no such order" proves `doubt`'s entry absent (`_absence_proven`); 0 or less: now.
+        `asked_at`: when the look-up that answered it was asked (an answer is as old as its question)."""
         capabilities = self.venue.capabilities()
         window = capabilities.request_window_seconds + capabilities.read_after_write_seconds
-        return self.clock.monotonic() >= doubt.unknown_at + window
+        return doubt.unknown_at + window - (self.clock.monotonic() if asked_at is None else asked_at)
 
     def _entry_streamed(self, event: AccountEvent) -> None:
         """An account event no guard took: if it says an entry of ours ended, kept as that entry's outcome,
@@ -2127,6 +2135,7 @@ class Engine:
             doubt.heard.clear()  # (told, but the outcome is no longer kept: asked for by id)
             manager = self.manager
             assert manager is not None
+            asked_at = self.clock.monotonic()
             try:
                 answered, order = await self._unless_streamed(
                     doubt,
@@ -2140,18 +2149,25 @@ class Engine:
                     continue
                 assert order is not None
             except NotFound:
-                if self._absence_proven(doubt):
+                provable_in = self._absence_provable_in(doubt, asked_at)
+                if provable_in <= 0:
                     return None
+                provable_in = self._absence_provable_in(doubt)
                 doubt.error = "entry outcome unknown: not on the venue yet (its reads may lag)"
+                # Asked again the moment the answer can prove it (the backoff's step after that moment
+                # held a never-executed entry in doubt up to 4 s longer, counted as a naked position).
+                pause = min(delay, provable_in + ABSENCE_PROOF_MARGIN_SECONDS)
             except (ExchangeError, TimeoutError) as exc:
                 doubt.error = f"entry outcome unknown: {exc}"
+                pause = delay
             else:
                 if _entry_ended(order):
                     return order
                 # Accepted and working (Binance NEW / PARTIALLY_FILLED, Bybit New / PartiallyFilled): not
                 # an answer yet — failing it here was a naked position once it filled a moment later.
                 doubt.error = f"entry outcome unknown: {_entry_not_ended(order)}"
-            await self._unless_streamed(doubt, self.clock.sleep(delay))
+                pause = delay
+            await self._unless_streamed(doubt, self.clock.sleep(pause))
             delay = min(delay * 2, float(protection.retry_max_seconds), ENTRY_SETTLE_MAX_BACKOFF_SECONDS)
 
     async def _send_entry(

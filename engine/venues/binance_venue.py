@@ -51,9 +51,11 @@ BINANCE_DEFAULT_REQUEST_BUDGETS = (RequestBudget("weight", binance_limits.REQUES
 # Binance's algo service can answer "does not exist" for an order it accepted moments ago
 # (freqtrade#12681); a query within this long after a send proves nothing.
 BINANCE_READ_AFTER_WRITE_SECONDS = 5.0
-# The `recvWindow` sent with every signed request (ccxt's default, set here so the engine knows it): a request
-# that reaches the venue later than this after its timestamp is refused (-1021), never run.
-BINANCE_RECV_WINDOW_MS = 10_000
+# The `recvWindow` sent with every signed request (Binance's own default and the most its docs recommend; ccxt
+# sends 10 s unless told): a request that reaches the venue later than this after its timestamp is refused
+# (-1021), never run. An entry of unknown outcome is proven absent only this long plus the read lag after its
+# answer, and all that while it counts as a position without stops: 10 s of doubt, not 15.
+BINANCE_RECV_WINDOW_MS = 5_000
 DEFAULT_MAX_LEVERAGE = 125  # Binance publishes leverage brackets only on a private endpoint
 _INTERVAL_SECONDS = {"SECOND": 1.0, "MINUTE": 60.0, "HOUR": 3600.0, "DAY": 86_400.0}
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Any
 
 import aiohttp
@@ -332,5 +333,63 @@ async def test_on_the_binance_wire_a_500_is_a_server_error_and_only_a_held_answe
                 for r in caplog.records
                 if r.name == "engine.venues.ccxt_venue" and r.levelno >= logging.WARNING
             ]
+        finally:
+            await engine.stop()
+
+
+async def test_on_the_binance_wire_an_entry_answered_500_is_in_doubt_for_the_request_window_and_lag_only(
+    db: Database,
+) -> None:
+    """An entry answered HTTP 500 (Binance: execution status unknown) that the venue never ran counts as a
+    position without stops until "no such order" proves it absent: after the request window we send and the
+    read lag. The window was ccxt's 10 s (Binance's own default, and the most its docs recommend, is 5 s),
+    and the look-ups' backoff asked again up to 4 s past the moment the answer could prove it: 15–19 s of
+    doubt, enough to trip the breaker in the Binance-wire soak. Now: 5 s + 5 s, asked at that moment."""
+    sim = SimVenueSettings(seed=7, volatility=0.0)
+    emulator = BinanceEmulator(sim, api_key=KEY, api_secret=SECRET, control=True)
+    async with running(emulator) as base_url, aiohttp.ClientSession() as session:
+        settings = engine_settings(
+            db.target.dsn,
+            {
+                "VENUE__KIND": "binanceusdm",
+                "VENUE__BASE_URL": base_url,
+                "VENUE__API_KEY": KEY,
+                "VENUE__API_SECRET": SECRET,
+                "PROTECTION__BREAKER__UNCOVERED_FACTOR": "1000",
+            },
+        )
+        clock = SystemClock()
+        engine = Engine(settings, venue=build_venue(settings, clock), clock=clock, version="test")
+        await engine.start()
+        symbol = sorted(emulator.core.markets)[4]
+        try:
+            assert engine.store is not None
+            answer = await session.post(
+                f"{base_url}/_sim/fault", json={"targets": ["POST:order"], "fault": "error", "count": 1}
+            )
+            assert answer.status == 200, await answer.text()
+            await engine.store.insert_signals([(symbol, "long", None, None)])
+            await wait_until(lambda: engine.entries_in_doubt() != [], within=10.0, what="the entry in doubt")
+            doubted_at = time.monotonic()
+            await wait_until(lambda: engine.entries_in_doubt() == [], within=30.0, what="the entry settled")
+            in_doubt = time.monotonic() - doubted_at
+            await wait_until(
+                lambda: db.pool.fetchval(
+                    "SELECT status <> 'taken' FROM monitoring.signals WHERE symbol = $1", symbol
+                ),
+                what="the signal answered",
+            )
+            row = await db.pool.fetchrow(
+                "SELECT status, reason FROM monitoring.signals WHERE symbol = $1", symbol
+            )
+            assert (row["status"], row["reason"]) == (
+                "rejected",
+                "entry not placed (the venue has no order by its id)",
+            )
+            assert not any(p.symbol == symbol for p in emulator.core.inspect(time.time()).positions)
+            # Never judged absent before the window and the lag had passed; asked again at that moment.
+            assert 9.5 <= in_doubt < 13.0, in_doubt
+            window = engine.venue.capabilities()
+            assert window.request_window_seconds + window.read_after_write_seconds == 10.0
         finally:
             await engine.stop()
