@@ -228,6 +228,13 @@ class ChaosRun:
         await self.until(self.converged, limit=30, what="the position protected")
         return symbol
 
+    async def one_protected_position_id(self) -> tuple[str, int]:
+        """`one_protected_position`, with the id of its position (what an operator's close names)."""
+        symbol = await self.one_protected_position()
+        manager = self.engine.manager
+        assert manager is not None
+        return symbol, manager.by_symbol[symbol].position_id
+
     async def opened(self, symbols: Sequence[str], *, limit: float = 30.0) -> list[str]:
         """Drive until the venue holds at least one of `symbols`; returns those it holds."""
         await self.until(lambda: bool(set(symbols) & set(self.held())), limit=limit, what="a wave filled")

@@ -205,10 +205,7 @@ async def test_a_close_whose_answer_is_lost_ends_its_stops_within_grace(db: Data
     run = ChaosRun(db, settings)
     await run.start()
     try:
-        symbol = await run.one_protected_position()
-        manager = run.engine.manager
-        assert manager is not None
-        position_id = manager.by_symbol[symbol].position_id
+        symbol, position_id = await run.one_protected_position_id()
         if stream == "dropped":
             run.venue.drop_account_stream(100_000)
         run.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT, 1)
@@ -234,10 +231,7 @@ async def test_a_closed_positions_stops_are_cancelled_within_grace_when_a_cancel
     run = ChaosRun(db, settings)
     await run.start()
     try:
-        symbol = await run.one_protected_position()
-        manager = run.engine.manager
-        assert manager is not None
-        position_id = manager.by_symbol[symbol].position_id
+        _, position_id = await run.one_protected_position_id()
         run.venue.inject_fault(CallKind.CANCEL_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT, 1)
         run.venue.inject_fault(CallKind.CANCEL_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 1)
         assert await run.drive(run.engine.close_position(position_id), limit=8.0)
@@ -551,10 +545,7 @@ async def test_a_closed_positions_stops_whose_cancels_are_refused_are_gone_withi
     run = ChaosRun(db, chaos_settings(db))
     await run.start()
     try:
-        symbol = await run.one_protected_position()
-        manager = run.engine.manager
-        assert manager is not None
-        position_id = manager.by_symbol[symbol].position_id
+        _, position_id = await run.one_protected_position_id()
         run.venue.inject_fault(CallKind.CANCEL_ORDER, FaultKind.SERVER_ERROR, count=5)
         assert await run.drive(run.engine.close_position(position_id), limit=10.0)
         await run.settle()

@@ -257,13 +257,6 @@ async def closed_as(run: ChaosRun, position_id: int) -> tuple[str, str | None]:
     return row["status"], row["exit_reason"]
 
 
-async def one_protected_position_id(run: ChaosRun) -> tuple[str, int]:
-    symbol = await run.one_protected_position()
-    manager = run.engine.manager
-    assert manager is not None
-    return symbol, manager.by_symbol[symbol].position_id
-
-
 async def test_an_operators_close_that_meets_the_hard_stops_fill_answers_closed(db: Database) -> None:
     """The operator closes a position just as its hard stop fills: the venue takes the close 1 s after it
     is sent (it answers after 2 s), by then flat, and refuses it for reducing nothing (-2022). The close
@@ -272,7 +265,7 @@ async def test_an_operators_close_that_meets_the_hard_stops_fill_answers_closed(
     run = ChaosRun(db, chaos_settings(db, {"VENUE__SIM__LATENCY__BY_CALL__CREATE_ORDER__SECONDS": "2.0"}))
     await run.start()
     try:
-        symbol, position_id = await one_protected_position_id(run)
+        symbol, position_id = await run.one_protected_position_id()
         [close] = [run.background(run.engine.close_position(position_id))]
         await run.step()  # the close is on its way, not at the venue yet
         run.move_mark(symbol, run.against(symbol, "10"))  # through the hard stop: it fills
@@ -293,7 +286,7 @@ async def test_two_closes_of_one_position_at_once_both_answer_closed(db: Databas
     run = ChaosRun(db, chaos_settings(db, SLOW_ORDERS))
     await run.start()
     try:
-        symbol, position_id = await one_protected_position_id(run)
+        symbol, position_id = await run.one_protected_position_id()
         closes = [run.background(run.engine.close_position(position_id)) for _ in range(2)]
         assert await run.finish_background() == [True, True]
         assert all(c.done() for c in closes)
