@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from decimal import ROUND_DOWN, Decimal
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
 from engine.account_stream import AccountStreamReader
 from engine.accounts import account_key
@@ -145,6 +145,9 @@ RESTART_SNAPSHOT_LATE_ANSWERS = 3
 # An entry of unknown outcome may be a position with no stop: its look-ups back off no further than this (a
 # read of one order by id; the protective backoff's 30 s left one waiting 23 s after the venue answered again).
 ENTRY_SETTLE_MAX_BACKOFF_SECONDS = 4.0
+# How far ahead of the venue's clock a request's timestamp may be and still run (Binance and Bybit both take
+# one up to 1 s ahead): a request signed by a clock that runs fast can run this long past its window.
+VENUE_TIMESTAMP_LEAD_SECONDS = 1.0
 # An entry's look-up due when "no such order" becomes proof is asked this long after that moment (clocks of
 # one process: a hair, so that the answer is read after the moment, not just before it).
 ABSENCE_PROOF_MARGIN_SECONDS = 0.05
@@ -392,7 +395,7 @@ class EntryInDoubt:
     client_order_id: str
     sent_at: float = 0.0  # monotonic: the last send of the entry (its time unprotected counts from here)
     # Monotonic: when its outcome became unknown (every send of it was before); "no such order" proves it
-    # absent only a request window and a read lag after this (`Engine._absence_proven`).
+    # absent only a request window and a read lag after this (`Engine._absence_provable_in`).
     unknown_at: float = 0.0
     error: str = ""
     # Set when the account stream told the entry's outcome (`Engine._entry_streamed`): the look-ups stop.
@@ -400,6 +403,9 @@ class EntryInDoubt:
     # Set once it is settled; `guard` is then the position it turned out to be (None: it never executed).
     ended: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     guard: PositionGuard | None = None
+    # The reconciler adopted what the venue holds on its symbol into its record (`Engine._adopt`): that
+    # record is the adopted position's from then on, whatever the entry's own answer says.
+    adopted: bool = False
 
     def coverage(self) -> PositionCoverage:
         return PositionCoverage(self.position_id, self.symbol, False, False, self.sent_at, self.sent_at)
@@ -1286,12 +1292,13 @@ class Engine:
             # order" proves nothing until the venue's request window and read lag have passed since.
             unknown_at=self.clock.monotonic(),
         )
+        asked_at = self.clock.monotonic()
         try:
             order: Order | None = await self.manager.read(
                 lambda: self.venue.fetch_order(position.symbol, cid), "fetch_order"
             )
         except NotFound as exc:
-            if not self._absence_proven(doubt):
+            if self._absence_provable_in(doubt, asked_at) > 0:  # (an answer is as old as its question)
                 return self._doubt_restored_entry(position, doubt, exc)
             order = None
         except (ExchangeError, TimeoutError) as exc:
@@ -1315,7 +1322,7 @@ class Engine:
         fill recorded again put the guarded position back to `pending_protection` for good)."""
         assert self.store is not None
         manager = self.manager
-        if manager is not None and position.id in manager.guards:
+        if doubt.adopted or (manager is not None and position.id in manager.guards):
             if order is not None and order.filled_quantity > 0:
                 await self.store.set_order_status(
                     order.client_order_id, OrderRecordStatus.FILLED, exchange_order_id=order.venue_order_id
@@ -1380,24 +1387,42 @@ class Engine:
             position = await self.store.open_position_for_symbol(self.exchange_name, venue_position.symbol)
             if position is None or position.id in self.manager.guards:
                 return
-        # The venue's side, not the record's: a long entry in doubt whose symbol shows a short (an operator's
-        # trade) kept "long", and a long's stops cannot reduce a short; it was never protected.
-        held = venue_position.side.value
-        if held != position.side:
+        flipped = venue_position.side.value != position.side
+        if flipped:
+            ours = await self._held_on_side(venue_position.symbol, PositionSide(position.side))
+            if ours is False:
+                return  # not known: the next pass asks again (an entry in doubt counts uncovered meanwhile)
+            if ours is not None:  # hedge mode: the record's own side is held too; that one is the entry's
+                venue_position, flipped = ours, False
+        recorded = await self._recorded_orders(position.id)
+        if flipped:
+            # The venue's side, not the record's: a long entry in doubt whose symbol shows a short (an
+            # operator's trade) kept "long", and a long's stops cannot reduce a short; it was never protected.
+            # Nothing the record carried is the held position's (on Bybit the long's hard stop, sent again at
+            # its price on a short, would be refused as through the mark and close the short at market).
             log.error(
                 "position %s %s: recorded %s, the venue holds %s %s; protected as the venue holds it",
                 position.id,
                 venue_position.symbol,
                 position.side,
-                held,
+                venue_position.side.value,
                 venue_position.quantity,
             )
+            reason = (
+                f"the venue holds {venue_position.side.value} {venue_position.symbol}, not {position.side}"
+            )
+            for order in recorded.live:
+                if order.purpose is not OrderPurpose.ENTRY:
+                    await self.store.set_order_status(
+                        order.client_order_id, OrderRecordStatus.REJECTED, error=reason
+                    )
+            recorded = RecordedOrders([], None, recorded.used_ids)
         position = await self.store.record_fill(
             position.id,
             venue_position.quantity,
             venue_position.entry_price,
             filled_at=_utc(venue_position.updated_at),
-            side=held if held != position.side else None,
+            side=venue_position.side.value if flipped else None,
         )
         await self.store.record_event(
             Severity.WARNING,
@@ -1408,15 +1433,28 @@ class Engine:
         )
         # Adopted into its own record (an entry in doubt): its orders as recorded (on Bybit the hard stop
         # its entry carried) are verified, and no id it used is sent again.
-        (await self._recorded_orders(position.id)).protect(self.manager, position)
+        recorded.protect(self.manager, position)
         doubt = self._in_doubt.get(venue_position.symbol)
         if doubt is not None and doubt.position_id == position.id:  # its guard counts it from here
+            # Its own answer, when it comes, neither fills nor fails this record again (`_entry_answered`).
+            doubt.adopted = True
             self._in_doubt.pop(venue_position.symbol, None)
             log.warning(
                 "%s: the entry of unknown outcome is held on the venue (its list): protected as position %s",
                 venue_position.symbol,
                 position.id,
             )
+
+    async def _held_on_side(self, symbol: str, side: PositionSide) -> VenuePosition | Literal[False] | None:
+        """The venue's position on `symbol` and `side`, asked of the symbol alone: None if it holds none,
+        False if the venue did not answer."""
+        assert self.manager is not None
+        try:
+            held = await self.manager.read(lambda: self.venue.fetch_positions(symbol), "fetch_positions")
+        except (ExchangeError, TimeoutError) as exc:
+            log.warning("%s: not adopted this pass, its own read failed (%s)", symbol, exc)
+            return False
+        return next((p for p in held if p.symbol == symbol and p.side is side and p.quantity > 0), None)
 
     async def _recorded_orders(self, position_id: int) -> RecordedOrders:
         """A position's orders as recorded, for a guard that starts on a record with a past (an entry of
@@ -1898,6 +1936,10 @@ class Engine:
         protect now; anything else failed it."""
         assert self.store is not None
         cid = order.client_order_id
+        adopted = doubt is not None and (doubt.adopted or position_id in self.manager.guards)
+        if adopted:
+            assert doubt is not None
+            return await self._adopted_entry_answered(signal, doubt, order, wave_id, promise)
         if order.filled_quantity <= 0 or order.average_price is None:
             if doubt is not None:
                 self._in_doubt.pop(doubt.symbol, None)
@@ -1908,16 +1950,6 @@ class Engine:
         await self.store.set_order_status(
             cid, OrderRecordStatus.FILLED, exchange_order_id=order.venue_order_id
         )
-        adopted = self.manager.guards.get(position_id) if doubt is not None and self.manager else None
-        if adopted is not None:  # in doubt, the reconciler adopted it from the venue's list meanwhile
-            self._in_doubt.pop(adopted.symbol, None)
-            await self.store.finish_signal(signal.id, SignalStatus.OPENED, wave_id=wave_id)
-            log.info(
-                "%s: the entry in doubt is found filled; it is position %s, guarded",
-                signal.symbol,
-                position_id,
-            )
-            return adopted  # its record is the guard's now (filling it in again read it back as unprotected)
         filled = await self.store.record_fill(
             position_id,
             order.filled_quantity,
@@ -1964,6 +1996,36 @@ class Engine:
             )
         )
         return guard
+
+    async def _adopted_entry_answered(
+        self, signal: SignalRecord, doubt: EntryInDoubt, order: Order, wave_id: int, promise: EntryPromise
+    ) -> PositionGuard | None:
+        """The answer of an entry in doubt whose record the reconciler adopted the venue's position into
+        meanwhile: the record is the guard's (filling it in again read it back as unprotected, or reopened it
+        once closed; failing it marked a guarded position `failed`). Only the entry order and the signal
+        are told."""
+        assert self.store is not None and self.manager is not None
+        self._in_doubt.pop(doubt.symbol, None)
+        guard = self.manager.guards.get(doubt.position_id)
+        if order.filled_quantity > 0 and order.average_price is not None:
+            await self.store.set_order_status(
+                order.client_order_id, OrderRecordStatus.FILLED, exchange_order_id=order.venue_order_id
+            )
+            await self.store.finish_signal(signal.id, SignalStatus.OPENED, wave_id=wave_id)
+            log.info(
+                "%s: the entry in doubt is found filled; it is position %s, adopted from the venue's list",
+                signal.symbol,
+                doubt.position_id,
+            )
+            return guard
+        reason = (
+            f"entry {order.status.value}; the position the venue holds on {signal.symbol} is position "
+            f"{doubt.position_id}, adopted"
+        )
+        self.manager.budget.release_promise(promise)
+        await self.store.set_order_status(order.client_order_id, OrderRecordStatus.REJECTED, error=reason)
+        await self._reject(signal, reason, wave_id)
+        return None
 
     def _doubt_entry(self, doubt: EntryInDoubt, settle: Callable[[Order | None], Awaitable[object]]) -> None:
         """From now on `doubt` counts as a position without stops and holds its symbol, and a task asks the
@@ -2047,8 +2109,8 @@ class Engine:
             return
         self._in_doubt.pop(doubt.symbol, None)
         assert self.store is not None and self.manager is not None
-        if doubt.position_id in self.manager.guards:  # the venue's list showed it: adopted, not absent
-            doubt.guard = self.manager.guards[doubt.position_id]
+        if doubt.adopted or doubt.position_id in self.manager.guards:  # the venue's list showed it: adopted
+            doubt.guard = self.manager.guards.get(doubt.position_id)
             log.warning(
                 "%s: no order by the entry's id, but the venue holds the position: kept as position %s",
                 doubt.symbol,
@@ -2066,21 +2128,22 @@ class Engine:
             stop_record,
         )
 
-    def _absence_proven(self, doubt: EntryInDoubt) -> bool:
-        """Whether "no such order" now proves the entry was never executed: its every send was before its
+    def _absence_provable_in(self, doubt: EntryInDoubt, asked_at: float) -> float:
+        """Seconds until "no such order", to a look-up asked at `asked_at` (an answer is as old as its
+        question), proves the entry was never executed; 0 or less: it does. Its every send was before its
         outcome became unknown, and the venue runs no request older than its request window (the
-        `recvWindow` we send: 5 s to Binance and to Bybit), nor fails to show one it ran after its read
-        lag. Sent and held up before it left (a pacing wait inside the call), a request is still younger
-        than the moment its outcome became unknown. Were the venue to run one later still (Binance's -1007
-        "execution status unknown" names no bound), the reconciler adopts what its list shows."""
-        return self._absence_provable_in(doubt) <= 0
-
-    def _absence_provable_in(self, doubt: EntryInDoubt, asked_at: float | None = None) -> float:
-        """Seconds until "no such order" proves `doubt`'s entry absent (`_absence_proven`); 0 or less: now.
-        `asked_at`: when the look-up that answered it was asked (an answer is as old as its question)."""
+        `recvWindow` we send: 5 s to Binance and to Bybit, and a timestamp up to 1 s ahead of its clock),
+        nor fails to show one it ran after its read lag. Sent and held up before it left (a pacing wait
+        inside the call), a request is still younger than the moment its outcome became unknown. Were the
+        venue to run one later still (Binance's -1007 "execution status unknown" names no bound), the
+        reconciler adopts what its list shows."""
         capabilities = self.venue.capabilities()
-        window = capabilities.request_window_seconds + capabilities.read_after_write_seconds
-        return doubt.unknown_at + window - (self.clock.monotonic() if asked_at is None else asked_at)
+        window = (
+            capabilities.request_window_seconds
+            + VENUE_TIMESTAMP_LEAD_SECONDS
+            + capabilities.read_after_write_seconds
+        )
+        return doubt.unknown_at + window - asked_at
 
     def _entry_streamed(self, event: AccountEvent) -> None:
         """An account event no guard took: if it says an entry of ours ended, kept as that entry's outcome,
@@ -2122,7 +2185,7 @@ class Engine:
     async def _entry_by_id(self, doubt: EntryInDoubt) -> Order | None:
         """The entry as the venue has it: told by the account stream, or asked by its client id with backoff
         until the venue answers; None once "no such order" proves it was never executed
-        (`_absence_proven`)."""
+        (`_absence_provable_in`)."""
         protection = self.settings.protection
         delay = float(protection.retry_initial_seconds)
         while True:
@@ -2152,7 +2215,7 @@ class Engine:
                 provable_in = self._absence_provable_in(doubt, asked_at)
                 if provable_in <= 0:
                     return None
-                provable_in = self._absence_provable_in(doubt)
+                provable_in = self._absence_provable_in(doubt, self.clock.monotonic())
                 doubt.error = "entry outcome unknown: not on the venue yet (its reads may lag)"
                 # Asked again the moment the answer can prove it (the backoff's step after that moment
                 # held a never-executed entry in doubt up to 4 s longer, counted as a naked position).

@@ -7,13 +7,14 @@ import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
+from decimal import Decimal
 
 import pytest
 
 from engine.clock import SystemClock
 from engine.engine import Engine, build_venue
 from engine.events import SignalRejected
-from engine.exchange.port import OrderStatus, OrderType
+from engine.exchange.port import OrderSide, OrderStatus, OrderType
 from engine.venues.binance_emulator.faults import Target
 from engine.venues.bybit_emulator import BybitEmulator, BybitLimiter, FaultPlan, running
 from engine.venues.bybit_emulator.faults import parse_bybit_fault
@@ -32,7 +33,9 @@ WAVE = 10
 
 
 @asynccontextmanager
-async def bybit_engine(db: Database, emulator: BybitEmulator) -> AsyncIterator[tuple[Engine, list[str]]]:
+async def bybit_engine(
+    db: Database, emulator: BybitEmulator, overrides: dict[str, str] | None = None
+) -> AsyncIterator[tuple[Engine, list[str]]]:
     async with running(emulator) as base_url:
         settings = engine_settings(
             db.target.dsn,
@@ -42,6 +45,7 @@ async def bybit_engine(db: Database, emulator: BybitEmulator) -> AsyncIterator[t
                 "VENUE__API_KEY": KEY,
                 "VENUE__API_SECRET": SECRET,
                 "SIGNALS__WAVE_WINDOW_MS": "0",
+                **(overrides or {}),
             },
         )
         clock = SystemClock()
@@ -450,6 +454,54 @@ async def test_an_entry_of_unknown_outcome_adopted_from_the_venues_list_keeps_th
         dict(r) for r in records
     ]
     assert by_purpose["stop_loss", "open"]["trigger_price"] == stop.stop_price
+
+
+async def test_a_short_adopted_into_a_long_entrys_record_is_not_closed_by_the_stop_the_entry_carried(
+    db: Database,
+) -> None:
+    """A long entry (carrying its hard stop, below the mark) answers HTTP 500 and never ran; its look-ups
+    fail, and the venue's list shows a short on its symbol (an operator's trade). Adopted into the entry's
+    record on the venue's side, the guard still took the long's carried stop as its own: on a managed
+    trail it sent it again, on the short's closing side at the long's price, below the mark; Bybit refused
+    it as through the mark, and the short was closed at market (found in a review). Now nothing the record
+    carried goes to the short: it keeps a short's stops, and the carried stop's record is rejected."""
+    emulator = BybitEmulator(
+        SimVenueSettings(seed=11, volatility=0.0), api_key=KEY, api_secret=SECRET, control=True
+    )
+    emulator.faults.force((Target("POST", "order/create"),), parse_bybit_fault("error"), count=1)
+    reads = (Target("GET", "order/realtime"), Target("GET", "order/history"))
+    emulator.faults.force(reads, parse_bybit_fault("busy"), count=100_000)
+    overrides = {"PROTECTION__TRAILING__MODE": "managed", "PROTECTION__BREAKER__UNCOVERED_FACTOR": "1000"}
+    async with bybit_engine(db, emulator, overrides) as (engine, _rejected):
+        assert engine.store is not None
+        await engine.store.insert_signals([("SFPUSDT", "long", None, None)])
+        await wait_until(lambda: engine.entries_in_doubt() != [], within=15.0, what="the entry in doubt")
+        market = emulator.core.markets["SFPUSDT"]
+        short = market.round_quantity(Decimal(60) / emulator.core.mark("SFPUSDT"))
+        emulator.core.place_market_order("SFPUSDT", OrderSide.SELL, short, "operator-short", emulator.now())
+        await wait_until(
+            lambda: engine.manager is not None and any(g.covered for g in engine.manager.guards.values()),
+            within=40.0,
+            what="the short adopted and protected",
+        )
+        manager = engine.manager
+        assert manager is not None
+        [guard] = manager.guards.values()
+        await asyncio.sleep(3.0)  # the guard's passes after the first
+        held = [p for p in emulator.core.inspect(emulator.now()).positions if p.symbol == "SFPUSDT"]
+        carried = await db.pool.fetch(
+            "SELECT client_order_id, status FROM monitoring.orders WHERE position_id = $1"
+            " AND purpose = 'stop_loss' ORDER BY id",
+            guard.position_id,
+        )
+        side = await db.pool.fetchval(
+            "SELECT side FROM monitoring.positions WHERE id = $1", guard.position_id
+        )
+    assert [(p.side.value, p.quantity) for p in held] == [("short", short)]  # not closed at market
+    assert (guard.side.value, side, guard.covered) == ("short", "short", True)
+    assert guard.stop_loss.price is not None
+    assert guard.stop_loss.price > emulator.core.mark("SFPUSDT")  # a short's hard stop, above the mark
+    assert carried[0]["status"] == "rejected", [dict(r) for r in carried]
 
 
 async def test_an_entry_whose_fill_the_stream_tells_without_a_price_is_a_position_not_a_failure(

@@ -784,3 +784,37 @@ async def test_a_position_on_the_other_side_of_an_entry_in_doubt_is_adopted_as_t
         await drive_until(clock, lambda: not _venue_holds(venue, clock, SYMBOL), what="the short stopped out")
     finally:
         await drive(clock, engine.stop())
+
+
+async def test_an_adopted_entrys_own_unfilled_answer_leaves_the_adopted_position_guarded(
+    db: Database,
+) -> None:
+    """A long entry is accepted and works (answered NEW, in doubt until it ends); meanwhile the venue's list
+    shows a short on its symbol (an operator's trade), adopted into the entry's record. Then the entry ends
+    with nothing filled: its answer failed the record, which was the guarded short's, so the operators' SQL
+    lost a live, guarded position (found in a review). Now only the signal is rejected, naming the
+    adopted position, and the record stays the guard's."""
+    engine, venue, clock = _engine(db, {"PROTECTION__BREAKER__UNCOVERED_FACTOR": "1000"})
+    await drive(clock, engine.start())
+    try:
+        assert engine.store is not None
+        venue.set_market_fill(40.0, share=Decimal("0.0001"))  # 40 s on, it ends with nothing filled
+        await engine.store.insert_signals([(SYMBOL, "long", None, None)])
+        await drive_until(clock, lambda: engine.entries_in_doubt() != [], what="the entry in doubt")
+        venue.set_market_fill(0.0)
+        short = engine.markets[SYMBOL].round_quantity(Decimal(60) / venue.core.mark(SYMBOL))
+        venue.core.place_market_order(SYMBOL, OrderSide.SELL, short, "manual-short", clock.now())
+        await drive_until(
+            clock, lambda: _our_stops(venue, clock, SYMBOL) == ["sl", "ts"], what="the short protected"
+        )
+        assert engine.entries_in_doubt() == []
+        await drive_until(clock, lambda: _signal_status_is(db, SYMBOL, "rejected"), limit=60, what="answered")
+        reason = await db.pool.fetchval("SELECT reason FROM monitoring.signals WHERE symbol = $1", SYMBOL)
+        assert "adopted" in reason
+        await drive(clock, clock.sleep(5.0))
+        row = await db.pool.fetchrow("SELECT id, status, side FROM monitoring.positions")
+        assert (row["status"], row["side"]) == ("active", "short")
+        assert engine.coverage().protected == 1
+        assert _our_stops(venue, clock, SYMBOL) == ["sl", "ts"]
+    finally:
+        await drive(clock, engine.stop())
