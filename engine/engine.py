@@ -145,6 +145,9 @@ RESTART_SNAPSHOT_LATE_ANSWERS = 3
 # An entry of unknown outcome may be a position with no stop: its look-ups back off no further than this (a
 # read of one order by id; the protective backoff's 30 s left one waiting 23 s after the venue answered again).
 ENTRY_SETTLE_MAX_BACKOFF_SECONDS = 4.0
+# An operator's close held back while a refusal would be a ban's looks again this often at whether its
+# position still has both stops (one missing, the close goes at once).
+OPERATOR_CLOSE_RECHECK_SECONDS = 0.5
 # How far ahead of the venue's clock a request's timestamp may be and still run (Binance and Bybit both take
 # one up to 1 s ahead): a request signed by a clock that runs fast can run this long past its window.
 VENUE_TIMESTAMP_LEAD_SECONDS = 1.0
@@ -2867,8 +2870,31 @@ class Engine:
         guard = self.manager.guards.get(position_id)
         if guard is None:
             return False
+        await self._operator_close_turn(guard)
         closed, _detail = await guard.request_close("manual")
         return closed
+
+    async def _operator_close_turn(self, guard: PositionGuard) -> None:
+        """An operator's close of a position its confirmed stops protect waits while the venue's refusal of it
+        would be a ban's (`OrderBudget.discretionary_held_for`): a ban holds every stop of every position
+        back for minutes on Binance. It waits here, not in the guard's task, which goes on protecting
+        meanwhile; should the position lose a stop, the close goes at once."""
+        budget = self.order_budget
+        if budget is None:
+            return
+        said = False
+        while guard.covered and not guard.closed and (held := budget.discretionary_held_for()) is not None:
+            if not said:
+                said = True
+                log.warning(
+                    "close of position %s %s held back up to %.0fs: the venue refused orders for its rate "
+                    "lately and bans for one more refusal, which would hold every stop back; the position "
+                    "keeps its confirmed stops meanwhile",
+                    guard.position_id,
+                    guard.symbol,
+                    held,
+                )
+            await budget.room_shown(min(held, OPERATOR_CLOSE_RECHECK_SECONDS))
 
 
 async def _quietly(awaitable: Awaitable[Any]) -> None:

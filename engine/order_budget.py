@@ -164,6 +164,7 @@ class OrderBudget:
         self._refusals: deque[float] = deque()  # when the venue refused a request for its rate (monotonic)
         self._probe_at: float | None = None  # the entry probing the windows, until its answer
         self._probe_answered = asyncio.Event()  # set by the probe's answer: the entries behind it go
+        self._room_told = asyncio.Event()  # set (and replaced) by each order answer that showed room
         self.entries_admitted = 0
         self.probes = 0
         self.protective_sent = 0
@@ -252,6 +253,8 @@ class OrderBudget:
         (with or without an answer: the next order to look probes then)."""
         if room:
             self._room_seen_at = max(self._room_seen_at, self._clock.monotonic())
+            self._room_told.set()
+            self._room_told = asyncio.Event()
         if probe_at is not None and self._probe_at == probe_at:
             self._probe_at = None
             self._probe_answered.set()
@@ -357,8 +360,26 @@ class OrderBudget:
         """Take a slot for a reduce-only market close (a stuck stop's position, an operator's close): an
         order where the venue counts orders (the entries' windows), ahead of any entry, and in no promised
         stop's place. It waits out a 429's hold and a ban like every order, and probes like a protective
-        order (returned as by `acquire_protective`)."""
+        order (returned as by `acquire_protective`). A close the position does not need (an operator's, of a
+        position its confirmed stops protect) first waits for `discretionary_held_for` to clear."""
         return await self._take_ahead_of_entries(self._windows)
+
+    def discretionary_held_for(self) -> float | None:
+        """Seconds at most that an order the positions do not need (an operator's close of a position its
+        confirmed stops protect) should wait before it is sent, or None: it may go. With refusals piled up
+        its refusal would be a ban's, and a ban holds every stop back with it (all of a sim soak's bans began
+        with an operator's close sent into a window another client had just filled): it goes, as an entry
+        does, on an order answer about as fresh as a probe's that showed room, or at the end of the pause
+        (`refusal_pause_for`)."""
+        pause = self.refusal_pause_for()
+        if pause is None:
+            return None
+        fresh = max(ENTRY_FRESH_MIN_SECONDS, self._round_trip())
+        return None if self._clock.monotonic() - self._room_seen_at <= fresh else pause
+
+    async def room_shown(self, seconds: float) -> bool:
+        """Wait up to `seconds` for an order answer that shows the windows have room; whether one came."""
+        return await wait_event(self._clock, self._room_told, seconds)
 
     async def _take_ahead_of_entries(self, windows: Sequence[_Window]) -> float | None:
         self._protective_waiting += 1  # entries wait while this does

@@ -513,6 +513,43 @@ async def test_no_entry_is_sent_that_could_be_the_third_refusal_within_a_minute(
         await run.stop()
 
 
+async def test_an_operators_close_is_not_the_third_refusal_within_a_minute(db: Database) -> None:
+    """Every ban of a sim soak at the default stress (three in ten minutes; a Binance ban is 2 minutes and
+    up) began with an operator's close sent into a window another client had just filled, with two rate
+    refusals already remembered: entries were held back, the close was not, and its refusal was the third.
+    The ban then held every stop back with it: 14 of our stops live on flat symbols for up to 19.5 s, a
+    stuck trigger's close 5.9 s late. A close of a position its confirmed stops protect can wait: it now
+    goes on an answer that shows room, or once the older refusal is a minute old. No ban; closed after."""
+    settings = chaos_settings(db, {"VENUE__SIM__RATE_LIMITS__ORDERS_PER_10S": "60"})
+    run = ChaosRun(db, settings)
+    await run.start()
+    try:
+        symbol, position_id = await run.one_protected_position_id()
+        for _ in range(2):  # two lone entries, each refused once by a window the other client filled
+            await run.a_window_starts()
+            spare, lone = run.free_symbols(2)
+            assert run.neighbour_fills_order_window(spare) > 0
+            await run.wave(1, symbols=[lone])
+            await run.until_signal_ends(lone)
+        assert run.rate_violations() == 2
+        await run.a_window_starts()
+        assert run.neighbour_fills_order_window(run.free_symbols(1)[0]) > 0
+        asked_at = run.clock.monotonic()
+        close = run.background(run.engine.close_position(position_id))
+        await run.until(
+            lambda: run.banned_for() is not None or close.done(), limit=RATE_REFUSAL_MEMORY_SECONDS + 10
+        )
+        ban = run.banned_for()
+        assert ban is None, f"the venue banned the account for {ban:.0f} s"
+        assert close.result() is True
+        assert symbol not in run.held()
+        assert run.clock.monotonic() - asked_at > 10.0  # held back past the filled window, not refused in it
+        await run.settle()
+        run.verdict(coverage_at_least=99.0)
+    finally:
+        await run.stop()
+
+
 async def test_an_engines_first_wave_into_an_order_window_another_client_filled_costs_one_refusal(
     db: Database,
 ) -> None:

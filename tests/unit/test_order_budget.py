@@ -534,3 +534,35 @@ async def test_with_two_refusals_remembered_the_orders_a_hold_kept_back_probe_at
     budget.order_answered(probe, room=True)
     await clock.settle()
     assert all(t.done() for t in sends)
+
+
+async def test_with_two_refusals_remembered_a_discretionary_close_waits_for_an_answer_that_shows_room() -> (
+    None
+):
+    """An order no position needs (an operator's close of a position its confirmed stops protect) is held
+    while its refusal would be a third within a minute: it may go on an order answer about as fresh as a
+    probe's that showed room, or once the older refusal is a minute old."""
+    clock = ManualClock()
+    budget = _budget(clock, limit=100)
+    assert budget.discretionary_held_for() is None
+    budget.rate_refused()
+    assert budget.discretionary_held_for() is None  # one refusal: another would not be a ban's
+    await clock.advance(20.0)
+    budget.rate_refused()
+    assert budget.discretionary_held_for() == pytest.approx(RATE_REFUSAL_MEMORY_SECONDS - 20.0)
+    waiting = asyncio.create_task(budget.room_shown(5.0))
+    await clock.settle()
+    assert not waiting.done()
+    budget.order_answered(await budget.acquire_protective(), room=True)  # a stop's answer: room
+    await clock.settle()
+    assert waiting.done()
+    assert waiting.result() is True
+    assert budget.discretionary_held_for() is None  # that answer is fresh
+    await clock.advance(1.0)
+    assert budget.discretionary_held_for() == pytest.approx(RATE_REFUSAL_MEMORY_SECONDS - 21.0)
+    quiet = asyncio.create_task(budget.room_shown(2.0))
+    await clock.advance(2.0)
+    assert quiet.done()
+    assert quiet.result() is False  # no answer within 2 s
+    await clock.advance(RATE_REFUSAL_MEMORY_SECONDS - 23.0)
+    assert budget.discretionary_held_for() is None  # the older refusal is a minute old
