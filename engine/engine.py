@@ -148,6 +148,9 @@ ENTRY_SETTLE_MAX_BACKOFF_SECONDS = 4.0
 # An operator's close held back while a refusal would be a ban's looks again this often at whether its
 # position still has both stops (one missing, the close goes at once).
 OPERATOR_CLOSE_RECHECK_SECONDS = 0.5
+# ... and is held no longer than this: `tsbot close` waits 30 s for its answer, and the commands behind it
+# wait too. Twice the venue's 10 s order window: the window another client had just filled has turned over.
+OPERATOR_CLOSE_HOLD_MAX_SECONDS = 20.0
 # How far ahead of the venue's clock a request's timestamp may be and still run (Binance and Bybit both take
 # one up to 1 s ahead): a request signed by a clock that runs fast can run this long past its window.
 VENUE_TIMESTAMP_LEAD_SECONDS = 1.0
@@ -407,8 +410,13 @@ class EntryInDoubt:
     ended: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     guard: PositionGuard | None = None
     # The reconciler adopted what the venue holds on its symbol into its record (`Engine._adopt`): that
-    # record is the adopted position's from then on, whatever the entry's own answer says.
+    # record is the adopted position's from then on, whatever the entry's own answer says. `flipped`: it
+    # holds the other side (not the entry's). The entry's answer and an adoption take turns: `adopting` is
+    # set once an adoption under way ends, `answering` once the answer is being applied (no adoption then).
     adopted: bool = False
+    flipped: bool = False
+    adopting: asyncio.Event | None = None
+    answering: bool = False
 
     def coverage(self) -> PositionCoverage:
         return PositionCoverage(self.position_id, self.symbol, False, False, self.sent_at, self.sent_at)
@@ -1324,8 +1332,7 @@ class Engine:
         Adopted from the venue's list meanwhile, it is its guard's: only the entry's fill is recorded (its
         fill recorded again put the guarded position back to `pending_protection` for good)."""
         assert self.store is not None
-        manager = self.manager
-        if doubt.adopted or (manager is not None and position.id in manager.guards):
+        if await self._adopted_before_answer(doubt):
             if order is not None and order.filled_quantity > 0:
                 await self.store.set_order_status(
                     order.client_order_id, OrderRecordStatus.FILLED, exchange_order_id=order.venue_order_id
@@ -1390,11 +1397,40 @@ class Engine:
             position = await self.store.open_position_for_symbol(self.exchange_name, venue_position.symbol)
             if position is None or position.id in self.manager.guards:
                 return
+        doubt = self._in_doubt.get(venue_position.symbol)
+        if doubt is None or doubt.position_id != position.id:
+            with contextlib.suppress(_NotAdoptedYet):
+                await self._adopt_into(position, venue_position)
+            return
+        if doubt.answering:
+            return  # the entry's own answer is being applied to its record: the next pass sees the outcome
+        doubt.adopting = asyncio.Event()
+        try:
+            try:
+                doubt.flipped = await self._adopt_into(position, venue_position)
+            except _NotAdoptedYet:
+                return
+            # Its own answer, when it comes, neither fills nor fails this record again (`_entry_answered`),
+            # and its guard counts it from here.
+            doubt.adopted = True
+            self._in_doubt.pop(venue_position.symbol, None)
+            log.warning(
+                "%s: the entry of unknown outcome is held on the venue (its list): protected as position %s",
+                venue_position.symbol,
+                position.id,
+            )
+        finally:
+            doubt.adopting.set()
+
+    async def _adopt_into(self, position: PositionRecord, venue_position: VenuePosition) -> bool:
+        """Fill `position` in from what the venue holds and guard it; whether its side was flipped to the
+        venue's. Raises `_NotAdoptedYet` when the venue's own read of the symbol fails."""
+        assert self.store is not None and self.manager is not None
         flipped = venue_position.side.value != position.side
         if flipped:
             ours = await self._held_on_side(venue_position.symbol, PositionSide(position.side))
             if ours is False:
-                return  # not known: the next pass asks again (an entry in doubt counts uncovered meanwhile)
+                raise _NotAdoptedYet  # the next pass asks again (an entry in doubt counts uncovered meanwhile)
             if ours is not None:  # hedge mode: the record's own side is held too; that one is the entry's
                 venue_position, flipped = ours, False
         recorded = await self._recorded_orders(position.id)
@@ -1437,16 +1473,7 @@ class Engine:
         # Adopted into its own record (an entry in doubt): its orders as recorded (on Bybit the hard stop
         # its entry carried) are verified, and no id it used is sent again.
         recorded.protect(self.manager, position)
-        doubt = self._in_doubt.get(venue_position.symbol)
-        if doubt is not None and doubt.position_id == position.id:  # its guard counts it from here
-            # Its own answer, when it comes, neither fills nor fails this record again (`_entry_answered`).
-            doubt.adopted = True
-            self._in_doubt.pop(venue_position.symbol, None)
-            log.warning(
-                "%s: the entry of unknown outcome is held on the venue (its list): protected as position %s",
-                venue_position.symbol,
-                position.id,
-            )
+        return flipped
 
     async def _held_on_side(self, symbol: str, side: PositionSide) -> VenuePosition | Literal[False] | None:
         """The venue's position on `symbol` and `side`, asked of the symbol alone: None if it holds none,
@@ -1939,9 +1966,7 @@ class Engine:
         protect now; anything else failed it."""
         assert self.store is not None
         cid = order.client_order_id
-        adopted = doubt is not None and (doubt.adopted or position_id in self.manager.guards)
-        if adopted:
-            assert doubt is not None
+        if doubt is not None and await self._adopted_before_answer(doubt):
             return await self._adopted_entry_answered(signal, doubt, order, wave_id, promise)
         if order.filled_quantity <= 0 or order.average_price is None:
             if doubt is not None:
@@ -2000,6 +2025,17 @@ class Engine:
         )
         return guard
 
+    async def _adopted_before_answer(self, doubt: EntryInDoubt) -> bool:
+        """The entry's answer takes its turn: an adoption of its record under way is waited for; whether its
+        record was adopted (the answer changes nothing in it then). Else no adoption starts from now on."""
+        if doubt.adopting is not None:
+            await doubt.adopting.wait()
+        if doubt.adopted:
+            return True
+        doubt.answering = True
+        # (a guard on its record without an adoption of this doubt: adopted before the doubt was known)
+        return self.manager is not None and doubt.position_id in self.manager.guards
+
     async def _adopted_entry_answered(
         self, signal: SignalRecord, doubt: EntryInDoubt, order: Order, wave_id: int, promise: EntryPromise
     ) -> PositionGuard | None:
@@ -2025,7 +2061,7 @@ class Engine:
             f"entry {order.status.value}; the position the venue holds on {signal.symbol} is position "
             f"{doubt.position_id}, adopted"
         )
-        self.manager.budget.release_promise(promise)
+        # (its promise is not released: the adopted guard's stops take its place in the order budget)
         await self.store.set_order_status(order.client_order_id, OrderRecordStatus.REJECTED, error=reason)
         await self._reject(signal, reason, wave_id)
         return None
@@ -2112,8 +2148,16 @@ class Engine:
             return
         self._in_doubt.pop(doubt.symbol, None)
         assert self.store is not None and self.manager is not None
-        if doubt.adopted or doubt.position_id in self.manager.guards:  # the venue's list showed it: adopted
+        if await self._adopted_before_answer(doubt):  # the venue's list showed it: adopted, not absent
             doubt.guard = self.manager.guards.get(doubt.position_id)
+            if doubt.flipped:  # what it holds is the other side: not this entry's
+                await self._reject(
+                    signal,
+                    f"entry not placed; the {doubt.symbol} position the venue holds, the other side, is "
+                    f"position {doubt.position_id}, adopted",
+                    wave_id,
+                )
+                return
             log.warning(
                 "%s: no order by the entry's id, but the venue holds the position: kept as position %s",
                 doubt.symbol,
@@ -2870,20 +2914,38 @@ class Engine:
         guard = self.manager.guards.get(position_id)
         if guard is None:
             return False
-        await self._operator_close_turn(guard)
+        guard = await self._operator_close_turn(guard)
+        if guard is None or guard.closed:  # ended while the close waited (its stop filled): closed
+            return guard is not None
         closed, _detail = await guard.request_close("manual")
         return closed
 
-    async def _operator_close_turn(self, guard: PositionGuard) -> None:
+    async def _operator_close_turn(self, guard: PositionGuard) -> PositionGuard | None:
         """An operator's close of a position its confirmed stops protect waits while the venue's refusal of it
         would be a ban's (`OrderBudget.discretionary_held_for`): a ban holds every stop of every position
         back for minutes on Binance. It waits here, not in the guard's task, which goes on protecting
-        meanwhile; should the position lose a stop, the close goes at once."""
+        meanwhile; should the position lose a stop, the close goes at once, and it waits no more than
+        `OPERATOR_CLOSE_HOLD_MAX_SECONDS` (an operator's command is answered within its wait). Held closes
+        go one per answer that showed room (a flatten's, woken together by one answer, went as a burst).
+        Returns the position's guard as it is now (a protection restart meanwhile replaces it), or None if
+        none guards it any more."""
         budget = self.order_budget
-        if budget is None:
-            return
+        position_id = guard.position_id
+        started = self.clock.monotonic()
         said = False
-        while guard.covered and not guard.closed and (held := budget.discretionary_held_for()) is not None:
+        while True:
+            manager = self.manager
+            current = manager.guards.get(position_id) if manager is not None else None
+            if current is None:
+                return guard if guard.closed else None
+            guard = current
+            if budget is None or guard.closed or not guard.covered:
+                return guard
+            held = budget.discretionary_held_for()
+            left = OPERATOR_CLOSE_HOLD_MAX_SECONDS - (self.clock.monotonic() - started)
+            if held is None or left <= 0:
+                budget.take_discretionary_turn()
+                return guard
             if not said:
                 said = True
                 log.warning(
@@ -2892,9 +2954,13 @@ class Engine:
                     "keeps its confirmed stops meanwhile",
                     guard.position_id,
                     guard.symbol,
-                    held,
+                    min(held, left),
                 )
-            await budget.room_shown(min(held, OPERATOR_CLOSE_RECHECK_SECONDS))
+            await budget.room_shown(min(held, left, OPERATOR_CLOSE_RECHECK_SECONDS))
+
+
+class _NotAdoptedYet(Exception):
+    """`Engine._adopt_into` could not tell what to adopt this pass (the venue's own read failed)."""
 
 
 async def _quietly(awaitable: Awaitable[Any]) -> None:

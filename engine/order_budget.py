@@ -165,6 +165,7 @@ class OrderBudget:
         self._probe_at: float | None = None  # the entry probing the windows, until its answer
         self._probe_answered = asyncio.Event()  # set by the probe's answer: the entries behind it go
         self._room_told = asyncio.Event()  # set (and replaced) by each order answer that showed room
+        self._room_taken_at = -math.inf  # the answer the last held order went on (`take_discretionary_turn`)
         self.entries_admitted = 0
         self.probes = 0
         self.protective_sent = 0
@@ -375,7 +376,12 @@ class OrderBudget:
         if pause is None:
             return None
         fresh = max(ENTRY_FRESH_MIN_SECONDS, self._round_trip())
-        return None if self._clock.monotonic() - self._room_seen_at <= fresh else pause
+        seen = self._room_seen_at
+        return None if self._clock.monotonic() - seen <= fresh and seen > self._room_taken_at else pause
+
+    def take_discretionary_turn(self) -> None:
+        """A held order goes on the answer last seen: the next one waits for a newer answer (this one's)."""
+        self._room_taken_at = self._room_seen_at
 
     async def room_shown(self, seconds: float) -> bool:
         """Wait up to `seconds` for an order answer that shows the windows have room; whether one came."""

@@ -566,3 +566,19 @@ async def test_with_two_refusals_remembered_a_discretionary_close_waits_for_an_a
     assert quiet.result() is False  # no answer within 2 s
     await clock.advance(RATE_REFUSAL_MEMORY_SECONDS - 23.0)
     assert budget.discretionary_held_for() is None  # the older refusal is a minute old
+
+
+async def test_held_discretionary_orders_go_one_per_answer_that_shows_room() -> None:
+    """A flatten's closes, all held, are woken together by one answer: they went as a burst into a window
+    that answer no longer vouched for. Each answer lets one go; the next waits for a newer answer."""
+    clock = ManualClock()
+    budget = _budget(clock, limit=100)
+    budget.rate_refused()
+    budget.rate_refused()
+    budget.order_answered(None, room=True)
+    assert budget.discretionary_held_for() is None
+    budget.take_discretionary_turn()
+    assert budget.discretionary_held_for() is not None  # the same answer does not let a second one go
+    await clock.advance(0.01)
+    budget.order_answered(None, room=True)  # the first one's answer
+    assert budget.discretionary_held_for() is None
