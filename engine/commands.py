@@ -264,14 +264,26 @@ class CommandRunner:
         # The close cancels both stops; one whose cancel failed is cancelled again by the manager. The
         # answer waits for that (bounded) so it says what the venue holds.
         budget = float(engine.settings.protection.call_timeout_seconds)
+        how = await self._how_closed(position_id)
         if await manager.leftovers_cancelled(symbol, 2 * budget):
-            return PositionOutcome(symbol, True, "closed at market; its stops are cancelled", position_id)
+            return PositionOutcome(symbol, True, f"{how}; its stops are cancelled", position_id)
         return PositionOutcome(
             symbol,
             False,
-            "closed at market, but a stop of it is still being cancelled (retrying)",
+            f"{how}, but a stop of it is still being cancelled (retrying)",
             position_id,
         )
+
+    async def _how_closed(self, position_id: int) -> str:
+        """ "closed at market", or, when the position ended otherwise first (its stop filled while the close
+        waited its turn), how it did, as recorded."""
+        store = self._engine.store
+        record = await store.position(position_id) if store is not None else None
+        reason = record.exit_reason if record is not None else None
+        if reason is None or reason == "manual":
+            return "closed at market"
+        ended = {"stop_loss": "by its hard stop", "trailing_stop": "by its trailing stop"}
+        return f"closed {ended.get(reason, f'on the venue ({reason})')} before the close went"
 
     async def _flatten(self, command: CommandRecord) -> CommandOutcome:
         """Entries pause first (else the next wave reopens what is closed), then every position closes at

@@ -13,8 +13,10 @@ from typing import Any
 
 import pytest
 
+from engine.commands import send_command
 from engine.order_budget import RATE_REFUSAL_MEMORY_SECONDS
 from engine.venues.sim.settings import CallKind, FaultKind
+from storage.commands import CommandKind
 from storage.database import Database
 from tests.chaos.support import (
     NAKED_BACKOFF,
@@ -558,6 +560,41 @@ async def test_an_operators_close_is_not_the_third_refusal_within_a_minute(
         assert run.clock.monotonic() - asked_at > 10.0  # held back past the filled window, not refused in it
         await run.settle()
         run.verdict(coverage_at_least=99.0)
+    finally:
+        await run.stop()
+
+
+async def test_a_close_command_held_while_the_hard_stop_fills_says_the_stop_closed_it(db: Database) -> None:
+    """`tsbot close` of a position whose close is held (two rate refusals remembered), while its hard stop
+    fills: the command answered "closed at market" for a position its stop had closed (found in a review).
+    It now says how the position closed, as recorded."""
+    settings = chaos_settings(db, {"VENUE__SIM__RATE_LIMITS__ORDERS_PER_10S": "60"})
+    run = ChaosRun(db, settings)
+    await run.start()
+    try:
+        symbol, _ = await run.one_protected_position_id()
+        await _two_refusals_then_a_filled_window(run)
+        answer = run.background(
+            send_command(
+                db.pool,
+                venue=run.engine.exchange_name,
+                account=run.engine.account_key,
+                kind=CommandKind.CLOSE,
+                args={"symbol": symbol},
+                reason="test",
+                wait_seconds=30,
+            )
+        )
+        await run.run_for(2.0)  # the close is taken and held
+        assert symbol in run.held()
+        run.move_mark(symbol, run.against(symbol, "10"))  # through the hard stop: it fills
+        await run.until(answer.done, limit=120.0, what="the command answered")
+        [outcome] = answer.result().positions
+        assert outcome.ok
+        assert outcome.detail.startswith("closed by its hard stop before the close went"), outcome.detail
+        assert run.banned_for() is None
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)
     finally:
         await run.stop()
 
