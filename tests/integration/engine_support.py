@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from engine.clock import ManualClock
+from engine.clock import ManualClock, SystemClock
 from engine.config import Settings, load_config
-from engine.engine import Engine
+from engine.engine import Engine, build_venue
 from engine.venues.sim import SimVenue
 from storage.database import Database
 from tests.support.driving import drive_until
@@ -36,6 +36,24 @@ def make_engine(
         if read_lag is not None:
             venue.set_read_lag(read_lag)
     return Engine(settings, venue=venue, clock=clock, version="test")
+
+
+def binance_wire_engine(
+    dsn: str, base_url: str, key: str, secret: str, overrides: Mapping[str, str] | None = None
+) -> Engine:
+    """An engine on the Binance-wire emulator at `base_url` (real ccxt, real time), with `overrides`."""
+    settings = engine_settings(
+        dsn,
+        {
+            "VENUE__KIND": "binanceusdm",
+            "VENUE__BASE_URL": base_url,
+            "VENUE__API_KEY": key,
+            "VENUE__API_SECRET": secret,
+            **(overrides or {}),
+        },
+    )
+    clock = SystemClock()
+    return Engine(settings, venue=build_venue(settings, clock), clock=clock, version="test")
 
 
 async def until_closed_in_db(

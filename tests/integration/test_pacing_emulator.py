@@ -11,7 +11,6 @@ import time
 import aiohttp
 
 from engine.clock import SystemClock
-from engine.engine import Engine, build_venue
 from engine.exchange.errors import RateLimited
 from engine.order_budget import OrderBudget
 from engine.pacing import Lane, RequestPacer, VenuePacing, call_with_send_timeout
@@ -21,7 +20,7 @@ from engine.venues.binance_venue import BinanceUsdmVenue
 from engine.venues.ccxt_venue import CcxtVenueConfig
 from engine.venues.sim.settings import SimVenueSettings
 from storage.database import Database
-from tests.integration.engine_support import engine_settings
+from tests.integration.engine_support import binance_wire_engine
 from tests.support.binance_client import BinanceClient
 from tests.support.waiting import wait_until
 
@@ -114,20 +113,17 @@ async def test_a_wave_larger_than_cctxs_pool_sends_all_its_stops_at_once(db: Dat
         sim, api_key=KEY, api_secret=SECRET, control=True, faults=FaultPlan(latency_ms=5000)
     )
     async with running(emulator) as base_url:
-        settings = engine_settings(
+        engine = binance_wire_engine(
             db.target.dsn,
+            base_url,
+            KEY,
+            SECRET,
             {
-                "VENUE__KIND": "binanceusdm",
-                "VENUE__BASE_URL": base_url,
-                "VENUE__API_KEY": KEY,
-                "VENUE__API_SECRET": SECRET,
                 "SIGNALS__MAX_CONCURRENT_ENTRIES": "60",
                 "SIGNALS__MAX_POSITIONS": "100",
                 "SIGNALS__WAVE_WINDOW_MS": "0",
             },
         )
-        clock = SystemClock()
-        engine = Engine(settings, venue=build_venue(settings, clock), clock=clock, version="test")
         await engine.start()
         try:
             assert engine.store is not None

@@ -19,13 +19,13 @@ from typing import Any
 import aiohttp
 import pytest
 
-from engine.clock import ManualClock, SystemClock
-from engine.engine import Engine, build_venue
+from engine.clock import ManualClock
+from engine.engine import Engine
 from engine.events import EngineEvent, ProtectionFailed, ProtectionTimedOut
 from engine.venues.binance_emulator import BinanceEmulator, running
 from engine.venues.sim.settings import CallKind, FaultKind, SimVenueSettings
 from storage.database import Database
-from tests.integration.engine_support import engine_settings, make_engine
+from tests.integration.engine_support import binance_wire_engine, engine_settings, make_engine
 from tests.integration.test_failure_modes_f1_f5 import SYMBOLS
 from tests.support.driving import drive, drive_until
 from tests.support.waiting import wait_until
@@ -244,20 +244,17 @@ async def test_on_the_binance_wire_a_500_is_a_server_error_and_only_a_held_answe
     sim = SimVenueSettings(seed=7, volatility=0.0)
     emulator = BinanceEmulator(sim, api_key=KEY, api_secret=SECRET, control=True)
     async with running(emulator) as base_url, aiohttp.ClientSession() as session:
-        settings = engine_settings(
+        engine = binance_wire_engine(
             db.target.dsn,
+            base_url,
+            KEY,
+            SECRET,
             {
-                "VENUE__KIND": "binanceusdm",
-                "VENUE__BASE_URL": base_url,
-                "VENUE__API_KEY": KEY,
-                "VENUE__API_SECRET": SECRET,
                 "PROTECTION__CALL_TIMEOUT_SECONDS": "2",
                 "PROTECTION__RETRY_INITIAL_SECONDS": "1",
                 "PROTECTION__RETRY_MAX_SECONDS": "1",
             },
         )
-        clock = SystemClock()
-        engine = Engine(settings, venue=build_venue(settings, clock), clock=clock, version="test")
         await engine.start()
         symbol = sorted(emulator.core.markets)[3]
         try:
@@ -348,18 +345,9 @@ async def test_on_the_binance_wire_an_entry_answered_500_is_in_doubt_for_the_req
     sim = SimVenueSettings(seed=7, volatility=0.0)
     emulator = BinanceEmulator(sim, api_key=KEY, api_secret=SECRET, control=True)
     async with running(emulator) as base_url, aiohttp.ClientSession() as session:
-        settings = engine_settings(
-            db.target.dsn,
-            {
-                "VENUE__KIND": "binanceusdm",
-                "VENUE__BASE_URL": base_url,
-                "VENUE__API_KEY": KEY,
-                "VENUE__API_SECRET": SECRET,
-                "PROTECTION__BREAKER__UNCOVERED_FACTOR": "1000",
-            },
+        engine = binance_wire_engine(
+            db.target.dsn, base_url, KEY, SECRET, {"PROTECTION__BREAKER__UNCOVERED_FACTOR": "1000"}
         )
-        clock = SystemClock()
-        engine = Engine(settings, venue=build_venue(settings, clock), clock=clock, version="test")
         await engine.start()
         symbol = sorted(emulator.core.markets)[4]
         try:
