@@ -2920,6 +2920,16 @@ class Engine:
         closed, _detail = await guard.request_close("manual")
         return closed
 
+    def operator_close_held_for(self, position_id: int) -> float | None:
+        """Seconds at most an operator's close of this position would be held back now
+        (`_operator_close_turn`), or None: it would go at once."""
+        manager, budget = self.manager, self.order_budget
+        guard = manager.guards.get(position_id) if manager is not None else None
+        if guard is None or budget is None or guard.closed or not guard.covered:
+            return None
+        held = budget.discretionary_held_for()
+        return None if held is None else min(held, OPERATOR_CLOSE_HOLD_MAX_SECONDS)
+
     async def _operator_close_turn(self, guard: PositionGuard) -> PositionGuard | None:
         """An operator's close of a position its confirmed stops protect waits while the venue's refusal of it
         would be a ban's (`OrderBudget.discretionary_held_for`): a ban holds every stop of every position

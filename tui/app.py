@@ -454,6 +454,15 @@ class DashboardApp(App[int]):
 
     @work(group="command", exit_on_error=False, description="close a position")
     async def close_selected(self, position_id: int, symbol: str) -> None:
+        held = self.feed.close_held_for(position_id)
+        if held is not None:
+            self.post_message(
+                CommandDone(
+                    f"Closing {symbol}: held back up to {held:.0f}s. The venue refused orders for its rate "
+                    "lately and bans the account for one more refusal; the position keeps its stops.",
+                    severity="warning",
+                )
+            )
         try:
             closed = await self.feed.close_position(position_id)
         except Exception as exc:

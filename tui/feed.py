@@ -264,6 +264,11 @@ class DashboardFeed(Protocol):
 
     async def close_position(self, position_id: int) -> bool: ...
 
+    def close_held_for(self, position_id: int) -> float | None:
+        """Seconds at most a close of this position would wait for the venue's order window now (a refusal
+        of it would get the account banned), or None: it goes at once."""
+        ...
+
     async def position_orders(self, position_id: int) -> list[OrderRecord]:
         """A position's orders that may be live on the venue, as recorded (the detail view)."""
         ...
@@ -321,6 +326,9 @@ class EngineFeed:
 
     async def close_position(self, position_id: int) -> bool:
         return await self.engine.close_position(position_id)
+
+    def close_held_for(self, position_id: int) -> float | None:
+        return self.engine.operator_close_held_for(position_id)
 
     async def position_orders(self, position_id: int) -> list[OrderRecord]:
         if self.engine.store is None:
@@ -516,6 +524,9 @@ class ReadOnlyFeed:
 
     async def close_position(self, position_id: int) -> bool:
         raise ReadOnly(self.refusal())
+
+    def close_held_for(self, position_id: int) -> float | None:
+        return None  # (its close is a command: the engine that takes it answers)
 
     async def send_command(
         self, kind: CommandKind, args: Mapping[str, Any] | None = None, reason: str = ""

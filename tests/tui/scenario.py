@@ -400,6 +400,9 @@ class ScenarioFeed:
     async def close_position(self, position_id: int) -> bool:
         return False
 
+    def close_held_for(self, position_id: int) -> float | None:
+        return None
+
     async def position_orders(self, position_id: int) -> list:
         return []
 

@@ -146,6 +146,36 @@ async def test_x_closes_the_selected_position_after_confirmation(db: Database) -
         assert any(f"{target.symbol} closed at market" in d for d in board.log_details())
 
 
+async def test_x_says_at_once_when_the_close_is_held_back_and_closes_after(db: Database) -> None:
+    """With two rate refusals remembered, a close of a protected position waits (a third refusal gets the
+    account banned, every stop with it). The dashboard said nothing until the close was done, up to 20 s
+    later; it now says at once that it is held back, why, and that the position keeps its stops."""
+    async with dashboard(tui_settings(db)) as board:
+        await started(board)
+        await board.open_positions([SYMBOLS[40]])
+        await board.until(lambda: board.engine.snapshot().coverage.protected == 1, "covered")
+        # Two entries' sends are refused for the venue's rate: the second signal's entry is held back.
+        board.engine.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.RATE_LIMITED, 2)  # type: ignore[attr-defined]
+        assert board.engine.store is not None
+        await board.engine.store.insert_signals([(SYMBOLS[41], "long", None, None)])
+        budget = board.engine.order_budget
+        assert budget is not None
+        await board.until(lambda: budget.refusal_pause_for() is not None, "two refusals remembered")
+        await board.press("x", "y")
+        await board.until(
+            lambda: any(f"Closing {SYMBOLS[40]}: held back up to" in d for d in board.log_details()),
+            "said held back",
+            limit=5.0,
+        )
+        assert board.engine.manager is not None
+        manager = board.engine.manager
+        assert SYMBOLS[40] in manager.by_symbol  # not sent yet
+        await board.until(lambda: SYMBOLS[40] not in manager.by_symbol, "closed in the engine", limit=40.0)
+        await board.until(
+            lambda: any(f"{SYMBOLS[40]} closed at market" in d for d in board.log_details()), "closed said"
+        )
+
+
 async def test_u_slash_l_and_help_filter_focus_and_explain(db: Database) -> None:
     settings = tui_settings(db, {"VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "2"})
     async with dashboard(settings, size=(80, 24)) as board:
