@@ -278,12 +278,20 @@ class CommandRunner:
         """ "closed at market", or, when the position ended otherwise first (its stop filled while the close
         waited its turn), how it did, as recorded."""
         store = self._engine.store
-        record = await store.position(position_id) if store is not None else None
+        try:
+            record = await store.position(position_id) if store is not None else None
+        except Exception as exc:  # (the database down: the close went, its record is journaled)
+            log.warning("position %s: how it closed is not readable now (%s)", position_id, exc)
+            return "closed"
+        ended = {
+            "stop_loss": "by its hard stop",
+            "trailing_stop": "by its trailing stop",
+            "closed_on_exchange": "on the venue",
+        }
         reason = record.exit_reason if record is not None else None
-        if reason is None or reason == "manual":
+        if reason not in ended:
             return "closed at market"
-        ended = {"stop_loss": "by its hard stop", "trailing_stop": "by its trailing stop"}
-        return f"closed {ended.get(reason, f'on the venue ({reason})')} before the close went"
+        return f"closed {ended[reason]} before the close went"
 
     async def _flatten(self, command: CommandRecord) -> CommandOutcome:
         """Entries pause first (else the next wave reopens what is closed), then every position closes at

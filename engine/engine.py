@@ -1398,6 +1398,8 @@ class Engine:
             if position is None or position.id in self.manager.guards:
                 return
         doubt = self._in_doubt.get(venue_position.symbol)
+        if doubt is None and venue_position.symbol in self._in_flight:
+            return  # an entry's answer is being applied to its record: the next pass sees the outcome
         if doubt is None or doubt.position_id != position.id:
             with contextlib.suppress(_NotAdoptedYet):
                 await self._adopt_into(position, venue_position)
@@ -2052,9 +2054,10 @@ class Engine:
             )
             await self.store.finish_signal(signal.id, SignalStatus.OPENED, wave_id=wave_id)
             log.info(
-                "%s: the entry in doubt is found filled; it is position %s, adopted from the venue's list",
+                "%s: the entry in doubt is found filled; position %s, adopted from the venue's list%s",
                 signal.symbol,
                 doubt.position_id,
+                ", holds the other side (the venue's net position)" if doubt.flipped else "",
             )
             return guard
         reason = (
@@ -2099,6 +2102,7 @@ class Engine:
                 try:
                     await settle(await self._entry_by_id(doubt))
                 except Exception:
+                    doubt.answering = False  # asked again: the venue's list may adopt it meanwhile
                     log.exception(
                         "%s: settling the entry of unknown outcome failed; counted uncovered, tried again in "
                         "%.0fs",
@@ -2146,9 +2150,10 @@ class Engine:
                 signal, doubt.side, doubt.position_id, order, wave_id, promise, stop_record, doubt=doubt
             )
             return
+        adopted = await self._adopted_before_answer(doubt)  # (counted as a doubt until it is decided)
         self._in_doubt.pop(doubt.symbol, None)
         assert self.store is not None and self.manager is not None
-        if await self._adopted_before_answer(doubt):  # the venue's list showed it: adopted, not absent
+        if adopted:  # the venue's list showed it: adopted, not absent
             doubt.guard = self.manager.guards.get(doubt.position_id)
             if doubt.flipped:  # what it holds is the other side: not this entry's
                 await self._reject(
@@ -2945,7 +2950,12 @@ class Engine:
         said = False
         while True:
             manager = self.manager
-            current = manager.guards.get(position_id) if manager is not None else None
+            if manager is None or manager.stopped:  # a protection restart between managers
+                if not await self.protection_in_place(OPERATOR_CLOSE_RECHECK_SECONDS):
+                    continue
+                manager = self.manager
+                assert manager is not None
+            current = manager.guards.get(position_id)
             if current is None:
                 return guard if guard.closed else None
             guard = current
@@ -2959,12 +2969,12 @@ class Engine:
             if not said:
                 said = True
                 log.warning(
-                    "close of position %s %s held back up to %.0fs: the venue refused orders for its rate "
-                    "lately and bans for one more refusal, which would hold every stop back; the position "
-                    "keeps its confirmed stops meanwhile",
+                    "close of position %s %s held back up to %ds: the venue refused orders for its rate "
+                    "lately, and one more refusal may get the account banned, every stop held back with it; "
+                    "the position keeps its confirmed stops meanwhile",
                     guard.position_id,
                     guard.symbol,
-                    min(held, left),
+                    math.ceil(min(held, left)),
                 )
             await budget.room_shown(min(held, left, OPERATOR_CLOSE_RECHECK_SECONDS))
 

@@ -564,6 +564,9 @@ class PositionGuard:
         if self.closed:
             command.settle(isinstance(command, PositionGone | ClosePosition), "position already closed")
             return command.done
+        if self._m.stopped:  # its task is gone (a protection restart): queued, it would never be answered
+            command.settle(False, "the guard stopped (protection restarting)")
+            return command.done
         self._commands.append(command)
         if command.urgent and self._pass is not None and not self._pass.done():
             self._pass.cancel()

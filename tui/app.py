@@ -21,6 +21,7 @@ import faulthandler
 import gc
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -458,8 +459,9 @@ class DashboardApp(App[int]):
         if held is not None:
             self.post_message(
                 CommandDone(
-                    f"Closing {symbol}: held back up to {held:.0f}s. The venue refused orders for its rate "
-                    "lately and bans the account for one more refusal; the position keeps its stops.",
+                    f"Closing {symbol}: held back up to {math.ceil(held)}s. The venue refused orders for its "
+                    "rate lately, and one more refusal may get the account banned; the position keeps its "
+                    "stops.",
                     severity="warning",
                 )
             )
