@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from decimal import ROUND_DOWN, Decimal
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from engine.account_stream import AccountStreamReader
 from engine.accounts import account_key
@@ -1383,7 +1383,9 @@ class Engine:
         )
         return None
 
-    async def _adopt(self, venue_position: VenuePosition) -> None:
+    async def _adopt(self, venue_position: VenuePosition, held: Sequence[VenuePosition]) -> None:
+        """Guard a position the venue holds (`held`: all it holds on the symbol, read alone) that no guard
+        tracks: into the open record of its symbol if there is one (an entry in doubt), else a new one."""
         assert self.store is not None and self.manager is not None
         try:
             position = await self.store.create_position(
@@ -1401,17 +1403,13 @@ class Engine:
         if doubt is None and venue_position.symbol in self._in_flight:
             return  # an entry's answer is being applied to its record: the next pass sees the outcome
         if doubt is None or doubt.position_id != position.id:
-            with contextlib.suppress(_NotAdoptedYet):
-                await self._adopt_into(position, venue_position)
+            await self._adopt_into(position, venue_position, held)
             return
         if doubt.answering:
             return  # the entry's own answer is being applied to its record: the next pass sees the outcome
         doubt.adopting = asyncio.Event()
         try:
-            try:
-                doubt.flipped = await self._adopt_into(position, venue_position)
-            except _NotAdoptedYet:
-                return
+            doubt.flipped = await self._adopt_into(position, venue_position, held)
             # Its own answer, when it comes, neither fills nor fails this record again (`_entry_answered`),
             # and its guard counts it from here.
             doubt.adopted = True
@@ -1424,15 +1422,15 @@ class Engine:
         finally:
             doubt.adopting.set()
 
-    async def _adopt_into(self, position: PositionRecord, venue_position: VenuePosition) -> bool:
+    async def _adopt_into(
+        self, position: PositionRecord, venue_position: VenuePosition, held: Sequence[VenuePosition]
+    ) -> bool:
         """Fill `position` in from what the venue holds and guard it; whether its side was flipped to the
-        venue's. Raises `_NotAdoptedYet` when the venue's own read of the symbol fails."""
+        venue's."""
         assert self.store is not None and self.manager is not None
         flipped = venue_position.side.value != position.side
         if flipped:
-            ours = await self._held_on_side(venue_position.symbol, PositionSide(position.side))
-            if ours is False:
-                raise _NotAdoptedYet  # the next pass asks again (an entry in doubt counts uncovered meanwhile)
+            ours = next((p for p in held if p.side.value == position.side), None)
             if ours is not None:  # hedge mode: the record's own side is held too; that one is the entry's
                 venue_position, flipped = ours, False
         recorded = await self._recorded_orders(position.id)
@@ -1476,17 +1474,6 @@ class Engine:
         # its entry carried) are verified, and no id it used is sent again.
         recorded.protect(self.manager, position)
         return flipped
-
-    async def _held_on_side(self, symbol: str, side: PositionSide) -> VenuePosition | Literal[False] | None:
-        """The venue's position on `symbol` and `side`, asked of the symbol alone: None if it holds none,
-        False if the venue did not answer."""
-        assert self.manager is not None
-        try:
-            held = await self.manager.read(lambda: self.venue.fetch_positions(symbol), "fetch_positions")
-        except (ExchangeError, TimeoutError) as exc:
-            log.warning("%s: not adopted this pass, its own read failed (%s)", symbol, exc)
-            return False
-        return next((p for p in held if p.symbol == symbol and p.side is side and p.quantity > 0), None)
 
     async def _recorded_orders(self, position_id: int) -> RecordedOrders:
         """A position's orders as recorded, for a guard that starts on a record with a past (an entry of
@@ -2977,10 +2964,6 @@ class Engine:
                     math.ceil(min(held, left)),
                 )
             await budget.room_shown(min(held, left, OPERATOR_CLOSE_RECHECK_SECONDS))
-
-
-class _NotAdoptedYet(Exception):
-    """`Engine._adopt_into` could not tell what to adopt this pass (the venue's own read failed)."""
 
 
 async def _quietly(awaitable: Awaitable[Any]) -> None:

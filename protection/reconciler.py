@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -105,7 +105,9 @@ class Reconciler:
         clock: Clock,
         connected_at: float,
         startup_unknown_seconds: float,
-        adopt: Callable[[VenuePosition], Awaitable[None]],
+        # Adopt a position the venue holds that no record of ours tracks; with it, every position the venue
+        # holds on its symbol, as read for the symbol alone.
+        adopt: Callable[[VenuePosition, Sequence[VenuePosition]], Awaitable[None]],
         entries_in_flight: Callable[[], set[str]],
     ):
         self._manager = manager
@@ -224,20 +226,22 @@ class Reconciler:
             )
         return report
 
-    async def _still_held(self, seen: VenuePosition) -> bool:
-        """Whether the venue, asked about this symbol alone now, still holds the position a list showed."""
+    async def _still_held(self, seen: VenuePosition) -> list[VenuePosition] | None:
+        """The symbol's positions as the venue, asked about it alone now, holds them, if it still holds the
+        one a list showed; else None."""
         try:
             alone = await self._manager.read(
                 lambda: self._venue.fetch_positions(seen.symbol), "fetch_positions", Lane.READ
             )
         except (ExchangeError, TimeoutError) as exc:
             log.warning("reconcile: %s not adopted this pass, its own read failed (%s)", seen.symbol, exc)
-            return False
-        held = any(p.symbol == seen.symbol and p.side is seen.side and p.quantity > 0 for p in alone)
-        if not held:
+            return None
+        held = [p for p in alone if p.symbol == seen.symbol and p.quantity > 0]
+        if not any(p.side is seen.side for p in held):
             log.info(
                 "reconcile: %s was in the list but is flat when asked alone: nothing to adopt", seen.symbol
             )
+            return None
         return held
 
     def _check_orders(
@@ -382,7 +386,8 @@ class Reconciler:
         after the read): only a fresh read of the symbol makes it a position to adopt."""
         if self._manager.stopped:
             return  # an emptied manager would "adopt" every position it no longer tracks
-        if not await self._still_held(venue_position) or self._manager.stopped:
+        alone = await self._still_held(venue_position)
+        if alone is None or self._manager.stopped:
             return
         log.warning(
             "reconcile: %s %s %s on the venue is not ours in the database: adopting and protecting it",
@@ -390,7 +395,7 @@ class Reconciler:
             venue_position.side.value,
             venue_position.quantity,
         )
-        await self._adopt(venue_position)
+        await self._adopt(venue_position, alone)
         report.adopted.append(venue_position.symbol)
 
     async def _cancel_if_stale(self, order: Order, report: ReconcileReport) -> None:
