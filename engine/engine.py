@@ -387,6 +387,15 @@ class _CarriedProtection:
         return dataclasses.replace(view, unprotected_seconds=now - since)
 
 
+class EntryNotSentAgain(Exception):
+    """An entry the venue refused for its rate (it never ran) is not sent again: the engine is stopping,
+    or entries were paused while it waited for room."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 @dataclass(slots=True)
 class EntryInDoubt:
     """An entry sent whose outcome the venue has not told: its answer lost, the look-ups by its id failing.
@@ -1704,11 +1713,20 @@ class Engine:
                 for signal in wave.signals:
                     await self._reject(signal, "engine stopping", None)
                 return
-            self._wave_in_progress = asyncio.ensure_future(self.process_wave(wave))
+            wave_task = self._wave_in_progress = asyncio.ensure_future(self.process_wave(wave))
             try:
-                await asyncio.shield(self._wave_in_progress)
+                await asyncio.shield(wave_task)
             finally:
-                self._wave_in_progress = None
+                # Cut loose from this loop (the stop cancels it), a wave under way stays known until it
+                # ends: the stop waits for it, then cancels it, instead of leaving it to send on its own.
+                if wave_task.done():
+                    self._wave_in_progress = None
+                else:
+                    wave_task.add_done_callback(self._wave_ended)
+
+    def _wave_ended(self, task: asyncio.Future[None]) -> None:
+        if self._wave_in_progress is task:
+            self._wave_in_progress = None
 
     async def process_wave(self, wave: SignalWave) -> None:
         assert self.store is not None and self.manager is not None
@@ -1798,6 +1816,14 @@ class Engine:
             )
         return None, side, quantity
 
+    def _not_to_be_sent(self) -> str | None:
+        """Why an entry admitted and not sent yet must not be sent now (None: it may go): the engine began
+        stopping (a stop sends no entry it has not sent; it only finishes those sent), or entries were
+        paused while it waited."""
+        if self._draining or self.state is not EngineState.RUNNING:
+            return "engine stopping"
+        return self._paused_before_sent() if self.entries_paused else None
+
     def _paused_before_sent(self) -> str:
         """The reason of an entry a wave accepted and a pause stopped before it was sent: a pause stops
         every entry not sent yet, not only the next wave's (the incident's waves kept opening positions while
@@ -1851,9 +1877,10 @@ class Engine:
             except RateLimited as exc:  # refusals piled up: the next could be a ban's (`OrderBudget`)
                 await self._reject(signal, str(exc), wave_id)
                 return None
-            if self.entries_paused:  # paused while it waited (the breaker, say, while stops were refused)
+            # Paused while it waited for room (the breaker, say, while stops were refused), or stopping.
+            if (not_sent := self._not_to_be_sent()) is not None:
                 manager.budget.release_promise(promise)  # (its probe, if it was one, ends below)
-                await self._reject(signal, self._paused_before_sent(), wave_id)
+                await self._reject(signal, not_sent, wave_id)
                 return None
             try:
                 position = await self.store.create_position(
@@ -1899,9 +1926,9 @@ class Engine:
                     signal.symbol, order_side, quantity, client_order_id=cid
                 )
 
-            if self.entries_paused:  # paused while it was recorded: not sent
+            if (not_sent := self._not_to_be_sent()) is not None:  # while it was recorded: not sent
                 return await self._entry_failed(
-                    signal, position.id, cid, self._paused_before_sent(), wave_id, promise, stop_record
+                    signal, position.id, cid, not_sent, wave_id, promise, stop_record
                 )
             doubt = EntryInDoubt(position.id, signal.symbol, side, quantity, cid)
             try:
@@ -1927,6 +1954,10 @@ class Engine:
                     wave_id,
                     promise,
                     stop_record,
+                )
+            except EntryNotSentAgain as exc:
+                return await self._entry_failed(
+                    signal, position.id, cid, exc.reason, wave_id, promise, stop_record
                 )
             except (Rejected, ExchangeError) as exc:
                 return await self._entry_failed(
@@ -2304,6 +2335,8 @@ class Engine:
                     log.info("entry %s rate limited (%s): sent again in %.3fs", symbol, exc, exc.retry_after)
                     await self.clock.sleep(max(0.0, exc.retry_after))
                     promise = await manager.budget.acquire_resend(promise)
+                    if (not_sent := self._not_to_be_sent()) is not None:  # (refused: it never ran)
+                        raise EntryNotSentAgain(not_sent) from exc
                     continue
                 except BaseException:
                     manager.budget.entry_answered(promise, room=False)

@@ -580,6 +580,88 @@ async def test_stopping_mid_wave_finishes_every_entry_already_sent_to_both_stops
     assert report.all_protected
 
 
+async def test_an_entry_held_by_the_order_budget_when_the_engine_stops_is_never_sent(db: Database) -> None:
+    """A wave's entries waiting for room in the venue's order window when the stop began were still sent
+    once room came: after the drain's wait, during the guards' wait, even after the manager had stopped,
+    while the wave, cut loose from its loop, was never cancelled. Their positions stayed without stops
+    until the next start. Now an entry not sent when the engine begins stopping is never sent; what was
+    sent is protected, and the venue holds nothing without both stops."""
+    settings = settings_for(
+        db,
+        {
+            "VENUE__SIM__LATENCY__BY_CALL": '{"create_order": {"seconds": 0.5}}',
+            "VENUE__SIM__RATE_LIMITS__ORDERS_PER_10S": "8",
+            "VENUE__SIM__RATE_LIMITS__BAN_AFTER_VIOLATIONS": "1000",
+        },
+    )
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    venue = engine.venue
+    assert engine.store is not None
+    symbols = SYMBOLS[60:72]
+    await engine.store.insert_signals([(s, "long", None, None) for s in symbols])
+    await drive_until(
+        clock,
+        lambda: venue.calls_made.get(CallKind.CREATE_ORDER, 0) >= 1,
+        what="the first entry sent",
+        step=0.01,
+    )
+    stop_began = clock.now()
+    report = await drive(clock, engine.stop())
+    await drive(clock, clock.sleep(60.0))  # whatever was cut loose would have sent by now
+    entries = await db.pool.fetch(
+        "SELECT p.symbol, o.client_order_id FROM monitoring.orders o JOIN monitoring.positions p "
+        "ON p.id = o.position_id WHERE o.purpose = 'entry'"
+    )
+    sent_after = []
+    for row in entries:
+        with contextlib.suppress(ExchangeError):  # never sent: the venue does not know it
+            order = venue.core.get_order(row["symbol"], row["client_order_id"], clock.now())
+            if order.created_at > stop_began + 0.5:  # (the first one's half-second trip)
+                sent_after.append(row["symbol"])
+    assert sent_after == []
+    held = venue.core.positions(clock.now())
+    assert held, "the entry sent before the stop filled"
+    live = Counter((o.symbol, o.type.value) for o in venue.core.open_protective_orders(clock.now()))
+    for position in held:
+        assert live[(position.symbol, "stop_market")] == 1, position.symbol
+        assert live[(position.symbol, "trailing_stop_market")] == 1, position.symbol
+    assert (report.open_positions, report.uncovered) == (len(held), 0)
+    outcomes = await db.pool.fetch("SELECT status, reason FROM monitoring.signals")
+    assert Counter(r["status"] for r in outcomes) == {
+        "rejected": len(symbols) - len(held),
+        "opened": len(held),
+    }, [dict(r) for r in outcomes]
+
+
+async def test_an_entry_refused_for_the_rate_is_not_sent_again_once_the_engine_stops(db: Database) -> None:
+    """An entry the venue refused for its rate (HTTP 429: it never ran) is sent again when the venue's
+    window has room; one refused just before the stop began was sent again during the stop. It now ends
+    `engine stopping`, and the venue never sees it again."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    venue = engine.venue
+    assert engine.store is not None
+    venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.RATE_LIMITED)  # Retry-After 1 s
+    [symbol] = SYMBOLS[72:73]
+    await engine.store.insert_signals([(symbol, "long", None, None)])
+    await drive_until(
+        clock,
+        lambda: venue.calls_made.get(CallKind.CREATE_ORDER, 0) >= 1,
+        what="the entry refused",
+        step=0.01,
+    )
+    report = await drive(clock, engine.stop())
+    assert venue.calls_made[CallKind.CREATE_ORDER] == 1
+    assert venue.core.positions(clock.now()) == []
+    assert (report.open_positions, report.uncovered, report.unresolved_entries) == (0, 0, 0)
+    row = await db.pool.fetchrow("SELECT status, reason FROM monitoring.signals")
+    assert (row["status"], row["reason"]) == ("rejected", "engine stopping")
+
+
 async def test_a_stop_that_cannot_protect_in_time_says_so(db: Database) -> None:
     """No stop order gets through (the venue answers each with HTTP 500) before the engine is stopped:
     the report counts those positions as uncovered (so `tsbot run` exits non-zero), it never says 0."""
