@@ -1158,12 +1158,10 @@ class Engine:
             for p in positions
             if self._restorable(p) and not (_entry_pending(p) and p.symbol in self._in_flight)
         ]
-        filled = await asyncio.gather(*(self._resolve_entry(p) for p in restorable if _entry_pending(p)))
-        ready = [p for p in restorable if not _entry_pending(p)] + [p for p in filled if p is not None]
-        if self._carried is not None:  # from here on each position shows what the new guards know
-            self._carried.guards_created = True
-        guards = [
-            self.manager.protect(
+        manager = self.manager
+
+        def protect(position: PositionRecord) -> PositionGuard:
+            return manager.protect(
                 position,
                 filled_at=self._monotonic_of(position.opened_at),
                 live_orders=orders_by_position.get(position.id, ()),
@@ -1171,10 +1169,21 @@ class Engine:
                 venue_open_orders=venue_orders,
                 used_order_ids=ids_by_position.get(position.id, ()),
             )
-            for position in ready
-        ]
+
+        async def protect_once_filled(position: PositionRecord) -> PositionGuard | None:
+            filled = await self._resolve_entry(position)
+            return None if filled is None or manager.stopped else protect(filled)
+
+        # Positions known filled are guarded at once (those without stops get them a round trip after the
+        # venue's answer); each entry left pending is looked up, and guarded on its own answer: none waits
+        # for the slowest look-up (the call budget), as every guard once did.
+        guards = [protect(p) for p in restorable if not _entry_pending(p)]
         if handover is not None:  # the guards exist: the account's events reach them from now on
             handover()
+        resolved = await asyncio.gather(*(protect_once_filled(p) for p in restorable if _entry_pending(p)))
+        guards += [g for g in resolved if g is not None]
+        if self._carried is not None:  # from here on each position shows what the new guards know
+            self._carried.guards_created = True
         adopted = 0
         if snapshot is not None:
             try:

@@ -155,6 +155,58 @@ async def test_pending_entries_are_resolved_together_at_start_up(db: Database) -
         await drive(clock, engine_b.stop())
 
 
+async def test_a_naked_position_is_protected_at_start_up_without_waiting_for_pending_entries_look_ups(
+    db: Database,
+) -> None:
+    """At start-up no guard started before every pending entry's look-up had answered: a position already
+    known filled and without stops waited for the slowest look-up (up to the call budget) before its stops
+    went. Now the filled ones are guarded at once, and each pending entry on its own answer."""
+    settings_a = settings_for(db, {"VENUE__SIM__LATENCY__BY_CALL": '{"create_order": {"seconds": 2}}'})
+    clock = ManualClock()
+    engine_a = make_engine(settings_a, clock)
+    await drive(clock, engine_a.start())
+    naked, pending = SYMBOLS[46], SYMBOLS[47]
+    try:
+        assert engine_a.store is not None
+        venue_a = engine_a.venue
+        assert isinstance(venue_a, SimVenue)
+        venue_a.drop_account_stream(100_000)  # (its fill events would answer the second entry)
+        venue_a.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, count=1000, stops_only=True)
+        await engine_a.store.insert_signals([(naked, "long", None, None)])
+        await drive_until(
+            clock,
+            lambda: engine_a.manager is not None and naked in engine_a.manager.by_symbol,
+            what="the first entry answered",
+            step=0.01,
+        )
+        await engine_a.store.insert_signals([(pending, "long", None, None)])
+        core = venue_a.core
+        await drive_until(clock, lambda: len(core.positions(clock.now())) == 2, what="both filled", step=0.01)
+    finally:
+        await drive(clock, engine_a.stop(drain=False))  # dies before the second entry's answer
+    statuses = dict(await db.pool.fetch("SELECT symbol, status FROM monitoring.positions"))
+    assert statuses[pending] == "entry_placed"
+    assert statuses[naked] != "entry_placed"
+    assert core.open_protective_orders(clock.now()) == []
+
+    # The venue answers order look-ups slowly (8 s); everything else at its usual pace.
+    settings_b = settings_for(db, {"VENUE__SIM__LATENCY__BY_CALL": '{"fetch_order": {"seconds": 8}}'})
+    engine_b = restarted(engine_a, settings_b, clock)
+    started = clock.now()
+    report = await drive(clock, engine_b.start())
+    try:
+        assert report.failed == 0
+        placed = {o.symbol: o.created_at - started for o in core.open_protective_orders(clock.now())}
+        assert set(placed) == {naked, pending}
+        # The naked position's stops were recorded and never confirmed: its guard looks them up by id
+        # (8 s) before it sends them again. That look-up and the pending entry's run side by side; before,
+        # the guard only started once the entry's had answered: 8 s + 8 s (17.1 s).
+        assert 8.0 <= placed[naked] < 8.0 + 2.0, placed
+        assert 8.0 <= placed[pending] < 8.0 + 2.0, placed  # on its own look-up's answer
+    finally:
+        await drive(clock, engine_b.stop())
+
+
 async def test_a_covered_position_a_protection_restart_cannot_verify_is_uncovered_from_the_restart(
     db: Database,
 ) -> None:
