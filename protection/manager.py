@@ -818,7 +818,7 @@ class PositionGuard:
                     f"{cid} {status.value} on the venue, not by us",
                     f"{self.symbol}: {_what(target.purpose)} {cid} {status.value} on the venue, not by us; re-placing",
                 )
-            m.spawn_order_status(OrderStatusRow(cid, _record_status(status), update.venue_order_id))
+            m.spawn_order_status(OrderStatusRow(cid, record_status_of(status), update.venue_order_id))
             target.ended_as = status
             target.maybe_sent = False
             self._fresh_id(target)  # un-confirmed: the next pass sends a new one (or asks the venue first)
@@ -1330,7 +1330,7 @@ class PositionGuard:
                 m.clock.monotonic(),
             )
         await m.store.set_order_status(
-            cid, _record_status(found.status), exchange_order_id=found.venue_order_id
+            cid, record_status_of(found.status), exchange_order_id=found.venue_order_id
         )
         return _Outcome.GONE
 
@@ -1593,7 +1593,7 @@ class PositionGuard:
             return self._fired(order, placed.updated_at)
         if placed.status is not OrderStatus.NEW:
             await m.store.set_order_status(
-                cid, _record_status(placed.status), exchange_order_id=placed.venue_order_id
+                cid, record_status_of(placed.status), exchange_order_id=placed.venue_order_id
             )
             return _Outcome.GONE
         await m.order_status_writer.write(
@@ -2172,7 +2172,7 @@ class PositionGuard:
                 await asyncio.shield(m.store.set_position_status(self.position_id, self._open_status()))
             raise
         await m.store.set_order_status(
-            cid, _record_status(filled.status), exchange_order_id=filled.venue_order_id
+            cid, record_status_of(filled.status), exchange_order_id=filled.venue_order_id
         )
         if filled.status is not OrderStatus.FILLED:
             await self._close_failed(cid, f"close order {filled.status.value}", None)
@@ -2860,7 +2860,7 @@ class ProtectionManager:
             # second cancel of a cancelled order answers "unknown order": gone). A lost answer held the
             # position's other cancels, and their retries, for the whole call budget.
             final = await self.read(lambda: self.venue.cancel_order(symbol, cid), "cancel_order")
-            await self.store.set_order_status(cid, _record_status(final.status))
+            await self.store.set_order_status(cid, record_status_of(final.status))
             if not final.status.is_final:  # fired, not finished: it can still fill, cancelled or not
                 if cid not in self._unfinished_told:  # said once: the sweep asks again every few seconds
                     self._unfinished_told.add(cid)
@@ -3424,7 +3424,8 @@ def _what(purpose: OrderPurpose) -> str:
     )
 
 
-def _record_status(status: OrderStatus) -> OrderRecordStatus:
+def record_status_of(status: OrderStatus) -> OrderRecordStatus:
+    """How an order the venue told us of is recorded."""
     return {
         OrderStatus.NEW: OrderRecordStatus.OPEN,
         OrderStatus.TRIGGERED: OrderRecordStatus.UNKNOWN,  # fired, not final: it may still fill

@@ -36,6 +36,7 @@ from protection.manager import (
     PositionHeld,
     ProtectionManager,
     QuantityChanged,
+    record_status_of,
 )
 from protection.order_ids import parse_client_order_id
 from storage.repositories import LIVE_ORDER_STATUSES, OrderPurpose, OrderRecordStatus, Severity, Store
@@ -417,20 +418,26 @@ class Reconciler:
             if guard is None
             else "duplicate (not the current order)"
         )
+        cid = order.client_order_id
         try:
-            await manager.call(
-                self._venue.cancel_order(order.symbol, order.client_order_id), "cancel_order", Lane.READ
+            final: Order | None = await manager.call(
+                self._venue.cancel_order(order.symbol, cid), "cancel_order", Lane.READ
             )
-        except NotFound:
-            pass
+        except NotFound:  # listed by this pass's read, gone now: it ended meanwhile, how is asked below
+            final = None
         except (ExchangeError, TimeoutError) as exc:
-            log.warning("reconcile: cancelling %s %s failed: %s", why, order.client_order_id, exc)
+            log.warning("reconcile: cancelling %s %s failed: %s", why, cid, exc)
             if guard is None:  # an orphan left live: cancelled again, and its symbol takes no new position
-                manager.sweep_leftovers(order.symbol, {order.client_order_id: None})
+                manager.sweep_leftovers(order.symbol, {cid: None})
+            return
+        if final is None or final.status is not OrderStatus.CANCELED:
+            # It ended before the cancel (this pass's read is older than the stop's fill), or it fired and
+            # may still fill: the venue's word is recorded, and nothing is said cancelled that was not.
+            await self._ended_before_cancel(order, final, guard is None)
             return
         # Ours by token, but possibly not in this database's orders (e.g. of a position id we never saw).
         with contextlib.suppress(LookupError):
-            await self._store.set_order_status(order.client_order_id, OrderRecordStatus.CANCELED)
+            await self._store.set_order_status(cid, OrderRecordStatus.CANCELED)
         await self._store.record_event(
             Severity.WARNING,
             "orphan_cancelled",
@@ -438,5 +445,32 @@ class Reconciler:
             symbol=order.symbol,
             position_id=key.position_id,
         )
-        log.warning("reconcile: cancelled our %s %s on %s", why, order.client_order_id, order.symbol)
-        report.orphans_cancelled.append(order.client_order_id)
+        log.warning("reconcile: cancelled our %s %s on %s", why, cid, order.symbol)
+        report.orphans_cancelled.append(cid)
+
+    async def _ended_before_cancel(self, order: Order, final: Order | None, orphan: bool) -> None:
+        """A stale stop of ours the pass meant to cancel had ended already, or fired. Its end is recorded as
+        the venue tells it (looked up when the cancel found it gone); one fired and not finished can still
+        fill, reduce-only: an orphan's symbol takes no new position until it has ended (the sweep)."""
+        manager, cid = self._manager, order.client_order_id
+        if final is None:
+            try:
+                final = await manager.read(lambda: self._venue.fetch_order(order.symbol, cid), "fetch_order")
+            except (ExchangeError, TimeoutError) as exc:  # the record keeps what it said; nothing is live
+                log.info(
+                    "reconcile: %s on %s ended before its cancel; looking it up failed: %s",
+                    cid,
+                    order.symbol,
+                    exc,
+                )
+                return
+        with contextlib.suppress(LookupError):
+            await self._store.set_order_status(cid, record_status_of(final.status))
+        if not final.status.is_final and orphan:
+            manager.sweep_leftovers(order.symbol, {cid: None})
+        log.info(
+            "reconcile: %s on %s was %s before the pass could cancel it",
+            cid,
+            order.symbol,
+            final.status.value,
+        )

@@ -251,6 +251,43 @@ async def test_a_snapshot_taken_before_a_stop_filled_adopts_no_phantom(db: Datab
         await run.stop()
 
 
+async def test_a_stop_that_filled_after_the_passs_read_is_not_recorded_cancelled(db: Database) -> None:
+    """A reconcile pass read the venue's open orders; the hard stop filled and its guard closed the position
+    before the pass compared. The pass took the filled stop (and its sibling, cancelled by the guard) for
+    orphans: whatever its cancel answered, it overwrote the stop's `filled` record with `cancelled` and
+    raised a WARNING "cancelled our orphan" for an order that had closed the position. Now the cancel's
+    answer is what is recorded, and only an order the cancel ended is said to be cancelled by it."""
+    settings = chaos_settings(db)
+    run = ChaosRun(db, settings)
+    await run.start()
+    try:
+        symbol = await run.one_protected_position()
+        reconciler = run.engine.reconciler
+        manager = run.engine.manager
+        assert reconciler is not None
+        assert manager is not None
+        guard = manager.by_symbol[symbol]
+        hard_stop = guard.stop_loss.client_order_id
+        stale = await run.drive(reconciler.take_snapshot())
+        assert hard_stop in {o.client_order_id for o in stale.open_orders}
+        await fire_hard_stop(run, symbol)
+        await run.until(lambda: not manager.guards, limit=10.0, what="closed, its guard gone")
+        report = await run.drive(reconciler.reconcile_once(stale))
+        status = await db.pool.fetchval(
+            "SELECT status FROM monitoring.orders WHERE client_order_id = $1", hard_stop
+        )
+        assert status == "filled"
+        assert hard_stop not in report.orphans_cancelled
+        said = await db.pool.fetch(
+            "SELECT message FROM monitoring.events WHERE type = 'orphan_cancelled' AND symbol = $1", symbol
+        )
+        assert [r["message"] for r in said if hard_stop in r["message"]] == []
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)
+    finally:
+        await run.stop()
+
+
 async def test_a_new_position_waits_until_the_old_positions_fired_stop_has_finished(db: Database) -> None:
     """A fired stop sat TRIGGERING (4 s here); after the patience the engine closed the position at
     market, and the symbol was free at once: the cancel of the fired stop answered it as it was (still
