@@ -290,6 +290,9 @@ class QuantityChanged(GuardCommand):
     fill): the stops are resized to it, make-before-break."""
 
     quantity: Decimal = Decimal(0)
+    # When the venue was asked (monotonic): a size read before the one last applied is older news (a pass
+    # that read the position before the stream told it grew would shrink its stops back).
+    seen_at: float = float("inf")
 
 
 @dataclass(slots=True)
@@ -444,6 +447,7 @@ class PositionGuard:
         # The account stream's word on the position: when it last said its size (venue epoch seconds; an
         # older event is out of order and ignored) and whether that was "flat".
         self._stream_position_at = float("-inf")
+        self._quantity_seen_at = float("-inf")  # (monotonic) when the size last applied was the venue's
         self.venue_flat_at: float | None = None
         # The fill on the wall clock: a pushed size older than the position itself is about an earlier one.
         self.opened_epoch = manager.clock.now() - (manager.clock.monotonic() - filled_at)
@@ -683,6 +687,9 @@ class PositionGuard:
         """Resize the stops to the venue's quantity: new ones first, the old ones cancelled once the new
         are confirmed (a stop for the wrong size is still better than none meanwhile)."""
         m = self._m
+        if command.seen_at < self._quantity_seen_at:
+            return False  # read before the size applied last was told
+        self._quantity_seen_at = max(self._quantity_seen_at, min(command.seen_at, m.clock.monotonic()))
         if command.quantity <= 0 or command.quantity == self.quantity or self.exit_evidence is not None:
             return False
         log.warning(
@@ -850,8 +857,8 @@ class PositionGuard:
         self.venue_flat_at = None
         if self.exit_evidence is not None:
             self._position_held(PositionHeld(seen_at=m.clock.monotonic()))
-        if command.quantity != self.quantity:
-            return await self._quantity_changed(QuantityChanged(quantity=command.quantity))
+        # Told now: newer than any pass's read still being compared (recorded even when unchanged).
+        await self._quantity_changed(QuantityChanged(quantity=command.quantity, seen_at=m.clock.monotonic()))
         return True
 
     async def _cancel_superseded(self) -> bool:

@@ -179,7 +179,7 @@ class Reconciler:
                 if guard.exit_evidence is not None or guard.said_gone_at is not None:
                     guard.submit(PositionHeld(seen_at=snapshot_at))
                 if venue_position.quantity != guard.quantity:
-                    guard.submit(QuantityChanged(quantity=venue_position.quantity))
+                    guard.submit(QuantityChanged(quantity=venue_position.quantity, seen_at=snapshot_at))
                 self._check_orders(guard, open_by_id, report, snapshot_at)
         # Each missing position costs look-ups (its stops, its symbol alone): a list that lost everything
         # at once must not turn into a storm of reads. Those already seen missing once go first.

@@ -6,10 +6,12 @@ TRIGGERING before their fill, and fired stops that never fill. Virtual time, the
 from __future__ import annotations
 
 from engine.engine import STARTUP_UNKNOWN_SECONDS
+from engine.exchange.port import OrderSide
 from engine.venues.sim.settings import CallKind, FaultKind
 from protection.coverage import coverage_figures
 from storage.database import Database
 from tests.chaos.support import ChaosRun, chaos_settings
+from tests.support.auditor import AuditLimits
 
 SLOW_ORDERS = {"VENUE__SIM__LATENCY__BY_CALL__CREATE_ORDER__SECONDS": "1.0"}
 
@@ -282,6 +284,39 @@ async def test_a_stop_that_filled_after_the_passs_read_is_not_recorded_cancelled
             "SELECT message FROM monitoring.events WHERE type = 'orphan_cancelled' AND symbol = $1", symbol
         )
         assert [r["message"] for r in said if hard_stop in r["message"]] == []
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)
+    finally:
+        await run.stop()
+
+
+async def test_a_pass_read_before_the_position_grew_does_not_shrink_its_stops(db: Database) -> None:
+    """A reconcile pass read the venue's positions; the operator then added to the position by hand, and
+    the account stream's size had the stops resized to it. The pass, comparing afterwards, resized them
+    back to the size it had read: the venue held the bigger position with reduce-only stops for the
+    smaller one until the next pass (a stop-out in between would have left the difference naked). A
+    size read before the one applied is now ignored."""
+    settings = chaos_settings(db)
+    # A resize places the new stops before it cancels the old ones (make-before-break): both live for
+    # about a round trip, by design.
+    run = ChaosRun(db, settings, limits=AuditLimits.from_settings(settings, duplicate_overlap_seconds=1.0))
+    await run.start()
+    try:
+        symbol = await run.one_protected_position(sides=["long"])
+        reconciler = run.engine.reconciler
+        manager = run.engine.manager
+        assert reconciler is not None
+        assert manager is not None
+        guard = manager.by_symbol[symbol]
+        stale = await run.drive(reconciler.take_snapshot())
+        before = run.held()[symbol].quantity
+        run.venue.core.place_market_order(symbol, OrderSide.BUY, before, "by-hand-1", run.clock.now())
+        await run.until(lambda: guard.quantity == 2 * before and guard.covered, limit=10, what="resized up")
+        await run.drive(reconciler.reconcile_once(stale))
+        await run.run_for(2.0)  # whatever the pass asked for has been sent
+        live = run.venue.core.open_protective_orders(run.clock.now(), symbol)
+        assert sorted(o.quantity for o in live) == [2 * before, 2 * before]
+        assert guard.quantity == 2 * before
         await run.settle()
         run.verdict(coverage_at_least=0.0)
     finally:
