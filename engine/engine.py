@@ -206,6 +206,8 @@ class StopReport:
     uncovered: int
     unresolved_entries: int = 0
     uncovered_symbols: tuple[str, ...] = ()
+    # Of the uncovered, managed trails not activated: their hard stop stays, their trail has no order.
+    trails_without_order: int = 0
 
     @property
     def all_protected(self) -> bool:
@@ -226,6 +228,12 @@ class StopReport:
             f"UNCOVERED {self.uncovered + self.unresolved_entries}"
             + (f" ({', '.join(self.uncovered_symbols)})" if self.uncovered_symbols else "")
             + (f", {self.unresolved_entries} entries of unknown outcome" if self.unresolved_entries else "")
+            + (
+                f"; {self.trails_without_order} of them keep only their hard stop: a managed trail has no "
+                "order on the exchange before it activates"
+                if self.trails_without_order
+                else ""
+            )
         )
 
 
@@ -930,12 +938,17 @@ class Engine:
             still_open = manager.open_guards()
             guarded = {g.position_id for g in still_open}
             unguarded = [f for f in carried_facts if f.position_id not in guarded]
+            # What stays without the engine: a managed trail is armed only while it runs.
             uncovered = sorted(
-                [g.symbol for g in still_open if not g.covered]
+                [g.symbol for g in still_open if not g.covered_without_engine]
                 + [f.symbol for f in unguarded if not f.covered]
             )
             report = StopReport(
-                len(still_open) + len(unguarded), len(uncovered), self._entries_unresolved(), tuple(uncovered)
+                len(still_open) + len(unguarded),
+                len(uncovered),
+                self._entries_unresolved(),
+                tuple(uncovered),
+                trails_without_order=sum(1 for g in still_open if g.covered and not g.covered_without_engine),
             )
             await manager.stop()
             if manager.kind is TrailingKind.MANAGED and self.store is not None:

@@ -527,6 +527,12 @@ class PositionGuard:
         return self.has_stop_loss and self.trailing_in_place
 
     @property
+    def covered_without_engine(self) -> bool:
+        """Both stops are orders the venue holds: what protects the position once no engine runs (a managed
+        trail before it activates has no order, and nothing places one while the engine is stopped)."""
+        return self.has_stop_loss and self.has_trailing_stop
+
+    @property
     def move_in_flight(self) -> bool:
         """A managed move's new stop has been sent (or was left in flight by the last run or an interrupted
         pass) and not resolved."""

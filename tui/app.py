@@ -963,12 +963,25 @@ def quit_warning(snapshot: EngineSnapshot) -> str:
     their stops; every other one is UNCOVERED (inside its grace period or not), never both."""
     figures = snapshot.coverage
     managed = sum(1 for p in snapshot.positions if p.trailing_kind == "managed")
+    # Managed trails not activated are covered while the engine runs, by the engine: no order of theirs is
+    # on the exchange, and nothing places one while it is stopped.
+    engine_only = sum(
+        1
+        for p in snapshot.positions
+        if p.covered and p.trailing_kind == "managed" and p.trailing_phase == "waiting"
+    )
     unconfirmed = figures.active - figures.protected
     lines = [
         "The engine stops taking signals and stops its loops.",
-        f"Exchange stops stay in place: {figures.protected} of {figures.active} open positions keep their "
-        "stops on the exchange (both confirmed by the venue).",
+        f"Exchange stops stay in place: {figures.protected - engine_only} of {figures.active} open positions "
+        "keep their stops on the exchange (both confirmed by the venue).",
     ]
+    if engine_only:
+        lines.append(
+            f"WARNING: {engine_only} {'position keeps' if engine_only == 1 else 'positions keep'} only "
+            "the hard stop: a managed trail has no order on the exchange before it activates, and nothing "
+            "places one while the engine is stopped. They are UNCOVERED once it stops."
+        )
     if unconfirmed:
         grace = f", {figures.protecting} of them inside their grace period" if figures.protecting else ""
         lines.append(

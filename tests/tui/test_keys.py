@@ -240,8 +240,11 @@ async def test_q_asks_while_positions_are_open_then_stops_the_engine_and_leaves_
         await board.until(lambda: board.engine.snapshot().coverage.protected == 2, "2 covered")
         await board.press("q")
         body = board.confirm_body()
-        assert "Exchange stops stay in place: 2 of 2 open positions keep their stops on the exchange" in body
-        assert "UNCOVERED" not in body
+        # Their trails are armed, not activated: only their hard stops are on the exchange, and quitting
+        # leaves them so (the dialog said "2 of 2 keep their stops", the exit line "uncovered 0", while
+        # `tsbot status` then listed both without their trailing stop).
+        assert "Exchange stops stay in place: 0 of 2 open positions keep their stops on the exchange" in body
+        assert "WARNING: 2 positions keep only the hard stop" in body
         assert "Managed trailing stops (2 now) stop moving until the engine is restarted" in body
         await board.press("n")
         assert board.engine.state is EngineState.RUNNING
@@ -250,7 +253,10 @@ async def test_q_asks_while_positions_are_open_then_stops_the_engine_and_leaves_
         await board.until(lambda: board.engine.state is EngineState.STOPPED, "engine stopped")
         await board.until(lambda: not board.app.is_running, "app exited")
         assert board.app.return_value == 0
-        assert board.app.exit_summary().startswith("tsbot-tui stopped: 2 open positions keep their stops")
+        assert board.app.left_uncovered  # (the exit code: non-zero)
+        assert board.app.exit_summary().startswith(
+            "tsbot-tui stopped: 2 open positions: 0 keep their stops on the exchange; UNCOVERED 2"
+        )
         live = board.venue.core.open_protective_orders(board.clock.now())
         assert {o.symbol for o in live} == set(SYMBOLS[50:52])  # the stops stay on the exchange
 
