@@ -536,6 +536,7 @@ _VERDICT_OF_HEALTH = {"healthy": "ok", "degraded": "degraded", "critical": "crit
 # A look at the database connects within `database.probe_timeout_seconds` and each query answers within it
 # too; the whole look (connect, schema check, a handful of queries) gives up after this many of them.
 STATUS_DEADLINE_PROBES = 3
+_VERDICT_SYMBOLS = 10  # the symbols a verdict's reason names at most
 
 
 class StatusUnknown(Exception):
@@ -662,7 +663,9 @@ async def _read_status(
     finally:
         pool.terminate()  # a look leaves nothing behind, and close() would wait on a server gone quiet
     health = _health_report(health_rows, now, stale_after, running=holder is not None)
-    state, reason = _verdict(health, running=holder is not None, account=account)
+    state, reason = _verdict(
+        health, running=holder is not None, account=account, uncovered=[p.symbol for p in uncovered]
+    )
     return {
         # The verdict (and the exit code): ok, degraded, critical, or unknown when no engine is measuring.
         "state": state,
@@ -719,14 +722,27 @@ def _missing_stops(has_stop_loss: bool, has_trailing_stop: bool) -> str:
     return "hard stop" if not has_stop_loss else "trailing stop"
 
 
-def _verdict(health: dict[str, Any], *, running: bool, account: str) -> tuple[str, str]:
+def _verdict(
+    health: dict[str, Any], *, running: bool, account: str, uncovered: Sequence[str] = ()
+) -> tuple[str, str]:
     """The monitoring verdict and the reason for it, from the engine's last health per component.
 
     Nothing measured is never "ok": no engine holding the account, no health row, or a stale one is unknown.
-    Otherwise the worst component decides (critical, then degraded, then unknown), and the reason names
-    every component in that state with the measurement behind it."""
+    With no engine, though, positions the records show uncovered (`uncovered`: their symbols) are critical:
+    nothing protects them, nor learns the outcome of an entry left unanswered. Otherwise the worst component
+    decides (critical, then degraded, then unknown), and the reason names every component in that state with
+    the measurement behind it."""
     components = health["components"]
     if not running:
+        if uncovered:
+            shown = ", ".join(uncovered[:_VERDICT_SYMBOLS]) + (
+                "…" if len(uncovered) > _VERDICT_SYMBOLS else ""
+            )
+            many = len(uncovered) != 1
+            return "critical", (
+                f"{len(uncovered)} position{'s' if many else ''} uncovered ({shown}) and no engine protecting "
+                f"{'them' if many else 'it'}: none holds the account {account}"
+            )
         return "unknown", f"no engine is measuring: none holds the account {account}"
     if not components:
         return "unknown", "no engine has measured health yet"

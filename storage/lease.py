@@ -135,20 +135,22 @@ class EngineLease:
             await self._conn.close()
 
 
+def lease_held_sql(venue: str, account: str) -> str:
+    """An SQL condition, true while an engine holds the lease of `venue` and `account` (SQL expressions: a
+    parameter, or a column such as `l.venue`): its advisory lock is granted in this database. Advisory locks
+    are per database, so an engine of the same account on another database of the server is not counted."""
+    return f"""EXISTS (
+        SELECT 1 FROM pg_locks
+        WHERE locktype = 'advisory' AND granted
+          AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+          AND classid = {LEASE_NAMESPACE}::oid AND objid = hashtext({venue} || '/' || {account})::oid
+          AND objsubid = 2)"""
+
+
 async def current_holder(pool: asyncpg.Pool, venue: str, account: str) -> LeaseHolder | None:
     """Who holds the lease now (None when nobody does), for read-only watchers."""
     async with pool.acquire() as conn:
-        held = await conn.fetchval(
-            """
-            SELECT EXISTS (
-                SELECT 1 FROM pg_locks
-                WHERE locktype = 'advisory' AND granted
-                  AND classid = $1::oid AND objid = hashtext($2)::oid AND objsubid = 2
-            )
-            """,
-            LEASE_NAMESPACE,
-            lease_key(venue, account),
-        )
+        held = await conn.fetchval(f"SELECT {lease_held_sql('$1::text', '$2::text')}", venue, account)
         return await _holder(conn, venue, account) if held else None
 
 

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from storage import history
+from storage.lease import lease_held_sql
 
 R = TypeVar("R")
 
@@ -340,6 +341,29 @@ _END_SPANS_ON_CLOSE = """ended AS (
 DEFAULT_ACCOUNT = "sim:default"  # the sim venue with the default label (engine/accounts.py)
 
 
+# The uncovered positions of an account: live ones without both stops confirmed, filled at least `grace`
+# ago, and entries of unknown outcome. The engine records an entry `pending`, and its position
+# `entry_placed`, before it sends it. While an engine holds the account's lease, it is resolving such an
+# entry (it counts it itself: in flight, then in doubt once its outcome is unknown, recorded `unknown`).
+# With no lease holder (the engine died — SIGKILL, a crash — while the answer was outstanding), an entry
+# not known to have failed may have filled, with no stop, and nobody will find out: it is uncovered. (The
+# lease is the advisory lock `storage.lease` takes; pg_locks shows it, so the query knows without the
+# engine.) The operators' query in the README is this one, with the grace and the account filled in.
+UNCOVERED_POSITIONS_SQL = f"""
+    SELECT * FROM monitoring.positions AS p
+    WHERE ((p.status IN ('pending_protection', 'active') AND NOT (p.has_stop_loss AND p.has_trailing_stop))
+           OR (p.status = 'entry_placed' AND EXISTS (
+               SELECT 1 FROM monitoring.orders AS o
+               WHERE o.position_id = p.id AND o.purpose = 'entry'
+                 AND (o.status = 'unknown'
+                      OR (o.status <> 'rejected' AND NOT EXISTS (
+                          SELECT 1 FROM monitoring.engine_leases AS l
+                          WHERE l.account = p.account AND {lease_held_sql("l.venue", "l.account")}))))))
+      AND (p.opened_at IS NULL OR p.opened_at <= now() - {{grace}}) AND p.account = {{account}}
+    ORDER BY p.opened_at NULLS FIRST, p.id
+"""
+
+
 class Store:
     """All reads and writes of the monitoring schema, over one pool, for one venue account: positions,
     coverage, health and entries control are that account's only (F16). Signals and waves are shared."""
@@ -652,17 +676,11 @@ class Store:
     async def uncovered_positions(self, grace_seconds: float = 0.0) -> list[PositionRecord]:
         """Live positions missing a confirmed stop-loss or trailing stop, filled at least `grace_seconds`
         ago (younger ones are still being protected, as the engine's gauge counts them), and entries of
-        unknown outcome (their entry order `unknown`: they may have filled, with no stop of ours)."""
+        unknown outcome: their entry order `unknown` (they may have filled, with no stop of ours), or sent
+        (recorded `pending`) by an engine that no longer holds the account's lease, so that nobody will
+        learn their outcome (`UNCOVERED_POSITIONS_SQL`)."""
         rows = await self._pool.fetch(
-            """
-            SELECT * FROM monitoring.positions AS p
-            WHERE ((status IN ('pending_protection', 'active') AND NOT (has_stop_loss AND has_trailing_stop))
-                   OR (status = 'entry_placed' AND EXISTS (
-                       SELECT 1 FROM monitoring.orders AS o
-                       WHERE o.position_id = p.id AND o.purpose = 'entry' AND o.status = 'unknown')))
-              AND (opened_at IS NULL OR opened_at <= now() - make_interval(secs => $1)) AND account = $2
-            ORDER BY opened_at NULLS FIRST, id
-            """,
+            UNCOVERED_POSITIONS_SQL.format(grace="make_interval(secs => $1)", account="$2"),
             float(grace_seconds),
             self.account,
         )

@@ -422,17 +422,25 @@ class ReadOnlyFeed:
         pool, store, settings = self._database.pool, self._store, self.settings
         now_dt: datetime = await pool.fetchval("SELECT now()")
         now = now_dt.timestamp()
-        self.holder = await current_holder(pool, settings.venue.kind.value, account_key(settings.venue))
         positions = await store.open_positions()
         trails = await store.trailing_states_of_open_positions()
         live_orders = await store.live_orders_of_open_positions()
+        # Asked after the records: with no holder now, an entry seen `pending` above was left by an engine
+        # that no longer holds the account (one taking it since wrote nothing that was read).
+        self.holder = await current_holder(pool, settings.venue.kind.value, account_key(settings.venue))
         health_rows = await store.latest_health()
         waves = await store.recent_waves(limit=50)
         events = await store.recent_events(limit=200, min_severity=Severity.INFO)
         control = await store.entries_control(settings.venue.kind.value, account_key(settings.venue))
         live = [p for p in positions if p.entry_price is not None]
-        # Entries of unknown outcome (their entry order `unknown`): counted and shown as the engine does.
-        doubts = [d for p in positions if (d := _in_doubt(p, live_orders.get(p.id, ()), now)) is not None]
+        # Entries of unknown outcome (their entry order `unknown`, or `pending` with no engine to answer it):
+        # counted and shown as the engine does.
+        resolving = self.holder is not None
+        doubts = [
+            d
+            for p in positions
+            if (d := _in_doubt(p, live_orders.get(p.id, ()), now, resolving=resolving)) is not None
+        ]
         grace = float(settings.protection.grace_seconds)
         coverage = coverage_figures(
             [
@@ -562,13 +570,17 @@ def _shift_start(started_at: float) -> datetime | None:
     return datetime.fromtimestamp(started_at, UTC) if started_at > 0 else None
 
 
-def _in_doubt(p: PositionRecord, orders: Iterable[OrderRecord], now: float) -> EntryInDoubt | None:
+def _in_doubt(
+    p: PositionRecord, orders: Iterable[OrderRecord], now: float, *, resolving: bool = True
+) -> EntryInDoubt | None:
     """The engine's entry in doubt, as its records show it: a position not filled whose entry order is
-    `unknown` (the engine writes it so when the entry's outcome stays unknown)."""
+    `unknown` (the engine writes it so when the entry's outcome stays unknown), or still `pending` when no
+    engine is `resolving` it (the one that sent it died before its answer: it may have filled)."""
     if p.entry_price is not None or p.status is not PositionStatus.ENTRY_PLACED:
         return None
     entry = next((o for o in orders if o.purpose is OrderPurpose.ENTRY), None)
-    if entry is None or entry.status is not OrderRecordStatus.UNKNOWN:
+    unanswered = entry is not None and entry.status is OrderRecordStatus.PENDING and not resolving
+    if entry is None or (entry.status is not OrderRecordStatus.UNKNOWN and not unanswered):
         return None
     return EntryInDoubt(
         p.id,
@@ -577,7 +589,12 @@ def _in_doubt(p: PositionRecord, orders: Iterable[OrderRecord], now: float) -> E
         p.quantity,
         entry.client_order_id,
         sent_at=_epoch(p.updated_at, now),
-        error=entry.error or "entry outcome unknown",
+        error=entry.error
+        or (
+            "entry outcome unknown: no engine holds the account to learn it"
+            if unanswered
+            else "entry outcome unknown"
+        ),
     )
 
 

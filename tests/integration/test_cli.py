@@ -99,9 +99,13 @@ async def test_status_json_agrees_with_the_incident_sql(workdir: Path, pg_server
         await conn.close()
 
     result = tsbot("status", "--json", cwd=workdir)
-    assert result.returncode == 3, result.stderr  # unknown: no engine is measuring
+    # No engine measures, but the records show two positions uncovered and nothing protects them: critical.
+    assert result.returncode == 2, result.stderr
     status = json.loads(result.stdout)
-    assert status["state"] == "unknown"
+    assert (status["state"], status["reason"]) == (
+        "critical",
+        "2 positions uncovered (S5USDT, S6USDT) and no engine protecting them: none holds the account sim:default",
+    )
     assert status["active"] == sql_row["total"] == 7
     assert status["with_trailing_stop"] == sql_row["with_ts"] == 5
     assert Decimal(str(status["coverage_pct"])) == sql_row["coverage_pct"] == Decimal("71.4")

@@ -9,12 +9,15 @@ stopped for real."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from decimal import Decimal
 from pathlib import Path
 
 import asyncpg
@@ -24,8 +27,8 @@ from engine.accounts import account_key
 from engine.config import load_config
 from storage.database import DatabaseTarget, create_pool
 from storage.embedded import EmbeddedPostgres, start_embedded, stop_embedded
-from storage.lease import EngineLease
-from storage.repositories import HealthRow, Store
+from storage.lease import EngineLease, current_holder
+from storage.repositories import HealthRow, OrderPurpose, PositionStatus, Store
 from tests.support.owned_postgres import create_migrated_database, resume, stop_postmaster
 
 TSBOT = str(Path(sys.executable).with_name("tsbot"))
@@ -214,8 +217,10 @@ async def test_uncovered_positions_say_which_stop_is_missing(workdir: Path, engi
             has_stop_loss,
             has_trailing_stop,
         )
-    # Two entries sent, not filled as far as the records go: one in flight (its entry order pending), one
-    # whose outcome the engine could not learn (its entry order `unknown`: it may have filled).
+    # Two entries sent, not filled as far as the records go: one in flight (its entry order pending, sent by
+    # the engine that holds the account), one whose outcome the engine could not learn (its entry order
+    # `unknown`: it may have filled).
+    await engine_side.take_lease()
     for symbol, entry_status in (("DDDUSDT", "pending"), ("EEEUSDT", "unknown")):
         await engine_side.execute(
             "WITH p AS (INSERT INTO monitoring.positions (account, symbol, exchange, side, quantity, status) "
@@ -243,6 +248,94 @@ async def test_uncovered_positions_say_which_stop_is_missing(workdir: Path, engi
         ]
     )
     assert "no stop-loss" not in human
+
+
+LEASE_HOLDER = """
+import asyncio, sys
+from storage.lease import EngineLease
+
+async def hold() -> None:
+    lease = await EngineLease.acquire(sys.argv[1], "sim", "sim:default", "doomed", label="default")
+    print("held", flush=True)
+    await asyncio.sleep(3600)
+    await lease.release()  # (never: it is killed)
+
+asyncio.run(hold())
+"""
+
+
+async def test_an_entry_left_pending_by_an_engine_killed_before_its_answer_is_uncovered_and_critical(
+    workdir: Path, engine_side: EngineSide
+) -> None:
+    """The engine records an entry `pending` and its position `entry_placed`, then sends it. SIGKILLed while
+    the answer is outstanding, it leaves them so for good, and the venue may hold the filled position with
+    no stop. While an engine holds the account it is that engine's entry in flight (it counts it itself):
+    not listed, no alarm. Once none does, nobody will learn its outcome: listed as uncovered, and the
+    verdict is critical. Before: not listed, and `UNKNOWN: no engine is measuring` (exit 3)."""
+    engine = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", LEASE_HOLDER, engine_side.dsn, stdout=asyncio.subprocess.PIPE, env=_env()
+    )
+    try:
+        assert engine.stdout is not None
+        assert await asyncio.wait_for(engine.stdout.readline(), HANG_GUARD_SECONDS) == b"held\n"
+        await engine_side.measure(*HEALTHY)
+        pool = await create_pool(DatabaseTarget(dsn=engine_side.dsn), min_size=1, max_size=1)
+        try:
+            store = Store(pool, engine_side.account)  # the entry, written as `Engine._open_position` does
+            position = await store.create_position(
+                symbol="DDDUSDT", exchange="sim", side="long", quantity=Decimal("3")
+            )
+            await store.record_order(
+                client_order_id=f"x-{position.id}-en0",
+                position_id=position.id,
+                purpose=OrderPurpose.ENTRY,
+                side="buy",
+                type="market",
+                quantity=Decimal("3"),
+            )
+            await store.set_position_status(position.id, PositionStatus.ENTRY_PLACED)
+
+            running = tsbot("status", "--json", cwd=workdir)
+            assert running.returncode == 0, running.stdout + running.stderr
+            report = json.loads(running.stdout)
+            assert (report["state"], report["uncovered"]) == ("ok", [])
+            assert report["engine"]["pid"] == engine.pid
+
+            engine.kill()  # SIGKILL: the answer never comes, the rows stay as they are
+            assert await asyncio.wait_for(engine.wait(), HANG_GUARD_SECONDS) == -signal.SIGKILL
+            for _ in range(100):  # its server backend notices the closed socket, and the lock goes
+                if await current_holder(pool, "sim", engine_side.account) is None:
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            await pool.close()
+    finally:
+        if engine.returncode is None:
+            engine.kill()
+            await engine.wait()
+
+    dead = tsbot("status", "--json", cwd=workdir)
+    assert dead.returncode == 2, dead.stdout + dead.stderr
+    report = json.loads(dead.stdout)
+    assert report["engine"] is None
+    assert (report["state"], report["reason"]) == (
+        "critical",
+        "1 position uncovered (DDDUSDT) and no engine protecting it: none holds the account sim:default",
+    )
+    assert [(p["position_id"], p["symbol"], p["status"], p["missing"]) for p in report["uncovered"]] == [
+        (position.id, "DDDUSDT", "entry_placed", "both (the entry's outcome is unknown: it may have filled)")
+    ]
+
+    human = tsbot("status", cwd=workdir)
+    assert human.returncode == 2, human.stdout + human.stderr
+    lines = human.stdout.splitlines()
+    assert lines[0] == f"CRITICAL: {report['reason']}"
+    assert "engine:            not running" in lines
+    assert "uncovered:         1" in lines
+    assert (
+        f"  #{position.id} DDDUSDT long (entry_placed): missing both (the entry's outcome is unknown: it may "
+        "have filled)"
+    ) in lines
 
 
 async def test_status_lists_only_the_configured_accounts_positions(

@@ -8,6 +8,8 @@ import asyncpg
 import pytest
 
 from storage.database import Database
+from storage.embedded import EmbeddedPostgres
+from storage.lease import LEASE_NAMESPACE, EngineLease, current_holder
 from storage.repositories import (
     OrderPurpose,
     OrderRecordStatus,
@@ -136,6 +138,92 @@ async def test_uncovered_positions_lists_live_positions_missing_either_stop(db: 
 
     assert uncovered == {no_ts, no_sl, pending.id}
     assert covered not in uncovered
+
+
+# Verbatim from the README: the operators' list of uncovered positions (grace 5 s, the default).
+README_UNCOVERED_SQL = """
+SELECT id, symbol, side, status, has_stop_loss, has_trailing_stop, opened_at
+FROM monitoring.positions AS p
+WHERE account = 'sim:default'
+  AND ((status IN ('pending_protection', 'active') AND NOT (has_stop_loss AND has_trailing_stop))
+       OR (status = 'entry_placed' AND EXISTS (
+           SELECT 1 FROM monitoring.orders AS o
+           WHERE o.position_id = p.id AND o.purpose = 'entry'
+             AND (o.status = 'unknown'
+                  OR (o.status <> 'rejected' AND NOT EXISTS (  -- no engine holds the account's lease
+                      SELECT 1 FROM monitoring.engine_leases AS l JOIN pg_locks AS k
+                        ON k.locktype = 'advisory' AND k.granted AND k.classid = 29811 AND k.objsubid = 2
+                       AND k.objid = hashtext(l.venue || '/' || l.account)::oid
+                       AND k.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                      WHERE l.account = p.account))))))
+  AND (opened_at IS NULL OR opened_at <= now() - interval '5 seconds')
+ORDER BY opened_at NULLS FIRST, id;
+"""
+
+
+async def _entry(
+    store: Store, symbol: str, *, sent: bool = True, answered: OrderRecordStatus | None = None
+) -> int:
+    """An entry recorded as the engine records it (`Engine._open_position`): its order `pending`, then its
+    position `entry_placed` just before the send (`sent`); `answered`: what the engine recorded after."""
+    position = await store.create_position(symbol=symbol, exchange="sim", side="long", quantity=Decimal("1"))
+    cid = f"t-{position.id}-en0"
+    await store.record_order(
+        client_order_id=cid,
+        position_id=position.id,
+        purpose=OrderPurpose.ENTRY,
+        side="buy",
+        type="market",
+        quantity=Decimal("1"),
+    )
+    if sent:
+        await store.set_position_status(position.id, PositionStatus.ENTRY_PLACED)
+    if answered is not None:
+        await store.set_order_status(cid, answered)
+    return position.id
+
+
+async def test_an_entry_left_pending_is_uncovered_once_no_engine_holds_the_account(
+    db: Database, pg_server: EmbeddedPostgres
+) -> None:
+    """The engine records an entry `pending` and its position `entry_placed` before it sends it. Killed while
+    the answer is outstanding, it leaves them so: the venue may hold a filled position without a stop. While
+    an engine holds the account's lease it is resolving the entry (and counts it itself); with none, nobody
+    is: uncovered. Before: never listed, engine or none."""
+    assert LEASE_NAMESPACE == 29811  # the README's query names the lease's lock by it
+    store = Store(db.pool)
+    await _active_position(store, "AUSDT", trailing=True)  # covered: never listed
+    naked = await _active_position(store, "BUSDT", trailing=False)
+    await db.pool.execute("UPDATE monitoring.positions SET opened_at = now() - interval '1 minute'")
+    in_flight = await _entry(store, "CUSDT")
+    in_doubt = await _entry(store, "DUSDT", answered=OrderRecordStatus.UNKNOWN)
+    # Killed between recording the refusal and the failed position: the entry is known not to have filled.
+    await _entry(store, "EUSDT", answered=OrderRecordStatus.REJECTED)
+    # Killed before the send (the position not `entry_placed` yet): never sent.
+    await _entry(store, "FUSDT", sent=False)
+
+    async def listed() -> tuple[set[int], set[int]]:
+        by_store = {p.id for p in await store.uncovered_positions(5.0)}
+        by_sql = {r["id"] for r in await db.pool.fetch(README_UNCOVERED_SQL)}
+        return by_store, by_sql
+
+    lease = await EngineLease.acquire(db.target.dsn, "sim", "sim:default", "test")
+    try:
+        # An engine holds the account: it is sending the entry; only the one in doubt counts.
+        assert await listed() == ({naked, in_doubt},) * 2
+    finally:
+        await lease.release()
+    # The engine is gone: nobody will learn the entry's outcome.
+    assert await listed() == ({naked, in_flight, in_doubt},) * 2
+
+    # An engine of the same account on another database of the server is not this database's engine.
+    elsewhere = await asyncpg.connect(pg_server.dsn("postgres"))
+    try:
+        await elsewhere.execute("SELECT pg_advisory_lock(29811, hashtext('sim/sim:default'))")
+        assert await listed() == ({naked, in_flight, in_doubt},) * 2
+        assert await current_holder(db.pool, "sim", "sim:default") is None
+    finally:
+        await elsewhere.close()
 
 
 async def test_record_order_is_idempotent_by_client_order_id(db: Database) -> None:

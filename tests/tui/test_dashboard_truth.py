@@ -7,12 +7,15 @@ from __future__ import annotations
 import re
 from decimal import Decimal
 
+from engine.accounts import account_key
 from engine.clock import ManualClock
-from engine.engine import EngineState
+from engine.engine import EngineSnapshot, EngineState
 from engine.events import EventsDropped, PositionOpened, WaveFinished
 from engine.venues.sim.settings import CallKind, FaultKind
 from engine.venues.sim.universe import UNIVERSE
 from storage.database import Database
+from storage.lease import EngineLease
+from storage.repositories import OrderPurpose, PositionStatus, Store
 from tests.integration.engine_support import make_engine
 from tests.support.driving import drive, drive_until
 from tests.tui.harness import dashboard, started, tui_settings
@@ -274,3 +277,49 @@ async def test_an_entry_of_unknown_outcome_is_a_flagged_row_and_counted_uncovere
             "entry outcome unknown",
             None,
         )
+
+
+async def test_a_read_only_dashboard_counts_an_entry_its_dead_engine_left_pending(db: Database) -> None:
+    """An engine killed while its entry's answer is outstanding leaves the entry `pending` and its position
+    `entry_placed`: it may have filled, with no stop. A read-only dashboard leaves it to the engine holding
+    the account (it is that engine's entry in flight); with none, it counts and shows it as an entry of
+    unknown outcome. Before: never, so the gauge of a watch on a dead engine's account said nothing."""
+    settings = tui_settings(db, {"PROTECTION__GRACE_SECONDS": "0"})
+    store = Store(db.pool, account_key(settings.venue))
+    position = await store.create_position(
+        symbol=SYMBOLS[3], exchange="sim", side="long", quantity=Decimal("2")
+    )
+    await store.record_order(
+        client_order_id=f"x-{position.id}-en0",
+        position_id=position.id,
+        purpose=OrderPurpose.ENTRY,
+        side="buy",
+        type="market",
+        quantity=Decimal("2"),
+    )
+    await store.set_position_status(position.id, PositionStatus.ENTRY_PLACED)
+
+    async def watched() -> EngineSnapshot:
+        feed = ReadOnlyFeed(settings, None)
+        await feed.start()
+        try:
+            return feed.snapshot()
+        finally:
+            await feed.stop()
+
+    lease = await EngineLease.acquire(db.target.dsn, "sim", account_key(settings.venue), "test")
+    try:
+        running = await watched()
+    finally:
+        await lease.release()
+    assert (running.coverage.active, running.coverage.uncovered, running.positions) == (0, 0, ())
+
+    dead = await watched()
+    assert (dead.coverage.active, dead.coverage.protected, dead.coverage.uncovered_ids) == (
+        1,
+        0,
+        (position.id,),
+    )
+    [view] = dead.positions
+    assert (view.symbol, view.trailing_phase, view.entry_price) == (SYMBOLS[3], "entry outcome unknown", None)
+    assert view.last_error == "entry outcome unknown: no engine holds the account to learn it"
