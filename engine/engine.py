@@ -528,12 +528,16 @@ class _Supervisor:
     def start(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
         self._tasks[name] = asyncio.create_task(self._run(name, loop), name=name)
 
-    async def stop_one(self, name: str) -> None:
-        """Stop one loop and wait until it has (a pass in flight is cancelled, not left running)."""
+    async def stop_one(self, name: str, grace_seconds: float = 10.0) -> None:
+        """Stop one loop and wait until it has (a pass in flight is cancelled, not left running), within
+        `grace_seconds`: a loop cancelled inside a database call on a frozen server waits on that server
+        (asyncpg sends it the cancel), and the engine's stop must not wait with it."""
         task = self._tasks.pop(name, None)
         if task is not None:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            _done, pending = await asyncio.wait({task}, timeout=grace_seconds)
+            if pending:
+                log.error("task %s did not stop within %.0fs", name, grace_seconds)
 
     async def _run(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
         delay = 1.0
@@ -909,6 +913,7 @@ class Engine:
             await self._stopped.wait()
             return self.stop_report or StopReport(0, 0)
         self._set_state(EngineState.STOPPING)
+        self._drop_database_if_down()
         budget = float(self.settings.protection.call_timeout_seconds)
         if drain:
             await self._drain_entries(budget)
@@ -1066,6 +1071,18 @@ class Engine:
             await self._supervisor.stop_one("metrics")
             await self._supervisor.stop_one("metrics-failures")
             await self.metrics_server.close()
+
+    def _drop_database_if_down(self) -> None:
+        """A stop while the database is known down (a frozen server answers nothing, not even the cancel of
+        a statement in flight) waits on none of it: the connections are dropped, so whatever was waiting
+        on them ends now, and every write of the stop goes to the journal the next start replays."""
+        if self.store is None or not self.store.down:
+            return
+        log.warning("stopping while the database is down: its connections are dropped; writes stay journaled")
+        if self._db is not None:
+            self._db.pool.terminate()
+        if self._lease is not None:
+            self._lease.drop()
 
     async def _release(self) -> None:
         await self._stop_metrics()

@@ -16,6 +16,8 @@ from storage.migrator import Migration, apply_migrations
 
 log = logging.getLogger(__name__)
 
+CLOSE_TIMEOUT_SECONDS = 10.0  # a graceful close of the pool, before its connections are dropped
+
 
 class DatabaseUnavailable(RuntimeError):
     """The database could not be reached or prepared; the message names it (password redacted)."""
@@ -148,8 +150,16 @@ class Database:
     target: DatabaseTarget
     migrations_applied: list[Migration]
 
-    async def close(self) -> None:
-        await self.pool.close()
+    async def close(self, within: float = CLOSE_TIMEOUT_SECONDS) -> None:
+        """Close the pool's connections, gracefully within `within` seconds: a frozen server never answers the
+        goodbye (nor the cancel of a statement in flight), so past it they are dropped."""
+        try:
+            await asyncio.wait_for(self.pool.close(), within)
+        except TimeoutError:
+            log.warning(
+                "the database did not answer the pool's close within %.0fs; connections dropped", within
+            )
+            self.pool.terminate()
 
 
 async def open_database(

@@ -114,6 +114,11 @@ class EngineLease:
     def alive(self) -> bool:
         return not self._conn.is_closed()
 
+    def drop(self) -> None:
+        """Drop the connection without a word to the server (one known down answers nothing): the lock
+        ends with its session once the server notices."""
+        self._conn.terminate()
+
     async def heartbeat(self) -> None:
         await self._conn.execute(
             "UPDATE monitoring.engine_leases SET heartbeat_at = now() WHERE venue = $1 AND account = $2",
@@ -123,6 +128,8 @@ class EngineLease:
         )
 
     async def release(self) -> None:
+        """Unlock and close, each within `LEASE_TIMEOUT_SECONDS`; a server that does not answer (frozen)
+        gets the connection dropped instead: the lock ends with its session once the server notices."""
         if self._conn.is_closed():
             return
         try:
@@ -130,9 +137,13 @@ class EngineLease:
                 "SELECT pg_advisory_unlock($1, hashtext($2))",
                 LEASE_NAMESPACE,
                 lease_key(self.venue, self.account),
+                timeout=LEASE_TIMEOUT_SECONDS,
             )
         finally:
-            await self._conn.close()
+            try:
+                await self._conn.close(timeout=LEASE_TIMEOUT_SECONDS)
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                self._conn.terminate()
 
 
 def lease_held_sql(venue: str, account: str) -> str:

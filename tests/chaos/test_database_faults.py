@@ -33,6 +33,8 @@ from tests.integration.engine_support import engine_settings
 pytestmark = pytest.mark.slow
 
 WAVE = 5
+# A stop on a database known down waits on none of it: well under this (it never ended).
+STOP_WITHIN_SECONDS = 15.0
 
 
 @pytest.fixture(scope="module")
@@ -178,4 +180,42 @@ async def test_lease_connection_killed(db: Database) -> None:
         await _recovered(run, dsn)
         run.verdict(coverage_at_least=90.0)
     finally:
+        await run.stop()
+
+
+async def test_the_engine_stops_while_the_postmaster_is_frozen(own_server: EmbeddedPostgres) -> None:
+    """SIGTERM while the database server is frozen (SIGSTOP: its connections open, nothing answering) and
+    the engine knows it is down: the stop must end, say what stays on the venue and let the process exit;
+    the writes it cannot make wait in the journal for the next start. It waited without end: a loop
+    cancelled inside a database call waits for asyncpg's cancel request to the frozen server, the pool's
+    close for every connection, the lease's release for an answer."""
+    dsn = await _fresh_database(own_server, "frozen_stop")
+    run = ChaosRun(None, _settings(dsn))
+    await run.start()
+    try:
+        await run.opened(await run.wave(WAVE))
+        await run.settle()
+        held = len(run.held())
+        store = run.engine.store
+        assert store is not None
+        _freeze(own_server)
+        try:
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            while not store.down:
+                assert loop.time() - began < 30.0, "the engine never saw the database down"
+                await run.run_at_real_rate(0.5)
+            stopping = asyncio.ensure_future(run.engine.stop())
+            began = loop.time()
+            while not stopping.done() and loop.time() - began < STOP_WITHIN_SECONDS:
+                await run.run_at_real_rate(0.5)
+            assert stopping.done(), f"the stop did not end within {STOP_WITHIN_SECONDS:g}s of real time"
+            report = stopping.result()
+        finally:
+            _thaw(own_server)
+        assert (report.open_positions, report.uncovered) == (held, 0)
+        live = run.venue.core.open_protective_orders(run.clock.now())
+        assert all(sum(o.symbol == s for o in live) == 2 for s in run.held())  # the stops stay
+    finally:
+        _thaw(own_server)
         await run.stop()
