@@ -31,6 +31,11 @@ then asks REST (`execution/list` of that order): a lost execution message does n
 position open until a reconcile pass; should REST not know the price either, the FILLED is told without
 one (the exit is known, its price is not: never a made-up price). Orders sent with an `orderLinkId` are
 told under it; anything else is not ours and skipped.
+
+A position stop someone else moved (the web UI, another tool on the account: a hard stop at another price,
+another trailing distance) is not ours any more: the venue says so (`name_stop` on the stop order's row,
+`moved_stops` on the position's row, which carries `stopLoss` and `trailingStop`) and it is told CANCELED
+under our id, at once, as a stop someone removed is.
 """
 
 from __future__ import annotations
@@ -103,8 +108,12 @@ _ORDER_STATUS = {
 
 # The venue's view of a position stop it knows under our id: (symbol, stopOrderType's OrderType, the
 # closing side, the venue's orderId, the row's triggerPrice, its updatedTime in ms) -> its snapshot (our
-# client id, quantity, trigger), or None (not ours, or a row that cannot be the stop's order).
+# client id, quantity, trigger), or None (not ours, or a row that cannot be the stop's order). CANCELED:
+# the row shows the stop moved by someone else (another trigger price): not ours any more.
 NameStop = Callable[[str, OrderType, OrderSide, str, Decimal | None, int | None], Order | None]
+# The position's row (symbol, the position's side, the row's fields) -> our stops on it whose field holds a
+# value someone else set, each as it is now: ended (CANCELED).
+MovedStops = Callable[[str, PositionSide, Mapping[str, Any]], list[Order]]
 # REST's word on one order's fill: (symbol, the venue's orderId) -> its volume-weighted price, or None.
 RestFillPrice = Callable[[str, str], Awaitable[Decimal | None]]
 FILL_WAIT_SECONDS = 1.0
@@ -141,6 +150,7 @@ class BybitStreams:
         rest_fill_price: RestFillPrice | None = None,
         fill_wait_seconds: float = FILL_WAIT_SECONDS,
         monotonic: Callable[[], float] = time.monotonic,
+        moved_stops: MovedStops | None = None,
     ) -> None:
         self._public_url = public_url
         self._private_url = private_url
@@ -149,6 +159,7 @@ class BybitStreams:
         self._settings = settings
         self._rest_marks = rest_marks
         self._name_stop = name_stop
+        self._moved_stops = moved_stops
         self._rest_fill_price = rest_fill_price
         self._fill_wait_seconds = fill_wait_seconds
         self._mark_poll_seconds = mark_poll_seconds
@@ -436,6 +447,9 @@ class BybitStreams:
             if named is None:
                 return  # a stop that is not ours (set by hand, or before we knew it)
             base = named
+            if named.status is OrderStatus.CANCELED and status is OrderStatus.NEW:
+                # Its order amended to a price we never asked for: moved by someone else, not ours.
+                status, status_text = OrderStatus.CANCELED, "Moved"
         elif link_id:
             base = _regular_order(row, link_id)
         else:
@@ -445,7 +459,10 @@ class BybitStreams:
             base,
             venue_order_id=order_id or base.venue_order_id,
             status=status,
-            stop_price=trigger if stop_type is OrderType.STOP_MARKET else base.stop_price,
+            # (a stop moved by someone else keeps our price: the one at the venue is not ours)
+            stop_price=trigger
+            if stop_type is OrderType.STOP_MARKET and status_text != "Moved"
+            else base.stop_price,
             updated_at=seconds_from_ms(row.get("updatedTime"), event_time),
         )
         if status is OrderStatus.FILLED:
@@ -576,6 +593,10 @@ class BybitStreams:
                     symbol=symbol, side=side, quantity=size, entry_price=entry, event_time=event_time
                 )
             )
+        if size and self._moved_stops is not None:
+            for side in sides:
+                for moved in self._moved_stops(symbol, side, row):
+                    self._tell(moved, event_time, "Moved")
         self._release_held(symbol)
 
 

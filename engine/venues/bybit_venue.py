@@ -11,6 +11,13 @@ that rode on the entry (corrected from the fill) is therefore not a call of its 
 trailing stop is on its way: it waits for that call (`RIDE_WAIT_SECONDS` at most) and rides in it, sent
 in the same request; the attached stop protects the position meanwhile. Should the combined call be
 refused, each stop is sent alone and gets its own verdict.
+
+Anyone with the account's key (Bybit's web UI, another tool) can set those fields to other values. A field
+holding a value we did not ask for (another stop price, another trailing distance) is not our stop: it is
+not listed among our open stops, a look-up of ours finds it ended, and the account stream tells it
+cancelled, so the engine sets its own again. What we asked for is what the adapter last sent for that
+position (the working stop, or one still on its way, so that our own moves never read as someone else's),
+compared on the tick grid.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import logging
 import re
 import time
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import ROUND_HALF_UP, Decimal
 from functools import partial
 from typing import Any
@@ -140,6 +147,8 @@ class _PositionStop:
     filled_quantity: Decimal = _ZERO
     average_price: Decimal | None = None
     from_entry: bool = False  # rode on an entry this process sent and saw filled
+    # The value someone else set in the position's field in its place (it is then not ours): said once.
+    displaced_by: Decimal | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -194,6 +203,7 @@ class BybitLinearVenue(CcxtVenue):
             session=self._stream_session,
             rest_marks=self.fetch_mark_prices,
             name_stop=self._stream_stop,
+            moved_stops=self._stream_moved,
             mark_poll_seconds=config.mark_poll_seconds,
             rest_fill_price=self._execution_price,
             monotonic=self._clock.monotonic,
@@ -269,7 +279,9 @@ class BybitLinearVenue(CcxtVenue):
         known under, or (not known yet) a hard stop's own trigger price and a state no older than the stop,
         for a trailing stop also an order no other stop of ours is known under. Else after the stop known
         under that venue order, else after an earlier stop it fits; else it is not named (skipped: the
-        reconciler's reads stay the net)."""
+        reconciler's reads stay the net). The working stop's order at a price none of ours ever asked for,
+        in a state newer than the stop, is that stop moved by someone else: it is ended, and named with
+        the status CANCELED (any other named stop with NEW: the row says how it stands)."""
         kind = [s for s in self._stops_for(symbol) if s.type is order_type and s.side is side]
 
         def fits(stop: _PositionStop) -> bool:
@@ -298,7 +310,33 @@ class BybitLinearVenue(CcxtVenue):
             return None
         if venue_order_id and not stop.venue_order_id:
             stop.venue_order_id = venue_order_id
-        return self._snapshot(stop)
+        if (
+            stop is working
+            and order_type is OrderType.STOP_MARKET
+            and trigger is not None
+            and (updated_ms is None or updated_ms >= stop.created_at * 1000)
+        ):
+            # Its order at a price we never asked for, in a state newer than the stop: moved by someone
+            # else (told cancelled: not our stop any more). A price of ours is ours, or a late row.
+            self._moved_by_someone(stop, trigger)
+        named = self._snapshot(stop)
+        if stop.status is OrderStatus.CANCELED and stop.displaced_by is not None:
+            return named  # CANCELED: moved by someone else, not ours any more
+        return replace(named, status=OrderStatus.NEW)  # the row tells how it stands
+
+    def _stream_moved(self, symbol: str, side: PositionSide, fields: Mapping[str, Any]) -> list[Order]:
+        """Our working stops on this position whose field the stream's position row shows holding a value we
+        never asked for: moved by someone else, each told cancelled (not ours any more). A field at 0 is
+        the stop removed, which its order's own row tells."""
+        closing = OrderSide.SELL if side is PositionSide.LONG else OrderSide.BUY
+        moved = []
+        for stop in self._stops_for(symbol):
+            if stop.side is not closing or stop.status is not OrderStatus.NEW:
+                continue
+            value = _positive(fields.get(_FIELD[stop.type]))
+            if value is not None and self._moved_by_someone(stop, value):
+                moved.append(self._snapshot(stop))
+        return moved
 
     async def _execution_price(self, symbol: str, venue_order_id: str) -> Decimal | None:
         """The volume-weighted price of one order's executions (`execution/list` by orderId), or None."""
@@ -463,8 +501,9 @@ class BybitLinearVenue(CcxtVenue):
         return positions
 
     async def fetch_open_protective_orders(self, symbol: str | None = None) -> list[Order]:
-        """Our stops the venue holds: the positions' stop fields, with the stop orders behind them (which
-        carry the venue's order id and a trailing stop's current trigger level)."""
+        """Our stops the venue holds: the positions' stop fields holding what we asked for there (a value
+        someone else set is not our stop), with the stop orders behind them (which carry the venue's order
+        id and a trailing stop's current trigger level)."""
         await self._ensure_markets()
         rows = await self._position_rows(symbol)
         listed = []
@@ -474,8 +513,15 @@ class BybitLinearVenue(CcxtVenue):
             if symbol is not None and stop.symbol != symbol:
                 continue
             row = _row_closed_by(rows, stop.symbol, stop.side)
-            if row is not None and _positive(row.get(_FIELD[stop.type])):
+            value = _positive(row.get(_FIELD[stop.type])) if row is not None else None
+            if value is None:
+                continue  # gone
+            if self._asked_for(stop, value):
                 listed.append(stop)
+            else:
+                # Another value than ours (said once when nobody of ours ever asked for it): not our
+                # stop. Not listed; our look-up of it finds it ended, and ours is set again.
+                self._note_displaced(stop, value)
         if any(not stop.venue_order_id for stop in listed):  # the venue's ids, read once per stop
             stop_rows = await self._stop_order_rows(symbol)
             for stop in listed:
@@ -657,17 +703,17 @@ class BybitLinearVenue(CcxtVenue):
         row = None if self._opened_here(symbol, side) else await self._protected_row(symbol, side)
         now = time.time()
         live = None if row is None else _positive(row.get("trailingStop"))
+        trailing = [o for o in self._stops_for(symbol) if o.type is OrderType.TRAILING_STOP_MARKET]
         if (
             row is not None
             and live is not None
-            and not any(
-                other.type is OrderType.TRAILING_STOP_MARKET and other.status is OrderStatus.NEW
-                for other in self._stops_for(symbol)
-            )
+            and not any(other.status is OrderStatus.NEW for other in trailing)
+            and not any(other.side is side and other.displaced_by is not None for other in trailing[-1:])
         ):
             # A trailing stop is working on the position and we hold none in memory (a restart, or a lost
             # answer): take it as ours. Sending one again would restart its high-water mark on Bybit and give
-            # back the profit it has locked in.
+            # back the profit it has locked in. Not when ours was last found moved by someone else: that
+            # one is theirs, and ours is set again.
             stop = _PositionStop(
                 client_order_id,
                 symbol,
@@ -972,6 +1018,62 @@ class BybitLinearVenue(CcxtVenue):
     def _stops_for(self, symbol: str) -> list[_PositionStop]:
         return [stop for stop in self._stops.values() if stop.symbol == symbol]
 
+    def _same(self, symbol: str, value: Decimal | None, other: Decimal | None) -> bool:
+        """Equal on the symbol's tick grid (Bybit writes "0.4500" for 0.45; a value off the grid rounds)."""
+        if value is None or other is None:
+            return False
+        market = self._markets.get(symbol)
+        return value == other if market is None else abs(value - other) * 2 < market.tick_size
+
+    @staticmethod
+    def _value(stop: _PositionStop) -> Decimal | None:
+        """What the stop holds in its position's field: the hard stop's price, the trailing distance."""
+        return stop.stop_price if stop.type is OrderType.STOP_MARKET else stop.distance
+
+    def _kin(self, stop: _PositionStop) -> list[_PositionStop]:
+        """Our stops in the same field of the same position: the same symbol, kind and closing side."""
+        return [o for o in self._stops_for(stop.symbol) if o.type is stop.type and o.side is stop.side]
+
+    def _asked_for(self, stop: _PositionStop, value: Decimal) -> bool:
+        """`value` is what we last asked the position's field to hold: this stop's, or that of one of ours
+        on its way to replace it (our own move, a resize, a corrected hard stop), whose answer has not come."""
+        return any(
+            self._same(stop.symbol, value, self._value(o))
+            for o in self._kin(stop)
+            if o is stop or o.status is OrderStatus.NEW
+        )
+
+    def _note_displaced(self, stop: _PositionStop, value: Decimal) -> bool:
+        """The field of our confirmed stop holds `value`, not what we asked for. Said (once, at WARNING) when
+        none of ours ever asked for it, nor was it found taking one of ours' place before: someone else moved
+        the stop. An earlier value of ours is a read that lags our own change, or a late row: nothing said.
+        True when said."""
+        if not stop.confirmed or stop.displaced_by is not None or self._asked_for(stop, value):
+            return False
+        known = [self._value(o) for o in self._kin(stop)] + [o.displaced_by for o in self._kin(stop)]
+        if any(self._same(stop.symbol, value, v) for v in known):
+            return False
+        stop.displaced_by = value
+        logger.warning(
+            "%s %s: the position's %s is %s, not our %s (%s): moved by someone else, so not our stop; "
+            "ours is set again",
+            self.kind,
+            stop.symbol,
+            _FIELD[stop.type],
+            _wire(value),
+            _wire(self._value(stop)) if self._value(stop) is not None else "?",
+            stop.client_order_id,
+        )
+        return True
+
+    def _moved_by_someone(self, stop: _PositionStop, value: Decimal) -> bool:
+        """The account stream shows our working stop's field at `value`: if someone else moved it there, it
+        is ended (cancelled: not ours any more) as of now. True when it was."""
+        if not self._note_displaced(stop, value):
+            return False
+        stop.status, stop.updated_at = OrderStatus.CANCELED, time.time()
+        return True
+
     async def _stop_for(self, symbol: str, client_order_id: str) -> _PositionStop | None:
         """The stop under this id: remembered, or (a new process) the position's live stop of the kind the
         id names, when no other id of ours holds it. None: not a position stop we can name."""
@@ -1036,13 +1138,15 @@ class BybitLinearVenue(CcxtVenue):
         expected = stop.stop_price if stop.type is OrderType.STOP_MARKET else stop.distance
         # Only its own value is this stop: another in the field is a later stop's, maybe the next
         # position's on the symbol (taken for this one, its cancel cleared that position's stop).
-        if value is not None and value == expected:
+        if value is not None and self._same(stop.symbol, value, expected):
             if not stop.confirmed:  # its call's answer never came: the position shows it set
                 stop.confirmed = True
                 # It replaced the stop of its kind it was sent to replace: that one is no longer ours to
                 # cancel (a cancel is the field set to 0, which would clear this one).
                 self._remember(stop)
             return self._snapshot(stop)
+        if value is not None:
+            self._note_displaced(stop, value)
         fill = await self._stop_fill(stop)
         if fill is None and not stop.confirmed:
             del self._stops[stop.client_order_id]

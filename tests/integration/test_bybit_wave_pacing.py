@@ -322,6 +322,12 @@ async def test_a_hard_stop_corrected_from_the_fill_rides_in_the_trailing_stops_c
             assert guard.stop_loss.client_order_id is not None
             held = await venue.fetch_order(guard.symbol, guard.stop_loss.client_order_id)
             assert (held.status, held.stop_price) == (OrderStatus.NEW, guard.stop_loss.price)
+        # Our own corrections are never a stop "moved by someone else" (the field changed under the stop
+        # that rode on the entry while its replacement was on its way).
+        assert (
+            await db.pool.fetchval("SELECT count(*) FROM monitoring.events WHERE type = 'protection_lost'")
+            == 0
+        )
 
 
 async def test_entries_bybit_executes_after_answering_are_protected_once_they_fill(db: Database) -> None:

@@ -7,6 +7,7 @@ venue, as a new engine process would."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
@@ -30,7 +31,9 @@ from engine.exchange import (
     WouldTriggerImmediately,
 )
 from engine.exchange.port import AttachesStopToEntry, Order
+from engine.venues.binance_emulator.faults import Target
 from engine.venues.bybit_emulator import BybitEmulator, BybitLimiter, running
+from engine.venues.bybit_emulator.faults import parse_bybit_fault
 from engine.venues.bybit_venue import BybitLinearVenue
 from engine.venues.ccxt_venue import CcxtVenueConfig
 from engine.venues.sim import SimVenueSettings
@@ -495,3 +498,47 @@ async def test_an_entry_whose_stop_is_already_crossed_is_refused_whole() -> None
             await adapter.fetch_order(SYMBOL, "tsbabc123-5-sl0")
 
     assert positions == []
+
+
+# ---- a stop someone else moved is not ours; our own moves are ----------------------------------------------
+
+
+async def test_our_own_move_on_its_way_is_not_a_stop_moved_by_someone_else(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The position's field holds the value of our move whose answer has not come: the stop it replaces is
+    still ours (listed, nothing said). A value nobody of ours asked for is not: not listed, a WARNING
+    naming the symbol, and the look-up finds the stop ended."""
+    caplog.set_level(logging.WARNING, logger="engine.venues.bybit_venue")
+    async with bybit_venue() as venue:
+        adapter = venue.adapter(timeout=1.0)
+        await adapter.connect()
+        try:
+            await adapter.load_markets()
+            await protected_long(adapter)
+            venue.emulator.faults.force(
+                (Target("POST", "position/trading-stop"),), parse_bybit_fault("timeout", hold_seconds=3.0)
+            )
+            with pytest.raises(OutcomeUnknown):  # executed: the field holds 0.4100, the answer lost
+                await adapter.create_stop_market_order(
+                    SYMBOL, OrderSide.SELL, QTY, Decimal("0.4100"), client_order_id="tsbabc123-1-sl1"
+                )
+            during = sorted(o.client_order_id for o in await adapter.fetch_open_protective_orders(SYMBOL))
+            moved = await adapter.fetch_order(SYMBOL, "tsbabc123-1-sl1")  # found set: ours, confirmed
+            after = sorted(o.client_order_id for o in await adapter.fetch_open_protective_orders(SYMBOL))
+            quiet = [r.getMessage() for r in caplog.records]
+
+            await venue.post("position-stops", symbol=SYMBOL, stopLoss="0.3000", slTriggerBy="MarkPrice")
+            taken = sorted(o.client_order_id for o in await adapter.fetch_open_protective_orders(SYMBOL))
+            ended = await adapter.fetch_order(SYMBOL, "tsbabc123-1-sl1")
+        finally:
+            await adapter.close()
+
+    assert during == [SL, TS]
+    assert (moved.status, moved.stop_price) == (OrderStatus.NEW, Decimal("0.4100"))
+    assert after == ["tsbabc123-1-sl1", TS]
+    assert quiet == []
+    assert taken == [TS]
+    assert ended.status is OrderStatus.CANCELED
+    [said] = [r.getMessage() for r in caplog.records]
+    assert all(word in said for word in (SYMBOL, "stopLoss", "0.3000", "0.4100"))

@@ -1,0 +1,199 @@
+"""A stop someone else moved on Bybit is not our stop.
+
+Bybit holds a position's stops as fields of the position (`stopLoss`, and `trailingStop` a price
+distance): anyone with the account's key (Bybit's web UI, another tool) can set them to other values with
+`POST /v5/position/trading-stop`. The engine listed its stop whenever the field was positive, whatever its
+value, and the stream's row of the amended stop order was told NEW (dropped): a hard stop moved far away,
+or a trailing distance widened, left the position shown covered at our price for good. A stop removed by
+someone else was caught at once; one moved never was.
+
+Here the operator is another client of the same account, signing its own trading-stop call. The position
+must show uncovered at once (an event, a WARNING naming the symbol), and the engine must set its own
+values on the position again; by the account stream, and with the stream silent, by the reconciler. Our
+own moves (the hard stop that rode on the entry corrected from the fill, the trailing stop set) never
+read as moved."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import time
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+import pytest
+
+from engine.venues.bybit_emulator import BybitEmulator
+from engine.venues.sim.settings import SimVenueSettings
+from protection.manager import PositionGuard
+from storage.database import Database
+from tests.integration.test_bybit_wave_pacing import KEY, SECRET, _one_protected, bybit_engine
+from tests.support.waiting import wait_until
+
+SYMBOL = "SFPUSDT"
+TICK = Decimal("0.0001")
+
+
+async def _as_operator(base_url: str, **fields: str) -> None:
+    """`POST /v5/position/trading-stop` as another client of the account would send it (the same key, its
+    own signature: HMAC-SHA256 over timestamp + key + recvWindow + body)."""
+    body = json.dumps(
+        {"category": "linear", "symbol": SYMBOL, "tpslMode": "Full", "positionIdx": 0, **fields}
+    )
+    stamp, window = str(int(time.time() * 1000)), "5000"
+    sign = hmac.new(SECRET.encode(), (stamp + KEY + window + body).encode(), hashlib.sha256).hexdigest()
+    headers = {
+        "X-BAPI-API-KEY": KEY,
+        "X-BAPI-TIMESTAMP": stamp,
+        "X-BAPI-RECV-WINDOW": window,
+        "X-BAPI-SIGN": sign,
+        "Content-Type": "application/json",
+    }
+    url = f"{base_url}/v5/position/trading-stop"
+    async with aiohttp.ClientSession() as session, session.post(url, data=body, headers=headers) as answer:
+        payload = await answer.json()
+    assert payload["retCode"] == 0, payload
+
+
+async def _held(base_url: str) -> dict[str, Any]:
+    """The position's stop fields as the venue holds them."""
+    async with aiohttp.ClientSession() as session, session.get(f"{base_url}/_sim/state") as answer:
+        state = await answer.json()
+    return next(s for s in state["position_stops"] if s["symbol"] == SYMBOL)
+
+
+async def _lost(db: Database) -> int:
+    return int(
+        await db.pool.fetchval(
+            "SELECT count(*) FROM monitoring.events WHERE type = 'protection_lost' AND symbol = $1", SYMBOL
+        )
+    )
+
+
+async def _settled(guard: PositionGuard, base_url: str) -> dict[str, Any]:
+    """Both stops confirmed, the venue holding the hard stop at the guard's price (the one that rode on the
+    entry corrected from the fill, if it was): what the venue holds then."""
+
+    async def done() -> bool:
+        held = await _held(base_url)
+        return (
+            guard.covered
+            and guard.stop_loss.price is not None
+            and held["stopLoss"] is not None
+            and Decimal(held["stopLoss"]) == guard.stop_loss.price
+            and held["trailingStop"] is not None
+        )
+
+    await wait_until(done, within=30.0, what="the position's stops settled")
+    return await _held(base_url)
+
+
+# Who finds it: the account stream (the reconciler waits an hour), by the position's row (which carries
+# both fields) or, those rows lost, by the hard stop's amended order row; or, every account message lost,
+# the reconciler (every second). The reconciler's interval, and the account topics whose messages are lost.
+PATHS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "stream": ("3600", ()),
+    "order-row": ("3600", ("position",)),
+    "reconciler": ("1", ("order", "position")),
+}
+
+
+@pytest.mark.parametrize(
+    ("moved", "path"),
+    [
+        ("stopLoss", "stream"),
+        ("stopLoss", "order-row"),
+        ("stopLoss", "reconciler"),
+        ("trailingStop", "stream"),
+        ("trailingStop", "reconciler"),
+    ],
+)
+async def test_a_stop_moved_by_someone_else_is_uncovered_at_once_and_set_again_at_our_value(
+    db: Database, caplog: pytest.LogCaptureFixture, moved: str, path: str
+) -> None:
+    emulator = BybitEmulator(
+        SimVenueSettings(seed=11, volatility=0.0, symbols=[SYMBOL, "BTCUSDT"]),
+        api_key=KEY,
+        api_secret=SECRET,
+        control=True,
+    )
+    reconcile_seconds, lost_topics = PATHS[path]
+    overrides = {"PROTECTION__RECONCILE_SECONDS": reconcile_seconds}
+    async with bybit_engine(db, emulator, overrides) as (engine, _rejected):
+        base_url = engine.settings.venue.base_url
+        guard = await _one_protected(engine, SYMBOL)
+        ours = await _settled(guard, base_url)
+        assert await _lost(db) == 0  # our own corrections and settings are not "moved"
+        before = {
+            "stopLoss": guard.stop_loss.client_order_id,
+            "trailingStop": guard.trailing_stop.client_order_id,
+        }
+        # Far from ours, and valid on the venue: a hard stop at half our price, a trailing distance ten
+        # times ours (but short of the price).
+        factor = Decimal("0.5") if moved == "stopLoss" else Decimal(10)
+        value = (Decimal(ours[moved]) * factor).quantize(TICK)
+        for topic in lost_topics:
+            await emulator.streams.stage_fault({"fault": "lose", "topic": topic, "count": 1000})
+        caplog.set_level(logging.WARNING)
+        fields = {moved: str(value)}
+        if moved == "stopLoss":
+            fields["slTriggerBy"] = "MarkPrice"
+        await _as_operator(base_url, **fields)
+        assert Decimal((await _held(base_url))[moved]) == value
+
+        async def restored() -> bool:
+            held = await _held(base_url)
+            return held[moved] is not None and Decimal(held[moved]) == Decimal(ours[moved])
+
+        # Uncovered at once, said loudly; then our own value on the position again, under a new id.
+        await wait_until(lambda: _lost(db), within=8.0, what="the moved stop said lost")
+        await wait_until(restored, within=8.0, what="our own value set on the position again")
+        await wait_until(lambda: guard.covered, within=8.0, what="the position covered again")
+        purpose = guard.stop_loss if moved == "stopLoss" else guard.trailing_stop
+        assert purpose.client_order_id != before[moved]
+        warned = [
+            r
+            for r in caplog.records
+            if r.levelno >= logging.WARNING and SYMBOL in r.getMessage() and moved in r.getMessage()
+        ]
+        assert warned, [r.getMessage() for r in caplog.records]
+        # The other stop was left alone, and our value stays: no flapping once restored.
+        other = "trailingStop" if moved == "stopLoss" else "stopLoss"
+        held = await _held(base_url)
+        assert Decimal(held[other]) == Decimal(ours[other])
+        lost = await _lost(db)
+        await wait_until(lambda: guard.covered, within=1.0, what="still covered")
+        assert await _lost(db) == lost
+
+
+async def test_a_trailing_stop_moved_is_set_again_not_taken_as_ours_where_we_read_the_position_first(
+    db: Database,
+) -> None:
+    """Once the hard stop that rode on the entry is no longer the position's (here: moved by someone, ours
+    set again), a trailing stop is placed after reading the position, and one found working there with
+    none of ours in memory used to be adopted (a restart, a lost answer). The one someone else set in the
+    place of ours is not ours: ours is set again, at our distance."""
+    emulator = BybitEmulator(
+        SimVenueSettings(seed=11, volatility=0.0, symbols=[SYMBOL, "BTCUSDT"]),
+        api_key=KEY,
+        api_secret=SECRET,
+        control=True,
+    )
+    async with bybit_engine(db, emulator, {"PROTECTION__RECONCILE_SECONDS": "3600"}) as (engine, _rejected):
+        base_url = engine.settings.venue.base_url
+        guard = await _one_protected(engine, SYMBOL)
+        ours = await _settled(guard, base_url)
+        for moved, factor in (("stopLoss", Decimal("0.5")), ("trailingStop", Decimal(10))):
+            value = (Decimal(ours[moved]) * factor).quantize(TICK)
+            await _as_operator(base_url, **{moved: str(value)})
+
+            async def restored(field: str = moved) -> bool:
+                held = await _held(base_url)
+                return held[field] is not None and Decimal(held[field]) == Decimal(ours[field])
+
+            await wait_until(restored, within=8.0, what=f"our own {moved} set on the position again")
+            await wait_until(lambda: guard.covered, within=8.0, what="the position covered again")
+        assert await _lost(db) == 2
