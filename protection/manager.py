@@ -240,6 +240,7 @@ class ExitEvidence:
     exit_price: Decimal | None
     client_order_id: str
     seen_at: float  # monotonic
+    venue_at: float | None = None  # when the venue filled it (epoch), as the account stream told it
 
 
 @dataclass(slots=True)
@@ -767,7 +768,9 @@ class PositionGuard:
         status = update.status
         if status is OrderStatus.FILLED:
             reason = "trailing_stop" if target.purpose is OrderPurpose.TRAILING_STOP else "stop_loss"
-            self.exit_evidence = ExitEvidence(reason, update.average_price, cid, m.clock.monotonic())
+            self.exit_evidence = ExitEvidence(
+                reason, update.average_price, cid, m.clock.monotonic(), venue_at=update.updated_at
+            )
             target.ended_as = OrderStatus.FILLED
             target.maybe_sent = False
             self._fresh_id(target)
@@ -849,6 +852,16 @@ class PositionGuard:
         own: the stops are resized; still held after our stop filled: protected again."""
         if self.closed or command.event_time < max(self._stream_position_at, self.opened_epoch):
             return False  # out of order (a newer size was applied), or about an earlier position
+        evidence = self.exit_evidence
+        if (
+            command.quantity
+            and evidence is not None
+            and evidence.venue_at
+            and command.event_time < evidence.venue_at
+        ):
+            # A size the venue told before our stop filled, delivered after the fill's own event (a venue
+            # orders events within one stream only): older news, not the position still held.
+            return False
         self._stream_position_at = command.event_time
         m = self._m
         if command.quantity == 0:

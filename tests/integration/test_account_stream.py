@@ -400,3 +400,57 @@ async def test_the_other_sides_zero_row_in_hedge_mode_is_not_taken_for_our_posit
         assert len(_live(venue, clock, long.symbol)) == 2
     finally:
         await drive(clock, engine.stop())
+
+
+async def test_a_size_told_before_our_stops_fill_neither_reopens_nor_resizes_the_closing_position(
+    db: Database,
+) -> None:
+    """The hard stop filled; the account stream then delivered a size the venue had told before the fill
+    (a part-filled moment of the stop's close, delivered after the fill's own event: the venue orders events
+    within one stream only). The guard took it for the position still held: it dropped the fill's evidence,
+    resized its stops (new ones sent into a closing position) and, once flat, recorded the exit found by a
+    look-up with the PnL of the smaller size. A size older than the fill is older news now."""
+    settings = settings_for(db, NO_POLLING)
+    clock = ManualClock()
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[9]], ["long"])
+        await drive_until_covered(engine, clock, 1)
+        manager = engine.manager
+        assert manager is not None and guard.entry_price is not None
+        stop_id = guard.stop_loss.client_order_id
+        assert stop_id is not None and guard.stop_loss.price is not None
+        quantity, entry = guard.quantity, guard.entry_price
+        await drive(
+            clock, clock.sleep(5.0)
+        )  # (a size told at the fill is the position's, not an earlier one's)
+        venue.drop_account_stream(3600)  # the events come as this test routes them, in its order
+        creates = venue.calls_made.get(CallKind.CREATE_ORDER, 0)
+        venue.override_mark_price(guard.symbol, guard.stop_loss.price - 3 * guard.market.tick_size)
+        filled = venue.core.get_order(guard.symbol, stop_id, clock.now())
+        assert filled.status is OrderStatus.FILLED and filled.average_price is not None
+        fill_at = filled.updated_at
+        route_account_event(manager, OrderUpdate(order=filled, event_time=fill_at))
+        await drive(clock, clock.sleep(0.01))  # the next event, a few milliseconds later
+        part = guard.market.round_quantity(quantity * Decimal("0.4"))
+        older = PositionUpdate(
+            symbol=guard.symbol, side=guard.side, quantity=part, entry_price=entry, event_time=fill_at - 0.2
+        )
+        route_account_event(manager, older)
+        flat = PositionUpdate(
+            symbol=guard.symbol,
+            side=guard.side,
+            quantity=Decimal(0),
+            entry_price=None,
+            event_time=fill_at + 0.01,
+        )
+        route_account_event(manager, flat)
+        await drive_until(clock, lambda: guard.closed, what="closed", step=0.01, limit=10.0)
+        row = await _closed_row(db, guard)
+        assert (row["status"], row["exit_reason"]) == ("closed", "stop_loss")
+        assert row["realized_pnl"] == (filled.average_price - entry) * quantity
+        assert venue.calls_made.get(CallKind.CREATE_ORDER, 0) == creates  # nothing sent into the close
+    finally:
+        await drive(clock, engine.stop())
