@@ -419,9 +419,11 @@ async def test_a_size_told_before_our_stops_fill_neither_reopens_nor_resizes_the
         [guard] = await open_positions(engine, clock, [SYMBOLS[9]], ["long"])
         await drive_until_covered(engine, clock, 1)
         manager = engine.manager
-        assert manager is not None and guard.entry_price is not None
+        assert manager is not None
+        assert guard.entry_price is not None
         stop_id = guard.stop_loss.client_order_id
-        assert stop_id is not None and guard.stop_loss.price is not None
+        assert stop_id is not None
+        assert guard.stop_loss.price is not None
         quantity, entry = guard.quantity, guard.entry_price
         await drive(
             clock, clock.sleep(5.0)
@@ -430,7 +432,8 @@ async def test_a_size_told_before_our_stops_fill_neither_reopens_nor_resizes_the
         creates = venue.calls_made.get(CallKind.CREATE_ORDER, 0)
         venue.override_mark_price(guard.symbol, guard.stop_loss.price - 3 * guard.market.tick_size)
         filled = venue.core.get_order(guard.symbol, stop_id, clock.now())
-        assert filled.status is OrderStatus.FILLED and filled.average_price is not None
+        assert filled.status is OrderStatus.FILLED
+        assert filled.average_price is not None
         fill_at = filled.updated_at
         route_account_event(manager, OrderUpdate(order=filled, event_time=fill_at))
         await drive(clock, clock.sleep(0.01))  # the next event, a few milliseconds later
