@@ -2696,6 +2696,30 @@ class ProtectionManager:
                 guard._next_trail_generation = max(guard._next_trail_generation, key.generation + 1)
             else:
                 continue
+            managed_trail = guard.kind is TrailingKind.MANAGED and key.purpose is OrderPurpose.TRAILING_STOP
+            if (
+                target.client_order_id is not None
+                and key.generation != target.generation
+                and not managed_trail
+            ):
+                # Two generations of one kind that may both be live: a resize (or a re-placement) the last
+                # run left under way. The older stays ours until the newer is live, then is cancelled
+                # (make-before-break): taken for a duplicate at once, it left the position without that
+                # stop while the newer was still being proven absent. (A managed trail's generations are
+                # its moves: the trail's record and the move in flight say which is which, below.)
+                older = target if key.generation > target.generation else None
+                if older is None:
+                    guard._superseded.append(_restored_older(record, key.purpose, key.generation, self.clock))
+                else:
+                    guard._superseded.append(
+                        ProtectiveOrder(
+                            older.purpose,
+                            generation=older.generation,
+                            client_order_id=older.client_order_id,
+                            maybe_sent=True,
+                            sent_at=older.sent_at,
+                        )
+                    )
             if target.client_order_id is None or key.generation > target.generation:
                 target.client_order_id = record.client_order_id
                 target.generation = key.generation
@@ -3447,6 +3471,20 @@ def _what(purpose: OrderPurpose) -> str:
         else "stop-loss"
         if purpose is OrderPurpose.STOP_LOSS
         else purpose.value
+    )
+
+
+def _restored_older(
+    record: OrderRecord, purpose: OrderPurpose, generation: int, clock: Clock
+) -> ProtectiveOrder:
+    """An older generation of a stop found at a restore, kept until the newer is live."""
+    sent_at = clock.monotonic() - max(0.0, clock.now() - record.created_at.timestamp())
+    return ProtectiveOrder(
+        purpose,
+        generation=generation,
+        client_order_id=record.client_order_id,
+        maybe_sent=True,
+        sent_at=sent_at,
     )
 
 

@@ -5,12 +5,14 @@ fetch when the venue lists the order, no database write when nothing changed."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 import pytest
 
 from engine.clock import ManualClock
+from engine.exchange.port import OrderSide, OrderType
 from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, FaultKind
 from storage.database import Database
@@ -283,5 +285,65 @@ async def test_a_restart_within_the_venues_read_lag_waits_for_the_stops_the_last
         assert all(g.covered for g in engine_b.manager.guards.values())
         # The venue holds one stop of each kind per position: none was sent again.
         assert len(core.inspect(clock.now()).open_conditional) == 6
+    finally:
+        await drive(clock, engine_b.stop())
+
+
+async def test_a_restart_mid_resize_keeps_the_old_stops_until_the_new_ones_are_live(db: Database) -> None:
+    """The engine died while resizing a position's stops: the new ones were recorded (written ahead) but
+    the venue had refused them (HTTP 500) and the old ones were still live. The restart kept only the newest
+    generation of each kind; its start-up pass then cancelled the old, live stops as duplicates while the
+    new ones were still being proven absent (the venue's read lag): the position had no hard stop for that
+    long. The old stops now stay until the new ones are live (make-before-break, as the resize itself)."""
+    settings = settings_for(db, {"PROTECTION__RECONCILE_SECONDS": "3600"})  # the start-up pass only
+    clock = ManualClock()
+    engine_a = make_engine(settings, clock)
+    await drive(clock, engine_a.start())
+    [symbol] = SYMBOLS[48:49]
+    try:
+        [guard] = await open_positions(engine_a, clock, [symbol], ["long"])
+        await drive_until_covered(engine_a, clock, 1)
+        venue_a = engine_a.venue
+        assert isinstance(venue_a, SimVenue)
+        core = venue_a.core
+        old = {o.client_order_id for o in core.open_protective_orders(clock.now(), symbol)}
+        venue_a.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, count=1000, stops_only=True)
+        quantity = guard.quantity
+        core.place_market_order(symbol, OrderSide.BUY, quantity, "by-hand-1", clock.now())  # the operator
+        await drive_until(clock, lambda: guard.quantity == 2 * quantity, what="the resize begun", step=0.01)
+        await drive(clock, clock.sleep(1.0))  # its new stops recorded, refused
+    finally:
+        await drive(clock, engine_a.stop(drain=False))
+    recorded = await db.pool.fetch(
+        "SELECT client_order_id, status FROM monitoring.orders WHERE purpose <> 'entry' ORDER BY id"
+    )
+    assert {r["client_order_id"] for r in recorded} > old
+    assert {o.client_order_id for o in core.open_protective_orders(clock.now(), symbol)} == old
+
+    core.set_read_lag(2.0)  # what the new engine places reads back as unknown for 2 s
+    engine_b = restarted(engine_a, settings, clock)
+    without_hard_stop: list[float] = []
+
+    async def watch() -> None:
+        while True:
+            live = core.inspect(clock.now()).open_conditional  # (the truth: read-lagged ones included)
+            if not any(o.type is OrderType.STOP_MARKET and o.symbol == symbol for o in live):
+                without_hard_stop.append(clock.now())
+            await asyncio.sleep(0.0005)
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await drive(clock, engine_b.start())
+        await drive(clock, clock.sleep(10.0))
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+    try:
+        assert without_hard_stop == []
+        live = core.open_protective_orders(clock.now(), symbol)
+        assert sorted((o.type.value, o.quantity) for o in live) == [
+            ("stop_market", 2 * quantity),
+            ("trailing_stop_market", 2 * quantity),
+        ]
     finally:
         await drive(clock, engine_b.stop())
