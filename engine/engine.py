@@ -679,6 +679,7 @@ class Engine:
         self.budget_waits = BudgetWaits()
         self.stop_report: StopReport | None = None
         self._draining = False  # stopping: no new signal is claimed, no unsent entry is sent
+        self._stop_begun = asyncio.Event()  # wakes what waits to send an entry: it is not sent now
         self._wave_in_progress: asyncio.Future[None] | None = None
         self.request_pacer: RequestPacer | None = None
         self.order_budget: OrderBudget | None = None
@@ -913,6 +914,7 @@ class Engine:
             await self._stopped.wait()
             return self.stop_report or StopReport(0, 0)
         self._set_state(EngineState.STOPPING)
+        self._stop_begun.set()
         self._drop_database_if_down()
         budget = float(self.settings.protection.call_timeout_seconds)
         if drain:
@@ -2372,9 +2374,13 @@ class Engine:
                     if attempt == ENTRY_RATE_LIMIT_ATTEMPTS:
                         raise
                     log.info("entry %s rate limited (%s): sent again in %.3fs", symbol, exc, exc.retry_after)
-                    await self.clock.sleep(max(0.0, exc.retry_after))
+                    # (Refused: it never ran.) A stop that begins meanwhile ends the wait: not sent again.
+                    await wait_event(self.clock, self._stop_begun, max(0.0, exc.retry_after))
+                    if (not_sent := self._not_to_be_sent()) is not None:
+                        raise EntryNotSentAgain(not_sent) from exc
                     promise = await manager.budget.acquire_resend(promise)
-                    if (not_sent := self._not_to_be_sent()) is not None:  # (refused: it never ran)
+                    if (not_sent := self._not_to_be_sent()) is not None:
+                        manager.budget.entry_answered(promise, room=False)  # its probe never went
                         raise EntryNotSentAgain(not_sent) from exc
                     continue
                 except BaseException:

@@ -664,6 +664,52 @@ async def test_an_entry_refused_for_the_rate_is_not_sent_again_once_the_engine_s
     assert (row["status"], row["reason"]) == ("rejected", "engine stopping")
 
 
+async def test_an_entry_waiting_out_a_long_rate_refusal_ends_not_sent_when_the_engine_stops(
+    db: Database,
+) -> None:
+    """The venue refused an entry for its rate with a Retry-After longer than the stop's drain (another
+    client had filled the order window): the stop cancelled the entry inside its wait, before it could be
+    recorded as not sent. Its rows stayed `entry_placed` / `pending`, and once the engine had gone,
+    `tsbot status` named it a position that may have filled, while the venue had never taken it. The wait
+    now ends when the stop begins: the entry ends `engine stopping`, its position failed."""
+    settings = settings_for(
+        db,
+        {
+            "VENUE__SIM__RATE_LIMITS__ORDERS_PER_10S": "4",
+            "VENUE__SIM__RATE_LIMITS__BAN_AFTER_VIOLATIONS": "1000",
+            "PROTECTION__CALL_TIMEOUT_SECONDS": "2",  # the drain: 4 s, shorter than the refusal
+        },
+    )
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    venue = engine.venue
+    assert engine.store is not None
+    core = venue.core
+    await drive(clock, clock.sleep(10.0 - clock.now() % 10.0 + 0.01))  # a fresh 10-second window
+    held = {p.symbol for p in core.positions(clock.now())}
+    flat = next(s for s in SYMBOLS[40:] if s not in held)
+    for i in range(4):  # another client on the account fills the window
+        with contextlib.suppress(ExchangeError):
+            core.place_market_order(
+                flat, OrderSide.SELL, Decimal(1), f"other-{i}", clock.now(), reduce_only=True
+            )
+    [symbol] = SYMBOLS[77:78]
+    refused = venue.calls_made.get(CallKind.CREATE_ORDER, 0)
+    await engine.store.insert_signals([(symbol, "long", None, None)])
+    await drive_until(
+        clock, lambda: venue.calls_made.get(CallKind.CREATE_ORDER, 0) > refused, what="refused", step=0.01
+    )
+    await drive(clock, clock.sleep(0.5))
+    report = await drive(clock, engine.stop())
+    assert core.positions(clock.now()) == []
+    assert report.all_protected
+    row = await db.pool.fetchrow("SELECT status, reason FROM monitoring.signals")
+    assert (row["status"], row["reason"]) == ("rejected", "engine stopping")
+    store = Store(db.pool, account=engine.store.account)
+    assert await store.uncovered_positions() == []  # nobody holds the account now: nothing in doubt
+
+
 async def test_a_stop_in_managed_mode_counts_trails_with_no_order_on_the_venue_as_uncovered(
     db: Database,
 ) -> None:
