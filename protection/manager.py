@@ -876,8 +876,11 @@ class PositionGuard:
         self.venue_flat_at = None
         if self.exit_evidence is not None:
             self._position_held(PositionHeld(seen_at=m.clock.monotonic()))
-        # Told now: newer than any pass's read still being compared (recorded even when unchanged).
-        await self._quantity_changed(QuantityChanged(quantity=command.quantity, seen_at=m.clock.monotonic()))
+        # As of when the venue told it (its event time on our clock), not when it arrived: a size the
+        # stream delivers late is older than a pass's read asked after it was told (recorded even when
+        # unchanged).
+        told_at = m.clock.monotonic() - max(0.0, m.clock.now() - command.event_time)
+        await self._quantity_changed(QuantityChanged(quantity=command.quantity, seen_at=told_at))
         return True
 
     async def _cancel_superseded(self) -> bool:

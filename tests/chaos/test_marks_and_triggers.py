@@ -6,9 +6,10 @@ TRIGGERING before their fill, and fired stops that never fill. Virtual time, the
 from __future__ import annotations
 
 from engine.engine import STARTUP_UNKNOWN_SECONDS
-from engine.exchange.port import OrderSide
+from engine.exchange.port import OrderSide, PositionUpdate
 from engine.venues.sim.settings import CallKind, FaultKind
 from protection.coverage import coverage_figures
+from protection.stream_events import route_account_event
 from storage.database import Database
 from tests.chaos.support import ChaosRun, chaos_settings
 from tests.support.auditor import AuditLimits
@@ -317,6 +318,47 @@ async def test_a_pass_read_before_the_position_grew_does_not_shrink_its_stops(db
         live = run.venue.core.open_protective_orders(run.clock.now(), symbol)
         assert sorted(o.quantity for o in live) == [2 * before, 2 * before]
         assert guard.quantity == 2 * before
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)
+    finally:
+        await run.stop()
+
+
+async def test_a_size_the_stream_delivers_late_does_not_outrank_a_newer_read(db: Database) -> None:
+    """The operator added to the position and the stream lost that message; a reconcile pass then read the
+    bigger size. Before its comparison, the stream delivered late a size told before the addition: taken
+    as of its arrival, it outranked the pass's read and the stops kept covering the smaller size until
+    the next pass. A size the stream tells is now dated by the venue's event time."""
+    settings = chaos_settings(db)
+    run = ChaosRun(db, settings, limits=AuditLimits.from_settings(settings, duplicate_overlap_seconds=1.0))
+    await run.start()
+    try:
+        symbol = await run.one_protected_position(sides=["long"])
+        reconciler = run.engine.reconciler
+        manager = run.engine.manager
+        assert reconciler is not None
+        assert manager is not None
+        guard = manager.by_symbol[symbol]
+        await run.run_for(5.0)
+        before = run.held()[symbol].quantity
+        told_before_the_addition = run.clock.now()
+        run.venue.drop_account_stream(3600)  # the addition's message is lost
+        await run.run_for(1.0)
+        run.venue.core.place_market_order(symbol, OrderSide.BUY, before, "by-hand-1", run.clock.now())
+        fresh = await run.drive(reconciler.take_snapshot())
+        late = PositionUpdate(
+            symbol=symbol,
+            side=guard.side,
+            quantity=before,
+            entry_price=run.held()[symbol].entry_price,
+            event_time=told_before_the_addition,
+        )
+        route_account_event(manager, late)
+        await run.run_for(0.2)
+        await run.drive(reconciler.reconcile_once(fresh))
+        await run.run_for(2.0)
+        live = run.venue.core.open_protective_orders(run.clock.now(), symbol)
+        assert sorted(o.quantity for o in live) == [2 * before, 2 * before]
         await run.settle()
         run.verdict(coverage_at_least=0.0)
     finally:
