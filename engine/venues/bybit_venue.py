@@ -516,7 +516,9 @@ class BybitLinearVenue(CcxtVenue):
             value = _positive(row.get(_FIELD[stop.type])) if row is not None else None
             if value is None:
                 continue  # gone
-            if self._asked_for(stop, value):
+            if self._asked_for(stop, value) or self._was_ours(stop, value):
+                # What we asked for, or what one of ours asked for before: a read that lags our own
+                # change (the hard stop corrected from the fill, a resize) is no alarm.
                 listed.append(stop)
             else:
                 # Another value than ours (said once when nobody of ours ever asked for it): not our
@@ -1043,6 +1045,10 @@ class BybitLinearVenue(CcxtVenue):
             if o is stop or o.status is OrderStatus.NEW
         )
 
+    def _was_ours(self, stop: _PositionStop, value: Decimal) -> bool:
+        """`value` is one that a stop of ours in the same field asked for (now or before)."""
+        return any(self._same(stop.symbol, value, self._value(o)) for o in self._kin(stop))
+
     def _note_displaced(self, stop: _PositionStop, value: Decimal) -> bool:
         """The field of our confirmed stop holds `value`, not what we asked for. Said (once, at WARNING) when
         none of ours ever asked for it, nor was it found taking one of ours' place before: someone else moved
@@ -1050,8 +1056,9 @@ class BybitLinearVenue(CcxtVenue):
         True when said."""
         if not stop.confirmed or stop.displaced_by is not None or self._asked_for(stop, value):
             return False
-        known = [self._value(o) for o in self._kin(stop)] + [o.displaced_by for o in self._kin(stop)]
-        if any(self._same(stop.symbol, value, v) for v in known):
+        if self._was_ours(stop, value) or any(
+            self._same(stop.symbol, value, o.displaced_by) for o in self._kin(stop)
+        ):
             return False
         stop.displaced_by = value
         logger.warning(
