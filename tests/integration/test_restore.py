@@ -324,20 +324,17 @@ async def test_a_restart_mid_resize_keeps_the_old_stops_until_the_new_ones_are_l
     engine_b = restarted(engine_a, settings, clock)
     without_hard_stop: list[float] = []
 
-    async def watch() -> None:
-        while True:
-            live = core.inspect(clock.now()).open_conditional  # (the truth: read-lagged ones included)
-            if not any(o.type is OrderType.STOP_MARKET and o.symbol == symbol for o in live):
-                without_hard_stop.append(clock.now())
-            await asyncio.sleep(0.0005)
+    def no_hard_stop_yet() -> bool:  # sampled at every virtual step (the truth: read-lagged ones included)
+        live = core.inspect(clock.now()).open_conditional
+        if not any(o.type is OrderType.STOP_MARKET and o.symbol == symbol for o in live):
+            without_hard_stop.append(clock.now())
+        return False
 
-    watcher = asyncio.ensure_future(watch())
-    try:
-        await drive(clock, engine_b.start())
-        await drive(clock, clock.sleep(10.0))
-    finally:
-        watcher.cancel()
-        await asyncio.gather(watcher, return_exceptions=True)
+    starting = asyncio.ensure_future(engine_b.start())
+    await drive_until(clock, lambda: no_hard_stop_yet() or starting.done(), step=0.01, what="started")
+    starting.result()
+    until = clock.now() + 10.0
+    await drive_until(clock, lambda: no_hard_stop_yet() or clock.now() >= until, step=0.01, what="10 s on")
     try:
         assert without_hard_stop == []
         live = core.open_protective_orders(clock.now(), symbol)
