@@ -9,6 +9,8 @@ from engine.engine import STARTUP_UNKNOWN_SECONDS
 from engine.exchange.port import OrderSide, PositionUpdate
 from engine.venues.sim.settings import CallKind, FaultKind
 from protection.coverage import coverage_figures
+from protection.manager import PositionGuard, ProtectionManager
+from protection.reconciler import Reconciler
 from protection.stream_events import route_account_event
 from storage.database import Database
 from tests.chaos.support import ChaosRun, chaos_settings
@@ -291,24 +293,31 @@ async def test_a_stop_that_filled_after_the_passs_read_is_not_recorded_cancelled
         await run.stop()
 
 
+def _resizing_run(db: Database) -> ChaosRun:
+    """A run whose audit allows the overlap of a resize: it places the new stops before it cancels the old
+    ones (make-before-break), both live for about a round trip, by design."""
+    settings = chaos_settings(db)
+    return ChaosRun(db, settings, limits=AuditLimits.from_settings(settings, duplicate_overlap_seconds=1.0))
+
+
+async def _one_guarded_long(run: ChaosRun) -> tuple[str, Reconciler, ProtectionManager, PositionGuard]:
+    symbol = await run.one_protected_position(sides=["long"])
+    reconciler, manager = run.engine.reconciler, run.engine.manager
+    assert reconciler is not None
+    assert manager is not None
+    return symbol, reconciler, manager, manager.by_symbol[symbol]
+
+
 async def test_a_pass_read_before_the_position_grew_does_not_shrink_its_stops(db: Database) -> None:
     """A reconcile pass read the venue's positions; the operator then added to the position by hand, and
     the account stream's size had the stops resized to it. The pass, comparing afterwards, resized them
     back to the size it had read: the venue held the bigger position with reduce-only stops for the
     smaller one until the next pass (a stop-out in between would have left the difference naked). A
     size read before the one applied is now ignored."""
-    settings = chaos_settings(db)
-    # A resize places the new stops before it cancels the old ones (make-before-break): both live for
-    # about a round trip, by design.
-    run = ChaosRun(db, settings, limits=AuditLimits.from_settings(settings, duplicate_overlap_seconds=1.0))
+    run = _resizing_run(db)
     await run.start()
     try:
-        symbol = await run.one_protected_position(sides=["long"])
-        reconciler = run.engine.reconciler
-        manager = run.engine.manager
-        assert reconciler is not None
-        assert manager is not None
-        guard = manager.by_symbol[symbol]
+        symbol, reconciler, _manager, guard = await _one_guarded_long(run)
         stale = await run.drive(reconciler.take_snapshot())
         before = run.held()[symbol].quantity
         run.venue.core.place_market_order(symbol, OrderSide.BUY, before, "by-hand-1", run.clock.now())
@@ -329,16 +338,10 @@ async def test_a_size_the_stream_delivers_late_does_not_outrank_a_newer_read(db:
     bigger size. Before its comparison, the stream delivered late a size told before the addition: taken
     as of its arrival, it outranked the pass's read and the stops kept covering the smaller size until
     the next pass. A size the stream tells is now dated by the venue's event time."""
-    settings = chaos_settings(db)
-    run = ChaosRun(db, settings, limits=AuditLimits.from_settings(settings, duplicate_overlap_seconds=1.0))
+    run = _resizing_run(db)
     await run.start()
     try:
-        symbol = await run.one_protected_position(sides=["long"])
-        reconciler = run.engine.reconciler
-        manager = run.engine.manager
-        assert reconciler is not None
-        assert manager is not None
-        guard = manager.by_symbol[symbol]
+        symbol, reconciler, manager, guard = await _one_guarded_long(run)
         await run.run_for(5.0)
         before = run.held()[symbol].quantity
         told_before_the_addition = run.clock.now()

@@ -28,8 +28,9 @@ from engine.config import load_config
 from storage.database import DatabaseTarget, create_pool
 from storage.embedded import EmbeddedPostgres, start_embedded, stop_embedded
 from storage.lease import EngineLease, current_holder
-from storage.repositories import HealthRow, OrderPurpose, PositionStatus, Store
+from storage.repositories import HealthRow, Store
 from tests.support.owned_postgres import create_migrated_database, resume, stop_postmaster
+from tests.support.records import entry_recorded
 
 TSBOT = str(Path(sys.executable).with_name("tsbot"))
 # Only a guard against a hang (the defect): a status that answers never comes near it.
@@ -282,18 +283,7 @@ async def test_an_entry_left_pending_by_an_engine_killed_before_its_answer_is_un
         pool = await create_pool(DatabaseTarget(dsn=engine_side.dsn), min_size=1, max_size=1)
         try:
             store = Store(pool, engine_side.account)  # the entry, written as `Engine._open_position` does
-            position = await store.create_position(
-                symbol="DDDUSDT", exchange="sim", side="long", quantity=Decimal("3")
-            )
-            await store.record_order(
-                client_order_id=f"x-{position.id}-en0",
-                position_id=position.id,
-                purpose=OrderPurpose.ENTRY,
-                side="buy",
-                type="market",
-                quantity=Decimal("3"),
-            )
-            await store.set_position_status(position.id, PositionStatus.ENTRY_PLACED)
+            position_id = await entry_recorded(store, "DDDUSDT", quantity=Decimal("3"))
 
             running = tsbot("status", "--json", cwd=workdir)
             assert running.returncode == 0, running.stdout + running.stderr
@@ -323,7 +313,7 @@ async def test_an_entry_left_pending_by_an_engine_killed_before_its_answer_is_un
         "1 position uncovered (DDDUSDT) and no engine protecting it: none holds the account sim:default",
     )
     assert [(p["position_id"], p["symbol"], p["status"], p["missing"]) for p in report["uncovered"]] == [
-        (position.id, "DDDUSDT", "entry_placed", "both (the entry's outcome is unknown: it may have filled)")
+        (position_id, "DDDUSDT", "entry_placed", "both (the entry's outcome is unknown: it may have filled)")
     ]
 
     human = tsbot("status", cwd=workdir)
@@ -333,7 +323,7 @@ async def test_an_entry_left_pending_by_an_engine_killed_before_its_answer_is_un
     assert "engine:            not running" in lines
     assert "uncovered:         1" in lines
     assert (
-        f"  #{position.id} DDDUSDT long (entry_placed): missing both (the entry's outcome is unknown: it may "
+        f"  #{position_id} DDDUSDT long (entry_placed): missing both (the entry's outcome is unknown: it may "
         "have filled)"
     ) in lines
 

@@ -18,6 +18,7 @@ from storage.repositories import (
     Severity,
     Store,
 )
+from tests.support.records import entry_recorded
 
 # Verbatim from the incident report: operators' SQL must keep working.
 INCIDENT_COVERAGE_SQL = (
@@ -161,28 +162,6 @@ ORDER BY opened_at NULLS FIRST, id;
 """
 
 
-async def _entry(
-    store: Store, symbol: str, *, sent: bool = True, answered: OrderRecordStatus | None = None
-) -> int:
-    """An entry recorded as the engine records it (`Engine._open_position`): its order `pending`, then its
-    position `entry_placed` just before the send (`sent`); `answered`: what the engine recorded after."""
-    position = await store.create_position(symbol=symbol, exchange="sim", side="long", quantity=Decimal("1"))
-    cid = f"t-{position.id}-en0"
-    await store.record_order(
-        client_order_id=cid,
-        position_id=position.id,
-        purpose=OrderPurpose.ENTRY,
-        side="buy",
-        type="market",
-        quantity=Decimal("1"),
-    )
-    if sent:
-        await store.set_position_status(position.id, PositionStatus.ENTRY_PLACED)
-    if answered is not None:
-        await store.set_order_status(cid, answered)
-    return position.id
-
-
 async def test_an_entry_left_pending_is_uncovered_once_no_engine_holds_the_account(
     db: Database, pg_server: EmbeddedPostgres
 ) -> None:
@@ -195,12 +174,12 @@ async def test_an_entry_left_pending_is_uncovered_once_no_engine_holds_the_accou
     await _active_position(store, "AUSDT", trailing=True)  # covered: never listed
     naked = await _active_position(store, "BUSDT", trailing=False)
     await db.pool.execute("UPDATE monitoring.positions SET opened_at = now() - interval '1 minute'")
-    in_flight = await _entry(store, "CUSDT")
-    in_doubt = await _entry(store, "DUSDT", answered=OrderRecordStatus.UNKNOWN)
+    in_flight = await entry_recorded(store, "CUSDT")
+    in_doubt = await entry_recorded(store, "DUSDT", answered=OrderRecordStatus.UNKNOWN)
     # Killed between recording the refusal and the failed position: the entry is known not to have filled.
-    await _entry(store, "EUSDT", answered=OrderRecordStatus.REJECTED)
+    await entry_recorded(store, "EUSDT", answered=OrderRecordStatus.REJECTED)
     # Killed before the send (the position not `entry_placed` yet): never sent.
-    await _entry(store, "FUSDT", sent=False)
+    await entry_recorded(store, "FUSDT", sent=False)
 
     async def listed() -> tuple[set[int], set[int]]:
         by_store = {p.id for p in await store.uncovered_positions(5.0)}

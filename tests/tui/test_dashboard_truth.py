@@ -15,9 +15,10 @@ from engine.venues.sim.settings import CallKind, FaultKind
 from engine.venues.sim.universe import UNIVERSE
 from storage.database import Database
 from storage.lease import EngineLease
-from storage.repositories import OrderPurpose, PositionStatus, Store
+from storage.repositories import Store
 from tests.integration.engine_support import make_engine
 from tests.support.driving import drive, drive_until
+from tests.support.records import entry_recorded
 from tests.tui.harness import dashboard, started, tui_settings
 from tests.tui.snapshots import svg_to_text
 from tui import formatting
@@ -286,18 +287,7 @@ async def test_a_read_only_dashboard_counts_an_entry_its_dead_engine_left_pendin
     unknown outcome. Before: never, so the gauge of a watch on a dead engine's account said nothing."""
     settings = tui_settings(db, {"PROTECTION__GRACE_SECONDS": "0"})
     store = Store(db.pool, account_key(settings.venue))
-    position = await store.create_position(
-        symbol=SYMBOLS[3], exchange="sim", side="long", quantity=Decimal("2")
-    )
-    await store.record_order(
-        client_order_id=f"x-{position.id}-en0",
-        position_id=position.id,
-        purpose=OrderPurpose.ENTRY,
-        side="buy",
-        type="market",
-        quantity=Decimal("2"),
-    )
-    await store.set_position_status(position.id, PositionStatus.ENTRY_PLACED)
+    position_id = await entry_recorded(store, SYMBOLS[3], quantity=Decimal("2"))
 
     async def watched() -> EngineSnapshot:
         feed = ReadOnlyFeed(settings, None)
@@ -318,7 +308,7 @@ async def test_a_read_only_dashboard_counts_an_entry_its_dead_engine_left_pendin
     assert (dead.coverage.active, dead.coverage.protected, dead.coverage.uncovered_ids) == (
         1,
         0,
-        (position.id,),
+        (position_id,),
     )
     [view] = dead.positions
     assert (view.symbol, view.trailing_phase, view.entry_price) == (SYMBOLS[3], "entry outcome unknown", None)
