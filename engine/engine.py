@@ -1156,6 +1156,7 @@ class Engine:
         self.manager.known_confirmed = confirmed_within_lag or {}
         self.manager.known_left_at = left_unsettled or {}
         if previous is not None:
+            self.manager.known_unclear = previous.handed_over_unclear
             # The breaker's error window and the order round trip go on across a protection restart: a
             # restart wiped the failures, and an operator's resume refused while stops failed went through.
             self.manager.protective_attempts = previous.protective_attempts

@@ -278,3 +278,34 @@ async def test_a_hard_stop_sent_again_through_the_mark_closes_the_position_at_on
         run.verdict(coverage_at_least=0.0)
     finally:
         await run.stop()
+
+
+async def test_a_stop_whose_answer_a_protection_restart_cut_off_is_sent_again_at_once_with_its_id(
+    db: Database,
+) -> None:
+    """A stop's request was lost on its way (the client gives up after 3 s) and the operator restarted the
+    protection manager meanwhile. The new manager knew only that the stop might be on the venue: it
+    waited out the venue's read lag (5 s) before sending it again, and the position was naked past grace
+    (the Binance-wire soak: 8.6 s). What the old manager knew is handed over: a send whose answer never
+    came, by its hand or the venue's, is sent again at once with its id, as within one manager."""
+    settings = chaos_settings(db)
+    run = ChaosRun(db, settings)
+    run.venue.set_read_lag(5.0)
+    await run.start()
+    try:
+        creates = run.venue.calls_made.get(CallKind.CREATE_ORDER, 0)
+        run.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_NOT_EXECUTED, stops_only=True)
+        await run.opened(await run.wave(1))
+        await run.until(
+            lambda: run.venue.calls_made.get(CallKind.CREATE_ORDER, 0) >= creates + 3,
+            limit=10,
+            what="stops sent",
+        )
+        await run.drive(run.engine.restart_protection())
+        await run.until(run.converged, limit=30, what="the position protected")
+        figures = run.auditor.figures()
+        assert figures.worst_unprotected_s < float(settings.protection.grace_seconds), figures.as_dict()
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)  # (no rule broken: no duplicate, nothing naked past grace)
+    finally:
+        await run.stop()
