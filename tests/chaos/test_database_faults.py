@@ -16,6 +16,7 @@ so that the outage lasts as long for the engine as it does for the server."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from collections.abc import Iterator
@@ -59,15 +60,21 @@ def _server_processes(server: EmbeddedPostgres) -> list[psutil.Process]:
     return [postmaster, *postmaster.children(recursive=True)]
 
 
-def _freeze(server: EmbeddedPostgres) -> None:
+def _signal_server(server: EmbeddedPostgres, signum: int) -> None:
+    """Signal the server and its backends; a backend may end between the listing and its signal (one whose
+    client dropped its connection ends as soon as the server runs again)."""
     for process in _server_processes(server):
-        process.send_signal(signal.SIGSTOP)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signum)
+
+
+def _freeze(server: EmbeddedPostgres) -> None:
+    _signal_server(server, signal.SIGSTOP)
 
 
 def _thaw(server: EmbeddedPostgres) -> None:
     if psutil.pid_exists(_postmaster_pid(server)):
-        for process in _server_processes(server):
-            process.send_signal(signal.SIGCONT)
+        _signal_server(server, signal.SIGCONT)
 
 
 def _kill(server: EmbeddedPostgres) -> None:
