@@ -222,6 +222,24 @@ async def test_a_stop_that_just_fired_is_uncovered_since_it_fired_not_since_the_
         await run.stop()
 
 
+def _resizing_run(db: Database) -> ChaosRun:
+    """A run whose audit allows the overlap of a resize: it places the new stops before it cancels the old
+    ones (make-before-break), both live for about a round trip, by design."""
+    settings = chaos_settings(db)
+    return ChaosRun(db, settings, limits=AuditLimits.from_settings(settings, duplicate_overlap_seconds=1.0))
+
+
+async def _one_guarded(
+    run: ChaosRun, *, sides: list[str] | None = None
+) -> tuple[str, Reconciler, ProtectionManager, PositionGuard]:
+    """One protected position, with the reconciler and the manager that guard it, and its guard."""
+    symbol = await run.one_protected_position(sides=sides)
+    reconciler, manager = run.engine.reconciler, run.engine.manager
+    assert reconciler is not None
+    assert manager is not None
+    return symbol, reconciler, manager, manager.by_symbol[symbol]
+
+
 async def test_a_snapshot_taken_before_a_stop_filled_adopts_no_phantom(db: Database) -> None:
     """A reconcile pass reads the venue, then a hard stop fills and its guard closes the position before
     the pass compares: the snapshot still lists the position, which no guard tracks any more. It must
@@ -232,11 +250,7 @@ async def test_a_snapshot_taken_before_a_stop_filled_adopts_no_phantom(db: Datab
     run = ChaosRun(db, settings)
     await run.start()
     try:
-        symbol = await run.one_protected_position()
-        reconciler = run.engine.reconciler
-        manager = run.engine.manager
-        assert reconciler is not None
-        assert manager is not None
+        symbol, reconciler, manager, _guard = await _one_guarded(run)
         stale = await run.drive(reconciler.take_snapshot())
         assert symbol in {p.symbol for p in stale.positions}
         await fire_hard_stop(run, symbol)
@@ -266,12 +280,7 @@ async def test_a_stop_that_filled_after_the_passs_read_is_not_recorded_cancelled
     run = ChaosRun(db, settings)
     await run.start()
     try:
-        symbol = await run.one_protected_position()
-        reconciler = run.engine.reconciler
-        manager = run.engine.manager
-        assert reconciler is not None
-        assert manager is not None
-        guard = manager.by_symbol[symbol]
+        symbol, reconciler, manager, guard = await _one_guarded(run)
         hard_stop = guard.stop_loss.client_order_id
         stale = await run.drive(reconciler.take_snapshot())
         assert hard_stop in {o.client_order_id for o in stale.open_orders}
@@ -293,21 +302,6 @@ async def test_a_stop_that_filled_after_the_passs_read_is_not_recorded_cancelled
         await run.stop()
 
 
-def _resizing_run(db: Database) -> ChaosRun:
-    """A run whose audit allows the overlap of a resize: it places the new stops before it cancels the old
-    ones (make-before-break), both live for about a round trip, by design."""
-    settings = chaos_settings(db)
-    return ChaosRun(db, settings, limits=AuditLimits.from_settings(settings, duplicate_overlap_seconds=1.0))
-
-
-async def _one_guarded_long(run: ChaosRun) -> tuple[str, Reconciler, ProtectionManager, PositionGuard]:
-    symbol = await run.one_protected_position(sides=["long"])
-    reconciler, manager = run.engine.reconciler, run.engine.manager
-    assert reconciler is not None
-    assert manager is not None
-    return symbol, reconciler, manager, manager.by_symbol[symbol]
-
-
 async def test_a_pass_read_before_the_position_grew_does_not_shrink_its_stops(db: Database) -> None:
     """A reconcile pass read the venue's positions; the operator then added to the position by hand, and
     the account stream's size had the stops resized to it. The pass, comparing afterwards, resized them
@@ -317,7 +311,7 @@ async def test_a_pass_read_before_the_position_grew_does_not_shrink_its_stops(db
     run = _resizing_run(db)
     await run.start()
     try:
-        symbol, reconciler, _manager, guard = await _one_guarded_long(run)
+        symbol, reconciler, _manager, guard = await _one_guarded(run, sides=["long"])
         stale = await run.drive(reconciler.take_snapshot())
         before = run.held()[symbol].quantity
         run.venue.core.place_market_order(symbol, OrderSide.BUY, before, "by-hand-1", run.clock.now())
@@ -341,7 +335,7 @@ async def test_a_size_the_stream_delivers_late_does_not_outrank_a_newer_read(db:
     run = _resizing_run(db)
     await run.start()
     try:
-        symbol, reconciler, manager, guard = await _one_guarded_long(run)
+        symbol, reconciler, manager, guard = await _one_guarded(run, sides=["long"])
         await run.run_for(5.0)
         before = run.held()[symbol].quantity
         told_before_the_addition = run.clock.now()

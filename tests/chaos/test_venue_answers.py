@@ -156,6 +156,15 @@ async def test_stops_resized_within_the_read_lag_do_not_stay_live_beside_their_r
         await run.stop()
 
 
+async def _protected_within_grace(run: ChaosRun) -> None:
+    """The position gets both stops, and was never without one past grace; no rule broken (no duplicate)."""
+    await run.until(run.converged, limit=30, what="the position protected")
+    figures = run.auditor.figures()
+    assert figures.worst_unprotected_s < float(run.settings.protection.grace_seconds), figures.as_dict()
+    await run.settle()
+    run.verdict(coverage_at_least=0.0)
+
+
 @pytest.mark.parametrize(
     "fault",
     [
@@ -178,11 +187,7 @@ async def test_a_stop_whose_outcome_is_unknown_inside_the_read_lag_is_sent_again
     try:
         run.venue.inject_fault(CallKind.CREATE_ORDER, fault, stops_only=True)
         await run.opened(await run.wave(1))
-        await run.until(run.converged, limit=30, what="the position protected")
-        figures = run.auditor.figures()
-        assert figures.worst_unprotected_s < float(settings.protection.grace_seconds), figures.as_dict()
-        await run.settle()
-        run.verdict(coverage_at_least=0.0)  # (no rule broken: no duplicate, nothing naked past grace)
+        await _protected_within_grace(run)
     finally:
         await run.stop()
 
@@ -302,10 +307,6 @@ async def test_a_stop_whose_answer_a_protection_restart_cut_off_is_sent_again_at
             what="stops sent",
         )
         await run.drive(run.engine.restart_protection())
-        await run.until(run.converged, limit=30, what="the position protected")
-        figures = run.auditor.figures()
-        assert figures.worst_unprotected_s < float(settings.protection.grace_seconds), figures.as_dict()
-        await run.settle()
-        run.verdict(coverage_at_least=0.0)  # (no rule broken: no duplicate, nothing naked past grace)
+        await _protected_within_grace(run)
     finally:
         await run.stop()
