@@ -2719,19 +2719,24 @@ class ProtectionManager:
                 # (make-before-break): taken for a duplicate at once, it left the position without that
                 # stop while the newer was still being proven absent. (A managed trail's generations are
                 # its moves: the trail's record and the move in flight say which is which, below.)
-                older = target if key.generation > target.generation else None
-                if older is None:
-                    guard._superseded.append(_restored_older(record, key.purpose, key.generation, self.clock))
-                else:
-                    guard._superseded.append(
-                        ProtectiveOrder(
-                            older.purpose,
-                            generation=older.generation,
-                            client_order_id=older.client_order_id,
-                            maybe_sent=True,
-                            sent_at=older.sent_at,
-                        )
+                if key.generation > target.generation:  # the one kept so far is the older
+                    older_id, older_generation, older_sent = (
+                        target.client_order_id,
+                        target.generation,
+                        target.sent_at,
                     )
+                else:
+                    older_id, older_generation = record.client_order_id, key.generation
+                    older_sent = self._sent_at_of(record)
+                guard._superseded.append(
+                    ProtectiveOrder(
+                        key.purpose,
+                        generation=older_generation,
+                        client_order_id=older_id,
+                        maybe_sent=True,
+                        sent_at=older_sent,
+                    )
+                )
             if target.client_order_id is None or key.generation > target.generation:
                 target.client_order_id = record.client_order_id
                 target.generation = key.generation
@@ -2749,11 +2754,7 @@ class ProtectionManager:
                 # When it was sent, on our monotonic clock: a "not found" within the venue's read lag of it
                 # proves nothing. The last manager knew when it left; the record, when it was written.
                 left_at = self.known_left_at.get(record.client_order_id)
-                target.sent_at = (
-                    left_at
-                    if left_at is not None
-                    else self.clock.monotonic() - max(0.0, self.clock.now() - record.created_at.timestamp())
-                )
+                target.sent_at = left_at if left_at is not None else self._sent_at_of(record)
                 if record.trigger_price is not None and key.purpose is OrderPurpose.STOP_LOSS:
                     target.price = record.trigger_price
                 if guard.kind is TrailingKind.MANAGED and key.purpose is OrderPurpose.TRAILING_STOP:
@@ -2818,6 +2819,10 @@ class ProtectionManager:
                 )
                 guard.trail = trailing.TrailingState.start(guard.trail_params())
                 guard._restored_move = None
+
+    def _sent_at_of(self, record: OrderRecord) -> float:
+        """When a recorded order left, on our monotonic clock, as far as its record tells (its creation)."""
+        return self.clock.monotonic() - max(0.0, self.clock.now() - record.created_at.timestamp())
 
     def _move_in_flight(
         self,
@@ -3503,20 +3508,6 @@ def _what(purpose: OrderPurpose) -> str:
         else "stop-loss"
         if purpose is OrderPurpose.STOP_LOSS
         else purpose.value
-    )
-
-
-def _restored_older(
-    record: OrderRecord, purpose: OrderPurpose, generation: int, clock: Clock
-) -> ProtectiveOrder:
-    """An older generation of a stop found at a restore, kept until the newer is live."""
-    sent_at = clock.monotonic() - max(0.0, clock.now() - record.created_at.timestamp())
-    return ProtectiveOrder(
-        purpose,
-        generation=generation,
-        client_order_id=record.client_order_id,
-        maybe_sent=True,
-        sent_at=sent_at,
     )
 
 
