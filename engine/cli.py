@@ -570,7 +570,12 @@ def _status(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     print(
         "engine:            "
         + (
-            f"running (pid {engine['pid']} on {engine['host']}, {engine['version']}, since {engine['since']})"
+            (
+                f"SILENT for {engine['heard_seconds_ago']:.0f} s: holds the account but looks after nothing "
+                if engine["silent"]
+                else "running "
+            )
+            + f"(pid {engine['pid']} on {engine['host']}, {engine['version']}, since {engine['since']})"
             if engine
             else "not running"
         )
@@ -662,9 +667,14 @@ async def _read_status(
         now = await pool.fetchval("SELECT now()")
     finally:
         pool.terminate()  # a look leaves nothing behind, and close() would wait on a server gone quiet
-    health = _health_report(health_rows, now, stale_after, running=holder is not None)
+    heard = holder is not None and not holder.silent
+    health = _health_report(health_rows, now, stale_after, running=heard)
     state, reason = _verdict(
-        health, running=holder is not None, account=account, uncovered=[p.symbol for p in uncovered]
+        health,
+        running=heard,
+        account=account,
+        uncovered=[p.symbol for p in uncovered],
+        silent=holder.describe() if holder is not None and holder.silent else None,
     )
     return {
         # The verdict (and the exit code): ok, degraded, critical, or unknown when no engine is measuring.
@@ -686,6 +696,9 @@ async def _read_status(
             "host": holder.host,
             "version": holder.version,
             "since": holder.started_at.isoformat(),
+            # since its last heartbeat; one silent (not heard for 30 s) counts as no engine
+            "heard_seconds_ago": round(holder.silent_seconds, 1),
+            "silent": holder.silent,
         },
         "entries": "paused" if control is not None and control.paused else "on",
         "entries_paused": None
@@ -723,17 +736,28 @@ def _missing_stops(has_stop_loss: bool, has_trailing_stop: bool) -> str:
 
 
 def _verdict(
-    health: dict[str, Any], *, running: bool, account: str, uncovered: Sequence[str] = ()
+    health: dict[str, Any],
+    *,
+    running: bool,
+    account: str,
+    uncovered: Sequence[str] = (),
+    silent: str | None = None,
 ) -> tuple[str, str]:
     """The monitoring verdict and the reason for it, from the engine's last health per component.
 
     Nothing measured is never "ok": no engine holding the account, no health row, or a stale one is unknown.
     With no engine, though, positions the records show uncovered (`uncovered`: their symbols) are critical:
-    nothing protects them, nor learns the outcome of an entry left unanswered. Otherwise the worst component
-    decides (critical, then degraded, then unknown), and the reason names every component in that state with
-    the measurement behind it."""
+    nothing protects them, nor learns the outcome of an entry left unanswered. An engine that holds the
+    account but is not heard (`silent`: who it is) counts as none. Otherwise the worst component decides
+    (critical, then degraded, then unknown), and the reason names every component in that state with the
+    measurement behind it."""
     components = health["components"]
     if not running:
+        nobody = (
+            f"the engine holding the account {account} is silent: {silent}"
+            if silent
+            else f"none holds the account {account}"
+        )
         if uncovered:
             shown = ", ".join(uncovered[:_VERDICT_SYMBOLS]) + (
                 "…" if len(uncovered) > _VERDICT_SYMBOLS else ""
@@ -741,9 +765,9 @@ def _verdict(
             many = len(uncovered) != 1
             return "critical", (
                 f"{len(uncovered)} position{'s' if many else ''} uncovered ({shown}) and no engine protecting "
-                f"{'them' if many else 'it'}: none holds the account {account}"
+                f"{'them' if many else 'it'}: {nobody}"
             )
-        return "unknown", f"no engine is measuring: none holds the account {account}"
+        return "unknown", f"no engine is measuring: {nobody}"
     if not components:
         return "unknown", "no engine has measured health yet"
     states = [_VERDICT_OF_HEALTH.get(c["state"], "unknown") for c in components]

@@ -19,6 +19,11 @@ RECORDING_NAMESPACE = 0x7472  # held only while a lease attempt takes the lock a
 # A server that stopped answering must not hold the lease watcher forever: a heartbeat or an attempt to
 # take the lease that gets no answer within this fails (the lease counts as lost, and is tried again).
 LEASE_TIMEOUT_SECONDS = 10.0
+# An engine heartbeats its lease every 2 s (`engine.engine.LEASE_CHECK_SECONDS`). One not heard for this long
+# still holds the lock but looks after nothing: it is hung or frozen, or its host is gone (the server keeps a
+# vanished client's session, and its lock, until TCP says the peer is gone). Readers (`tsbot status`, the
+# operators' query, a watch-only dashboard) then count it as no engine.
+LEASE_SILENT_SECONDS = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,12 +36,20 @@ class LeaseHolder:
     started_at: datetime
     heartbeat_at: datetime
     label: str | None = None  # what the holder's operator calls the account (`venue.account`)
+    silent_seconds: float = 0.0  # since its last heartbeat, by the database's clock
+
+    @property
+    def silent(self) -> bool:
+        """Not heard for `LEASE_SILENT_SECONDS`: it holds the account but looks after nothing."""
+        return self.silent_seconds > LEASE_SILENT_SECONDS
 
     def describe(self) -> str:
         named = f" (account label {self.label!r})" if self.label else ""
         return (
             f"pid {self.pid} on {self.host}{named}, version {self.version}, "
             f"since {self.started_at.isoformat(timespec='seconds')}"
+        ) + (
+            f", not heard for {self.silent_seconds:.0f} s (hung, or its host is gone)" if self.silent else ""
         )
 
 
@@ -158,8 +171,18 @@ def lease_held_sql(venue: str, account: str) -> str:
           AND objsubid = 2)"""
 
 
+def engine_heard_sql(lease: str) -> str:
+    """An SQL condition on a `monitoring.engine_leases` row (`lease`: its alias), true while its engine holds
+    the lease and was heard within `LEASE_SILENT_SECONDS`: an engine looking after the account."""
+    return (
+        f"{lease}.heartbeat_at > now() - interval '{LEASE_SILENT_SECONDS} seconds' "
+        f"AND {lease_held_sql(f'{lease}.venue', f'{lease}.account')}"
+    )
+
+
 async def current_holder(pool: asyncpg.Pool, venue: str, account: str) -> LeaseHolder | None:
-    """Who holds the lease now (None when nobody does), for read-only watchers."""
+    """Who holds the lease now (None when nobody does), for read-only watchers; one `silent` holds it but
+    looks after nothing."""
     async with pool.acquire() as conn:
         held = await conn.fetchval(f"SELECT {lease_held_sql('$1::text', '$2::text')}", venue, account)
         return await _holder(conn, venue, account) if held else None
@@ -167,6 +190,11 @@ async def current_holder(pool: asyncpg.Pool, venue: str, account: str) -> LeaseH
 
 async def _holder(conn: asyncpg.Connection, venue: str, account: str) -> LeaseHolder | None:
     row = await conn.fetchrow(
-        "SELECT * FROM monitoring.engine_leases WHERE venue = $1 AND account = $2", venue, account
+        """
+        SELECT *, GREATEST(EXTRACT(EPOCH FROM now() - heartbeat_at), 0)::float8 AS silent_seconds
+        FROM monitoring.engine_leases WHERE venue = $1 AND account = $2
+        """,
+        venue,
+        account,
     )
     return LeaseHolder(**dict(row)) if row else None

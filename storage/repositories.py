@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from storage import history
-from storage.lease import lease_held_sql
+from storage.lease import engine_heard_sql
 
 R = TypeVar("R")
 
@@ -345,9 +345,10 @@ DEFAULT_ACCOUNT = "sim:default"  # the sim venue with the default label (engine/
 # ago, and entries of unknown outcome. The engine records an entry `pending`, and its position
 # `entry_placed`, before it sends it. While an engine holds the account's lease, it is resolving such an
 # entry (it counts it itself: in flight, then in doubt once its outcome is unknown, recorded `unknown`).
-# With no lease holder (the engine died — SIGKILL, a crash — while the answer was outstanding), an entry
-# not known to have failed may have filled, with no stop, and nobody will find out: it is uncovered. (The
-# lease is the advisory lock `storage.lease` takes; pg_locks shows it, so the query knows without the
+# With no lease holder (the engine died — SIGKILL, a crash — while the answer was outstanding), or one not
+# heard for `LEASE_SILENT_SECONDS` (hung, frozen, its host gone: it holds the lock but resolves nothing), an
+# entry not known to have failed may have filled, with no stop, and nobody will find out: it is uncovered.
+# (The lease is the advisory lock `storage.lease` takes; pg_locks shows it, so the query knows without the
 # engine.) The operators' query in the README is this one, with the grace and the account filled in.
 UNCOVERED_POSITIONS_SQL = f"""
     SELECT * FROM monitoring.positions AS p
@@ -358,7 +359,7 @@ UNCOVERED_POSITIONS_SQL = f"""
                  AND (o.status = 'unknown'
                       OR (o.status <> 'rejected' AND NOT EXISTS (
                           SELECT 1 FROM monitoring.engine_leases AS l
-                          WHERE l.account = p.account AND {lease_held_sql("l.venue", "l.account")}))))))
+                          WHERE l.account = p.account AND {engine_heard_sql("l")}))))))
       AND (p.opened_at IS NULL OR p.opened_at <= now() - {{grace}}) AND p.account = {{account}}
     ORDER BY p.opened_at NULLS FIRST, p.id
 """

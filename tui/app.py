@@ -406,6 +406,8 @@ class DashboardApp(App[int]):
         holder = getattr(self.feed, "holder", None)
         if holder is None:
             return "no engine running"
+        if holder.silent:  # holds the account, not heard: hung, frozen, or its host is gone
+            return f"pid {holder.pid}@{holder.host} SILENT {holder.silent_seconds:.0f}s"
         return f"pid {holder.pid}@{holder.host}"  # its version is on the header once, like the live view's
 
     # --- workers -------------------------------------------------------------------------------------

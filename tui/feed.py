@@ -433,9 +433,9 @@ class ReadOnlyFeed:
         events = await store.recent_events(limit=200, min_severity=Severity.INFO)
         control = await store.entries_control(settings.venue.kind.value, account_key(settings.venue))
         live = [p for p in positions if p.entry_price is not None]
-        # Entries of unknown outcome (their entry order `unknown`, or `pending` with no engine to answer it):
-        # counted and shown as the engine does.
-        resolving = self.holder is not None
+        # Entries of unknown outcome (their entry order `unknown`, or `pending` with no engine to answer it —
+        # none holds the account, or the one holding it is silent): counted and shown as the engine does.
+        resolving = self.holder is not None and not self.holder.silent
         doubts = [
             d
             for p in positions
@@ -487,7 +487,7 @@ class ReadOnlyFeed:
             health=tuple(
                 record
                 for row in health_rows
-                if (record := _health(row, now, stale_after, self.holder is not None)) is not None
+                if (record := _health(row, now, stale_after, resolving)) is not None
             ),
             waves=tuple(
                 WaveView(
@@ -591,7 +591,7 @@ def _in_doubt(
         sent_at=_epoch(p.updated_at, now),
         error=entry.error
         or (
-            "entry outcome unknown: no engine holds the account to learn it"
+            "entry outcome unknown: no engine looks after the account to learn it"
             if unanswered
             else "entry outcome unknown"
         ),

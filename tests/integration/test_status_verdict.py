@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -251,6 +252,7 @@ async def test_uncovered_positions_say_which_stop_is_missing(workdir: Path, engi
     assert "no stop-loss" not in human
 
 
+# Holds the account's lease as an engine does: heartbeating it every 2 s (`LEASE_CHECK_SECONDS`).
 LEASE_HOLDER = """
 import asyncio, sys
 from storage.lease import EngineLease
@@ -258,8 +260,9 @@ from storage.lease import EngineLease
 async def hold() -> None:
     lease = await EngineLease.acquire(sys.argv[1], "sim", "sim:default", "doomed", label="default")
     print("held", flush=True)
-    await asyncio.sleep(3600)
-    await lease.release()  # (never: it is killed)
+    while True:
+        await asyncio.sleep(2)
+        await lease.heartbeat()
 
 asyncio.run(hold())
 """
@@ -326,6 +329,67 @@ async def test_an_entry_left_pending_by_an_engine_killed_before_its_answer_is_un
         f"  #{position_id} DDDUSDT long (entry_placed): missing both (the entry's outcome is unknown: it may "
         "have filled)"
     ) in lines
+
+
+async def test_an_engine_holding_the_account_but_not_heard_counts_as_none(
+    workdir: Path, engine_side: EngineSide
+) -> None:
+    """An engine frozen (SIGSTOP), hung, or on a host that vanished keeps its database session, and so the
+    account's lock: the server lets go only once TCP gives up on the peer (hours by default). It writes no
+    heartbeat: not heard for 30 s, it counts as no engine, and its entry in flight as uncovered. Before: the
+    status said `ok` and listed nothing while the entry's outcome was nobody's to learn."""
+    engine = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", LEASE_HOLDER, engine_side.dsn, stdout=asyncio.subprocess.PIPE, env=_env()
+    )
+    try:
+        assert engine.stdout is not None
+        assert await asyncio.wait_for(engine.stdout.readline(), HANG_GUARD_SECONDS) == b"held\n"
+        await engine_side.measure(*HEALTHY)
+        pool = await create_pool(DatabaseTarget(dsn=engine_side.dsn), min_size=1, max_size=1)
+        try:
+            await entry_recorded(Store(pool, engine_side.account), "DDDUSDT", quantity=Decimal("3"))
+        finally:
+            await pool.close()
+        heard = tsbot("status", "--json", cwd=workdir)
+        assert heard.returncode == 0, heard.stdout + heard.stderr
+        report = json.loads(heard.stdout)
+        assert (report["state"], report["uncovered"], report["engine"]["silent"]) == ("ok", [], False)
+
+        engine.send_signal(signal.SIGSTOP)  # frozen: its session and its lock stay
+        # What 31 s of that silence leaves (the test does not wait it out): its last heartbeat that old.
+        await engine_side.execute(
+            "UPDATE monitoring.engine_leases SET heartbeat_at = now() - interval '31 seconds'"
+        )
+        silent = tsbot("status", "--json", cwd=workdir)
+        assert silent.returncode == 2, silent.stdout + silent.stderr
+        report = json.loads(silent.stdout)
+        assert report["state"] == "critical"
+        assert report["reason"].startswith(
+            "1 position uncovered (DDDUSDT) and no engine protecting it: the engine holding the account "
+            f"sim:default is silent: pid {engine.pid} on "
+        )
+        assert re.search(r", not heard for 3\d s \(hung, or its host is gone\)$", report["reason"])
+        assert [p["symbol"] for p in report["uncovered"]] == ["DDDUSDT"]
+        assert (report["engine"]["pid"], report["engine"]["silent"]) == (engine.pid, True)
+        assert report["engine"]["heard_seconds_ago"] >= 31
+        human = tsbot("status", cwd=workdir).stdout.splitlines()
+        assert human[0].startswith("CRITICAL: 1 position uncovered (DDDUSDT) and no engine protecting it: ")
+        assert any(
+            re.match(r"engine: +SILENT for 3\d s: holds the account but looks after nothing \(pid ", line)
+            for line in human
+        ), human
+
+        engine.send_signal(signal.SIGCONT)  # thawed: it heartbeats again, and nothing is left to alarm on
+        for _ in range(50):
+            again = tsbot("status", "--json", cwd=workdir)
+            if again.returncode == 0:
+                break
+            await asyncio.sleep(0.2)
+        report = json.loads(again.stdout)
+        assert (report["state"], report["uncovered"], report["engine"]["silent"]) == ("ok", [], False)
+    finally:
+        engine.kill()
+        await engine.wait()
 
 
 async def test_status_lists_only_the_configured_accounts_positions(

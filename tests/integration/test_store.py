@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -141,25 +142,12 @@ async def test_uncovered_positions_lists_live_positions_missing_either_stop(db: 
     assert covered not in uncovered
 
 
-# Verbatim from the README: the operators' list of uncovered positions (grace 5 s, the default).
-README_UNCOVERED_SQL = """
-SELECT id, symbol, side, status, has_stop_loss, has_trailing_stop, opened_at
-FROM monitoring.positions AS p
-WHERE account = 'sim:default'
-  AND ((status IN ('pending_protection', 'active') AND NOT (has_stop_loss AND has_trailing_stop))
-       OR (status = 'entry_placed' AND EXISTS (
-           SELECT 1 FROM monitoring.orders AS o
-           WHERE o.position_id = p.id AND o.purpose = 'entry'
-             AND (o.status = 'unknown'
-                  OR (o.status <> 'rejected' AND NOT EXISTS (  -- no engine holds the account's lease
-                      SELECT 1 FROM monitoring.engine_leases AS l JOIN pg_locks AS k
-                        ON k.locktype = 'advisory' AND k.granted AND k.classid = 29811 AND k.objsubid = 2
-                       AND k.objid = hashtext(l.venue || '/' || l.account)::oid
-                       AND k.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                      WHERE l.account = p.account))))))
-  AND (opened_at IS NULL OR opened_at <= now() - interval '5 seconds')
-ORDER BY opened_at NULLS FIRST, id;
-"""
+def _readme_uncovered_sql() -> str:
+    """The operators' list of uncovered positions, as the README gives it (grace 5 s, the default)."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in readme.split("```sql\n")[1:]]
+    (query,) = [b for b in blocks if b.startswith("SELECT id, symbol, side, status")]
+    return query
 
 
 async def test_an_entry_left_pending_is_uncovered_once_no_engine_holds_the_account(
@@ -183,13 +171,26 @@ async def test_an_entry_left_pending_is_uncovered_once_no_engine_holds_the_accou
 
     async def listed() -> tuple[set[int], set[int]]:
         by_store = {p.id for p in await store.uncovered_positions(5.0)}
-        by_sql = {r["id"] for r in await db.pool.fetch(README_UNCOVERED_SQL)}
+        by_sql = {r["id"] for r in await db.pool.fetch(_readme_uncovered_sql())}
         return by_store, by_sql
 
     lease = await EngineLease.acquire(db.target.dsn, "sim", "sim:default", "test")
     try:
         # An engine holds the account: it is sending the entry; only the one in doubt counts.
         assert await listed() == ({naked, in_doubt},) * 2
+        # It holds the lock but has not heartbeated for 31 s (hung, frozen, its host gone: the server keeps
+        # the session): nobody is resolving the entry.
+        await db.pool.execute("UPDATE monitoring.engine_leases SET heartbeat_at = now() - interval '31 s'")
+        assert await listed() == ({naked, in_flight, in_doubt},) * 2
+        holder = await current_holder(db.pool, "sim", "sim:default")
+        assert holder is not None
+        assert holder.silent
+        assert "not heard for 31 s (hung, or its host is gone)" in holder.describe()
+        await lease.heartbeat()  # heard again
+        assert await listed() == ({naked, in_doubt},) * 2
+        holder = await current_holder(db.pool, "sim", "sim:default")
+        assert holder is not None
+        assert not holder.silent
     finally:
         await lease.release()
     # The engine is gone: nobody will learn the entry's outcome.

@@ -196,6 +196,15 @@ async def test_read_only_shows_the_trailing_stop_as_the_live_view_does_and_the_v
             assert re.search(r"waiting \+\d+\.\d\d%", row), row
             status = board.status_text()
             assert status.count("vtest") == 1, status
+            assert "SILENT" not in status, status
+            # The trader's heartbeat runs on its (held) virtual clock: what 31 s of silence leaves.
+            await db.pool.execute(
+                "UPDATE monitoring.engine_leases SET heartbeat_at = now() - interval '31 s'"
+            )
+            await board.until(
+                lambda: re.search(r"pid \d+@\S+ SILENT 3\ds", board.status_text()) is not None,
+                "the silent holder said so",
+            )
             await board.press("q")
             await board.until(lambda: not board.app.is_running, "app exited")
     finally:
@@ -283,8 +292,9 @@ async def test_an_entry_of_unknown_outcome_is_a_flagged_row_and_counted_uncovere
 async def test_a_read_only_dashboard_counts_an_entry_its_dead_engine_left_pending(db: Database) -> None:
     """An engine killed while its entry's answer is outstanding leaves the entry `pending` and its position
     `entry_placed`: it may have filled, with no stop. A read-only dashboard leaves it to the engine holding
-    the account (it is that engine's entry in flight); with none, it counts and shows it as an entry of
-    unknown outcome. Before: never, so the gauge of a watch on a dead engine's account said nothing."""
+    the account (it is that engine's entry in flight); with none, or one silent, it counts and shows it as an
+    entry of unknown outcome. Before: never, so the gauge of a watch on a dead engine's account said nothing;
+    and nothing while the engine holding it was silent."""
     settings = tui_settings(db, {"PROTECTION__GRACE_SECONDS": "0"})
     store = Store(db.pool, account_key(settings.venue))
     position_id = await entry_recorded(store, SYMBOLS[3], quantity=Decimal("2"))
@@ -300,9 +310,13 @@ async def test_a_read_only_dashboard_counts_an_entry_its_dead_engine_left_pendin
     lease = await EngineLease.acquire(db.target.dsn, "sim", account_key(settings.venue), "test")
     try:
         running = await watched()
+        # Still holding the account, but not heard for 31 s (hung, frozen, its host gone): nobody learns it.
+        await db.pool.execute("UPDATE monitoring.engine_leases SET heartbeat_at = now() - interval '31 s'")
+        silent = await watched()
     finally:
         await lease.release()
     assert (running.coverage.active, running.coverage.uncovered, running.positions) == (0, 0, ())
+    assert (silent.coverage.active, silent.coverage.uncovered_ids) == (1, (position_id,))
 
     dead = await watched()
     assert (dead.coverage.active, dead.coverage.protected, dead.coverage.uncovered_ids) == (
@@ -312,4 +326,4 @@ async def test_a_read_only_dashboard_counts_an_entry_its_dead_engine_left_pendin
     )
     [view] = dead.positions
     assert (view.symbol, view.trailing_phase, view.entry_price) == (SYMBOLS[3], "entry outcome unknown", None)
-    assert view.last_error == "entry outcome unknown: no engine holds the account to learn it"
+    assert view.last_error == "entry outcome unknown: no engine looks after the account to learn it"
