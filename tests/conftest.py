@@ -7,6 +7,8 @@ from exactly what `tsbot db migrate` produces, in ~50 ms. Nothing is mocked.
 from __future__ import annotations
 
 import asyncio
+import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,6 +21,56 @@ from storage.embedded import EmbeddedPostgres, start_embedded, stop_embedded
 from storage.migrator import apply_migrations
 
 TEMPLATE_DB = "tsbot_template"
+# pytest-timeout shows the threads' stacks when a test runs out of time; an async test's are the event
+# loop's, idle in its selector. So a few seconds before, every asyncio task's stack goes to the test's
+# stderr (shown with the failure): what each was awaiting.
+TASKS_SHOWN_BEFORE_TIMEOUT_SECONDS = 3.0
+
+
+def _show_tasks_of_the_main_threads_loop() -> None:
+    frame = sys._current_frames().get(threading.main_thread().ident or 0)
+    while frame is not None and not isinstance(frame.f_locals.get("self"), asyncio.AbstractEventLoop):
+        frame = frame.f_back
+    if frame is None:
+        return
+    loop = frame.f_locals["self"]
+    lines = ["~~~ asyncio tasks before the timeout, each down its chain of awaits ~~~"]
+    for task in asyncio.all_tasks(loop):
+        lines.append(f"--- {task.get_name()}")
+        awaited: object = task.get_coro()
+        while awaited is not None:
+            code_frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "ag_frame", None)
+            if code_frame is None:
+                code_frame = getattr(awaited, "gi_frame", None)
+            if code_frame is not None:
+                code = code_frame.f_code
+                lines.append(f"    {code.co_filename}:{code_frame.f_lineno} in {code.co_name}")
+            else:
+                lines.append(f"    {awaited!r}")
+            awaited = (
+                getattr(awaited, "cr_await", None)
+                or getattr(awaited, "ag_await", None)
+                or getattr(awaited, "gi_yieldfrom", None)
+            )
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    marker = item.get_closest_marker("timeout")
+    timeout = float(marker.args[0] if marker and marker.args else item.config.getini("timeout") or 0)
+    timer = None
+    if timeout > TASKS_SHOWN_BEFORE_TIMEOUT_SECONDS:
+        timer = threading.Timer(
+            timeout - TASKS_SHOWN_BEFORE_TIMEOUT_SECONDS, _show_tasks_of_the_main_threads_loop
+        )
+        timer.daemon = True
+        timer.start()
+    try:
+        return (yield)
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
 @pytest.fixture(scope="session")
