@@ -522,7 +522,8 @@ class _Channel:
             self.sending = True
             started = time.monotonic()
             try:
-                await asyncio.wait_for(self.notifier.send(notification), self.timeout_seconds)
+                async with asyncio.timeout(self.timeout_seconds):
+                    await self.notifier.send(notification)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

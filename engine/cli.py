@@ -616,9 +616,8 @@ async def _status_report(loaded: LoadedConfig, account: str) -> dict[str, Any]:
     timeout = float(loaded.settings.database.probe_timeout_seconds)
     target = _status_target(loaded)
     try:
-        return await asyncio.wait_for(
-            _read_status(loaded, target, account, timeout), timeout * STATUS_DEADLINE_PROBES
-        )
+        async with asyncio.timeout(timeout * STATUS_DEADLINE_PROBES):
+            return await _read_status(loaded, target, account, timeout)
     except TimeoutError:
         raise StatusUnknown(f"database {target.display}: no answer within {timeout:g} s") from None
     except DatabaseUnavailable as exc:  # refused, no such database, authentication failed …
@@ -1053,16 +1052,14 @@ async def _report_from_database(loaded: LoadedConfig, account: str, since_text: 
     except StatusUnknown as exc:
         raise CommandFailed(str(exc)) from None
     try:
-        pool = await asyncio.wait_for(
-            create_pool(
+        async with asyncio.timeout(probe * STATUS_DEADLINE_PROBES):
+            pool = await create_pool(
                 target,
                 min_size=1,
                 max_size=1,
                 command_timeout=float(db.command_timeout_seconds),
                 connect_timeout=probe,
-            ),
-            probe * STATUS_DEADLINE_PROBES,
-        )
+            )
     except TimeoutError:
         raise CommandFailed(f"database {target.display}: no answer within {probe:g} s") from None
     try:

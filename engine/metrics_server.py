@@ -491,7 +491,8 @@ class MetricsServer:
         await asyncio.gather(*handlers, return_exceptions=True)
         if server is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), WRITE_TIMEOUT_SECONDS)
+                async with asyncio.timeout(WRITE_TIMEOUT_SECONDS):
+                    await server.wait_closed()
 
     # --- HTTP ----------------------------------------------------------------------------------------
 
@@ -503,7 +504,8 @@ class MetricsServer:
             if len(self._handlers) > MAX_CONNECTIONS:
                 return
             try:
-                method, path = await asyncio.wait_for(_read_request(reader), REQUEST_TIMEOUT_SECONDS)
+                async with asyncio.timeout(REQUEST_TIMEOUT_SECONDS):
+                    method, path = await _read_request(reader)
             except (TimeoutError, ValueError, ConnectionError, asyncio.IncompleteReadError):
                 return
             status, content_type, body = self._answer(method, path)
@@ -515,7 +517,8 @@ class MetricsServer:
                 "Connection: close\r\n\r\n"
             ).encode("ascii")
             writer.write(head if method == "HEAD" else head + body)
-            await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_SECONDS)
+            async with asyncio.timeout(WRITE_TIMEOUT_SECONDS):
+                await writer.drain()
         except (TimeoutError, ConnectionError):
             pass
         except Exception:
@@ -525,7 +528,8 @@ class MetricsServer:
                 self._handlers.discard(task)
             writer.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), WRITE_TIMEOUT_SECONDS)
+                async with asyncio.timeout(WRITE_TIMEOUT_SECONDS):
+                    await writer.wait_closed()
 
     def _answer(self, method: str, path: str) -> tuple[int, str, bytes]:
         if method not in ("GET", "HEAD"):

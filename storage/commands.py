@@ -210,7 +210,8 @@ class CommandQueue:
                     if not await keep_waiting(record):
                         return record
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(woke.wait(), min(deadline - now, poll_seconds))
+                    async with asyncio.timeout(min(deadline - now, poll_seconds)):
+                        await woke.wait()
         finally:
             if listener is not None:
                 await listener.close()

@@ -154,7 +154,8 @@ class Database:
         """Close the pool's connections, gracefully within `within` seconds: a frozen server never answers the
         goodbye (nor the cancel of a statement in flight), so past it they are dropped."""
         try:
-            await asyncio.wait_for(self.pool.close(), within)
+            async with asyncio.timeout(within):
+                await self.pool.close()
         except TimeoutError:
             log.warning(
                 "the database did not answer the pool's close within %.0fs; connections dropped", within

@@ -166,7 +166,8 @@ class BinanceStreams:
         if self._listen_key is not None:
             self._listen_key = None
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._delete_key(), 2.0)
+                async with asyncio.timeout(2.0):
+                    await self._delete_key()
 
     def _on_engine_clock(self, at: float | None) -> float | None:
         return None if at is None else self._monotonic() - (time.monotonic() - at)

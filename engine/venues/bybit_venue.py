@@ -870,7 +870,8 @@ class BybitLinearVenue(CcxtVenue):
             rider.ticket.begin_wait(self._clock.monotonic())  # queued behind another call: no timeout runs
         try:
             try:
-                result = await asyncio.wait_for(asyncio.shield(rider.done), RIDE_WAIT_SECONDS)
+                async with asyncio.timeout(RIDE_WAIT_SECONDS):
+                    result = await asyncio.shield(rider.done)
             except TimeoutError:
                 if self._waiting_riders.get(key) is rider:
                     del self._waiting_riders[key]

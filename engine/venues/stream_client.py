@@ -346,7 +346,10 @@ async def fresh_marks(
             last_rest = time.monotonic()
             await fallback(silent)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(watcher.ready.wait(), poll_seconds)
+            # Not `asyncio.wait_for`: on Python 3.11 it drops a cancellation that lands once the event
+            # fired but before this task resumed, and the reader polled on for ever.
+            async with asyncio.timeout(poll_seconds):
+                await watcher.ready.wait()
         watcher.ready.clear()
         marks, watcher.pending = watcher.pending, {}
         for mark in marks.values():

@@ -391,7 +391,8 @@ class BinanceEmulator:
                 fault.hold_seconds,
             )
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), fault.hold_seconds)
+                async with asyncio.timeout(fault.hold_seconds):
+                    await self._closing.wait()
         return response
 
     def _limit_refusal(self, ip: str, admission: Admission) -> BinanceError:

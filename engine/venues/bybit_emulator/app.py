@@ -560,7 +560,8 @@ class BybitEmulator:
         if fault is not None and fault.kind is EmulatorFaultKind.TIMEOUT:
             logger.info("emulator: fault timeout on %s %s (executed, answer held)", method, endpoint)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), fault.hold_seconds)
+                async with asyncio.timeout(fault.hold_seconds):
+                    await self._closing.wait()
         return response
 
     async def _read(self, request: web.Request, signed: bool) -> dict[str, Any]:
