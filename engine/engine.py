@@ -648,6 +648,8 @@ class Engine:
         self._supervisor = _Supervisor(self.clock)
         self._db: Database | None = None
         self._lease: EngineLease | None = None
+        self._heard: asyncio.Task[None] | None = None  # heartbeats while `_lease_heartbeat` does not run
+        self._beat: asyncio.Future[None] | None = None  # its heartbeat in flight
         self.store: ResilientStore | None = None  # journals the protection path's writes in an outage
         self.db_watch: DatabaseWatch | None = None
         self.manager: ProtectionManager | None = None
@@ -753,6 +755,7 @@ class Engine:
             raise
         try:
             self._lease = await self._acquire_lease()
+            self._keep_heard()
             self.store = ResilientStore(self._db.pool, self.account_key)
             self._token = await self.store.installation_token()
             await self._replay_left_journal()
@@ -922,6 +925,7 @@ class Engine:
             if self.manager is not None:  # a managed trail's move in flight finishes, or is left recorded
                 await self.manager.finish_moves(budget)
         await self._supervisor.stop()
+        self._keep_heard()  # the rest of the stop can take a while; the lease watcher is gone
         # Positions a protection restart under way carries, their new guards not created yet: counted as
         # last verified (not verified at all while the restart waits for the database), not left out.
         carried = self._carried
@@ -1087,6 +1091,7 @@ class Engine:
             self._lease.drop()
 
     async def _release(self) -> None:
+        await self._stop_keeping_heard()
         await self._stop_metrics()
         try:
             await self.venue.close()
@@ -1693,10 +1698,40 @@ class Engine:
                 due = due if due > now else due + COVERAGE_SAMPLE_SECONDS
             await self.clock.sleep(due - now)
 
+    def _keep_heard(self) -> None:
+        """Heartbeat the lease while its watcher (`_lease_heartbeat`) does not run: through the start's
+        reads and restore (retries with backoff alone can pass 30 s), and from the supervisor's stop to the
+        release. An engine not heard for `LEASE_SILENT_SECONDS` is reported hung, or its host gone (`tsbot
+        status`, a watch); a slow start or stop is neither. Losing the lease meanwhile is the watcher's to
+        find once it runs, or the stop's."""
+        if self._heard is None or self._heard.done():
+            self._heard = asyncio.create_task(self._heartbeat_only(), name="lease-heard")
+
+    async def _heartbeat_only(self) -> None:
+        while True:
+            await self.clock.sleep(LEASE_CHECK_SECONDS)
+            lease = self._lease
+            if lease is not None and lease.alive():
+                # Shielded: a heartbeat cancelled mid-query would leave the lease's connection busy with its
+                # cancellation when the release (or the watcher) uses it next.
+                self._beat = asyncio.ensure_future(lease.heartbeat())
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._beat)
+
+    async def _stop_keeping_heard(self) -> None:
+        task, self._heard = self._heard, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if self._beat is not None:  # one in flight ends first (within LEASE_TIMEOUT_SECONDS)
+            await asyncio.gather(self._beat, return_exceptions=True)
+            self._beat = None
+
     async def _lease_heartbeat(self) -> None:
         """Keep the account lease: heartbeat it; when its connection dies, stop entries at once (protection
         goes on), say so once per interval, and take it again. If another engine holds it meanwhile, this
         one stops at once and sends nothing more (`fatal`); `tsbot run` then exits non-zero."""
+        await self._stop_keeping_heard()  # the start's heartbeats end before this one's (one query at a time)
         said_at = -math.inf
         while True:
             await self.clock.sleep(LEASE_CHECK_SECONDS)

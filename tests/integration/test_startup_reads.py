@@ -5,6 +5,7 @@ engine did not start"), leaving the positions on the venue unguarded until an op
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -17,7 +18,7 @@ from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, FaultKind
 from storage.database import Database
 from tests.integration.engine_support import engine_settings, make_engine
-from tests.support.driving import drive
+from tests.support.driving import drive, drive_until
 
 
 def _engine(db: Database):  # type: ignore[no-untyped-def]
@@ -57,3 +58,28 @@ async def test_a_venue_failing_every_attempt_still_ends_the_start_with_its_error
     with pytest.raises(Retryable, match="load_markets"):
         await drive(clock, engine.start())
     assert engine.state is not EngineState.RUNNING
+
+
+async def test_the_lease_is_heartbeated_through_a_long_start(db: Database) -> None:
+    """Five failed reads of the markets hold the start ~31 s in backoff (1 + 2 + 4 + 8 + 16). The lease's
+    heartbeat only began with the engine's loops, so for that long `tsbot status` and a watch said the
+    engine holding the account was silent: hung, or its host gone. It heartbeats from the moment it holds
+    the lease."""
+    engine, venue, clock = _engine(db)
+    venue.inject_fault(CallKind.LOAD_MARKETS, FaultKind.SERVER_ERROR, 5)
+    heard: set[object] = set()
+    began = clock.monotonic()
+    starting = asyncio.ensure_future(engine.start())
+
+    async def started() -> bool:
+        heard.add(await db.pool.fetchval("SELECT heartbeat_at FROM monitoring.engine_leases"))
+        return starting.done()
+
+    await drive_until(clock, started, what="the start")
+    try:
+        assert starting.result().failed == 0
+        assert clock.monotonic() - began >= 31
+        # Every 2 s: some 15 heartbeats, each written at its own moment (before: only the lease's taking).
+        assert len(heard - {None}) >= 10, sorted(map(str, heard - {None}))
+    finally:
+        await drive(clock, engine.stop())
