@@ -342,24 +342,30 @@ DEFAULT_ACCOUNT = "sim:default"  # the sim venue with the default label (engine/
 
 
 # The uncovered positions of an account: live ones without both stops confirmed, filled at least `grace`
-# ago, and entries of unknown outcome. The engine records an entry `pending`, and its position
-# `entry_placed`, before it sends it. While an engine holds the account's lease, it is resolving such an
-# entry (it counts it itself: in flight, then in doubt once its outcome is unknown, recorded `unknown`).
-# With no lease holder (the engine died — SIGKILL, a crash — while the answer was outstanding), or one not
-# heard for `LEASE_SILENT_SECONDS` (hung, frozen, its host gone: it holds the lock but resolves nothing), an
-# entry not known to have failed may have filled, with no stop, and nobody will find out: it is uncovered.
-# (The lease is the advisory lock `storage.lease` takes; pg_locks shows it, so the query knows without the
-# engine.) The operators' query in the README is this one, with the grace and the account filled in.
+# ago, and entries of unknown outcome. Whether an engine looks after the account decides two things (the
+# lease is the advisory lock `storage.lease` takes, pg_locks shows it, so the query knows without the
+# engine; one not heard for `LEASE_SILENT_SECONDS` — hung, frozen, its host gone — holds the lock and looks
+# after nothing, so it counts as none):
+# - The engine records an entry `pending`, and its position `entry_placed`, before it sends it. An engine
+#   heard is resolving such an entry (it counts it itself: in flight, then in doubt once its outcome is
+#   unknown, recorded `unknown`). With none (the engine died — SIGKILL, a crash — while the answer was
+#   outstanding), an entry not known to have failed may have filled, with no stop, and nobody will find
+#   out: it is uncovered.
+# - A managed trail (`trail_armed`, no order before it activates) is the trailing protection only while its
+#   engine runs and moves it; with none, only a trailing order on the venue counts.
+# The operators' query in the README is this one, with the grace and the account filled in.
 UNCOVERED_POSITIONS_SQL = f"""
-    SELECT * FROM monitoring.positions AS p
-    WHERE ((p.status IN ('pending_protection', 'active') AND NOT (p.has_stop_loss AND p.has_trailing_stop))
+    WITH engine AS (
+        SELECT EXISTS (SELECT 1 FROM monitoring.engine_leases AS l
+                       WHERE l.account = {{account}} AND {engine_heard_sql("l")}) AS heard)
+    SELECT p.* FROM monitoring.positions AS p, engine
+    WHERE ((p.status IN ('pending_protection', 'active')
+            AND NOT (p.has_stop_loss
+                     AND (p.has_trailing_stop OR (p.trail_armed AND NOT p.trailing_activated AND engine.heard))))
            OR (p.status = 'entry_placed' AND EXISTS (
                SELECT 1 FROM monitoring.orders AS o
                WHERE o.position_id = p.id AND o.purpose = 'entry'
-                 AND (o.status = 'unknown'
-                      OR (o.status <> 'rejected' AND NOT EXISTS (
-                          SELECT 1 FROM monitoring.engine_leases AS l
-                          WHERE l.account = p.account AND {engine_heard_sql("l")}))))))
+                 AND (o.status = 'unknown' OR (o.status <> 'rejected' AND NOT engine.heard)))))
       AND (p.opened_at IS NULL OR p.opened_at <= now() - {{grace}}) AND p.account = {{account}}
     ORDER BY p.opened_at NULLS FIRST, p.id
 """
@@ -678,8 +684,8 @@ class Store:
         """Live positions missing a confirmed stop-loss or trailing stop, filled at least `grace_seconds`
         ago (younger ones are still being protected, as the engine's gauge counts them), and entries of
         unknown outcome: their entry order `unknown` (they may have filled, with no stop of ours), or sent
-        (recorded `pending`) by an engine that no longer holds the account's lease, so that nobody will
-        learn their outcome (`UNCOVERED_POSITIONS_SQL`)."""
+        (recorded `pending`) by an engine that no longer looks after the account, so that nobody will
+        learn their outcome (`UNCOVERED_POSITIONS_SQL`). A managed trail counts while its engine does."""
         rows = await self._pool.fetch(
             UNCOVERED_POSITIONS_SQL.format(grace="make_interval(secs => $1)", account="$2"),
             float(grace_seconds),

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, tzinfo
 from decimal import Decimal
 from typing import Any, Protocol
@@ -432,10 +432,13 @@ class ReadOnlyFeed:
         waves = await store.recent_waves(limit=50)
         events = await store.recent_events(limit=200, min_severity=Severity.INFO)
         control = await store.entries_control(settings.venue.kind.value, account_key(settings.venue))
-        live = [p for p in positions if p.entry_price is not None]
         # Entries of unknown outcome (their entry order `unknown`, or `pending` with no engine to answer it —
         # none holds the account, or the one holding it is silent): counted and shown as the engine does.
         resolving = self.holder is not None and not self.holder.silent
+        # A managed trail is the trailing protection only while its engine moves it (as in the status query).
+        live = [
+            p if resolving else replace(p, trail_armed=False) for p in positions if p.entry_price is not None
+        ]
         doubts = [
             d
             for p in positions

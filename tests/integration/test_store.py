@@ -146,7 +146,7 @@ def _readme_uncovered_sql() -> str:
     """The operators' list of uncovered positions, as the README gives it (grace 5 s, the default)."""
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     blocks = [b.split("```", 1)[0] for b in readme.split("```sql\n")[1:]]
-    (query,) = [b for b in blocks if b.startswith("SELECT id, symbol, side, status")]
+    (query,) = [b for b in blocks if "SELECT id, symbol, side, status" in b]
     return query
 
 
@@ -161,6 +161,9 @@ async def test_an_entry_left_pending_is_uncovered_once_no_engine_holds_the_accou
     store = Store(db.pool)
     await _active_position(store, "AUSDT", trailing=True)  # covered: never listed
     naked = await _active_position(store, "BUSDT", trailing=False)
+    # A managed trail: no order on the venue before it activates; armed by the engine that moves it.
+    managed = await _active_position(store, "GUSDT", trailing=False)
+    await db.pool.execute("UPDATE monitoring.positions SET trail_armed = true WHERE id = $1", managed)
     await db.pool.execute("UPDATE monitoring.positions SET opened_at = now() - interval '1 minute'")
     in_flight = await entry_recorded(store, "CUSDT")
     in_doubt = await entry_recorded(store, "DUSDT", answered=OrderRecordStatus.UNKNOWN)
@@ -176,12 +179,13 @@ async def test_an_entry_left_pending_is_uncovered_once_no_engine_holds_the_accou
 
     lease = await EngineLease.acquire(db.target.dsn, "sim", "sim:default", "test")
     try:
-        # An engine holds the account: it is sending the entry; only the one in doubt counts.
+        # An engine holds the account: it is sending the entry, and moving the managed trail; only the
+        # one in doubt counts.
         assert await listed() == ({naked, in_doubt},) * 2
         # It holds the lock but has not heartbeated for 31 s (hung, frozen, its host gone: the server keeps
-        # the session): nobody is resolving the entry.
+        # the session): nobody is resolving the entry, nor moving the trail.
         await db.pool.execute("UPDATE monitoring.engine_leases SET heartbeat_at = now() - interval '31 s'")
-        assert await listed() == ({naked, in_flight, in_doubt},) * 2
+        assert await listed() == ({naked, managed, in_flight, in_doubt},) * 2
         holder = await current_holder(db.pool, "sim", "sim:default")
         assert holder is not None
         assert holder.silent
@@ -193,14 +197,15 @@ async def test_an_entry_left_pending_is_uncovered_once_no_engine_holds_the_accou
         assert not holder.silent
     finally:
         await lease.release()
-    # The engine is gone: nobody will learn the entry's outcome.
-    assert await listed() == ({naked, in_flight, in_doubt},) * 2
+    # The engine is gone: nobody will learn the entry's outcome, nor move the trail (a SIGKILL leaves it
+    # recorded armed).
+    assert await listed() == ({naked, managed, in_flight, in_doubt},) * 2
 
     # An engine of the same account on another database of the server is not this database's engine.
     elsewhere = await asyncpg.connect(pg_server.dsn("postgres"))
     try:
         await elsewhere.execute("SELECT pg_advisory_lock(29811, hashtext('sim/sim:default'))")
-        assert await listed() == ({naked, in_flight, in_doubt},) * 2
+        assert await listed() == ({naked, managed, in_flight, in_doubt},) * 2
         assert await current_holder(db.pool, "sim", "sim:default") is None
     finally:
         await elsewhere.close()

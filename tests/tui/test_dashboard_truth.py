@@ -197,18 +197,34 @@ async def test_read_only_shows_the_trailing_stop_as_the_live_view_does_and_the_v
             status = board.status_text()
             assert status.count("vtest") == 1, status
             assert "SILENT" not in status, status
-            # The trader's heartbeat runs on its (held) virtual clock: what 31 s of silence leaves.
-            await db.pool.execute(
-                "UPDATE monitoring.engine_leases SET heartbeat_at = now() - interval '31 s'"
-            )
-            await board.until(
-                lambda: re.search(r"pid \d+@\S+ SILENT 3\ds", board.status_text()) is not None,
-                "the silent holder said so",
-            )
             await board.press("q")
             await board.until(lambda: not board.app.is_running, "app exited")
     finally:
         await drive(clock, trader.stop())
+
+
+async def test_a_watch_names_a_holder_not_heard_for_30_s(db: Database) -> None:
+    """The account is held by an engine that has not heartbeated for 31 s (hung, frozen, its host gone):
+    the refusal and the watch's header say so, rather than showing it as the engine trading."""
+    settings = tui_settings(db)
+    clock = ManualClock()
+    lease = await EngineLease.acquire(db.target.dsn, "sim", account_key(settings.venue), "test")
+    try:
+        await db.pool.execute("UPDATE monitoring.engine_leases SET heartbeat_at = now() - interval '31 s'")
+        async with dashboard(settings, engine=make_engine(settings, clock)) as board:
+            board.app.read_only_poll_seconds = 0.05
+            await board.until(lambda: isinstance(board.app.screen, LeaseHeldScreen), "lease refusal shown")
+            refusal = svg_to_text(board.app.export_screenshot(), 120, 40)
+            assert re.search(r"not heard for 3\d s \(hung, or its host is gone\)", " ".join(refusal.split()))
+            await board.press("o")
+            await board.until(
+                lambda: re.search(r"pid \d+@\S+ SILENT 3\ds", board.status_text()) is not None,
+                "the silent holder named in the header",
+            )
+            await board.press("q")
+            await board.until(lambda: not board.app.is_running, "app exited")
+    finally:
+        await lease.release()
 
 
 def _opened(position_id: int, at: float) -> PositionOpened:
@@ -327,3 +343,38 @@ async def test_a_read_only_dashboard_counts_an_entry_its_dead_engine_left_pendin
     [view] = dead.positions
     assert (view.symbol, view.trailing_phase, view.entry_price) == (SYMBOLS[3], "entry outcome unknown", None)
     assert view.last_error == "entry outcome unknown: no engine looks after the account to learn it"
+
+
+async def test_a_read_only_dashboard_counts_a_managed_trail_only_while_its_engine_is_heard(
+    db: Database,
+) -> None:
+    """A managed trail has no order on the venue before it activates: it is the trailing protection only
+    while its engine moves it. A watch counted it protected whatever the engine did: held by an engine not
+    heard for 31 s (hung, frozen, its host gone) or by none (a SIGKILL leaves it recorded armed)."""
+    settings = tui_settings(db, {"PROTECTION__GRACE_SECONDS": "0", "PROTECTION__TRAILING__MODE": "managed"})
+    account = account_key(settings.venue)
+    position_id = await db.pool.fetchval(
+        "INSERT INTO monitoring.positions (account, symbol, exchange, side, quantity, entry_price, status, "
+        "has_stop_loss, has_trailing_stop, trail_armed, trailing_activated, opened_at, protected_at) "
+        "VALUES ($1, $2, 'sim', 'long', 1, 2, 'active', true, false, true, false, "
+        "now() - interval '1 minute', now() - interval '1 minute') RETURNING id",
+        account,
+        SYMBOLS[4],
+    )
+
+    async def uncovered() -> tuple[int, ...]:
+        feed = ReadOnlyFeed(settings, None)
+        await feed.start()
+        try:
+            return feed.snapshot().coverage.uncovered_ids
+        finally:
+            await feed.stop()
+
+    lease = await EngineLease.acquire(db.target.dsn, "sim", account, "test")
+    try:
+        assert await uncovered() == ()
+        await db.pool.execute("UPDATE monitoring.engine_leases SET heartbeat_at = now() - interval '31 s'")
+        assert await uncovered() == (position_id,)
+    finally:
+        await lease.release()
+    assert await uncovered() == (position_id,)
