@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from engine.accounts import account_key
-from engine.commands import CommandAnswer, send_command
+from engine.commands import CommandAnswer, not_taken, send_command
 from engine.config import MAX_SEED, ConfigError, LoadedConfig, load_config
 from engine.config_show import render_config
 from engine.credentials import CredentialsRefused
@@ -929,12 +929,9 @@ def _steer(
     async def run() -> CommandAnswer | None:
         database = await _open(loaded)
         try:
-            if await current_holder(database.pool, venue, account) is None:
-                return CommandAnswer(
-                    None,
-                    no_engine=True,
-                    problem=f"no engine is running for account {account}; nothing was sent",
-                )
+            refused = not_taken(await current_holder(database.pool, venue, account), account)
+            if refused is not None:
+                return refused
             if confirm:
                 positions = await Store(database.pool, account).active_positions()
                 prompt = (

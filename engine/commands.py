@@ -399,6 +399,23 @@ def positions_of(record: CommandRecord | None) -> tuple[PositionOutcome, ...]:
     )
 
 
+def not_taken(holder: LeaseHolder | None, account: str) -> CommandAnswer | None:
+    """The answer, at once, when no engine would take a command for `account`: none holds it, or the one
+    holding it is silent (not heard for 30 s: hung, frozen, its host gone). None: send it."""
+    if holder is None:
+        return CommandAnswer(
+            None, no_engine=True, problem=f"no engine is running for account {account}; nothing was sent"
+        )
+    if holder.silent:
+        return CommandAnswer(
+            None,
+            holder,
+            no_engine=True,
+            problem=f"the engine holding account {account} is silent ({holder.describe()}); nothing was sent",
+        )
+    return None
+
+
 async def send_command(
     pool: asyncpg.Pool,
     *,
@@ -414,10 +431,9 @@ async def send_command(
 ) -> CommandAnswer:
     """Queue a command for the engine that trades `account` and wait (up to `wait_seconds`) for its answer."""
     holder = await current_holder(pool, venue, account)
-    if holder is None:
-        return CommandAnswer(
-            None, no_engine=True, problem=f"no engine is running for account {account}; nothing was sent"
-        )
+    refused = not_taken(holder, account)
+    if refused is not None:
+        return refused
     queue = CommandQueue(pool, account)
     record = await queue.submit(
         kind,

@@ -17,6 +17,7 @@ import asyncpg
 import pytest
 
 from storage.embedded import EmbeddedPostgres
+from storage.lease import EngineLease
 from tests.chaos.processes import TSBOT, Process, Waves, emulator, environ, fetch, write_config
 from tests.support.auditor import EmulatorTruth, VenueView
 from tests.support.waiting import wait_until
@@ -257,6 +258,38 @@ async def test_without_an_engine_every_command_exits_3_at_once(workdir: tuple[Pa
         assert "no engine is running for account binanceusdm" in result.stderr
         assert "nothing was sent" in result.stderr
         assert time.monotonic() - started < 25  # not the 30 s answer timeout: refused before sending
+    rows = await fetch(dsn, "SELECT count(*) AS n FROM monitoring.commands")
+    assert rows[0]["n"] == 0
+
+
+async def test_an_engine_holding_the_account_but_not_heard_is_sent_nothing(workdir: tuple[Path, str]) -> None:
+    """The engine holding the account has not heartbeated for 31 s (hung, frozen, its host gone): it would
+    not take a command. Before: the command was queued and the operator, flattening, waited out the 30 s
+    answer timeout. Now it is refused at once, naming the engine."""
+    cwd, dsn = workdir
+    first = await run_tsbot("entries", "resume", cwd=cwd)
+    account = first.stderr.split("no engine is running for account ", 1)[1].split(";", 1)[0]
+    lease = await EngineLease.acquire(dsn, "binanceusdm", account, "test")
+    try:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute("UPDATE monitoring.engine_leases SET heartbeat_at = now() - interval '31 s'")
+        finally:
+            await conn.close()
+        for args in (
+            ("close", "SFPUSDT"),
+            ("entries", "pause", "--reason", "x"),
+            ("flatten", "--all", "--yes"),
+        ):
+            started = time.monotonic()
+            result = await run_tsbot(*args, cwd=cwd)
+            assert result.returncode == 3, (args, result.stderr)
+            assert result.stderr.count("\n") == 1, result.stderr
+            assert f"the engine holding account {account} is silent (pid {os.getpid()} on " in result.stderr
+            assert "(hung, or its host is gone)); nothing was sent" in result.stderr
+            assert time.monotonic() - started < 25  # not the 30 s answer timeout
+    finally:
+        await lease.release()
     rows = await fetch(dsn, "SELECT count(*) AS n FROM monitoring.commands")
     assert rows[0]["n"] == 0
 
