@@ -922,8 +922,14 @@ async def test_the_operators_resume_is_refused_while_protection_fails_and_the_br
         control = await store.entries_control(engine.exchange_name, engine.account_key)
         assert control is not None
         assert (control.paused_by, control.requested_by) == ("breaker", "")
-        said = await db.pool.fetch("SELECT message FROM monitoring.events WHERE type = 'entries_resumed'")
-        assert [r["message"] for r in said] == ["entries resumed by the breaker: protection healthy for 10s"]
+
+        async def said() -> list[str]:
+            rows = await db.pool.fetch("SELECT message FROM monitoring.events WHERE type = 'entries_resumed'")
+            return [r["message"] for r in rows]
+
+        # The event is written on its own, after the control (a background write): waited for, then judged.
+        await drive_until(clock, said, what="the resume said")
+        assert await said() == ["entries resumed by the breaker: protection healthy for 10s"]
     finally:
         await drive(clock, engine.stop())
 
