@@ -573,6 +573,10 @@ def _status(args: argparse.Namespace, loaded: LoadedConfig) -> int:
             (
                 f"SILENT for {engine['heard_seconds_ago']:.0f} s: holds the account but looks after nothing "
                 if engine["silent"]
+                else f"{engine['phase'].upper()}: holds the account but looks after nothing yet "
+                if engine["phase"] == "starting"
+                else f"{engine['phase'].upper()}: holds the account but looks after nothing any more "
+                if engine["phase"] != "running"
                 else "running "
             )
             + f"(pid {engine['pid']} on {engine['host']}, {engine['version']}, since {engine['since']})"
@@ -666,14 +670,14 @@ async def _read_status(
         now = await pool.fetchval("SELECT now()")
     finally:
         pool.terminate()  # a look leaves nothing behind, and close() would wait on a server gone quiet
-    heard = holder is not None and not holder.silent
-    health = _health_report(health_rows, now, stale_after, running=heard)
+    looked_after = holder is not None and holder.looks_after
+    health = _health_report(health_rows, now, stale_after, running=looked_after)
     state, reason = _verdict(
         health,
-        running=heard,
+        running=looked_after,
         account=account,
         uncovered=[p.symbol for p in uncovered],
-        silent=holder.describe() if holder is not None and holder.silent else None,
+        holder_not_looking=holder.not_looking_after() if holder is not None else "",
     )
     return {
         # The verdict (and the exit code): ok, degraded, critical, or unknown when no engine is measuring.
@@ -695,9 +699,10 @@ async def _read_status(
             "host": holder.host,
             "version": holder.version,
             "since": holder.started_at.isoformat(),
-            # since its last heartbeat; one silent (not heard for 30 s) counts as no engine
+            # since its last heartbeat; one silent (not heard for 30 s), starting or stopping counts as none
             "heard_seconds_ago": round(holder.silent_seconds, 1),
             "silent": holder.silent,
+            "phase": holder.phase,
         },
         "entries": "paused" if control is not None and control.paused else "on",
         "entries_paused": None
@@ -740,21 +745,22 @@ def _verdict(
     running: bool,
     account: str,
     uncovered: Sequence[str] = (),
-    silent: str | None = None,
+    holder_not_looking: str = "",
 ) -> tuple[str, str]:
     """The monitoring verdict and the reason for it, from the engine's last health per component.
 
     Nothing measured is never "ok": no engine holding the account, no health row, or a stale one is unknown.
     With no engine, though, positions the records show uncovered (`uncovered`: their symbols) are critical:
     nothing protects them, nor learns the outcome of an entry left unanswered. An engine that holds the
-    account but is not heard (`silent`: who it is) counts as none. Otherwise the worst component decides
+    account but does not look after it (`holder_not_looking`: why — silent, starting, stopping — and who it
+    is) counts as none. Otherwise the worst component decides
     (critical, then degraded, then unknown), and the reason names every component in that state with the
     measurement behind it."""
     components = health["components"]
     if not running:
         nobody = (
-            f"the engine holding the account {account} is silent: {silent}"
-            if silent
+            f"the engine holding the account {account} {holder_not_looking}"
+            if holder_not_looking
             else f"none holds the account {account}"
         )
         if uncovered:

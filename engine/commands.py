@@ -28,7 +28,7 @@ import asyncpg
 from engine.clock import Clock, wait_event
 from storage.commands import CommandKind, CommandQueue, CommandRecord, CommandState
 from storage.database import DatabaseDown, is_unreachable
-from storage.lease import LeaseHolder, current_holder
+from storage.lease import LeaseHolder, LeasePhase, current_holder
 from storage.repositories import Severity
 
 if TYPE_CHECKING:
@@ -401,17 +401,17 @@ def positions_of(record: CommandRecord | None) -> tuple[PositionOutcome, ...]:
 
 def not_taken(holder: LeaseHolder | None, account: str) -> CommandAnswer | None:
     """The answer, at once, when no engine would take a command for `account`: none holds it, or the one
-    holding it is silent (not heard for 30 s: hung, frozen, its host gone). None: send it."""
+    holding it is silent (not heard for 30 s: hung, frozen, its host gone) or stopping. None: send it."""
     if holder is None:
         return CommandAnswer(
             None, no_engine=True, problem=f"no engine is running for account {account}; nothing was sent"
         )
-    if holder.silent:
+    if holder.silent or holder.phase == LeasePhase.STOPPING:  # one starting takes it once it runs
         return CommandAnswer(
             None,
             holder,
             no_engine=True,
-            problem=f"the engine holding account {account} is silent ({holder.describe()}); nothing was sent",
+            problem=f"the engine holding account {account} {holder.not_looking_after()}; nothing was sent",
         )
     return None
 

@@ -104,7 +104,7 @@ from storage.database import (
 )
 from storage.embedded import default_data_dir
 from storage.journal import WriteJournal
-from storage.lease import EngineLease, LeaseHeld
+from storage.lease import EngineLease, LeaseHeld, LeasePhase
 from storage.outage import DatabaseWatch, journal_path
 from storage.repositories import (
     LIVE_ORDER_STATUSES,
@@ -754,8 +754,8 @@ class Engine:
             await self._stop_metrics()
             raise
         try:
-            self._lease = await self._acquire_lease()
-            self._keep_heard()
+            self._lease = await self._acquire_lease(LeasePhase.STARTING)
+            self._keep_heard(LeasePhase.STARTING)
             self.store = ResilientStore(self._db.pool, self.account_key)
             self._token = await self.store.installation_token()
             await self._replay_left_journal()
@@ -803,15 +803,15 @@ class Engine:
                 log.warning(
                     "%d signals claimed by this engine's last run were never handled: expired", expired
                 )
-        except BaseException:
+            log.info("engine started: %s", self.startup_report.describe())
+            await self.store.record_event(
+                Severity.INFO,
+                "engine_started",
+                f"engine {self.version} started: {self.startup_report.describe()}",
+            )
+        except BaseException:  # the lease (and its heartbeat) ends with a start that does not finish
             await self._release()
             raise
-        log.info("engine started: %s", self.startup_report.describe())
-        await self.store.record_event(
-            Severity.INFO,
-            "engine_started",
-            f"engine {self.version} started: {self.startup_report.describe()}",
-        )
         self._start_loops()
         self._set_state(EngineState.RUNNING)
         return self.startup_report
@@ -925,73 +925,77 @@ class Engine:
             if self.manager is not None:  # a managed trail's move in flight finishes, or is left recorded
                 await self.manager.finish_moves(budget)
         await self._supervisor.stop()
-        self._keep_heard()  # the rest of the stop can take a while; the lease watcher is gone
-        # Positions a protection restart under way carries, their new guards not created yet: counted as
-        # last verified (not verified at all while the restart waits for the database), not left out.
-        carried = self._carried
-        carried_facts = list(carried.coverage.values()) if carried and not carried.guards_created else []
-        carried_facts += [w.coverage() for w in self._awaiting_guard.values()]
-        if self._restart is not None and not self._restart.done():  # a protection restart under way
-            self._restart.cancel()
-            await asyncio.gather(self._restart, return_exceptions=True)
-        in_progress = [self._wave_in_progress] if self._wave_in_progress is not None else []
-        # A wave shielded from its loop stops with it; an entry still in doubt stays so (counted below).
-        stopping = [*self._wave_tasks, *in_progress, *self._settlers]
-        for task in stopping:
-            task.cancel()
-        await asyncio.gather(*stopping, return_exceptions=True)
-        writes = [t for t in self._background if t is not asyncio.current_task()]
-        if writes:  # records still being written (entries control): let them land, briefly
-            await wait_for_all(self.clock, 5.0, [asyncio.shield(t) for t in writes])
-        report = StopReport(0, 0)
-        if self.manager is not None:
-            manager = self.manager
-            still_open = manager.open_guards()
-            guarded = {g.position_id for g in still_open}
-            unguarded = [f for f in carried_facts if f.position_id not in guarded]
-            # What stays without the engine: a managed trail is armed only while it runs.
-            uncovered = sorted(
-                [g.symbol for g in still_open if not g.covered_without_engine]
-                + [f.symbol for f in unguarded if not f.covered]
-            )
-            report = StopReport(
-                len(still_open) + len(unguarded),
-                len(uncovered),
-                self._entries_unresolved(),
-                tuple(uncovered),
-                trails_without_order=sum(1 for g in still_open if g.covered and not g.covered_without_engine),
-            )
-            await manager.stop()
-            if manager.kind is TrailingKind.MANAGED and self.store is not None:
-                try:  # nobody moves a managed trail now: none is armed (has_trailing_stop stays venue truth)
-                    await self.store.disarm_managed_trails()
-                except Exception:
-                    log.exception("could not record the managed trails as disarmed")
-        self.stop_report = report
-        if self.alerter is not None:
-            self.alerter.engine_stopped(report.describe(), report.all_protected, self.fatal)
-        if self.store is not None:
-            try:
-                await self.store.record_event(
-                    Severity.INFO if report.all_protected else Severity.ERROR,
-                    "engine_stopped",
-                    f"engine stopped; {report.describe()}",
+        self._keep_heard(LeasePhase.STOPPING)  # the rest of the stop can take a while; the watcher is gone
+        try:
+            # Positions a protection restart under way carries, their new guards not created yet: counted as
+            # last verified (not verified at all while the restart waits for the database), not left out.
+            carried = self._carried
+            carried_facts = list(carried.coverage.values()) if carried and not carried.guards_created else []
+            carried_facts += [w.coverage() for w in self._awaiting_guard.values()]
+            if self._restart is not None and not self._restart.done():  # a protection restart under way
+                self._restart.cancel()
+                await asyncio.gather(self._restart, return_exceptions=True)
+            in_progress = [self._wave_in_progress] if self._wave_in_progress is not None else []
+            # A wave shielded from its loop stops with it; an entry still in doubt stays so (counted below).
+            stopping = [*self._wave_tasks, *in_progress, *self._settlers]
+            for task in stopping:
+                task.cancel()
+            await asyncio.gather(*stopping, return_exceptions=True)
+            writes = [t for t in self._background if t is not asyncio.current_task()]
+            if writes:  # records still being written (entries control): let them land, briefly
+                await wait_for_all(self.clock, 5.0, [asyncio.shield(t) for t in writes])
+            report = StopReport(0, 0)
+            if self.manager is not None:
+                manager = self.manager
+                still_open = manager.open_guards()
+                guarded = {g.position_id for g in still_open}
+                unguarded = [f for f in carried_facts if f.position_id not in guarded]
+                # What stays without the engine: a managed trail is armed only while it runs.
+                uncovered = sorted(
+                    [g.symbol for g in still_open if not g.covered_without_engine]
+                    + [f.symbol for f in unguarded if not f.covered]
                 )
-            except Exception:
-                log.exception("could not record the stop event")
-            if self.store.has_journal and not self.store.down:
-                with contextlib.suppress(DatabaseDown):
-                    await self.store.replay_journal()
-            await self.store.close()  # writes still journaled stay on disk: the next start replays them
-        log.log(
-            logging.INFO if report.all_protected else logging.ERROR,
-            "engine stopped: %s%s",
-            report.describe(),
-            "; managed trailing stops do not move until the engine runs again"
-            if self.manager and self.manager.kind is TrailingKind.MANAGED and report.open_positions
-            else "",
-        )
-        await self._release()
+                report = StopReport(
+                    len(still_open) + len(unguarded),
+                    len(uncovered),
+                    self._entries_unresolved(),
+                    tuple(uncovered),
+                    trails_without_order=sum(
+                        1 for g in still_open if g.covered and not g.covered_without_engine
+                    ),
+                )
+                await manager.stop()
+                if manager.kind is TrailingKind.MANAGED and self.store is not None:
+                    try:  # nobody moves a managed trail now: none is armed (has_trailing_stop stays venue truth)
+                        await self.store.disarm_managed_trails()
+                    except Exception:
+                        log.exception("could not record the managed trails as disarmed")
+            self.stop_report = report
+            if self.alerter is not None:
+                self.alerter.engine_stopped(report.describe(), report.all_protected, self.fatal)
+            if self.store is not None:
+                try:
+                    await self.store.record_event(
+                        Severity.INFO if report.all_protected else Severity.ERROR,
+                        "engine_stopped",
+                        f"engine stopped; {report.describe()}",
+                    )
+                except Exception:
+                    log.exception("could not record the stop event")
+                if self.store.has_journal and not self.store.down:
+                    with contextlib.suppress(DatabaseDown):
+                        await self.store.replay_journal()
+                await self.store.close()  # writes still journaled stay on disk: the next start replays them
+            log.log(
+                logging.INFO if report.all_protected else logging.ERROR,
+                "engine stopped: %s%s",
+                report.describe(),
+                "; managed trailing stops do not move until the engine runs again"
+                if self.manager and self.manager.kind is TrailingKind.MANAGED and report.open_positions
+                else "",
+            )
+        finally:  # the lease (and its heartbeat) ends with the stop, even one that fails
+            await self._release()
         if self.alerter is not None:
             await self.alerter.close()  # a few seconds at most, even with a dead receiver
         self._set_state(EngineState.STOPPED)
@@ -1698,40 +1702,51 @@ class Engine:
                 due = due if due > now else due + COVERAGE_SAMPLE_SECONDS
             await self.clock.sleep(due - now)
 
-    def _keep_heard(self) -> None:
+    def _keep_heard(self, phase: LeasePhase) -> None:
         """Heartbeat the lease while its watcher (`_lease_heartbeat`) does not run: through the start's
         reads and restore (retries with backoff alone can pass 30 s), and from the supervisor's stop to the
         release. An engine not heard for `LEASE_SILENT_SECONDS` is reported hung, or its host gone (`tsbot
         status`, a watch); a slow start or stop is neither. Losing the lease meanwhile is the watcher's to
         find once it runs, or the stop's."""
         if self._heard is None or self._heard.done():
-            self._heard = asyncio.create_task(self._heartbeat_only(), name="lease-heard")
+            self._heard = asyncio.create_task(self._heartbeat_only(phase), name="lease-heard")
 
-    async def _heartbeat_only(self) -> None:
+    async def _heartbeat_only(self, phase: LeasePhase) -> None:
         while True:
             await self.clock.sleep(LEASE_CHECK_SECONDS)
             lease = self._lease
             if lease is not None and lease.alive():
-                # Shielded: a heartbeat cancelled mid-query would leave the lease's connection busy with its
-                # cancellation when the release (or the watcher) uses it next.
-                self._beat = asyncio.ensure_future(lease.heartbeat())
+                await self._beat_done()
+                # Not cancelled with this task: a heartbeat cancelled mid-query leaves the lease's connection
+                # busy with the cancellation when the release (or the watcher) uses it next.
+                self._beat = asyncio.ensure_future(lease.heartbeat(phase))
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self._beat)
+
+    async def _beat_done(self) -> None:
+        """The last heartbeat in flight has ended (within LEASE_TIMEOUT_SECONDS); a cancel of the caller does
+        not cancel it."""
+        beat = self._beat
+        if beat is not None:
+            await asyncio.wait({beat})
+            if self._beat is beat:
+                self._beat = None
 
     async def _stop_keeping_heard(self) -> None:
         task, self._heard = self._heard, None
         if task is not None:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        if self._beat is not None:  # one in flight ends first (within LEASE_TIMEOUT_SECONDS)
-            await asyncio.gather(self._beat, return_exceptions=True)
-            self._beat = None
+            await asyncio.wait({task})
+        await self._beat_done()
 
     async def _lease_heartbeat(self) -> None:
         """Keep the account lease: heartbeat it; when its connection dies, stop entries at once (protection
         goes on), say so once per interval, and take it again. If another engine holds it meanwhile, this
         one stops at once and sends nothing more (`fatal`); `tsbot run` then exits non-zero."""
         await self._stop_keeping_heard()  # the start's heartbeats end before this one's (one query at a time)
+        if self._lease is not None and self._lease.alive():
+            with contextlib.suppress(Exception):  # running from now, not 2 s later (a failure: found below)
+                await self._lease.heartbeat(LeasePhase.RUNNING)
         said_at = -math.inf
         while True:
             await self.clock.sleep(LEASE_CHECK_SECONDS)
@@ -1769,7 +1784,7 @@ class Engine:
             self.lease_lost_since = None
             self._apply_entries_state()
 
-    async def _acquire_lease(self) -> EngineLease:
+    async def _acquire_lease(self, phase: LeasePhase = LeasePhase.RUNNING) -> EngineLease:
         assert self._db is not None
         db = self.settings.database
         return await EngineLease.acquire(
@@ -1779,6 +1794,7 @@ class Engine:
             self.version,
             db.password.get_secret_value() if db.password else None,
             label=self.settings.venue.account,
+            phase=phase,
         )
 
     # --- waves ---------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 
 import asyncpg
 
@@ -19,11 +20,19 @@ RECORDING_NAMESPACE = 0x7472  # held only while a lease attempt takes the lock a
 # A server that stopped answering must not hold the lease watcher forever: a heartbeat or an attempt to
 # take the lease that gets no answer within this fails (the lease counts as lost, and is tried again).
 LEASE_TIMEOUT_SECONDS = 10.0
-# An engine heartbeats its lease every 2 s (`engine.engine.LEASE_CHECK_SECONDS`). One not heard for this long
-# still holds the lock but looks after nothing: it is hung or frozen, or its host is gone (the server keeps a
-# vanished client's session, and its lock, until TCP says the peer is gone). Readers (`tsbot status`, the
-# operators' query, a watch-only dashboard) then count it as no engine.
+# An engine heartbeats its lease every 2 s (`engine.engine.LEASE_CHECK_SECONDS`), from taking it to releasing
+# it, with its phase. One not heard for this long still holds the lock but looks after nothing: it is hung or
+# frozen, or its host is gone (the server keeps a vanished client's session, and its lock, until TCP says the
+# peer is gone). Readers (`tsbot status`, the operators' query, a watch-only dashboard) count an engine as
+# looking after the account only while it is heard and running: one starting or stopping does not (yet, or
+# any more) resolve entries or move managed trails.
 LEASE_SILENT_SECONDS = 30
+
+
+class LeasePhase(StrEnum):
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,12 +45,26 @@ class LeaseHolder:
     started_at: datetime
     heartbeat_at: datetime
     label: str | None = None  # what the holder's operator calls the account (`venue.account`)
+    phase: str = LeasePhase.RUNNING  # as of its last heartbeat
     silent_seconds: float = 0.0  # since its last heartbeat, by the database's clock
 
     @property
     def silent(self) -> bool:
         """Not heard for `LEASE_SILENT_SECONDS`: it holds the account but looks after nothing."""
         return self.silent_seconds > LEASE_SILENT_SECONDS
+
+    @property
+    def looks_after(self) -> bool:
+        """Heard and running: it protects the account's positions, resolves its entries, moves its trails."""
+        return not self.silent and self.phase == LeasePhase.RUNNING
+
+    def not_looking_after(self) -> str:
+        """Why it does not look after the account, for an operator ("" when it does)."""
+        if self.silent:
+            return f"is silent: {self.describe()}"
+        if self.phase != LeasePhase.RUNNING:
+            return f"is {self.phase}: {self.describe()}"
+        return ""
 
     def describe(self) -> str:
         named = f" (account label {self.label!r})" if self.label else ""
@@ -83,6 +106,7 @@ class EngineLease:
         version: str,
         password: str | None = None,
         label: str | None = None,
+        phase: LeasePhase = LeasePhase.RUNNING,
     ) -> EngineLease:
         conn = await asyncpg.connect(dsn, password=password, timeout=LEASE_TIMEOUT_SECONDS)
         key = lease_key(venue, account)
@@ -104,11 +128,12 @@ class EngineLease:
                 else:
                     await conn.execute(
                         """
-                        INSERT INTO monitoring.engine_leases (venue, account, pid, host, version, label)
-                        VALUES ($1, $2, $3, $4, $5, $6)
+                        INSERT INTO monitoring.engine_leases (venue, account, pid, host, version, label, phase)
+                        VALUES ($1, $2, $3, $4, $5, $6, $7)
                         ON CONFLICT (venue, account) DO UPDATE
                         SET pid = EXCLUDED.pid, host = EXCLUDED.host, version = EXCLUDED.version,
-                            label = EXCLUDED.label, started_at = now(), heartbeat_at = now()
+                            label = EXCLUDED.label, started_at = now(), heartbeat_at = now(),
+                            phase = EXCLUDED.phase
                         """,
                         venue,
                         account,
@@ -116,6 +141,7 @@ class EngineLease:
                         socket.gethostname(),
                         version,
                         label,
+                        phase.value,
                     )
             if not got:
                 raise LeaseHeld(venue, account, holder)
@@ -132,11 +158,13 @@ class EngineLease:
         ends with its session once the server notices."""
         self._conn.terminate()
 
-    async def heartbeat(self) -> None:
+    async def heartbeat(self, phase: LeasePhase = LeasePhase.RUNNING) -> None:
         await self._conn.execute(
-            "UPDATE monitoring.engine_leases SET heartbeat_at = now() WHERE venue = $1 AND account = $2",
+            "UPDATE monitoring.engine_leases SET heartbeat_at = now(), phase = $3 "
+            "WHERE venue = $1 AND account = $2",
             self.venue,
             self.account,
+            phase.value,
             timeout=LEASE_TIMEOUT_SECONDS,
         )
 
@@ -171,18 +199,19 @@ def lease_held_sql(venue: str, account: str) -> str:
           AND objsubid = 2)"""
 
 
-def engine_heard_sql(lease: str) -> str:
+def engine_looks_after_sql(lease: str) -> str:
     """An SQL condition on a `monitoring.engine_leases` row (`lease`: its alias), true while its engine holds
-    the lease and was heard within `LEASE_SILENT_SECONDS`: an engine looking after the account."""
+    the lease, runs, and was heard within `LEASE_SILENT_SECONDS` (`LeaseHolder.looks_after`)."""
     return (
-        f"{lease}.heartbeat_at > now() - interval '{LEASE_SILENT_SECONDS} seconds' "
+        f"{lease}.phase = '{LeasePhase.RUNNING.value}' "
+        f"AND {lease}.heartbeat_at > now() - interval '{LEASE_SILENT_SECONDS} seconds' "
         f"AND {lease_held_sql(f'{lease}.venue', f'{lease}.account')}"
     )
 
 
 async def current_holder(pool: asyncpg.Pool, venue: str, account: str) -> LeaseHolder | None:
-    """Who holds the lease now (None when nobody does), for read-only watchers; one `silent` holds it but
-    looks after nothing."""
+    """Who holds the lease now (None when nobody does), for read-only watchers; one not `looks_after` (silent,
+    starting, stopping) holds it but looks after nothing."""
     async with pool.acquire() as conn:
         held = await conn.fetchval(f"SELECT {lease_held_sql('$1::text', '$2::text')}", venue, account)
         return await _holder(conn, venue, account) if held else None

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from storage import history
-from storage.lease import engine_heard_sql
+from storage.lease import engine_looks_after_sql
 
 R = TypeVar("R")
 
@@ -345,7 +345,7 @@ DEFAULT_ACCOUNT = "sim:default"  # the sim venue with the default label (engine/
 # ago, and entries of unknown outcome. Whether an engine looks after the account decides two things (the
 # lease is the advisory lock `storage.lease` takes, pg_locks shows it, so the query knows without the
 # engine; one not heard for `LEASE_SILENT_SECONDS` — hung, frozen, its host gone — holds the lock and looks
-# after nothing, so it counts as none):
+# after nothing, as does one starting or stopping, so they count as none):
 # - The engine records an entry `pending`, and its position `entry_placed`, before it sends it. An engine
 #   heard is resolving such an entry (it counts it itself: in flight, then in doubt once its outcome is
 #   unknown, recorded `unknown`). With none (the engine died — SIGKILL, a crash — while the answer was
@@ -357,15 +357,15 @@ DEFAULT_ACCOUNT = "sim:default"  # the sim venue with the default label (engine/
 UNCOVERED_POSITIONS_SQL = f"""
     WITH engine AS (
         SELECT EXISTS (SELECT 1 FROM monitoring.engine_leases AS l
-                       WHERE l.account = {{account}} AND {engine_heard_sql("l")}) AS heard)
+                       WHERE l.account = {{account}} AND {engine_looks_after_sql("l")}) AS looks_after)
     SELECT p.* FROM monitoring.positions AS p, engine
     WHERE ((p.status IN ('pending_protection', 'active')
             AND NOT (p.has_stop_loss
-                     AND (p.has_trailing_stop OR (p.trail_armed AND NOT p.trailing_activated AND engine.heard))))
+                     AND (p.has_trailing_stop OR (p.trail_armed AND NOT p.trailing_activated AND engine.looks_after))))
            OR (p.status = 'entry_placed' AND EXISTS (
                SELECT 1 FROM monitoring.orders AS o
                WHERE o.position_id = p.id AND o.purpose = 'entry'
-                 AND (o.status = 'unknown' OR (o.status <> 'rejected' AND NOT engine.heard)))))
+                 AND (o.status = 'unknown' OR (o.status <> 'rejected' AND NOT engine.looks_after)))))
       AND (p.opened_at IS NULL OR p.opened_at <= now() - {{grace}}) AND p.account = {{account}}
     ORDER BY p.opened_at NULLS FIRST, p.id
 """

@@ -408,6 +408,8 @@ class DashboardApp(App[int]):
             return "no engine running"
         if holder.silent:  # holds the account, not heard: hung, frozen, or its host is gone
             return f"pid {holder.pid}@{holder.host} SILENT {holder.silent_seconds:.0f}s"
+        if not holder.looks_after:  # starting or stopping
+            return f"pid {holder.pid}@{holder.host} {holder.phase.upper()}"
         return f"pid {holder.pid}@{holder.host}"  # its version is on the header once, like the live view's
 
     # --- workers -------------------------------------------------------------------------------------

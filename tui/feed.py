@@ -433,8 +433,8 @@ class ReadOnlyFeed:
         events = await store.recent_events(limit=200, min_severity=Severity.INFO)
         control = await store.entries_control(settings.venue.kind.value, account_key(settings.venue))
         # Entries of unknown outcome (their entry order `unknown`, or `pending` with no engine to answer it —
-        # none holds the account, or the one holding it is silent): counted and shown as the engine does.
-        resolving = self.holder is not None and not self.holder.silent
+        # none holds the account, or the one holding it does not look after it): counted as the engine does.
+        resolving = self.holder is not None and self.holder.looks_after  # not silent, starting, stopping
         # A managed trail is the trailing protection only while its engine moves it (as in the status query).
         live = [
             p if resolving else replace(p, trail_armed=False) for p in positions if p.entry_price is not None

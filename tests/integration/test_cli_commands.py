@@ -285,8 +285,8 @@ async def test_an_engine_holding_the_account_but_not_heard_is_sent_nothing(workd
             result = await run_tsbot(*args, cwd=cwd)
             assert result.returncode == 3, (args, result.stderr)
             assert result.stderr.count("\n") == 1, result.stderr
-            assert f"the engine holding account {account} is silent (pid {os.getpid()} on " in result.stderr
-            assert "(hung, or its host is gone)); nothing was sent" in result.stderr
+            assert f"the engine holding account {account} is silent: pid {os.getpid()} on " in result.stderr
+            assert "(hung, or its host is gone); nothing was sent" in result.stderr
             assert time.monotonic() - started < 25  # not the 30 s answer timeout
     finally:
         await lease.release()

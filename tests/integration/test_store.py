@@ -10,7 +10,7 @@ import pytest
 
 from storage.database import Database
 from storage.embedded import EmbeddedPostgres
-from storage.lease import LEASE_NAMESPACE, EngineLease, current_holder
+from storage.lease import LEASE_NAMESPACE, EngineLease, LeasePhase, current_holder
 from storage.repositories import (
     OrderPurpose,
     OrderRecordStatus,
@@ -194,7 +194,22 @@ async def test_an_entry_left_pending_is_uncovered_once_no_engine_holds_the_accou
         assert await listed() == ({naked, in_doubt},) * 2
         holder = await current_holder(db.pool, "sim", "sim:default")
         assert holder is not None
-        assert not holder.silent
+        assert (holder.silent, holder.looks_after) == (False, True)
+        # Heard, but stopping (its loops are gone): nobody resolves the entry or moves the trail.
+        await lease.heartbeat(LeasePhase.STOPPING)
+        assert await listed() == ({naked, managed, in_flight, in_doubt},) * 2
+    finally:
+        await lease.release()
+    # An engine starting (reading the venue, restoring) does not look after the account yet either: what a
+    # killed run left is listed until it runs.
+    lease = await EngineLease.acquire(db.target.dsn, "sim", "sim:default", "test", phase=LeasePhase.STARTING)
+    try:
+        assert await listed() == ({naked, managed, in_flight, in_doubt},) * 2
+        holder = await current_holder(db.pool, "sim", "sim:default")
+        assert holder is not None
+        assert (holder.silent, holder.looks_after, holder.phase) == (False, False, "starting")
+        await lease.heartbeat(LeasePhase.RUNNING)
+        assert await listed() == ({naked, in_doubt},) * 2
     finally:
         await lease.release()
     # The engine is gone: nobody will learn the entry's outcome, nor move the trail (a SIGKILL leaves it

@@ -214,8 +214,14 @@ async def test_a_watch_names_a_holder_not_heard_for_30_s(db: Database) -> None:
         async with dashboard(settings, engine=make_engine(settings, clock)) as board:
             board.app.read_only_poll_seconds = 0.05
             await board.until(lambda: isinstance(board.app.screen, LeaseHeldScreen), "lease refusal shown")
-            refusal = svg_to_text(board.app.export_screenshot(), 120, 40)
-            assert re.search(r"not heard for 3\d s \(hung, or its host is gone\)", " ".join(refusal.split()))
+
+            def refusal_names_it() -> bool:
+                shown = " ".join(svg_to_text(board.app.export_screenshot(), 120, 40).split())
+                return (
+                    re.search(r"already traded by pid \d+ .* not heard for 3\d s \(hung", shown) is not None
+                )
+
+            await board.until(refusal_names_it, "the refusal naming the silent holder")
             await board.press("o")
             await board.until(
                 lambda: re.search(r"pid \d+@\S+ SILENT 3\ds", board.status_text()) is not None,
