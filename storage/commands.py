@@ -63,7 +63,8 @@ class CommandRecord:
 
 
 def _command(row: Mapping[str, Any]) -> CommandRecord:
-    values = dict(row)
+    # Only the columns this version knows: a newer one may have added some (it migrates the database).
+    values = {k: v for k, v in dict(row).items() if k in CommandRecord.__dataclass_fields__}
     values["kind"] = CommandKind(values["kind"])
     values["state"] = CommandState(values["state"])
     values["args"] = values["args"] or {}

@@ -226,4 +226,10 @@ async def _holder(conn: asyncpg.Connection, venue: str, account: str) -> LeaseHo
         venue,
         account,
     )
-    return LeaseHolder(**dict(row)) if row else None
+    if row is None:
+        return None
+    # Only the columns this version knows: a newer one may have added some (it migrates the database).
+    return LeaseHolder(**{k: v for k, v in dict(row).items() if k in _HOLDER_FIELDS})
+
+
+_HOLDER_FIELDS = frozenset(LeaseHolder.__dataclass_fields__)

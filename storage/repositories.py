@@ -280,8 +280,11 @@ class HealthRow:
 
 
 def _record(record_type: type[R], row: Mapping[str, Any], **enums: type[StrEnum]) -> R:
-    """A record dataclass from a row, its enum columns parsed (an unknown value fails loudly here)."""
-    values = dict(row)
+    """A record dataclass from a row, its enum columns parsed (an unknown value fails loudly here). Columns
+    the record does not know are left out: a newer version's migration may have added them while this one
+    runs (its `SELECT *` reads would fail on every row otherwise)."""
+    known = record_type.__dataclass_fields__  # type: ignore[attr-defined]
+    values = {column: value for column, value in dict(row).items() if column in known}
     for column, enum in enums.items():
         values[column] = enum(values[column])
     return record_type(**values)
@@ -996,7 +999,7 @@ class Store:
         rows = await self._pool.fetch(
             "SELECT * FROM monitoring.waves ORDER BY started_at DESC, id DESC LIMIT $1", limit
         )
-        return [WaveRecord(**dict(r)) for r in rows]
+        return [_record(WaveRecord, r) for r in rows]
 
     # --- trailing-stop state ------------------------------------------------------------------------------
 
@@ -1041,13 +1044,13 @@ class Store:
             last_move_at,
             update_count,
         )
-        return TrailingStateRecord(**dict(row))
+        return _record(TrailingStateRecord, row)
 
     async def trailing_state(self, position_id: int) -> TrailingStateRecord | None:
         row = await self._pool.fetchrow(
             "SELECT * FROM monitoring.trailing_stop_state WHERE position_id = $1", position_id
         )
-        return TrailingStateRecord(**dict(row)) if row else None
+        return _record(TrailingStateRecord, row) if row else None
 
     async def trailing_states_of_open_positions(self) -> dict[int, TrailingStateRecord]:
         """For restart: every persisted trailing state whose position is still live, by position id."""
@@ -1060,7 +1063,7 @@ class Store:
             TERMINAL_STATUSES,
             self.account,
         )
-        return {r["position_id"]: TrailingStateRecord(**dict(r)) for r in rows}
+        return {r["position_id"]: _record(TrailingStateRecord, r) for r in rows}
 
     # --- entries control ----------------------------------------------------------------------------------
 
@@ -1071,7 +1074,7 @@ class Store:
             venue,
             account,
         )
-        return EntriesControl(**dict(row)) if row else None
+        return _record(EntriesControl, row) if row else None
 
     async def set_entries_control(
         self,
@@ -1101,7 +1104,7 @@ class Store:
             at,
             requested_by[:300],
         )
-        return EntriesControl(**dict(row))
+        return _record(EntriesControl, row)
 
     # --- installation and health ----------------------------------------------------------------------
 
@@ -1134,7 +1137,7 @@ class Store:
             "WHERE account = $1 ORDER BY component",
             self.account,
         )
-        return [HealthRow(**dict(r)) for r in rows]
+        return [_record(HealthRow, r) for r in rows]
 
     # --- history -----------------------------------------------------------------------------------------
 
