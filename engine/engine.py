@@ -650,6 +650,7 @@ class Engine:
         self._lease: EngineLease | None = None
         self._heard: asyncio.Task[None] | None = None  # heartbeats while `_lease_heartbeat` does not run
         self._beat: asyncio.Future[None] | None = None  # its heartbeat in flight
+        self._heard_phase = LeasePhase.STARTING  # what it writes
         self.store: ResilientStore | None = None  # journals the protection path's writes in an outage
         self.db_watch: DatabaseWatch | None = None
         self.manager: ProtectionManager | None = None
@@ -1708,20 +1709,21 @@ class Engine:
         release. An engine not heard for `LEASE_SILENT_SECONDS` is reported hung, or its host gone (`tsbot
         status`, a watch); a slow start or stop is neither. Losing the lease meanwhile is the watcher's to
         find once it runs, or the stop's."""
+        self._heard_phase = phase  # a task still running (a stop right after a start) writes it from now
         if self._heard is None or self._heard.done():
-            self._heard = asyncio.create_task(self._heartbeat_only(phase), name="lease-heard")
+            self._heard = asyncio.create_task(self._heartbeat_only(), name="lease-heard")
 
-    async def _heartbeat_only(self, phase: LeasePhase) -> None:
-        while True:
-            await self.clock.sleep(LEASE_CHECK_SECONDS)
+    async def _heartbeat_only(self) -> None:
+        while True:  # at once, then every LEASE_CHECK_SECONDS: a stop of a second is said `stopping` too
             lease = self._lease
             if lease is not None and lease.alive():
                 await self._beat_done()
                 # Not cancelled with this task: a heartbeat cancelled mid-query leaves the lease's connection
                 # busy with the cancellation when the release (or the watcher) uses it next.
-                self._beat = asyncio.ensure_future(lease.heartbeat(phase))
+                self._beat = asyncio.ensure_future(lease.heartbeat(self._heard_phase))
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self._beat)
+            await self.clock.sleep(LEASE_CHECK_SECONDS)
 
     async def _beat_done(self) -> None:
         """The last heartbeat in flight has ended (within LEASE_TIMEOUT_SECONDS); a cancel of the caller does

@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 
 from storage.embedded import EmbeddedPostgres
-from storage.lease import EngineLease
+from storage.lease import EngineLease, LeasePhase
 from tests.chaos.processes import TSBOT, Process, Waves, emulator, environ, fetch, write_config
 from tests.support.auditor import EmulatorTruth, VenueView
 from tests.support.waiting import wait_until
@@ -263,8 +263,8 @@ async def test_without_an_engine_every_command_exits_3_at_once(workdir: tuple[Pa
 
 
 async def test_an_engine_holding_the_account_but_not_heard_is_sent_nothing(workdir: tuple[Path, str]) -> None:
-    """The engine holding the account has not heartbeated for 31 s (hung, frozen, its host gone): it would
-    not take a command. Before: the command was queued and the operator, flattening, waited out the 30 s
+    """The engine holding the account has not heartbeated for 31 s (hung, frozen, its host gone), or is
+    stopping: it would not take a command. Before: the command was queued and the operator, flattening, waited out the 30 s
     answer timeout. Now it is refused at once, naming the engine."""
     cwd, dsn = workdir
     first = await run_tsbot("entries", "resume", cwd=cwd)
@@ -288,6 +288,12 @@ async def test_an_engine_holding_the_account_but_not_heard_is_sent_nothing(workd
             assert f"the engine holding account {account} is silent: pid {os.getpid()} on " in result.stderr
             assert "(hung, or its host is gone); nothing was sent" in result.stderr
             assert time.monotonic() - started < 25  # not the 30 s answer timeout
+        # Heard again, but stopping (its loops are gone): it would not take one either.
+        await lease.heartbeat(LeasePhase.STOPPING)
+        stopping = await run_tsbot("close", "SFPUSDT", cwd=cwd)
+        assert stopping.returncode == 3, stopping.stderr
+        assert f"the engine holding account {account} is stopping: pid {os.getpid()} on " in stopping.stderr
+        assert stopping.stderr.rstrip().endswith("; nothing was sent"), stopping.stderr
     finally:
         await lease.release()
     rows = await fetch(dsn, "SELECT count(*) AS n FROM monitoring.commands")

@@ -299,3 +299,57 @@ async def test_an_engine_whose_lease_another_engine_took_stops_and_sends_nothing
         if other is not None:
             await other.release()
         await drive(clock, engine.stop())
+
+
+async def test_the_lease_says_what_the_engine_does_from_its_start_to_its_stop(db: Database) -> None:
+    """Every heartbeat writes the engine's phase: readers count it as looking after the account only while
+    it runs. Its stop writes `stopping` at once: the loops are gone from then on, and a stop shorter than a
+    heartbeat's 2 s never said so (the lease read `running` until released)."""
+    from engine.clock import ManualClock
+    from tests.integration.engine_support import engine_settings, make_engine
+    from tests.support.driving import drive, drive_until
+
+    clock = ManualClock()
+    engine = make_engine(engine_settings(db.target.dsn), clock)
+    await drive(clock, engine.start())
+    try:
+
+        async def running() -> bool:
+            return await db.pool.fetchval("SELECT phase FROM monitoring.engine_leases") == "running"
+
+        await drive_until(clock, running, what="running once started")
+        holder = await current_holder(db.pool, "sim", "sim:default")
+        assert holder is not None
+        assert holder.looks_after
+    finally:
+        await drive(clock, engine.stop())
+    assert await db.pool.fetchval("SELECT phase FROM monitoring.engine_leases") == "stopping"
+    assert await current_holder(db.pool, "sim", "sim:default") is None  # and released
+
+
+async def test_readers_of_this_version_take_rows_with_columns_a_newer_version_added(db: Database) -> None:
+    """A newer `tsbot` (even `tsbot status`) migrates the database while this version's engine or watch may
+    still run. Its readers built their records from every column (`SELECT *`): one column more in a table,
+    and every read of it failed (an engine whose lease was lost could never take it again)."""
+    store = Store(db.pool)
+    position = await store.create_position(symbol="AUSDT", exchange="sim", side="long", quantity=Decimal("1"))
+    await store.insert_signals([("BUSDT", "long", None, None)])
+    lease = await EngineLease.acquire(db.target.dsn, "sim", "sim:default", "test")
+    try:
+        tables = await db.pool.fetch(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'monitoring'"
+        )
+        for table in tables:
+            await db.pool.execute(
+                f'ALTER TABLE monitoring."{table["table_name"]}" ADD COLUMN from_a_newer_version int DEFAULT 1'
+            )
+        holder = await current_holder(db.pool, "sim", "sim:default")
+        assert holder is not None
+        assert holder.pid == os.getpid()
+        assert [p.id for p in await store.open_positions()] == [position.id]
+        assert [s.symbol for s in await store.claim_new_signals(10, claimed_by="test")] == ["BUSDT"]
+        assert await store.latest_health() == []
+        assert await store.recent_waves(limit=5) == []
+        assert await store.entries_control("sim", "sim:default") is None
+    finally:
+        await lease.release()

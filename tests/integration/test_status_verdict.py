@@ -28,7 +28,7 @@ from engine.accounts import account_key
 from engine.config import load_config
 from storage.database import DatabaseTarget, create_pool
 from storage.embedded import EmbeddedPostgres, start_embedded, stop_embedded
-from storage.lease import EngineLease, current_holder
+from storage.lease import EngineLease, LeasePhase, current_holder
 from storage.repositories import HealthRow, Store
 from tests.support.owned_postgres import create_migrated_database, resume, stop_postmaster
 from tests.support.records import entry_recorded
@@ -368,14 +368,19 @@ async def test_an_engine_holding_the_account_but_not_heard_counts_as_none(
             "1 position uncovered (DDDUSDT) and no engine protecting it: the engine holding the account "
             f"sim:default is silent: pid {engine.pid} on "
         )
-        assert re.search(r", not heard for 3\d s \(hung, or its host is gone\)$", report["reason"])
+        assert re.search(
+            r", not heard for (3[1-9]|[4-9]\d) s \(hung, or its host is gone\)$", report["reason"]
+        )
         assert [p["symbol"] for p in report["uncovered"]] == ["DDDUSDT"]
         assert (report["engine"]["pid"], report["engine"]["silent"]) == (engine.pid, True)
         assert report["engine"]["heard_seconds_ago"] >= 31
         human = tsbot("status", cwd=workdir).stdout.splitlines()
         assert human[0].startswith("CRITICAL: 1 position uncovered (DDDUSDT) and no engine protecting it: ")
         assert any(
-            re.match(r"engine: +SILENT for 3\d s: holds the account but looks after nothing \(pid ", line)
+            re.match(
+                r"engine: +SILENT for (3[1-9]|[4-9]\d) s: holds the account but looks after nothing \(pid ",
+                line,
+            )
             for line in human
         ), human
 
@@ -390,6 +395,39 @@ async def test_an_engine_holding_the_account_but_not_heard_counts_as_none(
     finally:
         engine.kill()
         await engine.wait()
+
+
+async def test_an_engine_starting_or_stopping_is_said_and_counts_as_none(
+    workdir: Path, engine_side: EngineSide
+) -> None:
+    """An engine starting (reading the venue, restoring) or stopping (its loops gone) holds the account but
+    looks after nothing: status says which, and measures nothing from it."""
+    engine_side.lease = await EngineLease.acquire(
+        engine_side.dsn, "sim", engine_side.account, "test", label="default", phase=LeasePhase.STARTING
+    )
+    await engine_side.measure(*HEALTHY)
+    for phase, said in ((LeasePhase.STARTING, "yet"), (LeasePhase.STOPPING, "any more")):
+        await engine_side.lease.heartbeat(phase)
+        result = tsbot("status", "--json", cwd=workdir)
+        assert result.returncode == 3, result.stdout + result.stderr
+        report = json.loads(result.stdout)
+        assert report["state"] == "unknown"
+        assert report["reason"].startswith(
+            f"no engine is measuring: the engine holding the account sim:default is {phase}: pid {os.getpid()} on "
+        )
+        assert (report["engine"]["phase"], report["engine"]["silent"]) == (phase, False)
+        human = tsbot("status", cwd=workdir).stdout.splitlines()
+        upper = phase.upper()
+        assert any(
+            line.startswith(
+                f"engine:            {upper}: holds the account but looks after nothing {said} (pid "
+            )
+            for line in human
+        ), human
+    await engine_side.lease.heartbeat(LeasePhase.RUNNING)
+    running = tsbot("status", "--json", cwd=workdir)
+    assert running.returncode == 0, running.stdout + running.stderr
+    assert json.loads(running.stdout)["engine"]["phase"] == "running"
 
 
 async def test_status_lists_only_the_configured_accounts_positions(
