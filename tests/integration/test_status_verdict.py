@@ -10,6 +10,7 @@ stopped for real."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -268,14 +269,12 @@ asyncio.run(hold())
 """
 
 
-async def test_an_entry_left_pending_by_an_engine_killed_before_its_answer_is_uncovered_and_critical(
-    workdir: Path, engine_side: EngineSide
-) -> None:
-    """The engine records an entry `pending` and its position `entry_placed`, then sends it. SIGKILLed while
-    the answer is outstanding, it leaves them so for good, and the venue may hold the filled position with
-    no stop. While an engine holds the account it is that engine's entry in flight (it counts it itself):
-    not listed, no alarm. Once none does, nobody will learn its outcome: listed as uncovered, and the
-    verdict is critical. Before: not listed, and `UNKNOWN: no engine is measuring` (exit 3)."""
+@contextlib.asynccontextmanager
+async def engine_with_an_entry_in_flight(
+    engine_side: EngineSide,
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
+    """A process holding the account as an engine does (heartbeating), its health measured, and the id of
+    an entry recorded `pending` (its position `entry_placed`) as `Engine._open_position` writes it."""
     engine = await asyncio.create_subprocess_exec(
         sys.executable, "-c", LEASE_HOLDER, engine_side.dsn, stdout=asyncio.subprocess.PIPE, env=_env()
     )
@@ -285,27 +284,43 @@ async def test_an_entry_left_pending_by_an_engine_killed_before_its_answer_is_un
         await engine_side.measure(*HEALTHY)
         pool = await create_pool(DatabaseTarget(dsn=engine_side.dsn), min_size=1, max_size=1)
         try:
-            store = Store(pool, engine_side.account)  # the entry, written as `Engine._open_position` does
-            position_id = await entry_recorded(store, "DDDUSDT", quantity=Decimal("3"))
+            position_id = await entry_recorded(
+                Store(pool, engine_side.account), "DDDUSDT", quantity=Decimal("3")
+            )
+        finally:
+            await pool.close()
+        yield engine, position_id
+    finally:
+        if engine.returncode is None:
+            engine.kill()
+            await engine.wait()
 
-            running = tsbot("status", "--json", cwd=workdir)
-            assert running.returncode == 0, running.stdout + running.stderr
-            report = json.loads(running.stdout)
-            assert (report["state"], report["uncovered"]) == ("ok", [])
-            assert report["engine"]["pid"] == engine.pid
 
-            engine.kill()  # SIGKILL: the answer never comes, the rows stay as they are
-            assert await asyncio.wait_for(engine.wait(), HANG_GUARD_SECONDS) == -signal.SIGKILL
+async def test_an_entry_left_pending_by_an_engine_killed_before_its_answer_is_uncovered_and_critical(
+    workdir: Path, engine_side: EngineSide
+) -> None:
+    """The engine records an entry `pending` and its position `entry_placed`, then sends it. SIGKILLed while
+    the answer is outstanding, it leaves them so for good, and the venue may hold the filled position with
+    no stop. While an engine holds the account it is that engine's entry in flight (it counts it itself):
+    not listed, no alarm. Once none does, nobody will learn its outcome: listed as uncovered, and the
+    verdict is critical. Before: not listed, and `UNKNOWN: no engine is measuring` (exit 3)."""
+    async with engine_with_an_entry_in_flight(engine_side) as (engine, position_id):
+        running = tsbot("status", "--json", cwd=workdir)
+        assert running.returncode == 0, running.stdout + running.stderr
+        report = json.loads(running.stdout)
+        assert (report["state"], report["uncovered"]) == ("ok", [])
+        assert report["engine"]["pid"] == engine.pid
+
+        engine.kill()  # SIGKILL: the answer never comes, the rows stay as they are
+        assert await asyncio.wait_for(engine.wait(), HANG_GUARD_SECONDS) == -signal.SIGKILL
+        pool = await create_pool(DatabaseTarget(dsn=engine_side.dsn), min_size=1, max_size=1)
+        try:
             for _ in range(100):  # its server backend notices the closed socket, and the lock goes
                 if await current_holder(pool, "sim", engine_side.account) is None:
                     break
                 await asyncio.sleep(0.1)
         finally:
             await pool.close()
-    finally:
-        if engine.returncode is None:
-            engine.kill()
-            await engine.wait()
 
     dead = tsbot("status", "--json", cwd=workdir)
     assert dead.returncode == 2, dead.stdout + dead.stderr
@@ -338,18 +353,7 @@ async def test_an_engine_holding_the_account_but_not_heard_counts_as_none(
     account's lock: the server lets go only once TCP gives up on the peer (hours by default). It writes no
     heartbeat: not heard for 30 s, it counts as no engine, and its entry in flight as uncovered. Before: the
     status said `ok` and listed nothing while the entry's outcome was nobody's to learn."""
-    engine = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", LEASE_HOLDER, engine_side.dsn, stdout=asyncio.subprocess.PIPE, env=_env()
-    )
-    try:
-        assert engine.stdout is not None
-        assert await asyncio.wait_for(engine.stdout.readline(), HANG_GUARD_SECONDS) == b"held\n"
-        await engine_side.measure(*HEALTHY)
-        pool = await create_pool(DatabaseTarget(dsn=engine_side.dsn), min_size=1, max_size=1)
-        try:
-            await entry_recorded(Store(pool, engine_side.account), "DDDUSDT", quantity=Decimal("3"))
-        finally:
-            await pool.close()
+    async with engine_with_an_entry_in_flight(engine_side) as (engine, _position_id):
         heard = tsbot("status", "--json", cwd=workdir)
         assert heard.returncode == 0, heard.stdout + heard.stderr
         report = json.loads(heard.stdout)
@@ -392,9 +396,6 @@ async def test_an_engine_holding_the_account_but_not_heard_counts_as_none(
             await asyncio.sleep(0.2)
         report = json.loads(again.stdout)
         assert (report["state"], report["uncovered"], report["engine"]["silent"]) == ("ok", [], False)
-    finally:
-        engine.kill()
-        await engine.wait()
 
 
 async def test_an_engine_starting_or_stopping_is_said_and_counts_as_none(
