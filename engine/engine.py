@@ -811,6 +811,8 @@ class Engine:
                 f"engine {self.version} started: {self.startup_report.describe()}",
             )
         except BaseException:  # the lease (and its heartbeat) ends with a start that does not finish
+            if self.manager is not None:  # and so do its guards: none acts for an account no engine holds
+                await _quietly(self.manager.stop())
             await self._release()
             raise
         self._start_loops()

@@ -344,3 +344,54 @@ async def test_a_restart_mid_resize_keeps_the_old_stops_until_the_new_ones_are_l
         ]
     finally:
         await drive(clock, engine_b.stop())
+
+
+async def test_a_start_that_does_not_finish_leaves_no_guard_acting_without_the_lease(db: Database) -> None:
+    """A start cancelled (a dashboard closed while it starts) or failed after protection had begun released
+    the lease, but its guards ran on: in a process that stays (the dashboard), they sent stops for an
+    account no engine held, beside whatever engine takes it next. Its guards now stop with the start."""
+    settings_a = settings_for(db)
+    clock = ManualClock()
+    engine_a = make_engine(settings_a, clock)
+    await drive(clock, engine_a.start())
+    naked = SYMBOLS[48]
+    try:
+        assert engine_a.store is not None
+        venue_a = engine_a.venue
+        assert isinstance(venue_a, SimVenue)
+        venue_a.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, count=1000, stops_only=True)
+        await engine_a.store.insert_signals([(naked, "long", None, None)])
+        await drive_until(
+            clock,
+            lambda: engine_a.manager is not None and naked in engine_a.manager.by_symbol,
+            what="the entry answered",
+            step=0.01,
+        )
+    finally:
+        await drive(clock, engine_a.stop(drain=False))
+    core = venue_a.core
+    assert [p.symbol for p in core.positions(clock.now())] == [naked]
+    assert core.open_protective_orders(clock.now()) == []
+
+    # The next engine's look-ups of the stops on record answer in 8 s: its start waits on its guard.
+    settings_b = settings_for(db, {"VENUE__SIM__LATENCY__BY_CALL": '{"fetch_order": {"seconds": 8}}'})
+    engine_b = restarted(engine_a, settings_b, clock)
+    starting = asyncio.ensure_future(engine_b.start())
+    await drive_until(
+        clock,
+        lambda: engine_b.manager is not None and naked in engine_b.manager.by_symbol,
+        what="the start's guard",
+        step=0.01,
+    )
+    starting.cancel()
+    await drive_until(clock, starting.done, what="the start cancelled")
+    for _ in range(60):  # 30 virtual seconds: a guard left running would have sent the stops by now
+        await clock.advance(0.5)
+        await asyncio.sleep(0.001)
+    assert core.open_protective_orders(clock.now()) == []  # the venue's truth: nothing sent after the start
+    manager = engine_b.manager
+    assert manager is not None
+    assert manager.stopped
+    assert (
+        await db.pool.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted") == 0
+    )
