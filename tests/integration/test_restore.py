@@ -12,6 +12,7 @@ import time
 import pytest
 
 from engine.clock import ManualClock
+from engine.engine import Engine
 from engine.exchange.port import OrderSide, OrderType
 from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, FaultKind
@@ -157,6 +158,19 @@ async def test_pending_entries_are_resolved_together_at_start_up(db: Database) -
         await drive(clock, engine_b.stop())
 
 
+async def _open_without_stops(engine: Engine, venue: SimVenue, clock: ManualClock, symbol: str) -> None:
+    """A long on `symbol` whose entry has answered, every stop refused by the venue from now on."""
+    assert engine.store is not None
+    venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, count=1000, stops_only=True)
+    await engine.store.insert_signals([(symbol, "long", None, None)])
+    await drive_until(
+        clock,
+        lambda: engine.manager is not None and symbol in engine.manager.by_symbol,
+        what=f"the entry on {symbol} answered",
+        step=0.01,
+    )
+
+
 async def test_a_naked_position_is_protected_at_start_up_without_waiting_for_pending_entries_look_ups(
     db: Database,
 ) -> None:
@@ -173,14 +187,7 @@ async def test_a_naked_position_is_protected_at_start_up_without_waiting_for_pen
         venue_a = engine_a.venue
         assert isinstance(venue_a, SimVenue)
         venue_a.drop_account_stream(100_000)  # (its fill events would answer the second entry)
-        venue_a.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, count=1000, stops_only=True)
-        await engine_a.store.insert_signals([(naked, "long", None, None)])
-        await drive_until(
-            clock,
-            lambda: engine_a.manager is not None and naked in engine_a.manager.by_symbol,
-            what="the first entry answered",
-            step=0.01,
-        )
+        await _open_without_stops(engine_a, venue_a, clock, naked)
         await engine_a.store.insert_signals([(pending, "long", None, None)])
         core = venue_a.core
         await drive_until(clock, lambda: len(core.positions(clock.now())) == 2, what="both filled", step=0.01)
@@ -355,18 +362,10 @@ async def test_a_start_that_does_not_finish_leaves_no_guard_acting_without_the_l
     engine_a = make_engine(settings_a, clock)
     await drive(clock, engine_a.start())
     naked = SYMBOLS[48]
+    venue_a = engine_a.venue
+    assert isinstance(venue_a, SimVenue)
     try:
-        assert engine_a.store is not None
-        venue_a = engine_a.venue
-        assert isinstance(venue_a, SimVenue)
-        venue_a.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, count=1000, stops_only=True)
-        await engine_a.store.insert_signals([(naked, "long", None, None)])
-        await drive_until(
-            clock,
-            lambda: engine_a.manager is not None and naked in engine_a.manager.by_symbol,
-            what="the entry answered",
-            step=0.01,
-        )
+        await _open_without_stops(engine_a, venue_a, clock, naked)
     finally:
         await drive(clock, engine_a.stop(drain=False))
     core = venue_a.core
