@@ -6,14 +6,16 @@ late or repeated events change nothing. Judged on the venue's truth (the sim cor
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from decimal import Decimal
 
 import pytest
 
 from engine.alerts import observe_engine
 from engine.clock import ManualClock
-from engine.engine import STARTUP_UNKNOWN_SECONDS
+from engine.engine import STARTUP_UNKNOWN_SECONDS, Engine
 from engine.exchange.port import OrderStatus, OrderType, OrderUpdate, PositionSide, PositionUpdate
 from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind
@@ -51,15 +53,25 @@ async def _closed_row(db: Database, guard: PositionGuard):  # type: ignore[no-un
     )
 
 
-async def test_a_fired_stop_closes_the_position_with_its_fill_price_and_cancels_the_sibling_without_polling(
-    db: Database,
-) -> None:
+@contextlib.asynccontextmanager
+async def _engine_without_polling(db: Database) -> AsyncIterator[tuple[Engine, SimVenue, ManualClock]]:
+    """An engine on the sim venue that learns of fills from the account stream alone (`NO_POLLING`),
+    started, and stopped once the block ends."""
     settings = settings_for(db, NO_POLLING)
     clock = ManualClock()
     venue = SimVenue(settings.venue.sim, clock=clock)
     engine = make_engine(settings, clock, venue)
     await drive(clock, engine.start())
     try:
+        yield engine, venue, clock
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_fired_stop_closes_the_position_with_its_fill_price_and_cancels_the_sibling_without_polling(
+    db: Database,
+) -> None:
+    async with _engine_without_polling(db) as (engine, venue, clock):
         [guard] = await open_positions(engine, clock, [SYMBOLS[3]])
         await drive_until_covered(engine, clock, 1)
         await drive(clock, clock.sleep(1.0))  # the stream's first pass ("connected") is over
@@ -96,17 +108,10 @@ async def test_a_fired_stop_closes_the_position_with_its_fill_price_and_cancels_
         assert row["realized_pnl"] == (fill.average_price - guard.entry_price) * guard.quantity
         assert venue.core.positions(clock.now()) == []
         assert guard.symbol not in manager.leftovers  # re-entry on the symbol is free at once
-    finally:
-        await drive(clock, engine.stop())
 
 
 async def test_a_stop_cancelled_by_someone_else_is_placed_again_at_once(db: Database) -> None:
-    settings = settings_for(db, NO_POLLING)
-    clock = ManualClock()
-    venue = SimVenue(settings.venue.sim, clock=clock)
-    engine = make_engine(settings, clock, venue)
-    await drive(clock, engine.start())
-    try:
+    async with _engine_without_polling(db) as (engine, venue, clock):
         [guard] = await open_positions(engine, clock, [SYMBOLS[5]])
         await drive_until_covered(engine, clock, 1)
         await drive(clock, clock.sleep(1.0))  # the stream's first pass ("connected") is over
@@ -136,17 +141,10 @@ async def test_a_stop_cancelled_by_someone_else_is_placed_again_at_once(db: Data
         assert guard.stop_loss.client_order_id == second_id
         stops = [cid for kind, cid in _live(venue, clock, guard.symbol) if kind is OrderType.STOP_MARKET]
         assert stops == [second_id]
-    finally:
-        await drive(clock, engine.stop())
 
 
 async def test_late_and_repeated_events_do_not_regress_a_closed_or_live_position(db: Database) -> None:
-    settings = settings_for(db, NO_POLLING)
-    clock = ManualClock()
-    venue = SimVenue(settings.venue.sim, clock=clock)
-    engine = make_engine(settings, clock, venue)
-    await drive(clock, engine.start())
-    try:
+    async with _engine_without_polling(db) as (engine, venue, clock):
         closing, staying = await open_positions(engine, clock, [SYMBOLS[7], SYMBOLS[8]])
         await drive_until_covered(engine, clock, 2)
         manager = engine.manager
@@ -183,8 +181,6 @@ async def test_late_and_repeated_events_do_not_regress_a_closed_or_live_position
         assert staying.covered
         assert not _live(venue, clock, closing.symbol)
         assert len(_live(venue, clock, staying.symbol)) == 2
-    finally:
-        await drive(clock, engine.stop())
 
 
 def _with_status(order, status: OrderStatus):  # type: ignore[no-untyped-def]
@@ -196,12 +192,7 @@ def _with_status(order, status: OrderStatus):  # type: ignore[no-untyped-def]
 async def test_a_fill_lost_with_a_dropped_stream_is_caught_by_the_reconcile_pass_it_asks_for(
     db: Database,
 ) -> None:
-    settings = settings_for(db, NO_POLLING)
-    clock = ManualClock()
-    venue = SimVenue(settings.venue.sim, clock=clock)
-    engine = make_engine(settings, clock, venue)
-    await drive(clock, engine.start())
-    try:
+    async with _engine_without_polling(db) as (engine, venue, clock):
         [guard] = await open_positions(engine, clock, [SYMBOLS[10]])
         await drive_until_covered(engine, clock, 1)
         assert guard.stop_loss.price is not None
@@ -227,17 +218,10 @@ async def test_a_fill_lost_with_a_dropped_stream_is_caught_by_the_reconcile_pass
         row = await _closed_row(db, guard)
         assert row["exit_reason"] == "stop_loss"
         await drive_until(clock, lambda: not _live(venue, clock, guard.symbol), what="sibling cancelled")
-    finally:
-        await drive(clock, engine.stop())
 
 
 async def test_the_stream_reaches_the_new_manager_after_a_protection_restart(db: Database) -> None:
-    settings = settings_for(db, NO_POLLING)
-    clock = ManualClock()
-    venue = SimVenue(settings.venue.sim, clock=clock)
-    engine = make_engine(settings, clock, venue)
-    await drive(clock, engine.start())
-    try:
+    async with _engine_without_polling(db) as (engine, venue, clock):
         await open_positions(engine, clock, [SYMBOLS[12]])
         await drive_until_covered(engine, clock, 1)
         await drive(clock, engine.restart_protection())
@@ -258,8 +242,6 @@ async def test_the_stream_reaches_the_new_manager_after_a_protection_restart(db:
             limit=5.0,
         )
         assert _position_reads(venue) == reads_before
-    finally:
-        await drive(clock, engine.stop())
 
 
 async def test_a_venue_without_account_stream_is_polled_and_says_so_once(
@@ -339,12 +321,7 @@ async def test_a_position_closed_by_hand_is_closed_after_one_read_once_the_strea
     """Flat by the stream alone is never believed (no stop is cancelled on it), but it is the venue's first
     word: one read of the symbol confirming it closes the position, where the reconciler alone waits for a
     second pass (`reconcile_seconds` later: an hour here)."""
-    settings = settings_for(db, NO_POLLING)
-    clock = ManualClock()
-    venue = SimVenue(settings.venue.sim, clock=clock)
-    engine = make_engine(settings, clock, venue)
-    await drive(clock, engine.start())
-    try:
+    async with _engine_without_polling(db) as (engine, venue, clock):
         gone, kept = await open_positions(engine, clock, [SYMBOLS[18], SYMBOLS[19]])
         await drive_until_covered(engine, clock, 2)
         await drive(clock, clock.sleep(1.0))  # the stream's first pass is over
@@ -365,8 +342,6 @@ async def test_a_position_closed_by_hand_is_closed_after_one_read_once_the_strea
         await drive_until(clock, lambda: not _live(venue, clock, gone.symbol), what="its stops cancelled")
         assert kept.covered
         assert len(_live(venue, clock, kept.symbol)) == 2
-    finally:
-        await drive(clock, engine.stop())
 
 
 async def test_the_other_sides_zero_row_in_hedge_mode_is_not_taken_for_our_position_being_flat(
@@ -375,12 +350,7 @@ async def test_the_other_sides_zero_row_in_hedge_mode_is_not_taken_for_our_posit
     """Binance's ACCOUNT_UPDATE lists a hedge-mode symbol's idle side with size 0 next to ours, and Bybit
     pushes that side's row (positionIdx 2) too: it was routed as "our side flat", which then let a single
     glitchy venue read close the live position and cancel both its stops."""
-    settings = settings_for(db, NO_POLLING)
-    clock = ManualClock()
-    venue = SimVenue(settings.venue.sim, clock=clock)
-    engine = make_engine(settings, clock, venue)
-    await drive(clock, engine.start())
-    try:
+    async with _engine_without_polling(db) as (engine, venue, clock):
         [long] = await open_positions(engine, clock, [SYMBOLS[9]])
         await drive_until_covered(engine, clock, 1)
         manager = engine.manager
@@ -398,8 +368,6 @@ async def test_the_other_sides_zero_row_in_hedge_mode_is_not_taken_for_our_posit
         assert long.covered
         assert not long.closed
         assert len(_live(venue, clock, long.symbol)) == 2
-    finally:
-        await drive(clock, engine.stop())
 
 
 async def test_a_size_told_before_our_stops_fill_neither_reopens_nor_resizes_the_closing_position(
@@ -410,12 +378,7 @@ async def test_a_size_told_before_our_stops_fill_neither_reopens_nor_resizes_the
     within one stream only). The guard took it for the position still held: it dropped the fill's evidence,
     resized its stops (new ones sent into a closing position) and, once flat, recorded the exit found by a
     look-up with the PnL of the smaller size. A size older than the fill is older news now."""
-    settings = settings_for(db, NO_POLLING)
-    clock = ManualClock()
-    venue = SimVenue(settings.venue.sim, clock=clock)
-    engine = make_engine(settings, clock, venue)
-    await drive(clock, engine.start())
-    try:
+    async with _engine_without_polling(db) as (engine, venue, clock):
         [guard] = await open_positions(engine, clock, [SYMBOLS[9]], ["long"])
         await drive_until_covered(engine, clock, 1)
         manager = engine.manager
@@ -455,5 +418,3 @@ async def test_a_size_told_before_our_stops_fill_neither_reopens_nor_resizes_the
         assert (row["status"], row["exit_reason"]) == ("closed", "stop_loss")
         assert row["realized_pnl"] == (filled.average_price - entry) * quantity
         assert venue.calls_made.get(CallKind.CREATE_ORDER, 0) == creates  # nothing sent into the close
-    finally:
-        await drive(clock, engine.stop())
