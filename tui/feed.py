@@ -490,7 +490,7 @@ class ReadOnlyFeed:
             health=tuple(
                 record
                 for row in health_rows
-                if (record := _health(row, now, stale_after, resolving)) is not None
+                if (record := _health(row, now, stale_after, self._nobody_measures())) is not None
             ),
             waves=tuple(
                 WaveView(
@@ -510,6 +510,13 @@ class ReadOnlyFeed:
         if fresh:
             self._last_event_id = fresh[-1].id
         return [_entry_for_record(e) for e in fresh if e.severity is not Severity.INFO or e.symbol]
+
+    def _nobody_measures(self) -> str:
+        """Why no engine measures the account's health now ("": the one holding it does)."""
+        if self.holder is None:
+            return "no engine is running"
+        why = self.holder.not_looking_after()
+        return f"the engine holding the account {why}" if why else ""
 
     async def history(self, tz: tzinfo) -> DashboardHistory:
         if self._store is None:
@@ -663,15 +670,16 @@ def _position_view(
     )
 
 
-def _health(row: HealthRow, now: float, stale_after: float, running: bool) -> ComponentHealth | None:
-    """The engine's last measurement; UNKNOWN when nobody measures any more (F11: never a stale green).
-    None for a component this version does not know (written by a newer engine)."""
+def _health(row: HealthRow, now: float, stale_after: float, nobody_measures: str) -> ComponentHealth | None:
+    """The engine's last measurement; UNKNOWN when nobody measures any more (F11: never a stale green):
+    `nobody_measures` says why no engine does ("": one does). None for a component this version does not
+    know (written by a newer engine)."""
     age = None if row.measured_at is None else now - row.measured_at.timestamp()
     if row.component not in Component._value2member_map_:
         return None
     component = Component(row.component)
-    if not running or age is None or age > stale_after:
-        why = "no engine is running" if not running else f"last measurement {age or 0:.0f}s old"
+    if nobody_measures or age is None or age > stale_after:
+        why = nobody_measures or f"last measurement {age or 0:.0f}s old"
         return ComponentHealth(component, HealthState.UNKNOWN, row.summary or "not measured", why, {})
     state = HealthState(row.state) if row.state in HealthState._value2member_map_ else HealthState.UNKNOWN
     reason = row.reason if state is not HealthState.HEALTHY else ""

@@ -14,8 +14,8 @@ from engine.events import EventsDropped, PositionOpened, WaveFinished
 from engine.venues.sim.settings import CallKind, FaultKind
 from engine.venues.sim.universe import UNIVERSE
 from storage.database import Database
-from storage.lease import EngineLease
-from storage.repositories import Store
+from storage.lease import EngineLease, LeasePhase
+from storage.repositories import HealthRow, Store
 from tests.integration.engine_support import make_engine
 from tests.support.driving import drive, drive_until
 from tests.support.records import entry_recorded
@@ -385,3 +385,41 @@ async def test_a_read_only_dashboard_counts_a_managed_trail_only_while_its_engin
     finally:
         await lease.release()
     assert await uncovered() == (position_id,)
+
+
+async def test_a_watchs_health_names_the_engine_that_does_not_measure(db: Database) -> None:
+    """The engine's last measurements are shown as unknown once no engine looks after the account. The
+    reason said "no engine is running" also while an engine held it, silent (hung, its host gone) or still
+    starting: the operator looked for a dead process while one was there, frozen. It names that engine."""
+    settings = tui_settings(db)
+    account = account_key(settings.venue)
+    await Store(db.pool, account).save_health([HealthRow("exchange", "healthy", "answers in 50 ms", "", {})])
+
+    async def venue_health() -> tuple[str, str]:
+        feed = ReadOnlyFeed(settings, None)
+        await feed.start()
+        try:
+            [health] = feed.snapshot().health
+        finally:
+            await feed.stop()
+        return health.state.value, health.reason
+
+    lease = await EngineLease.acquire(db.target.dsn, "sim", account, "test")
+    try:
+        await lease.heartbeat(LeasePhase.RUNNING)
+        assert await venue_health() == ("healthy", "")
+        await db.pool.execute("UPDATE monitoring.engine_leases SET phase = 'starting'")
+        state, reason = await venue_health()
+        assert state == "unknown"
+        assert re.fullmatch(r"the engine holding the account is starting: pid \d+ on .*", reason), reason
+        await db.pool.execute(
+            "UPDATE monitoring.engine_leases SET phase = 'running', heartbeat_at = now() - interval '31 s'"
+        )
+        state, reason = await venue_health()
+        assert state == "unknown"
+        assert re.fullmatch(
+            r"the engine holding the account is silent: pid \d+ on .*not heard for \d+ s.*", reason
+        )
+    finally:
+        await lease.release()
+    assert await venue_health() == ("unknown", "no engine is running")
