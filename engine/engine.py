@@ -651,6 +651,9 @@ class Engine:
         self._heard: asyncio.Task[None] | None = None  # heartbeats while `_lease_heartbeat` does not run
         self._beat: asyncio.Future[None] | None = None  # its heartbeat in flight
         self._heard_phase = LeasePhase.STARTING  # what it writes
+        # What the lease's watcher writes: `starting` while a protection restart has no guards yet.
+        self._running_phase = LeasePhase.RUNNING
+        self._running_phase_changed = asyncio.Event()  # the watcher writes it at once
         self.store: ResilientStore | None = None  # journals the protection path's writes in an outage
         self.db_watch: DatabaseWatch | None = None
         self.manager: ProtectionManager | None = None
@@ -1583,6 +1586,9 @@ class Engine:
         )
         self._protection_ready.clear()
         self._entries_handed_over.clear()
+        # From now until the new manager has its guards, nobody moves a managed trail or resolves an entry:
+        # the lease says so (its readers then count neither as looked after).
+        self._say_running_phase(LeasePhase.STARTING)
         handed_over = 0
 
         def hand_over() -> None:
@@ -1595,6 +1601,7 @@ class Engine:
             if handed_over == 1:
                 self._carried = None
                 self._protection_ready.set()
+                self._say_running_phase(LeasePhase.RUNNING)
             elif handed_over == 2:
                 self._entries_handed_over.set()
                 if self.state is EngineState.RUNNING:
@@ -1750,14 +1757,15 @@ class Engine:
         await self._stop_keeping_heard()  # the start's heartbeats end before this one's (one query at a time)
         if self._lease is not None and self._lease.alive():
             with contextlib.suppress(Exception):  # running from now, not 2 s later (a failure: found below)
-                await self._lease.heartbeat(LeasePhase.RUNNING)
+                await self._lease.heartbeat(self._running_phase)
         said_at = -math.inf
         while True:
-            await self.clock.sleep(LEASE_CHECK_SECONDS)
+            if await wait_event(self.clock, self._running_phase_changed, LEASE_CHECK_SECONDS):
+                self._running_phase_changed.clear()
             lease = self._lease
             if lease is not None and lease.alive():
                 try:
-                    await lease.heartbeat()
+                    await lease.heartbeat(self._running_phase)
                     continue
                 except Exception as exc:
                     log.error("account lease heartbeat failed (%s): the lease is lost", type(exc).__name__)
@@ -1768,7 +1776,7 @@ class Engine:
                 self._apply_entries_state()
                 log.critical("the account lease is lost: entries stop now; open positions stay protected")
             try:
-                self._lease = await self._acquire_lease()
+                self._lease = await self._acquire_lease(self._running_phase)
             except LeaseHeld as exc:
                 self.fatal = f"another engine took the account: {exc}"
                 log.critical("%s; this engine stops and sends nothing more", self.fatal)
@@ -1787,6 +1795,10 @@ class Engine:
             log.warning("account lease taken again after %.1fs", now - self.lease_lost_since)
             self.lease_lost_since = None
             self._apply_entries_state()
+
+    def _say_running_phase(self, phase: LeasePhase) -> None:
+        self._running_phase = phase
+        self._running_phase_changed.set()
 
     async def _acquire_lease(self, phase: LeasePhase = LeasePhase.RUNNING) -> EngineLease:
         assert self._db is not None

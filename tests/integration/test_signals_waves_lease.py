@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Awaitable
 from decimal import Decimal
 
 import asyncpg
@@ -325,6 +326,43 @@ async def test_the_lease_says_what_the_engine_does_from_its_start_to_its_stop(db
         await drive(clock, engine.stop())
     assert await db.pool.fetchval("SELECT phase FROM monitoring.engine_leases") == "stopping"
     assert await current_holder(db.pool, "sim", "sim:default") is None  # and released
+
+
+async def test_the_lease_says_starting_while_the_protection_restarts(db: Database) -> None:
+    """A protection restart stops the manager, then a new one restores every position from the venue: in
+    between, nobody moves a managed trail, closes at it or resolves an entry in flight. The lease read
+    `running` all along, so status and the watches counted the armed trails as protection. It reads
+    `starting` until the new manager has its guards, and `running` again after."""
+    from engine.clock import ManualClock
+    from tests.integration.engine_support import engine_settings, make_engine
+    from tests.support.driving import drive, drive_until
+
+    clock = ManualClock()
+    # Every venue call takes 3 s: the restart's reads of the venue outlast a heartbeat's interval.
+    engine = make_engine(engine_settings(db.target.dsn, {"VENUE__SIM__LATENCY__SECONDS": "3"}), clock)
+    await drive(clock, engine.start())
+    try:
+
+        async def phase() -> str:
+            return await db.pool.fetchval("SELECT phase FROM monitoring.engine_leases")
+
+        await drive_until(clock, lambda: _is(phase(), "running"), what="running once started")
+        restart = asyncio.ensure_future(engine.restart_protection())
+        await drive_until(
+            clock, lambda: _is(phase(), "starting"), limit=60, what="starting while it restarts"
+        )
+        holder = await current_holder(db.pool, "sim", "sim:default")
+        assert holder is not None
+        assert not holder.looks_after
+        assert not restart.done()
+        await drive(clock, restart)
+        await drive_until(clock, lambda: _is(phase(), "running"), limit=10, what="running once restarted")
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def _is(value: Awaitable[str], expected: str) -> bool:
+    return await value == expected
 
 
 async def test_readers_of_this_version_take_rows_with_columns_a_newer_version_added(db: Database) -> None:
