@@ -605,6 +605,10 @@ def _status(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     print(f"active positions:  {report['active']}")
     print(f"with stop-loss:    {report['with_stop_loss']}")
     print(f"with trailing stop:{report['with_trailing_stop']:>3}")
+    if report["with_managed_trail"]:
+        print(
+            f"managed trails:    {report['with_managed_trail']:>3} (armed: the engine moves a stop once they activate)"
+        )
     print(f"TS coverage:       {pct}")
     print(f"uncovered:         {len(report['uncovered'])}")
     for item in report["uncovered"]:
@@ -690,6 +694,7 @@ async def _read_status(
         "active": coverage.active,
         "with_stop_loss": coverage.with_stop_loss,
         "with_trailing_stop": coverage.with_trailing_stop,
+        "with_managed_trail": coverage.with_managed_trail,
         "coverage_pct": coverage.coverage_pct,
         "stop_loss_coverage_pct": coverage.stop_loss_coverage_pct,
         "engine": None

@@ -193,8 +193,9 @@ class Coverage:
 
     active: int
     with_stop_loss: int
-    with_trailing_stop: int
-    coverage_pct: Decimal | None
+    with_trailing_stop: int  # a trailing order live on the venue
+    with_managed_trail: int  # none, but a managed trail armed by the engine that looks after the account
+    coverage_pct: Decimal | None  # TS coverage: either of the two
     stop_loss_coverage_pct: Decimal | None
 
 
@@ -697,18 +698,29 @@ class Store:
         return [_position(r) for r in rows]
 
     async def coverage(self) -> Coverage:
-        """The incident report's coverage query (same WHERE, same rounding), plus stop-loss coverage."""
+        """The incident report's coverage query (same WHERE, same rounding), plus stop-loss coverage. Its TS
+        coverage counts a managed trail (armed, no order before it activates) while its engine looks after
+        the account, as the uncovered list does: in managed mode it read ~0 % with nothing uncovered."""
         row = await self._pool.fetchrow(
-            """
+            f"""
+            WITH engine AS (
+                SELECT EXISTS (SELECT 1 FROM monitoring.engine_leases AS l
+                               WHERE l.account = $1 AND {engine_looks_after_sql("l")}) AS looks_after),
+            p AS (
+                SELECT has_stop_loss, has_trailing_stop,
+                       (NOT has_trailing_stop AND trail_armed AND NOT trailing_activated AND engine.looks_after)
+                           AS managed
+                FROM monitoring.positions, engine
+                WHERE status = 'active' AND account = $1)
             SELECT COUNT(*) AS total,
                    COALESCE(SUM(CASE WHEN has_stop_loss THEN 1 ELSE 0 END), 0) AS with_sl,
                    COALESCE(SUM(CASE WHEN has_trailing_stop THEN 1 ELSE 0 END), 0) AS with_ts,
-                   ROUND(100.0 * SUM(CASE WHEN has_trailing_stop THEN 1 ELSE 0 END) / NULLIF(COUNT(*), 0), 1)
-                       AS coverage_pct,
+                   COALESCE(SUM(CASE WHEN managed THEN 1 ELSE 0 END), 0) AS with_managed,
+                   ROUND(100.0 * SUM(CASE WHEN has_trailing_stop OR managed THEN 1 ELSE 0 END)
+                         / NULLIF(COUNT(*), 0), 1) AS coverage_pct,
                    ROUND(100.0 * SUM(CASE WHEN has_stop_loss THEN 1 ELSE 0 END) / NULLIF(COUNT(*), 0), 1)
                        AS sl_pct
-            FROM monitoring.positions
-            WHERE status = 'active' AND account = $1
+            FROM p
             """,
             self.account,
         )
@@ -716,6 +728,7 @@ class Store:
             active=row["total"],
             with_stop_loss=row["with_sl"],
             with_trailing_stop=row["with_ts"],
+            with_managed_trail=row["with_managed"],
             coverage_pct=row["coverage_pct"],
             stop_loss_coverage_pct=row["sl_pct"],
         )

@@ -398,6 +398,43 @@ async def test_an_engine_holding_the_account_but_not_heard_counts_as_none(
         assert (report["state"], report["uncovered"], report["engine"]["silent"]) == ("ok", [], False)
 
 
+async def test_a_managed_trail_counts_in_the_ts_coverage_while_its_engine_looks_after_it(
+    workdir: Path, engine_side: EngineSide
+) -> None:
+    """In managed mode the trailing protection is the engine's own trail: no order on the venue before it
+    activates (`trail_armed`). Status counted only trailing orders in its TS coverage: 0 % while nothing was
+    uncovered, a false alarm on every managed-mode account. It counts an armed trail while the engine moving
+    it looks after the account, as the uncovered list does; with the engine silent, neither counts it."""
+    await engine_side.execute(
+        "INSERT INTO monitoring.positions (account, symbol, exchange, side, quantity, entry_price, status, "
+        "has_stop_loss, has_trailing_stop, trail_armed, trailing_activated, opened_at) "
+        "VALUES ('sim:default', 'AAAUSDT', 'sim', 'long', 1, 2, 'active', true, false, true, false, "
+        "now() - interval '1 minute'), "
+        "('sim:default', 'BBBUSDT', 'sim', 'long', 1, 2, 'active', true, true, false, false, "
+        "now() - interval '1 minute')"
+    )
+    await engine_side.take_lease()
+    assert engine_side.lease is not None
+    await engine_side.lease.heartbeat()
+    await engine_side.measure(*HEALTHY)
+    looked_after = tsbot("status", "--json", cwd=workdir)
+    assert looked_after.returncode == 0, looked_after.stdout + looked_after.stderr
+    report = json.loads(looked_after.stdout)
+    assert (report["with_trailing_stop"], report["with_managed_trail"], report["uncovered"]) == (1, 1, [])
+    assert Decimal(str(report["coverage_pct"])) == Decimal("100.0")
+    human = tsbot("status", cwd=workdir).stdout.splitlines()
+    assert "TS coverage:       100.0%" in human, human
+    assert "managed trails:      1 (armed: the engine moves a stop once they activate)" in human, human
+
+    await engine_side.execute(
+        "UPDATE monitoring.engine_leases SET heartbeat_at = now() - interval '31 seconds'"
+    )
+    silent = json.loads(tsbot("status", "--json", cwd=workdir).stdout)
+    assert (silent["state"], silent["with_managed_trail"]) == ("critical", 0)
+    assert [p["symbol"] for p in silent["uncovered"]] == ["AAAUSDT"]
+    assert Decimal(str(silent["coverage_pct"])) == Decimal("50.0")
+
+
 async def test_an_engine_starting_or_stopping_is_said_and_counts_as_none(
     workdir: Path, engine_side: EngineSide
 ) -> None:
