@@ -530,6 +530,20 @@ class Settings(BaseSettings):
     alerts: AlertsSettings = Field(default_factory=AlertsSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
+    @model_validator(mode="after")
+    def _trailing_mode_fits_the_venue(self) -> Settings:
+        # A Bybit position holds one stop-loss (position/trading-stop's `stopLoss`), and the hard stop holds
+        # it: a managed trail's stop would replace it there, then be replaced by it at the next check, for as
+        # long as the position is open, while each counted itself live. Bybit trails natively instead.
+        if self.venue.kind is VenueKind.BYBIT and self.protection.trailing.mode is TrailingMode.MANAGED:
+            raise FieldProblem(
+                "protection.trailing.mode",
+                'must be "native" or "auto" with venue.kind "bybit" (a Bybit position has one stop-loss, '
+                "which the hard stop holds; its trailing stop is native)",
+                self.protection.trailing.mode.value,
+            )
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -1023,8 +1037,9 @@ def _describe_errors(exc: ValidationError, label: str, env_names: Mapping[tuple[
         key_path = tuple(str(p) for p in err["loc"])
         problem = (err.get("ctx") or {}).get("error")
         if isinstance(problem, FieldProblem):
-            err = {**err, "loc": (*err["loc"], problem.key), "input": problem.found, "msg": problem.expected}
-            key_path = (*key_path, problem.key)
+            key = tuple(problem.key.split("."))  # a rule across sections names a nested key
+            err = {**err, "loc": (*err["loc"], *key), "input": problem.found, "msg": problem.expected}
+            key_path = (*key_path, *key)
         lines.setdefault(_value_at_fault(key_path), []).append(_describe_error(err, label, env_names))
     return [
         found[0] + (f" (and {len(found) - 1} more in this value)" if len(found) > 1 else "")

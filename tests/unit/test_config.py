@@ -104,6 +104,11 @@ def test_bad_value_names_file_key_expectation_and_value(tmp_path: Path) -> None:
         ),
         ('[protection.trailing]\nmode = "smart"\n', "protection.trailing.mode: must be one of"),
         (
+            '[venue]\nkind = "bybit"\n[protection.trailing]\nmode = "managed"\n',
+            'protection.trailing.mode: must be "native" or "auto" with venue.kind "bybit" (a Bybit position has '
+            'one stop-loss, which the hard stop holds; its trailing stop is native), got "managed"',
+        ),
+        (
             '[logging]\nlevel = "verbose"\n',
             'logging.level: must be one of "DEBUG", "INFO", "WARNING" or "ERROR"',
         ),
