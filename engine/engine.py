@@ -367,7 +367,27 @@ class _CarriedProtection:
 
     views: dict[int, PositionView]
     coverage: dict[int, PositionCoverage]
+    since: float = 0.0  # monotonic: the restart began
+    # Managed trails armed, not activated: no order on the venue, and nobody moves them while the manager
+    # restarts. Counted in place for a grace period (a restart takes a round trip or two: no false dip at
+    # every `r`); from then on missing their trailing stop, as the lease's `starting` makes every reader
+    # count them; at once in a stop's report (nobody will move them).
+    trails_without_order: frozenset[int] = frozenset()
     guards_created: bool = False
+
+    def fact(self, position_id: int, now: float, grace: float) -> PositionCoverage:
+        fact = self.coverage[position_id]
+        if position_id in self.trails_without_order and now - self.since >= grace:
+            return self.left_by_a_stop(position_id)
+        return fact
+
+    def left_by_a_stop(self, position_id: int) -> PositionCoverage:
+        """What protects the position once no engine runs: the orders the venue holds."""
+        fact = self.coverage[position_id]
+        if position_id not in self.trails_without_order:
+            return fact
+        since = self.since if fact.unprotected_since is None else fact.unprotected_since
+        return dataclasses.replace(fact, has_trailing_stop=False, unprotected_since=since)
 
     def unverified_from(self, now: float) -> None:
         """Nothing verifies these positions from `now` on (a restart waiting for the database): each counts
@@ -387,12 +407,19 @@ class _CarriedProtection:
                 last_error="not verified: the protection restart waits for the database",
             )
 
-    def view_at(self, position_id: int, now: float) -> PositionView:
+    def view_at(self, position_id: int, now: float, grace: float) -> PositionView:
         view = self.views[position_id]
-        since = self.coverage[position_id].unprotected_since
-        if view.covered or since is None:
+        fact = self.fact(position_id, now, grace)
+        if fact.covered or fact.unprotected_since is None:
             return view
-        return dataclasses.replace(view, unprotected_seconds=now - since)
+        if view.covered:  # a managed trail the restart has not moved for a grace period
+            view = dataclasses.replace(
+                view,
+                has_trailing_stop=False,
+                covered=False,
+                last_error="the managed trail is not moved while the protection manager restarts",
+            )
+        return dataclasses.replace(view, unprotected_seconds=now - fact.unprotected_since)
 
 
 class EntryNotSentAgain(Exception):
@@ -936,7 +963,11 @@ class Engine:
             # Positions a protection restart under way carries, their new guards not created yet: counted as
             # last verified (not verified at all while the restart waits for the database), not left out.
             carried = self._carried
-            carried_facts = list(carried.coverage.values()) if carried and not carried.guards_created else []
+            carried_facts = (
+                [carried.left_by_a_stop(i) for i in carried.coverage]
+                if carried and not carried.guards_created
+                else []
+            )
             carried_facts += [w.coverage() for w in self._awaiting_guard.values()]
             if self._restart is not None and not self._restart.done():  # a protection restart under way
                 self._restart.cancel()
@@ -968,6 +999,11 @@ class Engine:
                     tuple(uncovered),
                     trails_without_order=sum(
                         1 for g in still_open if g.covered and not g.covered_without_engine
+                    )
+                    + sum(
+                        1
+                        for f in unguarded
+                        if carried is not None and f.position_id in carried.trails_without_order
                     ),
                 )
                 await manager.stop()
@@ -1580,15 +1616,21 @@ class Engine:
         await self._supervisor.stop_one("reconciler")
         now = self.clock.monotonic()
         still_open = self.manager.open_guards()
+        trails_without_order = frozenset(
+            g.position_id for g in still_open if g.covered and not g.covered_without_engine
+        )
         self._carried = _CarriedProtection(
             views={g.position_id: self._position_view(g, now) for g in still_open},
             coverage={g.position_id: g.coverage() for g in still_open},
+            since=now,
+            trails_without_order=trails_without_order,
         )
         self._protection_ready.clear()
         self._entries_handed_over.clear()
-        # From now until the new manager has its guards, nobody moves a managed trail or resolves an entry:
-        # the lease says so (its readers then count neither as looked after).
-        self._say_running_phase(LeasePhase.STARTING)
+        # Until the new manager has its guards, nobody moves a managed trail or resolves an entry. Past a
+        # grace period the lease says so (its readers then count neither as looked after), as the carried
+        # state does; within it, a restart's round trips are no alarm.
+        said_starting = asyncio.ensure_future(self._say_starting_after(self._grace_seconds()))
         handed_over = 0
 
         def hand_over() -> None:
@@ -1601,6 +1643,7 @@ class Engine:
             if handed_over == 1:
                 self._carried = None
                 self._protection_ready.set()
+                said_starting.cancel()
                 self._say_running_phase(LeasePhase.RUNNING)
             elif handed_over == 2:
                 self._entries_handed_over.set()
@@ -1795,6 +1838,13 @@ class Engine:
             log.warning("account lease taken again after %.1fs", now - self.lease_lost_since)
             self.lease_lost_since = None
             self._apply_entries_state()
+
+    async def _say_starting_after(self, seconds: float) -> None:
+        await self.clock.sleep(seconds)
+        self._say_running_phase(LeasePhase.STARTING)
+
+    def _grace_seconds(self) -> float:
+        return float(self.settings.protection.grace_seconds)
 
     def _say_running_phase(self, phase: LeasePhase) -> None:
         self._running_phase = phase
@@ -2764,7 +2814,7 @@ class Engine:
         carried = self._carried
         if carried is not None:
             views.extend(
-                carried.view_at(position_id, now)
+                carried.view_at(position_id, now, self._grace_seconds())
                 for position_id in carried_ids
                 if wanted is None or position_id in wanted
             )
@@ -2820,7 +2870,7 @@ class Engine:
         if carried is not None and not carried.guards_created:
             for position_id in carried.views.keys() - shown:
                 carried_ids.append(position_id)
-                facts.append(carried.coverage[position_id])
+                facts.append(carried.fact(position_id, self.clock.monotonic(), self._grace_seconds()))
                 shown.add(position_id)
         for unguarded in self._unguarded():
             if unguarded.position_id not in shown:

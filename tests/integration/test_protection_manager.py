@@ -1084,3 +1084,58 @@ async def test_a_reprotect_reports_a_pass_begun_after_it_was_asked_for(db: Datab
         assert [(r.symbol, r.covered) for r in results] == [(guard.symbol, True)]
     finally:
         await drive(clock, engine.stop())
+
+
+async def test_a_managed_protection_restart_counts_unmoved_trails_uncovered_past_grace_and_at_a_stop(
+    db: Database,
+) -> None:
+    """Managed mode, trails armed and not activated: the hard stop is on the venue, the trail has no order.
+    A protection restart carries the positions' last verified state until its new guards exist, and
+    nobody moves the trails meanwhile. An engine stopped in that window judged them by it: `uncovered 0`,
+    exit 0, while nobody would move the trails any more (status said both uncovered a moment later). The
+    gauge counted them protected for the whole restart. Within a grace period they still count (a restart
+    is a round trip or two: no dip at every `r`); past it they are missing their trailing stop, and at a
+    stop at once."""
+    settings = settings_for(
+        db,
+        {
+            "PROTECTION__TRAILING__MODE": "managed",
+            "VENUE__SIM__LATENCY__SECONDS": "3",  # the restart's venue reads outlast the grace period
+            "PROTECTION__GRACE_SECONDS": "2",
+        },
+    )
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    restart: asyncio.Future[object] | None = None
+    try:
+        await open_positions(engine, clock, SYMBOLS[:2])
+        await drive_until_covered(engine, clock, 2)
+        old = engine.manager
+        restart = asyncio.ensure_future(engine.restart_protection())
+
+        def carried_only() -> bool:
+            carried = engine._carried
+            return (
+                engine.manager is not old
+                and carried is not None
+                and not carried.guards_created
+                and engine.manager is not None
+                and not engine.manager.guards
+            )
+
+        await drive_until(clock, carried_only, step=0.01, what="the new manager, its guards not created yet")
+        assert engine.coverage().protected == 2
+        await drive_until(
+            clock, lambda: engine.coverage().uncovered == 2, step=0.1, limit=10, what="uncovered"
+        )
+        assert carried_only()  # still restarting: what changed is the time the trails went unmoved
+        assert all("not moved" in v.last_error for v in engine.snapshot().positions)
+    finally:
+        report = await drive(clock, engine.stop())
+        if restart is not None:
+            await asyncio.gather(restart, return_exceptions=True)
+    assert not report.all_protected
+    assert (report.open_positions, report.uncovered, report.trails_without_order) == (2, 2, 2)
+    assert "UNCOVERED 2" in report.describe()
+    assert "2 of them keep only their hard stop" in report.describe()

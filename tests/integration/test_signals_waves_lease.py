@@ -331,15 +331,23 @@ async def test_the_lease_says_what_the_engine_does_from_its_start_to_its_stop(db
 async def test_the_lease_says_starting_while_the_protection_restarts(db: Database) -> None:
     """A protection restart stops the manager, then a new one restores every position from the venue: in
     between, nobody moves a managed trail, closes at it or resolves an entry in flight. The lease read
-    `running` all along, so status and the watches counted the armed trails as protection. It reads
-    `starting` until the new manager has its guards, and `running` again after."""
+    `running` all along, so status and the watches counted the armed trails as protection. Once the
+    restart has lasted a grace period it reads `starting` until the new manager has its guards, and
+    `running` again after (within the grace period: a restart's round trips are no alarm)."""
     from engine.clock import ManualClock
-    from tests.integration.engine_support import engine_settings, make_engine
+    from tests.integration.engine_support import make_engine
+    from tests.integration.test_failure_modes_f1_f5 import (
+        SYMBOLS,
+        drive_until_covered,
+        open_positions,
+        settings_for,
+    )
     from tests.support.driving import drive, drive_until
 
     clock = ManualClock()
     # Every venue call takes 3 s: the restart's reads of the venue outlast a heartbeat's interval.
-    engine = make_engine(engine_settings(db.target.dsn, {"VENUE__SIM__LATENCY__SECONDS": "3"}), clock)
+    overrides = {"VENUE__SIM__LATENCY__SECONDS": "3", "PROTECTION__GRACE_SECONDS": "2"}
+    engine = make_engine(settings_for(db, overrides), clock)
     await drive(clock, engine.start())
     try:
 
@@ -347,10 +355,14 @@ async def test_the_lease_says_starting_while_the_protection_restarts(db: Databas
             return await db.pool.fetchval("SELECT phase FROM monitoring.engine_leases")
 
         await drive_until(clock, lambda: _is(phase(), "running"), what="running once started")
+        await open_positions(engine, clock, SYMBOLS[:1])  # a position for the restart to restore
+        await drive_until_covered(engine, clock, 1)
         restart = asyncio.ensure_future(engine.restart_protection())
+        began = clock.monotonic()
         await drive_until(
             clock, lambda: _is(phase(), "starting"), limit=60, what="starting while it restarts"
         )
+        assert clock.monotonic() - began >= 2.0
         holder = await current_holder(db.pool, "sim", "sim:default")
         assert holder is not None
         assert not holder.looks_after
