@@ -846,6 +846,21 @@ class Store:
             orders.setdefault(row["position_id"], []).append(_order(row))
         return orders
 
+    async def entries_not_filled(self) -> dict[int, OrderRecord]:
+        """The entry order of each position sent and not filled as far as the records go (`entry_placed`),
+        whatever the order's own status: one written `filled` by an engine killed before the fill's price
+        is a position with no stop (the uncovered query lists it once no engine looks after the account)."""
+        rows = await self._pool.fetch(
+            """
+            SELECT DISTINCT ON (o.position_id) o.* FROM monitoring.orders o
+            JOIN monitoring.positions p ON p.id = o.position_id
+            WHERE o.purpose = 'entry' AND p.status = 'entry_placed' AND p.account = $1
+            ORDER BY o.position_id, o.id DESC
+            """,
+            self.account,
+        )
+        return {row["position_id"]: _order(row) for row in rows}
+
     async def order_ids_of_open_positions(self) -> dict[int, list[str]]:
         """For restart, in one query: the client ids of every order of ours of each open position, ended
         ones included (an id is sent once: `PositionGuard.skip_used_ids`)."""

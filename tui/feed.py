@@ -425,6 +425,7 @@ class ReadOnlyFeed:
         positions = await store.open_positions()
         trails = await store.trailing_states_of_open_positions()
         live_orders = await store.live_orders_of_open_positions()
+        entries = await store.entries_not_filled()
         # Asked after the records: with no holder now, an entry seen `pending` above was left by an engine
         # that no longer holds the account (one taking it since wrote nothing that was read).
         self.holder = await current_holder(pool, settings.venue.kind.value, account_key(settings.venue))
@@ -442,7 +443,7 @@ class ReadOnlyFeed:
         doubts = [
             d
             for p in positions
-            if (d := _in_doubt(p, live_orders.get(p.id, ()), now, resolving=resolving)) is not None
+            if (d := _in_doubt(p, entries.get(p.id), now, resolving=resolving)) is not None
         ]
         grace = float(settings.protection.grace_seconds)
         coverage = coverage_figures(
@@ -581,15 +582,15 @@ def _shift_start(started_at: float) -> datetime | None:
 
 
 def _in_doubt(
-    p: PositionRecord, orders: Iterable[OrderRecord], now: float, *, resolving: bool = True
+    p: PositionRecord, entry: OrderRecord | None, now: float, *, resolving: bool = True
 ) -> EntryInDoubt | None:
-    """The engine's entry in doubt, as its records show it: a position not filled whose entry order is
-    `unknown` (the engine writes it so when the entry's outcome stays unknown), or still `pending` when no
-    engine is `resolving` it (the one that sent it died before its answer: it may have filled)."""
+    """The engine's entry in doubt, as its records show it (as the uncovered query reads them): a position
+    not filled whose entry order is `unknown` (the engine writes it so when the entry's outcome stays
+    unknown), or anything but `rejected` when no engine is `resolving` it (the one that sent it died before
+    its answer, or before it wrote the fill: it may have filled, or did)."""
     if p.entry_price is not None or p.status is not PositionStatus.ENTRY_PLACED:
         return None
-    entry = next((o for o in orders if o.purpose is OrderPurpose.ENTRY), None)
-    unanswered = entry is not None and entry.status is OrderRecordStatus.PENDING and not resolving
+    unanswered = entry is not None and entry.status is not OrderRecordStatus.REJECTED and not resolving
     if entry is None or (entry.status is not OrderRecordStatus.UNKNOWN and not unanswered):
         return None
     return EntryInDoubt(
@@ -601,7 +602,9 @@ def _in_doubt(
         sent_at=_epoch(p.updated_at, now),
         error=entry.error
         or (
-            "entry outcome unknown: no engine looks after the account to learn it"
+            "entry filled, its price not recorded: no engine looks after the account to protect it"
+            if unanswered and entry.status is OrderRecordStatus.FILLED
+            else "entry outcome unknown: no engine looks after the account to learn it"
             if unanswered
             else "entry outcome unknown"
         ),

@@ -7,6 +7,8 @@ from __future__ import annotations
 import re
 from decimal import Decimal
 
+import pytest
+
 from engine.accounts import account_key
 from engine.clock import ManualClock
 from engine.engine import EngineSnapshot, EngineState
@@ -15,7 +17,7 @@ from engine.venues.sim.settings import CallKind, FaultKind
 from engine.venues.sim.universe import UNIVERSE
 from storage.database import Database
 from storage.lease import EngineLease, LeasePhase
-from storage.repositories import HealthRow, Store
+from storage.repositories import HealthRow, OrderRecordStatus, Store
 from tests.integration.engine_support import make_engine
 from tests.support.driving import drive, drive_until
 from tests.support.records import entry_recorded
@@ -423,3 +425,38 @@ async def test_a_watchs_health_names_the_engine_that_does_not_measure(db: Databa
     finally:
         await lease.release()
     assert await venue_health() == ("unknown", "no engine is running")
+
+
+@pytest.mark.parametrize(
+    ("answered", "listed"),
+    [
+        (OrderRecordStatus.FILLED, True),
+        (OrderRecordStatus.CANCELED, True),
+        (OrderRecordStatus.REJECTED, False),
+    ],
+)
+async def test_a_watch_counts_every_entry_a_dead_engine_left_unsettled_as_status_does(
+    db: Database, answered: OrderRecordStatus, listed: bool
+) -> None:
+    """An engine killed between writing its entry's answer (`filled`) and the fill's price leaves the
+    position `entry_placed`: a filled position, no stop. Status and the operators' query list every entry
+    not rejected once no engine looks after the account; the watch read only live orders (pending, open,
+    unknown), so it showed no position and nothing uncovered (a reviewer's finding)."""
+    settings = tui_settings(db, {"PROTECTION__GRACE_SECONDS": "0"})
+    store = Store(db.pool, account_key(settings.venue))
+    position_id = await entry_recorded(store, SYMBOLS[5], answered=answered)
+    feed = ReadOnlyFeed(settings, None)
+    await feed.start()
+    try:
+        snapshot = feed.snapshot()
+    finally:
+        await feed.stop()
+    by_status = [p.id for p in await store.uncovered_positions(0)]
+    assert by_status == ([position_id] if listed else [])
+    assert snapshot.coverage.uncovered_ids == tuple(by_status)
+    assert [v.position_id for v in snapshot.positions] == by_status
+    if answered is OrderRecordStatus.FILLED:
+        [view] = snapshot.positions
+        assert view.last_error == (
+            "entry filled, its price not recorded: no engine looks after the account to protect it"
+        )
