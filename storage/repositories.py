@@ -622,9 +622,18 @@ class Store:
         return {r["id"]: PositionStatus(r["status"]) for r in rows}
 
     async def disarm_managed_trails(self) -> int:
-        """No engine moves managed trails any more (it stopped): none of them is armed."""
+        """No engine moves managed trails any more (it stopped): none of them is armed. One not activated
+        has no order: its position lacks its trailing protection from now on, and its record says since
+        when (the next start times it from here, not from its fill)."""
         result = await self._pool.execute(
-            "UPDATE monitoring.positions SET trail_armed = false WHERE trail_armed AND account = $1",
+            """
+            UPDATE monitoring.positions
+            SET trail_armed = false,
+                unprotected_since = CASE WHEN has_trailing_stop OR status NOT IN ('pending_protection', 'active')
+                                         THEN unprotected_since
+                                         ELSE COALESCE(unprotected_since, now()) END
+            WHERE trail_armed AND account = $1
+            """,
             self.account,
         )
         return int(result.split()[-1])

@@ -297,6 +297,41 @@ async def test_managed_mode_says_has_trailing_stop_only_while_a_trailing_order_i
     assert len(engine.venue.core.open_protective_orders(clock.now())) == 2
 
 
+async def test_a_stop_in_managed_mode_records_since_when_each_trail_without_an_order_is_unmoved(
+    db: Database,
+) -> None:
+    """A stop disarms the managed trails: a trail not activated has no order, so from then on its position
+    lacks its trailing protection (status lists it). The record did not say since when: the next start, if
+    it could not confirm the stops at once, timed it unprotected from its fill, hours earlier (and the
+    breaker took it for a failing path). It says the stop's time; a trail whose stop is live is not touched."""
+    settings = settings_for(db, {"PROTECTION__TRAILING__MODE": "managed"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        armed, activated = await open_positions(engine, clock, [SYMBOLS[11], SYMBOLS[12]])
+        await drive_until_covered(engine, clock, 2)
+        assert activated.trail is not None
+        engine.venue.override_mark_price(
+            activated.symbol, activated.trail.activation_price + 20 * activated.market.tick_size
+        )
+        await drive_until(
+            clock, lambda: activated.has_trailing_stop and activated.facts_written(), what="trail stop live"
+        )
+        stop_began = await db.pool.fetchval("SELECT now()")
+    finally:
+        await drive(clock, engine.stop())
+    rows = {
+        r["id"]: r
+        for r in await db.pool.fetch(
+            "SELECT id, unprotected_since, opened_at, trail_armed FROM monitoring.positions"
+        )
+    }
+    assert rows[armed.position_id]["unprotected_since"] >= stop_began
+    assert rows[activated.position_id]["unprotected_since"] is None
+    assert not any(r["trail_armed"] for r in rows.values())
+
+
 async def test_restarting_protection_during_a_reconcile_pass_cancels_nothing(db: Database) -> None:
     """`r` (restart the TS manager) while a reconcile pass was waiting for the venue: the pass kept the old,
     emptied manager, took every order of ours for an orphan and cancelled them all (4 positions without a
