@@ -1000,10 +1000,12 @@ class Engine:
                     trails_without_order=sum(
                         1 for g in still_open if g.covered and not g.covered_without_engine
                     )
-                    + sum(
+                    + sum(  # (a hard stop not verified, the restart waiting for the database, is not kept)
                         1
                         for f in unguarded
-                        if carried is not None and f.position_id in carried.trails_without_order
+                        if carried is not None
+                        and f.position_id in carried.trails_without_order
+                        and f.has_stop_loss
                     ),
                 )
                 await manager.stop()
@@ -1630,7 +1632,7 @@ class Engine:
         # Until the new manager has its guards, nobody moves a managed trail or resolves an entry. Past a
         # grace period the lease says so (its readers then count neither as looked after), as the carried
         # state does; within it, a restart's round trips are no alarm.
-        said_starting = asyncio.ensure_future(self._say_starting_after(self._grace_seconds()))
+        said_starting = asyncio.ensure_future(self._say_starting_after(self._grace_seconds(), self._carried))
         handed_over = 0
 
         def hand_over() -> None:
@@ -1839,9 +1841,13 @@ class Engine:
             self.lease_lost_since = None
             self._apply_entries_state()
 
-    async def _say_starting_after(self, seconds: float) -> None:
+    async def _say_starting_after(self, seconds: float, carried: _CarriedProtection) -> None:
+        """`starting` on the lease once a protection restart has lasted `seconds`, if it leaves something
+        unlooked-after: managed trails it does not move, or entries it does not settle or guard. Stops on
+        the venue protect without it, and the health loop goes on measuring: no alarm for those."""
         await self.clock.sleep(seconds)
-        self._say_running_phase(LeasePhase.STARTING)
+        if carried.trails_without_order or self._in_flight or self._in_doubt or self._awaiting_guard:
+            self._say_running_phase(LeasePhase.STARTING)
 
     def _grace_seconds(self) -> float:
         return float(self.settings.protection.grace_seconds)
@@ -2725,7 +2731,10 @@ class Engine:
         window = settings.error_window_seconds
         return trip_reasons(
             BreakerInputs(
-                self.coverage(),  # entries in doubt included: each may be a position without stops
+                # Entries in doubt included: each may be a position without stops. Not the managed trails a
+                # protection restart has not moved yet: the operator's restart is no failing path, and no
+                # entry is sent until it ends (a pause would outlast it, waiting for a resume by hand).
+                self._coverage(unmoved_trails=False),
                 float(self.settings.protection.grace_seconds),
                 manager.protective_attempts.count(now, window),
                 manager.protective_failures.count(now, window),
@@ -2844,14 +2853,19 @@ class Engine:
 
     def coverage(self) -> CoverageFigures:
         """Coverage as the snapshot shows it (the health check and the gauge read the same figures)."""
+        return self._coverage(unmoved_trails=True)
+
+    def _coverage(self, *, unmoved_trails: bool) -> CoverageFigures:
         manager = self.manager
         if manager is None:
             return _empty_coverage()
         now = self.clock.monotonic()
-        _guards, _carried, facts = self._protection_facts()  # the facts only: cheap per scrape
+        _guards, _carried, facts = self._protection_facts(unmoved_trails)  # the facts only: cheap per scrape
         return coverage_figures(facts, now, manager.config.grace_seconds)
 
-    def _protection_facts(self) -> tuple[list[PositionGuard], list[int], list[PositionCoverage]]:
+    def _protection_facts(
+        self, unmoved_trails: bool = True
+    ) -> tuple[list[PositionGuard], list[int], list[PositionCoverage]]:
         """Each open position's coverage facts, with where its view comes from: its guard, or, while the
         protection manager restarts and before the new guards exist, the last verified state
         (`_CarriedProtection`, by position id). Closed positions (their leftover stops being cancelled) are
@@ -2870,7 +2884,11 @@ class Engine:
         if carried is not None and not carried.guards_created:
             for position_id in carried.views.keys() - shown:
                 carried_ids.append(position_id)
-                facts.append(carried.fact(position_id, self.clock.monotonic(), self._grace_seconds()))
+                facts.append(
+                    carried.fact(position_id, self.clock.monotonic(), self._grace_seconds())
+                    if unmoved_trails
+                    else carried.coverage[position_id]
+                )
                 shown.add(position_id)
         for unguarded in self._unguarded():
             if unguarded.position_id not in shown:

@@ -15,7 +15,7 @@ import logging
 import math
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import asyncpg
@@ -63,7 +63,9 @@ def owned_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedP
     stop_embedded(server.data_dir)
 
 
-def _settings(server: EmbeddedPostgres, tmp_path: Path) -> tuple[Settings, str]:
+def _settings(
+    server: EmbeddedPostgres, tmp_path: Path, overrides: Mapping[str, str] | None = None
+) -> tuple[Settings, str]:
     name = f"outage_{uuid.uuid4().hex[:12]}"
     settings = engine_settings(
         "",  # no DSN: the embedded server in data_dir, which this engine then owns
@@ -72,6 +74,7 @@ def _settings(server: EmbeddedPostgres, tmp_path: Path) -> tuple[Settings, str]:
             "DATABASE__NAME": name,
             "DATABASE__PROBE_TIMEOUT_SECONDS": "1",
             "LOGGING__FILE": str(tmp_path / "logs" / "trading_bot.log"),
+            **(overrides or {}),
         },
     )
     return settings, server.dsn(name)
@@ -451,14 +454,16 @@ async def test_a_protection_restart_while_the_database_is_down_cancels_nothing_a
         await drive(clock, engine.stop())
 
 
+@pytest.mark.parametrize("trailing_mode", ["native", "managed"])
 async def test_a_stop_while_a_protection_restart_waits_for_the_database_counts_its_positions(
-    owned_server: EmbeddedPostgres, tmp_path: Path
+    owned_server: EmbeddedPostgres, tmp_path: Path, trailing_mode: str
 ) -> None:
     """Stopped while a protection restart waits for the database: the old manager's guards were gone and
     the new ones not there yet, so the exit line said "0 open positions … uncovered 0" while the venue
     held a position nothing had verified since. Now the positions the restart carries are counted, each
-    as it was last verified (here: not verified, so uncovered), and nothing of ours is cancelled."""
-    settings, _dsn = _settings(owned_server, tmp_path)
+    as it was last verified (here: not verified, so uncovered), and nothing of ours is cancelled. A managed
+    trail's position is not said to keep its hard stop: nothing verified it (a reviewer's finding)."""
+    settings, _dsn = _settings(owned_server, tmp_path, {"PROTECTION__TRAILING__MODE": trailing_mode})
     clock = ManualClock()
     engine = make_engine(settings, clock)
     await drive(clock, engine.start())
@@ -477,9 +482,9 @@ async def test_a_stop_while_a_protection_restart_waits_for_the_database_counts_i
         stale_lock.release()
     assert (report.open_positions, report.uncovered, report.uncovered_symbols) == (1, 1, (COVERED_BEFORE,))
     assert "UNCOVERED 1" in report.describe()
-    assert _stops_on_venue(venue, clock) == {
-        COVERED_BEFORE: Counter({OrderType.STOP_MARKET: 1, OrderType.TRAILING_STOP_MARKET: 1})
-    }
+    assert "keep only their hard stop" not in report.describe()
+    trail = {"native": {OrderType.TRAILING_STOP_MARKET: 1}, "managed": {}}[trailing_mode]  # not activated
+    assert _stops_on_venue(venue, clock) == {COVERED_BEFORE: Counter({OrderType.STOP_MARKET: 1, **trail})}
     with pytest.raises(asyncio.CancelledError):
         await restart
 

@@ -297,6 +297,39 @@ async def test_managed_mode_says_has_trailing_stop_only_while_a_trailing_order_i
     assert len(engine.venue.core.open_protective_orders(clock.now())) == 2
 
 
+async def test_a_slow_managed_protection_restart_does_not_pause_entries_by_the_breaker(db: Database) -> None:
+    """The trails a protection restart has not moved count uncovered once it has lasted a grace period
+    (a12225a), all at once: the breaker read 0 % coverage and paused entries, for a resume by hand, on an
+    operator's own restart (a reviewer's finding). No entry is sent until a restart ends anyway; the
+    breaker does not count those trails against protection."""
+    settings = settings_for(
+        db,
+        {
+            "PROTECTION__TRAILING__MODE": "managed",
+            "VENUE__SIM__LATENCY__SECONDS": "3",
+            "PROTECTION__GRACE_SECONDS": "2",
+            "HEALTH__INTERVAL_SECONDS": "1",
+        },
+    )
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        await open_positions(engine, clock, SYMBOLS[:2])
+        await drive_until_covered(engine, clock, 2)
+        restart = asyncio.ensure_future(engine.restart_protection())
+        # The gauge says what the restart leaves unmoved (as status does), the breaker does not pause.
+        await drive_until(
+            clock, lambda: engine.coverage().uncovered == 2, step=0.1, limit=10, what="uncovered"
+        )
+        await drive(clock, restart)
+        await drive_until(clock, lambda: engine.coverage().protected == 2, limit=30, what="covered again")
+        await drive(clock, clock.sleep(2.0))  # health intervals after it
+        assert not engine.entries_paused, (engine.entries_paused_by, engine.entries_pause_reason)
+    finally:
+        await drive(clock, engine.stop())
+
+
 async def test_a_stop_in_managed_mode_records_since_when_each_trail_without_an_order_is_unmoved(
     db: Database,
 ) -> None:
