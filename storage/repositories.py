@@ -575,7 +575,9 @@ class Store:
                 SET has_stop_loss = f.sl, has_trailing_stop = f.ts, stop_loss_price = f.sl_price,
                     trailing_activated = COALESCE(f.activated, p.trailing_activated), trail_armed = f.armed,
                     unprotected_since = f.since,
-                    protected_at = CASE WHEN f.sl AND f.ts THEN COALESCE(p.protected_at, $9::timestamptz, now())
+                    -- Both stops in place: a managed trail armed (no order before it activates) is one.
+                    protected_at = CASE WHEN f.sl AND (f.ts OR f.armed)
+                                        THEN COALESCE(p.protected_at, $9::timestamptz, now())
                                         ELSE p.protected_at END,
                     hard_stop_gap_seconds = CASE WHEN f.sl AND p.hard_stop_gap_seconds IS NULL
                                                  THEN {_HARD_STOP_GAP.format(p="p", seen=_SEEN)}
@@ -625,18 +627,32 @@ class Store:
         """No engine moves managed trails any more (it stopped): none of them is armed. One not activated
         has no order: its position lacks its trailing protection from now on, and its record says since
         when (the next start times it from here, not from its fill)."""
-        result = await self._pool.execute(
-            """
-            UPDATE monitoring.positions
-            SET trail_armed = false,
-                unprotected_since = CASE WHEN has_trailing_stop OR status NOT IN ('pending_protection', 'active')
-                                         THEN unprotected_since
-                                         ELSE COALESCE(unprotected_since, now()) END
-            WHERE trail_armed AND account = $1
-            """,
-            self.account,
+        # One statement with the span it begins (as `set_protection_facts_many`: a change of
+        # `unprotected_since` from NULL begins one), so the history shows the stop's uncovered time as it runs.
+        return int(
+            await self._pool.fetchval(
+                f"""
+                WITH changed AS (
+                    UPDATE monitoring.positions AS p
+                    SET trail_armed = false,
+                        unprotected_since = CASE
+                            WHEN p.has_trailing_stop OR p.status NOT IN ('pending_protection', 'active')
+                            THEN p.unprotected_since
+                            ELSE COALESCE(p.unprotected_since, now()) END
+                    FROM monitoring.positions AS old
+                    WHERE p.trail_armed AND p.account = $1 AND old.id = p.id
+                    RETURNING p.id, p.account, p.symbol, p.unprotected_since AS since,
+                              old.unprotected_since AS was, {_UNCOVERED_REASON.format(row="p")} AS reason
+                ), started AS (
+                    INSERT INTO monitoring.uncovered_spans (account, position_id, symbol, started_at, reason)
+                    SELECT account, id, symbol, since, reason FROM changed WHERE since IS NOT NULL AND was IS NULL
+                    ON CONFLICT (position_id, started_at) DO NOTHING
+                )
+                SELECT count(*) FROM changed
+                """,
+                self.account,
+            )
         )
-        return int(result.split()[-1])
 
     async def close_position(
         self,

@@ -357,12 +357,22 @@ async def test_a_stop_in_managed_mode_records_since_when_each_trail_without_an_o
     rows = {
         r["id"]: r
         for r in await db.pool.fetch(
-            "SELECT id, unprotected_since, opened_at, trail_armed FROM monitoring.positions"
+            "SELECT id, unprotected_since, opened_at, protected_at, trail_armed FROM monitoring.positions"
         )
     }
     assert rows[armed.position_id]["unprotected_since"] >= stop_began
     assert rows[activated.position_id]["unprotected_since"] is None
     assert not any(r["trail_armed"] for r in rows.values())
+    # Both were protected, a managed trail armed being its trailing protection (it read NULL: its
+    # uncovered span's reason said "not yet protected").
+    assert all(r["protected_at"] is not None for r in rows.values())
+    # The history shows it as it runs (`tsbot report` while the engine is down), not only once it ends.
+    spans = await db.pool.fetch(
+        "SELECT position_id, started_at, ended_at, reason FROM monitoring.uncovered_spans"
+    )
+    assert [tuple(s) for s in spans] == [
+        (armed.position_id, rows[armed.position_id]["unprotected_since"], None, "trailing_stop_missing")
+    ]
 
 
 async def test_restarting_protection_during_a_reconcile_pass_cancels_nothing(db: Database) -> None:
