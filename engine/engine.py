@@ -3126,6 +3126,19 @@ class Engine:
         closed, _detail = await guard.request_close("manual")
         return closed
 
+    async def _record_quietly(
+        self, severity: Severity, kind: str, message: str, guard: PositionGuard
+    ) -> None:
+        """An event for the operators' log; one that cannot be written now is only in the log file."""
+        if self.store is None:
+            return
+        try:
+            await self.store.record_event(
+                severity, kind, message, symbol=guard.symbol, position_id=guard.position_id
+            )
+        except Exception as exc:
+            log.warning("could not record the %s event (%s)", kind, exc)
+
     def operator_close_held_for(self, position_id: int) -> float | None:
         """Seconds at most an operator's close of this position would be held back now
         (`_operator_close_turn`), or None: it would go at once."""
@@ -3169,13 +3182,16 @@ class Engine:
                 return guard
             if not said:
                 said = True
-                log.warning(
-                    "close of position %s %s held back up to %ds: the venue refused orders for its rate "
-                    "lately, and one more refusal may get the account banned, every stop held back with it; "
-                    "the position keeps its confirmed stops meanwhile",
-                    guard.position_id,
-                    guard.symbol,
-                    math.ceil(min(held, left)),
+                message = (
+                    f"close of position {guard.position_id} {guard.symbol} held back up to "
+                    f"{math.ceil(min(held, left))}s: the venue refused orders for its rate lately, and one more "
+                    "refusal may get the account banned, every stop held back with it; the position keeps its "
+                    "confirmed stops meanwhile"
+                )
+                log.warning("%s", message)
+                # Recorded too: an operator who sent it from a watch or `tsbot close` sees why it waits.
+                self._spawn(
+                    self._record_quietly(Severity.WARNING, "close_held", message, guard), "close-held"
                 )
             await budget.room_shown(min(held, left, OPERATOR_CLOSE_RECHECK_SECONDS))
 

@@ -376,6 +376,7 @@ class ReadOnlyFeed:
         self._database: Database | None = None
         self._store: Store | None = None
         self._last_event_id = 0
+        self._backlog: list[LogEntry] = []  # the log rows read at the start, for `follow` to yield first
         self._snapshot = _empty_snapshot(settings, EngineState.STARTING, holder)
         self.command_wait_seconds = 30.0
 
@@ -393,9 +394,10 @@ class ReadOnlyFeed:
         )
         self._store = Store(self._database.pool, account_key(self.settings.venue))
         events = await self._store.recent_events(limit=1)
-        # Start the log from the last 50 warnings so the operator sees recent trouble at once.
+        # Start the log from the last 50 warnings so the operator sees recent trouble at once (`follow`
+        # yields them first: they were read here and dropped, so a watch opened on trouble showed none).
         self._last_event_id = events[0].id - 50 if events else 0
-        await self.poll()
+        self._backlog = await self.poll()
         return None
 
     async def stop(self) -> None:
@@ -407,6 +409,9 @@ class ReadOnlyFeed:
         return self._snapshot  # read from the database every few seconds: every view, small
 
     async def follow(self) -> AsyncIterator[EngineEvent | LogEntry]:
+        backlog, self._backlog = self._backlog, []
+        for entry in backlog:
+            yield entry
         while self._database is not None:
             try:
                 for entry in await self.poll():

@@ -7,6 +7,7 @@ floor on time-weighted coverage."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable
 from typing import Any
@@ -26,6 +27,7 @@ from tests.chaos.support import (
     tolerating,
 )
 from tests.support.auditor import AuditLimits
+from tui.feed import LogEntry, ReadOnlyFeed
 
 WAVES = 5
 WAVE_SIZE = 5
@@ -570,12 +572,13 @@ async def test_an_operators_close_is_not_the_third_refusal_within_a_minute(
 async def test_a_close_command_held_while_the_hard_stop_fills_says_the_stop_closed_it(db: Database) -> None:
     """`tsbot close` of a position whose close is held (two rate refusals remembered), while its hard stop
     fills: the command answered "closed at market" for a position its stop had closed (found in a review).
-    It now says how the position closed, as recorded."""
+    It now says how the position closed, as recorded. While it is held, a watch's log says so and why: it
+    said only "waiting…" (the hold was in the engine's log file alone)."""
     settings = chaos_settings(db, {"VENUE__SIM__RATE_LIMITS__ORDERS_PER_10S": "60"})
     run = ChaosRun(db, settings)
     await run.start()
     try:
-        symbol, _ = await run.one_protected_position_id()
+        symbol, position_id = await run.one_protected_position_id()
         await _two_refusals_then_a_filled_window(run)
         answer = run.background(
             send_command(
@@ -590,6 +593,18 @@ async def test_a_close_command_held_while_the_hard_stop_fills_says_the_stop_clos
         )
         await run.run_for(2.0)  # the close is taken and held
         assert symbol in run.held()
+        watch = ReadOnlyFeed(settings, None)  # opened now: its log begins with the recent warnings
+        await watch.start()
+        try:
+            async with asyncio.timeout(10.0):
+                said = await anext(
+                    e.detail
+                    async for e in watch.follow()
+                    if isinstance(e, LogEntry) and e.symbol == symbol and e.operation == "close held"
+                )
+        finally:
+            await watch.stop()
+        assert said.startswith(f"close of position {position_id} {symbol} held back up to "), said
         run.move_mark(symbol, run.against(symbol, "10"))  # through the hard stop: it fills
         await run.until(answer.done, limit=120.0, what="the command answered")
         [outcome] = answer.result().positions

@@ -7,6 +7,7 @@ stub. Every case goes through real ccxt: its request signing, its own error mapp
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -184,8 +185,18 @@ async def test_2013_and_20124_unknown_orders_are_not_found() -> None:
 # ---- rate limits and bans ------------------------------------------------------------------------------
 
 
+async def _early_in_an_order_window(needed: float = 3.0) -> None:
+    """The emulator counts new orders in fixed 10 s windows of its clock, as Binance does: orders meant to
+    fill one window must not straddle its end (this test's third order then went into a fresh window, and
+    was not refused, in one CI run)."""
+    left = 10.0 - time.time() % 10.0
+    if left < needed:
+        await asyncio.sleep(left + 0.05)
+
+
 async def test_429_from_the_order_budget_honours_retry_after() -> None:
     async with rig(rate_limits=RateLimitSettings(orders_per_10s=2, ban_after_violations=5)) as r:
+        await _early_in_an_order_window()
         await r.long()
         await r.venue.create_market_order(SYMBOL, OrderSide.SELL, QTY, client_order_id="exit-1")
         error = await raises(
@@ -214,6 +225,7 @@ async def test_418_is_banned_until_the_time_binance_names() -> None:
 async def test_ignoring_429_turns_into_a_ban_that_refuses_reads_too() -> None:
     limits = RateLimitSettings(orders_per_10s=1, ban_after_violations=2, ban_seconds=60)
     async with rig(rate_limits=limits) as r:
+        await _early_in_an_order_window()
         await r.long()
         await raises(
             RateLimited, r.venue.create_market_order(SYMBOL, OrderSide.BUY, QTY, client_order_id="a")
