@@ -27,10 +27,6 @@ LEASE_TIMEOUT_SECONDS = 10.0
 # looking after the account only while it is heard and running: one starting or stopping does not (yet, or
 # any more) resolve entries or move managed trails.
 LEASE_SILENT_SECONDS = 30
-# Over TCP, the server probes the lease's client after this many idle seconds, this often, this many times
-# before it ends the session (and the lock): ~25 s after an engine's host vanished, not the system's 2 h+.
-# Ignored on a Unix socket (the embedded server's), where a vanished client cannot happen.
-LEASE_KEEPALIVE = {"tcp_keepalives_idle": 10, "tcp_keepalives_interval": 5, "tcp_keepalives_count": 3}
 
 
 class LeasePhase(StrEnum):
@@ -115,9 +111,6 @@ class EngineLease:
         conn = await asyncpg.connect(dsn, password=password, timeout=LEASE_TIMEOUT_SECONDS)
         key = lease_key(venue, account)
         try:
-            # Set in the session, not as start-up parameters: a pooler in front of the server may refuse those.
-            for setting, value in LEASE_KEEPALIVE.items():
-                await conn.execute(f"SET {setting} = {int(value)}", timeout=LEASE_TIMEOUT_SECONDS)
             # Attempts are serialised by a transaction-scoped lock, so that an engine refused in a race reads
             # the holder row only once the winner has committed it (not a stale or missing one).
             async with conn.transaction():
