@@ -1009,7 +1009,8 @@ class Engine:
                     ),
                 )
                 await manager.stop()
-                if manager.kind is TrailingKind.MANAGED and self.store is not None:
+                # Another engine took the account (`fatal`): the rows are its own now, its trails armed.
+                if manager.kind is TrailingKind.MANAGED and self.store is not None and self.fatal is None:
                     try:  # nobody moves a managed trail now: none is armed (has_trailing_stop stays venue truth)
                         await self.store.disarm_managed_trails()
                     except Exception:
@@ -1026,7 +1027,8 @@ class Engine:
                     )
                 except Exception:
                     log.exception("could not record the stop event")
-                if self.store.has_journal and not self.store.down:
+                # Not over the rows of an engine that took the account: the next start replays them first.
+                if self.store.has_journal and not self.store.down and self.fatal is None:
                     with contextlib.suppress(DatabaseDown):
                         await self.store.replay_journal()
                 await self.store.close()  # writes still journaled stay on disk: the next start replays them

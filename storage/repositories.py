@@ -575,8 +575,8 @@ class Store:
                 SET has_stop_loss = f.sl, has_trailing_stop = f.ts, stop_loss_price = f.sl_price,
                     trailing_activated = COALESCE(f.activated, p.trailing_activated), trail_armed = f.armed,
                     unprotected_since = f.since,
-                    -- Both stops in place: a managed trail armed (no order before it activates) is one.
-                    protected_at = CASE WHEN f.sl AND (f.ts OR f.armed)
+                    -- Both stops in place: a managed trail armed and not activated (no order yet) is one.
+                    protected_at = CASE WHEN f.sl AND (f.ts OR (f.armed AND NOT COALESCE(f.activated, p.trailing_activated)))
                                         THEN COALESCE(p.protected_at, $9::timestamptz, now())
                                         ELSE p.protected_at END,
                     hard_stop_gap_seconds = CASE WHEN f.sl AND p.hard_stop_gap_seconds IS NULL
@@ -623,7 +623,7 @@ class Store:
         )
         return {r["id"]: PositionStatus(r["status"]) for r in rows}
 
-    async def disarm_managed_trails(self) -> int:
+    async def disarm_managed_trails(self, *, at: datetime | None = None) -> int:
         """No engine moves managed trails any more (it stopped): none of them is armed. One not activated
         has no order: its position lacks its trailing protection from now on, and its record says since
         when (the next start times it from here, not from its fill)."""
@@ -638,7 +638,7 @@ class Store:
                         unprotected_since = CASE
                             WHEN p.has_trailing_stop OR p.status NOT IN ('pending_protection', 'active')
                             THEN p.unprotected_since
-                            ELSE COALESCE(p.unprotected_since, now()) END
+                            ELSE COALESCE(p.unprotected_since, $2::timestamptz, now()) END
                     FROM monitoring.positions AS old
                     WHERE p.trail_armed AND p.account = $1 AND old.id = p.id
                     RETURNING p.id, p.account, p.symbol, p.unprotected_since AS since,
@@ -651,6 +651,7 @@ class Store:
                 SELECT count(*) FROM changed
                 """,
                 self.account,
+                at,  # a replayed write: when it was made (the stop), not the replay's time
             )
         )
 

@@ -681,8 +681,8 @@ class ResilientStore(Store):
             requested_by=requested_by,
         )
 
-    async def disarm_managed_trails(self) -> int:
-        ok, count = await self._try_live(lambda: Store.disarm_managed_trails(self))
+    async def disarm_managed_trails(self, *, at: datetime | None = None) -> int:
+        ok, count = await self._try_live(lambda: Store.disarm_managed_trails(self, at=at))
         if ok:
             assert count is not None
             return count
@@ -924,7 +924,9 @@ def _order_with_status(order: OrderRecord, row: OrderStatusRow, at: datetime) ->
 def _position_with_facts(position: PositionRecord, fact: ProtectionFactsRow, at: datetime) -> PositionRecord:
     if position.status.is_terminal:
         return position  # a late write never resurrects a closed position's flags
-    both = fact.has_stop_loss and fact.has_trailing_stop
+    activated = position.trailing_activated if fact.trailing_activated is None else fact.trailing_activated
+    # Both stops in place, as the database's write says: a managed trail armed and not activated is one.
+    both = fact.has_stop_loss and (fact.has_trailing_stop or (fact.trail_armed and not activated))
     return dataclasses.replace(
         position,
         has_stop_loss=fact.has_stop_loss,
@@ -1116,7 +1118,7 @@ async def _replay_set_entries_control(store: Store, entry: JournalEntry) -> None
 
 
 async def _replay_disarm_managed_trails(store: Store, entry: JournalEntry) -> None:
-    await store.disarm_managed_trails()
+    await store.disarm_managed_trails(at=entry.at)
 
 
 async def _replay_finish_wave(store: Store, entry: JournalEntry) -> None:

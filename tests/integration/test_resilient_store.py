@@ -247,6 +247,35 @@ async def test_a_killed_server_does_not_stop_protection_and_the_journal_replays_
     assert not owned.journal.exists()
 
 
+async def test_a_stops_disarm_journaled_in_an_outage_is_replayed_as_of_the_stop(owned: Owned) -> None:
+    """A managed-mode engine stopping while the database is down journals the disarm of its trails; the
+    next start replays it, maybe hours later. The positions lacked their trailing protection from the
+    stop on, but the replay stamped its own time (and began the uncovered span then): the downtime was
+    missing from `tsbot report` (a reviewer's finding)."""
+    store, _token = await _store(owned)
+    position_id = await _open_position(store)
+    await owned.pool.execute(
+        "UPDATE monitoring.positions SET status = 'active', has_stop_loss = true, trail_armed = true, "
+        "protected_at = now() WHERE id = $1",
+        position_id,
+    )
+    kill_postmaster(owned.server.data_dir)
+    stopped_at = datetime.now(UTC)
+    assert await store.disarm_managed_trails() == 0  # journaled
+    assert store.journaled == {"disarm_managed_trails": 1}
+    await asyncio.sleep(1.0)  # the downtime
+    await _bring_back(owned)
+    replayed_at = datetime.now(UTC)
+    assert await store.replay_journal() == 1
+    row = await owned.pool.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", position_id)
+    span = await owned.pool.fetchrow(
+        "SELECT * FROM monitoring.uncovered_spans WHERE position_id = $1", position_id
+    )
+    assert row["trail_armed"] is False
+    assert stopped_at <= row["unprotected_since"] < replayed_at - timedelta(seconds=0.5)
+    assert (span["started_at"], span["ended_at"]) == (row["unprotected_since"], None)
+
+
 async def test_replaying_a_journal_a_second_time_changes_nothing(owned: Owned) -> None:
     """A crash after the replay and before the journal was removed: the next start replays it again."""
     store, token = await _store(owned)

@@ -416,3 +416,43 @@ async def test_readers_of_this_version_take_rows_with_columns_a_newer_version_ad
         assert await store.entries_control("sim", "sim:default") is None
     finally:
         await lease.release()
+
+
+async def test_an_engine_stopped_because_another_took_the_account_leaves_its_managed_trails_armed(
+    db: Database,
+) -> None:
+    """An engine whose lease was lost and taken by another stops itself (`fatal`). Its stop disarmed every
+    managed trail of the account and opened an uncovered span on each: the rows the new holder guards, its
+    trails armed. Its guards write only what changes, so status and the report said those positions were
+    missing their trailing stop for as long as nothing changed (a reviewer's finding)."""
+    from engine.clock import ManualClock
+    from engine.engine import EngineState
+    from tests.integration.engine_support import make_engine
+    from tests.integration.test_failure_modes_f1_f5 import (
+        SYMBOLS,
+        drive_until_covered,
+        open_positions,
+        settings_for,
+    )
+    from tests.support.driving import drive, drive_until
+
+    clock = ManualClock()
+    engine = make_engine(settings_for(db, {"PROTECTION__TRAILING__MODE": "managed"}), clock)
+    await drive(clock, engine.start())
+    other: EngineLease | None = None
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[11]])
+        await drive_until_covered(engine, clock, 1)
+        await _kill_lease_connection(db, "sim/sim:default")
+        other = await EngineLease.acquire(db.target.dsn, "sim", "sim:default", "other-engine")
+        await drive_until(clock, lambda: engine.state is EngineState.STOPPED, what="stopped itself")
+        assert engine.fatal
+        row = await db.pool.fetchrow(
+            "SELECT trail_armed, unprotected_since FROM monitoring.positions WHERE id = $1", guard.position_id
+        )
+        assert (row["trail_armed"], row["unprotected_since"]) == (True, None)
+        assert await db.pool.fetchval("SELECT count(*) FROM monitoring.uncovered_spans") == 0
+    finally:
+        if other is not None:
+            await other.release()
+        await drive(clock, engine.stop())

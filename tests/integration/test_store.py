@@ -17,6 +17,7 @@ from storage.repositories import (
     OrderRecordStatus,
     PositionAlreadyOpen,
     PositionStatus,
+    ProtectionFactsRow,
     Severity,
     Store,
 )
@@ -301,3 +302,34 @@ async def test_update_marks_sets_current_price_in_one_batch(db: Database) -> Non
     await store.update_marks([(a, Decimal("101.5")), (b, Decimal("99.25"))])
     assert (await store.position(a)).current_price == Decimal("101.5")
     assert (await store.position(b)).current_price == Decimal("99.25")
+
+
+@pytest.mark.parametrize(
+    ("trail_armed", "activated", "protected"),
+    [(True, False, True), (True, True, False), (False, False, False)],
+    ids=["armed", "activated-without-its-order", "not-armed"],
+)
+async def test_protected_at_counts_an_armed_managed_trail_as_the_trailing_stop(
+    db: Database, trail_armed: bool, activated: bool, protected: bool
+) -> None:
+    """A managed trail has no order before it activates: armed, it is the trailing protection (coverage and
+    the uncovered query count it), so the hard stop confirmed stamps `protected_at`. It waited for a
+    trailing order: a managed position read never protected. Once activated, the trail's stop order is."""
+    store = Store(db.pool)
+    created = await store.create_position(
+        symbol="SFPUSDT", exchange="sim", side="long", quantity=Decimal("3")
+    )
+    await store.record_fill(created.id, Decimal("3"), Decimal("0.4512"))
+    fact = ProtectionFactsRow(
+        created.id,
+        has_stop_loss=True,
+        has_trailing_stop=False,
+        stop_loss_price=Decimal("0.4377"),
+        trailing_activated=activated,
+        status=PositionStatus.ACTIVE,
+        trail_armed=trail_armed,
+    )
+    await store.set_protection_facts_many([fact])
+    position = await store.position(created.id)
+    assert position is not None
+    assert (position.protected_at is not None) is protected
