@@ -1634,7 +1634,11 @@ class Engine:
         # Until the new manager has its guards, nobody moves a managed trail or resolves an entry. Past a
         # grace period the lease says so (its readers then count neither as looked after), as the carried
         # state does; within it, a restart's round trips are no alarm.
-        said_starting = asyncio.ensure_future(self._say_starting_after(self._grace_seconds(), self._carried))
+        # Entries in flight now may have been sent; one that comes later waits for the restart's end.
+        in_flight = frozenset(self._in_flight)
+        said_starting = asyncio.ensure_future(
+            self._say_starting_after(self._grace_seconds(), self._carried, in_flight)
+        )
         handed_over = 0
 
         def hand_over() -> None:
@@ -1843,12 +1847,19 @@ class Engine:
             self.lease_lost_since = None
             self._apply_entries_state()
 
-    async def _say_starting_after(self, seconds: float, carried: _CarriedProtection) -> None:
+    async def _say_starting_after(
+        self, seconds: float, carried: _CarriedProtection, in_flight: frozenset[str]
+    ) -> None:
         """`starting` on the lease once a protection restart has lasted `seconds`, if it leaves something
         unlooked-after: managed trails it does not move, or entries it does not settle or guard. Stops on
         the venue protect without it, and the health loop goes on measuring: no alarm for those."""
         await self.clock.sleep(seconds)
-        if carried.trails_without_order or self._in_flight or self._in_doubt or self._awaiting_guard:
+        if (
+            carried.trails_without_order
+            or in_flight & self._in_flight
+            or self._in_doubt
+            or self._awaiting_guard
+        ):
             self._say_running_phase(LeasePhase.STARTING)
 
     def _grace_seconds(self) -> float:

@@ -337,8 +337,9 @@ async def test_the_lease_says_starting_while_a_protection_restart_leaves_trails_
     `running` all along, so status and the watches counted the armed trails as protection. Once the
     restart has lasted a grace period it reads `starting` until the new manager has its guards, and
     `running` again after (within the grace period a restart's round trips are no alarm). With nothing
-    left unlooked-after (native trails are orders on the venue, no entry in flight) it stays `running`:
-    the health loop goes on measuring, and `starting` made status say nobody did."""
+    left unlooked-after (native trails are orders on the venue, no entry sent and not settled: one that
+    arrives meanwhile waits for the restart's end) it stays `running`: the health loop goes on measuring,
+    and `starting` made status say nobody did."""
     from engine.clock import ManualClock
     from tests.integration.engine_support import make_engine
     from tests.integration.test_failure_modes_f1_f5 import (
@@ -368,6 +369,8 @@ async def test_the_lease_says_starting_while_a_protection_restart_leaves_trails_
         await drive_until_covered(engine, clock, 1)
         restart = asyncio.ensure_future(engine.restart_protection())
         began = clock.monotonic()
+        assert engine.store is not None  # a signal meanwhile: its entry waits for the restart's end
+        await engine.store.insert_signals([(SYMBOLS[1], "long", None, None)])
         phases: set[str] = set()
 
         async def restarted() -> bool:
