@@ -208,6 +208,8 @@ class StopReport:
     uncovered_symbols: tuple[str, ...] = ()
     # Of the uncovered, managed trails not activated: their hard stop stays, their trail has no order.
     trails_without_order: int = 0
+    # Another engine took the account: the open positions are its to protect (and to count) from now on.
+    taken_over: bool = False
 
     @property
     def all_protected(self) -> bool:
@@ -219,6 +221,11 @@ class StopReport:
         return self.open_positions - self.uncovered
 
     def describe(self) -> str:
+        if self.taken_over:
+            return (
+                f"{self.open_positions} open positions left to the engine that took the account; this one "
+                "protects none of them any more"
+            )
         if self.all_protected:  # "uncovered 0" said outright: operators read (and grep) the exit line for it
             return f"{self.open_positions} open positions keep their stops on the exchange; uncovered 0"
         # Only the covered ones are said to keep their stops; the others (inside their grace period or not)
@@ -1008,9 +1015,16 @@ class Engine:
                         and f.has_stop_loss
                     ),
                 )
+                if self.fatal is not None:  # what this engine saw last is not what the new holder protects
+                    report = StopReport(report.open_positions, 0, taken_over=True)
                 await manager.stop()
-                # Another engine took the account (`fatal`): the rows are its own now, its trails armed.
-                if manager.kind is TrailingKind.MANAGED and self.store is not None and self.fatal is None:
+                # Only under its own lease: another engine may hold the account (`fatal`, or the lease lost
+                # and not yet found taken), the rows its own, its trails armed.
+                if (
+                    manager.kind is TrailingKind.MANAGED
+                    and self.store is not None
+                    and self._holds_the_lease()
+                ):
                     try:  # nobody moves a managed trail now: none is armed (has_trailing_stop stays venue truth)
                         await self.store.disarm_managed_trails()
                     except Exception:
@@ -1021,14 +1035,18 @@ class Engine:
             if self.store is not None:
                 try:
                     await self.store.record_event(
-                        Severity.INFO if report.all_protected else Severity.ERROR,
+                        Severity.WARNING
+                        if report.taken_over
+                        else Severity.INFO
+                        if report.all_protected
+                        else Severity.ERROR,
                         "engine_stopped",
                         f"engine stopped; {report.describe()}",
                     )
                 except Exception:
                     log.exception("could not record the stop event")
                 # Not over the rows of an engine that took the account: the next start replays them first.
-                if self.store.has_journal and not self.store.down and self.fatal is None:
+                if self.store.has_journal and not self.store.down and self._holds_the_lease():
                     with contextlib.suppress(DatabaseDown):
                         await self.store.replay_journal()
                 await self.store.close()  # writes still journaled stay on disk: the next start replays them
@@ -1864,6 +1882,9 @@ class Engine:
 
     def _grace_seconds(self) -> float:
         return float(self.settings.protection.grace_seconds)
+
+    def _holds_the_lease(self) -> bool:
+        return self.fatal is None and self._lease is not None and self._lease.alive()
 
     def _say_running_phase(self, phase: LeasePhase) -> None:
         self._running_phase = phase
