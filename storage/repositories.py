@@ -638,7 +638,10 @@ class Store:
                         unprotected_since = CASE
                             WHEN p.has_trailing_stop OR p.status NOT IN ('pending_protection', 'active')
                             THEN p.unprotected_since
-                            ELSE COALESCE(p.unprotected_since, $2::timestamptz, now()) END
+                            -- (a replay: as of the stop, or of a fill after it, another engine's)
+                            ELSE COALESCE(p.unprotected_since,
+                                          CASE WHEN $2::timestamptz IS NULL THEN now()
+                                               ELSE GREATEST($2::timestamptz, p.opened_at) END) END
                     FROM monitoring.positions AS old
                     WHERE p.trail_armed AND p.account = $1 AND old.id = p.id
                     RETURNING p.id, p.account, p.symbol, p.unprotected_since AS since,

@@ -265,6 +265,14 @@ async def test_a_stops_disarm_journaled_in_an_outage_is_replayed_as_of_the_stop(
     assert store.journaled == {"disarm_managed_trails": 1}
     await asyncio.sleep(1.0)  # the downtime
     await _bring_back(owned)
+    # Meanwhile another engine opened a position, its trail armed, and was killed: not unmoved since
+    # before its fill (a reviewer's finding).
+    later = await owned.pool.fetchval(
+        "INSERT INTO monitoring.positions (account, symbol, exchange, side, quantity, entry_price, status, "
+        "has_stop_loss, trail_armed, opened_at, protected_at) VALUES ($1, 'AXSUSDT', 'sim', 'long', 1, 2, "
+        "'active', true, true, now(), now()) RETURNING id",
+        store.account,
+    )
     replayed_at = datetime.now(UTC)
     assert await store.replay_journal() == 1
     row = await owned.pool.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", position_id)
@@ -274,6 +282,8 @@ async def test_a_stops_disarm_journaled_in_an_outage_is_replayed_as_of_the_stop(
     assert row["trail_armed"] is False
     assert stopped_at <= row["unprotected_since"] < replayed_at - timedelta(seconds=0.5)
     assert (span["started_at"], span["ended_at"]) == (row["unprotected_since"], None)
+    other = await owned.pool.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", later)
+    assert other["unprotected_since"] == other["opened_at"]
 
 
 async def test_replaying_a_journal_a_second_time_changes_nothing(owned: Owned) -> None:
