@@ -3223,7 +3223,7 @@ class Engine:
                     "confirmed stops meanwhile"
                 )
                 log.warning("%s", message)
-                # Recorded too: an operator who sent it from a watch or `tsbot close` sees why it waits.
+                # Recorded too: an operator who sent it from a watch sees why it waits, in the watch's log.
                 self._spawn(
                     self._record_quietly(Severity.WARNING, "close_held", message, guard), "close-held"
                 )

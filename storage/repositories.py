@@ -1310,6 +1310,26 @@ class Store:
         )
         return [_event(r) for r in rows]
 
+    async def events_after(
+        self, after_id: int, limit: int = 1000, min_severity: Severity = Severity.DEBUG
+    ) -> list[EventRecord]:
+        """The events recorded after the one with id `after_id`, oldest first, at most `limit` (a reader
+        that follows the log asks again from the last it got: none is skipped, however many come at once,
+        and a replayed event, recorded late with its own older time, is not missed)."""
+        wanted = [s.value for s in Severity if _SEVERITY_RANK[s] >= _SEVERITY_RANK[min_severity]]
+        rows = await self._pool.fetch(
+            """
+            SELECT * FROM monitoring.events
+            WHERE id > $4 AND severity = ANY($1::text[]) AND (account = $3 OR account IS NULL)
+            ORDER BY id LIMIT $2
+            """,
+            wanted,
+            limit,
+            self.account,
+            after_id,
+        )
+        return [_event(r) for r in rows]
+
     @staticmethod
     def _require(row: Any, key: object) -> Any:
         if row is None:

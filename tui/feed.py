@@ -436,7 +436,9 @@ class ReadOnlyFeed:
         self.holder = await current_holder(pool, settings.venue.kind.value, account_key(settings.venue))
         health_rows = await store.latest_health()
         waves = await store.recent_waves(limit=50)
-        events = await store.recent_events(limit=200, min_severity=Severity.INFO)
+        # By id from the last one read: the newest 200 by time dropped the older of a burst (a ban's
+        # protection failures), and replayed events, which keep their own older times.
+        fresh = await store.events_after(self._last_event_id, limit=1000, min_severity=Severity.INFO)
         control = await store.entries_control(settings.venue.kind.value, account_key(settings.venue))
         # Entries of unknown outcome (their entry order `unknown`, or `pending` with no engine to answer it —
         # none holds the account, or the one holding it does not look after it): counted as the engine does.
@@ -512,7 +514,6 @@ class ReadOnlyFeed:
             ),
             taken_at=now,
         )
-        fresh = sorted((e for e in events if e.id > self._last_event_id), key=lambda e: e.id)
         if fresh:
             self._last_event_id = fresh[-1].id
         return [_entry_for_record(e) for e in fresh if e.severity is not Severity.INFO or e.symbol]

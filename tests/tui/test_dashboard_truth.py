@@ -5,6 +5,7 @@ needed for the picture."""
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -17,7 +18,7 @@ from engine.venues.sim.settings import CallKind, FaultKind
 from engine.venues.sim.universe import UNIVERSE
 from storage.database import Database
 from storage.lease import EngineLease, LeasePhase
-from storage.repositories import HealthRow, OrderRecordStatus, Store
+from storage.repositories import HealthRow, OrderRecordStatus, Severity, Store
 from tests.integration.engine_support import make_engine
 from tests.support.driving import drive, drive_until
 from tests.support.records import entry_recorded
@@ -460,3 +461,31 @@ async def test_a_watch_counts_every_entry_a_dead_engine_left_unsettled_as_status
         assert view.last_error == (
             "entry filled, its price not recorded: no engine looks after the account to protect it"
         )
+
+
+async def test_a_watchs_log_misses_no_event_of_a_burst_nor_one_recorded_late(db: Database) -> None:
+    """A watch read the newest 200 events by time at each poll: a burst of more between two polls (a ban's
+    protection failures, one per guard) lost its oldest, and an event replayed from the journal, recorded
+    late with its own older time, fell outside the window. It reads on from the last event it got."""
+    settings = tui_settings(db)
+    store = Store(db.pool, account_key(settings.venue))
+    feed = ReadOnlyFeed(settings, None)
+    await feed.start()
+    try:
+        for i in range(300):
+            await store.record_event(
+                Severity.WARNING, "protection_failed", f"failure {i}", symbol=SYMBOLS[i % 7]
+            )
+        # Replayed from the journal after an outage: written now, dated an hour ago.
+        await store.record_event(
+            Severity.ERROR,
+            "protection_lost",
+            "replayed",
+            symbol=SYMBOLS[8],
+            at=datetime.now(UTC) - timedelta(hours=1),
+            write_id="journal-1",
+        )
+        rows = await feed.poll()
+    finally:
+        await feed.stop()
+    assert [r.detail for r in rows] == [f"failure {i}" for i in range(300)] + ["replayed"]
