@@ -421,13 +421,18 @@ async def test_readers_of_this_version_take_rows_with_columns_a_newer_version_ad
         await lease.release()
 
 
-async def test_an_engine_stopped_because_another_took_the_account_leaves_its_managed_trails_armed(
-    db: Database,
+@pytest.mark.parametrize("found_taken", [True, False], ids=["stopped-itself", "stopped-before-it-found-out"])
+async def test_an_engine_whose_account_another_took_leaves_the_new_holders_rows_alone(
+    db: Database, found_taken: bool
 ) -> None:
     """An engine whose lease was lost and taken by another stops itself (`fatal`). Its stop disarmed every
     managed trail of the account and opened an uncovered span on each: the rows the new holder guards, its
     trails armed. Its guards write only what changes, so status and the report said those positions were
-    missing their trailing stop for as long as nothing changed (a reviewer's finding)."""
+    missing their trailing stop for as long as nothing changed (a reviewer's finding). The same when it was
+    stopped after its lease's session ended (`pg_terminate_backend`, a network cut) and before its lease
+    check found the account taken. Only under its own lease does a stop write the account's rows. And an
+    engine that stopped itself does not count the new holder's positions as its own uncovered ones (an
+    ERROR "UNCOVERED 1" in the account's log, every watch of it showing it)."""
     from engine.clock import ManualClock
     from engine.engine import EngineState
     from tests.integration.engine_support import make_engine
@@ -448,61 +453,28 @@ async def test_an_engine_stopped_because_another_took_the_account_leaves_its_man
         await drive_until_covered(engine, clock, 1)
         await _kill_lease_connection(db, "sim/sim:default")
         other = await EngineLease.acquire(db.target.dsn, "sim", "sim:default", "other-engine")
-        await drive_until(clock, lambda: engine.state is EngineState.STOPPED, what="stopped itself")
-        assert engine.fatal
+        if found_taken:
+            await drive_until(clock, lambda: engine.state is EngineState.STOPPED, what="stopped itself")
+            assert engine.fatal
+        else:
+            await drive(clock, engine.stop())
         row = await db.pool.fetchrow(
             "SELECT trail_armed, unprotected_since FROM monitoring.positions WHERE id = $1", guard.position_id
         )
         assert (row["trail_armed"], row["unprotected_since"]) == (True, None)
         assert await db.pool.fetchval("SELECT count(*) FROM monitoring.uncovered_spans") == 0
-        # Its exit line and event do not count the new holder's positions as its own uncovered ones (an
-        # ERROR "UNCOVERED 1" in the account's log, every watch of it showing it).
-        report = engine.stop_report
-        assert report is not None
-        assert report.describe() == (
-            "1 open positions left to the engine that took the account; this one protects none of them any more"
-        )
-        event = await db.pool.fetchrow(
-            "SELECT severity, message FROM monitoring.events WHERE type = 'engine_stopped'"
-        )
-        assert event["severity"] == "warning"
-        assert "UNCOVERED" not in event["message"]
-    finally:
-        if other is not None:
-            await other.release()
-        await drive(clock, engine.stop())
-
-
-async def test_a_stop_with_the_lease_lost_leaves_the_rows_to_whoever_holds_it(db: Database) -> None:
-    """Stopped after its lease's session ended (an operator's `pg_terminate_backend`, a network cut) and
-    before its lease check found another engine holding the account: the stop disarmed the managed trails
-    of the new holder's rows, as a stop after the check did (a reviewer's finding). Only under its own
-    lease does a stop write the account's rows."""
-    from engine.clock import ManualClock
-    from tests.integration.engine_support import make_engine
-    from tests.integration.test_failure_modes_f1_f5 import (
-        SYMBOLS,
-        drive_until_covered,
-        open_positions,
-        settings_for,
-    )
-    from tests.support.driving import drive
-
-    clock = ManualClock()
-    engine = make_engine(settings_for(db, {"PROTECTION__TRAILING__MODE": "managed"}), clock)
-    await drive(clock, engine.start())
-    other: EngineLease | None = None
-    try:
-        [guard] = await open_positions(engine, clock, [SYMBOLS[11]])
-        await drive_until_covered(engine, clock, 1)
-        await _kill_lease_connection(db, "sim/sim:default")
-        other = await EngineLease.acquire(db.target.dsn, "sim", "sim:default", "other-engine")
-        await drive(clock, engine.stop())
-        row = await db.pool.fetchrow(
-            "SELECT trail_armed, unprotected_since FROM monitoring.positions WHERE id = $1", guard.position_id
-        )
-        assert (row["trail_armed"], row["unprotected_since"]) == (True, None)
-        assert await db.pool.fetchval("SELECT count(*) FROM monitoring.uncovered_spans") == 0
+        if found_taken:
+            report = engine.stop_report
+            assert report is not None
+            assert report.describe() == (
+                "1 open positions left to the engine that took the account; this one protects none of them "
+                "any more"
+            )
+            event = await db.pool.fetchrow(
+                "SELECT severity, message FROM monitoring.events WHERE type = 'engine_stopped'"
+            )
+            assert event["severity"] == "warning"
+            assert "UNCOVERED" not in event["message"]
     finally:
         if other is not None:
             await other.release()
