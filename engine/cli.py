@@ -53,8 +53,10 @@ from storage.database import (
     resolve_target,
 )
 from storage.embedded import EmbeddedPostgresError, default_data_dir, psql_executable, running_server
+from storage.journal import read_journal
 from storage.lease import LeaseHeld, current_holder
 from storage.migrator import MigrationError, apply_migrations
+from storage.outage import journal_path
 from storage.repositories import DuplicateExternalId, HealthRow, PositionStatus, Store
 
 log = logging.getLogger(__name__)
@@ -672,9 +674,19 @@ async def _read_status(
         holder = await current_holder(pool, _venue_name(loaded), account)
         control = await store.entries_control(_venue_name(loaded), account)
         now = await pool.fetchval("SELECT now()")
+        token = await store.installation_token()
     finally:
         pool.terminate()  # a look leaves nothing behind, and close() would wait on a server gone quiet
     looked_after = holder is not None and holder.looks_after
+    # Writes an engine journaled while the database was down wait there for its next start: the records read
+    # above are behind by them (an engine looking after the account replays its own, and says so in health).
+    journal = journal_path(loaded.settings.logging.file, token, _venue_name(loaded), account)
+    behind, unread = 0, ""
+    if not looked_after:
+        try:
+            behind = len(read_journal(journal).entries)
+        except OSError as exc:  # (another user's, owner-only)
+            unread = exc.strerror or type(exc).__name__
     health = _health_report(health_rows, now, stale_after, running=looked_after)
     state, reason = _verdict(
         health,
@@ -683,6 +695,14 @@ async def _read_status(
         uncovered=[p.symbol for p in uncovered],
         holder_not_looking=holder.not_looking_after() if holder is not None else "",
     )
+    if unread:
+        reason += f"; the records may be behind: the last engine's journal ({shown_path(str(journal))}) cannot be read: {unread}"
+    if behind:
+        reason += (
+            f"; the records are {behind} write{'s' if behind != 1 else ''} behind: the last engine journaled "
+            f"{'them' if behind != 1 else 'it'} while the database was down ({shown_path(str(journal))}), and "
+            "its next start replays them"
+        )
     return {
         # The verdict (and the exit code): ok, degraded, critical, or unknown when no engine is measuring.
         "state": state,
@@ -697,6 +717,8 @@ async def _read_status(
         "with_managed_trail": coverage.with_managed_trail,
         "coverage_pct": coverage.coverage_pct,
         "stop_loss_coverage_pct": coverage.stop_loss_coverage_pct,
+        # Writes journaled in a database outage that no engine has replayed yet: the records are behind.
+        "journaled_writes_pending": behind,
         "engine": None
         if holder is None
         else {

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -29,7 +30,9 @@ from engine.accounts import account_key
 from engine.config import load_config
 from storage.database import DatabaseTarget, create_pool
 from storage.embedded import EmbeddedPostgres, start_embedded, stop_embedded
+from storage.journal import WriteJournal
 from storage.lease import EngineLease, LeasePhase, current_holder
+from storage.outage import journal_path
 from storage.repositories import HealthRow, Store
 from tests.support.owned_postgres import create_migrated_database, resume, stop_postmaster
 from tests.support.records import entry_recorded
@@ -433,6 +436,42 @@ async def test_a_managed_trail_counts_in_the_ts_coverage_while_its_engine_looks_
     assert (silent["state"], silent["with_managed_trail"]) == ("critical", 0)
     assert [p["symbol"] for p in silent["uncovered"]] == ["AAAUSDT"]
     assert Decimal(str(silent["coverage_pct"])) == Decimal("50.0")
+
+
+async def test_status_says_the_records_are_behind_a_journal_no_engine_has_replayed(
+    workdir: Path, engine_side: EngineSide
+) -> None:
+    """An engine that stopped while the database was down leaves the writes it journaled (a stop replaced,
+    a position closed) for its next start: the records status reads are behind by them, and a position
+    they show uncovered, or covered, may no longer be. Status said nothing of it."""
+    await engine_side.measure(*HEALTHY)
+    conn = await asyncpg.connect(engine_side.dsn)
+    try:
+        token = await conn.fetchval("SELECT token FROM monitoring.installation")
+    finally:
+        await conn.close()
+    journal = WriteJournal(
+        journal_path(str(workdir / "logs" / "trading_bot.log"), token, "sim", "sim:default")
+    )
+    journal.load()
+    for op in ("set_order_status", "record_event"):
+        entry = await journal.append(op, {}, database=token, at=datetime.now(UTC))
+        await journal.wait_durable(entry.seq)
+    result = tsbot("status", "--json", cwd=workdir)
+    assert result.returncode == 3, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["journaled_writes_pending"] == 2
+    assert report["reason"] == (
+        "no engine is measuring: none holds the account sim:default; the records are 2 writes behind: the last "
+        "engine journaled them while the database was down (logs/tsbot-journal-"
+        f"{token}-sim-sim_default.jsonl), and its next start replays them"
+    )
+    # An engine looking after the account replays its own journal: nothing to say then.
+    await engine_side.take_lease()
+    assert engine_side.lease is not None
+    await engine_side.lease.heartbeat()
+    running = json.loads(tsbot("status", "--json", cwd=workdir).stdout)
+    assert (running["state"], running["journaled_writes_pending"]) == ("ok", 0)
 
 
 async def test_an_engine_starting_or_stopping_is_said_and_counts_as_none(
