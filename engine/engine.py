@@ -383,10 +383,9 @@ class _CarriedProtection:
     guards_created: bool = False
 
     def fact(self, position_id: int, now: float, grace: float) -> PositionCoverage:
-        fact = self.coverage[position_id]
-        if position_id in self.trails_without_order and now - self.since >= grace:
+        if now - self.since >= grace:
             return self.left_by_a_stop(position_id)
-        return fact
+        return self.coverage[position_id]
 
     def left_by_a_stop(self, position_id: int) -> PositionCoverage:
         """What protects the position once no engine runs: the orders the venue holds."""
@@ -2769,7 +2768,7 @@ class Engine:
                 # protection restart has not moved yet: the operator's restart is no failing path, and no
                 # entry is sent until it ends (a pause would outlast it, waiting for a resume by hand).
                 self._coverage(unmoved_trails=False),
-                float(self.settings.protection.grace_seconds),
+                self._grace_seconds(),
                 manager.protective_attempts.count(now, window),
                 manager.protective_failures.count(now, window),
             ),
@@ -2916,12 +2915,11 @@ class Engine:
                 shown.add(guard.position_id)
                 facts.append(guard.coverage())
         if carried is not None and not carried.guards_created:
+            now, grace = self.clock.monotonic(), self._grace_seconds()
             for position_id in carried.views.keys() - shown:
                 carried_ids.append(position_id)
                 facts.append(
-                    carried.fact(position_id, self.clock.monotonic(), self._grace_seconds())
-                    if unmoved_trails
-                    else carried.coverage[position_id]
+                    carried.fact(position_id, now, grace) if unmoved_trails else carried.coverage[position_id]
                 )
                 shown.add(position_id)
         for unguarded in self._unguarded():

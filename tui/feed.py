@@ -473,6 +473,7 @@ class ReadOnlyFeed:
         )
         prices = {p.id: p.current_price for p in positions}
         stale_after = float(settings.health.interval_seconds) * 3
+        nobody_measures = self._nobody_measures()
         self._snapshot = EngineSnapshot(
             state=EngineState.RUNNING if self.holder is not None else EngineState.STOPPED,
             version=self.holder.version if self.holder else "—",
@@ -498,7 +499,7 @@ class ReadOnlyFeed:
             health=tuple(
                 record
                 for row in health_rows
-                if (record := _health(row, now, stale_after, self._nobody_measures())) is not None
+                if (record := _health(row, now, stale_after, nobody_measures)) is not None
             ),
             waves=tuple(
                 WaveView(
