@@ -133,7 +133,7 @@ HOUSEKEEPING_SECONDS = 60.0
 # long (older ones are deleted by the housekeeping).
 COVERAGE_SAMPLE_SECONDS = 10.0
 COVERAGE_RETENTION_SECONDS = 30 * 86400.0
-STALE_CLAIM_SECONDS = 600.0
+STALE_CLAIM_SECONDS = 600.0  # a wave handles its signals in seconds; ten minutes taken is abandoned
 LEASE_CHECK_SECONDS = 2.0
 ENTRY_RATE_LIMIT_ATTEMPTS = (
     5  # an entry refused by a rate limit (not executed) is sent this many times at most
@@ -161,7 +161,10 @@ ABSENCE_PROOF_MARGIN_SECONDS = 0.05
 # transient (_startup_read): 1 + 2 + 4 + 8 + 16 s of backoff at the default retry settings.
 STARTUP_READ_ATTEMPTS = 6
 STREAMED_ENTRIES_KEPT = 256  # entries' ends told by the account stream, the latest (_entry_streamed)
-LEASE_SAY_EVERY_SECONDS = 60.0  # an unreachable database is said once a minute, not once per retry  # a wave handles its signals in seconds; ten minutes taken is abandoned
+LEASE_SAY_EVERY_SECONDS = 60.0  # an unreachable database is said once a minute, not once per retry
+# A protection restart past its grace period looks this often at whether it leaves something unlooked-after
+# (the lease then says `starting`): an entry may reach the venue, or fill, in the middle of a restart.
+RESTART_EXPOSURE_POLL_SECONDS = 0.25
 
 
 def package_version() -> str:
@@ -1651,11 +1654,7 @@ class Engine:
         # Until the new manager has its guards, nobody moves a managed trail or resolves an entry. Past a
         # grace period the lease says so (its readers then count neither as looked after), as the carried
         # state does; within it, a restart's round trips are no alarm.
-        # Entries in flight now may have been sent; one that comes later waits for the restart's end.
-        in_flight = frozenset(self._in_flight)
-        said_starting = asyncio.ensure_future(
-            self._say_starting_after(self._grace_seconds(), self._carried, in_flight)
-        )
+        said_starting = asyncio.ensure_future(self._say_starting_after(self._grace_seconds(), self._carried))
         handed_over = 0
 
         def hand_over() -> None:
@@ -1864,20 +1863,17 @@ class Engine:
             self.lease_lost_since = None
             self._apply_entries_state()
 
-    async def _say_starting_after(
-        self, seconds: float, carried: _CarriedProtection, in_flight: frozenset[str]
-    ) -> None:
-        """`starting` on the lease once a protection restart has lasted `seconds`, if it leaves something
-        unlooked-after: managed trails it does not move, or entries it does not settle or guard. Stops on
-        the venue protect without it, and the health loop goes on measuring: no alarm for those."""
+    async def _say_starting_after(self, seconds: float, carried: _CarriedProtection) -> None:
+        """`starting` on the lease once a protection restart has lasted `seconds`, as soon as it leaves
+        something unlooked-after: managed trails it does not move, or entries sent that it does not settle
+        or guard (cancelled at the hand-over). An entry admitted but still waiting for room in the order
+        budget has not reached the venue: it was counted, and the lease cried wolf on a restart that left
+        nothing exposed. Stops on the venue protect without it, and the health loop goes on measuring: no
+        alarm for those either."""
         await self.clock.sleep(seconds)
-        if (
-            carried.trails_without_order
-            or in_flight & self._in_flight
-            or self._in_doubt
-            or self._awaiting_guard
-        ):
-            self._say_running_phase(LeasePhase.STARTING)
+        while not (carried.trails_without_order or self._sending or self._in_doubt or self._awaiting_guard):
+            await self.clock.sleep(RESTART_EXPOSURE_POLL_SECONDS)
+        self._say_running_phase(LeasePhase.STARTING)
 
     def _grace_seconds(self) -> float:
         return float(self.settings.protection.grace_seconds)

@@ -389,6 +389,76 @@ async def test_the_lease_says_starting_while_a_protection_restart_leaves_trails_
         await drive(clock, engine.stop())
 
 
+@pytest.mark.parametrize("sent_during_the_restart", [False, True])
+async def test_an_entry_waiting_for_order_budget_counts_once_sent(
+    db: Database, sent_during_the_restart: bool
+) -> None:
+    """An entry admitted before a protection restart but still waiting for room in the venue's order window
+    has not reached the venue: nothing of it is exposed. The lease said `starting` for it once the restart
+    passed its grace period (every entry in flight counted as sent), and status said nobody looked after
+    the account while native stops sat on the venue: a false alarm. When room comes in the middle of a
+    long restart, it is sent and fills, and its position waits for the new manager's guard: from then on
+    it counts (the restart is looked at until it ends, not once at the grace mark)."""
+    from engine.clock import ManualClock
+    from engine.venues.sim.settings import CallKind
+    from tests.integration.engine_support import make_engine
+    from tests.integration.test_failure_modes_f1_f5 import (
+        SYMBOLS,
+        drive_until_covered,
+        open_positions,
+        settings_for,
+    )
+    from tests.support.driving import drive, drive_until
+
+    clock = ManualClock()
+    overrides = {
+        # Every venue call takes 1 s: the restart's reads outlast the half-second grace period.
+        "VENUE__SIM__LATENCY__SECONDS": "1",
+        "PROTECTION__GRACE_SECONDS": "0.5",
+        "PROTECTION__TRAILING__MODE": "native",
+        # One position (an entry and its two stops) leaves too little room in the venue's 10 s order
+        # window for the next.
+        "VENUE__SIM__RATE_LIMITS__ORDERS_PER_10S": "4",
+        "VENUE__SIM__RATE_LIMITS__BAN_AFTER_VIOLATIONS": "1000",
+    }
+    if sent_during_the_restart:  # the restart's read of the venue's positions outlasts the window
+        overrides["VENUE__SIM__LATENCY__BY_CALL"] = '{"fetch_positions": {"seconds": 15}}'
+    engine = make_engine(settings_for(db, overrides), clock)
+    await drive(clock, engine.start())
+    try:
+
+        async def phase() -> str:
+            return await db.pool.fetchval("SELECT phase FROM monitoring.engine_leases")
+
+        venue = engine.venue
+        await drive_until(clock, lambda: _is(phase(), "running"), what="running once started")
+        await open_positions(engine, clock, SYMBOLS[:1])
+        await drive_until_covered(engine, clock, 1)
+        sent = venue.calls_made.get(CallKind.CREATE_ORDER, 0)
+        assert engine.store is not None
+        await engine.store.insert_signals([(SYMBOLS[1], "long", None, None)])
+        await drive_until(
+            clock, lambda: SYMBOLS[1] in engine._in_flight, step=0.05, what="the entry admitted"
+        )
+        restart = asyncio.ensure_future(engine.restart_protection())
+        began = clock.monotonic()
+        phases: set[str] = set()
+
+        async def restarted() -> bool:
+            phases.add(await phase())
+            return restart.done()
+
+        await drive_until(clock, restarted, step=0.1, limit=60, what="the restart done")
+        await restart
+        assert clock.monotonic() - began > 1.0  # past its grace period
+        entry_sent = venue.calls_made.get(CallKind.CREATE_ORDER, 0) > sent
+        assert entry_sent is sent_during_the_restart
+        assert phases == ({"running", "starting"} if sent_during_the_restart else {"running"})
+        await drive_until_covered(engine, clock, 2)
+    finally:
+        await drive(clock, engine.stop())
+
+
 async def _is(value: Awaitable[str], expected: str) -> bool:
     return await value == expected
 
