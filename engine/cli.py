@@ -30,6 +30,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, NoReturn
 
+import asyncpg
+
 from engine.accounts import account_key
 from engine.commands import CommandAnswer, not_taken, send_command
 from engine.config import MAX_SEED, ConfigError, LoadedConfig, load_config
@@ -57,7 +59,7 @@ from storage.journal import read_journal
 from storage.lease import LeaseHeld, current_holder
 from storage.migrator import MigrationError, apply_migrations
 from storage.outage import journal_path
-from storage.repositories import DuplicateExternalId, HealthRow, PositionStatus, Store
+from storage.repositories import DuplicateExternalId, HealthRow, PositionStatus, Severity, Store
 
 log = logging.getLogger(__name__)
 
@@ -974,17 +976,33 @@ def _steer(
                 answer = await asyncio.to_thread(_ask, prompt)
                 if answer not in ("y", "yes"):
                     return None
-            return await send_command(
-                database.pool,
-                venue=venue,
-                account=account,
-                kind=kind,
-                args=command_args,
-                reason=args.reason,
-                wait_seconds=wait,
-                listen_dsn=database.target.dsn,
-                listen_password=db.password.get_secret_value() if db.password else None,
+            holds = (
+                _HeldCloses(Store(database.pool, account), command_args.get("symbol"))
+                if kind in (CommandKind.CLOSE, CommandKind.FLATTEN)
+                else None
             )
+            if holds is not None:
+                await holds.begin()
+            following = asyncio.ensure_future(holds.follow()) if holds is not None else None
+            try:
+                answer = await send_command(
+                    database.pool,
+                    venue=venue,
+                    account=account,
+                    kind=kind,
+                    args=command_args,
+                    reason=args.reason,
+                    wait_seconds=wait,
+                    listen_dsn=database.target.dsn,
+                    listen_password=db.password.get_secret_value() if db.password else None,
+                )
+            finally:
+                if following is not None:
+                    following.cancel()
+                    await asyncio.gather(following, return_exceptions=True)
+            if holds is not None:
+                await holds.tell()  # those recorded since the last look, before the answer
+            return answer
         finally:
             await database.close()
 
@@ -1005,6 +1023,37 @@ def _steer(
     state = record.state.value if record is not None and not answer.problem else "no answer"
     print(f"tsbot: {name}: {state}: {one_line(answer.summary)}", file=sys.stderr)
     return EXIT_FAILED
+
+
+class _HeldCloses:
+    """A close the engine holds back (the venue's refusal of it now would be a ban's, `close_held`) is said
+    as it happens, a line on stdout: the command waited up to 20 s in silence, and one given a shorter
+    `--wait-seconds` ended in "has not answered" with no reason given."""
+
+    EVERY_SECONDS = 0.5
+
+    def __init__(self, store: Store, symbol: str | None) -> None:
+        self._store = store
+        self._symbol = symbol  # a close's; a flatten's are every symbol's
+        self._after = 0
+
+    async def begin(self) -> None:
+        self._after = await self._store.last_event_id()
+
+    async def follow(self) -> None:
+        while True:
+            await asyncio.sleep(self.EVERY_SECONDS)
+            await self.tell()
+
+    async def tell(self) -> None:
+        try:
+            events = await self._store.events_after(self._after, min_severity=Severity.WARNING)
+        except (asyncpg.PostgresError, OSError):
+            return  # the answer, or its absence, says what matters
+        for event in events:
+            self._after = event.id
+            if event.type == "close_held" and self._symbol in (None, event.symbol):
+                print(f"waiting: {one_line(event.message)}", flush=True)
 
 
 def _ask(prompt: str) -> str:

@@ -1310,6 +1310,11 @@ class Store:
         )
         return [_event(r) for r in rows]
 
+    async def last_event_id(self) -> int:
+        """The id of the newest event recorded (0 for none): a reader that wants only what comes next
+        follows `events_after` from here."""
+        return int(await self._pool.fetchval("SELECT coalesce(max(id), 0) FROM monitoring.events"))
+
     async def events_after(
         self, after_id: int, limit: int = 1000, min_severity: Severity = Severity.DEBUG
     ) -> list[EventRecord]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from engine.order_budget import RATE_REFUSAL_MEMORY_SECONDS
 from engine.venues.sim.settings import CallKind, FaultKind
 from storage.commands import CommandKind
 from storage.database import Database
+from tests.chaos.processes import TSBOT, environ
 from tests.chaos.support import (
     NAKED_BACKOFF,
     STEP,
@@ -27,6 +29,7 @@ from tests.chaos.support import (
     tolerating,
 )
 from tests.support.auditor import AuditLimits
+from tests.support.waiting import wait_until
 from tui.feed import LogEntry, ReadOnlyFeed
 
 WAVES = 5
@@ -610,6 +613,53 @@ async def test_a_close_command_held_while_the_hard_stop_fills_says_the_stop_clos
         [outcome] = answer.result().positions
         assert outcome.ok
         assert outcome.detail.startswith("closed by its hard stop before the close went"), outcome.detail
+        assert run.banned_for() is None
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)
+    finally:
+        await run.stop()
+
+
+async def test_tsbot_close_says_while_it_waits_that_the_engine_holds_the_close_back(
+    db: Database, tmp_path: Path
+) -> None:
+    """`tsbot close` of a position whose close the engine holds back (two rate refusals remembered: one
+    more may get the account banned) waited up to 20 s without a word, and with a shorter `--wait-seconds`
+    ended in "has not answered" with no reason. It now says, as it waits, that the close is held back, why
+    and for how long at most, and then how the position closed."""
+    settings = chaos_settings(db, {"VENUE__SIM__RATE_LIMITS__ORDERS_PER_10S": "60"})
+    run = ChaosRun(db, settings)
+    await run.start()
+    try:
+        symbol, position_id = await run.one_protected_position_id()
+        await _two_refusals_then_a_filled_window(run)
+        env = {**environ(), "TSBOT_DATABASE__DSN": db.target.dsn}
+        process = await asyncio.create_subprocess_exec(
+            TSBOT,
+            "close",
+            symbol,
+            cwd=tmp_path,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        finished = asyncio.ensure_future(process.communicate())
+
+        async def submitted() -> bool:
+            return bool(await db.pool.fetchval("SELECT count(*) FROM monitoring.commands"))
+
+        # Real time for the command's start (a second of imports): the virtual clock, driven meanwhile,
+        # would age the remembered refusals past their minute before the close was even asked.
+        await wait_until(submitted, within=60, what="the close command submitted")
+        await run.until(finished.done, limit=120.0, what="tsbot close done")
+        out, err = (b.decode() for b in finished.result())
+        assert process.returncode == 0, err
+        lines = out.splitlines()
+        assert lines[0].startswith(f"waiting: close of position {position_id} {symbol} held back up to "), out
+        assert "one more refusal may get the account banned" in lines[0]
+        assert lines[1].startswith(f"{symbol} (position {position_id}): ok: closed at market"), out
+        assert symbol not in run.held()
         assert run.banned_for() is None
         await run.settle()
         run.verdict(coverage_at_least=0.0)
