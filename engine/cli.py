@@ -56,7 +56,7 @@ from storage.database import (
 )
 from storage.embedded import EmbeddedPostgresError, default_data_dir, psql_executable, running_server
 from storage.journal import read_journal
-from storage.lease import LeaseHeld, current_holder
+from storage.lease import LeaseHeld, current_holder, holder_on
 from storage.migrator import MigrationError, apply_migrations
 from storage.outage import journal_path
 from storage.repositories import DuplicateExternalId, HealthRow, PositionStatus, Severity, Store
@@ -669,14 +669,18 @@ async def _read_status(
     try:
         async with pool.acquire() as conn:
             await apply_migrations(conn)  # a no-op once the engine ran; a fresh database gets its schema
-        store = Store(pool, account)
-        coverage = await store.coverage()
-        uncovered = await store.uncovered_positions(grace)
-        health_rows = await store.latest_health()
-        holder = await current_holder(pool, _venue_name(loaded), account)
-        control = await store.entries_control(_venue_name(loaded), account)
-        now = await pool.fetchval("SELECT now()")
-        token = await store.installation_token()
+            # One snapshot for every figure: read statement by statement, an engine that stopped between
+            # them left coverage counting its managed trails beside "no engine", and a position opened
+            # between them was in the uncovered list but not in the counts.
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                store = Store.on_connection(conn, account)
+                coverage = await store.coverage()
+                uncovered = await store.uncovered_positions(grace)
+                health_rows = await store.latest_health()
+                holder = await holder_on(conn, _venue_name(loaded), account)
+                control = await store.entries_control(_venue_name(loaded), account)
+                now = await conn.fetchval("SELECT now()")
+                token = await store.installation_token()
     finally:
         pool.terminate()  # a look leaves nothing behind, and close() would wait on a server gone quiet
     looked_after = holder is not None and holder.looks_after

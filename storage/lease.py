@@ -213,8 +213,13 @@ async def current_holder(pool: asyncpg.Pool, venue: str, account: str) -> LeaseH
     """Who holds the lease now (None when nobody does), for read-only watchers; one not `looks_after` (silent,
     starting, stopping) holds it but looks after nothing."""
     async with pool.acquire() as conn:
-        held = await conn.fetchval(f"SELECT {lease_held_sql('$1::text', '$2::text')}", venue, account)
-        return await _holder(conn, venue, account) if held else None
+        return await holder_on(conn, venue, account)
+
+
+async def holder_on(conn: asyncpg.Connection, venue: str, account: str) -> LeaseHolder | None:
+    """`current_holder` read on the caller's connection (inside its transaction, its snapshot)."""
+    held = await conn.fetchval(f"SELECT {lease_held_sql('$1::text', '$2::text')}", venue, account)
+    return await _holder(conn, venue, account) if held else None
 
 
 async def _holder(conn: asyncpg.Connection, venue: str, account: str) -> LeaseHolder | None:

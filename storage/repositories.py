@@ -380,8 +380,18 @@ class Store:
     coverage, health and entries control are that account's only (F16). Signals and waves are shared."""
 
     def __init__(self, pool: asyncpg.Pool, account: str = DEFAULT_ACCOUNT):
-        self._pool = pool
+        self._pool: asyncpg.Pool | asyncpg.Connection = pool
         self.account = account
+
+    @classmethod
+    def on_connection(cls, conn: asyncpg.Connection, account: str = DEFAULT_ACCOUNT) -> Store:
+        """A store whose reads go through one connection: inside its transaction they see one snapshot (a
+        look such as `tsbot status` whose figures must agree). Its reads only: writes that open a
+        transaction of their own take a connection from a pool."""
+        store = cls.__new__(cls)
+        store._pool = conn
+        store.account = account
+        return store
 
     def round_trips_in_flight(self) -> int:
         """Connections of the pool busy with a statement now (test harnesses on virtual time wait for

@@ -36,6 +36,7 @@ from storage.outage import journal_path
 from storage.repositories import HealthRow, Store
 from tests.support.owned_postgres import create_migrated_database, resume, stop_postmaster
 from tests.support.records import entry_recorded
+from tests.support.waiting import wait_until
 
 TSBOT = str(Path(sys.executable).with_name("tsbot"))
 # Only a guard against a hang (the defect): a status that answers never comes near it.
@@ -436,6 +437,56 @@ async def test_a_managed_trail_counts_in_the_ts_coverage_while_its_engine_looks_
     assert (silent["state"], silent["with_managed_trail"]) == ("critical", 0)
     assert [p["symbol"] for p in silent["uncovered"]] == ["AAAUSDT"]
     assert Decimal(str(silent["coverage_pct"])) == Decimal("50.0")
+
+
+async def test_status_reads_every_figure_from_one_snapshot(workdir: Path, engine_side: EngineSide) -> None:
+    """Status read its figures statement by statement: an engine that went quiet between them left the
+    coverage counting its managed trail, and nothing uncovered, beside an engine "not heard" and a critical
+    verdict. The reads now share one snapshot. Made deterministic with a real lock: status is held on the
+    health table (read third) while the engine goes quiet, then let go."""
+    await engine_side.execute(
+        "INSERT INTO monitoring.positions (account, symbol, exchange, side, quantity, entry_price, status, "
+        "has_stop_loss, has_trailing_stop, trail_armed, trailing_activated, opened_at) "
+        "VALUES ('sim:default', 'AAAUSDT', 'sim', 'long', 1, 2, 'active', true, false, true, false, "
+        "now() - interval '1 minute')"
+    )
+    await engine_side.take_lease()
+    assert engine_side.lease is not None
+    await engine_side.lease.heartbeat()
+    await engine_side.measure(*HEALTHY)
+    locker = await asyncpg.connect(engine_side.dsn)
+    watcher = await asyncpg.connect(engine_side.dsn)  # (a transaction sees one picture of the activity)
+    try:
+        held = locker.transaction()
+        await held.start()
+        await locker.execute("LOCK TABLE monitoring.health IN ACCESS EXCLUSIVE MODE")
+        status = asyncio.ensure_future(asyncio.to_thread(tsbot, "status", "--json", cwd=workdir))
+
+        async def waiting_on_the_lock() -> bool:
+            return bool(
+                await watcher.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query LIKE '%monitoring.health%'"
+                )
+            )
+
+        await wait_until(waiting_on_the_lock, within=30, what="status held on the health table")
+        await engine_side.execute(  # the engine goes quiet meanwhile
+            "UPDATE monitoring.engine_leases SET heartbeat_at = now() - interval '31 seconds'"
+        )
+        await held.rollback()
+        result = await status
+    finally:
+        await locker.close()
+        await watcher.close()
+    report = json.loads(result.stdout)
+    said = (
+        report["engine"]["silent"],
+        report["with_managed_trail"],
+        [p["symbol"] for p in report["uncovered"]],
+    )
+    assert said == (False, 1, []), said  # as it was when the look began, every figure alike
+    assert report["state"] == "ok", report["reason"]
 
 
 async def test_status_says_the_records_are_behind_a_journal_no_engine_has_replayed(
