@@ -58,6 +58,7 @@ from engine.exchange.errors import (
 )
 from engine.exchange.port import (
     Capabilities,
+    ChecksRecordedStops,
     ExchangePort,
     Market,
     Order,
@@ -2709,6 +2710,13 @@ class ProtectionManager:
             else:
                 continue
             managed_trail = guard.kind is TrailingKind.MANAGED and key.purpose is OrderPurpose.TRAILING_STOP
+            if isinstance(self.venue, ChecksRecordedStops):
+                self.venue.expect_recorded(
+                    record.client_order_id,
+                    stop_price=record.trigger_price,
+                    callback_rate=record.callback_percent,
+                    activation_price=record.activation_price,
+                )
             if (
                 target.client_order_id is not None
                 and key.generation != target.generation

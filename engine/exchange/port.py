@@ -355,6 +355,24 @@ class ExchangePort(Protocol):
 
 
 @runtime_checkable
+class ChecksRecordedStops(Protocol):
+    """A venue whose stops are values in a field of the position that anyone with the account's key may
+    change (Bybit's `stopLoss` and `trailingStop`): a new process cannot tell our stop from one set in its
+    place while no engine ran. It is told what each stop an earlier process recorded was set to (a hard
+    stop's price; a trailing stop's callback and activation), and answers a look-up of that id with the
+    stop ended (cancelled, someone else's in its place) when the field holds another value."""
+
+    def expect_recorded(
+        self,
+        client_order_id: str,
+        *,
+        stop_price: Decimal | None = None,
+        callback_rate: Decimal | None = None,
+        activation_price: Decimal | None = None,
+    ) -> None: ...
+
+
+@runtime_checkable
 class AttachesStopToEntry(Protocol):
     """A venue whose entry order can carry the position's hard stop (`Capabilities.attach_stop_to_entry`,
     Bybit: `order/create` with `stopLoss`): the position is born with its stop, never naked. The stop is

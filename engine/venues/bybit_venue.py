@@ -151,6 +151,15 @@ class _PositionStop:
     displaced_by: Decimal | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class _RecordedStop:
+    """What an earlier process recorded a stop of ours was set to (`BybitLinearVenue.expect_recorded`)."""
+
+    stop_price: Decimal | None
+    callback_rate: Decimal | None
+    activation_price: Decimal | None
+
+
 @dataclass(slots=True, eq=False)
 class _Rider:
     """A hard stop riding in its position's trailing-stop call: its fields, and how the call ended for
@@ -172,6 +181,11 @@ class _Carrier:
     sent: bool = False
 
 
+def _trailing_distance(market: Market, reference: Decimal, callback_rate: Decimal) -> Decimal:
+    """Bybit trails by a price distance: the callback percent of the price it arms at, on the tick grid."""
+    return max(market.round_price(reference * callback_rate / 100, ROUND_HALF_UP), market.tick_size)
+
+
 # The trailing-stop call the current task is making (the request hook reads it).
 _CARRYING: contextvars.ContextVar[_Carrier | None] = contextvars.ContextVar("bybit_carrying", default=None)
 
@@ -183,6 +197,8 @@ class BybitLinearVenue(CcxtVenue):
     def __init__(self, config: CcxtVenueConfig, *, clock: Clock | None = None) -> None:
         super().__init__(config, clock=clock)
         self._stops: dict[str, _PositionStop] = {}
+        # What stops an earlier process recorded were set to, by id (`expect_recorded`).
+        self._recorded: dict[str, _RecordedStop] = {}
         self._hedge_mode: bool | None = None
         self._waiting_riders: dict[tuple[str, OrderSide], _Rider] = {}  # hard stops awaiting a trailing call
         self._carriers: dict[tuple[str, OrderSide], _Carrier] = {}  # trailing-stop calls not sent yet
@@ -711,11 +727,17 @@ class BybitLinearVenue(CcxtVenue):
             and live is not None
             and not any(other.status is OrderStatus.NEW for other in trailing)
             and not any(other.side is side and other.displaced_by is not None for other in trailing[-1:])
+            and (
+                activation_price is None
+                or self._same(symbol, live, _trailing_distance(market, activation_price, callback_rate))
+            )
         ):
             # A trailing stop is working on the position and we hold none in memory (a restart, or a lost
             # answer): take it as ours. Sending one again would restart its high-water mark on Bybit and give
             # back the profit it has locked in. Not when ours was last found moved by someone else: that
-            # one is theirs, and ours is set again.
+            # one is theirs, and ours is set again; nor when its distance is not the one ours would have
+            # (someone else's, set while no engine ran). (One armed at the mark has a distance no one can
+            # know again: it is taken.)
             stop = _PositionStop(
                 client_order_id,
                 symbol,
@@ -735,8 +757,7 @@ class BybitLinearVenue(CcxtVenue):
             if symbol not in marks:
                 raise Retryable(f"{self.kind} {symbol}: no mark price to size the trailing distance")
             reference = marks[symbol].price
-        # Bybit trails by a price distance: the callback percent of the price it arms at, on the tick grid.
-        distance = max(market.round_price(reference * callback_rate / 100, ROUND_HALF_UP), market.tick_size)
+        distance = _trailing_distance(market, reference, callback_rate)
         request: dict[str, Any] = {
             "category": "linear",
             "symbol": symbol,
@@ -1100,6 +1121,10 @@ class BybitLinearVenue(CcxtVenue):
         row = held[0]
         value = _positive(row.get(_FIELD[order_type]))
         side = OrderSide.SELL if row.get("side") == "Buy" else OrderSide.BUY
+        assert value is not None
+        expected = self._recorded_value(symbol, client_order_id, order_type)
+        if expected is not None and not self._same(symbol, value, expected):
+            return self._displaced_while_away(client_order_id, symbol, side, order_type, row, expected, value)
         stop = _PositionStop(
             client_order_id,
             symbol,
@@ -1114,6 +1139,62 @@ class BybitLinearVenue(CcxtVenue):
         )
         self._attach_venue_order(stop, await self._stop_order_rows(symbol))
         self._adopted(stop, row)
+        return stop
+
+    def expect_recorded(
+        self,
+        client_order_id: str,
+        *,
+        stop_price: Decimal | None = None,
+        callback_rate: Decimal | None = None,
+        activation_price: Decimal | None = None,
+    ) -> None:
+        """`ChecksRecordedStops`: what an earlier process set the stop under this id to. A look-up of an
+        id this process does not hold took the position's field, whatever it held, for that stop: a hard
+        stop someone widened while no engine ran was restored as ours."""
+        self._recorded[client_order_id] = _RecordedStop(stop_price, callback_rate, activation_price)
+
+    def _recorded_value(self, symbol: str, client_order_id: str, order_type: OrderType) -> Decimal | None:
+        """The value the position's field held for this recorded stop: the hard stop's price, or the
+        trailing distance its callback gave at its activation price (None: not known; one armed at the
+        mark trails by a distance from a price nobody recorded)."""
+        recorded = self._recorded.get(client_order_id)
+        if recorded is None:
+            return None
+        if order_type is OrderType.STOP_MARKET:
+            return recorded.stop_price
+        if recorded.activation_price is None or recorded.callback_rate is None:
+            return None
+        return _trailing_distance(self._market(symbol), recorded.activation_price, recorded.callback_rate)
+
+    def _displaced_while_away(
+        self,
+        client_order_id: str,
+        symbol: str,
+        side: OrderSide,
+        order_type: OrderType,
+        row: Mapping[str, Any],
+        expected: Decimal,
+        value: Decimal,
+    ) -> _PositionStop:
+        """Our recorded stop, whose field holds another value: someone else's in its place. Ended as of now
+        (cancelled: not ours), said once, and remembered so that ours is set again, not theirs adopted."""
+        hard = order_type is OrderType.STOP_MARKET
+        recorded = self._recorded[client_order_id]
+        stop = _PositionStop(
+            client_order_id,
+            symbol,
+            side,
+            order_type,
+            _decimal(row.get("size"), _ZERO),  # type: ignore[arg-type]
+            expected if hard else None,
+            None if hard else recorded.activation_price,
+            None if hard else recorded.callback_rate,
+            None if hard else expected,
+            time.time(),
+        )
+        self._stops[client_order_id] = stop
+        self._moved_by_someone(stop, value)
         return stop
 
     def _attach_venue_order(self, stop: _PositionStop, stop_rows: list[Mapping[str, Any]]) -> None:

@@ -26,11 +26,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from engine.venues.bybit_emulator import BybitEmulator
+from engine.venues.bybit_emulator import BybitEmulator, running
 from engine.venues.sim.settings import SimVenueSettings
 from protection.manager import PositionGuard
 from storage.database import Database
-from tests.integration.test_bybit_wave_pacing import KEY, SECRET, _one_protected, bybit_engine
+from tests.integration.test_bybit_wave_pacing import KEY, SECRET, _one_protected, bybit_engine, engine_on
 from tests.support.waiting import wait_until
 
 SYMBOL = "SFPUSDT"
@@ -197,3 +197,54 @@ async def test_a_trailing_stop_moved_is_set_again_not_taken_as_ours_where_we_rea
             await wait_until(restored, within=8.0, what=f"our own {moved} set on the position again")
             await wait_until(lambda: guard.covered, within=8.0, what="the position covered again")
         assert await _lost(db) == 2
+
+
+@pytest.mark.parametrize("moved", ["stopLoss", "trailingStop"])
+async def test_a_stop_moved_while_no_engine_ran_is_not_restored_as_ours(
+    db: Database, caplog: pytest.LogCaptureFixture, moved: str
+) -> None:
+    """An engine stops (its stops stay on the position, as they must); someone moves one; the next engine
+    restores the position. It took whatever value the field held as its own stop (`Restored …`), so a
+    hard stop widened to half the price, or a trailing distance ten times ours, was shown and recorded as
+    our protection for as long as the position lived. It is someone else's: said loudly (a WARNING naming
+    the field), the position re-protected, not restored, and ours set again."""
+    emulator = BybitEmulator(
+        SimVenueSettings(seed=11, volatility=0.0, symbols=[SYMBOL, "BTCUSDT"]),
+        api_key=KEY,
+        api_secret=SECRET,
+        control=True,
+    )
+    async with running(emulator) as base_url:
+        overrides = {"PROTECTION__RECONCILE_SECONDS": "3600"}
+        async with engine_on(db, base_url, overrides) as engine:
+            guard = await _one_protected(engine, SYMBOL)
+            ours = await _settled(guard, base_url)
+        assert await _lost(db) == 0
+        factor = Decimal("0.5") if moved == "stopLoss" else Decimal(10)
+        value = (Decimal(ours[moved]) * factor).quantize(TICK)
+        fields = {moved: str(value)}
+        if moved == "stopLoss":
+            fields["slTriggerBy"] = "MarkPrice"
+        await _as_operator(base_url, **fields)
+        caplog.set_level(logging.WARNING)
+        async with engine_on(db, base_url, overrides) as engine:
+
+            async def restored() -> bool:
+                held = await _held(base_url)
+                return held[moved] is not None and Decimal(held[moved]) == Decimal(ours[moved])
+
+            await wait_until(restored, within=15.0, what="our own value set on the position again")
+            assert engine.manager is not None
+            [guard] = engine.manager.guards.values()
+            await wait_until(lambda: guard.covered, within=8.0, what="the position covered again")
+            report = engine.startup_report
+            assert report is not None
+            assert (report.restored, report.reprotected) == (0, 1), report.describe()
+            other = "trailingStop" if moved == "stopLoss" else "stopLoss"
+            assert Decimal((await _held(base_url))[other]) == Decimal(ours[other])  # left alone
+        warned = [
+            r
+            for r in caplog.records
+            if r.levelno >= logging.WARNING and SYMBOL in r.getMessage() and moved in r.getMessage()
+        ]
+        assert warned, [r.getMessage() for r in caplog.records]

@@ -36,20 +36,7 @@ WAVE = 10
 async def bybit_engine(
     db: Database, emulator: BybitEmulator, overrides: dict[str, str] | None = None
 ) -> AsyncIterator[tuple[Engine, list[str]]]:
-    async with running(emulator) as base_url:
-        settings = engine_settings(
-            db.target.dsn,
-            {
-                "VENUE__KIND": "bybit",
-                "VENUE__BASE_URL": base_url,
-                "VENUE__API_KEY": KEY,
-                "VENUE__API_SECRET": SECRET,
-                "SIGNALS__WAVE_WINDOW_MS": "0",
-                **(overrides or {}),
-            },
-        )
-        clock = SystemClock()
-        engine = Engine(settings, venue=build_venue(settings, clock), clock=clock, version="test")
+    async with running(emulator) as base_url, engine_on(db, base_url, overrides) as engine:
         rejected: list[str] = []
 
         async def follow() -> None:
@@ -59,13 +46,37 @@ async def bybit_engine(
 
         follower = asyncio.create_task(follow(), name="test-events")
         await asyncio.sleep(0)
-        await engine.start()
         try:
             yield engine, rejected
         finally:
-            await engine.stop()
             follower.cancel()
             await asyncio.gather(follower, return_exceptions=True)
+
+
+@asynccontextmanager
+async def engine_on(
+    db: Database, base_url: str, overrides: dict[str, str] | None = None
+) -> AsyncIterator[Engine]:
+    """An engine on the Bybit emulator at `base_url`, configured as for a real Bybit account; one after
+    another on the same emulator is a restart (a new process: a new adapter)."""
+    settings = engine_settings(
+        db.target.dsn,
+        {
+            "VENUE__KIND": "bybit",
+            "VENUE__BASE_URL": base_url,
+            "VENUE__API_KEY": KEY,
+            "VENUE__API_SECRET": SECRET,
+            "SIGNALS__WAVE_WINDOW_MS": "0",
+            **(overrides or {}),
+        },
+    )
+    clock = SystemClock()
+    engine = Engine(settings, venue=build_venue(settings, clock), clock=clock, version="test")
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.stop()
 
 
 async def _one_protected(engine: Engine, symbol: str) -> PositionGuard:

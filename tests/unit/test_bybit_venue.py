@@ -170,6 +170,78 @@ async def test_a_restart_never_resets_the_trailing_stops_high_water_mark() -> No
     assert (kept["extreme"], kept["trailingTrigger"]) == (locked["extreme"], locked["trailingTrigger"])
 
 
+async def test_after_a_restart_a_stop_someone_moved_meanwhile_is_not_taken_for_ours() -> None:
+    """A new process looked a recorded stop up by its id and took whatever the position's field held for
+    it. Told what the earlier process set (`expect_recorded`), it takes the field only at that value; at
+    another, the stop is someone else's: ours ended (cancelled), said once."""
+    async with bybit_venue() as venue:
+        async with connected(venue) as before:
+            await before.create_market_order(SYMBOL, OrderSide.BUY, QTY, client_order_id="tsbabc123-1-en0")
+            await before.create_stop_market_order(
+                SYMBOL, OrderSide.SELL, QTY, Decimal("0.4000"), client_order_id=SL
+            )
+            await before.create_trailing_stop_order(
+                SYMBOL,
+                OrderSide.SELL,
+                QTY,
+                Decimal("2"),
+                client_order_id=TS,
+                activation_price=Decimal("0.5000"),
+            )
+        ours = (await venue.state())["position_stops"][0]
+        await venue.post("position-stops", symbol=SYMBOL, stopLoss="0.3000", slTriggerBy="MarkPrice")
+        async with connected(venue) as after:  # a new process, told what was recorded
+            after.expect_recorded(SL, stop_price=Decimal("0.4000"))
+            after.expect_recorded(TS, callback_rate=Decimal("2"), activation_price=Decimal("0.5000"))
+            stop = await after.fetch_order(SYMBOL, SL)
+            trailing = await after.fetch_order(SYMBOL, TS)  # untouched: ours
+            again = await after.fetch_order(SYMBOL, SL)
+
+    assert ours["trailingStop"] == "0.0100"  # 2 % of the activation price
+    assert (stop.status, stop.stop_price) == (OrderStatus.CANCELED, Decimal("0.4000"))
+    assert again.status is OrderStatus.CANCELED
+    assert trailing.status is OrderStatus.NEW
+
+
+async def test_a_trailing_stop_found_working_is_adopted_only_at_our_distance() -> None:
+    """With none of ours in memory (a restart, a lost answer), a trailing stop working on the position was
+    adopted whatever its distance, and labelled with our callback: one someone else set, ten times wider,
+    was our protection from then on. It is adopted only at the distance ours would have; another is
+    replaced by ours."""
+    activation = Decimal("0.5000")
+    async with bybit_venue() as venue:
+        async with connected(venue) as before:
+            await before.create_market_order(SYMBOL, OrderSide.BUY, QTY, client_order_id="tsbabc123-1-en0")
+            await before.create_trailing_stop_order(
+                SYMBOL, OrderSide.SELL, QTY, Decimal("2"), client_order_id=TS, activation_price=activation
+            )
+        await venue.post("position-stops", symbol=SYMBOL, trailingStop="0.1000", activePrice="0.5000")
+        async with connected(venue) as after:
+            await after.create_trailing_stop_order(
+                SYMBOL,
+                OrderSide.SELL,
+                QTY,
+                Decimal("2"),
+                client_order_id="tsbabc123-1-ts1",
+                activation_price=activation,
+            )
+            replaced = (await venue.state())["position_stops"][0]["trailingStop"]
+        async with connected(venue) as later:  # ours now: adopted, not sent again
+            sent = venue.emulator.requests_by_endpoint.get("POST position/trading-stop", 0)
+            await later.create_trailing_stop_order(
+                SYMBOL,
+                OrderSide.SELL,
+                QTY,
+                Decimal("2"),
+                client_order_id="tsbabc123-1-ts2",
+                activation_price=activation,
+            )
+            resent = venue.emulator.requests_by_endpoint.get("POST position/trading-stop", 0) - sent
+
+    assert replaced == "0.0100"
+    assert resent == 0
+
+
 # ---- defect 2: "stop already crossed" on trading-stop is 10001 naming the base price -------------------
 
 
