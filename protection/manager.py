@@ -2866,12 +2866,13 @@ class ProtectionManager:
             client_order_id=latest.client_order_id,
             price=latest.trigger_price,
             maybe_sent=True,
-            # When it left, as the last manager knew it (a restart); else the record's writing, before any
-            # wait for order budget (too early: only a crash's successor has nothing better).
-            sent_at=self.known_left_at.get(
-                latest.client_order_id,
-                self.clock.monotonic() - max(0.0, self.clock.now() - latest.created_at.timestamp()),
-            ),
+            # When it left, as the last manager knew it (a protection restart). A crash's successor knows
+            # only that it left before the crash, so before now: the record's writing came before any wait
+            # for order budget or a ban's end, and a move that waited 9 s was proven "absent" while the
+            # venue's reads still lagged its placement, given up (recorded `canceled` while live), made
+            # again, and its first new stop cancelled later as a duplicate. The old stop protects while
+            # its absence is proven a read lag from now.
+            sent_at=self.known_left_at.get(latest.client_order_id, self.clock.monotonic()),
             recorded_id=latest.client_order_id,
         )
 

@@ -64,10 +64,17 @@ def tolerating(base: Settings | AuditLimits, *defects: str) -> AuditLimits:
 
 
 class ChaosRun:
-    def __init__(self, db: Database | None, settings: Settings, *, limits: AuditLimits | None = None) -> None:
+    def __init__(
+        self,
+        db: Database | None,
+        settings: Settings,
+        *,
+        limits: AuditLimits | None = None,
+        clock: ManualClock | None = None,
+    ) -> None:
         self.db = db
         self.settings = settings
-        self.clock = ManualClock()
+        self.clock = clock or ManualClock()
         self.venue = SimVenue(settings.venue.sim, clock=self.clock)
         self.engine = make_engine(settings, self.clock, self.venue)
         dsn = settings.database.dsn

@@ -17,11 +17,13 @@ orphans, database against venue).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
 
 import pytest
 
+from engine.clock import ManualClock
 from engine.config import Settings
 from engine.exchange.port import Order
 from engine.venues.sim import SimVenue
@@ -121,7 +123,11 @@ class MoveInFlight:
 
 
 async def a_move_in_flight(
-    run: ChaosRun, *, placed: bool, first_stop: bool = False, before: Callable[[], None] | None = None
+    run: ChaosRun,
+    *,
+    placed: bool,
+    first_stop: bool = False,
+    before: Callable[[], Awaitable[None] | None] | None = None,
 ) -> MoveInFlight:
     """Open a long, let its managed trail place its first stop (unless `first_stop`: that placement is the
     move), then push the mark to a new peak and drive until the move's new stop is live on the venue
@@ -154,8 +160,8 @@ async def a_move_in_flight(
         watch.allow_none = True  # no trailing stop yet: the hard stop protects until the trail activates
 
     # The move: a new peak; the engine sends the new stop, the venue places it after 1 s.
-    if before is not None:
-        before()
+    if before is not None and (preparing := before()) is not None:
+        await preparing
     peak = market.round_price(guard.entry_price * Decimal("1.04"))
     run.venue.override_mark_price(symbol, peak)
     assert guard.trail is not None
@@ -283,9 +289,11 @@ async def closed_leaving_no_trailing_stop(run: ChaosRun, move: MoveInFlight) -> 
     assert live_trailing_stops(run, move.symbol) == [], "a trailing stop of ours outlived the close"
 
 
-def chaos_run(db: Database, overrides: dict[str, str] | None = None) -> tuple[ChaosRun, Settings]:
+def chaos_run(
+    db: Database, overrides: dict[str, str] | None = None, *, clock: ManualClock | None = None
+) -> tuple[ChaosRun, Settings]:
     settings = chaos_settings(db, {**MANAGED_SLOW_CREATES, **(overrides or {})})
-    run = ChaosRun(db, settings)
+    run = ChaosRun(db, settings, clock=clock)
     # Make-before-break has both stops live for a move's round trips, and a stop mid-move leaves both live
     # until the next engine resolves them: the auditor allows that overlap (the downtime and a restart);
     # the tests hold the restarted engine to one stop within the grace period.
@@ -597,6 +605,58 @@ async def test_a_move_whose_answer_is_lost_inside_the_read_lag_is_resolved_not_m
         assert live.client_order_id == move.new.client_order_id
         await run.settle()
         run.verdict(coverage_at_least=85.0)
+    finally:
+        await run.stop()
+
+
+async def test_a_crashed_engines_move_that_waited_for_order_budget_is_adopted_not_made_again(
+    db: Database,
+) -> None:
+    """A move is written ahead, then waits for room in the venue's order window, and only then goes out;
+    the engine dies before its answer. The next engine knew of its send only the record's time, seconds
+    before the send: with the venue's reads lagging 5 s, "not found" came past that window while the new
+    stop was live but not shown yet. The move was abandoned (its record `canceled` while live), made
+    again under the next generation, and the first new stop cancelled later as a duplicate. The send can
+    have left no later than the crash, before the new engine began: its absence is proven only a read lag
+    after that."""
+    # The engine's clock on the database's, from now: an order's record is dated by the database, and its
+    # age read against the engine's clock (on the default test clock, years apart, a record is never old).
+    run, settings = chaos_run(
+        db,
+        {"VENUE__SIM__RATE_LIMITS__BAN_AFTER_VIOLATIONS": "1", "VENUE__SIM__RATE_LIMITS__BAN_SECONDS": "10"},
+        clock=ManualClock(start=time.time()),
+    )
+    run.venue.set_read_lag(5.0)
+    await run.start()
+    try:
+        decided: list[float] = []
+
+        async def window_held() -> None:
+            # Another client of the account fills the order window; an entry of ours meets its 429, and
+            # the venue bans the account for 10 s, past the window: every order of ours waits for its end.
+            await run.a_window_starts()
+            spare, lone = run.free_symbols(2)
+            assert run.neighbour_fills_order_window(spare) > 0
+            await run.wave(1, symbols=[lone])
+            assert (await run.until_signal_ends(lone)).startswith("rejected: entry refused: banned")
+            decided.append(run.clock.now())
+
+        move = await a_move_in_flight(run, placed=True, before=window_held)
+        assert move.new is not None
+        assert move.new.created_at - decided[0] > 4.0  # written ahead, it waited for the window, then went
+        assert run.db is not None
+        guard = await restart(
+            run, settings, move, drain=False, meanwhile=lambda: set_mark(run, move, "1.038")
+        )
+        live = await settles_at_the_trails_stop(run, settings, move, guard, within=10.0)
+        assert live.client_order_id == move.new.client_order_id
+        status = await run.db.pool.fetchval(
+            "SELECT status FROM monitoring.orders WHERE client_order_id = $1", move.new.client_order_id
+        )
+        assert status == "open"
+        assert move.watch.most_live <= 2
+        await run.settle()
+        run.verdict(coverage_at_least=80.0)
     finally:
         await run.stop()
 
