@@ -119,6 +119,9 @@ _EXECUTION_PAGE = 100  # execution/list: limit 1..100
 RIDE_WAIT_SECONDS = 2.0  # a corrected hard stop waits this long at most for its trailing stop's call
 _TRADING_STOP_PATH = "/v5/position/trading-stop"
 _CLOCK_SLACK_SECONDS = 1.0  # the venue's clock against ours, when a venue time is compared with our own
+# How long after one of our stops replaced another in a position's field the replaced value may still be read
+# there without alarm: a read lagging our own write, or a late stream row. Later, it is not what we asked for.
+_EARLIER_VALUE_SECONDS = 5.0
 _FIELD = {OrderType.STOP_MARKET: "stopLoss", OrderType.TRAILING_STOP_MARKET: "trailingStop"}
 _STOP_ORDER_TYPE = {OrderType.STOP_MARKET: "StopLoss", OrderType.TRAILING_STOP_MARKET: "TrailingStop"}
 
@@ -1068,8 +1071,23 @@ class BybitLinearVenue(CcxtVenue):
         )
 
     def _was_ours(self, stop: _PositionStop, value: Decimal) -> bool:
-        """`value` is one that a stop of ours in the same field asked for (now or before)."""
-        return any(self._same(stop.symbol, value, self._value(o)) for o in self._kin(stop))
+        """`value` is one that a stop of ours in the same field asked for lately: one replaced less than
+        `_EARLIER_VALUE_SECONDS` ago (a read that lags our own change, a late row). Any earlier value, at
+        any age, used to pass: a field set back to our hard stop before its correction from the fill (by
+        someone, or by a write of ours that landed late over the newer one) was listed as our stop for
+        the position's life, at a price the engine did not hold; and an earlier position's values on the
+        symbol counted too."""
+        now = time.time()
+        return any(
+            self._same(stop.symbol, value, self._value(o))
+            and (
+                o is stop
+                or o.status is OrderStatus.NEW
+                # (from the replacement's confirmation, when it came later: a slow answer)
+                or now - max(o.updated_at, stop.updated_at) <= _EARLIER_VALUE_SECONDS
+            )
+            for o in self._kin(stop)
+        )
 
     def _note_displaced(self, stop: _PositionStop, value: Decimal) -> bool:
         """The field of our confirmed stop holds `value`, not what we asked for. Said (once, at WARNING) when

@@ -614,3 +614,32 @@ async def test_our_own_move_on_its_way_is_not_a_stop_moved_by_someone_else(
     assert ended.status is OrderStatus.CANCELED
     [said] = [r.getMessage() for r in caplog.records]
     assert all(word in said for word in (SYMBOL, "stopLoss", "0.3000", "0.4100"))
+
+
+async def test_a_stop_set_back_to_an_earlier_value_of_ours_is_taken_as_moved_once_no_read_can_lag(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The hard stop rode on the entry at 0.4000 and was corrected from the fill to 0.4100. An earlier
+    value of ours read in the field is taken for a read that lags our own change, and listed quietly; it
+    was so at any age, for the position's life: the field set back to 0.4000 (by someone, or by a write
+    of ours that landed late) was listed as our stop at 0.4100. Once no read can lag any more, it is a
+    value we did not ask for: not listed, said, and the stop found ended."""
+    caplog.set_level(logging.WARNING, logger="engine.venues.bybit_venue")
+    async with bybit_venue() as venue, connected(venue) as adapter:
+        await entry_carrying_its_stop(adapter, 5)
+        await adapter.create_stop_market_order(
+            SYMBOL, OrderSide.SELL, QTY, Decimal("0.4100"), client_order_id="tsbabc123-5-sl1"
+        )
+        await venue.post("position-stops", symbol=SYMBOL, stopLoss="0.4000", slTriggerBy="MarkPrice")
+        lagging = [o.client_order_id for o in await adapter.fetch_open_protective_orders(SYMBOL)]
+        quiet = [r.getMessage() for r in caplog.records]
+        await asyncio.sleep(5.5)  # past any lag of a read behind our own write
+        later = [o.client_order_id for o in await adapter.fetch_open_protective_orders(SYMBOL)]
+        ended = await adapter.fetch_order(SYMBOL, "tsbabc123-5-sl1")
+
+    assert lagging == ["tsbabc123-5-sl1"]
+    assert quiet == []
+    assert later == []
+    assert ended.status is OrderStatus.CANCELED
+    [said] = [r.getMessage() for r in caplog.records]
+    assert all(word in said for word in (SYMBOL, "stopLoss", "0.4000", "0.4100"))
