@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -94,4 +95,6 @@ class BybitLimiter:
         if not refused:
             window.append(now)
         reset = window[0] + ENDPOINT_WINDOW_SECONDS if refused else now
-        return EndpointCount(limit, max(0, limit - len(window)), int(reset * 1000), refused)
+        # Rounded up: truncated, a refusal within a millisecond of the window's end named a reset at or
+        # before its own `time`, and a client that took it at its word was refused again at once.
+        return EndpointCount(limit, max(0, limit - len(window)), math.ceil(reset * 1000), refused)
