@@ -1237,6 +1237,8 @@ class Engine:
             self.manager.protective_attempts = previous.protective_attempts
             self.manager.protective_failures = previous.protective_failures
             self.manager.order_round_trip_seconds = previous.order_round_trip_seconds
+            # The account stream's word that stops are live: a move whose answer was lost is resolved by it.
+            self.manager.streamed_live = previous.streamed_live
         # Stops of closed positions the last manager was still cancelling: cancelled now, and until they
         # are gone their symbols take no new position (an old stop would act on the new position).
         for symbol, orders in (unfinished_cancels or {}).items():

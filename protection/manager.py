@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -177,6 +177,9 @@ class ProtectiveOrder:
     # Monotonic time its last unclear answer came (None: none since its last send): a send that reached
     # the venue late (a 500 answered after seconds, a lost answer) shows one read lag after that at most.
     unclear_at: float | None = None
+    # Set when the account stream tells it live while it is not confirmed (`PositionGuard.hear_live`): a
+    # late answer's wait takes that word at once.
+    heard_live: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
 
     def left_at(self, now: float) -> float | None:
         """When its last send left for the venue (monotonic; a "not found" sooner than the venue's read lag
@@ -212,6 +215,8 @@ READ_LAG_MARGIN_SECONDS = 0.25
 LEFTOVER_QUICK_GRACES = 3  # a closed position's leftover stops: asked again quickly for this many graces
 ABSENCE_MARGIN_MAX_SECONDS = 2.0  # the one-way trip counted at most (an unclear answer's own time counts too)
 LATE_ANSWER_MIN_SECONDS = 0.5
+# Stops the account stream told live that are kept (the latest), for `ProtectionManager.streamed_live`.
+STREAMED_LIVE_KEPT = 1024
 
 
 class _Outcome(StrEnum):
@@ -405,6 +410,7 @@ class PositionGuard:
         # A managed move the last engine sent and never saw answered (it stopped or died in between): the
         # new stop may be live on the venue. Resolved by its id before anything else is done to the trail.
         self._restored_move: ProtectiveOrder | None = None
+        self._move_finishing = False  # a move confirmed, its trail recorded and the old stop cancelled next
         self._next_trail_generation = 0
         # Per purpose, the least generation not used yet by an order of this position (`skip_used_ids`).
         self._unused_generation: dict[OrderPurpose, int] = {}
@@ -537,8 +543,9 @@ class PositionGuard:
     @property
     def move_in_flight(self) -> bool:
         """A managed move's new stop has been sent (or was left in flight by the last run or an interrupted
-        pass) and not resolved."""
-        return self._replacement is not None or self._restored_move is not None
+        pass) and not resolved, or it is confirmed and the old stop's cancel is on its way (a clean stop
+        that came in between left both stops live: `finish_moves` waits for it)."""
+        return self._replacement is not None or self._restored_move is not None or self._move_finishing
 
     def coverage(self) -> PositionCoverage:
         covered = self.covered
@@ -570,6 +577,21 @@ class PositionGuard:
         return {o.client_order_id for o in current if o is not None and o.client_order_id}
 
     # --- the task ------------------------------------------------------------------------------------
+
+    def hear_live(self, client_order_id: str) -> bool:
+        """The account stream says our order `client_order_id` is live (NEW). Woken when it is one of this
+        guard's stops not confirmed yet (its answer late or lost, or a move left in flight); True then."""
+        waiting = [
+            o
+            for o in (self.stop_loss, self.trailing_stop, self._restored_move, self._replacement)
+            if o is not None and o.client_order_id == client_order_id and not o.confirmed
+        ]
+        if self.closed or not waiting:
+            return False
+        for order in waiting:
+            order.heard_live.set()
+        self.wake.set()
+        return True
 
     def submit(self, command: GuardCommand) -> asyncio.Future[tuple[bool, str]]:
         """Hand the guard a command; its task applies it. An urgent one interrupts a pass in flight."""
@@ -948,6 +970,7 @@ class PositionGuard:
                 return False
             order.confirmed = False
             order.maybe_sent = True  # fetch it first: a filled stop means the position is going
+            m.streamed_live.pop(command.client_order_id, None)  # the venue's read is newer than that word
             return True
         return False
 
@@ -1248,7 +1271,13 @@ class PositionGuard:
         started = m.clock.monotonic()
         handed_off = False
         try:
-            while await _until_late(m.clock, call, ticket, look_after):
+            while True:
+                late = await _until_late(m.clock, call, ticket, look_after, order.heard_live)
+                if call.done():
+                    break
+                if not late and order.client_order_id not in m.streamed_live:
+                    order.heard_live.clear()  # (an earlier word, since ended)
+                    continue
                 look_up = asyncio.ensure_future(
                     self._resolve(order, "late answer: look up", absent_means_send=False)
                 )
@@ -1299,7 +1328,10 @@ class PositionGuard:
         assert cid is not None
         asked_at = m.clock.monotonic()
         try:
-            found = await m.read(lambda: m.venue.fetch_order(self.symbol, cid), "fetch_order")
+            # The account stream's word that it is live spares the look-up, and needs no read lag waited out
+            # (an answer lost after the venue placed the stop kept the position uncovered for that lag).
+            told = m.streamed_live.get(cid)
+            found = told or await m.read(lambda: m.venue.fetch_order(self.symbol, cid), "fetch_order")
         except NotFound:
             # Judged by when the look left (its answer may come after the window's end, and prove nothing).
             proof_at = self._absence_provable_at(order, asked_at)
@@ -1640,6 +1672,9 @@ class PositionGuard:
         order.maybe_sent = False
         order.may_send_again = False
         order.fired_at = None
+        # The stream's word has served: were the stop's end missed later (a message lost), only the venue's
+        # own read may confirm it again, not this word.
+        m.streamed_live.pop(cid, None)
         if latency is not None:
             self.report.created_orders += 1
         price = placed.stop_price if placed.stop_price is not None else placed.activation_price
@@ -1909,6 +1944,22 @@ class PositionGuard:
                         replacement.client_order_id, OrderRecordStatus.CANCELED, error="move abandoned"
                     )
             return outcome is _Outcome.BREACHED  # breached: the old stop stays; nothing else to do now
+        self._move_finishing = True
+        try:
+            await self._move_confirmed(move, replacement, new_price)
+        finally:
+            self._move_finishing = False
+        return True
+
+    async def _move_confirmed(
+        self,
+        move: trailing.PlaceStop | trailing.MoveStop,
+        replacement: ProtectiveOrder,
+        new_price: Decimal,
+    ) -> None:
+        """The move's new stop is live: the trail's own, recorded, said, and the old one cancelled."""
+        m = self._m
+        assert self.trail is not None
         old = self.trailing_stop
         self.trail = trailing.on_stop_confirmed(self.trail, new_price, m.clock.now())
         retired = self._take_trailing_stop(replacement)
@@ -1933,7 +1984,6 @@ class PositionGuard:
             )
         )
         await self._retire(retired)
-        return True
 
     async def _resume_move(self) -> bool:
         """Resolve the move the last engine left in flight (its trail recorded `moving`), by the new stop's
@@ -1941,7 +1991,6 @@ class PositionGuard:
         the venue, or ended without a fill → the move failed, the old stop (verified, or re-placed at the
         trail's stop, or the position closed if that would trigger) stays; filled → exit evidence. False
         while the venue's answer is still unknown (both ids stay current: the reconciler cancels neither)."""
-        m = self._m
         move = self._restored_move
         assert move is not None and move.client_order_id is not None and self.trail is not None
         if move.confirmed:  # listed by the venue's open orders at start-up
@@ -1952,6 +2001,16 @@ class PositionGuard:
         if outcome is _Outcome.RETRY:
             return False
         self._restored_move = None
+        self._move_finishing = True  # (until the old stop's cancel is done: `move_in_flight`)
+        try:
+            return await self._move_resumed(move, outcome)
+        finally:
+            self._move_finishing = False
+
+    async def _move_resumed(self, move: ProtectiveOrder, outcome: _Outcome) -> bool:
+        """`_resume_move` once the venue's word on the move's new stop is known."""
+        m = self._m
+        assert move.client_order_id is not None and self.trail is not None
         left_by = "this run" if move.sent_this_run else "the last run"
         if outcome in (_Outcome.CONFIRMED, _Outcome.FIRED):
             old = self.trailing_stop
@@ -2584,6 +2643,7 @@ class ProtectionManager:
         capabilities = venue.capabilities()
         self.kind = config.trailing_kind(capabilities)
         self.read_after_write_seconds = capabilities.read_after_write_seconds
+        self.stream_new_proves_live = capabilities.stream_new_proves_live
         self.call_stats = call_stats if call_stats is not None else CallStats()
         # The guards' writes of confirmed facts and order states, one statement per event-loop turn: a
         # wave confirms a hundred stops at once, a restart verifies a thousand positions.
@@ -2593,6 +2653,9 @@ class ProtectionManager:
         self.order_status_writer: CoalescingWriter[str, OrderStatusRow, None] = CoalescingWriter(
             self._write_order_statuses, name="order-statuses"
         )
+        # Our stops whose latest word on the account stream is NEW (live), by client id: any later word
+        # (filled, fired, cancelled, expired) or a gap in the stream forgets it (`note_streamed`).
+        self.streamed_live: OrderedDict[str, Order] = OrderedDict()
         self.timeouts = EventCounter()
         # Protective order sends and those that failed (refused, timed out, outcome unknown): the breaker's
         # error rate.
@@ -3440,6 +3503,21 @@ class ProtectionManager:
 
     def request_reconcile(self) -> None:
         self._reconcile_requested.set()
+
+    def note_streamed(self, order: Order | None) -> bool:
+        """The account stream's latest word on one of our stops (None: a gap, every word forgotten). True
+        when it is kept as the venue's word that the stop is live (a NEW, where the stream names orders by
+        the venue's own client ids: `Capabilities.stream_new_proves_live`)."""
+        if order is None:
+            self.streamed_live.clear()
+            return False
+        self.streamed_live.pop(order.client_order_id, None)
+        if order.status is OrderStatus.NEW and self.stream_new_proves_live:
+            self.streamed_live[order.client_order_id] = order
+            while len(self.streamed_live) > STREAMED_LIVE_KEPT:
+                self.streamed_live.popitem(last=False)
+            return True
+        return False
 
     @property
     def reconcile_requested(self) -> asyncio.Event:

@@ -8,8 +8,10 @@ nothing here writes a guard's state (a checker reports facts, the owner applies 
 * `OrderUpdate` of an order carrying our token → the guard of the position its id names (a close's end
   straight to the close in flight, which waits for it in the guard's own task). Ids of other
   installations are never touched; a stop of ours that no guard holds (left from an ended position) and
-  that filled asks for a reconcile pass (its orphan logic cancels what is left). NEW is not routed: our own
-  send's answer confirms it.
+  that filled asks for a reconcile pass (its orphan logic cancels what is left). A stop's NEW is kept as
+  the venue's word that it is live (`ProtectionManager.streamed_live`), and wakes its guard when that stop
+  is not confirmed yet (its answer late or lost, a move left in flight by a restart): before, such a stop
+  waited out the venue's read lag (5 s on Binance) to be found, its position uncovered meanwhile.
 * `PositionUpdate` → the guard holding that symbol, for its side; a row of the other side (hedge mode's
   idle side, or a one-way flip) only asks for a reconcile pass.
 * `StreamGap` → a reconcile pass at once: what the stream missed is read from the venue.
@@ -37,16 +39,18 @@ def route_account_event(manager: ProtectionManager, event: AccountEvent) -> bool
         return False  # a manager being replaced: the new one reconciles when it starts
     if isinstance(event, StreamGap):
         log.info("account stream: %s (events since then may be lost); reading the venue now", event.reason)
+        manager.note_streamed(None)  # a word missed may have ended what was told live
         manager.request_reconcile()
         return True
     if isinstance(event, OrderUpdate):
         order = event.order
-        if order.status is OrderStatus.NEW:
-            return False
         key = parse_client_order_id(order.client_order_id, manager.token)
         if key is None:
             return False  # not ours: never touched
+        kept = key.purpose in _STOPS and manager.note_streamed(order)
         guard = manager.guards.get(key.position_id)
+        if order.status is OrderStatus.NEW:
+            return kept and guard is not None and guard.hear_live(order.client_order_id)
         if guard is None or guard.closed:
             if order.status is OrderStatus.FILLED and key.purpose in _STOPS:
                 # A stop of ours that no guard holds (left from an ended position) filled: it acted on

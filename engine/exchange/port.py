@@ -250,6 +250,10 @@ class Capabilities:
     # The price a native trailing stop follows: "mark" (Binance: callback rate on the mark price) or "last"
     # (Bybit: a fixed price distance from the last traded price, no trigger-by option).
     trailing_stop_follows: str = "mark"
+    # The account stream names an order by the client id the venue holds it under, so its NEW proves that
+    # order live (Binance, the sim). Bybit's position stops carry no client id: the adapter names a stop
+    # order after the stop it can be, which proves nothing about a stop whose own answer has not come.
+    stream_new_proves_live: bool = True
 
 
 @runtime_checkable

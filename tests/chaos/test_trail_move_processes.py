@@ -116,7 +116,9 @@ async def test_an_engine_killed_mid_move_adopts_the_live_new_stop_on_restart(
                 await wait_until(first_stop_recorded, within=30, what="the trail's first stop recorded")
                 (old,) = await live_trailing_stops(url, symbol, token)
 
-                # The next stop placement is executed and its answer held back; a new peak moves the trail.
+                # The next stop placement is executed and its answer held back, and the account stream is late
+                # (its NEW would settle the move at once); a new peak moves the trail.
+                await control(url, "/_sim/stream-fault", {"fault": "delay", "ms": 20000, "seconds": 15})
                 await control(
                     url,
                     "/_sim/fault",

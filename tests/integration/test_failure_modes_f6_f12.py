@@ -847,8 +847,9 @@ async def test_f12_a_protective_order_timeout_is_logged_recorded_and_published(
     db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
     """F12 on the incident's own failure, "Timeout creating trailing stop for SFPUSDT": the venue accepts
-    the stops but the answers are lost, and its reads show new stops only 12 s later, past the 10 s call
-    budget, so no look-up can settle them before the calls time out. Each timeout is logged with the
+    the stops but the answers are lost, its reads show new stops only 12 s later, past the 10 s call
+    budget, and its account stream is as late (whose NEW would otherwise settle them at once), so nothing
+    can settle them before the calls time out. Each timeout is logged with the
     symbol, recorded as a `protection_timeout` event, published as `ProtectionTimedOut` (outcome
     "retrying": still unknown), and resolved by client order id once the venue shows the order (one order
     each on the venue, not a blind second one)."""
@@ -857,6 +858,8 @@ async def test_f12_a_protective_order_timeout_is_logged_recorded_and_published(
     seen, follower = _collect(engine)
     try:
         assert engine.manager is not None
+        assert isinstance(engine.venue, SimVenue)
+        engine.venue.delay_account_events(12.0)
         position_id = await _open_then_break_protection(
             engine, clock, SYMBOL, FaultKind.TIMEOUT_AFTER_ACCEPT, 2
         )

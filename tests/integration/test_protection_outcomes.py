@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import time
+from decimal import Decimal
 from typing import Any
 
 import aiohttp
@@ -27,6 +28,7 @@ from engine.venues.sim.settings import CallKind, FaultKind, SimVenueSettings
 from storage.database import Database
 from tests.integration.engine_support import binance_wire_engine, engine_settings, make_engine
 from tests.integration.test_failure_modes_f1_f5 import SYMBOLS
+from tests.support.auditor import EmulatorTruth
 from tests.support.driving import drive, drive_until
 from tests.support.waiting import wait_until
 from tui.feed import entry_for_event
@@ -95,9 +97,10 @@ async def test_each_failed_stop_on_the_sim_venue_is_named_by_what_happened(
     clock = ManualClock()
     engine = make_engine(settings, clock)
     if fault is FaultKind.TIMEOUT_AFTER_ACCEPT:
-        # Its reads show a new stop only after the client gave up (2 s): no look-up by client id settles
-        # it first, so the call really times out.
+        # Its reads show a new stop only after the client gave up (2 s), and so does its account stream
+        # (whose NEW settles a stop at once): nothing settles it first, so the call really times out.
         engine.venue.set_read_lag(3.0)
+        engine.venue.delay_account_events(3.0)
     await drive(clock, engine.start())
     seen, follower = _collect(engine)
     symbol = SYMBOLS[11]
@@ -260,6 +263,11 @@ async def test_on_the_binance_wire_a_500_is_a_server_error_and_only_a_held_answe
         try:
             assert engine.store is not None
             assert engine.manager is not None
+            # The account stream late (its NEW would settle the held answer's stop before the call's budget).
+            answer = await session.post(
+                f"{base_url}/_sim/stream-fault", json={"fault": "delay", "ms": 3000, "seconds": 120}
+            )
+            assert answer.status == 200, await answer.text()
             # The first five protective placements fail, one fault each, in this order.
             await _force(session, base_url, "error")
             await _force(session, base_url, "busy")
@@ -380,5 +388,118 @@ async def test_on_the_binance_wire_an_entry_answered_500_is_in_doubt_for_the_req
             assert 9.5 <= in_doubt < 14.0, in_doubt  # 5 s + 1 s + 5 s, and a look-up; it was 15 s or more
             window = engine.venue.capabilities()
             assert window.request_window_seconds + window.read_after_write_seconds == 10.0
+        finally:
+            await engine.stop()
+
+
+async def test_on_the_binance_wire_a_stop_whose_answer_is_lost_is_confirmed_by_the_account_stream(
+    db: Database,
+) -> None:
+    """Both stops are placed by the venue, their answers lost, and the venue's reads do not show them for
+    30 s. The account stream said each was NEW the moment it was placed; that word was dropped, so the
+    position stayed uncovered past the call budget, its stops sent again (refused as duplicates) and
+    looked up until the reads caught up. The stream's NEW is the venue's word that the stop is live: the
+    position is covered at once, and nothing is sent twice."""
+    sim = SimVenueSettings(seed=7, volatility=0.0)
+    emulator = BinanceEmulator(sim, api_key=KEY, api_secret=SECRET, control=True)
+    async with running(emulator) as base_url, aiohttp.ClientSession() as session:
+        engine = binance_wire_engine(db.target.dsn, base_url, KEY, SECRET)
+        await engine.start()
+        symbol = sorted(emulator.core.markets)[3]
+        try:
+            assert engine.store is not None
+            assert engine.manager is not None
+            await _force(session, base_url, "timeout", count=2, hold_seconds=30.0)
+            await _force(session, base_url, "lag:30", count=2)
+            await engine.store.insert_signals([(symbol, "long", None, None)])
+            manager = engine.manager
+            # Well inside the 10 s call budget and the 30 s the reads lag: only the stream can tell.
+            await wait_until(
+                lambda: symbol in manager.by_symbol and manager.by_symbol[symbol].covered,
+                within=8.0,
+                what="the position covered on the account stream's word",
+            )
+            guard = manager.by_symbol[symbol]
+            truth = EmulatorTruth(base_url)
+            try:
+                view = await truth.read()
+            finally:
+                await truth.close()
+            live = sorted(s.client_order_id for s in view.open_stops if s.symbol == symbol)
+            assert live == sorted([guard.stop_loss.client_order_id, guard.trailing_stop.client_order_id])
+            sent = emulator.requests_by_endpoint.get("POST algoOrder", 0)
+            assert sent == 2, emulator.requests_by_endpoint  # each stop once: none sent again
+        finally:
+            await engine.stop()
+
+
+async def test_a_managed_move_left_unanswered_by_a_protection_restart_is_taken_from_the_account_stream(
+    db: Database,
+) -> None:
+    """A managed trail's move is placed by the venue, its answer lost, and the venue's reads lag 9 s; an
+    operator restarts the protection meanwhile, and the account stream's NEW for the move arrives once
+    the new manager guards the position. That NEW was dropped: the new guard looked the move up until its
+    absence was "proven" (5 s), gave it up while it was live, made the same move again under the next
+    generation, and the first new stop was cancelled later as a duplicate. The stream's word now resolves
+    it: the trail adopts the move's own stop, and no second one is sent."""
+    sim = SimVenueSettings(seed=7, volatility=0.0)
+    emulator = BinanceEmulator(sim, api_key=KEY, api_secret=SECRET, control=True)
+    async with running(emulator) as base_url, aiohttp.ClientSession() as session:
+        engine = binance_wire_engine(
+            db.target.dsn,
+            base_url,
+            KEY,
+            SECRET,
+            {"PROTECTION__TRAILING__MODE": "managed", "PROTECTION__CALL_TIMEOUT_SECONDS": "2"},
+        )
+        await engine.start()
+        symbol = sorted(emulator.core.markets)[3]
+
+        async def mark(factor: str, entry: Decimal) -> None:
+            price = emulator.core.markets[symbol].round_price(entry * Decimal(factor))
+            answer = await session.post(f"{base_url}/_sim/mark", json={"symbol": symbol, "price": str(price)})
+            assert answer.status == 200, await answer.text()
+
+        try:
+            assert engine.store is not None
+            assert engine.manager is not None
+            await engine.store.insert_signals([(symbol, "long", None, None)])
+            manager = engine.manager
+            await wait_until(
+                lambda: symbol in manager.by_symbol and manager.by_symbol[symbol].covered,
+                within=20.0,
+                what="the position covered",
+            )
+            guard = manager.by_symbol[symbol]
+            await mark("1.02", guard.entry_price)  # the trail activates: its first stop
+            await wait_until(lambda: guard.trailing_stop.confirmed, within=20.0, what="the first trail stop")
+            first = guard.trailing_stop.client_order_id
+            answer = await session.post(
+                f"{base_url}/_sim/stream-fault", json={"fault": "delay", "ms": 4000, "seconds": 30}
+            )
+            assert answer.status == 200, await answer.text()
+            await _force(session, base_url, "timeout", hold_seconds=30.0)
+            await _force(session, base_url, "lag:9")
+            await mark("1.04", guard.entry_price)  # a new peak: the move
+            await wait_until(lambda: guard._replacement is not None, within=10.0, what="the move sent")
+            assert guard._replacement is not None
+            move = guard._replacement.client_order_id
+            assert move is not None
+            assert move != first
+            await engine.restart_protection()
+            assert engine.manager is not manager
+            restored = engine.manager.by_symbol[symbol]
+            await wait_until(
+                lambda: restored.trailing_stop.client_order_id == move and restored.trailing_stop.confirmed,
+                within=8.0,
+                what="the move's own stop adopted",
+            )
+            rows = await db.pool.fetch(
+                "SELECT client_order_id, status FROM monitoring.orders "
+                "WHERE position_id = $1 AND purpose = 'trailing_stop' ORDER BY id",
+                guard.position_id,
+            )
+            assert [r["client_order_id"] for r in rows] == [first, move], rows  # no second move sent
+            assert {r["client_order_id"]: r["status"] for r in rows}[move] == "open"
         finally:
             await engine.stop()

@@ -92,7 +92,8 @@ async def _a_stops_answer_lost(
     meet `look_ups` (fault, count) first; yielded as soon as its guard exists, stopped after. The fault is
     set once the entry is sent (asked for before the entry's answer, under load the stops had gone out
     before the test looked). `stops_held`: what is sent after the entry (its stops) first waits that long
-    for the venue's pacing (a 429's Retry-After)."""
+    for the venue's pacing (a 429's Retry-After). The account stream is 30 s late from the entry on: its
+    NEW would settle the stop at once, and these are the tests of what settles it without the stream."""
     settings = settings_for(db, {"VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "1.5", **(overrides or {})})
     clock = ManualClock() if clock is None else clock
     engine = make_engine(settings, clock, read_lag=read_lag)
@@ -114,6 +115,7 @@ async def _a_stops_answer_lost(
         if stops_held:
             assert engine.request_pacer is not None
             engine.request_pacer.hold(stops_held)
+        venue.delay_account_events(30.0)
         venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT)
         for fault, count in look_ups:
             venue.inject_fault(CallKind.FETCH_ORDER, fault, count)
