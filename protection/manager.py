@@ -2776,6 +2776,7 @@ class ProtectionManager:
             if isinstance(self.venue, ChecksRecordedStops):
                 self.venue.expect_recorded(
                     record.client_order_id,
+                    side=_order_side(record.side),
                     stop_price=record.trigger_price,
                     callback_rate=record.callback_percent,
                     activation_price=record.activation_price,
@@ -3625,6 +3626,14 @@ def _datetime(epoch: float | None) -> datetime | None:
     if epoch is None:
         return None
     return datetime.fromtimestamp(epoch, tz=UTC)
+
+
+def _order_side(value: str) -> OrderSide | None:
+    """A recorded order's side (None: one this version does not know)."""
+    try:
+        return OrderSide(value)
+    except ValueError:
+        return None
 
 
 async def _until_late(

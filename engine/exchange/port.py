@@ -370,6 +370,7 @@ class ChecksRecordedStops(Protocol):
         self,
         client_order_id: str,
         *,
+        side: OrderSide | None = None,
         stop_price: Decimal | None = None,
         callback_rate: Decimal | None = None,
         activation_price: Decimal | None = None,

@@ -161,6 +161,7 @@ class _RecordedStop:
     stop_price: Decimal | None
     callback_rate: Decimal | None
     activation_price: Decimal | None
+    side: OrderSide | None = None  # the side that closes its position (its order's side)
 
 
 @dataclass(slots=True, eq=False)
@@ -1134,7 +1135,14 @@ class BybitLinearVenue(CcxtVenue):
         order_type = OrderType.STOP_MARKET if match.group(1) == "sl" else OrderType.TRAILING_STOP_MARKET
         if any(o.type is order_type and o.status is OrderStatus.NEW for o in self._stops_for(symbol)):
             return None
-        held = [row for row in await self._position_rows(symbol) if _positive(row.get(_FIELD[order_type]))]
+        rows = await self._position_rows(symbol)
+        recorded = self._recorded.get(client_order_id)
+        if recorded is not None and recorded.side is not None:
+            # The recorded stop's own position (in hedge mode the other side's stop is not ours).
+            own = _row_closed_by(rows, symbol, recorded.side)
+            held = [own] if own is not None and _positive(own.get(_FIELD[order_type])) else []
+        else:
+            held = [row for row in rows if _positive(row.get(_FIELD[order_type]))]
         if len(held) != 1:
             return None  # nothing of that kind on the venue (or one per side in hedge mode: which is ours?)
         row = held[0]
@@ -1143,6 +1151,11 @@ class BybitLinearVenue(CcxtVenue):
         assert value is not None
         expected = self._recorded_value(symbol, client_order_id, order_type)
         if expected is not None and not self._same(symbol, value, expected):
+            if self._earlier_recorded_holds(symbol, client_order_id, order_type, value):
+                # Another stop of ours the last process recorded for this field holds it: this one (a
+                # correction, a resize written ahead) never took effect, or does not show yet. Not named:
+                # its look-up proves it absent (or not) as any unsent order's.
+                return None
             return self._displaced_while_away(client_order_id, symbol, side, order_type, row, expected, value)
         stop = _PositionStop(
             client_order_id,
@@ -1164,14 +1177,34 @@ class BybitLinearVenue(CcxtVenue):
         self,
         client_order_id: str,
         *,
+        side: OrderSide | None = None,
         stop_price: Decimal | None = None,
         callback_rate: Decimal | None = None,
         activation_price: Decimal | None = None,
     ) -> None:
-        """`ChecksRecordedStops`: what an earlier process set the stop under this id to. A look-up of an
-        id this process does not hold took the position's field, whatever it held, for that stop: a hard
-        stop someone widened while no engine ran was restored as ours."""
-        self._recorded[client_order_id] = _RecordedStop(stop_price, callback_rate, activation_price)
+        """`ChecksRecordedStops`: what an earlier process set the stop under this id to, and the side that
+        closes its position. A look-up of an id this process does not hold took the position's field,
+        whatever it held, for that stop: a hard stop someone widened while no engine ran was restored as
+        ours (and, in hedge mode, the other side's stop when ours had none)."""
+        self._recorded[client_order_id] = _RecordedStop(stop_price, callback_rate, activation_price, side)
+
+    def _earlier_recorded_holds(
+        self, symbol: str, client_order_id: str, order_type: OrderType, value: Decimal
+    ) -> bool:
+        """`value` is what another recorded stop of ours in the same field of the same position was set to."""
+        match = _STOP_KIND_IN_ID.search(client_order_id)
+        assert match is not None
+        position = client_order_id[: match.start()]
+        for other in self._recorded:
+            found = _STOP_KIND_IN_ID.search(other)
+            if other == client_order_id or found is None or other[: found.start()] != position:
+                continue
+            if found.group(1) != match.group(1):
+                continue
+            earlier = self._recorded_value(symbol, other, order_type)
+            if earlier is not None and self._same(symbol, value, earlier):
+                return True
+        return False
 
     def _recorded_value(self, symbol: str, client_order_id: str, order_type: OrderType) -> Decimal | None:
         """The value the position's field held for this recorded stop: the hard stop's price, or the

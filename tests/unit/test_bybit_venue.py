@@ -643,3 +643,22 @@ async def test_a_stop_set_back_to_an_earlier_value_of_ours_is_taken_as_moved_onc
     assert ended.status is OrderStatus.CANCELED
     [said] = [r.getMessage() for r in caplog.records]
     assert all(word in said for word in (SYMBOL, "stopLoss", "0.4000", "0.4100"))
+
+
+async def test_after_a_crash_a_correction_written_ahead_but_never_sent_is_not_taken_for_moved() -> None:
+    """The entry's hard stop rode on it at 0.4000; its correction from the fill (0.4100) was written ahead,
+    and the engine died before sending it. The next process, told both records, looked the newest up
+    first, found the field at 0.4000, and said the stop "moved by someone else" (a false alarm, the
+    correction's record `canceled`, the position counted re-protected). The field holds what an earlier
+    stop of ours recorded: the correction is simply not there (not found: sent again), and nothing is said."""
+    async with bybit_venue() as venue:
+        async with connected(venue) as before:
+            await entry_carrying_its_stop(before, position=4, stop=Decimal("0.4000"))
+        async with connected(venue) as after:
+            after.expect_recorded("tsbabc123-4-sl0", stop_price=Decimal("0.4000"))
+            after.expect_recorded("tsbabc123-4-sl1", stop_price=Decimal("0.4100"))
+            with pytest.raises(NotFound):
+                await after.fetch_order(SYMBOL, "tsbabc123-4-sl1")
+            kept = await after.fetch_order(SYMBOL, "tsbabc123-4-sl0")
+
+    assert (kept.status, kept.stop_price) == (OrderStatus.NEW, Decimal("0.4000"))

@@ -31,7 +31,7 @@ from engine.exchange import (
     WouldTriggerImmediately,
 )
 from engine.exchange.errors import Banned
-from engine.exchange.port import RequestBudget
+from engine.exchange.port import ChecksRecordedStops, RequestBudget
 from engine.pacing import RequestPacer, VenuePacing
 from engine.venues.bybit_venue import BybitLinearVenue
 from engine.venues.ccxt_venue import CcxtVenueConfig
@@ -77,6 +77,7 @@ def _ok(result: Any) -> web.Response:
 @dataclass
 class BybitStub:
     position: dict[str, Any] | None = None
+    other_side: dict[str, Any] | None = None  # hedge mode: the symbol's other position row
     errors: dict[str, tuple[int, str]] = field(default_factory=dict)  # path -> (retCode, retMsg)
     requests: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
     limits: dict[str, tuple[int, int]] = field(default_factory=dict)  # path -> (X-Bapi-Limit, -Status)
@@ -119,7 +120,8 @@ class BybitStub:
             code, message = self.errors[path]
             return web.json_response({"retCode": code, "retMsg": message, "result": {}, "time": 0})
         if path == "/v5/position/list":
-            return _ok({"category": "linear", "list": [self.position] if self.position else []})
+            rows = [row for row in (self.position, self.other_side) if row]
+            return _ok({"category": "linear", "list": rows})
         if path == "/v5/position/trading-stop":
             return _ok({})
         if path == "/v5/order/create":
@@ -411,3 +413,26 @@ async def test_a_403_bans_every_request_but_protective_ones_which_wait_for_its_e
         with pytest.raises(Banned):  # a read is refused at once, without reaching the venue
             await venue.fetch_balance()
         assert not any(path == "/v5/account/wallet-balance" for _, path, _ in stub.requests)
+
+
+async def test_in_hedge_mode_a_restart_never_takes_the_other_sides_stop_for_ours() -> None:
+    """Hedge mode, after a restart: our long's trailing stop is gone, the short beside it holds one. The
+    look-up of our recorded stop took the one row holding the field, whichever side it closed: the
+    short's trailing stop stood for our long's. Told which side the recorded stop closes, the adapter
+    looks at that position only: nothing there, so no position stop is named (the look-up goes on to the
+    venue's order lists, which this stub answers with a filled market order for any id)."""
+    stub = BybitStub(
+        position=_position(idx=1, side="Buy", trailingStop="0"),
+        other_side=_position(idx=2, side="Sell", trailingStop="0.0100"),
+    )
+    async with bybit(stub) as venue:
+        assert isinstance(venue, ChecksRecordedStops)
+        venue.expect_recorded(
+            "tsbabc123-1-ts0",
+            side=OrderSide.SELL,
+            callback_rate=Decimal("2"),
+            activation_price=Decimal("0.5500"),
+        )
+        found = await venue.fetch_order("SFPUSDT", "tsbabc123-1-ts0")
+    assert found.type is not OrderType.TRAILING_STOP_MARKET, found
+    assert not stub.sent("/v5/position/trading-stop")
