@@ -709,6 +709,8 @@ class Engine:
         # Entries of unknown outcome, by symbol (their symbols stay in `_in_flight`), and the tasks settling them.
         self._in_doubt: dict[str, EntryInDoubt] = {}
         self._sending: dict[str, EntryInDoubt] = {}  # entries on their way, by client id (`_send_entry`)
+        # Of those, entries the venue refused for its rate (not executed), waiting to be sent again.
+        self._refused_waiting: set[str] = set()
         self._rows: tuple[PositionCoverage, ...] = ()  # the last snapshot's facts (rows_by_position)
         # Entries of ours the account stream said ended (filled, or not), by client id, the latest kept:
         # the evidence that settles an entry in doubt, which may only become one after its event came.
@@ -1873,7 +1875,12 @@ class Engine:
         nothing exposed. Stops on the venue protect without it, and the health loop goes on measuring: no
         alarm for those either."""
         await self.clock.sleep(seconds)
-        while not (carried.trails_without_order or self._sending or self._in_doubt or self._awaiting_guard):
+        while not (
+            carried.trails_without_order
+            or self._sending.keys() - self._refused_waiting  # (one refused for the rate never ran)
+            or self._in_doubt
+            or self._awaiting_guard
+        ):
             await self.clock.sleep(RESTART_EXPOSURE_POLL_SECONDS)
         self._say_running_phase(LeasePhase.STARTING)
 
@@ -2530,10 +2537,14 @@ class Engine:
                         raise
                     log.info("entry %s rate limited (%s): sent again in %.3fs", symbol, exc, exc.retry_after)
                     # (Refused: it never ran.) A stop that begins meanwhile ends the wait: not sent again.
-                    await wait_event(self.clock, self._stop_begun, max(0.0, exc.retry_after))
-                    if (not_sent := self._not_to_be_sent()) is not None:
-                        raise EntryNotSentAgain(not_sent) from exc
-                    promise = await manager.budget.acquire_resend(promise)
+                    self._refused_waiting.add(cid)
+                    try:
+                        await wait_event(self.clock, self._stop_begun, max(0.0, exc.retry_after))
+                        if (not_sent := self._not_to_be_sent()) is not None:
+                            raise EntryNotSentAgain(not_sent) from exc
+                        promise = await manager.budget.acquire_resend(promise)
+                    finally:
+                        self._refused_waiting.discard(cid)
                     if (not_sent := self._not_to_be_sent()) is not None:
                         manager.budget.entry_answered(promise, room=False)  # its probe never went
                         raise EntryNotSentAgain(not_sent) from exc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Awaitable
 from decimal import Decimal
@@ -454,6 +455,76 @@ async def test_an_entry_waiting_for_order_budget_counts_once_sent(
         entry_sent = venue.calls_made.get(CallKind.CREATE_ORDER, 0) > sent
         assert entry_sent is sent_during_the_restart
         assert phases == ({"running", "starting"} if sent_during_the_restart else {"running"})
+        await drive_until_covered(engine, clock, 2)
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_an_entry_the_venue_refused_for_its_rate_is_no_reason_for_starting(db: Database) -> None:
+    """An entry the venue refused for its rate (HTTP 429: not executed) waits for the venue's Retry-After
+    and room in the window before it is sent again: nothing of it is on the venue. A protection restart
+    meanwhile said `starting` for it past its grace period (it was still counted as on its way)."""
+    from decimal import Decimal as D
+
+    from engine.clock import ManualClock
+    from engine.exchange.port import OrderSide
+    from engine.venues.sim.settings import CallKind
+    from tests.integration.engine_support import make_engine
+    from tests.integration.test_failure_modes_f1_f5 import (
+        SYMBOLS,
+        drive_until_covered,
+        open_positions,
+        settings_for,
+    )
+    from tests.support.driving import drive, drive_until
+
+    clock = ManualClock()
+    overrides = {
+        "VENUE__SIM__LATENCY__SECONDS": "1",
+        "PROTECTION__GRACE_SECONDS": "0.5",
+        "PROTECTION__TRAILING__MODE": "native",
+        "VENUE__SIM__RATE_LIMITS__ORDERS_PER_10S": "20",
+        "VENUE__SIM__RATE_LIMITS__BAN_AFTER_VIOLATIONS": "1000",
+    }
+    engine = make_engine(settings_for(db, overrides), clock)
+    await drive(clock, engine.start())
+    try:
+
+        async def phase() -> str:
+            return await db.pool.fetchval("SELECT phase FROM monitoring.engine_leases")
+
+        venue = engine.venue
+        await open_positions(engine, clock, SYMBOLS[:1])
+        await drive_until_covered(engine, clock, 1)
+        await drive_until(clock, lambda: 1.0 <= clock.now() % 10 < 1.2, step=0.1, what="a window's start")
+        core, now = venue.core, clock.now()
+        for i in range(20 - core.order_counts(now)[10.0]):  # another client of the account fills it
+            with contextlib.suppress(Exception):
+                core.place_market_order(SYMBOLS[9], OrderSide.SELL, D(1), f"nb-{i}", now, reduce_only=True)
+        sent = venue.calls_made.get(CallKind.CREATE_ORDER, 0)
+        assert engine.store is not None
+        await engine.store.insert_signals([(SYMBOLS[1], "long", None, None)])
+        await drive_until(
+            clock,
+            lambda: venue.calls_made.get(CallKind.CREATE_ORDER, 0) == sent + 1,
+            step=0.05,
+            what="the entry sent",
+        )
+        await drive(clock, clock.sleep(1.2))  # and refused (its answer a second later)
+        assert SYMBOLS[1] not in {p.symbol for p in venue.core.inspect(clock.now()).positions}
+        restart = asyncio.ensure_future(engine.restart_protection())
+        began = clock.monotonic()
+        phases: set[str] = set()
+
+        async def restarted() -> bool:
+            phases.add(await phase())
+            return restart.done()
+
+        await drive_until(clock, restarted, step=0.1, limit=60, what="the restart done")
+        await restart
+        assert clock.monotonic() - began > 1.0  # past its grace period
+        assert venue.calls_made.get(CallKind.CREATE_ORDER, 0) == sent + 1  # still waiting to go again
+        assert phases == {"running"}
         await drive_until_covered(engine, clock, 2)
     finally:
         await drive(clock, engine.stop())
