@@ -56,7 +56,7 @@ from storage.database import (
 )
 from storage.embedded import EmbeddedPostgresError, default_data_dir, psql_executable, running_server
 from storage.journal import read_journal
-from storage.lease import LeaseHeld, current_holder, holder_on
+from storage.lease import LeaseHeld, current_holder, holder_on, lease_held_sql
 from storage.migrator import MigrationError, apply_migrations
 from storage.outage import journal_path
 from storage.repositories import DuplicateExternalId, HealthRow, PositionStatus, Severity, Store
@@ -540,6 +540,7 @@ _VERDICT_OF_HEALTH = {"healthy": "ok", "degraded": "degraded", "critical": "crit
 # A look at the database connects within `database.probe_timeout_seconds` and each query answers within it
 # too; the whole look (connect, schema check, a handful of queries) gives up after this many of them.
 STATUS_DEADLINE_PROBES = 3
+STATUS_SNAPSHOT_ATTEMPTS = 3  # looks made again while an engine takes or leaves the account during one
 _VERDICT_SYMBOLS = 10  # the symbols a verdict's reason names at most
 
 
@@ -671,16 +672,25 @@ async def _read_status(
             await apply_migrations(conn)  # a no-op once the engine ran; a fresh database gets its schema
             # One snapshot for every figure: read statement by statement, an engine that stopped between
             # them left coverage counting its managed trails beside "no engine", and a position opened
-            # between them was in the uncovered list but not in the counts.
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                store = Store.on_connection(conn, account)
-                coverage = await store.coverage()
-                uncovered = await store.uncovered_positions(grace)
-                health_rows = await store.latest_health()
-                holder = await holder_on(conn, _venue_name(loaded), account)
-                control = await store.entries_control(_venue_name(loaded), account)
-                now = await conn.fetchval("SELECT now()")
-                token = await store.installation_token()
+            # between them was in the uncovered list but not in the counts. Whether an engine holds the
+            # account's lock is no row (the lock table is read live, not from the snapshot): read before and
+            # after, and the look made again if it changed in between.
+            held_sql = f"SELECT {lease_held_sql('$1::text', '$2::text')}"
+            venue = _venue_name(loaded)
+            for _ in range(STATUS_SNAPSHOT_ATTEMPTS):
+                async with conn.transaction(isolation="repeatable_read", readonly=True):
+                    held = await conn.fetchval(held_sql, venue, account)
+                    store = Store.on_connection(conn, account)
+                    coverage = await store.coverage()
+                    uncovered = await store.uncovered_positions(grace)
+                    health_rows = await store.latest_health()
+                    holder = await holder_on(conn, venue, account)
+                    control = await store.entries_control(venue, account)
+                    now = await conn.fetchval("SELECT now()")
+                    token = await store.installation_token()
+                    still = await conn.fetchval(held_sql, venue, account)
+                if held == still:
+                    break
     finally:
         pool.terminate()  # a look leaves nothing behind, and close() would wait on a server gone quiet
     looked_after = holder is not None and holder.looks_after

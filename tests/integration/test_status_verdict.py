@@ -439,11 +439,15 @@ async def test_a_managed_trail_counts_in_the_ts_coverage_while_its_engine_looks_
     assert Decimal(str(silent["coverage_pct"])) == Decimal("50.0")
 
 
-async def test_status_reads_every_figure_from_one_snapshot(workdir: Path, engine_side: EngineSide) -> None:
-    """Status read its figures statement by statement: an engine that went quiet between them left the
-    coverage counting its managed trail, and nothing uncovered, beside an engine "not heard" and a critical
-    verdict. The reads now share one snapshot. Made deterministic with a real lock: status is held on the
-    health table (read third) while the engine goes quiet, then let go."""
+@pytest.mark.parametrize("engine", ["goes-quiet", "stops"])
+async def test_status_reads_every_figure_from_one_snapshot(
+    workdir: Path, engine_side: EngineSide, engine: str
+) -> None:
+    """Status read its figures statement by statement: an engine that went quiet (or stopped) between them
+    left the coverage counting its managed trail, and nothing uncovered, beside an engine "not heard" (or
+    none) and a critical verdict. The reads now share one snapshot, and the account's lock, which no
+    snapshot holds, is read before and after them. Made deterministic with a real lock: status is held on
+    the health table (read third) while the engine goes quiet or stops, then let go."""
     await engine_side.execute(
         "INSERT INTO monitoring.positions (account, symbol, exchange, side, quantity, entry_price, status, "
         "has_stop_loss, has_trailing_stop, trail_armed, trailing_activated, opened_at) "
@@ -471,22 +475,25 @@ async def test_status_reads_every_figure_from_one_snapshot(workdir: Path, engine
             )
 
         await wait_until(waiting_on_the_lock, within=30, what="status held on the health table")
-        await engine_side.execute(  # the engine goes quiet meanwhile
-            "UPDATE monitoring.engine_leases SET heartbeat_at = now() - interval '31 seconds'"
-        )
+        if engine == "goes-quiet":
+            await engine_side.execute(
+                "UPDATE monitoring.engine_leases SET heartbeat_at = now() - interval '31 seconds'"
+            )
+        else:
+            await engine_side.drop_lease()  # its lock released: no engine holds the account
         await held.rollback()
         result = await status
     finally:
         await locker.close()
         await watcher.close()
     report = json.loads(result.stdout)
-    said = (
-        report["engine"]["silent"],
-        report["with_managed_trail"],
-        [p["symbol"] for p in report["uncovered"]],
-    )
-    assert said == (False, 1, []), said  # as it was when the look began, every figure alike
-    assert report["state"] == "ok", report["reason"]
+    looks_after = report["engine"] is not None and not report["engine"]["silent"]
+    said = (looks_after, report["with_managed_trail"], [p["symbol"] for p in report["uncovered"]])
+    if engine == "goes-quiet":
+        assert said == (True, 1, []), said  # as it was when the look began, every figure alike
+        assert report["state"] == "ok", report["reason"]
+    else:  # the lock is read live: the look is made again, every figure as it is now
+        assert said == (False, 0, ["AAAUSDT"]), said
 
 
 async def test_status_says_the_records_are_behind_a_journal_no_engine_has_replayed(
