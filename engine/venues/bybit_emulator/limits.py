@@ -94,7 +94,8 @@ class BybitLimiter:
         refused = len(window) >= limit
         if not refused:
             window.append(now)
-        reset = window[0] + ENDPOINT_WINDOW_SECONDS if refused else now
-        # Rounded up: truncated, a refusal within a millisecond of the window's end named a reset at or
-        # before its own `time`, and a client that took it at its word was refused again at once.
-        return EndpointCount(limit, max(0, limit - len(window)), math.ceil(reset * 1000), refused)
+        # A refusal's reset is rounded up: truncated, one within a millisecond of the window's end named a
+        # reset at or before its own `time`, and a client that took it at its word was refused again at once.
+        # Otherwise it is the current time, as the answer's own `time` is written.
+        reset_ms = math.ceil((window[0] + ENDPOINT_WINDOW_SECONDS) * 1000) if refused else int(now * 1000)
+        return EndpointCount(limit, max(0, limit - len(window)), reset_ms, refused)
