@@ -14,6 +14,8 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import Any
 
@@ -225,6 +227,32 @@ async def test_a_stop_the_venue_rejects_is_recorded_as_rejected_with_the_venues_
 # --- the Binance wire: a 500 is no timeout, a held answer is ------------------------------------------
 
 
+@asynccontextmanager
+async def _on_the_binance_wire(
+    db: Database, overrides: dict[str, str] | None = None
+) -> AsyncIterator[tuple[BinanceEmulator, str, aiohttp.ClientSession, Engine]]:
+    """A started engine on the Binance-wire emulator (its control API on, marks still), and a session for
+    that API; the engine stopped after."""
+    emulator = BinanceEmulator(
+        SimVenueSettings(seed=7, volatility=0.0), api_key=KEY, api_secret=SECRET, control=True
+    )
+    async with running(emulator) as base_url, aiohttp.ClientSession() as session:
+        engine = binance_wire_engine(db.target.dsn, base_url, KEY, SECRET, overrides)
+        await engine.start()
+        try:
+            yield emulator, base_url, session, engine
+        finally:
+            await engine.stop()
+
+
+async def _stream_late(session: aiohttp.ClientSession, base_url: str, *, ms: int, seconds: float) -> None:
+    """The account stream's events leave `ms` late for `seconds`."""
+    answer = await session.post(
+        f"{base_url}/_sim/stream-fault", json={"fault": "delay", "ms": ms, "seconds": seconds}
+    )
+    assert answer.status == 200, await answer.text()
+
+
 async def _force(
     session: aiohttp.ClientSession, base_url: str, fault: str, count: int = 1, **extra: Any
 ) -> None:
@@ -244,102 +272,87 @@ async def test_on_the_binance_wire_a_500_is_a_server_error_and_only_a_held_answe
     "Server error creating", the code; a -1007 is an unknown outcome, a 503 -1008 a server error, a 429
     rate limited; only the answer held past the call budget is `protection_timeout`. One line each."""
     caplog.set_level(logging.INFO)
-    sim = SimVenueSettings(seed=7, volatility=0.0)
-    emulator = BinanceEmulator(sim, api_key=KEY, api_secret=SECRET, control=True)
-    async with running(emulator) as base_url, aiohttp.ClientSession() as session:
-        engine = binance_wire_engine(
-            db.target.dsn,
-            base_url,
-            KEY,
-            SECRET,
-            {
-                "PROTECTION__CALL_TIMEOUT_SECONDS": "2",
-                "PROTECTION__RETRY_INITIAL_SECONDS": "1",
-                "PROTECTION__RETRY_MAX_SECONDS": "1",
-            },
-        )
-        await engine.start()
+    async with _on_the_binance_wire(
+        db,
+        {
+            "PROTECTION__CALL_TIMEOUT_SECONDS": "2",
+            "PROTECTION__RETRY_INITIAL_SECONDS": "1",
+            "PROTECTION__RETRY_MAX_SECONDS": "1",
+        },
+    ) as (emulator, base_url, session, engine):
         symbol = sorted(emulator.core.markets)[3]
-        try:
-            assert engine.store is not None
-            assert engine.manager is not None
-            # The account stream late (its NEW would settle the held answer's stop before the call's budget).
-            answer = await session.post(
-                f"{base_url}/_sim/stream-fault", json={"fault": "delay", "ms": 3000, "seconds": 120}
-            )
-            assert answer.status == 200, await answer.text()
-            # The first five protective placements fail, one fault each, in this order.
-            await _force(session, base_url, "error")
-            await _force(session, base_url, "busy")
-            await _force(session, base_url, "unknown")
-            await _force(session, base_url, "ratelimit")
-            await _force(session, base_url, "timeout", hold_seconds=4.0)
-            await engine.store.insert_signals([(symbol, "long", None, None)])
-            manager = engine.manager
-            await wait_until(
-                lambda: symbol in manager.by_symbol and manager.by_symbol[symbol].covered,
-                within=40.0,
-                what="the position covered once the faults are spent",
-            )
-            expected = {
-                "protection_server_error": 2,
-                "protection_unknown_outcome": 1,
-                "protection_rate_limited": 1,
-                "protection_timeout": 1,
-            }
+        assert engine.store is not None
+        assert engine.manager is not None
+        # The account stream late (its NEW would settle the held answer's stop before the call's budget).
+        await _stream_late(session, base_url, ms=3000, seconds=120)
+        # The first five protective placements fail, one fault each, in this order.
+        await _force(session, base_url, "error")
+        await _force(session, base_url, "busy")
+        await _force(session, base_url, "unknown")
+        await _force(session, base_url, "ratelimit")
+        await _force(session, base_url, "timeout", hold_seconds=4.0)
+        await engine.store.insert_signals([(symbol, "long", None, None)])
+        manager = engine.manager
+        await wait_until(
+            lambda: symbol in manager.by_symbol and manager.by_symbol[symbol].covered,
+            within=40.0,
+            what="the position covered once the faults are spent",
+        )
+        expected = {
+            "protection_server_error": 2,
+            "protection_unknown_outcome": 1,
+            "protection_rate_limited": 1,
+            "protection_timeout": 1,
+        }
 
-            async def recorded() -> bool:
-                kinds = [r["type"] for r in await _events(db, symbol)]
-                return all(kinds.count(k) >= n for k, n in expected.items())
+        async def recorded() -> bool:
+            kinds = [r["type"] for r in await _events(db, symbol)]
+            return all(kinds.count(k) >= n for k, n in expected.items())
 
-            await wait_until(recorded, within=20.0, what="every failure recorded")
-            rows = await _events(db, symbol)
-            by_kind: dict[str, list[dict[str, Any]]] = {}
-            for row in rows:
-                by_kind.setdefault(row["type"], []).append(row)
-            # (`protection_failed` rows are the look-ups of a stop the venue's read lag hides for seconds.)
-            by_kind.pop("protection_failed", None)
-            assert {k: len(v) for k, v in by_kind.items()} == expected
-            assert sorted(r["data"]["venue_code"] for r in by_kind["protection_server_error"]) == [
-                -1008,
-                -1000,
-            ]
-            assert sorted(r["data"]["http_status"] for r in by_kind["protection_server_error"]) == [500, 503]
-            assert by_kind["protection_unknown_outcome"][0]["data"]["venue_code"] == -1007
-            assert by_kind["protection_rate_limited"][0]["data"]["http_status"] == 429
-            [timeout] = by_kind["protection_timeout"]
-            assert timeout["data"]["latency_seconds"] >= 1.9  # the call budget, not an answer at once
-            assert timeout["message"].startswith("Timeout creating ")
-            for row in by_kind["protection_server_error"]:
-                assert row["message"].startswith("Server error creating ")
+        await wait_until(recorded, within=20.0, what="every failure recorded")
+        rows = await _events(db, symbol)
+        by_kind: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            by_kind.setdefault(row["type"], []).append(row)
+        # (`protection_failed` rows are the look-ups of a stop the venue's read lag hides for seconds.)
+        by_kind.pop("protection_failed", None)
+        assert {k: len(v) for k, v in by_kind.items()} == expected
+        assert sorted(r["data"]["venue_code"] for r in by_kind["protection_server_error"]) == [
+            -1008,
+            -1000,
+        ]
+        assert sorted(r["data"]["http_status"] for r in by_kind["protection_server_error"]) == [500, 503]
+        assert by_kind["protection_unknown_outcome"][0]["data"]["venue_code"] == -1007
+        assert by_kind["protection_rate_limited"][0]["data"]["http_status"] == 429
+        [timeout] = by_kind["protection_timeout"]
+        assert timeout["data"]["latency_seconds"] >= 1.9  # the call budget, not an answer at once
+        assert timeout["message"].startswith("Timeout creating ")
+        for row in by_kind["protection_server_error"]:
+            assert row["message"].startswith("Server error creating ")
 
-            # The operators' grep counts the one real timeout, and every failure is one line.
-            grep = [r for r in caplog.records if "Timeout creating" in r.getMessage()]
-            assert len(grep) == 1
-            assert symbol in grep[0].getMessage()
-            failure_lines = [
-                r
-                for r in caplog.records
-                if r.levelno >= logging.WARNING
-                and r.getMessage().startswith(
-                    (
-                        "Timeout creating",
-                        "Server error creating",
-                        "Unknown outcome creating",
-                        "Rate limited creating",
-                    )
+        # The operators' grep counts the one real timeout, and every failure is one line.
+        grep = [r for r in caplog.records if "Timeout creating" in r.getMessage()]
+        assert len(grep) == 1
+        assert symbol in grep[0].getMessage()
+        failure_lines = [
+            r
+            for r in caplog.records
+            if r.levelno >= logging.WARNING
+            and r.getMessage().startswith(
+                (
+                    "Timeout creating",
+                    "Server error creating",
+                    "Unknown outcome creating",
+                    "Rate limited creating",
                 )
-            ]
-            assert len(failure_lines) == 5
-            assert all(f"for {symbol} after " in r.getMessage() for r in failure_lines)
-            # The adapter no longer says it a second time, without the guard's context.
-            assert not [
-                r
-                for r in caplog.records
-                if r.name == "engine.venues.ccxt_venue" and r.levelno >= logging.WARNING
-            ]
-        finally:
-            await engine.stop()
+            )
+        ]
+        assert len(failure_lines) == 5
+        assert all(f"for {symbol} after " in r.getMessage() for r in failure_lines)
+        # The adapter no longer says it a second time, without the guard's context.
+        assert not [
+            r for r in caplog.records if r.name == "engine.venues.ccxt_venue" and r.levelno >= logging.WARNING
+        ]
 
 
 async def test_on_the_binance_wire_an_entry_answered_500_is_in_doubt_for_the_request_window_and_lag_only(
@@ -351,45 +364,41 @@ async def test_on_the_binance_wire_an_entry_answered_500_is_in_doubt_for_the_req
     and the look-ups' backoff asked again up to 4 s past the moment the answer could prove it: 15–19 s of
     doubt, enough to trip the breaker in the Binance-wire soak. Now: 5 s, 1 s (a request's timestamp may run
     ahead of the venue's clock) and the 5 s lag, with the look-up asked at that moment."""
-    sim = SimVenueSettings(seed=7, volatility=0.0)
-    emulator = BinanceEmulator(sim, api_key=KEY, api_secret=SECRET, control=True)
-    async with running(emulator) as base_url, aiohttp.ClientSession() as session:
-        engine = binance_wire_engine(
-            db.target.dsn, base_url, KEY, SECRET, {"PROTECTION__BREAKER__UNCOVERED_FACTOR": "1000"}
-        )
-        await engine.start()
+    async with _on_the_binance_wire(db, {"PROTECTION__BREAKER__UNCOVERED_FACTOR": "1000"}) as (
+        emulator,
+        base_url,
+        session,
+        engine,
+    ):
         symbol = sorted(emulator.core.markets)[4]
-        try:
-            assert engine.store is not None
-            answer = await session.post(
-                f"{base_url}/_sim/fault", json={"targets": ["POST:order"], "fault": "error", "count": 1}
-            )
-            assert answer.status == 200, await answer.text()
-            await engine.store.insert_signals([(symbol, "long", None, None)])
-            await wait_until(lambda: engine.entries_in_doubt() != [], within=10.0, what="the entry in doubt")
-            doubted_at = time.monotonic()
-            await wait_until(lambda: engine.entries_in_doubt() == [], within=30.0, what="the entry settled")
-            in_doubt = time.monotonic() - doubted_at
-            await wait_until(
-                lambda: db.pool.fetchval(
-                    "SELECT status <> 'taken' FROM monitoring.signals WHERE symbol = $1", symbol
-                ),
-                what="the signal answered",
-            )
-            row = await db.pool.fetchrow(
-                "SELECT status, reason FROM monitoring.signals WHERE symbol = $1", symbol
-            )
-            assert (row["status"], row["reason"]) == (
-                "rejected",
-                "entry not placed (the venue has no order by its id)",
-            )
-            assert not any(p.symbol == symbol for p in emulator.core.inspect(time.time()).positions)
-            # Never judged absent before the window and the lag had passed; asked again at that moment.
-            assert 9.5 <= in_doubt < 14.0, in_doubt  # 5 s + 1 s + 5 s, and a look-up; it was 15 s or more
-            window = engine.venue.capabilities()
-            assert window.request_window_seconds + window.read_after_write_seconds == 10.0
-        finally:
-            await engine.stop()
+        assert engine.store is not None
+        answer = await session.post(
+            f"{base_url}/_sim/fault", json={"targets": ["POST:order"], "fault": "error", "count": 1}
+        )
+        assert answer.status == 200, await answer.text()
+        await engine.store.insert_signals([(symbol, "long", None, None)])
+        await wait_until(lambda: engine.entries_in_doubt() != [], within=10.0, what="the entry in doubt")
+        doubted_at = time.monotonic()
+        await wait_until(lambda: engine.entries_in_doubt() == [], within=30.0, what="the entry settled")
+        in_doubt = time.monotonic() - doubted_at
+        await wait_until(
+            lambda: db.pool.fetchval(
+                "SELECT status <> 'taken' FROM monitoring.signals WHERE symbol = $1", symbol
+            ),
+            what="the signal answered",
+        )
+        row = await db.pool.fetchrow(
+            "SELECT status, reason FROM monitoring.signals WHERE symbol = $1", symbol
+        )
+        assert (row["status"], row["reason"]) == (
+            "rejected",
+            "entry not placed (the venue has no order by its id)",
+        )
+        assert not any(p.symbol == symbol for p in emulator.core.inspect(time.time()).positions)
+        # Never judged absent before the window and the lag had passed; asked again at that moment.
+        assert 9.5 <= in_doubt < 14.0, in_doubt  # 5 s + 1 s + 5 s, and a look-up; it was 15 s or more
+        window = engine.venue.capabilities()
+        assert window.request_window_seconds + window.read_after_write_seconds == 10.0
 
 
 async def test_on_the_binance_wire_a_stop_whose_answer_is_lost_is_confirmed_by_the_account_stream(
@@ -400,37 +409,30 @@ async def test_on_the_binance_wire_a_stop_whose_answer_is_lost_is_confirmed_by_t
     position stayed uncovered past the call budget, its stops sent again (refused as duplicates) and
     looked up until the reads caught up. The stream's NEW is the venue's word that the stop is live: the
     position is covered at once, and nothing is sent twice."""
-    sim = SimVenueSettings(seed=7, volatility=0.0)
-    emulator = BinanceEmulator(sim, api_key=KEY, api_secret=SECRET, control=True)
-    async with running(emulator) as base_url, aiohttp.ClientSession() as session:
-        engine = binance_wire_engine(db.target.dsn, base_url, KEY, SECRET)
-        await engine.start()
+    async with _on_the_binance_wire(db) as (emulator, base_url, session, engine):
         symbol = sorted(emulator.core.markets)[3]
+        assert engine.store is not None
+        assert engine.manager is not None
+        await _force(session, base_url, "timeout", count=2, hold_seconds=30.0)
+        await _force(session, base_url, "lag:30", count=2)
+        await engine.store.insert_signals([(symbol, "long", None, None)])
+        manager = engine.manager
+        # Well inside the 10 s call budget and the 30 s the reads lag: only the stream can tell.
+        await wait_until(
+            lambda: symbol in manager.by_symbol and manager.by_symbol[symbol].covered,
+            within=8.0,
+            what="the position covered on the account stream's word",
+        )
+        guard = manager.by_symbol[symbol]
+        truth = EmulatorTruth(base_url)
         try:
-            assert engine.store is not None
-            assert engine.manager is not None
-            await _force(session, base_url, "timeout", count=2, hold_seconds=30.0)
-            await _force(session, base_url, "lag:30", count=2)
-            await engine.store.insert_signals([(symbol, "long", None, None)])
-            manager = engine.manager
-            # Well inside the 10 s call budget and the 30 s the reads lag: only the stream can tell.
-            await wait_until(
-                lambda: symbol in manager.by_symbol and manager.by_symbol[symbol].covered,
-                within=8.0,
-                what="the position covered on the account stream's word",
-            )
-            guard = manager.by_symbol[symbol]
-            truth = EmulatorTruth(base_url)
-            try:
-                view = await truth.read()
-            finally:
-                await truth.close()
-            live = sorted(s.client_order_id for s in view.open_stops if s.symbol == symbol)
-            assert live == sorted([guard.stop_loss.client_order_id, guard.trailing_stop.client_order_id])
-            sent = emulator.requests_by_endpoint.get("POST algoOrder", 0)
-            assert sent == 2, emulator.requests_by_endpoint  # each stop once: none sent again
+            view = await truth.read()
         finally:
-            await engine.stop()
+            await truth.close()
+        live = sorted(s.client_order_id for s in view.open_stops if s.symbol == symbol)
+        assert live == sorted([guard.stop_loss.client_order_id, guard.trailing_stop.client_order_id])
+        sent = emulator.requests_by_endpoint.get("POST algoOrder", 0)
+        assert sent == 2, emulator.requests_by_endpoint  # each stop once: none sent again
 
 
 async def test_a_managed_move_left_unanswered_by_a_protection_restart_is_taken_from_the_account_stream(
@@ -442,17 +444,9 @@ async def test_a_managed_move_left_unanswered_by_a_protection_restart_is_taken_f
     absence was "proven" (5 s), gave it up while it was live, made the same move again under the next
     generation, and the first new stop was cancelled later as a duplicate. The stream's word now resolves
     it: the trail adopts the move's own stop, and no second one is sent."""
-    sim = SimVenueSettings(seed=7, volatility=0.0)
-    emulator = BinanceEmulator(sim, api_key=KEY, api_secret=SECRET, control=True)
-    async with running(emulator) as base_url, aiohttp.ClientSession() as session:
-        engine = binance_wire_engine(
-            db.target.dsn,
-            base_url,
-            KEY,
-            SECRET,
-            {"PROTECTION__TRAILING__MODE": "managed", "PROTECTION__CALL_TIMEOUT_SECONDS": "2"},
-        )
-        await engine.start()
+    async with _on_the_binance_wire(
+        db, {"PROTECTION__TRAILING__MODE": "managed", "PROTECTION__CALL_TIMEOUT_SECONDS": "2"}
+    ) as (emulator, base_url, session, engine):
         symbol = sorted(emulator.core.markets)[3]
 
         async def mark(factor: str, entry: Decimal) -> None:
@@ -460,46 +454,40 @@ async def test_a_managed_move_left_unanswered_by_a_protection_restart_is_taken_f
             answer = await session.post(f"{base_url}/_sim/mark", json={"symbol": symbol, "price": str(price)})
             assert answer.status == 200, await answer.text()
 
-        try:
-            assert engine.store is not None
-            assert engine.manager is not None
-            await engine.store.insert_signals([(symbol, "long", None, None)])
-            manager = engine.manager
-            await wait_until(
-                lambda: symbol in manager.by_symbol and manager.by_symbol[symbol].covered,
-                within=20.0,
-                what="the position covered",
-            )
-            guard = manager.by_symbol[symbol]
-            await mark("1.02", guard.entry_price)  # the trail activates: its first stop
-            await wait_until(lambda: guard.trailing_stop.confirmed, within=20.0, what="the first trail stop")
-            first = guard.trailing_stop.client_order_id
-            answer = await session.post(
-                f"{base_url}/_sim/stream-fault", json={"fault": "delay", "ms": 4000, "seconds": 30}
-            )
-            assert answer.status == 200, await answer.text()
-            await _force(session, base_url, "timeout", hold_seconds=30.0)
-            await _force(session, base_url, "lag:9")
-            await mark("1.04", guard.entry_price)  # a new peak: the move
-            await wait_until(lambda: guard._replacement is not None, within=10.0, what="the move sent")
-            assert guard._replacement is not None
-            move = guard._replacement.client_order_id
-            assert move is not None
-            assert move != first
-            await engine.restart_protection()
-            assert engine.manager is not manager
-            restored = engine.manager.by_symbol[symbol]
-            await wait_until(
-                lambda: restored.trailing_stop.client_order_id == move and restored.trailing_stop.confirmed,
-                within=8.0,
-                what="the move's own stop adopted",
-            )
-            rows = await db.pool.fetch(
-                "SELECT client_order_id, status FROM monitoring.orders "
-                "WHERE position_id = $1 AND purpose = 'trailing_stop' ORDER BY id",
-                guard.position_id,
-            )
-            assert [r["client_order_id"] for r in rows] == [first, move], rows  # no second move sent
-            assert {r["client_order_id"]: r["status"] for r in rows}[move] == "open"
-        finally:
-            await engine.stop()
+        assert engine.store is not None
+        assert engine.manager is not None
+        await engine.store.insert_signals([(symbol, "long", None, None)])
+        manager = engine.manager
+        await wait_until(
+            lambda: symbol in manager.by_symbol and manager.by_symbol[symbol].covered,
+            within=20.0,
+            what="the position covered",
+        )
+        guard = manager.by_symbol[symbol]
+        await mark("1.02", guard.entry_price)  # the trail activates: its first stop
+        await wait_until(lambda: guard.trailing_stop.confirmed, within=20.0, what="the first trail stop")
+        first = guard.trailing_stop.client_order_id
+        await _stream_late(session, base_url, ms=4000, seconds=30)
+        await _force(session, base_url, "timeout", hold_seconds=30.0)
+        await _force(session, base_url, "lag:9")
+        await mark("1.04", guard.entry_price)  # a new peak: the move
+        await wait_until(lambda: guard._replacement is not None, within=10.0, what="the move sent")
+        assert guard._replacement is not None
+        move = guard._replacement.client_order_id
+        assert move is not None
+        assert move != first
+        await engine.restart_protection()
+        assert engine.manager is not manager
+        restored = engine.manager.by_symbol[symbol]
+        await wait_until(
+            lambda: restored.trailing_stop.client_order_id == move and restored.trailing_stop.confirmed,
+            within=8.0,
+            what="the move's own stop adopted",
+        )
+        rows = await db.pool.fetch(
+            "SELECT client_order_id, status FROM monitoring.orders "
+            "WHERE position_id = $1 AND purpose = 'trailing_stop' ORDER BY id",
+            guard.position_id,
+        )
+        assert [r["client_order_id"] for r in rows] == [first, move], rows  # no second move sent
+        assert {r["client_order_id"]: r["status"] for r in rows}[move] == "open"

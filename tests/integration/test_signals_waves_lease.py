@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
 
 import asyncpg
 import pytest
 
+from engine.clock import ManualClock
+from engine.engine import Engine
 from storage.database import Database
 from storage.lease import EngineLease, LeaseHeld, current_holder
 from storage.repositories import DuplicateExternalId, PositionStatus, SignalStatus, Store
@@ -184,7 +186,6 @@ async def test_the_lease_is_freed_when_the_holding_connection_dies(db: Database)
 async def test_signals_an_engine_died_holding_are_expired_with_a_reason(db: Database) -> None:
     """Signals claimed at a crash or an outage stayed 'taken' forever. The engine that claimed them expires
     them when it starts again; any engine expires a claim older than any wave takes."""
-    from engine.clock import ManualClock
     from tests.integration.engine_support import engine_settings, make_engine
     from tests.support.driving import drive, drive_until
 
@@ -235,7 +236,6 @@ async def _kill_lease_connection(db: Database, key: str) -> None:
 
 
 async def test_a_lost_lease_stops_entries_refuses_resume_and_is_taken_again(db: Database) -> None:
-    from engine.clock import ManualClock
     from engine.events import EntriesToggled
     from tests.integration.engine_support import engine_settings, make_engine
     from tests.support.driving import drive, drive_until
@@ -274,7 +274,6 @@ async def test_a_lost_lease_stops_entries_refuses_resume_and_is_taken_again(db: 
 
 
 async def test_an_engine_whose_lease_another_engine_took_stops_and_sends_nothing_more(db: Database) -> None:
-    from engine.clock import ManualClock
     from engine.engine import EngineState
     from engine.venues.sim.settings import CallKind
     from tests.integration.engine_support import engine_settings, make_engine
@@ -307,7 +306,6 @@ async def test_the_lease_says_what_the_engine_does_from_its_start_to_its_stop(db
     """Every heartbeat writes the engine's phase: readers count it as looking after the account only while
     it runs. Its stop writes `stopping` at once: the loops are gone from then on, and a stop shorter than a
     heartbeat's 2 s never said so (the lease read `running` until released)."""
-    from engine.clock import ManualClock
     from tests.integration.engine_support import engine_settings, make_engine
     from tests.support.driving import drive, drive_until
 
@@ -341,7 +339,6 @@ async def test_the_lease_says_starting_while_a_protection_restart_leaves_trails_
     left unlooked-after (native trails are orders on the venue, no entry sent and not settled: one that
     arrives meanwhile waits for the restart's end) it stays `running`: the health loop goes on measuring,
     and `starting` made status say nobody did."""
-    from engine.clock import ManualClock
     from tests.integration.engine_support import make_engine
     from tests.integration.test_failure_modes_f1_f5 import (
         SYMBOLS,
@@ -368,19 +365,14 @@ async def test_the_lease_says_starting_while_a_protection_restart_leaves_trails_
         await drive_until(clock, lambda: _is(phase(), "running"), what="running once started")
         await open_positions(engine, clock, SYMBOLS[:1])  # a position for the restart to restore
         await drive_until_covered(engine, clock, 1)
-        restart = asyncio.ensure_future(engine.restart_protection())
-        began = clock.monotonic()
-        assert engine.store is not None  # a signal meanwhile: its entry waits for the restart's end
-        await engine.store.insert_signals([(SYMBOLS[1], "long", None, None)])
-        phases: set[str] = set()
+        store = engine.store
+        assert store is not None
 
-        async def restarted() -> bool:
-            phases.add(await phase())
-            return restart.done()
+        async def a_signal() -> None:  # a signal meanwhile: its entry waits for the restart's end
+            await store.insert_signals([(SYMBOLS[1], "long", None, None)])
 
-        await drive_until(clock, restarted, step=0.1, limit=60, what="the restart done")
-        await restart
-        assert clock.monotonic() - began > 2.0  # (the phase is written at once when it changes)
+        phases, took = await _phases_through_a_restart(db, engine, clock, meanwhile=a_signal)
+        assert took > 2.0  # (the phase is written at once when it changes)
         assert phases == ({"running", "starting"} if trailing_mode == "managed" else {"running"})
         await drive_until(clock, lambda: _is(phase(), "running"), limit=10, what="running once restarted")
         holder = await current_holder(db.pool, "sim", "sim:default")
@@ -400,7 +392,6 @@ async def test_an_entry_waiting_for_order_budget_counts_once_sent(
     the account while native stops sat on the venue: a false alarm. When room comes in the middle of a
     long restart, it is sent and fills, and its position waits for the new manager's guard: from then on
     it counts (the restart is looked at until it ends, not once at the grace mark)."""
-    from engine.clock import ManualClock
     from engine.venues.sim.settings import CallKind
     from tests.integration.engine_support import make_engine
     from tests.integration.test_failure_modes_f1_f5 import (
@@ -441,17 +432,8 @@ async def test_an_entry_waiting_for_order_budget_counts_once_sent(
         await drive_until(
             clock, lambda: SYMBOLS[1] in engine._in_flight, step=0.05, what="the entry admitted"
         )
-        restart = asyncio.ensure_future(engine.restart_protection())
-        began = clock.monotonic()
-        phases: set[str] = set()
-
-        async def restarted() -> bool:
-            phases.add(await phase())
-            return restart.done()
-
-        await drive_until(clock, restarted, step=0.1, limit=60, what="the restart done")
-        await restart
-        assert clock.monotonic() - began > 1.0  # past its grace period
+        phases, took = await _phases_through_a_restart(db, engine, clock)
+        assert took > 1.0  # past its grace period
         entry_sent = venue.calls_made.get(CallKind.CREATE_ORDER, 0) > sent
         assert entry_sent is sent_during_the_restart
         assert phases == ({"running", "starting"} if sent_during_the_restart else {"running"})
@@ -466,7 +448,6 @@ async def test_an_entry_the_venue_refused_for_its_rate_is_no_reason_for_starting
     meanwhile said `starting` for it past its grace period (it was still counted as on its way)."""
     from decimal import Decimal as D
 
-    from engine.clock import ManualClock
     from engine.exchange.port import OrderSide
     from engine.venues.sim.settings import CallKind
     from tests.integration.engine_support import make_engine
@@ -512,22 +493,39 @@ async def test_an_entry_the_venue_refused_for_its_rate_is_no_reason_for_starting
         )
         await drive(clock, clock.sleep(1.2))  # and refused (its answer a second later)
         assert SYMBOLS[1] not in {p.symbol for p in venue.core.inspect(clock.now()).positions}
-        restart = asyncio.ensure_future(engine.restart_protection())
-        began = clock.monotonic()
-        phases: set[str] = set()
-
-        async def restarted() -> bool:
-            phases.add(await phase())
-            return restart.done()
-
-        await drive_until(clock, restarted, step=0.1, limit=60, what="the restart done")
-        await restart
-        assert clock.monotonic() - began > 1.0  # past its grace period
+        phases, took = await _phases_through_a_restart(db, engine, clock)
+        assert took > 1.0  # past its grace period
         assert venue.calls_made.get(CallKind.CREATE_ORDER, 0) == sent + 1  # still waiting to go again
         assert phases == {"running"}
         await drive_until_covered(engine, clock, 2)
     finally:
         await drive(clock, engine.stop())
+
+
+async def _phases_through_a_restart(
+    db: Database,
+    engine: Engine,
+    clock: ManualClock,
+    *,
+    meanwhile: Callable[[], Awaitable[None]] | None = None,
+) -> tuple[set[str], float]:
+    """A protection restart, driven to its end: the lease phases seen meanwhile, and how long it took.
+    `meanwhile`: done right after the restart begins."""
+    from tests.support.driving import drive_until
+
+    restart = asyncio.ensure_future(engine.restart_protection())
+    began = clock.monotonic()
+    if meanwhile is not None:
+        await meanwhile()
+    phases: set[str] = set()
+
+    async def restarted() -> bool:
+        phases.add(await db.pool.fetchval("SELECT phase FROM monitoring.engine_leases"))
+        return restart.done()
+
+    await drive_until(clock, restarted, step=0.1, limit=60, what="the restart done")
+    await restart
+    return phases, clock.monotonic() - began
 
 
 async def _is(value: Awaitable[str], expected: str) -> bool:
@@ -574,7 +572,6 @@ async def test_an_engine_whose_account_another_took_leaves_the_new_holders_rows_
     check found the account taken. Only under its own lease does a stop write the account's rows. And an
     engine that stopped itself does not count the new holder's positions as its own uncovered ones (an
     ERROR "UNCOVERED 1" in the account's log, every watch of it showing it)."""
-    from engine.clock import ManualClock
     from engine.engine import EngineState
     from tests.integration.engine_support import make_engine
     from tests.integration.test_failure_modes_f1_f5 import (
