@@ -17,6 +17,15 @@ from storage.database import Database
 from storage.lease import EngineLease, LeaseHeld, current_holder
 from storage.repositories import DuplicateExternalId, PositionStatus, SignalStatus, Store
 
+# Every venue call takes 1 s: a protection restart's reads outlast its half-second grace period. Native
+# trails (orders on the venue): only entries can make a restart leave something unlooked-after.
+SLOW_NATIVE_RESTART = {
+    "VENUE__SIM__LATENCY__SECONDS": "1",
+    "PROTECTION__GRACE_SECONDS": "0.5",
+    "PROTECTION__TRAILING__MODE": "native",
+    "VENUE__SIM__RATE_LIMITS__BAN_AFTER_VIOLATIONS": "1000",
+}
+
 
 async def test_concurrent_claimers_take_each_signal_exactly_once(db: Database) -> None:
     store = Store(db.pool)
@@ -403,16 +412,9 @@ async def test_an_entry_waiting_for_order_budget_counts_once_sent(
     from tests.support.driving import drive, drive_until
 
     clock = ManualClock()
-    overrides = {
-        # Every venue call takes 1 s: the restart's reads outlast the half-second grace period.
-        "VENUE__SIM__LATENCY__SECONDS": "1",
-        "PROTECTION__GRACE_SECONDS": "0.5",
-        "PROTECTION__TRAILING__MODE": "native",
-        # One position (an entry and its two stops) leaves too little room in the venue's 10 s order
-        # window for the next.
-        "VENUE__SIM__RATE_LIMITS__ORDERS_PER_10S": "4",
-        "VENUE__SIM__RATE_LIMITS__BAN_AFTER_VIOLATIONS": "1000",
-    }
+    # One position (an entry and its two stops) leaves too little room in the venue's 10 s order window
+    # for the next.
+    overrides = {**SLOW_NATIVE_RESTART, "VENUE__SIM__RATE_LIMITS__ORDERS_PER_10S": "4"}
     if sent_during_the_restart:  # the restart's read of the venue's positions outlasts the window
         overrides["VENUE__SIM__LATENCY__BY_CALL"] = '{"fetch_positions": {"seconds": 15}}'
     engine = make_engine(settings_for(db, overrides), clock)
@@ -460,13 +462,7 @@ async def test_an_entry_the_venue_refused_for_its_rate_is_no_reason_for_starting
     from tests.support.driving import drive, drive_until
 
     clock = ManualClock()
-    overrides = {
-        "VENUE__SIM__LATENCY__SECONDS": "1",
-        "PROTECTION__GRACE_SECONDS": "0.5",
-        "PROTECTION__TRAILING__MODE": "native",
-        "VENUE__SIM__RATE_LIMITS__ORDERS_PER_10S": "20",
-        "VENUE__SIM__RATE_LIMITS__BAN_AFTER_VIOLATIONS": "1000",
-    }
+    overrides = {**SLOW_NATIVE_RESTART, "VENUE__SIM__RATE_LIMITS__ORDERS_PER_10S": "20"}
     engine = make_engine(settings_for(db, overrides), clock)
     await drive(clock, engine.start())
     try:
