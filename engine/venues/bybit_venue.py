@@ -185,6 +185,34 @@ class _Carrier:
     sent: bool = False
 
 
+def _field_stop(
+    client_order_id: str,
+    symbol: str,
+    side: OrderSide,
+    order_type: OrderType,
+    row: Mapping[str, Any],
+    value: Decimal,
+    *,
+    activation_price: Decimal | None = None,
+    callback_rate: Decimal | None = None,
+) -> _PositionStop:
+    """A stop of ours named from its position's row (a new process): `value` is what its field holds for
+    it, the hard stop's price or the trailing distance; a trailing stop's activation and callback, if known."""
+    hard = order_type is OrderType.STOP_MARKET
+    return _PositionStop(
+        client_order_id,
+        symbol,
+        side,
+        order_type,
+        _decimal(row.get("size"), _ZERO),  # type: ignore[arg-type]
+        value if hard else None,
+        None if hard else activation_price,
+        None if hard else callback_rate,
+        None if hard else value,
+        time.time(),
+    )
+
+
 def _trailing_distance(market: Market, reference: Decimal, callback_rate: Decimal) -> Decimal:
     """Bybit trails by a price distance: the callback percent of the price it arms at, on the tick grid."""
     return max(market.round_price(reference * callback_rate / 100, ROUND_HALF_UP), market.tick_size)
@@ -1157,18 +1185,7 @@ class BybitLinearVenue(CcxtVenue):
                 # its look-up proves it absent (or not) as any unsent order's.
                 return None
             return self._displaced_while_away(client_order_id, symbol, side, order_type, row, expected, value)
-        stop = _PositionStop(
-            client_order_id,
-            symbol,
-            side,
-            order_type,
-            _decimal(row.get("size"), _ZERO),  # type: ignore[arg-type]
-            value if order_type is OrderType.STOP_MARKET else None,
-            None,
-            None,
-            value if order_type is OrderType.TRAILING_STOP_MARKET else None,
-            time.time(),
-        )
+        stop = _field_stop(client_order_id, symbol, side, order_type, row, value)
         self._attach_venue_order(stop, await self._stop_order_rows(symbol))
         self._adopted(stop, row)
         return stop
@@ -1231,19 +1248,16 @@ class BybitLinearVenue(CcxtVenue):
     ) -> _PositionStop:
         """Our recorded stop, whose field holds another value: someone else's in its place. Ended as of now
         (cancelled: not ours), said once, and remembered so that ours is set again, not theirs adopted."""
-        hard = order_type is OrderType.STOP_MARKET
         recorded = self._recorded[client_order_id]
-        stop = _PositionStop(
+        stop = _field_stop(
             client_order_id,
             symbol,
             side,
             order_type,
-            _decimal(row.get("size"), _ZERO),  # type: ignore[arg-type]
-            expected if hard else None,
-            None if hard else recorded.activation_price,
-            None if hard else recorded.callback_rate,
-            None if hard else expected,
-            time.time(),
+            row,
+            expected,
+            activation_price=recorded.activation_price,
+            callback_rate=recorded.callback_rate,
         )
         self._stops[client_order_id] = stop
         self._moved_by_someone(stop, value)
