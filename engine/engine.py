@@ -2951,11 +2951,10 @@ class Engine:
             pnl = ((price - guard.entry_price) / guard.entry_price * 100 * direction).quantize(
                 Decimal("0.01")
             )
-        activation = (
-            guard.trailing_stop.price
-            if guard.kind is TrailingKind.NATIVE
-            else (guard.trail.activation_price if guard.trail else None)
-        )
+        if guard.kind is TrailingKind.MANAGED:
+            activation = guard.trail.activation_price if guard.trail else None
+        else:  # a native trail armed at the mark has no activation: it is trailing, not waiting
+            activation = None if guard.trailing_stop.arm_now else guard.trailing_stop.price
         distance = None
         if activation is not None and price is not None:
             direction = 1 if guard.side is PositionSide.LONG else -1

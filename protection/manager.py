@@ -2831,6 +2831,13 @@ class ProtectionManager:
                     target.price = record.trigger_price
                 if guard.kind is TrailingKind.MANAGED and key.purpose is OrderPurpose.TRAILING_STOP:
                     target.price = record.trigger_price
+                elif key.purpose is OrderPurpose.TRAILING_STOP and record.type == "trailing_stop_market":
+                    # The venue's trail is the one sent, not one worked out afresh from today's settings:
+                    # its activation as recorded, or none (armed at the mark: `arm_now`). Taken as waiting
+                    # for an activation it never had, its firing went unwatched and the screen said "waiting".
+                    target.arm_now = record.activation_price is None
+                    if record.activation_price is not None:
+                        target.price = record.activation_price
         if (
             guard.kind is TrailingKind.MANAGED
             and trail_record is not None

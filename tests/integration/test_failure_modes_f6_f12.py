@@ -370,6 +370,41 @@ async def test_f7_stop_and_activation_come_from_the_fill_price_for_long_and_shor
         await drive(clock, engine.stop())
 
 
+async def test_f7_a_restored_trailing_stop_keeps_the_activation_it_was_sent_with(db: Database) -> None:
+    """F7 (wrong numbers) across a restart whose settings changed: positions opened under
+    `activation_percent = 1.5` keep the trailing stop the venue holds, activating at 1.5 % over the fill.
+    The next engine, started with 3 %, restores that order and must show (and, if it ever sends the trail
+    again, send) the activation the venue's order has, not one worked out afresh from its own settings."""
+    engine, clock = await _started(db)
+    assert engine.store is not None
+    assert engine.manager is not None
+    await engine.store.insert_signals([(SYMBOL, "long", None, None)])
+    await drive_until(
+        clock,
+        lambda: SYMBOL in engine.manager.by_symbol and engine.manager.by_symbol[SYMBOL].covered,
+        what="protected",
+    )
+    guard = engine.manager.by_symbol[SYMBOL]
+    position_id, sent = guard.position_id, guard.trailing_stop.price
+    await drive(clock, engine.stop())
+    settings = engine_settings(db.target.dsn, {"PROTECTION__ACTIVATION_PERCENT": "3"})
+    second = make_engine(settings, clock, SimVenue(settings.venue.sim, clock=clock, core=engine.venue.core))
+    await drive(clock, second.start())
+    try:
+        assert second.manager is not None
+        await drive_until(
+            clock,
+            lambda: SYMBOL in second.manager.by_symbol and second.manager.by_symbol[SYMBOL].covered,
+            what="restored",
+        )
+        live = await drive(clock, second.venue.fetch_open_protective_orders(SYMBOL))
+        assert [o.activation_price for o in live if o.type is OrderType.TRAILING_STOP_MARKET] == [sent]
+        view = second.snapshot().positions[0]
+        assert (view.position_id, view.activation_price) == (position_id, sent)
+    finally:
+        await drive(clock, second.stop())
+
+
 # --- F8: price already through the stop ----------------------------------------------------------------
 
 
@@ -514,6 +549,74 @@ async def test_f8_with_close_on_would_trigger_off_the_position_stays_open_visibl
     finally:
         await drive(clock, engine.stop())
         await follower
+
+
+async def test_f8_a_trailing_stop_armed_at_the_mark_is_shown_and_restored_as_armed(db: Database) -> None:
+    """F8, the trailing stop's side: the mark passes a long's activation price between the fill and the
+    trailing stop's arrival, so the venue would refuse the activation (-2021) and the guard arms the trail
+    at the current mark instead (no activation price on the order). The venue's trail is then armed and
+    following the mark. When the mark eases back under the activation the position had planned, the
+    dashboard must not say "waiting" for an activation the venue's order does not have, neither in the
+    engine that placed it nor in the next one, which restores it from its record: that engine must know
+    the trail is armed (it watches the marks for it firing), not wait for a price the order never had."""
+    settings = engine_settings(db.target.dsn)
+    engine, clock = await _started(db, create_order_seconds=2.0)
+    assert engine.store is not None
+    assert engine.manager is not None
+    await engine.store.insert_signals([(SYMBOL, "long", None, None)])
+    await drive_until(clock, lambda: SYMBOL in engine.manager.by_symbol, what=f"{SYMBOL} filled")
+    guard = engine.manager.by_symbol[SYMBOL]
+    position_id, activation = guard.position_id, guard.trailing_stop.price
+    assert activation is not None
+    assert not guard.trailing_stop.confirmed
+    tick = guard.market.tick_size
+    assert isinstance(engine.venue, SimVenue)
+    engine.venue.override_mark_price(SYMBOL, activation + 10 * tick)
+
+    def venue_trail() -> list:
+        live = engine.venue.core.open_protective_orders(clock.now(), SYMBOL)  # type: ignore[attr-defined]
+        return [o for o in live if o.type is OrderType.TRAILING_STOP_MARKET]
+
+    await drive_until(clock, lambda: bool(venue_trail()) and guard.covered, what="trail armed at the mark")
+    assert [o.activation_price for o in venue_trail()] == [None]  # armed at the mark on the venue
+    # Back under the planned activation, far above the trail's trigger (0.5 % under its best mark).
+    engine.venue.override_mark_price(SYMBOL, activation - 2 * tick)
+    await drive(clock, asyncio.sleep(1.0))
+    assert venue_trail(), "the venue's trail has not fired"
+    view = engine.snapshot().positions[0]
+    assert (view.position_id, view.has_trailing_stop, view.trailing_phase) == (position_id, True, "native")
+    assert (view.activation_price, view.distance_to_activation_percent) == (None, None)
+    await drive(clock, engine.stop())
+
+    second = make_engine(settings, clock, SimVenue(settings.venue.sim, clock=clock, core=engine.venue.core))
+    await drive(clock, second.start())
+    try:
+        assert second.manager is not None
+        await drive_until(
+            clock,
+            lambda: SYMBOL in second.manager.by_symbol and second.manager.by_symbol[SYMBOL].covered,
+            what="restored",
+        )
+        assert [o.activation_price for o in venue_trail()] == [None]
+        view = second.snapshot().positions[0]
+        assert (view.position_id, view.has_trailing_stop) == (position_id, True)
+        assert (view.activation_price, view.distance_to_activation_percent) == (None, None)
+        # The restored engine follows the armed trail: the mark through its trigger ends the position as
+        # the venue's trailing stop, and nothing of it is left on the venue.
+        second.venue.override_mark_price(SYMBOL, activation * Decimal("0.99"))  # type: ignore[attr-defined]
+        await drive_until(
+            clock,
+            lambda: db.pool.fetchval(
+                "SELECT exit_reason FROM monitoring.positions WHERE id = $1 AND status = 'closed'",
+                position_id,
+            ),
+            what="closed by the trail",
+        )
+        row = await db.pool.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", position_id)
+        assert row["exit_reason"] == "trailing_stop"
+        assert await drive(clock, second.venue.fetch_open_protective_orders(SYMBOL)) == []
+    finally:
+        await drive(clock, second.stop())
 
 
 # --- F9: two writers -----------------------------------------------------------------------------------
