@@ -801,6 +801,7 @@ class Engine:
             self.store = ResilientStore(self._db.pool, self.account_key)
             self._token = await self.store.installation_token()
             await self._replay_left_journal()
+            await self._record_trails_a_dead_engine_left()
             control = await self.store.entries_control(self.exchange_name, self.account_key)
             if control is not None and control.paused:
                 self._persisted_pause = (True, control.paused_by, control.reason)
@@ -1186,6 +1187,27 @@ class Engine:
         replayed = await self.store.replay_journal()
         if replayed:
             log.warning("replayed %d writes an earlier run journaled while the database was away", replayed)
+
+    async def _record_trails_a_dead_engine_left(self) -> None:
+        """An engine that ended without stopping (SIGKILL, a crash, its host gone) left its managed trails
+        armed in the record. Nobody moved them from its last heartbeat on; a trail without an order on the
+        venue was no trailing protection from then, yet the history showed none of that time. They are
+        recorded as a stop records them, unmoved since that heartbeat, before anything is restored (the
+        restore then ends those spans when it has the trails in hand)."""
+        assert self.store is not None and self._lease is not None
+        heard = self._lease.previous_heard_at
+        if heard is None:
+            return
+        left = await self.store.disarm_managed_trails(at=heard)
+        if left:
+            message = (
+                f"the last engine on this account ended without stopping (last heard "
+                f"{heard.isoformat(timespec='seconds')}): {left} managed trail{'' if left == 1 else 's'} left "
+                "armed, not moved since; those without an order on the venue are counted without their "
+                "trailing stop from then until restored"
+            )
+            log.warning(message)
+            await self.store.record_event(Severity.WARNING, "engine_ended_unstopped", message)
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

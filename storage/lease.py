@@ -96,6 +96,9 @@ class EngineLease:
         self._conn = conn
         self.venue = venue
         self.account = account
+        # The last heartbeat of the engine that held the account before (None: it never was held), read
+        # before this one recorded itself: where an engine that died without stopping stopped looking.
+        self.previous_heard_at: datetime | None = None
 
     @classmethod
     async def acquire(
@@ -126,6 +129,11 @@ class EngineLease:
                 if not got:
                     holder = await _holder(conn, venue, account)
                 else:
+                    previous = await conn.fetchval(
+                        "SELECT heartbeat_at FROM monitoring.engine_leases WHERE venue = $1 AND account = $2",
+                        venue,
+                        account,
+                    )
                     await conn.execute(
                         """
                         INSERT INTO monitoring.engine_leases (venue, account, pid, host, version, label, phase)
@@ -148,7 +156,9 @@ class EngineLease:
         except BaseException:
             await conn.close()
             raise
-        return cls(conn, venue, account)
+        lease = cls(conn, venue, account)
+        lease.previous_heard_at = previous
+        return lease
 
     def alive(self) -> bool:
         return not self._conn.is_closed()
