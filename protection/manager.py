@@ -1234,6 +1234,17 @@ class PositionGuard:
         self._m.request_reconcile()
         self.wake.set()
 
+    def onto_grid(self, price: Decimal, purpose: OrderPurpose) -> Decimal:
+        """A recorded price on the symbol's tick grid of today: a venue changes a symbol's price step (the
+        orders it holds keep theirs), and a price off the new grid is refused on every send. Rounded the
+        protective way: a stop (the hard stop, a managed trail's) nearer the mark, a native trail's
+        activation nearer the entry."""
+        if self.market.is_on_tick(price):
+            return price
+        stop = purpose is OrderPurpose.STOP_LOSS or self.kind is TrailingKind.MANAGED
+        up = stop == (self.side is PositionSide.LONG)
+        return self.market.round_price(price, ROUND_UP if up else ROUND_DOWN)
+
     async def _record_ahead(self, order: ProtectiveOrder, cid: str) -> None:
         """Written ahead once per id: the id is the idempotency key."""
         if order.recorded_id == cid:
@@ -1869,7 +1880,7 @@ class PositionGuard:
             # The trail has a stop and the venue no longer (or not yet) confirms it: (re)place it at the
             # trail's current stop, whatever happened to the last one (cancelled, refused, lost).
             if self.trailing_stop.price is None:
-                self.trailing_stop.price = self.trail.stop_price
+                self.trailing_stop.price = self.onto_grid(self.trail.stop_price, OrderPurpose.TRAILING_STOP)
             outcome = await self._ensure(self.trailing_stop, self._send_trail_stop(self.trailing_stop))
             if outcome is _Outcome.BREACHED and m.config.close_on_would_trigger:
                 log.error(
@@ -2828,16 +2839,20 @@ class ProtectionManager:
                 left_at = self.known_left_at.get(record.client_order_id)
                 target.sent_at = left_at if left_at is not None else self._sent_at_of(record)
                 if record.trigger_price is not None and key.purpose is OrderPurpose.STOP_LOSS:
-                    target.price = record.trigger_price
+                    target.price = guard.onto_grid(record.trigger_price, key.purpose)
                 if guard.kind is TrailingKind.MANAGED and key.purpose is OrderPurpose.TRAILING_STOP:
-                    target.price = record.trigger_price
+                    target.price = (
+                        None
+                        if record.trigger_price is None
+                        else guard.onto_grid(record.trigger_price, key.purpose)
+                    )
                 elif key.purpose is OrderPurpose.TRAILING_STOP and record.type == "trailing_stop_market":
                     # The venue's trail is the one sent, not one worked out afresh from today's settings:
                     # its activation as recorded, or none (armed at the mark: `arm_now`). Taken as waiting
                     # for an activation it never had, its firing went unwatched and the screen said "waiting".
                     target.arm_now = record.activation_price is None
                     if record.activation_price is not None:
-                        target.price = record.activation_price
+                        target.price = guard.onto_grid(record.activation_price, key.purpose)
         if (
             guard.kind is TrailingKind.MANAGED
             and trail_record is not None
@@ -2875,7 +2890,11 @@ class ProtectionManager:
                     guard.trailing_stop.generation = key.generation if key else 0
                     # (The send time the loop above gave it was the move's, a later record's.)
                     guard.trailing_stop.sent_at = self.known_left_at.get(trail_record.stop_order_client_id)
-                    guard.trailing_stop.price = trail_record.current_stop_price
+                    guard.trailing_stop.price = (
+                        None
+                        if trail_record.current_stop_price is None
+                        else guard.onto_grid(trail_record.current_stop_price, OrderPurpose.TRAILING_STOP)
+                    )
                     guard.trailing_stop.maybe_sent = True
                 restored_move = guard._restored_move
                 if restored_move is not None and (

@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 from collections.abc import Mapping
-from decimal import Decimal
+from decimal import ROUND_DOWN, ROUND_UP, Decimal
 
 import asyncpg
 import pytest
@@ -30,7 +30,7 @@ from engine.events import (
     ProtectionTimedOut,
     SignalRejected,
 )
-from engine.exchange.port import OrderSide, OrderStatus, OrderType, PositionSide
+from engine.exchange.port import Order, OrderSide, OrderStatus, OrderType, PositionSide
 from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, FaultKind, LatencyDistribution, LatencySettings
 from protection.health import Component, HealthState
@@ -401,6 +401,67 @@ async def test_f7_a_restored_trailing_stop_keeps_the_activation_it_was_sent_with
         assert [o.activation_price for o in live if o.type is OrderType.TRAILING_STOP_MARKET] == [sent]
         view = second.snapshot().positions[0]
         assert (view.position_id, view.activation_price) == (position_id, sent)
+    finally:
+        await drive(clock, second.stop())
+
+
+async def test_f7_stops_restored_after_a_tick_size_change_are_sent_again_on_the_new_grid(
+    db: Database,
+) -> None:
+    """F7 (wrong numbers) across a venue's tick-size change: Binance and Bybit change a symbol's price step
+    (announced ahead; orders already placed keep their prices). A position protected under the old step
+    restores its stops from their records; when they must be sent again (here cancelled by hand), the
+    recorded prices are off the new grid, and every send was refused (-1111 precision) for good: the
+    position stayed naked, retried for ever. They are sent on the new grid, each rounded the protective way
+    (a long's stop-loss up, nearer the mark; its activation down, sooner)."""
+    settings = engine_settings(db.target.dsn)
+    engine, clock = await _started(db)
+    assert engine.store is not None
+    assert engine.manager is not None
+    await engine.store.insert_signals([(SYMBOL, "long", None, None)])
+    await drive_until(
+        clock,
+        lambda: SYMBOL in engine.manager.by_symbol and engine.manager.by_symbol[SYMBOL].covered,
+        what="protected",
+    )
+    guard = engine.manager.by_symbol[SYMBOL]
+    position_id, stop, activation = guard.position_id, guard.stop_loss.price, guard.trailing_stop.price
+    assert stop is not None
+    assert activation is not None
+    coarser = guard.market.tick_size * 10
+    assert stop % coarser != 0
+    assert activation % coarser != 0
+    await drive(clock, engine.stop())
+    core = engine.venue.core  # type: ignore[attr-defined]
+    core.change_tick_size(SYMBOL, coarser)
+
+    second = make_engine(settings, clock, SimVenue(settings.venue.sim, clock=clock, core=core))
+    await drive(clock, second.start())
+    try:
+        assert second.manager is not None
+        await drive_until(
+            clock,
+            lambda: SYMBOL in second.manager.by_symbol and second.manager.by_symbol[SYMBOL].covered,
+            what="restored",
+        )
+        restored = second.manager.by_symbol[SYMBOL]
+        assert restored.position_id == position_id
+        for order in await drive(clock, second.venue.fetch_open_protective_orders(SYMBOL)):
+            await drive(clock, second.venue.cancel_order(SYMBOL, order.client_order_id))  # by hand
+
+        def live() -> dict[OrderType, Order]:
+            return {o.type: o for o in core.open_protective_orders(clock.now(), SYMBOL)}
+
+        await drive_until(
+            clock, lambda: len(live()) == 2 and restored.covered, what="protected again on the new grid"
+        )
+        live_now = live()
+        assert live_now[OrderType.STOP_MARKET].stop_price == (
+            (stop / coarser).to_integral_value(ROUND_UP) * coarser
+        )
+        assert live_now[OrderType.TRAILING_STOP_MARKET].activation_price == (
+            (activation / coarser).to_integral_value(ROUND_DOWN) * coarser
+        )
     finally:
         await drive(clock, second.stop())
 

@@ -61,7 +61,7 @@ import math
 import operator
 from collections import deque
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Any
 
@@ -343,6 +343,14 @@ class SimCore:
     def mark_prices(self, symbols: Collection[str] | None = None) -> dict[str, MarkPrice]:
         wanted = self._marks.keys() if symbols is None else [self._market(s).symbol for s in symbols]
         return {s: MarkPrice(symbol=s, price=self._marks[s], timestamp=self._mark_times[s]) for s in wanted}
+
+    def change_tick_size(self, symbol: str, tick_size: Decimal) -> None:
+        """The venue changes a symbol's price step (Binance's PRICE_FILTER, Bybit's priceFilter.tickSize;
+        both do, announced ahead). Orders already placed keep their prices, off the new grid or not; every
+        price sent from now on must be on it."""
+        if tick_size <= 0:
+            raise ValueError(f"tick size must be positive, not {tick_size}")
+        self._markets[symbol] = replace(self._markets[symbol], tick_size=tick_size)
 
     def set_mark(self, symbol: str, price: Decimal, now: float) -> list[Order]:
         """Publish a new mark and run the conditional orders of `symbol` against it.
