@@ -218,6 +218,26 @@ def _trailing_distance(market: Market, reference: Decimal, callback_rate: Decima
     return max(market.round_price(reference * callback_rate / 100, ROUND_HALF_UP), market.tick_size)
 
 
+def _our_distance(
+    market: Market,
+    value: Decimal,
+    callback_rate: Decimal,
+    activation_price: Decimal | None,
+    row: Mapping[str, Any],
+) -> bool:
+    """`value`, a position's trailing distance, is the one our trailing stop would have. It went out on
+    the tick grid of its day (Bybit changes a symbol's tick size and keeps the stops it holds), an unknown
+    tick off the exact callback of its activation: within a tenth of that (or a tick), it is ours. One armed
+    at the mark trails by the callback of the mark then, which nobody recorded; the mark had just passed
+    the activation, near the entry (`row`'s average price): within a quarter of the entry's distance. A
+    doubled or tenfold trail (someone's, set while no engine ran) is not ours."""
+    reference = activation_price or _positive(row.get("avgPrice"))
+    if reference is None:
+        return False
+    exact = reference * callback_rate / 100
+    return abs(value - exact) <= max(market.tick_size, exact / (10 if activation_price is not None else 4))
+
+
 # The trailing-stop call the current task is making (the request hook reads it).
 _CARRYING: contextvars.ContextVar[_Carrier | None] = contextvars.ContextVar("bybit_carrying", default=None)
 
@@ -760,17 +780,13 @@ class BybitLinearVenue(CcxtVenue):
             and live is not None
             and not any(other.status is OrderStatus.NEW for other in trailing)
             and not any(other.side is side and other.displaced_by is not None for other in trailing[-1:])
-            and (
-                activation_price is None
-                or self._same(symbol, live, _trailing_distance(market, activation_price, callback_rate))
-            )
+            and _our_distance(market, live, callback_rate, activation_price, row)
         ):
             # A trailing stop is working on the position and we hold none in memory (a restart, or a lost
             # answer): take it as ours. Sending one again would restart its high-water mark on Bybit and give
             # back the profit it has locked in. Not when ours was last found moved by someone else: that
             # one is theirs, and ours is set again; nor when its distance is not the one ours would have
-            # (someone else's, set while no engine ran). (One armed at the mark has a distance no one can
-            # know again: it is taken.)
+            # (someone else's, set while no engine ran).
             stop = _PositionStop(
                 client_order_id,
                 symbol,
@@ -1177,9 +1193,9 @@ class BybitLinearVenue(CcxtVenue):
         value = _positive(row.get(_FIELD[order_type]))
         side = OrderSide.SELL if row.get("side") == "Buy" else OrderSide.BUY
         assert value is not None
-        expected = self._recorded_value(symbol, client_order_id, order_type)
-        if expected is not None and not self._same(symbol, value, expected):
-            if self._earlier_recorded_holds(symbol, client_order_id, order_type, value):
+        expected = self._recorded_value(symbol, client_order_id, order_type, row)
+        if expected is not None and not self._holds_recorded(symbol, client_order_id, order_type, value, row):
+            if self._earlier_recorded_holds(symbol, client_order_id, order_type, value, row):
                 # Another stop of ours the last process recorded for this field holds it: this one (a
                 # correction, a resize written ahead) never took effect, or does not show yet. Not named:
                 # its look-up proves it absent (or not) as any unsent order's.
@@ -1206,7 +1222,12 @@ class BybitLinearVenue(CcxtVenue):
         self._recorded[client_order_id] = _RecordedStop(stop_price, callback_rate, activation_price, side)
 
     def _earlier_recorded_holds(
-        self, symbol: str, client_order_id: str, order_type: OrderType, value: Decimal
+        self,
+        symbol: str,
+        client_order_id: str,
+        order_type: OrderType,
+        value: Decimal,
+        row: Mapping[str, Any],
     ) -> bool:
         """`value` is what another recorded stop of ours in the same field of the same position was set to."""
         match = _STOP_KIND_IN_ID.search(client_order_id)
@@ -1218,23 +1239,47 @@ class BybitLinearVenue(CcxtVenue):
                 continue
             if found.group(1) != match.group(1):
                 continue
-            earlier = self._recorded_value(symbol, other, order_type)
-            if earlier is not None and self._same(symbol, value, earlier):
+            if self._holds_recorded(symbol, other, order_type, value, row):
                 return True
         return False
 
-    def _recorded_value(self, symbol: str, client_order_id: str, order_type: OrderType) -> Decimal | None:
-        """The value the position's field held for this recorded stop: the hard stop's price, or the
-        trailing distance its callback gave at its activation price (None: not known; one armed at the
-        mark trails by a distance from a price nobody recorded)."""
+    def _recorded_value(
+        self, symbol: str, client_order_id: str, order_type: OrderType, row: Mapping[str, Any]
+    ) -> Decimal | None:
+        """The value the position's field held for this recorded stop, as sent on today's grid: the hard
+        stop's price, or the trailing distance its callback gave at its activation price; one armed at the
+        mark, at the position's entry price (the mark then had just passed the activation, near the entry:
+        the mark itself was not recorded). None: nothing recorded to check."""
         recorded = self._recorded.get(client_order_id)
         if recorded is None:
             return None
         if order_type is OrderType.STOP_MARKET:
             return recorded.stop_price
-        if recorded.activation_price is None or recorded.callback_rate is None:
+        reference = recorded.activation_price or _positive(row.get("avgPrice"))
+        if reference is None or recorded.callback_rate is None:
             return None
-        return _trailing_distance(self._market(symbol), recorded.activation_price, recorded.callback_rate)
+        return _trailing_distance(self._market(symbol), reference, recorded.callback_rate)
+
+    def _holds_recorded(
+        self,
+        symbol: str,
+        client_order_id: str,
+        order_type: OrderType,
+        value: Decimal,
+        row: Mapping[str, Any],
+    ) -> bool:
+        """`value`, in the position's field, is the recorded stop's as far as the venue can show it: a hard
+        stop within one tick of its price (Bybit shows a stop set before a tick-size change on the new
+        grid), a trailing distance near ours (`_our_distance`)."""
+        recorded = self._recorded.get(client_order_id)
+        expected = self._recorded_value(symbol, client_order_id, order_type, row)
+        if recorded is None or expected is None:
+            return False
+        market = self._market(symbol)
+        if order_type is OrderType.STOP_MARKET:
+            return abs(value - expected) < market.tick_size
+        assert recorded.callback_rate is not None
+        return _our_distance(market, value, recorded.callback_rate, recorded.activation_price, row)
 
     def _displaced_while_away(
         self,

@@ -436,3 +436,53 @@ async def test_in_hedge_mode_a_restart_never_takes_the_other_sides_stop_for_ours
         found = await venue.fetch_order("SFPUSDT", "tsbabc123-1-ts0")
     assert found.type is not OrderType.TRAILING_STOP_MARKET, found
     assert not stub.sent("/v5/position/trading-stop")
+
+
+async def test_a_trailing_stop_set_under_another_tick_size_is_still_ours_after_a_restart() -> None:
+    """Bybit changes a symbol's tick size (the stops it holds keep their values). Our trailing stop was set
+    when the tick was 0.001: 2 % of the activation 0.5623 went out as 0.011. After the change to 0.0001,
+    the next process worked the distance out again on today's grid, 0.0112, and took its own stop for one
+    someone else had moved: a false alarm, and the trail set again (its high-water mark lost)."""
+    stub = BybitStub(position=_position(side="Buy", trailingStop="0.011"))
+    async with bybit(stub) as venue:
+        venue.expect_recorded(
+            "tsbabc123-1-ts0",
+            side=OrderSide.SELL,
+            callback_rate=Decimal("2"),
+            activation_price=Decimal("0.5623"),
+        )
+        found = await venue.fetch_order("SFPUSDT", "tsbabc123-1-ts0")
+    assert (found.type, found.status) == (OrderType.TRAILING_STOP_MARKET, OrderStatus.NEW)
+    assert not stub.sent("/v5/position/trading-stop")
+
+
+async def test_a_hard_stop_shown_on_a_coarser_grid_is_still_ours_after_a_restart() -> None:
+    """The tick became coarser: Bybit shows the price of a stop set before on the new grid. Ours at 0.45675
+    reads 0.4567; within one tick of what we set, it is ours (it was taken for moved when it differed by
+    half a tick)."""
+    stub = BybitStub(position=_position(side="Buy", stopLoss="0.4567"))
+    async with bybit(stub) as venue:
+        venue.expect_recorded("tsbabc123-1-sl0", side=OrderSide.SELL, stop_price=Decimal("0.45675"))
+        found = await venue.fetch_order("SFPUSDT", "tsbabc123-1-sl0")
+    assert (found.type, found.status, found.stop_price) == (
+        OrderType.STOP_MARKET,
+        OrderStatus.NEW,
+        Decimal("0.4567"),
+    )
+
+
+@pytest.mark.parametrize(("distance", "ours"), [("0.0102", True), ("0.1000", False)])
+async def test_a_trailing_stop_armed_at_the_mark_is_restored_only_near_our_distance(
+    distance: str, ours: bool
+) -> None:
+    """Our trailing stop armed at the mark (its activation had passed): recorded with no activation, its
+    distance the callback of the mark then, which nobody recorded. It was restored at any distance: one
+    someone widened tenfold while no engine ran was taken for ours. The mark then had just passed the
+    activation, near the entry (0.5001 here): 2 % of it is 0.0100; a distance near that is ours, one far
+    from it is someone else's."""
+    stub = BybitStub(position=_position(side="Buy", trailingStop=distance))
+    async with bybit(stub) as venue:
+        venue.expect_recorded("tsbabc123-1-ts0", side=OrderSide.SELL, callback_rate=Decimal("2"))
+        found = await venue.fetch_order("SFPUSDT", "tsbabc123-1-ts0")
+    assert found.type is OrderType.TRAILING_STOP_MARKET
+    assert found.status is (OrderStatus.NEW if ours else OrderStatus.CANCELED)
