@@ -1067,6 +1067,9 @@ def _describe_error(err: Mapping[str, Any], label: str, env_names: Mapping[tuple
     if allowed is not None:
         return f"{origin}: {'.'.join(key_path)}: unknown key (a typo?): expected one of {', '.join(allowed)}"
     expected = problem.expected if isinstance(problem, FieldProblem) else _expected(err, info)
+    if err["type"] == "extra_forbidden":
+        # Named, its value never shown: an unknown key may be a misspelt secret (`api_secrets`).
+        return f"{origin}: {'.'.join(key_path)}: {expected}"
     value = "a secret value" if key_path in SECRETS else _show(err.get("input"))
     return f"{origin}: {'.'.join(key_path)}: {expected}, got {value}"
 

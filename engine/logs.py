@@ -12,16 +12,14 @@ import copy
 import logging
 import logging.handlers
 import os
-import re
 from collections.abc import Iterable
 from pathlib import Path
 
 from engine.config import LoggingSettings
+from storage.database import redact_dsn
 
 LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
 MAX_LOG_MESSAGE_CHARS = 4000
-_DSN_PASSWORD = re.compile(r"(://[^:/@\s]+):[^@\s]*@")
-_PASSWORD_PARAM = re.compile(r"(?i)(password=)[^&\s]+")
 
 
 class LogFileError(Exception):
@@ -43,8 +41,7 @@ class RedactingFormatter(logging.Formatter):
     def redact(self, text: str) -> str:
         for secret in self._secrets:
             text = text.replace(secret, "***")
-        text = _DSN_PASSWORD.sub(r"\1:***@", text)
-        return _PASSWORD_PARAM.sub(r"\1***", text)
+        return redact_dsn(text)
 
 
 def _cut(record: logging.LogRecord) -> logging.LogRecord:

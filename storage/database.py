@@ -74,10 +74,16 @@ class DatabaseTarget:
         return redact_dsn(self.dsn)
 
 
-def redact_dsn(dsn: str) -> str:
-    """`postgresql://user:secret@host/db` -> `postgresql://user:***@host/db`; also `password=` params."""
-    dsn = re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", dsn)
-    return re.sub(r"(?i)(password=)[^&\s]+", r"\1***", dsn)
+# The password of a URL's user part: from the first `:` after `://` (the user may be empty) to the last `@`
+# before the host (an unescaped `@` may be inside the password); and a `password=` parameter.
+_DSN_PASSWORD = re.compile(r"(://[^:/@\s]*):[^/\s]*@")
+_PASSWORD_PARAM = re.compile(r"(?i)(password=)[^&\s]+")
+
+
+def redact_dsn(text: str) -> str:
+    """`postgresql://user:secret@host/db` -> `postgresql://user:***@host/db`, also with no user name or an
+    `@` inside the password, and `password=` parameters: in a DSN, or in any text that quotes one."""
+    return _PASSWORD_PARAM.sub(r"\1***", _DSN_PASSWORD.sub(r"\1:***@", text))
 
 
 async def resolve_target(dsn: str, data_dir: str, name: str, password: str | None = None) -> DatabaseTarget:

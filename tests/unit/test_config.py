@@ -19,6 +19,8 @@ from engine.config import (
     load_config,
 )
 from engine.config_show import render_config
+from engine.logs import RedactingFormatter
+from storage.database import redact_dsn
 
 
 def _write(path: Path, text: str, mode: int = 0o644) -> Path:
@@ -274,3 +276,46 @@ def test_sim_venue_settings_are_nested_under_venue_and_overridable(tmp_path: Pat
     with pytest.raises(ConfigError) as caught:
         load_config(bad, environ={})
     assert caught.value.lines == [f"{bad}: venue.sim.symbols: not in the sim universe: NOPEUSDT, got a list"]
+
+
+@pytest.mark.parametrize(
+    ("environ", "toml"),
+    [
+        ({"TSBOT_VENUE__API_SECRETS": "SECRETXYZ123"}, ""),
+        ({"TSBOT_DATABASE__PASSWROD": "SECRETXYZ123"}, ""),
+        ({"TSBOT_ALERTS__URL": "tgram://SECRETXYZ123/-100"}, ""),
+        ({}, '[venue]\napi_secrets = "SECRETXYZ123"\n'),
+    ],
+)
+def test_an_unknown_key_is_named_without_its_value(
+    tmp_path: Path, environ: dict[str, str], toml: str
+) -> None:
+    """A misspelt secret's name is an unknown key: its value, the secret, was shown back in full
+    ("got "SECRETXYZ123"") on the terminal. The key is named, its value never shown."""
+    config = _write(tmp_path / "c.toml", toml)
+    with pytest.raises(ConfigError) as caught:
+        load_config(config, environ=environ)
+    assert len(caught.value.lines) == 1
+    assert "unknown key (a typo?)" in caught.value.lines[0]
+    assert "SECRETXYZ123" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("dsn", "shown"),
+    [
+        ("postgresql://:SECRETXYZ123@127.0.0.1:1/db", "postgresql://:***@127.0.0.1:1/db"),
+        ("postgresql://u:SEC@RETXYZ123@h/db", "postgresql://u:***@h/db"),
+        ("postgresql://bot:SECRETXYZ123@db.internal/tsbot", "postgresql://bot:***@db.internal/tsbot"),
+        (
+            "postgresql://bot@db.internal/tsbot?password=SECRETXYZ123",
+            "postgresql://bot@db.internal/tsbot?password=***",
+        ),
+    ],
+)
+def test_a_dsn_password_is_masked_whatever_the_user_part(tmp_path: Path, dsn: str, shown: str) -> None:
+    """`postgresql://:secret@host/db` (no user name) showed its password in `config show`, `tsbot status`
+    and every error naming the database; an unescaped `@` inside the password showed the rest of it."""
+    assert redact_dsn(dsn) == shown
+    assert "SECRETXYZ123" not in RedactingFormatter([]).redact(f"cannot connect to {dsn}: refused")
+    loaded = load_config(None, environ={"TSBOT_DATABASE__DSN": dsn}, cwd=tmp_path)
+    assert "SECRETXYZ123" not in render_config(loaded)
