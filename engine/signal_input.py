@@ -129,6 +129,23 @@ def signal_from_fields(symbol: Any, side: Any, score: Any = None, external_id: A
 _JSONL_KEYS = {"symbol", "side", "score", "id"}
 
 
+class _KeyTwice(Exception):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different: `{"symbol": "A", "symbol": "B"}` is nonsense, refused,
+    not read as its last value."""
+    item: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in item:
+            raise _KeyTwice(key)
+        item[key] = value
+    return item
+
+
 def read_jsonl(path: Path) -> list[SignalInput]:
     """Parse a JSON-lines file of {"symbol", "side", "score"?, "id"?}; any bad line fails the whole file
     (`BadSignal` naming file and line), so an import is all or nothing."""
@@ -156,7 +173,9 @@ def read_jsonl(path: Path) -> list[SignalInput]:
             continue
         where = f"{path}:{number}"
         try:
-            item = json.loads(line, parse_float=Decimal)
+            item = json.loads(line, parse_float=Decimal, object_pairs_hook=_once_each)
+        except _KeyTwice as twice:
+            raise BadSignal(f"{where}: key {twice.key!r} given twice") from None
         except json.JSONDecodeError as exc:
             raise BadSignal(f"{where}: not JSON: {exc.msg}") from None
         except RecursionError:

@@ -56,6 +56,14 @@ def start_embedded(data_dir: Path) -> EmbeddedPostgres:
         raise EmbeddedPostgresError(
             f"database.data_dir: cannot create {data_dir.parent}: {exc.strerror}"
         ) from None
+    if data_dir.exists() and not data_dir.is_dir():
+        raise EmbeddedPostgresError(f"database.data_dir: {data_dir} is not a directory")
+    if data_dir.is_dir() and not (data_dir / "PG_VERSION").exists() and any(data_dir.iterdir()):
+        # The server's set-up would take it over (initdb, its owner when run as root) and fail half-way.
+        raise EmbeddedPostgresError(
+            f"database.data_dir: {data_dir} is neither empty nor a PostgreSQL data directory (no PG_VERSION "
+            "in it); nothing in it was touched"
+        )
     state, pid = postmaster_state(data_dir)
     if state is PostmasterState.DEAD and pid is not None:
         # Its postmaster died without cleaning up (SIGKILL: in a container whose init does not reap, it even
@@ -145,7 +153,7 @@ def postmaster_state(data_dir: Path) -> tuple[PostmasterState, int | None]:
 
     try:
         pid = int((data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
-    except (FileNotFoundError, ValueError):
+    except (FileNotFoundError, NotADirectoryError, ValueError):
         return PostmasterState.DEAD, None
     try:
         process = psutil.Process(pid)

@@ -383,3 +383,30 @@ def test_config_show_stays_toml(tmp_path: Path) -> None:
     result = tsbot("config", "show", cwd=tmp_path, TSBOT_TUI__KEYS__QUIT="ctrl+q")
     assert result.code == 0
     assert json.dumps("ctrl+q") in result.stdout
+
+
+@pytest.mark.parametrize("kind", ["a file", "a directory of other things"])
+def test_a_data_dir_that_is_not_one_is_one_line_and_left_untouched(tmp_path: Path, kind: str) -> None:
+    """`database.data_dir` pointing at a file was reported as a bug of ours (NotADirectoryError); at a
+    directory holding other things, the embedded server's set-up took it over (its owner changed when run as
+    root) and failed with initdb's command line. Both are the operator's setting: one line naming it, and
+    nothing in the place touched."""
+    place = tmp_path / "place"
+    if kind == "a file":
+        place.write_text("mine\n")
+        expected = f"tsbot: database.data_dir: {place} is not a directory"
+    else:
+        place.mkdir()
+        (place / "important.txt").write_text("mine\n")
+        expected = (
+            f"tsbot: database.data_dir: {place} is neither empty nor a PostgreSQL data directory "
+            "(no PG_VERSION in it); nothing in it was touched"
+        )
+    before = {p: (p.stat().st_uid, p.stat().st_mode) for p in [place, *place.rglob("*")]}
+    _one_line(tsbot("db", "migrate", cwd=tmp_path, TSBOT_DATABASE__DATA_DIR=str(place)), 1, expected)
+    # A look starts nothing: no server runs there, which it says.
+    status = tsbot("status", cwd=tmp_path, TSBOT_DATABASE__DATA_DIR=str(place))
+    assert status.problems() == [], status
+    assert status.code == 3, status
+    assert "no embedded PostgreSQL is running in" in status.stdout + status.stderr
+    assert {p: (p.stat().st_uid, p.stat().st_mode) for p in [place, *place.rglob("*")]} == before

@@ -47,6 +47,7 @@ def test_bad_fields_give_a_reason(fields: tuple, reason: str) -> None:
         ("not json\n", ":1: not JSON"),
         ("[1, 2]\n", ":1: expected an object"),
         ('{"symbol": "A", "side": "long", "size": 3}\n', ":1: unknown key 'size'"),
+        ('{"symbol": "SFPUSDT", "side": "long", "symbol": "BTCUSDT"}\n', ":1: key 'symbol' given twice"),
         (
             '{"symbol": "A", "side": "long", "id": "x"}\n{"symbol": "B", "side": "long", "id": "x"}\n',
             ":2: id 'x' already used on line 1",
