@@ -213,6 +213,14 @@ def _field_stop(
     )
 
 
+def _on_side(row: Mapping[str, Any], side: OrderSide) -> bool:
+    """A stop order's (or its execution's) row is on `side`, the side closing our position: in hedge mode
+    the other position's stop of the same kind is not ours (its id, its price, its fill). A row without a
+    side says nothing against it."""
+    shown = row.get("side")
+    return not shown or shown == ("Sell" if side is OrderSide.SELL else "Buy")
+
+
 def _trailing_distance(market: Market, reference: Decimal, callback_rate: Decimal) -> Decimal:
     """Bybit trails by a price distance: the callback percent of the price it arms at, on the tick grid."""
     return max(market.round_price(reference * callback_rate / 100, ROUND_HALF_UP), market.tick_size)
@@ -1201,9 +1209,82 @@ class BybitLinearVenue(CcxtVenue):
                 # its look-up proves it absent (or not) as any unsent order's.
                 return None
             return self._displaced_while_away(client_order_id, symbol, side, order_type, row, expected, value)
+        stop_rows = await self._stop_order_rows(symbol)
+        activation = self._moved_activation(symbol, client_order_id, order_type, side, stop_rows)
+        if activation is not None:
+            return self._activation_moved_while_away(client_order_id, symbol, side, row, value, activation)
         stop = _field_stop(client_order_id, symbol, side, order_type, row, value)
-        self._attach_venue_order(stop, await self._stop_order_rows(symbol))
+        self._attach_venue_order(stop, stop_rows)
         self._adopted(stop, row)
+        return stop
+
+    def _moved_activation(
+        self,
+        symbol: str,
+        client_order_id: str,
+        order_type: OrderType,
+        side: OrderSide,
+        stop_rows: list[Mapping[str, Any]],
+    ) -> Decimal | None:
+        """The activation price the venue's order behind our recorded trailing stop shows, when it is not
+        the recorded one (None: it is, or nothing to compare). The position's row carries the distance only;
+        the order's `triggerPrice` is a trailing stop's activation (Bybit's docs), so an activation moved
+        out of reach while no engine ran, the distance kept, showed nowhere else: the trail that would never
+        arm was restored as ours."""
+        recorded = self._recorded.get(client_order_id)
+        if (
+            order_type is not OrderType.TRAILING_STOP_MARKET
+            or recorded is None
+            or recorded.activation_price is None
+        ):
+            return None
+        for row in stop_rows:
+            if (
+                row.get("symbol") == symbol
+                and row.get("stopOrderType") == "TrailingStop"
+                and _on_side(row, side)
+            ):
+                shown = _positive(row.get("triggerPrice"))
+                tick = self._market(symbol).tick_size
+                if shown is not None and abs(shown - recorded.activation_price) >= tick:
+                    return shown
+                return None
+        return None
+
+    def _activation_moved_while_away(
+        self,
+        client_order_id: str,
+        symbol: str,
+        side: OrderSide,
+        row: Mapping[str, Any],
+        distance: Decimal,
+        activation: Decimal,
+    ) -> _PositionStop:
+        """Our recorded trailing stop, its activation moved by someone else: ended as of now (cancelled: not
+        ours), said once, and remembered so that ours is set again, not theirs adopted."""
+        recorded = self._recorded[client_order_id]
+        stop = _field_stop(
+            client_order_id,
+            symbol,
+            side,
+            OrderType.TRAILING_STOP_MARKET,
+            row,
+            distance,
+            activation_price=recorded.activation_price,
+            callback_rate=recorded.callback_rate,
+        )
+        stop.status, stop.updated_at, stop.confirmed = OrderStatus.CANCELED, time.time(), True
+        stop.displaced_by = distance
+        self._stops[client_order_id] = stop
+        logger.warning(
+            "%s %s: the position's trailing stop has activePrice %s, not our %s (%s): moved by someone else, "
+            "so not our stop; ours is set again",
+            self.kind,
+            symbol,
+            _wire(activation),
+            _wire(recorded.activation_price),
+            client_order_id,
+        )
         return stop
 
     def expect_recorded(
@@ -1311,7 +1392,11 @@ class BybitLinearVenue(CcxtVenue):
     def _attach_venue_order(self, stop: _PositionStop, stop_rows: list[Mapping[str, Any]]) -> None:
         """The venue's order behind our stop: its id, when it was made, a trailing stop's current level."""
         for row in stop_rows:
-            if row.get("symbol") == stop.symbol and row.get("stopOrderType") == _STOP_ORDER_TYPE[stop.type]:
+            if (
+                row.get("symbol") == stop.symbol
+                and row.get("stopOrderType") == _STOP_ORDER_TYPE[stop.type]
+                and _on_side(row, stop.side)
+            ):
                 stop.venue_order_id = str(row.get("orderId") or stop.venue_order_id)
                 stop.created_at = min(stop.created_at, _seconds(row.get("createdTime"), stop.created_at))
                 if stop.type is OrderType.TRAILING_STOP_MARKET:
@@ -1378,6 +1463,7 @@ class BybitLinearVenue(CcxtVenue):
             if (
                 row.get("stopOrderType") != _STOP_ORDER_TYPE[stop.type]
                 or row.get("execType", "Trade") != "Trade"
+                or not _on_side(row, stop.side)
             ):
                 continue
             if int(row.get("execTime") or 0) < since_ms:

@@ -199,15 +199,17 @@ async def test_a_trailing_stop_moved_is_set_again_not_taken_as_ours_where_we_rea
         assert await _lost(db) == 2
 
 
-@pytest.mark.parametrize("moved", ["stopLoss", "trailingStop"])
+@pytest.mark.parametrize("moved", ["stopLoss", "trailingStop", "activePrice"])
 async def test_a_stop_moved_while_no_engine_ran_is_not_restored_as_ours(
     db: Database, caplog: pytest.LogCaptureFixture, moved: str
 ) -> None:
     """An engine stops (its stops stay on the position, as they must); someone moves one; the next engine
     restores the position. It took whatever value the field held as its own stop (`Restored …`), so a
     hard stop widened to half the price, or a trailing distance ten times ours, was shown and recorded as
-    our protection for as long as the position lived. It is someone else's: said loudly (a WARNING naming
-    the field), the position re-protected, not restored, and ours set again."""
+    our protection for as long as the position lived; so was a trailing stop whose activation alone was
+    moved out of reach (the position's row has no activation: the stop's order row shows it). It is someone
+    else's: said loudly (a WARNING naming the field), the position re-protected, not restored, and ours set
+    again."""
     emulator = BybitEmulator(
         SimVenueSettings(seed=11, volatility=0.0, symbols=[SYMBOL, "BTCUSDT"]),
         api_key=KEY,
@@ -220,12 +222,16 @@ async def test_a_stop_moved_while_no_engine_ran_is_not_restored_as_ours(
             guard = await _one_protected(engine, SYMBOL)
             ours = await _settled(guard, base_url)
         assert await _lost(db) == 0
-        factor = Decimal("0.5") if moved == "stopLoss" else Decimal(10)
+        factor = {"stopLoss": Decimal("0.5"), "trailingStop": Decimal(10), "activePrice": Decimal(2)}[moved]
+        assert ours[moved] is not None
         value = (Decimal(ours[moved]) * factor).quantize(TICK)
         fields = {moved: str(value)}
         if moved == "stopLoss":
             fields["slTriggerBy"] = "MarkPrice"
+        if moved == "activePrice":  # the distance kept: the trail activates only at twice the price
+            fields["trailingStop"] = ours["trailingStop"]
         await _as_operator(base_url, **fields)
+        assert Decimal((await _held(base_url))[moved]) == value
         caplog.set_level(logging.WARNING)
         async with engine_on(db, base_url, overrides) as engine:
 
@@ -242,6 +248,8 @@ async def test_a_stop_moved_while_no_engine_ran_is_not_restored_as_ours(
             assert (report.restored, report.reprotected) == (0, 1), report.describe()
             other = "trailingStop" if moved == "stopLoss" else "stopLoss"
             assert Decimal((await _held(base_url))[other]) == Decimal(ours[other])  # left alone
+            if moved == "activePrice":
+                assert Decimal((await _held(base_url))["trailingStop"]) == Decimal(ours["trailingStop"])
         warned = [
             r
             for r in caplog.records

@@ -284,12 +284,16 @@ async def test_active_price_must_lie_beyond_the_last_price() -> None:
         waiting = (await client.state())["position_stops"][0]
         await client.control("last", symbol=SYMBOL, price="0.4600")
         armed = (await client.state())["position_stops"][0]
+        [row] = [r for r in await stop_orders(client) if r["stopOrderType"] == "TrailingStop"]
 
     assert reached["retCode"] == 10001
     assert "base_price:0.4500??LastPrice" in reached["retMsg"]
     assert ahead["retCode"] == 0
     assert waiting["armed"] is False
     assert (armed["armed"], armed["extreme"], armed["trailingTrigger"]) == (True, "0.4600", "0.4500")
+    # The order row's triggerPrice is a trailing stop's activation (Bybit's docs: "If
+    # stopOrderType=TrailingStop, it is activate price"), armed or not; the position's row has none.
+    assert row["triggerPrice"] == "0.4600"
 
 
 async def test_position_list_pages_with_limit_and_cursor() -> None:

@@ -486,3 +486,39 @@ async def test_a_trailing_stop_armed_at_the_mark_is_restored_only_near_our_dista
         found = await venue.fetch_order("SFPUSDT", "tsbabc123-1-ts0")
     assert found.type is OrderType.TRAILING_STOP_MARKET
     assert found.status is (OrderStatus.NEW if ours else OrderStatus.CANCELED)
+
+
+async def test_in_hedge_mode_the_other_sides_stop_fill_is_not_taken_for_ours() -> None:
+    """Hedge mode: our long's hard stop is set, then gone from its field (the long still open), while the
+    short beside it was closed by its own hard stop. The execution list's stop fill was matched by kind
+    only, so the short's stop fill (a Buy) was booked as our long's stop filled: the position recorded
+    closed by its stop at the short's price while it was open. Only a fill on our stop's side is ours."""
+    stub = BybitStub(
+        position=_position(idx=1, side="Buy"),
+        other_side=_position(idx=2, side="Sell"),
+    )
+    async with bybit(stub) as venue:
+        await venue.fetch_positions()
+        await venue.create_stop_market_order(
+            "SFPUSDT", OrderSide.SELL, Decimal("100"), Decimal("0.4850"), client_order_id="tsbabc123-1-sl0"
+        )
+        stub.position = _position(idx=1, side="Buy", stopLoss="0.4850")
+        working = await venue.fetch_order("SFPUSDT", "tsbabc123-1-sl0")
+        stub.position = _position(idx=1, side="Buy", stopLoss="")
+        stub.other_side = None
+        stub.executions = [
+            {
+                "symbol": "SFPUSDT",
+                "side": "Buy",
+                "orderId": "short-sl-1",
+                "orderLinkId": "",
+                "stopOrderType": "StopLoss",
+                "execType": "Trade",
+                "execPrice": "0.5150",
+                "execQty": "100",
+                "execTime": str(int(time.time() * 1000)),
+            }
+        ]
+        ended = await venue.fetch_order("SFPUSDT", "tsbabc123-1-sl0")
+    assert working.status is OrderStatus.NEW
+    assert (ended.status, ended.average_price) == (OrderStatus.CANCELED, None)

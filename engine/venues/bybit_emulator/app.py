@@ -30,7 +30,8 @@ follows the **last** price (no trigger-by option on Bybit): armed at once, or wh
 trailing stop starts its high-water mark again, as Bybit does. `"0"` cancels a stop; values equal to the
 current ones answer 34040 "not modified"; no position answers 10001 "zero position". Each stop is shown
 as a system-created order in `order/realtime` with `orderFilter=StopOrder` (`stopOrderType` StopLoss /
-TrailingStop, `orderStatus` Untriggered, `triggerPrice` the current trigger level), sized to the whole
+TrailingStop, `orderStatus` Untriggered, `triggerPrice` the trigger level, or a trailing stop's
+`activePrice` when it has one, as Bybit's docs say), sized to the whole
 position. When one fires it closes the position at market (Filled, in `order/history` and
 `execution/list` with its price); whenever the position reaches 0 (a stop, a reduce-only order) the venue
 deactivates what is left.
@@ -179,6 +180,9 @@ class _StopOrder:
     qty: Decimal = _ZERO
     exec_qty: Decimal = _ZERO
     avg_price: Decimal | None = None
+    # A trailing stop's `activePrice`: what its order row shows as `triggerPrice` (Bybit's docs: "If
+    # stopOrderType=TrailingStop, it is activate price"). One armed at once shows its current level.
+    active_price: Decimal | None = None
 
 
 @dataclass(slots=True)
@@ -1057,6 +1061,7 @@ class BybitEmulator:
                     )
                 else:
                     current.trigger_price, current.updated_at = level, request.now
+                stops.trailing.active_price = wanted_active
                 stops.distance, stops.active_price = distance, wanted_active
                 stops.armed, stops.extreme, stops.trailing_set_at = False, None, request.now
                 changed = True
@@ -1448,7 +1453,7 @@ def _order_json(order: _RegularOrder | _StopOrder) -> dict[str, Any]:
             "qty": _text(order.qty),
             "orderStatus": order.status,
             "stopOrderType": order.stop_order_type,
-            "triggerPrice": _text(order.trigger_price),
+            "triggerPrice": _text(order.active_price or order.trigger_price),
             "triggerBy": order.trigger_by,
             "triggerDirection": 2 if order.side is OrderSide.SELL else 1,
             "cumExecQty": _text(order.exec_qty),
