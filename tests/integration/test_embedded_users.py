@@ -1,0 +1,77 @@
+"""The embedded PostgreSQL stops when the last tsbot process using it exits (README): pgserver counts its
+users in the data directory's `.handle_pids.json`, and the last one to leave stops the server. A process
+killed with SIGKILL never leaves: its pid stayed listed for good, so after one killed engine the server ran on
+after every later user had exited cleanly, for ever. Real processes, a real server in a fresh directory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from storage.embedded import PostmasterState, postmaster_state
+
+USE_AND = """
+import os, signal, sys
+from pathlib import Path
+from storage.embedded import start_embedded
+start_embedded(Path(sys.argv[1]))
+if sys.argv[2] == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _user(data_dir: Path, end: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", USE_AND, str(data_dir), end],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+
+
+def _stopped_within(data_dir: Path, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if postmaster_state(data_dir)[0] is PostmasterState.DEAD:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_killed_users_pid_does_not_keep_the_server_running_after_the_last_user_leaves(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "pgdata"
+    killed = _user(data_dir, "kill")
+    assert killed.returncode == -9, killed.stderr
+    state, pid = postmaster_state(data_dir)
+    assert state is PostmasterState.RUNNING  # the killed user never left: the server runs on, as it should
+    assert pid is not None
+    try:
+        listed = json.loads((data_dir / ".handle_pids.json").read_text())
+        assert len(listed) == 1
+        left = _user(data_dir, "exit")
+        assert left.returncode == 0, left.stderr
+        assert _stopped_within(data_dir, 15.0), (
+            f"the server still runs after its last user left; users listed: "
+            f"{(data_dir / '.handle_pids.json').read_text()}"
+        )
+        assert json.loads((data_dir / ".handle_pids.json").read_text()) == []
+    finally:
+        if postmaster_state(data_dir)[0] is PostmasterState.RUNNING:
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    "import sys; from pathlib import Path; from storage.embedded import "
+                    "stop_embedded, start_embedded; start_embedded(Path(sys.argv[1])); stop_embedded(Path(sys.argv[1]))",
+                    str(data_dir),
+                ],
+                timeout=60,
+                cwd=Path(__file__).resolve().parents[2],
+                check=False,
+            )
