@@ -332,7 +332,87 @@ class HealthSettings(Section):
 
 # --- [tui] -----------------------------------------------------------------------------------------------
 
-KeyName = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_+/?.,;:-]+$")]
+# The names Textual gives the keys it reports, after any modifiers: those of `textual.keys.Keys` and its
+# `KEY_ALIASES`, of the kitty keyboard protocol's keys (`textual._keyboard_protocol.FUNCTIONAL_KEYS`, less
+# the modifier keys pressed alone) and of the punctuation characters (`_KEY_ALIASES` below). Copied, not
+# imported: the engine never imports the UI; tests/tui/test_config_names.py keeps the copy equal to the
+# installed Textual's.
+KEY_MODIFIERS = ("ctrl", "alt", "shift", "meta", "super", "hyper")
+KEY_NAMES = frozenset(
+    {
+        *("escape", "enter", "return", "newline", "tab", "space", "backspace", "insert", "delete"),
+        *("up", "down", "left", "right", "home", "end", "pageup", "pagedown", "kp_begin"),
+        *(f"f{number}" for number in range(1, 36)),
+        *("caps_lock", "scroll_lock", "num_lock", "print_screen", "pause", "menu"),
+        *("add", "subtract", "multiply", "divide", "decimal", "equal", "separator"),  # the keypad's
+        *("media_play", "media_pause", "media_play_pause", "media_reverse", "media_stop"),
+        *("media_fast_forward", "media_rewind", "media_track_next", "media_track_previous", "media_record"),
+        *("lower_volume", "raise_volume", "mute_volume"),
+        *("left_square_brace",),  # ctrl+left_square_brace, Textual's other name of escape
+    }
+)
+# The punctuation characters and the names Textual gives them: "/" and "slash" are one key.
+_KEY_ALIASES = {
+    "!": "exclamation_mark",
+    '"': "quotation_mark",
+    "#": "number_sign",
+    "$": "dollar_sign",
+    "%": "percent_sign",
+    "&": "ampersand",
+    "'": "apostrophe",
+    "(": "left_parenthesis",
+    ")": "right_parenthesis",
+    "*": "asterisk",
+    "+": "plus",
+    ",": "comma",
+    "-": "minus",
+    ".": "full_stop",
+    "/": "slash",
+    ":": "colon",
+    ";": "semicolon",
+    "<": "less_than_sign",
+    "=": "equals_sign",
+    ">": "greater_than_sign",
+    "?": "question_mark",
+    "@": "at",
+    "[": "left_square_bracket",
+    "\\": "backslash",
+    "]": "right_square_bracket",
+    "^": "circumflex_accent",
+    "_": "underscore",
+    "`": "grave_accent",
+    "{": "left_curly_bracket",
+    "|": "vertical_line",
+    "}": "right_curly_bracket",
+    "~": "tilde",
+}
+_KNOWN_KEY_NAMES = KEY_NAMES | set(_KEY_ALIASES.values())
+_KEY_EXAMPLES = 'like "q", "ctrl+q", "escape" or "f5"'
+
+
+def _is_key(key: str) -> bool:
+    """One key as Textual names it: modifiers joined by "+" to a single character or a key's name."""
+    if len(key) == 1:  # "+" too: a key of its own
+        return key.isprintable() and not key.isspace()
+    *modifiers, name = key.split("+")
+    if len(set(modifiers)) != len(modifiers) or not set(modifiers) <= set(KEY_MODIFIERS):
+        return False
+    return (len(name) == 1 and name.isprintable() and not name.isspace()) or name in _KNOWN_KEY_NAMES
+
+
+def _key_names(value: str) -> str:
+    """A key in `[tui.keys]`, or several separated by commas. A name Textual never reports ("escpae",
+    "ctrl+alt+shift+nonsense") binds the command to a key nobody can press: its own key is gone with it."""
+    keys = value.split(",")
+    bad = next((key for key in keys if not _is_key(key)), None)
+    if bad is None:
+        return value
+    if len(keys) == 1:
+        raise ValueError(f"must be a key name {_KEY_EXAMPLES}")
+    raise ValueError(f"must be key names {_KEY_EXAMPLES}, separated by commas: {shown(bad)} is not one")
+
+
+KeyName = Annotated[str, Field(min_length=1, max_length=32), AfterValidator(_key_names)]
 
 
 class KeySettings(Section):
@@ -354,9 +434,7 @@ class KeySettings(Section):
         fields = type(self).model_fields
         for action in fields:
             for key in getattr(self, action).split(","):
-                name = _KEY_ALIASES.get(key.strip(), key.strip())
-                if not name:
-                    continue
+                name = _KEY_ALIASES.get(key, key)
                 if name in bound and bound[name] != action:
                     # Name the binding the operator changed, not the default it collides with.
                     first, second = bound[name], action
@@ -371,22 +449,42 @@ class KeySettings(Section):
         return self
 
 
-# Characters allowed in a key name and the names Textual gives them: "/" and "slash" are one key.
-_KEY_ALIASES = {
-    "/": "slash",
-    "?": "question_mark",
-    "+": "plus",
-    "-": "minus",
-    "_": "underscore",
-    ".": "full_stop",
-    ",": "comma",
-    ";": "semicolon",
-    ":": "colon",
-}
+# Textual's built-in themes (`textual.theme.BUILTIN_THEMES`; the dashboard registers none of its own), copied
+# for the same reason and kept equal by the same test. A name not among them was found only once the
+# dashboard was up: the default theme stayed on, with a notice on the screen.
+THEMES = (
+    "ansi-dark",
+    "ansi-light",
+    "atom-one-dark",
+    "atom-one-light",
+    "catppuccin-frappe",
+    "catppuccin-latte",
+    "catppuccin-macchiato",
+    "catppuccin-mocha",
+    "dracula",
+    "flexoki",
+    "gruvbox",
+    "monokai",
+    "nord",
+    "rose-pine",
+    "rose-pine-dawn",
+    "rose-pine-moon",
+    "solarized-dark",
+    "solarized-light",
+    "textual-dark",
+    "textual-light",
+    "tokyo-night",
+)
+
+
+def _theme_name(value: str) -> str:
+    if value not in THEMES:
+        raise ValueError(f"must be one of {', '.join(THEMES)}")
+    return value
 
 
 class TuiSettings(Section):
-    theme: str = Field(default="textual-dark", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    theme: Annotated[str, Field(max_length=64), AfterValidator(_theme_name)] = "textual-dark"
     refresh_per_second: int = Field(default=4, ge=1, le=30)
     keys: KeySettings = Field(default_factory=KeySettings)
 
@@ -676,7 +774,7 @@ def load_config(
         elif key_path in file_paths:
             sources[key_path] = Source.FILE
 
-    settings, secret_sources = _read_secret_files(settings, label, sources)
+    settings, secret_sources = _read_secret_files(settings, label, sources, _env_names(environ))
     sources.update(secret_sources)
     env_names = {_lower(key_path): name for key_path, name in _env_names(environ).items()}
     return LoadedConfig(settings=settings, path=path, sources=sources, env_names=env_names)
@@ -816,7 +914,10 @@ def _unknown_env_sections(environ: Mapping[str, str]) -> list[str]:
 
 
 def _read_secret_files(
-    settings: Settings, label: str, sources: dict[tuple[str, ...], Source]
+    settings: Settings,
+    label: str,
+    sources: dict[tuple[str, ...], Source],
+    env_names: Mapping[tuple[str, ...], str],
 ) -> tuple[Settings, dict[tuple[str, ...], Source]]:
     found: dict[tuple[str, ...], Source] = {}
     updates: dict[str, dict[str, Any]] = {}
@@ -824,8 +925,12 @@ def _read_secret_files(
         file_name = _get_path(settings, file_key)
         if not file_name or sources.get(key_path) == Source.ENV:
             continue
+        # A problem with the file is blamed on what named it: `TSBOT_VENUE__API_KEY_FILE`, or the config file.
         secret = _read_owner_only_file(
-            Path(file_name).expanduser(), label, ".".join(file_key), lines=key_path in MULTI_LINE_SECRETS
+            Path(file_name).expanduser(),
+            _origin(file_key, label, env_names),
+            ".".join(file_key),
+            lines=key_path in MULTI_LINE_SECRETS,
         )
         updates.setdefault(key_path[0], {})[key_path[1]] = SecretStr(secret)
         found[key_path] = Source.SECRET_FILE

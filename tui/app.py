@@ -1033,6 +1033,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (LogFileError, ConfigError) as exc:
         print(f"tsbot-tui: {one_line(str(exc), secrets)}", file=sys.stderr)
         return EXIT_USAGE
+    not_a_tty = [name for name, fd in STANDARD_STREAMS.items() if not _is_a_terminal(fd)]
+    if not_a_tty:
+        named = ", ".join(not_a_tty[:-1]) + " and " + not_a_tty[-1] if len(not_a_tty) > 1 else not_a_tty[0]
+        print(
+            f"tsbot-tui: needs a terminal: {named} {'is' if len(not_a_tty) == 1 else 'are'} not a tty; "
+            "run the engine headless with `tsbot run`",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     logging.captureWarnings(True)
     # `kill -USR1 <pid>` writes every thread's stack next to the log: a hung dashboard can be diagnosed.
     # Owner-only, like the log: stacks show what the engine was doing.
@@ -1061,6 +1070,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif app.start_failure:
         print(f"tsbot-tui: {one_line(app.start_failure, secrets)}", file=sys.stderr)
     return code
+
+
+# The dashboard reads keys from stdin and draws on stderr (Textual's choice). Its exit summary goes to stdout,
+# which may well be a file (`tsbot-tui > shift.txt` keeps the exit line): not required to be a terminal.
+STANDARD_STREAMS = {"stdin": 0, "stderr": 2}
+
+
+def _is_a_terminal(fd: int) -> bool:
+    """Without one (`tsbot-tui </dev/null >file`, cron, a service) the dashboard started the engine and
+    traded, with nobody to see or press a key, and wrote screen codes into the file: it is refused first."""
+    try:
+        return os.isatty(fd)
+    except OSError:  # closed
+        return False
 
 
 def load_ui_state(path: Path | None) -> dict[str, object]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pty
 import signal
 import socket
 import stat
@@ -368,6 +369,41 @@ def test_tsbot_tui_refuses_bad_input_before_the_screen_in_one_line(
 ) -> None:
     result = _subprocess(TSBOT_TUI, *argv, cwd=tmp_path, **env)
     _assert_one_line(result, 2, starts)
+
+
+@pytest.mark.parametrize(
+    ("stdin", "not_a_tty"),
+    [("/dev/null", "stdin and stderr are"), ("a tty", "stderr is")],
+)
+def test_tsbot_tui_without_a_terminal_refuses_before_starting_anything(
+    workdir: Path, stdin: str, not_a_tty: str
+) -> None:
+    """`tsbot-tui </dev/null 2>file` (cron, a service, a pipe) started the engine and traded, with nobody to
+    see the screen or press a key, and wrote the screen's escape codes into the file. It now refuses in one
+    line naming what is not a terminal (stdin, its keys; stderr, where Textual draws), before the engine
+    starts: `tsbot run` is the headless way. (stdout, its exit line, may be a file.)"""
+    controller, terminal = pty.openpty()
+    try:
+        with open(os.devnull, "rb") as devnull:
+            result = subprocess.run(
+                [TSBOT_TUI],
+                cwd=workdir,
+                env={k: v for k, v in os.environ.items() if not k.startswith("TSBOT_")},
+                stdin=devnull if stdin == "/dev/null" else terminal,
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    _assert_one_line(
+        result,
+        2,
+        f"tsbot-tui: needs a terminal: {not_a_tty} not a tty; run the engine headless with `tsbot run`",
+    )
+    assert result.stdout == ""
+    assert (workdir / "logs" / "trading_bot.log").read_text() == ""  # the engine said nothing: it never ran
 
 
 def test_config_show_of_a_file_with_an_undecodable_name(tmp_path: Path) -> None:

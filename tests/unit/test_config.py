@@ -228,6 +228,39 @@ def test_secret_file_must_be_readable_by_its_owner_only(tmp_path: Path) -> None:
     assert "s3cr3t-pw" not in render_config(loaded)
 
 
+@pytest.mark.parametrize("problem", ["readable by others", "missing", "owned by someone else"])
+@pytest.mark.parametrize("file_key", sorted(SECRETS.values()), ids=".".join)
+@pytest.mark.parametrize("with_config_file", [True, False])
+def test_a_secrets_file_named_in_the_environment_is_blamed_on_its_variable(
+    tmp_path: Path, file_key: tuple[str, ...], problem: str, with_config_file: bool
+) -> None:
+    """`TSBOT_VENUE__API_KEY_FILE=key644 tsbot config show` said `config.toml: venue.api_key_file: secrets
+    file key644 …` (`defaults: …` without a config file): the operator looked in a file that does not name
+    it. Like every other value from the environment, the line names the variable that set it."""
+    if with_config_file:
+        _write(tmp_path / "config.toml", "[signals]\nwave_size = 9\n")
+    secret = _write(tmp_path / "secret.txt", "s3cr3t-value\n", mode=0o644)
+    if problem == "readable by others":
+        said = "must be readable by its owner only (chmod 600), got mode 0644"
+    elif problem == "missing":
+        secret.unlink()
+        said = "cannot read secrets file"
+    else:
+        if os.getuid() != 0:
+            pytest.skip("only root can give a file to another user")
+        secret.chmod(0o600)
+        os.chown(secret, 65534, -1)
+        said = "must be owned by uid 0, got uid 65534"
+    variable = "TSBOT_" + "__".join(file_key).upper()
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, environ={variable: str(secret)}, cwd=tmp_path)
+    [line] = caught.value.lines
+    assert line.startswith(f"{variable}: {'.'.join(file_key)}: "), line
+    assert said in line
+    assert str(secret) in line
+    assert "s3cr3t-value" not in line
+
+
 def test_dsn_password_is_redacted_in_config_show(tmp_path: Path) -> None:
     loaded = load_config(
         None, environ={"TSBOT_DATABASE__DSN": "postgresql://bot:pa55word@db.internal/tsbot"}, cwd=tmp_path

@@ -196,6 +196,84 @@ def test_two_names_of_one_key_are_one_key(tmp_path: Path) -> None:
     assert again.settings.tui.keys.quit == "q,ctrl+q,q"
 
 
+KEY_EXPECTED = 'must be a key name like "q", "ctrl+q", "escape" or "f5"'
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("escpae", f'{KEY_EXPECTED}, got "escpae"'),
+        ("ctrl+alt+shift+nonsense", f'{KEY_EXPECTED}, got "ctrl+alt+shift+nonsense"'),
+        ("Escape", f'{KEY_EXPECTED}, got "Escape"'),
+        ("control+q", f'{KEY_EXPECTED}, got "control+q"'),
+        ("ctrl+ctrl+q", f'{KEY_EXPECTED}, got "ctrl+ctrl+q"'),
+        ("ctrl+", f'{KEY_EXPECTED}, got "ctrl+"'),
+        ("f99", f'{KEY_EXPECTED}, got "f99"'),
+        (
+            "q,escpae",
+            'must be key names like "q", "ctrl+q", "escape" or "f5", separated by commas: "escpae" is not one, '
+            'got "q,escpae"',
+        ),
+        (
+            "q, ctrl+q",
+            'must be key names like "q", "ctrl+q", "escape" or "f5", separated by commas: " ctrl+q" is not '
+            'one, got "q, ctrl+q"',
+        ),
+    ],
+)
+def test_a_key_name_textual_does_not_know_is_refused(tmp_path: Path, value: str, message: str) -> None:
+    """`quit = "escpae"` loaded (`tsbot config show` exit 0) and the dashboard started with `q` no longer
+    quitting and no key that does: a name Textual never reports binds a key nobody can press. A key is
+    modifiers joined by "+" to a character or a name Textual gives a key."""
+    assert _problems(tmp_path, f'[tui.keys]\nquit = "{value}"\n') == [
+        f"config.toml: tui.keys.quit: {message}"
+    ]
+    (tmp_path / "config.toml").unlink()
+    assert _problems(tmp_path, TSBOT_TUI__KEYS__QUIT=value) == [
+        f"TSBOT_TUI__KEYS__QUIT: tui.keys.quit: {message}"
+    ]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "ctrl+q",
+        "escape",
+        "f5",
+        "shift+f24",
+        "ctrl+alt+delete",
+        "super+pageup",
+        "Q",
+        "!",
+        "+",
+        "exclamation_mark",
+        "ctrl+right_square_bracket",
+        "q,ctrl+q,escape",
+    ],
+)
+def test_key_names_textual_knows_are_accepted(tmp_path: Path, value: str) -> None:
+    loaded = load_config(None, environ={"TSBOT_TUI__KEYS__QUIT": value}, cwd=tmp_path)
+    assert loaded.settings.tui.keys.quit == value
+
+
+def test_a_character_and_its_name_are_one_key(tmp_path: Path) -> None:
+    assert _problems(tmp_path, '[tui.keys]\nquit = "!"\nhelp = "exclamation_mark"\n') == [
+        "config.toml: tui.keys.quit: must differ from tui.keys.help (both press 'exclamation_mark'), "
+        'got "!"'
+    ]
+
+
+def test_an_unknown_theme_is_refused_at_load(tmp_path: Path) -> None:
+    """`theme = "nrod"` loaded, and the dashboard came up in the default theme with a notice on the screen:
+    the theme names are Textual's built-in ones, known without starting the dashboard."""
+    [line] = _problems(tmp_path, '[tui]\ntheme = "nrod"\n')
+    assert line.startswith("config.toml: tui.theme: must be one of ansi-dark, ansi-light, "), line
+    assert line.endswith(', textual-dark, textual-light, tokyo-night, got "nrod"'), line
+    (tmp_path / "config.toml").unlink()
+    loaded = load_config(None, environ={"TSBOT_TUI__THEME": "nord"}, cwd=tmp_path)
+    assert loaded.settings.tui.theme == "nord"
+
+
 @pytest.mark.parametrize("value", ["0", "1", "no", "off", "False ", "yes"])
 def test_testnet_from_the_environment_is_true_or_false_only(tmp_path: Path, value: str) -> None:
     [line] = _problems(tmp_path, TSBOT_VENUE__TESTNET=value)
