@@ -102,9 +102,14 @@ def _check_url(value: str, *, schemes: tuple[str, ...], example: str) -> None:
     expected = f"must be a URL starting with {' or '.join(s + '://' for s in schemes)}, like {example}"
     try:
         parts = urllib.parse.urlsplit(value)
+    except ValueError:  # e.g. an unclosed "[" of an IPv6 host
+        raise ValueError(f"{expected}; its host is not one (an IPv6 address goes in [brackets])") from None
+    try:
         parts.port  # noqa: B018  (raises ValueError for a port that is not a number in 0-65535)
     except ValueError:
-        raise ValueError(expected) from None
+        raise ValueError(
+            f"{expected}; its port must be a number up to 65535 (a password with / or @ in it: write them %2F and %40)"
+        ) from None
     if parts.scheme.lower() not in schemes:
         raise ValueError(expected)
     if parts.scheme.lower().startswith("http") and not parts.hostname:
@@ -1176,6 +1181,10 @@ def _describe_error(err: Mapping[str, Any], label: str, env_names: Mapping[tuple
         # Named, its value never shown: an unknown key may be a misspelt secret (`api_secrets`).
         return f"{origin}: {'.'.join(key_path)}: {expected}"
     value = "a secret value" if key_path in SECRETS else _show(err.get("input"))
+    if key_path == ("database", "dsn"):  # its password, masked (even in a DSN this refuses)
+        from storage.database import redact_dsn
+
+        value = redact_dsn(value)
     return f"{origin}: {'.'.join(key_path)}: {expected}, got {value}"
 
 

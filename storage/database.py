@@ -75,8 +75,9 @@ class DatabaseTarget:
 
 
 # The password of a URL's user part: from the first `:` after `://` (the user may be empty) to the last `@`
-# before the host (an unescaped `@` may be inside the password); and a `password=` parameter.
-_DSN_PASSWORD = re.compile(r"(://[^:/@\s]*):[^/\s]*@")
+# of the URL (an unescaped `@` or `/` may be inside the password: generated ones hold `/`); and a
+# `password=` parameter. A URL whose path or query holds an `@` is masked further than its password: no harm.
+_DSN_PASSWORD = re.compile(r"(://[^:/@\s]*):\S*@")
 _PASSWORD_PARAM = re.compile(r"(?i)(password=)[^&\s]+")
 
 

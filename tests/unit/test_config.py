@@ -101,6 +101,14 @@ def test_bad_value_names_file_key_expectation_and_value(tmp_path: Path) -> None:
         ),
         ("[signals]\nmax_positions = 2.5\n", "signals.max_positions: must be a whole number, got 2.5"),
         (
+            '[database]\ndsn = "postgresql://bot@127.0.0.1:99999/db"\n',
+            "like postgresql://bot@db.internal/tsbot; its port must be a number up to 65535",
+        ),
+        (
+            '[database]\ndsn = "postgresql://bot@[::1/db"\n',
+            "like postgresql://bot@db.internal/tsbot; its host is not one (an IPv6 address goes in [brackets])",
+        ),
+        (
             "[signals]\nposition_size_usd = 0\n",
             "signals.position_size_usd: must be > 0 and <= 1000000, got 0",
         ),
@@ -338,6 +346,7 @@ def test_an_unknown_key_is_named_without_its_value(
     [
         ("postgresql://:SECRETXYZ123@127.0.0.1:1/db", "postgresql://:***@127.0.0.1:1/db"),
         ("postgresql://u:SEC@RETXYZ123@h/db", "postgresql://u:***@h/db"),
+        ("postgresql://u:Zm9v+SECRETXYZ123/Ly8=@h/db", "postgresql://u:***@h/db"),
         ("postgresql://bot:SECRETXYZ123@db.internal/tsbot", "postgresql://bot:***@db.internal/tsbot"),
         (
             "postgresql://bot@db.internal/tsbot?password=SECRETXYZ123",
@@ -350,5 +359,11 @@ def test_a_dsn_password_is_masked_whatever_the_user_part(tmp_path: Path, dsn: st
     and every error naming the database; an unescaped `@` inside the password showed the rest of it."""
     assert redact_dsn(dsn) == shown
     assert "SECRETXYZ123" not in RedactingFormatter([]).redact(f"cannot connect to {dsn}: refused")
-    loaded = load_config(None, environ={"TSBOT_DATABASE__DSN": dsn}, cwd=tmp_path)
-    assert "SECRETXYZ123" not in render_config(loaded)
+    if "/Ly8=" in dsn:  # a `/` in the password: `urllib` cannot split it, so it is refused, masked there too
+        with pytest.raises(ConfigError) as refused:
+            load_config(None, environ={"TSBOT_DATABASE__DSN": dsn}, cwd=tmp_path)
+        assert "SECRETXYZ123" not in str(refused.value)
+        assert shown in str(refused.value)
+    else:
+        loaded = load_config(None, environ={"TSBOT_DATABASE__DSN": dsn}, cwd=tmp_path)
+        assert "SECRETXYZ123" not in render_config(loaded)
