@@ -1088,6 +1088,10 @@ class PositionGuard:
             # read lag (5 s on Binance): one that never reached the venue (an HTTP 500, a lost request)
             # is placed now, one that did is refused as a duplicate. Once: then it is waited for.
 
+        if order.price is not None:
+            # A price restored from its record may be off the symbol's grid of today (the venue changed its
+            # step; the order it holds keeps its price, and so does the guard until it sends another).
+            order.price = self.onto_grid(order.price, order.purpose)
         await self._record_ahead(order, cid)
         # A replacement of the stop that rode on the entry may wait: that stop protects the position meanwhile.
         # Sent beside its trailing stop (`_ensure_hard_stop`) it takes no slot: it rides in that call.
@@ -1235,10 +1239,10 @@ class PositionGuard:
         self.wake.set()
 
     def onto_grid(self, price: Decimal, purpose: OrderPurpose) -> Decimal:
-        """A recorded price on the symbol's tick grid of today: a venue changes a symbol's price step (the
-        orders it holds keep theirs), and a price off the new grid is refused on every send. Rounded the
-        protective way: a stop (the hard stop, a managed trail's) nearer the mark, a native trail's
-        activation nearer the entry."""
+        """A price to send, on the symbol's tick grid of today: a venue changes a symbol's price step (the
+        orders it holds keep theirs), and a recorded price off the new grid was refused on every send.
+        Rounded the protective way: a stop (the hard stop, a managed trail's) nearer the mark, a native
+        trail's activation nearer the entry."""
         if self.market.is_on_tick(price):
             return price
         stop = purpose is OrderPurpose.STOP_LOSS or self.kind is TrailingKind.MANAGED
@@ -2839,20 +2843,16 @@ class ProtectionManager:
                 left_at = self.known_left_at.get(record.client_order_id)
                 target.sent_at = left_at if left_at is not None else self._sent_at_of(record)
                 if record.trigger_price is not None and key.purpose is OrderPurpose.STOP_LOSS:
-                    target.price = guard.onto_grid(record.trigger_price, key.purpose)
+                    target.price = record.trigger_price
                 if guard.kind is TrailingKind.MANAGED and key.purpose is OrderPurpose.TRAILING_STOP:
-                    target.price = (
-                        None
-                        if record.trigger_price is None
-                        else guard.onto_grid(record.trigger_price, key.purpose)
-                    )
+                    target.price = record.trigger_price
                 elif key.purpose is OrderPurpose.TRAILING_STOP and record.type == "trailing_stop_market":
                     # The venue's trail is the one sent, not one worked out afresh from today's settings:
                     # its activation as recorded, or none (armed at the mark: `arm_now`). Taken as waiting
                     # for an activation it never had, its firing went unwatched and the screen said "waiting".
                     target.arm_now = record.activation_price is None
                     if record.activation_price is not None:
-                        target.price = guard.onto_grid(record.activation_price, key.purpose)
+                        target.price = record.activation_price
         if (
             guard.kind is TrailingKind.MANAGED
             and trail_record is not None
@@ -2890,11 +2890,7 @@ class ProtectionManager:
                     guard.trailing_stop.generation = key.generation if key else 0
                     # (The send time the loop above gave it was the move's, a later record's.)
                     guard.trailing_stop.sent_at = self.known_left_at.get(trail_record.stop_order_client_id)
-                    guard.trailing_stop.price = (
-                        None
-                        if trail_record.current_stop_price is None
-                        else guard.onto_grid(trail_record.current_stop_price, OrderPurpose.TRAILING_STOP)
-                    )
+                    guard.trailing_stop.price = trail_record.current_stop_price
                     guard.trailing_stop.maybe_sent = True
                 restored_move = guard._restored_move
                 if restored_move is not None and (

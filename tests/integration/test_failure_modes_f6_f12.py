@@ -446,6 +446,8 @@ async def test_f7_stops_restored_after_a_tick_size_change_are_sent_again_on_the_
         )
         restored = second.manager.by_symbol[SYMBOL]
         assert restored.position_id == position_id
+        # Until it sends another, the guard says what the venue holds: the old price, off the new grid.
+        assert second.snapshot().positions[0].stop_loss_price == stop
         for order in await drive(clock, second.venue.fetch_open_protective_orders(SYMBOL)):
             await drive(clock, second.venue.cancel_order(SYMBOL, order.client_order_id))  # by hand
 
