@@ -236,14 +236,41 @@ def _our_distance(
     """`value`, a position's trailing distance, is the one our trailing stop would have. It went out on
     the tick grid of its day (Bybit changes a symbol's tick size and keeps the stops it holds), an unknown
     tick off the exact callback of its activation: within a tenth of that (or a tick), it is ours. One armed
-    at the mark trails by the callback of the mark then, which nobody recorded; the mark had just passed
-    the activation, near the entry (`row`'s average price): within a quarter of the entry's distance. A
-    doubled or tenfold trail (someone's, set while no engine ran) is not ours."""
-    reference = activation_price or _positive(row.get("avgPrice"))
-    if reference is None:
+    at the mark trails by the callback of the mark then, which nobody recorded; what bounds that mark is
+    known (`_armed_at_mark_bounds`). A doubled or tenfold trail (someone's, set while no engine ran) is not
+    ours."""
+    tick = market.tick_size
+    if activation_price is not None:
+        exact = activation_price * callback_rate / 100
+        return abs(value - exact) <= max(tick, exact / 10)
+    bounds = _armed_at_mark_bounds(row, callback_rate)
+    if bounds is None:
         return False
-    exact = reference * callback_rate / 100
-    return abs(value - exact) <= max(market.tick_size, exact / (10 if activation_price is not None else 4))
+    low, high = bounds
+    return low - tick <= value <= high + tick
+
+
+# Room for the last price (which Bybit's trail follows) against the mark the row shows, and for rounding.
+_ARMED_SLACK = Decimal("0.05")
+
+
+def _armed_at_mark_bounds(row: Mapping[str, Any], callback_rate: Decimal) -> tuple[Decimal, Decimal] | None:
+    """The distances a trailing stop of ours armed at the mark can have: the callback of the mark then. A
+    long's trail is armed at or past its activation, above the entry, and has not fired, so the best price
+    since (at least that mark) is within the callback above today's mark; a short's, mirrored. So the
+    distance lies between the callback of the entry and of today's mark over (1 - callback) for a long, of
+    today's mark over (1 + callback) and of the entry for a short. Wherever the mark was when it armed (a
+    re-send long after the fill), ours is inside; someone's tenfold trail is not unless the price moved
+    tenfold. None: the row does not say its entry, mark or side."""
+    entry, mark = _positive(row.get("avgPrice")), _positive(row.get("markPrice"))
+    if entry is None or mark is None or row.get("side") not in ("Buy", "Sell"):
+        return None
+    fraction = callback_rate / 100
+    if row.get("side") == "Buy":
+        low, high = entry * fraction, mark * fraction / (1 - fraction)
+    else:
+        low, high = mark * fraction / (1 + fraction), entry * fraction
+    return min(low, high) * (1 - _ARMED_SLACK), max(low, high) * (1 + _ARMED_SLACK)
 
 
 # The trailing-stop call the current task is making (the request hook reads it).
@@ -1210,7 +1237,7 @@ class BybitLinearVenue(CcxtVenue):
                 return None
             return self._displaced_while_away(client_order_id, symbol, side, order_type, row, expected, value)
         stop_rows = await self._stop_order_rows(symbol)
-        activation = self._moved_activation(symbol, client_order_id, order_type, side, stop_rows)
+        activation = self._moved_activation(symbol, client_order_id, order_type, side, stop_rows, row)
         if activation is not None:
             return self._activation_moved_while_away(client_order_id, symbol, side, row, value, activation)
         stop = _field_stop(client_order_id, symbol, side, order_type, row, value)
@@ -1225,12 +1252,15 @@ class BybitLinearVenue(CcxtVenue):
         order_type: OrderType,
         side: OrderSide,
         stop_rows: list[Mapping[str, Any]],
+        position: Mapping[str, Any],
     ) -> Decimal | None:
         """The activation price the venue's order behind our recorded trailing stop shows, when it is not
-        the recorded one (None: it is, or nothing to compare). The position's row carries the distance only;
-        the order's `triggerPrice` is a trailing stop's activation (Bybit's docs), so an activation moved
-        out of reach while no engine ran, the distance kept, showed nowhere else: the trail that would never
-        arm was restored as ours."""
+        the recorded one and still ahead of the mark (None: it is ours, or reached, or nothing to compare).
+        The position's row carries the distance only; the order's `triggerPrice` is a trailing stop's
+        activation (Bybit's docs), so an activation moved out of reach while no engine ran, the distance
+        kept, showed nowhere else: the trail that would never arm was restored as ours. A price behind the
+        mark is a trail that has armed (or a level, if the venue shows an armed trail's level there, as the
+        docs do not say it does not): not an alarm."""
         recorded = self._recorded.get(client_order_id)
         if (
             order_type is not OrderType.TRAILING_STOP_MARKET
@@ -1245,10 +1275,12 @@ class BybitLinearVenue(CcxtVenue):
                 and _on_side(row, side)
             ):
                 shown = _positive(row.get("triggerPrice"))
+                mark = _positive(position.get("markPrice"))
                 tick = self._market(symbol).tick_size
-                if shown is not None and abs(shown - recorded.activation_price) >= tick:
-                    return shown
-                return None
+                if shown is None or mark is None or abs(shown - recorded.activation_price) < tick:
+                    return None
+                ahead = shown > mark if side is OrderSide.SELL else shown < mark  # (SELL closes a long)
+                return shown if ahead else None
         return None
 
     def _activation_moved_while_away(

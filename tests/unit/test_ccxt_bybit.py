@@ -83,6 +83,7 @@ class BybitStub:
     limits: dict[str, tuple[int, int]] = field(default_factory=dict)  # path -> (X-Bapi-Limit, -Status)
     status: dict[str, int] = field(default_factory=dict)  # path -> an HTTP status to answer with
     executions: list[dict[str, Any]] = field(default_factory=list)  # execution/list rows, newest first
+    stop_rows: list[dict[str, Any]] = field(default_factory=list)  # order/realtime's StopOrder rows
 
     async def handle(self, request: web.Request) -> web.Response:
         response = await self._answer(request)
@@ -129,7 +130,7 @@ class BybitStub:
         if path == "/v5/execution/list":
             return _ok({"category": "linear", "list": self.executions, "nextPageCursor": ""})
         if path == "/v5/order/realtime" and body.get("orderFilter") == "StopOrder":
-            return _ok({"category": "linear", "list": [], "nextPageCursor": ""})
+            return _ok({"category": "linear", "list": self.stop_rows, "nextPageCursor": ""})
         if path == "/v5/order/realtime":
             return _ok(
                 {
@@ -471,16 +472,24 @@ async def test_a_hard_stop_shown_on_a_coarser_grid_is_still_ours_after_a_restart
     )
 
 
-@pytest.mark.parametrize(("distance", "ours"), [("0.0102", True), ("0.1000", False)])
+@pytest.mark.parametrize(
+    ("distance", "mark", "ours"),
+    [
+        ("0.0102", "0.5000", True),
+        ("0.1000", "0.5000", False),
+        ("0.0130", "0.6500", True),  # armed on a re-send long after the fill, the price 30 % up
+        ("0.1300", "0.6500", False),
+    ],
+)
 async def test_a_trailing_stop_armed_at_the_mark_is_restored_only_near_our_distance(
-    distance: str, ours: bool
+    distance: str, mark: str, ours: bool
 ) -> None:
     """Our trailing stop armed at the mark (its activation had passed): recorded with no activation, its
     distance the callback of the mark then, which nobody recorded. It was restored at any distance: one
-    someone widened tenfold while no engine ran was taken for ours. The mark then had just passed the
-    activation, near the entry (0.5001 here): 2 % of it is 0.0100; a distance near that is ours, one far
-    from it is someone else's."""
-    stub = BybitStub(position=_position(side="Buy", trailingStop=distance))
+    someone widened tenfold while no engine ran was taken for ours. That mark lies between the entry
+    (0.5001) and where today's mark says the best price since can be (the trail has not fired): 2 % of a
+    price in there is ours, wherever the trail armed; ten times that is someone else's."""
+    stub = BybitStub(position=_position(side="Buy", trailingStop=distance, markPrice=mark))
     async with bybit(stub) as venue:
         venue.expect_recorded("tsbabc123-1-ts0", side=OrderSide.SELL, callback_rate=Decimal("2"))
         found = await venue.fetch_order("SFPUSDT", "tsbabc123-1-ts0")
@@ -522,3 +531,45 @@ async def test_in_hedge_mode_the_other_sides_stop_fill_is_not_taken_for_ours() -
         ended = await venue.fetch_order("SFPUSDT", "tsbabc123-1-sl0")
     assert working.status is OrderStatus.NEW
     assert (ended.status, ended.average_price) == (OrderStatus.CANCELED, None)
+
+
+@pytest.mark.parametrize(
+    ("trigger", "ours"),
+    [
+        ("0.5500", True),  # the activation we set
+        ("0.5490", True),  # behind the mark: armed (a level, were the venue to show one there)
+        ("0.9000", False),  # ahead of the mark, not ours: moved out of reach
+    ],
+)
+async def test_a_recorded_trailing_stops_activation_is_checked_on_its_order_row(
+    trigger: str, ours: bool
+) -> None:
+    """The position's row has the trailing distance only. Our trailing stop's order row shows its
+    activation (`triggerPrice`, Bybit's docs): one someone moved out of reach while no engine ran is not
+    ours. A price the mark has passed is a trail that has armed, not an alarm."""
+    stub = BybitStub(position=_position(side="Buy", trailingStop="0.0110", markPrice="0.5600"))
+    stub.stop_rows = [
+        {
+            "orderId": "ts-order-1",
+            "orderLinkId": "",
+            "symbol": "SFPUSDT",
+            "side": "Sell",
+            "orderType": "Market",
+            "orderStatus": "Untriggered",
+            "stopOrderType": "TrailingStop",
+            "triggerPrice": trigger,
+            "qty": "100",
+            "createdTime": "1700000000000",
+            "updatedTime": "1700000000000",
+        }
+    ]
+    async with bybit(stub) as venue:
+        venue.expect_recorded(
+            "tsbabc123-1-ts0",
+            side=OrderSide.SELL,
+            callback_rate=Decimal("2"),
+            activation_price=Decimal("0.5500"),
+        )
+        found = await venue.fetch_order("SFPUSDT", "tsbabc123-1-ts0")
+    assert found.type is OrderType.TRAILING_STOP_MARKET
+    assert found.status is (OrderStatus.NEW if ours else OrderStatus.CANCELED)
