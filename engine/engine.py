@@ -1198,13 +1198,18 @@ class Engine:
         heard = self._lease.previous_heard_at
         if heard is None:
             return
+        # A run that lost its database wrote its journal on past its last heartbeat (replayed just before).
+        journaled = self.store.newest_replayed_at
+        if journaled is not None and journaled > heard:
+            heard = journaled
         left = await self.store.disarm_managed_trails(at=heard)
+        await self._lease.handed_over()
         if left:
             message = (
-                f"the last engine on this account ended without stopping (last heard "
-                f"{heard.isoformat(timespec='seconds')}): {left} managed trail{'' if left == 1 else 's'} left "
-                "armed, not moved since; those without an order on the venue are counted without their "
-                "trailing stop from then until restored"
+                f"the last engine on this account left {left} managed trail{'' if left == 1 else 's'} armed "
+                f"(killed, crashed, or stopped without its lease; last heard "
+                f"{heard.isoformat(timespec='seconds')}): not moved since; those without an order on the venue "
+                "are counted without their trailing stop from then until restored"
             )
             log.warning(message)
             await self.store.record_event(Severity.WARNING, "engine_ended_unstopped", message)

@@ -129,19 +129,26 @@ class EngineLease:
                 if not got:
                     holder = await _holder(conn, venue, account)
                 else:
-                    previous = await conn.fetchval(
-                        "SELECT heartbeat_at FROM monitoring.engine_leases WHERE venue = $1 AND account = $2",
+                    # The last holder's heartbeat, or, when it never recorded what the holder before it
+                    # left (its start failed first), that holder's: see `handed_over`.
+                    before = await conn.fetchrow(
+                        "SELECT heartbeat_at, previous_heard_at FROM monitoring.engine_leases "
+                        "WHERE venue = $1 AND account = $2",
                         venue,
                         account,
                     )
+                    previous = (
+                        None if before is None else before["previous_heard_at"] or before["heartbeat_at"]
+                    )
                     await conn.execute(
                         """
-                        INSERT INTO monitoring.engine_leases (venue, account, pid, host, version, label, phase)
-                        VALUES ($1, $2, $3, $4, $5, $6, $7)
+                        INSERT INTO monitoring.engine_leases
+                            (venue, account, pid, host, version, label, phase, previous_heard_at)
+                        VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                         ON CONFLICT (venue, account) DO UPDATE
                         SET pid = EXCLUDED.pid, host = EXCLUDED.host, version = EXCLUDED.version,
                             label = EXCLUDED.label, started_at = now(), heartbeat_at = now(),
-                            phase = EXCLUDED.phase
+                            phase = EXCLUDED.phase, previous_heard_at = EXCLUDED.previous_heard_at
                         """,
                         venue,
                         account,
@@ -150,6 +157,7 @@ class EngineLease:
                         version,
                         label,
                         phase.value,
+                        previous,
                     )
             if not got:
                 raise LeaseHeld(venue, account, holder)
@@ -167,6 +175,17 @@ class EngineLease:
         """Drop the connection without a word to the server (one known down answers nothing): the lock
         ends with its session once the server notices."""
         self._conn.terminate()
+
+    async def handed_over(self) -> None:
+        """What the last holder left (its managed trails) is recorded: the next holder dates from this
+        one's heartbeat, not the one before."""
+        await self._conn.execute(
+            "UPDATE monitoring.engine_leases SET previous_heard_at = NULL WHERE venue = $1 AND account = $2",
+            self.venue,
+            self.account,
+            timeout=LEASE_TIMEOUT_SECONDS,
+        )
+        self.previous_heard_at = None
 
     async def heartbeat(self, phase: LeasePhase = LeasePhase.RUNNING) -> None:
         await self._conn.execute(

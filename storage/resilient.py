@@ -122,6 +122,9 @@ class ResilientStore(Store):
         self.suspected = asyncio.Event()  # a write found the database unreachable: look now
         self.last_error: str | None = None
         self._applied = 0  # journal entries already replayed (from the start of the journal)
+        # When the newest entry a replay wrote was made (its writer's clock): a journal left by a run that
+        # died wrote on until then.
+        self.newest_replayed_at: datetime | None = None
         self._replay_task: asyncio.Task[int] | None = None
         self._closed = False  # the engine stopped: nothing may be written in its name any more
         self._orders: OrderedDict[str, OrderRecord] = OrderedDict()
@@ -253,6 +256,7 @@ class ResilientStore(Store):
                 raise ValueError(f"unknown journal operation {entry.op!r}")
             async with asyncio.timeout(self._write_timeout):
                 await replay(self._direct, entry)
+            self.newest_replayed_at = max(self.newest_replayed_at or entry.at, entry.at)
         except LookupError:
             return  # no such row: the write would have changed nothing then either
         except Exception as exc:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import stat
 from decimal import Decimal
 from pathlib import Path
@@ -126,7 +127,9 @@ async def test_a_killed_managed_mode_engine_leaves_its_unmoved_trails_on_the_rec
     # (Its own stop leaves the trails unmoved again: uncovered at exit, said so, exit 1.)
     assert second.returncode == 1, second.stderr
     assert "keep only their hard stop: a managed trail has no order" in second.stderr
-    assert "ended without stopping" in second.stderr
+    said = re.search(r"the last engine on this account left (\d+) managed trails? armed", second.stderr)
+    assert said is not None, second.stderr
+    assert int(said.group(1)) >= len(armed)  # (those whose trail had an order on the venue too)
     conn = await asyncpg.connect(dsn)
     try:
         spans = {
@@ -151,7 +154,7 @@ async def test_a_killed_managed_mode_engine_leaves_its_unmoved_trails_on_the_rec
         assert span["ended_at"] is not None
         assert (span["ended_at"] - killed).total_seconds() >= 3.0
     assert event is not None
-    assert f"{len(armed)} managed trail" in event
+    assert said.group(0) in event
     report = json.loads((await asyncio.to_thread(tsbot, "report", "--json", cwd=workdir)).stdout)
     assert report["uncovered_spans"] >= len(armed)
     assert Decimal(report["uncovered_seconds"]) >= 3 * len(armed)

@@ -274,7 +274,11 @@ async def test_a_stops_disarm_journaled_in_an_outage_is_replayed_as_of_the_stop(
         store.account,
     )
     replayed_at = datetime.now(UTC)
+    [journaled] = read_journal(owned.journal).entries
+    assert store.newest_replayed_at is None
     assert await store.replay_journal() == 1
+    # (What the next start dates a dead run's managed trails from, when its journal ran past its heartbeat.)
+    assert store.newest_replayed_at == journaled.at
     row = await owned.pool.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", position_id)
     span = await owned.pool.fetchrow(
         "SELECT * FROM monitoring.uncovered_spans WHERE position_id = $1", position_id

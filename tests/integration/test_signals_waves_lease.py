@@ -192,6 +192,49 @@ async def test_the_lease_is_freed_when_the_holding_connection_dies(db: Database)
         await first.release()
 
 
+async def test_a_holder_that_died_is_dated_by_its_last_heartbeat_even_past_a_start_that_failed(
+    db: Database,
+) -> None:
+    """The next holder learns when the last one was last heard (its managed trails were unmoved from then:
+    it records them so and says it has, `handed_over`). A start that failed in between (after taking the
+    lease, before recording them) overwrote the row's heartbeat with its own: the holder after it dated the
+    dead engine's trails from that failed start, hiding the time between."""
+
+    async def heard() -> object:
+        return await db.pool.fetchval(
+            "SELECT heartbeat_at FROM monitoring.engine_leases WHERE account = 'main'"
+        )
+
+    async def die() -> None:  # the holder's process vanishes: the server ends its session, and its lock
+        await db.pool.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND pid <> pg_backend_pid()"
+        )
+
+    killed = await EngineLease.acquire(db.target.dsn, "sim", "main", "0.1.0")
+    assert killed.previous_heard_at is None  # the account's first holder
+    await killed.heartbeat()
+    killed_heard = await heard()
+    await die()
+    failed = await EngineLease.acquire(db.target.dsn, "sim", "main", "0.1.0")
+    assert failed.previous_heard_at == killed_heard
+    await failed.heartbeat()
+    await failed.release()  # its start failed before recording what the killed one left
+    later = await EngineLease.acquire(db.target.dsn, "sim", "main", "0.1.0")
+    assert later.previous_heard_at == killed_heard  # not the failed start's heartbeat
+    await later.handed_over()
+    assert later.previous_heard_at is None
+    await later.heartbeat()
+    later_heard = await heard()
+    await later.release()
+    last = await EngineLease.acquire(db.target.dsn, "sim", "main", "0.1.0")
+    try:
+        assert last.previous_heard_at == later_heard
+    finally:
+        await last.release()
+        await killed.release()
+
+
 async def test_signals_an_engine_died_holding_are_expired_with_a_reason(db: Database) -> None:
     """Signals claimed at a crash or an outage stayed 'taken' forever. The engine that claimed them expires
     them when it starts again; any engine expires a claim older than any wave takes."""
