@@ -2859,18 +2859,7 @@ class ProtectionManager:
             and trail_record.mode == TrailingKind.MANAGED.value
         ):
             try:
-                guard.trail = trailing.TrailingState.restore(
-                    phase=trail_record.state,
-                    activation_price=trail_record.activation_price,
-                    peak_price=trail_record.peak_price,
-                    stop_price=trail_record.current_stop_price,
-                    last_move_at=trail_record.last_move_at.timestamp() if trail_record.last_move_at else None,
-                    update_count=trail_record.update_count,
-                    params=guard.trail_params(
-                        callback_percent=trail_record.callback_percent,
-                        activation_percent=trail_record.activation_percent,
-                    ),
-                )
+                guard.trail = _restored_trail(guard, trail_record)
                 if guard.trail.phase is trailing.TrailingPhase.MOVING:
                     # A place or move was in flight when the last engine stopped: its new stop may be live.
                     # Resolved by its id before anything else (`_resume_move`); none recorded → it died.
@@ -3716,3 +3705,67 @@ __all__ = [
     "ProtectionManager",
     "TrailingKind",
 ]
+
+
+# How far a recorded trail's activation may lie from today's and still be the same position's trail on
+# another tick grid (a venue changed the symbol's price step): a fraction of the price, far above any tick.
+_REGRID_TOLERANCE = Decimal("0.005")
+
+
+def _restored_trail(guard: PositionGuard, record: TrailingStateRecord) -> trailing.TrailingState:
+    """The trail as recorded, checked by the state machine. A venue that changed the symbol's tick size
+    meanwhile (Binance and Bybit do; the stop it holds keeps its price) left the record off today's grid:
+    its activation worked out again differs, its stop is off the grid, and the whole trail was refused (an
+    ERROR, and a trail started afresh from the fill: its peak lost, the next stop placed looser than the
+    one on the venue). Such a record is put on today's grid instead: today's activation, the peak at
+    least that, the stop rounded the loose way (never tighter than the trail allows) inside its bounds.
+    The guard's order keeps the stop's recorded price, which is what the venue holds."""
+    params = guard.trail_params(
+        callback_percent=record.callback_percent, activation_percent=record.activation_percent
+    )
+    fields = {
+        "phase": record.state,
+        "activation_price": record.activation_price,
+        "peak_price": record.peak_price,
+        "stop_price": record.current_stop_price,
+        "last_move_at": record.last_move_at.timestamp() if record.last_move_at else None,
+        "update_count": record.update_count,
+    }
+    try:
+        return trailing.TrailingState.restore(**fields, params=params)
+    except trailing.InvalidTrailingState:
+        activation, stop = record.activation_price, record.current_stop_price
+        off_grid = activation != params.activation_price or (
+            stop is not None and not guard.market.is_on_tick(stop)
+        )
+        if (
+            not off_grid  # on today's grid and refused: corrupt, never made to fit
+            or activation is None
+            or abs(activation - params.activation_price) > activation * _REGRID_TOLERANCE
+        ):
+            raise
+    peak, stop = record.peak_price, record.current_stop_price
+    if peak is not None and params.is_better(params.activation_price, peak):
+        peak = params.activation_price
+    if stop is not None and peak is not None:
+        loose = ROUND_DOWN if params.is_long else ROUND_UP
+        stop = guard.market.round_price(stop, loose)
+        loosest, tightest = params.trail_price(params.activation_price), params.trail_price(peak)
+        if params.is_better(loosest, stop):
+            stop = loosest
+        if params.is_better(stop, tightest):
+            stop = tightest
+    regridded = trailing.TrailingState.restore(
+        **{**fields, "activation_price": params.activation_price, "peak_price": peak, "stop_price": stop},
+        params=params,
+    )
+    log.info(
+        "%s: trail restored onto today's tick grid %s (activation %s, stop %s as recorded: %s, %s)",
+        guard.symbol,
+        guard.market.tick_size,
+        params.activation_price,
+        stop,
+        record.activation_price,
+        record.current_stop_price,
+    )
+    return regridded

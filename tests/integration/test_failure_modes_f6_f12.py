@@ -468,6 +468,79 @@ async def test_f7_stops_restored_after_a_tick_size_change_are_sent_again_on_the_
         await drive(clock, second.stop())
 
 
+async def test_f7_a_managed_trail_restored_after_a_tick_size_change_keeps_its_peak_and_its_stop(
+    db: Database,
+) -> None:
+    """F7 across a tick-size change, managed trailing: the recorded trail (activation, stop) was on the old
+    grid, so its activation worked out again on the new one differed and the state machine refused the whole
+    trail: an ERROR and a `trail_restore_refused` event, the trail started afresh from the fill, its peak
+    lost (the next stop placed from the mark, looser than the one on the venue). It is restored onto the new
+    grid instead: its peak kept, its stop on the venue left as it is."""
+    overrides = {"PROTECTION__TRAILING__MODE": "managed"}
+    settings = engine_settings(db.target.dsn, overrides)
+    engine, clock = await _started(db, overrides)
+    assert engine.store is not None
+    assert engine.manager is not None
+    await engine.store.insert_signals([(SYMBOL, "long", None, None)])
+    await drive_until(
+        clock,
+        lambda: SYMBOL in engine.manager.by_symbol and engine.manager.by_symbol[SYMBOL].covered,
+        what="protected",
+    )
+    guard = engine.manager.by_symbol[SYMBOL]
+    assert guard.trail is not None
+    assert isinstance(engine.venue, SimVenue)
+    engine.venue.override_mark_price(SYMBOL, guard.trail.activation_price * Decimal("1.03"))
+    await drive_until(
+        clock,
+        lambda: guard.trail is not None and guard.trail.stop_price is not None and guard.trailing_in_place,
+        what="the trail's stop placed",
+    )
+    await drive_until(clock, guard.facts_written, what="recorded")
+    position_id = guard.position_id
+    trail_stop = guard.trailing_stop.client_order_id
+    peak, stop = guard.trail.peak_price, guard.trail.stop_price
+    assert peak is not None
+    assert stop is not None
+    await drive(clock, engine.stop())
+    core = engine.venue.core
+    coarser = guard.market.tick_size * 10
+    assert stop % coarser != 0
+    core.change_tick_size(SYMBOL, coarser)
+
+    venue = SimVenue(settings.venue.sim, clock=clock, core=core)
+    # Meanwhile the mark eased off the peak (still above the stop): a trail started afresh would take it
+    # for its peak; the restored one keeps its own.
+    venue.override_mark_price(
+        SYMBOL, (peak * Decimal("0.998") / coarser).to_integral_value(ROUND_DOWN) * coarser
+    )
+    second = make_engine(settings, clock, venue)
+    await drive(clock, second.start())
+    try:
+        assert second.manager is not None
+        await drive_until(
+            clock,
+            lambda: SYMBOL in second.manager.by_symbol and second.manager.by_symbol[SYMBOL].covered,
+            what="restored",
+        )
+        restored = second.manager.by_symbol[SYMBOL]
+        assert restored.position_id == position_id
+        assert restored.trail is not None
+        assert restored.trail.peak_price == peak  # not started afresh from the fill
+        assert restored.trailing_stop.client_order_id == trail_stop  # the venue's stop kept, not replaced
+        assert restored.trailing_stop.price == stop
+        refused = await db.pool.fetchval(
+            "SELECT count(*) FROM monitoring.events WHERE type = 'trail_restore_refused'"
+        )
+        assert refused == 0
+        live = [
+            o for o in core.open_protective_orders(clock.now(), SYMBOL) if o.client_order_id == trail_stop
+        ]
+        assert [o.stop_price for o in live] == [stop]
+    finally:
+        await drive(clock, second.stop())
+
+
 # --- F8: price already through the stop ----------------------------------------------------------------
 
 
