@@ -1203,7 +1203,6 @@ class Engine:
         if journaled is not None and journaled > heard:
             heard = journaled
         left = await self.store.disarm_managed_trails(at=heard)
-        await self._lease.handed_over()
         if left:
             message = (
                 f"the last engine on this account left {left} managed trail{'' if left == 1 else 's'} armed "
@@ -1213,6 +1212,8 @@ class Engine:
             )
             log.warning(message)
             await self.store.record_event(Severity.WARNING, "engine_ended_unstopped", message)
+        if not self.store.down:  # (journaled, it lands later: the next holder must still know the time)
+            await self._lease.handed_over()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -1875,6 +1876,12 @@ class Engine:
                 log.critical("the account lease is lost: entries stop now; open positions stay protected")
             try:
                 self._lease = await self._acquire_lease(self._running_phase)
+                # What it found is this engine's own heartbeat from before the loss: nothing was left
+                # unlooked-after that a later start should date from it.
+                try:
+                    await self._lease.handed_over()
+                except Exception as exc:
+                    log.warning("the retaken lease still names a previous holder (%s)", type(exc).__name__)
             except LeaseHeld as exc:
                 self.fatal = f"another engine took the account: {exc}"
                 log.critical("%s; this engine stops and sends nothing more", self.fatal)

@@ -690,7 +690,8 @@ class ResilientStore(Store):
         if ok:
             assert count is not None
             return count
-        await self._append("disarm_managed_trails", {})
+        # As of `at` (a dead engine's last heartbeat), or of the write itself: replayed at either, not later.
+        await self._append("disarm_managed_trails", {"at": None if at is None else at.isoformat()})
         return 0
 
     async def finish_wave(
@@ -1122,7 +1123,8 @@ async def _replay_set_entries_control(store: Store, entry: JournalEntry) -> None
 
 
 async def _replay_disarm_managed_trails(store: Store, entry: JournalEntry) -> None:
-    await store.disarm_managed_trails(at=entry.at)
+    at = entry.args.get("at")
+    await store.disarm_managed_trails(at=entry.at if at is None else datetime.fromisoformat(at))
 
 
 async def _replay_finish_wave(store: Store, entry: JournalEntry) -> None:

@@ -1277,8 +1277,10 @@ class BybitLinearVenue(CcxtVenue):
                 shown = _positive(row.get("triggerPrice"))
                 mark = _positive(position.get("markPrice"))
                 tick = self._market(symbol).tick_size
-                if shown is None or mark is None or abs(shown - recorded.activation_price) < tick:
+                if shown is None or abs(shown - recorded.activation_price) < tick:
                     return None
+                if mark is None:  # nothing says it has armed: another activation is not ours
+                    return shown
                 ahead = shown > mark if side is OrderSide.SELL else shown < mark  # (SELL closes a long)
                 return shown if ahead else None
         return None

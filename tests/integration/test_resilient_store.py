@@ -290,6 +290,27 @@ async def test_a_stops_disarm_journaled_in_an_outage_is_replayed_as_of_the_stop(
     assert other["unprotected_since"] == other["opened_at"]
 
 
+async def test_a_disarm_journaled_as_of_a_dead_engines_heartbeat_is_replayed_as_of_it(owned: Owned) -> None:
+    """A start that records a killed engine's trails as unmoved since that engine's last heartbeat, with
+    the database away: the journal kept the write, not its date, and the replay dated the trails from the
+    start (the dead engine's downtime missing again, a reviewer's finding)."""
+    store, _token = await _store(owned)
+    position_id = await _open_position(store)
+    await owned.pool.execute(
+        "UPDATE monitoring.positions SET status = 'active', has_stop_loss = true, trail_armed = true, "
+        "protected_at = now(), opened_at = now() - interval '1 hour' WHERE id = $1",
+        position_id,
+    )
+    heard = datetime.now(UTC) - timedelta(minutes=10)
+    kill_postmaster(owned.server.data_dir)
+    assert await store.disarm_managed_trails(at=heard) == 0  # journaled
+    await _bring_back(owned)
+    assert await store.replay_journal() == 1
+    row = await owned.pool.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", position_id)
+    assert row["trail_armed"] is False
+    assert row["unprotected_since"] == heard
+
+
 async def test_replaying_a_journal_a_second_time_changes_nothing(owned: Owned) -> None:
     """A crash after the replay and before the journal was removed: the next start replays it again."""
     store, token = await _store(owned)

@@ -319,6 +319,15 @@ async def test_a_lost_lease_stops_entries_refuses_resume_and_is_taken_again(db: 
         await drive_until(clock, lambda: not toggles[-1].paused, what="entries announced on again")
         assert not engine.entries_paused
         assert engine.fatal is None
+        # Its own heartbeat from before the loss is nobody's to date a dead engine's trails from: were it
+        # killed hours later, the next start would have dated its trails unmoved since this retake.
+        await drive_until(
+            clock,
+            lambda: db.pool.fetchval(
+                "SELECT previous_heard_at IS NULL FROM monitoring.engine_leases WHERE account = 'sim:default'"
+            ),
+            what="the retaken lease names no previous holder",
+        )
     finally:
         follower.cancel()
         await asyncio.gather(follower, return_exceptions=True)

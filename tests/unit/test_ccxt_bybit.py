@@ -534,20 +534,21 @@ async def test_in_hedge_mode_the_other_sides_stop_fill_is_not_taken_for_ours() -
 
 
 @pytest.mark.parametrize(
-    ("trigger", "ours"),
+    ("trigger", "mark", "ours"),
     [
-        ("0.5500", True),  # the activation we set
-        ("0.5490", True),  # behind the mark: armed (a level, were the venue to show one there)
-        ("0.9000", False),  # ahead of the mark, not ours: moved out of reach
+        ("0.5500", "0.5600", True),  # the activation we set
+        ("0.5490", "0.5600", True),  # behind the mark: armed (a level, were the venue to show one there)
+        ("0.9000", "0.5600", False),  # ahead of the mark, not ours: moved out of reach
+        ("0.9000", "", False),  # no mark shown: nothing says it armed, so another activation is not ours
     ],
 )
 async def test_a_recorded_trailing_stops_activation_is_checked_on_its_order_row(
-    trigger: str, ours: bool
+    trigger: str, mark: str, ours: bool
 ) -> None:
     """The position's row has the trailing distance only. Our trailing stop's order row shows its
     activation (`triggerPrice`, Bybit's docs): one someone moved out of reach while no engine ran is not
     ours. A price the mark has passed is a trail that has armed, not an alarm."""
-    stub = BybitStub(position=_position(side="Buy", trailingStop="0.0110", markPrice="0.5600"))
+    stub = BybitStub(position=_position(side="Buy", trailingStop="0.0110", markPrice=mark))
     stub.stop_rows = [
         {
             "orderId": "ts-order-1",
