@@ -1297,19 +1297,11 @@ class BybitLinearVenue(CcxtVenue):
         """Our recorded trailing stop, its activation moved by someone else: ended as of now (cancelled: not
         ours), said once, and remembered so that ours is set again, not theirs adopted."""
         recorded = self._recorded[client_order_id]
-        stop = _field_stop(
-            client_order_id,
-            symbol,
-            side,
-            OrderType.TRAILING_STOP_MARKET,
-            row,
-            distance,
-            activation_price=recorded.activation_price,
-            callback_rate=recorded.callback_rate,
+        stop = self._recorded_stop(
+            client_order_id, symbol, side, OrderType.TRAILING_STOP_MARKET, row, distance
         )
         stop.status, stop.updated_at, stop.confirmed = OrderStatus.CANCELED, time.time(), True
         stop.displaced_by = distance
-        self._stops[client_order_id] = stop
         logger.warning(
             "%s %s: the position's trailing stop has activePrice %s, not our %s (%s): moved by someone else, "
             "so not our stop; ours is set again",
@@ -1408,6 +1400,20 @@ class BybitLinearVenue(CcxtVenue):
     ) -> _PositionStop:
         """Our recorded stop, whose field holds another value: someone else's in its place. Ended as of now
         (cancelled: not ours), said once, and remembered so that ours is set again, not theirs adopted."""
+        stop = self._recorded_stop(client_order_id, symbol, side, order_type, row, expected)
+        self._moved_by_someone(stop, value)
+        return stop
+
+    def _recorded_stop(
+        self,
+        client_order_id: str,
+        symbol: str,
+        side: OrderSide,
+        order_type: OrderType,
+        row: Mapping[str, Any],
+        value: Decimal,
+    ) -> _PositionStop:
+        """Our recorded stop named from its position's row at its recorded value, remembered under its id."""
         recorded = self._recorded[client_order_id]
         stop = _field_stop(
             client_order_id,
@@ -1415,12 +1421,11 @@ class BybitLinearVenue(CcxtVenue):
             side,
             order_type,
             row,
-            expected,
+            value,
             activation_price=recorded.activation_price,
             callback_rate=recorded.callback_rate,
         )
         self._stops[client_order_id] = stop
-        self._moved_by_someone(stop, value)
         return stop
 
     def _attach_venue_order(self, stop: _PositionStop, stop_rows: list[Mapping[str, Any]]) -> None:

@@ -19,6 +19,7 @@ import asyncpg
 import pytest
 
 from engine.clock import ManualClock
+from engine.config import Settings
 from engine.engine import Engine, EngineState
 from engine.events import (
     EngineEvent,
@@ -34,7 +35,7 @@ from engine.exchange.port import Order, OrderSide, OrderStatus, OrderType, Posit
 from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, FaultKind, LatencyDistribution, LatencySettings
 from protection.health import Component, HealthState
-from protection.manager import stop_loss_price
+from protection.manager import PositionGuard, stop_loss_price
 from protection.order_ids import client_order_id
 from storage.database import Database
 from storage.lease import LeaseHeld
@@ -101,6 +102,25 @@ async def _open(engine: Engine, clock: ManualClock, symbol: str, side: str = "lo
         what=f"{symbol} covered and recorded active",
     )
     return guard.position_id
+
+
+async def _restarted(
+    engine: Engine, clock: ManualClock, settings: Settings, venue: SimVenue | None = None
+) -> tuple[Engine, PositionGuard]:
+    """A new engine process on the same sim account (`engine`'s core, or `venue` built on it) and database,
+    started, with SYMBOL's position restored and covered: the engine and that position's guard."""
+    assert isinstance(engine.venue, SimVenue)
+    second = make_engine(
+        settings, clock, venue or SimVenue(settings.venue.sim, clock=clock, core=engine.venue.core)
+    )
+    await drive(clock, second.start())
+    assert second.manager is not None
+    await drive_until(
+        clock,
+        lambda: SYMBOL in second.manager.by_symbol and second.manager.by_symbol[SYMBOL].covered,
+        what="restored",
+    )
+    return second, second.manager.by_symbol[SYMBOL]
 
 
 def _collect(engine: Engine) -> tuple[list[EngineEvent], asyncio.Task[None]]:
@@ -376,27 +396,13 @@ async def test_f7_a_restored_trailing_stop_keeps_the_activation_it_was_sent_with
     The next engine, started with 3 %, restores that order and must show (and, if it ever sends the trail
     again, send) the activation the venue's order has, not one worked out afresh from its own settings."""
     engine, clock = await _started(db)
-    assert engine.store is not None
     assert engine.manager is not None
-    await engine.store.insert_signals([(SYMBOL, "long", None, None)])
-    await drive_until(
-        clock,
-        lambda: SYMBOL in engine.manager.by_symbol and engine.manager.by_symbol[SYMBOL].covered,
-        what="protected",
-    )
-    guard = engine.manager.by_symbol[SYMBOL]
+    guard = engine.manager.guards[await _open(engine, clock, SYMBOL)]
     position_id, sent = guard.position_id, guard.trailing_stop.price
     await drive(clock, engine.stop())
     settings = engine_settings(db.target.dsn, {"PROTECTION__ACTIVATION_PERCENT": "3"})
-    second = make_engine(settings, clock, SimVenue(settings.venue.sim, clock=clock, core=engine.venue.core))
-    await drive(clock, second.start())
+    second, _restored = await _restarted(engine, clock, settings)
     try:
-        assert second.manager is not None
-        await drive_until(
-            clock,
-            lambda: SYMBOL in second.manager.by_symbol and second.manager.by_symbol[SYMBOL].covered,
-            what="restored",
-        )
         live = await drive(clock, second.venue.fetch_open_protective_orders(SYMBOL))
         assert [o.activation_price for o in live if o.type is OrderType.TRAILING_STOP_MARKET] == [sent]
         view = second.snapshot().positions[0]
@@ -416,15 +422,8 @@ async def test_f7_stops_restored_after_a_tick_size_change_are_sent_again_on_the_
     (a long's stop-loss up, nearer the mark; its activation down, sooner)."""
     settings = engine_settings(db.target.dsn)
     engine, clock = await _started(db)
-    assert engine.store is not None
     assert engine.manager is not None
-    await engine.store.insert_signals([(SYMBOL, "long", None, None)])
-    await drive_until(
-        clock,
-        lambda: SYMBOL in engine.manager.by_symbol and engine.manager.by_symbol[SYMBOL].covered,
-        what="protected",
-    )
-    guard = engine.manager.by_symbol[SYMBOL]
+    guard = engine.manager.guards[await _open(engine, clock, SYMBOL)]
     position_id, stop, activation = guard.position_id, guard.stop_loss.price, guard.trailing_stop.price
     assert stop is not None
     assert activation is not None
@@ -435,16 +434,8 @@ async def test_f7_stops_restored_after_a_tick_size_change_are_sent_again_on_the_
     core = engine.venue.core  # type: ignore[attr-defined]
     core.change_tick_size(SYMBOL, coarser)
 
-    second = make_engine(settings, clock, SimVenue(settings.venue.sim, clock=clock, core=core))
-    await drive(clock, second.start())
+    second, restored = await _restarted(engine, clock, settings)
     try:
-        assert second.manager is not None
-        await drive_until(
-            clock,
-            lambda: SYMBOL in second.manager.by_symbol and second.manager.by_symbol[SYMBOL].covered,
-            what="restored",
-        )
-        restored = second.manager.by_symbol[SYMBOL]
         assert restored.position_id == position_id
         # Until it sends another, the guard says what the venue holds: the old price, off the new grid.
         assert second.snapshot().positions[0].stop_loss_price == stop
@@ -479,15 +470,8 @@ async def test_f7_a_managed_trail_restored_after_a_tick_size_change_keeps_its_pe
     overrides = {"PROTECTION__TRAILING__MODE": "managed"}
     settings = engine_settings(db.target.dsn, overrides)
     engine, clock = await _started(db, overrides)
-    assert engine.store is not None
     assert engine.manager is not None
-    await engine.store.insert_signals([(SYMBOL, "long", None, None)])
-    await drive_until(
-        clock,
-        lambda: SYMBOL in engine.manager.by_symbol and engine.manager.by_symbol[SYMBOL].covered,
-        what="protected",
-    )
-    guard = engine.manager.by_symbol[SYMBOL]
+    guard = engine.manager.guards[await _open(engine, clock, SYMBOL)]
     assert guard.trail is not None
     assert isinstance(engine.venue, SimVenue)
     engine.venue.override_mark_price(SYMBOL, guard.trail.activation_price * Decimal("1.03"))
@@ -514,16 +498,8 @@ async def test_f7_a_managed_trail_restored_after_a_tick_size_change_keeps_its_pe
     venue.override_mark_price(
         SYMBOL, (peak * Decimal("0.998") / coarser).to_integral_value(ROUND_DOWN) * coarser
     )
-    second = make_engine(settings, clock, venue)
-    await drive(clock, second.start())
+    second, restored = await _restarted(engine, clock, settings, venue)
     try:
-        assert second.manager is not None
-        await drive_until(
-            clock,
-            lambda: SYMBOL in second.manager.by_symbol and second.manager.by_symbol[SYMBOL].covered,
-            what="restored",
-        )
-        restored = second.manager.by_symbol[SYMBOL]
         assert restored.position_id == position_id
         assert restored.trail is not None
         assert restored.trail.peak_price == peak  # not started afresh from the fill
@@ -724,15 +700,8 @@ async def test_f8_a_trailing_stop_armed_at_the_mark_is_shown_and_restored_as_arm
     assert (view.activation_price, view.distance_to_activation_percent) == (None, None)
     await drive(clock, engine.stop())
 
-    second = make_engine(settings, clock, SimVenue(settings.venue.sim, clock=clock, core=engine.venue.core))
-    await drive(clock, second.start())
+    second, _restored = await _restarted(engine, clock, settings)
     try:
-        assert second.manager is not None
-        await drive_until(
-            clock,
-            lambda: SYMBOL in second.manager.by_symbol and second.manager.by_symbol[SYMBOL].covered,
-            what="restored",
-        )
         assert [o.activation_price for o in venue_trail()] == [None]
         view = second.snapshot().positions[0]
         assert (view.position_id, view.has_trailing_stop) == (position_id, True)

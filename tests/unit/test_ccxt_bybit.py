@@ -31,7 +31,7 @@ from engine.exchange import (
     WouldTriggerImmediately,
 )
 from engine.exchange.errors import Banned
-from engine.exchange.port import ChecksRecordedStops, RequestBudget
+from engine.exchange.port import ChecksRecordedStops, Order, RequestBudget
 from engine.pacing import RequestPacer, VenuePacing
 from engine.venues.bybit_venue import BybitLinearVenue
 from engine.venues.ccxt_venue import CcxtVenueConfig
@@ -416,6 +416,16 @@ async def test_a_403_bans_every_request_but_protective_ones_which_wait_for_its_e
         assert not any(path == "/v5/account/wallet-balance" for _, path, _ in stub.requests)
 
 
+async def _restored_trailing_stop(stub: BybitStub, *, activation: Decimal | None) -> Order:
+    """A new process's look-up of our trailing stop `tsbabc123-1-ts0` (a long's: SELL closes it), recorded
+    by the last one at a 2 % callback and `activation` (None: armed at the mark)."""
+    async with bybit(stub) as venue:
+        venue.expect_recorded(
+            "tsbabc123-1-ts0", side=OrderSide.SELL, callback_rate=Decimal("2"), activation_price=activation
+        )
+        return await venue.fetch_order("SFPUSDT", "tsbabc123-1-ts0")
+
+
 async def test_in_hedge_mode_a_restart_never_takes_the_other_sides_stop_for_ours() -> None:
     """Hedge mode, after a restart: our long's trailing stop is gone, the short beside it holds one. The
     look-up of our recorded stop took the one row holding the field, whichever side it closed: the
@@ -445,14 +455,7 @@ async def test_a_trailing_stop_set_under_another_tick_size_is_still_ours_after_a
     the next process worked the distance out again on today's grid, 0.0112, and took its own stop for one
     someone else had moved: a false alarm, and the trail set again (its high-water mark lost)."""
     stub = BybitStub(position=_position(side="Buy", trailingStop="0.011"))
-    async with bybit(stub) as venue:
-        venue.expect_recorded(
-            "tsbabc123-1-ts0",
-            side=OrderSide.SELL,
-            callback_rate=Decimal("2"),
-            activation_price=Decimal("0.5623"),
-        )
-        found = await venue.fetch_order("SFPUSDT", "tsbabc123-1-ts0")
+    found = await _restored_trailing_stop(stub, activation=Decimal("0.5623"))
     assert (found.type, found.status) == (OrderType.TRAILING_STOP_MARKET, OrderStatus.NEW)
     assert not stub.sent("/v5/position/trading-stop")
 
@@ -490,9 +493,7 @@ async def test_a_trailing_stop_armed_at_the_mark_is_restored_only_near_our_dista
     (0.5001) and where today's mark says the best price since can be (the trail has not fired): 2 % of a
     price in there is ours, wherever the trail armed; ten times that is someone else's."""
     stub = BybitStub(position=_position(side="Buy", trailingStop=distance, markPrice=mark))
-    async with bybit(stub) as venue:
-        venue.expect_recorded("tsbabc123-1-ts0", side=OrderSide.SELL, callback_rate=Decimal("2"))
-        found = await venue.fetch_order("SFPUSDT", "tsbabc123-1-ts0")
+    found = await _restored_trailing_stop(stub, activation=None)
     assert found.type is OrderType.TRAILING_STOP_MARKET
     assert found.status is (OrderStatus.NEW if ours else OrderStatus.CANCELED)
 
@@ -564,13 +565,6 @@ async def test_a_recorded_trailing_stops_activation_is_checked_on_its_order_row(
             "updatedTime": "1700000000000",
         }
     ]
-    async with bybit(stub) as venue:
-        venue.expect_recorded(
-            "tsbabc123-1-ts0",
-            side=OrderSide.SELL,
-            callback_rate=Decimal("2"),
-            activation_price=Decimal("0.5500"),
-        )
-        found = await venue.fetch_order("SFPUSDT", "tsbabc123-1-ts0")
+    found = await _restored_trailing_stop(stub, activation=Decimal("0.5500"))
     assert found.type is OrderType.TRAILING_STOP_MARKET
     assert found.status is (OrderStatus.NEW if ours else OrderStatus.CANCELED)
