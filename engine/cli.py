@@ -156,12 +156,34 @@ def shown_path(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
+class _ConfigOnce(argparse.Action):
+    """`--config` may come before the command or after it (`tsbot --config a config show`); given in both
+    places with two paths, the later one won without a word. Refused; the same path twice is one."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        # One instance serves the command line and every command's parser (`parents`): it sees both.
+        given = getattr(self, "given", None)
+        if given is not None and given != values:
+            parser.error(
+                f"--config given twice ({shown_path(str(given))}, {shown_path(str(values))}): give it once"
+            )
+        self.given = values
+        setattr(namespace, self.dest, values)
+
+
 def build_parser() -> argparse.ArgumentParser:
     config_option = OneLineParser(add_help=False)
     config_option.add_argument(
         "--config",
         metavar="PATH",
         default=argparse.SUPPRESS,
+        action=_ConfigOnce,
         help="configuration file (default: ./config.toml, else built-in defaults)",
     )
     parser = OneLineParser(

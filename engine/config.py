@@ -872,7 +872,9 @@ def _describe_env_value(name: str, value: str) -> str:
 def _read_toml(path: Path, label: str) -> dict[str, Any]:
     try:
         with path.open("rb") as fh:
-            return tomllib.load(fh, parse_float=Decimal)
+            data = fh.read()
+        # A byte-order mark (Windows editors write one) is not TOML: it read "Invalid statement at line 1".
+        return tomllib.loads(data.removeprefix(b"\xef\xbb\xbf").decode("utf-8"), parse_float=Decimal)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{label}: invalid TOML: {' '.join(str(exc).split())}"]) from None
     except UnicodeDecodeError as exc:
@@ -928,8 +930,20 @@ def _read_secret_files(
     updates: dict[str, dict[str, Any]] = {}
     for key_path, file_key in SECRETS.items():
         file_name = _get_path(settings, file_key)
-        if not file_name or sources.get(key_path) == Source.ENV:
+        if not file_name:
             continue
+        if sources.get(key_path) == Source.ENV:
+            # Two sources of one secret: the variable won without a word, and which key a run used was a
+            # guess. Refused; an empty variable clears the file's setting.
+            named_by = _origin(file_key, label, env_names)
+            variable = env_names.get(key_path) or f"{ENV_PREFIX}{'__'.join(key_path).upper()}"
+            clear = f"{ENV_PREFIX}{'__'.join(file_key).upper()}="
+            raise ConfigError(
+                [
+                    f"{named_by}: {'.'.join(file_key)}: {variable} sets the same secret; set one of them "
+                    f"(`{clear}` clears the file)"
+                ]
+            )
         # A problem with the file is blamed on what named it: `TSBOT_VENUE__API_KEY_FILE`, or the config file.
         secret = _read_owner_only_file(
             Path(file_name).expanduser(),

@@ -243,6 +243,10 @@ def test_a_real_bug_is_one_line_and_its_traceback_goes_to_the_log(
         (("nope",), "tsbot: argument COMMAND: invalid choice: 'nope'"),
         (("sim-exchange", "--seed", "99999999999"), "tsbot: --seed must be within 0..4294967295"),
         (("sim-exchange", "--port", "9" * 5000), "tsbot sim-exchange: argument --port: invalid int value"),
+        (
+            ("--config", "a.toml", "config", "show", "--config", "b.toml"),
+            "tsbot config show: --config given twice (a.toml, b.toml): give it once",
+        ),
     ],
 )
 def test_bad_arguments_are_one_line(workdir: Path, argv: tuple[str, ...], starts: str) -> None:

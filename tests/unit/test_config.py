@@ -367,3 +367,33 @@ def test_a_dsn_password_is_masked_whatever_the_user_part(tmp_path: Path, dsn: st
     else:
         loaded = load_config(None, environ={"TSBOT_DATABASE__DSN": dsn}, cwd=tmp_path)
         assert "SECRETXYZ123" not in render_config(loaded)
+
+
+@pytest.mark.parametrize("file_named_in", ["file", "env"])
+def test_a_secret_set_by_its_variable_and_by_a_file_is_refused(tmp_path: Path, file_named_in: str) -> None:
+    """`TSBOT_VENUE__API_KEY` and `venue.api_key_file` both set: the variable won without a word, so which
+    key a run traded with was a guess. One line names both; an empty file variable clears the file's."""
+    secret = _write(tmp_path / "key.txt", "from-the-file\n", mode=0o600)
+    toml = f'[venue]\napi_key_file = "{secret}"\n' if file_named_in == "file" else ""
+    config = _write(tmp_path / "c.toml", toml)
+    environ = {"TSBOT_VENUE__API_KEY": "from-the-variable"}
+    if file_named_in == "env":
+        environ["TSBOT_VENUE__API_KEY_FILE"] = str(secret)
+    with pytest.raises(ConfigError) as caught:
+        load_config(config, environ=environ)
+    named_by = str(config) if file_named_in == "file" else "TSBOT_VENUE__API_KEY_FILE"
+    assert caught.value.lines == [
+        f"{named_by}: venue.api_key_file: TSBOT_VENUE__API_KEY sets the same secret; set one of them "
+        "(`TSBOT_VENUE__API_KEY_FILE=` clears the file)"
+    ]
+    assert "from-the" not in str(caught.value)
+    cleared = load_config(config, environ={**environ, "TSBOT_VENUE__API_KEY_FILE": ""})
+    assert cleared.settings.venue.api_key.get_secret_value() == "from-the-variable"
+
+
+def test_a_config_file_saved_with_a_byte_order_mark_loads(tmp_path: Path) -> None:
+    """Windows editors save UTF-8 with a byte-order mark; tomllib took it for a statement ("invalid TOML:
+    Invalid statement (at line 1, column 1)"), which named nothing the operator could see."""
+    path = tmp_path / "c.toml"
+    path.write_bytes(b"\xef\xbb\xbf[signals]\nwave_size = 9\n")
+    assert load_config(path, environ={}).settings.signals.wave_size == 9
