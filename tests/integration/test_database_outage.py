@@ -476,6 +476,13 @@ async def test_a_stop_while_a_protection_restart_waits_for_the_database_counts_i
         stale_lock.hold()
         restart = asyncio.ensure_future(engine.restart_protection())
         await drive_until(clock, lambda: clock.monotonic() > 20, limit=30, what="20 s of outage")
+        # The restart's reads fail in real time, the clock is driven faster: the stop comes once it waits
+        # (a loaded CI run stopped before the first read had failed: still "as last verified").
+        await drive_until(
+            clock,
+            lambda: any("not verified" in (v.last_error or "") for v in engine.snapshot().positions),
+            what="the restart waiting for the database",
+        )
         assert not restart.done()
     finally:
         report = await drive(clock, engine.stop(drain=False))
