@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import platformdirs
 
@@ -115,7 +116,7 @@ def _forget_departed_users(data_dir: Path) -> None:
             return
         if not isinstance(pids, list):
             return
-        alive = [pid for pid in pids if isinstance(pid, int) and psutil.pid_exists(pid)]
+        alive = [pid for pid in pids if isinstance(pid, int) and _alive(pid, psutil)]
         if alive != pids:
             listed.write_text(json.dumps(alive))
             log.info(
@@ -123,6 +124,15 @@ def _forget_departed_users(data_dir: Path) -> None:
                 data_dir,
                 ", ".join(str(pid) for pid in pids if pid not in alive),
             )
+
+
+def _alive(pid: int, psutil: Any) -> bool:
+    """A process that runs: a zombie (killed, its parent not reaping it: in a container whose init does not)
+    has ended, though its pid still exists."""
+    try:
+        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.Error:
+        return False
 
 
 def stop_embedded(data_dir: Path) -> None:

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 from storage.embedded import PostmasterState, postmaster_state
 
 USE_AND = """
@@ -21,6 +23,12 @@ start_embedded(Path(sys.argv[1]))
 if sys.argv[2] == "kill":
     os.kill(os.getpid(), signal.SIGKILL)
 """
+
+# Whoever owns the directory's lifetime stops its server (here: the test, whatever happened in it).
+STOP = (
+    "import sys; from pathlib import Path; from storage.embedded import stop_embedded, start_embedded; "
+    "start_embedded(Path(sys.argv[1])); stop_embedded(Path(sys.argv[1]))"
+)
 
 
 def _user(data_dir: Path, end: str) -> subprocess.CompletedProcess[str]:
@@ -64,13 +72,33 @@ def test_a_killed_users_pid_does_not_keep_the_server_running_after_the_last_user
     finally:
         if postmaster_state(data_dir)[0] is PostmasterState.RUNNING:
             subprocess.run(
-                [
-                    sys.executable,
-                    "-c",
-                    "import sys; from pathlib import Path; from storage.embedded import "
-                    "stop_embedded, start_embedded; start_embedded(Path(sys.argv[1])); stop_embedded(Path(sys.argv[1]))",
-                    str(data_dir),
-                ],
+                [sys.executable, "-c", STOP, str(data_dir)],
+                timeout=60,
+                cwd=Path(__file__).resolve().parents[2],
+                check=False,
+            )
+
+
+def test_a_killed_user_left_a_zombie_does_not_keep_the_server_running(tmp_path: Path) -> None:
+    """The killed user's parent never reaped it (a container whose init does not, or this test): its pid
+    still exists, as a zombie, and counted as a user it kept the server running after the last one left."""
+    data_dir = tmp_path / "pgdata"
+    killed = subprocess.Popen(
+        [sys.executable, "-c", USE_AND, str(data_dir), "kill"], cwd=Path(__file__).resolve().parents[2]
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and psutil.Process(killed.pid).status() != psutil.STATUS_ZOMBIE:
+            time.sleep(0.1)
+        assert psutil.Process(killed.pid).status() == psutil.STATUS_ZOMBIE  # not reaped: still exists
+        left = _user(data_dir, "exit")
+        assert left.returncode == 0, left.stderr
+        assert _stopped_within(data_dir, 15.0), "the server still runs after its last live user left"
+    finally:
+        killed.wait()
+        if postmaster_state(data_dir)[0] is PostmasterState.RUNNING:
+            subprocess.run(
+                [sys.executable, "-c", STOP, str(data_dir)],
                 timeout=60,
                 cwd=Path(__file__).resolve().parents[2],
                 check=False,
