@@ -15,20 +15,20 @@ import psutil
 
 from storage.embedded import PostmasterState, postmaster_state
 
+ROOT = Path(__file__).resolve().parents[2]
+
+# A user of the server in `argv[1]`: it joins, then exits ("exit"), is killed ("kill"), or stops the server
+# whoever else uses it ("stop": whoever owns the directory's lifetime, here the test, whatever happened).
 USE_AND = """
 import os, signal, sys
 from pathlib import Path
-from storage.embedded import start_embedded
+from storage.embedded import start_embedded, stop_embedded
 start_embedded(Path(sys.argv[1]))
 if sys.argv[2] == "kill":
     os.kill(os.getpid(), signal.SIGKILL)
+if sys.argv[2] == "stop":
+    stop_embedded(Path(sys.argv[1]))
 """
-
-# Whoever owns the directory's lifetime stops its server (here: the test, whatever happened in it).
-STOP = (
-    "import sys; from pathlib import Path; from storage.embedded import stop_embedded, start_embedded; "
-    "start_embedded(Path(sys.argv[1])); stop_embedded(Path(sys.argv[1]))"
-)
 
 
 def _user(data_dir: Path, end: str) -> subprocess.CompletedProcess[str]:
@@ -37,8 +37,13 @@ def _user(data_dir: Path, end: str) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=120,
-        cwd=Path(__file__).resolve().parents[2],
+        cwd=ROOT,
     )
+
+
+def _no_server_left(data_dir: Path) -> None:
+    if postmaster_state(data_dir)[0] is PostmasterState.RUNNING:
+        _user(data_dir, "stop")
 
 
 def _stopped_within(data_dir: Path, seconds: float) -> bool:
@@ -70,22 +75,14 @@ def test_a_killed_users_pid_does_not_keep_the_server_running_after_the_last_user
         )
         assert json.loads((data_dir / ".handle_pids.json").read_text()) == []
     finally:
-        if postmaster_state(data_dir)[0] is PostmasterState.RUNNING:
-            subprocess.run(
-                [sys.executable, "-c", STOP, str(data_dir)],
-                timeout=60,
-                cwd=Path(__file__).resolve().parents[2],
-                check=False,
-            )
+        _no_server_left(data_dir)
 
 
 def test_a_killed_user_left_a_zombie_does_not_keep_the_server_running(tmp_path: Path) -> None:
     """The killed user's parent never reaped it (a container whose init does not, or this test): its pid
     still exists, as a zombie, and counted as a user it kept the server running after the last one left."""
     data_dir = tmp_path / "pgdata"
-    killed = subprocess.Popen(
-        [sys.executable, "-c", USE_AND, str(data_dir), "kill"], cwd=Path(__file__).resolve().parents[2]
-    )
+    killed = subprocess.Popen([sys.executable, "-c", USE_AND, str(data_dir), "kill"], cwd=ROOT)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and psutil.Process(killed.pid).status() != psutil.STATUS_ZOMBIE:
@@ -96,10 +93,4 @@ def test_a_killed_user_left_a_zombie_does_not_keep_the_server_running(tmp_path: 
         assert _stopped_within(data_dir, 15.0), "the server still runs after its last live user left"
     finally:
         killed.wait()
-        if postmaster_state(data_dir)[0] is PostmasterState.RUNNING:
-            subprocess.run(
-                [sys.executable, "-c", STOP, str(data_dir)],
-                timeout=60,
-                cwd=Path(__file__).resolve().parents[2],
-                check=False,
-            )
+        _no_server_left(data_dir)
