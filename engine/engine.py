@@ -1213,7 +1213,7 @@ class Engine:
             log.warning(message)
             await self.store.record_event(Severity.WARNING, "engine_ended_unstopped", message)
         if not self.store.down:  # (journaled, it lands later: the next holder must still know the time)
-            await self._lease.handed_over()
+            self._lease.handed_over()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -1878,10 +1878,7 @@ class Engine:
                 self._lease = await self._acquire_lease(self._running_phase)
                 # What it found is this engine's own heartbeat from before the loss: nothing was left
                 # unlooked-after that a later start should date from it.
-                try:
-                    await self._lease.handed_over()
-                except Exception as exc:
-                    log.warning("the retaken lease still names a previous holder (%s)", type(exc).__name__)
+                self._lease.handed_over()
             except LeaseHeld as exc:
                 self.fatal = f"another engine took the account: {exc}"
                 log.critical("%s; this engine stops and sends nothing more", self.fatal)

@@ -99,6 +99,7 @@ class EngineLease:
         # The last heartbeat of the engine that held the account before (None: it never was held), read
         # before this one recorded itself: where an engine that died without stopping stopped looking.
         self.previous_heard_at: datetime | None = None
+        self._hand_over = False  # `handed_over`: the next heartbeat clears the row's previous holder
 
     @classmethod
     async def acquire(
@@ -176,26 +177,28 @@ class EngineLease:
         ends with its session once the server notices."""
         self._conn.terminate()
 
-    async def handed_over(self) -> None:
+    def handed_over(self) -> None:
         """What the last holder left (its managed trails) is recorded: the next holder dates from this
-        one's heartbeat, not the one before."""
-        await self._conn.execute(
-            "UPDATE monitoring.engine_leases SET previous_heard_at = NULL WHERE venue = $1 AND account = $2",
-            self.venue,
-            self.account,
-            timeout=LEASE_TIMEOUT_SECONDS,
-        )
+        one's heartbeat, not the one before. Written by the next heartbeat: the lease's connection serves
+        one statement at a time, and the heartbeat's task is its only user (a write of its own here met
+        a heartbeat in flight: "another operation is in progress", and the start failed)."""
         self.previous_heard_at = None
+        self._hand_over = True
 
     async def heartbeat(self, phase: LeasePhase = LeasePhase.RUNNING) -> None:
+        clearing = self._hand_over
         await self._conn.execute(
-            "UPDATE monitoring.engine_leases SET heartbeat_at = now(), phase = $3 "
+            "UPDATE monitoring.engine_leases SET heartbeat_at = now(), phase = $3, "
+            "previous_heard_at = CASE WHEN $4 THEN NULL ELSE previous_heard_at END "
             "WHERE venue = $1 AND account = $2",
             self.venue,
             self.account,
             phase.value,
+            clearing,
             timeout=LEASE_TIMEOUT_SECONDS,
         )
+        if clearing:
+            self._hand_over = False
 
     async def release(self) -> None:
         """Unlock and close, each within `LEASE_TIMEOUT_SECONDS`; a server that does not answer (frozen)

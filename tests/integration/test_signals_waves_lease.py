@@ -222,7 +222,7 @@ async def test_a_holder_that_died_is_dated_by_its_last_heartbeat_even_past_a_sta
     await failed.release()  # its start failed before recording what the killed one left
     later = await EngineLease.acquire(db.target.dsn, "sim", "main", "0.1.0")
     assert later.previous_heard_at == killed_heard  # not the failed start's heartbeat
-    await later.handed_over()
+    later.handed_over()  # (written by its next heartbeat)
     assert later.previous_heard_at is None
     await later.heartbeat()
     later_heard = await heard()
@@ -233,6 +233,35 @@ async def test_a_holder_that_died_is_dated_by_its_last_heartbeat_even_past_a_sta
     finally:
         await last.release()
         await killed.release()
+
+
+async def test_a_hand_over_said_while_a_heartbeat_is_in_flight_is_written_by_the_heartbeat(
+    db: Database,
+) -> None:
+    """The start said it had recorded what the last holder left by a write of its own on the lease's
+    connection; a heartbeat in flight on that connection made it fail ("another operation is in
+    progress", a clean-clone chaos run) and the start with it. The heartbeat writes it instead."""
+    first = await EngineLease.acquire(db.target.dsn, "sim", "main", "0.1.0")
+    await first.heartbeat()
+    await db.pool.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+        "AND pid <> pg_backend_pid()"
+    )
+    lease = await EngineLease.acquire(db.target.dsn, "sim", "main", "0.1.0")
+    try:
+        assert lease.previous_heard_at is not None
+        beating = asyncio.ensure_future(lease.heartbeat())
+        await asyncio.sleep(0)  # the heartbeat's statement is on the connection
+        lease.handed_over()
+        await beating
+        await lease.heartbeat()
+        previous = await db.pool.fetchval(
+            "SELECT previous_heard_at FROM monitoring.engine_leases WHERE account = 'main'"
+        )
+        assert previous is None
+    finally:
+        await lease.release()
+        await first.release()
 
 
 async def test_signals_an_engine_died_holding_are_expired_with_a_reason(db: Database) -> None:
