@@ -866,12 +866,32 @@ class Engine:
         failure that says the venue may answer next time (not executed, no answer, rate limited) is tried
         again with backoff, each retry said; before, one HTTP 500 on the markets ended the start ("the
         engine did not start"), the positions on the venue left unguarded until an operator started it
-        again. A refusal (a wrong key, a rejected request) still ends it at once."""
+        again. A ban is waited out, however long, without counting as an attempt: the start is what
+        protects the positions the venue holds, and nothing can reach the venue before the ban's end
+        anyway (before, a restart inside a ban ended at once and protected nothing after it). A refusal (a
+        wrong key, a rejected request) still ends it at once."""
         protection = self.settings.protection
         delay = float(protection.retry_initial_seconds)
-        for attempt in range(1, STARTUP_READ_ATTEMPTS + 1):
+        attempt = 1
+        while True:
             try:
                 return await read()
+            except Banned as exc:
+                left = exc.until - self.clock.now()
+                if left <= 0:  # a ban said over already: an ordinary failed attempt
+                    if attempt == STARTUP_READ_ATTEMPTS:
+                        raise
+                    attempt += 1
+                    await self.clock.sleep(delay)
+                    delay = min(delay * 2, float(protection.retry_max_seconds))
+                    continue
+                log.warning(
+                    "start-up: the venue bans this account until %s (%s left); %s waiting for its end",
+                    datetime.fromtimestamp(exc.until, tz=UTC).strftime("%H:%M:%S UTC"),
+                    health.format_duration(left),
+                    what,
+                )
+                await self.clock.sleep(left)
             except (Retryable, OutcomeUnknown, RateLimited, TimeoutError) as exc:
                 if attempt == STARTUP_READ_ATTEMPTS:
                     raise
@@ -886,7 +906,7 @@ class Engine:
                 )
                 await self.clock.sleep(wait)
                 delay = min(delay * 2, float(protection.retry_max_seconds))
-        raise AssertionError("unreachable")
+                attempt += 1
 
     def _start_loops(self) -> None:
         assert self.store is not None and self._db is not None

@@ -8,16 +8,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from decimal import Decimal
 
 import pytest
 
 from engine.clock import ManualClock
 from engine.engine import STARTUP_READ_ATTEMPTS, EngineState
-from engine.exchange.errors import Retryable
+from engine.exchange.errors import Banned, ExchangeError, Retryable
+from engine.exchange.port import OrderSide, OrderType
 from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, FaultKind
 from storage.database import Database
 from tests.integration.engine_support import engine_settings, make_engine
+from tests.integration.test_failure_modes_f1_f5 import SYMBOLS
 from tests.support.driving import drive, drive_until
 
 
@@ -92,5 +95,63 @@ async def test_the_lease_is_heartbeated_through_a_long_start(db: Database) -> No
             return await db.pool.fetchval("SELECT phase FROM monitoring.engine_leases") == "running"
 
         await drive_until(clock, running, limit=5, what="the lease running once the engine runs")
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_start_during_a_venue_ban_waits_for_its_end_then_protects_what_the_venue_holds(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An engine restarted while the venue bans the account (the operator's first remedy after a 418) met
+    the ban on its first signed read and ended at once: the ban is not a failure the start retried. The
+    position whose entry filled while no engine ran stayed without stops through the ban and after it, until
+    someone started the engine again by hand. The start now waits for the ban's end, says so, and the
+    naked position has both its stops right after it."""
+    settings = engine_settings(
+        db.target.dsn,
+        {
+            "VENUE__SIM__RATE_LIMITS__ORDERS_PER_10S": "12",
+            "VENUE__SIM__RATE_LIMITS__BAN_AFTER_VIOLATIONS": "1",
+            "VENUE__SIM__RATE_LIMITS__BAN_SECONDS": "20",
+        },
+    )
+    clock = ManualClock(start=time.time())
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    core = venue.core
+    naked, flat = SYMBOLS[0], SYMBOLS[1]
+    market = core.markets[naked]
+    mark = core.mark(naked)
+    quantity = market.round_quantity(max(market.min_notional * 2 / mark, market.min_quantity * 2))
+    core.place_market_order(naked, OrderSide.BUY, quantity, "filled-while-no-engine-ran", clock.now())
+    banned_until = None
+    for i in range(100):  # another client on the account fills the order window until the venue bans it
+        try:
+            core.place_market_order(
+                flat, OrderSide.SELL, Decimal(1), f"other-{i}", clock.now(), reduce_only=True
+            )
+        except Banned as ban:
+            banned_until = ban.until
+            break
+        except ExchangeError:
+            pass
+    assert banned_until is not None
+    engine = make_engine(settings, clock, venue)
+    with caplog.at_level(logging.WARNING, logger="engine.engine"):
+        report = await drive(clock, engine.start())
+    try:
+        assert engine.state is EngineState.RUNNING
+        assert clock.now() >= banned_until
+        assert report.adopted == 1
+        assert any(
+            "bans" in r.getMessage() and "waiting for its end" in r.getMessage() for r in caplog.records
+        )
+
+        def both_stops_on_the_venue() -> bool:
+            truth = core.inspect(clock.now())  # the oracle: what the venue holds
+            kinds = {o.type for o in truth.open_conditional if o.symbol == naked}
+            return kinds == {OrderType.STOP_MARKET, OrderType.TRAILING_STOP_MARKET}
+
+        await drive_until(clock, both_stops_on_the_venue, limit=5, what="both stops right after the ban")
+        assert clock.now() - banned_until < 5
     finally:
         await drive(clock, engine.stop())
