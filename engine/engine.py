@@ -1130,7 +1130,13 @@ class Engine:
             await wait_for_all(self.clock, budget, [asyncio.shield(t) for t in list(self._settlers)])
         manager = self.manager
         if manager is not None:
-            pending = [g.protected.wait() for g in manager.guards.values() if not g.covered and not g.closed]
+            # Never protected yet, or protected once and missing a stop now (its guard sending it again):
+            # each waited for until a pass confirms both its stops (`covered_now`, cleared here in case the
+            # loss is known before a pass has said it).
+            uncovered = [g for g in manager.guards.values() if not g.covered and not g.closed]
+            for g in uncovered:
+                g.covered_now.clear()
+            pending = [g.covered_now.wait() for g in uncovered]
             if pending:
                 log.warning(
                     "stopping: waiting up to %.0fs for %d positions to be protected", budget, len(pending)

@@ -460,7 +460,10 @@ class PositionGuard:
         # The fill on the wall clock: a pushed size older than the position itself is about an earlier one.
         self.opened_epoch = manager.clock.now() - (manager.clock.monotonic() - filled_at)
         self.wake = asyncio.Event()
-        self.protected = asyncio.Event()
+        self.protected = asyncio.Event()  # covered for the first time (set once)
+        # Covered as of the last pass's verdict: cleared when a stop goes missing, set again once both are
+        # confirmed. What a stop waits on: a position protected once and then missing a stop is waited for.
+        self.covered_now = asyncio.Event()
         # Set once a pass reached a verdict: covered, or not for a reason of its own. A pass that ended only
         # waiting out the venue's read-after-write lag (an order sent, not readable yet) has none: the
         # start-up report waits for the look-up after the lag instead of calling live stops failed.
@@ -2604,11 +2607,14 @@ class PositionGuard:
             if self.protected_at is None:
                 self.protected_at = now
                 self.protected.set()
+            self.covered_now.set()
             self.unprotected_since = None  # every time: the next loss is timed from its own start
             self.unprotected_since_epoch = None
-        elif self.unprotected_since is None:
-            self.unprotected_since = now
-            self.unprotected_since_epoch = m.clock.now()
+        else:
+            self.covered_now.clear()
+            if self.unprotected_since is None:
+                self.unprotected_since = now
+                self.unprotected_since_epoch = m.clock.now()
         facts = self._facts(now)
         self.report.first_pass_ok = covered
         if facts == self._written_facts:

@@ -552,3 +552,23 @@ async def test_passes_that_waited_out_the_read_lag_do_not_lengthen_the_backoff_o
         assert _live_kinds(venue, clock, guard.symbol) == Counter(
             {OrderType.STOP_MARKET: 1, OrderType.TRAILING_STOP_MARKET: 1}
         )
+
+
+async def test_a_stop_waits_for_a_position_that_lost_a_stop_to_have_it_again(db: Database) -> None:
+    """A stop lets what is on its way reach "both stops confirmed", but it waited only for positions never
+    protected yet: a position protected once and then missing a stop (someone cancelled it; the guard
+    sending it again, a 2 s round trip) was not waited for, and the send was cut in the middle. The engine
+    stopped with the position short of a stop while it was down. The stop now waits for it too."""
+    async with _one_guarded_position(
+        db, SYMBOLS[26], {"VENUE__SIM__LATENCY__BY_CALL__CREATE_ORDER__SECONDS": "2.0"}
+    ) as (engine, venue, clock, guard):
+        core = venue.core
+        assert guard.stop_loss.client_order_id is not None
+        core.cancel_order(guard.symbol, guard.stop_loss.client_order_id, clock.now())  # another client's hand
+        await drive_until(clock, lambda: not guard.covered, limit=10, what="the missing stop seen")
+        report = await drive(clock, engine.stop())
+
+        truth = core.inspect(clock.now())  # the oracle: what the venue holds once the engine is gone
+        kinds = {o.type for o in truth.open_conditional if o.symbol == guard.symbol}
+        assert kinds == {OrderType.STOP_MARKET, OrderType.TRAILING_STOP_MARKET}
+        assert (report.open_positions, report.uncovered) == (1, 0)
