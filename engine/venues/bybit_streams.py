@@ -478,6 +478,14 @@ class BybitStreams:
                     )
                 return
             order = _with(order, average_price=price)
+        elif status is OrderStatus.CANCELED and stop_type is None:
+            # A derivatives order `Cancelled` "may have an executed qty" (a market order part-filled, the
+            # rest cancelled): what filled is a position. Its price is the execution's, else the row's; told
+            # without one, the engine asks for the order by id.
+            filled = _decimal(row.get("cumExecQty")) or _ZERO
+            if filled > 0:
+                price = self._fill_price(order_id) or positive_or_none(row.get("avgPrice"))
+                order = _with(order, filled_quantity=filled, average_price=price)
         if stop_type is not None and status_text == "Deactivated":
             # Bybit deactivates a position's stops when the position closes: told after the position's
             # next row (it always follows: the position closed, or its stop field went to 0), so a reader

@@ -495,3 +495,24 @@ async def test_a_late_deactivation_of_the_previous_trailing_stop_is_not_named_af
         assert any(u.order.status is OrderStatus.CANCELED for u in r.updates("t1-ts1"))
         assert [u.order.status for u in r.updates("t2-ts1")] == [OrderStatus.NEW]
         assert (await r.venue.fetch_order(SYMBOL, "t2-ts1")).status is OrderStatus.NEW
+
+
+async def test_an_entry_cancelled_part_filled_is_told_with_what_filled_and_its_price() -> None:
+    """Bybit: a derivatives order `Cancelled` "may have an executed qty" (`PartiallyFilledCanceled` is
+    spot's alone). A market entry that filled 40 of 100 and had the rest cancelled was read off the `order`
+    topic as cancelled with nothing filled: the engine took the entry for failed and the 40 the venue held
+    waited, without a trailing stop, for a reconcile pass to adopt them. The stream now tells the 40 at
+    the execution's price, as a query of the order does (and the emulator says `Cancelled`, not spot's
+    status)."""
+    async with rig(symbols=[SYMBOL]) as r:
+        r.emulator.core.set_market_fill(0.0, share=Decimal("0.4"))
+        await r.venue.create_market_order(SYMBOL, OrderSide.BUY, Decimal(100), client_order_id="p9-e")
+        await wait_until(
+            lambda: any(u.order.status.is_final for u in r.updates("p9-e")), what="the entry's end told"
+        )
+        told = next(u.order for u in r.updates("p9-e") if u.order.status.is_final)
+        queried = await r.venue.fetch_order(SYMBOL, "p9-e")
+        assert queried.filled_quantity == Decimal(40)
+        assert (told.status, told.filled_quantity) == (OrderStatus.CANCELED, Decimal(40))
+        assert told.average_price == queried.average_price
+        assert told.average_price is not None

@@ -923,7 +923,9 @@ class BybitEmulator:
         if executed.status is OrderStatus.FILLED:
             record.status = "Filled"
         else:
-            record.status = "PartiallyFilledCanceled" if filled else "Cancelled"
+            # Bybit: a derivatives order `Cancelled` "may have an executed qty"; `PartiallyFilledCanceled`
+            # is spot's alone.
+            record.status = "Cancelled"
         if filled:
             self._book.executions.append(
                 _Execution(
