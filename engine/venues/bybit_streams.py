@@ -151,8 +151,15 @@ class BybitStreams:
         fill_wait_seconds: float = FILL_WAIT_SECONDS,
         monotonic: Callable[[], float] = time.monotonic,
         moved_stops: MovedStops | None = None,
+        server_time_ms: Callable[[], int] | None = None,
+        resync_clock: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
+        """`server_time_ms`: now on the venue's clock (REST's, corrected for our clock's drift), what the
+        auth's `expires` counts from; `resync_clock`: reads the venue's clock again (an auth refused as
+        expired, our clock having moved since)."""
         self._public_url = public_url
+        self._server_time_ms = server_time_ms or (lambda: int(time.time() * 1000))
+        self._resync_clock = resync_clock
         self._private_url = private_url
         self._api_key = api_key
         self._api_secret = api_secret
@@ -343,7 +350,8 @@ class BybitStreams:
             nonlocal checker
             self._live = False
             self._pending_topics = set(PRIVATE_TOPICS)
-            expires = int((time.time() + _AUTH_EXPIRES_SECONDS) * 1000)
+            # Counted on the venue's clock: a local clock 10 s behind Bybit's had every auth refused.
+            expires = self._server_time_ms() + int(_AUTH_EXPIRES_SECONDS * 1000)
             await self._private.send(
                 {"op": "auth", "args": auth_args(self._api_key, self._api_secret, expires), "req_id": "auth"}
             )
@@ -403,8 +411,14 @@ class BybitStreams:
         req_id = str(payload.get("req_id") or "")
         if op == "auth":
             if not success:
-                if "expire" in message.lower():
-                    raise Reconnect("authentication expired before it arrived (clock?)")
+                # Bybit answers an auth whose `expires` has passed (our clock behind its own) with a bare
+                # "Params Error": the clock is read again and the connection retried with backoff, not
+                # given up for good as a wrong key is.
+                if "expire" in message.lower() or message.startswith("Params Error"):
+                    await self._resync()
+                    raise Reconnect(
+                        f"authentication refused as expired ({message}); the venue's clock read again"
+                    )
                 raise StreamRefused(f"authentication refused by Bybit: {message or 'no reason given'}")
             await self._private.send({"op": "subscribe", "args": list(PRIVATE_TOPICS), "req_id": "topics"})
         elif op == "subscribe" and req_id.startswith("check-"):
@@ -425,6 +439,14 @@ class BybitStreams:
             reason = self._private.last_reason if self._private.reconnects else "stream started"
             self._emit(StreamGap(stream="account", since=since, reason=reason or "connected"))
             logger.info("bybit account stream: live (%s)", reason or "connected")
+
+    async def _resync(self) -> None:
+        if self._resync_clock is None:
+            return
+        try:
+            await self._resync_clock()
+        except Exception as exc:  # the reconnect's backoff tries again; the REST path says its own failures
+            logger.warning("bybit account stream: could not read the venue's clock (%s)", exc)
 
     def _on_order(self, row: Mapping[str, Any], event_time: float) -> None:
         status_text = str(row.get("orderStatus", ""))

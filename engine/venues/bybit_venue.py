@@ -310,6 +310,8 @@ class BybitLinearVenue(CcxtVenue):
             mark_poll_seconds=config.mark_poll_seconds,
             rest_fill_price=self._execution_price,
             monotonic=self._clock.monotonic,
+            server_time_ms=lambda: int(self._exchange.nonce()),  # ccxt's clock, drift-corrected
+            resync_clock=lambda: self._exchange.load_time_difference(),
         )
         self._streams = self._bybit_streams
 

@@ -516,3 +516,37 @@ async def test_an_entry_cancelled_part_filled_is_told_with_what_filled_and_its_p
         assert (told.status, told.filled_quantity) == (OrderStatus.CANCELED, Decimal(40))
         assert told.average_price == queried.average_price
         assert told.average_price is not None
+
+
+async def test_a_local_clock_behind_the_venues_still_gets_the_account_stream() -> None:
+    """The auth's `expires` was counted on our own clock while REST corrects for its drift: with the
+    local clock 30 s behind Bybit's, REST worked and every auth was refused. Bybit says so with a bare
+    "Params Error", which the reader took for a wrong key: the account stream stopped for good (fills and
+    fired stops heard only by polling) until the engine was restarted, even once the clock was right. It
+    now counts `expires` on the venue's clock, as REST does."""
+    sim = SimVenueSettings(seed=7, volatility=0.0, symbols=[SYMBOL])
+    emulator = BybitEmulator(sim, api_key=KEY, api_secret=SECRET, control=True)
+    async with running(emulator) as base_url, aiohttp.ClientSession() as control:
+        async with control.post(f"{base_url}/_sim/skew", json={"seconds": 30}) as answer:
+            assert answer.status == 200  # our clock is 30 s behind the venue's
+        venue = _venue(base_url, FAST)
+        await venue.connect()
+        await venue.load_markets()
+        subject = Rig(venue, emulator, base_url, control)
+        async with reading(subject, [SYMBOL]):  # entered once the account stream is live
+            assert _states_of(venue)["account"].connected
+            assert emulator.streams.handshakes["private"] == 1
+
+
+async def test_an_auth_refused_as_expired_is_tried_again_with_the_venues_clock_read_again() -> None:
+    """Our clock moved after the venue's was read (a clock step, a suspended VM): Bybit refuses the next
+    auth with "Params Error". That is no wrong key: the clock is read again and the stream comes back."""
+    async with rig(symbols=[SYMBOL]) as r:
+        async with r.control.post(f"{r.base_url}/_sim/skew", json={"seconds": 30}) as answer:
+            assert answer.status == 200
+        before = len(r.gaps())
+        await r.post("/_sim/stream-fault", {"fault": "drop"})
+        await wait_until(lambda: len(r.gaps()) > before, within=20, what="the account stream back")
+        assert _states_of(r.venue)["account"].connected
+        # The first, the one after the drop that was refused, and the one with the clock read again.
+        assert r.emulator.streams.handshakes["private"] == 3

@@ -1179,7 +1179,7 @@ class BybitEmulator:
         if not hmac.compare_digest(api_key, self._api_key):
             return "Invalid apikey"
         if expires_ms <= int(self.server_time() * 1000):
-            return "Params Error: request expired"
+            return "Params Error"  # what Bybit answers an auth whose `expires` has passed
         expected = stream_signature(self._secret.decode(), expires_ms)
         if not hmac.compare_digest(signature, expected):
             return "Invalid sign"
