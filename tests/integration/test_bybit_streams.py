@@ -5,6 +5,7 @@ back and a `StreamGap` for the account stream; a fired position stop must come b
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
@@ -550,3 +551,18 @@ async def test_an_auth_refused_as_expired_is_tried_again_with_the_venues_clock_r
         assert _states_of(r.venue)["account"].connected
         # The first, the one after the drop that was refused, and the one with the clock read again.
         assert r.emulator.streams.handshakes["private"] == 3
+
+
+async def test_a_connection_the_venue_keeps_busy_is_not_cut_as_idle() -> None:
+    """Bybit cuts a connection after 10 minutes "if there is no ping-pong and no stream data sent from
+    server end". The emulator counted only what the client sent: the marks connection, busy with tickers
+    and so never pinged by our client, was cut every 10 minutes in rehearsal (144 reconnects a day that
+    production does not have). Here the idle limit is 3 s and the client pings after 2 s of silence."""
+    quiet = StreamSettings(stall_seconds=4.0, stale_mark_seconds=5.0, subscription_check_seconds=60.0)
+    async with rig(quiet, symbols=[SYMBOL]) as r:
+        r.emulator.streams.idle_close_seconds = 3.0
+        before = dict(r.emulator.streams.handshakes)
+        await asyncio.sleep(5.0)  # tickers every second: the marks connection never goes quiet
+        assert r.emulator.streams.handshakes == before
+        assert _states(r)["marks"].connected
+        assert _states(r)["account"].connected  # silent, but pinged before the limit

@@ -106,7 +106,8 @@ class _Connection:
     subscriptions: list[str] = field(default_factory=list)
     stalled_until: float = 0.0  # monotonic
     authed: bool = False
-    last_heard: float = field(default_factory=time.monotonic)
+    last_heard: float = field(default_factory=time.monotonic)  # from the client (data, ping)
+    last_sent: float = field(default_factory=time.monotonic)  # to the client (stream data, pong)
     sent: dict[str, tuple[dict[str, Any], float]] = field(default_factory=dict)  # topic -> (row, monotonic)
     outbox: asyncio.Queue[tuple[float, str]] | None = None  # (when it may leave, monotonic; the text)
 
@@ -121,6 +122,9 @@ class BybitStreamHub:
         self._ids = itertools.count(1)
         self._faults = StreamFaults()
         self.handshakes: dict[str, int] = {"public": 0, "private": 0}
+        # Bybit cuts a connection "if there is no ping-pong and no stream data sent from server end" for 10
+        # minutes: a connection the tickers keep busy is not cut for a client that never pings.
+        self.idle_close_seconds = IDLE_CLOSE_SECONDS
         self._told_orders: dict[str, tuple[Any, ...]] = {}  # orderId -> what was told, while it is open
         self._orders_seen = 0
         self._told_executions = 0
@@ -274,6 +278,7 @@ class BybitStreamHub:
                 continue
             with contextlib.suppress(ConnectionError, RuntimeError):
                 await connection.ws.send_str(text)
+                connection.last_sent = time.monotonic()
 
     # ---- public tickers -------------------------------------------------------------------------------
 
@@ -289,7 +294,7 @@ class BybitStreamHub:
         self.account_changed()
         now = time.monotonic()
         for connection in list(self._connections.values()):
-            if now - connection.last_heard >= IDLE_CLOSE_SECONDS:
+            if now - max(connection.last_heard, connection.last_sent) >= self.idle_close_seconds:
                 await connection.ws.close(code=1000, message=b"idle")
                 continue
             if connection.private or connection.stalled():
