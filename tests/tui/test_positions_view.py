@@ -396,3 +396,30 @@ async def test_rows_the_table_builds_after_the_start_are_kept_out_of_the_collect
             assert unfrozen == 0, f"{unfrozen} of 150 rows in the collector's generations"
     finally:
         gc.unfreeze()
+
+
+async def test_every_column_shown_is_shown_whole_at_every_width() -> None:
+    """Between 100 and 111 columns, with a full table (its scrollbar shown), the wide layout was kept
+    although its columns needed 112: the last one was cut, and a quantity of 1001 read "100" — a number
+    that lies. Every width now shows each of its columns whole, or leaves the column out."""
+    settings = scenario_settings()
+    book = [
+        dataclasses.replace(
+            book_position(i + 1, symbol), quantity=Decimal("1001"), entry_price=Decimal("12.345")
+        )
+        for i, symbol in enumerate(SYMBOLS[:60])
+    ]
+    feed = BookFeed(settings, book)
+    app = DashboardApp(settings, feed=feed, tz=UTC, code_roots=[])
+    async with app.run_test(size=(160, 40)) as pilot:
+        table = app.query_one(PositionsTable)
+        await wait_for(pilot, lambda: table.row_count == 60, "the positions shown")
+        for width in [*range(98, 116), 149, 150, 151, 159]:
+            await pilot.resize_terminal(width, 40)
+            await pilot.pause()
+            lines = screen_text(app).splitlines()
+            row = next(line for line in lines if f" {SYMBOLS[0]} " in line)
+            header = next(line for line in lines if " Symbol " in line)
+            for label, whole in (("Qty", "1001"), ("Entry", "12.345")):
+                if f" {label}" in header:
+                    assert f" {whole}" in row, (width, label, row)

@@ -54,7 +54,10 @@ COLUMNS = (  # what decides an action first
 )
 # Below NARROW_BELOW columns (80×24) every column shown is shown whole: side and the trailing state are
 # abbreviated, entry and quantity are left to the detail view (Enter), rather than cutting Mark and the rest.
-NARROW_BELOW = 100
+# The wide layout needs its columns, a cell's padding either side of each, the border and a vertical scrollbar
+# (a fixed 100 cut the last column between 100 and 111: a quantity of 1001 read "100").
+CELL_PADDING = 1  # DataTable's default, either side of a cell
+NARROW_BELOW = sum(width + 2 * CELL_PADDING for _, _, width in COLUMNS) + 2 + 2
 NARROW_COLUMNS = (
     ("flag", " ", 1),
     ("symbol", "Symbol", 12),
