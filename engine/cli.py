@@ -1252,7 +1252,12 @@ def _report_text(report: history.ShiftReport, loaded: LoadedConfig) -> str:
     if report.coverage_pct is None:
         coverage = "n/a (no sample with active positions)"
     else:
-        coverage = f"{report.coverage_pct} % time-weighted (lowest {report.lowest_coverage_pct} %)"
+        # Said with the figure: a position inside its grace period is no uncovered span, yet counts as not
+        # covered here (an operator read "lowest 57.1 %" beside "uncovered 0 s" as a contradiction).
+        coverage = (
+            f"{report.coverage_pct} % time-weighted (lowest {report.lowest_coverage_pct} %, "
+            "inside grace counted as not covered)"
+        )
     lines.append(f"coverage:             {coverage}, {report.measured_seconds} s measured")
     lines.append(f"closes:               {sum(report.closes.values())}")
     lines += [f"  {reason:<19} {n}" for reason, n in report.closes.items()]

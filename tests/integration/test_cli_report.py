@@ -205,7 +205,8 @@ async def test_the_shift_report_adds_up_the_seeded_history(
         "  server_error        3",
         "  rejected            0",
         "uncovered:            2265.500 s (37m45s) in 3 spans",
-        "coverage:             83.3 % time-weighted (lowest 50.0 %), 2430.000 s measured",
+        "coverage:             83.3 % time-weighted (lowest 50.0 %, inside grace counted as not covered), "
+        "2430.000 s measured",
         "closes:               4",
         "  stop_loss           2",
         "  trailing_stop       1",

@@ -9,11 +9,14 @@ from collections.abc import Callable
 from datetime import UTC
 from decimal import Decimal
 
+import pytest
+
 from engine.venues.sim.universe import UNIVERSE
 from tests.tui.book import BookFeed, ScreenScopedBookFeed, book_position
 from tests.tui.scenario import scenario_settings
 from tests.tui.snapshots import svg_to_text
 from tui.app import DashboardApp
+from tui.widgets.coverage import CoverageGauge, CoverageTrend
 from tui.widgets.positions import ROWS_FORMATTED_AT_ONCE, PositionsTable
 
 SYMBOLS = sorted(UNIVERSE)
@@ -423,3 +426,28 @@ async def test_every_column_shown_is_shown_whole_at_every_width() -> None:
             for label, whole in (("Qty", "1001"), ("Entry", "12.345")):
                 if f" {label}" in header:
                     assert f" {whole}" in row, (width, label, row)
+
+
+@pytest.mark.parametrize(
+    ("uncovered_for", "kind", "subtitle"),
+    [(1.0, "protecting", "last hour, low 14.3% (protecting)"), (90.0, "critical", "last hour, low 14.3%")],
+    ids=["inside-grace", "past-grace"],
+)
+async def test_the_trend_alarms_only_when_a_position_is_uncovered_past_its_grace(
+    uncovered_for: float, kind: str, subtitle: str
+) -> None:
+    """A wave's positions have no stops for their first round trip: coverage reads 14.3 % (1 of 7) with
+    nothing uncovered (the health panel: "0 uncovered", the digits: protecting). The trend drew that in
+    the critical colour and the gauge said "low 14.3%": an alarm with no cause, which an operator learns
+    to ignore. It alarms, as the health rule does, only with a position uncovered past its grace."""
+    settings = scenario_settings()
+    book = [book_position(1, SYMBOLS[0])] + [
+        book_position(2 + i, s, uncovered_for=uncovered_for) for i, s in enumerate(SYMBOLS[1:7])
+    ]
+    feed = BookFeed(settings, book)
+    app = DashboardApp(settings, feed=feed, tz=UTC, code_roots=[])
+    async with app.run_test(size=(120, 40)) as pilot:
+        gauge = app.query_one(CoverageGauge)
+        await wait_for(pilot, lambda: gauge.border_subtitle == subtitle, f"the subtitle {subtitle!r}")
+        drawn = [d for d in app.query_one(CoverageTrend).slices() if d is not None]
+        assert drawn == [(14.3, kind)]

@@ -34,49 +34,78 @@ class CoverageTrend(Widget):
     the worst sample in its slice. (Textual's Sparkline scales to the data's own min–max, which would draw
     a steady 100 % as a row of floor bars: the wrong message for this figure.)"""
 
-    COMPONENT_CLASSES: ClassVar[set[str]] = {"trend--full", "trend--short", "trend--critical", "trend--empty"}
+    COMPONENT_CLASSES: ClassVar[set[str]] = {
+        "trend--full",
+        "trend--protecting",
+        "trend--short",
+        "trend--critical",
+        "trend--empty",
+    }
 
     def __init__(self, *, critical_percent: Decimal, id: str | None = None):
         super().__init__(id=id)
         self._critical = float(critical_percent)
-        self._samples: deque[tuple[float, float | None]] = deque()
+        # (when, coverage %, whether a position was uncovered past its grace period then)
+        self._samples: deque[tuple[float, float | None, bool]] = deque()
         self._now = 0.0
 
-    def add_sample(self, at: float, value: Decimal | None) -> bool:
-        """Record one sample (at most one per TREND_SAMPLE_SECONDS); True when it was kept."""
+    def add_sample(self, at: float, value: Decimal | None, *, uncovered: bool = False) -> bool:
+        """Record one sample (at most one per TREND_SAMPLE_SECONDS); True when it was kept. `uncovered`:
+        some position was uncovered past its grace period (else a shortfall is positions still protecting,
+        no alarm: the health rule's and the digits' reading)."""
         if self._samples and at - self._samples[-1][0] < TREND_SAMPLE_SECONDS:
             return False
-        self._samples.append((at, None if value is None else float(value)))
+        self._samples.append((at, None if value is None else float(value), uncovered))
         while self._samples and at - self._samples[0][0] > TREND_WINDOW_SECONDS:
             self._samples.popleft()
         self._now = at
         self.refresh()
         return True
 
-    def lowest(self) -> float | None:
-        values = [v for _, v in self._samples if v is not None]
-        return min(values) if values else None
+    def lowest(self) -> tuple[float, bool] | None:
+        """The lowest coverage of the window, and whether a position was uncovered past grace then."""
+        values = [(v, uncovered) for _, v, uncovered in self._samples if v is not None]
+        return min(values, key=lambda sample: (sample[0], not sample[1])) if values else None
 
-    def render(self) -> Text:
+    def slices(self) -> list[tuple[float, str] | None]:
+        """One per column, oldest first: its lowest sample and how it is drawn (`full`, `protecting`,
+        `short`, `critical`), or None for a column without a sample."""
         width = max(1, self.size.width)
         columns: list[list[float]] = [[] for _ in range(width)]
+        alarms = [False] * width
         slice_seconds = TREND_WINDOW_SECONDS / width
-        for at, value in self._samples:
+        for at, value, uncovered in self._samples:
             if value is None:
                 continue
             age = self._now - at
             index = width - 1 - int(age // slice_seconds)
             if 0 <= index < width:
                 columns[index].append(value)
-        text = Text()
-        empty = component_style(self, "trend--empty") or ""  # plain for a frame before styles apply
-        for values in columns:
+                alarms[index] = alarms[index] or uncovered
+        drawn: list[tuple[float, str] | None] = []
+        for values, alarm in zip(columns, alarms, strict=True):
             if not values:
-                text.append("·", empty)
+                drawn.append(None)
                 continue
             low = min(values)
+            if low >= 100:
+                kind = "full"
+            elif not alarm:  # short only by positions inside their grace period: the wave's own stops
+                kind = "protecting"
+            else:
+                kind = "critical" if low < self._critical else "short"
+            drawn.append((low, kind))
+        return drawn
+
+    def render(self) -> Text:
+        text = Text()
+        empty = component_style(self, "trend--empty") or ""  # plain for a frame before styles apply
+        for drawn in self.slices():
+            if drawn is None:
+                text.append("·", empty)
+                continue
+            low, kind = drawn
             bar = BARS[min(len(BARS) - 1, int(low / 100 * (len(BARS) - 1) + 0.5))]
-            kind = "full" if low >= 100 else ("critical" if low < self._critical else "short")
             text.append(bar, component_style(self, f"trend--{kind}") or "")
         return text
 
@@ -112,9 +141,13 @@ class CoverageGauge(Vertical):
         figures = snapshot.coverage
         trend = self._trend
         worst = _worst(figures.ts_coverage_pct, figures.sl_coverage_pct)
-        if trend.add_sample(snapshot.taken_at, worst):
+        if trend.add_sample(snapshot.taken_at, worst, uncovered=figures.uncovered > 0):
             low = trend.lowest()
-            self.border_subtitle = "last hour" + ("" if low is None else f", low {low:.1f}%")
+            self.border_subtitle = "last hour" + (
+                ""
+                if low is None
+                else f", low {low[0]:.1f}%" + ("" if low[1] or low[0] >= 100 else " (protecting)")
+            )
         if figures == self._last:
             return
         self._last = figures
