@@ -776,10 +776,6 @@ class Engine:
         another engine trades this account (nothing is touched then)."""
         self._set_state(EngineState.STARTING)
         self.started_at = self.clock.now()
-        if self.metrics_server is not None:  # first: a port in use stops the start before anything is touched
-            await self.metrics_server.bind()
-            self._supervisor.start("metrics", self.metrics_server.serve)
-            self._supervisor.start("metrics-failures", self.metrics_server.count_failures)
         db = self.settings.database
         password = db.password.get_secret_value() if db.password else None
         try:
@@ -797,6 +793,12 @@ class Engine:
             raise
         try:
             self._lease = await self._acquire_lease(LeasePhase.STARTING)
+            # The metrics port after the lease: a second engine on this account (whose port the first one
+            # holds) is told who trades it, not that the port is taken. Before anything else is touched.
+            if self.metrics_server is not None:
+                await self.metrics_server.bind()
+                self._supervisor.start("metrics", self.metrics_server.serve)
+                self._supervisor.start("metrics-failures", self.metrics_server.count_failures)
             self._keep_heard(LeasePhase.STARTING)
             self.store = ResilientStore(self._db.pool, self.account_key)
             self._token = await self.store.installation_token()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from engine.metrics_server import MetricsUnavailable
 from engine.venues.sim.settings import CallKind, FaultKind
 from storage.database import Database
 from storage.embedded import EmbeddedPostgres
+from storage.lease import LeaseHeld
 from tests.integration.engine_support import make_engine
 from tests.integration.test_database_outage import COVERED_BEFORE, owned_server  # noqa: F401  (fixture)
 from tests.integration.test_database_outage import _open as open_one
@@ -355,3 +357,34 @@ async def test_a_frozen_database_shows_as_down_with_its_journal_and_scrapes_stil
         if stopped is not None:
             resume(stopped)
         await drive(clock, engine.stop())
+
+
+async def test_a_second_engine_on_the_account_is_told_who_holds_it_not_that_the_port_is_taken(
+    db: Database,
+) -> None:
+    """With metrics on, a second engine on the same configuration (a second `tsbot-tui` in another tmux
+    window) met the first one's metrics port before its lease and said only "metrics: cannot listen on
+    127.0.0.1:…: the address is already in use": no word of the engine trading the account, no offer to
+    watch it read-only. The lease is asked first; the holder is named."""
+    clock = ManualClock()
+    free = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()
+    on_one_port = {"METRICS__ENABLED": "true", "METRICS__PORT": str(port)}
+    first = make_engine(settings_for(db, on_one_port), clock)
+    second = make_engine(settings_for(db, on_one_port), clock)
+    await drive(clock, first.start())
+    try:
+        with pytest.raises(LeaseHeld) as held:
+            await drive(clock, second.start())
+        assert held.value.holder is not None
+        assert held.value.holder.pid == os.getpid()
+        # The first one's endpoint is untouched: it still answers with its own figures.
+        figures = await scrape(first)
+        assert (
+            value(figures, "tsbot_engine_info", account="default", mode="SIM", venue="sim", version="test")
+            == 1
+        )
+    finally:
+        await drive(clock, first.stop())
