@@ -489,3 +489,27 @@ async def test_a_watchs_log_misses_no_event_of_a_burst_nor_one_recorded_late(db:
     finally:
         await feed.stop()
     assert [r.detail for r in rows] == [f"failure {i}" for i in range(300)] + ["replayed"]
+
+
+async def test_a_watch_says_whether_the_engine_it_watches_takes_entries(db: Database) -> None:
+    """The read-only header left the entries state out: a pause (the operator's, or the breaker's when
+    protection fails) was invisible to whoever watched, while the trader's screen and `tsbot status` said
+    ENTRIES PAUSED; and `e` there toggled blind. It says what the account's record says."""
+    settings = tui_settings(db)
+    clock = ManualClock()
+    trader = make_engine(settings, clock)
+    await drive(clock, trader.start())
+    try:
+        async with dashboard(settings, engine=make_engine(settings, clock)) as board:
+            board.app.read_only_poll_seconds = 0.05
+            await board.until(lambda: isinstance(board.app.screen, LeaseHeldScreen), "lease refusal shown")
+            await board.press("o")
+            await board.until(lambda: "entries on" in board.status_text(), "entries on, watched")
+            trader.pause_entries(by="breaker", reason="coverage 42.0 % below 95 %")
+            await board.until(
+                lambda: "ENTRIES PAUSED (breaker)" in board.status_text(), "the breaker's pause, watched"
+            )
+            await board.press("q")
+            await board.until(lambda: not board.app.is_running, "app exited")
+    finally:
+        await drive(clock, trader.stop())

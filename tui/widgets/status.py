@@ -40,7 +40,9 @@ class StatusBar(Horizontal):
         if watching is not None:
             state = f"read-only · {watching}"
         entries = ""
-        if watching is None:
+        # Watching, the account's record says it (a pause, the breaker's too, is persisted), once read.
+        known = watching is None or bool(snapshot.taken_at)
+        if known:
             entries = "entries on"
             if snapshot.entries_paused:
                 by = snapshot.entries_paused_by
@@ -56,7 +58,7 @@ class StatusBar(Horizontal):
         self._set(
             "engine-clock", formatting.clock_time(snapshot.taken_at, self._tz) if snapshot.taken_at else ""
         )
-        self._labels["entries"].set_class(snapshot.entries_paused and watching is None, "-paused")
+        self._labels["entries"].set_class(snapshot.entries_paused and known, "-paused")
         self._labels["engine-state"].set_class(state != "running", "-not-running")
 
     def _set(self, widget_id: str, text: str) -> None:
