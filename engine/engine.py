@@ -358,6 +358,7 @@ _RestoreRecords = tuple[
     dict[int, list[OrderRecord]],
     dict[int, list[str]],
     dict[int, TrailingStateRecord],
+    dict[str, list[str]],  # stops that may be live on closed positions, by symbol
 ]
 
 
@@ -1269,7 +1270,7 @@ class Engine:
         assert self.store is not None and self.order_budget is not None
         # The database first: a manager installed before a read that failed had no guard, and its reconciler
         # cancelled every stop of ours as an orphan (a restart while the database was down).
-        positions, orders_by_position, ids_by_position, trails = await self._restore_records(
+        positions, orders_by_position, ids_by_position, trails, closed_stops = await self._restore_records(
             restart=handover is not None
         )
         previous = self.manager if handover is not None else None
@@ -1301,6 +1302,13 @@ class Engine:
         # are gone their symbols take no new position (an old stop would act on the new position).
         for symbol, orders in (unfinished_cancels or {}).items():
             self.manager.sweep_leftovers(symbol, orders, at_once=True)
+        # And those the records say may be live on closed positions: a new process knew nothing of the last
+        # one's, and a fired stop still TRIGGERING is in no list of open orders (its fill, reduce-only, cut
+        # the next position on its symbol). Asked for by id: one gone is marked so and frees its symbol.
+        for symbol, cids in closed_stops.items():
+            known = (unfinished_cancels or {}).get(symbol, {})
+            if fresh := {cid: None for cid in cids if cid not in known}:
+                self.manager.sweep_leftovers(symbol, fresh, at_once=True)
         self.reconciler = Reconciler(
             manager=self.manager,
             venue=self.venue,
@@ -1390,6 +1398,7 @@ class Engine:
                 store.live_orders_of_open_positions(),
                 store.order_ids_of_open_positions(),
                 store.trailing_states_of_open_positions(),
+                store.live_stops_of_closed_positions(),
                 return_exceptions=True,
             )
             failure = next((a for a in answers if isinstance(a, BaseException)), None)

@@ -885,6 +885,29 @@ class Store:
             orders.setdefault(row["position_id"], []).append(_order(row))
         return orders
 
+    async def live_stops_of_closed_positions(self, within_hours: float = 24.0) -> dict[str, list[str]]:
+        """For restart: our stops the records say may still be live (`pending`, `open`, `unknown` — a fired
+        stop not finished is `unknown`) on positions ended in the last `within_hours`, by symbol. The last
+        run was cancelling them (or waiting for a fired one to end) when it stopped; the venue's open orders
+        do not list a fired stop still TRIGGERING, so nothing else tells the next start of it."""
+        rows = await self._pool.fetch(
+            """
+            SELECT p.symbol, o.client_order_id FROM monitoring.orders o
+            JOIN monitoring.positions p ON p.id = o.position_id
+            WHERE o.status IN ('pending', 'open', 'unknown') AND o.purpose IN ('stop_loss', 'trailing_stop')
+              AND p.status = ANY($1::text[]) AND p.account = $2
+              AND coalesce(p.closed_at, o.updated_at) > now() - make_interval(secs => $3)
+            ORDER BY o.id
+            """,
+            TERMINAL_STATUSES,
+            self.account,
+            within_hours * 3600.0,
+        )
+        found: dict[str, list[str]] = {}
+        for row in rows:
+            found.setdefault(row["symbol"], []).append(row["client_order_id"])
+        return found
+
     async def entries_not_filled(self) -> dict[int, OrderRecord]:
         """The entry order of each position sent and not filled as far as the records go (`entry_placed`),
         whatever the order's own status: one written `filled` by an engine killed before the fill's price

@@ -394,3 +394,39 @@ async def test_a_new_position_waits_until_the_old_positions_fired_stop_has_finis
         assert held == rows[-1]["quantity"], "the old stop's fill reduced the new position"
     finally:
         await run.stop()
+
+
+async def test_a_fired_stop_still_triggering_at_a_restart_keeps_its_symbol_closed_after_it(
+    db: Database,
+) -> None:
+    """The same as above across a restart. The engine kept the fired stop it waited for in memory only: a
+    new process started with the old position's stop still TRIGGERING (the venue's open orders leave such
+    a stop out, so the start-up's orphan pass never saw it), took the next signal on the symbol at once,
+    and the old stop's fill, reduce-only, then cut the new position. The next start reads the stops its
+    records say may still be live on closed positions, and the symbol waits for the venue to end them."""
+    settings = chaos_settings(db)
+    run = ChaosRun(db, settings)
+    await run.start()
+    try:
+        await past_the_start_up_window(run)
+        symbol = await run.one_protected_position(sides=["long"])
+        run.venue.set_trigger_delay(40.0, symbol=symbol)
+        await fire_hard_stop(run, symbol)
+        await run.until(lambda: symbol not in run.held(), limit=10, what="closed at market")
+        run.venue.set_trigger_delay(None, symbol=symbol)
+        await run.restart_engine()
+        assert run.venue.core.inspect(run.clock.now()).triggering, "the old stop is still TRIGGERING"
+        await run.wave(1, symbols=[symbol], sides=["long"])  # at once after the start, the same side
+        await run.run_for(45.0)
+        await run.wave(1, symbols=[symbol], sides=["long"])  # in case the first was turned away meanwhile
+        await run.until(lambda: symbol in run.held() and run.converged(), limit=20, what="re-opened")
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)  # no quantity or duplicate rule broken on the way
+        rows = await db.pool.fetch(
+            "SELECT quantity, exit_reason FROM monitoring.positions WHERE symbol = $1 ORDER BY id", symbol
+        )
+        assert [r["exit_reason"] for r in rows][:1] == ["stop_not_filled"]
+        held = run.held()[symbol].quantity
+        assert held == rows[-1]["quantity"], "the old stop's fill reduced the new position"
+    finally:
+        await run.stop()
