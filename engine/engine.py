@@ -1532,6 +1532,8 @@ class Engine:
                 await self.store.set_order_status(
                     order.client_order_id, OrderRecordStatus.FILLED, exchange_order_id=order.venue_order_id
                 )
+            # The venue holds a position on the symbol, the entry's record its own now: opened.
+            await self._signal_settled(position, position, None)
             self._in_doubt.pop(doubt.symbol, None)
             log.info(
                 "position %s %s: its entry from before the restart is settled; guarded",
@@ -1564,19 +1566,34 @@ class Engine:
             await self.store.set_position_status(
                 position.id, PositionStatus.FAILED, exit_reason="entry not placed"
             )
+            await self._signal_settled(position, None, "entry not placed")
             return None
         if order.filled_quantity > 0 and order.average_price is not None:
             # Filled, or ended part-filled (the rest cancelled or expired): a position of what filled.
             await self.store.set_order_status(
                 order.client_order_id, OrderRecordStatus.FILLED, exchange_order_id=order.venue_order_id
             )
-            return await self.store.record_fill(
+            filled = await self.store.record_fill(
                 position.id, order.filled_quantity, order.average_price, filled_at=_utc(order.updated_at)
             )
+            await self._signal_settled(position, filled, None)
+            return filled
         await self.store.set_position_status(
             position.id, PositionStatus.FAILED, exit_reason=f"entry {order.status.value}"
         )
+        await self._signal_settled(position, None, f"entry {order.status.value}")
         return None
+
+    async def _signal_settled(
+        self, position: PositionRecord, filled: PositionRecord | None, reason: str | None
+    ) -> None:
+        """The signal of an entry from before a restart, said as it went once the venue settled the entry
+        (the start-up leaves it `taken` while the entry is in flight)."""
+        assert self.store is not None
+        if position.signal_id is None:
+            return
+        status = SignalStatus.OPENED if filled is not None else SignalStatus.REJECTED
+        await self.store.finish_signal(position.signal_id, status, reason, wave_id=position.wave_id)
 
     async def _adopt(self, venue_position: VenuePosition, held: Sequence[VenuePosition]) -> None:
         """Guard a position the venue holds (`held`: all it holds on the symbol, read alone) that no guard

@@ -1020,23 +1020,45 @@ class Store:
     async def expire_claimed_signals(
         self, *, claimed_by: str | None = None, older_than_seconds: float | None = None
     ) -> int:
-        """Expire signals left 'taken': those `claimed_by` an engine (its earlier run died holding them), or
-        claimed longer ago than `older_than_seconds` by anyone. Returns how many."""
-        result = await self._pool.execute(
+        """Settle signals left 'taken': those `claimed_by` an engine (its earlier run died holding them), or
+        claimed longer ago than `older_than_seconds` by anyone. One that never got a position is expired,
+        with the reason; one whose position has ended is said as it went (`opened` if its entry filled,
+        else `rejected` with the position's exit reason); one whose position is still open or in flight is
+        left to the engine settling that entry. Returns how many were expired."""
+        rows = await self._pool.fetch(
             """
-            UPDATE monitoring.signals
-            SET status = 'expired',
-                reason = 'claimed by an engine that stopped before handling it (claimed '
-                         || to_char(claimed_at, 'YYYY-MM-DD HH24:MI:SS') || ')'
-            WHERE status = 'taken'
-              AND (($1::text IS NOT NULL AND claimed_by = $1)
-                   OR ($2::float8 IS NOT NULL AND claimed_at < now() - make_interval(secs => $2))
-                   OR claimed_at IS NULL AND $2::float8 IS NOT NULL)
+            WITH left_taken AS (
+                SELECT s.id, s.claimed_at, p.status AS position_status, p.entry_price, p.exit_reason
+                FROM monitoring.signals s
+                LEFT JOIN LATERAL (
+                    SELECT status, entry_price, exit_reason FROM monitoring.positions
+                    WHERE signal_id = s.id ORDER BY id DESC LIMIT 1
+                ) p ON true
+                WHERE s.status = 'taken'
+                  AND (($1::text IS NOT NULL AND s.claimed_by = $1)
+                       OR ($2::float8 IS NOT NULL AND s.claimed_at < now() - make_interval(secs => $2))
+                       OR s.claimed_at IS NULL AND $2::float8 IS NOT NULL)
+            )
+            UPDATE monitoring.signals s
+            SET status = CASE
+                    WHEN t.position_status IS NULL THEN 'expired'
+                    WHEN t.entry_price IS NOT NULL THEN 'opened'
+                    ELSE 'rejected' END,
+                reason = CASE
+                    WHEN t.position_status IS NULL THEN
+                        'claimed by an engine that stopped before handling it (claimed '
+                        || to_char(t.claimed_at, 'YYYY-MM-DD HH24:MI:SS') || ')'
+                    WHEN t.entry_price IS NOT NULL THEN NULL
+                    ELSE coalesce(t.exit_reason, 'entry failed') END
+            FROM left_taken t
+            WHERE s.id = t.id AND (t.position_status IS NULL OR t.position_status = ANY($3::text[]))
+            RETURNING s.status
             """,
             claimed_by,
             older_than_seconds,
+            TERMINAL_STATUSES,
         )
-        return int(result.split()[-1])
+        return sum(1 for row in rows if row["status"] == SignalStatus.EXPIRED.value)
 
     async def finish_signal(
         self, signal_id: int, status: SignalStatus, reason: str | None = None, *, wave_id: int | None = None

@@ -244,6 +244,12 @@ async def test_an_entry_still_in_doubt_at_a_stop_is_said_and_settled_by_the_next
         )
         await drive_until(clock, lambda: second.coverage().protected == 1, what="counted protected")
         assert second.coverage().active == 1
+        # Its signal opened a position: not "expired, claimed by an engine that stopped before handling it"
+        # (the next start expired every signal its last run had claimed, settled or not).
+        signal = await db.pool.fetchrow(
+            "SELECT status, reason FROM monitoring.signals WHERE symbol = $1", SYMBOL
+        )
+        assert (signal["status"], signal["reason"]) == ("opened", None)
     finally:
         await drive(clock, second.stop())
 

@@ -694,3 +694,49 @@ async def test_an_engine_whose_account_another_took_leaves_the_new_holders_rows_
         if other is not None:
             await other.release()
         await drive(clock, engine.stop())
+
+
+async def test_a_claimed_signal_left_taken_is_said_as_its_position_went(db: Database) -> None:
+    """An engine that died after its entry's position was recorded, before its signal was: the next start
+    expired the signal as "claimed by an engine that stopped before handling it" even when it had opened a
+    position (the shift's history then said the signal never traded). A signal left taken is now said as
+    its position went; one whose entry is still being settled is left to that; one with no position is
+    expired, with the reason."""
+    from decimal import Decimal
+
+    from storage.repositories import PositionStatus
+
+    store = Store(db.pool)
+    await store.insert_signals(
+        [(symbol, "long", None, None) for symbol in ("SFPUSDT", "ALLUSDT", "ETCUSDT", "BTCUSDT")]
+    )
+    opened, failed, in_flight, untouched = await store.claim_new_signals(limit=4, claimed_by="sim:default")
+
+    async def position(signal_id: int, symbol: str):  # type: ignore[no-untyped-def]
+        return await store.create_position(
+            symbol=symbol, exchange="sim", side="long", quantity=Decimal(1), signal_id=signal_id
+        )
+
+    closed = await position(opened.id, opened.symbol)
+    await store.record_fill(closed.id, Decimal(1), Decimal("1.5"))
+    await store.close_position(closed.id, exit_reason="stop_loss", realized_pnl=Decimal("-0.1"))
+    refused = await position(failed.id, failed.symbol)
+    await store.set_position_status(refused.id, PositionStatus.FAILED, exit_reason="entry rejected -2019")
+    await position(in_flight.id, in_flight.symbol)  # pending_entry: its engine settles it
+
+    assert await store.expire_claimed_signals(claimed_by="sim:default") == 1
+    said = {
+        s.id: (s.status, s.reason)
+        for s in [await store.signal(x.id) for x in (opened, failed, in_flight)]
+        if s
+    }
+    assert said == {
+        opened.id: (SignalStatus.OPENED, None),
+        failed.id: (SignalStatus.REJECTED, "entry rejected -2019"),
+        in_flight.id: (SignalStatus.TAKEN, None),
+    }
+    expired = await store.signal(untouched.id)
+    assert expired is not None
+    assert expired.status is SignalStatus.EXPIRED
+    assert expired.reason is not None
+    assert expired.reason.startswith("claimed by an engine that stopped before handling it")
