@@ -116,9 +116,10 @@ async def test_coverage_is_sampled_on_its_cadence_and_says_when_a_position_was_u
         engine.venue.core.cancel_order(guard.symbol, guard.stop_loss.client_order_id, clock.now())
         await drive_until(clock, lambda: not guard.covered, what="the loss seen")
         await _wait(clock, 30)
-        stopped_sampling = clock.now()
     finally:
+        # (The stop waits, up to the call budget, for the position to have its stop again: it samples on.)
         await drive(clock, engine.stop())
+    stopped_sampling = clock.now()
 
     samples = await _samples(db)
     times = [s["at"].timestamp() for s in samples]
