@@ -327,6 +327,9 @@ class EngineSnapshot:
     # position (id, symbol, covered). `positions` holds a view of every one of them, or, from
     # `snapshot(views_of=…)`, of those the selector asked for.
     rows: tuple[PositionCoverage, ...] = ()
+    # Entries sent whose answer is still on its way (not yet positions, nor in doubt): a stop waits for them
+    # and protects what fills.
+    entries_sending: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -2976,6 +2979,7 @@ class Engine:
             waves=tuple(self._waves),
             taken_at=self.clock.now(),
             rows=rows,
+            entries_sending=len(self._sending.keys() - self._refused_waiting),
         )
 
     def coverage(self) -> CoverageFigures:

@@ -832,12 +832,25 @@ class DashboardApp(App[int]):
     def action_toggle_dark_light(self) -> None:
         self.theme = "textual-light" if self.current_theme.dark else "textual-dark"
 
+    def action_help_quit(self) -> None:
+        """Ctrl+C does not quit (Textual's choice, and an operator's reflex): say which keys do. Textual's own
+        notice is written in markup, which this app's notices show as typed ("Press [b]ctrl+q[/b]")."""
+        keys = sorted(
+            {
+                key
+                for key, active in self.active_bindings.items()
+                if active.binding.action in ("quit", "app.quit")
+            }
+        )
+        if keys:
+            self.notify(f"Press {' or '.join(keys)} to quit", title="Do you want to quit?")
+
     async def action_quit(self) -> None:
         """Quit: the engine stops taking signals; every exchange stop stays in place."""
         if self.stopping:
             return
         snapshot = self.feed.snapshot()
-        if self.feed.read_only or not snapshot.positions:
+        if self.feed.read_only or not (snapshot.positions or snapshot.entries_sending):
             self.shutdown()
             return
         self.push_screen(
@@ -992,6 +1005,13 @@ def quit_warning(snapshot: EngineSnapshot) -> str:
             f"WARNING: {unconfirmed} {'position is' if unconfirmed == 1 else 'positions are'} UNCOVERED "
             f"right now{grace}. The engine tries to protect them before it stops (within the call budget); "
             "any it cannot stays UNCOVERED."
+        )
+    if snapshot.entries_sending:
+        n = snapshot.entries_sending
+        lines.append(
+            f"{n} {'entry is' if n == 1 else 'entries are'} on {'its' if n == 1 else 'their'} way to the venue: "
+            "the engine waits for the answers and protects what fills before it stops (the exit line counts "
+            "them); no other entry is sent."
         )
     lines.append(
         f"Managed trailing stops ({managed} now) stop moving until the engine is restarted; "

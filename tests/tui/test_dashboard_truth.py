@@ -513,3 +513,28 @@ async def test_a_watch_says_whether_the_engine_it_watches_takes_entries(db: Data
             await board.until(lambda: not board.app.is_running, "app exited")
     finally:
         await drive(clock, trader.stop())
+
+
+async def test_the_quit_dialog_says_entries_on_their_way(db: Database) -> None:
+    """On a slow venue, `q` right after a wave was sent: the dialog counted the open positions only ("1 of
+    1 … keep their stops") while three entries were on their way, which the stop then waited for and
+    protected; the exit line said 4 open positions. The dialog says them."""
+    settings = tui_settings(
+        db,
+        {
+            "VENUE__SIM__LATENCY__BY_CALL__CREATE_ORDER__SECONDS": "6",
+            "PROTECTION__CALL_TIMEOUT_SECONDS": "10",
+        },
+    )
+    async with dashboard(settings) as board:
+        await started(board)
+        await board.open_positions([SYMBOLS[60]])
+        await board.until(lambda: board.engine.snapshot().coverage.protected == 1, "1 covered")
+        assert board.engine.store is not None
+        await board.engine.store.insert_signals([(s, "long", None, None) for s in SYMBOLS[61:64]])
+        await board.until(lambda: board.engine.snapshot().entries_sending == 3, "3 entries on their way")
+        await board.press("q")
+        body = board.confirm_body()
+        assert "1 of 1 open positions keep their stops on the exchange" in body
+        assert "3 entries are on their way to the venue" in body
+        await board.press("n")

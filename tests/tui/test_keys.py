@@ -397,3 +397,19 @@ async def test_the_close_dialog_says_so_when_its_position_closed_while_it_was_op
             "told nothing was closed",
         )
         assert not any("did not confirm the close" in d for d in board.log_details())
+
+
+async def test_ctrl_c_says_in_plain_words_which_keys_quit(db: Database) -> None:
+    """Ctrl+C does not quit; Textual's notice saying so is markup, which this app's notices (and the log
+    panel, which keeps them) showed as typed: "Do you want to quit?: Press [b]ctrl+q[/b] to quit the app"."""
+    settings = tui_settings(db)
+    async with dashboard(settings) as board:
+        await started(board)
+        await board.press("ctrl+c")
+        await board.until(
+            lambda: any("Do you want to quit?" in e.detail for e in board.log.shown_entries()),
+            "the notice kept",
+        )
+        said = next(e.detail for e in board.log.shown_entries() if "Do you want to quit?" in e.detail)
+        assert said == "Do you want to quit?: Press ctrl+q or q to quit"
+        assert board.app.is_running
