@@ -2732,7 +2732,14 @@ class Engine:
             slowest_protection_ms=slowest_ms,
         )
         view = WaveView(wave_id, started, signals, opened_count, len(protected), failed, slowest_ms)
-        self._waves.appendleft(view)
+        # Newest first by when each began: a wave whose protection finishes after the next one began is
+        # kept in its place (kept in finishing order, the panel read 06:22:34, 06:21:54, 06:22:14).
+        waves = self._waves
+        newer = sum(1 for w in waves if w.started_at > started)
+        if newer < len(waves) or len(waves) < (waves.maxlen or 0):  # (else older than every one kept)
+            if len(waves) == waves.maxlen:
+                waves.pop()  # the oldest goes
+            waves.insert(newer, view)
         self.events_bus.publish(
             WaveFinished(
                 at=self.clock.now(),

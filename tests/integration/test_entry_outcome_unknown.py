@@ -832,3 +832,31 @@ async def test_an_adopted_entrys_own_unfilled_answer_leaves_the_adopted_position
         assert _our_stops(venue, clock, SYMBOL) == ["sl", "ts"]
     finally:
         await drive(clock, engine.stop())
+
+
+async def test_waves_are_listed_newest_first_by_when_they_began(db: Database) -> None:
+    """The waves panel listed waves in the order they finished: one whose entry stayed in doubt finished
+    after the next wave, and sat above it (an operator read 06:22:34, 06:21:54, 06:22:14, 06:21:34)."""
+    engine, venue, clock = _engine(
+        db, {"PROTECTION__GRACE_SECONDS": "5", "PROTECTION__BREAKER__UNCOVERED_FACTOR": "1000"}
+    )
+    await drive(clock, engine.start())
+    try:
+        assert engine.store is not None
+        _lose_the_entry(venue)  # the first wave's entry: in doubt until the faults are cleared
+        await engine.store.insert_signals([(SYMBOL, "long", None, None)])
+        await drive_until(clock, lambda: engine.entries_in_doubt() != [], limit=60, what="one in doubt")
+        await engine.store.insert_signals([(SYMBOLS[35], "long", None, None)])  # the next wave
+        await drive_until(
+            clock, lambda: len(engine.snapshot().waves) == 1, limit=60, what="the next wave's end"
+        )
+        venue.clear_injected_faults()
+        venue.answer_positions_empty(100_000)
+        await drive_until(
+            clock, lambda: len(engine.snapshot().waves) == 2, limit=200, what="the first wave's end"
+        )
+        waves = engine.snapshot().waves
+        assert waves[0].started_at > waves[1].started_at
+        assert waves[0].wave_id > waves[1].wave_id
+    finally:
+        await drive(clock, engine.stop())
