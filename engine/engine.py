@@ -721,6 +721,7 @@ class Engine:
         self._streamed_entries: dict[str, Order] = {}
         self._settlers: set[asyncio.Task[None]] = set()
         self._waves: deque[WaveView] = deque(maxlen=50)
+        self._lease_since: datetime | None = None  # when this engine first took the account's lease
         self._wave_tasks: set[asyncio.Task[None]] = set()
         self._health: tuple[health.ComponentHealth, ...] = ()
         self._call_stats = CallStats()
@@ -1985,7 +1986,7 @@ class Engine:
     async def _acquire_lease(self, phase: LeasePhase = LeasePhase.RUNNING) -> EngineLease:
         assert self._db is not None
         db = self.settings.database
-        return await EngineLease.acquire(
+        lease = await EngineLease.acquire(
             self._db.target.dsn,
             self.exchange_name,
             self.account_key,
@@ -1993,7 +1994,12 @@ class Engine:
             db.password.get_secret_value() if db.password else None,
             label=self.settings.venue.account,
             phase=phase,
+            # Taken again (lost to a database restart): `tsbot status` kept saying the holder started then.
+            since=self._lease_since,
         )
+        if self._lease_since is None:
+            self._lease_since = lease.started_at
+        return lease
 
     # --- waves ---------------------------------------------------------------------------------------
 

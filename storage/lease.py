@@ -100,6 +100,7 @@ class EngineLease:
         # before this one recorded itself: where an engine that died without stopping stopped looking.
         self.previous_heard_at: datetime | None = None
         self._hand_over = False  # `handed_over`: the next heartbeat clears the row's previous holder
+        self.started_at: datetime | None = None  # when this holder took the lease first (the row says it)
 
     @classmethod
     async def acquire(
@@ -111,7 +112,10 @@ class EngineLease:
         password: str | None = None,
         label: str | None = None,
         phase: LeasePhase = LeasePhase.RUNNING,
+        since: datetime | None = None,
     ) -> EngineLease:
+        """`since`: when this holder first took the lease (an engine taking it again after losing it, a
+        database restart, say: readers keep its start, not the moment it was taken again)."""
         conn = await asyncpg.connect(dsn, password=password, timeout=LEASE_TIMEOUT_SECONDS)
         key = lease_key(venue, account)
         try:
@@ -141,15 +145,16 @@ class EngineLease:
                     previous = (
                         None if before is None else before["previous_heard_at"] or before["heartbeat_at"]
                     )
-                    await conn.execute(
+                    started_at = await conn.fetchval(
                         """
                         INSERT INTO monitoring.engine_leases
-                            (venue, account, pid, host, version, label, phase, previous_heard_at)
-                        VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                            (venue, account, pid, host, version, label, phase, previous_heard_at, started_at)
+                        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, COALESCE($9, now()))
                         ON CONFLICT (venue, account) DO UPDATE
                         SET pid = EXCLUDED.pid, host = EXCLUDED.host, version = EXCLUDED.version,
-                            label = EXCLUDED.label, started_at = now(), heartbeat_at = now(),
+                            label = EXCLUDED.label, started_at = EXCLUDED.started_at, heartbeat_at = now(),
                             phase = EXCLUDED.phase, previous_heard_at = EXCLUDED.previous_heard_at
+                        RETURNING started_at
                         """,
                         venue,
                         account,
@@ -159,6 +164,7 @@ class EngineLease:
                         label,
                         phase.value,
                         previous,
+                        since,
                     )
             if not got:
                 raise LeaseHeld(venue, account, holder)
@@ -167,6 +173,7 @@ class EngineLease:
             raise
         lease = cls(conn, venue, account)
         lease.previous_heard_at = previous
+        lease.started_at = started_at
         return lease
 
     def alive(self) -> bool:

@@ -332,8 +332,11 @@ async def test_a_lost_lease_stops_entries_refuses_resume_and_is_taken_again(db: 
                 toggles.append(event)
 
     follower = asyncio.create_task(follow())
+    started = "SELECT started_at FROM monitoring.engine_leases WHERE account = 'sim:default'"
     try:
         assert not engine.entries_paused
+        first_taken = await db.pool.fetchval(started)
+        await asyncio.sleep(0.01)  # the database's clock moves on: a retake dated now() would differ
         await _kill_lease_connection(db, "sim/sim:default")
         # The engine may take the lease again within one step of the clock (a loaded clean-clone run never
         # sampled the pause): what it announced is read instead of sampling its state.
@@ -357,6 +360,9 @@ async def test_a_lost_lease_stops_entries_refuses_resume_and_is_taken_again(db: 
             ),
             what="the retaken lease names no previous holder",
         )
+        # Still the holder that started then: `tsbot status` said "since" the retake, the dashboard's
+        # header the start (seen after an embedded server's restart).
+        assert await db.pool.fetchval(started) == first_taken
     finally:
         follower.cancel()
         await asyncio.gather(follower, return_exceptions=True)
