@@ -44,6 +44,8 @@ class ProtectionRestartRefused(Exception):
 
 T = TypeVar("T")
 
+_LOG_LEVELS = {Severity.INFO: logging.INFO, Severity.WARNING: logging.WARNING, Severity.ERROR: logging.ERROR}
+
 LEFT_RUNNING = "no answer: the engine stopped, or lost its database, while executing it"
 POLL_SECONDS = 1.0  # while LISTEN is down, a command waits at most this long
 LISTENING_POLL_SECONDS = 5.0  # while it is up, the poll is only the safety net
@@ -75,6 +77,16 @@ class CommandOutcome:
     ok: bool
     summary: str
     positions: tuple[PositionOutcome, ...] = ()
+
+    @property
+    def severity(self) -> Severity:
+        """How it is logged and recorded: an operator's command done is no warning (routine commands made
+        the log panel's "18 warnings in the last hour" an operator's own doing); one refused before it
+        acted on anything (no position there, the engine not running) is a warning; one that failed on a
+        position, on the venue's word, an error."""
+        if self.ok:
+            return Severity.INFO
+        return Severity.ERROR if any(not p.ok for p in self.positions) else Severity.WARNING
 
     @property
     def state(self) -> CommandState:
@@ -150,7 +162,7 @@ class CommandRunner:
         await _reachable(self._queue.finish(command.id, outcome.state, outcome.as_json()))
         self.executed += 1
         log.log(
-            logging.WARNING if outcome.ok else logging.ERROR,
+            _LOG_LEVELS[outcome.severity],
             "command #%d %s: %s",
             command.id,
             command.kind.value,
@@ -159,7 +171,7 @@ class CommandRunner:
         store = self._engine.store
         assert store is not None
         await store.record_event(
-            Severity.WARNING if outcome.ok else Severity.ERROR,
+            outcome.severity,
             f"command_{command.kind.value}",
             f"{command.kind.value.replace('_', ' ')} by {who}"
             + (f" ({command.reason})" if command.reason else "")

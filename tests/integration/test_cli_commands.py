@@ -195,10 +195,15 @@ async def test_every_command_steers_a_headless_engine(workdir: tuple[Path, str])
 
             # Every command is in monitoring.events with who asked and why.
             events = await fetch(
-                dsn, "SELECT type, data FROM monitoring.events WHERE type LIKE 'command_%' ORDER BY id"
+                dsn,
+                "SELECT type, severity, data FROM monitoring.events WHERE type LIKE 'command_%' ORDER BY id",
             )
             types = [e["type"] for e in events]
             assert types[:3] == ["command_close", "command_close", "command_entries_pause"]
+            # An operator's command done is no warning, one refused before it acted on anything (the close
+            # of a symbol with no position) no error: routine commands filled the log panel's counters.
+            assert [e["severity"] for e in events[:3]] == ["info", "warning", "info"]
+            assert {e["severity"] for e in events} <= {"info", "warning"}
             assert {"command_entries_resume", "command_protect", "command_restart_protection"} <= set(types)
             assert types[-1] == "command_flatten"
             close_event = (
