@@ -37,7 +37,7 @@ from engine.commands import CommandAnswer, not_taken, send_command
 from engine.config import MAX_SEED, ConfigError, LoadedConfig, load_config
 from engine.config_show import render_config
 from engine.credentials import CredentialsRefused
-from engine.engine import COVERAGE_SAMPLE_SECONDS, Engine
+from engine.engine import COVERAGE_SAMPLE_SECONDS, Engine, StartupReport
 from engine.exchange.errors import ExchangeError, Rejected
 from engine.logs import LogFileError, RedactingFormatter, configure_logging
 from engine.metrics_server import MetricsUnavailable
@@ -418,6 +418,27 @@ async def _insert_signals(loaded: LoadedConfig, signals: list[SignalInput]) -> l
         await database.close()
 
 
+async def _start_unless_stopped(engine: Engine, stop: asyncio.Event) -> StartupReport:
+    """The engine's start, given up when a stop is asked for meanwhile: a start may wait out a venue's ban
+    (hours, on Binance), and SIGTERM, Ctrl-C and a closed terminal were heard only once it had started.
+    A start given up has released everything (the lease, the database); nothing was traded."""
+    starting = asyncio.ensure_future(engine.start())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        if not starting.done():
+            starting.cancel()
+        await asyncio.gather(starting, stopping, return_exceptions=True)
+    if starting.cancelled():
+        raise CommandFailed(
+            "stopped during the start-up, before anything was restored or traded; the positions on the "
+            "venue keep the stops they had (see `tsbot status`)"
+        )
+    return starting.result()
+
+
 def _run(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     if args.duration is not None and not (
         math.isfinite(args.duration) and 0 < args.duration <= MAX_DURATION_SECONDS
@@ -438,7 +459,7 @@ def _run(args: argparse.Namespace, loaded: LoadedConfig) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(signum, stop.set)
         try:
-            report = await engine.start()
+            report = await _start_unless_stopped(engine, stop)
         except LeaseHeld as exc:
             raise CommandFailed(f"{exc}; this engine will not trade (watch it with `tsbot status`)") from None
         except ExchangeError as exc:  # CredentialsRefused is not one: it reaches main() as exit 2

@@ -893,9 +893,11 @@ class Engine:
                     delay = min(delay * 2, float(protection.retry_max_seconds))
                     continue
                 log.warning(
-                    "start-up: the venue bans this account until %s (%s left); %s waiting for its end",
+                    "start-up: the venue refuses us until %s (%s left: %s); %s waits for that end "
+                    "(stop with Ctrl-C or SIGTERM)",
                     datetime.fromtimestamp(exc.until, tz=UTC).strftime("%H:%M:%S UTC"),
                     health.format_duration(left),
+                    exc,  # the venue's own words: a ban, or a 403 that is something else (a region block)
                     what,
                 )
                 await self.clock.sleep(left)

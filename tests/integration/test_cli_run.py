@@ -51,6 +51,17 @@ def _start(*args: str, cwd: Path) -> subprocess.Popen[str]:
     )
 
 
+def _start_with(args: list[str], *, cwd: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [TSBOT, *args],
+        cwd=cwd,
+        env={**_env(), **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("TSBOT_")}
 
@@ -204,3 +215,42 @@ async def test_a_closed_terminal_stops_the_engine_like_sigterm(
         if engine.poll() is None:
             engine.kill()
             engine.wait()
+
+
+async def test_a_start_waiting_out_a_ban_stops_at_sigterm(workdir: Path) -> None:
+    """A start waits out a venue's ban (Bybit's 403 is a 10-minute IP ban, Binance's grow to days): the
+    positions the venue holds are protected at its end. SIGTERM, Ctrl-C and a closed terminal were heard
+    only once the engine had started, so for all that time the process could not be stopped but by
+    SIGKILL, and it held the account's lease. It now gives the start up at once and says so."""
+    keys = {"TSBOT_VENUE__API_KEY": "key", "TSBOT_VENUE__API_SECRET": "secret"}
+    emulator = _start_with(
+        ["sim-exchange", "--venue", "bybit", "--port", "0", "--faults", "market/instruments-info=ban"],
+        cwd=workdir,
+        env=keys,
+    )
+    try:
+        assert emulator.stdout is not None
+        url = emulator.stdout.readline().split(" on ", 1)[1].split(" ", 1)[0]
+        engine = _start_with(
+            ["run"], cwd=workdir, env={**keys, "TSBOT_VENUE__KIND": "bybit", "TSBOT_VENUE__BASE_URL": url}
+        )
+        try:
+            log = workdir / "logs" / "trading_bot.log"
+
+            def waiting_out_the_ban() -> bool:
+                return log.exists() and "the venue refuses us until" in log.read_text()
+
+            await wait_until(waiting_out_the_ban, within=60, what="the start waiting out the ban")
+            engine.send_signal(signal.SIGTERM)
+            out, err = await asyncio.to_thread(engine.communicate, timeout=30)
+        finally:
+            if engine.poll() is None:
+                engine.kill()
+                engine.wait()
+        assert engine.returncode == 1, (out, err)
+        assert err.count("\n") == 1, err
+        assert "stopped during the start-up, before anything was restored or traded" in err
+        assert "Traceback" not in out + err
+    finally:
+        emulator.send_signal(signal.SIGTERM)
+        emulator.communicate(timeout=30)

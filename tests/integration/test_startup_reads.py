@@ -143,7 +143,8 @@ async def test_a_start_during_a_venue_ban_waits_for_its_end_then_protects_what_t
         assert clock.now() >= banned_until
         assert report.adopted == 1
         assert any(
-            "bans" in r.getMessage() and "waiting for its end" in r.getMessage() for r in caplog.records
+            "the venue refuses us until" in r.getMessage() and "banned for repeated" in r.getMessage()
+            for r in caplog.records
         )
 
         def both_stops_on_the_venue() -> bool:
