@@ -1311,6 +1311,10 @@ class Engine:
         # And those the records say may be live on closed positions: a new process knew nothing of the last
         # one's, and a fired stop still TRIGGERING is in no list of open orders (its fill, reduce-only, cut
         # the next position on its symbol). Asked for by id: one gone is marked so and frees its symbol.
+        # (Only where stops are orders of their own: on Bybit the venue clears a closed position's stops, and
+        # a cancel by a closed position's id was taken for the open position's stop on the symbol.)
+        if not self.venue.capabilities().stops_are_orders:
+            closed_stops = {}
         for symbol, cids in closed_stops.items():
             known = (unfinished_cancels or {}).get(symbol, {})
             if fresh := {cid: None for cid in cids if cid not in known}:

@@ -254,6 +254,10 @@ class Capabilities:
     # order live (Binance, the sim). Bybit's position stops carry no client id: the adapter names a stop
     # order after the stop it can be, which proves nothing about a stop whose own answer has not come.
     stream_new_proves_live: bool = True
+    # Each stop is an order of its own, cancelled by its id (Binance, the sim): one can outlive its position
+    # (a fired stop still TRIGGERING). False: the stops are fields of the position (Bybit), which the venue
+    # clears when the position closes; a closed position leaves none to sweep.
+    stops_are_orders: bool = True
 
 
 @runtime_checkable

@@ -346,6 +346,7 @@ class BybitLinearVenue(CcxtVenue):
             protective_rate_budgets=BYBIT_PROTECTIVE_BUDGETS,
             trailing_stop_follows="last",  # trading-stop's trailingStop tracks LastPrice, no trigger-by option
             stream_new_proves_live=False,  # a stop order's row is named after the stop it can be (`_stream_stop`)
+            stops_are_orders=False,  # stopLoss and trailingStop are the position's fields
             request_window_seconds=BYBIT_RECV_WINDOW_MS / 1000,
         )
 

@@ -256,3 +256,56 @@ async def test_a_stop_moved_while_no_engine_ran_is_not_restored_as_ours(
             if r.levelno >= logging.WARNING and SYMBOL in r.getMessage() and moved in r.getMessage()
         ]
         assert warned, [r.getMessage() for r in caplog.records]
+
+
+async def test_a_restart_leaves_the_open_positions_stops_alone_for_a_closed_positions_record(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A restart sweeps the stops its records say may be live on closed positions (a fired stop still
+    TRIGGERING on Binance is in no list of open orders). On Bybit the stops are the position's fields,
+    which the venue clears when the position closes: a closed position's stop record left `pending` (its
+    send refused for the rate, then the position closed) was cancelled by id, and Bybit's adapter, finding
+    no stop of that id, took the open position's trailing stop on the same symbol for it and cleared it.
+    On a venue whose stops are the position's, nothing is swept for a closed position."""
+    emulator = BybitEmulator(
+        SimVenueSettings(seed=11, volatility=0.0, symbols=[SYMBOL, "BTCUSDT"]),
+        api_key=KEY,
+        api_secret=SECRET,
+        control=True,
+    )
+    async with running(emulator) as base_url:
+        overrides = {"PROTECTION__RECONCILE_SECONDS": "3600"}
+        async with engine_on(db, base_url, overrides) as engine:
+            guard = await _one_protected(engine, SYMBOL)
+            ours = await _settled(guard, base_url)
+            token = engine._token
+        # An earlier position on the symbol, closed, whose trailing stop's record stayed `pending`.
+        closed = await db.pool.fetchval(
+            "INSERT INTO monitoring.positions (symbol, exchange, side, quantity, status, account, closed_at, "
+            "exit_reason) SELECT symbol, exchange, side, quantity, 'closed', account, now(), 'stop_loss' "
+            "FROM monitoring.positions WHERE id = $1 RETURNING id",
+            guard.position_id,
+        )
+        await db.pool.execute(
+            "INSERT INTO monitoring.orders (client_order_id, position_id, purpose, side, type, quantity, status) "
+            "VALUES ($1, $2, 'trailing_stop', 'sell', 'trailing_stop_market', 1, 'pending')",
+            f"tsb{token}-{closed}-ts0",
+            closed,
+        )
+        set_before = emulator.requests_by_endpoint.get("POST position/trading-stop", 0)
+        caplog.set_level(logging.INFO)
+        async with engine_on(db, base_url, overrides) as engine:
+            assert engine.manager is not None
+            [restored] = engine.manager.guards.values()
+            await wait_until(lambda: restored.covered, within=8.0, what="the open position restored")
+            await engine.manager.leftovers_cancelled(SYMBOL, 5.0)
+            report = engine.startup_report
+            assert report is not None
+            # Restored as it was: not cleared by the sweep and set again.
+            assert (report.restored, report.reprotected) == (1, 0), report.describe()
+            held = await _held(base_url)
+            assert (held["stopLoss"], held["trailingStop"]) == (ours["stopLoss"], ours["trailingStop"])
+            # Nothing was set on the position: no cancel (trailingStop 0) taken for the closed position's.
+            assert emulator.requests_by_endpoint.get("POST position/trading-stop", 0) == set_before
+        # The open position's stop was never taken for the closed position's (the adapter said so).
+        assert not [r.getMessage() for r in caplog.records if f"-{closed}-ts0" in r.getMessage()]
