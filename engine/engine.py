@@ -1145,12 +1145,18 @@ class Engine:
             uncovered = [g for g in manager.guards.values() if not g.covered and not g.closed]
             for g in uncovered:
                 g.covered_now.clear()
-            pending = [g.covered_now.wait() for g in uncovered]
+            pending = [self._protected_or_ended(g) for g in uncovered]
             if pending:
                 log.warning(
                     "stopping: waiting up to %.0fs for %d positions to be protected", budget, len(pending)
                 )
                 await wait_for_all(self.clock, budget, pending)
+
+    async def _protected_or_ended(self, guard: PositionGuard) -> None:
+        """Until a pass confirms both the guard's stops, or its position ends (a stop of it fired, and it
+        closes): a fired stop's position is never covered again, and the stop waited the whole budget."""
+        while not (guard.closed or guard.covered_now.is_set()):
+            await wait_event(self.clock, guard.covered_now, 0.25)
 
     async def protection_in_place(self, seconds: float) -> bool:
         """Wait, up to `seconds`, until no protection restart is between managers (the new one guards what

@@ -572,3 +572,24 @@ async def test_a_stop_waits_for_a_position_that_lost_a_stop_to_have_it_again(db:
         kinds = {o.type for o in truth.open_conditional if o.symbol == guard.symbol}
         assert kinds == {OrderType.STOP_MARKET, OrderType.TRAILING_STOP_MARKET}
         assert (report.open_positions, report.uncovered) == (1, 0)
+
+
+async def test_a_stop_does_not_wait_the_budget_for_a_position_whose_stop_fired(db: Database) -> None:
+    """The stop waits for positions short of a stop until a pass confirms both again; a position whose
+    hard stop fired is never covered again (it closes), and the stop waited the whole call budget for it.
+    It waits until the position has ended (virtual time here)."""
+    async with _one_guarded_position(db, SYMBOLS[27], {"PROTECTION__CALL_TIMEOUT_SECONDS": "10"}) as (
+        engine,
+        venue,
+        clock,
+        guard,
+    ):
+        venue.set_trigger_delay(1.5)  # the fired stop sits TRIGGERING a moment, as on Binance
+        assert guard.stop_loss.price is not None
+        venue.override_mark_price(guard.symbol, guard.stop_loss.price - 3 * guard.market.tick_size)
+        await drive_until(clock, lambda: not guard.covered, limit=10, what="the stop seen fired")
+        began = clock.monotonic()
+        report = await drive(clock, engine.stop())
+        assert clock.monotonic() - began < 5.0
+        assert guard.closed
+        assert report.open_positions == 0
