@@ -191,12 +191,21 @@ class StartupReport:
     # Uncovered because the venue refused their stops for reducing nothing: gone from the venue as far
     # as it says, being confirmed by the reconciler (not a protection failure; still uncovered until then).
     gone_symbols: tuple[str, ...] = ()
+    # Entries from before the start whose outcome the venue has not told yet (each may be a position without
+    # stops: counted uncovered until settled), and open positions on symbols the venue does not list as
+    # trading (no guard can act on them: left as they are, said here and logged at ERROR).
+    in_doubt_symbols: tuple[str, ...] = ()
+    unlisted_symbols: tuple[str, ...] = ()
 
     def describe(self) -> str:
         text = f"restored {self.restored}, re-protected {self.reprotected}, adopted {self.adopted}, failed {self.failed}"
         text += f" ({', '.join(self.failed_symbols)})" if self.failed_symbols else ""
         if self.gone_symbols:
             text += f"; gone from the venue, being confirmed: {', '.join(self.gone_symbols)}"
+        if self.in_doubt_symbols:
+            text += f"; entries of unknown outcome, counted uncovered: {', '.join(self.in_doubt_symbols)}"
+        if self.unlisted_symbols:
+            text += f"; NOT GUARDED, symbol not trading on the venue: {', '.join(self.unlisted_symbols)}"
         return text
 
 
@@ -1394,7 +1403,13 @@ class Engine:
         failed = sorted(g.symbol for g in uncovered if g.said_gone_at is None)
         gone = tuple(sorted(g.symbol for g in uncovered if g.said_gone_at is not None))
         reprotected = sum(1 for g in guards if g.covered and g.report.created_orders > 0)
-        return StartupReport(restored, reprotected, adopted, len(failed), tuple(failed), gone)
+        in_doubt = tuple(
+            sorted(d.symbol for d in self._in_doubt.values() if d.position_id not in manager.guards)
+        )
+        unlisted = tuple(sorted(p.symbol for p in positions if p.symbol not in self.markets))
+        return StartupReport(
+            restored, reprotected, adopted, len(failed), tuple(failed), gone, in_doubt, unlisted
+        )
 
     async def _restore_records(self, *, restart: bool) -> _RestoreRecords:
         """What a restore reads from the database: the open positions, the orders of each that may be live,

@@ -231,8 +231,11 @@ async def test_an_entry_still_in_doubt_at_a_stop_is_said_and_settled_by_the_next
     second = restarted(engine, engine.settings, clock)
     second.venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 100_000)
     second.venue.answer_positions_empty(100_000)
-    await drive(clock, second.start())
+    report = await drive(clock, second.start())
     try:
+        # The start-up report said "failed 0" with the entry still in doubt: it says it now.
+        assert report.in_doubt_symbols == (SYMBOL,)
+        assert f"entries of unknown outcome, counted uncovered: {SYMBOL}" in report.describe()
         await drive_until(
             clock, lambda: second.coverage().uncovered == 1, what="counted uncovered after start"
         )
