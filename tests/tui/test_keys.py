@@ -12,6 +12,7 @@ from storage.repositories import SignalStatus
 from tests.integration.engine_support import make_engine
 from tests.support.driving import drive
 from tests.tui.harness import dashboard, started, tui_settings
+from tests.tui.snapshots import svg_to_text
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.info import HelpScreen
 from tui.screens.reprotect import ReprotectScreen
@@ -413,3 +414,20 @@ async def test_ctrl_c_says_in_plain_words_which_keys_quit(db: Database) -> None:
         said = next(e.detail for e in board.log.shown_entries() if "Do you want to quit?" in e.detail)
         assert said == "Do you want to quit?: Press ctrl+q or q to quit"
         assert board.app.is_running
+
+
+async def test_the_log_at_80_columns_shows_its_details(db: Database) -> None:
+    """At 80×24 the log's Detail column had 6 of the 80 columns (the rest of each detail off screen):
+    "new ent", "manual,". Its latency and outcome now lead the detail, and the detail has the room."""
+    settings = tui_settings(db)
+    async with dashboard(settings, size=(80, 24)) as board:
+        await started(board)
+        board.app.notify("entries paused by the operator: venue maintenance", severity="warning")
+        await board.press("l")
+        await board.until(lambda: board.log.narrow, "the narrow columns")
+        await board.pilot.pause()
+        width, height = board.app.size
+        text = " ".join(svg_to_text(board.app.export_screenshot(), width, height).split())
+        assert "entries paused by the" in text  # (it wraps past 30 columns)
+        await board.pilot.resize_terminal(160, 40)
+        await board.until(lambda: not board.log.narrow, "the full columns again")

@@ -33,6 +33,15 @@ COLUMNS = (
     ("outcome", "Outcome", 8),
     ("detail", "Detail", 100),
 )
+# Where the columns above leave Detail less than MIN_DETAIL_WIDTH (80×24: 6 of 80 columns, the rest of the
+# detail off screen), latency and outcome move into the detail's first words and the operation narrows.
+NARROW_COLUMNS = (
+    ("time", "Time", 8),
+    ("severity", "Sev", 4),
+    ("symbol", "Symbol", 12),
+    ("operation", "Operation", 12),
+    ("detail", "Detail", 100),
+)
 COUNT_WINDOW_SECONDS = 3600.0
 SEVERITY_LEVELS = (("all", 0), ("warning+", 2), ("error+", 3))
 MIN_DETAIL_WIDTH = 30
@@ -64,19 +73,31 @@ class EventLog(DataTable[Text]):
         self.counts = {"warning": 0, "error": 0}  # in the last COUNT_WINDOW_SECONDS (they used to only grow)
         self._counted: deque[tuple[float, str]] = deque()
         self.following = True
+        self.narrow = False  # the narrow columns (`on_resize`)
 
     def on_mount(self) -> None:
-        for key, label, width in COLUMNS:
-            self.add_column(label, key=key, width=width)
+        self._set_columns(COLUMNS)
         self._detail_width = COLUMNS[-1][2]
         self._update_titles()
         self.set_interval(30.0, self._recount_and_show, name="log counts")
 
+    def _set_columns(self, columns: tuple[tuple[str, str, int], ...]) -> None:
+        self.clear(columns=True)
+        for key, label, width in columns:
+            self.add_column(label, key=key, width=width)
+
     def on_resize(self) -> None:
         """The detail column takes the width the panel has, and long details wrap: at 200 columns it stayed
-        100 wide, and wherever it was wider than the panel the end of the line was cut off."""
-        fixed = sum(width for _, _, width in COLUMNS[:-1]) + 2 * len(COLUMNS)
-        width = max(MIN_DETAIL_WIDTH, self.size.width - 2 - 2 - fixed)  # the border, a scrollbar
+        100 wide, and wherever it was wider than the panel the end of the line was cut off. Where the full
+        columns leave it too little, the narrow ones are used."""
+        room = self.size.width - 2 - 2  # the border, a scrollbar
+        narrow = room - _fixed(COLUMNS) < MIN_DETAIL_WIDTH
+        columns = NARROW_COLUMNS if narrow else COLUMNS
+        width = max(MIN_DETAIL_WIDTH if not narrow else 10, room - _fixed(columns))
+        if narrow != self.narrow:
+            self.narrow = narrow
+            self._set_columns(columns)
+            self._detail_width = -1
         if width != self._detail_width:
             self._detail_width = width
             self.columns[ColumnKey("detail")].width = width
@@ -195,17 +216,20 @@ class EventLog(DataTable[Text]):
     def _add_row(self, sequence: int, entry: LogEntry) -> None:
         style = component_style(self, f"log--{entry.severity}", partial=True) or ""
         latency = "" if entry.latency_seconds is None else f"{entry.latency_seconds:.1f}s"
-        self.add_row(
+        outcome = Text(entry.outcome, style=style if entry.outcome in ("failed", "retrying") else "")
+        head = (
             Text(formatting.clock_time(entry.at, self._tz) if entry.at else ""),
             Text(SEVERITY_SHORT.get(entry.severity, entry.severity), style=style),
             Text(entry.symbol),
             Text(_short_operation(entry.operation)),
-            Text(latency, justify="right"),
-            Text(entry.outcome, style=style if entry.outcome in ("failed", "retrying") else ""),
-            Text(entry.detail),
-            key=str(sequence),
-            height=None,  # a long detail wraps in its column
         )
+        if self.narrow:  # outcome and latency lead the detail
+            lead = Text(" ").join(t for t in (outcome, Text(latency)) if t.plain)
+            detail = Text.assemble(lead, " " if lead.plain else "", entry.detail)
+            cells: tuple[Text, ...] = (*head, detail)
+        else:
+            cells = (*head, Text(latency, justify="right"), outcome, Text(entry.detail))
+        self.add_row(*cells, key=str(sequence), height=None)  # a long detail wraps in its column
 
     def _update_titles(self) -> None:
         level = SEVERITY_LEVELS[self._severity_index][0]
@@ -216,6 +240,11 @@ class EventLog(DataTable[Text]):
             f"{errors} error{'' if errors == 1 else 's'}, {warnings} warning{'' if warnings == 1 else 's'} "
             "in the last hour"
         )
+
+
+def _fixed(columns: tuple[tuple[str, str, int], ...]) -> int:
+    """The width of every column but Detail, with each column's padding (one cell either side)."""
+    return sum(width for _, _, width in columns[:-1]) + 2 * len(columns)
 
 
 def _short_operation(operation: str) -> str:
