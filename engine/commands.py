@@ -77,6 +77,7 @@ class CommandOutcome:
     ok: bool
     summary: str
     positions: tuple[PositionOutcome, ...] = ()
+    failed_inside: bool = False  # our own error halfway (some positions may have been acted on): an error
 
     @property
     def severity(self) -> Severity:
@@ -86,7 +87,9 @@ class CommandOutcome:
         position, on the venue's word, an error."""
         if self.ok:
             return Severity.INFO
-        return Severity.ERROR if any(not p.ok for p in self.positions) else Severity.WARNING
+        if self.failed_inside or any(not p.ok for p in self.positions):
+            return Severity.ERROR
+        return Severity.WARNING
 
     @property
     def state(self) -> CommandState:
@@ -158,7 +161,9 @@ class CommandRunner:
             raise
         except Exception as exc:  # a bug: the sender is told, the loop goes on
             log.exception("command #%d %s failed", command.id, command.kind.value)
-            outcome = CommandOutcome(False, f"internal error: {type(exc).__name__}: {exc}")
+            outcome = CommandOutcome(
+                False, f"internal error: {type(exc).__name__}: {exc}", failed_inside=True
+            )
         await _reachable(self._queue.finish(command.id, outcome.state, outcome.as_json()))
         self.executed += 1
         log.log(

@@ -1022,8 +1022,8 @@ class Store:
     ) -> int:
         """Settle signals left 'taken': those `claimed_by` an engine (its earlier run died holding them), or
         claimed longer ago than `older_than_seconds` by anyone. One that never got a position is expired,
-        with the reason; one whose position has ended is said as it went (`opened` if its entry filled,
-        else `rejected` with the position's exit reason); one whose position is still open or in flight is
+        with the reason; one whose entry filled is `opened` (its position open or ended); one whose position
+        ended unfilled is `rejected` with the position's exit reason; one whose entry is still in flight is
         left to the engine settling that entry. Returns how many were expired."""
         rows = await self._pool.fetch(
             """
@@ -1051,7 +1051,8 @@ class Store:
                     WHEN t.entry_price IS NOT NULL THEN NULL
                     ELSE coalesce(t.exit_reason, 'entry failed') END
             FROM left_taken t
-            WHERE s.id = t.id AND (t.position_status IS NULL OR t.position_status = ANY($3::text[]))
+            WHERE s.id = t.id
+              AND (t.position_status IS NULL OR t.position_status = ANY($3::text[]) OR t.entry_price IS NOT NULL)
             RETURNING s.status
             """,
             claimed_by,

@@ -714,9 +714,11 @@ async def test_a_claimed_signal_left_taken_is_said_as_its_position_went(db: Data
 
     store = Store(db.pool)
     await store.insert_signals(
-        [(symbol, "long", None, None) for symbol in ("SFPUSDT", "ALLUSDT", "ETCUSDT", "BTCUSDT")]
+        [(symbol, "long", None, None) for symbol in ("SFPUSDT", "ALLUSDT", "ETCUSDT", "BTCUSDT", "AXSUSDT")]
     )
-    opened, failed, in_flight, untouched = await store.claim_new_signals(limit=4, claimed_by="sim:default")
+    opened, failed, in_flight, untouched, still_open = await store.claim_new_signals(
+        limit=5, claimed_by="sim:default"
+    )
 
     async def position(signal_id: int, symbol: str):  # type: ignore[no-untyped-def]
         return await store.create_position(
@@ -729,15 +731,18 @@ async def test_a_claimed_signal_left_taken_is_said_as_its_position_went(db: Data
     refused = await position(failed.id, failed.symbol)
     await store.set_position_status(refused.id, PositionStatus.FAILED, exit_reason="entry rejected -2019")
     await position(in_flight.id, in_flight.symbol)  # pending_entry: its engine settles it
+    active = await position(still_open.id, still_open.symbol)  # filled, open: it opened a position
+    await store.record_fill(active.id, Decimal(1), Decimal("2.5"))
 
     assert await store.expire_claimed_signals(claimed_by="sim:default") == 1
     said = {
         s.id: (s.status, s.reason)
-        for s in [await store.signal(x.id) for x in (opened, failed, in_flight)]
+        for s in [await store.signal(x.id) for x in (opened, failed, in_flight, still_open)]
         if s
     }
     assert said == {
         opened.id: (SignalStatus.OPENED, None),
+        still_open.id: (SignalStatus.OPENED, None),
         failed.id: (SignalStatus.REJECTED, "entry rejected -2019"),
         in_flight.id: (SignalStatus.TAKEN, None),
     }
