@@ -1146,6 +1146,10 @@ class Engine:
                 "stopping: waiting up to %.0fs for %d entries of unknown outcome", budget, len(self._settlers)
             )
             await wait_for_all(self.clock, budget, [asyncio.shield(t) for t in list(self._settlers)])
+        if self._restart is not None and not self._restart.done():
+            # A protection restart under way: its new guards are what protects, and mid-restart the guards
+            # read here would be the old manager's (cleared) or none yet. Waited for, within the budget.
+            await wait_for_all(self.clock, budget, [asyncio.shield(self._restart)])
         manager = self.manager
         if manager is not None:
             # Never protected yet, or protected once and missing a stop now (its guard sending it again):

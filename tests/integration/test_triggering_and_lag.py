@@ -593,3 +593,25 @@ async def test_a_stop_does_not_wait_the_budget_for_a_position_whose_stop_fired(d
         assert clock.monotonic() - began < 5.0
         assert guard.closed
         assert report.open_positions == 0
+
+
+async def test_a_stop_during_a_protection_restart_waits_for_the_restarts_guards(db: Database) -> None:
+    """A position missing its hard stop (someone cancelled it); the operator restarts the protection, and a
+    stop comes while the restart re-protects it (2 s round trips). The drain read the guards once: mid-
+    restart the old manager's (cleared) or the new one before it had any, so it waited for nothing, and the
+    restart was cancelled with its sends on their way (found in review). It waits for the restart first."""
+    async with _one_guarded_position(
+        db, SYMBOLS[28], {"VENUE__SIM__LATENCY__BY_CALL__CREATE_ORDER__SECONDS": "2.0"}
+    ) as (engine, venue, clock, guard):
+        core = venue.core
+        old = engine.manager
+        restarting = asyncio.ensure_future(engine.restart_protection())
+        await drive_until(clock, lambda: engine.manager is not old, limit=10, what="the new manager")
+        # Its stop gone while the new manager reads the venue: the new guard sends it again.
+        assert guard.stop_loss.client_order_id is not None
+        core.cancel_order(guard.symbol, guard.stop_loss.client_order_id, clock.now())
+        report = await drive(clock, engine.stop())
+        await asyncio.gather(restarting, return_exceptions=True)
+        kinds = {o.type for o in core.inspect(clock.now()).open_conditional if o.symbol == guard.symbol}
+        assert kinds == {OrderType.STOP_MARKET, OrderType.TRAILING_STOP_MARKET}
+        assert (report.open_positions, report.uncovered) == (1, 0)
