@@ -37,7 +37,7 @@ from engine.commands import CommandAnswer, not_taken, send_command
 from engine.config import MAX_SEED, ConfigError, LoadedConfig, load_config
 from engine.config_show import render_config
 from engine.credentials import CredentialsRefused
-from engine.engine import COVERAGE_SAMPLE_SECONDS, Engine, StartupReport
+from engine.engine import COVERAGE_SAMPLE_SECONDS, Engine, StartInterrupted, StartupReport
 from engine.exchange.errors import ExchangeError, Rejected
 from engine.logs import LogFileError, RedactingFormatter, configure_logging
 from engine.metrics_server import MetricsUnavailable
@@ -419,24 +419,25 @@ async def _insert_signals(loaded: LoadedConfig, signals: list[SignalInput]) -> l
 
 
 async def _start_unless_stopped(engine: Engine, stop: asyncio.Event) -> StartupReport:
-    """The engine's start, given up when a stop is asked for meanwhile: a start may wait out a venue's ban
-    (hours, on Binance), and SIGTERM, Ctrl-C and a closed terminal were heard only once it had started.
-    A start given up has released everything (the lease, the database); nothing was traded."""
+    """The engine's start, given up when a stop is asked for while it waits for the venue: a start may wait
+    out a venue's ban (hours, on Binance), and SIGTERM, Ctrl-C and a closed terminal were heard only once it
+    had started. A start already restoring and protecting positions is let finish (the stop that follows
+    drains it): cut short, the stops it had sent for naked positions lost their answers."""
     starting = asyncio.ensure_future(engine.start())
     stopping = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            engine.interrupt_start()
+        return await starting
+    except StartInterrupted:
+        raise CommandFailed(
+            "stopped during the start-up, while it waited for the venue: nothing was restored or traded; "
+            "the positions on the venue keep the stops they had (see `tsbot status`)"
+        ) from None
     finally:
         stopping.cancel()
-        if not starting.done():
-            starting.cancel()
-        await asyncio.gather(starting, stopping, return_exceptions=True)
-    if starting.cancelled():
-        raise CommandFailed(
-            "stopped during the start-up, before anything was restored or traded; the positions on the "
-            "venue keep the stops they had (see `tsbot status`)"
-        )
-    return starting.result()
+        await asyncio.gather(stopping, return_exceptions=True)
 
 
 def _run(args: argparse.Namespace, loaded: LoadedConfig) -> int:

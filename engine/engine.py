@@ -181,6 +181,11 @@ class EngineState(StrEnum):
     STOPPED = "stopped"
 
 
+class StartInterrupted(Exception):
+    """A start given up while it waited for the venue (a ban's end, a retry's backoff): nothing was restored
+    or traded, and everything it had opened is released (`Engine.interrupt_start`)."""
+
+
 @dataclass(frozen=True, slots=True)
 class StartupReport:
     restored: int  # positions whose protection was found live on the exchange
@@ -731,6 +736,7 @@ class Engine:
         self._settlers: set[asyncio.Task[None]] = set()
         self._waves: deque[WaveView] = deque(maxlen=50)
         self._lease_since: datetime | None = None  # when this engine first took the account's lease
+        self._start_interrupted = asyncio.Event()  # `interrupt_start`: the start's waits end, it gives up
         self._wave_tasks: set[asyncio.Task[None]] = set()
         self._health: tuple[health.ComponentHealth, ...] = ()
         self._call_stats = CallStats()
@@ -871,6 +877,10 @@ class Engine:
         except BaseException:  # the lease (and its heartbeat) ends with a start that does not finish
             if self.manager is not None:  # and so do its guards: none acts for an account no engine holds
                 await _quietly(self.manager.stop())
+            settlers = list(self._settlers)  # (entries from before the start, looked up in the background)
+            for task in settlers:
+                task.cancel()
+            await asyncio.gather(*settlers, return_exceptions=True)
             await self._release()
             raise
         self._start_loops()
@@ -898,7 +908,7 @@ class Engine:
                     if attempt == STARTUP_READ_ATTEMPTS:
                         raise
                     attempt += 1
-                    await self.clock.sleep(delay)
+                    await self._start_wait(delay)
                     delay = min(delay * 2, float(protection.retry_max_seconds))
                     continue
                 log.warning(
@@ -909,7 +919,7 @@ class Engine:
                     exc,  # the venue's own words: a ban, or a 403 that is something else (a region block)
                     what,
                 )
-                await self.clock.sleep(left)
+                await self._start_wait(left)
             except (Retryable, OutcomeUnknown, RateLimited, TimeoutError) as exc:
                 if attempt == STARTUP_READ_ATTEMPTS:
                     raise
@@ -922,9 +932,20 @@ class Engine:
                     attempt + 1,
                     STARTUP_READ_ATTEMPTS,
                 )
-                await self.clock.sleep(wait)
+                await self._start_wait(wait)
                 delay = min(delay * 2, float(protection.retry_max_seconds))
                 attempt += 1
+
+    def interrupt_start(self) -> None:
+        """Ask a start that waits for the venue (a ban's end, a retry's backoff) to give up
+        (`StartInterrupted`, everything released as for a failed start). A start past those waits, restoring
+        and protecting positions, is not cut short: it finishes, and a stop then drains it (cut in the
+        middle, stops already sent for naked positions lost their answers)."""
+        self._start_interrupted.set()
+
+    async def _start_wait(self, seconds: float) -> None:
+        if await wait_event(self.clock, self._start_interrupted, seconds):
+            raise StartInterrupted("the start was given up while it waited for the venue")
 
     def _start_loops(self) -> None:
         assert self.store is not None and self._db is not None

@@ -44,7 +44,15 @@ from textual.widgets import DataTable, Footer, Input, Label
 from engine.cli import OneLineParser, one_line
 from engine.config import ConfigError, Settings, load_config
 from engine.credentials import CredentialsRefused
-from engine.engine import Engine, EngineSnapshot, EngineState, PositionView, StartupReport, package_version
+from engine.engine import (
+    Engine,
+    EngineSnapshot,
+    EngineState,
+    PositionView,
+    StartInterrupted,
+    StartupReport,
+    package_version,
+)
 from engine.events import (
     EngineStateChanged,
     EntriesToggled,
@@ -431,6 +439,11 @@ class DashboardApp(App[int]):
             log.error("%s", exc)
             self.post_message(FeedFailed(str(exc)))
             return
+        except StartInterrupted:  # the operator quit while the start waited for the venue
+            log.warning(
+                "the start was given up while it waited for the venue; nothing was restored or traded"
+            )
+            return
         except Exception as exc:
             log.exception("the engine did not start")
             self.post_message(FeedFailed(f"{type(exc).__name__}: {exc}"))
@@ -528,10 +541,17 @@ class DashboardApp(App[int]):
             self.shutdown()
 
     async def stop_feed(self) -> None:
-        """Stop the engine (or the watch); idempotent. A start still in progress is cancelled first."""
+        """Stop the engine (or the watch); idempotent. A start still in progress ends first: one waiting for
+        the venue (a ban's end) gives up, one restoring and protecting positions finishes and is then
+        stopped like a running engine (cancelled, the stops it had sent for naked positions lost their
+        answers); a watch's start is cancelled."""
         for worker in list(self.workers):
             if worker.group == "engine" and worker.is_running:
-                worker.cancel()
+                interrupt = getattr(self.feed, "interrupt_start", None)
+                if interrupt is not None:
+                    interrupt()
+                else:
+                    worker.cancel()
                 with contextlib.suppress(Exception):
                     await worker.wait()
         try:

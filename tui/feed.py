@@ -291,6 +291,9 @@ class EngineFeed:
     async def start(self) -> StartupReport:
         return await self.engine.start()
 
+    def interrupt_start(self) -> None:
+        self.engine.interrupt_start()
+
     async def stop(self) -> None:
         # Only a running engine is stopped: a start that failed or was cancelled has released everything.
         if self.engine.state is EngineState.RUNNING:

@@ -156,3 +156,36 @@ async def test_a_start_during_a_venue_ban_waits_for_its_end_then_protects_what_t
         assert clock.now() - banned_until < 5
     finally:
         await drive(clock, engine.stop())
+
+
+async def test_a_stop_asked_while_the_start_protects_positions_lets_it_finish(db: Database) -> None:
+    """`tsbot run` gives a start up at SIGTERM while it waits for the venue; a first version gave it up
+    anywhere, cancelling it while it was placing stops for the positions the venue held without any: their
+    answers lost, the positions left naked, and the exit line said nothing was restored (found in review).
+    A start past its waits finishes, and the stop then drains it: the naked position ends with both
+    stops."""
+    from engine.cli import _start_unless_stopped
+
+    settings = engine_settings(db.target.dsn, {"VENUE__SIM__LATENCY__BY_CALL__CREATE_ORDER__SECONDS": "2.0"})
+    clock = ManualClock(start=time.time())
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    core = venue.core
+    naked = SYMBOLS[2]
+    market = core.markets[naked]
+    mark = core.mark(naked)
+    quantity = market.round_quantity(max(market.min_notional * 2 / mark, market.min_quantity * 2))
+    core.place_market_order(naked, OrderSide.BUY, quantity, "filled-while-no-engine-ran", clock.now())
+    engine = make_engine(settings, clock, venue)
+    stop = asyncio.Event()
+    starting = asyncio.ensure_future(_start_unless_stopped(engine, stop))
+    await drive_until(
+        clock,
+        lambda: engine.manager is not None and bool(engine.manager.guards),
+        what="the naked one guarded",
+    )
+    stop.set()  # SIGTERM, while its stops are on their way
+    await drive(clock, starting)
+    report = await drive(clock, engine.stop())
+    kinds = {o.type for o in core.inspect(clock.now()).open_conditional if o.symbol == naked}
+    assert kinds == {OrderType.STOP_MARKET, OrderType.TRAILING_STOP_MARKET}
+    assert (report.open_positions, report.uncovered) == (1, 0)
