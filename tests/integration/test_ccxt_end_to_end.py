@@ -173,7 +173,9 @@ async def test_a_killed_engine_restarts_onto_the_emulator_with_every_position_pr
     assert "LIVE" not in out
     assert "on binanceusdm" in out
     startup = next(line for line in out.splitlines() if line.startswith("start-up:"))
-    assert startup.endswith("failed 0"), startup
+    # Entries the kill left in flight may still be in doubt at the start (named, counted uncovered until
+    # settled); every position is protected all the same (checked above and below).
+    assert startup.split(";")[0].endswith("failed 0"), startup
 
     # Every position the exchange holds is in the database, active and protected, and vice versa.
     state = _emulator_state(emulator)

@@ -419,7 +419,8 @@ async def test_every_column_shown_is_shown_whole_at_every_width() -> None:
         await wait_for(pilot, lambda: table.row_count == 60, "the positions shown")
         for width in [*range(98, 116), 149, 150, 151, 159]:
             await pilot.resize_terminal(width, 40)
-            await pilot.pause()
+            # The table is laid out again for the width: its rows come back by the next frames.
+            await wait_for(pilot, lambda: f" {SYMBOLS[0]} " in screen_text(app), f"the rows at {width}")
             lines = screen_text(app).splitlines()
             row = next(line for line in lines if f" {SYMBOLS[0]} " in line)
             header = next(line for line in lines if " Symbol " in line)
