@@ -2374,9 +2374,9 @@ class Engine:
         log.info(
             "Opened %s %s %s at %s (position %s)%s",
             side.value,
-            order.filled_quantity,
+            f"{order.filled_quantity:f}",  # plain digits: a quantity read "2.5E+2" in the operators' grep
             signal.symbol,
-            order.average_price,
+            f"{order.average_price:f}" if order.average_price is not None else None,
             position_id,
             ""
             if doubt is None

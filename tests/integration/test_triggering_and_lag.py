@@ -615,3 +615,21 @@ async def test_a_stop_during_a_protection_restart_waits_for_the_restarts_guards(
         kinds = {o.type for o in core.inspect(clock.now()).open_conditional if o.symbol == guard.symbol}
         assert kinds == {OrderType.STOP_MARKET, OrderType.TRAILING_STOP_MARKET}
         assert (report.open_positions, report.uncovered) == (1, 0)
+
+
+async def test_the_opened_line_says_its_quantity_in_plain_digits(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A quantity rounded to the symbol's step kept Decimal's exponent form, and the operators' grep of
+    "Opened" read `Opened short 2.5E+2 SNXUSDT` (found by an operator in tmux)."""
+    caplog.set_level(logging.INFO, logger="engine.engine")
+    async with _one_guarded_position(db, "SNXUSDT", {"SIGNALS__POSITION_SIZE_USD": "200"}) as (
+        _engine,
+        _venue,
+        _clock,
+        guard,
+    ):
+        opened = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Opened ")]
+        assert len(opened) == 1
+        assert opened[0].startswith(f"Opened long {guard.quantity:f} SNXUSDT at {guard.entry_price:f} ")
+        assert "E+" not in opened[0]
