@@ -227,6 +227,9 @@ async def test_u_slash_l_and_help_filter_focus_and_explain(db: Database) -> None
         assert rows["protect_uncovered"][0] == "p"
         assert rows["filter"][0] == "/"
         assert rows["help"][0] == "?"
+        table = help_screen.query_one("#help-keys")
+        listed = {str(table.get_row(r.key)[0]) for r in table.ordered_rows}  # type: ignore[attr-defined]
+        assert {"enter", "home / end", "ctrl+q"} <= listed  # (the README's keys, missing from this screen)
         await board.press("escape")
         assert not isinstance(board.app.screen, HelpScreen)
 

@@ -20,8 +20,11 @@ OTHER_KEYS = (
     ("ctrl+p", "Command palette: every command above, the theme, screenshots"),
     ("tab / shift+tab", "Move between the positions table, the log and the waves"),
     ("↑ ↓ pgup pgdn", "Move in the focused table (the selected position is the one `x` closes)"),
+    ("home / end", "The first / last row of the focused table"),
+    ("enter", "The selected position's detail: every field, both stops with their order ids, last error"),
     ("s (log focused)", "Cycle the log's severity filter: all, warnings, errors"),
     ("esc", "Close a dialog; leave the filter; back from the log"),
+    ("ctrl+q", "Quit, as the quit key does (ctrl+c does not quit: it says which keys do)"),
 )
 
 
