@@ -5,6 +5,8 @@ TRIGGERING before their fill, and fired stops that never fill. Virtual time, the
 
 from __future__ import annotations
 
+import pytest
+
 from engine.engine import STARTUP_UNKNOWN_SECONDS
 from engine.exchange.port import OrderSide, PositionUpdate
 from engine.venues.sim.settings import CallKind, FaultKind
@@ -362,62 +364,38 @@ async def test_a_size_the_stream_delivers_late_does_not_outrank_a_newer_read(db:
         await run.stop()
 
 
-async def test_a_new_position_waits_until_the_old_positions_fired_stop_has_finished(db: Database) -> None:
+@pytest.mark.parametrize("restart", [False, True], ids=["same-process", "across-a-restart"])
+async def test_a_new_position_waits_until_the_old_positions_fired_stop_has_finished(
+    db: Database, restart: bool
+) -> None:
     """A fired stop sat TRIGGERING (4 s here); after the patience the engine closed the position at
     market, and the symbol was free at once: the cancel of the fired stop answered it as it was (still
     triggering), which counted as gone. The next signal on the symbol opened a new position of the same
     side, and the old stop's fill, reduce-only, then closed most of it (a chaos soak: 1354 short left at
     27.8, the engine resizing its stops and two live stops of each kind for 10 s). A fired stop is gone
-    only once the venue says it ended: until then the symbol takes no new position."""
+    only once the venue says it ended: until then the symbol takes no new position.
+
+    Across a restart (the stop TRIGGERING 40 s): the engine kept the fired stop it waited for in memory
+    only, and the venue's open orders leave such a stop out, so a new process's orphan pass never saw it
+    and took the next signal at once. The next start reads the stops its records say may still be live on
+    closed positions, and the symbol waits for the venue to end them."""
     settings = chaos_settings(db)
     run = ChaosRun(db, settings)
     await run.start()
     try:
         await past_the_start_up_window(run)
         symbol = await run.one_protected_position(sides=["long"])
-        run.venue.set_trigger_delay(4.0, symbol=symbol)
+        delay = 40.0 if restart else 4.0
+        run.venue.set_trigger_delay(delay, symbol=symbol)
         await fire_hard_stop(run, symbol)
         await run.until(lambda: symbol not in run.held(), limit=10, what="closed at market")
         run.venue.set_trigger_delay(None, symbol=symbol)
+        if restart:
+            await run.restart_engine()
+            assert run.venue.core.inspect(run.clock.now()).triggering, "the old stop is still TRIGGERING"
         # The next signal on the symbol, at once, the same side: it waits for the fired stop's end.
         await run.wave(1, symbols=[symbol], sides=["long"])
-        await run.run_for(6.0)
-        await run.wave(1, symbols=[symbol], sides=["long"])  # in case the first was turned away meanwhile
-        await run.until(lambda: symbol in run.held() and run.converged(), limit=20, what="re-opened")
-        await run.settle()
-        run.verdict(coverage_at_least=0.0)  # no quantity or duplicate rule broken on the way
-        rows = await db.pool.fetch(
-            "SELECT quantity, exit_reason FROM monitoring.positions WHERE symbol = $1 ORDER BY id", symbol
-        )
-        assert [r["exit_reason"] for r in rows][:1] == ["stop_not_filled"]
-        held = run.held()[symbol].quantity
-        assert held == rows[-1]["quantity"], "the old stop's fill reduced the new position"
-    finally:
-        await run.stop()
-
-
-async def test_a_fired_stop_still_triggering_at_a_restart_keeps_its_symbol_closed_after_it(
-    db: Database,
-) -> None:
-    """The same as above across a restart. The engine kept the fired stop it waited for in memory only: a
-    new process started with the old position's stop still TRIGGERING (the venue's open orders leave such
-    a stop out, so the start-up's orphan pass never saw it), took the next signal on the symbol at once,
-    and the old stop's fill, reduce-only, then cut the new position. The next start reads the stops its
-    records say may still be live on closed positions, and the symbol waits for the venue to end them."""
-    settings = chaos_settings(db)
-    run = ChaosRun(db, settings)
-    await run.start()
-    try:
-        await past_the_start_up_window(run)
-        symbol = await run.one_protected_position(sides=["long"])
-        run.venue.set_trigger_delay(40.0, symbol=symbol)
-        await fire_hard_stop(run, symbol)
-        await run.until(lambda: symbol not in run.held(), limit=10, what="closed at market")
-        run.venue.set_trigger_delay(None, symbol=symbol)
-        await run.restart_engine()
-        assert run.venue.core.inspect(run.clock.now()).triggering, "the old stop is still TRIGGERING"
-        await run.wave(1, symbols=[symbol], sides=["long"])  # at once after the start, the same side
-        await run.run_for(45.0)
+        await run.run_for(delay + 5.0)
         await run.wave(1, symbols=[symbol], sides=["long"])  # in case the first was turned away meanwhile
         await run.until(lambda: symbol in run.held() and run.converged(), limit=20, what="re-opened")
         await run.settle()

@@ -37,6 +37,16 @@ SYMBOL = "SFPUSDT"
 TICK = Decimal("0.0001")
 
 
+def _emulator() -> BybitEmulator:
+    """The Bybit emulator, with its control API, on SYMBOL and one other symbol, prices still."""
+    return BybitEmulator(
+        SimVenueSettings(seed=11, volatility=0.0, symbols=[SYMBOL, "BTCUSDT"]),
+        api_key=KEY,
+        api_secret=SECRET,
+        control=True,
+    )
+
+
 async def _as_operator(base_url: str, **fields: str) -> None:
     """`POST /v5/position/trading-stop` as another client of the account would send it (the same key, its
     own signature: HMAC-SHA256 over timestamp + key + recvWindow + body)."""
@@ -114,12 +124,7 @@ PATHS: dict[str, tuple[str, tuple[str, ...]]] = {
 async def test_a_stop_moved_by_someone_else_is_uncovered_at_once_and_set_again_at_our_value(
     db: Database, caplog: pytest.LogCaptureFixture, moved: str, path: str
 ) -> None:
-    emulator = BybitEmulator(
-        SimVenueSettings(seed=11, volatility=0.0, symbols=[SYMBOL, "BTCUSDT"]),
-        api_key=KEY,
-        api_secret=SECRET,
-        control=True,
-    )
+    emulator = _emulator()
     reconcile_seconds, lost_topics = PATHS[path]
     overrides = {"PROTECTION__RECONCILE_SECONDS": reconcile_seconds}
     async with bybit_engine(db, emulator, overrides) as (engine, _rejected):
@@ -176,12 +181,7 @@ async def test_a_trailing_stop_moved_is_set_again_not_taken_as_ours_where_we_rea
     set again), a trailing stop is placed after reading the position, and one found working there with
     none of ours in memory used to be adopted (a restart, a lost answer). The one someone else set in the
     place of ours is not ours: ours is set again, at our distance."""
-    emulator = BybitEmulator(
-        SimVenueSettings(seed=11, volatility=0.0, symbols=[SYMBOL, "BTCUSDT"]),
-        api_key=KEY,
-        api_secret=SECRET,
-        control=True,
-    )
+    emulator = _emulator()
     async with bybit_engine(db, emulator, {"PROTECTION__RECONCILE_SECONDS": "3600"}) as (engine, _rejected):
         base_url = engine.settings.venue.base_url
         guard = await _one_protected(engine, SYMBOL)
@@ -210,12 +210,7 @@ async def test_a_stop_moved_while_no_engine_ran_is_not_restored_as_ours(
     moved out of reach (the position's row has no activation: the stop's order row shows it). It is someone
     else's: said loudly (a WARNING naming the field), the position re-protected, not restored, and ours set
     again."""
-    emulator = BybitEmulator(
-        SimVenueSettings(seed=11, volatility=0.0, symbols=[SYMBOL, "BTCUSDT"]),
-        api_key=KEY,
-        api_secret=SECRET,
-        control=True,
-    )
+    emulator = _emulator()
     async with running(emulator) as base_url:
         overrides = {"PROTECTION__RECONCILE_SECONDS": "3600"}
         async with engine_on(db, base_url, overrides) as engine:
@@ -267,12 +262,7 @@ async def test_a_restart_leaves_the_open_positions_stops_alone_for_a_closed_posi
     send refused for the rate, then the position closed) was cancelled by id, and Bybit's adapter, finding
     no stop of that id, took the open position's trailing stop on the same symbol for it and cleared it.
     On a venue whose stops are the position's, nothing is swept for a closed position."""
-    emulator = BybitEmulator(
-        SimVenueSettings(seed=11, volatility=0.0, symbols=[SYMBOL, "BTCUSDT"]),
-        api_key=KEY,
-        api_secret=SECRET,
-        control=True,
-    )
+    emulator = _emulator()
     async with running(emulator) as base_url:
         overrides = {"PROTECTION__RECONCILE_SECONDS": "3600"}
         async with engine_on(db, base_url, overrides) as engine:

@@ -99,6 +99,20 @@ async def test_the_lease_is_heartbeated_through_a_long_start(db: Database) -> No
         await drive(clock, engine.stop())
 
 
+def _a_venue_holding_a_naked_position(settings, symbol: str) -> tuple[SimVenue, ManualClock]:  # type: ignore[no-untyped-def]
+    """A sim venue (virtual time from now) holding a long on `symbol` whose entry filled while no engine
+    ran: no stop, no record."""
+    clock = ManualClock(start=time.time())
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    core = venue.core
+    market = core.markets[symbol]
+    quantity = market.round_quantity(
+        max(market.min_notional * 2 / core.mark(symbol), market.min_quantity * 2)
+    )
+    core.place_market_order(symbol, OrderSide.BUY, quantity, "filled-while-no-engine-ran", clock.now())
+    return venue, clock
+
+
 async def test_a_start_during_a_venue_ban_waits_for_its_end_then_protects_what_the_venue_holds(
     db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -115,14 +129,9 @@ async def test_a_start_during_a_venue_ban_waits_for_its_end_then_protects_what_t
             "VENUE__SIM__RATE_LIMITS__BAN_SECONDS": "20",
         },
     )
-    clock = ManualClock(start=time.time())
-    venue = SimVenue(settings.venue.sim, clock=clock)
+    venue, clock = _a_venue_holding_a_naked_position(settings, SYMBOLS[0])
     core = venue.core
     naked, flat = SYMBOLS[0], SYMBOLS[1]
-    market = core.markets[naked]
-    mark = core.mark(naked)
-    quantity = market.round_quantity(max(market.min_notional * 2 / mark, market.min_quantity * 2))
-    core.place_market_order(naked, OrderSide.BUY, quantity, "filled-while-no-engine-ran", clock.now())
     banned_until = None
     for i in range(100):  # another client on the account fills the order window until the venue bans it
         try:
@@ -167,14 +176,9 @@ async def test_a_stop_asked_while_the_start_protects_positions_lets_it_finish(db
     from engine.cli import _start_unless_stopped
 
     settings = engine_settings(db.target.dsn, {"VENUE__SIM__LATENCY__BY_CALL__CREATE_ORDER__SECONDS": "2.0"})
-    clock = ManualClock(start=time.time())
-    venue = SimVenue(settings.venue.sim, clock=clock)
-    core = venue.core
     naked = SYMBOLS[2]
-    market = core.markets[naked]
-    mark = core.mark(naked)
-    quantity = market.round_quantity(max(market.min_notional * 2 / mark, market.min_quantity * 2))
-    core.place_market_order(naked, OrderSide.BUY, quantity, "filled-while-no-engine-ran", clock.now())
+    venue, clock = _a_venue_holding_a_naked_position(settings, naked)
+    core = venue.core
     engine = make_engine(settings, clock, venue)
     stop = asyncio.Event()
     starting = asyncio.ensure_future(_start_unless_stopped(engine, stop))
