@@ -69,7 +69,9 @@ async def test_sigterm_then_sigkill_mid_wave_and_restarts(
                 engine = await Process.start("run", cwd=tmp_path)
                 try:
                     report = await engine_up(auditor, engine)
-                    assert report.endswith("failed 0"), report
+                    assert report.split(";")[0].endswith("failed 0"), (
+                        report
+                    )  # (then any entries still in doubt, named)
                     if how is None:
                         break
                     before = await protected_positions(dsn)

@@ -146,7 +146,9 @@ async def test_an_engine_killed_mid_move_adopts_the_live_new_stop_on_restart(
             engine = await Process.start("run", cwd=tmp_path)
             try:
                 report = await engine_up(auditor, engine)
-                assert report.endswith("failed 0"), report
+                assert report.split(";")[0].endswith("failed 0"), (
+                    report
+                )  # (then any entries still in doubt, named)
                 never_looser: list[tuple[list[str], Decimal]] = []
 
                 async def adopted() -> bool:
