@@ -2018,7 +2018,7 @@ class Engine:
         await self.clock.sleep(seconds)
         while not (
             carried.trails_without_order
-            or self._sending.keys() - self._refused_waiting  # (one refused for the rate never ran)
+            or self._entries_on_their_way()
             or self._in_doubt
             or self._awaiting_guard
         ):
@@ -3044,8 +3044,13 @@ class Engine:
             waves=tuple(self._waves),
             taken_at=self.clock.now(),
             rows=rows,
-            entries_sending=len(self._sending.keys() - self._refused_waiting),
+            entries_sending=len(self._entries_on_their_way()),
         )
+
+    def _entries_on_their_way(self) -> set[str]:
+        """Client ids of the entries sent whose answer is still on its way (one refused for the rate and
+        waiting to be sent again never ran, and a stop never sends it)."""
+        return self._sending.keys() - self._refused_waiting
 
     def coverage(self) -> CoverageFigures:
         """Coverage as the snapshot shows it (the health check and the gauge read the same figures)."""
