@@ -1066,13 +1066,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in exc.lines:
             print(one_line(line), file=sys.stderr)
         return EXIT_USAGE
-    secrets = loaded.secret_values()
-    try:
-        log_file = configure_logging(loaded.settings.logging, secrets)  # the file only: the screen is ours
-        engine = Engine(loaded.settings)
-    except (LogFileError, ConfigError) as exc:
-        print(f"tsbot-tui: {one_line(str(exc), secrets)}", file=sys.stderr)
-        return EXIT_USAGE
+    # Refused before anything is written: the log file is not created for a dashboard that never ran.
     not_a_tty = [name for name, fd in STANDARD_STREAMS.items() if not _is_a_terminal(fd)]
     if not_a_tty:
         named = ", ".join(not_a_tty[:-1]) + " and " + not_a_tty[-1] if len(not_a_tty) > 1 else not_a_tty[0]
@@ -1081,6 +1075,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "run the engine headless with `tsbot run`",
             file=sys.stderr,
         )
+        return EXIT_USAGE
+    secrets = loaded.secret_values()
+    try:
+        log_file = configure_logging(loaded.settings.logging, secrets)  # the file only: the screen is ours
+        engine = Engine(loaded.settings)
+    except (LogFileError, ConfigError) as exc:
+        print(f"tsbot-tui: {one_line(str(exc), secrets)}", file=sys.stderr)
         return EXIT_USAGE
     logging.captureWarnings(True)
     # `kill -USR1 <pid>` writes every thread's stack next to the log: a hung dashboard can be diagnosed.
