@@ -57,6 +57,7 @@ from engine.exchange.errors import (
     RateLimited,
     Rejected,
     Retryable,
+    Withheld,
 )
 from engine.exchange.port import (
     AccountEvent,
@@ -1022,6 +1023,8 @@ class Engine:
             return self.stop_report or StopReport(0, 0)
         self._set_state(EngineState.STOPPING)
         self._stop_begun.set()
+        if self.request_pacer is not None:  # entries waiting for the venue's rate are not sent
+            self.request_pacer.recheck()
         self._drop_database_if_down()
         budget = float(self.settings.protection.call_timeout_seconds)
         if drain:
@@ -2304,7 +2307,7 @@ class Engine:
                     promise,
                     stop_record,
                 )
-            except EntryNotSentAgain as exc:
+            except (EntryNotSentAgain, Withheld) as exc:
                 return await self._entry_failed(
                     signal, position.id, cid, exc.reason, wave_id, promise, stop_record
                 )
@@ -2676,6 +2679,7 @@ class Engine:
                         Lane.ENTRY,
                         known=lambda: self._streamed_entries.get(cid),
                         told=doubt.heard,
+                        withhold=self._not_to_be_sent,  # while it waits for the venue's rate: not sent
                     )
                 except RateLimited as exc:
                     manager.budget.entry_answered(promise, room=False)
@@ -3272,6 +3276,8 @@ class Engine:
         self.entries_paused_by = by if paused else ""
         self.entries_pause_reason = reason if paused else ""
         if changed:
+            if paused and self.request_pacer is not None:  # entries waiting for the venue's rate: not sent
+                self.request_pacer.recheck()
             self.events_bus.publish(
                 EntriesToggled(
                     at=self.clock.now(),

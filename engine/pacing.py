@@ -29,13 +29,13 @@ import asyncio
 import contextvars
 import math
 from collections import deque
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Protocol, TypeVar
 
 from engine.clock import Clock
-from engine.exchange.errors import Banned
+from engine.exchange.errors import Banned, Withheld
 from engine.exchange.port import RequestBudget
 from engine.metrics import CallStats, CallSummary, CumulativeHistogram
 
@@ -61,6 +61,9 @@ class CallTicket:
     waited: float = 0.0
     waiting_since: float | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # Until the call's first request is sent: why it must not be sent now (None: it may go). Asked while
+    # that request waits for budget (`RequestPacer.acquire` raises `Withheld`), and again on `recheck()`.
+    withhold: Callable[[], str | None] | None = None
 
     def begin_wait(self, now: float) -> None:
         if self.waiting_since is None:
@@ -244,6 +247,11 @@ class RequestPacer:
             fractions.append(window.total / window.venue_limit)
         return max(fractions, default=0.0)
 
+    @property
+    def waiting_now(self) -> int:
+        """Requests waiting for budget now."""
+        return len(self._queue)
+
     def banned_for(self) -> float | None:
         left = self._banned_until - self._clock.monotonic()
         return left if left > 0 else None
@@ -259,9 +267,10 @@ class RequestPacer:
         ticket = current_ticket()
         clock = self._clock
         self._refuse_if_banned(lane)
+        _refuse_if_withheld(ticket)
         me = (int(lane), self._sequence + 1)
         if self._wait_time(costs, lane) == 0.0 and not self._held_back(me, costs):
-            self._book(costs)
+            self._book(costs, ticket)
             return
         self._sequence += 1
         self._queue.append(me)
@@ -274,6 +283,7 @@ class RequestPacer:
         try:
             while True:
                 self._refuse_if_banned(lane)
+                _refuse_if_withheld(ticket)
                 wait = self._wait_time(costs, lane)
                 clear = not self._held_back(me, costs)
                 if clear and wait == 0.0:
@@ -295,7 +305,7 @@ class RequestPacer:
                 ticket.end_wait(now)
             self.waits.record(now, now - started, lane)
             self._notify()
-        self._book(costs)
+        self._book(costs, ticket)
 
     def _held_back(self, me: tuple[int, int], costs: Mapping[str, int]) -> bool:
         """Whether a waiting request ahead of `me` (a higher lane, or the same lane and earlier) would be
@@ -350,7 +360,9 @@ class RequestPacer:
             wait = max(wait, window.wait_for(min(units, limit), limit, now))
         return wait
 
-    def _book(self, costs: Mapping[str, int]) -> None:
+    def _book(self, costs: Mapping[str, int], ticket: CallTicket | None) -> None:
+        if ticket is not None:
+            ticket.withhold = None  # its first request goes now: what follows (a read-back) is not withheld
         now = self._clock.monotonic()
         for key, units in costs.items():
             window = self._windows.get(key)
@@ -359,10 +371,20 @@ class RequestPacer:
         self.requests_sent += 1
         self._notify()
 
+    def recheck(self) -> None:
+        """Something a waiting request's `withhold` asks changed (the engine began stopping, entries were
+        paused): every waiter asks again now."""
+        self._notify()
+
     def _notify(self) -> None:
         # Wake every waiter once: each re-checks its place and the windows. A fresh event for the next round.
         self._changed.set()
         self._changed = asyncio.Event()
+
+
+def _refuse_if_withheld(ticket: CallTicket | None) -> None:
+    if ticket is not None and ticket.withhold is not None and (reason := ticket.withhold()) is not None:
+        raise Withheld(reason)
 
 
 class OrderCounts(Protocol):

@@ -53,6 +53,7 @@ from engine.exchange.errors import (
     RejectCode,
     Rejected,
     Retryable,
+    Withheld,
     WouldTriggerImmediately,
     failure_class,
 )
@@ -3315,7 +3316,7 @@ class ProtectionManager:
         never times a call out. Pass a `ticket` (of `lane`) to watch the call's budget waits."""
         ticket = CallTicket(lane) if ticket is None else ticket
         started = self.clock.monotonic()
-        ok = timed_out = False
+        ok = timed_out = withheld = False
         try:
             result = await call_with_send_timeout(
                 self.clock, self.config.call_timeout_seconds, awaitable, lane, ticket
@@ -3328,10 +3329,14 @@ class ProtectionManager:
         except (TimeoutError, OutcomeUnknown) as exc:
             timed_out = failure_class(exc) is FailureClass.TIMEOUT  # a 500 answered at once is no timeout
             raise
+        except Withheld:
+            withheld = True
+            raise
         finally:
             now = self.clock.monotonic()
             latency = max(0.0, now - started - ticket.waited)
-            self.call_stats.record(now, latency, ok, kind, timed_out=timed_out)
+            if not withheld:  # never sent: no call of the venue's to measure
+                self.call_stats.record(now, latency, ok, kind, timed_out=timed_out)
             if ok and kind == "create_order":
                 previous = self.order_round_trip_seconds
                 self.order_round_trip_seconds = latency if previous == 0.0 else 0.8 * previous + 0.2 * latency
@@ -3389,6 +3394,7 @@ class ProtectionManager:
         *,
         known: Callable[[], Order | None] | None = None,
         told: asyncio.Event | None = None,
+        withhold: Callable[[], str | None] | None = None,
     ) -> Order:
         """An order call whose answer can be lost (`request`), and meanwhile, once that answer is late,
         look-ups of the order by its client id (`find`, raising `NotFound` while the venue does not show
@@ -3398,8 +3404,9 @@ class ProtectionManager:
         what is already known of the order without asking (the account stream's word, which `told` is set
         for): taken as the venue's answer as soon as it is told, the answer still on its way or not, and
         tried before each look-up, which it then spares (a look-up not sent is no call in the venue's
-        figures)."""
-        ticket = CallTicket(lane)
+        figures). `withhold`: asked while the order waits for rate budget, why it must not be sent now
+        (`CallTicket.withhold`): it is then withheld, never sent (`Withheld`)."""
+        ticket = CallTicket(lane, withhold=withhold)
         call = asyncio.ensure_future(self.call(request, "create_order", lane, ticket=ticket))
         started = self.clock.monotonic()
         look_after = self.late_answer_seconds()

@@ -104,6 +104,16 @@ class Banned(ExchangeError):
         self.until = until
 
 
+class Withheld(ExchangeError):
+    """The engine withheld the request while it waited for rate budget: it was never sent (an entry, once
+    the engine began stopping or entries were paused)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.failure = FailureClass.NOT_SENT
+
+
 class OutcomeUnknown(ExchangeError):
     """The request may or may not have been executed. Resolve by client order id before doing anything."""
 

@@ -4,6 +4,7 @@ HTTP through real ccxt and real signing, configured as for a real Bybit account 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
@@ -555,3 +556,50 @@ async def test_an_entry_whose_fill_the_stream_tells_without_a_price_is_a_positio
     assert rejected == []
     assert row["entry_price"] == held.entry_price
     assert guard.quantity == held.quantity
+
+
+async def test_a_stop_sends_none_of_the_entries_still_waiting_for_the_venues_rate(db: Database) -> None:
+    """The account allows order/create 2 a second (announced in the answers' X-Bapi-Limit), so a wave's
+    entries wait their turn in the request pacer. A stop begins early in the wave: it sends no entry it has
+    not sent. The entries still waiting went out one by one while the stop drained (new positions opened
+    after the operator asked to stop); now each is given up at once, its signal rejected "engine stopping",
+    and what did open is protected on the venue."""
+    limits = dict(ENDPOINT_LIMITS_PER_SECOND)
+    limits["/v5/order/create"] = 2
+    emulator = BybitEmulator(
+        SimVenueSettings(seed=11, volatility=0.0),
+        api_key=KEY,
+        api_secret=SECRET,
+        limiter=BybitLimiter(endpoint_limits=limits),
+        control=True,
+    )
+    wave = 12
+    async with running(emulator) as base_url, engine_on(db, base_url) as engine:
+        assert engine.store is not None
+        symbols = sorted(emulator.core.markets)[:wave]
+        await engine.store.insert_signals([(s, "long", None, None) for s in symbols])
+
+        def entries_served() -> int:
+            return emulator.requests_by_endpoint.get("POST order/create", 0)
+
+        pacer = engine.request_pacer
+        assert pacer is not None
+        await wait_until(lambda: entries_served() >= 4, within=30.0, what="the wave's first entries")
+        await wait_until(lambda: pacer.waiting_now > 0, within=5.0, what="entries waiting for room")
+        served_at_stop = entries_served()
+        report = await engine.stop()
+        # At most the one the pacer let go as the stop began (2 a second: one every half second).
+        assert entries_served() - served_at_stop <= 1, (served_at_stop, entries_served())
+        opened = {p.symbol for p in emulator.core.inspect(time.time()).positions}
+        assert len(opened) <= served_at_stop + 1
+        reasons = await db.pool.fetch("SELECT reason FROM monitoring.signals WHERE status = 'rejected'")
+        assert [r["reason"] for r in reasons] == ["engine stopping"] * (wave - len(opened)), reasons
+        assert report.uncovered == 0, report
+        truth = BybitEmulatorTruth(base_url)
+        try:
+            view = await truth.read()
+        finally:
+            await truth.close()
+        for symbol in opened:
+            kinds = Counter(s.purpose for s in view.open_stops if s.symbol == symbol)
+            assert kinds == {OrderPurpose.STOP_LOSS: 1, OrderPurpose.TRAILING_STOP: 1}, (symbol, kinds)

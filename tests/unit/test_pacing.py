@@ -10,7 +10,7 @@ import asyncio
 import pytest
 
 from engine.clock import ManualClock, with_timeout
-from engine.exchange.errors import Banned
+from engine.exchange.errors import Banned, Withheld
 from engine.exchange.port import RequestBudget
 from engine.pacing import (
     READ_SHARE,
@@ -121,6 +121,48 @@ async def test_a_ban_refuses_entries_and_reads_at_once_and_protective_requests_w
     assert protective.done()
     assert protective.exception() is None
     assert pacer.banned_for() is None
+
+
+async def test_a_request_waiting_for_budget_is_withheld_once_its_call_says_not_to_send_it() -> None:
+    """An entry waiting for the venue's rate when the engine begins stopping is not sent: asked again on
+    `recheck()`, it raises `Withheld`. Once its first request is sent, what follows in the same call (the
+    order read back for its fill) is never withheld."""
+    clock = ManualClock()
+    pacer = _pacer(clock)
+    stopping: list[str] = []
+
+    def withhold() -> str | None:
+        return stopping[0] if stopping else None
+
+    async def order_then_read_back() -> None:
+        await pacer.acquire({WEIGHT: 1})  # the order
+        stopping.append("engine stopping")  # the stop begins while the order is out
+        await pacer.acquire({WEIGHT: 1})  # its read-back
+
+    ticket = CallTicket(Lane.ENTRY, withhold=withhold)
+    sent = asyncio.create_task(
+        call_with_send_timeout(clock, 10.0, order_then_read_back(), Lane.ENTRY, ticket)
+    )
+    await _run_until_done(clock, [sent])
+    assert sent.exception() is None
+    assert pacer.requests_sent == 2
+
+    stopping.clear()
+    pacer.hold(5.0)  # a 429's Retry-After: every lane waits
+    ticket = CallTicket(Lane.ENTRY, withhold=withhold)
+    held = asyncio.create_task(
+        call_with_send_timeout(clock, 10.0, pacer.acquire({WEIGHT: 1}), Lane.ENTRY, ticket)
+    )
+    await clock.advance(1.0)
+    assert pacer.waiting_now == 1
+    stopping.append("engine stopping")
+    pacer.recheck()
+    await clock.settle()
+    assert held.done()
+    with pytest.raises(Withheld, match="engine stopping"):
+        held.result()
+    assert pacer.waiting_now == 0
+    assert pacer.requests_sent == 2  # it was never sent
 
 
 async def test_a_wait_for_budget_does_not_count_toward_the_call_timeout() -> None:
