@@ -432,6 +432,10 @@ class PositionGuard:
         self.last_error: str | None = None
         self._commands: deque[GuardCommand] = deque()
         self.retry_at: float | None = None  # the venue named when to try again (Retry-After, ban end)
+        # Managed moves failed in a row: no new move is decided before `_moves_resume_at` (their backoff,
+        # counted apart from the passes', which a converged pass resets), whatever the marks say.
+        self._move_failures = 0
+        self._moves_resume_at: float | None = None
         self.check_fired_soon = False  # the mark crossed one of our stops: ask the venue how it stands
         self._native_extreme: Decimal | None = None  # best mark since the native trailing stop armed
         self._superseded: list[ProtectiveOrder] = []  # resized-away stops, cancelled once the new ones live
@@ -1776,7 +1780,9 @@ class PositionGuard:
         if resolved:
             state, severity = "it was placed after all (found by its client order id)", Severity.WARNING
         else:
-            retry_in = self._retry_delay(self.failures + 1)
+            # A managed move waits its own backoff (`_moves_resume_at`); the rest, the next failed pass's.
+            failures = self._move_failures if order is self._replacement else self.failures
+            retry_in = self._retry_delay(failures + 1)
             covered_words = "still protected by its confirmed stops" if still_covered else "unprotected"
             state = f"{self.symbol} {covered_words}, retrying in {retry_in:.1f}s"
             severity = Severity.WARNING if still_covered else Severity.ERROR
@@ -1953,6 +1959,9 @@ class PositionGuard:
             return False
         if outcome is not _Outcome.CONFIRMED:
             self.trail = trailing.on_stop_failed(self.trail)
+            if outcome is not _Outcome.BREACHED:  # the next try waits the backoff its failure logged
+                self._move_failures += 1
+                self._moves_resume_at = m.clock.monotonic() + self._retry_delay(self._move_failures)
             await self._save_trail()  # no longer `moving`: the record says the old stop is the trail's
             if replacement.client_order_id and not replacement.maybe_sent:
                 # Never reached the venue (or was refused): close the row; the next move takes a new id.
@@ -1981,6 +1990,7 @@ class PositionGuard:
         assert self.trail is not None
         old = self.trailing_stop
         self.trail = trailing.on_stop_confirmed(self.trail, new_price, m.clock.now())
+        self._move_failures = 0
         retired = self._take_trailing_stop(replacement)
         await self._save_trail()
         reason = move.reason.value if isinstance(move, trailing.MoveStop) else "activation"
@@ -2141,6 +2151,14 @@ class PositionGuard:
             return
         self.trail, decision = trailing.on_mark(self.trail, price, at)
         if decision is not trailing.HOLD:
+            resume = self._moves_resume_at
+            if resume is not None:
+                if self._m.clock.monotonic() < resume:
+                    # A failed move's backoff: the peak is followed, the move is not sent before it has
+                    # passed (decided again by each mark, it was sent again at every tick).
+                    self.trail = trailing.on_stop_failed(self.trail)
+                    return
+                self._moves_resume_at = None
             self.pending_move = decision  # type: ignore[assignment]
             self.wake.set()
 

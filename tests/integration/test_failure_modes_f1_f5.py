@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from decimal import Decimal
 
@@ -1058,6 +1059,57 @@ async def test_f4_a_trail_move_is_committed_only_after_the_venue_confirms_it(
             "SELECT count(*) FROM monitoring.orders WHERE purpose = 'trailing_stop' AND status = 'pending'"
         )
         assert stuck == 0
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_f4_a_trail_move_the_venue_keeps_refusing_waits_its_backoff_not_the_next_mark(
+    db: Database,
+) -> None:
+    """A managed trail's move that fails (the venue answers 5xx, again and again) was decided again by the
+    very next mark and sent again at once: one doomed send a mark tick per trail (a row, a write, a log
+    line and a protective-lane slot each), every position's first stops queued behind them, while its log
+    line said "retrying in 1.0s". The next try now waits the pass's backoff (doubling to
+    `retry_max_seconds`); the old stop stays live and counted meanwhile, and the move is made once the
+    venue takes orders again."""
+    settings = settings_for(
+        db, {"PROTECTION__TRAILING__MODE": "managed", "PROTECTION__RETRY_MAX_SECONDS": "8"}
+    )
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        symbol = SYMBOLS[42]
+        (guard,) = await open_positions(engine, clock, [symbol])
+        await drive_until_covered(engine, clock, 1)
+        await push_mark(engine, clock, guard, "1.02")
+        assert guard.trail is not None
+        first_cid = guard.trailing_stop.client_order_id
+        venue = engine.venue
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, 10_000)
+        sent_before = venue.calls_made.get(CallKind.CREATE_ORDER, 0)
+        market = engine.markets[symbol]
+        venue.override_mark_price(symbol, market.round_price(guard.entry_price * Decimal("1.05")))
+        started = clock.monotonic()
+        while clock.monotonic() - started < 30.0:
+            await step(clock)
+            assert guard.covered  # the old trailing stop is live throughout
+        sent = venue.calls_made.get(CallKind.CREATE_ORDER, 0) - sent_before
+        # Backoff 1, 2, 4, 8, 8, 8 s (and a round trip each): six or seven tries in 30 s, not one a mark.
+        assert 3 <= sent <= 8, sent
+        assert guard.trailing_stop.client_order_id == first_cid
+        said = [
+            float(re.search(r"retrying in ([0-9.]+)s", row["message"]).group(1))  # type: ignore[union-attr]
+            for row in await events_of(db, "protection_server_error")
+        ]
+        assert said[:4] == [1.0, 2.0, 4.0, 8.0], said  # what each failure says is when it is tried again
+        venue.clear_injected_faults()
+        await drive_until(
+            clock,
+            lambda: guard.trailing_stop.client_order_id != first_cid and guard.covered,
+            what="the move made once the venue takes orders",
+            limit=20.0,
+        )
     finally:
         await drive(clock, engine.stop())
 
