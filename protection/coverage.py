@@ -41,6 +41,10 @@ class CoverageFigures:
     ts_coverage_pct: Decimal | None
     sl_coverage_pct: Decimal | None
     uncovered_ids: tuple[int, ...]
+    # Of those within grace (`protecting`), how many have that stop confirmed already: the health rule
+    # judges coverage over the positions past grace only (a wave being protected is no alarm).
+    protecting_with_stop_loss: int = 0
+    protecting_with_trailing_stop: int = 0
 
 
 def percent(part: int, whole: int) -> Decimal | None:
@@ -52,7 +56,7 @@ def percent(part: int, whole: int) -> Decimal | None:
 def coverage_figures(
     positions: Iterable[PositionCoverage], now: float, grace_seconds: float
 ) -> CoverageFigures:
-    active = protected = protecting = with_sl = with_ts = lasting = 0
+    active = protected = protecting = with_sl = with_ts = lasting = protecting_sl = protecting_ts = 0
     uncovered_ids: list[int] = []
     oldest: float | None = None
     for position in positions:
@@ -67,6 +71,8 @@ def coverage_figures(
         age = max(0.0, now - since)
         if now - position.filled_at < grace_seconds:
             protecting += 1
+            protecting_sl += position.has_stop_loss
+            protecting_ts += position.has_trailing_stop
             continue
         uncovered_ids.append(position.position_id)
         oldest = age if oldest is None else max(oldest, age)
@@ -83,6 +89,8 @@ def coverage_figures(
         ts_coverage_pct=percent(with_ts, active),
         sl_coverage_pct=percent(with_sl, active),
         uncovered_ids=tuple(sorted(uncovered_ids)),
+        protecting_with_stop_loss=protecting_sl,
+        protecting_with_trailing_stop=protecting_ts,
     )
 
 

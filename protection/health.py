@@ -363,6 +363,9 @@ class ProtectionMeasurement:
     uncovered_past_grace: int
     oldest_uncovered_seconds: float | None
     timeouts_last_hour: int = 0
+    # Of the uncovered within grace (still being protected), those with that stop confirmed already.
+    protecting_ts_covered: int = 0
+    protecting_sl_covered: int = 0
 
     @classmethod
     def of(cls, figures: CoverageFigures, timeouts_last_hour: int) -> ProtectionMeasurement:
@@ -377,6 +380,8 @@ class ProtectionMeasurement:
             if figures.uncovered
             else (None if figures.protected == figures.active else 0.0),
             timeouts_last_hour=timeouts_last_hour,
+            protecting_ts_covered=figures.protecting_with_trailing_stop,
+            protecting_sl_covered=figures.protecting_with_stop_loss,
         )
 
     def __post_init__(self) -> None:
@@ -397,6 +402,9 @@ class ProtectionMeasurement:
             raise ValueError(f"{name}: a protected position has both stops, so counts in ts and sl ({self})")
         if self.uncovered_past_grace > self.uncovered_positions:
             raise ValueError(f"{name}: more uncovered past grace than uncovered ({self})")
+        protecting = self.uncovered_positions - self.uncovered_past_grace
+        if max(self.protecting_ts_covered, self.protecting_sl_covered) > protecting:
+            raise ValueError(f"{name}: more stops within grace than positions within grace ({self})")
         if self.uncovered_positions == 0 and self.oldest_uncovered_seconds is not None:
             raise ValueError(f"{name}: an oldest uncovered age with nothing uncovered ({self})")
         if self.uncovered_past_grace > 0 and self.oldest_uncovered_seconds is None:
@@ -723,8 +731,6 @@ def evaluate_protection(
     if protected_percent is None or ts_percent is None or sl_percent is None:
         return _verdict(component, measurements, f"no open positions{timeouts}", [], [])
 
-    ts_text = f"{ts_percent}% ({measured.ts_covered}/{active})"
-    sl_text = f"{sl_percent}% ({measured.sl_covered}/{active})"
     uncovered_text = f"{uncovered} uncovered"
     if past_grace != uncovered:
         uncovered_text += f" ({past_grace} past grace)"
@@ -738,15 +744,27 @@ def evaluate_protection(
     critical: list[str] = []
     degraded: list[str] = []
     if past_grace:
+        # Judged over the positions past their grace period, as the alerts and the breaker judge it: a wave
+        # still being protected beside one old uncovered position made it CRITICAL until the wave was
+        # covered, every wave (and read as if the whole wave were missing its stops).
         limit = thresholds.coverage_critical_percent
-        if protected_percent < limit:
-            if ts_percent < limit:
-                critical.append(f"Low TS coverage: {ts_text}")
-            if sl_percent < limit:
-                critical.append(f"Low SL coverage: {sl_text}")
-            if ts_percent >= limit and sl_percent >= limit:  # each stop missing on different positions
+        protecting = uncovered - past_grace
+        judged = active - protecting
+        where = f"/{judged} past grace)" if protecting else f"/{judged})"
+        judged_protected = coverage_percent(measured.protected_positions, judged)
+        judged_ts = measured.ts_covered - measured.protecting_ts_covered
+        judged_sl = measured.sl_covered - measured.protecting_sl_covered
+        ts_judged = coverage_percent(judged_ts, judged)
+        sl_judged = coverage_percent(judged_sl, judged)
+        assert judged_protected is not None and ts_judged is not None and sl_judged is not None
+        if judged_protected < limit:
+            if ts_judged < limit:
+                critical.append(f"Low TS coverage: {ts_judged}% ({judged_ts}{where}")
+            if sl_judged < limit:
+                critical.append(f"Low SL coverage: {sl_judged}% ({judged_sl}{where}")
+            if ts_judged >= limit and sl_judged >= limit:  # each stop missing on different positions
                 critical.append(
-                    f"Low coverage: {protected_percent}% ({measured.protected_positions}/{active}) with both stops"
+                    f"Low coverage: {judged_protected}% ({measured.protected_positions}{where} with both stops"
                 )
         degraded.append(f"{_plural(past_grace, 'position')} uncovered past grace")
     if oldest is not None and oldest > thresholds.uncovered_critical_seconds:

@@ -183,6 +183,46 @@ def test_a_wave_inside_its_grace_period_is_not_an_alarm() -> None:
     assert health.summary == "TS 30.0 % (3/10), SL 100.0 % (10/10), 7 uncovered (0 past grace), oldest 1.2s"
 
 
+def test_a_wave_being_protected_beside_one_old_uncovered_position_is_not_critical() -> None:
+    """40 covered, 1 old position past grace, and a wave of 7 opening (hard stops placed, trailing stops in
+    flight). Judged over every position it read 83.3 % (40/48): CRITICAL until the wave was covered, every
+    wave, while the alerts and the breaker (which leave the wave out) said 97.6 %. Judged over the 41 past
+    grace, it is the one uncovered position: DEGRADED."""
+    health = evaluate_protection(
+        ProtectionMeasurement(
+            active_positions=48,
+            protected_positions=40,
+            ts_covered=40,
+            sl_covered=48,
+            uncovered_past_grace=1,
+            oldest_uncovered_seconds=20.0,
+            protecting_sl_covered=7,
+        ),
+        T,
+    )
+    assert health.state is DEGRADED
+    assert health.reason == "1 position uncovered past grace"
+    assert health.summary.startswith("TS 83.3 % (40/48), SL 100.0 % (48/48), 8 uncovered (1 past grace)")
+
+
+def test_low_coverage_past_grace_names_its_own_figures_beside_a_wave() -> None:
+    health = evaluate_protection(
+        ProtectionMeasurement(
+            active_positions=17,
+            protected_positions=5,
+            ts_covered=7,
+            sl_covered=17,
+            uncovered_past_grace=5,
+            oldest_uncovered_seconds=40.0,
+            protecting_ts_covered=2,
+            protecting_sl_covered=7,
+        ),
+        T,
+    )
+    assert health.state is CRITICAL
+    assert health.reason.startswith("Low TS coverage: 50.0% (5/10 past grace)")
+
+
 def test_one_position_uncovered_past_grace_is_degraded() -> None:
     health = evaluate_protection(protection(100, 99, oldest=20.0), T)  # TS 99.0 %: above the 95 % limit
     assert health.state is DEGRADED

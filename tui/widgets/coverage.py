@@ -178,6 +178,8 @@ class CoverageGauge(Vertical):
             sl_covered=figures.with_stop_loss,
             uncovered_past_grace=figures.uncovered,
             oldest_uncovered_seconds=figures.oldest_unprotected_seconds if figures.uncovered else None,
+            protecting_ts_covered=figures.protecting_with_trailing_stop,
+            protecting_sl_covered=figures.protecting_with_stop_loss,
         )
         return health.evaluate_protection(measured, self._thresholds).state
 
