@@ -3328,7 +3328,7 @@ class Engine:
         guard = await self._operator_close_turn(guard)
         if guard is None or guard.closed:  # ended while the close waited (its stop filled): closed
             return guard is not None
-        closed, _detail = await guard.request_close("manual")
+        closed, _detail = await guard.request_close()
         return closed
 
     async def _record_quietly(

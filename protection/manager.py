@@ -88,6 +88,7 @@ from storage.repositories import (
 )
 
 log = logging.getLogger(__name__)
+MANUAL_CLOSE = "manual"  # the exit reason of an operator's close (the only close not retried)
 
 _HUNDRED = Decimal(100)
 _T = TypeVar("_T")
@@ -425,6 +426,7 @@ class PositionGuard:
         # The account stream's word on the close in flight (its client id), kept for `_close_at_market`:
         # the venue's answer when the call's own answer is late or lost.
         self._closing_cid: str | None = None
+        self._closing_reason = ""  # the exit reason of the close in flight
         self._close_heard: Order | None = None
         self._close_told = asyncio.Event()
         self._ending_told = asyncio.Event()  # a command that may end the position is queued
@@ -2214,7 +2216,7 @@ class PositionGuard:
 
     # --- closing -------------------------------------------------------------------------------------
 
-    async def request_close(self, exit_reason: str = "manual") -> tuple[bool, str]:
+    async def request_close(self, exit_reason: str = MANUAL_CLOSE) -> tuple[bool, str]:
         """Close the position reduce-only at market, through the guard's own task (so nothing it is
         sending can outlive the position). Returns (closed, detail)."""
         return await self.submit(ClosePosition(exit_reason=exit_reason))
@@ -2224,11 +2226,13 @@ class PositionGuard:
         position is `active` again (never left `closing`, which no operator query counts). Meanwhile the
         guard is `closing`, whatever ends the attempt."""
         self.closing = True
+        self._closing_reason = exit_reason
         try:
             return await self._close_at_market(exit_reason=exit_reason)
         finally:
             self.closing = False
             self._closing_cid = self._close_heard = None
+            self._closing_reason = ""
 
     async def _close_at_market(self, *, exit_reason: str) -> bool:
         m = self._m
@@ -2399,7 +2403,9 @@ class PositionGuard:
         if status is not None:
             await m.store.set_order_status(cid, status, error=error)
         await m.store.set_position_status(self.position_id, self._open_status())
-        self._note_failure("close position", error)
+        # The engine's own closes (a stop breached, a fired stop that did not fill) are decided again by
+        # the next pass; the operator's is not retried: said as such ("retrying" left it open, unsaid).
+        self._note_failure("close position", error, retried=self._closing_reason != MANUAL_CLOSE)
         m.request_reconcile()  # the reconciler finds out whether the venue closed it after all
 
     async def _finish(self, *, exit_reason: str, exit_price: Decimal | None) -> None:
@@ -2520,36 +2526,32 @@ class PositionGuard:
         return delay
 
     def _note_failure(
-        self, operation: str, error: str, *, log_exception: BaseException | None = None
+        self,
+        operation: str,
+        error: str,
+        *,
+        log_exception: BaseException | None = None,
+        retried: bool = True,
     ) -> None:
         m = self._m
         self.last_error = f"{operation}: {error}"
         self._failed_this_pass = True
         # The next pass's order waits for the venue to take orders again (a 429's hold, a ban): say when.
-        retry_in = max(self._retry_delay(self.failures + 1), m.budget.held_for() or 0.0)
+        retry_in = max(self._retry_delay(self.failures + 1), m.budget.held_for() or 0.0) if retried else None
+        then = f"retrying in {retry_in:.1f}s" if retry_in is not None else "not retried: ask again to retry"
         # Only say "unprotected" when it is true: a failed trail move leaves the confirmed stops in place.
         still_covered = self.covered
         state = "still protected by its confirmed stops" if still_covered else "unprotected"
-        if log_exception is not None:
-            log.error(
-                "%s %s: %s failed (%s); retrying in %.1fs",
-                self.symbol,
-                state,
-                operation,
-                error,
-                retry_in,
-                exc_info=log_exception,
-            )
-        else:
-            log.log(
-                logging.WARNING if still_covered else logging.ERROR,
-                "%s %s: %s failed (%s); retrying in %.1fs",
-                self.symbol,
-                state,
-                operation,
-                error,
-                retry_in,
-            )
+        log.log(
+            logging.ERROR if log_exception is not None or not still_covered else logging.WARNING,
+            "%s %s: %s failed (%s); %s",
+            self.symbol,
+            state,
+            operation,
+            error,
+            then,
+            exc_info=log_exception,
+        )
         m.publish(
             ProtectionFailed(
                 at=m.clock.now(),

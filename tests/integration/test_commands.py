@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from engine.clock import ManualClock
 from engine.commands import LEFT_RUNNING, send_command
 from engine.venues.sim.settings import CallKind, FaultKind
@@ -61,8 +63,10 @@ async def test_an_expired_command_is_never_claimed(db: Database) -> None:
 
 
 async def test_a_close_the_venue_refuses_fails_and_a_flatten_that_closes_some_is_partial(
-    db: Database,
+    db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """An operator's close the venue refuses is not retried (the next close is the operator's): it is said
+    so. Its line said "retrying in 1.0s" and the dashboard's log "retrying", and nothing ever retried it."""
     settings = settings_for(db)
     clock = ManualClock()
     engine = make_engine(settings, clock)
@@ -98,6 +102,12 @@ async def test_a_close_the_venue_refuses_fails_and_a_flatten_that_closes_some_is
         assert "the position stays protected" in outcome.detail
         assert SYMBOLS[10] in engine.manager.by_symbol  # type: ignore[union-attr]
         await drive_until_covered(engine, clock, 3)  # still protected on the venue
+        said = [r.getMessage() for r in caplog.records if "close position failed" in r.getMessage()]
+        assert len(said) == 1, said
+        assert said[0].endswith("; not retried: ask again to retry"), said
+        closes_sent = venue.calls_made[CallKind.CREATE_ORDER]  # type: ignore[attr-defined]
+        await drive(clock, clock.sleep(10.0))
+        assert venue.calls_made[CallKind.CREATE_ORDER] == closes_sent  # type: ignore[attr-defined]
         assert {p.symbol for p in venue.core.positions(clock.now())} == set(SYMBOLS[10:13])  # type: ignore[attr-defined]
 
         venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 1)  # type: ignore[attr-defined]
