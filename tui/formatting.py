@@ -62,3 +62,10 @@ def milliseconds(value: int | float | None) -> str:
     if value is None:
         return "—"
     return f"{value:,.0f} ms"
+
+
+def short_milliseconds(value: int | float | None) -> str:
+    """At most 7 cells: milliseconds under 10 s, seconds with a tenth from there ("75.4 s", "120.0 s")."""
+    if value is None or value < 10_000:
+        return milliseconds(value)
+    return f"{value / 1000:.1f} s"

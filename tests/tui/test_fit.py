@@ -4,17 +4,20 @@ Asserted on the rendered screen."""
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC
 
 import pytest
 from textual.widgets import DataTable
 
+from engine.engine import WaveView
 from tests.tui.book import PlanFeed
 from tests.tui.scenario import scenario_positions, scenario_settings
 from tests.tui.snapshots import svg_to_text
 from tui import formatting, keys
 from tui.app import DashboardApp
 from tui.screens.reprotect import ReprotectScreen
+from tui.widgets.waves import WavesTable
 
 SIZES = pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=["80x24", "120x40"])
 
@@ -175,3 +178,65 @@ async def test_a_wide_terminal_is_used_not_left_empty() -> None:
         details = await column_text(app, pilot, app.query_one("#log", DataTable), "detail")
         for entry in app.query_one("#log").shown_entries():  # type: ignore[attr-defined]
             assert flat(entry.detail) in details, entry.detail
+
+
+@SIZES
+@pytest.mark.parametrize("focus", ["positions", "l"], ids=["positions-focused", "log-focused"])
+async def test_the_footer_names_quit_whichever_panel_has_the_focus(size: tuple[int, int], focus: str) -> None:
+    """At 80 columns the log's own key (`s`, severity) joined the footer when the log had the focus and
+    pushed `q Quit` off the edge: the footer read "… l Log ? Hel". The log names its key on its border."""
+    app = await started_app(size)
+    async with app.run_test(size=size) as pilot:
+        await settle(app, pilot)
+        if focus != "positions":
+            await pilot.press(focus)
+            await pilot.pause()
+        footer = screen(app).splitlines()[-1]
+        assert "q Quit" in footer, footer
+        assert "? Help" in footer, footer
+        if focus == "l":
+            assert "s: severity" in screen(app)
+
+
+@pytest.mark.parametrize("size", [(160, 48), (200, 50)], ids=["160x48", "200x50"])
+async def test_the_waves_panel_shows_a_slow_waves_time_whole_and_needs_no_sideways_scroll(
+    size: tuple[int, int],
+) -> None:
+    """A wave whose slowest position took 75 s read "75,351 m" (cut), and with more waves than rows the
+    vertical scrollbar pushed the table past the panel: a horizontal scrollbar took a row."""
+    settings = scenario_settings()
+    feed = PlanFeed(settings)
+    start = feed._snapshot.waves[0].started_at
+    waves = tuple(
+        WaveView(100 - i, start - 20 * i, 7, 7, 7, 0, 75_351 if i == 0 else 120_000 if i == 1 else 900)
+        for i in range(40)
+    )
+    feed._snapshot = dataclasses.replace(feed._snapshot, waves=waves)
+    app = DashboardApp(settings, feed=feed, tz=UTC, code_roots=[])
+    async with app.run_test(size=size) as pilot:
+        await settle(app, pilot)
+        table = app.query_one(WavesTable)
+        text = await column_text(app, pilot, table, "slowest")
+        for shown in ("75.4 s", "120.0 s", "900 ms"):
+            assert shown in text, text
+        assert table.max_scroll_x == 0
+        assert not table.show_horizontal_scrollbar
+
+
+@pytest.mark.parametrize("paused_by", ["operator", "breaker"])
+async def test_the_header_says_entries_and_the_start_time_whole_at_80_columns(paused_by: str) -> None:
+    """With the breaker's pause the header cut the running version's start time (F10) to "v0.1.0 start…"."""
+    settings = scenario_settings()
+    feed = PlanFeed(settings)
+    feed._snapshot = dataclasses.replace(
+        feed._snapshot, version="0.1.0", entries_paused=True, entries_paused_by=paused_by
+    )
+    app = DashboardApp(settings, feed=feed, tz=UTC, code_roots=[])
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        header = screen(app).splitlines()[0]
+        paused = "ENTRIES PAUSED" if paused_by == "operator" else "ENTRIES PAUSED (breaker)"
+        assert paused in header, header
+        assert "v0.1.0 started 21:06:40" in header, header
+        assert "sim/default" in header, header
+        assert "22:13:20" in header, header

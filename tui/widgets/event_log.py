@@ -50,7 +50,14 @@ SEVERITY_SHORT = {"debug": "dbg", "info": "info", "warning": "WARN", "error": "E
 
 class EventLog(DataTable[Text]):
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("s", "cycle_severity", "Severity", tooltip="Cycle the log between all, warnings and errors"),
+        # Named on the border, not in the footer: at 80 columns it pushed `q Quit` off the footer's edge.
+        Binding(
+            "s",
+            "cycle_severity",
+            "Severity",
+            tooltip="Cycle the log between all, warnings and errors",
+            show=False,
+        ),
         Binding("escape", "leave", "Back", show=False),
         Binding("home", "scroll_top", "First row", show=False),
         Binding("end", "scroll_bottom", "Last row", show=False),
@@ -234,7 +241,7 @@ class EventLog(DataTable[Text]):
     def _update_titles(self) -> None:
         level = SEVERITY_LEVELS[self._severity_index][0]
         extra = f", symbol ~ {self.needle}" if self.needle else ""
-        self.border_title = f"Timeouts and errors ({level}{extra})"
+        self.border_title = f"Timeouts and errors ({level}{extra}) s: severity"
         errors, warnings = self.counts["error"], self.counts["warning"]
         self.border_subtitle = (
             f"{errors} error{'' if errors == 1 else 's'}, {warnings} warning{'' if warnings == 1 else 's'} "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import tzinfo
 
+from textual import events
 from textual.app import ComposeResult
 from textual.containers import Horizontal
 from textual.widgets import Label, Static
@@ -13,6 +14,7 @@ from engine.engine import EngineSnapshot
 from tui import formatting
 from tui.code_watch import CodeDifference
 
+TIGHT_BELOW = 100  # columns: the header's compact form below this (`app.tcss`, `#status.-tight`)
 MODE_BADGES = {"SIM": " SIM ", "TESTNET": " TESTNET ", "LIVE": " ● LIVE · REAL MONEY "}
 
 
@@ -30,6 +32,9 @@ class StatusBar(Horizontal):
 
     def compose(self) -> ComposeResult:
         yield from self._labels.values()
+
+    def on_resize(self, event: events.Resize) -> None:
+        self.set_class(event.size.width < TIGHT_BELOW, "-tight")
 
     def show(self, snapshot: EngineSnapshot, *, watching: str | None = None, stopping: bool = False) -> None:
         mode = snapshot.mode
@@ -60,6 +65,7 @@ class StatusBar(Horizontal):
         )
         self._labels["entries"].set_class(snapshot.entries_paused and known, "-paused")
         self._labels["engine-state"].set_class(state != "running", "-not-running")
+        self._labels["engine-state"].set_class(state == "running", "-running")
 
     def _set(self, widget_id: str, text: str) -> None:
         if self._shown.get(widget_id) != text:

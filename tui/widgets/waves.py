@@ -55,7 +55,7 @@ class WavesTable(DataTable[str | Text]):
                 str(wave.opened),
                 str(wave.protected),
                 failed,
-                formatting.milliseconds(wave.slowest_protection_ms),
+                formatting.short_milliseconds(wave.slowest_protection_ms),
                 key=str(wave.wave_id),
             )
         self.border_subtitle = f"{len(waves)} recent" if waves else "none yet"
