@@ -345,6 +345,10 @@ class EngineSnapshot:
     # Entries sent whose answer is still on its way (not yet positions, nor in doubt): a stop waits for them
     # and protects what fills.
     entries_sending: int = 0
+    # False once a stop has let the positions go (their guards stopped): the positions are then no longer
+    # in a snapshot, though every one is still open on the venue. Until then a stop's drain opens and
+    # protects positions like a running engine, and its snapshots show them.
+    positions_tracked: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -689,6 +693,7 @@ class Engine:
         self.state = EngineState.STOPPED
         self.started_at = 0.0
         self.entries_paused = False  # what `_validate` obeys: a persisted pause, or no lease
+        self._positions_let_go = False  # a stop has stopped the guards (`EngineSnapshot.positions_tracked`)
         self.entries_paused_by = ""  # operator | breaker | lease ("" when entries are on)
         self.entries_pause_reason = ""
         self.lease_lost_since: float | None = None  # monotonic; None while the lease is held
@@ -1084,6 +1089,7 @@ class Engine:
                 )
                 if self.fatal is not None:  # what this engine saw last is not what the new holder protects
                     report = StopReport(report.open_positions, 0, taken_over=True)
+                self._positions_let_go = True
                 await manager.stop()
                 # Only under its own lease: another engine may hold the account (`fatal`, or the lease lost
                 # and not yet found taken), the rows its own, its trails armed.
@@ -3049,6 +3055,7 @@ class Engine:
             taken_at=self.clock.now(),
             rows=rows,
             entries_sending=len(self._entries_on_their_way()),
+            positions_tracked=not self._positions_let_go,
         )
 
     def _entries_on_their_way(self) -> set[str]:

@@ -326,9 +326,17 @@ class DashboardApp(App[int]):
         self.frame_seconds.append(taken + shown)
 
     def _take_snapshot(self) -> EngineSnapshot:
-        # While stopping, the screen keeps the last running state: a stopped engine tracks no positions,
-        # but they are all still open on the exchange.
-        snapshot = self._final_snapshot or self.feed.snapshot(views_of=self._views_to_build)
+        if self._final_snapshot is not None:
+            # Stopping: the drain still opens and protects the entries already sent, shown as they go (a
+            # frozen screen counted them nowhere, and the wave line called them closed); once the engine
+            # lets its positions go, the screen keeps the last it tracked: they are all still open on the
+            # exchange. (Every position's view: the exit line counts from it.)
+            live = self.feed.snapshot()
+            if live.positions_tracked:
+                self._final_snapshot = live
+            snapshot = self._final_snapshot
+        else:
+            snapshot = self.feed.snapshot(views_of=self._views_to_build)
         # The health panel's protection line from the same figures as the gauge (the engine measures
         # health every few seconds; the two panels must never disagree about the same instant).
         return dataclasses.replace(
@@ -973,7 +981,8 @@ def last_wave(snapshot: EngineSnapshot, tz: tzinfo | None) -> str:
     slowest = "" if wave.slowest_protection_ms is None else f", slowest {wave.slowest_protection_ms:,} ms"
     failed = f", {wave.failed} FAILED" if wave.failed else ""
     return (
-        f"last wave {formatting.clock_time(wave.started_at, tz)}: {wave.signals} signals, "
+        f"last wave {formatting.clock_time(wave.started_at, tz)}: "
+        f"{wave.signals} signal{'' if wave.signals == 1 else 's'}, "
         f"{wave.opened} opened, {wave.protected} protected{failed}{slowest}"
     )
 

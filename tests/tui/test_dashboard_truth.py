@@ -538,3 +538,43 @@ async def test_the_quit_dialog_says_entries_on_their_way(db: Database) -> None:
         assert "1 of 1 open positions keep their stops on the exchange" in body
         assert "3 entries are on their way to the venue" in body
         await board.press("n")
+
+
+async def test_while_quitting_the_screen_shows_the_positions_the_stop_opens_and_protects(
+    db: Database,
+) -> None:
+    """`q` with three entries on their way on a slow venue: the stop waits for them and protects what
+    fills. The screen froze at the moment of `q`: the three new positions were in no count (the gauge said
+    1/1, "uncovered 0") and the wave line called them "closed", though all were open and protecting. The
+    screen follows the drain until the engine lets its positions go, then keeps that picture."""
+    settings = tui_settings(
+        db,
+        {
+            "VENUE__SIM__LATENCY__BY_CALL__CREATE_ORDER__SECONDS": "6",
+            "PROTECTION__CALL_TIMEOUT_SECONDS": "10",
+        },
+    )
+    async with dashboard(settings) as board:
+        await started(board)
+        await board.open_positions([SYMBOLS[64]])
+        await board.until(lambda: board.engine.snapshot().coverage.protected == 1, "1 covered")
+        assert board.engine.store is not None
+        await board.engine.store.insert_signals([(s, "long", None, None) for s in SYMBOLS[65:68]])
+        await board.until(lambda: board.engine.snapshot().entries_sending == 3, "3 entries on their way")
+        await board.press("q")
+        await board.press("y")
+        await board.until(
+            lambda: board.engine.manager is not None and len(board.engine.manager.guards) == 4,
+            "the drain's three positions opened",
+        )
+        await board.until(
+            lambda: board.app.last_snapshot is not None and board.app.last_snapshot.coverage.active == 4,
+            "the screen counts the four open positions",
+        )
+        assert "closed" not in board.positions.border_subtitle, board.positions.border_subtitle
+        await board.until(lambda: board.engine.state is EngineState.STOPPED, "engine stopped")
+        await board.until(lambda: not board.app.is_running, "app exited")
+        assert board.app.last_snapshot is not None
+        assert board.app.last_snapshot.coverage.active == 4  # kept after the engine let them go
+        summary = board.app.exit_summary()
+        assert summary.startswith("tsbot-tui stopped: 4 open positions"), summary
