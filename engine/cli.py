@@ -844,6 +844,9 @@ def _verdict(
     (critical, then degraded, then unknown), and the reason names every component in that state with the
     measurement behind it."""
     components = health["components"]
+    shown = ", ".join(uncovered[:_VERDICT_SYMBOLS]) + ("…" if len(uncovered) > _VERDICT_SYMBOLS else "")
+    many = len(uncovered) != 1
+    listed = f"{len(uncovered)} position{'s' if many else ''} uncovered ({shown})"
     if not running:
         nobody = (
             f"the engine holding the account {account} {holder_not_looking}"
@@ -851,26 +854,24 @@ def _verdict(
             else f"none holds the account {account}"
         )
         if uncovered:
-            shown = ", ".join(uncovered[:_VERDICT_SYMBOLS]) + (
-                "…" if len(uncovered) > _VERDICT_SYMBOLS else ""
-            )
-            many = len(uncovered) != 1
-            return "critical", (
-                f"{len(uncovered)} position{'s' if many else ''} uncovered ({shown}) and no engine protecting "
-                f"{'them' if many else 'it'}: {nobody}"
-            )
+            return "critical", f"{listed} and no engine protecting {'them' if many else 'it'}: {nobody}"
         return "unknown", f"no engine is measuring: {nobody}"
-    if not components:
-        return "unknown", "no engine has measured health yet"
     states = [_VERDICT_OF_HEALTH.get(c["state"], "unknown") for c in components]
-    worst = max(states, key=_VERDICT_SEVERITY.__getitem__)
-    if worst == "ok":
-        return "ok", f"all {len(components)} components healthy"
+    worst = max(states, default="unknown", key=_VERDICT_SEVERITY.__getitem__)
     named = [
         f"{c['component']}: {c['reason'] or c['summary']}"
         for c, state in zip(components, states, strict=True)
         if state == worst
     ]
+    if uncovered and _VERDICT_SEVERITY[worst] <= _VERDICT_SEVERITY["degraded"]:
+        # The records list positions without their stops past grace: never "ok" over them (the health
+        # rows are up to a health interval old, and the list is what this look printed below the verdict).
+        found = f"protection: {listed} past grace in the records"
+        return "degraded", "; ".join([found, *(named if worst == "degraded" else [])])
+    if not components:
+        return "unknown", "no engine has measured health yet"
+    if worst == "ok":
+        return "ok", f"all {len(components)} components healthy"
     return worst, "; ".join(named)
 
 

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -245,7 +245,7 @@ async def test_uncovered_positions_say_which_stop_is_missing(workdir: Path, engi
         "EEEUSDT": "both (the entry's outcome is unknown: it may have filled)",
     }
     human = tsbot("status", cwd=workdir).stdout
-    lines = [line.strip() for line in human.splitlines() if "USDT" in line]
+    lines = [line.strip() for line in human.splitlines()[1:] if "USDT" in line]  # below the verdict
     assert sorted(line.split(": ", 1)[1] for line in lines) == sorted(
         [
             "missing hard stop",
@@ -255,6 +255,35 @@ async def test_uncovered_positions_say_which_stop_is_missing(workdir: Path, engi
         ]
     )
     assert "no stop-loss" not in human
+
+
+async def test_with_an_engine_running_the_uncovered_list_is_never_under_an_ok_verdict(
+    workdir: Path, engine_side: EngineSide
+) -> None:
+    """With an engine heard and its health rows all healthy (up to a health interval old, or disagreeing
+    with the records), status said "OK: all 3 components healthy", exit 0, and listed an uncovered
+    position below that line: a check keyed on the exit code never paged. The list is part of the
+    verdict: at least degraded, naming the positions; a position still inside its grace is not listed."""
+    await engine_side.take_lease()
+    await engine_side.measure(*HEALTHY)
+    for symbol, age in (("XUSDT", timedelta(minutes=1)), ("YUSDT", timedelta(0))):
+        await engine_side.execute(
+            "INSERT INTO monitoring.positions (account, symbol, exchange, side, quantity, entry_price, status, "
+            "has_stop_loss, has_trailing_stop, opened_at) "
+            "VALUES ('sim:default', $1, 'sim', 'long', 1, 2, 'active', true, false, now() - $2::interval)",
+            symbol,
+            age,
+        )
+    human = tsbot("status", cwd=workdir)
+    assert human.returncode == 1, human.stdout + human.stderr
+    assert human.stdout.splitlines()[0] == (
+        "DEGRADED: protection: 1 position uncovered (XUSDT) past grace in the records"
+    )
+    # A critical health line still decides: the uncovered list does not soften it.
+    await engine_side.measure(("protection", "critical", "Low TS coverage: 50.0% (1/2)"))
+    critical = tsbot("status", "--json", cwd=workdir)
+    assert critical.returncode == 2
+    assert json.loads(critical.stdout)["reason"] == "protection: Low TS coverage: 50.0% (1/2)"
 
 
 # Holds the account's lease as an engine does: heartbeating it every 2 s (`LEASE_CHECK_SECONDS`).
