@@ -357,13 +357,15 @@ DEFAULT_ACCOUNT = "sim:default"  # the sim venue with the default label (engine/
 #   out: it is uncovered.
 # - A managed trail (`trail_armed`, no order before it activates) is the trailing protection only while its
 #   engine runs and moves it; with none, only a trailing order on the venue counts.
+# A position `closing` (its close at market on its way) is still open: without its stops (a close because a
+# stop was breached or fired unfilled), it is uncovered, above all when its engine died mid-close.
 # The operators' query in the README is this one, with the grace and the account filled in.
 UNCOVERED_POSITIONS_SQL = f"""
     WITH engine AS (
         SELECT EXISTS (SELECT 1 FROM monitoring.engine_leases AS l
                        WHERE l.account = {{account}} AND {engine_looks_after_sql("l")}) AS looks_after)
     SELECT p.* FROM monitoring.positions AS p, engine
-    WHERE ((p.status IN ('pending_protection', 'active')
+    WHERE ((p.status IN ('pending_protection', 'active', 'closing')
             AND NOT (p.has_stop_loss
                      AND (p.has_trailing_stop OR (p.trail_armed AND NOT p.trailing_activated AND engine.looks_after))))
            OR (p.status = 'entry_placed' AND EXISTS (

@@ -286,6 +286,28 @@ async def test_with_an_engine_running_the_uncovered_list_is_never_under_an_ok_ve
     assert json.loads(critical.stdout)["reason"] == "protection: Low TS coverage: 50.0% (1/2)"
 
 
+async def test_a_position_left_closing_without_its_stops_is_uncovered(
+    workdir: Path, engine_side: EngineSide
+) -> None:
+    """An engine killed while a close at market was on its way (a stop breached, or fired and not filled:
+    its stops gone) left the row `closing`, which the uncovered list left out: status said "UNKNOWN: no
+    engine is measuring" over a position open on the venue without a stop. A close with its stops still
+    live (the operator's) is not uncovered."""
+    for symbol, stops in (("XUSDT", False), ("YUSDT", True)):
+        await engine_side.execute(
+            "INSERT INTO monitoring.positions (account, symbol, exchange, side, quantity, entry_price, status, "
+            "has_stop_loss, has_trailing_stop, opened_at) "
+            "VALUES ('sim:default', $1, 'sim', 'long', 1, 2, 'closing', $2, $2, now() - interval '1 minute')",
+            symbol,
+            stops,
+        )
+    looked = tsbot("status", "--json", cwd=workdir)
+    assert looked.returncode == 2, looked.stdout + looked.stderr
+    report = json.loads(looked.stdout)
+    assert [(p["symbol"], p["status"]) for p in report["uncovered"]] == [("XUSDT", "closing")]
+    assert report["reason"].startswith("1 position uncovered (XUSDT) and no engine protecting it")
+
+
 # Holds the account's lease as an engine does: heartbeating it every 2 s (`LEASE_CHECK_SECONDS`).
 LEASE_HOLDER = """
 import asyncio, sys
