@@ -129,6 +129,11 @@ T = TypeVar("T")
 
 STARTUP_UNKNOWN_SECONDS = 30.0  # an empty position list this soon after connecting is "unknown" (F3)
 WAVE_PROTECTION_WAIT_SECONDS = 120.0
+# Room kept under the venue's cap on open conditional orders for stop moves (`Engine._no_room_for_stops`):
+# a twentieth of the cap, at least one position's worth.
+STOPS_PER_POSITION = 2  # a hard stop and a trailing stop (a managed trail's once it activates)
+CONDITIONAL_SPARE_MIN = 2
+CONDITIONAL_SPARE_DIVISOR = 20
 HOUSEKEEPING_SECONDS = 60.0
 # The coverage history (monitoring.coverage_samples): one sample of the gauge's figures this often, kept this
 # long (older ones are deleted by the housekeeping).
@@ -849,6 +854,7 @@ class Engine:
             await self.venue.connect()
             self._connected_at = self.clock.monotonic()
             self.markets = dict(await self._startup_read("load_markets", self.venue.load_markets))
+            self._say_the_conditional_order_cap()
             # A signed read before anything is restored or traded. A wrong key or secret stops
             # the start here (CredentialsRefused: one line, exit 2) instead of running with every order refused.
             await self._startup_read("the credentials' check", lambda: check_credentials(self.venue))
@@ -2161,6 +2167,8 @@ class Engine:
         open_positions = max(len(self.manager.guards), len(carried.views) if carried is not None else 0)
         if open_positions + len(self._in_flight) + pending >= self.settings.signals.max_positions:
             return f"max_positions ({self.settings.signals.max_positions}) reached", side, Decimal(0)
+        if (no_room := self._no_room_for_stops(pending)) is not None:
+            return no_room, side, Decimal(0)
         mark = self.marks.get(signal.symbol)
         if mark is None:
             return "no mark price yet", side, Decimal(0)
@@ -2173,6 +2181,47 @@ class Engine:
                 Decimal(0),
             )
         return None, side, quantity
+
+    def _say_the_conditional_order_cap(self) -> None:
+        """Once, at start: a `max_positions` whose stops would not fit under the venue's cap (with room for
+        moves) is not what the engine will open; said so, with the figure it will."""
+        capabilities = self.venue.capabilities()
+        if not capabilities.stops_are_orders:
+            return
+        cap = capabilities.max_conditional_orders
+        spare = max(CONDITIONAL_SPARE_MIN, cap // CONDITIONAL_SPARE_DIVISOR)
+        fits = (cap - spare) // STOPS_PER_POSITION
+        if self.settings.signals.max_positions > fits:
+            log.warning(
+                "signals.max_positions is %d, but the venue holds at most %d conditional orders per account: "
+                "at most %d positions are opened (their two stops each, %d kept for stop moves)",
+                self.settings.signals.max_positions,
+                cap,
+                fits,
+                spare,
+            )
+
+    def _no_room_for_stops(self, pending: int) -> str | None:
+        """Why a new position's stops would not fit under the venue's cap on open conditional orders
+        (Binance: 200 per account), keeping room for stop moves (a make-before-break move or a resize
+        needs its new stop live beside the old); None where they fit, or where stops are no orders of
+        their own (Bybit). Admitted, its stops were refused (-4045) and it stayed naked until another
+        position closed; a full book also refused every move, so a managed trail stopped trailing."""
+        capabilities = self.venue.capabilities()
+        if not capabilities.stops_are_orders or self.manager is None:
+            return None
+        cap = capabilities.max_conditional_orders
+        spare = max(CONDITIONAL_SPARE_MIN, cap // CONDITIONAL_SPARE_DIVISOR)
+        held = self.manager.conditional_orders_held()
+        if self._carried is not None:  # a protection restart before its guards exist
+            held = max(held, STOPS_PER_POSITION * len(self._carried.views))
+        coming = STOPS_PER_POSITION * (len(self._in_flight) + pending)
+        if held + coming + STOPS_PER_POSITION + spare <= cap:
+            return None
+        return (
+            f"no room for its stops: the venue holds at most {cap} conditional orders per account "
+            f"({held} ours live, {coming} for entries on their way, {spare} kept for stop moves)"
+        )
 
     def _not_to_be_sent(self) -> str | None:
         """Why an entry admitted and not sent yet must not be sent now (None: it may go): the engine began

@@ -3321,6 +3321,13 @@ class ProtectionManager:
     def uncovered(self) -> list[PositionGuard]:
         return [g for g in self.open_guards() if not g.covered]
 
+    def conditional_orders_held(self) -> int:
+        """Our stops that may be live on the venue now, at most: every guard's current, replacement and
+        superseded ones, and the leftovers of closed positions still being cancelled."""
+        return sum(len(g.order_ids()) for g in self.guards.values()) + sum(
+            len(orders) for orders in self.leftovers.values()
+        )
+
     # --- helpers for guards --------------------------------------------------------------------------
 
     async def call(

@@ -1114,6 +1114,52 @@ async def test_f4_a_trail_move_the_venue_keeps_refusing_waits_its_backoff_not_th
         await drive(clock, engine.stop())
 
 
+async def test_f2_no_position_is_opened_whose_stops_the_venues_conditional_order_cap_would_refuse(
+    db: Database,
+) -> None:
+    """The venue holds at most N open conditional orders per account (Binance: 200; here 12). Entries were
+    admitted up to `max_positions` (100 by default: exactly Binance's cap, with no room for a move): the
+    positions past the cap had their stops refused (-4045) and stayed naked until another closed. Now a
+    signal is rejected, naming the cap, while its stops and room for stop moves would not fit: every
+    position opened is protected on the venue."""
+    settings = settings_for(db, {"VENUE__SIM__MAX_CONDITIONAL_ORDERS": "12"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        assert engine.store is not None
+        symbols = SYMBOLS[50:58]
+        await engine.store.insert_signals([(s, "long", None, None) for s in symbols])
+
+        async def answered() -> bool:
+            left = await db.pool.fetchval(
+                "SELECT count(*) FROM monitoring.signals WHERE status IN ('new', 'taken')"
+            )
+            return left == 0
+
+        await drive_until(clock, answered, what="every signal answered")
+        # 12 orders, 2 kept for moves: 5 positions' stops.
+        await drive_until_covered(engine, clock, 5)
+        rejected = await db.pool.fetch(
+            "SELECT symbol, reason FROM monitoring.signals WHERE status = 'rejected' ORDER BY id"
+        )
+        assert len(rejected) == 3, rejected
+        assert all(
+            r["reason"].startswith("no room for its stops: the venue holds at most 12 conditional orders")
+            for r in rejected
+        ), rejected
+        venue = engine.venue
+        held = {p.symbol for p in venue.core.positions(clock.now())}  # type: ignore[attr-defined]
+        assert len(held) == 5
+        token = token_of(engine)
+        stops = protective_by_purpose(venue.core.open_protective_orders(clock.now()), token)  # type: ignore[attr-defined]
+        assert {symbol for symbol, _ in stops} == held
+        assert all(len(orders) == 1 for orders in stops.values())
+        assert await events_of(db, "protection_rejected") == []  # no stop was refused for the cap
+    finally:
+        await drive(clock, engine.stop())
+
+
 # ------------------------------------------------------------------------------------------------- F5
 
 

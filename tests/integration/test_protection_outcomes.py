@@ -25,6 +25,7 @@ import pytest
 from engine.clock import ManualClock
 from engine.engine import Engine
 from engine.events import EngineEvent, ProtectionFailed, ProtectionTimedOut
+from engine.exchange.port import OrderSide
 from engine.venues.binance_emulator import BinanceEmulator, running
 from engine.venues.sim.settings import CallKind, FaultKind, SimVenueSettings
 from storage.database import Database
@@ -192,10 +193,12 @@ async def test_a_stop_the_venue_rejects_is_recorded_as_rejected_with_the_venues_
     db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The venue's conditional-order cap (-4045) refuses the trailing stop: `protection_rejected` with the
-    code, "Rejected creating trailing stop for …" once per refusal, never a timeout."""
+    code, "Rejected creating trailing stop for …" once per refusal, never a timeout. (The engine keeps
+    its own stops under the cap: here another client on the account fills it while our trailing stop is
+    gone, and the guard's stop sent again is refused.)"""
     caplog.set_level(logging.INFO)
     settings = engine_settings(
-        db.target.dsn, {"SIGNALS__MAX_POSITIONS": "10", "VENUE__SIM__MAX_CONDITIONAL_ORDERS": "1"}
+        db.target.dsn, {"SIGNALS__MAX_POSITIONS": "10", "VENUE__SIM__MAX_CONDITIONAL_ORDERS": "4"}
     )
     clock = ManualClock()
     engine = make_engine(settings, clock)
@@ -203,7 +206,23 @@ async def test_a_stop_the_venue_rejects_is_recorded_as_rejected_with_the_venues_
     symbol = SYMBOLS[12]
     try:
         assert engine.store is not None
+        assert engine.manager is not None
         await engine.store.insert_signals([(symbol, "long", None, None)])
+        manager = engine.manager
+        await drive_until(
+            clock,
+            lambda: symbol in manager.by_symbol and manager.by_symbol[symbol].covered,
+            what="the position covered",
+        )
+        guard = manager.by_symbol[symbol]
+        core = engine.venue.core  # type: ignore[attr-defined]
+        assert guard.trailing_stop.client_order_id is not None
+        core.cancel_order(symbol, guard.trailing_stop.client_order_id, clock.now())
+        below = engine.markets[symbol].round_price(guard.entry_price * Decimal("0.9"))
+        for i in range(3):  # another client: the account's 4 conditional orders are taken
+            core.place_stop_market_order(
+                symbol, OrderSide.SELL, guard.quantity, below, f"other-{i}", clock.now()
+            )
         await drive_until(clock, lambda: _count(db, symbol, "protection_rejected", 1), what="a refusal")
         rows = [r for r in await _events(db, symbol) if r["type"] == "protection_rejected"]
         assert rows
