@@ -2899,6 +2899,8 @@ class Engine:
                 last_wave_age_seconds=None if self._last_wave_at is None else now - self._last_wave_at,
                 listen_connected=self.consumer.listening,
                 entries_paused=self.entries_paused,
+                paused_by=self.entries_paused_by,
+                pause_reason=self.entries_pause_reason,
             )
             if self.consumer is not None and self.consumer.listen_attempted
             else None,

@@ -435,6 +435,8 @@ class SignalsMeasurement:
     last_wave_age_seconds: float | None
     listen_connected: bool
     entries_paused: bool = False
+    paused_by: str = ""  # operator | breaker | lease | database (the last three say it elsewhere too)
+    pause_reason: str = ""
 
     def __post_init__(self) -> None:
         _require_age("SignalsMeasurement", last_wave_age_seconds=self.last_wave_age_seconds)
@@ -785,13 +787,21 @@ def evaluate_signals(measured: SignalsMeasurement | None, thresholds: HealthThre
         "no wave yet" if age is None else f"last wave {format_duration(age)} ago",
         "LISTEN up" if measured.listen_connected else "LISTEN down (polling)",
     ]
-    if measured.entries_paused:  # the operator's choice: shown, not an alarm
-        parts.append("entries paused")
     degraded = [] if measured.listen_connected else ["LISTEN connection down: polling fallback only"]
+    if measured.entries_paused:  # the operator's choice: shown, not an alarm
+        by = measured.paused_by
+        parts.append("entries paused" + (f" by the {by}" if by and by != "operator" else ""))
+        if by == "breaker":
+            # Not the operator's choice: protection was failing, and the account is out of the market until
+            # someone (or `auto_resume_seconds`) resumes. An alarm with its cause, not a silent header word.
+            degraded.append(
+                f"Entries paused by the circuit breaker: {measured.pause_reason or 'no reason given'}"
+            )
     measurements: dict[str, JsonValue] = {
         "last_wave_age_seconds": age,
         "listen_connected": measured.listen_connected,
         "entries_paused": measured.entries_paused,
+        "paused_by": measured.paused_by if measured.entries_paused else "",
     }
     unknown = "No signal wave received yet" if age is None else ""
     return _verdict(component, measurements, ", ".join(parts), [], degraded, unknown)

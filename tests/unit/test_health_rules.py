@@ -505,9 +505,27 @@ def test_signals_listen_down_is_degraded_even_before_the_first_wave() -> None:
 
 
 def test_paused_entries_are_the_operators_choice_not_an_alarm() -> None:
-    health = evaluate_signals(SignalsMeasurement(252.0, listen_connected=True, entries_paused=True), T)
+    health = evaluate_signals(
+        SignalsMeasurement(252.0, listen_connected=True, entries_paused=True, paused_by="operator"), T
+    )
     assert health.state is HEALTHY
     assert health.summary == "last wave 4m12s ago, LISTEN up, entries paused"
+
+
+def test_a_breaker_pause_is_an_alarm_with_its_cause() -> None:
+    """The breaker paused entries because protection was failing; every component stayed HEALTHY (the
+    positions were covered again, the error rate over 5 minutes under 10 %): `tsbot status` said "OK",
+    the health panel was green, and the account stayed out of the market with only a header word."""
+    why = "6 of 8 protective order sends failed in the last 60s"
+    health = evaluate_signals(
+        SignalsMeasurement(
+            12.0, listen_connected=True, entries_paused=True, paused_by="breaker", pause_reason=why
+        ),
+        T,
+    )
+    assert health.state is DEGRADED
+    assert health.reason == f"Entries paused by the circuit breaker: {why}"
+    assert health.summary == "last wave 12s ago, LISTEN up, entries paused by the breaker"
 
 
 # ---------------------------------------------------------------------------------------------- overall
