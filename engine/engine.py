@@ -1015,7 +1015,7 @@ class Engine:
             generator = SimSignalGenerator(
                 self.store,
                 self.clock,
-                sorted(self.markets),
+                sorted(symbol for symbol, market in self.markets.items() if market.trading),
                 wave_size=self.settings.signals.wave_size,
                 wave_interval_seconds=float(self.settings.signals.wave_interval_seconds),
                 seed=self.settings.signals.seed,
@@ -2156,6 +2156,12 @@ class Engine:
         market = self.markets.get(signal.symbol)
         if market is None:
             return f"unknown symbol {signal.symbol} on {self.exchange_name}", side, Decimal(0)
+        if not market.trading:
+            return (
+                f"{signal.symbol} is not trading on {self.exchange_name} ({market.status})",
+                side,
+                Decimal(0),
+            )
         if signal.symbol in seen:
             return "symbol appears twice in this wave", side, Decimal(0)
         held = set(self.manager.by_symbol)

@@ -89,6 +89,10 @@ class Market:
     min_quantity: Decimal
     min_notional: Decimal
     max_leverage: int
+    # Open for new positions. A market the venue lists in another state (settling, delisting, halted) is
+    # still a market: a position held on it is guarded and its stops kept, but no entry is sent there.
+    trading: bool = True
+    status: str = "TRADING"  # the venue's own word for it
 
     def round_price(self, price: Decimal, rounding: str = ROUND_HALF_UP) -> Decimal:
         return (price / self.tick_size).to_integral_value(rounding=rounding) * self.tick_size

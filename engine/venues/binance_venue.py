@@ -3,6 +3,7 @@ and its push streams (`binance_streams`), over the shared ccxt plumbing in `ccxt
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Collection, Mapping
 from dataclasses import replace
@@ -206,9 +207,11 @@ class BinanceUsdmVenue(CcxtVenue):
             raw = market.get("info") or {}
             if not (market.get("linear") and market.get("swap") and market.get("settle") == "USDT"):
                 continue
-            if raw.get("status", "TRADING") != "TRADING":
-                continue
             parsed = _binance_market(raw, market)
+            status = str(raw.get("status", "TRADING"))
+            if parsed is not None and status != "TRADING":
+                # Settling, delisting, halted: no entry goes there, but a position held on it is guarded.
+                parsed = dataclasses.replace(parsed, trading=False, status=status)
             if parsed is not None:
                 markets[parsed.symbol] = parsed
                 pairs[parsed.symbol] = unified

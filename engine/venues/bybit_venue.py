@@ -472,8 +472,7 @@ class BybitLinearVenue(CcxtVenue):
             raw = market.get("info") or {}
             if not (market.get("linear") and market.get("swap") and market.get("settle") == "USDT"):
                 continue
-            if raw.get("status", "Trading") != "Trading":
-                continue
+            status = str(raw.get("status", "Trading"))
             price_filter = raw.get("priceFilter") or {}
             lot = raw.get("lotSizeFilter") or {}
             tick, step = _positive(price_filter.get("tickSize")), _positive(lot.get("qtyStep"))
@@ -490,6 +489,9 @@ class BybitLinearVenue(CcxtVenue):
                 min_quantity=max(_positive(lot.get("minOrderQty")) or step, step),
                 min_notional=_decimal(lot.get("minNotionalValue"), _ZERO),  # type: ignore[arg-type]
                 max_leverage=max(1, int(leverage)),  # type: ignore[arg-type]
+                # Settling, delisting: no entry goes there, but a position held on it is guarded.
+                trading=status == "Trading",
+                status=status,
             )
             pairs[symbol] = unified
         self._markets = markets

@@ -510,3 +510,59 @@ async def test_a_managed_move_left_unanswered_by_a_protection_restart_is_taken_f
         )
         assert [r["client_order_id"] for r in rows] == [first, move], rows  # no second move sent
         assert {r["client_order_id"]: r["status"] for r in rows}[move] == "open"
+
+
+async def test_a_position_on_a_symbol_the_venue_stopped_trading_is_guarded_after_a_restart(
+    db: Database,
+) -> None:
+    """Binance sets a symbol SETTLING (a delisting) while a position on it is open, and the engine is
+    restarted. The adapters dropped every market not TRADING: the position was "not listed; left as it
+    is", in no count (gauge, health, breaker, exit line), its stops neither checked nor replaced, its row
+    `active` for good. A market in another state is kept, marked not trading: the position is guarded as
+    any other, and only entries are refused there (Binance itself answers -4140 to an opening order)."""
+    emulator = BinanceEmulator(
+        SimVenueSettings(seed=7, volatility=0.0), api_key=KEY, api_secret=SECRET, control=True
+    )
+    async with running(emulator) as base_url, aiohttp.ClientSession() as session:
+        symbol, other = sorted(emulator.core.markets)[5:7]
+        first = binance_wire_engine(db.target.dsn, base_url, KEY, SECRET)
+        await first.start()
+        try:
+            assert first.store is not None
+            assert first.manager is not None
+            manager = first.manager
+            await first.store.insert_signals([(symbol, "long", None, None)])
+            await wait_until(
+                lambda: symbol in manager.by_symbol and manager.by_symbol[symbol].covered,
+                within=20.0,
+                what="the position covered",
+            )
+        finally:
+            await first.stop()
+        for settling in (symbol, other):
+            answer = await session.post(
+                f"{base_url}/_sim/symbol-status", json={"symbol": settling, "status": "SETTLING"}
+            )
+            assert answer.status == 200, await answer.text()
+        second = binance_wire_engine(db.target.dsn, base_url, KEY, SECRET)
+        report = await second.start()
+        try:
+            assert second.manager is not None
+            assert second.store is not None
+            assert report.unlisted_symbols == ()
+            guard = second.manager.by_symbol.get(symbol)
+            assert guard is not None, "the position on the settling symbol has no guard"
+            await wait_until(lambda: guard.covered, within=20.0, what="its stops verified")
+            assert second.coverage().active == 1
+            await second.store.insert_signals([(other, "long", None, None)])
+            await wait_until(
+                lambda: db.pool.fetchval(
+                    "SELECT status = 'rejected' FROM monitoring.signals WHERE symbol = $1", other
+                ),
+                within=10.0,
+                what="the entry on the settling symbol refused",
+            )
+            reason = await db.pool.fetchval("SELECT reason FROM monitoring.signals WHERE symbol = $1", other)
+            assert reason == f"{other} is not trading on binanceusdm (SETTLING)"
+        finally:
+            await second.stop()

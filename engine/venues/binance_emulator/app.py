@@ -41,7 +41,8 @@ can be killed and restarted against the same "exchange". Venue time is the wall 
 that only the control API moves; request timestamps are always checked against the real clock.
 
 Optional control API (served only when `control=True`, loopback callers only, never weighed or banned):
-`POST /_sim/mark`, `POST /_sim/fault`, `POST /_sim/stream-fault` (websocket faults, see `streams.py`),
+`POST /_sim/mark`, `POST /_sim/symbol-status` (a symbol's exchangeInfo status: only TRADING opens
+positions, -4140), `POST /_sim/fault`, `POST /_sim/stream-fault` (websocket faults, see `streams.py`),
 `POST /_sim/clear-faults`, `POST /_sim/advance`, `GET /_sim/state` (positions, open and triggering algo
 orders, the stream connections and their subscriptions, requests served per endpoint, and the rate:
 weight used this minute, order counts, the ban's end).
@@ -180,6 +181,7 @@ class BinanceEmulator:
         self._offset = 0.0
         self._weights = RequestWeightLimiter(settings.rate_limits)
         self.requests_by_endpoint: dict[str, int] = {}  # "METHOD endpoint" -> requests received
+        self.symbol_status: dict[str, str] = {}  # exchangeInfo status by symbol (none: TRADING)
         listings = select_listings(settings.symbols, settings.synthetic_listings)
         self.core = SimCore(listings, settings, now=self.now())
         markets = self.core.markets
@@ -235,6 +237,7 @@ class BinanceEmulator:
         self.streams.add_routes(app)
         if self._control:
             app.router.add_post("/_sim/mark", self._control_mark)
+            app.router.add_post("/_sim/symbol-status", self._control_symbol_status)
             app.router.add_post("/_sim/fault", self._control_fault)
             app.router.add_post("/_sim/clear-faults", self._control_clear_faults)
             app.router.add_post("/_sim/advance", self._control_advance)
@@ -602,11 +605,14 @@ class BinanceEmulator:
             ],
             "exchangeFilters": [],
             "assets": [{"asset": "USDT", "marginAvailable": True, "autoAssetExchange": "-10000"}],
-            "symbols": [self._symbol_info(market) for market in self.core.markets.values()],
+            "symbols": [
+                self._symbol_info(market, self.symbol_status.get(market.symbol, "TRADING"))
+                for market in self.core.markets.values()
+            ],
         }
 
     @staticmethod
-    def _symbol_info(market: Market) -> dict[str, Any]:
+    def _symbol_info(market: Market, status: str) -> dict[str, Any]:
         tick, step = _text(market.tick_size), _text(market.step_size)
         return {
             "symbol": market.symbol,
@@ -614,7 +620,7 @@ class BinanceEmulator:
             "contractType": "PERPETUAL",
             "deliveryDate": 4133404800000,
             "onboardDate": 1569398400000,
-            "status": "TRADING",
+            "status": status,
             "maintMarginPercent": "2.5000",
             "requiredMarginPercent": "5.0000",
             "baseAsset": market.base_asset,
@@ -761,6 +767,10 @@ class BinanceEmulator:
         if order_type != "MARKET":
             raise BinanceError(400, -1116, "Invalid orderType.")
         self._one_way(params)
+        reduce_only = self._flag(params, "reduceOnly")
+        if not reduce_only and self.symbol_status.get(market.symbol, "TRADING") != "TRADING":
+            # Settling or delisting: positions may still be reduced, none opened.
+            raise BinanceError(400, -4140, "Invalid symbol status for opening position.")
         quantity = self._decimal(params, "quantity")
         client_order_id = self._required(params, "newClientOrderId")
         order = self.core.place_market_order(
@@ -769,7 +779,7 @@ class BinanceEmulator:
             quantity,
             client_order_id,
             request.now,
-            reduce_only=self._flag(params, "reduceOnly"),
+            reduce_only=reduce_only,
             account_id=DEFAULT_ACCOUNT,
         )
         self.streams.note_market_order(order)
@@ -1053,6 +1063,20 @@ class BinanceEmulator:
                 "triggered": [o.client_order_id for o in changed],
             }
         )
+
+    async def _control_symbol_status(self, request: web.Request) -> web.Response:
+        """A symbol's `status` in exchangeInfo (SETTLING, PENDING_TRADING, CLOSE …): only TRADING opens
+        positions (-4140); reduce-only orders and stops go on."""
+        body = await self._control_body(request)
+        symbol, status = str(body.get("symbol", "")), str(body.get("status", ""))
+        if symbol not in self.core.markets:
+            raise web.HTTPBadRequest(text=f"control API: unknown symbol {symbol!r}")
+        if not status.isupper() or not status.replace("_", "").isalpha():
+            raise web.HTTPBadRequest(
+                text=f"control API: status must be a Binance symbol status, got {status!r}"
+            )
+        self.symbol_status[symbol] = status
+        return _json({"symbol": symbol, "status": status})
 
     async def _control_fault(self, request: web.Request) -> web.Response:
         body = await self._control_body(request)
