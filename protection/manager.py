@@ -732,6 +732,19 @@ class PositionGuard:
         self._quantity_seen_at = max(self._quantity_seen_at, min(command.seen_at, m.clock.monotonic()))
         if command.quantity <= 0 or command.quantity == self.quantity or self.exit_evidence is not None:
             return False
+        if not m.venue.capabilities().stops_are_orders:
+            # The stops are the position's own (Bybit's trading-stop, tpslMode Full): they close whatever
+            # it holds, at any size. Sent again, the trailing stop restarted from the mark (its activation
+            # passed: armed anew), giving back up to a callback of what it had trailed.
+            log.info(
+                "%s: the venue holds %s (was %s); its stops cover the whole position, nothing to resize",
+                self.symbol,
+                command.quantity,
+                self.quantity,
+            )
+            await m.store.set_position_quantity(self.position_id, command.quantity)
+            self.quantity = command.quantity
+            return True
         log.warning(
             "%s: the venue holds %s where our stops cover %s; placing stops for %s",
             self.symbol,

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from decimal import Decimal
 
+import aiohttp
 import pytest
 
 from engine.clock import SystemClock
@@ -603,3 +604,38 @@ async def test_a_stop_sends_none_of_the_entries_still_waiting_for_the_venues_rat
         for symbol in opened:
             kinds = Counter(s.purpose for s in view.open_stops if s.symbol == symbol)
             assert kinds == {OrderPurpose.STOP_LOSS: 1, OrderPurpose.TRAILING_STOP: 1}, (symbol, kinds)
+
+
+async def test_a_position_that_grows_keeps_its_stops_which_cover_the_whole_position(db: Database) -> None:
+    """Bybit's stops are the position's own (tpslMode Full): they close whatever it holds. When the
+    position grew (an addition by hand), the guard "resized" them: both were set again, and the trailing
+    stop, its activation passed, was armed anew from the mark (its high-water mark lost: up to a callback
+    given back). The new size is recorded; the stops stay as they are."""
+    emulator = BybitEmulator(
+        SimVenueSettings(seed=11, volatility=0.0), api_key=KEY, api_secret=SECRET, control=True
+    )
+    async with bybit_engine(db, emulator) as (engine, _rejected):
+        symbol = sorted(emulator.core.markets)[2]
+        guard = await _one_protected(engine, symbol)
+        await asyncio.sleep(1.5)  # a hard stop the fill moved is corrected just after the cover
+
+        async def stops() -> list[dict[str, object]]:
+            async with aiohttp.ClientSession() as session:
+                answer = await session.get(f"{engine.settings.venue.base_url}/_sim/state")
+                state = await answer.json()
+            return [f for f in state["position_stops"] if f["symbol"] == symbol]
+
+        calls = emulator.requests_by_endpoint.get("POST position/trading-stop", 0)
+        before = await stops()
+        assert before
+        quantity = guard.quantity
+        emulator.core.place_market_order(symbol, OrderSide.BUY, quantity, "by-hand-1", time.time())
+        await wait_until(lambda: guard.quantity == 2 * quantity, within=30.0, what="the new size heard")
+        await asyncio.sleep(1.0)
+        assert emulator.requests_by_endpoint.get("POST position/trading-stop", 0) == calls
+        assert await stops() == before
+        assert guard.covered
+        row = await db.pool.fetchrow(
+            "SELECT quantity FROM monitoring.positions WHERE id = $1", guard.position_id
+        )
+        assert row["quantity"] == 2 * quantity
