@@ -129,6 +129,7 @@ T = TypeVar("T")
 
 STARTUP_UNKNOWN_SECONDS = 30.0  # an empty position list this soon after connecting is "unknown" (F3)
 WAVE_PROTECTION_WAIT_SECONDS = 120.0
+SILENT_MARKS_POLL_SECONDS = 2.0  # a held symbol's marks by REST while the stream leaves it out
 # Room kept under the venue's cap on open conditional orders for stop moves (`Engine._no_room_for_stops`):
 # a twentieth of the cap, at least one position's worth.
 STOPS_PER_POSITION = 2  # a hard stop and a trailing stop (a managed trail's once it activates)
@@ -731,6 +732,7 @@ class Engine:
         self.markets: dict[str, Market] = {}
         self.marks: dict[str, MarkPrice] = {}
         self._mark_received_at: dict[str, float] = {}  # monotonic, per symbol: its mark's age on our clock
+        self._mark_streamed_at: dict[str, float] = {}  # monotonic, per symbol: its last mark from the stream
         self._last_mark_at: float | None = None
         self._last_wave_at: float | None = None
         self._connected_at = 0.0
@@ -873,6 +875,7 @@ class Engine:
             self.marks = await self._startup_read("fetch_mark_prices", self.venue.fetch_mark_prices)
             self._last_mark_at = self.clock.monotonic()
             self._mark_received_at = dict.fromkeys(self.marks, self._last_mark_at)
+            self._mark_streamed_at = dict(self._mark_received_at)
             self.startup_report = await self._start_protection()
             # Signals our last run claimed and never handled (it died holding them): expired, with a reason.
             expired = await self.store.expire_claimed_signals(claimed_by=self._claimer)
@@ -963,6 +966,7 @@ class Engine:
         assert self.store is not None and self._db is not None
         sup = self._supervisor
         sup.start("mark-feed", self._mark_feed)
+        sup.start("silent-marks", self._silent_marks_by_rest)
         sup.start("marks-to-db", self._marks_to_db)
         sup.start("reconciler", self._reconcile_loop)
         self.account_stream = AccountStreamReader(
@@ -1860,11 +1864,58 @@ class Engine:
     async def _mark_feed(self) -> None:
         assert self.manager is not None
         async for mark in self.venue.watch_mark_prices():
-            self.marks[mark.symbol] = mark
-            self._last_mark_at = self._mark_received_at[mark.symbol] = self.clock.monotonic()
-            manager = self.manager  # restart_protection swaps it
-            if manager is not None:
-                manager.on_mark(mark.symbol, mark.price, mark.timestamp)
+            self._mark_streamed_at[mark.symbol] = self.clock.monotonic()
+            self._take_mark(mark)
+
+    def _take_mark(self, mark: MarkPrice) -> None:
+        known = self.marks.get(mark.symbol)
+        if known is not None and mark.timestamp < known.timestamp:
+            return  # older than the one held (a REST answer overtaken by the stream)
+        self.marks[mark.symbol] = mark
+        self._last_mark_at = self._mark_received_at[mark.symbol] = self.clock.monotonic()
+        manager = self.manager  # restart_protection swaps it
+        if manager is not None:
+            manager.on_mark(mark.symbol, mark.price, mark.timestamp)
+
+    async def _silent_marks_by_rest(self) -> None:
+        """A held symbol whose marks the stream has not brought for `health.stale_mark_seconds` has them read
+        by REST every `SILENT_MARKS_POLL_SECONDS` until the stream brings them again. The stream's own
+        fallback watches its streams: one for every symbol (Binance's `!markPrice@arr`) stays fresh while
+        it leaves a symbol out, and that symbol's trail froze (F13: "6 of 7 positions frozen")."""
+        silent: set[str] = set()
+        limit = float(self.settings.health.stale_mark_seconds)
+        while True:
+            await self.clock.sleep(SILENT_MARKS_POLL_SECONDS)
+            manager = self.manager
+            if manager is None or manager.stopped:
+                continue
+            now = self.clock.monotonic()
+            held = {g.symbol for g in manager.open_guards()}
+            quiet = {s for s in held if now - self._mark_streamed_at.get(s, self._connected_at) > limit}
+            for back in sorted(silent - quiet):
+                if back in held:
+                    log.info("marks of %s come from the stream again", back)
+            began = sorted(quiet - silent)
+            silent = quiet
+            if began:
+                log.warning(
+                    "marks of %s silent on the stream for more than %gs: read by REST meanwhile",
+                    ", ".join(began),
+                    limit,
+                )
+            if not quiet:
+                continue
+            try:
+                wanted = sorted(quiet)
+                marks = await manager.read(
+                    functools.partial(self.venue.fetch_mark_prices, wanted), "fetch_mark_prices", Lane.READ
+                )
+            except (ExchangeError, TimeoutError) as exc:
+                log.warning("marks of %s by REST failed (%s); they go stale", ", ".join(sorted(quiet)), exc)
+                continue
+            for mark in marks.values():
+                if mark.symbol in quiet:
+                    self._take_mark(mark)
 
     async def _marks_to_db(self) -> None:
         assert self.store is not None

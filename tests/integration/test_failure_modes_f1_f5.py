@@ -1160,6 +1160,47 @@ async def test_f2_no_position_is_opened_whose_stops_the_venues_conditional_order
         await drive(clock, engine.stop())
 
 
+async def test_f13_a_held_symbol_the_mark_stream_leaves_out_is_read_by_rest_and_its_trail_moves(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """F13, "6 of 7 positions frozen": the mark stream stays up but stops bringing one held symbol (one
+    stream for every symbol, as Binance's `!markPrice@arr`, stays fresh while it leaves a symbol out). Its
+    managed trail froze while the price ran: the health line said DEGRADED, and nothing read the mark. A
+    held symbol silent on the stream for `stale_mark_seconds` is read by REST until the stream brings it
+    again: the trail moves on the venue."""
+    settings = settings_for(db, {"PROTECTION__TRAILING__MODE": "managed", "HEALTH__STALE_MARK_SECONDS": "5"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        symbol = SYMBOLS[43]
+        (guard,) = await open_positions(engine, clock, [symbol])
+        await drive_until_covered(engine, clock, 1)
+        await push_mark(engine, clock, guard, "1.02")
+        assert guard.trail is not None
+        first = guard.trail.stop_price
+        venue = engine.venue
+        venue.stall_marks(symbol, 600.0)
+        higher = engine.markets[symbol].round_price(guard.entry_price * Decimal("1.06"))
+        venue.override_mark_price(symbol, higher)
+        token = token_of(engine)
+        await drive_until(
+            clock,
+            lambda: (
+                [o.stop_price for o in live_trailing_stops(venue, clock, symbol, token)]
+                == [guard.trail.params.trail_price(higher)]
+            ),  # type: ignore[union-attr]
+            what="the trail moved on the venue from a mark read by REST",
+            limit=20.0,
+        )
+        assert guard.trail.stop_price is not None
+        assert guard.trail.stop_price > first  # type: ignore[operator]
+        said = [r.getMessage() for r in caplog.records if "silent on the stream" in r.getMessage()]
+        assert said == [f"marks of {symbol} silent on the stream for more than 5s: read by REST meanwhile"]
+    finally:
+        await drive(clock, engine.stop())
+
+
 # ------------------------------------------------------------------------------------------------- F5
 
 
