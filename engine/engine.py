@@ -1058,6 +1058,9 @@ class Engine:
                 else []
             )
             carried_facts += [w.coverage() for w in self._awaiting_guard.values()]
+            # From here the drain is over and what the engine tracks only shrinks (a restart cancelled below
+            # hands its carried positions over to no guard): a snapshot no longer shows every position.
+            self._positions_let_go = True
             if self._restart is not None and not self._restart.done():  # a protection restart under way
                 self._restart.cancel()
                 await asyncio.gather(self._restart, return_exceptions=True)
@@ -1099,7 +1102,6 @@ class Engine:
                 )
                 if self.fatal is not None:  # what this engine saw last is not what the new holder protects
                     report = StopReport(report.open_positions, 0, taken_over=True)
-                self._positions_let_go = True
                 await manager.stop()
                 # Only under its own lease: another engine may hold the account (`fatal`, or the lease lost
                 # and not yet found taken), the rows its own, its trails armed.

@@ -261,8 +261,10 @@ class RequestPacer:
 
     # --- sending -------------------------------------------------------------------------------------
 
-    async def acquire(self, costs: Mapping[str, int]) -> None:
-        """Wait until a request costing `costs` (units per budget key) may be sent, then book it."""
+    async def acquire(self, costs: Mapping[str, int], *, mutating: bool = True) -> None:
+        """Wait until a request costing `costs` (units per budget key) may be sent, then book it. A
+        `mutating` one (an order's send) ends its call's `withhold`: a read before it (a position mode
+        asked first) does not."""
         lane = current_lane()
         ticket = current_ticket()
         clock = self._clock
@@ -270,7 +272,7 @@ class RequestPacer:
         _refuse_if_withheld(ticket)
         me = (int(lane), self._sequence + 1)
         if self._wait_time(costs, lane) == 0.0 and not self._held_back(me, costs):
-            self._book(costs, ticket)
+            self._book(costs, ticket if mutating else None)
             return
         self._sequence += 1
         self._queue.append(me)
@@ -305,7 +307,7 @@ class RequestPacer:
                 ticket.end_wait(now)
             self.waits.record(now, now - started, lane)
             self._notify()
-        self._book(costs, ticket)
+        self._book(costs, ticket if mutating else None)
 
     def _held_back(self, me: tuple[int, int], costs: Mapping[str, int]) -> bool:
         """Whether a waiting request ahead of `me` (a higher lane, or the same lane and earlier) would be

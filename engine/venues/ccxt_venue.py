@@ -633,7 +633,9 @@ class CcxtVenue(RequestHooks):
     async def before_request(self, method: str, path: str, params: Mapping[str, Any]) -> None:
         self._ensure_session()
         if self._pacing is not None:
-            await self._pacing.requests.acquire(self._request_costs(method.upper(), path, params))
+            await self._pacing.requests.acquire(
+                self._request_costs(method.upper(), path, params), mutating=method.upper() != "GET"
+            )
         mark_sent()  # a read's lateness counts from here, not from its wait for budget
 
     def after_response(

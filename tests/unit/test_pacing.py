@@ -135,9 +135,10 @@ async def test_a_request_waiting_for_budget_is_withheld_once_its_call_says_not_t
         return stopping[0] if stopping else None
 
     async def order_then_read_back() -> None:
+        await pacer.acquire({WEIGHT: 1}, mutating=False)  # a read first (the position mode)
         await pacer.acquire({WEIGHT: 1})  # the order
         stopping.append("engine stopping")  # the stop begins while the order is out
-        await pacer.acquire({WEIGHT: 1})  # its read-back
+        await pacer.acquire({WEIGHT: 1}, mutating=False)  # its read-back
 
     ticket = CallTicket(Lane.ENTRY, withhold=withhold)
     sent = asyncio.create_task(
@@ -145,7 +146,24 @@ async def test_a_request_waiting_for_budget_is_withheld_once_its_call_says_not_t
     )
     await _run_until_done(clock, [sent])
     assert sent.exception() is None
-    assert pacer.requests_sent == 2
+    assert pacer.requests_sent == 3
+
+    # A read before the order does not end the check: the stop begins after it, the order is withheld.
+    stopping.clear()
+
+    async def read_then_order() -> None:
+        await pacer.acquire({WEIGHT: 1}, mutating=False)
+        stopping.append("engine stopping")
+        await pacer.acquire({WEIGHT: 1})
+
+    ticket = CallTicket(Lane.ENTRY, withhold=withhold)
+    read_first = asyncio.create_task(
+        call_with_send_timeout(clock, 10.0, read_then_order(), Lane.ENTRY, ticket)
+    )
+    await _run_until_done(clock, [read_first])
+    with pytest.raises(Withheld):
+        read_first.result()
+    assert pacer.requests_sent == 4  # the read only
 
     stopping.clear()
     pacer.hold(5.0)  # a 429's Retry-After: every lane waits
@@ -162,7 +180,7 @@ async def test_a_request_waiting_for_budget_is_withheld_once_its_call_says_not_t
     with pytest.raises(Withheld, match="engine stopping"):
         held.result()
     assert pacer.waiting_now == 0
-    assert pacer.requests_sent == 2  # it was never sent
+    assert pacer.requests_sent == 4  # it was never sent
 
 
 async def test_a_wait_for_budget_does_not_count_toward_the_call_timeout() -> None:

@@ -661,7 +661,7 @@ class SimVenue:
         if self._pacing is not None:
             # As every ccxt request does: wait out a 429's hold and a ban (protective calls), or be refused
             # at home during a ban (reads, entries). The sim has no request weight: nothing is booked.
-            await self._pacing.requests.acquire({})
+            await self._pacing.requests.acquire({}, mutating=kind.mutates)
         self.calls_made[kind] = self.calls_made.get(kind, 0) + 1
         plan = self._faults.plan(kind, stop=stop)
         timeout = self._settings.request_timeout_seconds
