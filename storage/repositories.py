@@ -357,6 +357,8 @@ DEFAULT_ACCOUNT = "sim:default"  # the sim venue with the default label (engine/
 #   out: it is uncovered.
 # - A managed trail (`trail_armed`, no order before it activates) is the trailing protection only while its
 #   engine runs and moves it; with none, only a trailing order on the venue counts.
+# An entry of unknown outcome its engine is settling counts from its send plus the grace, as the engine counts
+# it (a look at status during the seconds its look-up takes raised an alarm the engine did not).
 # A position `closing` (its close at market on its way) is still open: without its stops (a close because a
 # stop was breached or fired unfilled), it is uncovered, above all when its engine died mid-close.
 # The operators' query in the README is this one, with the grace and the account filled in.
@@ -371,7 +373,8 @@ UNCOVERED_POSITIONS_SQL = f"""
            OR (p.status = 'entry_placed' AND EXISTS (
                SELECT 1 FROM monitoring.orders AS o
                WHERE o.position_id = p.id AND o.purpose = 'entry'
-                 AND (o.status = 'unknown' OR (o.status <> 'rejected' AND NOT engine.looks_after)))))
+                 AND (o.status = 'unknown' OR (o.status <> 'rejected' AND NOT engine.looks_after))
+                 AND (NOT engine.looks_after OR o.created_at <= now() - {{grace}}))))
       AND (p.opened_at IS NULL OR p.opened_at <= now() - {{grace}}) AND p.account = {{account}}
     ORDER BY p.opened_at NULLS FIRST, p.id
 """

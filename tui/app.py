@@ -1075,7 +1075,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in exc.lines:
             print(one_line(line), file=sys.stderr)
         return EXIT_USAGE
-    # Refused before anything is written: the log file is not created for a dashboard that never ran.
+    secrets = loaded.secret_values()
+    planned = Path(loaded.settings.logging.file).expanduser()
+    absent = [p for p in (planned, *planned.parents) if not p.exists()]  # what configure_logging creates
+    try:
+        log_file = configure_logging(loaded.settings.logging, secrets)  # the file only: the screen is ours
+        engine = Engine(loaded.settings)
+    except (LogFileError, ConfigError) as exc:
+        print(f"tsbot-tui: {one_line(str(exc), secrets)}", file=sys.stderr)
+        return EXIT_USAGE
+    # Refused with nothing left behind: the log file (and its directories) made for it are removed again.
     not_a_tty = [name for name, fd in STANDARD_STREAMS.items() if not _is_a_terminal(fd)]
     if not_a_tty:
         named = ", ".join(not_a_tty[:-1]) + " and " + not_a_tty[-1] if len(not_a_tty) > 1 else not_a_tty[0]
@@ -1084,13 +1093,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "run the engine headless with `tsbot run`",
             file=sys.stderr,
         )
-        return EXIT_USAGE
-    secrets = loaded.secret_values()
-    try:
-        log_file = configure_logging(loaded.settings.logging, secrets)  # the file only: the screen is ours
-        engine = Engine(loaded.settings)
-    except (LogFileError, ConfigError) as exc:
-        print(f"tsbot-tui: {one_line(str(exc), secrets)}", file=sys.stderr)
+        _remove_unused(absent)
         return EXIT_USAGE
     logging.captureWarnings(True)
     # `kill -USR1 <pid>` writes every thread's stack next to the log: a hung dashboard can be diagnosed.
@@ -1125,6 +1128,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 # The dashboard reads keys from stdin and draws on stderr (Textual's choice). Its exit summary goes to stdout,
 # which may well be a file (`tsbot-tui > shift.txt` keeps the exit line): not required to be a terminal.
 STANDARD_STREAMS = {"stdin": 0, "stderr": 2}
+
+
+def _remove_unused(created: Sequence[Path]) -> None:
+    """Remove what was created for a run that never happened, deepest first: an empty file, then empty
+    directories (anything written to meanwhile stays)."""
+    logging.shutdown()
+    for path in created:
+        with contextlib.suppress(OSError):
+            if path.is_file() and path.stat().st_size == 0:
+                path.unlink()
+            elif path.is_dir():
+                path.rmdir()
 
 
 def _is_a_terminal(fd: int) -> bool:

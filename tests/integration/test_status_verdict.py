@@ -227,15 +227,23 @@ async def test_uncovered_positions_say_which_stop_is_missing(workdir: Path, engi
     # Two entries sent, not filled as far as the records go: one in flight (its entry order pending, sent by
     # the engine that holds the account), one whose outcome the engine could not learn (its entry order
     # `unknown`: it may have filled).
+    # (An entry of unknown outcome sent just now is the engine's to settle within its grace, as it counts
+    # it: FFFUSDT's look-up is under way; a look at status then raised an alarm the engine did not.)
     await engine_side.take_lease()
-    for symbol, entry_status in (("DDDUSDT", "pending"), ("EEEUSDT", "unknown")):
+    for symbol, entry_status, age in (
+        ("DDDUSDT", "pending", timedelta(minutes=1)),
+        ("EEEUSDT", "unknown", timedelta(minutes=1)),
+        ("FFFUSDT", "unknown", timedelta(0)),
+    ):
         await engine_side.execute(
             "WITH p AS (INSERT INTO monitoring.positions (account, symbol, exchange, side, quantity, status) "
             "VALUES ('sim:default', $1, 'sim', 'long', 1, 'entry_placed') RETURNING id) "
-            "INSERT INTO monitoring.orders (client_order_id, position_id, purpose, side, type, quantity, status) "
-            "SELECT 'x-' || p.id || '-en0', p.id, 'entry', 'buy', 'market', 1, $2 FROM p",
+            "INSERT INTO monitoring.orders "
+            "(client_order_id, position_id, purpose, side, type, quantity, status, created_at) "
+            "SELECT 'x-' || p.id || '-en0', p.id, 'entry', 'buy', 'market', 1, $2, now() - $3::interval FROM p",
             symbol,
             entry_status,
+            age,
         )
     report = json.loads(tsbot("status", "--json", cwd=workdir).stdout)
     assert {p["symbol"]: p["missing"] for p in report["uncovered"]} == {

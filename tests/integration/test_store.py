@@ -169,6 +169,13 @@ async def test_an_entry_left_pending_is_uncovered_once_no_engine_holds_the_accou
     await db.pool.execute("UPDATE monitoring.positions SET opened_at = now() - interval '1 minute'")
     in_flight = await entry_recorded(store, "CUSDT")
     in_doubt = await entry_recorded(store, "DUSDT", answered=OrderRecordStatus.UNKNOWN)
+    await db.pool.execute(  # in doubt for a minute: past grace
+        "UPDATE monitoring.orders SET created_at = now() - interval '1 minute' WHERE position_id = $1",
+        in_doubt,
+    )
+    # In doubt since just now: an engine looking after the account is settling it within its grace (and
+    # counts it itself); with none, nobody is.
+    fresh_doubt = await entry_recorded(store, "HUSDT", answered=OrderRecordStatus.UNKNOWN)
     # Killed between recording the refusal and the failed position: the entry is known not to have filled.
     await entry_recorded(store, "EUSDT", answered=OrderRecordStatus.REJECTED)
     # Killed before the send (the position not `entry_placed` yet): never sent.
@@ -187,7 +194,7 @@ async def test_an_entry_left_pending_is_uncovered_once_no_engine_holds_the_accou
         # It holds the lock but has not heartbeated for 31 s (hung, frozen, its host gone: the server keeps
         # the session): nobody is resolving the entry, nor moving the trail.
         await db.pool.execute("UPDATE monitoring.engine_leases SET heartbeat_at = now() - interval '31 s'")
-        assert await listed() == ({naked, managed, in_flight, in_doubt},) * 2
+        assert await listed() == ({naked, managed, in_flight, in_doubt, fresh_doubt},) * 2
         holder = await current_holder(db.pool, "sim", "sim:default")
         assert holder is not None
         assert holder.silent
@@ -199,14 +206,14 @@ async def test_an_entry_left_pending_is_uncovered_once_no_engine_holds_the_accou
         assert (holder.silent, holder.looks_after) == (False, True)
         # Heard, but stopping (its loops are gone): nobody resolves the entry or moves the trail.
         await lease.heartbeat(LeasePhase.STOPPING)
-        assert await listed() == ({naked, managed, in_flight, in_doubt},) * 2
+        assert await listed() == ({naked, managed, in_flight, in_doubt, fresh_doubt},) * 2
     finally:
         await lease.release()
     # An engine starting (reading the venue, restoring) does not look after the account yet either: what a
     # killed run left is listed until it runs.
     lease = await EngineLease.acquire(db.target.dsn, "sim", "sim:default", "test", phase=LeasePhase.STARTING)
     try:
-        assert await listed() == ({naked, managed, in_flight, in_doubt},) * 2
+        assert await listed() == ({naked, managed, in_flight, in_doubt, fresh_doubt},) * 2
         holder = await current_holder(db.pool, "sim", "sim:default")
         assert holder is not None
         assert (holder.silent, holder.looks_after, holder.phase) == (False, False, "starting")
@@ -216,13 +223,13 @@ async def test_an_entry_left_pending_is_uncovered_once_no_engine_holds_the_accou
         await lease.release()
     # The engine is gone: nobody will learn the entry's outcome, nor move the trail (a SIGKILL leaves it
     # recorded armed).
-    assert await listed() == ({naked, managed, in_flight, in_doubt},) * 2
+    assert await listed() == ({naked, managed, in_flight, in_doubt, fresh_doubt},) * 2
 
     # An engine of the same account on another database of the server is not this database's engine.
     elsewhere = await asyncpg.connect(pg_server.dsn("postgres"))
     try:
         await elsewhere.execute("SELECT pg_advisory_lock(29811, hashtext('sim/sim:default'))")
-        assert await listed() == ({naked, managed, in_flight, in_doubt},) * 2
+        assert await listed() == ({naked, managed, in_flight, in_doubt, fresh_doubt},) * 2
         assert await current_holder(db.pool, "sim", "sim:default") is None
     finally:
         await elsewhere.close()
