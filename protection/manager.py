@@ -2729,6 +2729,7 @@ class ProtectionManager:
         self._background: set[asyncio.Task[Any]] = set()
         # Stops of ours still live on symbols whose positions ended, being cancelled again (by symbol).
         self.leftovers: dict[str, dict[str, float | None]] = {}
+        self.foreign_stops_seen = 0  # open stops on the account not ours, at the last reconcile pass
         self._unfinished_told: set[str] = set()  # fired stops of closed positions already said (once each)
         self.handed_over: dict[str, dict[str, float | None]] = {}  # set by `stop`
         # Set by `stop`: `never_taken()` and `confirmed_within_lag()`, for the manager that replaces this one.
@@ -3335,10 +3336,13 @@ class ProtectionManager:
         return [g for g in self.open_guards() if not g.covered]
 
     def conditional_orders_held(self) -> int:
-        """Our stops that may be live on the venue now, at most: every guard's current, replacement and
-        superseded ones, and the leftovers of closed positions still being cancelled."""
-        return sum(len(g.order_ids()) for g in self.guards.values()) + sum(
-            len(orders) for orders in self.leftovers.values()
+        """The stops that may be live on the account now, at most: every guard's current, replacement and
+        superseded ones, the leftovers of closed positions still being cancelled, and the stops not ours
+        the last reconcile pass saw (the operator's, another client's)."""
+        return (
+            sum(len(g.order_ids()) for g in self.guards.values())
+            + sum(len(orders) for orders in self.leftovers.values())
+            + self.foreign_stops_seen
         )
 
     # --- helpers for guards --------------------------------------------------------------------------

@@ -141,6 +141,11 @@ class Reconciler:
         snapshot_at = snapshot.taken_at
         positions, open_orders = snapshot.positions, snapshot.open_orders
         self.runs += 1
+        # Stops on the account that are not ours (the operator's, another client's) fill the venue's cap on
+        # open conditional orders too: counted where new positions are admitted (`Engine._no_room_for_stops`).
+        manager.foreign_stops_seen = sum(
+            1 for o in open_orders if parse_client_order_id(o.client_order_id, manager.token) is None
+        )
         young = self._clock.monotonic() - self._connected_at < self._startup_unknown
         if not positions and manager.guards and young:
             # Right after connecting an empty answer may be a venue glitch (F3): only a position whose own

@@ -23,7 +23,7 @@ from engine.clock import ManualClock
 from engine.config import Settings
 from engine.engine import Engine
 from engine.events import EngineEvent, ProtectionFailed, ProtectionTimedOut
-from engine.exchange.port import Order, OrderType, PositionSide
+from engine.exchange.port import Order, OrderSide, OrderType, PositionSide
 from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, FaultKind
 from engine.venues.sim.universe import UNIVERSE
@@ -1197,6 +1197,48 @@ async def test_f13_a_held_symbol_the_mark_stream_leaves_out_is_read_by_rest_and_
         assert guard.trail.stop_price > first  # type: ignore[operator]
         said = [r.getMessage() for r in caplog.records if "silent on the stream" in r.getMessage()]
         assert said == [f"marks of {symbol} silent on the stream for more than 5s: read by REST meanwhile"]
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_f2_the_conditional_order_cap_counts_the_stops_on_the_account_that_are_not_ours(
+    db: Database,
+) -> None:
+    """The cap counts every open conditional order on the account: the operator's own stops too. Counting
+    only ours, the engine admitted positions whose stops the venue then refused (-4045). The stops the last
+    reconcile pass saw that are not ours are counted: every position opened is protected."""
+    settings = settings_for(db, {"VENUE__SIM__MAX_CONDITIONAL_ORDERS": "12"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        assert engine.store is not None
+        assert engine.reconciler is not None
+        (guard,) = await open_positions(engine, clock, [SYMBOLS[60]])
+        await drive_until_covered(engine, clock, 1)
+        core = engine.venue.core  # type: ignore[attr-defined]
+        below = engine.markets[guard.symbol].round_price(guard.entry_price * Decimal("0.9"))
+        for i in range(4):  # the operator's own stops on the position: 6 of the 12 taken
+            core.place_stop_market_order(
+                guard.symbol, OrderSide.SELL, guard.quantity, below, f"op-{i}", clock.now()
+            )
+        reconciler = engine.reconciler
+        await drive(clock, reconciler.reconcile_once(await drive(clock, reconciler.take_snapshot())))
+        symbols = SYMBOLS[61:65]
+        await engine.store.insert_signals([(s, "long", None, None) for s in symbols])
+
+        async def answered() -> bool:
+            left = await db.pool.fetchval(
+                "SELECT count(*) FROM monitoring.signals WHERE status IN ('new', 'taken')"
+            )
+            return left == 0
+
+        await drive_until(clock, answered, what="every signal answered")
+        # 12 orders: 6 taken, 2 kept for moves, 4 for two positions.
+        await drive_until_covered(engine, clock, 3)
+        rejected = await db.pool.fetch("SELECT reason FROM monitoring.signals WHERE status = 'rejected'")
+        assert len(rejected) == 2, rejected
+        assert await events_of(db, "protection_rejected") == []  # no stop refused for the cap
     finally:
         await drive(clock, engine.stop())
 
