@@ -130,6 +130,7 @@ T = TypeVar("T")
 STARTUP_UNKNOWN_SECONDS = 30.0  # an empty position list this soon after connecting is "unknown" (F3)
 WAVE_PROTECTION_WAIT_SECONDS = 120.0
 SILENT_MARKS_POLL_SECONDS = 2.0  # a held symbol's marks by REST while the stream leaves it out
+SILENT_MARKS_ONE_BY_ONE = 3  # up to this many such symbols are read one by one (a lighter request each)
 # Room kept under the venue's cap on open conditional orders for stop moves (`Engine._no_room_for_stops`):
 # a twentieth of the cap, at least one position's worth.
 STOPS_PER_POSITION = 2  # a hard stop and a trailing stop (a managed trail's once it activates)
@@ -1365,6 +1366,8 @@ class Engine:
             self.manager.order_round_trip_seconds = previous.order_round_trip_seconds
             # The account stream's word that stops are live: a move whose answer was lost is resolved by it.
             self.manager.streamed_live = previous.streamed_live
+            # Stops not ours the last pass saw still fill the venue's cap until the next pass says otherwise.
+            self.manager.foreign_stops_seen = previous.foreign_stops_seen
         # Stops of closed positions the last manager was still cancelling: cancelled now, and until they
         # are gone their symbols take no new position (an old stop would act on the new position).
         for symbol, orders in (unfinished_cancels or {}).items():
@@ -1869,10 +1872,15 @@ class Engine:
             self._mark_streamed_at[mark.symbol] = self.clock.monotonic()
             self._take_mark(mark)
 
-    def _take_mark(self, mark: MarkPrice) -> None:
+    def _take_mark(self, mark: MarkPrice, *, by_rest: bool = False) -> None:
         known = self.marks.get(mark.symbol)
-        if known is not None and mark.timestamp < known.timestamp:
-            return  # older than the one held (a REST answer overtaken by the stream)
+        # Older than the one held: a REST answer overtaken by the stream. By REST, the same one again is no
+        # news either: a venue that stopped publishing a mark answers it unchanged, and taken, it made the
+        # frozen mark look fresh (its staleness, in health and alerts, went quiet).
+        if known is not None and (
+            mark.timestamp <= known.timestamp if by_rest else mark.timestamp < known.timestamp
+        ):
+            return
         self.marks[mark.symbol] = mark
         self._last_mark_at = self._mark_received_at[mark.symbol] = self.clock.monotonic()
         manager = self.manager  # restart_protection swaps it
@@ -1885,6 +1893,7 @@ class Engine:
         fallback watches its streams: one for every symbol (Binance's `!markPrice@arr`) stays fresh while
         it leaves a symbol out, and that symbol's trail froze (F13: "6 of 7 positions frozen")."""
         silent: set[str] = set()
+        failing = False  # said once per run of failures (a ban can last days)
         limit = float(self.settings.health.stale_mark_seconds)
         while True:
             await self.clock.sleep(SILENT_MARKS_POLL_SECONDS)
@@ -1907,17 +1916,37 @@ class Engine:
                 )
             if not quiet:
                 continue
-            try:
-                wanted = sorted(quiet)
-                marks = await manager.read(
-                    functools.partial(self.venue.fetch_mark_prices, wanted), "fetch_mark_prices", Lane.READ
+            # A few symbols one by one (Binance weighs premiumIndex 1 with a symbol, 10 without), else one read.
+            wanted = (
+                [[s] for s in sorted(quiet)] if len(quiet) <= SILENT_MARKS_ONE_BY_ONE else [sorted(quiet)]
+            )
+            answers = await asyncio.gather(
+                *(
+                    manager.read(
+                        functools.partial(self.venue.fetch_mark_prices, symbols),
+                        "fetch_mark_prices",
+                        Lane.READ,
+                    )
+                    for symbols in wanted
+                ),
+                return_exceptions=True,
+            )
+            failures = [a for a in answers if isinstance(a, BaseException)]
+            for failure in failures:
+                if not isinstance(failure, ExchangeError | TimeoutError):
+                    raise failure
+            if failures and not failing:
+                log.warning(
+                    "marks of %s by REST failed (%s); they go stale until a read succeeds",
+                    ", ".join(sorted(quiet)),
+                    failures[0],
                 )
-            except (ExchangeError, TimeoutError) as exc:
-                log.warning("marks of %s by REST failed (%s); they go stale", ", ".join(sorted(quiet)), exc)
-                continue
-            for mark in marks.values():
-                if mark.symbol in quiet:
-                    self._take_mark(mark)
+            failing = bool(failures)
+            for answer in answers:
+                if isinstance(answer, dict):
+                    for mark in answer.values():
+                        if mark.symbol in quiet:
+                            self._take_mark(mark, by_rest=True)
 
     async def _marks_to_db(self) -> None:
         assert self.store is not None
@@ -2277,9 +2306,11 @@ class Engine:
         coming = STOPS_PER_POSITION * (len(self._in_flight) + pending)
         if held + coming + STOPS_PER_POSITION + spare <= cap:
             return None
+        foreign = self.manager.foreign_stops_seen
         return (
             f"no room for its stops: the venue holds at most {cap} conditional orders per account "
-            f"({held} ours live, {coming} for entries on their way, {spare} kept for stop moves)"
+            f"({held - foreign} ours live, {foreign} not ours, {coming} for entries on their way, "
+            f"{spare} kept for stop moves)"
         )
 
     def _not_to_be_sent(self) -> str | None:

@@ -47,7 +47,9 @@ ENDPOINT_COSTS: Mapping[tuple[str, str], EndpointCost] = {
     ("GET", "/fapi/v1/ping"): EndpointCost(1),
     ("GET", "/fapi/v1/time"): EndpointCost(1),
     ("GET", "/fapi/v1/exchangeInfo"): EndpointCost(1),
-    ("GET", "/fapi/v1/premiumIndex"): EndpointCost(1),
+    ("GET", "/fapi/v1/premiumIndex"): EndpointCost(
+        1, weight_without_symbol=10
+    ),  # "1 with symbol, 10 without"
     ("GET", "/fapi/v2/balance"): EndpointCost(5),
     ("GET", "/fapi/v3/balance"): EndpointCost(5),
     ("GET", "/fapi/v2/positionRisk"): EndpointCost(5),

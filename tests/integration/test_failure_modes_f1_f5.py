@@ -1197,6 +1197,11 @@ async def test_f13_a_held_symbol_the_mark_stream_leaves_out_is_read_by_rest_and_
         assert guard.trail.stop_price > first  # type: ignore[operator]
         said = [r.getMessage() for r in caplog.records if "silent on the stream" in r.getMessage()]
         assert said == [f"marks of {symbol} silent on the stream for more than 5s: read by REST meanwhile"]
+        # The REST reads fail for a while (a ban can last days): said once, not every 2 s.
+        venue.inject_fault(CallKind.FETCH_MARK_PRICES, FaultKind.SERVER_ERROR, 10_000)
+        await drive(clock, clock.sleep(20.0))
+        failed = [r.getMessage() for r in caplog.records if "by REST failed" in r.getMessage()]
+        assert len(failed) == 1, failed
     finally:
         await drive(clock, engine.stop())
 

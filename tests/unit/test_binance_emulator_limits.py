@@ -94,6 +94,9 @@ async def test_every_answer_carries_the_weight_used_in_the_current_minute() -> N
         busy = await r.api.signed("GET", "/fapi/v2/balance")
         assert (busy.status, busy.code, weight(busy)) == (503, -1008, 59)
         assert (await r.state())["rate"]["used_weight_1m"] == 59  # the control API itself weighs nothing
+        # Mark prices: "1 with symbol, 10 without" (the table said 1 either way: rehearsal spent a tenth).
+        assert weight(await r.api.public("GET", "/fapi/v1/premiumIndex", symbol=SFP)) == 60
+        assert weight(await r.api.public("GET", "/fapi/v1/premiumIndex")) == 70
 
 
 async def test_the_weight_starts_again_in_each_fixed_minute() -> None:
