@@ -45,6 +45,7 @@ class CoverageFigures:
     # judges coverage over the positions past grace only (a wave being protected is no alarm).
     protecting_with_stop_loss: int = 0
     protecting_with_trailing_stop: int = 0
+    oldest_unprotected_symbol: str = ""  # the symbol of the oldest uncovered past grace
 
 
 def percent(part: int, whole: int) -> Decimal | None:
@@ -59,6 +60,7 @@ def coverage_figures(
     active = protected = protecting = with_sl = with_ts = lasting = protecting_sl = protecting_ts = 0
     uncovered_ids: list[int] = []
     oldest: float | None = None
+    oldest_symbol = ""
     for position in positions:
         active += 1
         with_sl += position.has_stop_loss
@@ -75,7 +77,8 @@ def coverage_figures(
             protecting_ts += position.has_trailing_stop
             continue
         uncovered_ids.append(position.position_id)
-        oldest = age if oldest is None else max(oldest, age)
+        if oldest is None or age > oldest:
+            oldest, oldest_symbol = age, position.symbol
         lasting += age >= grace_seconds
     return CoverageFigures(
         active=active,
@@ -91,6 +94,7 @@ def coverage_figures(
         uncovered_ids=tuple(sorted(uncovered_ids)),
         protecting_with_stop_loss=protecting_sl,
         protecting_with_trailing_stop=protecting_ts,
+        oldest_unprotected_symbol=oldest_symbol,
     )
 
 

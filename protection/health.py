@@ -366,6 +366,7 @@ class ProtectionMeasurement:
     # Of the uncovered within grace (still being protected), those with that stop confirmed already.
     protecting_ts_covered: int = 0
     protecting_sl_covered: int = 0
+    oldest_uncovered_symbol: str = ""  # named in the alarm: an operator acts on a symbol, not a count
 
     @classmethod
     def of(cls, figures: CoverageFigures, timeouts_last_hour: int) -> ProtectionMeasurement:
@@ -382,6 +383,7 @@ class ProtectionMeasurement:
             timeouts_last_hour=timeouts_last_hour,
             protecting_ts_covered=figures.protecting_with_trailing_stop,
             protecting_sl_covered=figures.protecting_with_stop_loss,
+            oldest_uncovered_symbol=figures.oldest_unprotected_symbol if figures.uncovered else "",
         )
 
     def __post_init__(self) -> None:
@@ -770,9 +772,10 @@ def evaluate_protection(
                 )
         degraded.append(f"{_plural(past_grace, 'position')} uncovered past grace")
     if oldest is not None and oldest > thresholds.uncovered_critical_seconds:
+        named = f"{measured.oldest_uncovered_symbol}, " if measured.oldest_uncovered_symbol else ""
         critical.append(
             f"Position uncovered for {format_duration(oldest)} "
-            f"(limit {format_duration(thresholds.uncovered_critical_seconds)})"
+            f"({named}limit {format_duration(thresholds.uncovered_critical_seconds)})"
         )
     return _verdict(component, measurements, summary, critical, degraded)
 

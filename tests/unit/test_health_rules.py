@@ -4,6 +4,7 @@ without a cause)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import replace
@@ -102,6 +103,15 @@ def test_incident_figures_are_critical_with_the_operators_reason() -> None:
     )
     assert health.measurements["ts_coverage_percent"] == "42.3"
     assert health.measurements["uncovered_past_grace"] == 41
+
+
+def test_the_uncovered_time_alarm_names_the_oldest_uncovered_position() -> None:
+    """ "Position uncovered for 1m03s (limit 1m00s)" named no position: the dashboard's log row had an empty
+    Symbol column and `tsbot status` said it without the symbol an operator acts on."""
+    measured = dataclasses.replace(protection(100, 99, oldest=63.0), oldest_uncovered_symbol="RUNEUSDT")
+    health = evaluate_protection(measured, T)
+    assert health.state is CRITICAL
+    assert health.reason == "Position uncovered for 1m03s (RUNEUSDT, limit 1m00s)"
 
 
 def test_incident_hours_later_names_both_causes() -> None:

@@ -180,6 +180,7 @@ class CoverageGauge(Vertical):
             oldest_uncovered_seconds=figures.oldest_unprotected_seconds if figures.uncovered else None,
             protecting_ts_covered=figures.protecting_with_trailing_stop,
             protecting_sl_covered=figures.protecting_with_stop_loss,
+            oldest_uncovered_symbol=figures.oldest_unprotected_symbol if figures.uncovered else "",
         )
         return health.evaluate_protection(measured, self._thresholds).state
 
