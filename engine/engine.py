@@ -461,6 +461,13 @@ class _CarriedProtection:
         return dataclasses.replace(view, unprotected_seconds=now - fact.unprotected_since)
 
 
+def entries_toggle_level(*, paused: bool, by: str) -> int:
+    """How loud a change of the entries' state is: a pause the operator did not ask for (the breaker, the
+    lease, the database) is a warning; an operator's pause or resume, or a resume, is routine (counted as
+    a warning, it filled the log panel's warning count with the operator's own keys)."""
+    return logging.WARNING if paused and by not in ("", "operator") else logging.INFO
+
+
 class EntryNotSentAgain(Exception):
     """An entry the venue refused for its rate (it never ran) is not sent again: the engine is stopping,
     or entries were paused while it waited for room."""
@@ -3381,7 +3388,12 @@ class Engine:
             who = requester_identity()
         self._persisted_pause = (True, by, reason)
         self._apply_entries_state()
-        log.warning("entries paused by the %s%s", by, f": {reason}" if reason else "")
+        log.log(
+            entries_toggle_level(paused=True, by=by),
+            "entries paused by the %s%s",
+            by,
+            f": {reason}" if reason else "",
+        )
         self._persist_entries_control(True, by, reason, who)
 
     def resume_entries(self, who: str = "", *, by: str = "operator", reason: str = "") -> tuple[bool, str]:
@@ -3403,7 +3415,12 @@ class Engine:
             return False, message
         self._persisted_pause = (False, by, "")
         self._apply_entries_state()
-        log.warning("entries resumed by the %s%s", by, f": {reason}" if reason else "")
+        log.log(
+            entries_toggle_level(paused=False, by=by),
+            "entries resumed by the %s%s",
+            by,
+            f": {reason}" if reason else "",
+        )
         if by == "operator" and not who:
             who = requester_identity()
         self._persist_entries_control(False, by, reason, who)
@@ -3451,7 +3468,9 @@ class Engine:
                     requested_by=who,
                 )
                 await store.record_event(
-                    Severity.WARNING,
+                    Severity.WARNING
+                    if entries_toggle_level(paused=paused, by=by) >= logging.WARNING
+                    else Severity.INFO,
                     "entries_paused" if paused else "entries_resumed",
                     f"entries {'paused' if paused else 'resumed'} by the {by}"
                     + (f" ({who})" if who else "")

@@ -33,6 +33,7 @@ from engine.engine import (
     StopReport,
     ViewSelector,
     WaveView,
+    entries_toggle_level,
 )
 from engine.events import (
     EngineEvent,
@@ -181,9 +182,10 @@ def entry_for_event(event: EngineEvent) -> LogEntry | None:
                 f"{event.count} events dropped while the screen was busy; the tables re-read the engine",
             )
         case EntriesToggled():
+            loud = entries_toggle_level(paused=event.paused, by=event.by) >= logging.WARNING
             return LogEntry(
                 event.at,
-                "warning",
+                "warning" if loud else "info",
                 "",
                 "entries",
                 None,

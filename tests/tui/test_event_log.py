@@ -100,3 +100,7 @@ def test_a_pause_is_logged_with_who_paused_and_why() -> None:
     assert resumed is not None
     assert paused.detail == f"new entries paused by the breaker: {reason}"
     assert resumed.detail == "new entries resumed"
+    # Only a pause nobody asked for is a warning: the operator's own keys filled the hourly warning count.
+    by_hand = translator.entry(EntriesToggled(at=T0 + 2, paused=True, by="operator"))
+    assert by_hand is not None
+    assert (paused.severity, resumed.severity, by_hand.severity) == ("warning", "info", "info")
