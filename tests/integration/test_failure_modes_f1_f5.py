@@ -85,6 +85,20 @@ async def open_positions(
     return [manager.by_symbol[s] for s in symbols]
 
 
+async def wave_answered(db: Database, engine: Engine, clock: ManualClock, symbols: list[str]) -> None:
+    """Insert one long signal per symbol and drive until every signal is answered (opened or rejected)."""
+    assert engine.store is not None
+    await engine.store.insert_signals([(s, "long", None, None) for s in symbols])
+
+    async def answered() -> bool:
+        left = await db.pool.fetchval(
+            "SELECT count(*) FROM monitoring.signals WHERE status IN ('new', 'taken')"
+        )
+        return left == 0
+
+    await drive_until(clock, answered, what="every signal answered")
+
+
 async def drive_until_covered(engine: Engine, clock: ManualClock, n: int, *, limit: float = 120.0) -> float:
     manager = engine.manager
     assert manager is not None
@@ -1128,16 +1142,7 @@ async def test_f2_no_position_is_opened_whose_stops_the_venues_conditional_order
     await drive(clock, engine.start())
     try:
         assert engine.store is not None
-        symbols = SYMBOLS[50:58]
-        await engine.store.insert_signals([(s, "long", None, None) for s in symbols])
-
-        async def answered() -> bool:
-            left = await db.pool.fetchval(
-                "SELECT count(*) FROM monitoring.signals WHERE status IN ('new', 'taken')"
-            )
-            return left == 0
-
-        await drive_until(clock, answered, what="every signal answered")
+        await wave_answered(db, engine, clock, SYMBOLS[50:58])
         # 12 orders, 2 kept for moves: 5 positions' stops.
         await drive_until_covered(engine, clock, 5)
         rejected = await db.pool.fetch(
@@ -1229,16 +1234,7 @@ async def test_f2_the_conditional_order_cap_counts_the_stops_on_the_account_that
             )
         reconciler = engine.reconciler
         await drive(clock, reconciler.reconcile_once(await drive(clock, reconciler.take_snapshot())))
-        symbols = SYMBOLS[61:65]
-        await engine.store.insert_signals([(s, "long", None, None) for s in symbols])
-
-        async def answered() -> bool:
-            left = await db.pool.fetchval(
-                "SELECT count(*) FROM monitoring.signals WHERE status IN ('new', 'taken')"
-            )
-            return left == 0
-
-        await drive_until(clock, answered, what="every signal answered")
+        await wave_answered(db, engine, clock, SYMBOLS[61:65])
         # 12 orders: 6 taken, 2 kept for moves, 4 for two positions.
         await drive_until_covered(engine, clock, 3)
         rejected = await db.pool.fetch("SELECT reason FROM monitoring.signals WHERE status = 'rejected'")

@@ -4,7 +4,9 @@ needed for the picture."""
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -22,7 +24,7 @@ from storage.repositories import HealthRow, OrderRecordStatus, Severity, Store
 from tests.integration.engine_support import make_engine
 from tests.support.driving import drive, drive_until
 from tests.support.records import entry_recorded
-from tests.tui.harness import dashboard, started, tui_settings
+from tests.tui.harness import Dashboard, dashboard, started, tui_settings
 from tests.tui.snapshots import svg_to_text
 from tui import formatting
 from tui.app import RunningWave
@@ -515,10 +517,12 @@ async def test_a_watch_says_whether_the_engine_it_watches_takes_entries(db: Data
         await drive(clock, trader.stop())
 
 
-async def test_the_quit_dialog_says_entries_on_their_way(db: Database) -> None:
-    """On a slow venue, `q` right after a wave was sent: the dialog counted the open positions only ("1 of
-    1 … keep their stops") while three entries were on their way, which the stop then waited for and
-    protected; the exit line said 4 open positions. The dialog says them."""
+@contextlib.asynccontextmanager
+async def _one_protected_and_three_entries_on_their_way(
+    db: Database, symbols: list[str]
+) -> AsyncIterator[Dashboard]:
+    """A dashboard on a slow venue (6 s per order): a position protected on the first symbol, then the
+    entries of the other three on their way."""
     settings = tui_settings(
         db,
         {
@@ -528,11 +532,19 @@ async def test_the_quit_dialog_says_entries_on_their_way(db: Database) -> None:
     )
     async with dashboard(settings) as board:
         await started(board)
-        await board.open_positions([SYMBOLS[60]])
+        await board.open_positions(symbols[:1])
         await board.until(lambda: board.engine.snapshot().coverage.protected == 1, "1 covered")
         assert board.engine.store is not None
-        await board.engine.store.insert_signals([(s, "long", None, None) for s in SYMBOLS[61:64]])
+        await board.engine.store.insert_signals([(s, "long", None, None) for s in symbols[1:]])
         await board.until(lambda: board.engine.snapshot().entries_sending == 3, "3 entries on their way")
+        yield board
+
+
+async def test_the_quit_dialog_says_entries_on_their_way(db: Database) -> None:
+    """On a slow venue, `q` right after a wave was sent: the dialog counted the open positions only ("1 of
+    1 … keep their stops") while three entries were on their way, which the stop then waited for and
+    protected; the exit line said 4 open positions. The dialog says them."""
+    async with _one_protected_and_three_entries_on_their_way(db, SYMBOLS[60:64]) as board:
         await board.press("q")
         body = board.confirm_body()
         assert "1 of 1 open positions keep their stops on the exchange" in body
@@ -547,20 +559,7 @@ async def test_while_quitting_the_screen_shows_the_positions_the_stop_opens_and_
     fills. The screen froze at the moment of `q`: the three new positions were in no count (the gauge said
     1/1, "uncovered 0") and the wave line called them "closed", though all were open and protecting. The
     screen follows the drain until the engine lets its positions go, then keeps that picture."""
-    settings = tui_settings(
-        db,
-        {
-            "VENUE__SIM__LATENCY__BY_CALL__CREATE_ORDER__SECONDS": "6",
-            "PROTECTION__CALL_TIMEOUT_SECONDS": "10",
-        },
-    )
-    async with dashboard(settings) as board:
-        await started(board)
-        await board.open_positions([SYMBOLS[64]])
-        await board.until(lambda: board.engine.snapshot().coverage.protected == 1, "1 covered")
-        assert board.engine.store is not None
-        await board.engine.store.insert_signals([(s, "long", None, None) for s in SYMBOLS[65:68]])
-        await board.until(lambda: board.engine.snapshot().entries_sending == 3, "3 entries on their way")
+    async with _one_protected_and_three_entries_on_their_way(db, SYMBOLS[64:68]) as board:
         await board.press("q")
         await board.press("y")
         await board.until(
