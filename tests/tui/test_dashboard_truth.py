@@ -136,6 +136,10 @@ async def test_enter_on_a_position_shows_every_field_and_its_stop_orders_venue_i
         assert f"entry {formatting.price(view.entry_price)}" in text
         assert "covered: both stops confirmed by the venue" in text
         detail = str(screen.query_one("#position-detail").content)  # type: ignore[attr-defined]
+        # Its kind once ("native, native" said it twice: a native trail's phase is the venue's).
+        assert re.search(
+            r"trailing stop +native, activation [0-9.]+ \(\+[0-9.]+% away\), follows the mark price", detail
+        ), detail
         for order in orders:  # the venue's ids, and ours, for both stops
             assert order.exchange_order_id
             assert f"venue id {order.exchange_order_id}" in detail

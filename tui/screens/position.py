@@ -111,7 +111,9 @@ class PositionDetailScreen(ModalScreen[None]):
             f"{price(v.stop_loss_price)}, "
             + ("confirmed on the venue" if v.has_stop_loss else "MISSING: not confirmed on the venue"),
         )
-        trailing = f"{v.trailing_kind}, {v.trailing_phase}"
+        # A native trail's phase is the venue's own ("native" once it is confirmed): its kind said once.
+        same = v.trailing_phase == v.trailing_kind
+        trailing = v.trailing_kind if same else f"{v.trailing_kind}, {v.trailing_phase}"
         if v.activation_price is not None:
             trailing += f", activation {price(v.activation_price)}"
         if v.distance_to_activation_percent is not None:
