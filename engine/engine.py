@@ -461,6 +461,11 @@ class _CarriedProtection:
         return dataclasses.replace(view, unprotected_seconds=now - fact.unprotected_since)
 
 
+def _conditional_spare(cap: int) -> int:
+    """The room kept under the venue's cap on open conditional orders for stop moves."""
+    return max(CONDITIONAL_SPARE_MIN, cap // CONDITIONAL_SPARE_DIVISOR)
+
+
 def entries_toggle_level(*, paused: bool, by: str) -> int:
     """How loud a change of the entries' state is: a pause the operator did not ask for (the breaker, the
     lease, the database) is a warning; an operator's pause or resume, or a resume, is routine (counted as
@@ -2284,7 +2289,7 @@ class Engine:
         if not capabilities.stops_are_orders:
             return
         cap = capabilities.max_conditional_orders
-        spare = max(CONDITIONAL_SPARE_MIN, cap // CONDITIONAL_SPARE_DIVISOR)
+        spare = _conditional_spare(cap)
         fits = (cap - spare) // STOPS_PER_POSITION
         if self.settings.signals.max_positions > fits:
             log.warning(
@@ -2306,7 +2311,7 @@ class Engine:
         if not capabilities.stops_are_orders or self.manager is None:
             return None
         cap = capabilities.max_conditional_orders
-        spare = max(CONDITIONAL_SPARE_MIN, cap // CONDITIONAL_SPARE_DIVISOR)
+        spare = _conditional_spare(cap)
         held = self.manager.conditional_orders_held()
         if self._carried is not None:  # a protection restart before its guards exist
             held = max(held, STOPS_PER_POSITION * len(self._carried.views))

@@ -10,10 +10,11 @@ F5 unprotected window on stop moves.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from decimal import Decimal
 
 import asyncpg
@@ -582,6 +583,26 @@ async def test_f3_restart_restores_every_position_without_sending_anything(db: D
         await drive(clock, engine_b.stop())
 
 
+@contextlib.asynccontextmanager
+async def _managed_trail_active(
+    db: Database, symbol: str, overrides: Mapping[str, str]
+) -> AsyncIterator[tuple[Engine, ManualClock, PositionGuard]]:
+    """A managed-mode engine with one long on `symbol`, covered, its trail activated (mark at entry × 1.02);
+    stopped after."""
+    settings = settings_for(db, {"PROTECTION__TRAILING__MODE": "managed", **overrides})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        (guard,) = await open_positions(engine, clock, [symbol])
+        await drive_until_covered(engine, clock, 1)
+        await push_mark(engine, clock, guard, "1.02")
+        assert guard.trail is not None
+        yield engine, clock, guard
+    finally:
+        await drive(clock, engine.stop())
+
+
 async def push_mark(engine: Engine, clock: ManualClock, guard: PositionGuard, factor: str) -> Decimal:
     """Move `guard`'s symbol to entry × factor and drive until the managed trail has a confirmed stop for
     it and no move is pending or in flight."""
@@ -1002,18 +1023,12 @@ async def test_f4_a_trail_move_is_committed_only_after_the_venue_confirms_it(
     had the old one (and after a restart re-placed the DB's stop, which the exchange rejected). Here a
     managed trail's move fails at the venue: the database and the trail keep the old, live stop; when the
     venue accepts orders again the move is made, and only then is the new stop written."""
-    settings = settings_for(
-        db, {"PROTECTION__TRAILING__MODE": "managed", "PROTECTION__RETRY_MAX_SECONDS": "2"}
-    )
-    clock = ManualClock()
-    engine = make_engine(settings, clock)
-    await drive(clock, engine.start())
-    try:
-        symbol = SYMBOLS[41]
-        (guard,) = await open_positions(engine, clock, [symbol])
-        await drive_until_covered(engine, clock, 1)
-        await push_mark(engine, clock, guard, "1.02")
-        assert guard.trail is not None
+    async with _managed_trail_active(db, SYMBOLS[41], {"PROTECTION__RETRY_MAX_SECONDS": "2"}) as (
+        engine,
+        clock,
+        guard,
+    ):
+        symbol = guard.symbol
         first_stop, first_cid = guard.trail.stop_price, guard.trailing_stop.client_order_id
         venue = engine.venue
         token = token_of(engine)
@@ -1073,8 +1088,6 @@ async def test_f4_a_trail_move_is_committed_only_after_the_venue_confirms_it(
             "SELECT count(*) FROM monitoring.orders WHERE purpose = 'trailing_stop' AND status = 'pending'"
         )
         assert stuck == 0
-    finally:
-        await drive(clock, engine.stop())
 
 
 async def test_f4_a_trail_move_the_venue_keeps_refusing_waits_its_backoff_not_the_next_mark(
@@ -1086,18 +1099,12 @@ async def test_f4_a_trail_move_the_venue_keeps_refusing_waits_its_backoff_not_th
     line said "retrying in 1.0s". The next try now waits the pass's backoff (doubling to
     `retry_max_seconds`); the old stop stays live and counted meanwhile, and the move is made once the
     venue takes orders again."""
-    settings = settings_for(
-        db, {"PROTECTION__TRAILING__MODE": "managed", "PROTECTION__RETRY_MAX_SECONDS": "8"}
-    )
-    clock = ManualClock()
-    engine = make_engine(settings, clock)
-    await drive(clock, engine.start())
-    try:
-        symbol = SYMBOLS[42]
-        (guard,) = await open_positions(engine, clock, [symbol])
-        await drive_until_covered(engine, clock, 1)
-        await push_mark(engine, clock, guard, "1.02")
-        assert guard.trail is not None
+    async with _managed_trail_active(db, SYMBOLS[42], {"PROTECTION__RETRY_MAX_SECONDS": "8"}) as (
+        engine,
+        clock,
+        guard,
+    ):
+        symbol = guard.symbol
         first_cid = guard.trailing_stop.client_order_id
         venue = engine.venue
         venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, 10_000)
@@ -1124,8 +1131,6 @@ async def test_f4_a_trail_move_the_venue_keeps_refusing_waits_its_backoff_not_th
             what="the move made once the venue takes orders",
             limit=20.0,
         )
-    finally:
-        await drive(clock, engine.stop())
 
 
 async def test_f2_no_position_is_opened_whose_stops_the_venues_conditional_order_cap_would_refuse(
@@ -1173,16 +1178,12 @@ async def test_f13_a_held_symbol_the_mark_stream_leaves_out_is_read_by_rest_and_
     managed trail froze while the price ran: the health line said DEGRADED, and nothing read the mark. A
     held symbol silent on the stream for `stale_mark_seconds` is read by REST until the stream brings it
     again: the trail moves on the venue."""
-    settings = settings_for(db, {"PROTECTION__TRAILING__MODE": "managed", "HEALTH__STALE_MARK_SECONDS": "5"})
-    clock = ManualClock()
-    engine = make_engine(settings, clock)
-    await drive(clock, engine.start())
-    try:
-        symbol = SYMBOLS[43]
-        (guard,) = await open_positions(engine, clock, [symbol])
-        await drive_until_covered(engine, clock, 1)
-        await push_mark(engine, clock, guard, "1.02")
-        assert guard.trail is not None
+    async with _managed_trail_active(db, SYMBOLS[43], {"HEALTH__STALE_MARK_SECONDS": "5"}) as (
+        engine,
+        clock,
+        guard,
+    ):
+        symbol = guard.symbol
         first = guard.trail.stop_price
         venue = engine.venue
         venue.stall_marks(symbol, 600.0)
@@ -1207,8 +1208,6 @@ async def test_f13_a_held_symbol_the_mark_stream_leaves_out_is_read_by_rest_and_
         await drive(clock, clock.sleep(20.0))
         failed = [r.getMessage() for r in caplog.records if "by REST failed" in r.getMessage()]
         assert len(failed) == 1, failed
-    finally:
-        await drive(clock, engine.stop())
 
 
 async def test_f2_the_conditional_order_cap_counts_the_stops_on_the_account_that_are_not_ours(
