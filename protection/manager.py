@@ -1569,9 +1569,23 @@ class PositionGuard:
             )
         if isinstance(outcomes, list):
             for order, outcome in zip(stuck, outcomes, strict=True):
+                if outcome is _Outcome.GONE:
+                    # It ended (a fill, or part of one with the rest expired): its id is spent. The next
+                    # stop is a new order; the reconciler settles what is left of the position.
+                    if order.ended_as is not OrderStatus.FILLED:
+                        log.warning(
+                            "%s: fired %s %s ended %s on the venue; what is left of the position gets a "
+                            "new one",
+                            self.symbol,
+                            _what(order.purpose),
+                            order.client_order_id,
+                            order.ended_as.value if order.ended_as else "",
+                        )
+                    self._next_generation(order)
+                    return
                 if outcome not in (_Outcome.FIRED, _Outcome.RETRY):  # a failed look-up proves nothing
                     order.fired_at = None
-                    return  # it ended (or can be re-placed); the reconciler settles a closed position
+                    return  # it never reached the venue after all: the same id may be sent
         elif isinstance(outcomes, BaseException) and not isinstance(outcomes, ExchangeError | TimeoutError):
             raise outcomes
         if isinstance(positions, list):

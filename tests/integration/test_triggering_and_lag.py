@@ -633,3 +633,59 @@ async def test_the_opened_line_says_its_quantity_in_plain_digits(
         assert len(opened) == 1
         assert opened[0].startswith(f"Opened long {guard.quantity:f} SNXUSDT at {guard.entry_price:f} ")
         assert "E+" not in opened[0]
+
+
+@pytest.mark.parametrize("stream", ["stream-live", "stream-late"])
+async def test_a_stop_that_fills_in_part_leaves_the_rest_protected_under_a_new_id(
+    db: Database, stream: str
+) -> None:
+    """A fired hard stop meets a thin book: half of it executes and the rest expires (Binance ends a
+    MARKET order that partially fills EXPIRED, with its executed quantity). Half the position is still
+    open and has no hard stop. It gets one at once, for what is left, under a new client id: the spent
+    id is never sent again (Binance answers a query by id with the latest order that carried it, which
+    would hide the partial fill; Bybit refuses a used id for good). With the account stream late, the
+    stop's end is found by the look-up made when its patience ends (it fired, then sat TRIGGERING)."""
+    async with _one_guarded_position(db, SYMBOLS[21], GRACE_5) as (engine, venue, clock, guard):
+        assert engine.manager is not None
+        symbol, tick = guard.symbol, guard.market.tick_size
+        spent, stop = guard.stop_loss.client_order_id, guard.stop_loss.price
+        assert spent is not None
+        assert stop is not None
+        held = guard.quantity
+        venue.set_stop_fill(Decimal("0.5"))
+        if stream == "stream-late":
+            venue.delay_account_events(60.0)
+            venue.set_trigger_delay(1.0)  # it sits TRIGGERING, then fills in part before its patience ends
+        venue.override_mark_price(symbol, stop - 3 * tick)
+        engine.manager.request_reconcile()
+        await drive_until(
+            clock,
+            lambda: venue.core.positions(clock.now())[0].quantity < held,
+            what="half executed",
+            step=0.05,
+        )
+        [left] = venue.core.positions(clock.now())
+        assert 0 < left.quantity < held
+        venue.override_mark_price(symbol, stop + 20 * tick)  # back above the stop: a new one can be placed
+
+        def rest_has_a_hard_stop() -> bool:
+            live = venue.core.inspect(clock.now()).open_conditional
+            return any(o.symbol == symbol and o.type is OrderType.STOP_MARKET for o in live) and guard.covered
+
+        await drive_until(clock, rest_has_a_hard_stop, what="the rest protected", step=0.05, limit=30.0)
+        [hard] = [
+            o
+            for o in venue.core.inspect(clock.now()).open_conditional
+            if o.symbol == symbol and o.type is OrderType.STOP_MARKET
+        ]
+        assert hard.client_order_id != spent, "the spent stop's id was sent again"
+        # Its record says how it ended, once the guard has been told (it is no longer live for anyone).
+        query = "SELECT status FROM monitoring.orders WHERE client_order_id = $1"
+        await drive_until(
+            clock,
+            lambda: db.pool.fetchval(query + " AND status NOT IN ('pending', 'open', 'unknown')", spent),
+            what="the spent stop's record ended",
+            limit=10.0,
+        )
+        assert await db.pool.fetchval(query, spent) == "expired"
+        assert venue.core.positions(clock.now())[0].quantity == left.quantity

@@ -103,6 +103,22 @@ def test_a_deferred_fill_executes_at_the_mark_of_its_deadline_not_a_later_one() 
     assert core.get_order(SFP, "sl", T0 + 7).average_price == D("0.3900")
 
 
+def test_a_fired_stop_in_a_thin_book_executes_its_share_and_expires_the_rest() -> None:
+    core = make_core()
+    core.set_stop_fill(D("0.3"))
+    long_with_stop(core)
+
+    [changed] = core.set_mark(SFP, D("0.3990"), T0 + 1)
+
+    # Binance's MARKET order that partially fills ends EXPIRED with its executed quantity.
+    assert changed.status is OrderStatus.EXPIRED
+    assert changed.filled_quantity == D("30")
+    assert position(core, T0 + 1) == D("70")
+    # Its id is free again (it ended): a new stop for what is left may carry it, or any other.
+    core.place_stop_market_order(SFP, SELL, D("70"), D("0.3900"), "sl", T0 + 2)
+    assert core.get_order(SFP, "sl", T0 + 2).status is OrderStatus.NEW
+
+
 def test_a_stuck_trigger_never_fills() -> None:
     core = make_core()
     core.set_trigger_delay(math.inf)

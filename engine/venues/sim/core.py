@@ -228,6 +228,7 @@ class SimCore:
         self._trigger_delay_by_symbol: dict[str, float | None] = {}
         self._read_lag = 0.0
         self._market_fill: tuple[float, Decimal] = (0.0, Decimal(1))  # see `set_market_fill`
+        self._stop_fill_share = Decimal(1)  # see `set_stop_fill`
         # Called, synchronously and in the venue's order, with (account id, event) for every change of an
         # order's status and of a position: what a venue's account stream pushes (see `add_account_listener`).
         self._account_listeners: list[Callable[[str, AccountEvent], None]] = []
@@ -285,6 +286,15 @@ class SimCore:
                     heapq.heappush(self._due, (now, next(self._sequence), account, order))
                     ended += 1
         return ended
+
+    def set_stop_fill(self, share: Decimal = Decimal(1)) -> None:
+        """How much of a fired stop's quantity executes when its fill comes: `share` (rounded down to the
+        step), the rest expired, as a triggered MARKET order in a thin book ends on Binance (status
+        EXPIRED with an executed quantity: "MARKET orders that partially fill"). The position keeps the
+        rest. The default, 1: all of it."""
+        if not 0 < share <= 1:
+            raise ValueError(f"stop fill share must be in (0, 1], not {share}")
+        self._stop_fill_share = share
 
     def set_read_lag(self, seconds: float) -> None:
         """Conditional orders placed from now on read back as unknown for `seconds` (0: never)."""
@@ -837,8 +847,15 @@ class SimCore:
             order.status = OrderStatus.EXPIRED  # nothing to reduce: the orphan case
             self._order_event(account, order, now)
             return
-        execution = self._execute(account, order.symbol, order.side, order.quantity, now, reduce_only=True)
-        order.status = OrderStatus.FILLED
+        quantity = order.quantity
+        if self._stop_fill_share != 1:
+            quantity = self._markets[order.symbol].round_quantity(quantity * self._stop_fill_share)
+        if quantity <= 0:
+            order.status = OrderStatus.EXPIRED  # nothing of it executed
+            self._order_event(account, order, now)
+            return
+        execution = self._execute(account, order.symbol, order.side, quantity, now, reduce_only=True)
+        order.status = OrderStatus.FILLED if quantity == order.quantity else OrderStatus.EXPIRED
         order.filled_quantity = execution.quantity
         order.average_price = execution.price
         self._order_event(account, order, now)

@@ -508,6 +508,12 @@ class SimVenue:
         cancelled (an order ending part-filled). The default (0 s, all of it): at once, in full."""
         self._core.set_market_fill(seconds, share=share)
 
+    def set_stop_fill(self, share: Decimal = Decimal(1)) -> None:
+        """Fired stops execute only `share` of their quantity, the rest expired (a triggered MARKET order
+        in a thin book: Binance ends it EXPIRED with an executed quantity); the position keeps the rest.
+        The default, 1: all of it."""
+        self._core.set_stop_fill(share)
+
     def drop_account_stream(self, seconds: float, *, reason: str = "connection dropped (as asked)") -> None:
         """The account stream's connection drops now and is back after `seconds` of clock time: events
         queued and made meanwhile are lost, and each reader gets a `StreamGap` when it is back. A reader
