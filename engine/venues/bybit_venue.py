@@ -118,6 +118,9 @@ _ORDER_PAGE = 50  # order/realtime: limit 1..50
 _EXECUTION_PAGE = 100  # execution/list: limit 1..100
 RIDE_WAIT_SECONDS = 2.0  # a corrected hard stop waits this long at most for its trailing stop's call
 _TRADING_STOP_PATH = "/v5/position/trading-stop"
+# Instrument statuses Bybit's default list leaves out that can still hold a position (a settlement, a
+# delisting): loaded beside it, no entry goes there (`Market.trading`), a position held there is guarded.
+HELD_ONLY_STATUSES = ("Settling", "Delivering")
 _CLOCK_SLACK_SECONDS = 1.0  # the venue's clock against ours, when a venue time is compared with our own
 # How long after one of our stops replaced another in a position's field the replaced value may still be read
 # there without alarm: a read lagging our own write, or a late stream row. Later, it is not what we asked for.
@@ -465,35 +468,29 @@ class BybitLinearVenue(CcxtVenue):
         return notional / total if total > 0 else None
 
     async def load_markets(self) -> Mapping[str, Market]:
-        loaded = await self._call(self._exchange.load_markets(True), mutating=False)
+        # ccxt's list is Bybit's default one (Trading, and PreLaunch which it asks for too). A symbol being
+        # settled or delisted is left out of it, yet a position held there needs its stops guarded (and
+        # shown): those statuses are asked for beside it.
+        loaded, *others = await asyncio.gather(
+            self._call(self._exchange.load_markets(True), mutating=False),
+            *(self._instruments(status) for status in HELD_ONLY_STATUSES),
+        )
         markets: dict[str, Market] = {}
         pairs: dict[str, str] = {}
         for unified, market in loaded.items():
-            raw = market.get("info") or {}
             if not (market.get("linear") and market.get("swap") and market.get("settle") == "USDT"):
                 continue
-            status = str(raw.get("status", "Trading"))
-            price_filter = raw.get("priceFilter") or {}
-            lot = raw.get("lotSizeFilter") or {}
-            tick, step = _positive(price_filter.get("tickSize")), _positive(lot.get("qtyStep"))
-            if tick is None or step is None:
-                continue
-            leverage = _decimal((raw.get("leverageFilter") or {}).get("maxLeverage"), Decimal(1))
-            symbol = str(raw.get("symbol"))
-            markets[symbol] = Market(
-                symbol=symbol,
-                base_asset=str(raw.get("baseCoin", market.get("base", ""))),
-                quote_asset=str(raw.get("quoteCoin", market.get("quote", ""))),
-                tick_size=tick,
-                step_size=step,
-                min_quantity=max(_positive(lot.get("minOrderQty")) or step, step),
-                min_notional=_decimal(lot.get("minNotionalValue"), _ZERO),  # type: ignore[arg-type]
-                max_leverage=max(1, int(leverage)),  # type: ignore[arg-type]
-                # Settling, delisting: no entry goes there, but a position held on it is guarded.
-                trading=status == "Trading",
-                status=status,
-            )
-            pairs[symbol] = unified
+            parsed = _market_of(market.get("info") or {})
+            if parsed is not None:
+                markets[parsed.symbol] = parsed
+                pairs[parsed.symbol] = unified
+        for rows in others:
+            for raw in rows:
+                if raw.get("contractType") != "LinearPerpetual" or raw.get("settleCoin") != "USDT":
+                    continue
+                parsed = _market_of(raw)
+                if parsed is not None and parsed.symbol not in markets:
+                    markets[parsed.symbol] = parsed
         self._markets = markets
         self._symbols = SymbolMap(pairs)
         if self._hedge_mode is None and markets:
@@ -504,6 +501,22 @@ class BybitLinearVenue(CcxtVenue):
             except ExchangeError as error:  # best effort: the first entry asks again
                 logger.info("%s: position mode not read at start (%s)", self.kind, error)
         return dict(markets)
+
+    async def _instruments(self, status: str) -> list[dict[str, Any]]:
+        """Every linear instrument in `status` (all pages)."""
+        rows: list[dict[str, Any]] = []
+        request: dict[str, Any] = {"category": "linear", "status": status, "limit": 1000}
+        while True:
+            answer = await self._read(
+                partial(self._exchange.publicGetV5MarketInstrumentsInfo, dict(request)),
+                "market/instruments-info",
+            )
+            result = answer.get("result") or {}
+            rows.extend(result.get("list") or [])
+            cursor = result.get("nextPageCursor")
+            if not cursor:
+                return rows
+            request["cursor"] = cursor
 
     async def fetch_mark_prices(self, symbols: Collection[str] | None = None) -> dict[str, MarkPrice]:
         await self._ensure_markets()
@@ -1561,6 +1574,30 @@ def _row_closed_by(rows: list[Mapping[str, Any]], symbol: str, side: OrderSide) 
     """The open position of `symbol` that an order of `side` reduces (a SELL reduces the long one)."""
     wanted = "Buy" if side is OrderSide.SELL else "Sell"
     return next((row for row in rows if row.get("symbol") == symbol and row.get("side") == wanted), None)
+
+
+def _market_of(raw: Mapping[str, Any]) -> Market | None:
+    """A linear instrument row of instruments-info as a `Market` (None without its tick or step)."""
+    price_filter = raw.get("priceFilter") or {}
+    lot = raw.get("lotSizeFilter") or {}
+    tick, step = _positive(price_filter.get("tickSize")), _positive(lot.get("qtyStep"))
+    if tick is None or step is None:
+        return None
+    leverage = _decimal((raw.get("leverageFilter") or {}).get("maxLeverage"), Decimal(1))
+    status = str(raw.get("status", "Trading"))
+    return Market(
+        symbol=str(raw.get("symbol")),
+        base_asset=str(raw.get("baseCoin", "")),
+        quote_asset=str(raw.get("quoteCoin", "")),
+        tick_size=tick,
+        step_size=step,
+        min_quantity=max(_positive(lot.get("minOrderQty")) or step, step),
+        min_notional=_decimal(lot.get("minNotionalValue"), _ZERO),  # type: ignore[arg-type]
+        max_leverage=max(1, int(leverage)),  # type: ignore[arg-type]
+        # Settling, delisting: no entry goes there, but a position held on it is guarded.
+        trading=status == "Trading",
+        status=status,
+    )
 
 
 _BYBIT_ORDER_STATUS = {

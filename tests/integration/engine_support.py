@@ -42,10 +42,18 @@ def binance_wire_engine(
     dsn: str, base_url: str, key: str, secret: str, overrides: Mapping[str, str] | None = None
 ) -> Engine:
     """An engine on the Binance-wire emulator at `base_url` (real ccxt, real time), with `overrides`."""
+    return wire_engine("binanceusdm", dsn, base_url, key, secret, overrides)
+
+
+def wire_engine(
+    kind: str, dsn: str, base_url: str, key: str, secret: str, overrides: Mapping[str, str] | None = None
+) -> Engine:
+    """An engine on the `kind` venue's wire emulator at `base_url` (real ccxt, real time): configured as
+    for the real venue, only the URL differs."""
     settings = engine_settings(
         dsn,
         {
-            "VENUE__KIND": "binanceusdm",
+            "VENUE__KIND": kind,
             "VENUE__BASE_URL": base_url,
             "VENUE__API_KEY": key,
             "VENUE__API_SECRET": secret,

@@ -27,9 +27,11 @@ from engine.engine import Engine
 from engine.events import EngineEvent, ProtectionFailed, ProtectionTimedOut
 from engine.exchange.port import OrderSide
 from engine.venues.binance_emulator import BinanceEmulator, running
+from engine.venues.bybit_emulator import BybitEmulator
+from engine.venues.bybit_emulator import running as running_bybit
 from engine.venues.sim.settings import CallKind, FaultKind, SimVenueSettings
 from storage.database import Database
-from tests.integration.engine_support import binance_wire_engine, engine_settings, make_engine
+from tests.integration.engine_support import binance_wire_engine, engine_settings, make_engine, wire_engine
 from tests.integration.test_failure_modes_f1_f5 import SYMBOLS
 from tests.support.auditor import EmulatorTruth
 from tests.support.driving import drive, drive_until
@@ -515,20 +517,27 @@ async def test_a_managed_move_left_unanswered_by_a_protection_restart_is_taken_f
         assert {r["client_order_id"]: r["status"] for r in rows}[move] == "open"
 
 
+@pytest.mark.parametrize(
+    ("kind", "status"), [("binanceusdm", "SETTLING"), ("bybit", "Delivering"), ("bybit", "Settling")]
+)
 async def test_a_position_on_a_symbol_the_venue_stopped_trading_is_guarded_after_a_restart(
-    db: Database,
+    db: Database, kind: str, status: str
 ) -> None:
-    """Binance sets a symbol SETTLING (a delisting) while a position on it is open, and the engine is
-    restarted. The adapters dropped every market not TRADING: the position was "not listed; left as it
-    is", in no count (gauge, health, breaker, exit line), its stops neither checked nor replaced, its row
-    `active` for good. A market in another state is kept, marked not trading: the position is guarded as
-    any other, and only entries are refused there (Binance itself answers -4140 to an opening order)."""
-    emulator = BinanceEmulator(
+    """The venue stops trading a symbol (Binance: SETTLING, a delisting; Bybit: Settling or Delivering)
+    while a position on it is open, and the engine is restarted. The adapters dropped every market not
+    trading: the position was "not listed; left as it is", in no count (gauge, health, breaker, exit line),
+    its stops neither checked nor replaced, its row `active` for good. On Bybit the default instrument list
+    (all ccxt asks for) leaves those statuses out altogether. A market in another state is kept, marked not
+    trading: the position is guarded as any other, and only entries are refused there (the venue itself
+    refuses an opening order: Binance -4140, Bybit 110063 / 110066)."""
+    emulator_type = BinanceEmulator if kind == "binanceusdm" else BybitEmulator
+    emulator = emulator_type(
         SimVenueSettings(seed=7, volatility=0.0), api_key=KEY, api_secret=SECRET, control=True
     )
-    async with running(emulator) as base_url, aiohttp.ClientSession() as session:
+    starter = running if kind == "binanceusdm" else running_bybit
+    async with starter(emulator) as base_url, aiohttp.ClientSession() as session:  # type: ignore[operator]
         symbol, other = sorted(emulator.core.markets)[5:7]
-        first = binance_wire_engine(db.target.dsn, base_url, KEY, SECRET)
+        first = wire_engine(kind, db.target.dsn, base_url, KEY, SECRET)
         await first.start()
         try:
             assert first.store is not None
@@ -544,10 +553,10 @@ async def test_a_position_on_a_symbol_the_venue_stopped_trading_is_guarded_after
             await first.stop()
         for settling in (symbol, other):
             answer = await session.post(
-                f"{base_url}/_sim/symbol-status", json={"symbol": settling, "status": "SETTLING"}
+                f"{base_url}/_sim/symbol-status", json={"symbol": settling, "status": status}
             )
             assert answer.status == 200, await answer.text()
-        second = binance_wire_engine(db.target.dsn, base_url, KEY, SECRET)
+        second = wire_engine(kind, db.target.dsn, base_url, KEY, SECRET)
         report = await second.start()
         try:
             assert second.manager is not None
@@ -566,6 +575,6 @@ async def test_a_position_on_a_symbol_the_venue_stopped_trading_is_guarded_after
                 what="the entry on the settling symbol refused",
             )
             reason = await db.pool.fetchval("SELECT reason FROM monitoring.signals WHERE symbol = $1", other)
-            assert reason == f"{other} is not trading on binanceusdm (SETTLING)"
+            assert reason == f"{other} is not trading on {kind} ({status})"
         finally:
             await second.stop()

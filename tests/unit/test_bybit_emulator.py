@@ -337,6 +337,55 @@ async def test_position_list_pages_with_limit_and_cursor() -> None:
     assert seen == symbols
 
 
+async def test_an_instrument_not_trading_is_listed_only_by_its_status_and_opens_nothing() -> None:
+    async with emulator() as client:
+        await open_long(client)
+        await client.control("symbol-status", symbol=SYMBOL, status="Delivering")
+
+        _, default, _ = await client.get("/v5/market/instruments-info", category="linear")
+        _, delivering, _ = await client.get(
+            "/v5/market/instruments-info", category="linear", status="Delivering"
+        )
+        _, bad, _ = await client.get("/v5/market/instruments-info", category="linear", status="Open")
+        _, opening, _ = await client.post(
+            "/v5/order/create", category="linear", symbol=SYMBOL, side="Buy", orderType="Market", qty="10"
+        )
+        _, stop, _ = await client.post(
+            "/v5/position/trading-stop", category="linear", symbol=SYMBOL, positionIdx=0, stopLoss="0.4000"
+        )
+        _, closing, _ = await client.post(
+            "/v5/order/create",
+            category="linear",
+            symbol=SYMBOL,
+            side="Sell",
+            orderType="Market",
+            qty="100",
+            reduceOnly=True,
+        )
+        await client.control("symbol-status", symbol="BTCUSDT", status="Settling")
+        _, settling, _ = await client.post(
+            "/v5/order/create",
+            category="linear",
+            symbol="BTCUSDT",
+            side="Buy",
+            orderType="Market",
+            qty="0.01",
+        )
+
+    # Bybit's default list holds Trading instruments only; a status filter lists the others.
+    assert SYMBOL not in [row["symbol"] for row in default["result"]["list"]]
+    assert [(row["symbol"], row["status"]) for row in delivering["result"]["list"]] == [
+        (SYMBOL, "Delivering")
+    ]
+    assert bad["retCode"] == 10001
+    # Nothing opens there; stops and reduce-only orders go on.
+    assert (opening["retCode"], opening["retMsg"]) == (110066, "No trading is allowed at the current time")
+    assert stop["retCode"] == 0, stop
+    assert closing["retCode"] == 0, closing
+    assert settling["retCode"] == 110063
+    assert "BTCUSDT not available for trades" in settling["retMsg"]
+
+
 async def test_endpoint_limit_answers_10006_with_the_limit_headers() -> None:
     async with emulator(BybitLimiter(endpoint_limits={"/v5/position/list": 2})) as client:
         answers = [

@@ -4,7 +4,8 @@ venue's matching core, so the real ccxt adapter trades over real HTTP with real 
 It speaks the subset of v5 the adapter uses, with Bybit's paths, parameters, signing, JSON envelope and
 error codes (bybit-exchange.github.io/docs/v5):
 
-* public: `GET /v5/market/time`, `/v5/market/instruments-info` (limit + cursor), `/v5/market/tickers`
+* public: `GET /v5/market/time`, `/v5/market/instruments-info` (limit + cursor;
+  `status`, Trading by default), `/v5/market/tickers`
   (`markPrice` and `lastPrice`, which move separately so that wicks can be staged);
 * private, signed: `X-BAPI-API-KEY`, `X-BAPI-TIMESTAMP`, `X-BAPI-RECV-WINDOW`, `X-BAPI-SIGN` = HMAC-SHA256
   over timestamp + key + recvWindow + (query string | JSON body). A wrong key answers 10003, a wrong sign
@@ -42,6 +43,7 @@ in the Binance emulator. Control API (loopback callers only, never counted): `PO
 unless `last` is given, last), `POST /_sim/last` (the last price alone: a wick), `POST /_sim/fault`,
 `POST /_sim/clear-faults`, `POST /_sim/advance`, `POST /_sim/skew` (the server clock's offset, for clock
 drift), `POST /_sim/position-stops` (seed stops straight on a position, as another client would),
+`POST /_sim/symbol-status` (an instrument's status: only Trading is listed by default and opens positions),
 `POST /_sim/stream-fault` (websocket faults), `GET /_sim/state`.
 
 Websockets on the same port (`streams.py`): the public `tickers` topic and the private `order`,
@@ -118,6 +120,10 @@ NOT_ENOUGH_BALANCE = 110007
 REDUCE_ONLY_NOTHING = 110017
 LEVERAGE_NOT_MODIFIED = 110043
 DUPLICATE_LINK_ID = 110072
+SETTLEMENT_IN_PROGRESS = 110063
+NO_TRADING_NOW = 110066
+# Instrument statuses (v5 "Get Instruments Info"); without a `status` filter the list holds Trading ones only.
+INSTRUMENT_STATUSES = frozenset({"PreLaunch", "Trading", "Settling", "Delivering", "Closed"})
 NOT_MODIFIED = 34040
 
 
@@ -277,6 +283,7 @@ class BybitEmulator:
         self.core = SimCore(listings, settings, now=self.now())
         markets = self.core.markets
         self._last: dict[str, Decimal] = {symbol: self.core.mark(symbol) for symbol in markets}
+        self.symbol_status: dict[str, str] = {}  # instruments-info status by symbol (none: Trading)
         self._walk = GbmWalk(
             seed=settings.seed,
             initial_prices={symbol: self.core.mark(symbol) for symbol in markets},
@@ -329,6 +336,7 @@ class BybitEmulator:
             app.router.add_post("/_sim/advance", self._control_advance)
             app.router.add_post("/_sim/skew", self._control_skew)
             app.router.add_post("/_sim/position-stops", self._control_position_stops)
+            app.router.add_post("/_sim/symbol-status", self._control_symbol_status)
             app.router.add_get("/_sim/state", self._control_state)
             app.router.add_post("/_sim/stream-fault", self._control_stream_fault)
         self.streams.add_routes(app)
@@ -658,10 +666,14 @@ class BybitEmulator:
         if params.get("category") != "linear":
             raise BybitError(PARAMS_ERROR, "params error: category only supports linear in the emulator")
         status = params.get("status", "Trading")
+        if status not in INSTRUMENT_STATUSES:
+            raise BybitError(PARAMS_ERROR, f"params error: status invalid {status!r}")
         markets = sorted(self.core.markets.values(), key=lambda m: m.symbol)
         if "symbol" in params:
             markets = [m for m in markets if m.symbol == params["symbol"]]
-        rows = [_instrument(m) for m in markets] if status == "Trading" else []
+        rows = [
+            _instrument(m, status) for m in markets if self.symbol_status.get(m.symbol, "Trading") == status
+        ]
         start, limit = self._page(params, INSTRUMENT_PAGE_DEFAULT, INSTRUMENT_PAGE_MAX)
         page, cursor = self._paged(rows, start, limit)
         return {"category": "linear", "list": page, "nextPageCursor": cursor}
@@ -845,6 +857,14 @@ class BybitEmulator:
         if link_id and link_id in self._book.by_link_id:
             raise BybitError(DUPLICATE_LINK_ID, "OrderLinkedID is duplicate")
         reduce_only = params.get("reduceOnly") in (True, "true", "True")
+        status = self.symbol_status.get(market.symbol, "Trading")
+        if not reduce_only and status != "Trading":
+            if status == "Settling":
+                raise BybitError(
+                    SETTLEMENT_IN_PROGRESS,
+                    f"Settlement in progress! {market.symbol} not available for trades.",
+                )
+            raise BybitError(NO_TRADING_NOW, "No trading is allowed at the current time")
         position = self._position(market.symbol, request.now)
         if reduce_only and (position is None or (position.side.value == "long") == (side is OrderSide.BUY)):
             raise BybitError(
@@ -1206,6 +1226,21 @@ class BybitEmulator:
             raise web.HTTPBadRequest(text=f"control API: {name} must be positive")
         return symbol, price
 
+    async def _control_symbol_status(self, request: web.Request) -> web.Response:
+        """A symbol's `status` in instruments-info (Settling, Delivering, …): the default list leaves it
+        out, and only Trading takes opening orders (110063 while Settling, else 110066); reduce-only orders
+        and position stops go on."""
+        body = await self._control_body(request)
+        symbol, status = str(body.get("symbol", "")), str(body.get("status", ""))
+        if symbol not in self.core.markets:
+            raise web.HTTPBadRequest(text=f"control API: unknown symbol {symbol!r}")
+        if status not in INSTRUMENT_STATUSES:
+            raise web.HTTPBadRequest(
+                text=f"control API: status must be one of {sorted(INSTRUMENT_STATUSES)}, got {status!r}"
+            )
+        self.symbol_status[symbol] = status
+        return _json({"symbol": symbol, "status": status})
+
     async def _control_mark(self, request: web.Request) -> web.Response:
         body = await self._control_body(request)
         symbol, price = self._control_symbol_price(body)
@@ -1382,11 +1417,11 @@ def _translate(error: ExchangeError) -> BybitError:
     return BybitError(SERVER_ERROR, "Internal server error.")
 
 
-def _instrument(market: Market) -> dict[str, Any]:
+def _instrument(market: Market, status: str) -> dict[str, Any]:
     return {
         "symbol": market.symbol,
         "contractType": "LinearPerpetual",
-        "status": "Trading",
+        "status": status,
         "baseCoin": market.base_asset,
         "quoteCoin": market.quote_asset,
         "settleCoin": "USDT",
