@@ -1210,6 +1210,32 @@ async def test_f13_a_held_symbol_the_mark_stream_leaves_out_is_read_by_rest_and_
         assert len(failed) == 1, failed
 
 
+async def test_f13_a_mark_the_venue_stopped_publishing_stays_stale_though_read_by_rest(db: Database) -> None:
+    """F13: the venue stops computing a held symbol's mark. The stream brings none, and the REST read that
+    stands in for it answers the last mark again, with its time, every 2 s. Taken as news, each answer made
+    the frozen mark look fresh: the position's stale mark went unsaid in health, alerts and the dashboard.
+    Only a mark newer than the one held counts: the symbol is stale past `stale_mark_seconds`."""
+    async with _managed_trail_active(db, SYMBOLS[44], {"HEALTH__STALE_MARK_SECONDS": "5"}) as (
+        engine,
+        clock,
+        guard,
+    ):
+        symbol = guard.symbol
+        venue = engine.venue
+        assert engine.stale_mark_symbols(clock.monotonic()) == ()
+        venue.freeze_marks(symbol, 600.0)
+        reads = venue.calls_made.get(CallKind.FETCH_MARK_PRICES, 0)
+        await drive(clock, clock.sleep(20.0))
+        assert venue.calls_made.get(CallKind.FETCH_MARK_PRICES, 0) > reads  # read by REST meanwhile
+        assert engine.stale_mark_symbols(clock.monotonic()) == (symbol,)
+        assert engine.snapshot().positions[0].mark_stale
+        # The venue publishes it again: fresh at once (by the stream, or by REST).
+        venue.freeze_marks(symbol, 0.0)
+        await drive_until(
+            clock, lambda: engine.stale_mark_symbols(clock.monotonic()) == (), what="fresh again", limit=10.0
+        )
+
+
 async def test_f2_the_conditional_order_cap_counts_the_stops_on_the_account_that_are_not_ours(
     db: Database,
 ) -> None:

@@ -159,6 +159,7 @@ class SimVenue:
         self._account_down_until: float | None = None  # monotonic end of the venue's stream outage
         self._marks_published_at: float | None = None  # monotonic
         self._mark_stalls: dict[str, float] = {}  # symbol -> monotonic end of its silent stall
+        self._mark_freezes: dict[str, float] = {}  # symbol -> monotonic end of its frozen mark
 
     # ---- lifecycle ---------------------------------------------------------------------------------
 
@@ -544,6 +545,14 @@ class SimVenue:
             raise ValueError(f"unknown symbol {symbol!r}")
         self._mark_stalls[symbol] = self._clock.monotonic() + seconds
 
+    def freeze_marks(self, symbol: str, seconds: float) -> None:
+        """The venue stops computing `symbol`'s mark for `seconds` of clock time: the stream brings none
+        and a REST read answers the last one, with its time, again and again (as a venue that stopped
+        publishing a symbol's mark does). Its stops see no new mark meanwhile."""
+        if symbol not in self._core.markets:
+            raise ValueError(f"unknown symbol {symbol!r}")
+        self._mark_freezes[symbol] = self._clock.monotonic() + seconds
+
     def inject_fault(
         self, kind: CallKind, fault: FaultKind, count: int = 1, *, stops_only: bool = False
     ) -> None:
@@ -739,6 +748,11 @@ class SimVenue:
         marks = self._walk.step(interval)
         now = self._clock.now()
         for symbol, price in marks.items():
+            frozen = self._mark_freezes.get(symbol)
+            if frozen is not None:
+                if self._clock.monotonic() < frozen:
+                    continue
+                del self._mark_freezes[symbol]
             changed = self._core.set_mark(symbol, price, now)
             self._publish(symbol, changed)
 
