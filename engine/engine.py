@@ -87,6 +87,7 @@ from protection.coverage import (
     rows_by_position,
 )
 from protection.manager import (
+    STOPS_PER_POSITION,
     PositionGuard,
     ProtectionConfig,
     ProtectionManager,
@@ -133,7 +134,6 @@ SILENT_MARKS_POLL_SECONDS = 2.0  # a held symbol's marks by REST while the strea
 SILENT_MARKS_ONE_BY_ONE = 3  # up to this many such symbols are read one by one (a lighter request each)
 # Room kept under the venue's cap on open conditional orders for stop moves (`Engine._no_room_for_stops`):
 # a twentieth of the cap, at least one position's worth.
-STOPS_PER_POSITION = 2  # a hard stop and a trailing stop (a managed trail's once it activates)
 CONDITIONAL_SPARE_MIN = 2
 CONDITIONAL_SPARE_DIVISOR = 20
 HOUSEKEEPING_SECONDS = 60.0

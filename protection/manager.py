@@ -221,6 +221,9 @@ LATE_ANSWER_MIN_SECONDS = 0.5
 STREAMED_LIVE_KEPT = 1024
 
 
+STOPS_PER_POSITION = 2  # a hard stop and a trailing stop (a managed trail's once it activates)
+
+
 class _Outcome(StrEnum):
     CONFIRMED = "confirmed"
     RETRY = "retry"  # transient, or still unknown: try again after backoff
@@ -3352,9 +3355,15 @@ class ProtectionManager:
     def conditional_orders_held(self) -> int:
         """The stops that may be live on the account now, at most: every guard's current, replacement and
         superseded ones, the leftovers of closed positions still being cancelled, and the stops not ours
-        the last reconcile pass saw (the operator's, another client's)."""
+        the last reconcile pass saw (the operator's, another client's). An open position counts its two
+        stops at least, placed or not: a managed trail's stop comes once it activates, and one the venue
+        refused gave its id up and is tried again. Counted by the ids it held, each made room for another
+        entry, whose stops then filled what its own would need."""
         return (
-            sum(len(g.order_ids()) for g in self.guards.values())
+            sum(
+                len(g.order_ids()) if g.closed else max(STOPS_PER_POSITION, len(g.order_ids()))
+                for g in self.guards.values()
+            )
             + sum(len(orders) for orders in self.leftovers.values())
             + self.foreign_stops_seen
         )

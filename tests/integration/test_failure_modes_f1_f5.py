@@ -1133,15 +1133,20 @@ async def test_f4_a_trail_move_the_venue_keeps_refusing_waits_its_backoff_not_th
         )
 
 
+@pytest.mark.parametrize("mode", ["native", "managed"])
 async def test_f2_no_position_is_opened_whose_stops_the_venues_conditional_order_cap_would_refuse(
-    db: Database,
+    db: Database, mode: str
 ) -> None:
     """The venue holds at most N open conditional orders per account (Binance: 200; here 12). Entries were
     admitted up to `max_positions` (100 by default: exactly Binance's cap, with no room for a move): the
     positions past the cap had their stops refused (-4045) and stayed naked until another closed. Now a
     signal is rejected, naming the cap, while its stops and room for stop moves would not fit: every
-    position opened is protected on the venue."""
-    settings = settings_for(db, {"VENUE__SIM__MAX_CONDITIONAL_ORDERS": "12"})
+    position opened is protected on the venue. A position counts its two stops whether they are on the
+    venue yet or not: a managed trail places its stop once it activates, and counted by what it held, the
+    next wave was admitted into room those trails would need."""
+    settings = settings_for(
+        db, {"VENUE__SIM__MAX_CONDITIONAL_ORDERS": "12", "PROTECTION__TRAILING__MODE": mode}
+    )
     clock = ManualClock()
     engine = make_engine(settings, clock)
     await drive(clock, engine.start())
@@ -1166,6 +1171,12 @@ async def test_f2_no_position_is_opened_whose_stops_the_venues_conditional_order
         assert {symbol for symbol, _ in stops} == held
         assert all(len(orders) == 1 for orders in stops.values())
         assert await events_of(db, "protection_rejected") == []  # no stop was refused for the cap
+        # A second wave finds no room: five positions' stops fill it, placed or to come.
+        await wave_answered(db, engine, clock, SYMBOLS[58:61])
+        assert len(venue.core.positions(clock.now())) == 5  # type: ignore[attr-defined]
+        assert (
+            await db.pool.fetchval("SELECT count(*) FROM monitoring.signals WHERE status = 'rejected'") == 6
+        )
     finally:
         await drive(clock, engine.stop())
 
