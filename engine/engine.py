@@ -1900,13 +1900,15 @@ class Engine:
             manager.on_mark(mark.symbol, mark.price, mark.timestamp)
 
     async def _silent_marks_by_rest(self) -> None:
-        """A held symbol whose marks the stream has not brought for `health.stale_mark_seconds` has them read
-        by REST every `SILENT_MARKS_POLL_SECONDS` until the stream brings them again. The stream's own
+        """A held symbol whose marks the stream has not brought for half `health.stale_mark_seconds` has them
+        read by REST every `SILENT_MARKS_POLL_SECONDS` until the stream brings them again. The stream's own
         fallback watches its streams: one for every symbol (Binance's `!markPrice@arr`) stays fresh while
-        it leaves a symbol out, and that symbol's trail froze (F13: "6 of 7 positions frozen")."""
+        it leaves a symbol out, and that symbol's trail froze (F13: "6 of 7 positions frozen"). Half: the
+        first read lands before the mark is stale (begun at the threshold itself, every such gap raised a
+        stale-mark alarm, and its recovery, while the REST reads were on their way)."""
         silent: set[str] = set()
         failing = False  # said once per run of failures (a ban can last days)
-        limit = float(self.settings.health.stale_mark_seconds)
+        limit = float(self.settings.health.stale_mark_seconds) / 2
         while True:
             await self.clock.sleep(SILENT_MARKS_POLL_SECONDS)
             manager = self.manager
@@ -1945,7 +1947,9 @@ class Engine:
             )
             failures = [a for a in answers if isinstance(a, BaseException)]
             for failure in failures:
-                if not isinstance(failure, ExchangeError | TimeoutError):
+                # (A read cancelled under us, by a protection restart's manager, is a failed read; this
+                # loop's own cancellation raises from the gather.)
+                if not isinstance(failure, ExchangeError | TimeoutError | asyncio.CancelledError):
                     raise failure
             if failures and not failing:
                 log.warning(

@@ -1188,7 +1188,8 @@ async def test_f13_a_held_symbol_the_mark_stream_leaves_out_is_read_by_rest_and_
     stream for every symbol, as Binance's `!markPrice@arr`, stays fresh while it leaves a symbol out). Its
     managed trail froze while the price ran: the health line said DEGRADED, and nothing read the mark. A
     held symbol silent on the stream for `stale_mark_seconds` is read by REST until the stream brings it
-    again: the trail moves on the venue."""
+    again: the trail moves on the venue. The reads begin at half that time, so the mark never goes stale
+    meanwhile (begun at the threshold, each such gap raised a stale-mark alarm and its recovery)."""
     async with _managed_trail_active(db, SYMBOLS[43], {"HEALTH__STALE_MARK_SECONDS": "5"}) as (
         engine,
         clock,
@@ -1201,19 +1202,26 @@ async def test_f13_a_held_symbol_the_mark_stream_leaves_out_is_read_by_rest_and_
         higher = engine.markets[symbol].round_price(guard.entry_price * Decimal("1.06"))
         venue.override_mark_price(symbol, higher)
         token = token_of(engine)
+        stale_seen: list[float] = []
+
+        def moved() -> bool:
+            if engine.stale_mark_symbols(clock.monotonic()):
+                stale_seen.append(clock.monotonic())
+            return [o.stop_price for o in live_trailing_stops(venue, clock, symbol, token)] == [
+                guard.trail.params.trail_price(higher)  # type: ignore[union-attr]
+            ]
+
         await drive_until(
-            clock,
-            lambda: (
-                [o.stop_price for o in live_trailing_stops(venue, clock, symbol, token)]
-                == [guard.trail.params.trail_price(higher)]
-            ),  # type: ignore[union-attr]
-            what="the trail moved on the venue from a mark read by REST",
-            limit=20.0,
+            clock, moved, what="the trail moved on the venue from a mark read by REST", limit=20.0
         )
+        for _ in range(100):  # and for 10 s more, the stream still silent
+            await drive(clock, clock.sleep(0.1))
+            moved()
+        assert stale_seen == [], "the mark went stale while the REST reads stood in for the stream"
         assert guard.trail.stop_price is not None
         assert guard.trail.stop_price > first  # type: ignore[operator]
         said = [r.getMessage() for r in caplog.records if "silent on the stream" in r.getMessage()]
-        assert said == [f"marks of {symbol} silent on the stream for more than 5s: read by REST meanwhile"]
+        assert said == [f"marks of {symbol} silent on the stream for more than 2.5s: read by REST meanwhile"]
         # The REST reads fail for a while (a ban can last days): said once, not every 2 s.
         venue.inject_fault(CallKind.FETCH_MARK_PRICES, FaultKind.SERVER_ERROR, 10_000)
         await drive(clock, clock.sleep(20.0))
