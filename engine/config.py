@@ -253,7 +253,7 @@ class SignalsSettings(Section):
     seed: int = Field(default=7, ge=0, le=MAX_SEED)
     wave_window_ms: int = Field(default=500, ge=0, le=60000)
     position_size_usd: Decimal = Field(default=Decimal(200), gt=0, le=1_000_000)
-    max_positions: int = Field(default=100, ge=1, le=5000)
+    max_positions: int = Field(default=95, ge=1, le=5000)
     max_concurrent_entries: int = Field(default=50, ge=1, le=500)
 
 

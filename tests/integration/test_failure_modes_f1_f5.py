@@ -1133,6 +1133,24 @@ async def test_f4_a_trail_move_the_venue_keeps_refusing_waits_its_backoff_not_th
         )
 
 
+async def test_f11_a_default_start_says_nothing_about_the_conditional_order_cap(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The shipped `max_positions` (100) was more than the default venue's cap lets open (95): every
+    default start said so at WARNING, an alarm nobody could act on but by editing the default. The
+    default fits; a figure above the cap is still said."""
+    for overrides, said in (({}, False), ({"SIGNALS__MAX_POSITIONS": "96"}, True)):
+        caplog.clear()
+        clock = ManualClock()
+        engine = make_engine(engine_settings(db.target.dsn, overrides), clock)
+        await drive(clock, engine.start())
+        await drive(clock, engine.stop())
+        warned = [
+            r for r in caplog.records if r.levelno >= logging.WARNING and "max_positions" in r.getMessage()
+        ]
+        assert bool(warned) is said, [r.getMessage() for r in warned]
+
+
 @pytest.mark.parametrize("mode", ["native", "managed"])
 async def test_f2_no_position_is_opened_whose_stops_the_venues_conditional_order_cap_would_refuse(
     db: Database, mode: str
