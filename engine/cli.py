@@ -658,7 +658,11 @@ def _status(args: argparse.Namespace, loaded: LoadedConfig) -> int:
         print(
             f"managed trails:    {report['with_managed_trail']:>3} (armed: the engine moves a stop once they activate)"
         )
-    print(f"TS coverage:       {pct}")
+    # The incident's query: active rows only. The uncovered list below also names positions still
+    # being protected or closed (their status in brackets), so the percentage says what it counts.
+    print(
+        f"TS coverage:       {pct}" + ("" if report["coverage_pct"] is None else " of the active positions")
+    )
     print(f"uncovered:         {len(report['uncovered'])}")
     for item in report["uncovered"]:
         print(

@@ -486,7 +486,7 @@ async def test_a_managed_trail_counts_in_the_ts_coverage_while_its_engine_looks_
     assert (report["with_trailing_stop"], report["with_managed_trail"], report["uncovered"]) == (1, 1, [])
     assert Decimal(str(report["coverage_pct"])) == Decimal("100.0")
     human = tsbot("status", cwd=workdir).stdout.splitlines()
-    assert "TS coverage:       100.0%" in human, human
+    assert "TS coverage:       100.0% of the active positions" in human, human
     assert "managed trails:      1 (armed: the engine moves a stop once they activate)" in human, human
 
     await engine_side.execute(
