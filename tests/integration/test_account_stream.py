@@ -289,8 +289,9 @@ async def test_a_position_whose_mark_stalls_is_flagged_stale_then_cleared_and_no
         [held] = await open_positions(engine, clock, [SYMBOLS[16]])
         await drive_until_covered(engine, clock, 1)
         unheld = SYMBOLS[17]
-        venue.stall_marks(held.symbol, 10.0)
-        venue.stall_marks(unheld, 10.0)  # nobody holds it: never counted
+        # The venue stops computing both marks (a stream left silent alone is read by REST meanwhile).
+        venue.freeze_marks(held.symbol, 10.0)
+        venue.freeze_marks(unheld, 10.0)  # nobody holds it: never counted
         view = lambda: next(v for v in engine.snapshot().positions if v.position_id == held.position_id)  # noqa: E731
         assert not view().mark_stale
         await drive_until(clock, lambda: view().mark_stale, what="flagged stale", step=0.25)

@@ -500,6 +500,16 @@ async def test_a_managed_move_left_unanswered_by_a_protection_restart_is_taken_f
         move = guard._replacement.client_order_id
         assert move is not None
         assert move != first
+        # On the venue (its answer held back, its reads lagging): the restart comes after the move reached
+        # it. (Restarted as soon as the move was decided, under load the drain stopped it before it was
+        # sent, and the new guard rightly made the move itself.)
+        await wait_until(
+            lambda: any(
+                o.client_order_id == move for o in emulator.core.inspect(emulator.now()).open_conditional
+            ),
+            within=10.0,
+            what="the move on the venue",
+        )
         await engine.restart_protection()
         assert engine.manager is not manager
         restored = engine.manager.by_symbol[symbol]
