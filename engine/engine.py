@@ -3280,8 +3280,8 @@ class Engine:
             )
         if guard.kind is TrailingKind.MANAGED:
             activation = guard.trail.activation_price if guard.trail else None
-        else:  # a native trail armed at the mark has no activation: it is trailing, not waiting
-            activation = None if guard.trailing_stop.arm_now else guard.trailing_stop.price
+        else:  # a native trail armed (at the mark, or by a mark past its activation) is trailing, not waiting
+            activation = None if guard.native_trail_armed else guard.trailing_stop.price
         distance = None
         if activation is not None and price is not None:
             direction = 1 if guard.side is PositionSide.LONG else -1

@@ -443,6 +443,7 @@ class PositionGuard:
         self._moves_resume_at: float | None = None
         self.check_fired_soon = False  # the mark crossed one of our stops: ask the venue how it stands
         self._native_extreme: Decimal | None = None  # best mark since the native trailing stop armed
+        self._native_extreme_of: str | None = None  # the trailing order (client id) that extreme is for
         self._superseded: list[ProtectiveOrder] = []  # resized-away stops, cancelled once the new ones live
         # A closed position's stops whose cancels are on their way (client id → sent at): a manager stopped
         # meanwhile hands them to the next one, which cancels them before the symbol takes a new position.
@@ -520,6 +521,22 @@ class PositionGuard:
         """A trailing order of ours is confirmed live on the exchange (native: the trailing stop; managed:
         the stop the trail placed and moves). What `positions.has_trailing_stop` records."""
         return self.trailing_stop.confirmed and not self.closed
+
+    @property
+    def native_trail_armed(self) -> bool:
+        """The venue's trailing stop (native) is armed, as far as the marks since it was placed tell: sent
+        armed at the mark, or its activation price reached by a mark. Once armed the venue keeps it so when
+        the price pulls back under the activation (it trails from its best mark): it is not "waiting"."""
+        order = self.trailing_stop
+        return (
+            self.kind is TrailingKind.NATIVE
+            and order.confirmed
+            and (
+                order.arm_now
+                or order.price is None
+                or (self._native_extreme is not None and self._native_extreme_of == order.client_order_id)
+            )
+        )
 
     @property
     def trail_armed(self) -> bool:
@@ -2205,7 +2222,9 @@ class PositionGuard:
                 return True
         if self.kind is TrailingKind.NATIVE and self.trailing_stop.confirmed:
             # The venue's trail is not ours to see: follow it from the marks (arms at the activation price,
-            # fires a callback below the best mark since).
+            # fires a callback below the best mark since). A new trailing order starts unarmed again.
+            if self._native_extreme_of != self.trailing_stop.client_order_id:
+                self._native_extreme, self._native_extreme_of = None, self.trailing_stop.client_order_id
             activation = self.trailing_stop.price
             armed = (
                 activation is None
