@@ -1814,7 +1814,7 @@ class Engine:
         """The reconcile loop is stopped first (a pass in flight is cancelled and awaited): a pass that
         outlived its manager saw every order of ours as an orphan and cancelled them all."""
         assert self.manager is not None
-        log.warning("restarting the protection manager on operator request")
+        log.info("restarting the protection manager on operator request")
         await self._supervisor.stop_one("reconciler")
         now = self.clock.monotonic()
         still_open = self.manager.open_guards()

@@ -6,6 +6,7 @@ some positions only is partial; a command an earlier engine took and never answe
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -176,5 +177,42 @@ async def test_a_command_wakes_the_engine_by_notify_without_waiting_for_a_poll(d
         assert answer.ok, answer.summary
         assert engine.entries_paused
         assert engine.entries_pause_reason == "by notify"
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_an_operators_routine_commands_say_nothing_at_warning(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator's pause, resume and protection restart, done as asked, are no alarm: each is logged
+    at INFO (and recorded as its `command_<kind>` event). Logged at WARNING, each filled the dashboard's
+    warning count (an operator in tmux saw 8 in an hour, all of them his own commands), where real warnings
+    got lost."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        await open_positions(engine, clock, [SYMBOLS[30]])
+        await drive_until_covered(engine, clock, 1)
+        caplog.clear()
+        caplog.set_level(logging.INFO)
+        for kind in (CommandKind.ENTRIES_PAUSE, CommandKind.ENTRIES_RESUME, CommandKind.RESTART_PROTECTION):
+            sent = asyncio.ensure_future(
+                send_command(
+                    db.pool,
+                    venue=engine.exchange_name,
+                    account=engine.account_key,
+                    kind=kind,
+                    reason="routine",
+                    wait_seconds=30,
+                    requested_by="op@host/7",
+                )
+            )
+            await drive_until(clock, sent.done, what=f"{kind} answered")
+            assert sent.result().ok, sent.result().summary
+        said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert said == []
+        assert any(r.levelno == logging.INFO and "command #" in r.getMessage() for r in caplog.records)
     finally:
         await drive(clock, engine.stop())
