@@ -1288,8 +1288,11 @@ def _report_text(report: history.ShiftReport, loaded: LoadedConfig) -> str:
     lines.append(f"coverage:             {coverage}, {report.measured_seconds} s measured")
     lines.append(f"closes:               {sum(report.closes.values())}")
     lines += [f"  {reason:<19} {n}" for reason, n in report.closes.items()]
+    if report.entries_not_opened:
+        lines.append(f"entries not opened:   {sum(report.entries_not_opened.values())}")
+        lines += [f"  {reason:<19} {n}" for reason, n in report.entries_not_opened.items()]
     lines.append(
-        f"realized PnL:         {report.realized_pnl}"
+        f"realized PnL:         {report.realized_pnl} before fees"
         + (
             f" ({report.closed_without_pnl} of the closes without a known PnL)"
             if report.closed_without_pnl

@@ -2511,7 +2511,11 @@ class PositionGuard:
             if not done and order.client_order_id is not None
         }
         log.info(
-            "Position %s %s closed: %s, realized PnL %s", self.position_id, self.symbol, exit_reason, pnl
+            "Position %s %s closed: %s, realized PnL %s before fees",
+            self.position_id,
+            self.symbol,
+            exit_reason,
+            pnl,
         )
         m.publish(
             PositionClosed(

@@ -9,7 +9,7 @@ counted as covered or as uncovered, it is left out and `measured_seconds` says h
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta, tzinfo
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
@@ -57,14 +57,17 @@ class ShiftReport:
     coverage_pct: Decimal | None  # time-weighted over the measured time with active positions
     lowest_coverage_pct: Decimal | None
     measured_seconds: Decimal  # how much of the window the samples cover
-    closes: dict[str, int]  # positions ended in the window, by exit reason
-    realized_pnl: Decimal  # of those with a known PnL
+    closes: dict[str, int]  # positions closed in the window, by exit reason
+    realized_pnl: Decimal  # of those with a known PnL, before fees (the venue's fees are not recorded)
     closed_without_pnl: int
     # Of the positions opened in the window: how many had a hard stop measured, how many of them were
     # without one for a while after the fill (the stop not on the entry), and the longest such time.
     hard_stop_measured: int = 0
     without_hard_stop: int = 0
     hard_stop_gap_max_seconds: Decimal | None = None
+    # Entries ended in the window that opened nothing (refused, not placed, expired), by the reason's head:
+    # no position, so no close.
+    entries_not_opened: dict[str, int] = field(default_factory=dict)
 
 
 _SECONDS = Decimal("0.001")
@@ -178,20 +181,27 @@ async def shift_report(
         float(sample_stands_seconds),
     )
     closes: dict[str, int] = {}
+    not_opened: dict[str, int] = {}
     pnl = Decimal(0)
     without_pnl = 0
     for row in await conn.fetch(
         """
-        SELECT COALESCE(exit_reason, status) AS reason, count(*) AS n,
+        SELECT status,
+               CASE WHEN status = 'failed' THEN split_part(COALESCE(exit_reason, 'entry failed'), ':', 1)
+                    ELSE COALESCE(exit_reason, status) END AS reason,
+               count(*) AS n,
                sum(realized_pnl) AS pnl, count(*) FILTER (WHERE realized_pnl IS NULL) AS without_pnl
         FROM monitoring.positions
         WHERE account = $1 AND status IN ('closed', 'failed') AND closed_at >= $2 AND closed_at < $3
-        GROUP BY 1 ORDER BY 2 DESC, 1
+        GROUP BY 1, 2 ORDER BY 3 DESC, 2
         """,
         account,
         since,
         until,
     ):
+        if row["status"] == "failed":  # an entry that opened nothing: no position was closed
+            not_opened[row["reason"]] = row["n"]
+            continue
         closes[row["reason"]] = row["n"]
         pnl += row["pnl"] or 0
         without_pnl += row["without_pnl"]
@@ -228,6 +238,7 @@ async def shift_report(
         closes=closes,
         realized_pnl=pnl,
         closed_without_pnl=without_pnl,
+        entries_not_opened=not_opened,
         hard_stop_measured=opened["gap_measured"],
         without_hard_stop=opened["without_hard_stop"],
         hard_stop_gap_max_seconds=None if opened["gap_max"] is None else _seconds(opened["gap_max"]),

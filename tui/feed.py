@@ -158,7 +158,7 @@ def entry_for_event(event: EngineEvent) -> LogEntry | None:
                 detail,
             )
         case PositionClosed():
-            pnl = "" if event.realized_pnl is None else f", realized PnL {event.realized_pnl:.2f}"
+            pnl = "" if event.realized_pnl is None else f", realized PnL {event.realized_pnl:.2f} before fees"
             return LogEntry(event.at, "info", event.symbol, "close", None, "closed", event.exit_reason + pnl)
         case HealthChanged():
             severity = {"critical": "error", "degraded": "warning"}.get(event.state, "info")

@@ -100,6 +100,17 @@ async def _seed(dsn: str) -> datetime:
                 account,
             )
 
+        # An entry the venue refused inside the window: it opened nothing.
+        await conn.execute(
+            """
+            INSERT INTO monitoring.positions
+                (symbol, exchange, side, quantity, entry_price, status, account, closed_at, exit_reason)
+            VALUES ('ARBUSDT', 'sim', 'long', 10, 2.5, 'failed', $1, $2,
+                    'entry refused: sim create_order: HTTP 500 before execution')
+            """,
+            ACCOUNT,
+            _at(base, 95),
+        )
         await wave(30)  # before the window
         w2 = await wave(70)
         await wave(80)  # opened nothing: it counts (it cannot be anyone else's)
@@ -211,7 +222,9 @@ async def test_the_shift_report_adds_up_the_seeded_history(
         "  stop_loss           2",
         "  trailing_stop       1",
         "  manual              1",
-        "realized PnL:         1.00 (1 of the closes without a known PnL)",
+        "realized PnL:         1.00 before fees (1 of the closes without a known PnL)",
+        "entries not opened:   1",
+        "  entry refused       1",
     ):
         assert expected in lines, f"{expected!r} not in:\n{human.stdout}"
     [worst] = [line for line in lines if line.startswith("  worst:")]
@@ -245,7 +258,9 @@ async def test_the_shift_report_adds_up_the_seeded_history(
         "50.0",
         "2430.000",
     )
+    # An entry refused opened nothing: it is no close (a shift report counted 96 of them as closes).
     assert report["closes"] == {"stop_loss": 2, "manual": 1, "trailing_stop": 1}
+    assert report["entries_not_opened"] == {"entry refused": 1}
     assert Decimal(report["realized_pnl"]) == Decimal("1.00")
     assert report["closed_without_pnl"] == 1
 
@@ -262,7 +277,7 @@ async def test_an_empty_history_says_so_rather_than_inventing_figures(workdir: P
     assert result.returncode == 0, result.stderr
     assert "uncovered:            0.000 s in 0 spans" in result.stdout
     assert "coverage:             n/a (no sample with active positions), 0.000 s measured" in result.stdout
-    assert "realized PnL:         0" in result.stdout.splitlines()
+    assert "realized PnL:         0 before fees" in result.stdout.splitlines()
 
 
 def test_a_wrong_since_is_one_line_naming_it_and_exit_2(workdir: Path) -> None:
