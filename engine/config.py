@@ -18,6 +18,7 @@ import os
 import re
 import stat
 import tomllib
+import types
 import typing
 import urllib.parse
 from collections.abc import Iterator, Mapping
@@ -634,6 +635,19 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     @model_validator(mode="after")
+    def _uncovered_alarm_after_the_grace_period(self) -> Settings:
+        # A position is uncovered from its fill until its stops are confirmed, normally well inside the grace
+        # period: an alarm set inside it cried CRITICAL at every slow wave (operators stop reading those).
+        if self.health.uncovered_critical_seconds <= self.protection.grace_seconds:
+            raise FieldProblem(
+                "health.uncovered_critical_seconds",
+                f"must be more than protection.grace_seconds ({self.protection.grace_seconds}): a position is "
+                "uncovered for up to that long after its fill by design",
+                self.health.uncovered_critical_seconds,
+            )
+        return self
+
+    @model_validator(mode="after")
     def _trailing_mode_fits_the_venue(self) -> Settings:
         # A Bybit position holds one stop-loss (position/trading-stop's `stopLoss`), and the hard stop holds
         # it: a managed trail's stop would replace it there, then be replaced by it at the next check, for as
@@ -756,6 +770,7 @@ def load_config(
     file_values = _read_toml(path, label) if path else {}
 
     problems = [f"{label}: {'.'.join(kp)}: {msg}" for kp, msg in _secrets_in_file(file_values)]
+    problems += [f"{label}: {'.'.join(kp)}: {msg}" for kp, msg in _quoted_numbers(file_values)]
     problems += _unknown_env_sections(environ)
     if problems:
         raise ConfigError(problems)
@@ -1062,6 +1077,32 @@ def _dict_keys_at(key_path: tuple[str, ...]) -> list[str] | None:
     if isinstance(key_type, type) and issubclass(key_type, Enum):
         return [member.value for member in key_type]
     return None
+
+
+_NUMBER_TYPES = (int, float, Decimal)
+
+
+def _quoted_numbers(file_values: Mapping[str, Any]) -> Iterator[tuple[tuple[str, ...], str]]:
+    """Numbers written as strings in the file: refused, not guessed at. A TOML file has numbers; a quoted
+    one was read as whatever Python's parsers make of it (`"３"`, full-width, `" 3 "` and `"3e0"` were all
+    3). The environment's values are text by nature and are read as numbers there."""
+    for key_path, value in _flatten(file_values):
+        if not isinstance(value, str):
+            continue
+        info = _field_at(key_path)
+        if info is None:
+            continue
+        annotation = info.annotation
+        kinds = (
+            typing.get_args(annotation)
+            if typing.get_origin(annotation) in (typing.Union, types.UnionType)
+            else (annotation,)
+        )
+        if any(kind in _NUMBER_TYPES for kind in kinds) and not any(kind is str for kind in kinds):
+            yield (
+                key_path,
+                f"must be a number, got {shown(value)} (a string: write the number without quotes)",
+            )
 
 
 def _field_at(key_path: tuple[str, ...]) -> FieldInfo | None:

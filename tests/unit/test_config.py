@@ -119,6 +119,21 @@ def test_bad_value_names_file_key_expectation_and_value(tmp_path: Path) -> None:
             'one stop-loss, which the hard stop holds; its trailing stop is native), got "managed"',
         ),
         (
+            "[health]\nuncovered_critical_seconds = 1\n",
+            "health.uncovered_critical_seconds: must be more than protection.grace_seconds (5): a position is "
+            "uncovered for up to that long after its fill by design, got 1",
+        ),
+        (
+            '[protection]\nstop_loss_percent = "３"\n',
+            'protection.stop_loss_percent: must be a number, got "\\uff13" (a string: write the number without '
+            "quotes)",
+        ),
+        ('[signals]\nwave_size = "7"\n', 'signals.wave_size: must be a number, got "7" (a string'),
+        (
+            '[protection]\nstop_loss_percent = "3e0"\n',
+            'protection.stop_loss_percent: must be a number, got "3e0"',
+        ),
+        (
             '[logging]\nlevel = "verbose"\n',
             'logging.level: must be one of "DEBUG", "INFO", "WARNING" or "ERROR"',
         ),
