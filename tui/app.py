@@ -1004,6 +1004,9 @@ def coherent_health(
     return tuple(components)
 
 
+QUIT_NAMES_SHOWN = 5  # uncovered positions the quit dialog names
+
+
 def quit_warning(snapshot: EngineSnapshot) -> str:
     """What quitting leaves behind. Only positions whose both stops the venue confirmed are said to keep
     their stops; every other one is UNCOVERED (inside its grace period or not), never both."""
@@ -1030,10 +1033,17 @@ def quit_warning(snapshot: EngineSnapshot) -> str:
         )
     if unconfirmed:
         grace = f", {figures.protecting} of them inside their grace period" if figures.protecting else ""
+        # Named (the first few), as the exit line names them: "3 positions" told nobody which to look at.
+        names = sorted({p.symbol for p in snapshot.positions if not p.covered})
+        shown_names = ", ".join(names[:QUIT_NAMES_SHOWN]) + (
+            f", +{len(names) - QUIT_NAMES_SHOWN} more" if len(names) > QUIT_NAMES_SHOWN else ""
+        )
         lines.append(
             f"WARNING: {unconfirmed} {'position is' if unconfirmed == 1 else 'positions are'} UNCOVERED "
-            f"right now{grace}. The engine tries to protect them before it stops (within the call budget); "
-            "any it cannot stays UNCOVERED."
+            f"right now{grace}"
+            + (f" ({shown_names})" if names else "")
+            + ". The engine tries to protect them "
+            "before it stops (within the call budget); any it cannot stays UNCOVERED."
         )
     if snapshot.entries_sending:
         n = snapshot.entries_sending

@@ -44,6 +44,7 @@ async def test_quit_dialog_and_exit_line_never_say_a_position_inside_its_grace_p
         db,
         {
             "PROTECTION__GRACE_SECONDS": "600",  # the unprotected position stays inside its grace period
+            "HEALTH__UNCOVERED_CRITICAL_SECONDS": "900",
             "PROTECTION__CALL_TIMEOUT_SECONDS": "2",
         },
     )
@@ -61,7 +62,10 @@ async def test_quit_dialog_and_exit_line_never_say_a_position_inside_its_grace_p
         body = board.confirm_body()
         assert "UNCOVERED" in body  # said of the position inside its grace period
         assert "2 of 3 open positions keep their stops on the exchange" in body
-        assert "WARNING: 1 position is UNCOVERED right now, 1 of them inside their grace period" in body
+        assert (
+            f"WARNING: 1 position is UNCOVERED right now, 1 of them inside their grace period ({SYMBOLS[72]})"
+            in body
+        )
         await board.press("y")
         await board.until(lambda: board.engine.state is EngineState.STOPPED, "engine stopped")
         await board.until(lambda: not board.app.is_running, "app exited")
@@ -75,7 +79,14 @@ async def test_quit_dialog_and_exit_line_never_say_a_position_inside_its_grace_p
 async def test_the_quit_dialog_says_what_quitting_leaves_now_not_when_it_opened(db: Database) -> None:
     """The dialog's words were those of the moment `q` was pressed: left open while a wave came, it said
     "2 of 2 open positions keep their stops" over a third position without any, and `y` then quit on it."""
-    settings = tui_settings(db, {"PROTECTION__GRACE_SECONDS": "600", "PROTECTION__CALL_TIMEOUT_SECONDS": "2"})
+    settings = tui_settings(
+        db,
+        {
+            "PROTECTION__GRACE_SECONDS": "600",
+            "HEALTH__UNCOVERED_CRITICAL_SECONDS": "900",
+            "PROTECTION__CALL_TIMEOUT_SECONDS": "2",
+        },
+    )
     async with dashboard(settings) as board:
         await started(board)
         await board.open_positions(SYMBOLS[74:76])
@@ -93,6 +104,7 @@ async def test_the_quit_dialog_says_what_quitting_leaves_now_not_when_it_opened(
             lambda: "2 of 3 open positions keep their stops" in body(), "the dialog says 2 of 3"
         )
         assert "WARNING: 1 position is UNCOVERED right now" in body()
+        assert f"inside their grace period ({SYMBOLS[76]})." in body()  # named
         assert board.app.screen is confirm  # the same dialog, its words brought up to date
         await board.press("n")
 
