@@ -130,11 +130,17 @@ class FilterInput(Input):
         self.screen.query_one("#positions").focus()
 
 
+# INFO records shown too (as information: not counted among the warnings): the operator commands the engine
+# takes, from this screen or from anywhere else (`tsbot close` from a script): who asked what, and why.
+PANEL_INFO_LOGGERS = ("engine.commands",)
+
+
 class PanelLogHandler(logging.Handler):
-    """Log records from WARNING up, into the log panel (redacted like the log file)."""
+    """Log records from WARNING up, into the log panel (redacted like the log file), and the commands the
+    engine takes at INFO."""
 
     def __init__(self, app: DashboardApp, secrets: Iterable[str]):
-        super().__init__(logging.WARNING)
+        super().__init__(logging.INFO)
         self._app = app
         self._redactor = RedactingFormatter(secrets)
         self._loop = asyncio.get_running_loop()
@@ -143,6 +149,10 @@ class PanelLogHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             if record.name.startswith(PANEL_SKIPPED_LOGGERS):
+                return
+            if record.levelno < logging.WARNING and not (
+                record.name in PANEL_INFO_LOGGERS and record.getMessage().startswith("command #")
+            ):
                 return
             message = self._redactor.redact(record.getMessage())
             if message.startswith(PANEL_SKIPPED_PREFIXES):

@@ -3,6 +3,10 @@ read-only dashboard) is executed by the engine inside the dashboard, and the log
 
 from __future__ import annotations
 
+import logging
+
+import pytest
+
 from engine.commands import send_command
 from engine.venues.sim.universe import UNIVERSE
 from storage.commands import CommandKind, CommandState
@@ -13,7 +17,10 @@ from tests.tui.harness import dashboard, started, tui_settings
 SYMBOLS = sorted(UNIVERSE)
 
 
-async def test_the_dashboards_engine_executes_a_command_sent_from_elsewhere(db: Database) -> None:
+async def test_the_dashboards_engine_executes_a_command_sent_from_elsewhere(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="engine.commands")  # the shipped `logging.level` (INFO)
     async with dashboard(tui_settings(db)) as board:
         await started(board)
         await board.open_positions(SYMBOLS[20:22])
@@ -44,3 +51,6 @@ async def test_the_dashboards_engine_executes_a_command_sent_from_elsewhere(db: 
             ),
             "the command in the log panel",
         )
+        # Shown as information: an operator's routine command counts among no warnings.
+        [row] = [e for e in board.log.shown_entries() if f"close symbol={SYMBOLS[20]} from" in e.detail]
+        assert row.severity == "info"
