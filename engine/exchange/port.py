@@ -57,6 +57,9 @@ class OrderType(StrEnum):
     MARKET = "market"
     STOP_MARKET = "stop_market"
     TRAILING_STOP_MARKET = "trailing_stop_market"
+    # Never sent by the engine: an operator's (or another client's) take-profit, seen on the account. It
+    # fills the venue's cap on open conditional orders like the stops.
+    TAKE_PROFIT_MARKET = "take_profit_market"
 
 
 class OrderStatus(StrEnum):
@@ -317,7 +320,8 @@ class ExchangePort(Protocol):
         ...
 
     async def fetch_open_protective_orders(self, symbol: str | None = None) -> list[Order]:
-        """Open STOP_MARKET and TRAILING_STOP_MARKET orders, of one symbol or all."""
+        """Open conditional orders, of one symbol or all: STOP_MARKET and TRAILING_STOP_MARKET (ours and
+        others'), and others' TAKE_PROFIT_MARKET, which share the venue's cap on open conditional orders."""
         ...
 
     async def set_leverage(self, symbol: str, leverage: int) -> int: ...

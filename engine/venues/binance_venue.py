@@ -74,6 +74,7 @@ _BINANCE_ORDER_TYPE = {
     "MARKET": OrderType.MARKET,
     "STOP_MARKET": OrderType.STOP_MARKET,
     "TRAILING_STOP_MARKET": OrderType.TRAILING_STOP_MARKET,
+    "TAKE_PROFIT_MARKET": OrderType.TAKE_PROFIT_MARKET,
 }
 
 
@@ -294,8 +295,11 @@ class BinanceUsdmVenue(CcxtVenue):
         orders = []
         for item in found:
             info = item.get("info") or {}
+            # The take-profits too (an operator's): they are open conditional orders under the same cap as
+            # the stops, and counted there (left out, the engine admitted positions whose stops the venue
+            # then refused, -4045). Nothing of ours is one.
             if (
-                info.get("orderType") in ("STOP_MARKET", "TRAILING_STOP_MARKET")
+                info.get("orderType") in ("STOP_MARKET", "TRAILING_STOP_MARKET", "TAKE_PROFIT_MARKET")
                 and info.get("symbol") in self._markets
             ):
                 order = self._note_working(self._algo_order(info, None))
@@ -543,7 +547,9 @@ class BinanceUsdmVenue(CcxtVenue):
             filled_quantity=_ZERO,
             average_price=None,
             reduce_only=bool(info.get("reduceOnly", True)) or bool(info.get("closePosition", False)),
-            stop_price=_positive(info.get("triggerPrice")) if order_type is OrderType.STOP_MARKET else None,
+            stop_price=_positive(info.get("triggerPrice"))
+            if order_type in (OrderType.STOP_MARKET, OrderType.TAKE_PROFIT_MARKET)
+            else None,
             activation_price=_positive(info.get("activatePrice")),
             callback_rate=_positive(info.get("callbackRate")),
             created_at=created,

@@ -1276,9 +1276,10 @@ async def test_f13_a_mark_the_venue_stopped_publishing_stays_stale_though_read_b
 async def test_f2_the_conditional_order_cap_counts_the_stops_on_the_account_that_are_not_ours(
     db: Database,
 ) -> None:
-    """The cap counts every open conditional order on the account: the operator's own stops too. Counting
-    only ours, the engine admitted positions whose stops the venue then refused (-4045). The stops the last
-    reconcile pass saw that are not ours are counted: every position opened is protected."""
+    """The cap counts every open conditional order on the account: the operator's own stops and
+    take-profits too. Counting only ours, the engine admitted positions whose stops the venue then refused
+    (-4045). The conditional orders the last reconcile pass saw that are not ours are counted: every
+    position opened is protected."""
     settings = settings_for(db, {"VENUE__SIM__MAX_CONDITIONAL_ORDERS": "12"})
     clock = ManualClock()
     engine = make_engine(settings, clock)
@@ -1290,9 +1291,13 @@ async def test_f2_the_conditional_order_cap_counts_the_stops_on_the_account_that
         await drive_until_covered(engine, clock, 1)
         core = engine.venue.core  # type: ignore[attr-defined]
         below = engine.markets[guard.symbol].round_price(guard.entry_price * Decimal("0.9"))
-        for i in range(4):  # the operator's own stops on the position: 6 of the 12 taken
+        above = engine.markets[guard.symbol].round_price(guard.entry_price * Decimal("1.2"))
+        for i in range(2):  # the operator's own stops and take-profits on the position: 6 of the 12 taken
             core.place_stop_market_order(
-                guard.symbol, OrderSide.SELL, guard.quantity, below, f"op-{i}", clock.now()
+                guard.symbol, OrderSide.SELL, guard.quantity, below, f"op-sl-{i}", clock.now()
+            )
+            core.place_take_profit_market_order(
+                guard.symbol, OrderSide.SELL, guard.quantity, above, f"op-tp-{i}", clock.now()
             )
         reconciler = engine.reconciler
         await drive(clock, reconciler.reconcile_once(await drive(clock, reconciler.take_snapshot())))

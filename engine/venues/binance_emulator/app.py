@@ -936,6 +936,18 @@ class BinanceEmulator:
                 account_id=DEFAULT_ACCOUNT,
                 **traits,
             )
+        elif order_type == "TAKE_PROFIT_MARKET":  # the engine sends none: an operator's, or another client's
+            if close_position:
+                raise BinanceError(400, -1106, "Parameter 'closePosition' sent when not required.")
+            order = self.core.place_take_profit_market_order(
+                market.symbol,
+                side,
+                self._decimal(params, "quantity"),
+                self._decimal(params, "triggerPrice"),
+                client_order_id,
+                request.now,
+                account_id=DEFAULT_ACCOUNT,
+            )
         elif order_type == "TRAILING_STOP_MARKET":
             if close_position:
                 raise BinanceError(400, -1106, "Parameter 'closePosition' sent when not required.")

@@ -15,6 +15,8 @@ Rules modelled (Binance code in brackets):
   order larger than the position closes it and no more;
 * STOP_MARKET (reduce-only, mark price): SELL fires when mark <= stop, BUY when mark >= stop; placing one
   that would fire at once is rejected [-2021];
+* TAKE_PROFIT_MARKET (reduce-only, mark price; never sent by the engine, an operator's): SELL fires when
+  mark >= stop, BUY when mark <= stop;
 * TRAILING_STOP_MARKET (reduce-only, mark price, callback 0.1–10 %): see `trailing.py`; an activation price
   already reached (SELL: activation <= mark; BUY: activation >= mark) is rejected [-2021], a missing one
   arms at the current mark;
@@ -577,6 +579,36 @@ class SimCore:
         self._order_event(account, order, now)
         return order.snapshot()
 
+    def place_take_profit_market_order(
+        self,
+        symbol: str,
+        side: OrderSide,
+        quantity: Decimal,
+        stop_price: Decimal,
+        client_order_id: str,
+        now: float,
+        *,
+        account_id: str = DEFAULT_ACCOUNT,
+    ) -> Order:
+        """A reduce-only TAKE_PROFIT_MARKET on the mark (the engine sends none: an operator's take-profit):
+        SELL fires when mark >= stop, BUY when mark <= stop; one that would fire at once is rejected
+        [-2021]. It takes a place under the cap on open conditional orders like any stop."""
+        account = self._enter(now, account_id)
+        market = self._admit_order(account, symbol, quantity, client_order_id, now)
+        self._require_on_tick(market, stop_price, "stop price")
+        self._require_reduces(account, symbol, side)
+        mark = self._marks[symbol]
+        if (side is OrderSide.SELL and mark >= stop_price) or (side is OrderSide.BUY and mark <= stop_price):
+            raise WouldTriggerImmediately()
+        self._require_conditional_room(account)
+        order = self._record(
+            account, symbol, side, OrderType.TAKE_PROFIT_MARKET, quantity, client_order_id, now, True
+        )
+        order.stop_price = stop_price
+        self._track_conditional(account, order, now, None, None)
+        self._order_event(account, order, now)
+        return order.snapshot()
+
     def place_trailing_stop_order(
         self,
         symbol: str,
@@ -806,6 +838,9 @@ class SimCore:
         if order.type is OrderType.STOP_MARKET:
             assert order.stop_price is not None
             return mark <= order.stop_price if order.side is OrderSide.SELL else mark >= order.stop_price
+        if order.type is OrderType.TAKE_PROFIT_MARKET:
+            assert order.stop_price is not None
+            return mark >= order.stop_price if order.side is OrderSide.SELL else mark <= order.stop_price
         assert order.trailing is not None
         order.trailing = order.trailing.observe(mark)
         return order.trailing.triggers_at(mark)
@@ -1188,7 +1223,7 @@ def _order_from_book(data: Mapping[str, Any]) -> _OrderRecord:
         trigger_delay=_seconds_from_book(data["trigger_delay"]),
         fill_share=_decimal_or_none(data.get("fill_share")),  # absent from books written before it
     )
-    if order.type is OrderType.STOP_MARKET and order.stop_price is None:
+    if order.type in (OrderType.STOP_MARKET, OrderType.TAKE_PROFIT_MARKET) and order.stop_price is None:
         raise ValueError(f"stop order {order.venue_order_id} has no stop price")
     if order.type is OrderType.TRAILING_STOP_MARKET and order.trailing is None:
         raise ValueError(f"trailing stop {order.venue_order_id} has no trailing state")
