@@ -522,6 +522,17 @@ class PositionGuard:
         the stop the trail placed and moves). What `positions.has_trailing_stop` records."""
         return self.trailing_stop.confirmed and not self.closed
 
+    def _native_armed(self, order: ProtectiveOrder) -> bool:
+        """The native trailing order under its current id is armed on the venue, as far as the marks tell."""
+        return (
+            self.kind is TrailingKind.NATIVE
+            and order.client_order_id is not None
+            and (
+                order.arm_now
+                or (self._native_extreme is not None and self._native_extreme_of == order.client_order_id)
+            )
+        )
+
     @property
     def native_trail_armed(self) -> bool:
         """The venue's trailing stop (native) is armed, as far as the marks since it was placed tell: sent
@@ -531,11 +542,7 @@ class PositionGuard:
         return (
             self.kind is TrailingKind.NATIVE
             and order.confirmed
-            and (
-                order.arm_now
-                or order.price is None
-                or (self._native_extreme is not None and self._native_extreme_of == order.client_order_id)
-            )
+            and (order.price is None or self._native_armed(order))
         )
 
     @property
@@ -1692,7 +1699,12 @@ class PositionGuard:
         self.wake.set()  # the replacement goes out in the next pass, at once
 
     def _fresh_id(self, order: ProtectiveOrder) -> None:
-        """The next id for `order` (a managed trail's stops share one sequence with its moves)."""
+        """The next id for `order` (a managed trail's stops share one sequence with its moves). A native
+        trail the venue had armed (a mark reached its activation) is sent again armed at the mark: sent
+        with its activation again after the price had pulled back (a resize, a re-placement), the venue
+        took it unarmed, and the position kept only its hard stop where it had trailed."""
+        if order is self.trailing_stop and self._native_armed(order):
+            order.arm_now = True
         if order.purpose is OrderPurpose.TRAILING_STOP and self.kind is TrailingKind.MANAGED:
             order.generation = self._next_trail_generation
             self._next_trail_generation += 1

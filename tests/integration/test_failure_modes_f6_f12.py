@@ -781,6 +781,60 @@ async def test_f8_a_native_trail_the_venue_armed_is_not_waiting_when_the_price_p
         await drive(clock, engine.stop())
 
 
+async def test_f8_a_native_trail_the_venue_armed_is_sent_again_armed_when_the_position_is_resized(
+    db: Database,
+) -> None:
+    """F8 with a resize (reviewer's find): the venue armed the trail (a mark reached its activation), the
+    price pulled back under the activation, and the position's size changed (someone added to it). The
+    stops are placed again for the new size; the trailing stop went with its activation again, so the
+    venue took it unarmed, waiting for a price already passed, and the position kept only its hard stop
+    where it had trailed half a percent under its best mark. It goes armed at the mark."""
+    engine, clock = await _started(db)
+    try:
+        assert engine.store is not None
+        assert engine.manager is not None
+        await engine.store.insert_signals([(SYMBOL, "long", None, None)])
+        await drive_until(
+            clock,
+            lambda: SYMBOL in engine.manager.by_symbol and engine.manager.by_symbol[SYMBOL].covered,
+            what=f"{SYMBOL} covered",
+        )
+        guard = engine.manager.by_symbol[SYMBOL]
+        activation, tick, first = (
+            guard.trailing_stop.price,
+            guard.market.tick_size,
+            guard.trailing_stop.client_order_id,
+        )
+        assert activation is not None
+        venue = engine.venue
+        assert isinstance(venue, SimVenue)
+        venue.override_mark_price(SYMBOL, activation + 10 * tick)  # the venue arms its trail
+        await drive(clock, asyncio.sleep(0.5))
+        venue.override_mark_price(SYMBOL, activation - 2 * tick)  # under the activation again
+        await drive(clock, asyncio.sleep(0.5))
+        venue.core.place_market_order(SYMBOL, OrderSide.BUY, guard.quantity, "someone-else-1", clock.now())
+        grown = guard.quantity * 2
+
+        def trails() -> list:
+            live = venue.core.open_protective_orders(clock.now(), SYMBOL)
+            return [o for o in live if o.type is OrderType.TRAILING_STOP_MARKET]
+
+        engine.manager.request_reconcile()
+        await drive_until(
+            clock,
+            lambda: [o.quantity for o in trails()] == [grown] and guard.covered,
+            what="the trail placed again for the new size",
+            limit=60,
+        )
+        [trail] = trails()
+        assert trail.client_order_id != first
+        assert trail.activation_price is None, "sent again unarmed, waiting for an activation already passed"
+        view = engine.snapshot().positions[0]
+        assert (view.activation_price, view.distance_to_activation_percent) == (None, None)
+    finally:
+        await drive(clock, engine.stop())
+
+
 # --- F9: two writers -----------------------------------------------------------------------------------
 
 
