@@ -444,6 +444,7 @@ class PositionGuard:
         self.check_fired_soon = False  # the mark crossed one of our stops: ask the venue how it stands
         self._native_extreme: Decimal | None = None  # best mark since the native trailing stop armed
         self._native_extreme_of: str | None = None  # the trailing order (client id) that extreme is for
+        self.size_changed = False  # the venue changed the position's size while guarded: its PnL is unknown
         self._superseded: list[ProtectiveOrder] = []  # resized-away stops, cancelled once the new ones live
         # A closed position's stops whose cancels are on their way (client id → sent at): a manager stopped
         # meanwhile hands them to the next one, which cancels them before the symbol takes a new position.
@@ -759,6 +760,7 @@ class PositionGuard:
         self._quantity_seen_at = max(self._quantity_seen_at, min(command.seen_at, m.clock.monotonic()))
         if command.quantity <= 0 or command.quantity == self.quantity or self.exit_evidence is not None:
             return False
+        self.size_changed = True
         if not m.venue.capabilities().stops_are_orders:
             # The stops are the position's own (Bybit's trading-stop, tpslMode Full): they close whatever
             # it holds, at any size. Sent again, the trailing stop restarted from the mark (its activation
@@ -1570,6 +1572,7 @@ class PositionGuard:
         left = max(
             min((m.config.grace_seconds - patience) / 2, m.late_answer_seconds()), STUCK_CHECK_MIN_SECONDS
         )
+        asked_at = m.clock.monotonic()
         look_ups = asyncio.ensure_future(
             asyncio.gather(
                 asyncio.gather(*(self._resolve(order, "re-check fired") for order in stuck)),
@@ -1594,34 +1597,44 @@ class PositionGuard:
                 self.symbol,
                 left,
             )
+        if isinstance(outcomes, BaseException) and not isinstance(outcomes, ExchangeError | TimeoutError):
+            raise outcomes
+        if isinstance(positions, BaseException) and not isinstance(positions, ExchangeError | TimeoutError):
+            raise positions
+        held = None
+        if isinstance(positions, list):
+            held = next((p for p in positions if p.symbol == self.symbol and p.side is self.side), None)
         if isinstance(outcomes, list):
+            still = []
             for order, outcome in zip(stuck, outcomes, strict=True):
-                if outcome is _Outcome.GONE:
-                    # It ended (a fill, or part of one with the rest expired): its id is spent. The next
-                    # stop is a new order; the reconciler settles what is left of the position.
-                    if order.ended_as is not OrderStatus.FILLED:
+                if outcome in (_Outcome.FIRED, _Outcome.RETRY):  # a failed look-up proves nothing
+                    still.append(order)
+                elif outcome is _Outcome.GONE:
+                    # It ended (a fill, or part of one with the rest expired): its id is spent, the next stop
+                    # is a new order. Said only while the position is still there (with its sibling's fill
+                    # it is gone, and nothing is sent into no position: the reconciler settles it).
+                    if order.ended_as is not OrderStatus.FILLED and held is not None:
                         log.warning(
-                            "%s: fired %s %s ended %s on the venue; what is left of the position gets a "
-                            "new one",
+                            "%s: fired %s %s ended %s on the venue with %s still held; a new one goes out",
                             self.symbol,
                             _what(order.purpose),
                             order.client_order_id,
                             order.ended_as.value if order.ended_as else "",
+                            held.quantity,
                         )
                     self._next_generation(order)
-                    return
-                if outcome not in (_Outcome.FIRED, _Outcome.RETRY):  # a failed look-up proves nothing
+                else:  # it never reached the venue after all: the same id may be sent
                     order.fired_at = None
-                    return  # it never reached the venue after all: the same id may be sent
-        elif isinstance(outcomes, BaseException) and not isinstance(outcomes, ExchangeError | TimeoutError):
-            raise outcomes
-        if isinstance(positions, list):
-            held = next((p for p in positions if p.symbol == self.symbol and p.side is self.side), None)
-            if held is None:
-                m.request_reconcile()
+            if held is not None and held.quantity != self.quantity:
+                # Part of it executed: the new stops are for what is left (not the old size, and then a
+                # resize). Read at the look-ups' start.
+                await self._quantity_changed(QuantityChanged(quantity=held.quantity, seen_at=asked_at))
+            if not still:
                 return
-        elif isinstance(positions, BaseException) and not isinstance(positions, ExchangeError | TimeoutError):
-            raise positions
+            stuck = still
+        if isinstance(positions, list) and held is None:
+            m.request_reconcile()
+            return
         log.error(
             "%s: %s fired %.1fs ago and has not filled while the position is still open; closing reduce-only "
             "at market",
@@ -2476,7 +2489,10 @@ class PositionGuard:
             return
         m = self._m
         pnl = None
-        if exit_price is not None:
+        # Unknown once the venue changed the position's size: a part closed earlier (a stop filled in part,
+        # a partial close by hand) took its own PnL, and an addition moved the entry price; computed on what
+        # was left at the end, the figure was wrong and looked exact.
+        if exit_price is not None and not self.size_changed:
             direction = 1 if self.side is PositionSide.LONG else -1
             pnl = (exit_price - self.entry_price) * self.quantity * direction
         # Both stops (and any superseded generation) at once; one whose cancel fails is not left to the

@@ -679,6 +679,7 @@ async def test_a_stop_that_fills_in_part_leaves_the_rest_protected_under_a_new_i
             if o.symbol == symbol and o.type is OrderType.STOP_MARKET
         ]
         assert hard.client_order_id != spent, "the spent stop's id was sent again"
+        assert hard.quantity == left.quantity  # for what is left, not the old size (and then a resize)
         # Its record says how it ended, once the guard has been told (it is no longer live for anyone).
         query = "SELECT status FROM monitoring.orders WHERE client_order_id = $1"
         await drive_until(
@@ -689,3 +690,8 @@ async def test_a_stop_that_fills_in_part_leaves_the_rest_protected_under_a_new_i
         )
         assert await db.pool.fetchval(query, spent) == "expired"
         assert venue.core.positions(clock.now())[0].quantity == left.quantity
+        # Closed later, its realized PnL is unknown: half of it was realized by the stop's part-fill, which
+        # a figure computed on what was left at the end leaves out (and looks exact).
+        assert await drive(clock, engine.close_position(guard.position_id)) is True
+        row = await db.pool.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", guard.position_id)
+        assert (row["status"], row["realized_pnl"]) == ("closed", None)
