@@ -1869,12 +1869,18 @@ class Engine:
         finally:
             while handed_over < 2:  # a restart that failed still hands over what it has
                 hand_over()
-        log.info("protection restarted: %s", self.startup_report.describe())
-        assert self.store is not None
-        await self.store.record_event(
-            Severity.WARNING, "protection_restarted", self.startup_report.describe()
+        report = self.startup_report
+        troubled = bool(
+            report.failed or report.gone_symbols or report.in_doubt_symbols or report.unlisted_symbols
         )
-        return self.startup_report
+        log.log(logging.WARNING if troubled else logging.INFO, "protection restarted: %s", report.describe())
+        assert self.store is not None
+        # An operator's request that went well is no warning (a read-only watcher counted each as one); one
+        # that left positions uncovered is.
+        await self.store.record_event(
+            Severity.WARNING if troubled else Severity.INFO, "protection_restarted", report.describe()
+        )
+        return report
 
     # --- loops ---------------------------------------------------------------------------------------
 

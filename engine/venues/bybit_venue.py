@@ -474,7 +474,22 @@ class BybitLinearVenue(CcxtVenue):
         loaded, *others = await asyncio.gather(
             self._call(self._exchange.load_markets(True), mutating=False),
             *(self._instruments(status) for status in HELD_ONLY_STATUSES),
+            return_exceptions=True,
         )
+        if isinstance(loaded, BaseException):
+            raise loaded
+        for status, rows in zip(HELD_ONLY_STATUSES, others, strict=True):
+            if isinstance(rows, BaseException):
+                if not isinstance(rows, ExchangeError | TimeoutError):
+                    raise rows
+                # Not fatal: the trading markets are what entries need. A position held on such a symbol is
+                # then named NOT GUARDED in the start-up report, as it was before these were read.
+                logger.warning(
+                    "%s: the %s instruments could not be read (%s); a position on one is not guarded",
+                    self.kind,
+                    status,
+                    rows,
+                )
         markets: dict[str, Market] = {}
         pairs: dict[str, str] = {}
         for unified, market in loaded.items():
@@ -485,6 +500,8 @@ class BybitLinearVenue(CcxtVenue):
                 markets[parsed.symbol] = parsed
                 pairs[parsed.symbol] = unified
         for rows in others:
+            if isinstance(rows, BaseException):
+                continue
             for raw in rows:
                 if raw.get("contractType") != "LinearPerpetual" or raw.get("settleCoin") != "USDT":
                     continue

@@ -213,6 +213,12 @@ async def test_an_operators_routine_commands_say_nothing_at_warning(
             assert sent.result().ok, sent.result().summary
         said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
         assert said == []
+        # Nor in the account's events, which a read-only dashboard's log panel counts from.
+        loud = await db.pool.fetch(
+            "SELECT type, message FROM monitoring.events WHERE severity IN ('warning', 'error', 'critical') "
+            "AND created_at >= now() - interval '1 hour'"
+        )
+        assert [dict(r) for r in loud] == []
         assert any(r.levelno == logging.INFO and "command #" in r.getMessage() for r in caplog.records)
     finally:
         await drive(clock, engine.stop())
