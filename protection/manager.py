@@ -444,6 +444,7 @@ class PositionGuard:
         self.check_fired_soon = False  # the mark crossed one of our stops: ask the venue how it stands
         self._native_extreme: Decimal | None = None  # best mark since the native trailing stop armed
         self._native_extreme_of: str | None = None  # the trailing order (client id) that extreme is for
+        self._native_armed_of: str | None = None  # the native trailing order (client id) known armed
         self.size_changed = False  # the venue changed the position's size while guarded: its PnL is unknown
         self._superseded: list[ProtectiveOrder] = []  # resized-away stops, cancelled once the new ones live
         # A closed position's stops whose cancels are on their way (client id → sent at): a manager stopped
@@ -524,15 +525,17 @@ class PositionGuard:
         return self.trailing_stop.confirmed and not self.closed
 
     def _native_armed(self, order: ProtectiveOrder) -> bool:
-        """The native trailing order under its current id is armed on the venue, as far as the marks tell."""
+        """The native trailing order under its current id is armed on the venue: sent armed at the mark, or
+        its activation reached by a mark since (this engine's, or the last one's, as recorded). Inferred
+        from marks only where the venue's trail follows the mark (Bybit's follows the last price)."""
         return (
             self.kind is TrailingKind.NATIVE
             and order.client_order_id is not None
-            and (
-                order.arm_now
-                or (self._native_extreme is not None and self._native_extreme_of == order.client_order_id)
-            )
+            and (order.arm_now or self._native_armed_of == order.client_order_id)
         )
+
+    def _trails_on_the_mark(self) -> bool:
+        return self._m.venue.capabilities().trailing_stop_follows == "mark"
 
     @property
     def native_trail_armed(self) -> bool:
@@ -2248,14 +2251,21 @@ class PositionGuard:
         if self.kind is TrailingKind.NATIVE and self.trailing_stop.confirmed:
             # The venue's trail is not ours to see: follow it from the marks (arms at the activation price,
             # fires a callback below the best mark since). A new trailing order starts unarmed again.
-            if self._native_extreme_of != self.trailing_stop.client_order_id:
-                self._native_extreme, self._native_extreme_of = None, self.trailing_stop.client_order_id
+            cid = self.trailing_stop.client_order_id
+            if self._native_extreme_of != cid:
+                self._native_extreme, self._native_extreme_of = None, cid
             activation = self.trailing_stop.price
             armed = (
                 activation is None
                 or self.trailing_stop.arm_now
+                or self._native_armed_of == cid
                 or ((mark >= activation) if long else (mark <= activation))
             )
+            if armed and self._native_armed_of != cid and self._trails_on_the_mark():
+                # Armed on the venue from now on (the venue's trail follows the mark as ours does): shown
+                # so, sent again so, and recorded (a pass writes it) for the next engine to know.
+                self._native_armed_of = cid
+                self.wake.set()
             if armed or self._native_extreme is not None:
                 best = self._native_extreme
                 self._native_extreme = (
@@ -2658,7 +2668,7 @@ class PositionGuard:
             position.has_stop_loss,
             position.has_trailing_stop,
             position.stop_loss_price if position.has_stop_loss else None,
-            position.trailing_activated if self.trail is not None else None,
+            position.trailing_activated if self.trail is not None else (position.trailing_activated or None),
             position.status,
             position.trail_armed,
             position.unprotected_since,
@@ -2685,6 +2695,11 @@ class PositionGuard:
             self._m.clock.monotonic()
         )
 
+    def _native_armed_fact(self) -> bool | None:
+        """`trailing_activated` of a native trail: True once known armed (None: nothing to write, the record
+        keeps what it says)."""
+        return True if self.trail is None and self._native_armed(self.trailing_stop) else None
+
     def _facts(self, now: float) -> tuple[Any, ...]:
         covered = self.covered
         past_grace = now - self.filled_at >= self._m.config.grace_seconds
@@ -2695,7 +2710,7 @@ class PositionGuard:
             self.has_stop_loss,
             self.has_trailing_stop,
             self.stop_loss.price if self.has_stop_loss else None,
-            self.trail.stop_price is not None if self.trail is not None else None,
+            self.trail.stop_price is not None if self.trail is not None else self._native_armed_fact(),
             status,
             self.trail_armed,
             None if covered else _datetime(self.unprotected_since_epoch),
@@ -2962,6 +2977,9 @@ class ProtectionManager:
                     target.arm_now = record.activation_price is None
                     if record.activation_price is not None:
                         target.price = record.activation_price
+                        if position.trailing_activated and guard._trails_on_the_mark():
+                            # A mark reached its activation under the last engine: the venue armed it.
+                            guard._native_armed_of = record.client_order_id
         if (
             guard.kind is TrailingKind.MANAGED
             and trail_record is not None

@@ -737,34 +737,43 @@ async def test_f8_a_native_trail_the_venue_armed_is_not_waiting_when_the_price_p
     trailing stop, then eases back under the activation. The venue's trail stays armed, trailing from its
     best mark, half a percent from closing the position; the dashboard said "waiting +0.05%" (a trail not
     armed yet, away from its activation) because it judged by where the mark is now. Armed once the mark
-    has reached the activation: shown as the venue's trail, and the venue's truth agrees (it fires)."""
+    has reached the activation: shown as the venue's trail, by the next engine too (recorded), and the
+    venue's truth agrees (it fires)."""
+    settings = engine_settings(db.target.dsn)
     engine, clock = await _started(db)
+    await engine.store.insert_signals([(SYMBOL, "long", None, None)])  # type: ignore[union-attr]
+    manager = engine.manager
+    assert manager is not None
+    await drive_until(
+        clock,
+        lambda: SYMBOL in manager.by_symbol and manager.by_symbol[SYMBOL].covered,
+        what=f"{SYMBOL} covered",
+    )
+    guard = manager.by_symbol[SYMBOL]
+    activation, tick = guard.trailing_stop.price, guard.market.tick_size
+    assert activation is not None
+    assert isinstance(engine.venue, SimVenue)
+    view = engine.snapshot().positions[0]
+    assert view.activation_price == activation  # not reached yet: waiting for it
+    assert view.distance_to_activation_percent is not None
+    assert view.distance_to_activation_percent > 0
+    engine.venue.override_mark_price(SYMBOL, activation + 10 * tick)  # the venue arms its trail
+    await drive(clock, asyncio.sleep(0.5))
+    engine.venue.override_mark_price(SYMBOL, activation - 2 * tick)  # under the activation again
+    await drive(clock, asyncio.sleep(0.5))
+    view = engine.snapshot().positions[0]
+    assert (view.trailing_phase, view.has_trailing_stop) == ("native", True)
+    assert (view.activation_price, view.distance_to_activation_percent) == (None, None)
+    await drive(clock, engine.stop())
+
+    second, restored = await _restarted(engine, clock, settings)
     try:
-        assert engine.store is not None
-        assert engine.manager is not None
-        await engine.store.insert_signals([(SYMBOL, "long", None, None)])
-        await drive_until(
-            clock,
-            lambda: SYMBOL in engine.manager.by_symbol and engine.manager.by_symbol[SYMBOL].covered,
-            what=f"{SYMBOL} covered",
-        )
-        guard = engine.manager.by_symbol[SYMBOL]
-        activation, tick = guard.trailing_stop.price, guard.market.tick_size
-        assert activation is not None
-        assert isinstance(engine.venue, SimVenue)
-        view = engine.snapshot().positions[0]
-        assert view.activation_price == activation  # not reached yet: waiting for it
-        assert view.distance_to_activation_percent is not None
-        assert view.distance_to_activation_percent > 0
-        engine.venue.override_mark_price(SYMBOL, activation + 10 * tick)  # the venue arms its trail
-        await drive(clock, asyncio.sleep(0.5))
-        engine.venue.override_mark_price(SYMBOL, activation - 2 * tick)  # under the activation again
-        await drive(clock, asyncio.sleep(0.5))
-        view = engine.snapshot().positions[0]
-        assert (view.trailing_phase, view.has_trailing_stop) == ("native", True)
+        # The next engine knows it armed (the mark it armed at went by under the last one).
+        assert restored.trailing_stop.client_order_id == guard.trailing_stop.client_order_id
+        view = second.snapshot().positions[0]
         assert (view.activation_price, view.distance_to_activation_percent) == (None, None)
         # The venue's truth: its trail is armed, so a fall of the callback from the best mark fires it.
-        engine.venue.override_mark_price(SYMBOL, (activation + 10 * tick) * Decimal("0.99"))
+        second.venue.override_mark_price(SYMBOL, (activation + 10 * tick) * Decimal("0.99"))  # type: ignore[attr-defined]
         await drive_until(
             clock,
             lambda: db.pool.fetchval(
@@ -778,7 +787,7 @@ async def test_f8_a_native_trail_the_venue_armed_is_not_waiting_when_the_price_p
         )
         assert exit_reason == "trailing_stop"
     finally:
-        await drive(clock, engine.stop())
+        await drive(clock, second.stop())
 
 
 async def test_f8_a_native_trail_the_venue_armed_is_sent_again_armed_when_the_position_is_resized(
