@@ -1090,9 +1090,12 @@ def _quoted_numbers(file_values: Mapping[str, Any]) -> Iterator[tuple[tuple[str,
         if not isinstance(value, str):
             continue
         info = _field_at(key_path)
-        if info is None:
-            continue
-        annotation = info.annotation
+        annotation = None if info is None else info.annotation
+        if info is None:  # a value in a table of numbers (`volatility_by_symbol = {SFPUSDT = 1.5}`)?
+            table = _field_at(key_path[:-1])
+            if table is None or typing.get_origin(table.annotation) is not dict:
+                continue
+            annotation = typing.get_args(table.annotation)[1]
         kinds = (
             typing.get_args(annotation)
             if typing.get_origin(annotation) in (typing.Union, types.UnionType)

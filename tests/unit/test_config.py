@@ -130,6 +130,10 @@ def test_bad_value_names_file_key_expectation_and_value(tmp_path: Path) -> None:
         ),
         ('[signals]\nwave_size = "7"\n', 'signals.wave_size: must be a number, got "7" (a string'),
         (
+            '[venue.sim]\nvolatility_by_symbol = {SFPUSDT = "1e0"}\n',
+            'venue.sim.volatility_by_symbol.sfpusdt: must be a number, got "1e0" (a string',
+        ),
+        (
             '[protection]\nstop_loss_percent = "3e0"\n',
             'protection.stop_loss_percent: must be a number, got "3e0"',
         ),
