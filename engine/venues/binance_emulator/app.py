@@ -923,10 +923,16 @@ class BinanceEmulator:
         if not close_position and not self._flag(params, "reduceOnly"):
             # Protective orders only: the sim core's conditional orders are always reduce-only.
             raise BinanceError(400, -1130, "Data sent for parameter 'reduceOnly' is not valid.")
-        if order_type == "STOP_MARKET":
-            if close_position:
-                raise BinanceError(400, -1106, "Parameter 'closePosition' sent when not required.")
-            order = self.core.place_stop_market_order(
+        if close_position and order_type in ("STOP_MARKET", "TAKE_PROFIT_MARKET", "TRAILING_STOP_MARKET"):
+            raise BinanceError(400, -1106, "Parameter 'closePosition' sent when not required.")
+        if order_type in ("STOP_MARKET", "TAKE_PROFIT_MARKET"):
+            # (The engine sends no take-profit: an operator's, or another client's.)
+            place = (
+                self.core.place_stop_market_order
+                if order_type == "STOP_MARKET"
+                else self.core.place_take_profit_market_order
+            )
+            order = place(
                 market.symbol,
                 side,
                 self._decimal(params, "quantity"),
@@ -936,21 +942,7 @@ class BinanceEmulator:
                 account_id=DEFAULT_ACCOUNT,
                 **traits,
             )
-        elif order_type == "TAKE_PROFIT_MARKET":  # the engine sends none: an operator's, or another client's
-            if close_position:
-                raise BinanceError(400, -1106, "Parameter 'closePosition' sent when not required.")
-            order = self.core.place_take_profit_market_order(
-                market.symbol,
-                side,
-                self._decimal(params, "quantity"),
-                self._decimal(params, "triggerPrice"),
-                client_order_id,
-                request.now,
-                account_id=DEFAULT_ACCOUNT,
-            )
         elif order_type == "TRAILING_STOP_MARKET":
-            if close_position:
-                raise BinanceError(400, -1106, "Parameter 'closePosition' sent when not required.")
             activation = self._decimal(params, "activatePrice") if params.get("activatePrice") else None
             order = self.core.place_trailing_stop_order(
                 market.symbol,

@@ -110,6 +110,13 @@ _ZERO = Decimal(0)
 _BPS = Decimal(10_000)
 
 
+def _fires_at_price(order_type: OrderType, side: OrderSide, price: Decimal, mark: Decimal) -> bool:
+    """A stop fires when the mark falls to its price (a SELL; a BUY when it rises to it), a take-profit when
+    the mark rises to it (a SELL; a BUY when it falls to it)."""
+    falls_to = (side is OrderSide.SELL) == (order_type is OrderType.STOP_MARKET)
+    return mark <= price if falls_to else mark >= price
+
+
 @dataclass(slots=True)
 class _OrderRecord:
     client_order_id: str
@@ -561,19 +568,45 @@ class SimCore:
     ) -> Order:
         """A reduce-only STOP_MARKET on the mark. `read_lag` / `trigger_delay`: this order's own
         misbehaviour (None: the core's settings, see `set_read_lag` / `set_trigger_delay`)."""
+        return self._place_at_price(
+            OrderType.STOP_MARKET,
+            symbol,
+            side,
+            quantity,
+            stop_price,
+            client_order_id,
+            now,
+            account_id=account_id,
+            read_lag=read_lag,
+            trigger_delay=trigger_delay,
+        )
+
+    def _place_at_price(
+        self,
+        order_type: OrderType,
+        symbol: str,
+        side: OrderSide,
+        quantity: Decimal,
+        stop_price: Decimal,
+        client_order_id: str,
+        now: float,
+        *,
+        account_id: str,
+        read_lag: float | None,
+        trigger_delay: float | None,
+    ) -> Order:
+        """A reduce-only conditional order that fires at `stop_price` on the mark (`_fires`); one that would
+        fire at once is rejected [-2021]."""
         read_lag = _checked_seconds(read_lag, "read lag")
         trigger_delay = _checked_seconds(trigger_delay, "trigger delay")
         account = self._enter(now, account_id)
         market = self._admit_order(account, symbol, quantity, client_order_id, now)
         self._require_on_tick(market, stop_price, "stop price")
         self._require_reduces(account, symbol, side)
-        mark = self._marks[symbol]
-        if (side is OrderSide.SELL and mark <= stop_price) or (side is OrderSide.BUY and mark >= stop_price):
+        if _fires_at_price(order_type, side, stop_price, self._marks[symbol]):
             raise WouldTriggerImmediately()
         self._require_conditional_room(account)
-        order = self._record(
-            account, symbol, side, OrderType.STOP_MARKET, quantity, client_order_id, now, True
-        )
+        order = self._record(account, symbol, side, order_type, quantity, client_order_id, now, True)
         order.stop_price = stop_price
         self._track_conditional(account, order, now, read_lag, trigger_delay)
         self._order_event(account, order, now)
@@ -589,25 +622,24 @@ class SimCore:
         now: float,
         *,
         account_id: str = DEFAULT_ACCOUNT,
+        read_lag: float | None = None,
+        trigger_delay: float | None = None,
     ) -> Order:
         """A reduce-only TAKE_PROFIT_MARKET on the mark (the engine sends none: an operator's take-profit):
         SELL fires when mark >= stop, BUY when mark <= stop; one that would fire at once is rejected
         [-2021]. It takes a place under the cap on open conditional orders like any stop."""
-        account = self._enter(now, account_id)
-        market = self._admit_order(account, symbol, quantity, client_order_id, now)
-        self._require_on_tick(market, stop_price, "stop price")
-        self._require_reduces(account, symbol, side)
-        mark = self._marks[symbol]
-        if (side is OrderSide.SELL and mark >= stop_price) or (side is OrderSide.BUY and mark <= stop_price):
-            raise WouldTriggerImmediately()
-        self._require_conditional_room(account)
-        order = self._record(
-            account, symbol, side, OrderType.TAKE_PROFIT_MARKET, quantity, client_order_id, now, True
+        return self._place_at_price(
+            OrderType.TAKE_PROFIT_MARKET,
+            symbol,
+            side,
+            quantity,
+            stop_price,
+            client_order_id,
+            now,
+            account_id=account_id,
+            read_lag=read_lag,
+            trigger_delay=trigger_delay,
         )
-        order.stop_price = stop_price
-        self._track_conditional(account, order, now, None, None)
-        self._order_event(account, order, now)
-        return order.snapshot()
 
     def place_trailing_stop_order(
         self,
@@ -835,12 +867,9 @@ class SimCore:
 
     @staticmethod
     def _fires(order: _OrderRecord, mark: Decimal) -> bool:
-        if order.type is OrderType.STOP_MARKET:
+        if order.type in (OrderType.STOP_MARKET, OrderType.TAKE_PROFIT_MARKET):
             assert order.stop_price is not None
-            return mark <= order.stop_price if order.side is OrderSide.SELL else mark >= order.stop_price
-        if order.type is OrderType.TAKE_PROFIT_MARKET:
-            assert order.stop_price is not None
-            return mark >= order.stop_price if order.side is OrderSide.SELL else mark <= order.stop_price
+            return _fires_at_price(order.type, order.side, order.stop_price, mark)
         assert order.trailing is not None
         order.trailing = order.trailing.observe(mark)
         return order.trailing.triggers_at(mark)
