@@ -83,6 +83,16 @@ async def emulator(limiter: BybitLimiter | None = None) -> AsyncIterator[Client]
         yield Client(session, url, built)
 
 
+async def market_order(
+    client: Client, side: str, qty: str, symbol: str = SYMBOL, **extra: Any
+) -> dict[str, Any]:
+    """`order/create` of a Market order; its answer's body."""
+    _, body, _ = await client.post(
+        "/v5/order/create", category="linear", symbol=symbol, side=side, orderType="Market", qty=qty, **extra
+    )
+    return body
+
+
 async def open_long(client: Client, qty: str = "100") -> None:
     status, body, _ = await client.post(
         "/v5/order/create", category="linear", symbol=SYMBOL, side="Buy", orderType="Market", qty=qty
@@ -259,15 +269,7 @@ async def test_closing_the_position_by_hand_deactivates_its_stops() -> None:
     async with emulator() as client:
         await open_long(client)
         await trading_stop(client, stopLoss="0.4000", slTriggerBy="MarkPrice")
-        await client.post(
-            "/v5/order/create",
-            category="linear",
-            symbol=SYMBOL,
-            side="Sell",
-            orderType="Market",
-            qty="100",
-            reduceOnly=True,
-        )
+        await market_order(client, "Sell", "100", reduceOnly=True)
         after = await stop_orders(client)
         _, position, _ = await client.get("/v5/position/list", category="linear", symbol=SYMBOL)
 
@@ -347,30 +349,13 @@ async def test_an_instrument_not_trading_is_listed_only_by_its_status_and_opens_
             "/v5/market/instruments-info", category="linear", status="Delivering"
         )
         _, bad, _ = await client.get("/v5/market/instruments-info", category="linear", status="Open")
-        _, opening, _ = await client.post(
-            "/v5/order/create", category="linear", symbol=SYMBOL, side="Buy", orderType="Market", qty="10"
-        )
+        opening = await market_order(client, "Buy", "10")
         _, stop, _ = await client.post(
             "/v5/position/trading-stop", category="linear", symbol=SYMBOL, positionIdx=0, stopLoss="0.4000"
         )
-        _, closing, _ = await client.post(
-            "/v5/order/create",
-            category="linear",
-            symbol=SYMBOL,
-            side="Sell",
-            orderType="Market",
-            qty="100",
-            reduceOnly=True,
-        )
+        closing = await market_order(client, "Sell", "100", reduceOnly=True)
         await client.control("symbol-status", symbol="BTCUSDT", status="Settling")
-        _, settling, _ = await client.post(
-            "/v5/order/create",
-            category="linear",
-            symbol="BTCUSDT",
-            side="Buy",
-            orderType="Market",
-            qty="0.01",
-        )
+        settling = await market_order(client, "Buy", "0.01", symbol="BTCUSDT")
 
     # Bybit's default list holds Trading instruments only; a status filter lists the others.
     assert SYMBOL not in [row["symbol"] for row in default["result"]["list"]]
