@@ -1604,9 +1604,12 @@ class PositionGuard:
             raise outcomes
         if isinstance(positions, BaseException) and not isinstance(positions, ExchangeError | TimeoutError):
             raise positions
+        read = isinstance(positions, list)
         held = None
         if isinstance(positions, list):
             held = next((p for p in positions if p.symbol == self.symbol and p.side is self.side), None)
+        gone = read and held is None  # the venue says flat: the reconciler settles it, nothing is sent
+        fired_at = min(o.fired_at or asked_at for o in stuck)
         if isinstance(outcomes, list):
             still = []
             for order, outcome in zip(stuck, outcomes, strict=True):
@@ -1614,36 +1617,42 @@ class PositionGuard:
                     still.append(order)
                 elif outcome is _Outcome.GONE:
                     # It ended (a fill, or part of one with the rest expired): its id is spent, the next stop
-                    # is a new order. Said only while the position is still there (with its sibling's fill
-                    # it is gone, and nothing is sent into no position: the reconciler settles it).
-                    if order.ended_as is not OrderStatus.FILLED and held is not None:
+                    # is a new order. Said unless the venue says the position is gone (its sibling filled).
+                    if order.ended_as is not OrderStatus.FILLED and not gone:
                         log.warning(
-                            "%s: fired %s %s ended %s on the venue with %s still held; a new one goes out",
+                            "%s: fired %s %s ended %s on the venue with the position %s; a new one goes out",
                             self.symbol,
                             _what(order.purpose),
                             order.client_order_id,
                             order.ended_as.value if order.ended_as else "",
-                            held.quantity,
+                            f"holding {held.quantity}" if held is not None else "not read (still held?)",
                         )
                     self._next_generation(order)
                 else:  # it never reached the venue after all: the same id may be sent
                     order.fired_at = None
+            if self.exit_evidence is not None:
+                # A stop of ours filled (found in this check): the position is going; the reconciler closes
+                # it. Closed at market on top of that, a flat position refused it, with a false ERROR.
+                m.request_reconcile()
+                return
             if held is not None and held.quantity != self.quantity:
                 # Part of it executed: the new stops are for what is left (not the old size, and then a
                 # resize). Read at the look-ups' start.
                 await self._quantity_changed(QuantityChanged(quantity=held.quantity, seen_at=asked_at))
             if not still:
+                if gone:
+                    self._said_gone(asked_at)  # no new stop into no position before the reconciler's word
                 return
             stuck = still
-        if isinstance(positions, list) and held is None:
-            m.request_reconcile()
+        if gone:
+            self._said_gone(asked_at)
             return
         log.error(
             "%s: %s fired %.1fs ago and has not filled while the position is still open; closing reduce-only "
             "at market",
             self.symbol,
             ", ".join(_what(o.purpose) for o in stuck),
-            m.clock.monotonic() - min(o.fired_at or 0.0 for o in stuck),
+            m.clock.monotonic() - fired_at,
         )
         await m.store.record_event(
             Severity.ERROR,
@@ -2668,7 +2677,9 @@ class PositionGuard:
             position.has_stop_loss,
             position.has_trailing_stop,
             position.stop_loss_price if position.has_stop_loss else None,
-            position.trailing_activated if self.trail is not None else (position.trailing_activated or None),
+            position.trailing_activated
+            if self.trail is not None or (self.kind is TrailingKind.NATIVE and position.has_trailing_stop)
+            else None,
             position.status,
             position.trail_armed,
             position.unprotected_since,
@@ -2696,9 +2707,13 @@ class PositionGuard:
         )
 
     def _native_armed_fact(self) -> bool | None:
-        """`trailing_activated` of a native trail: True once known armed (None: nothing to write, the record
-        keeps what it says)."""
-        return True if self.trail is None and self._native_armed(self.trailing_stop) else None
+        """`trailing_activated` of a native trail: whether the trailing order live now is known armed (None
+        while none is confirmed: the record keeps what it says). Of the order live now, not of the position:
+        one a managed trail or an earlier order left True was restored armed, waiting for its activation."""
+        order = self.trailing_stop
+        if self.trail is not None or self.kind is not TrailingKind.NATIVE or not order.confirmed:
+            return None
+        return self._native_armed(order)
 
     def _facts(self, now: float) -> tuple[Any, ...]:
         covered = self.covered

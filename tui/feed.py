@@ -649,6 +649,8 @@ def _position_view(
         pnl = ((mark - p.entry_price) / p.entry_price * 100 * direction).quantize(Decimal("0.01"))
     if trail is not None and trail.mode == "managed":
         activation: Decimal | None = trail.activation_price
+    elif p.trailing_activated and p.has_trailing_stop:
+        activation = None  # the engine recorded the venue's trail armed: trailing, not waiting (as its view)
     elif trailing_order is not None and trailing_order.activation_price is not None:
         activation = trailing_order.activation_price
     else:

@@ -480,12 +480,12 @@ class BybitLinearVenue(CcxtVenue):
             raise loaded
         for status, rows in zip(HELD_ONLY_STATUSES, others, strict=True):
             if isinstance(rows, BaseException):
-                if not isinstance(rows, ExchangeError | TimeoutError):
-                    raise rows
-                # Not fatal: the trading markets are what entries need. A position held on such a symbol is
-                # then named NOT GUARDED in the start-up report, as it was before these were read.
+                if not isinstance(rows, Rejected):
+                    raise rows  # a transient failure: the load is asked again (the start retries it)
+                # Refused (the filter not taken): not fatal, the trading markets are what entries need. A
+                # position held on such a symbol is then named NOT GUARDED in the start-up report.
                 logger.warning(
-                    "%s: the %s instruments could not be read (%s); a position on one is not guarded",
+                    "%s: the venue refused to list its %s instruments (%s); a position on one is not guarded",
                     self.kind,
                     status,
                     rows,

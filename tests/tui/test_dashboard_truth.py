@@ -215,6 +215,20 @@ async def test_read_only_shows_the_trailing_stop_as_the_live_view_does_and_the_v
             row = board.positions.row_text(live.position_id)
             assert "venue trailing" not in row
             assert re.search(r"waiting \+\d+\.\d\d%", row), row
+            # The venue arms the trail (a mark reaches its activation), then the price eases back: both
+            # screens say it trails (the read-only one said "waiting" from the order's activation).
+            assert trader.manager is not None
+            guard = trader.manager.by_symbol[SYMBOLS[78]]
+            activation, tick = guard.trailing_stop.price, guard.market.tick_size
+            assert activation is not None
+            trader.venue.override_mark_price(SYMBOLS[78], activation + 10 * tick)  # type: ignore[attr-defined]
+            await board.until(lambda: guard.native_trail_armed, "armed on the venue")
+            trader.venue.override_mark_price(SYMBOLS[78], activation - 2 * tick)  # type: ignore[attr-defined]
+            await board.until(
+                lambda: "venue trailing" in board.positions.row_text(live.position_id),
+                "trailing in the watch",
+            )
+            assert trader.snapshot().positions[0].activation_price is None
             status = board.status_text()
             assert status.count("vtest") == 1, status
             assert "SILENT" not in status, status
