@@ -3125,6 +3125,7 @@ class ProtectionManager:
                 )
         # What the database says now: the first pass writes only if the confirmed facts differ from it.
         guard.prime_written_facts(position)
+        guard.size_changed = position.size_changed  # its PnL stays unknown across restarts
 
     def spawn_order_status(self, row: OrderStatusRow) -> None:
         """Record an order's state without making the caller wait (coalesced; failures are logged)."""

@@ -108,6 +108,7 @@ class PositionRecord:
     unprotected_since: datetime | None = None  # since when it lacks a confirmed stop (None: covered)
     # Seconds from its fill until a hard stop of ours was live (0: it rode on the entry); None: not yet.
     hard_stop_gap_seconds: Decimal | None = None
+    size_changed: bool = False  # the venue changed its size while open: its realized PnL is unknown
 
     @property
     def trailing_in_place(self) -> bool:
@@ -687,7 +688,8 @@ class Store:
             f"""
             WITH closed AS (
                 UPDATE monitoring.positions
-                SET status = 'closed', exit_reason = $2, realized_pnl = COALESCE($3, realized_pnl),
+                SET status = 'closed', exit_reason = $2,
+                    realized_pnl = CASE WHEN size_changed THEN NULL ELSE COALESCE($3, realized_pnl) END,
                     closed_at = COALESCE(closed_at, $4::timestamptz, now()), has_stop_loss = false,
                     has_trailing_stop = false,
                     trail_armed = false
@@ -704,9 +706,13 @@ class Store:
         return _position(self._require(row, position_id))
 
     async def set_position_quantity(self, position_id: int, quantity: Decimal) -> None:
-        """The venue holds `quantity` (what its stops are sized to from now on)."""
+        """The venue holds `quantity` (what its stops are sized to from now on); its PnL is unknown since
+        (`size_changed`)."""
         await self._pool.execute(
-            "UPDATE monitoring.positions SET quantity = $2 WHERE id = $1", position_id, quantity
+            "UPDATE monitoring.positions SET size_changed = size_changed OR quantity <> $2, quantity = $2 "
+            "WHERE id = $1",
+            position_id,
+            quantity,
         )
 
     async def set_realized_pnl(self, position_id: int, realized_pnl: Decimal) -> None:

@@ -691,7 +691,9 @@ async def test_a_stop_that_fills_in_part_leaves_the_rest_protected_under_a_new_i
         assert await db.pool.fetchval(query, spent) == "expired"
         assert venue.core.positions(clock.now())[0].quantity == left.quantity
         # Closed later, its realized PnL is unknown: half of it was realized by the stop's part-fill, which
-        # a figure computed on what was left at the end leaves out (and looks exact).
+        # a figure computed on what was left at the end leaves out (and looks exact). Also after a
+        # protection restart, which rebuilds the guard from the record (it lost that, and the figure came back).
+        await drive(clock, engine.restart_protection())
         assert await drive(clock, engine.close_position(guard.position_id)) is True
         row = await db.pool.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", guard.position_id)
         assert (row["status"], row["realized_pnl"]) == ("closed", None)
