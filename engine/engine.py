@@ -132,6 +132,7 @@ STARTUP_UNKNOWN_SECONDS = 30.0  # an empty position list this soon after connect
 WAVE_PROTECTION_WAIT_SECONDS = 120.0
 SILENT_MARKS_POLL_SECONDS = 2.0  # a held symbol's marks by REST while the stream leaves it out
 SILENT_MARKS_ONE_BY_ONE = 3  # up to this many such symbols are read one by one (a lighter request each)
+MARKETS_REFRESH_SECONDS = 300.0  # the venue's markets read again: a delisting begins, a settlement ends
 # Room kept under the venue's cap on open conditional orders for stop moves (`Engine._no_room_for_stops`):
 # a twentieth of the cap, at least one position's worth.
 CONDITIONAL_SPARE_MIN = 2
@@ -980,6 +981,7 @@ class Engine:
         sup = self._supervisor
         sup.start("mark-feed", self._mark_feed)
         sup.start("silent-marks", self._silent_marks_by_rest)
+        sup.start("markets", self._markets_loop)
         sup.start("marks-to-db", self._marks_to_db)
         sup.start("reconciler", self._reconcile_loop)
         self.account_stream = AccountStreamReader(
@@ -1969,6 +1971,44 @@ class Engine:
                     for mark in answer.values():
                         if mark.symbol in quiet:
                             self._take_mark(mark, by_rest=True)
+
+    async def refresh_markets(self) -> None:
+        """Read the venue's markets again, so entries follow what the venue does now: a symbol that stopped
+        trading mid-run (a delisting: Binance SETTLING) refuses them before anything is sent, one trading
+        again takes them (read once at start, it was refused until a restart). A symbol the venue no
+        longer lists stays known; the guards keep the markets they were given."""
+        manager = self.manager
+        if manager is None:
+            return
+        fresh = await manager.read(self.venue.load_markets, "load_markets", Lane.READ)
+        for symbol, market in fresh.items():
+            old = self.markets.get(symbol)
+            if old is not None and old.trading != market.trading:
+                if market.trading:
+                    log.info("%s trades again on %s: entries go there", symbol, self.exchange_name)
+                else:
+                    log.warning(
+                        "%s is no longer trading on %s (%s): no entry goes there; a position on it stays guarded",
+                        symbol,
+                        self.exchange_name,
+                        market.status,
+                    )
+            self.markets[symbol] = market
+
+    async def _markets_loop(self) -> None:
+        failing = False  # said once per run of failures
+        while True:
+            await self.clock.sleep(MARKETS_REFRESH_SECONDS)
+            try:
+                await self.refresh_markets()
+            except (ExchangeError, TimeoutError) as exc:
+                if not failing:
+                    log.warning(
+                        "the venue's markets were not read again (%s); their statuses stay as last read", exc
+                    )
+                failing = True
+                continue
+            failing = False
 
     async def _marks_to_db(self) -> None:
         assert self.store is not None

@@ -527,6 +527,53 @@ async def test_a_managed_move_left_unanswered_by_a_protection_restart_is_taken_f
         assert {r["client_order_id"]: r["status"] for r in rows}[move] == "open"
 
 
+@pytest.mark.parametrize(("kind", "status"), [("binanceusdm", "SETTLING"), ("bybit", "Delivering")])
+async def test_entries_follow_a_symbols_status_as_the_venue_changes_it_while_the_engine_runs(
+    db: Database, kind: str, status: str
+) -> None:
+    """The markets were read once, at start: a symbol the venue stopped trading mid-run still got entries
+    (the venue refused them, -4140), and one that was not trading at start was refused until a restart
+    once the venue traded it again. They are read again while the engine runs (every 5 minutes; here
+    asked at once): entries follow the venue's status both ways, refused before anything is sent."""
+    emulator_type = BinanceEmulator if kind == "binanceusdm" else BybitEmulator
+    emulator = emulator_type(
+        SimVenueSettings(seed=7, volatility=0.0), api_key=KEY, api_secret=SECRET, control=True
+    )
+    starter = running if kind == "binanceusdm" else running_bybit
+    async with starter(emulator) as base_url, aiohttp.ClientSession() as session:  # type: ignore[operator]
+        first, second = sorted(emulator.core.markets)[8:10]
+
+        async def set_status(symbol: str, value: str) -> None:
+            answer = await session.post(
+                f"{base_url}/_sim/symbol-status", json={"symbol": symbol, "status": value}
+            )
+            assert answer.status == 200, await answer.text()
+
+        await set_status(second, status)  # not trading when the engine starts
+        engine = wire_engine(kind, db.target.dsn, base_url, KEY, SECRET)
+        await engine.start()
+        try:
+            assert engine.store is not None
+            await set_status(first, status)  # stops trading while the engine runs
+            await set_status(second, "TRADING" if kind == "binanceusdm" else "Trading")  # trades again
+            await engine.refresh_markets()
+            await engine.store.insert_signals([(first, "long", None, None), (second, "long", None, None)])
+
+            async def answered() -> bool:
+                rows = await db.pool.fetch("SELECT status FROM monitoring.signals")
+                return len(rows) == 2 and all(r["status"] in ("rejected", "opened") for r in rows)
+
+            await wait_until(answered, within=20.0, what="both signals answered")
+            by_symbol = {
+                r["symbol"]: (r["status"], r["reason"])
+                for r in await db.pool.fetch("SELECT symbol, status, reason FROM monitoring.signals")
+            }
+            assert by_symbol[first] == ("rejected", f"{first} is not trading on {kind} ({status})")
+            assert by_symbol[second][0] == "opened", by_symbol[second]
+        finally:
+            await engine.stop()
+
+
 @pytest.mark.parametrize(
     ("kind", "status"), [("binanceusdm", "SETTLING"), ("bybit", "Delivering"), ("bybit", "Settling")]
 )
