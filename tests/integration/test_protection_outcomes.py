@@ -14,7 +14,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import Any
@@ -527,6 +527,29 @@ async def test_a_managed_move_left_unanswered_by_a_protection_restart_is_taken_f
         assert {r["client_order_id"]: r["status"] for r in rows}[move] == "open"
 
 
+SetStatus = Callable[[str, str], Awaitable[None]]
+
+
+@asynccontextmanager
+async def _status_controlled_venue(kind: str) -> AsyncIterator[tuple[list[str], str, SetStatus]]:
+    """The `kind` venue's wire emulator (its control API on, marks still): its symbols, its URL, and a way
+    to set a symbol's status on it as the venue lists it."""
+    emulator_type = BinanceEmulator if kind == "binanceusdm" else BybitEmulator
+    emulator = emulator_type(
+        SimVenueSettings(seed=7, volatility=0.0), api_key=KEY, api_secret=SECRET, control=True
+    )
+    starter = running if kind == "binanceusdm" else running_bybit
+    async with starter(emulator) as base_url, aiohttp.ClientSession() as session:  # type: ignore[operator]
+
+        async def set_status(symbol: str, value: str) -> None:
+            answer = await session.post(
+                f"{base_url}/_sim/symbol-status", json={"symbol": symbol, "status": value}
+            )
+            assert answer.status == 200, await answer.text()
+
+        yield sorted(emulator.core.markets), base_url, set_status
+
+
 @pytest.mark.parametrize(("kind", "status"), [("binanceusdm", "SETTLING"), ("bybit", "Delivering")])
 async def test_entries_follow_a_symbols_status_as_the_venue_changes_it_while_the_engine_runs(
     db: Database, kind: str, status: str
@@ -535,20 +558,8 @@ async def test_entries_follow_a_symbols_status_as_the_venue_changes_it_while_the
     (the venue refused them, -4140), and one that was not trading at start was refused until a restart
     once the venue traded it again. They are read again while the engine runs (every 5 minutes; here
     asked at once): entries follow the venue's status both ways, refused before anything is sent."""
-    emulator_type = BinanceEmulator if kind == "binanceusdm" else BybitEmulator
-    emulator = emulator_type(
-        SimVenueSettings(seed=7, volatility=0.0), api_key=KEY, api_secret=SECRET, control=True
-    )
-    starter = running if kind == "binanceusdm" else running_bybit
-    async with starter(emulator) as base_url, aiohttp.ClientSession() as session:  # type: ignore[operator]
-        first, second = sorted(emulator.core.markets)[8:10]
-
-        async def set_status(symbol: str, value: str) -> None:
-            answer = await session.post(
-                f"{base_url}/_sim/symbol-status", json={"symbol": symbol, "status": value}
-            )
-            assert answer.status == 200, await answer.text()
-
+    async with _status_controlled_venue(kind) as (symbols, base_url, set_status):
+        first, second = symbols[8:10]
         await set_status(second, status)  # not trading when the engine starts
         engine = wire_engine(kind, db.target.dsn, base_url, KEY, SECRET)
         await engine.start()
@@ -587,13 +598,8 @@ async def test_a_position_on_a_symbol_the_venue_stopped_trading_is_guarded_after
     (all ccxt asks for) leaves those statuses out altogether. A market in another state is kept, marked not
     trading: the position is guarded as any other, and only entries are refused there (the venue itself
     refuses an opening order: Binance -4140, Bybit 110063 / 110066)."""
-    emulator_type = BinanceEmulator if kind == "binanceusdm" else BybitEmulator
-    emulator = emulator_type(
-        SimVenueSettings(seed=7, volatility=0.0), api_key=KEY, api_secret=SECRET, control=True
-    )
-    starter = running if kind == "binanceusdm" else running_bybit
-    async with starter(emulator) as base_url, aiohttp.ClientSession() as session:  # type: ignore[operator]
-        symbol, other = sorted(emulator.core.markets)[5:7]
+    async with _status_controlled_venue(kind) as (symbols, base_url, set_status):
+        symbol, other = symbols[5:7]
         first = wire_engine(kind, db.target.dsn, base_url, KEY, SECRET)
         await first.start()
         try:
@@ -609,10 +615,7 @@ async def test_a_position_on_a_symbol_the_venue_stopped_trading_is_guarded_after
         finally:
             await first.stop()
         for settling in (symbol, other):
-            answer = await session.post(
-                f"{base_url}/_sim/symbol-status", json={"symbol": settling, "status": status}
-            )
-            assert answer.status == 200, await answer.text()
+            await set_status(settling, status)
         second = wire_engine(kind, db.target.dsn, base_url, KEY, SECRET)
         report = await second.start()
         try:
