@@ -445,6 +445,8 @@ class PositionGuard:
         self._native_extreme: Decimal | None = None  # best mark since the native trailing stop armed
         self._native_extreme_of: str | None = None  # the trailing order (client id) that extreme is for
         self._native_armed_of: str | None = None  # the native trailing order (client id) known armed
+        # Whether the venue's trail follows the mark, as the marks we see do (read once: every mark asks).
+        self.trails_on_mark = manager.venue.capabilities().trailing_stop_follows == "mark"
         self.size_changed = False  # the venue changed the position's size while guarded: its PnL is unknown
         self._superseded: list[ProtectiveOrder] = []  # resized-away stops, cancelled once the new ones live
         # A closed position's stops whose cancels are on their way (client id → sent at): a manager stopped
@@ -533,9 +535,6 @@ class PositionGuard:
             and order.client_order_id is not None
             and (order.arm_now or self._native_armed_of == order.client_order_id)
         )
-
-    def _trails_on_the_mark(self) -> bool:
-        return self._m.venue.capabilities().trailing_stop_follows == "mark"
 
     @property
     def native_trail_armed(self) -> bool:
@@ -2270,7 +2269,7 @@ class PositionGuard:
                 or self._native_armed_of == cid
                 or ((mark >= activation) if long else (mark <= activation))
             )
-            if armed and self._native_armed_of != cid and self._trails_on_the_mark():
+            if armed and self._native_armed_of != cid and self.trails_on_mark:
                 # Armed on the venue from now on (the venue's trail follows the mark as ours does): shown
                 # so, sent again so, and recorded (a pass writes it) for the next engine to know.
                 self._native_armed_of = cid
@@ -2992,7 +2991,7 @@ class ProtectionManager:
                     target.arm_now = record.activation_price is None
                     if record.activation_price is not None:
                         target.price = record.activation_price
-                        if position.trailing_activated and guard._trails_on_the_mark():
+                        if position.trailing_activated and guard.trails_on_mark:
                             # A mark reached its activation under the last engine: the venue armed it.
                             guard._native_armed_of = record.client_order_id
         if (
