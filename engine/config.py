@@ -1089,7 +1089,7 @@ def _quoted_numbers(file_values: Mapping[str, Any]) -> Iterator[tuple[tuple[str,
     for key_path, value in _flatten(file_values):
         if not isinstance(value, str):
             continue
-        info = _field_at(key_path)
+        info = _field_at(key_path) or _field_in_table_at(key_path)
         annotation = None if info is None else info.annotation
         if info is None:  # a value in a table of numbers (`volatility_by_symbol = {SFPUSDT = 1.5}`)?
             table = _field_at(key_path[:-1])
@@ -1106,6 +1106,13 @@ def _quoted_numbers(file_values: Mapping[str, Any]) -> Iterator[tuple[tuple[str,
                 key_path,
                 f"must be a number, got {shown(value)} (a string: write the number without quotes)",
             )
+
+
+def _field_in_table_at(key_path: tuple[str, ...]) -> FieldInfo | None:
+    """The field at `key_path` inside a table a dict setting holds (`venue.sim.latency.by_call.
+    create_order.seconds`), which `_field_at` does not reach."""
+    model = _model_at(key_path[:-1]) if key_path else None
+    return None if model is None else model.model_fields.get(key_path[-1])
 
 
 def _field_at(key_path: tuple[str, ...]) -> FieldInfo | None:

@@ -134,6 +134,10 @@ def test_bad_value_names_file_key_expectation_and_value(tmp_path: Path) -> None:
             'venue.sim.volatility_by_symbol.sfpusdt: must be a number, got "1e0" (a string',
         ),
         (
+            '[venue.sim.latency.by_call.create_order]\nseconds = "0.5"\n',
+            'venue.sim.latency.by_call.create_order.seconds: must be a number, got "0.5" (a string',
+        ),
+        (
             '[protection]\nstop_loss_percent = "3e0"\n',
             'protection.stop_loss_percent: must be a number, got "3e0"',
         ),
