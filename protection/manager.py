@@ -854,7 +854,7 @@ class PositionGuard:
             log.warning(
                 "%s: %s %s filled at %s (account stream)",
                 self.symbol,
-                _what(target.purpose),
+                stop_words(target.purpose),
                 cid,
                 update.average_price,
             )
@@ -876,7 +876,7 @@ class PositionGuard:
             log.warning(
                 "%s: %s %s fired (account stream); uncovered until it fills",
                 self.symbol,
-                _what(target.purpose),
+                stop_words(target.purpose),
                 cid,
             )
             self.wake.set()
@@ -892,7 +892,7 @@ class PositionGuard:
                 log.info(
                     "%s: %s %s %s with its position (the account stream said flat); asking the venue",
                     self.symbol,
-                    _what(target.purpose),
+                    stop_words(target.purpose),
                     cid,
                     status.value,
                 )
@@ -900,16 +900,16 @@ class PositionGuard:
                 log.error(
                     "%s: %s %s was %s on the venue, not by us (account stream); re-placing it now",
                     self.symbol,
-                    _what(target.purpose),
+                    stop_words(target.purpose),
                     cid,
                     status.value,
                 )
                 m.protection_lost(
                     self.symbol,
                     self.position_id,
-                    _what(target.purpose),
+                    stop_words(target.purpose),
                     f"{cid} {status.value} on the venue, not by us",
-                    f"{self.symbol}: {_what(target.purpose)} {cid} {status.value} on the venue, not by us; re-placing",
+                    f"{self.symbol}: {stop_words(target.purpose)} {cid} {status.value} on the venue, not by us; re-placing",
                 )
             m.spawn_order_status(OrderStatusRow(cid, record_status_of(status), update.venue_order_id))
             target.ended_as = status
@@ -1279,7 +1279,7 @@ class PositionGuard:
             log.warning(
                 "%s: the venue refused the %s: %s; asking the venue whether the position is gone",
                 self.symbol,
-                _what(order.purpose),
+                stop_words(order.purpose),
                 _short(exc),
             )
         self._said_gone(m.clock.monotonic())
@@ -1366,7 +1366,7 @@ class PositionGuard:
                     log.info(
                         "%s: %s %s %s %.1fs after it was sent, before its answer came",
                         self.symbol,
-                        _what(order.purpose),
+                        stop_words(order.purpose),
                         order.client_order_id,
                         _LATE_ANSWER_WORDS[outcome],
                         m.clock.monotonic() - started - ticket.waited,
@@ -1409,7 +1409,7 @@ class PositionGuard:
                     "%s: %s %s not visible yet (the venue's reads lag its writes by up to %gs); sending it "
                     "again with the same id (the venue refuses a duplicate of an open order)",
                     self.symbol,
-                    _what(order.purpose),
+                    stop_words(order.purpose),
                     cid,
                     m.read_after_write_seconds,
                 )
@@ -1425,7 +1425,7 @@ class PositionGuard:
                     "%s: %s %s not visible yet (the venue's reads lag its writes by up to %gs); "
                     "asking again in %.1fs",
                     self.symbol,
-                    _what(order.purpose),
+                    stop_words(order.purpose),
                     cid,
                     m.read_after_write_seconds,
                     wait,
@@ -1439,7 +1439,7 @@ class PositionGuard:
             log.warning(
                 "%s %s for %s: order %s is not on the exchange; sending it",
                 why,
-                _what(order.purpose),
+                stop_words(order.purpose),
                 self.symbol,
                 cid,
             )
@@ -1449,7 +1449,7 @@ class PositionGuard:
                 # The venue said when it answers again: asked then, not on our backoff clock (a look-up
                 # that met a 2 s ban waited 8 s in an emulator soak, its position without a hard stop).
                 self.retry_at = m.clock.monotonic() + refusal_seconds(exc, m.clock)
-            self._note_failure(f"{why} {_what(order.purpose)}", f"outcome still unknown: {_short(exc)}")
+            self._note_failure(f"{why} {stop_words(order.purpose)}", f"outcome still unknown: {_short(exc)}")
             return _Outcome.RETRY
         if found.status is OrderStatus.NEW:
             # `maybe_sent` stays set until `_accept` has marked it confirmed: a pass interrupted in
@@ -1513,7 +1513,7 @@ class PositionGuard:
                 "%s: %s %s fired and is still working its way to a fill (TRIGGERING); the position is uncovered "
                 "until the venue says how it ended",
                 self.symbol,
-                _what(order.purpose),
+                stop_words(order.purpose),
                 order.client_order_id,
             )
             m.request_reconcile()
@@ -1621,7 +1621,7 @@ class PositionGuard:
                         log.warning(
                             "%s: fired %s %s ended %s on the venue with the position %s; a new one goes out",
                             self.symbol,
-                            _what(order.purpose),
+                            stop_words(order.purpose),
                             order.client_order_id,
                             order.ended_as.value if order.ended_as else "",
                             f"holding {held.quantity}" if held is not None else "not read (still held?)",
@@ -1650,7 +1650,7 @@ class PositionGuard:
             "%s: %s fired %.1fs ago and has not filled while the position is still open; closing reduce-only "
             "at market",
             self.symbol,
-            ", ".join(_what(o.purpose) for o in stuck),
+            ", ".join(stop_words(o.purpose) for o in stuck),
             m.clock.monotonic() - fired_at,
         )
         await m.store.record_event(
@@ -1846,7 +1846,7 @@ class PositionGuard:
         once is a server error, and the operators' grep must not count it."""
         m = self._m
         failure = failure_class(exc)
-        what = _what(order.purpose)
+        what = stop_words(order.purpose)
         code = exc.venue_code if isinstance(exc, ExchangeError) else None
         status = exc.http_status if isinstance(exc, ExchangeError) else None
         detail = _short(exc) if str(exc) else f"no answer within {m.config.call_timeout_seconds:g}s"
@@ -1962,7 +1962,7 @@ class PositionGuard:
             )
             self._note_failure("create stop-loss", "price already through the stop")
             return _Outcome.RETRY
-        self._note_failure(f"create {_what(order.purpose)}", "would trigger immediately")
+        self._note_failure(f"create {stop_words(order.purpose)}", "would trigger immediately")
         return _Outcome.BREACHED
 
     # --- managed trail -------------------------------------------------------------------------------
@@ -3764,7 +3764,8 @@ _FAILURE_WORDS = {
 }
 
 
-def _what(purpose: OrderPurpose) -> str:
+def stop_words(purpose: OrderPurpose) -> str:
+    """A protective order's name in messages: \"stop-loss\", \"trailing stop\"."""
     return (
         "trailing stop"
         if purpose is OrderPurpose.TRAILING_STOP

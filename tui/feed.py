@@ -42,12 +42,14 @@ from engine.events import (
     EventsDropped,
     HealthChanged,
     PositionClosed,
+    ProtectionConfirmed,
     ProtectionFailed,
     ProtectionTimedOut,
 )
 from engine.exchange.port import PositionSide
 from protection.coverage import CoverageFigures, PositionCoverage, coverage_figures
 from protection.health import Component, ComponentHealth, HealthState
+from protection.manager import stop_words
 from storage.commands import CommandKind
 from storage.database import Database, open_database
 from storage.history import DashboardHistory
@@ -211,10 +213,20 @@ class LogTranslator:
 
     def __init__(self) -> None:
         self._health: dict[str, str] = {}
+        # (position id, operation) of a protective order logged failed and not placed since: its first failure.
+        self._failing: dict[tuple[int, str], float] = {}
 
     def entry(self, event: EngineEvent) -> LogEntry | None:
         if isinstance(event, EngineStateChanged):
             return None
+        if isinstance(event, ProtectionFailed | ProtectionTimedOut):
+            if event.operation.startswith("create ") and event.outcome != "resolved":
+                self._failing.setdefault((event.position_id, event.operation), event.at)
+        elif isinstance(event, ProtectionConfirmed):
+            return self._placed(event)
+        elif isinstance(event, PositionClosed):
+            for key in [key for key in self._failing if key[0] == event.position_id]:
+                del self._failing[key]
         if isinstance(event, HealthChanged):
             before = self._health.get(event.component)
             self._health[event.component] = event.state
@@ -232,6 +244,25 @@ class LogTranslator:
                     f"recovered from {before}: {event.summary}",
                 )
         return entry_for_event(event)
+
+    def _placed(self, event: ProtectionConfirmed) -> LogEntry | None:
+        """A stop whose send was logged failed went out after all: said, so the panel's last word on it is
+        not "retrying" (an operator read a row left that way as the engine still failing). A stop placed
+        at its first try says nothing: the positions table shows it."""
+        operation = f"create {stop_words(OrderPurpose(event.purpose))}"
+        first = self._failing.pop((event.position_id, operation), None)
+        if first is None:
+            return None
+        return LogEntry(
+            event.at,
+            "info",
+            event.symbol,
+            operation,
+            event.latency_seconds,
+            "resolved",
+            f"placed {max(0.0, event.at - first):.1f}s after its first failure"
+            + (f" (client id {event.client_order_id})" if event.client_order_id else ""),
+        )
 
 
 class DashboardFeed(Protocol):

@@ -24,7 +24,7 @@ import pytest
 
 from engine.clock import ManualClock
 from engine.engine import Engine
-from engine.events import EngineEvent, ProtectionFailed, ProtectionTimedOut
+from engine.events import EngineEvent, ProtectionConfirmed, ProtectionFailed, ProtectionTimedOut
 from engine.exchange.port import OrderSide
 from engine.venues.binance_emulator import BinanceEmulator, running
 from engine.venues.bybit_emulator import BybitEmulator
@@ -36,7 +36,7 @@ from tests.integration.test_failure_modes_f1_f5 import SYMBOLS
 from tests.support.auditor import EmulatorTruth
 from tests.support.driving import drive, drive_until
 from tests.support.waiting import wait_until
-from tui.feed import entry_for_event
+from tui.feed import LogTranslator, entry_for_event
 
 KEY, SECRET = "outcomes-key", "outcomes-secret"
 
@@ -168,6 +168,26 @@ async def test_each_failed_stop_on_the_sim_venue_is_named_by_what_happened(
             assert entry is not None
             assert entry.detail.startswith(label), entry.detail
             assert entry.latency_seconds is not None
+
+        # A row that said "retrying" is followed by one saying the stop went out: the panel's last word on
+        # a stop the engine placed after all is not "retrying" (operator in tmux).
+        await drive_until(
+            clock,
+            lambda: (
+                {e.purpose for e in seen if isinstance(e, ProtectionConfirmed) and e.symbol == symbol}
+                == {"stop_loss", "trailing_stop"}
+            ),
+            what="both confirmations published",
+        )
+        translator = LogTranslator()
+        rows_seen = [
+            row for row in (translator.entry(e) for e in seen) if row is not None and row.symbol == symbol
+        ]
+        last_word = {row.operation: row for row in rows_seen if row.operation.startswith("create ")}
+        assert set(last_word) == {"create stop-loss", "create trailing stop"}, rows_seen
+        for operation, row in last_word.items():
+            assert (row.outcome, row.severity) == ("resolved", "info"), (operation, row)
+            assert row.detail.startswith("placed "), row.detail
     finally:
         await drive(clock, engine.stop())
         follower.cancel()
