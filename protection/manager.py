@@ -1773,7 +1773,13 @@ class PositionGuard:
             )
             return _Outcome.GONE
         await m.order_status_writer.write(
-            cid, OrderStatusRow(cid, OrderRecordStatus.OPEN, exchange_order_id=placed.venue_order_id)
+            cid,
+            OrderStatusRow(
+                cid,
+                OrderRecordStatus.OPEN,
+                exchange_order_id=placed.venue_order_id,
+                trail_distance=placed.trail_distance,
+            ),
         )
         order.confirmed = True
         order.confirmed_at = m.clock.monotonic()
@@ -2933,6 +2939,7 @@ class ProtectionManager:
                     stop_price=record.trigger_price,
                     callback_rate=record.callback_percent,
                     activation_price=record.activation_price,
+                    trail_distance=record.trail_distance,
                 )
             if (
                 target.client_order_id is not None
@@ -3111,7 +3118,11 @@ class ProtectionManager:
             guard.report.restored_orders += 1
             record = records.get(cid)
             if record is None or record.status is not OrderRecordStatus.OPEN:
-                self.spawn_order_status(OrderStatusRow(cid, OrderRecordStatus.OPEN, found.venue_order_id))
+                self.spawn_order_status(
+                    OrderStatusRow(
+                        cid, OrderRecordStatus.OPEN, found.venue_order_id, trail_distance=found.trail_distance
+                    )
+                )
         move = guard._restored_move
         if move is not None and move.client_order_id in venue_open_orders:
             # The move the last engine left in flight reached the venue: its guard adopts it first thing.

@@ -153,6 +153,7 @@ class OrderStatusRow:
     status: OrderRecordStatus
     exchange_order_id: str | None = None
     error: str | None = None
+    trail_distance: Decimal | None = None  # a trailing stop armed at the mark: its distance, as taken
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +173,7 @@ class OrderRecord:
     error: str | None
     created_at: datetime
     updated_at: datetime
+    trail_distance: Decimal | None = None  # see migration 0016
 
 
 @dataclass(frozen=True, slots=True)
@@ -845,11 +847,13 @@ class Store:
         *,
         exchange_order_id: str | None = None,
         error: str | None = None,
+        trail_distance: Decimal | None = None,
     ) -> OrderRecord:
         row = await self._pool.fetchrow(
             """
             UPDATE monitoring.orders
-            SET status = $2, exchange_order_id = COALESCE($3, exchange_order_id), error = COALESCE($4, error)
+            SET status = $2, exchange_order_id = COALESCE($3, exchange_order_id), error = COALESCE($4, error),
+                trail_distance = COALESCE($5, trail_distance)
             WHERE client_order_id = $1
             RETURNING *
             """,
@@ -857,6 +861,7 @@ class Store:
             status.value,
             exchange_order_id,
             error,
+            trail_distance,
         )
         return _order(self._require(row, client_order_id))
 
@@ -868,15 +873,16 @@ class Store:
             """
             UPDATE monitoring.orders AS o
             SET status = u.status, exchange_order_id = COALESCE(u.exchange_order_id, o.exchange_order_id),
-                error = COALESCE(u.error, o.error)
-            FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS u(client_order_id, status,
-                                                                          exchange_order_id, error)
+                error = COALESCE(u.error, o.error), trail_distance = COALESCE(u.trail_distance, o.trail_distance)
+            FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::numeric[])
+                 AS u(client_order_id, status, exchange_order_id, error, trail_distance)
             WHERE o.client_order_id = u.client_order_id
             """,
             [u.client_order_id for u in updates],
             [u.status.value for u in updates],
             [u.exchange_order_id for u in updates],
             [u.error for u in updates],
+            [u.trail_distance for u in updates],
         )
 
     async def live_orders_of_open_positions(self) -> dict[int, list[OrderRecord]]:

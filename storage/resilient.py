@@ -438,16 +438,22 @@ class ResilientStore(Store):
         *,
         exchange_order_id: str | None = None,
         error: str | None = None,
+        trail_distance: Decimal | None = None,
     ) -> OrderRecord:
         ok, record = await self._try_live(
             lambda: Store.set_order_status(
-                self, client_order_id, status, exchange_order_id=exchange_order_id, error=error
+                self,
+                client_order_id,
+                status,
+                exchange_order_id=exchange_order_id,
+                error=error,
+                trail_distance=trail_distance,
             )
         )
         if ok:
             assert record is not None
             return self._remember_order(record)
-        row = OrderStatusRow(client_order_id, status, exchange_order_id, error)
+        row = OrderStatusRow(client_order_id, status, exchange_order_id, error, trail_distance)
         entry = await self._append("set_order_status", _encode_status_row(row))
         known = self._orders.get(client_order_id)
         if known is None:
@@ -922,6 +928,7 @@ def _order_with_status(order: OrderRecord, row: OrderStatusRow, at: datetime) ->
         if row.exchange_order_id is not None
         else order.exchange_order_id,
         error=row.error if row.error is not None else order.error,
+        trail_distance=row.trail_distance if row.trail_distance is not None else order.trail_distance,
         updated_at=at,
     )
 
@@ -981,15 +988,18 @@ def _encode_status_row(row: OrderStatusRow) -> dict[str, Any]:
         "status": row.status.value,
         "exchange_order_id": row.exchange_order_id,
         "error": row.error,
+        "trail_distance": None if row.trail_distance is None else str(row.trail_distance),
     }
 
 
 def _decode_status_row(args: Mapping[str, Any]) -> OrderStatusRow:
+    distance = args.get("trail_distance")  # absent from a journal an older version wrote
     return OrderStatusRow(
         args["client_order_id"],
         OrderRecordStatus(args["status"]),
         args.get("exchange_order_id"),
         args.get("error"),
+        None if distance is None else Decimal(distance),
     )
 
 
@@ -1041,7 +1051,11 @@ async def _replay_record_order(store: Store, entry: JournalEntry) -> None:
 async def _replay_set_order_status(store: Store, entry: JournalEntry) -> None:
     row = _decode_status_row(entry.args)
     await store.set_order_status(
-        row.client_order_id, row.status, exchange_order_id=row.exchange_order_id, error=row.error
+        row.client_order_id,
+        row.status,
+        exchange_order_id=row.exchange_order_id,
+        error=row.error,
+        trail_distance=row.trail_distance,
     )
 
 

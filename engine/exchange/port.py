@@ -158,6 +158,9 @@ class Order:
     callback_rate: Decimal | None  # TRAILING_STOP_MARKET, percent (1 = 1 %)
     created_at: float
     updated_at: float
+    # TRAILING_STOP_MARKET on a venue that trails by a price distance (Bybit): the distance it took. None
+    # where the venue keeps the callback rate itself.
+    trail_distance: Decimal | None = None
 
     @property
     def is_open(self) -> bool:
@@ -376,7 +379,9 @@ class ChecksRecordedStops(Protocol):
     change (Bybit's `stopLoss` and `trailingStop`): a new process cannot tell our stop from one set in its
     place while no engine ran. It is told what each stop an earlier process recorded was set to (a hard
     stop's price; a trailing stop's callback and activation), and answers a look-up of that id with the
-    stop ended (cancelled, someone else's in its place) when the field holds another value."""
+    stop ended (cancelled, someone else's in its place) when the field holds another value. A trailing
+    stop's distance, when recorded (`Order.trail_distance`), is the value itself: one armed at the mark has
+    no activation price to work it out from."""
 
     def expect_recorded(
         self,
@@ -386,6 +391,7 @@ class ChecksRecordedStops(Protocol):
         stop_price: Decimal | None = None,
         callback_rate: Decimal | None = None,
         activation_price: Decimal | None = None,
+        trail_distance: Decimal | None = None,
     ) -> None: ...
 
 

@@ -165,6 +165,7 @@ class _RecordedStop:
     callback_rate: Decimal | None
     activation_price: Decimal | None
     side: OrderSide | None = None  # the side that closes its position (its order's side)
+    distance: Decimal | None = None  # a trailing stop's distance as it was taken (`Order.trail_distance`)
 
 
 @dataclass(slots=True, eq=False)
@@ -1356,12 +1357,15 @@ class BybitLinearVenue(CcxtVenue):
         stop_price: Decimal | None = None,
         callback_rate: Decimal | None = None,
         activation_price: Decimal | None = None,
+        trail_distance: Decimal | None = None,
     ) -> None:
         """`ChecksRecordedStops`: what an earlier process set the stop under this id to, and the side that
         closes its position. A look-up of an id this process does not hold took the position's field,
         whatever it held, for that stop: a hard stop someone widened while no engine ran was restored as
         ours (and, in hedge mode, the other side's stop when ours had none)."""
-        self._recorded[client_order_id] = _RecordedStop(stop_price, callback_rate, activation_price, side)
+        self._recorded[client_order_id] = _RecordedStop(
+            stop_price, callback_rate, activation_price, side, trail_distance
+        )
 
     def _earlier_recorded_holds(
         self,
@@ -1389,14 +1393,16 @@ class BybitLinearVenue(CcxtVenue):
         self, symbol: str, client_order_id: str, order_type: OrderType, row: Mapping[str, Any]
     ) -> Decimal | None:
         """The value the position's field held for this recorded stop, as sent on today's grid: the hard
-        stop's price, or the trailing distance its callback gave at its activation price; one armed at the
-        mark, at the position's entry price (the mark then had just passed the activation, near the entry:
-        the mark itself was not recorded). None: nothing recorded to check."""
+        stop's price, or the trailing distance: as it was taken, when recorded; else what its callback gave
+        at its activation price, or for one armed at the mark, at the position's entry price (the mark then
+        was not recorded). None: nothing recorded to check."""
         recorded = self._recorded.get(client_order_id)
         if recorded is None:
             return None
         if order_type is OrderType.STOP_MARKET:
             return recorded.stop_price
+        if recorded.distance is not None:
+            return recorded.distance
         reference = recorded.activation_price or _positive(row.get("avgPrice"))
         if reference is None or recorded.callback_rate is None:
             return None
@@ -1420,6 +1426,9 @@ class BybitLinearVenue(CcxtVenue):
         market = self._market(symbol)
         if order_type is OrderType.STOP_MARKET:
             return abs(value - expected) < market.tick_size
+        if recorded.distance is not None:
+            # As it was taken: a tick's room for a tick-size change since (the venue keeps the stop).
+            return abs(value - recorded.distance) <= market.tick_size
         assert recorded.callback_rate is not None
         return _our_distance(market, value, recorded.callback_rate, recorded.activation_price, row)
 
@@ -1570,6 +1579,7 @@ class BybitLinearVenue(CcxtVenue):
             callback_rate=stop.callback_rate,
             created_at=stop.created_at,
             updated_at=stop.updated_at or stop.created_at,
+            trail_distance=stop.distance if stop.type is OrderType.TRAILING_STOP_MARKET else None,
         )
 
     async def _fetch_regular(self, symbol: str, client_order_id: str) -> Order:

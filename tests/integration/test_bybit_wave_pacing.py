@@ -639,3 +639,79 @@ async def test_a_position_that_grows_keeps_its_stops_which_cover_the_whole_posit
             "SELECT quantity FROM monitoring.positions WHERE id = $1", guard.position_id
         )
         assert row["quantity"] == 2 * quantity
+
+
+async def test_a_trail_armed_at_the_mark_is_still_ours_after_the_position_grew_and_a_restart(
+    db: Database,
+) -> None:
+    """A trailing stop set again after its activation had passed arms at the mark: its distance is the
+    callback of the mark then. A new process tells ours from someone else's by that distance; nobody
+    recorded it, so it was judged against bounds built from the position's average entry price. After an
+    addition by hand at a higher price, the average moved past what the distance allows: our own trail
+    was taken for someone else's, and set again from today's mark, its high-water mark lost (up to a
+    callback of profit given back). The distance it armed with is recorded now and checked as such."""
+    emulator = BybitEmulator(
+        SimVenueSettings(seed=11, volatility=0.0), api_key=KEY, api_secret=SECRET, control=True
+    )
+    symbol = "AAVEUSDT"  # 250.00, tick 0.01: a trail's distance is some 125 ticks
+
+    async def stops() -> dict[str, object]:
+        async with aiohttp.ClientSession() as session:
+            answer = await session.get(f"{base_url}/_sim/state")
+            state = await answer.json()
+        [found] = [f for f in state["position_stops"] if f["symbol"] == symbol]
+        return found
+
+    def trading_stops() -> int:
+        return emulator.requests_by_endpoint.get("POST position/trading-stop", 0)
+
+    async with running(emulator) as base_url:
+        async with engine_on(db, base_url) as engine:
+            assert engine.store is not None
+            guard = await _one_protected(engine, symbol)
+            entry = emulator.core.mark(symbol)
+            activation = guard.trailing_stop.price
+            assert activation is not None
+            emulator.set_prices(symbol, mark=activation * Decimal("1.005"))  # the venue arms the trail
+            await asyncio.sleep(1.0)
+            # Someone clears the armed trail: ours is set again, armed at today's mark.
+            sent = trading_stops()
+            async with aiohttp.ClientSession() as session:
+                body = {"symbol": symbol, "trailingStop": "0"}
+                answer = await session.post(f"{base_url}/_sim/position-stops", json=body)
+                assert answer.status == 200, await answer.text()
+            await wait_until(
+                lambda: trading_stops() > sent and guard.covered, within=30.0, what="the trail set again"
+            )
+            armed = await stops()
+            assert armed["activePrice"] in (None, "0", "", "0.00"), armed  # armed at the mark
+            # The price rises (the trail follows) and the position grows by hand at that price.
+            emulator.set_prices(symbol, mark=entry * Decimal("1.12"))
+            quantity = guard.quantity
+            emulator.core.place_market_order(symbol, OrderSide.BUY, 10 * quantity, "by-hand-1", time.time())
+            await wait_until(lambda: guard.quantity == 11 * quantity, within=30.0, what="the new size heard")
+            await asyncio.sleep(1.0)
+            before = await stops()
+            trail_id = guard.trailing_stop.client_order_id
+            recorded = await db.pool.fetchval(
+                "SELECT trail_distance FROM monitoring.orders WHERE client_order_id = $1", trail_id
+            )
+            assert recorded == Decimal(str(before["trailingStop"]))
+        sent = trading_stops()
+        async with engine_on(db, base_url) as second:
+            assert second.manager is not None
+            await wait_until(
+                lambda: (
+                    second.manager is not None
+                    and len(second.manager.guards) == 1
+                    and all(g.covered for g in second.manager.guards.values())
+                ),
+                within=30.0,
+                what="restored and covered",
+            )
+            await asyncio.sleep(1.5)
+            [restored] = second.manager.guards.values()
+            after = await stops()
+            assert restored.trailing_stop.client_order_id == trail_id
+    assert trading_stops() == sent  # nothing set again
+    assert (after["trailingStop"], after["extreme"]) == (before["trailingStop"], before["extreme"])

@@ -142,7 +142,11 @@ async def _protect_during_outage(store: ResilientStore, position_id: int) -> Non
             callback_percent=Decimal("0.5") if price is None else None,
         )
     await store.set_order_statuses_many(
-        [OrderStatusRow(sl1, OrderRecordStatus.OPEN, "v2"), OrderStatusRow(ts0, OrderRecordStatus.OPEN, "v3")]
+        [
+            OrderStatusRow(sl1, OrderRecordStatus.OPEN, "v2"),
+            # The distance the venue took for the trail (Bybit): a new process tells ours by it.
+            OrderStatusRow(ts0, OrderRecordStatus.OPEN, "v3", trail_distance=Decimal("0.0025")),
+        ]
     )
     statuses = await store.set_protection_facts_many(
         [
@@ -199,7 +203,10 @@ async def test_a_killed_server_does_not_stop_protection_and_the_journal_replays_
     assert sl1 is not None
     assert (sl1.status, sl1.exchange_order_id) == (OrderRecordStatus.OPEN, "v2")
     live = await store.live_orders_for_position(position_id)
-    assert {o.client_order_id for o in live} == {f"tsbx-{position_id}-sl1", f"tsbx-{position_id}-ts0"}
+    assert {o.client_order_id: o.trail_distance for o in live} == {
+        f"tsbx-{position_id}-sl1": None,
+        f"tsbx-{position_id}-ts0": Decimal("0.0025"),
+    }
     # Anything else refuses at once rather than hang or pretend.
     with pytest.raises(DatabaseDown):
         await store.coverage()
@@ -213,7 +220,7 @@ async def test_a_killed_server_does_not_stop_protection_and_the_journal_replays_
     conn = await asyncpg.connect(owned.dsn)
     try:
         orders = {
-            r["client_order_id"]: (r["status"], r["exchange_order_id"])
+            r["client_order_id"]: (r["status"], r["exchange_order_id"], r["trail_distance"])
             for r in await conn.fetch("SELECT * FROM monitoring.orders")
         }
         position = await conn.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", position_id)
@@ -227,9 +234,9 @@ async def test_a_killed_server_does_not_stop_protection_and_the_journal_replays_
     finally:
         await conn.close()
     assert orders == {
-        f"tsbx-{position_id}-sl0": ("canceled", "v1"),
-        f"tsbx-{position_id}-sl1": ("open", "v2"),
-        f"tsbx-{position_id}-ts0": ("open", "v3"),
+        f"tsbx-{position_id}-sl0": ("canceled", "v1", None),
+        f"tsbx-{position_id}-sl1": ("open", "v2", None),
+        f"tsbx-{position_id}-ts0": ("open", "v3", Decimal("0.0025")),
     }
     assert (position["status"], position["has_stop_loss"], position["has_trailing_stop"]) == (
         "active",
