@@ -106,7 +106,7 @@ from storage.database import (
 )
 from storage.embedded import default_data_dir
 from storage.journal import WriteJournal
-from storage.lease import EngineLease, LeaseHeld, LeasePhase
+from storage.lease import EngineLease, LeaseHeld, LeasePhase, end_own_lost_session, is_own_lease
 from storage.outage import DatabaseWatch, journal_path
 from storage.repositories import (
     LIVE_ORDER_STATUSES,
@@ -2149,6 +2149,11 @@ class Engine:
                 # unlooked-after that a later start should date from it.
                 self._lease.handed_over()
             except LeaseHeld as exc:
+                if is_own_lease(exc.holder, self._lease_since):
+                    say = now - said_at >= LEASE_SAY_EVERY_SECONDS
+                    if not await self._end_own_lost_session(say) and say:
+                        said_at = now
+                    continue
                 self.fatal = f"another engine took the account: {exc}"
                 log.critical("%s; this engine stops and sends nothing more", self.fatal)
                 self._spawn(self.stop(drain=False), "stop-after-lease-lost")
@@ -2166,6 +2171,39 @@ class Engine:
             log.warning("account lease taken again after %.1fs", now - self.lease_lost_since)
             self.lease_lost_since = None
             self._apply_entries_state()
+
+    async def _end_own_lost_session(self, say_failure: bool) -> bool:
+        """The lease is still held by this engine's own session from before the loss (the server keeps it
+        until it notices the close): not another engine. That session is ended; the next attempt takes the
+        lease. True when it was; a failure is said when `say_failure` (once per interval)."""
+        assert self._db is not None and self._lease_since is not None
+        db = self.settings.database
+        try:
+            ended = await end_own_lost_session(
+                self._db.target.dsn,
+                self.exchange_name,
+                self.account_key,
+                self._lease_since,
+                db.password.get_secret_value() if db.password else None,
+            )
+        except Exception as exc:
+            ended, why = None, f"{type(exc).__name__}: {str(exc)[:200]}"
+        else:
+            why = "" if ended is not None else "the server did not end it"
+        if ended is not None:
+            log.warning(
+                "the account lease was still held by this engine's own lost session (server pid %s): ended; "
+                "taking the lease again",
+                ended,
+            )
+            return True
+        if say_failure:
+            log.error(
+                "the account lease is still held by this engine's own lost session and could not be ended "
+                "(%s); entries stay paused, trying again",
+                why,
+            )
+        return False
 
     async def _say_starting_after(self, seconds: float, carried: _CarriedProtection) -> None:
         """`starting` on the lease once a protection restart has lasted `seconds`, as soon as it leaves

@@ -89,6 +89,51 @@ def lease_key(venue: str, account: str) -> str:
     return f"{venue}/{account}"
 
 
+def is_own_lease(holder: LeaseHolder | None, since: datetime | None) -> bool:
+    """`holder` is this process's own lease, first taken at `since`: after a lost connection the server may
+    still keep the old session and its lock (until it notices the close), and an attempt to take the lease
+    again reads this engine's own row. Another engine's row names its own start (engines in one process,
+    tests, share a pid)."""
+    return (
+        holder is not None
+        and since is not None
+        and holder.pid == os.getpid()
+        and holder.host == socket.gethostname()
+        and holder.started_at == since
+    )
+
+
+async def end_own_lost_session(
+    dsn: str, venue: str, account: str, since: datetime, password: str | None = None
+) -> int | None:
+    """End the server's session that still holds the lease for this process (`is_own_lease`): its client
+    side is gone. Only while the row names this process and its start, checked in the same statement (a
+    row another engine wrote meanwhile names its own). The backend's pid, or None: nothing ended."""
+    conn = await asyncpg.connect(dsn, password=password, timeout=LEASE_TIMEOUT_SECONDS)
+    try:
+        return await conn.fetchval(
+            f"""
+            WITH lost AS MATERIALIZED (
+                SELECT l.pid FROM pg_locks l
+                JOIN monitoring.engine_leases e
+                  ON e.venue = $1 AND e.account = $2 AND e.pid = $3 AND e.host = $4 AND e.started_at = $5
+                WHERE l.locktype = 'advisory' AND l.granted
+                  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                  AND l.classid = {LEASE_NAMESPACE}::oid AND l.objid = hashtext($1 || '/' || $2)::oid
+                  AND l.objsubid = 2 AND l.pid <> pg_backend_pid())
+            SELECT pid FROM lost WHERE pg_terminate_backend(pid)
+            """,
+            venue,
+            account,
+            os.getpid(),
+            socket.gethostname(),
+            since,
+            timeout=LEASE_TIMEOUT_SECONDS,
+        )
+    finally:
+        await conn.close(timeout=LEASE_TIMEOUT_SECONDS)
+
+
 class EngineLease:
     """Held while the engine trades. Use `acquire()`; `release()` on shutdown."""
 

@@ -398,6 +398,47 @@ async def test_an_engine_whose_lease_another_engine_took_stops_and_sends_nothing
         await drive(clock, engine.stop())
 
 
+async def test_a_lease_still_held_by_the_engines_own_lost_session_is_taken_back_not_given_up(
+    db: Database,
+) -> None:
+    """A stall of the database (a paused host, a partition) fails the lease's heartbeat: the engine drops
+    its connection and takes the lease again. The server still holds the old session, and its lock, until
+    it notices the close (tens of seconds, or hours when the close is lost): the attempt is refused, and
+    the holder row it reads is this engine's own. It was taken for another engine: the engine stopped
+    itself, "another engine took the account" naming its own pid, and nothing guarded its positions any
+    more (a reviewer's find). Its own lost session is ended and the lease taken back. (A connection of
+    the test holds the lock here in place of the lost session the server still keeps.)"""
+    from engine.engine import EngineState
+    from storage.lease import LEASE_NAMESPACE
+    from tests.integration.engine_support import engine_settings, make_engine
+    from tests.support.driving import drive, drive_until
+
+    clock = ManualClock()
+    engine = make_engine(engine_settings(db.target.dsn), clock)
+    await drive(clock, engine.start())
+    lost = await asyncpg.connect(db.target.dsn)
+    try:
+        lost_pid = await lost.fetchval("SELECT pg_backend_pid()")
+        await _kill_lease_connection(db, "sim/sim:default")
+        assert await lost.fetchval(
+            "SELECT pg_try_advisory_lock($1, hashtext($2))", LEASE_NAMESPACE, "sim/sim:default"
+        )
+        holder = await current_holder(db.pool, "sim", "sim:default")
+        assert holder is not None
+        assert (holder.pid, holder.host) == (os.getpid(), __import__("socket").gethostname())
+        await drive_until(clock, lambda: engine.lease_lost_since is not None, what="the loss found")
+        await drive_until(clock, lambda: engine.lease_lost_since is None, what="the lease taken back")
+        assert engine.fatal is None
+        assert engine.state is EngineState.RUNNING
+        assert not engine.entries_paused
+        gone = await db.pool.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", lost_pid)
+        assert gone == 0
+    finally:
+        with contextlib.suppress(Exception):
+            await lost.close(timeout=1)
+        await drive(clock, engine.stop())
+
+
 async def test_the_lease_says_what_the_engine_does_from_its_start_to_its_stop(db: Database) -> None:
     """Every heartbeat writes the engine's phase: readers count it as looking after the account only while
     it runs. Its stop writes `stopping` at once: the loops are gone from then on, and a stop shorter than a
