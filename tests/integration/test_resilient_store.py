@@ -6,6 +6,7 @@ duplicated, and replaying it a second time (a crash before the journal was remov
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -387,6 +388,47 @@ async def test_a_constraint_violation_is_a_bug_and_is_raised_not_journaled(owned
         )
     assert store.journal_depth == 0
     assert not owned.journal.exists()
+
+
+async def test_a_journaled_write_the_driver_cannot_encode_is_set_aside_not_taken_for_an_outage(
+    owned: Owned,
+) -> None:
+    """A write whose arguments the driver refuses to encode ("invalid input for query argument") must not be
+    taken for "database unreachable": at replay the database would be declared down again, every 2 s, for
+    ever, and the next start fail on the same line (a reviewer's suspicion: asyncpg's client-side
+    `DataError` is an `InterfaceError`, which counts as unreachable). asyncpg raises the SQL state's
+    `DataError` here, a `PostgresError`: like a constraint the database refuses, the line is kept aside in
+    `.rejected` and the replay goes on. This test holds that."""
+    store, token = await _store(owned)
+    position_id = await _open_position(store)
+    await store.record_order(
+        client_order_id=f"tsbx-{position_id}-ts0",
+        position_id=position_id,
+        purpose=OrderPurpose.TRAILING_STOP,
+        side="sell",
+        type="trailing_stop_market",
+        quantity=Decimal("100"),
+        activation_price=Decimal("0.5075"),
+        callback_percent=Decimal("0.5"),
+    )
+    bad = {"client_order_id": f"tsbx-{position_id}-sl0", "status": "open", "exchange_order_id": 12345}
+    good = {"client_order_id": f"tsbx-{position_id}-ts0", "status": "open", "exchange_order_id": "v9"}
+    owned.journal.parent.mkdir(mode=0o700, exist_ok=True)
+    with owned.journal.open("ab") as f:
+        for seq, args in enumerate((bad, good), start=1):
+            record = {"seq": seq, "at": "2026-01-01T00:00:00+00:00", "db": token, "op": "set_order_status"}
+            f.write((json.dumps({**record, "args": args}) + "\n").encode())
+    next_run = ResilientStore(owned.pool)
+    next_run.attach_journal(WriteJournal(owned.journal), token)
+    assert await next_run.replay_journal() == 2
+    assert not next_run.down
+    assert not owned.journal.exists()
+    assert next_run.rejected_writes == 1
+    rejected = owned.journal.with_name(owned.journal.name + ".rejected").read_text()
+    assert '"exchange_order_id": 12345' in rejected or '"exchange_order_id":12345' in rejected
+    ts0 = await next_run.order_by_client_id(f"tsbx-{position_id}-ts0")
+    assert ts0 is not None
+    assert (ts0.status, ts0.exchange_order_id) == (OrderRecordStatus.OPEN, "v9")
 
 
 async def test_a_replay_catches_up_with_writers_that_keep_writing(owned: Owned) -> None:
