@@ -17,6 +17,7 @@ from pathlib import Path
 
 from engine.config import LoggingSettings
 from storage.database import redact_dsn
+from storage.journal import make_private_dirs
 
 LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
 MAX_LOG_MESSAGE_CHARS = 4000
@@ -66,18 +67,6 @@ class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
         return open(fd, self.mode, encoding=self.encoding, errors=self.errors)
 
 
-def _make_private_dirs(directory: Path) -> None:
-    """Create `directory` and any missing parent, each 0700 (existing ones are left as they are)."""
-    missing = []
-    while not directory.exists():
-        missing.append(directory)
-        if directory.parent == directory:
-            break
-        directory = directory.parent
-    for path in reversed(missing):
-        path.mkdir(mode=0o700)
-
-
 def configure_logging(
     settings: LoggingSettings, secrets: Iterable[str] = (), *, stderr_level: int | None = None
 ) -> Path:
@@ -88,7 +77,7 @@ def configure_logging(
     """
     path = Path(settings.file).expanduser()
     try:
-        _make_private_dirs(path.parent)
+        make_private_dirs(path.parent)
         file_handler = PrivateRotatingFileHandler(
             path, maxBytes=settings.max_bytes, backupCount=settings.backup_count, encoding="utf-8"
         )

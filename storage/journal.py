@@ -33,6 +33,34 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 FILE_MODE = 0o600
+DIRECTORY_MODE = 0o700
+
+
+def make_private_dirs(directory: Path) -> None:
+    """Create `directory` and any missing parent, each owner-only (existing ones are left as they are)."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        if directory.parent == directory:
+            break
+        directory = directory.parent
+    for path in reversed(missing):
+        path.mkdir(mode=DIRECTORY_MODE)
+
+
+def write_private(path: Path, data: bytes, *, append: bool = False) -> None:
+    """Write `data` to `path`, owner-only from its creation (not made so after: it shows trading activity),
+    and made owner-only again when it existed wider."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if append else os.O_TRUNC)
+    fd = os.open(path, flags, FILE_MODE)
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) != FILE_MODE:
+            os.fchmod(fd, FILE_MODE)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
 
 
 class JournalError(RuntimeError):
@@ -133,8 +161,7 @@ class WriteJournal:
         contents = read_journal(self.path)
         if contents.unreadable_lines:
             aside = self.path.with_name(f"{self.path.name}.unreadable-{int(datetime.now(UTC).timestamp())}")
-            aside.write_bytes(self.path.read_bytes())
-            os.chmod(aside, FILE_MODE)
+            write_private(aside, self.path.read_bytes())
             log.error(
                 "journal %s: lines %s are unreadable and cannot be replayed; the file is kept as %s",
                 self.path,
@@ -233,7 +260,7 @@ class WriteJournal:
     def _open(self) -> int:
         if self._fd is not None:
             return self._fd
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(self.path.parent)
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, FILE_MODE)
         if stat.S_IMODE(os.fstat(fd).st_mode) != FILE_MODE:
             os.fchmod(fd, FILE_MODE)  # an existing file made wider by hand: owner-only again

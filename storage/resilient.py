@@ -41,7 +41,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
@@ -52,7 +51,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from storage.database import DatabaseDown, is_unreachable
-from storage.journal import JournalContents, JournalEntry, WriteJournal
+from storage.journal import JournalContents, JournalEntry, WriteJournal, write_private
 from storage.repositories import (
     DEFAULT_ACCOUNT,
     CoverageSample,
@@ -144,8 +143,7 @@ class ResilientStore(Store):
         foreign = [e for e in contents.entries if e.database != database]
         if foreign:
             aside = journal.path.with_name(f"{journal.path.name}.other-database-{int(_now().timestamp())}")
-            aside.write_bytes(journal.path.read_bytes())
-            os.chmod(aside, 0o600)
+            write_private(aside, journal.path.read_bytes())
             log.error(
                 "journal %s: %d entries were written for another database (not %s); they are not replayed "
                 "here and are kept in %s",
@@ -269,11 +267,7 @@ class ResilientStore(Store):
         self.rejected_writes += 1
         assert self._journal is not None
         rejected = self._journal.path.with_name(self._journal.path.name + ".rejected")
-        fd = os.open(rejected, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            os.write(fd, entry.line())
-        finally:
-            os.close(fd)
+        write_private(rejected, entry.line(), append=True)
         log.error(
             "journal: %s write #%d from %s refused by the database at replay (%s: %s); kept in %s",
             entry.op,

@@ -418,9 +418,14 @@ async def test_a_journaled_write_the_driver_cannot_encode_is_set_aside_not_taken
         for seq, args in enumerate((bad, good), start=1):
             record = {"seq": seq, "at": "2026-01-01T00:00:00+00:00", "db": token, "op": "set_order_status"}
             f.write((json.dumps({**record, "args": args}) + "\n").encode())
+    # A `.rejected` left wider than owner-only (by hand, or an older version): made 0600 again when written.
+    rejected_path = owned.journal.with_name(owned.journal.name + ".rejected")
+    rejected_path.write_bytes(b"")
+    rejected_path.chmod(0o644)
     next_run = ResilientStore(owned.pool)
     next_run.attach_journal(WriteJournal(owned.journal), token)
     assert await next_run.replay_journal() == 2
+    assert rejected_path.stat().st_mode & 0o777 == 0o600
     assert not next_run.down
     assert not owned.journal.exists()
     assert next_run.rejected_writes == 1

@@ -32,6 +32,8 @@ async def test_appends_are_on_disk_in_order_owner_only_and_read_back_exactly(tmp
         *(journal.append("record_event", {"n": n, "text": "é"}, database="abc123", at=AT) for n in range(20))
     )
     assert _mode(path) == 0o600
+    # The directory it made too: the file names say the account and venue (it was 0755, a reviewer's find).
+    assert _mode(path.parent) == 0o700
     contents = read_journal(path)
     assert not contents.torn_tail
     assert contents.unreadable_lines == []
