@@ -263,6 +263,7 @@ class DatabaseWatch:
         if outage_started is not None:
             # Connections from before the outage point at a dead or killed server: new ones for everyone.
             await self._database.pool.expire_connections()
+        refused_before = self._store.rejected_writes
         try:
             replayed = await self._store.replay_journal()
         except DatabaseDown as exc:
@@ -272,17 +273,24 @@ class DatabaseWatch:
         self.problem = None
         self._unanswered = 0
         self._dead_pid = None
+        refused = self._store.rejected_writes - refused_before
+        refused_words = f" ({refused} refused by the database: kept aside, see above)" if refused else ""
         if outage_started is not None:
             log.warning(
-                "database back after %.0fs%s: %d journaled writes replayed into PostgreSQL; entries resume once "
-                "the account lease is held",
+                "database back after %.0fs%s: %d journaled writes replayed into PostgreSQL%s; entries resume "
+                "once the account lease is held",
                 self._clock.monotonic() - outage_started,
                 " (embedded server restarted)" if self._restarted_in_outage else "",
                 replayed,
+                refused_words,
             )
             self._on_change()
-        elif replayed:
-            log.warning("database: %d writes journaled while it did not answer were replayed", replayed)
+        elif replayed or refused:
+            log.warning(
+                "database: %d writes journaled while it did not answer were replayed%s",
+                replayed,
+                refused_words,
+            )
 
 
 def _pool_reconnect_noise(record: logging.LogRecord) -> bool:

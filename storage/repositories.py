@@ -332,7 +332,10 @@ _HARD_STOP_GAP = """
                         AND o.created_at <= {p}.opened_at AND o.status IN ('pending', 'open'))
          THEN 0
          ELSE GREATEST(0, EXTRACT(EPOCH FROM {seen} - COALESCE({p}.opened_at, {seen}))) END"""
-_SEEN = "now()"  # the database's clock, as `opened_at` (the engine's may be another, e.g. in a rehearsal)
+# The database's clock, as `opened_at` (the engine's may be another, e.g. in a rehearsal); at the replay of
+# a journaled write, the moment it was made (`$9`: `at`): the confirmation came then, not when the database
+# was back (the gap read as the whole outage).
+_SEEN_AT = "COALESCE($9::timestamptz, now())"
 
 # A position that ends (closed, failed) ends its open uncovered span, if any, when it ended (`{at}`: the
 # statement's parameter with that moment, NULL for now). A CTE after `closed AS (UPDATE … RETURNING *)`.
@@ -598,7 +601,7 @@ class Store:
                                         THEN COALESCE(p.protected_at, $9::timestamptz, now())
                                         ELSE p.protected_at END,
                     hard_stop_gap_seconds = CASE WHEN f.sl AND p.hard_stop_gap_seconds IS NULL
-                                                 THEN {_HARD_STOP_GAP.format(p="p", seen=_SEEN)}
+                                                 THEN {_HARD_STOP_GAP.format(p="p", seen=_SEEN_AT)}
                                                  ELSE p.hard_stop_gap_seconds END,
                     status = CASE WHEN p.status IN ('pending_protection', 'active') THEN f.status ELSE p.status END
                 FROM unnest($1::bigint[], $2::bool[], $3::bool[], $4::numeric[], $5::bool[], $6::text[],

@@ -231,9 +231,8 @@ class ResilientStore(Store):
         replayed = 0
         while True:
             while self._applied < len(journal):
-                await self._apply(journal.entry(self._applied))
+                replayed += await self._apply(journal.entry(self._applied))
                 self._applied += 1
-                replayed += 1
             await journal.wait_durable()
             # Appends are written before their first await: with nothing new now, nothing is in between.
             if self._applied == len(journal):
@@ -245,9 +244,11 @@ class ResilientStore(Store):
         self._mark_up()
         return replayed
 
-    async def _apply(self, entry: JournalEntry) -> None:
+    async def _apply(self, entry: JournalEntry) -> bool:
+        """Write `entry` into the database: True when it was, False when it changed nothing (another
+        database's, no such row) or the database refused it (kept aside)."""
         if entry.database != self._database:
-            return  # kept aside at attach time
+            return False  # kept aside at attach time
         replay = _REPLAY.get(entry.op)
         try:
             if replay is None:
@@ -256,12 +257,14 @@ class ResilientStore(Store):
                 await replay(self._direct, entry)
             self.newest_replayed_at = max(self.newest_replayed_at or entry.at, entry.at)
         except LookupError:
-            return  # no such row: the write would have changed nothing then either
+            return False  # no such row: the write would have changed nothing then either
         except Exception as exc:
             if is_unreachable(exc):
                 self._note_unreachable(exc)
                 raise DatabaseDown(self.describe_outage()) from exc
             self._reject(entry, exc)
+            return False
+        return True
 
     def _reject(self, entry: JournalEntry, exc: Exception) -> None:
         self.rejected_writes += 1
