@@ -434,6 +434,7 @@ class PositionGuard:
         self._close_told = asyncio.Event()
         self._ending_told = asyncio.Event()  # a command that may end the position is queued
         self.failures = 0
+        self._failures_in_grace = 0  # the most failures a naked position's grace capped (`_retry_delay`)
         self.last_error: str | None = None
         self._commands: deque[GuardCommand] = deque()
         self.retry_at: float | None = None  # the venue named when to try again (Retry-After, ban end)
@@ -665,7 +666,7 @@ class PositionGuard:
                 if self.closed or self._commands:
                     continue
                 if converged:
-                    self.failures = 0
+                    self.failures = self._failures_in_grace = 0
                     await self.wake.wait()
                 else:
                     # One per pass, however many of its orders failed. A pass that only waited out the
@@ -2607,7 +2608,9 @@ class PositionGuard:
         quarter of the grace period during a naked position's first grace period, and its first retry is
         one round trip later: it is retried several times within grace however often it failed, where
         doubling used to leave it naked for 1 + 2 + 4 s after three refusals. Past grace (the venue keeps
-        failing) the doubling resumes: no hot loop."""
+        failing) the doubling resumes from that quarter of grace: no hot loop. (It resumed from the count:
+        the first failure past grace after five within it backed off `retry_max_seconds`, 30 s naked on a
+        venue that took the stop a moment later.)"""
         m = self._m
         now = m.clock.monotonic()
         if self.retry_at is not None:
@@ -2617,11 +2620,15 @@ class PositionGuard:
         since = self.unprotected_since
         if not self.covered and since is not None and now - since < grace:
             delay = min(delay, grace / 4)
+            self._failures_in_grace = max(self._failures_in_grace, failures)
             if failures <= 1:
                 # A naked position's first failed pass is tried again one round trip later: what was
                 # refused is sent again at once (a definite "not executed" may go with the same id; an
                 # unknown outcome is looked up first). Only further failures back off.
                 delay = min(delay, max(m.order_round_trip_seconds, FIRST_RETRY_MIN_SECONDS))
+        elif not self.covered and self._failures_in_grace:
+            steps = max(1, failures - self._failures_in_grace)
+            delay = min(delay, grace / 4 * 2**steps)
         fired = [o.fired_at for o in (self.stop_loss, self.trailing_stop) if o.fired_at is not None]
         if fired:
             # A fired stop that has not filled is closed at market once its patience ends (`_check_fired`):

@@ -879,6 +879,40 @@ async def test_a_second_loss_of_protection_is_timed_from_its_own_start(db: Datab
         await drive(clock, engine.stop())
 
 
+async def test_a_stop_refused_past_grace_is_retried_on_a_doubling_from_the_grace_cadence_not_at_the_max(
+    db: Database,
+) -> None:
+    """Within a naked position's grace its retries are capped at a quarter of grace however many failed;
+    past grace "the doubling resumes". It resumed from the failure count: the sixth failure in a row backed
+    off `retry_max_seconds` (30 s) at once, and a stop the venue took again a moment later went out 30 s
+    after (an operator in tmux, on the Bybit emulator: a trailing stop refused 6 times, 30 s naked on a
+    healthy venue). Past grace the delay doubles from the grace cadence: 2.5 s, 5 s, …"""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[57]])
+        await drive_until_covered(engine, clock, 1)
+        venue = engine.venue
+        grace = float(settings.protection.grace_seconds)
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, count=6, stops_only=True)
+        [stop] = [
+            o
+            for o in venue.core.open_protective_orders(clock.now(), guard.symbol)
+            if o.client_order_id == guard.stop_loss.client_order_id
+        ]
+        venue.core.cancel_order(guard.symbol, stop.client_order_id, clock.now())  # by hand, on the venue
+        await drive_until(clock, lambda: not guard.covered, what="the loss seen")
+        lost = clock.monotonic()
+        naked_for = await drive_until(clock, lambda: guard.covered, what="covered again", limit=60)
+        # Six refusals: five within grace (a quarter of grace apart), the sixth just past it; the seventh
+        # send is one doubled step later, not `retry_max_seconds`.
+        assert naked_for < grace + 2 * (grace / 4) + 1.0, (naked_for, clock.monotonic() - lost)
+    finally:
+        await drive(clock, engine.stop())
+
+
 async def test_a_fired_stop_closes_the_position_and_cancels_its_sibling_within_seconds(db: Database) -> None:
     """When one stop fired, the other stayed live on the venue until the next reconcile pass (up to
     `reconcile_seconds`): an orphan on a flat symbol, and the symbol blocked meanwhile. The mark crossing
