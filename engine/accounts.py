@@ -17,15 +17,26 @@ from __future__ import annotations
 
 import hashlib
 
-from engine.config import VenueKind, VenueSettings
+from engine.config import ConfigError, VenueKind, VenueSettings
 
 KEY_DIGEST_CHARS = 16
 
 
 def account_key(venue: VenueSettings) -> str:
+    """The account's identity. Raises `ConfigError` (one line) for a ccxt venue without its API key: the
+    digest of nothing named an account no engine trades, and `tsbot status` said none ran while one did."""
     if venue.kind is VenueKind.SIM:
         return f"sim:{venue.account}"
     api_key = venue.api_key.get_secret_value() if venue.api_key is not None else ""
+    if not api_key:
+        where = "testnet" if venue.testnet else "mainnet"
+        raise ConfigError(
+            [
+                f"venue.kind {venue.kind.value!r} ({where}) needs TSBOT_VENUE__API_KEY (or venue.api_key_file) "
+                "to name the account: an account is its API key's, and without it no engine, position or "
+                "pause of that account can be found"
+            ]
+        )
     digest = hashlib.sha256(api_key.encode()).hexdigest()[:KEY_DIGEST_CHARS]
     environment = "-testnet" if venue.testnet else ""  # a testnet key and a mainnet key never share funds
     return f"{venue.kind.value}{environment}:{digest}"

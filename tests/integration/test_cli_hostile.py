@@ -255,6 +255,24 @@ def test_bad_arguments_are_one_line(workdir: Path, argv: tuple[str, ...], starts
     assert len(result.stderr) < 600
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [("status",), ("flatten", "--all", "--yes"), ("entries", "pause"), ("report",)],
+)
+def test_an_account_command_without_the_api_key_says_so_not_that_no_engine_runs(
+    workdir: Path, argv: tuple[str, ...]
+) -> None:
+    """A Bybit or Binance account is named by its API key (a digest of it). Run from a shell without the
+    key, `tsbot status` took the digest of nothing for the account and said "no engine is measuring …
+    engine: not running … active positions: 0" while an engine traded 14 positions, and an emergency
+    `flatten --all` said "no engine is running …; nothing was sent" (an operator in tmux). It says the key
+    is missing, in one line, exit 2."""
+    env = {"TSBOT_VENUE__KIND": "bybit", "TSBOT_VENUE__API_SECRET": API_SECRET}
+    result = tsbot(*argv, cwd=workdir, **env)
+    _one_line(result, 2, "tsbot: venue.kind 'bybit' (testnet) needs TSBOT_VENUE__API_KEY")
+    assert "account" in result.stderr_lines[0]
+
+
 def test_help_still_prints_and_exits_0(tmp_path: Path) -> None:
     result = tsbot("signals", "add", "--help", cwd=tmp_path)
     assert result.code == 0
