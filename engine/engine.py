@@ -1409,6 +1409,8 @@ class Engine:
             # into its record (its look-ups by id may fail for long; the list is evidence too).
             entries_in_flight=lambda: self._in_flight - self._in_doubt.keys(),
         )
+        for position in positions:
+            self.manager.tell_recorded(position, orders_by_position.get(position.id, ()))
         snapshot = await self._restore_snapshot(restart=handover is not None)
         venue_orders = snapshot.open_orders_by_id() if snapshot is not None else None
         # An empty answer this soon after connecting may be a venue glitch (F3): it confirms nothing, so

@@ -201,6 +201,7 @@ class ProtectiveOrder:
 # How long a fired stop gets to fill before we close its position at market: a normal TRIGGERING ends well
 # within a second (the venue forwards the order to its matching engine at once), so a second, or this many
 # order round trips on a slow venue; never more than this share of the grace period.
+_STOP_PURPOSES = (OrderPurpose.STOP_LOSS, OrderPurpose.TRAILING_STOP)
 STUCK_TRIGGER_SECONDS = 1.0
 STUCK_TRIGGER_ROUND_TRIPS = 3
 STUCK_TRIGGER_SHARE = 0.5
@@ -2920,6 +2921,26 @@ class ProtectionManager:
         self._tasks[position.id].add_done_callback(self._guard_ended)
         return guard
 
+    def tell_recorded(self, position: PositionRecord, live_orders: Iterable[OrderRecord]) -> None:
+        """Tell a venue whose stops anyone may change (`ChecksRecordedStops`) what the records say each stop
+        of `position` that may be live was set to: before the start reads the venue's open stops, so the
+        list names them (and again as each guard restores them: the same facts)."""
+        if not isinstance(self.venue, ChecksRecordedStops):
+            return
+        for record in live_orders:
+            key = parse_client_order_id(record.client_order_id, self.token)
+            if key is None or key.position_id != position.id or key.purpose not in _STOP_PURPOSES:
+                continue
+            self.venue.expect_recorded(
+                record.client_order_id,
+                side=_order_side(record.side),
+                stop_price=record.trigger_price,
+                callback_rate=record.callback_percent,
+                activation_price=record.activation_price,
+                trail_distance=record.trail_distance,
+                symbol=position.symbol,
+            )
+
     def _restore(
         self,
         guard: PositionGuard,
@@ -2927,6 +2948,8 @@ class ProtectionManager:
         live_orders: Iterable[OrderRecord],
         trail_record: TrailingStateRecord | None,
     ) -> None:
+        live_orders = list(live_orders)
+        self.tell_recorded(position, live_orders)
         for record in live_orders:
             key = parse_client_order_id(record.client_order_id, self.token)
             if key is None or key.position_id != position.id:
@@ -2939,15 +2962,6 @@ class ProtectionManager:
             else:
                 continue
             managed_trail = guard.kind is TrailingKind.MANAGED and key.purpose is OrderPurpose.TRAILING_STOP
-            if isinstance(self.venue, ChecksRecordedStops):
-                self.venue.expect_recorded(
-                    record.client_order_id,
-                    side=_order_side(record.side),
-                    stop_price=record.trigger_price,
-                    callback_rate=record.callback_percent,
-                    activation_price=record.activation_price,
-                    trail_distance=record.trail_distance,
-                )
             if (
                 target.client_order_id is not None
                 and key.generation != target.generation

@@ -392,6 +392,7 @@ class ChecksRecordedStops(Protocol):
         callback_rate: Decimal | None = None,
         activation_price: Decimal | None = None,
         trail_distance: Decimal | None = None,
+        symbol: str | None = None,
     ) -> None: ...
 
 

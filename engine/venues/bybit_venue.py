@@ -166,6 +166,7 @@ class _RecordedStop:
     activation_price: Decimal | None
     side: OrderSide | None = None  # the side that closes its position (its order's side)
     distance: Decimal | None = None  # a trailing stop's distance as it was taken (`Order.trail_distance`)
+    symbol: str | None = None  # its position's (a start's list of open stops names it: see there)
 
 
 @dataclass(slots=True, eq=False)
@@ -664,11 +665,32 @@ class BybitLinearVenue(CcxtVenue):
                 # Another value than ours (said once when nobody of ours ever asked for it): not our
                 # stop. Not listed; our look-up of it finds it ended, and ours is set again.
                 self._note_displaced(stop, value)
+        stop_rows: list[Mapping[str, Any]] | None = None
         if any(not stop.venue_order_id for stop in listed):  # the venue's ids, read once per stop
             stop_rows = await self._stop_order_rows(symbol)
             for stop in listed:
                 if not stop.venue_order_id:
                     self._attach_venue_order(stop, stop_rows)
+        # A new process holds no stop in memory: the stops the last one recorded are named from the rows
+        # just read (the same checks as a look-up by id). Listed, a start confirms them at once; unlisted,
+        # every position showed "both stops missing" until its guard looked each id up (a span of about a
+        # second recorded for every position at every start, while the venue held both stops).
+        recorded = [
+            (cid, entry.symbol)
+            for cid, entry in self._recorded.items()
+            if entry.symbol is not None
+            and entry.symbol in self._markets
+            and (symbol is None or entry.symbol == symbol)
+            and cid not in self._stops
+        ]
+        for cid, on in sorted(recorded):
+            if self._kind_held(on, cid) is None:
+                continue
+            if stop_rows is None:
+                stop_rows = await self._stop_order_rows(symbol)
+            named = await self._named(on, cid, [r for r in rows if r.get("symbol") == on], stop_rows)
+            if named is not None and named.status is OrderStatus.NEW:
+                listed.append(named)
         return [self._snapshot(stop) for stop in listed]
 
     async def set_leverage(self, symbol: str, leverage: int) -> int:
@@ -1244,13 +1266,34 @@ class BybitLinearVenue(CcxtVenue):
         stop = self._stops.get(client_order_id)
         if stop is not None:
             return stop if stop.symbol == symbol else None
+        if self._kind_held(symbol, client_order_id) is None:
+            return None
+        rows = await self._position_rows(symbol)
+        return await self._named(symbol, client_order_id, rows, None)
+
+    def _kind_held(self, symbol: str, client_order_id: str) -> OrderType | None:
+        """The kind of stop the id names, when no stop of ours of that kind works on the symbol (else None:
+        that one is ours, not this id)."""
         match = _STOP_KIND_IN_ID.search(client_order_id)
         if match is None:
             return None
         order_type = OrderType.STOP_MARKET if match.group(1) == "sl" else OrderType.TRAILING_STOP_MARKET
         if any(o.type is order_type and o.status is OrderStatus.NEW for o in self._stops_for(symbol)):
             return None
-        rows = await self._position_rows(symbol)
+        return order_type
+
+    async def _named(
+        self,
+        symbol: str,
+        client_order_id: str,
+        rows: list[Mapping[str, Any]],
+        stop_rows: list[Mapping[str, Any]] | None,
+    ) -> _PositionStop | None:
+        """A new process names the position's live stop of the kind the id names as that id (`_stop_for`),
+        from the position rows read (and the stop order rows, read here when not given)."""
+        order_type = self._kind_held(symbol, client_order_id)
+        if order_type is None:
+            return None
         recorded = self._recorded.get(client_order_id)
         if recorded is not None and recorded.side is not None:
             # The recorded stop's own position (in hedge mode the other side's stop is not ours).
@@ -1272,7 +1315,8 @@ class BybitLinearVenue(CcxtVenue):
                 # its look-up proves it absent (or not) as any unsent order's.
                 return None
             return self._displaced_while_away(client_order_id, symbol, side, order_type, row, expected, value)
-        stop_rows = await self._stop_order_rows(symbol)
+        if stop_rows is None:
+            stop_rows = await self._stop_order_rows(symbol)
         activation = self._moved_activation(symbol, client_order_id, order_type, side, stop_rows, row)
         if activation is not None:
             return self._activation_moved_while_away(client_order_id, symbol, side, row, value, activation)
@@ -1358,13 +1402,14 @@ class BybitLinearVenue(CcxtVenue):
         callback_rate: Decimal | None = None,
         activation_price: Decimal | None = None,
         trail_distance: Decimal | None = None,
+        symbol: str | None = None,
     ) -> None:
         """`ChecksRecordedStops`: what an earlier process set the stop under this id to, and the side that
         closes its position. A look-up of an id this process does not hold took the position's field,
         whatever it held, for that stop: a hard stop someone widened while no engine ran was restored as
         ours (and, in hedge mode, the other side's stop when ours had none)."""
         self._recorded[client_order_id] = _RecordedStop(
-            stop_price, callback_rate, activation_price, side, trail_distance
+            stop_price, callback_rate, activation_price, side, trail_distance, symbol
         )
 
     def _earlier_recorded_holds(
