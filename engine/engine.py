@@ -722,6 +722,7 @@ class Engine:
         self._breaker_healthy_since: float | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self.startup_report: StartupReport | None = None
+        self._previous_heard: datetime | None = None  # the last engine's last heartbeat, when it left things
         self._generate = (
             settings.signals.source.value == "sim" if generate_signals is None else generate_signals
         )
@@ -897,6 +898,7 @@ class Engine:
                 log.warning(
                     "%d signals claimed by this engine's last run were never handled: expired", expired
                 )
+            await self._finish_waves_a_dead_engine_left()
             log.info("engine started: %s", self.startup_report.describe())
             await self.store.record_event(
                 Severity.INFO,
@@ -1313,6 +1315,8 @@ class Engine:
         journaled = self.store.newest_replayed_at
         if journaled is not None and journaled > heard:
             heard = journaled
+        if self._lease.previous_phase == LeasePhase.RUNNING:
+            self._previous_heard = heard  # it died running (a stop says `stopping` first)
         left = await self.store.disarm_managed_trails(at=heard)
         if left:
             message = (
@@ -1325,6 +1329,30 @@ class Engine:
             await self.store.record_event(Severity.WARNING, "engine_ended_unstopped", message)
         if not self.store.down:  # (journaled, it lands later: the next holder must still know the time)
             self._lease.handed_over()
+
+    async def _finish_waves_a_dead_engine_left(self) -> None:
+        """Waves the last engine began and never finished (it died mid-wave) stayed "running" in the record
+        for ever, 0 opened, 0 protected, while their positions had opened (an operator's kill -9 mid-wave).
+        Once the restore has resolved the entries it left, they are finished as of its last heartbeat, and
+        the start says the last engine ended without stopping."""
+        assert self.store is not None
+        heard, taken_at = self._previous_heard, self._lease_since
+        if heard is None or taken_at is None:
+            return
+        waves = await self.store.finish_waves_left(heard=heard, taken_at=taken_at)
+        if not waves:
+            return
+        told = "; ".join(
+            f"wave {w.id}: {w.signals} signals, {w.opened} opened, {w.protected} protected by it"
+            for w in waves
+        )
+        message = (
+            f"the last engine on this account ended without stopping (killed, crashed, or its host gone; last "
+            f"heard {heard.isoformat(timespec='seconds')}) in the middle of {len(waves)} "
+            f"wave{'' if len(waves) == 1 else 's'}, recorded as finished then: {told}"
+        )
+        log.warning(message)
+        await self.store.record_event(Severity.WARNING, "engine_ended_unstopped", message)
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

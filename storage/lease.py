@@ -144,6 +144,7 @@ class EngineLease:
         # The last heartbeat of the engine that held the account before (None: it never was held), read
         # before this one recorded itself: where an engine that died without stopping stopped looking.
         self.previous_heard_at: datetime | None = None
+        self.previous_phase: str | None = None  # the last holder's phase at its last heartbeat
         self._hand_over = False  # `handed_over`: the next heartbeat clears the row's previous holder
         self.started_at: datetime | None = None  # when this holder took the lease first (the row says it)
 
@@ -182,7 +183,7 @@ class EngineLease:
                     # The last holder's heartbeat, or, when it never recorded what the holder before it
                     # left (its start failed first), that holder's: see `handed_over`.
                     before = await conn.fetchrow(
-                        "SELECT heartbeat_at, previous_heard_at FROM monitoring.engine_leases "
+                        "SELECT heartbeat_at, previous_heard_at, phase FROM monitoring.engine_leases "
                         "WHERE venue = $1 AND account = $2",
                         venue,
                         account,
@@ -190,6 +191,8 @@ class EngineLease:
                     previous = (
                         None if before is None else before["previous_heard_at"] or before["heartbeat_at"]
                     )
+                    # `running` at its last heartbeat and the lock free: it ended without stopping.
+                    previous_phase = None if before is None else before["phase"]
                     started_at = await conn.fetchval(
                         """
                         INSERT INTO monitoring.engine_leases
@@ -218,6 +221,7 @@ class EngineLease:
             raise
         lease = cls(conn, venue, account)
         lease.previous_heard_at = previous
+        lease.previous_phase = previous_phase
         lease.started_at = started_at
         return lease
 

@@ -1128,6 +1128,39 @@ class Store:
             at,
         )
 
+    async def finish_waves_left(self, *, heard: datetime, taken_at: datetime) -> list[WaveRecord]:
+        """Waves an engine of this account began and never finished (it ended without stopping, last heard
+        at `heard`; this engine took the account at `taken_at`): finished as of its last heartbeat (or their
+        start, if later). Opened: their positions that filled (whenever: a fill after the engine died opened
+        a position all the same); protected: those it gave both stops (before `taken_at`); failed: the rest,
+        opened and not protected in time. A wave with no position of this account is left alone (signals
+        and waves are shared: it may be another account's engine's, under way)."""
+        rows = await self._pool.fetch(
+            """
+            WITH figures AS (
+                SELECT p.wave_id AS id,
+                       count(*) FILTER (WHERE p.opened_at IS NOT NULL) AS opened,
+                       count(*) FILTER (WHERE p.protected_at < $3) AS protected,
+                       max(EXTRACT(EPOCH FROM p.protected_at - p.opened_at) * 1000)
+                           FILTER (WHERE p.protected_at < $3) AS slowest
+                FROM monitoring.positions AS p
+                JOIN monitoring.waves AS w ON w.id = p.wave_id
+                WHERE w.finished_at IS NULL AND p.account = $1
+                GROUP BY p.wave_id
+            )
+            UPDATE monitoring.waves AS w
+            SET finished_at = GREATEST(w.started_at, $2), opened = f.opened, protected = f.protected,
+                failed = f.opened - f.protected, slowest_protection_ms = round(f.slowest)::int
+            FROM figures AS f
+            WHERE w.id = f.id AND w.finished_at IS NULL
+            RETURNING w.*
+            """,
+            self.account,
+            heard,
+            taken_at,
+        )
+        return sorted((_record(WaveRecord, r) for r in rows), key=lambda w: w.id)
+
     async def recent_waves(self, limit: int = 20) -> list[WaveRecord]:
         rows = await self._pool.fetch(
             "SELECT * FROM monitoring.waves ORDER BY started_at DESC, id DESC LIMIT $1", limit

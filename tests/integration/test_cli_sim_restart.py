@@ -15,7 +15,7 @@ from pathlib import Path
 import asyncpg
 
 from storage.embedded import EmbeddedPostgres
-from tests.integration.test_cli_run import INCIDENT_COVERAGE_SQL, _dsn, _start, tsbot, workdir
+from tests.integration.test_cli_run import INCIDENT_COVERAGE_SQL, _dsn, _start, _start_with, tsbot, workdir
 from tests.support.waiting import wait_until
 
 __all__ = ["workdir"]  # the fixture, shared with test_cli_run
@@ -158,3 +158,74 @@ async def test_a_killed_managed_mode_engine_leaves_its_unmoved_trails_on_the_rec
     report = json.loads((await asyncio.to_thread(tsbot, "report", "--json", cwd=workdir)).stdout)
     assert report["uncovered_spans"] >= len(armed)
     assert Decimal(report["uncovered_seconds"]) >= 3 * len(armed)
+
+
+async def test_a_wave_an_engine_killed_mid_wave_left_is_finished_as_of_its_last_heartbeat_and_said(
+    workdir: Path, pg_server: EmbeddedPostgres
+) -> None:
+    """An operator's kill -9 mid-wave: the wave's row stayed "4 signals, 0 opened, 0 protected", never
+    finished, while all 4 positions had opened, and the next start said only "restored 11, re-protected 4",
+    not that the last engine had died. The next start finishes it as of the dead engine's last heartbeat,
+    with what its positions did by then, and says (WARNING, event `engine_ended_unstopped`) that the last
+    engine ended without stopping."""
+    dsn = _dsn(pg_server, workdir)
+
+    async def wave_under_way() -> int | None:
+        try:
+            conn = await asyncpg.connect(dsn)
+        except (OSError, asyncpg.PostgresError):
+            return None
+        try:
+            return await conn.fetchval(
+                "SELECT w.id FROM monitoring.waves w WHERE w.finished_at IS NULL AND EXISTS "
+                "(SELECT 1 FROM monitoring.positions p WHERE p.wave_id = w.id)"
+            )
+        except asyncpg.PostgresError:
+            return None
+        finally:
+            await conn.close()
+
+    slow_entries = {"TSBOT_VENUE__SIM__LATENCY__BY_CALL": '{"create_order": {"seconds": 4}}'}
+    first = _start_with(["run"], cwd=workdir, env=slow_entries)
+    try:
+        await wait_until(wave_under_way, within=60, what="a wave under way with its entries sent")
+        first.kill()
+        await asyncio.to_thread(first.wait, 30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    conn = await asyncpg.connect(dsn)
+    try:
+        left = [
+            r["id"] for r in await conn.fetch("SELECT id FROM monitoring.waves WHERE finished_at IS NULL")
+        ]
+        heard = await conn.fetchval("SELECT heartbeat_at FROM monitoring.engine_leases")
+        killed = await conn.fetchval("SELECT now()")
+    finally:
+        await conn.close()
+    assert left
+
+    second = await asyncio.to_thread(tsbot, "run", "--duration", "4", cwd=workdir)
+    assert "the last engine on this account ended without stopping" in second.stderr, second.stderr
+    conn = await asyncpg.connect(dsn)
+    try:
+        waves = {
+            r["id"]: r for r in await conn.fetch("SELECT * FROM monitoring.waves WHERE id = ANY($1)", left)
+        }
+        positions = await conn.fetch(
+            "SELECT wave_id, opened_at, protected_at FROM monitoring.positions WHERE wave_id = ANY($1)", left
+        )
+        event = await conn.fetchval(
+            "SELECT message FROM monitoring.events WHERE type = 'engine_ended_unstopped'"
+        )
+    finally:
+        await conn.close()
+    for wave_id in left:
+        wave = waves[wave_id]
+        of_wave = [p for p in positions if p["wave_id"] == wave_id]
+        assert wave["finished_at"] == max(heard, wave["started_at"])
+        assert wave["opened"] == sum(p["opened_at"] is not None for p in of_wave)
+        protected = sum(p["protected_at"] is not None and p["protected_at"] < killed for p in of_wave)
+        assert (wave["protected"], wave["failed"]) == (protected, wave["opened"] - protected)
+        assert f"wave {wave_id}: {wave['signals']} signals" in event
