@@ -3182,7 +3182,10 @@ class Engine:
         if reasons:
             self._breaker_healthy_since = None
             if not paused:
-                reason = "; ".join(reasons)
+                # Its figures are of this moment (the header and `tsbot status` show them later, beside a
+                # refused resume's figures of its own moment): said with the time they were taken.
+                at = datetime.fromtimestamp(self.clock.now(), UTC).strftime("%H:%M:%S")
+                reason = f"{'; '.join(reasons)}, as of {at} UTC"
                 log.error("circuit breaker: protection is failing (%s): entries paused", reason)
                 self.pause_entries(by="breaker", reason=reason)
             return
@@ -3533,7 +3536,7 @@ class Engine:
             log.warning("resume entries %s", message)
             return False, message
         if by == "operator" and (failing := self._breaker_reasons()):
-            message = f"refused: protection is failing ({'; '.join(failing)}); entries stay paused"
+            message = f"refused: protection is failing now ({'; '.join(failing)}); entries stay paused"
             log.warning("resume entries %s", message)
             return False, message
         self._persisted_pause = (False, by, "")

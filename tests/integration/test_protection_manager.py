@@ -1013,8 +1013,13 @@ async def test_the_operators_resume_is_refused_while_protection_fails_and_the_br
         await drive_until(clock, lambda: engine.entries_paused, what="the breaker tripped", limit=120.0)
         ok, answer = engine.resume_entries()
         assert not ok
-        assert answer.startswith("refused: protection is failing ("), answer
+        # The refusal counts the sends of the last minute now; the pause's reason (header, health line,
+        # `tsbot status`) counted them when it tripped: "6 of 7" beside "6 of 12" at the same second read as
+        # a contradiction (an operator in tmux). Each says which moment it counts.
+        assert answer.startswith("refused: protection is failing now ("), answer
         assert (engine.entries_paused, engine.entries_paused_by) == (True, "breaker")
+        assert ", as of " in engine.entries_pause_reason
+        assert engine.entries_pause_reason.endswith(" UTC")
         venue.clear_injected_faults()
         manager = engine.manager
         assert manager is not None
