@@ -151,6 +151,43 @@ def _terminal_go_live() -> None:
             handler.go_live()
 
 
+class _ReaderMayLeave:
+    """stdout for a reader that may stop reading (`tsbot status | head -1`: a monitoring wrapper reads the
+    verdict and goes). Its leaving is no error: what is left to write is dropped (stdout then points at
+    /dev/null, so the interpreter's last flush is quiet too), and the exit code stays the command's. It
+    used to end in "internal error: BrokenPipeError", exit 1 in place of the verdict."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self._stream.write(text))
+        except BrokenPipeError:
+            self._reader_left()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._reader_left()
+
+    def _reader_left(self) -> None:
+        try:
+            descriptor = self._stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            return  # not a file (a test's capture): nothing more to do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, descriptor)
+        finally:
+            os.close(devnull)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def shown_path(path: str) -> str:
     """A path from the command line as text that any terminal can print (undecodable bytes escaped)."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
@@ -296,6 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(one_line(line), file=sys.stderr)
         return EXIT_USAGE
     secrets = loaded.secret_values()
+    if not isinstance(sys.stdout, _ReaderMayLeave):
+        sys.stdout = _ReaderMayLeave(sys.stdout)
     handler = _HANDLERS[_command_key(args)]
     log_file = None
     try:

@@ -273,6 +273,24 @@ def test_an_account_command_without_the_api_key_says_so_not_that_no_engine_runs(
     assert "account" in result.stderr_lines[0]
 
 
+def test_a_reader_that_stops_reading_is_no_error_and_the_verdict_stands(workdir: Path) -> None:
+    """`tsbot status | head -1` (a monitoring wrapper reads the verdict line and goes): when the reader had
+    gone before the rest was written, `tsbot` said "internal error (a bug, not your input): BrokenPipeError"
+    and exited 1, not the verdict's 3 (an operator in tmux, 1 run in 5). The rest of the output is dropped;
+    the exit code is the verdict's."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("TSBOT_")}
+    process = subprocess.Popen(
+        [TSBOT, "status"], cwd=workdir, env=base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None
+    process.stdout.close()  # the reader is gone before anything is written
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 3, stderr
+    assert "internal error" not in stderr
+    assert "Traceback" not in stderr
+    assert "BrokenPipe" not in stderr
+
+
 def test_help_still_prints_and_exits_0(tmp_path: Path) -> None:
     result = tsbot("signals", "add", "--help", cwd=tmp_path)
     assert result.code == 0
