@@ -662,3 +662,18 @@ async def test_after_a_crash_a_correction_written_ahead_but_never_sent_is_not_ta
             kept = await after.fetch_order(SYMBOL, "tsbabc123-4-sl0")
 
     assert (kept.status, kept.stop_price) == (OrderStatus.NEW, Decimal("0.4000"))
+
+
+async def test_the_control_api_takes_one_target_as_a_string_and_refuses_other_shapes() -> None:
+    """`{"targets": "POST:position/trading-stop"}` was read one character at a time: "unknown endpoint
+    'P'" (an operator in tmux). One string is one target; a number is refused, naming the field."""
+    async with bybit_venue() as venue, connected(venue) as adapter:
+        await adapter.create_market_order(SYMBOL, OrderSide.BUY, QTY, client_order_id="tsbabc123-3-en0")
+        await venue.post("fault", targets="POST:order/create", fault="busy")
+        with pytest.raises(OutcomeUnknown):
+            await adapter.create_market_order(SYMBOL, OrderSide.BUY, QTY, client_order_id="tsbabc123-3-en1")
+        async with venue.control.post(
+            f"{venue.url}/_sim/fault", json={"targets": 7, "fault": "busy"}
+        ) as answer:
+            assert answer.status == 400
+            assert "targets must be a list" in await answer.text()

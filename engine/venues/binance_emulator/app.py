@@ -85,6 +85,7 @@ from engine.venues.binance_emulator.faults import (
     FaultSpecError,
     OrderTraits,
     Target,
+    control_target_texts,
     parse_fault,
     require_placement_target,
 )
@@ -1091,7 +1092,7 @@ class BinanceEmulator:
                     raise FaultSpecError(f"unknown call {call!r}")
                 target_texts: list[str] = list(TARGETS_BY_CALL[call])
             else:
-                target_texts = [str(t) for t in body.get("targets", [])]
+                target_texts = control_target_texts(body)
             targets = tuple(Target.parse(text) for text in target_texts)
             if not targets:
                 raise FaultSpecError("no targets")

@@ -30,8 +30,10 @@ from __future__ import annotations
 import math
 import random
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 ENDPOINTS: frozenset[str] = frozenset(
     {
@@ -67,6 +69,17 @@ TARGETS_BY_CALL: dict[str, tuple[str, ...]] = {
 
 class FaultSpecError(ValueError):
     """A `--faults` specification that cannot be parsed; the message names the bad part."""
+
+
+def control_target_texts(body: Mapping[str, Any]) -> list[str]:
+    """The control API's `targets`: a list of "METHOD:path", or one such string alone. A string used to
+    be read one character at a time ("unknown endpoint 'P'"); anything else is refused, naming the field."""
+    targets = body.get("targets", [])
+    if isinstance(targets, str):
+        return [targets]
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise FaultSpecError('targets must be a list of "METHOD:path" strings (or one such string)')
+    return list(targets)
 
 
 class EmulatorFaultKind(StrEnum):

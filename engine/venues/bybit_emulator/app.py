@@ -80,6 +80,7 @@ from engine.exchange.errors import (
 )
 from engine.exchange.port import Market, Order, OrderSide, OrderStatus, VenuePosition
 from engine.venues import bybit_limits
+from engine.venues.binance_emulator.faults import control_target_texts
 from engine.venues.bybit_emulator.faults import (
     TARGETS_BY_CALL,
     EmulatorFaultKind,
@@ -1281,7 +1282,7 @@ class BybitEmulator:
                     raise FaultSpecError(f"unknown call {call!r}")
                 target_texts: list[str] = list(TARGETS_BY_CALL[call])
             else:
-                target_texts = [str(t) for t in body.get("targets", [])]
+                target_texts = control_target_texts(body)
             targets = tuple(parse_target(text) for text in target_texts)
             if not targets:
                 raise FaultSpecError("no targets")
