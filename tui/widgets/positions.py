@@ -1061,7 +1061,7 @@ def _trailing_cell(view: PositionView, styles: dict[str, Style], *, short: bool 
         return Text(word + ("" if distance is None else f" {distance:+.2f}%"))
     if phase == "native":
         if view.trailing_follows == "last":  # Bybit: follows the last traded price, not the mark
-            return Text("trail on last" if short else "venue trail, last", style=styles["active-trail"])
+            return Text("trail on last" if short else "trailing on last", style=styles["active-trail"])
         return Text("venue trail" if short else "venue trailing", style=styles["active-trail"])
     stop = view.trailing_stop_price
     if short:
