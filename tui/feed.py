@@ -45,6 +45,8 @@ from engine.events import (
     ProtectionConfirmed,
     ProtectionFailed,
     ProtectionTimedOut,
+    SignalRejected,
+    WaveFinished,
 )
 from engine.exchange.port import PositionSide
 from protection.coverage import CoverageFigures, PositionCoverage, coverage_figures
@@ -206,6 +208,10 @@ def _entries_detail(event: EntriesToggled) -> str:
     )
 
 
+# Rejections that say what the header already says (entries paused, the engine stopping): no warning.
+_ROUTINE_REJECTIONS = frozenset({"entries paused", "engine stopping"})
+
+
 class LogTranslator:
     """Domain events → log rows for the app's follower. It remembers each component's health, so a fault and
     its recovery are logged but a steady "healthy" (or the first "healthy" after start) is not, and engine
@@ -215,6 +221,7 @@ class LogTranslator:
         self._health: dict[str, str] = {}
         # (position id, operation) of a protective order logged failed and not placed since: its first failure.
         self._failing: dict[tuple[int, str], float] = {}
+        self._rejected: list[SignalRejected] = []  # since the last wave's end: said with it, in one row
 
     def entry(self, event: EngineEvent) -> LogEntry | None:
         if isinstance(event, EngineStateChanged):
@@ -224,6 +231,11 @@ class LogTranslator:
                 self._failing.setdefault((event.position_id, event.operation), event.at)
         elif isinstance(event, ProtectionConfirmed):
             return self._placed(event)
+        elif isinstance(event, SignalRejected):
+            self._rejected.append(event)
+            return None
+        elif isinstance(event, WaveFinished):
+            return self._wave_rejections(event)
         elif isinstance(event, PositionClosed):
             for key in [key for key in self._failing if key[0] == event.position_id]:
                 del self._failing[key]
@@ -244,6 +256,25 @@ class LogTranslator:
                     f"recovered from {before}: {event.summary}",
                 )
         return entry_for_event(event)
+
+    def _wave_rejections(self, event: WaveFinished) -> LogEntry | None:
+        """The signals the wave rejected, each with why, in one row (they were only INFO lines of the log
+        file: the dashboard said "3 signals, 1 opened" and nothing of the other two). A warning unless
+        every one was turned away by a pause or the engine's stop (the header already says so)."""
+        rejected, self._rejected = self._rejected, []
+        if not rejected:
+            return None
+        routine = all(r.reason in _ROUTINE_REJECTIONS for r in rejected)
+        named = "; ".join(f"{r.symbol}: {r.reason}" for r in rejected)
+        return LogEntry(
+            event.at,
+            "info" if routine else "warning",
+            "",
+            "signals",
+            None,
+            "rejected",
+            f"{len(rejected)} of {event.signals} signals of wave {event.wave_id} rejected: {named}",
+        )
 
     def _placed(self, event: ProtectionConfirmed) -> LogEntry | None:
         """A stop whose send was logged failed went out after all: said, so the panel's last word on it is

@@ -24,7 +24,7 @@ import pytest
 
 from engine.clock import ManualClock
 from engine.engine import Engine
-from engine.events import EngineEvent, ProtectionConfirmed, ProtectionFailed, ProtectionTimedOut
+from engine.events import EngineEvent, ProtectionConfirmed, ProtectionFailed, ProtectionTimedOut, WaveFinished
 from engine.exchange.port import OrderSide
 from engine.venues.binance_emulator import BinanceEmulator, running
 from engine.venues.bybit_emulator import BybitEmulator
@@ -192,6 +192,47 @@ async def test_each_failed_stop_on_the_sim_venue_is_named_by_what_happened(
         await drive(clock, engine.stop())
         follower.cancel()
         await asyncio.gather(follower, return_exceptions=True)
+
+
+async def test_a_waves_rejected_signals_are_one_row_of_the_log_panel_naming_each_and_why(
+    db: Database,
+) -> None:
+    """Two signals of a three-signal wave were rejected (an unknown symbol, a symbol already held): the
+    reasons were only INFO lines of the log file, and the dashboard showed "3 signals, 1 opened" (an
+    operator in tmux). The log panel gets one row per wave that rejected any, naming each and why."""
+    settings = engine_settings(db.target.dsn, {"SIGNALS__MAX_POSITIONS": "10"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    seen, follower = _collect(engine)
+    try:
+        assert engine.store is not None
+        await engine.store.insert_signals([(SYMBOLS[12], "long", None, None)])
+        await drive_until(clock, lambda: any(isinstance(e, WaveFinished) for e in seen), what="first wave")
+        await engine.store.insert_signals(
+            [
+                ("FOOBARUSDT", "long", None, None),
+                (SYMBOLS[12], "short", None, None),
+                (SYMBOLS[13], "long", None, None),
+            ]
+        )
+        await drive_until(
+            clock, lambda: sum(isinstance(e, WaveFinished) for e in seen) >= 2, what="the second wave"
+        )
+    finally:
+        await drive(clock, engine.stop())
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+    translator = LogTranslator()
+    rows = [
+        row for row in (translator.entry(e) for e in seen) if row is not None and row.outcome == "rejected"
+    ]
+    assert len(rows) == 1, rows
+    [row] = rows
+    assert (row.operation, row.severity) == ("signals", "warning")
+    assert row.detail.startswith("2 of 3 signals of wave "), row.detail
+    assert "FOOBARUSDT: unknown symbol" in row.detail, row.detail
+    assert f"{SYMBOLS[12]}: symbol already has an open position" in row.detail, row.detail
 
 
 def _published(seen: list[EngineEvent], symbol: str) -> list[ProtectionFailed | ProtectionTimedOut]:
