@@ -3420,7 +3420,7 @@ class Engine:
             entry_price=guard.entry_price,
             mark_price=price,
             pnl_percent=pnl,
-            stop_loss_price=guard.stop_loss.price,
+            stop_loss_price=guard.live_stop_loss_price or guard.stop_loss.price,
             has_stop_loss=guard.has_stop_loss,
             has_trailing_stop=guard.trailing_in_place,
             trailing_kind=guard.kind.value,

@@ -523,6 +523,19 @@ class PositionGuard:
         return (self.stop_loss.confirmed or (holds is not None and holds.confirmed)) and not self.closed
 
     @property
+    def live_stop_loss_price(self) -> Decimal | None:
+        """The price of the hard stop the venue holds: the confirmed one's, or, while an attached stop is
+        being replaced from the fill, the attached one's (it protects the position until its replacement is
+        confirmed). The correction's price was shown and recorded as the stop's while the venue held the
+        other. None when no hard stop of ours is live."""
+        if self.closed:
+            return None
+        if self.stop_loss.confirmed:
+            return self.stop_loss.price
+        holds = self._attached_holds
+        return holds.price if holds is not None and holds.confirmed else None
+
+    @property
     def has_trailing_stop(self) -> bool:
         """A trailing order of ours is confirmed live on the exchange (native: the trailing stop; managed:
         the stop the trail placed and moves). What `positions.has_trailing_stop` records."""
@@ -1717,6 +1730,7 @@ class PositionGuard:
             confirmed=attached.confirmed,  # not yet verified: verified if its replacement fails
             maybe_sent=True,
         )
+        held.price = attached.price  # what the venue holds until the replacement is confirmed
         self._superseded.append(held)
         self._attached_holds = held
         self._fresh_id(attached)
@@ -2737,7 +2751,7 @@ class PositionGuard:
         return (
             self.has_stop_loss,
             self.has_trailing_stop,
-            self.stop_loss.price if self.has_stop_loss else None,
+            self.live_stop_loss_price,
             self.trail.stop_price is not None if self.trail is not None else self._native_armed_fact(),
             status,
             self.trail_armed,

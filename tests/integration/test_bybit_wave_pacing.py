@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from decimal import Decimal
+from typing import Any
 
 import aiohttp
 import pytest
@@ -756,3 +757,55 @@ async def test_a_restart_records_no_uncovered_span_for_positions_whose_stops_sta
             await asyncio.sleep(1.5)
             spans = await db.pool.fetch("SELECT symbol, reason, ended_by FROM monitoring.uncovered_spans")
     assert len(spans) == before, [dict(s) for s in spans]
+
+
+async def test_the_hard_stop_shown_while_its_correction_fails_is_the_one_the_venue_holds(
+    db: Database,
+) -> None:
+    """The hard stop rides on the entry at a price from the signal's reference; the fill moves it, and the
+    guard corrects it. While the correction kept failing, the dashboard's Stop column (and the record's
+    `stop_loss_price`) showed the corrected price, which the venue did not hold: the venue held the
+    attached one, which still protects the position (an operator in tmux: Stop 0.17468 on the row, the
+    emulator's stopLoss 0.17464). Both say what the venue holds."""
+    emulator = BybitEmulator(
+        SimVenueSettings(seed=11, volatility=0.0), api_key=KEY, api_secret=SECRET, control=True
+    )
+    emulator.faults.force(
+        (Target("POST", "position/trading-stop"),), parse_bybit_fault("error"), count=100_000
+    )
+    async with bybit_engine(db, emulator) as (engine, _rejected):
+        assert engine.store is not None
+        manager = engine.manager
+        assert manager is not None
+        symbols = sorted(emulator.core.markets)[:WAVE]
+        await engine.store.insert_signals([(s, "long", None, None) for s in symbols])
+
+        def correcting() -> list[PositionGuard]:
+            return [
+                g
+                for g in manager.guards.values()
+                if g.has_stop_loss and not g.stop_loss.confirmed and g.stop_loss.price is not None
+            ]
+
+        await wait_until(lambda: bool(correcting()), within=60.0, what="a correction failing")
+        await asyncio.sleep(1.0)  # (its facts written)
+        held = {
+            f["symbol"]: Decimal(f["stopLoss"])
+            for f in (await _emulator_state(engine))["position_stops"]
+            if f.get("stopLoss")
+        }
+        views = {v.symbol: v for v in engine.snapshot().positions}
+        for guard in correcting():
+            assert guard.stop_loss.price != held[guard.symbol]  # the correction: not on the venue
+            assert views[guard.symbol].stop_loss_price == held[guard.symbol], guard.symbol
+            recorded = await db.pool.fetchval(
+                "SELECT stop_loss_price FROM monitoring.positions WHERE id = $1", guard.position_id
+            )
+            assert recorded == held[guard.symbol], guard.symbol
+        emulator.faults.clear_forced()
+
+
+async def _emulator_state(engine: Engine) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as session:
+        answer = await session.get(f"{engine.settings.venue.base_url}/_sim/state")
+        return await answer.json()
