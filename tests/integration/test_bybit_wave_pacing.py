@@ -86,18 +86,23 @@ async def _one_protected(engine: Engine, symbol: str) -> PositionGuard:
     """A long on `symbol` from a signal, once both its stops are confirmed: its guard."""
     assert engine.store is not None
     await engine.store.insert_signals([(symbol, "long", None, None)])
-    await wait_until(
-        lambda: (
-            engine.manager is not None
-            and len(engine.manager.guards) == 1
-            and all(g.covered for g in engine.manager.guards.values())
-        ),
-        within=30.0,
-        what="the position protected",
-    )
+    await _all_covered(engine, 1, "the position protected")
     assert engine.manager is not None
     [guard] = engine.manager.guards.values()
     return guard
+
+
+async def _all_covered(engine: Engine, count: int, what: str) -> None:
+    """Until the engine guards `count` positions, each with both stops confirmed."""
+    await wait_until(
+        lambda: (
+            engine.manager is not None
+            and len(engine.manager.guards) == count
+            and all(g.covered for g in engine.manager.guards.values())
+        ),
+        within=30.0,
+        what=what,
+    )
 
 
 async def _until_closed(db: Database, position_id: int, *, within: float) -> None:
@@ -700,16 +705,8 @@ async def test_a_trail_armed_at_the_mark_is_still_ours_after_the_position_grew_a
             assert recorded == Decimal(str(before["trailingStop"]))
         sent = trading_stops()
         async with engine_on(db, base_url) as second:
+            await _all_covered(second, 1, "restored and covered")
             assert second.manager is not None
-            await wait_until(
-                lambda: (
-                    second.manager is not None
-                    and len(second.manager.guards) == 1
-                    and all(g.covered for g in second.manager.guards.values())
-                ),
-                within=30.0,
-                what="restored and covered",
-            )
             await asyncio.sleep(1.5)
             [restored] = second.manager.guards.values()
             after = await stops()
@@ -733,27 +730,11 @@ async def test_a_restart_records_no_uncovered_span_for_positions_whose_stops_sta
         async with engine_on(db, base_url) as engine:
             assert engine.store is not None
             await engine.store.insert_signals([(s, "long", None, None) for s in symbols])
-            await wait_until(
-                lambda: (
-                    engine.manager is not None
-                    and len(engine.manager.guards) == len(symbols)
-                    and all(g.covered for g in engine.manager.guards.values())
-                ),
-                within=30.0,
-                what="the wave protected",
-            )
+            await _all_covered(engine, len(symbols), "the wave protected")
             await asyncio.sleep(1.5)
         before = await db.pool.fetchval("SELECT count(*) FROM monitoring.uncovered_spans")
         async with engine_on(db, base_url) as second:
-            await wait_until(
-                lambda: (
-                    second.manager is not None
-                    and len(second.manager.guards) == len(symbols)
-                    and all(g.covered for g in second.manager.guards.values())
-                ),
-                within=30.0,
-                what="restored and covered",
-            )
+            await _all_covered(second, len(symbols), "restored and covered")
             await asyncio.sleep(1.5)
             spans = await db.pool.fetch("SELECT symbol, reason, ended_by FROM monitoring.uncovered_spans")
     assert len(spans) == before, [dict(s) for s in spans]

@@ -9,6 +9,8 @@ import asyncio
 import json
 import re
 import stat
+import subprocess
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
 
@@ -28,6 +30,25 @@ def book_of(pg_server: EmbeddedPostgres, workdir: Path) -> Path:
 
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
+
+
+async def _killed_once(
+    process: subprocess.Popen[str],
+    condition: Callable[[], Awaitable[object]],
+    what: str,
+    *,
+    settle: float = 0.0,
+) -> None:
+    """SIGKILL `process` once `condition` holds (and `settle` seconds more): an engine that dies there."""
+    try:
+        await wait_until(condition, within=60, what=what)
+        await asyncio.sleep(settle)
+        process.kill()
+        await asyncio.to_thread(process.wait, 30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 async def test_a_second_tsbot_run_restores_what_the_first_left_on_the_sim(
@@ -100,16 +121,9 @@ async def test_a_killed_managed_mode_engine_leaves_its_unmoved_trails_on_the_rec
         finally:
             await conn.close()
 
-    first = _start("run", cwd=workdir)
-    try:
-        await wait_until(armed_trails, within=60, what="managed trails armed, no order yet")
-        await asyncio.sleep(1.0)
-        first.kill()
-        await asyncio.to_thread(first.wait, 30)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
+    await _killed_once(
+        _start("run", cwd=workdir), armed_trails, "managed trails armed, no order yet", settle=1.0
+    )
     conn = await asyncpg.connect(dsn)
     try:
         armed = await conn.fetch(
@@ -186,15 +200,11 @@ async def test_a_wave_an_engine_killed_mid_wave_left_is_finished_as_of_its_last_
             await conn.close()
 
     slow_entries = {"TSBOT_VENUE__SIM__LATENCY__BY_CALL": '{"create_order": {"seconds": 4}}'}
-    first = _start_with(["run"], cwd=workdir, env=slow_entries)
-    try:
-        await wait_until(wave_under_way, within=60, what="a wave under way with its entries sent")
-        first.kill()
-        await asyncio.to_thread(first.wait, 30)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
+    await _killed_once(
+        _start_with(["run"], cwd=workdir, env=slow_entries),
+        wave_under_way,
+        "a wave under way with its entries sent",
+    )
     conn = await asyncpg.connect(dsn)
     try:
         left = [

@@ -20,6 +20,7 @@ from engine.exchange.errors import ExchangeError
 from engine.exchange.port import Order, OrderSide
 from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, FaultKind
+from protection.manager import PositionGuard
 from protection.order_ids import client_order_id
 from storage.commands import CommandKind, CommandState
 from storage.database import Database
@@ -844,6 +845,16 @@ async def test_a_stop_that_cannot_protect_in_time_says_so(db: Database) -> None:
     assert report.describe().startswith("3 open positions: 0 keep their stops on the exchange; UNCOVERED 3")
 
 
+def _cancel_hard_stop_by_hand(venue: SimVenue, guard: PositionGuard, clock: ManualClock) -> None:
+    """Someone cancels the position's hard stop on the venue (not the engine)."""
+    [stop] = [
+        o
+        for o in venue.core.open_protective_orders(clock.now(), guard.symbol)
+        if o.client_order_id == guard.stop_loss.client_order_id
+    ]
+    venue.core.cancel_order(guard.symbol, stop.client_order_id, clock.now())
+
+
 async def test_a_second_loss_of_protection_is_timed_from_its_own_start(db: Database) -> None:
     """A position that lost a stop once, was re-protected, and loses one again minutes later was counted
     as uncovered since the *first* loss: the gauge said "oldest 2m" at once, and the breaker paused
@@ -859,12 +870,7 @@ async def test_a_second_loss_of_protection_is_timed_from_its_own_start(db: Datab
         assert manager is not None
         venue = engine.venue
         for _ in range(2):
-            [stop] = [
-                o
-                for o in venue.core.open_protective_orders(clock.now(), guard.symbol)
-                if o.client_order_id == guard.stop_loss.client_order_id
-            ]
-            venue.core.cancel_order(guard.symbol, stop.client_order_id, clock.now())  # by hand, on the venue
+            _cancel_hard_stop_by_hand(venue, guard, clock)
             await drive_until(clock, lambda: not guard.covered, what="the loss seen")
             lost = clock.monotonic()
             figures = manager.coverage()
@@ -897,12 +903,7 @@ async def test_a_stop_refused_past_grace_is_retried_on_a_doubling_from_the_grace
         venue = engine.venue
         grace = float(settings.protection.grace_seconds)
         venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, count=6, stops_only=True)
-        [stop] = [
-            o
-            for o in venue.core.open_protective_orders(clock.now(), guard.symbol)
-            if o.client_order_id == guard.stop_loss.client_order_id
-        ]
-        venue.core.cancel_order(guard.symbol, stop.client_order_id, clock.now())  # by hand, on the venue
+        _cancel_hard_stop_by_hand(venue, guard, clock)
         await drive_until(clock, lambda: not guard.covered, what="the loss seen")
         lost = clock.monotonic()
         naked_for = await drive_until(clock, lambda: guard.covered, what="covered again", limit=60)
