@@ -3152,7 +3152,13 @@ class ProtectionManager:
             order.confirmed, order.confirmed_at, order.maybe_sent = True, now, False
             guard.report.restored_orders += 1
             record = records.get(cid)
-            if record is None or record.status is not OrderRecordStatus.OPEN:
+            # (A trail recorded without the distance the venue took, before the column existed: recorded
+            # now, or every later start would judge it by the entry price, not by what it was set to.)
+            if (
+                record is None
+                or record.status is not OrderRecordStatus.OPEN
+                or (record.trail_distance is None and found.trail_distance is not None)
+            ):
                 self.spawn_order_status(
                     OrderStatusRow(
                         cid, OrderRecordStatus.OPEN, found.venue_order_id, trail_distance=found.trail_distance

@@ -790,3 +790,34 @@ async def _emulator_state(engine: Engine) -> dict[str, Any]:
     async with aiohttp.ClientSession() as session:
         answer = await session.get(f"{engine.settings.venue.base_url}/_sim/state")
         return await answer.json()
+
+
+async def test_a_trail_recorded_without_its_distance_gets_it_at_the_next_start(db: Database) -> None:
+    """A trailing stop recorded before `orders.trail_distance` existed (or whose confirmation with it never
+    reached the database) has none: the start's read of the open stops confirms it without a look-up, and
+    its distance stayed unrecorded for good, so it was judged against the entry price at every restart
+    after (a reviewer's find). The start records what the venue took."""
+    emulator = BybitEmulator(
+        SimVenueSettings(seed=11, volatility=0.0), api_key=KEY, api_secret=SECRET, control=True
+    )
+    symbol = "AAVEUSDT"
+    async with running(emulator) as base_url:
+        async with engine_on(db, base_url) as engine:
+            guard = await _one_protected(engine, symbol)
+            trail_id = guard.trailing_stop.client_order_id
+        await db.pool.execute(
+            "UPDATE monitoring.orders SET trail_distance = NULL WHERE client_order_id = $1", trail_id
+        )
+        async with engine_on(db, base_url) as second:
+            await _all_covered(second, 1, "restored and covered")
+
+            async def recorded() -> object:
+                return await db.pool.fetchval(
+                    "SELECT trail_distance FROM monitoring.orders WHERE client_order_id = $1", trail_id
+                )
+
+            await wait_until(recorded, within=10.0, what="the distance recorded")
+            async with aiohttp.ClientSession() as session:
+                answer = await session.get(f"{base_url}/_sim/state")
+                [held] = [f for f in (await answer.json())["position_stops"] if f["symbol"] == symbol]
+            assert await recorded() == Decimal(held["trailingStop"])
