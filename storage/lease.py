@@ -108,28 +108,38 @@ async def end_own_lost_session(
 ) -> int | None:
     """End the server's session that still holds the lease for this process (`is_own_lease`): its client
     side is gone. Only while the row names this process and its start, checked in the same statement (a
-    row another engine wrote meanwhile names its own). The backend's pid, or None: nothing ended."""
+    row another engine wrote meanwhile names its own). Serialised with attempts to take the lease (the
+    recording lock): an engine that took the lock meanwhile has committed its row before this reads it (its
+    lock shows at once, its row only once committed: read before, the row still named us, and the other
+    engine's session was ended). The backend's pid, or None: nothing ended."""
     conn = await asyncpg.connect(dsn, password=password, timeout=LEASE_TIMEOUT_SECONDS)
     try:
-        return await conn.fetchval(
-            f"""
-            WITH lost AS MATERIALIZED (
-                SELECT l.pid FROM pg_locks l
-                JOIN monitoring.engine_leases e
-                  ON e.venue = $1 AND e.account = $2 AND e.pid = $3 AND e.host = $4 AND e.started_at = $5
-                WHERE l.locktype = 'advisory' AND l.granted
-                  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                  AND l.classid = {LEASE_NAMESPACE}::oid AND l.objid = hashtext($1 || '/' || $2)::oid
-                  AND l.objsubid = 2 AND l.pid <> pg_backend_pid())
-            SELECT pid FROM lost WHERE pg_terminate_backend(pid)
-            """,
-            venue,
-            account,
-            os.getpid(),
-            socket.gethostname(),
-            since,
-            timeout=LEASE_TIMEOUT_SECONDS,
-        )
+        async with conn.transaction():
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+                RECORDING_NAMESPACE,
+                lease_key(venue, account),
+                timeout=LEASE_TIMEOUT_SECONDS,
+            )
+            return await conn.fetchval(
+                f"""
+                WITH lost AS MATERIALIZED (
+                    SELECT l.pid FROM pg_locks l
+                    JOIN monitoring.engine_leases e
+                      ON e.venue = $1 AND e.account = $2 AND e.pid = $3 AND e.host = $4 AND e.started_at = $5
+                    WHERE l.locktype = 'advisory' AND l.granted
+                      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                      AND l.classid = {LEASE_NAMESPACE}::oid AND l.objid = hashtext($1 || '/' || $2)::oid
+                      AND l.objsubid = 2 AND l.pid <> pg_backend_pid())
+                SELECT pid FROM lost WHERE pg_terminate_backend(pid)
+                """,
+                venue,
+                account,
+                os.getpid(),
+                socket.gethostname(),
+                since,
+                timeout=LEASE_TIMEOUT_SECONDS,
+            )
     finally:
         await conn.close(timeout=LEASE_TIMEOUT_SECONDS)
 

@@ -439,6 +439,55 @@ async def test_a_lease_still_held_by_the_engines_own_lost_session_is_taken_back_
         await drive(clock, engine.stop())
 
 
+async def test_ending_our_own_lost_session_never_ends_another_engine_taking_the_lease_meanwhile(
+    db: Database,
+) -> None:
+    """Between our refused attempt (the row names us) and the end of our lost session, the server may free
+    the lock and another engine take it: its lock shows at once, its row only once committed. Read
+    before its commit, the row still named us, and the other engine's session was ended (a reviewer's
+    find). Attempts are serialised by the recording lock: ours waits for the other's commit, then finds
+    the row names it, and ends nothing."""
+    from storage.lease import LEASE_NAMESPACE, RECORDING_NAMESPACE, end_own_lost_session, lease_key
+
+    ours = await EngineLease.acquire(db.target.dsn, "sim", "race", "ours")
+    since = ours.started_at
+    assert since is not None
+    ours.drop()  # our session is gone; wait until the server has let the lock go
+    key = lease_key("sim", "race")
+
+    async def free() -> bool:
+        held = await db.pool.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid = $1::oid "
+            "AND objid = hashtext($2)::oid AND objsubid = 2",
+            LEASE_NAMESPACE,
+            key,
+        )
+        return held == 0
+
+    for _ in range(200):
+        if await free():
+            break
+        await asyncio.sleep(0.05)
+    other = await asyncpg.connect(db.target.dsn)
+    try:
+        other_pid = await other.fetchval("SELECT pg_backend_pid()")
+        taking = other.transaction()
+        await taking.start()
+        await other.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", RECORDING_NAMESPACE, key)
+        assert await other.fetchval("SELECT pg_try_advisory_lock($1, hashtext($2))", LEASE_NAMESPACE, key)
+        await other.execute(
+            "UPDATE monitoring.engine_leases SET pid = 1, host = 'other-host', started_at = now() "
+            "WHERE venue = 'sim' AND account = 'race'"
+        )
+        ending = asyncio.ensure_future(end_own_lost_session(db.target.dsn, "sim", "race", since))
+        await asyncio.sleep(0.5)
+        await taking.commit()
+        assert await ending is None
+        assert await other.fetchval("SELECT pg_backend_pid()") == other_pid  # still alive
+    finally:
+        await other.close()
+
+
 async def test_the_lease_says_what_the_engine_does_from_its_start_to_its_stop(db: Database) -> None:
     """Every heartbeat writes the engine's phase: readers count it as looking after the account only while
     it runs. Its stop writes `stopping` at once: the loops are gone from then on, and a stop shorter than a
