@@ -2463,7 +2463,9 @@ class Engine:
         await self.store.finish_signal(signal.id, SignalStatus.REJECTED, reason, wave_id=wave_id)
         log.info("signal %s %s %s rejected: %s", signal.id, signal.symbol, signal.side, reason)
         self.events_bus.publish(
-            SignalRejected(at=self.clock.now(), signal_id=signal.id, symbol=signal.symbol, reason=reason)
+            SignalRejected(
+                at=self.clock.now(), signal_id=signal.id, symbol=signal.symbol, reason=reason, wave_id=wave_id
+            )
         )
 
     async def _open_position(

@@ -95,6 +95,7 @@ class SignalRejected(EngineEvent):
     signal_id: int
     symbol: str
     reason: str
+    wave_id: int | None = None  # None: rejected outside a wave (the engine stopping before it began)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

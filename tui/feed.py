@@ -212,6 +212,19 @@ def _entries_detail(event: EntriesToggled) -> str:
 _ROUTINE_REJECTIONS = frozenset({"entries paused", "engine stopping"})
 
 
+def _rejected_alone(event: SignalRejected) -> LogEntry:
+    wave = "" if event.wave_id is None else f" of wave {event.wave_id}"
+    return LogEntry(
+        event.at,
+        "info" if event.reason in _ROUTINE_REJECTIONS else "warning",
+        "",
+        "signals",
+        None,
+        "rejected",
+        f"signal {event.signal_id}{wave} rejected: {event.symbol}: {event.reason}",
+    )
+
+
 class LogTranslator:
     """Domain events → log rows for the app's follower. It remembers each component's health, so a fault and
     its recovery are logged but a steady "healthy" (or the first "healthy" after start) is not, and engine
@@ -221,7 +234,8 @@ class LogTranslator:
         self._health: dict[str, str] = {}
         # (position id, operation) of a protective order logged failed and not placed since: its first failure.
         self._failing: dict[tuple[int, str], float] = {}
-        self._rejected: list[SignalRejected] = []  # since the last wave's end: said with it, in one row
+        self._rejected: dict[int, list[SignalRejected]] = {}  # by wave, until its end: said with it
+        self._waves_ended: set[int] = set()
 
     def entry(self, event: EngineEvent) -> LogEntry | None:
         if isinstance(event, EngineStateChanged):
@@ -232,7 +246,9 @@ class LogTranslator:
         elif isinstance(event, ProtectionConfirmed):
             return self._placed(event)
         elif isinstance(event, SignalRejected):
-            self._rejected.append(event)
+            if event.wave_id is None or event.wave_id in self._waves_ended:
+                return _rejected_alone(event)  # outside a wave, or after its end (settled in the background)
+            self._rejected.setdefault(event.wave_id, []).append(event)
             return None
         elif isinstance(event, WaveFinished):
             return self._wave_rejections(event)
@@ -261,7 +277,10 @@ class LogTranslator:
         """The signals the wave rejected, each with why, in one row (they were only INFO lines of the log
         file: the dashboard said "3 signals, 1 opened" and nothing of the other two). A warning unless
         every one was turned away by a pause or the engine's stop (the header already says so)."""
-        rejected, self._rejected = self._rejected, []
+        self._waves_ended.add(event.wave_id)
+        while len(self._waves_ended) > 1_000:
+            self._waves_ended.discard(min(self._waves_ended))
+        rejected = self._rejected.pop(event.wave_id, [])
         if not rejected:
             return None
         routine = all(r.reason in _ROUTINE_REJECTIONS for r in rejected)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC
 
-from engine.events import EntriesToggled
+from engine.events import EntriesToggled, SignalRejected, WaveFinished
 from tests.tui.book import BookFeed, book_position
 from tests.tui.scenario import T0, ScenarioFeed, scenario_settings
 from tests.tui.snapshots import svg_to_text
@@ -87,6 +87,32 @@ async def test_the_log_keeps_following_a_burst_while_the_screen_is_busy() -> Non
         await pilot.pause(0.3)
         assert log.scroll_y == log.max_scroll_y > 0
         assert "burst row 399" in svg_to_text(app.export_screenshot(), 120, 40)
+
+
+def test_rejected_signals_are_said_with_their_own_wave_when_waves_overlap() -> None:
+    """A wave finishes in the background (its protection can take minutes) while the next one runs: the
+    rejections of the next wave were said with the earlier wave's end, under its id (a reviewer's find).
+    Each wave's row names its own; one rejected after its wave ended, or outside any wave, is said alone."""
+    translator = LogTranslator()
+
+    def finished(wave_id: int, at: float) -> WaveFinished:
+        return WaveFinished(
+            at=at, wave_id=wave_id, signals=3, opened=2, protected=2, failed=0, slowest_protection_ms=10
+        )
+
+    rows = [
+        translator.entry(SignalRejected(at=T0, signal_id=7, symbol="FOOUSDT", reason="unknown", wave_id=2)),
+        translator.entry(finished(1, T0 + 1)),
+        translator.entry(finished(2, T0 + 2)),
+        translator.entry(SignalRejected(at=T0 + 3, signal_id=8, symbol="BARUSDT", reason="late", wave_id=2)),
+        translator.entry(SignalRejected(at=T0 + 4, signal_id=9, symbol="BAZUSDT", reason="engine stopping")),
+    ]
+    said = [(r.operation, r.severity, r.detail) for r in rows if r is not None]
+    assert said == [
+        ("signals", "warning", "1 of 3 signals of wave 2 rejected: FOOUSDT: unknown"),
+        ("signals", "warning", "signal 8 of wave 2 rejected: BARUSDT: late"),
+        ("signals", "info", "signal 9 rejected: BAZUSDT: engine stopping"),
+    ]
 
 
 def test_a_pause_is_logged_with_who_paused_and_why() -> None:
