@@ -898,7 +898,9 @@ class Engine:
                 log.warning(
                     "%d signals claimed by this engine's last run were never handled: expired", expired
                 )
-            await self._finish_waves_a_dead_engine_left()
+            # Once the entries it left are settled (those still in the venue's read lag are looked up in
+            # the background): a wave finished before counted them not opened.
+            self._spawn(self._finish_waves_a_dead_engine_left(list(self._settlers)), "finish-waves-left")
             log.info("engine started: %s", self.startup_report.describe())
             await self.store.record_event(
                 Severity.INFO,
@@ -1315,8 +1317,7 @@ class Engine:
         journaled = self.store.newest_replayed_at
         if journaled is not None and journaled > heard:
             heard = journaled
-        if self._lease.previous_phase == LeasePhase.RUNNING:
-            self._previous_heard = heard  # it died running (a stop says `stopping` first)
+        self._previous_heard = heard
         left = await self.store.disarm_managed_trails(at=heard)
         if left:
             message = (
@@ -1330,15 +1331,18 @@ class Engine:
         if not self.store.down:  # (journaled, it lands later: the next holder must still know the time)
             self._lease.handed_over()
 
-    async def _finish_waves_a_dead_engine_left(self) -> None:
-        """Waves the last engine began and never finished (it died mid-wave) stayed "running" in the record
-        for ever, 0 opened, 0 protected, while their positions had opened (an operator's kill -9 mid-wave).
-        Once the restore has resolved the entries it left, they are finished as of its last heartbeat, and
-        the start says the last engine ended without stopping."""
-        assert self.store is not None
+    async def _finish_waves_a_dead_engine_left(self, settlers: list[asyncio.Task[None]]) -> None:
+        """Waves the last engine began and never finished stayed "running" in the record for ever, 0 opened,
+        0 protected, while their positions had opened (an operator's kill -9 mid-wave). Once the entries it
+        left are settled (`settlers`), they are finished as of its last heartbeat, and the start says how
+        the last engine ended: without stopping (running or starting at its last heartbeat), or in its stop
+        (killed or hung while stopping, or a stop that gave up waiting for a wave's protection)."""
+        assert self.store is not None and self._lease is not None
         heard, taken_at = self._previous_heard, self._lease_since
         if heard is None or taken_at is None:
             return
+        if settlers:
+            await asyncio.wait(settlers)
         waves = await self.store.finish_waves_left(heard=heard, taken_at=taken_at)
         if not waves:
             return
@@ -1346,10 +1350,14 @@ class Engine:
             f"wave {w.id}: {w.signals} signals, {w.opened} opened, {w.protected} protected by it"
             for w in waves
         )
+        how = (
+            "stopped before they finished (killed or hung in its stop, or it gave up waiting for them"
+            if self._lease.previous_phase == LeasePhase.STOPPING
+            else "ended without stopping (killed, crashed, or its host gone"
+        )
         message = (
-            f"the last engine on this account ended without stopping (killed, crashed, or its host gone; last "
-            f"heard {heard.isoformat(timespec='seconds')}) in the middle of {len(waves)} "
-            f"wave{'' if len(waves) == 1 else 's'}, recorded as finished then: {told}"
+            f"the last engine on this account {how}; last heard {heard.isoformat(timespec='seconds')}) in the "
+            f"middle of {len(waves)} wave{'' if len(waves) == 1 else 's'}, recorded as finished then: {told}"
         )
         log.warning(message)
         await self.store.record_event(Severity.WARNING, "engine_ended_unstopped", message)
