@@ -2855,6 +2855,7 @@ class ProtectionManager:
         # Stops of ours still live on symbols whose positions ended, being cancelled again (by symbol).
         self.leftovers: dict[str, dict[str, float | None]] = {}
         self.foreign_stops_seen = 0  # open stops on the account not ours, at the last reconcile pass
+        self._told_recorded: dict[int, set[str]] = {}  # the recorded stops told to the venue, by position
         self._unfinished_told: set[str] = set()  # fired stops of closed positions already said (once each)
         self.handed_over: dict[str, dict[str, float | None]] = {}  # set by `stop`
         # Set by `stop`: `never_taken()` and `confirmed_within_lag()`, for the manager that replaces this one.
@@ -2945,6 +2946,7 @@ class ProtectionManager:
             key = parse_client_order_id(record.client_order_id, self.token)
             if key is None or key.position_id != position.id or key.purpose not in _STOP_PURPOSES:
                 continue
+            self._told_recorded.setdefault(position.id, set()).add(record.client_order_id)
             self.venue.expect_recorded(
                 record.client_order_id,
                 side=_order_side(record.side),
@@ -3371,6 +3373,9 @@ class ProtectionManager:
         return symbol not in self.leftovers and not self.stopped
 
     def forget(self, guard: PositionGuard) -> None:
+        told = self._told_recorded.pop(guard.position_id, None)
+        if told and isinstance(self.venue, ChecksRecordedStops):
+            self.venue.forget_recorded(told)  # its position ended: judged against the next, a false alarm
         self.guards.pop(guard.position_id, None)
         if self.by_symbol.get(guard.symbol) is guard:
             del self.by_symbol[guard.symbol]

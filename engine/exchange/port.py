@@ -21,7 +21,7 @@ Protective orders are always reduce-only and trigger on the mark price. Errors a
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Collection, Mapping
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
 from enum import StrEnum
@@ -394,6 +394,11 @@ class ChecksRecordedStops(Protocol):
         trail_distance: Decimal | None = None,
         symbol: str | None = None,
     ) -> None: ...
+
+    def forget_recorded(self, client_order_ids: Iterable[str]) -> None:
+        """Their position ended: what was recorded for these stops is no one's any more (judged against
+        the next position on the symbol, it cried "moved by someone else")."""
+        ...
 
 
 @runtime_checkable

@@ -27,7 +27,7 @@ import contextvars
 import logging
 import re
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from decimal import ROUND_HALF_UP, Decimal
 from functools import partial
@@ -1411,6 +1411,11 @@ class BybitLinearVenue(CcxtVenue):
         self._recorded[client_order_id] = _RecordedStop(
             stop_price, callback_rate, activation_price, side, trail_distance, symbol
         )
+
+    def forget_recorded(self, client_order_ids: Iterable[str]) -> None:
+        """`ChecksRecordedStops`: their position ended."""
+        for client_order_id in client_order_ids:
+            self._recorded.pop(client_order_id, None)
 
     def _earlier_recorded_holds(
         self,

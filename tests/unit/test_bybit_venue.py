@@ -677,3 +677,25 @@ async def test_the_control_api_takes_one_target_as_a_string_and_refuses_other_sh
         ) as answer:
             assert answer.status == 400
             assert "targets must be a list" in await answer.text()
+
+
+async def test_a_recorded_stop_forgotten_with_its_position_is_not_judged_against_the_next(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The start tells the adapter what the last run recorded for each stop. One never named (missing at
+    the start, or a correction written ahead and never sent) stayed recorded for the process's life: once
+    its position had ended, the next position on the symbol had its own stop compared with it at every
+    read of the open stops, "stopLoss is V, not our X: moved by someone else" (a false alarm; a reviewer's
+    find). The engine forgets a position's records when the position ends."""
+    caplog.set_level(logging.WARNING)
+    async with bybit_venue() as venue, connected(venue) as adapter:
+        adapter.expect_recorded(
+            "tsbabc123-9-sl1", side=OrderSide.SELL, stop_price=Decimal("0.4100"), symbol=SYMBOL
+        )
+        adapter.forget_recorded(["tsbabc123-9-sl1"])  # its position ended
+        # The next position on the symbol, its hard stop set by someone (another tool) at another price.
+        await adapter.create_market_order(SYMBOL, OrderSide.BUY, QTY, client_order_id="by-hand-en0")
+        await venue.post("position-stops", symbol=SYMBOL, stopLoss="0.3000", slTriggerBy="MarkPrice")
+        listed = await adapter.fetch_open_protective_orders()
+    assert listed == []
+    assert not [r for r in caplog.records if "moved by someone else" in r.getMessage()]
