@@ -21,6 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
 
+import asyncpg
 import pytest
 
 from engine.clock import ManualClock
@@ -267,9 +268,21 @@ async def settles_at_the_trails_stop(
     move.watch.floor = wanted
     (live,) = live_trailing_stops(run, symbol)
     assert run.db is not None
-    row = await run.db.pool.fetchrow(
-        "SELECT * FROM monitoring.trailing_stop_state WHERE position_id = $1", move.position_id
-    )
+    db = run.db
+
+    async def recorded() -> asyncpg.Record:
+        return await db.pool.fetchrow(
+            "SELECT * FROM monitoring.trailing_stop_state WHERE position_id = $1", move.position_id
+        )
+
+    # The trail's record is written in the background, a step behind the memory the venue agrees with (a
+    # loaded clean-clone run read "moving" the moment the move settled): given a second to land.
+    row = await recorded()
+    for _ in range(5):
+        if row["state"] == "active" and row["current_stop_price"] == wanted:
+            break
+        await move.watch.step()
+        row = await recorded()
     assert row["state"] == "active"
     assert row["peak_price"] >= move.peak
     assert row["current_stop_price"] == wanted
