@@ -69,7 +69,8 @@ core's oracle view, or the emulator's `GET /_sim/state`) and the engine's databa
 * `venue_answers`: the venue's ordinary refusals the engine met (unknown orders, would-trigger, …), not
   faults; `venue_calls`: the engine's venue calls by kind;
 * `positions_opened` (venue positions seen), `positions_closed` (database, by exit reason), `waves`,
-  `signals` (by final status), `order_round_trip_s` (the largest of the engine's moving averages of
+  `signals` (by final status), `rejected_by_reason` (the rejected ones by reason, numbers folded),
+  `order_round_trip_s` (the largest of the engine's moving averages of
   answered order calls, read every second);
 * `breaker`: how often the circuit breaker paused entries (`trips`), how often they were resumed, and
   for how many seconds of the run entries were paused. The breaker trips under these faults (it should:
@@ -477,6 +478,12 @@ async def _soak(
                 "SELECT exit_reason, count(*) AS n FROM monitoring.positions WHERE status = 'closed' GROUP BY 1"
             )
             signals = await conn.fetch("SELECT status, count(*) AS n FROM monitoring.signals GROUP BY 1")
+            # Why signals were turned away, numbers folded (a run's rejections vary 229–406 of 750 on the
+            # sim: which reasons move with it).
+            rejections = await conn.fetch(
+                "SELECT regexp_replace(reason, '[0-9][0-9.]*', 'N', 'g') AS why, count(*) AS n "
+                "FROM monitoring.signals WHERE status = 'rejected' GROUP BY 1 ORDER BY 2 DESC LIMIT 12"
+            )
             pauses = await conn.fetch(
                 "SELECT type, message FROM monitoring.events WHERE type IN ('entries_paused', 'entries_resumed')"
             )
@@ -519,6 +526,7 @@ async def _soak(
         "positions_closed": {r["exit_reason"]: r["n"] for r in closed},
         "waves": run.waves,
         "signals": {r["status"]: r["n"] for r in signals},
+        "rejected_by_reason": {r["why"]: r["n"] for r in rejections},
         "order_round_trip_s": round(round_trip, 4),
         "breaker": {
             "trips": sum(1 for r in pauses if r["type"] == "entries_paused" and "breaker" in r["message"]),
