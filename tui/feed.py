@@ -212,17 +212,17 @@ def _entries_detail(event: EntriesToggled) -> str:
 _ROUTINE_REJECTIONS = frozenset({"entries paused", "engine stopping"})
 
 
+def _rejections_entry(at: float, rejected: list[SignalRejected], what: str) -> LogEntry:
+    """One log row for `rejected`, each named with why: a warning unless every one was turned away by a
+    pause or the engine's stop (the header already says so)."""
+    routine = all(r.reason in _ROUTINE_REJECTIONS for r in rejected)
+    named = "; ".join(f"{r.symbol}: {r.reason}" for r in rejected)
+    return LogEntry(at, "info" if routine else "warning", "", "signals", None, "rejected", f"{what}: {named}")
+
+
 def _rejected_alone(event: SignalRejected) -> LogEntry:
     wave = "" if event.wave_id is None else f" of wave {event.wave_id}"
-    return LogEntry(
-        event.at,
-        "info" if event.reason in _ROUTINE_REJECTIONS else "warning",
-        "",
-        "signals",
-        None,
-        "rejected",
-        f"signal {event.signal_id}{wave} rejected: {event.symbol}: {event.reason}",
-    )
+    return _rejections_entry(event.at, [event], f"signal {event.signal_id}{wave} rejected")
 
 
 class LogTranslator:
@@ -275,24 +275,15 @@ class LogTranslator:
 
     def _wave_rejections(self, event: WaveFinished) -> LogEntry | None:
         """The signals the wave rejected, each with why, in one row (they were only INFO lines of the log
-        file: the dashboard said "3 signals, 1 opened" and nothing of the other two). A warning unless
-        every one was turned away by a pause or the engine's stop (the header already says so)."""
+        file: the dashboard said "3 signals, 1 opened" and nothing of the other two)."""
         self._waves_ended.add(event.wave_id)
         while len(self._waves_ended) > 1_000:
             self._waves_ended.discard(min(self._waves_ended))
         rejected = self._rejected.pop(event.wave_id, [])
         if not rejected:
             return None
-        routine = all(r.reason in _ROUTINE_REJECTIONS for r in rejected)
-        named = "; ".join(f"{r.symbol}: {r.reason}" for r in rejected)
-        return LogEntry(
-            event.at,
-            "info" if routine else "warning",
-            "",
-            "signals",
-            None,
-            "rejected",
-            f"{len(rejected)} of {event.signals} signals of wave {event.wave_id} rejected: {named}",
+        return _rejections_entry(
+            event.at, rejected, f"{len(rejected)} of {event.signals} signals of wave {event.wave_id} rejected"
         )
 
     def _placed(self, event: ProtectionConfirmed) -> LogEntry | None:

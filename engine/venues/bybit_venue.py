@@ -684,11 +684,13 @@ class BybitLinearVenue(CcxtVenue):
             and cid not in self._stops
         ]
         for cid, on in sorted(recorded):
-            if self._kind_held(on, cid) is None:
+            order_type = self._kind_held(on, cid)
+            if order_type is None:
                 continue
             if stop_rows is None:
                 stop_rows = await self._stop_order_rows(symbol)
-            named = await self._named(on, cid, [r for r in rows if r.get("symbol") == on], stop_rows)
+            of_symbol = [r for r in rows if r.get("symbol") == on]
+            named = await self._named(on, cid, order_type, of_symbol, stop_rows)
             if named is not None and named.status is OrderStatus.NEW:
                 listed.append(named)
         return [self._snapshot(stop) for stop in listed]
@@ -1266,10 +1268,11 @@ class BybitLinearVenue(CcxtVenue):
         stop = self._stops.get(client_order_id)
         if stop is not None:
             return stop if stop.symbol == symbol else None
-        if self._kind_held(symbol, client_order_id) is None:
+        order_type = self._kind_held(symbol, client_order_id)
+        if order_type is None:
             return None
         rows = await self._position_rows(symbol)
-        return await self._named(symbol, client_order_id, rows, None)
+        return await self._named(symbol, client_order_id, order_type, rows, None)
 
     def _kind_held(self, symbol: str, client_order_id: str) -> OrderType | None:
         """The kind of stop the id names, when no stop of ours of that kind works on the symbol (else None:
@@ -1286,14 +1289,13 @@ class BybitLinearVenue(CcxtVenue):
         self,
         symbol: str,
         client_order_id: str,
+        order_type: OrderType,
         rows: list[Mapping[str, Any]],
         stop_rows: list[Mapping[str, Any]] | None,
     ) -> _PositionStop | None:
-        """A new process names the position's live stop of the kind the id names as that id (`_stop_for`),
-        from the position rows read (and the stop order rows, read here when not given)."""
-        order_type = self._kind_held(symbol, client_order_id)
-        if order_type is None:
-            return None
+        """A new process names the position's live stop of `order_type` (`_kind_held`: none of ours of that
+        kind works there) as this id (`_stop_for`), from the symbol's position rows read (and the stop
+        order rows, read here when not given)."""
         recorded = self._recorded.get(client_order_id)
         if recorded is not None and recorded.side is not None:
             # The recorded stop's own position (in hedge mode the other side's stop is not ours).
