@@ -852,6 +852,14 @@ class Engine:
             self._token = await self.store.installation_token()
             await self._replay_left_journal()
             await self._record_trails_a_dead_engine_left()
+            if naked := await self.store.date_fills_never_protected():
+                log.warning(
+                    "%d position%s filled and never protected by the last engine on this account: "
+                    "counted without stops since %s fill",
+                    naked,
+                    "" if naked == 1 else "s",
+                    "its" if naked == 1 else "their",
+                )
             control = await self.store.entries_control(self.exchange_name, self.account_key)
             if control is not None and control.paused:
                 self._persisted_pause = (True, control.paused_by, control.reason)
@@ -1705,8 +1713,14 @@ class Engine:
             await self.store.set_order_status(
                 order.client_order_id, OrderRecordStatus.FILLED, exchange_order_id=order.venue_order_id
             )
+            # (filled while no engine knew: without stops since, whenever this start protects it)
+            filled_at = _utc(order.updated_at)
             filled = await self.store.record_fill(
-                position.id, order.filled_quantity, order.average_price, filled_at=_utc(order.updated_at)
+                position.id,
+                order.filled_quantity,
+                order.average_price,
+                filled_at=filled_at,
+                unprotected_since=filled_at,
             )
             await self._signal_settled(position, filled, None)
             return filled
@@ -1800,12 +1814,16 @@ class Engine:
                         order.client_order_id, OrderRecordStatus.REJECTED, error=reason
                     )
             recorded = RecordedOrders([], None, recorded.used_ids)
+        filled_at = _utc(venue_position.updated_at)
         position = await self.store.record_fill(
             position.id,
             venue_position.quantity,
             venue_position.entry_price,
-            filled_at=_utc(venue_position.updated_at),
+            filled_at=filled_at,
             side=venue_position.side.value if flipped else None,
+            # An entry of ours whose answer never came: without stops since it filled. (Not a position
+            # someone else opened: it was never ours to protect before this engine saw it.)
+            unprotected_since=filled_at if position.status in _ENTRY_SENT else None,
         )
         await self.store.record_event(
             Severity.WARNING,
@@ -2635,11 +2653,13 @@ class Engine:
         await self.store.set_order_status(
             cid, OrderRecordStatus.FILLED, exchange_order_id=order.venue_order_id
         )
+        filled_at = None if doubt is None else _utc(order.updated_at)
         filled = await self.store.record_fill(
             position_id,
             order.filled_quantity,
             order.average_price,
-            filled_at=None if doubt is None else _utc(order.updated_at),
+            filled_at=filled_at,
+            unprotected_since=filled_at,  # (an entry in doubt: without stops since it filled)
         )
         # Its time unprotected counts from here, a restart or not (for an entry in doubt, from its send).
         filled_at = self.clock.monotonic() if doubt is None else doubt.sent_at
@@ -3745,11 +3765,11 @@ def _entry_not_ended(order: Order) -> str:
     return f"the venue has it {order.status.value}, not filled yet"
 
 
+_ENTRY_SENT = (PositionStatus.PENDING_ENTRY, PositionStatus.ENTRY_PLACED)
+
+
 def _entry_pending(position: PositionRecord) -> bool:
-    return (
-        position.status in (PositionStatus.PENDING_ENTRY, PositionStatus.ENTRY_PLACED)
-        or position.entry_price is None
-    )
+    return position.status in _ENTRY_SENT or position.entry_price is None
 
 
 def _by_position_id(item: PositionCoverage | PositionView) -> int:

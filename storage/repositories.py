@@ -523,27 +523,72 @@ class Store:
         *,
         filled_at: datetime | None = None,
         side: str | None = None,
+        unprotected_since: datetime | None = None,
     ) -> PositionRecord:
         """The entry filled: quantity and the fill price, which every stop is computed from. `filled_at` is
         the venue's fill time when it is known and not now (an entry found filled at a restart): the time
         unprotected is counted from it, not from when we noticed. `side`: the side the venue holds, when it
-        is not the one recorded (a position adopted from the venue's list into an entry's record)."""
+        is not the one recorded (a position adopted from the venue's list into an entry's record).
+        `unprotected_since`: a fill learned late (an entry's answer lost, or filled while no engine ran) has
+        been without stops since then: its uncovered span begins here, in the same statement, however soon
+        its stops are confirmed (a position protected on its first pass has none, and this one's naked time
+        was before that pass). Not for a position ever protected."""
         row = await self._pool.fetchrow(
-            """
-            UPDATE monitoring.positions
-            SET quantity = $2, entry_price = $3, current_price = COALESCE(current_price, $3),
-                status = 'pending_protection', opened_at = COALESCE(opened_at, $4, now()),
-                side = COALESCE($5, side)
-            WHERE id = $1
-            RETURNING *
+            f"""
+            WITH filled AS (
+                UPDATE monitoring.positions AS p
+                SET quantity = $2, entry_price = $3, current_price = COALESCE(p.current_price, $3),
+                    status = 'pending_protection', opened_at = COALESCE(p.opened_at, $4, now()),
+                    side = COALESCE($5, p.side),
+                    unprotected_since = CASE WHEN $6::timestamptz IS NULL OR p.protected_at IS NOT NULL
+                                             THEN p.unprotected_since
+                                             ELSE COALESCE(p.unprotected_since, $6::timestamptz) END
+                FROM monitoring.positions AS old
+                WHERE p.id = $1 AND old.id = $1
+                RETURNING p.*, old.unprotected_since AS was
+            ), started AS (
+                INSERT INTO monitoring.uncovered_spans (account, position_id, symbol, started_at, reason)
+                SELECT account, id, symbol, unprotected_since, {_UNCOVERED_REASON.format(row="filled")}
+                FROM filled WHERE unprotected_since IS NOT NULL AND was IS NULL
+                ON CONFLICT (position_id, started_at) DO NOTHING
+            )
+            SELECT * FROM filled
             """,
             position_id,
             quantity,
             entry_price,
             filled_at,
             side,
+            unprotected_since,
         )
         return _position(self._require(row, position_id))
+
+    async def date_fills_never_protected(self) -> int:
+        """Positions recorded filled and never protected, whose record says nothing of it: an engine ended
+        in their first protection pass (a guard's first facts are written with its stops). They have been
+        without stops since their fill, however soon this start protects them: their uncovered spans begin
+        there (`unprotected_since` = `opened_at`), before anything is restored. How many."""
+        return int(
+            await self._pool.fetchval(
+                f"""
+                WITH changed AS (
+                    UPDATE monitoring.positions AS p
+                    SET unprotected_since = p.opened_at
+                    WHERE p.account = $1 AND p.status IN ('pending_protection', 'active')
+                          AND p.protected_at IS NULL AND p.unprotected_since IS NULL
+                          AND p.opened_at IS NOT NULL
+                    RETURNING p.id, p.account, p.symbol, p.unprotected_since AS since,
+                              {_UNCOVERED_REASON.format(row="p")} AS reason
+                ), started AS (
+                    INSERT INTO monitoring.uncovered_spans (account, position_id, symbol, started_at, reason)
+                    SELECT account, id, symbol, since, reason FROM changed
+                    ON CONFLICT (position_id, started_at) DO NOTHING
+                )
+                SELECT count(*) FROM changed
+                """,
+                self.account,
+            )
+        )
 
     async def set_protection_facts(
         self,

@@ -616,10 +616,17 @@ class ResilientStore(Store):
         *,
         filled_at: datetime | None = None,
         side: str | None = None,
+        unprotected_since: datetime | None = None,
     ) -> PositionRecord:
         ok, record = await self._try_live(
             lambda: Store.record_fill(
-                self, position_id, quantity, entry_price, filled_at=filled_at, side=side
+                self,
+                position_id,
+                quantity,
+                entry_price,
+                filled_at=filled_at,
+                side=side,
+                unprotected_since=unprotected_since,
             )
         )
         if ok:
@@ -634,11 +641,15 @@ class ResilientStore(Store):
                 "entry_price": str(entry_price),
                 "filled_at": (filled_at or _now()).isoformat(),
                 "side": side,
+                "unprotected_since": None if unprotected_since is None else unprotected_since.isoformat(),
             },
         )
+        if known.protected_at is not None or known.unprotected_since is not None:
+            unprotected_since = known.unprotected_since
         return self._remember_position(
             dataclasses.replace(
                 known,
+                unprotected_since=unprotected_since,
                 side=side or known.side,
                 quantity=quantity,
                 entry_price=entry_price,
@@ -695,6 +706,16 @@ class ResilientStore(Store):
             return count
         # As of `at` (a dead engine's last heartbeat), or of the write itself: replayed at either, not later.
         await self._append("disarm_managed_trails", {"at": None if at is None else at.isoformat()})
+        return 0
+
+    async def date_fills_never_protected(self) -> int:
+        ok, count = await self._try_live(lambda: Store.date_fills_never_protected(self))
+        if ok:
+            assert count is not None
+            return count
+        await self._append(
+            "date_fills_never_protected", {}
+        )  # (each span begins at its fill, replayed or not)
         return 0
 
     async def finish_wave(
@@ -1110,7 +1131,12 @@ async def _replay_record_fill(store: Store, entry: JournalEntry) -> None:
         Decimal(a["entry_price"]),
         filled_at=_when(a["filled_at"]) or entry.at,
         side=a.get("side"),  # (journals written before it had no side: the recorded one)
+        unprotected_since=_when(a.get("unprotected_since")),
     )
+
+
+async def _replay_date_fills_never_protected(store: Store, _entry: JournalEntry) -> None:
+    await store.date_fills_never_protected()
 
 
 async def _replay_finish_signal(store: Store, entry: JournalEntry) -> None:
@@ -1192,6 +1218,7 @@ _REPLAY: dict[str, Callable[[Store, JournalEntry], Awaitable[None]]] = {
     "finish_wave": _replay_finish_wave,
     "set_entries_control": _replay_set_entries_control,
     "disarm_managed_trails": _replay_disarm_managed_trails,
+    "date_fills_never_protected": _replay_date_fills_never_protected,
     "record_event": _replay_record_event,
     "record_coverage_sample": _replay_record_coverage_sample,
 }

@@ -14,6 +14,7 @@ verdict. Bounded: every wait has a deadline."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from tests.chaos.processes import (
     control,
     emulator,
     engine_up,
+    fetch,
     in_flight,
     protected_positions,
     quiet,
@@ -137,3 +139,66 @@ async def test_ambiguous_stop_placements_and_a_429_418_burst(
     # tolerated backoff, no duplicate, none lost, judged on the venue). This floor only catches stops never
     # placed; a 7-second audit under three test workers once measured 67.6 %.
     assert figures.time_weighted_coverage_pct >= 50.0
+
+
+async def test_entries_that_fill_while_no_engine_runs_are_uncovered_on_the_record_from_their_fill(
+    tmp_path: Path, pg_server: EmbeddedPostgres, project_root: Path
+) -> None:
+    """Killed between sending an entry and hearing back, an engine leaves it filled on the venue and sent
+    in its database. Until the next engine protects it the position holds no stop: the operators' history
+    (`monitoring.uncovered_spans`, `tsbot report`) must show that time, from before the kill to after the
+    restart, not nothing because the next engine protected it within a round trip of starting."""
+    dsn = write_config(tmp_path, project_root, pg_server)
+    # Entries are executed, their answers held until the engine gives up: the kill falls in between
+    async with emulator(tmp_path, "POST:order=timeout") as url:
+        auditor = auditor_for(url, dsn, audit_limits(tmp_path))
+        engine = await Process.start("run", cwd=tmp_path)
+        try:
+            await engine_up(auditor, engine)
+            # (and the account stream tells their fills 20 s late: neither way is the engine told in time)
+            await control(url, "/_sim/stream-fault", {"fault": "delay", "ms": 20_000})
+            symbols = await Waves(dsn).send(3)
+
+            async def unanswered() -> list[int]:
+                held = {p.symbol for p in (await auditor.venue.read()).positions}
+                rows = await fetch(dsn, _SENT, symbols)
+                return [r["id"] for r in rows if r["symbol"] in held]
+
+            await wait_until(unanswered, within=20, what="an entry filled on the venue, unanswered")
+        finally:
+            engine.process.kill()
+            assert await engine.wait() == -signal.SIGKILL, engine.lines
+        killed = (await fetch(dsn, "SELECT now() AS t"))[0]["t"]
+        naked = await unanswered()
+        await control(url, "/_sim/clear-faults", {})
+        await asyncio.sleep(2)  # no engine runs: the positions are naked on the venue
+        engine = await Process.start("run", cwd=tmp_path)
+        try:
+            restarted = (await fetch(dsn, "SELECT now() AS t"))[0]["t"]
+            await engine_up(auditor, engine)
+            await quiet(auditor, dsn)
+        finally:
+            assert await engine.stop() == 0, engine.lines
+            await auditor.close()
+    assert naked
+    positions = await fetch(
+        dsn, "SELECT id, opened_at, protected_at FROM monitoring.positions WHERE id = ANY($1)", naked
+    )
+    spans = await fetch(
+        dsn,
+        "SELECT position_id, started_at, ended_at FROM monitoring.uncovered_spans WHERE position_id = ANY($1)",
+        naked,
+    )
+    assert len(positions) == len(naked)
+    for position in positions:
+        assert position["opened_at"] <= killed < restarted < position["protected_at"], position
+        (span,) = [s for s in spans if s["position_id"] == position["id"]]
+        assert span["started_at"] <= killed, (span, killed)
+        assert span["ended_at"] >= restarted, (span, restarted)
+        assert abs((span["started_at"] - position["opened_at"]).total_seconds()) < 0.5, span
+
+
+_SENT = (
+    "SELECT id, symbol FROM monitoring.positions "
+    "WHERE symbol = ANY($1) AND status IN ('pending_entry', 'entry_placed')"
+)

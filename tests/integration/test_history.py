@@ -214,6 +214,48 @@ async def test_a_position_that_ends_uncovered_ends_its_span_and_a_repeated_write
     assert other["ended_at"] > t0
 
 
+async def test_a_start_dates_the_fills_the_last_engine_never_protected_from_their_fill(db: Database) -> None:
+    """An engine killed in a position's first protection pass leaves it filled and never protected, and
+    its record says nothing of it (a guard's first facts are written with its stops). The next start
+    protects it within a round trip, and its naked time from the fill to then was on no record. The start
+    begins its span at the fill; positions protected before, already uncovered, ended or another account's
+    are left as they are."""
+    store = Store(db.pool)
+    t0 = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
+    naked, covered, lost, closed = [
+        await _position(store, s) for s in ("SFPUSDT", "ALLUSDT", "AXSUSDT", "ZILUSDT")
+    ]
+    other = await Store(db.pool, "sim:other").create_position(
+        symbol="SFPUSDT",
+        exchange="sim",
+        side="long",
+        quantity=Decimal("1"),
+        status=PositionStatus.ENTRY_PLACED,
+    )
+    await Store(db.pool, "sim:other").record_fill(other.id, Decimal("1"), Decimal("2"))
+    await db.pool.execute("UPDATE monitoring.positions SET opened_at = $1", t0)
+    await store.set_protection_facts_many([facts_row(covered, covered=True, since=None, observed=t0)])
+    await store.set_protection_facts_many(
+        [facts_row(lost, covered=False, since=t0 + timedelta(seconds=3), observed=t0 + timedelta(seconds=3))]
+    )
+    await store.close_position(closed, exit_reason="manual", realized_pnl=None)
+    before = await _spans(db)
+
+    assert await store.date_fills_never_protected() == 1
+    assert await store.date_fills_never_protected() == 0  # (a second start: nothing twice)
+    rows = {r["id"]: r for r in await db.pool.fetch("SELECT * FROM monitoring.positions")}
+    assert rows[naked]["unprotected_since"] == t0
+    assert [rows[i]["unprotected_since"] for i in (covered, closed, other.id)] == [None, None, None]
+    assert rows[lost]["unprotected_since"] == t0 + timedelta(seconds=3)
+    [span] = [s for s in await _spans(db) if s not in before]
+    assert (span["position_id"], span["started_at"], span["ended_at"], span["reason"]) == (
+        naked,
+        t0,
+        None,
+        "not_yet_protected",
+    )
+
+
 async def test_the_housekeeping_deletes_this_accounts_samples_past_their_retention(db: Database) -> None:
     settings = settings_for(db)
     clock = ManualClock()

@@ -323,6 +323,45 @@ async def test_a_disarm_journaled_as_of_a_dead_engines_heartbeat_is_replayed_as_
     assert row["unprotected_since"] == heard
 
 
+async def test_a_fill_learned_late_in_an_outage_is_replayed_uncovered_from_the_fill_and_a_live_one_is_not(
+    owned: Owned,
+) -> None:
+    """An entry whose answer was lost (or that filled while no engine ran), recorded filled while the
+    database is down: its position was without stops from its fill, and the replay must begin its uncovered
+    span there. A fill answered live has none: a position protected on its first pass has no span."""
+    store, _token = await _store(owned)
+    late, live = [
+        await store.create_position(
+            symbol=symbol,
+            exchange="sim",
+            side="long",
+            quantity=Decimal("1"),
+            status=PositionStatus.ENTRY_PLACED,
+        )
+        for symbol in ("SFPUSDT", "AXSUSDT")
+    ]
+    filled_at = datetime.now(UTC) - timedelta(seconds=40)
+    kill_postmaster(owned.server.data_dir)
+    record = await store.record_fill(
+        late.id, Decimal("1"), Decimal("2"), filled_at=filled_at, unprotected_since=filled_at
+    )
+    assert record.unprotected_since == filled_at  # (what a guard resumes from, the database away)
+    assert (await store.record_fill(live.id, Decimal("1"), Decimal("2"))).unprotected_since is None
+    assert store.journaled == {"record_fill": 2}
+    await _bring_back(owned)
+    assert await store.replay_journal() == 2
+    rows = {
+        r["id"]: r
+        for r in await owned.pool.fetch("SELECT id, opened_at, unprotected_since FROM monitoring.positions")
+    }
+    spans = await owned.pool.fetch(
+        "SELECT position_id, started_at, ended_at, reason FROM monitoring.uncovered_spans"
+    )
+    assert rows[late.id]["unprotected_since"] == rows[late.id]["opened_at"] == filled_at
+    assert rows[live.id]["unprotected_since"] is None
+    assert [tuple(s) for s in spans] == [(late.id, filled_at, None, "not_yet_protected")]
+
+
 async def test_replaying_a_journal_a_second_time_changes_nothing(owned: Owned) -> None:
     """A crash after the replay and before the journal was removed: the next start replays it again."""
     store, token = await _store(owned)
