@@ -436,7 +436,11 @@ class ResilientStore(Store):
         exchange_order_id: str | None = None,
         error: str | None = None,
         trail_distance: Decimal | None = None,
-    ) -> OrderRecord:
+    ) -> OrderRecord | None:  # type: ignore[override]
+        """As `Store.set_order_status`; while the database is unreachable the write is journaled, and an
+        order this process no longer remembers (more than `remembered` orders since it last touched it) gives
+        None: its row is updated at replay. Not a missing row: no write of a guard or a reconcile pass may
+        fail for an outage."""
         ok, record = await self._try_live(
             lambda: Store.set_order_status(
                 self,
@@ -453,10 +457,8 @@ class ResilientStore(Store):
         row = OrderStatusRow(client_order_id, status, exchange_order_id, error, trail_distance)
         entry = await self._append("set_order_status", _encode_status_row(row))
         known = self._orders.get(client_order_id)
-        if known is None:
-            # As the database answers for an order it does not have; the write stays journaled and is
-            # applied at replay if the row exists there.
-            raise LookupError(f"no row for {client_order_id!r} known while the database is unreachable")
+        if known is None:  # (applied at replay if the row exists there)
+            return None
         return self._remember_order(_order_with_status(known, row, entry.at))
 
     async def set_order_statuses_many(self, updates: Sequence[OrderStatusRow]) -> None:

@@ -362,6 +362,37 @@ async def test_a_fill_learned_late_in_an_outage_is_replayed_uncovered_from_the_f
     assert [tuple(s) for s in spans] == [(late.id, filled_at, None, "not_yet_protected")]
 
 
+async def test_a_status_write_for_an_order_no_longer_remembered_is_journaled_not_an_error(
+    owned: Owned,
+) -> None:
+    """During an outage the store answers from what it remembers (the last `remembered` orders touched).
+    A stop's status write for an order older than that raised LookupError, as if the row did not exist: the
+    guard's or the reconcile pass's write failed (the pass ended there) while the write itself was journaled
+    and would land. It is journaled and applied at replay, and says nothing is remembered of the order."""
+    store = ResilientStore(owned.pool, write_timeout_seconds=5.0, remembered=2)
+    store.attach_journal(WriteJournal(owned.journal), await store.installation_token())
+    position_id = await _open_position(store)  # its stop-loss, then two more orders: the first forgotten
+    for n in (1, 2):
+        await store.record_order(
+            client_order_id=f"tsbx-{position_id}-ts{n}",
+            position_id=position_id,
+            purpose=OrderPurpose.TRAILING_STOP,
+            side="sell",
+            type="trailing_stop_market",
+            quantity=Decimal("100"),
+        )
+    kill_postmaster(owned.server.data_dir)
+    forgotten = f"tsbx-{position_id}-sl0"
+    assert await store.set_order_status(forgotten, OrderRecordStatus.FILLED) is None
+    assert store.journaled == {"set_order_status": 1}
+    await _bring_back(owned)
+    assert await store.replay_journal() == 1
+    status = await owned.pool.fetchval(
+        "SELECT status FROM monitoring.orders WHERE client_order_id = $1", forgotten
+    )
+    assert status == OrderRecordStatus.FILLED.value
+
+
 async def test_replaying_a_journal_a_second_time_changes_nothing(owned: Owned) -> None:
     """A crash after the replay and before the journal was removed: the next start replays it again."""
     store, token = await _store(owned)
