@@ -852,14 +852,6 @@ class Engine:
             self._token = await self.store.installation_token()
             await self._replay_left_journal()
             await self._record_trails_a_dead_engine_left()
-            if naked := await self.store.date_fills_never_protected():
-                log.warning(
-                    "%d position%s filled and never protected by the last engine on this account: "
-                    "counted without stops since %s fill",
-                    naked,
-                    "" if naked == 1 else "s",
-                    "its" if naked == 1 else "their",
-                )
             control = await self.store.entries_control(self.exchange_name, self.account_key)
             if control is not None and control.paused:
                 self._persisted_pause = (True, control.paused_by, control.reason)
@@ -1478,6 +1470,7 @@ class Engine:
                 trail_record=trails.get(position.id),
                 venue_open_orders=venue_orders,
                 used_order_ids=ids_by_position.get(position.id, ()),
+                naked_since=_left_never_protected(position),
             )
 
         async def protect_once_filled(position: PositionRecord) -> PositionGuard | None:
@@ -1767,7 +1760,10 @@ class Engine:
             return  # the entry's own answer is being applied to its record: the next pass sees the outcome
         doubt.adopting = asyncio.Event()
         try:
-            doubt.flipped = await self._adopt_into(position, venue_position, held)
+            sent = self.clock.now() - (self.clock.monotonic() - doubt.sent_at)
+            doubt.flipped = await self._adopt_into(
+                position, venue_position, held, entry_sent_at=datetime.fromtimestamp(sent, tz=UTC)
+            )
             # Its own answer, when it comes, neither fills nor fails this record again (`_entry_answered`),
             # and its guard counts it from here.
             doubt.adopted = True
@@ -1781,10 +1777,16 @@ class Engine:
             doubt.adopting.set()
 
     async def _adopt_into(
-        self, position: PositionRecord, venue_position: VenuePosition, held: Sequence[VenuePosition]
+        self,
+        position: PositionRecord,
+        venue_position: VenuePosition,
+        held: Sequence[VenuePosition],
+        *,
+        entry_sent_at: datetime | None = None,
     ) -> bool:
         """Fill `position` in from what the venue holds and guard it; whether its side was flipped to the
-        venue's."""
+        venue's. `entry_sent_at`: when the entry of unknown outcome whose record it is was sent (the held
+        position is taken for its fill: without stops since then)."""
         assert self.store is not None and self.manager is not None
         flipped = venue_position.side.value != position.side
         if flipped:
@@ -1815,15 +1817,19 @@ class Engine:
                     )
             recorded = RecordedOrders([], None, recorded.used_ids)
         filled_at = _utc(venue_position.updated_at)
+        # An entry of ours whose answer never came, held: without stops since it filled, and not before it
+        # was sent (the venue's time may be an earlier trade's). Not a position of the other side: someone
+        # else's trade, never ours to protect before this engine saw it.
+        naked_since = None
+        if entry_sent_at is not None and not flipped:
+            naked_since = entry_sent_at if filled_at is None else max(filled_at, entry_sent_at)
         position = await self.store.record_fill(
             position.id,
             venue_position.quantity,
             venue_position.entry_price,
             filled_at=filled_at,
             side=venue_position.side.value if flipped else None,
-            # An entry of ours whose answer never came: without stops since it filled. (Not a position
-            # someone else opened: it was never ours to protect before this engine saw it.)
-            unprotected_since=filled_at if position.status in _ENTRY_SENT else None,
+            unprotected_since=naked_since,
         )
         await self.store.record_event(
             Severity.WARNING,
@@ -3766,6 +3772,15 @@ def _entry_not_ended(order: Order) -> str:
 
 
 _ENTRY_SENT = (PositionStatus.PENDING_ENTRY, PositionStatus.ENTRY_PLACED)
+
+
+def _left_never_protected(position: PositionRecord) -> datetime | None:
+    """A restored position the last engine recorded filled and never protected, with nothing recorded of
+    its naked time (killed in its first pass: a guard's first facts are written with its stops): its fill.
+    Only our own entries' (one adopted from the venue was not ours to protect before its adoption)."""
+    if position.protected_at is not None or position.unprotected_since is not None:
+        return None
+    return position.opened_at if position.signal_id is not None else None
 
 
 def _entry_pending(position: PositionRecord) -> bool:

@@ -395,6 +395,9 @@ class PositionGuard:
             manager.clock.monotonic() - filled_at
         )
         self.protected_at: float | None = None
+        # A restored position the last engine left filled and never protected: without stops since then if
+        # this guard has to send one (not if it finds them live), which its first covered facts record.
+        self.naked_since: datetime | None = None
 
         config = manager.config
         self.callback_percent = config.callback_percent
@@ -2778,6 +2781,8 @@ class PositionGuard:
         self.report.first_pass_ok = covered
         if facts == self._written_facts:
             return  # the database already says exactly this
+        naked_from = self.naked_since if covered and self.report.created_orders > 0 else None
+        self.naked_since = None  # (uncovered, its span begins at the fill the guard was timed from)
         written = await m.facts_writer.write(
             self.position_id,
             ProtectionFactsRow(
@@ -2790,6 +2795,7 @@ class PositionGuard:
                 trail_armed=facts[5],
                 unprotected_since=facts[6],
                 observed_at=_datetime(m.clock.now()),  # an uncovered span these facts end, ends now
+                uncovered_from=naked_from,
             ),
         )
         self.status = written if written is not None else facts[4]
@@ -2890,13 +2896,16 @@ class ProtectionManager:
         venue_open_orders: Mapping[str, Order] | None = None,
         attached_stop_loss: OrderRecord | None = None,
         used_order_ids: Iterable[str] = (),
+        naked_since: datetime | None = None,
     ) -> PositionGuard:
         """Start guarding a filled position. Restored positions pass their DB orders and trail record;
         those orders are verified against the venue before anything new is sent: an order found in
         `venue_open_orders` (the venue's open protective orders, read once for every position at start-up)
         is confirmed by it, and only the others are looked up one by one. `attached_stop_loss`: the hard
         stop that rode on the entry order (a venue with `attach_stop_to_entry`), verified like a restored
-        one and replaced from the fill price when it is more than a tick off."""
+        one and replaced from the fill price when it is more than a tick off. `naked_since`: a restored
+        position never protected, with nothing recorded of it: without stops since then if any of its stops
+        has to be sent (see `PositionGuard.naked_since`)."""
         if self.stopped:  # a guard here would run unseen by the manager that replaced this one
             raise RuntimeError(f"protection manager stopped: position {position.id} not guarded here")
         if position.id in self.guards:
@@ -2909,6 +2918,7 @@ class ProtectionManager:
             self.kind,
             filled_at=self.clock.monotonic() if filled_at is None else filled_at,
         )
+        guard.naked_since = naked_since
         if position.unprotected_since is not None:
             guard.resume_unprotected_since(position.unprotected_since)
         elif position.has_stop_loss and position.trailing_in_place:

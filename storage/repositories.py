@@ -145,6 +145,9 @@ class ProtectionFactsRow:
     unprotected_since: datetime | None = None  # since when it lacks a confirmed stop; None: covered
     # When the writer saw these facts, on its clock: an uncovered span these facts end, ends then.
     observed_at: datetime | None = None
+    # An uncovered stretch the record does not have, begun then: a position the last engine left filled and
+    # never protected (killed in its first pass) whose stops this engine had to send. Covered facts end it.
+    uncovered_from: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -563,33 +566,6 @@ class Store:
         )
         return _position(self._require(row, position_id))
 
-    async def date_fills_never_protected(self) -> int:
-        """Positions recorded filled and never protected, whose record says nothing of it: an engine ended
-        in their first protection pass (a guard's first facts are written with its stops). They have been
-        without stops since their fill, however soon this start protects them: their uncovered spans begin
-        there (`unprotected_since` = `opened_at`), before anything is restored. How many."""
-        return int(
-            await self._pool.fetchval(
-                f"""
-                WITH changed AS (
-                    UPDATE monitoring.positions AS p
-                    SET unprotected_since = p.opened_at
-                    WHERE p.account = $1 AND p.status IN ('pending_protection', 'active')
-                          AND p.protected_at IS NULL AND p.unprotected_since IS NULL
-                          AND p.opened_at IS NOT NULL
-                    RETURNING p.id, p.account, p.symbol, p.unprotected_since AS since,
-                              {_UNCOVERED_REASON.format(row="p")} AS reason
-                ), started AS (
-                    INSERT INTO monitoring.uncovered_spans (account, position_id, symbol, started_at, reason)
-                    SELECT account, id, symbol, since, reason FROM changed
-                    ON CONFLICT (position_id, started_at) DO NOTHING
-                )
-                SELECT count(*) FROM changed
-                """,
-                self.account,
-            )
-        )
-
     async def set_protection_facts(
         self,
         position_id: int,
@@ -650,12 +626,17 @@ class Store:
                                                  ELSE p.hard_stop_gap_seconds END,
                     status = CASE WHEN p.status IN ('pending_protection', 'active') THEN f.status ELSE p.status END
                 FROM unnest($1::bigint[], $2::bool[], $3::bool[], $4::numeric[], $5::bool[], $6::text[],
-                            $8::bool[], $10::timestamptz[], $11::timestamptz[])
-                         AS f(id, sl, ts, sl_price, activated, status, armed, since, observed),
+                            $8::bool[], $10::timestamptz[], $11::timestamptz[], $12::timestamptz[])
+                         AS f(id, sl, ts, sl_price, activated, status, armed, since, observed, naked_from),
                      monitoring.positions AS old
                 WHERE p.id = f.id AND old.id = f.id AND p.status <> ALL($7::text[])
                 RETURNING p.id, p.status, p.account, p.symbol, p.unprotected_since AS since,
-                          old.unprotected_since AS was, f.observed,
+                          -- (a stretch the record lacks, of a position never protected: ended by covered
+                          -- facts as if the record had it; a replay finds it protected and adds nothing)
+                          COALESCE(old.unprotected_since,
+                                   CASE WHEN p.unprotected_since IS NULL AND old.protected_at IS NULL
+                                        THEN f.naked_from END) AS was,
+                          f.observed,
                           {_UNCOVERED_REASON.format(row="old")} AS was_reason,
                           {_UNCOVERED_REASON.format(row="p")} AS reason
             ), ended AS (
@@ -686,6 +667,7 @@ class Store:
             at,
             [f.unprotected_since for f in facts],
             [f.observed_at for f in facts],
+            [f.uncovered_from for f in facts],
         )
         return {r["id"]: PositionStatus(r["status"]) for r in rows}
 

@@ -710,16 +710,6 @@ class ResilientStore(Store):
         await self._append("disarm_managed_trails", {"at": None if at is None else at.isoformat()})
         return 0
 
-    async def date_fills_never_protected(self) -> int:
-        ok, count = await self._try_live(lambda: Store.date_fills_never_protected(self))
-        if ok:
-            assert count is not None
-            return count
-        await self._append(
-            "date_fills_never_protected", {}
-        )  # (each span begins at its fill, replayed or not)
-        return 0
-
     async def finish_wave(
         self, wave_id: int, *, opened: int, protected: int, failed: int, slowest_protection_ms: int | None
     ) -> None:
@@ -1034,6 +1024,7 @@ def _encode_facts(fact: ProtectionFactsRow) -> dict[str, Any]:
         "trail_armed": fact.trail_armed,
         "unprotected_since": None if fact.unprotected_since is None else fact.unprotected_since.isoformat(),
         "observed_at": None if fact.observed_at is None else fact.observed_at.isoformat(),
+        "uncovered_from": None if fact.uncovered_from is None else fact.uncovered_from.isoformat(),
     }
 
 
@@ -1048,6 +1039,7 @@ def _decode_facts(args: Mapping[str, Any]) -> ProtectionFactsRow:
         trail_armed=bool(args["trail_armed"]),
         unprotected_since=_when(args.get("unprotected_since")),  # absent in a journal from before 0010
         observed_at=_when(args.get("observed_at")),  # absent in a journal from before 0011
+        uncovered_from=_when(args.get("uncovered_from")),
     )
 
 
@@ -1137,10 +1129,6 @@ async def _replay_record_fill(store: Store, entry: JournalEntry) -> None:
     )
 
 
-async def _replay_date_fills_never_protected(store: Store, _entry: JournalEntry) -> None:
-    await store.date_fills_never_protected()
-
-
 async def _replay_finish_signal(store: Store, entry: JournalEntry) -> None:
     a = entry.args
     await store.finish_signal(
@@ -1220,7 +1208,6 @@ _REPLAY: dict[str, Callable[[Store, JournalEntry], Awaitable[None]]] = {
     "finish_wave": _replay_finish_wave,
     "set_entries_control": _replay_set_entries_control,
     "disarm_managed_trails": _replay_disarm_managed_trails,
-    "date_fills_never_protected": _replay_date_fills_never_protected,
     "record_event": _replay_record_event,
     "record_coverage_sample": _replay_record_coverage_sample,
 }

@@ -757,6 +757,14 @@ async def test_an_entry_in_doubt_at_a_restart_adopted_from_the_list_is_recorded_
         rows = await db.pool.fetch("SELECT id, status FROM monitoring.positions")
         assert [(r["id"], r["status"]) for r in rows] == [(position_id, "active")]
         assert _our_stops(venue, clock, SYMBOL) == ["sl", "ts"]
+        # Filled while in doubt and no engine ran: naked from its fill (not before its entry was sent)
+        # until the adopted guard's stops, on the record.
+        [span] = await db.pool.fetch("SELECT * FROM monitoring.uncovered_spans")
+        sent = await db.pool.fetchval(
+            "SELECT created_at FROM monitoring.orders WHERE client_order_id = $1", entry
+        )
+        assert sent <= span["started_at"] < span["ended_at"]
+        assert (span["reason"], span["ended_by"]) == ("not_yet_protected", "protected")
     finally:
         await drive(clock, second.stop())
 
@@ -795,6 +803,8 @@ async def test_a_position_on_the_other_side_of_an_entry_in_doubt_is_adopted_as_t
         )
         row = await db.pool.fetchrow("SELECT side, quantity FROM monitoring.positions")
         assert (row["side"], row["quantity"]) == ("short", short)
+        # Someone else's trade: no naked time of ours on the record before the engine adopted it.
+        assert await db.pool.fetchval("SELECT count(*) FROM monitoring.uncovered_spans") == 0
         # The mark through the short's stop: the venue closes it.
         through = engine.markets[SYMBOL].round_price(hard.stop_price * Decimal("1.01"))
         venue.core.set_mark(SYMBOL, through, clock.now())

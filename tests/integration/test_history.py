@@ -3,6 +3,7 @@ sim venue (virtual time) into real PostgreSQL. The venue's truth says when a sto
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -214,46 +215,41 @@ async def test_a_position_that_ends_uncovered_ends_its_span_and_a_repeated_write
     assert other["ended_at"] > t0
 
 
-async def test_a_start_dates_the_fills_the_last_engine_never_protected_from_their_fill(db: Database) -> None:
-    """An engine killed in a position's first protection pass leaves it filled and never protected, and
-    its record says nothing of it (a guard's first facts are written with its stops). The next start
-    protects it within a round trip, and its naked time from the fill to then was on no record. The start
-    begins its span at the fill; positions protected before, already uncovered, ended or another account's
-    are left as they are."""
+async def test_a_stretch_the_record_lacks_is_ended_by_covered_facts_and_only_where_the_record_has_none(
+    db: Database,
+) -> None:
+    """A guard restored on a position the last engine left filled and never protected, that had to send
+    its stops, writes covered facts carrying when the position's naked time began (`uncovered_from`): one
+    span, ended then, in the same statement. Where the record already has a stretch, it is the one ended;
+    facts that are not covered begin theirs at their own `unprotected_since`; a repeated write adds nothing."""
     store = Store(db.pool)
     t0 = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
-    naked, covered, lost, closed = [
-        await _position(store, s) for s in ("SFPUSDT", "ALLUSDT", "AXSUSDT", "ZILUSDT")
-    ]
-    other = await Store(db.pool, "sim:other").create_position(
-        symbol="SFPUSDT",
-        exchange="sim",
-        side="long",
-        quantity=Decimal("1"),
-        status=PositionStatus.ENTRY_PLACED,
-    )
-    await Store(db.pool, "sim:other").record_fill(other.id, Decimal("1"), Decimal("2"))
-    await db.pool.execute("UPDATE monitoring.positions SET opened_at = $1", t0)
-    await store.set_protection_facts_many([facts_row(covered, covered=True, since=None, observed=t0)])
+    naked, recorded, uncovered = [await _position(store, s) for s in ("SFPUSDT", "ALLUSDT", "AXSUSDT")]
     await store.set_protection_facts_many(
-        [facts_row(lost, covered=False, since=t0 + timedelta(seconds=3), observed=t0 + timedelta(seconds=3))]
+        [
+            facts_row(
+                recorded, covered=False, since=t0 + timedelta(seconds=5), observed=t0 + timedelta(seconds=5)
+            )
+        ]
     )
-    await store.close_position(closed, exit_reason="manual", realized_pnl=None)
-    before = await _spans(db)
-
-    assert await store.date_fills_never_protected() == 1
-    assert await store.date_fills_never_protected() == 0  # (a second start: nothing twice)
-    rows = {r["id"]: r for r in await db.pool.fetch("SELECT * FROM monitoring.positions")}
-    assert rows[naked]["unprotected_since"] == t0
-    assert [rows[i]["unprotected_since"] for i in (covered, closed, other.id)] == [None, None, None]
-    assert rows[lost]["unprotected_since"] == t0 + timedelta(seconds=3)
-    [span] = [s for s in await _spans(db) if s not in before]
-    assert (span["position_id"], span["started_at"], span["ended_at"], span["reason"]) == (
-        naked,
-        t0,
-        None,
-        "not_yet_protected",
+    at = t0 + timedelta(seconds=40)
+    ended = [
+        dataclasses.replace(facts_row(i, covered=True, since=None, observed=at), uncovered_from=t0)
+        for i in (naked, recorded)
+    ]
+    began = dataclasses.replace(
+        facts_row(uncovered, covered=False, since=t0, observed=at), uncovered_from=t0 - timedelta(seconds=9)
     )
+    for _ in range(2):  # (a journal replayed again)
+        await store.set_protection_facts_many([*ended, began])
+    spans = {
+        s["position_id"]: (s["started_at"], s["ended_at"], s["reason"], s["ended_by"])
+        for s in await _spans(db)
+    }
+    assert len(await _spans(db)) == 3, [tuple(r) for r in await _spans(db)]
+    assert spans[naked] == (t0, at, "not_yet_protected", "protected")
+    assert spans[recorded] == (t0 + timedelta(seconds=5), at, "not_yet_protected", "protected")
+    assert spans[uncovered] == (t0, None, "not_yet_protected", None)
 
 
 async def test_the_housekeeping_deletes_this_accounts_samples_past_their_retention(db: Database) -> None:

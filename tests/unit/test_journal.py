@@ -4,6 +4,7 @@ ignored (and cut off before the next append), unreadable lines kept aside, clear
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import stat
 from datetime import UTC, datetime
@@ -136,3 +137,28 @@ async def test_a_journal_that_cannot_be_written_says_so(tmp_path: Path) -> None:
     with pytest.raises(JournalError, match="cannot append"):
         await journal.append("record_event", {"n": 1}, database="abc123", at=AT)
     assert len(journal) == 0
+
+
+def test_every_field_of_a_guards_facts_survives_the_journal() -> None:
+    """The journal's encoding of protection facts names each field by hand: one left out (as a new one can
+    be) is lost in every outage, silently. Each field set to a value of its own comes back as written."""
+    from decimal import Decimal
+
+    from storage.repositories import PositionStatus, ProtectionFactsRow
+    from storage.resilient import _decode_facts, _encode_facts
+
+    at = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
+    facts = ProtectionFactsRow(
+        position_id=7,
+        has_stop_loss=True,
+        has_trailing_stop=False,
+        stop_loss_price=Decimal("0.4850"),
+        trailing_activated=True,
+        status=PositionStatus.ACTIVE,
+        trail_armed=True,
+        unprotected_since=at.replace(second=1),
+        observed_at=at.replace(second=2),
+        uncovered_from=at.replace(second=3),
+    )
+    assert all(getattr(facts, f) is not None for f in ProtectionFactsRow.__dataclass_fields__)
+    assert _decode_facts(json.loads(json.dumps(_encode_facts(facts)))) == facts
