@@ -433,8 +433,11 @@ class BinanceUsdmVenue(CcxtVenue):
     async def fetch_order(self, symbol: str, client_order_id: str) -> Order:
         await self._ensure_markets()
         unified = self._symbols.unified(symbol)
+        # An order this process sent is asked for in its own API's namespace only: a stop whose placement
+        # was answered 500 cost a look-up of the regular orders with each of its own (half the weight of
+        # a naked position's look-ups, for nothing). An id of unknown kind (a new process's) is tried in both.
         hint = self._algo_ids.get(client_order_id)
-        attempts = (False, True) if hint is False else (True, False)
+        attempts = (True, False) if hint is None else (hint,)
         missing: NotFound | None = None
         for algo in attempts:
             try:

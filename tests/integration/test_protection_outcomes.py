@@ -437,6 +437,32 @@ async def test_on_the_binance_wire_a_500_is_a_server_error_and_only_a_held_answe
         ]
 
 
+async def test_on_the_binance_wire_a_stop_answered_500_is_looked_up_as_an_algo_order_only(
+    db: Database,
+) -> None:
+    """An operator's drill: every stop placement answered HTTP 500 for a while. Each unclear placement is
+    looked up by its client id, and each look-up went to both of Binance's order APIs (the algo orders, then
+    the regular ones): 502 GET order beside 502 GET algoOrder for 5 naked positions in 30 s, weight spent
+    for nothing while the positions needed their stops. A stop this process sent is an algo order: asked
+    for there only."""
+    async with _on_the_binance_wire(db) as (emulator, base_url, session, engine):
+        assert engine.store is not None
+        symbols = sorted(emulator.core.markets)[3:5]
+        await _force(session, base_url, "error", count=6)
+        before = dict(emulator.requests_by_endpoint)
+        await engine.store.insert_signals([(s, "long", None, None) for s in symbols])
+        manager = engine.manager
+        assert manager is not None
+        await wait_until(
+            lambda: all(s in manager.by_symbol and manager.by_symbol[s].covered for s in symbols),
+            within=40.0,
+            what="both positions covered once the faults are spent",
+        )
+        sent = {k: v - before.get(k, 0) for k, v in emulator.requests_by_endpoint.items()}
+        assert sent.get("GET algoOrder", 0) > 0  # (the unclear placements were looked up)
+        assert sent.get("GET order", 0) == 0, sent
+
+
 async def test_on_the_binance_wire_an_entry_answered_500_is_in_doubt_for_the_request_window_and_lag_only(
     db: Database,
 ) -> None:
