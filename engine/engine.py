@@ -2324,6 +2324,9 @@ class Engine:
             wave_task = self._wave_in_progress = asyncio.ensure_future(self.process_wave(wave))
             try:
                 await asyncio.shield(wave_task)
+            except Exception:
+                self.consumer.wave_failed()  # (its signals not handled yet are taken again)
+                raise
             finally:
                 # Cut loose from this loop (the stop cancels it), a wave under way stays known until it
                 # ends: the stop waits for it, then cancels it, instead of leaving it to send on its own.

@@ -62,6 +62,13 @@ class SignalConsumer:
         self.listen_attempted = False  # health must not call LISTEN "down" before it was ever tried
         self._listen_failure_said = False  # one warning per time LISTEN is unavailable, not one per poll
         self._other_channels: dict[str, Callable[..., None]] = {}
+        # A claim, or the wave after it, failed (the database away): signals may be taken and in nobody's
+        # hands. The next pass takes them again before anything new.
+        self._unsettled = False
+
+    def wave_failed(self) -> None:
+        """The wave last yielded was not handled to its end: its signals not handled yet are taken again."""
+        self._unsettled = True
 
     async def waves(self) -> AsyncIterator[SignalWave]:
         try:
@@ -69,16 +76,38 @@ class SignalConsumer:
                 await self._ensure_listener()
                 # Cleared before claiming: a NOTIFY arriving while the claim runs must wake the next wait.
                 self._wake.clear()
-                first = await self._store.claim_new_signals(MAX_WAVE_SIGNALS, self._claimed_by)
-                if not first:
+                try:
+                    signals = await self._claim()
+                except Exception:
+                    self._unsettled = True
+                    raise
+                if signals:
+                    yield SignalWave(signals=tuple(signals))
+                else:
                     await self._wait_for_signals()
-                    continue
-                if self._window > 0:
-                    await self._clock.sleep(self._window)
-                rest = await self._store.claim_new_signals(MAX_WAVE_SIGNALS - len(first), self._claimed_by)
-                yield SignalWave(signals=tuple(first + rest))
         finally:
             await self._close_listener()
+
+    async def _claim(self) -> list[SignalRecord]:
+        """The next wave's signals: first those a failed claim or wave left taken, else the new ones that
+        arrive within the wave window of the first."""
+        if self._unsettled and self._claimed_by is not None:
+            left = await self._store.reclaim_signals(self._claimed_by)
+            self._unsettled = False
+            if left:
+                log.warning(
+                    "signals: %d claimed when the database stopped answering were handled by no wave; "
+                    "taken again now",
+                    len(left),
+                )
+                return left
+        first = await self._store.claim_new_signals(MAX_WAVE_SIGNALS, self._claimed_by)
+        if not first:
+            return []
+        if self._window > 0:
+            await self._clock.sleep(self._window)
+        rest = await self._store.claim_new_signals(MAX_WAVE_SIGNALS - len(first), self._claimed_by)
+        return first + rest
 
     async def _wait_for_signals(self) -> None:
         await wait_event(self._clock, self._wake, self._poll)

@@ -1064,6 +1064,20 @@ class Store:
         )
         return sorted((_signal(r) for r in rows), key=lambda r: (r.received_at, r.id))
 
+    async def reclaim_signals(self, claimed_by: str) -> list[SignalRecord]:
+        """Signals `claimed_by` took and nobody handles: claimed, then the claim's answer or the wave's
+        first writes lost to the database (no position, no wave). Taken again, now, oldest first."""
+        rows = await self._pool.fetch(
+            """
+            UPDATE monitoring.signals AS s SET claimed_at = now()
+            WHERE s.status = 'taken' AND s.claimed_by = $1 AND s.wave_id IS NULL
+              AND NOT EXISTS (SELECT 1 FROM monitoring.positions p WHERE p.signal_id = s.id)
+            RETURNING s.*
+            """,
+            claimed_by,
+        )
+        return sorted((_signal(r) for r in rows), key=lambda r: (r.received_at, r.id))
+
     async def expire_claimed_signals(
         self, *, claimed_by: str | None = None, older_than_seconds: float | None = None
     ) -> int:

@@ -48,6 +48,7 @@ from tests.support.owned_postgres import (
     resume,
     stop_postmaster,
 )
+from tests.support.waiting import wait_until
 
 COVERED_BEFORE = "SFPUSDT"  # covered before the outage; one of its stops is cancelled by hand during it
 FILLED_DURING = "ALLUSDT"  # its entry is on the venue when the database dies; the fill's answer comes after
@@ -563,5 +564,45 @@ async def test_a_protection_restart_whose_read_fails_otherwise_waits_and_cancels
         report = await drive(clock, restart)
         assert (report.restored, report.reprotected, report.failed) == (1, 0, 0)
         assert _stops_on_venue(venue, clock) == both
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_signals_claimed_when_the_database_died_are_handled_once_it_is_back(
+    owned_server: EmbeddedPostgres, tmp_path: Path
+) -> None:
+    """An operator's drill: signals imported, the database frozen a moment later. The claim had taken them
+    (`taken`) when the next read of the wave failed: the wave was never started, and they stayed `taken`,
+    in no wave, with no log line, until a later start (or ten minutes) expired them: trades gone silently
+    while the engine ran. Once the database is back, the engine takes them again as a wave of its own."""
+    settings, dsn = _settings(owned_server, tmp_path, {"SIGNALS__WAVE_WINDOW_MS": "500"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        store, manager, watch = engine.store, engine.manager, engine.db_watch
+        assert store is not None
+        assert manager is not None
+        assert watch is not None
+        symbols = ["SFPUSDT", "ALLUSDT", "JUPUSDT"]
+        await store.insert_signals([(s, "long", None, None) for s in symbols])
+
+        async def claimed() -> bool:
+            rows = await _rows(dsn, "SELECT count(*) AS n FROM monitoring.signals WHERE status = 'taken'")
+            return rows[0]["n"] == len(symbols)
+
+        # Taken; the consumer waits out the wave window (virtual time, which only moves when driven).
+        await wait_until(claimed, within=10, what="the signals claimed")
+        kill_postmaster(owned_server.data_dir)
+        await drive_until(clock, lambda: watch.down, what="the outage noticed")
+        await drive_until(clock, lambda: not watch.down, limit=120, what="the database back")
+        await drive_until(
+            clock,
+            lambda: all(s in manager.by_symbol and manager.by_symbol[s].covered for s in symbols),
+            limit=120,
+            what="the claimed signals opened and protected",
+        )
+        rows = await _rows(dsn, "SELECT status, wave_id FROM monitoring.signals")
+        assert [(r["status"], r["wave_id"] is not None) for r in rows] == [("opened", True)] * len(symbols)
     finally:
         await drive(clock, engine.stop())
