@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import errno
 import importlib.metadata
 import json
 import logging
@@ -151,11 +152,17 @@ def _terminal_go_live() -> None:
             handler.go_live()
 
 
+# A write's errors that say the reader is gone: a pipe whose reader stopped reading, a terminal hung up.
+_READER_GONE = frozenset({errno.EPIPE, errno.EIO})
+
+
 class _ReaderMayLeave:
-    """stdout for a reader that may stop reading (`tsbot status | head -1`: a monitoring wrapper reads the
-    verdict and goes). Its leaving is no error: what is left to write is dropped (stdout then points at
-    /dev/null, so the interpreter's last flush is quiet too), and the exit code stays the command's. It
-    used to end in "internal error: BrokenPipeError", exit 1 in place of the verdict."""
+    """stdout (or stderr) for a reader that may stop reading (`tsbot status | head -1`: a monitoring wrapper
+    reads the verdict and goes; `tmux kill-session` on a pane running `tsbot run`: the terminal is gone
+    before the exit line). Its leaving is no error: what is left to write is dropped (the stream then
+    points at /dev/null, so the interpreter's last flush is quiet too), and the exit code stays the
+    command's. It used to end in "internal error: BrokenPipeError" (or OSError EIO, after an orderly stop),
+    exit 1 in place of the verdict."""
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
@@ -163,14 +170,18 @@ class _ReaderMayLeave:
     def write(self, text: str) -> int:
         try:
             return int(self._stream.write(text))
-        except BrokenPipeError:
+        except OSError as exc:
+            if exc.errno not in _READER_GONE:
+                raise
             self._reader_left()
             return len(text)
 
     def flush(self) -> None:
         try:
             self._stream.flush()
-        except BrokenPipeError:
+        except OSError as exc:
+            if exc.errno not in _READER_GONE:
+                raise
             self._reader_left()
 
     def _reader_left(self) -> None:
@@ -335,6 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     secrets = loaded.secret_values()
     if not isinstance(sys.stdout, _ReaderMayLeave):
         sys.stdout = _ReaderMayLeave(sys.stdout)
+    if not isinstance(sys.stderr, _ReaderMayLeave):
+        sys.stderr = _ReaderMayLeave(sys.stderr)
     handler = _HANDLERS[_command_key(args)]
     log_file = None
     try:

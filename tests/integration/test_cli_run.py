@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pty
 import signal
 import subprocess
 import sys
@@ -59,6 +60,12 @@ def _start_with(args: list[str], *, cwd: Path, env: dict[str, str]) -> subproces
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+    )
+
+
+def _start_on_terminal(terminal: int, *args: str, cwd: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [TSBOT, *args], cwd=cwd, env=_env(), stdin=terminal, stdout=terminal, stderr=terminal
     )
 
 
@@ -215,6 +222,54 @@ async def test_a_closed_terminal_stops_the_engine_like_sigterm(
         if engine.poll() is None:
             engine.kill()
             engine.wait()
+
+
+async def test_a_terminal_gone_before_the_exit_line_is_no_internal_error(
+    workdir: Path, pg_server: EmbeddedPostgres
+) -> None:
+    """`tmux kill-session` on a pane running `tsbot run`: the terminal is gone and SIGHUP follows. The stop
+    was orderly, then printing its exit line to the terminal that no longer exists raised OSError (EIO):
+    "tsbot run: internal error" and a traceback in the log, exit 1, after a clean stop (an operator's find).
+    The exit line is still in the log, and the exit code is the stop's."""
+    main, terminal = pty.openpty()
+    engine = _start_on_terminal(terminal, "run", cwd=workdir)
+    os.close(terminal)
+    try:
+        dsn = _dsn(pg_server, workdir)
+
+        async def positions_active() -> bool:
+            try:
+                conn = await asyncpg.connect(dsn)
+            except (OSError, asyncpg.PostgresError):
+                return False
+            try:
+                return bool(
+                    await conn.fetchval(
+                        "SELECT to_regclass('monitoring.positions') IS NOT NULL AND "
+                        "(SELECT count(*) FROM monitoring.positions WHERE status = 'active') > 0"
+                    )
+                )
+            except asyncpg.PostgresError:
+                return False
+            finally:
+                await conn.close()
+
+        await wait_until(positions_active, within=60, what="positions open")
+        os.close(main)  # the terminal is gone
+        main = -1
+        engine.send_signal(signal.SIGHUP)
+        code = await asyncio.to_thread(engine.wait, 60)
+    finally:
+        if main >= 0:
+            os.close(main)
+        if engine.poll() is None:
+            engine.kill()
+            engine.wait()
+    log = (workdir / "logs" / "trading_bot.log").read_text()
+    assert "internal error" not in log
+    assert code == 0
+    assert "engine stopped: " in log
+    assert "keep their stops on the exchange" in log
 
 
 async def test_a_start_waiting_out_a_ban_stops_at_sigterm(workdir: Path) -> None:
