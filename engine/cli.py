@@ -40,6 +40,7 @@ from engine.config_show import render_config
 from engine.credentials import CredentialsRefused
 from engine.engine import COVERAGE_SAMPLE_SECONDS, Engine, StartInterrupted, StartupReport
 from engine.exchange.errors import ExchangeError, Rejected
+from engine.last_stop import last_stop_path, read_last_stop
 from engine.logs import LogFileError, RedactingFormatter, configure_logging
 from engine.metrics_server import MetricsUnavailable
 from engine.signal_input import BadSignal, SignalInput, normalise_symbol, read_jsonl, signal_from_fields
@@ -659,18 +660,21 @@ def _status(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     try:
         report = asyncio.run(_status_report(loaded, account))
     except StatusUnknown as exc:
-        reason = one_line(str(exc), loaded.secret_values())
+        state, reason, last = _status_without_database(
+            loaded, account, one_line(str(exc), loaded.secret_values())
+        )
         if args.json:
             unknown = {
-                "state": "unknown",
+                "state": state,
                 "reason": reason,
                 "account": account,
                 "account_label": loaded.settings.venue.account,
+                "last_stop": last,
             }
             print(json.dumps(unknown, indent=2))
         else:
-            print(f"UNKNOWN: {reason}")
-        return EXIT_UNKNOWN
+            print(f"{state.upper()}: {reason}")
+        return STATUS_EXIT[state]
     code = STATUS_EXIT[report["state"]]
     if args.json:
         print(json.dumps(report, default=_json_default, indent=2))
@@ -731,6 +735,33 @@ def _status(args: argparse.Namespace, loaded: LoadedConfig) -> int:
             f"  #{item['position_id']} {item['symbol']} {item['side']} ({item['status']}): missing {item['missing']}"
         )
     return code
+
+
+def _status_without_database(
+    loaded: LoadedConfig, account: str, why: str
+) -> tuple[str, str, dict[str, Any] | None]:
+    """The verdict when the database cannot be read (`why`): unknown, unless the last engine on the account
+    stopped leaving positions uncovered and none has started since (`engine/last_stop.py`): then nothing
+    protects them, and the verdict is critical, as it would be with the database there."""
+    last = read_last_stop(last_stop_path(loaded.settings.logging.file, _venue_name(loaded), account))
+    if last is None:
+        return "unknown", why, None
+    names = [str(symbol) for symbol in last["uncovered"]]
+    unresolved = int(last.get("unresolved_entries") or 0)
+    left = len(names) + unresolved
+    stopped = f"the last engine on this account stopped at {last.get('stopped_at')} (pid {last.get('pid')})"
+    if not left:
+        return "unknown", f"{why}; {stopped}: {last.get('said')}", last
+    what = f"{left} position{'' if left == 1 else 's'} uncovered" + (
+        f" ({', '.join(names)})" if names else ""
+    )
+    if unresolved:
+        what += f", {unresolved} of them entries of unknown outcome (they may have filled)"
+    return (
+        "critical",
+        f"{stopped} leaving {what}, and none has started since: nothing protects them; {why}",
+        last,
+    )
 
 
 async def _status_report(loaded: LoadedConfig, account: str) -> dict[str, Any]:

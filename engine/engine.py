@@ -71,6 +71,7 @@ from engine.exchange.port import (
     PositionSide,
     VenuePosition,
 )
+from engine.last_stop import forget_last_stop, last_stop_path, record_last_stop
 from engine.metrics import CallStats
 from engine.metrics_server import MetricsServer
 from engine.order_budget import EntryPromise, OrderBudget
@@ -852,6 +853,7 @@ class Engine:
             self._token = await self.store.installation_token()
             await self._replay_left_journal()
             await self._record_trails_a_dead_engine_left()
+            forget_last_stop(self._last_stop_path())
             control = await self.store.entries_control(self.exchange_name, self.account_key)
             if control is not None and control.paused:
                 self._persisted_pause = (True, control.paused_by, control.reason)
@@ -1134,6 +1136,15 @@ class Engine:
                     except Exception:
                         log.exception("could not record the managed trails as disarmed")
             self.stop_report = report
+            if self._lease is not None and not report.taken_over:  # (for `tsbot status`, the database gone)
+                record_last_stop(
+                    self._last_stop_path(),
+                    stopped_at=_utc(self.clock.now()),
+                    open_positions=report.open_positions,
+                    uncovered=report.uncovered_symbols,
+                    unresolved_entries=report.unresolved_entries,
+                    said=report.describe(),
+                )
             if self.alerter is not None:
                 self.alerter.engine_stopped(report.describe(), report.all_protected, self.fatal)
             if self.store is not None:
@@ -2103,6 +2114,9 @@ class Engine:
     async def reconcile_now(self) -> ReconcileReport:
         assert self.reconciler is not None
         return await self.reconciler.reconcile_once()
+
+    def _last_stop_path(self) -> Path:
+        return last_stop_path(self.settings.logging.file, self.exchange_name, self.account_key)
 
     @property
     def _claimer(self) -> str:

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from storage.embedded import EmbeddedPostgres
 from tests.chaos.processes import (
+    TSBOT,
     Process,
     Waves,
     audit_limits,
@@ -29,6 +31,7 @@ from tests.chaos.processes import (
     control,
     emulator,
     engine_up,
+    environ,
     fetch,
     in_flight,
     protected_positions,
@@ -202,3 +205,79 @@ _SENT = (
     "SELECT id, symbol FROM monitoring.positions "
     "WHERE symbol = ANY($1) AND status IN ('pending_entry', 'entry_placed')"
 )
+
+
+async def test_status_says_critical_after_a_stop_that_left_positions_uncovered_and_its_database_gone(
+    tmp_path: Path, pg_server: EmbeddedPostgres, project_root: Path
+) -> None:
+    """An operator's drill: stop placements refused, SIGTERM. The exit line said "UNCOVERED 2 (…) … see
+    tsbot status", and the engine stopped the embedded PostgreSQL it had started; `tsbot status` then said
+    "UNKNOWN: no embedded PostgreSQL is running", exit 3, while nothing protected those positions. The
+    stop's report is recorded beside the log, and status reads it when the database cannot be read: CRITICAL
+    (exit 2), naming them, until an engine starts on the account again."""
+    dsn = write_config(tmp_path, project_root, pg_server)
+    # The status's view once the engine's database is gone: the same account, no server in its data_dir.
+    without = tmp_path / "without-database"
+    without.mkdir()
+    config = (tmp_path / "config.toml").read_text()
+    async with emulator(tmp_path) as url:
+        await control(url, "/_sim/fault", {"targets": ["POST:algoOrder"], "fault": "busy", "count": 10_000})
+        config = (tmp_path / "config.toml").read_text()  # (with the emulator's URL)
+        (without / "config.toml").write_text(
+            config.replace(
+                f'data_dir = "{pg_server.data_dir}"', f'data_dir = "{without / "pgdata"}"', 1
+            ).replace('file = "logs/', f'file = "{tmp_path}/logs/', 1)
+        )
+        engine = await Process.start("run", cwd=tmp_path)
+        try:
+            await engine.line("start-up:")
+            symbols = await Waves(dsn).send(2)
+
+            async def opened() -> bool:
+                rows = await fetch(
+                    dsn, "SELECT count(*) AS n FROM monitoring.positions WHERE opened_at IS NOT NULL"
+                )
+                return bool(rows) and rows[0]["n"] == len(symbols)
+
+            await wait_until(opened, within=30, what="the wave's positions open, without stops")
+        finally:
+            engine.signal(signal.SIGTERM)
+            code = await engine.wait(60)
+        assert code == 1, engine.lines
+        said = next(line for line in engine.lines if line.startswith("stopped: "))
+        assert f"UNCOVERED {len(symbols)}" in said
+
+        status = await asyncio.to_thread(
+            subprocess.run,
+            [TSBOT, "status"],
+            cwd=without,
+            env=environ(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert status.returncode == 2, status.stdout + status.stderr
+        first = status.stdout.splitlines()[0]
+        assert first.startswith("CRITICAL: the last engine on this account stopped at "), first
+        assert f"leaving {len(symbols)} positions uncovered ({', '.join(sorted(symbols))})" in first
+        assert "nothing protects them; database: no embedded PostgreSQL is running in " in first
+
+        # An engine starts on the account: the record is not the last word any more.
+        await control(url, "/_sim/clear-faults", {})
+        engine = await Process.start("run", cwd=tmp_path)
+        try:
+            await engine.line("start-up:")
+            assert not list((tmp_path / "logs").glob("tsbot-last-stop-*"))
+        finally:
+            assert await engine.stop() == 0, engine.lines
+    status = await asyncio.to_thread(
+        subprocess.run,
+        [TSBOT, "status"],
+        cwd=without,
+        env=environ(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert status.returncode == 3, status.stdout + status.stderr
+    assert "keep their stops on the exchange; uncovered 0" in status.stdout
