@@ -395,6 +395,9 @@ class PositionGuard:
             manager.clock.monotonic() - filled_at
         )
         self.protected_at: float | None = None
+        # Waiting out its own backoff after failed passes (not the venue's word): woken when another guard's
+        # pass goes through after failures of its own (`ProtectionManager.failing_guards_try_now`).
+        self.backing_off = False
         # A restored position the last engine left filled and never protected: without stops since then if
         # this guard has to send one (not if it finds them live), which its first covered facts record.
         self.naked_since: datetime | None = None
@@ -683,6 +686,8 @@ class PositionGuard:
                 if self.closed or self._commands:
                     continue
                 if converged:
+                    if self.failures:  # after failed passes: the venue may take the others' stops again too
+                        self._m.failing_guards_try_now(self)
                     self.failures = self._failures_in_grace = 0
                     await self.wake.wait()
                 else:
@@ -692,8 +697,13 @@ class PositionGuard:
                     if self._failed_this_pass or not self._waiting_out_lag:
                         self.failures += 1
                     delay = self._retry_delay(self.failures)
+                    # (held by the venue's word, a Retry-After or a ban's end, it is not woken early)
+                    self.backing_off = self.retry_at is None
                     self.retry_at = None
-                    await _first_of(self.wake.wait(), clock.sleep(delay))
+                    try:
+                        await _first_of(self.wake.wait(), clock.sleep(delay))
+                    finally:
+                        self.backing_off = False
                 self.wake.clear()
         finally:
             if self._pass is not None and not self._pass.done():
@@ -2885,6 +2895,15 @@ class ProtectionManager:
         self.draining = False
 
     # --- lifecycle -----------------------------------------------------------------------------------
+
+    def failing_guards_try_now(self, recovered: PositionGuard) -> None:
+        """`recovered`'s pass went through after failed ones: the venue takes stops again, maybe. The guards
+        backing off on their own clock try now, not when a doubled backoff says: an operator cleared a burst
+        of refused stops and watched positions stay naked 16 to 30 s more, each on its own retry clock. (Not
+        those held by the venue's word: a Retry-After or a ban's end is waited out.)"""
+        for guard in self.guards.values():
+            if guard is not recovered and guard.backing_off and not guard.closed:
+                guard.wake.set()
 
     def protect(
         self,

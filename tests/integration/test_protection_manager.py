@@ -915,6 +915,44 @@ async def test_a_stop_refused_past_grace_is_retried_on_a_doubling_from_the_grace
         await drive(clock, engine.stop())
 
 
+async def test_once_the_venue_takes_a_stop_again_the_guards_backing_off_try_at_once(db: Database) -> None:
+    """An operator's drill: every stop placement refused for a while (HTTP 500), three hard stops cancelled
+    by hand. Once the venue took stops again, each position stayed naked until its own doubled backoff
+    ended: 16 to 30 s more, one after another. When one guard's stop goes through after failures, the
+    others backing off try at once."""
+    settings = settings_for(db, {"PROTECTION__BREAKER__UNCOVERED_FACTOR": "1000"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        guards = await open_positions(engine, clock, SYMBOLS[40:43])
+        await drive_until_covered(engine, clock, len(guards))
+        venue = engine.venue
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, count=100_000, stops_only=True)
+        for guard in guards:
+            _cancel_hard_stop_by_hand(venue, guard, clock)
+            await drive(clock, clock.sleep(5))  # (lost at different moments: each on its own retry clock)
+        await drive(clock, clock.sleep(60))  # refused for a minute: the backoffs have doubled to their max
+        assert not any(g.covered for g in guards)
+        assert all(g.failures >= 5 for g in guards)
+        venue.clear_injected_faults()
+        covered_at: dict[int, float] = {}
+
+        def all_covered() -> bool:
+            for guard in guards:
+                if guard.covered:
+                    covered_at.setdefault(guard.position_id, clock.monotonic())
+            return len(covered_at) == len(guards)
+
+        await drive_until(clock, all_covered, step=0.05, limit=60, what="all covered again")
+        # The first is covered when its own backoff ends; the others a round trip or two after it, not each
+        # at its own backoff's end (seconds to tens of seconds apart).
+        spread = max(covered_at.values()) - min(covered_at.values())
+        assert spread < 1.0, covered_at
+    finally:
+        await drive(clock, engine.stop())
+
+
 async def test_a_fired_stop_closes_the_position_and_cancels_its_sibling_within_seconds(db: Database) -> None:
     """When one stop fired, the other stayed live on the venue until the next reconcile pass (up to
     `reconcile_seconds`): an orphan on a flat symbol, and the symbol blocked meanwhile. The mark crossing
