@@ -136,7 +136,13 @@ class DatabaseWatch:
                 await self._database.pool.fetchval("SELECT 1")
         except Exception as exc:
             self._store.suspected.set()  # the watch looks into it now, not at its next probe
-            return DatabaseReading(error=f"{type(exc).__name__}: {exc}"[:200], journal_depth=depth)
+            # (a timeout has no text: "Database query failed: TimeoutError:" said nothing of what happened)
+            why = (
+                f"no answer within {self._probe_timeout:g}s"
+                if isinstance(exc, TimeoutError)
+                else f"{type(exc).__name__}: {exc}".rstrip(": ")
+            )
+            return DatabaseReading(error=why[:200], journal_depth=depth)
         return DatabaseReading(round_trip_ms=(time.perf_counter() - started) * 1000, journal_depth=depth)
 
     # --- probing -------------------------------------------------------------------------------------

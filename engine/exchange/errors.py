@@ -29,6 +29,7 @@ names the class where the type alone cannot (`failure=`).
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from enum import IntEnum, StrEnum
 from typing import Self
 
@@ -100,7 +101,9 @@ class RateLimited(ExchangeError):
 
 class Banned(ExchangeError):
     def __init__(self, until: float, detail: str = "banned for repeated rate-limit violations") -> None:
-        super().__init__(f"{detail}; until epoch {until:.3f}")
+        # When, as an operator reads it (the venue's epoch seconds were printed raw: "until epoch 1796488345.969").
+        ends = datetime.fromtimestamp(until, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        super().__init__(f"{detail}; until {ends}")
         self.until = until
 
 

@@ -174,7 +174,9 @@ class ReconnectingSocket:
             except Reconnect as why:
                 reason = str(why)
             except ExchangeError as error:
-                reason = f"REST {type(error).__name__}"
+                # (the venue's REST call the stream needs, e.g. its listen key, failed: said by its class,
+                # "REST Retryable" was no sentence)
+                reason = f"its REST call failed ({_failure_words(error)})"
             except (aiohttp.ClientError, OSError, TimeoutError) as error:
                 # Never str(error): a handshake error's text carries the URL, and an account's URL may
                 # carry a credential (Binance's listen key).
@@ -503,3 +505,9 @@ class MarkTopics:
             subscriptions=len(self.wanted),
             detail=detail,
         )
+
+
+def _failure_words(error: Exception) -> str:
+    """An exchange error's class in words: `RateLimited` → "rate limited"."""
+    name = type(error).__name__
+    return "".join(f" {c.lower()}" if c.isupper() else c for c in name).strip()

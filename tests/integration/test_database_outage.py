@@ -13,12 +13,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
+import signal
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import asyncpg
+import psutil
 import pytest
 
 from engine.clock import ManualClock
@@ -605,4 +608,30 @@ async def test_signals_claimed_when_the_database_died_are_handled_once_it_is_bac
         rows = await _rows(dsn, "SELECT status, wave_id FROM monitoring.signals")
         assert [(r["status"], r["wave_id"] is not None) for r in rows] == [("opened", True)] * len(symbols)
     finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_frozen_database_is_said_in_health_as_no_answer_not_an_empty_timeout(
+    owned_server: EmbeddedPostgres, tmp_path: Path
+) -> None:
+    """An operator froze the embedded server (SIGSTOP on the postmaster and its backends): the dashboard's
+    critical line read "Database query failed: TimeoutError:", the timeout's empty text. It says what
+    happened: no answer within the probe timeout."""
+    settings, _dsn = _settings(owned_server, tmp_path)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    frozen: list[int] = []
+    try:
+        watch = engine.db_watch
+        assert watch is not None
+        postmaster = postmaster_pid(owned_server.data_dir)
+        frozen = [postmaster, *(p.pid for p in psutil.Process(postmaster).children())]
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        reading = await watch.measure()
+        assert reading.error == "no answer within 1s"
+    finally:
+        for pid in frozen:
+            resume(pid)
         await drive(clock, engine.stop())

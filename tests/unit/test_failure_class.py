@@ -54,3 +54,9 @@ def test_a_refusal_carries_its_code_and_the_edge_adds_what_the_venue_answered() 
         http_status=503, venue_code=-1007, failure=FailureClass.UNKNOWN_OUTCOME
     )
     assert failure_class(lost) is FailureClass.UNKNOWN_OUTCOME
+
+
+def test_a_ban_says_when_it_ends_as_an_operator_reads_it() -> None:
+    """"entry refused: the venue banned this IP …; until epoch 1796488345.969": the venue's epoch seconds
+    printed raw (an operator's find). A date and time in UTC now."""
+    assert str(Banned(1796488345.969, "banned")) == "banned; until 2026-12-05 16:32:25 UTC"
