@@ -2553,7 +2553,12 @@ class Engine:
                 await self._reject(signal, f"venue refuses requests for now: {exc}", wave_id)
                 return None
             except RateLimited as exc:  # refusals piled up: the next could be a ban's (`OrderBudget`)
-                await self._reject(signal, str(exc), wave_id)
+                # Not "retry after": nothing retries a rejected signal (an operator waited for it to).
+                reason = (
+                    f"{exc.detail}; not sent, and not kept for later (entries go again in "
+                    f"{math.ceil(exc.retry_after)}s)"
+                )
+                await self._reject(signal, reason, wave_id)
                 return None
             # Paused while it waited for room (the breaker, say, while stops were refused), or stopping.
             if (not_sent := self._not_to_be_sent()) is not None:

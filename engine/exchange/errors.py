@@ -97,6 +97,7 @@ class RateLimited(ExchangeError):
     def __init__(self, retry_after: float, detail: str = "order rate limit exceeded") -> None:
         super().__init__(f"{detail}; retry after {retry_after:.3f}s")
         self.retry_after = retry_after
+        self.detail = detail
 
 
 class Banned(ExchangeError):

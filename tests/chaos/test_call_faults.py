@@ -510,6 +510,8 @@ async def test_no_entry_is_sent_that_could_be_the_third_refusal_within_a_minute(
         for lone, end in ((second, second_end), (third, third_end)):
             assert end.startswith("rejected"), (lone, end)
             assert "entries held back" in end, (lone, end)
+            assert "not sent, and not kept for later (entries go again in " in end, (lone, end)
+            assert "retry after" not in end, (lone, end)
         assert symbol in run.held()
         # A minute after the first refusal, entries go again.
         await run.run_for(RATE_REFUSAL_MEMORY_SECONDS)
