@@ -232,8 +232,9 @@ class LogTranslator:
 
     def __init__(self) -> None:
         self._health: dict[str, str] = {}
-        # (position id, operation) of a protective order logged failed and not placed since: its first failure.
-        self._failing: dict[tuple[int, str], float] = {}
+        # (position id, "create <stop>") of a protective order logged failed, or found gone from the venue
+        # ("verify <stop>"), and not placed since: when that was first said, and whether it was a loss.
+        self._failing: dict[tuple[int, str], tuple[float, bool]] = {}
         self._rejected: dict[int, list[SignalRejected]] = {}  # by wave, until its end: said with it
         self._waves_ended: set[int] = set()
 
@@ -242,7 +243,10 @@ class LogTranslator:
             return None
         if isinstance(event, ProtectionFailed | ProtectionTimedOut):
             if event.operation.startswith("create ") and event.outcome != "resolved":
-                self._failing.setdefault((event.position_id, event.operation), event.at)
+                self._failing.setdefault((event.position_id, event.operation), (event.at, False))
+            elif event.operation.startswith("verify "):  # gone from the venue, not by us: replaced next
+                stop = event.operation.removeprefix("verify ")
+                self._failing.setdefault((event.position_id, f"create {stop}"), (event.at, True))
         elif isinstance(event, ProtectionConfirmed):
             return self._placed(event)
         elif isinstance(event, SignalRejected):
@@ -291,9 +295,11 @@ class LogTranslator:
         not "retrying" (an operator read a row left that way as the engine still failing). A stop placed
         at its first try says nothing: the positions table shows it."""
         operation = f"create {stop_words(OrderPurpose(event.purpose))}"
-        first = self._failing.pop((event.position_id, operation), None)
-        if first is None:
+        failing = self._failing.pop((event.position_id, operation), None)
+        if failing is None:
             return None
+        first, lost = failing
+        after = "it was found gone from the venue" if lost else "its first failure"
         return LogEntry(
             event.at,
             "info",
@@ -301,7 +307,7 @@ class LogTranslator:
             operation,
             event.latency_seconds,
             "resolved",
-            f"placed {max(0.0, event.at - first):.1f}s after its first failure"
+            f"placed {max(0.0, event.at - first):.1f}s after {after}"
             + (f" (client id {event.client_order_id})" if event.client_order_id else ""),
         )
 

@@ -194,6 +194,47 @@ async def test_each_failed_stop_on_the_sim_venue_is_named_by_what_happened(
         await asyncio.gather(follower, return_exceptions=True)
 
 
+async def test_a_stop_found_gone_from_the_venue_and_replaced_is_said_resolved_in_the_log_panel(
+    db: Database,
+) -> None:
+    """An operator cancelled two hard stops by hand: the panel said "verify SL retrying … canceled on the
+    venue, not by us (retry in 0s)" and nothing after, while the engine had replaced both within two
+    seconds: rows left open that were not. The replacement is said, as "resolved"."""
+    settings = engine_settings(db.target.dsn, {"SIGNALS__MAX_POSITIONS": "10"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    seen, follower = _collect(engine)
+    try:
+        assert engine.store is not None
+        assert engine.manager is not None
+        manager = engine.manager
+        symbol = SYMBOLS[21]
+        await engine.store.insert_signals([(symbol, "long", None, None)])
+        await drive_until(
+            clock, lambda: symbol in manager.by_symbol and manager.by_symbol[symbol].covered, what="covered"
+        )
+        guard = manager.by_symbol[symbol]
+        lost = guard.stop_loss.client_order_id
+        engine.venue.core.cancel_order(symbol, lost, clock.now())  # by hand, on the venue
+        await drive_until(
+            clock,
+            lambda: guard.covered and guard.stop_loss.client_order_id != lost,
+            what="the hard stop replaced",
+        )
+        await drive(clock, clock.sleep(0.5))
+        translator = LogTranslator()
+        rows = [r for r in (translator.entry(e) for e in seen) if r is not None and r.symbol == symbol]
+        said = [(r.operation, r.outcome) for r in rows]
+        assert said[-2:] == [("verify stop-loss", "retrying"), ("create stop-loss", "resolved")], rows
+        assert rows[-1].detail.startswith("placed "), rows[-1]
+        assert "after it was found gone from the venue" in rows[-1].detail
+    finally:
+        await drive(clock, engine.stop())
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+
+
 async def test_a_waves_rejected_signals_are_one_row_of_the_log_panel_naming_each_and_why(
     db: Database,
 ) -> None:

@@ -57,6 +57,6 @@ def test_a_refusal_carries_its_code_and_the_edge_adds_what_the_venue_answered() 
 
 
 def test_a_ban_says_when_it_ends_as_an_operator_reads_it() -> None:
-    """"entry refused: the venue banned this IP …; until epoch 1796488345.969": the venue's epoch seconds
+    """ "entry refused: the venue banned this IP …; until epoch 1796488345.969": the venue's epoch seconds
     printed raw (an operator's find). A date and time in UTC now."""
     assert str(Banned(1796488345.969, "banned")) == "banned; until 2026-12-05 16:32:25 UTC"
