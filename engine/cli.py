@@ -367,7 +367,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        if is_unreachable(exc):  # the database went away under the command: an outage, not a bug
+        # The database went away under the command (asyncpg's or our own word for it, not a bare OSError or
+        # TimeoutError, which anything may raise): an outage, not a bug. Its traceback logged all the same.
+        if is_unreachable(exc) and not isinstance(exc, OSError | TimeoutError):
+            log.warning("tsbot %s: the database stopped answering", _command_key(args), exc_info=exc)
             print(
                 "tsbot: the database stopped answering during the command "
                 f"({one_line(f'{type(exc).__name__}: {exc}', secrets).rstrip(': ')}); what it was doing may "
@@ -759,7 +762,7 @@ def _status_without_database(
         what += f", {unresolved} of them entries of unknown outcome (they may have filled)"
     return (
         "critical",
-        f"{stopped} leaving {what}, and none has started since: nothing protects them; {why}",
+        f"{stopped} leaving {what}, and no engine has started here since: nothing here protects them; {why}",
         last,
     )
 

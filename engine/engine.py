@@ -103,6 +103,7 @@ from storage.database import (
     Database,
     DatabaseDown,
     DatabaseUnavailable,
+    is_unreachable,
     open_database,
 )
 from storage.embedded import default_data_dir
@@ -853,7 +854,6 @@ class Engine:
             self._token = await self.store.installation_token()
             await self._replay_left_journal()
             await self._record_trails_a_dead_engine_left()
-            forget_last_stop(self._last_stop_path())
             control = await self.store.entries_control(self.exchange_name, self.account_key)
             if control is not None and control.paused:
                 self._persisted_pause = (True, control.paused_by, control.reason)
@@ -919,6 +919,9 @@ class Engine:
             await self._release()
             raise
         self._start_loops()
+        # The positions are this engine's to protect now (not before: a start that fails protects nothing,
+        # and the last stop's record must still say what was left then).
+        forget_last_stop(self._last_stop_path())
         self._set_state(EngineState.RUNNING)
         return self.startup_report
 
@@ -1136,7 +1139,9 @@ class Engine:
                     except Exception:
                         log.exception("could not record the managed trails as disarmed")
             self.stop_report = report
-            if self._lease is not None and not report.taken_over:  # (for `tsbot status`, the database gone)
+            # For `tsbot status`, the database gone. Not when another engine took the account (its positions
+            # are not this one's to report left); a lease lost with the database, not known taken, still is.
+            if self._lease is not None and not report.taken_over:
                 record_last_stop(
                     self._last_stop_path(),
                     stopped_at=_utc(self.clock.now()),
@@ -2380,7 +2385,13 @@ class Engine:
                 if self._draining:  # not sent yet, and the engine is stopping: never sent
                     await self._reject(signal, "engine stopping", wave_id)
                     continue
-                outcome = await self._open_position(signal, side, quantity, wave_id)
+                try:
+                    outcome = await self._open_position(signal, side, quantity, wave_id)
+                except Exception as exc:
+                    # One signal's failure ends neither the wave nor its other workers (a failed gather
+                    # left them running unawaited while the signals were taken again: handled twice).
+                    await self._signal_not_handled(signal, wave_id, exc)
+                    continue
                 if isinstance(outcome, PositionGuard):
                     opened.append(outcome)
                 elif isinstance(outcome, EntryInDoubt):
@@ -2401,6 +2412,28 @@ class Engine:
         )
         self._wave_tasks.add(task)
         task.add_done_callback(self._wave_tasks.discard)
+
+    async def _signal_not_handled(self, signal: SignalRecord, wave_id: int, exc: Exception) -> None:
+        """A wave's signal whose handling failed. The database away: taken again once it answers (if it got
+        no position: `SignalConsumer.wave_failed`). Anything else is a defect: said with its traceback, and
+        the signal rejected so (taken again, it would fail every wave)."""
+        if isinstance(exc, DatabaseDown) or is_unreachable(exc):
+            log.warning(
+                "wave %d: signal %d (%s) not handled, the database stopped answering (%s); taken again once "
+                "it answers",
+                wave_id,
+                signal.id,
+                signal.symbol,
+                type(exc).__name__,
+            )
+            assert self.consumer is not None
+            self.consumer.wave_failed()
+            return
+        log.exception("wave %d: signal %d (%s): handling it failed", wave_id, signal.id, signal.symbol)
+        try:
+            await self._reject(signal, f"internal error: {type(exc).__name__}", wave_id)
+        except Exception:
+            log.exception("wave %d: signal %d could not be recorded rejected", wave_id, signal.id)
 
     def _validate(
         self, signal: SignalRecord, seen: set[str], pending: int

@@ -1066,13 +1066,13 @@ class Store:
 
     async def reclaim_signals(self, claimed_by: str) -> list[SignalRecord]:
         """Signals `claimed_by` took and nobody handles: claimed, then the claim's answer or the wave's
-        first writes lost to the database (no position, no wave). Taken again, now, oldest first."""
+        first writes lost to the database (no position, no wave). Taken again, oldest first; their claim
+        time kept (a signal left taken for long is expired by the housekeeping, however often retaken)."""
         rows = await self._pool.fetch(
             """
-            UPDATE monitoring.signals AS s SET claimed_at = now()
+            SELECT s.* FROM monitoring.signals AS s
             WHERE s.status = 'taken' AND s.claimed_by = $1 AND s.wave_id IS NULL
               AND NOT EXISTS (SELECT 1 FROM monitoring.positions p WHERE p.signal_id = s.id)
-            RETURNING s.*
             """,
             claimed_by,
         )

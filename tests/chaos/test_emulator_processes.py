@@ -260,7 +260,30 @@ async def test_status_says_critical_after_a_stop_that_left_positions_uncovered_a
         first = status.stdout.splitlines()[0]
         assert first.startswith("CRITICAL: the last engine on this account stopped at "), first
         assert f"leaving {len(symbols)} positions uncovered ({', '.join(sorted(symbols))})" in first
-        assert "nothing protects them; database: no embedded PostgreSQL is running in " in first
+        assert "no engine has started here since: nothing here protects them; database: no embedded " in first
+
+        # A start that fails (a wrong secret: refused at its credentials' check) protects nothing: the
+        # record stays the last word.
+        refused = await asyncio.to_thread(
+            subprocess.run,
+            [TSBOT, "run"],
+            cwd=tmp_path,
+            env={**environ(), "TSBOT_VENUE__API_SECRET": "not-the-secret"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        status = await asyncio.to_thread(
+            subprocess.run,
+            [TSBOT, "status"],
+            cwd=without,
+            env=environ(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert status.returncode == 2, status.stdout + status.stderr
 
         # An engine starts on the account: the record is not the last word any more.
         await control(url, "/_sim/clear-faults", {})

@@ -28,6 +28,7 @@ from engine.clock import ManualClock
 from engine.commands import ProtectionRestartRefused
 from engine.config import Settings
 from engine.engine import Engine
+from engine.events import SignalRejected
 from engine.exchange.port import OrderType
 from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, LatencyDistribution, LatencySettings
@@ -634,4 +635,64 @@ async def test_a_frozen_database_is_said_in_health_as_no_answer_not_an_empty_tim
     finally:
         for pid in frozen:
             resume(pid)
+        await drive(clock, engine.stop())
+
+
+async def test_a_wave_whose_entries_meet_the_database_going_away_says_one_outcome_per_signal(
+    owned_server: EmbeddedPostgres, tmp_path: Path
+) -> None:
+    """The database dies mid-wave, the first entries on their way. Each signal ends with one outcome, the
+    venue's truth agreeing: opened (its position on the venue, protected) or rejected with why (entries wait
+    for the database: not sent), never both, never sent twice."""
+    settings, dsn = _settings(
+        owned_server, tmp_path, {"SIGNALS__MAX_CONCURRENT_ENTRIES": "2", "SIGNALS__MAX_POSITIONS": "20"}
+    )
+    clock = ManualClock()
+    venue = _slow_orders(settings, clock)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    rejected: list[SignalRejected] = []
+
+    async def follow() -> None:
+        async for event in engine.events():
+            if isinstance(event, SignalRejected):
+                rejected.append(event)
+
+    follower = asyncio.create_task(follow())
+    try:
+        store, manager, watch = engine.store, engine.manager, engine.db_watch
+        assert store is not None
+        assert manager is not None
+        assert watch is not None
+        symbols = ["SFPUSDT", "ALLUSDT", "JUPUSDT", "AXSUSDT", "DOTUSDT", "ADAUSDT"]
+        await store.insert_signals([(s, "long", None, None) for s in symbols])
+        await drive_until(
+            clock,
+            lambda: len(venue.core.positions(clock.now())) >= 1,
+            step=0.01,
+            what="the first entries on the venue",
+        )
+        kill_postmaster(owned_server.data_dir)
+        await drive_until(clock, lambda: watch.down, what="the outage noticed")
+        await drive_until(clock, lambda: not watch.down, limit=120, what="the database back")
+
+        async def settled() -> bool:
+            rows = await _rows(dsn, "SELECT count(*) AS n FROM monitoring.signals WHERE status = 'taken'")
+            return rows[0]["n"] == 0
+
+        await drive_until(clock, settled, limit=60, what="every signal settled")
+        await drive(clock, clock.sleep(5))
+        rows = {
+            r["symbol"]: r["status"]
+            for r in await _rows(dsn, "SELECT symbol, status FROM monitoring.signals")
+        }
+        opened = sorted(s for s, status in rows.items() if status == "opened")
+        assert sorted(rows) == sorted(symbols)
+        assert set(rows.values()) <= {"opened", "rejected"}
+        assert opened  # (the entries on their way when it died)
+        assert sorted(p.symbol for p in venue.core.positions(clock.now())) == opened  # none sent twice
+        assert all(manager.by_symbol[s].covered for s in opened)
+        assert sorted(e.symbol for e in rejected) == sorted(s for s in symbols if s not in opened)
+    finally:
+        follower.cancel()
         await drive(clock, engine.stop())
