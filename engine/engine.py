@@ -2586,12 +2586,7 @@ class Engine:
                 await self._reject(signal, f"venue refuses requests for now: {exc}", wave_id)
                 return None
             except RateLimited as exc:  # refusals piled up: the next could be a ban's (`OrderBudget`)
-                # Not "retry after": nothing retries a rejected signal (an operator waited for it to).
-                reason = (
-                    f"{exc.detail}; not sent, and not kept for later (entries go again in "
-                    f"{math.ceil(exc.retry_after)}s)"
-                )
-                await self._reject(signal, reason, wave_id)
+                await self._reject(signal, _not_kept(exc), wave_id)
                 return None
             # Paused while it waited for room (the breaker, say, while stops were refused), or stopping.
             if (not_sent := self._not_to_be_sent()) is not None:
@@ -2676,8 +2671,9 @@ class Engine:
                     signal, position.id, cid, exc.reason, wave_id, promise, stop_record
                 )
             except (Rejected, ExchangeError) as exc:
+                why = _not_kept(exc) if isinstance(exc, RateLimited) else str(exc)
                 return await self._entry_failed(
-                    signal, position.id, cid, f"entry refused: {exc}", wave_id, promise, stop_record
+                    signal, position.id, cid, f"entry refused: {why}", wave_id, promise, stop_record
                 )
             return await self._entry_answered(signal, side, position.id, order, wave_id, promise, stop_record)
         finally:
@@ -3827,6 +3823,14 @@ def _entry_not_ended(order: Order) -> str:
 
 
 _ENTRY_SENT = (PositionStatus.PENDING_ENTRY, PositionStatus.ENTRY_PLACED)
+
+
+def _not_kept(exc: RateLimited) -> str:
+    """Why a signal was not sent for the venue's rate. Not "retry after": nothing retries a rejected signal
+    (an operator waited for it to)."""
+    return (
+        f"{exc.detail}; not sent, and not kept for later (entries go again in {math.ceil(exc.retry_after)}s)"
+    )
 
 
 def _left_never_protected(position: PositionRecord) -> datetime | None:
