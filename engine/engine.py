@@ -78,6 +78,7 @@ from engine.order_budget import EntryPromise, OrderBudget
 from engine.pacing import DEFAULT_HEADROOM, BudgetWaits, Lane, RequestPacer, VenuePacing
 from engine.signal_input import BadSignal, parse_score, parse_side
 from engine.signals import SignalConsumer, SignalWave, SimSignalGenerator
+from engine.venues.stream_client import NOT_STARTED
 from protection import health
 from protection.breaker import BreakerInputs, BreakerSettings, trip_reasons
 from protection.coverage import (
@@ -3229,6 +3230,7 @@ class Engine:
                 detail=state.detail,
             )
             for state in self.venue.stream_states()
+            if state.connected or state.detail != NOT_STARTED
         }
 
     def mark_is_stale(self, symbol: str, now: float) -> bool:

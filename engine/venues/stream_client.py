@@ -32,6 +32,10 @@ from engine.exchange.port import AccountEvent, MarkPrice, OrderStatus, StreamSta
 
 logger = logging.getLogger(__name__)
 
+# The detail of a stream not tried yet: not down, not measured (every start's first health check said
+# "Account stream down (not started)", a WARNING a millisecond before the stream came up).
+NOT_STARTED = "not started"
+
 _MAX_MESSAGE_BYTES = 16 << 20  # the all-market array of a large universe
 
 WS_CLOSED_TYPES = (
@@ -127,7 +131,7 @@ class ReconnectingSocket:
         self.last_message_at: float | None = None  # monotonic
         self.reconnects = 0
         self.attempts = 0  # connection attempts made (for tests of storms)
-        self.detail = "not started"
+        self.detail = NOT_STARTED
         self.refused: str | None = None  # why the venue refused the stream for good (then it stops)
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._failures = 0
