@@ -650,6 +650,7 @@ _VERDICT_OF_HEALTH = {"healthy": "ok", "degraded": "degraded", "critical": "crit
 # A look at the database connects within `database.probe_timeout_seconds` and each query answers within it
 # too; the whole look (connect, schema check, a handful of queries) gives up after this many of them.
 STATUS_DEADLINE_PROBES = 3
+UNCHECKED = " (in the records: no engine checks the venue now)"
 STATUS_SNAPSHOT_ATTEMPTS = 3  # looks made again while an engine takes or leaves the account during one
 _VERDICT_SYMBOLS = 10  # the symbols a verdict's reason names at most
 
@@ -729,10 +730,15 @@ def _status(args: argparse.Namespace, loaded: LoadedConfig) -> int:
         )
     # The incident's query: active rows only. The uncovered list below also names positions still
     # being protected or closed (their status in brackets), so the percentage says what it counts.
+    # Without an engine looking after the account these are the records as the last one left them: a stop
+    # cancelled on the venue since is in none of them (an operator read "100.0%", "uncovered: 0" so).
+    unchecked = "" if engine and not engine["silent"] and engine["phase"] == "running" else UNCHECKED
     print(
-        f"TS coverage:       {pct}" + ("" if report["coverage_pct"] is None else " of the active positions")
+        f"TS coverage:       {pct}"
+        + ("" if report["coverage_pct"] is None else " of the active positions")
+        + unchecked
     )
-    print(f"uncovered:         {len(report['uncovered'])}")
+    print(f"uncovered:         {len(report['uncovered'])}{unchecked}")
     for item in report["uncovered"]:
         print(
             f"  #{item['position_id']} {item['symbol']} {item['side']} ({item['status']}): missing {item['missing']}"

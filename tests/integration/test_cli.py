@@ -113,7 +113,12 @@ async def test_status_json_agrees_with_the_incident_sql(workdir: Path, pg_server
     assert sorted(p["symbol"] for p in status["uncovered"]) == ["S5USDT", "S6USDT"]
 
     human = tsbot("status", cwd=workdir)
-    assert "TS coverage:       71.4% of the active positions" in human.stdout
+    # No engine checks the venue: the figures are the records', and say so (an operator read "100.0%",
+    # "uncovered: 0" while two stops had been cancelled on the venue since).
+    assert (
+        "TS coverage:       71.4% of the active positions (in the records: no engine checks the venue now)\n"
+        "uncovered:         2 (in the records: no engine checks the venue now)\n"
+    ) in human.stdout
     assert status["entries"] == "on"
     # The rows above were the sim venue's default account's: the status names it, as the SQL should.
     assert (status["account"], status["account_label"]) == ("sim:default", "default")

@@ -402,7 +402,7 @@ async def test_an_entry_left_pending_by_an_engine_killed_before_its_answer_is_un
     lines = human.stdout.splitlines()
     assert lines[0] == f"CRITICAL: {report['reason']}"
     assert "engine:            not running" in lines
-    assert "uncovered:         1" in lines
+    assert "uncovered:         1 (in the records: no engine checks the venue now)" in lines
     assert (
         f"  #{position_id} DDDUSDT long (entry_placed): missing both (the entry's outcome is unknown: it may "
         "have filled)"
