@@ -2224,7 +2224,13 @@ class Engine:
             if self.lease_lost_since is None:
                 self.lease_lost_since = now
                 self._apply_entries_state()
-                log.critical("the account lease is lost: entries stop now; open positions stay protected")
+                # A warning, not a critical: it is usually taken again at once (an operator read "CRITICAL
+                # the account lease is lost" and, a moment later, "taken again after 0.0s"). Not taken again,
+                # it is said as an error once per interval below; taken by another engine, as critical.
+                log.warning(
+                    "the account lease is lost: entries stop until it is taken again; open positions stay "
+                    "protected"
+                )
             try:
                 self._lease = await self._acquire_lease(self._running_phase)
                 # What it found is this engine's own heartbeat from before the loss: nothing was left

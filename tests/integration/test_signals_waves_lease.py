@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
@@ -316,7 +317,9 @@ async def _kill_lease_connection(db: Database, key: str) -> None:
     await db.pool.execute("SELECT pg_terminate_backend($1)", pid)
 
 
-async def test_a_lost_lease_stops_entries_refuses_resume_and_is_taken_again(db: Database) -> None:
+async def test_a_lost_lease_stops_entries_refuses_resume_and_is_taken_again(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
     from engine.events import EntriesToggled
     from tests.integration.engine_support import engine_settings, make_engine
     from tests.support.driving import drive, drive_until
@@ -351,6 +354,10 @@ async def test_a_lost_lease_stops_entries_refuses_resume_and_is_taken_again(db: 
         await drive_until(clock, lambda: not toggles[-1].paused, what="entries announced on again")
         assert not engine.entries_paused
         assert engine.fatal is None
+        # Taken again at once: said as a warning, not a critical alarm (an operator read "CRITICAL the
+        # account lease is lost" and, a moment later, "taken again after 0.0s").
+        assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.CRITICAL]
+        assert any("the account lease is lost" in r.getMessage() for r in caplog.records)
         # Its own heartbeat from before the loss is nobody's to date a dead engine's trails from: were it
         # killed hours later, the next start would have dated its trails unmoved since this retake.
         await drive_until(
