@@ -677,6 +677,15 @@ async def test_the_control_api_takes_one_target_as_a_string_and_refuses_other_sh
         ) as answer:
             assert answer.status == 400
             assert "targets must be a list" in await answer.text()
+        # An unknown call names the known ones (an operator met "unknown call 'POST:order'" and had to read
+        # the source to find them).
+        async with venue.control.post(
+            f"{venue.url}/_sim/fault", json={"call": "POST:order", "fault": "busy"}
+        ) as answer:
+            assert answer.status == 400
+            text = await answer.text()
+            assert "unknown call 'POST:order': expected one of " in text
+            assert "create_order" in text, text
 
 
 async def test_a_recorded_stop_forgotten_with_its_position_is_not_judged_against_the_next(

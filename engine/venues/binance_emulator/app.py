@@ -1086,13 +1086,7 @@ class BinanceEmulator:
     async def _control_fault(self, request: web.Request) -> web.Response:
         body = await self._control_body(request)
         try:
-            if "call" in body:
-                call = str(body["call"])
-                if call not in TARGETS_BY_CALL:
-                    raise FaultSpecError(f"unknown call {call!r}")
-                target_texts: list[str] = list(TARGETS_BY_CALL[call])
-            else:
-                target_texts = control_target_texts(body)
+            target_texts = control_target_texts(body, TARGETS_BY_CALL)
             targets = tuple(Target.parse(text) for text in target_texts)
             if not targets:
                 raise FaultSpecError("no targets")

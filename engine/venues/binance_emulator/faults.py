@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import random
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -71,9 +71,21 @@ class FaultSpecError(ValueError):
     """A `--faults` specification that cannot be parsed; the message names the bad part."""
 
 
-def control_target_texts(body: Mapping[str, Any]) -> list[str]:
-    """The control API's `targets`: a list of "METHOD:path", or one such string alone. A string used to
-    be read one character at a time ("unknown endpoint 'P'"); anything else is refused, naming the field."""
+def control_target_texts(
+    body: Mapping[str, Any], targets_by_call: Mapping[str, Sequence[str]] | None = None
+) -> list[str]:
+    """The control API's fault targets: those of its `call` (a name of `targets_by_call`), else its
+    `targets`, a list of "METHOD:path" or one such string alone. A string used to be read one character at
+    a time ("unknown endpoint 'P'"); anything else is refused, naming the field, and an unknown call names
+    the known ones (an operator met "unknown call 'POST:order'" and had to read the source)."""
+    if targets_by_call is not None and "call" in body:
+        call = str(body["call"])
+        if call not in targets_by_call:
+            raise FaultSpecError(
+                f"unknown call {call!r}: expected one of {', '.join(sorted(targets_by_call))}, or "
+                '"targets": a list of "METHOD:path"'
+            )
+        return list(targets_by_call[call])
     targets = body.get("targets", [])
     if isinstance(targets, str):
         return [targets]
