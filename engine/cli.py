@@ -1129,25 +1129,33 @@ def _steer(
     async def run() -> CommandAnswer | None:
         database = await _open(loaded)
         try:
-            refused = not_taken(await current_holder(database.pool, venue, account), account)
-            if refused is not None:
-                return refused
-            if confirm:
-                positions = await Store(database.pool, account).active_positions()
-                prompt = (
-                    f"Pause entries and close all {len(positions)} open positions of account {account} "
-                    "at market? [y/N] "
+            try:
+                refused = not_taken(await current_holder(database.pool, venue, account), account)
+                if refused is not None:
+                    return refused
+                if confirm:
+                    positions = await Store(database.pool, account).active_positions()
+                    prompt = (
+                        f"Pause entries and close all {len(positions)} open positions of account {account} "
+                        "at market? [y/N] "
+                    )
+                    answer = await asyncio.to_thread(_ask, prompt)
+                    if answer not in ("y", "yes"):
+                        return None
+                holds = (
+                    _HeldCloses(Store(database.pool, account), command_args.get("symbol"))
+                    if kind in (CommandKind.CLOSE, CommandKind.FLATTEN)
+                    else None
                 )
-                answer = await asyncio.to_thread(_ask, prompt)
-                if answer not in ("y", "yes"):
-                    return None
-            holds = (
-                _HeldCloses(Store(database.pool, account), command_args.get("symbol"))
-                if kind in (CommandKind.CLOSE, CommandKind.FLATTEN)
-                else None
-            )
-            if holds is not None:
-                await holds.begin()
+                if holds is not None:
+                    await holds.begin()
+            except Exception as exc:
+                if not is_unreachable(exc):
+                    raise
+                raise CommandFailed(
+                    f"{name}: the database stopped answering ({type(exc).__name__}): nothing was sent to the "
+                    "engine"
+                ) from None
             following = asyncio.ensure_future(holds.follow()) if holds is not None else None
             try:
                 answer = await send_command(
@@ -1166,7 +1174,11 @@ def _steer(
                     following.cancel()
                     await asyncio.gather(following, return_exceptions=True)
             if holds is not None:
-                await holds.tell()  # those recorded since the last look, before the answer
+                try:
+                    await holds.tell()  # those recorded since the last look, before the answer
+                except Exception as exc:
+                    if not is_unreachable(exc):
+                        raise  # (the database gone: the answer says so)
             return answer
         finally:
             await database.close()

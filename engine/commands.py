@@ -21,6 +21,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
@@ -449,32 +450,67 @@ async def send_command(
     listen_password: str | None = None,
 ) -> CommandAnswer:
     """Queue a command for the engine that trades `account` and wait (up to `wait_seconds`) for its answer."""
-    holder = await current_holder(pool, venue, account)
+    try:
+        holder = await current_holder(pool, venue, account)
+    except Exception as exc:
+        if not is_unreachable(exc):
+            raise
+        return CommandAnswer(
+            None,
+            problem=f"the database stopped answering ({type(exc).__name__}): nothing was sent to the engine",
+        )
     refused = not_taken(holder, account)
     if refused is not None:
         return refused
     queue = CommandQueue(pool, account)
-    record = await queue.submit(
-        kind,
-        args or {},
-        requested_by=requested_by or requester_identity(),
-        reason=reason,
-        expires_in_seconds=wait_seconds,
-    )
+    try:
+        record = await queue.submit(
+            kind,
+            args or {},
+            requested_by=requested_by or requester_identity(),
+            reason=reason,
+            expires_in_seconds=wait_seconds,
+        )
+    except Exception as exc:
+        if not is_unreachable(exc):
+            raise
+        return CommandAnswer(
+            None,
+            holder,
+            problem=f"the database stopped answering while the command was being recorded ({type(exc).__name__}): "
+            f"it may have been recorded, and then the engine may carry it out within {wait_seconds:g}s if the "
+            "database comes back by then (see `tsbot status` and monitoring.commands)",
+        )
 
     async def engine_still_there(latest: CommandRecord) -> bool:
         return latest.state is not CommandState.PENDING or (
             await current_holder(pool, venue, account) is not None
         )
 
-    latest = await queue.wait_finished(
-        record.id,
-        wait_seconds,
-        listen_dsn=listen_dsn,
-        listen_password=listen_password,
-        keep_waiting=engine_still_there,
-        check_every_seconds=HOLDER_CHECK_SECONDS,
-    )
+    try:
+        latest = await queue.wait_finished(
+            record.id,
+            wait_seconds,
+            listen_dsn=listen_dsn,
+            listen_password=listen_password,
+            keep_waiting=engine_still_there,
+            check_every_seconds=HOLDER_CHECK_SECONDS,
+        )
+    except Exception as exc:
+        if not is_unreachable(exc):
+            raise
+        # Recorded, then the database went away: the command can be neither followed nor withdrawn, and
+        # the engine may still take it until it expires. It was said "internal error", and an operator's
+        # flatten then closed the whole book 26 s later (an operator's drill).
+        log.warning("command #%d: the database stopped answering while waiting", record.id, exc_info=exc)
+        expiry = record.expires_at.astimezone(UTC).strftime("%H:%M:%S UTC")
+        return CommandAnswer(
+            record,
+            holder,
+            problem=f"command #{record.id} was recorded, then the database stopped answering "
+            f"({type(exc).__name__}); it cannot be withdrawn, and the engine may still carry it out until "
+            f"{expiry} if the database comes back by then (see `tsbot status` and monitoring.commands)",
+        )
     if (
         latest is not None
         and latest.state is CommandState.PENDING

@@ -20,6 +20,7 @@ import asyncpg
 
 NEW_COMMAND_CHANNEL = "tsbot_commands"
 RESULT_CHANNEL = "tsbot_command_results"
+LISTENER_CLOSE_SECONDS = 2.0
 MAX_REQUESTER_CHARS = 300
 MAX_REASON_CHARS = 1000
 
@@ -215,7 +216,11 @@ class CommandQueue:
                         await woke.wait()
         finally:
             if listener is not None:
-                await listener.close()
+                # Bounded: a frozen server never answers the goodbye (a flatten's wait hung on it for good).
+                try:
+                    await listener.close(timeout=LISTENER_CLOSE_SECONDS)
+                except Exception:
+                    listener.terminate()
 
 
 __all__ = [

@@ -247,15 +247,7 @@ async def test_status_says_critical_after_a_stop_that_left_positions_uncovered_a
         said = next(line for line in engine.lines if line.startswith("stopped: "))
         assert f"UNCOVERED {len(symbols)}" in said
 
-        status = await asyncio.to_thread(
-            subprocess.run,
-            [TSBOT, "status"],
-            cwd=without,
-            env=environ(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        status = await _tsbot(without, "status")
         assert status.returncode == 2, status.stdout + status.stderr
         first = status.stdout.splitlines()[0]
         assert first.startswith("CRITICAL: the last engine on this account stopped at "), first
@@ -264,25 +256,9 @@ async def test_status_says_critical_after_a_stop_that_left_positions_uncovered_a
 
         # A start that fails (a wrong secret: refused at its credentials' check) protects nothing: the
         # record stays the last word.
-        refused = await asyncio.to_thread(
-            subprocess.run,
-            [TSBOT, "run"],
-            cwd=tmp_path,
-            env={**environ(), "TSBOT_VENUE__API_SECRET": "not-the-secret"},
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        refused = await _tsbot(tmp_path, "run", TSBOT_VENUE__API_SECRET="not-the-secret")
         assert refused.returncode == 2, refused.stdout + refused.stderr
-        status = await asyncio.to_thread(
-            subprocess.run,
-            [TSBOT, "status"],
-            cwd=without,
-            env=environ(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        status = await _tsbot(without, "status")
         assert status.returncode == 2, status.stdout + status.stderr
 
         # An engine starts on the account: the record is not the last word any more.
@@ -297,14 +273,19 @@ async def test_status_says_critical_after_a_stop_that_left_positions_uncovered_a
         # A stream not tried yet is not "down": every start's first health check said so, a WARNING a
         # moment before the stream came up (an operator's find).
         assert not [line for line in engine.lines if "(not started)" in line], engine.lines
-    status = await asyncio.to_thread(
-        subprocess.run,
-        [TSBOT, "status"],
-        cwd=without,
-        env=environ(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    status = await _tsbot(without, "status")
     assert status.returncode == 3, status.stdout + status.stderr
     assert "keep their stops on the exchange; uncovered 0" in status.stdout
+
+
+async def _tsbot(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """A `tsbot` command run to its end (bounded), with the chaos environment and `env` over it."""
+    return await asyncio.to_thread(
+        subprocess.run,
+        [TSBOT, *args],
+        cwd=cwd,
+        env={**environ(), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )

@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 
 import asyncpg
+import psutil
 import pytest
 
 from storage.embedded import PostmasterState, postmaster_state
-from tests.support.owned_postgres import kill_postmaster, resume, stop_postmaster
+from tests.support.owned_postgres import kill_postmaster, postmaster_pid, resume, stop_postmaster
 from tests.support.waiting import wait_until
 
 TSBOT = str(Path(sys.executable).with_name("tsbot"))
@@ -169,14 +170,7 @@ async def test_the_next_tsbot_command_starts_a_killed_embedded_server_again(work
     whose init does not reap, which pgserver and PostgreSQL both took for a live server, so every later
     command failed with "cannot connect". The next command starts it again."""
     data_dir = workdir / "pgdata"
-    starter = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-c", _START_AND_ABANDON, str(data_dir)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert starter.returncode == 0, starter.stderr
+    await asyncio.to_thread(_start_and_abandon, data_dir)
     killed = await asyncio.to_thread(kill_postmaster, data_dir)
 
     # (`tsbot status` only looks: it says the server is down, and leaves starting it to the commands that
@@ -193,6 +187,14 @@ async def test_the_next_tsbot_command_starts_a_killed_embedded_server_again(work
     # server stops (it used to count the dead starter as a user for good, and ran on with nobody).
     state, _ = postmaster_state(data_dir)
     assert state is PostmasterState.DEAD
+
+
+def _start_and_abandon(data_dir: Path) -> None:
+    """The embedded server in `data_dir` started by a process that then exits without saying it leaves."""
+    starter = subprocess.run(
+        [sys.executable, "-c", _START_AND_ABANDON, str(data_dir)], capture_output=True, text=True, timeout=60
+    )
+    assert starter.returncode == 0, starter.stderr
 
 
 # Starts the embedded server and exits without saying so (SIGKILL-like: pgserver's exit hook never runs).
@@ -213,14 +215,7 @@ async def test_a_command_on_an_embedded_server_that_does_not_answer_says_so_in_s
     exit trying to stop it. It now says in one line, within the probe budget, that the server runs and does
     not answer, and leaves it as it is."""
     data_dir = workdir / "pgdata"
-    starter = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-c", _START_AND_ABANDON, str(data_dir)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert starter.returncode == 0, starter.stderr
+    await asyncio.to_thread(_start_and_abandon, data_dir)
     stopped = stop_postmaster(data_dir)
     try:
         began = time.monotonic()
@@ -235,3 +230,50 @@ async def test_a_command_on_an_embedded_server_that_does_not_answer_says_so_in_s
     )
     assert took < 60  # (a bound for a loaded machine; it used to take two minutes)
     assert postmaster_state(data_dir) == (PostmasterState.RUNNING, stopped)  # left as it was
+
+
+async def test_a_flatten_whose_answer_the_database_took_away_says_it_may_still_be_carried_out(
+    workdir: Path,
+) -> None:
+    """An operator's drill: `tsbot flatten --all --yes`, the database frozen a moment later. The command
+    said "internal error (a bug, not your input): ConnectionRefusedError", exit 1, and 26 s later, the
+    database back, the engine closed the whole book: an operator told it failed would retry or hedge by
+    hand. It says the command was recorded and may still be carried out, and until when."""
+    data_dir = workdir / "pgdata"
+    engine = _start_run(workdir)
+    frozen: list[int] = []
+    try:
+        await wait_until(lambda: _protected(data_dir, 0), within=60, what="positions protected")
+        engine.send_signal(signal.SIGSTOP)  # (it takes commands at once: held until the database is frozen)
+        flatten = _start_flatten(workdir)
+
+        async def recorded() -> bool:
+            return bool(await _fetch(data_dir, "SELECT id FROM monitoring.commands"))
+
+        await wait_until(recorded, within=30, what="the command recorded")
+        postmaster = postmaster_pid(data_dir)
+        frozen = [postmaster, *(p.pid for p in psutil.Process(postmaster).children())]
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        out, err = await asyncio.to_thread(flatten.communicate, timeout=90)
+    finally:
+        for pid in frozen:
+            resume(pid)
+        engine.send_signal(signal.SIGCONT)
+        engine.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(engine.communicate, timeout=90)
+    assert flatten.returncode == 1, out + err
+    assert "internal error" not in err
+    assert "flatten: no answer: command #1 was recorded, then the database stopped answering (" in err, err
+    assert "the engine may still carry it out until " in err, err
+
+
+def _start_flatten(workdir: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [TSBOT, "flatten", "--all", "--yes", "--wait-seconds", "60"],
+        cwd=workdir,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )

@@ -69,6 +69,25 @@ def _start_on_terminal(terminal: int, *args: str, cwd: Path) -> subprocess.Popen
     )
 
 
+async def _positions_active(dsn: str) -> bool:
+    """The engine's database holds active positions (False while it cannot be read yet)."""
+    try:
+        conn = await asyncpg.connect(dsn)
+    except (OSError, asyncpg.PostgresError):
+        return False
+    try:
+        return bool(
+            await conn.fetchval(
+                "SELECT to_regclass('monitoring.positions') IS NOT NULL AND "
+                "(SELECT count(*) FROM monitoring.positions WHERE status = 'active') > 0"
+            )
+        )
+    except asyncpg.PostgresError:
+        return False
+    finally:
+        await conn.close()
+
+
 def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("TSBOT_")}
 
@@ -124,25 +143,11 @@ async def test_sigterm_stops_cleanly_and_a_second_engine_is_refused(
 ) -> None:
     first = _start("run", cwd=workdir)
     try:
-
-        async def positions_open() -> bool:
-            try:
-                conn = await asyncpg.connect(_dsn(pg_server, workdir))
-            except (OSError, asyncpg.PostgresError):
-                return False
-            try:
-                return bool(
-                    await conn.fetchval(
-                        "SELECT to_regclass('monitoring.positions') IS NOT NULL AND "
-                        "(SELECT count(*) FROM monitoring.positions WHERE status = 'active') > 0"
-                    )
-                )
-            except asyncpg.PostgresError:
-                return False
-            finally:
-                await conn.close()
-
-        await wait_until(positions_open, within=60, what="the first engine to open positions")
+        await wait_until(
+            lambda: _positions_active(_dsn(pg_server, workdir)),
+            within=60,
+            what="the first engine to open positions",
+        )
 
         second = await asyncio.to_thread(tsbot, "run", "--duration", "5", cwd=workdir)
         assert second.returncode == 1
@@ -194,25 +199,9 @@ async def test_a_closed_terminal_stops_the_engine_like_sigterm(
     whatever was in flight. It now stops the same orderly way as SIGTERM."""
     engine = _start("run", cwd=workdir)
     try:
-
-        async def positions_active() -> bool:
-            try:
-                conn = await asyncpg.connect(_dsn(pg_server, workdir))
-            except (OSError, asyncpg.PostgresError):
-                return False
-            try:
-                return bool(
-                    await conn.fetchval(
-                        "SELECT to_regclass('monitoring.positions') IS NOT NULL AND "
-                        "(SELECT count(*) FROM monitoring.positions WHERE status = 'active') > 0"
-                    )
-                )
-            except asyncpg.PostgresError:
-                return False
-            finally:
-                await conn.close()
-
-        await wait_until(positions_active, within=60, what="positions open")
+        await wait_until(
+            lambda: _positions_active(_dsn(pg_server, workdir)), within=60, what="positions open"
+        )
         engine.send_signal(signal.SIGHUP)
         out, err = await asyncio.to_thread(engine.communicate, timeout=60)
         assert engine.returncode == 0, err
@@ -237,24 +226,7 @@ async def test_a_terminal_gone_before_the_exit_line_is_no_internal_error(
     try:
         dsn = _dsn(pg_server, workdir)
 
-        async def positions_active() -> bool:
-            try:
-                conn = await asyncpg.connect(dsn)
-            except (OSError, asyncpg.PostgresError):
-                return False
-            try:
-                return bool(
-                    await conn.fetchval(
-                        "SELECT to_regclass('monitoring.positions') IS NOT NULL AND "
-                        "(SELECT count(*) FROM monitoring.positions WHERE status = 'active') > 0"
-                    )
-                )
-            except asyncpg.PostgresError:
-                return False
-            finally:
-                await conn.close()
-
-        await wait_until(positions_active, within=60, what="positions open")
+        await wait_until(lambda: _positions_active(dsn), within=60, what="positions open")
         os.close(main)  # the terminal is gone
         main = -1
         engine.send_signal(signal.SIGHUP)
