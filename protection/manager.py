@@ -1557,6 +1557,20 @@ class PositionGuard:
         for order, outcome in zip(confirmed, outcomes, strict=True):
             if outcome is _Outcome.GONE:
                 self._fresh_id(order)
+            elif outcome is _Outcome.RETRY and order.confirmed:
+                # The venue cannot be asked (a ban, an outage): the mark went through this stop, so it has
+                # most likely fired, and a fired stop protects nothing. Doubt is uncovered until the venue
+                # says (an operator watched a position the venue had closed shown "both stops confirmed"
+                # for 9.5 minutes of a ban). Asked again by id before anything is sent.
+                order.confirmed = False
+                order.maybe_sent = True
+                log.warning(
+                    "%s: the mark went through a stop of its and the venue cannot be asked now: its %s %s is "
+                    "not counted until the venue says whether it fired",
+                    self.symbol,
+                    stop_words(order.purpose),
+                    order.client_order_id,
+                )
         if self.exit_evidence is not None or _Outcome.FIRED in outcomes:
             self._m.request_reconcile()
 

@@ -953,6 +953,42 @@ async def test_once_the_venue_takes_a_stop_again_the_guards_backing_off_try_at_o
         await drive(clock, engine.stop())
 
 
+async def test_a_stop_the_mark_went_through_is_doubted_while_the_venue_cannot_be_asked(db: Database) -> None:
+    """An operator's drill on the Bybit emulator: position reads banned, the account stream dropped, the mark
+    through a short's hard stop. The venue filled the stop and the position was gone; the dashboard showed
+    it "covered: both stops confirmed by the venue", TS 100 %, for the 9.5 minutes of the ban. A stop the
+    mark went through has most likely fired, and a fired stop protects nothing: while the venue cannot
+    say, the position is uncovered."""
+    settings = settings_for(db, {"PROTECTION__BREAKER__UNCOVERED_FACTOR": "1000"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[44]])
+        await drive_until_covered(engine, clock, 1)
+        venue = engine.venue
+        venue.delay_account_events(3600.0)  # the stream tells nothing in time
+        for kind in (CallKind.FETCH_ORDER, CallKind.FETCH_POSITIONS, CallKind.FETCH_OPEN_ORDERS):
+            venue.inject_fault(kind, FaultKind.SERVER_ERROR, count=100_000)
+        assert guard.stop_loss.price is not None
+        venue.override_mark_price(guard.symbol, guard.stop_loss.price - 2 * guard.market.tick_size)
+        await drive_until(
+            clock,
+            lambda: not any(p.symbol == guard.symbol for p in venue.core.positions(clock.now())),
+            what="the venue filled the hard stop",
+        )
+        await drive_until(clock, lambda: not guard.covered, limit=10, what="the position counted uncovered")
+        assert not guard.closed  # (nothing proves it gone yet: the venue cannot be asked)
+        venue.clear_injected_faults()
+        await drive_until(clock, lambda: guard.closed, limit=60, what="closed once the venue answers")
+        row = await db.pool.fetchrow(
+            "SELECT status, exit_reason FROM monitoring.positions WHERE id = $1", guard.position_id
+        )
+        assert tuple(row) == ("closed", "stop_loss")
+    finally:
+        await drive(clock, engine.stop())
+
+
 async def test_a_fired_stop_closes_the_position_and_cancels_its_sibling_within_seconds(db: Database) -> None:
     """When one stop fired, the other stayed live on the venue until the next reconcile pass (up to
     `reconcile_seconds`): an orphan on a flat symbol, and the symbol blocked meanwhile. The mark crossing
