@@ -253,6 +253,11 @@ class Reconciler:
     def _check_orders(
         self, guard: PositionGuard, open_by_id: dict[str, Order], report: ReconcileReport, snapshot_at: float
     ) -> None:
+        if guard.closing:
+            # Our own close at market is under way: its stops going is the close's doing (Bybit clears a
+            # closing position's stops; the sibling is cancelled), not protection lost. It was said as an
+            # ERROR, "re-protecting", during an operator's flatten; a close that fails re-checks its stops.
+            return
         for order in (guard.stop_loss, guard.trailing_stop):
             if not order.confirmed or order.client_order_id is None:
                 continue

@@ -989,6 +989,34 @@ async def test_a_stop_the_mark_went_through_is_doubted_while_the_venue_cannot_be
         await drive(clock, engine.stop())
 
 
+async def test_stops_gone_while_our_own_close_is_under_way_are_not_protection_lost(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator's flatten on the Bybit emulator: the venue cleared the closing positions' stops, and the
+    reconcile pass said "stop-loss of BTCUSDT is no longer on the exchange; re-protecting" (ERROR, and the
+    dashboard's error tally) while the close was filling. Stops going during our own close are the
+    close's doing."""
+    settings = settings_for(db, {"VENUE__SIM__LATENCY__BY_CALL": '{"create_order": {"seconds": 2}}'})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[46]])
+        await drive_until_covered(engine, clock, 1)
+        closing = asyncio.ensure_future(guard.request_close())
+        await drive_until(clock, lambda: guard.closing, what="the close under way")
+        venue = engine.venue
+        for order in venue.core.open_protective_orders(clock.now(), guard.symbol):  # cleared by the venue
+            venue.core.cancel_order(guard.symbol, order.client_order_id, clock.now())
+        caplog.clear()
+        await drive(clock, engine.reconcile_now())
+        assert guard.closing  # (still under way: the pass ran during it)
+        assert not [r.getMessage() for r in caplog.records if "re-protecting" in r.getMessage()]
+        assert (await drive(clock, closing))[0] is True
+    finally:
+        await drive(clock, engine.stop())
+
+
 async def test_a_fired_stop_closes_the_position_and_cancels_its_sibling_within_seconds(db: Database) -> None:
     """When one stop fired, the other stayed live on the venue until the next reconcile pass (up to
     `reconcile_seconds`): an orphan on a flat symbol, and the symbol blocked meanwhile. The mark crossing
