@@ -35,7 +35,7 @@ import asyncpg
 
 from engine.accounts import account_key
 from engine.commands import CommandAnswer, not_taken, send_command
-from engine.config import MAX_SEED, ConfigError, LoadedConfig, load_config
+from engine.config import MAX_SEED, ConfigError, LoadedConfig, VenueKind, load_config
 from engine.config_show import render_config
 from engine.credentials import CredentialsRefused
 from engine.engine import COVERAGE_SAMPLE_SECONDS, Engine, StartInterrupted, StartupReport
@@ -915,7 +915,7 @@ async def _read_status(
                 "status": p.status.value,
                 "has_stop_loss": p.has_stop_loss,
                 "has_trailing_stop": p.has_trailing_stop,
-                "missing": "both (the entry's outcome is unknown: it may have filled)"
+                "missing": _missing_of_unknown_entry(loaded)
                 if p.status is PositionStatus.ENTRY_PLACED
                 else _missing_stops(p.has_stop_loss, p.has_trailing_stop),
                 "opened_at": p.opened_at.isoformat() if p.opened_at else None,
@@ -923,6 +923,15 @@ async def _read_status(
             for p in uncovered
         ],
     }
+
+
+def _missing_of_unknown_entry(loaded: LoadedConfig) -> str:
+    """What an entry of unknown outcome lacks if it filled. On Bybit the hard stop rides on the entry (the
+    position is born with it): "both" was said while the venue held every such position's hard stop (an
+    operator's find after a kill -9)."""
+    if loaded.settings.venue.kind is VenueKind.BYBIT:
+        return "trailing stop (the entry's outcome is unknown: it may have filled, with the hard stop it carried)"
+    return "both (the entry's outcome is unknown: it may have filled)"
 
 
 def _missing_stops(has_stop_loss: bool, has_trailing_stop: bool) -> str:
