@@ -63,7 +63,7 @@ every wave is exactly the false alarm that trained the operator to ignore the ol
 
 Overall state = the worst component by `critical > degraded > unknown > healthy`. UNKNOWN ranks above
 HEALTHY because "not measured" must never read as "fine", and below DEGRADED because a missing
-measurement (the first seconds after start, before the first wave) is not evidence of a fault, while a
+measurement (the first seconds after start, before a component's first measurement) is not evidence of a fault, while a
 measured fault is: the overall state should name the fault. No components at all is UNKNOWN.
 """
 
@@ -806,8 +806,10 @@ def evaluate_signals(measured: SignalsMeasurement | None, thresholds: HealthThre
         "entries_paused": measured.entries_paused,
         "paused_by": measured.paused_by if measured.entries_paused else "",
     }
-    unknown = "No signal wave received yet" if age is None else ""
-    return _verdict(component, measurements, ", ".join(parts), [], degraded, unknown)
+    # No wave since the start is no missing measurement: the consumer runs and listens, and signals may come
+    # once an hour. It was UNKNOWN, which made the overall health (and `tsbot status`, exit 3) "unknown"
+    # after every restart with every position protected (an operator's find).
+    return _verdict(component, measurements, ", ".join(parts), [], degraded, "")
 
 
 def evaluate_health(measurements: HealthMeasurements, thresholds: HealthThresholds) -> HealthReport:
