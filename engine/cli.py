@@ -128,6 +128,10 @@ class TerminalWarnings(logging.Handler):
         self._held: list[logging.LogRecord] | None = []
 
     def emit(self, record: logging.LogRecord) -> None:
+        if record.name.startswith("asyncpg"):
+            # The driver's own retries ("Failed to restore the pool connection floor; retrying") say nothing
+            # an operator acts on beside the command's own line: in the log file only.
+            return
         if self._held is None:
             self._write(record)
         elif len(self._held) < self.MAX_HELD:

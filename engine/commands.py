@@ -499,18 +499,43 @@ async def send_command(
     except Exception as exc:
         if not is_unreachable(exc):
             raise
-        # Recorded, then the database went away: the command can be neither followed nor withdrawn, and
-        # the engine may still take it until it expires. It was said "internal error", and an operator's
-        # flatten then closed the whole book 26 s later (an operator's drill).
-        log.warning("command #%d: the database stopped answering while waiting", record.id, exc_info=exc)
-        expiry = record.expires_at.astimezone(UTC).strftime("%H:%M:%S UTC")
-        return CommandAnswer(
-            record,
-            holder,
-            problem=f"command #{record.id} was recorded, then the database stopped answering "
-            f"({type(exc).__name__}); it cannot be withdrawn, and the engine may still carry it out until "
-            f"{expiry} if the database comes back by then (see `tsbot status` and monitoring.commands)",
-        )
+        return _lost_after_recording(record, holder, exc)
+    try:
+        return await _settled(queue, record, latest, holder, pool, venue, account, wait_seconds)
+    except Exception as exc:
+        if not is_unreachable(exc):
+            raise
+        return _lost_after_recording(record, holder, exc)
+
+
+def _lost_after_recording(
+    record: CommandRecord, holder: LeaseHolder | None, exc: BaseException
+) -> CommandAnswer:
+    """Recorded, then the database went away: the command can be neither followed nor withdrawn, and the
+    engine may have taken it, or still take it until it expires. It was said "internal error", and an
+    operator's flatten then closed the whole book 26 s later (an operator's drill)."""
+    log.info("command #%d: the database stopped answering", record.id, exc_info=exc)  # (the file only)
+    expiry = record.expires_at.astimezone(UTC).strftime("%H:%M:%S UTC")
+    return CommandAnswer(
+        record,
+        holder,
+        problem=f"command #{record.id} was recorded, then the database stopped answering ({type(exc).__name__}); "
+        f"it cannot be withdrawn: the engine may have taken it already, or may still take it until {expiry} if "
+        "the database is back by then (see `tsbot status` and monitoring.commands)",
+    )
+
+
+async def _settled(
+    queue: CommandQueue,
+    record: CommandRecord,
+    latest: CommandRecord | None,
+    holder: LeaseHolder | None,
+    pool: asyncpg.Pool,
+    venue: str,
+    account: str,
+    wait_seconds: float,
+) -> CommandAnswer:
+    """What became of a recorded command once its wait ended: finished, withdrawn, or taken and unanswered."""
     if (
         latest is not None
         and latest.state is CommandState.PENDING

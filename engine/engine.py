@@ -2218,7 +2218,7 @@ class Engine:
                     await lease.heartbeat(self._running_phase)
                     continue
                 except Exception as exc:
-                    log.error("account lease heartbeat failed (%s): the lease is lost", type(exc).__name__)
+                    log.warning("account lease heartbeat failed (%s): the lease is lost", type(exc).__name__)
                     await _quietly(lease.release())
             now = self.clock.monotonic()
             if self.lease_lost_since is None:

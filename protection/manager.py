@@ -395,6 +395,7 @@ class PositionGuard:
             manager.clock.monotonic() - filled_at
         )
         self.protected_at: float | None = None
+        self._crossed: set[OrderPurpose] = set()  # stops the mark went through since the last check
         # Waiting out its own backoff after failed passes (not the venue's word): woken when another guard's
         # pass goes through after failures of its own (`ProtectionManager.failing_guards_try_now`).
         self.backing_off = False
@@ -1549,28 +1550,25 @@ class PositionGuard:
 
     async def _check_crossed(self) -> None:
         """The mark went through a stop of ours: look both up (in parallel). A fill is exit evidence and
-        the reconciler closes the position at once (cancelling the sibling); TRIGGERING leaves it uncovered."""
-        confirmed = [o for o in (self.stop_loss, self.trailing_stop) if o.confirmed and o.client_order_id]
-        outcomes = await asyncio.gather(
-            *(self._resolve(o, "check after the mark crossed") for o in confirmed)
-        )
-        for order, outcome in zip(confirmed, outcomes, strict=True):
-            if outcome is _Outcome.GONE:
-                self._fresh_id(order)
-            elif outcome is _Outcome.RETRY and order.confirmed:
-                # The venue cannot be asked (a ban, an outage): the mark went through this stop, so it has
-                # most likely fired, and a fired stop protects nothing. Doubt is uncovered until the venue
-                # says (an operator watched a position the venue had closed shown "both stops confirmed"
-                # for 9.5 minutes of a ban). Asked again by id before anything is sent.
+        the reconciler closes the position at once (cancelling the sibling); TRIGGERING leaves it uncovered.
+        A stop the mark went through has most likely fired, and a fired stop protects nothing: it is not
+        counted until the venue says it is still live (an operator watched a position the venue had closed
+        shown "both stops confirmed" for the 9.5 minutes of a ban that refused every look-up). Asked for by
+        its id before anything is sent: never a second stop."""
+        crossed, self._crossed = self._crossed, set()
+        for order in (self.stop_loss, self.trailing_stop):
+            if order.purpose in crossed and order.confirmed and order.client_order_id:
                 order.confirmed = False
                 order.maybe_sent = True
-                log.warning(
-                    "%s: the mark went through a stop of its and the venue cannot be asked now: its %s %s is "
-                    "not counted until the venue says whether it fired",
-                    self.symbol,
-                    stop_words(order.purpose),
-                    order.client_order_id,
-                )
+        asked = [
+            o
+            for o in (self.stop_loss, self.trailing_stop)
+            if o.client_order_id and (o.confirmed or (o.purpose in crossed and o.maybe_sent))
+        ]
+        outcomes = await asyncio.gather(*(self._resolve(o, "check after the mark crossed") for o in asked))
+        for order, outcome in zip(asked, outcomes, strict=True):
+            if outcome is _Outcome.GONE:
+                self._fresh_id(order)
         if self.exit_evidence is not None or _Outcome.FIRED in outcomes:
             self._m.request_reconcile()
 
@@ -2275,11 +2273,13 @@ class PositionGuard:
         """Synchronous, allocation-free in the common case; never awaits (the price path must not wait)."""
         if self.closed:
             return
-        if self._crossed_by(price):
+        crossed = self._crossed_stops(price)
+        if crossed:
             # The mark went through one of our stops: it has probably fired. Ask the venue now rather than
             # at the next reconcile pass, so the sibling stop is cancelled and the position closed within a
             # round trip or two, not up to `reconcile_seconds` later.
             self.check_fired_soon = True
+            self._crossed.update(crossed)
             self.wake.set()
         if self.trail is None:
             return
@@ -2296,15 +2296,17 @@ class PositionGuard:
             self.pending_move = decision  # type: ignore[assignment]
             self.wake.set()
 
-    def _crossed_by(self, mark: Decimal) -> bool:
+    def _crossed_stops(self, mark: Decimal) -> list[OrderPurpose]:
+        """Which of our confirmed stops `mark` went through (by purpose)."""
         long = self.side is PositionSide.LONG
+        crossed: list[OrderPurpose] = []
         for order in (self.stop_loss, self.trailing_stop):
             # A stop-market (the hard stop, or a managed trail's stop) fires at its price.
             at_price = order.purpose is OrderPurpose.STOP_LOSS or self.kind is TrailingKind.MANAGED
             if not (order.confirmed and at_price and order.price is not None):
                 continue
             if (mark <= order.price) if long else (mark >= order.price):
-                return True
+                crossed.append(order.purpose)
         if self.kind is TrailingKind.NATIVE and self.trailing_stop.confirmed:
             # The venue's trail is not ours to see: follow it from the marks (arms at the activation price,
             # fires a callback below the best mark since). A new trailing order starts unarmed again.
@@ -2333,8 +2335,8 @@ class PositionGuard:
                     self._native_extreme * (1 - fraction) if long else self._native_extreme * (1 + fraction)
                 )
                 if (mark <= trigger) if long else (mark >= trigger):
-                    return True
-        return False
+                    crossed.append(OrderPurpose.TRAILING_STOP)
+        return crossed
 
     # --- sending -------------------------------------------------------------------------------------
 
@@ -2356,6 +2358,11 @@ class PositionGuard:
         )
 
     # --- closing -------------------------------------------------------------------------------------
+
+    @property
+    def close_sent(self) -> bool:
+        """Our close at market has gone to the venue and not ended (not while it waits for its turn)."""
+        return self.closing and self._closing_cid is not None
 
     async def request_close(self, exit_reason: str = MANUAL_CLOSE) -> tuple[bool, str]:
         """Close the position reduce-only at market, through the guard's own task (so nothing it is

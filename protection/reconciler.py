@@ -253,10 +253,11 @@ class Reconciler:
     def _check_orders(
         self, guard: PositionGuard, open_by_id: dict[str, Order], report: ReconcileReport, snapshot_at: float
     ) -> None:
-        if guard.closing:
-            # Our own close at market is under way: its stops going is the close's doing (Bybit clears a
+        if guard.close_sent:
+            # Our own close at market has gone: its stops going is the close's doing (Bybit clears a
             # closing position's stops; the sibling is cancelled), not protection lost. It was said as an
             # ERROR, "re-protecting", during an operator's flatten; a close that fails re-checks its stops.
+            # (Not while the close still waits for its turn, a 429's hold say: its stops are still its cover.)
             return
         for order in (guard.stop_loss, guard.trailing_stop):
             if not order.confirmed or order.client_order_id is None:

@@ -953,7 +953,9 @@ async def test_once_the_venue_takes_a_stop_again_the_guards_backing_off_try_at_o
         await drive(clock, engine.stop())
 
 
-async def test_a_stop_the_mark_went_through_is_doubted_while_the_venue_cannot_be_asked(db: Database) -> None:
+async def test_a_stop_the_mark_went_through_is_doubted_while_the_venue_cannot_be_asked(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
     """An operator's drill on the Bybit emulator: position reads banned, the account stream dropped, the mark
     through a short's hard stop. The venue filled the stop and the position was gone; the dashboard showed
     it "covered: both stops confirmed by the venue", TS 100 %, for the 9.5 minutes of the ban. A stop the
@@ -979,6 +981,10 @@ async def test_a_stop_the_mark_went_through_is_doubted_while_the_venue_cannot_be
         )
         await drive_until(clock, lambda: not guard.covered, limit=10, what="the position counted uncovered")
         assert not guard.closed  # (nothing proves it gone yet: the venue cannot be asked)
+        assert guard.trailing_stop.confirmed  # (the mark went through the hard stop only)
+        await drive(clock, clock.sleep(5))
+        said = [r.getMessage() for r in caplog.records]
+        assert not [m for m in said if "still protected by its confirmed stops" in m], said
         venue.clear_injected_faults()
         await drive_until(clock, lambda: guard.closed, limit=60, what="closed once the venue answers")
         row = await db.pool.fetchrow(
