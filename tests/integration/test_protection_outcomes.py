@@ -51,6 +51,22 @@ def _collect(engine: Engine) -> tuple[list[EngineEvent], asyncio.Task[None]]:
     return seen, asyncio.create_task(follow(), name="test-outcome-events")
 
 
+@asynccontextmanager
+async def _followed_sim_engine(db: Database) -> AsyncIterator[tuple[Engine, ManualClock, list[EngineEvent]]]:
+    """A started engine on the sim venue (virtual time), and the events it publishes as they come."""
+    settings = engine_settings(db.target.dsn, {"SIGNALS__MAX_POSITIONS": "10"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    seen, follower = _collect(engine)
+    try:
+        yield engine, clock, seen
+    finally:
+        await drive(clock, engine.stop())
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+
+
 async def _events(db: Database, symbol: str) -> list[dict[str, Any]]:
     rows = await db.pool.fetch(
         "SELECT type, severity, message, data FROM monitoring.events WHERE symbol = $1 "
@@ -200,12 +216,7 @@ async def test_a_stop_found_gone_from_the_venue_and_replaced_is_said_resolved_in
     """An operator cancelled two hard stops by hand: the panel said "verify SL retrying … canceled on the
     venue, not by us (retry in 0s)" and nothing after, while the engine had replaced both within two
     seconds: rows left open that were not. The replacement is said, as "resolved"."""
-    settings = engine_settings(db.target.dsn, {"SIGNALS__MAX_POSITIONS": "10"})
-    clock = ManualClock()
-    engine = make_engine(settings, clock)
-    await drive(clock, engine.start())
-    seen, follower = _collect(engine)
-    try:
+    async with _followed_sim_engine(db) as (engine, clock, seen):
         assert engine.store is not None
         assert engine.manager is not None
         manager = engine.manager
@@ -229,10 +240,6 @@ async def test_a_stop_found_gone_from_the_venue_and_replaced_is_said_resolved_in
         assert said[-2:] == [("verify stop-loss", "retrying"), ("create stop-loss", "resolved")], rows
         assert rows[-1].detail.startswith("placed "), rows[-1]
         assert "after it was found gone from the venue" in rows[-1].detail
-    finally:
-        await drive(clock, engine.stop())
-        follower.cancel()
-        await asyncio.gather(follower, return_exceptions=True)
 
 
 async def test_a_waves_rejected_signals_are_one_row_of_the_log_panel_naming_each_and_why(
@@ -241,12 +248,7 @@ async def test_a_waves_rejected_signals_are_one_row_of_the_log_panel_naming_each
     """Two signals of a three-signal wave were rejected (an unknown symbol, a symbol already held): the
     reasons were only INFO lines of the log file, and the dashboard showed "3 signals, 1 opened" (an
     operator in tmux). The log panel gets one row per wave that rejected any, naming each and why."""
-    settings = engine_settings(db.target.dsn, {"SIGNALS__MAX_POSITIONS": "10"})
-    clock = ManualClock()
-    engine = make_engine(settings, clock)
-    await drive(clock, engine.start())
-    seen, follower = _collect(engine)
-    try:
+    async with _followed_sim_engine(db) as (engine, clock, seen):
         assert engine.store is not None
         await engine.store.insert_signals([(SYMBOLS[12], "long", None, None)])
         await drive_until(clock, lambda: any(isinstance(e, WaveFinished) for e in seen), what="first wave")
@@ -260,10 +262,6 @@ async def test_a_waves_rejected_signals_are_one_row_of_the_log_panel_naming_each
         await drive_until(
             clock, lambda: sum(isinstance(e, WaveFinished) for e in seen) >= 2, what="the second wave"
         )
-    finally:
-        await drive(clock, engine.stop())
-        follower.cancel()
-        await asyncio.gather(follower, return_exceptions=True)
     translator = LogTranslator()
     rows = [
         row for row in (translator.entry(e) for e in seen) if row is not None and row.outcome == "rejected"
