@@ -279,6 +279,7 @@ async def test_a_position_an_engine_killed_in_its_first_pass_is_on_the_record_un
     conn = await asyncpg.connect(dsn)
     try:
         killed = await conn.fetchval("SELECT now()")
+        heard = await conn.fetchval("SELECT heartbeat_at FROM monitoring.engine_leases")
         covered_before = [
             r["id"]
             for r in await conn.fetch("SELECT id FROM monitoring.positions WHERE protected_at IS NOT NULL")
@@ -310,3 +311,13 @@ async def test_a_position_an_engine_killed_in_its_first_pass_is_on_the_record_un
     report = json.loads((await asyncio.to_thread(tsbot, "report", "--json", cwd=workdir)).stdout)
     assert report["uncovered_spans"] == len(naked)
     assert Decimal(report["uncovered_seconds"]) >= len(naked) * Decimal("1")
+    # The coverage series: the dead engine's last sample no longer stands over the time nobody measured;
+    # from its last heartbeat it is what the records give, the naked positions not protected.
+    conn = await asyncpg.connect(dsn)
+    try:
+        left = await conn.fetchrow("SELECT * FROM monitoring.coverage_samples WHERE at = $1", heard)
+    finally:
+        await conn.close()
+    assert left is not None
+    assert left["active"] - left["protected"] >= len(naked), dict(left)
+    assert left["coverage_pct"] < 100
