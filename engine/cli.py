@@ -1185,7 +1185,9 @@ def _steer(
             finally:
                 if following is not None:
                     following.cancel()
-                    await asyncio.gather(following, return_exceptions=True)
+                    # Bounded: a query cancelled on a frozen server waits for an answer that never comes
+                    # (a flatten's answer was said, then the command hung past 90 s in a loaded run).
+                    await asyncio.wait({following}, timeout=2.0)
             if holds is not None:
                 try:
                     await holds.tell()  # those recorded since the last look, before the answer

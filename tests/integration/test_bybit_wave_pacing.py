@@ -4,6 +4,7 @@ HTTP through real ccxt and real signing, configured as for a real Bybit account 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable
@@ -413,6 +414,17 @@ async def test_a_stop_that_fills_around_a_protection_restart_is_recorded_with_it
         row = await db.pool.fetchrow(
             "SELECT exit_reason, realized_pnl FROM monitoring.positions WHERE id = $1", guard.position_id
         )
+
+        async def first_stop_settled() -> bool:  # (its status write may land a moment after the close's)
+            status = await db.pool.fetchval(
+                "SELECT status FROM monitoring.orders WHERE position_id = $1 AND purpose = 'stop_loss' "
+                "ORDER BY id LIMIT 1",
+                guard.position_id,
+            )
+            return status != "open"
+
+        with contextlib.suppress(AssertionError):
+            await wait_until(first_stop_settled, within=5.0, what="the filled stop's record settled")
         stops = await db.pool.fetch(
             "SELECT client_order_id, status FROM monitoring.orders WHERE position_id = $1"
             " AND purpose = 'stop_loss' ORDER BY id",
