@@ -578,7 +578,9 @@ async def test_signals_claimed_when_the_database_died_are_handled_once_it_is_bac
     """An operator's drill: signals imported, the database frozen a moment later. The claim had taken them
     (`taken`) when the next read of the wave failed: the wave was never started, and they stayed `taken`,
     in no wave, with no log line, until a later start (or ten minutes) expired them: trades gone silently
-    while the engine ran. Once the database is back, the engine takes them again as a wave of its own."""
+    while the engine ran. Once the database is back, the engine takes them again as a wave of its own: each
+    is opened (and protected), or rejected with why if entries are still paused then (the account lease is
+    taken again a moment after the database is back; a signal is never kept for later)."""
     settings, dsn = _settings(owned_server, tmp_path, {"SIGNALS__WAVE_WINDOW_MS": "500"})
     clock = ManualClock()
     engine = make_engine(settings, clock)
@@ -600,14 +602,27 @@ async def test_signals_claimed_when_the_database_died_are_handled_once_it_is_bac
         kill_postmaster(owned_server.data_dir)
         await drive_until(clock, lambda: watch.down, what="the outage noticed")
         await drive_until(clock, lambda: not watch.down, limit=120, what="the database back")
-        await drive_until(
-            clock,
-            lambda: all(s in manager.by_symbol and manager.by_symbol[s].covered for s in symbols),
-            limit=120,
-            what="the claimed signals opened and protected",
-        )
-        rows = await _rows(dsn, "SELECT status, wave_id FROM monitoring.signals")
-        assert [(r["status"], r["wave_id"] is not None) for r in rows] == [("opened", True)] * len(symbols)
+
+        async def settled() -> bool:
+            rows = await _rows(dsn, "SELECT count(*) AS n FROM monitoring.signals WHERE status = 'taken'")
+            return rows[0]["n"] == 0
+
+        await drive_until(clock, settled, limit=120, what="the claimed signals handled")
+        rows = await _rows(dsn, "SELECT symbol, status, reason, wave_id FROM monitoring.signals")
+        for row in rows:
+            assert row["wave_id"] is not None, dict(row)
+            if row["status"] == "opened":
+                await drive_until(
+                    clock,
+                    lambda symbol=row["symbol"]: (
+                        symbol in manager.by_symbol and manager.by_symbol[symbol].covered
+                    ),
+                    what=f"{row['symbol']} protected",
+                )
+            else:
+                assert (row["status"], row["reason"].startswith("entries paused")) == ("rejected", True), (
+                    dict(row)
+                )
     finally:
         await drive(clock, engine.stop())
 
