@@ -42,6 +42,7 @@ from storage.embedded import (
     start_embedded,
     stop_embedded,
 )
+from storage.outage import DatabaseWatch
 from storage.repositories import PositionStatus
 from tests.integration.engine_support import engine_settings, make_engine
 from tests.support.driving import drive, drive_until
@@ -599,15 +600,7 @@ async def test_signals_claimed_when_the_database_died_are_handled_once_it_is_bac
 
         # Taken; the consumer waits out the wave window (virtual time, which only moves when driven).
         await wait_until(claimed, within=10, what="the signals claimed")
-        kill_postmaster(owned_server.data_dir)
-        await drive_until(clock, lambda: watch.down, what="the outage noticed")
-        await drive_until(clock, lambda: not watch.down, limit=120, what="the database back")
-
-        async def settled() -> bool:
-            rows = await _rows(dsn, "SELECT count(*) AS n FROM monitoring.signals WHERE status = 'taken'")
-            return rows[0]["n"] == 0
-
-        await drive_until(clock, settled, limit=120, what="the claimed signals handled")
+        await _database_dies_and_signals_settle(owned_server, watch, clock, dsn, limit=120)
         rows = await _rows(dsn, "SELECT symbol, status, reason, wave_id FROM monitoring.signals")
         for row in rows:
             assert row["wave_id"] is not None, dict(row)
@@ -687,15 +680,7 @@ async def test_a_wave_whose_entries_meet_the_database_going_away_says_one_outcom
             step=0.01,
             what="the first entries on the venue",
         )
-        kill_postmaster(owned_server.data_dir)
-        await drive_until(clock, lambda: watch.down, what="the outage noticed")
-        await drive_until(clock, lambda: not watch.down, limit=120, what="the database back")
-
-        async def settled() -> bool:
-            rows = await _rows(dsn, "SELECT count(*) AS n FROM monitoring.signals WHERE status = 'taken'")
-            return rows[0]["n"] == 0
-
-        await drive_until(clock, settled, limit=60, what="every signal settled")
+        await _database_dies_and_signals_settle(owned_server, watch, clock, dsn, limit=60)
         await drive(clock, clock.sleep(5))
         rows = {
             r["symbol"]: r["status"]
@@ -711,3 +696,19 @@ async def test_a_wave_whose_entries_meet_the_database_going_away_says_one_outcom
     finally:
         follower.cancel()
         await drive(clock, engine.stop())
+
+
+async def _database_dies_and_signals_settle(
+    server: EmbeddedPostgres, watch: DatabaseWatch, clock: ManualClock, dsn: str, *, limit: float
+) -> None:
+    """The postmaster SIGKILLed; once the engine has it back, no signal is left taken (each opened or
+    rejected), within `limit` virtual seconds."""
+    kill_postmaster(server.data_dir)
+    await drive_until(clock, lambda: watch.down, what="the outage noticed")
+    await drive_until(clock, lambda: not watch.down, limit=120, what="the database back")
+
+    async def settled() -> bool:
+        rows = await _rows(dsn, "SELECT count(*) AS n FROM monitoring.signals WHERE status = 'taken'")
+        return rows[0]["n"] == 0
+
+    await drive_until(clock, settled, limit=limit, what="every signal settled")
