@@ -1569,6 +1569,8 @@ class PositionGuard:
         for order, outcome in zip(asked, outcomes, strict=True):
             if outcome is _Outcome.GONE:
                 self._fresh_id(order)
+            elif outcome is _Outcome.ABSENT:
+                order.confirmed = False  # proven not on the venue: this pass sends it again (the same id)
         if self.exit_evidence is not None or _Outcome.FIRED in outcomes:
             self._m.request_reconcile()
 

@@ -17,8 +17,9 @@ from engine.commands import CommandAnswer, send_command
 from engine.engine import Engine
 from engine.events import EntriesToggled
 from engine.exchange.errors import ExchangeError
-from engine.exchange.port import Order, OrderSide
+from engine.exchange.port import Order, OrderSide, OrderType
 from engine.venues.sim import SimVenue
+from engine.venues.sim.core import ENDED_ORDER_RETENTION_SECONDS
 from engine.venues.sim.settings import CallKind, FaultKind
 from protection.manager import PositionGuard
 from protection.order_ids import client_order_id
@@ -991,6 +992,46 @@ async def test_a_stop_the_mark_went_through_is_doubted_while_the_venue_cannot_be
             "SELECT status, exit_reason FROM monitoring.positions WHERE id = $1", guard.position_id
         )
         assert tuple(row) == ("closed", "stop_loss")
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_confirmed_stop_the_venue_no_longer_knows_is_sent_again_when_the_mark_crosses_its_sibling(
+    db: Database,
+) -> None:
+    """The mark went through the hard stop, which sat TRIGGERING; the check that followed asked for the
+    trailing stop too, and the venue no longer knew it (cancelled from outside and forgotten). "Not on the
+    exchange; sending it" was logged, but the trailing stop stayed confirmed: nothing was sent, and the
+    guard counted a trailing stop the venue did not hold until a reconcile pass could list the open orders
+    (while that listing failed, for as long as it failed)."""
+    settings = settings_for(db, {})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[47]])
+        await drive_until_covered(engine, clock, 1)
+        venue = engine.venue
+        core = venue.core
+        venue.delay_account_events(3600.0)  # the stream tells nothing in time
+        # The reconciler cannot list the open orders: the guard's own look-up is all there is.
+        venue.inject_fault(CallKind.FETCH_OPEN_ORDERS, FaultKind.SERVER_ERROR, count=100_000)
+        trailing_id = guard.trailing_stop.client_order_id
+        assert trailing_id is not None
+        core.cancel_order(guard.symbol, trailing_id, clock.now())  # someone else's doing, on the venue
+        core.forget_ended_orders(clock.now() + ENDED_ORDER_RETENTION_SECONDS + 1)
+        venue.set_trigger_delay(None, symbol=guard.symbol, stuck=True)
+        assert guard.stop_loss.price is not None
+        venue.override_mark_price(guard.symbol, guard.stop_loss.price - 2 * guard.market.tick_size)
+
+        def trailing_held() -> bool:
+            return any(
+                o.type is OrderType.TRAILING_STOP_MARKET
+                for o in core.open_protective_orders(clock.now(), guard.symbol)
+            )
+
+        await drive_until(clock, trailing_held, limit=5, what="a trailing stop on the venue again")
+        assert not guard.covered  # the hard stop fired and has not finished
     finally:
         await drive(clock, engine.stop())
 
