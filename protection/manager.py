@@ -664,12 +664,35 @@ class PositionGuard:
             command.settle(False, "the guard stopped (protection restarting)")
             return command.done
         self._commands.append(command)
-        if command.urgent and self._pass is not None and not self._pass.done():
+        if (
+            (command.urgent or self._withdraws_cover(command))
+            and self._pass is not None
+            and not self._pass.done()
+        ):
             self._pass.cancel()
         if command.ends_position:
             self._ending_told.set()
         self.wake.set()
         return command.done
+
+    def _withdraws_cover(self, command: GuardCommand) -> bool:
+        """The venue's word that a confirmed stop of ours is gone (the stream's cancel or expiry, the
+        reconciler's "not among the open orders"): it interrupts a pass in flight too. Queued behind one, it
+        waited as long as the pass's sends did (a slow venue; a ban's end for a trailing move), the position
+        counted covered by a stop the venue no longer held."""
+        if isinstance(command, StreamOrderUpdate):
+            order = command.order
+            if order is None or order.status not in (OrderStatus.CANCELED, OrderStatus.EXPIRED):
+                return False
+            cid, seen_at = order.client_order_id, float("inf")
+        elif isinstance(command, OrderMissing):
+            cid, seen_at = command.client_order_id, command.seen_at - self._m.read_after_write_seconds
+        else:
+            return False
+        return any(
+            o.confirmed and o.client_order_id == cid and o.confirmed_at < seen_at
+            for o in (self.stop_loss, self.trailing_stop)
+        )
 
     async def run(self) -> None:
         clock = self._m.clock

@@ -1036,6 +1036,54 @@ async def test_a_confirmed_stop_the_venue_no_longer_knows_is_sent_again_when_the
         await drive(clock, engine.stop())
 
 
+async def test_a_confirmed_stop_cancelled_on_the_venue_uncovers_its_position_while_a_pass_waits_on_a_send(
+    db: Database,
+) -> None:
+    """A reviewer's find: the account stream's word that a confirmed stop was cancelled (by hand, or by
+    the venue) waited in the guard's queue until the pass in flight had ended, and a pass waits as long as
+    its sends do (a slow venue, or a ban's end for a trailing move). Meanwhile the position was counted
+    covered by a stop the venue no longer held. The news now interrupts the pass."""
+    settings = settings_for(
+        db,
+        {
+            "PROTECTION__TRAILING__MODE": "managed",
+            "VENUE__SIM__LATENCY__BY_CALL": '{"create_order": {"seconds": 8}}',
+        },
+    )
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[48]])
+        await drive_until_covered(engine, clock, 1)
+        assert guard.trail is not None
+        tick = guard.market.tick_size
+        peak = guard.trail.activation_price + 20 * tick
+        engine.venue.override_mark_price(guard.symbol, peak)
+        await drive_until(clock, lambda: guard.trailing_stop.confirmed, what="trail stop placed")
+        placed = guard.trailing_stop.client_order_id
+        engine.venue.override_mark_price(guard.symbol, peak + 200 * tick)  # a new peak: the stop moves up
+        await drive(clock, clock.sleep(1.5))  # the move's send is in flight (the stop it replaces stays)
+        assert guard.trailing_stop.client_order_id == placed
+        hard = guard.stop_loss.client_order_id
+        assert hard is not None
+        assert guard.covered
+        engine.venue.core.cancel_order(guard.symbol, hard, clock.now())  # someone else's doing
+        await drive_until(clock, lambda: not guard.covered, limit=2.0, what="uncovered once the stream told")
+        await drive_until(
+            clock,
+            lambda: any(
+                o.type is OrderType.STOP_MARKET and o.client_order_id != hard
+                for o in engine.venue.core.open_protective_orders(clock.now(), guard.symbol)
+            ),
+            limit=30.0,
+            what="a hard stop on the venue again",
+        )
+        await drive_until(clock, lambda: guard.covered, limit=30.0, what="covered again")
+    finally:
+        await drive(clock, engine.stop())
+
+
 async def test_stops_gone_while_our_own_close_is_under_way_are_not_protection_lost(
     db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
