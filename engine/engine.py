@@ -2107,11 +2107,20 @@ class Engine:
 
     async def _reconcile_loop(self) -> None:
         interval = float(self.settings.protection.reconcile_seconds)
+        down_told = False  # this outage of the account stream was told to the manager
         while True:
             manager = self.manager
             assert manager is not None
             await wait_event(self.clock, manager.reconcile_requested, interval)
             manager.reconcile_requested.clear()
+            # An account stream that stays down tells no gap until it is back: its events are lost
+            # meanwhile, so it is a gap from its last message, told once per outage.
+            down_since = self._account_stream_down_since()
+            if down_since is None:
+                down_told = False
+            elif not down_told:
+                down_told = True
+                manager.stream_gap(down_since, read_now=False)
             assert self.reconciler is not None
             try:
                 await self.reconciler.reconcile_once()
@@ -3253,6 +3262,14 @@ class Engine:
         if manager is None or manager.stopped:
             return ()
         return tuple(sorted({g.symbol for g in manager.open_guards() if self.mark_is_stale(g.symbol, now)}))
+
+    def _account_stream_down_since(self) -> float | None:
+        """Since when (monotonic: its last message) the venue's account stream is down, or None while it is
+        up, not started, or the venue has none."""
+        for state in self.venue.stream_states():
+            if state.name == "account" and not state.connected and state.detail != NOT_STARTED:
+                return state.last_event_at if state.last_event_at is not None else self._connected_at
+        return None
 
     def stale_streams(self, now: float) -> tuple[tuple[str, float], ...]:
         """What the alerts call stale streams, with seconds since their last message: the marks of each held

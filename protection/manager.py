@@ -317,6 +317,16 @@ class OrderMissing(GuardCommand):
 
 
 @dataclass(slots=True)
+class StopsUnverified(GuardCommand):
+    """The account stream may have missed events since before `noted_at` (monotonic: when its gap was
+    told), and no listing of the venue's open orders asked since has answered within the grace period:
+    a stop confirmed before then may have been cancelled, or have expired, unseen. Each such stop is asked
+    for by its id again, and counts uncovered until the venue says it is live."""
+
+    noted_at: float = 0.0
+
+
+@dataclass(slots=True)
 class StuckTriggerCheck(GuardCommand):
     """A fired stop's patience is over: check it (within what is left of the grace period) and close the
     position at market if it is still working its way to a fill. Urgent: a pass stuck in a slow read must
@@ -687,6 +697,11 @@ class PositionGuard:
             cid, seen_at = order.client_order_id, float("inf")
         elif isinstance(command, OrderMissing):
             cid, seen_at = command.client_order_id, command.seen_at - self._m.read_after_write_seconds
+        elif isinstance(command, StopsUnverified):
+            return any(
+                o.confirmed and o.confirmed_at < command.noted_at
+                for o in (self.stop_loss, self.trailing_stop)
+            )
         else:
             return False
         return any(
@@ -787,6 +802,8 @@ class PositionGuard:
                 command.settle(ok, "closed" if ok else (self.last_error or "close failed"))
             elif isinstance(command, OrderMissing):
                 command.settle(self._order_missing(command), command.client_order_id)
+            elif isinstance(command, StopsUnverified):
+                command.settle(self._stops_unverified(command), "")
             elif isinstance(command, PositionHeld):
                 command.settle(self._position_held(command), "")
             elif isinstance(command, QuantityChanged):
@@ -1080,6 +1097,20 @@ class PositionGuard:
             return True
         return False
 
+    def _stops_unverified(self, command: StopsUnverified) -> bool:
+        """Stops confirmed before the stream's gap was told are asked for again (`StopsUnverified`); one
+        confirmed since (its own answer, a look-up, the stream live again) stands."""
+        doubted = False
+        for order in (self.stop_loss, self.trailing_stop):
+            if order.confirmed and order.client_order_id and order.confirmed_at < command.noted_at:
+                order.confirmed = False
+                order.maybe_sent = True  # looked up by its id first: never a second stop
+                self._m.streamed_live.pop(order.client_order_id, None)
+                doubted = True
+        if doubted:
+            self.wake.set()
+        return doubted
+
     async def _converge(self) -> bool:
         if self.check_fired_soon and self.exit_evidence is None:
             self.check_fired_soon = False
@@ -1186,6 +1217,8 @@ class PositionGuard:
                 if filled:
                     return outcome  # the position is probably gone: the reconciler settles it first
                 # Cancelled or expired without a fill: the position is naked now; replace it at once.
+                if order.ended_as in (OrderStatus.CANCELED, OrderStatus.EXPIRED):
+                    self._ended_unseen(cid, order)
                 return await self._ensure(order, send)
             if found not in (_Outcome.ABSENT, _Outcome.UNSEEN):
                 return found
@@ -1535,6 +1568,36 @@ class PositionGuard:
         if order.unclear_at is not None:
             at = max(at, order.unclear_at + m.read_after_write_seconds + READ_LAG_MARGIN_SECONDS)
         return at
+
+    def _ended_unseen(self, cid: str, order: ProtectiveOrder) -> None:
+        """A stop of ours found ended on the venue by its look-up (cancelled by hand, expired), its end
+        unseen when it came (the stream missed it, or no engine ran): protection lost, said as the stream's
+        word on it is. Not where the venue ends a position's stops with it (Bybit: the position may be
+        gone, which the reconciler settles), nor after our own close or the stream's word that it is flat."""
+        m = self._m
+        status = order.ended_as
+        if (
+            status is None
+            or self.close_sent
+            or self.venue_flat_at is not None
+            or not m.venue.capabilities().stops_are_orders
+        ):
+            return
+        what = stop_words(order.purpose)
+        log.error(
+            "%s: %s %s was %s on the venue, not by us (found by its id); re-placing it now",
+            self.symbol,
+            what,
+            cid,
+            status.value,
+        )
+        m.protection_lost(
+            self.symbol,
+            self.position_id,
+            what,
+            f"{cid} {status.value} on the venue, not by us",
+            f"{self.symbol}: {what} {cid} {status.value} on the venue, not by us; re-placing",
+        )
 
     def _next_generation(self, order: ProtectiveOrder) -> _Outcome:
         """The order with the current id ended (cancelled by someone, expired, or filled): the next pass
@@ -2934,6 +2997,11 @@ class ProtectionManager:
         self.known_unclear: frozenset[str] = frozenset()
         self._sweepers: dict[str, asyncio.Task[None]] = {}
         self._reconcile_requested = asyncio.Event()
+        # The account stream may have missed events (a gap told at `_gap_noted_at`, monotonic; from
+        # `_unheard_since`) and no listing of the venue asked since has answered: see `stream_gap`.
+        self._gap_noted_at: float | None = None
+        self._unheard_since: float | None = None
+        self._doubt_timer: asyncio.Task[None] | None = None
         # Protective orders whose answer is awaited, and whether a stop is letting them finish (`stop`).
         self._sending = 0
         self._nothing_sending = asyncio.Event()
@@ -3811,6 +3879,62 @@ class ProtectionManager:
 
     def request_reconcile(self) -> None:
         self._reconcile_requested.set()
+
+    def stream_gap(self, since: float, *, read_now: bool = True) -> None:
+        """The account stream may have missed events since `since` (monotonic): a cancel or an expiry of a
+        confirmed stop among them. The venue's open orders are read now (a reconcile pass). If no listing
+        asked from now on has answered within the grace period, every stop confirmed before now is in
+        doubt (`StopsUnverified`): its position counts uncovered until its guard has found it live by id.
+        Before, a stalled stream and refused reads left positions counted covered by stops the venue no
+        longer held (an operator watched 88 s of it, and an exit line saying "uncovered 0")."""
+        now = self.clock.monotonic()
+        self._unheard_since = since if self._unheard_since is None else min(self._unheard_since, since)
+        self._gap_noted_at = now
+        self.note_streamed(None)  # a word missed may have ended what was told live
+        if read_now:  # (not asked by the reconcile loop itself, which reads the venue next)
+            self.request_reconcile()
+        if self._doubt_timer is not None:
+            self._doubt_timer.cancel()
+        self._doubt_timer = asyncio.ensure_future(self._doubt_unless_listed(now))
+        self._doubt_timer.set_name("stream-gap-doubt")
+        self._background.add(self._doubt_timer)
+        self._doubt_timer.add_done_callback(self._background.discard)
+
+    def venue_listed(self, asked_at: float) -> None:
+        """A listing of the venue's positions and open orders asked at `asked_at` (monotonic) answered, and
+        each confirmed stop was checked against it: what the stream missed before then is known."""
+        noted = self._gap_noted_at
+        if noted is None or asked_at < noted:
+            return
+        self._gap_noted_at = self._unheard_since = None
+        if self._doubt_timer is not None:
+            self._doubt_timer.cancel()
+            self._doubt_timer = None
+        for guard in self.guards.values():  # stops in doubt are looked up now, not at a backoff's end
+            if not guard.closed and not guard.covered:
+                guard.wake.set()
+
+    async def _doubt_unless_listed(self, noted_at: float) -> None:
+        await self.clock.sleep(self.config.grace_seconds)
+        if self._gap_noted_at != noted_at or self.stopped:
+            return
+        doubted = [
+            g
+            for g in self.guards.values()
+            if not g.closed
+            and any(o.confirmed and o.confirmed_at < noted_at for o in (g.stop_loss, g.trailing_stop))
+        ]
+        if not doubted:
+            return
+        unheard = self._unheard_since if self._unheard_since is not None else noted_at
+        log.warning(
+            "account stream: events may be lost since %.0fs ago and the venue's open orders could not be "
+            "read since: the stops of %d positions are unverified (uncovered) until each is found live by its id",
+            self.clock.monotonic() - unheard,
+            len(doubted),
+        )
+        for guard in doubted:
+            guard.submit(StopsUnverified(noted_at=noted_at))
 
     def note_streamed(self, order: Order | None) -> bool:
         """The account stream's latest word on one of our stops (None: a gap, every word forgotten). True

@@ -186,6 +186,7 @@ class Reconciler:
                 if venue_position.quantity != guard.quantity:
                     guard.submit(QuantityChanged(quantity=venue_position.quantity, seen_at=snapshot_at))
                 self._check_orders(guard, open_by_id, report, snapshot_at)
+        manager.venue_listed(snapshot_at)  # every confirmed stop was checked against this listing
         # Each missing position costs look-ups (its stops, its symbol alone): a list that lost everything
         # at once must not turn into a storm of reads. Those already seen missing once go first.
         # They are independent: looked into together (one after another took three reads per position).

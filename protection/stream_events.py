@@ -14,7 +14,8 @@ nothing here writes a guard's state (a checker reports facts, the owner applies 
   waited out the venue's read lag (5 s on Binance) to be found, its position uncovered meanwhile.
 * `PositionUpdate` → the guard holding that symbol, for its side; a row of the other side (hedge mode's
   idle side, or a one-way flip) only asks for a reconcile pass.
-* `StreamGap` → a reconcile pass at once: what the stream missed is read from the venue.
+* `StreamGap` → a reconcile pass at once: what the stream missed is read from the venue; unread within the
+  grace period, the stops confirmed before the gap are in doubt (`ProtectionManager.stream_gap`).
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ def route_account_event(manager: ProtectionManager, event: AccountEvent) -> bool
         return False  # a manager being replaced: the new one reconciles when it starts
     if isinstance(event, StreamGap):
         log.info("account stream: %s (events since then may be lost); reading the venue now", event.reason)
-        manager.note_streamed(None)  # a word missed may have ended what was told live
-        manager.request_reconcile()
+        clock = manager.clock
+        manager.stream_gap(clock.monotonic() - max(0.0, clock.now() - event.since))
         return True
     if isinstance(event, OrderUpdate):
         order = event.order

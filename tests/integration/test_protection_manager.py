@@ -1084,6 +1084,84 @@ async def test_a_confirmed_stop_cancelled_on_the_venue_uncovers_its_position_whi
         await drive(clock, engine.stop())
 
 
+async def test_stops_confirmed_before_a_stream_gap_are_in_doubt_while_the_open_orders_cannot_be_read(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator on the Binance emulator: the account stream stalled, the open-order listing failed,
+    and a hard stop was cancelled by hand meanwhile. For 88 s the venue held no hard stop while the gauge,
+    `tsbot status` and the exit line said every position was covered. The stream's gap (events may be
+    lost) with no listing of the venue since is doubt: the stops confirmed before it count uncovered
+    until each is found live by its id, and the one the venue no longer holds is placed again."""
+    settings = settings_for(db, {"PROTECTION__RECONCILE_SECONDS": "600"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        guards = await open_positions(engine, clock, SYMBOLS[49:51])
+        await drive_until_covered(engine, clock, 2)
+        venue = engine.venue
+        venue.inject_fault(CallKind.FETCH_OPEN_ORDERS, FaultKind.SERVER_ERROR, count=100_000)
+        venue.drop_account_stream(3.0)  # its events are lost; a gap is told when it is back
+        lost = guards[0].stop_loss.client_order_id
+        assert lost is not None
+        venue.core.cancel_order(guards[0].symbol, lost, clock.now())  # by hand, on the venue
+        await drive(clock, clock.sleep(3.5))  # the stream is back: the gap is told, the listing fails
+        assert all(g.covered for g in guards)  # (within the grace period: the listing may yet answer)
+        grace = float(settings.protection.grace_seconds)
+        await drive_until(
+            clock,
+            lambda: any(
+                o.type is OrderType.STOP_MARKET and o.client_order_id != lost
+                for o in venue.core.open_protective_orders(clock.now(), guards[0].symbol)
+            ),
+            limit=grace + 5.0,
+            what="the cancelled hard stop placed again",
+        )
+        await drive_until_covered(engine, clock, 2, limit=10.0)
+        spans = await db.pool.fetch(
+            "SELECT symbol, ended_by FROM monitoring.uncovered_spans WHERE position_id = $1",
+            guards[0].position_id,
+        )
+        assert [tuple(r) for r in spans] == [(guards[0].symbol, "protected")]  # on the record too
+        said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert any(f"{lost} was canceled on the venue, not by us" in m for m in said), said
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_stops_are_in_doubt_while_the_account_stream_stays_down_and_the_open_orders_cannot_be_read(
+    db: Database,
+) -> None:
+    """The same with a stream that stays down: it tells no gap until it is back, so its outage is one (from
+    its last message), told by the reconcile loop once per outage."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[51]])
+        await drive_until_covered(engine, clock, 1)
+        venue = engine.venue
+        venue.inject_fault(CallKind.FETCH_OPEN_ORDERS, FaultKind.SERVER_ERROR, count=100_000)
+        venue.drop_account_stream(600.0)
+        lost = guard.stop_loss.client_order_id
+        assert lost is not None
+        venue.core.cancel_order(guard.symbol, lost, clock.now())  # by hand, on the venue
+        within = float(settings.protection.reconcile_seconds + settings.protection.grace_seconds) + 3.0
+        await drive_until(
+            clock,
+            lambda: any(
+                o.type is OrderType.STOP_MARKET and o.client_order_id != lost
+                for o in venue.core.open_protective_orders(clock.now(), guard.symbol)
+            ),
+            limit=within,
+            what="the cancelled hard stop placed again",
+        )
+        await drive_until(clock, lambda: guard.covered, limit=10.0, what="covered again")
+    finally:
+        await drive(clock, engine.stop())
+
+
 async def test_stops_gone_while_our_own_close_is_under_way_are_not_protection_lost(
     db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
