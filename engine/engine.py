@@ -349,6 +349,7 @@ class EngineSnapshot:
     taken_at: float
     entries_paused_by: str = ""  # operator | breaker | lease
     entries_pause_reason: str = ""
+    entries_held: tuple[float, str] | None = None  # held back by the venue's word: seconds left, why
     # Every open position's coverage facts, by position id (what `coverage` counts): the cheap row of each
     # position (id, symbol, covered). `positions` holds a view of every one of them, or, from
     # `snapshot(views_of=…)`, of those the selector asked for.
@@ -3205,6 +3206,7 @@ class Engine:
         now = self.clock.monotonic()
         figures = self.coverage()
         streams = self._stream_measurements(now)
+        held = self.entries_held()
         measurements = health.HealthMeasurements(
             exchange=health.ExchangeMeasurement(
                 calls=self._call_stats.summary(now),
@@ -3227,6 +3229,8 @@ class Engine:
                 entries_paused=self.entries_paused,
                 paused_by=self.entries_paused_by,
                 pause_reason=self.entries_pause_reason,
+                entries_held_for_seconds=held[0] if held is not None else None,
+                entries_held_why=held[1] if held is not None else "",
             )
             if self.consumer is not None and self.consumer.listen_attempted
             else None,
@@ -3270,6 +3274,10 @@ class Engine:
             if state.name == "account" and not state.connected and state.detail != NOT_STARTED:
                 return state.last_event_at if state.last_event_at is not None else self._connected_at
         return None
+
+    def entries_held(self) -> tuple[float, str] | None:
+        """Entries held back by the venue's word (a ban, rate refusals piled up): seconds left, and why."""
+        return self.order_budget.entries_held() if self.order_budget is not None else None
 
     def stale_streams(self, now: float) -> tuple[tuple[str, float], ...]:
         """What the alerts call stale streams, with seconds since their last message: the marks of each held
@@ -3437,6 +3445,7 @@ class Engine:
             entries_paused=self.entries_paused,
             entries_paused_by=self.entries_paused_by,
             entries_pause_reason=self.entries_pause_reason,
+            entries_held=self.entries_held(),
             positions=tuple(sorted(views, key=_by_position_id)),
             coverage=coverage,
             health=self._health,

@@ -233,6 +233,21 @@ class OrderBudget:
             return None
         return self._refusals[count - ENTRY_PAUSE_REFUSALS] + RATE_REFUSAL_MEMORY_SECONDS - now
 
+    def entries_held(self) -> tuple[float, str] | None:
+        """While the venue's word holds entries back (a ban, or rate refusals piled up): seconds left and
+        why; else None. Said where entries are (the dashboard's header, the signals' health): an operator
+        resumed entries, read "entries on", and every signal of the next minute was refused."""
+        banned = self.banned_for()
+        if banned is not None:
+            return banned, "the venue bans this account's orders"
+        pause = self.refusal_pause_for()
+        if pause is not None:
+            return pause, (
+                f"the venue refused {len(self._refusals)} requests for its rate within "
+                f"{RATE_REFUSAL_MEMORY_SECONDS:.0f}s, and it bans for refusals that pile up"
+            )
+        return None
+
     def held_for(self) -> float | None:
         """Seconds left before the venue takes orders again (a 429's hold or a ban), or None."""
         left = self._hold_until - self._clock.monotonic()
@@ -311,13 +326,9 @@ class OrderBudget:
         while True:
             if self.banned_for() is not None:
                 raise Banned(self._banned_until_epoch, "entries wait for no ban")
-            pause = self.refusal_pause_for()
-            if pause is not None:
-                raise RateLimited(
-                    pause,
-                    f"entries held back: the venue refused {len(self._refusals)} requests for its rate "
-                    f"within {RATE_REFUSAL_MEMORY_SECONDS:.0f}s, and it bans for refusals that pile up",
-                )
+            held = self.entries_held()
+            if held is not None:
+                raise RateLimited(held[0], f"entries held back: {held[1]}")
             fresh = max(ENTRY_FRESH_MIN_SECONDS, self._round_trip())
             probe, probe_wait = self._probing(
                 self._clock.monotonic(), self._probe_patience, fresh=fresh, entry=True

@@ -49,6 +49,7 @@ Rules (`T.x` is a `HealthThresholds` field; all causes of the winning severity a
                 healthy   every position past grace is covered; timeouts in the last hour are shown in
                           the summary but never alarm on their own
     signals     degraded  LISTEN connection down (polling fallback only)
+                degraded  entries held back by the venue's word (a ban, rate refusals piled up)
                 unknown   no wave received yet
                 healthy   otherwise; "entries paused" is shown in the summary, not an alarm
 
@@ -439,9 +440,16 @@ class SignalsMeasurement:
     entries_paused: bool = False
     paused_by: str = ""  # operator | breaker | lease | database (the last three say it elsewhere too)
     pause_reason: str = ""
+    # Entries held back by the venue's word (a ban, rate refusals piled up): seconds left, and why.
+    entries_held_for_seconds: float | None = None
+    entries_held_why: str = ""
 
     def __post_init__(self) -> None:
-        _require_age("SignalsMeasurement", last_wave_age_seconds=self.last_wave_age_seconds)
+        _require_age(
+            "SignalsMeasurement",
+            last_wave_age_seconds=self.last_wave_age_seconds,
+            entries_held_for_seconds=self.entries_held_for_seconds,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -800,11 +808,17 @@ def evaluate_signals(measured: SignalsMeasurement | None, thresholds: HealthThre
             degraded.append(
                 f"Entries paused by the circuit breaker: {measured.pause_reason or 'no reason given'}"
             )
+    held = measured.entries_held_for_seconds
+    if held is not None and not measured.entries_paused:
+        # Not the operator's choice either: every signal until then is refused ("entries on" said nothing).
+        parts.append(f"entries held back {format_duration(held)}")
+        degraded.append(f"Entries held back for another {format_duration(held)}: {measured.entries_held_why}")
     measurements: dict[str, JsonValue] = {
         "last_wave_age_seconds": age,
         "listen_connected": measured.listen_connected,
         "entries_paused": measured.entries_paused,
         "paused_by": measured.paused_by if measured.entries_paused else "",
+        "entries_held_for_seconds": held,
     }
     # No wave since the start is no missing measurement: the consumer runs and listens, and signals may come
     # once an hour. It was UNKNOWN, which made the overall health (and `tsbot status`, exit 3) "unknown"

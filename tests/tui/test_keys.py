@@ -152,6 +152,30 @@ async def test_x_closes_the_selected_position_after_confirmation(db: Database) -
         assert any(f"{target.symbol} closed at market" in d for d in board.log_details())
 
 
+async def test_the_header_and_the_signals_health_say_entries_are_held_back_by_the_venue(db: Database) -> None:
+    """An operator resumed entries after a burst of rate refusals and read "entries on" in the header and in
+    `tsbot status`; every signal of the next minute was refused ("entries held back"). The hold is the
+    venue's word, not the operator's choice: the header says it with the time left, and so does the
+    signals' health (which `tsbot status` prints) until it ends."""
+    async with dashboard(tui_settings(db)) as board:
+        await started(board)
+        assert "entries on" in board.status_text()
+        board.engine.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.RATE_LIMITED, 2)  # type: ignore[attr-defined]
+        assert board.engine.store is not None
+        await board.engine.store.insert_signals([(SYMBOLS[42], "long", None, None)])
+        budget = board.engine.order_budget
+        assert budget is not None
+        await board.until(lambda: budget.refusal_pause_for() is not None, "two refusals remembered")
+        await board.until(lambda: "ENTRIES HELD" in board.status_text(), "the header says held")
+        report = await board.engine.measure_health()
+        signals = next(c for c in report.components if c.component.value == "signals")
+        assert signals.state.value == "degraded"
+        assert "Entries held back for another" in signals.reason
+        assert "refused 2 requests for its rate" in signals.reason
+        await board.until(lambda: budget.refusal_pause_for() is None, "the pause over", limit=90.0)
+        await board.until(lambda: "entries on" in board.status_text(), "the header says entries on")
+
+
 async def test_x_says_at_once_when_the_close_is_held_back_and_closes_after(db: Database) -> None:
     """With two rate refusals remembered, a close of a protected position waits (a third refusal gets the
     account banned, every stop with it). The dashboard said nothing until the close was done, up to 20 s

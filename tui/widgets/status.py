@@ -52,6 +52,8 @@ class StatusBar(Horizontal):
             if snapshot.entries_paused:
                 by = snapshot.entries_paused_by
                 entries = f"ENTRIES PAUSED ({by})" if by and by != "operator" else "ENTRIES PAUSED"
+            elif snapshot.entries_held is not None:  # the venue's word: every signal meanwhile is refused
+                entries = f"ENTRIES HELD {formatting.duration(snapshot.entries_held[0])}"
         since = (
             formatting.since(snapshot.started_at, snapshot.taken_at, self._tz) if snapshot.started_at else "—"
         )
@@ -63,7 +65,9 @@ class StatusBar(Horizontal):
         self._set(
             "engine-clock", formatting.clock_time(snapshot.taken_at, self._tz) if snapshot.taken_at else ""
         )
-        self._labels["entries"].set_class(snapshot.entries_paused and known, "-paused")
+        self._labels["entries"].set_class(
+            known and (snapshot.entries_paused or snapshot.entries_held is not None), "-paused"
+        )
         self._labels["engine-state"].set_class(state != "running", "-not-running")
         self._labels["engine-state"].set_class(state == "running", "-running")
 
