@@ -3674,6 +3674,9 @@ class Engine:
         if by == "operator" and not who:
             who = requester_identity()
         self._persist_entries_control(False, by, reason, who)
+        held = self.entries_held()
+        if held is not None:  # resumed, but the venue's word still holds them back: said, not "on"
+            return True, f"entries on, held back by the venue for another {held[0]:.0f}s: {held[1]}"
         return True, "entries on"
 
     def _apply_entries_state(self) -> None:

@@ -172,6 +172,9 @@ async def test_the_header_and_the_signals_health_say_entries_are_held_back_by_th
         assert signals.state.value == "degraded"
         assert "Entries held back for another" in signals.reason
         assert "refused 2 requests for its rate" in signals.reason
+        done, answer = board.engine.resume_entries("tester")
+        assert done
+        assert answer.startswith("entries on, held back by the venue for another"), answer
         await board.until(lambda: budget.refusal_pause_for() is None, "the pause over", limit=90.0)
         await board.until(lambda: "entries on" in board.status_text(), "the header says entries on")
 
