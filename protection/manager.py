@@ -235,6 +235,14 @@ class _Outcome(StrEnum):
     FIRED = "fired"  # it triggered and is on its way to a fill: it protects nothing, and it is not over
 
 
+class _CloseNotSent(Exception):
+    """A close at market the venue did not execute (`Retryable`): `_close` sends it again."""
+
+    def __init__(self, error: str) -> None:
+        super().__init__(error)
+        self.error = error
+
+
 @dataclass(slots=True)
 class GuardReport:
     position_id: int
@@ -2463,8 +2471,31 @@ class PositionGuard:
         guard is `closing`, whatever ends the attempt."""
         self.closing = True
         self._closing_reason = exit_reason
+        m = self._m
+        # A close the venue did not execute (busy, a 5xx before execution) is sent again, with a new id,
+        # within the call budget: `tsbot flatten` gave up on fifteen positions after one -1008 each, and
+        # the same command a moment later closed them all.
+        deadline = m.clock.monotonic() + m.config.call_timeout_seconds
+        delay = max(m.config.retry_initial_seconds, 0.1)
         try:
-            return await self._close_at_market(exit_reason=exit_reason)
+            while True:
+                try:
+                    return await self._close_at_market(exit_reason=exit_reason)
+                except _CloseNotSent as not_sent:
+                    if m.clock.monotonic() + delay > deadline:
+                        self._note_failure(
+                            "close position", not_sent.error, retried=self._closing_reason != MANUAL_CLOSE
+                        )
+                        m.request_reconcile()
+                        return False
+                    log.warning(
+                        "%s: the close was not executed (%s); sending it again in %.1fs",
+                        self.symbol,
+                        not_sent.error,
+                        delay,
+                    )
+                    await m.clock.sleep(delay)
+                    delay *= 2
         finally:
             self.closing = False
             self._closing_cid = self._close_heard = None
@@ -2533,6 +2564,10 @@ class PositionGuard:
                 return True
             await self._close_failed(cid, _short(exc), None)
             return False
+        except Retryable as exc:  # not executed: the caller sends it again while its budget lasts
+            await m.store.set_order_status(cid, OrderRecordStatus.REJECTED, error=_short(exc))
+            await m.store.set_position_status(self.position_id, self._open_status())
+            raise _CloseNotSent(_short(exc)) from exc
         except ExchangeError as exc:
             await self._close_failed(cid, _short(exc), OrderRecordStatus.REJECTED)
             return False

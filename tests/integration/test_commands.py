@@ -92,8 +92,10 @@ async def test_a_close_the_venue_refuses_fails_and_a_flatten_that_closes_some_is
             )
 
         venue = engine.venue
-        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 1)  # type: ignore[attr-defined]
+        # Refused each time it is sent (a close the venue did not execute is sent again within the budget).
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 1000)  # type: ignore[attr-defined]
         refused = await command(CommandKind.CLOSE, {"symbol": SYMBOLS[10]})
+        venue.clear_injected_faults()  # type: ignore[attr-defined]
         assert refused.record is not None
         assert refused.record.state is CommandState.FAILED
         [outcome] = refused.positions
@@ -111,7 +113,8 @@ async def test_a_close_the_venue_refuses_fails_and_a_flatten_that_closes_some_is
         assert venue.calls_made[CallKind.CREATE_ORDER] == closes_sent  # type: ignore[attr-defined]
         assert {p.symbol for p in venue.core.positions(clock.now())} == set(SYMBOLS[10:13])  # type: ignore[attr-defined]
 
-        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 1)  # type: ignore[attr-defined]
+        # One close whose answer never came, and the venue does not know it: not closed, said, not resent.
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_NOT_EXECUTED, 1)  # type: ignore[attr-defined]
         partial = await command(CommandKind.FLATTEN, {"all": True})
         assert partial.record is not None
         assert partial.record.state is CommandState.PARTIAL

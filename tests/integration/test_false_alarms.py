@@ -213,7 +213,8 @@ async def test_a_close_the_venue_refuses_leaves_the_position_open_covered_and_no
         await drive_until_covered(engine, clock, 1, limit=60.0)
         venue = engine.venue
         assert isinstance(venue, SimVenue)
-        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR)
+        # Refused every time it is sent (a close the venue did not execute is sent again within the budget).
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, count=1000)
         closing_seen = []
 
         async def sample() -> None:
@@ -222,6 +223,7 @@ async def test_a_close_the_venue_refuses_leaves_the_position_open_covered_and_no
             closing_seen.extend(v.closing for v in snapshot.positions)
 
         closed = await drive_sampling(clock, engine.close_position(guard.position_id), sample)
+        venue.clear_injected_faults()
         assert not closed
         assert True in closing_seen
         [view] = engine.snapshot().positions

@@ -60,8 +60,9 @@ async def test_a_close_the_venue_refuses_leaves_the_position_active_and_protecte
         [guard] = await open_positions(engine, clock, [SYMBOLS[3]])
         await drive_until_covered(engine, clock, 1)
         venue = engine.venue
-        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR)
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, count=1000)  # every time it is sent
         closed = await drive(clock, engine.close_position(guard.position_id))
+        venue.clear_injected_faults()
         assert closed is False
         assert await _status(db, guard.position_id) == "active"
         assert guard.covered
@@ -119,8 +120,9 @@ async def test_a_close_after_a_protection_restart_takes_a_new_id_not_the_refused
         [guard] = await open_positions(engine, clock, [SYMBOLS[4]])
         await drive_until_covered(engine, clock, 1)
         venue = engine.venue
-        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR)
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, count=1000)  # every time it is sent
         assert await drive(clock, engine.close_position(guard.position_id)) is False
+        venue.clear_injected_faults()
         await drive(clock, engine.restart_protection())
         assert await drive(clock, engine.close_position(guard.position_id)) is True
         closes = await db.pool.fetch(
@@ -128,8 +130,11 @@ async def test_a_close_after_a_protection_restart_takes_a_new_id_not_the_refused
             " ORDER BY id",
             guard.position_id,
         )
-        assert [r["client_order_id"][-3:] for r in closes] == ["cl0", "cl1"], [dict(r) for r in closes]
-        assert closes[0]["status"] != "filled"
+        # The refused close was sent four times in its budget (1 + 2 + 4 s apart), each with its own id.
+        assert [r["client_order_id"][-3:] for r in closes] == ["cl0", "cl1", "cl2", "cl3", "cl4"], [
+            dict(r) for r in closes
+        ]
+        assert [r["status"] for r in closes[:4]] == ["rejected"] * 4
         assert venue.core.positions(clock.now()) == []
     finally:
         await drive(clock, engine.stop())
@@ -1158,6 +1163,33 @@ async def test_stops_are_in_doubt_while_the_account_stream_stays_down_and_the_op
             what="the cancelled hard stop placed again",
         )
         await drive_until(clock, lambda: guard.covered, limit=10.0, what="covered again")
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_close_the_venue_did_not_execute_is_sent_again_within_the_call_budget(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator's `tsbot flatten` met "-1008 server busy" (not executed) once per position and gave up
+    on fifteen of them at once; the same command a moment later closed them all. A close the venue did not
+    execute is sent again (a new id) while the call budget lasts; one that keeps failing still fails."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        guards = await open_positions(engine, clock, SYMBOLS[52:54])
+        await drive_until_covered(engine, clock, 2)
+        venue = engine.venue
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, count=2)
+        assert await drive(clock, engine.close_position(guards[0].position_id))
+        assert not any(p.symbol == guards[0].symbol for p in venue.core.positions(clock.now()))
+        said = [r.getMessage() for r in caplog.records]
+        assert sum("the close was not executed" in m for m in said) == 2, said
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, count=100)
+        assert not await drive(clock, engine.close_position(guards[1].position_id))
+        assert any(p.symbol == guards[1].symbol for p in venue.core.positions(clock.now()))
+        venue.clear_injected_faults()
     finally:
         await drive(clock, engine.stop())
 
