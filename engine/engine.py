@@ -140,6 +140,7 @@ MARKETS_REFRESH_SECONDS = 300.0  # the venue's markets read again: a delisting b
 # a twentieth of the cap, at least one position's worth.
 CONDITIONAL_SPARE_MIN = 2
 CONDITIONAL_SPARE_DIVISOR = 20
+HEALTH_REPEAT_SECONDS = 60.0  # a lasting degraded or critical component is said again this often
 HOUSEKEEPING_SECONDS = 60.0
 # The coverage history (monitoring.coverage_samples): one sample of the gauge's figures this often, kept this
 # long (older ones are deleted by the housekeeping).
@@ -3356,6 +3357,9 @@ class Engine:
         assert self.store is not None
         interval = float(self.settings.health.interval_seconds)
         previous: dict[str, str] = {}
+        warned_at: dict[
+            str, float
+        ] = {}  # when a component's lasting degraded or critical state was last said
         while True:
             report = await self.measure_health()
             self._health = tuple(report.components)
@@ -3368,11 +3372,17 @@ class Engine:
                 said = (
                     self.db_watch is not None and self.db_watch.down and component.component in _OUTAGE_SAID
                 )
-                if state in ("degraded", "critical") and not (
-                    said and previous.get(component.component) == state
-                ):
-                    log.warning(line)
-                elif previous.get(component.component) != state:
+                changed = previous.get(component.component) != state
+                now = self.clock.monotonic()
+                if state in ("degraded", "critical"):
+                    # Said when it begins, then once a minute while it lasts (not at every check: the same
+                    # line every 5 s filled the log, and `tsbot run`'s terminal, while a component stayed
+                    # degraded; its figures are in `tsbot status` and on the dashboard meanwhile).
+                    again = now - warned_at.get(component.component, -math.inf) >= HEALTH_REPEAT_SECONDS
+                    if (changed or again) and not (said and not changed):
+                        log.warning(line)
+                        warned_at[component.component] = now
+                elif changed:
                     log.info(line)
                 if previous.get(component.component) != state:
                     self.events_bus.publish(

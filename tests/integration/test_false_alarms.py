@@ -231,3 +231,36 @@ async def test_a_close_the_venue_refuses_leaves_the_position_open_covered_and_no
         assert view.covered
     finally:
         await drive(clock, engine.stop())
+
+
+async def test_a_lasting_degraded_component_is_said_when_it_begins_and_once_a_minute_not_at_every_check(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator's `tsbot run` terminal, and the log: the same "health_check: … degraded" line every 5 s
+    while the account stream stayed down. It is said when it begins, then once a minute while it lasts."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        await open_positions(engine, clock, SYMBOLS[60:61])
+        await drive_until_covered(engine, clock, 1)
+        venue = engine.venue
+        assert isinstance(venue, SimVenue)
+        caplog.clear()
+        venue.drop_account_stream(300.0)
+
+        def said() -> list[str]:
+            return [
+                r.getMessage()
+                for r in caplog.records
+                if r.getMessage().startswith("health_check: Exchange: degraded")
+            ]
+
+        await drive_until(clock, lambda: bool(said()), limit=15.0, what="the stream's outage said")
+        await drive(clock, clock.sleep(40.0))  # eight health checks
+        assert len(said()) == 1, said()
+        await drive(clock, clock.sleep(25.0))
+        assert len(said()) == 2, said()  # a minute on: said again
+    finally:
+        await drive(clock, engine.stop())
