@@ -15,10 +15,24 @@ def price(value: Decimal | None) -> str:
     return text
 
 
+_HUNDREDTH = Decimal("0.01")
+
+
+def percent_sign(value: Decimal | None) -> int:
+    """-1, 0 or 1: the sign of a percentage as `signed_percent` shows it (to the hundredth)."""
+    if value is None:
+        return 0
+    shown = value.quantize(_HUNDREDTH)
+    return 0 if not shown else (1 if shown > 0 else -1)
+
+
 def signed_percent(value: Decimal | None) -> str:
+    """+1.25% / -0.40%; a value that rounds to nothing is 0.00% (it read "-0.00%", in the loss colour)."""
     if value is None:
         return "—"
-    return f"{value:+.2f}%"
+    if not percent_sign(value):
+        return "0.00%"
+    return f"{value.quantize(_HUNDREDTH):+.2f}%"
 
 
 def percent(value: Decimal | None) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC
+from decimal import Decimal
 
 from textual.command import CommandList
 
@@ -12,6 +13,7 @@ from tests.tui.book import BookFeed, book_position
 from tests.tui.harness import dashboard, started, tui_settings
 from tests.tui.scenario import T0, ScenarioFeed, scenario_settings
 from tests.tui.snapshots import svg_to_text
+from tui import formatting
 from tui.app import DashboardApp
 from tui.feed import LogEntry
 from tui.messages import LogEntryAdded
@@ -154,3 +156,14 @@ async def test_the_theme_choice_is_kept_for_the_next_start(tmp_path) -> None:
     async with again.run_test(size=(120, 40)) as pilot:
         await _settled(again, pilot)
         assert again.theme == "textual-light"
+
+
+def test_a_pnl_that_rounds_to_nothing_reads_zero_not_minus_zero() -> None:
+    """An operator read "-0.00%" (in the loss colour) for a position a hair under its entry."""
+    assert formatting.signed_percent(Decimal("-0.001")) == "0.00%"
+    assert formatting.percent_sign(Decimal("-0.001")) == 0
+    assert formatting.signed_percent(Decimal("0.004")) == "0.00%"
+    assert formatting.signed_percent(Decimal("-0.006")) == "-0.01%"
+    assert formatting.percent_sign(Decimal("-0.006")) == -1
+    assert formatting.signed_percent(Decimal("1.25")) == "+1.25%"
+    assert formatting.signed_percent(None) == "—"

@@ -223,20 +223,30 @@ async def test_the_waves_panel_shows_a_slow_waves_time_whole_and_needs_no_sidewa
         assert not table.show_horizontal_scrollbar
 
 
-@pytest.mark.parametrize("paused_by", ["operator", "breaker"])
+@pytest.mark.parametrize("paused_by", ["", "operator", "breaker", "held"])
 async def test_the_header_says_entries_and_the_start_time_whole_at_80_columns(paused_by: str) -> None:
     """With the breaker's pause the header cut the running version's start time (F10) to "v0.1.0 start…"."""
     settings = scenario_settings()
     feed = PlanFeed(settings)
+    held = (37.0, "the venue refused 2 requests for its rate") if paused_by == "held" else None
     feed._snapshot = dataclasses.replace(
-        feed._snapshot, version="0.1.0", entries_paused=True, entries_paused_by=paused_by
+        feed._snapshot,
+        version="0.1.0",
+        entries_paused=paused_by in ("operator", "breaker"),
+        entries_paused_by=paused_by if paused_by in ("operator", "breaker") else "",
+        entries_held=held,
     )
     app = DashboardApp(settings, feed=feed, tz=UTC, code_roots=[])
     async with app.run_test(size=(80, 24)) as pilot:
         await settle(app, pilot)
         header = screen(app).splitlines()[0]
-        paused = "ENTRIES PAUSED" if paused_by == "operator" else "ENTRIES PAUSED (breaker)"
-        assert paused in header, header
+        entries = {
+            "": "entries on",
+            "operator": "ENTRIES PAUSED",
+            "breaker": "ENTRIES PAUSED (breaker)",
+            "held": "ENTRIES HELD 37s",
+        }[paused_by]
+        assert entries in header, header
         assert "v0.1.0 started 21:06:40" in header, header
         assert "sim/default" in header, header
         assert "22:13:20" in header, header

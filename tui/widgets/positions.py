@@ -979,9 +979,8 @@ class PositionsTable(DataTable[Text]):
         uncovered = view.position_id in self._uncovered
         flag = Text(self._flag_text(view), style=s["uncovered"] if uncovered else "")
         symbol = Text(view.symbol, style=s["uncovered"] if uncovered else "")
-        pnl_style = ""
-        if view.pnl_percent is not None and view.pnl_percent:
-            pnl_style = s["gain"] if view.pnl_percent > 0 else s["loss"]
+        sign = formatting.percent_sign(view.pnl_percent)
+        pnl_style = s["gain"] if sign > 0 else s["loss"] if sign < 0 else ""
         # Right-aligned like every other price column (it was the one left-aligned number).
         if view.has_stop_loss:
             stop = Text(formatting.price(view.stop_loss_price), justify="right")
