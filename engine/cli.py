@@ -102,6 +102,10 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a wrong argument is one line (no usage block) and exit 2."""
 
     def error(self, message: str) -> NoReturn:
+        if message.endswith(": expected one argument"):
+            # `--since -5h`: argparse takes a value that begins with "-" for the next option and said only
+            # "expected one argument", which does not name the value it refused.
+            message += " (a value that begins with '-' is read as an option: give it as OPTION=VALUE)"
         self.exit(EXIT_USAGE, f"{self.prog}: {one_line(message)} (see {self.prog} --help)\n")
 
 

@@ -241,6 +241,12 @@ def test_a_real_bug_is_one_line_and_its_traceback_goes_to_the_log(
         (("run", "--duration", "x"), "tsbot run: argument --duration: invalid float value: 'x'"),
         (("signals", "add"), "tsbot signals add: the following arguments are required: symbol, side"),
         (("nope",), "tsbot: argument COMMAND: invalid choice: 'nope'"),
+        (
+            ("report", "--since", "-5h"),  # (it said only "expected one argument")
+            "tsbot report: argument --since: expected one argument (a value that begins with '-' is read as "
+            "an option: give it as OPTION=VALUE)",
+        ),
+        (("report", "--since=-5h"), "tsbot: --since '-5h': expected 8h, 90m"),
         (("sim-exchange", "--seed", "99999999999"), "tsbot: --seed must be within 0..4294967295"),
         (("sim-exchange", "--port", "9" * 5000), "tsbot sim-exchange: argument --port: invalid int value"),
         (
