@@ -1394,8 +1394,10 @@ def _report_text(report: history.ShiftReport, loaded: LoadedConfig) -> str:
     lines += [f"  {cls:<19} {n}" for cls, n in report.failures.items()]
     if report.hard_stop_gap_max_seconds is not None:
         lines.append(
-            f"without a hard stop:  {report.without_hard_stop} of {report.hard_stop_measured} after the fill, "
-            f"longest {_seconds_text(report.hard_stop_gap_max_seconds)}"
+            # (it read "without a hard stop: 55 of 55 after the fill", as if every position had gone naked:
+            # each waits one round trip for its hard stop where the entry cannot carry it)
+            f"fill to hard stop:    longest {_seconds_text(report.hard_stop_gap_max_seconds)}; "
+            f"{report.without_hard_stop} of {report.hard_stop_measured} waited for theirs after the fill"
         )
     lines.append(
         f"uncovered:            {_seconds_text(report.uncovered_seconds)} in {report.uncovered_spans} span"

@@ -211,7 +211,7 @@ async def test_the_shift_report_adds_up_the_seeded_history(
         "positions opened:     4",
         "  protected:          3 (1 never protected)",
         "protection failures:  5",
-        "without a hard stop:  1 of 1 after the fill, longest 0.250 s",
+        "fill to hard stop:    longest 0.250 s; 1 of 1 waited for theirs after the fill",
         "  timeout             2",
         "  server_error        3",
         "  rejected            0",
