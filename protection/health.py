@@ -806,7 +806,10 @@ def evaluate_signals(measured: SignalsMeasurement | None, thresholds: HealthThre
             # Not the operator's choice: protection was failing, and the account is out of the market until
             # someone (or `auto_resume_seconds`) resumes. An alarm with its cause, not a silent header word.
             degraded.append(
-                f"Entries paused by the circuit breaker: {measured.pause_reason or 'no reason given'}"
+                # Its reason is what it saw when it paused (a restart carries the pause over): said as then,
+                # not read as the state of now ("1 position uncovered" with none uncovered).
+                "Entries paused by the circuit breaker "
+                f"(when it paused: {measured.pause_reason or 'no reason given'})"
             )
     held = measured.entries_held_for_seconds
     if held is not None and not measured.entries_paused:

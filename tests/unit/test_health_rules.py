@@ -537,7 +537,7 @@ def test_a_breaker_pause_is_an_alarm_with_its_cause() -> None:
         T,
     )
     assert health.state is DEGRADED
-    assert health.reason == f"Entries paused by the circuit breaker: {why}"
+    assert health.reason == f"Entries paused by the circuit breaker (when it paused: {why})"
     assert health.summary == "last wave 12s ago, LISTEN up, entries paused by the breaker"
 
 
