@@ -220,6 +220,7 @@ ABSENCE_MARGIN_MAX_SECONDS = 2.0  # the one-way trip counted at most (an unclear
 LATE_ANSWER_MIN_SECONDS = 0.5
 # Stops the account stream told live that are kept (the latest), for `ProtectionManager.streamed_live`.
 STREAMED_LIVE_KEPT = 1024
+REPEATED_FAILURE_SAID_EVERY_SECONDS = 60.0  # a cancel that keeps failing is said again this often
 
 
 STOPS_PER_POSITION = 2  # a hard stop and a trailing stop (a managed trail's once it activates)
@@ -1221,11 +1222,12 @@ class PositionGuard:
                 return found
             if found is _Outcome.GONE:
                 filled = order.ended_as is OrderStatus.FILLED
+                fired = order.fired_at is not None  # (cleared by `_next_generation`)
                 outcome = self._next_generation(order)
                 if filled:
                     return outcome  # the position is probably gone: the reconciler settles it first
                 # Cancelled or expired without a fill: the position is naked now; replace it at once.
-                if order.ended_as in (OrderStatus.CANCELED, OrderStatus.EXPIRED):
+                if order.ended_as is OrderStatus.CANCELED and not fired:
                     self._ended_unseen(cid, order)
                 return await self._ensure(order, send)
             if found not in (_Outcome.ABSENT, _Outcome.UNSEEN):
@@ -1578,14 +1580,16 @@ class PositionGuard:
         return at
 
     def _ended_unseen(self, cid: str, order: ProtectiveOrder) -> None:
-        """A stop of ours found ended on the venue by its look-up (cancelled by hand, expired), its end
-        unseen when it came (the stream missed it, or no engine ran): protection lost, said as the stream's
-        word on it is. Not where the venue ends a position's stops with it (Bybit: the position may be
-        gone, which the reconciler settles), nor after our own close or the stream's word that it is flat."""
+        """A stop of ours found cancelled on the venue by its look-up (by hand), its end unseen when it came
+        (the stream missed it, or no engine ran): protection lost, said as the stream's word on it is. Not
+        one that fired (it may end expired, part-filled), nor one that expired; not where the venue ends a
+        position's stops with it (Bybit: the position may be gone, which the reconciler settles), nor after
+        a fill of its sibling, our own close, or the stream's word that the position is flat."""
         m = self._m
         status = order.ended_as
         if (
             status is None
+            or self.exit_evidence is not None  # its sibling filled: the venue may end this one with it
             or self.close_sent
             or self.venue_flat_at is not None
             or not m.venue.capabilities().stops_are_orders
@@ -2565,6 +2569,7 @@ class PositionGuard:
             await self._close_failed(cid, _short(exc), None)
             return False
         except Retryable as exc:  # not executed: the caller sends it again while its budget lasts
+            self._closing_cid = None  # nothing of it is on its way (`close_sent`) while it waits to go again
             await m.store.set_order_status(cid, OrderRecordStatus.REJECTED, error=_short(exc))
             await m.store.set_position_status(self.position_id, self._open_status())
             raise _CloseNotSent(_short(exc)) from exc
@@ -3017,6 +3022,7 @@ class ProtectionManager:
         self.foreign_stops_seen = 0  # open stops on the account not ours, at the last reconcile pass
         self._told_recorded: dict[int, set[str]] = {}  # the recorded stops told to the venue, by position
         self._unfinished_told: set[str] = set()  # fired stops of closed positions already said (once each)
+        self._cancel_failure_said: dict[str, float] = {}  # failing cancels, by id: when last said (monotonic)
         self.handed_over: dict[str, dict[str, float | None]] = {}  # set by `stop`
         # Set by `stop`: `never_taken()` and `confirmed_within_lag()`, for the manager that replaces this one.
         self.handed_over_unsent: frozenset[str] = frozenset()
@@ -3405,9 +3411,23 @@ class ProtectionManager:
                 return False
             await self.store.set_order_status(cid, OrderRecordStatus.CANCELED)
         except (ExchangeError, TimeoutError) as exc:
-            log.warning("%s: cancelling %s failed (%s); trying again", symbol, cid, _short(exc))
+            level = logging.DEBUG if self.cancel_failure_said_lately(cid) else logging.WARNING
+            log.log(level, "%s: cancelling %s failed (%s); trying again", symbol, cid, _short(exc))
             return False
+        self._cancel_failure_said.pop(cid, None)
         return True
+
+    def cancel_failure_said_lately(self, cid: str) -> bool:
+        """Whether a failed cancel of `cid` was said within the last `REPEATED_FAILURE_SAID_EVERY_SECONDS`
+        (if not, it counts as said now). Said when it begins, then once a minute while it lasts: the sweep
+        and the reconciler ask again every few seconds, and the same WARNING every 5 s for minutes buried
+        the rest of the log."""
+        now = self.clock.monotonic()
+        said = self._cancel_failure_said.get(cid)
+        if said is not None and now - said < REPEATED_FAILURE_SAID_EVERY_SECONDS:
+            return True
+        self._cancel_failure_said[cid] = now
+        return False
 
     def sweep_leftovers(
         self, symbol: str, orders: Mapping[str, float | None], *, at_once: bool = False

@@ -438,7 +438,8 @@ class Reconciler:
         except NotFound:  # listed by this pass's read, gone now: it ended meanwhile, how is asked below
             final = None
         except (ExchangeError, TimeoutError) as exc:
-            log.warning("reconcile: cancelling %s %s failed: %s", why, cid, exc)
+            level = logging.DEBUG if manager.cancel_failure_said_lately(cid) else logging.WARNING
+            log.log(level, "reconcile: cancelling %s %s failed: %s", why, cid, exc)
             if guard is None:  # an orphan left live: cancelled again, and its symbol takes no new position
                 manager.sweep_leftovers(order.symbol, {cid: None})
             return

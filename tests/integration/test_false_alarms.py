@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Awaitable, Callable
+from decimal import Decimal
 from typing import TypeVar
 
 import pytest
@@ -262,5 +264,73 @@ async def test_a_lasting_degraded_component_is_said_when_it_begins_and_once_a_mi
         assert len(said()) == 1, said()
         await drive(clock, clock.sleep(25.0))
         assert len(said()) == 2, said()  # a minute on: said again
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_cancel_that_keeps_failing_is_said_once_a_minute_not_at_every_retry(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator on the Binance emulator: "cancelling … failed (HTTP 500); trying again" every 5 s for
+    minutes, for the stops a closed position left. Said when it begins, then once a minute while it lasts;
+    the sweep goes on asking, and cancels them once the venue answers."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, SYMBOLS[61:62])
+        await drive_until_covered(engine, clock, 1)
+        venue = engine.venue
+        assert isinstance(venue, SimVenue)
+        venue.inject_fault(CallKind.CANCEL_ORDER, FaultKind.SERVER_ERROR, count=100_000)
+        assert await drive(clock, engine.close_position(guard.position_id))
+
+        def said() -> list[str]:
+            return [
+                r.getMessage()
+                for r in caplog.records
+                if r.levelno >= logging.WARNING
+                and "cancelling" in r.getMessage()
+                and "failed" in r.getMessage()
+            ]
+
+        await drive(clock, clock.sleep(45.0))  # the sweep and the reconciler ask again and again meanwhile
+        assert len(said()) == 2, said()  # each stop's failing cancel, once
+        await drive(clock, clock.sleep(20.0))
+        assert len(said()) == 4, said()  # a minute on: said again
+        venue.clear_injected_faults()
+        await drive_until(
+            clock, lambda: not venue.core.open_protective_orders(clock.now()), limit=15.0, what="cancelled"
+        )
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_stop_that_fired_and_ended_part_filled_is_no_stop_removed_by_someone(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reviewer's find: a stop of ours that fired and then ended expired, part of it filled (a thin
+    book), was found ended by its look-up and said as "expired on the venue, not by us" (ERROR, and a
+    protection-lost event). It was no one's doing: the position keeps what is left, protected anew."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, SYMBOLS[62:63])
+        await drive_until_covered(engine, clock, 1)
+        venue = engine.venue
+        assert isinstance(venue, SimVenue)
+        venue.delay_account_events(3600.0)  # the guard learns it by its own look-ups
+        venue.set_stop_fill(Decimal("0.5"))
+        venue.set_trigger_delay(0.5, symbol=guard.symbol)  # it sits TRIGGERING, then fills half and expires
+        assert guard.stop_loss.price is not None
+        venue.override_mark_price(guard.symbol, guard.stop_loss.price - 2 * guard.market.tick_size)
+        await drive(clock, clock.sleep(30.0))
+        said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert not [m for m in said if "not by us" in m], said
+        lost = await db.pool.fetchval("SELECT count(*) FROM monitoring.events WHERE type = 'protection_lost'")
+        assert lost == 0
     finally:
         await drive(clock, engine.stop())
