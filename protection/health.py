@@ -822,6 +822,7 @@ def evaluate_signals(measured: SignalsMeasurement | None, thresholds: HealthThre
         "entries_paused": measured.entries_paused,
         "paused_by": measured.paused_by if measured.entries_paused else "",
         "entries_held_for_seconds": held,
+        "entries_held_why": measured.entries_held_why if held is not None else "",
     }
     # No wave since the start is no missing measurement: the consumer runs and listens, and signals may come
     # once an hour. It was UNKNOWN, which made the overall health (and `tsbot status`, exit 3) "unknown"

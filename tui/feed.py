@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, tzinfo
 from decimal import Decimal
@@ -567,6 +567,7 @@ class ReadOnlyFeed:
             entries_paused=control is not None and control.paused,
             entries_paused_by=control.paused_by if control is not None and control.paused else "",
             entries_pause_reason=control.reason if control is not None and control.paused else "",
+            entries_held=None if nobody_measures else _entries_held(health_rows, now, stale_after),
             positions=tuple(
                 _position_view(
                     p,
@@ -763,6 +764,21 @@ def _position_view(
         last_error=None,
         trailing_follows="mark" if trail is not None and trail.mode == "managed" else trailing_follows,
     )
+
+
+def _entries_held(rows: Sequence[HealthRow], now: float, stale_after: float) -> tuple[float, str] | None:
+    """Entries held back by the venue's word, as the engine's last fresh signals measurement says (seconds
+    left now, why): the watch's header said "entries on" while its health panel said they were held."""
+    for row in rows:
+        if row.component != Component.SIGNALS.value or row.measured_at is None:
+            continue
+        age = now - row.measured_at.timestamp()
+        held = row.measurements.get("entries_held_for_seconds")
+        if age > stale_after or not isinstance(held, int | float) or held - age <= 0:
+            return None
+        why = row.measurements.get("entries_held_why")
+        return held - age, why if isinstance(why, str) else ""
+    return None
 
 
 def _health(row: HealthRow, now: float, stale_after: float, nobody_measures: str) -> ComponentHealth | None:

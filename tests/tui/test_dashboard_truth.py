@@ -547,6 +547,30 @@ async def test_a_watch_says_whether_the_engine_it_watches_takes_entries(db: Data
         await drive(clock, trader.stop())
 
 
+async def test_a_watch_says_entries_are_held_back_by_the_venue_as_its_health_panel_does(db: Database) -> None:
+    """A reviewer's find: the read-only header said "entries on" while its own health panel (the engine's
+    last signals measurement) said entries were held back by the venue's rate refusals."""
+    settings = tui_settings(db)
+    clock = ManualClock()
+    trader = make_engine(settings, clock)
+    await drive(clock, trader.start())
+    try:
+        async with dashboard(settings, engine=make_engine(settings, clock)) as board:
+            board.app.read_only_poll_seconds = 0.05
+            await board.until(lambda: isinstance(board.app.screen, LeaseHeldScreen), "lease refusal shown")
+            await board.press("o")
+            await board.until(lambda: "entries on" in board.status_text(), "entries on, watched")
+            trader.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.RATE_LIMITED, 2)  # type: ignore[attr-defined]
+            assert trader.store is not None
+            await trader.store.insert_signals([(SYMBOLS[30], "long", None, None)])
+            await board.until(lambda: "ENTRIES HELD" in board.status_text(), "held back, watched", limit=30.0)
+            await board.until(lambda: "entries on" in board.status_text(), "on again, watched", limit=90.0)
+            await board.press("q")
+            await board.until(lambda: not board.app.is_running, "app exited")
+    finally:
+        await drive(clock, trader.stop())
+
+
 @contextlib.asynccontextmanager
 async def _one_protected_and_three_entries_on_their_way(
     db: Database, symbols: list[str]
