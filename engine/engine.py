@@ -140,6 +140,7 @@ MARKETS_REFRESH_SECONDS = 300.0  # the venue's markets read again: a delisting b
 # a twentieth of the cap, at least one position's worth.
 CONDITIONAL_SPARE_MIN = 2
 CONDITIONAL_SPARE_DIVISOR = 20
+STREAM_CHECK_SECONDS = 1.0  # how often the reconcile loop looks whether the account stream is down
 HEALTH_REPEAT_SECONDS = 60.0  # a lasting degraded or critical component is said again this often
 HOUSEKEEPING_SECONDS = 60.0
 # The coverage history (monitoring.coverage_samples): one sample of the gauge's figures this often, kept this
@@ -1103,12 +1104,19 @@ class Engine:
             report = StopReport(0, 0)
             if self.manager is not None:
                 manager = self.manager
+                listed = await self._listing_for_a_gap(manager)
                 still_open = manager.open_guards()
                 guarded = {g.position_id for g in still_open}
                 unguarded = [f for f in carried_facts if f.position_id not in guarded]
-                # What stays without the engine: a managed trail is armed only while it runs.
+                # What stays without the engine: a managed trail is armed only while it runs. A stop that
+                # a gap in the account stream put in doubt, with no listing of the venue since, is not
+                # vouched for (its doubt may not have come due before the stop).
                 uncovered = sorted(
-                    [g.symbol for g in still_open if not g.covered_without_engine]
+                    [
+                        g.symbol
+                        for g in still_open
+                        if not g.covered_without_engine or manager.unverified(g, listed)
+                    ]
                     + [f.symbol for f in unguarded if not f.covered]
                 )
                 report = StopReport(
@@ -1117,7 +1125,9 @@ class Engine:
                     self._entries_unresolved(),
                     tuple(uncovered),
                     trails_without_order=sum(
-                        1 for g in still_open if g.covered and not g.covered_without_engine
+                        1
+                        for g in still_open
+                        if g.covered and not g.covered_without_engine and not manager.unverified(g, listed)
                     )
                     + sum(  # (a hard stop not verified, the restart waiting for the database, is not kept)
                         1
@@ -2109,19 +2119,32 @@ class Engine:
 
     async def _reconcile_loop(self) -> None:
         interval = float(self.settings.protection.reconcile_seconds)
-        down_told = False  # this outage of the account stream was told to the manager
+        due = self.clock.monotonic() + interval
+        down_told = False
         while True:
             manager = self.manager
             assert manager is not None
-            await wait_event(self.clock, manager.reconcile_requested, interval)
-            manager.reconcile_requested.clear()
+            # Woken each STREAM_CHECK_SECONDS to look at the account stream: an outage is a gap from its
+            # first look, not from the next pass (up to `reconcile_seconds` later; an operator on the Bybit
+            # emulator saw a dropped stream's doubt come 15 s after the drop).
+            wait = min(STREAM_CHECK_SECONDS, max(0.0, due - self.clock.monotonic()))
+            asked = await wait_event(self.clock, manager.reconcile_requested, wait)
             # An account stream that stays down tells no gap until it is back: its events are lost
-            # meanwhile, so it is a gap from its last message, told once per outage.
+            # meanwhile, so each pass is the venue's read after a gap (from its last message). Told once
+            # per outage, the first listing that answered cleared it, and a stop cancelled after that
+            # went unseen while later listings failed.
             down_since = self._account_stream_down_since()
             if down_since is None:
                 down_told = False
             elif not down_told:
                 down_told = True
+                manager.stream_gap(down_since)  # (asks for a pass now)
+                asked = True
+            if not asked and self.clock.monotonic() < due:
+                continue
+            manager.reconcile_requested.clear()
+            due = self.clock.monotonic() + interval
+            if down_since is not None:
                 manager.stream_gap(down_since, read_now=False)
             assert self.reconciler is not None
             try:
@@ -3267,6 +3290,20 @@ class Engine:
         if manager is None or manager.stopped:
             return ()
         return tuple(sorted({g.symbol for g in manager.open_guards() if self.mark_is_stale(g.symbol, now)}))
+
+    async def _listing_for_a_gap(self, manager: ProtectionManager) -> set[str] | None:
+        """At a stop with a gap in the account stream pending (`ProtectionManager.gap_pending_since`): the
+        venue's open orders, read now within half the call budget (the ids), or None (no gap pending, or no
+        answer): what the stop's report may vouch for."""
+        noted = manager.gap_pending_since
+        if noted is None or self.reconciler is None:
+            return None
+        listing = asyncio.ensure_future(self.reconciler.take_snapshot())
+        await wait_for_all(self.clock, float(self.settings.protection.call_timeout_seconds) / 2, [listing])
+        if not listing.done() or listing.cancelled() or listing.exception() is not None:
+            return None
+        snapshot = listing.result()
+        return {o.client_order_id for o in snapshot.open_orders} if snapshot.taken_at >= noted else None
 
     def _account_stream_down_since(self) -> float | None:
         """Since when (monotonic: its last message) the venue's account stream is down, or None while it is

@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import ROUND_DOWN, ROUND_UP, Decimal
@@ -2476,10 +2476,12 @@ class PositionGuard:
         self.closing = True
         self._closing_reason = exit_reason
         m = self._m
-        # A close the venue did not execute (busy, a 5xx before execution) is sent again, with a new id,
-        # within the call budget: `tsbot flatten` gave up on fifteen positions after one -1008 each, and
-        # the same command a moment later closed them all.
-        deadline = m.clock.monotonic() + m.config.call_timeout_seconds
+        # A close the venue did not execute (busy, a 5xx before execution, an answer lost and the order not
+        # on the venue) is sent again, with a new id, while one and a half call budgets from the first send
+        # last (the last attempt ends within two and a half, inside `tsbot close`'s 30 s wait): `tsbot
+        # flatten` gave up on fifteen positions after one -1008 each, and the same command a moment later
+        # closed them all.
+        deadline = m.clock.monotonic() + 1.5 * m.config.call_timeout_seconds
         delay = max(m.config.retry_initial_seconds, 0.1)
         try:
             while True:
@@ -2534,6 +2536,7 @@ class PositionGuard:
         # word, or the order found by its id once the answer is late, ends the wait (`create_or_find`).
         self._closing_cid, self._close_heard = cid, None
         self._close_told.clear()
+        sent_at = m.clock.monotonic()
         try:
             filled = await m.budget.sent(
                 probe_at,
@@ -2554,7 +2557,17 @@ class PositionGuard:
             return False
         except (OutcomeUnknown, TimeoutError):
             try:
-                filled = await m.read(lambda: m.venue.fetch_order(self.symbol, cid), "fetch_order")
+                filled = await self._close_looked_up(cid, sent_at)
+            except NotFound as exc:
+                # Not on the venue once its read lag is over: never executed (Bybit answers a busy server
+                # with an unknown outcome, and one such answer ended a flatten that the same command, a
+                # moment later, carried out whole). Sent again like a close the venue refused unexecuted.
+                self._closing_cid = None
+                await m.store.set_order_status(
+                    cid, OrderRecordStatus.REJECTED, error=f"not executed: {_short(exc)}"
+                )
+                await m.store.set_position_status(self.position_id, self._open_status())
+                raise _CloseNotSent(f"no answer, and the venue does not have it: {_short(exc)}") from exc
             except (ExchangeError, TimeoutError) as exc:
                 await self._close_failed(cid, f"outcome unknown: {_short(exc)}", OrderRecordStatus.UNKNOWN)
                 return False
@@ -2591,6 +2604,19 @@ class PositionGuard:
             return False
         await self._finish(exit_reason=exit_reason, exit_price=filled.average_price)
         return True
+
+    async def _close_looked_up(self, cid: str, sent_at: float) -> Order:
+        """A close whose answer never came, asked for by its id; "no such order" is asked again until the
+        venue's read lag after its send is over (before, it proves nothing), then raised (`NotFound`)."""
+        m = self._m
+        while True:
+            try:
+                return await m.read(lambda: m.venue.fetch_order(self.symbol, cid), "fetch_order")
+            except NotFound:
+                left = sent_at + m.absence_window() - m.clock.monotonic()
+                if left <= 0:
+                    raise
+                await m.clock.sleep(left)
 
     async def _close_slot(self) -> tuple[bool, float | None]:
         """Wait for the close's place in the venue's order windows (`OrderBudget.acquire_close`, through a
@@ -3969,8 +3995,29 @@ class ProtectionManager:
             if not guard.closed and not guard.covered:
                 guard.wake.set()
 
+    @property
+    def gap_pending_since(self) -> float | None:
+        """When (monotonic) a gap in the account stream was told that no listing of the venue has answered
+        for since, or None."""
+        return self._gap_noted_at
+
+    def unverified(self, guard: PositionGuard, listed: Collection[str] | None = None) -> bool:
+        """A gap in the account stream is pending (no listing since it was told) and one of `guard`'s
+        confirmed stops was confirmed before it: what an engine stopping now can vouch for is not that stop
+        (its doubt may not have come due yet), unless `listed` (the open orders of a listing asked after
+        the gap was told) holds it."""
+        noted = self._gap_noted_at
+        if noted is None:
+            return False
+        doubted = [
+            o for o in (guard.stop_loss, guard.trailing_stop) if o.confirmed and o.confirmed_at < noted
+        ]
+        return any(listed is None or o.client_order_id not in listed for o in doubted)
+
     async def _doubt_unless_listed(self, noted_at: float) -> None:
-        await self.clock.sleep(self.config.grace_seconds)
+        # The grace period, and never less than a listing's answer normally takes (a slow one that answers
+        # is no doubt: its stops are checked against it).
+        await self.clock.sleep(max(self.config.grace_seconds, self.late_answer_seconds()))
         if self._gap_noted_at != noted_at or self.stopped:
             return
         doubted = [
@@ -3983,8 +4030,9 @@ class ProtectionManager:
             return
         unheard = self._unheard_since if self._unheard_since is not None else noted_at
         log.warning(
-            "account stream: events may be lost since %.0fs ago and the venue's open orders could not be "
-            "read since: the stops of %d positions are unverified (uncovered) until each is found live by its id",
+            "account stream: events may be lost since %.0fs ago and no listing of the venue's open orders "
+            "has answered since: the stops of %d positions are unverified (uncovered) until each is found "
+            "live by its id",
             self.clock.monotonic() - unheard,
             len(doubted),
         )

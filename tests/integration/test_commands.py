@@ -113,8 +113,11 @@ async def test_a_close_the_venue_refuses_fails_and_a_flatten_that_closes_some_is
         assert venue.calls_made[CallKind.CREATE_ORDER] == closes_sent  # type: ignore[attr-defined]
         assert {p.symbol for p in venue.core.positions(clock.now())} == set(SYMBOLS[10:13])  # type: ignore[attr-defined]
 
-        # One close whose answer never came, and the venue does not know it: not closed, said, not resent.
-        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_NOT_EXECUTED, 1)  # type: ignore[attr-defined]
+        # One symbol's market orders refused every time (its close is sent again within the budget, and
+        # fails): the flatten closes the others and says which it did not.
+        venue.inject_fault(  # type: ignore[attr-defined]
+            CallKind.CREATE_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 1000, market_symbol=SYMBOLS[11]
+        )
         partial = await command(CommandKind.FLATTEN, {"all": True})
         assert partial.record is not None
         assert partial.record.state is CommandState.PARTIAL

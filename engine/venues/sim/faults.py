@@ -51,6 +51,7 @@ class FaultInjector:
         self._fault_rng = random.Random(f"faults:{seed}")
         self._forced: dict[CallKind, deque[FaultKind]] = {}
         self._forced_stops: deque[FaultKind] = deque()  # placements of conditional orders only
+        self._forced_market: dict[str, deque[FaultKind]] = {}  # market orders of one symbol only
         self._stream_rng = random.Random(f"stream:{seed}")
 
     def drops_account_stream(self, stream: AccountStreamSettings) -> bool:
@@ -60,24 +61,39 @@ class FaultInjector:
             return False
         return self._stream_rng.random() < stream.drop_probability
 
-    def force(self, kind: CallKind, fault: FaultKind, count: int = 1, *, stops_only: bool = False) -> None:
+    def force(
+        self,
+        kind: CallKind,
+        fault: FaultKind,
+        count: int = 1,
+        *,
+        stops_only: bool = False,
+        market_symbol: str | None = None,
+    ) -> None:
         """Make the next `count` calls of `kind` suffer `fault`, whatever the probabilities say; with
         `stops_only`, the next `count` placements of conditional orders (Binance takes them at an endpoint
-        of their own, the Algo API, which can refuse while orders go through)."""
+        of their own, the Algo API, which can refuse while orders go through); with `market_symbol`, the
+        next `count` market orders of that symbol (one symbol's book that the venue cannot match)."""
         if count < 1:
             raise ValueError("count must be >= 1")
-        if stops_only and kind is not CallKind.CREATE_ORDER:
-            raise ValueError("stops_only applies to create_order")
-        queue = self._forced_stops if stops_only else self._forced.setdefault(kind, deque())
+        if (stops_only or market_symbol is not None) and kind is not CallKind.CREATE_ORDER:
+            raise ValueError("stops_only and market_symbol apply to create_order")
+        if market_symbol is not None:
+            queue = self._forced_market.setdefault(market_symbol, deque())
+        else:
+            queue = self._forced_stops if stops_only else self._forced.setdefault(kind, deque())
         queue.extend([fault] * count)
 
     def clear_forced(self) -> None:
         self._forced.clear()
         self._forced_stops.clear()
+        self._forced_market.clear()
 
-    def plan(self, kind: CallKind, *, stop: bool = False) -> CallPlan:
+    def plan(self, kind: CallKind, *, stop: bool = False, market_symbol: str | None = None) -> CallPlan:
         latency = sample_latency(self._latency.for_call(kind), self._latency_rng)
         forced = self._forced_stops if stop and self._forced_stops else self._forced.get(kind)
+        if market_symbol is not None and self._forced_market.get(market_symbol):
+            forced = self._forced_market[market_symbol]
         if forced:
             return CallPlan(latency=latency, fault=forced.popleft())
         return CallPlan(latency=latency, fault=self._draw_fault(kind))

@@ -405,6 +405,7 @@ class SimVenue:
                 account_id=self._account_id,
             ),
             client_order_id=client_order_id,
+            market_symbol=symbol,
         )
 
     async def create_stop_market_order(
@@ -554,9 +555,15 @@ class SimVenue:
         self._mark_freezes[symbol] = self._clock.monotonic() + seconds
 
     def inject_fault(
-        self, kind: CallKind, fault: FaultKind, count: int = 1, *, stops_only: bool = False
+        self,
+        kind: CallKind,
+        fault: FaultKind,
+        count: int = 1,
+        *,
+        stops_only: bool = False,
+        market_symbol: str | None = None,
     ) -> None:
-        self._faults.force(kind, fault, count, stops_only=stops_only)
+        self._faults.force(kind, fault, count, stops_only=stops_only, market_symbol=market_symbol)
 
     def answer_positions_empty(self, count: int = 1) -> None:
         """The next `count` reads of *all* positions answer `[]` whatever the account holds, at any time
@@ -671,6 +678,7 @@ class SimVenue:
         *,
         client_order_id: str | None = None,
         stop: bool = False,
+        market_symbol: str | None = None,
     ) -> T:
         self._ensure_open()
         if self._pacing is not None:
@@ -678,7 +686,7 @@ class SimVenue:
             # at home during a ban (reads, entries). The sim has no request weight: nothing is booked.
             await self._pacing.requests.acquire({}, mutating=kind.mutates)
         self.calls_made[kind] = self.calls_made.get(kind, 0) + 1
-        plan = self._faults.plan(kind, stop=stop)
+        plan = self._faults.plan(kind, stop=stop, market_symbol=market_symbol)
         timeout = self._settings.request_timeout_seconds
         half = plan.latency / 2
         arrival = min(half, timeout)
