@@ -140,6 +140,7 @@ MARKETS_REFRESH_SECONDS = 300.0  # the venue's markets read again: a delisting b
 # a twentieth of the cap, at least one position's worth.
 CONDITIONAL_SPARE_MIN = 2
 CONDITIONAL_SPARE_DIVISOR = 20
+STREAM_FIRST_CONNECT_SECONDS = 10.0  # a stream's first connection is not "down" before this
 STREAM_CHECK_SECONDS = 1.0  # how often the reconcile loop looks whether the account stream is down
 HEALTH_REPEAT_SECONDS = 60.0  # a lasting degraded or critical component is said again this often
 HOUSEKEEPING_SECONDS = 60.0
@@ -757,6 +758,8 @@ class Engine:
         self._last_mark_at: float | None = None
         self._last_wave_at: float | None = None
         self._connected_at = 0.0
+        self._loops_started_at = 0.0  # monotonic: when the background loops (the streams' readers) started
+        self._streams_seen_up: set[str] = set()  # the venue's push streams seen connected since the start
         self._in_flight: set[str] = set()
         # Entries of unknown outcome, by symbol (their symbols stay in `_in_flight`), and the tasks settling them.
         self._in_doubt: dict[str, EntryInDoubt] = {}
@@ -991,6 +994,7 @@ class Engine:
 
     def _start_loops(self) -> None:
         assert self.store is not None and self._db is not None
+        self._loops_started_at = self.clock.monotonic()
         sup = self._supervisor
         sup.start("mark-feed", self._mark_feed)
         sup.start("silent-marks", self._silent_marks_by_rest)
@@ -3264,7 +3268,12 @@ class Engine:
         )
 
     def _stream_measurements(self, now: float) -> dict[str, health.StreamMeasurement]:
-        """The venue's push streams as health measures them, by name."""
+        """The venue's push streams as health measures them, by name. A stream still making its first
+        connection, within STREAM_FIRST_CONNECT_SECONDS of the loops' start, is not measured yet: the first
+        check ran 2 ms before the account stream was up and said it "down" (DEGRADED) at every start."""
+        starting = now - self._loops_started_at < STREAM_FIRST_CONNECT_SECONDS
+        states = self.venue.stream_states()
+        self._streams_seen_up.update(state.name for state in states if state.connected)
         return {
             state.name: health.StreamMeasurement(
                 name=state.name,
@@ -3275,8 +3284,9 @@ class Engine:
                 reconnects=state.reconnects,
                 detail=state.detail,
             )
-            for state in self.venue.stream_states()
-            if state.connected or state.detail != NOT_STARTED
+            for state in states
+            if (state.connected or state.detail != NOT_STARTED)
+            and not (starting and state.name not in self._streams_seen_up)
         }
 
     def mark_is_stale(self, symbol: str, now: float) -> bool:

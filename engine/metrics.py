@@ -70,6 +70,9 @@ class CallSummary:
     p99_ms: float | None
     error_rate: float | None  # a fraction of `calls`: 0.25 means 25 % of the calls failed
     timeouts: int
+    # Calls answered as expected since the newest failed one (all of them when none failed): a venue that
+    # recovered says so at once, while its old errors stay in the window's rate for minutes.
+    ok_since_last_error: int = 0
 
     @property
     def errors(self) -> int:
@@ -189,12 +192,18 @@ class CallStats:
         errors = sum(1 for sample in samples if not sample[2])
         timeouts = sum(1 for sample in samples if sample[4])
         calls = len(samples)
+        ok_since = 0
+        for sample in reversed(samples):
+            if not sample[2]:
+                break
+            ok_since += 1
         return CallSummary(
             calls=calls,
             p50_ms=nearest_rank(latencies, 50) * 1000.0,
             p99_ms=nearest_rank(latencies, 99) * 1000.0,
             error_rate=errors / calls,
             timeouts=timeouts,
+            ok_since_last_error=ok_since,
         )
 
     def _expire(self, now: float) -> None:

@@ -20,7 +20,7 @@ Rules (`T.x` is a `HealthThresholds` field; all causes of the winning severity a
     ----------  --------  ---------------------------------------------------------------------------------
     any         unknown   no measurement passed (None): "not measured yet"
     exchange    critical  banned by the venue (banned_for_seconds > 0)
-                critical  error rate >= 50 % over at least 5 calls
+                critical  error rate >= 50 % over at least 5 calls, unless the last 5 calls all answered
                 degraded  p99 latency > T.exchange_latency_degraded_ms
                 degraded  error rate >= 10 % (any number of calls)
                 degraded  rate budget used >= 80 %
@@ -556,10 +556,19 @@ def evaluate_exchange(measured: ExchangeMeasurement | None, thresholds: HealthTh
             f"p50 {calls.p50_ms:.0f} ms, p99 {calls.p99_ms:.0f} ms, "
             f"errors {error_text} % of {_plural(calls.calls, 'call')}"
         )
-        if error_rate >= EXCHANGE_ERROR_RATE_CRITICAL and calls.calls >= EXCHANGE_MIN_CALLS_FOR_CRITICAL:
+        # The window's rate keeps a recovered venue's errors for minutes (with the account stream up, the
+        # engine makes a call every few seconds): once the last calls all answered, it is no outage any
+        # more (`tsbot status` paged CRITICAL for five minutes with every stop confirmed).
+        recovered = calls.ok_since_last_error >= EXCHANGE_MIN_CALLS_FOR_CRITICAL
+        since = f"; the last {calls.ok_since_last_error} answered" if recovered and calls.errors else ""
+        if (
+            error_rate >= EXCHANGE_ERROR_RATE_CRITICAL
+            and calls.calls >= EXCHANGE_MIN_CALLS_FOR_CRITICAL
+            and not recovered
+        ):
             critical.append(f"Exchange errors: {error_text}% of {calls.calls} calls")
         elif error_rate >= EXCHANGE_ERROR_RATE_DEGRADED:
-            degraded.append(f"Exchange errors: {error_text}% of {_plural(calls.calls, 'call')}")
+            degraded.append(f"Exchange errors: {error_text}% of {_plural(calls.calls, 'call')}{since}")
         if calls.p99_ms > thresholds.exchange_latency_degraded_ms:
             degraded.append(
                 f"Slow exchange: p99 {calls.p99_ms:.0f} ms (limit {thresholds.exchange_latency_degraded_ms} ms)"

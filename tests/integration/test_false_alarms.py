@@ -334,3 +334,28 @@ async def test_a_stop_that_fired_and_ended_part_filled_is_no_stop_removed_by_som
         assert lost == 0
     finally:
         await drive(clock, engine.stop())
+
+
+async def test_the_account_stream_making_its_first_connection_is_not_down(db: Database) -> None:
+    """An operator on the Bybit emulator: at every start the first health check, 2 ms before the account
+    stream was up, said "Account stream down: fills and cancels are learned by polling" (DEGRADED in the
+    log and in `tsbot status`). A stream's first connection is not an outage."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    venue = engine.venue
+    assert isinstance(venue, SimVenue)
+    venue.drop_account_stream(3.0)  # its first connection takes a moment
+    await drive(clock, engine.start())
+    try:
+        report = await drive(clock, engine.measure_health())
+        exchange = next(c for c in report.components if c.component is health.Component.EXCHANGE)
+        assert "Account stream down" not in exchange.reason, exchange.reason
+        await drive(clock, clock.sleep(4.0))
+        report = await drive(clock, engine.measure_health())  # (up now: seen up)
+        venue.drop_account_stream(60.0)  # a real outage is one at once
+        report = await drive(clock, engine.measure_health())
+        exchange = next(c for c in report.components if c.component is health.Component.EXCHANGE)
+        assert "Account stream down" in exchange.reason, exchange.reason
+    finally:
+        await drive(clock, engine.stop())

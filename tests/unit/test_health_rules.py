@@ -393,6 +393,17 @@ def test_exchange_error_rate_boundaries(n: int, errors: int, expected: HealthSta
         assert health.reason.startswith("Exchange errors: ")
 
 
+def test_a_venue_whose_last_calls_all_answered_is_no_outage_however_many_failed_before() -> None:
+    """An operator on the Bybit emulator: the faults cleared, every stop confirmed, and `tsbot status`
+    still paged CRITICAL ("Exchange errors: 64.7% of 238 calls") for the five minutes of the window."""
+    summary = replace(calls(n=238, errors=154), ok_since_last_error=12)
+    health = evaluate_exchange(exchange(summary=summary), T)
+    assert health.state is DEGRADED
+    assert health.reason == "Exchange errors: 64.7% of 238 calls; the last 12 answered"
+    still_failing = replace(calls(n=238, errors=154), ok_since_last_error=4)
+    assert evaluate_exchange(exchange(summary=still_failing), T).state is CRITICAL
+
+
 def test_exchange_error_reason_carries_the_figures() -> None:
     health = evaluate_exchange(exchange(summary=calls(n=8, errors=5)), T)
     assert health.reason == "Exchange errors: 62.5% of 8 calls"

@@ -111,7 +111,9 @@ def test_summary_of_one_kind_of_call() -> None:
     stats.record(at=11.0, latency_s=0.3, ok=True, kind="create_order")
 
     orders = stats.summary(now=12.0, kind="create_order")
-    assert orders == CallSummary(calls=2, p50_ms=300.0, p99_ms=10_000.0, error_rate=0.5, timeouts=1)
+    assert orders == CallSummary(
+        calls=2, p50_ms=300.0, p99_ms=10_000.0, error_rate=0.5, timeouts=1, ok_since_last_error=1
+    )
     assert stats.summary(now=12.0).calls == 12
     assert stats.summary(now=12.0, kind="cancel_order") == EMPTY_SUMMARY
 
@@ -132,7 +134,9 @@ def test_window_is_half_open_and_expires_old_calls() -> None:
 
     assert stats.summary(now=299.9).calls == 3  # all inside (now - 300, now]
     at_boundary = stats.summary(now=300.0)  # the call at exactly now - window is out
-    assert at_boundary == CallSummary(calls=2, p50_ms=100.0, p99_ms=200.0, error_rate=0.0, timeouts=0)
+    assert at_boundary == CallSummary(
+        calls=2, p50_ms=100.0, p99_ms=200.0, error_rate=0.0, timeouts=0, ok_since_last_error=2
+    )
     assert stats.summary(now=400.0).calls == 1
     assert stats.summary(now=599.0) == EMPTY_SUMMARY
     assert len(stats) == 0
@@ -248,3 +252,24 @@ def test_event_counter_matches_a_reference(events: list[int], now: int, window: 
 
     expected = sum(1 for at in events if now - window < at <= now)
     assert counter.count(now=float(now), window_s=float(window)) == expected
+
+
+def test_the_summary_counts_the_calls_answered_since_the_newest_failure() -> None:
+    stats = CallStats(window_s=300.0)
+    for at, ok in (
+        (1.0, True),
+        (2.0, False),
+        (3.0, True),
+        (4.0, True),
+        (5.0, False),
+        (6.0, True),
+        (7.0, True),
+    ):
+        stats.record(at, 0.1, ok, "fetch_order")
+    assert stats.summary(8.0).ok_since_last_error == 2
+    stats.record(9.0, 0.1, False, "fetch_order")
+    assert stats.summary(10.0).ok_since_last_error == 0
+    clean = CallStats(window_s=300.0)
+    for at in (1.0, 2.0, 3.0):
+        clean.record(at, 0.1, True, "fetch_order")
+    assert clean.summary(4.0).ok_since_last_error == 3
