@@ -1960,12 +1960,21 @@ class PositionGuard:
         m.announced.add(cid)
         verb = "Created" if order.sent_this_run else "Restored"
         if order.purpose is OrderPurpose.TRAILING_STOP:
+            # A venue's read may leave out what the guard sent (Bybit's position shows the trail's distance,
+            # not its callback): the line says what is known ("activation now, callback None%" was false).
+            activation = placed.activation_price if placed.activation_price is not None else order.price
+            if placed.callback_rate is not None:
+                trail = f"callback {placed.callback_rate}%"
+            elif placed.trail_distance is not None:
+                trail = f"distance {placed.trail_distance}"
+            else:
+                trail = "callback not shown by the venue"
             log.info(
-                "%s trailing stop for %s: activation %s, callback %s%% (client id %s)",
+                "%s trailing stop for %s: activation %s, %s (client id %s)",
                 verb,
                 self.symbol,
-                placed.activation_price if placed.activation_price is not None else "now",
-                placed.callback_rate,
+                activation if activation is not None else "now",
+                trail,
                 cid,
             )
         else:
