@@ -44,6 +44,7 @@ from engine.last_stop import last_stop_path, read_last_stop
 from engine.logs import LogFileError, RedactingFormatter, configure_logging
 from engine.metrics_server import MetricsUnavailable
 from engine.signal_input import BadSignal, SignalInput, normalise_symbol, read_jsonl, signal_from_fields
+from protection.health import entries_held_recorded
 from storage import history
 from storage.commands import CommandKind
 from storage.database import (
@@ -721,7 +722,12 @@ def _status(args: argparse.Namespace, loaded: LoadedConfig) -> int:
             + f" since {paused['since']}"
             + (f": {paused['reason']}" if paused["reason"] else "")
             if paused
-            else "on"
+            else (
+                f"HELD BACK by the venue for another {report['entries_held']['seconds_left']:.0f}s: "
+                f"{report['entries_held']['why']}"
+                if report["entries_held"]
+                else "on"
+            )
         )
     )
     print(f"health:            {report['health']['state']}")
@@ -862,6 +868,19 @@ async def _read_status(
         except OSError as exc:  # (another user's, owner-only)
             unread = exc.strerror or type(exc).__name__
     health = _health_report(health_rows, now, stale_after, running=looked_after)
+    # Held back by the venue's word (a ban, rate refusals piled up), as the engine's last fresh signals
+    # measurement says: "entries: on" beside a signals line saying they were held back contradicted itself.
+    held = next(
+        (
+            entries_held_recorded(row.measurements, age)
+            for row in health_rows
+            if row.component == "signals"
+            and row.measured_at is not None
+            and (age := (now - row.measured_at).total_seconds()) <= stale_after
+            and looked_after
+        ),
+        None,
+    )
     state, reason = _verdict(
         health,
         running=looked_after,
@@ -905,7 +924,11 @@ async def _read_status(
             "silent": holder.silent,
             "phase": holder.phase,
         },
-        "entries": "paused" if control is not None and control.paused else "on",
+        "entries": "paused" if control is not None and control.paused else ("held" if held else "on"),
+        # Seconds left and why, while the venue's word holds entries back (None otherwise).
+        "entries_held": None
+        if held is None or (control is not None and control.paused)
+        else {"seconds_left": round(held[0], 1), "why": held[1]},
         "entries_paused": None
         if control is None or not control.paused
         else {

@@ -870,3 +870,14 @@ def log_level(state: HealthState) -> int:
     if state is HealthState.CRITICAL:
         return logging.ERROR
     return logging.WARNING
+
+
+def entries_held_recorded(measurements: Mapping[str, object], age_seconds: float) -> tuple[float, str] | None:
+    """Entries held back by the venue's word, from a signals measurement recorded `age_seconds` ago (the
+    engine's health row): seconds left now and why, or None. What a read-only watch and `tsbot status` say
+    beside "entries on"."""
+    held = measurements.get("entries_held_for_seconds")
+    if not isinstance(held, int | float) or isinstance(held, bool) or held - age_seconds <= 0:
+        return None
+    why = measurements.get("entries_held_why")
+    return held - age_seconds, why if isinstance(why, str) else ""

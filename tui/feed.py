@@ -50,7 +50,7 @@ from engine.events import (
 )
 from engine.exchange.port import PositionSide
 from protection.coverage import CoverageFigures, PositionCoverage, coverage_figures
-from protection.health import Component, ComponentHealth, HealthState
+from protection.health import Component, ComponentHealth, HealthState, entries_held_recorded
 from protection.manager import stop_words
 from storage.commands import CommandKind
 from storage.database import Database, open_database
@@ -773,11 +773,7 @@ def _entries_held(rows: Sequence[HealthRow], now: float, stale_after: float) -> 
         if row.component != Component.SIGNALS.value or row.measured_at is None:
             continue
         age = now - row.measured_at.timestamp()
-        held = row.measurements.get("entries_held_for_seconds")
-        if age > stale_after or not isinstance(held, int | float) or held - age <= 0:
-            return None
-        why = row.measurements.get("entries_held_why")
-        return held - age, why if isinstance(why, str) else ""
+        return None if age > stale_after else entries_held_recorded(row.measurements, age)
     return None
 
 

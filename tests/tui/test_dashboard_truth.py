@@ -13,7 +13,9 @@ from decimal import Decimal
 import pytest
 
 from engine.accounts import account_key
+from engine.cli import _status_report
 from engine.clock import ManualClock
+from engine.config import LoadedConfig
 from engine.engine import EngineSnapshot, EngineState
 from engine.events import EventsDropped, PositionOpened, WaveFinished
 from engine.venues.sim.settings import CallKind, FaultKind
@@ -564,6 +566,10 @@ async def test_a_watch_says_entries_are_held_back_by_the_venue_as_its_health_pan
             assert trader.store is not None
             await trader.store.insert_signals([(SYMBOLS[30], "long", None, None)])
             await board.until(lambda: "ENTRIES HELD" in board.status_text(), "held back, watched", limit=30.0)
+            # `tsbot status` says it too ("entries: on" beside a signals line saying they were held back).
+            status = await _status_report(LoadedConfig(settings, None), account_key(settings.venue))
+            assert status["entries"] == "held", status["entries"]
+            assert "refused 2 requests for its rate" in status["entries_held"]["why"]
             await board.until(lambda: "entries on" in board.status_text(), "on again, watched", limit=90.0)
             await board.press("q")
             await board.until(lambda: not board.app.is_running, "app exited")
