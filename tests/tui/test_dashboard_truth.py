@@ -16,7 +16,7 @@ from engine.accounts import account_key
 from engine.cli import _status_report
 from engine.clock import ManualClock
 from engine.config import LoadedConfig
-from engine.engine import EngineSnapshot, EngineState
+from engine.engine import Engine, EngineSnapshot, EngineState
 from engine.events import EventsDropped, PositionOpened, WaveFinished
 from engine.venues.sim.settings import CallKind, FaultKind
 from engine.venues.sim.universe import UNIVERSE
@@ -525,10 +525,9 @@ async def test_a_watchs_log_misses_no_event_of_a_burst_nor_one_recorded_late(db:
     assert [r.detail for r in rows] == [f"failure {i}" for i in range(300)] + ["replayed"]
 
 
-async def test_a_watch_says_whether_the_engine_it_watches_takes_entries(db: Database) -> None:
-    """The read-only header left the entries state out: a pause (the operator's, or the breaker's when
-    protection fails) was invisible to whoever watched, while the trader's screen and `tsbot status` said
-    ENTRIES PAUSED; and `e` there toggled blind. It says what the account's record says."""
+@contextlib.asynccontextmanager
+async def _watching(db: Database) -> AsyncIterator[tuple[Engine, Dashboard]]:
+    """An engine trading the account, and a dashboard watching it read-only, its header read once."""
     settings = tui_settings(db)
     clock = ManualClock()
     trader = make_engine(settings, clock)
@@ -539,42 +538,38 @@ async def test_a_watch_says_whether_the_engine_it_watches_takes_entries(db: Data
             await board.until(lambda: isinstance(board.app.screen, LeaseHeldScreen), "lease refusal shown")
             await board.press("o")
             await board.until(lambda: "entries on" in board.status_text(), "entries on, watched")
-            trader.pause_entries(by="breaker", reason="coverage 42.0 % below 95 %")
-            await board.until(
-                lambda: "ENTRIES PAUSED (breaker)" in board.status_text(), "the breaker's pause, watched"
-            )
+            yield trader, board
             await board.press("q")
             await board.until(lambda: not board.app.is_running, "app exited")
     finally:
         await drive(clock, trader.stop())
+
+
+async def test_a_watch_says_whether_the_engine_it_watches_takes_entries(db: Database) -> None:
+    """The read-only header left the entries state out: a pause (the operator's, or the breaker's when
+    protection fails) was invisible to whoever watched, while the trader's screen and `tsbot status` said
+    ENTRIES PAUSED; and `e` there toggled blind. It says what the account's record says."""
+    async with _watching(db) as (trader, board):
+        trader.pause_entries(by="breaker", reason="coverage 42.0 % below 95 %")
+        await board.until(
+            lambda: "ENTRIES PAUSED (breaker)" in board.status_text(), "the breaker's pause, watched"
+        )
 
 
 async def test_a_watch_says_entries_are_held_back_by_the_venue_as_its_health_panel_does(db: Database) -> None:
     """A reviewer's find: the read-only header said "entries on" while its own health panel (the engine's
     last signals measurement) said entries were held back by the venue's rate refusals."""
-    settings = tui_settings(db)
-    clock = ManualClock()
-    trader = make_engine(settings, clock)
-    await drive(clock, trader.start())
-    try:
-        async with dashboard(settings, engine=make_engine(settings, clock)) as board:
-            board.app.read_only_poll_seconds = 0.05
-            await board.until(lambda: isinstance(board.app.screen, LeaseHeldScreen), "lease refusal shown")
-            await board.press("o")
-            await board.until(lambda: "entries on" in board.status_text(), "entries on, watched")
-            trader.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.RATE_LIMITED, 2)  # type: ignore[attr-defined]
-            assert trader.store is not None
-            await trader.store.insert_signals([(SYMBOLS[30], "long", None, None)])
-            await board.until(lambda: "ENTRIES HELD" in board.status_text(), "held back, watched", limit=30.0)
-            # `tsbot status` says it too ("entries: on" beside a signals line saying they were held back).
-            status = await _status_report(LoadedConfig(settings, None), account_key(settings.venue))
-            assert status["entries"] == "held", status["entries"]
-            assert "refused 2 requests for its rate" in status["entries_held"]["why"]
-            await board.until(lambda: "entries on" in board.status_text(), "on again, watched", limit=90.0)
-            await board.press("q")
-            await board.until(lambda: not board.app.is_running, "app exited")
-    finally:
-        await drive(clock, trader.stop())
+    async with _watching(db) as (trader, board):
+        trader.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.RATE_LIMITED, 2)  # type: ignore[attr-defined]
+        assert trader.store is not None
+        await trader.store.insert_signals([(SYMBOLS[30], "long", None, None)])
+        await board.until(lambda: "ENTRIES HELD" in board.status_text(), "held back, watched", limit=30.0)
+        # `tsbot status` says it too ("entries: on" beside a signals line saying they were held back).
+        settings = trader.settings
+        status = await _status_report(LoadedConfig(settings, None), account_key(settings.venue))
+        assert status["entries"] == "held", status["entries"]
+        assert "refused 2 requests for its rate" in status["entries_held"]["why"]
+        await board.until(lambda: "entries on" in board.status_text(), "on again, watched", limit=90.0)
 
 
 @contextlib.asynccontextmanager
