@@ -1666,6 +1666,14 @@ class PositionGuard:
         outcomes = await asyncio.gather(*(self._resolve(o, "check after the mark crossed") for o in asked))
         for order, outcome in zip(asked, outcomes, strict=True):
             if outcome is _Outcome.GONE:
+                cid, fired = order.client_order_id, order.fired_at is not None
+                if (
+                    cid
+                    and order.ended_as is OrderStatus.CANCELED
+                    and not fired
+                    and order.purpose not in crossed
+                ):
+                    self._ended_unseen(cid, order)  # its sibling, cancelled by someone (said as elsewhere)
                 self._fresh_id(order)
             elif outcome is _Outcome.ABSENT:
                 order.confirmed = False  # proven not on the venue: this pass sends it again (the same id)

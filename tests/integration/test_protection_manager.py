@@ -1002,8 +1002,9 @@ async def test_a_stop_the_mark_went_through_is_doubted_while_the_venue_cannot_be
         await drive(clock, engine.stop())
 
 
+@pytest.mark.parametrize("forgotten", [True, False])
 async def test_a_confirmed_stop_the_venue_no_longer_knows_is_sent_again_when_the_mark_crosses_its_sibling(
-    db: Database,
+    db: Database, caplog: pytest.LogCaptureFixture, forgotten: bool
 ) -> None:
     """The mark went through the hard stop, which sat TRIGGERING; the check that followed asked for the
     trailing stop too, and the venue no longer knew it (cancelled from outside and forgotten). "Not on the
@@ -1025,7 +1026,8 @@ async def test_a_confirmed_stop_the_venue_no_longer_knows_is_sent_again_when_the
         trailing_id = guard.trailing_stop.client_order_id
         assert trailing_id is not None
         core.cancel_order(guard.symbol, trailing_id, clock.now())  # someone else's doing, on the venue
-        core.forget_ended_orders(clock.now() + ENDED_ORDER_RETENTION_SECONDS + 1)
+        if forgotten:  # the venue answers "no such order" for it (else: cancelled)
+            core.forget_ended_orders(clock.now() + ENDED_ORDER_RETENTION_SECONDS + 1)
         venue.set_trigger_delay(None, symbol=guard.symbol, stuck=True)
         assert guard.stop_loss.price is not None
         venue.override_mark_price(guard.symbol, guard.stop_loss.price - 2 * guard.market.tick_size)
@@ -1038,6 +1040,9 @@ async def test_a_confirmed_stop_the_venue_no_longer_knows_is_sent_again_when_the
 
         await drive_until(clock, trailing_held, limit=5, what="a trailing stop on the venue again")
         assert not guard.covered  # the hard stop fired and has not finished
+        if not forgotten:  # found cancelled: protection lost, said as the stream's word on it is
+            said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+            assert any(f"{trailing_id} was canceled on the venue, not by us" in m for m in said), said
     finally:
         await drive(clock, engine.stop())
 
