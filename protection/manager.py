@@ -975,20 +975,7 @@ class PositionGuard:
                     status.value,
                 )
             else:
-                log.error(
-                    "%s: %s %s was %s on the venue, not by us (account stream); re-placing it now",
-                    self.symbol,
-                    stop_words(target.purpose),
-                    cid,
-                    status.value,
-                )
-                m.protection_lost(
-                    self.symbol,
-                    self.position_id,
-                    stop_words(target.purpose),
-                    f"{cid} {status.value} on the venue, not by us",
-                    f"{self.symbol}: {stop_words(target.purpose)} {cid} {status.value} on the venue, not by us; re-placing",
-                )
+                self._ended_by_someone(cid, target.purpose, status, "account stream")
             m.spawn_order_status(OrderStatusRow(cid, record_status_of(status), update.venue_order_id))
             target.ended_as = status
             target.maybe_sent = False
@@ -1595,15 +1582,21 @@ class PositionGuard:
             or not m.venue.capabilities().stops_are_orders
         ):
             return
-        what = stop_words(order.purpose)
+        self._ended_by_someone(cid, order.purpose, status, "found by its id")
+
+    def _ended_by_someone(self, cid: str, purpose: OrderPurpose, status: OrderStatus, told_by: str) -> None:
+        """One of our stops ended on the venue by someone else's hand: protection lost (the log's ERROR, the
+        event, the alert), however it was learned (`told_by`)."""
+        what = stop_words(purpose)
         log.error(
-            "%s: %s %s was %s on the venue, not by us (found by its id); re-placing it now",
+            "%s: %s %s was %s on the venue, not by us (%s); re-placing it now",
             self.symbol,
             what,
             cid,
             status.value,
+            told_by,
         )
-        m.protection_lost(
+        self._m.protection_lost(
             self.symbol,
             self.position_id,
             what,

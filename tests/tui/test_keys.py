@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from engine.clock import ManualClock
 from engine.engine import EngineState
+from engine.order_budget import OrderBudget
 from engine.venues.sim.settings import CallKind, FaultKind
 from engine.venues.sim.universe import UNIVERSE
 from storage.database import Database
 from storage.repositories import SignalStatus
 from tests.integration.engine_support import make_engine
 from tests.support.driving import drive
-from tests.tui.harness import dashboard, started, tui_settings
+from tests.tui.harness import Dashboard, dashboard, started, tui_settings
 from tests.tui.snapshots import svg_to_text
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.info import HelpScreen
@@ -152,6 +153,18 @@ async def test_x_closes_the_selected_position_after_confirmation(db: Database) -
         assert any(f"{target.symbol} closed at market" in d for d in board.log_details())
 
 
+async def _two_rate_refusals(board: Dashboard, symbol: str) -> OrderBudget:
+    """A signal's entry is refused twice for the venue's rate: two refusals remembered, entries held back
+    (a third refusal in the minute would get the account banned)."""
+    board.engine.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.RATE_LIMITED, 2)  # type: ignore[attr-defined]
+    assert board.engine.store is not None
+    await board.engine.store.insert_signals([(symbol, "long", None, None)])
+    budget = board.engine.order_budget
+    assert budget is not None
+    await board.until(lambda: budget.refusal_pause_for() is not None, "two refusals remembered")
+    return budget
+
+
 async def test_the_header_and_the_signals_health_say_entries_are_held_back_by_the_venue(db: Database) -> None:
     """An operator resumed entries after a burst of rate refusals and read "entries on" in the header and in
     `tsbot status`; every signal of the next minute was refused ("entries held back"). The hold is the
@@ -160,12 +173,7 @@ async def test_the_header_and_the_signals_health_say_entries_are_held_back_by_th
     async with dashboard(tui_settings(db)) as board:
         await started(board)
         assert "entries on" in board.status_text()
-        board.engine.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.RATE_LIMITED, 2)  # type: ignore[attr-defined]
-        assert board.engine.store is not None
-        await board.engine.store.insert_signals([(SYMBOLS[42], "long", None, None)])
-        budget = board.engine.order_budget
-        assert budget is not None
-        await board.until(lambda: budget.refusal_pause_for() is not None, "two refusals remembered")
+        budget = await _two_rate_refusals(board, SYMBOLS[42])
         await board.until(lambda: "ENTRIES HELD" in board.status_text(), "the header says held")
         report = await board.engine.measure_health()
         signals = next(c for c in report.components if c.component.value == "signals")
@@ -187,13 +195,7 @@ async def test_x_says_at_once_when_the_close_is_held_back_and_closes_after(db: D
         await started(board)
         await board.open_positions([SYMBOLS[40]])
         await board.until(lambda: board.engine.snapshot().coverage.protected == 1, "covered")
-        # Two entries' sends are refused for the venue's rate: the second signal's entry is held back.
-        board.engine.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.RATE_LIMITED, 2)  # type: ignore[attr-defined]
-        assert board.engine.store is not None
-        await board.engine.store.insert_signals([(SYMBOLS[41], "long", None, None)])
-        budget = board.engine.order_budget
-        assert budget is not None
-        await board.until(lambda: budget.refusal_pause_for() is not None, "two refusals remembered")
+        await _two_rate_refusals(board, SYMBOLS[41])  # the second signal's entry is held back
         await board.press("x", "y")
         await board.until(
             lambda: any(f"Closing {SYMBOLS[40]}: held back up to" in d for d in board.log_details()),
