@@ -323,6 +323,10 @@ class PositionView:
     closing: bool = False  # a close we sent is in flight: on its way out on purpose, not an alarm
     mark_stale: bool = False  # its mark is older than `health.stale_mark_seconds`: the price shown is old
     trailing_follows: str = "mark"  # the price its trailing stop follows: "mark", or "last" (Bybit's native)
+    # A stop not confirmed because its confirmation is in doubt (a gap in the account stream, a mark through
+    # it), asked for by its id: shown "unverified", not "missing" (uncovered all the same).
+    stop_loss_unverified: bool = False
+    trailing_stop_unverified: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -3619,6 +3623,8 @@ class Engine:
                 if guard.kind is TrailingKind.NATIVE
                 else "mark"
             ),
+            stop_loss_unverified=guard.stop_loss_unverified,
+            trailing_stop_unverified=guard.trailing_stop_unverified,
         )
 
     async def events(self) -> AsyncIterator[EngineEvent]:

@@ -182,6 +182,23 @@ class ProtectiveOrder:
     # Set when the account stream tells it live while it is not confirmed (`PositionGuard.hear_live`): a
     # late answer's wait takes that word at once.
     heard_live: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
+    # The id it had when a confirmed stop was put in doubt (a gap in the account stream no listing answered
+    # for, a mark through it): until the venue says, it is *unverified*, not missing: it may well be live
+    # (an operator who read "missing" and placed a stop by hand would have put a second one beside it).
+    doubted_id: str | None = None
+
+    @property
+    def unverified(self) -> bool:
+        """Confirmed once, then put in doubt, and asked for by its id with no answer yet: uncovered all the
+        same, but not known gone (neither proven absent, nor ended, nor fired)."""
+        return (
+            not self.confirmed
+            and self.maybe_sent
+            and self.doubted_id is not None
+            and self.doubted_id == self.client_order_id
+            and self.ended_as is None
+            and self.fired_at is None
+        )
 
     def left_at(self, now: float) -> float | None:
         """When its last send left for the venue (monotonic; a "not found" sooner than the venue's read lag
@@ -560,6 +577,16 @@ class PositionGuard:
             return self.stop_loss.price
         holds = self._attached_holds
         return holds.price if holds is not None and holds.confirmed else None
+
+    @property
+    def stop_loss_unverified(self) -> bool:
+        """The hard stop is in doubt, not known gone (`ProtectiveOrder.unverified`)."""
+        return not self.closed and not self.has_stop_loss and self.stop_loss.unverified
+
+    @property
+    def trailing_stop_unverified(self) -> bool:
+        """The trailing stop is in doubt, not known gone (`ProtectiveOrder.unverified`)."""
+        return not self.closed and not self.trailing_in_place and self.trailing_stop.unverified
 
     @property
     def has_trailing_stop(self) -> bool:
@@ -1100,6 +1127,7 @@ class PositionGuard:
         for order in (self.stop_loss, self.trailing_stop):
             if order.confirmed and order.client_order_id and order.confirmed_at < command.noted_at:
                 order.confirmed = False
+                order.doubted_id = order.client_order_id
                 order.maybe_sent = True  # looked up by its id first: never a second stop
                 self._m.streamed_live.pop(order.client_order_id, None)
                 doubted = True
@@ -1516,6 +1544,7 @@ class PositionGuard:
                 self._waiting_out_lag = True
                 return _Outcome.RETRY
             order.maybe_sent = False  # proven absent: the same id may be sent
+            order.doubted_id = None  # (missing, not unverified: the venue said so)
             if not absent_means_send:
                 return _Outcome.ABSENT
             log.warning(
@@ -1651,6 +1680,7 @@ class PositionGuard:
             if order.purpose in crossed and order.confirmed and order.client_order_id:
                 order.confirmed = False
                 order.maybe_sent = True
+                order.doubted_id = order.client_order_id
         asked = [
             o
             for o in (self.stop_loss, self.trailing_stop)
@@ -1924,6 +1954,7 @@ class PositionGuard:
             ),
         )
         order.confirmed = True
+        order.doubted_id = None
         order.confirmed_at = m.clock.monotonic()
         order.maybe_sent = False
         order.may_send_again = False

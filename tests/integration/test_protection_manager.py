@@ -15,7 +15,7 @@ import pytest
 
 from engine.clock import ManualClock
 from engine.commands import CommandAnswer, send_command
-from engine.engine import Engine
+from engine.engine import Engine, PositionView
 from engine.events import EntriesToggled
 from engine.exchange.errors import ExchangeError
 from engine.exchange.port import Order, OrderSide, OrderType
@@ -1136,6 +1136,57 @@ async def test_stops_confirmed_before_a_stream_gap_are_in_doubt_while_the_open_o
         assert [tuple(r) for r in spans] == [(guards[0].symbol, "protected")]  # on the record too
         said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
         assert any(f"{lost} was canceled on the venue, not by us" in m for m in said), said
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_stops_in_doubt_are_shown_unverified_not_missing_until_the_venue_says(db: Database) -> None:
+    """An operator on the Binance emulator, the stream down and the venue unreadable: the dashboard said
+    "missing" for stops the venue still held, asked for by their ids (a stop placed by hand on that word
+    is a second one). In doubt they are unverified (uncovered all the same); the one the venue then says
+    was cancelled is missing until it is placed again, the other confirmed again."""
+    settings = settings_for(db, {"PROTECTION__RECONCILE_SECONDS": "600"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        guards = await open_positions(engine, clock, SYMBOLS[55:57])
+        await drive_until_covered(engine, clock, 2)
+        venue = engine.venue
+        venue.inject_fault(CallKind.FETCH_OPEN_ORDERS, FaultKind.SERVER_ERROR, count=100_000)
+        venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.SERVER_ERROR, count=100_000)
+        venue.drop_account_stream(1.0)
+        lost = guards[0].stop_loss.client_order_id
+        assert lost is not None
+        venue.core.cancel_order(guards[0].symbol, lost, clock.now())  # by hand, unseen
+        grace = float(settings.protection.grace_seconds)
+
+        def views() -> dict[int, PositionView]:
+            return {v.position_id: v for v in engine.snapshot().positions}
+
+        await drive_until(
+            clock,
+            lambda: not any(v.covered for v in views().values()),
+            limit=grace + 5.0,
+            what="both positions in doubt",
+        )
+        for view in views().values():  # not known gone: unverified
+            assert not view.has_stop_loss, view
+            assert view.stop_loss_unverified, view
+            assert not view.has_trailing_stop, view
+            assert view.trailing_stop_unverified, view
+        venue.clear_injected_faults()  # the venue answers again
+        await drive_until(
+            clock,
+            lambda: views()[guards[1].position_id].covered and guards[0].stop_loss.client_order_id != lost,
+            limit=30.0,
+            what="the venue's word on each stop",
+        )
+        gone = views()[guards[0].position_id]
+        if not gone.has_stop_loss:  # (its replacement may be confirmed already)
+            assert not gone.stop_loss_unverified, gone  # the venue said it was cancelled: missing
+        await drive_until_covered(engine, clock, 2, limit=10.0)
+        assert not any(v.stop_loss_unverified or v.trailing_stop_unverified for v in views().values())
     finally:
         await drive(clock, engine.stop())
 

@@ -177,6 +177,35 @@ async def test_a_trailing_stop_that_follows_the_last_price_says_so_on_its_row_an
         await wait_for(pilot, lambda: "trail on last" in table.row_text(1), "the narrow form")
 
 
+async def test_stops_in_doubt_read_unverified_not_missing_on_the_row_and_in_the_detail() -> None:
+    """An operator during a gap in the account stream with the venue unreadable: every row read "missing"
+    for stops the venue still held (asked for by their ids). "Missing" invites a stop placed by hand, a
+    second one beside ours; the row and the detail say "unverified" (still uncovered), at 120 and 80
+    columns, and a stop the venue said is gone still reads "missing"."""
+    settings = scenario_settings()
+    doubt = {"stop_loss_unverified": True, "trailing_stop_unverified": True}
+    in_doubt = dataclasses.replace(book_position(1, SYMBOLS[0], uncovered_for=3.0), **doubt)
+    gone = book_position(2, SYMBOLS[1], uncovered_for=3.0)
+    feed = BookFeed(settings, [in_doubt, gone])
+    app = DashboardApp(settings, feed=feed, tz=UTC, code_roots=[])
+    async with app.run_test(size=(120, 40)) as pilot:
+        table = app.query_one(PositionsTable)
+        await wait_for(pilot, lambda: table.row_count == 2, "both positions shown")
+        assert "unverified" in table.row_text(1)
+        assert "UNVERIFIED" in table.row_text(1)
+        assert "missing" not in table.row_text(1).lower()
+        assert "missing" in table.row_text(2)
+        assert "MISSING" in table.row_text(2)
+        assert "unverified" not in table.row_text(2).lower()
+        await pilot.press("enter")  # the cursor is on the first row: its detail
+        await wait_for(pilot, lambda: "UNVERIFIED: in doubt" in screen_text(app), "detail")
+        assert "MISSING" not in screen_text(app)
+        await pilot.press("escape")
+        await pilot.resize_terminal(80, 24)
+        await wait_for(pilot, lambda: "unverif?" in table.row_text(1), "the narrow form")
+        assert "UNVERIFIED" in table.row_text(1)
+
+
 def test_the_read_only_screen_says_what_each_venue_s_own_capabilities_say() -> None:
     from engine.config import VenueKind
     from engine.venues.binance_venue import BinanceUsdmVenue

@@ -24,6 +24,8 @@ from storage.repositories import OrderPurpose, OrderRecord
 from tui import formatting
 
 ORDERS_EVERY_SECONDS = 2.0
+# A stop whose confirmation is in doubt (a gap in the account stream, a mark through it): not known gone.
+UNVERIFIED = "UNVERIFIED: in doubt, asked for by its id (not sent again until the venue says it is gone)"
 
 
 class PositionDetailScreen(ModalScreen[None]):
@@ -109,7 +111,13 @@ class PositionDetailScreen(ModalScreen[None]):
         line(
             "stop-loss",
             f"{price(v.stop_loss_price)}, "
-            + ("confirmed on the venue" if v.has_stop_loss else "MISSING: not confirmed on the venue"),
+            + (
+                "confirmed on the venue"
+                if v.has_stop_loss
+                else UNVERIFIED
+                if v.stop_loss_unverified
+                else "MISSING: not confirmed on the venue"
+            ),
         )
         # A native trail's phase is the venue's own ("native" once it is confirmed): its kind said once.
         same = v.trailing_phase == v.trailing_kind
@@ -126,7 +134,13 @@ class PositionDetailScreen(ModalScreen[None]):
                 if v.trailing_follows == "last"
                 else ", follows the mark price"
             )
-        trailing += ", confirmed" if v.has_trailing_stop else ", MISSING: not confirmed"
+        trailing += (
+            ", confirmed"
+            if v.has_trailing_stop
+            else f", {UNVERIFIED}"
+            if v.trailing_stop_unverified
+            else ", MISSING: not confirmed"
+        )
         line("trailing stop", trailing)
         line("last error", v.last_error or "—")
         text.append("\nOrders that may be live on the venue (as recorded)\n", style="bold")

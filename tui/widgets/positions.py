@@ -984,6 +984,8 @@ class PositionsTable(DataTable[Text]):
         # Right-aligned like every other price column (it was the one left-aligned number).
         if view.has_stop_loss:
             stop = Text(formatting.price(view.stop_loss_price), justify="right")
+        elif view.stop_loss_unverified:  # in doubt, asked for by its id: not known gone
+            stop = Text("unverif?" if self.narrow else "unverified", style=s["missing"], justify="right")
         else:
             stop = Text("missing", style=s["missing"], justify="right")
         if self.narrow:
@@ -1052,6 +1054,8 @@ def _trailing_cell(view: PositionView, styles: dict[str, Style], *, short: bool 
     if view.trailing_phase == ENTRY_IN_DOUBT_PHASE:  # it may have filled: no stop of ours either way
         return Text("ENTRY?" if short else "ENTRY UNKNOWN", style=styles["missing"])
     if not view.has_trailing_stop:
+        if view.trailing_stop_unverified:
+            return Text("UNVERIFIED", style=styles["missing"])
         return Text("MISSING", style=styles["missing"])
     phase = view.trailing_phase
     if phase == "waiting" or (phase == "native" and (view.distance_to_activation_percent or 0) > 0):
