@@ -34,7 +34,7 @@ from typing import Any, NoReturn
 import asyncpg
 
 from engine.accounts import account_key
-from engine.commands import CommandAnswer, not_taken, send_command
+from engine.commands import CommandAnswer, PositionOutcome, not_taken, send_command
 from engine.config import MAX_SEED, ConfigError, LoadedConfig, VenueKind, load_config
 from engine.config_show import render_config
 from engine.credentials import CredentialsRefused
@@ -1232,16 +1232,33 @@ def _steer(
     if answer.no_engine:
         print(f"tsbot: {name}: {one_line(answer.summary)}", file=sys.stderr)
         return EXIT_NO_ENGINE
+    # A command on one position (a close) sums up as that position's line: said once, not twice (its
+    # failure was a FAILED line on stdout and the same words again on stderr).
+    sole = (
+        answer.positions[0]
+        if len(answer.positions) == 1
+        and answer.summary == f"{answer.positions[0].symbol}: {answer.positions[0].detail}"
+        else None
+    )
     for position in answer.positions:
-        number = f" (position {position.position_id})" if position.position_id is not None else ""
-        print(f"{position.symbol}{number}: {'ok' if position.ok else 'FAILED'}: {one_line(position.detail)}")
+        if position is sole and not answer.ok:
+            continue  # said on stderr below, with its number
+        print(f"{_named(position)}: {'ok' if position.ok else 'FAILED'}: {one_line(position.detail)}")
     record = answer.record
     if answer.ok:
-        print(f"{name}: {one_line(answer.summary)}")
+        if sole is None:
+            print(f"{name}: {one_line(answer.summary)}")
         return EXIT_OK
     state = record.state.value if record is not None and not answer.problem else "no answer"
-    print(f"tsbot: {name}: {state}: {one_line(answer.summary)}", file=sys.stderr)
+    summary = answer.summary if sole is None else f"{_named(sole)}: {sole.detail}"
+    print(f"tsbot: {name}: {state}: {one_line(summary)}", file=sys.stderr)
     return EXIT_FAILED
+
+
+def _named(position: PositionOutcome) -> str:
+    """A position as a command's answer names it: its symbol, and its number when it has one."""
+    number = f" (position {position.position_id})" if position.position_id is not None else ""
+    return f"{position.symbol}{number}"
 
 
 class _HeldCloses:

@@ -669,6 +669,51 @@ async def test_tsbot_close_says_while_it_waits_that_the_engine_holds_the_close_b
         await run.stop()
 
 
+async def test_tsbot_close_that_fails_says_so_once_on_stderr_not_again_on_stdout(
+    db: Database, tmp_path: Path
+) -> None:
+    """An operator: a close the venue kept refusing printed "SYM (position N): FAILED: NOT closed (…)" on
+    stdout and the same words again on stderr ("tsbot: close: failed: SYM: NOT closed (…)"). A failure is
+    one line on stderr, with the position's number; nothing on stdout; the position stays protected."""
+    settings = chaos_settings(db)
+    run = ChaosRun(db, settings)
+    await run.start()
+    try:
+        symbol, position_id = await run.one_protected_position_id()
+        # Every market order of that symbol refused by the venue: the close is tried again, then given up.
+        run.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, 1000, market_symbol=symbol)
+        env = {**environ(), "TSBOT_DATABASE__DSN": db.target.dsn}
+        process = await asyncio.create_subprocess_exec(
+            TSBOT,
+            "close",
+            symbol,
+            cwd=tmp_path,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        finished = asyncio.ensure_future(process.communicate())
+
+        async def submitted() -> bool:
+            return bool(await db.pool.fetchval("SELECT count(*) FROM monitoring.commands"))
+
+        await wait_until(submitted, within=60, what="the close command submitted")
+        await run.until(finished.done, limit=120.0, what="tsbot close done")
+        out, err = (b.decode() for b in finished.result())
+        assert process.returncode == 1, (out, err)
+        assert out == "", out
+        [line] = err.splitlines()
+        assert line.startswith(f"tsbot: close: failed: {symbol} (position {position_id}): NOT closed ("), err
+        assert line.endswith("the position stays protected"), err
+        assert symbol in run.held()
+        run.venue.clear_injected_faults()
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)
+    finally:
+        await run.stop()
+
+
 async def test_an_engines_first_wave_into_an_order_window_another_client_filled_costs_one_refusal(
     db: Database,
 ) -> None:
