@@ -71,6 +71,8 @@ class ProtectionFailed(EngineEvent):
     http_status: int | None = None
     latency_seconds: float | None = None
     outcome: str | None = None  # resolved (by client order id) | retrying; None: not a call's outcome
+    # The same failure of the same position said within the last minute: counted, not shown again.
+    repeated: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -480,6 +480,10 @@ class PositionGuard:
         self.failures = 0
         self._failures_in_grace = 0  # the most failures a naked position's grace capped (`_retry_delay`)
         self.last_error: str | None = None
+        # A failure said in full (ERROR, event row, dashboard): (operation, error) → when (monotonic). The
+        # same failure again within `REPEATED_FAILURE_SAID_EVERY_SECONDS` is a line at INFO: look-ups that
+        # kept failing during a stream gap said 160 ERROR lines a minute for 8 positions.
+        self._failure_said: dict[tuple[str, str], float] = {}
         self._commands: deque[GuardCommand] = deque()
         self.retry_at: float | None = None  # the venue named when to try again (Retry-After, ban end)
         # Managed moves failed in a row: no new move is decided before `_moves_resume_at` (their backoff,
@@ -2898,14 +2902,30 @@ class PositionGuard:
         # Only say "unprotected" when it is true: a failed trail move leaves the confirmed stops in place.
         still_covered = self.covered
         state = "still protected by its confirmed stops" if still_covered else "unprotected"
+        now = m.clock.monotonic()
+        said_at = self._failure_said.get((operation, error))
+        repeated = (
+            log_exception is None
+            and said_at is not None
+            and now - said_at < REPEATED_FAILURE_SAID_EVERY_SECONDS
+        )
+        if not repeated:
+            self._failure_said[(operation, error)] = now
         log.log(
-            logging.ERROR if log_exception is not None or not still_covered else logging.WARNING,
-            "%s %s: %s failed (%s); %s",
+            logging.INFO
+            if repeated
+            else logging.ERROR
+            if log_exception is not None or not still_covered
+            else logging.WARNING,
+            "%s %s: %s failed (%s); %s%s",
             self.symbol,
             state,
             operation,
             error,
             then,
+            f" (again: said {now - said_at:.0f}s ago, said again once a minute while it lasts)"
+            if repeated and said_at is not None
+            else "",
             exc_info=log_exception,
         )
         m.publish(
@@ -2916,8 +2936,11 @@ class PositionGuard:
                 operation=operation,
                 error=error,
                 retry_in_seconds=retry_in,
+                repeated=repeated,
             )
         )
+        if repeated:
+            return  # (counted by the metrics all the same; recorded once a minute)
         m.spawn_event_write(
             Severity.WARNING if still_covered else Severity.ERROR,
             "protection_failed",

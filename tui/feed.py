@@ -247,6 +247,8 @@ class LogTranslator:
             elif event.operation.startswith("verify "):  # gone from the venue, not by us: replaced next
                 stop = event.operation.removeprefix("verify ")
                 self._failing.setdefault((event.position_id, f"create {stop}"), (event.at, True))
+            if isinstance(event, ProtectionFailed) and event.repeated:
+                return None  # said within the last minute: a row per retry buried the rest
         elif isinstance(event, ProtectionConfirmed):
             return self._placed(event)
         elif isinstance(event, SignalRejected):

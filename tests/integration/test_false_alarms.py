@@ -307,6 +307,65 @@ async def test_a_cancel_that_keeps_failing_is_said_once_a_minute_not_at_every_re
         await drive(clock, engine.stop())
 
 
+async def test_a_look_up_that_keeps_failing_is_said_once_a_minute_per_stop_not_at_every_retry(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gap in the account stream while the venue answered no read: each stop in doubt is asked for by
+    its id again and again, and each failed look-up was an ERROR line, a `monitoring.events` row and a
+    dashboard row: 160 ERROR lines a minute for 8 positions, which buried everything else. Said when it
+    begins, then once a minute while it lasts (a line at INFO between); the look-ups go on all the same,
+    and the metrics count each failure (the event is still published)."""
+    settings = settings_for(db, {"PROTECTION__RECONCILE_SECONDS": "600"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        guards = await open_positions(engine, clock, SYMBOLS[63:66])
+        await drive_until_covered(engine, clock, 3)
+        venue = engine.venue
+        assert isinstance(venue, SimVenue)
+        caplog.clear()
+        caplog.set_level(logging.INFO, logger="protection.manager")
+        for kind in (CallKind.FETCH_OPEN_ORDERS, CallKind.FETCH_ORDER, CallKind.FETCH_POSITIONS):
+            venue.inject_fault(kind, FaultKind.SERVER_ERROR, count=100_000)
+        venue.drop_account_stream(1.0)
+
+        def said() -> list[str]:
+            return [
+                r.getMessage()
+                for r in caplog.records
+                if r.levelno >= logging.WARNING and "verify" in r.getMessage() and "failed" in r.getMessage()
+            ]
+
+        def retried() -> list[str]:
+            return [
+                r.getMessage()
+                for r in caplog.records
+                if "verify" in r.getMessage() and "(again:" in r.getMessage()
+            ]
+
+        async def recorded() -> int:
+            return int(
+                await db.pool.fetchval(
+                    "SELECT count(*) FROM monitoring.events WHERE type = 'protection_failed' "
+                    "AND message LIKE '%verify%'"
+                )
+            )
+
+        await drive(clock, clock.sleep(45.0))
+        assert len(said()) == 6, said()  # each position's two stops, once
+        assert len(retried()) > 6, retried()  # asked again and again all the same
+        assert await recorded() == 6
+        await drive(clock, clock.sleep(45.0))  # (the look-ups' backoff reaches its 30 s cap meanwhile)
+        assert len(said()) == 12, said()  # a minute on: said again
+        assert await recorded() == 12
+        venue.clear_injected_faults()
+        await drive_until_covered(engine, clock, 3, limit=30.0)
+        assert all(g.covered for g in guards)
+    finally:
+        await drive(clock, engine.stop())
+
+
 async def test_a_stop_that_fired_and_ended_part_filled_is_no_stop_removed_by_someone(
     db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC
 
-from engine.events import EntriesToggled, SignalRejected, WaveFinished
+from engine.events import EntriesToggled, ProtectionFailed, SignalRejected, WaveFinished
 from tests.tui.book import BookFeed, book_position
 from tests.tui.scenario import T0, ScenarioFeed, scenario_settings
 from tests.tui.snapshots import svg_to_text
@@ -130,3 +130,29 @@ def test_a_pause_is_logged_with_who_paused_and_why() -> None:
     by_hand = translator.entry(EntriesToggled(at=T0 + 2, paused=True, by="operator"))
     assert by_hand is not None
     assert (paused.severity, resumed.severity, by_hand.severity) == ("warning", "info", "info")
+
+
+def test_a_failure_said_within_the_last_minute_is_no_new_row() -> None:
+    """Look-ups that kept failing during a stream gap made a row per retry (160 a minute for 8 positions):
+    the guard says a failure once a minute (`repeated` between), and the log shows only those."""
+    translator = LogTranslator()
+    error = "outcome still unknown: sim fetch_order: HTTP 500 before execution"
+
+    def failed(at: float, *, repeated: bool) -> LogEntry | None:
+        event = ProtectionFailed(
+            at=at,
+            position_id=7,
+            symbol="SOLUSDT",
+            operation="verify stop-loss",
+            error=error,
+            retry_in_seconds=1.2,
+            repeated=repeated,
+        )
+        return translator.entry(event)
+
+    first = failed(T0, repeated=False)
+    assert first is not None
+    assert first.severity == "error"
+    assert error in first.detail
+    assert failed(T0 + 1.2, repeated=True) is None
+    assert failed(T0 + 61, repeated=False) is not None
