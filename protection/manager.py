@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import ROUND_DOWN, ROUND_UP, Decimal
@@ -238,6 +239,8 @@ LATE_ANSWER_MIN_SECONDS = 0.5
 # Stops the account stream told live that are kept (the latest), for `ProtectionManager.streamed_live`.
 STREAMED_LIVE_KEPT = 1024
 REPEATED_FAILURE_SAID_EVERY_SECONDS = 60.0  # a cancel that keeps failing is said again this often
+MAX_DOUBLINGS = 32  # a backoff doubles at most this often (far past any cap; a float's range is not)
+GUARD_RESTARTS_SAID_EVERY_SECONDS = 60.0
 
 
 STOPS_PER_POSITION = 2  # a hard stop and a trailing stop (a managed trail's once it activates)
@@ -480,6 +483,8 @@ class PositionGuard:
         self.failures = 0
         self._failures_in_grace = 0  # the most failures a naked position's grace capped (`_retry_delay`)
         self.last_error: str | None = None
+        self.restarts = 0  # times its task died with the position open and was started again
+        self.restart_said_at: float | None = None
         # A failure said in full (ERROR, event row, dashboard): (operation, error) → when (monotonic). The
         # same failure again within `REPEATED_FAILURE_SAID_EVERY_SECONDS` is a line at INFO: look-ups that
         # kept failing during a stream gap said 160 ERROR lines a minute for 8 positions.
@@ -1123,6 +1128,16 @@ class PositionGuard:
             m.streamed_live.pop(command.client_order_id, None)  # the venue's read is newer than that word
             return True
         return False
+
+    def doubt_every_stop(self) -> None:
+        """Nothing has watched this guard's stops for a while (its task died): each confirmed one is
+        unverified until it is found live by its id (never sent again blind)."""
+        for order in (self.stop_loss, self.trailing_stop):
+            if order.confirmed and order.client_order_id:
+                order.confirmed = False
+                order.maybe_sent = True
+                order.doubted_id = order.client_order_id
+        self.wake.set()
 
     def _stops_unverified(self, command: StopsUnverified) -> bool:
         """Stops confirmed before the stream's gap was told are asked for again (`StopsUnverified`); one
@@ -2876,7 +2891,7 @@ class PositionGuard:
                 delay = min(delay, max(m.order_round_trip_seconds, FIRST_RETRY_MIN_SECONDS))
         elif not self.covered and self._failures_in_grace:
             steps = max(1, failures - self._failures_in_grace)
-            delay = min(delay, grace / 4 * 2**steps)
+            delay = min(delay, grace / 4 * 2 ** min(steps, MAX_DOUBLINGS))
         fired = [o.fired_at for o in (self.stop_loss, self.trailing_stop) if o.fired_at is not None]
         if fired:
             # A fired stop that has not filled is closed at market once its patience ends (`_check_fired`):
@@ -3204,11 +3219,13 @@ class ProtectionManager:
             self._confirm_from_snapshot(guard, position, live_orders, venue_open_orders)
         self.guards[position.id] = guard
         self.by_symbol[position.symbol] = guard
-        self._tasks[position.id] = asyncio.create_task(
-            guard.run(), name=f"protect-{position.symbol}-{position.id}"
-        )
-        self._tasks[position.id].add_done_callback(self._guard_ended)
+        self._run_guard(guard, guard.run())
         return guard
+
+    def _run_guard(self, guard: PositionGuard, run: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(run, name=f"protect-{guard.symbol}-{guard.position_id}")
+        self._tasks[guard.position_id] = task
+        task.add_done_callback(functools.partial(self._guard_ended, guard))
 
     def tell_recorded(self, position: PositionRecord, live_orders: Iterable[OrderRecord]) -> None:
         """Tell a venue whose stops anyone may change (`ChecksRecordedStops`) what the records say each stop
@@ -3467,11 +3484,35 @@ class ProtectionManager:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _guard_ended(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled():
+    def _guard_ended(self, guard: PositionGuard, task: asyncio.Task[None]) -> None:
+        """A guard's task ended. With its position closed, or the manager stopping, that is its end. Otherwise
+        it died (a bug; a cancellation nobody asked for) while its position is open: said at CRITICAL (once
+        a minute for a guard that keeps dying), its stops count unverified at once (nothing has looked at
+        them since), and it is started again, a backoff step later each time. Before, a dead guard was one
+        log line: its position kept the coverage it had when it died, and a stop cancelled after that was
+        never placed again."""
+        if self.stopped or guard.closed or self._tasks.get(guard.position_id) is not task:
             return
-        if (exc := task.exception()) is not None:
-            log.critical("protection task %s died: %r", task.get_name(), exc)
+        why = "cancelled" if task.cancelled() else repr(task.exception())
+        guard.restarts += 1
+        delay = self.backoff(guard.restarts - 1)
+        guard.doubt_every_stop()
+        now = self.clock.monotonic()
+        if guard.restart_said_at is None or now - guard.restart_said_at >= GUARD_RESTARTS_SAID_EVERY_SECONDS:
+            guard.restart_said_at = now
+            message = (
+                f"{guard.symbol}: its protection task ended with the position open ({why}; {guard.restarts} "
+                f"time(s)); its stops count unverified until it is started again, in {delay:.1f}s, and finds them"
+            )
+            log.critical("%s", message, exc_info=task.exception() if not task.cancelled() else None)
+            self.spawn_event_write(
+                Severity.CRITICAL, "guard_restarted", message, guard.symbol, guard.position_id
+            )
+        self._run_guard(guard, self._run_again(guard, delay))
+
+    async def _run_again(self, guard: PositionGuard, delay: float) -> None:
+        await self.clock.sleep(delay)
+        await guard.run()
 
     async def cancel_by_id(self, symbol: str, cid: str, *, sent_at: float | None = None) -> bool:
         """Cancel one of our orders by client id: True when it is gone from the venue (cancelled now, or
@@ -4012,7 +4053,10 @@ class ProtectionManager:
     def backoff(self, failures: int) -> float:
         if failures <= 0:
             return self.config.retry_initial_seconds
-        return min(self.config.retry_max_seconds, self.config.retry_initial_seconds * 2 ** (failures - 1))
+        # (The exponent capped: 2.0 ** 1024 overflows, and some 8 hours of a stop refused at the 30 s cap
+        # raised it inside the guard's own failure report, which ended the guard.)
+        doublings = min(failures - 1, MAX_DOUBLINGS)
+        return min(self.config.retry_max_seconds, self.config.retry_initial_seconds * 2**doublings)
 
     def next_close_generation(self, position_id: int) -> int:
         generation = self._close_generations.get(position_id, 0)
