@@ -187,6 +187,15 @@ class ProtectiveOrder:
     # for, a mark through it): until the venue says, it is *unverified*, not missing: it may well be live
     # (an operator who read "missing" and placed a stop by hand would have put a second one beside it).
     doubted_id: str | None = None
+    doubted_at: float = 0.0  # when (monotonic) it was put in doubt: a listing asked later may vouch for it
+
+    def doubt(self, at: float) -> None:
+        """Put this confirmed stop in doubt (as of `at`): unverified, asked for by its id before anything
+        is sent (never a second stop)."""
+        self.confirmed = False
+        self.maybe_sent = True
+        self.doubted_id = self.client_order_id
+        self.doubted_at = at
 
     @property
     def unverified(self) -> bool:
@@ -353,6 +362,8 @@ class StopsUnverified(GuardCommand):
     for by its id again, and counts uncovered until the venue says it is live."""
 
     noted_at: float = 0.0
+    # Only these ids (a listing answered, but did not check them); None: every stop confirmed before then.
+    ids: frozenset[str] | None = None
 
 
 @dataclass(slots=True)
@@ -719,13 +730,10 @@ class PositionGuard:
             command.settle(False, "the guard stopped (protection restarting)")
             return command.done
         self._commands.append(command)
-        if (
-            (command.urgent or self._withdraws_cover(command))
-            and self._pass is not None
-            and not self._pass.done()
-        ):
+        withdraws = self._withdraws_cover(command)
+        if (command.urgent or withdraws) and self._pass is not None and not self._pass.done():
             self._pass.cancel()
-        if command.ends_position:
+        if command.ends_position or withdraws:  # taken by a close waiting for its turn, too
             self._ending_told.set()
         self.wake.set()
         return command.done
@@ -743,10 +751,7 @@ class PositionGuard:
         elif isinstance(command, OrderMissing):
             cid, seen_at = command.client_order_id, command.seen_at - self._m.read_after_write_seconds
         elif isinstance(command, StopsUnverified):
-            return any(
-                o.confirmed and o.confirmed_at < command.noted_at
-                for o in (self.stop_loss, self.trailing_stop)
-            )
+            return any(_doubted_by(o, command) for o in (self.stop_loss, self.trailing_stop))
         else:
             return False
         return any(
@@ -1134,9 +1139,7 @@ class PositionGuard:
         unverified until it is found live by its id (never sent again blind)."""
         for order in (self.stop_loss, self.trailing_stop):
             if order.confirmed and order.client_order_id:
-                order.confirmed = False
-                order.maybe_sent = True
-                order.doubted_id = order.client_order_id
+                order.doubt(self._m.clock.monotonic())
         self.wake.set()
 
     def _stops_unverified(self, command: StopsUnverified) -> bool:
@@ -1144,10 +1147,8 @@ class PositionGuard:
         confirmed since (its own answer, a look-up, the stream live again) stands."""
         doubted = False
         for order in (self.stop_loss, self.trailing_stop):
-            if order.confirmed and order.client_order_id and order.confirmed_at < command.noted_at:
-                order.confirmed = False
-                order.doubted_id = order.client_order_id
-                order.maybe_sent = True  # looked up by its id first: never a second stop
+            if _doubted_by(order, command):
+                order.doubt(command.noted_at)
                 self._m.streamed_live.pop(order.client_order_id, None)
                 doubted = True
         if doubted:
@@ -1528,7 +1529,7 @@ class PositionGuard:
         try:
             # The account stream's word that it is live spares the look-up, and needs no read lag waited out
             # (an answer lost after the venue placed the stop kept the position uncovered for that lag).
-            told = m.streamed_live.get(cid)
+            told = m.streamed_live.get(cid) or m.listed_since(cid, order.doubted_at)
             found = told or await m.read(lambda: m.venue.fetch_order(self.symbol, cid), "fetch_order")
         except NotFound:
             # Judged by when the look left (its answer may come after the window's end, and prove nothing).
@@ -1697,9 +1698,7 @@ class PositionGuard:
         crossed, self._crossed = self._crossed, set()
         for order in (self.stop_loss, self.trailing_stop):
             if order.purpose in crossed and order.confirmed and order.client_order_id:
-                order.confirmed = False
-                order.maybe_sent = True
-                order.doubted_id = order.client_order_id
+                order.doubt(self._m.clock.monotonic())
         asked = [
             o
             for o in (self.stop_loss, self.trailing_stop)
@@ -2689,7 +2688,7 @@ class PositionGuard:
         while True:
             slot = asyncio.ensure_future(m.budget.acquire_close())
             try:
-                while not slot.done() and not self._ending_queued():
+                while not slot.done() and not self._close_wait_taken():
                     self._ending_told.clear()
                     await _first_of(asyncio.shield(slot), self._ending_told.wait())
             except BaseException:
@@ -2700,10 +2699,24 @@ class PositionGuard:
             await _stop_waiting(slot)
             if not slot.cancelled():  # the place came as the wait ended: the close goes
                 return True, slot.result()
-            while (ending := self._take_ending()) is not None:
-                await self._apply(ending)
+            await self._apply_while_closing()
             if self.closed:
                 return False, None
+
+    def _close_wait_taken(self) -> bool:
+        """A command a close waiting for its turn applies at once is queued: one that may end the position,
+        or the venue's word that a confirmed stop is gone (waiting behind the close, the position was
+        counted covered, by the gauge and the records, for a whole ban with no hard stop on the venue)."""
+        return any(c.ends_position or self._withdraws_cover(c) for c in self._commands)
+
+    async def _apply_while_closing(self) -> None:
+        """Apply what `_close_wait_taken` takes; a stop lost meanwhile is said in the records at once."""
+        withdrawn = False
+        while (command := self._take(lambda c: c.ends_position or self._withdraws_cover(c))) is not None:
+            withdrawn = withdrawn or not command.ends_position
+            await self._apply(command)
+        if withdrawn and not self.closed:
+            await self._write_facts()
 
     async def _gone_after_refusal(self, refusal: Rejected) -> bool:
         """The venue refused the close for reducing nothing (-2022): it holds no position on our side now,
@@ -2737,12 +2750,6 @@ class PositionGuard:
         if command is not None:
             self._commands.remove(command)
         return command
-
-    def _ending_queued(self) -> bool:
-        return any(c.ends_position for c in self._commands)
-
-    def _take_ending(self) -> GuardCommand | None:
-        return self._take(lambda c: c.ends_position)
 
     def hear_close(self, order: Order) -> bool:
         """The account stream says how a close of ours ended: True when it is the close in flight (taken by
@@ -3106,6 +3113,10 @@ class ProtectionManager:
         # Our stops whose latest word on the account stream is NEW (live), by client id: any later word
         # (filled, fired, cancelled, expired) or a gap in the stream forgets it (`note_streamed`).
         self.streamed_live: OrderedDict[str, Order] = OrderedDict()
+        # Stops in doubt that a listing of the venue's open orders, asked a read lag after the doubt came,
+        # showed live: taken as the venue's word by their guards' next look (its look-up by id may keep
+        # failing while listings answer: the position stayed uncovered, the breaker paused entries).
+        self.listed_live: OrderedDict[str, tuple[Order, float]] = OrderedDict()  # id → (order, asked at)
         self.timeouts = EventCounter()
         # Protective order sends and those that failed (refused, timed out, outcome unknown): the breaker's
         # error rate.
@@ -4082,16 +4093,23 @@ class ProtectionManager:
         self.note_streamed(None)  # a word missed may have ended what was told live
         if read_now:  # (not asked by the reconcile loop itself, which reads the venue next)
             self.request_reconcile()
-        if self._doubt_timer is not None:
-            self._doubt_timer.cancel()
-        self._doubt_timer = asyncio.ensure_future(self._doubt_unless_listed(now))
+        if self._doubt_timer is not None and not self._doubt_timer.done():
+            # Its grace runs from the first gap no listing has answered for: told again (before each pass
+            # while the stream stays down, at each reconnect of a flapping one) it restarted, and passes
+            # more often than the grace period kept the doubt from ever coming (a hard stop cancelled by
+            # hand, a minute "covered").
+            return
+        self._doubt_timer = asyncio.ensure_future(self._doubt_unless_listed())
         self._doubt_timer.set_name("stream-gap-doubt")
         self._background.add(self._doubt_timer)
         self._doubt_timer.add_done_callback(self._background.discard)
 
-    def venue_listed(self, asked_at: float) -> None:
+    def venue_listed(self, asked_at: float, checked: Collection[str]) -> None:
         """A listing of the venue's positions and open orders asked at `asked_at` (monotonic) answered, and
-        each confirmed stop was checked against it: what the stream missed before then is known."""
+        the stops in `checked` (client ids) were checked against it: what the stream missed before then is
+        known for them. A stop confirmed before the gap that it did not check (its position left out of the
+        list, a close on its way, inside the venue's read lag) is in doubt now: the listing cannot vouch
+        for it, and before, it lifted the doubt for every guard all the same."""
         noted = self._gap_noted_at
         if noted is None or asked_at < noted:
             return
@@ -4099,8 +4117,26 @@ class ProtectionManager:
         if self._doubt_timer is not None:
             self._doubt_timer.cancel()
             self._doubt_timer = None
-        for guard in self.guards.values():  # stops in doubt are looked up now, not at a backoff's end
-            if not guard.closed and not guard.covered:
+        for guard in self.guards.values():
+            if guard.closed:
+                continue
+            unchecked = frozenset(
+                o.client_order_id
+                for o in (guard.stop_loss, guard.trailing_stop)
+                if o.confirmed
+                and o.client_order_id is not None
+                and o.confirmed_at < noted
+                and o.client_order_id not in checked
+            )
+            if unchecked:
+                log.info(
+                    "%s: the venue's listing did not check %s (a gap in the account stream before it): "
+                    "unverified until found by id",
+                    guard.symbol,
+                    ", ".join(sorted(unchecked)),
+                )
+                guard.submit(StopsUnverified(noted_at=noted, ids=unchecked))
+            elif not guard.covered:  # stops in doubt are looked up now, not at a backoff's end
                 guard.wake.set()
 
     @property
@@ -4122,11 +4158,13 @@ class ProtectionManager:
         ]
         return any(listed is None or o.client_order_id not in listed for o in doubted)
 
-    async def _doubt_unless_listed(self, noted_at: float) -> None:
+    async def _doubt_unless_listed(self) -> None:
         # The grace period, and never less than a listing's answer normally takes (a slow one that answers
-        # is no doubt: its stops are checked against it).
+        # is no doubt: its stops are checked against it). What is in doubt then is every stop confirmed
+        # before the latest telling of the gap (a listing since would have ended it).
         await self.clock.sleep(max(self.config.grace_seconds, self.late_answer_seconds()))
-        if self._gap_noted_at != noted_at or self.stopped:
+        noted_at = self._gap_noted_at
+        if noted_at is None or self.stopped:
             return
         doubted = [
             g
@@ -4146,6 +4184,21 @@ class ProtectionManager:
         )
         for guard in doubted:
             guard.submit(StopsUnverified(noted_at=noted_at))
+
+    def note_listed(self, order: Order, asked_at: float) -> None:
+        """A listing asked at `asked_at` (monotonic) showed `order`, one of our stops in doubt, live."""
+        self.listed_live[order.client_order_id] = (order, asked_at)
+        self.listed_live.move_to_end(order.client_order_id)
+        while len(self.listed_live) > STREAMED_LIVE_KEPT:
+            self.listed_live.popitem(last=False)
+
+    def listed_since(self, cid: str, doubted_at: float) -> Order | None:
+        """The listing's word that stop `cid` is live, if it saw the venue as of after `doubted_at` (a read
+        lag later: a lagging read may still list a stop cancelled just before); used once."""
+        kept = self.listed_live.pop(cid, None)
+        if kept is None or kept[1] - self.read_after_write_seconds < doubted_at:
+            return None
+        return kept[0]
 
     def note_streamed(self, order: Order | None) -> bool:
         """The account stream's latest word on one of our stops (None: a gap, every word forgotten). True
@@ -4258,6 +4311,17 @@ def refusal_seconds(refusal: RateLimited | Banned, clock: Clock) -> float:
     if isinstance(refusal, RateLimited):
         return refusal.retry_after
     return max(0.0, refusal.until - clock.now())
+
+
+def _doubted_by(order: ProtectiveOrder, command: StopsUnverified) -> bool:
+    """`order` is one of the stops `command` puts in doubt: confirmed before the gap was told, and named
+    by it when it names ids."""
+    return (
+        order.confirmed
+        and order.client_order_id is not None
+        and order.confirmed_at < command.noted_at
+        and (command.ids is None or order.client_order_id in command.ids)
+    )
 
 
 def _short(exc: BaseException) -> str:

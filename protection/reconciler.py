@@ -173,6 +173,7 @@ class Reconciler:
         on_venue = {p.symbol: p for p in positions}
         open_by_id = {o.client_order_id: o for o in open_orders}
         missing: list[PositionGuard] = []
+        checked: set[str] = set()  # our stops this listing was checked against (found, or told missing)
         for guard in list(manager.guards.values()):
             if guard.closed or guard.filled_at >= snapshot_at:
                 continue  # (filled after the venue was asked: the list could not show it)
@@ -185,8 +186,8 @@ class Reconciler:
                     guard.submit(PositionHeld(seen_at=snapshot_at))
                 if venue_position.quantity != guard.quantity:
                     guard.submit(QuantityChanged(quantity=venue_position.quantity, seen_at=snapshot_at))
-                self._check_orders(guard, open_by_id, report, snapshot_at)
-        manager.venue_listed(snapshot_at)  # every confirmed stop was checked against this listing
+                checked |= self._check_orders(guard, open_by_id, report, snapshot_at)
+        manager.venue_listed(snapshot_at, checked)
         # Each missing position costs look-ups (its stops, its symbol alone): a list that lost everything
         # at once must not turn into a storm of reads. Those already seen missing once go first.
         # They are independent: looked into together (one after another took three reads per position).
@@ -253,20 +254,31 @@ class Reconciler:
 
     def _check_orders(
         self, guard: PositionGuard, open_by_id: dict[str, Order], report: ReconcileReport, snapshot_at: float
-    ) -> None:
+    ) -> set[str]:
+        """Check the guard's confirmed stops against the listing; the ids it checked."""
+        checked: set[str] = set()
         if guard.close_sent:
             # Our own close at market has gone: its stops going is the close's doing (Bybit clears a
             # closing position's stops; the sibling is cancelled), not protection lost. It was said as an
             # ERROR, "re-protecting", during an operator's flatten; a close that fails re-checks its stops.
             # (Not while the close still waits for its turn, a 429's hold say: its stops are still its cover.)
-            return
+            return checked
+        lag = self._manager.read_after_write_seconds
         for order in (guard.stop_loss, guard.trailing_stop):
+            cid = order.client_order_id
+            if order.unverified and cid in open_by_id and snapshot_at - lag >= order.doubted_at:
+                # In doubt and listed live by a listing that saw the venue as of after the doubt came: the
+                # venue's word, taken by its guard's next look (not only its look-up by id).
+                self._manager.note_listed(open_by_id[cid], snapshot_at)
+                guard.wake.set()
+                continue
             if not order.confirmed or order.client_order_id is None:
                 continue
             if order.confirmed_at >= snapshot_at - self._manager.read_after_write_seconds:
                 # Confirmed after the venue was asked, or so shortly before that the venue's lagging
                 # reads may not list it yet: its absence from the answer proves nothing.
                 continue
+            checked.add(order.client_order_id)
             if order.client_order_id in open_by_id:
                 continue
             # Confirmed by us, absent on the venue: it triggered, was cancelled by hand, or expired.
@@ -288,6 +300,7 @@ class Reconciler:
             # The guard un-confirms it (unless it confirmed it again meanwhile) and re-checks it by id.
             guard.submit(OrderMissing(client_order_id=order.client_order_id, seen_at=snapshot_at))
             report.reprotected.append(guard.symbol)
+        return checked
 
     async def _position_missing(self, guard: PositionGuard, report: ReconcileReport) -> None:
         """A position we guard is not in the venue's list. Flat only on evidence: one of our stops filled,

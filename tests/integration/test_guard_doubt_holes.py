@@ -4,6 +4,7 @@ test reads the venue's own book (`venue.core`) for what it holds."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
@@ -29,6 +30,149 @@ def _hard_stop_replaced(venue: SimVenue, clock: ManualClock, symbol: str, lost: 
         o.type is OrderType.STOP_MARKET and o.client_order_id != lost
         for o in venue.core.open_protective_orders(clock.now(), symbol)
     )
+
+
+async def test_a_stream_down_with_passes_more_often_than_grace_still_puts_stops_in_doubt(
+    db: Database,
+) -> None:
+    """The reconcile loop tells the stream's outage again before every pass, and each telling restarted
+    the doubt's grace period: with passes every 3 s (grace 2 s, a listing's late answer more) the doubt
+    never came, and a position whose hard stop was cancelled by hand showed covered for the whole minute
+    the venue held none."""
+    settings = settings_for(db, {"PROTECTION__RECONCILE_SECONDS": "3"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[51]])
+        await drive_until_covered(engine, clock, 1)
+        venue = engine.venue
+        assert isinstance(venue, SimVenue)
+        venue.inject_fault(CallKind.FETCH_OPEN_ORDERS, FaultKind.SERVER_ERROR, count=100_000)
+        venue.drop_account_stream(600.0)
+        lost = guard.stop_loss.client_order_id
+        venue.core.cancel_order(guard.symbol, lost, clock.now())  # by hand, unseen
+        grace = float(settings.protection.grace_seconds)
+        await drive_until(
+            clock,
+            lambda: _hard_stop_replaced(venue, clock, guard.symbol, lost),
+            limit=grace + 10.0,
+            what="the cancelled hard stop found gone by its id and placed again",
+        )
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_listing_that_leaves_the_position_out_does_not_vouch_for_its_stops(db: Database) -> None:
+    """A gap pending, a hard stop cancelled by hand in it; the next listing answered no positions (past the
+    start-up window): the guard was never checked against it, yet the listing lifted the doubt for every
+    guard, and the position stayed covered while later listings failed."""
+    settings = settings_for(db, {"PROTECTION__RECONCILE_SECONDS": "600"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        await drive(clock, clock.sleep(31.0))  # past the start-up window (an empty answer is news then)
+        [guard] = await open_positions(engine, clock, [SYMBOLS[52]])
+        await drive_until_covered(engine, clock, 1)
+        venue = engine.venue
+        assert isinstance(venue, SimVenue)
+        reconciler = engine.reconciler
+        assert reconciler is not None
+        venue.inject_fault(CallKind.FETCH_OPEN_ORDERS, FaultKind.SERVER_ERROR, count=100_000)
+        venue.drop_account_stream(3.0)
+        lost = guard.stop_loss.client_order_id
+        venue.core.cancel_order(guard.symbol, lost, clock.now())  # by hand, unseen
+        await drive(clock, clock.sleep(2.5))  # the passes while it is down fail
+        venue.clear_injected_faults()
+        venue.answer_positions_empty(1)
+        runs = reconciler.runs
+        await drive_until(clock, lambda: reconciler.runs > runs, limit=5.0, what="a pass")
+        venue.inject_fault(CallKind.FETCH_OPEN_ORDERS, FaultKind.SERVER_ERROR, count=100_000)
+        grace = float(settings.protection.grace_seconds)
+        await drive_until(
+            clock,
+            lambda: _hard_stop_replaced(venue, clock, guard.symbol, lost),
+            limit=grace + 10.0,
+            what="the cancelled hard stop found gone by its id and placed again",
+        )
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_close_in_flight_at_the_listing_does_not_have_its_stops_vouched_for(db: Database) -> None:
+    """A close on its way is skipped by the listing's check (its stops going is the close's doing), yet the
+    listing lifted the doubt of a gap in which its hard stop was cancelled by hand; the close then failed,
+    and the position said "still protected by its confirmed stops" with none on the venue."""
+    settings = settings_for(db, {"PROTECTION__RECONCILE_SECONDS": "600"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[55]])
+        await drive_until_covered(engine, clock, 1)
+        venue = engine.venue
+        assert isinstance(venue, SimVenue)
+        reconciler = engine.reconciler
+        assert reconciler is not None
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_NOT_EXECUTED, count=100)
+        closing = asyncio.ensure_future(engine.close_position(guard.position_id))
+        await drive_until(clock, lambda: guard.close_sent, limit=5.0, what="the close sent")
+        venue.drop_account_stream(0.3)
+        lost = guard.stop_loss.client_order_id
+        venue.core.cancel_order(guard.symbol, lost, clock.now())  # by hand, unseen
+        runs = reconciler.runs
+        await drive_until(clock, lambda: reconciler.runs > runs, limit=5.0, what="a pass")
+        venue.inject_fault(CallKind.FETCH_OPEN_ORDERS, FaultKind.SERVER_ERROR, count=100_000)
+        await drive_until(clock, closing.done, limit=60.0, what="the close given up")
+        assert closing.result() is False
+        venue.clear_injected_faults()
+        venue.inject_fault(CallKind.FETCH_OPEN_ORDERS, FaultKind.SERVER_ERROR, count=100_000)
+        grace = float(settings.protection.grace_seconds)
+        await drive_until(
+            clock,
+            lambda: _hard_stop_replaced(venue, clock, guard.symbol, lost),
+            limit=grace + 10.0,
+            what="the cancelled hard stop found gone by its id and placed again",
+        )
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_stop_cancelled_while_a_close_waits_for_its_turn_uncovers_the_position_at_once(
+    db: Database,
+) -> None:
+    """An operator's close waiting out a ban applied only what could end the position: the account
+    stream's word that the hard stop was cancelled by hand waited behind it, and the gauge, the records
+    and `tsbot status` said covered for the whole wait while the venue held no hard stop."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[56]])
+        await drive_until_covered(engine, clock, 1)
+        venue = engine.venue
+        assert isinstance(venue, SimVenue)
+        assert engine.order_budget is not None
+        engine.order_budget.hold_until(clock.monotonic() + 60.0, banned=True)
+        closing = asyncio.ensure_future(engine.close_position(guard.position_id))
+        await drive(clock, clock.sleep(0.5))
+        assert guard.closing
+        lost = guard.stop_loss.client_order_id
+        venue.core.cancel_order(guard.symbol, lost, clock.now())  # by hand; the stream tells it
+        await drive_until(clock, lambda: not guard.covered, limit=2.0, what="uncovered")
+        await drive(clock, clock.sleep(1.0))
+        recorded = await db.pool.fetchval(
+            "SELECT has_stop_loss FROM monitoring.positions WHERE id = $1", guard.position_id
+        )
+        assert recorded is False  # the records say so too (what `tsbot status` reads)
+        assert guard.closing  # (still waiting for the ban's end)
+        await drive_until(clock, closing.done, limit=90.0, what="the close done after the ban")
+        assert closing.result() is True
+        assert guard.symbol not in {p.symbol for p in venue.core.positions(clock.now())}
+    finally:
+        await drive(clock, engine.stop())
 
 
 async def test_a_guard_failing_for_hours_keeps_running(db: Database) -> None:
@@ -87,5 +231,31 @@ async def test_a_guard_whose_task_died_is_started_again_and_counts_uncovered_mea
             what="the cancelled hard stop placed again",
         )
         await drive_until_covered(engine, clock, 1, limit=10.0)
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_listing_that_shows_stops_in_doubt_live_confirms_them(db: Database) -> None:
+    """Stops put in doubt by a gap are looked up by their ids; with the look-ups failing, listings that
+    answered and showed both stops live did not lift the doubt: the position stayed uncovered (a false
+    alarm), ERROR lines kept coming and the breaker paused entries."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[58]])
+        await drive_until_covered(engine, clock, 1)
+        venue = engine.venue
+        assert isinstance(venue, SimVenue)
+        venue.inject_fault(CallKind.FETCH_OPEN_ORDERS, FaultKind.SERVER_ERROR, count=100_000)
+        venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.SERVER_ERROR, count=100_000)
+        venue.drop_account_stream(1.0)
+        await drive_until(clock, lambda: not guard.covered, limit=10.0, what="in doubt")
+        venue.clear_injected_faults()
+        venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.SERVER_ERROR, count=100_000)
+        reconcile = float(settings.protection.reconcile_seconds)
+        await drive_until(clock, lambda: guard.covered, limit=reconcile + 5.0, what="confirmed by a listing")
+        assert not engine.snapshot().entries_paused
     finally:
         await drive(clock, engine.stop())
