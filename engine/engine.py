@@ -539,35 +539,30 @@ class EntryInDoubt:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _AwaitingGuard:
-    """A position filled while the protection manager restarts, before the new manager can guard it: a
-    position without stops until then."""
+    """A position filled that no guard has yet, a position without stops until then: its fill being
+    recorded (the database may take seconds to answer), or the protection manager restarting."""
 
-    position: PositionRecord
+    position_id: int
+    symbol: str
+    side: str
+    quantity: Decimal
+    entry_price: Decimal | None
     filled_at: float  # monotonic
-
-    @property
-    def position_id(self) -> int:
-        return self.position.id
-
-    @property
-    def symbol(self) -> str:
-        return self.position.symbol
+    why: str = "filled, its record being written: no stop yet"
 
     def coverage(self) -> PositionCoverage:
-        p = self.position
-        return PositionCoverage(p.id, p.symbol, False, False, self.filled_at, self.filled_at)
+        return PositionCoverage(self.position_id, self.symbol, False, False, self.filled_at, self.filled_at)
 
     def view_at(self, now: float, mark: Decimal | None) -> PositionView:
-        p = self.position
         return _unguarded_view(
-            (p.id, p.symbol, p.side, p.quantity),
-            p.entry_price,
+            (self.position_id, self.symbol, self.side, self.quantity),
+            self.entry_price,
             mark,
             "waiting for its guard",
             now - self.filled_at,
-            "filled while the protection manager restarts: no stop yet",
+            self.why,
         )
 
 
@@ -2759,29 +2754,35 @@ class Engine:
                 signal, position_id, cid, f"entry {order.status.value}", wave_id, promise, stop_record
             )
         # Filled — or ended part-filled (cancelled, expired): a position of what did fill, protected as such.
-        await self.store.set_order_status(
-            cid, OrderRecordStatus.FILLED, exchange_order_id=order.venue_order_id
-        )
-        filled_at = None if doubt is None else _utc(order.updated_at)
-        filled = await self.store.record_fill(
-            position_id,
-            order.filled_quantity,
-            order.average_price,
-            filled_at=filled_at,
-            unprotected_since=filled_at,  # (an entry in doubt: without stops since it filled)
-        )
-        # Its time unprotected counts from here, a restart or not (for an entry in doubt, from its send).
+        # Its time unprotected counts from the answer, a restart or not (for an entry in doubt, from its
+        # send); until its guard exists it is a position without stops (an entry in doubt is counted as one
+        # already): its record's writes may wait seconds for the database (a hung server, up to the write
+        # timeout), and a protection restart for the database too, and it was counted nowhere meanwhile
+        # (the gauge, the exit line), its grace counted from after the writes.
         filled_at = self.clock.monotonic() if doubt is None else doubt.sent_at
-        if not self._protection_handed_over():  # guarded by the manager the restart brings up
-            # Meanwhile a position without stops (an entry in doubt is counted as one already): the restart
-            # may wait for the database, and this position was counted nowhere (the gauge, the exit line).
-            waiting = None if doubt is not None else _AwaitingGuard(filled, filled_at)
-            if waiting is not None:
-                self._awaiting_guard[position_id] = waiting
-            try:
+        if doubt is None:
+            self._awaiting_guard[position_id] = _AwaitingGuard(
+                position_id, signal.symbol, side.value, order.filled_quantity, order.average_price, filled_at
+            )
+        try:
+            await self.store.set_order_status(
+                cid, OrderRecordStatus.FILLED, exchange_order_id=order.venue_order_id
+            )
+            venue_filled_at = None if doubt is None else _utc(order.updated_at)
+            filled = await self.store.record_fill(
+                position_id,
+                order.filled_quantity,
+                order.average_price,
+                filled_at=venue_filled_at,
+                unprotected_since=venue_filled_at,  # (an entry in doubt: without stops since it filled)
+            )
+            if not self._protection_handed_over():  # guarded by the manager the restart brings up
+                waiting = self._awaiting_guard.get(position_id)
+                if waiting is not None:
+                    waiting.why = "filled while the protection manager restarts: no stop yet"
                 await self._protection_ready.wait()
-            finally:
-                self._awaiting_guard.pop(position_id, None)
+        finally:
+            self._awaiting_guard.pop(position_id, None)
         manager = self.manager
         assert manager is not None
         guard = manager.protect(filled, filled_at=filled_at, attached_stop_loss=stop_record)

@@ -259,3 +259,52 @@ async def test_a_listing_that_shows_stops_in_doubt_live_confirms_them(db: Databa
         assert not engine.snapshot().entries_paused
     finally:
         await drive(clock, engine.stop())
+
+
+async def test_a_fill_whose_record_waits_for_the_database_counts_as_a_position_without_stops(
+    db: Database,
+) -> None:
+    """A reviewer's find: between an entry's answer (filled) and its guard, the engine awaited two
+    writes (the entry's status, the fill), each of which may wait seconds for a hung database before it
+    is journaled; meanwhile the position was in no guard and counted nowhere (the gauge, the exit line),
+    and its grace period began after the writes. It is counted from the answer, as a position without
+    stops."""
+    settings = settings_for(db, {"VENUE__SIM__LATENCY__BY_CALL": '{"create_order": {"seconds": 0.5}}'})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        assert engine.store is not None
+        manager = engine.manager
+        assert manager is not None
+        symbol = SYMBOLS[59]
+
+        async def entry_recorded() -> bool:
+            return bool(
+                await db.pool.fetchval(
+                    "SELECT count(*) FROM monitoring.orders WHERE purpose = 'entry' AND status = 'pending'"
+                )
+            )
+
+        await engine.store.insert_signals([(symbol, "long", None, None)])
+        await drive_until(clock, entry_recorded, limit=5.0, what="the entry sent")
+        async with db.pool.acquire() as connection, connection.transaction():
+            # The entry's answer is on its way: its writes wait for this lock (a slow database).
+            await connection.execute("LOCK TABLE monitoring.orders IN EXCLUSIVE MODE")
+            answered_by = clock.monotonic() + 0.5
+            await drive_until(
+                clock,
+                lambda: clock.monotonic() > answered_by + 0.2 and not engine.snapshot().entries_sending,
+                limit=5.0,
+                what="the entry answered",
+            )
+            assert not manager.guards  # (its record still waits for the database)
+            figures = engine.coverage()
+            assert figures.active == 1, figures  # counted: a position without stops
+            assert figures.protected == 0, figures
+            [view] = engine.snapshot().positions
+            assert view.symbol == symbol
+            assert not view.covered
+        await drive_until_covered(engine, clock, 1, limit=10.0)
+    finally:
+        await drive(clock, engine.stop())
