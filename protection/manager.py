@@ -252,6 +252,11 @@ MAX_DOUBLINGS = 32  # a backoff doubles at most this often (far past any cap; a 
 GUARD_RESTARTS_SAID_EVERY_SECONDS = 60.0
 
 
+# What a failed look-up of a stop by its id is called ("look up stop-loss failed"): not "verify …", which
+# names the venue's word that a stop is gone (`protection_lost`); the dashboard's log took every failed
+# look-up during a stream gap for a stop found gone, and said "placed 77 s after it was found gone" of
+# stops that were live all along and never sent again.
+LOOK_UP = "look up"
 STOPS_PER_POSITION = 2  # a hard stop and a trailing stop (a managed trail's once it activates)
 
 
@@ -1229,7 +1234,7 @@ class PositionGuard:
             and held.maybe_sent
             and not held.confirmed
         ):
-            await self._resolve(held, "verify")
+            await self._resolve(held, LOOK_UP)
         return confirmed
 
     async def _ensure_confirmed(
@@ -1250,7 +1255,7 @@ class PositionGuard:
         cid = order.client_order_id
         if order.maybe_sent:
             found = await self._resolve(
-                order, "verify", unseen=order.may_send_again and order.fired_at is None
+                order, LOOK_UP, unseen=order.may_send_again and order.fired_at is None
             )
             if found is _Outcome.CONFIRMED:
                 self.report.restored_orders += 1

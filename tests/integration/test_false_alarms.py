@@ -334,21 +334,21 @@ async def test_a_look_up_that_keeps_failing_is_said_once_a_minute_per_stop_not_a
             return [
                 r.getMessage()
                 for r in caplog.records
-                if r.levelno >= logging.WARNING and "verify" in r.getMessage() and "failed" in r.getMessage()
+                if r.levelno >= logging.WARNING and "look up" in r.getMessage() and "failed" in r.getMessage()
             ]
 
         def retried() -> list[str]:
             return [
                 r.getMessage()
                 for r in caplog.records
-                if "verify" in r.getMessage() and "(again:" in r.getMessage()
+                if "look up" in r.getMessage() and "(again:" in r.getMessage()
             ]
 
         async def recorded() -> int:
             return int(
                 await db.pool.fetchval(
                     "SELECT count(*) FROM monitoring.events WHERE type = 'protection_failed' "
-                    "AND message LIKE '%verify%'"
+                    "AND message LIKE '%look up%'"
                 )
             )
 

@@ -242,6 +242,38 @@ async def test_a_stop_found_gone_from_the_venue_and_replaced_is_said_resolved_in
         assert "after it was found gone from the venue" in rows[-1].detail
 
 
+async def test_stops_in_doubt_found_live_are_no_replacement_in_the_log_panel(db: Database) -> None:
+    """An operator during a gap in the account stream with the venue's reads failing: once they answered,
+    the panel said "create SL resolved: placed 77.0s after it was found gone from the venue" for every
+    position whose stops were merely asked for by their ids (failed look-ups were named "verify …", the
+    venue's word that a stop is gone); nothing had been sent, the stops had been live all along. A failed
+    look-up is named "look up …", and a stop found live is no replacement."""
+    async with _followed_sim_engine(db) as (engine, clock, seen):
+        assert engine.store is not None
+        assert engine.manager is not None
+        manager = engine.manager
+        symbol = SYMBOLS[22]
+        await engine.store.insert_signals([(symbol, "long", None, None)])
+        await drive_until(
+            clock, lambda: symbol in manager.by_symbol and manager.by_symbol[symbol].covered, what="covered"
+        )
+        guard = manager.by_symbol[symbol]
+        ids = (guard.stop_loss.client_order_id, guard.trailing_stop.client_order_id)
+        venue = engine.venue
+        venue.inject_fault(CallKind.FETCH_OPEN_ORDERS, FaultKind.SERVER_ERROR, count=100_000)
+        venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.SERVER_ERROR, count=100_000)
+        venue.drop_account_stream(1.0)
+        await drive_until(clock, lambda: not guard.covered, limit=10.0, what="in doubt")
+        await drive(clock, clock.sleep(3.0))  # its look-ups fail meanwhile
+        venue.clear_injected_faults()
+        await drive_until(clock, lambda: guard.covered, limit=40.0, what="found live by their ids")
+        assert (guard.stop_loss.client_order_id, guard.trailing_stop.client_order_id) == ids  # none sent
+        translator = LogTranslator()
+        rows = [r for r in (translator.entry(e) for e in seen) if r is not None and r.symbol == symbol]
+        assert not [r for r in rows if "found gone" in r.detail], rows
+        assert any(r.operation == "look up stop-loss" for r in rows), rows
+
+
 async def test_a_waves_rejected_signals_are_one_row_of_the_log_panel_naming_each_and_why(
     db: Database,
 ) -> None:

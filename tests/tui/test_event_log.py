@@ -143,7 +143,7 @@ def test_a_failure_said_within_the_last_minute_is_no_new_row() -> None:
             at=at,
             position_id=7,
             symbol="SOLUSDT",
-            operation="verify stop-loss",
+            operation="look up stop-loss",
             error=error,
             retry_in_seconds=1.2,
             repeated=repeated,
