@@ -3833,10 +3833,14 @@ class Engine:
         (`_operator_close_turn`), or None: it would go at once."""
         manager, budget = self.manager, self.order_budget
         guard = manager.guards.get(position_id) if manager is not None else None
-        if guard is None or budget is None or guard.closed or not guard.covered:
+        if guard is None or budget is None or guard.closed:
             return None
+        waits = budget.held_for()  # the venue takes no order before then (a ban, a 429's hold): any close
+        if not guard.covered:
+            return waits
         held = budget.discretionary_held_for()
-        return None if held is None else min(held, OPERATOR_CLOSE_HOLD_MAX_SECONDS)
+        held = None if held is None else min(held, OPERATOR_CLOSE_HOLD_MAX_SECONDS)
+        return held if waits is None else max(waits, held or 0.0)
 
     async def _operator_close_turn(self, guard: PositionGuard) -> PositionGuard | None:
         """An operator's close of a position its confirmed stops protect waits while the venue's refusal of it
@@ -3862,6 +3866,8 @@ class Engine:
             if current is None:
                 return guard if guard.closed else None
             guard = current
+            if budget is not None and not said and not guard.closed:
+                said = self._say_close_waits_for_the_venue(guard, budget)
             if budget is None or guard.closed or not guard.covered:
                 return guard
             held = budget.discretionary_held_for()
@@ -3883,6 +3889,24 @@ class Engine:
                     self._record_quietly(Severity.WARNING, "close_held", message, guard), "close-held"
                 )
             await budget.room_shown(min(held, left, OPERATOR_CLOSE_RECHECK_SECONDS))
+
+    def _say_close_waits_for_the_venue(self, guard: PositionGuard, budget: OrderBudget) -> bool:
+        """An operator's close that will wait for the venue to take orders again (a ban, a 429's hold: every
+        order waits, protective ones too) is said as it is asked for, in the log and in the events a
+        `tsbot close` and a watch follow: during a ban the close waited minutes in silence (the dashboard
+        said nothing, `tsbot close --wait-seconds 5` ended in "no answer"), then went. True once said."""
+        waits = budget.held_for()
+        if waits is None or waits < OPERATOR_CLOSE_RECHECK_SECONDS:
+            return False
+        why = "bans the account" if budget.banned_for() is not None else "refuses orders for its rate"
+        until = datetime.fromtimestamp(self.clock.now() + waits, tz=UTC).strftime("%H:%M:%S UTC")
+        message = (
+            f"close of position {guard.position_id} {guard.symbol} held back up to {math.ceil(waits)}s: the "
+            f"venue {why} until {until} (every order waits, stops too); it goes then"
+        )
+        log.warning("%s", message)
+        self._spawn(self._record_quietly(Severity.WARNING, "close_held", message, guard), "close-held")
+        return True
 
 
 async def _quietly(awaitable: Awaitable[Any]) -> None:

@@ -494,9 +494,9 @@ class DashboardApp(App[int]):
         if held is not None:
             self.post_message(
                 CommandDone(
-                    f"Closing {symbol}: held back up to {math.ceil(held)}s. The venue refused orders for its "
-                    "rate lately, and one more refusal may get the account banned; the position keeps its "
-                    "stops.",
+                    f"Closing {symbol}: held back up to {math.ceil(held)}s by the venue's word (a ban, a "
+                    "429's hold, or rate refusals where one more may get the account banned); it goes then. "
+                    "See the log for why.",
                     severity="warning",
                 )
             )

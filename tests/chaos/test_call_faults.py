@@ -669,6 +669,61 @@ async def test_tsbot_close_says_while_it_waits_that_the_engine_holds_the_close_b
         await run.stop()
 
 
+async def test_tsbot_close_during_a_ban_says_it_waits_for_the_ban_s_end(db: Database, tmp_path: Path) -> None:
+    """An operator closed positions during a ban (HTTP 418): the dashboard said nothing, and `tsbot close
+    --wait-seconds 5` printed no "waiting" line and ended in "no answer"; the close went when the ban ended,
+    minutes later. The wait is said at once, with the ban's end: in the log, in the events `tsbot close`
+    follows (its "waiting:" line) and to the dashboard (`operator_close_held_for`)."""
+    settings = chaos_settings(
+        db,
+        {
+            "VENUE__SIM__RATE_LIMITS__BAN_AFTER_VIOLATIONS": "1",
+            "VENUE__SIM__RATE_LIMITS__BAN_SECONDS": "30",
+            "VENUE__SIM__RATE_LIMITS__MAX_BAN_SECONDS": "30",
+        },
+    )
+    run = ChaosRun(db, settings)
+    await run.start()
+    try:
+        symbol, position_id = await run.one_protected_position_id()
+        await run.a_window_starts()
+        spare, lone = run.free_symbols(2)
+        assert run.neighbour_fills_order_window(spare) > 0
+        await run.wave(1, symbols=[lone])  # its entry overflows the window: banned
+        await run.until(lambda: run.banned_for() is not None, limit=10.0, what="banned")
+        assert run.engine.operator_close_held_for(position_id) is not None  # (what the dashboard says)
+        env = {**environ(), "TSBOT_DATABASE__DSN": db.target.dsn}
+        process = await asyncio.create_subprocess_exec(
+            TSBOT,
+            "close",
+            symbol,
+            "--wait-seconds",
+            "5",
+            cwd=tmp_path,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        finished = asyncio.ensure_future(process.communicate())
+
+        async def submitted() -> bool:
+            return bool(await db.pool.fetchval("SELECT count(*) FROM monitoring.commands"))
+
+        # Real time for the command's start (a second of imports), then the virtual clock.
+        await wait_until(submitted, within=60, what="the close command submitted")
+        await run.until(finished.done, limit=120.0, what="tsbot close answered")
+        out, err = (b.decode() for b in finished.result())
+        lines = out.splitlines()
+        assert lines, (out, err)
+        assert lines[0].startswith(f"waiting: close of position {position_id} {symbol} held back up to "), out
+        assert "bans the account until" in lines[0], out
+        await run.until(lambda: symbol not in run.held(), limit=60.0, what="closed once the ban ended")
+        await run.settle()
+    finally:
+        await run.stop()
+
+
 async def test_tsbot_close_that_fails_says_so_once_on_stderr_not_again_on_stdout(
     db: Database, tmp_path: Path
 ) -> None:
