@@ -2494,6 +2494,14 @@ class Engine:
             return str(exc), side, Decimal(0)
         if self.entries_paused:
             return "entries paused", side, Decimal(0)
+        if (doubt_since := self.manager.stops_in_doubt_since) is not None:
+            return (
+                "entries held: the account stream had a gap and no listing of the venue has answered "
+                f"since, {self.clock.monotonic() - doubt_since:.0f}s ago: the open positions' stops are "
+                "unverified, and a new position's could not be verified either",
+                side,
+                Decimal(0),
+            )
         market = self.markets.get(signal.symbol)
         if market is None:
             return f"unknown symbol {signal.symbol} on {self.exchange_name}", side, Decimal(0)

@@ -3253,6 +3253,7 @@ class ProtectionManager:
         # `_unheard_since`) and no listing of the venue asked since has answered: see `stream_gap`.
         self._gap_noted_at: float | None = None
         self._unheard_since: float | None = None
+        self._doubt_came_at: float | None = None  # `stops_in_doubt_since`
         self._doubt_timer: asyncio.Task[None] | None = None
         # Protective orders whose answer is awaited, and whether a stop is letting them finish (`stop`).
         self._sending = 0
@@ -4208,7 +4209,7 @@ class ProtectionManager:
         noted = self._gap_noted_at
         if noted is None or asked_at < noted:
             return
-        self._gap_noted_at = self._unheard_since = None
+        self._gap_noted_at = self._unheard_since = self._doubt_came_at = None
         if self._doubt_timer is not None:
             self._doubt_timer.cancel()
             self._doubt_timer = None
@@ -4233,6 +4234,19 @@ class ProtectionManager:
                 guard.submit(StopsUnverified(noted_at=noted, ids=unchecked))
             elif not guard.covered:  # stops in doubt are looked up now, not at a backoff's end
                 guard.wake.set()
+
+    @property
+    def stops_in_doubt_since(self) -> float | None:
+        """Since when (monotonic) the stops confirmed before a gap in the account stream are in doubt, no
+        listing of the venue having answered since (None: no such doubt). No entry goes meanwhile: its
+        stops could not be verified either, and an operator watched a wave open five positions 6 s into
+        such a doubt, 3 s before the breaker paused entries. Over once a listing answers, or once no stop
+        is in doubt any more (each found live, or placed again, by its id)."""
+        if self._doubt_came_at is not None and not any(
+            o.unverified for g in self.guards.values() if not g.closed for o in (g.stop_loss, g.trailing_stop)
+        ):
+            self._doubt_came_at = None
+        return self._doubt_came_at
 
     @property
     def gap_pending_since(self) -> float | None:
@@ -4269,6 +4283,7 @@ class ProtectionManager:
         ]
         if not doubted:
             return
+        self._doubt_came_at = self.clock.monotonic()
         unheard = self._unheard_since if self._unheard_since is not None else noted_at
         log.warning(
             "account stream: events may be lost since %.0fs ago and no listing of the venue's open orders "

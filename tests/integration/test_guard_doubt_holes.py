@@ -390,3 +390,50 @@ async def test_a_stop_in_doubt_the_mark_went_through_is_not_sent_again_blind(
 
 def _open(venue: SimVenue, clock: ManualClock, symbol: str) -> list:  # type: ignore[type-arg]
     return list(venue.core.open_protective_orders(clock.now(), symbol))
+
+
+async def test_no_entry_goes_while_the_stops_are_in_doubt(db: Database) -> None:
+    """An operator: the account stream down, the venue's reads failing, every stop in doubt ("unverified
+    (uncovered)" in the log); 6 s later a wave opened five positions, whose stops could not be verified
+    either, and the breaker paused entries only 3 s after that. While the doubt lasts, a signal is
+    rejected, saying why; once a listing answers, entries go again."""
+    settings = settings_for(db, {"PROTECTION__RECONCILE_SECONDS": "600"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[62]])
+        await drive_until_covered(engine, clock, 1)
+        venue = engine.venue
+        assert isinstance(venue, SimVenue)
+        assert engine.store is not None
+        for kind in (CallKind.FETCH_OPEN_ORDERS, CallKind.FETCH_ORDER, CallKind.FETCH_POSITIONS):
+            venue.inject_fault(kind, FaultKind.SERVER_ERROR, count=100_000)
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, count=100_000, stops_only=True)
+        venue.drop_account_stream(5.0)
+        await drive_until(clock, lambda: not guard.covered, limit=10.0, what="in doubt")
+        await engine.store.insert_signals([(SYMBOLS[63], "long", None, None)])
+
+        async def answered(symbol: str) -> tuple[str, str | None] | None:
+            row = await db.pool.fetchrow(
+                "SELECT status, reason FROM monitoring.signals WHERE symbol = $1 AND status NOT IN "
+                "('new', 'taken')",
+                symbol,
+            )
+            return None if row is None else (row["status"], row["reason"])
+
+        await drive_until(clock, lambda: answered(SYMBOLS[63]), limit=10.0, what="the signal answered")
+        status, reason = await answered(SYMBOLS[63]) or ("", "")
+        assert status == "rejected"
+        assert reason is not None
+        assert reason.startswith("entries held: the account stream had a gap"), reason
+        assert SYMBOLS[63] not in {p.symbol for p in venue.core.positions(clock.now())}
+        venue.clear_injected_faults()
+        await drive_until_covered(engine, clock, 1, limit=30.0)
+        assert engine.manager is not None
+        assert engine.manager.stops_in_doubt_since is None  # (every stop found live by its id)
+        if engine.entries_paused:  # the breaker's own pause (coverage 0 % past grace), the operator's to lift
+            engine.resume_entries("tester")
+        await open_positions(engine, clock, [SYMBOLS[64]])  # entries go again
+    finally:
+        await drive(clock, engine.stop())
