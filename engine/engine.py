@@ -758,6 +758,7 @@ class Engine:
         self._last_wave_at: float | None = None
         self._connected_at = 0.0
         self._loops_started_at = 0.0  # monotonic: when the background loops (the streams' readers) started
+        self._account_seen_down_at: float | None = None  # monotonic, as `stale_streams` saw it down first
         self._streams_seen_up: set[str] = set()  # the venue's push streams seen connected since the start
         self._in_flight: set[str] = set()
         # Entries of unknown outcome, by symbol (their symbols stay in `_in_flight`), and the tasks settling them.
@@ -3343,15 +3344,23 @@ class Engine:
     def stale_streams(self, now: float) -> tuple[tuple[str, float], ...]:
         """What the alerts call stale streams, with seconds since their last message: the marks of each held
         symbol whose own mark is stale, and the account stream while it is down (its silence while up is no
-        fault: an account with nothing happening sends nothing)."""
+        fault: an account with nothing happening sends nothing) for `health.stale_mark_seconds` or more: an
+        alert "no message for 0.0s" came at every start and every reconnect, its RECOVERED a second later."""
         found = [
             (f"marks {symbol}", now - self._mark_received_at.get(symbol, self._connected_at))
             for symbol in self.stale_mark_symbols(now)
         ]
+        down = False
         for state in self.venue.stream_states():
-            if state.name == "account" and not state.connected:
-                since = state.last_event_at if state.last_event_at is not None else self._connected_at
-                found.append(("account", max(0.0, now - since)))
+            if state.name == "account" and not state.connected and state.detail != NOT_STARTED:
+                down = True
+                if self._account_seen_down_at is None:
+                    self._account_seen_down_at = now
+                if now - self._account_seen_down_at >= float(self.settings.health.stale_mark_seconds):
+                    since = state.last_event_at if state.last_event_at is not None else self._connected_at
+                    found.append(("account", max(0.0, now - since)))
+        if not down:
+            self._account_seen_down_at = None
         return tuple(found)
 
     def _check_breaker(self) -> None:

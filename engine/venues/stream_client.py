@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import random
 import time
 from collections import OrderedDict
@@ -31,6 +32,7 @@ from engine.exchange.errors import ExchangeError
 from engine.exchange.port import AccountEvent, MarkPrice, OrderStatus, StreamState
 
 logger = logging.getLogger(__name__)
+FALLBACK_FAILURE_SAID_EVERY_SECONDS = 60.0
 
 # The detail of a stream not tried yet: not down, not measured (every start's first health check said
 # "Account stream down (not started)", a WARNING a millisecond before the stream came up).
@@ -397,6 +399,7 @@ class MarkTopics:
         self.wanted: dict[str, int] = {}  # name -> readers wanting it
         self.seen: dict[str, float] = {}  # name -> monotonic of its last data
         self._asked: dict[str, float] = {}  # name -> monotonic of our last subscribe for it
+        self._fallback_failure_said_at = -math.inf  # monotonic: a failing REST fallback said last
         self.watchers: list[MarkWatcher] = []
         self.fallback_symbols: set[str] = set()
 
@@ -463,10 +466,19 @@ class MarkTopics:
         try:
             marks = await self._rest_marks(wanted)
         except ExchangeError as error:
-            logger.warning(
-                "%s marks: REST fallback failed (%s); marks go stale", self._venue, type(error).__name__
+            # Said once a minute while it lasts: a ban refused it every second, 116 times in a row.
+            now = time.monotonic()
+            said = now - self._fallback_failure_said_at < FALLBACK_FAILURE_SAID_EVERY_SECONDS
+            if not said:
+                self._fallback_failure_said_at = now
+            logger.log(
+                logging.DEBUG if said else logging.WARNING,
+                "%s marks: REST fallback failed (%s); marks go stale",
+                self._venue,
+                type(error).__name__,
             )
             return
+        self._fallback_failure_said_at = -math.inf
         for mark in marks.values():
             if self._on_rest_mark is not None:
                 self._on_rest_mark(mark)

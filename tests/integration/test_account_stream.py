@@ -317,6 +317,36 @@ async def test_a_position_whose_mark_stalls_is_flagged_stale_then_cleared_and_no
         await drive(clock, engine.stop())
 
 
+async def test_an_account_stream_down_a_moment_raises_no_stale_alert_one_down_longer_does(
+    db: Database,
+) -> None:
+    """An operator: "stream account stale: no message for 0.0s" at every start and every reconnect, and its
+    RECOVERED a second later. The account stream counts stale for the alerts once it has been down for
+    `health.stale_mark_seconds`, not at its first look."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    try:
+        await drive(clock, clock.sleep(1.0))
+        stale = float(settings.health.stale_mark_seconds)
+
+        def streams() -> list[str]:
+            return [name for name, _age in observe_engine(engine, clock.monotonic()).stale_streams]
+
+        venue.drop_account_stream(2.0)  # a reconnect
+        for _ in range(12):
+            await drive(clock, clock.sleep(0.25))
+            assert "account" not in streams()
+        venue.drop_account_stream(stale + 10.0)  # an outage
+        await drive(clock, clock.sleep(0.5))
+        assert "account" not in streams()
+        await drive_until(clock, lambda: "account" in streams(), what="said stale", step=0.5, limit=stale + 5)
+    finally:
+        await drive(clock, engine.stop())
+
+
 async def test_a_position_closed_by_hand_is_closed_after_one_read_once_the_stream_said_flat(
     db: Database,
 ) -> None:

@@ -283,6 +283,27 @@ async def test_all_market_marks_stream_and_rest_fallback_while_it_is_stale() -> 
         assert await r.market_subscriptions() == ["!markPrice@arr@1s"]
 
 
+async def test_a_rest_fallback_that_keeps_failing_is_said_once_a_minute(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An operator during a ban: "marks: REST fallback failed (Banned); marks go stale" once a second, 116
+    times in a row. Said when it begins, then once a minute while it lasts."""
+    caplog.set_level(logging.DEBUG, logger="engine.venues.stream_client")
+    settings = StreamSettings(stall_seconds=60.0, stale_mark_seconds=1.0)  # silent, not reconnected
+    async with rig(settings=settings, symbols=None) as r:
+        await wait_until(lambda: {m.symbol for _, m in r.marks} >= {"BTCUSDT"}, what="marks")
+        await r.post("/_sim/fault", {"targets": ["GET:premiumIndex"], "fault": "error", "count": 100_000})
+        await r.post("/_sim/stream-fault", {"fault": "stall", "seconds": 60})
+
+        def failures(level: int) -> int:
+            return sum(
+                1 for x in caplog.records if x.levelno == level and "REST fallback failed" in x.getMessage()
+            )
+
+        await wait_until(lambda: failures(logging.DEBUG) >= 3, within=30, what="the fallback failing again")
+        assert failures(logging.WARNING) == 1
+
+
 async def test_a_refused_keep_alive_makes_a_new_listen_key_and_a_gap() -> None:
     """The key vanished without the `listenKeyExpired` reaching us (the connection was silent then): the
     next keep-alive is refused with -1125 and the client makes a new key, reconnects and reports a gap."""
