@@ -188,20 +188,14 @@ class ProtectiveOrder:
     # (an operator who read "missing" and placed a stop by hand would have put a second one beside it).
     doubted_id: str | None = None
     doubted_at: float = 0.0  # when (monotonic) it was put in doubt: a listing asked later may vouch for it
-    # In doubt for want of news (a stream gap, a dead guard), not because the mark went through it, and no
-    # mark has since: it cannot have fired, so sending it again under its id is safe (`_may_probe`).
-    probe_ok: bool = False
-    look_up_failed: bool = False  # its last look-up by id got no answer (not a rate limit's, not a ban's)
 
-    def doubt(self, at: float, *, probe_ok: bool = True) -> None:
+    def doubt(self, at: float) -> None:
         """Put this confirmed stop in doubt (as of `at`): unverified, asked for by its id before anything
         is sent (never a second stop)."""
         self.confirmed = False
         self.maybe_sent = True
         self.doubted_id = self.client_order_id
         self.doubted_at = at
-        self.probe_ok = probe_ok
-        self.look_up_failed = False
 
     @property
     def unverified(self) -> bool:
@@ -1259,7 +1253,6 @@ class PositionGuard:
                 m.token, self.position_id, order.purpose, order.generation
             )
         cid = order.client_order_id
-        probing = False  # sent again under its id to learn whether it is live (`_may_probe`)
         if order.maybe_sent:
             found = await self._resolve(
                 order, LOOK_UP, unseen=order.may_send_again and order.fired_at is None
@@ -1277,13 +1270,13 @@ class PositionGuard:
                 if order.ended_as is OrderStatus.CANCELED and not fired:
                     self._ended_unseen(cid, order)
                 return await self._ensure(order, send)
-            probing = found is _Outcome.RETRY and self._may_probe(order)
-            if found not in (_Outcome.ABSENT, _Outcome.UNSEEN) and not probing:
+            if found not in (_Outcome.ABSENT, _Outcome.UNSEEN):
                 return found
             # Proven absent, or not seen yet: sent with the same id. The venue takes one open order per
             # client id, so a send whose outcome was unknown is sent again at once instead of after its
             # read lag (5 s on Binance): one that never reached the venue (an HTTP 500, a lost request)
             # is placed now, one that did is refused as a duplicate. Once: then it is waited for.
+
         if order.price is not None:
             # A price restored from its record may be off the symbol's grid of today (the venue changed its
             # step; the order it holds keeps its price, and so does the guard until it sends another).
@@ -1349,8 +1342,6 @@ class PositionGuard:
                 order.maybe_sent = True
                 if resend:
                     order.sent_at, order.send_ticket = earlier_send
-                if probing:  # the venue holds an open order with its id: it is live
-                    return self._live_by_duplicate(order, m.clock.monotonic() - started)
                 outcome = await self._resolve(order, "resolve duplicate")
                 if outcome is _Outcome.GONE:
                     return self._next_generation(order)
@@ -1366,17 +1357,13 @@ class PositionGuard:
                     order.sent_at, order.send_ticket = earlier_send
                     return await self._breached(order)
                 if resend:
-                    return self._resend_refused(
-                        order, cid, exc, m.clock.monotonic() - started, earlier_send, probing=probing
-                    )
+                    return self._resend_refused(order, cid, exc, m.clock.monotonic() - started, earlier_send)
                 order.maybe_sent = False
                 await m.store.set_order_status(cid, OrderRecordStatus.REJECTED, error=_short(exc))
                 return await self._breached(order)
             except (RateLimited, Banned, Retryable, Rejected) as exc:
                 if resend:
-                    return self._resend_refused(
-                        order, cid, exc, m.clock.monotonic() - started, earlier_send, probing=probing
-                    )
+                    return self._resend_refused(order, cid, exc, m.clock.monotonic() - started, earlier_send)
                 order.maybe_sent = False  # the venue said it did not execute it
                 if isinstance(exc, Rejected) and exc.code == RejectCode.REDUCE_ONLY_REJECTED:
                     await self._refused(order, cid, exc)
@@ -1390,66 +1377,7 @@ class PositionGuard:
                 await self._refused(order, cid, exc)
                 self._create_failed(order, cid, exc, latency, resolved=False)
                 return _Outcome.RETRY
-            outcome = await self._accept(order, placed, m.clock.monotonic() - started)
-            if probing and outcome is _Outcome.CONFIRMED:
-                # The venue took it: it held no open order with that id, so the stop had ended unseen
-                # (cancelled, expired) while the venue answered no read. Protection was lost, and is back.
-                log.error(
-                    "%s: %s %s was not open on the venue (its look-ups got no answer; sent again under its "
-                    "id, the venue took it): it had ended unseen, not by us; placed again now",
-                    self.symbol,
-                    stop_words(order.purpose),
-                    cid,
-                )
-                m.protection_lost(
-                    self.symbol,
-                    self.position_id,
-                    stop_words(order.purpose),
-                    f"{cid} was not open on the venue",
-                    f"{self.symbol}: {stop_words(order.purpose)} {cid} was not open on the venue (found by "
-                    "sending it again under its id while its look-ups failed); placed again",
-                )
-            return outcome
-
-    def _may_probe(self, order: ProtectiveOrder) -> bool:
-        """A stop in doubt whose look-up by id got no answer may be sent again under its id: the venue takes
-        one open order per client id, so it refuses the send if the stop is live (a duplicate: confirmed)
-        and places it if the stop had ended unseen (cancelled or expired while the venue answered no
-        read). An operator watched a hard stop cancelled by hand stay missing 83 s while the venue's reads
-        failed and its order endpoint took orders. Not a stop that may have fired (the mark went through
-        it, or a native trail that has armed: the venue's trail is not ours to see), whose second send
-        would be a stop on a position gone; not where stops are no orders of their own (Bybit)."""
-        m = self._m
-        return (
-            order.unverified
-            and order.probe_ok
-            and order.look_up_failed
-            and self.retry_at is None
-            and m.venue.capabilities().stops_are_orders
-            and not (
-                order.purpose is OrderPurpose.TRAILING_STOP
-                and self.kind is TrailingKind.NATIVE
-                and (self.native_trail_armed or order.arm_now)
-            )
-        )
-
-    def _live_by_duplicate(self, order: ProtectiveOrder, latency: float) -> _Outcome:
-        """A stop in doubt sent again under its id (`_may_probe`) was refused as a duplicate: the venue holds
-        an open order with that id, so the stop is live: confirmed, nothing new on the venue."""
-        m = self._m
-        log.info(
-            "%s: %s %s is live (sent again under its id while its look-ups failed, refused as a duplicate "
-            "in %.2fs)",
-            self.symbol,
-            stop_words(order.purpose),
-            order.client_order_id,
-            latency,
-        )
-        order.confirmed = True
-        order.confirmed_at = m.clock.monotonic()
-        order.doubted_id = None
-        order.look_up_failed = False
-        return _Outcome.CONFIRMED
+            return await self._accept(order, placed, m.clock.monotonic() - started)
 
     def _resend_refused(
         self,
@@ -1458,30 +1386,18 @@ class PositionGuard:
         exc: ExchangeError,
         latency: float,
         earlier_send: tuple[float | None, CallTicket | None],
-        *,
-        probing: bool = False,
     ) -> _Outcome:
-        """A send again (UNSEEN, or a probe of a stop in doubt) was refused: that says nothing of the earlier
-        send, which may be on the venue all the same. The order keeps its id, its record and its earlier
-        send's time (the venue's reads show that one first) and is resolved by that id. "Nothing to
-        reduce" (-2022: the first send filled, or the position went) is the venue's word on the position,
-        asked about as any; a rate limit's hold is kept. A probe's refusal is a line at INFO: its look-up's
-        failure was said already (said as a failed create as well, each retry was two ERROR lines)."""
+        """A send again (UNSEEN) was refused: that says nothing of the earlier send, which may be on the venue
+        all the same. The order keeps its id, its record and its earlier send's time (the venue's reads
+        show that one first) and is resolved by that id. "Nothing to reduce" (-2022: the first send filled,
+        or the position went) is the venue's word on the position, asked about as any; a rate limit's
+        hold is kept."""
         m = self._m
         order.sent_at, order.send_ticket = earlier_send
         if isinstance(exc, Rejected) and exc.code == RejectCode.REDUCE_ONLY_REJECTED:
             return self._refused_as_gone(order, exc)
         if isinstance(exc, RateLimited | Banned):
             self.retry_at = m.clock.monotonic() + m.hold_orders_for(exc)
-        if probing:
-            log.info(
-                "%s: %s %s sent again under its id to learn whether it is live: refused (%s); asked again",
-                self.symbol,
-                stop_words(order.purpose),
-                cid,
-                _short(exc),
-            )
-            return _Outcome.RETRY
         # (Not counted toward the breaker: the attempt's unclear answer was.)
         self._create_failed(order, cid, exc, latency, resolved=False)
         return _Outcome.RETRY
@@ -1669,8 +1585,6 @@ class PositionGuard:
                 # The venue said when it answers again: asked then, not on our backoff clock (a look-up
                 # that met a 2 s ban waited 8 s in an emulator soak, its position without a hard stop).
                 self.retry_at = m.clock.monotonic() + refusal_seconds(exc, m.clock)
-            else:
-                order.look_up_failed = True
             self._note_failure(f"{why} {stop_words(order.purpose)}", f"outcome still unknown: {_short(exc)}")
             return _Outcome.RETRY
         if found.status is OrderStatus.NEW:
@@ -1789,7 +1703,7 @@ class PositionGuard:
         crossed, self._crossed = self._crossed, set()
         for order in (self.stop_loss, self.trailing_stop):
             if order.purpose in crossed and order.confirmed and order.client_order_id:
-                order.doubt(self._m.clock.monotonic(), probe_ok=False)  # (it has most likely fired)
+                order.doubt(self._m.clock.monotonic())
         asked = [
             o
             for o in (self.stop_loss, self.trailing_stop)
@@ -2547,20 +2461,16 @@ class PositionGuard:
             self.wake.set()
 
     def _crossed_stops(self, mark: Decimal) -> list[OrderPurpose]:
-        """Which of our confirmed stops `mark` went through (by purpose). A stop in doubt the mark goes
-        through may have fired: it is not sent again under its id (`_may_probe`)."""
+        """Which of our confirmed stops `mark` went through (by purpose)."""
         long = self.side is PositionSide.LONG
         crossed: list[OrderPurpose] = []
         for order in (self.stop_loss, self.trailing_stop):
             # A stop-market (the hard stop, or a managed trail's stop) fires at its price.
             at_price = order.purpose is OrderPurpose.STOP_LOSS or self.kind is TrailingKind.MANAGED
-            if not (at_price and order.price is not None and (order.confirmed or order.probe_ok)):
+            if not (order.confirmed and at_price and order.price is not None):
                 continue
             if (mark <= order.price) if long else (mark >= order.price):
-                if order.confirmed:
-                    crossed.append(order.purpose)
-                else:
-                    order.probe_ok = False
+                crossed.append(order.purpose)
         if self.kind is TrailingKind.NATIVE and self.trailing_stop.confirmed:
             # The venue's trail is not ours to see: follow it from the marks (arms at the activation price,
             # fires a callback below the best mark since). A new trailing order starts unarmed again.

@@ -328,8 +328,6 @@ async def test_a_look_up_that_keeps_failing_is_said_once_a_minute_per_stop_not_a
         caplog.set_level(logging.INFO, logger="protection.manager")
         for kind in (CallKind.FETCH_OPEN_ORDERS, CallKind.FETCH_ORDER, CallKind.FETCH_POSITIONS):
             venue.inject_fault(kind, FaultKind.SERVER_ERROR, count=100_000)
-        # (and its stop sends: a stop in doubt is also sent again under its id to learn whether it is live)
-        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, count=100_000, stops_only=True)
         venue.drop_account_stream(1.0)
 
         def said() -> list[str]:

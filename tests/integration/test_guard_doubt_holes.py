@@ -255,8 +255,6 @@ async def test_a_listing_that_shows_stops_in_doubt_live_confirms_them(db: Databa
         await drive_until(clock, lambda: not guard.covered, limit=10.0, what="in doubt")
         venue.clear_injected_faults()
         venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.SERVER_ERROR, count=100_000)
-        # (its stop sends refused too: not confirmed by a send again under its id, `_may_probe`)
-        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, count=100_000, stops_only=True)
         reconcile = float(settings.protection.reconcile_seconds)
         await drive_until(clock, lambda: guard.covered, limit=reconcile + 5.0, what="confirmed by a listing")
         assert not engine.snapshot().entries_paused
@@ -311,85 +309,6 @@ async def test_a_fill_whose_record_waits_for_the_database_counts_as_a_position_w
         await drive_until_covered(engine, clock, 1, limit=10.0)
     finally:
         await drive(clock, engine.stop())
-
-
-async def test_a_stop_in_doubt_whose_look_ups_fail_is_sent_again_under_its_id(
-    db: Database, caplog: pytest.LogCaptureFixture
-) -> None:
-    """An operator on the Binance emulator: the stream down, the venue's reads failing, a hard stop
-    cancelled by hand. Only look-ups by id went out, and the position had no hard stop for 83 s while the
-    venue's order endpoint took orders. A stop in doubt whose look-up got no answer is sent again under its
-    id: the venue takes one open order per client id, so it refuses the live trailing stop (a duplicate:
-    confirmed) and places the cancelled hard stop again (protection lost, and back) while its reads still
-    fail."""
-    settings = settings_for(db, {"PROTECTION__RECONCILE_SECONDS": "600"})
-    clock = ManualClock()
-    engine = make_engine(settings, clock)
-    await drive(clock, engine.start())
-    try:
-        [guard] = await open_positions(engine, clock, [SYMBOLS[60]])
-        await drive_until_covered(engine, clock, 1)
-        venue = engine.venue
-        assert isinstance(venue, SimVenue)
-        trailing = guard.trailing_stop.client_order_id
-        for kind in (CallKind.FETCH_OPEN_ORDERS, CallKind.FETCH_ORDER, CallKind.FETCH_POSITIONS):
-            venue.inject_fault(kind, FaultKind.SERVER_ERROR, count=100_000)  # for the whole test
-        venue.drop_account_stream(600.0)
-        lost = guard.stop_loss.client_order_id
-        venue.core.cancel_order(guard.symbol, lost, clock.now())  # by hand, unseen
-        grace = float(settings.protection.grace_seconds)
-        await drive_until(
-            clock,
-            lambda: guard.covered and lost in {o.client_order_id for o in _open(venue, clock, guard.symbol)},
-            limit=2 * grace + 5.0,
-            what="the hard stop placed again under its id, the trailing stop confirmed",
-        )
-        held = _open(venue, clock, guard.symbol)
-        assert sorted(o.client_order_id for o in held) == sorted([lost, trailing])  # one of each, no more
-        said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-        assert any(f"{lost} was not open on the venue" in m for m in said), said
-    finally:
-        await drive(clock, engine.stop())
-
-
-async def test_a_stop_in_doubt_the_mark_went_through_is_not_sent_again_blind(
-    db: Database, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The send again under its id is only for a stop that cannot have fired: one the mark went through
-    while in doubt (its look-ups failing) may have filled, the position gone with it, and a second send
-    would be a stop on a flat symbol (or on the next position there). It waits for the venue's word."""
-    settings = settings_for(db, {"PROTECTION__RECONCILE_SECONDS": "600"})
-    clock = ManualClock()
-    engine = make_engine(settings, clock)
-    await drive(clock, engine.start())
-    try:
-        [guard] = await open_positions(engine, clock, [SYMBOLS[61]])
-        await drive_until_covered(engine, clock, 1)
-        venue = engine.venue
-        assert isinstance(venue, SimVenue)
-        caplog.set_level(logging.INFO, logger="protection.manager")
-        for kind in (CallKind.FETCH_OPEN_ORDERS, CallKind.FETCH_ORDER, CallKind.FETCH_POSITIONS):
-            venue.inject_fault(kind, FaultKind.SERVER_ERROR, count=100_000)
-        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, count=2, stops_only=True)
-        venue.drop_account_stream(600.0)
-        fired = guard.stop_loss.client_order_id
-        price = guard.stop_loss.price
-        assert price is not None
-        await drive_until(clock, lambda: not guard.covered, limit=10.0, what="in doubt")
-        tick = guard.market.tick_size
-        venue.override_mark_price(guard.symbol, price - 2 * tick)  # through it: it fires, the position goes
-        await drive(clock, clock.sleep(1.0))
-        venue.override_mark_price(guard.symbol, price + 20 * tick)  # and back
-        await drive(clock, clock.sleep(20.0))
-        sent_again = [m for m in caplog.messages if fired in m and "sent again under its id" in m]
-        assert sent_again == []
-        assert fired not in {o.client_order_id for o in _open(venue, clock, guard.symbol)}
-    finally:
-        await drive(clock, engine.stop())
-
-
-def _open(venue: SimVenue, clock: ManualClock, symbol: str) -> list:  # type: ignore[type-arg]
-    return list(venue.core.open_protective_orders(clock.now(), symbol))
 
 
 async def test_no_entry_goes_while_the_stops_are_in_doubt(db: Database) -> None:

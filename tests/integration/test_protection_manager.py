@@ -1155,8 +1155,6 @@ async def test_stops_in_doubt_are_shown_unverified_not_missing_until_the_venue_s
         venue = engine.venue
         venue.inject_fault(CallKind.FETCH_OPEN_ORDERS, FaultKind.SERVER_ERROR, count=100_000)
         venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.SERVER_ERROR, count=100_000)
-        # (and its stop sends: a stop in doubt is also sent again under its id to learn whether it is live)
-        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, count=100_000, stops_only=True)
         venue.drop_account_stream(1.0)
         lost = guards[0].stop_loss.client_order_id
         assert lost is not None
