@@ -62,7 +62,14 @@ from storage.journal import read_journal
 from storage.lease import LeaseHeld, current_holder, holder_on, lease_held_sql
 from storage.migrator import MigrationError, apply_migrations
 from storage.outage import journal_path
-from storage.repositories import DuplicateExternalId, HealthRow, PositionStatus, Severity, Store
+from storage.repositories import (
+    DuplicateExternalId,
+    HealthRow,
+    PositionRecord,
+    PositionStatus,
+    Severity,
+    Store,
+)
 
 log = logging.getLogger(__name__)
 
@@ -948,7 +955,15 @@ async def _read_status(
                 "has_trailing_stop": p.has_trailing_stop,
                 "missing": _missing_of_unknown_entry(loaded)
                 if p.status is PositionStatus.ENTRY_PLACED
-                else _missing_stops(p.has_stop_loss, p.has_trailing_stop),
+                else _missing_stops(p),
+                "unverified": [
+                    name
+                    for name, doubted in (
+                        ("hard stop", p.stop_loss_unverified and not p.has_stop_loss),
+                        ("trailing stop", p.trailing_stop_unverified and not p.trailing_in_place),
+                    )
+                    if doubted
+                ],
                 "opened_at": p.opened_at.isoformat() if p.opened_at else None,
             }
             for p in uncovered
@@ -965,11 +980,21 @@ def _missing_of_unknown_entry(loaded: LoadedConfig) -> str:
     return "both (the entry's outcome is unknown: it may have filled)"
 
 
-def _missing_stops(has_stop_loss: bool, has_trailing_stop: bool) -> str:
-    """Which of a position's two stops is not confirmed on the exchange, in words an operator acts on."""
-    if not has_stop_loss and not has_trailing_stop:
+def _missing_stops(p: PositionRecord) -> str:
+    """Which of a position's two stops is not confirmed on the exchange, in words an operator acts on. One
+    in doubt only (unverified: asked for by its id, not known gone) is said so: "missing both" of stops
+    the venue held made an operator reach for a flatten of a protected book."""
+    lacking = [
+        f"{name}{' (unverified: in doubt, asked for by id, not known gone)' if doubted else ''}"
+        for name, lacks, doubted in (
+            ("hard stop", not p.has_stop_loss, p.stop_loss_unverified),
+            ("trailing stop", not p.trailing_in_place, p.trailing_stop_unverified),
+        )
+        if lacks
+    ]
+    if len(lacking) == 2 and not (p.stop_loss_unverified or p.trailing_stop_unverified):
         return "both (hard stop and trailing stop)"
-    return "hard stop" if not has_stop_loss else "trailing stop"
+    return " and ".join(lacking) or "both (hard stop and trailing stop)"
 
 
 def _verdict(

@@ -2989,6 +2989,8 @@ class PositionGuard:
             position.status,
             position.trail_armed,
             position.unprotected_since,
+            position.stop_loss_unverified,
+            position.trailing_stop_unverified,
         )
 
     def resume_unprotected_since(self, moment: datetime) -> None:
@@ -3035,6 +3037,8 @@ class PositionGuard:
             status,
             self.trail_armed,
             None if covered else _datetime(self.unprotected_since_epoch),
+            self.stop_loss_unverified,
+            self.trailing_stop_unverified,
         )
 
     async def _write_facts(self) -> None:
@@ -3072,6 +3076,8 @@ class PositionGuard:
                 unprotected_since=facts[6],
                 observed_at=_datetime(m.clock.now()),  # an uncovered span these facts end, ends now
                 uncovered_from=naked_from,
+                stop_loss_unverified=facts[7],
+                trailing_stop_unverified=facts[8],
             ),
         )
         self.status = written if written is not None else facts[4]

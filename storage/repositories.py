@@ -106,6 +106,9 @@ class PositionRecord:
     trail_armed: bool = False  # a managed trail held (and moved) by a running engine
     account: str = "sim:default"  # whose venue account (engine/accounts.py)
     unprotected_since: datetime | None = None  # since when it lacks a confirmed stop (None: covered)
+    # A stop it lacks that is in doubt (asked for by its id), not known gone: "unverified", not "missing".
+    stop_loss_unverified: bool = False
+    trailing_stop_unverified: bool = False
     # Seconds from its fill until a hard stop of ours was live (0: it rode on the entry); None: not yet.
     hard_stop_gap_seconds: Decimal | None = None
     size_changed: bool = False  # the venue changed its size while open: its realized PnL is unknown
@@ -148,6 +151,9 @@ class ProtectionFactsRow:
     # An uncovered stretch the record does not have, begun then: a position the last engine left filled and
     # never protected (killed in its first pass) whose stops this engine had to send. Covered facts end it.
     uncovered_from: datetime | None = None
+    # A stop it lacks that is in doubt (asked for by its id), not known gone: "unverified", not "missing".
+    stop_loss_unverified: bool = False
+    trailing_stop_unverified: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,11 +325,14 @@ _SEVERITY_RANK = {s: i for i, s in enumerate(Severity)}
 # trailing protection is in place as `PositionRecord.trailing_in_place` says.
 _UNCOVERED_REASON = """
     CASE WHEN {row}.protected_at IS NULL THEN 'not_yet_protected'
-         WHEN NOT {row}.has_stop_loss
-              AND NOT ({row}.has_trailing_stop OR ({row}.trail_armed AND NOT {row}.trailing_activated))
+         WHEN NOT ({row}.has_stop_loss OR {row}.stop_loss_unverified)
+              AND NOT ({row}.has_trailing_stop OR ({row}.trail_armed AND NOT {row}.trailing_activated)
+                       OR {row}.trailing_stop_unverified)
              THEN 'both_missing'
-         WHEN NOT {row}.has_stop_loss THEN 'stop_loss_missing'
-         ELSE 'trailing_stop_missing' END"""
+         WHEN NOT ({row}.has_stop_loss OR {row}.stop_loss_unverified) THEN 'stop_loss_missing'
+         WHEN NOT ({row}.has_trailing_stop OR ({row}.trail_armed AND NOT {row}.trailing_activated)
+                   OR {row}.trailing_stop_unverified) THEN 'trailing_stop_missing'
+         ELSE 'unverified' END"""
 
 # The time a position was without a hard stop of ours after its fill, stamped when its hard stop is first
 # confirmed (`{p}`: the row of monitoring.positions, `{seen}`: when the confirmation is written, a little
@@ -616,7 +625,8 @@ class Store:
                 UPDATE monitoring.positions AS p
                 SET has_stop_loss = f.sl, has_trailing_stop = f.ts, stop_loss_price = f.sl_price,
                     trailing_activated = COALESCE(f.activated, p.trailing_activated), trail_armed = f.armed,
-                    unprotected_since = f.since,
+                    unprotected_since = f.since, stop_loss_unverified = f.sl_unverified,
+                    trailing_stop_unverified = f.ts_unverified,
                     -- Both stops in place: a managed trail armed and not activated (no order yet) is one.
                     protected_at = CASE WHEN f.sl AND (f.ts OR (f.armed AND NOT COALESCE(f.activated, p.trailing_activated)))
                                         THEN COALESCE(p.protected_at, $9::timestamptz, now())
@@ -626,8 +636,10 @@ class Store:
                                                  ELSE p.hard_stop_gap_seconds END,
                     status = CASE WHEN p.status IN ('pending_protection', 'active') THEN f.status ELSE p.status END
                 FROM unnest($1::bigint[], $2::bool[], $3::bool[], $4::numeric[], $5::bool[], $6::text[],
-                            $8::bool[], $10::timestamptz[], $11::timestamptz[], $12::timestamptz[])
-                         AS f(id, sl, ts, sl_price, activated, status, armed, since, observed, naked_from),
+                            $8::bool[], $10::timestamptz[], $11::timestamptz[], $12::timestamptz[],
+                            $13::bool[], $14::bool[])
+                         AS f(id, sl, ts, sl_price, activated, status, armed, since, observed, naked_from,
+                              sl_unverified, ts_unverified),
                      monitoring.positions AS old
                 WHERE p.id = f.id AND old.id = f.id AND p.status <> ALL($7::text[])
                 RETURNING p.id, p.status, p.account, p.symbol, p.unprotected_since AS since,
@@ -668,6 +680,8 @@ class Store:
             [f.unprotected_since for f in facts],
             [f.observed_at for f in facts],
             [f.uncovered_from for f in facts],
+            [f.stop_loss_unverified for f in facts],
+            [f.trailing_stop_unverified for f in facts],
         )
         return {r["id"]: PositionStatus(r["status"]) for r in rows}
 

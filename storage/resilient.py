@@ -959,6 +959,8 @@ def _position_with_facts(position: PositionRecord, fact: ProtectionFactsRow, at:
         else position.trailing_activated,
         trail_armed=fact.trail_armed,
         unprotected_since=fact.unprotected_since,
+        stop_loss_unverified=fact.stop_loss_unverified,
+        trailing_stop_unverified=fact.trailing_stop_unverified,
         protected_at=(position.protected_at or at) if both else position.protected_at,
         status=fact.status if position.status in _LIVE_POSITION_STATUSES else position.status,
         updated_at=at,
@@ -1025,6 +1027,8 @@ def _encode_facts(fact: ProtectionFactsRow) -> dict[str, Any]:
         "unprotected_since": None if fact.unprotected_since is None else fact.unprotected_since.isoformat(),
         "observed_at": None if fact.observed_at is None else fact.observed_at.isoformat(),
         "uncovered_from": None if fact.uncovered_from is None else fact.uncovered_from.isoformat(),
+        "stop_loss_unverified": fact.stop_loss_unverified,
+        "trailing_stop_unverified": fact.trailing_stop_unverified,
     }
 
 
@@ -1040,6 +1044,9 @@ def _decode_facts(args: Mapping[str, Any]) -> ProtectionFactsRow:
         unprotected_since=_when(args.get("unprotected_since")),  # absent in a journal from before 0010
         observed_at=_when(args.get("observed_at")),  # absent in a journal from before 0011
         uncovered_from=_when(args.get("uncovered_from")),
+        # (absent in a journal from before 0017)
+        stop_loss_unverified=bool(args.get("stop_loss_unverified", False)),
+        trailing_stop_unverified=bool(args.get("trailing_stop_unverified", False)),
     )
 
 

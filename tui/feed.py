@@ -765,6 +765,9 @@ def _position_view(
         unprotected_seconds=None if p.is_covered else now - _epoch(p.unprotected_since or p.opened_at, now),
         last_error=None,
         trailing_follows="mark" if trail is not None and trail.mode == "managed" else trailing_follows,
+        # The engine's record: a stop the position lacks is in doubt, not known gone.
+        stop_loss_unverified=p.stop_loss_unverified and not p.has_stop_loss,
+        trailing_stop_unverified=p.trailing_stop_unverified and not p.trailing_in_place,
     )
 
 

@@ -245,12 +245,31 @@ async def test_uncovered_positions_say_which_stop_is_missing(workdir: Path, engi
             entry_status,
             age,
         )
+    # In doubt, not known gone (an operator read "missing both" for stops the venue held): GGG's both, HHH's
+    # hard stop (its trailing stop known gone).
+    for symbol, sl_doubt, ts_doubt in (("GGGUSDT", True, True), ("HHHUSDT", True, False)):
+        await engine_side.execute(
+            "INSERT INTO monitoring.positions (account, symbol, exchange, side, quantity, entry_price, status, "
+            "has_stop_loss, has_trailing_stop, stop_loss_unverified, trailing_stop_unverified, opened_at) "
+            "VALUES ('sim:default', $1, 'sim', 'long', 1, 2, 'active', false, false, $2, $3, "
+            "now() - interval '1 minute')",
+            symbol,
+            sl_doubt,
+            ts_doubt,
+        )
+    doubt = "unverified: in doubt, asked for by id, not known gone"
     report = json.loads(tsbot("status", "--json", cwd=workdir).stdout)
     assert {p["symbol"]: p["missing"] for p in report["uncovered"]} == {
         "AAAUSDT": "hard stop",
         "BBBUSDT": "trailing stop",
         "CCCUSDT": "both (hard stop and trailing stop)",
         "EEEUSDT": "both (the entry's outcome is unknown: it may have filled)",
+        "GGGUSDT": f"hard stop ({doubt}) and trailing stop ({doubt})",
+        "HHHUSDT": f"hard stop ({doubt}) and trailing stop",
+    }
+    assert {p["symbol"]: p["unverified"] for p in report["uncovered"] if p["unverified"]} == {
+        "GGGUSDT": ["hard stop", "trailing stop"],
+        "HHHUSDT": ["hard stop"],
     }
     human = tsbot("status", cwd=workdir).stdout
     lines = [line.strip() for line in human.splitlines()[1:] if "USDT" in line]  # below the verdict
@@ -260,6 +279,8 @@ async def test_uncovered_positions_say_which_stop_is_missing(workdir: Path, engi
             "missing trailing stop",
             "missing both (hard stop and trailing stop)",
             "missing both (the entry's outcome is unknown: it may have filled)",
+            f"missing hard stop ({doubt}) and trailing stop ({doubt})",
+            f"missing hard stop ({doubt}) and trailing stop",
         ]
     )
     assert "no stop-loss" not in human

@@ -37,6 +37,7 @@ REASONS = {
     "stop_loss_missing": "stop-loss missing",
     "trailing_stop_missing": "trailing stop missing",
     "both_missing": "both stops missing",
+    "unverified": "stops unverified (in doubt)",
 }
 
 EMPTY = (
