@@ -200,13 +200,13 @@ class ProtectiveOrder:
     @property
     def unverified(self) -> bool:
         """Confirmed once, then put in doubt, and asked for by its id with no answer yet: uncovered all the
-        same, but not known gone (neither proven absent, nor ended, nor fired)."""
+        same, but not known gone (neither proven absent, nor fired; one that ended has a new id by then:
+        `ended_as` is the last id's, and kept the next generation's doubt from ever being said)."""
         return (
             not self.confirmed
             and self.maybe_sent
             and self.doubted_id is not None
             and self.doubted_id == self.client_order_id
-            and self.ended_as is None
             and self.fired_at is None
         )
 
@@ -504,7 +504,7 @@ class PositionGuard:
         # A failure said in full (ERROR, event row, dashboard): (operation, error) → when (monotonic). The
         # same failure again within `REPEATED_FAILURE_SAID_EVERY_SECONDS` is a line at INFO: look-ups that
         # kept failing during a stream gap said 160 ERROR lines a minute for 8 positions.
-        self._failure_said: dict[tuple[str, str], float] = {}
+        self._failure_said: dict[tuple[str, str, bool], float] = {}
         self._commands: deque[GuardCommand] = deque()
         self.retry_at: float | None = None  # the venue named when to try again (Retry-After, ban end)
         # Managed moves failed in a row: no new move is decided before `_moves_resume_at` (their backoff,
@@ -780,6 +780,7 @@ class PositionGuard:
                 if self.closed or self._commands:
                     continue
                 if converged:
+                    self._failure_said.clear()  # the next failure is a new one: said in full
                     if self.failures:  # after failed passes: the venue may take the others' stops again too
                         self._m.failing_guards_try_now(self)
                     self.failures = self._failures_in_grace = 0
@@ -809,6 +810,9 @@ class PositionGuard:
                     command.settle(True, "position already closed")  # (asked twice, or as it ended)
                 else:
                     command.settle(False, "the guard stopped")
+            # Answered: a guard started again after its task died must not carry them out (an operator's
+            # close answered "the guard stopped" went at market a backoff later).
+            self._commands.clear()
 
     async def wait_pass_started_after(self, started: int) -> None:
         """Until a pass begun after the `started`-th has ended (or the guard closed): what an operator's
@@ -1138,6 +1142,12 @@ class PositionGuard:
             m.streamed_live.pop(command.client_order_id, None)  # the venue's read is newer than that word
             return True
         return False
+
+    def doubt_pending(self) -> bool:
+        """A stop of it is in doubt, or will be once its task applies a doubt already told."""
+        return any(o.unverified for o in (self.stop_loss, self.trailing_stop)) or any(
+            isinstance(c, StopsUnverified) for c in self._commands
+        )
 
     def doubt_every_stop(self) -> None:
         """Nothing has watched this guard's stops for a while (its task died): each confirmed one is
@@ -2930,14 +2940,15 @@ class PositionGuard:
         still_covered = self.covered
         state = "still protected by its confirmed stops" if still_covered else "unprotected"
         now = m.clock.monotonic()
-        said_at = self._failure_said.get((operation, error))
+        key = (operation, error, still_covered)  # (one first said while covered is news once uncovered)
+        said_at = self._failure_said.get(key)
         repeated = (
             log_exception is None
             and said_at is not None
             and now - said_at < REPEATED_FAILURE_SAID_EVERY_SECONDS
         )
         if not repeated:
-            self._failure_said[(operation, error)] = now
+            self._failure_said[key] = now
         log.log(
             logging.INFO
             if repeated
@@ -3040,6 +3051,10 @@ class PositionGuard:
             self.stop_loss_unverified,
             self.trailing_stop_unverified,
         )
+
+    async def write_facts_now(self) -> None:
+        """`_write_facts` from outside the guard's task: only while that task is not running (it died)."""
+        await self._write_facts()
 
     async def _write_facts(self) -> None:
         m = self._m
@@ -3520,6 +3535,7 @@ class ProtectionManager:
         guard.restarts += 1
         delay = self.backoff(guard.restarts - 1)
         guard.doubt_every_stop()
+        self._spawn_facts_write(guard)  # the records say so now, not at its next pass (a backoff later)
         now = self.clock.monotonic()
         if guard.restart_said_at is None or now - guard.restart_said_at >= GUARD_RESTARTS_SAID_EVERY_SECONDS:
             guard.restart_said_at = now
@@ -3532,6 +3548,17 @@ class ProtectionManager:
                 Severity.CRITICAL, "guard_restarted", message, guard.symbol, guard.position_id
             )
         self._run_guard(guard, self._run_again(guard, delay))
+
+    def _spawn_facts_write(self, guard: PositionGuard) -> None:
+        async def write() -> None:
+            try:
+                await guard.write_facts_now()
+            except Exception:
+                log.exception("%s: could not record its stops as unverified", guard.symbol)
+
+        task = asyncio.create_task(write(), name=f"facts-{guard.position_id}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _run_again(self, guard: PositionGuard, delay: float) -> None:
         await self.clock.sleep(delay)
@@ -4159,7 +4186,7 @@ class ProtectionManager:
         such a doubt, 3 s before the breaker paused entries. Over once a listing answers, or once no stop
         is in doubt any more (each found live, or placed again, by its id)."""
         if self._doubt_came_at is not None and not any(
-            o.unverified for g in self.guards.values() if not g.closed for o in (g.stop_loss, g.trailing_stop)
+            g.doubt_pending() for g in self.guards.values() if not g.closed
         ):
             self._doubt_came_at = None
         return self._doubt_came_at

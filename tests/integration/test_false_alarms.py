@@ -366,6 +366,43 @@ async def test_a_look_up_that_keeps_failing_is_said_once_a_minute_per_stop_not_a
         await drive(clock, engine.stop())
 
 
+async def test_the_same_failure_in_a_new_incident_is_said_in_full(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reviewer's find: the once-a-minute memory of a failure was never reset, so the same failure in a
+    new incident 40 s after the last one recovered was a line at INFO only, with no event row and no
+    dashboard row. Protection converging ends an incident: the next failure is said in full."""
+    settings = settings_for(db, {"PROTECTION__RECONCILE_SECONDS": "600"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, SYMBOLS[66:67])
+        await drive_until_covered(engine, clock, 1)
+        venue = engine.venue
+        assert isinstance(venue, SimVenue)
+
+        def said() -> int:
+            return sum(
+                1
+                for r in caplog.records
+                if r.levelno >= logging.WARNING and "look up stop-loss failed" in r.getMessage()
+            )
+
+        for incident in (1, 2):
+            for kind in (CallKind.FETCH_OPEN_ORDERS, CallKind.FETCH_ORDER, CallKind.FETCH_POSITIONS):
+                venue.inject_fault(kind, FaultKind.SERVER_ERROR, count=100_000)
+            venue.drop_account_stream(1.0)
+            await drive_until(
+                clock, lambda n=incident: said() >= n, limit=15.0, what=f"incident {incident} said"
+            )
+            venue.clear_injected_faults()
+            await drive_until(clock, lambda: guard.covered, limit=40.0, what="covered again")
+        assert said() == 2
+    finally:
+        await drive(clock, engine.stop())
+
+
 async def test_a_stop_that_fired_and_ended_part_filled_is_no_stop_removed_by_someone(
     db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -13,6 +13,7 @@ from engine.clock import ManualClock
 from engine.exchange.port import OrderType
 from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, FaultKind
+from protection.manager import ClosePosition
 from storage.database import Database
 from tests.integration.engine_support import make_engine
 from tests.integration.test_failure_modes_f1_f5 import (
@@ -219,6 +220,16 @@ async def test_a_guard_whose_task_died_is_started_again_and_counts_uncovered_mea
         assert not guard.covered  # at once: nothing watches its stops until it runs again
         said = [r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL]
         assert any("protection task ended with the position open" in m for m in said), said
+
+        async def recorded_unverified() -> bool:
+            row = await db.pool.fetchrow(
+                "SELECT has_stop_loss, stop_loss_unverified FROM monitoring.positions WHERE id = $1",
+                guard.position_id,
+            )
+            return row is not None and tuple(row) == (False, True)
+
+        # The records too, before it runs again (what `tsbot status` and the operators' SQL read).
+        await drive_until(clock, recorded_unverified, limit=0.8, what="recorded before the restart")
         venue = engine.venue
         assert isinstance(venue, SimVenue)
         lost = guard.stop_loss.client_order_id
@@ -354,5 +365,65 @@ async def test_no_entry_goes_while_the_stops_are_in_doubt(db: Database) -> None:
         if engine.entries_paused:  # the breaker's own pause (coverage 0 % past grace), the operator's to lift
             engine.resume_entries("tester")
         await open_positions(engine, clock, [SYMBOLS[64]])  # entries go again
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_guard_started_again_does_not_carry_out_a_command_already_answered(db: Database) -> None:
+    """A reviewer's find: a guard's task that died settled its queued commands ("the guard stopped") but
+    kept them, and the guard started again carried them out: an operator's close answered as not done went
+    at market a backoff later."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[65]])
+        await drive_until_covered(engine, clock, 1)
+        manager = engine.manager
+        assert manager is not None
+        answer = guard.submit(ClosePosition())
+        manager._tasks[guard.position_id].cancel()
+        await drive(clock, clock.sleep(0.1))
+        assert answer.done()
+        assert answer.result()[0] is False
+        await drive_until_covered(engine, clock, 1, limit=10.0)  # started again, protecting
+        await drive(clock, clock.sleep(5.0))
+        assert guard.symbol in {p.symbol for p in engine.venue.core.positions(clock.now())}
+        assert not guard.closed
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_stop_whose_earlier_generation_ended_is_said_unverified_in_doubt(db: Database) -> None:
+    """A reviewer's find: a hard stop cancelled by hand (seen, placed again under a new id) kept the old
+    id's end (`ended_as`), so the new stop put in doubt by a later gap never read "unverified": "missing"
+    (inviting a stop placed by hand), and the hold on entries lifted at once."""
+    settings = settings_for(db, {"PROTECTION__RECONCILE_SECONDS": "600"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[66]])
+        await drive_until_covered(engine, clock, 1)
+        venue = engine.venue
+        assert isinstance(venue, SimVenue)
+        first = guard.stop_loss.client_order_id
+        venue.core.cancel_order(guard.symbol, first, clock.now())  # by hand, seen by the stream
+        await drive_until(
+            clock,
+            lambda: guard.covered and guard.stop_loss.client_order_id != first,
+            limit=10.0,
+            what="placed again",
+        )
+        for kind in (CallKind.FETCH_OPEN_ORDERS, CallKind.FETCH_ORDER, CallKind.FETCH_POSITIONS):
+            venue.inject_fault(kind, FaultKind.SERVER_ERROR, count=100_000)
+        venue.drop_account_stream(5.0)
+        await drive_until(clock, lambda: not guard.covered, limit=10.0, what="in doubt")
+        assert guard.stop_loss_unverified
+        assert engine.manager is not None
+        assert engine.manager.stops_in_doubt_since is not None  # (entries held meanwhile)
+        venue.clear_injected_faults()
+        await drive_until_covered(engine, clock, 1, limit=40.0)
     finally:
         await drive(clock, engine.stop())
