@@ -274,11 +274,13 @@ class Reconciler:
                 continue
             if not order.confirmed or order.client_order_id is None:
                 continue
+            checked.add(order.client_order_id)
             if order.confirmed_at >= snapshot_at - self._manager.read_after_write_seconds:
                 # Confirmed after the venue was asked, or so shortly before that the venue's lagging
-                # reads may not list it yet: its absence from the answer proves nothing.
+                # reads may not list it yet: its absence from the answer proves nothing. Its confirmation
+                # is as fresh as the listing (counted checked: doubted, every stop a restart had just
+                # placed on a venue with a read lag was uncovered again, a false span each).
                 continue
-            checked.add(order.client_order_id)
             if order.client_order_id in open_by_id:
                 continue
             # Confirmed by us, absent on the venue: it triggered, was cancelled by hand, or expired.
