@@ -622,6 +622,35 @@ async def test_a_close_command_held_while_the_hard_stop_fills_says_the_stop_clos
         await run.stop()
 
 
+async def _tsbot_close(
+    run: ChaosRun, db: Database, tmp_path: Path, symbol: str, *args: str, what: str
+) -> tuple[int | None, str, str]:
+    """`tsbot close SYMBOL ARGS` in its own process against the run's engine: its exit code, stdout and
+    stderr. Real time for the command's start (a second of imports): the virtual clock, driven meanwhile,
+    would age what the engine remembers (refusals, a ban) before the close was even asked."""
+    env = {**environ(), "TSBOT_DATABASE__DSN": db.target.dsn}
+    process = await asyncio.create_subprocess_exec(
+        TSBOT,
+        "close",
+        symbol,
+        *args,
+        cwd=tmp_path,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    finished = asyncio.ensure_future(process.communicate())
+
+    async def submitted() -> bool:
+        return bool(await db.pool.fetchval("SELECT count(*) FROM monitoring.commands"))
+
+    await wait_until(submitted, within=60, what="the close command submitted")
+    await run.until(finished.done, limit=120.0, what=what)
+    out, err = (b.decode() for b in finished.result())
+    return process.returncode, out, err
+
+
 async def test_tsbot_close_says_while_it_waits_that_the_engine_holds_the_close_back(
     db: Database, tmp_path: Path
 ) -> None:
@@ -635,28 +664,8 @@ async def test_tsbot_close_says_while_it_waits_that_the_engine_holds_the_close_b
     try:
         symbol, position_id = await run.one_protected_position_id()
         await _two_refusals_then_a_filled_window(run)
-        env = {**environ(), "TSBOT_DATABASE__DSN": db.target.dsn}
-        process = await asyncio.create_subprocess_exec(
-            TSBOT,
-            "close",
-            symbol,
-            cwd=tmp_path,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        finished = asyncio.ensure_future(process.communicate())
-
-        async def submitted() -> bool:
-            return bool(await db.pool.fetchval("SELECT count(*) FROM monitoring.commands"))
-
-        # Real time for the command's start (a second of imports): the virtual clock, driven meanwhile,
-        # would age the remembered refusals past their minute before the close was even asked.
-        await wait_until(submitted, within=60, what="the close command submitted")
-        await run.until(finished.done, limit=120.0, what="tsbot close done")
-        out, err = (b.decode() for b in finished.result())
-        assert process.returncode == 0, err
+        returncode, out, err = await _tsbot_close(run, db, tmp_path, symbol, what="tsbot close done")
+        assert returncode == 0, err
         lines = out.splitlines()
         assert lines[0].startswith(f"waiting: close of position {position_id} {symbol} held back up to "), out
         assert "one more refusal may get the account banned" in lines[0]
@@ -692,28 +701,9 @@ async def test_tsbot_close_during_a_ban_says_it_waits_for_the_ban_s_end(db: Data
         await run.wave(1, symbols=[lone])  # its entry overflows the window: banned
         await run.until(lambda: run.banned_for() is not None, limit=10.0, what="banned")
         assert run.engine.operator_close_held_for(position_id) is not None  # (what the dashboard says)
-        env = {**environ(), "TSBOT_DATABASE__DSN": db.target.dsn}
-        process = await asyncio.create_subprocess_exec(
-            TSBOT,
-            "close",
-            symbol,
-            "--wait-seconds",
-            "5",
-            cwd=tmp_path,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+        _, out, err = await _tsbot_close(
+            run, db, tmp_path, symbol, "--wait-seconds", "5", what="tsbot close answered"
         )
-        finished = asyncio.ensure_future(process.communicate())
-
-        async def submitted() -> bool:
-            return bool(await db.pool.fetchval("SELECT count(*) FROM monitoring.commands"))
-
-        # Real time for the command's start (a second of imports), then the virtual clock.
-        await wait_until(submitted, within=60, what="the close command submitted")
-        await run.until(finished.done, limit=120.0, what="tsbot close answered")
-        out, err = (b.decode() for b in finished.result())
         lines = out.splitlines()
         assert lines, (out, err)
         assert lines[0].startswith(f"waiting: close of position {position_id} {symbol} held back up to "), out
@@ -737,26 +727,8 @@ async def test_tsbot_close_that_fails_says_so_once_on_stderr_not_again_on_stdout
         symbol, position_id = await run.one_protected_position_id()
         # Every market order of that symbol refused by the venue: the close is tried again, then given up.
         run.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, 1000, market_symbol=symbol)
-        env = {**environ(), "TSBOT_DATABASE__DSN": db.target.dsn}
-        process = await asyncio.create_subprocess_exec(
-            TSBOT,
-            "close",
-            symbol,
-            cwd=tmp_path,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        finished = asyncio.ensure_future(process.communicate())
-
-        async def submitted() -> bool:
-            return bool(await db.pool.fetchval("SELECT count(*) FROM monitoring.commands"))
-
-        await wait_until(submitted, within=60, what="the close command submitted")
-        await run.until(finished.done, limit=120.0, what="tsbot close done")
-        out, err = (b.decode() for b in finished.result())
-        assert process.returncode == 1, (out, err)
+        returncode, out, err = await _tsbot_close(run, db, tmp_path, symbol, what="tsbot close done")
+        assert returncode == 1, (out, err)
         assert out == "", out
         [line] = err.splitlines()
         assert line.startswith(f"tsbot: close: failed: {symbol} (position {position_id}): NOT closed ("), err

@@ -10,6 +10,7 @@ from engine.clock import ManualClock, SystemClock
 from engine.config import Settings, load_config
 from engine.engine import Engine, build_venue
 from engine.venues.sim import SimVenue
+from engine.venues.sim.settings import CallKind, FaultKind
 from storage.database import Database
 from tests.support.driving import drive_until
 
@@ -83,3 +84,13 @@ async def until_closed_in_db(
         step=step,
         limit=limit,
     )
+
+
+VENUE_READS = (CallKind.FETCH_OPEN_ORDERS, CallKind.FETCH_ORDER, CallKind.FETCH_POSITIONS)
+
+
+def reads_fail(venue: SimVenue, *kinds: CallKind) -> None:
+    """Every read of those kinds (by default all the venue's reads of orders and positions) answers HTTP 500
+    until `venue.clear_injected_faults()`."""
+    for kind in kinds or VENUE_READS:
+        venue.inject_fault(kind, FaultKind.SERVER_ERROR, count=100_000)

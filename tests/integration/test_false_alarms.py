@@ -27,7 +27,7 @@ from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, FaultKind
 from protection import health
 from storage.database import Database
-from tests.integration.engine_support import make_engine
+from tests.integration.engine_support import make_engine, reads_fail
 from tests.integration.test_failure_modes_f1_f5 import (
     SYMBOLS,
     drive_until_covered,
@@ -326,8 +326,7 @@ async def test_a_look_up_that_keeps_failing_is_said_once_a_minute_per_stop_not_a
         assert isinstance(venue, SimVenue)
         caplog.clear()
         caplog.set_level(logging.INFO, logger="protection.manager")
-        for kind in (CallKind.FETCH_OPEN_ORDERS, CallKind.FETCH_ORDER, CallKind.FETCH_POSITIONS):
-            venue.inject_fault(kind, FaultKind.SERVER_ERROR, count=100_000)
+        reads_fail(venue)
         venue.drop_account_stream(1.0)
 
         def said() -> list[str]:
@@ -390,8 +389,7 @@ async def test_the_same_failure_in_a_new_incident_is_said_in_full(
             )
 
         for incident in (1, 2):
-            for kind in (CallKind.FETCH_OPEN_ORDERS, CallKind.FETCH_ORDER, CallKind.FETCH_POSITIONS):
-                venue.inject_fault(kind, FaultKind.SERVER_ERROR, count=100_000)
+            reads_fail(venue)
             venue.drop_account_stream(1.0)
             await drive_until(
                 clock, lambda n=incident: said() >= n, limit=15.0, what=f"incident {incident} said"

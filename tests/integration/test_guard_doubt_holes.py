@@ -15,7 +15,7 @@ from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, FaultKind
 from protection.manager import ClosePosition
 from storage.database import Database
-from tests.integration.engine_support import make_engine
+from tests.integration.engine_support import make_engine, reads_fail
 from tests.integration.test_failure_modes_f1_f5 import (
     SYMBOLS,
     drive_until_covered,
@@ -49,7 +49,7 @@ async def test_a_stream_down_with_passes_more_often_than_grace_still_puts_stops_
         await drive_until_covered(engine, clock, 1)
         venue = engine.venue
         assert isinstance(venue, SimVenue)
-        venue.inject_fault(CallKind.FETCH_OPEN_ORDERS, FaultKind.SERVER_ERROR, count=100_000)
+        reads_fail(venue, CallKind.FETCH_OPEN_ORDERS)
         venue.drop_account_stream(600.0)
         lost = guard.stop_loss.client_order_id
         venue.core.cancel_order(guard.symbol, lost, clock.now())  # by hand, unseen
@@ -80,7 +80,7 @@ async def test_a_listing_that_leaves_the_position_out_does_not_vouch_for_its_sto
         assert isinstance(venue, SimVenue)
         reconciler = engine.reconciler
         assert reconciler is not None
-        venue.inject_fault(CallKind.FETCH_OPEN_ORDERS, FaultKind.SERVER_ERROR, count=100_000)
+        reads_fail(venue, CallKind.FETCH_OPEN_ORDERS)
         venue.drop_account_stream(3.0)
         lost = guard.stop_loss.client_order_id
         venue.core.cancel_order(guard.symbol, lost, clock.now())  # by hand, unseen
@@ -89,7 +89,7 @@ async def test_a_listing_that_leaves_the_position_out_does_not_vouch_for_its_sto
         venue.answer_positions_empty(1)
         runs = reconciler.runs
         await drive_until(clock, lambda: reconciler.runs > runs, limit=5.0, what="a pass")
-        venue.inject_fault(CallKind.FETCH_OPEN_ORDERS, FaultKind.SERVER_ERROR, count=100_000)
+        reads_fail(venue, CallKind.FETCH_OPEN_ORDERS)
         grace = float(settings.protection.grace_seconds)
         await drive_until(
             clock,
@@ -124,11 +124,11 @@ async def test_a_close_in_flight_at_the_listing_does_not_have_its_stops_vouched_
         venue.core.cancel_order(guard.symbol, lost, clock.now())  # by hand, unseen
         runs = reconciler.runs
         await drive_until(clock, lambda: reconciler.runs > runs, limit=5.0, what="a pass")
-        venue.inject_fault(CallKind.FETCH_OPEN_ORDERS, FaultKind.SERVER_ERROR, count=100_000)
+        reads_fail(venue, CallKind.FETCH_OPEN_ORDERS)
         await drive_until(clock, closing.done, limit=60.0, what="the close given up")
         assert closing.result() is False
         venue.clear_injected_faults()
-        venue.inject_fault(CallKind.FETCH_OPEN_ORDERS, FaultKind.SERVER_ERROR, count=100_000)
+        reads_fail(venue, CallKind.FETCH_OPEN_ORDERS)
         grace = float(settings.protection.grace_seconds)
         await drive_until(
             clock,
@@ -259,8 +259,7 @@ async def test_a_listing_that_shows_stops_in_doubt_live_confirms_them(db: Databa
         await drive_until_covered(engine, clock, 1)
         venue = engine.venue
         assert isinstance(venue, SimVenue)
-        venue.inject_fault(CallKind.FETCH_OPEN_ORDERS, FaultKind.SERVER_ERROR, count=100_000)
-        venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.SERVER_ERROR, count=100_000)
+        reads_fail(venue, CallKind.FETCH_OPEN_ORDERS, CallKind.FETCH_ORDER)
         venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, count=100_000, stops_only=True)
         venue.drop_account_stream(1.0)
         await drive_until(clock, lambda: not guard.covered, limit=10.0, what="in doubt")
@@ -337,8 +336,7 @@ async def test_no_entry_goes_while_the_stops_are_in_doubt(db: Database) -> None:
         venue = engine.venue
         assert isinstance(venue, SimVenue)
         assert engine.store is not None
-        for kind in (CallKind.FETCH_OPEN_ORDERS, CallKind.FETCH_ORDER, CallKind.FETCH_POSITIONS):
-            venue.inject_fault(kind, FaultKind.SERVER_ERROR, count=100_000)
+        reads_fail(venue)
         venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, count=100_000, stops_only=True)
         venue.drop_account_stream(5.0)
         await drive_until(clock, lambda: not guard.covered, limit=10.0, what="in doubt")
@@ -416,8 +414,7 @@ async def test_a_stop_whose_earlier_generation_ended_is_said_unverified_in_doubt
             limit=10.0,
             what="placed again",
         )
-        for kind in (CallKind.FETCH_OPEN_ORDERS, CallKind.FETCH_ORDER, CallKind.FETCH_POSITIONS):
-            venue.inject_fault(kind, FaultKind.SERVER_ERROR, count=100_000)
+        reads_fail(venue)
         venue.drop_account_stream(5.0)
         await drive_until(clock, lambda: not guard.covered, limit=10.0, what="in doubt")
         assert guard.stop_loss_unverified
