@@ -10,6 +10,7 @@ import logging
 import pytest
 
 from engine.clock import ManualClock
+from engine.config import Settings
 from engine.exchange.port import OrderType
 from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, FaultKind
@@ -25,12 +26,20 @@ from tests.integration.test_failure_modes_f1_f5 import (
 from tests.support.driving import drive, drive_until
 
 
-def _hard_stop_replaced(venue: SimVenue, clock: ManualClock, symbol: str, lost: str | None) -> bool:
-    """The venue holds a hard stop of ours on `symbol` other than the one cancelled by hand."""
-    return any(
-        o.type is OrderType.STOP_MARKET and o.client_order_id != lost
-        for o in venue.core.open_protective_orders(clock.now(), symbol)
-    )
+async def _until_hard_stop_replaced(
+    settings: Settings, clock: ManualClock, venue: SimVenue, symbol: str, lost: str | None
+) -> None:
+    """Drive until the venue holds a hard stop of ours on `symbol` other than the one cancelled by hand (the
+    lost stop found gone and placed again), within the grace period and a few round trips of retries."""
+
+    def replaced() -> bool:
+        return any(
+            o.type is OrderType.STOP_MARKET and o.client_order_id != lost
+            for o in venue.core.open_protective_orders(clock.now(), symbol)
+        )
+
+    grace = float(settings.protection.grace_seconds)
+    await drive_until(clock, replaced, limit=grace + 10.0, what="the cancelled hard stop placed again")
 
 
 async def test_a_stream_down_with_passes_more_often_than_grace_still_puts_stops_in_doubt(
@@ -53,13 +62,7 @@ async def test_a_stream_down_with_passes_more_often_than_grace_still_puts_stops_
         venue.drop_account_stream(600.0)
         lost = guard.stop_loss.client_order_id
         venue.core.cancel_order(guard.symbol, lost, clock.now())  # by hand, unseen
-        grace = float(settings.protection.grace_seconds)
-        await drive_until(
-            clock,
-            lambda: _hard_stop_replaced(venue, clock, guard.symbol, lost),
-            limit=grace + 10.0,
-            what="the cancelled hard stop found gone by its id and placed again",
-        )
+        await _until_hard_stop_replaced(settings, clock, venue, guard.symbol, lost)
     finally:
         await drive(clock, engine.stop())
 
@@ -90,13 +93,7 @@ async def test_a_listing_that_leaves_the_position_out_does_not_vouch_for_its_sto
         runs = reconciler.runs
         await drive_until(clock, lambda: reconciler.runs > runs, limit=5.0, what="a pass")
         reads_fail(venue, CallKind.FETCH_OPEN_ORDERS)
-        grace = float(settings.protection.grace_seconds)
-        await drive_until(
-            clock,
-            lambda: _hard_stop_replaced(venue, clock, guard.symbol, lost),
-            limit=grace + 10.0,
-            what="the cancelled hard stop found gone by its id and placed again",
-        )
+        await _until_hard_stop_replaced(settings, clock, venue, guard.symbol, lost)
     finally:
         await drive(clock, engine.stop())
 
@@ -129,13 +126,7 @@ async def test_a_close_in_flight_at_the_listing_does_not_have_its_stops_vouched_
         assert closing.result() is False
         venue.clear_injected_faults()
         reads_fail(venue, CallKind.FETCH_OPEN_ORDERS)
-        grace = float(settings.protection.grace_seconds)
-        await drive_until(
-            clock,
-            lambda: _hard_stop_replaced(venue, clock, guard.symbol, lost),
-            limit=grace + 10.0,
-            what="the cancelled hard stop found gone by its id and placed again",
-        )
+        await _until_hard_stop_replaced(settings, clock, venue, guard.symbol, lost)
     finally:
         await drive(clock, engine.stop())
 
@@ -234,13 +225,7 @@ async def test_a_guard_whose_task_died_is_started_again_and_counts_uncovered_mea
         assert isinstance(venue, SimVenue)
         lost = guard.stop_loss.client_order_id
         venue.core.cancel_order(guard.symbol, lost, clock.now())  # by hand
-        grace = float(settings.protection.grace_seconds)
-        await drive_until(
-            clock,
-            lambda: _hard_stop_replaced(venue, clock, guard.symbol, lost),
-            limit=grace + 10.0,
-            what="the cancelled hard stop placed again",
-        )
+        await _until_hard_stop_replaced(settings, clock, venue, guard.symbol, lost)
         await drive_until_covered(engine, clock, 1, limit=10.0)
     finally:
         await drive(clock, engine.stop())
