@@ -853,9 +853,13 @@ async def _read_status(
                     held = await conn.fetchval(held_sql, venue, account)
                     store = Store.on_connection(conn, account)
                     coverage = await store.coverage()
-                    uncovered = await store.uncovered_positions(grace)
-                    health_rows = await store.latest_health()
                     holder = await holder_on(conn, venue, account)
+                    # A grace period is the time an engine takes to protect a position: with none looking
+                    # after the account, nothing will, and a naked position is listed at once (it was left
+                    # out for the grace period after a kill -9).
+                    minding = holder is not None and holder.looks_after
+                    uncovered = await store.uncovered_positions(grace if minding else 0.0)
+                    health_rows = await store.latest_health()
                     control = await store.entries_control(venue, account)
                     now = await conn.fetchval("SELECT now()")
                     token = await store.installation_token()

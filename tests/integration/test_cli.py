@@ -89,7 +89,8 @@ async def test_status_json_agrees_with_the_incident_sql(workdir: Path, pg_server
                 f"S{i}USDT",
                 i < 5,
             )
-        # Opened a moment ago, no stops yet: still within the grace period, so not listed as uncovered.
+        # Opened a moment ago, no stops yet: within the grace period, but no engine looks after the account,
+        # so nothing will protect it: listed as uncovered at once (with an engine it would not be yet).
         await conn.execute(
             "INSERT INTO monitoring.positions (account, symbol, exchange, side, quantity, entry_price, status, "
             "opened_at) VALUES ('sim:default', 'NEWUSDT', 'sim', 'short', 1, 2, 'pending_protection', now())"
@@ -104,20 +105,21 @@ async def test_status_json_agrees_with_the_incident_sql(workdir: Path, pg_server
     status = json.loads(result.stdout)
     assert (status["state"], status["reason"]) == (
         "critical",
-        "2 positions uncovered (S5USDT, S6USDT) and no engine protecting them: none holds the account sim:default",
+        "3 positions uncovered (S5USDT, S6USDT, NEWUSDT) and no engine protecting them: none holds the account "
+        "sim:default",
     )
     assert status["active"] == sql_row["total"] == 7
     assert status["with_trailing_stop"] == sql_row["with_ts"] == 5
     assert Decimal(str(status["coverage_pct"])) == sql_row["coverage_pct"] == Decimal("71.4")
     assert status["with_stop_loss"] == 7
-    assert sorted(p["symbol"] for p in status["uncovered"]) == ["S5USDT", "S6USDT"]
+    assert sorted(p["symbol"] for p in status["uncovered"]) == ["NEWUSDT", "S5USDT", "S6USDT"]
 
     human = tsbot("status", cwd=workdir)
     # No engine checks the venue: the figures are the records', and say so (an operator read "100.0%",
     # "uncovered: 0" while two stops had been cancelled on the venue since).
     assert (
         "TS coverage:       71.4% of the active positions (in the records: no engine checks the venue now)\n"
-        "uncovered:         2 (in the records: no engine checks the venue now)\n"
+        "uncovered:         3 (in the records: no engine checks the venue now)\n"
     ) in human.stdout
     assert status["entries"] == "on"
     # The rows above were the sim venue's default account's: the status names it, as the SQL should.

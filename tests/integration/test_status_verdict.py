@@ -286,6 +286,26 @@ async def test_uncovered_positions_say_which_stop_is_missing(workdir: Path, engi
     assert "no stop-loss" not in human
 
 
+async def test_with_no_engine_a_naked_position_is_listed_at_once_not_after_its_grace(
+    workdir: Path, engine_side: EngineSide
+) -> None:
+    """An operator: `tsbot status` a few seconds after a kill -9 did not list two positions filled and
+    never protected (one with a hard stop only, one with none): they appeared once their grace period had
+    passed. A grace period is the time an engine takes to protect a position; with none looking after the
+    account, nothing will, and status lists them at once. With an engine running, the grace still applies."""
+    await engine_side.execute(
+        "INSERT INTO monitoring.positions (account, symbol, exchange, side, quantity, entry_price, status, "
+        "has_stop_loss, has_trailing_stop, opened_at) "
+        "VALUES ('sim:default', 'ARBUSDT', 'sim', 'long', 1, 2, 'pending_protection', false, false, now())"
+    )
+    alone = json.loads(tsbot("status", "--json", cwd=workdir).stdout)
+    assert [p["symbol"] for p in alone["uncovered"]] == ["ARBUSDT"]
+    await engine_side.take_lease()
+    await engine_side.measure(*HEALTHY)
+    minded = json.loads(tsbot("status", "--json", cwd=workdir).stdout)
+    assert minded["uncovered"] == []  # (inside its grace: its engine is protecting it)
+
+
 async def test_with_an_engine_running_the_uncovered_list_is_never_under_an_ok_verdict(
     workdir: Path, engine_side: EngineSide
 ) -> None:
