@@ -150,7 +150,11 @@ async def test_x_closes_the_selected_position_after_confirmation(db: Database) -
         manager = board.engine.manager
         await board.until(lambda: target.symbol not in manager.by_symbol, "closed in the engine")
         await board.until(lambda: board.positions.shown_symbols() == [SYMBOLS[30]], "row removed")
-        assert any(f"{target.symbol} closed at market" in d for d in board.log_details())
+        # The close's answer is a message the app handles after the engine removed the row (a loaded CI run
+        # read the log a moment before it came): awaited, not read at once.
+        await board.until(
+            lambda: any(f"{target.symbol} closed at market" in d for d in board.log_details()), "closed said"
+        )
 
 
 async def _two_rate_refusals(board: Dashboard, symbol: str) -> OrderBudget:
