@@ -3518,9 +3518,7 @@ class ProtectionManager:
             except Exception:
                 log.exception("could not record order %s as %s", row.client_order_id, row.status.value)
 
-        task = asyncio.create_task(write(), name=f"order-status-{row.client_order_id}")
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._in_background(write(), f"order-status-{row.client_order_id}")
 
     def _guard_ended(self, guard: PositionGuard, task: asyncio.Task[None]) -> None:
         """A guard's task ended. With its position closed, or the manager stopping, that is its end. Otherwise
@@ -3549,6 +3547,13 @@ class ProtectionManager:
             )
         self._run_guard(guard, self._run_again(guard, delay))
 
+    def _in_background(self, work: Coroutine[Any, Any, _T], name: str) -> asyncio.Task[_T]:
+        """Run `work` as a task the manager tracks until it ends (a stop cancels and awaits them all)."""
+        task = asyncio.create_task(work, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
     def _spawn_facts_write(self, guard: PositionGuard) -> None:
         async def write() -> None:
             try:
@@ -3556,9 +3561,7 @@ class ProtectionManager:
             except Exception:
                 log.exception("%s: could not record its stops as unverified", guard.symbol)
 
-        task = asyncio.create_task(write(), name=f"facts-{guard.position_id}")
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._in_background(write(), f"facts-{guard.position_id}")
 
     async def _run_again(self, guard: PositionGuard, delay: float) -> None:
         await self.clock.sleep(delay)
@@ -3621,10 +3624,7 @@ class ProtectionManager:
         pending.update(orders)
         if symbol in self._sweepers:
             return
-        task = asyncio.create_task(self._sweep(symbol, at_once), name=f"sweep-{symbol}")
-        self._sweepers[symbol] = task
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._sweepers[symbol] = self._in_background(self._sweep(symbol, at_once), f"sweep-{symbol}")
 
     def unfinished_cancels(self) -> dict[str, dict[str, float | None]]:
         """Stops of closed positions not cancelled yet, by symbol: those being swept and those whose
@@ -3959,9 +3959,7 @@ class ProtectionManager:
             with contextlib.suppress(Exception):
                 await call
 
-        task = asyncio.ensure_future(finish())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._in_background(finish(), "finish-late-answer")
 
     def late_answer_seconds(self) -> float:
         """How long after its send an order call's answer counts as late (and is looked for)."""
@@ -4138,10 +4136,7 @@ class ProtectionManager:
             # more often than the grace period kept the doubt from ever coming (a hard stop cancelled by
             # hand, a minute "covered").
             return
-        self._doubt_timer = asyncio.ensure_future(self._doubt_unless_listed())
-        self._doubt_timer.set_name("stream-gap-doubt")
-        self._background.add(self._doubt_timer)
-        self._doubt_timer.add_done_callback(self._background.discard)
+        self._doubt_timer = self._in_background(self._doubt_unless_listed(), "stream-gap-doubt")
 
     def venue_listed(self, asked_at: float, checked: Collection[str]) -> None:
         """A listing of the venue's positions and open orders asked at `asked_at` (monotonic) answered, and
@@ -4306,9 +4301,7 @@ class ProtectionManager:
             except Exception:
                 log.exception("could not record event %s for %s: %s", type_, symbol, message)
 
-        task = asyncio.create_task(write(), name=f"event-{type_}")
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._in_background(write(), f"event-{type_}")
 
 
 # How each class of failed protective create starts its log line and event message. "Timeout creating
