@@ -39,13 +39,35 @@ def postmaster_pid(data_dir: Path) -> int:
     return pid
 
 
+def _children(pid: int) -> list[int]:
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                # The fields after the command (which may hold spaces) start with the state, then the ppid.
+                if int((entry / "stat").read_text().rpartition(")")[2].split()[1]) == pid:
+                    children.append(int(entry.name))
+    return children
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
 def kill_postmaster(data_dir: Path) -> int:
-    """SIGKILL the postmaster, as the OOM killer or an operator would; returns its pid once it is dead."""
+    """SIGKILL the postmaster, as the OOM killer or an operator would; returns its pid once it is dead and
+    its backends have noticed and ended. Until then a backend still answers the connection it serves (on a
+    loaded machine a test's first writes went through to the "dead" server)."""
     pid = postmaster_pid(data_dir)
+    backends = _children(pid)
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while postmaster_state(data_dir)[0] is PostmasterState.RUNNING:
-        assert time.monotonic() < deadline, "the killed postmaster is still running"
+    while postmaster_state(data_dir)[0] is PostmasterState.RUNNING or any(map(_running, backends)):
+        assert time.monotonic() < deadline, "the killed postmaster or one of its backends is still running"
         time.sleep(0.01)
     return pid
 
