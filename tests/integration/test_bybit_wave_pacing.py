@@ -508,7 +508,7 @@ async def test_a_short_adopted_into_a_long_entrys_record_is_not_closed_by_the_st
     emulator.faults.force((Target("POST", "order/create"),), parse_bybit_fault("error"), count=1)
     reads = (Target("GET", "order/realtime"), Target("GET", "order/history"))
     emulator.faults.force(reads, parse_bybit_fault("busy"), count=100_000)
-    overrides = {"PROTECTION__BREAKER__UNCOVERED_FACTOR": "1000"}
+    overrides = {"PROTECTION__BREAKER__UNCOVERED_FACTOR": "1000", "PROTECTION__RECONCILE_SECONDS": "2"}
     async with bybit_engine(db, emulator, overrides) as (engine, _rejected):
         assert engine.store is not None
         await engine.store.insert_signals([("SFPUSDT", "long", None, None)])

@@ -324,6 +324,9 @@ def test_a_venue_on_a_closed_port_is_one_line_couldnt_reach(workdir: Path) -> No
         TSBOT_VENUE__BASE_URL=url,
         TSBOT_VENUE__API_KEY=API_KEY,
         TSBOT_VENUE__API_SECRET=API_SECRET,
+        # The start tries its reads six times (31 s of backoff at the defaults): the same tries, shorter.
+        TSBOT_PROTECTION__RETRY_INITIAL_SECONDS="0.1",
+        TSBOT_PROTECTION__RETRY_MAX_SECONDS="1",
     )
     _assert_one_line(result, 1, f"tsbot: venue binanceusdm at {url}: couldn't reach it: ")
     assert API_SECRET not in result.stderr

@@ -288,7 +288,7 @@ async def test_a_position_an_engine_killed_in_its_first_pass_is_on_the_record_un
         await conn.close()
     await asyncio.sleep(1)  # no engine runs
     # (its stops recorded as sent and not found: a look proves them absent only after the venue's read lag)
-    second = await asyncio.to_thread(tsbot, "run", "--duration", "20", cwd=workdir)
+    second = await asyncio.to_thread(tsbot, "run", "--duration", "10", cwd=workdir)
     assert second.returncode == 0, second.stderr
     conn = await asyncpg.connect(dsn)
     try:

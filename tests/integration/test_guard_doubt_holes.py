@@ -182,8 +182,8 @@ async def test_a_guard_failing_for_hours_keeps_running(db: Database) -> None:
         [guard] = await open_positions(engine, clock, [SYMBOLS[57]])
         await drive(clock, clock.sleep(60.0))
         guard.failures = 1020  # stands for ~8 h of refused stops at the 30 s cap
-        for _ in range(10):
-            await drive(clock, clock.sleep(60.0))
+        for _ in range(10):  # (in 1 s steps: the passes come every 30 s)
+            await drive(clock, clock.sleep(60.0), step=1.0)
         assert guard.failures > 1030
         venue.clear_injected_faults()
         await drive_until_covered(engine, clock, 1, limit=60.0)

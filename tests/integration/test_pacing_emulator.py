@@ -15,6 +15,7 @@ from engine.exchange.errors import RateLimited
 from engine.order_budget import OrderBudget
 from engine.pacing import Lane, RequestPacer, VenuePacing, call_with_send_timeout
 from engine.venues.binance_emulator import BinanceEmulator, FaultPlan, running
+from engine.venues.binance_emulator.faults import parse_fault_spec
 from engine.venues.binance_limits import USED_WEIGHT_HEADER
 from engine.venues.binance_venue import BinanceUsdmVenue
 from engine.venues.ccxt_venue import CcxtVenueConfig
@@ -107,10 +108,15 @@ async def test_a_wave_larger_than_cctxs_pool_sends_all_its_stops_at_once(db: Dat
     last positions needed a third round trip. The engine's pool is sized for its largest burst: the
     emulator sees every stop of the wave in flight together, and every position is protected."""
     sim = SimVenueSettings(seed=5, volatility=0.0, max_conditional_orders=400)
-    # 5 s per request: on a loaded machine the wave's 60 entries are answered over a second or more (ccxt
+    # 5 s per stop: on a loaded machine the wave's 60 entries are answered over a second or more (ccxt
     # builds and signs each), and the stops of the first must still be in flight when the last are sent.
+    # (Only the stops: every request that slow made the start and the entries take 50 s.)
     emulator = BinanceEmulator(
-        sim, api_key=KEY, api_secret=SECRET, control=True, faults=FaultPlan(latency_ms=5000)
+        sim,
+        api_key=KEY,
+        api_secret=SECRET,
+        control=True,
+        faults=FaultPlan(parse_fault_spec("POST:algoOrder=latency:5000")),
     )
     async with running(emulator) as base_url:
         engine = binance_wire_engine(
