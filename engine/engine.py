@@ -510,6 +510,10 @@ class EntryInDoubt:
     # Monotonic: when its outcome became unknown (every send of it was before); "no such order" proves it
     # absent only a request window and a read lag after this (`Engine._absence_provable_in`).
     unknown_at: float = 0.0
+    # Left by an earlier run (`Engine._doubt_restored_entry`): the monotonic moment from which the breaker
+    # judges it, when this engine could first have settled it (the venue's proof of absence). Its time
+    # without stops on every surface still counts from its send.
+    judged_from: float = 0.0
     error: str = ""
     # Set when the account stream told the entry's outcome (`Engine._entry_streamed`): the look-ups stop.
     heard: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
@@ -525,8 +529,10 @@ class EntryInDoubt:
     adopting: asyncio.Event | None = None
     answering: bool = False
 
-    def coverage(self) -> PositionCoverage:
-        return PositionCoverage(self.position_id, self.symbol, False, False, self.sent_at, self.sent_at)
+    def coverage(self, *, judged: bool = False) -> PositionCoverage:
+        """Its facts; `judged`: as the breaker judges them (see `judged_from`)."""
+        since = max(self.sent_at, self.judged_from) if judged else self.sent_at
+        return PositionCoverage(self.position_id, self.symbol, False, False, since, since)
 
     def view_at(self, now: float, mark: Decimal | None) -> PositionView:
         return _unguarded_view(
@@ -552,7 +558,7 @@ class _AwaitingGuard:
     filled_at: float  # monotonic
     why: str = "filled, its record being written: no stop yet"
 
-    def coverage(self) -> PositionCoverage:
+    def coverage(self, *, judged: bool = False) -> PositionCoverage:
         return PositionCoverage(self.position_id, self.symbol, False, False, self.filled_at, self.filled_at)
 
     def view_at(self, now: float, mark: Decimal | None) -> PositionView:
@@ -1687,6 +1693,10 @@ class Engine:
     ) -> None:
         doubt.error = f"entry outcome unknown after a restart: {str(why) or type(why).__name__}"
         self._doubt_entry(doubt, functools.partial(self._restored_entry_settled, position, doubt))
+        # Counted uncovered from its send, perhaps minutes ago; no failure of this engine's protection until
+        # the venue could have told (a killed engine's entries tripped the breaker at every start, and the
+        # pause outlived their proof of absence seconds later).
+        doubt.judged_from = self._absence_provable_at(doubt)
         return None
 
     async def _restored_entry_settled(
@@ -2983,13 +2993,17 @@ class Engine:
         inside the call), a request is still younger than the moment its outcome became unknown. Were the
         venue to run one later still (Binance's -1007 "execution status unknown" names no bound), the
         reconciler adopts what its list shows."""
+        return self._absence_provable_at(doubt) - asked_at
+
+    def _absence_provable_at(self, doubt: EntryInDoubt) -> float:
+        """The monotonic moment from which "no such order" proves `doubt` never executed (see above)."""
         capabilities = self.venue.capabilities()
         window = (
             capabilities.request_window_seconds
             + VENUE_TIMESTAMP_LEAD_SECONDS
             + capabilities.read_after_write_seconds
         )
-        return doubt.unknown_at + window - asked_at
+        return doubt.unknown_at + window
 
     def _entry_streamed(self, event: AccountEvent) -> None:
         """An account event no guard took: if it says an entry of ours ended, kept as that entry's outcome,
@@ -3406,7 +3420,8 @@ class Engine:
                 # Entries in doubt included: each may be a position without stops. Not the managed trails a
                 # protection restart has not moved yet: the operator's restart is no failing path, and no
                 # entry is sent until it ends (a pause would outlast it, waiting for a resume by hand).
-                self._coverage(unmoved_trails=False),
+                # Entries in doubt that an earlier run left are judged from when this engine could settle them.
+                self._coverage(unmoved_trails=False, judged=True),
                 self._grace_seconds(),
                 manager.protective_attempts.count(now, window),
                 manager.protective_failures.count(now, window),
@@ -3544,21 +3559,22 @@ class Engine:
         """Coverage as the snapshot shows it (the health check and the gauge read the same figures)."""
         return self._coverage(unmoved_trails=True)
 
-    def _coverage(self, *, unmoved_trails: bool) -> CoverageFigures:
+    def _coverage(self, *, unmoved_trails: bool, judged: bool = False) -> CoverageFigures:
         manager = self.manager
         if manager is None:
             return _empty_coverage()
         now = self.clock.monotonic()
-        _guards, _carried, facts = self._protection_facts(unmoved_trails)  # the facts only: cheap per scrape
+        # (the facts only: cheap per scrape)
+        _guards, _carried, facts = self._protection_facts(unmoved_trails, judged=judged)
         return coverage_figures(facts, now, manager.config.grace_seconds)
 
     def _protection_facts(
-        self, unmoved_trails: bool = True
+        self, unmoved_trails: bool = True, *, judged: bool = False
     ) -> tuple[list[PositionGuard], list[int], list[PositionCoverage]]:
         """Each open position's coverage facts, with where its view comes from: its guard, or, while the
         protection manager restarts and before the new guards exist, the last verified state
         (`_CarriedProtection`, by position id). Closed positions (their leftover stops being cancelled) are
-        gone: not shown, not counted."""
+        gone: not shown, not counted. `judged`: entries in doubt as the breaker judges them."""
         manager = self.manager
         carried = self._carried
         guards: list[PositionGuard] = []
@@ -3580,7 +3596,7 @@ class Engine:
                 shown.add(position_id)
         for unguarded in self._unguarded():
             if unguarded.position_id not in shown:
-                facts.append(unguarded.coverage())
+                facts.append(unguarded.coverage(judged=judged))
                 shown.add(unguarded.position_id)
         return guards, carried_ids, facts
 

@@ -652,6 +652,29 @@ async def test_an_entry_in_doubt_at_a_crash_that_was_working_or_part_filled_is_p
         await drive(clock, second.stop())
 
 
+async def _entries_recorded_sent(engine: Engine, symbols: list[str]) -> list[int]:
+    """Long entries on `symbols` recorded as sent (their record written before the send), none sent: the
+    state a process killed between the record and the answer leaves."""
+    store = engine.store
+    assert store is not None
+    ids = []
+    for symbol in symbols:
+        position = await store.create_position(
+            symbol=symbol, exchange=engine.exchange_name, side="long", quantity=Decimal(1)
+        )
+        await store.record_order(
+            client_order_id=client_order_id(engine._token, position.id, OrderPurpose.ENTRY, 0),
+            position_id=position.id,
+            purpose=OrderPurpose.ENTRY,
+            side="buy",
+            type="market",
+            quantity=Decimal(1),
+        )
+        await store.set_position_status(position.id, PositionStatus.ENTRY_PLACED)
+        ids.append(position.id)
+    return ids
+
+
 async def test_an_entry_recorded_sent_at_a_crash_is_not_judged_absent_at_once_by_the_next_start(
     db: Database,
 ) -> None:
@@ -665,20 +688,7 @@ async def test_an_entry_recorded_sent_at_a_crash_is_not_judged_absent_at_once_by
     venue.set_read_lag(5.0)
     await drive(clock, engine.start())
     try:
-        store = engine.store
-        assert store is not None
-        position = await store.create_position(
-            symbol=SYMBOL, exchange=engine.exchange_name, side="long", quantity=Decimal(1)
-        )
-        await store.record_order(
-            client_order_id=client_order_id(engine._token, position.id, OrderPurpose.ENTRY, 0),
-            position_id=position.id,
-            purpose=OrderPurpose.ENTRY,
-            side="buy",
-            type="market",
-            quantity=Decimal(1),
-        )
-        await store.set_position_status(position.id, PositionStatus.ENTRY_PLACED)
+        [position_id] = await _entries_recorded_sent(engine, [SYMBOL])
         # The process has run a while (on a real machine the monotonic clock is the host's uptime).
         await drive_until(clock, lambda: clock.monotonic() > 10.0, limit=11.0, what="10 s run")
     finally:
@@ -691,15 +701,15 @@ async def test_an_entry_recorded_sent_at_a_crash_is_not_judged_absent_at_once_by
 
         async def status() -> str:
             return await db.pool.fetchval(
-                "SELECT status FROM monitoring.positions WHERE id = $1", position.id
+                "SELECT status FROM monitoring.positions WHERE id = $1", position_id
             )
 
         assert await status() == "entry_placed"
-        assert [d.position_id for d in second.entries_in_doubt()] == [position.id]  # counted uncovered
+        assert [d.position_id for d in second.entries_in_doubt()] == [position_id]  # counted uncovered
         await drive_until(
             clock,
             lambda: db.pool.fetchval(
-                "SELECT status = 'failed' FROM monitoring.positions WHERE id = $1", position.id
+                "SELECT status = 'failed' FROM monitoring.positions WHERE id = $1", position_id
             ),
             limit=30,
             what="recorded failed",
@@ -873,3 +883,71 @@ async def test_waves_are_listed_newest_first_by_when_they_began(db: Database) ->
         assert waves[0].wave_id > waves[1].wave_id
     finally:
         await drive(clock, engine.stop())
+
+
+async def _killed_with_entries_in_doubt(
+    db: Database, symbols: list[str]
+) -> tuple[Engine, SimVenue, ManualClock]:
+    """An engine killed with entries on `symbols` recorded sent and never sent, started again a minute
+    later on a venue whose reads lag 5 s: each is in doubt until the venue can prove it absent."""
+    engine, venue, clock = _engine(db, {"PROTECTION__GRACE_SECONDS": "5"})
+    venue.set_read_lag(5.0)
+    await drive(clock, engine.start())
+    try:
+        await _entries_recorded_sent(engine, symbols)
+    finally:
+        await drive(clock, engine.stop(drain=False))
+    await drive(clock, clock.sleep(60.0), step=1.0)  # (an operator starts it again a minute later)
+    second = restarted(engine, engine.settings, clock)
+    assert isinstance(second.venue, SimVenue)
+    second.venue.set_read_lag(5.0)
+    await drive(clock, second.start())
+    return second, second.venue, clock
+
+
+async def test_entries_a_killed_engine_left_in_doubt_do_not_trip_the_breaker_while_the_venue_cannot_prove_them(
+    db: Database,
+) -> None:
+    """Entries a killed engine had recorded sent are in doubt at the next start until the venue's request
+    window and read lag have passed. Counted uncovered from their send (a minute before), they tripped the
+    breaker at once ("coverage 75.0 % of 20 position(s) past grace"); proven never sent seconds later, the
+    pause stayed, across restarts, until an operator lifted it, and the next wave was rejected whole (found
+    in a review). They are shown uncovered as before; the breaker judges them from when this engine could
+    settle them."""
+    symbols = SYMBOLS[34:37]
+    second, venue, clock = await _killed_with_entries_in_doubt(db, symbols)
+    try:
+        assert sorted(d.symbol for d in second.entries_in_doubt()) == sorted(symbols)
+        assert second.coverage().uncovered == 3  # the gauge: each may be a position without stops
+        await drive_until(
+            clock,
+            lambda: db.pool.fetchval("SELECT count(*) = 3 FROM monitoring.positions WHERE status = 'failed'"),
+            limit=30,
+            what="all three proven never sent",
+        )
+        await drive(clock, clock.sleep(10.0))
+        assert not venue.core.inspect(clock.now()).positions
+        assert second.entries_paused_by == "", second.entries_pause_reason
+    finally:
+        await drive(clock, second.stop())
+
+
+async def test_entries_a_killed_engine_left_in_doubt_that_stay_unknown_still_trip_the_breaker(
+    db: Database,
+) -> None:
+    """The other side: entries left in doubt whose look-ups keep failing are never settled, and once the
+    venue could have proven them absent and a grace period more has passed, they are a failing path."""
+    symbols = SYMBOLS[34:37]
+    second, venue, clock = await _killed_with_entries_in_doubt(db, symbols)
+    try:
+        venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.SERVER_ERROR, count=100_000)
+        waited = await drive_until(
+            clock,
+            lambda: second.entries_paused_by == "breaker",
+            limit=60,
+            what="entries paused by the breaker",
+        )
+        assert waited > 5.0 + 5.0  # (the venue's proof, then the grace)
+        assert len(second.entries_in_doubt()) == 3
+    finally:
+        await drive(clock, second.stop())
