@@ -2593,11 +2593,16 @@ class Engine:
 
     def _not_to_be_sent(self) -> str | None:
         """Why an entry admitted and not sent yet must not be sent now (None: it may go): the engine began
-        stopping (a stop sends no entry it has not sent; it only finishes those sent), or entries were
-        paused while it waited."""
+        stopping (a stop sends no entry it has not sent; it only finishes those sent), entries were paused
+        while it waited, or the venue's word holds entries back now (a ban, rate refusals piled up: the
+        entries admitted before waited out the 429's hold and went at its end, with the stops queued behind
+        the same hold; an operator saw 11 positions opened after the header said "ENTRIES HELD")."""
         if self._draining or self.state is not EngineState.RUNNING:
             return "engine stopping"
-        return self._paused_before_sent() if self.entries_paused else None
+        if self.entries_paused:
+            return self._paused_before_sent()
+        refusal = self.order_budget.entry_refusal() if self.order_budget is not None else None
+        return _not_kept(refusal) if refusal is not None else None
 
     def _paused_before_sent(self) -> str:
         """The reason of an entry a wave accepted and a pause stopped before it was sent: a pause stops

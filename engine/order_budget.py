@@ -248,6 +248,12 @@ class OrderBudget:
             )
         return None
 
+    def entry_refusal(self) -> RateLimited | None:
+        """What an entry is answered while `entries_held` (None: it may go), at its admission or, admitted
+        before, when its request would leave."""
+        held = self.entries_held()
+        return None if held is None else RateLimited(held[0], f"entries held back: {held[1]}")
+
     def held_for(self) -> float | None:
         """Seconds left before the venue takes orders again (a 429's hold or a ban), or None."""
         left = self._hold_until - self._clock.monotonic()
@@ -326,9 +332,8 @@ class OrderBudget:
         while True:
             if self.banned_for() is not None:
                 raise Banned(self._banned_until_epoch, "entries wait for no ban")
-            held = self.entries_held()
-            if held is not None:
-                raise RateLimited(held[0], f"entries held back: {held[1]}")
+            if (refusal := self.entry_refusal()) is not None:
+                raise refusal
             fresh = max(ENTRY_FRESH_MIN_SECONDS, self._round_trip())
             probe, probe_wait = self._probing(
                 self._clock.monotonic(), self._probe_patience, fresh=fresh, entry=True

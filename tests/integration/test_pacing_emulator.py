@@ -146,3 +146,58 @@ async def test_a_wave_larger_than_cctxs_pool_sends_all_its_stops_at_once(db: Dat
             assert len(emulator.core.inspect(emulator.now()).open_conditional) == 120
         finally:
             await engine.stop()
+
+
+async def test_entries_waiting_out_a_429_are_not_sent_once_the_refusals_hold_entries_back(
+    db: Database,
+) -> None:
+    """A wave's stops drew 429s (another client filled the IP's weight): two refusals hold entries back, and
+    the header said "ENTRIES HELD". The entries admitted before, waiting for the 429's Retry-After, still went
+    the moment it ended, and their positions had no stop while every stop queued behind the same hold (an
+    operator saw 11 positions opened after "ENTRIES HELD", 3 runs of 3). Judged on the venue: no entry it
+    executed was sent after entries were held back."""
+    sim = SimVenueSettings(seed=5, volatility=0.0)
+    emulator = BinanceEmulator(sim, api_key=KEY, api_secret=SECRET, control=True)
+    async with running(emulator) as base_url, aiohttp.ClientSession() as session:
+        engine = binance_wire_engine(
+            db.target.dsn,
+            base_url,
+            KEY,
+            SECRET,
+            {"SIGNALS__MAX_CONCURRENT_ENTRIES": "20", "SIGNALS__WAVE_WINDOW_MS": "0"},
+        )
+        await engine.start()
+        held_at: list[float] = []
+
+        async def watch() -> None:
+            while not held_at:
+                if engine.order_budget is not None and engine.order_budget.entries_held() is not None:
+                    held_at.append(time.time())
+                await asyncio.sleep(0.005)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            assert engine.store is not None
+            burst = {"targets": ["POST:algoOrder"], "count": 8, "fault": "ratelimit"}
+            async with session.post(f"{base_url}/_sim/fault", json=burst) as answer:
+                assert answer.status == 200
+            symbols = sorted(emulator.core.markets)[:15]
+            await engine.store.insert_signals([(s, "long", None, None) for s in symbols])
+            await wait_until(
+                lambda: db.pool.fetchval(
+                    "SELECT count(*) = 0 FROM monitoring.signals WHERE status IN ('new', 'taken')"
+                ),
+                within=60.0,
+                what="every signal settled",
+            )
+            await asyncio.sleep(1.0)  # (an entry that would still go at a hold's end)
+            positions = emulator.core.inspect(emulator.now()).positions
+            assert held_at, "the refusals never held entries back"
+            late = [
+                (p.symbol, p.updated_at - held_at[0]) for p in positions if p.updated_at > held_at[0] + 0.3
+            ]
+            assert not late, late  # (a send already under way reaches the venue a moment later)
+            assert len(positions) < len(symbols)  # the others were held back, not sent
+        finally:
+            watcher.cancel()
+            await engine.stop()
