@@ -1515,9 +1515,30 @@ class Engine:
                 naked_since=_left_never_protected(position),
             )
 
+        pending = [p for p in restorable if _entry_pending(p)]
+        # Their symbols are held while they are looked up: the start-up reconcile runs beside the look-ups
+        # (a position opened by hand while no engine ran waited for the slowest look-up, 8 s in a review,
+        # before its stops went) and adopts none of them; an entry left in doubt keeps its symbol held.
+        looked_up = {p.symbol for p in pending} - self._in_flight
+        self._in_flight |= looked_up
+
         async def protect_once_filled(position: PositionRecord) -> PositionGuard | None:
-            filled = await self._resolve_entry(position)
+            try:
+                filled = await self._resolve_entry(position)
+            finally:
+                if position.symbol in looked_up and position.symbol not in self._in_doubt:
+                    self._in_flight.discard(position.symbol)
             return None if filled is None or manager.stopped else protect(filled)
+
+        async def reconcile_at_start() -> int:
+            if snapshot is None:
+                return 0
+            assert self.reconciler is not None
+            try:
+                return len((await self.reconciler.reconcile_once(snapshot)).adopted)
+            except (ExchangeError, TimeoutError) as exc:
+                log.error("start-up reconcile failed (%s); the periodic reconciler will retry", exc)
+                return 0
 
         # Positions known filled are guarded at once (those without stops get them a round trip after the
         # venue's answer); each entry left pending is looked up, and guarded on its own answer: none waits
@@ -1525,17 +1546,19 @@ class Engine:
         guards = [protect(p) for p in restorable if not _entry_pending(p)]
         if handover is not None:  # the guards exist: the account's events reach them from now on
             handover()
-        resolved = await asyncio.gather(*(protect_once_filled(p) for p in restorable if _entry_pending(p)))
+        # (Each runs to its end whatever the other does; the first exception is raised after.)
+        resolved, adopted = await asyncio.gather(
+            asyncio.gather(*(protect_once_filled(p) for p in pending)),
+            reconcile_at_start(),
+            return_exceptions=True,
+        )
+        if isinstance(resolved, BaseException):
+            raise resolved
+        if isinstance(adopted, BaseException):
+            raise adopted
         guards += [g for g in resolved if g is not None]
         if self._carried is not None:  # from here on each position shows what the new guards know
             self._carried.guards_created = True
-        adopted = 0
-        if snapshot is not None:
-            try:
-                report = await self.reconciler.reconcile_once(snapshot)
-                adopted = len(report.adopted)
-            except (ExchangeError, TimeoutError) as exc:
-                log.error("start-up reconcile failed (%s); the periodic reconciler will retry", exc)
         # What this report is about: the positions restored and adopted here (not those that entries or
         # the reconcile loop add once the restart has handed over).
         waited = list(self.manager.guards.values())

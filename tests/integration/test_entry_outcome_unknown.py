@@ -951,3 +951,55 @@ async def test_entries_a_killed_engine_left_in_doubt_that_stay_unknown_still_tri
         assert len(second.entries_in_doubt()) == 3
     finally:
         await drive(clock, second.stop())
+
+
+async def test_a_position_opened_while_no_engine_ran_is_protected_without_waiting_for_entry_look_ups(
+    db: Database,
+) -> None:
+    """At a start, the reconcile that adopts what the venue holds and no record knows (a position opened by
+    hand while no engine ran) came after the look-ups of the entries the last run left pending: with the
+    venue's look-ups answering in 8 s, the hand-opened position's stops went 10.5 s after the start, 1.7 s
+    without a pending entry (found in a review). The two run side by side; the pending entry's symbol is
+    adopted by nobody but its own look-up, which still protects it, with no duplicate."""
+    clock = ManualClock()
+    slow_entries = {"VENUE__SIM__LATENCY__BY_CALL": '{"create_order": {"seconds": 2}}'}
+    first = make_engine(
+        engine_settings(db.target.dsn, {"SIGNALS__MAX_POSITIONS": "100", **slow_entries}), clock
+    )
+    await drive(clock, first.start())
+    pending, by_hand = SYMBOLS[47], SYMBOLS[48]
+    assert isinstance(first.venue, SimVenue)
+    core = first.venue.core
+    try:
+        assert first.store is not None
+        first.venue.drop_account_stream(100_000)
+        await first.store.insert_signals([(pending, "long", None, None)])
+        await drive_until(clock, lambda: _venue_holds(first.venue, clock, pending), step=0.01, what="filled")
+    finally:
+        await drive(clock, first.stop(drain=False))  # killed before the entry's answer
+    core.place_market_order(by_hand, OrderSide.BUY, Decimal(1), "by-hand-1", clock.now())
+
+    slow_look_ups = {"VENUE__SIM__LATENCY__BY_CALL": '{"fetch_order": {"seconds": 8}}'}
+    second = restarted(
+        first, engine_settings(db.target.dsn, {"SIGNALS__MAX_POSITIONS": "100", **slow_look_ups}), clock
+    )
+    started = clock.now()
+    await drive(clock, second.start())
+    try:
+        await drive_until(
+            clock,
+            lambda: {o.symbol for o in core.open_protective_orders(clock.now())} >= {by_hand, pending},
+            limit=60,
+            what="both positions' stops",
+        )
+        await drive(clock, clock.sleep(5.0))
+        placed: dict[str, list[float]] = {}
+        for order in core.open_protective_orders(clock.now()):
+            placed.setdefault(order.symbol, []).append(order.created_at - started)
+        assert len(placed[by_hand]) == 2, placed
+        assert max(placed[by_hand]) < 2.0, placed
+        assert len(placed[pending]) == 2, placed  # its own look-up protected it, once
+        assert second.manager is not None
+        assert sorted(g.symbol for g in second.manager.guards.values()) == sorted([pending, by_hand])
+    finally:
+        await drive(clock, second.stop())
