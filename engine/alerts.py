@@ -415,7 +415,7 @@ def observe_engine(engine: Engine, now: float) -> Observation:
         protected=figures.protected,
         uncovered=tuple(uncovered),
         protecting=figures.protecting,
-        breaker_reason=engine.entries_pause_reason if engine.entries_paused_by == "breaker" else None,
+        breaker_reason=engine.breaker_pause_reason,
         lease_lost_seconds=None if engine.lease_lost_since is None else now - engine.lease_lost_since,
         database_down_seconds=down_for,
         database_problem=str(getattr(watch, "problem", "") or "")[:200] if down_for is not None else "",

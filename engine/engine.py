@@ -1289,6 +1289,15 @@ class Engine:
         await wait_for_all(self.clock, 2 * budget, [asyncio.shield(wave)])
         return True
 
+    @property
+    def breaker_pause_reason(self) -> str | None:
+        """Why the circuit breaker paused entries while its pause stands (None: it does not), whatever else
+        holds them meanwhile: a database outage or a lost lease shows as the pause (`entries_paused_by`),
+        yet the breaker's stays until it is lifted (its alert said RECOVERED during an outage, then tripped
+        again with the figures of before)."""
+        paused, by, reason = self._persisted_pause
+        return reason if paused and by == "breaker" else None
+
     def entries_in_doubt(self) -> list[EntryInDoubt]:
         """Entries whose outcome the venue has not told yet, each counted as a position without stops (one
         a guard has taken over meanwhile is counted by its guard)."""

@@ -312,3 +312,43 @@ async def test_a_database_outage_and_the_lost_lease_are_alerted_and_their_recove
     finally:
         stale_lock.release()
         await drive(clock, engine.stop())
+
+
+async def test_a_breaker_pause_that_outlasts_a_database_outage_is_not_said_recovered_and_tripped_again(
+    owned_server: EmbeddedPostgres, receiver: WebhookReceiver, tmp_path: Path
+) -> None:
+    """While the database is away, entries show as paused by it, and the breaker's pause persisted under
+    it: its alert said "RECOVERED: entries are no longer paused by the circuit breaker" a few seconds into
+    the outage, then "circuit breaker tripped" again once the database was back, with figures 44 s old
+    (an operator). The breaker's pause is one pause until it is lifted: tripped once, never recovered."""
+    settings = engine_settings(
+        "",
+        {
+            "DATABASE__DATA_DIR": str(owned_server.data_dir),
+            "DATABASE__NAME": f"alerts_{uuid.uuid4().hex[:12]}",
+            "DATABASE__PROBE_TIMEOUT_SECONDS": "1",
+            "LOGGING__FILE": str(tmp_path / "logs" / "trading_bot.log"),
+            "ALERTS__URLS": receiver.url("/breaker"),
+        },
+    )
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        engine.pause_entries(by="breaker", reason="coverage 82.4 % of 17 position(s) past grace")
+        await until_delivered(clock, receiver, "circuit breaker tripped")
+        watch = engine.db_watch
+        assert watch is not None
+        kill_postmaster(owned_server.data_dir)
+        await drive_until(clock, lambda: watch.down, what="the outage noticed")
+        assert engine.entries_paused_by == "database"
+        await until_delivered(clock, receiver, "WARNING: database unreachable for")
+        await drive_until(clock, lambda: not watch.down, what="the database back")
+        await until_delivered(clock, receiver, "RECOVERED: the database answers again")
+        started = clock.monotonic()
+        await drive_until(clock, lambda: clock.monotonic() - started >= 10, what="10 s on")
+        assert engine.entries_paused_by == "breaker"
+        assert receiver.matching("no longer paused by the circuit breaker") == []
+        assert len(receiver.matching("circuit breaker tripped")) == 1
+    finally:
+        await drive(clock, engine.stop())
