@@ -26,9 +26,10 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import asyncpg
 
@@ -39,11 +40,39 @@ from storage.resilient import ResilientStore
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 PROBE_SECONDS = 2.0  # between two probes, on the engine's clock
 FRESH_EVERY = 5  # every this many probes (and whenever in doubt) on a new connection rather than a pooled one
 STALLED_PROBES = 2  # an embedded server alive but silent for this many probes in a row is restarted
 SAY_EVERY_SECONDS = 60.0  # an outage is said once when it starts, then once per this interval
 MAX_RESTART_BACKOFF_SECONDS = 30.0
+
+
+async def _within(
+    seconds: float, work: Awaitable[T], *, late: Callable[[T], object] = lambda _result: None
+) -> T:
+    """`work`'s result if it comes within `seconds` (real time), else `TimeoutError` at once: its task is
+    cancelled and left to end on its own (`late` gets a result that still comes). Cancelling a statement asks
+    the server to cancel it, and a frozen server never answers: awaited, that held a probe, and the health
+    check with it, 11 s past its 1 s."""
+    task = asyncio.ensure_future(work)
+
+    def given_up(ended: asyncio.Future[T]) -> None:
+        if not ended.cancelled() and ended.exception() is None:  # (a failure is the timeout already said)
+            late(ended.result())
+
+    try:
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+    except asyncio.CancelledError:
+        task.cancel()
+        task.add_done_callback(given_up)
+        raise
+    if task in done:
+        return task.result()
+    task.cancel()
+    task.add_done_callback(given_up)
+    raise TimeoutError
 
 
 def journal_path(log_file: str, token: str, venue: str, account: str) -> Path:
@@ -78,7 +107,9 @@ class DatabaseWatch:
         self._clock = clock
         self._probe_timeout = probe_timeout_seconds
         self._on_change = on_change
-        self.down_since: float | None = None  # engine-clock monotonic time the outage was noticed
+        # Engine-clock monotonic time of the first request of the outage it did not answer (the probe that
+        # found it was asked then: timed from its failure, a freeze read 4 s short of its length).
+        self.down_since: float | None = None
         self.problem: str | None = None  # why the last probe failed
         self.restarts = 0  # embedded server restarts by this watch
         self._said_at = -math.inf
@@ -115,13 +146,14 @@ class DatabaseWatch:
         self._store.suspected.clear()
         self._probes += 1
         fresh = self.down or suspected or self._probes % FRESH_EVERY == 0
+        asked_at = self._clock.monotonic()
         problem, silent = await self._probe(fresh)
         if problem is None:
             self._unanswered = 0
             if self.down or self._store.down or self._store.journal_depth or self._store.has_journal:
                 await self._recover()
             return
-        await self._unreachable(problem, silent)
+        await self._unreachable(problem, silent, asked_at)
 
     async def measure(self) -> DatabaseReading:
         """For the health check: the outage while there is one, else a pooled round trip (bounded)."""
@@ -132,8 +164,7 @@ class DatabaseWatch:
             )
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self._probe_timeout):
-                await self._database.pool.fetchval("SELECT 1")
+            await _within(self._probe_timeout, self._database.pool.fetchval("SELECT 1"))
         except Exception as exc:
             self._store.suspected.set()  # the watch looks into it now, not at its next probe
             # (a timeout has no text: "Database query failed: TimeoutError:" said nothing of what happened)
@@ -153,14 +184,16 @@ class DatabaseWatch:
         target = self._database.target
         connection: asyncpg.Connection | None = None
         try:
-            async with asyncio.timeout(self._probe_timeout):
-                if fresh:
-                    connection = await asyncpg.connect(
-                        target.dsn, password=target.password, timeout=self._probe_timeout
-                    )
-                    await connection.fetchval("SELECT 1")
-                else:
-                    await self._database.pool.fetchval("SELECT 1")
+            deadline = time.monotonic() + self._probe_timeout
+            if fresh:
+                connection = await _within(
+                    self._probe_timeout,
+                    asyncpg.connect(target.dsn, password=target.password, timeout=self._probe_timeout),
+                    late=lambda connected: connected.terminate(),
+                )
+                await _within(max(0.0, deadline - time.monotonic()), connection.fetchval("SELECT 1"))
+            else:
+                await _within(self._probe_timeout, self._database.pool.fetchval("SELECT 1"))
         except TimeoutError:
             return f"no answer within {self._probe_timeout:g}s", True
         except OSError as exc:
@@ -185,13 +218,13 @@ class DatabaseWatch:
 
     # --- going down ----------------------------------------------------------------------------------
 
-    async def _unreachable(self, problem: str, silent: bool) -> None:
+    async def _unreachable(self, problem: str, silent: bool, asked_at: float | None = None) -> None:
         now = self._clock.monotonic()
         self.problem = problem
         self._store.mark_down(problem)
         embedded = self._database.target.embedded
         if self.down_since is None:
-            self.down_since = now
+            self.down_since = now if asked_at is None else asked_at
             self._said_at = now
             self._restarted_in_outage = False
             log.error(

@@ -905,6 +905,10 @@ class _GuardedPool:
             if handed_over and acquiring.exception() is None:  # type: ignore[union-attr]
                 await self._pool.release(acquiring.result())  # type: ignore[union-attr]
             raise
+        # What runs on it is given up as well when the database is declared down meanwhile: the connection is
+        # cut (a frozen server never answers: the health loop's save waited on it for the whole freeze, its
+        # row saying "ok" under a header that said entries paused for the database).
+        cut = asyncio.ensure_future(self._cut_once_declared_down(connection))
         try:
             yield connection
         except Exception as exc:
@@ -913,7 +917,12 @@ class _GuardedPool:
                 raise DatabaseDown(self._store.describe_outage()) from exc
             raise
         finally:
+            cut.cancel()
             await self._pool.release(connection)
+
+    async def _cut_once_declared_down(self, connection: asyncpg.Connection) -> None:
+        await self._store._down_event.wait()
+        connection.terminate()
 
     async def _call(self, work: Callable[[], Awaitable[T]]) -> T:
         store = self._store

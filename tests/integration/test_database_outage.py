@@ -24,7 +24,7 @@ import asyncpg
 import psutil
 import pytest
 
-from engine.clock import ManualClock
+from engine.clock import ManualClock, SystemClock
 from engine.commands import ProtectionRestartRefused
 from engine.config import Settings
 from engine.engine import Engine
@@ -712,3 +712,45 @@ async def _database_dies_and_signals_settle(
         return rows[0]["n"] == 0
 
     await drive_until(clock, settled, limit=limit, what="every signal settled")
+
+
+async def test_a_frozen_database_is_timed_from_its_first_unanswered_request_and_said_in_health_at_once(
+    owned_server: EmbeddedPostgres, tmp_path: Path
+) -> None:
+    """An operator froze the server for 9.7 s: the engine said "database back after 6s" and, at 8.2 s,
+    "unreachable for 4.0s": an outage was timed from the end of the probe that found it, not from when that
+    probe was asked. Meanwhile the health row said "ok, round trip 1 ms" under a header that said entries
+    paused for the database: the health check ran at its interval only, and its save could wait on the
+    frozen server for good (a statement inside a transaction was not given up when the outage was declared).
+    On the engine's real clock: the probe's timeouts are real time."""
+    settings, _dsn = _settings(owned_server, tmp_path)
+    clock = SystemClock()
+    engine = Engine(settings, venue=SimVenue(settings.venue.sim, clock=clock), clock=clock, version="test")
+    await engine.start()
+    frozen: list[int] = []
+    try:
+        watch = engine.db_watch
+        assert watch is not None
+        measured = engine.health_measured_at
+        await wait_until(lambda: engine.health_measured_at != measured, within=10.0, what="a health check")
+        await asyncio.sleep(0.2)  # its save is done: the next check is 5 s away
+        postmaster = postmaster_pid(owned_server.data_dir)
+        frozen = [postmaster, *(p.pid for p in psutil.Process(postmaster).children())]
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        await wait_until(lambda: watch.down, within=15.0, what="the outage noticed")
+        noticed_at = clock.monotonic()
+        down_for = watch.down_for()
+        assert down_for is not None
+        assert down_for >= 1.0  # the probe's own timeout at least: asked, and never answered
+
+        def database_row() -> str:
+            return next(c.state.value for c in engine.health_components if c.component == "database")
+
+        await wait_until(lambda: database_row() == "critical", within=15.0, what="the health row says so")
+        assert engine.health_measured_at is not None
+        assert engine.health_measured_at - noticed_at < 1.0  # not at the 5 s interval, nor never
+    finally:
+        for pid in frozen:
+            resume(pid)
+        await engine.stop()
