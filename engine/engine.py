@@ -1370,7 +1370,9 @@ class Engine:
         left = await self.store.disarm_managed_trails(at=heard)
         # The coverage series: the dead engine's last sample stood on over the time nobody measured; from its
         # last heartbeat it is what the records give (positions it left without both stops, not protected).
-        await self.store.record_coverage_sample(await self.store.coverage_left_at(heard))
+        await self.store.record_coverage_sample(
+            await self.store.coverage_left_at(heard, self._grace_seconds())
+        )
         if left:
             message = (
                 f"the last engine on this account left {left} managed trail{'' if left == 1 else 's'} armed "

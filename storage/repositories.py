@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, tzinfo
+from datetime import datetime, timedelta, tzinfo
 from decimal import ROUND_HALF_UP, Decimal
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -1380,29 +1380,39 @@ class Store:
             sample.coverage_pct,
         )
 
-    async def coverage_left_at(self, at: datetime) -> CoverageSample:
+    async def coverage_left_at(self, at: datetime, grace_seconds: float) -> CoverageSample:
         """The coverage the records give from `at`, the last heartbeat of an engine that ended without
         stopping (read before anything is restored): its open positions, those it opened after that
         heartbeat too, protected when both stops were confirmed (no managed trail is armed with no engine
         to move it). Its last sample stood over the time nobody measured (up to 30 s), 8 of
-        8 protected while a kill had left 7 positions without their trailing stop (an operator's find)."""
+        8 protected while a kill had left 7 positions without their trailing stop (an operator's find).
+        As a running engine counts them: one without its stops is uncovered only past its grace period at
+        `at`, and lasting once without them for that long (a kill 1.25 s after a wave's fills recorded all
+        six uncovered and lasting while their stops were on their way; another operator's find)."""
         row = await self._pool.fetchrow(
             """
             SELECT count(*) AS active,
-                   count(*) FILTER (WHERE has_stop_loss AND has_trailing_stop) AS protected
+                   count(*) FILTER (WHERE has_stop_loss AND has_trailing_stop) AS protected,
+                   count(*) FILTER (WHERE NOT (has_stop_loss AND has_trailing_stop) AND opened_at <= $2)
+                       AS uncovered,
+                   count(*) FILTER (
+                       WHERE NOT (has_stop_loss AND has_trailing_stop)
+                         AND COALESCE(unprotected_since, opened_at) <= $2
+                   ) AS lasting
             FROM monitoring.positions
             WHERE account = $1 AND status IN ('pending_protection', 'active', 'closing')
               AND opened_at IS NOT NULL
             """,
             self.account,
+            at - timedelta(seconds=grace_seconds),
         )
         active, protected = int(row["active"]), int(row["protected"])
         return CoverageSample(
             at=at,
             active=active,
             protected=protected,
-            uncovered=active - protected,
-            lasting=active - protected,
+            uncovered=int(row["uncovered"]),
+            lasting=int(row["lasting"]),
             coverage_pct=None
             if not active
             else (Decimal(100) * protected / active).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP),

@@ -335,3 +335,42 @@ async def test_per_period_figures_clip_a_lasting_span_and_a_sample_across_the_pe
         Decimal("600.000"),
     )
     assert (second.uncovered_spans, second.uncovered_seconds) == (1, Decimal("1800.000"))
+
+
+async def test_the_sample_a_killed_engine_leaves_counts_positions_inside_their_grace_as_a_running_one_does(
+    db: Database,
+) -> None:
+    """From a killed engine's last heartbeat the series holds what the records give. A kill 1.25 s after a
+    wave's fills recorded all six positions uncovered and lasting, their stops on their way (live on the
+    venue 0.5 s later): a running engine counts a position without its stops uncovered only past its grace
+    period, and lasting once it lacked them that long (an operator's find)."""
+    store = Store(db.pool)
+    heard = datetime(2026, 12, 6, 0, 42, 6, tzinfo=UTC)
+    old, young = heard - timedelta(seconds=30), heard - timedelta(seconds=1.25)
+    ids = {}
+    for name, symbol, filled in (
+        ("protected", "SFPUSDT", old),
+        ("naked", "ALLUSDT", old),
+        ("young", "AXSUSDT", young),
+        ("lost", "BCHUSDT", old),
+    ):
+        position = await store.create_position(
+            symbol=symbol,
+            exchange="sim",
+            side="long",
+            quantity=Decimal(10),
+            status=PositionStatus.ENTRY_PLACED,
+        )
+        await store.record_fill(position.id, Decimal(10), Decimal("2.5"), filled_at=filled)
+        ids[name] = position.id
+    await store.set_protection_facts_many(
+        [
+            facts_row(ids["protected"], covered=True, since=None, observed=old),
+            facts_row(ids["naked"], covered=False, since=old, observed=old),
+            facts_row(ids["young"], covered=False, since=young, observed=young),
+            # Covered for long, its hard stop lost 2 s before the heartbeat: uncovered, not for a grace yet.
+            facts_row(ids["lost"], covered=False, since=heard - timedelta(seconds=2), observed=heard),
+        ]
+    )
+    sample = await store.coverage_left_at(heard, 5.0)
+    assert (sample.active, sample.protected, sample.uncovered, sample.lasting) == (4, 1, 2, 1), sample
