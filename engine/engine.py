@@ -3306,6 +3306,7 @@ class Engine:
         measurements = health.HealthMeasurements(
             exchange=health.ExchangeMeasurement(
                 calls=self._call_stats.summary(now),
+                recent=self._call_stats.summary(now, last_s=health.EXCHANGE_RECENT_SECONDS),
                 budget_used_percent=self._budget_used_fraction() * 100,
                 banned_for_seconds=self._banned_for(),
                 budget_wait_p99_ms=self.budget_waits.summary(now).p99_ms,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = [
@@ -182,10 +183,15 @@ class CallStats:
         samples.append((at, latency_s, ok, kind, timed_out))
         self.histogram.record(kind, latency_s, ok=ok, timed_out=timed_out)
 
-    def summary(self, now: float, kind: str | None = None) -> CallSummary:
-        """The calls (of `kind`, or all) completed in the window ending at `now`; expires older samples."""
+    def summary(self, now: float, kind: str | None = None, *, last_s: float | None = None) -> CallSummary:
+        """The calls (of `kind`, or all) completed in the window ending at `now`, or in its last `last_s`
+        seconds; expires older samples."""
         self._expire(now)
-        samples = self._samples if kind is None else [s for s in self._samples if s[3] == kind]
+        samples: Sequence[tuple[float, float, bool, str, bool]] = self._samples
+        if last_s is not None:
+            samples = [s for s in samples if s[0] > now - last_s]
+        if kind is not None:
+            samples = [s for s in samples if s[3] == kind]
         if not samples:
             return EMPTY_SUMMARY
         latencies = sorted(sample[1] for sample in samples)

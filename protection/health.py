@@ -21,8 +21,9 @@ Rules (`T.x` is a `HealthThresholds` field; all causes of the winning severity a
     any         unknown   no measurement passed (None): "not measured yet"
     exchange    critical  banned by the venue (banned_for_seconds > 0)
                 critical  error rate >= 50 % over at least 5 calls, unless the last 5 calls all answered
-                degraded  p99 latency > T.exchange_latency_degraded_ms
-                degraded  error rate >= 10 % (any number of calls)
+                degraded  p99 latency > T.exchange_latency_degraded_ms over the calls of the last minute
+                degraded  error rate >= 10 % over the calls of the last minute (any number of calls);
+                          the summary shows the whole window's figures
                 degraded  rate budget used >= 80 %
                 degraded  the venue's account stream is down (fills are learned by polling meanwhile);
                           the summary says its state: connected, last event age, reconnects
@@ -118,6 +119,7 @@ __all__ = [
 EXCHANGE_ERROR_RATE_CRITICAL = 0.5
 EXCHANGE_ERROR_RATE_DEGRADED = 0.1
 EXCHANGE_MIN_CALLS_FOR_CRITICAL = 5  # one failed call out of one is a blip, not an outage
+EXCHANGE_RECENT_SECONDS = 60.0  # latency and error rate are judged over the calls of this last stretch
 EXCHANGE_BUDGET_DEGRADED_PERCENT = 80.0
 PRICE_FEED_CRITICAL_FACTOR = 3
 
@@ -294,6 +296,10 @@ class ExchangeMeasurement:
     say); seconds left of a ban (None or 0: not banned)."""
 
     calls: CallSummary
+    # The calls of the last `EXCHANGE_RECENT_SECONDS` (None: judged on the window): what says the venue is
+    # slow or failing now. The window's figures are shown; judged on them, a few seconds of latency kept
+    # the exchange DEGRADED, and `tsbot status` and /healthz failing, for five minutes after it recovered.
+    recent: CallSummary | None = None
     budget_used_percent: float | None = None
     banned_for_seconds: float | None = None
     budget_wait_p99_ms: float | None = None  # how long calls waited for rate budget (None: none waited)
@@ -567,11 +573,22 @@ def evaluate_exchange(measured: ExchangeMeasurement | None, thresholds: HealthTh
             and not recovered
         ):
             critical.append(f"Exchange errors: {error_text}% of {calls.calls} calls")
-        elif error_rate >= EXCHANGE_ERROR_RATE_DEGRADED:
-            degraded.append(f"Exchange errors: {error_text}% of {_plural(calls.calls, 'call')}{since}")
-        if calls.p99_ms > thresholds.exchange_latency_degraded_ms:
+        # Slow or failing now, not minutes ago: judged over the last minute's calls (none: nothing says so).
+        recent = calls if measured.recent is None else measured.recent
+        lately = "" if measured.recent is None else " in the last minute"
+        if (
+            not critical
+            and recent.error_rate is not None
+            and recent.error_rate >= EXCHANGE_ERROR_RATE_DEGRADED
+        ):
             degraded.append(
-                f"Slow exchange: p99 {calls.p99_ms:.0f} ms (limit {thresholds.exchange_latency_degraded_ms} ms)"
+                f"Exchange errors: {recent.error_rate * 100:.1f}% of {_plural(recent.calls, 'call')}{lately}"
+                f"{since if not lately else ''}"
+            )
+        if recent.p99_ms is not None and recent.p99_ms > thresholds.exchange_latency_degraded_ms:
+            degraded.append(
+                f"Slow exchange: p99 {recent.p99_ms:.0f} ms{lately} "
+                f"(limit {thresholds.exchange_latency_degraded_ms} ms)"
             )
     parts.append("budget unknown" if budget is None else f"budget {_number(budget)} %")
     if budget is not None and budget >= EXCHANGE_BUDGET_DEGRADED_PERCENT:

@@ -404,6 +404,25 @@ def test_a_venue_whose_last_calls_all_answered_is_no_outage_however_many_failed_
     assert evaluate_exchange(exchange(summary=still_failing), T).state is CRITICAL
 
 
+def test_a_venue_slow_or_failing_minutes_ago_and_fine_in_the_last_minute_is_healthy() -> None:
+    """An operator added 2.5 s of latency for a few seconds: the exchange stayed DEGRADED ("Slow exchange:
+    p99 2507 ms") for the whole five-minute window, and `tsbot status` and /healthz failed with it, every
+    call since answered fast. Latency and errors are judged over the last minute's calls; the summary keeps
+    the window's figures."""
+    window = calls(n=120, errors=14, p99=2507.0)
+    health = evaluate_exchange(exchange(summary=window, recent=calls(n=20, errors=0, p99=80.0)), T)
+    assert health.state is HEALTHY
+    assert "p99 2507 ms, errors 11.7 % of 120 calls" in health.summary
+    idle = evaluate_exchange(exchange(summary=window, recent=CallSummary(0, None, None, None, 0)), T)
+    assert idle.state is HEALTHY  # no call in the last minute: nothing says it is slow now
+    now_slow = evaluate_exchange(exchange(summary=window, recent=calls(n=20, errors=3, p99=2600.0)), T)
+    assert now_slow.state is DEGRADED
+    assert now_slow.reason == (
+        "Exchange errors: 15.0% of 20 calls in the last minute; "
+        "Slow exchange: p99 2600 ms in the last minute (limit 2500 ms)"
+    )
+
+
 def test_exchange_error_reason_carries_the_figures() -> None:
     health = evaluate_exchange(exchange(summary=calls(n=8, errors=5)), T)
     assert health.reason == "Exchange errors: 62.5% of 8 calls"

@@ -273,3 +273,15 @@ def test_the_summary_counts_the_calls_answered_since_the_newest_failure() -> Non
     for at in (1.0, 2.0, 3.0):
         clean.record(at, 0.1, True, "fetch_order")
     assert clean.summary(4.0).ok_since_last_error == 3
+
+
+def test_a_summary_of_the_last_stretch_of_the_window_counts_only_its_calls() -> None:
+    stats = CallStats(window_s=300.0)
+    stats.record(10.0, 2.5, False, "create_order")
+    stats.record(250.0, 0.05, True, "create_order")
+    stats.record(280.0, 0.07, True, "fetch_order")
+    whole = stats.summary(290.0)
+    assert (whole.calls, whole.p99_ms, whole.error_rate) == (3, 2500.0, 1 / 3)
+    recent = stats.summary(290.0, last_s=60.0)
+    assert (recent.calls, recent.p99_ms, recent.error_rate) == (2, 70.0, 0.0)
+    assert stats.summary(290.0, "fetch_order", last_s=60.0).calls == 1
