@@ -94,6 +94,7 @@ from protection.manager import (
     ProtectionConfig,
     ProtectionManager,
     TrailingKind,
+    record_status_of,
     stop_loss_price,
 )
 from protection.order_ids import client_order_id, parse_client_order_id
@@ -1777,10 +1778,7 @@ class Engine:
         (failed)."""
         assert self.store is not None
         if order is None:
-            await self.store.set_position_status(
-                position.id, PositionStatus.FAILED, exit_reason="entry not placed"
-            )
-            await self._signal_settled(position, None, "entry not placed")
+            await self._restored_entry_failed(position, "entry not placed", OrderRecordStatus.REJECTED)
             return None
         if order.filled_quantity > 0 and order.average_price is not None:
             # Filled, or ended part-filled (the rest cancelled or expired): a position of what filled.
@@ -1798,11 +1796,36 @@ class Engine:
             )
             await self._signal_settled(position, filled, None)
             return filled
-        await self.store.set_position_status(
-            position.id, PositionStatus.FAILED, exit_reason=f"entry {order.status.value}"
+        await self._restored_entry_failed(
+            position, f"entry {order.status.value}", record_status_of(order.status)
         )
-        await self._signal_settled(position, None, f"entry {order.status.value}")
         return None
+
+    async def _restored_entry_failed(
+        self, position: PositionRecord, reason: str, entry_status: OrderRecordStatus
+    ) -> None:
+        """An entry from before a restart that opened no position, recorded as a live one that fails is:
+        its order ended as the venue said, the stop it carried (Bybit) with it, an `entry_failed` event, the
+        position failed and its signal rejected. Only the last two were written: the entry's order stayed
+        `unknown` and the carried stop `pending` on a failed position, with no event (found in a review)."""
+        assert self.store is not None
+        settled = f"{reason} (settled after a restart)"
+        for record in await self.store.orders_for_position(position.id, LIVE_ORDER_STATUSES):
+            entry = record.purpose is OrderPurpose.ENTRY
+            await self.store.set_order_status(
+                record.client_order_id,
+                entry_status if entry else OrderRecordStatus.REJECTED,
+                error=settled if entry else f"the entry it rode on: {settled}",
+            )
+        await self.store.set_position_status(position.id, PositionStatus.FAILED, exit_reason=reason)
+        await self.store.record_event(
+            Severity.WARNING,
+            "entry_failed",
+            f"{position.symbol}: {settled}",
+            symbol=position.symbol,
+            position_id=position.id,
+        )
+        await self._signal_settled(position, None, reason)
 
     async def _signal_settled(
         self, position: PositionRecord, filled: PositionRecord | None, reason: str | None

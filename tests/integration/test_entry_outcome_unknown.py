@@ -928,6 +928,13 @@ async def test_entries_a_killed_engine_left_in_doubt_do_not_trip_the_breaker_whi
         await drive(clock, clock.sleep(10.0))
         assert not venue.core.inspect(clock.now()).positions
         assert second.entries_paused_by == "", second.entries_pause_reason
+        # Recorded as a live entry that fails is: its order ended (it stayed `unknown`), and said.
+        orders = await db.pool.fetch("SELECT status, error FROM monitoring.orders WHERE purpose = 'entry'")
+        assert [(o["status"], o["error"]) for o in orders] == [
+            ("rejected", "entry not placed (settled after a restart)")
+        ] * 3
+        said = await db.pool.fetchval("SELECT count(*) FROM monitoring.events WHERE type = 'entry_failed'")
+        assert said == 3
     finally:
         await drive(clock, second.stop())
 
