@@ -1041,6 +1041,7 @@ class Engine:
             listen_password=db.password.get_secret_value() if db.password else None,
             wave_window_seconds=self.settings.signals.wave_window_ms / 1000,
             claimed_by=self._claimer,
+            on_listen_attempted=self._health_wake.set,
         )
         # Operator commands (`tsbot close`, the read-only dashboard) wake it on the signals' LISTEN connection.
         consumer = self.consumer

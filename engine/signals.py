@@ -47,6 +47,7 @@ class SignalConsumer:
         wave_window_seconds: float = 0.5,
         poll_interval_seconds: float = 0.5,
         claimed_by: str | None = None,
+        on_listen_attempted: Callable[[], None] = lambda: None,
     ):
         self._claimed_by = claimed_by
         self._store = store
@@ -60,6 +61,9 @@ class SignalConsumer:
         self.listening = False
         self.listener_connections = 0  # how many times LISTEN was (re)established
         self.listen_attempted = False  # health must not call LISTEN "down" before it was ever tried
+        # Told once the first attempt has an outcome: the health check measures the signals then (it said
+        # "not measured yet", and `tsbot status` UNKNOWN, for the 5 s after every start).
+        self._on_listen_attempted = on_listen_attempted
         self._listen_failure_said = False  # one warning per time LISTEN is unavailable, not one per poll
         self._other_channels: dict[str, Callable[..., None]] = {}
         # A claim, or the wave after it, failed (the database away): signals may be taken and in nobody's
@@ -142,7 +146,9 @@ class SignalConsumer:
             self._listener = None
         finally:
             # Only once the first attempt has an outcome: while it is in flight LISTEN is not "down".
-            self.listen_attempted = True
+            if not self.listen_attempted:
+                self.listen_attempted = True
+                self._on_listen_attempted()
 
     def also_listen(self, channel: str, callback: Callable[..., None]) -> None:
         """Another channel on the same dedicated LISTEN connection (one per engine); call it before `waves()`

@@ -17,6 +17,8 @@ from engine.engine import Engine
 from storage.database import Database
 from storage.lease import EngineLease, LeaseHeld, current_holder
 from storage.repositories import DuplicateExternalId, PositionStatus, SignalStatus, Store
+from tests.integration.engine_support import engine_settings, make_engine
+from tests.support.driving import drive, drive_until
 
 # Every venue call takes 1 s: a protection restart's reads outlast its half-second grace period. Native
 # trails (orders on the venue): only entries can make a restart leave something unlooked-after.
@@ -268,8 +270,6 @@ async def test_a_hand_over_said_while_a_heartbeat_is_in_flight_is_written_by_the
 async def test_signals_an_engine_died_holding_are_expired_with_a_reason(db: Database) -> None:
     """Signals claimed at a crash or an outage stayed 'taken' forever. The engine that claimed them expires
     them when it starts again; any engine expires a claim older than any wave takes."""
-    from tests.integration.engine_support import engine_settings, make_engine
-    from tests.support.driving import drive, drive_until
 
     store = Store(db.pool)
     await store.insert_signals([("SFPUSDT", "long", None, "mine"), ("ALLUSDT", "long", None, "theirs")])
@@ -321,8 +321,6 @@ async def test_a_lost_lease_stops_entries_refuses_resume_and_is_taken_again(
     db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
     from engine.events import EntriesToggled
-    from tests.integration.engine_support import engine_settings, make_engine
-    from tests.support.driving import drive, drive_until
 
     clock = ManualClock()
     engine = make_engine(engine_settings(db.target.dsn), clock)
@@ -379,8 +377,6 @@ async def test_a_lost_lease_stops_entries_refuses_resume_and_is_taken_again(
 async def test_an_engine_whose_lease_another_engine_took_stops_and_sends_nothing_more(db: Database) -> None:
     from engine.engine import EngineState
     from engine.venues.sim.settings import CallKind
-    from tests.integration.engine_support import engine_settings, make_engine
-    from tests.support.driving import drive, drive_until
 
     clock = ManualClock()
     engine = make_engine(engine_settings(db.target.dsn), clock)
@@ -417,8 +413,6 @@ async def test_a_lease_still_held_by_the_engines_own_lost_session_is_taken_back_
     the test holds the lock here in place of the lost session the server still keeps.)"""
     from engine.engine import EngineState
     from storage.lease import LEASE_NAMESPACE
-    from tests.integration.engine_support import engine_settings, make_engine
-    from tests.support.driving import drive, drive_until
 
     clock = ManualClock()
     engine = make_engine(engine_settings(db.target.dsn), clock)
@@ -499,8 +493,6 @@ async def test_the_lease_says_what_the_engine_does_from_its_start_to_its_stop(db
     """Every heartbeat writes the engine's phase: readers count it as looking after the account only while
     it runs. Its stop writes `stopping` at once: the loops are gone from then on, and a stop shorter than a
     heartbeat's 2 s never said so (the lease read `running` until released)."""
-    from tests.integration.engine_support import engine_settings, make_engine
-    from tests.support.driving import drive, drive_until
 
     clock = ManualClock()
     engine = make_engine(engine_settings(db.target.dsn), clock)
@@ -848,3 +840,28 @@ async def test_a_claimed_signal_left_taken_is_said_as_its_position_went(db: Data
     assert expired.status is SignalStatus.EXPIRED
     assert expired.reason is not None
     assert expired.reason.startswith("claimed by an engine that stopped before handling it")
+
+
+async def test_the_signals_are_measured_as_soon_as_listen_was_tried_not_at_the_next_health_check(
+    db: Database,
+) -> None:
+    """The first health check of a start runs before the signals' LISTEN has been tried: "not measured
+    yet", and `tsbot status` said UNKNOWN (exit 3) for the 5 s to the next check after every start (an
+    operator). The check runs again once LISTEN was tried; the saved row is what status reads."""
+    clock = ManualClock()
+    engine = make_engine(engine_settings(db.target.dsn), clock)
+    await drive(clock, engine.start())
+    try:
+
+        async def saved() -> str | None:
+            return await db.pool.fetchval("SELECT state FROM monitoring.health WHERE component = 'signals'")
+
+        started = clock.monotonic()
+        await drive_until(clock, lambda: _known(saved()), step=0.05, limit=10.0, what="signals measured")
+        assert clock.monotonic() - started < 1.0  # not the 5 s health interval
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def _known(state: Awaitable[str | None]) -> bool:
+    return (await state) not in (None, "unknown")
