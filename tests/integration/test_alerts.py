@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from engine.clock import ManualClock
-from engine.config import LoadedConfig
+from engine.config import LoadedConfig, Settings
 from engine.engine import Engine
 from engine.exchange.port import OrderType
 from engine.logs import RedactingFormatter
@@ -273,19 +273,26 @@ def owned_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedP
     stop_embedded(server.data_dir)
 
 
-async def test_a_database_outage_and_the_lost_lease_are_alerted_and_their_recovery_sent(
-    owned_server: EmbeddedPostgres, receiver: WebhookReceiver, tmp_path: Path
-) -> None:
-    settings = engine_settings(
-        "",  # the embedded server in data_dir, which this engine then owns
+def _on_owned_server(
+    server: EmbeddedPostgres, receiver: WebhookReceiver, tmp_path: Path, path: str
+) -> Settings:
+    """An engine on the embedded server in `server`'s data_dir (which it then owns), alerting to `path`."""
+    return engine_settings(
+        "",
         {
-            "DATABASE__DATA_DIR": str(owned_server.data_dir),
+            "DATABASE__DATA_DIR": str(server.data_dir),
             "DATABASE__NAME": f"alerts_{uuid.uuid4().hex[:12]}",
             "DATABASE__PROBE_TIMEOUT_SECONDS": "1",
             "LOGGING__FILE": str(tmp_path / "logs" / "trading_bot.log"),
-            "ALERTS__URLS": receiver.url("/outage"),
+            "ALERTS__URLS": receiver.url(path),
         },
     )
+
+
+async def test_a_database_outage_and_the_lost_lease_are_alerted_and_their_recovery_sent(
+    owned_server: EmbeddedPostgres, receiver: WebhookReceiver, tmp_path: Path
+) -> None:
+    settings = _on_owned_server(owned_server, receiver, tmp_path, "/outage")
     clock = ManualClock()
     engine = make_engine(settings, clock)
     await drive(clock, engine.start())
@@ -321,16 +328,7 @@ async def test_a_breaker_pause_that_outlasts_a_database_outage_is_not_said_recov
     it: its alert said "RECOVERED: entries are no longer paused by the circuit breaker" a few seconds into
     the outage, then "circuit breaker tripped" again once the database was back, with figures 44 s old
     (an operator). The breaker's pause is one pause until it is lifted: tripped once, never recovered."""
-    settings = engine_settings(
-        "",
-        {
-            "DATABASE__DATA_DIR": str(owned_server.data_dir),
-            "DATABASE__NAME": f"alerts_{uuid.uuid4().hex[:12]}",
-            "DATABASE__PROBE_TIMEOUT_SECONDS": "1",
-            "LOGGING__FILE": str(tmp_path / "logs" / "trading_bot.log"),
-            "ALERTS__URLS": receiver.url("/breaker"),
-        },
-    )
+    settings = _on_owned_server(owned_server, receiver, tmp_path, "/breaker")
     clock = ManualClock()
     engine = make_engine(settings, clock)
     await drive(clock, engine.start())
