@@ -1717,7 +1717,7 @@ class Engine:
             )
         except NotFound as exc:
             if self._absence_provable_in(doubt, asked_at) > 0:  # (an answer is as old as its question)
-                return self._doubt_restored_entry(position, doubt, exc)
+                return self._doubt_restored_entry(position, doubt, exc, awaiting_proof=True)
             order = None
         except (ExchangeError, TimeoutError) as exc:
             return self._doubt_restored_entry(position, doubt, exc)
@@ -1726,14 +1726,24 @@ class Engine:
         return await self._restored_entry_outcome(position, order)
 
     def _doubt_restored_entry(
-        self, position: PositionRecord, doubt: EntryInDoubt, why: BaseException | str
+        self,
+        position: PositionRecord,
+        doubt: EntryInDoubt,
+        why: BaseException | str,
+        *,
+        awaiting_proof: bool = False,
     ) -> None:
+        """`awaiting_proof`: the venue said "no such order" too soon after the start to prove it."""
         doubt.error = f"entry outcome unknown after a restart: {str(why) or type(why).__name__}"
         self._doubt_entry(doubt, functools.partial(self._restored_entry_settled, position, doubt))
-        # Counted uncovered from its send, perhaps minutes ago; no failure of this engine's protection until
-        # the venue could have told (a killed engine's entries tripped the breaker at every start, and the
-        # pause outlived their proof of absence seconds later).
-        doubt.judged_from = self._absence_provable_at(doubt)
+        if awaiting_proof:
+            # Counted uncovered from its send, perhaps minutes ago; no failure of this engine's protection
+            # until the venue could have told (a killed engine's entries tripped the breaker at every start,
+            # and the pause outlived their proof of absence seconds later). Entries wait meanwhile
+            # (`_validate`). One the venue could not be asked about, or said is working, is judged from its
+            # send: nothing is to come that would settle it (a reviewer saw a filled one behind failing
+            # look-ups hidden from the breaker for 25 s while three new entries went).
+            doubt.judged_from = self._absence_provable_at(doubt)
         return None
 
     async def _restored_entry_settled(
@@ -2564,6 +2574,16 @@ class Engine:
             return str(exc), side, Decimal(0)
         if self.entries_paused:
             return "entries paused", side, Decimal(0)
+        if inherited := [d for d in self._in_doubt.values() if d.judged_from > 0]:
+            provable = max(d.judged_from for d in inherited) - self.clock.monotonic()
+            return (
+                f"entries held: {len(inherited)} {'entry' if len(inherited) == 1 else 'entries'} from before "
+                "the restart of unknown outcome "
+                "(each may be a position without stops) until the venue can say, in "
+                f"{max(0.0, provable):.0f}s",
+                side,
+                Decimal(0),
+            )
         if (doubt_since := self.manager.stops_in_doubt_since) is not None:
             return (
                 "entries held: the account stream had a gap and no listing of the venue has answered "

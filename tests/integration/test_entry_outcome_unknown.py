@@ -7,6 +7,7 @@ counted uncovered meanwhile, and its symbol stays held. Judged on the venue's tr
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable
 from decimal import Decimal
 
 import pytest
@@ -1010,3 +1011,68 @@ async def test_a_position_opened_while_no_engine_ran_is_protected_without_waitin
         assert sorted(g.symbol for g in second.manager.guards.values()) == sorted([pending, by_hand])
     finally:
         await drive(clock, second.stop())
+
+
+async def test_a_filled_entry_a_killed_engine_left_behind_failing_look_ups_stops_entries_at_once(
+    db: Database,
+) -> None:
+    """The other way round from the entries never sent: the killed engine's entry filled, and at the next
+    start its look-ups fail and the venue's list answers []. Nothing will settle it soon: it is judged from
+    its send, as the gauge shows it. Judged from when the venue could have proven it absent, it was hidden
+    from the breaker for 25 s while three new entries went, the position still without a stop (a
+    reviewer). No new entry goes; the breaker pauses entries at once."""
+    engine, venue, clock = _engine(db, {"PROTECTION__GRACE_SECONDS": "5"})
+    venue.set_read_lag(5.0)
+    await drive(clock, engine.start())
+    try:
+        await _entry_filled_unanswered(engine, venue, clock)
+    finally:
+        await drive(clock, engine.stop(drain=False))
+    await db.pool.execute("DELETE FROM monitoring.entries_control")  # (what the breaker does by itself)
+    await drive(clock, clock.sleep(60.0), step=1.0)
+    second = restarted(engine, engine.settings, clock)
+    assert isinstance(second.venue, SimVenue)
+    second.venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 100_000)
+    second.venue.answer_positions_empty(100_000)
+    await drive(clock, second.start())
+    try:
+        assert second.store is not None
+        await second.store.insert_signals([(s, "long", None, None) for s in SYMBOLS[40:43]])
+        await drive_until(clock, lambda: second.entries_paused_by == "breaker", limit=3.0, what="the breaker")
+        await drive(clock, clock.sleep(30.0))
+        assert [p.symbol for p in venue.core.inspect(clock.now()).positions] == [SYMBOL]  # nothing new went
+    finally:
+        await drive(clock, second.stop())
+
+
+async def test_no_entry_goes_while_entries_a_killed_engine_left_wait_for_the_venue_s_proof(
+    db: Database,
+) -> None:
+    """Entries left in doubt whose "no such order" comes too soon to prove anything are not judged by the
+    breaker until it would: they may be positions without stops, so no new entry goes meanwhile, and the
+    signals say why. Once proven absent, entries go again, with no pause to lift by hand."""
+    second, venue, clock = await _killed_with_entries_in_doubt(db, SYMBOLS[34:36])
+    try:
+        assert second.store is not None
+        await second.store.insert_signals([(SYMBOLS[40], "long", None, None)])
+
+        async def reason() -> str | None:
+            return await db.pool.fetchval(
+                "SELECT reason FROM monitoring.signals WHERE symbol = $1", SYMBOLS[40]
+            )
+
+        await drive_until(clock, lambda: _settled(reason()), limit=10.0, what="the signal settled")
+        said = await reason()
+        assert said is not None
+        assert said.startswith("entries held: 2 entries from before the restart of unknown outcome"), said
+        assert not venue.core.inspect(clock.now()).positions
+        await drive_until(clock, lambda: second.entries_in_doubt() == [], limit=30.0, what="proven absent")
+        await second.store.insert_signals([(SYMBOLS[41], "long", None, None)])
+        await drive_until(clock, lambda: _venue_holds(venue, clock, SYMBOLS[41]), limit=15.0, what="opened")
+        assert second.entries_paused_by == ""
+    finally:
+        await drive(clock, second.stop())
+
+
+async def _settled(reason: Awaitable[str | None]) -> bool:
+    return (await reason) is not None
