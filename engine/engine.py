@@ -1560,17 +1560,16 @@ class Engine:
         guards = [protect(p) for p in restorable if not _entry_pending(p)]
         if handover is not None:  # the guards exist: the account's events reach them from now on
             handover()
-        # (Each runs to its end whatever the other does; the first exception is raised after.)
-        resolved, adopted = await asyncio.gather(
-            asyncio.gather(*(protect_once_filled(p) for p in pending)),
-            reconcile_at_start(),
-            return_exceptions=True,
+        # (Each runs to its end whatever the others do, look-ups included; the first exception is raised
+        # after: none is left running on, writing records or guarding, with nobody waiting for it.)
+        *resolved, adopted = await asyncio.gather(
+            *(protect_once_filled(p) for p in pending), reconcile_at_start(), return_exceptions=True
         )
-        if isinstance(resolved, BaseException):
-            raise resolved
-        if isinstance(adopted, BaseException):
-            raise adopted
-        guards += [g for g in resolved if g is not None]
+        for outcome in (*resolved, adopted):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        assert isinstance(adopted, int)
+        guards += [g for g in resolved if isinstance(g, PositionGuard)]
         if self._carried is not None:  # from here on each position shows what the new guards know
             self._carried.guards_created = True
         # What this report is about: the positions restored and adopted here (not those that entries or
