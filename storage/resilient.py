@@ -790,10 +790,18 @@ class ResilientStore(Store):
     async def save_health(self, components: Sequence[HealthRow]) -> None:
         """The latest health, which the next save replaces: while the database is away it is not kept (the
         engine still evaluates, logs and shows it), so the health loop goes on through an outage."""
+        # Given up at the write timeout or once the outage is declared, not awaited: on a frozen server the
+        # health loop's save waited for the whole freeze, its row saying "ok" under a header that said entries
+        # paused for the database. (Not by cutting the connection: a transaction whose COMMIT the server took
+        # would be reported failed.)
         try:
-            await Store.save_health(self, components)
-        except DatabaseDown:
-            log.debug("health not saved: %s", self.describe_outage())
+            await self._ready_for_direct()
+            await self._attempt(Store.save_health(self._direct, components), self._write_timeout)
+        except Exception as exc:
+            if not is_unreachable(exc):
+                raise
+            self._note_unreachable(exc)
+            log.debug("health not saved: %s", exc)
 
     # --- covered reads -------------------------------------------------------------------------------
 
@@ -905,10 +913,6 @@ class _GuardedPool:
             if handed_over and acquiring.exception() is None:  # type: ignore[union-attr]
                 await self._pool.release(acquiring.result())  # type: ignore[union-attr]
             raise
-        # What runs on it is given up as well when the database is declared down meanwhile: the connection is
-        # cut (a frozen server never answers: the health loop's save waited on it for the whole freeze, its
-        # row saying "ok" under a header that said entries paused for the database).
-        cut = asyncio.ensure_future(self._cut_once_declared_down(connection))
         try:
             yield connection
         except Exception as exc:
@@ -917,12 +921,7 @@ class _GuardedPool:
                 raise DatabaseDown(self._store.describe_outage()) from exc
             raise
         finally:
-            cut.cancel()
             await self._pool.release(connection)
-
-    async def _cut_once_declared_down(self, connection: asyncpg.Connection) -> None:
-        await self._store._down_event.wait()
-        connection.terminate()
 
     async def _call(self, work: Callable[[], Awaitable[T]]) -> T:
         store = self._store
