@@ -457,8 +457,6 @@ class PositionGuard:
         # A restored position the last engine left filled and never protected: without stops since then if
         # this guard has to send one (not if it finds them live), which its first covered facts record.
         self.naked_since: datetime | None = None
-        # Its uncovered span, already written, began earlier than written: when (`_lost_since`).
-        self._began_earlier: datetime | None = None
 
         config = manager.config
         self.callback_percent = config.callback_percent
@@ -1607,8 +1605,6 @@ class PositionGuard:
             return self._fired(order, found.updated_at)
         order.maybe_sent = False
         order.ended_as = found.status
-        if found.status is not OrderStatus.FILLED:
-            self._lost_since(order, found.updated_at)
         if found.status is OrderStatus.FILLED:
             self.exit_evidence = ExitEvidence(
                 "trailing_stop" if order.purpose is OrderPurpose.TRAILING_STOP else "stop_loss",
@@ -3018,22 +3014,6 @@ class PositionGuard:
         self.unprotected_since_epoch = moment.timestamp()
         self.filled_at = min(self.filled_at, since)
 
-    def _lost_since(self, order: ProtectiveOrder, ended_at: float) -> None:
-        """`order`, found ended by its look-up, left its position without it since the venue ended it (its
-        epoch time), not since we found out: with the account stream stalled, a hard stop cancelled by hand
-        was recorded uncovered for 0.33 s of the 3.43 s the venue held none (an operator). Never before it
-        was last confirmed live, nor in the future (another clock)."""
-        clock = self._m.clock
-        now, now_epoch = clock.monotonic(), clock.now()
-        ago = max(0.0, now_epoch - ended_at)
-        if order.confirmed_at > 0:
-            ago = min(ago, max(0.0, now - order.confirmed_at))
-        if self.unprotected_since is None or now - ago < self.unprotected_since:
-            self.unprotected_since, self.unprotected_since_epoch = now - ago, now_epoch - ago
-            written = self._written_facts
-            if written is not None and written[6] is not None:  # its span is written from a later moment
-                self._began_earlier = _datetime(now_epoch - ago)
-
     def covered_until_now(self) -> None:
         """Its record says both stops were confirmed: an uncovered spell, if any, begins when first seen."""
         self.unprotected_since = None
@@ -3094,26 +3074,11 @@ class PositionGuard:
                 self.unprotected_since_epoch = m.clock.now()
         facts = self._facts(now)
         self.report.first_pass_ok = covered
-        earlier, self._began_earlier = self._began_earlier, None
-        before = self._written_facts
-        if earlier is not None and before is not None and before[6] is not None and earlier < before[6]:
-            # The span written began when the loss was found; the venue ended the stop earlier. Written
-            # as begun then first (the span's start moves), whatever these facts say (covered again, the
-            # replacement placed in the same pass, they end it).
-            moved = (*before[:6], earlier, *before[7:])
-            self.status = await self._write_row(moved, None) or before[4]
-            self._written_facts = moved
         if facts == self._written_facts:
             return  # the database already says exactly this
         naked_from = self.naked_since if covered and self.report.created_orders > 0 else None
         self.naked_since = None  # (uncovered, its span begins at the fill the guard was timed from)
-        written = await self._write_row(facts, naked_from)
-        self.status = written if written is not None else facts[4]
-        self._written_facts = facts
-
-    async def _write_row(self, facts: tuple[Any, ...], naked_from: datetime | None) -> PositionStatus | None:
-        m = self._m
-        return await m.facts_writer.write(
+        written = await m.facts_writer.write(
             self.position_id,
             ProtectionFactsRow(
                 position_id=self.position_id,
@@ -3130,6 +3095,8 @@ class PositionGuard:
                 trailing_stop_unverified=facts[8],
             ),
         )
+        self.status = written if written is not None else facts[4]
+        self._written_facts = facts
 
 
 class ProtectionManager:

@@ -617,10 +617,8 @@ class Store:
             return {}
         # One statement, so a span is exactly as durable as the facts that open or end it (a journaled write
         # replays both). `old` is the row before this update: a change of `unprotected_since` is a span
-        # beginning (NULL → t) or ending (t → NULL; t → t' ends one and begins the next), or, to an earlier
-        # moment (t' < t), the open span found to have begun earlier (a stop found cancelled by its look-up
-        # was gone since the venue's time of its end, before the listing that missed it was answered). A
-        # span is keyed by (position, start), so a replay that repeats the change writes nothing new.
+        # beginning (NULL → t) or ending (t → NULL; t → t' ends one and begins the next). A span is keyed
+        # by (position, start), so a replay that repeats the change writes nothing new.
         rows = await self._pool.fetch(
             f"""
             WITH changed AS (
@@ -652,37 +650,20 @@ class Store:
                                         THEN f.naked_from END) AS was,
                           f.observed,
                           {_UNCOVERED_REASON.format(row="old")} AS was_reason,
-                          {_UNCOVERED_REASON.format(row="p")} AS reason,
-                          COALESCE(
-                              p.unprotected_since < old.unprotected_since
-                              AND EXISTS (
-                                  SELECT 1 FROM monitoring.uncovered_spans AS s
-                                  WHERE s.position_id = p.id AND s.started_at = old.unprotected_since
-                                    AND s.ended_at IS NULL
-                              )
-                              AND NOT EXISTS (
-                                  SELECT 1 FROM monitoring.uncovered_spans AS s
-                                  WHERE s.position_id = p.id AND s.started_at = p.unprotected_since
-                              ),
-                              false
-                          ) AS earlier
-            ), moved AS (
-                UPDATE monitoring.uncovered_spans AS s SET started_at = c.since
-                FROM changed AS c
-                WHERE c.earlier AND s.position_id = c.id AND s.started_at = c.was AND s.ended_at IS NULL
+                          {_UNCOVERED_REASON.format(row="p")} AS reason
             ), ended AS (
                 INSERT INTO monitoring.uncovered_spans
                     (account, position_id, symbol, started_at, ended_at, reason, ended_by)
                 SELECT account, id, symbol, was, GREATEST(was, COALESCE(since, observed, $9::timestamptz, now())),
                        was_reason, 'protected'
-                FROM changed WHERE was IS NOT NULL AND was IS DISTINCT FROM since AND NOT earlier
+                FROM changed WHERE was IS NOT NULL AND was IS DISTINCT FROM since
                 ON CONFLICT (position_id, started_at) DO UPDATE
                     SET ended_at = EXCLUDED.ended_at, ended_by = EXCLUDED.ended_by
                     WHERE monitoring.uncovered_spans.ended_at IS NULL
             ), started AS (
                 INSERT INTO monitoring.uncovered_spans (account, position_id, symbol, started_at, reason)
                 SELECT account, id, symbol, since, reason
-                FROM changed WHERE since IS NOT NULL AND since IS DISTINCT FROM was AND NOT earlier
+                FROM changed WHERE since IS NOT NULL AND since IS DISTINCT FROM was
                 ON CONFLICT (position_id, started_at) DO NOTHING
             )
             SELECT id, status FROM changed

@@ -374,35 +374,3 @@ async def test_the_sample_a_killed_engine_leaves_counts_positions_inside_their_g
     )
     sample = await store.coverage_left_at(heard, 5.0)
     assert (sample.active, sample.protected, sample.uncovered, sample.lasting) == (4, 1, 2, 1), sample
-
-
-async def test_a_stop_found_cancelled_while_the_account_stream_was_silent_is_uncovered_from_its_cancel(
-    db: Database,
-) -> None:
-    """With the account stream stalled, a hard stop cancelled by hand is found by the next listing and its
-    look-up: the span began when it was found, 0.33 s of the 3.43 s the venue held no hard stop (an
-    operator). The look-up says when the venue ended it: the span begins then."""
-    settings = settings_for(db, {"PROTECTION__RECONCILE_SECONDS": "5"})
-    clock = ManualClock()
-    engine = make_engine(settings, clock)
-    await drive(clock, engine.start())
-    try:
-        [guard] = await open_positions(engine, clock, [SYMBOLS[65]])
-        await drive_until_covered(engine, clock, 1)
-        await _wait(clock, 2)
-        venue = engine.venue
-        venue.drop_account_stream(100_000)  # its cancel is never told
-        await _wait(clock, 1)
-        assert guard.stop_loss.client_order_id is not None
-        venue.core.cancel_order(guard.symbol, guard.stop_loss.client_order_id, clock.now())
-        lost_at = clock.now()
-        seen = await drive_until(clock, lambda: not guard.covered, what="the loss seen")
-        assert seen >= 1.0  # found by a listing, not told at once
-        await drive_until(clock, lambda: guard.covered and guard.facts_written(), what="protected again")
-        regained_at = clock.now()
-        [span] = await _spans(db)
-        assert abs(span["started_at"].timestamp() - lost_at) < 0.01, (span["started_at"], lost_at)
-        assert span["ended_at"].timestamp() <= regained_at
-        assert span["reason"] == "stop_loss_missing"
-    finally:
-        await drive(clock, engine.stop())
