@@ -2575,11 +2575,14 @@ class Engine:
             return "entries paused", side, Decimal(0)
         if inherited := [d for d in self._in_doubt.values() if d.judged_from > 0]:
             provable = max(d.judged_from for d in inherited) - self.clock.monotonic()
+            until = (
+                f"until the venue can say, in {provable:.0f}s"
+                if provable > 0
+                else "until the venue answers for them (it could say by now; the breaker judges them)"
+            )
             return (
                 f"entries held: {len(inherited)} {'entry' if len(inherited) == 1 else 'entries'} from before "
-                "the restart of unknown outcome "
-                "(each may be a position without stops) until the venue can say, in "
-                f"{max(0.0, provable):.0f}s",
+                f"the restart of unknown outcome (each may be a position without stops) {until}",
                 side,
                 Decimal(0),
             )

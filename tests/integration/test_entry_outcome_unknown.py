@@ -949,13 +949,25 @@ async def test_entries_a_killed_engine_left_in_doubt_that_stay_unknown_still_tri
     second, venue, clock = await _killed_with_entries_in_doubt(db, symbols)
     try:
         venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.SERVER_ERROR, count=100_000)
-        waited = await drive_until(
+        started = clock.monotonic()
+        await drive(clock, clock.sleep(12.0))  # past the venue's proof, the breaker's grace not over
+        assert second.store is not None
+        await second.store.insert_signals([(SYMBOLS[40], "long", None, None)])
+
+        async def reason() -> str | None:
+            return await db.pool.fetchval(
+                "SELECT reason FROM monitoring.signals WHERE symbol = $1", SYMBOLS[40]
+            )
+
+        await drive_until(clock, lambda: _settled(reason()), limit=5.0, what="the signal settled")
+        assert "until the venue answers for them" in (await reason() or ""), await reason()
+        await drive_until(
             clock,
             lambda: second.entries_paused_by == "breaker",
             limit=60,
             what="entries paused by the breaker",
         )
-        assert waited > 5.0 + 5.0  # (the venue's proof, then the grace)
+        assert clock.monotonic() - started > 5.0 + 5.0  # (the venue's proof, then the grace)
         assert len(second.entries_in_doubt()) == 3
     finally:
         await drive(clock, second.stop())
