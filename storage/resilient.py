@@ -790,13 +790,17 @@ class ResilientStore(Store):
     async def save_health(self, components: Sequence[HealthRow]) -> None:
         """The latest health, which the next save replaces: while the database is away it is not kept (the
         engine still evaluates, logs and shows it), so the health loop goes on through an outage."""
-        # Given up at the write timeout or once the outage is declared, not awaited: on a frozen server the
-        # health loop's save waited for the whole freeze, its row saying "ok" under a header that said entries
-        # paused for the database. (Not by cutting the connection: a transaction whose COMMIT the server took
-        # would be reported failed.)
+
+        # Given up at the write timeout or once the outage is declared, not awaited: a save in flight when the
+        # server froze, or the journal replay it waits for, held the health loop, and the breaker it checks,
+        # for the whole freeze. (Not by cutting the connection: a COMMIT the server took would be reported
+        # failed.)
+        async def save() -> None:
+            await self._ready_for_direct()  # (a replay under way is shared, and not cancelled by a give-up)
+            await Store.save_health(self._direct, components)
+
         try:
-            await self._ready_for_direct()
-            await self._attempt(Store.save_health(self._direct, components), self._write_timeout)
+            await self._attempt(save(), self._write_timeout)
         except Exception as exc:
             if not is_unreachable(exc):
                 raise
