@@ -7,7 +7,6 @@ counted uncovered meanwhile, and its symbol stays held. Judged on the venue's tr
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable
 from decimal import Decimal
 
 import pytest
@@ -951,16 +950,8 @@ async def test_entries_a_killed_engine_left_in_doubt_that_stay_unknown_still_tri
         venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.SERVER_ERROR, count=100_000)
         started = clock.monotonic()
         await drive(clock, clock.sleep(12.0))  # past the venue's proof, the breaker's grace not over
-        assert second.store is not None
-        await second.store.insert_signals([(SYMBOLS[40], "long", None, None)])
-
-        async def reason() -> str | None:
-            return await db.pool.fetchval(
-                "SELECT reason FROM monitoring.signals WHERE symbol = $1", SYMBOLS[40]
-            )
-
-        await drive_until(clock, lambda: _settled(reason()), limit=5.0, what="the signal settled")
-        assert "until the venue answers for them" in (await reason() or ""), await reason()
+        said = await _rejected_signal_reason(second, clock, db, SYMBOLS[40])
+        assert "until the venue answers for them" in said, said
         await drive_until(
             clock,
             lambda: second.entries_paused_by == "breaker",
@@ -1065,17 +1056,7 @@ async def test_no_entry_goes_while_entries_a_killed_engine_left_wait_for_the_ven
     signals say why. Once proven absent, entries go again, with no pause to lift by hand."""
     second, venue, clock = await _killed_with_entries_in_doubt(db, SYMBOLS[34:36])
     try:
-        assert second.store is not None
-        await second.store.insert_signals([(SYMBOLS[40], "long", None, None)])
-
-        async def reason() -> str | None:
-            return await db.pool.fetchval(
-                "SELECT reason FROM monitoring.signals WHERE symbol = $1", SYMBOLS[40]
-            )
-
-        await drive_until(clock, lambda: _settled(reason()), limit=10.0, what="the signal settled")
-        said = await reason()
-        assert said is not None
+        said = await _rejected_signal_reason(second, clock, db, SYMBOLS[40])
         assert said.startswith("entries held: 2 entries from before the restart of unknown outcome"), said
         assert not venue.core.inspect(clock.now()).positions
         await drive_until(clock, lambda: second.entries_in_doubt() == [], limit=30.0, what="proven absent")
@@ -1086,5 +1067,18 @@ async def test_no_entry_goes_while_entries_a_killed_engine_left_wait_for_the_ven
         await drive(clock, second.stop())
 
 
-async def _settled(reason: Awaitable[str | None]) -> bool:
-    return (await reason) is not None
+async def _rejected_signal_reason(engine: Engine, clock: ManualClock, db: Database, symbol: str) -> str:
+    """A signal on `symbol`, driven until it is refused: why."""
+    assert engine.store is not None
+    await engine.store.insert_signals([(symbol, "long", None, None)])
+
+    async def reason() -> str | None:
+        return await db.pool.fetchval("SELECT reason FROM monitoring.signals WHERE symbol = $1", symbol)
+
+    async def refused() -> bool:
+        return await reason() is not None
+
+    await drive_until(clock, refused, limit=10.0, what="the signal refused")
+    said = await reason()
+    assert said is not None
+    return said
