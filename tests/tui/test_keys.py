@@ -88,7 +88,11 @@ async def test_r_restarts_protection_shows_the_report_and_protection_continues(d
         assert (report_screen.report.restored, report_screen.report.failed) == (2, 0)
         assert "restored          2" in text
         assert "failed            0" in text
-        await board.press("escape")
+        assert "[esc / enter / q] close" in str(report_screen.query_one("#restart-keys").content)  # type: ignore[attr-defined]
+        # `q` closes it, as it closes every other dialog, and goes no further (no quit asked).
+        await board.press("q")
+        assert board.app.screen is not report_screen
+        assert not isinstance(board.app.screen, ConfirmScreen)
 
         # Protection goes on after the restart: a new position is protected and shown covered.
         await board.open_positions([SYMBOLS[12]])

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 class RestartReportScreen(ModalScreen[StartupReport | None]):
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,enter", "close", "Close", show=False)]
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,enter,q", "close", "Close", show=False)]
 
     class Finished(Message):
         def __init__(self, report: StartupReport | None, error: str | None):
@@ -82,7 +82,7 @@ class RestartReportScreen(ModalScreen[StartupReport | None]):
             if r.failed_symbols:
                 lines.append(f"  failed: {', '.join(r.failed_symbols)}")
             body.update("\n".join(lines))
-        self.query_one("#restart-keys", Static).update("[esc / enter] close")
+        self.query_one("#restart-keys", Static).update("[esc / enter / q] close")
         # The result also goes to the log panel (as a toast too): it outlives this dialog.
         if message.report is None:
             self.app.notify(f"Protection restart FAILED: {message.error}", severity="error", timeout=8)
