@@ -301,6 +301,10 @@ class ProtectionResult:
     detail: str
 
 
+# How long a failure stays in the dashboard's "Last error" column once its position is covered again.
+LAST_ERROR_FRESH_SECONDS = 60.0
+
+
 @dataclass(frozen=True, slots=True)
 class PositionView:
     position_id: int
@@ -328,6 +332,10 @@ class PositionView:
     # it), asked for by its id: shown "unverified", not "missing" (uncovered all the same).
     stop_loss_unverified: bool = False
     trailing_stop_unverified: bool = False
+    # `last_error` was said more than LAST_ERROR_FRESH_SECONDS ago: on a covered row it is old history, left
+    # out of the table (the detail screen keeps it). A flag, not an age: a view that changes every tick would
+    # format every row again on every refresh.
+    last_error_old: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -3744,6 +3752,8 @@ class Engine:
             covered=guard.covered,
             unprotected_seconds=unprotected,
             last_error=guard.last_error,
+            last_error_old=guard.last_error_at is not None
+            and now - guard.last_error_at > LAST_ERROR_FRESH_SECONDS,
             closing=guard.closing,
             mark_stale=self.mark_is_stale(guard.symbol, now),
             trailing_follows=(

@@ -498,7 +498,8 @@ class PositionGuard:
         self._ending_told = asyncio.Event()  # a command that may end the position is queued
         self.failures = 0
         self._failures_in_grace = 0  # the most failures a naked position's grace capped (`_retry_delay`)
-        self.last_error: str | None = None
+        self._last_error: str | None = None
+        self.last_error_at: float | None = None  # monotonic: when `last_error` was last said
         self.restarts = 0  # times its task died with the position open and was started again
         self.restart_said_at: float | None = None
         # A failure said in full (ERROR, event row, dashboard): (operation, error) → when (monotonic). The
@@ -584,6 +585,16 @@ class PositionGuard:
             min_improvement_percent=config.min_improvement_percent,
             emergency_move_percent=config.emergency_move_percent,
         )
+
+    @property
+    def last_error(self) -> str | None:
+        """The last failure said for this position (kept when it recovers: history, dated `last_error_at`)."""
+        return self._last_error
+
+    @last_error.setter
+    def last_error(self, error: str | None) -> None:
+        self._last_error = error
+        self.last_error_at = self._m.clock.monotonic() if error is not None else None
 
     @property
     def has_stop_loss(self) -> bool:

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from rich.style import Style
 
 from engine.accounts import account_key
 from engine.cli import _status_report
@@ -33,8 +34,10 @@ from tui.app import RunningWave
 from tui.feed import ReadOnlyFeed
 from tui.screens.info import LeaseHeldScreen
 from tui.screens.position import PositionDetailScreen
+from tui.widgets.positions import error_cell
 
 SYMBOLS = sorted(UNIVERSE)
+STYLES = {"missing": Style(color="red")}
 
 
 async def test_quit_dialog_and_exit_line_never_say_a_position_inside_its_grace_period_keeps_its_stops(
@@ -632,3 +635,37 @@ async def test_while_quitting_the_screen_shows_the_positions_the_stop_opens_and_
         assert board.app.last_snapshot.coverage.active == 4  # kept after the engine let them go
         summary = board.app.exit_summary()
         assert summary.startswith("tsbot-tui stopped: 4 open positions"), summary
+
+
+async def test_a_recovered_failure_leaves_the_error_column_after_a_minute_and_stays_in_the_detail(
+    db: Database,
+) -> None:
+    """A stop that failed once and was placed on the retry kept its "Last error" on the fully protected row
+    for as long as the position lived (an operator saw it 25 s on, then for good): history read as an alarm."""
+    settings = tui_settings(db)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        assert engine.store is not None
+        engine.venue.inject_fault(
+            CallKind.CREATE_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 1, stops_only=True
+        )  # type: ignore[attr-defined]
+        await engine.store.insert_signals([(SYMBOLS[79], "long", None, None)])
+        await drive_until(clock, lambda: engine.snapshot().coverage.protected == 1, what="covered")
+        view = engine.snapshot().positions[0]
+        assert view.covered
+        assert view.last_error is not None
+        assert "network error" in view.last_error
+        assert not view.last_error_old
+        cell = error_cell(view, STYLES)
+        assert "network error" in cell.plain
+        assert cell.style == ""
+        await drive(clock, clock.sleep(61))
+        view = engine.snapshot().positions[0]
+        assert view.covered
+        assert view.last_error_old
+        assert error_cell(view, STYLES).plain == ""
+        assert view.last_error is not None  # the detail screen still says what went wrong
+    finally:
+        await drive(clock, engine.stop())

@@ -17,7 +17,7 @@ so `x` always closes the position the operator is looking at. Home and End go to
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
@@ -1018,12 +1018,17 @@ class PositionsTable(DataTable[Text]):
             _mark_cell(view, s),
             Text(formatting.price(view.entry_price), justify="right"),
             Text(formatting.price(view.quantity), justify="right"),
-        ) + (
-            # Red only while it matters: a covered position's last error is history, not an alarm.
-            (Text(view.last_error or "", style=s["missing"] if view.last_error and not view.covered else ""),)
-            if self.error_width
-            else ()
-        )
+        ) + ((error_cell(view, s),) if self.error_width else ())
+
+
+def error_cell(view: PositionView, styles: Mapping[str, Style]) -> Text:
+    """Red while it matters. A covered position's last error is history: shown plain for a minute (what
+    just went wrong and recovered), then left to the detail screen, not kept on every healthy row."""
+    if not view.last_error:
+        return Text("")
+    if not view.covered:
+        return Text(view.last_error, style=styles["missing"])
+    return Text("" if view.last_error_old else view.last_error)
 
 
 def _plain(cell: object) -> bool:
