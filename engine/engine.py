@@ -377,6 +377,9 @@ class EngineSnapshot:
     # in a snapshot, though every one is still open on the venue. Until then a stop's drain opens and
     # protects positions like a running engine, and its snapshots show them.
     positions_tracked: bool = True
+    # The last coverage sample the engine took for the history (`monitoring.coverage_samples`): the gauge's
+    # trend draws these, so its "low" and the history screen's are the same samples' figures.
+    coverage_sample: CoverageSample | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -787,6 +790,7 @@ class Engine:
         self._streamed_entries: dict[str, Order] = {}
         self._settlers: set[asyncio.Task[None]] = set()
         self._waves: deque[WaveView] = deque(maxlen=50)
+        self._coverage_sample: CoverageSample | None = None  # the last taken for the history
         self._lease_since: datetime | None = None  # when this engine first took the account's lease
         self._start_interrupted = asyncio.Event()  # `interrupt_start`: the start's waits end, it gives up
         self._wave_tasks: set[asyncio.Task[None]] = set()
@@ -2279,7 +2283,8 @@ class Engine:
         assert self.store is not None
         due = self.clock.monotonic()
         while True:
-            await self.store.record_coverage_sample(coverage_sample(self.coverage(), _utc(self.clock.now())))
+            self._coverage_sample = coverage_sample(self.coverage(), _utc(self.clock.now()))
+            await self.store.record_coverage_sample(self._coverage_sample)
             # On a fixed grid: a slow write does not push every later sample back (a write slower than
             # the cadence skips the samples it overlapped rather than bunching them).
             now = self.clock.monotonic()
@@ -3650,6 +3655,7 @@ class Engine:
             rows=rows,
             entries_sending=len(self._entries_on_their_way()),
             positions_tracked=not self._positions_let_go,
+            coverage_sample=self._coverage_sample,
         )
 
     def _entries_on_their_way(self) -> set[str]:

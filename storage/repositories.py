@@ -1418,6 +1418,17 @@ class Store:
             else (Decimal(100) * protected / active).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP),
         )
 
+    async def latest_coverage_sample(self) -> CoverageSample | None:
+        """The account's last sample of the coverage series (a watch draws the trend the engine records)."""
+        row = await self._pool.fetchrow(
+            """
+            SELECT at, active, protected, uncovered, lasting, coverage_pct FROM monitoring.coverage_samples
+            WHERE account = $1 ORDER BY at DESC LIMIT 1
+            """,
+            self.account,
+        )
+        return None if row is None else CoverageSample(**dict(row))
+
     async def delete_coverage_samples_before(self, moment: datetime) -> int:
         """Retention: this account's samples older than `moment` go. Returns how many."""
         result = await self._pool.execute(

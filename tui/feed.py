@@ -520,6 +520,7 @@ class ReadOnlyFeed:
         # that no longer holds the account (one taking it since wrote nothing that was read).
         self.holder = await current_holder(pool, settings.venue.kind.value, account_key(settings.venue))
         health_rows = await store.latest_health()
+        sample = await store.latest_coverage_sample()
         waves = await store.recent_waves(limit=50)
         # By id from the last one read: the newest 200 by time dropped the older of a burst (a ban's
         # protection failures), and replayed events, which keep their own older times.
@@ -600,6 +601,7 @@ class ReadOnlyFeed:
                 for w in waves
             ),
             taken_at=now,
+            coverage_sample=sample,
         )
         if fresh:
             self._last_event_id = fresh[-1].id

@@ -5,6 +5,7 @@ test says, to show what the screen does in transitions (a burst of uncovered pos
 from __future__ import annotations
 
 import dataclasses
+from datetime import UTC, datetime
 from decimal import Decimal
 
 from engine.config import Settings
@@ -15,6 +16,7 @@ from engine.engine import (
     PositionView,
     ProtectionResult,
     ViewSelector,
+    coverage_sample,
 )
 from protection.coverage import PositionCoverage
 from tests.tui.scenario import MONO, ScenarioFeed, figures_of
@@ -54,7 +56,14 @@ class BookFeed(ScenarioFeed):
 
     def set_positions(self, positions: list[PositionView]) -> None:
         figures = figures_of(positions, float(self.settings.protection.grace_seconds))
-        self._snapshot = dataclasses.replace(self._snapshot, positions=tuple(positions), coverage=figures)
+        self._snapshot = dataclasses.replace(
+            self._snapshot,
+            positions=tuple(positions),
+            coverage=figures,
+            coverage_sample=coverage_sample(
+                figures, datetime.fromtimestamp(self._snapshot.taken_at, UTC)
+            ),  # a frozen instant
+        )
 
     def snapshot(self, views_of: ViewSelector | None = None) -> EngineSnapshot:
         return self._snapshot

@@ -24,6 +24,7 @@ from engine.engine import (
     StartupReport,
     ViewSelector,
     WaveView,
+    coverage_sample,
 )
 from engine.events import EngineEvent, HealthChanged, PositionClosed, ProtectionFailed, ProtectionTimedOut
 from engine.metrics import CallSummary
@@ -271,6 +272,7 @@ def scenario_snapshot(settings: Settings) -> EngineSnapshot:
         health=tuple(report.components),
         waves=waves,
         taken_at=T0,
+        coverage_sample=coverage_sample(figures, datetime.fromtimestamp(T0, UTC)),
     )
 
 

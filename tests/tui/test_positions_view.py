@@ -485,3 +485,22 @@ async def test_the_trend_alarms_only_when_a_position_is_uncovered_past_its_grace
         await wait_for(pilot, lambda: gauge.border_subtitle == subtitle, f"the subtitle {subtitle!r}")
         drawn = [d for d in app.query_one(CoverageTrend).slices() if d is not None]
         assert drawn == [(14.3, kind)]
+
+
+async def test_the_gauge_s_low_is_the_one_the_history_recorded_not_a_sample_of_its_own() -> None:
+    """The gauge said "last hour, low 97.5%" while the history screen said 71.4 % for the same hour: each
+    sampled coverage every 10 s at its own instants, and a wave's dip of a second was in one set and not
+    the other. The gauge draws the engine's samples, the ones the history reads."""
+    settings = scenario_settings()
+    feed = BookFeed(settings, [book_position(i + 1, s) for i, s in enumerate(SYMBOLS[:7])])
+    covered = feed.snapshot()
+    assert covered.coverage.protected == 7  # every position covered whenever the dashboard looks
+    assert covered.coverage_sample is not None
+    # The engine took its sample during a wave: 5 of 7 protected (two inside their grace period).
+    dip = dataclasses.replace(covered.coverage_sample, protected=5, coverage_pct=Decimal("71.4"))
+    feed._snapshot = dataclasses.replace(covered, coverage_sample=dip)
+    app = DashboardApp(settings, feed=feed, tz=UTC, code_roots=[])
+    async with app.run_test(size=(120, 40)) as pilot:
+        gauge = app.query_one(CoverageGauge)
+        want = "last hour, low 71.4% (protecting)"
+        await wait_for(pilot, lambda: gauge.border_subtitle == want, f"the subtitle {want!r}")

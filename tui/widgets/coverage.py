@@ -24,7 +24,6 @@ from tui import formatting
 from tui.widgets.styling import component_style
 
 TREND_WINDOW_SECONDS = 3600.0
-TREND_SAMPLE_SECONDS = 10.0
 BARS = "▁▂▃▄▅▆▇█"
 STATE_CLASSES = ("-healthy", "-protecting", "-degraded", "-critical", "-unknown")
 
@@ -50,10 +49,11 @@ class CoverageTrend(Widget):
         self._now = 0.0
 
     def add_sample(self, at: float, value: Decimal | None, *, uncovered: bool = False) -> bool:
-        """Record one sample (at most one per TREND_SAMPLE_SECONDS); True when it was kept. `uncovered`:
-        some position was uncovered past its grace period (else a shortfall is positions still protecting,
-        no alarm: the health rule's and the digits' reading)."""
-        if self._samples and at - self._samples[-1][0] < TREND_SAMPLE_SECONDS:
+        """Record one sample (the engine's history sample: a new one every 10 s); True when
+        it was kept, False for one already drawn. `uncovered`: some position was uncovered past its grace
+        period (else a shortfall is positions still protecting, no alarm: the health rule's and the
+        digits' reading)."""
+        if self._samples and at <= self._samples[-1][0]:
             return False
         self._samples.append((at, None if value is None else float(value), uncovered))
         while self._samples and at - self._samples[0][0] > TREND_WINDOW_SECONDS:
@@ -140,8 +140,12 @@ class CoverageGauge(Vertical):
     def show(self, snapshot: EngineSnapshot) -> None:
         figures = snapshot.coverage
         trend = self._trend
-        worst = _worst(figures.ts_coverage_pct, figures.sl_coverage_pct)
-        if trend.add_sample(snapshot.taken_at, worst, uncovered=figures.uncovered > 0):
+        # The engine's own samples, those the history screen reads: one "low" for the hour, not two taken
+        # at different instants of a wave (a dip of a second is in one set of samples and not the other).
+        sample = snapshot.coverage_sample
+        if sample is not None and trend.add_sample(
+            sample.at.timestamp(), sample.coverage_pct, uncovered=sample.uncovered > 0
+        ):
             low = trend.lowest()
             self.border_subtitle = "last hour" + (
                 ""
@@ -217,8 +221,3 @@ class CoverageGauge(Vertical):
                 label.update(text, layout=before is None or cell_len(before) != cell_len(text))
             else:
                 label.update(text)
-
-
-def _worst(*values: Decimal | None) -> Decimal | None:
-    known = [v for v in values if v is not None]
-    return min(known) if known else None
