@@ -597,6 +597,18 @@ class PositionGuard:
         self.last_error_at = self._m.clock.monotonic() if error is not None else None
 
     @property
+    def watched_stops(self) -> tuple[ProtectiveOrder, ...]:
+        """The stops whose confirmation counts for this position's cover, each watched for the venue's word
+        (the account stream, a listing, a look-up by id, a gap's doubt, a mark through it): its hard and
+        trailing stops, and, while the hard stop that rode on the entry is being replaced from the fill,
+        that one too. It is the hard stop meanwhile: removed by hand or fired, the position showed covered
+        for as long as its correction kept failing (Bybit, a reviewer)."""
+        held = self._attached_holds
+        if held is None:
+            return (self.stop_loss, self.trailing_stop)
+        return (self.stop_loss, self.trailing_stop, held)
+
+    @property
     def has_stop_loss(self) -> bool:
         holds = self._attached_holds  # an attached hard stop being replaced from the fill price
         return (self.stop_loss.confirmed or (holds is not None and holds.confirmed)) and not self.closed
@@ -767,12 +779,11 @@ class PositionGuard:
         elif isinstance(command, OrderMissing):
             cid, seen_at = command.client_order_id, command.seen_at - self._m.read_after_write_seconds
         elif isinstance(command, StopsUnverified):
-            return any(_doubted_by(o, command) for o in (self.stop_loss, self.trailing_stop))
+            return any(_doubted_by(o, command) for o in self.watched_stops)
         else:
             return False
         return any(
-            o.confirmed and o.client_order_id == cid and o.confirmed_at < seen_at
-            for o in (self.stop_loss, self.trailing_stop)
+            o.confirmed and o.client_order_id == cid and o.confirmed_at < seen_at for o in self.watched_stops
         )
 
     async def run(self) -> None:
@@ -971,11 +982,7 @@ class PositionGuard:
             return False
         cid = update.client_order_id
         target = next(
-            (
-                o
-                for o in (self.stop_loss, self.trailing_stop)
-                if o.client_order_id and o.client_order_id == cid
-            ),
+            (o for o in self.watched_stops if o.client_order_id and o.client_order_id == cid),
             None,
         )
         if target is None:
@@ -1072,7 +1079,7 @@ class PositionGuard:
             evidence = self.exit_evidence
             if evidence is not None:
                 await self._finish(exit_reason=evidence.exit_reason, exit_price=evidence.exit_price)
-            elif not any(o.fired_at is not None for o in (self.stop_loss, self.trailing_stop)):
+            elif not any(o.fired_at is not None for o in self.watched_stops):
                 m.request_reconcile()  # nothing of ours fired: the venue is asked (closed by hand?)
             # else one of our stops fired: its fill is on its way (the stream's, or the guard's look-up)
             return True
@@ -1143,7 +1150,7 @@ class PositionGuard:
         """The reconciler did not see one of our confirmed stops: un-confirm it (the guard re-checks it by
         id, and replaces it if it is gone). A confirmation newer than the venue's answer stands."""
         m = self._m
-        for order in (self.stop_loss, self.trailing_stop):
+        for order in self.watched_stops:
             if order.client_order_id != command.client_order_id or not order.confirmed:
                 continue
             if order.confirmed_at >= command.seen_at - m.read_after_write_seconds:
@@ -1156,14 +1163,14 @@ class PositionGuard:
 
     def doubt_pending(self) -> bool:
         """A stop of it is in doubt, or will be once its task applies a doubt already told."""
-        return any(o.unverified for o in (self.stop_loss, self.trailing_stop)) or any(
+        return any(o.unverified for o in self.watched_stops) or any(
             isinstance(c, StopsUnverified) for c in self._commands
         )
 
     def doubt_every_stop(self) -> None:
         """Nothing has watched this guard's stops for a while (its task died): each confirmed one is
         unverified until it is found live by its id (never sent again blind)."""
-        for order in (self.stop_loss, self.trailing_stop):
+        for order in self.watched_stops:
             if order.confirmed and order.client_order_id:
                 order.doubt(self._m.clock.monotonic())
         self.wake.set()
@@ -1172,7 +1179,7 @@ class PositionGuard:
         """Stops confirmed before the stream's gap was told are asked for again (`StopsUnverified`); one
         confirmed since (its own answer, a look-up, the stream live again) stands."""
         doubted = False
-        for order in (self.stop_loss, self.trailing_stop):
+        for order in self.watched_stops:
             if _doubted_by(order, command):
                 order.doubt(command.noted_at)
                 self._m.streamed_live.pop(order.client_order_id, None)
@@ -1247,15 +1254,12 @@ class PositionGuard:
         verified now: it is the position's hard stop until the corrected one is confirmed."""
         confirmed = await self._ensure_confirmed(self.stop_loss, self._send_stop_loss)
         held = self._attached_holds
-        if (
-            self._correction_rides
-            and not confirmed
-            and not self.closed
-            and held is not None
-            and held.maybe_sent
-            and not held.confirmed
-        ):
-            await self._resolve(held, LOOK_UP)
+        if not confirmed and not self.closed and held is not None and held.maybe_sent and not held.confirmed:
+            # Not yet verified, or put in doubt since (found missing by a listing, a gap in the account
+            # stream, a mark through it): asked for by its id, as the other stops are.
+            outcome = await self._resolve(held, LOOK_UP)
+            if outcome in (_Outcome.GONE, _Outcome.ABSENT) and held is self._attached_holds:
+                self._fresh_id(held)  # let go: the position is without a hard stop until its correction
         return confirmed
 
     async def _ensure_confirmed(
@@ -1722,12 +1726,12 @@ class PositionGuard:
         shown "both stops confirmed" for the 9.5 minutes of a ban that refused every look-up). Asked for by
         its id before anything is sent: never a second stop."""
         crossed, self._crossed = self._crossed, set()
-        for order in (self.stop_loss, self.trailing_stop):
+        for order in self.watched_stops:
             if order.purpose in crossed and order.confirmed and order.client_order_id:
                 order.doubt(self._m.clock.monotonic())
         asked = [
             o
-            for o in (self.stop_loss, self.trailing_stop)
+            for o in self.watched_stops
             if o.client_order_id and (o.confirmed or (o.purpose in crossed and o.maybe_sent))
         ]
         outcomes = await asyncio.gather(*(self._resolve(o, "check after the mark crossed") for o in asked))
@@ -1752,13 +1756,13 @@ class PositionGuard:
         if self._stuck_timer is not None and not self._stuck_timer.done():
             return
         patience = self._m.stuck_trigger_patience()
-        fired = [o.fired_at for o in (self.stop_loss, self.trailing_stop) if o.fired_at is not None]
+        fired = [o.fired_at for o in self.watched_stops if o.fired_at is not None]
         if fired:  # from the first one's firing (the venue's time when it said it)
             patience = max(0.0, min(fired) + patience - self._m.clock.monotonic())
 
         async def at_patience_end() -> None:
             await self._m.clock.sleep(patience)
-            if any(o.fired_at is not None for o in (self.stop_loss, self.trailing_stop)):
+            if any(o.fired_at is not None for o in self.watched_stops):
                 self.submit(StuckTriggerCheck())
 
         self._stuck_timer = asyncio.ensure_future(at_patience_end())
@@ -1773,13 +1777,13 @@ class PositionGuard:
         patience = m.stuck_trigger_patience()
         stuck = [
             o
-            for o in (self.stop_loss, self.trailing_stop)
+            for o in self.watched_stops
             if o.fired_at is not None and m.clock.monotonic() - o.fired_at >= patience - 1e-6
         ]
         if self.closed:
             return
         if not stuck:  # patience grew with the round trip since the check was armed: check again later
-            if any(o.fired_at is not None for o in (self.stop_loss, self.trailing_stop)):
+            if any(o.fired_at is not None for o in self.watched_stops):
                 self._arm_stuck_check()
             return
         # A late answer, and at most half of what is left of the grace period, bounds the look-ups (a read
@@ -1942,7 +1946,15 @@ class PositionGuard:
         """The next id for `order` (a managed trail's stops share one sequence with its moves). A native
         trail the venue had armed (a mark reached its activation) is sent again armed at the mark: sent
         with its activation again after the price had pulled back (a resize, a re-placement), the venue
-        took it unarmed, and the position kept only its hard stop where it had trailed."""
+        took it unarmed, and the position kept only its hard stop where it had trailed. The entry's hard
+        stop held while its correction goes (`_attached_holds`) gets no new id: ended, it is let go, and the
+        correction, sent until confirmed, is the hard stop to come (its id stays among the superseded, to
+        be cancelled if it is still live after all)."""
+        if order is self._attached_holds:
+            order.confirmed = False
+            self._attached_holds = None
+            self.wake.set()
+            return
         if order is self.trailing_stop and self._native_armed(order):
             order.arm_now = True
         if order.purpose is OrderPurpose.TRAILING_STOP and self.kind is TrailingKind.MANAGED:
@@ -2485,7 +2497,7 @@ class PositionGuard:
         """Which of our confirmed stops `mark` went through (by purpose)."""
         long = self.side is PositionSide.LONG
         crossed: list[OrderPurpose] = []
-        for order in (self.stop_loss, self.trailing_stop):
+        for order in self.watched_stops:
             # A stop-market (the hard stop, or a managed trail's stop) fires at its price.
             at_price = order.purpose is OrderPurpose.STOP_LOSS or self.kind is TrailingKind.MANAGED
             if not (order.confirmed and at_price and order.price is not None):
@@ -2925,7 +2937,7 @@ class PositionGuard:
         elif not self.covered and self._failures_in_grace:
             steps = max(1, failures - self._failures_in_grace)
             delay = min(delay, grace / 4 * 2 ** min(steps, MAX_DOUBLINGS))
-        fired = [o.fired_at for o in (self.stop_loss, self.trailing_stop) if o.fired_at is not None]
+        fired = [o.fired_at for o in self.watched_stops if o.fired_at is not None]
         if fired:
             # A fired stop that has not filled is closed at market once its patience ends (`_check_fired`):
             # the next pass is then, not when a backoff doubled past grace says (it left one 31 s naked).
@@ -4167,7 +4179,7 @@ class ProtectionManager:
                 continue
             unchecked = frozenset(
                 o.client_order_id
-                for o in (guard.stop_loss, guard.trailing_stop)
+                for o in guard.watched_stops
                 if o.confirmed
                 and o.client_order_id is not None
                 and o.confirmed_at < noted
@@ -4211,9 +4223,7 @@ class ProtectionManager:
         noted = self._gap_noted_at
         if noted is None:
             return False
-        doubted = [
-            o for o in (guard.stop_loss, guard.trailing_stop) if o.confirmed and o.confirmed_at < noted
-        ]
+        doubted = [o for o in guard.watched_stops if o.confirmed and o.confirmed_at < noted]
         return any(listed is None or o.client_order_id not in listed for o in doubted)
 
     async def _doubt_unless_listed(self) -> None:

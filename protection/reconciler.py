@@ -264,7 +264,7 @@ class Reconciler:
             # (Not while the close still waits for its turn, a 429's hold say: its stops are still its cover.)
             return checked
         lag = self._manager.read_after_write_seconds
-        for order in (guard.stop_loss, guard.trailing_stop):
+        for order in guard.watched_stops:
             cid = order.client_order_id
             if order.unverified and cid in open_by_id and snapshot_at - lag >= order.doubted_at:
                 # In doubt and listed live by a listing that saw the venue as of after the doubt came: the

@@ -798,6 +798,64 @@ async def test_the_hard_stop_shown_while_its_correction_fails_is_the_one_the_ven
         emulator.faults.clear_forced()
 
 
+@pytest.mark.parametrize("stream", ["live", "dropped"])
+async def test_the_hard_stop_held_while_its_correction_fails_is_watched_and_its_loss_uncovers_the_position(
+    db: Database, stream: str
+) -> None:
+    """While the correction of the stop that rode on the entry kept failing, that stop was the position's
+    hard stop, and nothing watched it: removed by hand on the venue (with the account stream live, or
+    dropped), the guard, the record and the gauge kept it confirmed for good, and no loss was said (a
+    reviewer: 12 s, 10 reconcile passes). Its loss now uncovers the position, visibly, at once."""
+    emulator = BybitEmulator(
+        SimVenueSettings(seed=11, volatility=0.0), api_key=KEY, api_secret=SECRET, control=True
+    )
+    emulator.faults.force(
+        (Target("POST", "position/trading-stop"),), parse_bybit_fault("error"), count=100_000
+    )
+    async with bybit_engine(db, emulator, {"PROTECTION__RECONCILE_SECONDS": "1"}) as (engine, _rejected):
+        assert engine.store is not None
+        manager = engine.manager
+        assert manager is not None
+        symbol = sorted(emulator.core.markets)[0]
+        await engine.store.insert_signals([(symbol, "long", None, None)])
+        await wait_until(
+            lambda: any(g.has_stop_loss and not g.stop_loss.confirmed for g in manager.guards.values()),
+            within=60.0,
+            what="the correction failing while the attached stop holds",
+        )
+        [guard] = manager.guards.values()
+        base_url = engine.settings.venue.base_url
+        async with aiohttp.ClientSession() as session:
+            if stream == "dropped":
+                answer = await session.post(f"{base_url}/_sim/stream-fault", json={"fault": "drop"})
+                assert answer.status == 200, await answer.text()
+            # Someone removes the hard stop on the venue (Bybit's web UI).
+            answer = await session.post(
+                f"{base_url}/_sim/position-stops", json={"symbol": symbol, "stopLoss": "0"}
+            )
+            assert answer.status == 200, await answer.text()
+        stops = (await _emulator_state(engine))["position_stops"]
+        assert not any(f["symbol"] == symbol and f.get("stopLoss") for f in stops)  # the venue holds none
+        await wait_until(lambda: not guard.has_stop_loss, within=5.0, what="the hard stop counted lost")
+        assert not guard.covered
+        view = next(v for v in engine.snapshot().positions if v.symbol == symbol)
+        assert not view.covered
+        assert not view.has_stop_loss
+
+        async def recorded_lost() -> bool:
+            row = await db.pool.fetchrow(
+                "SELECT has_stop_loss FROM monitoring.positions WHERE id = $1", guard.position_id
+            )
+            return row["has_stop_loss"] is False
+
+        await wait_until(recorded_lost, within=5.0, what="the record says no hard stop")
+        emulator.faults.clear_forced()
+        # Once trading-stop answers again, the corrected stop goes on and the position is covered.
+        await wait_until(lambda: guard.covered, within=30.0, what="protected again")
+        fields = next(f for f in (await _emulator_state(engine))["position_stops"] if f["symbol"] == symbol)
+        assert Decimal(fields["stopLoss"]) == guard.stop_loss.price
+
+
 async def _emulator_state(engine: Engine) -> dict[str, Any]:
     async with aiohttp.ClientSession() as session:
         answer = await session.get(f"{engine.settings.venue.base_url}/_sim/state")
