@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, tzinfo
@@ -15,6 +16,8 @@ import asyncpg
 
 from storage import history
 from storage.lease import engine_looks_after_sql
+
+log = logging.getLogger(__name__)
 
 R = TypeVar("R")
 
@@ -514,7 +517,7 @@ class Store:
                                      ELSE closed_at END,
                     has_stop_loss = CASE WHEN $2 = ANY($4::text[]) THEN false ELSE has_stop_loss END,
                     has_trailing_stop = CASE WHEN $2 = ANY($4::text[]) THEN false ELSE has_trailing_stop END
-                WHERE id = $1
+                WHERE id = $1 AND status <> ALL($4::text[])
                 RETURNING *
             ), {_END_SPANS_ON_CLOSE.format(at="$5")}
             SELECT * FROM closed
@@ -525,7 +528,7 @@ class Store:
             TERMINAL_STATUSES,
             at,
         )
-        return _position(self._require(row, position_id))
+        return await self._written_unless_ended(row, position_id, f"status {status.value}")
 
     async def record_fill(
         self,
@@ -556,7 +559,7 @@ class Store:
                                              THEN p.unprotected_since
                                              ELSE COALESCE(p.unprotected_since, $6::timestamptz) END
                 FROM monitoring.positions AS old
-                WHERE p.id = $1 AND old.id = $1
+                WHERE p.id = $1 AND old.id = $1 AND p.status <> ALL($7::text[])
                 RETURNING p.*, old.unprotected_since AS was
             ), started AS (
                 INSERT INTO monitoring.uncovered_spans (account, position_id, symbol, started_at, reason)
@@ -572,8 +575,9 @@ class Store:
             filled_at,
             side,
             unprotected_since,
+            TERMINAL_STATUSES,
         )
-        return _position(self._require(row, position_id))
+        return await self._written_unless_ended(row, position_id, "its fill")
 
     async def set_protection_facts(
         self,
@@ -739,7 +743,7 @@ class Store:
                     closed_at = COALESCE(closed_at, $4::timestamptz, now()), has_stop_loss = false,
                     has_trailing_stop = false,
                     trail_armed = false
-                WHERE id = $1
+                WHERE id = $1 AND status <> ALL($5::text[])
                 RETURNING *
             ), {_END_SPANS_ON_CLOSE.format(at="$4")}
             SELECT * FROM closed
@@ -748,8 +752,28 @@ class Store:
             exit_reason,
             realized_pnl,
             at,
+            TERMINAL_STATUSES,
         )
-        return _position(self._require(row, position_id))
+        return await self._written_unless_ended(row, position_id, f"a close ({exit_reason})")
+
+    async def _written_unless_ended(self, row: Any, position_id: int, what: str) -> PositionRecord:
+        """The row a write returned; none when the position had already ended (closed or failed): an
+        ended position is never written again (a late fill would have reopened a closed one, to be
+        restored and "protected"; a second close overwrote the first's reason and PnL). Its row as it
+        stands then, the write said and dropped."""
+        if row is not None:
+            return _position(row)
+        current = _position(
+            self._require(
+                await self._pool.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", position_id),
+                position_id,
+            )
+        )
+        if current.status.is_terminal:
+            log.warning(
+                "position %s is %s already: %s not recorded over it", position_id, current.status.value, what
+            )
+        return current
 
     async def set_position_quantity(self, position_id: int, quantity: Decimal) -> None:
         """The venue holds `quantity` (what its stops are sized to from now on); its PnL is unknown since

@@ -117,6 +117,41 @@ async def test_protection_flags_default_false_and_are_cleared_when_the_position_
     assert closed.exit_reason == "trailing_stop"
 
 
+async def test_an_ended_position_is_never_written_open_again_nor_its_close_overwritten(db: Database) -> None:
+    """A late fill turned a closed position back to `pending_protection` (listed open, to be restored and
+    "protected"), a second close overwrote the first's reason and PnL, and a status write reopened it (a
+    reviewer, at the SQL level: a journal replayed twice after a crash is one way there)."""
+    store = Store(db.pool)
+    position_id = await _active_position(store, "ENDUSDT", trailing=True)
+    closed = await store.close_position(position_id, exit_reason="stop_loss", realized_pnl=Decimal("-2"))
+    assert closed.status is PositionStatus.CLOSED
+
+    late = await store.record_fill(position_id, Decimal("1"), Decimal("101"))
+    assert late.status is PositionStatus.CLOSED
+    assert late.entry_price == Decimal("100")
+    again = await store.close_position(position_id, exit_reason="manual", realized_pnl=Decimal("5"))
+    assert (again.exit_reason, again.realized_pnl) == ("stop_loss", Decimal("-2"))
+    reopened = await store.set_position_status(position_id, PositionStatus.ACTIVE)
+    assert reopened.status is PositionStatus.CLOSED
+    assert position_id not in {p.id for p in await store.open_positions()}
+    row = await db.pool.fetchrow(
+        "SELECT status, exit_reason, realized_pnl, entry_price FROM monitoring.positions WHERE id = $1",
+        position_id,
+    )
+    assert dict(row) == {
+        "status": "closed",
+        "exit_reason": "stop_loss",
+        "realized_pnl": Decimal("-2"),
+        "entry_price": Decimal("100"),
+    }
+
+    failed = await store.create_position(
+        symbol="FAILUSDT", exchange="sim", side="long", quantity=Decimal("1")
+    )
+    await store.set_position_status(failed.id, PositionStatus.FAILED, exit_reason="entry_failed")
+    assert (await store.record_fill(failed.id, Decimal("1"), Decimal("3"))).status is PositionStatus.FAILED
+
+
 async def test_schema_checks_refuse_values_outside_the_contract(db: Database) -> None:
     with pytest.raises(asyncpg.CheckViolationError):
         await db.pool.execute(
