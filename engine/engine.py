@@ -1252,6 +1252,8 @@ class Engine:
         """Claim nothing more; entries not sent yet are rejected; entries already sent finish, and the
         positions they open get their stops (each bounded by the call budget)."""
         self._draining = True
+        if self.consumer is not None:
+            self.consumer.stop_claiming()
         await self._supervisor.stop_one("sim-signals")
         if self._wave_in_progress is not None:
             await wait_for_all(self.clock, 2 * budget, [asyncio.shield(self._wave_in_progress)])

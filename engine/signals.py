@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from engine.clock import Clock, wait_event
+from engine.clock import Clock, wait_event, with_timeout
+from storage.database import DatabaseDown
 from storage.repositories import SignalRecord, Store
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 NOTIFY_CHANNEL = "tsbot_signals"
 MAX_WAVE_SIGNALS = 500
 LISTEN_CONNECT_TIMEOUT_SECONDS = 10.0  # a server that stopped answering must not hold the consumer
+PUT_BACK_SECONDS = 2.0  # how long a stop waits for the signals of an unrun wave to be put back
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +71,13 @@ class SignalConsumer:
         # A claim, or the wave after it, failed (the database away): signals may be taken and in nobody's
         # hands. The next pass takes them again before anything new.
         self._unsettled = False
+        self._claiming = True  # False once the engine stops: nothing more is claimed
+
+    def stop_claiming(self) -> None:
+        """The engine is stopping: no signal is claimed from now on, and those the wave window holds go
+        back untouched, for the next engine (a stop claims no new signal)."""
+        self._claiming = False
+        self._wake.set()
 
     def wave_failed(self) -> None:
         """The wave last yielded was not handled to its end: its signals not handled yet are taken again."""
@@ -105,13 +114,43 @@ class SignalConsumer:
                     len(left),
                 )
                 return left
+        if not self._claiming:
+            return []
         first = await self._store.claim_new_signals(MAX_WAVE_SIGNALS, self._claimed_by)
         if not first:
             return []
-        if self._window > 0:
-            await self._clock.sleep(self._window)
+        try:
+            if self._window > 0:
+                await self._clock.sleep(self._window)
+            if not self._claiming:
+                await self._put_back(first)
+                return []
+        except asyncio.CancelledError:  # stopped inside the window (the engine's stop cancels this loop)
+            await self._put_back(first)
+            raise
         rest = await self._store.claim_new_signals(MAX_WAVE_SIGNALS - len(first), self._claimed_by)
         return first + rest
+
+    async def _put_back(self, signals: list[SignalRecord]) -> None:
+        """Signals claimed for a wave that will not run: back to `new` (bounded: a stop does not wait on a
+        database that does not answer; then the next start settles them as claimed by a stopped engine)."""
+        try:
+            put_back = await with_timeout(
+                self._clock,
+                PUT_BACK_SECONDS,
+                self._store.release_signals([s.id for s in signals], self._claimed_by),
+            )
+        except (TimeoutError, OSError, asyncpg.PostgresError, DatabaseDown) as exc:
+            log.warning(
+                "signals: %d claimed signals not put back (%s); the next start settles them",
+                len(signals),
+                exc,
+            )
+            return
+        if put_back:
+            log.info(
+                "signals: %d claimed in the wave window put back for the next engine (stopping)", put_back
+            )
 
     async def _wait_for_signals(self) -> None:
         await wait_event(self._clock, self._wake, self._poll)

@@ -1102,6 +1102,24 @@ class Store:
         )
         return sorted((_signal(r) for r in rows), key=lambda r: (r.received_at, r.id))
 
+    async def release_signals(self, signal_ids: Sequence[int], claimed_by: str | None) -> int:
+        """Put back, untouched (`new`), signals `claimed_by` took and did not hand to a wave: an engine
+        stopping in its wave window claims nothing (they sat `taken`, with no reason, until the next start
+        expired them). The number put back."""
+        if not signal_ids:
+            return 0
+        status = await self._pool.execute(
+            """
+            UPDATE monitoring.signals AS s SET status = 'new', claimed_by = NULL, claimed_at = NULL
+            WHERE s.id = ANY($1::bigint[]) AND s.status = 'taken' AND s.claimed_by IS NOT DISTINCT FROM $2
+              AND s.wave_id IS NULL
+              AND NOT EXISTS (SELECT 1 FROM monitoring.positions p WHERE p.signal_id = s.id)
+            """,
+            list(signal_ids),
+            claimed_by,
+        )
+        return int(status.split()[-1])
+
     async def reclaim_signals(self, claimed_by: str) -> list[SignalRecord]:
         """Signals `claimed_by` took and nobody handles: claimed, then the claim's answer or the wave's
         first writes lost to the database (no position, no wave). Taken again, oldest first; their claim

@@ -723,6 +723,33 @@ async def test_an_entry_held_by_the_order_budget_when_the_engine_stops_is_never_
     assert set(outcomes) <= {("opened", None), ("rejected", "engine stopping"), ("taken", None)}, outcomes
 
 
+async def test_signals_claimed_in_the_wave_window_when_the_engine_stops_go_back_untouched(
+    db: Database,
+) -> None:
+    """A stop inside the wave window (signals claimed, the window not yet over) left them `taken` with no
+    reason and no wave, exit 0, until the next start expired them as claimed by a stopped engine (a
+    reviewer: 2 of 2 runs, SIGTERM 0.15 s after the insert). A stop claims no signal: they go back `new`,
+    and nothing is sent."""
+    settings = settings_for(db, {"SIGNALS__WAVE_WINDOW_MS": "2000"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    assert engine.store is not None
+    await engine.store.insert_signals([(s, "long", None, None) for s in SYMBOLS[73:75]])
+
+    async def claimed() -> bool:
+        return await db.pool.fetchval("SELECT count(*) FROM monitoring.signals WHERE status = 'taken'") == 2
+
+    await drive_until(clock, claimed, what="both claimed, inside the wave window", step=0.05)
+    report = await drive(clock, engine.stop())
+    assert engine.venue.calls_made.get(CallKind.CREATE_ORDER, 0) == 0
+    assert (report.open_positions, report.uncovered) == (0, 0)
+    rows = await db.pool.fetch("SELECT status, reason, claimed_by, wave_id FROM monitoring.signals")
+    assert [dict(r) for r in rows] == [
+        {"status": "new", "reason": None, "claimed_by": None, "wave_id": None}
+    ] * 2
+
+
 async def test_an_entry_refused_for_the_rate_is_not_sent_again_once_the_engine_stops(db: Database) -> None:
     """An entry the venue refused for its rate (HTTP 429: it never ran) is sent again when the venue's
     window has room; one refused just before the stop began was sent again during the stop. It now ends
