@@ -277,6 +277,22 @@ async def test_closing_the_position_by_hand_deactivates_its_stops() -> None:
     assert (position["result"]["list"][0]["size"], position["result"]["list"][0]["stopLoss"]) == ("0", "0")
 
 
+async def test_a_position_flipped_through_zero_loses_the_closed_sides_stops() -> None:
+    """Bybit cancels a position's stops when the position closes; an order that closes a long and opens a
+    short (a flip, in one-way mode) closes it too. The emulator kept the long's stopLoss on the short,
+    where it fired at the next tick: the engine's handling of a hand-flipped position was never met."""
+    async with emulator() as client:
+        await open_long(client)
+        await trading_stop(client, stopLoss="0.4000", slTriggerBy="MarkPrice")
+        await market_order(client, "Sell", "200")
+        after = await stop_orders(client)
+        _, position, _ = await client.get("/v5/position/list", category="linear", symbol=SYMBOL)
+
+    row = position["result"]["list"][0]
+    assert (row["side"], row["size"], row["stopLoss"]) == ("Sell", "100", "0")
+    assert after == []
+
+
 async def test_active_price_must_lie_beyond_the_last_price() -> None:
     async with emulator() as client:
         await open_long(client)

@@ -78,7 +78,7 @@ from engine.exchange.errors import (
     RejectCode,
     Rejected,
 )
-from engine.exchange.port import Market, Order, OrderSide, OrderStatus, VenuePosition
+from engine.exchange.port import Market, Order, OrderSide, OrderStatus, PositionSide, VenuePosition
 from engine.venues import bybit_limits
 from engine.venues.binance_emulator.faults import control_target_texts
 from engine.venues.bybit_emulator.faults import (
@@ -961,14 +961,25 @@ class BybitEmulator:
                     now,
                 )
             )
-        if self._position(record.symbol, now) is None:
+        position = self._position(record.symbol, now)
+        if position is None or self._flipped(record.symbol, position):
+            # Gone, or closed through zero into the other side (one-way mode): the closed position's stops
+            # are cancelled with it; the new side has none (but one its entry carried).
             self._deactivate(record.symbol, now)
-        elif stop_loss is not None and filled:
+        if position is not None and stop_loss is not None and filled:
             stops = self._book.stops.setdefault(record.symbol, _PositionStops())
             self.stops_attached_to_entries += 1
             stops.stop_loss = self._new_stop(
                 record.symbol, "StopLoss", record.side.opposite, trigger_by, stop_loss, now
             )
+
+    def _flipped(self, symbol: str, position: VenuePosition) -> bool:
+        """The symbol's stops close the other side than `position` holds now (it went through zero)."""
+        stops = self._book.stops.get(symbol)
+        closes = OrderSide.SELL if position.side is PositionSide.LONG else OrderSide.BUY
+        return stops is not None and any(
+            stop is not None and stop.side is not closes for stop in (stops.stop_loss, stops.trailing)
+        )
 
     def _new_stop(
         self, symbol: str, kind: str, side: OrderSide, trigger_by: str, price: Decimal, now: float
