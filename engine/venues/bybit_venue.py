@@ -806,7 +806,7 @@ class BybitLinearVenue(CcxtVenue):
         except OutcomeUnknown:
             raise  # the stop stays unconfirmed: the position says whether it came with it
         except ExchangeError:
-            del self._stops[stop_client_order_id]
+            self._forget(stop)
             raise
         # Unread (the error says the outcome is unknown), the stop stays unconfirmed as above
         order = await self._read_back(symbol, client_order_id, self._fetch_regular(symbol, client_order_id))
@@ -1129,6 +1129,13 @@ class BybitLinearVenue(CcxtVenue):
                 rider.done.set_result(None)
         return placed
 
+    def _forget(self, stop: _PositionStop) -> None:
+        """Forget `stop` (refused, or not on the venue), unless its id is another's by now: a look-up by id
+        and a send of the same id can overlap (the look-up forgot it, and the send's refusal then failed
+        with a KeyError instead of saying the venue's words: a guard's pass lost on a flipped position)."""
+        if self._stops.get(stop.client_order_id) is stop:
+            del self._stops[stop.client_order_id]
+
     async def _send_position_stop(self, stop: _PositionStop, request: Mapping[str, Any]) -> Order:
         stop.confirmed = False
         self._stops[stop.client_order_id] = stop
@@ -1143,7 +1150,7 @@ class BybitLinearVenue(CcxtVenue):
             raise
         except Rejected as refused:
             if refused.code != _NOT_MODIFIED:
-                del self._stops[stop.client_order_id]
+                self._forget(stop)
                 if refused.code == _PARAMS_ERROR and "zero position" in str(refused):
                     raise Rejected(
                         RejectCode.REDUCE_ONLY_REJECTED, f"{self.kind} {stop.symbol}: no position to protect"
@@ -1151,7 +1158,7 @@ class BybitLinearVenue(CcxtVenue):
                 raise
             # 34040: the position holds exactly these values already; the stop is there.
         except ExchangeError:
-            del self._stops[stop.client_order_id]
+            self._forget(stop)
             raise
         stop.confirmed, stop.updated_at = True, time.time()
         self._remember(stop)
@@ -1569,7 +1576,7 @@ class BybitLinearVenue(CcxtVenue):
             self._note_displaced(stop, value)
         fill = await self._stop_fill(stop)
         if fill is None and not stop.confirmed:
-            del self._stops[stop.client_order_id]
+            self._forget(stop)
             raise NotFound(stop.symbol, stop.client_order_id)
         stop.confirmed, stop.updated_at = True, time.time()
         if fill is None:

@@ -48,11 +48,14 @@ def _emulator() -> BybitEmulator:
 
 
 async def _as_operator(base_url: str, **fields: str) -> None:
-    """`POST /v5/position/trading-stop` as another client of the account would send it (the same key, its
-    own signature: HMAC-SHA256 over timestamp + key + recvWindow + body)."""
-    body = json.dumps(
-        {"category": "linear", "symbol": SYMBOL, "tpslMode": "Full", "positionIdx": 0, **fields}
-    )
+    """`POST /v5/position/trading-stop` as another client of the account would send it."""
+    await _signed(base_url, "position/trading-stop", {"tpslMode": "Full", "positionIdx": 0, **fields})
+
+
+async def _signed(base_url: str, endpoint: str, fields: dict[str, str | int]) -> None:
+    """`POST /v5/<endpoint>` on SYMBOL as another client of the account (the same key, its own signature:
+    HMAC-SHA256 over timestamp + key + recvWindow + body)."""
+    body = json.dumps({"category": "linear", "symbol": SYMBOL, **fields})
     stamp, window = str(int(time.time() * 1000)), "5000"
     sign = hmac.new(SECRET.encode(), (stamp + KEY + window + body).encode(), hashlib.sha256).hexdigest()
     headers = {
@@ -62,7 +65,7 @@ async def _as_operator(base_url: str, **fields: str) -> None:
         "X-BAPI-SIGN": sign,
         "Content-Type": "application/json",
     }
-    url = f"{base_url}/v5/position/trading-stop"
+    url = f"{base_url}/v5/{endpoint}"
     async with aiohttp.ClientSession() as session, session.post(url, data=body, headers=headers) as answer:
         payload = await answer.json()
     assert payload["retCode"] == 0, payload
@@ -299,3 +302,42 @@ async def test_a_restart_leaves_the_open_positions_stops_alone_for_a_closed_posi
             assert emulator.requests_by_endpoint.get("POST position/trading-stop", 0) == set_before
         # The open position's stop was never taken for the closed position's (the adapter said so).
         assert not [r.getMessage() for r in caplog.records if f"-{closed}-ts0" in r.getMessage()]
+
+
+async def test_a_position_flipped_by_hand_is_closed_on_the_record_and_its_new_side_protected(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Someone sells twice the long on the venue (one-way mode: the long closes, a short opens), and Bybit
+    cancels the long's stops with it. The long must end on the record, and the short, which no signal of
+    ours opened, must get both stops of its own side on the venue."""
+    emulator = _emulator()
+    async with bybit_engine(db, emulator, {"PROTECTION__RECONCILE_SECONDS": "1"}) as (engine, _rejected):
+        base_url = engine.settings.venue.base_url
+        guard = await _one_protected(engine, SYMBOL)
+        await _settled(guard, base_url)
+        await _signed(
+            base_url,
+            "order/create",
+            {"side": "Sell", "orderType": "Market", "qty": str(guard.quantity * 2), "positionIdx": 0},
+        )
+
+        async def short_protected() -> bool:
+            async with aiohttp.ClientSession() as session, session.get(f"{base_url}/_sim/state") as answer:
+                state = await answer.json()
+            position = next(p for p in state["positions"] if p["symbol"] == SYMBOL)
+            held = next((f for f in state["position_stops"] if f["symbol"] == SYMBOL), {})
+            return (
+                position["side"] == "short"
+                and held.get("stopLoss") is not None
+                and Decimal(held["stopLoss"]) > emulator.core.mark(SYMBOL)
+                and held.get("trailingStop") is not None
+            )
+
+        await wait_until(short_protected, within=20.0, what="the short protected on the venue")
+
+        async def recorded() -> bool:
+            rows = await db.pool.fetch("SELECT side, status FROM monitoring.positions ORDER BY id")
+            return [(r["side"], r["status"]) for r in rows] == [("long", "closed"), ("short", "active")]
+
+        await wait_until(recorded, within=5.0, what="the long closed and the short active on the record")
+        assert not any("KeyError" in r.getMessage() for r in caplog.records)
