@@ -1711,6 +1711,12 @@ class Engine:
         position without stops and settled in the background (a failed read left it to the reconciler's
         list, which may answer [] for a while)."""
         assert self.store is not None and self.manager is not None
+        if position.status is PositionStatus.PENDING_ENTRY:
+            # Recorded and never sent: an entry goes only once its record is `entry_placed`. (A write the
+            # last engine gave up on in a database outage, committed at the thaw.) Not an entry in doubt:
+            # it was counted uncovered and held entries until the venue could prove it absent.
+            await self._restored_entry_failed(position, "entry never sent", OrderRecordStatus.REJECTED)
+            return None
         cid = client_order_id(self._token, position.id, OrderPurpose.ENTRY, 0)
         doubt = EntryInDoubt(
             position.id,

@@ -1123,15 +1123,51 @@ class Store:
     async def reclaim_signals(self, claimed_by: str) -> list[SignalRecord]:
         """Signals `claimed_by` took and nobody handles: claimed, then the claim's answer or the wave's
         first writes lost to the database (no position, no wave). Taken again, oldest first; their claim
-        time kept (a signal left taken for long is expired by the housekeeping, however often retaken)."""
-        rows = await self._pool.fetch(
-            """
-            SELECT s.* FROM monitoring.signals AS s
-            WHERE s.status = 'taken' AND s.claimed_by = $1 AND s.wave_id IS NULL
-              AND NOT EXISTS (SELECT 1 FROM monitoring.positions p WHERE p.signal_id = s.id)
-            """,
-            claimed_by,
-        )
+        time kept (a signal left taken for long is expired by the housekeeping, however often retaken).
+        A position such a signal got and never sent (`pending_entry`: an entry goes only once its record
+        is `entry_placed`) is one whose write the engine gave up on in an outage, committed at the thaw: it
+        fails, `entry never sent`, and the signal is taken again. It held its symbol for the whole run,
+        and its signal `taken`, while the venue held nothing (a reviewer, a frozen server)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            never_sent = await conn.fetch(
+                """
+                UPDATE monitoring.positions AS p
+                SET status = 'failed', exit_reason = 'entry never sent', closed_at = now()
+                FROM monitoring.signals AS s
+                WHERE s.id = p.signal_id AND p.status = 'pending_entry' AND p.account = $2
+                  AND s.status = 'taken' AND s.claimed_by = $1 AND s.wave_id IS NULL
+                RETURNING p.id, p.symbol
+                """,
+                claimed_by,
+                self.account,
+            )
+            if never_sent:
+                ids = [r["id"] for r in never_sent]
+                await conn.execute(
+                    "UPDATE monitoring.orders SET status = 'rejected', error = 'entry never sent' "
+                    "WHERE position_id = ANY($1::bigint[]) AND status = 'pending'",
+                    ids,
+                )
+                log.warning(
+                    "signals: %d positions recorded and never sent (their wave gave them up to a database "
+                    "outage): failed, their signals taken again (%s)",
+                    len(never_sent),
+                    ", ".join(r["symbol"] for r in never_sent),
+                )
+            rows = await conn.fetch(
+                """
+                SELECT s.* FROM monitoring.signals AS s
+                WHERE s.status = 'taken' AND s.claimed_by = $1 AND s.wave_id IS NULL
+                  AND NOT EXISTS (
+                      SELECT 1 FROM monitoring.positions p WHERE p.signal_id = s.id AND p.status <> 'failed'
+                  )
+                  AND NOT EXISTS (
+                      SELECT 1 FROM monitoring.positions p
+                      WHERE p.signal_id = s.id AND p.status = 'failed' AND p.exit_reason <> 'entry never sent'
+                  )
+                """,
+                claimed_by,
+            )
         return sorted((_signal(r) for r in rows), key=lambda r: (r.received_at, r.id))
 
     async def expire_claimed_signals(

@@ -1082,3 +1082,47 @@ async def _rejected_signal_reason(engine: Engine, clock: ManualClock, db: Databa
     said = await reason()
     assert said is not None
     return said
+
+
+async def test_an_entry_recorded_and_never_sent_is_failed_at_the_next_start_not_doubted(db: Database) -> None:
+    """A wave's position write the engine gave up on in a database outage was committed at the thaw:
+    a `pending_entry` record whose entry never left (an entry goes only once its record is
+    `entry_placed`). The next start counted it an entry of unknown outcome (an ERROR, uncovered, entries
+    held until the venue could prove it absent: a reviewer). It is failed at once, `entry never sent`,
+    its signal rejected with that reason, and nothing is held."""
+    engine, venue, clock = _engine(db)
+    venue.set_read_lag(5.0)
+    await drive(clock, engine.start())
+    store = engine.store
+    assert store is not None
+    try:
+        (signal_id,) = await store.insert_signals([(SYMBOL, "long", None, None)])
+        await db.pool.execute(
+            "UPDATE monitoring.signals SET status = 'taken', claimed_by = 'gone' WHERE id = $1", signal_id
+        )
+        position = await store.create_position(
+            symbol=SYMBOL,
+            exchange=engine.exchange_name,
+            side="long",
+            quantity=Decimal(1),
+            signal_id=signal_id,
+        )
+    finally:
+        await drive(clock, engine.stop(drain=False))
+
+    second = restarted(engine, engine.settings, clock)
+    await drive(clock, second.start())
+    try:
+        assert second.entries_in_doubt() == []
+        row = await db.pool.fetchrow(
+            "SELECT status, exit_reason FROM monitoring.positions WHERE id = $1", position.id
+        )
+        assert (row["status"], row["exit_reason"]) == ("failed", "entry never sent")
+        signal = await db.pool.fetchrow(
+            "SELECT status, reason FROM monitoring.signals WHERE id = $1", signal_id
+        )
+        assert (signal["status"], signal["reason"]) == ("rejected", "entry never sent")
+        assert venue.calls_made.get(CallKind.FETCH_ORDER, 0) == 0  # nothing to ask the venue
+        assert second.coverage().uncovered == 0
+    finally:
+        await drive(clock, second.stop())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from decimal import Decimal
 
 import pytest
 
@@ -143,3 +144,42 @@ async def test_sim_generator_inserts_a_wave_at_once_then_one_per_interval(db: Da
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_a_signal_whose_position_write_was_given_up_but_landed_is_taken_again_and_the_record_failed(
+    db: Database,
+) -> None:
+    """A wave gave up a signal's position write in a database outage, and the server committed it at the
+    thaw: a `pending_entry` record, never sent (an entry goes only once its record is `entry_placed`).
+    Taking failed signals again skipped every signal with a position, so the signal stayed `taken` and the
+    record held its symbol for the rest of the run ("symbol already has an open position" for later
+    signals) while the venue held nothing (a reviewer, every process of the server stopped 8 s). The
+    record fails, `entry never sent`, and the signal is taken again."""
+    store = Store(db.pool)
+    consumer = SignalConsumer(
+        store,
+        SystemClock(),
+        listen_dsn=None,
+        wave_window_seconds=0,
+        poll_interval_seconds=0.05,
+        claimed_by="me",
+    )
+    (signal_id,) = await store.insert_signals([("ORDIUSDT", "long", None, None)])
+    first = await _next_wave(consumer)
+    assert [s.id for s in first.signals] == [signal_id]
+    landed = await store.create_position(
+        symbol="ORDIUSDT", exchange="sim", side="long", quantity=Decimal(1), signal_id=signal_id
+    )
+    consumer.wave_failed()  # the wave's write raised: the database stopped answering
+
+    again = await _next_wave(consumer)
+    assert [s.id for s in again.signals] == [signal_id]
+    row = await db.pool.fetchrow(
+        "SELECT status, exit_reason FROM monitoring.positions WHERE id = $1", landed.id
+    )
+    assert (row["status"], row["exit_reason"]) == ("failed", "entry never sent")
+    # The symbol is free again: the signal's next attempt gets a record of its own.
+    retry = await store.create_position(
+        symbol="ORDIUSDT", exchange="sim", side="long", quantity=Decimal(1), signal_id=signal_id
+    )
+    assert retry.id != landed.id
