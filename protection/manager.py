@@ -188,6 +188,9 @@ class ProtectiveOrder:
     # (an operator who read "missing" and placed a stop by hand would have put a second one beside it).
     doubted_id: str | None = None
     doubted_at: float = 0.0  # when (monotonic) it was put in doubt: a listing asked later may vouch for it
+    # Found live by a start (not sent by this process): when the venue placed it (epoch seconds, the venue's
+    # clock). The position is protected since its stops went live, not since the start found them.
+    live_since: float | None = None
 
     def doubt(self, at: float) -> None:
         """Put this confirmed stop in doubt (as of `at`): unverified, asked for by its id before anything
@@ -2015,6 +2018,7 @@ class PositionGuard:
         order.maybe_sent = False
         order.may_send_again = False
         order.fired_at = None
+        order.live_since = placed.created_at or None if latency is None and not order.sent_this_run else None
         # The stream's word has served: were the stop's end missed later (a message lost), only the venue's
         # own read may confirm it again, not this word.
         m.streamed_live.pop(cid, None)
@@ -3075,6 +3079,17 @@ class PositionGuard:
             self.trailing_stop_unverified,
         )
 
+    def _protected_from(self) -> datetime | None:
+        """When the venue placed the stops that cover the position, if a start found every one of them live
+        (the later of their creation times, on the venue's clock); None if any was placed by this process
+        (then it is protected as of now)."""
+        live = [self.stop_loss.live_since]
+        if self.kind is TrailingKind.NATIVE or self.trailing_stop.confirmed:
+            live.append(self.trailing_stop.live_since)
+        if any(at is None for at in live):
+            return None
+        return _datetime(max(at for at in live if at is not None))
+
     async def write_facts_now(self) -> None:
         """`_write_facts` from outside the guard's task: only while that task is not running (it died)."""
         await self._write_facts()
@@ -3116,6 +3131,7 @@ class PositionGuard:
                 uncovered_from=naked_from,
                 stop_loss_unverified=facts[7],
                 trailing_stop_unverified=facts[8],
+                protected_from=self._protected_from() if covered else None,
             ),
         )
         self.status = written if written is not None else facts[4]
@@ -3504,6 +3520,7 @@ class ProtectionManager:
             if cid is None or found is None or not order.maybe_sent:
                 continue
             order.confirmed, order.confirmed_at, order.maybe_sent = True, now, False
+            order.live_since = found.created_at or None
             guard.report.restored_orders += 1
             record = records.get(cid)
             # (A trail recorded without the distance the venue took, before the column existed: recorded

@@ -157,6 +157,10 @@ class ProtectionFactsRow:
     # A stop it lacks that is in doubt (asked for by its id), not known gone: "unverified", not "missing".
     stop_loss_unverified: bool = False
     trailing_stop_unverified: bool = False
+    # When the venue says its stops went live (the later of the two's creation, on the venue's clock), for
+    # stops a start found already placed: the position is protected since then, not since that start (a
+    # killed engine's wave read "1 protected, 6 failed" while the venue held every stop, a reviewer).
+    protected_from: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -633,7 +637,11 @@ class Store:
                     trailing_stop_unverified = f.ts_unverified,
                     -- Both stops in place: a managed trail armed and not activated (no order yet) is one.
                     protected_at = CASE WHEN f.sl AND (f.ts OR (f.armed AND NOT COALESCE(f.activated, p.trailing_activated)))
-                                        THEN COALESCE(p.protected_at, $9::timestamptz, now())
+                                        THEN COALESCE(p.protected_at,
+                                                      -- (never before its fill: the venue's clock is not ours)
+                                                      CASE WHEN f.protected_from IS NOT NULL
+                                                           THEN GREATEST(f.protected_from, p.opened_at) END,
+                                                      $9::timestamptz, now())
                                         ELSE p.protected_at END,
                     hard_stop_gap_seconds = CASE WHEN f.sl AND p.hard_stop_gap_seconds IS NULL
                                                  THEN {_HARD_STOP_GAP.format(p="p", seen=_SEEN_AT)}
@@ -641,9 +649,9 @@ class Store:
                     status = CASE WHEN p.status IN ('pending_protection', 'active') THEN f.status ELSE p.status END
                 FROM unnest($1::bigint[], $2::bool[], $3::bool[], $4::numeric[], $5::bool[], $6::text[],
                             $8::bool[], $10::timestamptz[], $11::timestamptz[], $12::timestamptz[],
-                            $13::bool[], $14::bool[])
+                            $13::bool[], $14::bool[], $15::timestamptz[])
                          AS f(id, sl, ts, sl_price, activated, status, armed, since, observed, naked_from,
-                              sl_unverified, ts_unverified),
+                              sl_unverified, ts_unverified, protected_from),
                      monitoring.positions AS old
                 WHERE p.id = f.id AND old.id = f.id AND p.status <> ALL($7::text[])
                 RETURNING p.id, p.status, p.account, p.symbol, p.unprotected_since AS since,
@@ -686,6 +694,7 @@ class Store:
             [f.uncovered_from for f in facts],
             [f.stop_loss_unverified for f in facts],
             [f.trailing_stop_unverified for f in facts],
+            [f.protected_from for f in facts],
         )
         return {r["id"]: PositionStatus(r["status"]) for r in rows}
 

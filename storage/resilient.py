@@ -1041,6 +1041,7 @@ def _encode_facts(fact: ProtectionFactsRow) -> dict[str, Any]:
         "uncovered_from": None if fact.uncovered_from is None else fact.uncovered_from.isoformat(),
         "stop_loss_unverified": fact.stop_loss_unverified,
         "trailing_stop_unverified": fact.trailing_stop_unverified,
+        "protected_from": None if fact.protected_from is None else fact.protected_from.isoformat(),
     }
 
 
@@ -1059,6 +1060,7 @@ def _decode_facts(args: Mapping[str, Any]) -> ProtectionFactsRow:
         # (absent in a journal from before 0017)
         stop_loss_unverified=bool(args.get("stop_loss_unverified", False)),
         trailing_stop_unverified=bool(args.get("trailing_stop_unverified", False)),
+        protected_from=_when(args.get("protected_from")),  # (absent in a journal from before it)
     )
 
 

@@ -394,3 +394,54 @@ async def test_a_start_that_does_not_finish_leaves_no_guard_acting_without_the_l
     assert (
         await db.pool.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted") == 0
     )
+
+
+async def test_stops_a_killed_engine_placed_and_never_recorded_date_the_protection_from_the_venue(
+    db: Database,
+) -> None:
+    """Killed after its stops reached the venue and before their facts were written, an engine left its
+    positions' records unprotected. The next start found the stops live and stamped `protected_at` with
+    its own start, so the dead engine's wave read "1 protected, 6 failed", and `tsbot report` gave the
+    fill-to-stops time from the restart, while the venue had held every stop since 2 s after the fill (a
+    reviewer, 3 of 3 runs). The start dates the protection from when the venue placed the stops."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine_a = make_engine(settings, clock)
+    await drive(clock, engine_a.start())
+    symbols = SYMBOLS[12:15]
+    try:
+        await open_positions(engine_a, clock, symbols)
+        await drive_until_covered(engine_a, clock, 3)
+    finally:
+        await drive(clock, engine_a.stop(drain=False))
+    venue = engine_a.venue
+    assert isinstance(venue, SimVenue)
+    placed = max(o.created_at for o in venue.core.open_protective_orders(clock.now()))
+    # What the records hold when the engine died before its guards wrote their first facts.
+    # (its fill on the venue's clock, as a fill the venue told is recorded, a second before its stops)
+    await db.pool.execute(
+        "UPDATE monitoring.positions SET protected_at = NULL, has_stop_loss = false, has_trailing_stop = false, "
+        "opened_at = to_timestamp($1)",
+        placed - 1.0,
+    )
+    await drive(clock, clock.sleep(60.0), step=1.0)  # the operator starts it again a minute later
+
+    engine_b = restarted(engine_a, settings, clock)
+    restart = clock.now()
+    report = await drive(clock, engine_b.start())
+    try:
+        assert (report.restored, report.reprotected) == (3, 0)
+        await drive_until(
+            clock,
+            lambda: db.pool.fetchval(
+                "SELECT bool_and(protected_at IS NOT NULL AND has_stop_loss AND has_trailing_stop) "
+                "FROM monitoring.positions"
+            ),
+            what="the facts written",
+        )
+        rows = await db.pool.fetch("SELECT opened_at, protected_at FROM monitoring.positions")
+        for row in rows:
+            assert placed - 1.0 <= row["protected_at"].timestamp() <= placed + 0.001
+            assert row["protected_at"].timestamp() < restart - 30
+    finally:
+        await drive(clock, engine_b.stop())
