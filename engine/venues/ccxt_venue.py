@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import ssl
 import time
@@ -240,6 +241,9 @@ def _retry_after(context: HttpContext | None, default: float) -> float:
 
 # Binance USDⓈ-M codes and what they mean for the caller.
 _BINANCE_UNKNOWN_OUTCOME = {-1006, -1007}  # "execution status unknown"
+# A request's timestamp refused, never run: the venue's time is read again at once (`_resync_clock`).
+_CLOCK_REFUSALS: dict[str, frozenset[int]] = {BINANCEUSDM: frozenset({-1021}), BYBIT: frozenset({10002})}
+CLOCK_RESYNC_MIN_SECONDS = 5.0
 _BINANCE_NOT_EXECUTED = {-1008, -1021, -1001}  # server busy, timestamp outside recvWindow, disconnected
 _BINANCE_NOT_FOUND = {-2013, -2011, -20124}
 _BINANCE_DUPLICATE = {-4116, -20132}
@@ -540,6 +544,8 @@ class CcxtVenue(RequestHooks):
         self.hedges = ReadHedger(self._clock)  # a late read is asked again (`engine.venues.read_hedge`)
         self._closed = False
         self._connected = False
+        self._clock_resync: asyncio.Task[None] | None = None  # the venue's time being read again
+        self._clock_resynced_at = -math.inf  # (monotonic) when it was last read again for a refusal
 
     # ---- setup ------------------------------------------------------------------------------------------
 
@@ -696,7 +702,43 @@ class CcxtVenue(RequestHooks):
             # DEBUG only: the caller reports the failure once, in its own words (what it was doing, for
             # which position, the class and the venue's code). A WARN here as well doubled every line.
             logger.debug("%s", translated)
+            if translated.venue_code in _CLOCK_REFUSALS.get(self.kind, ()):
+                await self._resync_clock(translated)
             raise translated from error
+
+    async def _resync_clock(self, refusal: ExchangeError) -> None:
+        """The venue refused a request's timestamp (Bybit 10002, Binance -1021: never run): our clock is off
+        from the venue's. Its time is read again at once (once for a burst of refusals, at most every
+        CLOCK_RESYNC_MIN_SECONDS), so the caller's retry is signed right: every signed call was refused for
+        up to 5 minutes, until the markets' reload re-read it (an operator: a hand-removed trailing stop
+        left unreplaced 3 min 13 s)."""
+        running = self._clock_resync
+        if running is None or running.done():
+            now = self._clock.monotonic()
+            if now - self._clock_resynced_at < CLOCK_RESYNC_MIN_SECONDS:
+                return
+            self._clock_resynced_at = now
+            running = self._clock_resync = asyncio.ensure_future(self._read_venue_time(refusal))
+        await asyncio.shield(running)
+
+    async def _read_venue_time(self, refusal: ExchangeError) -> None:
+        before = self._exchange.options.get("timeDifference", 0)
+        try:
+            await self._exchange.load_time_difference()
+        except Exception as exc:  # said; the next refusal tries again
+            logger.warning(
+                "%s: the venue refused our clock (%s); reading its time failed: %s", self.kind, refusal, exc
+            )
+            return
+        after = self._exchange.options.get("timeDifference", 0)
+        logger.warning(
+            "%s: the venue refused a request's timestamp (%s): our clock was off from the venue's; its time "
+            "read again (offset %s ms, was %s ms)",
+            self.kind,
+            refusal,
+            after,
+            before,
+        )
 
     async def _read(
         self,

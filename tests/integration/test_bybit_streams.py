@@ -19,6 +19,7 @@ from urllib.parse import urlencode
 import aiohttp
 import pytest
 
+from engine.exchange.errors import Retryable
 from engine.exchange.port import (
     OrderSide,
     OrderStatus,
@@ -551,6 +552,21 @@ async def test_an_auth_refused_as_expired_is_tried_again_with_the_venues_clock_r
         assert _states_of(r.venue)["account"].connected
         # The first, the one after the drop that was refused, and the one with the clock read again.
         assert r.emulator.streams.handshakes["private"] == 3
+
+
+async def test_a_signed_call_refused_for_its_timestamp_reads_the_venues_clock_again_at_once() -> None:
+    """The venue's clock moved against ours after it was read (an operator's `/_sim/skew -8`): every signed
+    REST call was refused with 10002 until the markets' reload re-read it, up to 5 minutes. A stop removed
+    by hand meanwhile stayed unreplaced 3 min 13 s. The first refusal reads the venue's time again, so the
+    caller's next try goes through."""
+    async with rig(symbols=[SYMBOL]) as r:
+        await r.venue.fetch_positions()  # signed, with the clock as read at the start
+        async with r.control.post(f"{r.base_url}/_sim/skew", json={"seconds": -8}) as answer:
+            assert answer.status == 200  # the venue's clock is now 8 s behind ours
+        with pytest.raises(Retryable) as refused:
+            await r.venue.fetch_positions()
+        assert refused.value.venue_code == 10002
+        assert await r.venue.fetch_positions() == []  # at once, not after the next reload of markets
 
 
 async def test_a_connection_the_venue_keeps_busy_is_not_cut_as_idle() -> None:
