@@ -3323,6 +3323,7 @@ class ProtectionManager:
                 activation_price=record.activation_price,
                 trail_distance=record.trail_distance,
                 symbol=position.symbol,
+                recorded_at=record.created_at.timestamp(),
             )
 
     def _restore(

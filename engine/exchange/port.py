@@ -393,6 +393,7 @@ class ChecksRecordedStops(Protocol):
         activation_price: Decimal | None = None,
         trail_distance: Decimal | None = None,
         symbol: str | None = None,
+        recorded_at: float | None = None,
     ) -> None: ...
 
     def forget_recorded(self, client_order_ids: Iterable[str]) -> None:

@@ -167,6 +167,8 @@ class _RecordedStop:
     side: OrderSide | None = None  # the side that closes its position (its order's side)
     distance: Decimal | None = None  # a trailing stop's distance as it was taken (`Order.trail_distance`)
     symbol: str | None = None  # its position's (a start's list of open stops names it: see there)
+    # When its record was written (epoch; before it was sent): a fill of its kind since then is its own.
+    recorded_at: float | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -1279,7 +1281,34 @@ class BybitLinearVenue(CcxtVenue):
         if order_type is None:
             return None
         rows = await self._position_rows(symbol)
-        return await self._named(symbol, client_order_id, order_type, rows, None)
+        named = await self._named(symbol, client_order_id, order_type, rows, None)
+        return named if named is not None else self._ended_while_away(symbol, client_order_id, order_type)
+
+    def _ended_while_away(
+        self, symbol: str, client_order_id: str, order_type: OrderType
+    ) -> _PositionStop | None:
+        """A recorded stop of an earlier process that its position no longer holds: asked as such, its fill
+        is looked for in the executions since it was recorded (`_resolve`; not found, it is not there). It
+        was "not on the exchange" and its position `closed_on_exchange` without a PnL, though the venue had
+        its fill and price (its order id there was never read: an operator, a stop fired while no engine
+        ran)."""
+        recorded = self._recorded.get(client_order_id)
+        if recorded is None or recorded.side is None or recorded.recorded_at is None:
+            return None
+        stop = _PositionStop(
+            client_order_id,
+            symbol,
+            recorded.side,
+            order_type,
+            _ZERO,
+            recorded.stop_price,
+            recorded.activation_price,
+            recorded.callback_rate,
+            recorded.distance,
+            recorded.recorded_at,
+            confirmed=False,  # not known set: no fill found, it is not there (as before)
+        )
+        return stop
 
     def _kind_held(self, symbol: str, client_order_id: str) -> OrderType | None:
         """The kind of stop the id names, when no stop of ours of that kind works on the symbol (else None:
@@ -1412,13 +1441,14 @@ class BybitLinearVenue(CcxtVenue):
         activation_price: Decimal | None = None,
         trail_distance: Decimal | None = None,
         symbol: str | None = None,
+        recorded_at: float | None = None,
     ) -> None:
         """`ChecksRecordedStops`: what an earlier process set the stop under this id to, and the side that
         closes its position. A look-up of an id this process does not hold took the position's field,
         whatever it held, for that stop: a hard stop someone widened while no engine ran was restored as
         ours (and, in hedge mode, the other side's stop when ours had none)."""
         self._recorded[client_order_id] = _RecordedStop(
-            stop_price, callback_rate, activation_price, side, trail_distance, symbol
+            stop_price, callback_rate, activation_price, side, trail_distance, symbol, recorded_at
         )
 
     def forget_recorded(self, client_order_ids: Iterable[str]) -> None:

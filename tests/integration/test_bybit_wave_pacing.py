@@ -891,3 +891,41 @@ async def test_a_trail_recorded_without_its_distance_gets_it_at_the_next_start(d
                 answer = await session.get(f"{base_url}/_sim/state")
                 [held] = [f for f in (await answer.json())["position_stops"] if f["symbol"] == symbol]
             assert await recorded() == Decimal(held["trailingStop"])
+
+
+async def test_a_hard_stop_that_fills_while_no_engine_runs_is_recorded_with_its_fill_and_price(
+    db: Database,
+) -> None:
+    """The engine was killed; the mark then went through a position's hard stop, and the venue filled it
+    (its execution and price in the venue's list). The next start said the stop "is not on the exchange",
+    sent a new one into the flat symbol (refused: no position), and closed the record
+    `closed_on_exchange` with no PnL: the stop rode on the entry and its order id on the venue was never
+    read, so its fill was looked for under none (an operator, 3 positions). It is found by its kind and side
+    since it was recorded: the position closes as `stop_loss`, with its PnL."""
+    emulator = BybitEmulator(
+        SimVenueSettings(seed=11, volatility=0.0), api_key=KEY, api_secret=SECRET, control=True
+    )
+    async with running(emulator) as base_url:
+        async with engine_on(db, base_url) as first:
+            symbol = sorted(emulator.core.markets)[0]
+            guard = await _one_protected(first, symbol)
+            position_id, stop = guard.position_id, guard.stop_loss.price
+            assert stop is not None
+            await first.stop(drain=False)  # killed: nothing more happens on its side
+        emulator.set_prices(symbol, mark=stop * Decimal("0.99"), last=stop * Decimal("0.99"))
+        assert [p for p in emulator.core.inspect(time.time()).positions if p.symbol == symbol] == []
+        async with engine_on(db, base_url, {"PROTECTION__RECONCILE_SECONDS": "1"}):
+
+            async def closed() -> bool:
+                row = await db.pool.fetchrow(
+                    "SELECT status FROM monitoring.positions WHERE id = $1", position_id
+                )
+                return row["status"] == "closed"
+
+            await wait_until(closed, within=20.0, what="the position closed on the record")
+            row = await db.pool.fetchrow(
+                "SELECT exit_reason, realized_pnl FROM monitoring.positions WHERE id = $1", position_id
+            )
+            assert row["exit_reason"] == "stop_loss"
+            assert row["realized_pnl"] is not None
+            assert row["realized_pnl"] < 0
