@@ -452,9 +452,12 @@ class _CarriedProtection:
         since = self.since if fact.unprotected_since is None else fact.unprotected_since
         return dataclasses.replace(fact, has_trailing_stop=False, unprotected_since=since)
 
-    def unverified_from(self, now: float) -> None:
-        """Nothing verifies these positions from `now` on (a restart waiting for the database): each counts
-        as without confirmed stops since then, uncovered once past its grace period."""
+    def unverified_from(
+        self, now: float, why: str = "not verified: the protection restart waits for the database"
+    ) -> None:
+        """Nothing verifies these positions from `now` on (a restart waiting for the database, a start
+        waiting for the venue): each counts as without confirmed stops since then, uncovered once past its
+        grace period."""
         for position_id, fact in self.coverage.items():
             self.coverage[position_id] = dataclasses.replace(
                 fact,
@@ -467,7 +470,7 @@ class _CarriedProtection:
                 has_stop_loss=False,
                 has_trailing_stop=False,
                 covered=False,
-                last_error="not verified: the protection restart waits for the database",
+                last_error=why,
             )
 
     def view_at(self, position_id: int, now: float, grace: float) -> PositionView:
@@ -881,6 +884,7 @@ class Engine:
             self._token = await self.store.installation_token()
             await self._replay_left_journal()
             await self._record_trails_a_dead_engine_left()
+            await self._carry_the_records()
             control = await self.store.entries_control(self.exchange_name, self.account_key)
             if control is not None and control.paused:
                 self._persisted_pause = (True, control.paused_by, control.reason)
@@ -921,6 +925,7 @@ class Engine:
             self._mark_received_at = dict.fromkeys(self.marks, self._last_mark_at)
             self._mark_streamed_at = dict(self._mark_received_at)
             self.startup_report = await self._start_protection()
+            self._carried = None  # (the records carried through the start: its guards know better now)
             # Signals our last run claimed and never handled (it died holding them): expired, with a reason.
             expired = await self.store.expire_claimed_signals(claimed_by=self._claimer)
             if expired:
@@ -951,6 +956,61 @@ class Engine:
         forget_last_stop(self._last_stop_path())
         self._set_state(EngineState.RUNNING)
         return self.startup_report
+
+    async def _carry_the_records(self) -> None:
+        """Until the start's guards exist (its reads of the venue may wait out a ban for minutes), the open
+        positions on the record are shown and counted as the record has them, for a grace period; past it,
+        unverified (uncovered): nothing has read the venue. The dashboard, /healthz and /metrics said
+        "Positions 0, uncovered 0" for the 10 minutes a start waited out a ban, while the venue held 21
+        positions, 2 of them without a stop (an operator)."""
+        assert self.store is not None
+        positions = [p for p in await self.store.open_positions() if p.entry_price is not None]
+        if not positions:
+            return
+        now = self.clock.monotonic()
+        coverage = {
+            p.id: PositionCoverage(
+                p.id,
+                p.symbol,
+                p.has_stop_loss,
+                p.has_trailing_stop,
+                self._monotonic_of(p.opened_at),
+                None if p.is_covered else self._monotonic_of(p.unprotected_since or p.opened_at),
+            )
+            for p in positions
+        }
+        views = {
+            p.id: dataclasses.replace(
+                _unguarded_view(
+                    (p.id, p.symbol, p.side, p.quantity),
+                    p.entry_price,
+                    None,
+                    "not verified yet",
+                    0.0,
+                    "" if p.is_covered else "not verified: the start has not read the venue yet",
+                ),
+                stop_loss_price=p.stop_loss_price,
+                has_stop_loss=p.has_stop_loss,
+                has_trailing_stop=p.has_trailing_stop,
+                covered=p.is_covered,
+                unprotected_seconds=None,
+                last_error=None if p.is_covered else "not verified: the start has not read the venue yet",
+            )
+            for p in positions
+        }
+        carried = self._carried = _CarriedProtection(views=views, coverage=coverage, since=now)
+        self._spawn(self._records_unverified_after_grace(carried), "records-unverified")
+
+    async def _records_unverified_after_grace(self, carried: _CarriedProtection) -> None:
+        await self.clock.sleep(self._grace_seconds())
+        if self._carried is carried and not carried.guards_created:
+            log.warning(
+                "start: the venue not read after %.0fs; the %d open positions on the record count as "
+                "unverified (uncovered) until it is",
+                self._grace_seconds(),
+                len(carried.views),
+            )
+            carried.unverified_from(carried.since, "not verified: the start has not read the venue yet")
 
     async def _startup_read(self, what: str, read: Callable[[], Awaitable[T]]) -> T:
         """A venue read the start cannot go on without (the markets, the credentials' check, the marks). A
@@ -3619,9 +3679,10 @@ class Engine:
         now = self.clock.monotonic()
         guards, carried_ids, facts = self._protection_facts()
         manager = self.manager
+        # (before the manager exists, the positions on the record a start carries: `_carry_the_records`)
         coverage = (
-            coverage_figures(facts, now, manager.config.grace_seconds)
-            if manager is not None
+            coverage_figures(facts, now, self._grace_seconds())
+            if manager is not None or facts
             else _empty_coverage()
         )
         rows = self._rows = rows_by_position(facts, self._rows)
@@ -3676,13 +3737,12 @@ class Engine:
         return self._coverage(unmoved_trails=True)
 
     def _coverage(self, *, unmoved_trails: bool, judged: bool = False) -> CoverageFigures:
-        manager = self.manager
-        if manager is None:
-            return _empty_coverage()
         now = self.clock.monotonic()
         # (the facts only: cheap per scrape)
         _guards, _carried, facts = self._protection_facts(unmoved_trails, judged=judged)
-        return coverage_figures(facts, now, manager.config.grace_seconds)
+        if self.manager is None and not facts:
+            return _empty_coverage()
+        return coverage_figures(facts, now, self._grace_seconds())
 
     def _protection_facts(
         self, unmoved_trails: bool = True, *, judged: bool = False

@@ -445,3 +445,41 @@ async def test_stops_a_killed_engine_placed_and_never_recorded_date_the_protecti
             assert row["protected_at"].timestamp() < restart - 30
     finally:
         await drive(clock, engine_b.stop())
+
+
+async def test_a_start_that_cannot_read_the_venue_shows_the_records_positions_then_unverified(
+    db: Database,
+) -> None:
+    """A start waited out a ban on its first reads for 10 minutes, and the dashboard, /healthz and /metrics
+    said "Positions 0, uncovered 0" all along while the venue held 21 positions, 2 without a stop (an
+    operator). Until its guards exist, a start shows the open positions on the record as recorded, and
+    once a grace period has passed without the venue read, each one unverified: uncovered."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine_a = make_engine(settings, clock)
+    await drive(clock, engine_a.start())
+    try:
+        await open_positions(engine_a, clock, SYMBOLS[15:17])
+        await drive_until_covered(engine_a, clock, 2)
+    finally:
+        await drive(clock, engine_a.stop(drain=False))
+
+    slow = settings_for(db, {"VENUE__SIM__LATENCY__BY_CALL": '{"load_markets": {"seconds": 9}}'})
+    engine_b = make_engine(slow, clock, SimVenue(slow.venue.sim, clock=clock, core=engine_a.venue.core))
+    starting = asyncio.ensure_future(engine_b.start())
+    try:
+        await drive_until(clock, lambda: engine_b.snapshot().coverage.active == 2, what="the records shown")
+        assert engine_b.snapshot().coverage.protected == 2  # as recorded, within the grace period
+        grace = float(slow.protection.grace_seconds)
+        await drive(clock, clock.sleep(grace + 1.0))
+        assert not starting.done()
+        snapshot = engine_b.snapshot()
+        assert (snapshot.coverage.active, snapshot.coverage.uncovered) == (2, 2)
+        assert all(v.last_error and "not verified" in v.last_error for v in snapshot.positions)
+        await drive(clock, starting)
+        await drive_until_covered(engine_b, clock, 2)
+        assert engine_b.snapshot().coverage.uncovered == 0
+    finally:
+        if not starting.done():
+            starting.cancel()
+        await drive(clock, engine_b.stop())
