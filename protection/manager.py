@@ -1313,8 +1313,11 @@ class PositionGuard:
         # A replacement of the stop that rode on the entry may wait: that stop protects the position meanwhile.
         # Sent beside its trailing stop (`_ensure_hard_stop`) it takes no slot: it rides in that call.
         correction = order is self.stop_loss and self._attached_holds is not None
+        # Riding in its trailing stop's call (Bybit): one call, one attempt, one failure, said by the
+        # trailing stop (6 refused calls were 11 failure events, and the breaker's count doubled).
+        rides = correction and self._correction_rides
         probe_at = None
-        if not (correction and self._correction_rides):
+        if not rides:
             probe_at = await m.budget.acquire_protective(deferrable=correction)
         if m.draining:  # the manager is being replaced: its successor sends it (never taken, handed over)
             m.budget.order_answered(probe_at, room=False)
@@ -1331,7 +1334,9 @@ class PositionGuard:
         # From here until a definite answer the venue may hold it (an interrupted pass leaves it to be
         # resolved by id, and a finishing position cancels it).
         order.maybe_sent = True
-        if not resend:  # (a send again of the same order is no new attempt: it halved the error rate)
+        if not (
+            resend or rides
+        ):  # (a send again of the same order is no new attempt: it halved the error rate)
             m.protective_attempts.add(m.clock.monotonic())
         # Until the answer is applied (confirmed, refused, resolved): a stop draining for a protection
         # restart waits for that, so the next manager knows what it knew (`stop(drain=True)`).
@@ -1341,7 +1346,7 @@ class PositionGuard:
                 if isinstance(placed, _Outcome):  # decided by a look-up while the answer was late
                     return self._next_generation(order) if placed is _Outcome.GONE else placed
             except (OutcomeUnknown, TimeoutError) as exc:
-                if not resend:  # (the same attempt's: counted once)
+                if not (resend or rides):  # (the same attempt's: counted once)
                     m.protective_failures.add(m.clock.monotonic())
                 latency = m.clock.monotonic() - started
                 order.maybe_sent = True
@@ -1354,7 +1359,9 @@ class PositionGuard:
                 if outcome is _Outcome.UNSEEN:
                     self.retry_at = m.clock.monotonic()  # sent again by the next pass, at once
                 # resolved: it was placed after all; retrying: absent (resent with the same id) or still unknown
-                self._create_failed(order, cid, exc, latency, resolved=outcome is _Outcome.CONFIRMED)
+                self._create_failed(
+                    order, cid, exc, latency, resolved=outcome is _Outcome.CONFIRMED, rode=rides
+                )
                 if outcome is _Outcome.GONE:
                     return self._next_generation(order)
                 if outcome is not _Outcome.CONFIRMED:
@@ -1396,14 +1403,14 @@ class PositionGuard:
                 if isinstance(exc, Rejected) and exc.code == RejectCode.REDUCE_ONLY_REJECTED:
                     await self._refused(order, cid, exc)
                     return self._refused_as_gone(order, exc)
-                if not isinstance(exc, RateLimited | Banned):
+                if not isinstance(exc, RateLimited | Banned) and not rides:
                     m.protective_failures.add(m.clock.monotonic())
                 # A rate-limit answer is the venue's pacing ("not now, at T"), not a failing protection path:
                 # it is retried at T and, should it leave the position naked, the breaker's uncovered and
                 # coverage rules see that. Counting it here paused entries on a one-second burst.
                 latency = m.clock.monotonic() - started
                 await self._refused(order, cid, exc)
-                self._create_failed(order, cid, exc, latency, resolved=False)
+                self._create_failed(order, cid, exc, latency, resolved=False, rode=rides)
                 return _Outcome.RETRY
             return await self._accept(order, placed, m.clock.monotonic() - started)
 
@@ -2085,7 +2092,14 @@ class PositionGuard:
             await m.store.set_order_status(cid, OrderRecordStatus.PENDING, error=_short(exc))
 
     def _create_failed(
-        self, order: ProtectiveOrder, cid: str, exc: BaseException, latency: float, *, resolved: bool
+        self,
+        order: ProtectiveOrder,
+        cid: str,
+        exc: BaseException,
+        latency: float,
+        *,
+        resolved: bool,
+        rode: bool = False,
     ) -> None:
         """One failed protective create, reported once and by what happened (`FailureClass`): one log line
         with the symbol, the stop, the class, the venue's code and the elapsed time; one domain event (a
@@ -2095,6 +2109,18 @@ class PositionGuard:
         m = self._m
         failure = failure_class(exc)
         what = stop_words(order.purpose)
+        if rode and not resolved:
+            # The same call as its trailing stop's, whose failure is said (and counted) once, there; the
+            # hard stop that rode on the entry holds meanwhile.
+            self._failed_this_pass = True
+            log.info(
+                "%s: the correction of its hard stop (%s) rode in the trailing stop's call and failed with it "
+                "(%s); the hard stop that rode on the entry holds meanwhile",
+                self.symbol,
+                cid,
+                _short(exc) or type(exc).__name__,
+            )
+            return
         code = exc.venue_code if isinstance(exc, ExchangeError) else None
         status = exc.http_status if isinstance(exc, ExchangeError) else None
         detail = _short(exc) if str(exc) else f"no answer within {m.config.call_timeout_seconds:g}s"
@@ -2116,7 +2142,15 @@ class PositionGuard:
             # A managed move waits its own backoff (`_moves_resume_at`); the rest, the next failed pass's.
             failures = self._move_failures if order is self._replacement else self.failures
             retry_in = self._retry_delay(failures + 1)
-            covered_words = "still protected by its confirmed stops" if still_covered else "unprotected"
+            covered_words = (
+                "still protected by its confirmed stops"
+                if still_covered
+                else "without its trailing stop (its hard stop is live)"
+                if self.has_stop_loss
+                else "without its hard stop (its trailing protection is live)"
+                if self.trailing_in_place
+                else "unprotected"
+            )
             state = f"{self.symbol} {covered_words}, retrying in {retry_in:.1f}s"
             severity = Severity.WARNING if still_covered else Severity.ERROR
             self.last_error = f"create {what}: {_FAILURE_WORDS[failure]} ({detail})"

@@ -337,6 +337,12 @@ async def test_a_hard_stop_corrected_from_the_fill_rides_in_the_trailing_stops_c
         assert isinstance(venue, BybitLinearVenue)
         assert venue.riders_carried == corrected
         assert emulator.requests_by_endpoint.get("POST position/trading-stop") == WAVE + refused
+        # One refused call is one failure, said once (by the trailing stop whose call the correction rode
+        # in): 6 refusals were 11 events, and the breaker's count doubled (operator).
+        said = await db.pool.fetch(
+            "SELECT data->>'stop' AS stop, message FROM monitoring.events WHERE type = 'protection_rate_limited'"
+        )
+        assert [r["stop"] for r in said] == ["trailing_stop"] * refused, said
         for guard in manager.guards.values():  # the venue's own word on each position's hard stop
             assert guard.covered
             assert guard.stop_loss.client_order_id is not None
