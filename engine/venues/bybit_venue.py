@@ -668,11 +668,44 @@ class BybitLinearVenue(CcxtVenue):
                 # stop. Not listed; our look-up of it finds it ended, and ours is set again.
                 self._note_displaced(stop, value)
         stop_rows: list[Mapping[str, Any]] | None = None
-        if any(not stop.venue_order_id for stop in listed):  # the venue's ids, read once per stop
+        # A trailing stop not armed yet shows its activation on its order's row, not on the position's.
+        # (Judged once set a while: a row read soon after our own change may lag it.)
+        unarmed = [
+            s
+            for s in listed
+            if s.type is OrderType.TRAILING_STOP_MARKET
+            and s.activation_price is not None
+            and time.time() - s.updated_at >= _EARLIER_VALUE_SECONDS
+        ]
+        if unarmed or any(not stop.venue_order_id for stop in listed):  # the venue's ids, read once per stop
             stop_rows = await self._stop_order_rows(symbol)
             for stop in listed:
                 if not stop.venue_order_id:
                     self._attach_venue_order(stop, stop_rows)
+        for stop in unarmed:
+            assert stop_rows is not None and stop.activation_price is not None
+            row = _row_closed_by(rows, stop.symbol, stop.side)
+            shown = self._activation_off(
+                stop.symbol, stop.activation_price, stop.side, stop_rows, row or {}, stop.venue_order_id
+            )
+            if shown is not None and not any(
+                o.activation_price == shown
+                for o in self._kin(stop)
+                if o is not stop and o.status is OrderStatus.NEW
+            ):
+                # Its activation moved out of reach, the distance kept (the field we read alone): a trail that
+                # never arms, listed ours while the engine ran (only a restart looked; a reviewer). Not ours.
+                logger.warning(
+                    "%s %s: the trailing stop's activation is %s, not our %s (%s): moved by someone else, so "
+                    "not our stop; ours is set again",
+                    self.kind,
+                    stop.symbol,
+                    _wire(shown),
+                    _wire(stop.activation_price),
+                    stop.client_order_id,
+                )
+                stop.status, stop.updated_at = OrderStatus.CANCELED, time.time()
+                listed.remove(stop)
         # A new process holds no stop in memory: the stops the last one recorded are named from the rows
         # just read (the same checks as a look-up by id). Listed, a start confirms them at once; unlisted,
         # every position showed "both stops missing" until its guard looked each id up (a span of about a
@@ -1386,16 +1419,30 @@ class BybitLinearVenue(CcxtVenue):
             or recorded.activation_price is None
         ):
             return None
+        return self._activation_off(symbol, recorded.activation_price, side, stop_rows, position)
+
+    def _activation_off(
+        self,
+        symbol: str,
+        expected: Decimal,
+        side: OrderSide,
+        stop_rows: list[Mapping[str, Any]],
+        position: Mapping[str, Any],
+        venue_order_id: str = "",
+    ) -> Decimal | None:
+        """The activation the venue's trailing-stop order on this side shows when it is not `expected` and
+        still ahead of the mark (None: `expected`, or reached: an armed trail's level is behind the mark)."""
         for row in stop_rows:
             if (
                 row.get("symbol") == symbol
                 and row.get("stopOrderType") == "TrailingStop"
                 and _on_side(row, side)
+                and (not venue_order_id or str(row.get("orderId", "")) == venue_order_id)
             ):
                 shown = _positive(row.get("triggerPrice"))
                 mark = _positive(position.get("markPrice"))
                 tick = self._market(symbol).tick_size
-                if shown is None or abs(shown - recorded.activation_price) < tick:
+                if shown is None or abs(shown - expected) < tick:
                     return None
                 if mark is None:  # nothing says it has armed: another activation is not ours
                     return shown

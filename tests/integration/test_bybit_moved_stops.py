@@ -15,6 +15,7 @@ read as moved."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -341,3 +342,35 @@ async def test_a_position_flipped_by_hand_is_closed_on_the_record_and_its_new_si
 
         await wait_until(recorded, within=5.0, what="the long closed and the short active on the record")
         assert not any("KeyError" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_trailing_stops_activation_moved_while_the_engine_runs_is_not_taken_as_ours(
+    db: Database,
+) -> None:
+    """Someone keeps our trailing distance and moves only its activation out of reach (a trail that never
+    arms). The position's row carries the distance alone, so the engine running listed the stop as ours,
+    covered, with no event, until a restart looked at the order's row (a reviewer: 8 s at a reconcile a
+    second). The reconciler now reads the activation too: the stop is not ours, and ours is set again."""
+    emulator = _emulator()
+    async with bybit_engine(db, emulator, {"PROTECTION__RECONCILE_SECONDS": "1"}) as (engine, _rejected):
+        base_url = engine.settings.venue.base_url
+        guard = await _one_protected(engine, SYMBOL)
+        ours = await _settled(guard, base_url)
+        before = guard.trailing_stop.client_order_id
+        await asyncio.sleep(5.5)  # (a stop is judged by its order's row once set a while)
+        far = (Decimal(ours["activePrice"]) * 3).quantize(TICK)
+        async with aiohttp.ClientSession() as session:
+            answer = await session.post(
+                f"{base_url}/_sim/position-stops",
+                json={"symbol": SYMBOL, "trailingStop": ours["trailingStop"], "activePrice": str(far)},
+            )
+            assert answer.status == 200, await answer.text()
+        assert Decimal((await _held(base_url))["activePrice"]) == far
+
+        async def ours_again() -> bool:
+            return Decimal((await _held(base_url))["activePrice"]) == Decimal(ours["activePrice"])
+
+        await wait_until(lambda: _lost(db), within=8.0, what="the moved trailing stop said lost")
+        await wait_until(ours_again, within=8.0, what="our activation set on the position again")
+        await wait_until(lambda: guard.covered, within=8.0, what="covered again")
+        assert guard.trailing_stop.client_order_id != before
