@@ -1042,7 +1042,10 @@ def _verdict(
         # The records list positions without their stops past grace: never "ok" over them (the health
         # rows are up to a health interval old, and the list is what this look printed below the verdict).
         found = f"protection: {listed} past grace in the records"
-        return "degraded", "; ".join([found, *(named if worst == "degraded" else [])])
+        others = named if worst == "degraded" else []
+        # (The protection component's own degraded line says the same: once, not twice; an operator.)
+        others = [line for line in others if not line.startswith("protection: ")]
+        return "degraded", "; ".join([found, *others])
     if not components:
         return "unknown", "no engine has measured health yet"
     if worst == "ok":

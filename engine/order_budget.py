@@ -239,7 +239,7 @@ class OrderBudget:
         resumed entries, read "entries on", and every signal of the next minute was refused."""
         banned = self.banned_for()
         if banned is not None:
-            return banned, "the venue bans this account's orders"
+            return banned, "the venue bans our requests (every call refused until the ban ends)"
         pause = self.refusal_pause_for()
         if pause is not None:
             return pause, (

@@ -1062,9 +1062,13 @@ def quit_warning(snapshot: EngineSnapshot) -> str:
             "the engine waits for the answers and protects what fills before it stops (the exit line counts "
             "them); no other entry is sent."
         )
+    # (Named only when there are some: "Managed trailing stops (0 now)" on Bybit, where managed mode is
+    # refused, told an operator of a mode they could not have: an operator.)
     lines.append(
         f"Managed trailing stops ({managed} now) stop moving until the engine is restarted; "
         "native trailing stops keep trailing on the exchange."
+        if managed
+        else "Trailing stops keep trailing on the exchange."
     )
     return "\n".join(lines)
 

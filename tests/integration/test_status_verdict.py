@@ -328,6 +328,14 @@ async def test_with_an_engine_running_the_uncovered_list_is_never_under_an_ok_ve
     assert human.stdout.splitlines()[0] == (
         "DEGRADED: protection: 1 position uncovered (XUSDT) past grace in the records"
     )
+    # The protection component saying the same is not said a second time (an operator), another one is.
+    await engine_side.measure(
+        ("protection", "degraded", "1 uncovered, oldest 60s"), ("exchange", "degraded", "Exchange errors 12%")
+    )
+    again = tsbot("status", cwd=workdir)
+    assert again.stdout.splitlines()[0] == (
+        "DEGRADED: protection: 1 position uncovered (XUSDT) past grace in the records; exchange: Exchange errors 12%"
+    )
     # A critical health line still decides: the uncovered list does not soften it.
     await engine_side.measure(("protection", "critical", "Low TS coverage: 50.0% (1/2)"))
     critical = tsbot("status", "--json", cwd=workdir)

@@ -15,7 +15,7 @@ from engine.venues.sim.universe import UNIVERSE
 from tests.tui.book import BookFeed, ScreenScopedBookFeed, book_position
 from tests.tui.scenario import scenario_settings
 from tests.tui.snapshots import svg_to_text
-from tui.app import DashboardApp
+from tui.app import DashboardApp, quit_warning
 from tui.widgets.coverage import CoverageGauge, CoverageTrend
 from tui.widgets.positions import ROWS_FORMATTED_AT_ONCE, PositionsTable
 
@@ -504,3 +504,17 @@ async def test_the_gauge_s_low_is_the_one_the_history_recorded_not_a_sample_of_i
         gauge = app.query_one(CoverageGauge)
         want = "last hour, low 71.4% (protecting)"
         await wait_for(pilot, lambda: gauge.border_subtitle == want, f"the subtitle {want!r}")
+
+
+def test_the_quit_dialog_names_managed_trailing_stops_only_when_there_are_some() -> None:
+    """On Bybit, where managed mode is refused, the quit dialog said "Managed trailing stops (0 now) stop
+    moving until the engine is restarted" (an operator): a warning about nothing, in the one dialog that
+    must be read."""
+    settings = scenario_settings()
+    native = BookFeed(settings, [book_position(1, SYMBOLS[0])]).snapshot()
+    text = quit_warning(native)
+    assert "Managed" not in text
+    assert "Trailing stops keep trailing on the exchange." in text
+    managed = dataclasses.replace(native.positions[0], trailing_kind="managed")
+    text = quit_warning(dataclasses.replace(native, positions=(managed,)))
+    assert "Managed trailing stops (1 now) stop moving until the engine is restarted" in text

@@ -90,7 +90,7 @@ def test_tsbot_tui_in_tmux_shows_the_gauge_and_quits_cleanly(
 
     tmux.run("send-keys", "-t", "tsbt", "q")
     screen = tmux.wait_for("tsbt", "Exchange stops stay in place")
-    assert "Managed trailing stops" in screen
+    assert "Trailing stops keep trailing on the exchange" in screen
     tmux.run("send-keys", "-t", "tsbt", "y")
 
     deadline = time.monotonic() + 30

@@ -159,6 +159,9 @@ def test_every_field_of_a_guards_facts_survives_the_journal() -> None:
         unprotected_since=at.replace(second=1),
         observed_at=at.replace(second=2),
         uncovered_from=at.replace(second=3),
+        stop_loss_unverified=True,
+        trailing_stop_unverified=True,
+        protected_from=at.replace(second=4),
     )
     assert all(getattr(facts, f) is not None for f in ProtectionFactsRow.__dataclass_fields__)
     assert _decode_facts(json.loads(json.dumps(_encode_facts(facts)))) == facts
