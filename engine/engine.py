@@ -814,6 +814,7 @@ class Engine:
             settings.alerts, self.clock, source=f"{self.exchange_name}:{settings.venue.account}"
         )
         self._carried: _CarriedProtection | None = None  # while the protection manager restarts
+        self._records_timer: asyncio.Future[None] | None = None  # `_carry_the_records`' grace
         # Positions filled while the protection manager restarts, until the new manager guards them.
         self._awaiting_guard: dict[int, _AwaitingGuard] = {}
         # Cleared while the protection manager restarts: an entry that fills meanwhile waits for the new
@@ -926,6 +927,7 @@ class Engine:
             self._mark_streamed_at = dict(self._mark_received_at)
             self.startup_report = await self._start_protection()
             self._carried = None  # (the records carried through the start: its guards know better now)
+            self._end_records_timer()
             # Signals our last run claimed and never handled (it died holding them): expired, with a reason.
             expired = await self.store.expire_claimed_signals(claimed_by=self._claimer)
             if expired:
@@ -999,7 +1001,13 @@ class Engine:
             for p in positions
         }
         carried = self._carried = _CarriedProtection(views=views, coverage=coverage, since=now)
-        self._spawn(self._records_unverified_after_grace(carried), "records-unverified")
+        # Not a background task (a stop waits for those): cancelled once the start's guards exist.
+        self._records_timer = asyncio.ensure_future(self._records_unverified_after_grace(carried))
+
+    def _end_records_timer(self) -> None:
+        timer, self._records_timer = self._records_timer, None
+        if timer is not None:
+            timer.cancel()
 
     async def _records_unverified_after_grace(self, carried: _CarriedProtection) -> None:
         await self.clock.sleep(self._grace_seconds())
@@ -1151,6 +1159,7 @@ class Engine:
             return self.stop_report or StopReport(0, 0)
         self._set_state(EngineState.STOPPING)
         self._stop_begun.set()
+        self._end_records_timer()
         if self.request_pacer is not None:  # entries waiting for the venue's rate are not sent
             self.request_pacer.recheck()
         self._drop_database_if_down()

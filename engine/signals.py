@@ -104,6 +104,8 @@ class SignalConsumer:
     async def _claim(self) -> list[SignalRecord]:
         """The next wave's signals: first those a failed claim or wave left taken, else the new ones that
         arrive within the wave window of the first."""
+        if not self._claiming:  # (stopping: not even a failed wave's signals, which the stop would refuse)
+            return []
         if self._unsettled and self._claimed_by is not None:
             left = await self._store.reclaim_signals(self._claimed_by)
             self._unsettled = False
@@ -114,8 +116,6 @@ class SignalConsumer:
                     len(left),
                 )
                 return left
-        if not self._claiming:
-            return []
         first = await self._store.claim_new_signals(MAX_WAVE_SIGNALS, self._claimed_by)
         if not first:
             return []

@@ -483,3 +483,23 @@ async def test_a_start_that_cannot_read_the_venue_shows_the_records_positions_th
         if not starting.done():
             starting.cancel()
         await drive(clock, engine_b.stop())
+
+
+async def test_a_stop_right_after_a_start_does_not_wait_for_the_records_grace(db: Database) -> None:
+    """The start's timer that makes the records' positions unverified once a grace period passes ran as a
+    background task, which a stop waits for: `q` or SIGTERM right after a start took that grace longer (a
+    reviewer: 4.84 s against 0.06 s). It ends with the start."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine_a = make_engine(settings, clock)
+    await drive(clock, engine_a.start())
+    try:
+        await open_positions(engine_a, clock, SYMBOLS[17:18])
+        await drive_until_covered(engine_a, clock, 1)
+    finally:
+        await drive(clock, engine_a.stop(drain=False))
+    engine_b = restarted(engine_a, settings, clock)
+    await drive(clock, engine_b.start())
+    stopping = asyncio.ensure_future(engine_b.stop())
+    took = await drive_until(clock, stopping.done, what="stopped")
+    assert took < float(settings.protection.grace_seconds) / 2, took
