@@ -41,6 +41,7 @@ engine's price-feed health sees the marks age. On Binance the mark price stream 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import math
@@ -608,6 +609,10 @@ class CcxtVenue(RequestHooks):
     async def close(self) -> None:
         if self._closed:
             return
+        resync, self._clock_resync = self._clock_resync, None
+        if resync is not None and not resync.done():
+            resync.cancel()
+            await asyncio.gather(resync, return_exceptions=True)
         if self._streams is not None:
             await self._streams.close()  # Binance deletes its listen key while the session is still open
         self._closed = True
@@ -703,23 +708,26 @@ class CcxtVenue(RequestHooks):
             # which position, the class and the venue's code). A WARN here as well doubled every line.
             logger.debug("%s", translated)
             if translated.venue_code in _CLOCK_REFUSALS.get(self.kind, ()):
-                await self._resync_clock(translated)
+                self._resync_clock(translated)
             raise translated from error
 
-    async def _resync_clock(self, refusal: ExchangeError) -> None:
+    def _resync_clock(self, refusal: ExchangeError) -> None:
         """The venue refused a request's timestamp (Bybit 10002, Binance -1021: never run): our clock is off
         from the venue's. Its time is read again at once (once for a burst of refusals, at most every
         CLOCK_RESYNC_MIN_SECONDS), so the caller's retry is signed right: every signed call was refused for
         up to 5 minutes, until the markets' reload re-read it (an operator: a hand-removed trailing stop
-        left unreplaced 3 min 13 s)."""
+        left unreplaced 3 min 13 s). The refusal is raised at once, not held for the read (its caller's
+        budget ran on meanwhile), and the read is no caller's: it runs outside their pacing lane."""
         running = self._clock_resync
-        if running is None or running.done():
-            now = self._clock.monotonic()
-            if now - self._clock_resynced_at < CLOCK_RESYNC_MIN_SECONDS:
-                return
-            self._clock_resynced_at = now
-            running = self._clock_resync = asyncio.ensure_future(self._read_venue_time(refusal))
-        await asyncio.shield(running)
+        if running is not None and not running.done():
+            return
+        now = self._clock.monotonic()
+        if now - self._clock_resynced_at < CLOCK_RESYNC_MIN_SECONDS:
+            return
+        self._clock_resynced_at = now
+        self._clock_resync = asyncio.get_running_loop().create_task(
+            self._read_venue_time(refusal), name=f"{self.kind}-clock-resync", context=contextvars.Context()
+        )
 
     async def _read_venue_time(self, refusal: ExchangeError) -> None:
         before = self._exchange.options.get("timeDifference", 0)
