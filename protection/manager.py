@@ -1314,7 +1314,8 @@ class PositionGuard:
         # Sent beside its trailing stop (`_ensure_hard_stop`) it takes no slot: it rides in that call.
         correction = order is self.stop_loss and self._attached_holds is not None
         # Riding in its trailing stop's call (Bybit): one call, one attempt, one failure, said by the
-        # trailing stop (6 refused calls were 11 failure events, and the breaker's count doubled).
+        # trailing stop (6 refused calls were 11 failure events, and the breaker's count doubled). It may
+        # still go alone (the combined call refused, or none left in time): then its failure is its own.
         rides = correction and self._correction_rides
         probe_at = None
         if not rides:
@@ -1346,7 +1347,10 @@ class PositionGuard:
                 if isinstance(placed, _Outcome):  # decided by a look-up while the answer was late
                     return self._next_generation(order) if placed is _Outcome.GONE else placed
             except (OutcomeUnknown, TimeoutError) as exc:
-                if not (resend or rides):  # (the same attempt's: counted once)
+                shared = rides and isinstance(exc, ExchangeError) and exc.shared_call
+                if not (resend or shared):  # (the same attempt's: counted once)
+                    if rides:  # it went alone after all: an attempt of its own
+                        m.protective_attempts.add(m.clock.monotonic())
                     m.protective_failures.add(m.clock.monotonic())
                 latency = m.clock.monotonic() - started
                 order.maybe_sent = True
@@ -1360,7 +1364,7 @@ class PositionGuard:
                     self.retry_at = m.clock.monotonic()  # sent again by the next pass, at once
                 # resolved: it was placed after all; retrying: absent (resent with the same id) or still unknown
                 self._create_failed(
-                    order, cid, exc, latency, resolved=outcome is _Outcome.CONFIRMED, rode=rides
+                    order, cid, exc, latency, resolved=outcome is _Outcome.CONFIRMED, rode=shared
                 )
                 if outcome is _Outcome.GONE:
                     return self._next_generation(order)
@@ -1403,14 +1407,17 @@ class PositionGuard:
                 if isinstance(exc, Rejected) and exc.code == RejectCode.REDUCE_ONLY_REJECTED:
                     await self._refused(order, cid, exc)
                     return self._refused_as_gone(order, exc)
-                if not isinstance(exc, RateLimited | Banned) and not rides:
+                shared = rides and exc.shared_call
+                if rides and not shared:  # it went alone after all: an attempt of its own
+                    m.protective_attempts.add(m.clock.monotonic())
+                if not isinstance(exc, RateLimited | Banned) and not shared:
                     m.protective_failures.add(m.clock.monotonic())
                 # A rate-limit answer is the venue's pacing ("not now, at T"), not a failing protection path:
                 # it is retried at T and, should it leave the position naked, the breaker's uncovered and
                 # coverage rules see that. Counting it here paused entries on a one-second burst.
                 latency = m.clock.monotonic() - started
                 await self._refused(order, cid, exc)
-                self._create_failed(order, cid, exc, latency, resolved=False, rode=rides)
+                self._create_failed(order, cid, exc, latency, resolved=False, rode=shared)
                 return _Outcome.RETRY
             return await self._accept(order, placed, m.clock.monotonic() - started)
 
@@ -2115,7 +2122,7 @@ class PositionGuard:
             self._failed_this_pass = True
             log.info(
                 "%s: the correction of its hard stop (%s) rode in the trailing stop's call and failed with it "
-                "(%s); the hard stop that rode on the entry holds meanwhile",
+                "(%s): said once, there",
                 self.symbol,
                 cid,
                 _short(exc) or type(exc).__name__,

@@ -1147,11 +1147,14 @@ class BybitLinearVenue(CcxtVenue):
                 )
                 return await self._set_position_stop(stop, request, carry=False)
             if isinstance(error, ExchangeError):
+                error.shared_call = True
                 rider.done.set_exception(error)  # the same outcome for both (not executed, or unknown)
             else:
-                rider.done.set_exception(
-                    OutcomeUnknown(f"{self.kind} {stop.symbol}: trading-stop interrupted: {error!r}")
+                interrupted = OutcomeUnknown(
+                    f"{self.kind} {stop.symbol}: trading-stop interrupted: {error!r}"
                 )
+                interrupted.shared_call = True
+                rider.done.set_exception(interrupted)
             raise
         rider = carrier.rider
         if rider is not None and not rider.done.done():
