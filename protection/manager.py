@@ -3173,6 +3173,7 @@ class PositionGuard:
                 stop_loss_unverified=facts[7],
                 trailing_stop_unverified=facts[8],
                 protected_from=self._protected_from() if covered else None,
+                hard_stop_from=_datetime(self.stop_loss.live_since) if self.stop_loss.confirmed else None,
             ),
         )
         self.status = written if written is not None else facts[4]

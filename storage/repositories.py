@@ -161,6 +161,10 @@ class ProtectionFactsRow:
     # stops a start found already placed: the position is protected since then, not since that start (a
     # killed engine's wave read "1 protected, 6 failed" while the venue held every stop, a reviewer).
     protected_from: datetime | None = None
+    # When the venue says its hard stop went live, for one a start found already placed: its gap from the
+    # fill is measured to then (it was measured to the restart while `protected_from` said the stops were
+    # live long before: "protected in 1 s" and "9.3 s without a hard stop", a reviewer).
+    hard_stop_from: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,6 +359,8 @@ _HARD_STOP_GAP = """
 # a journaled write, the moment it was made (`$9`: `at`): the confirmation came then, not when the database
 # was back (the gap read as the whole outage).
 _SEEN_AT = "COALESCE($9::timestamptz, now())"
+# In `set_protection_facts_many`: a hard stop a start found live was live since the venue placed it.
+_HARD_STOP_SEEN_AT = "COALESCE(f.hard_stop_from, $9::timestamptz, now())"
 
 # A position that ends (closed, failed) ends its open uncovered span, if any, when it ended (`{at}`: the
 # statement's parameter with that moment, NULL for now). A CTE after `closed AS (UPDATE … RETURNING *)`.
@@ -644,14 +650,14 @@ class Store:
                                                       $9::timestamptz, now())
                                         ELSE p.protected_at END,
                     hard_stop_gap_seconds = CASE WHEN f.sl AND p.hard_stop_gap_seconds IS NULL
-                                                 THEN {_HARD_STOP_GAP.format(p="p", seen=_SEEN_AT)}
+                                                 THEN {_HARD_STOP_GAP.format(p="p", seen=_HARD_STOP_SEEN_AT)}
                                                  ELSE p.hard_stop_gap_seconds END,
                     status = CASE WHEN p.status IN ('pending_protection', 'active') THEN f.status ELSE p.status END
                 FROM unnest($1::bigint[], $2::bool[], $3::bool[], $4::numeric[], $5::bool[], $6::text[],
                             $8::bool[], $10::timestamptz[], $11::timestamptz[], $12::timestamptz[],
-                            $13::bool[], $14::bool[], $15::timestamptz[])
+                            $13::bool[], $14::bool[], $15::timestamptz[], $16::timestamptz[])
                          AS f(id, sl, ts, sl_price, activated, status, armed, since, observed, naked_from,
-                              sl_unverified, ts_unverified, protected_from),
+                              sl_unverified, ts_unverified, protected_from, hard_stop_from),
                      monitoring.positions AS old
                 WHERE p.id = f.id AND old.id = f.id AND p.status <> ALL($7::text[])
                 RETURNING p.id, p.status, p.account, p.symbol, p.unprotected_since AS since,
@@ -695,6 +701,7 @@ class Store:
             [f.stop_loss_unverified for f in facts],
             [f.trailing_stop_unverified for f in facts],
             [f.protected_from for f in facts],
+            [f.hard_stop_from for f in facts],
         )
         return {r["id"]: PositionStatus(r["status"]) for r in rows}
 

@@ -1042,6 +1042,7 @@ def _encode_facts(fact: ProtectionFactsRow) -> dict[str, Any]:
         "stop_loss_unverified": fact.stop_loss_unverified,
         "trailing_stop_unverified": fact.trailing_stop_unverified,
         "protected_from": None if fact.protected_from is None else fact.protected_from.isoformat(),
+        "hard_stop_from": None if fact.hard_stop_from is None else fact.hard_stop_from.isoformat(),
     }
 
 
@@ -1061,6 +1062,7 @@ def _decode_facts(args: Mapping[str, Any]) -> ProtectionFactsRow:
         stop_loss_unverified=bool(args.get("stop_loss_unverified", False)),
         trailing_stop_unverified=bool(args.get("trailing_stop_unverified", False)),
         protected_from=_when(args.get("protected_from")),  # (absent in a journal from before it)
+        hard_stop_from=_when(args.get("hard_stop_from")),
     )
 
 

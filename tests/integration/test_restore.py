@@ -421,7 +421,7 @@ async def test_stops_a_killed_engine_placed_and_never_recorded_date_the_protecti
     # (its fill on the venue's clock, as a fill the venue told is recorded, a second before its stops)
     await db.pool.execute(
         "UPDATE monitoring.positions SET protected_at = NULL, has_stop_loss = false, has_trailing_stop = false, "
-        "opened_at = to_timestamp($1)",
+        "opened_at = to_timestamp($1), hard_stop_gap_seconds = NULL",
         placed - 1.0,
     )
     await drive(clock, clock.sleep(60.0), step=1.0)  # the operator starts it again a minute later
@@ -439,10 +439,14 @@ async def test_stops_a_killed_engine_placed_and_never_recorded_date_the_protecti
             ),
             what="the facts written",
         )
-        rows = await db.pool.fetch("SELECT opened_at, protected_at FROM monitoring.positions")
+        rows = await db.pool.fetch(
+            "SELECT opened_at, protected_at, hard_stop_gap_seconds FROM monitoring.positions"
+        )
         for row in rows:
             assert placed - 1.0 <= row["protected_at"].timestamp() <= placed + 0.001
             assert row["protected_at"].timestamp() < restart - 30
+            # The hard stop's gap from the fill, to when the venue placed it too (not to the restart).
+            assert row["hard_stop_gap_seconds"] <= 1.0 + 0.001, row
     finally:
         await drive(clock, engine_b.stop())
 

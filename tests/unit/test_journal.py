@@ -162,6 +162,7 @@ def test_every_field_of_a_guards_facts_survives_the_journal() -> None:
         stop_loss_unverified=True,
         trailing_stop_unverified=True,
         protected_from=at.replace(second=4),
+        hard_stop_from=at.replace(second=5),
     )
     assert all(getattr(facts, f) is not None for f in ProtectionFactsRow.__dataclass_fields__)
     assert _decode_facts(json.loads(json.dumps(_encode_facts(facts)))) == facts
