@@ -1679,9 +1679,27 @@ class BybitLinearVenue(CcxtVenue):
             symbol=stop.symbol,
             client_order_id=stop.client_order_id,
         )
-        since_ms = int(stop.created_at * 1000) - 1000  # the venue's clock against ours: a second of slack
+        rows = (answer.get("result") or {}).get("list", [])
+        # On the venue's clock: ours less the offset ccxt measured (ms, ours minus the venue's), a second
+        # of slack. And not before the latest trade that opened a position on this side: an earlier
+        # position's stop on the symbol filled before this one's opened (its fill and PnL were taken for a
+        # position closed by hand, and a hard stop removed by hand recorded filled, a reviewer).
+        offset = int(self._exchange.options.get("timeDifference") or 0)
+        since_ms = int(stop.created_at * 1000) - offset - 1000
+        opening = OrderSide.BUY if stop.side is OrderSide.SELL else OrderSide.SELL
+        since_ms = max(
+            [since_ms]
+            + [
+                int(row.get("execTime") or 0)
+                for row in rows
+                if row.get("side")
+                and _on_side(row, opening)
+                and row.get("execType", "Trade") == "Trade"
+                and _decimal(row.get("closedSize"), _ZERO) == _ZERO
+            ]
+        )
         fills: dict[str, list[tuple[Decimal, Decimal]]] = {}
-        for row in (answer.get("result") or {}).get("list", []):
+        for row in rows:
             if (
                 row.get("stopOrderType") != _STOP_ORDER_TYPE[stop.type]
                 or row.get("execType", "Trade") != "Trade"

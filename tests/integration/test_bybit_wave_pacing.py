@@ -935,3 +935,55 @@ async def test_a_hard_stop_that_fills_while_no_engine_runs_is_recorded_with_its_
             assert row["exit_reason"] == "stop_loss"
             assert row["realized_pnl"] is not None
             assert row["realized_pnl"] < 0
+
+
+async def test_a_position_closed_by_hand_while_no_engine_ran_is_not_given_an_earlier_stops_fill(
+    db: Database,
+) -> None:
+    """A stop recorded by a dead engine that its position no longer holds is looked for among the venue's
+    executions. An earlier position's hard stop on the same symbol, filled seconds before this position
+    opened, was taken for its own: the position closed by hand was recorded `stop_loss`, with the earlier
+    fill's PnL (a reviewer, the venue's clock 20 s ahead of ours). A fill counts only after the latest
+    trade that opened a position on that side, on the venue's clock."""
+    emulator = BybitEmulator(
+        SimVenueSettings(seed=11, volatility=0.0), api_key=KEY, api_secret=SECRET, control=True
+    )
+    async with running(emulator) as base_url:
+        async with aiohttp.ClientSession() as session:
+            answer = await session.post(f"{base_url}/_sim/advance", json={"seconds": 20})
+            assert answer.status == 200  # the venue's clock 20 s ahead of ours
+        symbol = sorted(emulator.core.markets)[0]
+        async with engine_on(db, base_url, {"PROTECTION__RECONCILE_SECONDS": "1"}) as first:
+            earlier = await _one_protected(first, symbol)
+            stop = earlier.stop_loss.price
+            assert stop is not None
+            emulator.set_prices(symbol, mark=stop * Decimal("0.99"), last=stop * Decimal("0.99"))
+            await _until_closed(db, earlier.position_id, within=20.0)
+            emulator.set_prices(symbol, mark=stop * Decimal("1.05"), last=stop * Decimal("1.05"))
+            await asyncio.sleep(2.0)  # the next wave on the symbol, seconds later
+            assert first.store is not None
+            manager = first.manager
+            assert manager is not None
+            await first.store.insert_signals([(symbol, "long", None, None)])
+            await wait_until(
+                lambda: any(g.covered for g in manager.guards.values()), within=30.0, what="covered"
+            )
+            [guard] = manager.guards.values()
+            position_id, quantity = guard.position_id, guard.quantity
+            await first.stop(drain=False)  # killed
+        # While no engine runs, someone closes it by hand: no stop of ours fills.
+        hand = build_venue(first.settings, SystemClock())
+        await hand.connect()
+        try:
+            await hand.load_markets()
+            await hand.create_market_order(
+                symbol, OrderSide.SELL, quantity, client_order_id="by-hand-1", reduce_only=True
+            )
+        finally:
+            await hand.close()
+        async with engine_on(db, base_url, {"PROTECTION__RECONCILE_SECONDS": "1"}):
+            await _until_closed(db, position_id, within=20.0)
+            row = await db.pool.fetchrow(
+                "SELECT exit_reason, realized_pnl FROM monitoring.positions WHERE id = $1", position_id
+            )
+            assert (row["exit_reason"], row["realized_pnl"]) == ("closed_on_exchange", None)

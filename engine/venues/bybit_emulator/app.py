@@ -228,6 +228,7 @@ class _Execution:
     qty: Decimal
     stop_order_type: str
     time: float
+    closed: Decimal  # of it, what closed a position (Bybit's `closedSize`): 0 for an opening trade
 
 
 @dataclass(frozen=True, slots=True)
@@ -465,6 +466,7 @@ class BybitEmulator:
                 order.filled_quantity,
                 stop.stop_order_type,
                 now,
+                order.filled_quantity,
             )
         )
         logger.info(
@@ -947,7 +949,13 @@ class BybitEmulator:
             # Bybit: a derivatives order `Cancelled` "may have an executed qty"; `PartiallyFilledCanceled`
             # is spot's alone.
             record.status = "Cancelled"
+        position = self._position(record.symbol, now)
         if filled:
+            opens = PositionSide.LONG if record.side is OrderSide.BUY else PositionSide.SHORT
+            if position is None or position.side is not opens:
+                closed = filled  # it closed (part of) a position, all of it
+            else:  # it opened or added; a flip closed what it did not open
+                closed = max(_ZERO, filled - position.quantity)
             self._book.executions.append(
                 _Execution(
                     self._new_id(),
@@ -959,9 +967,9 @@ class BybitEmulator:
                     filled,
                     "",
                     now,
+                    closed,
                 )
             )
-        position = self._position(record.symbol, now)
         if position is None or self._flipped(record.symbol, position):
             # Gone, or closed through zero into the other side (one-way mode): the closed position's stops
             # are cancelled with it; the new side has none (but one its entry carried).
@@ -1480,7 +1488,7 @@ def _execution_json(execution: _Execution) -> dict[str, Any]:
         "execValue": _text(execution.price * execution.qty),
         "execTime": str(_ms(execution.time)),
         "isMaker": False,
-        "closedSize": _text(execution.qty) if execution.stop_order_type else "0",
+        "closedSize": _text(execution.closed),
     }
 
 
