@@ -989,14 +989,17 @@ class Engine:
                     None,
                     "not verified yet",
                     0.0,
-                    "" if p.is_covered else "not verified: the start has not read the venue yet",
+                    "",
                 ),
                 stop_loss_price=p.stop_loss_price,
                 has_stop_loss=p.has_stop_loss,
                 has_trailing_stop=p.has_trailing_stop,
                 covered=p.is_covered,
                 unprotected_seconds=None,
-                last_error=None if p.is_covered else "not verified: the start has not read the venue yet",
+                # (Uncovered on the record: a stop found missing before, or a managed trail nobody moved.)
+                last_error=None
+                if p.is_covered
+                else "uncovered on the record; the start has not read the venue yet",
             )
             for p in positions
         }
