@@ -2068,7 +2068,14 @@ class PositionGuard:
         if order.purpose is OrderPurpose.TRAILING_STOP:
             # A venue's read may leave out what the guard sent (Bybit's position shows the trail's distance,
             # not its callback): the line says what is known ("activation now, callback None%" was false).
-            activation = placed.activation_price if placed.activation_price is not None else order.price
+            # (One armed at the mark has no activation: it said the old one, "activation 0.182417"; an operator.)
+            activation = (
+                placed.activation_price
+                if placed.activation_price is not None
+                else None
+                if order.arm_now
+                else order.price
+            )
             if placed.callback_rate is not None:
                 trail = f"callback {placed.callback_rate}%"
             elif placed.trail_distance is not None:

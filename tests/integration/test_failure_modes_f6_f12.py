@@ -663,7 +663,9 @@ async def test_f8_with_close_on_would_trigger_off_the_position_stays_open_visibl
         await follower
 
 
-async def test_f8_a_trailing_stop_armed_at_the_mark_is_shown_and_restored_as_armed(db: Database) -> None:
+async def test_f8_a_trailing_stop_armed_at_the_mark_is_shown_and_restored_as_armed(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
     """F8, the trailing stop's side: the mark passes a long's activation price between the fill and the
     trailing stop's arrival, so the venue would refuse the activation (-2021) and the guard arms the trail
     at the current mark instead (no activation price on the order). The venue's trail is then armed and
@@ -671,6 +673,7 @@ async def test_f8_a_trailing_stop_armed_at_the_mark_is_shown_and_restored_as_arm
     dashboard must not say "waiting" for an activation the venue's order does not have, neither in the
     engine that placed it nor in the next one, which restores it from its record: that engine must know
     the trail is armed (it watches the marks for it firing), not wait for a price the order never had."""
+    caplog.set_level(logging.INFO, logger="protection.manager")
     settings = engine_settings(db.target.dsn)
     engine, clock = await _started(db, create_order_seconds=2.0)
     assert engine.store is not None
@@ -691,6 +694,10 @@ async def test_f8_a_trailing_stop_armed_at_the_mark_is_shown_and_restored_as_arm
 
     await drive_until(clock, lambda: bool(venue_trail()) and guard.covered, what="trail armed at the mark")
     assert [o.activation_price for o in venue_trail()] == [None]  # armed at the mark on the venue
+    # Its line says so: it said the activation it was not sent with (an operator).
+    created = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Created trailing stop")]
+    assert created
+    assert all("activation now" in line for line in created), created
     # Back under the planned activation, far above the trail's trigger (0.5 % under its best mark).
     engine.venue.override_mark_price(SYMBOL, activation - 2 * tick)
     await drive(clock, asyncio.sleep(1.0))

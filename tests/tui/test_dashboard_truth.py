@@ -263,6 +263,9 @@ async def test_a_watch_names_a_holder_not_heard_for_30_s(db: Database) -> None:
                 )
 
             await board.until(refusal_names_it, "the refusal naming the silent holder")
+            # Named once: the dialog said the holder's pid, host and version twice (an operator).
+            body = str(board.app.screen.query_one("#lease-body").content)  # type: ignore[attr-defined]
+            assert len(re.findall(r"pid \d+ on ", body)) == 1, body
             await board.press("o")
             await board.until(
                 lambda: re.search(r"pid \d+@\S+ SILENT (3[1-9]|[4-9]\d)s", board.status_text()) is not None,

@@ -88,9 +88,9 @@ class LeaseHeldScreen(ModalScreen[bool]):
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog") as dialog:
             dialog.border_title = "This account is already traded"
-            who = self._holder.describe() if self._holder else "an engine that did not record itself"
+            # (The message names the holder already: "already traded by pid …"; said once.)
             yield Static(
-                f"{self._message}.\n\nHolder: {who}\n\nThis dashboard will not trade. It can open read-only: "
+                f"{self._message}.\n\nThis dashboard will not trade. It can open read-only: "
                 "it then watches the database that engine writes (positions, coverage, health, waves, "
                 "errors) and hands your commands (re-protect, restart, entries, close) to that engine, "
                 "which executes them and answers in the log panel.",
