@@ -553,11 +553,20 @@ async def _settled(
         return CommandAnswer(latest, holder, positions=positions_of(latest))
     with contextlib.suppress(asyncpg.PostgresError, OSError):
         if await queue.withdraw(record.id):
+            # Why, where the lease says (a start waiting out a ban: "did not take command" alone told an
+            # operator nothing; an operator).
+            why = ""
+            if holder is not None and not holder.silent and holder.phase != LeasePhase.RUNNING:
+                why = f": it is {holder.phase}" + (
+                    " (a start waits for the venue's first answers, a ban's end included)"
+                    if holder.phase == LeasePhase.STARTING
+                    else ""
+                )
             return CommandAnswer(
                 await queue.get(record.id),
                 holder,
                 problem=f"the engine ({holder.describe()}) did not take command #{record.id} within "
-                f"{wait_seconds:g}s; it was withdrawn, nothing was done",
+                f"{wait_seconds:g}s{why}; it was withdrawn, nothing was done",
             )
     return CommandAnswer(
         latest,

@@ -15,6 +15,7 @@ from engine.commands import LEFT_RUNNING, send_command
 from engine.venues.sim.settings import CallKind, FaultKind
 from storage.commands import CommandKind, CommandQueue, CommandState
 from storage.database import Database
+from storage.lease import EngineLease, LeasePhase
 from tests.integration.engine_support import make_engine
 from tests.integration.test_failure_modes_f1_f5 import (
     SYMBOLS,
@@ -228,3 +229,26 @@ async def test_an_operators_routine_commands_say_nothing_at_warning(
         assert any(r.levelno == logging.INFO and "command #" in r.getMessage() for r in caplog.records)
     finally:
         await drive(clock, engine.stop())
+
+
+async def test_a_command_an_engine_still_starting_does_not_take_says_it_is_starting(db: Database) -> None:
+    """`tsbot close` while the engine's start waited out a ban said only "did not take command within 5s"
+    (an operator): the lease says the engine is starting, and the answer says so."""
+    lease = await EngineLease.acquire(db.target.dsn, "sim", "sim:default", "test", phase=LeasePhase.STARTING)
+    try:
+        answer = await send_command(
+            db.pool,
+            venue="sim",
+            account="sim:default",
+            kind=CommandKind.CLOSE,
+            args={"symbol": "SFPUSDT"},
+            wait_seconds=0.5,
+        )
+    finally:
+        await lease.release()
+    assert answer.problem is not None
+    assert "did not take command" in answer.problem
+    assert (
+        ": it is starting (a start waits for the venue's first answers, a ban's end included)"
+        in answer.problem
+    )
