@@ -12,6 +12,7 @@ import time
 import pytest
 
 from engine.clock import ManualClock
+from engine.config import Settings
 from engine.engine import Engine
 from engine.exchange.port import OrderSide, OrderType
 from engine.venues.sim import SimVenue
@@ -404,16 +405,7 @@ async def test_stops_a_killed_engine_placed_and_never_recorded_date_the_protecti
     its own start, so the dead engine's wave read "1 protected, 6 failed", and `tsbot report` gave the
     fill-to-stops time from the restart, while the venue had held every stop since 2 s after the fill (a
     reviewer, 3 of 3 runs). The start dates the protection from when the venue placed the stops."""
-    settings = settings_for(db)
-    clock = ManualClock()
-    engine_a = make_engine(settings, clock)
-    await drive(clock, engine_a.start())
-    symbols = SYMBOLS[12:15]
-    try:
-        await open_positions(engine_a, clock, symbols)
-        await drive_until_covered(engine_a, clock, 3)
-    finally:
-        await drive(clock, engine_a.stop(drain=False))
+    engine_a, clock, settings = await _killed_with_positions(db, SYMBOLS[12:15])
     venue = engine_a.venue
     assert isinstance(venue, SimVenue)
     placed = max(o.created_at for o in venue.core.open_protective_orders(clock.now()))
@@ -458,16 +450,7 @@ async def test_a_start_that_cannot_read_the_venue_shows_the_records_positions_th
     said "Positions 0, uncovered 0" all along while the venue held 21 positions, 2 without a stop (an
     operator). Until its guards exist, a start shows the open positions on the record as recorded, and
     once a grace period has passed without the venue read, each one unverified: uncovered."""
-    settings = settings_for(db)
-    clock = ManualClock()
-    engine_a = make_engine(settings, clock)
-    await drive(clock, engine_a.start())
-    try:
-        await open_positions(engine_a, clock, SYMBOLS[15:17])
-        await drive_until_covered(engine_a, clock, 2)
-    finally:
-        await drive(clock, engine_a.stop(drain=False))
-
+    engine_a, clock, _settings = await _killed_with_positions(db, SYMBOLS[15:17])
     slow = settings_for(db, {"VENUE__SIM__LATENCY__BY_CALL": '{"load_markets": {"seconds": 9}}'})
     engine_b = make_engine(slow, clock, SimVenue(slow.venue.sim, clock=clock, core=engine_a.venue.core))
     starting = asyncio.ensure_future(engine_b.start())
@@ -493,17 +476,24 @@ async def test_a_stop_right_after_a_start_does_not_wait_for_the_records_grace(db
     """The start's timer that makes the records' positions unverified once a grace period passes ran as a
     background task, which a stop waits for: `q` or SIGTERM right after a start took that grace longer (a
     reviewer: 4.84 s against 0.06 s). It ends with the start."""
-    settings = settings_for(db)
-    clock = ManualClock()
-    engine_a = make_engine(settings, clock)
-    await drive(clock, engine_a.start())
-    try:
-        await open_positions(engine_a, clock, SYMBOLS[17:18])
-        await drive_until_covered(engine_a, clock, 1)
-    finally:
-        await drive(clock, engine_a.stop(drain=False))
+    engine_a, clock, settings = await _killed_with_positions(db, SYMBOLS[17:18])
     engine_b = restarted(engine_a, settings, clock)
     await drive(clock, engine_b.start())
     stopping = asyncio.ensure_future(engine_b.stop())
     took = await drive_until(clock, stopping.done, what="stopped")
     assert took < float(settings.protection.grace_seconds) / 2, took
+
+
+async def _killed_with_positions(db: Database, symbols: list[str]) -> tuple[Engine, ManualClock, Settings]:
+    """An engine that opened and protected a position on each of `symbols`, then died (no drain): the
+    state a restart finds."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        await open_positions(engine, clock, symbols)
+        await drive_until_covered(engine, clock, len(symbols))
+    finally:
+        await drive(clock, engine.stop(drain=False))
+    return engine, clock, settings
