@@ -1347,7 +1347,9 @@ class PositionGuard:
                 if isinstance(placed, _Outcome):  # decided by a look-up while the answer was late
                     return self._next_generation(order) if placed is _Outcome.GONE else placed
             except (OutcomeUnknown, TimeoutError) as exc:
-                shared = rides and isinstance(exc, ExchangeError) and exc.shared_call
+                shared = rides and (
+                    (isinstance(exc, ExchangeError) and exc.shared_call) or self._rode_in_call(cid)
+                )
                 if not (resend or shared):  # (the same attempt's: counted once)
                     if rides:  # it went alone after all: an attempt of its own
                         m.protective_attempts.add(m.clock.monotonic())
@@ -1407,7 +1409,7 @@ class PositionGuard:
                 if isinstance(exc, Rejected) and exc.code == RejectCode.REDUCE_ONLY_REJECTED:
                     await self._refused(order, cid, exc)
                     return self._refused_as_gone(order, exc)
-                shared = rides and exc.shared_call
+                shared = rides and (exc.shared_call or self._rode_in_call(cid))
                 if rides and not shared:  # it went alone after all: an attempt of its own
                     m.protective_attempts.add(m.clock.monotonic())
                 if not isinstance(exc, RateLimited | Banned) and not shared:
@@ -1419,7 +1421,14 @@ class PositionGuard:
                 await self._refused(order, cid, exc)
                 self._create_failed(order, cid, exc, latency, resolved=False, rode=shared)
                 return _Outcome.RETRY
+            if rides and not self._rode_in_call(cid):  # it went alone after all: an attempt of its own
+                m.protective_attempts.add(m.clock.monotonic())
             return await self._accept(order, placed, m.clock.monotonic() - started)
+
+    def _rode_in_call(self, cid: str) -> bool:
+        """The venue sent this order in another order's call (Bybit's hard stop in its trailing stop's)."""
+        rode = getattr(self._m.venue, "rode_in_call", None)
+        return bool(rode is not None and rode(cid))
 
     def _resend_refused(
         self,

@@ -125,6 +125,7 @@ _CLOCK_SLACK_SECONDS = 1.0  # the venue's clock against ours, when a venue time 
 # How long after one of our stops replaced another in a position's field the replaced value may still be read
 # there without alarm: a read lagging our own write, or a late stream row. Later, it is not what we asked for.
 _EARLIER_VALUE_SECONDS = 5.0
+_MERGED_REMEMBERED = 1024  # hard stops remembered as sent in another call (`rode_in_call`)
 _FIELD = {OrderType.STOP_MARKET: "stopLoss", OrderType.TRAILING_STOP_MARKET: "trailingStop"}
 _STOP_ORDER_TYPE = {OrderType.STOP_MARKET: "StopLoss", OrderType.TRAILING_STOP_MARKET: "TrailingStop"}
 
@@ -296,6 +297,8 @@ class BybitLinearVenue(CcxtVenue):
         self._hedge_mode: bool | None = None
         self._waiting_riders: dict[tuple[str, OrderSide], _Rider] = {}  # hard stops awaiting a trailing call
         self._carriers: dict[tuple[str, OrderSide], _Carrier] = {}  # trailing-stop calls not sent yet
+        # Hard stops whose last send went in their trailing stop's call (`rode_in_call`), newest last.
+        self._merged: dict[str, None] = {}
         self.riders_carried = 0  # hard stops sent in their trailing stop's call (no call of their own)
         public, private = (
             (TESTNET_PUBLIC_URL, TESTNET_PRIVATE_URL)
@@ -1090,6 +1093,11 @@ class BybitLinearVenue(CcxtVenue):
                 rider.ticket.end_wait(self._clock.monotonic())
         return result
 
+    def rode_in_call(self, client_order_id: str) -> bool:
+        """Whether this hard stop's send went in its trailing stop's call: that call's outcome is its own
+        (said and counted once, by the trailing stop), whatever ended its wait (its own time limit too)."""
+        return client_order_id in self._merged
+
     async def before_request(self, method: str, path: str, params: Mapping[str, Any]) -> None:
         await super().before_request(method, path, params)
         carrier = _CARRYING.get()
@@ -1104,6 +1112,9 @@ class BybitLinearVenue(CcxtVenue):
         if rider is not None:
             params.update(rider.fields)
             rider.merged = True
+            self._merged[rider.stop.client_order_id] = None
+            while len(self._merged) > _MERGED_REMEMBERED:
+                del self._merged[next(iter(self._merged))]
             if rider.ticket is not None:
                 rider.ticket.end_wait(self._clock.monotonic())
 

@@ -719,7 +719,7 @@ class CcxtVenue(RequestHooks):
         left unreplaced 3 min 13 s). The refusal is raised at once, not held for the read (its caller's
         budget ran on meanwhile), and the read is no caller's: it runs outside their pacing lane."""
         running = self._clock_resync
-        if running is not None and not running.done():
+        if self._closed or (running is not None and not running.done()):
             return
         now = self._clock.monotonic()
         if now - self._clock_resynced_at < CLOCK_RESYNC_MIN_SECONDS:
@@ -733,7 +733,8 @@ class CcxtVenue(RequestHooks):
         before = self._exchange.options.get("timeDifference", 0)
         try:
             await self._exchange.load_time_difference()
-        except Exception as exc:  # said; the next refusal tries again
+        except Exception as exc:  # said; the next refusal tries again, at once
+            self._clock_resynced_at = -math.inf
             logger.warning(
                 "%s: the venue refused our clock (%s); reading its time failed: %s", self.kind, refusal, exc
             )

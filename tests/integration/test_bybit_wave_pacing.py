@@ -343,6 +343,8 @@ async def test_a_hard_stop_corrected_from_the_fill_rides_in_the_trailing_stops_c
             "SELECT data->>'stop' AS stop, message FROM monitoring.events WHERE type = 'protection_rate_limited'"
         )
         assert [r["stop"] for r in said] == ["trailing_stop"] * refused, said
+        # And one attempt per call for the breaker's rate: a correction that rode is none of its own.
+        assert len(manager.protective_attempts) == WAVE + refused
         for guard in manager.guards.values():  # the venue's own word on each position's hard stop
             assert guard.covered
             assert guard.stop_loss.client_order_id is not None
