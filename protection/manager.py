@@ -1347,9 +1347,7 @@ class PositionGuard:
                 if isinstance(placed, _Outcome):  # decided by a look-up while the answer was late
                     return self._next_generation(order) if placed is _Outcome.GONE else placed
             except (OutcomeUnknown, TimeoutError) as exc:
-                shared = rides and (
-                    (isinstance(exc, ExchangeError) and exc.shared_call) or self._rode_in_call(cid)
-                )
+                shared = rides and self._rode_in_call(cid)
                 if not (resend or shared):  # (the same attempt's: counted once)
                     if rides:  # it went alone after all: an attempt of its own
                         m.protective_attempts.add(m.clock.monotonic())
@@ -1409,7 +1407,7 @@ class PositionGuard:
                 if isinstance(exc, Rejected) and exc.code == RejectCode.REDUCE_ONLY_REJECTED:
                     await self._refused(order, cid, exc)
                     return self._refused_as_gone(order, exc)
-                shared = rides and (exc.shared_call or self._rode_in_call(cid))
+                shared = rides and self._rode_in_call(cid)
                 if rides and not shared:  # it went alone after all: an attempt of its own
                     m.protective_attempts.add(m.clock.monotonic())
                 if not isinstance(exc, RateLimited | Banned) and not shared:

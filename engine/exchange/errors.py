@@ -71,9 +71,6 @@ class ExchangeError(Exception):
     http_status: int | None = None  # the venue's HTTP status, when it answered
     venue_code: int | None = None  # the venue's own error code, when it gave one
     failure: FailureClass | None = None  # what happened, when the type alone does not say
-    # The answer of one call that carried two orders (Bybit's trading-stop with a position's hard stop
-    # riding in its trailing stop's call): raised to both, said and counted once, by the carrier.
-    shared_call: bool = False
 
     def answered(
         self,

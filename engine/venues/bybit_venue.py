@@ -1045,6 +1045,7 @@ class BybitLinearVenue(CcxtVenue):
         not sent yet, or comes within `RIDE_WAIT_SECONDS`: its order once that call set it. None: it goes
         alone (the trailing stop is set or already sent, none came, or the combined call was refused)."""
         key = (stop.symbol, stop.side)
+        self._merged.pop(stop.client_order_id, None)  # (a send of it again rides, or not, anew)
         carrier = self._carriers.get(key)
         if carrier is not None and carrier.rider is not None:
             return None
@@ -1158,14 +1159,11 @@ class BybitLinearVenue(CcxtVenue):
                 )
                 return await self._set_position_stop(stop, request, carry=False)
             if isinstance(error, ExchangeError):
-                error.shared_call = True
                 rider.done.set_exception(error)  # the same outcome for both (not executed, or unknown)
             else:
-                interrupted = OutcomeUnknown(
-                    f"{self.kind} {stop.symbol}: trading-stop interrupted: {error!r}"
+                rider.done.set_exception(
+                    OutcomeUnknown(f"{self.kind} {stop.symbol}: trading-stop interrupted: {error!r}")
                 )
-                interrupted.shared_call = True
-                rider.done.set_exception(interrupted)
             raise
         rider = carrier.rider
         if rider is not None and not rider.done.done():
