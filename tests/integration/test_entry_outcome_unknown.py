@@ -1008,7 +1008,9 @@ async def test_a_position_opened_while_no_engine_ran_is_protected_without_waitin
         for order in core.open_protective_orders(clock.now()):
             placed.setdefault(order.symbol, []).append(order.created_at - started)
         assert len(placed[by_hand]) == 2, placed
-        assert max(placed[by_hand]) < 2.0, placed
+        # Under the look-ups' 8 s, not a tight figure: each virtual step waits for real database I/O, so a
+        # loaded machine stretches the virtual time (2.08 s in one CI run, 1.7 s when quiet).
+        assert max(placed[by_hand]) < 6.0, placed
         assert len(placed[pending]) == 2, placed  # its own look-up protected it, once
         assert second.manager is not None
         assert sorted(g.symbol for g in second.manager.guards.values()) == sorted([pending, by_hand])
