@@ -37,6 +37,7 @@ from engine.clock import Clock
 from engine.exchange.errors import (
     DuplicateClientOrderId,
     ExchangeError,
+    FailureClass,
     NotFound,
     OutcomeUnknown,
     RejectCode,
@@ -528,18 +529,49 @@ class BybitLinearVenue(CcxtVenue):
 
     async def _instruments(self, status: str) -> list[dict[str, Any]]:
         """Every linear instrument in `status` (all pages)."""
-        rows: list[dict[str, Any]] = []
         request: dict[str, Any] = {"category": "linear", "status": status, "limit": 1000}
+        return await self._walk(
+            self._exchange.publicGetV5MarketInstrumentsInfo, request, "market/instruments-info", ("symbol",)
+        )
+
+    async def _walk(
+        self,
+        method: Any,
+        request: dict[str, Any],
+        what: str,
+        key: tuple[str, ...],
+        *,
+        symbol: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Every row of a cursor-paged list, each once (by `key`, the latest read kept).
+
+        Bybit has served a page whose `nextPageCursor` addresses that same page again (nautilus_trader
+        #5019): a walk waiting for the empty cursor then never ends. A cursor asked for before ends the
+        walk when its page was short (the last one: nothing follows it), and fails the read when the page
+        was full, since the rows after it cannot be reached: an incomplete listing read as complete would
+        say positions or stops are gone that are not."""
+        rows: dict[tuple[Any, ...], dict[str, Any]] = {}
+        asked: set[str] = set()
         while True:
-            answer = await self._read(
-                partial(self._exchange.publicGetV5MarketInstrumentsInfo, dict(request)),
-                "market/instruments-info",
-            )
+            answer = await self._read(partial(method, dict(request)), what, symbol=symbol)
             result = answer.get("result") or {}
-            rows.extend(result.get("list") or [])
+            page = result.get("list") or []
+            for row in page:
+                rows[tuple(row.get(field) for field in key)] = row
             cursor = result.get("nextPageCursor")
             if not cursor:
-                return rows
+                return list(rows.values())
+            asked.add(request.get("cursor", ""))
+            if cursor in asked:
+                if len(page) < int(request["limit"]):
+                    logger.info(
+                        "%s %s: the last page gave its own cursor again; the walk ends", self.kind, what
+                    )
+                    return list(rows.values())
+                raise Retryable(
+                    f"{self.kind} {what}: the venue gave a full page's cursor again ({cursor!r}); the rows "
+                    "after it cannot be read, so the listing is incomplete"
+                ).answered(failure=FailureClass.SERVER_ERROR)
             request["cursor"] = cursor
 
     async def fetch_mark_prices(self, symbols: Collection[str] | None = None) -> dict[str, MarkPrice]:
@@ -582,19 +614,13 @@ class BybitLinearVenue(CcxtVenue):
             request["settleCoin"] = "USDT"
         else:
             request["symbol"] = symbol
-        rows: list[Mapping[str, Any]] = []
-        while True:
-            answer = await self._read(
-                partial(self._exchange.privateGetV5PositionList, dict(request)),
-                "position/list",
-                symbol=symbol,
-            )
-            result = answer.get("result") or {}
-            rows.extend(result.get("list", []))
-            cursor = result.get("nextPageCursor")
-            if not cursor:
-                break
-            request["cursor"] = cursor
+        rows = await self._walk(
+            self._exchange.privateGetV5PositionList,
+            request,
+            "position/list",
+            ("symbol", "positionIdx", "side"),
+            symbol=symbol,
+        )
         if rows:  # empty rows say the mode too (positionIdx 1/2 in hedge mode)
             self._hedge_mode = any(int(row.get("positionIdx", 0) or 0) != 0 for row in rows)
         return [row for row in rows if _decimal(row.get("size"), _ZERO)]
@@ -606,24 +632,15 @@ class BybitLinearVenue(CcxtVenue):
             request["settleCoin"] = "USDT"
         else:
             request["symbol"] = symbol
-        rows: list[Mapping[str, Any]] = []
-        while True:
-            answer = await self._read(
-                partial(self._exchange.privateGetV5OrderRealtime, dict(request)),
-                "order/realtime",
-                symbol=symbol,
-            )
-            result = answer.get("result") or {}
-            rows.extend(
-                row
-                for row in result.get("list", [])
-                if row.get("stopOrderType") in ("StopLoss", "TrailingStop")
-                and row.get("orderStatus") in ("Untriggered", "New", "Active")
-            )
-            cursor = result.get("nextPageCursor")
-            if not cursor:
-                return rows
-            request["cursor"] = cursor
+        rows = await self._walk(
+            self._exchange.privateGetV5OrderRealtime, request, "order/realtime", ("orderId",), symbol=symbol
+        )
+        return [
+            row
+            for row in rows
+            if row.get("stopOrderType") in ("StopLoss", "TrailingStop")
+            and row.get("orderStatus") in ("Untriggered", "New", "Active")
+        ]
 
     async def fetch_positions(self, symbol: str | None = None) -> list[VenuePosition]:
         await self._ensure_markets()

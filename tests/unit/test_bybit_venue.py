@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from decimal import ROUND_UP, Decimal
@@ -30,7 +30,7 @@ from engine.exchange import (
     Retryable,
     WouldTriggerImmediately,
 )
-from engine.exchange.port import AttachesStopToEntry, Order
+from engine.exchange.port import AttachesStopToEntry, Market, Order
 from engine.venues.binance_emulator.faults import Target
 from engine.venues.bybit_emulator import BybitEmulator, BybitLimiter, running
 from engine.venues.bybit_emulator.faults import parse_bybit_fault
@@ -273,6 +273,45 @@ async def test_positions_past_the_first_page_of_twenty_are_read() -> None:
         positions = await adapter.fetch_positions()
 
     assert len(markets) > 20
+    assert sorted(p.symbol for p in positions) == sorted(markets)
+
+
+def _a_long_on_each(venue: Venue, markets: Mapping[str, Market]) -> None:
+    """A long on every market, opened on the venue itself (by hand, as far as the adapter knows)."""
+    for index, (symbol, market) in enumerate(sorted(markets.items())):
+        price = venue.emulator.core.mark(symbol)
+        qty = max(market.min_quantity, market.round_quantity(market.min_notional * 2 / price, ROUND_UP))
+        venue.emulator.core.place_market_order(symbol, OrderSide.BUY, qty, f"page-{index}", time.time())
+
+
+async def test_a_page_that_gives_its_own_cursor_again_ends_the_walk_with_each_position_once() -> None:
+    """Bybit has served a page whose nextPageCursor addresses that page again: the walk that waited for an
+    empty cursor read it until something else broke the loop, each position counted once per read."""
+    limiter = BybitLimiter(endpoint_limits={})
+    async with bybit_venue(limiter, synthetic_listings=23) as venue, connected(venue) as adapter:
+        markets = await adapter.load_markets()
+        _a_long_on_each(venue, markets)
+        await venue.post("fault", targets="GET:position/list", fault="cursor", count=5)
+        positions = await asyncio.wait_for(adapter.fetch_positions(), 10.0)
+
+    assert sorted(p.symbol for p in positions) == sorted(markets)  # each once, the walk ended
+
+
+async def test_a_full_page_that_gives_its_own_cursor_again_fails_the_read_rather_than_hide_what_follows() -> (
+    None
+):
+    """A full page giving its own cursor again hides the rows after it: the listing is incomplete, and a
+    read taken as complete would say those positions are gone."""
+    limiter = BybitLimiter(endpoint_limits={})
+    async with bybit_venue(limiter, synthetic_listings=201) as venue, connected(venue) as adapter:
+        markets = await adapter.load_markets()
+        _a_long_on_each(venue, markets)
+        await venue.post("fault", targets="GET:position/list", fault="cursor", count=2)
+        with pytest.raises(Retryable, match="full page's cursor again"):
+            await asyncio.wait_for(adapter.fetch_positions(), 10.0)
+        positions = await adapter.fetch_positions()  # the venue pages right again: every position, once
+
+    assert len(markets) > 200
     assert sorted(p.symbol for p in positions) == sorted(markets)
 
 

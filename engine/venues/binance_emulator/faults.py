@@ -109,6 +109,10 @@ class EmulatorFaultKind(StrEnum):
     # Bybit's asynchronous order creation: the market order is answered with its ids at once and executes
     # SECONDS later (New meanwhile). A request fault of Bybit's `POST order/create`; Binance refuses it.
     ASYNC = "async"
+    # Bybit's cursor-paged lists: the answer's nextPageCursor addresses the page just served, so asking for
+    # it serves that page again (Bybit has done so: nautilus_trader #5019). A request fault of Bybit's
+    # paged GET endpoints; Binance refuses it.
+    CURSOR = "cursor"
 
     @property
     def executes(self) -> bool:
@@ -229,6 +233,8 @@ def require_placement_target(targets: tuple[Target, ...], fault: Fault) -> None:
         raise FaultSpecError(
             "async is Bybit's asynchronous order creation; Binance answers a market order with its fill"
         )
+    if fault.kind is EmulatorFaultKind.CURSOR:
+        raise FaultSpecError("cursor is about Bybit's cursor-paged lists; Binance's lists are not paged")
     if fault.kind.is_order_trait and not any(t.matches(*PLACE_ALGO_ORDER) for t in targets):
         raise FaultSpecError(
             f"{fault.kind.value} is drawn when an algo order is placed: target POST:algoOrder (or "

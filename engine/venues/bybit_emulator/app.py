@@ -564,7 +564,12 @@ class BybitEmulator:
         self.settle_working(now)
         fill_after = fault.seconds if fault is not None and fault.kind is EmulatorFaultKind.ASYNC else None
         try:
-            response = _json(_ok(handler(_Request(method, params, now, fill_after)), self.server_time()))
+            result = handler(_Request(method, params, now, fill_after))
+            paged = isinstance(result, dict) and "nextPageCursor" in result
+            if fault is not None and fault.kind is EmulatorFaultKind.CURSOR and paged:
+                logger.info("emulator: fault cursor on %s %s (the page's own cursor)", method, endpoint)
+                result["nextPageCursor"] = str(params.get("cursor") or "0")
+            response = _json(_ok(result, self.server_time()))
         except BybitError as error:
             response = error.response(self.server_time())
         except ExchangeError as error:

@@ -17,7 +17,10 @@ client sees, on Bybit's wire:
 * `async:SECONDS` (`POST:order/create` only): executed as Bybit documents order creation, asynchronously:
   answered at once with the order's ids, the market order `New` (in `order/realtime`, on the `order`
   topic) and no position for SECONDS, then filled (its execution, the position, a `stopLoss` sent with
-  it). Reduce-only orders execute at once.
+  it). Reduce-only orders execute at once;
+* `cursor` (paged GET endpoints only): executed, the answer's `nextPageCursor` addressing the page just
+  served instead of the next one (or none), so asking for it serves the same page and cursor again, as
+  Bybit has done (nautilus_trader #5019): a walk that waits for an empty cursor never ends.
 
 The Binance emulator's order traits (`lag`, `triggering`, `stuck`) belong to Binance's algo service and
 are refused here: Bybit's position stops are read back from the position itself.
@@ -52,6 +55,14 @@ ENDPOINTS: frozenset[str] = frozenset(
 )
 METHODS: frozenset[str] = frozenset({"GET", "POST"})
 CREATE_ORDER = ("POST", "order/create")
+# The GET endpoints whose lists are paged by cursor.
+PAGED: tuple[str, ...] = (
+    "market/instruments-info",
+    "position/list",
+    "order/realtime",
+    "order/history",
+    "execution/list",
+)
 
 # The emulator endpoints behind each kind of port call (the sim venue's `CallKind` values).
 TARGETS_BY_CALL: dict[str, tuple[str, ...]] = {
@@ -91,10 +102,18 @@ def parse_bybit_fault(text: str, hold_seconds: float = 30.0) -> Fault:
 
 
 def require_order_create_target(targets: tuple[Target, ...], fault: Fault) -> None:
-    """`async` is about the order `POST order/create` places: its targets must be able to match it."""
+    """`async` is about the order `POST order/create` places, `cursor` about a paged list: their targets
+    must be able to match such a request."""
     if fault.kind is EmulatorFaultKind.ASYNC and not any(t.matches(*CREATE_ORDER) for t in targets):
         raise FaultSpecError(
             "async is drawn when a market order is placed: target POST:order/create (or order/create, *), "
+            f"got {', '.join(repr(str(t)) for t in targets)}"
+        )
+    if fault.kind is EmulatorFaultKind.CURSOR and not any(
+        t.matches("GET", endpoint) for t in targets for endpoint in PAGED
+    ):
+        raise FaultSpecError(
+            f"cursor is about a paged list: target one of {', '.join(PAGED)} (or *), "
             f"got {', '.join(repr(str(t)) for t in targets)}"
         )
 
