@@ -846,6 +846,23 @@ class Engine:
         """The last health measurement, per component (empty before the first)."""
         return self._health
 
+    def current_health(self, figures: CoverageFigures | None = None) -> tuple[health.ComponentHealth, ...]:
+        """The last health measurement, its protection component judged again from the coverage of this
+        instant (`figures`, when the caller has them). Between two measurements (5 s by default) /healthz
+        and the dashboard paired a verdict on stops lost a moment ago, or found again, with live figures
+        that said otherwise (an operator saw "critical" beside "uncovered 0")."""
+        manager = self.manager
+        if not self._health or manager is None:
+            return self._health
+        if figures is None:
+            figures = self.coverage()
+        now = self.clock.monotonic()
+        live = health.evaluate_protection(
+            health.ProtectionMeasurement.of(figures, manager.timeouts.count(now, 3600.0)),
+            health.HealthThresholds.from_settings(self.settings.health),
+        )
+        return tuple(live if c.component is health.Component.PROTECTION else c for c in self._health)
+
     @property
     def mode(self) -> str:
         if self.settings.venue.kind is VenueKind.SIM:
@@ -3730,7 +3747,7 @@ class Engine:
             entries_held=self.entries_held(),
             positions=tuple(sorted(views, key=_by_position_id)),
             coverage=coverage,
-            health=self._health,
+            health=self.current_health(coverage),
             waves=tuple(self._waves),
             taken_at=self.clock.now(),
             rows=rows,

@@ -43,7 +43,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from engine.events import EventsDropped, ProtectionFailed, ProtectionTimedOut
 from engine.exchange.errors import FailureClass
 from engine.metrics import CumulativeHistogram
-from protection.coverage import percent
+from protection.coverage import CoverageFigures, percent
 from protection.health import ComponentHealth, HealthState, worst_state
 
 if TYPE_CHECKING:
@@ -154,12 +154,13 @@ class EngineCollector(Collector):
             states.add_metric([name], 1 if name == state else 0)
         yield states
 
-        yield from self._coverage()
+        figures = engine.coverage()  # counted once: the coverage gauges and the protection health read them
+        yield from self._coverage(figures)
         yield from self._venue_calls()
         yield from self._budgets(now)
         yield from self._entries_and_breaker()
         yield from self._database()
-        yield from self._health(now)
+        yield from self._health(now, figures)
         yield from self._streams(now)
 
         failures = CounterMetricFamily(
@@ -177,8 +178,7 @@ class EngineCollector(Collector):
             value=self._failures.events_dropped,
         )
 
-    def _coverage(self) -> Iterator[Metric]:
-        figures = self._engine.coverage()
+    def _coverage(self, figures: CoverageFigures) -> Iterator[Metric]:
         gauges = (
             ("tsbot_open_positions", "Open positions.", figures.active),
             (
@@ -349,14 +349,16 @@ class EngineCollector(Collector):
             value=len(engine.stale_mark_symbols(now)),
         )
 
-    def _health(self, now: float) -> Iterator[Metric]:
+    def _health(self, now: float, figures: CoverageFigures) -> Iterator[Metric]:
         engine = self._engine
         severity = GaugeMetricFamily(
             "tsbot_health_severity",
-            "Each component's last health: 0 healthy, 1 unknown, 2 degraded, 3 critical.",
+            "Each component's last health (protection judged at the scrape): 0 healthy, 1 unknown, 2 degraded, "
+            "3 critical.",
             labels=["component"],
         )
-        for component in engine.health_components:
+        components = engine.current_health(figures)
+        for component in components:
             severity.add_metric([str(component.component)], _SEVERITY[component.state])
         yield severity
         if engine.health_measured_at is not None:
@@ -365,19 +367,19 @@ class EngineCollector(Collector):
                 "Seconds since the engine last measured its health.",
                 value=max(0.0, now - engine.health_measured_at),
             )
-        verdict = self._verdict(now)
+        verdict = self._verdict(now, components)
         yield GaugeMetricFamily(
             "tsbot_healthz_ok",
             "1 when /healthz answers 200 (ok or degraded), 0 when 503.",
             value=1 if verdict.http_status == 200 else 0,
         )
 
-    def _verdict(self, now: float) -> HealthVerdict:
+    def _verdict(self, now: float, components: tuple[ComponentHealth, ...]) -> HealthVerdict:
         engine = self._engine
         measured = engine.health_measured_at
         return health_verdict(
             engine_state=engine.state.value,
-            components=engine.health_components,
+            components=components,
             measured_age_seconds=None if measured is None else now - measured,
             stale_after_seconds=STALE_HEALTH_INTERVALS * float(engine.settings.health.interval_seconds),
         )
@@ -385,8 +387,9 @@ class EngineCollector(Collector):
     def healthz(self) -> tuple[int, dict[str, Any]]:
         engine = self._engine
         now = engine.clock.monotonic()
-        verdict = self._verdict(now)
-        figures = engine.coverage()
+        figures = engine.coverage()  # the verdict judges protection from these same figures
+        components = engine.current_health(figures)
+        verdict = self._verdict(now, components)
         both = percent(figures.protected, figures.active)
         measured = engine.health_measured_at
         body: dict[str, Any] = {
@@ -395,7 +398,7 @@ class EngineCollector(Collector):
             "engine": engine.state.value,
             "account": engine.settings.venue.account,
             "health_age_seconds": None if measured is None else round(now - measured, 3),
-            "components": {str(c.component): c.state.value for c in engine.health_components},
+            "components": {str(c.component): c.state.value for c in components},
             "open_positions": figures.active,
             "uncovered": figures.uncovered,
             "coverage_percent": None if both is None else float(both),  # rounded as the gauge and the SQL

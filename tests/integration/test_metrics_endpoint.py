@@ -216,6 +216,47 @@ async def test_metrics_follow_the_venue_truth_and_healthz_turns_503_when_critica
         await http_get(engine.metrics_server.port, "/healthz")  # type: ignore[union-attr,arg-type]
 
 
+async def test_healthz_and_the_dashboard_judge_protection_at_this_instant_not_at_the_last_measurement(
+    db: Database,
+) -> None:
+    """Health is measured every interval; between two measurements /healthz said "ok" beside "uncovered 1"
+    (and "critical" beside "uncovered 0" once the stop was back, an operator's find). The protection
+    component is judged from the figures it is shown with."""
+    settings = settings_for(
+        db, {**METRICS_ON, "PROTECTION__RECONCILE_SECONDS": "5", "HEALTH__INTERVAL_SECONDS": "120"}
+    )
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        guards = await open_positions(engine, clock, [SYMBOLS[73], SYMBOLS[74]])
+        await drive_until_covered(engine, clock, 2)
+        measured = engine.health_measured_at
+        assert measured is not None
+        status, body = await healthz(engine)
+        assert (status, body["status"], body["uncovered"]) == (200, "ok", 0)
+
+        victim = guards[0]
+        engine.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, 100_000)
+        assert victim.stop_loss.client_order_id is not None
+        engine.venue.core.cancel_order(victim.symbol, victim.stop_loss.client_order_id, clock.now())
+        engine.manager.request_reconcile()  # type: ignore[union-attr]
+        await drive_until(clock, lambda: engine.coverage().uncovered == 1, what="uncovered past grace")
+        assert engine.health_measured_at == measured  # no measurement since: the next is minutes away
+
+        status, body = await healthz(engine)  # 1 of 2 past grace with both stops: under the critical line
+        assert (status, body["status"], body["uncovered"]) == (503, "critical", 1)
+        assert body["components"]["protection"] == "critical"
+        assert "Low SL coverage: 50.0% (1/2)" in body["reason"]
+        found = await scrape(engine)
+        assert value(found, "tsbot_health_severity", component="protection") == 3
+        assert value(found, "tsbot_healthz_ok") == 0
+        shown = {c.component: c.state.value for c in engine.snapshot().health}
+        assert shown["protection"] == "critical"
+    finally:
+        await drive(clock, engine.stop())
+
+
 async def test_disabled_by_default_nothing_listens(db: Database) -> None:
     settings = settings_for(db)
     assert settings.metrics.enabled is False
