@@ -31,7 +31,7 @@ times, and the failures are reported (`failed_starts`).
   (HTTP 502), `busy` (10016), `error` (500) and `ratelimit` (10006 with its endpoint's limit headers),
   plus entries executed asynchronously (`POST:order/create=async:2`: answered at once, filled 2 s later)
   at the same rate, and `cursor` (a page giving its own cursor again) on `position/list` and
-  `order/realtime` at the same rate; no `ban` (`bybit_emulator_faults` says why). Bybit's stops are fields of the
+  `order/realtime` at each request fault's rate; no `ban` (`bybit_emulator_faults` says why). Bybit's stops are fields of the
   position, read as such by the auditor (`BybitEmulatorTruth`).
 
 Every `--wave-every` seconds a wave of `--wave-size` signals on symbols neither the venue holds nor the
@@ -237,7 +237,7 @@ def bybit_emulator_faults(rate: float) -> str:
     rules = [f"*={fault}@{each:g}" for fault in request_faults]
     rules += [f"POST:order/create=async:2@{rate:g}"]
     # Pages that give their own cursor again, on the paged lists the engine reads.
-    rules += [f"GET:{endpoint}=cursor@{rate:g}" for endpoint in ("position/list", "order/realtime")]
+    rules += [f"GET:{endpoint}=cursor@{each:g}" for endpoint in ("position/list", "order/realtime")]
     return ",".join(rules)
 
 

@@ -27,6 +27,7 @@ import contextvars
 import logging
 import re
 import time
+from collections import Counter
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from decimal import ROUND_HALF_UP, Decimal
@@ -546,12 +547,13 @@ class BybitLinearVenue(CcxtVenue):
         """Every row of a cursor-paged list, each once (by `key`, the latest read kept).
 
         Bybit has served a page whose `nextPageCursor` addresses that same page again (nautilus_trader
-        #5019): a walk waiting for the empty cursor then never ends. A cursor asked for before ends the
-        walk when its page was short (the last one: nothing follows it), and fails the read when the page
-        was full, since the rows after it cannot be reached: an incomplete listing read as complete would
-        say positions or stops are gone that are not."""
+        #5019): a walk waiting for the empty cursor then never ends. A cursor is asked for twice at most
+        (once more in case the venue moves on); given again, it ends the walk when its page was short (the
+        last one: nothing follows it), and fails the read when the page was full, since the rows after it
+        cannot be reached: an incomplete listing read as complete would say positions or stops are gone
+        that are not."""
         rows: dict[tuple[Any, ...], dict[str, Any]] = {}
-        asked: set[str] = set()
+        asked: Counter[str] = Counter()
         while True:
             answer = await self._read(partial(method, dict(request)), what, symbol=symbol)
             result = answer.get("result") or {}
@@ -561,8 +563,8 @@ class BybitLinearVenue(CcxtVenue):
             cursor = result.get("nextPageCursor")
             if not cursor:
                 return list(rows.values())
-            asked.add(request.get("cursor", ""))
-            if cursor in asked:
+            asked[request.get("cursor", "")] += 1
+            if asked[cursor] >= 2:  # asked for twice already, and given again: it does not move on
                 if len(page) < int(request["limit"]):
                     logger.info(
                         "%s %s: the last page gave its own cursor again; the walk ends", self.kind, what

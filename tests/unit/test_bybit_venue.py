@@ -306,7 +306,7 @@ async def test_a_full_page_that_gives_its_own_cursor_again_fails_the_read_rather
     async with bybit_venue(limiter, synthetic_listings=201) as venue, connected(venue) as adapter:
         markets = await adapter.load_markets()
         _a_long_on_each(venue, markets)
-        await venue.post("fault", targets="GET:position/list", fault="cursor", count=2)
+        await venue.post("fault", targets="GET:position/list", fault="cursor", count=3)  # asked twice
         with pytest.raises(Retryable, match="full page's cursor again"):
             await asyncio.wait_for(adapter.fetch_positions(), 10.0)
         positions = await adapter.fetch_positions()  # the venue pages right again: every position, once
