@@ -17,6 +17,7 @@ from tests.tui.snapshots import svg_to_text
 from tui import formatting, keys
 from tui.app import DashboardApp
 from tui.screens.reprotect import ReprotectScreen
+from tui.widgets.health import SHORT_NAMES, HealthPanel
 from tui.widgets.waves import WavesTable
 
 SIZES = pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=["80x24", "120x40"])
@@ -120,6 +121,31 @@ async def test_health_lines_are_whole_in_the_health_view(size: tuple[int, int]) 
             assert flat(component.summary) in text, component.summary
             if component.reason:
                 assert flat(component.reason) in text, component.reason
+
+
+def region_text(app: DashboardApp, widget) -> str:  # type: ignore[no-untyped-def]
+    """The text a widget shows inside its borders on screen, its lines joined."""
+    rendered = screen(app).splitlines()
+    region = widget.content_region
+    return flat(" ".join(rendered[y][region.x : region.right] for y in range(region.y, region.bottom)))
+
+
+@SIZES
+async def test_the_health_panel_shows_each_alarms_cause_whole(size: tuple[int, int]) -> None:
+    """At 80 columns the panel cut every cause to about 12 characters ("Low SL cove…"): an alarm without
+    its cause, unless the operator opened the health view. A component not healthy has its cause whole."""
+    app = await started_app(size)
+    async with app.run_test(size=size) as pilot:
+        await settle(app, pilot)
+        assert app.last_snapshot is not None
+        alarms = [c for c in app.last_snapshot.health if c.state.value != "healthy"]
+        assert alarms  # the scenario's protection is not healthy
+        shown = region_text(app, app.query_one(HealthPanel))
+        for component in alarms:
+            assert flat(component.reason or component.summary) in shown, (component.reason, shown)
+        for component in alarms:
+            assert f"{SHORT_NAMES[component.component]} {component.state.value.upper()}" in shown, shown
+        assert "ok exchange" in shown or "exchange ok" in shown, shown  # the healthy ones said healthy
 
 
 @SIZES

@@ -3,6 +3,7 @@ number that produced it; no alarm without its cause)."""
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -70,6 +71,39 @@ class HealthPanel(Static):
             self.call_after_refresh(self._restyled)
         return ""
 
+    def on_resize(self) -> None:
+        self._redraw()
+
+    def _causes_whole(self, lines: Text, components: Sequence[ComponentHealth], width: int) -> None:
+        """A panel too small for every line with the causes wrapped (80 columns: about 12 characters of each)
+        cut every cause to a word or two. Each component not healthy gets its cause whole, after its name
+        and state and wrapped over the panel's full width; the healthy ones are named on the last line
+        (their measurements in `h`)."""
+        first = True
+        for component in components:
+            if component.state is HealthState.HEALTHY:
+                continue
+            if not first:
+                lines.append("\n")
+            first = False
+            name, state = _name(component), STATE_WORDS[component.state]
+            text = "\n".join(
+                textwrap.wrap(
+                    f"{name} {state} {component.reason or component.summary}",
+                    max(8, width),
+                    subsequent_indent="  ",
+                )
+            )
+            # (the name and the state are whole words on the first line: styled as in the full layout)
+            lines.append(f"{name} ", style="bold")
+            lines.append(state, style=self._state_style(component.state))
+            lines.append(text[len(name) + 1 + len(state) :])
+        healthy = [_name(c) for c in components if c.state is HealthState.HEALTHY]
+        if healthy:
+            lines.append("\n")
+            lines.append("ok ", style=self._state_style(HealthState.HEALTHY))
+            lines.append(" ".join(healthy))
+
     def _restyled(self) -> None:
         self._restyle_pending = False
         self._redraw()
@@ -84,27 +118,52 @@ class HealthPanel(Static):
             self.update("not measured yet")
             return
         lines = Text(no_wrap=True, overflow="ellipsis")
-        for index, component in enumerate(components):
-            if index:
-                lines.append("\n")
-            style = self._state_style(component.state)
-            name = SHORT_NAMES.get(component.component, DISPLAY_NAMES.get(component.component, "?"))
-            lines.append(f"{name:<10} ", style="bold")
-            lines.append(f"{STATE_WORDS[component.state]:<8} ", style=style)
-            # The cause first when there is one, then the measurement it came from.
-            lines.append(
-                f"{component.reason} · {component.summary}" if component.reason else component.summary
-            )
+        width, height = self.size
         streams = stream_words(components)
+        room = height - bool(streams)
+        wrapped = [_wrapped(c, width, measured=True) for c in components]
+        if width and sum(len(parts) for parts in wrapped) > room:
+            wrapped = [_wrapped(c, width, measured=False) for c in components]  # causes alone (the rest: `h`)
+        if width and sum(len(parts) for parts in wrapped) > room:
+            self._causes_whole(lines, components, width)
+        else:
+            for index, (component, parts) in enumerate(zip(components, wrapped, strict=True)):
+                if index:
+                    lines.append("\n")
+                lines.append(f"{_name(component):<10} ", style="bold")
+                lines.append(f"{STATE_WORDS[component.state]:<8} ", style=self._state_style(component.state))
+                lines.append(f"\n{'':<{_TEXT_AT}}".join(parts))
         if streams:  # the venue's push streams, most telling first (a narrow panel cuts the rest)
             lines.append("\n")
             lines.append(f"{'streams':<10} ", style="bold")
-            for index, (_name, connected, text) in enumerate(streams):
+            for index, (_stream, connected, text) in enumerate(streams):
                 if index:
                     lines.append(" · ")
                 state = HealthState.HEALTHY if connected else HealthState.DEGRADED
                 lines.append(text, style="" if connected else self._state_style(state))
         self.update(lines)
+
+
+def _name(component: ComponentHealth) -> str:
+    return SHORT_NAMES.get(component.component, DISPLAY_NAMES.get(component.component, "?"))
+
+
+def _words(component: ComponentHealth) -> str:
+    """The cause first when there is one, then the measurement it came from."""
+    return f"{component.reason} · {component.summary}" if component.reason else component.summary
+
+
+_TEXT_AT = 10 + 1 + 8 + 1  # the column a component's words start at, after its name and state
+
+
+def _wrapped(component: ComponentHealth, width: int, *, measured: bool) -> list[str]:
+    """A component's words as the panel's lines: a healthy one's on one line (cut at the edge: it hides no
+    alarm, and `h` shows it whole), one not healthy wrapped so its cause is whole (`measured`: with the
+    measurement after it)."""
+    words = _words(component) if measured or not component.reason else component.reason
+    if not width or component.state is HealthState.HEALTHY or _TEXT_AT + len(words) <= width:
+        return [words]
+    return textwrap.wrap(words, max(8, width - _TEXT_AT)) or [""]
 
 
 def stream_words(components: Sequence[ComponentHealth]) -> list[tuple[str, bool, str]]:
