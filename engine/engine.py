@@ -158,6 +158,10 @@ ENTRY_IN_DOUBT_PHASE = "entry outcome unknown"  # the trailing phase shown for a
 # A protection restart waits this many late answers for the venue's snapshot before its guards start without
 # it (the account stream's fills wait for the guards meanwhile).
 RESTART_SNAPSHOT_LATE_ANSWERS = 3
+# The venue's snapshot for a restore: read this many times at most (a pause between) before each order is
+# looked up on its own.
+SNAPSHOT_ATTEMPTS = 3
+SNAPSHOT_RETRY_SECONDS = 0.25
 # An entry of unknown outcome may be a position with no stop: its look-ups back off no further than this (a
 # read of one order by id; the protective backoff's 30 s left one waiting 23 s after the venue answered again).
 ENTRY_SETTLE_MAX_BACKOFF_SECONDS = 4.0
@@ -1749,25 +1753,48 @@ class Engine:
         until the new guards exist the account stream's fills wait for them, and a snapshot held by a ban
         and a lost answer kept two stop fills unread for 28 s in the chaos soak."""
         assert self.reconciler is not None and self.manager is not None
-        read = asyncio.ensure_future(self.reconciler.take_snapshot(Lane.PROTECTIVE))
-        try:
-            if restart:
-                patience = RESTART_SNAPSHOT_LATE_ANSWERS * self.manager.late_answer_seconds()
-                if await wait_for_all(self.clock, patience, [asyncio.shield(read)]):
+        started = self.clock.monotonic()
+        patience = RESTART_SNAPSHOT_LATE_ANSWERS * self.manager.late_answer_seconds() if restart else math.inf
+        for attempt in range(1, SNAPSHOT_ATTEMPTS + 1):
+            read = asyncio.ensure_future(self.reconciler.take_snapshot(Lane.PROTECTIVE))
+            try:
+                left = patience - (self.clock.monotonic() - started)
+                if math.isfinite(left) and (
+                    left <= 0 or await wait_for_all(self.clock, left, [asyncio.shield(read)])
+                ):
                     log.warning(
                         "protection restart: the venue's snapshot is not back after %.1fs; the guards start "
                         "and verify their own orders",
                         patience,
                     )
                     return None
-            return await read
-        except (ExchangeError, TimeoutError) as exc:
-            log.error("start-up: the venue did not answer (%s); every order is looked up on its own", exc)
-            return None
-        finally:
-            if not read.done():
-                read.cancel()
-                await asyncio.gather(read, return_exceptions=True)
+                return await read
+            except (ExchangeError, TimeoutError) as exc:
+                # One refused request of its three or four failed the whole read, and each order was then
+                # looked up on its own: a hundred look-ups for fifty positions, under the same faults and
+                # limits, left a Bybit soak's restart with every position unverified and the breaker
+                # tripped. Read again first, at the venue's word (a ban waits for nobody).
+                pause = exc.retry_after if isinstance(exc, RateLimited) else SNAPSHOT_RETRY_SECONDS
+                remaining = patience - (self.clock.monotonic() - started)
+                if isinstance(exc, Banned) or attempt == SNAPSHOT_ATTEMPTS or pause >= remaining:
+                    log.error(
+                        "start-up: the venue did not answer (%s); every order is looked up on its own", exc
+                    )
+                    return None
+                log.warning(
+                    "start-up: reading the venue's positions and stops failed (%s); asked again in %.1fs "
+                    "(attempt %d of %d)",
+                    exc,
+                    pause,
+                    attempt,
+                    SNAPSHOT_ATTEMPTS,
+                )
+            finally:
+                if not read.done():
+                    read.cancel()
+                    await asyncio.gather(read, return_exceptions=True)
+            await self.clock.sleep(pause)
+        return None
 
     def _monotonic_of(self, moment: datetime | None) -> float:
         """A wall-clock moment on the engine's monotonic clock (now for an unknown or future one): a restored

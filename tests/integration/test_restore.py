@@ -105,6 +105,48 @@ async def test_restart_looks_up_only_the_orders_the_venue_no_longer_lists(db: Da
         await drive(clock, engine_b.stop())
 
 
+@pytest.mark.parametrize("how", ["start", "protection restart"])
+async def test_a_venue_snapshot_refused_once_is_read_again_not_replaced_by_a_look_up_per_order(
+    db: Database, how: str
+) -> None:
+    """One refused request of the snapshot's few used to fail the whole read, and every order was then
+    looked up on its own: in a Bybit soak a protection restart's hundred look-ups, under the same faults and
+    limits, left fifty positions unverified and tripped the breaker. The snapshot is read again."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine_a = make_engine(settings, clock)
+    await drive(clock, engine_a.start())
+    try:
+        await open_positions(engine_a, clock, SYMBOLS[20:26])
+        await drive_until_covered(engine_a, clock, 6)
+        if how == "protection restart":
+            engine = engine_a
+            venue = engine.venue
+            assert isinstance(venue, SimVenue)
+            before = dict(venue.calls_made)
+            venue.inject_fault(CallKind.FETCH_OPEN_ORDERS, FaultKind.SERVER_ERROR, 1)
+            report = await drive(clock, engine.restart_protection())
+    finally:
+        if how == "start":
+            await drive(clock, engine_a.stop())
+    if how == "start":
+        engine = restarted(engine_a, settings, clock)
+        venue = engine.venue
+        assert isinstance(venue, SimVenue)
+        before = {}
+        venue.inject_fault(CallKind.FETCH_OPEN_ORDERS, FaultKind.SERVER_ERROR, 1)
+        report = await drive(clock, engine.start())
+    try:
+        calls = {kind: venue.calls_made.get(kind, 0) - before.get(kind, 0) for kind in CallKind}
+        assert (report.restored, report.reprotected, report.failed) == (6, 0, 0)
+        assert calls[CallKind.FETCH_ORDER] == 0  # no order looked up on its own
+        assert calls[CallKind.CREATE_ORDER] == 0
+        assert engine.manager is not None
+        assert all(g.covered for g in engine.manager.guards.values())
+    finally:
+        await drive(clock, engine.stop())
+
+
 async def test_pending_entries_are_resolved_together_at_start_up(db: Database) -> None:
     """Entries left pending by a crash are looked up in parallel (one round trip for all), then every
     filled one is protected at once: the last is covered two round trips after the venue answered, not
