@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -447,6 +448,7 @@ class AppriseNotifier:
         logging.getLogger("apprise").setLevel(logging.ERROR)
         self.name = f"{alert_url_scheme(url)}:// #{number}"
         self._apprise = apprise.Apprise()
+        self._thread: threading.Thread | None = None
         if not self._apprise.add(url):
             raise ConfigError(
                 [
@@ -464,11 +466,43 @@ class AppriseNotifier:
                         setattr(service, name, min(float(current), timeout_seconds))
 
     async def send(self, notification: Notification) -> None:
-        delivered = await self._apprise.async_notify(
-            body=notification.body, title=notification.title, notify_type=notification.kind.value
-        )
-        if not delivered:
+        """Sent from a thread of this URL's own, a daemon one. apprise's own sends ran in worker threads
+        shared by every URL, which Python waits for at exit: a receiver that answers a byte at a time (no
+        socket timeout gives up on it) kept the process alive after its stop, exit code never given, and,
+        each abandoned send holding a shared worker, starved every other URL's alerts. A send is abandoned
+        by its caller's timeout; its thread may go on, and this URL sends nothing new until it returns."""
+        if self._thread is not None and self._thread.is_alive():
+            raise DeliveryRefused("its previous send has not returned yet")
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[bool] = loop.create_future()
+
+        def deliver() -> None:
+            try:
+                # Each service's own send, in this thread (`Apprise.notify` hands it to its shared pool).
+                result: bool | BaseException = all(
+                    service.notify(
+                        body=notification.body, title=notification.title, notify_type=notification.kind.value
+                    )
+                    for service in self._apprise
+                )
+            except Exception as exc:  # handed to the caller, which says it
+                result = exc
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(_settle, answer, result)
+
+        self._thread = threading.Thread(target=deliver, name=f"alerts {self.name}", daemon=True)
+        self._thread.start()
+        if not await answer:
             raise DeliveryRefused("the receiver did not accept it")
+
+
+def _settle(answer: asyncio.Future[bool], result: bool | BaseException) -> None:
+    if answer.done():  # abandoned (its wait timed out or was cancelled)
+        return
+    if isinstance(result, BaseException):
+        answer.set_exception(result)
+    else:
+        answer.set_result(result)
 
 
 class _Channel:

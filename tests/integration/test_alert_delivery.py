@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -106,3 +108,81 @@ async def test_a_hanging_receiver_holds_up_only_its_own_queue(tmp_path: Path) ->
         await alerter.close()
         await dead.close()
         await alive.close()
+
+
+async def test_a_trickling_receiver_holds_up_only_its_own_queue(tmp_path: Path) -> None:
+    """A receiver that answers a byte at a time is never given up on by a socket's read timeout: each send
+    abandoned to it kept one of apprise's shared worker threads (six on a 2-core machine), and once they were
+    all taken every other URL's alerts waited behind it for good (a reviewer)."""
+    slow = await WebhookReceiver(trickle=0.3).start()
+    alive = await WebhookReceiver().start()
+    urls = [slow.url(f"/slow/{TOKEN}"), alive.url("/alive")]
+    loaded = load_config(
+        None,
+        environ={"TSBOT_ALERTS__URLS": " ".join(urls), "TSBOT_ALERTS__SEND_TIMEOUT_SECONDS": "1"},
+        cwd=tmp_path,
+    )
+    alerter = alerter_for(loaded, urls)
+    alerter.start()
+    try:
+        for round_ in range(12):  # the slow URL's sends time out one after another, each retried
+            alerter.check(UNCOVERED if round_ % 2 == 0 else Observation(active=50, protected=50))
+            await until(
+                lambda n=round_: len(alive.deliveries) == n + 1, f"alert {round_ + 1} at the live one"
+            )
+            await asyncio.sleep(1.0)
+        assert slow.connections >= 1  # its send went, and was given up on
+        assert slow.deliveries == []
+    finally:
+        await alerter.close()
+        await slow.close()
+        await alive.close()
+
+
+async def test_a_send_abandoned_to_a_trickling_receiver_does_not_keep_the_process_alive(
+    tmp_path: Path,
+) -> None:
+    """The send timeout stopped the wait, not the send: apprise's worker thread went on reading a receiver
+    that answers a byte at a time, and Python waits for such threads at exit: `tsbot run` printed its exit
+    line and never exited, its exit code (1 for UNCOVERED) never came, a supervisor never restarted it."""
+    slow = await WebhookReceiver(trickle=0.5).start()
+    script = textwrap.dedent(
+        f"""
+        import asyncio
+        from pathlib import Path
+        from engine.alerts import Alerter, AppriseNotifier, Observation, UncoveredPosition
+        from engine.clock import ManualClock
+        from engine.config import load_config
+
+        async def main() -> None:
+            url = {slow.url("/slow")!r}
+            loaded = load_config(None, environ={{"TSBOT_ALERTS__URLS": url}}, cwd=Path({str(tmp_path)!r}))
+            alerter = Alerter(
+                loaded.settings.alerts, ManualClock(), source="sim:default",
+                notifiers=[AppriseNotifier(url, 1, 1.0)],
+            )
+            alerter.start()
+            alerter.check(Observation(active=1, protected=0, uncovered=(UncoveredPosition(7, "BTCUSDT", 42.0),)))
+            await asyncio.sleep(1.5)
+            await alerter.close()
+            print("closed", flush=True)
+
+        asyncio.run(main())
+        """
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        try:
+            out, err = await asyncio.wait_for(process.communicate(), 30.0)
+        except TimeoutError:
+            raise AssertionError("the process did not exit within 30s of its last alert's send") from None
+        assert process.returncode == 0, err.decode()
+        assert out.decode().strip() == "closed"
+        assert slow.connections >= 1  # the send did go to the receiver
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await slow.close()

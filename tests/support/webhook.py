@@ -1,7 +1,8 @@
 """A real HTTP webhook receiver on 127.0.0.1 for alert tests: apprise's `json://` posts land here.
 
 Plain asyncio streams, HTTP/1.1 with Content-Length bodies (what apprise's requests sends). `hang = True`
-makes it accept connections and never answer (a dead receiver behind a live socket).
+makes it accept connections and never answer (a dead receiver behind a live socket); `trickle` answers
+one byte at a time, for ever (a receiver no socket timeout gives up on).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Delivery:
 class WebhookReceiver:
     hang: bool = False
     fail_first: int = 0  # answer this many requests with HTTP 500 (not delivered), then 200
+    trickle: float = 0.0  # > 0: answer a header one byte every `trickle` seconds, never ending it
     deliveries: list[Delivery] = field(default_factory=list)
     connections: int = 0
     requests: int = 0
@@ -70,6 +72,12 @@ class WebhookReceiver:
                 self.requests += 1
                 if self.hang:
                     await asyncio.Event().wait()  # never answers
+                if self.trickle > 0:  # alive, and never done: each read of the client's gets a byte in time
+                    writer.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                    while True:
+                        writer.write(b"a")
+                        await writer.drain()
+                        await asyncio.sleep(self.trickle)
                 if self.requests <= self.fail_first:
                     writer.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\nfail")
                     await writer.drain()
