@@ -5,6 +5,8 @@ remappable; escape closes it."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -13,7 +15,7 @@ from textual.containers import VerticalScroll
 
 from engine.accounts import account_key
 from storage.database import Database
-from storage.history import DashboardHistory
+from storage.history import DashboardHistory, coverage_by_period, day_periods
 from storage.repositories import CoverageSample, Store
 from tests.tui.book import PlanFeed
 from tests.tui.harness import dashboard, started, tui_settings
@@ -248,3 +250,58 @@ async def test_the_history_key_is_in_the_help_screen_and_remappable(db: Database
         await board.press(key)
         assert isinstance(board.app.screen, HistoryScreen)
         await board.press("escape")
+
+
+@pytest.fixture
+def in_berlin(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The operator's zone is Europe/Berlin (`TZ`, read by the C library too); restored afterwards."""
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.usefixtures("in_berlin")
+async def test_the_screens_days_are_local_days_by_the_zones_rules_across_a_dst_change(db: Database) -> None:
+    """The dashboard without a zone of its own (as `tsbot-tui` runs) takes the operator's with its rules, not
+    today's offset: each day is cut at its own local midnight. Berlin leaves summer time on Sun 25 Oct 2026
+    (03:00 CEST → 02:00 CET): that Sunday runs from 24 Oct 22:00 UTC to 25 Oct 23:00 UTC, 25 hours, and
+    holds a span just after its first minute (00:10 CEST) and one just before its last (23:10 CET). With a
+    fixed offset, +01:00 (winter) put the first on Saturday, +02:00 (summer) the second on Monday."""
+    tz = HistoryScreen(None).tz
+    pool = db.pool
+    position_id = await pool.fetchval(
+        "INSERT INTO monitoring.positions (symbol, exchange, side, quantity, entry_price, status, account, "
+        "opened_at) VALUES ('SFPUSDT', 'sim', 'long', 10, 2.5, 'closed', 'sim:default', $1) RETURNING id",
+        datetime(2026, 10, 20, tzinfo=UTC),
+    )
+    for start in (datetime(2026, 10, 24, 22, 10, tzinfo=UTC), datetime(2026, 10, 25, 22, 10, tzinfo=UTC)):
+        await pool.execute(
+            "INSERT INTO monitoring.uncovered_spans (account, position_id, symbol, started_at, ended_at, "
+            "reason, ended_by) VALUES ('sim:default', $1, 'SFPUSDT', $2, $3, 'stop_loss_missing', 'protected')",
+            position_id,
+            start,
+            start + timedelta(minutes=40),
+        )
+    until = datetime(2026, 10, 27, 12, tzinfo=UTC)
+    days = await coverage_by_period(pool, "sim:default", day_periods(until, tz), sample_stands_seconds=30)
+    labels = [day_label(p, tz) for p in days]
+    assert labels == [
+        "Wed 21 Oct",
+        "Thu 22 Oct",
+        "Fri 23 Oct",
+        "Sat 24 Oct",
+        "Sun 25 Oct",
+        "Mon 26 Oct",
+        "Tue 27 Oct",
+    ]
+    assert days[0].since == datetime(2026, 10, 20, 22, tzinfo=UTC)  # Wed 21 Oct 00:00 CEST
+    sunday = days[4]
+    assert (sunday.since, sunday.until) == (
+        datetime(2026, 10, 24, 22, tzinfo=UTC),
+        datetime(2026, 10, 25, 23, tzinfo=UTC),
+    )
+    assert (sunday.uncovered_spans, sunday.uncovered_seconds) == (2, D("4800.000"))
+    assert [p.uncovered_spans for p in days] == [0, 0, 0, 0, 2, 0, 0]
+    assert days[5].since == datetime(2026, 10, 25, 23, tzinfo=UTC)  # Mon 26 Oct 00:00 CET

@@ -9,10 +9,12 @@ Re-read every 10 seconds (the engine samples every 10 s). Plain text that wraps:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
-from datetime import datetime, tzinfo
+from datetime import UTC, datetime, tzinfo
 from decimal import Decimal
 from typing import ClassVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -44,6 +46,24 @@ EMPTY = (
     "No history yet: no engine measured coverage and no position went without its stops in the last 7 days. "
     "A running engine samples coverage every 10 seconds."
 )
+
+
+def local_zone() -> tzinfo:
+    """The operator's time zone with its rules, as the C library reads it: `TZ` when it names a zone
+    (`Europe/Berlin`, `:Europe/Berlin`, or a zone file's path), else `/etc/localtime` when `TZ` is unset.
+    Only when neither gives a zone (a POSIX rule string in `TZ`, no tz database) the offset of this instant,
+    which is right for today only: a day before a daylight-saving change would be cut an hour off."""
+    name = os.environ.get("TZ")
+    path = "/etc/localtime" if name is None else name.removeprefix(":")
+    try:
+        if path.startswith("/"):
+            with open(path, "rb") as file:
+                return ZoneInfo.from_file(file, key=None if name is None else path)
+        if path:
+            return ZoneInfo(path)
+    except (OSError, ValueError, ZoneInfoNotFoundError):
+        pass
+    return datetime.now().astimezone().tzinfo or UTC
 
 
 def _pct(value: Decimal | None) -> str:
@@ -148,7 +168,7 @@ class HistoryScreen(ModalScreen[None]):
 
     def __init__(self, tz: tzinfo | None) -> None:
         super().__init__(classes="dialog-screen")
-        self.tz: tzinfo = tz or datetime.now().astimezone().tzinfo  # type: ignore[assignment]
+        self.tz: tzinfo = tz or local_zone()
         self.history: DashboardHistory | None = None
         self.error: str | None = None
 
