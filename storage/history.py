@@ -10,7 +10,7 @@ counted as covered or as uncovered, it is left out and `measured_seconds` says h
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, time, timedelta, tzinfo
+from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
@@ -351,24 +351,41 @@ async def coverage_by_period(
     ]
 
 
-def hour_periods(until: datetime, hours: int = 24) -> list[tuple[datetime, datetime]]:
-    """The last `hours` clock hours, oldest first: the last one is the current hour, up to `until`."""
-    top = until.replace(minute=0, second=0, microsecond=0)
-    starts = [top - timedelta(hours=back) for back in range(hours - 1, -1, -1)]
-    return [(start, min(start + timedelta(hours=1), until)) for start in starts]
+def hour_periods(until: datetime, tz: tzinfo, hours: int = 24) -> list[tuple[datetime, datetime]]:
+    """The last `hours` clock hours in `tz`, oldest first, in UTC: the last one is the current hour, up to
+    `until`. Each begins at a local :00 (in a zone half an hour off UTC, such as Asia/Kolkata, that is a UTC
+    :30: the hours an operator reads on the clock, which the chart labels `09h`) and ends where the next
+    begins; an hour the clock goes through twice (a daylight-saving change back) is two periods."""
+    starts = [_hour_start(until, tz)]
+    while len(starts) < hours:
+        starts.append(_hour_start(starts[-1] - timedelta(microseconds=1), tz))
+    starts.reverse()
+    return list(zip(starts, [*starts[1:], until], strict=True))
+
+
+def _hour_start(moment: datetime, tz: tzinfo) -> datetime:
+    """The start of the local clock hour `moment` is in, in UTC (`astimezone` sets the fold of a repeated
+    hour, `replace` keeps it)."""
+    return moment.astimezone(tz).replace(minute=0, second=0, microsecond=0).astimezone(UTC)
 
 
 def day_periods(until: datetime, tz: tzinfo, days: int = 7) -> list[tuple[datetime, datetime]]:
-    """The last `days` calendar days in `tz`, oldest first: the last one is today, up to `until`."""
-    local = until.astimezone(tz)
-    today = local.date()
+    """The last `days` calendar days in `tz`, oldest first, in UTC: the last one is today, up to `until`.
+    Each runs from its local midnight to the next one, each found by the zone's rules for its own date (a
+    `ZoneInfo`: a day across a daylight-saving change is 23 or 25 hours; a fixed offset would put every
+    day before or after the change an hour off)."""
+    today = until.astimezone(tz).date()
     periods = []
     for back in range(days - 1, -1, -1):
         day = today - timedelta(days=back)
-        start = datetime.combine(day, time(), tzinfo=tz)
-        end = datetime.combine(day + timedelta(days=1), time(), tzinfo=tz)
-        periods.append((start, min(end, until)))
+        periods.append((_midnight(day, tz), min(_midnight(day + timedelta(days=1), tz), until)))
     return periods
+
+
+def _midnight(day: date, tz: tzinfo) -> datetime:
+    """Where `day` begins in `tz`, in UTC. A midnight the clock skips (a change forward at 00:00) is read
+    with the offset before the change: the moment of the change, when the day really began."""
+    return datetime.combine(day, time(), tzinfo=tz).astimezone(UTC)
 
 
 async def dashboard_history(
@@ -379,11 +396,11 @@ async def dashboard_history(
     tz: tzinfo,
     sample_stands_seconds: float,
 ) -> DashboardHistory:
-    """The history screen's figures: per hour (24 h), per day (7 days) and the current shift, at the
-    database's now."""
+    """The history screen's figures: per hour (24 h) and per day (7 days), both local to `tz`, and the
+    current shift, at the database's now."""
     until = await now(conn)
     hours = await coverage_by_period(
-        conn, account, hour_periods(until), sample_stands_seconds=sample_stands_seconds
+        conn, account, hour_periods(until, tz), sample_stands_seconds=sample_stands_seconds
     )
     days = await coverage_by_period(
         conn, account, day_periods(until, tz), sample_stands_seconds=sample_stands_seconds

@@ -7,6 +7,7 @@ import dataclasses
 import itertools
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from zoneinfo import ZoneInfo
 
 import asyncpg
 
@@ -374,3 +375,34 @@ async def test_the_sample_a_killed_engine_leaves_counts_positions_inside_their_g
     )
     sample = await store.coverage_left_at(heard, 5.0)
     assert (sample.active, sample.protected, sample.uncovered, sample.lasting) == (4, 1, 2, 1), sample
+
+
+async def test_the_hours_are_the_operators_clock_hours_in_a_zone_half_an_hour_off_utc(db: Database) -> None:
+    """In Asia/Kolkata (UTC+05:30) the screen's hours are 09:00–10:00 IST, not 09:30–10:30 cut at UTC's :00
+    and labelled `09h` on the chart: a span from 10 to 50 minutes into a local hour is all in that hour,
+    40 minutes, not 20 in one and 20 in the next."""
+    kolkata = ZoneInfo("Asia/Kolkata")
+    pool = db.pool
+    now = await history.now(pool)
+    hour = now.astimezone(kolkata).replace(minute=0, second=0, microsecond=0) - timedelta(hours=2)
+    position_id = await pool.fetchval(
+        "INSERT INTO monitoring.positions (symbol, exchange, side, quantity, entry_price, status, account, "
+        "opened_at) VALUES ('SFPUSDT', 'sim', 'long', 10, 2.5, 'closed', 'sim:default', $1) RETURNING id",
+        hour,
+    )
+    await pool.execute(
+        "INSERT INTO monitoring.uncovered_spans (account, position_id, symbol, started_at, ended_at, "
+        "reason, ended_by) VALUES ('sim:default', $1, 'SFPUSDT', $2, $3, 'stop_loss_missing', 'protected')",
+        position_id,
+        hour + timedelta(minutes=10),
+        hour + timedelta(minutes=50),
+    )
+    shown = await history.dashboard_history(
+        pool, "sim:default", shift_since=None, tz=kolkata, sample_stands_seconds=30
+    )
+    assert len(shown.hours) == 24
+    assert [f"{p.since.astimezone(kolkata):%M}" for p in shown.hours] == ["00"] * 24
+    touched = [p for p in shown.hours if p.uncovered_spans]
+    assert [(p.since, p.until, p.uncovered_seconds) for p in touched] == [
+        (hour, hour + timedelta(hours=1), Decimal("2400.000"))
+    ]

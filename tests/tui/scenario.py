@@ -320,7 +320,7 @@ def scenario_history(tz: tzinfo) -> DashboardHistory:
     measured, an hour and a day with nothing open."""
     until = datetime.fromtimestamp(T0, UTC)
     hours = []
-    for index, (since, end) in enumerate(hour_periods(until)):
+    for index, (since, end) in enumerate(hour_periods(until, tz)):
         dip = {20: (D("87.5"), 2, D("212"), D("180")), 22: (D("96.2"), 1, D("45.5"), D("45.5"))}.get(index)
         pct, spans, uncovered, worst = dip or (D("100.0"), 0, D(0), None)
         if index in (3, 4):  # nobody measured; measured with nothing open
