@@ -47,6 +47,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
@@ -103,6 +104,18 @@ class UncoveredPosition:
     position_id: int
     symbol: str
     unprotected_seconds: float
+    has_stop_loss: bool = False  # confirmed on the exchange
+    has_trailing_stop: bool = False
+
+    @property
+    def lacks(self) -> str:
+        """What it lacks, in the alert's words: "no confirmed stop" was said of a position whose trailing
+        stop the venue held, and an operator might place a second one by hand (an operator)."""
+        if self.has_stop_loss:
+            return "trailing stop not confirmed on the exchange; its hard stop is"
+        if self.has_trailing_stop:
+            return "hard stop not confirmed on the exchange; its trailing stop is"
+        return "no confirmed stop on the exchange"
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +226,7 @@ def conditions(observed: Observation, rules: AlertRules) -> tuple[Condition, ...
                     AlertKind.POSITION_UNCOVERED,
                     Level.WARNING,
                     f"{position.symbol} uncovered for {format_duration(position.unprotected_seconds)} "
-                    "(no confirmed stop on the exchange)",
+                    f"({position.lacks})",
                     subject=position.symbol,
                 )
             )
@@ -335,8 +348,9 @@ class Notification:
     kind: NotifyKind
 
 
-def compose(alerts: Sequence[Alert], source: str) -> Notification:
-    """One notification for the alerts of one check: the worst level in the title, one line each."""
+def compose(alerts: Sequence[Alert], source: str, at: float | None = None) -> Notification:
+    """One notification for the alerts of one check: the worst level in the title, one line each, and the
+    check's time (`at`, epoch seconds) last: a backlog delivered once a receiver is back read as current."""
     levels = [a.level for a in alerts if a.level is not None]
     worst = max(levels, key=lambda lv: lv.rank) if levels else None
     kind = {Level.CRITICAL: NotifyKind.FAILURE, Level.WARNING: NotifyKind.WARNING}.get(
@@ -349,6 +363,8 @@ def compose(alerts: Sequence[Alert], source: str) -> Notification:
     lines = [a.line() for a in alerts[:MAX_LINES]]
     if len(alerts) > MAX_LINES:
         lines.append(f"… and {len(alerts) - MAX_LINES} more")
+    if at is not None:
+        lines.append(f"(as of {datetime.fromtimestamp(at, UTC):%Y-%m-%d %H:%M:%S} UTC)")
     return Notification(title[:250], "\n".join(lines), kind)
 
 
@@ -394,21 +410,25 @@ class EngineObserver:
 
 
 def observe_engine(engine: Engine, now: float) -> Observation:
-    manager = engine.manager
-    assert manager is not None
-    # The manager's guards, and the entries of unknown outcome (each may be a position without stops).
-    facts = [
-        *(g.coverage() for g in manager.open_guards()),
-        *(d.coverage() for d in engine.entries_in_doubt()),
-    ]
-    figures = coverage_figures(facts, manager.clock.monotonic(), manager.config.grace_seconds)
-    symbols = {f.position_id: f.symbol for f in facts}
-    since_of = {f.position_id: f.unprotected_since for f in facts}
+    # Every open position as the gauge counts it: the guards', the entries of unknown outcome (each may be
+    # a position without stops) and the fills waiting for their guard (a slow database holds the record's
+    # write): those last were counted uncovered by the gauge, /metrics and the exit line, not here.
+    facts = engine.coverage_facts()
+    figures = coverage_figures(facts, engine.clock.monotonic(), engine.grace_seconds())
+    by_id = {f.position_id: f for f in facts}
     uncovered = []
     for position_id in figures.uncovered_ids:
-        since = since_of.get(position_id)
-        if since is not None:
-            uncovered.append(UncoveredPosition(position_id, symbols[position_id], max(0.0, now - since)))
+        fact = by_id.get(position_id)
+        if fact is not None and fact.unprotected_since is not None:
+            uncovered.append(
+                UncoveredPosition(
+                    position_id,
+                    fact.symbol,
+                    max(0.0, now - fact.unprotected_since),
+                    has_stop_loss=fact.has_stop_loss,
+                    has_trailing_stop=fact.has_trailing_stop,
+                )
+            )
     watch = engine.db_watch
     down_for = watch.down_for() if watch is not None else None
     return Observation(
@@ -448,7 +468,7 @@ class AppriseNotifier:
         logging.getLogger("apprise").setLevel(logging.ERROR)
         self.name = f"{alert_url_scheme(url)}:// #{number}"
         self._apprise = apprise.Apprise()
-        self._thread: threading.Thread | None = None
+        self._sending = False  # a send's thread has not returned yet (set here, cleared by that thread)
         if not self._apprise.add(url):
             raise ConfigError(
                 [
@@ -471,7 +491,7 @@ class AppriseNotifier:
         socket timeout gives up on it) kept the process alive after its stop, exit code never given, and,
         each abandoned send holding a shared worker, starved every other URL's alerts. A send is abandoned
         by its caller's timeout; its thread may go on, and this URL sends nothing new until it returns."""
-        if self._thread is not None and self._thread.is_alive():
+        if self._sending:
             raise DeliveryRefused("its previous send has not returned yet")
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[bool] = loop.create_future()
@@ -487,11 +507,14 @@ class AppriseNotifier:
                 )
             except Exception as exc:  # handed to the caller, which says it
                 result = exc
+            # Returned: the next send may go (before the answer is handed over, which frees the caller to
+            # send the next one at once: judged by the thread still being alive, that one was refused).
+            self._sending = False
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
                 loop.call_soon_threadsafe(_settle, answer, result)
 
-        self._thread = threading.Thread(target=deliver, name=f"alerts {self.name}", daemon=True)
-        self._thread.start()
+        self._sending = True
+        threading.Thread(target=deliver, name=f"alerts {self.name}", daemon=True).start()
         if not await answer:
             raise DeliveryRefused("the receiver did not accept it")
 
@@ -518,6 +541,7 @@ class _Channel:
         self.failures = 0  # in the current streak
         self.ready = asyncio.Event()
         self.sending = False
+        self.retry_now = asyncio.Event()  # set: a backoff in progress ends at once (a stop's last alert)
 
     def offer(self, notification: Notification) -> None:
         if len(self.queue) >= QUEUE_LIMIT:
@@ -575,7 +599,10 @@ class _Channel:
                     )
                 else:
                     log.debug("alerts via %s still not delivered (%s)", self.notifier.name, reason[:200])
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self.retry_now.wait()
+                self.retry_now.clear()  # once: a stop's last try, not a loop without backoff
                 delay = min(delay * 2, RETRY_MAX_SECONDS)
                 continue
             finally:
@@ -657,7 +684,7 @@ class Alerter:
         for alert in alerts:
             (log.info if alert.level is not Level.CRITICAL else log.warning)("alert: %s", alert.line())
         self.sent = [*self.sent, *alerts][-1000:]
-        notification = compose(alerts, self.source)
+        notification = compose(alerts, self.source, self.clock.now())
         for channel in self._channels:
             channel.offer(notification)
 
@@ -667,9 +694,15 @@ class Alerter:
             return
         budget = min(FINAL_FLUSH_SECONDS, float(self.settings.send_timeout_seconds))
         deadline = time.monotonic() + budget
+        # A receiver in its backoff (up to a minute) is tried once more now: the last alert ("engine
+        # stopped, UNCOVERED") was given up at once after any failure of the streak, the receiver back or
+        # not. One that fails again is not waited for.
+        failed_before = {id(c): c.failures for c in self._channels}
+        for channel in self._channels:
+            channel.retry_now.set()
         while any(not c.idle for c in self._channels) and time.monotonic() < deadline:
-            if all(c.failures for c in self._channels if not c.idle):
-                break  # every receiver with something left is failing: do not wait out its backoff
+            if all(c.failures > failed_before[id(c)] for c in self._channels if not c.idle):
+                break  # every receiver with something left failed again: do not wait out its backoff
             await asyncio.sleep(0.05)
         left = sum(len(c.queue) for c in self._channels)
         if left:

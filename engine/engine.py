@@ -2566,6 +2566,10 @@ class Engine:
             await self.clock.sleep(RESTART_EXPOSURE_POLL_SECONDS)
         self._say_running_phase(LeasePhase.STARTING)
 
+    def grace_seconds(self) -> float:
+        """The protection grace period, in seconds (a position's stops may take this long to be confirmed)."""
+        return self._grace_seconds()
+
     def _grace_seconds(self) -> float:
         return float(self.settings.protection.grace_seconds)
 
@@ -3799,6 +3803,10 @@ class Engine:
         if self.manager is None and not facts:
             return _empty_coverage()
         return coverage_figures(facts, now, self._grace_seconds())
+
+    def coverage_facts(self) -> list[PositionCoverage]:
+        """Each open position's coverage facts, as the gauge counts them (see `_protection_facts`)."""
+        return self._protection_facts()[2]
 
     def _protection_facts(
         self, unmoved_trails: bool = True, *, judged: bool = False

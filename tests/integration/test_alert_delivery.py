@@ -186,3 +186,29 @@ async def test_a_send_abandoned_to_a_trickling_receiver_does_not_keep_the_proces
             process.kill()
             await process.wait()
         await slow.close()
+
+
+async def test_a_stops_last_alert_is_tried_once_more_at_a_receiver_in_its_backoff(tmp_path: Path) -> None:
+    """After any failed send in the streak, the stop gave its last alert ("engine stopped, UNCOVERED") up at
+    once, the receiver back or not: it sat in a backoff of up to a minute (a reviewer)."""
+    receiver = await WebhookReceiver(fail_first=1).start()
+    url = receiver.url("/hook")
+    loaded = loaded_with(url, tmp_path)
+    alerter = Alerter(
+        loaded.settings.alerts,
+        ManualClock(),
+        source="sim:default",
+        notifiers=[AppriseNotifier(url, 1)],
+        retry_initial_seconds=60.0,
+    )
+    alerter.start()
+    try:
+        alerter.check(UNCOVERED)
+        await until(lambda: receiver.requests == 1, "the first send refused")
+        await asyncio.sleep(0.2)  # in its backoff now: a minute
+        alerter.engine_stopped("1 open position; UNCOVERED 1 (BTCUSDT)", False, None)
+    finally:
+        await alerter.close()
+        await receiver.close()
+    assert receiver.matching("engine stopped", "UNCOVERED 1 (BTCUSDT)")
+    assert receiver.matching("BTCUSDT uncovered for 42s")

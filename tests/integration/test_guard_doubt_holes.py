@@ -9,6 +9,7 @@ import logging
 
 import pytest
 
+from engine.alerts import observe_engine
 from engine.clock import ManualClock
 from engine.config import Settings
 from engine.exchange.port import OrderType
@@ -298,6 +299,8 @@ async def test_a_fill_whose_record_waits_for_the_database_counts_as_a_position_w
             figures = engine.coverage()
             assert figures.active == 1, figures  # counted: a position without stops
             assert figures.protected == 0, figures
+            observed = observe_engine(engine, clock.monotonic())  # the alerts count it too (a reviewer)
+            assert (observed.active, observed.protected) == (1, 0), observed
             [view] = engine.snapshot().positions
             assert view.symbol == symbol
             assert not view.covered

@@ -231,6 +231,38 @@ def test_one_notification_per_check_with_the_worst_level_in_the_title() -> None:
     assert compose(recovered, "x").kind is NotifyKind.SUCCESS
 
 
+def test_a_notification_says_when_its_check_was() -> None:
+    """Alerts carried no time: a backlog delivered minutes later, once the receiver was back, read as
+    current (a reviewer). The check's time is the last line."""
+    _, alerts = step({}, conditions(uncovered((7, "BTCUSDT", 45.0)), RULES), 0.0, RULES)
+    note = compose(alerts, "sim:default", 1_796_535_364.0)
+    assert note.body.endswith("(as of 2026-12-06 05:36:04 UTC)")
+
+
+@pytest.mark.parametrize(
+    ("stop_loss", "trailing", "said"),
+    [
+        (False, False, "(no confirmed stop on the exchange)"),
+        (False, True, "(hard stop not confirmed on the exchange; its trailing stop is)"),
+        (True, False, "(trailing stop not confirmed on the exchange; its hard stop is)"),
+    ],
+)
+def test_an_uncovered_position_is_said_to_lack_the_stop_it_lacks(
+    stop_loss: bool, trailing: bool, said: str
+) -> None:
+    """ "No confirmed stop on the exchange" was said of a position whose trailing stop the venue held and the
+    engine had confirmed: an operator might place a second one by hand (an operator)."""
+    observed = Observation(
+        active=20,
+        protected=19,
+        uncovered=(
+            UncoveredPosition(7, "SOLUSDT", 31.0, has_stop_loss=stop_loss, has_trailing_stop=trailing),
+        ),
+    )
+    (found,) = conditions(observed, RULES)
+    assert found.text == f"SOLUSDT uncovered for 31s {said}"
+
+
 # --- properties ------------------------------------------------------------------------------------------
 
 checks = st.lists(
