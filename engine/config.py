@@ -108,9 +108,7 @@ def _check_url(value: str, *, schemes: tuple[str, ...], example: str) -> None:
     try:
         parts.port  # noqa: B018  (raises ValueError for a port that is not a number in 0-65535)
     except ValueError:
-        raise ValueError(
-            f"{expected}; its port must be a number up to 65535 (a password with / or @ in it: write them %2F and %40)"
-        ) from None
+        raise ValueError(f"{expected}; its port must be a number up to 65535") from None
     if parts.scheme.lower() not in schemes:
         raise ValueError(expected)
     if parts.scheme.lower().startswith("http") and not parts.hostname:
@@ -775,6 +773,9 @@ def load_config(
     if problems:
         raise ConfigError(problems)
     env_values = _env_values(environ)
+    problems = _passwords_in_dsn(file_values, env_values, label, _env_names(environ))
+    if problems:
+        raise ConfigError(problems)
 
     env_flat = dict(_flatten(env_values))
     file_flat = dict(_flatten(file_values))
@@ -916,6 +917,47 @@ def _secrets_in_file(file_values: dict[str, Any]) -> Iterator[tuple[tuple[str, .
                 f"secrets are not read from the config file: set {env_name} in the environment "
                 f"or {'.'.join(file_key)} to a file only you can read, got a value here",
             )
+
+
+def _dsn_holds_a_password(dsn: str) -> bool:
+    """A password in the user part (`postgresql://bot:pw@host/db`, an empty one too) or a `password=`
+    parameter, where the driver reads one; or what the masking of DSNs takes for one (`bot:a/b@host`: a
+    `/` in the password hides it from `urllib`, not from the file)."""
+    from storage.database import redact_dsn
+
+    if redact_dsn(dsn) != dsn:
+        return True
+    try:
+        parts = urllib.parse.urlsplit(dsn)
+    except ValueError:  # not a URL: its own check refuses it
+        return False
+    if parts.password is not None:
+        return True
+    return any(key.strip().lower() == "password" for key, _ in urllib.parse.parse_qsl(parts.query, True))
+
+
+def _passwords_in_dsn(
+    file_values: Mapping[str, Any],
+    env_values: Mapping[str, Any],
+    label: str,
+    env_names: Mapping[tuple[str, ...], str],
+) -> list[str]:
+    """The database password is a secret: from `TSBOT_DATABASE__PASSWORD` or `database.password_file`, never
+    inside `database.dsn` (in the file, nor in `TSBOT_DATABASE__DSN`: one place for it, masked everywhere,
+    and no guessing which of two passwords a connection used). The DSN is never quoted: the regex that masks
+    DSNs in messages does not see every password `urllib` finds."""
+    problems = []
+    for values, origin in ((file_values, label), (env_values, None)):
+        section = values.get("database")
+        dsn = section.get("dsn") if isinstance(section, Mapping) else None
+        if isinstance(dsn, str) and _dsn_holds_a_password(dsn):
+            where = origin or _origin(("database", "dsn"), label, env_names)
+            problems.append(
+                f"{where}: database.dsn: must not hold the database password: set TSBOT_DATABASE__PASSWORD in "
+                "the environment or database.password_file to a file only you can read, got a DSN with a "
+                "password in it"
+            )
+    return problems
 
 
 def _unknown_env_sections(environ: Mapping[str, str]) -> list[str]:

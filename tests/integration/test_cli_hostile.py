@@ -172,6 +172,10 @@ def _password_file_not_utf8(d: Path) -> None:
             "{d}/c.toml: database.dsn: must be a URL starting with postgresql:// or postgres://",
         ),
         (lambda d: (d / "c.toml").write_text("[venue]\ntestnet = 0\n"), "{d}/c.toml: venue.testnet: must be"),
+        (
+            lambda d: (d / "c.toml").write_text('[database]\ndsn = "postgresql://u:hunter2@localhost/db"\n'),
+            "{d}/c.toml: database.dsn: must not hold the database password: set TSBOT_DATABASE__PASSWORD",
+        ),
     ],
 )
 def test_bad_configuration_files_are_one_line_for_every_command(tmp_path: Path, make, starts: str) -> None:  # type: ignore[no-untyped-def]
