@@ -773,7 +773,12 @@ def load_config(
     if problems:
         raise ConfigError(problems)
     env_values = _env_values(environ)
-    problems = _passwords_in_dsn(file_values, env_values, label, _env_names(environ))
+    problems = [f"{label}: {'.'.join(kp)}: {msg}" for kp, msg in _not_booleans(file_values)]
+    problems += [
+        f"{_origin(kp, label, _env_names(environ))}: {'.'.join(kp)}: {msg}"
+        for kp, msg in _not_booleans(env_values)
+    ]
+    problems += _passwords_in_dsn(file_values, env_values, label, _env_names(environ))
     if problems:
         raise ConfigError(problems)
 
@@ -835,8 +840,8 @@ class _MappingEnvSource(EnvSettingsSource):
 
 
 def _flags_from_env(values: dict[str, Any], model: Any) -> dict[str, Any]:
-    """Exactly "true" / "false" (any case) become booleans for boolean keys; anything else stays a string
-    and is refused by the strict boolean ("0" must not mean false)."""
+    """Exactly "true" / "false" become booleans for boolean keys; anything else ("0", "False", "FALSE")
+    stays a string and is refused (`_not_booleans`): nonsense is refused, not guessed at."""
     fields = getattr(model, "model_fields", {})
     for key, value in values.items():
         info = fields.get(key)
@@ -844,8 +849,8 @@ def _flags_from_env(values: dict[str, Any], model: Any) -> dict[str, Any]:
             continue
         if isinstance(value, dict):
             _flags_from_env(value, info.annotation)
-        elif info.annotation is bool and isinstance(value, str) and value.lower() in ("true", "false"):
-            values[key] = value.lower() == "true"
+        elif info.annotation is bool and isinstance(value, str) and value in ("true", "false"):
+            values[key] = value == "true"
     return values
 
 
@@ -1148,6 +1153,16 @@ def _quoted_numbers(file_values: Mapping[str, Any]) -> Iterator[tuple[tuple[str,
                 key_path,
                 f"must be a number, got {shown(value)} (a string: write the number without quotes)",
             )
+
+
+def _not_booleans(values: Mapping[str, Any]) -> Iterator[tuple[tuple[str, ...], str]]:
+    """Anything but a boolean at a boolean key: `true` or `false` only, in every table. The sections' flags
+    are strict already; the sim venue's (`keep_book`, `account_stream.enabled`) took `0`, `"no"` and, from
+    the environment, `False` or `0`, as pydantic's lax booleans do."""
+    for key_path, value in _flatten(values):
+        info = _field_at(key_path) or _field_in_table_at(key_path)
+        if info is not None and info.annotation is bool and not isinstance(value, bool):
+            yield key_path, f"must be true or false, got {_show(value)}"
 
 
 def _field_in_table_at(key_path: tuple[str, ...]) -> FieldInfo | None:

@@ -3,6 +3,7 @@ from, the key, what was expected and what was found; nonsense that used to load 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -274,13 +275,47 @@ def test_an_unknown_theme_is_refused_at_load(tmp_path: Path) -> None:
     assert loaded.settings.tui.theme == "nord"
 
 
-@pytest.mark.parametrize("value", ["0", "1", "no", "off", "False ", "yes"])
+@pytest.mark.parametrize("value", ["0", "1", "no", "off", "False ", "yes", "False", "FALSE", "True", "TRUE"])
 def test_testnet_from_the_environment_is_true_or_false_only(tmp_path: Path, value: str) -> None:
+    """README: from the environment exactly `true`/`false`; `False` and `FALSE` were read as false."""
     [line] = _problems(tmp_path, TSBOT_VENUE__TESTNET=value)
-    assert line.startswith("TSBOT_VENUE__TESTNET: venue.testnet: must be true or false, got ")
+    assert line == f"TSBOT_VENUE__TESTNET: venue.testnet: must be true or false, got {json.dumps(value)}"
 
 
-@pytest.mark.parametrize(("value", "expected"), [("false", False), ("FALSE", False), ("true", True)])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("TSBOT_VENUE__SIM__KEEP_BOOK", "False"),
+        ("TSBOT_VENUE__SIM__KEEP_BOOK", "0"),
+        ("TSBOT_VENUE__SIM__ACCOUNT_STREAM__ENABLED", "no"),
+        ("TSBOT_METRICS__ENABLED", "TRUE"),
+    ],
+)
+def test_every_boolean_from_the_environment_is_true_or_false_only(
+    tmp_path: Path, name: str, value: str
+) -> None:
+    """The sim venue's booleans were pydantic's lax ones: `0`, `no`, `False` all meant false."""
+    key = ".".join(name.removeprefix("TSBOT_").lower().split("__"))
+    assert _problems(tmp_path, **{name: value}) == [
+        f"{name}: {key}: must be true or false, got {json.dumps(value)}"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("[venue.sim]\nkeep_book = 0\n", "config.toml: venue.sim.keep_book: must be true or false, got 0"),
+        (
+            '[venue.sim.account_stream]\nenabled = "no"\n',
+            'config.toml: venue.sim.account_stream.enabled: must be true or false, got "no"',
+        ),
+    ],
+)
+def test_every_boolean_in_the_file_is_true_or_false_only(tmp_path: Path, toml: str, message: str) -> None:
+    assert _problems(tmp_path, toml) == [message]
+
+
+@pytest.mark.parametrize(("value", "expected"), [("false", False), ("true", True)])
 def test_testnet_from_the_environment_accepts_the_words(tmp_path: Path, value: str, expected: bool) -> None:
     loaded = load_config(None, environ={"TSBOT_VENUE__TESTNET": value}, cwd=tmp_path)
     assert loaded.settings.venue.testnet is expected
