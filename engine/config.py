@@ -879,8 +879,6 @@ def _describe_env_value(name: str, value: str) -> str:
     annotation = info.annotation if info is not None else None
     origin = typing.get_origin(annotation)
     where = f"{name}: {'.'.join(key_path)}"
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return f"{where}: a whole table cannot be set at once: use {name.upper()}{ENV_NESTED_DELIMITER}<KEY>"
     if annotation is list or origin is list:
         expected = 'must be a JSON list like ["SFPUSDT", "BTCUSDT"]'
     elif annotation is dict or origin is dict:
@@ -978,6 +976,14 @@ def _unknown_env_sections(environ: Mapping[str, str]) -> list[str]:
         elif ENV_NESTED_DELIMITER not in name[len(ENV_PREFIX) :]:
             problems.append(
                 f"{name}: a whole section cannot be set at once: use {ENV_PREFIX}{section.upper()}__<KEY>"
+            )
+        elif _model_at(key_path := tuple(name[len(ENV_PREFIX) :].lower().split(ENV_NESTED_DELIMITER))):
+            # A table (`venue.sim`, `venue.sim.latency`, an entry of `by_call`) from one JSON variable: its
+            # keys were set, or left at their defaults, with no variable naming them. Dict and list
+            # settings (`by_call`, `volatility_by_symbol`, `symbols`) are values and take JSON.
+            problems.append(
+                f"{name}: {'.'.join(key_path)}: a whole table cannot be set at once: use "
+                f"{name.upper()}{ENV_NESTED_DELIMITER}<KEY>"
             )
     return problems
 

@@ -133,6 +133,8 @@ def test_config_problems_from_the_environment_are_one_line_in_a_real_process(tmp
     _assert_one_line(listed, 2, "TSBOT_VENUE__SIM__SYMBOLS: venue.sim.symbols: must be a JSON list like")
     whole = _subprocess(TSBOT, "config", "show", cwd=tmp_path, TSBOT_VENUE="x")
     _assert_one_line(whole, 2, "TSBOT_VENUE: a whole section cannot be set at once: use TSBOT_VENUE__<KEY>")
+    table = _subprocess(TSBOT, "config", "show", cwd=tmp_path, TSBOT_VENUE__SIM='{"seed": 5}')
+    _assert_one_line(table, 2, "TSBOT_VENUE__SIM: venue.sim: a whole table cannot be set at once")
     capital = _subprocess(TSBOT, "config", "show", cwd=tmp_path, TSBOT_VENUE__TESTNET="False")
     _assert_one_line(capital, 2, 'TSBOT_VENUE__TESTNET: venue.testnet: must be true or false, got "False"')
 

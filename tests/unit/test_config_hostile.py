@@ -70,6 +70,42 @@ def test_a_whole_section_or_table_cannot_be_set_from_the_environment(
     assert _problems(tmp_path, **{name: "x"}) == [message]
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("TSBOT_VENUE__SIM", '{"seed": 5}'),
+        ("TSBOT_VENUE__SIM", "{}"),
+        ("TSBOT_VENUE__SIM__LATENCY", '{"seconds": 3}'),
+        ("TSBOT_PROTECTION__TRAILING", '{"mode": "managed"}'),
+        ("TSBOT_TUI__KEYS", '{"quit": "ctrl+q"}'),
+        ("TSBOT_VENUE__SIM__LATENCY__BY_CALL__CREATE_ORDER", '{"seconds": 3}'),  # an entry of a dict: a table
+    ],
+)
+def test_a_table_cannot_be_set_from_one_variable_even_as_valid_json(
+    tmp_path: Path, name: str, value: str
+) -> None:
+    """`TSBOT_VENUE__SIM='{"seed": 5}'` loaded, `TSBOT_VENUE='{...}'` did not: README says neither a section
+    nor a table is set from one variable. JSON that parses is no exception."""
+    key = ".".join(name.removeprefix("TSBOT_").lower().split("__"))
+    assert _problems(tmp_path, **{name: value}) == [
+        f"{name}: {key}: a whole table cannot be set at once: use {name}__<KEY>"
+    ]
+
+
+def test_dict_and_list_settings_still_take_json(tmp_path: Path) -> None:
+    environ = {
+        "TSBOT_VENUE__SIM__SYMBOLS": '["SFPUSDT", "BTCUSDT"]',
+        "TSBOT_VENUE__SIM__VOLATILITY_BY_SYMBOL": '{"BTCUSDT": 2.5}',
+        "TSBOT_VENUE__SIM__LATENCY__BY_CALL": '{"create_order": {"seconds": 3}}',
+        "TSBOT_VENUE__SIM__FAULTS__BY_CALL__FETCH_ORDER__SERVER_ERROR": "0.1",
+    }
+    sim = load_config(None, environ=environ, cwd=tmp_path).settings.venue.sim
+    assert sim.symbols == ["SFPUSDT", "BTCUSDT"]
+    assert sim.volatility_by_symbol == {"BTCUSDT": 2.5}
+    assert sim.latency.by_call["create_order"].seconds == 3
+    assert sim.faults.by_call["fetch_order"].server_error == 0.1
+
+
 # --- files that are not what they should be ---------------------------------------------------------------
 
 
