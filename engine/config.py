@@ -548,6 +548,34 @@ def alert_url_secrets(url: str) -> list[str]:
     return [piece for piece in dict.fromkeys(pieces) if len(piece) >= MIN_MASKED_CHARS]
 
 
+_NOT_A_URL = "entry {number} is not a notification URL like json://host/path or tgram://TOKEN/CHAT"
+
+
+def alert_url_problem(number: int, url: str) -> str | None:
+    """Why `url` (entry `number` of `alerts.urls`) cannot be sent to, or None: its shape, then whether
+    apprise knows its scheme and can parse its parts. Names the entry and its scheme, never its text."""
+    if not _ALERT_URL.match(url):
+        return _NOT_A_URL.format(number=number)
+    import logging
+
+    import apprise
+
+    # apprise says why it refuses a URL at ERROR, quoting the URL (the token in it).
+    quiet = logging.getLogger("apprise")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL + 1)
+    try:
+        known = apprise.Apprise().add(url)
+    finally:
+        quiet.setLevel(level)
+    if not known:
+        return (
+            f"entry {number} ({alert_url_scheme(url)}://…) is not a notification URL apprise can send to: "
+            "check its scheme and parts"
+        )
+    return None
+
+
 class AlertsSettings(Section):
     urls_file: Text = ""
     urls: SecretStr | None = None
@@ -568,9 +596,7 @@ class AlertsSettings(Section):
             raise ValueError(f"must be at most {MAX_SECRET_FILE_BYTES} characters")
         for number, url in enumerate(alert_urls(value), start=1):
             if not _ALERT_URL.match(url):  # the message names the entry, never its text
-                raise ValueError(
-                    f"entry {number} is not a notification URL like json://host/path or tgram://TOKEN/CHAT"
-                )
+                raise ValueError(_NOT_A_URL.format(number=number))
         return value
 
     @model_validator(mode="after")
@@ -802,6 +828,9 @@ def load_config(
 
     settings, secret_sources = _read_secret_files(settings, label, sources, _env_names(environ))
     sources.update(secret_sources)
+    problems = _alert_url_problems(settings, label, sources, _env_names(environ))
+    if problems:
+        raise ConfigError(problems)
     env_names = {_lower(key_path): name for key_path, name in _env_names(environ).items()}
     return LoadedConfig(settings=settings, path=path, sources=sources, env_names=env_names)
 
@@ -1028,6 +1057,30 @@ def _read_secret_files(
         for name in SECTIONS
     }
     return settings.model_copy(update={k: v for k, v in sections.items() if v is not None}), found
+
+
+def _alert_url_problems(
+    settings: Settings,
+    label: str,
+    sources: Mapping[tuple[str, ...], Source],
+    env_names: Mapping[tuple[str, ...], str],
+) -> list[str]:
+    """Every alert URL is one apprise can send to, at load: `config show` and `status` accepted a URL that
+    `tsbot run` then refused. The line names what set the URLs (the variable, or the file's key and the
+    file), the entry's number and its scheme: never the URL."""
+    urls = alert_urls(settings.alerts.urls)
+    if not urls:
+        return []
+    if sources.get(("alerts", "urls")) is Source.SECRET_FILE:
+        path = Path(settings.alerts.urls_file).expanduser()
+        where = f"{_origin(('alerts', 'urls_file'), label, env_names)}: alerts.urls_file: secrets file {path}"
+    else:
+        where = f"{_origin(('alerts', 'urls'), label, env_names)}: alerts.urls"
+    for number, url in enumerate(urls, start=1):
+        problem = alert_url_problem(number, url)
+        if problem is not None:
+            return [f"{where}: {problem}"]
+    return []
 
 
 def _read_owner_only_file(path: Path, label: str, key: str, *, lines: bool = False) -> str:

@@ -11,10 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
 from engine.alerts import Alerter
 from engine.clock import ManualClock
-from engine.config import ConfigError, Source, alert_url_secrets, load_config
+from engine.config import AlertsSettings, ConfigError, Source, alert_url_secrets, load_config
 from engine.config_show import render_config
 from engine.logs import RedactingFormatter
 
@@ -99,16 +100,71 @@ def test_a_malformed_url_is_named_by_its_number_never_quoted(tmp_path: Path) -> 
     ]
 
 
-def test_a_scheme_apprise_does_not_know_is_one_line_without_the_token(tmp_path: Path) -> None:
-    loaded = load_config(
-        None, environ={"TSBOT_ALERTS__URLS": f"json://h/x nosuchscheme://{TOKEN}@example.org/x"}, cwd=tmp_path
-    )
+def test_a_scheme_apprise_does_not_know_is_refused_at_load_without_the_token(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
-        Alerter.from_settings(loaded.settings.alerts, ManualClock(), source="sim:default")
+        load_config(
+            None,
+            environ={"TSBOT_ALERTS__URLS": f"json://h/x nosuchscheme://{TOKEN}@example.org/x"},
+            cwd=tmp_path,
+        )
+    assert caught.value.lines == [
+        "TSBOT_ALERTS__URLS: alerts.urls: entry 2 (nosuchscheme://…) is not a notification URL apprise can "
+        "send to: check its scheme and parts"
+    ]
+    # The alerter refuses it too, should settings reach it another way.
+    settings = AlertsSettings(urls=SecretStr(f"json://h/x nosuchscheme://{TOKEN}@example.org/x"))
+    with pytest.raises(ConfigError) as caught:
+        Alerter.from_settings(settings, ManualClock(), source="sim:default")
     assert caught.value.lines == [
         "alerts.urls: entry 2 (nosuchscheme://…) is not a notification URL apprise can send to: "
         "check its scheme and parts"
     ]
+
+
+@pytest.mark.parametrize(
+    ("second_line", "problem"),
+    [
+        ("bogus://SECRETTOKEN123", "entry 2 (bogus://…) is not a notification URL apprise can send to"),
+        ("tgram://SECRETTOKEN123", "entry 2 (tgram://…) is not a notification URL apprise can send to"),
+        ("not-a-url-SECRETTOKEN123", "entry 2 is not a notification URL like json://host/path"),
+    ],
+)
+def test_a_urls_file_is_checked_at_load_as_run_checks_it(
+    tmp_path: Path, second_line: str, problem: str
+) -> None:
+    """A 0600 URLs file whose second line apprise cannot send to: `config show` said nothing (exit 0),
+    `tsbot run` refused it (exit 2). README: validated at load, for every command."""
+    urls = _write(tmp_path / "alerts.urls", f"json://127.0.0.1:8099/hooks/{TOKEN}\n{second_line}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, environ={"TSBOT_ALERTS__URLS_FILE": str(urls)}, cwd=tmp_path)
+    [line] = caught.value.lines
+    assert line.startswith(f"TSBOT_ALERTS__URLS_FILE: alerts.urls_file: secrets file {urls}: {problem}"), line
+    assert "SECRETTOKEN123" not in line
+    assert TOKEN not in line
+    config = _write(tmp_path / "c.toml", f'[alerts]\nurls_file = "{urls}"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(config, environ={})
+    assert caught.value.lines[0].startswith(f"{config}: alerts.urls_file: secrets file {urls}: {problem}")
+
+
+def test_tsbot_config_show_refuses_a_url_run_would_refuse(tmp_path: Path) -> None:
+    urls = _write(tmp_path / "alerts.urls", f"json://127.0.0.1:8099/hooks/{TOKEN}\nbogus://SECRETTOKEN123\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TSBOT_")}
+    env["TSBOT_ALERTS__URLS_FILE"] = str(urls)
+    result = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "config", "show"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"TSBOT_ALERTS__URLS_FILE: alerts.urls_file: secrets file {urls}: entry 2 (bogus://…) is not a "
+        "notification URL apprise can send to: check its scheme and parts\n"
+    )
 
 
 def test_without_urls_there_is_no_alerter(tmp_path: Path) -> None:
