@@ -1129,11 +1129,15 @@ def _read_owner_only_file(path: Path, label: str, key: str, *, lines: bool = Fal
     return value
 
 
-def _flatten(value: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
-    """(lower-case key path, value) of every leaf; an empty table is a leaf (`by_call = {}` is a value)."""
+def _flatten(
+    value: Any, prefix: tuple[str, ...] = (), *, lower: bool = True
+) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """(key path, value) of every leaf, lower case unless `lower` is false (a message names a key as it was
+    written: `BTCUSDT`, not `btcusdt`); an empty table is a leaf (`by_call = {}` is a value)."""
     if isinstance(value, Mapping) and value:
         for key, item in value.items():
-            yield from _flatten(item, (*prefix, _key_text(key).lower()))
+            text = _key_text(key)
+            yield from _flatten(item, (*prefix, text.lower() if lower else text), lower=lower)
     else:
         yield prefix, value
 
@@ -1192,7 +1196,7 @@ def _quoted_numbers(file_values: Mapping[str, Any]) -> Iterator[tuple[tuple[str,
     """Numbers written as strings in the file: refused, not guessed at. A TOML file has numbers; a quoted
     one was read as whatever Python's parsers make of it (`"３"`, full-width, `" 3 "` and `"3e0"` were all
     3). The environment's values are text by nature and are read as numbers there."""
-    for key_path, value in _flatten(file_values):
+    for key_path, value in _flatten(file_values, lower=False):
         if not isinstance(value, str):
             continue
         info = _field_at(key_path) or _field_in_table_at(key_path)
@@ -1218,7 +1222,7 @@ def _not_booleans(values: Mapping[str, Any]) -> Iterator[tuple[tuple[str, ...], 
     """Anything but a boolean at a boolean key: `true` or `false` only, in every table. The sections' flags
     are strict already; the sim venue's (`keep_book`, `account_stream.enabled`) took `0`, `"no"` and, from
     the environment, `False` or `0`, as pydantic's lax booleans do."""
-    for key_path, value in _flatten(values):
+    for key_path, value in _flatten(values, lower=False):
         info = _field_at(key_path) or _field_in_table_at(key_path)
         if info is not None and info.annotation is bool and not isinstance(value, bool):
             yield key_path, f"must be true or false, got {_show(value)}"

@@ -131,7 +131,7 @@ def test_bad_value_names_file_key_expectation_and_value(tmp_path: Path) -> None:
         ('[signals]\nwave_size = "7"\n', 'signals.wave_size: must be a number, got "7" (a string'),
         (
             '[venue.sim]\nvolatility_by_symbol = {SFPUSDT = "1e0"}\n',
-            'venue.sim.volatility_by_symbol.sfpusdt: must be a number, got "1e0" (a string',
+            'venue.sim.volatility_by_symbol.SFPUSDT: must be a number, got "1e0" (a string',
         ),
         (
             '[venue.sim.latency.by_call.create_order]\nseconds = "0.5"\n',

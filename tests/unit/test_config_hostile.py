@@ -351,6 +351,19 @@ def test_every_boolean_in_the_file_is_true_or_false_only(tmp_path: Path, toml: s
     assert _problems(tmp_path, toml) == [message]
 
 
+def test_a_bad_value_in_a_dict_names_its_key_as_written(tmp_path: Path) -> None:
+    """`volatility_by_symbol = {BTCUSDT = "x"}` was reported as `volatility_by_symbol.btcusdt`: a key the
+    file does not hold (symbols are upper case)."""
+    assert _problems(tmp_path, '[venue.sim.volatility_by_symbol]\nBTCUSDT = "x"\n') == [
+        'config.toml: venue.sim.volatility_by_symbol.BTCUSDT: must be a number, got "x" (a string: write the '
+        "number without quotes)"
+    ]
+    assert _problems(tmp_path, '[venue.sim.latency.by_call.Create_Order]\nseconds = "1"\n') == [
+        'config.toml: venue.sim.latency.by_call.Create_Order.seconds: must be a number, got "1" (a string: '
+        "write the number without quotes)"
+    ]
+
+
 @pytest.mark.parametrize(("value", "expected"), [("false", False), ("true", True)])
 def test_testnet_from_the_environment_accepts_the_words(tmp_path: Path, value: str, expected: bool) -> None:
     loaded = load_config(None, environ={"TSBOT_VENUE__TESTNET": value}, cwd=tmp_path)
