@@ -192,12 +192,46 @@ async def test_the_book_is_owner_only_and_its_directory_too(book_path: Path, ven
     assert SFP in book["core"]["accounts"]["main"]["positions"]
 
 
-async def test_a_change_is_on_disk_one_save_interval_later_without_a_close(
+async def test_an_order_is_on_disk_when_it_is_answered_without_a_close(
     clock: ManualClock, book_path: Path, venue: SimVenue
 ) -> None:
-    """An engine killed with SIGKILL never closes its venue: the book must already be on disk, one save
-    interval of venue time after the change (the write itself runs on a worker thread, in real time)."""
+    """An engine killed with SIGKILL never closes its venue. The book was saved up to a save interval after
+    a change, so a stop the venue had confirmed (and the engine recorded) was gone from the book after a kill
+    in between: the records said covered, the venue held no stop (an operator). An exchange does not confirm
+    an order it could forget: the answer, and the account event, wait for the book on disk."""
+    events = venue.watch_account()
+    await anext(events)  # connected
     await venue.create_market_order(SFP, OrderSide.BUY, QTY, client_order_id="in")
+    assert SFP in read_book(book_path)["core"]["accounts"]["main"]["positions"]
+    await venue.create_stop_market_order(SFP, OrderSide.SELL, QTY, Decimal("0.4000"), client_order_id="sl")
+    assert "sl" in json.dumps(read_book(book_path)["core"]["accounts"]["main"])  # at once: no save interval
+    venue.core.cancel_order(SFP, "sl", clock.now())  # by hand, on the venue: seen on the account stream
+
+    async def cancelled_event() -> None:
+        async for event in events:
+            if getattr(getattr(event, "order", None), "status", None) is OrderStatus.CANCELED:
+                return
+
+    seen = asyncio.ensure_future(cancelled_event())
+    for _ in range(100):  # venue time for the event's delay; no save interval passes
+        if seen.done():
+            break
+        await clock.advance(0.001)
+        await asyncio.sleep(0.01)
+    await asyncio.wait_for(seen, 5.0)
+    [stop] = [
+        o for o in read_book(book_path)["core"]["accounts"]["main"]["orders"] if o["client_order_id"] == "sl"
+    ]
+    assert stop["status"] == "canceled"
+    await events.aclose()
+
+
+async def test_a_change_without_a_call_is_on_disk_one_save_interval_later(
+    clock: ManualClock, book_path: Path, venue: SimVenue
+) -> None:
+    """What no call answers (a price tick moving a trailing stop, an order changed on the venue by hand) is
+    saved one save interval of venue time later (the write itself runs on a worker thread, in real time)."""
+    venue.core.place_market_order(SFP, OrderSide.BUY, QTY, "by-hand", clock.now())
     assert SFP not in read_book(book_path)["core"]["accounts"].get("main", {}).get("positions", {})
     await clock.advance(BOOK_SAVE_SECONDS)  # and not a moment more
     for _ in range(500):

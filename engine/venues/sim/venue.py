@@ -298,6 +298,9 @@ class SimVenue:
                 if wait > 0:
                     await clock.sleep(wait)  # a drop meanwhile empties the queue: checked again first
                     continue
+                await self._book_durable()  # (an event says what the book holds)
+                if not subscription.queue or subscription.queue[0][1] is not event:
+                    continue  # dropped meanwhile
                 subscription.queue.popleft()
                 self._account_last_event_at = clock.monotonic()
                 yield event
@@ -621,6 +624,8 @@ class SimVenue:
         )
 
     async def _save_book(self, book: SimBookFile) -> None:
+        while self._book_write is not None and not self._book_write.done():  # one write at a time
+            await asyncio.wait({self._book_write})
         revisions = (self._core.book_revision, self._core.marks_revision)
         now = self._clock.now()
         captured = self._core.capture_book(now)  # on the loop: consistent, cheap
@@ -632,11 +637,37 @@ class SimVenue:
 
         # A cancelled caller (the saver, at close) does not stop the thread: close waits for it, so two
         # writes of one book never overlap (the later one's rename found the temporary file gone, and an
-        # older state could land after a newer one).
-        self._book_write = asyncio.ensure_future(asyncio.to_thread(write))
-        await asyncio.shield(self._book_write)
-        self._saved_revisions = revisions
-        self._marks_saved_at = self._clock.monotonic()
+        # older state could land after a newer one). Nor do two callers' writes: each waits for the write
+        # under way (`_save_book` is called by the saver and by every answer that waits for its change).
+        written = asyncio.ensure_future(asyncio.to_thread(write))
+
+        def saved(done: asyncio.Future[None]) -> None:  # before any waiter resumes: it sees the revision
+            if not done.cancelled() and done.exception() is None:
+                self._saved_revisions = revisions
+                self._marks_saved_at = self._clock.monotonic()
+
+        written.add_done_callback(saved)
+        self._book_write = written
+        await asyncio.shield(written)
+
+    async def _book_durable(self) -> None:
+        """Wait until the book on disk holds every change made so far: an order's answer (and its account
+        event) waits for it, as an exchange does not confirm an order it could forget. Confirmed first and
+        saved up to a save interval later, a stop the engine had confirmed and recorded was gone from the
+        book after a SIGKILL in between, the records "covered" and the venue without it (an operator)."""
+        book = self._book
+        if book is None or not self._book_loaded or not book.is_open:
+            return
+        wanted = self._core.book_revision
+        while self._saved_revisions[0] < wanted:
+            under_way = self._book_write
+            if under_way is not None and not under_way.done():
+                await asyncio.wait({under_way})  # it may hold this change already
+                continue
+            try:
+                await self._save_book(book)
+            except Exception:  # said by the saver, which tries again; the answer does not wait for it
+                return
 
     async def _run_saver(self, book: SimBookFile) -> None:
         failing = False
@@ -714,6 +745,8 @@ class SimVenue:
                 result = operation(self._clock.now())
         except ExchangeError as error:
             refusal = error
+        if kind.mutates:
+            await self._book_durable()
         if answer_lost:
             await self._clock.sleep(timeout - arrival)
             logger.info(
