@@ -46,7 +46,10 @@ PROBE_SECONDS = 2.0  # between two probes, on the engine's clock
 FRESH_EVERY = 5  # every this many probes (and whenever in doubt) on a new connection rather than a pooled one
 STALLED_PROBES = 2  # an embedded server alive but silent for this many probes in a row is restarted
 SAY_EVERY_SECONDS = 60.0  # an outage is said once when it starts, then once per this interval
-MAX_RESTART_BACKOFF_SECONDS = 30.0
+# A failed restart (a data directory made unreadable, a full disk) is tried again after 1, 2, 4, then every 5 s:
+# at 30 s the server stayed down 23 s after its cause was gone, entries paused and writes journaled (an
+# operator). A failed start costs a few milliseconds.
+MAX_RESTART_BACKOFF_SECONDS = 5.0
 
 
 async def _within(
