@@ -393,7 +393,9 @@ class EngineObserver:
         manager = engine.manager
         now = engine.clock.monotonic()
         if manager is None:
-            return None
+            # A start before its guards exist: the positions on the record it carries (unverified once a
+            # grace period passes without the venue read).
+            return observe_engine(engine, now) if engine.starting else None
         if manager is not self._manager:
             if self._manager is None:  # the first look: the engine's start is over
                 self._manager, self._report = manager, engine.startup_report

@@ -821,6 +821,7 @@ class Engine:
         self._records_timer: asyncio.Future[None] | None = None  # `_carry_the_records`' grace
         # Positions filled while the protection manager restarts, until the new manager guards them.
         self._awaiting_guard: dict[int, _AwaitingGuard] = {}
+        self._alerts_started = False
         # Cleared while the protection manager restarts: an entry that fills meanwhile waits for the new
         # manager (the one it started under is stopped; a guard there would run unseen).
         self._protection_ready = asyncio.Event()
@@ -907,6 +908,7 @@ class Engine:
             await self._replay_left_journal()
             await self._record_trails_a_dead_engine_left()
             await self._carry_the_records()
+            self._start_alerts()  # a start may wait out a ban for minutes: what it carries is alerted on
             control = await self.store.entries_control(self.exchange_name, self.account_key)
             if control is not None and control.paused:
                 self._persisted_pause = (True, control.paused_by, control.reason)
@@ -964,13 +966,14 @@ class Engine:
                 "engine_started",
                 f"engine {self.version} started: {self.startup_report.describe()}",
             )
-        except BaseException:  # the lease (and its heartbeat) ends with a start that does not finish
+        except BaseException as exc:  # the lease (and its heartbeat) ends with a start that does not finish
             if self.manager is not None:  # and so do its guards: none acts for an account no engine holds
                 await _quietly(self.manager.stop())
             settlers = list(self._settlers)  # (entries from before the start, looked up in the background)
             for task in settlers:
                 task.cancel()
             await asyncio.gather(*settlers, return_exceptions=True)
+            await self._alert_start_given_up(exc)
             await self._release()
             raise
         self._start_loops()
@@ -979,6 +982,36 @@ class Engine:
         forget_last_stop(self._last_stop_path())
         self._set_state(EngineState.RUNNING)
         return self.startup_report
+
+    def _start_alerts(self) -> None:
+        """The alerts' delivery and checks, once: from the start (its records carried), not from its end. A
+        start waiting out a ban for minutes, positions without stops on the record, alerted nothing, nor did
+        one given up on (a reviewer)."""
+        alerter = self.alerter
+        if alerter is None or self._alerts_started:
+            return
+        self._alerts_started = True
+        alerter.start()
+        self._supervisor.start("alerts", lambda: alerter.watch(EngineObserver(self)))
+
+    async def _alert_start_given_up(self, exc: BaseException) -> None:
+        """A start that does not finish says so off-screen, with what the record holds: nothing protects those
+        positions but the stops already on the venue."""
+        alerter = self.alerter
+        if alerter is None or not self._alerts_started:
+            return
+        await self._supervisor.stop_one("alerts")
+        facts = self.coverage_facts()
+        uncovered = [f.symbol for f in facts if not f.covered]
+        held = (
+            f"{len(facts)} open positions on the record"
+            + (f", {len(uncovered)} uncovered ({', '.join(sorted(uncovered)[:10])})" if uncovered else "")
+            if facts
+            else "no open position on the record"
+        )
+        why = str(exc) or type(exc).__name__
+        alerter.engine_stopped(f"the start did not finish ({why[:200]}); {held}", not uncovered, None)
+        await alerter.close()
 
     async def _carry_the_records(self) -> None:
         """Until the start's guards exist (its reads of the venue may wait out a ban for minutes), the open
@@ -1124,10 +1157,7 @@ class Engine:
         sup.start("account-stream", self.account_stream.run)
         sup.start("health", self._health_loop)
         sup.start("lease-heartbeat", self._lease_heartbeat)
-        if self.alerter is not None:
-            alerter = self.alerter
-            alerter.start()
-            sup.start("alerts", lambda: alerter.watch(EngineObserver(self)))
+        self._start_alerts()
         db = self.settings.database
         self.db_watch = DatabaseWatch(
             self._db,
@@ -3803,6 +3833,10 @@ class Engine:
         if self.manager is None and not facts:
             return _empty_coverage()
         return coverage_figures(facts, now, self._grace_seconds())
+
+    @property
+    def starting(self) -> bool:
+        return self.state is EngineState.STARTING
 
     def coverage_facts(self) -> list[PositionCoverage]:
         """Each open position's coverage facts, as the gauge counts them (see `_protection_facts`)."""

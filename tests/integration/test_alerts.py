@@ -6,6 +6,7 @@ The engine runs on a ManualClock (the rules' times are virtual); delivery is rea
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -20,6 +21,7 @@ from engine.config import LoadedConfig, Settings
 from engine.engine import Engine
 from engine.exchange.port import OrderType
 from engine.logs import RedactingFormatter
+from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, FaultKind
 from engine.venues.sim.universe import UNIVERSE
 from storage.database import Database
@@ -32,6 +34,7 @@ from storage.embedded import (
     stop_embedded,
 )
 from tests.integration.engine_support import engine_settings, make_engine
+from tests.integration.test_failure_modes_f1_f5 import drive_until_covered, open_positions
 from tests.support.driving import drive, drive_until
 from tests.support.owned_postgres import StaleSocketLock, kill_postmaster
 from tests.support.webhook import WebhookReceiver
@@ -350,3 +353,52 @@ async def test_a_breaker_pause_that_outlasts_a_database_outage_is_not_said_recov
         assert len(receiver.matching("circuit breaker tripped")) == 1
     finally:
         await drive(clock, engine.stop())
+
+
+async def test_a_start_that_cannot_read_the_venue_alerts_what_its_records_hold_and_that_it_gave_up(
+    db: Database, receiver: WebhookReceiver
+) -> None:
+    """The alerts began only once a start had finished: a start waiting out a ban for minutes, positions on
+    the record unverified (uncovered), alerted nothing, and one given up on said nothing either (a
+    reviewer). They run from the start, on the records it carries."""
+    url = receiver.url(f"/hooks/{TOKEN}")
+    settings = alert_settings(db, url)
+    clock = ManualClock()
+    first = make_engine(settings, clock)
+    await drive(clock, first.start())
+    try:
+        await open_positions(first, clock, SYMBOLS[30:32])
+        await drive_until_covered(first, clock, 2)
+    finally:
+        await drive(clock, first.stop(drain=False))  # killed: no stop alert of its own to wait for
+    await until_delivered(clock, receiver, "engine stopped")
+    before = len(receiver.deliveries)
+
+    second = make_engine(settings, clock, SimVenue(settings.venue.sim, clock=clock, core=first.venue.core))
+    second.venue.inject_fault(CallKind.LOAD_MARKETS, FaultKind.NETWORK_ERROR_BEFORE_SEND, count=1_000)
+    starting = asyncio.ensure_future(second.start())
+    try:
+        await drive_until(
+            clock,
+            lambda: any("uncovered for" in d.text for d in receiver.deliveries[before:]),
+            step=0.02,
+            limit=600.0,
+            what="the carried positions alerted uncovered during the start",
+        )
+        await drive_until(clock, starting.done, step=0.05, limit=600.0, what="the start given up")
+        with pytest.raises(Exception, match="load_markets"):
+            starting.result()
+        await drive_until(
+            clock,
+            lambda: any("the start did not finish" in d.text for d in receiver.deliveries[before:]),
+            step=0.02,
+            limit=60.0,
+            what="the given-up start alerted",
+        )
+    finally:
+        if not starting.done():
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+    [given_up] = [d for d in receiver.deliveries[before:] if "the start did not finish" in d.text]
+    assert "2 open positions on the record, 2 uncovered" in given_up.text
+    assert given_up.payload["type"] == "failure"  # CRITICAL: nothing protects them but the venue's stops
