@@ -547,7 +547,14 @@ class _Channel:
 
     def offer(self, notification: Notification) -> None:
         if len(self.queue) >= QUEUE_LIMIT:
-            self.queue.popleft()
+            # The oldest that is not CRITICAL goes (never the one being sent), else the oldest: a one-off
+            # CRITICAL was dropped while the repeats behind it were kept (a reviewer).
+            first = 1 if self.sending else 0
+            index = next(
+                (i for i in range(first, len(self.queue)) if self.queue[i].kind is not NotifyKind.FAILURE),
+                first,
+            )
+            del self.queue[index]
             self.dropped += 1
         self.queue.append(notification)
         self.ready.set()
@@ -575,9 +582,10 @@ class _Channel:
                 await self.ready.wait()
                 continue
             head = notification = self.queue[0]
-            if self.dropped:
+            told = self.dropped  # said with this send: drops during it are said with the next
+            if told:
                 notification = replace(
-                    notification, body=f"{notification.body}\n({self.dropped} earlier alerts were dropped)"
+                    notification, body=f"{notification.body}\n({told} alerts were dropped)"
                 )
             self.sending = True
             started = time.monotonic()
@@ -611,7 +619,7 @@ class _Channel:
                 self.sending = False
             if self.queue and self.queue[0] is head:  # (it may have been dropped meanwhile)
                 self.queue.popleft()
-            self.dropped = 0
+            self.dropped -= told
             self.delivered += 1
             delay = self.retry_initial_seconds
             if self.failures:
@@ -707,8 +715,8 @@ class Alerter:
                 break  # every receiver with something left failed again: do not wait out its backoff
             await asyncio.sleep(0.05)
         left = sum(len(c.queue) for c in self._channels)
-        if left:
-            log.warning("alerts: %d notifications not delivered at stop", left)
+        if left:  # (one whose send was abandoned to a slow receiver may still arrive)
+            log.warning("alerts: %d notifications not confirmed delivered at stop", left)
         for task in self._tasks:
             task.cancel()
         with contextlib.suppress(Exception):

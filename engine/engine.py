@@ -1540,7 +1540,8 @@ class Engine:
         if not waves:
             return
         told = "; ".join(
-            f"wave {w.id}: {w.signals} signals, {w.opened} opened, {w.protected} protected by it"
+            f"wave {w.id}: {w.signals} signal{'' if w.signals == 1 else 's'}, {w.opened} opened, "
+            f"{w.protected} protected by it"
             for w in waves
         )
         how = (

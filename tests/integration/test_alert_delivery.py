@@ -14,7 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from engine.alerts import Alerter, AppriseNotifier, Observation, UncoveredPosition
+from engine.alerts import (
+    QUEUE_LIMIT,
+    Alerter,
+    AppriseNotifier,
+    Notification,
+    NotifyKind,
+    Observation,
+    UncoveredPosition,
+    _Channel,
+)
 from engine.clock import ManualClock
 from engine.config import LoadedConfig, load_config
 from engine.logs import RedactingFormatter
@@ -150,7 +159,16 @@ async def test_a_send_abandoned_to_a_trickling_receiver_does_not_keep_the_proces
         f"""
         import asyncio
         from pathlib import Path
-        from engine.alerts import Alerter, AppriseNotifier, Observation, UncoveredPosition
+        from engine.alerts import (
+    QUEUE_LIMIT,
+    Alerter,
+    AppriseNotifier,
+    Notification,
+    NotifyKind,
+    Observation,
+    UncoveredPosition,
+    _Channel,
+)
         from engine.clock import ManualClock
         from engine.config import load_config
 
@@ -212,3 +230,22 @@ async def test_a_stops_last_alert_is_tried_once_more_at_a_receiver_in_its_backof
         await receiver.close()
     assert receiver.matching("engine stopped", "UNCOVERED 1 (BTCUSDT)")
     assert receiver.matching("BTCUSDT uncovered for 42s")
+
+
+async def test_a_full_queue_drops_the_oldest_warning_not_a_critical(tmp_path: Path) -> None:
+    """At the queue's limit the oldest notification was dropped whatever it was: a one-off CRITICAL went
+    while the repeats behind it were kept (a reviewer). The oldest that is not CRITICAL goes."""
+    dead = await WebhookReceiver(hang=True).start()
+    url = dead.url("/dead")
+    channel = _Channel(AppriseNotifier(url, 1), timeout_seconds=1.0, retry_initial_seconds=0.05)
+    critical = Notification("CRITICAL tsbot", "BTCUSDT uncovered", NotifyKind.FAILURE)
+    try:
+        channel.offer(critical)
+        for n in range(QUEUE_LIMIT + 5):
+            channel.offer(Notification("WARNING tsbot", f"stream marks X stale ({n})", NotifyKind.WARNING))
+        assert critical in channel.queue
+        assert len(channel.queue) == QUEUE_LIMIT
+        assert channel.dropped == 6
+        assert channel.queue[1].body == "stream marks X stale (6)"  # the oldest warnings went
+    finally:
+        await dead.close()
