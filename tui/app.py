@@ -385,7 +385,9 @@ class DashboardApp(App[int]):
         self._frames_shown += 1
         self.last_snapshot = snapshot
         with self.batch_update():
-            self._status.show(snapshot, watching=self._watching(), stopping=self.stopping)
+            self._status.show(
+                snapshot, watching=self._watching(), stopping=self.stopping, looked_after=self._looked_after()
+            )
             self._gauge.show(snapshot)
             self._health.show(snapshot.health)
             self._waves.show(snapshot.waves)
@@ -425,6 +427,13 @@ class DashboardApp(App[int]):
         """The bell and the window title on CRITICAL (tui/attention.py), written as Textual's own bell()."""
         if sequence and not self.is_headless and self._driver is not None:
             self._driver.write(sequence)
+
+    def _looked_after(self) -> bool:
+        """Watching: an engine holds the account, is heard and looks after it (not starting or stopping)."""
+        if not self.feed.read_only:
+            return True
+        holder = getattr(self.feed, "holder", None)
+        return holder is not None and not holder.silent and holder.looks_after
 
     def _watching(self) -> str | None:
         if not self.feed.read_only:

@@ -562,6 +562,16 @@ async def test_a_watch_says_whether_the_engine_it_watches_takes_entries(db: Data
         )
 
 
+async def test_a_watch_whose_engine_is_gone_does_not_say_entries_are_on(db: Database) -> None:
+    """After the engine it watched was killed, the read-only header said "no engine running" beside
+    "entries on", in normal colours (an operator): no entry goes with no engine."""
+    async with _watching(db) as (trader, board):
+        await drive(trader.clock, trader.stop(drain=False))  # (its lease released: as dead as a watch sees)
+        await board.until(lambda: "no engine running" in board.status_text(), "the engine gone, watched")
+        await board.until(lambda: "NO ENTRIES (no engine)" in board.status_text(), "no entries said")
+        assert "entries on" not in board.status_text()
+
+
 async def test_a_watch_says_entries_are_held_back_by_the_venue_as_its_health_panel_does(db: Database) -> None:
     """A reviewer's find: the read-only header said "entries on" while its own health panel (the engine's
     last signals measurement) said entries were held back by the venue's rate refusals."""

@@ -36,7 +36,16 @@ class StatusBar(Horizontal):
     def on_resize(self, event: events.Resize) -> None:
         self.set_class(event.size.width < TIGHT_BELOW, "-tight")
 
-    def show(self, snapshot: EngineSnapshot, *, watching: str | None = None, stopping: bool = False) -> None:
+    def show(
+        self,
+        snapshot: EngineSnapshot,
+        *,
+        watching: str | None = None,
+        stopping: bool = False,
+        looked_after: bool = True,
+    ) -> None:
+        """`looked_after`: watching, an engine holds the account and is heard (none: no entry goes, and
+        "entries on" beside "no engine running" read as if one would, an operator)."""
         mode = snapshot.mode
         for name in ("SIM", "TESTNET", "LIVE"):
             self.set_class(mode == name, f"-{name.lower()}")
@@ -49,7 +58,9 @@ class StatusBar(Horizontal):
         known = watching is None or bool(snapshot.taken_at)
         if known:
             entries = "entries on"
-            if snapshot.entries_paused:
+            if not looked_after:
+                entries = "NO ENTRIES (no engine)"
+            elif snapshot.entries_paused:
                 by = snapshot.entries_paused_by
                 entries = f"ENTRIES PAUSED ({by})" if by and by != "operator" else "ENTRIES PAUSED"
             elif snapshot.entries_held is not None:  # the venue's word: every signal meanwhile is refused
@@ -66,7 +77,8 @@ class StatusBar(Horizontal):
             "engine-clock", formatting.clock_time(snapshot.taken_at, self._tz) if snapshot.taken_at else ""
         )
         self._labels["entries"].set_class(
-            known and (snapshot.entries_paused or snapshot.entries_held is not None), "-paused"
+            known and (not looked_after or snapshot.entries_paused or snapshot.entries_held is not None),
+            "-paused",
         )
         self._labels["engine-state"].set_class(state != "running", "-not-running")
         self._labels["engine-state"].set_class(state == "running", "-running")
