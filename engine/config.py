@@ -982,14 +982,38 @@ def _passwords_in_dsn(
     for values, origin in ((file_values, label), (env_values, None)):
         section = values.get("database")
         dsn = section.get("dsn") if isinstance(section, Mapping) else None
-        if isinstance(dsn, str) and _dsn_holds_a_password(dsn):
-            where = origin or _origin(("database", "dsn"), label, env_names)
+        if not isinstance(dsn, str):
+            continue
+        where = origin or _origin(("database", "dsn"), label, env_names)
+        if _dsn_holds_a_password(_without_ssl_password(dsn)):
             problems.append(
                 f"{where}: database.dsn: must not hold the database password: set TSBOT_DATABASE__PASSWORD in "
                 "the environment or database.password_file to a file only you can read, got a DSN with a "
                 "password in it"
             )
+        elif origin is not None and _without_ssl_password(dsn) != dsn:
+            # The client key's passphrase has no setting of its own: a DSN from the environment may carry
+            # it (masked everywhere), the file may not (a reviewer: refused everywhere, an mTLS setup had
+            # no way to give it).
+            problems.append(
+                f"{where}: database.dsn: must not hold sslpassword (a secret) in the file: set the DSN in "
+                "TSBOT_DATABASE__DSN in the environment instead"
+            )
     return problems
+
+
+def _without_ssl_password(dsn: str) -> str:
+    """The DSN without its `sslpassword` parameters (the passphrase of the client's key, not the database
+    password)."""
+    try:
+        parts = urllib.parse.urlsplit(dsn)
+        query = urllib.parse.parse_qsl(parts.query, True)
+    except ValueError:
+        return dsn
+    kept = [(k, v) for k, v in query if k.strip().lower() != "sslpassword"]
+    if len(kept) == len(query):
+        return dsn
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(kept)))
 
 
 def _unknown_env_sections(environ: Mapping[str, str]) -> list[str]:
@@ -1199,10 +1223,12 @@ def _quoted_numbers(file_values: Mapping[str, Any]) -> Iterator[tuple[tuple[str,
     for key_path, value in _flatten(file_values, lower=False):
         if not isinstance(value, str):
             continue
-        info = _field_at(key_path) or _field_in_table_at(key_path)
+        # Looked up in lower case, as the loader reads `[Protection]` (named as written in the message).
+        lookup = _lower(key_path)
+        info = _field_at(lookup) or _field_in_table_at(lookup)
         annotation = None if info is None else info.annotation
         if info is None:  # a value in a table of numbers (`volatility_by_symbol = {SFPUSDT = 1.5}`)?
-            table = _field_at(key_path[:-1])
+            table = _field_at(lookup[:-1])
             if table is None or typing.get_origin(table.annotation) is not dict:
                 continue
             annotation = typing.get_args(table.annotation)[1]
@@ -1223,7 +1249,8 @@ def _not_booleans(values: Mapping[str, Any]) -> Iterator[tuple[tuple[str, ...], 
     are strict already; the sim venue's (`keep_book`, `account_stream.enabled`) took `0`, `"no"` and, from
     the environment, `False` or `0`, as pydantic's lax booleans do."""
     for key_path, value in _flatten(values, lower=False):
-        info = _field_at(key_path) or _field_in_table_at(key_path)
+        lookup = _lower(key_path)  # (`[Venue.sim]` is read as `venue.sim`)
+        info = _field_at(lookup) or _field_in_table_at(lookup)
         if info is not None and info.annotation is bool and not isinstance(value, bool):
             yield key_path, f"must be true or false, got {_show(value)}"
 

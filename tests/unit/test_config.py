@@ -334,6 +334,28 @@ def test_a_dsn_without_a_password_loads_with_the_password_from_the_environment(t
     assert "pa55word" not in render_config(loaded)
 
 
+def test_a_client_keys_passphrase_comes_in_a_dsn_from_the_environment_not_from_the_file(
+    tmp_path: Path,
+) -> None:
+    """`sslpassword` (the passphrase of the client's TLS key) has no setting of its own: refused everywhere
+    as "the database password", an mTLS setup had no way to give it (a reviewer). From the environment it is
+    taken, and masked; the file may not hold it, a secret."""
+    dsn = "postgresql://bot@db.internal/tsbot?sslmode=verify-full&sslkey=/k/client.key&sslpassword=keyphrase"
+    loaded = load_config(
+        None, environ={"TSBOT_DATABASE__DSN": dsn, "TSBOT_DATABASE__PASSWORD": "pw"}, cwd=tmp_path
+    )
+    assert loaded.settings.database.dsn == dsn
+    assert "keyphrase" not in render_config(loaded)
+    config = _write(tmp_path / "dsn.toml", f'[database]\ndsn = "{dsn}"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(config, environ={})
+    assert caught.value.lines == [
+        f"{config}: database.dsn: must not hold sslpassword (a secret) in the file: set the DSN in "
+        "TSBOT_DATABASE__DSN in the environment instead"
+    ]
+    assert "keyphrase" not in str(caught.value)
+
+
 def test_config_show_is_toml_that_loads_back_to_the_same_settings(tmp_path: Path) -> None:
     path = _write(tmp_path / "c.toml", '[protection]\ncallback_percent = 0.75\n[tui.keys]\nquit = "ctrl+q"\n')
     loaded = load_config(path, environ={"TSBOT_SIGNALS__WAVE_SIZE": "9"})

@@ -351,6 +351,24 @@ def test_every_boolean_in_the_file_is_true_or_false_only(tmp_path: Path, toml: s
     assert _problems(tmp_path, toml) == [message]
 
 
+@pytest.mark.parametrize(
+    "toml",
+    [
+        '[Protection]\ngrace_seconds = " 3e0 "\n',
+        '[Signals]\nmax_positions = "3"\n',
+        "[Venue.sim]\nkeep_book = 0\n",
+        '[VENUE.sim.account_stream]\nenabled = "no"\n',
+    ],
+)
+def test_a_section_written_in_another_case_is_held_to_the_same_rules(tmp_path: Path, toml: str) -> None:
+    """The loader reads `[Protection]` as `protection`; the checks for quoted numbers and loose booleans
+    looked its fields up as written, found none, and pydantic's lax parsing took `" 3e0 "` and `0` (a
+    reviewer)."""
+    [problem] = _problems(tmp_path, toml)
+    assert problem.startswith("config.toml: "), problem
+    assert "must be a number" in problem or "must be true or false" in problem, problem
+
+
 def test_a_bad_value_in_a_dict_names_its_key_as_written(tmp_path: Path) -> None:
     """`volatility_by_symbol = {BTCUSDT = "x"}` was reported as `volatility_by_symbol.btcusdt`: a key the
     file does not hold (symbols are upper case)."""
