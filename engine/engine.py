@@ -967,14 +967,17 @@ class Engine:
                 f"engine {self.version} started: {self.startup_report.describe()}",
             )
         except BaseException as exc:  # the lease (and its heartbeat) ends with a start that does not finish
+            facts = self.coverage_facts()  # (what it leaves: counted while its guards still say it)
             if self.manager is not None:  # and so do its guards: none acts for an account no engine holds
                 await _quietly(self.manager.stop())
             settlers = list(self._settlers)  # (entries from before the start, looked up in the background)
             for task in settlers:
                 task.cancel()
             await asyncio.gather(*settlers, return_exceptions=True)
-            await self._alert_start_given_up(exc)
-            await self._release()
+            try:
+                await self._release()  # the lease first: the alert's delivery may take seconds
+            finally:
+                await self._alert_start_given_up(exc, facts)
             raise
         self._start_loops()
         # The positions are this engine's to protect now (not before: a start that fails protects nothing,
@@ -994,14 +997,17 @@ class Engine:
         alerter.start()
         self._supervisor.start("alerts", lambda: alerter.watch(EngineObserver(self)))
 
-    async def _alert_start_given_up(self, exc: BaseException) -> None:
-        """A start that does not finish says so off-screen, with what the record holds: nothing protects those
-        positions but the stops already on the venue."""
+    async def _alert_start_given_up(self, exc: BaseException, facts: list[PositionCoverage]) -> None:
+        """A start that does not finish says so off-screen, with what it leaves (`facts`, taken before its
+        guards stopped: after, a start given up once protection had begun said "no open position"): nothing
+        protects those positions but the stops already on the venue."""
         alerter = self.alerter
         if alerter is None or not self._alerts_started:
             return
-        await self._supervisor.stop_one("alerts")
-        facts = self.coverage_facts()
+        try:
+            await self._supervisor.stop_one("alerts")
+        except Exception:
+            log.exception("stopping the alerts' checks failed")
         uncovered = [f.symbol for f in facts if not f.covered]
         held = (
             f"{len(facts)} open positions on the record"

@@ -402,3 +402,51 @@ async def test_a_start_that_cannot_read_the_venue_alerts_what_its_records_hold_a
     [given_up] = [d for d in receiver.deliveries[before:] if "the start did not finish" in d.text]
     assert "2 open positions on the record, 2 uncovered" in given_up.text
     assert given_up.payload["type"] == "failure"  # CRITICAL: nothing protects them but the venue's stops
+
+
+async def test_a_start_given_up_once_its_guards_exist_alerts_the_positions_they_guarded(
+    db: Database, receiver: WebhookReceiver
+) -> None:
+    """Given up after its guards existed (here its last write refused), the start's alert counted the
+    positions once the guards had stopped, and those had left the count: "no open position on the record",
+    at WARNING, while the venue held two (a reviewer). They are counted before the guards stop."""
+    url = receiver.url(f"/hooks/{TOKEN}")
+    settings = alert_settings(db, url)
+    clock = ManualClock()
+    first = make_engine(settings, clock)
+    await drive(clock, first.start())
+    try:
+        await open_positions(first, clock, SYMBOLS[33:35])
+        await drive_until_covered(first, clock, 2)
+    finally:
+        await drive(clock, first.stop(drain=False))
+    await until_delivered(clock, receiver, "engine stopped")
+    before = len(receiver.deliveries)
+    await db.pool.execute(
+        """
+        CREATE FUNCTION monitoring.refuse_start_event() RETURNS trigger LANGUAGE plpgsql AS
+        $$ BEGIN RAISE EXCEPTION 'the events table refuses this write'; END $$;
+        CREATE TRIGGER refuse_start_event BEFORE INSERT ON monitoring.events
+        FOR EACH ROW WHEN (NEW.type = 'engine_started') EXECUTE FUNCTION monitoring.refuse_start_event();
+        """
+    )
+    second = make_engine(settings, clock, SimVenue(settings.venue.sim, clock=clock, core=first.venue.core))
+    starting = asyncio.ensure_future(second.start())
+    try:
+        await drive_until(clock, starting.done, step=0.05, limit=120.0, what="the start given up")
+        with pytest.raises(Exception, match="refuses this write"):
+            starting.result()
+        await drive_until(
+            clock,
+            lambda: any("the start did not finish" in d.text for d in receiver.deliveries[before:]),
+            step=0.02,
+            limit=60.0,
+            what="the given-up start alerted",
+        )
+    finally:
+        if not starting.done():
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+    [given_up] = [d for d in receiver.deliveries[before:] if "the start did not finish" in d.text]
+    assert "2 open positions on the record" in given_up.text, given_up.text
+    assert sorted(p.symbol for p in first.venue.core.positions(clock.now())) == sorted(SYMBOLS[33:35])
