@@ -515,8 +515,14 @@ class AppriseNotifier:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
                 loop.call_soon_threadsafe(_settle, answer, result)
 
+        if not any(True for _ in self._apprise):
+            raise DeliveryRefused("no service to send to")  # (never counted delivered for sending nothing)
         self._sending = True
-        threading.Thread(target=deliver, name=f"alerts {self.name}", daemon=True).start()
+        try:
+            threading.Thread(target=deliver, name=f"alerts {self.name}", daemon=True).start()
+        except BaseException:  # (no thread could start: nothing is under way)
+            self._sending = False
+            raise
         if not await answer:
             raise DeliveryRefused("the receiver did not accept it")
 
@@ -545,7 +551,8 @@ class _Channel:
         self.sending = False
         self.retry_now = asyncio.Event()  # set: a backoff in progress ends at once (a stop's last alert)
 
-    def offer(self, notification: Notification) -> None:
+    def offer(self, notification: Notification, *, first: bool = False) -> None:
+        """Queued last, or `first`: next (the one being sent, if any, is not sent again)."""
         if len(self.queue) >= QUEUE_LIMIT:
             # The oldest that is not CRITICAL goes (never the one being sent), else the oldest: a one-off
             # CRITICAL was dropped while the repeats behind it were kept (a reviewer).
@@ -556,7 +563,10 @@ class _Channel:
             )
             del self.queue[index]
             self.dropped += 1
-        self.queue.append(notification)
+        if first:
+            self.queue.appendleft(notification)
+        else:
+            self.queue.append(notification)
         self.ready.set()
 
     @property
@@ -617,8 +627,8 @@ class _Channel:
                 continue
             finally:
                 self.sending = False
-            if self.queue and self.queue[0] is head:  # (it may have been dropped meanwhile)
-                self.queue.popleft()
+            with contextlib.suppress(ValueError):  # (it may have been dropped meanwhile, or one put ahead)
+                self.queue.remove(head)
             self.dropped -= told
             self.delivered += 1
             delay = self.retry_initial_seconds
@@ -686,9 +696,11 @@ class Alerter:
         return alerts
 
     def engine_stopped(self, exit_line: str, all_protected: bool, fatal: str | None) -> None:
-        self._send([stopped_alert(exit_line, all_protected, fatal)])
+        """The stop's alert, ahead of any backlog (a stop waits seconds only for its last alert: behind stale
+        ones it could miss them, a reviewer)."""
+        self._send([stopped_alert(exit_line, all_protected, fatal)], first=True)
 
-    def _send(self, alerts: list[Alert]) -> None:
+    def _send(self, alerts: list[Alert], *, first: bool = False) -> None:
         if not alerts:
             return
         for alert in alerts:
@@ -696,7 +708,7 @@ class Alerter:
         self.sent = [*self.sent, *alerts][-1000:]
         notification = compose(alerts, self.source, self.clock.now())
         for channel in self._channels:
-            channel.offer(notification)
+            channel.offer(notification, first=first)
 
     async def close(self) -> None:
         """Let what is queued go out, for a few seconds at most, then stop the delivery tasks."""

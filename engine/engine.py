@@ -857,13 +857,15 @@ class Engine:
         and the dashboard paired a verdict on stops lost a moment ago, or found again, with live figures
         that said otherwise (an operator saw "critical" beside "uncovered 0")."""
         manager = self.manager
-        if not self._health or manager is None:
+        if not self._health:
             return self._health
         if figures is None:
             figures = self.coverage()
         now = self.clock.monotonic()
+        # (between two managers, a protection restart's, the facts carried through it: no timeouts counted)
+        timeouts = manager.timeouts.count(now, 3600.0) if manager is not None else 0
         live = health.evaluate_protection(
-            health.ProtectionMeasurement.of(figures, manager.timeouts.count(now, 3600.0)),
+            health.ProtectionMeasurement.of(figures, timeouts),
             health.HealthThresholds.from_settings(self.settings.health),
         )
         return tuple(live if c.component is health.Component.PROTECTION else c for c in self._health)

@@ -159,16 +159,7 @@ async def test_a_send_abandoned_to_a_trickling_receiver_does_not_keep_the_proces
         f"""
         import asyncio
         from pathlib import Path
-        from engine.alerts import (
-    QUEUE_LIMIT,
-    Alerter,
-    AppriseNotifier,
-    Notification,
-    NotifyKind,
-    Observation,
-    UncoveredPosition,
-    _Channel,
-)
+        from engine.alerts import Alerter, AppriseNotifier, Observation, UncoveredPosition
         from engine.clock import ManualClock
         from engine.config import load_config
 
@@ -249,3 +240,31 @@ async def test_a_full_queue_drops_the_oldest_warning_not_a_critical(tmp_path: Pa
         assert channel.queue[1].body == "stream marks X stale (6)"  # the oldest warnings went
     finally:
         await dead.close()
+
+
+async def test_a_stops_last_alert_goes_ahead_of_a_backlog(tmp_path: Path) -> None:
+    """Queued last, the stop's alert waited behind every alert a failing receiver had left queued, and the
+    stop waits seconds only (a reviewer): it goes next."""
+    receiver = await WebhookReceiver(fail_first=1).start()
+    url = receiver.url("/hook")
+    alerter = Alerter(
+        loaded_with(url, tmp_path).settings.alerts,
+        ManualClock(),
+        source="sim:default",
+        notifiers=[AppriseNotifier(url, 1)],
+        retry_initial_seconds=60.0,
+    )
+    alerter.start()
+    try:
+        alerter.check(UNCOVERED)
+        await until(lambda: receiver.requests == 1, "the first send refused")
+        for n in range(5):  # a backlog: each check's news queued behind it
+            stale = ((f"marks S{n}", 40.0),)
+            alerter.check(
+                Observation(active=50, protected=49, uncovered=UNCOVERED.uncovered, stale_streams=stale)
+            )
+        alerter.engine_stopped("1 open position; UNCOVERED 1 (BTCUSDT)", False, None)
+    finally:
+        await alerter.close()
+        await receiver.close()
+    assert "engine stopped" in receiver.deliveries[0].text  # the first delivered, the backlog after it

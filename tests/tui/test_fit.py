@@ -11,6 +11,7 @@ import pytest
 from textual.widgets import DataTable
 
 from engine.engine import WaveView
+from protection.health import HealthState
 from tests.tui.book import PlanFeed
 from tests.tui.scenario import scenario_positions, scenario_settings
 from tests.tui.snapshots import svg_to_text
@@ -146,6 +147,32 @@ async def test_the_health_panel_shows_each_alarms_cause_whole(size: tuple[int, i
         for component in alarms:
             assert f"{SHORT_NAMES[component.component]} {component.state.value.upper()}" in shown, shown
         assert "ok exchange" in shown or "exchange ok" in shown, shown  # the healthy ones said healthy
+
+
+async def test_a_critical_component_is_on_the_health_panel_before_the_degraded_ones() -> None:
+    """Two degraded components' causes, listed in the components' order, filled the 80x24 panel and pushed
+    the CRITICAL protection line off it, the title saying CRITICAL over nothing that did (a reviewer). The
+    worst goes first, and what does not fit is said to be cut."""
+    settings = scenario_settings()
+    feed = PlanFeed(settings)
+    reasons = {
+        "exchange": "request budget 91% used (limit 85%); p99 wait 1200 ms",
+        "database": "round trip 1840 ms over 500 ms for 3 checks; journal depth 12",
+    }
+    health = tuple(
+        dataclasses.replace(c, state=HealthState.DEGRADED, reason=reasons[c.component.value])
+        if c.component.value in reasons
+        else c
+        for c in feed._snapshot.health
+    )
+    feed._snapshot = dataclasses.replace(feed._snapshot, health=health)
+    app = DashboardApp(settings, feed=feed, tz=UTC, code_roots=[])
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        shown = region_text(app, app.query_one(HealthPanel))
+        [protection] = [c for c in health if c.state is HealthState.CRITICAL]
+        assert shown.startswith(f"protection CRITICAL {flat(protection.reason)[:20]}"), shown
+        assert "more lines: h shows all" in shown, shown
 
 
 @SIZES

@@ -74,35 +74,40 @@ class HealthPanel(Static):
     def on_resize(self) -> None:
         self._redraw()
 
-    def _causes_whole(self, lines: Text, components: Sequence[ComponentHealth], width: int) -> None:
+    def _causes_whole(
+        self, lines: Text, components: Sequence[ComponentHealth], width: int, room: int
+    ) -> None:
         """A panel too small for every line with the causes wrapped (80 columns: about 12 characters of each)
         cut every cause to a word or two. Each component not healthy gets its cause whole, after its name
-        and state and wrapped over the panel's full width; the healthy ones are named on the last line
-        (their measurements in `h`)."""
-        first = True
-        for component in components:
-            if component.state is HealthState.HEALTHY:
-                continue
-            if not first:
-                lines.append("\n")
-            first = False
+        and state and wrapped over the panel's full width, the worst first; the healthy ones are named on
+        the last line (their measurements in `h`). What `room` (lines) cannot hold is said to be cut: in
+        the components' order, two degraded ones' causes pushed a CRITICAL protection off the panel, its
+        title saying CRITICAL over nothing that did (a reviewer)."""
+        rows: list[Text] = []
+        alarms = [c for c in components if c.state is not HealthState.HEALTHY]
+        for component in sorted(alarms, key=lambda c: -c.state.severity):
             name, state = _name(component), STATE_WORDS[component.state]
-            text = "\n".join(
-                textwrap.wrap(
-                    f"{name} {state} {component.reason or component.summary}",
-                    max(8, width),
-                    subsequent_indent="  ",
-                )
+            wrapped = textwrap.wrap(
+                f"{name} {state} {component.reason or component.summary}",
+                max(8, width),
+                subsequent_indent="  ",
             )
             # (the name and the state are whole words on the first line: styled as in the full layout)
-            lines.append(f"{name} ", style="bold")
-            lines.append(state, style=self._state_style(component.state))
-            lines.append(text[len(name) + 1 + len(state) :])
+            rows.append(
+                Text.assemble(
+                    (f"{name} ", "bold"),
+                    (state, self._state_style(component.state)),
+                    wrapped[0][len(name) + 1 + len(state) :],
+                )
+            )
+            rows.extend(Text(part) for part in wrapped[1:])
         healthy = [_name(c) for c in components if c.state is HealthState.HEALTHY]
         if healthy:
-            lines.append("\n")
-            lines.append("ok ", style=self._state_style(HealthState.HEALTHY))
-            lines.append(" ".join(healthy))
+            rows.append(Text.assemble(("ok ", self._state_style(HealthState.HEALTHY)), " ".join(healthy)))
+        if len(rows) > room >= 1:
+            cut = len(rows) - (room - 1)
+            rows = [*rows[: room - 1], Text(f"… {cut} more line{'s' if cut != 1 else ''}: h shows all")]
+        lines.append_text(Text("\n").join(rows))
 
     def _restyled(self) -> None:
         self._restyle_pending = False
@@ -125,7 +130,7 @@ class HealthPanel(Static):
         if width and sum(len(parts) for parts in wrapped) > room:
             wrapped = [_wrapped(c, width, measured=False) for c in components]  # causes alone (the rest: `h`)
         if width and sum(len(parts) for parts in wrapped) > room:
-            self._causes_whole(lines, components, width)
+            self._causes_whole(lines, components, width, room)
         else:
             for index, (component, parts) in enumerate(zip(components, wrapped, strict=True)):
                 if index:
