@@ -18,6 +18,7 @@ from urllib.parse import urlencode
 import aiohttp
 import pytest
 
+from engine.exchange.port import OrderSide
 from engine.venues.bybit_emulator import BybitEmulator, BybitLimiter, running
 from engine.venues.sim import SimVenueSettings
 
@@ -353,6 +354,53 @@ async def test_position_list_pages_with_limit_and_cursor() -> None:
     assert len(first["result"]["list"]) == 20
     assert first["result"]["nextPageCursor"]
     assert seen == symbols
+
+
+async def test_a_position_closed_between_two_pages_shifts_no_other_off_the_walk() -> None:
+    """The emulator's cursor was an offset into the list: a position that ended between two page reads
+    moved the next one onto the page already read, and the walk ended without it, read as complete (a
+    reviewer). Bybit's cursors say where the last page ended, not how many rows came before."""
+    settings = SimVenueSettings(seed=7, volatility=0.0, synthetic_listings=12)
+    built = BybitEmulator(
+        settings, api_key=KEY, api_secret=SECRET, control=True, limiter=BybitLimiter(endpoint_limits={})
+    )
+    async with running(built) as url, aiohttp.ClientSession() as session:
+        client = Client(session, url, built)
+        symbols = sorted(built.core.markets)
+        for symbol in symbols:
+            market = built.core.markets[symbol]
+            qty = max(
+                market.min_quantity,
+                market.round_quantity(market.min_notional * 2 / built.core.mark(symbol), ROUND_UP),
+            )
+            _, body, _ = await client.post(
+                "/v5/order/create",
+                category="linear",
+                symbol=symbol,
+                side="Buy",
+                orderType="Market",
+                qty=str(qty),
+            )
+            assert body["retCode"] == 0, body
+        params: dict[str, Any] = {"category": "linear", "settleCoin": "USDT", "limit": 5}
+        _, page, _ = await client.get("/v5/position/list", **params)
+        seen = [row["symbol"] for row in page["result"]["list"]]
+        gone = seen[0]  # closed on the venue before the next page is read
+        built.core.place_market_order(
+            gone,
+            OrderSide.SELL,
+            Decimal(page["result"]["list"][0]["size"]),
+            "close-it",
+            0.0,
+            reduce_only=True,
+        )
+        cursor = page["result"]["nextPageCursor"]
+        while cursor:
+            _, page, _ = await client.get("/v5/position/list", **params, cursor=cursor)
+            seen += [row["symbol"] for row in page["result"]["list"]]
+            cursor = page["result"]["nextPageCursor"]
+
+    assert seen == symbols  # every position read once: the closed one on the page read before it closed
 
 
 async def test_an_instrument_not_trading_is_listed_only_by_its_status_and_opens_nothing() -> None:

@@ -108,6 +108,7 @@ POSITION_PAGE_DEFAULT, POSITION_PAGE_MAX = 20, 200
 ORDER_PAGE_DEFAULT, ORDER_PAGE_MAX = 20, 50
 EXECUTION_PAGE_DEFAULT, EXECUTION_PAGE_MAX = 50, 100
 INSTRUMENT_PAGE_DEFAULT, INSTRUMENT_PAGE_MAX = 500, 1000
+FIRST_PAGE_CURSOR = "first"  # a cursor addressing the first page (the `cursor` fault's, on a first page)
 _ZERO = Decimal(0)
 
 # retCodes (v5 "Error Codes")
@@ -568,7 +569,7 @@ class BybitEmulator:
             paged = isinstance(result, dict) and "nextPageCursor" in result
             if fault is not None and fault.kind is EmulatorFaultKind.CURSOR and paged:
                 logger.info("emulator: fault cursor on %s %s (the page's own cursor)", method, endpoint)
-                result["nextPageCursor"] = str(params.get("cursor") or "0")
+                result["nextPageCursor"] = str(params.get("cursor") or FIRST_PAGE_CURSOR)
             response = _json(_ok(result, self.server_time()))
         except BybitError as error:
             response = error.response(self.server_time())
@@ -648,20 +649,36 @@ class BybitEmulator:
         return number
 
     @staticmethod
-    def _page(params: dict[str, Any], default: int, maximum: int) -> tuple[int, int]:
+    def _page(params: dict[str, Any], default: int, maximum: int) -> tuple[str | None, int]:
+        """(the key after which the page starts, None for the first page; the page's size)."""
         try:
             limit = int(params.get("limit", default))
-            start = int(params.get("cursor") or 0)
         except ValueError:
             raise BybitError(PARAMS_ERROR, "params error: limit or cursor invalid") from None
-        if not 1 <= limit <= maximum or start < 0:
+        if not 1 <= limit <= maximum:
             raise BybitError(PARAMS_ERROR, f"params error: limit must be within 1..{maximum}")
-        return start, limit
+        cursor = str(params.get("cursor") or "")
+        return (None if cursor in ("", FIRST_PAGE_CURSOR) else cursor), limit
 
     @staticmethod
-    def _paged(rows: list[dict[str, Any]], start: int, limit: int) -> tuple[list[dict[str, Any]], str]:
-        page = rows[start : start + limit]
-        return page, str(start + limit) if start + limit < len(rows) else ""
+    def _paged(
+        rows: list[dict[str, Any]], after: str | None, limit: int, key: str, *, newest_first: bool = False
+    ) -> tuple[list[dict[str, Any]], str]:
+        """A page by key, as Bybit's cursors are: the rows after the last one served (by symbol, or newer
+        ids first), not an offset into the list, so a row that ends between two pages shifts nothing (an
+        offset skipped the row after it, and the walk read as complete without it: a reviewer)."""
+
+        def rank(text: str) -> Any:
+            return uuid.UUID(text).int if newest_first else text
+
+        if after is not None:
+            try:
+                bound = rank(after)
+            except ValueError:
+                raise BybitError(PARAMS_ERROR, "params error: cursor invalid") from None
+            rows = [r for r in rows if (rank(r[key]) < bound if newest_first else rank(r[key]) > bound)]
+        page = rows[:limit]
+        return page, str(page[-1][key]) if len(rows) > limit else ""
 
     # ---- public -----------------------------------------------------------------------------------------
 
@@ -682,8 +699,8 @@ class BybitEmulator:
         rows = [
             _instrument(m, status) for m in markets if self.symbol_status.get(m.symbol, "Trading") == status
         ]
-        start, limit = self._page(params, INSTRUMENT_PAGE_DEFAULT, INSTRUMENT_PAGE_MAX)
-        page, cursor = self._paged(rows, start, limit)
+        after, limit = self._page(params, INSTRUMENT_PAGE_DEFAULT, INSTRUMENT_PAGE_MAX)
+        page, cursor = self._paged(rows, after, limit, "symbol")
         return {"category": "linear", "list": page, "nextPageCursor": cursor}
 
     def _tickers(self, request: _Request) -> Any:
@@ -814,8 +831,8 @@ class BybitEmulator:
             raise BybitError(
                 PARAMS_ERROR, "Missing some parameters that must be filled in, symbol or settleCoin"
             )
-        start, limit = self._page(params, POSITION_PAGE_DEFAULT, POSITION_PAGE_MAX)
-        page, cursor = self._paged(rows, start, limit)
+        after, limit = self._page(params, POSITION_PAGE_DEFAULT, POSITION_PAGE_MAX)
+        page, cursor = self._paged(rows, after, limit, "symbol")
         return {"category": "linear", "list": page, "nextPageCursor": cursor}
 
     def _set_leverage(self, request: _Request) -> Any:
@@ -1165,8 +1182,8 @@ class BybitEmulator:
             for o in self._orders_matching(params, request.now)
             if by_id or o.status in _OPEN_STATUSES  # open orders: a working market order, a stop
         ]
-        start, limit = self._page(params, ORDER_PAGE_DEFAULT, ORDER_PAGE_MAX)
-        page, cursor = self._paged(rows, start, limit)
+        after, limit = self._page(params, ORDER_PAGE_DEFAULT, ORDER_PAGE_MAX)
+        page, cursor = self._paged(rows, after, limit, "orderId", newest_first=True)
         return {"category": "linear", "list": page, "nextPageCursor": cursor}
 
     def _order_history(self, request: _Request) -> Any:
@@ -1175,8 +1192,8 @@ class BybitEmulator:
             for o in self._orders_matching(request.params, request.now)
             if o.status not in _OPEN_STATUSES  # ended orders
         ]
-        start, limit = self._page(request.params, ORDER_PAGE_DEFAULT, ORDER_PAGE_MAX)
-        page, cursor = self._paged(rows, start, limit)
+        after, limit = self._page(request.params, ORDER_PAGE_DEFAULT, ORDER_PAGE_MAX)
+        page, cursor = self._paged(rows, after, limit, "orderId", newest_first=True)
         return {"category": "linear", "list": page, "nextPageCursor": cursor}
 
     def _execution_list(self, request: _Request) -> Any:
@@ -1193,8 +1210,8 @@ class BybitEmulator:
             if params.get("orderLinkId") and execution.order_link_id != params["orderLinkId"]:
                 continue
             rows.append(_execution_json(execution))
-        start, limit = self._page(params, EXECUTION_PAGE_DEFAULT, EXECUTION_PAGE_MAX)
-        page, cursor = self._paged(rows, start, limit)
+        after, limit = self._page(params, EXECUTION_PAGE_DEFAULT, EXECUTION_PAGE_MAX)
+        page, cursor = self._paged(rows, after, limit, "execId", newest_first=True)
         return {"category": "linear", "list": page, "nextPageCursor": cursor}
 
     # ---- streams (`streams.py`) ----------------------------------------------------------------------------
