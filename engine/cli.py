@@ -513,9 +513,11 @@ async def _start_unless_stopped(engine: Engine, stop: asyncio.Event) -> StartupR
             engine.interrupt_start()
         return await starting
     except StartInterrupted:
+        # What the record holds, not "they keep the stops they had": one there had none (an operator).
+        left = engine.start_left or "nothing known of the positions"
         raise CommandFailed(
             "stopped during the start-up, while it waited for the venue: nothing was restored or traded; "
-            "the positions on the venue keep the stops they had (see `tsbot status`)"
+            f"{left}; the positions on the venue keep only the stops they had (see `tsbot status`)"
         ) from None
     finally:
         stopping.cancel()

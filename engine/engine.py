@@ -442,6 +442,9 @@ class _CarriedProtection:
     # count them; at once in a stop's report (nobody will move them).
     trails_without_order: frozenset[int] = frozenset()
     guards_created: bool = False
+    # A start's carried records: whether the record had both stops confirmed (an unverified position is
+    # not one the record says uncovered).
+    covered_on_record: dict[int, bool] = dataclasses.field(default_factory=dict)
 
     def fact(self, position_id: int, now: float, grace: float) -> PositionCoverage:
         if now - self.since >= grace:
@@ -469,10 +472,15 @@ class _CarriedProtection:
                 has_trailing_stop=False,
                 unprotected_since=now if fact.unprotected_since is None else fact.unprotected_since,
             )
+            view = self.views[position_id]
             self.views[position_id] = dataclasses.replace(
-                self.views[position_id],
+                view,
                 has_stop_loss=False,
                 has_trailing_stop=False,
+                # The stops it had are unverified, not missing: every row read MISSING while a start waited
+                # out a ban, the venue holding both stops of 8 of 9 (an operator).
+                stop_loss_unverified=view.has_stop_loss or view.stop_loss_unverified,
+                trailing_stop_unverified=view.has_trailing_stop or view.trailing_stop_unverified,
                 covered=False,
                 last_error=why,
             )
@@ -822,6 +830,8 @@ class Engine:
         # Positions filled while the protection manager restarts, until the new manager guards them.
         self._awaiting_guard: dict[int, _AwaitingGuard] = {}
         self._alerts_started = False
+        self.start_left: str | None = None  # a start that did not finish: what it leaves, in words
+        self._records_read = False  # the start has read the open positions on the record
         # Cleared while the protection manager restarts: an entry that fills meanwhile waits for the new
         # manager (the one it started under is stopped; a guard there would run unseen).
         self._protection_ready = asyncio.Event()
@@ -976,10 +986,21 @@ class Engine:
             for task in settlers:
                 task.cancel()
             await asyncio.gather(*settlers, return_exceptions=True)
+            left, uncovered = self._what_the_start_leaves(facts)
+            self.start_left = left
+            if self._lease is not None and self._records_read:  # (refused the account, it says nothing)
+                record_last_stop(
+                    self._last_stop_path(),
+                    stopped_at=_utc(self.clock.now()),
+                    open_positions=len(facts),
+                    uncovered=tuple(uncovered),
+                    unresolved_entries=len(self.entries_in_doubt()),
+                    said=f"the start did not finish; {left}",
+                )
             try:
                 await self._release()  # the lease first: the alert's delivery may take seconds
             finally:
-                await self._alert_start_given_up(exc, facts)
+                await self._alert_start_given_up(exc, left, uncovered)
             raise
         self._start_loops()
         # The positions are this engine's to protect now (not before: a start that fails protects nothing,
@@ -999,10 +1020,38 @@ class Engine:
         alerter.start()
         self._supervisor.start("alerts", lambda: alerter.watch(EngineObserver(self)))
 
-    async def _alert_start_given_up(self, exc: BaseException, facts: list[PositionCoverage]) -> None:
-        """A start that does not finish says so off-screen, with what it leaves (`facts`, taken before its
-        guards stopped: after, a start given up once protection had begun said "no open position"): nothing
-        protects those positions but the stops already on the venue."""
+    def _what_the_start_leaves(self, facts: list[PositionCoverage]) -> tuple[str, list[str]]:
+        """A start that does not finish: what it leaves, in words, and the symbols uncovered. `facts` are
+        taken before its guards stopped (after, a start given up once protection had begun said "no open
+        position"). Before the venue was read they are the record's: uncovered on it, or not verified (the
+        alert said "9 uncovered" of nine positions the record had one of uncovered, an operator)."""
+        if not self._records_read:
+            return "the record of its positions was not read", []
+        if not facts:
+            return "no open position on the record", []
+        carried = self._carried
+        on_record = carried.covered_on_record if carried is not None and not carried.guards_created else {}
+        if on_record:
+            uncovered = sorted(f.symbol for f in facts if not on_record.get(f.position_id, f.covered))
+            unverified = len(facts) - len(uncovered)
+            words = f"{len(facts)} open position{'s' if len(facts) != 1 else ''} on the record"
+            if uncovered:
+                words += f", {len(uncovered)} uncovered on it ({', '.join(uncovered[:10])})"
+            if unverified:
+                words += f", {unverified} not verified (the venue was not read)"
+            return words, uncovered
+        uncovered = sorted(f.symbol for f in facts if not f.covered)
+        words = f"{len(facts)} open position{'s' if len(facts) != 1 else ''}, "
+        words += (
+            f"{len(uncovered)} uncovered ({', '.join(uncovered[:10])})"
+            if uncovered
+            else "each with both stops confirmed on the venue"
+        )
+        return words, uncovered
+
+    async def _alert_start_given_up(self, exc: BaseException, left: str, uncovered: list[str]) -> None:
+        """A start that does not finish says so off-screen, with what it leaves: nothing protects those
+        positions but the stops already on the venue."""
         alerter = self.alerter
         if alerter is None or not self._alerts_started:
             return
@@ -1010,15 +1059,8 @@ class Engine:
             await self._supervisor.stop_one("alerts")
         except Exception:
             log.exception("stopping the alerts' checks failed")
-        uncovered = [f.symbol for f in facts if not f.covered]
-        held = (
-            f"{len(facts)} open positions on the record"
-            + (f", {len(uncovered)} uncovered ({', '.join(sorted(uncovered)[:10])})" if uncovered else "")
-            if facts
-            else "no open position on the record"
-        )
         why = str(exc) or type(exc).__name__
-        alerter.engine_stopped(f"the start did not finish ({why[:200]}); {held}", not uncovered, None)
+        alerter.engine_stopped(f"the start did not finish ({why[:200]}); {left}", not uncovered, None)
         await alerter.close()
 
     async def _carry_the_records(self) -> None:
@@ -1029,6 +1071,7 @@ class Engine:
         positions, 2 of them without a stop (an operator)."""
         assert self.store is not None
         positions = [p for p in await self.store.open_positions() if p.entry_price is not None]
+        self._records_read = True
         if not positions:
             return
         now = self.clock.monotonic()
@@ -1065,7 +1108,12 @@ class Engine:
             )
             for p in positions
         }
-        carried = self._carried = _CarriedProtection(views=views, coverage=coverage, since=now)
+        carried = self._carried = _CarriedProtection(
+            views=views,
+            coverage=coverage,
+            since=now,
+            covered_on_record={p.id: p.is_covered for p in positions},
+        )
         # Not a background task (a stop waits for those): cancelled once the start's guards exist.
         self._records_timer = asyncio.ensure_future(self._records_unverified_after_grace(carried))
 

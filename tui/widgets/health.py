@@ -85,7 +85,11 @@ class HealthPanel(Static):
         title saying CRITICAL over nothing that did (a reviewer)."""
         rows: list[Text] = []
         alarms = [c for c in components if c.state is not HealthState.HEALTHY]
-        for component in sorted(alarms, key=lambda c: -c.state.severity):
+        # The worst first, protection first among equals: the panel is there for it (a database critical
+        # beside it took the rows, an operator).
+        for component in sorted(
+            alarms, key=lambda c: (-c.state.severity, c.component is not Component.PROTECTION)
+        ):
             name, state = _name(component), STATE_WORDS[component.state]
             wrapped = textwrap.wrap(
                 f"{name} {state} {component.reason or component.summary}",
