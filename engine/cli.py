@@ -571,8 +571,9 @@ def _run(args: argparse.Namespace, loaded: LoadedConfig) -> int:
             print(f"tsbot run: {engine.fatal}", file=sys.stderr)
             return EXIT_FAILED
         if not stopped.all_protected:
+            left = stopped.uncovered + stopped.unresolved_entries
             print(
-                f"tsbot run: {stopped.uncovered + stopped.unresolved_entries} positions are UNCOVERED at exit "
+                f"tsbot run: {left} position{' is' if left == 1 else 's are'} UNCOVERED at exit "
                 "(see `tsbot status`)",
                 file=sys.stderr,
             )
