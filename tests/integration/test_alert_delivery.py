@@ -10,6 +10,8 @@ import asyncio
 import logging
 import sys
 import textwrap
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -197,14 +199,17 @@ async def test_a_send_abandoned_to_a_trickling_receiver_does_not_keep_the_proces
         await slow.close()
 
 
-async def test_a_stops_last_alert_is_tried_once_more_at_a_receiver_in_its_backoff(tmp_path: Path) -> None:
-    """After any failed send in the streak, the stop gave its last alert ("engine stopped, UNCOVERED") up at
-    once, the receiver back or not: it sat in a backoff of up to a minute (a reviewer)."""
+@asynccontextmanager
+async def refused_once_then_backing_off(
+    tmp_path: Path, *, backlog: int = 0
+) -> AsyncIterator[WebhookReceiver]:
+    """An alerter whose first send (an uncovered position) the receiver refused, now in a minute's backoff
+    with `backlog` notifications queued behind it; the stop's alert is handed over and the alerter closed on
+    leaving. Yields the receiver (closed after)."""
     receiver = await WebhookReceiver(fail_first=1).start()
     url = receiver.url("/hook")
-    loaded = loaded_with(url, tmp_path)
     alerter = Alerter(
-        loaded.settings.alerts,
+        loaded_with(url, tmp_path).settings.alerts,
         ManualClock(),
         source="sim:default",
         notifiers=[AppriseNotifier(url, 1)],
@@ -215,12 +220,26 @@ async def test_a_stops_last_alert_is_tried_once_more_at_a_receiver_in_its_backof
         alerter.check(UNCOVERED)
         await until(lambda: receiver.requests == 1, "the first send refused")
         await asyncio.sleep(0.2)  # in its backoff now: a minute
+        for n in range(backlog):  # each check's news queued behind it
+            stale = ((f"marks S{n}", 40.0),)
+            alerter.check(
+                Observation(active=50, protected=49, uncovered=UNCOVERED.uncovered, stale_streams=stale)
+            )
         alerter.engine_stopped("1 open position; UNCOVERED 1 (BTCUSDT)", False, None)
     finally:
         await alerter.close()
+    try:
+        yield receiver
+    finally:
         await receiver.close()
-    assert receiver.matching("engine stopped", "UNCOVERED 1 (BTCUSDT)")
-    assert receiver.matching("BTCUSDT uncovered for 42s")
+
+
+async def test_a_stops_last_alert_is_tried_once_more_at_a_receiver_in_its_backoff(tmp_path: Path) -> None:
+    """After any failed send in the streak, the stop gave its last alert ("engine stopped, UNCOVERED") up at
+    once, the receiver back or not: it sat in a backoff of up to a minute (a reviewer)."""
+    async with refused_once_then_backing_off(tmp_path) as receiver:
+        assert receiver.matching("engine stopped", "UNCOVERED 1 (BTCUSDT)")
+        assert receiver.matching("BTCUSDT uncovered for 42s")
 
 
 async def test_a_full_queue_drops_the_oldest_warning_not_a_critical(tmp_path: Path) -> None:
@@ -245,26 +264,5 @@ async def test_a_full_queue_drops_the_oldest_warning_not_a_critical(tmp_path: Pa
 async def test_a_stops_last_alert_goes_ahead_of_a_backlog(tmp_path: Path) -> None:
     """Queued last, the stop's alert waited behind every alert a failing receiver had left queued, and the
     stop waits seconds only (a reviewer): it goes next."""
-    receiver = await WebhookReceiver(fail_first=1).start()
-    url = receiver.url("/hook")
-    alerter = Alerter(
-        loaded_with(url, tmp_path).settings.alerts,
-        ManualClock(),
-        source="sim:default",
-        notifiers=[AppriseNotifier(url, 1)],
-        retry_initial_seconds=60.0,
-    )
-    alerter.start()
-    try:
-        alerter.check(UNCOVERED)
-        await until(lambda: receiver.requests == 1, "the first send refused")
-        for n in range(5):  # a backlog: each check's news queued behind it
-            stale = ((f"marks S{n}", 40.0),)
-            alerter.check(
-                Observation(active=50, protected=49, uncovered=UNCOVERED.uncovered, stale_streams=stale)
-            )
-        alerter.engine_stopped("1 open position; UNCOVERED 1 (BTCUSDT)", False, None)
-    finally:
-        await alerter.close()
-        await receiver.close()
-    assert "engine stopped" in receiver.deliveries[0].text  # the first delivered, the backlog after it
+    async with refused_once_then_backing_off(tmp_path, backlog=5) as receiver:
+        assert "engine stopped" in receiver.deliveries[0].text  # the first delivered, the backlog after it

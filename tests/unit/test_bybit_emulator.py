@@ -315,16 +315,16 @@ async def test_active_price_must_lie_beyond_the_last_price() -> None:
     assert row["triggerPrice"] == "0.4600"
 
 
-async def test_position_list_pages_with_limit_and_cursor() -> None:
-    settings = SimVenueSettings(seed=7, volatility=0.0, synthetic_listings=25)
+@asynccontextmanager
+async def longs_on_every_listing(listings: int) -> AsyncIterator[tuple[BybitEmulator, Client]]:
+    """An emulator of `listings` synthetic symbols with a long held on each (no endpoint limits)."""
+    settings = SimVenueSettings(seed=7, volatility=0.0, synthetic_listings=listings)
     built = BybitEmulator(
         settings, api_key=KEY, api_secret=SECRET, control=True, limiter=BybitLimiter(endpoint_limits={})
     )
     async with running(built) as url, aiohttp.ClientSession() as session:
         client = Client(session, url, built)
-        symbols = sorted(built.core.markets)
-        for symbol in symbols:
-            market = built.core.markets[symbol]
+        for symbol, market in sorted(built.core.markets.items()):
             qty = max(
                 market.min_quantity,
                 market.round_quantity(market.min_notional * 2 / built.core.mark(symbol), ROUND_UP),
@@ -338,6 +338,12 @@ async def test_position_list_pages_with_limit_and_cursor() -> None:
                 qty=str(qty),
             )
             assert body["retCode"] == 0, body
+        yield built, client
+
+
+async def test_position_list_pages_with_limit_and_cursor() -> None:
+    async with longs_on_every_listing(25) as (built, client):
+        symbols = sorted(built.core.markets)
         _, first, _ = await client.get("/v5/position/list", category="linear", settleCoin="USDT")
         seen, cursor = [], ""
         while True:
@@ -360,28 +366,8 @@ async def test_a_position_closed_between_two_pages_shifts_no_other_off_the_walk(
     """The emulator's cursor was an offset into the list: a position that ended between two page reads
     moved the next one onto the page already read, and the walk ended without it, read as complete (a
     reviewer). Bybit's cursors say where the last page ended, not how many rows came before."""
-    settings = SimVenueSettings(seed=7, volatility=0.0, synthetic_listings=12)
-    built = BybitEmulator(
-        settings, api_key=KEY, api_secret=SECRET, control=True, limiter=BybitLimiter(endpoint_limits={})
-    )
-    async with running(built) as url, aiohttp.ClientSession() as session:
-        client = Client(session, url, built)
+    async with longs_on_every_listing(12) as (built, client):
         symbols = sorted(built.core.markets)
-        for symbol in symbols:
-            market = built.core.markets[symbol]
-            qty = max(
-                market.min_quantity,
-                market.round_quantity(market.min_notional * 2 / built.core.mark(symbol), ROUND_UP),
-            )
-            _, body, _ = await client.post(
-                "/v5/order/create",
-                category="linear",
-                symbol=symbol,
-                side="Buy",
-                orderType="Market",
-                qty=str(qty),
-            )
-            assert body["retCode"] == 0, body
         params: dict[str, Any] = {"category": "linear", "settleCoin": "USDT", "limit": 5}
         _, page, _ = await client.get("/v5/position/list", **params)
         seen = [row["symbol"] for row in page["result"]["list"]]
