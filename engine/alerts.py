@@ -556,10 +556,10 @@ class _Channel:
         if len(self.queue) >= QUEUE_LIMIT:
             # The oldest that is not CRITICAL goes (never the one being sent), else the oldest: a one-off
             # CRITICAL was dropped while the repeats behind it were kept (a reviewer).
-            first = 1 if self.sending else 0
+            kept = 1 if self.sending else 0  # (the one being sent, or retried in its backoff)
             index = next(
-                (i for i in range(first, len(self.queue)) if self.queue[i].kind is not NotifyKind.FAILURE),
-                first,
+                (i for i in range(kept, len(self.queue)) if self.queue[i].kind is not NotifyKind.FAILURE),
+                kept,
             )
             del self.queue[index]
             self.dropped += 1

@@ -480,7 +480,8 @@ class _CarriedProtection:
                 # The stops it had are unverified, not missing: every row read MISSING while a start waited
                 # out a ban, the venue holding both stops of 8 of 9 (an operator).
                 stop_loss_unverified=view.has_stop_loss or view.stop_loss_unverified,
-                trailing_stop_unverified=view.has_trailing_stop or view.trailing_stop_unverified,
+                trailing_stop_unverified=(view.has_trailing_stop or view.trailing_stop_unverified)
+                and position_id not in self.trails_without_order,  # (a managed trail: no order to verify)
                 covered=False,
                 last_error=why,
             )
@@ -519,6 +520,16 @@ class EntryNotSentAgain(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class _StartLeft:
+    """What a start that did not finish leaves: in words, the symbols uncovered, the entries of unknown
+    outcome on the record."""
+
+    words: str
+    uncovered: list[str]
+    unknown_entries: list[str]
 
 
 @dataclass(slots=True)
@@ -832,6 +843,7 @@ class Engine:
         self._alerts_started = False
         self.start_left: str | None = None  # a start that did not finish: what it leaves, in words
         self._records_read = False  # the start has read the open positions on the record
+        self._records_pending: list[str] = []  # ... and the entries it left pending (no fill recorded)
         # Cleared while the protection manager restarts: an entry that fills meanwhile waits for the new
         # manager (the one it started under is stopped; a guard there would run unseen).
         self._protection_ready = asyncio.Event()
@@ -979,28 +991,29 @@ class Engine:
                 f"engine {self.version} started: {self.startup_report.describe()}",
             )
         except BaseException as exc:  # the lease (and its heartbeat) ends with a start that does not finish
-            facts = self.coverage_facts()  # (what it leaves: counted while its guards still say it)
+            # What it leaves, counted while its guards still say it (after they stopped, "no open position").
+            _guards, carried_ids, facts = self._protection_facts()
             if self.manager is not None:  # and so do its guards: none acts for an account no engine holds
                 await _quietly(self.manager.stop())
             settlers = list(self._settlers)  # (entries from before the start, looked up in the background)
             for task in settlers:
                 task.cancel()
             await asyncio.gather(*settlers, return_exceptions=True)
-            left, uncovered = self._what_the_start_leaves(facts)
-            self.start_left = left
+            left = self._what_the_start_leaves(carried_ids, facts)
+            self.start_left = left.words
             if self._lease is not None and self._records_read:  # (refused the account, it says nothing)
                 record_last_stop(
                     self._last_stop_path(),
                     stopped_at=_utc(self.clock.now()),
-                    open_positions=len(facts),
-                    uncovered=tuple(uncovered),
-                    unresolved_entries=len(self.entries_in_doubt()),
-                    said=f"the start did not finish; {left}",
+                    open_positions=len(facts) + len(left.unknown_entries),
+                    uncovered=tuple(left.uncovered),
+                    unresolved_entries=len(left.unknown_entries),
+                    said=f"the start did not finish; {left.words}",
                 )
             try:
                 await self._release()  # the lease first: the alert's delivery may take seconds
             finally:
-                await self._alert_start_given_up(exc, left, uncovered)
+                await self._alert_start_given_up(exc, left)
             raise
         self._start_loops()
         # The positions are this engine's to protect now (not before: a start that fails protects nothing,
@@ -1020,36 +1033,41 @@ class Engine:
         alerter.start()
         self._supervisor.start("alerts", lambda: alerter.watch(EngineObserver(self)))
 
-    def _what_the_start_leaves(self, facts: list[PositionCoverage]) -> tuple[str, list[str]]:
-        """A start that does not finish: what it leaves, in words, and the symbols uncovered. `facts` are
-        taken before its guards stopped (after, a start given up once protection had begun said "no open
-        position"). Before the venue was read they are the record's: uncovered on it, or not verified (the
-        alert said "9 uncovered" of nine positions the record had one of uncovered, an operator)."""
+    def _what_the_start_leaves(self, carried_ids: list[int], facts: list[PositionCoverage]) -> _StartLeft:
+        """A start that does not finish: what it leaves. `facts` are taken before its guards stopped. A
+        position a guard has is judged as the guard found it; one only carried from the record is uncovered
+        if the record says so, else not verified (the venue did not vouch for it: "nine uncovered" was said
+        of nine the record had one of uncovered, an operator); an entry the record left pending that nothing
+        settled is of unknown outcome (it may be a position without stops: left out, a reviewer saw a naked
+        position reported UNKNOWN)."""
         if not self._records_read:
-            return "the record of its positions was not read", []
-        if not facts:
-            return "no open position on the record", []
-        carried = self._carried
-        on_record = carried.covered_on_record if carried is not None and not carried.guards_created else {}
-        if on_record:
-            uncovered = sorted(f.symbol for f in facts if not on_record.get(f.position_id, f.covered))
-            unverified = len(facts) - len(uncovered)
-            words = f"{len(facts)} open position{'s' if len(facts) != 1 else ''} on the record"
-            if uncovered:
-                words += f", {len(uncovered)} uncovered on it ({', '.join(uncovered[:10])})"
-            if unverified:
-                words += f", {unverified} not verified (the venue was not read)"
-            return words, uncovered
-        uncovered = sorted(f.symbol for f in facts if not f.covered)
-        words = f"{len(facts)} open position{'s' if len(facts) != 1 else ''}, "
-        words += (
-            f"{len(uncovered)} uncovered ({', '.join(uncovered[:10])})"
-            if uncovered
-            else "each with both stops confirmed on the venue"
-        )
-        return words, uncovered
+            return _StartLeft("the record of its positions was not read", [], [])
+        carried = set(carried_ids)
+        on_record = self._carried.covered_on_record if self._carried is not None else {}
+        uncovered: list[str] = []
+        unverified = 0
+        for fact in facts:
+            if fact.position_id in carried and on_record.get(fact.position_id, False):
+                unverified += 1
+            elif fact.position_id in carried or not fact.covered:
+                uncovered.append(fact.symbol)
+        held = {f.symbol for f in facts}
+        unknown = sorted(s for s in self._records_pending if s not in held)
+        count = len(facts) + len(unknown)
+        if not count:
+            return _StartLeft("no open position on the record", [], [])
+        words = f"{count} open position{'s' if count != 1 else ''}{' on the record' if carried else ''}"
+        if uncovered:
+            words += f", {len(uncovered)} uncovered ({', '.join(sorted(uncovered)[:10])})"
+        if unverified:
+            words += f", {unverified} not verified (the venue was not read)"
+        if unknown:
+            words += f", {len(unknown)} entr{'ies' if len(unknown) != 1 else 'y'} of unknown outcome ({', '.join(unknown[:10])})"
+        if not (uncovered or unverified or unknown):
+            words += ", each with both stops confirmed on the venue"
+        return _StartLeft(words, sorted(uncovered), unknown)
 
-    async def _alert_start_given_up(self, exc: BaseException, left: str, uncovered: list[str]) -> None:
+    async def _alert_start_given_up(self, exc: BaseException, left: _StartLeft) -> None:
         """A start that does not finish says so off-screen, with what it leaves: nothing protects those
         positions but the stops already on the venue."""
         alerter = self.alerter
@@ -1060,7 +1078,8 @@ class Engine:
         except Exception:
             log.exception("stopping the alerts' checks failed")
         why = str(exc) or type(exc).__name__
-        alerter.engine_stopped(f"the start did not finish ({why[:200]}); {left}", not uncovered, None)
+        protected = not (left.uncovered or left.unknown_entries)
+        alerter.engine_stopped(f"the start did not finish ({why[:200]}); {left.words}", protected, None)
         await alerter.close()
 
     async def _carry_the_records(self) -> None:
@@ -1070,7 +1089,9 @@ class Engine:
         "Positions 0, uncovered 0" for the 10 minutes a start waited out a ban, while the venue held 21
         positions, 2 of them without a stop (an operator)."""
         assert self.store is not None
-        positions = [p for p in await self.store.open_positions() if p.entry_price is not None]
+        recorded = await self.store.open_positions()
+        positions = [p for p in recorded if p.entry_price is not None]
+        self._records_pending = sorted(p.symbol for p in recorded if p.entry_price is None)
         self._records_read = True
         if not positions:
             return

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import re
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,13 +79,20 @@ class DatabaseTarget:
 # of the URL (an unescaped `@` or `/` may be inside the password: generated ones hold `/`); and a
 # `password=` parameter. A URL whose path or query holds an `@` is masked further than its password: no harm.
 _DSN_PASSWORD = re.compile(r"(://[^:/@\s]*):\S*@")
-_PASSWORD_PARAM = re.compile(r"(?i)(password=)[^&\s]+")
+_PARAM = re.compile(r"([A-Za-z0-9%_.~-]+=)([^&\s]+)")
+
+
+def _masked_param(match: re.Match[str]) -> str:
+    """A `name=value` whose name, once unescaped, ends in "password" (`password`, `sslpassword`, and
+    `ssl%70assword`, which the driver reads as `sslpassword` too: a reviewer saw it shown whole)."""
+    name = match.group(1)
+    return f"{name}***" if urllib.parse.unquote(name[:-1]).lower().endswith("password") else match.group(0)
 
 
 def redact_dsn(text: str) -> str:
     """`postgresql://user:secret@host/db` -> `postgresql://user:***@host/db`, also with no user name or an
-    `@` inside the password, and `password=` parameters: in a DSN, or in any text that quotes one."""
-    return _PASSWORD_PARAM.sub(r"\1***", _DSN_PASSWORD.sub(r"\1:***@", text))
+    `@` inside the password, and password parameters: in a DSN, or in any text that quotes one."""
+    return _PARAM.sub(_masked_param, _DSN_PASSWORD.sub(r"\1:***@", text))
 
 
 async def resolve_target(

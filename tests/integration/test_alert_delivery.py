@@ -257,6 +257,12 @@ async def test_a_full_queue_drops_the_oldest_warning_not_a_critical(tmp_path: Pa
         assert len(channel.queue) == QUEUE_LIMIT
         assert channel.dropped == 6
         assert channel.queue[1].body == "stream marks X stale (6)"  # the oldest warnings went
+        # In order still, the newest last: the limit's drop made every later offer go first (a reviewer).
+        assert channel.queue[-1].body == f"stream marks X stale ({QUEUE_LIMIT + 4})"
+        channel.sending = True  # (as during a send, or its backoff: the one retried is kept, at its place)
+        head = channel.queue[0]
+        channel.offer(Notification("WARNING tsbot", "one more", NotifyKind.WARNING))
+        assert (channel.queue[0], channel.queue[-1].body) == (head, "one more")
     finally:
         await dead.close()
 

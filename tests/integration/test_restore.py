@@ -568,10 +568,62 @@ async def test_a_start_given_up_before_the_venue_was_read_leaves_the_records_wor
     with pytest.raises(Exception, match="load_markets"):
         starting.result()
     assert engine_b.start_left == (
-        f"2 open positions on the record, 1 uncovered on it ({SYMBOLS[18]}), 1 not verified (the venue was not read)"
+        f"2 open positions on the record, 1 uncovered ({SYMBOLS[18]}), 1 not verified (the venue was not read)"
     )
     record = read_last_stop(
         last_stop_path(settings.logging.file, engine_b.exchange_name, engine_b.account_key)
     )
     assert record is not None
     assert (record["open_positions"], record["uncovered"]) == (2, [SYMBOLS[18]])
+
+
+async def test_a_start_given_up_after_its_guards_verified_a_position_says_so_and_names_the_entry_left_pending(
+    db: Database,
+) -> None:
+    """Given up while an entry's look-up was out, after the guards had confirmed the other position's stops
+    from the venue: the start said the venue was not read (the records' word, not the guards'), and the
+    entry the killed engine left pending, filled on the venue without stops, was left out of its stop
+    report: `tsbot status` said UNKNOWN of a naked position (a reviewer)."""
+    settings_a = settings_for(db, {"VENUE__SIM__LATENCY__BY_CALL": '{"create_order": {"seconds": 2}}'})
+    clock = ManualClock()
+    engine_a = make_engine(settings_a, clock)
+    await drive(clock, engine_a.start())
+    covered, pending = SYMBOLS[21], SYMBOLS[22]
+    try:
+        await open_positions(engine_a, clock, [covered])
+        await drive_until_covered(engine_a, clock, 1)
+        venue_a = engine_a.venue
+        assert isinstance(venue_a, SimVenue)
+        assert engine_a.store is not None
+        venue_a.drop_account_stream(100_000)  # (its fill event would answer the entry)
+        await engine_a.store.insert_signals([(pending, "long", None, None)])
+        core = venue_a.core
+        await drive_until(clock, lambda: len(core.positions(clock.now())) == 2, what="filled", step=0.01)
+    finally:
+        await drive(clock, engine_a.stop(drain=False))  # dies before the entry's answer
+    slow = settings_for(db, {"VENUE__SIM__LATENCY__BY_CALL": '{"fetch_order": {"seconds": 8}}'})
+    engine_b = restarted(engine_a, slow, clock)
+    starting = asyncio.ensure_future(engine_b.start())
+    try:
+        await drive_until(
+            clock,
+            lambda: (
+                engine_b.manager is not None
+                and covered in engine_b.manager.by_symbol
+                and engine_b.manager.by_symbol[covered].covered
+            ),
+            what="the covered position verified by its guard",
+        )
+        assert not starting.done()  # (the entry's look-up still out)
+    finally:
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+    left = engine_b.start_left
+    assert left is not None
+    assert pending in left, left
+    assert covered not in left, left
+    assert "not verified" not in left, left
+    record = read_last_stop(last_stop_path(slow.logging.file, engine_b.exchange_name, engine_b.account_key))
+    assert record is not None
+    assert record["open_positions"] == 2
+    assert record["uncovered"] == [pending] or record["unresolved_entries"] == 1, record

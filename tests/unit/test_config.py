@@ -354,6 +354,12 @@ def test_a_client_keys_passphrase_comes_in_a_dsn_from_the_environment_not_from_t
         "TSBOT_DATABASE__DSN in the environment instead"
     ]
     assert "keyphrase" not in str(caught.value)
+    # Its name escaped (`ssl%70assword`, which the driver reads as `sslpassword`) it was shown whole.
+    escaped = "postgresql://bot@db.internal/tsbot?ssl%70assword=keyphrase2"
+    loaded = load_config(
+        None, environ={"TSBOT_DATABASE__DSN": escaped, "TSBOT_DATABASE__PASSWORD": "pw"}, cwd=tmp_path
+    )
+    assert "keyphrase2" not in render_config(loaded)
 
 
 def test_config_show_is_toml_that_loads_back_to_the_same_settings(tmp_path: Path) -> None:
