@@ -79,7 +79,9 @@ class DatabaseTarget:
 # of the URL (an unescaped `@` or `/` may be inside the password: generated ones hold `/`); and a
 # `password=` parameter. A URL whose path or query holds an `@` is masked further than its password: no harm.
 _DSN_PASSWORD = re.compile(r"(://[^:/@\s]*):\S*@")
-_PARAM = re.compile(r"([A-Za-z0-9%_.~-]+=)([^&\s]+)")
+# A parameter's name starts where no name character precedes it: each run of them is tried once (without
+# it, a long word with no `=` was scanned from each of its characters: quadratic, a 100 kB argument hung).
+_PARAM = re.compile(r"(?<![A-Za-z0-9%_.~-])([A-Za-z0-9%_.~-]+=)([^&\s]+)")
 
 
 def _masked_param(match: re.Match[str]) -> str:
