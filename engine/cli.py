@@ -57,7 +57,13 @@ from storage.database import (
     open_database,
     resolve_target,
 )
-from storage.embedded import EmbeddedPostgresError, default_data_dir, psql_executable, running_server
+from storage.embedded import (
+    EmbeddedPostgresError,
+    default_data_dir,
+    embedded_users,
+    psql_executable,
+    running_server,
+)
 from storage.journal import read_journal
 from storage.lease import LeaseHeld, current_holder, holder_on, lease_held_sql
 from storage.migrator import MigrationError, apply_migrations
@@ -826,6 +832,14 @@ def _status_target(loaded: LoadedConfig) -> DatabaseTarget:
     directory = Path(db.data_dir).expanduser() if db.data_dir else default_data_dir()
     server = running_server(directory)
     if server is None:
+        users = embedded_users(directory)
+        if users:  # down under its users: an engine among them starts its server again within seconds
+            raise StatusUnknown(
+                f"database: the embedded PostgreSQL in {shown_path(str(directory))} is down while "
+                + ", ".join(f"pid {pid} ({program})" for pid, program in users)
+                + f" still use{'s' if len(users) == 1 else ''} it (an engine starts the server it uses "
+                "again within seconds): ask again"
+            )
         raise StatusUnknown(
             f"database: no embedded PostgreSQL is running in {shown_path(str(directory))} "
             "(an engine starts it: `tsbot run`; `tsbot db psql` starts it to look at the last state)"

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -240,6 +241,38 @@ def running_server(data_dir: Path) -> EmbeddedPostgres | None:
     if len(lines) < 5 or not lines[4].strip():
         return None  # no Unix socket (yet): nothing to connect to
     return EmbeddedPostgres(data_dir=data_dir, socket_dir=Path(lines[4].strip()), pid=pid)
+
+
+def embedded_users(data_dir: Path) -> list[tuple[int, str]]:
+    """The live processes that use the embedded server in `data_dir` (pgserver's `.handle_pids.json`), each
+    with the program it runs (`tsbot run`, `tsbot-tui`, `python`), without joining or locking anything: for
+    a look at a server that is down (an engine that uses it restarts the server it started)."""
+    import psutil  # pgserver's own dependency
+
+    try:
+        pids = json.loads((data_dir.expanduser().resolve() / ".handle_pids.json").read_text() or "[]")
+    except (OSError, ValueError):
+        return []
+    users = []
+    for pid in pids if isinstance(pids, list) else []:
+        if not isinstance(pid, int) or pid == os.getpid() or not _alive(pid, psutil):
+            continue
+        try:
+            users.append((pid, _program(psutil.Process(pid).cmdline())))
+        except psutil.Error:
+            continue
+    return users
+
+
+def _program(argv: list[str]) -> str:
+    """What a process runs, in a word or two: the `tsbot` command and its subcommand where it is one (only
+    the program and subcommand: nothing else of a command line is shown), else the executable's name."""
+    for index, arg in enumerate(argv):
+        name = Path(arg).name
+        if name.startswith("tsbot"):
+            following = argv[index + 1] if index + 1 < len(argv) else ""
+            return f"{name} {following}" if re.fullmatch(r"[a-z][a-z-]*", following) else name
+    return Path(argv[0]).name if argv else "?"
 
 
 def _joined(data_dir: Path) -> bool:

@@ -189,6 +189,42 @@ async def test_the_next_tsbot_command_starts_a_killed_embedded_server_again(work
     assert state is PostmasterState.DEAD
 
 
+def test_status_on_an_embedded_server_down_under_its_users_names_them(workdir: Path) -> None:
+    """An operator's drill: the postmaster killed under a running engine, then `tsbot status` before the
+    engine had started it again. It said "no embedded PostgreSQL is running (an engine starts it: `tsbot
+    run`)", beside the engine that was running. It now names the processes still using the server."""
+    data_dir = workdir / "pgdata"
+    user = subprocess.Popen(
+        [sys.executable, "-c", _START_AND_STAY, str(data_dir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert user.stdout is not None
+        assert user.stdout.readline() == "started\n"
+        kill_postmaster(data_dir)
+        status = _tsbot(workdir, "status")
+    finally:
+        user.kill()
+        user.wait()
+    assert status.returncode == 3, status.stderr
+    assert status.stdout.startswith(
+        f"UNKNOWN: database: the embedded PostgreSQL in {data_dir.resolve()} is down while pid {user.pid} ("
+    ), status.stdout
+    assert status.stdout.endswith(
+        ") still uses it (an engine starts the server it uses again within seconds): ask again\n"
+    ), status.stdout
+    assert "tsbot run`" not in status.stdout
+
+
+# Starts the embedded server, says so, and stays (a user of it) until its stdin closes or it is killed.
+_START_AND_STAY = (
+    "import sys; from pathlib import Path; from storage.embedded import start_embedded; "
+    "start_embedded(Path(sys.argv[1])); print('started', flush=True); sys.stdin.read()"
+)
+
+
 def _start_and_abandon(data_dir: Path) -> None:
     """The embedded server in `data_dir` started by a process that then exits without saying it leaves."""
     starter = subprocess.run(
