@@ -5,6 +5,7 @@ remappable; escape closes it."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -15,7 +16,14 @@ from textual.containers import VerticalScroll
 
 from engine.accounts import account_key
 from storage.database import Database
-from storage.history import DashboardHistory, coverage_by_period, day_periods
+from storage.history import (
+    DashboardHistory,
+    PeriodCoverage,
+    ShiftReport,
+    WorstSpan,
+    coverage_by_period,
+    day_periods,
+)
 from storage.repositories import CoverageSample, Store
 from tests.tui.book import PlanFeed
 from tests.tui.harness import dashboard, started, tui_settings
@@ -23,7 +31,7 @@ from tests.tui.scenario import scenario_history, scenario_settings
 from tests.tui.test_fit import SIZES, flat, screen, settle
 from tui.app import DashboardApp
 from tui.feed import ReadOnlyFeed
-from tui.screens.history import EMPTY, HistoryScreen, day_label, hour_label, period_line
+from tui.screens.history import EMPTY, HistoryScreen, day_label, hour_label, period_line, shift_lines
 
 D = Decimal
 
@@ -305,3 +313,45 @@ async def test_the_screens_days_are_local_days_by_the_zones_rules_across_a_dst_c
     assert (sunday.uncovered_spans, sunday.uncovered_seconds) == (2, D("4800.000"))
     assert [p.uncovered_spans for p in days] == [0, 0, 0, 0, 2, 0, 0]
     assert days[5].since == datetime(2026, 10, 25, 23, tzinfo=UTC)  # Mon 26 Oct 00:00 CET
+
+
+def test_a_span_under_a_second_is_not_shown_as_no_time_without_stops() -> None:
+    """A span the period clips to under a second read "1 span, 0s without stops" (an operator's nit)."""
+    since = datetime(2026, 12, 6, 10, tzinfo=UTC)
+    period = PeriodCoverage(
+        since, since + timedelta(hours=1), D("99.9"), D("50"), D(3600), 1, D("0.4"), D("0.4")
+    )
+    assert period_line("10:00", period).split()[-3:] == ["1", "<1s", "<1s"]
+    worst = WorstSpan(
+        7,
+        "BTCUSDT",
+        since - timedelta(seconds=5),
+        since + timedelta(seconds=0.4),
+        D("5.4"),
+        "entry",
+        "both stops confirmed",
+    )
+    clipped = ShiftReport(
+        account="acct",
+        since=since,
+        until=since + timedelta(hours=1),
+        waves=1,
+        opened=1,
+        protected=1,
+        failures={},
+        uncovered_spans=1,
+        still_uncovered=0,
+        uncovered_seconds=D("0.4"),
+        worst=worst,
+        coverage_pct=D("99.9"),
+        lowest_coverage_pct=D("50"),
+        measured_seconds=D(3600),
+        closes={},
+        realized_pnl=D(0),
+        closed_without_pnl=0,
+    )
+    lines = shift_lines(clipped, UTC)
+    assert lines[2] == "  uncovered spans 1, <1s without stops", lines
+    assert lines[3].startswith("  worst: BTCUSDT 5s, "), lines
+    none = dataclasses.replace(clipped, uncovered_spans=0, uncovered_seconds=D(0), worst=None)
+    assert shift_lines(none, UTC)[2] == "  uncovered spans 0, 0s without stops"

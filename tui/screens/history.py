@@ -76,6 +76,12 @@ def _coverage(period: PeriodCoverage) -> str:
     return "no pos" if period.measured_seconds else "—"
 
 
+def _time_without_stops(seconds: Decimal, spans: int) -> str:
+    """Time without stops, in whole seconds as every duration here; a span under a second is not "0s"
+    beside "1 uncovered span" (the window clips a span to what lies inside it)."""
+    return "<1s" if spans and seconds < 1 else formatting.duration(float(seconds))
+
+
 def shift_lines(shift: ShiftReport | None, tz: tzinfo) -> list[str]:
     if shift is None:
         return ["This shift: no engine is running."]
@@ -87,13 +93,13 @@ def shift_lines(shift: ShiftReport | None, tz: tzinfo) -> list[str]:
         f"measured {formatting.duration(float(shift.measured_seconds))}",
         f"  uncovered spans {shift.uncovered_spans}"
         + (f" ({shift.still_uncovered} still open)" if shift.still_uncovered else "")
-        + f", {formatting.duration(float(shift.uncovered_seconds))} without stops",
+        + f", {_time_without_stops(shift.uncovered_seconds, shift.uncovered_spans)} without stops",
     ]
     worst = shift.worst
     if worst is not None:
         how = "still uncovered" if worst.ended_at is None else f"ended: {worst.ended_by}"
         lines.append(
-            f"  worst: {worst.symbol} {formatting.duration(float(worst.seconds))}, "
+            f"  worst: {worst.symbol} {_time_without_stops(worst.seconds, 1)}, "
             f"{REASONS.get(worst.reason, worst.reason)}, {how}"
         )
     return lines
@@ -123,8 +129,12 @@ HEADER = f"{'':<11}{'coverage':>9}{'lowest':>8}{'spans':>7}{'uncovered':>11}{'wo
 
 
 def period_line(label: str, period: PeriodCoverage) -> str:
-    uncovered = formatting.duration(float(period.uncovered_seconds)) if period.uncovered_spans else "—"
-    worst = formatting.duration(float(period.worst_seconds)) if period.worst_seconds is not None else "—"
+    uncovered = (
+        _time_without_stops(period.uncovered_seconds, period.uncovered_spans)
+        if period.uncovered_spans
+        else "—"
+    )
+    worst = _time_without_stops(period.worst_seconds, 1) if period.worst_seconds is not None else "—"
     return (
         f"{label:<11}{_coverage(period):>9}{_pct(period.lowest_coverage_pct):>8}"
         f"{period.uncovered_spans:>7}{uncovered:>11}{worst:>8}"
