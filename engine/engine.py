@@ -1400,6 +1400,7 @@ class Engine:
                         else Severity.ERROR,
                         "engine_stopped",
                         f"engine stopped; {report.describe()}",
+                        at=_utc(self.clock.now()),  # the coverage samples' clock: the history ends them here
                     )
                 except Exception:
                     log.exception("could not record the stop event")

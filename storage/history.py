@@ -83,6 +83,30 @@ async def now(conn: asyncpg.Connection | asyncpg.Pool) -> datetime:
     return await conn.fetchval("SELECT now()")
 
 
+# The coverage series as stretches [from_at, to_at): each sample stands until the next one, the engine's stop
+# (its `engine_stopped` event: nobody measured after it), or `stands` seconds, whichever comes first, and
+# never past `until`. A CTE list for `WITH`, over $1 (the account) and the placeholders named.
+_STRETCHES = """
+        marks AS (
+            SELECT at, coverage_pct, false AS stop
+            FROM monitoring.coverage_samples
+            WHERE account = $1 AND at < {until}::timestamptz
+              AND at >= {since}::timestamptz - make_interval(secs => {stands})
+            UNION ALL
+            SELECT created_at, NULL, true
+            FROM monitoring.events
+            WHERE account = $1 AND type = 'engine_stopped' AND created_at < {until}::timestamptz
+              AND created_at >= {since}::timestamptz - make_interval(secs => {stands})
+        ), samples AS (
+            SELECT at, coverage_pct, stop, lead(at) OVER (ORDER BY at, stop) AS next_at FROM marks
+        ), stretches AS (
+            SELECT coverage_pct, at AS from_at,
+                   LEAST(COALESCE(next_at, {until}::timestamptz), at + make_interval(secs => {stands}),
+                         {until}::timestamptz) AS to_at
+            FROM samples WHERE NOT stop
+        )"""
+
+
 async def shift_report(
     conn: asyncpg.Connection | asyncpg.Pool,
     account: str,
@@ -157,17 +181,11 @@ async def shift_report(
     )
     coverage = await conn.fetchrow(
         """
-        WITH samples AS (
-            SELECT at, coverage_pct, lead(at) OVER (ORDER BY at) AS next_at
-            FROM monitoring.coverage_samples
-            WHERE account = $1 AND at < $3::timestamptz AND at >= $2::timestamptz - make_interval(secs => $4)
-        ), stretches AS (
-            SELECT coverage_pct, GREATEST(at, $2::timestamptz) AS from_at,
-                   LEAST(COALESCE(next_at, $3::timestamptz), at + make_interval(secs => $4), $3::timestamptz) AS to_at
-            FROM samples
-        ), measured AS (
-            SELECT coverage_pct, EXTRACT(EPOCH FROM to_at - from_at) AS seconds
-            FROM stretches WHERE to_at > from_at
+        WITH """
+        + _STRETCHES.format(since="$2", until="$3", stands="$4")
+        + """, measured AS (
+            SELECT coverage_pct, EXTRACT(EPOCH FROM to_at - GREATEST(from_at, $2::timestamptz)) AS seconds
+            FROM stretches WHERE to_at > GREATEST(from_at, $2::timestamptz)
         )
         SELECT sum(seconds) AS measured,
                sum(seconds) FILTER (WHERE coverage_pct IS NOT NULL) AS with_positions,
@@ -290,16 +308,9 @@ async def coverage_by_period(
         """
         WITH periods AS (
             SELECT * FROM unnest($2::timestamptz[], $3::timestamptz[]) WITH ORDINALITY AS p(from_at, to_at, n)
-        ), samples AS (
-            SELECT at, coverage_pct, lead(at) OVER (ORDER BY at) AS next_at
-            FROM monitoring.coverage_samples
-            WHERE account = $1 AND at < $5::timestamptz AND at >= $4::timestamptz - make_interval(secs => $6)
-        ), stretches AS (
-            SELECT coverage_pct, at AS from_at,
-                   LEAST(COALESCE(next_at, $5::timestamptz), at + make_interval(secs => $6), $5::timestamptz)
-                       AS to_at
-            FROM samples
-        ), measured AS (
+        ), """
+        + _STRETCHES.format(since="$4", until="$5", stands="$6")
+        + """, measured AS (
             SELECT p.n, s.coverage_pct,
                    EXTRACT(EPOCH FROM LEAST(s.to_at, p.to_at) - GREATEST(s.from_at, p.from_at)) AS seconds
             FROM periods AS p JOIN stretches AS s ON s.from_at < p.to_at AND s.to_at > p.from_at

@@ -406,3 +406,32 @@ async def test_the_hours_are_the_operators_clock_hours_in_a_zone_half_an_hour_of
     assert [(p.since, p.until, p.uncovered_seconds) for p in touched] == [
         (hour, hour + timedelta(hours=1), Decimal("2400.000"))
     ]
+
+
+async def test_a_clean_stop_ends_the_measured_time_where_the_engine_stopped(db: Database) -> None:
+    """The last sample stood on for up to 30 s past a clean stop, counted as measured coverage while no engine
+    measured (a reviewer, from reading). The engine's stop ends it."""
+    settings = settings_for(db, {"PROTECTION__RECONCILE_SECONDS": "5"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        await open_positions(engine, clock, [SYMBOLS[66]])
+        await drive_until_covered(engine, clock, 1)
+        await _wait(clock, 25)
+    finally:
+        await drive(clock, engine.stop())
+    stopped = datetime.fromtimestamp(clock.now(), UTC)
+    samples = await _samples(db)
+    first, last = samples[0]["at"], samples[-1]["at"]
+    assert (stopped - last).total_seconds() < COVERAGE_SAMPLE_SECONDS + 1
+
+    report = await history.shift_report(
+        db.pool, engine.account_key, first, stopped + timedelta(minutes=5), sample_stands_seconds=30
+    )
+    ran = Decimal(str((stopped - first).total_seconds()))
+    assert abs(report.measured_seconds - ran) < 1, (report.measured_seconds, ran)
+    [period] = await history.coverage_by_period(
+        db.pool, engine.account_key, [(first, stopped + timedelta(minutes=5))], sample_stands_seconds=30
+    )
+    assert period.measured_seconds == report.measured_seconds
