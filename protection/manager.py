@@ -826,6 +826,10 @@ class PositionGuard:
                         self.backing_off = False
                 self.wake.clear()
         finally:
+            # Ended (its position gone before any pass: a stop that fired while no engine ran, closed by the
+            # start's reconcile) or stopped: nothing to wait for. A start waited out its whole budget (30 s)
+            # for this guard's first pass, with nothing else running meanwhile (a reviewer).
+            self.first_pass.set()
             if self._pass is not None and not self._pass.done():
                 self._pass.cancel()
             if self._stuck_timer is not None:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from engine.clock import ManualClock
+from engine.clock import ManualClock, SystemClock
 from engine.config import Settings
 from engine.engine import Engine
 from engine.exchange.port import OrderSide, OrderType
@@ -28,6 +28,7 @@ from tests.integration.test_failure_modes_f1_f5 import (
     settings_for,
 )
 from tests.support.driving import drive, drive_until
+from tests.support.waiting import wait_until
 
 
 async def test_restart_verifies_every_position_with_one_venue_snapshot_and_writes_nothing_unchanged(
@@ -627,3 +628,53 @@ async def test_a_start_given_up_after_its_guards_verified_a_position_says_so_and
     assert record is not None
     assert record["open_positions"] == 2
     assert record["uncovered"] == [pending] or record["unresolved_entries"] == 1, record
+
+
+async def test_a_start_whose_records_hold_a_position_the_venue_closed_meanwhile_does_not_wait_for_it(
+    db: Database,
+) -> None:
+    """A stop fired while no engine ran: the start's reconcile closed that position's guard before its first
+    pass, the start waited the whole budget (3 × the call timeout, 30 s) for a first pass that never came,
+    and nothing ran meanwhile (no account stream, no periodic reconcile, no marks): a stop cancelled then
+    stayed missing 26.8 s on the Binance-wire emulator (a reviewer, reproduced four times). On the real
+    clock: the records' fill times and the engine's clock must agree for the start's reconcile to judge."""
+    settings = settings_for(db, {"PROTECTION__CALL_TIMEOUT_SECONDS": "4"})
+    clock = SystemClock()
+    engine_a = Engine(settings, venue=SimVenue(settings.venue.sim, clock=clock), clock=clock, version="test")
+    await engine_a.start()
+    try:
+        assert engine_a.store is not None
+        manager = engine_a.manager
+        assert manager is not None
+        symbols = SYMBOLS[70:72]
+        await engine_a.store.insert_signals([(s, "long", None, None) for s in symbols])
+        await wait_until(
+            lambda: sum(1 for g in manager.guards.values() if g.covered) == 2,
+            within=20.0,
+            what="both covered",
+        )
+    finally:
+        await engine_a.stop()
+    core = engine_a.venue.core
+    gone, kept = symbols
+    core.set_mark(gone, core.mark(gone) / 2, clock.now())  # through both its stops: the venue closes it
+    assert {p.symbol for p in core.positions(clock.now())} == {kept}
+
+    engine_b = Engine(
+        settings, venue=SimVenue(settings.venue.sim, clock=clock, core=core), clock=clock, version="test"
+    )
+    began = clock.monotonic()
+    report = await engine_b.start()
+    took = clock.monotonic() - began
+    try:
+        # (the budget it waited out is 3 × 4 s; a start on a loaded machine takes a second or two)
+        assert took < 3 * 4 / 2, (took, report)
+        assert report.restored == 1
+        assert engine_b.manager is not None
+        await wait_until(
+            lambda: [g.symbol for g in engine_b.manager.guards.values() if not g.closed] == [kept],
+            within=10.0,
+            what="the gone position closed",
+        )
+    finally:
+        await engine_b.stop()
