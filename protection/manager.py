@@ -101,6 +101,15 @@ class TrailingKind(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class StopListing:
+    """The venue's open orders read at an engine's stop: their client ids, and when the read was asked (the
+    engine's monotonic clock)."""
+
+    ids: frozenset[str]
+    asked_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class ProtectionConfig:
     stop_loss_percent: Decimal
     activation_percent: Decimal
@@ -4293,16 +4302,29 @@ class ProtectionManager:
         for since, or None."""
         return self._gap_noted_at
 
-    def unverified(self, guard: PositionGuard, listed: Collection[str] | None = None) -> bool:
-        """A gap in the account stream is pending (no listing since it was told) and one of `guard`'s
-        confirmed stops was confirmed before it: what an engine stopping now can vouch for is not that stop
-        (its doubt may not have come due yet), unless `listed` (the open orders of a listing asked after
-        the gap was told) holds it."""
+    def unlisted(self, guard: PositionGuard, listed: StopListing) -> list[ProtectiveOrder]:
+        """`guard`'s confirmed stops the venue's open orders (`listed`) lack, among those sent longer than the
+        venue's read lag before the listing was asked (one sent since may not show in it yet): fired (a stop
+        TRIGGERING is no open order), cancelled or ended, the account stream's word not come yet."""
+        asked = listed.asked_at
+        return [
+            o
+            for o in guard.watched_stops
+            if o.confirmed
+            and o.client_order_id not in listed.ids
+            and ((left := o.left_at(asked)) is None or left <= asked - self.read_after_write_seconds)
+        ]
+
+    def unverified(self, guard: PositionGuard, listed: StopListing | None = None) -> bool:
+        """What an engine stopping now cannot vouch for in `guard`'s stops: one the venue's open orders read
+        at the stop (`listed`) lack (`unlisted`); without that listing, one confirmed before a gap in the
+        account stream that is still pending (its doubt may not have come due yet)."""
+        if listed is not None and self.unlisted(guard, listed):
+            return True
         noted = self._gap_noted_at
-        if noted is None:
+        if noted is None or (listed is not None and listed.asked_at >= noted):
             return False
-        doubted = [o for o in guard.watched_stops if o.confirmed and o.confirmed_at < noted]
-        return any(listed is None or o.client_order_id not in listed for o in doubted)
+        return any(o.confirmed and o.confirmed_at < noted for o in guard.watched_stops)
 
     async def _doubt_unless_listed(self) -> None:
         # The grace period, and never less than a listing's answer normally takes (a slow one that answers
@@ -4544,6 +4566,7 @@ __all__ = [
     "PositionGuard",
     "ProtectionConfig",
     "ProtectionManager",
+    "StopListing",
     "TrailingKind",
 ]
 

@@ -667,6 +667,44 @@ async def test_stopping_mid_wave_finishes_every_entry_already_sent_to_both_stops
     assert report.all_protected
 
 
+async def test_a_hard_stop_that_fired_unheard_just_before_the_stop_is_not_said_kept(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hard stop fired (TRIGGERING, stuck) a moment before a SIGTERM, its account event and the mark that
+    went through it not come yet: the exit line said "keep their stops; uncovered 0" from memory while the
+    venue held the position with no hard stop (a reviewer, on the Binance-wire emulator). The stop reads
+    the venue's open orders and says what they lack."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    venue = engine.venue
+    assert isinstance(venue, SimVenue)
+    [fired, kept] = await open_positions(engine, clock, SYMBOLS[52:54])
+    await drive_until_covered(engine, clock, 2)
+    assert fired.stop_loss.price is not None
+    venue.set_trigger_delay(None, stuck=True)
+    venue.delay_account_events(60.0)
+    venue.stall_marks(fired.symbol, 60.0)
+    through = engine.markets[fired.symbol].round_price(fired.stop_loss.price * Decimal("0.99"), ROUND_DOWN)
+    assert [o.client_order_id for o in venue.core.set_mark(fired.symbol, through, clock.now())] == [
+        fired.stop_loss.client_order_id
+    ]
+    assert fired.covered  # the engine has not heard of it
+    caplog.set_level(logging.ERROR, logger="engine.engine")
+    report = await drive(clock, engine.stop())
+    records = caplog.records
+
+    assert {p.symbol for p in venue.core.positions(clock.now())} == {fired.symbol, kept.symbol}
+    assert (report.open_positions, report.uncovered, report.uncovered_symbols) == (2, 1, (fired.symbol,))
+    assert not report.all_protected
+    assert any(
+        f"{fired.symbol}: stop-loss {fired.stop_loss.client_order_id} is not among the venue's open orders"
+        in r.getMessage()
+        for r in records
+    ), [r.getMessage() for r in records]
+
+
 async def test_an_entry_held_by_the_order_budget_when_the_engine_stops_is_never_sent(db: Database) -> None:
     """A wave's entries waiting for room in the venue's order window when the stop began were still sent
     once room came: after the drain's wait, during the guards' wait, even after the manager had stopped,
