@@ -66,7 +66,9 @@ def kill_postmaster(data_dir: Path) -> int:
     backends = _children(pid)
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while postmaster_state(data_dir)[0] is PostmasterState.RUNNING or any(map(_running, backends)):
+    # The killed one, not whichever runs: an engine that owns the server may have started a new one already
+    # (then a new postmaster runs, and this waited for it to die until its deadline).
+    while postmaster_state(data_dir) == (PostmasterState.RUNNING, pid) or any(map(_running, backends)):
         assert time.monotonic() < deadline, "the killed postmaster or one of its backends is still running"
         time.sleep(0.01)
     return pid
