@@ -4303,16 +4303,16 @@ class ProtectionManager:
         return self._gap_noted_at
 
     def unlisted(self, guard: PositionGuard, listed: StopListing) -> list[ProtectiveOrder]:
-        """`guard`'s confirmed stops the venue's open orders (`listed`) lack, among those sent longer than the
-        venue's read lag before the listing was asked (one sent since may not show in it yet): fired (a stop
-        TRIGGERING is no open order), cancelled or ended, the account stream's word not come yet."""
-        asked = listed.asked_at
+        """`guard`'s confirmed stops the venue's open orders (`listed`) lack, among those confirmed longer than
+        the venue's read lag before the listing was asked (one confirmed since may not show in it yet; the
+        reconciler's rule): fired (a stop TRIGGERING is no open order), cancelled or ended, the account
+        stream's word not come yet."""
         return [
             o
             for o in guard.watched_stops
             if o.confirmed
             and o.client_order_id not in listed.ids
-            and ((left := o.left_at(asked)) is None or left <= asked - self.read_after_write_seconds)
+            and o.confirmed_at < listed.asked_at - self.read_after_write_seconds
         ]
 
     def unverified(self, guard: PositionGuard, listed: StopListing | None = None) -> bool:
