@@ -3682,18 +3682,25 @@ class Engine:
         what the stop's report may vouch for. From memory alone, a hard stop that fired (TRIGGERING, no
         longer listed) a moment before a SIGTERM whose word the account stream had not brought yet was said
         kept (a reviewer, on the Binance-wire emulator)."""
-        if self.reconciler is None:
+        if self.reconciler is None or self.fatal is not None:  # (taken over: the stops are another's now)
             return None
+        budget = float(self.settings.protection.call_timeout_seconds) / 2
         listing = asyncio.ensure_future(self.reconciler.take_snapshot())
-        await wait_for_all(self.clock, float(self.settings.protection.call_timeout_seconds) / 2, [listing])
+        await wait_for_all(self.clock, budget, [listing])
         if not listing.done() or listing.cancelled() or listing.exception() is not None:
-            if listing.done() and not listing.cancelled():
-                log.warning(
-                    "at stop: the venue's open orders not read (%s); said from memory", listing.exception()
-                )
+            why = (
+                f"no answer within {budget:g}s"
+                if not listing.done() or listing.cancelled()
+                else str(listing.exception())
+            )
+            log.warning("at stop: the venue's open orders not read (%s); what stays is said from memory", why)
             return None
         snapshot = listing.result()
-        return StopListing(frozenset(o.client_order_id for o in snapshot.open_orders), snapshot.taken_at)
+        return StopListing(
+            frozenset(o.client_order_id for o in snapshot.open_orders),
+            snapshot.taken_at,
+            frozenset((p.symbol, p.side.value) for p in snapshot.positions),
+        )
 
     def _account_stream_down_since(self) -> float | None:
         """Since when (monotonic: its last message) the venue's account stream is down, or None while it is

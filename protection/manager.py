@@ -107,6 +107,7 @@ class StopListing:
 
     ids: frozenset[str]
     asked_at: float
+    positions: frozenset[tuple[str, str]]  # (symbol, side) of the positions the venue holds
 
 
 @dataclass(frozen=True, slots=True)
@@ -837,8 +838,10 @@ class PositionGuard:
         finally:
             # Ended (its position gone before any pass: a stop that fired while no engine ran, closed by the
             # start's reconcile) or stopped: nothing to wait for. A start waited out its whole budget (30 s)
-            # for this guard's first pass, with nothing else running meanwhile (a reviewer).
-            self.first_pass.set()
+            # for this guard's first pass, with nothing else running meanwhile (a reviewer). Not a task that
+            # died: the guard is started again, and its first pass is still to come.
+            if self.closed or self._m.stopped:
+                self.first_pass.set()
             if self._pass is not None and not self._pass.done():
                 self._pass.cancel()
             if self._stuck_timer is not None:
@@ -4306,7 +4309,10 @@ class ProtectionManager:
         """`guard`'s confirmed stops the venue's open orders (`listed`) lack, among those confirmed longer than
         the venue's read lag before the listing was asked (one confirmed since may not show in it yet; the
         reconciler's rule): fired (a stop TRIGGERING is no open order), cancelled or ended, the account
-        stream's word not come yet."""
+        stream's word not come yet. None of a position the same read shows gone (a stop that filled, its
+        word not come: the position is over, and its stops with it)."""
+        if (guard.symbol, guard.side.value) not in listed.positions:
+            return []
         return [
             o
             for o in guard.watched_stops

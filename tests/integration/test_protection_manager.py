@@ -705,6 +705,32 @@ async def test_a_hard_stop_that_fired_unheard_just_before_the_stop_is_not_said_k
     ), [r.getMessage() for r in records]
 
 
+async def test_a_position_whose_stop_filled_unheard_just_before_the_stop_is_no_false_alarm(
+    db: Database,
+) -> None:
+    """The stop's listing of the venue's open orders lacks the stops of a position a stop of which filled a
+    moment before, its word still on its way: the first version of that listing said it UNCOVERED, exit 1,
+    for a position the venue no longer held (a reviewer). The same read's positions say it is gone."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    venue = engine.venue
+    assert isinstance(venue, SimVenue)
+    [filled, kept] = await open_positions(engine, clock, SYMBOLS[54:56])
+    await drive_until_covered(engine, clock, 2)
+    assert filled.stop_loss.price is not None
+    venue.delay_account_events(0.3)
+    venue.stall_marks(filled.symbol, 60.0)
+    through = engine.markets[filled.symbol].round_price(filled.stop_loss.price * Decimal("0.99"), ROUND_DOWN)
+    venue.core.set_mark(filled.symbol, through, clock.now())  # fires and fills: flat
+    assert {p.symbol for p in venue.core.positions(clock.now())} == {kept.symbol}
+    report = await drive(clock, engine.stop())
+
+    assert (report.uncovered, report.uncovered_symbols) == (0, ()), report.describe()
+    assert report.all_protected
+
+
 async def test_an_entry_held_by_the_order_budget_when_the_engine_stops_is_never_sent(db: Database) -> None:
     """A wave's entries waiting for room in the venue's order window when the stop began were still sent
     once room came: after the drain's wait, during the guards' wait, even after the manager had stopped,

@@ -18,6 +18,7 @@ from engine.exchange.port import OrderSide, OrderType
 from engine.last_stop import last_stop_path, read_last_stop
 from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, FaultKind
+from protection.manager import PositionGuard
 from storage.database import Database
 from tests.integration.engine_support import make_engine
 from tests.integration.test_failure_modes_f1_f5 import (
@@ -678,3 +679,39 @@ async def test_a_start_whose_records_hold_a_position_the_venue_closed_meanwhile_
         )
     finally:
         await engine_b.stop()
+
+
+async def test_a_guard_whose_first_pass_dies_is_waited_for_once_started_again(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A guard's task that dies in its first pass (a bug) is started again a moment later; the start waits
+    for the new task's first pass. Marked done when its task ended, the first version of the start's fix
+    (a guard whose position ended) reported it failed while its restarted task had both stops a moment
+    later (a reviewer). A bug in one pass is injected: the engine's own fault, not the venue's."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine_a = make_engine(settings, clock)
+    await drive(clock, engine_a.start())
+    try:
+        await open_positions(engine_a, clock, SYMBOLS[80:82])
+        await drive_until_covered(engine_a, clock, 2)
+    finally:
+        await drive(clock, engine_a.stop())
+    victim = SYMBOLS[80]
+    one_pass = PositionGuard._one_pass
+    raised: list[str] = []
+
+    async def raising_once(self: PositionGuard) -> bool:
+        if self.symbol == victim and not raised:
+            raised.append(self.symbol)
+            raise RuntimeError("a bug in a first pass (injected)")
+        return await one_pass(self)
+
+    monkeypatch.setattr(PositionGuard, "_one_pass", raising_once)
+    engine_b = restarted(engine_a, settings, clock)
+    report = await drive(clock, engine_b.start())
+    try:
+        assert raised == [victim]
+        assert (report.restored, report.failed) == (2, 0), report.describe()
+    finally:
+        await drive(clock, engine_b.stop())
