@@ -58,6 +58,7 @@ from storage.database import (
     resolve_target,
 )
 from storage.embedded import (
+    ENGINE_COMMANDS,
     EmbeddedPostgresError,
     default_data_dir,
     embedded_users,
@@ -834,11 +835,16 @@ def _status_target(loaded: LoadedConfig) -> DatabaseTarget:
     if server is None:
         users = embedded_users(directory)
         if users:  # down under its users: an engine among them starts its server again within seconds
+            engine = any(command.startswith(ENGINE_COMMANDS) for _, command in users)
             raise StatusUnknown(
                 f"database: the embedded PostgreSQL in {shown_path(str(directory))} is down while "
-                + ", ".join(f"pid {pid} ({program})" for pid, program in users)
-                + f" still use{'s' if len(users) == 1 else ''} it (an engine starts the server it uses "
-                "again within seconds): ask again"
+                + ", ".join(f"pid {pid} ({command})" for pid, command in users)
+                + f" still use{'s' if len(users) == 1 else ''} it "
+                + (
+                    "(an engine starts the server it uses again within seconds): ask again"
+                    if engine
+                    else "(no engine among them: `tsbot run` starts it)"
+                )
             )
         raise StatusUnknown(
             f"database: no embedded PostgreSQL is running in {shown_path(str(directory))} "

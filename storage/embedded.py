@@ -214,6 +214,8 @@ def postmaster_state(data_dir: Path) -> tuple[PostmasterState, int | None]:
         pid = int((data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
     except (FileNotFoundError, NotADirectoryError, ValueError):
         return PostmasterState.DEAD, None
+    if pid <= 0:  # a standalone backend's (initdb's bootstrap writes its pid negated): no server to talk to
+        return PostmasterState.DEAD, None
     try:
         process = psutil.Process(pid)
         status, name = process.status(), process.name()
@@ -244,9 +246,10 @@ def running_server(data_dir: Path) -> EmbeddedPostgres | None:
 
 
 def embedded_users(data_dir: Path) -> list[tuple[int, str]]:
-    """The live processes that use the embedded server in `data_dir` (pgserver's `.handle_pids.json`), each
-    with the program it runs (`tsbot run`, `tsbot-tui`, `python`), without joining or locking anything: for
-    a look at a server that is down (an engine that uses it restarts the server it started)."""
+    """The live tsbot processes that use the embedded server in `data_dir` (pgserver's `.handle_pids.json`),
+    each with its command (`tsbot run`, `tsbot-tui`, `tsbot db`), without joining or locking anything: for
+    a look at a server that is down (an engine among them starts the server it uses again). A listed pid
+    that now runs another program (reused after a kill and a reboot) is none of them."""
     import psutil  # pgserver's own dependency
 
     try:
@@ -258,21 +261,27 @@ def embedded_users(data_dir: Path) -> list[tuple[int, str]]:
         if not isinstance(pid, int) or pid == os.getpid() or not _alive(pid, psutil):
             continue
         try:
-            users.append((pid, _program(psutil.Process(pid).cmdline())))
+            command = _tsbot_command(psutil.Process(pid).cmdline())
         except psutil.Error:
             continue
+        if command is not None:
+            users.append((pid, command))
     return users
 
 
-def _program(argv: list[str]) -> str:
-    """What a process runs, in a word or two: the `tsbot` command and its subcommand where it is one (only
-    the program and subcommand: nothing else of a command line is shown), else the executable's name."""
-    for index, arg in enumerate(argv):
+def _tsbot_command(argv: list[str]) -> str | None:
+    """The tsbot command a process runs (`tsbot run`, `tsbot-tui`), from its executable or the script its
+    interpreter runs, with the subcommand after it; None for any other program. Nothing else of a command
+    line is shown (a path, an option's value)."""
+    for index, arg in enumerate(argv[:2]):
         name = Path(arg).name
-        if name.startswith("tsbot"):
+        if name in ("tsbot", "tsbot-tui"):
             following = argv[index + 1] if index + 1 < len(argv) else ""
             return f"{name} {following}" if re.fullmatch(r"[a-z][a-z-]*", following) else name
-    return Path(argv[0]).name if argv else "?"
+    return None
+
+
+ENGINE_COMMANDS = ("tsbot run", "tsbot-tui")  # the commands whose engine starts its embedded server again
 
 
 def _joined(data_dir: Path) -> bool:
