@@ -1411,7 +1411,10 @@ class Engine:
                         else Severity.ERROR,
                         "engine_stopped",
                         f"engine stopped; {report.describe()}",
-                        at=_utc(self.clock.now()),  # the coverage samples' clock: the history ends them here
+                        # On the coverage samples' clock: the history ends this engine's last sample here. Not
+                        # an engine whose account was taken: the new holder measures on.
+                        at=_utc(self.clock.now()),
+                        data=None if report.taken_over else {"ends_coverage_samples": True},
                     )
                 except Exception:
                     log.exception("could not record the stop event")

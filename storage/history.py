@@ -84,7 +84,8 @@ async def now(conn: asyncpg.Connection | asyncpg.Pool) -> datetime:
 
 
 # The coverage series as stretches [from_at, to_at): each sample stands until the next one, the engine's stop
-# (its `engine_stopped` event: nobody measured after it), or `stands` seconds, whichever comes first, and
+# (its `engine_stopped` event, one that ends the samples: not an engine whose account another took, which
+# measures on; nobody measured after it), or `stands` seconds, whichever comes first, and
 # never past `until`. A CTE list for `WITH`, over $1 (the account) and the placeholders named.
 _STRETCHES = """
         marks AS (
@@ -95,7 +96,8 @@ _STRETCHES = """
             UNION ALL
             SELECT created_at, NULL, true
             FROM monitoring.events
-            WHERE account = $1 AND type = 'engine_stopped' AND created_at < {until}::timestamptz
+            WHERE account = $1 AND type = 'engine_stopped' AND data ? 'ends_coverage_samples'
+              AND created_at < {until}::timestamptz
               AND created_at >= {since}::timestamptz - make_interval(secs => {stands})
         ), samples AS (
             SELECT at, coverage_pct, stop, lead(at) OVER (ORDER BY at, stop) AS next_at FROM marks

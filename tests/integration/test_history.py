@@ -18,7 +18,7 @@ from engine.venues.sim.settings import CallKind, FaultKind
 from storage import history
 from storage.database import Database
 from storage.history import PROTECTION_FAILURE_CLASSES
-from storage.repositories import CoverageSample, PositionStatus, ProtectionFactsRow, Store
+from storage.repositories import CoverageSample, PositionStatus, ProtectionFactsRow, Severity, Store
 from tests.integration.engine_support import make_engine
 from tests.integration.test_failure_modes_f1_f5 import (
     SYMBOLS,
@@ -435,3 +435,32 @@ async def test_a_clean_stop_ends_the_measured_time_where_the_engine_stopped(db: 
         db.pool, engine.account_key, [(first, stopped + timedelta(minutes=5))], sample_stands_seconds=30
     )
     assert period.measured_seconds == report.measured_seconds
+
+
+async def test_only_the_measuring_engines_own_stop_ends_its_samples(db: Database) -> None:
+    """An engine whose account another engine took writes its stop event too: that stop ended the new
+    holder's samples while it measured on (a reviewer). Only a stop that ends this account's measuring
+    (its event says so) cuts a sample."""
+    pool = db.pool
+    base: datetime = await pool.fetchval("SELECT date_trunc('hour', now()) - interval '2 hours'")
+    until = base + timedelta(minutes=5)
+    measured = []
+    for account, event in (
+        ("sim:taken", ("engine stopped; taken over", 12, None)),
+        ("sim:stopped", ("engine stopped", 35, {"ends_coverage_samples": True})),
+    ):
+        store = Store(pool, account)
+        for seconds in (0, 10, 20, 30):
+            await store.record_coverage_sample(
+                CoverageSample(base + timedelta(seconds=seconds), 1, 1, 0, 0, Decimal(100))
+            )
+        message, after, data = event
+        await store.record_event(
+            Severity.INFO, "engine_stopped", message, at=base + timedelta(seconds=after), data=data
+        )
+        report = await history.shift_report(pool, account, base, until, sample_stands_seconds=30)
+        [period] = await history.coverage_by_period(pool, account, [(base, until)], sample_stands_seconds=30)
+        assert report.measured_seconds == period.measured_seconds
+        measured.append(report.measured_seconds)
+    # Taken over: 30 s of samples, the last standing its 30 s. Stopped: up to the stop, 5 s past the last.
+    assert measured == [Decimal("60.000"), Decimal("35.000")]
