@@ -150,6 +150,8 @@ HOUSEKEEPING_SECONDS = 60.0
 # The coverage history (monitoring.coverage_samples): one sample of the gauge's figures this often, kept this
 # long (older ones are deleted by the housekeeping).
 COVERAGE_SAMPLE_SECONDS = 10.0
+# Reconcile passes failing one after another for this many intervals: health says the stops go unchecked.
+UNCHECKED_PASSES = 3
 COVERAGE_RETENTION_SECONDS = 30 * 86400.0
 STALE_CLAIM_SECONDS = 600.0  # a wave handles its signals in seconds; ten minutes taken is abandoned
 LEASE_CHECK_SECONDS = 2.0
@@ -819,6 +821,10 @@ class Engine:
         self._settlers: set[asyncio.Task[None]] = set()
         self._waves: deque[WaveView] = deque(maxlen=50)
         self._coverage_sample: CoverageSample | None = None  # the last taken for the history
+        # The last reconcile pass that answered (monotonic; the start's read counts), and why the passes
+        # since failed ("" while they answer): health says when the venue's stops go unchecked.
+        self._reconciled_at: float | None = None
+        self._reconcile_failed = ""
         self._lease_since: datetime | None = None  # when this engine first took the account's lease
         self._start_interrupted = asyncio.Event()  # `interrupt_start`: the start's waits end, it gives up
         self._wave_tasks: set[asyncio.Task[None]] = set()
@@ -889,7 +895,7 @@ class Engine:
         # (between two managers, a protection restart's, the facts carried through it: no timeouts counted)
         timeouts = manager.timeouts.count(now, 3600.0) if manager is not None else 0
         live = health.evaluate_protection(
-            health.ProtectionMeasurement.of(figures, timeouts),
+            health.ProtectionMeasurement.of(figures, timeouts, *self._stops_unchecked(now)),
             health.HealthThresholds.from_settings(self.settings.health),
         )
         return tuple(live if c.component is health.Component.PROTECTION else c for c in self._health)
@@ -1219,6 +1225,7 @@ class Engine:
     def _start_loops(self) -> None:
         assert self.store is not None and self._db is not None
         self._loops_started_at = self.clock.monotonic()
+        self._reconciled_at = self._loops_started_at  # the start read the venue
         sup = self._supervisor
         sup.start("mark-feed", self._mark_feed)
         sup.start("silent-marks", self._silent_marks_by_rest)
@@ -2491,9 +2498,23 @@ class Engine:
             try:
                 await self.reconciler.reconcile_once()
             except (ExchangeError, TimeoutError) as exc:
+                self._reconcile_failed = str(exc) or type(exc).__name__
                 log.warning("reconcile: venue unavailable (%s); next attempt in %.0fs", exc, interval)
             except DatabaseDown:  # adopting needs the database; the rest of the pass went on without it
                 log.debug("reconcile: the database is unreachable; adoption waits for it")
+                self._reconciled_at, self._reconcile_failed = self.clock.monotonic(), ""
+            else:
+                self._reconciled_at, self._reconcile_failed = self.clock.monotonic(), ""
+
+    def _stops_unchecked(self, now: float) -> tuple[float | None, str]:
+        """How long no reconcile pass has checked the venue's stops, every one since failing, once that is
+        `UNCHECKED_PASSES` passes' time or more (None before: a pass that fails now and then is no alarm);
+        and why the last one failed."""
+        if not self._reconcile_failed or self._reconciled_at is None:
+            return None, ""
+        unchecked = now - self._reconciled_at
+        limit = UNCHECKED_PASSES * float(self.settings.protection.reconcile_seconds)
+        return (unchecked, self._reconcile_failed) if unchecked >= limit else (None, "")
 
     async def reconcile_now(self) -> ReconcileReport:
         assert self.reconciler is not None
@@ -3629,7 +3650,9 @@ class Engine:
                 mark_stream=streams.get("marks"),
             ),
             database=database,
-            protection=health.ProtectionMeasurement.of(figures, self.manager.timeouts.count(now, 3600.0)),
+            protection=health.ProtectionMeasurement.of(
+                figures, self.manager.timeouts.count(now, 3600.0), *self._stops_unchecked(now)
+            ),
             signals=health.SignalsMeasurement(
                 last_wave_age_seconds=None if self._last_wave_at is None else now - self._last_wave_at,
                 listen_connected=self.consumer.listening,

@@ -374,11 +374,23 @@ class ProtectionMeasurement:
     protecting_ts_covered: int = 0
     protecting_sl_covered: int = 0
     oldest_uncovered_symbol: str = ""  # named in the alarm: an operator acts on a symbol, not a count
+    # How long the venue's stops have gone unchecked by a reconcile pass (every pass since failed), once that
+    # is past a few passes' time; None while the passes answer. Why the last one failed.
+    unchecked_seconds: float | None = None
+    unchecked_why: str = ""
 
     @classmethod
-    def of(cls, figures: CoverageFigures, timeouts_last_hour: int) -> ProtectionMeasurement:
+    def of(
+        cls,
+        figures: CoverageFigures,
+        timeouts_last_hour: int,
+        unchecked_seconds: float | None = None,
+        unchecked_why: str = "",
+    ) -> ProtectionMeasurement:
         """From the coverage figures the gauge shows (the health check and the dashboard read one rule)."""
         return cls(
+            unchecked_seconds=unchecked_seconds,
+            unchecked_why=unchecked_why,
             active_positions=figures.active,
             protected_positions=figures.protected,
             ts_covered=figures.with_trailing_stop,
@@ -404,7 +416,11 @@ class ProtectionMeasurement:
             uncovered_past_grace=self.uncovered_past_grace,
             timeouts_last_hour=self.timeouts_last_hour,
         )
-        _require_age(name, oldest_uncovered_seconds=self.oldest_uncovered_seconds)
+        _require_age(
+            name,
+            oldest_uncovered_seconds=self.oldest_uncovered_seconds,
+            unchecked_seconds=self.unchecked_seconds,
+        )
         if max(self.ts_covered, self.sl_covered) > self.active_positions:
             raise ValueError(f"{name}: more covered than active positions ({self})")
         if self.protected_positions > min(self.ts_covered, self.sl_covered):
@@ -759,7 +775,18 @@ def evaluate_protection(
         "ts_coverage_percent": None if ts_percent is None else str(ts_percent),
         "sl_coverage_percent": None if sl_percent is None else str(sl_percent),
         "timeouts_last_hour": measured.timeouts_last_hour,
+        "unchecked_seconds": measured.unchecked_seconds,
+        "unchecked_why": measured.unchecked_why,
     }
+    # The reconciler's passes are the check of what the account stream says: while they fail, a stop lost
+    # with its event lost too goes unseen (an operator: 70-110 s without stops, every screen at 100 %).
+    unchecked: list[str] = []
+    if measured.unchecked_seconds is not None and active:
+        unchecked.append(
+            f"Stops not checked against the venue for {format_duration(measured.unchecked_seconds)} "
+            f"(reconcile failing: {_one_line(measured.unchecked_why)[:160]}): a stop lost meanwhile is seen "
+            "only if the account stream tells it"
+        )
     timeouts = (
         f", {_plural(measured.timeouts_last_hour, 'timeout')} in the last hour"
         if measured.timeouts_last_hour
@@ -780,7 +807,7 @@ def evaluate_protection(
     )
 
     critical: list[str] = []
-    degraded: list[str] = []
+    degraded: list[str] = list(unchecked)
     if past_grace:
         # Judged over the positions past their grace period, as the alerts and the breaker judge it: a wave
         # still being protected beside one old uncovered position made it CRITICAL until the wave was

@@ -1017,8 +1017,18 @@ def coherent_health(
     index = next((i for i, c in enumerate(components) if c.component is Component.PROTECTION), None)
     if index is None or (read_only and components[index].state is HealthState.UNKNOWN):
         return snapshot.health
-    timeouts = components[index].measurements.get("timeouts_last_hour", 0)
-    measured = ProtectionMeasurement.of(figures, timeouts if isinstance(timeouts, int) else 0)
+    recorded = components[index].measurements
+    timeouts, unchecked, why = (
+        recorded.get("timeouts_last_hour", 0),
+        recorded.get("unchecked_seconds"),
+        recorded.get("unchecked_why", ""),
+    )
+    measured = ProtectionMeasurement.of(
+        figures,
+        timeouts if isinstance(timeouts, int) else 0,
+        float(unchecked) if isinstance(unchecked, int | float) else None,
+        why if isinstance(why, str) else "",
+    )
     components[index] = evaluate_protection(measured, thresholds)
     return tuple(components)
 

@@ -15,6 +15,7 @@ from engine.config import Settings
 from engine.exchange.port import OrderType
 from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, FaultKind
+from protection.health import Component, HealthState
 from protection.manager import ClosePosition
 from storage.database import Database
 from tests.integration.engine_support import make_engine, reads_fail
@@ -433,5 +434,41 @@ async def test_stops_confirmed_within_the_read_lag_of_a_gap_s_listing_stay_cover
         for _ in range(40):
             await drive(clock, clock.sleep(0.1))
             assert guard.covered
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_reconcile_passes_that_keep_failing_are_said_in_protection_health(db: Database) -> None:
+    """Every reconcile pass failed (one failing order list) while the account stream lost its events: a
+    stop removed by hand went unseen 70-110 s, and health said protection healthy, 100 %, the exchange
+    only degraded for its errors (an operator, on the Bybit emulator). The passes are the check of what
+    the stream says: health says when they have not checked the venue's stops for three intervals."""
+    settings = settings_for(db, {"PROTECTION__RECONCILE_SECONDS": "5"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        await open_positions(engine, clock, [SYMBOLS[57]])
+        await drive_until_covered(engine, clock, 1)
+        venue = engine.venue
+        assert isinstance(venue, SimVenue)
+        reads_fail(venue, CallKind.FETCH_OPEN_ORDERS)
+        await drive(clock, clock.sleep(8))  # a pass or so failed: no alarm for that
+        health = await drive(clock, engine.measure_health())
+        assert health[Component.PROTECTION].state is HealthState.HEALTHY, health[Component.PROTECTION].reason
+        await drive(clock, clock.sleep(12))
+        health = await drive(clock, engine.measure_health())
+        protection = health[Component.PROTECTION]
+        assert protection.state is HealthState.DEGRADED
+        assert "Stops not checked against the venue for " in protection.reason
+        assert "reconcile failing: sim fetch_open_orders: HTTP 500" in protection.reason
+        [live] = [c for c in engine.current_health() if c.component is Component.PROTECTION]
+        assert live.state is HealthState.DEGRADED  # /healthz and the dashboard judge it so too
+        assert "Stops not checked against the venue for " in live.reason
+
+        venue.clear_injected_faults()
+        await drive(clock, clock.sleep(6))
+        health = await drive(clock, engine.measure_health())
+        assert health[Component.PROTECTION].state is HealthState.HEALTHY, health[Component.PROTECTION].reason
     finally:
         await drive(clock, engine.stop())
