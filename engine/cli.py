@@ -550,6 +550,9 @@ def _run(args: argparse.Namespace, loaded: LoadedConfig) -> int:
         # A closed terminal (SIGHUP, an ssh drop) stops the engine the same orderly way as SIGTERM.
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(signum, stop.set)
+        # The duration counts from now, the start included: a start that kept trying an unreachable venue
+        # ran 33 s past `--duration 5` (an operator).
+        ends = None if args.duration is None else loop.call_later(args.duration, stop.set)
         try:
             report = await _start_unless_stopped(engine, stop)
         except LeaseHeld as exc:
@@ -566,12 +569,14 @@ def _run(args: argparse.Namespace, loaded: LoadedConfig) -> int:
             # Until told to stop, the duration ends, or the engine stops itself (another engine took it).
             waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(engine.wait_stopped())}
             try:
-                await asyncio.wait(waiters, timeout=args.duration, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 for waiter in waiters:
                     waiter.cancel()
                 await asyncio.gather(*waiters, return_exceptions=True)
         finally:
+            if ends is not None:
+                ends.cancel()
             stopped = await engine.stop()
         print(f"stopped: {stopped.describe()}")
         if engine.fatal is not None:

@@ -17,6 +17,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -326,7 +327,7 @@ def test_a_venue_on_a_closed_port_is_one_line_couldnt_reach(workdir: Path) -> No
         TSBOT,
         "run",
         "--duration",
-        "5",
+        "60",
         cwd=workdir,
         TSBOT_VENUE__KIND="binanceusdm",
         TSBOT_VENUE__BASE_URL=url,
@@ -338,6 +339,27 @@ def test_a_venue_on_a_closed_port_is_one_line_couldnt_reach(workdir: Path) -> No
     )
     _assert_one_line(result, 1, f"tsbot: venue binanceusdm at {url}: couldn't reach it: ")
     assert API_SECRET not in result.stderr
+
+
+def test_the_duration_counts_from_the_start_and_ends_a_start_that_keeps_trying(workdir: Path) -> None:
+    """`tsbot run --duration 5` on an unreachable venue ran 33 s, the start's six tries, before it said it
+    could not reach it (an operator): the duration now ends the start too, as SIGTERM does."""
+    url = f"http://127.0.0.1:{_closed_port()}"
+    began = time.monotonic()
+    result = _subprocess(
+        TSBOT,
+        "run",
+        "--duration",
+        "2",
+        cwd=workdir,
+        TSBOT_VENUE__KIND="binanceusdm",
+        TSBOT_VENUE__BASE_URL=url,
+        TSBOT_VENUE__API_KEY=API_KEY,
+        TSBOT_VENUE__API_SECRET=API_SECRET,
+    )
+    took = time.monotonic() - began
+    _assert_one_line(result, 1, "tsbot: stopped during the start-up, while it waited for the venue: ")
+    assert took < 25, took  # (the six tries take 31 s at the defaults; a loaded machine's start is slower)
 
 
 @pytest.mark.parametrize(
