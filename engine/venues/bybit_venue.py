@@ -1202,8 +1202,14 @@ class BybitLinearVenue(CcxtVenue):
                 rider.done.set_exception(error)  # the same outcome for both (not executed, or unknown)
             else:
                 rider.done.set_exception(
-                    OutcomeUnknown(f"{self.kind} {stop.symbol}: trading-stop interrupted: {error!r}")
+                    OutcomeUnknown(
+                        rider.stop.client_order_id,
+                        f"{self.kind} {stop.symbol}: trading-stop interrupted ({type(error).__name__})",
+                    )
                 )
+            # Said to the rider's own call, if it still waits: one cancelled with it (the engine stopping)
+            # never reads it, and asyncio printed "Future exception was never retrieved" on the terminal.
+            rider.done.exception()
             raise
         rider = carrier.rider
         if rider is not None and not rider.done.done():

@@ -7,6 +7,7 @@ venue, as a new engine process would."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping
@@ -775,3 +776,54 @@ async def test_a_stop_order_list_that_cannot_be_read_leaves_the_stops_listed_fro
 
     assert {o.symbol for o in listed} == set(symbols) - {removed}
     assert len(listed) == 2 * (len(symbols) - 1)
+
+
+async def test_a_carried_hard_stop_whose_call_is_cancelled_is_told_unknown_under_its_own_id(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The trailing stop's call, carrying the corrected hard stop, cancelled on its way (the engine
+    stopping): the hard stop's own call was told OutcomeUnknown with the error's text where its client
+    order id goes, and with that call cancelled too, asyncio printed "Future exception was never retrieved"
+    on the terminal (an operator, SIGTERM mid-wave on the Bybit emulator)."""
+
+    async def carried(
+        adapter: BybitLinearVenue, n: int
+    ) -> tuple[asyncio.Future[Order], asyncio.Future[Order]]:
+        stop = asyncio.ensure_future(  # waits for the trailing stop's call to ride in it
+            adapter.create_stop_market_order(
+                SYMBOL, OrderSide.SELL, QTY, Decimal("0.4100"), client_order_id=f"tsbabc123-10-sl{n}"
+            )
+        )
+        await asyncio.sleep(0.05)
+        trailing = asyncio.ensure_future(
+            adapter.create_trailing_stop_order(
+                SYMBOL,
+                OrderSide.SELL,
+                QTY,
+                Decimal("2"),
+                client_order_id=f"tsbabc123-10-ts{n}",
+                activation_price=Decimal("0.4600"),
+            )
+        )
+        await asyncio.sleep(0.3)  # both on their way, in one call the venue answers 3 s late
+        return stop, trailing
+
+    async with bybit_venue() as venue, connected(venue) as adapter:
+        await entry_carrying_its_stop(adapter, 10)
+        await venue.post("fault", targets="POST:position/trading-stop", fault="latency:3000", count=2)
+        stop, trailing = await carried(adapter, 1)
+        trailing.cancel()
+        [told, _] = await asyncio.gather(stop, trailing, return_exceptions=True)
+        assert isinstance(told, OutcomeUnknown), told
+        assert told.client_order_id == "tsbabc123-10-sl1"
+
+        # Both calls cancelled (the engine stopping): nothing is said on the terminal.
+        stop, trailing = await carried(adapter, 2)
+        stop.cancel()
+        trailing.cancel()
+        await asyncio.gather(stop, trailing, return_exceptions=True)
+        del stop, trailing
+        gc.collect()
+        await asyncio.sleep(0)
+    assert adapter.riders_carried == 0
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
