@@ -540,6 +540,7 @@ class PositionGuard:
         # away (replaced once confirmed), and the attached stop while its replacement is on its way.
         self._attached_correction: Decimal | None = None
         self._attached_holds: ProtectiveOrder | None = None
+        self._entry_carried: str | None = None  # the client id of the hard stop this run's entry carried
         self._correction_rides = False  # sent beside the trailing stop, in its call (this pass)
         # A stop of ours filled: sending stops for a position that is gone would only be refused (-2022);
         # the reconciler settles it with this evidence, or clears it if the venue still holds the position.
@@ -1925,6 +1926,7 @@ class PositionGuard:
         """The hard stop rode on the entry, priced from the mark before the fill. More than a tick from
         the price the fill gives, it is replaced by a stop at that price once it is confirmed."""
         attached = self.stop_loss
+        self._entry_carried = attached.client_order_id  # sent by this run, on its entry
         if attached.price is not None and abs(attached.price - from_fill) > self.market.tick_size:
             self._attached_correction = from_fill
 
@@ -2087,7 +2089,8 @@ class PositionGuard:
         ):
             return
         m.announced.add(cid)
-        verb = "Created" if order.sent_this_run else "Restored"
+        # (The hard stop this run's entry carried is a creation too: it was logged "Restored"; an operator.)
+        verb = "Created" if order.sent_this_run or cid == self._entry_carried else "Restored"
         if order.purpose is OrderPurpose.TRAILING_STOP:
             # A venue's read may leave out what the guard sent (Bybit's position shows the trail's distance,
             # not its callback): the line says what is known ("activation now, callback None%" was false).

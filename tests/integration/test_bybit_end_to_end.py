@@ -92,6 +92,11 @@ async def test_a_killed_engine_restarts_onto_bybit_with_every_position_protected
             first.kill()
             first.wait()
     assert first.returncode == -signal.SIGKILL
+    # The hard stops the first run's entries carried are its creations: logged "Created", never "Restored"
+    # (nothing was there to restore before it), so the operators' grep counts them.
+    first_log = (workdir / "logs" / "trading_bot.log").read_text()
+    assert first_log.count("Created stop-loss for ") >= protected_before
+    assert "Restored stop-loss for " not in first_log
     trailing_before = {
         s["symbol"]: s["trailingSetAt"]
         for s in _emulator_state(emulator)["position_stops"]
