@@ -25,7 +25,7 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -58,7 +58,7 @@ from storage.database import (
     resolve_target,
 )
 from storage.embedded import (
-    ENGINE_COMMANDS,
+    ENGINE_COMMAND,
     EmbeddedPostgresError,
     default_data_dir,
     embedded_users,
@@ -507,7 +507,9 @@ async def _insert_signals(loaded: LoadedConfig, signals: list[SignalInput]) -> l
         await database.close()
 
 
-async def _start_unless_stopped(engine: Engine, stop: asyncio.Event) -> StartupReport:
+async def _start_unless_stopped(
+    engine: Engine, stop: asyncio.Event, ended: Callable[[], str | None] = lambda: None
+) -> StartupReport:
     """The engine's start, given up when a stop is asked for while it waits for the venue: a start may wait
     out a venue's ban (hours, on Binance), and SIGTERM, Ctrl-C and a closed terminal were heard only once it
     had started. A start already restoring and protecting positions is let finish (the stop that follows
@@ -522,9 +524,11 @@ async def _start_unless_stopped(engine: Engine, stop: asyncio.Event) -> StartupR
     except StartInterrupted:
         # What the record holds, not "they keep the stops they had": one there had none (an operator).
         left = engine.start_left or "nothing known of the positions"
+        waited = f" ({engine.start_waits_for})" if engine.start_waits_for else ""
         raise CommandFailed(
-            "stopped during the start-up, while it waited for the venue: nothing was restored or traded; "
-            f"{left}; the positions on the venue keep only the stops they had (see `tsbot status`)"
+            f"{ended() or 'stopped'} during the start-up, while it waited for the venue{waited}: nothing was "
+            f"restored or traded; {left}; the positions on the venue keep only the stops they had (see "
+            "`tsbot status`)"
         ) from None
     finally:
         stopping.cancel()
@@ -552,9 +556,15 @@ def _run(args: argparse.Namespace, loaded: LoadedConfig) -> int:
             loop.add_signal_handler(signum, stop.set)
         # The duration counts from now, the start included: a start that kept trying an unreachable venue
         # ran 33 s past `--duration 5` (an operator).
-        ends = None if args.duration is None else loop.call_later(args.duration, stop.set)
+        ended: list[str] = []
+
+        def duration_ended() -> None:
+            ended.append(f"--duration {args.duration:g} ended")
+            stop.set()
+
+        ends = None if args.duration is None else loop.call_later(args.duration, duration_ended)
         try:
-            report = await _start_unless_stopped(engine, stop)
+            report = await _start_unless_stopped(engine, stop, lambda: ended[0] if ended else None)
         except LeaseHeld as exc:
             raise CommandFailed(f"{exc}; this engine will not trade (watch it with `tsbot status`)") from None
         except ExchangeError as exc:  # CredentialsRefused is not one: it reaches main() as exit 2
@@ -840,14 +850,17 @@ def _status_target(loaded: LoadedConfig) -> DatabaseTarget:
     if server is None:
         users = embedded_users(directory)
         if users:  # down under its users: an engine among them starts its server again within seconds
-            engine = any(command.startswith(ENGINE_COMMANDS) for _, command in users)
+            commands = {command for _, command in users}
             raise StatusUnknown(
                 f"database: the embedded PostgreSQL in {shown_path(str(directory))} is down while "
                 + ", ".join(f"pid {pid} ({command})" for pid, command in users)
                 + f" still use{'s' if len(users) == 1 else ''} it "
                 + (
                     "(an engine starts the server it uses again within seconds): ask again"
-                    if engine
+                    if ENGINE_COMMAND in commands
+                    else "(a dashboard running its engine starts it again within seconds, a watching one "
+                    "does not: ask again, or start `tsbot run`)"
+                    if "tsbot-tui" in commands
                     else "(no engine among them: `tsbot run` starts it)"
                 )
             )

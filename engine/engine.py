@@ -821,6 +821,7 @@ class Engine:
         self._settlers: set[asyncio.Task[None]] = set()
         self._waves: deque[WaveView] = deque(maxlen=50)
         self._coverage_sample: CoverageSample | None = None  # the last taken for the history
+        self.start_waits_for = ""  # what the start last waited for at the venue (said if it is given up)
         # The last reconcile pass that answered (monotonic; the start's read counts), and why the passes
         # since failed ("" while they answer): health says when the venue's stops go unchecked.
         self._reconciled_at: float | None = None
@@ -1183,7 +1184,7 @@ class Engine:
                     if attempt == STARTUP_READ_ATTEMPTS:
                         raise
                     attempt += 1
-                    await self._start_wait(delay)
+                    await self._start_wait(delay, f"{what}: {exc}")
                     delay = min(delay * 2, float(protection.retry_max_seconds))
                     continue
                 log.warning(
@@ -1194,7 +1195,7 @@ class Engine:
                     exc,  # the venue's own words: a ban, or a 403 that is something else (a region block)
                     what,
                 )
-                await self._start_wait(left)
+                await self._start_wait(left, f"{what}: {exc}")
             except (Retryable, OutcomeUnknown, RateLimited, TimeoutError) as exc:
                 if attempt == STARTUP_READ_ATTEMPTS:
                     raise
@@ -1207,7 +1208,7 @@ class Engine:
                     attempt + 1,
                     STARTUP_READ_ATTEMPTS,
                 )
-                await self._start_wait(wait)
+                await self._start_wait(wait, f"{what} failed: {exc}")
                 delay = min(delay * 2, float(protection.retry_max_seconds))
                 attempt += 1
 
@@ -1218,7 +1219,9 @@ class Engine:
         middle, stops already sent for naked positions lost their answers)."""
         self._start_interrupted.set()
 
-    async def _start_wait(self, seconds: float) -> None:
+    async def _start_wait(self, seconds: float, why: str) -> None:
+        """Wait `seconds` for the venue (`why`: what it waits for), unless the start is given up."""
+        self.start_waits_for = why
         if await wait_event(self.clock, self._start_interrupted, seconds):
             raise StartInterrupted("the start was given up while it waited for the venue")
 
@@ -2494,17 +2497,12 @@ class Engine:
             due = self.clock.monotonic() + interval
             if down_since is not None:
                 manager.stream_gap(down_since, read_now=False)
-            assert self.reconciler is not None
             try:
-                await self.reconciler.reconcile_once()
+                await self._reconcile_pass()
             except (ExchangeError, TimeoutError) as exc:
-                self._reconcile_failed = str(exc) or type(exc).__name__
                 log.warning("reconcile: venue unavailable (%s); next attempt in %.0fs", exc, interval)
             except DatabaseDown:  # adopting needs the database; the rest of the pass went on without it
                 log.debug("reconcile: the database is unreachable; adoption waits for it")
-                self._reconciled_at, self._reconcile_failed = self.clock.monotonic(), ""
-            else:
-                self._reconciled_at, self._reconcile_failed = self.clock.monotonic(), ""
 
     def _stops_unchecked(self, now: float) -> tuple[float | None, str]:
         """How long no reconcile pass has checked the venue's stops, every one since failing, once that is
@@ -2517,8 +2515,29 @@ class Engine:
         return (unchecked, self._reconcile_failed) if unchecked >= limit else (None, "")
 
     async def reconcile_now(self) -> ReconcileReport:
+        return await self._reconcile_pass()
+
+    async def _reconcile_pass(self) -> ReconcileReport:
+        """One pass, and whether it checked the venue's stops (`_stops_unchecked`): not when it failed, when
+        it took an empty list right after connecting for unknown, or when the venue's listing stood on
+        part of its reads (Bybit's positions' stop fields without the stop orders: an activation moved by
+        someone else goes unseen meanwhile)."""
         assert self.reconciler is not None
-        return await self.reconciler.reconcile_once()
+        try:
+            report = await self.reconciler.reconcile_once()
+        except DatabaseDown:  # the venue's part of the pass ran
+            self._reconciled_at, self._reconcile_failed = self.clock.monotonic(), ""
+            raise
+        except BaseException as exc:
+            if not isinstance(exc, asyncio.CancelledError):
+                self._reconcile_failed = str(exc) or type(exc).__name__
+            raise
+        partial = report.skipped or getattr(self.venue, "listing_unchecked", "")
+        if partial:
+            self._reconcile_failed = partial
+        else:
+            self._reconciled_at, self._reconcile_failed = self.clock.monotonic(), ""
+        return report
 
     def _last_stop_path(self) -> Path:
         return last_stop_path(self.settings.logging.file, self.exchange_name, self.account_key)

@@ -270,18 +270,24 @@ def embedded_users(data_dir: Path) -> list[tuple[int, str]]:
 
 
 def _tsbot_command(argv: list[str]) -> str | None:
-    """The tsbot command a process runs (`tsbot run`, `tsbot-tui`), from its executable or the script its
-    interpreter runs, with the subcommand after it; None for any other program. Nothing else of a command
-    line is shown (a path, an option's value)."""
-    for index, arg in enumerate(argv[:2]):
-        name = Path(arg).name
-        if name in ("tsbot", "tsbot-tui"):
-            following = argv[index + 1] if index + 1 < len(argv) else ""
-            return f"{name} {following}" if re.fullmatch(r"[a-z][a-z-]*", following) else name
-    return None
+    """The tsbot command a process runs (`tsbot run`, `tsbot-tui`): its executable, or the script its
+    interpreter runs (past the interpreter's options), with the subcommand after the top-level options
+    (`tsbot --config p.toml run`); None for any other program. Nothing else of a command line is shown."""
+    rest = list(argv)
+    if rest and Path(rest[0]).name.startswith("python"):
+        rest = rest[1:]
+        while rest and rest[0].startswith("-"):
+            rest = rest[1:]
+    if not rest or Path(rest[0]).name not in ("tsbot", "tsbot-tui"):
+        return None
+    name, rest = Path(rest[0]).name, rest[1:]
+    while rest and rest[0].startswith("-"):
+        rest = rest[2:] if rest[0] == "--config" else rest[1:]  # (its value is a path: never shown)
+    following = rest[0] if rest else ""
+    return f"{name} {following}" if re.fullmatch(r"[a-z][a-z-]*", following) else name
 
 
-ENGINE_COMMANDS = ("tsbot run", "tsbot-tui")  # the commands whose engine starts its embedded server again
+ENGINE_COMMAND = "tsbot run"  # an engine that starts its embedded server again (tsbot-tui may only watch)
 
 
 def _joined(data_dir: Path) -> bool:

@@ -302,6 +302,9 @@ class BybitLinearVenue(CcxtVenue):
         # Hard stops whose last send went in their trailing stop's call (`rode_in_call`), newest last.
         self._merged: dict[str, None] = {}
         self.riders_carried = 0  # hard stops sent in their trailing stop's call (no call of their own)
+        # Why the last whole listing of our stops stood on part of its reads ("" when it read them all): a
+        # reconcile pass on it has not checked every stop (`Engine._reconcile_pass`).
+        self.listing_unchecked = ""
         public, private = (
             (TESTNET_PUBLIC_URL, TESTNET_PRIVATE_URL)
             if config.testnet
@@ -636,11 +639,10 @@ class BybitLinearVenue(CcxtVenue):
         try:
             return await self._stop_order_rows(symbol)
         except ExchangeError as error:
-            logger.warning(
-                "%s order/realtime: the stop orders not read (%s); stops listed from the positions' fields",
-                self.kind,
-                error,
-            )
+            if symbol is None:  # (a whole listing's: what a reconcile pass stands on)
+                self.listing_unchecked = f"{self.kind} order/realtime not read: {error}"
+            else:
+                logger.info("%s order/realtime %s: the stop orders not read (%s)", self.kind, symbol, error)
             return None
 
     async def _stop_order_rows(self, symbol: str | None) -> list[Mapping[str, Any]]:
@@ -687,6 +689,23 @@ class BybitLinearVenue(CcxtVenue):
         id and a trailing stop's current trigger level)."""
         await self._ensure_markets()
         rows = await self._position_rows(symbol)
+        was = self.listing_unchecked
+        if symbol is None:
+            self.listing_unchecked = ""
+        try:
+            return await self._open_protective_orders(symbol, rows)
+        finally:
+            if symbol is None and self.listing_unchecked and not was:
+                logger.warning(
+                    "%s: %s; stops listed from the positions' fields until it answers (an activation moved by "
+                    "someone else goes unseen meanwhile)",
+                    self.kind,
+                    self.listing_unchecked,
+                )
+            elif symbol is None and was and not self.listing_unchecked:
+                logger.info("%s: the listing of our stops stands on all its reads again", self.kind)
+
+    async def _open_protective_orders(self, symbol: str | None, rows: list[Mapping[str, Any]]) -> list[Order]:
         listed = []
         for stop in list(self._stops.values()):
             if stop.status is not OrderStatus.NEW or not stop.confirmed or stop.symbol not in self._markets:

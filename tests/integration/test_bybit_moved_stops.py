@@ -27,8 +27,11 @@ from typing import Any
 import aiohttp
 import pytest
 
+from engine.venues.binance_emulator.faults import Target
 from engine.venues.bybit_emulator import BybitEmulator, running
+from engine.venues.bybit_emulator.faults import parse_bybit_fault
 from engine.venues.sim.settings import SimVenueSettings
+from protection.health import Component, HealthState
 from protection.manager import PositionGuard
 from storage.database import Database
 from tests.integration.test_bybit_wave_pacing import KEY, SECRET, _one_protected, bybit_engine, engine_on
@@ -374,3 +377,29 @@ async def test_a_trailing_stops_activation_moved_while_the_engine_runs_is_not_ta
         await wait_until(ours_again, within=8.0, what="our activation set on the position again")
         await wait_until(lambda: guard.covered, within=8.0, what="covered again")
         assert guard.trailing_stop.client_order_id != before
+
+
+async def test_a_listing_without_the_stop_orders_is_said_unchecked_in_protection_health(db: Database) -> None:
+    """With order/realtime failing, the listing stands on the positions' stop fields: a stop removed is
+    seen, but an unarmed trail's activation moved by someone else is not (its row is on the orders' list).
+    Those passes counted as checks, and health said protection healthy, 100 %, while the trail would never
+    arm (a reviewer). They do not count: after three passes' time health is degraded, and says why."""
+    emulator = _emulator()
+    async with bybit_engine(db, emulator, {"PROTECTION__RECONCILE_SECONDS": "1"}) as (engine, _rejected):
+        base_url = engine.settings.venue.base_url
+        guard = await _one_protected(engine, SYMBOL)
+        await _settled(guard, base_url)
+        emulator.faults.force((Target("GET", "order/realtime"),), parse_bybit_fault("error"), count=100_000)
+
+        def said() -> str:
+            [protection] = [c for c in engine.current_health() if c.component is Component.PROTECTION]
+            return protection.reason if protection.state is HealthState.DEGRADED else ""
+
+        await wait_until(
+            lambda: "Stops not checked against the venue" in said(), within=15.0, what="degraded"
+        )
+        assert "order/realtime not read" in said()
+        assert guard.covered  # its stops are on the position: no alarm on them
+
+        emulator.faults.clear_forced()
+        await wait_until(lambda: not said(), within=15.0, what="checked again")

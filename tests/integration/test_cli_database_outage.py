@@ -189,8 +189,28 @@ async def test_the_next_tsbot_command_starts_a_killed_embedded_server_again(work
     assert state is PostmasterState.DEAD
 
 
+@pytest.mark.parametrize(
+    ("script", "args", "said"),
+    [
+        ("tsbot", ["hold"], "(tsbot hold) still uses it (no engine among them: `tsbot run` starts it)"),
+        # (a reviewer: `--config` before the subcommand hid the engine, and the operator was told to start one)
+        (
+            "tsbot",
+            ["--config", "p.toml", "run"],
+            "(tsbot run) still uses it (an engine starts the server it uses again within seconds): ask again",
+        ),
+        # (a dashboard may only be watching another engine's account: no promise)
+        (
+            "tsbot-tui",
+            ["--config", "p.toml"],
+            "(tsbot-tui) still uses it (a dashboard running its engine starts it again within seconds, a "
+            "watching one does not: ask again, or start `tsbot run`)",
+        ),
+    ],
+    ids=["not-an-engine", "config-first", "dashboard"],
+)
 def test_status_on_an_embedded_server_down_under_its_users_names_them(
-    workdir: Path, project_root: Path
+    workdir: Path, project_root: Path, script: str, args: list[str], said: str
 ) -> None:
     """An operator's drill: the postmaster killed under a running engine, then `tsbot status` before the
     engine had started it again. It said "no embedded PostgreSQL is running (an engine starts it: `tsbot
@@ -200,12 +220,13 @@ def test_status_on_an_embedded_server_down_under_its_users_names_them(
     the server and stays: a real engine would start the server again before the look, and `tsbot db psql`
     ends with its psql when the server dies.)"""
     data_dir = workdir / "pgdata"
-    script = workdir / "bin" / "tsbot"
-    script.parent.mkdir()
-    script.write_text(_START_AND_STAY)
+    program = workdir / "bin" / script
+    program.parent.mkdir()
+    program.write_text(_START_AND_STAY)
     user = subprocess.Popen(
-        [sys.executable, str(script), "hold", str(data_dir)],
+        [sys.executable, str(program), *args],
         cwd=project_root,
+        env={**_env(), "STAY_DATA_DIR": str(data_dir)},
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -220,8 +241,7 @@ def test_status_on_an_embedded_server_down_under_its_users_names_them(
         user.wait()
     assert status.returncode == 3, status.stderr
     assert status.stdout == (
-        f"UNKNOWN: database: the embedded PostgreSQL in {data_dir.resolve()} is down while pid {user.pid} "
-        "(tsbot hold) still uses it (no engine among them: `tsbot run` starts it)\n"
+        f"UNKNOWN: database: the embedded PostgreSQL in {data_dir.resolve()} is down while pid {user.pid} {said}\n"
     ), status.stdout
 
     other = subprocess.Popen(["sleep", "60"])
@@ -236,8 +256,8 @@ def test_status_on_an_embedded_server_down_under_its_users_names_them(
 
 # Starts the embedded server, says so, and stays (a user of it) until its stdin closes or it is killed.
 _START_AND_STAY = (
-    "import sys\nfrom pathlib import Path\nsys.path.insert(0, '.')\nfrom storage.embedded import start_embedded\n"
-    "start_embedded(Path(sys.argv[2]))\nprint('started', flush=True)\nsys.stdin.read()\n"
+    "import os, sys\nfrom pathlib import Path\nsys.path.insert(0, '.')\nfrom storage.embedded import start_embedded\n"
+    "start_embedded(Path(os.environ['STAY_DATA_DIR']))\nprint('started', flush=True)\nsys.stdin.read()\n"
 )
 
 

@@ -276,7 +276,9 @@ async def test_a_start_waiting_out_a_ban_stops_at_sigterm(workdir: Path) -> None
                 engine.wait()
         assert engine.returncode == 1, (out, err)
         assert err.count("\n") == 1, err
-        assert "stopped during the start-up, while it waited for the venue: nothing was restored" in err
+        assert "stopped during the start-up, while it waited for the venue (" in err
+        assert "(load_markets: bybit: IP banned for requesting too often (HTTP 403); until " in err
+        assert " UTC): nothing was restored" in err
         assert "Traceback" not in out + err
     finally:
         emulator.send_signal(signal.SIGTERM)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import UTC
+from decimal import Decimal
 
 import pytest
 from textual.widgets import DataTable
@@ -18,6 +19,7 @@ from tests.tui.snapshots import svg_to_text
 from tui import formatting, keys
 from tui.app import DashboardApp
 from tui.screens.reprotect import ReprotectScreen
+from tui.widgets.coverage import CoverageGauge
 from tui.widgets.health import SHORT_NAMES, HealthPanel
 from tui.widgets.waves import WavesTable
 
@@ -304,3 +306,51 @@ async def test_the_header_says_entries_and_the_start_time_whole_at_80_columns(pa
         assert "v0.1.0 started 21:06:40" in header, header
         assert "sim/default" in header, header
         assert "22:13:20" in header, header
+
+
+async def test_the_gauge_is_not_green_while_the_venues_stops_go_unchecked() -> None:
+    """Reconcile passes failing for three intervals: health says protection DEGRADED, stops not checked
+    against the venue, while the gauge stayed green at 100 % (a reviewer: "every screen said 100 %", half
+    fixed). A full count is painted degraded then, and green again once a pass checks them."""
+    settings = scenario_settings()
+    feed = PlanFeed(settings)
+    snapshot = feed._snapshot
+    active = snapshot.coverage.active
+    full = dataclasses.replace(
+        snapshot.coverage,
+        protected=active,
+        protecting=0,
+        uncovered=0,
+        with_stop_loss=active,
+        with_trailing_stop=active,
+        oldest_unprotected_seconds=None,
+        lasting=0,
+        ts_coverage_pct=Decimal(100),
+        sl_coverage_pct=Decimal(100),
+        uncovered_ids=(),
+        protecting_with_stop_loss=0,
+        protecting_with_trailing_stop=0,
+        oldest_unprotected_symbol="",
+    )
+
+    def unchecked(seconds: float | None) -> tuple:
+        return tuple(
+            dataclasses.replace(c, measurements={**c.measurements, "unchecked_seconds": seconds})
+            if c.component.value == "protection"
+            else c
+            for c in snapshot.health
+        )
+
+    feed._snapshot = dataclasses.replace(snapshot, coverage=full, health=unchecked(21.0))
+    app = DashboardApp(settings, feed=feed, tz=UTC, code_roots=[])
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        gauge = app.query_one(CoverageGauge)
+        assert gauge.query_one("#ts-figure").has_class("-degraded")
+        assert gauge.query_one("#sl-figure").has_class("-degraded")
+        feed._snapshot = dataclasses.replace(feed._snapshot, health=unchecked(None))
+        for _ in range(200):
+            if gauge.query_one("#ts-figure").has_class("-healthy"):
+                break
+            await pilot.pause(0.01)
+        assert gauge.query_one("#ts-figure").has_class("-healthy")

@@ -114,7 +114,7 @@ class CoverageGauge(Vertical):
     def __init__(self, *, thresholds: health.HealthThresholds, id: str | None = None):
         super().__init__(id=id)
         self._thresholds = thresholds
-        self._last: CoverageFigures | None = None
+        self._last: tuple[CoverageFigures, bool] | None = None
         self._figures = {name: Vertical(classes="figure", id=f"{name}-figure") for name in ("ts", "sl")}
         self._labels = {
             name: Label(f"{name.upper()} coverage %", id=f"{name}-label", classes="figure-label")
@@ -152,12 +152,20 @@ class CoverageGauge(Vertical):
                 if low is None
                 else f", low {low[0]:.1f}%" + ("" if low[1] or low[0] >= 100 else " (protecting)")
             )
-        if figures == self._last:
+        # The venue's stops not checked for a while (reconcile passes failing): a full count is not green.
+        unchecked = any(
+            c.component is health.Component.PROTECTION and c.measurements.get("unchecked_seconds") is not None
+            for c in snapshot.health
+        )
+        if (figures, unchecked) == self._last:
             return
-        self._last = figures
+        self._last = (figures, unchecked)
         verdict = self.verdict(figures)
-        self._figure("ts", figures.ts_coverage_pct, figures.with_trailing_stop, figures, verdict)
-        self._figure("sl", figures.sl_coverage_pct, figures.with_stop_loss, figures, verdict)
+        for name, pct, count in (
+            ("ts", figures.ts_coverage_pct, figures.with_trailing_stop),
+            ("sl", figures.sl_coverage_pct, figures.with_stop_loss),
+        ):
+            self._figure(name, pct, count, figures, verdict, unchecked=unchecked)
         label = self._uncovered
         if figures.uncovered:
             self._set(
@@ -195,13 +203,15 @@ class CoverageGauge(Vertical):
         count: int,
         figures: CoverageFigures,
         verdict: health.HealthState,
+        *,
+        unchecked: bool = False,
     ) -> None:
         self._set(self._digits[name], "--" if pct is None else f"{pct:.1f}")
         self._set(self._labels[name], f"{name.upper()} coverage % {count}/{figures.active}")
         if pct is None:
             state = "-unknown"
         elif count == figures.active:
-            state = "-healthy"
+            state = "-degraded" if unchecked else "-healthy"
         elif figures.uncovered == 0:
             state = "-protecting"  # short only by positions still inside their grace period
         else:
