@@ -9,6 +9,7 @@ real domain events through the same `entry_for_event` the app uses. The key test
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime, timedelta, tzinfo
 from decimal import Decimal
@@ -228,6 +229,27 @@ def figures_of(positions: Iterable[PositionView], grace_seconds: float) -> Cover
         ),
         MONO,
         grace_seconds,
+    )
+
+
+def all_protected(figures: CoverageFigures) -> CoverageFigures:
+    """The same book's figures with every position's both stops confirmed."""
+    active = figures.active
+    return dataclasses.replace(
+        figures,
+        protected=active,
+        protecting=0,
+        uncovered=0,
+        with_stop_loss=active,
+        with_trailing_stop=active,
+        oldest_unprotected_seconds=None,
+        lasting=0,
+        ts_coverage_pct=Decimal(100),
+        sl_coverage_pct=Decimal(100),
+        uncovered_ids=(),
+        protecting_with_stop_loss=0,
+        protecting_with_trailing_stop=0,
+        oldest_unprotected_symbol="",
     )
 
 

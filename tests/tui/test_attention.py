@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import UTC
-from decimal import Decimal
 
 from engine.engine import EngineSnapshot, ViewSelector
 from protection.health import Component, ComponentHealth, HealthState
-from tests.tui.scenario import ScenarioFeed, scenario_settings
+from tests.tui.scenario import ScenarioFeed, all_protected, scenario_settings
 from tui.app import DashboardApp
 from tui.attention import BELL, RESTORE_TITLE, SAVE_TITLE, CriticalAttention
 
@@ -57,21 +56,7 @@ class SwitchingFeed(ScenarioFeed):
         snapshot = super().snapshot(views_of)
         if not self.healthy:
             return snapshot
-        active = snapshot.coverage.active
-        covered = dataclasses.replace(
-            snapshot.coverage,
-            protected=active,
-            protecting=0,
-            uncovered=0,
-            with_stop_loss=active,
-            with_trailing_stop=active,
-            oldest_unprotected_seconds=None,
-            lasting=0,
-            ts_coverage_pct=Decimal(100),
-            sl_coverage_pct=Decimal(100),
-            uncovered_ids=(),
-        )
-        return dataclasses.replace(snapshot, health=(HEALTHY,), coverage=covered)
+        return dataclasses.replace(snapshot, health=(HEALTHY,), coverage=all_protected(snapshot.coverage))
 
 
 async def test_the_dashboard_asks_for_attention_once_per_episode() -> None:

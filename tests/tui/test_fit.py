@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import UTC
-from decimal import Decimal
 
 import pytest
 from textual.widgets import DataTable
@@ -14,7 +13,7 @@ from textual.widgets import DataTable
 from engine.engine import WaveView
 from protection.health import HealthState
 from tests.tui.book import PlanFeed
-from tests.tui.scenario import scenario_positions, scenario_settings
+from tests.tui.scenario import all_protected, scenario_positions, scenario_settings
 from tests.tui.snapshots import svg_to_text
 from tui import formatting, keys
 from tui.app import DashboardApp
@@ -315,23 +314,7 @@ async def test_the_gauge_is_not_green_while_the_venues_stops_go_unchecked() -> N
     settings = scenario_settings()
     feed = PlanFeed(settings)
     snapshot = feed._snapshot
-    active = snapshot.coverage.active
-    full = dataclasses.replace(
-        snapshot.coverage,
-        protected=active,
-        protecting=0,
-        uncovered=0,
-        with_stop_loss=active,
-        with_trailing_stop=active,
-        oldest_unprotected_seconds=None,
-        lasting=0,
-        ts_coverage_pct=Decimal(100),
-        sl_coverage_pct=Decimal(100),
-        uncovered_ids=(),
-        protecting_with_stop_loss=0,
-        protecting_with_trailing_stop=0,
-        oldest_unprotected_symbol="",
-    )
+    full = all_protected(snapshot.coverage)
 
     def unchecked(seconds: float | None) -> tuple:
         return tuple(
