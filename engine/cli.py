@@ -559,7 +559,8 @@ def _run(args: argparse.Namespace, loaded: LoadedConfig) -> int:
         ended: list[str] = []
 
         def duration_ended() -> None:
-            ended.append(f"--duration {args.duration:g} ended")
+            if not stop.is_set():  # (a signal came first: it stopped the start, not the duration)
+                ended.append(f"--duration {args.duration:g} ended")
             stop.set()
 
         ends = None if args.duration is None else loop.call_later(args.duration, duration_ended)

@@ -2525,19 +2525,22 @@ class Engine:
         assert self.reconciler is not None
         try:
             report = await self.reconciler.reconcile_once()
-        except DatabaseDown:  # the venue's part of the pass ran
-            self._reconciled_at, self._reconcile_failed = self.clock.monotonic(), ""
+        except DatabaseDown:  # the venue's part of the pass ran (adopting needs the database)
+            self._book_pass(getattr(self.venue, "listing_unchecked", ""))
             raise
         except BaseException as exc:
             if not isinstance(exc, asyncio.CancelledError):
                 self._reconcile_failed = str(exc) or type(exc).__name__
             raise
-        partial = report.skipped or getattr(self.venue, "listing_unchecked", "")
+        self._book_pass(report.skipped or getattr(self.venue, "listing_unchecked", ""))
+        return report
+
+    def _book_pass(self, partial: str) -> None:
+        """A pass that answered: a check of the venue's stops, unless `partial` says why it was not one."""
         if partial:
             self._reconcile_failed = partial
         else:
             self._reconciled_at, self._reconcile_failed = self.clock.monotonic(), ""
-        return report
 
     def _last_stop_path(self) -> Path:
         return last_stop_path(self.settings.logging.file, self.exchange_name, self.account_key)

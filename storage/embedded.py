@@ -274,17 +274,36 @@ def _tsbot_command(argv: list[str]) -> str | None:
     interpreter runs (past the interpreter's options), with the subcommand after the top-level options
     (`tsbot --config p.toml run`); None for any other program. Nothing else of a command line is shown."""
     rest = list(argv)
+    name = ""
     if rest and Path(rest[0]).name.startswith("python"):
         rest = rest[1:]
         while rest and rest[0].startswith("-"):
-            rest = rest[1:]
-    if not rest or Path(rest[0]).name not in ("tsbot", "tsbot-tui"):
-        return None
-    name, rest = Path(rest[0]).name, rest[1:]
+            option, rest = rest[0], rest[1:]
+            if option == "-m":  # `python -m engine.cli run`, `python -m tui.app`
+                name = _MODULES.get(rest[0], "") if rest else ""
+                if not name:
+                    return None
+                rest = rest[1:]
+                break
+            if option in ("-X", "-W", "-c") and rest:  # options that take a value (-c: no script follows)
+                if option == "-c":
+                    return None
+                rest = rest[1:]
+    if not name:
+        if not rest or Path(rest[0]).name not in ("tsbot", "tsbot-tui"):
+            return None
+        name, rest = Path(rest[0]).name, rest[1:]
+    if name == "tsbot-tui":
+        return name  # (no subcommands: what follows is options and their values)
     while rest and rest[0].startswith("-"):
-        rest = rest[2:] if rest[0] == "--config" else rest[1:]  # (its value is a path: never shown)
+        # `--config` and its abbreviations take a value (a path: never shown), unless given with "="
+        takes_value = len(rest[0]) >= 3 and "--config".startswith(rest[0])
+        rest = rest[2:] if takes_value else rest[1:]
     following = rest[0] if rest else ""
     return f"{name} {following}" if re.fullmatch(r"[a-z][a-z-]*", following) else name
+
+
+_MODULES = {"engine.cli": "tsbot", "tui.app": "tsbot-tui"}  # the modules the two commands run
 
 
 ENGINE_COMMAND = "tsbot run"  # an engine that starts its embedded server again (tsbot-tui may only watch)

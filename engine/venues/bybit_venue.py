@@ -305,6 +305,7 @@ class BybitLinearVenue(CcxtVenue):
         # Why the last whole listing of our stops stood on part of its reads ("" when it read them all): a
         # reconcile pass on it has not checked every stop (`Engine._reconcile_pass`).
         self.listing_unchecked = ""
+        self._rows_unread = ""  # why the stop orders' list was last not read
         public, private = (
             (TESTNET_PUBLIC_URL, TESTNET_PRIVATE_URL)
             if config.testnet
@@ -639,9 +640,8 @@ class BybitLinearVenue(CcxtVenue):
         try:
             return await self._stop_order_rows(symbol)
         except ExchangeError as error:
-            if symbol is None:  # (a whole listing's: what a reconcile pass stands on)
-                self.listing_unchecked = f"{self.kind} order/realtime not read: {error}"
-            else:
+            self._rows_unread = f"{self.kind} order/realtime not read: {error}"
+            if symbol is not None:
                 logger.info("%s order/realtime %s: the stop orders not read (%s)", self.kind, symbol, error)
             return None
 
@@ -689,23 +689,26 @@ class BybitLinearVenue(CcxtVenue):
         id and a trailing stop's current trigger level)."""
         await self._ensure_markets()
         rows = await self._position_rows(symbol)
-        was = self.listing_unchecked
-        if symbol is None:
-            self.listing_unchecked = ""
-        try:
-            return await self._open_protective_orders(symbol, rows)
-        finally:
-            if symbol is None and self.listing_unchecked and not was:
+        listed, unchecked = await self._open_protective_orders(symbol, rows)
+        if symbol is None:  # (a whole listing's, finished: what a reconcile pass stands on)
+            was, self.listing_unchecked = self.listing_unchecked, unchecked
+            if unchecked and not was:
                 logger.warning(
-                    "%s: %s; stops listed from the positions' fields until it answers (an activation moved by "
-                    "someone else goes unseen meanwhile)",
+                    "%s: %s; stops listed from the positions' fields until it answers (a trailing stop's "
+                    "activation moved by someone else goes unseen meanwhile)",
                     self.kind,
-                    self.listing_unchecked,
+                    unchecked,
                 )
-            elif symbol is None and was and not self.listing_unchecked:
-                logger.info("%s: the listing of our stops stands on all its reads again", self.kind)
+            elif was and not unchecked:
+                logger.info("%s: the listing of our stops checks every stop again", self.kind)
+        return listed
 
-    async def _open_protective_orders(self, symbol: str | None, rows: list[Mapping[str, Any]]) -> list[Order]:
+    async def _open_protective_orders(
+        self, symbol: str | None, rows: list[Mapping[str, Any]]
+    ) -> tuple[list[Order], str]:
+        """The listing, and why part of it went unchecked ("" when nothing did): an unarmed trailing stop's
+        activation, on the stop orders' list only, when that list could not be read. (Its ids, also from
+        that list, are no check: the positions' fields say what is live.)"""
         listed = []
         for stop in list(self._stops.values()):
             if stop.status is not OrderStatus.NEW or not stop.confirmed or stop.symbol not in self._markets:
@@ -735,9 +738,12 @@ class BybitLinearVenue(CcxtVenue):
             and s.activation_price is not None
             and time.time() - s.updated_at >= _EARLIER_VALUE_SECONDS
         ]
+        unchecked = ""
         if unarmed or any(not stop.venue_order_id for stop in listed):  # the venue's ids, read once per stop
             stop_rows = await self._stop_order_rows_if_read(symbol)
             unread = stop_rows is None
+            if unread and unarmed:
+                unchecked = self._rows_unread
             for stop in listed if stop_rows is not None else ():
                 if not stop.venue_order_id:
                     self._attach_venue_order(stop, stop_rows)
@@ -790,7 +796,7 @@ class BybitLinearVenue(CcxtVenue):
             named = await self._named(on, cid, order_type, of_symbol, stop_rows)
             if named is not None and named.status is OrderStatus.NEW:
                 listed.append(named)
-        return [self._snapshot(stop) for stop in listed]
+        return [self._snapshot(stop) for stop in listed], unchecked
 
     async def set_leverage(self, symbol: str, leverage: int) -> int:
         await self._ensure_markets()

@@ -19,7 +19,7 @@ import asyncpg
 import psutil
 import pytest
 
-from storage.embedded import PostmasterState, postmaster_state
+from storage.embedded import PostmasterState, _tsbot_command, postmaster_state
 from tests.support.owned_postgres import kill_postmaster, postmaster_pid, resume, stop_postmaster
 from tests.support.waiting import wait_until
 
@@ -259,6 +259,29 @@ _START_AND_STAY = (
     "import os, sys\nfrom pathlib import Path\nsys.path.insert(0, '.')\nfrom storage.embedded import start_embedded\n"
     "start_embedded(Path(os.environ['STAY_DATA_DIR']))\nprint('started', flush=True)\nsys.stdin.read()\n"
 )
+
+
+@pytest.mark.parametrize(
+    ("argv", "command"),
+    [
+        (["/v/bin/python3", "/v/bin/tsbot", "run"], "tsbot run"),
+        (["/v/bin/tsbot", "--config", "/srv/tsbot-prod.toml", "run"], "tsbot run"),
+        (["/v/bin/tsbot", "--conf", "prod.toml", "run"], "tsbot run"),  # argparse takes abbreviations
+        (["/v/bin/tsbot", "--config=prod.toml", "status"], "tsbot status"),
+        (["python3", "-X", "dev", "-I", "/v/bin/tsbot", "run"], "tsbot run"),
+        (["python3", "-m", "engine.cli", "--config", "p.toml", "run"], "tsbot run"),
+        (["/v/bin/tsbot-tui", "--conf", "live.toml"], "tsbot-tui"),  # no subcommands: nothing appended
+        (["python3", "-c", "print()", "/v/bin/tsbot"], None),
+        (["python3", "-m", "http.server"], None),
+        (["sleep", "60"], None),
+    ],
+)
+def test_a_processs_tsbot_command_is_read_past_options_and_shows_no_value(
+    argv: list[str], command: str | None
+) -> None:
+    """What `tsbot status` calls a user of a down embedded server (reviewers: `tsbot --conf prod run` was
+    "tsbot prod", no engine, its option's value shown; `python -X dev …/tsbot run` was no tsbot at all)."""
+    assert _tsbot_command(argv) == command
 
 
 def _start_and_abandon(data_dir: Path) -> None:

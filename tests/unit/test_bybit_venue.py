@@ -773,10 +773,8 @@ async def test_a_stop_order_list_that_cannot_be_read_leaves_the_stops_listed_fro
         await venue.post("position-stops", symbol=removed, stopLoss="0", trailingStop="0")
         await venue.post("fault", targets="GET:order/realtime", fault="cursor", count=50)
         listed = await asyncio.wait_for(adapter.fetch_open_protective_orders(), 10.0)
-        # Said: a reconcile pass on this listing has not checked everything (health counts it unchecked).
-        assert adapter.listing_unchecked.startswith("bybit order/realtime not read: ")
-        await venue.post("clear-faults")
-        await adapter.fetch_open_protective_orders()
+        # Read for the orders' ids only (no trail waits for its activation here): nothing went unchecked.
+        # (A reviewer: flagged, health said the stops went unchecked while every removal was seen.)
         assert adapter.listing_unchecked == ""
 
     assert {o.symbol for o in listed} == set(symbols) - {removed}
