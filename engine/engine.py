@@ -2526,13 +2526,13 @@ class Engine:
         try:
             report = await self.reconciler.reconcile_once()
         except DatabaseDown:  # the venue's part of the pass ran (adopting needs the database)
-            self._book_pass(getattr(self.venue, "listing_unchecked", ""))
+            self._book_pass(self.reconciler.last_unchecked)
             raise
         except BaseException as exc:
             if not isinstance(exc, asyncio.CancelledError):
                 self._reconcile_failed = str(exc) or type(exc).__name__
             raise
-        self._book_pass(report.skipped or getattr(self.venue, "listing_unchecked", ""))
+        self._book_pass(report.skipped or report.unchecked)
         return report
 
     def _book_pass(self, partial: str) -> None:

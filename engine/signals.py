@@ -116,7 +116,7 @@ class SignalConsumer:
                     len(left),
                 )
                 return left
-        first = await self._store.claim_new_signals(MAX_WAVE_SIGNALS, self._claimed_by)
+        first = await self._claim_new(MAX_WAVE_SIGNALS)
         if not first:
             return []
         try:
@@ -128,8 +128,29 @@ class SignalConsumer:
         except asyncio.CancelledError:  # stopped inside the window (the engine's stop cancels this loop)
             await self._put_back(first)
             raise
-        rest = await self._store.claim_new_signals(MAX_WAVE_SIGNALS - len(first), self._claimed_by)
+        try:
+            rest = await self._claim_new(MAX_WAVE_SIGNALS - len(first))
+        except asyncio.CancelledError:
+            await self._put_back(first)
+            raise
         return first + rest
+
+    async def _claim_new(self, most: int) -> list[SignalRecord]:
+        """Claim up to `most` new signals. Stopped while the claim runs (its transaction may have committed
+        with the answer still on its way), what it took goes back: a stop at that instant left them
+        `taken` with no wave (seen in full test runs)."""
+        claiming = asyncio.ensure_future(self._store.claim_new_signals(most, self._claimed_by))
+        try:
+            return await asyncio.shield(claiming)
+        except asyncio.CancelledError:
+            try:
+                taken = await with_timeout(self._clock, PUT_BACK_SECONDS, asyncio.shield(claiming))
+            except Exception:  # (no answer in time, or the claim failed: nothing to put back that we know of)
+                claiming.cancel()
+                taken = []
+            if taken:
+                await self._put_back(taken)
+            raise
 
     async def _put_back(self, signals: list[SignalRecord]) -> None:
         """Signals claimed for a wave that will not run: back to `new` (bounded: a stop does not wait on a

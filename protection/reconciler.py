@@ -76,6 +76,9 @@ class VenueSnapshot:
     positions: list[VenuePosition]
     open_orders: list[Order]
     taken_at: float
+    # Why this read's listing stood on part of the venue's reads ("" when it read them all): the venue's
+    # `listing_unchecked` as the listing ended (Bybit's positions' fields without the stop orders' list).
+    unchecked: str = ""
 
     def open_orders_by_id(self) -> dict[str, Order]:
         return {o.client_order_id: o for o in self.open_orders}
@@ -84,6 +87,7 @@ class VenueSnapshot:
 @dataclass(slots=True)
 class ReconcileReport:
     skipped: str | None = None
+    unchecked: str = ""  # the pass's listing stood on part of the venue's reads (`VenueSnapshot.unchecked`)
     closed: list[str] = field(default_factory=list)
     reprotected: list[str] = field(default_factory=list)
     adopted: list[str] = field(default_factory=list)
@@ -117,6 +121,7 @@ class Reconciler:
         self._clock = clock
         self._connected_at = connected_at
         self._startup_unknown = startup_unknown_seconds
+        self.last_unchecked = ""  # the last pass's listing's `VenueSnapshot.unchecked`
         self._adopt = adopt
         self._entries_in_flight = entries_in_flight
         self._absent_once: set[int] = set()
@@ -127,19 +132,28 @@ class Reconciler:
         flight together, one round trip)."""
         manager = self._manager
         taken_at = self._clock.monotonic()
+        unchecked = ""
+
+        async def listing() -> list[Order]:
+            nonlocal unchecked
+            orders = await manager.read(self._venue.fetch_open_protective_orders, "fetch_open_orders", lane)
+            unchecked = getattr(self._venue, "listing_unchecked", "")  # as this listing left it
+            return orders
+
         positions, open_orders = await asyncio.gather(
-            manager.read(self._venue.fetch_positions, "fetch_positions", lane),
-            manager.read(self._venue.fetch_open_protective_orders, "fetch_open_orders", lane),
+            manager.read(self._venue.fetch_positions, "fetch_positions", lane), listing()
         )
-        return VenueSnapshot(list(positions), list(open_orders), taken_at)
+        return VenueSnapshot(list(positions), list(open_orders), taken_at, unchecked)
 
     async def reconcile_once(self, snapshot: VenueSnapshot | None = None) -> ReconcileReport:
         manager = self._manager
         report = ReconcileReport()
         if snapshot is None:
             snapshot = await self.take_snapshot()
+        self.last_unchecked = snapshot.unchecked
         snapshot_at = snapshot.taken_at
         positions, open_orders = snapshot.positions, snapshot.open_orders
+        report.unchecked = snapshot.unchecked
         self.runs += 1
         # Stops on the account that are not ours (the operator's, another client's) fill the venue's cap on
         # open conditional orders too: counted where new positions are admitted (`Engine._no_room_for_stops`).

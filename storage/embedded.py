@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import signal
 import threading
 import time
@@ -270,25 +269,33 @@ def embedded_users(data_dir: Path) -> list[tuple[int, str]]:
 
 
 def _tsbot_command(argv: list[str]) -> str | None:
-    """The tsbot command a process runs (`tsbot run`, `tsbot-tui`): its executable, or the script its
-    interpreter runs (past the interpreter's options), with the subcommand after the top-level options
-    (`tsbot --config p.toml run`); None for any other program. Nothing else of a command line is shown."""
-    rest = list(argv)
-    name = ""
+    """The tsbot command a process runs (`tsbot run`, `tsbot-tui`): its executable, the script its
+    interpreter runs, or the module it runs with `-m`, with its subcommand when that is one of tsbot's;
+    None for any other program. Nothing else of a command line is shown."""
+    name, rest = "", list(argv)
     if rest and Path(rest[0]).name.startswith("python"):
         rest = rest[1:]
-        while rest and rest[0].startswith("-"):
+        while rest and rest[0].startswith("-") and rest[0] != "-":
             option, rest = rest[0], rest[1:]
-            if option == "-m":  # `python -m engine.cli run`, `python -m tui.app`
-                name = _MODULES.get(rest[0], "") if rest else ""
-                if not name:
-                    return None
-                rest = rest[1:]
+            if option.startswith("--"):
+                if option in _PYTHON_LONG_WITH_VALUE and rest:
+                    rest = rest[1:]
+                continue
+            for index, flag in enumerate(option[1:], start=1):  # combined flags: `-um engine.cli`
+                if flag not in "cmWX":
+                    continue
+                value = option[index + 1 :]
+                if not value and rest:
+                    value, rest = rest[0], rest[1:]
+                if flag == "c":
+                    return None  # a program in the command line: no script follows
+                if flag == "m":
+                    name = _MODULES.get(value, "")
+                    if not name:
+                        return None
                 break
-            if option in ("-X", "-W", "-c") and rest:  # options that take a value (-c: no script follows)
-                if option == "-c":
-                    return None
-                rest = rest[1:]
+            if name:
+                break
     if not name:
         if not rest or Path(rest[0]).name not in ("tsbot", "tsbot-tui"):
             return None
@@ -299,10 +306,15 @@ def _tsbot_command(argv: list[str]) -> str | None:
         # `--config` and its abbreviations take a value (a path: never shown), unless given with "="
         takes_value = len(rest[0]) >= 3 and "--config".startswith(rest[0])
         rest = rest[2:] if takes_value else rest[1:]
-    following = rest[0] if rest else ""
-    return f"{name} {following}" if re.fullmatch(r"[a-z][a-z-]*", following) else name
+    return f"{name} {rest[0]}" if rest and rest[0] in TSBOT_COMMANDS else name
 
 
+# tsbot's subcommands (engine/cli.py `_HANDLERS`; a test keeps the two equal): only these are shown.
+TSBOT_COMMANDS = frozenset(
+    {"config", "db", "signals", "run", "sim-exchange", "status", "report", "entries", "protect", "close"}
+    | {"flatten", "restart-protection"}
+)
+_PYTHON_LONG_WITH_VALUE = ("--check-hash-based-pycs",)
 _MODULES = {"engine.cli": "tsbot", "tui.app": "tsbot-tui"}  # the modules the two commands run
 
 

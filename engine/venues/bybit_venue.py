@@ -791,7 +791,10 @@ class BybitLinearVenue(CcxtVenue):
                 stop_rows = await self._stop_order_rows_if_read(symbol)
                 unread = stop_rows is None
             if stop_rows is None:
-                break  # not named this time: each is looked up by its id (its guard's look-up)
+                # Not named this time (each is looked up by its id, which needs that list too): the
+                # recorded stops go unchecked, and are uncovered until it answers.
+                unchecked = unchecked or self._rows_unread
+                break
             of_symbol = [r for r in rows if r.get("symbol") == on]
             named = await self._named(on, cid, order_type, of_symbol, stop_rows)
             if named is not None and named.status is OrderStatus.NEW:

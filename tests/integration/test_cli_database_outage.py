@@ -19,7 +19,8 @@ import asyncpg
 import psutil
 import pytest
 
-from storage.embedded import PostmasterState, _tsbot_command, postmaster_state
+from engine import cli
+from storage.embedded import TSBOT_COMMANDS, PostmasterState, _tsbot_command, postmaster_state
 from tests.support.owned_postgres import kill_postmaster, postmaster_pid, resume, stop_postmaster
 from tests.support.waiting import wait_until
 
@@ -192,7 +193,7 @@ async def test_the_next_tsbot_command_starts_a_killed_embedded_server_again(work
 @pytest.mark.parametrize(
     ("script", "args", "said"),
     [
-        ("tsbot", ["hold"], "(tsbot hold) still uses it (no engine among them: `tsbot run` starts it)"),
+        ("tsbot", ["db", "psql"], "(tsbot db) still uses it (no engine among them: `tsbot run` starts it)"),
         # (a reviewer: `--config` before the subcommand hid the engine, and the operator was told to start one)
         (
             "tsbot",
@@ -271,6 +272,10 @@ _START_AND_STAY = (
         (["python3", "-X", "dev", "-I", "/v/bin/tsbot", "run"], "tsbot run"),
         (["python3", "-m", "engine.cli", "--config", "p.toml", "run"], "tsbot run"),
         (["/v/bin/tsbot-tui", "--conf", "live.toml"], "tsbot-tui"),  # no subcommands: nothing appended
+        (["python3", "-mengine.cli", "run"], "tsbot run"),
+        (["python3", "-um", "engine.cli", "run"], "tsbot run"),
+        (["python3", "--check-hash-based-pycs", "always", "/v/bin/tsbot", "run"], "tsbot run"),
+        (["/v/bin/tsbot", "mysecret"], "tsbot"),  # only tsbot's own subcommands are shown
         (["python3", "-c", "print()", "/v/bin/tsbot"], None),
         (["python3", "-m", "http.server"], None),
         (["sleep", "60"], None),
@@ -282,6 +287,10 @@ def test_a_processs_tsbot_command_is_read_past_options_and_shows_no_value(
     """What `tsbot status` calls a user of a down embedded server (reviewers: `tsbot --conf prod run` was
     "tsbot prod", no engine, its option's value shown; `python -X dev …/tsbot run` was no tsbot at all)."""
     assert _tsbot_command(argv) == command
+
+
+def test_the_subcommands_status_may_show_are_tsbots() -> None:
+    assert {command.split()[0] for command in cli._HANDLERS} == TSBOT_COMMANDS
 
 
 def _start_and_abandon(data_dir: Path) -> None:

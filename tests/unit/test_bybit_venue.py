@@ -830,3 +830,20 @@ async def test_a_carried_hard_stop_whose_call_is_cancelled_is_told_unknown_under
         await asyncio.sleep(0)
     assert adapter.riders_carried == 0
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+async def test_a_restart_that_cannot_read_the_stop_orders_says_its_recorded_stops_went_unchecked() -> None:
+    """A new process names the stops its records hold from the stop orders' list: that list unreadable,
+    none is named, each stays uncovered until it answers, and the listing said nothing of it (health gave no
+    reason; a reviewer)."""
+    async with bybit_venue() as venue:
+        async with connected(venue) as before:
+            await protected_long(before)
+        async with connected(venue) as after:  # a new process
+            after.expect_recorded(
+                SL, side=OrderSide.SELL, stop_price=Decimal("0.4000"), symbol=SYMBOL, recorded_at=1.0
+            )
+            await venue.post("fault", targets="GET:order/realtime", fault="error", count=1000)
+            listed = await after.fetch_open_protective_orders()
+            assert SL not in {o.client_order_id for o in listed}
+            assert after.listing_unchecked.startswith("bybit order/realtime not read: ")
