@@ -34,7 +34,9 @@ from storage.embedded import (
     stop_embedded,
 )
 from tests.integration.engine_support import engine_settings, make_engine
-from tests.integration.test_failure_modes_f1_f5 import drive_until_covered, open_positions
+from tests.integration.test_failure_modes_f1_f5 import (
+    killed_after_protecting,
+)
 from tests.support.driving import drive, drive_until
 from tests.support.owned_postgres import StaleSocketLock, kill_postmaster
 from tests.support.webhook import WebhookReceiver
@@ -362,13 +364,7 @@ async def _killed_holding(
     delivered. Returns it, the clock, its settings and how many deliveries came before the next engine."""
     settings = alert_settings(db, receiver.url(f"/hooks/{TOKEN}"))
     clock = ManualClock()
-    first = make_engine(settings, clock)
-    await drive(clock, first.start())
-    try:
-        await open_positions(first, clock, symbols)
-        await drive_until_covered(first, clock, len(symbols))
-    finally:
-        await drive(clock, first.stop(drain=False))
+    first = await killed_after_protecting(settings, clock, symbols)
     await until_delivered(clock, receiver, "engine stopped")
     return first, clock, settings, len(receiver.deliveries)
 

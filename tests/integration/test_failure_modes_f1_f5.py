@@ -512,6 +512,19 @@ async def test_f2_persistent_failure_leaves_the_position_visibly_uncovered_until
 # ------------------------------------------------------------------------------------------------- F3
 
 
+async def killed_after_protecting(settings: Settings, clock: ManualClock, symbols: list[str]) -> Engine:
+    """An engine that opened and protected a position on each of `symbols`, then died (no drain): the
+    state a restart finds."""
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        await open_positions(engine, clock, symbols)
+        await drive_until_covered(engine, clock, len(symbols))
+    finally:
+        await drive(clock, engine.stop(drain=False))
+    return engine
+
+
 def restarted(engine: Engine, settings: Settings, clock: ManualClock) -> Engine:
     """A new engine process against the same exchange account (the sim core) and the same database."""
     venue = SimVenue(settings.venue.sim, clock=clock, core=engine.venue.core)

@@ -24,6 +24,7 @@ from tests.integration.engine_support import make_engine
 from tests.integration.test_failure_modes_f1_f5 import (
     SYMBOLS,
     drive_until_covered,
+    killed_after_protecting,
     open_positions,
     restarted,
     settings_for,
@@ -538,14 +539,7 @@ async def _killed_with_positions(db: Database, symbols: list[str]) -> tuple[Engi
     state a restart finds."""
     settings = settings_for(db)
     clock = ManualClock()
-    engine = make_engine(settings, clock)
-    await drive(clock, engine.start())
-    try:
-        await open_positions(engine, clock, symbols)
-        await drive_until_covered(engine, clock, len(symbols))
-    finally:
-        await drive(clock, engine.stop(drain=False))
-    return engine, clock, settings
+    return await killed_after_protecting(settings, clock, symbols), clock, settings
 
 
 async def test_a_start_given_up_before_the_venue_was_read_leaves_the_records_word_for_tsbot_status(

@@ -39,17 +39,21 @@ def test_urls_from_the_environment_are_redacted_in_config_show(tmp_path: Path) -
     assert loaded.source_of(("alerts", "urls")) is Source.ENV
 
 
-def test_tsbot_config_show_prints_no_token(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TSBOT_")}
-    env["TSBOT_ALERTS__URLS"] = URLS
-    result = subprocess.run(
+def _config_show(cwd: Path, **variables: str) -> subprocess.CompletedProcess[str]:
+    """`tsbot config show` in `cwd` with these TSBOT_ variables only."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TSBOT_")} | variables
+    return subprocess.run(
         [sys.executable, "-m", "engine.cli", "config", "show"],
-        cwd=tmp_path,
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_tsbot_config_show_prints_no_token(tmp_path: Path) -> None:
+    result = _config_show(tmp_path, TSBOT_ALERTS__URLS=URLS)
     assert result.returncode == 0, result.stderr
     assert "[alerts]" in result.stdout
     assert 'urls = "<redacted>"' in result.stdout
@@ -149,16 +153,7 @@ def test_a_urls_file_is_checked_at_load_as_run_checks_it(
 
 def test_tsbot_config_show_refuses_a_url_run_would_refuse(tmp_path: Path) -> None:
     urls = _write(tmp_path / "alerts.urls", f"json://127.0.0.1:8099/hooks/{TOKEN}\nbogus://SECRETTOKEN123\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TSBOT_")}
-    env["TSBOT_ALERTS__URLS_FILE"] = str(urls)
-    result = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "config", "show"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = _config_show(tmp_path, TSBOT_ALERTS__URLS_FILE=str(urls))
     assert result.returncode == 2, result
     assert result.stdout == ""
     assert result.stderr == (
