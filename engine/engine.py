@@ -2532,7 +2532,7 @@ class Engine:
             if not isinstance(exc, asyncio.CancelledError):
                 self._reconcile_failed = str(exc) or type(exc).__name__
             raise
-        self._book_pass(report.skipped or report.unchecked)
+        self._book_pass(report.skipped or self.reconciler.last_unchecked)
         return report
 
     def _book_pass(self, partial: str) -> None:

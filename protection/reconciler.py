@@ -87,7 +87,6 @@ class VenueSnapshot:
 @dataclass(slots=True)
 class ReconcileReport:
     skipped: str | None = None
-    unchecked: str = ""  # the pass's listing stood on part of the venue's reads (`VenueSnapshot.unchecked`)
     closed: list[str] = field(default_factory=list)
     reprotected: list[str] = field(default_factory=list)
     adopted: list[str] = field(default_factory=list)
@@ -121,7 +120,8 @@ class Reconciler:
         self._clock = clock
         self._connected_at = connected_at
         self._startup_unknown = startup_unknown_seconds
-        self.last_unchecked = ""  # the last pass's listing's `VenueSnapshot.unchecked`
+        # The last pass's listing's `VenueSnapshot.unchecked`: whether that pass checked every stop.
+        self.last_unchecked = ""
         self._adopt = adopt
         self._entries_in_flight = entries_in_flight
         self._absent_once: set[int] = set()
@@ -153,7 +153,6 @@ class Reconciler:
         self.last_unchecked = snapshot.unchecked
         snapshot_at = snapshot.taken_at
         positions, open_orders = snapshot.positions, snapshot.open_orders
-        report.unchecked = snapshot.unchecked
         self.runs += 1
         # Stops on the account that are not ours (the operator's, another client's) fill the venue's cap on
         # open conditional orders too: counted where new positions are admitted (`Engine._no_room_for_stops`).
