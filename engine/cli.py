@@ -522,14 +522,7 @@ async def _start_unless_stopped(
             engine.interrupt_start()
         return await starting
     except StartInterrupted:
-        # What the record holds, not "they keep the stops they had": one there had none (an operator).
-        left = engine.start_left or "nothing known of the positions"
-        waited = f" ({engine.start_waits_for})" if engine.start_waits_for else ""
-        raise CommandFailed(
-            f"{ended() or 'stopped'} during the start-up, while it waited for the venue{waited}: nothing was "
-            f"restored or traded; {left}; the positions on the venue keep only the stops they had (see "
-            "`tsbot status`)"
-        ) from None
+        raise CommandFailed(engine.start_given_up_words(ended() or "stopped")) from None
     finally:
         stopping.cancel()
         await asyncio.gather(stopping, return_exceptions=True)

@@ -1219,6 +1219,17 @@ class Engine:
         middle, stops already sent for naked positions lost their answers)."""
         self._start_interrupted.set()
 
+    def start_given_up_words(self, who: str) -> str:
+        """One line for a start given up while it waited for the venue (`StartInterrupted`): `who` says what
+        ended it ("stopped", "quit", "--duration 5 ended"). What the record holds, not "they keep the stops
+        they had": one there had none (an operator)."""
+        left = self.start_left or "nothing known of the positions"
+        waited = f" ({self.start_waits_for})" if self.start_waits_for else ""
+        return (
+            f"{who} during the start-up, while it waited for the venue{waited}: nothing was restored or "
+            f"traded; {left}; the positions on the venue keep only the stops they had (see `tsbot status`)"
+        )
+
     async def _start_wait(self, seconds: float, why: str) -> None:
         """Wait `seconds` for the venue (`why`: what it waits for), unless the start is given up."""
         self.start_waits_for = why

@@ -467,9 +467,11 @@ class DashboardApp(App[int]):
             self.post_message(FeedFailed(str(exc)))
             return
         except StartInterrupted:  # the operator quit while the start waited for the venue
-            log.warning(
-                "the start was given up while it waited for the venue; nothing was restored or traded"
-            )
+            # Said on the terminal after the app, like `tsbot run`'s line: the dashboard quit during such a
+            # start printed nothing and exited 0 (a reviewer), leaving the operator no word of the positions.
+            self.start_failure = self.feed.start_given_up_words("quit")
+            self.exit_code = EXIT_FAILED
+            log.warning("%s", self.start_failure)
             return
         except Exception as exc:
             log.exception("the engine did not start")

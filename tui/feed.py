@@ -376,6 +376,9 @@ class EngineFeed:
     def interrupt_start(self) -> None:
         self.engine.interrupt_start()
 
+    def start_given_up_words(self, who: str) -> str:
+        return self.engine.start_given_up_words(who)
+
     async def stop(self) -> None:
         # Only a running engine is stopped: a start that failed or was cancelled has released everything.
         if self.engine.state is EngineState.RUNNING:

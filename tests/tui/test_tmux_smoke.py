@@ -156,3 +156,64 @@ def test_closing_the_terminal_stops_the_engine_and_the_embedded_server_it_starte
         left = _postmaster_alive(data_dir)
         if left is not None:  # the server this test's dashboard started: a fast shutdown, nothing else
             os.kill(left, signal.SIGINT)
+
+
+def test_quitting_while_the_start_waits_out_a_ban_says_what_it_left_and_exits_non_zero(
+    tmux: Tmux, tmp_path: Path, pg_server: EmbeddedPostgres, migrated_database: str
+) -> None:
+    """`q` while the start waits for the venue (here a 403 ban on Bybit's emulator) gives the start up. The
+    dashboard then printed nothing and exited 0 (a reviewer): the operator was told neither that nothing was
+    restored nor what became of the positions, where `tsbot run` says both and exits 1. It says the same."""
+    keys = {"TSBOT_VENUE__API_KEY": "key", "TSBOT_VENUE__API_SECRET": "secret"}
+    emulator = subprocess.Popen(
+        [
+            str(TSBOT_TUI.with_name("tsbot")),
+            *("sim-exchange", "--venue", "bybit", "--port", "0", "--faults", "market/instruments-info=ban"),
+        ],
+        cwd=tmp_path,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("TSBOT_")}, **keys},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert emulator.stdout is not None
+        url = emulator.stdout.readline().split(" on ", 1)[1].split(" ", 1)[0]
+        log = tmp_path / "logs" / "trading_bot.log"
+        env = {
+            **keys,
+            "TSBOT_VENUE__KIND": "bybit",
+            "TSBOT_VENUE__BASE_URL": url,
+            "TSBOT_DATABASE__DSN": pg_server.dsn(migrated_database),
+            "TSBOT_LOGGING__FILE": str(log),
+            "TERM": "xterm-256color",
+        }
+        exported = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+        exit_code = tmp_path / "exit_code"
+        command = (
+            f"cd {shlex.quote(str(tmp_path))} && env {exported} {shlex.quote(str(TSBOT_TUI))}; "
+            f"echo $? > {shlex.quote(str(exit_code))}; sleep 30"
+        )
+        tmux.run("new-session", "-d", "-s", "ban", "-x", "120", "-y", "40", command)
+        deadline = time.monotonic() + 60
+        while not (log.exists() and "the venue refuses us until" in log.read_text()):
+            assert time.monotonic() < deadline, "the start never waited out the ban"
+            time.sleep(0.2)
+        tmux.run("send-keys", "-t", "ban", "q")  # nothing open is known yet: no confirmation asked
+
+        deadline = time.monotonic() + 30
+        while not exit_code.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert exit_code.read_text().strip() == "1"
+        # One line (wrapped at the pane's width: -J joins it again), no traceback.
+        [said] = [
+            line for line in tmux.run("capture-pane", "-p", "-J", "-t", "ban").splitlines() if line.strip()
+        ]
+        assert said.startswith("tsbot-tui: quit during the start-up, while it waited for the venue ("), said
+        assert "banned" in said, said
+        assert "nothing was restored or traded" in said, said
+        assert said.endswith("the positions on the venue keep only the stops they had (see `tsbot status`)")
+        assert "Traceback" not in said
+    finally:
+        emulator.send_signal(signal.SIGTERM)
+        emulator.communicate(timeout=30)
