@@ -647,6 +647,10 @@ def _unguarded_view(
     )
 
 
+# The loops `Engine._start_watching_the_venue` starts: a start that fails after stops them.
+WATCHING_THE_VENUE = ("mark-feed", "silent-marks", "markets", "marks-to-db", "reconciler", "account-stream")
+
+
 class _Supervisor:
     """Runs named loops; a loop that fails is logged and restarted with backoff. Nothing unowned."""
 
@@ -1004,6 +1008,7 @@ class Engine:
             _guards, carried_ids, facts = self._protection_facts()
             if self.manager is not None:  # and so do its guards: none acts for an account no engine holds
                 await _quietly(self.manager.stop())
+            await self._stop_watching_the_venue()
             settlers = list(self._settlers)  # (entries from before the start, looked up in the background)
             for task in settlers:
                 task.cancel()
@@ -1236,8 +1241,12 @@ class Engine:
         if await wait_event(self.clock, self._start_interrupted, seconds):
             raise StartInterrupted("the start was given up while it waited for the venue")
 
-    def _start_loops(self) -> None:
-        assert self.store is not None and self._db is not None
+    def _start_watching_the_venue(self) -> None:
+        """The loops that bring the venue's news to the guards: the account stream, the periodic reconcile,
+        the marks and the markets. Started once the start's guards exist, before it waits for their first
+        passes (up to 3 × the call timeout): started after, one stop whose answer was lost held them all
+        off, and a stop cancelled meanwhile on another position went unseen until the start had finished
+        (a reviewer, on the Binance-wire emulator). A start that fails after stops them again."""
         self._loops_started_at = self.clock.monotonic()
         self._reconciled_at = self._loops_started_at  # the start read the venue
         sup = self._supervisor
@@ -1255,6 +1264,15 @@ class Engine:
             unrouted=self._entry_streamed,
         )
         sup.start("account-stream", self.account_stream.run)
+
+    async def _stop_watching_the_venue(self) -> None:
+        """A start that fails once it watches the venue: those loops end with it, as its guards do."""
+        for name in WATCHING_THE_VENUE:  # (none started yet: nothing to stop)
+            await self._supervisor.stop_one(name)
+
+    def _start_loops(self) -> None:
+        assert self.store is not None and self._db is not None
+        sup = self._supervisor
         sup.start("health", self._health_loop)
         sup.start("lease-heartbeat", self._lease_heartbeat)
         self._start_alerts()
@@ -1828,6 +1846,8 @@ class Engine:
         waited = list(self.manager.guards.values())
         if handover is not None:
             handover()  # the reconciler too: it runs while the report waits for the first passes
+        else:  # the start: the venue's news reaches the guards while their first passes run
+            self._start_watching_the_venue()
         await self._wait_first_pass(waited)
         restored = sum(1 for g in guards if g.covered and g.report.created_orders == 0)
         uncovered = [g for g in waited if not g.covered and not g.closed]

@@ -709,3 +709,67 @@ async def test_a_guard_whose_first_pass_dies_is_waited_for_once_started_again(
         assert (report.restored, report.failed) == (2, 0), report.describe()
     finally:
         await drive(clock, engine_b.stop())
+
+
+async def test_the_venues_news_reaches_the_guards_while_the_start_waits_for_a_slow_first_pass(
+    db: Database,
+) -> None:
+    """The start waits for every restored guard's first pass (up to 3 × the call timeout) before it reports.
+    The account stream, the periodic reconcile and the marks started only after that wait: one stop whose
+    answer was lost held them all off, and a stop cancelled meanwhile on another position went unseen
+    until the start had finished (a reviewer, on the Binance-wire emulator). They start once the guards
+    exist: the cancel is heard, and the stop re-placed, while the start still waits."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine_a = make_engine(settings, clock)
+    await drive(clock, engine_a.start())
+    slow, other = SYMBOLS[60:62]
+    try:
+        await open_positions(engine_a, clock, [slow, other])
+        await drive_until_covered(engine_a, clock, 2)
+    finally:
+        await drive(clock, engine_a.stop())
+    core = engine_a.venue.core
+    [lost] = [o for o in core.open_protective_orders(clock.now(), slow) if o.type is OrderType.STOP_MARKET]
+    core.cancel_order(slow, lost.client_order_id, clock.now())  # while no engine ran: the restart places it
+
+    engine_b = restarted(engine_a, settings, clock)
+    venue = engine_b.venue
+    assert isinstance(venue, SimVenue)
+    venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_NOT_EXECUTED, stops_only=True)
+    starting = asyncio.ensure_future(engine_b.start())
+    try:
+
+        def guard_of(symbol: str) -> PositionGuard | None:
+            manager = engine_b.manager
+            return next((g for g in manager.guards.values() if g.symbol == symbol), None) if manager else None
+
+        def slow_stop_sent() -> bool:  # the one stop the restart places (the fault takes it): answer lost
+            guard = guard_of(slow)
+            return guard is not None and guard.stop_loss.client_order_id != lost.client_order_id
+
+        await drive_until(clock, slow_stop_sent, what="the slow stop sent")
+        guard = guard_of(other)
+        assert guard is not None
+        await drive_until(clock, lambda: guard.covered, what="the other position verified", limit=5)
+        [stop] = [
+            o
+            for o in core.open_protective_orders(clock.now(), other)
+            if o.client_order_id == guard.stop_loss.client_order_id
+        ]
+        core.cancel_order(other, stop.client_order_id, clock.now())  # by hand, during the start
+        await drive_until(clock, lambda: not guard.covered, what="the cancel heard", limit=5)
+        await drive_until(clock, lambda: guard.covered, what="the stop re-placed", limit=5)
+        assert not starting.done(), "the start finished first: the test staged nothing"
+        report = await drive(clock, starting)
+        # The slow stop's first pass ended without an answer (said failed), the other is not.
+        assert report.failed_symbols == (slow,), report.describe()
+        slow_guard = guard_of(slow)
+        assert slow_guard is not None
+        await drive_until(clock, lambda: slow_guard.covered, what="the slow stop placed after all", limit=30)
+    finally:
+        if not starting.done():
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+        if engine_b.state.value == "running":
+            await drive(clock, engine_b.stop())
