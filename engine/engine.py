@@ -736,6 +736,7 @@ def build_venue(settings: Settings, clock: Clock) -> ExchangePort:
     if problems:
         raise ConfigError(problems)
     from engine.venues.ccxt_venue import CcxtVenueConfig, build_ccxt_venue
+    from engine.venues.ip_bans import ip_ban_record_path
 
     venue = settings.venue
     assert venue.api_key is not None and venue.api_secret is not None
@@ -747,6 +748,7 @@ def build_venue(settings: Settings, clock: Clock) -> ExchangePort:
         base_url=venue.base_url,
         # The engine's own budget (from the moment a request is sent) times calls out; this is the net.
         request_timeout_seconds=float(settings.protection.call_timeout_seconds) + 1.0,
+        ip_ban_record=ip_ban_record_path(settings.logging.file),
         max_connections=connection_pool_size(settings),
     )
     return build_ccxt_venue(config, clock=clock)

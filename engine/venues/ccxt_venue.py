@@ -51,6 +51,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -87,6 +88,7 @@ from engine.exchange.port import (
 from engine.pacing import VenuePacing
 from engine.venues import bybit_limits
 from engine.venues.binance_streams import StreamSettings
+from engine.venues.ip_bans import IpBanLedger
 from engine.venues.read_hedge import ReadHedger, mark_sent
 from engine.venues.stream_client import VenueStreams
 
@@ -141,6 +143,9 @@ class CcxtVenueConfig:
     max_connections: int = DEFAULT_MAX_CONNECTIONS  # the HTTP pool: sized for the largest burst
     # Push streams (Binance): stall, staleness, backoff timings; the same whatever the URL.
     streams: StreamSettings = field(default_factory=StreamSettings)
+    # Where the first refusal of an IP ban the venue does not date (Bybit's 403) is kept for the other
+    # processes of this installation (`engine.venues.ip_bans`); None: this process only.
+    ip_ban_record: Path | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -278,9 +283,12 @@ def translate_error(
     symbol: str | None = None,
     client_order_id: str | None = None,
     now: float | None = None,
+    ip_ban_until: Callable[[float], float] | None = None,
 ) -> ExchangeError:
     """One ccxt (or transport) failure → the port's error named by what to do next, carrying what the venue
-    answered (HTTP status, venue code) and, where the type does not say it, what happened (`FailureClass`)."""
+    answered (HTTP status, venue code) and, where the type does not say it, what happened (`FailureClass`).
+    `ip_ban_until`: when a ban the venue does not date, met at a time, ends (default: its documented length
+    from then)."""
     context: HttpContext | None = getattr(error, "http_context", None)
     status = context.status if context is not None else None
     code, _ = _venue_code_and_message(error, context)
@@ -291,6 +299,7 @@ def translate_error(
         symbol=symbol,
         client_order_id=client_order_id,
         now=time.time() if now is None else now,
+        ip_ban_until=ip_ban_until or (lambda at: at + bybit_limits.IP_BAN_SECONDS),
     )
     return translated.answered(http_status=status, venue_code=code)
 
@@ -303,6 +312,7 @@ def _translate(
     symbol: str | None,
     client_order_id: str | None,
     now: float,
+    ip_ban_until: Callable[[float], float],
 ) -> ExchangeError:
     context: HttpContext | None = getattr(error, "http_context", None)
     status = context.status if context is not None else None
@@ -321,9 +331,7 @@ def _translate(
         return Banned(until, f"{label}: banned for repeated rate-limit violations (HTTP 418)")
     if venue == BYBIT and status == 403:
         # "403, access too frequent": the IP is banned for at least 10 minutes; retrying only extends it.
-        return Banned(
-            now + bybit_limits.IP_BAN_SECONDS, f"{label}: IP banned for requesting too often (HTTP 403)"
-        )
+        return Banned(ip_ban_until(now), f"{label}: IP banned for requesting too often (HTTP 403)")
     if (
         status == 429
         or (venue == BINANCEUSDM and code in _BINANCE_RATE)
@@ -547,6 +555,10 @@ class CcxtVenue(RequestHooks):
         self._connected = False
         self._clock_resync: asyncio.Task[None] | None = None  # the venue's time being read again
         self._clock_resynced_at = -math.inf  # (monotonic) when it was last read again for a refusal
+        self._ip_bans = IpBanLedger(config.ip_ban_record, bybit_limits.IP_BAN_SECONDS)
+        self._ban_host = (
+            urlsplit(config.base_url).netloc or f"{self.kind}{'-testnet' if config.testnet else ''}"
+        )
 
     # ---- setup ------------------------------------------------------------------------------------------
 
@@ -668,7 +680,7 @@ class CcxtVenue(RequestHooks):
             until = int(ban.group(1)) / 1000 if ban else time.time() + _retry_after(context, 120.0)
             pacing.banned(until)
         elif status == 403 and self.kind == BYBIT:
-            pacing.banned(time.time() + bybit_limits.IP_BAN_SECONDS)
+            pacing.banned(self.ip_ban_until(time.time()))
         elif (
             self.kind == BYBIT
             and code in _BYBIT_RATE
@@ -703,6 +715,7 @@ class CcxtVenue(RequestHooks):
                 symbol=symbol,
                 client_order_id=client_order_id,
                 now=time.time(),
+                ip_ban_until=self.ip_ban_until,
             )
             # DEBUG only: the caller reports the failure once, in its own words (what it was doing, for
             # which position, the class and the venue's code). A WARN here as well doubled every line.
@@ -710,6 +723,11 @@ class CcxtVenue(RequestHooks):
             if translated.venue_code in _CLOCK_REFUSALS.get(self.kind, ()):
                 self._resync_clock(translated)
             raise translated from error
+
+    def ip_ban_until(self, now: float) -> float:
+        """An IP ban the venue does not date (Bybit's 403), met at `now`: its end, from its first refusal,
+        which another process of this installation may have met (`engine.venues.ip_bans`)."""
+        return self._ip_bans.ban_until(self._ban_host, now)
 
     def _resync_clock(self, refusal: ExchangeError) -> None:
         """The venue refused a request's timestamp (Bybit 10002, Binance -1021: never run): our clock is off

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from decimal import ROUND_DOWN, ROUND_UP, Decimal
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -52,7 +53,7 @@ class Venue:
     url: str
     control: aiohttp.ClientSession
 
-    def adapter(self, timeout: float = 5.0) -> BybitLinearVenue:
+    def adapter(self, timeout: float = 5.0, ip_ban_record: Path | None = None) -> BybitLinearVenue:
         return BybitLinearVenue(
             CcxtVenueConfig(
                 kind="bybit",
@@ -60,6 +61,7 @@ class Venue:
                 api_secret=SECRET,
                 base_url=self.url,
                 request_timeout_seconds=timeout,
+                ip_ban_record=ip_ban_record,
             )
         )
 
@@ -333,6 +335,45 @@ async def test_http_403_is_a_ban_not_a_retry() -> None:
     assert isinstance(raised[0], Banned)
     assert raised[0].until - time.time() > 500  # Bybit's IP ban lasts ten minutes
     assert not isinstance(raised[0], Retryable)
+
+
+async def test_a_process_started_inside_a_403_ban_waits_for_the_ban_its_first_refusal_began(
+    tmp_path: Path,
+) -> None:
+    """Bybit's 403 does not say when the ban ends, only that it lasts at least ten minutes from the
+    violation. Each process dated it from its own first 403: a restart inside the ban waited ten minutes
+    from its start (an operator: 3 min 47 s without protection after the venue had lifted the ban). The
+    first refusal is kept beside the log; a second process (a restart: a new adapter) meeting the same ban
+    waits for the same end."""
+    record = tmp_path / "logs" / "tsbot-ip-bans.json"
+    async with bybit_venue(BybitLimiter(ip_requests_per_5_seconds=6)) as venue:
+        first = venue.adapter(ip_ban_record=record)
+        await first.connect()
+        refused: list[Banned] = []
+        try:
+            for _ in range(10):
+                try:
+                    await first.fetch_positions()
+                except Banned as exc:
+                    refused.append(exc)
+                    break
+        finally:
+            await first.close()
+        [banned] = refused
+        ends = banned.until
+        assert record.stat().st_mode & 0o777 == 0o600
+        await asyncio.sleep(1.5)  # the restart comes a moment later, inside the ban
+        for ip_ban_record, waits_for in ((record, ends), (None, ends + 1.5)):
+            restarted = venue.adapter(ip_ban_record=ip_ban_record)
+            await restarted.connect()
+            try:
+                with pytest.raises(Banned) as again:
+                    await restarted.load_markets()
+            finally:
+                await restarted.close()
+            # With the record, the ban's end is the first process's; without it (this process alone), the
+            # restart dated the ban from its own refusal.
+            assert again.value.until == pytest.approx(waits_for, abs=0.5), (ip_ban_record, again.value)
 
 
 # ---- an accepted entry whose read-back fails --------------------------------------------------------------
