@@ -1008,9 +1008,11 @@ class Engine:
         except BaseException as exc:  # the lease (and its heartbeat) ends with a start that does not finish
             # What it leaves, counted while its guards still say it (after they stopped, "no open position").
             _guards, carried_ids, facts = self._protection_facts()
+            # The venue's watchers first (as a protection restart stops its reconciler first): a reconcile
+            # pass that outlived the manager adopted into it, or started a sweep nobody would end.
+            await self._stop_watching_the_venue()
             if self.manager is not None:  # and so do its guards: none acts for an account no engine holds
                 await _quietly(self.manager.stop())
-            await self._stop_watching_the_venue()
             settlers = list(self._settlers)  # (entries from before the start, looked up in the background)
             for task in settlers:
                 task.cancel()
@@ -1268,9 +1270,9 @@ class Engine:
         sup.start("account-stream", self.account_stream.run)
 
     async def _stop_watching_the_venue(self) -> None:
-        """A start that fails once it watches the venue: those loops end with it, as its guards do."""
-        for name in WATCHING_THE_VENUE:  # (none started yet: nothing to stop)
-            await self._supervisor.stop_one(name)
+        """A start that fails once it watches the venue: those loops end with it, as its guards do (all at
+        once: each has its grace on a frozen database)."""
+        await asyncio.gather(*(self._supervisor.stop_one(name) for name in WATCHING_THE_VENUE))
 
     def _start_loops(self) -> None:
         assert self.store is not None and self._db is not None

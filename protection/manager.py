@@ -3738,7 +3738,9 @@ class ProtectionManager:
         (`leftovers`). `orders`: client id → when it was sent (monotonic, None if not by this process)."""
         pending = self.leftovers.setdefault(symbol, {})
         pending.update(orders)
-        if symbol in self._sweepers:
+        # A stopped manager starts nothing: its stop has cancelled its tasks, and a sweep started after
+        # (a reconcile pass that outlived it) would cancel on through a closed venue with nobody to end it.
+        if symbol in self._sweepers or self.stopped:
             return
         self._sweepers[symbol] = self._in_background(self._sweep(symbol, at_once), f"sweep-{symbol}")
 

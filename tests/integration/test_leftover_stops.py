@@ -237,3 +237,21 @@ async def test_a_close_whose_answer_its_guard_never_heard_is_evidence_of_the_exi
         assert row["realized_pnl"] is not None
     finally:
         await drive(clock, engine.stop())
+
+
+async def test_a_stopped_manager_keeps_a_late_leftover_but_starts_no_sweep(db: Database) -> None:
+    """A reconcile pass that outlives its manager (a start that failed after its watchers started) may hand
+    it a stop whose cancel failed. A sweep started then ran on after the manager's stop had cancelled its
+    tasks, cancelling through a closed venue with nobody to end it (a reviewer, from reading)."""
+    clock = ManualClock()
+    engine = make_engine(engine_settings(db.target.dsn), clock)
+    await drive(clock, engine.start())
+    [guard] = await open_positions(engine, clock, [SYMBOLS[63]])
+    await drive_until_covered(engine, clock, 1)
+    manager = engine.manager
+    assert manager is not None
+    await drive(clock, engine.stop())
+    assert manager.stopped
+    manager.sweep_leftovers(guard.symbol, {"tsbdead000-9-sl0": None}, at_once=True)
+    assert manager.leftovers[guard.symbol] == {"tsbdead000-9-sl0": None}
+    assert not [t for t in asyncio.all_tasks() if t.get_name() == f"sweep-{guard.symbol}" and not t.done()]
