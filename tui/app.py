@@ -226,6 +226,7 @@ class DashboardApp(App[int]):
         self._rows_frozen = 0  # the table's `rows_added` at the last gc.freeze()
         self.ui_state_file = ui_state_file  # the operator's screen choices (the theme), kept across starts
         self.hung_up = False
+        self.stopped_by = "quit"  # what ended the app, in the words of its exit line ("SIGTERM received")
         self.attention = CriticalAttention(in_tmux=bool(os.environ.get("TMUX")))
         self.running_wave = RunningWave()
 
@@ -469,7 +470,7 @@ class DashboardApp(App[int]):
         except StartInterrupted:  # the operator quit while the start waited for the venue
             # Said on the terminal after the app, like `tsbot run`'s line: the dashboard quit during such a
             # start printed nothing and exited 0 (a reviewer), leaving the operator no word of the positions.
-            self.start_failure = self.feed.start_given_up_words("quit")
+            self.start_failure = self.feed.start_given_up_words(self.stopped_by)
             self.exit_code = EXIT_FAILED
             log.warning("%s", self.start_failure)
             return
@@ -555,9 +556,8 @@ class DashboardApp(App[int]):
 
     def request_shutdown(self, signum: int) -> None:
         """A signal asked us to stop: no confirmation (nobody may be there to answer)."""
-        log.warning(
-            "%s received: stopping the engine; exchange stops stay in place", signal.Signals(signum).name
-        )
+        self.stopped_by = f"{signal.Signals(signum).name} received"
+        log.warning("%s: stopping the engine; exchange stops stay in place", self.stopped_by)
         if signum == signal.SIGHUP:
             # The terminal is gone and writing to it fails (EIO), which can wedge Textual's output thread on
             # exit (Textualize/textual#5140): point the standard streams at /dev/null before anything draws.

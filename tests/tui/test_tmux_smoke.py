@@ -158,12 +158,19 @@ def test_closing_the_terminal_stops_the_engine_and_the_embedded_server_it_starte
             os.kill(left, signal.SIGINT)
 
 
+@pytest.mark.parametrize(("stop_by", "said_as"), [("q", "quit"), ("SIGTERM", "SIGTERM received")])
 def test_quitting_while_the_start_waits_out_a_ban_says_what_it_left_and_exits_non_zero(
-    tmux: Tmux, tmp_path: Path, pg_server: EmbeddedPostgres, migrated_database: str
+    tmux: Tmux,
+    tmp_path: Path,
+    pg_server: EmbeddedPostgres,
+    migrated_database: str,
+    stop_by: str,
+    said_as: str,
 ) -> None:
-    """`q` while the start waits for the venue (here a 403 ban on Bybit's emulator) gives the start up. The
-    dashboard then printed nothing and exited 0 (a reviewer): the operator was told neither that nothing was
-    restored nor what became of the positions, where `tsbot run` says both and exits 1. It says the same."""
+    """`q` (or SIGTERM) while the start waits for the venue (here a 403 ban on Bybit's emulator) gives the
+    start up. The dashboard then printed nothing and exited 0 (a reviewer): the operator was told neither
+    that nothing was restored nor what became of the positions, where `tsbot run` says both and exits 1. It
+    says the same, naming what stopped it (it said "quit" of a SIGTERM: a reviewer)."""
     keys = {"TSBOT_VENUE__API_KEY": "key", "TSBOT_VENUE__API_SECRET": "secret"}
     emulator = subprocess.Popen(
         [
@@ -199,7 +206,14 @@ def test_quitting_while_the_start_waits_out_a_ban_says_what_it_left_and_exits_no
         while not (log.exists() and "the venue refuses us until" in log.read_text()):
             assert time.monotonic() < deadline, "the start never waited out the ban"
             time.sleep(0.2)
-        tmux.run("send-keys", "-t", "ban", "q")  # nothing open is known yet: no confirmation asked
+        if stop_by == "q":
+            tmux.run("send-keys", "-t", "ban", "q")  # nothing open is known yet: no confirmation asked
+        else:  # the pane's shell runs the dashboard as its child (`env` execs it)
+            shell = tmux.run("list-panes", "-t", "ban", "-F", "#{pane_pid}").strip()
+            [dashboard] = subprocess.run(
+                ["pgrep", "-P", shell], capture_output=True, text=True, check=True
+            ).stdout.split()
+            os.kill(int(dashboard), signal.SIGTERM)
 
         deadline = time.monotonic() + 30
         while not exit_code.exists() and time.monotonic() < deadline:
@@ -209,7 +223,9 @@ def test_quitting_while_the_start_waits_out_a_ban_says_what_it_left_and_exits_no
         [said] = [
             line for line in tmux.run("capture-pane", "-p", "-J", "-t", "ban").splitlines() if line.strip()
         ]
-        assert said.startswith("tsbot-tui: quit during the start-up, while it waited for the venue ("), said
+        assert said.startswith(
+            f"tsbot-tui: {said_as} during the start-up, while it waited for the venue ("
+        ), said
         assert "banned" in said, said
         assert "nothing was restored or traded" in said, said
         assert said.endswith("the positions on the venue keep only the stops they had (see `tsbot status`)")
