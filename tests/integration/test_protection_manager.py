@@ -1024,6 +1024,11 @@ async def test_a_stop_refused_past_grace_is_retried_on_a_doubling_from_the_grace
             and (m := re.search(r"retrying in (\d+\.\d)s", r.getMessage())) is not None
         ]
         assert len(delays) == 6, delays
+        # Within grace: a quarter of grace at most. Past it: from twice that, doubling (not from the count).
+        quarter = float(settings.protection.grace_seconds) / 4
+        past_grace = [d for d in delays if d > quarter]
+        assert past_grace, delays  # six refusals take longer than grace at a quarter of it apart
+        assert past_grace == [2 * quarter * 2**i for i in range(len(past_grace))], delays
         assert max(delays) < max_seconds, delays
         assert naked_for < max_seconds, (naked_for, clock.monotonic() - lost)
     finally:
