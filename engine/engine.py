@@ -526,6 +526,9 @@ class EntryNotSentAgain(Exception):
         self.reason = reason
 
 
+NO_POSITION_ON_RECORD = "no open position on the record"
+
+
 @dataclass(frozen=True, slots=True)
 class _StartLeft:
     """What a start that did not finish leaves: in words, the symbols uncovered, the entries of unknown
@@ -1073,7 +1076,7 @@ class Engine:
         unknown = sorted(s for s in self._records_pending if s not in held)
         count = len(facts) + len(unknown)
         if not count:
-            return _StartLeft("no open position on the record", [], [])
+            return _StartLeft(NO_POSITION_ON_RECORD, [], [])
         words = f"{count} open position{'s' if count != 1 else ''}{' on the record' if carried else ''}"
         if uncovered:
             words += f", {len(uncovered)} uncovered ({', '.join(sorted(uncovered)[:10])})"
@@ -1234,9 +1237,14 @@ class Engine:
         they had": one there had none (an operator)."""
         left = self.start_left or "nothing known of the positions"
         waited = f" ({self.start_waits_for})" if self.start_waits_for else ""
+        kept = (
+            "any position on the venue keeps only the stops it had"  # (one opened by hand, say)
+            if left == NO_POSITION_ON_RECORD
+            else "the positions on the venue keep only the stops they had"
+        )
         return (
             f"{who} during the start-up, while it waited for the venue{waited}: nothing was restored or "
-            f"traded; {left}; the positions on the venue keep only the stops they had (see `tsbot status`)"
+            f"traded; {left}; {kept} (see `tsbot status`)"
         )
 
     async def _start_wait(self, seconds: float, why: str) -> None:

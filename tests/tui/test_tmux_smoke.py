@@ -228,7 +228,11 @@ def test_quitting_while_the_start_waits_out_a_ban_says_what_it_left_and_exits_no
         ), said
         assert "banned" in said, said
         assert "nothing was restored or traded" in said, said
-        assert said.endswith("the positions on the venue keep only the stops they had (see `tsbot status`)")
+        # (the record holds no position: "the positions on the venue" read as if it did, a reviewer)
+        assert said.endswith(
+            "no open position on the record; any position on the venue keeps only the stops it had "
+            "(see `tsbot status`)"
+        ), said
         assert "Traceback" not in said
     finally:
         emulator.send_signal(signal.SIGTERM)
