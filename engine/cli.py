@@ -25,7 +25,7 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -72,6 +72,7 @@ from storage.outage import journal_path
 from storage.repositories import (
     DuplicateExternalId,
     HealthRow,
+    OrderPurpose,
     PositionRecord,
     PositionStatus,
     Severity,
@@ -894,6 +895,7 @@ async def _read_status(
                     # out for the grace period after a kill -9).
                     minding = holder is not None and holder.looks_after
                     uncovered = await store.uncovered_positions(grace if minding else 0.0)
+                    sent = await store.stops_sent_unanswered([p.id for p in uncovered])
                     health_rows = await store.latest_health()
                     control = await store.entries_control(venue, account)
                     now = await conn.fetchval("SELECT now()")
@@ -994,7 +996,7 @@ async def _read_status(
                 "has_trailing_stop": p.has_trailing_stop,
                 "missing": _missing_of_unknown_entry(loaded)
                 if p.status is PositionStatus.ENTRY_PLACED
-                else _missing_stops(p),
+                else _missing_stops(p, sent.get(p.id, set())),
                 "unverified": [
                     name
                     for name, doubted in (
@@ -1019,19 +1021,34 @@ def _missing_of_unknown_entry(loaded: LoadedConfig) -> str:
     return "both (the entry's outcome is unknown: it may have filled)"
 
 
-def _missing_stops(p: PositionRecord) -> str:
+def _missing_stops(p: PositionRecord, sent: Collection[OrderPurpose] = ()) -> str:
     """Which of a position's two stops is not confirmed on the exchange, in words an operator acts on. One
     in doubt only (unverified: asked for by its id, not known gone) is said so: "missing both" of stops
-    the venue held made an operator reach for a flatten of a protected book."""
+    the venue held made an operator reach for a flatten of a protected book. So is one sent with no answer
+    on the record (`sent`): "missing both" was said after a kill -9 of a Bybit position whose entry had
+    carried its hard stop, and a stop set by hand there replaces ours (an operator)."""
+
+    def why(doubted: bool, purpose: OrderPurpose) -> str:
+        if doubted:
+            return " (unverified: in doubt, asked for by id, not known gone)"
+        if purpose in sent:
+            return " (sent, no answer on the record: it may be on the exchange)"
+        return ""
+
     lacking = [
-        f"{name}{' (unverified: in doubt, asked for by id, not known gone)' if doubted else ''}"
-        for name, lacks, doubted in (
-            ("hard stop", not p.has_stop_loss, p.stop_loss_unverified),
-            ("trailing stop", not p.trailing_in_place, p.trailing_stop_unverified),
+        f"{name}{why(doubted, purpose)}"
+        for name, lacks, doubted, purpose in (
+            ("hard stop", not p.has_stop_loss, p.stop_loss_unverified, OrderPurpose.STOP_LOSS),
+            (
+                "trailing stop",
+                not p.trailing_in_place,
+                p.trailing_stop_unverified,
+                OrderPurpose.TRAILING_STOP,
+            ),
         )
         if lacks
     ]
-    if len(lacking) == 2 and not (p.stop_loss_unverified or p.trailing_stop_unverified):
+    if lacking == ["hard stop", "trailing stop"]:  # (neither in doubt nor sent)
         return "both (hard stop and trailing stop)"
     return " and ".join(lacking) or "both (hard stop and trailing stop)"
 

@@ -986,6 +986,23 @@ class Store:
             orders.setdefault(row["position_id"], []).append(_order(row))
         return orders
 
+    async def stops_sent_unanswered(self, position_ids: Sequence[int]) -> dict[int, set[OrderPurpose]]:
+        """For `tsbot status`: which stops of these positions were sent and have no answer on the record
+        (`pending`, `unknown`): not confirmed, yet maybe on the venue (a Bybit hard stop that rode on its
+        entry, an engine killed before the answer)."""
+        rows = await self._pool.fetch(
+            """
+            SELECT DISTINCT position_id, purpose FROM monitoring.orders
+            WHERE position_id = ANY($1::bigint[]) AND status IN ('pending', 'unknown')
+              AND purpose IN ('stop_loss', 'trailing_stop')
+            """,
+            list(position_ids),
+        )
+        sent: dict[int, set[OrderPurpose]] = {}
+        for row in rows:
+            sent.setdefault(row["position_id"], set()).add(OrderPurpose(row["purpose"]))
+        return sent
+
     async def live_stops_of_closed_positions(self, within_hours: float = 24.0) -> dict[str, list[str]]:
         """For restart: our stops the records say may still be live (`pending`, `open`, `unknown` — a fired
         stop not finished is `unknown`) on positions ended in the last `within_hours`, by symbol. The last

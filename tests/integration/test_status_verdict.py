@@ -257,7 +257,18 @@ async def test_uncovered_positions_say_which_stop_is_missing(workdir: Path, engi
             sl_doubt,
             ts_doubt,
         )
+    # Sent with no answer on the record (an operator read "missing both" after a kill -9 of a Bybit position
+    # whose entry had carried its hard stop): III's hard stop sent, its answer never recorded.
+    await engine_side.execute(
+        "WITH p AS (INSERT INTO monitoring.positions (account, symbol, exchange, side, quantity, entry_price, "
+        "status, has_stop_loss, has_trailing_stop, opened_at) "
+        "VALUES ('sim:default', 'IIIUSDT', 'sim', 'long', 1, 2, 'active', false, false, "
+        "now() - interval '1 minute') RETURNING id) "
+        "INSERT INTO monitoring.orders (client_order_id, position_id, purpose, side, type, quantity, status) "
+        "SELECT 'x-' || p.id || '-sl0', p.id, 'stop_loss', 'sell', 'stop_market', 1, 'pending' FROM p"
+    )
     doubt = "unverified: in doubt, asked for by id, not known gone"
+    sent = "sent, no answer on the record: it may be on the exchange"
     report = json.loads(tsbot("status", "--json", cwd=workdir).stdout)
     assert {p["symbol"]: p["missing"] for p in report["uncovered"]} == {
         "AAAUSDT": "hard stop",
@@ -266,6 +277,7 @@ async def test_uncovered_positions_say_which_stop_is_missing(workdir: Path, engi
         "EEEUSDT": "both (the entry's outcome is unknown: it may have filled)",
         "GGGUSDT": f"hard stop ({doubt}) and trailing stop ({doubt})",
         "HHHUSDT": f"hard stop ({doubt}) and trailing stop",
+        "IIIUSDT": f"hard stop ({sent}) and trailing stop",
     }
     assert {p["symbol"]: p["unverified"] for p in report["uncovered"] if p["unverified"]} == {
         "GGGUSDT": ["hard stop", "trailing stop"],
@@ -281,6 +293,7 @@ async def test_uncovered_positions_say_which_stop_is_missing(workdir: Path, engi
             "missing both (the entry's outcome is unknown: it may have filled)",
             f"missing hard stop ({doubt}) and trailing stop ({doubt})",
             f"missing hard stop ({doubt}) and trailing stop",
+            f"missing hard stop ({sent}) and trailing stop",
         ]
     )
     assert "no stop-loss" not in human
