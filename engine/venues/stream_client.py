@@ -140,6 +140,9 @@ class ReconnectingSocket:
         self._drop_reason = ""
         self.lost_at: float | None = None  # wall clock: when the last connection ended
         self.last_reason = ""  # why the last connection ended (kept while the next one lives)
+        # The last attempt: how long its connection lived (0: it never opened) and whether it went silent.
+        self.last_lived = 0.0
+        self.last_stalled = False
 
     async def run(
         self,
@@ -150,6 +153,7 @@ class ReconnectingSocket:
         """Connect, and again after every end, until cancelled or refused for good (`StreamRefused`)."""
         while True:
             opened_at: float | None = None
+            stalled = False
             try:
                 target = await url()
                 self.attempts += 1
@@ -176,6 +180,7 @@ class ReconnectingSocket:
                 reason = str(why)
                 self.refused = reason
             except Stalled:
+                stalled = True
                 reason = f"silent for {self._settings.stall_seconds:g}s"
             except Reconnect as why:
                 reason = str(why)
@@ -205,6 +210,7 @@ class ReconnectingSocket:
                 logger.error("%s %s stream: %s; not reconnecting", self.venue, self.name, reason)
                 return
             lived = time.monotonic() - opened_at if opened_at is not None else 0.0
+            self.last_lived, self.last_stalled = lived, stalled
             if lived >= self._settings.stable_seconds:
                 self._failures = 0
             delay = min(

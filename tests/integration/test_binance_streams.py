@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from engine.exchange.errors import Banned
 from engine.exchange.port import (
     MarkPrice,
     OrderSide,
@@ -25,7 +26,7 @@ from engine.exchange.port import (
     PositionUpdate,
 )
 from engine.venues.binance_emulator import BinanceEmulator, running
-from engine.venues.binance_streams import PRODUCTION_WS_URL, StreamSettings
+from engine.venues.binance_streams import KEY_PROVEN_SECONDS, PRODUCTION_WS_URL, StreamSettings
 from engine.venues.binance_venue import BinanceUsdmVenue
 from engine.venues.ccxt_venue import CcxtVenueConfig
 from engine.venues.sim.settings import SimVenueSettings
@@ -321,6 +322,59 @@ async def test_a_refused_keep_alive_makes_a_new_listen_key_and_a_gap() -> None:
         await wait_until(lambda: len(r.gaps()) >= 2, within=20, what="a gap after the refused keep-alive")
         assert "keep-alive" in r.gaps()[-1].reason
         await wait_until(r.user_connected, what="the new user-data connection")
+
+
+async def test_a_stream_dropped_during_a_rest_ban_comes_back_in_it_on_the_key_in_hand() -> None:
+    """An operator on the Binance-wire emulator: the account stream dropped during a 418 ban stayed down for
+    the whole ban (3 min 36 s), because each reconnect asked for its listen key by REST first, and the ban
+    refused that; the engine, blind, counted every position unverified while the venue held all their
+    stops. Binance's 418 tells a client to use the websocket: the key in hand (well within its hour, its
+    last connection lived) connects again with no REST call, and the stream tells a fill within the ban."""
+    async with rig(symbols=[SYMBOL]) as r:
+        stop = await r.open_position_with_stop("in-ban")
+        await asyncio.sleep(KEY_PROVEN_SECONDS + 0.5)  # the connection has lived: the key is proven
+        await r.post("/_sim/fault", {"targets": ["*"], "fault": "ban:60"})
+        with pytest.raises(Banned):
+            await r.venue.fetch_positions()  # meets the fault: the IP is banned for 60 s from here
+        banned_until = time.monotonic() + 60
+        gaps = len(r.gaps())
+        await r.post("/_sim/stream-fault", {"fault": "drop"})
+        await wait_until(lambda: len(r.gaps()) > gaps, within=15, what="the account stream live again")
+        await r.post("/_sim/mark", {"symbol": SYMBOL, "price": str(stop - Decimal("0.001"))})
+        await wait_until(
+            lambda: any(u.order.status is OrderStatus.FILLED for u in r.updates("in-ban")),
+            within=15,
+            what="the fill told during the ban",
+        )
+        assert time.monotonic() < banned_until  # (the ban still holds: every REST request is refused)
+        with pytest.raises(Banned):
+            await r.venue.fetch_positions()
+
+
+async def test_a_keep_alive_refused_in_a_ban_is_asked_again_after_it_and_the_stream_goes_on() -> None:
+    """The listen key's keep-alive met a ban: the stream was dropped and the key forgotten, so the stream
+    stayed down until the ban ended (its reconnect needs a POST). The key lives an hour from its last
+    extension: the keep-alive is asked again when the ban ends, and the stream goes on meanwhile."""
+    settings = StreamSettings(
+        stall_seconds=30.0,
+        stale_mark_seconds=2.5,
+        backoff_initial_seconds=0.2,
+        backoff_max_seconds=2.0,
+        stable_seconds=3.0,
+        listen_key_keepalive_seconds=1.0,
+    )
+    async with rig(settings=settings, symbols=[SYMBOL]) as r:
+        stop = await r.open_position_with_stop("keep-ban")
+        gaps = len(r.gaps())
+        await r.post("/_sim/fault", {"targets": ["PUT:listenKey"], "fault": "ban:4"})
+        await asyncio.sleep(6)  # the keep-alive met the ban, then went again once it had ended
+        assert len(r.gaps()) == gaps, [g.reason for g in r.gaps()]  # the stream never went down
+        await r.post("/_sim/mark", {"symbol": SYMBOL, "price": str(stop - Decimal("0.001"))})
+        await wait_until(
+            lambda: any(u.order.status is OrderStatus.FILLED for u in r.updates("keep-ban")),
+            what="the fill told on the same connection",
+        )
+        assert len(r.gaps()) == gaps
 
 
 async def test_the_listen_key_is_in_no_log_line(caplog: pytest.LogCaptureFixture) -> None:

@@ -30,6 +30,8 @@ def test_the_order_traits_parse_with_their_arguments() -> None:
     assert rules[0].fault.seconds == 3.0
     assert rules[1].fault.seconds == 5.0
     assert parse_fault("lag:0.25").seconds == 0.25
+    # A ban's length (the default, 0, means the emulator's 2 s), which a test of a long ban needs.
+    assert (parse_fault("ban").seconds, parse_fault("ban:120").seconds) == (0.0, 120.0)
 
 
 @pytest.mark.parametrize(
@@ -45,6 +47,9 @@ def test_the_order_traits_parse_with_their_arguments() -> None:
         ("positionRisk=lag:3", "lag is drawn when an algo order is placed: target POST:algoOrder"),
         ("GET:algoOrder=stuck", "stuck is drawn when an algo order is placed: target POST:algoOrder"),
         ("POST:order=async:0.5", "async is Bybit's asynchronous order creation"),
+        ("*=ban:soon", "ban takes seconds, e.g. ban:120, got 'ban:soon'"),
+        ("*=ban:0", "ban must be within 0..259200 seconds (Binance's longest, 3 days), got 0"),
+        ("*=ban:300000", "ban must be within 0..259200 seconds"),
     ],
 )
 def test_bad_order_traits_name_the_bad_part(spec: str, message: str) -> None:

@@ -33,6 +33,7 @@ def test_async_parses_with_its_seconds_on_order_create() -> None:
         ("order/create=triggering:2", "triggering is a Binance algo-order trait; Bybit has no such orders"),
         ("POST:order/create=cursor", "cursor is about a paged list: target one of market/instruments-info"),
         ("position/list=cursor:1", "fault 'cursor' takes no argument"),
+        ("*=ban:30", "Bybit's 403 ban lasts its 10 minutes (`ban` takes no seconds here)"),
     ],
 )
 def test_bad_async_rules_name_the_bad_part(spec: str, message: str) -> None:

@@ -81,6 +81,7 @@ from engine.exchange.port import Market, Order, OrderSide, OrderStatus, OrderTyp
 from engine.venues.binance_emulator.faults import (
     TARGETS_BY_CALL,
     EmulatorFaultKind,
+    Fault,
     FaultPlan,
     FaultSpecError,
     OrderTraits,
@@ -360,7 +361,7 @@ class BinanceEmulator:
         if self.faults.base_latency_ms:
             await asyncio.sleep(self.faults.base_latency_ms / 1000)
         if fault is not None:
-            refusal = self._refusal(fault.kind, ip)
+            refusal = self._refusal(fault, ip)
             if refusal is not None:
                 logger.info(
                     "emulator: fault %s on %s %s (not executed)", fault.kind, request.method, endpoint
@@ -423,7 +424,8 @@ class BinanceEmulator:
             {"Retry-After": str(max(1, math.ceil(until - self.now())))},
         )
 
-    def _refusal(self, kind: EmulatorFaultKind, ip: str) -> BinanceError | None:
+    def _refusal(self, fault: Fault, ip: str) -> BinanceError | None:
+        kind = fault.kind
         if kind is EmulatorFaultKind.BUSY:
             return BinanceError(
                 503,
@@ -436,7 +438,7 @@ class BinanceEmulator:
             return self._too_many_requests(ip, 1)
         if kind is EmulatorFaultKind.BAN:
             # As on Binance, the ban it answers is in force: every request is refused until its end.
-            until = self.now() + BAN_FAULT_SECONDS
+            until = self.now() + (fault.seconds or BAN_FAULT_SECONDS)
             self._weights.impose_ban(ip, until, self.now())
             return self._ban(ip, until)
         return None

@@ -9,7 +9,8 @@ SPEC is a comma-separated list of rules `TARGET=FAULT[@PROBABILITY]`:
   `timeout` (executed, the answer is held back until the client has given up: an ambiguous outcome),
   `unknown` (executed, then HTTP 503 -1007 "execution status unknown"), `busy` (not executed: HTTP 503
   -1008, server overloaded), `error` (not executed: HTTP 500), `ratelimit` (not executed: HTTP 429 with
-  Retry-After), `ban` (not executed: HTTP 418, and the IP banned for 2 s: every request refused until then);
+  Retry-After), `ban` or `ban:SECONDS` (not executed: HTTP 418, and the IP banned for 2 s, or SECONDS:
+  every request refused until then; the websockets go on, as Binance's 418 tells a client to use them);
   or one of the order traits, drawn when an algo order is placed (POST algoOrder; the target must be able
   to match it: `POST:algoOrder`, `algoOrder` or `*`) and carried by that order for its life: `lag:SECONDS`
   (for SECONDS after placement the order answers GET/DELETE algoOrder with -2013 / -2011 and is missing
@@ -127,6 +128,7 @@ class EmulatorFaultKind(StrEnum):
 _ORDER_TRAITS = frozenset({EmulatorFaultKind.LAG, EmulatorFaultKind.TRIGGERING, EmulatorFaultKind.STUCK})
 # The request that places an algo order: the only one order traits are drawn for.
 PLACE_ALGO_ORDER = ("POST", "algoOrder")
+MAX_BAN_FAULT_SECONDS = 259_200.0  # `ban:SECONDS`: Binance's bans scale "from 2 minutes to 3 days"
 # Longest accepted argument of each trait with seconds.
 _MAX_SECONDS = {
     EmulatorFaultKind.LAG: 3600.0,
@@ -145,7 +147,7 @@ class Fault:
     kind: EmulatorFaultKind
     latency_ms: int = 0  # LATENCY only
     hold_seconds: float = 30.0  # TIMEOUT: how long the answer is held back
-    seconds: float = 0.0  # LAG, TRIGGERING, ASYNC
+    seconds: float = 0.0  # LAG, TRIGGERING, ASYNC; BAN: its length (0: the default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +213,17 @@ def parse_fault(text: str, hold_seconds: float = 30.0) -> Fault:
         if not 0.0 <= seconds <= _MAX_SECONDS[kind]:  # also refuses nan
             raise FaultSpecError(
                 f"{kind.value} must be within 0..{_MAX_SECONDS[kind]:g} seconds, got {argument.strip()}"
+            )
+        return Fault(kind, seconds=seconds)
+    if kind is EmulatorFaultKind.BAN and argument:
+        try:
+            seconds = float(argument)
+        except ValueError:
+            raise FaultSpecError(f"ban takes seconds, e.g. ban:120, got {text.strip()!r}") from None
+        if not 0.0 < seconds <= MAX_BAN_FAULT_SECONDS:  # also refuses nan
+            raise FaultSpecError(
+                f"ban must be within 0..{MAX_BAN_FAULT_SECONDS:g} seconds (Binance's longest, 3 days), "
+                f"got {argument.strip()}"
             )
         return Fault(kind, seconds=seconds)
     if kind is EmulatorFaultKind.LATENCY:

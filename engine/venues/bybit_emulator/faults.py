@@ -98,6 +98,8 @@ def parse_bybit_fault(text: str, hold_seconds: float = 30.0) -> Fault:
     fault = parse_fault(text, hold_seconds=hold_seconds)
     if fault.kind.is_order_trait:
         raise FaultSpecError(f"{fault.kind.value} is a Binance algo-order trait; Bybit has no such orders")
+    if fault.kind is EmulatorFaultKind.BAN and fault.seconds:
+        raise FaultSpecError("Bybit's 403 ban lasts its 10 minutes (`ban` takes no seconds here)")
     return fault
 
 
