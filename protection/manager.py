@@ -182,6 +182,7 @@ class ProtectiveOrder:
     sent_this_run: bool = False  # this process sent it (a confirmation is a creation, not a restore)
     fired_at: float | None = None  # monotonic time we first saw it fired but not finished (TRIGGERING)
     ended_as: OrderStatus | None = None  # how the venue said its last id ended (filled, cancelled …)
+    ended_at: float | None = None  # and when, on the venue's clock (epoch seconds), when its answer said so
     recorded_id: str | None = None  # the id this process already wrote ahead (a retry writes nothing more)
     # Its last send, by this process, had no clear answer (HTTP 500, -1007, a timeout) and was not itself a
     # send again: inside the venue's read lag it may be sent again once with its id (`_Outcome.UNSEEN`).
@@ -1312,8 +1313,8 @@ class PositionGuard:
                 if filled:
                     return outcome  # the position is probably gone: the reconciler settles it first
                 # Cancelled or expired without a fill: the position is naked now; replace it at once.
-                if order.ended_as is OrderStatus.CANCELED and not fired:
-                    self._ended_unseen(cid, order)
+                if order.ended_as is OrderStatus.CANCELED and not fired and self._ended_unseen(cid, order):
+                    await self._write_facts()  # uncovered since its end on the venue (one write, then placed)
                 return await self._ensure(order, send)
             if found not in (_Outcome.ABSENT, _Outcome.UNSEEN):
                 return found
@@ -1661,6 +1662,8 @@ class PositionGuard:
             return self._fired(order, found.updated_at)
         order.maybe_sent = False
         order.ended_as = found.status
+        # (an order's last update is its end; one that was never updated after its creation says nothing)
+        order.ended_at = found.updated_at if found.updated_at > found.created_at else None
         if found.status is OrderStatus.FILLED:
             self.exit_evidence = ExitEvidence(
                 "trailing_stop" if order.purpose is OrderPurpose.TRAILING_STOP else "stop_loss",
@@ -1686,7 +1689,7 @@ class PositionGuard:
             at = max(at, order.unclear_at + m.read_after_write_seconds + READ_LAG_MARGIN_SECONDS)
         return at
 
-    def _ended_unseen(self, cid: str, order: ProtectiveOrder) -> None:
+    def _ended_unseen(self, cid: str, order: ProtectiveOrder) -> bool:
         """A stop of ours found cancelled on the venue by its look-up (by hand), its end unseen when it came
         (the stream missed it, or no engine ran): protection lost, said as the stream's word on it is. Not
         one that fired (it may end expired, part-filled), nor one that expired; not where the venue ends a
@@ -1701,8 +1704,30 @@ class PositionGuard:
             or self.venue_flat_at is not None
             or not m.venue.capabilities().stops_are_orders
         ):
-            return
+            return False
+        timed = self._uncovered_since_its_end(order)
         self._ended_by_someone(cid, order.purpose, status, "found by its id")
+        return timed
+
+    def _uncovered_since_its_end(self, order: ProtectiveOrder) -> bool:
+        """A stop found ended after the fact (a listing missed it, the account stream was down): the
+        position has been uncovered since the venue ended it, not since we found out. The shift report and
+        the grace period said 0.024 s where the venue had lacked the stop 10.26 s (an operator on the
+        Binance-wire emulator, the stream dropped). Never before we last confirmed the stop, nor in the
+        future (the venue's clock against ours). True when that moved the spell's start: the caller writes
+        it before the stop is placed again (the record's open span then starts earlier too; written after,
+        the placement's "covered" would have ended the span as first found)."""
+        m = self._m
+        if order.ended_at is None:
+            return False  # its end's time unknown
+        ago = m.clock.now() - order.ended_at
+        now = m.clock.monotonic()
+        since = max(order.confirmed_at, now - ago)
+        if since >= now or (self.unprotected_since is not None and self.unprotected_since <= since):
+            return False  # (uncovered since earlier already: a listing that missed it said so)
+        self.unprotected_since = since
+        self.unprotected_since_epoch = m.clock.now() - (now - since)
+        return True
 
     def _ended_by_someone(self, cid: str, purpose: OrderPurpose, status: OrderStatus, told_by: str) -> None:
         """One of our stops ended on the venue by someone else's hand: protection lost (the log's ERROR, the
@@ -1776,6 +1801,7 @@ class PositionGuard:
             if o.client_order_id and (o.confirmed or (o.purpose in crossed and o.maybe_sent))
         ]
         outcomes = await asyncio.gather(*(self._resolve(o, "check after the mark crossed") for o in asked))
+        timed = False
         for order, outcome in zip(asked, outcomes, strict=True):
             if outcome is _Outcome.GONE:
                 cid, fired = order.client_order_id, order.fired_at is not None
@@ -1785,10 +1811,13 @@ class PositionGuard:
                     and not fired
                     and order.purpose not in crossed
                 ):
-                    self._ended_unseen(cid, order)  # its sibling, cancelled by someone (said as elsewhere)
+                    # its sibling, cancelled by someone (said as elsewhere)
+                    timed = self._ended_unseen(cid, order) or timed
                 self._fresh_id(order)
             elif outcome is _Outcome.ABSENT:
                 order.confirmed = False  # proven not on the venue: this pass sends it again (the same id)
+        if timed:
+            await self._write_facts()
         if self.exit_evidence is not None or _Outcome.FIRED in outcomes:
             self._m.request_reconcile()
 

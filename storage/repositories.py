@@ -669,12 +669,21 @@ class Store:
                           f.observed,
                           {_UNCOVERED_REASON.format(row="old")} AS was_reason,
                           {_UNCOVERED_REASON.format(row="p")} AS reason
+            ), moved AS (
+                -- Still uncovered, since earlier than recorded (a stop found ended after the fact, timed from
+                -- its end on the venue): the open span starts earlier, not a zero-length one and another.
+                UPDATE monitoring.uncovered_spans AS s SET started_at = c.since
+                FROM changed AS c
+                WHERE c.was IS NOT NULL AND c.since < c.was
+                  AND s.position_id = c.id AND s.started_at = c.was AND s.ended_at IS NULL
+                RETURNING s.position_id
             ), ended AS (
                 INSERT INTO monitoring.uncovered_spans
                     (account, position_id, symbol, started_at, ended_at, reason, ended_by)
                 SELECT account, id, symbol, was, GREATEST(was, COALESCE(since, observed, $9::timestamptz, now())),
                        was_reason, 'protected'
                 FROM changed WHERE was IS NOT NULL AND was IS DISTINCT FROM since
+                  AND id NOT IN (SELECT position_id FROM moved)
                 ON CONFLICT (position_id, started_at) DO UPDATE
                     SET ended_at = EXCLUDED.ended_at, ended_by = EXCLUDED.ended_by
                     WHERE monitoring.uncovered_spans.ended_at IS NULL
@@ -682,6 +691,7 @@ class Store:
                 INSERT INTO monitoring.uncovered_spans (account, position_id, symbol, started_at, reason)
                 SELECT account, id, symbol, since, reason
                 FROM changed WHERE since IS NOT NULL AND since IS DISTINCT FROM was
+                  AND id NOT IN (SELECT position_id FROM moved)
                 ON CONFLICT (position_id, started_at) DO NOTHING
             )
             SELECT id, status FROM changed

@@ -450,3 +450,55 @@ async def test_a_size_told_before_our_stops_fill_neither_reopens_nor_resizes_the
         assert (row["status"], row["exit_reason"]) == ("closed", "stop_loss")
         assert row["realized_pnl"] == (filled.average_price - entry) * quantity
         assert venue.calls_made.get(CallKind.CREATE_ORDER, 0) == creates  # nothing sent into the close
+
+
+async def test_with_the_stream_down_a_stop_removed_by_hand_is_found_within_grace_and_timed_from_its_end(
+    db: Database,
+) -> None:
+    """An operator on the Binance-wire emulator, the account stream dropped: a stop removed by hand stayed
+    missing up to 10 s on the venue (the reconcile pass every `reconcile_seconds`), past the 5 s grace,
+    while every surface said covered; and the shift report timed the loss from when the engine found it
+    (0.024 s where the venue had lacked the stop 10.26 s). While the stream is down the venue is read every
+    half grace period, and a stop found ended is uncovered since its end on the venue, in the record too."""
+    settings = settings_for(db)  # reconcile every 10 s, grace 5 s
+    grace = float(settings.protection.grace_seconds)
+    assert float(settings.protection.reconcile_seconds) > grace
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[14]])
+        await drive_until_covered(engine, clock, 1)
+        venue = engine.venue
+        assert isinstance(venue, SimVenue)
+        venue.drop_account_stream(120.0)
+        await drive(clock, clock.sleep(2.0))  # the outage seen, the venue read once for it
+        [stop] = [
+            o
+            for o in venue.core.open_protective_orders(clock.now(), guard.symbol)
+            if o.type is OrderType.STOP_MARKET
+        ]
+        removed_at = clock.now()
+        venue.core.cancel_order(guard.symbol, stop.client_order_id, removed_at)  # by hand, unheard
+        found_after = await drive_until(clock, lambda: not guard.covered, what="the loss found", step=0.1)
+        assert found_after <= grace / 2 + 1.0, found_after
+        # Its look-up by id says when it ended: the guard's uncovered spell is timed from then.
+        await drive_until(
+            clock, lambda: guard.unprotected_since_epoch == removed_at or guard.covered, what="its end's time"
+        )
+        await drive_until(clock, lambda: guard.covered, what="covered again", limit=10)
+        span = await db.pool.fetchrow(
+            "SELECT started_at, ended_at FROM monitoring.uncovered_spans WHERE position_id = $1",
+            guard.position_id,
+        )
+        assert span is not None
+        assert span["ended_at"] is not None
+        assert span["started_at"].timestamp() == pytest.approx(removed_at, abs=0.05)
+        assert (
+            await db.pool.fetchval(
+                "SELECT count(*) FROM monitoring.uncovered_spans WHERE position_id = $1", guard.position_id
+            )
+            == 1
+        )
+    finally:
+        await drive(clock, engine.stop())
