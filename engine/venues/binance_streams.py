@@ -330,7 +330,12 @@ class BinanceStreams:
         )
 
     async def _keep_alive(self) -> None:
-        delay = self._settings.listen_key_keepalive_seconds
+        # Due a period after the venue's last answer for the key, not after this connection opened: a
+        # reconnect on the key in hand extends nothing, and restarting the full period at each one let the
+        # key die before its keep-alive came (reviewer r55: reconnects at 20 and 45 minutes, the next
+        # keep-alive due at 75, the key dead at 60).
+        period = self._settings.listen_key_keepalive_seconds
+        delay = max(0.0, self._key_answered_at + period - time.monotonic())
         while True:
             await asyncio.sleep(delay)
             delay = self._settings.listen_key_keepalive_seconds

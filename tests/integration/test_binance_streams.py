@@ -351,6 +351,34 @@ async def test_a_stream_dropped_during_a_rest_ban_comes_back_in_it_on_the_key_in
             await r.venue.fetch_positions()
 
 
+async def test_reconnects_on_the_key_in_hand_keep_its_keep_alive_on_time() -> None:
+    """A reconnect on the key in hand extends nothing: each one restarted the keep-alive's full period, so
+    reconnects closer together than that period never extended the key, and it died within its hour
+    (reviewer r55: reconnects at 20 and 45 minutes, the next keep-alive due at 75, the key dead at 60). The
+    keep-alive is due a period after the venue's last answer for the key, whatever reconnects between."""
+    period = 5.0  # longer than the reconnects' spacing: restarted at each one, it never came
+    settings = StreamSettings(
+        stall_seconds=30.0,
+        stale_mark_seconds=2.5,
+        backoff_initial_seconds=0.2,
+        backoff_max_seconds=2.0,
+        stable_seconds=3.0,
+        listen_key_keepalive_seconds=period,
+    )
+    async with rig(settings=settings, symbols=[SYMBOL]) as r:
+        began = time.monotonic()
+        for _ in range(5):  # a drop every ~3 s, each connection proving the key (reused every time)
+            await asyncio.sleep(KEY_PROVEN_SECONDS + 0.5)
+            gaps = len(r.gaps())
+            await r.post("/_sim/stream-fault", {"fault": "drop"})
+            await wait_until(lambda n=gaps: len(r.gaps()) > n, within=5, what="the reconnect")
+        expires_in = (await r.state())["streams"]["listen_key_expires_in"]
+        # Extended within the last period (and a second's slack), not only by the POST at the start.
+        elapsed = time.monotonic() - began
+        assert elapsed > period + 2.0, elapsed
+        assert expires_in > 3600 - (period + 1.0), (expires_in, elapsed)
+
+
 async def test_a_keep_alive_refused_in_a_ban_is_asked_again_after_it_and_the_stream_goes_on() -> None:
     """The listen key's keep-alive met a ban: the stream was dropped and the key forgotten, so the stream
     stayed down until the ban ended (its reconnect needs a POST). The key lives an hour from its last
