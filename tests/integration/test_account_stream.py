@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator
 from decimal import Decimal
 
@@ -18,7 +19,7 @@ from engine.clock import ManualClock
 from engine.engine import STARTUP_UNKNOWN_SECONDS, Engine
 from engine.exchange.port import OrderStatus, OrderType, OrderUpdate, PositionSide, PositionUpdate
 from engine.venues.sim import SimVenue
-from engine.venues.sim.settings import CallKind
+from engine.venues.sim.settings import CallKind, FaultKind
 from protection.manager import PositionGuard
 from protection.stream_events import route_account_event
 from storage.database import Database
@@ -487,12 +488,14 @@ async def test_with_the_stream_down_a_stop_removed_by_hand_is_found_within_grace
             clock, lambda: guard.unprotected_since_epoch == removed_at or guard.covered, what="its end's time"
         )
         await drive_until(clock, lambda: guard.covered, what="covered again", limit=10)
-        span = await db.pool.fetchrow(
-            "SELECT started_at, ended_at FROM monitoring.uncovered_spans WHERE position_id = $1",
-            guard.position_id,
-        )
+        spans = "SELECT started_at, ended_at FROM monitoring.uncovered_spans WHERE position_id = $1"
+
+        async def span_ended() -> bool:  # (the write that ends it may still be on its way)
+            return any(row["ended_at"] is not None for row in await db.pool.fetch(spans, guard.position_id))
+
+        await drive_until(clock, span_ended, what="the span ended in the record", limit=10)
+        span = await db.pool.fetchrow(spans, guard.position_id)
         assert span is not None
-        assert span["ended_at"] is not None
         assert span["started_at"].timestamp() == pytest.approx(removed_at, abs=0.05)
         assert (
             await db.pool.fetchval(
@@ -502,3 +505,48 @@ async def test_with_the_stream_down_a_stop_removed_by_hand_is_found_within_grace
         )
     finally:
         await drive(clock, engine.stop())
+
+
+async def test_a_loss_found_past_grace_is_retried_at_the_grace_cadence_from_its_finding(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stop found ended after the fact is timed from its end on the venue, which may be past grace when
+    it is found: its re-placement then backed off on the doubling at once (1, 2, 4, 8 s: naked 10.4 s
+    after the find, a reviewer). Its retries' grace counts from the finding: the first ones a quarter of
+    grace apart at most."""
+    settings = settings_for(db)
+    grace = float(settings.protection.grace_seconds)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[15]])
+        await drive_until_covered(engine, clock, 1)
+        venue = engine.venue
+        assert isinstance(venue, SimVenue)
+        venue.drop_account_stream(300.0)
+        await drive(clock, clock.sleep(2.0))
+        [stop] = [
+            o
+            for o in venue.core.open_protective_orders(clock.now(), guard.symbol)
+            if o.type is OrderType.STOP_MARKET
+        ]
+        venue.inject_fault(CallKind.FETCH_OPEN_ORDERS, FaultKind.SERVER_ERROR, 4)  # the listings fail a while
+        removed_at = clock.monotonic()
+        venue.core.cancel_order(guard.symbol, stop.client_order_id, clock.now())
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, 6, stops_only=True)
+        caplog.clear()
+        await drive_until(clock, lambda: not guard.covered, what="the loss found", step=0.05)
+        assert clock.monotonic() - removed_at > grace  # found past grace: timed from its end, past it
+        await drive_until(clock, lambda: guard.covered, what="covered again", limit=120, step=0.05)
+        delays = [
+            float(m.group(1))
+            for r in caplog.records
+            if f"creating stop-loss for {guard.symbol}" in r.getMessage()
+            and (m := re.search(r"retrying in (\d+\.\d)s", r.getMessage())) is not None
+        ]
+        assert len(delays) == 6, delays
+        assert all(d <= grace / 4 for d in delays[:4]), delays
+    finally:
+        await drive(clock, engine.stop())
+
