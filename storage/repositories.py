@@ -997,14 +997,18 @@ class Store:
         return orders
 
     async def stops_sent_unanswered(self, position_ids: Sequence[int]) -> dict[int, set[OrderPurpose]]:
-        """For `tsbot status`: which stops of these positions were sent and have no answer on the record
-        (`pending`, `unknown`): not confirmed, yet maybe on the venue (a Bybit hard stop that rode on its
-        entry, an engine killed before the answer)."""
+        """For `tsbot status`: which stops of these positions were sent and have no answer on the record:
+        not confirmed, yet maybe on the venue (a Bybit hard stop that rode on its entry, an engine killed
+        before the answer). `pending` with no error (a refusal that executed nothing is recorded `pending`
+        with its error: the venue does not hold it, a reviewer), or `unknown` the venue never told us an id
+        for (its answer lost; one with an id is a stop that fired, which protects nothing, or one in doubt,
+        said so by its own flag)."""
         rows = await self._pool.fetch(
             """
             SELECT DISTINCT position_id, purpose FROM monitoring.orders
-            WHERE position_id = ANY($1::bigint[]) AND status IN ('pending', 'unknown')
-              AND purpose IN ('stop_loss', 'trailing_stop')
+            WHERE position_id = ANY($1::bigint[]) AND purpose IN ('stop_loss', 'trailing_stop')
+              AND ((status = 'pending' AND error IS NULL)
+                   OR (status = 'unknown' AND exchange_order_id IS NULL))
             """,
             list(position_ids),
         )

@@ -258,15 +258,27 @@ async def test_uncovered_positions_say_which_stop_is_missing(workdir: Path, engi
             ts_doubt,
         )
     # Sent with no answer on the record (an operator read "missing both" after a kill -9 of a Bybit position
-    # whose entry had carried its hard stop): III's hard stop sent, its answer never recorded.
-    await engine_side.execute(
-        "WITH p AS (INSERT INTO monitoring.positions (account, symbol, exchange, side, quantity, entry_price, "
-        "status, has_stop_loss, has_trailing_stop, opened_at) "
-        "VALUES ('sim:default', 'IIIUSDT', 'sim', 'long', 1, 2, 'active', false, false, "
-        "now() - interval '1 minute') RETURNING id) "
-        "INSERT INTO monitoring.orders (client_order_id, position_id, purpose, side, type, quantity, status) "
-        "SELECT 'x-' || p.id || '-sl0', p.id, 'stop_loss', 'sell', 'stop_market', 1, 'pending' FROM p"
-    )
+    # whose entry had carried its hard stop): III's hard stop sent, its answer never recorded. Not so a stop
+    # refused with nothing executed (recorded pending with its error: JJJ, a reviewer), nor one the venue
+    # took and that fired (unknown, with the venue's id: KKK): neither is on the exchange.
+    for symbol, status, error, venue_id in (
+        ("IIIUSDT", "pending", None, None),
+        ("JJJUSDT", "pending", "HTTP 429; retry after 1.000s", None),
+        ("KKKUSDT", "unknown", None, "9001"),
+    ):
+        await engine_side.execute(
+            "WITH p AS (INSERT INTO monitoring.positions (account, symbol, exchange, side, quantity, "
+            "entry_price, status, has_stop_loss, has_trailing_stop, opened_at) "
+            "VALUES ('sim:default', $1, 'sim', 'long', 1, 2, 'active', false, false, "
+            "now() - interval '1 minute') RETURNING id) "
+            "INSERT INTO monitoring.orders "
+            "(client_order_id, position_id, purpose, side, type, quantity, status, error, exchange_order_id) "
+            "SELECT 'x-' || p.id || '-sl0', p.id, 'stop_loss', 'sell', 'stop_market', 1, $2, $3, $4 FROM p",
+            symbol,
+            status,
+            error,
+            venue_id,
+        )
     doubt = "unverified: in doubt, asked for by id, not known gone"
     sent = "sent, no answer on the record: it may be on the exchange"
     report = json.loads(tsbot("status", "--json", cwd=workdir).stdout)
@@ -278,6 +290,8 @@ async def test_uncovered_positions_say_which_stop_is_missing(workdir: Path, engi
         "GGGUSDT": f"hard stop ({doubt}) and trailing stop ({doubt})",
         "HHHUSDT": f"hard stop ({doubt}) and trailing stop",
         "IIIUSDT": f"hard stop ({sent}) and trailing stop",
+        "JJJUSDT": "both (hard stop and trailing stop)",
+        "KKKUSDT": "both (hard stop and trailing stop)",
     }
     assert {p["symbol"]: p["unverified"] for p in report["uncovered"] if p["unverified"]} == {
         "GGGUSDT": ["hard stop", "trailing stop"],
@@ -294,6 +308,8 @@ async def test_uncovered_positions_say_which_stop_is_missing(workdir: Path, engi
             f"missing hard stop ({doubt}) and trailing stop ({doubt})",
             f"missing hard stop ({doubt}) and trailing stop",
             f"missing hard stop ({sent}) and trailing stop",
+            "missing both (hard stop and trailing stop)",
+            "missing both (hard stop and trailing stop)",
         ]
     )
     assert "no stop-loss" not in human
