@@ -145,6 +145,7 @@ CONDITIONAL_SPARE_MIN = 2
 CONDITIONAL_SPARE_DIVISOR = 20
 STREAM_FIRST_CONNECT_SECONDS = 10.0  # a stream's first connection is not "down" before this
 STREAM_CHECK_SECONDS = 1.0  # how often the reconcile loop looks whether the account stream is down
+STREAM_DOWN_RECONCILE_MIN_SECONDS = 1.0  # the shortest reconcile interval while that stream is down
 HEALTH_REPEAT_SECONDS = 60.0  # a lasting degraded or critical component is said again this often
 HOUSEKEEPING_SECONDS = 60.0
 # The coverage history (monitoring.coverage_samples): one sample of the gauge's figures this often, kept this
@@ -2518,8 +2519,11 @@ class Engine:
         Binance-wire emulator, the stream dropped). The reads' lane keeps the passes within the venue's
         budget (at most 80 % of it), which may space them further."""
         interval = float(self.settings.protection.reconcile_seconds)
-        if stream_down:
-            interval = min(interval, float(self.settings.protection.grace_seconds) / 2)
+        if stream_down:  # (not back to back with a grace of 0, which the configuration allows: a reviewer)
+            half_grace = max(
+                STREAM_DOWN_RECONCILE_MIN_SECONDS, float(self.settings.protection.grace_seconds) / 2
+            )
+            interval = min(interval, half_grace)
         return interval
 
     async def _reconcile_loop(self) -> None:

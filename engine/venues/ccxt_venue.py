@@ -330,7 +330,8 @@ def _translate(
         until = int(ban_match.group(1)) / 1000 if ban_match else now + _retry_after(context, 120.0)
         return Banned(until, f"{label}: banned for repeated rate-limit violations (HTTP 418)")
     if venue == BYBIT and status == 403:
-        # "403, access too frequent": the IP is banned for at least 10 minutes; retrying only extends it.
+        # "403, access too frequent": the IP is banned for at least 10 minutes from its first refusal, which
+        # another process of this installation may have met (`engine.venues.ip_bans`).
         return Banned(ip_ban_until(now), f"{label}: IP banned for requesting too often (HTTP 403)")
     if (
         status == 429

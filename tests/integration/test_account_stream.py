@@ -550,3 +550,24 @@ async def test_a_loss_found_past_grace_is_retried_at_the_grace_cadence_from_its_
     finally:
         await drive(clock, engine.stop())
 
+
+async def test_with_the_stream_down_and_no_grace_the_venue_is_not_read_back_to_back(db: Database) -> None:
+    """While the account stream is down the venue is read every half grace period; a grace of 0 (which the
+    configuration allows) made that back to back: 156 reads of the positions in 10 s (a reviewer). At most
+    one a second."""
+    settings = settings_for(db, {"PROTECTION__GRACE_SECONDS": "0"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        await open_positions(engine, clock, [SYMBOLS[16]])
+        await drive_until_covered(engine, clock, 1)
+        venue = engine.venue
+        assert isinstance(venue, SimVenue)
+        before = _position_reads(venue)
+        venue.drop_account_stream(60.0)
+        await drive(clock, clock.sleep(10.0))
+        reads = _position_reads(venue) - before
+        assert 5 <= reads <= 12, reads  # a pass a second (and the outage's own at once), not back to back
+    finally:
+        await drive(clock, engine.stop())
