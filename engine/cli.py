@@ -25,7 +25,7 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -996,7 +996,7 @@ async def _read_status(
                 "has_trailing_stop": p.has_trailing_stop,
                 "missing": _missing_of_unknown_entry(loaded)
                 if p.status is PositionStatus.ENTRY_PLACED
-                else _missing_stops(p, sent.get(p.id, set())),
+                else _missing_stops(p, sent.get(p.id)),
                 "unverified": [
                     name
                     for name, doubted in (
@@ -1021,19 +1021,25 @@ def _missing_of_unknown_entry(loaded: LoadedConfig) -> str:
     return "both (the entry's outcome is unknown: it may have filled)"
 
 
-def _missing_stops(p: PositionRecord, sent: Collection[OrderPurpose] = ()) -> str:
+def _missing_stops(p: PositionRecord, sent: Mapping[OrderPurpose, str | None] | None = None) -> str:
     """Which of a position's two stops is not confirmed on the exchange, in words an operator acts on. One
     in doubt only (unverified: asked for by its id, not known gone) is said so: "missing both" of stops
     the venue held made an operator reach for a flatten of a protected book. So is one sent with no answer
     on the record (`sent`): "missing both" was said after a kill -9 of a Bybit position whose entry had
     carried its hard stop, and a stop set by hand there replaces ours (an operator)."""
 
+    sent = sent or {}
+
     def why(doubted: bool, purpose: OrderPurpose) -> str:
         if doubted:
             return " (unverified: in doubt, asked for by id, not known gone)"
-        if purpose in sent:
+        if purpose not in sent:
+            return ""
+        refused = sent[purpose]
+        if refused is None:
             return " (sent, no answer on the record: it may be on the exchange)"
-        return ""
+        # Its last send was refused with nothing executed; the same id goes again, unrecorded.
+        return f" (its last send refused: {one_line(refused)[:80]}; whether it was sent again is not on the record)"
 
     lacking = [
         f"{name}{why(doubted, purpose)}"

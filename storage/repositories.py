@@ -996,25 +996,29 @@ class Store:
             orders.setdefault(row["position_id"], []).append(_order(row))
         return orders
 
-    async def stops_sent_unanswered(self, position_ids: Sequence[int]) -> dict[int, set[OrderPurpose]]:
+    async def stops_sent_unanswered(
+        self, position_ids: Sequence[int]
+    ) -> dict[int, dict[OrderPurpose, str | None]]:
         """For `tsbot status`: which stops of these positions were sent and have no answer on the record:
         not confirmed, yet maybe on the venue (a Bybit hard stop that rode on its entry, an engine killed
-        before the answer). `pending` with no error (a refusal that executed nothing is recorded `pending`
-        with its error: the venue does not hold it, a reviewer), or `unknown` the venue never told us an id
-        for (its answer lost; one with an id is a stop that fired, which protects nothing, or one in doubt,
-        said so by its own flag)."""
+        before the answer). `pending` (written ahead, sent or about to be), or `unknown` the venue never told
+        us an id for (its answer lost; one with an id is a stop that fired, which protects nothing, or one
+        in doubt, said so by its own flag). For each, the refusal its last send met, if the record holds one:
+        a refusal that executed nothing stays `pending` with its error, and the same id is sent again, which
+        the record does not show (a reviewer read "may be on the exchange" of a stop refused at every send,
+        another "missing" of one sent again and taken)."""
         rows = await self._pool.fetch(
             """
-            SELECT DISTINCT position_id, purpose FROM monitoring.orders
+            SELECT DISTINCT ON (position_id, purpose) position_id, purpose, error FROM monitoring.orders
             WHERE position_id = ANY($1::bigint[]) AND purpose IN ('stop_loss', 'trailing_stop')
-              AND ((status = 'pending' AND error IS NULL)
-                   OR (status = 'unknown' AND exchange_order_id IS NULL))
+              AND (status = 'pending' OR (status = 'unknown' AND exchange_order_id IS NULL))
+            ORDER BY position_id, purpose, id DESC
             """,
             list(position_ids),
         )
-        sent: dict[int, set[OrderPurpose]] = {}
+        sent: dict[int, dict[OrderPurpose, str | None]] = {}
         for row in rows:
-            sent.setdefault(row["position_id"], set()).add(OrderPurpose(row["purpose"]))
+            sent.setdefault(row["position_id"], {})[OrderPurpose(row["purpose"])] = row["error"]
         return sent
 
     async def live_stops_of_closed_positions(self, within_hours: float = 24.0) -> dict[str, list[str]]:

@@ -258,9 +258,11 @@ async def test_uncovered_positions_say_which_stop_is_missing(workdir: Path, engi
             ts_doubt,
         )
     # Sent with no answer on the record (an operator read "missing both" after a kill -9 of a Bybit position
-    # whose entry had carried its hard stop): III's hard stop sent, its answer never recorded. Not so a stop
-    # refused with nothing executed (recorded pending with its error: JJJ, a reviewer), nor one the venue
-    # took and that fired (unknown, with the venue's id: KKK): neither is on the exchange.
+    # whose entry had carried its hard stop): III's hard stop sent, its answer never recorded. A stop whose
+    # last send was refused with nothing executed (recorded pending with its error: JJJ) is sent again with
+    # the same id, which the record does not show: said as it is (one reviewer read "may be on the exchange"
+    # of a stop refused at every send, another plain "missing" of one sent again and taken). One the venue
+    # took and that fired (unknown, with the venue's id: KKK) protects nothing.
     for symbol, status, error, venue_id in (
         ("IIIUSDT", "pending", None, None),
         ("JJJUSDT", "pending", "HTTP 429; retry after 1.000s", None),
@@ -281,6 +283,9 @@ async def test_uncovered_positions_say_which_stop_is_missing(workdir: Path, engi
         )
     doubt = "unverified: in doubt, asked for by id, not known gone"
     sent = "sent, no answer on the record: it may be on the exchange"
+    refused = (
+        "its last send refused: HTTP 429; retry after 1.000s; whether it was sent again is not on the record"
+    )
     report = json.loads(tsbot("status", "--json", cwd=workdir).stdout)
     assert {p["symbol"]: p["missing"] for p in report["uncovered"]} == {
         "AAAUSDT": "hard stop",
@@ -290,7 +295,7 @@ async def test_uncovered_positions_say_which_stop_is_missing(workdir: Path, engi
         "GGGUSDT": f"hard stop ({doubt}) and trailing stop ({doubt})",
         "HHHUSDT": f"hard stop ({doubt}) and trailing stop",
         "IIIUSDT": f"hard stop ({sent}) and trailing stop",
-        "JJJUSDT": "both (hard stop and trailing stop)",
+        "JJJUSDT": f"hard stop ({refused}) and trailing stop",
         "KKKUSDT": "both (hard stop and trailing stop)",
     }
     assert {p["symbol"]: p["unverified"] for p in report["uncovered"] if p["unverified"]} == {
@@ -308,7 +313,7 @@ async def test_uncovered_positions_say_which_stop_is_missing(workdir: Path, engi
             f"missing hard stop ({doubt}) and trailing stop ({doubt})",
             f"missing hard stop ({doubt}) and trailing stop",
             f"missing hard stop ({sent}) and trailing stop",
-            "missing both (hard stop and trailing stop)",
+            f"missing hard stop ({refused}) and trailing stop",
             "missing both (hard stop and trailing stop)",
         ]
     )
