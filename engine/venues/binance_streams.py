@@ -83,9 +83,10 @@ ALL_MARKS_STREAM = "!markPrice@arr@1s"
 # are read from the all-market array instead (filtered here).
 MAX_SYMBOL_STREAMS = 100
 # A listen key "is valid for 60 minutes after creation" and a PUT (or a POST on an account that has one)
-# extends it 60 minutes; a reconnect uses the key in hand within the first 50 of them, with no REST call.
-LISTEN_KEY_VALID_SECONDS = 3600.0
-LISTEN_KEY_REUSE_SECONDS = 3000.0
+# extends it 60 minutes (`StreamSettings.listen_key_valid_seconds`); a reconnect uses the key in hand within
+# the first 50 of them, with no REST call. A keep-alive refused for the rate is asked again up to this close
+# to the hour's end.
+KEY_END_MARGIN_SECONDS = 5.0
 # A connection on a key the venue does not know is closed at once: one that lived this long proves the key.
 KEY_PROVEN_SECONDS = 2.0
 _URL_STREAMS = 100
@@ -324,7 +325,7 @@ class BinanceStreams:
         socket = self._account
         return (
             self._listen_key is not None
-            and time.monotonic() - self._key_answered_at < LISTEN_KEY_REUSE_SECONDS
+            and time.monotonic() - self._key_answered_at < self._settings.listen_key_valid_seconds * 5 / 6
             and socket.last_lived >= KEY_PROVEN_SECONDS
             and not socket.last_stalled
         )
@@ -345,16 +346,20 @@ class BinanceStreams:
             except (Banned, RateLimited) as error:
                 # Refused for the rate (REST only: the websocket goes on). The key lives its hour from the
                 # venue's last answer for it: asked again when the venue says, while that hour lasts.
+                # A refusal that outlasts the hour keeps the stream to the hour's end all the same (dropped
+                # at the refusal, it could not come back: the POST is refused too; a reviewer).
                 wait = error.until - time.time() if isinstance(error, Banned) else error.retry_after
-                wait = max(1.0, wait)
-                if time.monotonic() + wait < self._key_answered_at + LISTEN_KEY_VALID_SECONDS:
+                valid = self._settings.listen_key_valid_seconds
+                left = self._key_answered_at + valid - time.monotonic()
+                margin = min(KEY_END_MARGIN_SECONDS, valid / 12)
+                if left > margin:
+                    delay = max(0.5, min(max(1.0, wait), left - margin))
                     logger.warning(
                         "binance account stream: listen key keep-alive refused for the rate (%s); asked "
                         "again in %.0fs, the stream goes on",
                         type(error).__name__,
-                        wait,
+                        delay,
                     )
-                    delay = wait
                     continue
                 logger.warning(
                     "binance account stream: listen key keep-alive refused (%s)", type(error).__name__

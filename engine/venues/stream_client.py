@@ -56,6 +56,7 @@ class StreamSettings:
     backoff_max_seconds: float = 30.0
     stable_seconds: float = 30.0  # a connection that lived this long resets the backoff
     listen_key_keepalive_seconds: float = 1800.0  # Binance: every 30 min (a key lives 60)
+    listen_key_valid_seconds: float = 3600.0  # Binance: a key lives 60 min from its last POST or PUT
     subscription_check_seconds: float = 30.0  # Bybit: ask for each private topic again this often
     connect_timeout_seconds: float = 10.0
 

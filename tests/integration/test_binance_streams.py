@@ -405,6 +405,27 @@ async def test_a_keep_alive_refused_in_a_ban_is_asked_again_after_it_and_the_str
         assert len(r.gaps()) == gaps
 
 
+async def test_a_keep_alive_refused_by_a_ban_longer_than_the_keys_hour_keeps_the_stream_to_its_end() -> None:
+    """A keep-alive refused by a ban that outlasts the key's hour dropped the stream at once (and its key),
+    though the key was good to the hour's end; its reconnect's POST was refused too, so the stream stayed
+    down for the rest of the ban (a reviewer). It goes on until the hour is about to end."""
+    settings = StreamSettings(
+        stall_seconds=30.0,
+        stale_mark_seconds=2.5,
+        backoff_initial_seconds=0.2,
+        backoff_max_seconds=2.0,
+        stable_seconds=3.0,
+        listen_key_keepalive_seconds=1.0,
+        listen_key_valid_seconds=12.0,  # the hour, scaled (the emulator's key lives its real hour)
+    )
+    async with rig(settings=settings, symbols=[SYMBOL]) as r:
+        gaps = len(r.gaps())
+        await r.post("/_sim/fault", {"targets": ["PUT:listenKey"], "fault": "ban:4000"})
+        await asyncio.sleep(6)  # the keep-alive met the ban (longer than any key's hour) at 1 s
+        assert len(r.gaps()) == gaps, [g.reason for g in r.gaps()]
+        assert await r.user_connected()
+
+
 async def test_the_listen_key_is_in_no_log_line(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     async with rig(symbols=[SYMBOL]) as r:
