@@ -3152,6 +3152,9 @@ class PositionGuard:
         self.unprotected_since = since
         self.unprotected_since_epoch = moment.timestamp()
         self.filled_at = min(self.filled_at, since)
+        # Found uncovered by this guard now: its retries start at the grace cadence, not on the doubling of
+        # a spell long past grace (`_retry_delay`; a reviewer).
+        self._loss_found_at = clock.monotonic()
 
     def covered_until_now(self) -> None:
         """Its record says both stops were confirmed: an uncovered spell, if any, begins when first seen."""

@@ -1807,3 +1807,41 @@ async def test_a_managed_protection_restart_counts_unmoved_trails_uncovered_past
     assert (report.open_positions, report.uncovered, report.trails_without_order) == (2, 2, 2)
     assert "UNCOVERED 2" in report.describe()
     assert "2 of them keep only their hard stop" in report.describe()
+
+
+async def test_a_position_restored_uncovered_past_grace_is_retried_at_the_grace_cadence(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A protection restart restores a position uncovered since before it, past grace: its new guard
+    retried a refused stop on the doubling at once (1, 2, 4 … s), as if it had been failing all along (a
+    reviewer). Found uncovered by the new guard, its first retries are a quarter of grace apart at most."""
+    settings = settings_for(db)
+    grace = float(settings.protection.grace_seconds)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[58]])
+        await drive_until_covered(engine, clock, 1)
+        venue = engine.venue
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, count=100, stops_only=True)
+        _cancel_hard_stop_by_hand(venue, guard, clock)
+        await drive_until(clock, lambda: not guard.covered, what="the loss seen")
+        await drive(clock, clock.sleep(2 * grace))  # refused all along: past grace, backing off
+        venue.clear_injected_faults()
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, count=4, stops_only=True)
+        caplog.clear()
+        await drive(clock, engine.restart_protection())
+        assert engine.manager is not None
+        [restored] = engine.manager.guards.values()
+        await drive_until(clock, lambda: restored.covered, what="covered after the restart", limit=60)
+        delays = [
+            float(m.group(1))
+            for r in caplog.records
+            if f"creating stop-loss for {restored.symbol}" in r.getMessage()
+            and (m := re.search(r"retrying in (\d+\.\d)s", r.getMessage())) is not None
+        ]
+        assert len(delays) == 4, delays
+        assert all(d <= grace / 4 for d in delays), delays
+    finally:
+        await drive(clock, engine.stop())
