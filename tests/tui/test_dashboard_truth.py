@@ -332,6 +332,9 @@ async def test_an_entry_of_unknown_outcome_is_a_flagged_row_and_counted_uncovere
         board.venue.drop_account_stream(100_000)
         board.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.TIMEOUT_AFTER_ACCEPT, 1)
         board.venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 100_000)
+        # And the venue's position list unread: with the stream down the venue is read every half grace
+        # period, and its list shows the position, which settles the entry before its grace ends.
+        board.venue.inject_fault(CallKind.FETCH_POSITIONS, FaultKind.NETWORK_ERROR_BEFORE_SEND, 100_000)
         await board.engine.store.insert_signals([(SYMBOLS[77], "long", None, None)])
         await board.until(lambda: board.uncovered_text().startswith("UNCOVERED 1"), "gauge: 1 uncovered")
         await board.pilot.pause()
