@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 from collections.abc import AsyncIterator
 from decimal import Decimal
 
@@ -16,6 +15,7 @@ import pytest
 
 from engine.alerts import observe_engine
 from engine.clock import ManualClock
+from engine.config import Settings
 from engine.engine import STARTUP_UNKNOWN_SECONDS, Engine
 from engine.exchange.port import OrderStatus, OrderType, OrderUpdate, PositionSide, PositionUpdate
 from engine.venues.sim import SimVenue
@@ -31,6 +31,7 @@ from tests.integration.test_failure_modes_f1_f5 import (
     settings_for,
 )
 from tests.support.driving import drive, drive_until
+from tests.support.retries import stop_loss_retry_delays
 
 NO_POLLING = {"PROTECTION__RECONCILE_SECONDS": "3600"}  # an hour: polling cannot be what acted
 
@@ -453,6 +454,32 @@ async def test_a_size_told_before_our_stops_fill_neither_reopens_nor_resizes_the
         assert venue.calls_made.get(CallKind.CREATE_ORDER, 0) == creates  # nothing sent into the close
 
 
+@contextlib.asynccontextmanager
+async def _protected_with_the_stream_down(
+    settings: Settings, symbol: str
+) -> AsyncIterator[tuple[Engine, SimVenue, ManualClock, PositionGuard, str]]:
+    """An engine on the sim venue with one position of `symbol` protected, then its account stream down for
+    good (the outage seen and the venue read once for it); yields the guard and its hard stop's id."""
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [symbol])
+        await drive_until_covered(engine, clock, 1)
+        venue = engine.venue
+        assert isinstance(venue, SimVenue)
+        venue.drop_account_stream(100_000.0)
+        await drive(clock, clock.sleep(2.0))
+        [stop] = [
+            o
+            for o in venue.core.open_protective_orders(clock.now(), guard.symbol)
+            if o.type is OrderType.STOP_MARKET
+        ]
+        yield engine, venue, clock, guard, stop.client_order_id
+    finally:
+        await drive(clock, engine.stop())
+
+
 async def test_with_the_stream_down_a_stop_removed_by_hand_is_found_within_grace_and_timed_from_its_end(
     db: Database,
 ) -> None:
@@ -464,23 +491,9 @@ async def test_with_the_stream_down_a_stop_removed_by_hand_is_found_within_grace
     settings = settings_for(db)  # reconcile every 10 s, grace 5 s
     grace = float(settings.protection.grace_seconds)
     assert float(settings.protection.reconcile_seconds) > grace
-    clock = ManualClock()
-    engine = make_engine(settings, clock)
-    await drive(clock, engine.start())
-    try:
-        [guard] = await open_positions(engine, clock, [SYMBOLS[14]])
-        await drive_until_covered(engine, clock, 1)
-        venue = engine.venue
-        assert isinstance(venue, SimVenue)
-        venue.drop_account_stream(120.0)
-        await drive(clock, clock.sleep(2.0))  # the outage seen, the venue read once for it
-        [stop] = [
-            o
-            for o in venue.core.open_protective_orders(clock.now(), guard.symbol)
-            if o.type is OrderType.STOP_MARKET
-        ]
+    async with _protected_with_the_stream_down(settings, SYMBOLS[14]) as (_engine, venue, clock, guard, stop):
         removed_at = clock.now()
-        venue.core.cancel_order(guard.symbol, stop.client_order_id, removed_at)  # by hand, unheard
+        venue.core.cancel_order(guard.symbol, stop, removed_at)  # by hand, unheard
         found_after = await drive_until(clock, lambda: not guard.covered, what="the loss found", step=0.1)
         assert found_after <= grace / 2 + 1.0, found_after
         # Its look-up by id says when it ended: the guard's uncovered spell is timed from then.
@@ -503,8 +516,6 @@ async def test_with_the_stream_down_a_stop_removed_by_hand_is_found_within_grace
             )
             == 1
         )
-    finally:
-        await drive(clock, engine.stop())
 
 
 async def test_a_loss_found_past_grace_is_retried_at_the_grace_cadence_from_its_finding(
@@ -516,39 +527,18 @@ async def test_a_loss_found_past_grace_is_retried_at_the_grace_cadence_from_its_
     grace apart at most."""
     settings = settings_for(db)
     grace = float(settings.protection.grace_seconds)
-    clock = ManualClock()
-    engine = make_engine(settings, clock)
-    await drive(clock, engine.start())
-    try:
-        [guard] = await open_positions(engine, clock, [SYMBOLS[15]])
-        await drive_until_covered(engine, clock, 1)
-        venue = engine.venue
-        assert isinstance(venue, SimVenue)
-        venue.drop_account_stream(300.0)
-        await drive(clock, clock.sleep(2.0))
-        [stop] = [
-            o
-            for o in venue.core.open_protective_orders(clock.now(), guard.symbol)
-            if o.type is OrderType.STOP_MARKET
-        ]
+    async with _protected_with_the_stream_down(settings, SYMBOLS[15]) as (_engine, venue, clock, guard, stop):
         venue.inject_fault(CallKind.FETCH_OPEN_ORDERS, FaultKind.SERVER_ERROR, 4)  # the listings fail a while
         removed_at = clock.monotonic()
-        venue.core.cancel_order(guard.symbol, stop.client_order_id, clock.now())
+        venue.core.cancel_order(guard.symbol, stop, clock.now())
         venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, 6, stops_only=True)
         caplog.clear()
         await drive_until(clock, lambda: not guard.covered, what="the loss found", step=0.05)
         assert clock.monotonic() - removed_at > grace  # found past grace: timed from its end, past it
         await drive_until(clock, lambda: guard.covered, what="covered again", limit=120, step=0.05)
-        delays = [
-            float(m.group(1))
-            for r in caplog.records
-            if f"creating stop-loss for {guard.symbol}" in r.getMessage()
-            and (m := re.search(r"retrying in (\d+\.\d)s", r.getMessage())) is not None
-        ]
+        delays = stop_loss_retry_delays(caplog.records, guard.symbol)
         assert len(delays) == 6, delays
         assert all(d <= grace / 4 for d in delays[:4]), delays
-    finally:
-        await drive(clock, engine.stop())
 
 
 async def test_with_the_stream_down_and_no_grace_the_venue_is_not_read_back_to_back(db: Database) -> None:

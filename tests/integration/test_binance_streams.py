@@ -74,6 +74,20 @@ class Rig(StreamRig):
         return stop
 
 
+def _keeping_alive(every: float, *, valid: float = 3600.0) -> StreamSettings:
+    """Fast stream timings with a keep-alive `every` seconds and a key's hour of `valid` seconds, and no
+    stall for 30 s (a silent connection is not what these tests stage)."""
+    return StreamSettings(
+        stall_seconds=30.0,
+        stale_mark_seconds=2.5,
+        backoff_initial_seconds=0.2,
+        backoff_max_seconds=2.0,
+        stable_seconds=3.0,
+        listen_key_keepalive_seconds=every,
+        listen_key_valid_seconds=valid,
+    )
+
+
 @contextlib.asynccontextmanager
 async def rig(settings: StreamSettings = FAST, symbols: list[str] | None = None) -> AsyncIterator[Rig]:
     sim = SimVenueSettings(seed=7, volatility=0.0, symbols=["SFPUSDT", "BTCUSDT", "ETHUSDT"])
@@ -308,14 +322,7 @@ async def test_a_rest_fallback_that_keeps_failing_is_said_once_a_minute(
 async def test_a_refused_keep_alive_makes_a_new_listen_key_and_a_gap() -> None:
     """The key vanished without the `listenKeyExpired` reaching us (the connection was silent then): the
     next keep-alive is refused with -1125 and the client makes a new key, reconnects and reports a gap."""
-    settings = StreamSettings(
-        stall_seconds=30.0,
-        stale_mark_seconds=2.5,
-        backoff_initial_seconds=0.2,
-        backoff_max_seconds=2.0,
-        stable_seconds=3.0,
-        listen_key_keepalive_seconds=1.0,
-    )
+    settings = _keeping_alive(1.0)
     async with rig(settings=settings, symbols=[SYMBOL]) as r:
         await r.post("/_sim/stream-fault", {"fault": "stall", "seconds": 5})
         await r.post("/_sim/stream-fault", {"fault": "expire_listen_key"})
@@ -357,14 +364,7 @@ async def test_reconnects_on_the_key_in_hand_keep_its_keep_alive_on_time() -> No
     (reviewer r55: reconnects at 20 and 45 minutes, the next keep-alive due at 75, the key dead at 60). The
     keep-alive is due a period after the venue's last answer for the key, whatever reconnects between."""
     period = 5.0  # longer than the reconnects' spacing: restarted at each one, it never came
-    settings = StreamSettings(
-        stall_seconds=30.0,
-        stale_mark_seconds=2.5,
-        backoff_initial_seconds=0.2,
-        backoff_max_seconds=2.0,
-        stable_seconds=3.0,
-        listen_key_keepalive_seconds=period,
-    )
+    settings = _keeping_alive(period)
     async with rig(settings=settings, symbols=[SYMBOL]) as r:
         began = time.monotonic()
         for _ in range(5):  # a drop every ~3 s, each connection proving the key (reused every time)
@@ -383,14 +383,7 @@ async def test_a_keep_alive_refused_in_a_ban_is_asked_again_after_it_and_the_str
     """The listen key's keep-alive met a ban: the stream was dropped and the key forgotten, so the stream
     stayed down until the ban ended (its reconnect needs a POST). The key lives an hour from its last
     extension: the keep-alive is asked again when the ban ends, and the stream goes on meanwhile."""
-    settings = StreamSettings(
-        stall_seconds=30.0,
-        stale_mark_seconds=2.5,
-        backoff_initial_seconds=0.2,
-        backoff_max_seconds=2.0,
-        stable_seconds=3.0,
-        listen_key_keepalive_seconds=1.0,
-    )
+    settings = _keeping_alive(1.0)
     async with rig(settings=settings, symbols=[SYMBOL]) as r:
         stop = await r.open_position_with_stop("keep-ban")
         gaps = len(r.gaps())
@@ -409,15 +402,7 @@ async def test_a_keep_alive_refused_by_a_ban_longer_than_the_keys_hour_keeps_the
     """A keep-alive refused by a ban that outlasts the key's hour dropped the stream at once (and its key),
     though the key was good to the hour's end; its reconnect's POST was refused too, so the stream stayed
     down for the rest of the ban (a reviewer). It goes on until the hour is about to end."""
-    settings = StreamSettings(
-        stall_seconds=30.0,
-        stale_mark_seconds=2.5,
-        backoff_initial_seconds=0.2,
-        backoff_max_seconds=2.0,
-        stable_seconds=3.0,
-        listen_key_keepalive_seconds=1.0,
-        listen_key_valid_seconds=12.0,  # the hour, scaled (the emulator's key lives its real hour)
-    )
+    settings = _keeping_alive(1.0, valid=12.0)  # the hour, scaled (the emulator's key lives its real hour)
     async with rig(settings=settings, symbols=[SYMBOL]) as r:
         gaps = len(r.gaps())
         await r.post("/_sim/fault", {"targets": ["PUT:listenKey"], "fault": "ban:4000"})

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from collections import Counter
 from collections.abc import Callable
 from decimal import ROUND_DOWN, Decimal
@@ -37,6 +36,7 @@ from tests.integration.test_failure_modes_f1_f5 import (
 )
 from tests.integration.test_failure_modes_f6_f12 import _collect
 from tests.support.driving import drive, drive_until
+from tests.support.retries import stop_loss_retry_delays
 
 
 async def _stops_recorded(db: Database, position_id: int) -> bool:
@@ -949,6 +949,21 @@ async def test_a_stop_that_cannot_protect_in_time_says_so(db: Database) -> None:
     assert report.describe().startswith("3 open positions: 0 keep their stops on the exchange; UNCOVERED 3")
 
 
+async def _hard_stop_lost_while_refused(
+    engine: Engine, clock: ManualClock, symbol: str, refusals: int
+) -> tuple[PositionGuard, SimVenue]:
+    """A position of `symbol` protected, then its hard stop cancelled by hand while the venue refuses the
+    next `refusals` stop placements (HTTP 500): returned once its guard has seen the loss."""
+    [guard] = await open_positions(engine, clock, [symbol])
+    await drive_until_covered(engine, clock, 1)
+    venue = engine.venue
+    assert isinstance(venue, SimVenue)
+    venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, count=refusals, stops_only=True)
+    _cancel_hard_stop_by_hand(venue, guard, clock)
+    await drive_until(clock, lambda: not guard.covered, what="the loss seen")
+    return guard, venue
+
+
 def _cancel_hard_stop_by_hand(venue: SimVenue, guard: PositionGuard, clock: ManualClock) -> None:
     """Someone cancels the position's hard stop on the venue (not the engine)."""
     [stop] = [
@@ -1002,12 +1017,7 @@ async def test_a_stop_refused_past_grace_is_retried_on_a_doubling_from_the_grace
     engine = make_engine(settings, clock)
     await drive(clock, engine.start())
     try:
-        [guard] = await open_positions(engine, clock, [SYMBOLS[57]])
-        await drive_until_covered(engine, clock, 1)
-        venue = engine.venue
-        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, count=6, stops_only=True)
-        _cancel_hard_stop_by_hand(venue, guard, clock)
-        await drive_until(clock, lambda: not guard.covered, what="the loss seen")
+        guard, _venue = await _hard_stop_lost_while_refused(engine, clock, SYMBOLS[57], refusals=6)
         lost = clock.monotonic()
         naked_for = await drive_until(clock, lambda: guard.covered, what="covered again", limit=60)
         # Six refusals: five within grace (a quarter of grace apart), the sixth just past it; the seventh
@@ -1017,12 +1027,7 @@ async def test_a_stop_refused_past_grace_is_retried_on_a_doubling_from_the_grace
         # read from its own words (no step at the max), and the naked time is held only to what the defect
         # cost.
         max_seconds = float(settings.protection.retry_max_seconds)
-        delays = [
-            float(m.group(1))
-            for r in caplog.records
-            if f"creating stop-loss for {guard.symbol}" in r.getMessage()
-            and (m := re.search(r"retrying in (\d+\.\d)s", r.getMessage())) is not None
-        ]
+        delays = stop_loss_retry_delays(caplog.records, guard.symbol)
         assert len(delays) == 6, delays
         # Within grace: a quarter of grace at most. Past it: from twice that, doubling (not from the count).
         quarter = float(settings.protection.grace_seconds) / 4
@@ -1821,12 +1826,7 @@ async def test_a_position_restored_uncovered_past_grace_is_retried_at_the_grace_
     engine = make_engine(settings, clock)
     await drive(clock, engine.start())
     try:
-        [guard] = await open_positions(engine, clock, [SYMBOLS[58]])
-        await drive_until_covered(engine, clock, 1)
-        venue = engine.venue
-        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, count=100, stops_only=True)
-        _cancel_hard_stop_by_hand(venue, guard, clock)
-        await drive_until(clock, lambda: not guard.covered, what="the loss seen")
+        _guard, venue = await _hard_stop_lost_while_refused(engine, clock, SYMBOLS[58], refusals=100)
         await drive(clock, clock.sleep(2 * grace))  # refused all along: past grace, backing off
         venue.clear_injected_faults()
         venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, count=4, stops_only=True)
@@ -1835,12 +1835,7 @@ async def test_a_position_restored_uncovered_past_grace_is_retried_at_the_grace_
         assert engine.manager is not None
         [restored] = engine.manager.guards.values()
         await drive_until(clock, lambda: restored.covered, what="covered after the restart", limit=60)
-        delays = [
-            float(m.group(1))
-            for r in caplog.records
-            if f"creating stop-loss for {restored.symbol}" in r.getMessage()
-            and (m := re.search(r"retrying in (\d+\.\d)s", r.getMessage())) is not None
-        ]
+        delays = stop_loss_retry_delays(caplog.records, restored.symbol)
         assert len(delays) == 4, delays
         assert all(d <= grace / 4 for d in delays), delays
     finally:
