@@ -4111,8 +4111,12 @@ class ProtectionManager:
     def let_finish(self, call: asyncio.Future[Any]) -> None:
         """A venue call whose answer is no longer needed (a look-up or a second read settled it first)
         runs on to its answer or its budget in the background, so that its measurement stays true (a
-        slow answer is a slow call, a lost one a timeout); the manager's stop cancels it."""
+        slow answer is a slow call, a lost one a timeout); the manager's stop cancels it. One already done
+        has its failure looked at (an answer not used is no error: unlooked-at, asyncio logged it as one,
+        with a traceback, in the emulator soak)."""
         if call.done():
+            if not call.cancelled():
+                call.exception()
             return
 
         async def finish() -> None:
@@ -4257,6 +4261,9 @@ class ProtectionManager:
             for task in left:
                 task.cancel()
             await asyncio.gather(*left, return_exceptions=True)
+            for task in copies:  # (finished copies whose failure nobody used: looked at, not left to asyncio)
+                if task.done() and not task.cancelled():
+                    task.exception()
 
     def backoff(self, failures: int) -> float:
         if failures <= 0:
