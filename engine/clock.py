@@ -100,6 +100,12 @@ class ManualClock:
             await asyncio.sleep(0)
 
 
+def monotonic_of(clock: Clock, epoch: float) -> float:
+    """A wall-clock moment (epoch seconds: a venue's timestamp, a record's) on `clock`'s monotonic scale;
+    a moment in the future (the other clock ahead of ours) counts as now."""
+    return clock.monotonic() - max(0.0, clock.now() - epoch)
+
+
 async def wait_event(clock: Clock, event: asyncio.Event, seconds: float) -> bool:
     """Wait until `event` is set or `seconds` pass on `clock`, whichever comes first; returns whether the
     event was set. Neither waiter outlives the call."""

@@ -34,7 +34,7 @@ from typing import Any, TypeVar, cast
 from engine.account_stream import AccountStreamReader
 from engine.accounts import account_key
 from engine.alerts import Alerter, EngineObserver
-from engine.clock import Clock, SystemClock, wait_event, wait_for_all
+from engine.clock import Clock, SystemClock, monotonic_of, wait_event, wait_for_all
 from engine.commands import CommandRunner, ProtectionRestartRefused, requester_identity
 from engine.config import ConfigError, Settings, VenueKind, real_venue_problems
 from engine.credentials import check_credentials
@@ -1976,10 +1976,9 @@ class Engine:
     def _monotonic_of(self, moment: datetime | None) -> float:
         """A wall-clock moment on the engine's monotonic clock (now for an unknown or future one): a restored
         position's time unprotected counts from its fill, not from the restart."""
-        now = self.clock.monotonic()
         if moment is None:
-            return now
-        return now - max(0.0, self.clock.now() - moment.timestamp())
+            return self.clock.monotonic()
+        return monotonic_of(self.clock, moment.timestamp())
 
     async def _wait_first_pass(self, guards: Sequence[PositionGuard]) -> None:
         if not guards:

@@ -34,7 +34,7 @@ from decimal import ROUND_DOWN, ROUND_UP, Decimal
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from engine.clock import Clock, wait_event, wait_for_all
+from engine.clock import Clock, monotonic_of, wait_event, wait_for_all
 from engine.events import (
     EventBus,
     PositionClosed,
@@ -1113,7 +1113,7 @@ class PositionGuard:
         # As of when the venue told it (its event time on our clock), not when it arrived: a size the
         # stream delivers late is older than a pass's read asked after it was told (recorded even when
         # unchanged).
-        told_at = m.clock.monotonic() - max(0.0, m.clock.now() - command.event_time)
+        told_at = monotonic_of(m.clock, command.event_time)
         await self._quantity_changed(QuantityChanged(quantity=command.quantity, seen_at=told_at))
         return True
 
@@ -1723,9 +1723,8 @@ class PositionGuard:
         m = self._m
         if order.ended_at is None:
             return False  # its end's time unknown
-        ago = m.clock.now() - order.ended_at
         now = m.clock.monotonic()
-        since = max(order.confirmed_at, now - ago)
+        since = max(order.confirmed_at, monotonic_of(m.clock, order.ended_at))
         if since >= now or (self.unprotected_since is not None and self.unprotected_since <= since):
             return False  # (uncovered since earlier already: a listing that missed it said so)
         self.unprotected_since = since
@@ -3148,7 +3147,7 @@ class PositionGuard:
         before this one): its time unprotected goes on from there, and its grace period is long over if
         it began before that moment."""
         clock = self._m.clock
-        since = clock.monotonic() - max(0.0, clock.now() - moment.timestamp())
+        since = monotonic_of(clock, moment.timestamp())
         self.unprotected_since = since
         self.unprotected_since_epoch = moment.timestamp()
         self.filled_at = min(self.filled_at, since)
@@ -3576,7 +3575,7 @@ class ProtectionManager:
 
     def _sent_at_of(self, record: OrderRecord) -> float:
         """When a recorded order left, on our monotonic clock, as far as its record tells (its creation)."""
-        return self.clock.monotonic() - max(0.0, self.clock.now() - record.created_at.timestamp())
+        return monotonic_of(self.clock, record.created_at.timestamp())
 
     def _move_in_flight(
         self,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from decimal import Decimal
 
+from engine.clock import monotonic_of
 from engine.exchange.port import AccountEvent, OrderStatus, OrderUpdate, PositionUpdate, StreamGap
 from protection.manager import ProtectionManager, StreamOrderUpdate, StreamPositionUpdate
 from protection.order_ids import parse_client_order_id
@@ -41,7 +42,7 @@ def route_account_event(manager: ProtectionManager, event: AccountEvent) -> bool
     if isinstance(event, StreamGap):
         log.info("account stream: %s (events since then may be lost); reading the venue now", event.reason)
         clock = manager.clock
-        manager.stream_gap(clock.monotonic() - max(0.0, clock.now() - event.since))
+        manager.stream_gap(monotonic_of(clock, event.since))
         return True
     if isinstance(event, OrderUpdate):
         order = event.order
