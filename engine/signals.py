@@ -20,14 +20,17 @@ from dataclasses import dataclass
 import asyncpg
 
 from engine.clock import Clock, wait_event, with_timeout
-from storage.database import DatabaseDown
+from storage.database import DatabaseDown, close_listening, listening_connection
 from storage.repositories import SignalRecord, Store
 
 log = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "tsbot_signals"
 MAX_WAVE_SIGNALS = 500
-LISTEN_CONNECT_TIMEOUT_SECONDS = 10.0  # a server that stopped answering must not hold the consumer
+LISTEN_SETUP_TIMEOUT_SECONDS = (
+    10.0  # connect and LISTEN: a server that stopped answering must not hold the consumer
+)
+LISTEN_CLOSE_TIMEOUT_SECONDS = 2.0
 PUT_BACK_SECONDS = 2.0  # how long a stop waits for the signals of an unrun wave to be put back
 
 
@@ -181,12 +184,12 @@ class SignalConsumer:
             return
         self.listening = False
         try:
-            self._listener = await asyncpg.connect(
-                self._listen_dsn, password=self._listen_password, timeout=LISTEN_CONNECT_TIMEOUT_SECONDS
+            self._listener = await listening_connection(
+                self._listen_dsn,
+                self._listen_password,
+                {NOTIFY_CHANNEL: self._on_notify, **self._other_channels},
+                within=LISTEN_SETUP_TIMEOUT_SECONDS,
             )
-            await self._listener.add_listener(NOTIFY_CHANNEL, self._on_notify)
-            for channel, callback in self._other_channels.items():
-                await self._listener.add_listener(channel, callback)
             self._listener.add_termination_listener(self._on_listener_lost)
             self.listening = True
             self.listener_connections += 1
@@ -227,7 +230,7 @@ class SignalConsumer:
     async def _close_listener(self) -> None:
         if self._listener is not None and not self._listener.is_closed():
             self._listener.remove_termination_listener(self._on_listener_lost)  # our own close is no loss
-            await self._listener.close()
+            await close_listening(self._listener, within=LISTEN_CLOSE_TIMEOUT_SECONDS)
         self._listener = None
 
 

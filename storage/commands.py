@@ -18,8 +18,11 @@ from typing import Any
 
 import asyncpg
 
+from storage.database import close_listening, listening_connection
+
 NEW_COMMAND_CHANNEL = "tsbot_commands"
 RESULT_CHANNEL = "tsbot_command_results"
+LISTENER_SETUP_SECONDS = 5.0  # connect and LISTEN, as a whole
 LISTENER_CLOSE_SECONDS = 2.0
 MAX_REQUESTER_CHARS = 300
 MAX_REASON_CHARS = 1000
@@ -190,13 +193,17 @@ class CommandQueue:
         when `timeout_seconds` of real time pass first, or when `keep_waiting` (asked every
         `check_every_seconds`) says no; None if it does not exist."""
         woke = asyncio.Event()
-        listener: asyncpg.Connection | None = None
-        if listen_dsn is not None:
-            with contextlib.suppress(OSError, TimeoutError, asyncpg.PostgresError):
-                listener = await asyncpg.connect(listen_dsn, password=listen_password, timeout=5)
-                await listener.add_listener(RESULT_CHANNEL, lambda *_: woke.set())
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_seconds
+        listener: asyncpg.Connection | None = None
+        if listen_dsn is not None:  # (without it, or failing, the poll alone)
+            with contextlib.suppress(OSError, TimeoutError, asyncpg.PostgresError):
+                listener = await listening_connection(
+                    listen_dsn,
+                    listen_password,
+                    {RESULT_CHANNEL: lambda *_: woke.set()},
+                    within=min(LISTENER_SETUP_SECONDS, timeout_seconds),
+                )
         next_check = loop.time() + check_every_seconds
         try:
             while True:
@@ -216,11 +223,7 @@ class CommandQueue:
                         await woke.wait()
         finally:
             if listener is not None:
-                # Bounded: a frozen server never answers the goodbye (a flatten's wait hung on it for good).
-                try:
-                    await listener.close(timeout=LISTENER_CLOSE_SECONDS)
-                except Exception:
-                    listener.terminate()
+                await close_listening(listener, within=LISTENER_CLOSE_SECONDS)
 
 
 __all__ = [

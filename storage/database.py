@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import urllib.parse
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,3 +229,31 @@ async def open_database(
         for migration in applied:
             log.info("applied migration %s to %s", migration.filename, target.display)
     return Database(pool=pool, target=target, migrations_applied=applied)
+
+
+async def listening_connection(
+    dsn: str, password: str | None, channels: Mapping[str, Callable[..., object]], *, within: float
+) -> asyncpg.Connection:
+    """A connection of its own that LISTENs on `channels`, set up within `within` seconds as a whole. The
+    connect alone was bounded: a server that froze once it had accepted held the LISTEN statement for good
+    (a `tsbot flatten` hung past 90 s; the engine's signal loop would have waited with it). Past `within`,
+    or on any error, the connection is dropped and the error raised (TimeoutError for the time)."""
+    conn: asyncpg.Connection | None = None
+    try:
+        async with asyncio.timeout(within):
+            conn = await asyncpg.connect(dsn, password=password, timeout=within)
+            for channel, callback in channels.items():
+                await conn.add_listener(channel, callback)
+    except BaseException:
+        if conn is not None:
+            conn.terminate()
+        raise
+    return conn
+
+
+async def close_listening(conn: asyncpg.Connection, *, within: float) -> None:
+    """Say goodbye within `within` seconds, then drop it: a frozen server never answers the goodbye."""
+    try:
+        await conn.close(timeout=within)
+    except Exception:
+        conn.terminate()

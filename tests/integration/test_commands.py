@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -24,6 +25,7 @@ from tests.integration.test_failure_modes_f1_f5 import (
     settings_for,
 )
 from tests.support.driving import drive, drive_until
+from tests.support.pg_proxy import SilentFromProxy
 
 
 async def test_a_command_is_claimed_once_and_only_by_its_own_account(db: Database) -> None:
@@ -252,3 +254,32 @@ async def test_a_command_an_engine_still_starting_does_not_take_says_it_is_start
         ": it is starting (a start waits for the venue's first answers, a ban's end included)"
         in answer.problem
     )
+
+
+async def test_a_wait_whose_listener_the_server_stops_answering_ends_on_time(db: Database, pg_server) -> None:
+    """A `tsbot flatten` hung past 90 s in a clean-clone CI: the database froze while the sender set up its
+    LISTEN connection, whose connect was bounded but whose LISTEN statement was not. The wait carries on by
+    polling, and its answer comes within its time."""
+    queue = CommandQueue(db.pool, "sim:main")
+    sent = await queue.submit(
+        CommandKind.FLATTEN, {"all": True}, requested_by="op@host/1", reason="", expires_in_seconds=60
+    )
+    (socket_path,) = (p for p in pg_server.socket_dir.glob(".s.PGSQL.*") if p.suffix != ".lock")
+    proxy = SilentFromProxy(str(socket_path), silent_from=b"P")  # the LISTEN statement's first message
+    port = await proxy.start()
+    database = urlsplit(db.target.dsn).path.lstrip("/")
+    started = asyncio.get_running_loop().time()
+    try:
+        async with asyncio.timeout(30):
+            latest = await queue.wait_finished(
+                sent.id, 3.0, listen_dsn=f"postgresql://postgres@127.0.0.1:{port}/{database}?sslmode=disable"
+            )
+    except TimeoutError:
+        pytest.fail("a wait of 3 s still waited after 30 s: its LISTEN held it")
+    finally:
+        await proxy.close()
+    took = asyncio.get_running_loop().time() - started
+    assert proxy.held == 1  # the LISTEN was sent and never answered
+    assert latest is not None
+    assert latest.state is CommandState.PENDING
+    assert took < 3.0 + 1.0, took  # its own time, and a poll

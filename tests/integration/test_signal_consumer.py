@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from decimal import Decimal
+from urllib.parse import urlsplit
 
 import pytest
 
 from engine.clock import ManualClock, SystemClock
-from engine.signals import SignalConsumer, SimSignalGenerator
+from engine.signals import LISTEN_SETUP_TIMEOUT_SECONDS, SignalConsumer, SimSignalGenerator
 from storage.database import Database
 from storage.repositories import Store
 from tests.support.driving import drive_until
+from tests.support.pg_proxy import SilentFromProxy
 from tests.support.waiting import wait_until
 
 
@@ -80,6 +82,38 @@ async def test_polling_carries_on_when_listen_cannot_connect(db: Database, pg_se
     wave = await waiting
     assert [s.symbol for s in wave.signals] == ["NMRUSDT"]
     assert consumer.listener_connections == 0
+
+
+async def test_polling_carries_on_when_the_listen_statement_is_never_answered(
+    db: Database, pg_server
+) -> None:
+    """The server accepts the LISTEN connection, then answers nothing on it (frozen, or partitioned from it
+    alone): the connect was bounded but the LISTEN statement was not, and the loop waited on it for good."""
+    store = Store(db.pool)
+    (socket_path,) = (p for p in pg_server.socket_dir.glob(".s.PGSQL.*") if p.suffix != ".lock")
+    proxy = SilentFromProxy(str(socket_path), silent_from=b"P")  # the LISTEN statement's first message
+    port = await proxy.start()
+    database = urlsplit(db.target.dsn).path.lstrip("/")
+    consumer = SignalConsumer(
+        store,
+        SystemClock(),
+        listen_dsn=f"postgresql://postgres@127.0.0.1:{port}/{database}?sslmode=disable",
+        wave_window_seconds=0,
+        poll_interval_seconds=0.05,
+    )
+    iterator = consumer.waves()
+    try:
+        await store.insert_signal("KSMUSDT", "long")
+        try:
+            wave = await asyncio.wait_for(anext(iterator), timeout=LISTEN_SETUP_TIMEOUT_SECONDS + 15)
+        except TimeoutError:
+            pytest.fail(f"no wave after {LISTEN_SETUP_TIMEOUT_SECONDS + 15:g}s: the LISTEN held the loop")
+    finally:
+        await iterator.aclose()
+        await proxy.close()
+    assert [s.symbol for s in wave.signals] == ["KSMUSDT"]
+    assert proxy.held >= 1  # its LISTEN was sent, and never answered
+    assert not consumer.listening
 
 
 async def test_signals_arriving_within_the_window_form_one_wave(db: Database) -> None:
