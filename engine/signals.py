@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from engine.clock import Clock, wait_event, with_timeout
-from storage.database import DatabaseDown, close_listening, listening_connection
+from storage.database import DatabaseDown, close_within, listening_connection
 from storage.repositories import SignalRecord, Store
 
 log = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ class SignalConsumer:
     async def _close_listener(self) -> None:
         if self._listener is not None and not self._listener.is_closed():
             self._listener.remove_termination_listener(self._on_listener_lost)  # our own close is no loss
-            await close_listening(self._listener, within=LISTEN_CLOSE_TIMEOUT_SECONDS)
+            await close_within(self._listener, within=LISTEN_CLOSE_TIMEOUT_SECONDS)
         self._listener = None
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import asyncpg
 
-from storage.database import close_listening, listening_connection
+from storage.database import close_within, listening_connection
 
 NEW_COMMAND_CHANNEL = "tsbot_commands"
 RESULT_CHANNEL = "tsbot_command_results"
@@ -223,7 +223,7 @@ class CommandQueue:
                         await woke.wait()
         finally:
             if listener is not None:
-                await close_listening(listener, within=LISTENER_CLOSE_SECONDS)
+                await close_within(listener, within=LISTENER_CLOSE_SECONDS)
 
 
 __all__ = [

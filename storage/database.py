@@ -251,8 +251,9 @@ async def listening_connection(
     return conn
 
 
-async def close_listening(conn: asyncpg.Connection, *, within: float) -> None:
-    """Say goodbye within `within` seconds, then drop it: a frozen server never answers the goodbye."""
+async def close_within(conn: asyncpg.Connection, *, within: float) -> None:
+    """Close a connection of its own, politely within `within` seconds, then dropped: a frozen server never
+    answers the goodbye."""
     try:
         await conn.close(timeout=within)
     except Exception:

@@ -15,6 +15,8 @@ from enum import StrEnum
 
 import asyncpg
 
+from storage.database import close_within
+
 LEASE_NAMESPACE = 0x7473  # "ts": first key of the two-key advisory lock
 RECORDING_NAMESPACE = 0x7472  # held only while a lease attempt takes the lock and records itself
 # A server that stopped answering must not hold the lease watcher forever: a heartbeat or an attempt to
@@ -103,6 +105,14 @@ def is_own_lease(holder: LeaseHolder | None, since: datetime | None) -> bool:
     )
 
 
+async def _connect(dsn: str, password: str | None) -> asyncpg.Connection:
+    """A connection of the lease's own, each of its statements bounded: a server that froze once it had
+    accepted held a start (or the lease taken again after a loss) on its BEGIN for good."""
+    return await asyncpg.connect(
+        dsn, password=password, timeout=LEASE_TIMEOUT_SECONDS, command_timeout=LEASE_TIMEOUT_SECONDS
+    )
+
+
 async def end_own_lost_session(
     dsn: str, venue: str, account: str, since: datetime, password: str | None = None
 ) -> int | None:
@@ -112,7 +122,7 @@ async def end_own_lost_session(
     recording lock): an engine that took the lock meanwhile has committed its row before this reads it (its
     lock shows at once, its row only once committed: read before, the row still named us, and the other
     engine's session was ended). The backend's pid, or None: nothing ended."""
-    conn = await asyncpg.connect(dsn, password=password, timeout=LEASE_TIMEOUT_SECONDS)
+    conn = await _connect(dsn, password)
     try:
         async with conn.transaction():
             await conn.execute(
@@ -141,7 +151,7 @@ async def end_own_lost_session(
                 timeout=LEASE_TIMEOUT_SECONDS,
             )
     finally:
-        await conn.close(timeout=LEASE_TIMEOUT_SECONDS)
+        await close_within(conn, within=LEASE_TIMEOUT_SECONDS)
 
 
 class EngineLease:
@@ -172,7 +182,7 @@ class EngineLease:
     ) -> EngineLease:
         """`since`: when this holder first took the lease (an engine taking it again after losing it, a
         database restart, say: readers keep its start, not the moment it was taken again)."""
-        conn = await asyncpg.connect(dsn, password=password, timeout=LEASE_TIMEOUT_SECONDS)
+        conn = await _connect(dsn, password)
         key = lease_key(venue, account)
         try:
             # Attempts are serialised by a transaction-scoped lock, so that an engine refused in a race reads
@@ -227,7 +237,7 @@ class EngineLease:
             if not got:
                 raise LeaseHeld(venue, account, holder)
         except BaseException:
-            await conn.close()
+            await close_within(conn, within=LEASE_TIMEOUT_SECONDS)
             raise
         lease = cls(conn, venue, account)
         lease.previous_heard_at = previous

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -264,16 +263,12 @@ async def test_a_wait_whose_listener_the_server_stops_answering_ends_on_time(db:
     sent = await queue.submit(
         CommandKind.FLATTEN, {"all": True}, requested_by="op@host/1", reason="", expires_in_seconds=60
     )
-    (socket_path,) = (p for p in pg_server.socket_dir.glob(".s.PGSQL.*") if p.suffix != ".lock")
-    proxy = SilentFromProxy(str(socket_path), silent_from=b"P")  # the LISTEN statement's first message
-    port = await proxy.start()
-    database = urlsplit(db.target.dsn).path.lstrip("/")
+    # The LISTEN statement's first message goes unanswered.
+    proxy = await SilentFromProxy.in_front_of(pg_server.socket_dir, db.target.dsn, silent_from=b"P")
     started = asyncio.get_running_loop().time()
     try:
         async with asyncio.timeout(30):
-            latest = await queue.wait_finished(
-                sent.id, 3.0, listen_dsn=f"postgresql://postgres@127.0.0.1:{port}/{database}?sslmode=disable"
-            )
+            latest = await queue.wait_finished(sent.id, 3.0, listen_dsn=proxy.dsn)
     except TimeoutError:
         pytest.fail("a wait of 3 s still waited after 30 s: its LISTEN held it")
     finally:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from decimal import Decimal
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -90,14 +89,12 @@ async def test_polling_carries_on_when_the_listen_statement_is_never_answered(
     """The server accepts the LISTEN connection, then answers nothing on it (frozen, or partitioned from it
     alone): the connect was bounded but the LISTEN statement was not, and the loop waited on it for good."""
     store = Store(db.pool)
-    (socket_path,) = (p for p in pg_server.socket_dir.glob(".s.PGSQL.*") if p.suffix != ".lock")
-    proxy = SilentFromProxy(str(socket_path), silent_from=b"P")  # the LISTEN statement's first message
-    port = await proxy.start()
-    database = urlsplit(db.target.dsn).path.lstrip("/")
+    # The LISTEN statement's first message goes unanswered.
+    proxy = await SilentFromProxy.in_front_of(pg_server.socket_dir, db.target.dsn, silent_from=b"P")
     consumer = SignalConsumer(
         store,
         SystemClock(),
-        listen_dsn=f"postgresql://postgres@127.0.0.1:{port}/{database}?sslmode=disable",
+        listen_dsn=proxy.dsn,
         wave_window_seconds=0,
         poll_interval_seconds=0.05,
     )

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import struct
 from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
 
 SSL_REQUEST_CODE = 80877103
 
@@ -26,6 +28,20 @@ class SilentFromProxy:
     _server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _writers: list[asyncio.StreamWriter] = field(default_factory=list)
+
+    dsn: str = ""  # the database of `in_front_of`'s DSN, through the proxy
+
+    @classmethod
+    async def in_front_of(cls, socket_dir: Path, dsn: str, silent_from: bytes) -> SilentFromProxy:
+        """Started, in front of the server listening in `socket_dir`, `dsn`'s database through it."""
+        (socket_path,) = await asyncio.to_thread(
+            lambda: [p for p in socket_dir.glob(".s.PGSQL.*") if p.suffix != ".lock"]
+        )
+        proxy = cls(str(socket_path), silent_from)
+        port = await proxy.start()
+        database = urlsplit(dsn).path.lstrip("/")
+        proxy.dsn = f"postgresql://postgres@127.0.0.1:{port}/{database}?sslmode=disable"
+        return proxy
 
     async def start(self) -> int:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
