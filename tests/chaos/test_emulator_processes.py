@@ -136,7 +136,9 @@ async def test_ambiguous_stop_placements_and_a_429_418_burst(
     auditor.assert_clean()
     figures = auditor.figures()
     print(f"\nchaos emulator faults: {figures.as_dict()}")
-    assert figures.positions >= WAVE + 3
+    # The first wave, and at least the second's position seen in flight when the burst was set: the 418
+    # that follows refuses whatever entries of it were not sent yet (a loaded clean-clone CI saw 9 of 14).
+    assert figures.positions >= WAVE + 1
     assert figures.time_weighted_coverage_pct is not None
     # Real time on a shared machine: the guarantee is `assert_clean` above (no position naked past the
     # tolerated backoff, no duplicate, none lost, judged on the venue). This floor only catches stops never
