@@ -123,9 +123,11 @@ async def resolve_target(
 async def ensure_database_exists(
     admin_dsn: str, name: str, template: str | None = None, *, connect_timeout: float = 60.0
 ) -> bool:
-    """Create database `name` if missing; True when it was created now."""
+    """Create database `name` if missing; True when it was created now. Each statement, like the connect,
+    is answered within `connect_timeout`: a server that froze once it had accepted held every start and
+    command on embedded defaults for good (a reviewer: `tsbot run`, `tsbot flatten`, the dashboard's quit)."""
     try:
-        conn = await asyncpg.connect(admin_dsn, timeout=connect_timeout)
+        conn = await asyncpg.connect(admin_dsn, timeout=connect_timeout, command_timeout=connect_timeout)
     except TimeoutError:
         raise DatabaseUnavailable(f"no answer within {connect_timeout:g} s") from None
     try:
@@ -137,8 +139,10 @@ async def ensure_database_exists(
         except asyncpg.DuplicateDatabaseError:
             return False  # another process created it between our check and our create
         return True
+    except TimeoutError:
+        raise DatabaseUnavailable(f"no answer within {connect_timeout:g} s") from None
     finally:
-        await conn.close()
+        await close_within(conn, within=connect_timeout)
 
 
 def _quote_ident(name: str) -> str:

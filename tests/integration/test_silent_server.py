@@ -1,0 +1,60 @@
+"""A PostgreSQL server that accepts a connection of our own and then answers nothing on it (frozen, or cut
+off from this host alone), staged by a loopback proxy in front of the real server: each such connection's
+work fails within its bound instead of waiting for good. (The pool's statements carry `command_timeout`;
+the LISTEN connections are in test_commands.py and test_signal_consumer.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from storage.database import Database, DatabaseUnavailable, ensure_database_exists
+from storage.lease import LEASE_TIMEOUT_SECONDS, EngineLease
+from tests.support.pg_proxy import SilentFromProxy
+
+
+async def test_taking_the_lease_from_a_server_gone_silent_fails_within_its_bound(
+    db: Database, pg_server
+) -> None:
+    # Its transaction's BEGIN (a simple query) is the first thing it sends: it goes unanswered.
+    proxy = await SilentFromProxy.in_front_of(pg_server.socket_dir, db.target.dsn, silent_from=b"Q")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        async with asyncio.timeout(LEASE_TIMEOUT_SECONDS * 3):
+            with pytest.raises(TimeoutError):
+                await EngineLease.acquire(proxy.dsn, "sim", "sim:default", "test")
+    except TimeoutError:
+        pytest.fail(f"taking the lease still waited after {LEASE_TIMEOUT_SECONDS * 3:g}s")
+    finally:
+        await proxy.close()
+    took = loop.time() - started
+    assert proxy.held == 1
+    assert took < LEASE_TIMEOUT_SECONDS * 2 + 2, took  # its BEGIN's bound, and its goodbye's
+    # Nothing was taken: an engine on the server itself takes the lease at once.
+    lease = await EngineLease.acquire(db.target.dsn, "sim", "sim:default", "test")
+    await lease.release()
+
+
+async def test_making_sure_the_database_exists_on_a_server_gone_silent_fails_within_its_bound(
+    db: Database, pg_server
+) -> None:
+    """Every open on embedded defaults (`tsbot run`, the dashboard, each command) first makes sure its
+    database exists, on a connection of its own whose statements had no time limit."""
+    proxy = await SilentFromProxy.in_front_of(
+        pg_server.socket_dir, pg_server.dsn("postgres"), silent_from=b"P"
+    )
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        async with asyncio.timeout(30):
+            with pytest.raises(DatabaseUnavailable, match=r"no answer within 2 s"):
+                await ensure_database_exists(proxy.dsn, "never_made", connect_timeout=2)
+    except TimeoutError:
+        pytest.fail("making sure of the database still waited after 30 s")
+    finally:
+        await proxy.close()
+    took = loop.time() - started
+    assert proxy.held == 1
+    assert took < 2 * 2 + 2, took  # its statement's bound, and its goodbye's
