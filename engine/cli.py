@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import importlib.metadata
@@ -25,6 +26,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -1269,7 +1271,7 @@ def _steer(
                         f"Pause entries and close all {len(positions)} open positions of account {account} "
                         "at market? [y/N] "
                     )
-                    answer = await asyncio.to_thread(_ask, prompt)
+                    answer = await _asked(prompt)
                     if answer not in ("y", "yes"):
                         return None
                 holds = (
@@ -1387,6 +1389,22 @@ def _ask(prompt: str) -> str:
         return input(prompt).strip().lower()
     except EOFError:
         return ""
+
+
+async def _asked(prompt: str) -> str:
+    """The operator's answer, read in a thread of its own that the process does not wait for: Ctrl-C at the
+    prompt ends the command at once. Read in the loop's executor, the exit waited for that thread, still
+    blocked in `input()`, until Enter was pressed (a reviewer)."""
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[str] = loop.create_future()
+
+    def read() -> None:
+        text = _ask(prompt)
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits for the answer
+            loop.call_soon_threadsafe(lambda: answer.done() or answer.set_result(text))
+
+    threading.Thread(target=read, name="confirm", daemon=True).start()
+    return await answer
 
 
 # --- tsbot report: the shift summary -------------------------------------------------------------------

@@ -8,6 +8,8 @@ import asyncio
 import json
 import os
 import pty
+import select
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -239,6 +241,49 @@ def _flatten_on_a_terminal(cwd: Path, answer: str) -> subprocess.CompletedProces
         os.close(master)
         if slave >= 0:
             os.close(slave)
+
+
+async def test_ctrl_c_at_the_flatten_prompt_ends_it_at_once_and_sends_nothing(
+    workdir: tuple[Path, str],
+) -> None:
+    """`tsbot flatten --all` asks on the terminal; the operator thinks better of it and presses Ctrl-C. The
+    process stayed until Enter was pressed: its exit waited for the thread blocked reading the answer."""
+    cwd, dsn = workdir
+    first = await run_tsbot("entries", "resume", cwd=cwd)
+    account = first.stderr.split("no engine is running for account ", 1)[1].split(";", 1)[0]
+    lease = await EngineLease.acquire(dsn, "binanceusdm", account, "test")  # an engine runs: it asks
+    master, slave = pty.openpty()
+    shown = b""
+
+    def read_terminal() -> bytes:
+        nonlocal shown
+        while select.select([master], [], [], 0)[0]:
+            try:
+                shown += os.read(master, 4096)
+            except OSError:  # (the process has gone: nothing more to read)
+                break
+        return shown
+
+    try:
+        process = await asyncio.create_subprocess_exec(
+            TSBOT, "flatten", "--all", cwd=cwd, env=environ(), stdin=slave, stdout=slave, stderr=slave
+        )
+        await wait_until(lambda: b"[y/N]" in read_terminal(), within=60, what="the question on the terminal")
+        process.send_signal(signal.SIGINT)
+        try:
+            code = await asyncio.wait_for(process.wait(), 10)
+        except TimeoutError:
+            process.kill()
+            pytest.fail("Ctrl-C at the prompt: still running 10 s later")
+        said = read_terminal().decode(errors="replace")
+    finally:
+        os.close(master)
+        os.close(slave)
+        await lease.release()
+    assert code == 130, said
+    assert "Traceback" not in said, said
+    rows = await fetch(dsn, "SELECT count(*) AS n FROM monitoring.commands")
+    assert rows[0]["n"] == 0
 
 
 async def _signal_status(dsn: str, symbol: str, status: str) -> bool:
