@@ -68,6 +68,7 @@ from storage.repositories import (
     Store,
     TrailingStateRecord,
 )
+from tui.formatting import clock_time
 
 log = logging.getLogger(__name__)
 
@@ -466,6 +467,9 @@ class ReadOnlyFeed:
         self._last_event_id = 0
         self._backlog: list[LogEntry] = []  # the log rows read at the start, for `follow` to yield first
         self._snapshot = _empty_snapshot(settings, EngineState.STARTING, holder)
+        self._answered_at: float | None = None  # (monotonic) the last poll the database answered in full
+        # Past this without a full answer the screen says so (a poll takes tens of milliseconds).
+        self.unanswered_after = max(3 * interval, float(settings.database.probe_timeout_seconds))
         self.command_wait_seconds = 30.0
 
     async def start(self) -> None:
@@ -494,7 +498,25 @@ class ReadOnlyFeed:
             self._database = None
 
     def snapshot(self, views_of: ViewSelector | None = None) -> EngineSnapshot:
-        return self._snapshot  # read from the database every few seconds: every view, small
+        """The last one read (every view: small). With no full answer from the database for
+        `unanswered_after` seconds, its database line says so, and as of when the rest is: the screen of a
+        watch on a frozen database kept saying "Health: ok", "uncovered 0" for its 35 s (an operator)."""
+        if self._answered_at is None or self._database is None:
+            return self._snapshot
+        silent = time.monotonic() - self._answered_at
+        if silent < self.unanswered_after:
+            return self._snapshot
+        as_of = clock_time(self._snapshot.taken_at, None)
+        unanswered = ComponentHealth(
+            Component.DATABASE,
+            HealthState.CRITICAL,
+            "no answer",
+            f"the watch has had no answer from the database for {silent:.0f}s: everything shown is as of "
+            f"{as_of} and may have changed since",
+            {},
+        )
+        health = [h for h in self._snapshot.health if h.component is not Component.DATABASE]
+        return replace(self._snapshot, health=(unanswered, *health))
 
     async def follow(self) -> AsyncIterator[EngineEvent | LogEntry]:
         backlog, self._backlog = self._backlog, []
@@ -608,6 +630,7 @@ class ReadOnlyFeed:
         )
         if fresh:
             self._last_event_id = fresh[-1].id
+        self._answered_at = time.monotonic()
         return [_entry_for_record(e) for e in fresh if e.severity is not Severity.INFO or e.symbol]
 
     def _nobody_measures(self) -> str:

@@ -19,12 +19,14 @@ SSL_REQUEST_CODE = 80877103
 @dataclass
 class SilentFromProxy:
     """Forward clients to the unix socket at `socket_path` until a client sends a message of type `silent_from`
-    (b"P", a Parse, is asyncpg's first message of any statement after its start-up); from then on that
-    connection hears nothing. `held` counts connections gone silent."""
+    (b"P", a Parse, is asyncpg's first message of any statement after its start-up; None: never); from then
+    on that connection hears nothing. `go_silent` silences every connection, open or to come, from the next
+    message on. `held` counts messages held back."""
 
     socket_path: str
-    silent_from: bytes
+    silent_from: bytes | None
     held: int = 0
+    _all_silent: asyncio.Event = field(default_factory=asyncio.Event)
     _server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _writers: list[asyncio.StreamWriter] = field(default_factory=list)
@@ -32,7 +34,7 @@ class SilentFromProxy:
     dsn: str = ""  # the database of `in_front_of`'s DSN, through the proxy
 
     @classmethod
-    async def in_front_of(cls, socket_dir: Path, dsn: str, silent_from: bytes) -> SilentFromProxy:
+    async def in_front_of(cls, socket_dir: Path, dsn: str, silent_from: bytes | None) -> SilentFromProxy:
         """Started, in front of the server listening in `socket_dir`, `dsn`'s database through it."""
         (socket_path,) = await asyncio.to_thread(
             lambda: [p for p in socket_dir.glob(".s.PGSQL.*") if p.suffix != ".lock"]
@@ -78,19 +80,21 @@ class SilentFromProxy:
             kind = await source.readexactly(1)
             size = await source.readexactly(4)
             body = await source.readexactly(struct.unpack("!i", size)[0] - 4)
-            if kind == self.silent_from:
+            if kind == self.silent_from or self._all_silent.is_set():
                 self.held += 1
                 silent.set()
                 await asyncio.Event().wait()  # read no further: the client's bytes stay unanswered
             sink.write(kind + size + body)
             await sink.drain()
 
-    @staticmethod
+    def go_silent(self) -> None:
+        self._all_silent.set()
+
     async def _server_to_client(
-        source: asyncio.StreamReader, sink: asyncio.StreamWriter, silent: asyncio.Event
+        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, silent: asyncio.Event
     ) -> None:
         while chunk := await source.read(65536):
-            if silent.is_set():
+            if silent.is_set() or self._all_silent.is_set():
                 await asyncio.Event().wait()
             sink.write(chunk)
             await sink.drain()

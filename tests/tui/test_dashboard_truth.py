@@ -4,8 +4,10 @@ needed for the picture."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -21,12 +23,15 @@ from engine.engine import Engine, EngineSnapshot, EngineState
 from engine.events import EventsDropped, PositionOpened, WaveFinished
 from engine.venues.sim.settings import CallKind, FaultKind
 from engine.venues.sim.universe import UNIVERSE
+from protection.health import Component, ComponentHealth, HealthState
 from storage.database import Database
 from storage.lease import EngineLease, LeasePhase
 from storage.repositories import HealthRow, OrderRecordStatus, Severity, Store
 from tests.integration.engine_support import make_engine
 from tests.support.driving import drive, drive_until
+from tests.support.pg_proxy import SilentFromProxy
 from tests.support.records import entry_recorded
+from tests.support.waiting import wait_until
 from tests.tui.harness import Dashboard, dashboard, started, tui_settings
 from tests.tui.snapshots import svg_to_text
 from tui import formatting
@@ -356,6 +361,60 @@ async def test_an_entry_of_unknown_outcome_is_a_flagged_row_and_counted_uncovere
             "entry outcome unknown",
             None,
         )
+
+
+async def test_a_read_only_dashboard_says_when_the_database_stops_answering_it(
+    db: Database, pg_server
+) -> None:
+    """A watch on a frozen database kept its last screen for the 35 s of the freeze: "Health: ok", "entries
+    on", "uncovered 0", its clock stopped, while the engine had lost its lease and paused entries (an
+    operator). Within its bound it says the database does not answer, and as of when the rest is."""
+    proxy = await SilentFromProxy.in_front_of(pg_server.socket_dir, db.target.dsn, silent_from=None)
+    # (Its statements' own bound short: a poll cancelled at the end waits for its cancel to be refused.)
+    settings = tui_settings(db, {"DATABASE__DSN": proxy.dsn, "DATABASE__COMMAND_TIMEOUT_SECONDS": "1"})
+    feed = ReadOnlyFeed(settings, None, interval=0.2)
+    bound = float(settings.database.probe_timeout_seconds)  # (3 polls of 0.2 s are less)
+    watching: asyncio.Task[None] | None = None
+    try:
+        await feed.start()
+
+        async def watch() -> None:
+            async for _ in feed.follow():
+                pass
+
+        watching = asyncio.create_task(watch())
+        answered = feed.snapshot()
+        assert all(
+            h.component is not Component.DATABASE or h.state is not HealthState.CRITICAL
+            for h in answered.health
+        )
+        proxy.go_silent()
+        silenced = time.monotonic()
+
+        def database_line() -> ComponentHealth | None:
+            return next((h for h in feed.snapshot().health if h.component is Component.DATABASE), None)
+
+        await wait_until(
+            lambda: (line := database_line()) is not None and line.state is HealthState.CRITICAL,
+            within=bound + 5,
+            what="the database line critical",
+        )
+        took = time.monotonic() - silenced
+        line = database_line()
+        assert line is not None
+        assert re.fullmatch(
+            r"the watch has had no answer from the database for \d+s: everything shown is as of "
+            r"\d\d:\d\d:\d\d and may have changed since",
+            line.reason,
+        ), line.reason
+        assert took < bound + 2, took
+        assert feed.snapshot().taken_at == answered.taken_at  # the rest as it was read
+    finally:
+        if watching is not None:
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
+        await proxy.close()  # (its connections dropped: the watch's goodbye does not wait for an answer)
+        await feed.stop()
 
 
 async def test_a_read_only_dashboard_counts_an_entry_its_dead_engine_left_pending(db: Database) -> None:
