@@ -371,12 +371,7 @@ def restart_embedded(data_dir: Path, *, kill: bool = False) -> EmbeddedPostgres:
                 state, pid = postmaster_state(path)
                 if kill and state is PostmasterState.RUNNING and pid is not None:
                     log.info("embedded PostgreSQL (pid %d) does not answer: killing it", pid)
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                    deadline = time.monotonic() + 5.0
-                    while state is PostmasterState.RUNNING and time.monotonic() < deadline:
-                        time.sleep(0.05)
-                        state, pid = postmaster_state(path)
+                    state, pid = _kill_server(path, pid)
                 if state is PostmasterState.DEAD and pid is not None:
                     _remove_lock_files(path, pid)
                 elif state is PostmasterState.RUNNING:
@@ -397,6 +392,30 @@ def restart_embedded(data_dir: Path, *, kill: bool = False) -> EmbeddedPostgres:
     if info.socket_dir is None:
         raise EmbeddedPostgresError(f"embedded PostgreSQL in {path} has no Unix socket")
     return EmbeddedPostgres(data_dir=path, socket_dir=info.socket_dir, pid=info.pid)
+
+
+def _kill_server(path: Path, pid: int) -> tuple[PostmasterState, int | None]:
+    """SIGKILL a postmaster that does not answer, and its children: frozen with it (SIGSTOP of the whole
+    server, as an operator's drill did), they held its shared memory, and every start refused ("pre-existing
+    shared memory block is still in use") until they were let go, 26 to 32 s with the lease lost. Its state
+    once it is dead (5 s at most)."""
+    import psutil  # pgserver's own dependency
+
+    try:
+        children = psutil.Process(pid).children()  # (each in a session of its own: no group to kill)
+    except psutil.Error:
+        children = []
+    for victim in (pid, *(child.pid for child in children)):  # the postmaster first: it starts no more
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0
+    state, now_pid = postmaster_state(path)
+    while time.monotonic() < deadline and (
+        state is PostmasterState.RUNNING or any(_alive(child.pid, psutil) for child in children)
+    ):
+        time.sleep(0.05)
+        state, now_pid = postmaster_state(path)
+    return state, now_pid
 
 
 def _last_fatal(server_log: Path, since: int) -> str | None:

@@ -123,6 +123,7 @@ class DatabaseWatch:
         self._restarted_in_outage = False
         self._restarted_just_now = False
         self._dead_pid: int | None = None  # the postmaster this outage began with
+        self._killed_it = False  # this outage's server was killed by us (a start may have failed since)
         self._probes = 0
 
     @property
@@ -264,6 +265,7 @@ class DatabaseWatch:
             return
         # A start under way finishes before the watch ends (it cannot be cancelled half-way anyway): nothing
         # of this engine's keeps starting servers after it stopped.
+        self._killed_it = self._killed_it or kill
         restarting = asyncio.ensure_future(asyncio.to_thread(restart_embedded, data_dir, kill=kill))
         try:
             server = await asyncio.shield(restarting)
@@ -288,9 +290,12 @@ class DatabaseWatch:
             "embedded PostgreSQL restarted (pid %d; the previous one, pid %s, %s)",
             server.pid,
             self._dead_pid,
-            "stopped answering and was killed" if kill else "had died",
+            # (killed by an earlier attempt whose start failed: it did not die by itself; an operator read
+            # "had died")
+            "stopped answering and was killed" if self._killed_it else "had died",
         )
         self._dead_pid = None
+        self._killed_it = False
         if server.socket_dir != self._database.target.embedded.socket_dir:  # type: ignore[union-attr]
             log.error(
                 "the restarted embedded PostgreSQL listens in %s, not %s: restart the engine to reconnect",
@@ -315,6 +320,7 @@ class DatabaseWatch:
         self.problem = None
         self._unanswered = 0
         self._dead_pid = None
+        self._killed_it = False
         refused = self._store.rejected_writes - refused_before
         refused_words = f" ({refused} refused by the database: kept aside, see above)" if refused else ""
         if outage_started is not None:

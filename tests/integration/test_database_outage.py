@@ -350,6 +350,48 @@ async def test_a_postmaster_that_stops_answering_is_found_by_its_probe_killed_an
         await drive(clock, engine.stop())
 
 
+async def test_a_whole_server_frozen_is_killed_with_its_backends_and_started_again_while_they_stay_frozen(
+    owned_server: EmbeddedPostgres, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator froze the postmaster and all its backends. The engine killed the postmaster alone: the
+    frozen backends held its shared memory, every start was refused until they were let go (the lease lost
+    26 s and 32 s), and the restart then said the postmaster "had died". Killed with its backends, the
+    server starts again while they would still be frozen, and the log says it was killed."""
+    caplog.set_level(logging.INFO)
+    settings, _dsn = _settings(owned_server, tmp_path)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    frozen: list[int] = []
+    try:
+        watch = engine.db_watch
+        assert watch is not None
+        first_record = len(caplog.records)
+        postmaster = postmaster_pid(owned_server.data_dir)
+        frozen = [postmaster, *(p.pid for p in psutil.Process(postmaster).children())]
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        await drive_until(clock, lambda: watch.down, what="a probe got no answer")
+        await drive_until(
+            clock,
+            lambda: not watch.down and engine.lease_lost_since is None,
+            limit=120,
+            what="the frozen server killed and started again, the lease held (nothing resumed)",
+        )
+        assert watch.restarts == 1
+        assert postmaster_pid(owned_server.data_dir) != postmaster
+        assert not any(
+            psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in frozen
+        )
+        messages = [r.getMessage() for r in caplog.records[first_record:]]
+        assert sum("stopped answering and was killed" in m for m in messages) == 1, messages
+        assert not [m for m in messages if "had died" in m], messages
+    finally:
+        for pid in frozen:
+            resume(pid)
+        await drive(clock, engine.stop())
+
+
 async def test_a_journal_left_by_an_engine_that_stopped_during_an_outage_is_replayed_first_at_the_next_start(
     owned_server: EmbeddedPostgres, tmp_path: Path
 ) -> None:
