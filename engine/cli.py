@@ -1259,7 +1259,11 @@ def _steer(
     name = kind.value.replace("_", " ")
 
     async def run() -> CommandAnswer | None:
-        database = await _open(loaded)
+        try:
+            database = await _open(loaded)
+        except (DatabaseUnavailable, EmbeddedPostgresError) as exc:
+            # (it said the server's failure alone, and an operator could not tell whether the close went)
+            raise CommandFailed(f"{name}: {exc}; nothing was sent to the engine") from None
         try:
             try:
                 refused = not_taken(await current_holder(database.pool, venue, account), account)

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import threading
 import time
 import warnings
@@ -384,7 +385,7 @@ def restart_embedded(data_dir: Path, *, kill: bool = False) -> EmbeddedPostgres:
     except EmbeddedPostgresError:
         raise
     except Exception as exc:
-        why = _last_fatal(server_log, logged_before) or f"{type(exc).__name__}: {str(exc)[:200]}"
+        why = _last_fatal(server_log, logged_before) or _failure_words(exc)
         raise EmbeddedPostgresError(
             f"embedded PostgreSQL in {path} did not start again: {why} (server log: {path / 'log'})"
         ) from exc
@@ -416,6 +417,15 @@ def _kill_server(path: Path, pid: int) -> tuple[PostmasterState, int | None]:
         time.sleep(0.05)
         state, now_pid = postmaster_state(path)
     return state, now_pid
+
+
+def _failure_words(exc: BaseException) -> str:
+    """A failed start in words: a program's exit said by its name and status, not as the command tuple
+    pgserver ran (an operator's `tsbot close` printed one)."""
+    if isinstance(exc, subprocess.CalledProcessError):
+        program = exc.cmd[0] if isinstance(exc.cmd, list | tuple) and exc.cmd else exc.cmd
+        return f"{Path(str(program)).name} exited with status {exc.returncode}"
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
 def _last_fatal(server_log: Path, since: int) -> str | None:

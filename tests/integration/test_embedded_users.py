@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
-from storage.embedded import PostmasterState, postmaster_state
+from storage.embedded import PostmasterState, _failure_words, postmaster_state
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,3 +95,12 @@ def test_a_killed_user_left_a_zombie_does_not_keep_the_server_running(tmp_path: 
     finally:
         killed.wait()
         _no_server_left(data_dir)
+
+
+def test_a_failed_server_program_is_said_by_its_name_and_status_not_its_command_tuple() -> None:
+    """An operator's `tsbot close`, while the server could not start again, printed the command tuple
+    pgserver had run (every option of pg_ctl). Said now as the program's name and its exit status."""
+    with pytest.raises(subprocess.CalledProcessError) as failed:
+        subprocess.run(["/bin/sh", "-c", "exit 3"], check=True)
+    assert _failure_words(failed.value) == "sh exited with status 3"
+    assert _failure_words(OSError("disk full")) == "OSError: disk full"
