@@ -48,8 +48,13 @@ T = TypeVar("T")
 _LOG_LEVELS = {Severity.INFO: logging.INFO, Severity.WARNING: logging.WARNING, Severity.ERROR: logging.ERROR}
 
 LEFT_RUNNING = "no answer: the engine stopped, or lost its database, while executing it"
+STOPPED_WHILE_RUNNING = (
+    "not finished: the engine stopped while executing it; anything it had sent to the venue by then may "
+    "have been executed (see `tsbot status`), nothing more is sent for it"
+)
 POLL_SECONDS = 1.0  # while LISTEN is down, a command waits at most this long
 LISTENING_POLL_SECONDS = 5.0  # while it is up, the poll is only the safety net
+STOPPED_ANSWER_SECONDS = 2.0  # the stop's answer to a command it interrupts, at most
 HOLDER_CHECK_SECONDS = 2.0  # how often a waiting sender checks that the engine is still there
 
 
@@ -160,7 +165,8 @@ class CommandRunner:
         )
         try:
             outcome = await self._dispatch(command)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # the engine stops: its answer now, not `running` until a next start
+            await self._answer_stopped(command)
             raise
         except Exception as exc:  # a bug: the sender is told, the loop goes on
             log.exception("command #%d %s failed", command.id, command.kind.value)
@@ -194,6 +200,20 @@ class CommandRunner:
                 "positions": [p.as_json() for p in outcome.positions],
             },
         )
+
+    async def _answer_stopped(self, command: CommandRecord) -> None:
+        """Failed with STOPPED_WHILE_RUNNING, within STOPPED_ANSWER_SECONDS (the database may be what is
+        failing: a next start then answers it as left running)."""
+        outcome = CommandOutcome(False, STOPPED_WHILE_RUNNING, failed_inside=True)
+        try:
+            async with asyncio.timeout(STOPPED_ANSWER_SECONDS):
+                await self._queue.finish(command.id, outcome.state, outcome.as_json())
+        except Exception as exc:
+            log.warning(
+                "command #%d: its answer at the stop not written (%s)", command.id, type(exc).__name__
+            )
+            return
+        log.warning("command #%d %s: %s", command.id, command.kind.value, STOPPED_WHILE_RUNNING)
 
     async def _dispatch(self, command: CommandRecord) -> CommandOutcome:
         engine = self._engine

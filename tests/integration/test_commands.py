@@ -11,7 +11,7 @@ import logging
 import pytest
 
 from engine.clock import ManualClock
-from engine.commands import LEFT_RUNNING, send_command
+from engine.commands import LEFT_RUNNING, STOPPED_WHILE_RUNNING, send_command
 from engine.venues.sim.settings import CallKind, FaultKind
 from storage.commands import CommandKind, CommandQueue, CommandState
 from storage.database import Database
@@ -156,6 +156,47 @@ async def test_a_command_an_earlier_engine_took_and_never_answered_is_failed_at_
         assert record.result["summary"] == LEFT_RUNNING
     finally:
         await drive(clock, engine.stop())
+
+
+async def test_a_command_the_engine_stops_in_the_middle_of_is_answered_at_its_stop(db: Database) -> None:
+    """An operator's close, held by the venue (a ban), then the engine stopped: the command stayed
+    `running` in monitoring.commands with no engine to finish it, until some later start (an operator).
+    The stop answers it: failed, and that what was sent may have been executed."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    stopped = False
+    try:
+        await open_positions(engine, clock, SYMBOLS[20:21])
+        await drive_until_covered(engine, clock, 1)
+        venue = engine.venue
+        # Refused each time it is sent: the close goes on trying within its budget.
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 1000)  # type: ignore[attr-defined]
+        queue = CommandQueue(db.pool, engine.account_key)
+        sent = await queue.submit(
+            CommandKind.CLOSE,
+            {"symbol": SYMBOLS[20]},
+            requested_by="op@host/1",
+            reason="",
+            expires_in_seconds=60,
+        )
+
+        async def taken() -> bool:
+            record = await queue.get(sent.id)
+            return record is not None and record.state is CommandState.RUNNING
+
+        await drive_until(clock, taken, step=0.01, what="the close taken")
+        stopped = True
+        await drive(clock, engine.stop())
+        record = await queue.get(sent.id)
+        assert record is not None
+        assert record.state is CommandState.FAILED, record
+        assert record.result is not None
+        assert record.result["summary"] == STOPPED_WHILE_RUNNING
+    finally:
+        if not stopped:
+            await drive(clock, engine.stop())
 
 
 async def test_a_command_wakes_the_engine_by_notify_without_waiting_for_a_poll(db: Database) -> None:
