@@ -136,6 +136,7 @@ T = TypeVar("T")
 
 STARTUP_UNKNOWN_SECONDS = 30.0  # an empty position list this soon after connecting is "unknown" (F3)
 WAVE_PROTECTION_WAIT_SECONDS = 120.0
+WAVE_AT_STOP_WRITE_SECONDS = 2.0  # a stop's record of a wave it interrupts, at most
 SILENT_MARKS_POLL_SECONDS = 2.0  # a held symbol's marks by REST while the stream leaves it out
 SILENT_MARKS_ONE_BY_ONE = 3  # up to this many such symbols are read one by one (a lighter request each)
 MARKETS_REFRESH_SECONDS = 300.0  # the venue's markets read again: a delisting begins, a settlement ends
@@ -1673,7 +1674,7 @@ class Engine:
         0 protected, while their positions had opened (an operator's kill -9 mid-wave). Once the entries it
         left are settled (`settlers`), they are finished as of its last heartbeat, and the start says how
         the last engine ended: without stopping (running or starting at its last heartbeat), or in its stop
-        (killed or hung while stopping, or a stop that gave up waiting for a wave's protection)."""
+        (killed or hung while stopping: a stop that ends records its waves as they stand)."""
         assert self.store is not None and self._lease is not None
         heard, taken_at = self._previous_heard, self._lease_since
         if heard is None or taken_at is None:
@@ -1689,7 +1690,7 @@ class Engine:
             for w in waves
         )
         how = (
-            "stopped before they finished (killed or hung in its stop, or it gave up waiting for them"
+            "stopped before they finished (killed or hung in its stop"
             if self._lease.previous_phase == LeasePhase.STOPPING
             else "ended without stopping (killed, crashed, or its host gone"
         )
@@ -3664,25 +3665,25 @@ class Engine:
         3 protected" while a fourth was on the venue without a stop."""
         assert self.store is not None
         waiting_since = self.clock.monotonic()
-        if doubts:
-            await wait_for_all(self.clock, WAVE_PROTECTION_WAIT_SECONDS, [d.ended.wait() for d in doubts])
-            opened = [*opened, *(d.guard for d in doubts if d.guard is not None)]
-        left = max(0.0, WAVE_PROTECTION_WAIT_SECONDS - (self.clock.monotonic() - waiting_since))
-        await wait_for_all(self.clock, left, [g.protected.wait() for g in opened])
-        protected = [g for g in opened if g.protected_at is not None]
-        slowest = max(((g.protected_at - g.filled_at) for g in protected), default=None)  # type: ignore[operator]
-        slowest_ms = None if slowest is None else round(slowest * 1000)
-        unknown = sum(1 for d in doubts if not d.ended.is_set())
-        failed = len(opened) + unknown - len(protected)
-        opened_count = len(opened) + unknown
-        await self.store.finish_wave(
-            wave_id,
-            opened=opened_count,
-            protected=len(protected),
-            failed=failed,
-            slowest_protection_ms=slowest_ms,
+        try:
+            if doubts:
+                await wait_for_all(self.clock, WAVE_PROTECTION_WAIT_SECONDS, [d.ended.wait() for d in doubts])
+            left = max(0.0, WAVE_PROTECTION_WAIT_SECONDS - (self.clock.monotonic() - waiting_since))
+            await wait_for_all(
+                self.clock, left, [g.protected.wait() for g in self._wave_guards(opened, doubts)]
+            )
+        except asyncio.CancelledError:
+            # The engine stops (its drain has waited for the protection it could): the figures as they
+            # stand, written within a moment. Left `running`, the next start said the last engine "stopped
+            # before they finished (killed or hung in its stop …)" after a clean stop (an operator).
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(WAVE_AT_STOP_WRITE_SECONDS):
+                    await self._write_wave_figures(wave_id, self._wave_guards(opened, doubts), doubts)
+            raise
+        opened_count, protected, failed, slowest_ms = await self._write_wave_figures(
+            wave_id, self._wave_guards(opened, doubts), doubts
         )
-        view = WaveView(wave_id, started, signals, opened_count, len(protected), failed, slowest_ms)
+        view = WaveView(wave_id, started, signals, opened_count, protected, failed, slowest_ms)
         # Newest first by when each began: a wave whose protection finishes after the next one began is
         # kept in its place (kept in finishing order, the panel read 06:22:34, 06:21:54, 06:22:14).
         waves = self._waves
@@ -3697,11 +3698,37 @@ class Engine:
                 wave_id=wave_id,
                 signals=signals,
                 opened=opened_count,
-                protected=len(protected),
+                protected=protected,
                 failed=failed,
                 slowest_protection_ms=slowest_ms,
             )
         )
+
+    @staticmethod
+    def _wave_guards(opened: list[PositionGuard], doubts: Sequence[EntryInDoubt]) -> list[PositionGuard]:
+        """The wave's positions: those it opened, and its entries of unknown outcome found filled since."""
+        return [*opened, *(d.guard for d in doubts if d.guard is not None)]
+
+    async def _write_wave_figures(
+        self, wave_id: int, opened: list[PositionGuard], doubts: Sequence[EntryInDoubt]
+    ) -> tuple[int, int, int, int | None]:
+        """Record the wave finished with its figures as they stand: opened, protected, failed (an entry
+        still of unknown outcome counts opened and not protected), the slowest protection in ms."""
+        assert self.store is not None
+        protected = [g for g in opened if g.protected_at is not None]
+        slowest = max(((g.protected_at - g.filled_at) for g in protected), default=None)  # type: ignore[operator]
+        slowest_ms = None if slowest is None else round(slowest * 1000)
+        unknown = sum(1 for d in doubts if not d.ended.is_set())
+        failed = len(opened) + unknown - len(protected)
+        opened_count = len(opened) + unknown
+        await self.store.finish_wave(
+            wave_id,
+            opened=opened_count,
+            protected=len(protected),
+            failed=failed,
+            slowest_protection_ms=slowest_ms,
+        )
+        return opened_count, len(protected), failed, slowest_ms
 
     # --- health --------------------------------------------------------------------------------------
 

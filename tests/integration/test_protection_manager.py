@@ -666,6 +666,39 @@ async def test_stopping_mid_wave_finishes_every_entry_already_sent_to_both_stops
         assert live[(position.symbol, "trailing_stop_market")] == 1
     assert (report.open_positions, report.uncovered, report.unresolved_entries) == (10, 0, 0)
     assert report.all_protected
+    # Its wave recorded as finished, with what it opened and protected: left `running`, the next start
+    # said the last engine "stopped before they finished (killed or hung in its stop …)" after a clean
+    # stop (an operator).
+    waves = await db.pool.fetch(
+        "SELECT signals, opened, protected, failed, finished_at FROM monitoring.waves"
+    )
+    assert [(w["signals"], w["opened"], w["protected"], w["failed"]) for w in waves] == [(10, 10, 10, 0)]
+    assert waves[0]["finished_at"] is not None
+
+
+async def test_a_stop_that_gives_up_on_a_waves_protection_records_the_wave_as_it_stands(db: Database) -> None:
+    """The stop waits its budget for a wave's position to be protected, the venue refusing every stop,
+    then ends: the wave is recorded finished, 1 opened, 0 protected, 1 failed (its exit line says the
+    position uncovered). Left `running`, the next start told of a stop that "stopped before they
+    finished", and the history counted nothing of the wave."""
+    clock = ManualClock()
+    engine = make_engine(settings_for(db), clock)
+    await drive(clock, engine.start())
+    venue = engine.venue
+    assert isinstance(venue, SimVenue)
+    assert engine.store is not None
+    venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.NETWORK_ERROR_BEFORE_SEND, 100_000, stops_only=True)
+    await engine.store.insert_signals([(SYMBOLS[60], "long", None, None)])
+    await drive_until(
+        clock, lambda: len(venue.core.positions(clock.now())) == 1, step=0.01, what="entry filled"
+    )
+    report = await drive(clock, engine.stop())
+    assert (report.open_positions, report.uncovered) == (1, 1)
+    waves = await db.pool.fetch(
+        "SELECT signals, opened, protected, failed, finished_at FROM monitoring.waves"
+    )
+    assert [(w["signals"], w["opened"], w["protected"], w["failed"]) for w in waves] == [(1, 1, 0, 1)]
+    assert waves[0]["finished_at"] is not None
 
 
 async def _a_hard_stop_through_unheard(
