@@ -227,8 +227,16 @@ async def open_database(
         try:
             async with pool.acquire() as conn:
                 applied = await apply_migrations(conn)
-        except BaseException:
-            await pool.close()
+        except BaseException as exc:
+            pool.terminate()  # (a goodbye to a server that does not answer waited for good)
+            if isinstance(exc, TimeoutError) or (isinstance(exc, Exception) and is_unreachable(exc)):
+                # A start on a server that froze then said "internal error (a bug …): TimeoutError:" (an
+                # operator's drill, reproduced).
+                why = "no answer" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
+                raise DatabaseUnavailable(
+                    f"database {target.display}: {why} within {command_timeout:g} s while its schema was "
+                    "checked (a server that stopped answering, or another tsbot migrating it)"
+                ) from None
             raise
         for migration in applied:
             log.info("applied migration %s to %s", migration.filename, target.display)

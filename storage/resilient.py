@@ -351,7 +351,9 @@ class ResilientStore(Store):
         return task.result()
 
     def _note_unreachable(self, exc: BaseException) -> None:
-        self.last_error = f"{type(exc).__name__}: {exc}"[:200]
+        # (a timeout has no text of its own: "the database is unreachable (TimeoutError: )", an operator)
+        text = str(exc) or ("no answer in time" if isinstance(exc, TimeoutError) else "")
+        self.last_error = f"{type(exc).__name__}: {text}"[:200] if text else type(exc).__name__
         self.suspected.set()
 
     async def _append(self, op: str, args: dict[str, Any]) -> JournalEntry:

@@ -7,10 +7,21 @@ from __future__ import annotations
 
 import asyncio
 
+import asyncpg
 import pytest
 
-from storage.database import Database, DatabaseUnavailable, ensure_database_exists
+from storage.database import (
+    Database,
+    DatabaseDown,
+    DatabaseTarget,
+    DatabaseUnavailable,
+    create_pool,
+    ensure_database_exists,
+    open_database,
+)
 from storage.lease import LEASE_TIMEOUT_SECONDS, EngineLease
+from storage.migrator import MIGRATION_LOCK_KEY
+from storage.resilient import ResilientStore
 from tests.support.pg_proxy import SilentFromProxy
 
 
@@ -58,3 +69,41 @@ async def test_making_sure_the_database_exists_on_a_server_gone_silent_fails_wit
     took = loop.time() - started
     assert proxy.held == 1
     assert took < 2 * 2 + 2, took  # its statement's bound, and its goodbye's
+
+
+async def test_a_schema_check_that_gets_no_answer_says_so_in_one_line(db: Database) -> None:
+    """A start whose database froze while it checked its schema said "internal error (a bug, not your
+    input): TimeoutError:" with a traceback (an operator's drill, reproduced twice). Staged here by another
+    session holding the migration lock, which the check then waits for past its statement bound."""
+    holder = await asyncpg.connect(db.target.dsn)
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+        with pytest.raises(DatabaseUnavailable) as refused:
+            async with asyncio.timeout(30):
+                await open_database(db.target.dsn, command_timeout=1)
+    finally:
+        await holder.close()
+    assert str(refused.value) == (
+        f"database {db.target.display}: no answer within 1 s while its schema was checked (a server that "
+        "stopped answering, or another tsbot migrating it)"
+    )
+
+
+async def test_a_read_the_server_does_not_answer_says_no_answer_not_an_empty_timeout(
+    db: Database, pg_server
+) -> None:
+    """`tsbot run` started on a server that froze ended with "the database is unreachable (TimeoutError: )"
+    (an operator): a timeout carries no text of its own."""
+    proxy = await SilentFromProxy.in_front_of(pg_server.socket_dir, db.target.dsn, silent_from=None)
+    target = DatabaseTarget(dsn=proxy.dsn)
+    pool = await create_pool(target, min_size=1, max_size=1, command_timeout=1)
+    try:
+        store = ResilientStore(pool)
+        proxy.go_silent()
+        with pytest.raises(DatabaseDown) as down:
+            async with asyncio.timeout(30):
+                await store.entries_control("sim", "sim:default")
+    finally:
+        await proxy.close()
+        pool.terminate()
+    assert str(down.value) == "the database is unreachable (TimeoutError: no answer in time)"
