@@ -1403,7 +1403,10 @@ async def _asked(prompt: str) -> str:
     answer: asyncio.Future[str] = loop.create_future()
 
     def read() -> None:
-        text = _ask(prompt)
+        try:
+            text = _ask(prompt)
+        except Exception:  # (an undecodable byte typed, say: not a yes; unanswered, it waited for good)
+            text = ""
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits for the answer
             loop.call_soon_threadsafe(lambda: answer.done() or answer.set_result(text))
 

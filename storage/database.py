@@ -140,9 +140,11 @@ async def ensure_database_exists(
             return False  # another process created it between our check and our create
         return True
     except TimeoutError:
+        conn.terminate()  # (its goodbye would wait as long again: asyncpg cancels the statement first)
         raise DatabaseUnavailable(f"no answer within {connect_timeout:g} s") from None
     finally:
-        await close_within(conn, within=connect_timeout)
+        if not conn.is_closed():
+            await close_within(conn, within=connect_timeout)
 
 
 def _quote_ident(name: str) -> str:

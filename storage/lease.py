@@ -15,7 +15,7 @@ from enum import StrEnum
 
 import asyncpg
 
-from storage.database import close_within
+from storage.database import DatabaseUnavailable, close_within
 
 LEASE_NAMESPACE = 0x7473  # "ts": first key of the two-key advisory lock
 RECORDING_NAMESPACE = 0x7472  # held only while a lease attempt takes the lock and records itself
@@ -236,6 +236,12 @@ class EngineLease:
                     )
             if not got:
                 raise LeaseHeld(venue, account, holder)
+        except TimeoutError:
+            # No answer: its goodbye would wait as long again (asyncpg's cancel of the statement first).
+            conn.terminate()
+            raise DatabaseUnavailable(
+                f"no answer taking the account lease within {LEASE_TIMEOUT_SECONDS:g} s"
+            ) from None
         except BaseException:
             await close_within(conn, within=LEASE_TIMEOUT_SECONDS)
             raise

@@ -12,6 +12,7 @@ import select
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -243,11 +244,11 @@ def _flatten_on_a_terminal(cwd: Path, answer: str) -> subprocess.CompletedProces
             os.close(slave)
 
 
-async def test_ctrl_c_at_the_flatten_prompt_ends_it_at_once_and_sends_nothing(
-    workdir: tuple[Path, str],
-) -> None:
-    """`tsbot flatten --all` asks on the terminal; the operator thinks better of it and presses Ctrl-C. The
-    process stayed until Enter was pressed: its exit waited for the thread blocked reading the answer."""
+async def _at_the_flatten_prompt(
+    workdir: tuple[Path, str], act: Callable[[asyncio.subprocess.Process, int], None], env: dict[str, str]
+) -> tuple[int, str]:
+    """`tsbot flatten --all` on a terminal (a pty) with an engine's lease held, so that it asks; once the
+    question shows, `act(process, terminal)`; its exit code (within 10 s) and what the terminal showed."""
     cwd, dsn = workdir
     first = await run_tsbot("entries", "resume", cwd=cwd)
     account = first.stderr.split("no engine is running for account ", 1)[1].split(";", 1)[0]
@@ -266,24 +267,50 @@ async def test_ctrl_c_at_the_flatten_prompt_ends_it_at_once_and_sends_nothing(
 
     try:
         process = await asyncio.create_subprocess_exec(
-            TSBOT, "flatten", "--all", cwd=cwd, env=environ(), stdin=slave, stdout=slave, stderr=slave
+            TSBOT, "flatten", "--all", cwd=cwd, env=env, stdin=slave, stdout=slave, stderr=slave
         )
         await wait_until(lambda: b"[y/N]" in read_terminal(), within=60, what="the question on the terminal")
-        process.send_signal(signal.SIGINT)
+        act(process, master)
         try:
             code = await asyncio.wait_for(process.wait(), 10)
         except TimeoutError:
             process.kill()
-            pytest.fail("Ctrl-C at the prompt: still running 10 s later")
+            pytest.fail("still running 10 s later")
         said = read_terminal().decode(errors="replace")
     finally:
         os.close(master)
         os.close(slave)
         await lease.release()
+    rows = await fetch(dsn, "SELECT count(*) AS n FROM monitoring.commands")
+    assert rows[0]["n"] == 0  # nothing sent
+    return code, said
+
+
+async def test_ctrl_c_at_the_flatten_prompt_ends_it_at_once_and_sends_nothing(
+    workdir: tuple[Path, str],
+) -> None:
+    """`tsbot flatten --all` asks on the terminal; the operator thinks better of it and presses Ctrl-C. The
+    process stayed until Enter was pressed: its exit waited for the thread blocked reading the answer."""
+    code, said = await _at_the_flatten_prompt(
+        workdir, lambda process, _terminal: process.send_signal(signal.SIGINT), environ()
+    )
     assert code == 130, said
     assert "Traceback" not in said, said
-    rows = await fetch(dsn, "SELECT count(*) AS n FROM monitoring.commands")
-    assert rows[0]["n"] == 0
+
+
+async def test_an_answer_that_cannot_be_read_is_not_a_yes_and_ends_the_command(
+    workdir: tuple[Path, str],
+) -> None:
+    """A byte the terminal's encoding cannot decode, typed at the question (strict UTF-8 input): the thread
+    reading the answer died with a traceback and the command waited at the prompt for good (a reviewer)."""
+    code, said = await _at_the_flatten_prompt(
+        workdir,
+        lambda _process, terminal: os.write(terminal, b"\xe9\n"),
+        {**environ(), "PYTHONIOENCODING": "utf-8:strict"},
+    )
+    assert code == 1, said
+    assert "flatten: not confirmed; nothing was sent" in said, said
+    assert "Traceback" not in said, said
 
 
 async def _signal_status(dsn: str, symbol: str, status: str) -> bool:

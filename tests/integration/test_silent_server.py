@@ -28,13 +28,16 @@ from tests.support.pg_proxy import SilentFromProxy
 async def test_taking_the_lease_from_a_server_gone_silent_fails_within_its_bound(
     db: Database, pg_server
 ) -> None:
+    """Else the engine's lease loop, taking the lease again after a loss, waited on it for good (entries
+    paused all the while), as would a start; then, bounded, a start said "internal error (a bug …):
+    TimeoutError:" (a reviewer)."""
     # Its transaction's BEGIN (a simple query) is the first thing it sends: it goes unanswered.
     proxy = await SilentFromProxy.in_front_of(pg_server.socket_dir, db.target.dsn, silent_from=b"Q")
     loop = asyncio.get_running_loop()
     started = loop.time()
     try:
         async with asyncio.timeout(LEASE_TIMEOUT_SECONDS * 3):
-            with pytest.raises(TimeoutError):
+            with pytest.raises(DatabaseUnavailable, match="no answer taking the account lease within 10 s"):
                 await EngineLease.acquire(proxy.dsn, "sim", "sim:default", "test")
     except TimeoutError:
         pytest.fail(f"taking the lease still waited after {LEASE_TIMEOUT_SECONDS * 3:g}s")
@@ -42,7 +45,8 @@ async def test_taking_the_lease_from_a_server_gone_silent_fails_within_its_bound
         await proxy.close()
     took = loop.time() - started
     assert proxy.held == 1
-    assert took < LEASE_TIMEOUT_SECONDS * 2 + 2, took  # its BEGIN's bound, and its goodbye's
+    # Its BEGIN's bound, not a goodbye's on top (that waited as long again). One line, no "internal error".
+    assert took < LEASE_TIMEOUT_SECONDS + 3, took
     # Nothing was taken: an engine on the server itself takes the lease at once.
     lease = await EngineLease.acquire(db.target.dsn, "sim", "sim:default", "test")
     await lease.release()
@@ -68,7 +72,7 @@ async def test_making_sure_the_database_exists_on_a_server_gone_silent_fails_wit
         await proxy.close()
     took = loop.time() - started
     assert proxy.held == 1
-    assert took < 2 * 2 + 2, took  # its statement's bound, and its goodbye's
+    assert took < 2 + 2, took  # its statement's bound (a goodbye on top waited as long again)
 
 
 async def test_a_schema_check_that_gets_no_answer_says_so_in_one_line(db: Database) -> None:

@@ -98,3 +98,4 @@ class SilentFromProxy:
                 await asyncio.Event().wait()
             sink.write(chunk)
             await sink.drain()
+        sink.close()  # the server ended it: so does the client's side (a goodbye waited out its bound)
