@@ -222,7 +222,10 @@ async def open_database(
         min_size=min_size,
         max_size=max_size,
         command_timeout=command_timeout,
-        connect_timeout=connect_timeout,
+        # The server has just answered: its connections (and every one made again later, after an outage)
+        # get a statement's time, not the minute a first start allows. A start on a server that froze
+        # waited for a connection until it thawed (an operator's drill, reproduced).
+        connect_timeout=min(connect_timeout, command_timeout),
     )
     applied: list[Migration] = []
     if migrate:

@@ -111,3 +111,32 @@ async def test_a_read_the_server_does_not_answer_says_no_answer_not_an_empty_tim
         await proxy.close()
         pool.terminate()
     assert str(down.value) == "the database is unreachable (TimeoutError: no answer in time)"
+
+
+async def test_a_connection_made_again_on_a_server_gone_silent_waits_a_statements_time(
+    db: Database, pg_server
+) -> None:
+    """The pool's connections were made with the minute a first start allows: a start on a server that
+    froze (or any query after an outage dropped the connections) waited for a new connection until the
+    server thawed (an operator's drill, reproduced). Made again on a silent server, one fails within the
+    statements' bound."""
+    proxy = await SilentFromProxy.in_front_of(pg_server.socket_dir, db.target.dsn, silent_from=None)
+    database = await open_database(proxy.dsn, min_size=1, max_size=1, command_timeout=1, migrate=False)
+    loop = asyncio.get_running_loop()
+    failed: BaseException | None = None
+    try:
+        proxy.go_silent()
+        async with database.pool.acquire() as dropped:  # (as after an outage: the connection made again)
+            dropped.terminate()
+        started = loop.time()
+        try:
+            async with asyncio.timeout(30):
+                await database.pool.fetchval("SELECT 1")
+        except (TimeoutError, OSError) as exc:
+            failed = exc
+        took = loop.time() - started
+    finally:
+        await proxy.close()
+        database.pool.terminate()
+    assert isinstance(failed, TimeoutError | OSError)
+    assert took < 1 + 2, f"{took:.1f}s"
