@@ -1674,7 +1674,8 @@ class Engine:
         0 protected, while their positions had opened (an operator's kill -9 mid-wave). Once the entries it
         left are settled (`settlers`), they are finished as of its last heartbeat, and the start says how
         the last engine ended: without stopping (running or starting at its last heartbeat), or in its stop
-        (killed or hung while stopping: a stop that ends records its waves as they stand)."""
+        (killed or hung while stopping, or a stop that cancelled a wave before its figures were taken: a
+        stop otherwise records its waves as they stand)."""
         assert self.store is not None and self._lease is not None
         heard, taken_at = self._previous_heard, self._lease_since
         if heard is None or taken_at is None:
@@ -1690,7 +1691,8 @@ class Engine:
             for w in waves
         )
         how = (
-            "stopped before they finished (killed or hung in its stop"
+            "stopped before they finished (killed or hung in its stop, or a stop that gave up on a wave before "
+            "its figures were taken"
             if self._lease.previous_phase == LeasePhase.STOPPING
             else "ended without stopping (killed, crashed, or its host gone"
         )
@@ -3676,9 +3678,12 @@ class Engine:
             # The engine stops (its drain has waited for the protection it could): the figures as they
             # stand, written within a moment. Left `running`, the next start said the last engine "stopped
             # before they finished (killed or hung in its stop …)" after a clean stop (an operator).
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(WAVE_AT_STOP_WRITE_SECONDS):
-                    await self._write_wave_figures(wave_id, self._wave_guards(opened, doubts), doubts)
+            # Only under its own lease: stopped because another engine took the account, it would write
+            # over the wave that engine finished (r59).
+            if self._holds_the_lease():
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(WAVE_AT_STOP_WRITE_SECONDS):
+                        await self._write_wave_figures(wave_id, self._wave_guards(opened, doubts), doubts)
             raise
         opened_count, protected, failed, slowest_ms = await self._write_wave_figures(
             wave_id, self._wave_guards(opened, doubts), doubts

@@ -237,11 +237,14 @@ async def open_database(
             if isinstance(exc, TimeoutError) or (isinstance(exc, Exception) and is_unreachable(exc)):
                 # A start on a server that froze then said "internal error (a bug …): TimeoutError:" (an
                 # operator's drill, reproduced).
-                why = "no answer" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
-                raise DatabaseUnavailable(
-                    f"database {target.display}: {why} within {command_timeout:g} s while its schema was "
-                    "checked (a server that stopped answering, or another tsbot migrating it)"
-                ) from None
+                if isinstance(exc, TimeoutError):
+                    why = (
+                        f"no answer within {command_timeout:g} s while its schema was checked (a server that "
+                        "stopped answering, or another tsbot migrating it)"
+                    )
+                else:  # (a server killed under it, say: neither the time nor those causes fit, r59)
+                    why = f"{type(exc).__name__}: {exc} while its schema was checked"
+                raise DatabaseUnavailable(f"database {target.display}: {why}") from None
             raise
         for migration in applied:
             log.info("applied migration %s to %s", migration.filename, target.display)

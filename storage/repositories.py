@@ -1302,7 +1302,7 @@ class Store:
             UPDATE monitoring.waves
             SET finished_at = COALESCE($6::timestamptz, now()), opened = $2, protected = $3, failed = $4,
                 slowest_protection_ms = $5
-            WHERE id = $1
+            WHERE id = $1 AND finished_at IS NULL
             """,
             wave_id,
             opened,

@@ -467,7 +467,9 @@ class ReadOnlyFeed:
         self._last_event_id = 0
         self._backlog: list[LogEntry] = []  # the log rows read at the start, for `follow` to yield first
         self._snapshot = _empty_snapshot(settings, EngineState.STARTING, holder)
-        self._answered_at: float | None = None  # (monotonic) the last poll the database answered in full
+        # (monotonic) when the poll now waiting began, or the first of those failing since the last full answer
+        self._asking_since: float | None = None
+        self._failure: str | None = None  # why the last poll failed, if it did since the last full answer
         # Past this without a full answer the screen says so (a poll takes tens of milliseconds).
         self.unanswered_after = max(3 * interval, float(settings.database.probe_timeout_seconds))
         self.command_wait_seconds = 30.0
@@ -501,18 +503,25 @@ class ReadOnlyFeed:
         """The last one read (every view: small). With no full answer from the database for
         `unanswered_after` seconds, its database line says so, and as of when the rest is: the screen of a
         watch on a frozen database kept saying "Health: ok", "uncovered 0" for its 35 s (an operator)."""
-        if self._answered_at is None or self._database is None:
+        if self._asking_since is None or self._database is None:
             return self._snapshot
-        silent = time.monotonic() - self._answered_at
-        if silent < self.unanswered_after:
+        # Timed from the start of the poll still waiting, not from the end of the last answer: the pause
+        # between polls and a burst of 2 000 events taken in made a healthy database "4 s silent" (r59).
+        silent = time.monotonic() - self._asking_since
+        if silent < self.unanswered_after or not self._snapshot.taken_at:
             return self._snapshot
         as_of = clock_time(self._snapshot.taken_at, None)
+        failure = self._failure
+        words = (
+            f"the watch has had no answer from the database for {silent:.0f}s"
+            if failure is None or failure.startswith("TimeoutError")
+            else f"the watch's reads of the database have failed for {silent:.0f}s ({failure})"
+        )
         unanswered = ComponentHealth(
             Component.DATABASE,
             HealthState.CRITICAL,
-            "no answer",
-            f"the watch has had no answer from the database for {silent:.0f}s: everything shown is as of "
-            f"{as_of} and may have changed since",
+            "no answer" if failure is None or failure.startswith("TimeoutError") else "reads fail",
+            f"{words}: everything shown is as of {as_of} and may have changed since",
             {},
         )
         health = [h for h in self._snapshot.health if h.component is not Component.DATABASE]
@@ -527,13 +536,19 @@ class ReadOnlyFeed:
                 for entry in await self.poll():
                     yield entry
             except Exception as exc:  # the database may restart under us: say so and keep watching
-                log.warning("read-only watch: reading the database failed: %s", exc)
-                yield LogEntry(time.time(), "error", "", "read-only watch", None, "failed", str(exc)[:200])
+                # (a timeout has no text: the row said "failed" and nothing more, r59)
+                self._failure = (
+                    f"{type(exc).__name__}: {exc}" if str(exc) else f"{type(exc).__name__}: no answer in time"
+                )[:200]
+                log.warning("read-only watch: reading the database failed: %s", self._failure)
+                yield LogEntry(time.time(), "error", "", "read-only watch", None, "failed", self._failure)
             await asyncio.sleep(self.interval)
 
     async def poll(self) -> list[LogEntry]:
         """Re-read everything; returns the log rows of events recorded since the previous poll."""
         assert self._database is not None and self._store is not None
+        if self._asking_since is None:
+            self._asking_since = time.monotonic()
         pool, store, settings = self._database.pool, self._store, self.settings
         now_dt: datetime = await pool.fetchval("SELECT now()")
         now = now_dt.timestamp()
@@ -630,7 +645,7 @@ class ReadOnlyFeed:
         )
         if fresh:
             self._last_event_id = fresh[-1].id
-        self._answered_at = time.monotonic()
+        self._asking_since, self._failure = None, None
         return [_entry_for_record(e) for e in fresh if e.severity is not Severity.INFO or e.symbol]
 
     def _nobody_measures(self) -> str:

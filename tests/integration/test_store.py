@@ -375,3 +375,17 @@ async def test_protected_at_counts_an_armed_managed_trail_as_the_trailing_stop(
     position = await store.position(created.id)
     assert position is not None
     assert (position.protected_at is not None) is protected
+
+
+async def test_a_finished_wave_is_never_written_over(db: Database) -> None:
+    """An engine stopped because another took the account writes, at its stop, the wave it was
+    interrupted in; that engine may have finished the wave already (the dead engine's waves, as of its last
+    heartbeat): its record stands (r59)."""
+    store = Store(db.pool, "sim:default")
+    wave = await store.start_wave(7)
+    await store.finish_wave(wave, opened=3, protected=3, failed=0, slowest_protection_ms=120)
+    await store.finish_wave(wave, opened=7, protected=0, failed=7, slowest_protection_ms=None)
+    row = await db.pool.fetchrow(
+        "SELECT opened, protected, failed, slowest_protection_ms FROM monitoring.waves"
+    )
+    assert tuple(row) == (3, 3, 0, 120)

@@ -417,6 +417,26 @@ async def test_a_read_only_dashboard_says_when_the_database_stops_answering_it(
         await feed.stop()
 
 
+async def test_a_read_only_dashboards_database_line_counts_only_a_read_still_waiting(db: Database) -> None:
+    """Timed from the end of the last answer, the pause between polls and the time the dashboard took to
+    take in a burst of events counted as silence: a healthy database was said "no answer for 4s",
+    critical, with the bell, during a burst of 2 000 events (r59). Only a read still waiting counts."""
+    feed = ReadOnlyFeed(tui_settings(db), None, interval=0.2)
+    await feed.start()
+    try:
+        await asyncio.sleep(feed.unanswered_after + 0.5)  # no poll meanwhile: nothing is waiting
+        quiet = feed.snapshot()
+        await feed.poll()
+        answered = feed.snapshot()
+    finally:
+        await feed.stop()
+    for snapshot in (quiet, answered):
+        assert all(
+            h.component is not Component.DATABASE or h.state is not HealthState.CRITICAL
+            for h in snapshot.health
+        ), snapshot.health
+
+
 async def test_a_read_only_dashboard_counts_an_entry_its_dead_engine_left_pending(db: Database) -> None:
     """An engine killed while its entry's answer is outstanding leaves the entry `pending` and its position
     `entry_placed`: it may have filled, with no stop. A read-only dashboard leaves it to the engine holding
