@@ -16,12 +16,11 @@ import time
 from pathlib import Path
 
 import asyncpg
-import psutil
 import pytest
 
 from engine import cli
 from storage.embedded import TSBOT_COMMANDS, PostmasterState, _tsbot_command, postmaster_state
-from tests.support.owned_postgres import kill_postmaster, postmaster_pid, resume, stop_postmaster
+from tests.support.owned_postgres import freeze_server, kill_postmaster, resume, stop_postmaster
 from tests.support.waiting import wait_until
 
 TSBOT = str(Path(sys.executable).with_name("tsbot"))
@@ -356,10 +355,7 @@ async def test_a_flatten_whose_answer_the_database_took_away_says_it_may_still_b
             return bool(await _fetch(data_dir, "SELECT id FROM monitoring.commands"))
 
         await wait_until(recorded, within=30, what="the command recorded")
-        postmaster = postmaster_pid(data_dir)
-        frozen = [postmaster, *(p.pid for p in psutil.Process(postmaster).children())]
-        for pid in frozen:
-            os.kill(pid, signal.SIGSTOP)
+        frozen = freeze_server(data_dir)
         out, err = await asyncio.to_thread(flatten.communicate, timeout=90)
     finally:
         for pid in frozen:

@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
-import signal
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -48,6 +46,7 @@ from tests.integration.engine_support import engine_settings, make_engine
 from tests.support.driving import drive, drive_until
 from tests.support.owned_postgres import (
     StaleSocketLock,
+    freeze_server,
     kill_postmaster,
     postmaster_pid,
     resume,
@@ -367,10 +366,7 @@ async def test_a_whole_server_frozen_is_killed_with_its_backends_and_started_aga
         watch = engine.db_watch
         assert watch is not None
         first_record = len(caplog.records)
-        postmaster = postmaster_pid(owned_server.data_dir)
-        frozen = [postmaster, *(p.pid for p in psutil.Process(postmaster).children())]
-        for pid in frozen:
-            os.kill(pid, signal.SIGSTOP)
+        frozen = freeze_server(owned_server.data_dir)
         await drive_until(clock, lambda: watch.down, what="a probe got no answer")
         await drive_until(
             clock,
@@ -379,7 +375,7 @@ async def test_a_whole_server_frozen_is_killed_with_its_backends_and_started_aga
             what="the frozen server killed and started again, the lease held (nothing resumed)",
         )
         assert watch.restarts == 1
-        assert postmaster_pid(owned_server.data_dir) != postmaster
+        assert postmaster_pid(owned_server.data_dir) != frozen[0]
         assert not any(
             psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in frozen
         )
@@ -676,10 +672,7 @@ async def test_a_frozen_database_is_said_in_health_as_no_answer_not_an_empty_tim
     try:
         watch = engine.db_watch
         assert watch is not None
-        postmaster = postmaster_pid(owned_server.data_dir)
-        frozen = [postmaster, *(p.pid for p in psutil.Process(postmaster).children())]
-        for pid in frozen:
-            os.kill(pid, signal.SIGSTOP)
+        frozen = freeze_server(owned_server.data_dir)
         reading = await watch.measure()
         assert reading.error == "no answer within 1s"
     finally:
@@ -776,10 +769,7 @@ async def test_a_frozen_database_is_timed_from_its_first_unanswered_request_and_
         measured = engine.health_measured_at
         await wait_until(lambda: engine.health_measured_at != measured, within=10.0, what="a health check")
         await asyncio.sleep(0.2)  # its save is done: the next check is 5 s away
-        postmaster = postmaster_pid(owned_server.data_dir)
-        frozen = [postmaster, *(p.pid for p in psutil.Process(postmaster).children())]
-        for pid in frozen:
-            os.kill(pid, signal.SIGSTOP)
+        frozen = freeze_server(owned_server.data_dir)
         await wait_until(lambda: watch.down, within=15.0, what="the outage noticed")
         noticed_at = clock.monotonic()
         down_for = watch.down_for()

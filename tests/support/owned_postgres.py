@@ -81,6 +81,18 @@ def stop_postmaster(data_dir: Path) -> int:
     return pid
 
 
+def freeze_server(data_dir: Path) -> list[int]:
+    """SIGSTOP the postmaster and every backend, as an operator's drill (or a frozen host) does: nothing
+    answers, every connection stays open. The pids stopped, to `resume` each."""
+    import psutil
+
+    postmaster = postmaster_pid(data_dir)
+    frozen = [postmaster, *(p.pid for p in psutil.Process(postmaster).children())]
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    return frozen
+
+
 def resume(pid: int) -> None:
     """SIGCONT a stopped postmaster, if it is still there (the engine may have replaced it)."""
     with contextlib.suppress(ProcessLookupError):
