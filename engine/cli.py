@@ -519,16 +519,24 @@ async def _start_unless_stopped(
     drains it): cut short, the stops it had sent for naked positions lost their answers."""
     starting = asyncio.ensure_future(engine.start())
     stopping = asyncio.ensure_future(stop.wait())
+    waiting = asyncio.ensure_future(engine.start_waiting.wait())
     try:
-        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({starting, stopping, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        if waiting.done() and not starting.done() and not stopping.done():
+            # Waiting for the venue (a ban: Bybit's lasts 10 minutes): the warnings held back until the
+            # engine runs are said now, and as they come. A start inside a ban left the terminal blank
+            # (an operator).
+            _terminal_go_live()
+            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():
             engine.interrupt_start()
         return await starting
     except StartInterrupted:
         raise CommandFailed(engine.start_given_up_words(ended() or "stopped")) from None
     finally:
-        stopping.cancel()
-        await asyncio.gather(stopping, return_exceptions=True)
+        for task in (stopping, waiting):
+            task.cancel()
+        await asyncio.gather(stopping, waiting, return_exceptions=True)
 
 
 def _run(args: argparse.Namespace, loaded: LoadedConfig) -> int:

@@ -136,6 +136,7 @@ T = TypeVar("T")
 
 STARTUP_UNKNOWN_SECONDS = 30.0  # an empty position list this soon after connecting is "unknown" (F3)
 WAVE_PROTECTION_WAIT_SECONDS = 120.0
+START_WAIT_SAID_SECONDS = 5.0  # a start's wait for the venue this long is said on the terminal as it waits
 WAVE_AT_STOP_WRITE_SECONDS = 2.0  # a stop's record of a wave it interrupts, at most
 SILENT_MARKS_POLL_SECONDS = 2.0  # a held symbol's marks by REST while the stream leaves it out
 SILENT_MARKS_ONE_BY_ONE = 3  # up to this many such symbols are read one by one (a lighter request each)
@@ -833,6 +834,8 @@ class Engine:
         self._waves: deque[WaveView] = deque(maxlen=50)
         self._coverage_sample: CoverageSample | None = None  # the last taken for the history
         self.start_waits_for = ""  # what the start last waited for at the venue (said if it is given up)
+        # The start waits for the venue long enough to be said as it waits (a ban), not a quick retry.
+        self.start_waiting = asyncio.Event()
         # The last reconcile pass that answered (monotonic; the start's read counts), and why the passes
         # since failed ("" while they answer): health says when the venue's stops go unchecked.
         self._reconciled_at: float | None = None
@@ -1252,6 +1255,8 @@ class Engine:
     async def _start_wait(self, seconds: float, why: str) -> None:
         """Wait `seconds` for the venue (`why`: what it waits for), unless the start is given up."""
         self.start_waits_for = why
+        if seconds >= START_WAIT_SAID_SECONDS:
+            self.start_waiting.set()
         if await wait_event(self.clock, self._start_interrupted, seconds):
             raise StartInterrupted("the start was given up while it waited for the venue")
 
