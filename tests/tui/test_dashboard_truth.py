@@ -437,6 +437,44 @@ async def test_a_read_only_dashboards_database_line_counts_only_a_read_still_wai
         ), snapshot.health
 
 
+async def test_a_read_only_dashboards_database_line_says_why_its_reads_fail(db: Database) -> None:
+    """A database that answers each read with an error (a schema the watch does not match, say) is not
+    "no answer": the line says the reads fail, and the error (r59)."""
+    feed = ReadOnlyFeed(tui_settings(db), None, interval=0.2)
+    await feed.start()
+    watching: asyncio.Task[None] | None = None
+    try:
+        await db.pool.execute("ALTER TABLE monitoring.waves RENAME TO waves_elsewhere")
+
+        async def watch() -> None:
+            async for _ in feed.follow():
+                pass
+
+        watching = asyncio.create_task(watch())
+
+        def database_line() -> ComponentHealth | None:
+            return next((h for h in feed.snapshot().health if h.component is Component.DATABASE), None)
+
+        await wait_until(
+            lambda: (line := database_line()) is not None and line.state is HealthState.CRITICAL,
+            within=feed.unanswered_after + 5,
+            what="the database line critical",
+        )
+        line = database_line()
+        assert line is not None
+        assert re.fullmatch(
+            r"the watch's reads of the database have failed for \d+s \(UndefinedTableError: relation "
+            r'"monitoring\.waves" does not exist\): everything shown is as of \d\d:\d\d:\d\d and may have '
+            r"changed since",
+            line.reason,
+        ), line.reason
+    finally:
+        if watching is not None:
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
+        await feed.stop()
+
+
 async def test_a_read_only_dashboard_counts_an_entry_its_dead_engine_left_pending(db: Database) -> None:
     """An engine killed while its entry's answer is outstanding leaves the entry `pending` and its position
     `entry_placed`: it may have filled, with no stop. A read-only dashboard leaves it to the engine holding
