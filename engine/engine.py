@@ -107,10 +107,11 @@ from storage.database import (
     Database,
     DatabaseDown,
     DatabaseUnavailable,
+    answers,
     is_unreachable,
     open_database,
 )
-from storage.embedded import default_data_dir
+from storage.embedded import default_data_dir, detach_embedded
 from storage.journal import WriteJournal
 from storage.lease import EngineLease, LeaseHeld, LeasePhase, end_own_lost_session, is_own_lease
 from storage.outage import DatabaseWatch, journal_path
@@ -1623,6 +1624,27 @@ class Engine:
             await self.venue.close()
         except Exception:
             log.exception("closing the venue failed")
+        probe = float(self.settings.database.probe_timeout_seconds)
+        silent = self._db is not None and not await answers(self._db.target, within=probe)
+        if silent:
+            # A server that does not answer (frozen) answers no goodbye either: the lease's and the pool's
+            # each waited their bound, and the embedded server's stop at exit waited until it thawed (a start
+            # on a frozen server exited only as it thawed, 30 s on; an operator's drill, reproduced).
+            log.warning("the database does not answer: its connections are dropped without a word")
+            if self._lease is not None:
+                self._lease.drop()
+            assert self._db is not None
+            self._db.pool.terminate()
+            embedded = self._db.target.embedded
+            if embedded is not None:
+                # Left running as it is, as a command leaves one it finds frozen: its next user (an engine
+                # restarts its own) or `tsbot status` deals with it.
+                await asyncio.to_thread(detach_embedded, embedded.data_dir)
+                log.warning(
+                    "the embedded PostgreSQL in %s does not answer: left as it is, not stopped",
+                    embedded.data_dir,
+                )
+            return
         if self._lease is not None:
             try:
                 await self._lease.release()

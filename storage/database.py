@@ -278,3 +278,19 @@ async def close_within(conn: asyncpg.Connection, *, within: float) -> None:
         await conn.close(timeout=within)
     except Exception:
         conn.terminate()
+
+
+async def answers(target: DatabaseTarget, *, within: float) -> bool:
+    """Whether the server answers a fresh connection's `SELECT 1` within `within` seconds (the connection is
+    dropped after, not closed politely)."""
+    conn: asyncpg.Connection | None = None
+    try:
+        async with asyncio.timeout(within):
+            conn = await asyncpg.connect(target.dsn, password=target.password, timeout=within)
+            await conn.fetchval("SELECT 1")
+    except Exception:
+        return False
+    finally:
+        if conn is not None:
+            conn.terminate()
+    return True

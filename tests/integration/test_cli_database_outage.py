@@ -53,8 +53,17 @@ def _env() -> dict[str, str]:
 
 
 def _start_run(workdir: Path) -> subprocess.Popen[str]:
+    return _start(workdir, {}, "run")
+
+
+def _start(workdir: Path, env: dict[str, str], *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [TSBOT, "run"], cwd=workdir, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [TSBOT, *args],
+        cwd=workdir,
+        env={**_env(), **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -379,3 +388,59 @@ def _start_flatten(workdir: Path) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+async def test_a_start_stopped_on_a_frozen_server_exits_at_once_and_leaves_the_server_as_it_is(
+    workdir: Path,
+) -> None:
+    """An operator's drill: the whole embedded server frozen under a start, which gives up. The process
+    said its line and then waited for the server to thaw before exiting: the lease's and the pool's
+    goodbyes waited their bounds, and the embedded server's stop at exit as long as the freeze lasted.
+    Staged here with a start waiting out the Bybit emulator's 403 ban, the server then frozen, then SIGTERM:
+    it exits within seconds, and the frozen server is left as it is (its next user deals with it)."""
+    keys = {"TSBOT_VENUE__API_KEY": "key", "TSBOT_VENUE__API_SECRET": "secret"}
+    emulator = _start(
+        workdir,
+        keys,
+        "sim-exchange",
+        "--venue",
+        "bybit",
+        "--port",
+        "0",
+        "--faults",
+        "market/instruments-info=ban",
+    )
+    frozen: list[int] = []
+    try:
+        assert emulator.stdout is not None
+        url = emulator.stdout.readline().split(" on ", 1)[1].split(" ", 1)[0]
+        engine = _start(workdir, {**keys, "TSBOT_VENUE__KIND": "bybit", "TSBOT_VENUE__BASE_URL": url}, "run")
+        try:
+            log = workdir / "logs" / "trading_bot.log"
+            await wait_until(
+                lambda: log.exists() and "the venue refuses us until" in log.read_text(),
+                within=60,
+                what="the start waiting out the ban",
+            )
+            frozen = freeze_server(workdir / "pgdata")
+            began = time.monotonic()
+            engine.send_signal(signal.SIGTERM)
+            try:
+                out, err = await asyncio.to_thread(engine.communicate, timeout=60)
+            except subprocess.TimeoutExpired:
+                pytest.fail("still running 60 s after SIGTERM, the server frozen")
+            took = time.monotonic() - began
+        finally:
+            if engine.poll() is None:
+                engine.kill()
+                engine.wait()
+        assert engine.returncode == 1, (out, err)
+        assert "stopped during the start-up, while it waited for the venue (" in err.splitlines()[-1], err
+        assert "Traceback" not in out + err
+        assert took < 15, f"{took:.1f}s"  # (the probe's 1 s, not the goodbyes' and the stop's waits)
+        assert postmaster_state(workdir / "pgdata") == (PostmasterState.RUNNING, frozen[0])  # left as it is
+    finally:
+        for pid in frozen:
+            resume(pid)
+        emulator.send_signal(signal.SIGTERM)
+        emulator.communicate(timeout=30)
