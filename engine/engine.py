@@ -1612,6 +1612,10 @@ class Engine:
         if self.store is None or not self.store.down:
             return
         log.warning("stopping while the database is down: its connections are dropped; writes stay journaled")
+        self._drop_database()
+
+    def _drop_database(self) -> None:
+        """The pool's and the lease's connections dropped without a word to the server."""
         if self._db is not None:
             self._db.pool.terminate()
         if self._lease is not None:
@@ -1631,10 +1635,8 @@ class Engine:
             # each waited their bound, and the embedded server's stop at exit waited until it thawed (a start
             # on a frozen server exited only as it thawed, 30 s on; an operator's drill, reproduced).
             log.warning("the database does not answer: its connections are dropped without a word")
-            if self._lease is not None:
-                self._lease.drop()
+            self._drop_database()
             assert self._db is not None
-            self._db.pool.terminate()
             embedded = self._db.target.embedded
             if embedded is not None:
                 # Left running as it is, as a command leaves one it finds frozen: its next user (an engine

@@ -27,9 +27,8 @@ log = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "tsbot_signals"
 MAX_WAVE_SIGNALS = 500
-LISTEN_SETUP_TIMEOUT_SECONDS = (
-    10.0  # connect and LISTEN: a server that stopped answering must not hold the consumer
-)
+# Connect and LISTEN, as a whole: a server that stopped answering must not hold the consumer.
+LISTEN_SETUP_TIMEOUT_SECONDS = 10.0
 LISTEN_CLOSE_TIMEOUT_SECONDS = 2.0
 PUT_BACK_SECONDS = 2.0  # how long a stop waits for the signals of an unrun wave to be put back
 

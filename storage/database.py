@@ -52,6 +52,13 @@ UNREACHABLE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def error_words(exc: BaseException) -> str:
+    """An error as `Type: text`; a timeout has no text of its own, so it says "no answer in time" (operators
+    read "the database is unreachable (TimeoutError: )")."""
+    text = str(exc) or ("no answer in time" if isinstance(exc, TimeoutError) else "")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def is_unreachable(exc: BaseException) -> bool:
     if isinstance(exc, UNREACHABLE_ERRORS):
         return True

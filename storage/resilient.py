@@ -50,7 +50,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from storage.database import DatabaseDown, is_unreachable
+from storage.database import DatabaseDown, error_words, is_unreachable
 from storage.journal import JournalContents, JournalEntry, WriteJournal, write_private
 from storage.repositories import (
     DEFAULT_ACCOUNT,
@@ -351,9 +351,7 @@ class ResilientStore(Store):
         return task.result()
 
     def _note_unreachable(self, exc: BaseException) -> None:
-        # (a timeout has no text of its own: "the database is unreachable (TimeoutError: )", an operator)
-        text = str(exc) or ("no answer in time" if isinstance(exc, TimeoutError) else "")
-        self.last_error = f"{type(exc).__name__}: {text}"[:200] if text else type(exc).__name__
+        self.last_error = error_words(exc)[:200]
         self.suspected.set()
 
     async def _append(self, op: str, args: dict[str, Any]) -> JournalEntry:

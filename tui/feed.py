@@ -53,7 +53,7 @@ from protection.coverage import CoverageFigures, PositionCoverage, coverage_figu
 from protection.health import Component, ComponentHealth, HealthState, entries_held_recorded
 from protection.manager import stop_words
 from storage.commands import CommandKind
-from storage.database import Database, open_database
+from storage.database import Database, error_words, open_database
 from storage.history import DashboardHistory
 from storage.lease import LeaseHolder, current_holder
 from storage.repositories import (
@@ -536,10 +536,7 @@ class ReadOnlyFeed:
                 for entry in await self.poll():
                     yield entry
             except Exception as exc:  # the database may restart under us: say so and keep watching
-                # (a timeout has no text: the row said "failed" and nothing more, r59)
-                self._failure = (
-                    f"{type(exc).__name__}: {exc}" if str(exc) else f"{type(exc).__name__}: no answer in time"
-                )[:200]
+                self._failure = error_words(exc)[:200]  # (a timeout's row said "failed" and nothing more)
                 log.warning("read-only watch: reading the database failed: %s", self._failure)
                 yield LogEntry(time.time(), "error", "", "read-only watch", None, "failed", self._failure)
             await asyncio.sleep(self.interval)
