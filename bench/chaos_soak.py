@@ -56,7 +56,12 @@ core's oracle view, or the emulator's `GET /_sim/state`) and the engine's databa
   venue has not finished filling it: TRIGGERING, the venue's own time until the engine's patience ends
   and it closes the position at market), `fired_banned` (the same while the venue bans the engine: that
   close cannot be sent before the ban ends), `opening` (a new position's first stops on their way, within
-  grace of it appearing), `other` (a stop lost, refused or not yet replaced: the engine's to answer for);
+  grace of it appearing), `opening_banned` (the same while the venue bans the engine: no stop can be
+  placed before the ban ends), `other` (a stop lost, refused or not yet replaced: the engine's to answer
+  for);
+* `opening_s_per_position`: how `opening` and `opening_banned` together spread over the positions: the
+  median, 90th percentile and maximum per position, and how many positions were seen without their first
+  stops at all;
 * `worst_unprotected_s`: the longest run of consecutive samples in which one venue position lacked one
   of its stops, from its first unprotected sample to the first protected one (resolution 200 ms);
 * `duplicates`: incidents of two live stops of ours of one kind on one symbol (never allowed);
@@ -94,6 +99,7 @@ import json
 import logging
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -215,6 +221,20 @@ def engine_environ(args: argparse.Namespace, dsn: str) -> dict[str, str]:
         # The operator who would look at the cause and resume entries: the breaker resumes them itself
         # after this long without a reason to trip (0: entries stay paused once it trips).
         "TSBOT_PROTECTION__BREAKER__AUTO_RESUME_SECONDS": f"{args.breaker_auto_resume:g}",
+    }
+
+
+def spread(values: Sequence[float]) -> dict[str, float | int]:
+    """The median, 90th percentile and maximum of per-position seconds, and how many are above zero."""
+    ordered = sorted(values)
+    if not ordered:
+        return {"positions": 0, "with_any": 0, "median": 0.0, "p90": 0.0, "max": 0.0}
+    return {
+        "positions": len(ordered),
+        "with_any": sum(1 for v in ordered if v > 0),
+        "median": round(statistics.median(ordered), 3),
+        "p90": round(ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))], 3),
+        "max": round(ordered[-1], 3),
     }
 
 
@@ -516,6 +536,16 @@ async def _soak(
             cause: round(seconds, 3)
             for cause, seconds in sorted(figures.unprotected_seconds_by_cause.items())
         },
+        "opening_s_per_position": spread(
+            [
+                a + b
+                for a, b in zip(
+                    run.auditor.unprotected_per_position("opening"),
+                    run.auditor.unprotected_per_position("opening_banned"),
+                    strict=True,
+                )
+            ]
+        ),
         "duplicates": figures.duplicates,
         "lost_positions": figures.lost_positions,
         "violations": dict(figures.violations),

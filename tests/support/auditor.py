@@ -699,11 +699,13 @@ class InvariantAuditor:
         """Why a position lacks a stop: `fired` (one of its stops fired and the venue has not finished
         filling it: TRIGGERING), `fired_banned` (the same while the venue bans the engine: its close at
         market cannot be sent), `opening` (its first stops on their way, within grace of the position
-        appearing), else `other` (lost, refused or not yet replaced: what the engine must answer for)."""
+        appearing), `opening_banned` (the same while the venue bans the engine: no stop can be placed
+        before the ban ends), else `other` (lost, refused or not yet replaced: what the engine must answer
+        for)."""
         if any(stop.symbol == episode.symbol for stop in venue.triggering):
             return "fired_banned" if venue.banned else "fired"
         if now - episode.opened_at <= self.limits.grace_seconds and episode.protected_seconds == 0.0:
-            return "opening"
+            return "opening_banned" if venue.banned else "opening"
         return "other"
 
     @staticmethod
@@ -742,6 +744,12 @@ class InvariantAuditor:
             db_read_failures=self.db_read_failures,
             unprotected_seconds_by_cause=_summed(e.unprotected_by_cause for e in episodes),
         )
+
+    def unprotected_per_position(self, cause: str) -> list[float]:
+        """Each position episode's seconds unprotected for `cause` (0.0 where it had none), in the order
+        they were first seen: how a total spreads over the positions (one long stretch, or a little each)."""
+        episodes = sorted([*self._finished, *self._episodes.values()], key=lambda e: e.opened_at)
+        return [e.unprotected_by_cause.get(cause, 0.0) for e in episodes]
 
     def open_conditions(self) -> list[tuple[Rule, str, str]]:
         """Conditions the last samples showed and that have not ended (violations or not yet): empty

@@ -166,6 +166,27 @@ def test_unprotected_seconds_are_split_by_why() -> None:
     assert figures.as_dict()["unprotected_seconds_by_cause"] == {"fired": 2.0, "opening": 1.0, "other": 2.5}
 
 
+def test_a_new_positions_wait_for_its_stops_during_a_ban_is_counted_apart() -> None:
+    """A position filled just before a ban: its first stops cannot be placed before the ban ends. Still
+    uncovered time, told apart from the opening the engine's own pace decides; and each position's share
+    of it is kept, one long wait told apart from a little on many positions."""
+    audit = auditor()
+    bare = view([long()])
+    banned = VenueView(bare.positions, bare.open_stops, bare.triggering, banned=True)
+
+    def at(t: float) -> VenueView:
+        if t < 0.5:
+            return bare  # 0.5 s opening
+        return banned if t < 2.5 else covered()  # 2 s opening during the ban, then protected
+
+    play(audit, [(t, at(t), None) for t in every(0, 5)])
+    figures = audit.figures()
+    assert figures.unprotected_seconds_by_cause == pytest.approx({"opening": 0.5, "opening_banned": 2.0})
+    assert figures.protected_seconds == pytest.approx(2.5)
+    assert audit.unprotected_per_position("opening_banned") == pytest.approx([2.0])
+    assert audit.unprotected_per_position("fired") == [0.0]
+
+
 def test_a_fired_stop_during_a_ban_is_counted_apart() -> None:
     """A stop stuck TRIGGERING while the venue bans the engine: its close at market waits for the ban's
     end. Still uncovered time, told apart from the fired time the engine could have shortened."""
