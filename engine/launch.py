@@ -1,0 +1,50 @@
+"""The console scripts' first code: `tsbot` and `tsbot-tui` import a second of modules before their own
+signal handling exists. A Ctrl-C in that second printed a KeyboardInterrupt traceback, and a SIGTERM or
+SIGHUP (a supervisor's stop, a closed terminal) ended the process with no word at all. Here the signals
+are caught while the program is imported: the process says in one line that it stopped before it started,
+and exits as the signal would have (128 + its number). Nothing of ours has run by then: nothing is lost.
+
+This module imports nothing heavy, so that its handlers are in place a few milliseconds after start."""
+
+from __future__ import annotations
+
+import importlib
+import signal
+import sys
+from collections.abc import Callable
+from types import FrameType
+
+_CAUGHT = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class _StoppedWhileStarting(BaseException):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    raise _StoppedWhileStarting(signum)
+
+
+def _load_main(module: str, program: str) -> Callable[[], int]:
+    """`module`'s main, imported with the signals caught; a signal meanwhile ends the process here."""
+    previous = {signum: signal.signal(signum, _stop) for signum in _CAUGHT}
+    try:
+        try:
+            return importlib.import_module(module).main
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+    except _StoppedWhileStarting as stopped:
+        name = signal.Signals(stopped.signum).name
+        print(f"{program}: stopped by {name} while starting; nothing was done", file=sys.stderr)
+        raise SystemExit(128 + stopped.signum) from None
+
+
+def tsbot() -> int:
+    return _load_main("engine.cli", "tsbot")()
+
+
+def tsbot_tui() -> int:
+    return _load_main("tui.app", "tsbot-tui")()

@@ -1,0 +1,62 @@
+"""A signal in the second `tsbot` and `tsbot-tui` spend importing their modules (`engine.launch`): a Ctrl-C
+there printed a KeyboardInterrupt traceback, and a SIGTERM or SIGHUP ended the process without a word
+(exit 143, an operator's drill). Now it is one line, and the exit code the signal would have given.
+
+The signal is sent once the launcher's handlers are in place (the kernel lists SIGTERM as caught in
+/proc/<pid>/status: nothing else in the program catches it before its imports are done), so it lands while
+the program is still being imported."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+def _catches(pid: int, signum: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    caught = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) & (1 << (signum - 1)))
+
+
+@pytest.mark.parametrize("program", ["tsbot", "tsbot-tui"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_a_signal_while_the_program_is_imported_is_one_line_and_its_exit_code(
+    program: str, signum: signal.Signals, tmp_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TSBOT")} | {"HOME": str(tmp_path)}
+    process = subprocess.Popen(
+        [str(BIN / program), "--version"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not _catches(process.pid, signal.SIGTERM):
+            assert process.poll() is None, f"{program} ended before its launcher caught SIGTERM"
+            assert time.monotonic() < deadline, f"{program} never caught SIGTERM while starting"
+            time.sleep(0.001)
+        process.send_signal(signum)
+        out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert err.splitlines() == [f"{program}: stopped by {signum.name} while starting; nothing was done"], (
+        f"stdout {out!r}, stderr {err!r}"
+    )
+    assert out == ""
+    assert process.returncode == 128 + signum
