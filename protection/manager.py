@@ -2817,13 +2817,13 @@ class PositionGuard:
         venue's read lag after its send is over (before, it proves nothing), then raised (`NotFound`)."""
         m = self._m
         while True:
+            asked_at = m.clock.monotonic()  # judged by when the look left, as `cancel_by_id` is
             try:
                 return await m.read(lambda: m.venue.fetch_order(self.symbol, cid), "fetch_order")
             except NotFound:
-                left = sent_at + m.absence_window() - m.clock.monotonic()
-                if left <= 0:
+                if asked_at - sent_at >= m.absence_window():
                     raise
-                await m.clock.sleep(left)
+                await m.clock.sleep(max(0.0, sent_at + m.absence_window() - m.clock.monotonic()))
 
     async def _close_slot(self) -> tuple[bool, float | None]:
         """Wait for the close's place in the venue's order windows (`OrderBudget.acquire_close`, through a
@@ -3730,6 +3730,10 @@ class ProtectionManager:
         read-after-write lag of its send (`sent_at`) proves nothing: it may show up a moment later. Nor
         does a cancel that leaves a fired stop TRIGGERING: its fill, reduce-only, would still come, and
         would close a new position of the same side on the symbol (a soak saw 1354 short cut to 27.8)."""
+        # "Unknown order" is judged by when the cancel left (the venue judged it on arrival, a trip before
+        # its answer): judged on the answer's arrival, a cancel that reached the venue before the stop
+        # showed was taken for proof it was gone, and the live stop was recorded cancelled and forgotten.
+        asked_at = self.clock.monotonic()
         try:
             # Idempotent like a read: sent again once its answer is late, the first answer settles it (a
             # second cancel of a cancelled order answers "unknown order": gone). A lost answer held the
@@ -3747,7 +3751,7 @@ class ProtectionManager:
                     )
                 return False
         except NotFound:
-            if sent_at is not None and self.clock.monotonic() - sent_at < self.absence_window():
+            if sent_at is not None and asked_at - sent_at < self.absence_window():
                 log.info("%s: %s not visible yet to cancel (read-after-write lag); trying again", symbol, cid)
                 return False
             await self.store.set_order_status(cid, OrderRecordStatus.CANCELED)

@@ -46,6 +46,12 @@ async def _stops_recorded(db: Database, position_id: int) -> bool:
     return count == 2
 
 
+async def _order_status(db: Database, client_order_id: str) -> str:
+    return await db.pool.fetchval(
+        "SELECT status FROM monitoring.orders WHERE client_order_id = $1", client_order_id
+    )
+
+
 async def _status(db: Database, position_id: int) -> str:
     return await db.pool.fetchval("SELECT status FROM monitoring.positions WHERE id = $1", position_id)
 
@@ -1871,5 +1877,66 @@ async def test_a_position_restored_uncovered_past_grace_is_retried_at_the_grace_
         delays = stop_loss_retry_delays(caplog.records, restored.symbol)
         assert len(delays) == 4, delays
         assert all(d <= grace / 4 for d in delays), delays
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_cancel_that_reached_the_venue_before_the_stop_showed_proves_nothing(db: Database) -> None:
+    """ "Unknown order" to a cancel was judged by when its answer came back, not by when it left (a
+    reviewer, in a managed-trail soak on a venue whose reads lag 2 s: 61 replaced stops taken for gone, 48
+    of them found live later, one left on a closed symbol 11.4 s while the log said its stops were
+    cancelled). A cancel that reached the venue before the stop showed is no proof: the stop is not
+    recorded cancelled, and is asked again."""
+    settings = settings_for(
+        db,
+        {
+            # Orders reach the venue 0.5 s after their send, cancels 1 s after theirs, both answered as
+            # long after; no cancel is sent twice (a copy goes once an answer is 4 order round trips late).
+            "VENUE__SIM__LATENCY__BY_CALL__CREATE_ORDER__SECONDS": "1.0",
+            "VENUE__SIM__LATENCY__BY_CALL__CANCEL_ORDER__SECONDS": "2.0",
+        },
+    )
+    clock = ManualClock()
+    engine = make_engine(settings, clock, read_lag=3.0)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[4]])
+        await drive_until_covered(engine, clock, 1)
+        manager = engine.manager
+        assert manager is not None
+        venue = engine.venue
+        assert manager.absence_window() == pytest.approx(3.5)  # the lag, and the order's one-way trip
+        price = guard.stop_loss.price
+        assert price is not None
+        cid = "stop-of-another-run"  # (no guard of this engine counts it: only the cancel is judged)
+        assert engine.store is not None
+        await engine.store.record_order(
+            client_order_id=cid,
+            purpose=OrderPurpose.STOP_LOSS,
+            side="sell",
+            type="stop_market",
+            quantity=guard.quantity,
+            trigger_price=price,
+        )
+        sent_at = clock.monotonic()
+        await drive(
+            clock,
+            venue.create_stop_market_order(
+                guard.symbol, OrderSide.SELL, guard.quantity, price, client_order_id=cid
+            ),
+        )
+        # Sent 2 s after the stop: it reaches the venue at 3 s, the stop shows at 3.5 s, its answer is
+        # back at 4 s, past the absence window.
+        await drive(clock, clock.sleep(sent_at + 2.0 - clock.monotonic()))
+        gone = await drive(clock, manager.cancel_by_id(guard.symbol, cid, sent_at=sent_at))
+        assert clock.monotonic() - sent_at >= manager.absence_window()  # answered past the window
+        live = {o.client_order_id for o in venue.core.open_protective_orders(clock.now())}
+        assert cid in live  # the venue's truth: the stop is there
+        assert gone is False
+        assert await _order_status(db, cid) == "pending"  # not recorded cancelled
+        # Asked again now that it shows, the cancel takes it off the venue.
+        assert await drive(clock, manager.cancel_by_id(guard.symbol, cid, sent_at=sent_at)) is True
+        assert cid not in {o.client_order_id for o in venue.core.open_protective_orders(clock.now())}
+        assert await _order_status(db, cid) == "canceled"
     finally:
         await drive(clock, engine.stop())
