@@ -392,6 +392,9 @@ class EngineSnapshot:
     # The last coverage sample the engine took for the history (`monitoring.coverage_samples`): the gauge's
     # trend draws these, so its "low" and the history screen's are the same samples' figures.
     coverage_sample: CoverageSample | None = None
+    # What the start is waiting for at the venue now (a ban's end, a read to try again), "" when it is not:
+    # a dashboard said "starting" and every carried position UNCOVERED, and nothing said why (an operator).
+    start_waiting_for: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -835,6 +838,7 @@ class Engine:
         self._waves: deque[WaveView] = deque(maxlen=50)
         self._coverage_sample: CoverageSample | None = None  # the last taken for the history
         self.start_waits_for = ""  # what the start last waited for at the venue (said if it is given up)
+        self.start_waiting_for = ""  # what it waits for now ("" once the wait is over)
         # The start waits for the venue long enough to be said as it waits (a ban), not a quick retry.
         self.start_waiting = asyncio.Event()
         # The last reconcile pass that answered (monotonic; the start's read counts), and why the passes
@@ -1255,10 +1259,14 @@ class Engine:
 
     async def _start_wait(self, seconds: float, why: str) -> None:
         """Wait `seconds` for the venue (`why`: what it waits for), unless the start is given up."""
-        self.start_waits_for = why
+        self.start_waits_for = self.start_waiting_for = why
         if seconds >= START_WAIT_SAID_SECONDS:
             self.start_waiting.set()
-        if await wait_event(self.clock, self._start_interrupted, seconds):
+        try:
+            interrupted = await wait_event(self.clock, self._start_interrupted, seconds)
+        finally:
+            self.start_waiting_for = ""
+        if interrupted:
             raise StartInterrupted("the start was given up while it waited for the venue")
 
     def _start_watching_the_venue(self) -> None:
@@ -4083,6 +4091,7 @@ class Engine:
             entries_sending=len(self._entries_on_their_way()),
             positions_tracked=not self._positions_let_go,
             coverage_sample=self._coverage_sample,
+            start_waiting_for=self.start_waiting_for,
         )
 
     def _entries_on_their_way(self) -> set[str]:

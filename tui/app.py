@@ -1038,6 +1038,14 @@ def coherent_health(
 QUIT_NAMES_SHOWN = 5  # uncovered positions the quit dialog names
 
 
+def _only_unverified(view: PositionView) -> bool:
+    """Every stop the position lacks is only unverified (not known missing), and at least one is."""
+    return (view.stop_loss_unverified or view.trailing_stop_unverified) and (
+        (view.has_stop_loss or view.stop_loss_unverified)
+        and (view.has_trailing_stop or view.trailing_stop_unverified)
+    )
+
+
 def quit_warning(snapshot: EngineSnapshot) -> str:
     """What quitting leaves behind. Only positions whose both stops the venue confirmed are said to keep
     their stops; every other one is UNCOVERED (inside its grace period or not), never both."""
@@ -1069,10 +1077,27 @@ def quit_warning(snapshot: EngineSnapshot) -> str:
         shown_names = ", ".join(names[:QUIT_NAMES_SHOWN]) + (
             f", +{len(names) - QUIT_NAMES_SHOWN} more" if len(names) > QUIT_NAMES_SHOWN else ""
         )
+        # Stops the venue has not confirmed since a doubt (a start that has not read it yet, a gap in the
+        # account stream) may well be live: said apart from stops known missing (a start waiting out a ban
+        # said 20 positions UNCOVERED while the venue held all 40 of their stops: an operator).
+        unverified = sum(1 for p in snapshot.positions if not p.covered and _only_unverified(p))
+        doubt = (
+            f"; {unverified} of them not verified: their stops were confirmed before and may still be on "
+            "the exchange, but the venue has not confirmed them since"
+            if unverified
+            else ""
+        )
+        waiting = (
+            f" (the start is waiting for the venue: {snapshot.start_waiting_for})"
+            if snapshot.start_waiting_for
+            else ""
+        )
         lines.append(
             f"WARNING: {unconfirmed} {'position is' if unconfirmed == 1 else 'positions are'} UNCOVERED "
             f"right now{grace}"
             + (f" ({shown_names})" if names else "")
+            + doubt
+            + waiting
             + ". The engine tries to protect them "
             "before it stops (within the call budget); any it cannot stays UNCOVERED."
         )

@@ -20,8 +20,9 @@ from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, FaultKind
 from storage.database import Database
 from tests.integration.engine_support import engine_settings, make_engine
-from tests.integration.test_failure_modes_f1_f5 import SYMBOLS
+from tests.integration.test_failure_modes_f1_f5 import SYMBOLS, drive_until_covered, open_positions
 from tests.support.driving import drive, drive_until
+from tui.app import quit_warning
 
 
 def _engine(db: Database):  # type: ignore[no-untyped-def]
@@ -193,3 +194,71 @@ async def test_a_stop_asked_while_the_start_protects_positions_lets_it_finish(db
     kinds = {o.type for o in core.inspect(clock.now()).open_conditional if o.symbol == naked}
     assert kinds == {OrderType.STOP_MARKET, OrderType.TRAILING_STOP_MARKET}
     assert (report.open_positions, report.uncovered) == (1, 0)
+
+
+async def test_a_start_waiting_out_a_ban_says_why_and_tells_unverified_stops_from_missing_ones(
+    db: Database,
+) -> None:
+    """An operator quit a dashboard whose start was waiting out a ban: its header said "starting", its quit
+    dialog "20 positions are UNCOVERED right now … the engine tries to protect them", while the venue held
+    all 40 of their stops and nothing said why the start waited. Uncovered they are (nothing has confirmed
+    their stops since the restart), and said so; now also why, and that their stops may still be live."""
+    settings = engine_settings(
+        db.target.dsn,
+        {
+            "VENUE__SIM__RATE_LIMITS__ORDERS_PER_10S": "12",
+            "VENUE__SIM__RATE_LIMITS__BAN_AFTER_VIOLATIONS": "1",
+            "VENUE__SIM__RATE_LIMITS__BAN_SECONDS": "30",
+        },
+    )
+    clock = ManualClock(start=time.time())
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    held = SYMBOLS[3]
+    first = make_engine(settings, clock, venue)
+    await drive(clock, first.start())
+    try:
+        await open_positions(first, clock, [held])
+        await drive_until_covered(first, clock, 1)
+    finally:
+        await drive(clock, first.stop())
+    core = venue.core
+    for i in range(100):  # another client on the account fills the order window until the venue bans it
+        try:
+            core.place_market_order(
+                SYMBOLS[4], OrderSide.SELL, Decimal(1), f"other-{i}", clock.now(), reduce_only=True
+            )
+        except Banned:
+            break
+        except ExchangeError:
+            pass
+    else:
+        raise AssertionError("the venue never banned the account")
+    second = make_engine(settings, clock, SimVenue(settings.venue.sim, clock=clock, core=core))
+    starting = asyncio.ensure_future(second.start())
+    try:
+        await drive_until(
+            clock, lambda: bool(second.start_waiting_for) or starting.done(), what="the start waiting"
+        )
+        assert not starting.done(), starting.result()
+        grace = float(settings.protection.grace_seconds)
+        await drive(clock, clock.sleep(grace + 1))  # its carried record unverified past grace
+        snapshot = second.snapshot()
+        assert snapshot.state is EngineState.STARTING
+        assert "banned" in snapshot.start_waiting_for
+        [view] = snapshot.positions
+        assert not view.covered
+        assert view.stop_loss_unverified
+        assert view.trailing_stop_unverified
+        warning = quit_warning(snapshot)
+        assert f"1 position is UNCOVERED right now ({held}); 1 of them not verified" in warning
+        assert "may still be on the exchange" in warning
+        assert f"(the start is waiting for the venue: {snapshot.start_waiting_for})" in warning
+        # The venue's truth: both its stops are there all along.
+        kinds = {o.type for o in core.inspect(clock.now()).open_conditional if o.symbol == held}
+        assert kinds == {OrderType.STOP_MARKET, OrderType.TRAILING_STOP_MARKET}
+        await drive(clock, starting)
+        assert second.snapshot().start_waiting_for == ""  # the wait is over, and said so
+    finally:
+        if not starting.done():
+            starting.cancel()
+        await drive(clock, second.stop())

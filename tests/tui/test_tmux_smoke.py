@@ -206,6 +206,8 @@ def test_quitting_while_the_start_waits_out_a_ban_says_what_it_left_and_exits_no
         while not (log.exists() and "the venue refuses us until" in log.read_text()):
             assert time.monotonic() < deadline, "the start never waited out the ban"
             time.sleep(0.2)
+        # The header says the start is waiting (it said "starting" alone, for minutes: an operator).
+        tmux.wait_for("ban", r"starting: waits for the venue", within=30)
         if stop_by == "q":
             tmux.run("send-keys", "-t", "ban", "q")  # nothing open is known yet: no confirmation asked
         else:  # the pane's shell runs the dashboard as its child (`env` execs it)

@@ -51,6 +51,10 @@ class StatusBar(Horizontal):
             self.set_class(mode == name, f"-{name.lower()}")
         self.set_class(watching is not None, "-read-only")
         state = "stopping" if stopping else snapshot.state.value
+        if state == "starting" and snapshot.start_waiting_for:
+            # A start can wait minutes for the venue (a ban's end): "starting" alone read as a hang, and
+            # the reason was only in the log panel, not shown at 80×24 (an operator).
+            state = "starting: waits for the venue"
         if watching is not None:
             state = f"read-only · {watching}"
         entries = ""
