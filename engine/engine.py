@@ -1993,14 +1993,17 @@ class Engine:
                 # tripped. Read again first, at the venue's word (a ban waits for nobody).
                 pause = exc.retry_after if isinstance(exc, RateLimited) else SNAPSHOT_RETRY_SECONDS
                 remaining = patience - (self.clock.monotonic() - started)
+                # (Said as what reads it: "start-up:" during a protection restart misled an operator.)
+                who = "protection restart" if restart else "start-up"
                 if isinstance(exc, Banned) or attempt == SNAPSHOT_ATTEMPTS or pause >= remaining:
                     log.error(
-                        "start-up: the venue did not answer (%s); every order is looked up on its own", exc
+                        "%s: the venue did not answer (%s); every order is looked up on its own", who, exc
                     )
                     return None
                 log.warning(
-                    "start-up: reading the venue's positions and stops failed (%s); asked again in %.1fs "
+                    "%s: reading the venue's positions and stops failed (%s); asked again in %.1fs "
                     "(attempt %d of %d)",
+                    who,
                     exc,
                     pause,
                     attempt,

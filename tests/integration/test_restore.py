@@ -111,11 +111,12 @@ async def test_restart_looks_up_only_the_orders_the_venue_no_longer_lists(db: Da
 
 @pytest.mark.parametrize("how", ["start", "protection restart"])
 async def test_a_venue_snapshot_refused_once_is_read_again_not_replaced_by_a_look_up_per_order(
-    db: Database, how: str
+    db: Database, how: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """One refused request of the snapshot's few used to fail the whole read, and every order was then
     looked up on its own: in a Bybit soak a protection restart's hundred look-ups, under the same faults and
-    limits, left fifty positions unverified and tripped the breaker. The snapshot is read again."""
+    limits, left fifty positions unverified and tripped the breaker. The snapshot is read again, and the
+    warning names what read it (a protection restart's said "start-up:", an operator)."""
     settings = settings_for(db)
     clock = ManualClock()
     engine_a = make_engine(settings, clock)
@@ -145,6 +146,9 @@ async def test_a_venue_snapshot_refused_once_is_read_again_not_replaced_by_a_loo
         assert (report.restored, report.reprotected, report.failed) == (6, 0, 0)
         assert calls[CallKind.FETCH_ORDER] == 0  # no order looked up on its own
         assert calls[CallKind.CREATE_ORDER] == 0
+        [said] = [r.getMessage() for r in caplog.records if "reading the venue's positions" in r.getMessage()]
+        who = "start-up" if how == "start" else how
+        assert said.startswith(f"{who}: reading the venue's positions and stops failed"), said
         assert engine.manager is not None
         assert all(g.covered for g in engine.manager.guards.values())
     finally:
