@@ -126,6 +126,19 @@ class OneLineParser(argparse.ArgumentParser):
             message += " (a value that begins with '-' is read as an option: give it as OPTION=VALUE)"
         self.exit(EXIT_USAGE, f"{self.prog}: {one_line(message)} (see {self.prog} --help)\n")
 
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        """As argparse's, but arguments left over after a subcommand point to that subcommand's help
+        (`tsbot db migrate --bogus` said "see tsbot --help")."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(parsed, "command", None)
+            where = f"{self.prog} {_command_key(parsed)}" if command else self.prog
+            self.exit(
+                EXIT_USAGE,
+                f"{self.prog}: {one_line('unrecognized arguments: ' + ' '.join(extras))} (see {where} --help)\n",
+            )
+        return parsed
+
 
 def one_line(text: str, secrets: Iterable[str] = ()) -> str:
     """`text` as the single line an operator sees: line breaks folded, secrets masked, length bounded.
@@ -1256,9 +1269,7 @@ def _steer(
     position, then what was done. Exit 0 done, 1 failed or partly done (or no answer in time), 3 no engine."""
     wait = args.wait_seconds
     if not (math.isfinite(wait) and 0 < wait <= MAX_WAIT_SECONDS):
-        raise UsageError(
-            f"--wait-seconds must be within 0..{MAX_WAIT_SECONDS:g} (exclusive of 0), got {wait:g}"
-        )
+        raise UsageError(f"--wait-seconds must be more than 0 and at most {MAX_WAIT_SECONDS:g}, got {wait:g}")
     if len(args.reason) > MAX_REASON_CHARS or any(ord(c) < 32 for c in args.reason):
         raise UsageError(f"--reason must be one line of at most {MAX_REASON_CHARS} characters")
     account = account_key(loaded.settings.venue)

@@ -383,7 +383,10 @@ async def test_an_engine_holding_the_account_but_not_heard_is_sent_nothing(workd
         (("close", "SFP/USDT"), "tsbot: SYMBOL: symbol must be exchange-native letters and digits"),
         (("protect", "--symbol", ""), "tsbot: --symbol: symbol must be a non-empty string"),
         (("flatten",), "tsbot: flatten closes every position of the account: say so with --all"),
-        (("close", "SFPUSDT", "--wait-seconds", "0"), "tsbot: --wait-seconds must be within"),
+        (
+            ("close", "SFPUSDT", "--wait-seconds", "0"),
+            "tsbot: --wait-seconds must be more than 0 and at most 3600, got 0",
+        ),
         (("entries", "pause", "--reason", "a\nb"), "tsbot: --reason must be one line"),
         (("entries", "stop"), "tsbot entries: argument ACTION: invalid choice: 'stop'"),
     ],

@@ -262,6 +262,16 @@ def test_a_real_bug_is_one_line_and_its_traceback_goes_to_the_log(
             ("--config", "a.toml", "config", "show", "--config", "b.toml"),
             "tsbot config show: --config given twice (a.toml, b.toml): give it once",
         ),
+        # Left over after a subcommand: that subcommand's help, not the top level's (an operator).
+        (
+            ("db", "migrate", "--bogus"),
+            "tsbot: unrecognized arguments: --bogus (see tsbot db migrate --help)",
+        ),
+        (("status", "extra"), "tsbot: unrecognized arguments: extra (see tsbot status --help)"),
+        (
+            ("close", "BTCUSDT", "--wait-seconds", "0"),
+            "tsbot: --wait-seconds must be more than 0 and at most",
+        ),
     ],
 )
 def test_bad_arguments_are_one_line(workdir: Path, argv: tuple[str, ...], starts: str) -> None:
