@@ -167,3 +167,26 @@ def test_a_pnl_that_rounds_to_nothing_reads_zero_not_minus_zero() -> None:
     assert formatting.percent_sign(Decimal("-0.006")) == -1
     assert formatting.signed_percent(Decimal("1.25")) == "+1.25%"
     assert formatting.signed_percent(None) == "—"
+
+
+async def test_a_long_operation_is_cut_on_one_line_not_wrapped_mid_word_at_80x24() -> None:
+    """At 80×24 the log panel's narrow Operation column wrapped a logger's name mid-word across three
+    lines ("engine.venue" / "s.stream_cli" / "ent", an operator): one line now, cut with "…"."""
+    settings = scenario_settings()
+    app = DashboardApp(settings, feed=ScenarioFeed(settings), tz=UTC, code_roots=[])
+    async with app.run_test(size=(80, 24)) as pilot:
+        await _settled(app, pilot)
+        await pilot.press("l")
+        log = app.query_one(EventLog)
+        assert log.narrow
+        app.post_message(
+            LogEntryAdded(
+                LogEntry(T0 - 1, "warning", "", "engine.venues.stream_client", None, "", "marks stream late")
+            )
+        )
+        await pilot.pause(0.1)
+        [row] = [r for r in log.ordered_rows if log.get_row(r.key)[-1].plain.endswith("marks stream late")]
+        assert row.height == 1
+        operation = log.get_row(row.key)[3]
+        assert operation.no_wrap
+        assert operation.plain == "engine.venues.stream_client"  # whole in the cell; cut only on screen

@@ -228,7 +228,10 @@ class EventLog(DataTable[Text]):
             Text(formatting.clock_time(entry.at, self._tz) if entry.at else ""),
             Text(SEVERITY_SHORT.get(entry.severity, entry.severity), style=style),
             Text(entry.symbol),
-            Text(_short_operation(entry.operation)),
+            # One line, cut with "…" (the row's detail wraps; a logger's name wrapped mid-word across three
+            # lines, "engine.venue" / "s.stream_cli" / "ent", at 80×24: an operator). The whole name is in
+            # the log file.
+            Text(_short_operation(entry.operation), no_wrap=True, overflow="ellipsis"),
         )
         if self.narrow:  # outcome and latency lead the detail
             lead = Text(" ").join(t for t in (outcome, Text(latency)) if t.plain)
