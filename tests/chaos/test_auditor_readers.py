@@ -12,6 +12,7 @@ import aiohttp
 from engine.clock import ManualClock
 from engine.exchange.port import OrderSide
 from engine.venues.binance_emulator import BinanceEmulator
+from engine.venues.binance_emulator.faults import Target, parse_fault
 from engine.venues.binance_emulator.server import running
 from engine.venues.bybit_emulator import BybitEmulator
 from engine.venues.bybit_emulator import running as running_bybit
@@ -82,16 +83,25 @@ async def test_the_emulator_truth_reads_what_the_core_behind_it_holds() -> None:
     )
 
     clock = ManualClock(start=now)
-    async with running(emulator) as url:
+    async with running(emulator) as url, aiohttp.ClientSession() as session:
         truth = EmulatorTruth(url)
         try:
             over_http = await truth.read()
+            # A ban the venue answers is in force for every request: the truth says so (the reader looked
+            # for it where the state does not keep it, and no soak ever counted `fired_banned` or
+            # `opening_banned` on this emulator).
+            emulator.faults.force((Target.parse("GET:ping"),), parse_fault("ban:30"))
+            async with session.get(f"{url}/fapi/v1/ping") as refused:
+                assert refused.status == 418
+            banned = await truth.read()
         finally:
             await truth.close()
     direct = await SimTruth(core, clock).read()
     assert over_http == direct
     assert [p.symbol for p in over_http.positions] == ["SFPUSDT"]
     assert sorted(s.type for s in over_http.open_stops) == ["stop_market", "trailing_stop_market"]
+    assert not over_http.banned
+    assert banned.banned
 
 
 async def test_the_bybit_emulator_truth_reads_a_positions_stops_as_the_fields_they_are() -> None:

@@ -203,7 +203,7 @@ class EmulatorTruth(_ControlApiTruth):
                 SeenStop(o["symbol"], o["clientAlgoId"], "", Decimal(0), "")
                 for o in state.get("triggering_algo_orders", ())
             ),
-            banned=state.get("banned_until_ms") is not None,
+            banned=state["rate"].get("banned_until_ms") is not None,
         )
 
 
