@@ -14,7 +14,8 @@ import sys
 from collections.abc import Callable
 from types import FrameType
 
-_CAUGHT = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# (SIGHUP: where the platform has it.)
+_CAUGHT = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 class _StoppedWhileStarting(BaseException):
