@@ -1053,6 +1053,18 @@ class PositionGuard:
             return True
         if status in (OrderStatus.CANCELED, OrderStatus.EXPIRED):
             if not target.confirmed:
+                if target.unverified:
+                    # In doubt (a gap in the stream, a restart): the venue has now said it ended. Missing,
+                    # not "unverified, not known gone" — said so for minutes while a ban kept the look-up
+                    # from being made (a reviewer, on Bybit). The look-up by id still settles it.
+                    log.warning(
+                        "%s: %s %s %s on the venue (account stream) while in doubt; asking the venue",
+                        self.symbol,
+                        stop_words(target.purpose),
+                        cid,
+                        status.value,
+                    )
+                    target.doubted_id = None
                 self.wake.set()  # in flight or fired: the guard's look-up by id settles it
                 return False
             # After the stream said the position went flat, the venue deactivates what is left on it (Bybit

@@ -415,6 +415,41 @@ async def test_a_stop_whose_earlier_generation_ended_is_said_unverified_in_doubt
         await drive(clock, engine.stop())
 
 
+async def test_a_stop_in_doubt_the_stream_says_was_cancelled_is_missing_not_unverified(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reviewer, on Bybit inside a ban: a stop in doubt (a gap in the account stream) was removed by
+    someone, and the stream, back, said so; the venue could not be asked by id (the ban), and the stop read
+    "unverified: in doubt, not known gone" for minutes, the dashboard's quit dialog saying it "may still be
+    on the exchange". The stream's word makes it missing (the look-up by id still settles it)."""
+    settings = settings_for(db, {"PROTECTION__RECONCILE_SECONDS": "600"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[67]])
+        await drive_until_covered(engine, clock, 1)
+        venue = engine.venue
+        assert isinstance(venue, SimVenue)
+        reads_fail(venue)
+        venue.drop_account_stream(2.0)
+        await drive_until(clock, lambda: not guard.covered, limit=10.0, what="in doubt")
+        assert guard.stop_loss_unverified
+        await drive(clock, clock.sleep(3.0))  # the stream back, the look-ups by id still refused
+        assert guard.stop_loss_unverified
+        cid = guard.stop_loss.client_order_id
+        assert cid is not None
+        venue.core.cancel_order(guard.symbol, cid, clock.now())  # by hand; the stream tells it
+        await drive_until(clock, lambda: not guard.stop_loss_unverified, limit=2.0, what="said missing")
+        assert cid not in {o.client_order_id for o in venue.core.open_protective_orders(clock.now())}
+        assert not guard.has_stop_loss
+        assert any("while in doubt" in r.getMessage() for r in caplog.records)
+        venue.clear_injected_faults()
+        await drive_until_covered(engine, clock, 1, limit=40.0)  # placed again once the venue answers
+    finally:
+        await drive(clock, engine.stop())
+
+
 async def test_stops_confirmed_within_the_read_lag_of_a_gap_s_listing_stay_covered(db: Database) -> None:
     """A false alarm of this session's own fix: a listing vouches only for the stops it checked, and a stop
     confirmed within the venue's read lag of it is not checked (the listing may not show it yet). Those were
