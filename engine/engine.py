@@ -1442,7 +1442,11 @@ class Engine:
                 )
                 if self.fatal is not None:  # what this engine saw last is not what the new holder protects
                     report = StopReport(report.open_positions, 0, taken_over=True)
-                await manager.stop()
+                # The stops the listing lacks recorded missing: only under its own lease (the rows are then
+                # its own).
+                await manager.stop(
+                    listed=listed if self._holds_the_lease() and not report.taken_over else None
+                )
                 # Only under its own lease: another engine may hold the account (`fatal`, or the lease lost
                 # and not yet found taken), the rows its own, its trails armed.
                 if (

@@ -256,6 +256,7 @@ LATE_ANSWER_ROUND_TRIPS = 4
 # long after the lag's end (on a venue with a lag): sent right at the end, it could arrive just before the
 # order shows, and a live stop was reported "not on the exchange" and sent again (refused as a duplicate).
 READ_LAG_MARGIN_SECONDS = 0.25
+MISSING_AT_STOP_WRITE_SECONDS = 2.0  # an engine's stop records the stops its last listing lacks, at most
 LEFTOVER_QUICK_GRACES = 3  # a closed position's leftover stops: asked again quickly for this many graces
 ABSENCE_MARGIN_MAX_SECONDS = 2.0  # the one-way trip counted at most (an unclear answer's own time counts too)
 LATE_ANSWER_MIN_SECONDS = 0.5
@@ -3983,9 +3984,14 @@ class ProtectionManager:
             if self._sending == 0:
                 self._nothing_sending.set()
 
-    async def stop(self, *, drain: bool = False) -> None:
+    async def stop(self, *, drain: bool = False, listed: StopListing | None = None) -> None:
         """Stop every guard task. Orders on the exchange stay where they are; the cancels of closed
         positions' stops that were not finished are kept in `handed_over` for the next manager.
+
+        `listed`: the venue's open orders read at an engine's stop (only under its own lease). A confirmed
+        stop they lack (`unlisted`) is recorded missing once the guards are stopped: the record said the
+        stop was there, and the next start, inside a ban, called it "not verified" where the stop had
+        proved it missing (a reviewer).
 
         `drain` (a protection restart): no protective order is sent from now on, and those on their way
         get their answers first, for as long as an answer normally takes (`late_answer_seconds`, at least
@@ -4011,6 +4017,8 @@ class ProtectionManager:
         self.handed_over_unsent, self.handed_over_confirmed = self.never_taken(), self.confirmed_within_lag()
         self.handed_over_left = self.left_unsettled()
         self.handed_over_unclear = self.unclear_sends()
+        if listed is not None:
+            await self._record_missing_at_stop(listed)
         await self.facts_writer.close()
         await self.order_status_writer.close()
         self._tasks.clear()
@@ -4373,6 +4381,23 @@ class ProtectionManager:
         """When (monotonic) a gap in the account stream was told that no listing of the venue has answered
         for since, or None."""
         return self._gap_noted_at
+
+    async def _record_missing_at_stop(self, listed: StopListing) -> None:
+        """The stops `listed` lacks, recorded missing (their guards' tasks are over), each position's facts
+        written within MISSING_AT_STOP_WRITE_SECONDS all together."""
+        lacking = [(guard, self.unlisted(guard, listed)) for guard in self.open_guards()]
+        lacking = [(guard, orders) for guard, orders in lacking if orders]
+        for _guard, orders in lacking:
+            for order in orders:
+                order.confirmed = False
+                order.doubted_id = None  # missing, not in doubt: the venue's list lacks it
+        if not lacking:
+            return
+        try:
+            async with asyncio.timeout(MISSING_AT_STOP_WRITE_SECONDS):
+                await asyncio.gather(*(guard.write_facts_now() for guard, _orders in lacking))
+        except Exception:
+            log.exception("could not record the stops missing at the stop")
 
     def unlisted(self, guard: PositionGuard, listed: StopListing) -> list[ProtectiveOrder]:
         """`guard`'s confirmed stops the venue's open orders (`listed`) lack, among those confirmed longer than
