@@ -199,6 +199,10 @@ class ProtectiveOrder:
     # (an operator who read "missing" and placed a stop by hand would have put a second one beside it).
     doubted_id: str | None = None
     doubted_at: float = 0.0  # when (monotonic) it was put in doubt: a listing asked later may vouch for it
+    # In doubt, and the account stream has since said it was cancelled or expired: shown missing, not
+    # unverified (`PositionGuard.stop_loss_unverified`); still a doubt for the entries' hold until a listing
+    # or its look-up by id settles it (`doubt_pending`).
+    told_ended: bool = False
     # Found live by a start (not sent by this process): when the venue placed it (epoch seconds, the venue's
     # clock). The position is protected since its stops went live, not since the start found them.
     live_since: float | None = None
@@ -210,6 +214,7 @@ class ProtectiveOrder:
         self.maybe_sent = True
         self.doubted_id = self.client_order_id
         self.doubted_at = at
+        self.told_ended = False
 
     @property
     def unverified(self) -> bool:
@@ -647,13 +652,16 @@ class PositionGuard:
 
     @property
     def stop_loss_unverified(self) -> bool:
-        """The hard stop is in doubt, not known gone (`ProtectiveOrder.unverified`)."""
-        return not self.closed and not self.has_stop_loss and self.stop_loss.unverified
+        """The hard stop is in doubt, not known gone (`ProtectiveOrder.unverified`, and not said ended by the
+        account stream since)."""
+        order = self.stop_loss
+        return not self.closed and not self.has_stop_loss and order.unverified and not order.told_ended
 
     @property
     def trailing_stop_unverified(self) -> bool:
-        """The trailing stop is in doubt, not known gone (`ProtectiveOrder.unverified`)."""
-        return not self.closed and not self.trailing_in_place and self.trailing_stop.unverified
+        """The trailing stop is in doubt, not known gone (as `stop_loss_unverified`)."""
+        order = self.trailing_stop
+        return not self.closed and not self.trailing_in_place and order.unverified and not order.told_ended
 
     @property
     def has_trailing_stop(self) -> bool:
@@ -1054,10 +1062,12 @@ class PositionGuard:
             return True
         if status in (OrderStatus.CANCELED, OrderStatus.EXPIRED):
             if not target.confirmed:
-                if target.unverified:
-                    # In doubt (a gap in the stream, a restart): the venue has now said it ended. Missing,
-                    # not "unverified, not known gone" — said so for minutes while a ban kept the look-up
-                    # from being made (a reviewer, on Bybit). The look-up by id still settles it.
+                if target.unverified and not target.told_ended and self.venue_flat_at is None:
+                    # In doubt (a gap in the stream, a restart): the venue has now said it ended. Shown
+                    # missing, not "unverified, not known gone" — said so for minutes while a ban kept the
+                    # look-up from being made (a reviewer, on Bybit). Still a doubt for the entries' hold,
+                    # until the look-up by id (or a listing) settles it. (Not the venue's own clean-up of a
+                    # position the stream said flat.)
                     log.warning(
                         "%s: %s %s %s on the venue (account stream) while in doubt; asking the venue",
                         self.symbol,
@@ -1065,7 +1075,7 @@ class PositionGuard:
                         cid,
                         status.value,
                     )
-                    target.doubted_id = None
+                    target.told_ended = True
                 self.wake.set()  # in flight or fired: the guard's look-up by id settles it
                 return False
             # After the stream said the position went flat, the venue deactivates what is left on it (Bybit
