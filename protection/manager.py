@@ -261,7 +261,10 @@ LATE_ANSWER_ROUND_TRIPS = 4
 # long after the lag's end (on a venue with a lag): sent right at the end, it could arrive just before the
 # order shows, and a live stop was reported "not on the exchange" and sent again (refused as a duplicate).
 READ_LAG_MARGIN_SECONDS = 0.25
-MISSING_AT_STOP_WRITE_SECONDS = 2.0  # an engine's stop records the stops its last listing lacks, at most
+# An engine's stop records the stops its last listing lacks within this: above the store's write timeout
+# (storage.resilient.WRITE_TIMEOUT_SECONDS, 2 s) and its journal append, so that a database frozen since its
+# last write has the record journaled, not abandoned (at 2 s it was abandoned: r62).
+MISSING_AT_STOP_WRITE_SECONDS = 4.0
 LEFTOVER_QUICK_GRACES = 3  # a closed position's leftover stops: asked again quickly for this many graces
 ABSENCE_MARGIN_MAX_SECONDS = 2.0  # the one-way trip counted at most (an unclear answer's own time counts too)
 LATE_ANSWER_MIN_SECONDS = 0.5
