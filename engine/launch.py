@@ -9,6 +9,7 @@ This module imports nothing heavy, so that its handlers are in place a few milli
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import signal
@@ -44,7 +45,11 @@ def _load_main(module: str, program: str) -> Callable[[], int]:
                 signal.signal(signum, handler)
     except _StoppedWhileStarting as stopped:
         name = signal.Signals(stopped.signum).name
-        print(f"{program}: stopped by {name} while starting; nothing was done", file=sys.stderr, flush=True)
+        # (A terminal gone, SIGHUP's usual cause, or a log pipe closed: no line, but the same end.)
+        with contextlib.suppress(OSError):
+            print(
+                f"{program}: stopped by {name} while starting; nothing was done", file=sys.stderr, flush=True
+            )
         _die_by(stopped.signum)
         raise  # (not reached)
 

@@ -62,3 +62,34 @@ def test_a_signal_while_the_program_is_imported_is_one_line_and_its_exit_code(
     # Dead by the signal itself (a supervisor counts that a clean stop; exit 143 a failure): a shell reads
     # 128 + its number.
     assert process.returncode == -signum
+
+
+def test_a_signal_while_starting_with_stderr_gone_still_ends_the_process_by_it(tmp_path: Path) -> None:
+    """Its line cannot be written (a closed terminal, SIGHUP's usual cause; a log pipe gone): the process
+    still dies by the signal, where the failed write made it exit 1 (a reviewer)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TSBOT")} | {"HOME": str(tmp_path)}
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody reads: a write gets EPIPE
+    try:
+        process = subprocess.Popen(
+            [str(BIN / "tsbot"), "--version"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=write_end,
+        )
+    finally:
+        os.close(write_end)
+    try:
+        deadline = time.monotonic() + 30
+        while not _catches(process.pid, signal.SIGTERM):
+            assert process.poll() is None, "tsbot ended before its launcher caught SIGTERM"
+            assert time.monotonic() < deadline, "tsbot never caught SIGTERM while starting"
+            time.sleep(0.001)
+        process.send_signal(signal.SIGHUP)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == -signal.SIGHUP
