@@ -3718,6 +3718,12 @@ class Engine:
             await wait_for_all(
                 self.clock, left, [g.protected.wait() for g in self._wave_guards(opened, doubts)]
             )
+            # (In the try: a stop's cancel landing during this write abandoned it, and the wave stayed
+            # `running` with its figures 0 — the mid-wave stop test, twice in three clean-clone runs.
+            # Written again as they stand below; a wave already finished is not written over.)
+            opened_count, protected, failed, slowest_ms = await self._write_wave_figures(
+                wave_id, self._wave_guards(opened, doubts), doubts
+            )
         except asyncio.CancelledError:
             # The engine stops (its drain has waited for the protection it could): the figures as they
             # stand, written within a moment. Left `running`, the next start said the last engine "stopped
@@ -3729,9 +3735,6 @@ class Engine:
                     async with asyncio.timeout(WAVE_AT_STOP_WRITE_SECONDS):
                         await self._write_wave_figures(wave_id, self._wave_guards(opened, doubts), doubts)
             raise
-        opened_count, protected, failed, slowest_ms = await self._write_wave_figures(
-            wave_id, self._wave_guards(opened, doubts), doubts
-        )
         view = WaveView(wave_id, started, signals, opened_count, protected, failed, slowest_ms)
         # Newest first by when each began: a wave whose protection finishes after the next one began is
         # kept in its place (kept in finishing order, the panel read 06:22:34, 06:21:54, 06:22:14).
