@@ -265,6 +265,7 @@ READ_LAG_MARGIN_SECONDS = 0.25
 # (storage.resilient.WRITE_TIMEOUT_SECONDS, 2 s) and its journal append, so that a database frozen since its
 # last write has the record journaled, not abandoned (at 2 s it was abandoned: r62).
 MISSING_AT_STOP_WRITE_SECONDS = 4.0
+RECORDS_AT_STOP_SECONDS = 4.0  # a stopping manager waits this long at most for its `record_surely` writes
 LEFTOVER_QUICK_GRACES = 3  # a closed position's leftover stops: asked again quickly for this many graces
 ABSENCE_MARGIN_MAX_SECONDS = 2.0  # the one-way trip counted at most (an unclear answer's own time counts too)
 LATE_ANSWER_MIN_SECONDS = 0.5
@@ -1700,8 +1701,14 @@ class PositionGuard:
                 cid,
                 m.clock.monotonic(),
             )
-        await m.store.set_order_status(
-            cid, record_status_of(found.status), exchange_order_id=found.venue_order_id
+        # A fill found here is what the next manager needs to close the position with its price: recorded
+        # even if a protection restart cancels this guard meanwhile (cancelled mid-write, the next manager
+        # sent the filled stop's kind again, was refused, and recorded the position `closed_on_exchange`
+        # without its PnL: a clean-clone CI and 1 run in 15 here under load).
+        await m.record_surely(
+            m.store.set_order_status(
+                cid, record_status_of(found.status), exchange_order_id=found.venue_order_id
+            )
         )
         return _Outcome.GONE
 
@@ -3332,6 +3339,7 @@ class ProtectionManager:
         self.order_round_trip_seconds = (
             0.0  # moving average of answered create_order calls (budget look-ahead)
         )
+        self._records_in_flight: set[asyncio.Future[Any]] = set()  # `record_surely`
         self.stopped = False  # no guard runs any more: nothing may act in this manager's name
         self.moves_frozen = False  # stopping: managed moves already sent finish, no new one is sent
         self.announced: set[str] = set()  # order ids logged as created / restored in this run
@@ -3692,6 +3700,14 @@ class ProtectionManager:
         guard.prime_written_facts(position)
         guard.size_changed = position.size_changed  # its PnL stays unknown across restarts
 
+    async def record_surely(self, write: Awaitable[_T]) -> _T:
+        """A record the next manager must find: run to its end even if the caller is cancelled (a protection
+        restart stops this manager's guards), and waited for by `stop` before it hands over."""
+        task = asyncio.ensure_future(write)
+        self._records_in_flight.add(task)
+        task.add_done_callback(self._records_in_flight.discard)
+        return await asyncio.shield(task)
+
     def spawn_order_status(self, row: OrderStatusRow) -> None:
         """Record an order's state without making the caller wait (coalesced; failures are logged)."""
 
@@ -4027,6 +4043,12 @@ class ProtectionManager:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._records_in_flight:  # (`record_surely`: what the next manager reads must be there)
+            await wait_for_all(
+                self.clock,
+                RECORDS_AT_STOP_SECONDS,
+                [asyncio.shield(t) for t in list(self._records_in_flight)],
+            )
         self.handed_over_unsent, self.handed_over_confirmed = self.never_taken(), self.confirmed_within_lag()
         self.handed_over_left = self.left_unsettled()
         self.handed_over_unclear = self.unclear_sends()
