@@ -29,26 +29,34 @@ def _catches(pid: int, signum: int) -> bool:
     return bool(int(caught.split()[1], 16) & (1 << (signum - 1)))
 
 
+def _environment(home: Path) -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("TSBOT")} | {"HOME": str(home)}
+
+
+def _until_importing(process: subprocess.Popen[str] | subprocess.Popen[bytes], program: str) -> None:
+    """Until the launcher's handlers are in place (SIGTERM caught): the program is being imported."""
+    deadline = time.monotonic() + 30
+    while not _catches(process.pid, signal.SIGTERM):
+        assert process.poll() is None, f"{program} ended before its launcher caught SIGTERM"
+        assert time.monotonic() < deadline, f"{program} never caught SIGTERM while starting"
+        time.sleep(0.001)
+
+
 @pytest.mark.parametrize("program", ["tsbot", "tsbot-tui"])
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
 def test_a_signal_while_the_program_is_imported_is_one_line_and_its_exit_code(
     program: str, signum: signal.Signals, tmp_path: Path
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TSBOT")} | {"HOME": str(tmp_path)}
     process = subprocess.Popen(
         [str(BIN / program), "--version"],
         cwd=tmp_path,
-        env=env,
+        env=_environment(tmp_path),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        deadline = time.monotonic() + 30
-        while not _catches(process.pid, signal.SIGTERM):
-            assert process.poll() is None, f"{program} ended before its launcher caught SIGTERM"
-            assert time.monotonic() < deadline, f"{program} never caught SIGTERM while starting"
-            time.sleep(0.001)
+        _until_importing(process, program)
         process.send_signal(signum)
         out, err = process.communicate(timeout=30)
     finally:
@@ -67,25 +75,20 @@ def test_a_signal_while_the_program_is_imported_is_one_line_and_its_exit_code(
 def test_a_signal_while_starting_with_stderr_gone_still_ends_the_process_by_it(tmp_path: Path) -> None:
     """Its line cannot be written (a closed terminal, SIGHUP's usual cause; a log pipe gone): the process
     still dies by the signal, where the failed write made it exit 1 (a reviewer)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TSBOT")} | {"HOME": str(tmp_path)}
     read_end, write_end = os.pipe()
     os.close(read_end)  # nobody reads: a write gets EPIPE
     try:
         process = subprocess.Popen(
             [str(BIN / "tsbot"), "--version"],
             cwd=tmp_path,
-            env=env,
+            env=_environment(tmp_path),
             stdout=subprocess.DEVNULL,
             stderr=write_end,
         )
     finally:
         os.close(write_end)
     try:
-        deadline = time.monotonic() + 30
-        while not _catches(process.pid, signal.SIGTERM):
-            assert process.poll() is None, "tsbot ended before its launcher caught SIGTERM"
-            assert time.monotonic() < deadline, "tsbot never caught SIGTERM while starting"
-            time.sleep(0.001)
+        _until_importing(process, "tsbot")
         process.send_signal(signal.SIGHUP)
         process.wait(timeout=30)
     finally:
