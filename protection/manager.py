@@ -272,6 +272,7 @@ LATE_ANSWER_MIN_SECONDS = 0.5
 # Stops the account stream told live that are kept (the latest), for `ProtectionManager.streamed_live`.
 STREAMED_LIVE_KEPT = 1024
 REPEATED_FAILURE_SAID_EVERY_SECONDS = 60.0  # a cancel that keeps failing is said again this often
+NAKED_RETRY_CEILING_MIN_SECONDS = 2.0  # a naked position past grace waits at most max(grace, this) to retry
 MAX_DOUBLINGS = 32  # a backoff doubles at most this often (far past any cap; a float's range is not)
 GUARD_RESTARTS_SAID_EVERY_SECONDS = 60.0
 
@@ -3059,7 +3060,8 @@ class PositionGuard:
         quarter of the grace period during a naked position's first grace period, and its first retry is
         one round trip later: it is retried several times within grace however often it failed, where
         doubling used to leave it naked for 1 + 2 + 4 s after three refusals. Past grace (the venue keeps
-        failing) the doubling resumes from that quarter of grace: no hot loop. (It resumed from the count:
+        failing) the doubling resumes from that quarter of grace, up to grace itself: no hot loop, and no
+        naked position left waiting out a long backoff after the venue recovered. (It resumed from the count:
         the first failure past grace after five within it backed off `retry_max_seconds`, 30 s naked on a
         venue that took the stop a moment later.)"""
         m = self._m
@@ -3082,9 +3084,14 @@ class PositionGuard:
                 # refused is sent again at once (a definite "not executed" may go with the same id; an
                 # unknown outcome is looked up first). Only further failures back off.
                 delay = min(delay, max(m.order_round_trip_seconds, FIRST_RETRY_MIN_SECONDS))
-        elif not self.covered and self._failures_in_grace:
-            steps = max(1, failures - self._failures_in_grace)
-            delay = min(delay, grace / 4 * 2 ** min(steps, MAX_DOUBLINGS))
+        elif not self.covered:
+            if self._failures_in_grace:
+                steps = max(1, failures - self._failures_in_grace)
+                delay = min(delay, grace / 4 * 2 ** min(steps, MAX_DOUBLINGS))
+            # However long the venue has refused, a naked position is tried at least once per grace period:
+            # the doubling went on to `retry_max_seconds`, and a venue that took stops again a moment after
+            # a minute of refusals left it naked up to 30 s more (the venue's own word, above, comes first).
+            delay = min(delay, max(grace, NAKED_RETRY_CEILING_MIN_SECONDS))
         fired = [o.fired_at for o in self.watched_stops if o.fired_at is not None]
         if fired:
             # A fired stop that has not filled is closed at market once its patience ends (`_check_fired`):

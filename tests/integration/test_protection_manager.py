@@ -1059,7 +1059,7 @@ async def test_a_stop_refused_past_grace_is_retried_on_a_doubling_from_the_grace
     past grace "the doubling resumes". It resumed from the failure count: the sixth failure in a row backed
     off `retry_max_seconds` (30 s) at once, and a stop the venue took again a moment later went out 30 s
     after (an operator in tmux, on the Bybit emulator: a trailing stop refused 6 times, 30 s naked on a
-    healthy venue). Past grace the delay doubles from the grace cadence: 2.5 s, 5 s, …"""
+    healthy venue). Past grace the delay doubles from the grace cadence up to grace: 2.5 s, 5 s, 5 s …"""
     settings = settings_for(db)
     clock = ManualClock()
     engine = make_engine(settings, clock)
@@ -1081,9 +1081,39 @@ async def test_a_stop_refused_past_grace_is_retried_on_a_doubling_from_the_grace
         quarter = float(settings.protection.grace_seconds) / 4
         past_grace = [d for d in delays if d > quarter]
         assert past_grace, delays  # six refusals take longer than grace at a quarter of it apart
-        assert past_grace == [2 * quarter * 2**i for i in range(len(past_grace))], delays
+        assert past_grace == [min(2 * quarter * 2**i, 4 * quarter) for i in range(len(past_grace))], delays
         assert max(delays) < max_seconds, delays
         assert naked_for < max_seconds, (naked_for, clock.monotonic() - lost)
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_naked_position_refused_for_a_minute_is_tried_once_per_grace_not_on_a_doubling_to_the_max(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past grace the doubling went on to `retry_max_seconds` with every failed pass: a venue refusing stops
+    for a minute left a naked position waiting 20 then 30 s between tries, and once the venue took stops
+    again it stayed naked up to 30 s more (the soak's RENDERUSDT: 8 s past grace; a sim run with hung sends:
+    16 and 30 s). A naked position is worth a request per grace period for as long as it is naked (the
+    venue's own word — a Retry-After, a ban — still comes first): past grace the delay doubles from a quarter
+    of grace up to grace, not to the max."""
+    settings = settings_for(db, {"PROTECTION__BREAKER__UNCOVERED_FACTOR": "1000"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        guard, venue = await _hard_stop_lost_while_refused(engine, clock, SYMBOLS[59], refusals=100_000)
+        await drive(clock, clock.sleep(60))  # refused for a minute
+        assert not guard.covered
+        venue.clear_injected_faults()
+        cleared = clock.monotonic()
+        await drive_until(clock, lambda: guard.covered, step=0.05, what="covered again", limit=60)
+        naked_after = clock.monotonic() - cleared
+        grace = float(settings.protection.grace_seconds)
+        delays = stop_loss_retry_delays(caplog.records, guard.symbol)
+        assert len(delays) >= 10, delays  # a minute of refusals at most grace apart
+        assert max(delays) <= grace, delays
+        assert naked_after <= grace + 1.0, (naked_after, delays)
     finally:
         await drive(clock, engine.stop())
 
