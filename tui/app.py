@@ -857,6 +857,18 @@ class DashboardApp(App[int]):
         self._positions.set_filter(only_uncovered=not self._positions.only_uncovered)
         self.paint()
 
+    def action_clear_filters(self) -> None:
+        """Esc on the positions table: a kept symbol filter and the uncovered-only view are cleared, the
+        filter's box hidden (with neither on, nothing happens)."""
+        box = self.query_one(FilterInput)
+        if not box.value and not self._positions.only_uncovered:
+            return
+        box.value = ""  # (its Changed message clears the table's and the log's symbol filter)
+        self._positions.set_filter(only_uncovered=False, needle="")
+        self._log_panel.set_filter("")
+        self.query_one("#filter-bar").remove_class("-visible")
+        self.paint()
+
     def action_filter(self) -> None:
         box = self.query_one(FilterInput)
         self.query_one("#filter-bar").add_class("-visible")

@@ -140,6 +140,33 @@ async def test_the_filter_box_is_labelled_while_it_holds_text() -> None:
         assert "Filter positions and log by symbol" not in svg_to_text(app.export_screenshot(), 120, 40)
 
 
+async def test_escape_from_the_table_clears_a_filter_kept_with_enter() -> None:
+    """An operator kept a symbol filter with enter, the position closed, and the table stayed empty: Esc
+    from the table did nothing, and the way out was to reopen the box and empty it. Esc on the table now
+    clears a kept filter (symbol and uncovered-only) and hides its box; with no filter it does nothing."""
+    settings = scenario_settings()
+    app = DashboardApp(settings, feed=ScenarioFeed(settings), tz=UTC, code_roots=[])
+    async with app.run_test(size=(120, 40)) as pilot:
+        await _settled(app, pilot)
+        table = app.query_one(PositionsTable)
+        everything = table.shown_symbols()
+        assert len(everything) > 1
+        await pilot.press("slash", *"pepe", "enter", "u")
+        await pilot.pause()
+        assert table.has_focus
+        assert table.shown_symbols() != everything
+        assert "Filter positions and log by symbol: pepe" in svg_to_text(app.export_screenshot(), 120, 40)
+        await pilot.press("escape")
+        await pilot.pause()
+        assert table.shown_symbols() == everything
+        assert not table.only_uncovered
+        assert "Filter positions and log by symbol" not in svg_to_text(app.export_screenshot(), 120, 40)
+        await pilot.press("escape")  # nothing to clear: nothing happens (the dashboard stays)
+        await pilot.pause()
+        assert table.shown_symbols() == everything
+        assert app.is_running
+
+
 async def test_the_theme_choice_is_kept_for_the_next_start(tmp_path) -> None:
     settings = scenario_settings()
     state = tmp_path / "tsbot-tui-ui.json"

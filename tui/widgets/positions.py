@@ -118,6 +118,8 @@ class PositionsTable(DataTable[Text]):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("home", "scroll_top", "First row", show=False),
         Binding("end", "scroll_bottom", "Last row", show=False),
+        # (a filter kept with enter is cleared from the table too, not only from its box: an operator)
+        Binding("escape", "app.clear_filters", "Clear filters", show=False),
     ]
     COMPONENT_CLASSES: ClassVar[set[str]] = DataTable.COMPONENT_CLASSES | {
         "positions--uncovered",
