@@ -68,7 +68,7 @@ from storage.embedded import (
     running_server,
 )
 from storage.journal import read_journal
-from storage.lease import LeaseHeld, current_holder, holder_on, lease_held_sql
+from storage.lease import LeaseHeld, LeaseHolder, LeasePhase, current_holder, holder_on, lease_held_sql
 from storage.migrator import MigrationError, apply_migrations
 from storage.outage import journal_path
 from storage.repositories import (
@@ -923,6 +923,14 @@ async def _read_status(
                     control = await store.entries_control(venue, account)
                     now = await conn.fetchval("SELECT now()")
                     token = await store.installation_token()
+                    # How the last engine left the account (its phase at its last heartbeat), when none
+                    # holds it: `running` or `starting` with the lock free, it ended without stopping.
+                    last = await conn.fetchrow(
+                        "SELECT phase, pid, host, heartbeat_at FROM monitoring.engine_leases "
+                        "WHERE venue = $1 AND account = $2",
+                        venue,
+                        account,
+                    )
                     still = await conn.fetchval(held_sql, venue, account)
                 if held == still:
                     break
@@ -958,6 +966,7 @@ async def _read_status(
         account=account,
         uncovered=[p.symbol for p in uncovered],
         holder_not_looking=holder.not_looking_after() if holder is not None else "",
+        unwatched=_unwatched(holder, None if held else last, now, coverage.active, account),
     )
     if unread:
         reason += f"; the records may be behind: the last engine's journal ({shown_path(str(journal))}) cannot be read: {unread}"
@@ -1082,6 +1091,35 @@ def _missing_stops(p: PositionRecord, sent: Mapping[OrderPurpose, str | None] | 
     return " and ".join(lacking) or "both (hard stop and trailing stop)"
 
 
+def _unwatched(holder: LeaseHolder | None, last: Any, now: Any, active: int, account: str) -> str:
+    """Why `active` open positions are watched by nobody against the engine's will ("" when they are not):
+    the engine holding the account is silent (frozen, hung, its host gone), or the last one ended without
+    stopping (killed, crashed; `last`: its lease row, when no engine holds the account). A frozen engine
+    with 46 positions and a killed one with 58 were said UNKNOWN, "uncovered 0", while stops vanished on
+    the venue and nothing replaced them (an operator). An engine stopped on purpose, or starting, is not
+    this: its positions keep their stops, and the operator knows."""
+    if not active:
+        return ""
+    if holder is not None:
+        if not holder.silent:
+            return ""
+        why = f"the engine holding the account {account} {holder.not_looking_after()}"
+    elif last is None or last["phase"] == LeasePhase.STOPPING:
+        return ""
+    else:
+        ago = (now - last["heartbeat_at"]).total_seconds()
+        how = "while starting" if last["phase"] == LeasePhase.STARTING else "without stopping"
+        why = (
+            f"the last engine (pid {last['pid']} on {last['host']}) ended {how} (killed, crashed, or its "
+            f"host gone), last heard {ago:.0f} s ago"
+        )
+    many = active != 1
+    return (
+        f"{active} open position{'s' if many else ''} and no engine protecting {'them' if many else 'it'}: "
+        f"{why}; nothing verifies or replaces {'their' if many else 'its'} stops meanwhile"
+    )
+
+
 def _verdict(
     health: dict[str, Any],
     *,
@@ -1089,6 +1127,7 @@ def _verdict(
     account: str,
     uncovered: Sequence[str] = (),
     holder_not_looking: str = "",
+    unwatched: str = "",
 ) -> tuple[str, str]:
     """The monitoring verdict and the reason for it, from the engine's last health per component.
 
@@ -1111,6 +1150,8 @@ def _verdict(
         )
         if uncovered:
             return "critical", f"{listed} and no engine protecting {'them' if many else 'it'}: {nobody}"
+        if unwatched:  # (their stops were on the exchange when last confirmed)
+            return "critical", unwatched
         return "unknown", f"no engine is measuring: {nobody}"
     states = [_VERDICT_OF_HEALTH.get(c["state"], "unknown") for c in components]
     worst = max(states, default="unknown", key=_VERDICT_SEVERITY.__getitem__)

@@ -707,6 +707,71 @@ async def test_an_engine_starting_or_stopping_is_said_and_counts_as_none(
     assert json.loads(running.stdout)["engine"]["phase"] == "running"
 
 
+async def test_open_positions_an_engine_left_against_its_will_are_critical_and_a_stop_on_purpose_is_not(
+    workdir: Path, engine_side: EngineSide
+) -> None:
+    """An operator froze an engine (SIGSTOP) with 46 positions and killed another (kill -9) with 58, then
+    removed stops by hand: the venue held naked positions for 46 s and 16 s while `tsbot status` said
+    UNKNOWN and "uncovered 0" (the records' last word). Open positions an engine left against its will —
+    silent while it holds the account, or ended without stopping — are CRITICAL: nothing verifies or
+    replaces their stops. A stop on purpose (the lease left `stopping`) stays UNKNOWN: the operator knows."""
+    await engine_side.execute(
+        "INSERT INTO monitoring.positions (account, symbol, exchange, side, quantity, entry_price, status, "
+        "has_stop_loss, has_trailing_stop, stop_loss_price, opened_at, protected_at) VALUES "
+        "('sim:default', 'ARBUSDT', 'sim', 'long', 1, 2, 'active', true, true, 1.9, now(), now()), "
+        "('sim:default', 'OPUSDT', 'sim', 'long', 1, 2, 'active', true, true, 1.9, now(), now())"
+    )
+    await engine_side.take_lease()
+    await engine_side.measure(*HEALTHY)
+    minded = tsbot("status", "--json", cwd=workdir)
+    assert minded.returncode == 0, minded.stdout + minded.stderr
+
+    # Frozen: it holds the account, unheard for 31 s.
+    await engine_side.execute(
+        "UPDATE monitoring.engine_leases SET heartbeat_at = now() - interval '31 seconds'"
+    )
+    frozen = tsbot("status", "--json", cwd=workdir)
+    assert frozen.returncode == 2, frozen.stdout + frozen.stderr
+    reason = json.loads(frozen.stdout)["reason"]
+    assert reason.startswith(
+        "2 open positions and no engine protecting them: the engine holding the account sim:default is silent"
+    ), reason
+    assert reason.endswith("; nothing verifies or replaces their stops meanwhile"), reason
+
+    # Killed: the lock went with its session; its lease row still says `running`.
+    await engine_side.drop_lease()
+    killed = tsbot("status", "--json", cwd=workdir)
+    assert killed.returncode == 2, killed.stdout + killed.stderr
+    reason = json.loads(killed.stdout)["reason"]
+    assert re.match(
+        rf"2 open positions and no engine protecting them: the last engine \(pid {os.getpid()} on .+\) ended "
+        r"without stopping \(killed, crashed, or its host gone\), last heard 3\d s ago",
+        reason,
+    ), reason
+    human = tsbot("status", cwd=workdir).stdout.splitlines()
+    assert human[0].startswith("CRITICAL: 2 open positions and no engine protecting them: "), human
+
+    # Ended in its start (a start that failed, or killed then): still nobody watching, against the plan.
+    await engine_side.execute("UPDATE monitoring.engine_leases SET phase = 'starting'")
+    starting = json.loads(tsbot("status", "--json", cwd=workdir).stdout)
+    assert starting["state"] == "critical"
+    assert "ended while starting" in starting["reason"], starting["reason"]
+
+    # Stopped on purpose: the stop wrote `stopping`, and the exit line told the operator what it left.
+    await engine_side.execute("UPDATE monitoring.engine_leases SET phase = 'stopping'")
+    stopped = tsbot("status", "--json", cwd=workdir)
+    assert stopped.returncode == 3, stopped.stdout + stopped.stderr
+    assert (
+        json.loads(stopped.stdout)["reason"] == "no engine is measuring: none holds the account sim:default"
+    )
+
+    # No open position: nothing to alarm on, whoever left.
+    await engine_side.execute("UPDATE monitoring.engine_leases SET phase = 'running'")
+    await engine_side.execute("UPDATE monitoring.positions SET status = 'closed', closed_at = now()")
+    flat = tsbot("status", "--json", cwd=workdir)
+    assert flat.returncode == 3, flat.stdout + flat.stderr
+
+
 async def test_status_lists_only_the_configured_accounts_positions(
     workdir: Path, pg_server: EmbeddedPostgres, engine_side: EngineSide
 ) -> None:
