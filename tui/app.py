@@ -843,7 +843,7 @@ class DashboardApp(App[int]):
             pnl = "" if now.pnl_percent is None else f", PnL {now.pnl_percent:+.2f}%"
             return (
                 f"Close {now.side.upper()} {now.quantity} {now.symbol} (position {now.position_id}) at "
-                f"market, reduce-only{pnl}. Its stop-loss and trailing stop are cancelled after the fill."
+                f"market, reduce-only{pnl}. {_stops_after_close(now)}"
             )
 
         self.push_screen(
@@ -1058,6 +1058,21 @@ def _only_unverified(view: PositionView) -> bool:
     )
 
 
+def _stops_after_close(view: PositionView) -> str:
+    """What a close does with the position's stops, by what the venue confirmed of them (the dialog said
+    both were cancelled of a position that had neither: an operator)."""
+    held = [
+        words
+        for words, confirmed in (("stop-loss", view.has_stop_loss), ("trailing stop", view.has_trailing_stop))
+        if confirmed
+    ]
+    if len(held) == 2:
+        return "Its stop-loss and trailing stop are cancelled after the fill."
+    if held:
+        return f"Its {held[0]} is cancelled after the fill (it has no other stop confirmed on the exchange)."
+    return "None of its stops is confirmed on the exchange; any the venue holds is cancelled after the fill."
+
+
 def quit_warning(snapshot: EngineSnapshot) -> str:
     """What quitting leaves behind. Only positions whose both stops the venue confirmed are said to keep
     their stops; every other one is UNCOVERED (inside its grace period or not), never both."""
@@ -1110,8 +1125,15 @@ def quit_warning(snapshot: EngineSnapshot) -> str:
             + (f" ({shown_names})" if names else "")
             + doubt
             + waiting
-            + ". The engine tries to protect them "
-            "before it stops (within the call budget); any it cannot stays UNCOVERED."
+            + (
+                # (A start waiting for the venue is given up at a quit: nothing is restored or sent. The
+                # dialog promised protection the exit line then said had not happened: an operator.)
+                ". Quitting now gives up the start: nothing is restored or sent, and they stay UNCOVERED "
+                "until an engine runs again."
+                if snapshot.start_waiting_for
+                else ". The engine tries to protect them before it stops (within the call budget); any it "
+                "cannot stays UNCOVERED."
+            )
         )
     if snapshot.entries_sending:
         n = snapshot.entries_sending

@@ -248,6 +248,9 @@ async def test_a_start_waiting_out_a_ban_says_why_and_tells_unverified_stops_fro
         assert f"1 position is UNCOVERED right now ({held}); 1 of them not verified" in warning
         assert "may still be on the exchange" in warning
         assert f"(the start is waiting for the venue: {snapshot.start_waiting_for})" in warning
+        # Quitting gives the start up: nothing is sent, and the dialog does not promise otherwise.
+        assert "Quitting now gives up the start: nothing is restored or sent" in warning
+        assert "tries to protect them" not in warning
         # The venue's truth: both its stops are there all along.
         kinds = {o.type for o in core.inspect(clock.now()).open_conditional if o.symbol == held}
         assert kinds == {OrderType.STOP_MARKET, OrderType.TRAILING_STOP_MARKET}

@@ -146,6 +146,7 @@ async def test_x_closes_the_selected_position_after_confirmation(db: Database) -
 
         await board.press("x")
         assert target.symbol in board.confirm_body()
+        assert "Its stop-loss and trailing stop are cancelled after the fill." in board.confirm_body()
         await board.press("n")  # cancelled: nothing happens
         assert board.positions.row_count == 2
 
@@ -159,6 +160,35 @@ async def test_x_closes_the_selected_position_after_confirmation(db: Database) -
         await board.until(
             lambda: any(f"{target.symbol} closed at market" in d for d in board.log_details()), "closed said"
         )
+
+
+async def test_the_close_question_says_what_it_cancels_of_a_position_without_stops(db: Database) -> None:
+    """An operator: the close dialog said "Its stop-loss and trailing stop are cancelled after the fill" of a
+    position that had neither. It says what the venue confirmed."""
+    async with dashboard(tui_settings(db)) as board:
+        await started(board)
+        await board.open_positions([SYMBOLS[33]])
+        await board.until(lambda: board.engine.snapshot().coverage.protected == 1, "covered")
+        venue = board.venue
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, 100_000, stops_only=True)
+        assert board.engine.manager is not None
+        guard = board.engine.manager.by_symbol[SYMBOLS[33]]
+        for cid in (guard.stop_loss.client_order_id, guard.trailing_stop.client_order_id):
+            assert cid is not None
+            venue.core.cancel_order(SYMBOLS[33], cid, board.clock.now())
+        await board.until(
+            lambda: (
+                (v := board.positions.selected_view()) is not None
+                and not v.has_stop_loss
+                and not v.has_trailing_stop
+            ),
+            "both stops seen gone",
+        )
+        await board.press("x")
+        body = board.confirm_body()
+        assert "None of its stops is confirmed on the exchange" in body, body
+        assert "Its stop-loss and trailing stop are cancelled" not in body, body
+        await board.press("n")
 
 
 async def _two_rate_refusals(board: Dashboard, symbol: str) -> OrderBudget:
