@@ -11,9 +11,11 @@ Three pieces:
 * **`RequestPacer`**, the venue's request limits beside the order budget (`engine.order_budget`): Binance's
   IP request weight (2 400 / min, per-endpoint weights), Bybit's per-endpoint limits. Each budget is a
   sliding window of weighted sends kept `headroom` (10 %) below the venue's own limit, which also keeps
-  every fixed window the venue counts in below it. Waiting requests go strictly by lane, then first come
-  first served; reads may use at most `READ_SHARE` of the budget, so a burst of reads can never take the
-  room a protective write needs. The venue's own count (response headers) wins over ours when it is
+  every fixed window the venue counts in below it. Waiting requests go strictly by lane (within a lane,
+  its writes before its reads), then first come first served; reads may use at most `READ_SHARE` of the
+  budget, whichever lane asks — a guard's look-ups of its stops too — so a burst of reads can never take
+  the room a protective write needs (30 naked positions' look-ups once spent a minute's weight in 20 s,
+  and no stop could be sent for 35 s after the venue took stops again). The venue's own count (response headers) wins over ours when it is
   higher (another process on the same IP or account). A 429 holds every lane until its `Retry-After`; a
   418 ban refuses entries and reads at once (`Banned`) while protective requests wait for its end: a guard
   retries when the venue says it may, not on its own backoff clock.
@@ -185,8 +187,9 @@ class RequestPacer:
             b.key: _WeightedWindow(b.limit, b.window_seconds, headroom, b.spread) for b in budgets
         }
         self.waits = waits if waits is not None else BudgetWaits()
-        self._queue: list[tuple[int, int]] = []  # (lane, sequence) of waiting requests, sorted
-        self._waiting: dict[tuple[int, int], Mapping[str, int]] = {}  # what each waiting request costs
+        self._queue: list[tuple[int, int]] = []  # (rank, sequence) of waiting requests, sorted
+        # What each waiting request costs, and whether it is a read (held to `READ_SHARE`).
+        self._waiting: dict[tuple[int, int], tuple[Mapping[str, int], bool]] = {}
         self._sequence = 0
         self._changed = asyncio.Event()
         self._hold_until = 0.0
@@ -270,14 +273,15 @@ class RequestPacer:
         clock = self._clock
         self._refuse_if_banned(lane)
         _refuse_if_withheld(ticket)
-        me = (int(lane), self._sequence + 1)
-        if self._wait_time(costs, lane) == 0.0 and not self._held_back(me, costs):
+        capped = lane is Lane.READ or not mutating
+        me = (_rank(lane, capped), self._sequence + 1)
+        if self._wait_time(costs, capped) == 0.0 and not self._held_back(me, costs):
             self._book(costs, ticket if mutating else None)
             return
         self._sequence += 1
         self._queue.append(me)
         self._queue.sort()
-        self._waiting[me] = costs
+        self._waiting[me] = (costs, capped)
         started = clock.monotonic()
         if ticket is not None:
             ticket.begin_wait(started)
@@ -286,7 +290,7 @@ class RequestPacer:
             while True:
                 self._refuse_if_banned(lane)
                 _refuse_if_withheld(ticket)
-                wait = self._wait_time(costs, lane)
+                wait = self._wait_time(costs, capped)
                 clear = not self._held_back(me, costs)
                 if clear and wait == 0.0:
                     break
@@ -310,28 +314,26 @@ class RequestPacer:
         self._book(costs, ticket if mutating else None)
 
     def _held_back(self, me: tuple[int, int], costs: Mapping[str, int]) -> bool:
-        """Whether a waiting request ahead of `me` (a higher lane, or the same lane and earlier) would be
+        """Whether a waiting request ahead of `me` (a higher rank, or the same rank and earlier) would be
         sent later if `me` were sent now. Only such a one holds `me` back: a request waiting for one
         endpoint's budget (a spread trading-stop) does not hold back one for another endpoint (an entry's
         order/create), which Bybit counts apart."""
         for ahead in self._queue:
             if ahead >= me:
                 break
-            waiting, lane = self._waiting[ahead], Lane(ahead[0])
-            if self._wait_time(waiting, lane) == 0.0 or self._would_delay(waiting, lane, costs):
+            waiting, capped = self._waiting[ahead]
+            if self._wait_time(waiting, capped) == 0.0 or self._would_delay(waiting, capped, costs):
                 return True  # it may go now (and goes first), or my send would make it wait longer
         return False
 
-    def _would_delay(self, waiting: Mapping[str, int], lane: Lane, costs: Mapping[str, int]) -> bool:
+    def _would_delay(self, waiting: Mapping[str, int], capped: bool, costs: Mapping[str, int]) -> bool:
         now = self._clock.monotonic()
         for key, units in costs.items():
             window = self._windows.get(key)
             if window is None or units <= 0 or waiting.get(key, 0) <= 0:
                 continue
             window.prune(now)
-            limit = window.limit
-            if lane is Lane.READ:
-                limit = max(1, math.floor(limit * READ_SHARE))
+            limit = _share(window.limit, capped)
             wanted = min(waiting[key], limit)
             before = window.wait_for(wanted, limit, now)
             last_send = window.last_send
@@ -348,7 +350,7 @@ class RequestPacer:
         if lane is not Lane.PROTECTIVE and self._banned_until > self._clock.monotonic():
             raise Banned(self._banned_until_epoch, "the venue banned this IP; only protective requests wait")
 
-    def _wait_time(self, costs: Mapping[str, int], lane: Lane) -> float:
+    def _wait_time(self, costs: Mapping[str, int], capped: bool) -> float:
         now = self._clock.monotonic()
         wait = max(0.0, self._hold_until - now)
         for key, units in costs.items():
@@ -356,9 +358,7 @@ class RequestPacer:
             if window is None:
                 continue
             window.prune(now)
-            limit = window.limit
-            if lane is Lane.READ:
-                limit = max(1, math.floor(limit * READ_SHARE))
+            limit = _share(window.limit, capped)
             wait = max(wait, window.wait_for(min(units, limit), limit, now))
         return wait
 
@@ -382,6 +382,17 @@ class RequestPacer:
         # Wake every waiter once: each re-checks its place and the windows. A fresh event for the next round.
         self._changed.set()
         self._changed = asyncio.Event()
+
+
+def _rank(lane: Lane, capped: bool) -> int:
+    """A waiting request's place: by lane, and within the protective and entry lanes writes before reads
+    (a stop to send goes before the look-ups of others)."""
+    return 2 * int(lane) + capped
+
+
+def _share(limit: int, capped: bool) -> int:
+    """What a request may fill of a budget we allow ourselves `limit` of: reads (`capped`) `READ_SHARE`."""
+    return max(1, math.floor(limit * READ_SHARE)) if capped else limit
 
 
 def _refuse_if_withheld(ticket: CallTicket | None) -> None:

@@ -74,6 +74,35 @@ async def test_protective_requests_go_before_waiting_reads_and_reads_never_fill_
     assert first_window_after[:2] == ["PROTECTIVE", "PROTECTIVE"]  # the waiting writes before any read
 
 
+async def test_protective_look_ups_never_take_the_room_a_stop_needs() -> None:
+    """A reviewer on the Binance-wire emulator: 30 positions whose stop sends were answered HTTP 500 (an
+    unknown outcome, looked up by id through the venue's read lag) spent the whole minute's weight on
+    look-ups in 20 s, and then nothing could be sent for 35-40 s: positions stayed naked 25 s after the
+    venue took stops again. A look-up is a read, whichever lane asks: it may fill at most the reads' share,
+    and a protective write waiting beside look-ups goes first."""
+    clock = ManualClock()
+    pacer = _pacer(clock, limit=100, window=60.0, headroom=0.0)
+    sent: list[tuple[float, str]] = []
+
+    def protective(units: int, *, mutating: bool, what: str):  # type: ignore[no-untyped-def]
+        async def request() -> None:
+            await pacer.acquire({WEIGHT: units}, mutating=mutating)
+            sent.append((clock.monotonic(), what))
+
+        return asyncio.create_task(call_with_send_timeout(clock, 3600.0, request(), Lane.PROTECTIVE))
+
+    look_ups = [protective(1, mutating=False, what="look-up") for _ in range(150)]
+    await clock.settle()
+    read_cap = int(100 * READ_SHARE)
+    assert [what for _, what in sent] == ["look-up"] * read_cap  # the rest wait for the window
+    await clock.advance(5.0)
+    stops = [protective(1, mutating=True, what="stop") for _ in range(10)]
+    await clock.settle()
+    assert [(t, what) for t, what in sent[read_cap:]] == [(5.0, "stop")] * 10  # sent at once, look-ups wait
+    await _run_until_done(clock, [*look_ups, *stops])
+    assert len(sent) == 160
+
+
 async def test_the_venues_higher_count_wins_and_a_lower_one_changes_nothing() -> None:
     clock = ManualClock()
     pacer = _pacer(clock, limit=100, window=60.0, headroom=0.0)
