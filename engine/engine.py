@@ -1784,6 +1784,7 @@ class Engine:
             token=self._token,
             markets=self.markets,
             call_stats=self._call_stats,
+            requests_used=self._requests_used,
         )
         # What the last manager knew of its stops that the venue cannot tell yet (a protection restart).
         self.manager.known_unsent = never_taken
@@ -3972,6 +3973,10 @@ class Engine:
             ),
             settings,
         )
+
+    def _requests_used(self) -> float:
+        """The fullest of the venue's request budgets, as a share used (the order budget apart)."""
+        return self.request_pacer.used_fraction() if self.request_pacer is not None else 0.0
 
     def _budget_used_fraction(self) -> float:
         fractions = [b.used_fraction() for b in (self.order_budget, self.request_pacer) if b is not None]

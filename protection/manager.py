@@ -272,6 +272,9 @@ LATE_ANSWER_MIN_SECONDS = 0.5
 # Stops the account stream told live that are kept (the latest), for `ProtectionManager.streamed_live`.
 STREAMED_LIVE_KEPT = 1024
 REPEATED_FAILURE_SAID_EVERY_SECONDS = 60.0  # a cancel that keeps failing is said again this often
+# From this share of the venue's request budget used, a stop within its read lag is looked up once, at
+# the lag's end, not every retry step.
+LOOK_UPS_SPARSE_FROM_BUDGET_USED = 0.5
 NAKED_RETRY_CEILING_MIN_SECONDS = 2.0  # a naked position past grace waits at most max(grace, this) to retry
 MAX_DOUBLINGS = 32  # a backoff doubles at most this often (far past any cap; a float's range is not)
 GUARD_RESTARTS_SAID_EVERY_SECONDS = 60.0
@@ -1403,13 +1406,18 @@ class PositionGuard:
                     m.protective_failures.add(m.clock.monotonic())
                 latency = m.clock.monotonic() - started
                 order.maybe_sent = True
-                order.may_send_again = not resend
+                # Sent again with the same id once; then waited for (looked up until its read lag proves
+                # it absent) — unless the venue's request budget is half spent: then sent again at the
+                # retry cadence with no look-up between (a duplicate is refused if the venue holds it).
+                # Looked up four times a cycle, 60 stops refused for minutes spent a minute's weight in
+                # 20 s, and nothing could be sent for 40 s: naked 25 s after the venue took stops again.
+                order.may_send_again = not resend or m.requests_used() >= LOOK_UPS_SPARSE_FROM_BUDGET_USED
                 order.unclear_at = m.clock.monotonic()
                 await m.store.set_order_status(
                     cid, OrderRecordStatus.UNKNOWN, error=_short(exc) or "no answer"
                 )
                 outcome = await self._resolve(order, "resolve", unseen=order.may_send_again)
-                if outcome is _Outcome.UNSEEN:
+                if outcome is _Outcome.UNSEEN and not resend:
                     self.retry_at = m.clock.monotonic()  # sent again by the next pass, at once
                 # resolved: it was placed after all; retrying: absent (resent with the same id) or still unknown
                 self._create_failed(
@@ -1633,6 +1641,26 @@ class PositionGuard:
             # The account stream's word that it is live spares the look-up, and needs no read lag waited out
             # (an answer lost after the venue placed the stop kept the position uncovered for that lag).
             told = m.streamed_live.get(cid) or m.listed_since(cid, order.doubted_at)
+            proof_at = self._absence_provable_at(order, asked_at)
+            if (
+                told is None
+                and unseen
+                and proof_at is not None
+                and asked_at < proof_at
+                and m.requests_used() >= LOOK_UPS_SPARSE_FROM_BUDGET_USED
+            ):
+                # Within the read lag "not found" proves nothing, and the same id sent again is refused if
+                # the venue holds it: with the request budget half spent, the look-up is spared (30 naked
+                # positions' look-ups spent a minute's weight in 20 s, and nothing went out for 35 s).
+                log.info(
+                    "%s: %s %s sent again with the same id without a look-up (within the venue's read lag, "
+                    "with its request budget %.0f%% used)",
+                    self.symbol,
+                    stop_words(order.purpose),
+                    cid,
+                    m.requests_used() * 100,
+                )
+                return _Outcome.UNSEEN
             found = told or await m.read(lambda: m.venue.fetch_order(self.symbol, cid), "fetch_order")
         except NotFound:
             # Judged by when the look left (its answer may come after the window's end, and prove nothing).
@@ -1652,8 +1680,13 @@ class PositionGuard:
                 # found" proves nothing yet. Still unconfirmed (so uncovered), asked again. Waiting out a documented lag is not a failure: said as information (an
                 # ERROR per look was noise that hid the real failures).
                 # Within the window the order may show at any moment: asked again at the first retry
-                # step, and no later than the window's end (then "not found" proves it absent).
-                wait = min(m.config.retry_initial_seconds, max(0.0, proof_at - m.clock.monotonic()))
+                # step, and no later than the window's end (then "not found" proves it absent). With the
+                # venue's request budget half spent, only at the window's end: 30 positions refused for
+                # minutes spent a minute's weight in 20 s on such look-ups, and nothing could be sent for
+                # the next 40 s (a reviewer: naked 25 s after the venue took stops again).
+                left = max(0.0, proof_at - m.clock.monotonic())
+                pressed = m.requests_used() >= LOOK_UPS_SPARSE_FROM_BUDGET_USED
+                wait = left if pressed else min(m.config.retry_initial_seconds, left)
                 log.info(
                     "%s: %s %s not visible yet (the venue's reads lag its writes by up to %gs); "
                     "asking again in %.1fs",
@@ -2265,7 +2298,25 @@ class PositionGuard:
             f"{_FAILURE_PHRASE[failure]} {what} for {self.symbol} after {latency:.1f}s ({answer}): {detail}; "
             f"{state}"
         )
-        log.log(logging.WARNING if severity is Severity.WARNING else logging.ERROR, "%s", message)
+        # The same refusal again within a minute (a venue failing every stop while a naked position is
+        # tried once per grace period) is a line at INFO and no events row, as `_note_failure` says its
+        # repeats: 40 positions refused for 90 s wrote 1 519 ERROR rows. Timeouts are said each time (each
+        # took the call budget; the operators' grep counts them).
+        repeated_since = None
+        if not resolved and failure is not FailureClass.TIMEOUT:
+            now = m.clock.monotonic()
+            key = (f"create {what}", f"{failure.value} {status} {code}", still_covered)
+            said_at = self._failure_said.get(key)
+            if said_at is not None and now - said_at < REPEATED_FAILURE_SAID_EVERY_SECONDS:
+                repeated_since = now - said_at
+            else:
+                self._failure_said[key] = now
+        if repeated_since is not None:
+            log.info(
+                "%s (again: said %.0fs ago, said again once a minute while it lasts)", message, repeated_since
+            )
+        else:
+            log.log(logging.WARNING if severity is Severity.WARNING else logging.ERROR, "%s", message)
         outcome = "resolved" if resolved else "retrying"
         if failure is FailureClass.TIMEOUT:
             m.timeouts.add(m.clock.monotonic())
@@ -2293,8 +2344,11 @@ class PositionGuard:
                     http_status=status,
                     latency_seconds=latency,
                     outcome=outcome,
+                    repeated=repeated_since is not None,
                 )
             )
+        if repeated_since is not None:
+            return  # (counted by the metrics all the same; recorded once a minute)
         m.spawn_event_write(
             severity,
             f"protection_{failure.value}",
@@ -3309,8 +3363,11 @@ class ProtectionManager:
         token: str,
         markets: Mapping[str, Market],
         call_stats: CallStats | None = None,
+        requests_used: Callable[[], float] | None = None,
     ):
         self.venue = venue
+        # The fullest of the venue's request budgets, as a share used (0..1): look-ups grow sparse when high.
+        self.requests_used = requests_used if requests_used is not None else lambda: 0.0
         self.store = store
         self.budget = budget
         self.clock = clock

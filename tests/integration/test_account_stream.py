@@ -525,6 +525,7 @@ async def test_a_loss_found_past_grace_is_retried_at_the_grace_cadence_from_its_
     it is found: its re-placement then backed off on the doubling at once (1, 2, 4, 8 s: naked 10.4 s
     after the find, a reviewer). Its retries' grace counts from the finding: the first ones a quarter of
     grace apart at most."""
+    caplog.set_level(logging.INFO, logger="protection.manager")  # (a refusal said again is a line at INFO)
     settings = settings_for(db)
     grace = float(settings.protection.grace_seconds)
     async with _protected_with_the_stream_down(settings, SYMBOLS[15]) as (_engine, venue, clock, guard, stop):

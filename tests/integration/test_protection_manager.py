@@ -1060,6 +1060,7 @@ async def test_a_stop_refused_past_grace_is_retried_on_a_doubling_from_the_grace
     off `retry_max_seconds` (30 s) at once, and a stop the venue took again a moment later went out 30 s
     after (an operator in tmux, on the Bybit emulator: a trailing stop refused 6 times, 30 s naked on a
     healthy venue). Past grace the delay doubles from the grace cadence up to grace: 2.5 s, 5 s, 5 s …"""
+    caplog.set_level(logging.INFO, logger="protection.manager")  # (a refusal said again is a line at INFO)
     settings = settings_for(db)
     clock = ManualClock()
     engine = make_engine(settings, clock)
@@ -1097,6 +1098,7 @@ async def test_a_naked_position_refused_for_a_minute_is_tried_once_per_grace_not
     16 and 30 s). A naked position is worth a request per grace period for as long as it is naked (the
     venue's own word — a Retry-After, a ban — still comes first): past grace the delay doubles from a quarter
     of grace up to grace, not to the max."""
+    caplog.set_level(logging.INFO, logger="protection.manager")  # (a refusal said again is a line at INFO)
     settings = settings_for(db, {"PROTECTION__BREAKER__UNCOVERED_FACTOR": "1000"})
     clock = ManualClock()
     engine = make_engine(settings, clock)
@@ -1114,6 +1116,19 @@ async def test_a_naked_position_refused_for_a_minute_is_tried_once_per_grace_not
         assert len(delays) >= 10, delays  # a minute of refusals at most grace apart
         assert max(delays) <= grace, delays
         assert naked_after <= grace + 1.0, (naked_after, delays)
+        # Tried that often, the same refusal is said in full once a minute, not once per try (a reviewer:
+        # 1 519 ERROR rows for 40 positions in 90 s): the rest are lines at INFO, without an events row.
+        said = [
+            r
+            for r in caplog.records
+            if r.levelno >= logging.ERROR and f"creating stop-loss for {guard.symbol}" in r.getMessage()
+        ]
+        assert 1 <= len(said) <= 2, [r.getMessage() for r in said]
+        rows = await db.pool.fetchval(
+            "SELECT count(*) FROM monitoring.events WHERE type = 'protection_server_error' AND symbol = $1",
+            guard.symbol,
+        )
+        assert rows == len(said), (rows, len(said))
     finally:
         await drive(clock, engine.stop())
 
@@ -1898,6 +1913,7 @@ async def test_a_position_restored_uncovered_past_grace_is_retried_at_the_grace_
     """A protection restart restores a position uncovered since before it, past grace: its new guard
     retried a refused stop on the doubling at once (1, 2, 4 … s), as if it had been failing all along (a
     reviewer). Found uncovered by the new guard, its first retries are a quarter of grace apart at most."""
+    caplog.set_level(logging.INFO, logger="protection.manager")  # (a refusal said again is a line at INFO)
     settings = settings_for(db)
     grace = float(settings.protection.grace_seconds)
     clock = ManualClock()
