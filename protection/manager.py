@@ -2280,7 +2280,7 @@ class PositionGuard:
         else:
             # A managed move waits its own backoff (`_moves_resume_at`); the rest, the next failed pass's.
             failures = self._move_failures if order is self._replacement else self.failures
-            retry_in = self._retry_delay(failures + 1)
+            retry_in = self._retry_delay(failures + 1, predicted=True)
             covered_words = (
                 "still protected by its confirmed stops"
                 if still_covered
@@ -3108,7 +3108,7 @@ class PositionGuard:
 
     # --- bookkeeping ---------------------------------------------------------------------------------
 
-    def _retry_delay(self, failures: int) -> float:
+    def _retry_delay(self, failures: int, *, predicted: bool = False) -> float:
         """When to try again after `failures` failed passes in a row. The venue's word comes first (a
         Retry-After or a ban's end: then, not later). Otherwise the backoff doubles — but not past a
         quarter of the grace period during a naked position's first grace period, and its first retry is
@@ -3132,7 +3132,8 @@ class PositionGuard:
             since = max(since, self._loss_found_at)
         if not self.covered and since is not None and now - since < grace:
             delay = min(delay, grace / 4)
-            self._failures_in_grace = max(self._failures_in_grace, failures)
+            if not predicted:  # (a failure's log line says the next delay ahead: it counts nothing)
+                self._failures_in_grace = max(self._failures_in_grace, failures)
             if failures <= 1:
                 # A naked position's first failed pass is tried again one round trip later: what was
                 # refused is sent again at once (a definite "not executed" may go with the same id; an
@@ -3166,7 +3167,11 @@ class PositionGuard:
         self.last_error = f"{operation}: {error}"
         self._failed_this_pass = True
         # The next pass's order waits for the venue to take orders again (a 429's hold, a ban): say when.
-        retry_in = max(self._retry_delay(self.failures + 1), m.budget.held_for() or 0.0) if retried else None
+        retry_in = (
+            max(self._retry_delay(self.failures + 1, predicted=True), m.budget.held_for() or 0.0)
+            if retried
+            else None
+        )
         then = f"retrying in {retry_in:.1f}s" if retry_in is not None else "not retried: ask again to retry"
         # Only say "unprotected" when it is true: a failed trail move leaves the confirmed stops in place.
         still_covered = self.covered
