@@ -1660,6 +1660,11 @@ class Engine:
                 )
             return
         if self._lease is not None:
+            if self._lease.alive():
+                # Its last word `stopping`: a start given up (a refused key, Ctrl-C in a ban's wait) left
+                # `starting`, which `tsbot status` reads, with no engine holding the lease, as one killed.
+                with contextlib.suppress(Exception):
+                    await self._lease.heartbeat(LeasePhase.STOPPING)
             try:
                 await self._lease.release()
             except Exception:

@@ -865,3 +865,27 @@ async def test_the_signals_are_measured_as_soon_as_listen_was_tried_not_at_the_n
 
 async def _known(state: Awaitable[str | None]) -> bool:
     return (await state) not in (None, "unknown")
+
+
+async def test_a_start_given_up_leaves_its_lease_stopping_not_starting(db: Database) -> None:
+    """`tsbot status` says open positions an engine left against its will CRITICAL: the lease row still
+    `running` or `starting` with nobody holding it means killed or crashed. A start that gave up (a key the
+    venue refuses, Ctrl-C while it waits out a ban) left `starting` too, and so would have been a crash to
+    status: it ends its lease `stopping`, as a stop does (the terminal already said why)."""
+    from engine.clock import SystemClock
+    from engine.credentials import CredentialsRefused
+    from engine.venues.binance_emulator import BinanceEmulator, running
+    from engine.venues.binance_venue import BinanceUsdmVenue
+    from engine.venues.ccxt_venue import CcxtVenueConfig
+    from engine.venues.sim import SimVenueSettings
+
+    emulator = BinanceEmulator(SimVenueSettings(seed=7, symbols=["SFPUSDT"]), api_key="k", api_secret="s")
+    async with running(emulator) as url:
+        venue = BinanceUsdmVenue(
+            CcxtVenueConfig(kind="binanceusdm", api_key="k", api_secret="not-the-secret", base_url=url)
+        )
+        engine = Engine(engine_settings(db.target.dsn), venue=venue, clock=SystemClock(), version="test")
+        with pytest.raises(CredentialsRefused):
+            await engine.start()
+    phase = await db.pool.fetchval("SELECT phase FROM monitoring.engine_leases")
+    assert phase == "stopping"
