@@ -342,7 +342,10 @@ async def test_a_hard_stop_corrected_from_the_fill_rides_in_the_trailing_stops_c
         said = await db.pool.fetch(
             "SELECT data->>'stop' AS stop, message FROM monitoring.events WHERE type = 'protection_rate_limited'"
         )
-        assert [r["stop"] for r in said] == ["trailing_stop"] * refused, said
+        # (The same refusal of one position's stop again within a minute is a line at INFO, no row: two
+        # refusals are two rows when they met two positions, one when they met one position twice.)
+        assert {r["stop"] for r in said} <= {"trailing_stop"}, said
+        assert (1 if refused else 0) <= len(said) <= refused, said
         # And one attempt per call for the breaker's rate: a correction that rode is none of its own.
         assert len(manager.protective_attempts) == WAVE + refused
         for guard in manager.guards.values():  # the venue's own word on each position's hard stop

@@ -487,8 +487,15 @@ async def test_f2_persistent_failure_leaves_the_position_visibly_uncovered_until
         failed = await events_of(db, "protection_not_sent")  # never reached the venue: nothing was sent
         assert failed
         assert all(r["symbol"] == symbol and r["severity"] == "error" for r in failed)
-        # Backoff, not a hot loop: 30 s at 1, 2, 4, 8, 8 … s between passes is a handful of attempts.
-        assert 4 <= len(failed) <= 20, len(failed)
+        # The same refusal is recorded once a minute for each stop (its repeats are lines at INFO) …
+        assert {r["data"]["stop"] for r in failed} == {"stop_loss", "trailing_stop"}
+        assert len(failed) == 2, [r["message"] for r in failed]
+        # … and tried with backoff, not in a hot loop: 30 s at 1, 2, 4, 5 … s between passes is a handful
+        # of attempts for each stop.
+        tries = [
+            r for r in caplog.records if r.getMessage().startswith(f"Could not send stop-loss for {symbol}")
+        ]
+        assert 4 <= len(tries) <= 20, len(tries)
         # Nothing reached the venue, and nothing was counted as placed.
         assert venue.core.open_protective_orders(clock.now(), symbol) == []
 
