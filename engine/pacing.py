@@ -13,9 +13,9 @@ Three pieces:
   sliding window of weighted sends kept `headroom` (10 %) below the venue's own limit, which also keeps
   every fixed window the venue counts in below it. Waiting requests go strictly by lane (within a lane,
   its writes before its reads), then first come first served; reads may use at most `READ_SHARE` of the
-  budget, whichever lane asks — a guard's look-ups of its stops too — so a burst of reads can never take
-  the room a protective write needs (30 naked positions' look-ups once spent a minute's weight in 20 s,
-  and no stop could be sent for 35 s after the venue took stops again). The venue's own count (response headers) wins over ours when it is
+  budget, and a guard's look-ups of its stops `LOOK_UP_SHARE`, so a burst of reads can never take the
+  room a protective write needs (30 naked positions' look-ups once spent a minute's weight in 20 s, and
+  no stop could be sent for 35 s after the venue took stops again). The venue's own count (response headers) wins over ours when it is
   higher (another process on the same IP or account). A 429 holds every lane until its `Retry-After`; a
   418 ban refuses entries and reads at once (`Banned`) while protective requests wait for its end: a guard
   retries when the venue says it may, not on its own backoff clock.
@@ -45,6 +45,7 @@ T = TypeVar("T")
 
 DEFAULT_HEADROOM = 0.10  # stay this share below every limit the venue announces
 READ_SHARE = 0.8  # reads may fill at most this share of what we allow ourselves
+LOOK_UP_SHARE = 0.95  # a guard's look-ups: the rest is kept for the stops it sends
 
 
 class Lane(IntEnum):
@@ -188,8 +189,8 @@ class RequestPacer:
         }
         self.waits = waits if waits is not None else BudgetWaits()
         self._queue: list[tuple[int, int]] = []  # (rank, sequence) of waiting requests, sorted
-        # What each waiting request costs, and whether it is a read (held to `READ_SHARE`).
-        self._waiting: dict[tuple[int, int], tuple[Mapping[str, int], bool]] = {}
+        # What each waiting request costs, and the share of a budget it may fill (`_read_share`).
+        self._waiting: dict[tuple[int, int], tuple[Mapping[str, int], float]] = {}
         self._sequence = 0
         self._changed = asyncio.Event()
         self._hold_until = 0.0
@@ -273,8 +274,8 @@ class RequestPacer:
         clock = self._clock
         self._refuse_if_banned(lane)
         _refuse_if_withheld(ticket)
-        capped = lane is Lane.READ or not mutating
-        me = (_rank(lane, capped), self._sequence + 1)
+        capped = _read_share(lane, mutating)
+        me = (_rank(lane, capped < 1.0), self._sequence + 1)
         if self._wait_time(costs, capped) == 0.0 and not self._held_back(me, costs):
             self._book(costs, ticket if mutating else None)
             return
@@ -326,7 +327,7 @@ class RequestPacer:
                 return True  # it may go now (and goes first), or my send would make it wait longer
         return False
 
-    def _would_delay(self, waiting: Mapping[str, int], capped: bool, costs: Mapping[str, int]) -> bool:
+    def _would_delay(self, waiting: Mapping[str, int], capped: float, costs: Mapping[str, int]) -> bool:
         now = self._clock.monotonic()
         for key, units in costs.items():
             window = self._windows.get(key)
@@ -350,7 +351,7 @@ class RequestPacer:
         if lane is not Lane.PROTECTIVE and self._banned_until > self._clock.monotonic():
             raise Banned(self._banned_until_epoch, "the venue banned this IP; only protective requests wait")
 
-    def _wait_time(self, costs: Mapping[str, int], capped: bool) -> float:
+    def _wait_time(self, costs: Mapping[str, int], capped: float) -> float:
         now = self._clock.monotonic()
         wait = max(0.0, self._hold_until - now)
         for key, units in costs.items():
@@ -384,15 +385,25 @@ class RequestPacer:
         self._changed = asyncio.Event()
 
 
-def _rank(lane: Lane, capped: bool) -> int:
+def _read_share(lane: Lane, mutating: bool) -> float:
+    """The share of a budget a request may fill: a write all of it, the read lane's reads `READ_SHARE`, a
+    guard's (or an entry's) look-ups `LOOK_UP_SHARE`. Those look-ups went uncapped, and 30 naked positions'
+    filled a minute's weight, leaving their stops no room; capped at `READ_SHARE`, another process holding
+    the IP's weight past 72 % starved a guard's look-up of a stop the venue held (a reviewer)."""
+    if lane is Lane.READ:
+        return READ_SHARE
+    return 1.0 if mutating else LOOK_UP_SHARE
+
+
+def _rank(lane: Lane, read: bool) -> int:
     """A waiting request's place: by lane, and within the protective and entry lanes writes before reads
     (a stop to send goes before the look-ups of others)."""
-    return 2 * int(lane) + capped
+    return 2 * int(lane) + read
 
 
-def _share(limit: int, capped: bool) -> int:
-    """What a request may fill of a budget we allow ourselves `limit` of: reads (`capped`) `READ_SHARE`."""
-    return max(1, math.floor(limit * READ_SHARE)) if capped else limit
+def _share(limit: int, share: float) -> int:
+    """What a request may fill of a budget we allow ourselves `limit` of."""
+    return limit if share >= 1.0 else max(1, math.floor(limit * share))
 
 
 def _refuse_if_withheld(ticket: CallTicket | None) -> None:

@@ -191,6 +191,11 @@ class ProtectiveOrder:
     # Monotonic time its last unclear answer came (None: none since its last send): a send that reached
     # the venue late (a 500 answered after seconds, a lost answer) shows one read lag after that at most.
     unclear_at: float | None = None
+    # Monotonic time the first of its unclear answers came, sends again with its id included: while the
+    # venue's request budget is half spent it is sent again without a look-up only within one read lag of
+    # that (a reviewer: anchored to the last send, the look-up never came, and a stop the venue held after
+    # a lost answer stayed "uncovered" for as long as answers were lost).
+    unclear_since: float | None = None
     # Set when the account stream tells it live while it is not confirmed (`PositionGuard.hear_live`): a
     # late answer's wait takes that word at once.
     heard_live: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
@@ -1411,7 +1416,9 @@ class PositionGuard:
                 # retry cadence with no look-up between (a duplicate is refused if the venue holds it).
                 # Looked up four times a cycle, 60 stops refused for minutes spent a minute's weight in
                 # 20 s, and nothing could be sent for 40 s: naked 25 s after the venue took stops again.
-                order.may_send_again = not resend or m.requests_used() >= LOOK_UPS_SPARSE_FROM_BUDGET_USED
+                if not resend or order.unclear_since is None:
+                    order.unclear_since = m.clock.monotonic()
+                order.may_send_again = not resend or self._resend_unlooked(order, m.clock.monotonic())
                 order.unclear_at = m.clock.monotonic()
                 await m.store.set_order_status(
                     cid, OrderRecordStatus.UNKNOWN, error=_short(exc) or "no answer"
@@ -1647,7 +1654,7 @@ class PositionGuard:
                 and unseen
                 and proof_at is not None
                 and asked_at < proof_at
-                and m.requests_used() >= LOOK_UPS_SPARSE_FROM_BUDGET_USED
+                and self._resend_unlooked(order, asked_at)
             ):
                 # Within the read lag "not found" proves nothing, and the same id sent again is refused if
                 # the venue holds it: with the request budget half spent, the look-up is spared (30 naked
@@ -1745,6 +1752,18 @@ class PositionGuard:
             )
         )
         return _Outcome.GONE
+
+    def _resend_unlooked(self, order: ProtectiveOrder, now: float) -> bool:
+        """Whether an order of unclear outcome is sent again with its id without a look-up first: while the
+        venue's request budget is half spent, and only within one read lag of its first unclear answer
+        (then it is looked up: a venue that took it shows it by then)."""
+        m = self._m
+        since = order.unclear_since
+        return (
+            m.requests_used() >= LOOK_UPS_SPARSE_FROM_BUDGET_USED
+            and since is not None
+            and now < since + m.read_after_write_seconds + READ_LAG_MARGIN_SECONDS
+        )
 
     def _absence_provable_at(self, order: ProtectiveOrder, now: float) -> float | None:
         """From when "no such order" proves `order` absent (monotonic; None: at once, a venue without a read

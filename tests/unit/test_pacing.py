@@ -13,6 +13,7 @@ from engine.clock import ManualClock, with_timeout
 from engine.exchange.errors import Banned, Withheld
 from engine.exchange.port import RequestBudget
 from engine.pacing import (
+    LOOK_UP_SHARE,
     READ_SHARE,
     CallTicket,
     Lane,
@@ -78,8 +79,9 @@ async def test_protective_look_ups_never_take_the_room_a_stop_needs() -> None:
     """A reviewer on the Binance-wire emulator: 30 positions whose stop sends were answered HTTP 500 (an
     unknown outcome, looked up by id through the venue's read lag) spent the whole minute's weight on
     look-ups in 20 s, and then nothing could be sent for 35-40 s: positions stayed naked 25 s after the
-    venue took stops again. A look-up is a read, whichever lane asks: it may fill at most the reads' share,
-    and a protective write waiting beside look-ups goes first."""
+    venue took stops again. A guard's look-ups may fill at most `LOOK_UP_SHARE` (the reads' share starved
+    them while another process held the IP's weight, a reviewer), and a protective write waiting beside
+    look-ups goes first."""
     clock = ManualClock()
     pacer = _pacer(clock, limit=100, window=60.0, headroom=0.0)
     sent: list[tuple[float, str]] = []
@@ -93,14 +95,16 @@ async def test_protective_look_ups_never_take_the_room_a_stop_needs() -> None:
 
     look_ups = [protective(1, mutating=False, what="look-up") for _ in range(150)]
     await clock.settle()
-    read_cap = int(100 * READ_SHARE)
-    assert [what for _, what in sent] == ["look-up"] * read_cap  # the rest wait for the window
+    look_up_cap = int(100 * LOOK_UP_SHARE)
+    assert look_up_cap > int(100 * READ_SHARE)  # (above the read lane's: a guard's look-ups go first)
+    assert [what for _, what in sent] == ["look-up"] * look_up_cap  # the rest wait for the window
     await clock.advance(5.0)
-    stops = [protective(1, mutating=True, what="stop") for _ in range(10)]
+    room = 100 - look_up_cap
+    stops = [protective(1, mutating=True, what="stop") for _ in range(room)]
     await clock.settle()
-    assert [(t, what) for t, what in sent[read_cap:]] == [(5.0, "stop")] * 10  # sent at once, look-ups wait
+    assert [(t, what) for t, what in sent[look_up_cap:]] == [(5.0, "stop")] * room  # at once; look-ups wait
     await _run_until_done(clock, [*look_ups, *stops])
-    assert len(sent) == 160
+    assert len(sent) == 150 + room
 
 
 async def test_the_venues_higher_count_wins_and_a_lower_one_changes_nothing() -> None:
