@@ -269,6 +269,19 @@ def embedded_users(data_dir: Path) -> list[tuple[int, str]]:
     return users
 
 
+def live_tsbot_command(pid: int) -> str | None:
+    """The tsbot command process `pid` of this host runs (`tsbot run`, `tsbot-tui`), None when it has ended
+    (a zombie too) or runs another program (a pid reused)."""
+    import psutil  # pgserver's own dependency
+
+    if not _alive(pid, psutil):
+        return None
+    try:
+        return _tsbot_command(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return None
+
+
 def _tsbot_command(argv: list[str]) -> str | None:
     """The tsbot command a process runs (`tsbot run`, `tsbot-tui`): its executable, the script its
     interpreter runs, or the module it runs with `-m`, with its subcommand when that is one of tsbot's;

@@ -751,6 +751,22 @@ async def test_open_positions_an_engine_left_against_its_will_are_critical_and_a
     human = tsbot("status", cwd=workdir).stdout.splitlines()
     assert human[0].startswith("CRITICAL: 2 open positions and no engine protecting them: "), human
 
+    # Its lease gone with a database session while it lives on this host (an outage: it takes the lease
+    # again within seconds): no alarm in that window (a reviewer).
+    script = workdir / "tsbot"
+    script.write_text("import time\ntime.sleep(60)\n")
+    alive = await asyncio.create_subprocess_exec(sys.executable, str(script), "run")
+    try:
+        await engine_side.execute("UPDATE monitoring.engine_leases SET pid = $1", alive.pid)
+        living = tsbot("status", "--json", cwd=workdir)
+        assert living.returncode == 3, living.stdout + living.stderr
+    finally:
+        alive.kill()
+        await alive.wait()
+    gone = tsbot("status", "--json", cwd=workdir)
+    assert gone.returncode == 2, gone.stdout + gone.stderr
+    await engine_side.execute("UPDATE monitoring.engine_leases SET pid = $1", os.getpid())
+
     # Ended in its start (a start that failed, or killed then): still nobody watching, against the plan.
     await engine_side.execute("UPDATE monitoring.engine_leases SET phase = 'starting'")
     starting = json.loads(tsbot("status", "--json", cwd=workdir).stdout)
