@@ -1697,6 +1697,16 @@ class Engine:
         if journaled is not None and journaled > heard:
             heard = journaled
         self._previous_heard = heard
+        if self._lease.previous_phase in (LeasePhase.RUNNING, LeasePhase.STARTING):
+            # Running (or starting) at its last heartbeat, and the lock free: it never stopped. Said whatever
+            # it left (a kill -9 with no wave nor managed trail in flight left no trace: an operator).
+            ended = (
+                f"the last engine on this account ended without stopping (killed, crashed, or its host gone; "
+                f"last heard {heard.isoformat(timespec='seconds')}): nothing watched its positions from then "
+                "until this start"
+            )
+            log.warning(ended)
+            await self.store.record_event(Severity.WARNING, "last_engine_ended_unstopped", ended)
         left = await self.store.disarm_managed_trails(at=heard)
         # The coverage series: the dead engine's last sample stood on over the time nobody measured; from its
         # last heartbeat it is what the records give (positions it left without both stops, not protected).

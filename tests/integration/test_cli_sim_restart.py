@@ -69,6 +69,7 @@ async def test_a_second_tsbot_run_restores_what_the_first_left_on_the_sim(
     assert second.returncode == 0, second.stderr
     assert f"start-up: restored {left}, re-protected 0, adopted 0, failed 0" in second.stdout
     assert "; uncovered 0" in second.stdout
+    assert "ended without stopping" not in second.stderr  # (the first stopped: no crash to say)
     log = (workdir / "logs" / "trading_bot.log").read_text()
     assert "-2022" not in log
     assert "closed_on_exchange" not in log
@@ -169,6 +170,18 @@ async def test_a_killed_managed_mode_engine_leaves_its_unmoved_trails_on_the_rec
         assert (span["ended_at"] - killed).total_seconds() >= 3.0
     assert event is not None
     assert said.group(0) in event
+    # The kill itself is said once, whatever it left (a kill -9 with nothing in flight left no trace).
+    assert "the last engine on this account ended without stopping (killed, crashed" in second.stderr
+    conn = await asyncpg.connect(dsn)
+    try:
+        assert (
+            await conn.fetchval(
+                "SELECT count(*) FROM monitoring.events WHERE type = 'last_engine_ended_unstopped'"
+            )
+            == 1
+        )
+    finally:
+        await conn.close()
     report = json.loads((await asyncio.to_thread(tsbot, "report", "--json", cwd=workdir)).stdout)
     assert report["uncovered_spans"] >= len(armed)
     assert Decimal(report["uncovered_seconds"]) >= 3 * len(armed)
