@@ -4253,16 +4253,19 @@ class Engine:
     def plan_reprotect(self) -> list[PlannedProtection]:
         """Which uncovered positions would get which orders, without sending anything."""
         assert self.manager is not None
+        # Named as the venue holds them: Bybit's stops are fields of the position set by one trading-stop
+        # call, not orders (its plan named Binance's order types: an operator).
+        orders_of_their_own = self.venue.capabilities().stops_are_orders
+        hard = "stop_market" if orders_of_their_own else "position stop-loss (trading-stop)"
+        trailing = "trailing_stop_market" if orders_of_their_own else "position trailing stop (trading-stop)"
         plan = []
         for guard in sorted(self.manager.uncovered(), key=lambda g: g.position_id):
             orders = []
             if not guard.has_stop_loss:
-                orders.append(PlannedOrder("stop_loss", "stop_market", guard.stop_loss.price))
+                orders.append(PlannedOrder("stop_loss", hard, guard.stop_loss.price))
             if not guard.trailing_in_place:
                 if guard.kind is TrailingKind.NATIVE:
-                    orders.append(
-                        PlannedOrder("trailing_stop", "trailing_stop_market", guard.trailing_stop.price)
-                    )
+                    orders.append(PlannedOrder("trailing_stop", trailing, guard.trailing_stop.price))
                 else:
                     orders.append(
                         PlannedOrder(

@@ -852,6 +852,9 @@ async def test_the_hard_stop_held_while_its_correction_fails_is_watched_and_its_
         view = next(v for v in engine.snapshot().positions if v.symbol == symbol)
         assert not view.covered
         assert not view.has_stop_loss
+        # The operator's `p` plan names what Bybit holds (before: Binance's "stop_market").
+        [planned] = engine.plan_reprotect()
+        assert [o.kind for o in planned.orders][:1] == ["position stop-loss (trading-stop)"]
 
         async def recorded_lost() -> bool:
             row = await db.pool.fetchrow(
