@@ -395,6 +395,9 @@ class EngineSnapshot:
     # What the start is waiting for at the venue now (a ban's end, a read to try again), "" when it is not:
     # a dashboard said "starting" and every carried position UNCOVERED, and nothing said why (an operator).
     start_waiting_for: str = ""
+    # The wave in progress (when it began, how many signals), None between waves: one whose entries wait for
+    # the venue opened nothing for 30 s, and the dashboard said "no wave yet" meanwhile (an operator).
+    wave_begun: tuple[float, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -856,6 +859,7 @@ class Engine:
         self._stop_begun = asyncio.Event()  # wakes what waits to send an entry: it is not sent now
         self._health_wake = asyncio.Event()  # the health check runs now, not at its interval
         self._wave_in_progress: asyncio.Future[None] | None = None
+        self._wave_begun: tuple[float, int] | None = None  # the wave in progress: when, how many signals
         self.request_pacer: RequestPacer | None = None
         self.order_budget: OrderBudget | None = None
         self._venue_pacing: VenuePacing | None = None
@@ -2894,6 +2898,7 @@ class Engine:
                 for signal in wave.signals:
                     await self._reject(signal, "engine stopping", None)
                 return
+            self._wave_begun = (self.clock.now(), len(wave.signals))
             wave_task = self._wave_in_progress = asyncio.ensure_future(self.process_wave(wave))
             try:
                 await asyncio.shield(wave_task)
@@ -2904,13 +2909,13 @@ class Engine:
                 # Cut loose from this loop (the stop cancels it), a wave under way stays known until it
                 # ends: the stop waits for it, then cancels it, instead of leaving it to send on its own.
                 if wave_task.done():
-                    self._wave_in_progress = None
+                    self._wave_in_progress = self._wave_begun = None
                 else:
                     wave_task.add_done_callback(self._wave_ended)
 
     def _wave_ended(self, task: asyncio.Future[None]) -> None:
         if self._wave_in_progress is task:
-            self._wave_in_progress = None
+            self._wave_in_progress = self._wave_begun = None
 
     async def process_wave(self, wave: SignalWave) -> None:
         assert self.store is not None and self.manager is not None
@@ -4122,6 +4127,7 @@ class Engine:
             positions_tracked=not self._positions_let_go,
             coverage_sample=self._coverage_sample,
             start_waiting_for=self.start_waiting_for,
+            wave_begun=self._wave_begun,
         )
 
     def _entries_on_their_way(self) -> set[str]:

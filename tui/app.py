@@ -1003,6 +1003,12 @@ def wave_line(snapshot: EngineSnapshot, running: RunningWave, tz: tzinfo | None)
             + (f", {failing} UNCOVERED" if failing else "")
             + (f", {closed} closed" if closed else "")
         )
+    if snapshot.wave_begun is not None:  # begun, nothing opened yet (its entries waiting for the venue)
+        began, signals = snapshot.wave_begun
+        return (
+            f"wave running since {formatting.clock_time(began, tz)}: {signals} signal{'' if signals == 1 else 's'}, "
+            "none opened yet"
+        )
     return last_wave(snapshot, tz)
 
 

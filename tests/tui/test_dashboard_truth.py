@@ -35,7 +35,7 @@ from tests.support.waiting import wait_until
 from tests.tui.harness import Dashboard, dashboard, started, tui_settings
 from tests.tui.snapshots import svg_to_text
 from tui import formatting
-from tui.app import RunningWave
+from tui.app import RunningWave, wave_line
 from tui.feed import ReadOnlyFeed
 from tui.screens.info import LeaseHeldScreen
 from tui.screens.position import PositionDetailScreen
@@ -321,6 +321,33 @@ def test_the_running_wave_line_never_drops_a_wave_still_in_progress() -> None:
     assert [p for _, p in wave.positions] == [4]
     wave.see(EventsDropped(at=151.0, count=40))  # missed events: no claim rather than a wrong one
     assert wave.started_at is None
+
+
+async def test_a_wave_whose_entries_wait_for_the_venue_is_said_running_before_anything_opened(
+    db: Database,
+) -> None:
+    """An operator: a wave held up by the venue's rate refusals (40 × 10006) took 30 s with every signal
+    refused, and the positions panel said "no wave yet" all that time: the line followed the positions a
+    wave opened, and this one had opened none. A wave in progress is said from its start."""
+    clock = ManualClock()
+    engine = make_engine(tui_settings(db), clock)
+    await drive(clock, engine.start())
+    try:
+        assert engine.store is not None
+        assert engine.request_pacer is not None
+        engine.request_pacer.hold(20.0)  # the venue said wait: the wave's entries wait for it
+        await engine.store.insert_signals([(s, "long", None, None) for s in sorted(UNIVERSE)[10:13]])
+        await drive_until(clock, lambda: engine.snapshot().wave_begun is not None, what="the wave begun")
+        snapshot = engine.snapshot()
+        assert snapshot.positions == ()
+        line = wave_line(snapshot, RunningWave(), UTC)
+        assert re.fullmatch(r"wave running since \d\d:\d\d:\d\d: 3 signals, none opened yet", line), line
+        await drive_until(
+            clock, lambda: engine.snapshot().wave_begun is None, limit=120, what="the wave ended"
+        )
+        assert not wave_line(engine.snapshot(), RunningWave(), UTC).startswith("wave running")
+    finally:
+        await drive(clock, engine.stop())
 
 
 async def test_an_entry_of_unknown_outcome_is_a_flagged_row_and_counted_uncovered(db: Database) -> None:
