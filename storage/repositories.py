@@ -1558,6 +1558,18 @@ class Store:
         )
         return None if row is None else CoverageSample(**dict(row))
 
+    async def coverage_samples_since(self, moment: datetime) -> list[CoverageSample]:
+        """The account's samples from `moment` on, oldest first (the dashboard's last hour, across starts)."""
+        rows = await self._pool.fetch(
+            """
+            SELECT at, active, protected, uncovered, lasting, coverage_pct FROM monitoring.coverage_samples
+            WHERE account = $1 AND at >= $2 ORDER BY at
+            """,
+            self.account,
+            moment,
+        )
+        return [CoverageSample(**dict(row)) for row in rows]
+
     async def delete_coverage_samples_before(self, moment: datetime) -> int:
         """Retention: this account's samples older than `moment` go. Returns how many."""
         result = await self._pool.execute(

@@ -97,7 +97,7 @@ from tui.screens.info import HelpScreen, LeaseHeldScreen, StartFailedScreen
 from tui.screens.position import PositionDetailScreen
 from tui.screens.reprotect import ReprotectScreen
 from tui.screens.restart import RestartReportScreen
-from tui.widgets.coverage import CoverageGauge
+from tui.widgets.coverage import TREND_WINDOW_SECONDS, CoverageGauge
 from tui.widgets.event_log import EventLog
 from tui.widgets.health import HealthPanel
 from tui.widgets.positions import DEFERRED_ROWS_PER_STEP, PositionsTable
@@ -588,10 +588,20 @@ class DashboardApp(App[int]):
         except Exception:
             log.exception("stopping the engine failed")
 
+    async def _seed_coverage_trend(self) -> None:
+        """The gauge's last hour from the database: samples an earlier engine recorded count too."""
+        try:
+            samples = await self.feed.recent_coverage(TREND_WINDOW_SECONDS)
+        except Exception:  # (the trend then starts from this dashboard's samples, as before)
+            log.warning("reading the last hour's coverage samples failed", exc_info=True)
+            return
+        self._gauge.seed_trend(samples)
+
     # --- messages ------------------------------------------------------------------------------------
 
     def on_feed_started(self, message: FeedStarted) -> None:
         self.feed_started = True
+        self.run_worker(self._seed_coverage_trend(), exclusive=False)
         if self._freeze_gc:
             # Everything built at start (modules, widgets, caches, markets) will live as long as the process:
             # keeping it out of the collector's full passes turns 50-80 ms gen-2 pauses, which stall the

@@ -361,6 +361,10 @@ class DashboardFeed(Protocol):
         read from the database (`monitoring.coverage_samples`, `monitoring.uncovered_spans`)."""
         ...
 
+    async def recent_coverage(self, seconds: float) -> list[TrendSample]:
+        """The coverage samples recorded in the last `seconds` (before this dashboard started too)."""
+        ...
+
 
 class EngineFeed:
     """The engine in this process. Its loops are its own tasks: no widget owns them."""
@@ -424,6 +428,11 @@ class EngineFeed:
             return []
         return await self.engine.store.live_orders_for_position(position_id)
 
+    async def recent_coverage(self, seconds: float) -> list[TrendSample]:
+        if self.engine.store is None:
+            return []
+        return await _recent_coverage(self.engine.store, self.engine.clock.now(), seconds)
+
     async def history(self, tz: tzinfo) -> DashboardHistory:
         if self.engine.store is None:
             raise RuntimeError("the engine has no database yet")
@@ -433,6 +442,18 @@ class EngineFeed:
             tz=tz,
             sample_stands_seconds=COVERAGE_SAMPLE_STANDS_SECONDS,
         )
+
+
+# One sample of the coverage trend: when (epoch seconds), coverage %, whether a position was uncovered past
+# its grace period then.
+TrendSample = tuple[float, Decimal | None, bool]
+
+
+async def _recent_coverage(store: Store, now: float, seconds: float) -> list[TrendSample]:
+    since = datetime.fromtimestamp(now - seconds, UTC)
+    return [
+        (s.at.timestamp(), s.coverage_pct, s.uncovered > 0) for s in await store.coverage_samples_since(since)
+    ]
 
 
 def native_trailing_follows(kind: VenueKind) -> str:
@@ -651,6 +672,11 @@ class ReadOnlyFeed:
             return "no engine is running"
         why = self.holder.not_looking_after()
         return f"the engine holding the account {why}" if why else ""
+
+    async def recent_coverage(self, seconds: float) -> list[TrendSample]:
+        if self._store is None:
+            return []
+        return await _recent_coverage(self._store, time.time(), seconds)
 
     async def history(self, tz: tzinfo) -> DashboardHistory:
         if self._store is None:

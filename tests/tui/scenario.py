@@ -432,3 +432,6 @@ class ScenarioFeed:
 
     async def history(self, tz: tzinfo) -> DashboardHistory:
         return scenario_history(tz)
+
+    async def recent_coverage(self, seconds: float) -> list[tuple[float, Decimal | None, bool]]:
+        return []  # (the scenario's trend is its snapshot's samples)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import re
 import time
 from collections.abc import AsyncIterator
@@ -26,7 +27,7 @@ from engine.venues.sim.universe import UNIVERSE
 from protection.health import Component, ComponentHealth, HealthState
 from storage.database import Database
 from storage.lease import EngineLease, LeasePhase
-from storage.repositories import HealthRow, OrderRecordStatus, Severity, Store
+from storage.repositories import CoverageSample, HealthRow, OrderRecordStatus, Severity, Store
 from tests.integration.engine_support import make_engine
 from tests.support.driving import drive, drive_until
 from tests.support.pg_proxy import SilentFromProxy
@@ -39,6 +40,7 @@ from tui.app import RunningWave, wave_line
 from tui.feed import ReadOnlyFeed
 from tui.screens.info import LeaseHeldScreen
 from tui.screens.position import PositionDetailScreen
+from tui.widgets.coverage import CoverageGauge
 from tui.widgets.positions import error_cell
 
 SYMBOLS = sorted(UNIVERSE)
@@ -348,6 +350,36 @@ async def test_a_wave_whose_entries_wait_for_the_venue_is_said_running_before_an
         assert not wave_line(engine.snapshot(), RunningWave(), UTC).startswith("wave running")
     finally:
         await drive(clock, engine.stop())
+
+
+async def test_the_gauges_last_hour_includes_what_an_earlier_engine_recorded(db: Database) -> None:
+    """An operator: the gauge's "last hour, low …" started over at each start, and read "low 100.0%" minutes
+    after coverage had dipped to 70 % with ten positions without their trailing stop (the engine restarted
+    in between). The last hour comes from the database's samples, whoever recorded them."""
+    settings = tui_settings(db)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    store = Store(db.pool, account_key(settings.venue))
+    dip = CoverageSample(
+        at=datetime.fromtimestamp(clock.now() - 600, UTC),
+        active=10,
+        protected=7,
+        uncovered=3,
+        lasting=3,
+        coverage_pct=Decimal("70.0"),
+    )
+    older = dataclasses.replace(
+        dip, at=datetime.fromtimestamp(clock.now() - 7200, UTC), coverage_pct=Decimal("10.0")
+    )
+    for sample in (dip, older):
+        await store.record_coverage_sample(sample)
+    async with dashboard(settings, engine=engine) as board:
+        await started(board)
+        gauge = board.app.query_one(CoverageGauge)
+        await board.until(
+            lambda: "low 70.0%" in str(gauge.border_subtitle), "the earlier dip in the last hour"
+        )
+        assert "10.0%" not in str(gauge.border_subtitle)  # (two hours ago: not the last hour)
 
 
 async def test_an_entry_of_unknown_outcome_is_a_flagged_row_and_counted_uncovered(db: Database) -> None:

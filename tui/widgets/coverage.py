@@ -62,6 +62,19 @@ class CoverageTrend(Widget):
         self.refresh()
         return True
 
+    def seed(self, samples: list[tuple[float, Decimal | None, bool]]) -> None:
+        """Samples recorded before this dashboard started (the last hour from the database), merged under
+        those drawn since: the "low" of the last hour started over at each start and read 100 % minutes
+        after a dip to 70 % (an operator)."""
+        merged = {at: (at, None if v is None else float(v), uncovered) for at, v, uncovered in samples}
+        merged.update({sample[0]: sample for sample in self._samples})
+        latest = max(merged, default=self._now)
+        self._samples = deque(
+            sample for at, sample in sorted(merged.items()) if latest - at <= TREND_WINDOW_SECONDS
+        )
+        self._now = max(self._now, latest)
+        self.refresh()
+
     def lowest(self) -> tuple[float, bool] | None:
         """The lowest coverage of the window, and whether a position was uncovered past grace then."""
         values = [(v, uncovered) for _, v, uncovered in self._samples if v is not None]
@@ -137,6 +150,20 @@ class CoverageGauge(Vertical):
     def on_mount(self) -> None:
         self.border_title = "Coverage"
 
+    def seed_trend(self, samples: list[tuple[float, Decimal | None, bool]]) -> None:
+        """The last hour's samples recorded before this dashboard started (`CoverageTrend.seed`)."""
+        if samples:
+            self._trend.seed(samples)
+            self._say_low()
+
+    def _say_low(self) -> None:
+        low = self._trend.lowest()
+        self.border_subtitle = "last hour" + (
+            ""
+            if low is None
+            else f", low {low[0]:.1f}%" + ("" if low[1] or low[0] >= 100 else " (protecting)")
+        )
+
     def show(self, snapshot: EngineSnapshot) -> None:
         figures = snapshot.coverage
         trend = self._trend
@@ -146,12 +173,7 @@ class CoverageGauge(Vertical):
         if sample is not None and trend.add_sample(
             sample.at.timestamp(), sample.coverage_pct, uncovered=sample.uncovered > 0
         ):
-            low = trend.lowest()
-            self.border_subtitle = "last hour" + (
-                ""
-                if low is None
-                else f", low {low[0]:.1f}%" + ("" if low[1] or low[0] >= 100 else " (protecting)")
-            )
+            self._say_low()
         # The venue's stops not checked for a while (reconcile passes failing): a full count is not green.
         unchecked = any(
             c.component is health.Component.PROTECTION and c.measurements.get("unchecked_seconds") is not None
