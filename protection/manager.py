@@ -196,6 +196,9 @@ class ProtectiveOrder:
     # that (a reviewer: anchored to the last send, the look-up never came, and a stop the venue held after
     # a lost answer stayed "uncovered" for as long as answers were lost).
     unclear_since: float | None = None
+    # Its id was sent more than once (a send again after an unclear answer): the venue may have held two
+    # copies under it one after the other, and an end the stream tells may be the earlier copy's.
+    sent_again: bool = False
     # Set when the account stream tells it live while it is not confirmed (`PositionGuard.hear_live`): a
     # late answer's wait takes that word at once.
     heard_live: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
@@ -1091,6 +1094,23 @@ class PositionGuard:
                     target.told_ended = True
                 self.wake.set()  # in flight or fired: the guard's look-up by id settles it
                 return False
+            if target.sent_again and self.venue_flat_at is None:
+                # Its id went out more than once: this end may be an earlier copy's, one that someone else
+                # cancelled before a later send placed the copy this guard confirmed. Taken at its word, a
+                # second hard stop was placed beside the live copy for 9.6 s (a reviewer). Asked by id first.
+                log.warning(
+                    "%s: %s %s %s on the venue (account stream), its id sent more than once: asking the venue "
+                    "which copy ended",
+                    self.symbol,
+                    stop_words(target.purpose),
+                    cid,
+                    status.value,
+                )
+                target.confirmed = False
+                target.maybe_sent = True
+                target.sent_again = False  # (asked once: the next word on this id is taken as it comes)
+                self.wake.set()
+                return True
             # After the stream said the position went flat, the venue deactivates what is left on it (Bybit
             # does): nobody removed a stop. Said at ERROR, with a stop "re-placed" into "no position".
             cleaned_up = self.venue_flat_at is not None and self.exit_evidence is None
@@ -1384,7 +1404,9 @@ class PositionGuard:
         # this one's answer says, and it is the one the venue's reads show first.
         resend, earlier_send = order.maybe_sent, (order.sent_at, order.send_ticket)
         order.may_send_again = False
-        if not resend:
+        if resend:
+            order.sent_again = True
+        else:
             order.unclear_at = None
         started = m.clock.monotonic()
         order.sent_at, order.send_ticket = started, None
@@ -2123,6 +2145,7 @@ class PositionGuard:
         else:
             order.generation = max(order.generation + 1, self._unused_generation.get(order.purpose, 0))
         order.client_order_id = None
+        order.sent_again = False
         order.fired_at = None
         order.confirmed = False
         order.may_send_again = False

@@ -25,7 +25,7 @@ import pytest
 from engine.clock import ManualClock
 from engine.engine import Engine
 from engine.events import EngineEvent, ProtectionConfirmed, ProtectionFailed, ProtectionTimedOut, WaveFinished
-from engine.exchange.port import OrderSide
+from engine.exchange.port import OrderSide, OrderType
 from engine.venues.binance_emulator import BinanceEmulator, running
 from engine.venues.binance_limits import USED_WEIGHT_HEADER
 from engine.venues.bybit_emulator import BybitEmulator
@@ -665,6 +665,59 @@ async def test_on_the_binance_wire_a_stop_placed_behind_lost_answers_is_found_wi
             pacer = engine.request_pacer
             assert pacer is not None
             assert pacer.used_fraction() >= 0.75  # (the other process's weight was in the engine's sight)
+
+
+async def test_on_the_binance_wire_an_end_the_stream_tells_of_an_earlier_copy_of_a_stop_sent_twice_is_asked(
+    db: Database,
+) -> None:
+    """A reviewer (r65): the weight half spent, every stop send executed and answered -1007, the account
+    stream 10 s late. The hard stop landed; another client cancelled that copy; a later send with the same id
+    (the venue takes an id again once its order has ended) placed a second copy, which the guard's look-up
+    confirmed. Then the stream told the first copy's CANCELED, late: taken at its word, the guard sent a new
+    hard stop beside the live copy, two on the venue for 9.6 s. An end told of an id sent more than once is
+    asked of the venue first."""
+    async with _on_the_binance_wire(db, {"PROTECTION__BREAKER__UNCOVERED_FACTOR": "1000"}) as (
+        emulator,
+        base_url,
+        session,
+        engine,
+    ):
+        symbol = sorted(emulator.core.markets)[6]
+        assert engine.store is not None
+        manager = engine.manager
+        assert manager is not None
+        other = BinanceClient(session, base_url, KEY, SECRET)
+
+        def hard_stops() -> list[str]:
+            return [
+                o.client_order_id
+                for o in emulator.core.inspect(time.time()).open_conditional
+                if o.symbol == symbol and o.type is OrderType.STOP_MARKET
+            ]
+
+        async with _the_ip_weight_held(other, 1300):
+            await _stream_late(session, base_url, ms=10_000, seconds=90)
+            await _force(session, base_url, "unknown", count=100_000)
+            await engine.store.insert_signals([(symbol, "long", None, None)])
+            await wait_until(lambda: symbol in manager.by_symbol, within=20.0, what="the position guarded")
+            await wait_until(lambda: hard_stops() != [], within=10.0, what="the hard stop on the venue")
+            started = time.monotonic()
+            [first] = hard_stops()
+            await asyncio.sleep(0.3)  # (the send again at once is refused as a duplicate meanwhile)
+            gone = await other.signed("DELETE", "/fapi/v1/algoOrder", symbol=symbol, clientAlgoId=first)
+            assert gone.status == 200
+            most, cleared = 0, False
+            while time.monotonic() - started < 18.0:  # past the stream's late CANCELED of the first copy
+                if not cleared and time.monotonic() - started > 7.0:
+                    answer = await session.post(f"{base_url}/_sim/clear-faults", json={})
+                    assert answer.status == 200
+                    cleared = True
+                most = max(most, len(hard_stops()))
+                await asyncio.sleep(0.25)
+            assert most == 1, most  # never two hard stops on the position (before: two for 9.6 s)
+            guard = manager.by_symbol[symbol]
+            await wait_until(lambda: guard.covered, within=15.0, what="covered")
+            assert len(hard_stops()) == 1
 
 
 async def test_on_the_binance_wire_an_entry_answered_500_is_in_doubt_for_the_request_window_and_lag_only(
