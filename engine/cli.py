@@ -70,7 +70,15 @@ from storage.embedded import (
     running_server,
 )
 from storage.journal import read_journal
-from storage.lease import LeaseHeld, LeaseHolder, LeasePhase, current_holder, holder_on, lease_held_sql
+from storage.lease import (
+    LEASE_SILENT_SECONDS,
+    LeaseHeld,
+    LeaseHolder,
+    LeasePhase,
+    current_holder,
+    holder_on,
+    lease_held_sql,
+)
 from storage.migrator import MigrationError, apply_migrations
 from storage.outage import journal_path
 from storage.repositories import (
@@ -1108,20 +1116,29 @@ def _unwatched(holder: LeaseHolder | None, last: Any, now: Any, active: int, acc
         why = f"the engine holding the account {account} {holder.not_looking_after()}"
     elif last is None or last["phase"] == LeasePhase.STOPPING:
         return ""
-    elif last["host"] == socket.gethostname() and live_tsbot_command(last["pid"]) in (
-        "tsbot run",
-        "tsbot-tui",
-    ):
-        # Alive here: its lease went with a database session (an outage, the embedded server restarted),
-        # and it takes it again within seconds (a reviewer: CRITICAL in that window was a false alarm).
-        return ""
     else:
         ago = (now - last["heartbeat_at"]).total_seconds()
-        how = "while starting" if last["phase"] == LeasePhase.STARTING else "without stopping"
-        why = (
-            f"the last engine (pid {last['pid']} on {last['host']}) ended {how} (killed, crashed, or its "
-            f"host gone), last heard {ago:.0f} s ago"
+        alive = last["host"] == socket.gethostname() and live_tsbot_command(last["pid"]) in (
+            "tsbot run",
+            "tsbot-tui",
         )
+        if alive and ago <= LEASE_SILENT_SECONDS:
+            # Alive here: its lease went with a database session (an outage, the embedded server restarted),
+            # and it takes it again within seconds (a reviewer: CRITICAL in that window was a false alarm).
+            return ""
+        if (
+            alive
+        ):  # alive, and not heard since (frozen, hung: a reviewer saw UNKNOWN for as long as it lasted)
+            why = (
+                f"the last engine (pid {last['pid']} on {last['host']}) lives but lost its lease and has not "
+                f"been heard for {ago:.0f} s (hung, or frozen)"
+            )
+        else:
+            how = "while starting" if last["phase"] == LeasePhase.STARTING else "without stopping"
+            why = (
+                f"the last engine (pid {last['pid']} on {last['host']}) ended {how} (killed, crashed, or its "
+                f"host gone), last heard {ago:.0f} s ago"
+            )
     many = active != 1
     return (
         f"{active} open position{'s' if many else ''} and no engine protecting {'them' if many else 'it'}: "

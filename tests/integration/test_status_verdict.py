@@ -757,9 +757,18 @@ async def test_open_positions_an_engine_left_against_its_will_are_critical_and_a
     script.write_text("import time\ntime.sleep(60)\n")
     alive = await asyncio.create_subprocess_exec(sys.executable, str(script), "run")
     try:
-        await engine_side.execute("UPDATE monitoring.engine_leases SET pid = $1", alive.pid)
+        await engine_side.execute(
+            "UPDATE monitoring.engine_leases SET pid = $1, heartbeat_at = now()", alive.pid
+        )
         living = tsbot("status", "--json", cwd=workdir)
         assert living.returncode == 3, living.stdout + living.stderr
+        # Alive but not heard for 31 s (frozen, its lease gone meanwhile): no longer on its way back.
+        await engine_side.execute(
+            "UPDATE monitoring.engine_leases SET heartbeat_at = now() - interval '31 seconds'"
+        )
+        frozen = tsbot("status", "--json", cwd=workdir)
+        assert frozen.returncode == 2, frozen.stdout + frozen.stderr
+        assert "lives but lost its lease and has not been heard for 3" in json.loads(frozen.stdout)["reason"]
     finally:
         alive.kill()
         await alive.wait()
