@@ -860,6 +860,7 @@ class Engine:
         self._health_wake = asyncio.Event()  # the health check runs now, not at its interval
         self._wave_in_progress: asyncio.Future[None] | None = None
         self._wave_begun: tuple[float, int] | None = None  # the wave in progress: when, how many signals
+        self._ran = False  # its start finished: it looked after the account's positions
         self.request_pacer: RequestPacer | None = None
         self.order_budget: OrderBudget | None = None
         self._venue_pacing: VenuePacing | None = None
@@ -1055,6 +1056,7 @@ class Engine:
         # and the last stop's record must still say what was left then).
         forget_last_stop(self._last_stop_path())
         self._set_state(EngineState.RUNNING)
+        self._ran = True
         return self.startup_report
 
     def _start_alerts(self) -> None:
@@ -1664,11 +1666,18 @@ class Engine:
                 )
             return
         if self._lease is not None:
-            if self._lease.alive():
-                # Its last word `stopping`: a start given up (a refused key, Ctrl-C in a ban's wait) left
-                # `starting`, which `tsbot status` reads, with no engine holding the lease, as one killed.
+            # Its last word `stopping`: a start given up (a refused key, Ctrl-C in a ban's wait) left
+            # `starting`, which `tsbot status` reads, with no engine holding the lease, as one killed; so did
+            # a stop after the lease went with a database session (written through the pool then). Not a
+            # start given up after an engine that ended without stopping: nothing has looked after its
+            # positions since, and status must still say so (a reviewer).
+            took_over_a_crash = self._lease.previous_phase in (LeasePhase.RUNNING, LeasePhase.STARTING)
+            if self._ran or not took_over_a_crash:
                 with contextlib.suppress(Exception):
-                    await self._lease.heartbeat(LeasePhase.STOPPING)
+                    if self._lease.alive():
+                        await self._lease.heartbeat(LeasePhase.STOPPING)
+                    elif self._db is not None:
+                        await self._lease.say_stopping_through(self._db.pool)
             try:
                 await self._lease.release()
             except Exception:

@@ -12,6 +12,7 @@ import socket
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 import asyncpg
 
@@ -281,6 +282,22 @@ class EngineLease:
         )
         if clearing:
             self._hand_over = False
+
+    async def say_stopping_through(self, pool: Any) -> None:
+        """Its row says `stopping`, written through `pool` when its own session is gone (the lease lost
+        with a database session, the engine stopping meanwhile): only while the row is still this holder's
+        (its pid, host and start), never another engine's that took the account since."""
+        await pool.execute(
+            "UPDATE monitoring.engine_leases SET phase = $3 WHERE venue = $1 AND account = $2 "
+            "AND pid = $4 AND host = $5 AND started_at = $6",
+            self.venue,
+            self.account,
+            LeasePhase.STOPPING.value,
+            os.getpid(),
+            socket.gethostname(),
+            self.started_at,
+            timeout=LEASE_TIMEOUT_SECONDS,
+        )
 
     async def release(self) -> None:
         """Unlock and close, each within `LEASE_TIMEOUT_SECONDS`; a server that does not answer (frozen)

@@ -887,5 +887,32 @@ async def test_a_start_given_up_leaves_its_lease_stopping_not_starting(db: Datab
         engine = Engine(engine_settings(db.target.dsn), venue=venue, clock=SystemClock(), version="test")
         with pytest.raises(CredentialsRefused):
             await engine.start()
+        phase = await db.pool.fetchval("SELECT phase FROM monitoring.engine_leases")
+        assert phase == "stopping"
+
+        # After an engine that ended without stopping (its row left `running`), a start given up does not
+        # write `stopping` over it: nothing has looked after its positions since (a reviewer).
+        await db.pool.execute("UPDATE monitoring.engine_leases SET phase = 'running'")
+        venue = BinanceUsdmVenue(
+            CcxtVenueConfig(kind="binanceusdm", api_key="k", api_secret="not-the-secret", base_url=url)
+        )
+        again = Engine(engine_settings(db.target.dsn), venue=venue, clock=SystemClock(), version="test")
+        with pytest.raises(CredentialsRefused):
+            await again.start()
     phase = await db.pool.fetchval("SELECT phase FROM monitoring.engine_leases")
-    assert phase == "stopping"
+    assert phase == "starting"
+
+
+async def test_a_stop_after_the_lease_went_with_its_session_still_says_stopping(db: Database) -> None:
+    """A reviewer: an engine whose lease went with a database session (the embedded server killed) and which
+    was stopped before it took the lease again left its row `running`: `tsbot status` said it ended without
+    stopping, and the next start logged so. Its row says `stopping`, written through the pool, only while
+    it is still this engine's."""
+    clock = ManualClock()
+    engine = make_engine(engine_settings(db.target.dsn), clock)
+    await drive(clock, engine.start())
+    lease = engine._lease
+    assert lease is not None
+    lease.drop()  # its session gone, as with the server's restart
+    await drive(clock, engine.stop())
+    assert await db.pool.fetchval("SELECT phase FROM monitoring.engine_leases") == "stopping"
