@@ -145,6 +145,13 @@ async def ensure_database_exists(
             await conn.execute(f"CREATE DATABASE {_quote_ident(name)}{clause}")
         except asyncpg.DuplicateDatabaseError:
             return False  # another process created it between our check and our create
+        except asyncpg.UniqueViolationError as exc:
+            # Another creating it at the same moment: PostgreSQL says so as a unique violation on the
+            # catalog (`tsbot run` and `tsbot signals import` started together on a fresh server: the loser
+            # died with "internal error" and a traceback).
+            if exc.constraint_name != "pg_database_datname_index":
+                raise
+            return False
         return True
     except TimeoutError:
         conn.terminate()  # (its goodbye would wait as long again: asyncpg cancels the statement first)

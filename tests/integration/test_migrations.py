@@ -89,3 +89,31 @@ async def test_embedded_server_listens_on_a_unix_socket_only(pg_server: Embedded
         assert await conn.fetchval("SHOW unix_socket_directories") == str(pg_server.socket_dir)
     finally:
         await conn.close()
+
+
+async def test_processes_creating_the_database_at_once_all_find_it(pg_server: EmbeddedPostgres) -> None:
+    """`tsbot run` and `tsbot signals import` started together on a fresh embedded server both created the
+    database: the one that lost the race died with "tsbot run: internal error" and a traceback. PostgreSQL
+    reports that loss as a unique violation on `pg_database`, not always as "database already exists".
+    Every creator finds the database, exactly one of them made it, and none fails."""
+    from storage.database import ensure_database_exists
+
+    admin = pg_server.dsn("postgres")
+    made = []
+    try:
+        for round_ in range(8):
+            name = f"race_{round_}_{id(made)}"
+            made.append(name)
+            results = await asyncio.gather(
+                *(ensure_database_exists(admin, name) for _ in range(6)), return_exceptions=True
+            )
+            failures = [r for r in results if isinstance(r, BaseException)]
+            assert failures == [], failures
+            assert results.count(True) == 1, results
+    finally:
+        conn = await asyncpg.connect(admin)
+        try:
+            for name in made:
+                await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        finally:
+            await conn.close()
