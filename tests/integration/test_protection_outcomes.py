@@ -622,15 +622,13 @@ async def test_on_the_binance_wire_with_the_weight_half_spent_a_refused_stop_is_
         assert time.monotonic() - cleared <= grace + 2.0
 
 
-async def test_on_the_binance_wire_a_stop_placed_behind_lost_answers_is_found_with_the_weight_mostly_spent(
-    db: Database,
-) -> None:
-    """A reviewer (r64), on the test above's change: every stop send executed and answered -1007 (its
-    answer lost), the account stream late, another process holding 78 % of the IP's weight. The venue held
-    both stops; the engine never found them: sent again and again without a look-up (the read lag was
-    counted from the last send, so never past), and its look-ups, capped at the reads' 80 % of our 90 %,
-    could not go out past the other process's weight. Within one read lag of the first lost answer it is
-    looked up, and a guard's look-ups may fill 95 % of what we allow ourselves."""
+@asynccontextmanager
+async def _a_position_behind_lost_answers(
+    db: Database, *, weight: int, stream_late_ms: int, stream_seconds: float
+) -> AsyncIterator[tuple[BinanceEmulator, str, aiohttp.ClientSession, Engine, BinanceClient, str]]:
+    """On the Binance wire, another client (yielded) holding `weight` of the IP's weight, the account stream
+    `stream_late_ms` late, every stop send executed and answered -1007: a position opened and guarded.
+    Yields the emulator, its URL, the control session, the engine, the other client and the symbol."""
     async with _on_the_binance_wire(db, {"PROTECTION__BREAKER__UNCOVERED_FACTOR": "1000"}) as (
         emulator,
         base_url,
@@ -642,29 +640,48 @@ async def test_on_the_binance_wire_a_stop_placed_behind_lost_answers_is_found_wi
         manager = engine.manager
         assert manager is not None
         other = BinanceClient(session, base_url, KEY, SECRET)
-        async with _the_ip_weight_held(other, 1870):
-            await _stream_late(session, base_url, ms=45_000, seconds=60)
+        async with _the_ip_weight_held(other, weight):
+            await _stream_late(session, base_url, ms=stream_late_ms, seconds=stream_seconds)
             await _force(session, base_url, "unknown", count=100_000)  # executed, answer lost (-1007)
             await engine.store.insert_signals([(symbol, "long", None, None)])
             await wait_until(lambda: symbol in manager.by_symbol, within=20.0, what="the position guarded")
-            guard = manager.by_symbol[symbol]
-            await wait_until(
-                lambda: (
-                    len(
-                        [o for o in emulator.core.inspect(time.time()).open_conditional if o.symbol == symbol]
-                    )
-                    == 2
-                ),
-                within=10.0,
-                what="both stops on the venue",
-            )
-            held_at = time.monotonic()
-            await wait_until(lambda: guard.covered, within=20.0, what="the engine finds them")
-            # One read lag (5 s) after the first lost answer, and a look-up each: not never.
-            assert time.monotonic() - held_at < 12.0
-            pacer = engine.request_pacer
-            assert pacer is not None
-            assert pacer.used_fraction() >= 0.75  # (the other process's weight was in the engine's sight)
+            yield emulator, base_url, session, engine, other, symbol
+
+
+async def test_on_the_binance_wire_a_stop_placed_behind_lost_answers_is_found_with_the_weight_mostly_spent(
+    db: Database,
+) -> None:
+    """A reviewer (r64), on the test above's change: every stop send executed and answered -1007 (its
+    answer lost), the account stream late, another process holding 78 % of the IP's weight. The venue held
+    both stops; the engine never found them: sent again and again without a look-up (the read lag was
+    counted from the last send, so never past), and its look-ups, capped at the reads' 80 % of our 90 %,
+    could not go out past the other process's weight. Within one read lag of the first lost answer it is
+    looked up, and a guard's look-ups may fill 95 % of what we allow ourselves."""
+    async with _a_position_behind_lost_answers(db, weight=1870, stream_late_ms=45_000, stream_seconds=60) as (
+        emulator,
+        _base_url,
+        _session,
+        engine,
+        _other,
+        symbol,
+    ):
+        assert engine.manager is not None
+        guard = engine.manager.by_symbol[symbol]
+        await wait_until(
+            lambda: (
+                len([o for o in emulator.core.inspect(time.time()).open_conditional if o.symbol == symbol])
+                == 2
+            ),
+            within=10.0,
+            what="both stops on the venue",
+        )
+        held_at = time.monotonic()
+        await wait_until(lambda: guard.covered, within=20.0, what="the engine finds them")
+        # One read lag (5 s) after the first lost answer, and a look-up each: not never.
+        assert time.monotonic() - held_at < 12.0
+        pacer = engine.request_pacer
+        assert pacer is not None
+        assert pacer.used_fraction() >= 0.75  # (the other process's weight was in the engine's sight)
 
 
 async def test_on_the_binance_wire_an_end_the_stream_tells_of_an_earlier_copy_of_a_stop_sent_twice_is_asked(
@@ -676,17 +693,16 @@ async def test_on_the_binance_wire_an_end_the_stream_tells_of_an_earlier_copy_of
     confirmed. Then the stream told the first copy's CANCELED, late: taken at its word, the guard sent a new
     hard stop beside the live copy, two on the venue for 9.6 s. An end told of an id sent more than once is
     asked of the venue first."""
-    async with _on_the_binance_wire(db, {"PROTECTION__BREAKER__UNCOVERED_FACTOR": "1000"}) as (
+    async with _a_position_behind_lost_answers(db, weight=1300, stream_late_ms=10_000, stream_seconds=90) as (
         emulator,
         base_url,
         session,
         engine,
+        other,
+        symbol,
     ):
-        symbol = sorted(emulator.core.markets)[6]
-        assert engine.store is not None
         manager = engine.manager
         assert manager is not None
-        other = BinanceClient(session, base_url, KEY, SECRET)
 
         def hard_stops() -> list[str]:
             return [
@@ -695,29 +711,24 @@ async def test_on_the_binance_wire_an_end_the_stream_tells_of_an_earlier_copy_of
                 if o.symbol == symbol and o.type is OrderType.STOP_MARKET
             ]
 
-        async with _the_ip_weight_held(other, 1300):
-            await _stream_late(session, base_url, ms=10_000, seconds=90)
-            await _force(session, base_url, "unknown", count=100_000)
-            await engine.store.insert_signals([(symbol, "long", None, None)])
-            await wait_until(lambda: symbol in manager.by_symbol, within=20.0, what="the position guarded")
-            await wait_until(lambda: hard_stops() != [], within=10.0, what="the hard stop on the venue")
-            started = time.monotonic()
-            [first] = hard_stops()
-            await asyncio.sleep(0.3)  # (the send again at once is refused as a duplicate meanwhile)
-            gone = await other.signed("DELETE", "/fapi/v1/algoOrder", symbol=symbol, clientAlgoId=first)
-            assert gone.status == 200
-            most, cleared = 0, False
-            while time.monotonic() - started < 18.0:  # past the stream's late CANCELED of the first copy
-                if not cleared and time.monotonic() - started > 7.0:
-                    answer = await session.post(f"{base_url}/_sim/clear-faults", json={})
-                    assert answer.status == 200
-                    cleared = True
-                most = max(most, len(hard_stops()))
-                await asyncio.sleep(0.25)
-            assert most == 1, most  # never two hard stops on the position (before: two for 9.6 s)
-            guard = manager.by_symbol[symbol]
-            await wait_until(lambda: guard.covered, within=15.0, what="covered")
-            assert len(hard_stops()) == 1
+        await wait_until(lambda: hard_stops() != [], within=10.0, what="the hard stop on the venue")
+        started = time.monotonic()
+        [first] = hard_stops()
+        await asyncio.sleep(0.3)  # (the send again at once is refused as a duplicate meanwhile)
+        gone = await other.signed("DELETE", "/fapi/v1/algoOrder", symbol=symbol, clientAlgoId=first)
+        assert gone.status == 200
+        most, cleared = 0, False
+        while time.monotonic() - started < 18.0:  # past the stream's late CANCELED of the first copy
+            if not cleared and time.monotonic() - started > 7.0:
+                answer = await session.post(f"{base_url}/_sim/clear-faults", json={})
+                assert answer.status == 200
+                cleared = True
+            most = max(most, len(hard_stops()))
+            await asyncio.sleep(0.25)
+        assert most == 1, most  # never two hard stops on the position (before: two for 9.6 s)
+        guard = manager.by_symbol[symbol]
+        await wait_until(lambda: guard.covered, within=15.0, what="covered")
+        assert len(hard_stops()) == 1
 
 
 async def test_on_the_binance_wire_an_entry_answered_500_is_in_doubt_for_the_request_window_and_lag_only(
