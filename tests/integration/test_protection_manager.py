@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -1078,11 +1079,17 @@ async def test_a_stop_refused_past_grace_is_retried_on_a_doubling_from_the_grace
         max_seconds = float(settings.protection.retry_max_seconds)
         delays = stop_loss_retry_delays(caplog.records, guard.symbol)
         assert len(delays) == 6, delays
-        # Within grace: a quarter of grace at most. Past it: from twice that, doubling (not from the count).
+        # Within grace: a quarter of grace at most. Past it: from twice that, doubling (not from the count),
+        # up to grace. Each delay is said when its failure is (`retrying in …`), worked out at that moment:
+        # under load the pass's own delay, worked out as it ends, may fall past grace where the line's did
+        # not, and the doubling then starts one step on (a CI run said 1.2 s for the fifth and 5.0 s for the
+        # sixth, having waited 2.5 s after the fifth). So the steps past grace are each at most a doubling,
+        # never past grace; the defect's step went to the max (30 s) at once.
         quarter = float(settings.protection.grace_seconds) / 4
         past_grace = [d for d in delays if d > quarter]
         assert past_grace, delays  # six refusals take longer than grace at a quarter of it apart
-        assert past_grace == [min(2 * quarter * 2**i, 4 * quarter) for i in range(len(past_grace))], delays
+        assert all(d <= 4 * quarter for d in past_grace), delays
+        assert all(a <= b <= 2 * a for a, b in itertools.pairwise(past_grace)), delays
         assert max(delays) < max_seconds, delays
         assert naked_for < max_seconds, (naked_for, clock.monotonic() - lost)
     finally:
