@@ -159,6 +159,30 @@ def stop_loss_price(side: PositionSide, entry: Decimal, percent: Decimal, market
     return market.round_price(entry * (1 + percent / _HUNDRED), ROUND_UP)
 
 
+# A hard stop the venue would liquidate the position before reaching is placed this share of the way back
+# from the liquidation price towards the entry: far enough inside that the mark crossing it leaves a stop
+# market order time to fill before the liquidation engine takes the position.
+LIQUIDATION_MARGIN_SHARE = Decimal("0.2")
+
+
+def stop_inside_liquidation(
+    side: PositionSide, entry: Decimal, liquidation: Decimal, market: Market
+) -> Decimal | None:
+    """The farthest hard stop that fires before the venue liquidates at `liquidation`, on tick, rounded
+    towards the entry; None where the venue's figure is not on the losing side of the entry (nothing to
+    keep the stop inside of)."""
+    distance = entry - liquidation
+    if (distance <= 0) if side is PositionSide.LONG else (distance >= 0):
+        return None
+    price = liquidation + distance * LIQUIDATION_MARGIN_SHARE
+    return market.round_price(price, ROUND_UP if side is PositionSide.LONG else ROUND_DOWN)
+
+
+def stop_beyond(side: PositionSide, stop: Decimal, limit: Decimal) -> bool:
+    """`stop` lies further from the entry than `limit` (below it for a long, above it for a short)."""
+    return stop < limit if side is PositionSide.LONG else stop > limit
+
+
 def activation_price(side: PositionSide, entry: Decimal, percent: Decimal, market: Market) -> Decimal:
     if side is PositionSide.LONG:
         return market.round_price(entry * (1 + percent / _HUNDRED), ROUND_UP)
@@ -408,6 +432,14 @@ class StopsUnverified(GuardCommand):
 
 
 @dataclass(slots=True)
+class LiquidationStated(GuardCommand):
+    """The venue states where it would liquidate the position (`VenuePosition.liquidation_price`): a hard
+    stop beyond that price would never fire, the venue liquidating first."""
+
+    price: Decimal = Decimal(0)
+
+
+@dataclass(slots=True)
 class StuckTriggerCheck(GuardCommand):
     """A fired stop's patience is over: check it (within what is left of the grace period) and close the
     position at market if it is still working its way to a fill. Urgent: a pass stuck in a slow read must
@@ -558,6 +590,10 @@ class PositionGuard:
         # Whether the venue's trail follows the mark, as the marks we see do (read once: every mark asks).
         self.trails_on_mark = manager.venue.capabilities().trailing_stop_follows == "mark"
         self.size_changed = False  # the venue changed the position's size while guarded: its PnL is unknown
+        # The liquidation price the venue stated last (a reconcile pass's position read), and whether a hard
+        # stop beyond it was said (once per position: the venue's figure moves with every read).
+        self.liquidation_price: Decimal | None = None
+        self._beyond_liquidation_said = False
         self._superseded: list[ProtectiveOrder] = []  # resized-away stops, cancelled once the new ones live
         # A closed position's stops whose cancels are on their way (client id → sent at): a manager stopped
         # meanwhile hands them to the next one, which cancels them before the symbol takes a new position.
@@ -938,6 +974,8 @@ class PositionGuard:
                 command.settle(self._position_held(command), "")
             elif isinstance(command, QuantityChanged):
                 command.settle(await self._quantity_changed(command), str(command.quantity))
+            elif isinstance(command, LiquidationStated):
+                command.settle(await self._liquidation_stated(command), str(command.price))
             elif isinstance(command, StuckTriggerCheck):
                 await self._check_fired()
                 command.settle(True, "")
@@ -951,6 +989,68 @@ class PositionGuard:
         except Exception as exc:
             self._note_failure(type(command).__name__, f"{type(exc).__name__}: {exc}", log_exception=exc)
             command.settle(False, f"{type(exc).__name__}: {exc}")
+
+    def stop_limit_for_liquidation(self, liquidation: Decimal) -> Decimal | None:
+        """The farthest hard stop that fires before the venue liquidates at `liquidation`, when the stop
+        this guard would hold lies beyond it; None when it does not (or the figure says nothing)."""
+        limit = stop_inside_liquidation(self.side, self.entry_price, liquidation, self.market)
+        if limit is None:
+            return None
+        prices = [self.stop_loss.price, self._attached_correction]
+        if self._attached_holds is not None:
+            prices.append(self._attached_holds.price)
+        if any(p is not None and stop_beyond(self.side, p, limit) for p in prices):
+            return limit
+        return None
+
+    async def _liquidation_stated(self, command: LiquidationStated) -> bool:
+        """A hard stop beyond the liquidation price never fires: it is moved inside it (tightened only:
+        never moved back out when the figure moves away), the position uncovered until the venue confirms
+        the new stop. Make-before-break does not apply: the old stop protects nothing."""
+        self.liquidation_price = command.price
+        limit = self.stop_limit_for_liquidation(command.price)
+        if limit is None or self.closed or self.close_sent or self.exit_evidence is not None:
+            return False
+        m = self._m
+        order = self.stop_loss
+        was = self._attached_holds.price if self._attached_holds is not None else order.price
+        text = (
+            f"{self.symbol}: the hard stop at {was} lies beyond the liquidation price the venue states "
+            f"({command.price}): the venue would liquidate the position before it fires; moving it to {limit}"
+        )
+        if not self._beyond_liquidation_said:
+            self._beyond_liquidation_said = True
+            log.error("%s", text)
+            m.spawn_event_write(
+                Severity.ERROR, "stop_beyond_liquidation", text, self.symbol, self.position_id
+            )
+        else:
+            log.warning("%s", text)
+        if self._attached_correction is not None and stop_beyond(self.side, self._attached_correction, limit):
+            self._attached_correction = limit
+        held, self._attached_holds = self._attached_holds, None  # no cover: it cannot fire either
+        if held is not None:
+            held.confirmed = False
+        if order.price is not None and not stop_beyond(self.side, order.price, limit):
+            self.wake.set()  # (only the held one lay beyond: its correction is the stop to come)
+            return True
+        if order.client_order_id and (order.confirmed or order.maybe_sent):
+            self._superseded.append(
+                ProtectiveOrder(
+                    order.purpose,
+                    generation=order.generation,
+                    client_order_id=order.client_order_id,
+                    confirmed=order.confirmed,
+                    maybe_sent=True,
+                    sent_at=order.sent_at,
+                    send_ticket=order.send_ticket,
+                )
+            )
+            self._fresh_id(order)
+        order.maybe_sent = False
+        order.price = limit
+        self.wake.set()
+        return True
 
     async def _quantity_changed(self, command: QuantityChanged) -> bool:
         """Resize the stops to the venue's quantity: new ones first, the old ones cancelled once the new
@@ -2067,6 +2167,10 @@ class PositionGuard:
         the price the fill gives, it is replaced by a stop at that price once it is confirmed."""
         attached = self.stop_loss
         self._entry_carried = attached.client_order_id  # sent by this run, on its entry
+        if self.liquidation_price is not None:
+            limit = stop_inside_liquidation(self.side, self.entry_price, self.liquidation_price, self.market)
+            if limit is not None and stop_beyond(self.side, from_fill, limit):
+                from_fill = limit  # (never corrected back beyond the liquidation price)
         if attached.price is not None and abs(attached.price - from_fill) > self.market.tick_size:
             self._attached_correction = from_fill
 

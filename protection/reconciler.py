@@ -30,6 +30,7 @@ from engine.exchange.errors import ExchangeError, NotFound
 from engine.exchange.port import ExchangePort, Order, OrderStatus, VenuePosition
 from engine.pacing import Lane
 from protection.manager import (
+    LiquidationStated,
     OrderMissing,
     PositionGone,
     PositionGuard,
@@ -199,6 +200,11 @@ class Reconciler:
                     guard.submit(PositionHeld(seen_at=snapshot_at))
                 if venue_position.quantity != guard.quantity:
                     guard.submit(QuantityChanged(quantity=venue_position.quantity, seen_at=snapshot_at))
+                liquidation = venue_position.liquidation_price
+                if liquidation is not None:
+                    guard.liquidation_price = liquidation
+                    if guard.stop_limit_for_liquidation(liquidation) is not None:
+                        guard.submit(LiquidationStated(price=liquidation))
                 checked |= self._check_orders(guard, open_by_id, report, snapshot_at)
         manager.venue_listed(snapshot_at, checked)
         # Each missing position costs look-ups (its stops, its symbol alone): a list that lost everything

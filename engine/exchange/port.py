@@ -139,6 +139,10 @@ class VenuePosition:
     unrealized_pnl: Decimal
     leverage: int
     updated_at: float
+    # Where the venue would liquidate it (its mark price crossing this), as the venue states it
+    # (Binance `liquidationPrice`, Bybit `liqPrice`); None where it states none (0, empty: no liquidation
+    # price at this leverage and margin).
+    liquidation_price: Decimal | None = None
 
 
 @dataclass(frozen=True, slots=True)

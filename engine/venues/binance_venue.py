@@ -280,6 +280,7 @@ class BinanceUsdmVenue(CcxtVenue):
                     unrealized_pnl=_decimal(row.get("unRealizedProfit"), _ZERO),  # type: ignore[arg-type]
                     leverage=int(_decimal(row.get("leverage"), Decimal(1))),  # type: ignore[arg-type]
                     updated_at=_seconds(row.get("updateTime"), time.time()),
+                    liquidation_price=_positive(row.get("liquidationPrice")),
                 )
             )
         return positions

@@ -679,6 +679,7 @@ class BybitLinearVenue(CcxtVenue):
                     unrealized_pnl=_decimal(row.get("unrealisedPnl"), _ZERO),  # type: ignore[arg-type]
                     leverage=int(_decimal(row.get("leverage"), Decimal(1))),  # type: ignore[arg-type]
                     updated_at=_seconds(row.get("updatedTime"), time.time()),
+                    liquidation_price=_positive(row.get("liqPrice")),
                 )
             )
         return positions

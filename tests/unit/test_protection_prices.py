@@ -16,8 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.exchange.port import Market, PositionSide
+from engine.venues.sim.core import MAINTENANCE_MARGIN_RATE, liquidation_price
 from engine.venues.sim.universe import UNIVERSE
-from protection.manager import activation_price, stop_loss_price
+from protection.manager import activation_price, stop_beyond, stop_inside_liquidation, stop_loss_price
 
 TICKS = [Decimal(t) for t in ("0.00001", "0.0001", "0.001", "0.01", "0.10", "0.5", "1")]
 
@@ -151,3 +152,60 @@ def test_float_prices_are_refused_not_silently_mixed() -> None:
         stop_loss_price(PositionSide.LONG, 0.45, Decimal(3), m)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         activation_price(PositionSide.SHORT, 0.45, Decimal("1.5"), m)  # type: ignore[arg-type]
+
+
+# --- liquidation: the sim's stated price, and the hard stop kept inside it ---------------------------------
+
+leverages = st.integers(min_value=1, max_value=125)
+
+
+@settings(max_examples=300, deadline=None)
+@given(fill=fills(), leverage=leverages, side=st.sampled_from(list(PositionSide)))
+def test_a_stop_kept_inside_liquidation_is_on_tick_between_it_and_the_entry_and_fires_first(
+    fill: tuple[Market, Decimal], leverage: int, side: PositionSide
+) -> None:
+    """Where the venue states a liquidation price on the losing side of the entry, the hard stop kept
+    inside it lies strictly inside it and not past the entry, on tick, and a stop further out is
+    `stop_beyond` it; one nearer the entry is not."""
+    m, entry = fill
+    liquidation = liquidation_price(m, side is PositionSide.LONG, entry, leverage, MAINTENANCE_MARGIN_RATE)
+    if liquidation is None:
+        assert side is PositionSide.LONG  # only a long at 1x has none above 0
+        assert leverage == 1
+        return
+    assert on_tick(liquidation, m)
+    limit = stop_inside_liquidation(side, entry, liquidation, m)
+    if liquidation == entry:  # (the figure a tick from an entry a few ticks above 0, rounded onto it)
+        assert limit is None
+        return
+    assert limit is not None
+    assert on_tick(limit, m)
+    # Strictly inside the liquidation price; rounded towards the entry, it may land on the entry where the
+    # two are a few ticks apart (a price a few ticks above 0), never past it.
+    if side is PositionSide.LONG:
+        assert liquidation < limit <= entry
+    else:
+        assert entry <= limit < liquidation
+    beyond = liquidation - m.tick_size if side is PositionSide.LONG else liquidation + m.tick_size
+    assert stop_beyond(side, beyond, limit)
+    assert not stop_beyond(side, limit, limit)
+    assert not stop_beyond(side, entry, limit)
+
+
+def test_the_sims_liquidation_price_is_isolated_margins_rounded_towards_the_entry() -> None:
+    """Worked by hand: entry 100, maintenance 0.5 %: a long at 10x 100 × 0.9 / 0.995 = 90.452… → 90.46, at
+    50x 98.492… → 98.50; a short at 50x 100 × 1.02 / 1.005 = 101.492… → 101.49; a long at 1x none. The
+    stop kept inside: a fifth of the way back (98.50 + 0.30 = 98.80; 101.49 − 0.298 → 101.19)."""
+    m = market(Decimal("0.01"))
+    rate = MAINTENANCE_MARGIN_RATE
+    assert liquidation_price(m, True, Decimal(100), 10, rate) == Decimal("90.46")
+    assert liquidation_price(m, True, Decimal(100), 50, rate) == Decimal("98.50")
+    assert liquidation_price(m, False, Decimal(100), 50, rate) == Decimal("101.49")
+    assert liquidation_price(m, True, Decimal(100), 1, rate) is None
+    assert stop_inside_liquidation(PositionSide.LONG, Decimal(100), Decimal("98.50"), m) == Decimal("98.80")
+    assert stop_inside_liquidation(PositionSide.SHORT, Decimal(100), Decimal("101.49"), m) == Decimal(
+        "101.19"
+    )
+    # A figure on the winning side of the entry (a glitch, or cross margin's) moves nothing.
+    assert stop_inside_liquidation(PositionSide.LONG, Decimal(100), Decimal(101), m) is None
+    assert stop_inside_liquidation(PositionSide.SHORT, Decimal(100), Decimal(99), m) is None

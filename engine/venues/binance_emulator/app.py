@@ -731,7 +731,7 @@ class BinanceEmulator:
                     "breakEvenPrice": _text(position.entry_price),
                     "markPrice": _text(position.mark_price),
                     "unRealizedProfit": _text(position.unrealized_pnl),
-                    "liquidationPrice": "0",
+                    "liquidationPrice": _text(position.liquidation_price or 0),
                     "leverage": str(position.leverage),
                     "maxNotionalValue": "1000000",
                     "marginType": "cross",
@@ -1132,7 +1132,12 @@ class BinanceEmulator:
                 "requests_served": self.requests_served,
                 "max_in_flight": dict(self.max_in_flight),
                 "positions": [
-                    {"symbol": p.symbol, "side": p.side.value, "quantity": _text(p.quantity)}
+                    {
+                        "symbol": p.symbol,
+                        "side": p.side.value,
+                        "quantity": _text(p.quantity),
+                        "liquidationPrice": _text(p.liquidation_price) if p.liquidation_price else None,
+                    }
                     for p in seen.positions
                 ],
                 "open_algo_orders": [
@@ -1142,6 +1147,7 @@ class BinanceEmulator:
                         "orderType": o.type.value.upper(),
                         "side": o.side.value.upper(),
                         "quantity": _text(o.quantity),
+                        "triggerPrice": _text(o.stop_price) if o.stop_price is not None else None,
                     }
                     for o in seen.open_conditional
                 ],

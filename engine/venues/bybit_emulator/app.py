@@ -781,10 +781,12 @@ class BybitEmulator:
         mark = self.core.mark(symbol)
         if position is None:
             side, size, entry, pnl, lev, updated = "", _ZERO, _ZERO, _ZERO, 10, now
+            liquidation = ""
         else:
             side = "Buy" if position.side.value == "long" else "Sell"
             size, entry, pnl = position.quantity, position.entry_price, position.unrealized_pnl
             lev, updated = position.leverage, position.updated_at
+            liquidation = "" if position.liquidation_price is None else _text(position.liquidation_price)
         return {
             "positionIdx": 0,
             "riskId": 1,
@@ -799,7 +801,7 @@ class BybitEmulator:
             "positionStatus": "Normal",
             "leverage": str(lev),
             "markPrice": _text(mark),
-            "liqPrice": "",
+            "liqPrice": liquidation,
             "bustPrice": "",
             "positionIM": "0",
             "positionMM": "0",
@@ -1406,7 +1408,12 @@ class BybitEmulator:
                 "requests_by_endpoint": dict(self.requests_by_endpoint),
                 "stops_attached_to_entries": self.stops_attached_to_entries,
                 "positions": [
-                    {"symbol": p.symbol, "side": p.side.value, "quantity": _text(p.quantity)}
+                    {
+                        "symbol": p.symbol,
+                        "side": p.side.value,
+                        "quantity": _text(p.quantity),
+                        "liquidationPrice": _text(p.liquidation_price) if p.liquidation_price else None,
+                    }
                     for p in seen.positions
                 ],
                 "position_stops": stops,

@@ -51,7 +51,12 @@ Rules modelled (Binance code in brackets):
 `capture_book` / `book_of` / `restore_book`: the whole book as JSON values and back, so the venue keeps it
 across restarts (`engine.venues.sim.book` writes it); `book_revision` / `marks_revision` say when it moved.
 
-Not modelled: liquidation, funding, leverage brackets, limit orders and an order book, partial fills of
+Each position states the price its mark would be liquidated at (`VenuePosition.liquidation_price`),
+worked out as isolated margin would from its entry, its leverage and a maintenance margin rate of
+`MAINTENANCE_MARGIN_RATE`, rounded a tick towards the entry (none at leverage 1 for a long).
+
+Not modelled: liquidation itself (a mark through that price liquidates nothing), cross margin's
+liquidation price, funding, leverage brackets, limit orders and an order book, partial fills of
 stops and closes, hedge mode, price bands, open-order margin, cancels counting against any budget.
 """
 
@@ -106,8 +111,26 @@ CALLBACK_RATE_MAX = Decimal("10")
 # Binance answers queries for ended orders for a limited time (3 days for cancelled/expired ones); the
 # kept book drops ended orders older than this, so it does not grow without end.
 ENDED_ORDER_RETENTION_SECONDS = 3 * 24 * 3600.0
+# The maintenance margin rate of the lowest notional bracket (Binance 0.4–1 %, Bybit 0.5 % for the large
+# symbols): one rate for every symbol here.
+MAINTENANCE_MARGIN_RATE = Decimal("0.005")
 _ZERO = Decimal(0)
 _BPS = Decimal(10_000)
+
+
+def liquidation_price(
+    market: Market, long: bool, entry_price: Decimal, leverage: int, maintenance: Decimal
+) -> Decimal | None:
+    """Isolated margin's liquidation price: where the position's loss leaves only its maintenance margin
+    (long: entry × (1 − 1/leverage) / (1 − maintenance); short: entry × (1 + 1/leverage) / (1 + maintenance)),
+    rounded a tick towards the entry. None where no mark above 0 liquidates it."""
+    inverse = Decimal(1) / Decimal(leverage)
+    if long:
+        price = entry_price * (1 - inverse) / (1 - maintenance)
+        rounded = market.round_price(price, ROUND_CEILING)
+        return rounded if rounded > 0 else None
+    price = entry_price * (1 + inverse) / (1 + maintenance)
+    return market.round_price(price, ROUND_FLOOR)
 
 
 def _fires_at_price(order_type: OrderType, side: OrderSide, price: Decimal, mark: Decimal) -> bool:
@@ -460,6 +483,13 @@ class SimCore:
                 unrealized_pnl=self._unrealized(symbol, record),
                 leverage=self._leverage(account, symbol),
                 updated_at=record.updated_at,
+                liquidation_price=liquidation_price(
+                    self._markets[symbol],
+                    record.quantity > 0,
+                    record.entry_price,
+                    self._leverage(account, symbol),
+                    MAINTENANCE_MARGIN_RATE,
+                ),
             )
             for symbol, record in account.positions.items()
         ]

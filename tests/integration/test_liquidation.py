@@ -1,0 +1,224 @@
+"""A hard stop beyond the liquidation price never fires: the venue liquidates the position first.
+
+An operator's probe: at 10x, a 40 % stop-loss is accepted, and so is the default 3 % on a symbol someone
+set to 50x on the venue (liquidation about 1.5 % away): the stop sits on the venue, the gauge says
+covered, and the position is protected only by the venue's liquidation (its margin gone, a liquidation fee
+on top, and in cross margin the rest of the account behind it). Both venues state each position's
+liquidation price (Binance `positionRisk.liquidationPrice`, Bybit `position/list.liqPrice`); the engine
+reads it with every reconcile pass and moves a hard stop that lies beyond it inside it, uncovered until
+the venue holds the new one, said once as an ERROR. Judged by what the venue holds."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+import pytest
+
+from engine.clock import ManualClock
+from engine.engine import Engine
+from engine.exchange.port import OrderType, PositionSide
+from engine.venues.binance_emulator import BinanceEmulator
+from engine.venues.binance_emulator import running as running_binance
+from engine.venues.bybit_emulator import BybitEmulator
+from engine.venues.bybit_emulator import running as running_bybit
+from engine.venues.sim.settings import SimVenueSettings
+from protection.manager import stop_beyond, stop_inside_liquidation, stop_loss_price
+from storage.database import Database
+from tests.integration.engine_support import make_engine, wire_engine
+from tests.integration.test_failure_modes_f1_f5 import (
+    SYMBOLS,
+    drive_until_covered,
+    open_positions,
+    settings_for,
+)
+from tests.support.driving import drive, drive_until
+from tests.support.waiting import wait_until
+
+KEY, SECRET = "liquidation-key", "liquidation-secret"
+
+
+async def _said(db: Database) -> list[str]:
+    rows = await db.pool.fetch(
+        "SELECT message FROM monitoring.events WHERE type = 'stop_beyond_liquidation' ORDER BY id"
+    )
+    return [r["message"] for r in rows]
+
+
+async def test_on_the_sim_a_hard_stop_beyond_liquidation_is_moved_inside_it_and_one_within_is_left(
+    db: Database,
+) -> None:
+    """Three positions with the default 3 % stop: a long at the sim's 10x (liquidation about 9.5 % away:
+    left as it is, nothing said), and a long and a short on symbols set to 50x (liquidation about 1.5 %
+    away): each of their stops is moved inside the venue's liquidation price, one hard stop each on the
+    venue, each said once."""
+    settings = settings_for(db, {"PROTECTION__RECONCILE_SECONDS": "1"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        core = engine.venue.core
+        safe = SYMBOLS[5]
+        risky = [s for s in SYMBOLS[6:] if core.markets[s].max_leverage >= 50][:2]
+        for symbol in risky:
+            core.set_leverage(symbol, 50, clock.now())
+        sides = {safe: PositionSide.LONG, risky[0]: PositionSide.LONG, risky[1]: PositionSide.SHORT}
+        guards = await open_positions(engine, clock, list(sides), [side.value for side in sides.values()])
+        await drive_until_covered(engine, clock, 3)
+        by_symbol = {g.symbol: g for g in guards}
+        percent = settings.protection.stop_loss_percent
+
+        def held() -> dict[str, Any]:
+            now = clock.now()
+            positions = {p.symbol: p for p in core.inspect(now).positions}
+            stops: dict[str, list[Decimal]] = {}
+            for order in core.open_protective_orders(now):
+                if order.type is OrderType.STOP_MARKET and order.stop_price is not None:
+                    stops.setdefault(order.symbol, []).append(order.stop_price)
+            return {"positions": positions, "stops": stops}
+
+        def inside() -> bool:
+            seen = held()
+            for symbol in risky:
+                position, stops = seen["positions"][symbol], seen["stops"].get(symbol, [])
+                limit = position.liquidation_price
+                if not by_symbol[symbol].covered or len(stops) != 1:
+                    return False
+                if (stops[0] <= limit) if sides[symbol] is PositionSide.LONG else (stops[0] >= limit):
+                    return False
+            return True
+
+        await drive_until(clock, inside, what="the 50x positions' hard stops inside their liquidation prices")
+        seen = held()
+        expected = {}
+        for symbol in risky:
+            position, market = seen["positions"][symbol], core.markets[symbol]
+            assert position.side is sides[symbol]
+            assert position.leverage == 50
+            configured = stop_loss_price(position.side, position.entry_price, percent, market)
+            # The defect's premise: 3 % lies beyond 50x's liquidation price.
+            assert stop_beyond(position.side, configured, position.liquidation_price)
+            expected[symbol] = stop_inside_liquidation(
+                position.side, position.entry_price, position.liquidation_price, market
+            )
+            assert seen["stops"][symbol] == [expected[symbol]]
+            low, high = sorted([position.liquidation_price, position.entry_price])
+            assert low < expected[symbol] < high
+        # The 10x position keeps its configured stop: no false alarm.
+        calm = seen["positions"][safe]
+        assert calm.leverage == 10
+        assert calm.liquidation_price is not None
+        assert seen["stops"][safe] == [
+            stop_loss_price(PositionSide.LONG, calm.entry_price, percent, core.markets[safe])
+        ]
+        # Said once each, naming the symbol and the venue's figure; later passes (the figure read again)
+        # say nothing and move nothing.
+        await drive(clock, clock.sleep(5.0))
+        said = await _said(db)
+        assert len(said) == 2, said
+        for symbol in risky:
+            [line] = [m for m in said if m.startswith(f"{symbol}:")]
+            assert str(seen["positions"][symbol].liquidation_price) in line
+            assert held()["stops"][symbol] == [expected[symbol]]
+    finally:
+        await drive(clock, engine.stop())
+
+
+@asynccontextmanager
+async def _wire(db: Database, kind: str) -> AsyncIterator[tuple[Any, str, Engine]]:
+    """The `kind` venue's wire emulator (marks still, its control API on) and a started engine on it
+    reconciling every second."""
+    settings = SimVenueSettings(seed=7, volatility=0.0)
+    if kind == "bybit":
+        emulator: Any = BybitEmulator(settings, api_key=KEY, api_secret=SECRET, control=True)
+        running = running_bybit
+    else:
+        emulator = BinanceEmulator(settings, api_key=KEY, api_secret=SECRET, control=True)
+        running = running_binance
+    async with running(emulator) as base_url:
+        engine = wire_engine(
+            kind,
+            db.target.dsn,
+            base_url,
+            KEY,
+            SECRET,
+            {"PROTECTION__RECONCILE_SECONDS": "1", "SIGNALS__WAVE_WINDOW_MS": "0"},
+        )
+        await engine.start()
+        try:
+            yield emulator, base_url, engine
+        finally:
+            await engine.stop()
+
+
+async def _venue_state(base_url: str) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as session, session.get(f"{base_url}/_sim/state") as answer:
+        return await answer.json()
+
+
+def _hard_stops(state: dict[str, Any], symbol: str) -> list[Decimal]:
+    """The hard stops the venue holds on `symbol`: Binance's STOP_MARKET algo orders, Bybit's position
+    `stopLoss` field."""
+    if "position_stops" in state:
+        return [
+            Decimal(s["stopLoss"])
+            for s in state["position_stops"]
+            if s["symbol"] == symbol and s.get("stopLoss") is not None
+        ]
+    return [
+        Decimal(o["triggerPrice"])
+        for o in state["open_algo_orders"]
+        if o["symbol"] == symbol and o["orderType"] == "STOP_MARKET"
+    ]
+
+
+@pytest.mark.parametrize("kind", ["binanceusdm", "bybit"])
+async def test_on_the_wire_a_hard_stop_beyond_the_stated_liquidation_price_is_moved_inside_it(
+    db: Database, kind: str
+) -> None:
+    """Someone set the symbol to 50x on the venue: the venue's own liquidation price (read over the wire,
+    as the real venues state it) lies inside the configured 3 % stop. The venue ends up holding one hard
+    stop, inside that price."""
+    async with _wire(db, kind) as (emulator, base_url, engine):
+        symbol = next(s for s, m in sorted(emulator.core.markets.items()) if m.max_leverage >= 50)
+        emulator.core.set_leverage(symbol, 50, time.time())
+        assert engine.store is not None
+        assert engine.manager is not None
+        await engine.store.insert_signals([(symbol, "long", None, None)])
+        manager = engine.manager
+
+        async def inside() -> bool:
+            state = await _venue_state(base_url)
+            stated = next((p for p in state["positions"] if p["symbol"] == symbol), None)
+            stops = _hard_stops(state, symbol)
+            guard = manager.by_symbol.get(symbol)
+            return (
+                stated is not None
+                and guard is not None
+                and guard.covered
+                and len(stops) == 1
+                and stops[0] > Decimal(stated["liquidationPrice"])
+            )
+
+        await wait_until(inside, within=20.0, what="the venue's hard stop inside its liquidation price")
+        state = await _venue_state(base_url)
+        [position] = [p for p in emulator.core.inspect(time.time()).positions if p.symbol == symbol]
+        market = emulator.core.markets[symbol]
+        assert (
+            stop_loss_price(
+                PositionSide.LONG, position.entry_price, engine.settings.protection.stop_loss_percent, market
+            )
+            < position.liquidation_price
+        )
+        assert _hard_stops(state, symbol) == [
+            stop_inside_liquidation(
+                PositionSide.LONG, position.entry_price, position.liquidation_price, market
+            )
+        ]
+        said = await _said(db)
+        assert len(said) == 1, said
+        assert symbol in said[0]
