@@ -475,6 +475,7 @@ class StreamPositionUpdate(GuardCommand):
 
     quantity: Decimal = Decimal(0)
     event_time: float = 0.0
+    liquidation_price: Decimal | None = None  # where the venue pushes it with the size (Bybit, the sim)
 
     @property  # type: ignore[override]
     def urgent(self) -> bool:  # flat: with a fill of ours, the position ends now
@@ -1271,6 +1272,9 @@ class PositionGuard:
         # unchanged).
         told_at = monotonic_of(m.clock, command.event_time)
         await self._quantity_changed(QuantityChanged(quantity=command.quantity, seen_at=told_at))
+        if command.liquidation_price is not None:
+            # Pushed with the fill on Bybit: the stop is kept inside it at once, not a reconcile pass later.
+            await self._liquidation_stated(LiquidationStated(price=command.liquidation_price))
         return True
 
     async def _cancel_superseded(self) -> bool:

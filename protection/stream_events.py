@@ -80,6 +80,12 @@ def route_account_event(manager: ProtectionManager, event: AccountEvent) -> bool
             # mode a size there means ours flipped. Either way the venue's own read settles it.
             manager.request_reconcile()
             return True
-        guard.submit(StreamPositionUpdate(quantity=event.quantity, event_time=event.event_time))
+        guard.submit(
+            StreamPositionUpdate(
+                quantity=event.quantity,
+                event_time=event.event_time,
+                liquidation_price=event.liquidation_price,
+            )
+        )
         return True
     return False

@@ -193,6 +193,9 @@ class PositionUpdate:
     quantity: Decimal
     entry_price: Decimal
     event_time: float  # epoch seconds at the venue
+    # The liquidation price the venue pushed with it (Bybit's `position` topic `liqPrice`, the sim); None
+    # where the stream carries none (Binance's ACCOUNT_UPDATE) or states none.
+    liquidation_price: Decimal | None = None
 
 
 @dataclass(frozen=True, slots=True)

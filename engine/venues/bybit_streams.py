@@ -606,6 +606,9 @@ class BybitStreams:
         self._positions_at[f"{symbol}:{index}"] = at
         size = _decimal(row.get("size")) or _ZERO
         entry = _decimal(row.get("entryPrice")) or _ZERO
+        liquidation = _decimal(row.get("liqPrice"))
+        if liquidation is not None and liquidation <= 0:
+            liquidation = None
         side_word = row.get("side")
         if index in ("1", "2"):  # hedge mode: 1 is the long side's row, 2 the short side's, flat or not
             sides = [PositionSide.LONG if index == "1" else PositionSide.SHORT]
@@ -620,7 +623,12 @@ class BybitStreams:
         for side in sides:
             self._emit(
                 PositionUpdate(
-                    symbol=symbol, side=side, quantity=size, entry_price=entry, event_time=event_time
+                    symbol=symbol,
+                    side=side,
+                    quantity=size,
+                    entry_price=entry,
+                    event_time=event_time,
+                    liquidation_price=liquidation if size else None,
                 )
             )
         if size and self._moved_stops is not None:

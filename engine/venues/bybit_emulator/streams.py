@@ -360,7 +360,15 @@ class BybitStreamHub:
             key = (
                 ()
                 if row is None
-                else (row["side"], row["size"], row["entryPrice"], row["stopLoss"], row["trailingStop"])
+                else (
+                    row["side"],
+                    row["size"],
+                    row["entryPrice"],
+                    row["stopLoss"],
+                    row["trailingStop"],
+                    row.get("leverage"),
+                    row.get("liqPrice"),
+                )
             )
             if key == self._told_positions.get(symbol, ()):
                 continue

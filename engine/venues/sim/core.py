@@ -373,8 +373,21 @@ class SimCore:
         now: float,
     ) -> None:
         if self._account_listeners:
+            leverage = self._leverage(account, symbol)
+            liquidation = (
+                liquidation_price(
+                    self._markets[symbol], side is PositionSide.LONG, entry, leverage, MAINTENANCE_MARGIN_RATE
+                )
+                if quantity
+                else None
+            )
             event = PositionUpdate(
-                symbol=symbol, side=side, quantity=quantity, entry_price=entry, event_time=now
+                symbol=symbol,
+                side=side,
+                quantity=quantity,
+                entry_price=entry,
+                event_time=now,
+                liquidation_price=liquidation,
             )
             for listener in tuple(self._account_listeners):
                 listener(account.name, event)
