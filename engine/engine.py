@@ -50,6 +50,7 @@ from engine.events import (
 )
 from engine.exchange.errors import (
     Banned,
+    ClockRefused,
     ExchangeError,
     InsufficientMargin,
     NotFound,
@@ -160,8 +161,11 @@ COVERAGE_RETENTION_SECONDS = 30 * 86400.0
 STALE_CLAIM_SECONDS = 600.0  # a wave handles its signals in seconds; ten minutes taken is abandoned
 LEASE_CHECK_SECONDS = 2.0
 ENTRY_RATE_LIMIT_ATTEMPTS = (
-    5  # an entry refused by a rate limit (not executed) is sent this many times at most
+    5  # an entry refused by a rate limit or for its timestamp (not executed) is sent this many times at most
 )
+# An entry refused for its timestamp (our clock off from the venue's) is sent again this long after: the
+# venue's time is read again meanwhile (one round trip), and the entry is signed anew.
+ENTRY_CLOCK_RESEND_SECONDS = 1.0
 ENTRY_IN_DOUBT_PHASE = "entry outcome unknown"  # the trailing phase shown for an entry in doubt (no stops)
 # A protection restart waits this many late answers for the venue's snapshot before its guards start without
 # it (the account stream's fills wait for the guards meanwhile).
@@ -3647,15 +3651,27 @@ class Engine:
                         told=doubt.heard,
                         withhold=self._not_to_be_sent,  # while it waits for the venue's rate: not sent
                     )
-                except RateLimited as exc:
-                    manager.budget.entry_answered(promise, room=False)
+                except (RateLimited, ClockRefused) as exc:
+                    # Refused for the venue's rate, or for its timestamp (our clock off from the venue's,
+                    # read again meanwhile): it never ran, and goes again with the same id. A refused
+                    # timestamp failed the signal, the first entry after the venue's clock moved (an
+                    # operator on the Bybit emulator, its clock 8 s off).
+                    rated = isinstance(exc, RateLimited)
+                    manager.budget.entry_answered(promise, room=not rated)
                     if attempt == ENTRY_RATE_LIMIT_ATTEMPTS:
                         raise
-                    log.info("entry %s rate limited (%s): sent again in %.3fs", symbol, exc, exc.retry_after)
+                    wait = exc.retry_after if isinstance(exc, RateLimited) else ENTRY_CLOCK_RESEND_SECONDS
+                    log.info(
+                        "entry %s %s (%s): sent again in %.3fs",
+                        symbol,
+                        "rate limited" if rated else "refused for its timestamp",
+                        exc,
+                        wait,
+                    )
                     # (Refused: it never ran.) A stop that begins meanwhile ends the wait: not sent again.
                     self._refused_waiting.add(cid)
                     try:
-                        await wait_event(self.clock, self._stop_begun, max(0.0, exc.retry_after))
+                        await wait_event(self.clock, self._stop_begun, max(0.0, wait))
                         if (not_sent := self._not_to_be_sent()) is not None:
                             raise EntryNotSentAgain(not_sent) from exc
                         promise = await manager.budget.acquire_resend(promise)

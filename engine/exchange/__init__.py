@@ -2,6 +2,7 @@
 
 from engine.exchange.errors import (
     Banned,
+    ClockRefused,
     DuplicateClientOrderId,
     ExchangeError,
     InsufficientMargin,
@@ -32,6 +33,7 @@ __all__ = [
     "Balance",
     "Banned",
     "Capabilities",
+    "ClockRefused",
     "DuplicateClientOrderId",
     "ExchangeError",
     "ExchangePort",

@@ -93,6 +93,12 @@ class Retryable(ExchangeError):
     """The request was not executed; retrying it (same client order id) is safe."""
 
 
+class ClockRefused(Retryable):
+    """The venue refused the request's timestamp (Binance -1021, Bybit 10002): never run, our clock being
+    off from the venue's. The venue adapter reads the venue's time again at once; the same request, signed
+    again a moment later, goes through."""
+
+
 class RateLimited(ExchangeError):
     def __init__(self, retry_after: float, detail: str = "order rate limit exceeded") -> None:
         super().__init__(f"{detail}; retry after {retry_after:.3f}s")

@@ -63,6 +63,7 @@ from ccxt.base import errors as ccxt_errors
 from engine.clock import Clock, SystemClock
 from engine.exchange.errors import (
     Banned,
+    ClockRefused,
     DuplicateClientOrderId,
     ExchangeError,
     FailureClass,
@@ -351,7 +352,8 @@ def _translate(
         if code in _BINANCE_NOT_EXECUTED:
             # -1021 (timestamp outside recvWindow) is a refusal; -1001 and -1008 are the venue's own trouble.
             failure = FailureClass.REJECTED if code == -1021 else FailureClass.SERVER_ERROR
-            return Retryable(f"{label}: not executed (code {code}: {message})").answered(failure=failure)
+            kind = ClockRefused if code == -1021 else Retryable
+            return kind(f"{label}: not executed (code {code}: {message})").answered(failure=failure)
         if code in _BINANCE_WOULD_TRIGGER:
             return WouldTriggerImmediately(f"{label}: order would immediately trigger (code {code})")
         if code == RejectCode.MAX_CONDITIONAL_ORDERS:
@@ -370,7 +372,7 @@ def _translate(
         if code == _BYBIT_SERVER_ERROR:
             return unknown(f"server error (retCode {code}: {message})", FailureClass.SERVER_ERROR)
         if code in _BYBIT_NOT_EXECUTED:
-            return Retryable(f"{label}: not executed (retCode {code}: {message})").answered(
+            return ClockRefused(f"{label}: not executed (retCode {code}: {message})").answered(
                 failure=FailureClass.REJECTED
             )
         if code in _BYBIT_WOULD_TRIGGER or (code == _BYBIT_PARAMS_ERROR and _BYBIT_CROSSED.search(message)):
