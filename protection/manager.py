@@ -163,18 +163,26 @@ def stop_loss_price(side: PositionSide, entry: Decimal, percent: Decimal, market
 # from the liquidation price towards the entry: far enough inside that the mark crossing it leaves a stop
 # market order time to fill before the liquidation engine takes the position.
 LIQUIDATION_MARGIN_SHARE = Decimal("0.2")
+# A hard stop is moved only once it lies nearer the liquidation price than this share of the way back: a
+# figure that creeps towards the stop (cross margin's moves with the account's other positions at every
+# read) replaces it once it has crept a tenth of the way, not at every tick it moves.
+LIQUIDATION_MOVE_SHARE = Decimal("0.1")
 
 
 def stop_inside_liquidation(
-    side: PositionSide, entry: Decimal, liquidation: Decimal, market: Market
+    side: PositionSide,
+    entry: Decimal,
+    liquidation: Decimal,
+    market: Market,
+    share: Decimal = LIQUIDATION_MARGIN_SHARE,
 ) -> Decimal | None:
-    """The farthest hard stop that fires before the venue liquidates at `liquidation`, on tick, rounded
-    towards the entry; None where the venue's figure is not on the losing side of the entry (nothing to
-    keep the stop inside of)."""
+    """The hard stop `share` of the way back from `liquidation` towards the entry, on tick, rounded towards
+    the entry (the farthest that fires before the venue liquidates, with room for the stop's fill); None
+    where the venue's figure is not on the losing side of the entry (nothing to keep the stop inside of)."""
     distance = entry - liquidation
     if (distance <= 0) if side is PositionSide.LONG else (distance >= 0):
         return None
-    price = liquidation + distance * LIQUIDATION_MARGIN_SHARE
+    price = liquidation + distance * share
     return market.round_price(price, ROUND_UP if side is PositionSide.LONG else ROUND_DOWN)
 
 
@@ -992,32 +1000,47 @@ class PositionGuard:
             command.settle(False, f"{type(exc).__name__}: {exc}")
 
     def stop_limit_for_liquidation(self, liquidation: Decimal) -> Decimal | None:
-        """The farthest hard stop that fires before the venue liquidates at `liquidation`, when the stop
-        this guard would hold lies beyond it; None when it does not (or the figure says nothing)."""
-        limit = stop_inside_liquidation(self.side, self.entry_price, liquidation, self.market)
-        if limit is None:
+        """Where the hard stop goes, inside the venue's liquidation price `liquidation`, when the stop this
+        guard would hold lies nearer to it than `LIQUIDATION_MOVE_SHARE` of the way back (or beyond it);
+        None when it does not (or the figure says nothing)."""
+        side, entry = self.side, self.entry_price
+        limit = stop_inside_liquidation(side, entry, liquidation, self.market)
+        near = stop_inside_liquidation(side, entry, liquidation, self.market, LIQUIDATION_MOVE_SHARE)
+        if limit is None or near is None:
             return None
         prices = [self.stop_loss.price, self._attached_correction]
         if self._attached_holds is not None:
             prices.append(self._attached_holds.price)
-        if any(p is not None and stop_beyond(self.side, p, limit) for p in prices):
+        if any(p is not None and stop_beyond(side, p, near) for p in prices):
             return limit
         return None
 
     async def _liquidation_stated(self, command: LiquidationStated) -> bool:
         """A hard stop beyond the liquidation price never fires: it is moved inside it (tightened only:
         never moved back out when the figure moves away), the position uncovered until the venue confirms
-        the new stop. Make-before-break does not apply: the old stop protects nothing."""
+        the new stop (the old one is no cover: beyond the figure it never fires, and a tenth of the way from
+        it its fill may come after the liquidation)."""
         self.liquidation_price = command.price
         limit = self.stop_limit_for_liquidation(command.price)
         if limit is None or self.closed or self.close_sent or self.exit_evidence is not None:
             return False
         m = self._m
         order = self.stop_loss
-        was = self._attached_holds.price if self._attached_holds is not None else order.price
+        held = self._attached_holds
+        near = stop_inside_liquidation(
+            self.side, self.entry_price, command.price, self.market, LIQUIDATION_MOVE_SHARE
+        )
+        assert near is not None  # (as `limit`: the figure is on the losing side of the entry)
+        prices = [held.price if held is not None else None, order.price, self._attached_correction]
+        was = next(p for p in prices if p is not None and stop_beyond(self.side, p, near))
+        where = (
+            "lies beyond the liquidation price the venue states"
+            if stop_beyond(self.side, was, command.price)
+            else "lies within a tenth of the way from the liquidation price the venue states"
+        )
         text = (
-            f"{self.symbol}: the hard stop at {was} lies beyond the liquidation price the venue states "
-            f"({command.price}): the venue would liquidate the position before it fires; moving it to {limit}"
+            f"{self.symbol}: the hard stop at {was} {where} ({command.price}): the venue would liquidate the "
+            f"position before it fires, or fills it; moving it to {limit}"
         )
         if not self._beyond_liquidation_said:
             self._beyond_liquidation_said = True
@@ -1029,8 +1052,8 @@ class PositionGuard:
             log.warning("%s", text)
         if self._attached_correction is not None and stop_beyond(self.side, self._attached_correction, limit):
             self._attached_correction = limit
-        held, self._attached_holds = self._attached_holds, None  # no cover: it cannot fire either
-        if held is not None:
+        if held is not None and held.price is not None and stop_beyond(self.side, held.price, near):
+            self._attached_holds = None  # no cover (it stays among the superseded, cancelled once covered)
             held.confirmed = False
         if order.price is not None and not stop_beyond(self.side, order.price, limit):
             self.wake.set()  # (only the held one lay beyond: its correction is the stop to come)

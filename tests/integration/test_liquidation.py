@@ -124,6 +124,30 @@ async def test_on_the_sim_a_hard_stop_beyond_liquidation_is_moved_inside_it_and_
             [line] = [m for m in said if m.startswith(f"{symbol}:")]
             assert str(seen["positions"][symbol].liquidation_price) in line
             assert held()["stops"][symbol] == [expected[symbol]]
+        # The figure creeps towards the stop (leverage raised by hand; in cross margin the account's other
+        # positions move it at every read): less than a tenth of the way, nothing is replaced; past the
+        # stop, it is moved inside again (tightened), said at WARNING, no second event.
+        symbol = risky[0]
+        core.set_leverage(symbol, 51, clock.now())
+        crept = core.inspect(clock.now()).positions
+        assert (
+            next(p for p in crept if p.symbol == symbol).liquidation_price
+            > seen["positions"][symbol].liquidation_price
+        )
+        await drive(clock, clock.sleep(5.0))
+        assert held()["stops"][symbol] == [expected[symbol]]
+        core.set_leverage(symbol, 75, clock.now())
+        position = next(p for p in core.inspect(clock.now()).positions if p.symbol == symbol)
+        assert stop_beyond(position.side, expected[symbol], position.liquidation_price)
+        tighter = stop_inside_liquidation(
+            position.side, position.entry_price, position.liquidation_price, core.markets[symbol]
+        )
+        await drive_until(
+            clock,
+            lambda: held()["stops"].get(symbol) == [tighter] and by_symbol[symbol].covered,
+            what="the stop moved inside the new figure",
+        )
+        assert len(await _said(db)) == 2
     finally:
         await drive(clock, engine.stop())
 
