@@ -72,6 +72,16 @@ def route_account_event(manager: ProtectionManager, event: AccountEvent) -> bool
         return True
     if isinstance(event, PositionUpdate):
         guard = manager.by_symbol.get(event.symbol)
+        if not event.quantity:
+            manager.streamed_liquidation.pop(event.symbol, None)
+        elif event.liquidation_price is not None and (guard is None or guard.closed):
+            # The fill's size, pushed before its entry's answer made a guard: its liquidation price is
+            # kept for the guard to come (`ProtectionManager.protect`).
+            manager.streamed_liquidation[event.symbol] = (
+                event.side,
+                event.liquidation_price,
+                event.event_time,
+            )
         if guard is None or guard.closed:
             return False
         if event.side is not guard.side:

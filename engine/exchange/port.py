@@ -275,6 +275,9 @@ class Capabilities:
     # (a fired stop still TRIGGERING). False: the stops are fields of the position (Bybit), which the venue
     # clears when the position closes; a closed position leaves none to sweep.
     stops_are_orders: bool = True
+    # The account stream pushes a position's liquidation price with its size (Bybit's position topic, the
+    # sim). False (Binance's ACCOUNT_UPDATE carries none): the engine reads the positions after a fill.
+    liquidation_price_streamed: bool = False
 
 
 @runtime_checkable

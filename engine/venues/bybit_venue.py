@@ -364,6 +364,7 @@ class BybitLinearVenue(CcxtVenue):
             stream_new_proves_live=False,  # a stop order's row is named after the stop it can be (`_stream_stop`)
             stops_are_orders=False,  # stopLoss and trailingStop are the position's fields
             request_window_seconds=BYBIT_RECV_WINDOW_MS / 1000,
+            liquidation_price_streamed=True,  # the position topic's liqPrice
         )
 
     def _request_costs(self, method: str, path: str, params: Mapping[str, Any]) -> dict[str, int]:

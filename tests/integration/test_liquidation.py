@@ -42,9 +42,11 @@ from tests.support.waiting import wait_until
 KEY, SECRET = "liquidation-key", "liquidation-secret"
 
 
-async def _said(db: Database) -> list[str]:
+async def _said(db: Database, severity: str = "error") -> list[str]:
     rows = await db.pool.fetch(
-        "SELECT message FROM monitoring.events WHERE type = 'stop_beyond_liquidation' ORDER BY id"
+        "SELECT message FROM monitoring.events WHERE type = 'stop_beyond_liquidation' AND severity = $1"
+        " ORDER BY id",
+        severity,
     )
     return [r["message"] for r in rows]
 
@@ -63,12 +65,21 @@ async def test_on_the_sim_a_hard_stop_beyond_liquidation_is_moved_inside_it_and_
     try:
         core = engine.venue.core
         safe = SYMBOLS[5]
-        risky = [s for s in SYMBOLS[6:] if core.markets[s].max_leverage >= 50][:2]
+        *risky, near = [s for s in SYMBOLS[6:] if core.markets[s].max_leverage >= 50][:3]
         for symbol in risky:
             core.set_leverage(symbol, 50, clock.now())
-        sides = {safe: PositionSide.LONG, risky[0]: PositionSide.LONG, risky[1]: PositionSide.SHORT}
+        # At 28x the figure is about 3.1 % away: the 3 % stop lies inside it, in its last fifth. It fires
+        # first: left alone, nothing said (moving it was a reviewer's false alarm, "beyond" of a stop that
+        # was not, and a tighter stop nobody asked for).
+        core.set_leverage(near, 28, clock.now())
+        sides = {
+            safe: PositionSide.LONG,
+            risky[0]: PositionSide.LONG,
+            risky[1]: PositionSide.SHORT,
+            near: PositionSide.LONG,
+        }
         guards = await open_positions(engine, clock, list(sides), [side.value for side in sides.values()])
-        await drive_until_covered(engine, clock, 3)
+        await drive_until_covered(engine, clock, 4)
         by_symbol = {g.symbol: g for g in guards}
         percent = settings.protection.stop_loss_percent
 
@@ -108,13 +119,25 @@ async def test_on_the_sim_a_hard_stop_beyond_liquidation_is_moved_inside_it_and_
             assert seen["stops"][symbol] == [expected[symbol]]
             low, high = sorted([position.liquidation_price, position.entry_price])
             assert low < expected[symbol] < high
-        # The 10x position keeps its configured stop: no false alarm.
-        calm = seen["positions"][safe]
-        assert calm.leverage == 10
-        assert calm.liquidation_price is not None
-        assert seen["stops"][safe] == [
-            stop_loss_price(PositionSide.LONG, calm.entry_price, percent, core.markets[safe])
-        ]
+        # The 10x and the 28x positions keep their configured stops: no false alarm.
+        for symbol in (safe, near):
+            calm = seen["positions"][symbol]
+            assert calm.liquidation_price is not None
+            configured = stop_loss_price(PositionSide.LONG, calm.entry_price, percent, core.markets[symbol])
+            assert seen["stops"][symbol] == [configured]
+            assert not stop_beyond(PositionSide.LONG, configured, calm.liquidation_price)
+        assert seen["positions"][near].leverage == 28
+        # (the 28x stop in the figure's last fifth: what the first version moved)
+        assert stop_beyond(
+            PositionSide.LONG,
+            seen["stops"][near][0],
+            stop_inside_liquidation(
+                PositionSide.LONG,
+                seen["positions"][near].entry_price,
+                seen["positions"][near].liquidation_price,
+                core.markets[near],
+            ),
+        )
         # Said once each, naming the symbol and the venue's figure; later passes (the figure read again)
         # say nothing and move nothing.
         await drive(clock, clock.sleep(5.0))
@@ -125,8 +148,9 @@ async def test_on_the_sim_a_hard_stop_beyond_liquidation_is_moved_inside_it_and_
             assert str(seen["positions"][symbol].liquidation_price) in line
             assert held()["stops"][symbol] == [expected[symbol]]
         # The figure creeps towards the stop (leverage raised by hand; in cross margin the account's other
-        # positions move it at every read): less than a tenth of the way, nothing is replaced; past the
-        # stop, it is moved inside again (tightened), said at WARNING, no second event.
+        # positions move it at every read): while the stop is still inside it, nothing is replaced (it
+        # fires first); once the figure is past the stop, it is moved inside again (tightened), said at
+        # WARNING with an event.
         symbol = risky[0]
         core.set_leverage(symbol, 51, clock.now())
         crept = core.inspect(clock.now()).positions
@@ -148,6 +172,9 @@ async def test_on_the_sim_a_hard_stop_beyond_liquidation_is_moved_inside_it_and_
             what="the stop moved inside the new figure",
         )
         assert len(await _said(db)) == 2
+        [moved_again] = await _said(db, "warning")
+        assert moved_again.startswith(f"{symbol}:")
+        assert str(position.liquidation_price) in moved_again
     finally:
         await drive(clock, engine.stop())
 
@@ -204,6 +231,7 @@ def _hard_stops(state: dict[str, Any], symbol: str) -> list[Decimal]:
     ("kind", "reconcile_seconds"),
     [
         ("binanceusdm", "1"),  # positionRisk read by the reconciler (Binance's stream carries no figure)
+        ("binanceusdm", "3600"),  # positionRisk read once after the fill, not a reconcile pass later
         ("bybit", "1"),
         ("bybit", "3600"),  # the position topic's liqPrice, pushed with the fill: no reconcile pass needed
     ],

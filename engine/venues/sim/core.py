@@ -286,6 +286,7 @@ class SimCore:
                 RateBudget(limit=limit, window_seconds=window) for window, limit in self._budgets()
             ),
             read_after_write_seconds=self._read_lag,
+            liquidation_price_streamed=True,
         )
 
     def _budgets(self) -> tuple[tuple[float, int], ...]:
