@@ -4,6 +4,7 @@ goes to the last row (it scrolled sideways), and an operator who scrolled up to 
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC
 
 from engine.events import EntriesToggled, ProtectionFailed, SignalRejected, WaveFinished
@@ -24,7 +25,8 @@ def burst(first: int, count: int) -> list[LogEntry]:
 
 
 async def settled(app: DashboardApp, pilot, log: EventLog, rows: int) -> None:
-    for _ in range(500):
+    deadline = time.monotonic() + 30.0  # (the wall clock: on a loaded machine a pause lets the app do less)
+    while time.monotonic() < deadline:
         if log.row_count >= rows:
             break
         await pilot.pause(0.01)

@@ -5,6 +5,7 @@ Asserted on the rendered screen."""
 from __future__ import annotations
 
 import dataclasses
+import time
 from datetime import UTC
 
 import pytest
@@ -77,7 +78,8 @@ async def started_app(size: tuple[int, int]):
 
 
 async def settle(app: DashboardApp, pilot) -> None:
-    for _ in range(300):
+    deadline = time.monotonic() + 30.0  # (the wall clock: on a loaded machine a pause lets the app do less)
+    while time.monotonic() < deadline:
         if app.feed_started:
             break
         await pilot.pause(0.01)

@@ -5,6 +5,7 @@ last row, and the title carries the uncovered count. Read from the rendered scre
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from datetime import UTC
 from decimal import Decimal
@@ -27,8 +28,11 @@ def screen_text(app: DashboardApp) -> str:
     return svg_to_text(app.export_screenshot(), width, height)
 
 
-async def wait_for(pilot, condition: Callable[[], bool], what: str) -> None:
-    for _ in range(500):
+async def wait_for(pilot, condition: Callable[[], bool], what: str, within: float = 30.0) -> None:
+    """Until `condition` holds, for `within` seconds of the wall clock (not a count of pauses: on a loaded
+    machine each pause let the app do less, and 500 of them ran out before a redraw a run took 5 s for)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
         if condition():
             await pilot.pause()
             return
