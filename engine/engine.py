@@ -352,6 +352,8 @@ class PositionView:
     # out of the table (the detail screen keeps it). A flag, not an age: a view that changes every tick would
     # format every row again on every refresh.
     last_error_old: bool = False
+    # The price the venue would liquidate it at, as the venue last stated it (None: not read yet, or none).
+    liquidation_price: Decimal | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -4273,6 +4275,7 @@ class Engine:
             ),
             stop_loss_unverified=guard.stop_loss_unverified,
             trailing_stop_unverified=guard.trailing_stop_unverified,
+            liquidation_price=guard.liquidation_price,
         )
 
     async def events(self) -> AsyncIterator[EngineEvent]:

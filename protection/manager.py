@@ -98,6 +98,9 @@ LIQUIDATION_READ_GATHER_SECONDS = 0.25
 # A liquidation price the stream pushed before the position's guard existed is the guard's if this recent
 # (its entry's answer takes a round trip or a few; a flat push in between forgets it).
 STREAMED_LIQUIDATION_FRESH_SECONDS = 30.0
+# A position's size pushed this long before its guard's fill time is still the fill's own push (the entry's
+# answer comes a round trip or a few after the venue told it).
+FILL_PUSH_SLACK_SECONDS = 5.0
 _T = TypeVar("_T")
 
 
@@ -169,6 +172,11 @@ def stop_loss_price(side: PositionSide, entry: Decimal, percent: Decimal, market
 # from the liquidation price towards the entry: far enough inside that the mark crossing it leaves a stop
 # market order time to fill before the liquidation engine takes the position.
 LIQUIDATION_MARGIN_SHARE = Decimal("0.2")
+# A hard stop is moved once it lies nearer the liquidation price than this share of the way back (at it or
+# beyond it, certainly): nearer, its stop market order has no time to fill before the liquidation. Moved
+# to the fifth, it is moved again only once the figure has crept three twentieths of the way towards it
+# (cross margin's moves with the account's other positions at every read), not at every tick.
+LIQUIDATION_BAND_SHARE = Decimal("0.05")
 
 
 def stop_inside_liquidation(
@@ -1007,18 +1015,30 @@ class PositionGuard:
             self._note_failure(type(command).__name__, f"{type(exc).__name__}: {exc}", log_exception=exc)
             command.settle(False, f"{type(exc).__name__}: {exc}")
 
+    def _too_near_liquidation(self, stop: Decimal | None, liquidation: Decimal) -> bool:
+        """A hard stop at `stop` would not close the position before the venue liquidates it at
+        `liquidation`: at it, beyond it, or nearer it than `LIQUIDATION_BAND_SHARE` of the way back."""
+        if stop is None:
+            return False
+        band = stop_inside_liquidation(
+            self.side, self.entry_price, liquidation, self.market, LIQUIDATION_BAND_SHARE
+        )
+        return band is not None and (
+            never_fires(self.side, stop, liquidation) or stop_beyond(self.side, stop, band)
+        )
+
     def stop_limit_for_liquidation(self, liquidation: Decimal) -> Decimal | None:
         """Where the hard stop goes, inside the venue's liquidation price `liquidation`, when a stop this
-        guard holds or is about to send would never fire before it (`never_fires`); None otherwise. A stop
-        inside the figure, however near, is left: it fires first (moving one that lay in the last fifth
-        said "beyond" of stops that were not, and replaced them at every tick cross margin's figure crept)."""
+        guard holds or is about to send is too near it (`_too_near_liquidation`); None otherwise. A stop
+        further inside is left: it fires first (moving any stop in the last fifth said "beyond" of stops that
+        were not, and replaced them at every tick cross margin's figure crept: a reviewer)."""
         limit = stop_inside_liquidation(self.side, self.entry_price, liquidation, self.market)
         if limit is None:
             return None
         prices = [self.stop_loss.price, self._attached_correction]
         if self._attached_holds is not None:
             prices.append(self._attached_holds.price)
-        if any(p is not None and never_fires(self.side, p, liquidation) for p in prices):
+        if any(self._too_near_liquidation(p, liquidation) for p in prices):
             return limit
         return None
 
@@ -1034,23 +1054,29 @@ class PositionGuard:
         m = self._m
         order, held, side = self.stop_loss, self._attached_holds, self.side
         prices = [held.price if held is not None else None, order.price, self._attached_correction]
-        was = next(p for p in prices if p is not None and never_fires(side, p, command.price))
+        was = next(p for p in prices if p is not None and self._too_near_liquidation(p, command.price))
+        where = (
+            "lies at"
+            if was == command.price
+            else "lies beyond"
+            if stop_beyond(side, was, command.price)
+            else "lies within a twentieth of the way from"
+        )
         text = (
-            f"{self.symbol}: the hard stop at {was} lies beyond the liquidation price the venue states "
-            f"({command.price}): the venue would liquidate the position before it fires; moving it to {limit}"
+            f"{self.symbol}: the hard stop at {was} {where} the liquidation price the venue states "
+            f"({command.price}): the venue would liquidate the position before it fires or fills; moving it "
+            f"to {limit}"
         )
         severity = Severity.WARNING if self._beyond_liquidation_said else Severity.ERROR
         self._beyond_liquidation_said = True
         log.log(logging.ERROR if severity is Severity.ERROR else logging.WARNING, "%s", text)
         m.spawn_event_write(severity, "stop_beyond_liquidation", text, self.symbol, self.position_id)
-        if self._attached_correction is not None and never_fires(
-            side, self._attached_correction, command.price
-        ):
+        if self._too_near_liquidation(self._attached_correction, command.price):
             self._attached_correction = limit
-        if held is not None and held.price is not None and never_fires(side, held.price, command.price):
+        if held is not None and self._too_near_liquidation(held.price, command.price):
             self._attached_holds = None  # no cover (it stays among the superseded, cancelled once covered)
             held.confirmed = False
-        if order.price is not None and not never_fires(side, order.price, command.price):
+        if order.price is not None and not self._too_near_liquidation(order.price, command.price):
             self.wake.set()  # (only the held one lay beyond: its correction is the stop to come)
             return True
         if order.client_order_id and (order.confirmed or order.maybe_sent):
@@ -1259,7 +1285,18 @@ class PositionGuard:
         fill's price and reason, the sibling cancelled). Flat without one: never believed alone (no stop is
         cancelled before the position is confirmed flat); the reconciler asks the venue now. A size of its
         own: the stops are resized; still held after our stop filled: protected again."""
-        if self.closed or command.event_time < max(self._stream_position_at, self.opened_epoch):
+        if self.closed:
+            return False
+        if command.event_time < max(self._stream_position_at, self.opened_epoch):
+            if (
+                command.quantity
+                and command.liquidation_price is not None
+                and self.liquidation_price is None
+                and command.event_time >= self.opened_epoch - FILL_PUSH_SLACK_SECONDS
+            ):
+                # The fill's own push, told before its entry's answer made this guard: its size is no news,
+                # its liquidation price is this position's (the first this guard hears of).
+                await self._liquidation_stated(LiquidationStated(price=command.liquidation_price))
             return False  # out of order (a newer size was applied), or about an earlier position
         evidence = self.exit_evidence
         if (

@@ -54,10 +54,10 @@ async def _said(db: Database, severity: str = "error") -> list[str]:
 async def test_on_the_sim_a_hard_stop_beyond_liquidation_is_moved_inside_it_and_one_within_is_left(
     db: Database,
 ) -> None:
-    """Three positions with the default 3 % stop: a long at the sim's 10x (liquidation about 9.5 % away:
-    left as it is, nothing said), and a long and a short on symbols set to 50x (liquidation about 1.5 %
-    away): each of their stops is moved inside the venue's liquidation price, one hard stop each on the
-    venue, each said once."""
+    """Positions with the default 3 % stop: a long at the sim's 10x (liquidation about 9.5 % away) and one
+    at 26x (about 3.4 %): left as they are, nothing said; a long and a short on symbols set to 50x
+    (liquidation about 1.5 % away), and a long at 28x (inside by a hair): each stop moved a fifth of the way
+    inside the venue's liquidation price, one hard stop each on the venue, each said once."""
     settings = settings_for(db, {"PROTECTION__RECONCILE_SECONDS": "1"})
     clock = ManualClock()
     engine = make_engine(settings, clock)
@@ -65,21 +65,25 @@ async def test_on_the_sim_a_hard_stop_beyond_liquidation_is_moved_inside_it_and_
     try:
         core = engine.venue.core
         safe = SYMBOLS[5]
-        *risky, near = [s for s in SYMBOLS[6:] if core.markets[s].max_leverage >= 50][:3]
+        *risky, near, hairline = [s for s in SYMBOLS[6:] if core.markets[s].max_leverage >= 50][:4]
         for symbol in risky:
             core.set_leverage(symbol, 50, clock.now())
-        # At 28x the figure is about 3.1 % away: the 3 % stop lies inside it, in its last fifth. It fires
-        # first: left alone, nothing said (moving it was a reviewer's false alarm, "beyond" of a stop that
-        # was not, and a tighter stop nobody asked for).
-        core.set_leverage(near, 28, clock.now())
+        # At 26x the figure is about 3.4 % away: the 3 % stop lies inside it, in its last fifth but not its
+        # last twentieth. It fires first, with room to fill: left alone, nothing said (moving any stop in the
+        # last fifth was a reviewer's false alarm, "beyond" of a stop that was not).
+        core.set_leverage(near, 26, clock.now())
+        # At 28x about 3.1 % away: the stop lies inside it by a hair (0.1 % of the price), within its last
+        # twentieth: a stop market order there would fill after the liquidation (a reviewer, the other way).
+        core.set_leverage(hairline, 28, clock.now())
         sides = {
             safe: PositionSide.LONG,
             risky[0]: PositionSide.LONG,
             risky[1]: PositionSide.SHORT,
             near: PositionSide.LONG,
+            hairline: PositionSide.LONG,
         }
         guards = await open_positions(engine, clock, list(sides), [side.value for side in sides.values()])
-        await drive_until_covered(engine, clock, 4)
+        await drive_until_covered(engine, clock, 5)
         by_symbol = {g.symbol: g for g in guards}
         percent = settings.protection.stop_loss_percent
 
@@ -119,15 +123,15 @@ async def test_on_the_sim_a_hard_stop_beyond_liquidation_is_moved_inside_it_and_
             assert seen["stops"][symbol] == [expected[symbol]]
             low, high = sorted([position.liquidation_price, position.entry_price])
             assert low < expected[symbol] < high
-        # The 10x and the 28x positions keep their configured stops: no false alarm.
+        # The 10x and the 26x positions keep their configured stops: no false alarm.
         for symbol in (safe, near):
             calm = seen["positions"][symbol]
             assert calm.liquidation_price is not None
             configured = stop_loss_price(PositionSide.LONG, calm.entry_price, percent, core.markets[symbol])
             assert seen["stops"][symbol] == [configured]
             assert not stop_beyond(PositionSide.LONG, configured, calm.liquidation_price)
-        assert seen["positions"][near].leverage == 28
-        # (the 28x stop in the figure's last fifth: what the first version moved)
+        assert seen["positions"][near].leverage == 26
+        # (the 26x stop in the figure's last fifth: what the first version moved)
         assert stop_beyond(
             PositionSide.LONG,
             seen["stops"][near][0],
@@ -138,19 +142,33 @@ async def test_on_the_sim_a_hard_stop_beyond_liquidation_is_moved_inside_it_and_
                 core.markets[near],
             ),
         )
+        hair = seen["positions"][hairline]
+        assert hair.leverage == 28
+        configured = stop_loss_price(PositionSide.LONG, hair.entry_price, percent, core.markets[hairline])
+        assert not stop_beyond(PositionSide.LONG, configured, hair.liquidation_price)  # inside, by a hair
+        tightened = stop_inside_liquidation(
+            PositionSide.LONG, hair.entry_price, hair.liquidation_price, core.markets[hairline]
+        )
+        await drive_until(
+            clock,
+            lambda: held()["stops"].get(hairline) == [tightened] and by_symbol[hairline].covered,
+            what="the 28x stop moved a fifth inside",
+        )
         # Said once each, naming the symbol and the venue's figure; later passes (the figure read again)
         # say nothing and move nothing.
         await drive(clock, clock.sleep(5.0))
         said = await _said(db)
-        assert len(said) == 2, said
+        assert len(said) == 3, said
+        [hair_line] = [m for m in said if m.startswith(f"{hairline}:")]
+        assert "within a twentieth of the way from the liquidation price" in hair_line
         for symbol in risky:
             [line] = [m for m in said if m.startswith(f"{symbol}:")]
             assert str(seen["positions"][symbol].liquidation_price) in line
             assert held()["stops"][symbol] == [expected[symbol]]
         # The figure creeps towards the stop (leverage raised by hand; in cross margin the account's other
-        # positions move it at every read): while the stop is still inside it, nothing is replaced (it
-        # fires first); once the figure is past the stop, it is moved inside again (tightened), said at
-        # WARNING with an event.
+        # positions move it at every read): while the stop is still outside the figure's last twentieth,
+        # nothing is replaced; once the figure is past the stop, it is moved inside again (tightened), said
+        # at WARNING with an event.
         symbol = risky[0]
         core.set_leverage(symbol, 51, clock.now())
         crept = core.inspect(clock.now()).positions
@@ -171,7 +189,7 @@ async def test_on_the_sim_a_hard_stop_beyond_liquidation_is_moved_inside_it_and_
             lambda: held()["stops"].get(symbol) == [tighter] and by_symbol[symbol].covered,
             what="the stop moved inside the new figure",
         )
-        assert len(await _said(db)) == 2
+        assert len(await _said(db)) == 3
         [moved_again] = await _said(db, "warning")
         assert moved_again.startswith(f"{symbol}:")
         assert str(position.liquidation_price) in moved_again

@@ -133,7 +133,16 @@ async def test_enter_on_a_position_shows_every_field_and_its_stop_orders_venue_i
             lambda: board.app.last_snapshot is not None and board.app.last_snapshot.coverage.protected == 1,
             "a covered frame painted",
         )
+        # The venue's liquidation price, pushed with the fill (the sim's stream, as Bybit's), painted too.
+        await board.until(
+            lambda: (
+                board.app.last_snapshot is not None
+                and board.app.last_snapshot.positions[0].liquidation_price is not None
+            ),
+            "its liquidation price painted",
+        )
         view = board.engine.snapshot().positions[0]
+        assert view.liquidation_price is not None
         assert board.engine.store is not None
         orders = await board.engine.store.live_orders_for_position(view.position_id)
         assert {o.purpose.value for o in orders} == {"stop_loss", "trailing_stop"}
@@ -152,6 +161,7 @@ async def test_enter_on_a_position_shows_every_field_and_its_stop_orders_venue_i
             "mark",
             "stop-loss",
             "trailing stop",
+            "liquidation",
             "last error",
         ):
             assert field in text, field
@@ -164,6 +174,9 @@ async def test_enter_on_a_position_shows_every_field_and_its_stop_orders_venue_i
         assert re.search(
             r"trailing stop +native, activation [0-9.]+ \(\+[0-9.]+% away\), follows the mark price", detail
         ), detail
+        assert (
+            f"liquidation       {formatting.price(view.liquidation_price)} as the venue states it" in detail
+        )
         for order in orders:  # the venue's ids, and ours, for both stops
             assert order.exchange_order_id
             assert f"venue id {order.exchange_order_id}" in detail

@@ -142,6 +142,12 @@ class PositionDetailScreen(ModalScreen[None]):
             else ", MISSING: not confirmed"
         )
         line("trailing stop", trailing)
+        line(
+            "liquidation",
+            "not stated by the venue yet"
+            if v.liquidation_price is None
+            else f"{price(v.liquidation_price)} as the venue states it; a hard stop beyond it is moved inside it",
+        )
         line("last error", v.last_error or "—")
         text.append("\nOrders that may be live on the venue (as recorded)\n", style="bold")
         if self.orders_error:
