@@ -3338,7 +3338,7 @@ class Engine:
             self._awaiting_guard.pop(position_id, None)
         manager = self.manager
         assert manager is not None
-        guard = manager.protect(filled, filled_at=filled_at, attached_stop_loss=stop_record)
+        guard = manager.protect(filled, filled_at=filled_at, attached_stop_loss=stop_record, fresh_fill=True)
         if doubt is not None:  # its guard counts it from now on
             self._in_doubt.pop(doubt.symbol, None)
         await self.store.finish_signal(signal.id, SignalStatus.OPENED, wave_id=wave_id)

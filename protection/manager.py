@@ -95,6 +95,13 @@ _HUNDRED = Decimal(100)
 # A fill's liquidation price is read this long after it, so the positions a wave fills together are read
 # in one request.
 LIQUIDATION_READ_GATHER_SECONDS = 0.25
+# A read of the liquidation prices that fails is tried again this long after, this many times in all; then
+# the reconciler's next pass reads them.
+LIQUIDATION_READ_RETRY_SECONDS = 1.0
+LIQUIDATION_READ_ATTEMPTS = 3
+# The most a maintenance margin rate is taken to be when judging, from a leverage alone, whether a stop may
+# lie near the liquidation price (the venues' lowest brackets: 0.4–1 %).
+MAINTENANCE_RATE_BOUND = Decimal("0.01")
 # A liquidation price the stream pushed before the position's guard existed is the guard's if this recent
 # (its entry's answer takes a round trip or a few; a flat push in between forgets it).
 STREAMED_LIQUIDATION_FRESH_SECONDS = 30.0
@@ -619,6 +626,9 @@ class PositionGuard:
         # stop beyond it was said (once per position: the venue's figure moves with every read).
         self.liquidation_price: Decimal | None = None
         self._beyond_liquidation_said = False
+        # Its first hard stop waits for the read of its liquidation price (`liquidation_read_for`), not
+        # written or sent yet: a figure read meanwhile sets its price directly.
+        self.awaiting_liquidation = False
         self._superseded: list[ProtectiveOrder] = []  # resized-away stops, cancelled once the new ones live
         # A closed position's stops whose cancels are on their way (client id → sent at): a manager stopped
         # meanwhile hands them to the next one, which cancels them before the symbol takes a new position.
@@ -1014,6 +1024,27 @@ class PositionGuard:
         except Exception as exc:
             self._note_failure(type(command).__name__, f"{type(exc).__name__}: {exc}", log_exception=exc)
             command.settle(False, f"{type(exc).__name__}: {exc}")
+
+    def stop_may_be_near_liquidation(self, leverage: int | None) -> bool:
+        """From a leverage alone (the one the venue last stated for the symbol, else the most the symbol
+        allows), whether the configured hard stop may lie near the liquidation price: the figure lies about
+        1/leverage less the maintenance rate from the entry. At the default 3 %: from about 25x."""
+        lever = leverage if leverage is not None else self.market.max_leverage
+        if lever <= 1:
+            return False
+        distance = Decimal(1) / Decimal(lever) - MAINTENANCE_RATE_BOUND
+        percent = self._m.config.stop_loss_percent / _HUNDRED
+        return percent >= distance * (1 - LIQUIDATION_BAND_SHARE)
+
+    async def liquidation_read(self, price: Decimal) -> None:
+        """The venue's liquidation price, read after the fill: applied at once while the first hard stop
+        waits for it (its price set before it is written and sent), else as a command of the guard's own."""
+        if self.awaiting_liquidation:
+            await self._liquidation_stated(LiquidationStated(price=price))
+        else:
+            self.liquidation_price = price
+            if self.stop_limit_for_liquidation(price) is not None:
+                self.submit(LiquidationStated(price=price))
 
     def _too_near_liquidation(self, stop: Decimal | None, liquidation: Decimal) -> bool:
         """A hard stop at `stop` would not close the position before the venue liquidates it at
@@ -1541,6 +1572,8 @@ class PositionGuard:
             # read lag (5 s on Binance): one that never reached the venue (an HTTP 500, a lost request)
             # is placed now, one that did is refused as a duplicate. Once: then it is waited for.
 
+        if order is self.stop_loss and not order.confirmed and order.recorded_id != cid:
+            await m.liquidation_read_for(self)  # (a first hard stop, where the figure may matter)
         if order.price is not None:
             # A price restored from its record may be off the symbol's grid of today (the venue changed its
             # step; the order it holds keeps its price, and so does the guard until it sends another).
@@ -3622,6 +3655,10 @@ class ProtectionManager:
         # read that will (`_read_liquidations`).
         self._liquidation_unread: set[int] = set()
         self._liquidation_read: asyncio.Task[None] | None = None
+        # Filled positions whose first hard stop waits for the read of their liquidation price (by id: set
+        # once it is read, or the read failed), and the leverage the venue last stated by symbol.
+        self._liquidation_known: dict[int, asyncio.Event] = {}
+        self.leverage_seen: dict[str, int] = {}
         # The account stream's liquidation price of a position it pushed before a guard held it (by symbol:
         # its side, the price, the venue's event time), for that guard.
         self.streamed_liquidation: dict[str, tuple[PositionSide, Decimal, float]] = {}
@@ -3680,6 +3717,7 @@ class ProtectionManager:
         attached_stop_loss: OrderRecord | None = None,
         used_order_ids: Iterable[str] = (),
         naked_since: datetime | None = None,
+        fresh_fill: bool = False,
     ) -> PositionGuard:
         """Start guarding a filled position. Restored positions pass their DB orders and trail record;
         those orders are verified against the venue before anything new is sent: an order found in
@@ -3688,7 +3726,8 @@ class ProtectionManager:
         stop that rode on the entry order (a venue with `attach_stop_to_entry`), verified like a restored
         one and replaced from the fill price when it is more than a tick off. `naked_since`: a restored
         position never protected, with nothing recorded of it: without stops since then if any of its stops
-        has to be sent (see `PositionGuard.naked_since`)."""
+        has to be sent (see `PositionGuard.naked_since`). `fresh_fill`: a fill this engine's entry just got;
+        its first hard stop may wait for the venue's liquidation price (`liquidation_read_for`)."""
         if self.stopped:  # a guard here would run unseen by the manager that replaced this one
             raise RuntimeError(f"protection manager stopped: position {position.id} not guarded here")
         if position.id in self.guards:
@@ -3733,6 +3772,8 @@ class ProtectionManager:
             guard.submit(LiquidationStated(price=streamed[1]))
         if self.venue.capabilities().liquidation_price_streamed:
             return guard  # (told with the fill's size, before this guard or to it)
+        if fresh_fill and guard.stop_may_be_near_liquidation(self.leverage_seen.get(position.symbol)):
+            self._liquidation_known[position.id] = asyncio.Event()
         self._liquidation_unread.add(position.id)
         if self._liquidation_read is None or self._liquidation_read.done():
             self._liquidation_read = self._in_background(self._read_liquidations(), "liquidation-read")
@@ -3746,14 +3787,31 @@ class ProtectionManager:
         stream pushes the figure with the fill (Bybit, the sim) nothing is read: Binance's carries none. A
         read that fails is left to the reconciler's next pass."""
         await self.clock.sleep(LIQUIDATION_READ_GATHER_SECONDS)
+        failed = 0
         while self._liquidation_unread and not self.stopped:
             wanted, self._liquidation_unread = self._liquidation_unread, set()
             try:
                 held = await self.read(self.venue.fetch_positions, "fetch_positions", Lane.READ)
             except (ExchangeError, TimeoutError) as exc:
-                log.info("liquidation prices not read now (%s): the next reconcile pass reads them", exc)
-                return
+                # The hard stops that waited for it go as configured now (never held back by a failing
+                # read); the read is tried again, and a stop it finds too near is moved then.
+                self._liquidation_told(wanted)
+                failed += 1
+                if failed >= LIQUIDATION_READ_ATTEMPTS:
+                    log.warning(
+                        "liquidation prices of %d positions not read (%s); the next reconcile pass reads them",
+                        len(wanted),
+                        exc,
+                    )
+                    return
+                log.info(
+                    "liquidation prices not read (%s): read again in %gs", exc, LIQUIDATION_READ_RETRY_SECONDS
+                )
+                self._liquidation_unread |= wanted
+                await self.clock.sleep(LIQUIDATION_READ_RETRY_SECONDS)
+                continue
             for position in held:
+                self.leverage_seen[position.symbol] = position.leverage
                 guard = self.by_symbol.get(position.symbol)
                 liquidation = position.liquidation_price
                 if (
@@ -3764,9 +3822,32 @@ class ProtectionManager:
                     or liquidation is None
                 ):
                     continue
-                guard.liquidation_price = liquidation
-                if guard.stop_limit_for_liquidation(liquidation) is not None:
-                    guard.submit(LiquidationStated(price=liquidation))
+                await guard.liquidation_read(liquidation)
+            self._liquidation_told(wanted)
+
+    def _liquidation_told(self, position_ids: Iterable[int]) -> None:
+        """The hard stops of these positions that wait for their liquidation price may go now."""
+        for position_id in position_ids:
+            event = self._liquidation_known.pop(position_id, None)
+            if event is not None:
+                event.set()
+
+    async def liquidation_read_for(self, guard: PositionGuard) -> None:
+        """Before a position's first hard stop is written and sent, where the venue's stream carries no
+        liquidation price and the stop may lie near it: wait for the read of it after the fill (a quarter of
+        a second and a round trip; at most half the grace period), so the stop goes once, inside it. Sent
+        as configured and moved a moment later, every position of a high-leverage wave took a third order:
+        95 positions at up to 125x filled Binance's 10-second order window, 70 waited uncovered past grace
+        for it, and the breaker paused entries (a reviewer)."""
+        event = self._liquidation_known.get(guard.position_id)
+        if event is None:
+            return
+        guard.awaiting_liquidation = True
+        try:
+            await wait_event(self.clock, event, float(self.config.grace_seconds) / 2)
+        finally:
+            guard.awaiting_liquidation = False
+            self._liquidation_known.pop(guard.position_id, None)
 
     def _run_guard(self, guard: PositionGuard, run: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(run, name=f"protect-{guard.symbol}-{guard.position_id}")

@@ -299,3 +299,47 @@ async def test_on_the_wire_a_hard_stop_beyond_the_stated_liquidation_price_is_mo
         said = await _said(db)
         assert len(said) == 1, said
         assert symbol in said[0]
+        if kind == "binanceusdm":
+            # One hard stop sent, at its place: it waited the moment the figure took to read (sent as
+            # configured and moved, each position of a 125x wave took a third order, and Binance's
+            # 10-second order window held 70 positions uncovered past grace: a reviewer).
+            sent = state["requests_by_endpoint"]
+            assert sent.get("POST algoOrder") == 2, sent  # the hard stop and the trailing stop
+            assert sent.get("DELETE algoOrder", 0) == 0, sent
+
+
+async def test_on_the_binance_wire_a_failed_read_of_the_figure_after_the_fill_is_read_again(
+    db: Database,
+) -> None:
+    """The read of the positions after a fill answered 503 -1008 once: its stops stayed beyond the figure,
+    counted covered, until the next reconcile pass (8.0 s in a reviewer's run; here the pass is an hour
+    away). It is read again a second later, and the stop moved inside."""
+    async with _wire(db, "binanceusdm", "3600") as (emulator, base_url, engine):
+        symbol = next(s for s, m in sorted(emulator.core.markets.items()) if m.max_leverage >= 50)
+        emulator.core.set_leverage(symbol, 50, time.time())
+        async with aiohttp.ClientSession() as session:
+            answer = await session.post(
+                f"{base_url}/_sim/fault", json={"targets": ["GET:positionRisk"], "fault": "busy", "count": 1}
+            )
+            assert answer.status == 200, await answer.text()
+        assert engine.store is not None
+        assert engine.manager is not None
+        manager = engine.manager
+        await engine.store.insert_signals([(symbol, "long", None, None)])
+
+        async def inside() -> bool:
+            state = await _venue_state(base_url)
+            stated = next((p for p in state["positions"] if p["symbol"] == symbol), None)
+            stops = _hard_stops(state, symbol)
+            guard = manager.by_symbol.get(symbol)
+            return (
+                stated is not None
+                and guard is not None
+                and guard.covered
+                and stops == [s for s in stops if s > Decimal(stated["liquidationPrice"])]
+                and len(stops) == 1
+            )
+
+        await wait_until(inside, within=10.0, what="the hard stop inside its liquidation price")
+        state = await _venue_state(base_url)
+        assert state["requests_by_endpoint"].get("GET positionRisk", 0) >= 3  # (the start's, refused, again)
