@@ -70,6 +70,7 @@ from engine.exchange.port import (
     OrderSide,
     OrderUpdate,
     PositionSide,
+    ReadsVenueTime,
     VenuePosition,
 )
 from engine.last_stop import forget_last_stop, last_stop_path, record_last_stop
@@ -163,9 +164,12 @@ LEASE_CHECK_SECONDS = 2.0
 ENTRY_RATE_LIMIT_ATTEMPTS = (
     5  # an entry refused by a rate limit or for its timestamp (not executed) is sent this many times at most
 )
-# An entry refused for its timestamp (our clock off from the venue's) is sent again this long after: the
-# venue's time is read again meanwhile (one round trip), and the entry is signed anew.
-ENTRY_CLOCK_RESEND_SECONDS = 1.0
+# An entry refused for its timestamp (our clock off from the venue's) is sent again, signed anew, once the
+# venue's time, read again beside the refusal, has been read (waited for this long at most: resent 1 s
+# apart without waiting, a read answering 9 s late left five refusals in 4.5 s and the signals rejected, a
+# reviewer), and this long after.
+ENTRY_CLOCK_READ_WAIT_SECONDS = 10.0
+ENTRY_CLOCK_RESEND_SECONDS = 0.2
 ENTRY_IN_DOUBT_PHASE = "entry outcome unknown"  # the trailing phase shown for an entry in doubt (no stops)
 # A protection restart waits this many late answers for the venue's snapshot before its guards start without
 # it (the account stream's fills wait for the guards meanwhile).
@@ -3673,6 +3677,8 @@ class Engine:
                     # (Refused: it never ran.) A stop that begins meanwhile ends the wait: not sent again.
                     self._refused_waiting.add(cid)
                     try:
+                        if not rated and isinstance(self.venue, ReadsVenueTime):
+                            await self._until_venue_time_read(self.venue)
                         await wait_event(self.clock, self._stop_begun, max(0.0, wait))
                         if (not_sent := self._not_to_be_sent()) is not None:
                             raise EntryNotSentAgain(not_sent) from exc
@@ -3691,6 +3697,18 @@ class Engine:
             raise AssertionError("unreachable")
         finally:
             self._sending.pop(cid, None)
+
+    async def _until_venue_time_read(self, venue: ReadsVenueTime) -> None:
+        """Until the venue's time, read again after a refused timestamp, has been read (at most
+        ENTRY_CLOCK_READ_WAIT_SECONDS), or a stop begins."""
+        read = asyncio.ensure_future(venue.venue_time_read(ENTRY_CLOCK_READ_WAIT_SECONDS))
+        stop = asyncio.ensure_future(self._stop_begun.wait())
+        try:
+            await asyncio.wait({read, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (read, stop):
+                task.cancel()
+            await asyncio.gather(read, stop, return_exceptions=True)
 
     async def _record_attached_stop(
         self, symbol: str, side: PositionSide, quantity: Decimal, position_id: int

@@ -413,6 +413,17 @@ class ChecksRecordedStops(Protocol):
 
 
 @runtime_checkable
+class ReadsVenueTime(Protocol):
+    """A venue adapter that reads the venue's time again when a request's timestamp is refused (Binance
+    -1021, Bybit 10002: `ClockRefused`), beside the refusal."""
+
+    async def venue_time_read(self, limit: float) -> None:
+        """Until the venue's time being read again has been read (at once if none is being read), at most
+        `limit` seconds."""
+        ...
+
+
+@runtime_checkable
 class AttachesStopToEntry(Protocol):
     """A venue whose entry order can carry the position's hard stop (`Capabilities.attach_stop_to_entry`,
     Bybit: `order/create` with `stopLoss`): the position is born with its stop, never naked. The stop is

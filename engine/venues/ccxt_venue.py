@@ -750,6 +750,11 @@ class CcxtVenue(RequestHooks):
             self._read_venue_time(refusal), name=f"{self.kind}-clock-resync", context=contextvars.Context()
         )
 
+    async def venue_time_read(self, limit: float) -> None:
+        running = self._clock_resync
+        if running is not None and not running.done():
+            await asyncio.wait({running}, timeout=limit)  # (not cancelled at the limit: it runs on)
+
     async def _read_venue_time(self, refusal: ExchangeError) -> None:
         before = self._exchange.options.get("timeDifference", 0)
         try:
