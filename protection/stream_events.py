@@ -24,7 +24,14 @@ import logging
 from decimal import Decimal
 
 from engine.clock import monotonic_of
-from engine.exchange.port import AccountEvent, OrderStatus, OrderUpdate, PositionUpdate, StreamGap
+from engine.exchange.port import (
+    AccountEvent,
+    LeverageChanged,
+    OrderStatus,
+    OrderUpdate,
+    PositionUpdate,
+    StreamGap,
+)
 from protection.manager import ProtectionManager, StreamOrderUpdate, StreamPositionUpdate
 from protection.order_ids import parse_client_order_id
 from storage.repositories import OrderPurpose
@@ -39,6 +46,9 @@ def route_account_event(manager: ProtectionManager, event: AccountEvent) -> bool
     """Hand `event` to the guard it concerns (or ask for a reconcile pass); True when someone took it."""
     if manager.stopped:
         return False  # a manager being replaced: the new one reconciles when it starts
+    if isinstance(event, LeverageChanged):
+        manager.leverage_changed(event.symbol, event.leverage)
+        return True
     if isinstance(event, StreamGap):
         log.info("account stream: %s (events since then may be lost); reading the venue now", event.reason)
         clock = manager.clock

@@ -209,7 +209,17 @@ class StreamGap:
     reason: str
 
 
-AccountEvent = OrderUpdate | PositionUpdate | StreamGap
+@dataclass(frozen=True, slots=True)
+class LeverageChanged:
+    """The account's leverage on a symbol was changed (Binance `ACCOUNT_CONFIG_UPDATE` with `ac`): by
+    anyone with the key, the operator's web UI say. A position's liquidation price moves with it."""
+
+    symbol: str
+    leverage: int
+    event_time: float  # epoch seconds at the venue
+
+
+AccountEvent = OrderUpdate | PositionUpdate | StreamGap | LeverageChanged
 
 
 @dataclass(frozen=True, slots=True)

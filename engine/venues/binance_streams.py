@@ -51,6 +51,7 @@ import aiohttp
 from engine.exchange.errors import Banned, ExchangeError, RateLimited
 from engine.exchange.port import (
     AccountEvent,
+    LeverageChanged,
     MarkPrice,
     Order,
     OrderSide,
@@ -390,6 +391,13 @@ class BinanceStreams:
                 self._on_order_update(payload)
             elif kind == "ACCOUNT_UPDATE":
                 self._on_account_update(payload)
+            elif kind == "ACCOUNT_CONFIG_UPDATE" and "ac" in payload:
+                config = payload["ac"]
+                self._emit(
+                    LeverageChanged(
+                        symbol=str(config["s"]), leverage=int(config["l"]), event_time=payload["E"] / 1000
+                    )
+                )
         except (KeyError, TypeError, ValueError, InvalidOperation):
             logger.warning("binance account stream: unreadable %s skipped", kind)
 

@@ -36,6 +36,7 @@ from tests.integration.test_failure_modes_f1_f5 import (
     open_positions,
     settings_for,
 )
+from tests.support.binance_client import BinanceClient
 from tests.support.driving import drive, drive_until
 from tests.support.waiting import wait_until
 
@@ -343,3 +344,45 @@ async def test_on_the_binance_wire_a_failed_read_of_the_figure_after_the_fill_is
         await wait_until(inside, within=10.0, what="the hard stop inside its liquidation price")
         state = await _venue_state(base_url)
         assert state["requests_by_endpoint"].get("GET positionRisk", 0) >= 3  # (the start's, refused, again)
+
+
+async def test_on_the_binance_wire_leverage_raised_by_hand_moves_the_stop_without_waiting_for_a_pass(
+    db: Database,
+) -> None:
+    """Someone raises the symbol's leverage on the venue (its web UI, another client of the key) while the
+    position is open: its liquidation price moves past the stop. Binance tells it on the account stream
+    (`ACCOUNT_CONFIG_UPDATE`); the stop lay beyond the figure until the next reconcile pass (9.3 s in a
+    reviewer's run; here the pass is an hour away). It is read at once, and the stop moved inside."""
+    async with _wire(db, "binanceusdm", "3600") as (emulator, base_url, engine):
+        symbol = next(s for s, m in sorted(emulator.core.markets.items()) if m.max_leverage >= 75)
+        assert engine.store is not None
+        assert engine.manager is not None
+        manager = engine.manager
+        await engine.store.insert_signals([(symbol, "long", None, None)])
+        await wait_until(
+            lambda: symbol in manager.by_symbol and manager.by_symbol[symbol].covered,
+            within=20.0,
+            what="the position covered at the venue's default leverage",
+        )
+        before = _hard_stops(await _venue_state(base_url), symbol)
+        async with aiohttp.ClientSession() as session:
+            raised = await BinanceClient(session, base_url, KEY, SECRET).signed(
+                "POST", "/fapi/v1/leverage", symbol=symbol, leverage=75
+            )
+            assert raised.status == 200, raised.body
+
+        async def moved() -> bool:
+            state = await _venue_state(base_url)
+            stated = next(p for p in state["positions"] if p["symbol"] == symbol)
+            stops = _hard_stops(state, symbol)
+            return (
+                manager.by_symbol[symbol].covered
+                and len(stops) == 1
+                and stops != before
+                and stops[0] > Decimal(stated["liquidationPrice"])
+            )
+
+        await wait_until(moved, within=8.0, what="the stop moved inside the new figure")
+        [position] = [p for p in emulator.core.inspect(time.time()).positions if p.symbol == symbol]
+        assert position.leverage == 75
+        assert before[0] < position.liquidation_price  # the premise: the raise put the stop beyond it

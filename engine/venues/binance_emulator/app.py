@@ -752,6 +752,7 @@ class BinanceEmulator:
         except ValueError:
             raise BinanceError(400, -1130, "Data sent for parameter 'leverage' is not valid.") from None
         applied = self.core.set_leverage(market.symbol, leverage, request.now, DEFAULT_ACCOUNT)
+        self.streams.leverage_changed(market.symbol, applied, request.now)
         return {"leverage": applied, "maxNotionalValue": "1000000", "symbol": market.symbol}
 
     # ---- regular orders ---------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ change: legacy unrouted URLs were retired on 2026-04-23, so only `/market` and `
   served by the REST app, weighed like every request), one key per account, valid 60 minutes of venue
   time after its creation or last keep-alive (POST with a key alive returns it and extends it; PUT with
   none: 400 -1125). `/private/ws/<listenKey>` (or `/private/ws?listenKey=<key>`) pushes
+  `ACCOUNT_CONFIG_UPDATE` when `POST /fapi/v1/leverage` changes a symbol's leverage;
   `ORDER_TRADE_UPDATE`, `ALGO_UPDATE` and `ACCOUNT_UPDATE` whenever the sim core changes an order or a
   position of the account, and `listenKeyExpired` when the key lapses (then nothing more on that
   connection);
@@ -382,6 +383,12 @@ class StreamHub:
     def note_market_order(self, order: Order) -> None:
         """A regular (market) order was placed: announced with the next `account_changed`."""
         self._watch.market_orders.append(order)
+
+    def leverage_changed(self, symbol: str, leverage: int, now: float) -> None:
+        """The account's leverage on `symbol` changed: Binance pushes `ACCOUNT_CONFIG_UPDATE` with `ac`."""
+        self._publish(
+            [{"e": "ACCOUNT_CONFIG_UPDATE", "E": _ms(now), "T": _ms(now), "ac": {"s": symbol, "l": leverage}}]
+        )
 
     def account_changed(self) -> None:
         """Compare the core with what the stream has told and push the difference as Binance's events."""
