@@ -93,8 +93,8 @@ MANUAL_CLOSE = "manual"  # the exit reason of an operator's close (the only clos
 
 _HUNDRED = Decimal(100)
 # A fill's liquidation price is read this long after it, so the positions a wave fills together are read
-# in one request.
-LIQUIDATION_READ_GATHER_SECONDS = 0.25
+# in a few requests (a hard stop that may lie near the figure waits for it: kept short).
+LIQUIDATION_READ_GATHER_SECONDS = 0.1
 # A read of the liquidation prices that fails is tried again this long after, this many times in all; then
 # the reconciler's next pass reads them.
 LIQUIDATION_READ_RETRY_SECONDS = 1.0
@@ -3849,7 +3849,7 @@ class ProtectionManager:
 
     async def liquidation_read_for(self, guard: PositionGuard) -> None:
         """Before a position's first hard stop is written and sent, where the venue's stream carries no
-        liquidation price and the stop may lie near it: wait for the read of it after the fill (a quarter of
+        liquidation price and the stop may lie near it: wait for the read of it after the fill (a tenth of
         a second and a round trip; at most half the grace period), so the stop goes once, inside it. Sent
         as configured and moved a moment later, every position of a high-leverage wave took a third order:
         95 positions at up to 125x filled Binance's 10-second order window, 70 waited uncovered past grace

@@ -185,6 +185,7 @@ class Reconciler:
             return report
 
         on_venue = {p.symbol: p for p in positions}
+        manager.leverage_seen.update((p.symbol, p.leverage) for p in positions)
         open_by_id = {o.client_order_id: o for o in open_orders}
         missing: list[PositionGuard] = []
         checked: set[str] = set()  # our stops this listing was checked against (found, or told missing)
