@@ -263,11 +263,23 @@ async def test_on_the_wire_a_hard_stop_beyond_the_stated_liquidation_price_is_mo
     stop, inside that price."""
     async with _wire(db, kind, reconcile_seconds) as (emulator, base_url, engine):
         symbol = next(s for s, m in sorted(emulator.core.markets.items()) if m.max_leverage >= 50)
-        emulator.core.set_leverage(symbol, 50, time.time())
         assert engine.store is not None
         assert engine.manager is not None
-        await engine.store.insert_signals([(symbol, "long", None, None)])
         manager = engine.manager
+        if kind == "binanceusdm":
+            # Through the venue's own endpoint, as an operator's tool would: Binance tells the engine
+            # (ACCOUNT_CONFIG_UPDATE), which then knows the symbol's stop may lie near its figure.
+            async with aiohttp.ClientSession() as session:
+                raised = await BinanceClient(session, base_url, KEY, SECRET).signed(
+                    "POST", "/fapi/v1/leverage", symbol=symbol, leverage=50
+                )
+                assert raised.status == 200, raised.body
+            await wait_until(
+                lambda: manager.leverage_seen.get(symbol) == 50, within=5.0, what="the leverage change told"
+            )
+        else:
+            emulator.core.set_leverage(symbol, 50, time.time())
+        await engine.store.insert_signals([(symbol, "long", None, None)])
 
         async def inside() -> bool:
             state = await _venue_state(base_url)
@@ -301,9 +313,9 @@ async def test_on_the_wire_a_hard_stop_beyond_the_stated_liquidation_price_is_mo
         assert len(said) == 1, said
         assert symbol in said[0]
         if kind == "binanceusdm":
-            # One hard stop sent, at its place: it waited the moment the figure took to read (sent as
-            # configured and moved, each position of a 125x wave took a third order, and Binance's
-            # 10-second order window held 70 positions uncovered past grace: a reviewer).
+            # One hard stop sent, at its place: its leverage known, it waited the moment the figure took to
+            # read (sent as configured and moved, each position of a 125x wave took a third order, and
+            # Binance's 10-second order window held 70 positions uncovered past grace: a reviewer).
             sent = state["requests_by_endpoint"]
             assert sent.get("POST algoOrder") == 2, sent  # the hard stop and the trailing stop
             assert sent.get("DELETE algoOrder", 0) == 0, sent
