@@ -12,7 +12,7 @@ import heapq
 import itertools
 import time
 from collections.abc import Awaitable, Iterable
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 T = TypeVar("T")
 
@@ -106,17 +106,22 @@ def monotonic_of(clock: Clock, epoch: float) -> float:
     return clock.monotonic() - max(0.0, clock.now() - epoch)
 
 
+async def first_of(*awaitables: Awaitable[Any]) -> None:
+    """Until the first of `awaitables` is done; none of them outlives the call (the others are cancelled
+    and awaited)."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def wait_event(clock: Clock, event: asyncio.Event, seconds: float) -> bool:
     """Wait until `event` is set or `seconds` pass on `clock`, whichever comes first; returns whether the
     event was set. Neither waiter outlives the call."""
-    woke = asyncio.ensure_future(event.wait())
-    slept = asyncio.ensure_future(clock.sleep(seconds))
-    try:
-        await asyncio.wait({woke, slept}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in (woke, slept):
-            waiter.cancel()
-        await asyncio.gather(woke, slept, return_exceptions=True)
+    await first_of(event.wait(), clock.sleep(seconds))
     return event.is_set()
 
 

@@ -34,7 +34,7 @@ from typing import Any, TypeVar, cast
 from engine.account_stream import AccountStreamReader
 from engine.accounts import account_key
 from engine.alerts import Alerter, EngineObserver
-from engine.clock import Clock, SystemClock, monotonic_of, wait_event, wait_for_all
+from engine.clock import Clock, SystemClock, first_of, monotonic_of, wait_event, wait_for_all
 from engine.commands import CommandRunner, ProtectionRestartRefused, requester_identity
 from engine.config import ConfigError, Settings, VenueKind, real_venue_problems
 from engine.credentials import check_credentials
@@ -3701,14 +3701,7 @@ class Engine:
     async def _until_venue_time_read(self, venue: ReadsVenueTime) -> None:
         """Until the venue's time, read again after a refused timestamp, has been read (at most
         ENTRY_CLOCK_READ_WAIT_SECONDS), or a stop begins."""
-        read = asyncio.ensure_future(venue.venue_time_read(ENTRY_CLOCK_READ_WAIT_SECONDS))
-        stop = asyncio.ensure_future(self._stop_begun.wait())
-        try:
-            await asyncio.wait({read, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (read, stop):
-                task.cancel()
-            await asyncio.gather(read, stop, return_exceptions=True)
+        await first_of(venue.venue_time_read(ENTRY_CLOCK_READ_WAIT_SECONDS), self._stop_begun.wait())
 
     async def _record_attached_stop(
         self, symbol: str, side: PositionSide, quantity: Decimal, position_id: int

@@ -34,7 +34,7 @@ from decimal import ROUND_DOWN, ROUND_UP, Decimal
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from engine.clock import Clock, monotonic_of, wait_event, wait_for_all
+from engine.clock import Clock, first_of, monotonic_of, wait_event, wait_for_all
 from engine.events import (
     EventBus,
     PositionClosed,
@@ -932,7 +932,7 @@ class PositionGuard:
                     self.backing_off = self.retry_at is None
                     self.retry_at = None
                     try:
-                        await _first_of(self.wake.wait(), clock.sleep(delay))
+                        await first_of(self.wake.wait(), clock.sleep(delay))
                     finally:
                         self.backing_off = False
                 self.wake.clear()
@@ -1110,22 +1110,30 @@ class PositionGuard:
             self.wake.set()  # (only the held one lay beyond: its correction is the stop to come)
             return True
         if order.client_order_id and (order.confirmed or order.maybe_sent):
+            self._supersede(order)
+        order.maybe_sent = False
+        order.price = limit
+        self.wake.set()
+        return True
+
+    def _supersede(self, order: ProtectiveOrder) -> None:
+        """`order`, which the venue may hold, goes to the superseded stops (cancelled once the position is
+        covered again), and it takes its next id: a stop replaced (resized, moved inside liquidation)."""
+        if order.client_order_id and (order.confirmed or order.maybe_sent):
             self._superseded.append(
                 ProtectiveOrder(
                     order.purpose,
                     generation=order.generation,
                     client_order_id=order.client_order_id,
                     confirmed=order.confirmed,
-                    maybe_sent=True,
+                    maybe_sent=order.maybe_sent,
+                    # Its cancel may come inside the venue's read-after-write lag: "unknown order" then
+                    # proves nothing (without it, both sizes stayed live until the reconciler).
                     sent_at=order.sent_at,
                     send_ticket=order.send_ticket,
                 )
             )
-            self._fresh_id(order)
-        order.maybe_sent = False
-        order.price = limit
-        self.wake.set()
-        return True
+        self._fresh_id(order)
 
     async def _quantity_changed(self, command: QuantityChanged) -> bool:
         """Resize the stops to the venue's quantity: new ones first, the old ones cancelled once the new
@@ -1174,21 +1182,7 @@ class PositionGuard:
             if self.trail is not None and self.trail.phase is trailing.TrailingPhase.MOVING:
                 self.trail = trailing.on_stop_failed(self.trail)
         for order in (self.stop_loss, self.trailing_stop):
-            if order.client_order_id and (order.confirmed or order.maybe_sent):
-                self._superseded.append(
-                    ProtectiveOrder(
-                        order.purpose,
-                        generation=order.generation,
-                        client_order_id=order.client_order_id,
-                        confirmed=order.confirmed,
-                        maybe_sent=order.maybe_sent,
-                        # Its cancel may come inside the venue's read-after-write lag: "unknown order"
-                        # then proves nothing (without it, both sizes stayed live until the reconciler).
-                        sent_at=order.sent_at,
-                        send_ticket=order.send_ticket,
-                    )
-                )
-            self._fresh_id(order)
+            self._supersede(order)
             order.maybe_sent = False
         self.wake.set()
         return True
@@ -1812,7 +1806,7 @@ class PositionGuard:
                     self._resolve(order, "late answer: look up", absent_means_send=False)
                 )
                 try:
-                    await _first_of(asyncio.shield(call), asyncio.shield(look_up))
+                    await first_of(asyncio.shield(call), asyncio.shield(look_up))
                 finally:
                     if not look_up.done():  # the answer came first: it decides, the look-up ends
                         look_up.cancel()
@@ -2175,7 +2169,7 @@ class PositionGuard:
         )
         answered = False
         try:
-            await _first_of(asyncio.shield(look_ups), m.clock.sleep(left))
+            await first_of(asyncio.shield(look_ups), m.clock.sleep(left))
             answered = look_ups.done()
         finally:
             if not look_ups.done():  # no answer in time, or the check itself was cancelled (the manager
@@ -3159,7 +3153,7 @@ class PositionGuard:
             try:
                 while not slot.done() and not self._close_wait_taken():
                     self._ending_told.clear()
-                    await _first_of(asyncio.shield(slot), self._ending_told.wait())
+                    await first_of(asyncio.shield(slot), self._ending_told.wait())
             except BaseException:
                 await _stop_waiting(slot)
                 if not slot.cancelled() and slot.exception() is None:  # a place taken, never sent
@@ -3211,7 +3205,7 @@ class PositionGuard:
             if left <= 0:
                 break
             self.wake.clear()
-            await _first_of(self.wake.wait(), m.clock.sleep(left))
+            await first_of(self.wake.wait(), m.clock.sleep(left))
         return self.closed
 
     def _take(self, match: Callable[[GuardCommand], bool]) -> GuardCommand | None:
@@ -4658,7 +4652,7 @@ class ProtectionManager:
                     continue
                 look_up = asyncio.ensure_future(self.read(find, "fetch_order", lane))
                 try:
-                    await _first_of(asyncio.shield(call), asyncio.shield(look_up))
+                    await first_of(asyncio.shield(call), asyncio.shield(look_up))
                 finally:
                     if not look_up.done():  # the answer came first: it decides
                         look_up.cancel()
@@ -4720,7 +4714,7 @@ class ProtectionManager:
                         if isinstance(error, RateLimited | Banned)
                         else self.backoff(failures)
                     )
-                    await _first_of(self.clock.sleep(pause), *(asyncio.shield(c) for c in out))
+                    await first_of(self.clock.sleep(pause), *(asyncio.shield(c) for c in out))
                 answer = _answer_among(copies)
                 if answer is not None:
                     for other in copies:
@@ -5084,7 +5078,7 @@ async def _until_late(
         wakes = [asyncio.shield(call), ticket.changed.wait(), clock.sleep(nap)]
         if told is not None:
             wakes.append(told.wait())
-        await _first_of(*wakes)
+        await first_of(*wakes)
     return False
 
 
@@ -5103,16 +5097,6 @@ def _answer_among(copies: Iterable[asyncio.Future[_T]]) -> asyncio.Future[_T] | 
             if error is None or isinstance(error, NotFound | Rejected):
                 return copy
     return None
-
-
-async def _first_of(*awaitables: Awaitable[Any]) -> None:
-    tasks = [asyncio.ensure_future(a) for a in awaitables]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 __all__ = [

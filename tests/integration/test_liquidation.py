@@ -246,6 +246,22 @@ def _hard_stops(state: dict[str, Any], symbol: str) -> list[Decimal]:
     ]
 
 
+async def _one_stop_inside(base_url: str, manager: Any, symbol: str) -> bool:
+    """The venue holds one hard stop on the long `symbol`, above the liquidation price it states, and the
+    engine counts the position covered."""
+    state = await _venue_state(base_url)
+    stated = next((p for p in state["positions"] if p["symbol"] == symbol), None)
+    stops = _hard_stops(state, symbol)
+    guard = manager.by_symbol.get(symbol)
+    return (
+        stated is not None
+        and guard is not None
+        and guard.covered
+        and len(stops) == 1
+        and stops[0] > Decimal(stated["liquidationPrice"])
+    )
+
+
 @pytest.mark.parametrize(
     ("kind", "reconcile_seconds"),
     [
@@ -281,20 +297,11 @@ async def test_on_the_wire_a_hard_stop_beyond_the_stated_liquidation_price_is_mo
             emulator.core.set_leverage(symbol, 50, time.time())
         await engine.store.insert_signals([(symbol, "long", None, None)])
 
-        async def inside() -> bool:
-            state = await _venue_state(base_url)
-            stated = next((p for p in state["positions"] if p["symbol"] == symbol), None)
-            stops = _hard_stops(state, symbol)
-            guard = manager.by_symbol.get(symbol)
-            return (
-                stated is not None
-                and guard is not None
-                and guard.covered
-                and len(stops) == 1
-                and stops[0] > Decimal(stated["liquidationPrice"])
-            )
-
-        await wait_until(inside, within=20.0, what="the venue's hard stop inside its liquidation price")
+        await wait_until(
+            lambda: _one_stop_inside(base_url, manager, symbol),
+            within=20.0,
+            what="the venue's hard stop inside its liquidation price",
+        )
         state = await _venue_state(base_url)
         [position] = [p for p in emulator.core.inspect(time.time()).positions if p.symbol == symbol]
         market = emulator.core.markets[symbol]
@@ -340,20 +347,11 @@ async def test_on_the_binance_wire_a_failed_read_of_the_figure_after_the_fill_is
         manager = engine.manager
         await engine.store.insert_signals([(symbol, "long", None, None)])
 
-        async def inside() -> bool:
-            state = await _venue_state(base_url)
-            stated = next((p for p in state["positions"] if p["symbol"] == symbol), None)
-            stops = _hard_stops(state, symbol)
-            guard = manager.by_symbol.get(symbol)
-            return (
-                stated is not None
-                and guard is not None
-                and guard.covered
-                and stops == [s for s in stops if s > Decimal(stated["liquidationPrice"])]
-                and len(stops) == 1
-            )
-
-        await wait_until(inside, within=10.0, what="the hard stop inside its liquidation price")
+        await wait_until(
+            lambda: _one_stop_inside(base_url, manager, symbol),
+            within=10.0,
+            what="the hard stop inside its liquidation price",
+        )
         state = await _venue_state(base_url)
         assert state["requests_by_endpoint"].get("GET positionRisk", 0) >= 3  # (the start's, refused, again)
 
