@@ -1101,6 +1101,18 @@ class PositionGuard:
         self._beyond_liquidation_said = True
         log.log(logging.ERROR if severity is Severity.ERROR else logging.WARNING, "%s", text)
         m.spawn_event_write(severity, "stop_beyond_liquidation", text, self.symbol, self.position_id)
+        # On the dashboard's errors too, as a stop lost (its replacement's confirmation says it is back):
+        # the ERROR line alone reached the log file, and the panel said "0 errors" over five moves.
+        m.publish(
+            ProtectionFailed(
+                at=m.clock.now(),
+                position_id=self.position_id,
+                symbol=self.symbol,
+                operation="verify stop-loss",
+                error=f"{where} the liquidation price {command.price}: moving it to {limit}",
+                retry_in_seconds=0.0,
+            )
+        )
         if self._too_near_liquidation(self._attached_correction, command.price):
             self._attached_correction = limit
         if held is not None and self._too_near_liquidation(held.price, command.price):

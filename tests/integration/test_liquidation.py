@@ -21,6 +21,7 @@ import pytest
 
 from engine.clock import ManualClock
 from engine.engine import Engine
+from engine.events import ProtectionFailed
 from engine.exchange.port import OrderType, PositionSide
 from engine.venues.binance_emulator import BinanceEmulator
 from engine.venues.binance_emulator import running as running_binance
@@ -36,6 +37,7 @@ from tests.integration.test_failure_modes_f1_f5 import (
     open_positions,
     settings_for,
 )
+from tests.integration.test_failure_modes_f6_f12 import _collect
 from tests.support.binance_client import BinanceClient
 from tests.support.driving import drive, drive_until
 from tests.support.waiting import wait_until
@@ -63,6 +65,7 @@ async def test_on_the_sim_a_hard_stop_beyond_liquidation_is_moved_inside_it_and_
     clock = ManualClock()
     engine = make_engine(settings, clock)
     await drive(clock, engine.start())
+    told, follower = _collect(engine)  # what the dashboard follows
     try:
         core = engine.venue.core
         safe = SYMBOLS[5]
@@ -162,6 +165,13 @@ async def test_on_the_sim_a_hard_stop_beyond_liquidation_is_moved_inside_it_and_
         assert len(said) == 3, said
         [hair_line] = [m for m in said if m.startswith(f"{hairline}:")]
         assert "within a twentieth of the way from the liquidation price" in hair_line
+        # On the dashboard's errors as a stop lost, and its replacement's confirmation after (the ERROR line
+        # alone reached the log file: the panel said "0 errors" over five moves).
+        shown = {
+            e.symbol: e for e in told if isinstance(e, ProtectionFailed) and e.operation == "verify stop-loss"
+        }
+        assert set(shown) == {*risky, hairline}, shown
+        assert all("liquidation price" in e.error for e in shown.values())
         for symbol in risky:
             [line] = [m for m in said if m.startswith(f"{symbol}:")]
             assert str(seen["positions"][symbol].liquidation_price) in line
@@ -195,6 +205,7 @@ async def test_on_the_sim_a_hard_stop_beyond_liquidation_is_moved_inside_it_and_
         assert moved_again.startswith(f"{symbol}:")
         assert str(position.liquidation_price) in moved_again
     finally:
+        follower.cancel()
         await drive(clock, engine.stop())
 
 
