@@ -234,8 +234,8 @@ class LogTranslator:
     def __init__(self) -> None:
         self._health: dict[str, str] = {}
         # (position id, "create <stop>") of a protective order logged failed, or found gone from the venue
-        # ("verify <stop>"), and not placed since: when that was first said, and whether it was a loss.
-        self._failing: dict[tuple[int, str], tuple[float, bool]] = {}
+        # ("verify <stop>"), and not placed since: when that was first said, and what was said then.
+        self._failing: dict[tuple[int, str], tuple[float, str]] = {}
         self._rejected: dict[int, list[SignalRejected]] = {}  # by wave, until its end: said with it
         self._waves_ended: set[int] = set()
 
@@ -244,10 +244,18 @@ class LogTranslator:
             return None
         if isinstance(event, ProtectionFailed | ProtectionTimedOut):
             if event.operation.startswith("create ") and event.outcome != "resolved":
-                self._failing.setdefault((event.position_id, event.operation), (event.at, False))
+                self._failing.setdefault(
+                    (event.position_id, event.operation), (event.at, "its first failure")
+                )
             elif event.operation.startswith("verify "):  # gone from the venue, not by us: replaced next
                 stop = event.operation.removeprefix("verify ")
-                self._failing.setdefault((event.position_id, f"create {stop}"), (event.at, True))
+                # (or found beyond the venue's liquidation price: it could not fire, and is moved inside)
+                found = (
+                    "it was found beyond the liquidation price"
+                    if "liquidation price" in event.error
+                    else "it was found gone from the venue"
+                )
+                self._failing.setdefault((event.position_id, f"create {stop}"), (event.at, found))
             if isinstance(event, ProtectionFailed) and event.repeated:
                 return None  # said within the last minute: a row per retry buried the rest
         elif isinstance(event, ProtectionConfirmed):
@@ -301,8 +309,7 @@ class LogTranslator:
         failing = self._failing.pop((event.position_id, operation), None)
         if failing is None:
             return None
-        first, lost = failing
-        after = "it was found gone from the venue" if lost else "its first failure"
+        first, after = failing
         return LogEntry(
             event.at,
             "info",

@@ -41,6 +41,7 @@ from tests.integration.test_failure_modes_f6_f12 import _collect
 from tests.support.binance_client import BinanceClient
 from tests.support.driving import drive, drive_until
 from tests.support.waiting import wait_until
+from tui.feed import LogTranslator
 
 KEY, SECRET = "liquidation-key", "liquidation-secret"
 
@@ -172,6 +173,12 @@ async def test_on_the_sim_a_hard_stop_beyond_liquidation_is_moved_inside_it_and_
         }
         assert set(shown) == {*risky, hairline}, shown
         assert all("liquidation price" in e.error for e in shown.values())
+        translator = LogTranslator()
+        rows = [row for event in list(told) if (row := translator.entry(event)) is not None]
+        back = [r.detail for r in rows if r.outcome == "resolved" and r.symbol in shown]
+        assert len(back) == 3, [r.detail for r in rows]
+        # (not "found gone from the venue": the stop was there, beyond the figure)
+        assert all("after it was found beyond the liquidation price" in detail for detail in back), back
         for symbol in risky:
             [line] = [m for m in said if m.startswith(f"{symbol}:")]
             assert str(seen["positions"][symbol].liquidation_price) in line
