@@ -626,6 +626,7 @@ class PositionGuard:
         # stop beyond it was said (once per position: the venue's figure moves with every read).
         self.liquidation_price: Decimal | None = None
         self._beyond_liquidation_said = False
+        self._placed_inside_said = False  # its first hard stop placed inside the figure, not as configured
         # Its first hard stop waits for the read of its liquidation price (`liquidation_read_for`), not
         # written or sent yet: a figure read meanwhile sets its price directly.
         self.awaiting_liquidation = False
@@ -1092,6 +1093,24 @@ class PositionGuard:
             if stop_beyond(side, was, command.price)
             else "lies within a twentieth of the way from"
         )
+        on_venue = held is not None or order.confirmed or order.maybe_sent or order.recorded_id is not None
+        if not on_venue:
+            # Not sent yet (it waited for the figure, or the figure came first): placed inside it at once.
+            # Said, for the configuration meets the venue's leverage there, but no stop was ever lost.
+            text = (
+                f"{self.symbol}: the configured hard stop at {was} would lie {where.removeprefix('lies ')} the "
+                f"liquidation price the venue states ({command.price}): placed at {limit} instead"
+            )
+            log.warning("%s", text)
+            if not self._placed_inside_said:
+                self._placed_inside_said = True
+                m.spawn_event_write(
+                    Severity.WARNING, "stop_beyond_liquidation", text, self.symbol, self.position_id
+                )
+            order.price = limit
+            self._attached_correction = None if self._attached_correction is None else limit
+            self.wake.set()
+            return True
         text = (
             f"{self.symbol}: the hard stop at {was} {where} the liquidation price the venue states "
             f"({command.price}): the venue would liquidate the position before it fires or fills; moving it "
