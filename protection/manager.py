@@ -3885,6 +3885,12 @@ class ProtectionManager:
         event = self._liquidation_known.get(guard.position_id)
         if event is None:
             return
+        cap = float(self.config.grace_seconds) / 2
+        if LIQUIDATION_READ_GATHER_SECONDS + 2 * self.order_round_trip_seconds > cap:
+            # The read cannot answer within the wait: the stop goes now, and is moved after the read (at a
+            # 2 s round trip, waiting held every such hard stop back 4.1 s of a 5 s grace: a reviewer).
+            self._liquidation_known.pop(guard.position_id, None)
+            return
         guard.awaiting_liquidation = True
         try:
             await wait_event(self.clock, event, float(self.config.grace_seconds) / 2)

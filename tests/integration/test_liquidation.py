@@ -427,3 +427,40 @@ async def test_on_the_binance_wire_leverage_raised_by_hand_moves_the_stop_withou
         [position] = [p for p in emulator.core.inspect(time.time()).positions if p.symbol == symbol]
         assert position.leverage == 75
         assert before[0] < position.liquidation_price  # the premise: the raise put the stop beyond it
+
+
+async def test_on_a_slow_binance_wire_the_first_hard_stop_does_not_wait_for_a_read_that_cannot_answer_in_time(
+    db: Database,
+) -> None:
+    """Entries answer 1.5 s late: a read of the figure after the fill takes about as long, and waiting for it
+    held each hard stop back past half the grace period (4.1 s of 5 s at a 2 s round trip: a reviewer).
+    The stop goes at once, as configured, and is moved after the read: three stop sends, not two."""
+    async with _wire(db, "binanceusdm", "3600") as (emulator, base_url, engine):
+        symbol = next(s for s, m in sorted(emulator.core.markets.items()) if m.max_leverage >= 50)
+        assert engine.store is not None
+        assert engine.manager is not None
+        manager = engine.manager
+        async with aiohttp.ClientSession() as session:
+            raised = await BinanceClient(session, base_url, KEY, SECRET).signed(
+                "POST", "/fapi/v1/leverage", symbol=symbol, leverage=50
+            )
+            assert raised.status == 200, raised.body
+            answer = await session.post(
+                f"{base_url}/_sim/fault",
+                json={"targets": ["POST:order"], "fault": "latency:1500", "count": 100},
+            )
+            assert answer.status == 200, await answer.text()
+        await wait_until(
+            lambda: manager.leverage_seen.get(symbol) == 50, within=5.0, what="the leverage change told"
+        )
+        await engine.store.insert_signals([(symbol, "long", None, None)])
+        await wait_until(
+            lambda: _one_stop_inside(base_url, manager, symbol),
+            within=20.0,
+            what="the hard stop inside its liquidation price",
+        )
+        sent = (await _venue_state(base_url))["requests_by_endpoint"]
+        assert sent.get("POST algoOrder") == 3, sent  # the hard stop, the trailing stop, the moved hard stop
+        [(severity, message)] = await _said(db)
+        assert severity == "error"  # a stop the venue held, moved
+        assert "moving it to" in message
