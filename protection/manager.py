@@ -67,6 +67,7 @@ from engine.exchange.port import (
     OrderSide,
     OrderStatus,
     PositionSide,
+    StatesLeverages,
 )
 from engine.metrics import CallStats, EventCounter
 from engine.order_budget import OrderBudget
@@ -3797,6 +3798,8 @@ class ProtectionManager:
         if self.venue.capabilities().liquidation_price_streamed:
             return guard  # (told with the fill's size, before this guard or to it)
         leverage = self.leverage_seen.get(position.symbol)
+        if leverage is None and isinstance(self.venue, StatesLeverages):
+            leverage = self.venue.stated_leverages.get(position.symbol)  # (read while it was flat)
         if fresh_fill and leverage is not None and guard.stop_may_be_near_liquidation(leverage):
             self._liquidation_known[position.id] = asyncio.Event()
         self._liquidation_unread.add(position.id)

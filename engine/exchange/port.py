@@ -423,6 +423,14 @@ class ChecksRecordedStops(Protocol):
 
 
 @runtime_checkable
+class StatesLeverages(Protocol):
+    """A venue adapter whose positions read states every symbol's leverage, flat ones too (Binance's V2
+    `positionRisk` in one-way mode): what a position opened there will have."""
+
+    stated_leverages: Mapping[str, int]
+
+
+@runtime_checkable
 class ReadsVenueTime(Protocol):
     """A venue adapter that reads the venue's time again when a request's timestamp is refused (Binance
     -1021, Bybit 10002: `ClockRefused`), beside the refusal."""

@@ -106,6 +106,9 @@ class BinanceUsdmVenue(CcxtVenue):
         # answers with success ended one of these, so its final state is known without asking again.
         self._working: dict[str, Order] = {}
         self._request_budgets: tuple[RequestBudget, ...] = BINANCE_DEFAULT_REQUEST_BUDGETS
+        # Each symbol's leverage as the last positions read stated it, flat symbols included (V2 answers a
+        # row for every symbol): `StatesLeverages`.
+        self.stated_leverages: dict[str, int] = {}
         self._streams = BinanceStreams(
             ws_url=self._websocket_url(),
             settings=config.streams,
@@ -262,6 +265,9 @@ class BinanceUsdmVenue(CcxtVenue):
         for row in rows:
             amount = _decimal(row.get("positionAmt"), _ZERO)
             symbol = row.get("symbol")
+            if symbol in self._markets and row.get("leverage") is not None:
+                # Flat symbols too: what the account is set to before a position opens (`stated_leverages`).
+                self.stated_leverages[symbol] = int(_decimal(row.get("leverage"), Decimal(1)))  # type: ignore[arg-type]
             if not amount or symbol not in self._markets:
                 continue
             hedge_side = row.get("positionSide", "BOTH")

@@ -464,3 +464,36 @@ async def test_on_a_slow_binance_wire_the_first_hard_stop_does_not_wait_for_a_re
         [(severity, message)] = await _said(db)
         assert severity == "error"  # a stop the venue held, moved
         assert "moving it to" in message
+
+
+async def test_on_the_binance_wire_a_leverage_set_while_flat_is_known_from_the_positions_read(
+    db: Database,
+) -> None:
+    """The leverage was set on the venue while the symbol was flat, before this engine ran (no stream event
+    for it): known only from a position, each symbol's first hard stop after a restart went as configured
+    beyond the figure and was moved 2 s later, a second order each (a reviewer). Binance's V2 positions read
+    states every symbol's leverage, flat ones too: the stop waits for the figure and goes once."""
+    async with _wire(db, "binanceusdm", "1") as (emulator, base_url, engine):
+        symbol = next(s for s, m in sorted(emulator.core.markets.items()) if m.max_leverage >= 50)
+        emulator.core.set_leverage(symbol, 50, time.time())  # as if set long before; nothing told
+        assert engine.store is not None
+        assert engine.manager is not None
+        manager = engine.manager
+        venue = engine.venue
+        await wait_until(
+            lambda: getattr(venue, "stated_leverages", {}).get(symbol) == 50,
+            within=5.0,
+            what="the flat symbol's leverage read",
+        )
+        assert symbol not in manager.leverage_seen  # (no position, no stream event: only the flat row)
+        await engine.store.insert_signals([(symbol, "long", None, None)])
+        await wait_until(
+            lambda: _one_stop_inside(base_url, manager, symbol),
+            within=20.0,
+            what="the hard stop inside its liquidation price",
+        )
+        sent = (await _venue_state(base_url))["requests_by_endpoint"]
+        assert sent.get("POST algoOrder") == 2, sent  # the hard stop once, and the trailing stop
+        [(severity, message)] = await _said(db)
+        assert severity == "warning"
+        assert "placed at" in message

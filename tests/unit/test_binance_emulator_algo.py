@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import aiohttp
@@ -79,7 +80,9 @@ class Rig:
 
     async def position(self) -> str:
         answer = await self.api.signed("GET", "/fapi/v2/positionRisk", symbol=SFP)
-        return next((row["positionAmt"] for row in answer.body), "0")  # type: ignore[no-any-return]
+        # (V2 answers a flat symbol's row too, "0.000")
+        amount = next((Decimal(row["positionAmt"]) for row in answer.body), Decimal(0))
+        return "0" if amount == 0 else str(amount)
 
 
 @asynccontextmanager

@@ -743,6 +743,32 @@ class BinanceEmulator:
                     "updateTime": _ms(position.updated_at),
                 }
             )
+        # V2 answers a row for every symbol in one-way mode, flat ones with positionAmt 0: their leverage
+        # is the account's setting for them.
+        held = {row["symbol"] for row in rows}
+        for symbol, leverage in sorted(self.core.leverages(request.now, DEFAULT_ACCOUNT).items()):
+            if symbol in held or (wanted and symbol != wanted):
+                continue
+            rows.append(
+                {
+                    "symbol": symbol,
+                    "positionAmt": "0.000",
+                    "entryPrice": "0.0",
+                    "breakEvenPrice": "0.0",
+                    "markPrice": _text(self.core.mark(symbol)),
+                    "unRealizedProfit": "0.00000000",
+                    "liquidationPrice": "0",
+                    "leverage": str(leverage),
+                    "maxNotionalValue": "1000000",
+                    "marginType": "cross",
+                    "isolatedMargin": "0.00000000",
+                    "isAutoAddMargin": "false",
+                    "positionSide": "BOTH",
+                    "notional": "0",
+                    "isolatedWallet": "0",
+                    "updateTime": 0,
+                }
+            )
         return rows
 
     def _leverage(self, request: _Request) -> Any:

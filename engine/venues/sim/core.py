@@ -770,6 +770,11 @@ class SimCore:
             raise Rejected(RejectCode.BAD_SYMBOL, f"invalid symbol {symbol!r}")
         return market
 
+    def leverages(self, now: float, account_id: str = DEFAULT_ACCOUNT) -> dict[str, int]:
+        """Every symbol's leverage on the account (set, or the default), held or not."""
+        account = self._enter(now, account_id)
+        return {symbol: self._leverage(account, symbol) for symbol in self._markets}
+
     def _leverage(self, account: _Account, symbol: str) -> int:
         default = min(self._settings.default_leverage, self._markets[symbol].max_leverage)
         return account.leverage.get(symbol, default)
