@@ -289,6 +289,34 @@ async def _one_stop_inside(base_url: str, manager: Any, symbol: str) -> bool:
     )
 
 
+async def _opened_inside(engine: Engine, base_url: str, symbol: str, *, within: float) -> None:
+    """A long on `symbol` from a signal, until the venue holds its one hard stop inside the figure."""
+    assert engine.store is not None
+    assert engine.manager is not None
+    manager = engine.manager
+    await engine.store.insert_signals([(symbol, "long", None, None)])
+    await wait_until(
+        lambda: _one_stop_inside(base_url, manager, symbol),
+        within=within,
+        what="the venue's hard stop inside its liquidation price",
+    )
+
+
+async def _leverage_told(engine: Engine, base_url: str, symbol: str, leverage: int) -> None:
+    """`symbol`'s leverage set through Binance's own endpoint, as an operator's tool would, until the
+    account stream has told the engine (ACCOUNT_CONFIG_UPDATE)."""
+    assert engine.manager is not None
+    manager = engine.manager
+    async with aiohttp.ClientSession() as session:
+        answer = await BinanceClient(session, base_url, KEY, SECRET).signed(
+            "POST", "/fapi/v1/leverage", symbol=symbol, leverage=leverage
+        )
+        assert answer.status == 200, answer.body
+    await wait_until(
+        lambda: manager.leverage_seen.get(symbol) == leverage, within=5.0, what="the leverage change told"
+    )
+
+
 @pytest.mark.parametrize(
     ("kind", "reconcile_seconds"),
     [
@@ -306,29 +334,12 @@ async def test_on_the_wire_a_hard_stop_beyond_the_stated_liquidation_price_is_mo
     stop, inside that price."""
     async with _wire(db, kind, reconcile_seconds) as (emulator, base_url, engine):
         symbol = next(s for s, m in sorted(emulator.core.markets.items()) if m.max_leverage >= 50)
-        assert engine.store is not None
-        assert engine.manager is not None
-        manager = engine.manager
         if kind == "binanceusdm":
-            # Through the venue's own endpoint, as an operator's tool would: Binance tells the engine
-            # (ACCOUNT_CONFIG_UPDATE), which then knows the symbol's stop may lie near its figure.
-            async with aiohttp.ClientSession() as session:
-                raised = await BinanceClient(session, base_url, KEY, SECRET).signed(
-                    "POST", "/fapi/v1/leverage", symbol=symbol, leverage=50
-                )
-                assert raised.status == 200, raised.body
-            await wait_until(
-                lambda: manager.leverage_seen.get(symbol) == 50, within=5.0, what="the leverage change told"
-            )
+            # Told, the engine knows the symbol's stop may lie near its figure.
+            await _leverage_told(engine, base_url, symbol, 50)
         else:
             emulator.core.set_leverage(symbol, 50, time.time())
-        await engine.store.insert_signals([(symbol, "long", None, None)])
-
-        await wait_until(
-            lambda: _one_stop_inside(base_url, manager, symbol),
-            within=20.0,
-            what="the venue's hard stop inside its liquidation price",
-        )
+        await _opened_inside(engine, base_url, symbol, within=20.0)
         state = await _venue_state(base_url)
         [position] = [p for p in emulator.core.inspect(time.time()).positions if p.symbol == symbol]
         market = emulator.core.markets[symbol]
@@ -373,16 +384,7 @@ async def test_on_the_binance_wire_a_failed_read_of_the_figure_after_the_fill_is
                 f"{base_url}/_sim/fault", json={"targets": ["GET:positionRisk"], "fault": "busy", "count": 1}
             )
             assert answer.status == 200, await answer.text()
-        assert engine.store is not None
-        assert engine.manager is not None
-        manager = engine.manager
-        await engine.store.insert_signals([(symbol, "long", None, None)])
-
-        await wait_until(
-            lambda: _one_stop_inside(base_url, manager, symbol),
-            within=10.0,
-            what="the hard stop inside its liquidation price",
-        )
+        await _opened_inside(engine, base_url, symbol, within=10.0)
         state = await _venue_state(base_url)
         assert state["requests_by_endpoint"].get("GET positionRisk", 0) >= 3  # (the start's, refused, again)
 
@@ -437,28 +439,14 @@ async def test_on_a_slow_binance_wire_the_first_hard_stop_does_not_wait_for_a_re
     The stop goes at once, as configured, and is moved after the read: three stop sends, not two."""
     async with _wire(db, "binanceusdm", "3600") as (emulator, base_url, engine):
         symbol = next(s for s, m in sorted(emulator.core.markets.items()) if m.max_leverage >= 50)
-        assert engine.store is not None
-        assert engine.manager is not None
-        manager = engine.manager
+        await _leverage_told(engine, base_url, symbol, 50)
         async with aiohttp.ClientSession() as session:
-            raised = await BinanceClient(session, base_url, KEY, SECRET).signed(
-                "POST", "/fapi/v1/leverage", symbol=symbol, leverage=50
-            )
-            assert raised.status == 200, raised.body
             answer = await session.post(
                 f"{base_url}/_sim/fault",
                 json={"targets": ["POST:order"], "fault": "latency:1500", "count": 100},
             )
             assert answer.status == 200, await answer.text()
-        await wait_until(
-            lambda: manager.leverage_seen.get(symbol) == 50, within=5.0, what="the leverage change told"
-        )
-        await engine.store.insert_signals([(symbol, "long", None, None)])
-        await wait_until(
-            lambda: _one_stop_inside(base_url, manager, symbol),
-            within=20.0,
-            what="the hard stop inside its liquidation price",
-        )
+        await _opened_inside(engine, base_url, symbol, within=20.0)
         sent = (await _venue_state(base_url))["requests_by_endpoint"]
         assert sent.get("POST algoOrder") == 3, sent  # the hard stop, the trailing stop, the moved hard stop
         [(severity, message)] = await _said(db)
@@ -486,12 +474,7 @@ async def test_on_the_binance_wire_a_leverage_set_while_flat_is_known_from_the_p
             what="the flat symbol's leverage read",
         )
         assert symbol not in manager.leverage_seen  # (no position, no stream event: only the flat row)
-        await engine.store.insert_signals([(symbol, "long", None, None)])
-        await wait_until(
-            lambda: _one_stop_inside(base_url, manager, symbol),
-            within=20.0,
-            what="the hard stop inside its liquidation price",
-        )
+        await _opened_inside(engine, base_url, symbol, within=20.0)
         sent = (await _venue_state(base_url))["requests_by_endpoint"]
         assert sent.get("POST algoOrder") == 2, sent  # the hard stop once, and the trailing stop
         [(severity, message)] = await _said(db)
