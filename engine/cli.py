@@ -37,6 +37,7 @@ from typing import Any, NoReturn
 import asyncpg
 
 from engine.accounts import account_key
+from engine.clock import first_of
 from engine.commands import CommandAnswer, PositionOutcome, not_taken, send_command
 from engine.config import MAX_SEED, ConfigError, LoadedConfig, VenueKind, load_config
 from engine.config_show import render_config
@@ -605,13 +606,7 @@ def _run(args: argparse.Namespace, loaded: LoadedConfig) -> int:
         print(f"logging to {loaded.settings.logging.file}; stop with Ctrl-C or SIGTERM")
         try:
             # Until told to stop, the duration ends, or the engine stops itself (another engine took it).
-            waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(engine.wait_stopped())}
-            try:
-                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for waiter in waiters:
-                    waiter.cancel()
-                await asyncio.gather(*waiters, return_exceptions=True)
+            await first_of(stop.wait(), engine.wait_stopped())
         finally:
             if ends is not None:
                 ends.cancel()

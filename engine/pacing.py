@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Protocol, TypeVar
 
-from engine.clock import Clock
+from engine.clock import Clock, first_of
 from engine.exchange.errors import Banned, Withheld
 from engine.exchange.port import RequestBudget
 from engine.metrics import CallStats, CallSummary, CumulativeHistogram
@@ -295,15 +295,7 @@ class RequestPacer:
                 clear = not self._held_back(me, costs)
                 if clear and wait == 0.0:
                     break
-                changed = self._changed
-                sleeper = asyncio.ensure_future(clock.sleep(wait if clear else 3600.0))
-                waiter = asyncio.ensure_future(changed.wait())
-                try:
-                    await asyncio.wait({sleeper, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    sleeper.cancel()
-                    waiter.cancel()
-                    await asyncio.gather(sleeper, waiter, return_exceptions=True)
+                await first_of(clock.sleep(wait if clear else 3600.0), self._changed.wait())
         finally:
             self._queue.remove(me)
             del self._waiting[me]
