@@ -37,7 +37,7 @@ from typing import Any, NoReturn
 import asyncpg
 
 from engine.accounts import account_key
-from engine.clock import first_of
+from engine.clock import end_all, first_of
 from engine.commands import CommandAnswer, PositionOutcome, not_taken, send_command
 from engine.config import MAX_SEED, ConfigError, LoadedConfig, VenueKind, load_config
 from engine.config_show import render_config
@@ -558,9 +558,7 @@ async def _start_unless_stopped(
     except StartInterrupted:
         raise CommandFailed(engine.start_given_up_words(ended() or "stopped")) from None
     finally:
-        for task in (stopping, waiting):
-            task.cancel()
-        await asyncio.gather(stopping, waiting, return_exceptions=True)
+        await end_all(stopping, waiting)
 
 
 def _run(args: argparse.Namespace, loaded: LoadedConfig) -> int:

@@ -106,6 +106,17 @@ def monotonic_of(clock: Clock, epoch: float) -> float:
     return clock.monotonic() - max(0.0, clock.now() - epoch)
 
 
+async def end_all(*futures: asyncio.Future[Any]) -> None:
+    """Cancel those of `futures` still running and wait until every one has ended, its outcome read. A
+    task that had already failed when its waiter was cancelled was left unread: asyncio then logs "Task
+    exception was never retrieved" with a traceback whenever the garbage collector finds it (after an
+    engine's stop, in the operator's log; on CPython 3.11, in the middle of another `ast.parse`, a
+    SystemError about the parser's recursion depth)."""
+    for future in futures:
+        future.cancel()  # (nothing, for one already done)
+    await asyncio.gather(*futures, return_exceptions=True)
+
+
 async def first_of(*awaitables: Awaitable[Any]) -> None:
     """Until the first of `awaitables` is done; none of them outlives the call (the others are cancelled
     and awaited)."""
@@ -113,9 +124,7 @@ async def first_of(*awaitables: Awaitable[Any]) -> None:
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await end_all(*tasks)
 
 
 async def wait_event(clock: Clock, event: asyncio.Event, seconds: float) -> bool:
@@ -134,15 +143,9 @@ async def with_timeout(clock: Clock, seconds: float, awaitable: Awaitable[T]) ->
         await asyncio.wait({work, timer}, return_when=asyncio.FIRST_COMPLETED)
         if work.done():
             return work.result()
-        work.cancel()
-        await asyncio.gather(work, return_exceptions=True)
         raise TimeoutError(f"no answer within {seconds:g}s")
     finally:
-        timer.cancel()
-        if not work.done():
-            work.cancel()
-            await asyncio.gather(work, return_exceptions=True)
-        await asyncio.gather(timer, return_exceptions=True)
+        await end_all(work, timer)
 
 
 async def wait_for_all(clock: Clock, seconds: float, awaitables: Iterable[Awaitable[object]]) -> int:
@@ -159,7 +162,4 @@ async def wait_for_all(clock: Clock, seconds: float, awaitables: Iterable[Awaita
             pending.discard(timer)
         return sum(1 for task in tasks if not task.done())
     finally:
-        timer.cancel()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(timer, *tasks, return_exceptions=True)
+        await end_all(timer, *tasks)

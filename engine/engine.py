@@ -34,7 +34,7 @@ from typing import Any, TypeVar, cast
 from engine.account_stream import AccountStreamReader
 from engine.accounts import account_key
 from engine.alerts import Alerter, EngineObserver
-from engine.clock import Clock, SystemClock, first_of, monotonic_of, wait_event, wait_for_all
+from engine.clock import Clock, SystemClock, end_all, first_of, monotonic_of, wait_event, wait_for_all
 from engine.commands import CommandRunner, ProtectionRestartRefused, requester_identity
 from engine.config import ConfigError, Settings, VenueKind, real_venue_problems
 from engine.credentials import check_credentials
@@ -2053,9 +2053,7 @@ class Engine:
                     SNAPSHOT_ATTEMPTS,
                 )
             finally:
-                if not read.done():
-                    read.cancel()
-                    await asyncio.gather(read, return_exceptions=True)
+                await end_all(read)
             await self.clock.sleep(pause)
         return None
 
@@ -3576,9 +3574,7 @@ class Engine:
                 return True, task.result()
             return False, None
         finally:
-            heard.cancel()
-            task.cancel()
-            await asyncio.gather(task, heard, return_exceptions=True)
+            await end_all(task, heard)
 
     async def _entry_by_id(self, doubt: EntryInDoubt) -> Order | None:
         """The entry as the venue has it: told by the account stream, or asked by its client id with backoff

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Protocol, TypeVar
 
-from engine.clock import Clock, first_of
+from engine.clock import Clock, end_all, first_of
 from engine.exchange.errors import Banned, Withheld
 from engine.exchange.port import RequestBudget
 from engine.metrics import CallStats, CallSummary, CumulativeHistogram
@@ -469,14 +469,10 @@ async def call_with_send_timeout(
             try:
                 await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                for waiter in waiters - {work}:
-                    waiter.cancel()
-                await asyncio.gather(*(waiters - {work}), return_exceptions=True)
+                await end_all(*(waiters - {work}))
         return work.result()
     finally:
-        if not work.done():
-            work.cancel()
-            await asyncio.gather(work, return_exceptions=True)
+        await end_all(work)
 
 
 __all__ = [

@@ -34,7 +34,7 @@ from decimal import ROUND_DOWN, ROUND_UP, Decimal
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from engine.clock import Clock, first_of, monotonic_of, wait_event, wait_for_all
+from engine.clock import Clock, end_all, first_of, monotonic_of, wait_event, wait_for_all
 from engine.events import (
     EventBus,
     PositionClosed,
@@ -1840,9 +1840,7 @@ class PositionGuard:
                 try:
                     await first_of(asyncio.shield(call), asyncio.shield(look_up))
                 finally:
-                    if not look_up.done():  # the answer came first: it decides, the look-up ends
-                        look_up.cancel()
-                        await asyncio.gather(look_up, return_exceptions=True)
+                    await end_all(look_up)  # the answer came first: it decides, the look-up ends
                 if look_up.cancelled():
                     continue
                 outcome = look_up.result()
@@ -2204,9 +2202,9 @@ class PositionGuard:
             await first_of(asyncio.shield(look_ups), m.clock.sleep(left))
             answered = look_ups.done()
         finally:
-            if not look_ups.done():  # no answer in time, or the check itself was cancelled (the manager
-                look_ups.cancel()  # stopping): the look-ups end with it, they change nothing afterwards
-                await asyncio.gather(look_ups, return_exceptions=True)
+            # No answer in time, or the check itself was cancelled (the manager stopping): the look-ups
+            # end with it, they change nothing afterwards.
+            await end_all(look_ups)
         if answered:
             outcomes, positions = look_ups.result()
         else:
@@ -3187,11 +3185,11 @@ class PositionGuard:
                     self._ending_told.clear()
                     await first_of(asyncio.shield(slot), self._ending_told.wait())
             except BaseException:
-                await _stop_waiting(slot)
+                await end_all(slot)
                 if not slot.cancelled() and slot.exception() is None:  # a place taken, never sent
                     m.budget.order_answered(slot.result(), room=False)
                 raise
-            await _stop_waiting(slot)
+            await end_all(slot)
             if not slot.cancelled():  # the place came as the wait ended: the close goes
                 return True, slot.result()
             await self._apply_while_closing()
@@ -4694,9 +4692,7 @@ class ProtectionManager:
                 try:
                     await first_of(asyncio.shield(call), asyncio.shield(look_up))
                 finally:
-                    if not look_up.done():  # the answer came first: it decides
-                        look_up.cancel()
-                        await asyncio.gather(look_up, return_exceptions=True)
+                    await end_all(look_up)  # the answer came first: it decides
                 if look_up.done() and not look_up.cancelled() and look_up.exception() is None:
                     found: Order = look_up.result()
                     log.info(
@@ -5120,13 +5116,6 @@ async def _until_late(
             wakes.append(told.wait())
         await first_of(*wakes)
     return False
-
-
-async def _stop_waiting(wait: asyncio.Future[Any]) -> None:
-    """Cancel `wait` unless it is done, and let it end (it may have ended with its result meanwhile)."""
-    if not wait.done():
-        wait.cancel()
-    await asyncio.gather(wait, return_exceptions=True)
 
 
 def _answer_among(copies: Iterable[asyncio.Future[_T]]) -> asyncio.Future[_T] | None:

@@ -28,7 +28,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from engine.clock import Clock
+from engine.clock import Clock, end_all
 from engine.pacing import start_with_own_ticket
 
 log = logging.getLogger(__name__)
@@ -90,9 +90,9 @@ class ReadHedger:
             try:
                 return await self._decide(first, second)
             finally:
-                await _drop(second)
+                await end_all(second)
         finally:
-            await _drop(first)
+            await end_all(first)
 
     async def _decide(self, first: asyncio.Future[T], second: asyncio.Future[T]) -> T:
         await asyncio.wait({first, second}, return_when=asyncio.FIRST_COMPLETED)
@@ -140,9 +140,3 @@ async def _answered_within(clock: Clock, task: asyncio.Future[T], seconds: float
         timer.cancel()
         await asyncio.gather(timer, return_exceptions=True)
     return task.done()
-
-
-async def _drop(task: asyncio.Future[T]) -> None:
-    if not task.done():
-        task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
