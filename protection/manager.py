@@ -4231,7 +4231,7 @@ class ProtectionManager:
             # second cancel of a cancelled order answers "unknown order": gone). A lost answer held the
             # position's other cancels, and their retries, for the whole call budget.
             final = await self.read(lambda: self.venue.cancel_order(symbol, cid), "cancel_order")
-            await self.store.set_order_status(cid, record_status_of(final.status))
+            await self._record_cancel_outcome(cid, record_status_of(final.status))
             if not final.status.is_final:  # fired, not finished: it can still fill, cancelled or not
                 if cid not in self._unfinished_told:  # said once: the sweep asks again every few seconds
                     self._unfinished_told.add(cid)
@@ -4246,13 +4246,22 @@ class ProtectionManager:
             if sent_at is not None and asked_at - sent_at < self.absence_window():
                 log.info("%s: %s not visible yet to cancel (read-after-write lag); trying again", symbol, cid)
                 return False
-            await self.store.set_order_status(cid, OrderRecordStatus.CANCELED)
+            await self._record_cancel_outcome(cid, OrderRecordStatus.CANCELED)
         except (ExchangeError, TimeoutError) as exc:
             level = logging.DEBUG if self.cancel_failure_said_lately(cid) else logging.WARNING
             log.log(level, "%s: cancelling %s failed (%s); trying again", symbol, cid, _short(exc))
             return False
         self._cancel_failure_said.pop(cid, None)
         return True
+
+    async def _record_cancel_outcome(self, cid: str, status: OrderRecordStatus) -> None:
+        """What the venue said of a cancel, on the order's row. Ours by its id, a stop may have no row in
+        this database (an earlier run's, a database restored from a backup): the venue's word stands, and
+        the sweep goes on (the missing row ended it, and freed its symbol beside a live sibling)."""
+        try:
+            await self.store.set_order_status(cid, status)
+        except LookupError:
+            log.info("cancel: %s has no record in this database; the venue says it is %s", cid, status.value)
 
     def cancel_failure_said_lately(self, cid: str) -> bool:
         """Whether a failed cancel of `cid` was said within the last `REPEATED_FAILURE_SAID_EVERY_SECONDS`
@@ -4367,10 +4376,13 @@ class ProtectionManager:
                 await self.clock.sleep(delay)
                 cids = sorted(pending)
                 gone = await asyncio.gather(
-                    *(self.cancel_by_id(symbol, cid, sent_at=pending[cid]) for cid in cids)
+                    *(self.cancel_by_id(symbol, cid, sent_at=pending[cid]) for cid in cids),
+                    return_exceptions=True,
                 )
                 for cid, done in zip(cids, gone, strict=True):
-                    if done:
+                    if isinstance(done, BaseException):  # (not the venue's word: said, and asked again)
+                        log.error("%s: cancelling %s failed (%r); trying again", symbol, cid, done)
+                    elif done:
                         del pending[cid]
                 delay = min(max(delay, 0.125) * 2, grace)
                 if self.clock.monotonic() - started < LEFTOVER_QUICK_GRACES * grace:
