@@ -597,7 +597,9 @@ async def test_an_entry_whose_fill_the_account_stream_tells_first_gets_its_stops
         assert took < 3.0, f"both stops on {took:.2f} s after the fill"
         held = _held_quantity(venue, clock, SYMBOL)
         assert _stop_quantities(venue, clock, SYMBOL) == {held}
-        await drive_until(clock, lambda: engine.coverage().protected == 1, what="counted protected")
+        # Both positions: the one that measured the round trip, and this one. (It said `== 1`, true only
+        # until this one was counted as well: a loaded run counted it before the first look, and failed.)
+        await drive_until(clock, lambda: engine.coverage().protected == 2, what="counted protected")
         status = await db.pool.fetchval("SELECT status FROM monitoring.signals WHERE symbol = $1", SYMBOL)
         assert status == "opened"
     finally:

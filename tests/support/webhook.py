@@ -35,6 +35,7 @@ class WebhookReceiver:
     _server: asyncio.Server | None = None
     _handlers: set[asyncio.Task[None]] = field(default_factory=set)
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+    _closing: bool = False
 
     async def start(self) -> WebhookReceiver:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -87,12 +88,19 @@ class WebhookReceiver:
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             return
+        except asyncio.CancelledError:
+            # Ended by `close`: returned, not cancelled (Python 3.11's stream server reads a handler's
+            # outcome with `task.exception()`, which raises for a cancelled one: "Exception in callback").
+            if not self._closing:
+                raise
+            return
         finally:
             self._handlers.discard(task)
             self._writers.discard(writer)
             writer.close()
 
     async def close(self) -> None:
+        self._closing = True
         if self._server is not None:
             self._server.close()
         for writer in list(self._writers):
