@@ -9,6 +9,7 @@ refused for the venue's rate is), and the position opens and is protected."""
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import aiohttp
 import pytest
@@ -67,3 +68,50 @@ async def test_an_entry_refused_for_its_timestamp_is_sent_again_and_its_position
         assert all("10002" in line for line in refused)
         status = await db.pool.fetchval("SELECT status FROM monitoring.signals WHERE symbol = $1", symbol)
         assert status != "rejected"
+
+
+async def test_stops_refused_for_their_timestamp_are_sent_again_after_the_time_read_and_trip_nothing(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The venue's clock moves 8 s while eight positions are open, and someone removes their hard stops
+    (Bybit's web UI): every guard's replacement is refused with 10002 until the adapter has read the
+    venue's time again, which answers 2 s late. Each guard sent its stop again on its own backoff, signed
+    with the old offset, and was refused again; the refusals counted toward the breaker's failure rate as
+    a failing protection path, and it paused entries (until the operator resumes them) for a clock the
+    adapter fixed by itself a moment later. A timestamp refusal is the venue's word on our clock, as a
+    rate limit's is on our pace: the stop goes again once the time is read, and the breaker counts it not;
+    should positions stay naked, its uncovered rules say so."""
+    caplog.set_level(logging.INFO)
+    emulator = BybitEmulator(
+        SimVenueSettings(seed=7, volatility=0.0), api_key=KEY, api_secret=SECRET, control=True
+    )
+    async with bybit_engine(db, emulator, {"PROTECTION__RECONCILE_SECONDS": "3600"}) as (engine, rejected):
+        assert engine.store is not None
+        symbols = sorted(emulator.core.markets)[:8]
+        await engine.store.insert_signals([(symbol, "long", None, None) for symbol in symbols])
+        await _all_covered(engine, len(symbols), "eight positions protected")
+        base_url = engine.settings.venue.base_url
+        caplog.clear()
+        async with aiohttp.ClientSession() as control:
+            async with control.post(f"{base_url}/_sim/skew", json={"seconds": -8}) as answer:
+                assert answer.status == 200
+            emulator.faults.force((Target("GET", "market/time"),), parse_bybit_fault("latency:2000"), count=1)
+            for symbol in symbols:
+                body = {"symbol": symbol, "stopLoss": "0"}
+                async with control.post(f"{base_url}/_sim/position-stops", json=body) as answer:
+                    assert answer.status == 200, await answer.text()
+        await _all_covered(engine, len(symbols), "the hard stops replaced")
+        refused = [
+            r.getMessage().split("client id ", 1)[1].split(")", 1)[0]
+            for r in caplog.records
+            if r.getMessage().startswith("Rejected creating stop-loss") and "10002" in r.getMessage()
+        ]
+        assert refused, "no stop was refused for its timestamp: the case did not happen"
+        # Once each, maybe twice as the read lands (before: 18 refusals, three for one stop).
+        assert max(Counter(refused).values()) <= 2, Counter(refused)
+        assert len(refused) <= len(symbols) + 4, Counter(refused)
+        # The breaker is judged at each health measurement: the next one, after the refusals.
+        measured = engine.health_measured_at
+        await wait_until(lambda: engine.health_measured_at != measured, within=30.0, what="a health check")
+        assert engine.entries_paused_by == "", engine.entries_pause_reason
+        assert rejected == []
