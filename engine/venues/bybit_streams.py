@@ -489,7 +489,10 @@ class BybitStreams:
         )
         if status is OrderStatus.FILLED:
             filled = _decimal(row.get("cumExecQty")) or _ZERO
-            price = self._fill_price(order_id) or positive_or_none(row.get("avgPrice"))
+            # The venue's own average on the row first: the executions summed here may be some of them
+            # only (the row can come first), or an earlier order's under the same id (a venue that numbered
+            # its orders again after a restart: the next entry was told at the previous one's price).
+            price = positive_or_none(row.get("avgPrice")) or self._fill_price(order_id)
             order = _with(order, filled_quantity=filled or order.quantity)
             if price is None:
                 # Told once its execution arrives, or after a bounded wait with REST's price.
@@ -506,7 +509,7 @@ class BybitStreams:
             # without one, the engine asks for the order by id.
             filled = _decimal(row.get("cumExecQty")) or _ZERO
             if filled > 0:
-                price = self._fill_price(order_id) or positive_or_none(row.get("avgPrice"))
+                price = positive_or_none(row.get("avgPrice")) or self._fill_price(order_id)
                 order = _with(order, filled_quantity=filled, average_price=price)
         if stop_type is not None and status_text == "Deactivated":
             # Bybit deactivates a position's stops when the position closes: told after the position's

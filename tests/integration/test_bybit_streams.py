@@ -610,3 +610,44 @@ async def test_a_connection_the_venue_keeps_busy_is_not_cut_as_idle() -> None:
         assert r.emulator.streams.handshakes == before
         assert _states(r)["marks"].connected
         assert _states(r)["account"].connected  # silent, but pinged before the limit
+
+
+async def test_a_fill_after_the_venue_restarted_carries_its_own_price_not_an_earlier_orders() -> None:
+    """The Bybit emulator stopped and started again on its port, its book lost; the account stream came
+    back, and the next entry on the symbol was told filled at the previous entry's price (ten times its
+    own: the position's stops were then placed from it, and closed it at market; a reviewer). The
+    emulator numbered its orders again from the same start, and the stream took the price it had summed
+    from an order id's executions before the venue's own average on the order's row. The row's average
+    comes first now (the executions' sum where the row has none), and the emulator's ids, as Bybit's,
+    are never given twice."""
+    sim = SimVenueSettings(seed=7, volatility=0.0, symbols=["SFPUSDT", "BTCUSDT", "ETHUSDT"])
+    first = BybitEmulator(sim, api_key=KEY, api_secret=SECRET, control=True)
+    async with contextlib.AsyncExitStack() as stack:
+        control = await stack.enter_async_context(aiohttp.ClientSession())
+        serving = running(first)
+        base_url = await serving.__aenter__()
+        port = int(base_url.rsplit(":", 1)[1])
+        venue = _venue(base_url, FAST)
+        await venue.connect()
+        stack.push_async_callback(venue.close)
+        await venue.load_markets()
+        r = Rig(venue, first, base_url, control)
+        await stack.enter_async_context(reading(r, [SYMBOL]))
+        await venue.create_market_order(SYMBOL, OrderSide.BUY, Decimal(100), client_order_id="a-e")
+        await wait_until(lambda: r.filled("a-e"), what="the first entry told filled")
+        first_price = r.updates("a-e")[-1].order.average_price
+        assert first_price is not None
+        await serving.__aexit__(None, None, None)  # the venue gone, its book with it
+
+        second = BybitEmulator(sim, api_key=KEY, api_secret=SECRET, control=True)
+        await stack.enter_async_context(running(second, port))
+        r.emulator = second
+        await r.post("/_sim/mark", {"symbol": SYMBOL, "price": str(first_price * 2)})
+        await wait_until(lambda: len(r.gaps()) == 2, within=30.0, what="the account stream back")
+        await venue.create_market_order(SYMBOL, OrderSide.BUY, Decimal(100), client_order_id="b-e")
+        await wait_until(lambda: r.filled("b-e"), what="the second entry told filled")
+        told = r.updates("b-e")[-1].order
+        queried = await venue.fetch_order(SYMBOL, "b-e")
+        assert queried.average_price is not None
+        assert queried.average_price > first_price  # (the case: its fill is at the new price)
+        assert told.average_price == queried.average_price

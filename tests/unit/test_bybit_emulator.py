@@ -4,10 +4,12 @@ Bybit documents (HMAC-SHA256 over timestamp + key + recvWindow + query string or
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -509,3 +511,20 @@ async def test_a_ban_fault_puts_bybits_ip_ban_in_force() -> None:
     assert [status for status, _, _ in after] == [403, 403]
     assert all("access too frequent" in body["text"] for _, body, _ in after)
     assert state["rate"]["banned_until_ms"] >= int((before + 600.0) * 1000)
+
+
+async def test_an_emulator_started_again_never_gives_an_order_id_twice() -> None:
+    """Bybit's orderIds are UUIDs, never reused. An emulator stopped and started again (its book lost)
+    numbered its orders again from the seed's first id: the next entry took an earlier order's id, and a
+    reader that remembered that id's fills told the new one at the old one's price (a reviewer). Ids of a
+    later start also rank after an earlier start's (the pages list newer ids first)."""
+    ids = []
+    for _ in range(2):
+        async with emulator() as client:
+            body = await market_order(client, "Buy", "100")
+            assert body["retCode"] == 0, body
+            ids.append(body["result"]["orderId"])
+        await asyncio.sleep(0.002)  # (a later start, by the millisecond)
+    first, second = ids
+    assert first != second
+    assert uuid.UUID(second).int > uuid.UUID(first).int

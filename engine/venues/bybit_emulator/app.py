@@ -296,6 +296,7 @@ class BybitEmulator:
         self._book = _Book()
         self._leverages: dict[str, int] = {}
         self._ids = itertools.count(1)
+        self._ids_epoch_ms = int(time.time() * 1000)
         self._closing = asyncio.Event()
         self.requests_served = 0
         self.requests_by_endpoint: dict[str, int] = {}  # "METHOD endpoint" -> requests served
@@ -488,7 +489,11 @@ class BybitEmulator:
                 stop.status, stop.updated_at = "Deactivated", now
 
     def _new_id(self) -> str:
-        return str(uuid.UUID(int=next(self._ids) + (self._settings.seed << 64)))
+        """A new orderId, never given before by any emulator started earlier (Bybit's are UUIDs, never
+        reused): the start's time in milliseconds above a count, so ids also rank by age across restarts
+        (the pages' order). Numbered again from the seed's first id after a restart, the next entry took
+        an earlier one's id and a reader's memory of that id's fills (a reviewer)."""
+        return str(uuid.UUID(int=(self._ids_epoch_ms << 64) + next(self._ids)))
 
     # ---- routing, limits, faults, signing ----------------------------------------------------------------
 
