@@ -525,8 +525,9 @@ def _signals_import(args: argparse.Namespace, loaded: LoadedConfig) -> int:
 async def _insert_signals(loaded: LoadedConfig, signals: list[SignalInput]) -> list[int]:
     database = await _open(loaded)
     try:
-        return await Store(database.pool).insert_signals(
-            [(s.symbol, s.side, s.score, s.external_id) for s in signals]
+        # The configured account's: another engine sharing the database does not take them.
+        return await Store(database.pool, account_key(loaded.settings.venue)).insert_signals(
+            [(s.symbol, s.side, s.score, s.external_id) for s in signals], for_account=True
         )
     except DuplicateExternalId as exc:
         raise UsageError(f"signal: {exc}; nothing was inserted") from None

@@ -264,7 +264,9 @@ class SimSignalGenerator:
     async def run(self) -> None:
         while True:
             wave = self.next_wave()
-            await self._store.insert_signals([(symbol, side, None, None) for symbol, side in wave])
+            await self._store.insert_signals(
+                [(symbol, side, None, None) for symbol, side in wave], for_account=True
+            )
             self.waves_generated += 1
             log.info("sim signals: wave %d of %d signals", self.waves_generated, len(wave))
             await self._clock.sleep(self._interval)

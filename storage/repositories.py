@@ -262,6 +262,7 @@ class SignalRecord:
     reason: str | None
     claimed_by: str | None = None
     claimed_at: datetime | None = None
+    account: str | None = None  # the account it is for (None: any engine on the database may take it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1099,37 +1100,51 @@ class Store:
     # --- signals and waves -------------------------------------------------------------------------------
 
     async def insert_signal(
-        self, symbol: str, side: str, *, score: Decimal | None = None, external_id: str | None = None
+        self,
+        symbol: str,
+        side: str,
+        *,
+        score: Decimal | None = None,
+        external_id: str | None = None,
+        for_account: bool = False,
     ) -> SignalRecord:
+        """`for_account`: this store's account's only (see `insert_signals`)."""
         try:
             row = await self._pool.fetchrow(
                 """
-                INSERT INTO monitoring.signals (symbol, side, score, external_id)
-                VALUES ($1, $2, $3, $4) RETURNING *
+                INSERT INTO monitoring.signals (symbol, side, score, external_id, account)
+                VALUES ($1, $2, $3, $4, $5) RETURNING *
                 """,
                 symbol,
                 side,
                 score,
                 external_id,
+                self.account if for_account else None,
             )
         except asyncpg.UniqueViolationError:
             raise DuplicateExternalId(external_id or "") from None
         return _signal(row)
 
-    async def insert_signals(self, rows: Sequence[tuple[str, str, Decimal | None, str | None]]) -> list[int]:
-        """Insert many (symbol, side, score, external_id) in one transaction: all or none."""
+    async def insert_signals(
+        self, rows: Sequence[tuple[str, str, Decimal | None, str | None]], *, for_account: bool = False
+    ) -> list[int]:
+        """Insert many (symbol, side, score, external_id) in one transaction: all or none. `for_account`:
+        claimed by this store's account's engine only; otherwise (as SQL a producer writes leaves them) by
+        whichever engine on the database claims them first."""
+        account = self.account if for_account else None
         async with self._pool.acquire() as conn, conn.transaction():
             ids = []
             for symbol, side, score, external_id in rows:
                 try:
                     ids.append(
                         await conn.fetchval(
-                            "INSERT INTO monitoring.signals (symbol, side, score, external_id) "
-                            "VALUES ($1, $2, $3, $4) RETURNING id",
+                            "INSERT INTO monitoring.signals (symbol, side, score, external_id, account) "
+                            "VALUES ($1, $2, $3, $4, $5) RETURNING id",
                             symbol,
                             side,
                             score,
                             external_id,
+                            account,
                         )
                     )
                 except asyncpg.UniqueViolationError:
@@ -1137,12 +1152,14 @@ class Store:
             return ids
 
     async def claim_new_signals(self, limit: int = 500, claimed_by: str | None = None) -> list[SignalRecord]:
-        """Take the oldest new signals, each exactly once across every process (SKIP LOCKED)."""
+        """Take the oldest new signals of this account (or of none: any engine's), each exactly once across
+        every process (SKIP LOCKED)."""
         rows = await self._pool.fetch(
             """
             UPDATE monitoring.signals AS s SET status = 'taken', claimed_by = $2, claimed_at = now()
             FROM (
-                SELECT id FROM monitoring.signals WHERE status = 'new'
+                SELECT id FROM monitoring.signals
+                WHERE status = 'new' AND (account IS NULL OR account = $3)
                 ORDER BY received_at, id LIMIT $1 FOR UPDATE SKIP LOCKED
             ) AS claimed
             WHERE s.id = claimed.id
@@ -1150,6 +1167,7 @@ class Store:
             """,
             limit,
             claimed_by,
+            self.account,
         )
         return sorted((_signal(r) for r in rows), key=lambda r: (r.received_at, r.id))
 

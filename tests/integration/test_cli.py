@@ -211,7 +211,7 @@ async def _signal_rows(pg_server: EmbeddedPostgres, workdir: Path) -> list[async
     conn = await asyncpg.connect(pg_server.dsn(_db_name(workdir)))
     try:
         return await conn.fetch(
-            "SELECT symbol, side, score, external_id, status FROM monitoring.signals ORDER BY id"
+            "SELECT symbol, side, score, external_id, status, account FROM monitoring.signals ORDER BY id"
         )
     finally:
         await conn.close()
@@ -221,8 +221,21 @@ async def test_signals_add_inserts_a_new_row(workdir: Path, pg_server: EmbeddedP
     result = tsbot("signals", "add", "sfpusdt", "LONG", "--score", "0.75", "--id", "tv-1", cwd=workdir)
     assert result.returncode == 0, result.stderr
     assert "SFPUSDT long" in result.stdout
+    # For the configured account: only its engine takes it (another on the database, another account's).
+    other = tsbot(
+        "signals",
+        "add",
+        "ALLUSDT",
+        "short",
+        cwd=workdir,
+        env={**_clean_env(), "TSBOT_VENUE__ACCOUNT": "ops2"},
+    )
+    assert other.returncode == 0, other.stderr
     rows = await _signal_rows(pg_server, workdir)
-    assert [tuple(r) for r in rows] == [("SFPUSDT", "long", Decimal("0.75"), "tv-1", "new")]
+    assert [tuple(r) for r in rows] == [
+        ("SFPUSDT", "long", Decimal("0.75"), "tv-1", "new", "sim:default"),
+        ("ALLUSDT", "short", None, None, "new", "sim:ops2"),
+    ]
 
     duplicate = tsbot("signals", "add", "ALLUSDT", "short", "--id", "tv-1", cwd=workdir)
     assert duplicate.returncode == 2
