@@ -30,6 +30,7 @@ import aiohttp
 
 from engine.exchange.errors import ExchangeError
 from engine.exchange.port import AccountEvent, MarkPrice, OrderStatus, StreamState
+from engine.words import counted
 
 logger = logging.getLogger(__name__)
 FALLBACK_FAILURE_SAID_EVERY_SECONDS = 60.0
@@ -517,9 +518,13 @@ class MarkTopics:
     def state(self, engine_clock: Callable[[float | None], float | None]) -> StreamState:
         detail = self._socket.detail
         if self.fallback_symbols:
-            detail = f"REST polling for {len(self.fallback_symbols)} symbol(s)" + (
-                f"; {detail}" if detail else ""
+            # (the all-market stream's silence: every symbol is read by REST, not "1 symbol(s)")
+            polled = (
+                "every symbol"
+                if self.ALL in self.fallback_symbols
+                else counted(len(self.fallback_symbols), "symbol")
             )
+            detail = f"REST polling for {polled}" + (f"; {detail}" if detail else "")
         return StreamState(
             name="marks",
             connected=self._socket.connected,

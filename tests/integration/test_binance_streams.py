@@ -294,6 +294,9 @@ async def test_all_market_marks_stream_and_rest_fallback_while_it_is_stale() -> 
         await wait_until(
             lambda: r.fresh_mark_since(staged_at, "BTCUSDT"), within=20, what="marks while stalled"
         )
+        # Said as what is polled: every symbol (it said "REST polling for 1 symbol(s)": a reviewer).
+        marks = {s.name: s for s in r.venue.stream_states()}["marks"]
+        assert marks.detail.startswith("REST polling for every symbol"), marks.detail
         await wait_until(lambda: _stream_marks_since(r, staged_at), within=20, what="the stream back")
         assert await r.market_subscriptions() == ["!markPrice@arr@1s"]
 
