@@ -597,9 +597,11 @@ def evaluate_exchange(measured: ExchangeMeasurement | None, thresholds: HealthTh
             and recent.error_rate is not None
             and recent.error_rate >= EXCHANGE_ERROR_RATE_DEGRADED
         ):
+            # Why not critical, said in either case: a higher rate over the last minute than the window's
+            # critical one, graded lower with nothing said, read as backwards (an operator).
             degraded.append(
                 f"Exchange errors: {recent.error_rate * 100:.1f}% of {_plural(recent.calls, 'call')}{lately}"
-                f"{since if not lately else ''}"
+                f"{since}"
             )
         if recent.p99_ms is not None and recent.p99_ms > thresholds.exchange_latency_degraded_ms:
             degraded.append(
