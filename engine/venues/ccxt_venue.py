@@ -394,10 +394,14 @@ def _translate(
     if isinstance(error, ccxt_errors.RequestTimeout):
         return unknown("no answer before the timeout", FailureClass.TIMEOUT)
     if isinstance(error, ccxt_errors.NetworkError):
-        if isinstance(error.__cause__, aiohttp.ClientConnectorError | OSError) and not isinstance(
-            error.__cause__, aiohttp.ServerDisconnectedError
+        cause = error.__cause__
+        if isinstance(cause, aiohttp.ClientConnectorError | OSError) and not isinstance(
+            cause, aiohttp.ServerDisconnectedError
         ):
-            return Retryable(f"{label}: could not connect (nothing was sent)").answered(
+            # Where to: an unreachable venue was not named (a base_url mistyped reads the same as a venue
+            # down; an operator).
+            where = f" to {cause.host}:{cause.port}" if isinstance(cause, aiohttp.ClientConnectorError) else ""
+            return Retryable(f"{label}: could not connect{where} (nothing was sent)").answered(
                 failure=FailureClass.NOT_SENT
             )
         return unknown("connection lost before the answer", FailureClass.UNKNOWN_OUTCOME)

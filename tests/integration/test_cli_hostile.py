@@ -374,8 +374,8 @@ def test_the_duration_counts_from_the_start_and_ends_a_start_that_keeps_trying(w
         result,
         1,
         "tsbot: --duration 2 ended during the start-up, while it waited for the venue (load_markets failed: "
-        "binanceusdm: could not connect",
-    )
+        f"binanceusdm: could not connect to {url.removeprefix('http://')} (nothing was sent)",
+    )  # (where to: a mistyped base_url read the same as a venue down, an operator)
     assert took < 25, took  # (the six tries take 31 s at the defaults; a loaded machine's start is slower)
 
 
