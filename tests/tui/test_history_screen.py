@@ -355,3 +355,7 @@ def test_a_span_under_a_second_is_not_shown_as_no_time_without_stops() -> None:
     assert lines[3].startswith("  worst: BTCUSDT 5s, "), lines
     none = dataclasses.replace(clipped, uncovered_spans=0, uncovered_seconds=D(0), worst=None)
     assert shift_lines(none, UTC)[2] == "  uncovered spans 0, 0s without stops"
+    # The lowest figure beside no uncovered span says why (an operator read "lowest 0.0%" as an alarm).
+    assert shift_lines(none, UTC)[1].startswith(
+        "  coverage 99.9% time-weighted, lowest 50.0% (inside grace counted as not covered), "
+    ), shift_lines(none, UTC)

@@ -89,8 +89,11 @@ def shift_lines(shift: ShiftReport | None, tz: tzinfo) -> list[str]:
     start = shift.since.astimezone(tz)
     lines = [
         f"This shift: since {start:%Y-%m-%d %H:%M} ({formatting.duration(seconds)})",
-        f"  coverage {_pct(shift.coverage_pct)} time-weighted, lowest {_pct(shift.lowest_coverage_pct)}, "
-        f"measured {formatting.duration(float(shift.measured_seconds))}",
+        # Said with the figure, as `tsbot report` says it: a position inside its grace period is no
+        # uncovered span, yet counts as not covered (an operator read "lowest 0.0%" beside "uncovered
+        # spans 0" as an alarm without a cause).
+        f"  coverage {_pct(shift.coverage_pct)} time-weighted, lowest {_pct(shift.lowest_coverage_pct)} "
+        f"(inside grace counted as not covered), measured {formatting.duration(float(shift.measured_seconds))}",
         f"  uncovered spans {shift.uncovered_spans}"
         + (f" ({shift.still_uncovered} still open)" if shift.still_uncovered else "")
         + f", {_time_without_stops(shift.uncovered_seconds, shift.uncovered_spans)} without stops",
@@ -167,7 +170,8 @@ def tables(history: DashboardHistory, tz: tzinfo) -> Text:
     lines.extend(period_line(hour_label(p, tz), p) for p in reversed(history.hours))
     lines.append("")
     lines.append(
-        "coverage: time-weighted over the measured time with open positions; lowest: the lowest sample; "
+        "coverage: time-weighted over the measured time with open positions (a position inside its grace "
+        "period counts as not covered); lowest: the lowest sample; "
         "spans: uncovered spans touching the period; uncovered: their time inside it; worst: the longest's."
     )
     return Text("\n".join(lines))
