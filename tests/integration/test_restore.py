@@ -669,6 +669,9 @@ async def test_a_start_whose_records_hold_a_position_the_venue_closed_meanwhile_
         # (the budget it waited out is 3 × 4 s; a start on a loaded machine takes a second or two)
         assert took < 3 * 4 / 2, (took, report)
         assert report.restored == 1
+        # And said: the start closed it (it read "restored 1, re-protected 0, adopted 0, failed 0").
+        assert report.closed_symbols == (gone,), report.describe()
+        assert f"closed 1, found ended on the venue: {gone}" in report.describe()
         assert engine_b.manager is not None
         await wait_until(
             lambda: [g.symbol for g in engine_b.manager.guards.values() if not g.closed] == [kept],
