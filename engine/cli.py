@@ -578,12 +578,22 @@ def _run(args: argparse.Namespace, loaded: LoadedConfig) -> int:
             raise UsageError(str(exc)) from None
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        # A closed terminal (SIGHUP, an ssh drop) stops the engine the same orderly way as SIGTERM.
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.add_signal_handler(signum, stop.set)
         # The duration counts from now, the start included: a start that kept trying an unreachable venue
         # ran 33 s past `--duration 5` (an operator).
         ended: list[str] = []
+
+        def asked_to_stop(signum: int) -> None:
+            # Said, with the signal's name: an engine stopped by a signal nobody meant to send (another
+            # program's pkill, nohup's hang-up) left no line saying why (a reviewer).
+            if not stop.is_set():
+                name = signal.Signals(signum).name
+                ended.append(f"{name} received")
+                log.warning("%s received: stopping the engine; exchange stops stay in place", name)
+            stop.set()
+
+        # A closed terminal (SIGHUP, an ssh drop) stops the engine the same orderly way as SIGTERM.
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(signum, asked_to_stop, signum)
 
         def duration_ended() -> None:
             if not stop.is_set():  # (a signal came first: it stopped the start, not the duration)

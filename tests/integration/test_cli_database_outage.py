@@ -435,7 +435,9 @@ async def test_a_start_stopped_on_a_frozen_server_exits_at_once_and_leaves_the_s
                 engine.kill()
                 engine.wait()
         assert engine.returncode == 1, (out, err)
-        assert "stopped during the start-up, while it waited for the venue (" in err.splitlines()[-1], err
+        assert (
+            "SIGTERM received during the start-up, while it waited for the venue (" in err.splitlines()[-1]
+        ), err
         assert "Traceback" not in out + err
         assert took < 15, f"{took:.1f}s"  # (the probe's 1 s, not the goodbyes' and the stop's waits)
         assert postmaster_state(workdir / "pgdata") == (PostmasterState.RUNNING, frozen[0])  # left as it is
