@@ -724,6 +724,14 @@ _VERDICT_OF_HEALTH = {"healthy": "ok", "degraded": "degraded", "critical": "crit
 # too; the whole look (connect, schema check, a handful of queries) gives up after this many of them.
 STATUS_DEADLINE_PROBES = 3
 UNCHECKED = " (in the records: no engine checks the venue now)"
+STATUS_LABEL_WIDTH = 20  # "with trailing stop: " and every other label, their values in one column
+
+
+def _field(label: str) -> str:
+    """A label of `tsbot status`'s text, padded so every value starts in the same column."""
+    return f"{label}:".ljust(STATUS_LABEL_WIDTH)
+
+
 STATUS_SNAPSHOT_ATTEMPTS = 3  # looks made again while an engine takes or leaves the account during one
 _VERDICT_SYMBOLS = 10  # the symbols a verdict's reason names at most
 
@@ -757,10 +765,10 @@ def _status(args: argparse.Namespace, loaded: LoadedConfig) -> int:
         print(json.dumps(report, default=_json_default, indent=2))
         return code
     print(f"{report['state'].upper()}: {report['reason']}")
-    pct = "n/a (no active positions)" if report["coverage_pct"] is None else f"{report['coverage_pct']}%"
+    pct = "n/a: no active positions" if report["coverage_pct"] is None else f"{report['coverage_pct']}%"
     engine = report["engine"]
     print(
-        "engine:            "
+        _field("engine")
         + (
             (
                 f"SILENT for {engine['heard_seconds_ago']:.0f} s: holds the account but looks after nothing "
@@ -776,10 +784,10 @@ def _status(args: argparse.Namespace, loaded: LoadedConfig) -> int:
             else "not running"
         )
     )
-    print(f"account:           {report['account']} (label {report['account_label']!r})")
+    print(_field("account") + f"{report['account']} (label {report['account_label']!r})")
     paused = report["entries_paused"]
     print(
-        "entries:           "
+        _field("entries")
         + (
             f"PAUSED by the {paused['by']}"
             + (f" ({paused['who']})" if paused["who"] else "")
@@ -794,17 +802,18 @@ def _status(args: argparse.Namespace, loaded: LoadedConfig) -> int:
             )
         )
     )
-    print(f"health:            {report['health']['state']}")
+    print(_field("health") + report["health"]["state"])
     for component in report["health"]["components"]:
         print(
             f"  {component['component']:<11} {component['state']:<9} {component['reason'] or component['summary']}"
         )
-    print(f"active positions:  {report['active']}")
-    print(f"with stop-loss:    {report['with_stop_loss']}")
-    print(f"with trailing stop:{report['with_trailing_stop']:>3}")
+    print(_field("active positions") + str(report["active"]))
+    print(_field("with stop-loss") + str(report["with_stop_loss"]))
+    print(_field("with trailing stop") + str(report["with_trailing_stop"]))
     if report["with_managed_trail"]:
         print(
-            f"managed trails:    {report['with_managed_trail']:>3} (armed: the engine moves a stop once they activate)"
+            _field("managed trails")
+            + f"{report['with_managed_trail']} (armed: the engine moves a stop once they activate)"
         )
     # The incident's query: active rows only. The uncovered list below also names positions still
     # being protected or closed (their status in brackets), so the percentage says what it counts.
@@ -812,11 +821,12 @@ def _status(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     # cancelled on the venue since is in none of them (an operator read "100.0%", "uncovered: 0" so).
     unchecked = "" if engine and not engine["silent"] and engine["phase"] == "running" else UNCHECKED
     print(
-        f"TS coverage:       {pct}"
+        _field("TS coverage")
+        + pct
         + ("" if report["coverage_pct"] is None else " of the active positions")
         + unchecked
     )
-    print(f"uncovered:         {len(report['uncovered'])}{unchecked}")
+    print(_field("uncovered") + f"{len(report['uncovered'])}{unchecked}")
     for item in report["uncovered"]:
         print(
             f"  #{item['position_id']} {item['symbol']} {item['side']} ({item['status']}): missing {item['missing']}"

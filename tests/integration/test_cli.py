@@ -118,13 +118,15 @@ async def test_status_json_agrees_with_the_incident_sql(workdir: Path, pg_server
     # No engine checks the venue: the figures are the records', and say so (an operator read "100.0%",
     # "uncovered: 0" while two stops had been cancelled on the venue since).
     assert (
-        "TS coverage:       71.4% of the active positions (in the records: no engine checks the venue now)\n"
-        "uncovered:         3 (in the records: no engine checks the venue now)\n"
+        "TS coverage:        71.4% of the active positions (in the records: no engine checks the venue now)\n"
+        "uncovered:          3 (in the records: no engine checks the venue now)\n"
     ) in human.stdout
     assert status["entries"] == "on"
     # The rows above were the sim venue's default account's: the status names it, as the SQL should.
     assert (status["account"], status["account_label"]) == ("sim:default", "default")
-    assert "account:           sim:default (label 'default')" in human.stdout
+    assert "account:            sim:default (label 'default')" in human.stdout
+    # Every value in one column (the trailing stops' count stood two places right of the others').
+    assert "active positions:   7\nwith stop-loss:     7\nwith trailing stop: 5\n" in human.stdout
 
 
 async def test_status_says_entries_are_paused_by_whom_and_why(
@@ -144,7 +146,7 @@ async def test_status_says_entries_are_paused_by_whom_and_why(
     assert status["entries_paused"]["by"] == "breaker"
     assert status["entries_paused"]["reason"] == "2 of 9 protective order sends failed"
     human = tsbot("status", cwd=workdir).stdout
-    assert "entries:           PAUSED by the breaker since " in human
+    assert "entries:            PAUSED by the breaker since " in human
     assert human.rstrip().count("\n") > 3
 
 

@@ -484,8 +484,8 @@ async def test_an_entry_left_pending_by_an_engine_killed_before_its_answer_is_un
     assert human.returncode == 2, human.stdout + human.stderr
     lines = human.stdout.splitlines()
     assert lines[0] == f"CRITICAL: {report['reason']}"
-    assert "engine:            not running" in lines
-    assert "uncovered:         1 (in the records: no engine checks the venue now)" in lines
+    assert "engine:             not running" in lines
+    assert "uncovered:          1 (in the records: no engine checks the venue now)" in lines
     assert (
         f"  #{position_id} DDDUSDT long (entry_placed): missing both (the entry's outcome is unknown: it may "
         "have filled)"
@@ -569,8 +569,8 @@ async def test_a_managed_trail_counts_in_the_ts_coverage_while_its_engine_looks_
     assert (report["with_trailing_stop"], report["with_managed_trail"], report["uncovered"]) == (1, 1, [])
     assert Decimal(str(report["coverage_pct"])) == Decimal("100.0")
     human = tsbot("status", cwd=workdir).stdout.splitlines()
-    assert "TS coverage:       100.0% of the active positions" in human, human
-    assert "managed trails:      1 (armed: the engine moves a stop once they activate)" in human, human
+    assert "TS coverage:        100.0% of the active positions" in human, human
+    assert "managed trails:     1 (armed: the engine moves a stop once they activate)" in human, human
 
     await engine_side.execute(
         "UPDATE monitoring.engine_leases SET heartbeat_at = now() - interval '31 seconds'"
@@ -697,7 +697,7 @@ async def test_an_engine_starting_or_stopping_is_said_and_counts_as_none(
         upper = phase.upper()
         assert any(
             line.startswith(
-                f"engine:            {upper}: holds the account but looks after nothing {said} (pid "
+                f"engine:             {upper}: holds the account but looks after nothing {said} (pid "
             )
             for line in human
         ), human
@@ -824,7 +824,7 @@ async def test_status_lists_only_the_configured_accounts_positions(
     assert "SIMUSDT" in on_sim.stdout
     assert "BINUSDT" not in on_sim.stdout
     assert "OTHUSDT" not in on_sim.stdout
-    assert "active positions:  1" in on_sim.stdout
+    assert "active positions:   1" in on_sim.stdout
 
 
 # --- the database away ------------------------------------------------------------------------------------
