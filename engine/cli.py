@@ -48,6 +48,7 @@ from engine.last_stop import last_stop_path, read_last_stop
 from engine.logs import LogFileError, RedactingFormatter, configure_logging
 from engine.metrics_server import MetricsUnavailable
 from engine.signal_input import BadSignal, SignalInput, normalise_symbol, read_jsonl, signal_from_fields
+from engine.words import counted
 from protection.health import entries_held_recorded
 from storage import history
 from storage.commands import CommandKind
@@ -853,7 +854,11 @@ def _status_without_database(
         f" ({', '.join(names)})" if names else ""
     )
     if unresolved:
-        what += f", {unresolved} of them entries of unknown outcome (they may have filled)"
+        what += (
+            f", {unresolved} of {'it' if left == 1 else 'them'} "
+            f"{'an entry' if unresolved == 1 else 'entries'} of unknown outcome "
+            f"({'it' if unresolved == 1 else 'they'} may have filled)"
+        )
     return (
         "critical",
         f"{stopped} leaving {what}, and no engine has started here since: nothing here protects them; {why}",
@@ -1372,7 +1377,8 @@ def _steer(
                 if confirm:
                     positions = await Store(database.pool, account).active_positions()
                     prompt = (
-                        f"Pause entries and close all {len(positions)} open positions of account {account} "
+                        f"Pause entries and close {'the' if len(positions) == 1 else 'all'} "
+                        f"{counted(len(positions), 'open position')} of account {account} "
                         "at market? [y/N] "
                     )
                     answer = await _asked(prompt)

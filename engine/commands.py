@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import asyncpg
 
 from engine.clock import Clock, wait_event
+from engine.words import counted
 from storage.commands import CommandKind, CommandQueue, CommandRecord, CommandState
 from storage.database import DatabaseDown, is_unreachable
 from storage.lease import LeaseHolder, LeasePhase, current_holder
@@ -269,8 +270,10 @@ class CommandRunner:
             ):  # not "every position is covered": they may be positions
                 return CommandOutcome(
                     False,
-                    f"nothing to send: {len(doubts)} entries of unknown outcome are being asked for by their ids "
-                    "(counted uncovered; protected once the venue shows them)",
+                    f"nothing to send: {counted(len(doubts), 'entry', 'entries')} of unknown outcome "
+                    f"{'is' if len(doubts) == 1 else 'are'} being asked for by {'its id' if len(doubts) == 1 else 'their ids'} "
+                    "(counted uncovered; protected once the venue shows "
+                    f"{'it' if len(doubts) == 1 else 'them'})",
                     tuple(_doubt_outcome(d) for d in doubts),
                 )
             protecting = sum(1 for g in manager.guards.values() if not g.covered)
@@ -382,7 +385,7 @@ class CommandRunner:
         ok = closed == len(results) and left == 0
         summary = f"{closed}/{len(results)} closed; entries paused (resume with `tsbot entries resume`)"
         if left:
-            summary += f"; {left} positions still open"
+            summary += f"; {counted(left, 'position')} still open"
         return CommandOutcome(ok, summary, results)
 
 

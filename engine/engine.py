@@ -81,6 +81,7 @@ from engine.pacing import DEFAULT_HEADROOM, BudgetWaits, Lane, RequestPacer, Ven
 from engine.signal_input import BadSignal, parse_score, parse_side
 from engine.signals import SignalConsumer, SignalWave, SimSignalGenerator
 from engine.venues.stream_client import NOT_STARTED
+from engine.words import counted
 from protection import health
 from protection.breaker import BreakerInputs, BreakerSettings, trip_reasons
 from protection.coverage import (
@@ -280,22 +281,30 @@ class StopReport:
         return self.open_positions - self.uncovered
 
     def describe(self) -> str:
+        positions = counted(self.open_positions, "open position")
         if self.taken_over:
             return (
-                f"{self.open_positions} open positions left to the engine that took the account; this one "
-                "protects none of them any more"
+                f"{positions} left to the engine that took the account; this one no longer protects "
+                f"{'it' if self.open_positions == 1 else 'them'}"
             )
+        keep = "keeps its stops" if self.open_positions == 1 else "keep their stops"
         if self.all_protected:  # "uncovered 0" said outright: operators read (and grep) the exit line for it
-            return f"{self.open_positions} open positions keep their stops on the exchange; uncovered 0"
+            return f"{positions} {keep} on the exchange; uncovered 0"
         # Only the covered ones are said to keep their stops; the others (inside their grace period or not)
         # are uncovered, and no position is counted in both claims.
         return (
-            f"{self.open_positions} open positions: {self.covered} keep their stops on the exchange; "
-            f"UNCOVERED {self.uncovered + self.unresolved_entries}"
+            f"{positions}: {self.covered} {'keeps its stops' if self.covered == 1 else 'keep their stops'} "
+            f"on the exchange; UNCOVERED {self.uncovered + self.unresolved_entries}"
             + (f" ({', '.join(self.uncovered_symbols)})" if self.uncovered_symbols else "")
-            + (f", {self.unresolved_entries} entries of unknown outcome" if self.unresolved_entries else "")
             + (
-                f"; {self.trails_without_order} of them keep only their hard stop: a managed trail has no "
+                f", {counted(self.unresolved_entries, 'entry', 'entries')} of unknown outcome"
+                if self.unresolved_entries
+                else ""
+            )
+            + (
+                f"; {self.trails_without_order} of them "
+                f"{'keeps' if self.trails_without_order == 1 else 'keep'} only "
+                f"{'its' if self.trails_without_order == 1 else 'their'} hard stop: a managed trail has no "
                 "order on the exchange before it activates"
                 if self.trails_without_order
                 else ""

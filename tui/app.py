@@ -64,6 +64,7 @@ from engine.events import (
 )
 from engine.logs import LogFileError, RedactingFormatter, configure_logging
 from engine.metrics_server import MetricsUnavailable
+from engine.words import counted
 from protection.coverage import CoverageFigures, PositionCoverage
 from protection.health import (
     Component,
@@ -1104,8 +1105,10 @@ def quit_warning(snapshot: EngineSnapshot) -> str:
     unconfirmed = figures.active - figures.protected
     lines = [
         "The engine stops taking signals and stops its loops.",
-        f"Exchange stops stay in place: {figures.protected - engine_only} of {figures.active} open positions "
-        "keep their stops on the exchange (both confirmed by the venue).",
+        f"Exchange stops stay in place: {figures.protected - engine_only} of "
+        f"{counted(figures.active, 'open position')} "
+        f"{'keeps its stops' if figures.protected - engine_only == 1 else 'keep their stops'} on the exchange "
+        "(both confirmed by the venue).",
     ]
     if engine_only:
         lines.append(

@@ -158,7 +158,7 @@ async def test_an_uncovered_position_is_alerted_once_escalated_and_its_recovery_
     # The stop is said too: the exit line with the uncovered count.
     await until_delivered(clock, receiver, "engine stopped")
     (stopped,) = receiver.matching("engine stopped")
-    assert "1 open positions keep their stops on the exchange; uncovered 0" in stopped.payload["message"]
+    assert "1 open position keeps its stops on the exchange; uncovered 0" in stopped.payload["message"]
     # The URL's token is in no log line as the log handlers write it (masked there, like every secret):
     # urllib3 does name the path it posts to at DEBUG, apprise's own lines included.
     raw = "\n".join(r.getMessage() for r in caplog.records)

@@ -225,7 +225,7 @@ async def test_an_entry_still_in_doubt_at_a_stop_is_said_and_settled_by_the_next
     finally:
         report = await drive(clock, engine.stop())
     assert (report.open_positions, report.unresolved_entries, report.all_protected) == (0, 1, False)
-    assert "1 entries of unknown outcome" in report.describe()
+    assert "1 entry of unknown outcome" in report.describe()
     assert _venue_holds(venue, clock, SYMBOL)
 
     second = restarted(engine, engine.settings, clock)
@@ -356,7 +356,7 @@ async def test_a_flatten_with_an_entry_in_doubt_is_not_all_closed(db: Database) 
         protect = await command(CommandKind.PROTECT)
         assert protect.record is not None
         assert protect.record.state is CommandState.FAILED
-        assert "1 entries of unknown outcome" in protect.summary
+        assert "1 entry of unknown outcome is being asked for by its id" in protect.summary
         flatten = await command(CommandKind.FLATTEN)
         assert flatten.record is not None
         assert flatten.record.state is CommandState.PARTIAL
@@ -365,7 +365,7 @@ async def test_a_flatten_with_an_entry_in_doubt_is_not_all_closed(db: Database) 
         )
         [doubt] = [p for p in flatten.positions if not p.ok]
         assert doubt.detail.startswith("entry of unknown outcome: not closed")
-        assert "1 positions still open" in flatten.summary
+        assert "1 position still open" in flatten.summary
     finally:
         await drive(clock, engine.stop())
 

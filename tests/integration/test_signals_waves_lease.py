@@ -777,8 +777,7 @@ async def test_an_engine_whose_account_another_took_leaves_the_new_holders_rows_
             report = engine.stop_report
             assert report is not None
             assert report.describe() == (
-                "1 open positions left to the engine that took the account; this one protects none of them "
-                "any more"
+                "1 open position left to the engine that took the account; this one no longer protects it"
             )
             event = await db.pool.fetchrow(
                 "SELECT severity, message FROM monitoring.events WHERE type = 'engine_stopped'"

@@ -810,7 +810,7 @@ async def test_the_quit_dialog_says_entries_on_their_way(db: Database) -> None:
     async with _one_protected_and_three_entries_on_their_way(db, SYMBOLS[60:64]) as board:
         await board.press("q")
         body = board.confirm_body()
-        assert "1 of 1 open positions keep their stops on the exchange" in body
+        assert "1 of 1 open position keeps its stops on the exchange" in body
         assert "3 entries are on their way to the venue" in body
         await board.press("n")
 

@@ -18,3 +18,16 @@ def test_an_unknown_entry_on_bybit_lacks_its_trailing_stop_not_its_hard_stop(tmp
         "trailing stop (the entry's outcome is unknown: it may have filled, with the hard stop it carried)"
     )
     assert _missing_of_unknown_entry(binance) == "both (the entry's outcome is unknown: it may have filled)"
+
+
+def test_the_exit_line_counts_one_position_in_the_singular() -> None:
+    """An operator's exit line read "stopped: 1 open positions keep their stops on the exchange"."""
+    from engine.engine import StopReport
+
+    one = StopReport(open_positions=1, uncovered=0)
+    assert one.describe() == "1 open position keeps its stops on the exchange; uncovered 0"
+    two = StopReport(open_positions=2, uncovered=1, uncovered_symbols=("SFPUSDT",), unresolved_entries=1)
+    assert two.describe() == (
+        "2 open positions: 1 keeps its stops on the exchange; UNCOVERED 2 (SFPUSDT), "
+        "1 entry of unknown outcome"
+    )
