@@ -122,6 +122,13 @@ PANEL_SKIPPED_LOGGERS = ("protection.manager",)
 PANEL_SKIPPED_PREFIXES = ("health_check:", "entries paused", "entries resumed")
 
 
+def _is_terminal(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
+
+
 class FilterInput(Input):
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "clear_and_leave", "Clear filter", show=False)]
 
@@ -227,6 +234,10 @@ class DashboardApp(App[int]):
         self._rows_frozen = 0  # the table's `rows_added` at the last gc.freeze()
         self.ui_state_file = ui_state_file  # the operator's screen choices (the theme), kept across starts
         self.hung_up = False
+        # The standard streams that are the terminal (a hang-up takes those away); stdout redirected to a
+        # file (a service, nohup) still gets the exit line.
+        self._terminal_fds = tuple(fd for fd in (0, 1, 2) if _is_terminal(fd))
+        self.summary_said = False  # the exit line already written (after a hang-up)
         self.stopped_by = "quit"  # what ended the app, in the words of its exit line ("SIGTERM received")
         self.attention = CriticalAttention(in_tmux=bool(os.environ.get("TMUX")))
         self.running_wave = RunningWave()
@@ -537,8 +548,15 @@ class DashboardApp(App[int]):
         await self.stop_feed()
         if self.hung_up:
             # Nobody may run this process's exit hooks (the watchdog below ends it with os._exit): the
-            # embedded server it started or joined is left now, and stopped if nobody else uses it.
+            # embedded server it started or joined is left now, and stopped if nobody else uses it. The
+            # exit line is said now to a stdout that is not the lost terminal (a service's log, nohup's):
+            # the watchdog ended the process before `main` could, and the file stayed empty (an operator).
             await asyncio.to_thread(self.leave_embedded_database)
+            summary = self.exit_summary()
+            if summary and 1 not in self._terminal_fds:
+                with contextlib.suppress(OSError):
+                    os.write(1, (summary + "\n").encode())
+                    self.summary_said = True
             # The engine has stopped (the only thing that matters); if restoring a terminal that no longer
             # exists wedges the exit anyway, end the process rather than linger without a screen.
             watchdog = threading.Timer(HANGUP_EXIT_SECONDS, os._exit, args=(self.exit_code,))
@@ -561,9 +579,11 @@ class DashboardApp(App[int]):
         log.warning("%s: stopping the engine; exchange stops stay in place", self.stopped_by)
         if signum == signal.SIGHUP:
             # The terminal is gone and writing to it fails (EIO), which can wedge Textual's output thread on
-            # exit (Textualize/textual#5140): point the standard streams at /dev/null before anything draws.
+            # exit (Textualize/textual#5140): point the streams that were the terminal at /dev/null before
+            # anything draws. Not one redirected to a file: the exit line went to /dev/null with the rest,
+            # and a service's log lost the stop's report (an operator).
             devnull = os.open(os.devnull, os.O_RDWR)
-            for fd in (0, 1, 2):
+            for fd in self._terminal_fds:
                 os.dup2(devnull, fd)
             os.close(devnull)
             self.hung_up = True
@@ -1240,7 +1260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _remove_if_empty(stacks, log_file.with_name("tsbot-tui-stacks.txt"))
     summary = app.exit_summary()
     if summary:
-        print(summary)
+        if not app.summary_said:
+            print(summary, flush=True)
         if app.left_uncovered and code == EXIT_OK:
             code = EXIT_FAILED
     elif app.start_failure:

@@ -131,7 +131,9 @@ def test_closing_the_terminal_stops_the_engine_and_the_embedded_server_it_starte
     tmux: Tmux, tmp_path: Path
 ) -> None:
     """tmux kill-session (like an ssh drop) sends SIGHUP: the dashboard stops like `q` and the embedded
-    PostgreSQL it started does not outlive it."""
+    PostgreSQL it started does not outlive it. Its exit line goes to stdout redirected to a file (a
+    service's log, nohup's): the hang-up pointed every standard stream at /dev/null, and the file stayed
+    empty (an operator)."""
     data_dir = tmp_path / "pgdata"
     (tmp_path / "config.toml").write_text(
         "[signals]\nwave_size = 3\nwave_interval_seconds = 2\n[tui]\nrefresh_per_second = 4\n"
@@ -142,7 +144,11 @@ def test_closing_the_terminal_stops_the_engine_and_the_embedded_server_it_starte
         "TERM": "xterm-256color",
     }
     exported = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
-    command = f"cd {shlex.quote(str(tmp_path))} && exec env {exported} {shlex.quote(str(TSBOT_TUI))}"
+    said = tmp_path / "exit-line.txt"
+    command = (
+        f"cd {shlex.quote(str(tmp_path))} && exec env {exported} {shlex.quote(str(TSBOT_TUI))} "
+        f"> {shlex.quote(str(said))}"
+    )
     tmux.run("new-session", "-d", "-s", "hup", "-x", "120", "-y", "40", command)
     try:
         tmux.wait_for("hup", r"TS coverage % \d+/[1-9]", within=90)  # running, on its own server
@@ -156,6 +162,10 @@ def test_closing_the_terminal_stops_the_engine_and_the_embedded_server_it_starte
         log = (tmp_path / "logs" / "trading_bot.log").read_text()
         assert "SIGHUP received: stopping the engine" in log
         assert "engine stopped" in log
+        deadline = time.monotonic() + 30  # (said once the app has exited, after the server is left)
+        while not said.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert said.read_text().startswith("tsbot-tui stopped: "), said.read_text()
     finally:
         left = _postmaster_alive(data_dir)
         if left is not None:  # the server this test's dashboard started: a fast shutdown, nothing else
