@@ -153,10 +153,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def one_line(text: str, secrets: Iterable[str] = ()) -> str:
-    """`text` as the single line an operator sees: line breaks folded, secrets masked, length bounded.
-    (Only secrets of 6 characters or more are masked: masking "s" would mangle every word, and no real key
-    is that short.)"""
-    secrets = [secret for secret in secrets if len(secret) >= 6]
+    """`text` as the single line an operator sees: line breaks folded, secrets masked (a short one where it
+    stands as a token of its own: see `RedactingFormatter`), length bounded."""
     text = RedactingFormatter(secrets).redact(" ".join(str(text).split()))
     return (
         text if len(text) <= MAX_MESSAGE_CHARS else f"{text[:MAX_MESSAGE_CHARS]}… ({len(text):,} characters)"

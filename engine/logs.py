@@ -12,6 +12,7 @@ import copy
 import logging
 import logging.handlers
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -21,6 +22,9 @@ from storage.journal import make_private_dirs
 
 LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
 MAX_LOG_MESSAGE_CHARS = 4000
+
+
+SHORT_SECRET_CHARS = 8  # shorter secrets are masked as whole tokens only (see `RedactingFormatter`)
 
 
 class LogFileError(Exception):
@@ -33,15 +37,26 @@ class RedactingFormatter(logging.Formatter):
 
     def __init__(self, secrets: Iterable[str], fmt: str = LOG_FORMAT):
         super().__init__(fmt)
-        # Longest first, so a secret containing another is masked whole.
-        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+        # Longest first, so a secret containing another is masked whole. One shorter than
+        # `SHORT_SECRET_CHARS` is masked where it stands as a token of its own: masked inside words, a
+        # one-letter secret turned every line into "engine.venue***.binance_emulator.***erver" (an
+        # operator's test key); a real key or secret is tens of characters.
+        ordered = sorted({s for s in secrets if s}, key=len, reverse=True)
+        self._patterns = [
+            re.compile(
+                re.escape(s)
+                if len(s) >= SHORT_SECRET_CHARS
+                else rf"(?<![0-9A-Za-z]){re.escape(s)}(?![0-9A-Za-z])"
+            )
+            for s in ordered
+        ]
 
     def format(self, record: logging.LogRecord) -> str:
         return self.redact(super().format(_cut(record)))
 
     def redact(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
+        for pattern in self._patterns:
+            text = pattern.sub("***", text)
         return redact_dsn(text)
 
 

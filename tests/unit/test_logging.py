@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from engine.config import LoggingSettings
-from engine.logs import MAX_LOG_MESSAGE_CHARS, LogFileError, configure_logging
+from engine.logs import MAX_LOG_MESSAGE_CHARS, LogFileError, RedactingFormatter, configure_logging
 
 
 @pytest.fixture
@@ -43,6 +43,14 @@ def test_secrets_and_dsn_passwords_are_redacted_at_the_handler(tmp_path: Path) -
     assert "pw123" not in text
     assert "topsecret" not in text
     assert "postgresql://bot:***@db/tsbot" in text
+
+
+def test_a_short_secret_is_masked_where_it_stands_alone_not_inside_every_word() -> None:
+    """An operator's test secret `s`: every log line read "engine.venue***.binance_emulator.***erver …
+    ***erving". A real key is tens of characters; one this short is masked as a token of its own."""
+    formatter = RedactingFormatter(["s", "0123456789abcdef"])
+    said = formatter.redact("engine.venues.binance_emulator.server serving; secret=s key 0123456789abcdef")
+    assert said == "engine.venues.binance_emulator.server serving; secret=*** key ***"
 
 
 def _close_root_handlers() -> None:
