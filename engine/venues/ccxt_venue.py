@@ -400,7 +400,9 @@ def _translate(
         ):
             # Where to: an unreachable venue was not named (a base_url mistyped reads the same as a venue
             # down; an operator).
-            where = f" to {cause.host}:{cause.port}" if isinstance(cause, aiohttp.ClientConnectorError) else ""
+            where = (
+                f" to {cause.host}:{cause.port}" if isinstance(cause, aiohttp.ClientConnectorError) else ""
+            )
             return Retryable(f"{label}: could not connect{where} (nothing was sent)").answered(
                 failure=FailureClass.NOT_SENT
             )
