@@ -217,3 +217,13 @@ async def test_a_long_operation_is_cut_on_one_line_not_wrapped_mid_word_at_80x24
         operation = log.get_row(row.key)[3]
         assert operation.no_wrap
         assert operation.plain == "engine.venues.stream_client"  # whole in the cell; cut only on screen
+        # An outcome leading the detail is set apart from it: "paused new entries paused by the operator"
+        # read as one run-on phrase (an operator).
+        app.post_message(
+            LogEntryAdded(
+                LogEntry(T0, "info", "", "entries", 0.4, "paused", "new entries paused by the operator")
+            )
+        )
+        await pilot.pause(0.1)
+        details = [log.get_row(r.key)[-1].plain for r in log.ordered_rows]
+        assert "paused 0.4s: new entries paused by the operator" in details, details

@@ -233,9 +233,9 @@ class EventLog(DataTable[Text]):
             # the log file.
             Text(_short_operation(entry.operation), no_wrap=True, overflow="ellipsis"),
         )
-        if self.narrow:  # outcome and latency lead the detail
+        if self.narrow:  # outcome and latency lead the detail, set apart from it ("paused: new entries …")
             lead = Text(" ").join(t for t in (outcome, Text(latency)) if t.plain)
-            detail = Text.assemble(lead, " " if lead.plain else "", entry.detail)
+            detail = Text.assemble(lead, ": " if lead.plain else "", entry.detail)
             cells: tuple[Text, ...] = (*head, detail)
         else:
             cells = (*head, Text(latency, justify="right"), outcome, Text(entry.detail))
