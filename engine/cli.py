@@ -37,12 +37,12 @@ from typing import Any, NoReturn
 import asyncpg
 
 from engine.accounts import account_key
-from engine.clock import end_all, first_of
+from engine.clock import SystemClock, end_all, first_of
 from engine.commands import CommandAnswer, PositionOutcome, not_taken, send_command
 from engine.config import MAX_SEED, ConfigError, LoadedConfig, VenueKind, load_config
 from engine.config_show import render_config
 from engine.credentials import CredentialsRefused
-from engine.engine import COVERAGE_SAMPLE_SECONDS, Engine, StartInterrupted, StartupReport
+from engine.engine import COVERAGE_SAMPLE_SECONDS, Engine, StartInterrupted, StartupReport, build_venue
 from engine.exchange.errors import ExchangeError, Rejected
 from engine.last_stop import last_stop_path, read_last_stop
 from engine.logs import LogFileError, RedactingFormatter, configure_logging
@@ -521,7 +521,42 @@ def _signals_import(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     return EXIT_OK
 
 
+SYMBOL_CHECK_SECONDS = 10.0  # the venue's markets read for `signals add` / `import`, at most
+
+
+async def _unlisted_symbols(loaded: LoadedConfig, symbols: set[str]) -> tuple[set[str], str]:
+    """Those of `symbols` the configured venue does not list, and "" — or none and why they could not be
+    checked. An unknown symbol was taken as added ("signal 33 added: FOOBARUSDT long", exit 0) and only the
+    engine's log said later that it was rejected (an operator). The sim venue's markets are its own; a
+    ccxt venue's are read as the engine reads them (public, a request of weight 1)."""
+    settings = loaded.settings
+    if settings.venue.kind is VenueKind.SIM:
+        from engine.venues.sim import SimVenue
+
+        markets = SimVenue(settings.venue.sim, clock=SystemClock()).core.markets  # (no book: nothing kept)
+        return symbols - set(markets), ""
+    venue = build_venue(settings, SystemClock())
+    try:
+        async with asyncio.timeout(SYMBOL_CHECK_SECONDS):
+            await venue.connect()
+            markets = await venue.load_markets()
+    except (ExchangeError, TimeoutError, OSError) as exc:
+        return set(), f"not checked against the venue's markets ({one_line(str(exc) or type(exc).__name__)})"
+    finally:
+        await venue.close()
+    return symbols - set(markets), ""
+
+
 async def _insert_signals(loaded: LoadedConfig, signals: list[SignalInput]) -> list[int]:
+    unlisted, unchecked = await _unlisted_symbols(loaded, {s.symbol for s in signals})
+    if unlisted:
+        shown = ", ".join(sorted(unlisted)[:10]) + (" …" if len(unlisted) > 10 else "")
+        raise UsageError(
+            f"signal: {shown} {'is' if len(unlisted) == 1 else 'are'} not listed on "
+            f"{loaded.settings.venue.kind.value}; nothing was inserted"
+        )
+    if unchecked:
+        print(f"tsbot: signal symbols {unchecked}; the engine rejects one it does not know", file=sys.stderr)
     database = await _open(loaded)
     try:
         # The configured account's: another engine sharing the database does not take them.

@@ -89,6 +89,80 @@ def test_signals_add_refuses_values_the_database_cannot_hold(
     _one_line(tsbot("signals", "add", "ZZZUSDT", "long", *argv, cwd=workdir), 2, starts)
 
 
+def test_a_signal_for_a_symbol_the_venue_does_not_list_is_refused_and_nothing_inserted(workdir: Path) -> None:
+    """`tsbot signals add FOOBARUSDT long` said "signal 33 added" and exit 0; only the engine's log said
+    later that it was rejected (an operator). The venue's markets say it now: one line, exit 2, and an
+    import with one such line inserts none of them."""
+    _one_line(
+        tsbot("signals", "add", "FOOBARUSDT", "long", cwd=workdir),
+        2,
+        "tsbot: signal: FOOBARUSDT is not listed on sim; nothing was inserted",
+    )
+    lines = workdir / "wave.jsonl"
+    lines.write_text('{"symbol": "SFPUSDT", "side": "long"}\n{"symbol": "NOPEUSDT", "side": "short"}\n')
+    _one_line(
+        tsbot("signals", "import", str(lines), cwd=workdir),
+        2,
+        "tsbot: signal: NOPEUSDT is not listed on sim; nothing was inserted",
+    )
+    added = tsbot("signals", "add", "SFPUSDT", "long", cwd=workdir)
+    assert added.code == 0, added.stderr
+    assert added.stdout.startswith("signal 1 added: SFPUSDT long"), added.stdout  # (none before it)
+
+
+async def test_a_signal_is_checked_against_the_wire_venues_markets(workdir: Path) -> None:
+    """On Binance (its emulator over loopback, read as the engine reads it): a symbol it lists is added,
+    one it does not is refused."""
+    emulator = BinanceEmulator(
+        SimVenueSettings(seed=7, symbols=["SFPUSDT", "BTCUSDT"]), api_key=API_KEY, api_secret=API_SECRET
+    )
+    venue = {
+        "TSBOT_VENUE__KIND": "binanceusdm",
+        "TSBOT_VENUE__API_KEY": API_KEY,
+        "TSBOT_VENUE__API_SECRET": API_SECRET,
+    }
+    async with running(emulator) as url:
+        said = [
+            await asyncio.to_thread(
+                _subprocess,
+                TSBOT,
+                "signals",
+                "add",
+                symbol,
+                "long",
+                cwd=workdir,
+                TSBOT_VENUE__BASE_URL=url,
+                **venue,
+            )
+            for symbol in ("BTCUSDT", "ETHUSDT")
+        ]
+    listed, unlisted = said
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.startswith("signal 1 added: BTCUSDT long"), listed.stdout
+    _assert_one_line(unlisted, 2, "tsbot: signal: ETHUSDT is not listed on binanceusdm; nothing was inserted")
+
+
+def test_a_signal_whose_venue_cannot_be_read_is_added_and_said_unchecked(workdir: Path) -> None:
+    url = f"http://127.0.0.1:{_closed_port()}"
+    result = _subprocess(
+        TSBOT,
+        "signals",
+        "add",
+        "BTCUSDT",
+        "long",
+        cwd=workdir,
+        TSBOT_VENUE__KIND="binanceusdm",
+        TSBOT_VENUE__BASE_URL=url,
+        TSBOT_VENUE__API_KEY=API_KEY,
+        TSBOT_VENUE__API_SECRET=API_SECRET,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("signal 1 added: BTCUSDT long"), result.stdout
+    assert result.stderr.startswith("tsbot: signal symbols not checked against the venue's markets ("), result
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert API_SECRET not in result.stderr
+
+
 def test_signals_add_with_a_huge_score_in_a_real_process(workdir: Path) -> None:
     result = _subprocess(TSBOT, "signals", "add", "ZZZUSDT", "long", "--score", "1e1000000", cwd=workdir)
     _assert_one_line(result, 2, SCORE_EXPECTED)
