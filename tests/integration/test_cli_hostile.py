@@ -62,6 +62,22 @@ def _subprocess(*argv: str, cwd: Path, timeout: float = 60, **env: str) -> subpr
     )
 
 
+def _on_binance(
+    url: str, *argv: str, cwd: Path, key: str = API_KEY, secret: str = API_SECRET, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """`tsbot *argv` in its own process, configured for Binance at `url` with a key and secret."""
+    return _subprocess(
+        TSBOT,
+        *argv,
+        cwd=cwd,
+        TSBOT_VENUE__KIND="binanceusdm",
+        TSBOT_VENUE__BASE_URL=url,
+        TSBOT_VENUE__API_KEY=key,
+        TSBOT_VENUE__API_SECRET=secret,
+        **env,
+    )
+
+
 def _assert_one_line(result: subprocess.CompletedProcess[str], code: int, starts: str) -> None:
     assert result.returncode == code, result
     assert result.stderr.count("\n") == 1, result.stderr
@@ -116,24 +132,9 @@ async def test_a_signal_is_checked_against_the_wire_venues_markets(workdir: Path
     emulator = BinanceEmulator(
         SimVenueSettings(seed=7, symbols=["SFPUSDT", "BTCUSDT"]), api_key=API_KEY, api_secret=API_SECRET
     )
-    venue = {
-        "TSBOT_VENUE__KIND": "binanceusdm",
-        "TSBOT_VENUE__API_KEY": API_KEY,
-        "TSBOT_VENUE__API_SECRET": API_SECRET,
-    }
     async with running(emulator) as url:
         said = [
-            await asyncio.to_thread(
-                _subprocess,
-                TSBOT,
-                "signals",
-                "add",
-                symbol,
-                "long",
-                cwd=workdir,
-                TSBOT_VENUE__BASE_URL=url,
-                **venue,
-            )
+            await asyncio.to_thread(_on_binance, url, "signals", "add", symbol, "long", cwd=workdir)
             for symbol in ("BTCUSDT", "ETHUSDT")
         ]
     listed, unlisted = said
@@ -144,18 +145,7 @@ async def test_a_signal_is_checked_against_the_wire_venues_markets(workdir: Path
 
 def test_a_signal_whose_venue_cannot_be_read_is_added_and_said_unchecked(workdir: Path) -> None:
     url = f"http://127.0.0.1:{_closed_port()}"
-    result = _subprocess(
-        TSBOT,
-        "signals",
-        "add",
-        "BTCUSDT",
-        "long",
-        cwd=workdir,
-        TSBOT_VENUE__KIND="binanceusdm",
-        TSBOT_VENUE__BASE_URL=url,
-        TSBOT_VENUE__API_KEY=API_KEY,
-        TSBOT_VENUE__API_SECRET=API_SECRET,
-    )
+    result = _on_binance(url, "signals", "add", "BTCUSDT", "long", cwd=workdir)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("signal 1 added: BTCUSDT long"), result.stdout
     assert result.stderr.startswith("tsbot: signal symbols not checked against the venue's markets ("), result
@@ -407,16 +397,12 @@ def _closed_port() -> int:
 
 def test_a_venue_on_a_closed_port_is_one_line_couldnt_reach(workdir: Path) -> None:
     url = f"http://127.0.0.1:{_closed_port()}"
-    result = _subprocess(
-        TSBOT,
+    result = _on_binance(
+        url,
         "run",
         "--duration",
         "60",
         cwd=workdir,
-        TSBOT_VENUE__KIND="binanceusdm",
-        TSBOT_VENUE__BASE_URL=url,
-        TSBOT_VENUE__API_KEY=API_KEY,
-        TSBOT_VENUE__API_SECRET=API_SECRET,
         # The start tries its reads six times (31 s of backoff at the defaults): the same tries, shorter.
         TSBOT_PROTECTION__RETRY_INITIAL_SECONDS="0.1",
         TSBOT_PROTECTION__RETRY_MAX_SECONDS="1",
@@ -431,17 +417,7 @@ def test_the_duration_counts_from_the_start_and_ends_a_start_that_keeps_trying(w
     with what the start waited for."""
     url = f"http://127.0.0.1:{_closed_port()}"
     began = time.monotonic()
-    result = _subprocess(
-        TSBOT,
-        "run",
-        "--duration",
-        "2",
-        cwd=workdir,
-        TSBOT_VENUE__KIND="binanceusdm",
-        TSBOT_VENUE__BASE_URL=url,
-        TSBOT_VENUE__API_KEY=API_KEY,
-        TSBOT_VENUE__API_SECRET=API_SECRET,
-    )
+    result = _on_binance(url, "run", "--duration", "2", cwd=workdir)
     took = time.monotonic() - began
     # What ended it, and what the start waited for (a reviewer: "stopped" hid both).
     _assert_one_line(
@@ -468,16 +444,7 @@ async def test_a_key_the_venue_refuses_stops_the_start_with_one_line(
     )
     async with running(emulator) as url:
         result = await asyncio.to_thread(
-            _subprocess,
-            TSBOT,
-            "run",
-            "--duration",
-            "30",
-            cwd=workdir,
-            TSBOT_VENUE__KIND="binanceusdm",
-            TSBOT_VENUE__BASE_URL=url,
-            TSBOT_VENUE__API_KEY=key,
-            TSBOT_VENUE__API_SECRET=secret,
+            _on_binance, url, "run", "--duration", "30", cwd=workdir, key=key, secret=secret
         )
     _assert_one_line(result, 2, f"tsbot: venue binanceusdm refused the API key at start ({said})")
     assert key not in result.stderr

@@ -13,9 +13,11 @@ import asyncio
 import time
 from decimal import Decimal
 
+import pytest
+
 from engine.clock import ManualClock
 from engine.engine import STARTUP_UNKNOWN_SECONDS
-from engine.exchange.port import OrderSide
+from engine.exchange.port import Order, OrderSide
 from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, FaultKind
 from protection.order_ids import client_order_id
@@ -158,56 +160,24 @@ async def test_an_entry_waiting_for_a_leftover_stop_asks_the_manager_a_restart_b
         await drive(clock, engine.stop())
 
 
-async def test_an_orphan_whose_cancel_failed_keeps_its_symbol_from_a_new_position(db: Database) -> None:
-    """A reconcile pass finds a stop of ours on a flat symbol (left by an earlier run) and its cancel is
-    refused: it was only logged, so a signal for the symbol opened a position beside that stop. It is now
-    cancelled again, and the symbol takes no new position until it is gone."""
-    settings = engine_settings(db.target.dsn, {"SIGNALS__MAX_POSITIONS": "100"})
-    clock = ManualClock(start=time.time())
-    venue = SimVenue(settings.venue.sim, clock=clock)
-    engine = make_engine(settings, clock, venue)
-    await drive(clock, engine.start())
-    try:
-        core, now = venue.core, clock.now()
-        market = engine.markets[SYMBOL]
-        quantity = market.round_quantity(market.min_notional * 3 / core.mark(SYMBOL))
-        core.place_market_order(SYMBOL, OrderSide.BUY, quantity, "other-open", now)
-        assert engine.manager is not None
-        cid = client_order_id(engine.manager.token, 9_100, OrderPurpose.TRAILING_STOP, 0)
-        core.place_stop_market_order(
-            SYMBOL, OrderSide.SELL, quantity, market.round_price(core.mark(SYMBOL) * Decimal("0.9")), cid, now
-        )
-        core.place_market_order(SYMBOL, OrderSide.SELL, quantity, "other-close", now, reduce_only=True)
-        venue.inject_fault(CallKind.CANCEL_ORDER, FaultKind.SERVER_ERROR, count=2)
-        report = await drive(clock, engine.reconcile_now())
-        assert report.orphans_cancelled == []  # refused
-        assert engine.store is not None
-        await engine.store.insert_signals([(SYMBOL, "long", None, None)])
-        seen: list[int] = []
-
-        def settled() -> bool:
-            orders = core.open_protective_orders(clock.now(), SYMBOL)
-            seen.append(sum(1 for o in orders if o.client_order_id == cid) * len(core.positions(clock.now())))
-            manager = engine.manager
-            guard = manager.by_symbol.get(SYMBOL) if manager is not None else None
-            return guard is not None and guard.covered
-
-        await drive_until(clock, settled, what="the new position protected", step=0.02, limit=60.0)
-        assert max(seen) == 0, "a position was opened while the orphan stop was still live"
-        assert not [o for o in core.open_protective_orders(clock.now(), SYMBOL) if o.client_order_id == cid]
-    finally:
-        await drive(clock, engine.stop())
-
-
-async def test_an_orphan_cancelled_without_a_record_does_not_end_the_sweep_of_its_sibling(
-    db: Database,
+@pytest.mark.parametrize(
+    ("purposes", "refusals"),
+    [
+        ((OrderPurpose.TRAILING_STOP,), 2),
+        ((OrderPurpose.STOP_LOSS, OrderPurpose.TRAILING_STOP), 3),
+    ],
+    ids=["one-orphan", "two-orphans-one-refused-again-at-the-sweep"],
+)
+async def test_an_orphan_whose_cancel_failed_keeps_its_symbol_from_a_new_position(
+    db: Database, purposes: tuple[OrderPurpose, ...], refusals: int
 ) -> None:
-    """Two stops of ours on a flat symbol that this database has no rows for (an earlier run's, its
-    database restored from a backup), both cancels refused at the pass. At the sweep's first round one
-    cancel went through and the other was refused again: recording the first as cancelled found no row,
-    the error ended the sweep (unsaid: "Task exception was never retrieved" when the collector found it)
-    and freed the symbol, and a signal opened a position beside the other, still live (seen in a full test
-    run). A record missing is no reason to stop cancelling: the sweep goes on until the venue holds none."""
+    """A reconcile pass finds stops of ours on a flat symbol (left by an earlier run; this database has no
+    rows for them) and their cancels are refused: it was only logged, so a signal for the symbol opened a
+    position beside such a stop. They are now cancelled again, and the symbol takes no new position until
+    they are gone. Two of them, one refused again at the sweep's first round: recording the other as
+    cancelled found no row, the error ended the sweep (unsaid: "Task exception was never retrieved" when
+    the collector found it) and freed the symbol, and a signal opened a position beside the one still live
+    (seen in a full test run). A record missing is no reason to stop cancelling."""
     settings = engine_settings(db.target.dsn, {"SIGNALS__MAX_POSITIONS": "100"})
     clock = ManualClock(start=time.time())
     venue = SimVenue(settings.venue.sim, clock=clock)
@@ -219,36 +189,33 @@ async def test_an_orphan_cancelled_without_a_record_does_not_end_the_sweep_of_it
         quantity = market.round_quantity(market.min_notional * 3 / core.mark(SYMBOL))
         core.place_market_order(SYMBOL, OrderSide.BUY, quantity, "other-open", now)
         assert engine.manager is not None
-        orphans = [
-            client_order_id(engine.manager.token, 9_100, purpose, 0)
-            for purpose in (OrderPurpose.STOP_LOSS, OrderPurpose.TRAILING_STOP)
-        ]
+        orphans = [client_order_id(engine.manager.token, 9_100, purpose, 0) for purpose in purposes]
         for cid in orphans:
             price = market.round_price(core.mark(SYMBOL) * Decimal("0.9"))
             core.place_stop_market_order(SYMBOL, OrderSide.SELL, quantity, price, cid, now)
         core.place_market_order(SYMBOL, OrderSide.SELL, quantity, "other-close", now, reduce_only=True)
-        # Both refused at the pass; at the sweep's first round the first of the two (the hard stop) again.
-        venue.inject_fault(CallKind.CANCEL_ORDER, FaultKind.SERVER_ERROR, count=3)
+        # Refused at the pass; a third refusal falls on the sweep's first round (the first of two).
+        venue.inject_fault(CallKind.CANCEL_ORDER, FaultKind.SERVER_ERROR, count=refusals)
         report = await drive(clock, engine.reconcile_now())
         assert report.orphans_cancelled == []
         assert engine.store is not None
         await engine.store.insert_signals([(SYMBOL, "long", None, None)])
         seen: list[int] = []
 
-        def settled() -> bool:
-            live = [
+        def live_orphans() -> list[Order]:
+            return [
                 o for o in core.open_protective_orders(clock.now(), SYMBOL) if o.client_order_id in orphans
             ]
-            seen.append(len(live) * len(core.positions(clock.now())))
+
+        def settled() -> bool:
+            seen.append(len(live_orphans()) * len(core.positions(clock.now())))
             manager = engine.manager
             guard = manager.by_symbol.get(SYMBOL) if manager is not None else None
             return guard is not None and guard.covered
 
         await drive_until(clock, settled, what="the new position protected", step=0.02, limit=60.0)
         assert max(seen) == 0, "a position was opened while an orphan stop was still live"
-        assert not [
-            o for o in core.open_protective_orders(clock.now(), SYMBOL) if o.client_order_id in orphans
-        ]
+        assert not live_orphans()
     finally:
         await drive(clock, engine.stop())
 
