@@ -252,7 +252,7 @@ class BinanceStreams:
         if not isinstance(name, str):
             return
         now = time.monotonic()
-        self._marks.seen[name] = now
+        self._marks.heard(name, now)
         rows = data if isinstance(data, list) else [data]
         marks = []
         for row in rows:
@@ -264,7 +264,7 @@ class BinanceStreams:
                 continue
             marks.append(MarkPrice(symbol, price, _seconds(row.get("E"), time.time())))
             if name == ALL_MARKS_STREAM:
-                self._marks.seen[mark_stream_name(symbol)] = now
+                self._marks.heard(mark_stream_name(symbol), now)
         for mark in marks:
             self._marks.offer(mark)
 

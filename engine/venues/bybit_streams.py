@@ -296,7 +296,7 @@ class BybitStreams:
         if not isinstance(topic, str) or not topic.startswith("tickers.") or not isinstance(data, dict):
             return
         symbol = topic[len("tickers.") :]
-        self._marks.seen[topic] = time.monotonic()
+        self._marks.heard(topic, time.monotonic())
         if payload.get("type") == "snapshot":
             state = self._tickers[symbol] = dict(data)
         else:

@@ -406,6 +406,7 @@ class MarkTopics:
         self._poll_seconds = poll_seconds
         self.wanted: dict[str, int] = {}  # name -> readers wanting it
         self.seen: dict[str, float] = {}  # name -> monotonic of its last data
+        self.data_at: float | None = None  # monotonic of the last data on the socket (not a pong or an ack)
         self._asked: dict[str, float] = {}  # name -> monotonic of our last subscribe for it
         self._fallback_failure_said_at = -math.inf  # monotonic: a failing REST fallback said last
         self.watchers: list[MarkWatcher] = []
@@ -507,6 +508,11 @@ class MarkTopics:
             self.seen[name] = max(self.seen.get(name, 0.0), now - self._settings.stale_mark_seconds / 2)
         return names
 
+    def heard(self, name: str, now: float) -> None:
+        """Data of stream `name` came now (monotonic)."""
+        self.seen[name] = now
+        self.data_at = now
+
     def offer(self, mark: MarkPrice) -> None:
         for watcher in self.watchers:
             watcher.offer(mark)
@@ -528,7 +534,10 @@ class MarkTopics:
         return StreamState(
             name="marks",
             connected=self._socket.connected,
-            last_event_at=engine_clock(self._socket.last_message_at),
+            # Its last data, not the socket's last frame: pongs and acks kept "marks up 0.5s ago" and the
+            # metric young through 26 s of a subscription dropped again and again while the newest mark
+            # aged (a reviewer; the prices component said that age, the stream's words did not).
+            last_event_at=engine_clock(self.data_at),
             reconnects=self._socket.reconnects,
             subscriptions=len(self.wanted),
             detail=detail,

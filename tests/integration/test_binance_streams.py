@@ -524,3 +524,20 @@ async def test_a_fired_trailing_stop_is_told_with_our_id_and_its_fill() -> None:
         )
         filled = r.updates("trail-1")[-1].order
         assert filled.average_price == (await r.venue.fetch_order(SYMBOL, "trail-1")).average_price
+
+
+async def test_the_marks_streams_last_event_is_its_last_data_not_a_pong() -> None:
+    """The venue forgot the mark subscription (`drop_subscription`): the connection stays up and answers
+    pings, no mark comes. The stream's "last event" counted every frame, pongs and acks included: the
+    metric and the health words said "marks up 0.5s ago" through 26 s of silence while the newest mark
+    aged (a reviewer). It is the last data now."""
+    async with rig(symbols=[SYMBOL]) as r:
+        await wait_until(lambda: _stream_marks_since(r, time.monotonic() - 1.0), what="marks flowing")
+        await r.post("/_sim/stream-fault", {"fault": "drop_subscription"})
+        dropped_at = time.monotonic()
+        # Idle for half the stall time, the client pings and the venue answers: a frame, no data.
+        await asyncio.sleep(FAST.stall_seconds * 0.8)
+        marks = {s.name: s for s in r.venue.stream_states()}["marks"]
+        assert marks.connected
+        assert marks.last_event_at is not None
+        assert marks.last_event_at <= dropped_at + 0.2, (marks.last_event_at - dropped_at, marks)
