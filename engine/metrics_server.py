@@ -396,7 +396,10 @@ class EngineCollector(Collector):
             "status": verdict.status,
             "reason": verdict.reason,
             "engine": engine.state.value,
-            "account": engine.settings.venue.account,
+            # The account as `tsbot status` names it (its identity), and the operator's label beside it:
+            # "default" here beside "sim:default" there read as two accounts (an operator).
+            "account": engine.account_key,
+            "account_label": engine.settings.venue.account,
             "health_age_seconds": None if measured is None else round(now - measured, 3),
             "components": {str(c.component): c.state.value for c in components},
             "open_positions": figures.active,

@@ -155,6 +155,8 @@ async def test_metrics_follow_the_venue_truth_and_healthz_turns_503_when_critica
         assert value(found, "tsbot_protection_failures_total", **{"class": "server_error"}) == 0
         status, body = await healthz(engine)
         assert (status, body["status"], body["uncovered"], body["open_positions"]) == (200, "ok", 0, 3)
+        # Named as `tsbot status` names it (it said "default" where status said "sim:default").
+        assert (body["account"], body["account_label"]) == ("sim:default", "default")
 
         # The venue loses one hard stop, and every protective order fails from now on (HTTP 500).
         victim = guards[1]
