@@ -321,6 +321,7 @@ STUCK_CHECK_MIN_SECONDS = 0.5  # the least a stuck stop's re-check may take (a r
 # A protective create whose answer is this late (in order round trips, and never before the venue's
 # read-after-write lag or this floor) is looked up by its client id while the call goes on.
 FIRST_RETRY_MIN_SECONDS = 0.05  # the least a naked position's first retry waits (a round trip, unknown yet)
+CLOCK_READ_WAITED_SHARE = 0.9  # a refused timestamp's wait for the venue's time, waited out at this share
 LATE_ANSWER_ROUND_TRIPS = 4
 # A venue's read-after-write lag counts from when the order reached it, a one-way trip after our send; a
 # look reaches it a one-way trip after it leaves. So a look proves an order absent only once it left this
@@ -2485,10 +2486,20 @@ class PositionGuard:
             # The venue said when it will take orders again: retry then, not on our own backoff clock.
             self.retry_at = m.clock.monotonic() + m.hold_orders_for(exc)
         elif isinstance(exc, ClockRefused) and isinstance(m.venue, ReadsVenueTime):
-            # Sent again, signed anew, once the adapter has read the venue's time (at most a call budget):
-            # on its own backoff it went with the old offset, refused again, every few tenths of a second.
-            await m.venue.venue_time_read(float(m.config.call_timeout_seconds))
-            self.retry_at = m.clock.monotonic()
+            # Sent again, signed anew, as soon as the adapter has read the venue's time: on its own backoff
+            # it went with the old offset and was refused again every few tenths of a second. Waited for
+            # no longer than its backoff or a quarter of grace (a read answering 9 s late kept a hard stop
+            # off 9.5 s where a resend went through in 1.5 s), and sent at once only after a read that
+            # succeeded or that wait: a read failing fast, the clock still wrong, made a resend loop with
+            # no backoff (82 sends in 20 s; r70). (A read made since this send left: an older one set the
+            # offset the refusal was signed with.)
+            sent_at = order.sent_at if order.sent_at is not None else m.clock.monotonic()
+            failures = self._move_failures if order is self._replacement else self.failures
+            wait = max(self._retry_delay(failures + 1, predicted=True), float(m.config.grace_seconds) / 4)
+            began = m.clock.monotonic()
+            read = await m.venue.venue_time_read(wait, since=sent_at)
+            if read or m.clock.monotonic() - began >= wait * CLOCK_READ_WAITED_SHARE:
+                self.retry_at = m.clock.monotonic()
         if isinstance(exc, Rejected):
             await m.store.set_order_status(cid, OrderRecordStatus.REJECTED, error=_short(exc))
             # A rejected id is spent on the venue; the next attempt needs a fresh one.

@@ -20,6 +20,7 @@ Protective orders are always reduce-only and trigger on the mark price. Errors a
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import AsyncIterator, Collection, Iterable, Mapping
 from dataclasses import dataclass
@@ -435,9 +436,11 @@ class ReadsVenueTime(Protocol):
     """A venue adapter that reads the venue's time again when a request's timestamp is refused (Binance
     -1021, Bybit 10002: `ClockRefused`), beside the refusal."""
 
-    async def venue_time_read(self, limit: float) -> None:
+    async def venue_time_read(self, limit: float, since: float = -math.inf) -> bool:
         """Until the venue's time being read again has been read (at once if none is being read), at most
-        `limit` seconds."""
+        `limit` seconds; whether it was read successfully at or after `since` (monotonic, the engine's
+        clock: a refusal's moment) — False when the read failed, is still under way at `limit`, or none
+        was made for it."""
         ...
 
 

@@ -251,6 +251,7 @@ _BINANCE_UNKNOWN_OUTCOME = {-1006, -1007}  # "execution status unknown"
 # A request's timestamp refused, never run: the venue's time is read again at once (`_resync_clock`).
 _CLOCK_REFUSALS: dict[str, frozenset[int]] = {BINANCEUSDM: frozenset({-1021}), BYBIT: frozenset({10002})}
 CLOCK_RESYNC_MIN_SECONDS = 5.0
+CLOCK_FAILURE_SAID_EVERY_SECONDS = 60.0
 _BINANCE_NOT_EXECUTED = {-1008, -1021, -1001}  # server busy, timestamp outside recvWindow, disconnected
 _BINANCE_NOT_FOUND = {-2013, -2011, -20124}
 _BINANCE_DUPLICATE = {-4116, -20132}
@@ -564,6 +565,8 @@ class CcxtVenue(RequestHooks):
         self._connected = False
         self._clock_resync: asyncio.Task[None] | None = None  # the venue's time being read again
         self._clock_resynced_at = -math.inf  # (monotonic) when it was last read again for a refusal
+        self._clock_read_at = -math.inf  # (monotonic) when the venue's time was last read successfully
+        self._clock_failure_said_at = -math.inf  # (monotonic) a failed read of it last said at WARNING
         self._ip_bans = IpBanLedger(config.ip_ban_record, bybit_limits.IP_BAN_SECONDS)
         self._ban_host = (
             urlsplit(config.base_url).netloc or f"{self.kind}{'-testnet' if config.testnet else ''}"
@@ -756,10 +759,11 @@ class CcxtVenue(RequestHooks):
             self._read_venue_time(refusal), name=f"{self.kind}-clock-resync", context=contextvars.Context()
         )
 
-    async def venue_time_read(self, limit: float) -> None:
+    async def venue_time_read(self, limit: float, since: float = -math.inf) -> bool:
         running = self._clock_resync
         if running is not None and not running.done():
             await asyncio.wait({running}, timeout=limit)  # (not cancelled at the limit: it runs on)
+        return self._clock_read_at >= since
 
     async def _read_venue_time(self, refusal: ExchangeError) -> None:
         before = self._exchange.options.get("timeDifference", 0)
@@ -767,10 +771,21 @@ class CcxtVenue(RequestHooks):
             await self._exchange.load_time_difference()
         except Exception as exc:  # said; the next refusal tries again, at once
             self._clock_resynced_at = -math.inf
-            logger.warning(
-                "%s: the venue refused our clock (%s); reading its time failed: %s", self.kind, refusal, exc
+            # Said once a minute while it lasts: each refused resend of each naked position tried again (r70:
+            # six WARNING lines a second while the venue's time endpoint failed).
+            now = self._clock.monotonic()
+            said = now - self._clock_failure_said_at < CLOCK_FAILURE_SAID_EVERY_SECONDS
+            if not said:
+                self._clock_failure_said_at = now
+            logger.log(
+                logging.DEBUG if said else logging.WARNING,
+                "%s: the venue refused our clock (%s); reading its time failed: %s",
+                self.kind,
+                refusal,
+                exc,
             )
             return
+        self._clock_read_at = self._clock.monotonic()
         after = self._exchange.options.get("timeDifference", 0)
         logger.warning(
             "%s: the venue refused a request's timestamp (%s): our clock was off from the venue's; its time "
