@@ -525,16 +525,17 @@ SYMBOL_CHECK_SECONDS = 10.0  # the venue's markets read for `signals add` / `imp
 
 
 async def _unlisted_symbols(loaded: LoadedConfig, symbols: set[str]) -> tuple[set[str], str]:
-    """Those of `symbols` the configured venue does not list, and "" — or none and why they could not be
-    checked. An unknown symbol was taken as added ("signal 33 added: FOOBARUSDT long", exit 0) and only the
-    engine's log said later that it was rejected (an operator). The sim venue's markets are its own; a
-    ccxt venue's are read as the engine reads them (public, a request of weight 1)."""
+    """Those of `symbols` the configured venue does not list as trading, and "" — or none and why they
+    could not be checked. An unknown symbol was taken as added ("signal 33 added: FOOBARUSDT long", exit 0)
+    and only the engine's log said later that it was rejected (an operator); so was one the venue lists
+    as settling (a reviewer). The sim venue's markets are its own; a ccxt venue's are read as the engine
+    reads them (public, a request of weight 1)."""
     settings = loaded.settings
     if settings.venue.kind is VenueKind.SIM:
         from engine.venues.sim import SimVenue
 
         markets = SimVenue(settings.venue.sim, clock=SystemClock()).core.markets  # (no book: nothing kept)
-        return symbols - set(markets), ""
+        return {s for s in symbols if s not in markets or not markets[s].trading}, ""
     venue = build_venue(settings, SystemClock())
     try:
         async with asyncio.timeout(SYMBOL_CHECK_SECONDS):
@@ -544,7 +545,7 @@ async def _unlisted_symbols(loaded: LoadedConfig, symbols: set[str]) -> tuple[se
         return set(), f"not checked against the venue's markets ({one_line(str(exc) or type(exc).__name__)})"
     finally:
         await venue.close()
-    return symbols - set(markets), ""
+    return {s for s in symbols if s not in markets or not markets[s].trading}, ""
 
 
 async def _insert_signals(loaded: LoadedConfig, signals: list[SignalInput]) -> list[int]:
@@ -552,7 +553,7 @@ async def _insert_signals(loaded: LoadedConfig, signals: list[SignalInput]) -> l
     if unlisted:
         shown = ", ".join(sorted(unlisted)[:10]) + (" …" if len(unlisted) > 10 else "")
         raise UsageError(
-            f"signal: {shown} {'is' if len(unlisted) == 1 else 'are'} not listed on "
+            f"signal: {shown} {'is' if len(unlisted) == 1 else 'are'} not listed as trading on "
             f"{loaded.settings.venue.kind.value}; nothing was inserted"
         )
     if unchecked:

@@ -21,11 +21,14 @@ import time
 import uuid
 from pathlib import Path
 
+import aiohttp
 import asyncpg
 import pytest
 
 from engine import cli
 from engine.venues.binance_emulator import BinanceEmulator, running
+from engine.venues.bybit_emulator import BybitEmulator
+from engine.venues.bybit_emulator import running as running_bybit
 from engine.venues.sim import SimVenueSettings
 from storage.embedded import EmbeddedPostgres
 from tests.support.cli_runner import CliResult, run_in_process
@@ -112,14 +115,14 @@ def test_a_signal_for_a_symbol_the_venue_does_not_list_is_refused_and_nothing_in
     _one_line(
         tsbot("signals", "add", "FOOBARUSDT", "long", cwd=workdir),
         2,
-        "tsbot: signal: FOOBARUSDT is not listed on sim; nothing was inserted",
+        "tsbot: signal: FOOBARUSDT is not listed as trading on sim; nothing was inserted",
     )
     lines = workdir / "wave.jsonl"
     lines.write_text('{"symbol": "SFPUSDT", "side": "long"}\n{"symbol": "NOPEUSDT", "side": "short"}\n')
     _one_line(
         tsbot("signals", "import", str(lines), cwd=workdir),
         2,
-        "tsbot: signal: NOPEUSDT is not listed on sim; nothing was inserted",
+        "tsbot: signal: NOPEUSDT is not listed as trading on sim; nothing was inserted",
     )
     added = tsbot("signals", "add", "SFPUSDT", "long", cwd=workdir)
     assert added.code == 0, added.stderr
@@ -140,7 +143,40 @@ async def test_a_signal_is_checked_against_the_wire_venues_markets(workdir: Path
     listed, unlisted = said
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.startswith("signal 1 added: BTCUSDT long"), listed.stdout
-    _assert_one_line(unlisted, 2, "tsbot: signal: ETHUSDT is not listed on binanceusdm; nothing was inserted")
+    _assert_one_line(
+        unlisted, 2, "tsbot: signal: ETHUSDT is not listed as trading on binanceusdm; nothing was inserted"
+    )
+
+
+async def test_a_signal_for_a_symbol_the_venue_lists_as_settling_is_refused(workdir: Path) -> None:
+    """Bybit lists a symbol it is settling, but takes no order on it (110063): `signals add` said it was
+    added, and the engine's log said later it was refused (a reviewer)."""
+    emulator = BybitEmulator(
+        SimVenueSettings(seed=7, symbols=["SOLUSDT", "BTCUSDT"]),
+        api_key=API_KEY,
+        api_secret=API_SECRET,
+        control=True,
+    )
+    async with running_bybit(emulator) as url, aiohttp.ClientSession() as control:
+        body = {"symbol": "SOLUSDT", "status": "Settling"}
+        async with control.post(f"{url}/_sim/symbol-status", json=body) as answer:
+            assert answer.status == 200, await answer.text()
+        result = await asyncio.to_thread(
+            _subprocess,
+            TSBOT,
+            "signals",
+            "add",
+            "SOLUSDT",
+            "long",
+            cwd=workdir,
+            TSBOT_VENUE__KIND="bybit",
+            TSBOT_VENUE__BASE_URL=url,
+            TSBOT_VENUE__API_KEY=API_KEY,
+            TSBOT_VENUE__API_SECRET=API_SECRET,
+        )
+    _assert_one_line(
+        result, 2, "tsbot: signal: SOLUSDT is not listed as trading on bybit; nothing was inserted"
+    )
 
 
 def test_a_signal_whose_venue_cannot_be_read_is_added_and_said_unchecked(workdir: Path) -> None:
