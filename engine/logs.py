@@ -24,7 +24,9 @@ LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
 MAX_LOG_MESSAGE_CHARS = 4000
 
 
-SHORT_SECRET_CHARS = 8  # shorter secrets are masked as whole tokens only (see `RedactingFormatter`)
+# Shorter secrets are masked as whole tokens only (see `RedactingFormatter`); from 6 characters, everywhere
+# (a 6-character secret glued to other text, `abc123x`, was shown when this was 8: a reviewer).
+SHORT_SECRET_CHARS = 6
 
 
 class LogFileError(Exception):

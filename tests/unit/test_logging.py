@@ -48,9 +48,14 @@ def test_secrets_and_dsn_passwords_are_redacted_at_the_handler(tmp_path: Path) -
 def test_a_short_secret_is_masked_where_it_stands_alone_not_inside_every_word() -> None:
     """An operator's test secret `s`: every log line read "engine.venue***.binance_emulator.***erver …
     ***erving". A real key is tens of characters; one this short is masked as a token of its own."""
-    formatter = RedactingFormatter(["s", "0123456789abcdef"])
+    formatter = RedactingFormatter(["s", "0123456789abcdef", "abc123"])
     said = formatter.redact("engine.venues.binance_emulator.server serving; secret=s key 0123456789abcdef")
     assert said == "engine.venues.binance_emulator.server serving; secret=*** key ***"
+    # From six characters a secret is masked wherever it stands, glued to other text too.
+    assert (
+        formatter.redact("apikey=abc123x origin_string[1796abc1235000]")
+        == "apikey=***x origin_string[1796***5000]"
+    )
 
 
 def _close_root_handlers() -> None:
