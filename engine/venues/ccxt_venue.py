@@ -251,6 +251,7 @@ _BINANCE_UNKNOWN_OUTCOME = {-1006, -1007}  # "execution status unknown"
 # A request's timestamp refused, never run: the venue's time is read again at once (`_resync_clock`).
 _CLOCK_REFUSALS: dict[str, frozenset[int]] = {BINANCEUSDM: frozenset({-1021}), BYBIT: frozenset({10002})}
 CLOCK_RESYNC_MIN_SECONDS = 5.0
+CLOCK_BURST_SECONDS = 1.0  # refusals this soon after a read answered were signed before it
 CLOCK_FAILURE_SAID_EVERY_SECONDS = 60.0
 _BINANCE_NOT_EXECUTED = {-1008, -1021, -1001}  # server busy, timestamp outside recvWindow, disconnected
 _BINANCE_NOT_FOUND = {-2013, -2011, -20124}
@@ -752,7 +753,12 @@ class CcxtVenue(RequestHooks):
         if self._closed or (running is not None and not running.done()):
             return
         now = self._clock.monotonic()
-        if now - self._clock_resynced_at < CLOCK_RESYNC_MIN_SECONDS:
+        # A burst of refusals signed before the last read answered reads nothing more; one signed after it
+        # proves that read stale: read again (the clock moved back 1.5 s after a read, and refusals went on
+        # until 5 s after it: 42 hard stops off up to 9.4 s and the breaker tripped; a reviewer).
+        if now - self._clock_resynced_at < CLOCK_RESYNC_MIN_SECONDS and now - self._clock_read_at < (
+            CLOCK_BURST_SECONDS
+        ):
             return
         self._clock_resynced_at = now
         self._clock_resync = asyncio.get_running_loop().create_task(

@@ -580,6 +580,35 @@ async def test_a_signed_call_refused_for_its_timestamp_reads_the_venues_clock_ag
         await wait_until(signed_right, within=5.0, what="a signed call taken again")
 
 
+async def test_a_clock_that_moves_again_soon_after_a_read_is_read_again() -> None:
+    """The venue's clock moved 60 s, was read, then moved back 1.5 s later: the next refusals, signed with
+    the offset just read, found the time read again only 5 s after the first read (42 hard stops off up to
+    9.4 s and the breaker tripped, a reviewer). A refusal a second after the last read reads it again."""
+    async with rig(symbols=[SYMBOL]) as r:
+        await r.venue.fetch_positions()
+
+        async def skew(seconds: float) -> None:
+            async with r.control.post(f"{r.base_url}/_sim/skew", json={"seconds": seconds}) as answer:
+                assert answer.status == 200
+
+        async def signed_right() -> bool:
+            try:
+                return await r.venue.fetch_positions() == []
+            except Retryable:
+                return False
+
+        await skew(60)
+        with pytest.raises(Retryable):
+            await r.venue.fetch_positions()
+        await wait_until(signed_right, within=5.0, what="signed right after the first read")
+        read_at = time.monotonic()
+        await asyncio.sleep(1.5)
+        await skew(0)  # back: the offset just read is 60 s wrong now
+        await wait_until(signed_right, within=10.0, what="signed right after the clock moved back")
+        # Read again at the first refusal after it, not 5 s after the first read.
+        assert time.monotonic() - read_at < 4.0, time.monotonic() - read_at
+
+
 async def test_a_call_refused_for_its_timestamp_is_not_held_while_the_venues_clock_is_read() -> None:
     """Every caller refused with 10002 waited for the venue's time to be read again before its refusal was
     raised: with that read slow (up to the HTTP timeout, as long as a call's whole budget), a protective
