@@ -142,10 +142,20 @@ class EngineCollector(Collector):
 
         info = GaugeMetricFamily(
             "tsbot_engine_info",
-            "The engine: version, venue, account label and mode (value 1).",
-            labels=["version", "venue", "account", "mode"],
+            "The engine: version, venue, account (its identity, as tsbot status and /healthz name it), its "
+            "label and mode (value 1).",
+            labels=["version", "venue", "account", "account_label", "mode"],
         )
-        info.add_metric([engine.version, engine.exchange_name, engine.settings.venue.account, engine.mode], 1)
+        info.add_metric(
+            [
+                engine.version,
+                engine.exchange_name,
+                engine.account_key,
+                engine.settings.venue.account,
+                engine.mode,
+            ],
+            1,
+        )
         yield info
         states = GaugeMetricFamily(
             "tsbot_engine_state", "1 for the engine's lifecycle state, 0 for the others.", labels=["state"]

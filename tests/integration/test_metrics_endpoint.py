@@ -297,15 +297,20 @@ async def test_two_engines_in_one_process_keep_their_own_figures(db: Database) -
         await drive(clock, second.start())
         try:
             one, two = await scrape(first), await scrape(second)
-            assert (
-                value(one, "tsbot_engine_info", account="one", mode="SIM", venue="sim", version="test") == 1
-            )
-            assert (
-                value(two, "tsbot_engine_info", account="two", mode="SIM", venue="sim", version="test") == 1
-            )
+            # The account as status and /healthz name it, the label beside it (a reviewer: "default" here
+            # beside "sim:default" there).
+            labels = {"mode": "SIM", "venue": "sim", "version": "test"}
+            assert value(one, "tsbot_engine_info", account="sim:one", account_label="one", **labels) == 1
+            assert value(two, "tsbot_engine_info", account="sim:two", account_label="two", **labels) == 1
             assert (
                 "tsbot_engine_info",
-                (("account", "two"), ("mode", "SIM"), ("venue", "sim"), ("version", "test")),
+                (
+                    ("account", "sim:two"),
+                    ("account_label", "two"),
+                    ("mode", "SIM"),
+                    ("venue", "sim"),
+                    ("version", "test"),
+                ),
             ) not in one
             assert first.metrics_server.port != second.metrics_server.port  # type: ignore[union-attr]
         finally:
@@ -426,7 +431,15 @@ async def test_a_second_engine_on_the_account_is_told_who_holds_it_not_that_the_
         # The first one's endpoint is untouched: it still answers with its own figures.
         figures = await scrape(first)
         assert (
-            value(figures, "tsbot_engine_info", account="default", mode="SIM", venue="sim", version="test")
+            value(
+                figures,
+                "tsbot_engine_info",
+                account="sim:default",
+                account_label="default",
+                mode="SIM",
+                venue="sim",
+                version="test",
+            )
             == 1
         )
     finally:
