@@ -1,6 +1,11 @@
-"""Counts said in words an operator reads: `1 open position`, `2 open positions`."""
+"""Words an operator reads: counts (`1 open position`, `2 open positions`), and how often a lasting
+failure is said."""
 
 from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
 
 
 def counted(count: int, noun: str, plural: str | None = None) -> str:
@@ -10,4 +15,23 @@ def counted(count: int, noun: str, plural: str | None = None) -> str:
     return f"{count} {plural if plural is not None else noun + 's'}"
 
 
-__all__ = ["counted"]
+@dataclass(slots=True)
+class SaidEvery:
+    """A lasting failure's log level: WARNING when it begins and once per `seconds` while it lasts, DEBUG
+    in between (a failure met every second was said 116 times in a row, and buried the rest)."""
+
+    seconds: float
+    said_at: float = -math.inf  # (monotonic) when it was last said at WARNING
+
+    def level(self, now: float) -> int:
+        if now - self.said_at < self.seconds:
+            return logging.DEBUG
+        self.said_at = now
+        return logging.WARNING
+
+    def ended(self) -> None:
+        """It is over: the next failure is a new one, said at once."""
+        self.said_at = -math.inf
+
+
+__all__ = ["SaidEvery", "counted"]

@@ -92,6 +92,7 @@ from engine.venues.binance_streams import StreamSettings
 from engine.venues.ip_bans import IpBanLedger
 from engine.venues.read_hedge import ReadHedger, mark_sent
 from engine.venues.stream_client import VenueStreams
+from engine.words import SaidEvery
 
 logger = logging.getLogger(__name__)
 
@@ -567,7 +568,7 @@ class CcxtVenue(RequestHooks):
         self._clock_resync: asyncio.Task[None] | None = None  # the venue's time being read again
         self._clock_resynced_at = -math.inf  # (monotonic) when it was last read again for a refusal
         self._clock_read_at = -math.inf  # (monotonic) when the venue's time was last read successfully
-        self._clock_failure_said_at = -math.inf  # (monotonic) a failed read of it last said at WARNING
+        self._clock_failure = SaidEvery(CLOCK_FAILURE_SAID_EVERY_SECONDS)  # a failed read of it, said
         self._ip_bans = IpBanLedger(config.ip_ban_record, bybit_limits.IP_BAN_SECONDS)
         self._ban_host = (
             urlsplit(config.base_url).netloc or f"{self.kind}{'-testnet' if config.testnet else ''}"
@@ -779,12 +780,8 @@ class CcxtVenue(RequestHooks):
             self._clock_resynced_at = -math.inf
             # Said once a minute while it lasts: each refused resend of each naked position tried again (r70:
             # six WARNING lines a second while the venue's time endpoint failed).
-            now = self._clock.monotonic()
-            said = now - self._clock_failure_said_at < CLOCK_FAILURE_SAID_EVERY_SECONDS
-            if not said:
-                self._clock_failure_said_at = now
             logger.log(
-                logging.DEBUG if said else logging.WARNING,
+                self._clock_failure.level(self._clock.monotonic()),
                 "%s: the venue refused our clock (%s); reading its time failed: %s",
                 self.kind,
                 refusal,
@@ -792,6 +789,7 @@ class CcxtVenue(RequestHooks):
             )
             return
         self._clock_read_at = self._clock.monotonic()
+        self._clock_failure.ended()
         after = self._exchange.options.get("timeDifference", 0)
         logger.warning(
             "%s: the venue refused a request's timestamp (%s): our clock was off from the venue's; its time "

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import random
 import time
 from collections import OrderedDict
@@ -30,7 +29,7 @@ import aiohttp
 
 from engine.exchange.errors import ExchangeError
 from engine.exchange.port import AccountEvent, MarkPrice, OrderStatus, StreamState
-from engine.words import counted
+from engine.words import SaidEvery, counted
 
 logger = logging.getLogger(__name__)
 FALLBACK_FAILURE_SAID_EVERY_SECONDS = 60.0
@@ -408,7 +407,7 @@ class MarkTopics:
         self.seen: dict[str, float] = {}  # name -> monotonic of its last data
         self.data_at: float | None = None  # monotonic of the last data on the socket (not a pong or an ack)
         self._asked: dict[str, float] = {}  # name -> monotonic of our last subscribe for it
-        self._fallback_failure_said_at = -math.inf  # monotonic: a failing REST fallback said last
+        self._fallback_failure = SaidEvery(FALLBACK_FAILURE_SAID_EVERY_SECONDS)
         self.watchers: list[MarkWatcher] = []
         self.fallback_symbols: set[str] = set()
 
@@ -476,18 +475,14 @@ class MarkTopics:
             marks = await self._rest_marks(wanted)
         except ExchangeError as error:
             # Said once a minute while it lasts: a ban refused it every second, 116 times in a row.
-            now = time.monotonic()
-            said = now - self._fallback_failure_said_at < FALLBACK_FAILURE_SAID_EVERY_SECONDS
-            if not said:
-                self._fallback_failure_said_at = now
             logger.log(
-                logging.DEBUG if said else logging.WARNING,
+                self._fallback_failure.level(time.monotonic()),
                 "%s marks: REST fallback failed (%s); marks go stale",
                 self._venue,
                 type(error).__name__,
             )
             return
-        self._fallback_failure_said_at = -math.inf
+        self._fallback_failure.ended()
         for mark in marks.values():
             if self._on_rest_mark is not None:
                 self._on_rest_mark(mark)

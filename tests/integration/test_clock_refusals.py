@@ -12,6 +12,8 @@ import asyncio
 import itertools
 import logging
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import aiohttp
 import pytest
@@ -120,6 +122,22 @@ async def test_stops_refused_for_their_timestamp_are_sent_again_after_the_time_r
         assert rejected == []
 
 
+@asynccontextmanager
+async def _protected_on_bybit(
+    db: Database, count: int
+) -> AsyncIterator[tuple[Engine, BybitEmulator, list[str]]]:
+    """An engine on the Bybit-wire emulator with `count` long positions, each with both stops confirmed."""
+    emulator = BybitEmulator(
+        SimVenueSettings(seed=7, volatility=0.0), api_key=KEY, api_secret=SECRET, control=True
+    )
+    async with bybit_engine(db, emulator, {"PROTECTION__RECONCILE_SECONDS": "3600"}) as (engine, _rejected):
+        assert engine.store is not None
+        symbols = sorted(emulator.core.markets)[:count]
+        await engine.store.insert_signals([(symbol, "long", None, None) for symbol in symbols])
+        await _all_covered(engine, count, "the positions protected")
+        yield engine, emulator, symbols
+
+
 async def _bybit_stops_removed_with_the_clock_off(
     engine: Engine, emulator: BybitEmulator, skew: float, time_fault: str, symbols: list[str]
 ) -> None:
@@ -143,14 +161,7 @@ async def test_a_clock_fixed_before_the_slow_time_read_answers_gets_the_stop_bac
     guard waited for that read before sending its stop again: the hard stop was off the venue 9.5 s, where
     the guard's own backoff had it back in 1.5 s (r70). It waits at most a quarter of grace for the read."""
     caplog.set_level(logging.INFO)
-    emulator = BybitEmulator(
-        SimVenueSettings(seed=7, volatility=0.0), api_key=KEY, api_secret=SECRET, control=True
-    )
-    async with bybit_engine(db, emulator, {"PROTECTION__RECONCILE_SECONDS": "3600"}) as (engine, _rejected):
-        assert engine.store is not None
-        symbols = sorted(emulator.core.markets)[:2]
-        await engine.store.insert_signals([(symbol, "long", None, None) for symbol in symbols])
-        await _all_covered(engine, len(symbols), "two positions protected")
+    async with _protected_on_bybit(db, 2) as (engine, emulator, symbols):
         caplog.clear()
         await _bybit_stops_removed_with_the_clock_off(engine, emulator, -8, "latency:9000", symbols)
         await wait_until(
@@ -177,14 +188,7 @@ async def test_a_clock_that_stays_wrong_is_not_a_resend_loop(
     read is said once a minute."""
     caplog.set_level(logging.DEBUG, logger="engine.venues.ccxt_venue")
     caplog.set_level(logging.INFO)
-    emulator = BybitEmulator(
-        SimVenueSettings(seed=7, volatility=0.0), api_key=KEY, api_secret=SECRET, control=True
-    )
-    async with bybit_engine(db, emulator, {"PROTECTION__RECONCILE_SECONDS": "3600"}) as (engine, _rejected):
-        assert engine.store is not None
-        symbols = sorted(emulator.core.markets)[:3]
-        await engine.store.insert_signals([(symbol, "long", None, None) for symbol in symbols])
-        await _all_covered(engine, len(symbols), "three positions protected")
+    async with _protected_on_bybit(db, 3) as (engine, emulator, symbols):
         caplog.clear()
         await _bybit_stops_removed_with_the_clock_off(engine, emulator, 60, "error", symbols)
         await asyncio.sleep(6.0)
