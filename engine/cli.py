@@ -44,6 +44,7 @@ from engine.config_show import render_config
 from engine.credentials import CredentialsRefused
 from engine.engine import COVERAGE_SAMPLE_SECONDS, Engine, StartInterrupted, StartupReport, build_venue
 from engine.exchange.errors import ExchangeError, Rejected
+from engine.exchange.port import Market
 from engine.last_stop import last_stop_path, read_last_stop
 from engine.logs import LogFileError, RedactingFormatter, configure_logging
 from engine.metrics_server import MetricsUnavailable
@@ -534,17 +535,20 @@ async def _unlisted_symbols(loaded: LoadedConfig, symbols: set[str]) -> tuple[se
     if settings.venue.kind is VenueKind.SIM:
         from engine.venues.sim import SimVenue
 
-        markets = SimVenue(settings.venue.sim, clock=SystemClock()).core.markets  # (no book: nothing kept)
-        return {s for s in symbols if s not in markets or not markets[s].trading}, ""
-    venue = build_venue(settings, SystemClock())
-    try:
-        async with asyncio.timeout(SYMBOL_CHECK_SECONDS):
-            await venue.connect()
-            markets = await venue.load_markets()
-    except (ExchangeError, TimeoutError, OSError) as exc:
-        return set(), f"not checked against the venue's markets ({one_line(str(exc) or type(exc).__name__)})"
-    finally:
-        await venue.close()
+        markets: Mapping[str, Market] = SimVenue(
+            settings.venue.sim, clock=SystemClock()
+        ).core.markets  # (no book)
+    else:
+        venue = build_venue(settings, SystemClock())
+        try:
+            async with asyncio.timeout(SYMBOL_CHECK_SECONDS):
+                await venue.connect()
+                markets = await venue.load_markets()
+        except (ExchangeError, TimeoutError, OSError) as exc:
+            why = one_line(str(exc) or type(exc).__name__)
+            return set(), f"not checked against the venue's markets ({why})"
+        finally:
+            await venue.close()
     return {s for s in symbols if s not in markets or not markets[s].trading}, ""
 
 

@@ -81,7 +81,7 @@ from engine.pacing import DEFAULT_HEADROOM, BudgetWaits, Lane, RequestPacer, Ven
 from engine.signal_input import BadSignal, parse_score, parse_side
 from engine.signals import SignalConsumer, SignalWave, SimSignalGenerator
 from engine.venues.stream_client import NOT_STARTED
-from engine.words import counted
+from engine.words import counted, keep_their_stops
 from protection import health
 from protection.breaker import BreakerInputs, BreakerSettings, trip_reasons
 from protection.coverage import (
@@ -287,13 +287,12 @@ class StopReport:
                 f"{positions} left to the engine that took the account; this one no longer protects "
                 f"{'it' if self.open_positions == 1 else 'them'}"
             )
-        keep = "keeps its stops" if self.open_positions == 1 else "keep their stops"
         if self.all_protected:  # "uncovered 0" said outright: operators read (and grep) the exit line for it
-            return f"{positions} {keep} on the exchange; uncovered 0"
+            return f"{positions} {keep_their_stops(self.open_positions)} on the exchange; uncovered 0"
         # Only the covered ones are said to keep their stops; the others (inside their grace period or not)
         # are uncovered, and no position is counted in both claims.
         return (
-            f"{positions}: {self.covered} {'keeps its stops' if self.covered == 1 else 'keep their stops'} "
+            f"{positions}: {self.covered} {keep_their_stops(self.covered)} "
             f"on the exchange; UNCOVERED {self.uncovered + self.unresolved_entries}"
             + (f" ({', '.join(self.uncovered_symbols)})" if self.uncovered_symbols else "")
             + (

@@ -15,6 +15,11 @@ def counted(count: int, noun: str, plural: str | None = None) -> str:
     return f"{count} {plural if plural is not None else noun + 's'}"
 
 
+def keep_their_stops(count: int) -> str:
+    """The verb of "N positions keep their stops", agreeing with `count`."""
+    return "keeps its stops" if count == 1 else "keep their stops"
+
+
 @dataclass(slots=True)
 class SaidEvery:
     """A lasting failure's log level: WARNING when it begins and once per `seconds` while it lasts, DEBUG
@@ -34,4 +39,4 @@ class SaidEvery:
         self.said_at = -math.inf
 
 
-__all__ = ["SaidEvery", "counted"]
+__all__ = ["SaidEvery", "counted", "keep_their_stops"]

@@ -80,6 +80,7 @@ from enum import StrEnum
 from typing import Any
 
 from engine.metrics import CallSummary
+from engine.words import counted
 from protection.coverage import CoverageFigures
 
 __all__ = [
@@ -517,10 +518,6 @@ def _number(value: float) -> str:
     return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
 
 
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
-
-
 def _one_line(text: str) -> str:
     line = " ".join(text.split()) or "unknown error"
     return line if len(line) <= _MAX_ERROR_TEXT else line[: _MAX_ERROR_TEXT - 1] + "…"
@@ -576,7 +573,7 @@ def evaluate_exchange(measured: ExchangeMeasurement | None, thresholds: HealthTh
         error_text = f"{error_rate * 100:.1f}"
         parts.append(
             f"p50 {calls.p50_ms:.0f} ms, p99 {calls.p99_ms:.0f} ms, "
-            f"errors {error_text} % of {_plural(calls.calls, 'call')}"
+            f"errors {error_text} % of {counted(calls.calls, 'call')}"
         )
         # The window's rate keeps a recovered venue's errors for minutes (with the account stream up, the
         # engine makes a call every few seconds): once the last calls all answered, it is no outage any
@@ -600,7 +597,7 @@ def evaluate_exchange(measured: ExchangeMeasurement | None, thresholds: HealthTh
             # Why not critical, said in either case: a higher rate over the last minute than the window's
             # critical one, graded lower with nothing said, read as backwards (an operator).
             degraded.append(
-                f"Exchange errors: {recent.error_rate * 100:.1f}% of {_plural(recent.calls, 'call')}{lately}"
+                f"Exchange errors: {recent.error_rate * 100:.1f}% of {counted(recent.calls, 'call')}{lately}"
                 f"{since}"
             )
         if recent.p99_ms is not None and recent.p99_ms > thresholds.exchange_latency_degraded_ms:
@@ -615,7 +612,7 @@ def evaluate_exchange(measured: ExchangeMeasurement | None, thresholds: HealthTh
     if wait_p99 is not None and wait_p99 >= 1.0:
         parts.append(f"waiting for budget p99 {wait_p99:.0f} ms")
     if calls.timeouts:
-        parts.append(_plural(calls.timeouts, "timeout"))
+        parts.append(counted(calls.timeouts, "timeout"))
     stream = measured.account_stream
     if stream is not None:
         parts.append(_stream_words(stream))
@@ -647,7 +644,7 @@ def evaluate_price_feed(
     if measured is None:
         return _not_measured(component)
     age = measured.newest_mark_age_seconds
-    open_positions = _plural(measured.open_positions, "open position")
+    open_positions = counted(measured.open_positions, "open position")
     stale_after = thresholds.mark_price_stale_seconds
     critical_after = stale_after * PRICE_FEED_CRITICAL_FACTOR
     critical: list[str] = []
@@ -674,10 +671,10 @@ def evaluate_price_feed(
 
     stale = measured.stale_mark_symbols
     if stale:
-        summary += f", {_plural(len(stale), 'stale mark')}"
+        summary += f", {counted(len(stale), 'stale mark')}"
         shown = ", ".join(stale[:5]) + (f" and {len(stale) - 5} more" if len(stale) > 5 else "")
         degraded.append(
-            f"Stale marks on {_plural(len(stale), 'position')} ({shown}): older than "
+            f"Stale marks on {counted(len(stale), 'position')} ({shown}): older than "
             f"{format_duration(thresholds.stale_mark_seconds)}"
         )
     if measured.mark_stream is not None:
@@ -700,7 +697,7 @@ def _stream_words(stream: StreamMeasurement) -> str:
         words += f" ({stream.detail})"
     age = stream.last_event_age_seconds
     words += ", no event yet" if age is None else f", last event {format_duration(age)} ago"
-    return words + f", {_plural(stream.reconnects, 'reconnect')}"
+    return words + f", {counted(stream.reconnects, 'reconnect')}"
 
 
 def _stream_values(stream: StreamMeasurement | None) -> dict[str, JsonValue]:
@@ -790,7 +787,7 @@ def evaluate_protection(
             "only if the account stream tells it"
         )
     timeouts = (
-        f", {_plural(measured.timeouts_last_hour, 'timeout')} in the last hour"
+        f", {counted(measured.timeouts_last_hour, 'timeout')} in the last hour"
         if measured.timeouts_last_hour
         else ""
     )
@@ -833,7 +830,7 @@ def evaluate_protection(
                 critical.append(
                     f"Low coverage: {judged_protected}% ({measured.protected_positions}{where} with both stops"
                 )
-        degraded.append(f"{_plural(past_grace, 'position')} uncovered past grace")
+        degraded.append(f"{counted(past_grace, 'position')} uncovered past grace")
     if oldest is not None and oldest > thresholds.uncovered_critical_seconds:
         named = f"{measured.oldest_uncovered_symbol}, " if measured.oldest_uncovered_symbol else ""
         critical.append(

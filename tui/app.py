@@ -64,7 +64,7 @@ from engine.events import (
 )
 from engine.logs import LogFileError, RedactingFormatter, configure_logging
 from engine.metrics_server import MetricsUnavailable
-from engine.words import counted
+from engine.words import counted, keep_their_stops
 from protection.coverage import CoverageFigures, PositionCoverage
 from protection.health import (
     Component,
@@ -1127,7 +1127,7 @@ def quit_warning(snapshot: EngineSnapshot) -> str:
         "The engine stops taking signals and stops its loops.",
         f"Exchange stops stay in place: {figures.protected - engine_only} of "
         f"{counted(figures.active, 'open position')} "
-        f"{'keeps its stops' if figures.protected - engine_only == 1 else 'keep their stops'} on the exchange "
+        f"{keep_their_stops(figures.protected - engine_only)} on the exchange "
         "(both confirmed by the venue).",
     ]
     if engine_only:
