@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from engine.clock import Clock
 from engine.config import AlertsSettings, ConfigError, alert_url_scheme, alert_urls
+from engine.words import counted
 from protection.coverage import coverage_figures, percent
 from protection.health import format_duration
 
@@ -728,7 +729,7 @@ class Alerter:
             await asyncio.sleep(0.05)
         left = sum(len(c.queue) for c in self._channels)
         if left:  # (one whose send was abandoned to a slow receiver may still arrive)
-            log.warning("alerts: %d notifications not confirmed delivered at stop", left)
+            log.warning("alerts: %s not confirmed delivered at stop", counted(left, "notification"))
         for task in self._tasks:
             task.cancel()
         with contextlib.suppress(Exception):

@@ -518,7 +518,7 @@ def _signals_import(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     except ValueError as exc:  # a NUL in the file name
         raise UsageError(f"{shown_path(args.file)}: not a usable file name ({exc})") from None
     ids = asyncio.run(_insert_signals(loaded, signals))
-    print(f"{len(ids)} signals imported from {shown_path(args.file)}")
+    print(f"{counted(len(ids), 'signal')} imported from {shown_path(args.file)}")
     return EXIT_OK
 
 

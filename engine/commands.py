@@ -139,7 +139,7 @@ class CommandRunner:
         a command taken and not answered then is failed when the loop starts again."""
         left = await _reachable(self._queue.fail_left_running(LEFT_RUNNING))
         if left:
-            log.warning("%d commands taken earlier were never answered: marked failed", left)
+            log.warning("%s taken earlier never answered: marked failed", counted(left, "command"))
         while True:
             self._wake.clear()  # before claiming: a NOTIFY during the claim wakes the next wait
             command = await _reachable(self._queue.claim_next())

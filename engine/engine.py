@@ -1036,7 +1036,7 @@ class Engine:
             expired = await self.store.expire_claimed_signals(claimed_by=self._claimer)
             if expired:
                 log.warning(
-                    "%d signals claimed by this engine's last run were never handled: expired", expired
+                    "%s claimed by this engine's last run never handled: expired", counted(expired, "signal")
                 )
             # Once the entries it left are settled (those still in the venue's read lag are looked up in
             # the background): a wave finished before counted them not opened.
@@ -1576,7 +1576,9 @@ class Engine:
         await self._supervisor.stop_one("signals")
         if self._settlers:  # entries of unknown outcome: the venue gets the call budget to settle them
             log.warning(
-                "stopping: waiting up to %.0fs for %d entries of unknown outcome", budget, len(self._settlers)
+                "stopping: waiting up to %.0fs for %s of unknown outcome",
+                budget,
+                counted(len(self._settlers), "entry", "entries"),
             )
             await wait_for_all(self.clock, budget, [asyncio.shield(t) for t in list(self._settlers)])
         if self._restart is not None and not self._restart.done():
@@ -1594,7 +1596,9 @@ class Engine:
             pending = [self._protected_or_ended(g) for g in uncovered]
             if pending:
                 log.warning(
-                    "stopping: waiting up to %.0fs for %d positions to be protected", budget, len(pending)
+                    "stopping: waiting up to %.0fs for %s to be protected",
+                    budget,
+                    counted(len(pending), "position"),
                 )
                 await wait_for_all(self.clock, budget, pending)
 
@@ -1717,7 +1721,9 @@ class Engine:
         self.store.attach_journal(WriteJournal(path), self._token)
         replayed = await self.store.replay_journal()
         if replayed:
-            log.warning("replayed %d writes an earlier run journaled while the database was away", replayed)
+            log.warning(
+                "replayed %s an earlier run journaled while the database was away", counted(replayed, "write")
+            )
 
     async def _record_trails_a_dead_engine_left(self) -> None:
         """An engine that ended without stopping (SIGKILL, a crash, its host gone) left its managed trails
@@ -2720,8 +2726,8 @@ class Engine:
             expired = await self.store.expire_claimed_signals(older_than_seconds=STALE_CLAIM_SECONDS)
             if expired:
                 log.warning(
-                    "%d signals claimed more than %.0fs ago were never handled: expired",
-                    expired,
+                    "%s claimed more than %.0fs ago never handled: expired",
+                    counted(expired, "signal"),
                     STALE_CLAIM_SECONDS,
                 )
 
@@ -2992,9 +2998,9 @@ class Engine:
         workers = min(len(accepted), self.settings.signals.max_concurrent_entries)
         await asyncio.gather(*(worker() for _ in range(workers)))
         log.info(
-            "wave %d: %d signals, %d accepted, %d opened%s",
+            "wave %d: %s, %d accepted, %d opened%s",
             wave_id,
-            len(wave.signals),
+            counted(len(wave.signals), "signal"),
             len(accepted),
             len(opened),
             f", {len(doubts)} of unknown outcome" if doubts else "",

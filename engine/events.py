@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from engine.words import counted
+
 log = logging.getLogger(__name__)
 
 
@@ -170,7 +172,7 @@ class EventBus:
                 subscriber.ready.clear()
                 if subscriber.dropped:
                     dropped, subscriber.dropped = subscriber.dropped, 0
-                    log.warning("event subscriber fell behind: %d events dropped", dropped)
+                    log.warning("event subscriber fell behind: %s dropped", counted(dropped, "event"))
                     at = subscriber.queue[0].at if subscriber.queue else 0.0
                     yield EventsDropped(at=at, count=dropped)
                 while subscriber.queue:

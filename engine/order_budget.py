@@ -61,6 +61,7 @@ from engine.clock import Clock, wait_event
 from engine.exchange.errors import Banned, RateLimited, Rejected
 from engine.exchange.port import RateBudget
 from engine.pacing import BudgetWaits, Lane
+from engine.words import counted
 
 T = TypeVar("T")
 
@@ -243,7 +244,7 @@ class OrderBudget:
         pause = self.refusal_pause_for()
         if pause is not None:
             return pause, (
-                f"the venue refused {len(self._refusals)} requests for its rate within "
+                f"the venue refused {counted(len(self._refusals), 'request')} for its rate within "
                 f"{RATE_REFUSAL_MEMORY_SECONDS:.0f}s, and it bans for refusals that pile up"
             )
         return None

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from engine.clock import Clock, wait_event, with_timeout
+from engine.words import counted
 from storage.database import DatabaseDown, close_within, listening_connection
 from storage.repositories import SignalRecord, Store
 
@@ -268,5 +269,5 @@ class SimSignalGenerator:
                 [(symbol, side, None, None) for symbol, side in wave], for_account=True
             )
             self.waves_generated += 1
-            log.info("sim signals: wave %d of %d signals", self.waves_generated, len(wave))
+            log.info("sim signals: wave %d of %s", self.waves_generated, counted(len(wave), "signal"))
             await self._clock.sleep(self._interval)

@@ -74,6 +74,7 @@ from engine.exchange.port import (
 from engine.metrics import CallStats, EventCounter
 from engine.order_budget import OrderBudget
 from engine.pacing import CallTicket, Lane, call_with_send_timeout
+from engine.words import counted
 from protection import trailing
 from protection.coverage import CoverageFigures, PositionCoverage, coverage_figures, kept_fact
 from protection.order_ids import client_order_id, parse_client_order_id
@@ -3845,8 +3846,8 @@ class ProtectionManager:
                 failed += 1
                 if failed >= LIQUIDATION_READ_ATTEMPTS:
                     log.warning(
-                        "liquidation prices of %d positions not read (%s); the next reconcile pass reads them",
-                        len(wanted),
+                        "liquidation prices of %s not read (%s); the next reconcile pass reads them",
+                        counted(len(wanted), "position"),
                         exc,
                     )
                     return
@@ -4961,10 +4962,10 @@ class ProtectionManager:
         unheard = self._unheard_since if self._unheard_since is not None else noted_at
         log.warning(
             "account stream: events may be lost since %.0fs ago and no listing of the venue's open orders "
-            "has answered since: the stops of %d positions are unverified (uncovered) until each is found "
+            "has answered since: the stops of %s are unverified (uncovered) until each is found "
             "live by its id",
             self.clock.monotonic() - unheard,
-            len(doubted),
+            counted(len(doubted), "position"),
         )
         for guard in doubted:
             guard.submit(StopsUnverified(noted_at=noted_at))

@@ -29,6 +29,7 @@ from engine.clock import Clock
 from engine.exchange.errors import ExchangeError, NotFound
 from engine.exchange.port import ExchangePort, Order, OrderStatus, VenuePosition
 from engine.pacing import Lane
+from engine.words import counted
 from protection.manager import (
     LiquidationStated,
     OrderMissing,
@@ -165,7 +166,9 @@ class Reconciler:
             # Right after connecting an empty answer may be a venue glitch (F3): only a position whose own
             # stop filled (conclusive evidence) is closed; the rest are left alone.
             report.skipped = "the venue reported no positions right after connecting; treated as unknown"
-            log.warning("reconcile: %s (%d positions tracked)", report.skipped, len(manager.guards))
+            log.warning(
+                "reconcile: %s (%s tracked)", report.skipped, counted(len(manager.guards), "position")
+            )
             said_gone: list[PositionGuard] = []
             for guard in list(manager.guards.values()):
                 if not guard.closed and guard.exit_evidence is not None:
@@ -218,8 +221,8 @@ class Reconciler:
             )
         if report.kept:  # one line a pass, not one per position (a list answering [] left out 20 at once)
             log.warning(
-                "reconcile: the venue's list left out %d positions it still holds when asked alone (%s); kept",
-                len(report.kept),
+                "reconcile: the venue's list left out %s it still holds when asked alone (%s); kept",
+                counted(len(report.kept), "position"),
                 ", ".join(sorted(report.kept)),
             )
 

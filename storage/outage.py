@@ -34,6 +34,7 @@ from typing import TypeVar
 import asyncpg
 
 from engine.clock import Clock, wait_event
+from engine.words import counted
 from storage.database import Database, DatabaseDown
 from storage.embedded import EmbeddedPostgresError, PostmasterState, postmaster_state, restart_embedded
 from storage.resilient import ResilientStore
@@ -335,8 +336,8 @@ class DatabaseWatch:
             self._on_change()
         elif replayed or refused:
             log.warning(
-                "database: %d writes journaled while it did not answer were replayed%s",
-                replayed,
+                "database: %s journaled while it did not answer replayed%s",
+                counted(replayed, "write"),
                 refused_words,
             )
 

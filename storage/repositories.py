@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from engine.words import counted
 from storage import history
 from storage.lease import engine_looks_after_sql
 
@@ -1218,9 +1219,9 @@ class Store:
                     ids,
                 )
                 log.warning(
-                    "signals: %d positions recorded and never sent (their wave gave them up to a database "
+                    "signals: %s recorded and never sent (their wave gave them up to a database "
                     "outage): failed, their signals taken again (%s)",
-                    len(never_sent),
+                    counted(len(never_sent), "position"),
                     ", ".join(r["symbol"] for r in never_sent),
                 )
             rows = await conn.fetch(

@@ -50,6 +50,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from engine.words import counted
 from storage.database import DatabaseDown, error_words, is_unreachable
 from storage.journal import JournalContents, JournalEntry, WriteJournal, write_private
 from storage.repositories import (
@@ -145,10 +146,9 @@ class ResilientStore(Store):
             aside = journal.path.with_name(f"{journal.path.name}.other-database-{int(_now().timestamp())}")
             write_private(aside, journal.path.read_bytes())
             log.error(
-                "journal %s: %d entries were written for another database (not %s); they are not replayed "
-                "here and are kept in %s",
+                "journal %s: %s written for another database (not %s); not replayed here and are kept in %s",
                 journal.path,
-                len(foreign),
+                counted(len(foreign), "entry", "entries"),
                 database,
                 aside,
             )

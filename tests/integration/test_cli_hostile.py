@@ -223,7 +223,7 @@ async def test_an_import_file_with_an_undecodable_name_is_imported_and_named(
     result = await asyncio.to_thread(tsbot, "signals", "import", name, cwd=workdir)
     assert result.problems() == [], result
     assert result.code == 0, result
-    assert result.stdout == "1 signals imported from sig\\xffnals.jsonl\n"
+    assert result.stdout == "1 signal imported from sig\\xffnals.jsonl\n"
 
 
 # --- configuration ------------------------------------------------------------------------------------------

@@ -1265,6 +1265,46 @@ async def test_a_confirmed_stop_the_venue_no_longer_knows_is_sent_again_when_the
         await drive(clock, engine.stop())
 
 
+async def test_a_venue_that_lost_its_book_is_said_of_one_position_in_the_singular(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A venue that lost its book (restarted without it) holds neither the position nor its stops, and the
+    account stream's gap puts the stops in doubt. The lines said of one position read "(1 positions
+    tracked)" and "the stops of 1 positions are unverified". Each stop said sent again is sent (into no
+    position: refused, reduce-only)."""
+    settings = settings_for(db, {})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [SYMBOLS[48]])
+        await drive_until_covered(engine, clock, 1)
+        venue = engine.venue
+        assert isinstance(venue, SimVenue)
+        core = venue.core
+        venue.drop_account_stream(1.0, reason="the venue restarted")
+        [held] = [p for p in core.positions(clock.now()) if p.symbol == guard.symbol]
+        for order in (guard.stop_loss, guard.trailing_stop):
+            assert order.client_order_id is not None
+            core.cancel_order(guard.symbol, order.client_order_id, clock.now())
+        closing = OrderSide.SELL if held.quantity > 0 else OrderSide.BUY
+        core.place_market_order(
+            guard.symbol, closing, abs(held.quantity), "by-hand", clock.now(), reduce_only=True
+        )
+        core.forget_ended_orders(clock.now() + ENDED_ORDER_RETENTION_SECONDS + 1)
+        sends = venue.calls_made.get(CallKind.CREATE_ORDER, 0)
+        caplog.clear()
+        await drive_until(clock, lambda: guard.closed, limit=30, what="the lost position closed")
+        said = [r.getMessage() for r in caplog.records]
+        assert any("(1 position tracked)" in m for m in said), said
+        assert any("the stops of 1 position are unverified" in m for m in said), said
+        assert not [m for m in said if "1 positions" in m], said
+        sent = venue.calls_made.get(CallKind.CREATE_ORDER, 0) - sends
+        assert len([m for m in said if "sending it" in m]) <= sent, said
+    finally:
+        await drive(clock, engine.stop())
+
+
 async def test_a_confirmed_stop_cancelled_on_the_venue_uncovers_its_position_while_a_pass_waits_on_a_send(
     db: Database,
 ) -> None:

@@ -65,6 +65,7 @@ from engine.venues.sim.faults import FaultInjector
 from engine.venues.sim.prices import GbmWalk
 from engine.venues.sim.settings import CallKind, FaultKind, SimVenueSettings
 from engine.venues.sim.universe import select_listings
+from engine.words import counted
 
 if TYPE_CHECKING:
     from engine.pacing import VenuePacing
@@ -616,10 +617,10 @@ class SimVenue:
             )
         held = self._core.inspect(self._clock.now(), self._account_id)
         logger.info(
-            "sim venue: book %s restored: %d positions, %d open conditional orders, %d triggering",
+            "sim venue: book %s restored: %s, %s, %d triggering",
             book.path,
-            len(held.positions),
-            len(held.open_conditional),
+            counted(len(held.positions), "position"),
+            counted(len(held.open_conditional), "open conditional order"),
             len(held.triggering),
         )
 
