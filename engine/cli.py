@@ -1095,7 +1095,7 @@ async def _read_status(
                 "has_trailing_stop": p.has_trailing_stop,
                 "missing": _missing_of_unknown_entry(loaded)
                 if p.status is PositionStatus.ENTRY_PLACED
-                else _missing_stops(p, sent.get(p.id)),
+                else _missing_stops(p, sent.get(p.id), resent=looked_after),
                 "unverified": [
                     name
                     for name, doubted in (
@@ -1120,12 +1120,16 @@ def _missing_of_unknown_entry(loaded: LoadedConfig) -> str:
     return "both (the entry's outcome is unknown: it may have filled)"
 
 
-def _missing_stops(p: PositionRecord, sent: Mapping[OrderPurpose, str | None] | None = None) -> str:
+def _missing_stops(
+    p: PositionRecord, sent: Mapping[OrderPurpose, str | None] | None = None, *, resent: bool = False
+) -> str:
     """Which of a position's two stops is not confirmed on the exchange, in words an operator acts on. One
     in doubt only (unverified: asked for by its id, not known gone) is said so: "missing both" of stops
     the venue held made an operator reach for a flatten of a protected book. So is one sent with no answer
     on the record (`sent`): "missing both" was said after a kill -9 of a Bybit position whose entry had
-    carried its hard stop, and a stop set by hand there replaces ours (an operator)."""
+    carried its hard stop, and a stop set by hand there replaces ours (an operator). One whose last send
+    was refused is sent again by the engine looking after the account (`resent`), and by nothing else: "not
+    on the record" was said while the engine's guard sent it again (r70)."""
 
     sent = sent or {}
 
@@ -1137,8 +1141,12 @@ def _missing_stops(p: PositionRecord, sent: Mapping[OrderPurpose, str | None] | 
         refused = sent[purpose]
         if refused is None:
             return " (sent, no answer on the record: it may be on the exchange)"
-        # Its last send was refused with nothing executed; the same id goes again, unrecorded.
-        return f" (its last send refused: {one_line(refused)[:80]}; whether it was sent again is not on the record)"
+        # Its last send was refused with nothing executed: the guard of the engine looking after the account
+        # sends it again (a send again is not recorded until answered); with none, nothing does.
+        again = (
+            "the engine sends it again" if resent else "no engine looks after the account to send it again"
+        )
+        return f" (its last send refused: {one_line(refused)[:80]}; {again})"
 
     lacking = [
         f"{name}{why(doubted, purpose)}"

@@ -283,9 +283,7 @@ async def test_uncovered_positions_say_which_stop_is_missing(workdir: Path, engi
         )
     doubt = "unverified: in doubt, asked for by id, not known gone"
     sent = "sent, no answer on the record: it may be on the exchange"
-    refused = (
-        "its last send refused: HTTP 429; retry after 1.000s; whether it was sent again is not on the record"
-    )
+    refused = "its last send refused: HTTP 429; retry after 1.000s; the engine sends it again"
     report = json.loads(tsbot("status", "--json", cwd=workdir).stdout)
     assert {p["symbol"]: p["missing"] for p in report["uncovered"]} == {
         "AAAUSDT": "hard stop",
@@ -318,6 +316,14 @@ async def test_uncovered_positions_say_which_stop_is_missing(workdir: Path, engi
         ]
     )
     assert "no stop-loss" not in human
+    # The engine looking after the account sends the refused stop again ("whether it was sent again is not on
+    # the record" was said while its guard did, r70); with none, nothing does.
+    await engine_side.drop_lease()
+    unwatched = json.loads(tsbot("status", "--json", cwd=workdir).stdout)
+    assert {p["symbol"]: p["missing"] for p in unwatched["uncovered"]}["JJJUSDT"] == (
+        "hard stop (its last send refused: HTTP 429; retry after 1.000s; no engine looks after the account to "
+        "send it again) and trailing stop"
+    )
 
 
 async def test_with_no_engine_a_naked_position_is_listed_at_once_not_after_its_grace(
