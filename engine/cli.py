@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -540,6 +541,11 @@ async def _unlisted_symbols(loaded: LoadedConfig, symbols: set[str]) -> tuple[se
         ).core.markets  # (no book)
     else:
         venue = build_venue(settings, SystemClock())
+        banned = getattr(venue, "ip_ban_runs_until", None)
+        ends = banned(time.time()) if banned is not None else None
+        if ends is not None:  # (a request sent into the ban is refused all the same: none is sent)
+            await venue.close()
+            return set(), f"not checked against the venue's markets (its IP ban, met {_ban_words(ends)})"
         try:
             async with asyncio.timeout(SYMBOL_CHECK_SECONDS):
                 await venue.connect()
@@ -550,6 +556,13 @@ async def _unlisted_symbols(loaded: LoadedConfig, symbols: set[str]) -> tuple[se
         finally:
             await venue.close()
     return {s for s in symbols if s not in markets or not markets[s].trading}, ""
+
+
+def _ban_words(ends: float) -> str:
+    """When a kept IP ban ends, in words: "by this installation, ends in 7m 12s (at 12:03:04 UTC)"."""
+    left = max(0, int(ends - time.time()))
+    at = datetime.fromtimestamp(ends, UTC).strftime("%H:%M:%S")
+    return f"by this installation, ends in {left // 60}m {left % 60:02d}s, at {at} UTC"
 
 
 async def _insert_signals(loaded: LoadedConfig, signals: list[SignalInput]) -> list[int]:

@@ -738,6 +738,11 @@ class CcxtVenue(RequestHooks):
                 self._resync_clock(translated)
             raise translated from error
 
+    def ip_ban_runs_until(self, now: float) -> float | None:
+        """The end of an IP ban a process of this installation met and that still runs at `now` (epoch
+        seconds), None if none does: a request sent into it is refused all the same."""
+        return self._ip_bans.running_until(self._ban_host, now)
+
     def ip_ban_until(self, now: float) -> float:
         """An IP ban the venue does not date (Bybit's 403), met at `now`: its end, from its first refusal,
         which another process of this installation may have met (`engine.venues.ip_bans`)."""

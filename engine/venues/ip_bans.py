@@ -58,6 +58,16 @@ class IpBanLedger:
             self._began[host] = began
         return began + self._ban_seconds
 
+    def running_until(self, host: str, now: float) -> float | None:
+        """The end of a ban of `host` this installation met and that still runs at `now` (epoch seconds);
+        None: none known to run."""
+        began = self._began.get(host)
+        if began is None or began + self._ban_seconds <= now:
+            began = self._kept(host)
+        if began is not None and began <= now < began + self._ban_seconds:
+            return began + self._ban_seconds
+        return None
+
     def _kept(self, host: str) -> float | None:
         if self._path is None:
             return None

@@ -9,14 +9,17 @@ scripts as operators do.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import pty
+import re
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -187,6 +190,56 @@ def test_a_signal_whose_venue_cannot_be_read_is_added_and_said_unchecked(workdir
     assert result.stderr.startswith("tsbot: signal symbols not checked against the venue's markets ("), result
     assert result.stderr.count("\n") == 1, result.stderr
     assert API_SECRET not in result.stderr
+
+
+def test_a_signal_added_inside_a_kept_ip_ban_sends_nothing_to_the_venue(workdir: Path) -> None:
+    """Bybit's IP ban (HTTP 403, at least 10 minutes) is kept beside the log by the process that met it.
+    `signals add` read the venue's markets all the same, a request into the ban (r71); it now says the
+    symbols are not checked, and why, and sends nothing."""
+    connections: list[object] = []
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(0.2)
+        host = f"127.0.0.1:{listener.getsockname()[1]}"
+        (workdir / "logs").mkdir(exist_ok=True)
+        (workdir / "logs" / "tsbot-ip-bans.json").write_text(json.dumps({host: time.time() - 60}))
+        done = threading.Event()
+
+        def accept() -> None:
+            while not done.is_set():
+                with contextlib.suppress(TimeoutError):
+                    conn, _ = listener.accept()
+                    connections.append(conn)
+                    conn.close()
+
+        acceptor = threading.Thread(target=accept)
+        acceptor.start()
+        try:
+            result = _subprocess(
+                TSBOT,
+                "signals",
+                "add",
+                "SOLUSDT",
+                "long",
+                cwd=workdir,
+                TSBOT_VENUE__KIND="bybit",
+                TSBOT_VENUE__BASE_URL=f"http://{host}",
+                TSBOT_VENUE__API_KEY=API_KEY,
+                TSBOT_VENUE__API_SECRET=API_SECRET,
+            )
+        finally:
+            done.set()
+            acceptor.join()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("signal 1 added: SOLUSDT long"), result.stdout
+    assert re.match(
+        r"tsbot: signal symbols not checked against the venue's markets \(its IP ban, met by this installation, "
+        r"ends in [89]m \d\ds, at \d\d:\d\d:\d\d UTC\); ",
+        result.stderr,
+    ), result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert connections == []
 
 
 def test_signals_add_with_a_huge_score_in_a_real_process(workdir: Path) -> None:
