@@ -42,7 +42,7 @@ from engine.clock import SystemClock, end_all, first_of
 from engine.commands import CommandAnswer, PositionOutcome, not_taken, send_command
 from engine.config import MAX_SEED, ConfigError, LoadedConfig, VenueKind, load_config
 from engine.config_show import render_config
-from engine.credentials import CredentialsRefused
+from engine.credentials import CredentialsRefused, check_credentials
 from engine.engine import COVERAGE_SAMPLE_SECONDS, Engine, StartInterrupted, StartupReport, build_venue
 from engine.exchange.errors import ExchangeError, Rejected
 from engine.exchange.port import Market
@@ -546,13 +546,22 @@ async def _unlisted_symbols(loaded: LoadedConfig, symbols: set[str]) -> tuple[se
         if ends is not None:  # (a request sent into the ban is refused all the same: none is sent)
             await venue.close()
             return set(), f"not checked against the venue's markets (its IP ban, met {_ban_words(ends)})"
+        markets = {}
         try:
             async with asyncio.timeout(SYMBOL_CHECK_SECONDS):
                 await venue.connect()
                 markets = await venue.load_markets()
+                # The signal is filed under the account of the key (`account_key`): one the venue refuses
+                # filed it under an account no engine runs, and it waited there unsaid (r71).
+                await check_credentials(
+                    venue, when="", outcome="nothing was inserted (a signal goes to the account of the key)"
+                )
         except (ExchangeError, TimeoutError, OSError) as exc:
             why = one_line(str(exc) or type(exc).__name__)
-            return set(), f"not checked against the venue's markets ({why})"
+            if not markets:
+                return set(), f"not checked against the venue's markets ({why})"
+            unlisted = {s for s in symbols if s not in markets or not markets[s].trading}
+            return unlisted, f"checked, the API key not ({why})"
         finally:
             await venue.close()
     return {s for s in symbols if s not in markets or not markets[s].trading}, ""
@@ -574,7 +583,8 @@ async def _insert_signals(loaded: LoadedConfig, signals: list[SignalInput]) -> l
             f"{loaded.settings.venue.kind.value}; nothing was inserted"
         )
     if unchecked:
-        print(f"tsbot: signal symbols {unchecked}; the engine rejects one it does not know", file=sys.stderr)
+        tail = "" if unchecked.startswith("checked") else "; the engine rejects one it does not know"
+        print(f"tsbot: signal symbols {unchecked}{tail}", file=sys.stderr)
     database = await _open(loaded)
     try:
         # The configured account's: another engine sharing the database does not take them.

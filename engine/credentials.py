@@ -23,8 +23,11 @@ class CredentialsRefused(Exception):
     """The venue refused the configured API key or secret at start (a configuration error: exit 2)."""
 
 
-async def check_credentials(venue: ExchangePort) -> None:
-    """A signed read (the balance). Raises `CredentialsRefused` when the venue refuses the key."""
+async def check_credentials(
+    venue: ExchangePort, *, when: str = " at start", outcome: str = "nothing was traded"
+) -> None:
+    """A signed read (the balance). Raises `CredentialsRefused` when the venue refuses the key; its words
+    say `when` it was refused and the `outcome`."""
     try:
         await venue.fetch_balance()
     except Rejected as exc:
@@ -32,7 +35,7 @@ async def check_credentials(venue: ExchangePort) -> None:
             raise
         said = exc.reason.removeprefix(f"{venue.name}: ")
         raise CredentialsRefused(
-            f"venue {venue.name} refused the API key at start (code {exc.code}: {said}): check "
+            f"venue {venue.name} refused the API key{when} (code {exc.code}: {said}): check "
             "TSBOT_VENUE__API_KEY and TSBOT_VENUE__API_SECRET (or venue.api_key_file / venue.api_secret_file); "
-            "nothing was traded"
+            f"{outcome}"
         ) from None

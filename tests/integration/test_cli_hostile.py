@@ -518,13 +518,40 @@ def test_the_duration_counts_from_the_start_and_ends_a_start_that_keeps_trying(w
     assert took < 25, took  # (the six tries take 31 s at the defaults; a loaded machine's start is slower)
 
 
-@pytest.mark.parametrize(
-    ("key", "secret", "said"),
-    [
-        (API_KEY, "a-wrong-secret-0123456789", "code -1022: Signature for this request is not valid."),
-        ("a-wrong-key-0123456789", API_SECRET, "code -2015: Invalid API-key, IP, or permissions for action."),
-    ],
-)
+WRONG_KEYS = [
+    (API_KEY, "a-wrong-secret-0123456789", "code -1022: Signature for this request is not valid."),
+    ("a-wrong-key-0123456789", API_SECRET, "code -2015: Invalid API-key, IP, or permissions for action."),
+]
+
+
+@pytest.mark.parametrize(("key", "secret", "said"), WRONG_KEYS)
+async def test_a_signal_added_with_a_key_the_venue_refuses_is_one_line_and_not_inserted(
+    workdir: Path, pg_server: EmbeddedPostgres, key: str, secret: str, said: str
+) -> None:
+    """A signal is filed under the account of the API key that adds it. One added with a key the venue
+    refuses (a typo in the environment) was filed under an account no engine runs, exit 0 (r71)."""
+    migrated = await asyncio.to_thread(tsbot, "db", "migrate", cwd=workdir)
+    assert migrated.code == 0, migrated
+    emulator = BinanceEmulator(
+        SimVenueSettings(seed=7, symbols=["SFPUSDT", "BTCUSDT"]), api_key=API_KEY, api_secret=API_SECRET
+    )
+    async with running(emulator) as url:
+        result = await asyncio.to_thread(
+            _on_binance, url, "signals", "add", "BTCUSDT", "long", cwd=workdir, key=key, secret=secret
+        )
+    _assert_one_line(result, 2, f"tsbot: venue binanceusdm refused the API key ({said}): check ")
+    assert result.stderr.endswith("; nothing was inserted (a signal goes to the account of the key)\n")
+    assert key not in result.stderr
+    assert secret not in result.stderr
+    name = (workdir / "config.toml").read_text().split('name = "')[1].split('"')[0]
+    conn = await asyncpg.connect(pg_server.dsn(name))
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM monitoring.signals") == 0
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize(("key", "secret", "said"), WRONG_KEYS)
 async def test_a_key_the_venue_refuses_stops_the_start_with_one_line(
     workdir: Path, pg_server: EmbeddedPostgres, key: str, secret: str, said: str
 ) -> None:
