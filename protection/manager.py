@@ -564,15 +564,25 @@ class PositionGuard:
         self.naked_since: datetime | None = None
 
         config = manager.config
-        self.callback_percent = config.callback_percent
-        self.activation_percent = config.activation_percent
+        # The trail the position was opened with (recorded with it): settings changed between runs are
+        # for new positions. A restart re-placed a lost native trail of a 0.5 % position at the new 2 %,
+        # beside its recorded activation (r72).
+        self._opened_trail = (
+            position.trailing_callback_percent
+            if position.trailing_callback_percent is not None
+            else config.callback_percent,
+            position.trailing_activation_percent
+            if position.trailing_activation_percent is not None
+            else config.activation_percent,
+        )
+        self.callback_percent, self.activation_percent = self._opened_trail
         self.stop_loss = ProtectiveOrder(
             OrderPurpose.STOP_LOSS,
             price=stop_loss_price(self.side, self.entry_price, config.stop_loss_percent, market),
         )
         self.trailing_stop = ProtectiveOrder(
             OrderPurpose.TRAILING_STOP,
-            price=activation_price(self.side, self.entry_price, config.activation_percent, market)
+            price=activation_price(self.side, self.entry_price, self.activation_percent, market)
             if kind is TrailingKind.NATIVE
             else None,
         )
@@ -686,12 +696,12 @@ class PositionGuard:
         self, *, callback_percent: Decimal | None = None, activation_percent: Decimal | None = None
     ) -> trailing.TrailingParams:
         """The trail's parameters; a restore passes the percents the trail was started with, so a config
-        change between runs cannot silently re-shape a live trail."""
+        change between runs cannot silently re-shape a live trail (without them: those the position was
+        opened with)."""
         config = self._m.config
-        self.callback_percent = callback_percent if callback_percent is not None else config.callback_percent
-        self.activation_percent = (
-            activation_percent if activation_percent is not None else config.activation_percent
-        )
+        opened_callback, opened_activation = self._opened_trail
+        self.callback_percent = callback_percent if callback_percent is not None else opened_callback
+        self.activation_percent = activation_percent if activation_percent is not None else opened_activation
         return trailing.TrailingParams(
             side=self.side,
             entry_price=self.entry_price,
@@ -1811,7 +1821,7 @@ class PositionGuard:
             quantity=self.quantity,
             trigger_price=None if native_trailing else order.price,
             activation_price=order.price if native_trailing and not order.arm_now else None,
-            callback_percent=m.config.callback_percent if native_trailing else None,
+            callback_percent=self.callback_percent if native_trailing else None,
         )
         order.recorded_id = cid
 
@@ -3025,7 +3035,7 @@ class PositionGuard:
             self.symbol,
             self.closing_side,
             self.quantity,
-            self._m.config.callback_percent,
+            self.callback_percent,
             client_order_id=cid,
             activation_price=None if order.arm_now else order.price,
         )
@@ -4045,6 +4055,8 @@ class ProtectionManager:
                     # The trail is what the database holds (it was just read from it): armed as it was, not
                     # "missing" until the first pass writes it again (every row MISSING after a restart).
                     guard.trail_persisted = True
+                    if record.callback_percent is not None:  # (what the venue was sent, sent again)
+                        guard.callback_percent = record.callback_percent
                 if (
                     trail_record.stop_order_client_id
                     and guard.trailing_stop.client_order_id != trail_record.stop_order_client_id

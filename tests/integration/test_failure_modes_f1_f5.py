@@ -603,6 +603,57 @@ async def test_f3_restart_restores_every_position_without_sending_anything(db: D
         await drive(clock, engine_b.stop())
 
 
+async def test_f3_a_native_trail_replaced_after_a_restart_keeps_the_callback_its_position_opened_with(
+    db: Database,
+) -> None:
+    """F3: a restarted engine whose configuration changed (callback 0.5 % → 2 %, activation 1.5 % → 3 %)
+    restored its positions' stops from the record, but re-placed a lost native trailing stop at the new
+    callback beside the recorded activation (r72 on the Binance wire: `ts1` at callbackRate 2 for a
+    position opened, and recorded, at 0.5). A position keeps the trail it was opened with; the new
+    settings are for new positions."""
+    settings = settings_for(db, {"PROTECTION__CALLBACK_PERCENT": "0.5"})
+    clock = ManualClock()
+    engine_a = make_engine(settings, clock)
+    await drive(clock, engine_a.start())
+    try:
+        [guard_a] = await open_positions(engine_a, clock, [SYMBOLS[33]], ["short"])
+        await drive_until_covered(engine_a, clock, 1)
+        first = guard_a.trailing_stop.client_order_id
+        activation = guard_a.trailing_stop.price
+    finally:
+        await drive(clock, engine_a.stop())
+    changed = settings_for(db, {"PROTECTION__CALLBACK_PERCENT": "2", "PROTECTION__ACTIVATION_PERCENT": "3"})
+    engine_b = restarted(engine_a, changed, clock)
+    await drive(clock, engine_b.start())
+    try:
+        assert engine_b.manager is not None
+        [guard] = engine_b.manager.guards.values()
+        core = engine_b.venue.core
+        assert first is not None
+        core.cancel_order(guard.symbol, first, clock.now())  # by hand, on the venue
+
+        def replaced() -> Order | None:
+            return next(
+                (
+                    o
+                    for o in core.open_protective_orders(clock.now(), guard.symbol)
+                    if o.type is OrderType.TRAILING_STOP_MARKET and o.client_order_id != first
+                ),
+                None,
+            )
+
+        await drive_until(clock, lambda: replaced() is not None, what="the trailing stop placed again")
+        again = replaced()
+        assert again is not None
+        assert (again.callback_rate, again.activation_price) == (Decimal("0.5"), activation)
+        recorded = await db.pool.fetchval(
+            "SELECT callback_percent FROM monitoring.orders WHERE client_order_id = $1", again.client_order_id
+        )
+        assert recorded == Decimal("0.5")
+    finally:
+        await drive(clock, engine_b.stop())
+
+
 @contextlib.asynccontextmanager
 async def _managed_trail_active(
     db: Database, symbol: str, overrides: Mapping[str, str]
