@@ -3793,7 +3793,7 @@ class Engine:
                 await wait_for_all(self.clock, WAVE_PROTECTION_WAIT_SECONDS, [d.ended.wait() for d in doubts])
             left = max(0.0, WAVE_PROTECTION_WAIT_SECONDS - (self.clock.monotonic() - waiting_since))
             await wait_for_all(
-                self.clock, left, [g.protected.wait() for g in self._wave_guards(opened, doubts)]
+                self.clock, left, [g.protected_or_ended() for g in self._wave_guards(opened, doubts)]
             )
             # (In the try: a stop's cancel landing during this write abandoned it, and the wave stayed
             # `running` with its figures 0 — the mid-wave stop test, twice in three clean-clone runs.

@@ -674,6 +674,7 @@ class PositionGuard:
         self.opened_epoch = manager.clock.now() - (manager.clock.monotonic() - filled_at)
         self.wake = asyncio.Event()
         self.protected = asyncio.Event()  # covered for the first time (set once)
+        self.ended = asyncio.Event()  # its position is over, on the record (`closed`)
         # Covered as of the last pass's verdict: cleared when a stop goes missing, set again once both are
         # confirmed. What a stop waits on: a position protected once and then missing a stop is waited for.
         self.covered_now = asyncio.Event()
@@ -689,6 +690,12 @@ class PositionGuard:
         self._pass_finished = asyncio.Event()
         self.report = GuardReport(self.position_id, self.symbol)
         self._written_facts: tuple[Any, ...] | None = None
+
+    async def protected_or_ended(self) -> None:
+        """Until its position is covered for the first time, or is over (closed before it ever was: a stop
+        that would trigger at once closes it at market, and its wave waited 120 s for a protection that
+        could not come; r72)."""
+        await first_of(self.protected.wait(), self.ended.wait())
 
     # --- facts ---------------------------------------------------------------------------------------
 
@@ -3351,6 +3358,7 @@ class PositionGuard:
             except Exception:
                 log.exception("%s: could not record the final trailing state", self.symbol)
         cancelled = await asyncio.gather(*(self._cancel_quietly(order) for order in ours))
+        self.ended.set()
         self.retiring = {}
         left = {
             order.client_order_id: order.left_at(m.clock.monotonic())

@@ -596,6 +596,17 @@ async def test_f8_stop_that_would_trigger_immediately_closes_the_position_reduce
         assert [(e.position_id, e.exit_reason) for e in closed] == [(position_id, "stop_breached")]
         assert engine.manager is not None
         assert engine.manager.guards == {}
+        # Its wave is over with it: it waited 120 s for a protection that could never come (r72: waves
+        # `running` for as long as that, then finished by the next start as left by a dead engine).
+        wave = "SELECT * FROM monitoring.waves WHERE id = (SELECT wave_id FROM monitoring.positions WHERE id = $1)"
+        await drive_until(
+            clock,
+            lambda: db.pool.fetchval(f"SELECT finished_at IS NOT NULL FROM ({wave}) w", position_id),
+            limit=10,
+            what="its wave finished",
+        )
+        finished = await db.pool.fetchrow(wave, position_id)
+        assert (finished["opened"], finished["protected"], finished["failed"]) == (1, 0, 1)
     finally:
         await drive(clock, engine.stop())
         await follower
