@@ -858,8 +858,7 @@ class PositionGuard:
         )
         return self._fact
 
-    def order_ids(self) -> set[str]:
-        """Client ids this guard considers current (anything else of ours for this position is stale)."""
+    def _current_orders(self) -> list[ProtectiveOrder]:
         current = (
             self.stop_loss,
             self.trailing_stop,
@@ -867,7 +866,22 @@ class PositionGuard:
             self._restored_move,
             *self._superseded,
         )
-        return {o.client_order_id for o in current if o is not None and o.client_order_id}
+        return [o for o in current if o is not None and o.client_order_id]
+
+    def order_ids(self) -> set[str]:
+        """Client ids this guard considers current (anything else of ours for this position is stale)."""
+        return {o.client_order_id for o in self._current_orders() if o.client_order_id}
+
+    def absent_unproven(self, cid: str, asked_at: float, recorded_at: float | None) -> bool:
+        """Whether the venue's "no such order" for our order `cid`, asked at `asked_at` (monotonic), proves
+        nothing yet: its read lag after the send still runs. Timed from this guard's knowledge of its send,
+        or else from its record's writing (`recorded_at`, monotonic; written before it was sent)."""
+        for order in self._current_orders():
+            if order.client_order_id == cid:
+                provable_at = self._absence_provable_at(order, asked_at)
+                return provable_at is not None and asked_at < provable_at
+        window = self._m.absence_window()
+        return window > 0 and recorded_at is not None and asked_at < recorded_at + window
 
     # --- the task ------------------------------------------------------------------------------------
 
@@ -3344,6 +3358,7 @@ class PositionGuard:
             self.retiring = {}  # still open: its stops are its own again
             raise
         self.closed = True
+        self.ended.set()
         self._pass_finished.set()  # nobody waits for a pass of a closed position
         self._superseded.clear()
         self._restored_move = None
@@ -3358,7 +3373,6 @@ class PositionGuard:
             except Exception:
                 log.exception("%s: could not record the final trailing state", self.symbol)
         cancelled = await asyncio.gather(*(self._cancel_quietly(order) for order in ours))
-        self.ended.set()
         self.retiring = {}
         left = {
             order.client_order_id: order.left_at(m.clock.monotonic())
@@ -4041,6 +4055,8 @@ class ProtectionManager:
                     # its activation as recorded, or none (armed at the mark: `arm_now`). Taken as waiting
                     # for an activation it never had, its firing went unwatched and the screen said "waiting".
                     target.arm_now = record.activation_price is None
+                    if record.callback_percent is not None:  # (what the venue was sent, sent again)
+                        guard.callback_percent = record.callback_percent
                     if record.activation_price is not None:
                         target.price = record.activation_price
                         if position.trailing_activated and guard.trails_on_mark:
@@ -4063,8 +4079,6 @@ class ProtectionManager:
                     # The trail is what the database holds (it was just read from it): armed as it was, not
                     # "missing" until the first pass writes it again (every row MISSING after a restart).
                     guard.trail_persisted = True
-                    if record.callback_percent is not None:  # (what the venue was sent, sent again)
-                        guard.callback_percent = record.callback_percent
                 if (
                     trail_record.stop_order_client_id
                     and guard.trailing_stop.client_order_id != trail_record.stop_order_client_id
@@ -4840,8 +4854,17 @@ class ProtectionManager:
     def publish(self, event: Any) -> None:
         self.events.publish(event)
 
-    def request_reconcile(self) -> None:
-        self._reconcile_requested.set()
+    def request_reconcile(self, *, after: float = 0.0) -> None:
+        """A reconcile pass now, or `after` seconds from now."""
+        if after <= 0:
+            self._reconcile_requested.set()
+            return
+
+        async def later() -> None:
+            await self.clock.sleep(after)
+            self._reconcile_requested.set()
+
+        self._in_background(later(), "reconcile-later")
 
     def stream_gap(self, since: float, *, read_now: bool = True) -> None:
         """The account stream may have missed events since `since` (monotonic): a cancel or an expiry of a

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from engine.clock import Clock
+from engine.clock import Clock, monotonic_of
 from engine.exchange.errors import ExchangeError, NotFound
 from engine.exchange.port import ExchangePort, Order, OrderStatus, VenuePosition
 from engine.pacing import Lane
@@ -68,6 +69,9 @@ class _ExitEvidence:
     price: Decimal | None = None
     recorded: str | None = None
     recorded_price: Decimal | None = None
+    # Orders of ours the venue said it does not know while its read lag after their send still runs: one of
+    # them may be the fill that ended the position.
+    unreadable: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,6 +350,18 @@ class Reconciler:
         if isinstance(evidence, BaseException):
             raise evidence
         exit_reason, exit_price = evidence.reason, evidence.price
+        if exit_reason is None and evidence.unreadable:
+            # A stop sent moments ago may have filled and ended the position, and the venue does not show it
+            # yet: closed now, the position was recorded `closed_on_exchange` without the fill's reason and
+            # PnL (r72). Asked again once the venue can show it (its read lag, a few seconds).
+            log.info(
+                "reconcile: %s missing from the list; %s of ours not readable yet (the venue's read lag after "
+                "its send): asked again before the position is closed",
+                guard.symbol,
+                ", ".join(evidence.unreadable),
+            )
+            self._manager.request_reconcile(after=self._manager.absence_window())
+            return
         if exit_reason is None:
             if isinstance(alone, ExchangeError | TimeoutError):
                 log.warning(
@@ -389,7 +405,9 @@ class Reconciler:
         # without its PnL. Such a fill says why and at what price, never that the position is gone: a stop
         # can fill while part of the position stays (a partial fill, a flip), protected again since.
         filled_before: dict[str, OrderPurpose] = {}
+        recorded_at: dict[str, float] = {}  # (monotonic) when each was written, before its send
         for record in await self._store.orders_for_position(guard.position_id, _EXIT_CANDIDATE_STATUSES):
+            recorded_at[record.client_order_id] = monotonic_of(self._clock, record.created_at.timestamp())
             # Close orders too: a close at market whose answer never reached its guard (a protection
             # restart cancelled it mid-call) left the position `closing` for two passes and more.
             if record.purpose not in (OrderPurpose.STOP_LOSS, OrderPurpose.TRAILING_STOP, OrderPurpose.CLOSE):
@@ -400,6 +418,7 @@ class Reconciler:
                 candidates.setdefault(record.client_order_id, record.purpose)
         newest_first = dict(reversed(filled_before.items()))
         asked = {**candidates, **newest_first}
+        asked_at = self._clock.monotonic()
         looked_up = await asyncio.gather(
             *(
                 self._manager.read(
@@ -412,7 +431,10 @@ class Reconciler:
             return_exceptions=True,
         )
         recorded: _ExitEvidence | None = None
+        unreadable: list[str] = []
         for (cid, purpose), found in zip(asked.items(), looked_up, strict=True):
+            if isinstance(found, NotFound) and guard.absent_unproven(cid, asked_at, recorded_at.get(cid)):
+                unreadable.append(cid)
             if isinstance(found, NotFound | ExchangeError | TimeoutError):
                 found = None
             elif isinstance(found, BaseException):
@@ -430,7 +452,9 @@ class Reconciler:
                     found.client_order_id, OrderRecordStatus.FILLED, exchange_order_id=found.venue_order_id
                 )
                 return _ExitEvidence(reason, found.average_price)
-        return recorded or _ExitEvidence()
+        if recorded is not None:
+            return dataclasses.replace(recorded, unreadable=tuple(unreadable))
+        return _ExitEvidence(unreadable=tuple(unreadable))
 
     async def _adopt_if_held(self, venue_position: VenuePosition, report: ReconcileReport) -> None:
         """The list may be older than what the engine knows since (a stop filled and its guard closed

@@ -706,3 +706,47 @@ async def test_a_stop_that_fills_in_part_leaves_the_rest_protected_under_a_new_i
         assert await drive(clock, engine.close_position(guard.position_id)) is True
         row = await db.pool.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", guard.position_id)
         assert (row["status"], row["realized_pnl"]) == ("closed", None)
+
+
+async def test_a_position_whose_new_stop_filled_within_the_read_lag_is_closed_with_that_fill(
+    db: Database,
+) -> None:
+    """A hard stop cancelled by hand is placed again; the mark goes through the new stop at once and the
+    venue fills it, all within the venue's read lag of its placement (Binance: "unknown order" for up to
+    5 s), the account stream late. The position missing from the venue's list twice within that lag was
+    closed `closed_on_exchange` without its PnL: the new stop's "not found" was taken for no evidence
+    (r72: a trailing stop's fill after a kill mid-move, on the Binance wire). Not found inside the lag
+    proves nothing: the close waits until the stop can be read, and records its fill."""
+    settings = settings_for(db, {"PROTECTION__RECONCILE_SECONDS": "1"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock, read_lag=5.0)
+    venue = engine.venue
+    assert isinstance(venue, SimVenue)
+    await drive(clock, engine.start())
+    try:
+        guards = await open_positions(engine, clock, [SYMBOLS[23], SYMBOLS[24]], ["long", "long"])
+        await drive_until_covered(engine, clock, 2)
+        await drive(clock, clock.sleep(6.0))  # (the first stops readable)
+        guard = guards[0]
+        first = guard.stop_loss.client_order_id
+        assert first is not None
+        venue.delay_account_events(3600.0)  # the stream tells nothing in time
+        venue.core.cancel_order(guard.symbol, first, clock.now())  # by hand, on the venue
+        await drive_until(
+            clock,
+            lambda: guard.stop_loss.confirmed and guard.stop_loss.client_order_id != first,
+            limit=30,
+            what="the hard stop placed again",
+        )
+        assert guard.stop_loss.price is not None
+        venue.override_mark_price(guard.symbol, guard.stop_loss.price - 2 * guard.market.tick_size)
+        assert guard.symbol not in {p.symbol for p in venue.core.positions(clock.now())}  # filled
+        await drive_until(clock, lambda: guard.closed, limit=30, what="the position closed")
+        row = await db.pool.fetchrow(
+            "SELECT exit_reason, realized_pnl FROM monitoring.positions WHERE id = $1", guard.position_id
+        )
+        assert row["exit_reason"] == "stop_loss", dict(row)
+        assert row["realized_pnl"] is not None
+        assert row["realized_pnl"] < 0
+    finally:
+        await drive(clock, engine.stop())
