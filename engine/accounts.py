@@ -43,3 +43,8 @@ def account_key(venue: VenueSettings) -> str:
 
 
 __all__ = ["account_key"]
+
+
+class AccountShared(Exception):
+    """The venue account already holds orders of another installation of this program (another database):
+    one engine per account, so the start is refused (a configuration error: exit 2)."""

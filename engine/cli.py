@@ -37,7 +37,7 @@ from typing import Any, NoReturn
 
 import asyncpg
 
-from engine.accounts import account_key
+from engine.accounts import AccountShared, account_key
 from engine.clock import SystemClock, end_all, first_of
 from engine.commands import CommandAnswer, PositionOutcome, not_taken, send_command
 from engine.config import MAX_SEED, ConfigError, LoadedConfig, VenueKind, load_config
@@ -105,7 +105,7 @@ MAX_DURATION_SECONDS = 366 * 86400
 MAX_MESSAGE_CHARS = 400
 
 # The operator's input is wrong: exit 2. The command could not do its job: exit 1.
-USER_ERRORS: tuple[type[BaseException], ...] = (CredentialsRefused, InvalidDsn, LogFileError)
+USER_ERRORS: tuple[type[BaseException], ...] = (CredentialsRefused, AccountShared, InvalidDsn, LogFileError)
 # MetricsUnavailable: the [metrics] port is taken (or the address is not this machine's): one line, exit 1.
 FAILURES: tuple[type[BaseException], ...] = (
     DatabaseUnavailable,

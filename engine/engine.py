@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from engine.account_stream import AccountStreamReader
-from engine.accounts import account_key
+from engine.accounts import AccountShared, account_key
 from engine.alerts import Alerter, EngineObserver
 from engine.clock import Clock, SystemClock, end_all, first_of, monotonic_of, wait_event, wait_for_all
 from engine.commands import CommandRunner, ProtectionRestartRefused, requester_identity
@@ -1889,6 +1889,8 @@ class Engine:
         for position in positions:
             self.manager.tell_recorded(position, orders_by_position.get(position.id, ()))
         snapshot = await self._restore_snapshot(restart=handover is not None)
+        if snapshot is not None and handover is None:
+            self._refuse_a_shared_account(snapshot.open_orders)
         venue_orders = snapshot.open_orders_by_id() if snapshot is not None else None
         # An empty answer this soon after connecting may be a venue glitch (F3): it confirms nothing, so
         # every order is looked up on its own rather than believed gone.
@@ -2028,6 +2030,23 @@ class Engine:
             else:
                 await self.clock.sleep(delay)
             delay = min(delay * 2, float(self.settings.protection.retry_max_seconds))
+
+    def _refuse_a_shared_account(self, open_orders: Sequence[Order]) -> None:
+        """A start on an account whose venue holds orders another installation of this program sent (another
+        database's client ids) is refused before anything is restored, adopted or traded: a second
+        installation adopted the first one's 36 positions and stopped each a second time (an operator)."""
+        assert self.manager is not None
+        self.manager.saw_other_installations(open_orders)
+        others = self.manager.other_installations
+        if not others:
+            return
+        tokens = ", ".join(f"tsb{token}-… ({count})" for token, count in sorted(others.items()))
+        raise AccountShared(
+            f"venue {self.venue.name}: the account holds {counted(sum(others.values()), 'open order')} of "
+            f"another tsbot installation (client ids {tokens}: another database); one engine per account. "
+            "Stop that engine (or, if it is gone for good, cancel its orders on the venue) and start again; "
+            "nothing was traded"
+        )
 
     async def _restore_snapshot(self, *, restart: bool) -> VenueSnapshot | None:
         """The venue's positions and protective orders for a restore (None: each order is looked up by its
@@ -4046,6 +4065,7 @@ class Engine:
                 self._grace_seconds(),
                 manager.protective_attempts.count(now, window),
                 manager.protective_failures.count(now, window),
+                sum(manager.other_installations.values()),
             ),
             settings,
         )

@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal
 
+from engine.words import counted
 from protection.coverage import CoverageFigures
 
 # The coverage rule is about a failing path, several positions at once (the incident: 7 → 14 → 17); one
@@ -62,6 +63,9 @@ class BreakerInputs:
     grace_seconds: float
     protective_attempts: int  # protective order sends in the error window
     protective_failures: int  # of those, refused / timed out / unknown
+    # Open orders of another installation of this program on the account (another database's client ids):
+    # two engines trading one account, each blind to the other's positions.
+    other_installation_orders: int = 0
 
 
 def trip_reasons(inputs: BreakerInputs, settings: BreakerSettings) -> list[str]:
@@ -90,6 +94,11 @@ def trip_reasons(inputs: BreakerInputs, settings: BreakerSettings) -> list[str]:
         reasons.append(
             f"{failures} of {attempts} protective order sends failed in the last "
             f"{settings.error_window_seconds:g}s"
+        )
+    if inputs.other_installation_orders:
+        reasons.append(
+            f"another installation of tsbot trades this account "
+            f"({counted(inputs.other_installation_orders, 'open order')} of another database on the venue)"
         )
     return reasons
 

@@ -77,7 +77,7 @@ from engine.pacing import CallTicket, Lane, call_with_send_timeout
 from engine.words import counted
 from protection import trailing
 from protection.coverage import CoverageFigures, PositionCoverage, coverage_figures, kept_fact
-from protection.order_ids import client_order_id, parse_client_order_id
+from protection.order_ids import client_order_id, installation_of, parse_client_order_id
 from storage.batching import CoalescingWriter
 from storage.repositories import (
     OrderPurpose,
@@ -3741,6 +3741,9 @@ class ProtectionManager:
         # Stops of ours still live on symbols whose positions ended, being cancelled again (by symbol).
         self.leftovers: dict[str, dict[str, float | None]] = {}
         self.foreign_stops_seen = 0  # open stops on the account not ours, at the last reconcile pass
+        # Open orders another installation of this program (another database's token) holds on the account,
+        # by token, at the last reconcile pass: two engines trade one account (`saw_other_installations`).
+        self.other_installations: dict[str, int] = {}
         self._told_recorded: dict[int, set[str]] = {}  # the recorded stops told to the venue, by position
         self._unfinished_told: set[str] = set()  # fired stops of closed positions already said (once each)
         self._cancel_failure_said: dict[str, float] = {}  # failing cancels, by id: when last said (monotonic)
@@ -4853,6 +4856,31 @@ class ProtectionManager:
 
     def publish(self, event: Any) -> None:
         self.events.publish(event)
+
+    def other_installation_sent(self, cid: str) -> bool:
+        """Whether `cid` is this program's id from another installation (another database's token)."""
+        token = installation_of(cid)
+        return token is not None and token != self.token
+
+    def saw_other_installations(self, open_orders: Iterable[Order]) -> None:
+        """Note the open orders of other installations of this program on the account (a listing's): two
+        engines trading one account from two databases, each adopting the other's positions and stopping
+        them twice (an operator: 168 stops for 41 positions, and neither engine said a word). Said at
+        CRITICAL when one appears; the breaker pauses entries for as long as they are there."""
+        seen: dict[str, int] = {}
+        for order in open_orders:
+            token = installation_of(order.client_order_id)
+            if token is not None and token != self.token:
+                seen[token] = seen.get(token, 0) + 1
+        for token in sorted(seen.keys() - self.other_installations.keys()):
+            message = (
+                f"another installation of tsbot trades this account: the venue holds "
+                f"{counted(seen[token], 'open order')} of another database (client ids tsb{token}-…); its "
+                "positions are left to it, and entries pause while they are there"
+            )
+            log.critical("%s", message)
+            self.spawn_event_write(Severity.CRITICAL, "other_installation", message, None, None)
+        self.other_installations = seen
 
     def request_reconcile(self, *, after: float = 0.0) -> None:
         """A reconcile pass now, or `after` seconds from now."""

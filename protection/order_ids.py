@@ -41,6 +41,13 @@ def client_order_id(token: str, position_id: int, purpose: OrderPurpose, generat
     return cid
 
 
+def installation_of(cid: str) -> str | None:
+    """The token of the installation (database) that sent an order of this program, else None (not one of
+    this program's ids: the operator's, another client's)."""
+    match = _PATTERN.fullmatch(cid)
+    return match.group(1) if match is not None else None
+
+
 def parse_client_order_id(cid: str, token: str) -> OrderKey | None:
     """The key of one of *our* orders (this database's token), else None: not ours, never touched."""
     match = _PATTERN.fullmatch(cid)

@@ -165,6 +165,7 @@ class Reconciler:
         manager.foreign_stops_seen = sum(
             1 for o in open_orders if parse_client_order_id(o.client_order_id, manager.token) is None
         )
+        manager.saw_other_installations(open_orders)
         young = self._clock.monotonic() - self._connected_at < self._startup_unknown
         if not positions and manager.guards and young:
             # Right after connecting an empty answer may be a venue glitch (F3): only a position whose own
@@ -231,6 +232,9 @@ class Reconciler:
             )
 
         tracked = {g.symbol for g in manager.guards.values()} | self._entries_in_flight()
+        # A position another installation of this program protects (its stops live on the symbol) is that
+        # engine's: adopted, it got a second pair of stops from here (two databases, one account).
+        tracked |= {o.symbol for o in open_orders if manager.other_installation_sent(o.client_order_id)}
         # Positions to adopt and stale orders to cancel are each independent: together, not one round
         # trip after another (15 orphans took 0.8 s one by one in the chaos soak).
         # Each runs to its end whatever the others do (an exception of one, a database error say, must not

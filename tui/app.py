@@ -41,6 +41,7 @@ from textual.notifications import SeverityLevel
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Label
 
+from engine.accounts import AccountShared
 from engine.cli import OneLineParser, one_line
 from engine.config import ConfigError, Settings, load_config
 from engine.credentials import CredentialsRefused
@@ -470,7 +471,7 @@ class DashboardApp(App[int]):
             log.warning("%s; offering read-only", exc)
             self.post_message(FeedRefused(str(exc), exc.holder))
             return
-        except CredentialsRefused as exc:  # the operator's configuration, not a bug: no traceback
+        except (CredentialsRefused, AccountShared) as exc:  # the operator's configuration: no traceback
             log.error("%s", exc)
             self.exit_code = EXIT_USAGE
             self.post_message(FeedFailed(str(exc)))

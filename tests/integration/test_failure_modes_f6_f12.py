@@ -18,6 +18,7 @@ from decimal import ROUND_DOWN, ROUND_UP, Decimal
 import asyncpg
 import pytest
 
+from engine.accounts import AccountShared
 from engine.clock import ManualClock
 from engine.config import Settings
 from engine.engine import Engine, EngineState
@@ -934,6 +935,77 @@ async def test_f9_a_second_engine_on_the_same_account_is_refused_names_the_holde
         assert (lease["pid"], lease["version"]) == (os.getpid(), "3.0-third")
     finally:
         await drive(clock, third.stop())
+
+
+async def _another_installation_opens(engine: Engine, clock: ManualClock, symbol: str) -> list[str]:
+    """What another installation of tsbot (another database: its own token) does on the same venue
+    account: opens a long on `symbol` and stops it, under its own client ids. Returns the stops' ids."""
+    venue = engine.venue
+    assert isinstance(venue, SimVenue)
+    market = engine.markets[symbol]
+    quantity = market.round_quantity(Decimal(100) / venue.core.mark(symbol)) or market.min_quantity
+    entry = client_order_id("zz99zz", 1, OrderPurpose.ENTRY, 0)
+    await drive(clock, venue.create_market_order(symbol, OrderSide.BUY, quantity, client_order_id=entry))
+    stop = client_order_id("zz99zz", 1, OrderPurpose.STOP_LOSS, 0)
+    below = market.round_price(venue.core.mark(symbol) * Decimal("0.97"))
+    await drive(
+        clock, venue.create_stop_market_order(symbol, OrderSide.SELL, quantity, below, client_order_id=stop)
+    )
+    return [stop]
+
+
+async def test_f9_a_start_on_an_account_another_installation_trades_is_refused_and_trades_nothing(
+    db: Database,
+) -> None:
+    """F9/F16 (two writers, two databases): a second installation of tsbot on the same exchange account
+    (its own database, so its own lease) started, adopted the first one's 36 positions and put a second
+    pair of stops on each (an operator: 168 conditional orders for 41 positions), and neither engine said
+    a word. The venue's orders carry each installation's token: a start that finds another's is refused,
+    one line naming them, before anything is restored, adopted or sent."""
+    clock = ManualClock()
+    settings = engine_settings(db.target.dsn)
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    engine = Engine(settings, venue=venue, clock=clock, version="test")
+    await drive(clock, venue.connect())
+    engine.markets = dict(await drive(clock, venue.load_markets()))
+    theirs = await _another_installation_opens(engine, clock, SYMBOL)
+    placed = venue.core.inspect(clock.now()).orders_placed
+    with pytest.raises(AccountShared) as refused:
+        await drive(clock, engine.start())
+    said = str(refused.value)
+    assert said.startswith("venue sim: the account holds 1 open order of another tsbot installation "), said
+    assert "(client ids tsbzz99zz-… (1): another database); one engine per account" in said
+    assert said.endswith("nothing was traded")
+    assert venue.core.inspect(clock.now()).orders_placed == placed  # nothing sent
+    assert [o.client_order_id for o in venue.core.open_protective_orders(clock.now())] == theirs
+    assert await db.pool.fetchval("SELECT count(*) FROM monitoring.positions") == 0
+
+
+async def test_f9_another_installation_appearing_on_the_account_pauses_entries_and_is_not_adopted(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same, the other installation starting after this engine: its position and stops appear on the
+    account. Its position was adopted and stopped a second time, and entries went on. It is said at
+    CRITICAL, left to that installation (no stop of ours on it), and the breaker pauses entries while
+    its orders are there."""
+    engine, clock = await _started(db)
+    try:
+        assert engine.manager is not None
+        await _open(engine, clock, "ALLUSDT")
+        theirs = await _another_installation_opens(engine, clock, SYMBOL)
+        await drive(clock, engine.reconcile_now())
+        await drive_until(clock, lambda: engine.entries_paused, limit=30, what="entries paused")
+        assert engine.entries_paused_by == "breaker"
+        assert "another installation of tsbot trades this account" in engine.entries_pause_reason
+        assert SYMBOL not in engine.manager.by_symbol  # not adopted
+        venue = engine.venue
+        assert isinstance(venue, SimVenue)
+        on_symbol = [o.client_order_id for o in venue.core.open_protective_orders(clock.now(), SYMBOL)]
+        assert on_symbol == theirs
+        critical = [r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL]
+        assert any("another installation of tsbot trades this account" in m for m in critical), critical
+    finally:
+        await drive(clock, engine.stop())
 
 
 async def test_f9_two_engines_starting_at_the_same_moment_only_one_trades(db: Database) -> None:
