@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import dataclasses
 import errno
@@ -67,9 +68,12 @@ from storage.database import (
 from storage.embedded import (
     ENGINE_COMMAND,
     EmbeddedPostgresError,
+    PostmasterState,
     default_data_dir,
+    detach_embedded,
     embedded_users,
     live_tsbot_command,
+    postmaster_state,
     psql_executable,
     running_server,
 )
@@ -451,6 +455,27 @@ def _config_show(args: argparse.Namespace, loaded: LoadedConfig) -> int:
 
 
 async def _open(loaded: LoadedConfig, *, migrate: bool = True) -> Database:
+    """The database, for a command. An embedded server found running is left running when the command
+    exits, whoever started it: an engine killed with SIGKILL leaves its server to `tsbot status`, which
+    reads from it that nothing protects its positions, and a `tsbot signals add` joining it as its last user
+    (the dead engine forgotten) stopped it: status then said only that no server ran (an operator)."""
+    found_running = await asyncio.to_thread(_embedded_running, loaded)
+    database = await _open_database(loaded, migrate=migrate)
+    if found_running and database.target.embedded is not None:
+        atexit.register(detach_embedded, database.target.embedded.data_dir)  # (before pgserver's own hook)
+    return database
+
+
+def _embedded_running(loaded: LoadedConfig) -> bool:
+    """Whether the configured database is the embedded server, and its postmaster runs."""
+    db = loaded.settings.database
+    if db.dsn:
+        return False
+    directory = Path(db.data_dir).expanduser() if db.data_dir else default_data_dir()
+    return postmaster_state(directory)[0] is PostmasterState.RUNNING
+
+
+async def _open_database(loaded: LoadedConfig, *, migrate: bool = True) -> Database:
     db = loaded.settings.database
     return await open_database(
         db.dsn,

@@ -301,6 +301,32 @@ def test_the_subcommands_status_may_show_are_tsbots() -> None:
     assert {command.split()[0] for command in cli._HANDLERS} == TSBOT_COMMANDS
 
 
+async def test_a_command_after_an_engine_was_killed_leaves_its_server_running_for_status_to_read(
+    workdir: Path,
+) -> None:
+    """A `tsbot run` killed with SIGKILL leaves its positions with nobody protecting them, and its embedded
+    server running: `tsbot status` says CRITICAL. A `tsbot signals add` then joined that server and, as its
+    last user (the dead engine forgotten), stopped it: status said "UNKNOWN: database: no embedded
+    PostgreSQL is running", exit 3, while still nothing protected the positions (an operator). A command
+    leaves a server it found running as it found it."""
+    data_dir = workdir / "pgdata"
+    engine = _start_run(workdir)
+    try:
+        await wait_until(lambda: _protected(data_dir, 0), within=60, what="a wave protected")
+    finally:
+        engine.kill()
+        await asyncio.to_thread(engine.communicate, timeout=60)
+    before = await asyncio.to_thread(_tsbot, workdir, "status")
+    assert before.returncode == 2, before.stdout + before.stderr
+    assert "ended without stopping" in before.stdout.splitlines()[0], before.stdout
+    added = await asyncio.to_thread(_tsbot, workdir, "signals", "add", "SFPUSDT", "long")
+    assert added.returncode == 0, added.stderr
+    assert postmaster_state(data_dir)[0] is PostmasterState.RUNNING
+    after = await asyncio.to_thread(_tsbot, workdir, "status")
+    assert after.returncode == 2, after.stdout + after.stderr
+    assert "ended without stopping" in after.stdout.splitlines()[0], after.stdout
+
+
 def _start_and_abandon(data_dir: Path) -> None:
     """The embedded server in `data_dir` started by a process that then exits without saying it leaves."""
     starter = subprocess.run(
