@@ -878,6 +878,11 @@ class PositionGuard:
         or else from its record's writing (`recorded_at`, monotonic; written before it was sent)."""
         for order in self._current_orders():
             if order.client_order_id == cid:
+                if not (order.confirmed or order.maybe_sent):
+                    # Its every send refused with nothing executed: not on the venue, lag or no lag. (Each
+                    # refused send restarted the lag's clock, and a gone position stayed `active` for as
+                    # long as the venue failed the stop: 127 s; r73.)
+                    return False
                 provable_at = self._absence_provable_at(order, asked_at)
                 return provable_at is not None and asked_at < provable_at
         window = self._m.absence_window()

@@ -750,3 +750,50 @@ async def test_a_position_whose_new_stop_filled_within_the_read_lag_is_closed_wi
         assert row["realized_pnl"] < 0
     finally:
         await drive(clock, engine.stop())
+
+
+@pytest.mark.parametrize("fault", [FaultKind.SERVER_ERROR, FaultKind.TIMEOUT_NOT_EXECUTED])
+async def test_a_position_closed_by_hand_is_closed_on_record_while_its_stops_resends_keep_failing(
+    db: Database, fault: FaultKind
+) -> None:
+    """The deferral above must not keep a gone position open: a hard stop cancelled by hand, every send
+    of it answered HTTP 500 (not executed), and the position closed by hand. Each failed send restarted
+    the read lag's clock, so each pass found the stop "not readable yet" and the position stayed `active`
+    (and uncovered, the breaker pausing entries) for as long as the venue failed: 127 s on the Binance
+    wire, where the last engine closed it in 10 s (r73). A send the venue said it did not execute is not
+    on the venue: its absence proves what it says. One whose every answer is lost may be: waited for a
+    few read lags at most."""
+    settings = settings_for(db, {"PROTECTION__RECONCILE_SECONDS": "1"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock, read_lag=5.0)
+    venue = engine.venue
+    assert isinstance(venue, SimVenue)
+    await drive(clock, engine.start())
+    try:
+        guards = await open_positions(engine, clock, [SYMBOLS[25], SYMBOLS[26]], ["long", "long"])
+        await drive_until_covered(engine, clock, 2)
+        await drive(clock, clock.sleep(6.0))  # (the first stops readable)
+        guard = guards[0]
+        first = guard.stop_loss.client_order_id
+        assert first is not None
+        venue.inject_fault(CallKind.CREATE_ORDER, fault, count=100_000)
+        venue.core.cancel_order(guard.symbol, first, clock.now())  # by hand, on the venue
+        sends = venue.calls_made.get(CallKind.CREATE_ORDER, 0)
+        await drive_until(
+            clock,
+            lambda: venue.calls_made.get(CallKind.CREATE_ORDER, 0) >= sends + 2,
+            limit=30,
+            what="the hard stop sent again, and refused",
+        )
+        [held] = [p for p in venue.core.positions(clock.now()) if p.symbol == guard.symbol]
+        venue.core.place_market_order(
+            guard.symbol, OrderSide.SELL, abs(held.quantity), "by-hand", clock.now(), reduce_only=True
+        )
+        await drive_until(clock, lambda: guard.closed, limit=30, what="the position closed on the record")
+        row = await db.pool.fetchrow(
+            "SELECT exit_reason FROM monitoring.positions WHERE id = $1", guard.position_id
+        )
+        assert row["exit_reason"] == "closed_on_exchange"
+    finally:
+        venue.clear_injected_faults()
+        await drive(clock, engine.stop())
