@@ -234,12 +234,30 @@ def test_a_signal_added_inside_a_kept_ip_ban_sends_nothing_to_the_venue(workdir:
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("signal 1 added: SOLUSDT long"), result.stdout
     assert re.match(
-        r"tsbot: signal symbols not checked against the venue's markets \(its IP ban, met by this installation, "
+        r"tsbot: signal symbols not checked against the venue's markets, nor the API key \(its IP ban, met by "
+        r"this installation, "
         r"ends in [89]m \d\ds, at \d\d:\d\d:\d\d UTC\); ",
         result.stderr,
     ), result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
     assert connections == []
+
+
+async def test_a_kept_bybit_ban_of_the_same_host_skips_nothing_on_binance(workdir: Path) -> None:
+    """The IP-ban record is Bybit's (its 403 carries no end); keyed by host, an entry for a host Binance is
+    then configured on skipped Binance's markets read and key check, and a refused key's signal went in
+    (r73). Binance's own bans are dated by the venue and never recorded."""
+    emulator = BinanceEmulator(
+        SimVenueSettings(seed=7, symbols=["SFPUSDT", "BTCUSDT"]), api_key=API_KEY, api_secret=API_SECRET
+    )
+    async with running(emulator) as url:
+        (workdir / "logs").mkdir(exist_ok=True)
+        host = url.removeprefix("http://").rstrip("/")
+        (workdir / "logs" / "tsbot-ip-bans.json").write_text(json.dumps({host: time.time() - 60}))
+        result = await asyncio.to_thread(
+            _on_binance, url, "signals", "add", "BTCUSDT", "long", cwd=workdir, key="a-wrong-key-0123456789"
+        )
+    _assert_one_line(result, 2, "tsbot: venue binanceusdm refused the API key (code -2015")
 
 
 def test_signals_add_with_a_huge_score_in_a_real_process(workdir: Path) -> None:
