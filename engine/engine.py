@@ -2290,12 +2290,16 @@ class Engine:
         tracks: into the open record of its symbol if there is one (an entry in doubt), else a new one."""
         assert self.store is not None and self.manager is not None
         try:
+            # The trail it gets is today's, recorded as a position opened here records its own: a restart
+            # with other settings re-placed an adopted position's lost trail at those (r73).
             position = await self.store.create_position(
                 symbol=venue_position.symbol,
                 exchange=self.exchange_name,
                 side=venue_position.side.value,
                 quantity=venue_position.quantity,
                 status=PositionStatus.PENDING_PROTECTION,
+                trailing_activation_percent=self.settings.protection.activation_percent,
+                trailing_callback_percent=self.settings.protection.callback_percent,
             )
         except PositionAlreadyOpen:
             position = await self.store.open_position_for_symbol(self.exchange_name, venue_position.symbol)

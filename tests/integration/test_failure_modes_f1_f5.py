@@ -603,25 +603,49 @@ async def test_f3_restart_restores_every_position_without_sending_anything(db: D
         await drive(clock, engine_b.stop())
 
 
+@pytest.mark.parametrize(
+    ("adopted", "lost_before"),
+    [(False, False), (True, True)],
+    ids=["opened-here-lost-after-the-restart", "adopted-lost-and-refused-before-it"],
+)
 async def test_f3_a_native_trail_replaced_after_a_restart_keeps_the_callback_its_position_opened_with(
-    db: Database,
+    db: Database, adopted: bool, lost_before: bool
 ) -> None:
     """F3: a restarted engine whose configuration changed (callback 0.5 % → 2 %, activation 1.5 % → 3 %)
     restored its positions' stops from the record, but re-placed a lost native trailing stop at the new
     callback beside the recorded activation (r72 on the Binance wire: `ts1` at callbackRate 2 for a
     position opened, and recorded, at 0.5). A position keeps the trail it was opened with; the new
-    settings are for new positions."""
+    settings are for new positions. So does one adopted from the venue, its trail lost and refused again
+    before the restart (r73: it recorded none, and got today's)."""
     settings = settings_for(db, {"PROTECTION__CALLBACK_PERCENT": "0.5"})
     clock = ManualClock()
     engine_a = make_engine(settings, clock)
     await drive(clock, engine_a.start())
     try:
-        [guard_a] = await open_positions(engine_a, clock, [SYMBOLS[33]], ["short"])
+        if adopted:  # opened on the venue by hand: adopted and protected by the reconciler
+            core = engine_a.venue.core
+            quantity = engine_a.markets[SYMBOLS[33]].round_quantity(Decimal(100) / core.mark(SYMBOLS[33]))
+            core.place_market_order(SYMBOLS[33], OrderSide.SELL, quantity, "by-hand", clock.now())
+            await drive(clock, engine_a.reconcile_now())
+            assert engine_a.manager is not None
+            [guard_a] = engine_a.manager.guards.values()
+        else:
+            [guard_a] = await open_positions(engine_a, clock, [SYMBOLS[33]], ["short"])
         await drive_until_covered(engine_a, clock, 1)
         first = guard_a.trailing_stop.client_order_id
         activation = guard_a.trailing_stop.price
+        assert first is not None
+        if lost_before:  # lost while this engine runs, every send of it refused until it stops
+            engine_a.venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, count=100_000)
+            engine_a.venue.core.cancel_order(SYMBOLS[33], first, clock.now())
+            await drive_until(
+                clock,
+                lambda: guard_a.trailing_stop.client_order_id != first,
+                what="the lost trailing stop recorded gone",
+            )
     finally:
         await drive(clock, engine_a.stop())
+    engine_a.venue.clear_injected_faults()
     changed = settings_for(db, {"PROTECTION__CALLBACK_PERCENT": "2", "PROTECTION__ACTIVATION_PERCENT": "3"})
     engine_b = restarted(engine_a, changed, clock)
     await drive(clock, engine_b.start())
@@ -629,8 +653,8 @@ async def test_f3_a_native_trail_replaced_after_a_restart_keeps_the_callback_its
         assert engine_b.manager is not None
         [guard] = engine_b.manager.guards.values()
         core = engine_b.venue.core
-        assert first is not None
-        core.cancel_order(guard.symbol, first, clock.now())  # by hand, on the venue
+        if not lost_before:
+            core.cancel_order(guard.symbol, first, clock.now())  # by hand, on the venue
 
         def replaced() -> Order | None:
             return next(
