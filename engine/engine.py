@@ -1208,10 +1208,13 @@ class Engine:
         await self.clock.sleep(self._grace_seconds())
         if self._carried is carried and not carried.guards_created:
             log.warning(
-                "start: the venue not read after %.0fs; the %d open positions on the record count as "
-                "unverified (uncovered) until it is",
+                "start: the venue not read after %.0fs; %s on the record count%s as unverified "
+                "(uncovered) until it is",
                 self._grace_seconds(),
-                len(carried.views),
+                "the 1 open position"
+                if len(carried.views) == 1
+                else f"the {len(carried.views)} open positions",
+                "s" if len(carried.views) == 1 else "",
             )
             carried.unverified_from(carried.since, "not verified: the start has not read the venue yet")
 

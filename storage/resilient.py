@@ -146,7 +146,7 @@ class ResilientStore(Store):
             aside = journal.path.with_name(f"{journal.path.name}.other-database-{int(_now().timestamp())}")
             write_private(aside, journal.path.read_bytes())
             log.error(
-                "journal %s: %s written for another database (not %s); not replayed here and are kept in %s",
+                "journal %s: %s written for another database (not %s), not replayed here: kept in %s",
                 journal.path,
                 counted(len(foreign), "entry", "entries"),
                 database,

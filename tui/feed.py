@@ -49,6 +49,7 @@ from engine.events import (
     WaveFinished,
 )
 from engine.exchange.port import PositionSide
+from engine.words import counted
 from protection.coverage import CoverageFigures, PositionCoverage, coverage_figures
 from protection.health import Component, ComponentHealth, HealthState, entries_held_recorded
 from protection.manager import stop_words
@@ -298,7 +299,9 @@ class LogTranslator:
         if not rejected:
             return None
         return _rejections_entry(
-            event.at, rejected, f"{len(rejected)} of {event.signals} signals of wave {event.wave_id} rejected"
+            event.at,
+            rejected,
+            f"{len(rejected)} of {counted(event.signals, 'signal')} of wave {event.wave_id} rejected",
         )
 
     def _placed(self, event: ProtectionConfirmed) -> LogEntry | None:

@@ -117,6 +117,19 @@ def test_rejected_signals_are_said_with_their_own_wave_when_waves_overlap() -> N
     ]
 
 
+def test_a_wave_of_one_signal_rejected_is_said_in_the_singular() -> None:
+    """ "1 of 1 signals of wave 4 rejected" (r73)."""
+    translator = LogTranslator()
+    translator.entry(SignalRejected(at=T0, signal_id=7, symbol="FOOUSDT", reason="unknown", wave_id=4))
+    row = translator.entry(
+        WaveFinished(
+            at=T0 + 1, wave_id=4, signals=1, opened=0, protected=0, failed=0, slowest_protection_ms=None
+        )
+    )
+    assert row is not None
+    assert row.detail == "1 of 1 signal of wave 4 rejected: FOOUSDT: unknown"
+
+
 def test_a_pause_is_logged_with_who_paused_and_why() -> None:
     """The breaker's pause was logged as "new entries paused by the operator" while the header said
     "ENTRIES PAUSED (breaker)"."""
