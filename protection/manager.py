@@ -4862,6 +4862,60 @@ class ProtectionManager:
     def publish(self, event: Any) -> None:
         self.events.publish(event)
 
+    def settle_exit_later(self, guard: PositionGuard, client_order_ids: Iterable[str]) -> None:
+        """`guard`'s position is over, recorded `closed_on_exchange` for want of evidence while these stops
+        of it could not be read yet (the venue's read lag after their send): once they can be, one found
+        filled settles the record (the exit's reason, its realized PnL). The position's end is not held up
+        for it: its other stops are cancelled at once (held for the lag, a trailing stop stayed live on a
+        flat symbol 8.8 s in a chaos run)."""
+        position_id, symbol, side = guard.position_id, guard.symbol, guard.side
+        entry, quantity = guard.entry_price, guard.quantity
+        purposes = {
+            cid: key.purpose
+            for cid in client_order_ids
+            if (key := parse_client_order_id(cid, self.token)) is not None and key.purpose in _STOP_PURPOSES
+        }
+
+        async def settle() -> None:
+            await self.clock.sleep(self.absence_window())
+            for cid, purpose in purposes.items():
+                try:
+                    found = await self.read(
+                        lambda cid=cid: self.venue.fetch_order(symbol, cid), "fetch_order"
+                    )
+                except (ExchangeError, TimeoutError):
+                    continue
+                if found.status is not OrderStatus.FILLED or found.average_price is None:
+                    continue
+                reason = "trailing_stop" if purpose is OrderPurpose.TRAILING_STOP else "stop_loss"
+                direction = 1 if side is PositionSide.LONG else -1
+                pnl = (found.average_price - entry) * quantity * direction
+                await self.store.set_order_status(
+                    cid, OrderRecordStatus.FILLED, exchange_order_id=found.venue_order_id
+                )
+                if await self.store.settle_unexplained_exit(position_id, reason, pnl):
+                    log.info(
+                        "Position %d %s: its end was our %s %s after all (found filled at %s once the venue "
+                        "showed it): exit %s, realized PnL %s before fees",
+                        position_id,
+                        symbol,
+                        stop_words(purpose),
+                        cid,
+                        found.average_price,
+                        reason,
+                        pnl,
+                    )
+                return
+
+        async def guarded() -> None:
+            try:
+                await settle()
+            except Exception as exc:  # (the record stays as it is: said, not raised into nobody's hands)
+                log.warning("%s: the exit of position %d not settled (%s)", symbol, position_id, exc)
+
+        if purposes:
+            self._in_background(guarded(), f"exit-{position_id}")
+
     def other_installation_sent(self, cid: str) -> bool:
         """Whether `cid` is this program's id from another installation (another database's token)."""
         token = installation_of(cid)
@@ -4887,17 +4941,8 @@ class ProtectionManager:
             self.spawn_event_write(Severity.CRITICAL, "other_installation", message, None, None)
         self.other_installations = seen
 
-    def request_reconcile(self, *, after: float = 0.0) -> None:
-        """A reconcile pass now, or `after` seconds from now."""
-        if after <= 0:
-            self._reconcile_requested.set()
-            return
-
-        async def later() -> None:
-            await self.clock.sleep(after)
-            self._reconcile_requested.set()
-
-        self._in_background(later(), "reconcile-later")
+    def request_reconcile(self) -> None:
+        self._reconcile_requested.set()
 
     def stream_gap(self, since: float, *, read_now: bool = True) -> None:
         """The account stream may have missed events since `since` (monotonic): a cancel or an expiry of a

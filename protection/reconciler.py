@@ -47,8 +47,6 @@ from storage.repositories import LIVE_ORDER_STATUSES, OrderPurpose, OrderRecordS
 log = logging.getLogger(__name__)
 
 MISSING_CHECKS_PER_PASS = 20  # positions missing from the venue's list that one pass looks into
-# A position missing from the list waits this many read lags at most for a stop of ours to be readable.
-DEFERRALS_AT_MOST = 3
 
 
 # The exit reason of a position found closed by a close order of ours whose guard never heard its answer
@@ -133,9 +131,6 @@ class Reconciler:
         self._adopt = adopt
         self._entries_in_flight = entries_in_flight
         self._absent_once: set[int] = set()
-        # (monotonic) since when a position missing from the list has waited for a stop of ours to be
-        # readable (`_position_missing`): by position id.
-        self._deferred: dict[int, float] = {}
         self.runs = 0
 
     async def take_snapshot(self, lane: Lane = Lane.READ) -> VenueSnapshot:
@@ -221,8 +216,6 @@ class Reconciler:
                         guard.submit(LiquidationStated(price=liquidation))
                 checked |= self._check_orders(guard, open_by_id, report, snapshot_at)
         manager.venue_listed(snapshot_at, checked)
-        for position_id in [p for p in self._deferred if p not in manager.guards]:
-            del self._deferred[position_id]  # (ended meanwhile, some other way)
         # Each missing position costs look-ups (its stops, its symbol alone): a list that lost everything
         # at once must not turn into a storm of reads. Those already seen missing once go first.
         # They are independent: looked into together (one after another took three reads per position).
@@ -361,18 +354,6 @@ class Reconciler:
         if isinstance(evidence, BaseException):
             raise evidence
         exit_reason, exit_price = evidence.reason, evidence.price
-        if exit_reason is None and evidence.unreadable and self._defer(guard, asked_at):
-            # A stop sent moments ago may have filled and ended the position, and the venue does not show it
-            # yet: closed now, the position was recorded `closed_on_exchange` without the fill's reason and
-            # PnL (r72). Asked again once the venue can show it (its read lag, a few seconds).
-            log.info(
-                "reconcile: %s missing from the list; %s of ours not readable yet (the venue's read lag after "
-                "its send): asked again before the position is closed",
-                guard.symbol,
-                ", ".join(evidence.unreadable),
-            )
-            self._manager.request_reconcile(after=self._manager.absence_window())
-            return
         if exit_reason is None:
             if isinstance(alone, ExchangeError | TimeoutError):
                 log.warning(
@@ -384,7 +365,6 @@ class Reconciler:
             if any(p.side.value == guard.side.value for p in alone):
                 report.kept.append(guard.symbol)
                 self._absent_once.discard(guard.position_id)
-                self._deferred.pop(guard.position_id, None)
                 if guard.said_gone_at is not None:
                     guard.submit(PositionHeld(seen_at=asked_at))
                 return
@@ -399,17 +379,15 @@ class Reconciler:
                 self._absent_once.add(guard.position_id)
                 return
             exit_reason, exit_price = evidence.recorded or "closed_on_exchange", evidence.recorded_price
+            if evidence.recorded is None and evidence.unreadable:
+                # A stop of ours sent moments ago may be the fill that ended it, and the venue does not show
+                # it yet (its read lag): the position is over now (its stops cancelled at once), and its
+                # record is settled once the venue can show that stop. Recorded `closed_on_exchange` for
+                # good, a trailing stop's profit after a kill mid-move read as a close nobody explains (r72).
+                self._manager.settle_exit_later(guard, evidence.unreadable)
         self._absent_once.discard(guard.position_id)
-        self._deferred.pop(guard.position_id, None)
         guard.submit(PositionGone(exit_reason=exit_reason, exit_price=exit_price))
         report.closed.append(guard.symbol)
-
-    def _defer(self, guard: PositionGuard, asked_at: float) -> bool:
-        """Whether a position missing from the list waits for a stop of ours to be readable: within a few
-        read lags of its first wait (a venue that leaves a send's outcome unclear for ever, answering each
-        send late, must not keep a gone position open for good)."""
-        since = self._deferred.setdefault(guard.position_id, asked_at)
-        return asked_at - since < DEFERRALS_AT_MOST * self._manager.absence_window()
 
     async def _exit_evidence(self, guard: PositionGuard) -> _ExitEvidence:
         """Why the position left the venue: one of our stops (of any generation: an earlier stop may have

@@ -752,6 +752,27 @@ class Store:
             )
         )
 
+    async def settle_unexplained_exit(
+        self, position_id: int, exit_reason: str, realized_pnl: Decimal | None
+    ) -> bool:
+        """A position recorded closed `closed_on_exchange` for want of evidence, whose evidence came after
+        (one of our stops found filled once the venue showed it): its exit reason and realized PnL (unknown
+        once the venue changed its size). False when the record says otherwise already."""
+        row = await self._pool.fetchrow(
+            """
+            UPDATE monitoring.positions
+            SET exit_reason = $2, realized_pnl = CASE WHEN size_changed THEN NULL ELSE $3::numeric END
+            WHERE id = $1 AND account = $4 AND status = 'closed' AND exit_reason = 'closed_on_exchange'
+              AND realized_pnl IS NULL
+            RETURNING id
+            """,
+            position_id,
+            exit_reason,
+            realized_pnl,
+            self.account,
+        )
+        return row is not None
+
     async def close_position(
         self,
         position_id: int,

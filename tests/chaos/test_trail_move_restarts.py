@@ -387,14 +387,14 @@ async def test_a_move_whose_new_stop_filled_while_no_engine_ran_closes_with_that
         assert run.db is not None
         pool = run.db.pool
 
-        async def closed() -> bool:
-            status = await pool.fetchval(
-                "SELECT status FROM monitoring.positions WHERE id = $1", move.position_id
+        async def settled() -> bool:  # (closed at once; its record settled once the stop can be read)
+            reason = await pool.fetchval(
+                "SELECT exit_reason FROM monitoring.positions WHERE id = $1", move.position_id
             )
-            return status == "closed"
+            return bool(reason == "trailing_stop")
 
         for _ in range(round(20 / 0.2)):
-            if await closed():
+            if await settled():
                 break
             await run.step()
         row = await pool.fetchrow("SELECT * FROM monitoring.positions WHERE id = $1", move.position_id)

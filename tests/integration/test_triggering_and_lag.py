@@ -716,7 +716,8 @@ async def test_a_position_whose_new_stop_filled_within_the_read_lag_is_closed_wi
     5 s), the account stream late. The position missing from the venue's list twice within that lag was
     closed `closed_on_exchange` without its PnL: the new stop's "not found" was taken for no evidence
     (r72: a trailing stop's fill after a kill mid-move, on the Binance wire). Not found inside the lag
-    proves nothing: the close waits until the stop can be read, and records its fill."""
+    proves nothing: the position ends (its other stop cancelled at once), and its record is settled with
+    the fill once the stop can be read."""
     settings = settings_for(db, {"PROTECTION__RECONCILE_SECONDS": "1"})
     clock = ManualClock()
     engine = make_engine(settings, clock, read_lag=5.0)
@@ -742,6 +743,16 @@ async def test_a_position_whose_new_stop_filled_within_the_read_lag_is_closed_wi
         venue.override_mark_price(guard.symbol, guard.stop_loss.price - 2 * guard.market.tick_size)
         assert guard.symbol not in {p.symbol for p in venue.core.positions(clock.now())}  # filled
         await drive_until(clock, lambda: guard.closed, limit=30, what="the position closed")
+        # Its trailing stop is cancelled with the position's end, not after the read lag.
+        assert not venue.core.open_protective_orders(clock.now(), guard.symbol)
+
+        async def settled() -> bool:
+            reason = await db.pool.fetchval(
+                "SELECT exit_reason FROM monitoring.positions WHERE id = $1", guard.position_id
+            )
+            return bool(reason == "stop_loss")
+
+        await drive_until(clock, settled, limit=15, what="the record settled with the stop's fill")
         row = await db.pool.fetchrow(
             "SELECT exit_reason, realized_pnl FROM monitoring.positions WHERE id = $1", guard.position_id
         )
