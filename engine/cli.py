@@ -44,7 +44,14 @@ from engine.commands import CommandAnswer, PositionOutcome, not_taken, send_comm
 from engine.config import MAX_SEED, ConfigError, LoadedConfig, VenueKind, load_config
 from engine.config_show import render_config
 from engine.credentials import CredentialsRefused, check_credentials
-from engine.engine import COVERAGE_SAMPLE_SECONDS, Engine, StartInterrupted, StartupReport, build_venue
+from engine.engine import (
+    COVERAGE_SAMPLE_SECONDS,
+    Engine,
+    StartInterrupted,
+    StartupReport,
+    build_venue,
+    unverified_words,
+)
 from engine.exchange.errors import ExchangeError, Rejected
 from engine.exchange.port import Market
 from engine.last_stop import last_stop_path, read_last_stop
@@ -942,6 +949,9 @@ def _status_without_database(
     what = f"{left} position{'' if left == 1 else 's'} uncovered" + (
         f" ({', '.join(names)})" if names else ""
     )
+    doubted = [str(symbol) for symbol in last.get("unverified") or ()]
+    if doubted:
+        what += f", {unverified_words(len(doubted), left)}"
     if unresolved:
         what += (
             f", {unresolved} of {'it' if left == 1 else 'them'} "

@@ -270,6 +270,10 @@ class StopReport:
     trails_without_order: int = 0
     # Another engine took the account: the open positions are its to protect (and to count) from now on.
     taken_over: bool = False
+    # Of the uncovered, those whose stops are in doubt (not confirmed since a gap in the venue's news), none
+    # known gone: "UNCOVERED 22" alone, of positions whose 44 stops the venue held, invited a second stop
+    # placed by hand (an operator).
+    unverified_symbols: tuple[str, ...] = ()
 
     @property
     def all_protected(self) -> bool:
@@ -300,6 +304,7 @@ class StopReport:
                 if self.unresolved_entries
                 else ""
             )
+            + (f"; {self._unverified_words()}" if self.unverified_symbols else "")
             + (
                 f"; {self.trails_without_order} of them "
                 f"{'keeps' if self.trails_without_order == 1 else 'keep'} only "
@@ -309,6 +314,18 @@ class StopReport:
                 else ""
             )
         )
+
+    def _unverified_words(self) -> str:
+        return unverified_words(len(self.unverified_symbols), self.uncovered)
+
+
+def unverified_words(unverified: int, of: int) -> str:
+    """Of `of` positions uncovered, `unverified` only for doubt (none of their stops known gone)."""
+    which = "all of them" if unverified == of else f"{unverified} of them"
+    return (
+        f"{which} unverified: their stops not checked on the venue since a gap in its news, none known "
+        "gone (check them on the venue before placing any by hand)"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -1460,6 +1477,13 @@ class Engine:
                     len(uncovered),
                     self._entries_unresolved(),
                     tuple(uncovered),
+                    unverified_symbols=tuple(
+                        sorted(
+                            g.symbol
+                            for g in still_open
+                            if g.symbol in uncovered and manager.in_doubt_only(g, listed)
+                        )
+                    ),
                     trails_without_order=sum(
                         1
                         for g in still_open
@@ -1500,6 +1524,7 @@ class Engine:
                     stopped_at=_utc(self.clock.now()),
                     open_positions=report.open_positions,
                     uncovered=report.uncovered_symbols,
+                    unverified=report.unverified_symbols,
                     unresolved_entries=report.unresolved_entries,
                     said=report.describe(),
                 )

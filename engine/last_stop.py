@@ -38,6 +38,7 @@ def record_last_stop(
     uncovered: tuple[str, ...],
     unresolved_entries: int,
     said: str,
+    unverified: tuple[str, ...] = (),
 ) -> None:
     """The stop's report, written atomically (a temporary file renamed over it), owner-only. A failure is
     logged, not raised: the stop goes on."""
@@ -46,6 +47,9 @@ def record_last_stop(
         "pid": os.getpid(),
         "open_positions": open_positions,
         "uncovered": list(uncovered),
+        "unverified": list(
+            unverified
+        ),  # of the uncovered, those only in doubt (none of their stops known gone)
         "unresolved_entries": unresolved_entries,
         "said": said,
     }

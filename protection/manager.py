@@ -5052,6 +5052,15 @@ class ProtectionManager:
             and o.confirmed_at < listed.asked_at - self.read_after_write_seconds
         ]
 
+    def in_doubt_only(self, guard: PositionGuard, listed: StopListing | None = None) -> bool:
+        """`guard`'s position lacks no stop the venue is known not to hold: each is confirmed, or in doubt
+        (confirmed once, not verified since a gap in the venue's news), and the listing at the stop (if
+        any) lacks none of them."""
+        if listed is not None and self.unlisted(guard, listed):
+            return False
+        stops = (guard.stop_loss, guard.trailing_stop)
+        return all(o.client_order_id is not None and (o.confirmed or o.unverified) for o in stops)
+
     def unverified(self, guard: PositionGuard, listed: StopListing | None = None) -> bool:
         """What an engine stopping now cannot vouch for in `guard`'s stops: one the venue's open orders read
         at the stop (`listed`) lack (`unlisted`); without that listing, one confirmed before a gap in the

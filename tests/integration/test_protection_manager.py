@@ -20,6 +20,7 @@ from engine.engine import Engine, PositionView
 from engine.events import EntriesToggled
 from engine.exchange.errors import ExchangeError
 from engine.exchange.port import Order, OrderSide, OrderType
+from engine.last_stop import read_last_stop
 from engine.venues.sim import SimVenue
 from engine.venues.sim.core import ENDED_ORDER_RETENTION_SECONDS
 from engine.venues.sim.settings import CallKind, FaultKind
@@ -1396,6 +1397,38 @@ async def test_stops_confirmed_before_a_stream_gap_are_in_doubt_while_the_open_o
         assert any(f"{lost} was canceled on the venue, not by us" in m for m in said), said
     finally:
         await drive(clock, engine.stop())
+
+
+async def test_a_stop_with_stops_in_doubt_says_them_unverified_in_its_exit_line(db: Database) -> None:
+    """An operator: the account stream dropping, the open-order listing failing, then a quit. The exit line
+    said "UNCOVERED 22 (…)" and `tsbot status` "leaving 22 positions uncovered … nothing here protects
+    them" while the venue held both stops of every one: their stops were in doubt after a gap in the
+    stream, none known gone, and the words invited a second stop placed by hand. Still uncovered (nothing
+    vouches for them), and said unverified."""
+    settings = settings_for(db, {"PROTECTION__RECONCILE_SECONDS": "600"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    guards = await open_positions(engine, clock, SYMBOLS[58:60])
+    await drive_until_covered(engine, clock, 2)
+    venue = engine.venue
+    venue.inject_fault(CallKind.FETCH_OPEN_ORDERS, FaultKind.SERVER_ERROR, count=100_000)
+    venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.SERVER_ERROR, count=100_000)
+    venue.drop_account_stream(1.0)
+    await drive(clock, clock.sleep(1.5))  # the gap told; nothing can be read
+    await drive(clock, engine.stop())
+    report = engine.stop_report
+    assert report is not None
+    assert report.uncovered == 2
+    symbols = ", ".join(sorted(g.symbol for g in guards))
+    assert report.describe() == (
+        f"2 open positions: 0 keep their stops on the exchange; UNCOVERED 2 ({symbols}); all of them "
+        "unverified: their stops not checked on the venue since a gap in its news, none known gone (check "
+        "them on the venue before placing any by hand)"
+    )
+    last = read_last_stop(engine._last_stop_path())
+    assert last is not None
+    assert last["unverified"] == sorted(g.symbol for g in guards)
 
 
 async def test_stops_in_doubt_are_shown_unverified_not_missing_until_the_venue_says(db: Database) -> None:
