@@ -812,6 +812,26 @@ class PositionGuard:
             and not self.trail.phase.is_terminal
         )
 
+    def protection_words(self) -> str:
+        """What protects the position now, in the words of a failure's line: "unprotected" only when
+        neither stop may be on the venue. A Bybit position whose hard stop rode on its entry (not verified
+        yet) was said "unprotected" for its trailing stop's failure, and one whose stop was only in doubt
+        for a failed look-up too (an operator)."""
+        if self.covered:
+            return "still protected by its confirmed stops"
+        if self.has_stop_loss:
+            return "without its trailing stop (its hard stop is live)"
+        if self.trailing_in_place:
+            return "without its hard stop (its trailing protection is live)"
+        held = self._attached_holds
+        hard = _stop_state(held if held is not None and not self.stop_loss.maybe_sent else self.stop_loss)
+        if held is not None and hard == "sent, not confirmed":
+            hard = "carried by its entry, not verified yet"
+        trailing = _stop_state(self.trailing_stop)
+        if hard == trailing == "missing":
+            return "unprotected"
+        return f"uncovered (hard stop {hard}, trailing stop {trailing})"
+
     @property
     def trailing_in_place(self) -> bool:
         """The trailing protection is in place: native, its order is live; managed, the trail is armed and
@@ -2595,16 +2615,7 @@ class PositionGuard:
             # A managed move waits its own backoff (`_moves_resume_at`); the rest, the next failed pass's.
             failures = self._move_failures if order is self._replacement else self.failures
             retry_in = self._retry_delay(failures + 1, predicted=True)
-            covered_words = (
-                "still protected by its confirmed stops"
-                if still_covered
-                else "without its trailing stop (its hard stop is live)"
-                if self.has_stop_loss
-                else "without its hard stop (its trailing protection is live)"
-                if self.trailing_in_place
-                else "unprotected"
-            )
-            state = f"{self.symbol} {covered_words}, retrying in {retry_in:.1f}s"
+            state = f"{self.symbol} {self.protection_words()}, retrying in {retry_in:.1f}s"
             severity = Severity.WARNING if still_covered else Severity.ERROR
             self.last_error = f"create {what}: {_FAILURE_WORDS[failure]} ({detail})"
             self._failed_this_pass = True
@@ -3490,7 +3501,7 @@ class PositionGuard:
         then = f"retrying in {retry_in:.1f}s" if retry_in is not None else "not retried: ask again to retry"
         # Only say "unprotected" when it is true: a failed trail move leaves the confirmed stops in place.
         still_covered = self.covered
-        state = "still protected by its confirmed stops" if still_covered else "unprotected"
+        state = self.protection_words()
         now = m.clock.monotonic()
         key = (operation, error, still_covered)  # (one first said while covered is news once uncovered)
         said_at = self._failure_said.get(key)
@@ -5195,6 +5206,15 @@ _FAILURE_WORDS = {
     FailureClass.RATE_LIMITED: "rate limited",
     FailureClass.NOT_SENT: "not sent",
 }
+
+
+def _stop_state(order: ProtectiveOrder) -> str:
+    """A stop that does not protect now, as far as it is known: in doubt, sent and not confirmed, missing."""
+    if order.unverified:
+        return "in doubt"
+    if order.maybe_sent and order.client_order_id is not None:
+        return "sent, not confirmed"
+    return "missing"
 
 
 def stop_words(purpose: OrderPurpose) -> str:

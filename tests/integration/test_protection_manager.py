@@ -1399,12 +1399,15 @@ async def test_stops_confirmed_before_a_stream_gap_are_in_doubt_while_the_open_o
         await drive(clock, engine.stop())
 
 
-async def test_a_stop_with_stops_in_doubt_says_them_unverified_in_its_exit_line(db: Database) -> None:
+async def test_a_stop_with_stops_in_doubt_says_them_unverified_in_its_exit_line(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
     """An operator: the account stream dropping, the open-order listing failing, then a quit. The exit line
     said "UNCOVERED 22 (…)" and `tsbot status` "leaving 22 positions uncovered … nothing here protects
     them" while the venue held both stops of every one: their stops were in doubt after a gap in the
     stream, none known gone, and the words invited a second stop placed by hand. Still uncovered (nothing
-    vouches for them), and said unverified."""
+    vouches for them), and said unverified. So are their failed look-ups meanwhile: "SYM unprotected: look
+    up stop-loss failed" was said of stops the venue held (an operator)."""
     settings = settings_for(db, {"PROTECTION__RECONCILE_SECONDS": "600"})
     clock = ManualClock()
     engine = make_engine(settings, clock)
@@ -1415,7 +1418,12 @@ async def test_a_stop_with_stops_in_doubt_says_them_unverified_in_its_exit_line(
     venue.inject_fault(CallKind.FETCH_OPEN_ORDERS, FaultKind.SERVER_ERROR, count=100_000)
     venue.inject_fault(CallKind.FETCH_ORDER, FaultKind.SERVER_ERROR, count=100_000)
     venue.drop_account_stream(1.0)
-    await drive(clock, clock.sleep(1.5))  # the gap told; nothing can be read
+    await drive(clock, clock.sleep(1.5 + float(settings.protection.grace_seconds) + 2))  # in doubt by now
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    for guard in guards:
+        looks = [m for m in said if m.startswith(f"{guard.symbol} ") and ": look up " in m]
+        assert looks, said
+        assert all(m.startswith(f"{guard.symbol} uncovered (hard stop in doubt, ") for m in looks), looks
     await drive(clock, engine.stop())
     report = engine.stop_report
     assert report is not None

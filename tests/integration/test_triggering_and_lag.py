@@ -521,7 +521,9 @@ async def test_a_stops_look_up_the_venue_refuses_for_its_rate_is_asked_again_whe
         [retry] = [
             r.getMessage().rsplit("retrying in ", 1)[1]
             for r in caplog.records
-            if r.getMessage().startswith(f"{guard.symbol} unprotected") and "HTTP 429" in r.getMessage()
+            if r.getMessage().startswith(f"{guard.symbol} without its ")
+            and ": look up " in r.getMessage()
+            and "HTTP 429" in r.getMessage()
         ]
         assert retry == f"{FORCED_RETRY_AFTER_SECONDS:.1f}s", retry
         assert clock.monotonic() - refused_at <= FORCED_RETRY_AFTER_SECONDS + 3.0
