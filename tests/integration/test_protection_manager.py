@@ -1827,7 +1827,9 @@ async def _a_wave_one_entry_sent(db: Database) -> tuple[Engine, ManualClock, lis
     return engine, clock, ids
 
 
-async def test_a_pause_stops_the_entries_a_wave_accepted_that_are_not_sent_yet(db: Database) -> None:
+async def test_a_pause_stops_the_entries_a_wave_accepted_that_are_not_sent_yet(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
     """A wave is accepted whole, then its entries go out a few at a time. A pause (the breaker's, while
     stops are being refused; an operator's) was obeyed only by the next wave: the entries of the wave under
     way still went out, opening positions while protection failed — the incident's pattern (found in a
@@ -1849,6 +1851,14 @@ async def test_a_pause_stops_the_entries_a_wave_accepted_that_are_not_sent_yet(d
         assert (
             reasons[1:]
             == ["entries paused by the breaker before it was sent: 2 positions uncovered past 15s"] * 2
+        )
+        # Said where a headless run's operator reads (stderr shows warnings): "3 accepted, 1 opened" was all
+        # the wave's line said of two signals rejected (an operator).
+        [line] = [r for r in caplog.records if r.getMessage().startswith("wave ")]
+        assert line.levelno == logging.WARNING
+        assert line.getMessage().endswith(
+            "3 signals, 3 accepted, 1 opened, 2 rejected (the first: "
+            f"{SYMBOLS[61]}: entries paused by the breaker before it was sent: 2 positions uncovered past 15s)"
         )
     finally:
         await drive(clock, engine.stop())
