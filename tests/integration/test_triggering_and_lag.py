@@ -746,7 +746,12 @@ async def test_a_position_whose_new_stop_filled_within_the_read_lag_is_closed_wi
         assert guard.symbol not in {p.symbol for p in venue.core.positions(clock.now())}  # filled
         await drive_until(clock, lambda: guard.closed, limit=30, what="the position closed")
         # Its trailing stop is cancelled with the position's end, not after the read lag.
-        assert not venue.core.open_protective_orders(clock.now(), guard.symbol)
+        await drive_until(
+            clock,
+            lambda: not venue.core.open_protective_orders(clock.now(), guard.symbol),
+            limit=2,
+            what="its trailing stop cancelled",
+        )
 
         async def settled() -> bool:
             reason = await db.pool.fetchval(
