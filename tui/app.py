@@ -63,6 +63,7 @@ from engine.events import (
     PositionOpened,
     WaveFinished,
 )
+from engine.exchange.errors import ExchangeError, Rejected
 from engine.logs import LogFileError, RedactingFormatter, configure_logging
 from engine.metrics_server import MetricsUnavailable
 from engine.words import counted, keep_their_stops
@@ -486,6 +487,16 @@ class DashboardApp(App[int]):
             self.start_failure = self.feed.start_given_up_words(self.stopped_by)
             self.exit_code = EXIT_FAILED
             log.warning("%s", self.start_failure)
+            return
+        except ExchangeError as exc:  # the venue refused the start, or could not be reached: no traceback
+            # (Said as `tsbot run` says it: "Retryable: binanceusdm: could not connect …" showed a class name.)
+            said = (
+                f"the venue refused the start: {exc}"
+                if isinstance(exc, Rejected)
+                else f"couldn't reach the venue: {exc}"
+            )
+            log.error("%s", said)
+            self.post_message(FeedFailed(said))
             return
         except Exception as exc:
             log.exception("the engine did not start")

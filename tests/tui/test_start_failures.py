@@ -52,6 +52,35 @@ async def test_a_refused_key_shows_why_and_exits_2(db: Database, caplog: pytest.
     assert not any(record.exc_info for record in caplog.records)  # the operator's doing: no traceback logged
 
 
+async def test_an_unreachable_venue_is_said_as_tsbot_run_says_it_without_a_class_name(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The start-failed screen and the exit line said "Retryable: binanceusdm: could not connect to …":
+    an internal class name, and a traceback in the log, for a venue that is not there (an operator)."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    venue = BinanceUsdmVenue(
+        CcxtVenueConfig(kind="binanceusdm", api_key="k", api_secret="s", base_url=f"http://127.0.0.1:{port}")
+    )
+    settings = tui_settings(db)
+    engine = Engine(settings, venue=venue, clock=SystemClock(), version="test")
+    app = DashboardApp(settings, engine=engine, tz=UTC, code_roots=[])
+    with caplog.at_level(logging.ERROR):
+        async with app.run_test(size=(100, 30)) as pilot:
+            await wait_until(
+                lambda: isinstance(app.screen, StartFailedScreen), within=60, what="the start-failed screen"
+            )
+            await pilot.press("enter")
+            await wait_until(lambda: not app.is_running, within=30, what="the app to exit")
+    assert app.exit_code == EXIT_FAILED
+    assert app.start_failure.startswith(
+        f"couldn't reach the venue: binanceusdm: could not connect to 127.0.0.1:{port}"
+    ), app.start_failure
+    assert not any(record.exc_info for record in caplog.records)
+
+
 async def test_a_metrics_port_in_use_is_said_on_screen_and_exits_1(db: Database) -> None:
     """`[metrics]` enabled on a port another process holds: the dashboard's engine does not start, the
     screen names host:port and why, and the app exits 1."""
