@@ -769,11 +769,13 @@ def resolve_config_path(explicit: str | os.PathLike[str] | None, cwd: Path | Non
     if explicit is not None:
         path = Path(explicit)
         try:
-            is_dir, is_file = path.is_dir(), path.is_file()
+            is_dir, is_file, exists = path.is_dir(), path.is_file(), path.exists()
         except (OSError, ValueError):  # a NUL in the name, a name too long for the file system
             raise ConfigError([f"{shown(str(explicit))}: not a usable file name"]) from None
         if is_dir:
             raise ConfigError([f"{path}: is a directory: expected a TOML file like config.toml"])
+        if exists and not is_file:  # (/dev/null, a FIFO: "not found" was said of them; an operator)
+            raise ConfigError([f"{path}: not a regular file: expected a TOML file like config.toml"])
         if not is_file:
             raise ConfigError([f"{path}: config file not found"])
         return path

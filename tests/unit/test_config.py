@@ -173,6 +173,20 @@ def test_missing_explicit_config_is_an_error(tmp_path: Path) -> None:
         load_config(tmp_path / "nowhere.toml", environ={})
 
 
+@pytest.mark.parametrize("kind", ["device", "fifo"])
+def test_an_explicit_config_that_is_not_a_regular_file_is_said_so(tmp_path: Path, kind: str) -> None:
+    """`--config /dev/null` and `--config <fifo>` said "config file not found" of files that exist (an
+    operator)."""
+    if kind == "device":
+        path = Path("/dev/null")
+    else:
+        path = tmp_path / "pipe.toml"
+        os.mkfifo(path)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={})
+    assert caught.value.lines == [f"{path}: not a regular file: expected a TOML file like config.toml"]
+
+
 def test_environment_overrides_file_and_sources_are_tracked(tmp_path: Path) -> None:
     path = _write(tmp_path / "c.toml", "[protection]\ncallback_percent = 0.7\nstop_loss_percent = 2\n")
     loaded = load_config(
