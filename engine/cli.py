@@ -547,7 +547,7 @@ def _signals_import(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     try:
         signals = read_jsonl(Path(args.file))
     except BadSignal as exc:
-        raise UsageError(str(exc).replace(args.file, shown_path(args.file), 1)) from None
+        raise UsageError(str(exc).replace(args.file, shown_path(args.file))) from None
     except ValueError as exc:  # a NUL in the file name
         raise UsageError(f"{shown_path(args.file)}: not a usable file name ({exc})") from None
     ids = asyncio.run(_insert_signals(loaded, signals))

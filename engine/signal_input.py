@@ -36,7 +36,8 @@ def shown(value: Any) -> str:
     """`value` as a message quotes it: its repr (escaped, one line), cut to a few dozen characters."""
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
         return f"a number of {len(str(abs(value))) if value.bit_length() < 14_000 else 'over 4 300'} digits"
-    text = repr(value)
+    # A number as written (Decimal('1E+400') leaked Python's repr into an operator's message).
+    text = str(value) if isinstance(value, Decimal) else repr(value)
     if len(text) <= SHOWN_CHARS:
         return text
     size = f"{len(value):,} characters" if isinstance(value, str) else f"{len(text):,} characters"
@@ -166,40 +167,52 @@ def read_jsonl(path: Path) -> list[SignalInput]:
             f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}): save it as UTF-8"
         ) from None
     signals = []
+    bad: list[str] = []  # every bad line is said (up to BAD_LINES_SAID), not only the first
     seen_ids: dict[str, int] = {}
     # Lines end at "\n" only: JSON strings may hold U+2028 and friends, which splitlines() would break at.
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        where = f"{path}:{number}"
         try:
-            item = json.loads(line, parse_float=Decimal, object_pairs_hook=_once_each)
-        except _KeyTwice as twice:
-            raise BadSignal(f"{where}: key {twice.key!r} given twice") from None
-        except json.JSONDecodeError as exc:
-            raise BadSignal(f"{where}: not JSON: {exc.msg}") from None
-        except RecursionError:
-            raise BadSignal(f"{where}: not JSON this program reads: nested too deeply") from None
-        except ValueError:  # an integer of more than 4 300 digits
-            raise BadSignal(
-                f"{where}: not JSON this program reads: a number of more than 4 300 digits"
-            ) from None
-        if not isinstance(item, dict):
-            raise BadSignal(f'{where}: expected an object like {{"symbol": "SFPUSDT", "side": "long"}}')
-        unknown = sorted(set(item) - _JSONL_KEYS)
-        if unknown:
-            raise BadSignal(f"{where}: unknown key {unknown[0]!r}: expected symbol, side, score, id")
-        try:
-            signal = signal_from_fields(
-                item.get("symbol"), item.get("side"), item.get("score"), item.get("id")
-            )
+            signal = _signal_of_line(line, f"{path}:{number}", seen_ids, number)
         except BadSignal as exc:
-            raise BadSignal(f"{where}: {exc}") from None
-        if signal.external_id is not None:
-            if signal.external_id in seen_ids:
-                raise BadSignal(
-                    f"{where}: id {signal.external_id!r} already used on line {seen_ids[signal.external_id]}"
-                )
-            seen_ids[signal.external_id] = number
+            bad.append(str(exc))
+            continue
         signals.append(signal)
+    if bad:
+        more = f"; and {len(bad) - BAD_LINES_SAID} more bad lines" if len(bad) > BAD_LINES_SAID else ""
+        raise BadSignal("; ".join(bad[:BAD_LINES_SAID]) + more)
     return signals
+
+
+BAD_LINES_SAID = 10
+
+
+def _signal_of_line(line: str, where: str, seen_ids: dict[str, int], number: int) -> SignalInput:
+    """One line of a JSON-lines file as a signal, or `BadSignal` naming it (`where`)."""
+    try:
+        item = json.loads(line, parse_float=Decimal, object_pairs_hook=_once_each)
+    except _KeyTwice as twice:
+        raise BadSignal(f"{where}: key {twice.key!r} given twice") from None
+    except json.JSONDecodeError as exc:
+        raise BadSignal(f"{where}: not JSON: {exc.msg}") from None
+    except RecursionError:
+        raise BadSignal(f"{where}: not JSON this program reads: nested too deeply") from None
+    except ValueError:  # an integer of more than 4 300 digits
+        raise BadSignal(f"{where}: not JSON this program reads: a number of more than 4 300 digits") from None
+    if not isinstance(item, dict):
+        raise BadSignal(f'{where}: expected an object like {{"symbol": "SFPUSDT", "side": "long"}}')
+    unknown = sorted(set(item) - _JSONL_KEYS)
+    if unknown:
+        raise BadSignal(f"{where}: unknown key {unknown[0]!r}: expected symbol, side, score, id")
+    try:
+        signal = signal_from_fields(item.get("symbol"), item.get("side"), item.get("score"), item.get("id"))
+    except BadSignal as exc:
+        raise BadSignal(f"{where}: {exc}") from None
+    if signal.external_id is not None:
+        if signal.external_id in seen_ids:
+            raise BadSignal(
+                f"{where}: id {signal.external_id!r} already used on line {seen_ids[signal.external_id]}"
+            )
+        seen_ids[signal.external_id] = number
+    return signal

@@ -167,3 +167,24 @@ def test_line_separators_inside_json_strings_do_not_split_a_line(tmp_path: Path)
     path.write_text('\ufeff{"symbol": "SFPUSDT", "side": "long", "id": "a\u00e9b"}\r\n', encoding="utf-8")
     [signal] = read_jsonl(path)
     assert signal.external_id == "a\u00e9b"
+
+
+def test_every_bad_line_of_a_file_is_named_and_numbers_are_shown_as_written(tmp_path: Path) -> None:
+    """An operator's file with three bad lines was refused naming one of them, and a score read back as
+    Python's repr (`got Decimal('1E+400')`): each bad line is named, in one line, and a number is quoted as
+    written."""
+    path = tmp_path / "sig.jsonl"
+    path.write_text(
+        '{"symbol": "SFPUSDT", "side": "long"}\n'
+        '{"symbol": "BTCUSDT", "side": "sideways"}\n'
+        "not json\n"
+        '{"symbol": "ETHUSDT", "side": "long", "score": 1e400}\n'
+    )
+    with pytest.raises(BadSignal) as refused:
+        read_jsonl(path)
+    said = str(refused.value)
+    assert "\n" not in said
+    assert said.startswith(f"{path}:2: side must be long or short, got 'sideways'; {path}:3: not JSON: ")
+    assert said.endswith(
+        f"; {path}:4: score must be a finite number between -1e12 and 1e12 with at most 30 digits after the point, got 1E+400"
+    )
