@@ -467,9 +467,16 @@ class MetricsServer:
                 reuse_address=True,
             )
         except OSError as exc:
+            # The setting to change is the one at fault: the host for an address no interface has (it
+            # pointed at the port; an operator).
+            setting = (
+                "host / TSBOT_METRICS__HOST"
+                if exc.errno == errno.EADDRNOTAVAIL or isinstance(exc, socket.gaierror)
+                else "port / TSBOT_METRICS__PORT"
+            )
             raise MetricsUnavailable(
                 f"metrics: cannot listen on {self.address}: {_why(exc)} "
-                "(set [metrics] port / TSBOT_METRICS__PORT, or enabled = false)"
+                f"(set [metrics] {setting}, or enabled = false)"
             ) from None
         sockets = self._server.sockets
         self.port = sockets[0].getsockname()[1] if sockets else self.configured_port

@@ -84,3 +84,19 @@ async def test_run_with_the_metrics_port_taken_is_one_line_and_exit_1(workdir: P
         f"tsbot: metrics: cannot listen on 127.0.0.1:{port}: the address is already in use"
     )
     assert result.stdout == ""  # nothing started: no start-up line
+
+
+async def test_run_with_a_metrics_host_no_interface_has_points_at_the_host(workdir: Path) -> None:  # noqa: F811
+    """`cannot listen on 10.255.255.1:…: no interface of this machine has that address (set [metrics] port
+    …)` pointed the operator at the setting that was right (an operator): the host is named."""
+    _enable_metrics(workdir, 0)
+    config = workdir / "config.toml"
+    config.write_text(config.read_text().replace('host = "127.0.0.1"', 'host = "10.255.255.1"', 1))
+    result = await asyncio.to_thread(tsbot, "run", "--duration", "5", cwd=workdir)
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0] == (
+        "tsbot: metrics: cannot listen on 10.255.255.1:0: no interface of this machine has that address "
+        "(set [metrics] host / TSBOT_METRICS__HOST, or enabled = false)"
+    )
