@@ -3538,6 +3538,14 @@ class Engine:
             if symbol not in self._in_doubt:  # settled; else (the engine stopping) its symbol stays held
                 self._in_flight.discard(symbol)
                 doubt.ended.set()
+                # The all-clear where the alarm was read (stderr shows warnings): the doubt said at ERROR and
+                # its settling only at INFO left a headless run's operator with the alarm alone.
+                log.warning(
+                    "%s (position %s): the entry of unknown outcome is settled: %s",
+                    symbol,
+                    doubt.position_id,
+                    "filled, and guarded" if doubt.guard is not None else "nothing open on the venue from it",
+                )
 
     async def _record_doubt(self, doubt: EntryInDoubt) -> bool:
         assert self.store is not None

@@ -6,6 +6,7 @@ counted uncovered meanwhile, and its symbol stays held. Judged on the venue's tr
 
 from __future__ import annotations
 
+import logging
 import time
 from decimal import Decimal
 
@@ -84,7 +85,9 @@ async def _entry_filled_unanswered(
     return clock.monotonic()
 
 
-async def test_an_entry_of_unknown_outcome_is_settled_by_its_id_and_protected(db: Database) -> None:
+async def test_an_entry_of_unknown_outcome_is_settled_by_its_id_and_protected(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
     engine, venue, clock = _engine(
         db,
         {
@@ -150,6 +153,16 @@ async def test_an_entry_of_unknown_outcome_is_settled_by_its_id_and_protected(db
             "SELECT status FROM monitoring.signals WHERE symbol = $1 AND side = 'long'", SYMBOL
         )
         assert signal_status == "opened"
+        # Its all-clear is said where its alarm was (an ERROR, shown on a headless run's stderr): it was
+        # said at INFO only (an operator).
+        said = [
+            r
+            for r in caplog.records
+            if r.levelno >= logging.WARNING and "unknown outcome is settled" in r.getMessage()
+        ]
+        assert [r.getMessage() for r in said] == [
+            f"{SYMBOL} (position {position_id}): the entry of unknown outcome is settled: filled, and guarded"
+        ]
     finally:
         await drive(clock, engine.stop())
 
@@ -163,7 +176,7 @@ async def _signal_rejected(db: Database, symbol: str) -> bool:
 
 
 async def test_an_entry_the_venue_never_executed_is_recorded_failed_once_its_id_proves_it(
-    db: Database,
+    db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The other side: a lost answer for an entry the venue never executed. Once a look-up answers "no such
     order" after the request could no longer execute, the position is failed and the symbol free again;
@@ -185,6 +198,18 @@ async def test_an_entry_the_venue_never_executed_is_recorded_failed_once_its_id_
         )
         assert not _venue_holds(venue, clock, SYMBOL)
         assert engine.coverage().active == 0
+        await drive_until(
+            clock,
+            lambda: any(
+                r.levelno == logging.WARNING
+                and r.getMessage().endswith(
+                    "the entry of unknown outcome is settled: nothing open on the venue from it"
+                )
+                for r in caplog.records
+            ),
+            limit=5,
+            what="its all-clear said at WARNING",
+        )
         await drive_until(
             clock,
             lambda: _signal_reason_is(db, SYMBOL, "entry not placed (the venue has no order by its id)"),
