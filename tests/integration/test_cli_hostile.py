@@ -72,11 +72,18 @@ def _on_binance(
     url: str, *argv: str, cwd: Path, key: str = API_KEY, secret: str = API_SECRET, **env: str
 ) -> subprocess.CompletedProcess[str]:
     """`tsbot *argv` in its own process, configured for Binance at `url` with a key and secret."""
+    return _on_venue("binanceusdm", url, *argv, cwd=cwd, key=key, secret=secret, **env)
+
+
+def _on_venue(
+    kind: str, url: str, *argv: str, cwd: Path, key: str = API_KEY, secret: str = API_SECRET, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """`tsbot *argv` in its own process, configured for the venue `kind` at `url` with a key and secret."""
     return _subprocess(
         TSBOT,
         *argv,
         cwd=cwd,
-        TSBOT_VENUE__KIND="binanceusdm",
+        TSBOT_VENUE__KIND=kind,
         TSBOT_VENUE__BASE_URL=url,
         TSBOT_VENUE__API_KEY=key,
         TSBOT_VENUE__API_SECRET=secret,
@@ -165,17 +172,7 @@ async def test_a_signal_for_a_symbol_the_venue_lists_as_settling_is_refused(work
         async with control.post(f"{url}/_sim/symbol-status", json=body) as answer:
             assert answer.status == 200, await answer.text()
         result = await asyncio.to_thread(
-            _subprocess,
-            TSBOT,
-            "signals",
-            "add",
-            "SOLUSDT",
-            "long",
-            cwd=workdir,
-            TSBOT_VENUE__KIND="bybit",
-            TSBOT_VENUE__BASE_URL=url,
-            TSBOT_VENUE__API_KEY=API_KEY,
-            TSBOT_VENUE__API_SECRET=API_SECRET,
+            _on_venue, "bybit", url, "signals", "add", "SOLUSDT", "long", cwd=workdir
         )
     _assert_one_line(
         result, 2, "tsbot: signal: SOLUSDT is not listed as trading on bybit; nothing was inserted"
@@ -216,18 +213,7 @@ def test_a_signal_added_inside_a_kept_ip_ban_sends_nothing_to_the_venue(workdir:
         acceptor = threading.Thread(target=accept)
         acceptor.start()
         try:
-            result = _subprocess(
-                TSBOT,
-                "signals",
-                "add",
-                "SOLUSDT",
-                "long",
-                cwd=workdir,
-                TSBOT_VENUE__KIND="bybit",
-                TSBOT_VENUE__BASE_URL=f"http://{host}",
-                TSBOT_VENUE__API_KEY=API_KEY,
-                TSBOT_VENUE__API_SECRET=API_SECRET,
-            )
+            result = _on_venue("bybit", f"http://{host}", "signals", "add", "SOLUSDT", "long", cwd=workdir)
         finally:
             done.set()
             acceptor.join()

@@ -9,7 +9,7 @@ import contextlib
 import itertools
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from decimal import ROUND_DOWN, Decimal
 
 import pytest
@@ -1221,6 +1221,21 @@ async def test_a_stop_the_mark_went_through_is_doubted_while_the_venue_cannot_be
         await drive(clock, engine.stop())
 
 
+@contextlib.asynccontextmanager
+async def _one_covered(db: Database, symbol: str) -> AsyncIterator[tuple[Engine, ManualClock, PositionGuard]]:
+    """A started engine (default settings) with one long on `symbol`, both its stops confirmed; stopped
+    after."""
+    clock = ManualClock()
+    engine = make_engine(settings_for(db, {}), clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, [symbol])
+        await drive_until_covered(engine, clock, 1)
+        yield engine, clock, guard
+    finally:
+        await drive(clock, engine.stop())
+
+
 @pytest.mark.parametrize("forgotten", [True, False])
 async def test_a_confirmed_stop_the_venue_no_longer_knows_is_sent_again_when_the_mark_crosses_its_sibling(
     db: Database, caplog: pytest.LogCaptureFixture, forgotten: bool
@@ -1230,13 +1245,7 @@ async def test_a_confirmed_stop_the_venue_no_longer_knows_is_sent_again_when_the
     exchange; sending it" was logged, but the trailing stop stayed confirmed: nothing was sent, and the
     guard counted a trailing stop the venue did not hold until a reconcile pass could list the open orders
     (while that listing failed, for as long as it failed)."""
-    settings = settings_for(db, {})
-    clock = ManualClock()
-    engine = make_engine(settings, clock)
-    await drive(clock, engine.start())
-    try:
-        [guard] = await open_positions(engine, clock, [SYMBOLS[47]])
-        await drive_until_covered(engine, clock, 1)
+    async with _one_covered(db, SYMBOLS[47]) as (engine, clock, guard):
         venue = engine.venue
         core = venue.core
         venue.delay_account_events(3600.0)  # the stream tells nothing in time
@@ -1262,8 +1271,6 @@ async def test_a_confirmed_stop_the_venue_no_longer_knows_is_sent_again_when_the
         if not forgotten:  # found cancelled: protection lost, said as the stream's word on it is
             said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
             assert any(f"{trailing_id} was canceled on the venue, not by us" in m for m in said), said
-    finally:
-        await drive(clock, engine.stop())
 
 
 async def test_a_venue_that_lost_its_book_is_said_of_one_position_in_the_singular(
@@ -1273,13 +1280,7 @@ async def test_a_venue_that_lost_its_book_is_said_of_one_position_in_the_singula
     account stream's gap puts the stops in doubt. The lines said of one position read "(1 positions
     tracked)" and "the stops of 1 positions are unverified". Each stop said sent again is sent (into no
     position: refused, reduce-only)."""
-    settings = settings_for(db, {})
-    clock = ManualClock()
-    engine = make_engine(settings, clock)
-    await drive(clock, engine.start())
-    try:
-        [guard] = await open_positions(engine, clock, [SYMBOLS[48]])
-        await drive_until_covered(engine, clock, 1)
+    async with _one_covered(db, SYMBOLS[48]) as (engine, clock, guard):
         venue = engine.venue
         assert isinstance(venue, SimVenue)
         core = venue.core
@@ -1302,8 +1303,6 @@ async def test_a_venue_that_lost_its_book_is_said_of_one_position_in_the_singula
         assert not [m for m in said if "1 positions" in m], said
         sent = venue.calls_made.get(CallKind.CREATE_ORDER, 0) - sends
         assert len([m for m in said if "sending it" in m]) <= sent, said
-    finally:
-        await drive(clock, engine.stop())
 
 
 async def test_a_confirmed_stop_cancelled_on_the_venue_uncovers_its_position_while_a_pass_waits_on_a_send(

@@ -710,6 +710,31 @@ async def test_a_stop_that_fills_in_part_leaves_the_rest_protected_under_a_new_i
         assert (row["status"], row["realized_pnl"]) == ("closed", None)
 
 
+@contextlib.asynccontextmanager
+async def _a_hard_stop_read_lagged(
+    db: Database, symbols: list[str]
+) -> AsyncIterator[tuple[SimVenue, ManualClock, PositionGuard, str]]:
+    """Two longs on a venue whose reads lag its writes 5 s, reconciled every second, their first stops
+    readable: the venue, the clock, the first position's guard and its hard stop's id."""
+    settings = settings_for(db, {"PROTECTION__RECONCILE_SECONDS": "1"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock, read_lag=5.0)
+    venue = engine.venue
+    assert isinstance(venue, SimVenue)
+    await drive(clock, engine.start())
+    try:
+        guards = await open_positions(engine, clock, symbols, ["long", "long"])
+        await drive_until_covered(engine, clock, 2)
+        await drive(clock, clock.sleep(6.0))  # (the first stops readable)
+        guard = guards[0]
+        first = guard.stop_loss.client_order_id
+        assert first is not None
+        yield venue, clock, guard, first
+    finally:
+        venue.clear_injected_faults()
+        await drive(clock, engine.stop())
+
+
 async def test_a_position_whose_new_stop_filled_within_the_read_lag_is_closed_with_that_fill(
     db: Database,
 ) -> None:
@@ -720,19 +745,7 @@ async def test_a_position_whose_new_stop_filled_within_the_read_lag_is_closed_wi
     (r72: a trailing stop's fill after a kill mid-move, on the Binance wire). Not found inside the lag
     proves nothing: the position ends (its other stop cancelled at once), and its record is settled with
     the fill once the stop can be read."""
-    settings = settings_for(db, {"PROTECTION__RECONCILE_SECONDS": "1"})
-    clock = ManualClock()
-    engine = make_engine(settings, clock, read_lag=5.0)
-    venue = engine.venue
-    assert isinstance(venue, SimVenue)
-    await drive(clock, engine.start())
-    try:
-        guards = await open_positions(engine, clock, [SYMBOLS[23], SYMBOLS[24]], ["long", "long"])
-        await drive_until_covered(engine, clock, 2)
-        await drive(clock, clock.sleep(6.0))  # (the first stops readable)
-        guard = guards[0]
-        first = guard.stop_loss.client_order_id
-        assert first is not None
+    async with _a_hard_stop_read_lagged(db, [SYMBOLS[23], SYMBOLS[24]]) as (venue, clock, guard, first):
         venue.delay_account_events(3600.0)  # the stream tells nothing in time
         venue.core.cancel_order(guard.symbol, first, clock.now())  # by hand, on the venue
         await drive_until(
@@ -766,8 +779,6 @@ async def test_a_position_whose_new_stop_filled_within_the_read_lag_is_closed_wi
         assert row["exit_reason"] == "stop_loss", dict(row)
         assert row["realized_pnl"] is not None
         assert row["realized_pnl"] < 0
-    finally:
-        await drive(clock, engine.stop())
 
 
 @pytest.mark.parametrize("fault", [FaultKind.SERVER_ERROR, FaultKind.TIMEOUT_NOT_EXECUTED])
@@ -779,21 +790,9 @@ async def test_a_position_closed_by_hand_is_closed_on_record_while_its_stops_res
     the read lag's clock, so each pass found the stop "not readable yet" and the position stayed `active`
     (and uncovered, the breaker pausing entries) for as long as the venue failed: 127 s on the Binance
     wire, where the last engine closed it in 10 s (r73). A send the venue said it did not execute is not
-    on the venue: its absence proves what it says. One whose every answer is lost may be: waited for a
-    few read lags at most."""
-    settings = settings_for(db, {"PROTECTION__RECONCILE_SECONDS": "1"})
-    clock = ManualClock()
-    engine = make_engine(settings, clock, read_lag=5.0)
-    venue = engine.venue
-    assert isinstance(venue, SimVenue)
-    await drive(clock, engine.start())
-    try:
-        guards = await open_positions(engine, clock, [SYMBOLS[25], SYMBOLS[26]], ["long", "long"])
-        await drive_until_covered(engine, clock, 2)
-        await drive(clock, clock.sleep(6.0))  # (the first stops readable)
-        guard = guards[0]
-        first = guard.stop_loss.client_order_id
-        assert first is not None
+    on the venue: its absence proves what it says; and the position ends when the venue says it is gone,
+    whatever its record waits for."""
+    async with _a_hard_stop_read_lagged(db, [SYMBOLS[25], SYMBOLS[26]]) as (venue, clock, guard, first):
         venue.inject_fault(CallKind.CREATE_ORDER, fault, count=100_000)
         venue.core.cancel_order(guard.symbol, first, clock.now())  # by hand, on the venue
         sends = venue.calls_made.get(CallKind.CREATE_ORDER, 0)
@@ -812,6 +811,3 @@ async def test_a_position_closed_by_hand_is_closed_on_record_while_its_stops_res
             "SELECT exit_reason FROM monitoring.positions WHERE id = $1", guard.position_id
         )
         assert row["exit_reason"] == "closed_on_exchange"
-    finally:
-        venue.clear_injected_faults()
-        await drive(clock, engine.stop())

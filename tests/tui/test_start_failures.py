@@ -22,6 +22,20 @@ from tui.app import EXIT_FAILED, EXIT_USAGE, DashboardApp
 from tui.screens.info import StartFailedScreen
 
 
+async def _start_failed(db: Database, venue: BinanceUsdmVenue) -> DashboardApp:
+    """The dashboard on `venue`, run until its start-failed screen, which is dismissed: the app, ended."""
+    settings = tui_settings(db)
+    engine = Engine(settings, venue=venue, clock=SystemClock(), version="test")
+    app = DashboardApp(settings, engine=engine, tz=UTC, code_roots=[])
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_until(
+            lambda: isinstance(app.screen, StartFailedScreen), within=60, what="the start-failed screen"
+        )
+        await pilot.press("enter")
+        await wait_until(lambda: not app.is_running, within=30, what="the app to exit")
+    return app
+
+
 async def test_a_refused_key_shows_why_and_exits_2(db: Database, caplog: pytest.LogCaptureFixture) -> None:
     emulator = BinanceEmulator(
         SimVenueSettings(seed=7, symbols=["SFPUSDT"]), api_key="tui-test-key", api_secret="tui-test-secret"
@@ -32,18 +46,8 @@ async def test_a_refused_key_shows_why_and_exits_2(db: Database, caplog: pytest.
                 kind="binanceusdm", api_key="tui-test-key", api_secret="not-the-secret", base_url=url
             )
         )
-        settings = tui_settings(db)
-        engine = Engine(settings, venue=venue, clock=SystemClock(), version="test")
-        app = DashboardApp(settings, engine=engine, tz=UTC, code_roots=[])
         with caplog.at_level(logging.ERROR):
-            async with app.run_test(size=(100, 30)) as pilot:
-                await wait_until(
-                    lambda: isinstance(app.screen, StartFailedScreen),
-                    within=30,
-                    what="the start-failed screen",
-                )
-                await pilot.press("enter")
-                await wait_until(lambda: not app.is_running, within=30, what="the app to exit")
+            app = await _start_failed(db, venue)
     assert app.exit_code == EXIT_USAGE
     assert app.start_failure.startswith(
         "venue binanceusdm refused the API key at start (code -1022: Signature for this request is not valid.)"
@@ -64,16 +68,8 @@ async def test_an_unreachable_venue_is_said_as_tsbot_run_says_it_without_a_class
     venue = BinanceUsdmVenue(
         CcxtVenueConfig(kind="binanceusdm", api_key="k", api_secret="s", base_url=f"http://127.0.0.1:{port}")
     )
-    settings = tui_settings(db)
-    engine = Engine(settings, venue=venue, clock=SystemClock(), version="test")
-    app = DashboardApp(settings, engine=engine, tz=UTC, code_roots=[])
     with caplog.at_level(logging.ERROR):
-        async with app.run_test(size=(100, 30)) as pilot:
-            await wait_until(
-                lambda: isinstance(app.screen, StartFailedScreen), within=60, what="the start-failed screen"
-            )
-            await pilot.press("enter")
-            await wait_until(lambda: not app.is_running, within=30, what="the app to exit")
+        app = await _start_failed(db, venue)
     assert app.exit_code == EXIT_FAILED
     assert app.start_failure.startswith(
         f"couldn't reach the venue: binanceusdm: could not connect to 127.0.0.1:{port}"
