@@ -976,6 +976,14 @@ class DashboardApp(App[int]):
         """One line for the terminal after the app has exited: what the engine's stop left behind."""
         # The stop's own snapshot has every position's view (a frame's has those on screen).
         snapshot = self._final_snapshot or self.last_snapshot
+        if isinstance(self.feed, ReadOnlyFeed):
+            # Quit without a word, a watching dashboard left the operator wondering what it had stopped.
+            holder = self.feed.holder
+            who = f" (pid {holder.pid} on {holder.host})" if holder is not None else ""
+            return (
+                f"tsbot-tui stopped: it only watched; the engine holding the account{who} trades and "
+                "protects as before"
+            )
         if snapshot is None or self.feed.read_only or not self.feed_started:
             return ""
         managed = sum(1 for p in snapshot.positions if p.trailing_kind == "managed")

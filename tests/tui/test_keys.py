@@ -3,6 +3,9 @@ real PostgreSQL): the action happens in the engine, and the screen shows its res
 
 from __future__ import annotations
 
+import os
+import socket
+
 from engine.clock import ManualClock
 from engine.engine import EngineState
 from engine.order_budget import OrderBudget
@@ -441,6 +444,11 @@ async def test_a_second_engine_on_the_account_opens_read_only_and_sends_commands
             assert trader.venue.core.positions(clock.now()) == []  # type: ignore[attr-defined]
             await board.press("q")
             await board.until(lambda: not board.app.is_running, "app exited")
+            # Its exit line says what it stopped: nothing but its watch (it said nothing; an operator).
+            assert board.app.exit_summary() == (
+                f"tsbot-tui stopped: it only watched; the engine holding the account (pid {os.getpid()} on "
+                f"{socket.gethostname()}) trades and protects as before"
+            )
         assert trader.state is EngineState.RUNNING  # the watcher never touched the trader
     finally:
         await drive(clock, trader.stop())
