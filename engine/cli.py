@@ -1481,6 +1481,15 @@ def _steer(
                 refused = not_taken(await current_holder(database.pool, venue, account), account)
                 if refused is not None:
                     return refused
+                # The operator's mistake, said as one (exit 2) before anything is sent: the engine's "failed:
+                # no open position on NOPEUSDT" exited 1, as a failure of its own would.
+                symbol = command_args.get("symbol")
+                if (
+                    kind in (CommandKind.CLOSE, CommandKind.PROTECT)
+                    and isinstance(symbol, str)
+                    and await Store(database.pool, account).open_position_for_symbol(venue, symbol) is None
+                ):
+                    raise UsageError(f"{name}: no open position on {symbol}; nothing was sent to the engine")
                 if confirm:
                     positions = await Store(database.pool, account).active_positions()
                     prompt = (

@@ -94,10 +94,13 @@ async def test_every_command_steers_a_headless_engine(workdir: tuple[Path, str])
             assert stops_of(view, held[0]) == []
             assert symbols_held(view) >= set(held[1:])
 
-            # a second close of the same symbol: nothing to close, exit 1, one line.
+            # a second close of the same symbol: nothing to close, the operator's mistake: exit 2, one line,
+            # nothing sent (it exited 1, as a failure of the engine's would; an operator).
             again = await run_tsbot("close", held[0], cwd=cwd)
-            assert again.returncode == 1
-            assert again.stderr.strip() == f"tsbot: close: failed: no open position on {held[0]}"
+            assert again.returncode == 2
+            assert again.stderr.strip() == (
+                f"tsbot: close: no open position on {held[0]}; nothing was sent to the engine"
+            )
 
             # entries pause: status says paused, by whom and why; a new signal is rejected.
             paused = await run_tsbot("entries", "pause", "--reason", "venue maintenance", cwd=cwd)
@@ -138,8 +141,8 @@ async def test_every_command_steers_a_headless_engine(workdir: tuple[Path, str])
             assert f"{held[1]} (position " in one.stdout
             assert "ok: covered" in one.stdout
             missing = await run_tsbot("protect", "--symbol", held[0], cwd=cwd)
-            assert missing.returncode == 1
-            assert f"no open position on {held[0]}" in missing.stderr
+            assert missing.returncode == 2
+            assert f"no open position on {held[0]}; nothing was sent" in missing.stderr
 
             # restart-protection: the manager restarts; every stop is still on the venue.
             restart = await run_tsbot("restart-protection", cwd=cwd)
@@ -202,10 +205,10 @@ async def test_every_command_steers_a_headless_engine(workdir: tuple[Path, str])
                 "SELECT type, severity, data FROM monitoring.events WHERE type LIKE 'command_%' ORDER BY id",
             )
             types = [e["type"] for e in events]
-            assert types[:3] == ["command_close", "command_close", "command_entries_pause"]
-            # An operator's command done is no warning, one refused before it acted on anything (the close
-            # of a symbol with no position) no error: routine commands filled the log panel's counters.
-            assert [e["severity"] for e in events[:3]] == ["info", "warning", "info"]
+            # (The second close, of a symbol with no position, was refused before anything was sent.)
+            assert types[:2] == ["command_close", "command_entries_pause"]
+            # An operator's command done is no warning: routine commands filled the log panel's counters.
+            assert [e["severity"] for e in events[:2]] == ["info", "info"]
             assert {e["severity"] for e in events} <= {"info", "warning"}
             assert {"command_entries_resume", "command_protect", "command_restart_protection"} <= set(types)
             assert types[-1] == "command_flatten"
