@@ -2065,8 +2065,7 @@ class Engine:
         database's client ids) is refused before anything is restored, adopted or traded: a second
         installation adopted the first one's 36 positions and stopped each a second time (an operator)."""
         assert self.manager is not None
-        self.manager.saw_other_installations(open_orders)
-        others = self.manager.other_installations
+        others = self.manager.other_installations_in(open_orders)  # (nothing said: the start is refused)
         if not others:
             return
         tokens = ", ".join(f"tsb{token}-… ({count})" for token, count in sorted(others.items()))

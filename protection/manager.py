@@ -316,6 +316,7 @@ class ProtectiveOrder:
 # order round trips on a slow venue; never more than this share of the grace period.
 _STOP_PURPOSES = (OrderPurpose.STOP_LOSS, OrderPurpose.TRAILING_STOP)
 STUCK_TRIGGER_SECONDS = 1.0
+EXIT_SETTLE_LOOKS = 3  # read lags after a position's end, its unreadable stops are looked up this often
 STUCK_TRIGGER_ROUND_TRIPS = 3
 STUCK_TRIGGER_SHARE = 0.5
 STUCK_CHECK_MIN_SECONDS = 0.5  # the least a stuck stop's re-check may take (a round trip)
@@ -3760,6 +3761,10 @@ class ProtectionManager:
         # Open orders another installation of this program (another database's token) holds on the account,
         # by token, at the last reconcile pass: two engines trade one account (`saw_other_installations`).
         self.other_installations: dict[str, int] = {}
+        # Symbols another installation's orders were seen on, while the venue holds a position there: its
+        # position stays its own through a moment without an order of its there (a stop being replaced, one
+        # TRIGGERING, one not readable yet): adopted then, it got a second pair of stops (r74).
+        self.other_installation_symbols: set[str] = set()
         self._told_recorded: dict[int, set[str]] = {}  # the recorded stops told to the venue, by position
         self._unfinished_told: set[str] = set()  # fired stops of closed positions already said (once each)
         self._cancel_failure_said: dict[str, float] = {}  # failing cancels, by id: when last said (monotonic)
@@ -4879,8 +4884,7 @@ class ProtectionManager:
         filled settles the record (the exit's reason, its realized PnL). The position's end is not held up
         for it: its other stops are cancelled at once (held for the lag, a trailing stop stayed live on a
         flat symbol 8.8 s in a chaos run)."""
-        position_id, symbol, side = guard.position_id, guard.symbol, guard.side
-        entry, quantity = guard.entry_price, guard.quantity
+        position_id, symbol = guard.position_id, guard.symbol
         purposes = {
             cid: key.purpose
             for cid in client_order_ids
@@ -4888,35 +4892,24 @@ class ProtectionManager:
         }
 
         async def settle() -> None:
-            await self.clock.sleep(self.absence_window())
-            for cid, purpose in purposes.items():
-                try:
-                    found = await self.read(
-                        lambda cid=cid: self.venue.fetch_order(symbol, cid), "fetch_order"
-                    )
-                except (ExchangeError, TimeoutError):
-                    continue
-                if found.status is not OrderStatus.FILLED or found.average_price is None:
-                    continue
-                reason = "trailing_stop" if purpose is OrderPurpose.TRAILING_STOP else "stop_loss"
-                direction = 1 if side is PositionSide.LONG else -1
-                pnl = (found.average_price - entry) * quantity * direction
-                await self.store.set_order_status(
-                    cid, OrderRecordStatus.FILLED, exchange_order_id=found.venue_order_id
-                )
-                if await self.store.settle_unexplained_exit(position_id, reason, pnl):
-                    log.info(
-                        "Position %d %s: its end was our %s %s after all (found filled at %s once the venue "
-                        "showed it): exit %s, realized PnL %s before fees",
-                        position_id,
-                        symbol,
-                        stop_words(purpose),
-                        cid,
-                        found.average_price,
-                        reason,
-                        pnl,
-                    )
-                return
+            for _ in range(EXIT_SETTLE_LOOKS):  # (the venue's lag can outlast one window: looked again)
+                await self.clock.sleep(self.absence_window())
+                for cid, purpose in purposes.items():
+                    try:
+                        found = await self.read(
+                            lambda cid=cid: self.venue.fetch_order(symbol, cid), "fetch_order"
+                        )
+                    except (ExchangeError, TimeoutError):
+                        continue
+                    if found.status is OrderStatus.FILLED and found.average_price is not None:
+                        await self.settle_exit_from_fill(position_id, purpose, found)
+                        return
+            log.info(
+                "%s: position %d stays closed_on_exchange: its stops %s not found filled",
+                symbol,
+                position_id,
+                ", ".join(purposes),
+            )
 
         async def guarded() -> None:
             try:
@@ -4927,26 +4920,71 @@ class ProtectionManager:
         if purposes:
             self._in_background(guarded(), f"exit-{position_id}")
 
+    def settle_exit_soon(self, position_id: int, purpose: OrderPurpose, filled: Order) -> None:
+        """`settle_exit_from_fill`, in the background (the account stream's word on a stop's fill)."""
+        if filled.average_price is None:
+            return
+
+        async def settle() -> None:
+            try:
+                await self.settle_exit_from_fill(position_id, purpose, filled)
+            except Exception as exc:  # (the record stays as it is: said)
+                log.warning("%s: the exit of position %d not settled (%s)", filled.symbol, position_id, exc)
+
+        self._in_background(settle(), f"exit-told-{position_id}")
+
+    async def settle_exit_from_fill(self, position_id: int, purpose: OrderPurpose, filled: Order) -> None:
+        """Our stop `filled` ended `position_id`: its record, closed `closed_on_exchange` for want of that
+        evidence, takes the stop's reason and PnL (nothing changes a record that says otherwise)."""
+        assert filled.average_price is not None
+        reason = "trailing_stop" if purpose is OrderPurpose.TRAILING_STOP else "stop_loss"
+        with contextlib.suppress(LookupError):  # (a stop with no row here: the venue's word stands)
+            await self.store.set_order_status(
+                filled.client_order_id, OrderRecordStatus.FILLED, exchange_order_id=filled.venue_order_id
+            )
+        pnl = await self.store.settle_unexplained_exit(position_id, reason, filled.average_price)
+        if pnl is not False:
+            log.info(
+                "Position %d %s: its end was our %s %s after all (found filled at %s once the venue showed "
+                "it): exit %s, realized PnL %s before fees",
+                position_id,
+                filled.symbol,
+                stop_words(purpose),
+                filled.client_order_id,
+                filled.average_price,
+                reason,
+                pnl,
+            )
+
     def other_installation_sent(self, cid: str) -> bool:
         """Whether `cid` is this program's id from another installation (another database's token)."""
         token = installation_of(cid)
         return token is not None and token != self.token
+
+    def other_installations_in(self, open_orders: Iterable[Order]) -> dict[str, int]:
+        """How many of `open_orders` each other installation of this program sent, by its token."""
+        seen: dict[str, int] = {}
+        for order in open_orders:
+            token = installation_of(order.client_order_id)
+            if token is not None and token != self.token:
+                seen[token] = seen.get(token, 0) + 1
+        return seen
 
     def saw_other_installations(self, open_orders: Iterable[Order]) -> None:
         """Note the open orders of other installations of this program on the account (a listing's): two
         engines trading one account from two databases, each adopting the other's positions and stopping
         them twice (an operator: 168 stops for 41 positions, and neither engine said a word). Said at
         CRITICAL when one appears; the breaker pauses entries for as long as they are there."""
-        seen: dict[str, int] = {}
-        for order in open_orders:
-            token = installation_of(order.client_order_id)
-            if token is not None and token != self.token:
-                seen[token] = seen.get(token, 0) + 1
+        seen = self.other_installations_in(open_orders)
+        self.other_installation_symbols |= {
+            o.symbol for o in open_orders if self.other_installation_sent(o.client_order_id)
+        }
         for token in sorted(seen.keys() - self.other_installations.keys()):
             message = (
                 f"another installation of tsbot trades this account: the venue holds "
                 f"{counted(seen[token], 'open order')} of another database (client ids tsb{token}-…); its "
-                "positions are left to it, and entries pause while they are there"
+                "positions are left to it, and entries are paused by the breaker (resumed by the operator "
+                "once they are gone)"
             )
             log.critical("%s", message)
             self.spawn_event_write(Severity.CRITICAL, "other_installation", message, None, None)

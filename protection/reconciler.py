@@ -234,7 +234,8 @@ class Reconciler:
         tracked = {g.symbol for g in manager.guards.values()} | self._entries_in_flight()
         # A position another installation of this program protects (its stops live on the symbol) is that
         # engine's: adopted, it got a second pair of stops from here (two databases, one account).
-        tracked |= {o.symbol for o in open_orders if manager.other_installation_sent(o.client_order_id)}
+        manager.other_installation_symbols &= set(on_venue)  # (its position there ended: forgotten)
+        tracked |= manager.other_installation_symbols
         # Positions to adopt and stale orders to cancel are each independent: together, not one round
         # trip after another (15 orphans took 0.8 s one by one in the chaos soak).
         # Each runs to its end whatever the others do (an exception of one, a database error say, must not

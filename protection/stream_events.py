@@ -74,6 +74,8 @@ def route_account_event(manager: ProtectionManager, event: AccountEvent) -> bool
                     order.symbol,
                 )
                 manager.request_reconcile()
+                # Its position's record, closed for want of evidence (the stop unreadable then), takes it.
+                manager.settle_exit_soon(key.position_id, key.purpose, order)
                 return True
             return False
         if key.purpose is OrderPurpose.CLOSE:  # its own call waits for it, in the guard's task

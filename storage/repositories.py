@@ -753,25 +753,29 @@ class Store:
         )
 
     async def settle_unexplained_exit(
-        self, position_id: int, exit_reason: str, realized_pnl: Decimal | None
-    ) -> bool:
+        self, position_id: int, exit_reason: str, exit_price: Decimal
+    ) -> Decimal | bool | None:
         """A position recorded closed `closed_on_exchange` for want of evidence, whose evidence came after
-        (one of our stops found filled once the venue showed it): its exit reason and realized PnL (unknown
-        once the venue changed its size). False when the record says otherwise already."""
+        (one of our stops found filled, at `exit_price`): its exit reason and realized PnL (unknown once the
+        venue changed its size). The PnL written (None: unknown), or False when the record says otherwise
+        already."""
         row = await self._pool.fetchrow(
             """
             UPDATE monitoring.positions
-            SET exit_reason = $2, realized_pnl = CASE WHEN size_changed THEN NULL ELSE $3::numeric END
+            SET exit_reason = $2,
+                realized_pnl = CASE WHEN size_changed OR entry_price IS NULL THEN NULL
+                               ELSE ($3::numeric - entry_price) * quantity
+                                    * CASE WHEN side = 'long' THEN 1 ELSE -1 END END
             WHERE id = $1 AND account = $4 AND status = 'closed' AND exit_reason = 'closed_on_exchange'
               AND realized_pnl IS NULL
-            RETURNING id
+            RETURNING realized_pnl
             """,
             position_id,
             exit_reason,
-            realized_pnl,
+            exit_price,
             self.account,
         )
-        return row is not None
+        return False if row is None else row["realized_pnl"]
 
     async def close_position(
         self,

@@ -979,6 +979,11 @@ async def test_f9_a_start_on_an_account_another_installation_trades_is_refused_a
     assert venue.core.inspect(clock.now()).orders_placed == placed  # nothing sent
     assert [o.client_order_id for o in venue.core.open_protective_orders(clock.now())] == theirs
     assert await db.pool.fetchval("SELECT count(*) FROM monitoring.positions") == 0
+    # Nothing said of a pause or of positions left to it: the engine never ran (r74).
+    assert (
+        await db.pool.fetchval("SELECT count(*) FROM monitoring.events WHERE type = 'other_installation'")
+        == 0
+    )
 
 
 async def test_f9_another_installation_appearing_on_the_account_pauses_entries_and_is_not_adopted(
@@ -1004,6 +1009,13 @@ async def test_f9_another_installation_appearing_on_the_account_pauses_entries_a
         assert on_symbol == theirs
         critical = [r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL]
         assert any("another installation of tsbot trades this account" in m for m in critical), critical
+        # A moment without an order of its there (its stop being replaced, say): still its position. Adopted
+        # then, it got a second pair of stops (r74).
+        venue.core.cancel_order(SYMBOL, theirs[0], clock.now())
+        await drive(clock, engine.reconcile_now())
+        await drive(clock, clock.sleep(2.0))
+        assert SYMBOL not in engine.manager.by_symbol
+        assert venue.core.open_protective_orders(clock.now(), SYMBOL) == []
     finally:
         await drive(clock, engine.stop())
 

@@ -735,8 +735,9 @@ async def _a_hard_stop_read_lagged(
         await drive(clock, engine.stop())
 
 
+@pytest.mark.parametrize("told_by", ["its-look-up", "the-account-stream"])
 async def test_a_position_whose_new_stop_filled_within_the_read_lag_is_closed_with_that_fill(
-    db: Database,
+    db: Database, told_by: str
 ) -> None:
     """A hard stop cancelled by hand is placed again; the mark goes through the new stop at once and the
     venue fills it, all within the venue's read lag of its placement (Binance: "unknown order" for up to
@@ -744,9 +745,14 @@ async def test_a_position_whose_new_stop_filled_within_the_read_lag_is_closed_wi
     closed `closed_on_exchange` without its PnL: the new stop's "not found" was taken for no evidence
     (r72: a trailing stop's fill after a kill mid-move, on the Binance wire). Not found inside the lag
     proves nothing: the position ends (its other stop cancelled at once), and its record is settled with
-    the fill once the stop can be read."""
+    the fill once the stop can be read, or once the account stream tells it (a read lag longer than the
+    look-ups wait: one look-up gave up, and the stream's word later changed nothing; r74)."""
     async with _a_hard_stop_read_lagged(db, [SYMBOLS[23], SYMBOLS[24]]) as (venue, clock, guard, first):
-        venue.delay_account_events(3600.0)  # the stream tells nothing in time
+        if told_by == "its-look-up":
+            venue.delay_account_events(3600.0)  # the stream tells nothing in time
+        else:
+            venue.set_read_lag(60.0)  # (the new stop's: longer than every look-up waits)
+            venue.delay_account_events(25.0)
         venue.core.cancel_order(guard.symbol, first, clock.now())  # by hand, on the venue
         await drive_until(
             clock,
@@ -772,7 +778,7 @@ async def test_a_position_whose_new_stop_filled_within_the_read_lag_is_closed_wi
             )
             return bool(reason == "stop_loss")
 
-        await drive_until(clock, settled, limit=15, what="the record settled with the stop's fill")
+        await drive_until(clock, settled, limit=40, what="the record settled with the stop's fill")
         row = await db.pool.fetchrow(
             "SELECT exit_reason, realized_pnl FROM monitoring.positions WHERE id = $1", guard.position_id
         )
