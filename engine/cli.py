@@ -1046,6 +1046,14 @@ async def _read_status(
                     # out for the grace period after a kill -9).
                     minding = holder is not None and holder.looks_after
                     uncovered = await store.uncovered_positions(grace if minding else 0.0)
+                    # An engine starting holds the account before it reads the venue: past a grace period
+                    # without that read (a start waiting out a ban), it counts every carried position
+                    # unverified, and so does this look ("uncovered: 0 (in the records)" was said beside
+                    # its "27 open positions … unverified"; an operator).
+                    starting = (
+                        holder is not None and holder.phase == LeasePhase.STARTING and not holder.silent
+                    )
+                    carried = await store.active_positions() if starting else []
                     sent = await store.stops_sent_unanswered([p.id for p in uncovered])
                     health_rows = await store.latest_health()
                     control = await store.entries_control(venue, account)
@@ -1065,6 +1073,11 @@ async def _read_status(
     finally:
         pool.terminate()  # a look leaves nothing behind, and close() would wait on a server gone quiet
     looked_after = holder is not None and holder.looks_after
+    unread_by_a_start: set[int] = set()
+    if carried and holder is not None and (now - holder.started_at).total_seconds() > grace:
+        listed = {p.id for p in uncovered}
+        unread_by_a_start = {p.id for p in carried if p.id not in listed}
+        uncovered = [*uncovered, *(p for p in carried if p.id in unread_by_a_start)]
     # Writes an engine journaled while the database was down wait there for its next start: the records read
     # above are behind by them (an engine looking after the account replays its own, and says so in health).
     journal = journal_path(loaded.settings.logging.file, token, _venue_name(loaded), account)
@@ -1156,6 +1169,9 @@ async def _read_status(
                 "has_trailing_stop": p.has_trailing_stop,
                 "missing": _missing_of_unknown_entry(loaded)
                 if p.status is PositionStatus.ENTRY_PLACED
+                else "both (unverified: the engine starting has not read the venue yet; their stops were on it "
+                "when last confirmed)"
+                if p.id in unread_by_a_start
                 else _missing_stops(p, sent.get(p.id), resent=looked_after),
                 "unverified": [
                     name

@@ -717,6 +717,40 @@ async def test_an_engine_starting_or_stopping_is_said_and_counts_as_none(
     assert json.loads(running.stdout)["engine"]["phase"] == "running"
 
 
+async def test_a_start_that_has_not_read_the_venue_past_grace_leaves_the_positions_unverified(
+    workdir: Path, engine_side: EngineSide
+) -> None:
+    """A start waiting out a ban holds the account and cannot read the venue: past a grace period the engine
+    counts every carried position unverified (uncovered), and `tsbot status` said "uncovered: 0 (in the
+    records)" beside it (an operator, 10 minutes of a Bybit ban). A start younger than grace is let be."""
+    await engine_side.execute(
+        "INSERT INTO monitoring.positions (account, symbol, exchange, side, quantity, entry_price, status, "
+        "has_stop_loss, has_trailing_stop, opened_at) "
+        "VALUES ('sim:default', 'ZZZUSDT', 'sim', 'long', 1, 2, 'active', true, true, now() - interval '1 hour')"
+    )
+    for age, listed in ((timedelta(0), False), (timedelta(minutes=1), True)):
+        await engine_side.drop_lease()
+        engine_side.lease = await EngineLease.acquire(
+            engine_side.dsn,
+            "sim",
+            engine_side.account,
+            "test",
+            label="default",
+            phase=LeasePhase.STARTING,
+            since=datetime.now(UTC) - age,
+        )
+        report = json.loads(tsbot("status", "--json", cwd=workdir).stdout)
+        missing = {p["symbol"]: p["missing"] for p in report["uncovered"]}
+        if not listed:
+            assert (report["state"], missing) == ("unknown", {}), report
+            continue
+        assert report["state"] == "critical", report
+        assert missing == {
+            "ZZZUSDT": "both (unverified: the engine starting has not read the venue yet; their stops were on "
+            "it when last confirmed)"
+        }
+
+
 async def test_open_positions_an_engine_left_against_its_will_are_critical_and_a_stop_on_purpose_is_not(
     workdir: Path, engine_side: EngineSide
 ) -> None:
