@@ -1263,12 +1263,15 @@ async def test_f12_a_protective_order_that_keeps_failing_is_logged_recorded_and_
             ),
             what="failures recorded",
         )
-        assert _loud(
-            caplog, "protection.manager", "Server error creating stop-loss for " + SYMBOL, "unprotected"
-        )
-        assert _loud(
-            caplog, "protection.manager", "Server error creating trailing stop for " + SYMBOL, "unprotected"
-        )
+        # Said of a position neither of whose stops is live: "unprotected", or, while the other's send is
+        # on its way, which it is ("uncovered (hard stop sent, not confirmed, …)": a loaded run).
+        for what in ("stop-loss", "trailing stop"):
+            said = _loud(caplog, "protection.manager", f"Server error creating {what} for {SYMBOL}")
+            assert said, what
+            assert any(
+                f"{SYMBOL} unprotected" in r.getMessage() or f"{SYMBOL} uncovered (" in r.getMessage()
+                for r in said
+            ), [r.getMessage() for r in said]
         rows = await db.pool.fetch("SELECT * FROM monitoring.events WHERE type = 'protection_server_error'")
         assert all(
             (r["severity"], r["symbol"], r["position_id"]) == ("error", SYMBOL, position_id) for r in rows
