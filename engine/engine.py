@@ -826,7 +826,7 @@ class Engine:
         self.events_bus = EventBus()
         self.state = EngineState.STOPPED
         self.started_at = 0.0
-        self._rejected_in_wave: dict[int, list[str]] = {}  # by wave id, until its line is said
+        self._rejected_in_wave: dict[int, list[tuple[str, str]]] = {}  # (symbol, why) by wave, until said
         self.entries_paused = False  # what `_validate` obeys: a persisted pause, or no lease
         self._positions_let_go = False  # a stop has stopped the guards (`EngineSnapshot.positions_tracked`)
         self.entries_paused_by = ""  # operator | breaker | lease ("" when entries are on)
@@ -3054,14 +3054,14 @@ class Engine:
         taken = {signal.symbol for signal, _, _ in accepted}
         # (A signal refused at its validation, a symbol already held say, is the sim's seeded routine: INFO.)
         log.log(
-            logging.WARNING if any(r.split(": ", 1)[0] in taken for r in rejected) else logging.INFO,
+            logging.WARNING if any(symbol in taken for symbol, _ in rejected) else logging.INFO,
             "wave %d: %s, %d accepted, %d opened%s%s",
             wave_id,
             counted(len(wave.signals), "signal"),
             len(accepted),
             len(opened),
             f", {len(doubts)} of unknown outcome" if doubts else "",
-            f", {len(rejected)} rejected (the first: {rejected[0]})" if rejected else "",
+            f", {len(rejected)} rejected (the first: {rejected[0][0]}: {rejected[0][1]})" if rejected else "",
         )
         task = asyncio.create_task(
             self._finish_wave(wave_id, started, len(wave.signals), opened, doubts), name=f"wave-{wave_id}"
@@ -3226,7 +3226,7 @@ class Engine:
         assert self.store is not None
         await self.store.finish_signal(signal.id, SignalStatus.REJECTED, reason, wave_id=wave_id)
         if wave_id is not None:
-            self._rejected_in_wave.setdefault(wave_id, []).append(f"{signal.symbol}: {reason}")
+            self._rejected_in_wave.setdefault(wave_id, []).append((signal.symbol, reason))
         log.info("signal %s %s %s rejected: %s", signal.id, signal.symbol, signal.side, reason)
         self.events_bus.publish(
             SignalRejected(

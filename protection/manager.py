@@ -4911,27 +4911,27 @@ class ProtectionManager:
                 ", ".join(purposes),
             )
 
-        async def guarded() -> None:
-            try:
-                await settle()
-            except Exception as exc:  # (the record stays as it is: said, not raised into nobody's hands)
-                log.warning("%s: the exit of position %d not settled (%s)", symbol, position_id, exc)
-
         if purposes:
-            self._in_background(guarded(), f"exit-{position_id}")
+            self._settle_in_background(settle(), symbol, position_id)
 
     def settle_exit_soon(self, position_id: int, purpose: OrderPurpose, filled: Order) -> None:
         """`settle_exit_from_fill`, in the background (the account stream's word on a stop's fill)."""
-        if filled.average_price is None:
-            return
+        if filled.average_price is not None:
+            self._settle_in_background(
+                self.settle_exit_from_fill(position_id, purpose, filled), filled.symbol, position_id
+            )
 
-        async def settle() -> None:
+    def _settle_in_background(self, work: Coroutine[Any, Any, None], symbol: str, position_id: int) -> None:
+        """A position's exit record settled off the caller's path; a failure leaves the record as it is,
+        said (not raised into nobody's hands)."""
+
+        async def guarded() -> None:
             try:
-                await self.settle_exit_from_fill(position_id, purpose, filled)
-            except Exception as exc:  # (the record stays as it is: said)
-                log.warning("%s: the exit of position %d not settled (%s)", filled.symbol, position_id, exc)
+                await work
+            except Exception as exc:
+                log.warning("%s: the exit of position %d not settled (%s)", symbol, position_id, exc)
 
-        self._in_background(settle(), f"exit-told-{position_id}")
+        self._in_background(guarded(), f"exit-{position_id}")
 
     async def settle_exit_from_fill(self, position_id: int, purpose: OrderPurpose, filled: Order) -> None:
         """Our stop `filled` ended `position_id`: its record, closed `closed_on_exchange` for want of that
