@@ -3,8 +3,10 @@ ManualClock, configuration through the same loader operators use."""
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 from engine.clock import ManualClock, SystemClock
 from engine.config import Settings, load_config
@@ -22,9 +24,23 @@ def engine_settings(dsn: str, overrides: Mapping[str, str] | None = None) -> Set
         "TSBOT_SIGNALS__SOURCE": "postgres",
         "TSBOT_VENUE__SIM__VOLATILITY": "0",
         "TSBOT_VENUE__SIM__LATENCY__SECONDS": "0.05",
+        "TSBOT_LOGGING__FILE": str(logs_of(dsn) / "trading_bot.log"),
     }
     environ.update({f"TSBOT_{key}": value for key, value in (overrides or {}).items()})
     return load_config(None, environ=environ, cwd=Path("/nonexistent-config-dir")).settings
+
+
+def logs_of(dsn: str) -> Path:
+    """The log directory of the engines on the test database `dsn`: the files an engine writes beside its log
+    (the last stop's record, the outage journal) are one test's own. At the default `logs/` every test shared
+    one last-stop record per venue and account: a test read another's, written meanwhile on another
+    worker (a CI run's "open_positions 0" where this test's engine had written 2)."""
+    parts = urlsplit(dsn)
+    database = parts.path.lstrip("/") or "postgres"
+    hosts = parse_qs(parts.query).get("host")
+    if not hosts:  # (a server of its own, not the embedded one)
+        return Path(tempfile.gettempdir()) / "tsbot-test-engine-logs" / database
+    return Path(hosts[0]).parent / "engine-logs" / database
 
 
 def make_engine(

@@ -39,7 +39,6 @@ def tui_settings(db: Database, overrides: Mapping[str, str] | None = None) -> Se
         {
             "VENUE__SIM__SEED": "42",
             "TUI__REFRESH_PER_SECOND": "30",
-            "LOGGING__FILE": "/tmp/tsbot-tui-tests/trading_bot.log",
             **(overrides or {}),
         },
     )
