@@ -210,14 +210,20 @@ async def test_pending_entries_are_resolved_together_at_start_up(db: Database) -
 
 
 async def _open_without_stops(engine: Engine, venue: SimVenue, clock: ManualClock, symbol: str) -> None:
-    """A long on `symbol` whose entry has answered, every stop refused by the venue from now on."""
+    """A long on `symbol` whose entry has answered, every stop refused by the venue from now on; returns once
+    both stops were sent and refused (both then on record: a next engine looks them up before sending again.
+    Returned at the entry's answer, a loaded CI run stopped the engine before its trailing stop was recorded,
+    and the next engine sent it at once)."""
     assert engine.store is not None
+    sends = venue.calls_made.get(CallKind.CREATE_ORDER, 0)
     venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, count=1000, stops_only=True)
     await engine.store.insert_signals([(symbol, "long", None, None)])
     await drive_until(
         clock,
-        lambda: engine.manager is not None and symbol in engine.manager.by_symbol,
-        what=f"the entry on {symbol} answered",
+        lambda: engine.manager is not None
+        and symbol in engine.manager.by_symbol
+        and venue.calls_made.get(CallKind.CREATE_ORDER, 0) >= sends + 3,  # the entry, and both stops
+        what=f"the entry on {symbol} answered and its stops refused",
         step=0.01,
     )
 
