@@ -389,9 +389,12 @@ async def test_a_frozen_database_shows_as_down_with_its_journal_and_scrapes_stil
             lambda: guard.trailing_stop.confirmed and guard.trailing_stop.client_order_id != lost,
             what="the trailing stop replaced, its writes journaled",
         )
+        depth_before = store.journal_depth
         found = await scrape(engine)
         assert value(found, "tsbot_database_up") == 0
-        assert value(found, "tsbot_database_journal_depth") == store.journal_depth >= 1
+        # The scrape says the depth at its moment: the engine may journal a write more while it is read (a
+        # loaded CI run scraped 5 and then read 6 from the store).
+        assert 1 <= depth_before <= value(found, "tsbot_database_journal_depth") <= store.journal_depth
         assert value(found, "tsbot_entries_paused") == 1  # a position could not be recorded
         status, body = await healthz(engine)  # from memory: answered while the database is frozen
         assert body["entries_paused"] is True
