@@ -220,9 +220,11 @@ async def _open_without_stops(engine: Engine, venue: SimVenue, clock: ManualCloc
     await engine.store.insert_signals([(symbol, "long", None, None)])
     await drive_until(
         clock,
-        lambda: engine.manager is not None
-        and symbol in engine.manager.by_symbol
-        and venue.calls_made.get(CallKind.CREATE_ORDER, 0) >= sends + 3,  # the entry, and both stops
+        lambda: (
+            engine.manager is not None
+            and symbol in engine.manager.by_symbol
+            and venue.calls_made.get(CallKind.CREATE_ORDER, 0) >= sends + 3  # the entry, and both stops
+        ),
         what=f"the entry on {symbol} answered and its stops refused",
         step=0.01,
     )
