@@ -470,7 +470,7 @@ _RestoreRecords = tuple[
     dict[int, list[OrderRecord]],
     dict[int, list[str]],
     dict[int, TrailingStateRecord],
-    dict[str, list[str]],  # stops that may be live on closed positions, by symbol
+    dict[str, dict[str, float]],  # stops that may be live on closed positions, by symbol: their records' ages
 ]
 
 
@@ -1899,9 +1899,13 @@ class Engine:
         # a cancel by a closed position's id was taken for the open position's stop on the symbol.)
         if not self.venue.capabilities().stops_are_orders:
             closed_stops = {}
-        for symbol, cids in closed_stops.items():
+        # Each as sent when its record was written (just before its send): one the venue cannot show yet (a
+        # stop that filled within its read lag, as a restart came) is asked again once it can, not taken
+        # for gone at the first "unknown order" and recorded cancelled with its position's exit unsettled.
+        now = self.clock.monotonic()
+        for symbol, ages in closed_stops.items():
             known = (unfinished_cancels or {}).get(symbol, {})
-            if fresh := {cid: None for cid in cids if cid not in known}:
+            if fresh := {cid: now - age for cid, age in ages.items() if cid not in known}:
                 self.manager.sweep_leftovers(symbol, fresh, at_once=True)
         self.reconciler = Reconciler(
             manager=self.manager,

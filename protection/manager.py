@@ -4311,6 +4311,12 @@ class ProtectionManager:
             # position's other cancels, and their retries, for the whole call budget.
             final = await self.read(lambda: self.venue.cancel_order(symbol, cid), "cancel_order")
             await self._record_cancel_outcome(cid, record_status_of(final.status))
+            if final.status is OrderStatus.FILLED:  # a stop of ours that ended its position, maybe
+                key = parse_client_order_id(cid, self.token)
+                if key is not None and key.purpose in _STOP_PURPOSES:
+                    # (only a record closed `closed_on_exchange` for want of this evidence takes it: r74,
+                    # a restart within the stop's read lag left it so, the settlement's look-ups lost)
+                    self.settle_exit_soon(key.position_id, key.purpose, final)
             if not final.status.is_final:  # fired, not finished: it can still fill, cancelled or not
                 if cid not in self._unfinished_told:  # said once: the sweep asks again every few seconds
                     self._unfinished_told.add(cid)

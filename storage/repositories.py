@@ -1048,14 +1048,18 @@ class Store:
             sent.setdefault(row["position_id"], {})[OrderPurpose(row["purpose"])] = row["error"]
         return sent
 
-    async def live_stops_of_closed_positions(self, within_hours: float = 24.0) -> dict[str, list[str]]:
+    async def live_stops_of_closed_positions(self, within_hours: float = 24.0) -> dict[str, dict[str, float]]:
         """For restart: our stops the records say may still be live (`pending`, `open`, `unknown` — a fired
-        stop not finished is `unknown`) on positions ended in the last `within_hours`, by symbol. The last
-        run was cancelling them (or waiting for a fired one to end) when it stopped; the venue's open orders
-        do not list a fired stop still TRIGGERING, so nothing else tells the next start of it."""
+        stop not finished is `unknown`) on positions ended in the last `within_hours`, by symbol, each with
+        the age of its record in seconds (written just before its send: a look-up within the venue's read lag
+        of that proves nothing). The last run was cancelling them (or waiting for a fired one to end, or for
+        one that filled to show) when it stopped; the venue's open orders do not list a fired stop still
+        TRIGGERING, so nothing else tells the next start of it."""
         rows = await self._pool.fetch(
             """
-            SELECT p.symbol, o.client_order_id FROM monitoring.orders o
+            SELECT p.symbol, o.client_order_id,
+                   greatest(0, extract(epoch FROM now() - o.created_at))::float8 AS age
+            FROM monitoring.orders o
             JOIN monitoring.positions p ON p.id = o.position_id
             WHERE o.status IN ('pending', 'open', 'unknown') AND o.purpose IN ('stop_loss', 'trailing_stop')
               AND p.status = ANY($1::text[]) AND p.account = $2
@@ -1066,9 +1070,9 @@ class Store:
             self.account,
             within_hours * 3600.0,
         )
-        found: dict[str, list[str]] = {}
+        found: dict[str, dict[str, float]] = {}
         for row in rows:
-            found.setdefault(row["symbol"], []).append(row["client_order_id"])
+            found.setdefault(row["symbol"], {})[row["client_order_id"]] = row["age"]
         return found
 
     async def entries_not_filled(self) -> dict[int, OrderRecord]:

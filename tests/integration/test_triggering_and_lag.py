@@ -788,6 +788,64 @@ async def test_a_position_whose_new_stop_filled_within_the_read_lag_is_closed_wi
         assert row["realized_pnl"] < 0
 
 
+@pytest.mark.parametrize("readable_at_the_start", [True, False], ids=["readable", "still-lagging"])
+async def test_an_exit_left_unsettled_by_a_stop_is_settled_by_the_next_start(
+    db: Database, readable_at_the_start: bool
+) -> None:
+    """The record of a position our new hard stop closed within the venue's read lag is settled once the
+    stop can be read, in the background: an engine stopped meanwhile (a restart within the lag) left it
+    `closed_on_exchange` without its PnL for good (r74). The next start asks for the stops the records say
+    may be live on closed positions; it found this one filled and recorded only that, and one it could not
+    see yet (still within the lag) it recorded cancelled. Found filled, the stop now settles the exit; not
+    visible within the lag of its record's time, it is asked again."""
+    settings = settings_for(db, {"PROTECTION__RECONCILE_SECONDS": "1"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock, read_lag=5.0)
+    venue = engine.venue
+    assert isinstance(venue, SimVenue)
+    await drive(clock, engine.start())
+    try:
+        guards = await open_positions(engine, clock, [SYMBOLS[25], SYMBOLS[26]], ["long", "long"])
+        await drive_until_covered(engine, clock, 2)
+        await drive(clock, clock.sleep(6.0))  # (the first stops readable)
+        guard = guards[0]
+        first = guard.stop_loss.client_order_id
+        assert first is not None
+        venue.set_read_lag(40.0)  # (the new stop's: longer than this engine's look-ups wait)
+        venue.delay_account_events(3600.0)  # the stream tells nothing in time
+        venue.core.cancel_order(guard.symbol, first, clock.now())  # by hand, on the venue
+        await drive_until(
+            clock,
+            lambda: guard.stop_loss.confirmed and guard.stop_loss.client_order_id != first,
+            limit=30,
+            what="the hard stop placed again",
+        )
+        assert guard.stop_loss.price is not None
+        venue.override_mark_price(guard.symbol, guard.stop_loss.price - 2 * guard.market.tick_size)
+        assert guard.symbol not in {p.symbol for p in venue.core.positions(clock.now())}  # filled
+        await drive_until(clock, lambda: guard.closed, limit=30, what="the position closed")
+    finally:
+        await drive(clock, engine.stop())  # within the read lag: its settlement had not looked yet
+    query = "SELECT exit_reason, realized_pnl FROM monitoring.positions WHERE id = $1"
+    assert tuple(await db.pool.fetchrow(query, guard.position_id)) == ("closed_on_exchange", None)
+    if readable_at_the_start:
+        await drive(clock, clock.sleep(40.0))
+
+    engine_b = make_engine(settings, clock, SimVenue(settings.venue.sim, clock=clock, core=venue.core))
+    await drive(clock, engine_b.start())
+    try:
+
+        async def settled() -> bool:
+            return bool(await db.pool.fetchval(query, guard.position_id) == "stop_loss")
+
+        await drive_until(clock, settled, limit=60, what="the record settled with the stop's fill")
+        row = await db.pool.fetchrow(query, guard.position_id)
+        assert row["realized_pnl"] is not None, dict(row)
+        assert row["realized_pnl"] < 0, dict(row)
+    finally:
+        await drive(clock, engine_b.stop())
+
+
 @pytest.mark.parametrize("fault", [FaultKind.SERVER_ERROR, FaultKind.TIMEOUT_NOT_EXECUTED])
 async def test_a_position_closed_by_hand_is_closed_on_record_while_its_stops_resends_keep_failing(
     db: Database, fault: FaultKind
