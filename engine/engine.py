@@ -160,6 +160,7 @@ COVERAGE_SAMPLE_SECONDS = 10.0
 # Reconcile passes failing one after another for this many intervals: health says the stops go unchecked.
 UNCHECKED_PASSES = 3
 COVERAGE_RETENTION_SECONDS = 30 * 86400.0
+ENTRIES_PAUSED = "entries paused"  # why a signal that arrived while entries were paused was rejected
 STALE_CLAIM_SECONDS = 600.0  # a wave handles its signals in seconds; ten minutes taken is abandoned
 LEASE_CHECK_SECONDS = 2.0
 ENTRY_RATE_LIMIT_ATTEMPTS = (
@@ -3018,6 +3019,12 @@ class Engine:
         wave_id = await self.store.start_wave(len(wave.signals))
         accepted: list[tuple[SignalRecord, PositionSide, Decimal]] = []
         seen: set[str] = set()
+        # A pause nobody asked for (the breaker, the lease, the database) is said as a warning: so is the wave
+        # it rejects (its line stayed INFO, below what a headless run's operator reads; r74).
+        loud_pause = (
+            self.entries_paused
+            and entries_toggle_level(paused=True, by=self.entries_paused_by or "") == logging.WARNING
+        )
         for signal in wave.signals:
             reason, side, quantity = self._validate(signal, seen, pending=len(accepted))
             if reason is not None:
@@ -3057,8 +3064,9 @@ class Engine:
         rejected = self._rejected_in_wave.pop(wave_id, [])
         taken = {signal.symbol for signal, _, _ in accepted}
         # (A signal refused at its validation, a symbol already held say, is the sim's seeded routine: INFO.)
+        lost = any(symbol in taken or (loud_pause and why == ENTRIES_PAUSED) for symbol, why in rejected)
         log.log(
-            logging.WARNING if any(symbol in taken for symbol, _ in rejected) else logging.INFO,
+            logging.WARNING if lost else logging.INFO,
             "wave %d: %s, %d accepted, %d opened%s%s",
             wave_id,
             counted(len(wave.signals), "signal"),
@@ -3106,7 +3114,7 @@ class Engine:
         except BadSignal as exc:
             return str(exc), side, Decimal(0)
         if self.entries_paused:
-            return "entries paused", side, Decimal(0)
+            return ENTRIES_PAUSED, side, Decimal(0)
         if inherited := [d for d in self._in_doubt.values() if d.judged_from > 0]:
             provable = max(d.judged_from for d in inherited) - self.clock.monotonic()
             until = (

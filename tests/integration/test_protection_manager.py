@@ -1867,6 +1867,46 @@ async def test_a_pause_stops_the_entries_a_wave_accepted_that_are_not_sent_yet(
         await drive(clock, engine.stop())
 
 
+@pytest.mark.parametrize("by", ["breaker", "operator"])
+async def test_a_wave_rejected_whole_by_a_pause_is_said_as_loud_as_the_pause(
+    db: Database, caplog: pytest.LogCaptureFixture, by: str
+) -> None:
+    """Signals that arrive while entries are paused are rejected at once ("entries paused"). The breaker's
+    pause is a WARNING; the wave's line that said its signals were lost to it stayed INFO (r74), below what
+    a headless run's operator reads on stderr. An operator's own pause stays routine (INFO), as the pause
+    itself is."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        assert engine.store is not None
+        engine.pause_entries(by=by, reason="2 positions uncovered past 15s" if by == "breaker" else "")
+        caplog.clear()
+        caplog.set_level(logging.INFO, logger="engine.engine")
+        ids = await engine.store.insert_signals([(s, "long", None, None) for s in SYMBOLS[63:65]])
+        await drive_until(
+            clock,
+            lambda: db.pool.fetchval(
+                "SELECT count(*) = 2 FROM monitoring.signals WHERE id = ANY($1) AND status = 'rejected'", ids
+            ),
+            what="the wave's signals rejected",
+        )
+        await drive_until(
+            clock,
+            lambda: any(r.getMessage().startswith("wave ") for r in caplog.records),
+            what="the wave's line",
+        )
+        [line] = [r for r in caplog.records if r.getMessage().startswith("wave ")]
+        assert line.getMessage().endswith(
+            f"2 signals, 0 accepted, 0 opened, 2 rejected (the first: {SYMBOLS[63]}: entries paused)"
+        ), line.getMessage()
+        assert line.levelno == (logging.WARNING if by == "breaker" else logging.INFO)
+        assert not engine.venue.core.positions(clock.now())  # type: ignore[attr-defined]
+    finally:
+        await drive(clock, engine.stop())
+
+
 async def test_a_flatten_during_a_wave_closes_what_the_wave_opened_and_sends_nothing_more(
     db: Database,
 ) -> None:
