@@ -128,6 +128,8 @@ class Observation:
     uncovered: tuple[UncoveredPosition, ...] = ()  # past their grace period
     protecting: int = 0  # uncovered but still within their grace period (a wave being protected)
     breaker_reason: str | None = None  # entries paused by the breaker: why
+    breaker_seconds: float = 0.0  # how long that pause has stood
+    breaker_carried: bool = False  # an earlier run's pause, carried over this engine's start
     lease_lost_seconds: float | None = None
     database_down_seconds: float | None = None
     database_problem: str = ""
@@ -162,6 +164,7 @@ class Condition:
     level: Level  # as observed: CRITICAL when it is already past its critical line
     text: str
     subject: str = ""  # the symbol, the stream
+    stood_seconds: float = 0.0  # how long it had stood when first found (one carried over a restart)
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,12 +235,22 @@ def conditions(observed: Observation, rules: AlertRules) -> tuple[Condition, ...
                 )
             )
     if observed.breaker_reason is not None:
+        why = observed.breaker_reason or "no reason given"
+        # One carried over a restart is no new trip (it was alerted when it tripped): said as what it is, and
+        # timed from its trip, not from the start that found it.
+        text = (
+            f"circuit breaker pause carried over from the last run, {format_duration(observed.breaker_seconds)} "
+            f"old: entries stay paused until the operator resumes them ({why})"
+            if observed.breaker_carried
+            else f"circuit breaker tripped: entries paused ({why})"
+        )
         found.append(
             Condition(
                 AlertKind.BREAKER_TRIPPED.value,
                 AlertKind.BREAKER_TRIPPED,
                 Level.WARNING,
-                f"circuit breaker tripped: entries paused ({observed.breaker_reason or 'no reason given'})",
+                text,
+                stood_seconds=observed.breaker_seconds,
             )
         )
     if observed.lease_lost_seconds is not None:
@@ -285,8 +298,13 @@ def step(
             continue
         episode = episodes.get(condition.key)
         if episode is None:
-            after[condition.key] = Episode(condition, now, condition.level, now)
-            alerts.append(Alert(condition.key, condition.kind, condition.level, Status.NEW, condition.text))
+            # (One found standing past the escalation line is said at its escalated level at once: said at
+            # its own, it was escalated by the next check, two alerts a second apart.)
+            level = condition.level
+            if condition.stood_seconds >= rules.escalate_after_seconds:
+                level = Level.CRITICAL
+            after[condition.key] = Episode(condition, now - condition.stood_seconds, level, now)
+            alerts.append(Alert(condition.key, condition.kind, level, Status.NEW, condition.text))
             continue
         lasted = now - episode.started_at
         level = condition.level
@@ -440,6 +458,10 @@ def observe_engine(engine: Engine, now: float) -> Observation:
         uncovered=tuple(uncovered),
         protecting=figures.protecting,
         breaker_reason=engine.breaker_pause_reason,
+        breaker_seconds=0.0
+        if (began := engine.breaker_pause_began()) is None
+        else engine.clock.now() - began[0],
+        breaker_carried=began is not None and began[1],
         lease_lost_seconds=None if engine.lease_lost_since is None else now - engine.lease_lost_since,
         database_down_seconds=down_for,
         database_problem=str(getattr(watch, "problem", "") or "")[:200] if down_for is not None else "",

@@ -835,6 +835,9 @@ class Engine:
         self.lease_lost_since: float | None = None  # monotonic; None while the lease is held
         self.fatal: str | None = None  # why the engine stopped itself (another engine took the account)
         self._persisted_pause: tuple[bool, str, str] = (False, "", "")  # (paused, by, reason) in the database
+        # When the breaker's pause began (epoch seconds), and whether an earlier run's pause was carried here.
+        self._breaker_paused_at: float | None = None
+        self._breaker_pause_carried = False
         self._breaker_healthy_since: float | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self.startup_report: StartupReport | None = None
@@ -1012,6 +1015,9 @@ class Engine:
             control = await self.store.entries_control(self.exchange_name, self.account_key)
             if control is not None and control.paused:
                 self._persisted_pause = (True, control.paused_by, control.reason)
+                if control.paused_by == "breaker":
+                    self._breaker_paused_at = control.since.timestamp()
+                    self._breaker_pause_carried = True
                 self._apply_entries_state()
                 log.warning(
                     "entries stay paused (by %s since %s: %s): only the operator resumes them",
@@ -1664,6 +1670,13 @@ class Engine:
         again with the figures of before)."""
         paused, by, reason = self._persisted_pause
         return reason if paused and by == "breaker" else None
+
+    def breaker_pause_began(self) -> tuple[float, bool] | None:
+        """While the breaker's pause stands: when it began (epoch seconds) and whether it was carried over
+        from an earlier run (persisted: only the operator resumes it)."""
+        if self.breaker_pause_reason is None or self._breaker_paused_at is None:
+            return None
+        return self._breaker_paused_at, self._breaker_pause_carried
 
     def entries_in_doubt(self) -> list[EntryInDoubt]:
         """Entries whose outcome the venue has not told yet, each counted as a position without stops (one
@@ -4463,6 +4476,8 @@ class Engine:
         the operator's user@host/pid (this process's when the dashboard's key says it)."""
         if by == "operator" and not who:
             who = requester_identity()
+        if by == "breaker" and self._breaker_paused_at is None:
+            self._breaker_paused_at, self._breaker_pause_carried = self.clock.now(), False
         self._persisted_pause = (True, by, reason)
         self._apply_entries_state()
         log.log(
@@ -4491,6 +4506,7 @@ class Engine:
             log.warning("resume entries %s", message)
             return False, message
         self._persisted_pause = (False, by, "")
+        self._breaker_paused_at, self._breaker_pause_carried = None, False
         self._apply_entries_state()
         log.log(
             entries_toggle_level(paused=False, by=by),
@@ -4536,6 +4552,7 @@ class Engine:
         store = self.store
         if store is None:
             return
+        at = _utc(self.clock.now())
 
         async def write() -> None:
             try:
@@ -4545,6 +4562,7 @@ class Engine:
                     paused=paused,
                     paused_by=by,
                     reason=reason,
+                    at=at,  # (the engine's clock: a write journaled in an outage keeps its time)
                     requested_by=who,
                 )
                 await store.record_event(

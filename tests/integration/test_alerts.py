@@ -39,7 +39,7 @@ from tests.integration.test_failure_modes_f1_f5 import (
 )
 from tests.support.driving import drive, drive_until
 from tests.support.owned_postgres import StaleSocketLock, kill_postmaster
-from tests.support.webhook import WebhookReceiver
+from tests.support.webhook import Delivery, WebhookReceiver
 
 SYMBOLS = sorted(UNIVERSE)
 TOKEN = "s3cr3t-T0KEN-9f8e7d6c5b4a"  # the part of the webhook URL that is a secret
@@ -188,6 +188,49 @@ async def test_a_breaker_trip_is_alerted(db: Database, receiver: WebhookReceiver
         await drive(clock, engine.stop())
     await until_delivered(clock, receiver, "engine stopped", "UNCOVERED 3")
     assert receiver.matching("engine stopped")[0].payload["type"] == "failure"
+
+
+async def test_a_breaker_pause_carried_over_a_restart_is_said_carried_and_timed_from_its_trip(
+    db: Database, receiver: WebhookReceiver
+) -> None:
+    """A breaker pause persists over a restart (only the operator resumes it). The next engine alerted
+    "circuit breaker tripped" as if protection had just failed again, and its recovery "after 4s" timed the
+    pause from the restart, not from the trip an hour before (an operator)."""
+    clock = ManualClock()
+    engine_a = make_engine(alert_settings(db, receiver.url("/a")), clock)
+    await drive(clock, engine_a.start())
+    try:
+        engine_a.pause_entries(by="breaker", reason="2 positions uncovered past 15s")
+        await until_delivered(clock, receiver, "circuit breaker tripped")
+    finally:
+        await drive(clock, engine_a.stop())
+    await clock.advance(3600.0)  # an hour with no engine
+
+    engine_b = make_engine(alert_settings(db, receiver.url("/b")), clock)
+    await drive(clock, engine_b.start())
+    try:
+
+        def of_b(*words: str) -> list[Delivery]:
+            return [d for d in receiver.matching(*words) if d.path == "/b"]
+
+        await drive_until(clock, lambda: of_b("circuit breaker"), step=0.02, what="engine B's breaker alert")
+        [carried] = of_b("circuit breaker")
+        assert "tripped" not in carried.text, carried.text
+        assert "carried over" in carried.text, carried.text
+        assert "2 positions uncovered past 15s" in carried.text, carried.text
+        assert "1h00m" in carried.text, carried.text  # how long it has stood
+        # Past the escalation line (30 s) already: said CRITICAL at once, not escalated a check later.
+        assert carried.text.startswith("CRITICAL"), carried.text
+        await drive(clock, clock.sleep(5.0))
+        assert len(of_b("circuit breaker")) == 1, [d.text for d in of_b("circuit breaker")]
+        assert engine_b.resume_entries()[0]
+        await drive_until(
+            clock, lambda: of_b("no longer paused by the circuit breaker"), step=0.02, what="its recovery"
+        )
+        [recovered] = of_b("no longer paused by the circuit breaker")
+        assert "after 1h00m" in recovered.text, recovered.text
+    finally:
+        await drive(clock, engine_b.stop())
 
 
 async def test_a_receiver_that_never_answers_does_not_delay_protection(db: Database) -> None:
