@@ -131,7 +131,10 @@ class ReconnectingSocket:
         self._session = session
         self._ping = ping
         self.connected = False
-        self.last_message_at: float | None = None  # monotonic
+        # When the venue last sent a frame (monotonic; None: never). Not moved by a connection's opening: a
+        # venue closing each connection at its handshake sent nothing for a minute while the age said 0.7 s.
+        self.last_message_at: float | None = None
+        self._idle_since = 0.0  # the silence the stall check measures: from the last frame or the opening
         self.reconnects = 0
         self.attempts = 0  # connection attempts made (for tests of storms)
         self.detail = NOT_STARTED
@@ -170,7 +173,7 @@ class ReconnectingSocket:
                 self._ws = ws
                 opened_at = time.monotonic()
                 self.connected = True
-                self.last_message_at = opened_at
+                self._idle_since = opened_at
                 self.detail = ""
                 await on_open(ws)
                 await self._receive(ws, on_message)
@@ -228,22 +231,21 @@ class ReconnectingSocket:
         stall = self._settings.stall_seconds
         pinged = False
         while True:
-            assert self.last_message_at is not None
-            idle = time.monotonic() - self.last_message_at
+            idle = time.monotonic() - self._idle_since
             if idle >= stall:
                 raise Stalled()
             wait = (stall / 2 - idle) if not pinged and idle < stall / 2 else (stall - idle)
             try:
                 message = await ws.receive(timeout=max(wait, 0.01))
             except TimeoutError:
-                if not pinged and time.monotonic() - self.last_message_at >= stall / 2:
+                if not pinged and time.monotonic() - self._idle_since >= stall / 2:
                     with contextlib.suppress(ConnectionError, RuntimeError):
                         await self._ping(ws)
                     pinged = True
                 continue
             if message.type in WS_CLOSED_TYPES:
                 return
-            self.last_message_at = time.monotonic()
+            self.last_message_at = self._idle_since = time.monotonic()
             pinged = False
             if message.type is aiohttp.WSMsgType.PING:
                 await ws.pong(message.data)

@@ -24,6 +24,7 @@ from engine.exchange.port import (
     OrderStatus,
     OrderUpdate,
     PositionUpdate,
+    StreamState,
 )
 from engine.venues.binance_emulator import BinanceEmulator, running
 from engine.venues.binance_streams import KEY_PROVEN_SECONDS, PRODUCTION_WS_URL, StreamSettings
@@ -248,6 +249,33 @@ async def test_a_reconnect_storm_does_not_spin() -> None:
         for kind in ("market", "user"):
             assert after[kind] - before[kind] <= 10, (kind, before, after)
         assert (await r.market_subscriptions()) == [f"{SYMBOL.lower()}@markPrice@1s"]
+
+
+async def test_the_account_streams_last_message_is_not_moved_by_connections_the_venue_closes_at_once() -> (
+    None
+):
+    """The venue closes every connection straight after its handshake for a while. The account stream's
+    "last message" was set at each connection's opening: its age, on /metrics and in the stale-stream alert
+    ("no message for 0.7s"), went back to nothing at every attempt through a minute of silence (r75). It is
+    the time of the last frame the venue sent."""
+    async with rig(symbols=[SYMBOL]) as r:
+
+        def account() -> StreamState:
+            return {s.name: s for s in r.venue.stream_states()}["account"]
+
+        await wait_until(lambda: account().connected, what="the account stream up")
+        await r.post("/_sim/stream-fault", {"fault": "drop", "seconds": 6})
+        dropped_at = time.monotonic()
+        before = (await r.state())["streams"]["handshakes"]["user"]
+        heard: list[float | None] = []
+        while time.monotonic() - dropped_at < 5.5:  # (within the storm: nothing can come)
+            heard.append(account().last_event_at)
+            await asyncio.sleep(0.05)
+        assert (await r.state())["streams"]["handshakes"]["user"] - before >= 2  # connections were opened
+        late = [at - dropped_at for at in heard if at is not None and at > dropped_at + 0.2]
+        assert not late, (
+            f"last message moved {len(late)} times into the storm, the latest {max(late):.1f}s in"
+        )
 
 
 async def test_a_subscription_asked_for_while_disconnected_is_sent_on_reconnect() -> None:
