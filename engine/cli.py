@@ -40,6 +40,7 @@ import asyncpg
 
 from engine.accounts import AccountShared, account_key
 from engine.clock import SystemClock, end_all, first_of
+from engine.code_watch import recorded_code_behind
 from engine.commands import CommandAnswer, PositionOutcome, not_taken, send_command
 from engine.config import MAX_SEED, ConfigError, LoadedConfig, VenueKind, load_config
 from engine.config_show import render_config
@@ -1109,6 +1110,19 @@ async def _read_status(
         holder_not_looking=holder.not_looking_after() if holder is not None else "",
         unwatched=_unwatched(holder, None if held else last, now, coverage.active, account),
     )
+    # F10: the engine runs the code of its start; a fix installed since is not running (said by no figure).
+    code_behind = (
+        await asyncio.to_thread(recorded_code_behind, holder.host, holder.code_roots, holder.running_code())
+        if holder is not None and not holder.silent
+        else None
+    )
+    if code_behind is not None:
+        assert holder is not None
+        words = (
+            f"code: the engine (pid {holder.pid}) runs older code than is on disk ({code_behind.describe()} "
+            "changed since it started); restart it to run them"
+        )
+        state, reason = ("degraded", words) if state == "ok" else (state, f"{reason}; {words}")
     if unread:
         reason += f"; the records may be behind: the last engine's journal ({shown_path(str(journal))}) cannot be read: {unread}"
     if behind:
@@ -1144,6 +1158,8 @@ async def _read_status(
             "heard_seconds_ago": round(holder.silent_seconds, 1),
             "silent": holder.silent,
             "phase": holder.phase,
+            # Its source files changed on disk since it started (F10): what it runs is not what is installed.
+            "code_changed_on_disk": [] if code_behind is None else list(code_behind.changed),
         },
         "entries": "paused" if control is not None and control.paused else ("held" if held else "on"),
         # Seconds left and why, while the venue's word holds entries back (None otherwise).

@@ -35,6 +35,7 @@ from engine.account_stream import AccountStreamReader
 from engine.accounts import AccountShared, account_key
 from engine.alerts import Alerter, EngineObserver
 from engine.clock import Clock, SystemClock, end_all, first_of, monotonic_of, wait_event, wait_for_all
+from engine.code_watch import CodeDifference, SourceWatcher, running_code
 from engine.commands import CommandRunner, ProtectionRestartRefused, requester_identity
 from engine.config import ConfigError, Settings, VenueKind, real_venue_problems
 from engine.credentials import check_credentials
@@ -154,6 +155,7 @@ STREAM_CHECK_SECONDS = 1.0  # how often the reconcile loop looks whether the acc
 STREAM_DOWN_RECONCILE_MIN_SECONDS = 1.0  # the shortest reconcile interval while that stream is down
 HEALTH_REPEAT_SECONDS = 60.0  # a lasting degraded or critical component is said again this often
 HOUSEKEEPING_SECONDS = 60.0
+CODE_CHECK_SECONDS = 60.0  # a headless engine compares the code on disk with its own this often (F10)
 # The coverage history (monitoring.coverage_samples): one sample of the gauge's figures this often, kept this
 # long (older ones are deleted by the housekeeping).
 COVERAGE_SAMPLE_SECONDS = 10.0
@@ -828,6 +830,11 @@ class Engine:
         self.state = EngineState.STOPPED
         self.started_at = 0.0
         self._rejected_in_wave: dict[int, list[tuple[str, str]]] = {}  # (symbol, why) by wave, until said
+        # F10: the code this process runs (fingerprinted at its start, recorded with the lease), checked
+        # against the disk every `code_check_seconds` (None: not by the engine; the dashboard checks itself).
+        self.code: SourceWatcher = running_code()
+        self.code_check_seconds: float | None = CODE_CHECK_SECONDS
+        self.code_difference: CodeDifference | None = None
         self.entries_paused = False  # what `_validate` obeys: a persisted pause, or no lease
         self._positions_let_go = False  # a stop has stopped the guards (`EngineSnapshot.positions_tracked`)
         self.entries_paused_by = ""  # operator | breaker | lease ("" when entries are on)
@@ -1392,6 +1399,8 @@ class Engine:
         consumer.also_listen(NEW_COMMAND_CHANNEL, self.commands.notified)
         sup.start("commands", self.commands.run)
         sup.start("housekeeping", self._housekeeping)
+        if self.code_check_seconds:
+            sup.start("code-watch", self._watch_code)
         sup.start("coverage-samples", self._sample_coverage)
         sup.start("signals", self._wave_loop)
         if self._generate:
@@ -2800,6 +2809,28 @@ class Engine:
                     STALE_CLAIM_SECONDS,
                 )
 
+    async def _watch_code(self) -> None:
+        """F10: a fix installed while the engine runs is not running. The dashboard says so on a banner; a
+        headless engine said nothing (a reviewer: `tsbot run` on the 06:49 code, the fix on disk at 06:53,
+        status "OK"). Said at WARNING when the difference appears or changes, and when it is gone."""
+        assert self.code_check_seconds
+        while True:
+            await self.clock.sleep(self.code_check_seconds)
+            difference = await asyncio.to_thread(self.code.check)
+            if difference == self.code_difference:
+                continue
+            self.code_difference = difference
+            if difference is None:
+                log.info("the code on disk is the code this engine runs again")
+                continue
+            changed_at = datetime.fromtimestamp(difference.newest_change, UTC).strftime("%H:%M:%S")
+            log.warning(
+                "code on disk changed since this engine started (%s; newest change %s UTC): it runs the code of "
+                "its start; restart it to run the change",
+                difference.describe(),
+                changed_at,
+            )
+
     async def _sample_coverage(self) -> None:
         """Every `COVERAGE_SAMPLE_SECONDS`: the coverage the gauge shows, into the history (journaled in an
         outage like the protection path's writes). The shift report's time-weighted coverage is read there."""
@@ -2992,6 +3023,7 @@ class Engine:
             phase=phase,
             # Taken again (lost to a database restart): `tsbot status` kept saying the holder started then.
             since=self._lease_since,
+            code=(self.code.roots, self.code.running),
         )
         if self._lease_since is None:
             self._lease_since = lease.started_at

@@ -7,8 +7,10 @@ connection dies, the lock is gone: `alive()` turns false and the engine must sto
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -50,6 +52,19 @@ class LeaseHolder:
     label: str | None = None  # what the holder's operator calls the account (`venue.account`)
     phase: str = LeasePhase.RUNNING  # as of its last heartbeat
     silent_seconds: float = 0.0  # since its last heartbeat, by the database's clock
+    # The code it runs (F10): its packages' roots on its host, and each source file's digest (JSON text).
+    code_roots: list[str] | None = None
+    code_digests: str | dict[str, str] | None = None  # (as the connection's jsonb codec reads it)
+
+    def running_code(self) -> dict[str, str] | None:
+        """The digests of the code the holder runs, by file (None: not recorded, an older version's)."""
+        digests: Any = self.code_digests
+        if isinstance(digests, str):
+            try:
+                digests = json.loads(digests)
+            except ValueError:
+                return None
+        return digests if isinstance(digests, dict) and digests else None
 
     @property
     def silent(self) -> bool:
@@ -180,9 +195,11 @@ class EngineLease:
         label: str | None = None,
         phase: LeasePhase = LeasePhase.RUNNING,
         since: datetime | None = None,
+        code: tuple[Sequence[str], Mapping[str, str]] | None = None,
     ) -> EngineLease:
         """`since`: when this holder first took the lease (an engine taking it again after losing it, a
-        database restart, say: readers keep its start, not the moment it was taken again)."""
+        database restart, say: readers keep its start, not the moment it was taken again). `code`: the
+        roots and file digests of the code this process runs (`engine.code_watch.running_code`)."""
         conn = await _connect(dsn, password)
         key = lease_key(venue, account)
         try:
@@ -217,12 +234,14 @@ class EngineLease:
                     started_at = await conn.fetchval(
                         """
                         INSERT INTO monitoring.engine_leases
-                            (venue, account, pid, host, version, label, phase, previous_heard_at, started_at)
-                        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, COALESCE($9, now()))
+                            (venue, account, pid, host, version, label, phase, previous_heard_at, started_at,
+                             code_roots, code_digests)
+                        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, COALESCE($9, now()), $10, $11::jsonb)
                         ON CONFLICT (venue, account) DO UPDATE
                         SET pid = EXCLUDED.pid, host = EXCLUDED.host, version = EXCLUDED.version,
                             label = EXCLUDED.label, started_at = EXCLUDED.started_at, heartbeat_at = now(),
-                            phase = EXCLUDED.phase, previous_heard_at = EXCLUDED.previous_heard_at
+                            phase = EXCLUDED.phase, previous_heard_at = EXCLUDED.previous_heard_at,
+                            code_roots = EXCLUDED.code_roots, code_digests = EXCLUDED.code_digests
                         RETURNING started_at
                         """,
                         venue,
@@ -234,6 +253,8 @@ class EngineLease:
                         phase.value,
                         previous,
                         since,
+                        None if code is None else list(code[0]),
+                        None if code is None else json.dumps(dict(code[1]), sort_keys=True),
                     )
             if not got:
                 raise LeaseHeld(venue, account, holder)

@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -43,6 +44,7 @@ from textual.widgets import DataTable, Footer, Input, Label
 
 from engine.accounts import AccountShared
 from engine.cli import OneLineParser, one_line
+from engine.code_watch import CodeDifference, SourceWatcher, running_code
 from engine.config import ConfigError, Settings, load_config
 from engine.credentials import CredentialsRefused
 from engine.engine import (
@@ -78,10 +80,9 @@ from protection.health import (
 )
 from storage.commands import CommandKind
 from storage.embedded import default_data_dir, leave_embedded
-from storage.lease import LeaseHeld
+from storage.lease import LeaseHeld, LeaseHolder
 from tui import formatting, keys
 from tui.attention import CriticalAttention
-from tui.code_watch import CodeDifference, SourceWatcher, package_roots
 from tui.commands import DashboardCommands
 from tui.feed import DashboardFeed, EngineFeed, LogEntry, LogTranslator, ReadOnlyFeed
 from tui.messages import (
@@ -214,9 +215,15 @@ class DashboardApp(App[int]):
         self.thresholds = HealthThresholds.from_settings(settings.health)
         self.log_file = log_file or settings.logging.file
         self._secrets = list(secrets)
-        # The fingerprint of the code this process runs, taken now, at start (F10).
-        roots = package_roots() if code_roots is None else list(code_roots)
-        self._watcher = SourceWatcher(roots) if roots else None
+        # The fingerprint of the code this process runs, taken at its start (F10). The engine in this process
+        # leaves the check to the dashboard (one warning, the banner's).
+        if code_roots is None:
+            self._watcher: SourceWatcher | None = running_code()
+        else:
+            self._watcher = SourceWatcher(code_roots) if code_roots else None
+        if isinstance(self.feed, EngineFeed):
+            self.feed.engine.code_check_seconds = None
+        self._code_whose = ""  # whose code the banner speaks of ("": this process's)
         self._code_check_seconds = code_check_seconds
         self.code_difference: CodeDifference | None = None
         self.feed_started = False
@@ -517,12 +524,11 @@ class DashboardApp(App[int]):
 
     @work(exclusive=True, group="code-watch", exit_on_error=False, description="compare code on disk")
     async def watch_code(self) -> None:
-        assert self._watcher is not None
-        while True:
-            await asyncio.sleep(self._code_check_seconds)
-            difference = await asyncio.to_thread(self._watcher.check)
-            if difference != self.code_difference:
+        while (watcher := self._watcher) is not None:
+            difference = await asyncio.to_thread(watcher.check)
+            if difference != self.code_difference and watcher is self._watcher:
                 self.post_message(CodeChanged(difference))
+            await asyncio.sleep(self._code_check_seconds)
 
     @work(group="command", exit_on_error=False, description="close a position")
     async def close_selected(self, position_id: int, symbol: str) -> None:
@@ -661,12 +667,38 @@ class DashboardApp(App[int]):
         def answered(read_only: bool | None) -> None:
             if read_only:
                 self.feed = ReadOnlyFeed(self.settings, message.holder, interval=self.read_only_poll_seconds)
+                self._watch_the_holders_code(message.holder)
                 self.start_feed()
             else:
                 self.exit_code = EXIT_FAILED
                 self.shutdown()
 
         self.push_screen(LeaseHeldScreen(message.message, message.holder), answered)
+
+    def _watch_the_holders_code(self, holder: LeaseHolder | None) -> None:
+        """Read-only, the banner speaks of the code of the engine that trades, not of this dashboard's: it
+        compared its own start with the disk, so it said nothing of a fix the engine has been running
+        without for longer, and "restart needed" pointed at the wrong process (r75). Its code is recorded
+        with its lease; an older version's lease, or another host's engine, cannot be told: no banner."""
+        recorded = None if holder is None else holder.running_code()
+        roots = [Path(root) for root in (holder.code_roots or [])] if holder is not None else []
+        if (
+            holder is None
+            or recorded is None
+            or holder.host != socket.gethostname()
+            or not roots
+            or not all(root.is_dir() for root in roots)
+        ):
+            self._watcher = None
+        else:
+            self._watcher = SourceWatcher(roots, running=recorded)
+            self._code_whose = f"the trading engine (pid {holder.pid})"
+        self.code_difference = None
+        self._banner.show_difference(None, self.tz)
+        if self._watcher is not None:
+            self.watch_code()
+        else:
+            self.workers.cancel_group(self, "code-watch")
 
     def on_feed_failed(self, message: FeedFailed) -> None:
         self.start_failure = message.error
@@ -685,10 +717,12 @@ class DashboardApp(App[int]):
 
     def on_code_changed(self, message: CodeChanged) -> None:
         self.code_difference = message.difference
-        self._banner.show_difference(message.difference, self.tz)
+        self._banner.show_difference(message.difference, self.tz, whose=self._code_whose)
         if message.difference is not None:
             log.warning(
-                "code on disk changed since start (%s): restart needed", message.difference.describe()
+                "code on disk changed since %s started (%s): restart needed",
+                self._code_whose or "this dashboard",
+                message.difference.describe(),
             )
 
     def on_command_done(self, message: CommandDone) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from textual.message import Message
 from textual.notifications import SeverityLevel
 
+from engine.code_watch import CodeDifference
 from engine.engine import StartupReport
 from storage.lease import LeaseHolder
-from tui.code_watch import CodeDifference
 from tui.feed import LogEntry
 
 

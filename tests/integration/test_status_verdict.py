@@ -27,6 +27,7 @@ import asyncpg
 import pytest
 
 from engine.accounts import account_key
+from engine.code_watch import SourceWatcher
 from engine.config import load_config
 from storage.database import DatabaseTarget, create_pool
 from storage.embedded import EmbeddedPostgres, start_embedded, stop_embedded
@@ -93,8 +94,15 @@ class EngineSide:
         self.dsn, self.account, self.venue = dsn, account, venue
         self.lease: EngineLease | None = None
 
-    async def take_lease(self) -> None:
-        self.lease = await EngineLease.acquire(self.dsn, self.venue, self.account, "test", label="default")
+    async def take_lease(self, code: SourceWatcher | None = None) -> None:
+        self.lease = await EngineLease.acquire(
+            self.dsn,
+            self.venue,
+            self.account,
+            "test",
+            label="default",
+            code=None if code is None else (code.roots, code.running),
+        )
 
     async def drop_lease(self) -> None:
         if self.lease is not None:
@@ -178,6 +186,36 @@ async def test_the_exit_code_is_the_verdict_of_the_engines_health(
     report = json.loads(machine.stdout)
     assert (report["state"], report["reason"]) == (verdict, reason)
     assert report["engine"]["pid"] == os.getpid()
+
+
+async def test_an_engine_running_older_code_than_is_on_disk_is_degraded_and_named(
+    workdir: Path, engine_side: EngineSide, tmp_path: Path
+) -> None:
+    """F10 (r75): `tsbot run` on the 06:49 code, the fix on disk at 06:53; status said "OK", its JSON held
+    no word of it, and nothing but the engine's own log could. The engine records the code it runs with
+    its lease; status compares it with the disk (on the engine's host): DEGRADED, naming the files. The
+    same code, or an engine on another host (its files are not these), is no alarm."""
+    package = tmp_path / "protection"
+    package.mkdir()
+    (package / "health.py").write_text("HEALTHY = True\n")
+    await engine_side.take_lease(SourceWatcher([package]))
+    await engine_side.measure(*HEALTHY)
+    same = tsbot("status", cwd=workdir)
+    assert (same.returncode, same.stdout.splitlines()[0]) == (0, "OK: all 3 components healthy"), same.stdout
+
+    (package / "health.py").write_text("HEALTHY = True  # r75 fix on disk\n")
+    human = tsbot("status", cwd=workdir)
+    assert human.returncode == 1, human.stdout + human.stderr
+    assert human.stdout.splitlines()[0] == (
+        f"DEGRADED: code: the engine (pid {os.getpid()}) runs older code than is on disk "
+        "(protection/health.py changed since it started); restart it to run them"
+    )
+    machine = json.loads(tsbot("status", "--json", cwd=workdir).stdout)
+    assert machine["engine"]["code_changed_on_disk"] == ["protection/health.py"]
+
+    await engine_side.execute("UPDATE monitoring.engine_leases SET host = 'another-host'")
+    elsewhere = tsbot("status", cwd=workdir)
+    assert (elsewhere.returncode, elsewhere.stdout.splitlines()[0]) == (0, "OK: all 3 components healthy")
 
 
 async def test_nothing_measuring_is_unknown_never_ok(workdir: Path, engine_side: EngineSide) -> None:

@@ -6,10 +6,10 @@ import os
 from datetime import UTC
 from pathlib import Path
 
+from engine.code_watch import SourceWatcher
 from tests.support.waiting import wait_until
 from tests.tui.scenario import ScenarioFeed, scenario_settings
 from tui.app import DashboardApp
-from tui.code_watch import SourceWatcher
 from tui.widgets.status import CodeBanner
 
 

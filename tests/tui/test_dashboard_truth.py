@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from rich.style import Style
@@ -19,6 +20,7 @@ from rich.style import Style
 from engine.accounts import account_key
 from engine.cli import _status_report
 from engine.clock import ManualClock
+from engine.code_watch import SourceWatcher
 from engine.config import LoadedConfig
 from engine.engine import Engine, EngineSnapshot, EngineState
 from engine.events import EventsDropped, PositionOpened, WaveFinished
@@ -42,6 +44,7 @@ from tui.screens.info import LeaseHeldScreen
 from tui.screens.position import PositionDetailScreen
 from tui.widgets.coverage import CoverageGauge
 from tui.widgets.positions import error_cell
+from tui.widgets.status import CodeBanner
 
 SYMBOLS = sorted(UNIVERSE)
 STYLES = {"missing": Style(color="red")}
@@ -291,6 +294,43 @@ async def test_a_watch_names_a_holder_not_heard_for_30_s(db: Database) -> None:
                 lambda: re.search(r"pid \d+@\S+ SILENT (3[1-9]|[4-9]\d)s", board.status_text()) is not None,
                 "the silent holder named in the header",
             )
+            await board.press("q")
+            await board.until(lambda: not board.app.is_running, "app exited")
+    finally:
+        await lease.release()
+
+
+async def test_a_read_only_dashboard_says_when_the_trading_engine_runs_older_code_than_is_on_disk(
+    db: Database, tmp_path: Path
+) -> None:
+    """F10 (r75): a read-only dashboard compared the code on disk with its own start, not with the trading
+    engine's: a fix installed after the engine started and before the dashboard did was never said, and
+    "restart needed" pointed at the dashboard. The engine's code is recorded with its lease: the banner
+    speaks of it."""
+    settings = tui_settings(db)
+    clock = ManualClock()
+    package = tmp_path / "engine"
+    package.mkdir()
+    (package / "engine.py").write_text("TIMEOUT = 10\n")
+    running = SourceWatcher([package])
+    lease = await EngineLease.acquire(
+        db.target.dsn, "sim", account_key(settings.venue), "test", code=(running.roots, running.running)
+    )
+    try:
+        (package / "engine.py").write_text("TIMEOUT = 30  # the fix, installed while the engine ran\n")
+        async with dashboard(settings, engine=make_engine(settings, clock)) as board:
+            board.app.read_only_poll_seconds = 0.05
+            board.app._code_check_seconds = 0.05
+            await board.until(lambda: isinstance(board.app.screen, LeaseHeldScreen), "lease refusal shown")
+            await board.press("o")
+            banner = board.app.query_one(CodeBanner)
+            await board.until(lambda: banner.has_class("-visible"), "the banner")
+            text = str(banner.content)
+            assert text.startswith("the trading engine (pid "), text
+            assert "runs older code than is on disk" in text, text
+            assert "engine/engine.py" in text, text
+            (package / "engine.py").write_text("TIMEOUT = 10\n")  # the engine's code again: no banner
+            await board.until(lambda: not banner.has_class("-visible"), "the banner gone")
             await board.press("q")
             await board.until(lambda: not board.app.is_running, "app exited")
     finally:

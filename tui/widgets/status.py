@@ -10,9 +10,9 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal
 from textual.widgets import Label, Static
 
+from engine.code_watch import CodeDifference
 from engine.engine import EngineSnapshot
 from tui import formatting
-from tui.code_watch import CodeDifference
 
 TIGHT_BELOW = 100  # columns: the header's compact form below this (`app.tcss`, `#status.-tight`)
 MODE_BADGES = {"SIM": " SIM ", "TESTNET": " TESTNET ", "LIVE": " ● LIVE · REAL MONEY "}
@@ -97,12 +97,18 @@ class StatusBar(Horizontal):
 class CodeBanner(Static):
     """Hidden until the installed code differs from the code this process runs."""
 
-    def show_difference(self, difference: CodeDifference | None, tz: tzinfo | None) -> None:
+    def show_difference(
+        self, difference: CodeDifference | None, tz: tzinfo | None, *, whose: str = ""
+    ) -> None:
+        """`whose`: the process whose code it is, when not this one's (a read-only dashboard's engine)."""
         self.set_class(difference is not None, "-visible")
         if difference is None:
             self.update("")
             return
         when = formatting.date_time(difference.newest_change, tz) if difference.newest_change else "now"
-        self.update(
-            f"code on disk changed since start — restart needed  ({difference.describe()}; changed {when})"
+        said = (
+            f"{whose} runs older code than is on disk — restart it"
+            if whose
+            else "code on disk changed since start — restart needed"
         )
+        self.update(f"{said}  ({difference.describe()}; changed {when})")

@@ -1,14 +1,18 @@
 """Is the code on disk still the code that runs? (F10: the fix sat on disk for hours, unused.)
 
-At start the dashboard fingerprints the source of the packages it runs; a worker re-checks every few
-seconds. A check costs one `stat` per file: a file's content is hashed again only when its size or mtime
-moved, so touching a file without changing it does not raise the banner, and editing it back does lower it.
+A process fingerprints the source of the packages it runs when it starts (`running_code`); the dashboard
+re-checks every few seconds, a headless engine every minute. A check costs one `stat` per file: a file's
+content is hashed again only when its size or mtime moved, so touching a file without changing it does not
+raise the banner, and editing it back does lower it. An engine records its fingerprint with its lease: a
+process that only watches (`tsbot status`, a read-only dashboard) compares the engine's code, not its own,
+with what is on disk.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+import socket
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,15 +45,26 @@ def package_roots(package_names: Iterable[str] = ("engine", "protection", "stora
 class SourceWatcher:
     """Compares the source under `roots` with what it was when the watcher was created."""
 
-    def __init__(self, roots: Sequence[Path]):
+    def __init__(self, roots: Sequence[Path], running: Mapping[str, str] | None = None):
+        """`running`: the digests of the code that runs, when it is another process's (recorded with its
+        lease); by default what is on disk now."""
         self._roots = [Path(root) for root in roots]
         self._stats: dict[Path, tuple[int, int]] = {}
         self._hashes: dict[Path, str] = {}
-        self._running = self._digests()
+        self._running = dict(running) if running is not None else self._digests()
 
     @property
     def files(self) -> int:
         return len(self._running)
+
+    @property
+    def roots(self) -> list[str]:
+        return [str(root) for root in self._roots]
+
+    @property
+    def running(self) -> dict[str, str]:
+        """Each watched file's digest (by its path under its root's parent) in the code that runs."""
+        return dict(self._running)
 
     def check(self) -> CodeDifference | None:
         """None while the source is what was running; otherwise what differs."""
@@ -93,3 +108,29 @@ class SourceWatcher:
             self._hashes.pop(gone, None)
             self._stats.pop(gone, None)
         return digests
+
+
+_RUNNING: SourceWatcher | None = None
+
+
+def running_code() -> SourceWatcher:
+    """The fingerprint of the code this process runs, taken at the first call (the CLI's entry points make
+    it as they start, before any work): every engine of the process records it, and checks against it."""
+    global _RUNNING
+    if _RUNNING is None:
+        _RUNNING = SourceWatcher(package_roots())
+    return _RUNNING
+
+
+def recorded_code_behind(
+    host: str, roots: Sequence[str] | None, running: Mapping[str, str] | None
+) -> CodeDifference | None:
+    """What differs between the code another process of this host runs (its `roots` and `running` digests,
+    recorded with its lease) and what is on disk now. None when nothing does, or when it cannot be told:
+    not recorded (an older version's lease), another host's, or its roots gone from this one."""
+    if not roots or running is None or host != socket.gethostname():
+        return None
+    paths = [Path(root) for root in roots]
+    if not all(path.is_dir() for path in paths):
+        return None
+    return SourceWatcher(paths, running=running).check()
