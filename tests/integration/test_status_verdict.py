@@ -383,7 +383,8 @@ async def test_with_no_engine_a_naked_position_is_listed_at_once_not_after_its_g
     assert [p["symbol"] for p in alone["uncovered"]] == ["ARBUSDT"]
     await engine_side.take_lease()
     await engine_side.measure(*HEALTHY)
-    minded = json.loads(tsbot("status", "--json", cwd=workdir).stdout)
+    # (A grace of 30 s: at the default 5 s a loaded run's status process took longer than that to start.)
+    minded = json.loads(tsbot("status", "--json", cwd=workdir, **GRACE_30S).stdout)
     assert minded["uncovered"] == []  # (inside its grace: its engine is protecting it)
 
 
