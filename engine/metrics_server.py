@@ -163,6 +163,12 @@ class EngineCollector(Collector):
         for name in ("starting", "running", "stopping", "stopped"):
             states.add_metric([name], 1 if name == state else 0)
         yield states
+        yield GaugeMetricFamily(
+            "tsbot_code_changed_on_disk",
+            "Source files of the engine changed on disk since it started (F10: it runs the code of its start; "
+            "restart it to run them). Checked every minute by a headless engine.",
+            value=0 if engine.code_difference is None else len(engine.code_difference.changed),
+        )
 
         figures = engine.coverage()  # counted once: the coverage gauges and the protection health read them
         yield from self._coverage(figures)

@@ -717,6 +717,8 @@ class DashboardApp(App[int]):
 
     def on_code_changed(self, message: CodeChanged) -> None:
         self.code_difference = message.difference
+        if isinstance(self.feed, EngineFeed):  # (its engine's figures, /metrics, say what the banner says)
+            self.feed.engine.code_difference = message.difference
         self._banner.show_difference(message.difference, self.tz, whose=self._code_whose)
         if message.difference is not None:
             log.warning(

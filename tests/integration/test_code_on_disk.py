@@ -14,6 +14,7 @@ from engine.engine import CODE_CHECK_SECONDS
 from storage.database import Database
 from tests.integration.engine_support import make_engine
 from tests.integration.test_failure_modes_f1_f5 import settings_for
+from tests.integration.test_metrics_endpoint import METRICS_ON, scrape, value
 from tests.support.driving import drive, drive_until
 
 
@@ -28,7 +29,7 @@ async def test_a_headless_engine_says_when_the_code_on_disk_changes_and_records_
     package.mkdir()
     (package / "health.py").write_text("HEALTHY = True\n")
     clock = ManualClock()
-    engine = make_engine(settings_for(db), clock)
+    engine = make_engine(settings_for(db, METRICS_ON), clock)
     engine.code = SourceWatcher([package])
     await drive(clock, engine.start())
     try:
@@ -46,6 +47,7 @@ async def test_a_headless_engine_says_when_the_code_on_disk_changes_and_records_
             clock, lambda: engine.code_difference is not None, limit=2 * CODE_CHECK_SECONDS, step=0.5
         )
         [said] = [r for r in caplog.records if "code on disk changed" in r.getMessage()]
+        assert value(await scrape(engine), "tsbot_code_changed_on_disk") == 1  # one file
         assert said.levelno == logging.WARNING
         assert "protection/health.py" in said.getMessage()
         await drive(clock, clock.sleep(3 * CODE_CHECK_SECONDS), step=0.5)  # said once, not every minute
@@ -55,5 +57,6 @@ async def test_a_headless_engine_says_when_the_code_on_disk_changes_and_records_
         await drive_until(
             clock, lambda: engine.code_difference is None, limit=2 * CODE_CHECK_SECONDS, step=0.5
         )
+        assert value(await scrape(engine), "tsbot_code_changed_on_disk") == 0
     finally:
         await drive(clock, engine.stop())
