@@ -11,7 +11,7 @@ from datetime import UTC
 import pytest
 from textual.widgets import DataTable
 
-from engine.engine import WaveView
+from engine.engine import EngineState, WaveView
 from protection.health import HealthState
 from tests.tui.book import PlanFeed
 from tests.tui.scenario import all_protected, scenario_positions, scenario_settings
@@ -318,6 +318,26 @@ async def test_the_header_says_entries_and_the_start_time_whole_at_80_columns(pa
         assert "v0.1.0 started 21:06:40" in header, header
         assert "sim/default" in header, header
         assert "22:13:20" in header, header
+
+
+@SIZES
+async def test_the_header_says_no_entries_while_the_engine_starts(size: tuple[int, int]) -> None:
+    """A start waiting out a ban for minutes: the header read "starting: waits for the venue · entries on"
+    (an operator); no signal is taken before the start has finished. Not "on" then."""
+    settings = scenario_settings()
+    feed = PlanFeed(settings)
+    feed._snapshot = dataclasses.replace(
+        feed._snapshot,
+        state=EngineState.STARTING,
+        start_waiting_for="load_markets: banned until 10:42:07 UTC",
+    )
+    app = DashboardApp(settings, feed=feed, tz=UTC, code_roots=[])
+    async with app.run_test(size=size) as pilot:
+        await settle(app, pilot)
+        header = screen(app).splitlines()[0]
+        assert "starting: waits for the venue" in header, header
+        assert "entries on" not in header, header
+        assert "NO ENTRIES (starting)" in header, header
 
 
 async def test_the_gauge_is_not_green_while_the_venues_stops_go_unchecked() -> None:

@@ -11,7 +11,7 @@ from textual.containers import Horizontal
 from textual.widgets import Label, Static
 
 from engine.code_watch import CodeDifference
-from engine.engine import EngineSnapshot
+from engine.engine import EngineSnapshot, EngineState
 from tui import formatting
 
 TIGHT_BELOW = 100  # columns: the header's compact form below this (`app.tcss`, `#status.-tight`)
@@ -64,6 +64,10 @@ class StatusBar(Horizontal):
             entries = "entries on"
             if not looked_after:
                 entries = "NO ENTRIES (no engine)"
+            elif watching is None and (stopping or snapshot.state is not EngineState.RUNNING):
+                # No signal is taken before the start has finished, nor once the stop has begun: a start
+                # waiting out a ban for minutes read "entries on" (an operator).
+                entries = f"NO ENTRIES ({'stopping' if stopping else snapshot.state.value})"
             elif snapshot.entries_paused:
                 by = snapshot.entries_paused_by
                 entries = f"ENTRIES PAUSED ({by})" if by and by != "operator" else "ENTRIES PAUSED"
@@ -81,7 +85,7 @@ class StatusBar(Horizontal):
             "engine-clock", formatting.clock_time(snapshot.taken_at, self._tz) if snapshot.taken_at else ""
         )
         self._labels["entries"].set_class(
-            known and (not looked_after or snapshot.entries_paused or snapshot.entries_held is not None),
+            known and entries != "entries on",
             "-paused",
         )
         self._labels["engine-state"].set_class(state != "running", "-not-running")
