@@ -2823,12 +2823,16 @@ class Engine:
             if difference is None:
                 log.info("the code on disk is the code this engine runs again")
                 continue
-            changed_at = datetime.fromtimestamp(difference.newest_change, UTC).strftime("%H:%M:%S")
+            when = (
+                f"newest change {datetime.fromtimestamp(difference.newest_change, UTC):%H:%M:%S} UTC"
+                if difference.newest_change
+                else "removed"  # (every changed file gone: no time to say, not 1970's)
+            )
             log.warning(
-                "code on disk changed since this engine started (%s; newest change %s UTC): it runs the code of "
-                "its start; restart it to run the change",
+                "code on disk changed since this engine started (%s; %s): it runs the code of its start; "
+                "restart it to run the change",
                 difference.describe(),
-                changed_at,
+                when,
             )
 
     async def _sample_coverage(self) -> None:

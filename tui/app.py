@@ -224,6 +224,9 @@ class DashboardApp(App[int]):
         if isinstance(self.feed, EngineFeed):
             self.feed.engine.code_check_seconds = None
         self._code_whose = ""  # whose code the banner speaks of ("": this process's)
+        self._holder_watched: tuple[int, str, object] | None = (
+            None  # read-only: the lease holder it speaks of
+        )
         self._code_check_seconds = code_check_seconds
         self.code_difference: CodeDifference | None = None
         self.feed_started = False
@@ -524,10 +527,19 @@ class DashboardApp(App[int]):
 
     @work(exclusive=True, group="code-watch", exit_on_error=False, description="compare code on disk")
     async def watch_code(self) -> None:
-        while (watcher := self._watcher) is not None:
-            difference = await asyncio.to_thread(watcher.check)
-            if difference != self.code_difference and watcher is self._watcher:
-                self.post_message(CodeChanged(difference))
+        while True:
+            watching = isinstance(self.feed, ReadOnlyFeed)
+            if watching and self._holder_watched != _holder_key(self.feed.holder):
+                # Another engine holds the account now (a restart on the fix): its code, not the last one's
+                # (the banner named a pid that no longer ran, r76).
+                self._watch_the_holders_code(self.feed.holder)
+            watcher = self._watcher
+            if watcher is None and not watching:
+                return
+            if watcher is not None:
+                difference = await asyncio.to_thread(watcher.check)
+                if difference != self.code_difference and watcher is self._watcher:
+                    self.post_message(CodeChanged(difference))
             await asyncio.sleep(self._code_check_seconds)
 
     @work(group="command", exit_on_error=False, description="close a position")
@@ -668,6 +680,7 @@ class DashboardApp(App[int]):
             if read_only:
                 self.feed = ReadOnlyFeed(self.settings, message.holder, interval=self.read_only_poll_seconds)
                 self._watch_the_holders_code(message.holder)
+                self.watch_code()  # (exclusive: replaces the one watching this process's own code)
                 self.start_feed()
             else:
                 self.exit_code = EXIT_FAILED
@@ -680,6 +693,7 @@ class DashboardApp(App[int]):
         compared its own start with the disk, so it said nothing of a fix the engine has been running
         without for longer, and "restart needed" pointed at the wrong process (r75). Its code is recorded
         with its lease; an older version's lease, or another host's engine, cannot be told: no banner."""
+        self._holder_watched = _holder_key(holder)
         recorded = None if holder is None else holder.running_code()
         roots = [Path(root) for root in (holder.code_roots or [])] if holder is not None else []
         if (
@@ -695,10 +709,6 @@ class DashboardApp(App[int]):
             self._code_whose = f"the trading engine (pid {holder.pid})"
         self.code_difference = None
         self._banner.show_difference(None, self.tz)
-        if self._watcher is not None:
-            self.watch_code()
-        else:
-            self.workers.cancel_group(self, "code-watch")
 
     def on_feed_failed(self, message: FeedFailed) -> None:
         self.start_failure = message.error
@@ -1261,6 +1271,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     return parser
+
+
+def _holder_key(holder: LeaseHolder | None) -> tuple[int, str, object] | None:
+    """Which engine holds the account (its pid, host, start), to tell when another one took it."""
+    return None if holder is None else (holder.pid, holder.host, holder.started_at)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

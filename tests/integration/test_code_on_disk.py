@@ -58,5 +58,12 @@ async def test_a_headless_engine_says_when_the_code_on_disk_changes_and_records_
             clock, lambda: engine.code_difference is None, limit=2 * CODE_CHECK_SECONDS, step=0.5
         )
         assert value(await scrape(engine), "tsbot_code_changed_on_disk") == 0
+
+        (package / "health.py").unlink()  # removed: no change time to say (r76: "newest change 00:00:00")
+        await drive_until(
+            clock, lambda: engine.code_difference is not None, limit=2 * CODE_CHECK_SECONDS, step=0.5
+        )
+        said = [r.getMessage() for r in caplog.records if "code on disk changed" in r.getMessage()][-1]
+        assert "(protection/health.py; removed)" in said, said
     finally:
         await drive(clock, engine.stop())

@@ -331,6 +331,16 @@ async def test_a_read_only_dashboard_says_when_the_trading_engine_runs_older_cod
             assert "engine/engine.py" in text, text
             (package / "engine.py").write_text("TIMEOUT = 10\n")  # the engine's code again: no banner
             await board.until(lambda: not banner.has_class("-visible"), "the banner gone")
+            (package / "engine.py").write_text("TIMEOUT = 30  # the fix\n")
+            await board.until(lambda: banner.has_class("-visible"), "the banner again")
+            # The engine restarted on the fix: another holder, whose code is the disk's. The banner named the
+            # old engine's pid for as long as the dashboard ran (r76).
+            await lease.release()
+            fixed = SourceWatcher([package])
+            lease = await EngineLease.acquire(
+                db.target.dsn, "sim", account_key(settings.venue), "test", code=(fixed.roots, fixed.running)
+            )
+            await board.until(lambda: not banner.has_class("-visible"), "the banner gone with the old engine")
             await board.press("q")
             await board.until(lambda: not board.app.is_running, "app exited")
     finally:
