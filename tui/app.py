@@ -38,6 +38,7 @@ from textual import work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal
+from textual.driver import Driver
 from textual.notifications import SeverityLevel
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Label
@@ -185,6 +186,21 @@ class PanelLogHandler(logging.Handler):
             self.handleError(record)
 
 
+def _clearing_on_exit(driver_class: type[Driver]) -> type[Driver]:
+    """`driver_class`, blanking the dashboard's screen before it gives the terminal back. Resized while it
+    ran, a terminal (tmux) gave the shell its screen back with the rows it had not had left as the dashboard
+    last drew them: the "stopping" frame, an old clock, broken box characters above the exit line (an
+    operator). Blank, they are blank."""
+
+    class ClearingDriver(driver_class):  # type: ignore[misc,valid-type]
+        def stop_application_mode(self) -> None:
+            self.write("\x1b[H\x1b[2J")  # (still on the dashboard's screen: the shell's is untouched)
+            super().stop_application_mode()
+
+    ClearingDriver.__name__ = ClearingDriver.__qualname__ = f"Clearing{driver_class.__name__}"
+    return ClearingDriver
+
+
 class DashboardApp(App[int]):
     CSS_PATH = "app.tcss"
     TITLE = "tsbot-tui"
@@ -192,6 +208,9 @@ class DashboardApp(App[int]):
     COMMANDS = App.COMMANDS | {DashboardCommands}
     HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-narrow"), (140, "-wide")]
     VERTICAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-short"), (34, "-tall")]
+
+    def get_driver_class(self) -> type[Driver]:
+        return _clearing_on_exit(super().get_driver_class())
 
     def __init__(
         self,

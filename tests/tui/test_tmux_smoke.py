@@ -58,9 +58,14 @@ def tmux() -> Iterator[Tmux]:
     server.run("kill-server")  # our own private server (-L socket), nothing else
 
 
+@pytest.mark.parametrize("resized", [False, True], ids=["same-size", "resized"])
 def test_tsbot_tui_in_tmux_shows_the_gauge_and_quits_cleanly(
-    tmux: Tmux, tmp_path: Path, pg_server: EmbeddedPostgres, migrated_database: str
+    tmux: Tmux, tmp_path: Path, pg_server: EmbeddedPostgres, migrated_database: str, resized: bool
 ) -> None:
+    """`resized`: the window is made larger while the dashboard runs, and it quits at that size. The shell's
+    screen came back with the top rows of the dashboard's last frame on it ("stopping", an old clock,
+    broken box characters) above the exit line (an operator, in tmux): the rows the shell's screen had not
+    had were left as the dashboard drew them."""
     (tmp_path / "config.toml").write_text(
         "[signals]\nwave_size = 3\nwave_interval_seconds = 2\n"
         "[venue.sim]\nvolatility = 0.5\n"
@@ -74,8 +79,10 @@ def test_tsbot_tui_in_tmux_shows_the_gauge_and_quits_cleanly(
     }
     exported = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
     # Textual draws on the terminal; after it exits the pane keeps what the program printed, and the exit code.
+    # (COLUMNS and LINES unset: inherited by tmux's server from pytest's environment, they fix the size the
+    # app reads at 80 columns whatever the window's, resizes included.)
     command = (
-        f"cd {shlex.quote(str(tmp_path))} && env {exported} {shlex.quote(str(TSBOT_TUI))}; "
+        f"cd {shlex.quote(str(tmp_path))} && env -u COLUMNS -u LINES {exported} {shlex.quote(str(TSBOT_TUI))}; "
         f"echo $? > {shlex.quote(str(tmp_path / 'exit_code'))}; sleep 30"
     )
     tmux.run("new-session", "-d", "-s", "tsbt", "-x", "120", "-y", "40", command)
@@ -87,6 +94,9 @@ def test_tsbot_tui_in_tmux_shows_the_gauge_and_quits_cleanly(
     # "running" is not said under 100 columns (tmux may keep a detached session at 80): entries are, always.
     assert "entries on" in screen
     assert "v0.1.0 started" in screen
+    if resized:
+        tmux.run("resize-window", "-t", "tsbt", "-x", "160", "-y", "48")
+        tmux.wait_for("tsbt", r"(?m)^.{150,}$")  # drawn again at 160 columns
 
     tmux.run("send-keys", "-t", "tsbt", "q")
     screen = tmux.wait_for("tsbt", "Exchange stops stay in place")
