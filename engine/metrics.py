@@ -14,7 +14,7 @@ the truncation is visible rather than silent (F12).
 from __future__ import annotations
 
 import bisect
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -74,6 +74,13 @@ class CallSummary:
     # Calls answered as expected since the newest failed one (all of them when none failed): a venue that
     # recovered says so at once, while its old errors stay in the window's rate for minutes.
     ok_since_last_error: int = 0
+    # The kinds of call that failed, most failures first (at most three): which calls the rate is of.
+    failed_kinds: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def failed_words(self) -> str:
+        """ "fetch_open_orders 5, create_order 1": what failed, for a line that gives the error rate."""
+        return ", ".join(f"{kind} {count}" for kind, count in self.failed_kinds)
 
     @property
     def errors(self) -> int:
@@ -203,6 +210,7 @@ class CallStats:
             if not sample[2]:
                 break
             ok_since += 1
+        failed = Counter(sample[3] for sample in samples if not sample[2]) if errors else Counter()
         return CallSummary(
             calls=calls,
             p50_ms=nearest_rank(latencies, 50) * 1000.0,
@@ -210,6 +218,7 @@ class CallStats:
             error_rate=errors / calls,
             timeouts=timeouts,
             ok_since_last_error=ok_since,
+            failed_kinds=tuple(sorted(failed.items(), key=lambda item: (-item[1], item[0]))[:3]),
         )
 
     def _expire(self, now: float) -> None:

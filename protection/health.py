@@ -498,6 +498,12 @@ def coverage_percent(covered: int, total: int) -> Decimal | None:
     )
 
 
+def _failed(calls: CallSummary) -> str:
+    """Which calls failed, for the error rate's line: a rate nothing explained sent an operator to the log
+    for every DEGRADED."""
+    return f" ({calls.failed_words} failed)" if calls.failed_kinds else ""
+
+
 def format_duration(seconds: float) -> str:
     """Compact and floored: `7.2s`, `45s`, `1m52s`, `3h12m`, `2d03h`."""
     seconds = max(0.0, seconds)
@@ -585,7 +591,7 @@ def evaluate_exchange(measured: ExchangeMeasurement | None, thresholds: HealthTh
             and calls.calls >= EXCHANGE_MIN_CALLS_FOR_CRITICAL
             and not recovered
         ):
-            critical.append(f"Exchange errors: {error_text}% of {calls.calls} calls")
+            critical.append(f"Exchange errors: {error_text}% of {calls.calls} calls{_failed(calls)}")
         # Slow or failing now, not minutes ago: judged over the last minute's calls (none: nothing says so).
         recent = calls if measured.recent is None else measured.recent
         lately = "" if measured.recent is None else " in the last minute"
@@ -598,7 +604,7 @@ def evaluate_exchange(measured: ExchangeMeasurement | None, thresholds: HealthTh
             # critical one, graded lower with nothing said, read as backwards (an operator).
             degraded.append(
                 f"Exchange errors: {recent.error_rate * 100:.1f}% of {counted(recent.calls, 'call')}{lately}"
-                f"{since}"
+                f"{_failed(recent)}{since}"
             )
         if recent.p99_ms is not None and recent.p99_ms > thresholds.exchange_latency_degraded_ms:
             degraded.append(

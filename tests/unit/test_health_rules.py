@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.config import HealthSettings
-from engine.metrics import EMPTY_SUMMARY, CallSummary
+from engine.metrics import EMPTY_SUMMARY, CallStats, CallSummary
 from protection.health import (
     DISPLAY_NAMES,
     Component,
@@ -427,6 +427,37 @@ def test_a_venue_slow_or_failing_minutes_ago_and_fine_in_the_last_minute_is_heal
         "Exchange errors: 15.0% of 20 calls in the last minute; "
         "Slow exchange: p99 2600 ms in the last minute (limit 2500 ms)"
     )
+
+
+def test_the_error_rate_says_which_calls_failed() -> None:
+    """ "Exchange errors: 11.1% of 18 calls in the last minute" and nothing else: an operator had to read the
+    log to learn which calls failed (a listing, a send?). The kinds that failed are said, most first."""
+    failing = replace(calls(n=18, errors=3), failed_kinds=(("fetch_open_orders", 2), ("create_order", 1)))
+    health = evaluate_exchange(exchange(summary=failing), T)
+    assert health.reason == "Exchange errors: 16.7% of 18 calls (fetch_open_orders 2, create_order 1 failed)"
+    critical = replace(calls(n=8, errors=5), failed_kinds=(("fetch_order", 5),))
+    assert evaluate_exchange(exchange(summary=critical), T).reason == (
+        "Exchange errors: 62.5% of 8 calls (fetch_order 5 failed)"
+    )
+
+
+def test_a_window_counts_the_kinds_of_the_calls_that_failed() -> None:
+    window = CallStats(window_s=60.0)
+    for at, ok, kind in [
+        (1.0, False, "fetch_order"),
+        (2.0, True, "create_order"),
+        (3.0, False, "create_order"),
+        (4.0, False, "fetch_order"),
+        (5.0, False, "cancel_order"),
+        (6.0, False, "fetch_positions"),
+        (7.0, True, "fetch_order"),
+    ]:
+        window.record(at, 0.05, ok, kind)
+    summary = window.summary(8.0)
+    assert summary.errors == 5
+    assert summary.failed_kinds == (("fetch_order", 2), ("cancel_order", 1), ("create_order", 1))
+    assert summary.failed_words == "fetch_order 2, cancel_order 1, create_order 1"
+    assert window.summary(8.0, kind="create_order").failed_kinds == (("create_order", 1),)
 
 
 def test_exchange_error_reason_carries_the_figures() -> None:

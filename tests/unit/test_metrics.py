@@ -112,7 +112,13 @@ def test_summary_of_one_kind_of_call() -> None:
 
     orders = stats.summary(now=12.0, kind="create_order")
     assert orders == CallSummary(
-        calls=2, p50_ms=300.0, p99_ms=10_000.0, error_rate=0.5, timeouts=1, ok_since_last_error=1
+        calls=2,
+        p50_ms=300.0,
+        p99_ms=10_000.0,
+        error_rate=0.5,
+        timeouts=1,
+        ok_since_last_error=1,
+        failed_kinds=(("create_order", 1),),
     )
     assert stats.summary(now=12.0).calls == 12
     assert stats.summary(now=12.0, kind="cancel_order") == EMPTY_SUMMARY
