@@ -736,6 +736,24 @@ async def _a_hard_stop_read_lagged(
         await drive(clock, engine.stop())
 
 
+async def _its_new_hard_stop_closes_it(
+    venue: SimVenue, clock: ManualClock, guard: PositionGuard, first: str
+) -> None:
+    """The hard stop `first` cancelled by hand on the venue, placed again by its guard; the mark goes
+    through the new one, which fills at once, and the guard closes the position."""
+    venue.core.cancel_order(guard.symbol, first, clock.now())  # by hand, on the venue
+    await drive_until(
+        clock,
+        lambda: guard.stop_loss.confirmed and guard.stop_loss.client_order_id != first,
+        limit=30,
+        what="the hard stop placed again",
+    )
+    assert guard.stop_loss.price is not None
+    venue.override_mark_price(guard.symbol, guard.stop_loss.price - 2 * guard.market.tick_size)
+    assert guard.symbol not in {p.symbol for p in venue.core.positions(clock.now())}  # filled
+    await drive_until(clock, lambda: guard.closed, limit=30, what="the position closed")
+
+
 @pytest.mark.parametrize("told_by", ["its-look-up", "the-account-stream"])
 async def test_a_position_whose_new_stop_filled_within_the_read_lag_is_closed_with_that_fill(
     db: Database, told_by: str
@@ -754,17 +772,7 @@ async def test_a_position_whose_new_stop_filled_within_the_read_lag_is_closed_wi
         else:
             venue.set_read_lag(60.0)  # (the new stop's: longer than every look-up waits)
             venue.delay_account_events(25.0)
-        venue.core.cancel_order(guard.symbol, first, clock.now())  # by hand, on the venue
-        await drive_until(
-            clock,
-            lambda: guard.stop_loss.confirmed and guard.stop_loss.client_order_id != first,
-            limit=30,
-            what="the hard stop placed again",
-        )
-        assert guard.stop_loss.price is not None
-        venue.override_mark_price(guard.symbol, guard.stop_loss.price - 2 * guard.market.tick_size)
-        assert guard.symbol not in {p.symbol for p in venue.core.positions(clock.now())}  # filled
-        await drive_until(clock, lambda: guard.closed, limit=30, what="the position closed")
+        await _its_new_hard_stop_closes_it(venue, clock, guard, first)
         # Its trailing stop is cancelled with the position's end, not after the read lag.
         await drive_until(
             clock,
@@ -813,17 +821,7 @@ async def test_an_exit_left_unsettled_by_a_stop_is_settled_by_the_next_start(
         assert first is not None
         venue.set_read_lag(40.0)  # (the new stop's: longer than this engine's look-ups wait)
         venue.delay_account_events(3600.0)  # the stream tells nothing in time
-        venue.core.cancel_order(guard.symbol, first, clock.now())  # by hand, on the venue
-        await drive_until(
-            clock,
-            lambda: guard.stop_loss.confirmed and guard.stop_loss.client_order_id != first,
-            limit=30,
-            what="the hard stop placed again",
-        )
-        assert guard.stop_loss.price is not None
-        venue.override_mark_price(guard.symbol, guard.stop_loss.price - 2 * guard.market.tick_size)
-        assert guard.symbol not in {p.symbol for p in venue.core.positions(clock.now())}  # filled
-        await drive_until(clock, lambda: guard.closed, limit=30, what="the position closed")
+        await _its_new_hard_stop_closes_it(venue, clock, guard, first)
     finally:
         await drive(clock, engine.stop())  # within the read lag: its settlement had not looked yet
     query = "SELECT exit_reason, realized_pnl FROM monitoring.positions WHERE id = $1"
