@@ -66,8 +66,9 @@ class StatusBar(Horizontal):
                 entries = "NO ENTRIES (no engine)"
             elif watching is None and (stopping or snapshot.state is not EngineState.RUNNING):
                 # No signal is taken before the start has finished, nor once the stop has begun: a start
-                # waiting out a ban for minutes read "entries on" (an operator).
-                entries = f"NO ENTRIES ({'stopping' if stopping else snapshot.state.value})"
+                # waiting out a ban for minutes read "entries on" (an operator). (The state beside it says
+                # why: said twice, it pushed the version and start time off an 80-column header.)
+                entries = "NO ENTRIES"
             elif snapshot.entries_paused:
                 by = snapshot.entries_paused_by
                 entries = f"ENTRIES PAUSED ({by})" if by and by != "operator" else "ENTRIES PAUSED"
