@@ -663,6 +663,9 @@ class PositionGuard:
         # nothing, or deactivated after the account stream said flat. No stop is sent until the
         # reconciler's answer (flat: the position is closed; held: protected again).
         self.said_gone_at: float | None = None
+        # Ended because the venue holds the symbol the other way (turned by hand while no engine ran): that
+        # position is adopted by a reconcile pass asked for as soon as this guard is done (r77).
+        self.adopt_after_end = False
         self._pass: asyncio.Future[bool] | None = None  # the protection pass in flight
         self._stuck_timer: asyncio.Task[None] | None = None  # asks for a StuckTriggerCheck when patience ends
         self._fact: PositionCoverage | None = None  # the last coverage(), given again while nothing changed
@@ -4511,6 +4514,8 @@ class ProtectionManager:
         if self.by_symbol.get(guard.symbol) is guard:
             del self.by_symbol[guard.symbol]
         self._tasks.pop(guard.position_id, None)
+        if guard.adopt_after_end:  # (not the next periodic pass: the venue's position waits unprotected)
+            self.request_reconcile()
 
     async def _write_facts_batch(
         self, facts: Mapping[int, ProtectionFactsRow]

@@ -369,16 +369,23 @@ class Reconciler:
                 if guard.said_gone_at is not None:
                     guard.submit(PositionHeld(seen_at=asked_at))
                 return
+            # The venue, asked for this symbol alone, holds it the other way: no glitch's empty answer (what
+            # the second look guards against) but its word that this position is over, and that another one
+            # is there to protect: it ends now, and that one is adopted once it has (r77: turned by hand
+            # while no engine ran, the short sat 10 s without a stop, counted nowhere).
+            turned = any(p.quantity > 0 and p.side.value != guard.side.value for p in alone)
             # Twice in a row — or once, when the venue's account stream already said this position went
             # flat, or the venue said it was gone (`said_gone_at`): two answers of the venue, independent of
             # each other.
             if (
-                guard.position_id not in self._absent_once
+                not turned
+                and guard.position_id not in self._absent_once
                 and guard.venue_flat_at is None
                 and guard.said_gone_at is None
             ):
                 self._absent_once.add(guard.position_id)
                 return
+            guard.adopt_after_end = turned
             exit_reason, exit_price = evidence.recorded or "closed_on_exchange", evidence.recorded_price
             if evidence.recorded is None and evidence.unreadable:
                 # A stop of ours sent moments ago may be the fill that ended it, and the venue does not show

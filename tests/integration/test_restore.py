@@ -14,7 +14,7 @@ import pytest
 from engine.clock import ManualClock, SystemClock
 from engine.config import Settings
 from engine.engine import Engine
-from engine.exchange.port import OrderSide, OrderType
+from engine.exchange.port import OrderSide, OrderType, PositionSide
 from engine.last_stop import last_stop_path, read_last_stop
 from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, FaultKind
@@ -788,3 +788,58 @@ async def test_the_venues_news_reaches_the_guards_while_the_start_waits_for_a_sl
             await asyncio.gather(starting, return_exceptions=True)
         if engine_b.state.value == "running":
             await drive(clock, engine_b.stop())
+
+
+async def test_a_position_turned_the_other_way_while_no_engine_ran_is_protected_at_the_start(
+    db: Database,
+) -> None:
+    """F15 (r77, on the Binance wire): a long turned short by hand while the engine was dead (kill -9). The
+    start closed the long's record and cancelled its stops at once, but the short was adopted only by the
+    next reconcile pass, 10 s later: the venue held it with no stop all that time, and the engine counted
+    3 positions where the venue held 4 (`tsbot status`: OK, uncovered 0). The other side is adopted as
+    soon as the old record has ended. (Here the start's own pass leaves the restored record to the first
+    periodic one: its opening is dated by the database's clock, ahead of this test's virtual one.)"""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine_a = make_engine(settings, clock)
+    await drive(clock, engine_a.start())
+    symbol = SYMBOLS[49]
+    try:
+        [guard] = await open_positions(engine_a, clock, [symbol])
+        await drive_until_covered(engine_a, clock, 1)
+    finally:
+        await drive(clock, engine_a.stop(drain=False))
+    venue_a = engine_a.venue
+    assert isinstance(venue_a, SimVenue)
+    core = venue_a.core
+    core.place_market_order(symbol, OrderSide.SELL, 2 * guard.quantity, "by-hand", clock.now())
+    [held] = core.positions(clock.now())
+    assert held.side is PositionSide.SHORT
+
+    engine_b = restarted(engine_a, settings, clock)
+    await drive(clock, engine_b.start())
+    started = clock.monotonic()
+    try:
+
+        def the_short_stopped() -> bool:
+            stops = core.open_protective_orders(clock.now(), symbol)
+            return len(stops) == 2 and all(o.side is OrderSide.BUY for o in stops)
+
+        async def the_long_closed() -> bool:
+            status = await db.pool.fetchval(
+                "SELECT status FROM monitoring.positions WHERE id = $1", guard.position_id
+            )
+            return bool(status == "closed")
+
+        # The long's record ends at the first pass that sees the venue hold the symbol the other way (one
+        # look: the venue's positive word, not a glitch's empty answer; it took two passes, 20 s).
+        await drive_until(clock, the_long_closed, limit=30, what="the long's record closed")
+        interval = float(settings.protection.reconcile_seconds)
+        assert clock.monotonic() - started <= interval + 1.0
+        closed_at = clock.monotonic()
+        await drive_until(clock, the_short_stopped, limit=30, what="the short's two stops on the venue")
+        took = clock.monotonic() - closed_at
+        # Within the grace period (5 s), not at the next reconcile pass (10 s later).
+        assert took < float(settings.protection.grace_seconds), f"the short without stops {took:.1f} s more"
+    finally:
+        await drive(clock, engine_b.stop())
