@@ -1108,6 +1108,13 @@ class Engine:
                 await self._alert_start_given_up(exc, left)
             raise
         self._start_loops()
+        # What the last holder left is this engine's now: the next holder dates from this one's heartbeat.
+        # Not before the start has run: a start given up in a ban's wait after a kill -9 said it while the
+        # dead engine's waves were not finished yet, and the start after it dated that engine (and its
+        # waves) by the given-up start's heartbeat, 15 s late (r77). (Journaled, the trails' record lands
+        # later: the next holder must still know the time.)
+        if self._lease is not None and self.store is not None and not self.store.down:
+            self._lease.handed_over()
         # The positions are this engine's to protect now (not before: a start that fails protects nothing,
         # and the last stop's record must still say what was left then).
         forget_last_stop(self._last_stop_path())
@@ -1817,8 +1824,6 @@ class Engine:
             )
             log.warning(message)
             await self.store.record_event(Severity.WARNING, "engine_ended_unstopped", message)
-        if not self.store.down:  # (journaled, it lands later: the next holder must still know the time)
-            self._lease.handed_over()
 
     async def _finish_waves_a_dead_engine_left(self, settlers: list[asyncio.Task[None]]) -> None:
         """Waves the last engine began and never finished stayed "running" in the record for ever, 0 opened,

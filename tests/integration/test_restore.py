@@ -843,3 +843,46 @@ async def test_a_position_turned_the_other_way_while_no_engine_ran_is_protected_
         assert took < float(settings.protection.grace_seconds), f"the short without stops {took:.1f} s more"
     finally:
         await drive(clock, engine_b.stop())
+
+
+async def test_a_start_given_up_after_a_crash_does_not_move_the_dead_engines_last_heard_time(
+    db: Database,
+) -> None:
+    """r77 (the Binance wire): an engine killed (last heard 07:52:39), then a start given up during a ban
+    (SIGTERM), then a start that ran. The last one said the killed engine was "last heard 07:52:54" (the
+    given-up start's own heartbeat) and finished its wave at that time: the given-up start had said it had
+    recorded what the dead engine left before it had (its waves are finished once a start has run), so its
+    heartbeats cleared the dead engine's time from the lease. That time now stays until a start finishes."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine_a = make_engine(settings, clock)
+    await drive(clock, engine_a.start())
+    await drive(clock, engine_a.stop(drain=False))
+    # As a kill -9 leaves it: `running` at its last heartbeat, a minute ago, the lock free.
+    await db.pool.execute(
+        "UPDATE monitoring.engine_leases SET phase = 'running', heartbeat_at = now() - interval '60 s'"
+    )
+    killed_heard = await db.pool.fetchval("SELECT heartbeat_at FROM monitoring.engine_leases")
+
+    slow = settings_for(db, {"VENUE__SIM__LATENCY__BY_CALL__FETCH_MARK_PRICES__SECONDS": "60"})
+    engine_b = restarted(engine_a, slow, clock)
+    starting = asyncio.ensure_future(engine_b.start())
+    await drive_until(
+        clock,
+        lambda: db.pool.fetchval("SELECT heartbeat_at > $1 FROM monitoring.engine_leases", killed_heard),
+        what="the second start's heartbeat",
+    )
+    await drive(clock, clock.sleep(10.0))  # (heartbeats go on while it waits for the venue)
+    starting.cancel()
+    await asyncio.gather(starting, return_exceptions=True)
+
+    engine_c = restarted(engine_a, settings, clock)
+    await drive(clock, engine_c.start())
+    try:
+        said = await db.pool.fetchval(
+            "SELECT message FROM monitoring.events WHERE type = 'last_engine_ended_unstopped' "
+            "ORDER BY id DESC LIMIT 1"
+        )
+        assert f"last heard {killed_heard.isoformat(timespec='seconds')}" in said, (said, killed_heard)
+    finally:
+        await drive(clock, engine_c.stop())
