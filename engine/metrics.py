@@ -79,8 +79,11 @@ class CallSummary:
 
     @property
     def failed_words(self) -> str:
-        """ "fetch_open_orders 5, create_order 1": what failed, for a line that gives the error rate."""
-        return ", ".join(f"{kind} {count}" for kind, count in self.failed_kinds)
+        """ "fetch_open_orders 5, create_order 1": what failed, for a line that gives the error rate, with
+        "and 2 more" for the failures of kinds not named (a list cut short silently reads as complete)."""
+        named = ", ".join(f"{kind} {count}" for kind, count in self.failed_kinds)
+        more = self.errors - sum(count for _, count in self.failed_kinds)
+        return f"{named} and {more} more" if self.failed_kinds and more > 0 else named
 
     @property
     def errors(self) -> int:

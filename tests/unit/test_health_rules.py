@@ -456,8 +456,10 @@ def test_a_window_counts_the_kinds_of_the_calls_that_failed() -> None:
     summary = window.summary(8.0)
     assert summary.errors == 5
     assert summary.failed_kinds == (("fetch_order", 2), ("cancel_order", 1), ("create_order", 1))
-    assert summary.failed_words == "fetch_order 2, cancel_order 1, create_order 1"
+    assert summary.failed_words == "fetch_order 2, cancel_order 1, create_order 1 and 1 more"  # (r78)
     assert window.summary(8.0, kind="create_order").failed_kinds == (("create_order", 1),)
+    window.record(9.0, 0.05, False, "fetch_open_orders")  # a fifth kind: not named, still counted (r78)
+    assert window.summary(10.0).failed_words == "fetch_order 2, cancel_order 1, create_order 1 and 2 more"
 
 
 def test_exchange_error_reason_carries_the_figures() -> None:
