@@ -355,6 +355,10 @@ class Reconciler:
         if isinstance(evidence, BaseException):
             raise evidence
         exit_reason, exit_price = evidence.reason, evidence.price
+        # A position the venue holds on the symbol once this one has ended (turned the other way, or opened
+        # by hand after our stop filled: r78) is adopted by a pass asked for at this guard's end.
+        if exit_reason is not None and isinstance(alone, list):
+            guard.adopt_after_end = any(p.quantity > 0 for p in alone)
         if exit_reason is None:
             if isinstance(alone, ExchangeError | TimeoutError):
                 log.warning(

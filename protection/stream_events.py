@@ -58,6 +58,10 @@ def route_account_event(manager: ProtectionManager, event: AccountEvent) -> bool
         order = event.order
         key = parse_client_order_id(order.client_order_id, manager.token)
         if key is None:
+            if manager.other_installation_sent(order.client_order_id):
+                # Another installation's order (its entry, say): its position on the symbol is its own, never
+                # adopted here, even when the venue tells of it before its stops are placed.
+                manager.other_installation_symbols.add(order.symbol)
             return False  # not ours: never touched
         kept = key.purpose in _STOPS and manager.note_streamed(order)
         guard = manager.guards.get(key.position_id)
@@ -95,7 +99,9 @@ def route_account_event(manager: ProtectionManager, event: AccountEvent) -> bool
                 event.event_time,
             )
         if guard is None or guard.closed:
-            return False
+            if guard is not None and event.quantity:  # (adopted at its end: `ProtectionManager.forget`)
+                guard.adopt_after_end = True
+            return False  # (the engine asks for a pass: a position nobody guards, `Engine._entry_streamed`)
         if event.side is not guard.side:
             # The other side's row: in hedge mode it says nothing about ours (a zero-size short row next to
             # our long was taken for "flat" and let one glitchy read close a live position); in one-way

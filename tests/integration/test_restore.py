@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from decimal import Decimal
 
 import pytest
 
@@ -886,3 +887,58 @@ async def test_a_start_given_up_after_a_crash_does_not_move_the_dead_engines_las
         assert f"last heard {killed_heard.isoformat(timespec='seconds')}" in said, (said, killed_heard)
     finally:
         await drive(clock, engine_c.stop())
+
+
+@pytest.mark.parametrize("engine_ran", [False, True], ids=["while-no-engine-ran", "while-the-engine-ran"])
+async def test_a_position_opened_by_hand_after_ours_stopped_out_is_protected_at_once(
+    db: Database, engine_ran: bool
+) -> None:
+    """r78: the long's hard stop filled, then the operator opened a short by hand on the symbol. Its record
+    ended on the stop's evidence, but the short waited for the next reconcile pass: 9.8 s without a stop
+    after a restart, 7.9 s with the engine running (the account stream's word of a position nobody guards
+    asked for nothing), counted nowhere meanwhile. A position nobody guards that the venue tells of, or
+    shows beside the one that ended, is adopted by a pass asked for at once."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine_a = make_engine(settings, clock)
+    await drive(clock, engine_a.start())
+    symbol = SYMBOLS[50]
+    venue_a = engine_a.venue
+    assert isinstance(venue_a, SimVenue)
+    core = venue_a.core
+    engine = engine_a
+    try:
+        [guard] = await open_positions(engine_a, clock, [symbol])
+        await drive_until_covered(engine_a, clock, 1)
+        if not engine_ran:
+            await drive(clock, engine_a.stop(drain=False))
+        assert guard.stop_loss.price is not None
+        venue_a.override_mark_price(symbol, guard.stop_loss.price * Decimal("0.99"))
+        await drive_until(clock, lambda: not core.positions(clock.now()), limit=10, what="stopped out")
+        if engine_ran:
+            await drive_until(clock, lambda: guard.closed, limit=10, what="the long's guard ended")
+            await drive(clock, clock.sleep(1.0))
+        core.place_market_order(symbol, OrderSide.SELL, guard.quantity, "by-hand", clock.now())
+        opened_at = clock.monotonic()
+        if not engine_ran:
+            engine = restarted(engine_a, settings, clock)
+            await drive(clock, engine.start())
+
+            async def the_long_closed() -> bool:
+                status = await db.pool.fetchval(
+                    "SELECT status FROM monitoring.positions WHERE id = $1", guard.position_id
+                )
+                return bool(status == "closed")
+
+            await drive_until(clock, the_long_closed, limit=30, what="the long's record closed")
+            opened_at = clock.monotonic()
+
+        def the_short_stopped() -> bool:
+            stops = core.open_protective_orders(clock.now(), symbol)
+            return len(stops) == 2 and all(o.side is OrderSide.BUY for o in stops)
+
+        await drive_until(clock, the_short_stopped, limit=30, what="the short's two stops on the venue")
+        took = clock.monotonic() - opened_at
+        assert took < float(settings.protection.grace_seconds), f"the short without stops {took:.1f} s"
+    finally:
+        await drive(clock, engine.stop())
