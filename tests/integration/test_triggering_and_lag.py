@@ -717,23 +717,36 @@ async def _a_hard_stop_read_lagged(
 ) -> AsyncIterator[tuple[SimVenue, ManualClock, PositionGuard, str]]:
     """Two longs on a venue whose reads lag its writes 5 s, reconciled every second, their first stops
     readable: the venue, the clock, the first position's guard and its hard stop's id."""
-    settings = settings_for(db, {"PROTECTION__RECONCILE_SECONDS": "1"})
-    clock = ManualClock()
-    engine = make_engine(settings, clock, read_lag=5.0)
+    engine, clock = _read_lagged_engine(db)
     venue = engine.venue
     assert isinstance(venue, SimVenue)
     await drive(clock, engine.start())
     try:
-        guards = await open_positions(engine, clock, symbols, ["long", "long"])
-        await drive_until_covered(engine, clock, 2)
-        await drive(clock, clock.sleep(6.0))  # (the first stops readable)
-        guard = guards[0]
-        first = guard.stop_loss.client_order_id
-        assert first is not None
+        guard, first = await _two_longs_stops_readable(engine, clock, symbols)
         yield venue, clock, guard, first
     finally:
         venue.clear_injected_faults()
         await drive(clock, engine.stop())
+
+
+def _read_lagged_engine(db: Database) -> tuple[Engine, ManualClock]:
+    """An engine on a venue whose reads lag its writes 5 s, reconciled every second."""
+    clock = ManualClock()
+    settings = settings_for(db, {"PROTECTION__RECONCILE_SECONDS": "1"})
+    return make_engine(settings, clock, read_lag=5.0), clock
+
+
+async def _two_longs_stops_readable(
+    engine: Engine, clock: ManualClock, symbols: list[str]
+) -> tuple[PositionGuard, str]:
+    """Two longs opened and covered, their first stops readable: the first one's guard and hard stop id."""
+    guards = await open_positions(engine, clock, symbols, ["long", "long"])
+    await drive_until_covered(engine, clock, 2)
+    await drive(clock, clock.sleep(6.0))  # (the first stops readable)
+    guard = guards[0]
+    first = guard.stop_loss.client_order_id
+    assert first is not None
+    return guard, first
 
 
 async def _its_new_hard_stop_closes_it(
@@ -806,19 +819,13 @@ async def test_an_exit_left_unsettled_by_a_stop_is_settled_by_the_next_start(
     may be live on closed positions; it found this one filled and recorded only that, and one it could not
     see yet (still within the lag) it recorded cancelled. Found filled, the stop now settles the exit; not
     visible within the lag of its record's time, it is asked again."""
-    settings = settings_for(db, {"PROTECTION__RECONCILE_SECONDS": "1"})
-    clock = ManualClock()
-    engine = make_engine(settings, clock, read_lag=5.0)
+    engine, clock = _read_lagged_engine(db)
+    settings = engine.settings
     venue = engine.venue
     assert isinstance(venue, SimVenue)
     await drive(clock, engine.start())
     try:
-        guards = await open_positions(engine, clock, [SYMBOLS[25], SYMBOLS[26]], ["long", "long"])
-        await drive_until_covered(engine, clock, 2)
-        await drive(clock, clock.sleep(6.0))  # (the first stops readable)
-        guard = guards[0]
-        first = guard.stop_loss.client_order_id
-        assert first is not None
+        guard, first = await _two_longs_stops_readable(engine, clock, [SYMBOLS[25], SYMBOLS[26]])
         venue.set_read_lag(40.0)  # (the new stop's: longer than this engine's look-ups wait)
         venue.delay_account_events(3600.0)  # the stream tells nothing in time
         await _its_new_hard_stop_closes_it(venue, clock, guard, first)
