@@ -187,6 +187,15 @@ async def test_a_command_the_engine_stops_in_the_middle_of_is_answered_at_its_st
             return record is not None and record.state is CommandState.RUNNING
 
         await drive_until(clock, taken, step=0.01, what="the close taken")
+        # Its close order recorded (written before each send): the engine is in the middle of it. Stopped at
+        # the command's claim alone, a loaded CI run stopped it before its execution began, which the stop
+        # answers rightly otherwise ("the engine is stopping; try again once it runs": nothing was sent).
+        await drive_until(
+            clock,
+            lambda: db.pool.fetchval("SELECT count(*) > 0 FROM monitoring.orders WHERE purpose = 'close'"),
+            step=0.01,
+            what="the close being sent",
+        )
         stopped = True
         await drive(clock, engine.stop())
         record = await queue.get(sent.id)
