@@ -663,8 +663,8 @@ class PositionGuard:
         # nothing, or deactivated after the account stream said flat. No stop is sent until the
         # reconciler's answer (flat: the position is closed; held: protected again).
         self.said_gone_at: float | None = None
-        # Ended because the venue holds the symbol the other way (turned by hand while no engine ran): that
-        # position is adopted by a reconcile pass asked for as soon as this guard is done (r77).
+        # Ended while the venue holds another position on the symbol (turned, or opened by hand after our
+        # stop filled): that one is adopted by a reconcile pass asked for as soon as this guard is done.
         self.adopt_after_end = False
         self._pass: asyncio.Future[bool] | None = None  # the protection pass in flight
         self._stuck_timer: asyncio.Task[None] | None = None  # asks for a StuckTriggerCheck when patience ends

@@ -355,10 +355,6 @@ class Reconciler:
         if isinstance(evidence, BaseException):
             raise evidence
         exit_reason, exit_price = evidence.reason, evidence.price
-        # A position the venue holds on the symbol once this one has ended (turned the other way, or opened
-        # by hand after our stop filled: r78) is adopted by a pass asked for at this guard's end.
-        if exit_reason is not None and isinstance(alone, list):
-            guard.adopt_after_end = any(p.quantity > 0 for p in alone)
         if exit_reason is None:
             if isinstance(alone, ExchangeError | TimeoutError):
                 log.warning(
@@ -389,7 +385,6 @@ class Reconciler:
             ):
                 self._absent_once.add(guard.position_id)
                 return
-            guard.adopt_after_end = turned
             exit_reason, exit_price = evidence.recorded or "closed_on_exchange", evidence.recorded_price
             if evidence.recorded is None and evidence.unreadable:
                 # A stop of ours sent moments ago may be the fill that ended it, and the venue does not show
@@ -398,6 +393,9 @@ class Reconciler:
                 # good, a trailing stop's profit after a kill mid-move read as a close nobody explains (r72).
                 self._manager.settle_exit_later(guard, evidence.unreadable)
         self._absent_once.discard(guard.position_id)
+        # A position the venue holds on the symbol once this one has ended (turned the other way, or opened
+        # by hand after our stop filled: r77, r78) is adopted by a pass asked for at this guard's end.
+        guard.adopt_after_end = isinstance(alone, list) and any(p.quantity > 0 for p in alone)
         guard.submit(PositionGone(exit_reason=exit_reason, exit_price=exit_price))
         report.closed.append(guard.symbol)
 
