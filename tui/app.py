@@ -69,7 +69,7 @@ from engine.events import (
 from engine.exchange.errors import ExchangeError, Rejected
 from engine.logs import LogFileError, RedactingFormatter, configure_logging
 from engine.metrics_server import MetricsUnavailable
-from engine.words import counted, keep_their_stops
+from engine.words import counted, format_duration, keep_their_stops
 from protection.coverage import CoverageFigures, PositionCoverage
 from protection.health import (
     Component,
@@ -486,7 +486,7 @@ class DashboardApp(App[int]):
         if holder is None:
             return "no engine running"
         if holder.silent:  # holds the account, not heard: hung, frozen, or its host is gone
-            return f"pid {holder.pid}@{holder.host} SILENT {holder.silent_seconds:.0f}s"
+            return f"pid {holder.pid}@{holder.host} SILENT {format_duration(holder.silent_seconds)}"
         if not holder.looks_after:  # starting or stopping
             return f"pid {holder.pid}@{holder.host} {holder.phase.upper()}"
         return f"pid {holder.pid}@{holder.host}"  # its version is on the header once, like the live view's
@@ -950,7 +950,7 @@ class DashboardApp(App[int]):
                 return f"{view.symbol} (position {view.position_id}) is no longer open: nothing to close."
             pnl = "" if now.pnl_percent is None else f", PnL {now.pnl_percent:+.2f}%"
             return (
-                f"Close {now.side.upper()} {now.quantity} {now.symbol} (position {now.position_id}) at "
+                f"Close {now.side.upper()} {formatting.price(now.quantity)} {now.symbol} (position {now.position_id}) at "
                 f"market, reduce-only{pnl}. {_stops_after_close(now)}"
             )
 
