@@ -54,9 +54,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from engine.clock import Clock
 from engine.config import AlertsSettings, ConfigError, alert_url_scheme, alert_urls
-from engine.words import counted
+from engine.words import counted, format_duration
 from protection.coverage import coverage_figures, percent
-from protection.health import format_duration
 
 if TYPE_CHECKING:
     from engine.engine import Engine

@@ -59,7 +59,7 @@ from engine.last_stop import last_stop_path, read_last_stop
 from engine.logs import LogFileError, RedactingFormatter, configure_logging
 from engine.metrics_server import MetricsUnavailable
 from engine.signal_input import BadSignal, SignalInput, normalise_symbol, read_jsonl, signal_from_fields
-from engine.words import counted
+from engine.words import counted, format_duration
 from protection.health import entries_held_recorded
 from storage import history
 from storage.commands import CommandKind
@@ -869,7 +869,7 @@ def _status(args: argparse.Namespace, loaded: LoadedConfig) -> int:
         _field("engine")
         + (
             (
-                f"SILENT for {engine['heard_seconds_ago']:.0f} s: holds the account but looks after nothing "
+                f"SILENT for {format_duration(engine['heard_seconds_ago'])}: holds the account but looks after nothing "
                 if engine["silent"]
                 else f"{engine['phase'].upper()}: holds the account but looks after nothing yet "
                 if engine["phase"] == "starting"
@@ -1289,13 +1289,13 @@ def _unwatched(holder: LeaseHolder | None, last: Any, now: Any, active: int, acc
         ):  # alive, and not heard since (frozen, hung: a reviewer saw UNKNOWN for as long as it lasted)
             why = (
                 f"the last engine (pid {last['pid']} on {last['host']}) lives but lost its lease and has not "
-                f"been heard for {ago:.0f} s (hung, or frozen)"
+                f"been heard for {format_duration(ago)} (hung, or frozen)"
             )
         else:
             how = "while starting" if last["phase"] == LeasePhase.STARTING else "without stopping"
             why = (
                 f"the last engine (pid {last['pid']} on {last['host']}) ended {how} (killed, crashed, or its "
-                f"host gone), last heard {ago:.0f} s ago"
+                f"host gone), last heard {format_duration(ago)} ago"
             )
     many = active != 1
     return (
@@ -1379,7 +1379,7 @@ def _health_report(rows: list[HealthRow], now: Any, stale_after: float, *, runni
                 "reason": (
                     ("no engine is measuring: " if not running else "stale: ")
                     + "last measurement "
-                    + (f"{age:.0f}s old" if age is not None else "missing")
+                    + (f"{format_duration(age)} old" if age is not None else "missing")
                 )
                 if stale
                 else row.reason,

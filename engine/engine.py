@@ -83,7 +83,7 @@ from engine.pacing import DEFAULT_HEADROOM, BudgetWaits, Lane, RequestPacer, Ven
 from engine.signal_input import BadSignal, parse_score, parse_side
 from engine.signals import SignalConsumer, SignalWave, SimSignalGenerator
 from engine.venues.stream_client import NOT_STARTED
-from engine.words import counted, keep_their_stops
+from engine.words import counted, format_duration, keep_their_stops
 from protection import health
 from protection.breaker import BreakerInputs, BreakerSettings, trip_reasons
 from protection.coverage import (
@@ -1286,7 +1286,7 @@ class Engine:
                     "start-up: the venue refuses us until %s (%s left: %s); %s waits for that end "
                     "(stop with Ctrl-C or SIGTERM)",
                     datetime.fromtimestamp(exc.until, tz=UTC).strftime("%H:%M:%S UTC"),
-                    health.format_duration(left),
+                    format_duration(left),
                     exc,  # the venue's own words: a ban, or a 403 that is something else (a region block)
                     what,
                 )
@@ -3186,7 +3186,7 @@ class Engine:
         if (doubt_since := self.manager.stops_in_doubt_since) is not None:
             return (
                 "entries held: the account stream had a gap and no listing of the venue has answered "
-                f"since, {self.clock.monotonic() - doubt_since:.0f}s ago: the open positions' stops are "
+                f"since, {format_duration(self.clock.monotonic() - doubt_since)} ago: the open positions' stops are "
                 "unverified, and a new position's could not be verified either",
                 side,
                 Decimal(0),

@@ -43,6 +43,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from engine.events import EventsDropped, ProtectionFailed, ProtectionTimedOut
 from engine.exchange.errors import FailureClass
 from engine.metrics import CumulativeHistogram
+from engine.words import format_duration
 from protection.coverage import CoverageFigures, percent
 from protection.health import ComponentHealth, HealthState, worst_state
 
@@ -100,7 +101,7 @@ def health_verdict(
     if measured_age_seconds > stale_after_seconds:
         return HealthVerdict(
             "unknown",
-            f"no engine is measuring: the last health measurement is {measured_age_seconds:.0f}s old "
+            f"no engine is measuring: the last health measurement is {format_duration(measured_age_seconds)} old "
             f"(stale after {stale_after_seconds:g}s)",
         )
     worst = worst_state(c.state for c in components)

@@ -1,5 +1,5 @@
-"""Words an operator reads: counts (`1 open position`, `2 open positions`), and how often a lasting
-failure is said."""
+"""Words an operator reads: counts (`1 open position`, `2 open positions`), spans of time (`9m44s`, one
+way everywhere), and how often a lasting failure is said."""
 
 from __future__ import annotations
 
@@ -13,6 +13,21 @@ def counted(count: int, noun: str, plural: str | None = None) -> str:
     if count == 1:
         return f"{count} {noun}"
     return f"{count} {plural if plural is not None else noun + 's'}"
+
+
+def format_duration(seconds: float) -> str:
+    """Compact and floored: `7.2s`, `45s`, `1m52s`, `3h12m`, `2d03h`."""
+    seconds = max(0.0, seconds)
+    if seconds < 10:
+        return f"{math.floor(seconds * 10) / 10:.1f}s"
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
 
 
 def keep_their_stops(count: int) -> str:

@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal
 
-from engine.words import counted
+from engine.words import counted, format_duration
 from protection.coverage import CoverageFigures
 
 # The coverage rule is about a failing path, several positions at once (the incident: 7 → 14 → 17); one
@@ -76,7 +76,7 @@ def trip_reasons(inputs: BreakerInputs, settings: BreakerSettings) -> list[str]:
     oldest = coverage.oldest_unprotected_seconds
     if coverage.uncovered and oldest is not None and oldest >= limit:
         reasons.append(
-            f"{coverage.uncovered} position(s) uncovered, the oldest for {oldest:.0f}s "
+            f"{coverage.uncovered} position(s) uncovered, the oldest for {format_duration(oldest)} "
             f"(more than {settings.uncovered_factor:g} × grace {inputs.grace_seconds:g}s)"
         )
     judged = coverage.active - coverage.protecting  # past their grace period

@@ -80,7 +80,7 @@ from enum import StrEnum
 from typing import Any
 
 from engine.metrics import CallSummary
-from engine.words import counted
+from engine.words import counted, format_duration
 from protection.coverage import CoverageFigures
 
 __all__ = [
@@ -502,21 +502,6 @@ def _failed(calls: CallSummary) -> str:
     """Which calls failed, for the error rate's line: a rate nothing explained sent an operator to the log
     for every DEGRADED."""
     return f" ({calls.failed_words} failed)" if calls.failed_kinds else ""
-
-
-def format_duration(seconds: float) -> str:
-    """Compact and floored: `7.2s`, `45s`, `1m52s`, `3h12m`, `2d03h`."""
-    seconds = max(0.0, seconds)
-    if seconds < 10:
-        return f"{math.floor(seconds * 10) / 10:.1f}s"
-    whole = int(seconds)
-    if whole < 60:
-        return f"{whole}s"
-    if whole < 3600:
-        return f"{whole // 60}m{whole % 60:02d}s"
-    if whole < 86400:
-        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
-    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
 
 
 def _number(value: float) -> str:

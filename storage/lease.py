@@ -18,6 +18,7 @@ from typing import Any
 
 import asyncpg
 
+from engine.words import format_duration
 from storage.database import DatabaseUnavailable, close_within
 
 LEASE_NAMESPACE = 0x7473  # "ts": first key of the two-key advisory lock
@@ -90,7 +91,9 @@ class LeaseHolder:
             f"pid {self.pid} on {self.host}{named}, version {self.version}, "
             f"since {self.started_at.isoformat(timespec='seconds')}"
         ) + (
-            f", not heard for {self.silent_seconds:.0f} s (hung, or its host is gone)" if self.silent else ""
+            f", not heard for {format_duration(self.silent_seconds)} (hung, or its host is gone)"
+            if self.silent
+            else ""
         )
 
 

@@ -233,7 +233,7 @@ async def test_an_entry_left_pending_is_uncovered_once_no_engine_holds_the_accou
         holder = await current_holder(db.pool, "sim", "sim:default")
         assert holder is not None
         assert holder.silent
-        assert re.search(r"not heard for (3[1-9]|[4-9]\d) s \(hung, or its host is gone\)", holder.describe())
+        assert re.search(r"not heard for (3[1-9]|[4-9]\d)s \(hung, or its host is gone\)", holder.describe())
         await lease.heartbeat()  # heard again
         assert await listed() == ({naked, in_doubt},) * 2
         holder = await current_holder(db.pool, "sim", "sim:default")

@@ -37,7 +37,7 @@ def test_one_position_uncovered_for_three_grace_periods_trips() -> None:
     book = [_position(i, True, 0.0) for i in range(99)] + [_position(99, False, 0.0, 84.0)]
     assert trip_reasons(_inputs(book, now=98.0), SETTINGS) == []  # 14 s < 3 × 5 s
     [reason] = trip_reasons(_inputs(book, now=99.5), SETTINGS)
-    assert reason == "1 position(s) uncovered, the oldest for 16s (more than 3 × grace 5s)"
+    assert reason == "1 position(s) uncovered, the oldest for 15s (more than 3 × grace 5s)"
 
 
 def test_coverage_below_the_floor_among_positions_past_grace_trips() -> None:
@@ -65,7 +65,7 @@ def test_one_position_in_doubt_in_a_small_book_is_the_first_rules_not_the_covera
     book = [_position(i, True, 0.0) for i in range(14)] + [_position(14, False, 0.0, 94.0)]
     assert trip_reasons(_inputs(book, now=100.0), SETTINGS) == []
     [reason] = trip_reasons(_inputs(book, now=109.5), SETTINGS)
-    assert reason.startswith("1 position(s) uncovered, the oldest for 16s")
+    assert reason.startswith("1 position(s) uncovered, the oldest for 15s")
 
 
 def test_failing_protective_sends_trip_once_there_are_enough_of_them() -> None:

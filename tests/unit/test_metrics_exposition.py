@@ -58,7 +58,7 @@ def _with(component: Component, state: HealthState) -> tuple[ComponentHealth, ..
         ("running", _with(Component.EXCHANGE, HealthState.DEGRADED), 1.0, "degraded", 200, "exchange:"),
         ("running", _with(Component.PROTECTION, HealthState.CRITICAL), 1.0, "critical", 503, "protection:"),
         ("running", _with(Component.SIGNALS, HealthState.UNKNOWN), 1.0, "unknown", 503, "signals:"),
-        ("running", ALL_HEALTHY, 15.5, "unknown", 503, "last health measurement is 16s old"),
+        ("running", ALL_HEALTHY, 15.5, "unknown", 503, "last health measurement is 15s old"),
         ("running", (), None, "unknown", 503, "no health measured yet"),
         ("starting", ALL_HEALTHY, 1.0, "unknown", 503, "the engine is starting"),
         ("stopping", ALL_HEALTHY, 1.0, "unknown", 503, "the engine is stopping"),
