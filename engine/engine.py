@@ -65,6 +65,7 @@ from engine.exchange.port import (
     AccountEvent,
     AttachesStopToEntry,
     ExchangePort,
+    KeptInAFile,
     Market,
     MarkPrice,
     Order,
@@ -2102,11 +2103,17 @@ class Engine:
         if not others:
             return
         tokens = ", ".join(f"tsb{token}-… ({count})" for token, count in sorted(others.items()))
+        book = self.venue.book_path if isinstance(self.venue, KeptInAFile) else None
+        # The sim venue's orders cannot be cancelled by hand: its book is what an operator moves away.
+        gone = (
+            f"the sim venue's book is {book}: move it away (no engine running) for a fresh sim exchange"
+            if book is not None
+            else "cancel its orders on the venue"
+        )
         raise AccountShared(
             f"venue {self.venue.name}: the account holds {counted(sum(others.values()), 'open order')} of "
             f"another tsbot installation (client ids {tokens}: another database); one engine per account. "
-            "Stop that engine (or, if it is gone for good, cancel its orders on the venue) and start again; "
-            "nothing was traded"
+            f"Stop that engine (or, if it is gone for good, {gone}) and start again; nothing was traded"
         )
 
     async def _restore_snapshot(self, *, restart: bool) -> VenueSnapshot | None:

@@ -29,6 +29,8 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from engine.pacing import VenuePacing
 
 MAX_CLIENT_ORDER_ID_LENGTH = 36
@@ -442,6 +444,15 @@ class ReadsVenueTime(Protocol):
         clock: a refusal's moment) — False when the read failed, is still under way at `limit`, or none
         was made for it."""
         ...
+
+
+@runtime_checkable
+class KeptInAFile(Protocol):
+    """A venue that is a file of this program's (the sim venue's kept book): an operator starts a fresh
+    exchange by moving it away, where a real account's orders would have to be cancelled on the venue."""
+
+    @property
+    def book_path(self) -> Path | None: ...
 
 
 @runtime_checkable

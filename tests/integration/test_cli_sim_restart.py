@@ -82,6 +82,38 @@ async def test_a_second_tsbot_run_restores_what_the_first_left_on_the_sim(
     assert row["coverage_pct"] == Decimal("100.0")
 
 
+async def test_a_fresh_database_on_a_kept_sim_book_is_refused_naming_the_book_to_move_away(
+    workdir: Path, pg_server: EmbeddedPostgres
+) -> None:
+    """An operator deleted the database to start over; the sim venue's book (the exchange) kept the first
+    installation's positions and stops. The start is refused, as on a real venue (one engine per account),
+    but it told a sim operator to "cancel its orders on the venue", which the sim has no way to do: it now
+    names the book to move away for a fresh sim exchange."""
+    first = await asyncio.to_thread(tsbot, "run", "--duration", "6", cwd=workdir)
+    assert first.returncode == 0, first.stderr
+    book = book_of(pg_server, workdir)
+    assert book.exists()
+    name = (workdir / "config.toml").read_text().split('name = "')[1].split('"')[0]
+    admin = await asyncpg.connect(pg_server.dsn("postgres"))
+    try:
+        await admin.execute(f'DROP DATABASE "{name}"')
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+
+    refused = await asyncio.to_thread(tsbot, "run", "--duration", "6", cwd=workdir)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    [line] = [x for x in refused.stderr.splitlines() if "another tsbot installation" in x]
+    assert (
+        f"the sim venue's book is {book}: move it away (no engine running) for a fresh sim exchange" in line
+    )
+    assert "Traceback" not in refused.stderr
+    book.rename(book.with_suffix(".json.old"))
+    fresh = await asyncio.to_thread(tsbot, "run", "--duration", "4", cwd=workdir)
+    assert fresh.returncode == 0, fresh.stdout + fresh.stderr
+    assert "start-up: restored 0, re-protected 0, adopted 0, failed 0" in fresh.stdout
+
+
 async def test_a_killed_managed_mode_engine_leaves_its_unmoved_trails_on_the_record(
     workdir: Path, pg_server: EmbeddedPostgres
 ) -> None:

@@ -151,8 +151,9 @@ class SimBookFile:
 
 def sim_book_path(data_dir: Path, database: str, account: str) -> Path:
     """Where the sim venue of one database and account label keeps its book: `sim-venue/` beside the
-    embedded database's data directory, one file per (database, account label). A fresh database starts
-    a fresh sim exchange, as its records start empty."""
+    embedded database's data directory, one file per (database name, account label). A database of another
+    name starts a fresh sim exchange; one made again under the same name meets the book's orders as another
+    installation's, and its start is refused naming this file."""
     return data_dir.expanduser().absolute().parent / "sim-venue" / f"{database}-{account}.json"
 
 

@@ -36,6 +36,7 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from decimal import Decimal
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from engine.clock import Clock, SystemClock
@@ -184,6 +185,11 @@ class SimVenue:
     @property
     def book(self) -> SimBookFile | None:
         return self._book
+
+    @property
+    def book_path(self) -> Path | None:
+        """The file the venue's book is kept in (None: an in-memory venue)."""
+        return None if self._book is None else self._book.path
 
     @property
     def book_loaded(self) -> bool:
