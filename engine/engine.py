@@ -165,6 +165,9 @@ COVERAGE_SAMPLE_SECONDS = 10.0
 UNCHECKED_PASSES = 3
 COVERAGE_RETENTION_SECONDS = 30 * 86400.0
 ENTRIES_PAUSED = "entries paused"  # why a signal that arrived while entries were paused was rejected
+ALREADY_HELD = "symbol already has an open position"
+TWICE_IN_WAVE = "symbol appears twice in this wave"
+ENGINE_STOPPING = "engine stopping"
 STALE_CLAIM_SECONDS = 600.0  # a wave handles its signals in seconds; ten minutes taken is abandoned
 LEASE_CHECK_SECONDS = 2.0
 ENTRY_RATE_LIMIT_ATTEMPTS = (
@@ -831,7 +834,8 @@ class Engine:
         self.events_bus = EventBus()
         self.state = EngineState.STOPPED
         self.started_at = 0.0
-        self._rejected_in_wave: dict[int, list[tuple[str, str]]] = {}  # (symbol, why) by wave, until said
+        # (symbol, why, routine) by wave, until said
+        self._rejected_in_wave: dict[int, list[tuple[str, str, bool]]] = {}
         # F10: the code this process runs (fingerprinted at its start, recorded with the lease), checked
         # against the disk every `code_check_seconds` (None: not by the engine; the dashboard checks itself).
         self.code: SourceWatcher = running_code()
@@ -3053,7 +3057,7 @@ class Engine:
         async for wave in self.consumer.waves():
             if self._draining:
                 for signal in wave.signals:
-                    await self._reject(signal, "engine stopping", None)
+                    await self._reject(signal, ENGINE_STOPPING, None, routine=True)
                 return
             self._wave_begun = (self.clock.now(), len(wave.signals))
             wave_task = self._wave_in_progress = asyncio.ensure_future(self.process_wave(wave))
@@ -3090,7 +3094,13 @@ class Engine:
         for signal in wave.signals:
             reason, side, quantity = self._validate(signal, seen, pending=len(accepted))
             if reason is not None:
-                await self._reject(signal, reason, wave_id)
+                # A symbol already held, or twice in a wave, is the routine of a signal source that repeats
+                # itself (the sim's seeded waves, many providers): said, not warned of; it padded the
+                # dashboard's warning count (an operator). A pause nobody asked for loses signals: warned.
+                routine = reason in (ALREADY_HELD, TWICE_IN_WAVE) or (
+                    reason == ENTRIES_PAUSED and not loud_pause
+                )
+                await self._reject(signal, reason, wave_id, routine=routine)
                 continue
             seen.add(signal.symbol)
             accepted.append((signal, side, quantity))
@@ -3105,7 +3115,7 @@ class Engine:
             while not queue.empty():
                 signal, side, quantity = queue.get_nowait()
                 if self._draining:  # not sent yet, and the engine is stopping: never sent
-                    await self._reject(signal, "engine stopping", wave_id)
+                    await self._reject(signal, ENGINE_STOPPING, wave_id, routine=True)
                     continue
                 try:
                     outcome = await self._open_position(signal, side, quantity, wave_id)
@@ -3124,9 +3134,7 @@ class Engine:
         # Those accepted and then not sent (a pause, the venue's hold) are rejected too: "7 accepted, 0
         # opened" was all a headless run said of seven operator signals rejected (an operator).
         rejected = self._rejected_in_wave.pop(wave_id, [])
-        taken = {signal.symbol for signal, _, _ in accepted}
-        # (A signal refused at its validation, a symbol already held say, is the sim's seeded routine: INFO.)
-        lost = any(symbol in taken or (loud_pause and why == ENTRIES_PAUSED) for symbol, why in rejected)
+        lost = any(not routine for _, _, routine in rejected)
         log.log(
             logging.WARNING if lost else logging.INFO,
             "wave %d: %s, %d accepted, %d opened%s%s",
@@ -3208,13 +3216,13 @@ class Engine:
                 Decimal(0),
             )
         if signal.symbol in seen:
-            return "symbol appears twice in this wave", side, Decimal(0)
+            return TWICE_IN_WAVE, side, Decimal(0)
         held = set(self.manager.by_symbol)
         carried = self._carried
         if carried is not None:  # a protection restart before its guards exist: the positions it carries
             held.update(view.symbol for view in carried.views.values())
         if signal.symbol in held or signal.symbol in self._in_flight:
-            return "symbol already has an open position", side, Decimal(0)
+            return ALREADY_HELD, side, Decimal(0)
         open_positions = max(len(self.manager.guards), len(carried.views) if carried is not None else 0)
         if open_positions + len(self._in_flight) + pending >= self.settings.signals.max_positions:
             return f"max_positions ({self.settings.signals.max_positions}) reached", side, Decimal(0)
@@ -3283,7 +3291,7 @@ class Engine:
         entries admitted before waited out the 429's hold and went at its end, with the stops queued behind
         the same hold; an operator saw 11 positions opened after the header said "ENTRIES HELD")."""
         if self._draining or self.state is not EngineState.RUNNING:
-            return "engine stopping"
+            return ENGINE_STOPPING
         if self.entries_paused:
             return self._paused_before_sent()
         refusal = self.order_budget.entry_refusal() if self.order_budget is not None else None
@@ -3296,15 +3304,23 @@ class Engine:
         why = f": {self.entries_pause_reason}" if self.entries_pause_reason else ""
         return f"entries paused by the {self.entries_paused_by or 'operator'} before it was sent{why}"
 
-    async def _reject(self, signal: SignalRecord, reason: str, wave_id: int | None) -> None:
+    async def _reject(
+        self, signal: SignalRecord, reason: str, wave_id: int | None, *, routine: bool = False
+    ) -> None:
+        """`routine`: turned away in the ordinary course (`SignalRejected.routine`), not a signal lost."""
         assert self.store is not None
         await self.store.finish_signal(signal.id, SignalStatus.REJECTED, reason, wave_id=wave_id)
         if wave_id is not None:
-            self._rejected_in_wave.setdefault(wave_id, []).append((signal.symbol, reason))
+            self._rejected_in_wave.setdefault(wave_id, []).append((signal.symbol, reason, routine))
         log.info("signal %s %s %s rejected: %s", signal.id, signal.symbol, signal.side, reason)
         self.events_bus.publish(
             SignalRejected(
-                at=self.clock.now(), signal_id=signal.id, symbol=signal.symbol, reason=reason, wave_id=wave_id
+                at=self.clock.now(),
+                signal_id=signal.id,
+                symbol=signal.symbol,
+                reason=reason,
+                wave_id=wave_id,
+                routine=routine,
             )
         )
 
@@ -3331,12 +3347,12 @@ class Engine:
             )
             if manager is None:
                 if self._draining or self.state is not EngineState.RUNNING:
-                    reason = "engine stopping"
+                    reason = ENGINE_STOPPING
                 elif self.manager is None or self.manager.stopped:
                     reason = "the protection manager is stopped (its restart failed)"
                 else:
                     reason = "a stop of its closed position could not be cancelled yet"
-                await self._reject(signal, reason, wave_id)
+                await self._reject(signal, reason, wave_id, routine=reason == ENGINE_STOPPING)
                 return None
             try:
                 promise = await manager.budget.acquire_entry(stops)
@@ -3349,7 +3365,7 @@ class Engine:
             # Paused while it waited for room (the breaker, say, while stops were refused), or stopping.
             if (not_sent := self._not_to_be_sent()) is not None:
                 manager.budget.release_promise(promise)  # (its probe, if it was one, ends below)
-                await self._reject(signal, not_sent, wave_id)
+                await self._reject(signal, not_sent, wave_id, routine=not_sent == ENGINE_STOPPING)
                 return None
             try:
                 position = await self.store.create_position(
@@ -3364,7 +3380,7 @@ class Engine:
                 )
             except PositionAlreadyOpen:
                 manager.budget.release_promise(promise)
-                await self._reject(signal, "symbol already has an open position", wave_id)
+                await self._reject(signal, ALREADY_HELD, wave_id, routine=True)
                 return None
             cid = client_order_id(self._token, position.id, OrderPurpose.ENTRY, 0)
             order_side = OrderSide.BUY if side is PositionSide.LONG else OrderSide.SELL

@@ -100,6 +100,9 @@ class SignalRejected(EngineEvent):
     symbol: str
     reason: str
     wave_id: int | None = None  # None: rejected outside a wave (the engine stopping before it began)
+    # Turned away in the ordinary course (its symbol already held or repeated in its wave, the operator's own
+    # pause, the engine stopping): information. Any other rejection is a signal lost, said as a warning.
+    routine: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -49,7 +49,7 @@ from engine.events import (
     WaveFinished,
 )
 from engine.exchange.port import PositionSide
-from engine.words import counted
+from engine.words import counted, format_duration
 from protection.coverage import CoverageFigures, PositionCoverage, coverage_figures
 from protection.health import Component, ComponentHealth, HealthState, entries_held_recorded
 from protection.manager import stop_words
@@ -211,13 +211,10 @@ def _entries_detail(event: EntriesToggled) -> str:
 
 
 # Rejections that say what the header already says (entries paused, the engine stopping): no warning.
-_ROUTINE_REJECTIONS = frozenset({"entries paused", "engine stopping"})
-
-
 def _rejections_entry(at: float, rejected: list[SignalRejected], what: str) -> LogEntry:
-    """One log row for `rejected`, each named with why: a warning unless every one was turned away by a
-    pause or the engine's stop (the header already says so)."""
-    routine = all(r.reason in _ROUTINE_REJECTIONS for r in rejected)
+    """One log row for `rejected`, each named with why: a warning unless the engine said every one was turned
+    away in the ordinary course (`SignalRejected.routine`), as its log's wave line does."""
+    routine = all(r.routine for r in rejected)
     named = "; ".join(f"{r.symbol}: {r.reason}" for r in rejected)
     return LogEntry(at, "info" if routine else "warning", "", "signals", None, "rejected", f"{what}: {named}")
 
@@ -544,9 +541,9 @@ class ReadOnlyFeed:
         as_of = clock_time(self._snapshot.taken_at, None)
         failure = self._failure
         words = (
-            f"the watch has had no answer from the database for {silent:.0f}s"
+            f"the watch has had no answer from the database for {format_duration(silent)}"
             if failure is None or failure.startswith("TimeoutError")
-            else f"the watch's reads of the database have failed for {silent:.0f}s ({failure})"
+            else f"the watch's reads of the database have failed for {format_duration(silent)} ({failure})"
         )
         unanswered = ComponentHealth(
             Component.DATABASE,
@@ -867,7 +864,7 @@ def _health(row: HealthRow, now: float, stale_after: float, nobody_measures: str
         return None
     component = Component(row.component)
     if nobody_measures or age is None or age > stale_after:
-        why = nobody_measures or f"last measurement {age or 0:.0f}s old"
+        why = nobody_measures or f"last measurement {format_duration(age or 0)} old"
         return ComponentHealth(component, HealthState.UNKNOWN, row.summary or "not measured", why, {})
     state = HealthState(row.state) if row.state in HealthState._value2member_map_ else HealthState.UNKNOWN
     reason = row.reason if state is not HealthState.HEALTHY else ""

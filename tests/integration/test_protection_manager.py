@@ -1907,6 +1907,49 @@ async def test_a_wave_rejected_whole_by_a_pause_is_said_as_loud_as_the_pause(
         await drive(clock, engine.stop())
 
 
+@pytest.mark.parametrize(
+    ("signals", "level"),
+    [
+        pytest.param(lambda: [SYMBOLS[66]], logging.INFO, id="symbol-already-held"),
+        pytest.param(lambda: ["NOPEUSDT"], logging.WARNING, id="unknown-symbol"),
+    ],
+)
+async def test_a_wave_line_warns_of_signals_lost_and_not_of_a_symbol_already_held(
+    db: Database, caplog: pytest.LogCaptureFixture, signals, level: int
+) -> None:
+    """A signal for a symbol already held is the routine of a source that repeats itself (the sim's seeded
+    waves): INFO, or it pads the warnings an operator reads. A signal for a symbol the venue does not list is
+    lost: its wave's line said it at INFO, below what a headless run's operator reads on stderr."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        assert engine.store is not None
+        assert engine.manager is not None
+        manager = engine.manager
+        await engine.store.insert_signals([(SYMBOLS[66], "long", None, None)])
+        await drive_until(clock, lambda: SYMBOLS[66] in manager.by_symbol, what="the first position")
+        caplog.clear()
+        caplog.set_level(logging.INFO, logger="engine.engine")
+        ids = await engine.store.insert_signals([(s, "long", None, None) for s in signals()])
+        await drive_until(
+            clock,
+            lambda: db.pool.fetchval(
+                "SELECT bool_and(status = 'rejected') FROM monitoring.signals WHERE id = ANY($1)", ids
+            ),
+            what="the signal rejected",
+        )
+        await drive_until(
+            clock, lambda: any(r.getMessage().startswith("wave 2:") for r in caplog.records), what="its line"
+        )
+        [line] = [r for r in caplog.records if r.getMessage().startswith("wave 2:")]
+        assert "1 rejected (the first: " in line.getMessage(), line.getMessage()
+        assert line.levelno == level, line.getMessage()
+    finally:
+        await drive(clock, engine.stop())
+
+
 async def test_a_flatten_during_a_wave_closes_what_the_wave_opened_and_sends_nothing_more(
     db: Database,
 ) -> None:

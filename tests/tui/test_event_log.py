@@ -107,7 +107,9 @@ def test_rejected_signals_are_said_with_their_own_wave_when_waves_overlap() -> N
         translator.entry(finished(1, T0 + 1)),
         translator.entry(finished(2, T0 + 2)),
         translator.entry(SignalRejected(at=T0 + 3, signal_id=8, symbol="BARUSDT", reason="late", wave_id=2)),
-        translator.entry(SignalRejected(at=T0 + 4, signal_id=9, symbol="BAZUSDT", reason="engine stopping")),
+        translator.entry(
+            SignalRejected(at=T0 + 4, signal_id=9, symbol="BAZUSDT", reason="engine stopping", routine=True)
+        ),
     ]
     said = [(r.operation, r.severity, r.detail) for r in rows if r is not None]
     assert said == [

@@ -514,3 +514,29 @@ async def test_the_log_at_80_columns_shows_its_details(db: Database) -> None:
         assert "entries paused by the" in text  # (it wraps past 30 columns)
         await board.pilot.resize_terminal(160, 40)
         await board.until(lambda: not board.log.narrow, "the full columns again")
+
+
+async def test_a_signal_for_a_symbol_already_held_is_no_warning_on_the_log_panel(db: Database) -> None:
+    """The sim's seeded waves repeat symbols already held: each wave's "rejected: …: symbol already has an
+    open position" was a WARN row, and "N warnings in the last hour" counted them (an operator); the
+    engine's own log says them at INFO. A signal for a symbol the venue does not list is still a warning."""
+    async with dashboard(tui_settings(db)) as board:
+        await started(board)
+        await board.open_positions([SYMBOLS[44]])
+        assert board.engine.store is not None
+        await board.engine.store.insert_signals([(SYMBOLS[44], "long", None, None)])
+
+        def row(about: str):
+            return next((e for e in board.log.shown_entries() if about in e.detail), None)
+
+        await board.until(
+            lambda: row("symbol already has an open position") is not None, "the rejection said"
+        )
+        held = row("symbol already has an open position")
+        assert held is not None
+        assert held.severity == "info", held
+        await board.engine.store.insert_signals([("NOPEUSDT", "long", None, None)])
+        await board.until(lambda: row("unknown symbol NOPEUSDT") is not None, "the unknown symbol said")
+        unknown = row("unknown symbol NOPEUSDT")
+        assert unknown is not None
+        assert unknown.severity == "warning", unknown
