@@ -336,10 +336,13 @@ async def test_the_header_says_no_entries_while_the_engine_starts(size: tuple[in
     async with app.run_test(size=size) as pilot:
         await settle(app, pilot)
         header = screen(app).splitlines()[0]
-        assert "starting: waits for the venue" in header, header
         assert "entries on" not in header, header
-        assert re.search(r"starting: waits for the venue +NO ENTRIES ", header), header
-        assert re.search(r"v\w+ sta", header), header  # (the version stays: its start time may be cut)
+        if size[0] >= 100:
+            assert re.search(r"starting: waits for the venue +NO ENTRIES ", header), header
+        else:  # (the state says no entry goes: said twice, the start time was cut off at 80 columns)
+            assert re.search(r"starting: venue wait +v", header), header
+        # The running version's start time whole (F10): at 80 columns it read "v0.1.0 started 09:2".
+        assert re.search(r" v\S+ started (\d\d:){2}\d\d ", header), header
 
 
 async def test_the_gauge_is_not_green_while_the_venues_stops_go_unchecked() -> None:

@@ -222,10 +222,10 @@ def test_quitting_while_the_start_waits_out_a_ban_says_what_it_left_and_exits_no
         exported = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
         exit_code = tmp_path / "exit_code"
         command = (
-            f"cd {shlex.quote(str(tmp_path))} && env {exported} {shlex.quote(str(TSBOT_TUI))}; "
+            f"cd {shlex.quote(str(tmp_path))} && env -u COLUMNS -u LINES {exported} {shlex.quote(str(TSBOT_TUI))}; "
             f"echo $? > {shlex.quote(str(exit_code))}; sleep 30"
         )
-        tmux.run("new-session", "-d", "-s", "ban", "-x", "120", "-y", "40", command)
+        tmux.run("new-session", "-d", "-s", "ban", "-x", "120", "-y", "40", command)  # (COLUMNS: see above)
         deadline = time.monotonic() + 60
         while not (log.exists() and "the venue refuses us until" in log.read_text()):
             assert time.monotonic() < deadline, "the start never waited out the ban"

@@ -34,6 +34,7 @@ class StatusBar(Horizontal):
         yield from self._labels.values()
 
     def on_resize(self, event: events.Resize) -> None:
+        # (the state's words follow at the next `show`)
         self.set_class(event.size.width < TIGHT_BELOW, "-tight")
 
     def show(
@@ -53,8 +54,9 @@ class StatusBar(Horizontal):
         state = "stopping" if stopping else snapshot.state.value
         if state == "starting" and snapshot.start_waiting_for:
             # A start can wait minutes for the venue (a ban's end): "starting" alone read as a hang, and
-            # the reason was only in the log panel, not shown at 80×24 (an operator).
-            state = "starting: waits for the venue"
+            # the reason was only in the log panel, not shown at 80×24 (an operator). Shorter when tight:
+            # the running version's start time (F10) was cut off at 80 columns.
+            state = "starting: venue wait" if self.has_class("-tight") else "starting: waits for the venue"
         if watching is not None:
             state = f"read-only · {watching}"
         entries = ""
@@ -89,6 +91,8 @@ class StatusBar(Horizontal):
             known and entries != "entries on",
             "-paused",
         )
+        # "NO ENTRIES" beside a state that is not running says it twice: hidden where columns are short.
+        self._labels["entries"].set_class(watching is None and entries == "NO ENTRIES", "-implied")
         self._labels["engine-state"].set_class(state != "running", "-not-running")
         self._labels["engine-state"].set_class(state == "running", "-running")
 
