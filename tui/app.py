@@ -274,9 +274,15 @@ class DashboardApp(App[int]):
         self.running_wave = RunningWave()
 
     def get_system_commands(self, screen: Screen[object]) -> Iterable[SystemCommand]:
-        """Textual's own palette entries, less its "Quit": ours (with what quitting leaves) is the one."""
+        """Textual's own palette entries, less its "Quit": ours (with what quitting leaves) is the one. Its
+        "Keys" docks a panel a third of the screen wide, which at 80 columns cut the header and the tables
+        and wrapped each key's words (an operator): "Keys" opens this app's own key list (`?`)."""
         for command in super().get_system_commands(screen):
-            if command.callback != self.action_quit:
+            if command.callback in (self.action_show_help_panel, self.action_hide_help_panel):
+                yield SystemCommand(
+                    "Keys", "Every key of the dashboard and what it does (as ? shows)", self.action_help
+                )
+            elif command.callback != self.action_quit:
                 yield command
 
     # --- layout --------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from tui.app import DashboardApp
 from tui.feed import LogEntry
 from tui.messages import LogEntryAdded
 from tui.screens.confirm import ConfirmScreen
+from tui.screens.info import HelpScreen
 from tui.screens.restart import RestartReportScreen
 from tui.widgets.event_log import EventLog
 from tui.widgets.positions import PositionsTable
@@ -52,6 +53,34 @@ async def test_the_palette_has_one_quit_and_it_is_ours() -> None:
         ]
         quits = [p for p in prompts if p.lower().startswith("quit")]
         assert quits == ["Quit (exchange stops stay in place)  (q)"], prompts
+
+
+async def test_the_palettes_keys_open_the_dashboards_own_key_list_at_80_columns() -> None:
+    """Textual's "Keys" docked a panel 30 columns wide: at 80×24 it cut the header, the gauge and the tables,
+    and wrapped each key's words ("Cycle the / log between / all, …"; an operator)."""
+    settings = scenario_settings()
+    app = DashboardApp(settings, feed=ScenarioFeed(settings), tz=UTC, code_roots=[])
+    async with app.run_test(size=(80, 24)) as pilot:
+        await _settled(app, pilot)
+        await pilot.press("ctrl+p")
+        await pilot.press(*"keys")
+        palette = app.screen.query_one(CommandList)
+        for _ in range(200):
+            if palette.option_count:
+                break
+            await pilot.pause(0.01)
+        await pilot.pause(0.2)  # every provider has answered
+        prompts = [
+            str(palette.get_option_at_index(i).prompt).splitlines()[0] for i in range(palette.option_count)
+        ]
+        assert prompts[0] == "Keys", prompts
+        await pilot.press("enter")
+        for _ in range(200):
+            if isinstance(app.screen, HelpScreen):
+                break
+            await pilot.pause(0.01)
+        assert isinstance(app.screen, HelpScreen), app.screen
+        assert not app.query("HelpPanel")
 
 
 async def test_an_empty_uncovered_only_view_says_so() -> None:
