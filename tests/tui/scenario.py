@@ -15,6 +15,10 @@ from datetime import UTC, datetime, timedelta, tzinfo
 from decimal import Decimal
 from pathlib import Path
 
+from textual.app import App
+from textual.command import CommandList
+from textual.pilot import Pilot
+
 from engine.config import Settings, load_config
 from engine.engine import (
     EngineSnapshot,
@@ -435,3 +439,17 @@ class ScenarioFeed:
 
     async def recent_coverage(self, seconds: float) -> list[tuple[float, Decimal | None, bool]]:
         return []  # (the scenario's trend is its snapshot's samples)
+
+
+async def palette_prompts(app: App[object], pilot: Pilot[object], typed: str) -> list[str]:
+    """The command palette opened and `typed` into it: the first line of each prompt offered, once every
+    provider has answered."""
+    await pilot.press("ctrl+p")
+    await pilot.press(*typed)
+    palette = app.screen.query_one(CommandList)
+    for _ in range(200):
+        if palette.option_count:
+            break
+        await pilot.pause(0.01)
+    await pilot.pause(0.2)  # every provider has answered
+    return [str(palette.get_option_at_index(i).prompt).splitlines()[0] for i in range(palette.option_count)]

@@ -5,13 +5,11 @@ from __future__ import annotations
 from datetime import UTC
 from decimal import Decimal
 
-from textual.command import CommandList
-
 from engine.venues.sim.universe import UNIVERSE
 from storage.database import Database
 from tests.tui.book import BookFeed, book_position
 from tests.tui.harness import dashboard, started, tui_settings
-from tests.tui.scenario import T0, ScenarioFeed, scenario_settings
+from tests.tui.scenario import T0, ScenarioFeed, palette_prompts, scenario_settings
 from tests.tui.snapshots import svg_to_text
 from tui import formatting
 from tui.app import DashboardApp
@@ -40,17 +38,7 @@ async def test_the_palette_has_one_quit_and_it_is_ours() -> None:
     app = DashboardApp(settings, feed=ScenarioFeed(settings), tz=UTC, code_roots=[])
     async with app.run_test(size=(120, 40)) as pilot:
         await _settled(app, pilot)
-        await pilot.press("ctrl+p")
-        await pilot.press(*"quit")
-        palette = app.screen.query_one(CommandList)
-        for _ in range(200):
-            if palette.option_count:
-                break
-            await pilot.pause(0.01)
-        await pilot.pause(0.2)  # every provider has answered
-        prompts = [
-            str(palette.get_option_at_index(i).prompt).splitlines()[0] for i in range(palette.option_count)
-        ]
+        prompts = await palette_prompts(app, pilot, "quit")
         quits = [p for p in prompts if p.lower().startswith("quit")]
         assert quits == ["Quit (exchange stops stay in place)  (q)"], prompts
 
@@ -62,17 +50,7 @@ async def test_the_palettes_keys_open_the_dashboards_own_key_list_at_80_columns(
     app = DashboardApp(settings, feed=ScenarioFeed(settings), tz=UTC, code_roots=[])
     async with app.run_test(size=(80, 24)) as pilot:
         await _settled(app, pilot)
-        await pilot.press("ctrl+p")
-        await pilot.press(*"keys")
-        palette = app.screen.query_one(CommandList)
-        for _ in range(200):
-            if palette.option_count:
-                break
-            await pilot.pause(0.01)
-        await pilot.pause(0.2)  # every provider has answered
-        prompts = [
-            str(palette.get_option_at_index(i).prompt).splitlines()[0] for i in range(palette.option_count)
-        ]
+        prompts = await palette_prompts(app, pilot, "keys")
         assert prompts[0] == "Keys", prompts
         await pilot.press("enter")
         for _ in range(200):

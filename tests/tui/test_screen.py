@@ -12,9 +12,8 @@ import io
 from datetime import UTC
 
 import pytest
-from textual.command import CommandList
 
-from tests.tui.scenario import ScenarioFeed, scenario_settings
+from tests.tui.scenario import ScenarioFeed, palette_prompts, scenario_settings
 from tests.tui.snapshots import assert_matches_snapshot, svg_to_text
 from tui.app import DashboardApp
 from tui.widgets.positions import PositionsTable
@@ -89,14 +88,8 @@ async def test_command_palette_lists_the_registry_and_runs_a_command() -> None:
     app = DashboardApp(settings, feed=ScenarioFeed(settings), tz=UTC, code_roots=[])
     async with app.run_test(size=(120, 40)) as pilot:
         await _settled(app, pilot)
-        await pilot.press("ctrl+p")
-        await pilot.press(*"show o")
-        palette = app.screen.query_one(CommandList)
-        for _ in range(200):
-            if palette.option_count:
-                break
-            await pilot.pause(0.01)
-        assert "Show only uncovered positions  (u)" in str(palette.get_option_at_index(0).prompt)
+        prompts = await palette_prompts(app, pilot, "show o")
+        assert prompts[0] == "Show only uncovered positions  (u)", prompts
         await pilot.press("enter")
         await pilot.pause()
         assert app.query_one(PositionsTable).only_uncovered
