@@ -3,14 +3,17 @@ ManualClock, configuration through the same loader operators use."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import tempfile
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from engine.clock import ManualClock, SystemClock
 from engine.config import Settings, load_config
 from engine.engine import Engine, build_venue
+from engine.events import SignalRejected
 from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, FaultKind
 from storage.database import Database
@@ -79,6 +82,25 @@ def wire_engine(
     )
     clock = SystemClock()
     return Engine(settings, venue=build_venue(settings, clock), clock=clock, version="test")
+
+
+@contextlib.asynccontextmanager
+async def rejections(engine: Engine) -> AsyncIterator[list[SignalRejected]]:
+    """The signals `engine` rejects while the block runs, as its events say them, in order."""
+    rejected: list[SignalRejected] = []
+
+    async def follow() -> None:
+        async for event in engine.events():
+            if isinstance(event, SignalRejected):
+                rejected.append(event)
+
+    follower = asyncio.create_task(follow(), name="test-rejections")
+    await asyncio.sleep(0)  # subscribed before the block sends anything
+    try:
+        yield rejected
+    finally:
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
 
 
 async def until_closed_in_db(

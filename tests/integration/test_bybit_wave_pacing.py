@@ -28,7 +28,7 @@ from engine.venues.sim.settings import SimVenueSettings
 from protection.manager import PositionGuard
 from storage.database import Database
 from storage.repositories import OrderPurpose
-from tests.integration.engine_support import engine_settings
+from tests.integration.engine_support import engine_settings, rejections
 from tests.support.auditor import BybitEmulatorTruth
 from tests.support.waiting import wait_until
 
@@ -40,21 +40,12 @@ WAVE = 10
 async def bybit_engine(
     db: Database, emulator: BybitEmulator, overrides: dict[str, str] | None = None
 ) -> AsyncIterator[tuple[Engine, list[str]]]:
-    async with running(emulator) as base_url, engine_on(db, base_url, overrides) as engine:
-        rejected: list[str] = []
-
-        async def follow() -> None:
-            async for event in engine.events():
-                if isinstance(event, SignalRejected):
-                    rejected.append(event.reason)
-
-        follower = asyncio.create_task(follow(), name="test-events")
-        await asyncio.sleep(0)
-        try:
-            yield engine, rejected
-        finally:
-            follower.cancel()
-            await asyncio.gather(follower, return_exceptions=True)
+    async with (
+        running(emulator) as base_url,
+        engine_on(db, base_url, overrides) as engine,
+        rejections(engine) as rejected,
+    ):
+        yield engine, rejected
 
 
 @asynccontextmanager
@@ -118,7 +109,7 @@ async def _equals(value: Awaitable[int], expected: int) -> bool:
     return await value == expected
 
 
-async def _wave(engine: Engine, emulator: BybitEmulator, rejected: list[str]) -> None:
+async def _wave(engine: Engine, emulator: BybitEmulator, rejected: list[SignalRejected]) -> None:
     assert engine.store is not None
     assert engine.manager is not None
     manager = engine.manager

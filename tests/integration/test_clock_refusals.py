@@ -1,4 +1,5 @@
-"""An entry refused for its timestamp is sent again, signed anew, not failed with its signal.
+"""An entry refused for its timestamp is sent again, signed anew, not failed with its signal (Bybit 10002,
+and Binance -1021 on its emulator's skewed clock).
 
 An operator on the Bybit-wire emulator moved the venue's clock 8 s against ours (`/_sim/skew`): the next
 entry was refused with 10002 ("invalid request, please check your server timestamp or recv_window param")
@@ -19,11 +20,15 @@ import aiohttp
 import pytest
 
 from engine.engine import Engine
-from engine.venues.binance_emulator.faults import Target
+from engine.events import SignalRejected
+from engine.venues.binance_emulator import BinanceEmulator
+from engine.venues.binance_emulator import running as running_binance
+from engine.venues.binance_emulator.faults import Target, parse_fault
 from engine.venues.bybit_emulator import BybitEmulator
 from engine.venues.bybit_emulator.faults import parse_bybit_fault
 from engine.venues.sim.settings import SimVenueSettings
 from storage.database import Database
+from tests.integration.engine_support import binance_wire_engine, rejections
 from tests.integration.test_bybit_wave_pacing import KEY, SECRET, _all_covered, bybit_engine
 from tests.support.waiting import wait_until
 
@@ -210,3 +215,85 @@ async def test_a_clock_that_stays_wrong_is_not_a_resend_loop(
         assert all(len(gaps) <= 1 for gaps in quick.values()), quick
         failed_reads = [r for r in caplog.records if "reading its time failed" in r.getMessage()]
         assert len([r for r in failed_reads if r.levelno >= logging.WARNING]) == 1, len(failed_reads)
+
+
+@asynccontextmanager
+async def _on_binance(
+    db: Database, emulator: BinanceEmulator
+) -> AsyncIterator[tuple[Engine, list[SignalRejected]]]:
+    """An engine on the Binance-wire emulator, configured as for a real account; the signals it rejects."""
+    async with running_binance(emulator) as base_url:
+        overrides = {"SIGNALS__WAVE_WINDOW_MS": "0", "PROTECTION__RECONCILE_SECONDS": "3600"}
+        engine = binance_wire_engine(db.target.dsn, base_url, KEY, SECRET, overrides)
+        await engine.start()
+        try:
+            async with rejections(engine) as rejected:
+                yield engine, rejected
+        finally:
+            await engine.stop()
+
+
+async def test_binance_refuses_a_skewed_timestamp_and_the_entry_and_stops_go_again_after_the_time_read(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The Binance-wire emulator checked timestamps against the real clock and had no way to move its own:
+    the -1021 path (ccxt's time difference read again, the request sent again) was rehearsed on Bybit's
+    emulator only. Its server clock now moves (`/_sim/skew`), as a drifting host's against Binance's does:
+    the entry is refused -1021, sent again once the time is read, and opened; stops removed meanwhile by
+    another client are replaced the same way; no signal is rejected and the breaker stays still."""
+    caplog.set_level(logging.INFO)
+    emulator = BinanceEmulator(
+        SimVenueSettings(seed=5, volatility=0.0), api_key=KEY, api_secret=SECRET, control=True
+    )
+    async with _on_binance(db, emulator) as (engine, rejected):
+        base_url = engine.settings.venue.base_url
+        symbols = sorted(emulator.core.markets)[2:5]
+        async with aiohttp.ClientSession() as control:
+            async with control.post(f"{base_url}/_sim/skew", json={"seconds": -8}) as answer:
+                assert answer.status == 200, await answer.text()
+            # The time read answers late: the entry goes out meanwhile, signed with the old offset.
+            emulator.faults.force((Target("GET", "time"),), parse_fault("latency:2000"), count=1)
+            assert engine.store is not None
+            await engine.store.insert_signals([(symbols[0], "long", None, None)])
+            await _all_covered(engine, 1, "the position opened and protected")
+            refused = [
+                r.getMessage()
+                for r in caplog.records
+                if r.getMessage().startswith(f"entry {symbols[0]} refused for its timestamp")
+            ]
+            assert refused, "the entry was never refused: the case did not happen"
+            assert all("-1021" in line for line in refused), refused
+
+            await engine.store.insert_signals([(s, "long", None, None) for s in symbols[1:]])
+            await _all_covered(engine, 3, "three positions protected")
+            caplog.clear()
+            # The clock moves again (ccxt signs with a 10 s window: 15 s behind is out of it), and another
+            # client removes the hard stops.
+            async with control.post(f"{base_url}/_sim/skew", json={"seconds": 15}) as answer:
+                assert answer.status == 200
+            emulator.faults.force((Target("GET", "time"),), parse_fault("latency:2000"), count=1)
+            manager = engine.manager
+            assert manager is not None
+            removed = {guard.stop_loss.client_order_id for guard in manager.guards.values()}
+            for guard in list(manager.guards.values()):
+                stop = guard.stop_loss.client_order_id
+                assert stop is not None
+                emulator.core.cancel_order(guard.symbol, stop, emulator.now())
+        await wait_until(
+            lambda: all(
+                g.stop_loss.confirmed and g.stop_loss.client_order_id not in removed
+                for g in manager.guards.values()
+            ),
+            within=30.0,
+            what="the hard stops replaced",
+        )
+        refused_stops = [
+            r.getMessage()
+            for r in caplog.records
+            if r.getMessage().startswith("Rejected creating stop-loss") and "-1021" in r.getMessage()
+        ]
+        assert refused_stops, [r.getMessage() for r in caplog.records if "1021" in r.getMessage()]
+        measured = engine.health_measured_at
+        await wait_until(lambda: engine.health_measured_at != measured, within=30.0, what="a health check")
+        assert engine.entries_paused_by == "", engine.entries_pause_reason
+        assert rejected == []

@@ -38,12 +38,15 @@ be sent again, and a query by the id answers for the most recent order that carr
 
 The exchange state (balances, positions, orders, marks, rate budget) lives in this process, so an engine
 can be killed and restarted against the same "exchange". Venue time is the wall clock plus an offset
-that only the control API moves; request timestamps are always checked against the real clock.
+that only the control API moves. The server's clock (`/fapi/v1/time`, `serverTime`) is the one request
+timestamps are checked against: the real clock plus a staged skew (`/_sim/skew`), so a client whose offset
+is off is refused -1021 as by Binance until it reads the server's time again.
 
 Optional control API (served only when `control=True`, loopback callers only, never weighed or banned):
 `POST /_sim/mark`, `POST /_sim/symbol-status` (a symbol's exchangeInfo status: only TRADING opens
 positions, -4140), `POST /_sim/fault`, `POST /_sim/stream-fault` (websocket faults, see `streams.py`),
-`POST /_sim/clear-faults`, `POST /_sim/advance`, `GET /_sim/state` (positions, open and triggering algo
+`POST /_sim/clear-faults`, `POST /_sim/advance`, `POST /_sim/skew` (the server clock's error, seconds),
+`GET /_sim/state` (positions, open and triggering algo
 orders, the stream connections and their subscriptions, requests served per endpoint, and the rate:
 weight used this minute, order counts, the ban's end).
 """
@@ -93,7 +96,7 @@ from engine.venues.binance_emulator.faults import (
 from engine.venues.binance_emulator.limits import Admission, RequestWeightLimiter, Verdict
 from engine.venues.binance_emulator.streams import StreamFaultError, StreamHub
 from engine.venues.binance_limits import ORDER_COUNT_HEADERS, USED_WEIGHT_HEADER, endpoint_cost
-from engine.venues.sim.control_api import advance_seconds, control_body, require_loopback
+from engine.venues.sim.control_api import advance_seconds, control_body, require_loopback, skew_seconds
 from engine.venues.sim.core import DEFAULT_ACCOUNT, SimCore
 from engine.venues.sim.prices import GbmWalk
 from engine.venues.sim.settings import SimVenueSettings
@@ -181,6 +184,7 @@ class BinanceEmulator:
         self._control = control
         self._wall_clock = wall_clock
         self._offset = 0.0
+        self._skew = 0.0  # the server clock's error against the real one (`server_time`)
         self._weights = RequestWeightLimiter(settings.rate_limits)
         self.requests_by_endpoint: dict[str, int] = {}  # "METHOD endpoint" -> requests received
         self.symbol_status: dict[str, str] = {}  # exchangeInfo status by symbol (none: TRADING)
@@ -205,6 +209,11 @@ class BinanceEmulator:
 
     def now(self) -> float:
         return self._wall_clock() + self._offset
+
+    def server_time(self) -> float:
+        """The clock request timestamps are checked against and `/fapi/v1/time` answers: real time plus
+        the staged skew (the venue's time, `now`, moves by `/_sim/advance` for what it holds)."""
+        return time.time() + self._skew
 
     # ---- the aiohttp app ------------------------------------------------------------------------------
 
@@ -243,6 +252,7 @@ class BinanceEmulator:
             app.router.add_post("/_sim/fault", self._control_fault)
             app.router.add_post("/_sim/clear-faults", self._control_clear_faults)
             app.router.add_post("/_sim/advance", self._control_advance)
+            app.router.add_post("/_sim/skew", self._control_skew)
             app.router.add_get("/_sim/state", self._control_state)
             app.router.add_post("/_sim/stream-fault", self._control_stream_fault)
         app.cleanup_ctx.append(self._mark_ticker_context)
@@ -513,7 +523,7 @@ class BinanceEmulator:
             ) from None
         if not 0 < recv_window <= MAX_RECV_WINDOW_MS:
             raise BinanceError(400, -1131, "recvWindow must be less than 60000")
-        server_ms = _ms(time.time())
+        server_ms = _ms(self.server_time())
         if timestamp > server_ms + 1000 or server_ms - timestamp > recv_window:
             raise BinanceError(400, -1021, "Timestamp for this request is outside of the recvWindow.")
         params.pop("signature", None)
@@ -578,13 +588,13 @@ class BinanceEmulator:
         return {}
 
     def _time(self, request: _Request) -> dict[str, Any]:
-        return {"serverTime": _ms(request.now)}
+        return {"serverTime": _ms(self.server_time())}
 
     def _exchange_info(self, request: _Request) -> dict[str, Any]:
         limits = self._settings.rate_limits
         return {
             "timezone": "UTC",
-            "serverTime": _ms(request.now),
+            "serverTime": _ms(self.server_time()),
             "futuresType": "U_MARGINED",
             "rateLimits": [
                 {
@@ -1145,6 +1155,10 @@ class BinanceEmulator:
     async def _control_advance(self, request: web.Request) -> web.Response:
         self._offset += advance_seconds(await self._control_body(request))
         return _json({"now": _ms(self.now())})
+
+    async def _control_skew(self, request: web.Request) -> web.Response:
+        self._skew = skew_seconds(await self._control_body(request))
+        return _json({"server_time": _ms(self.server_time())})
 
     async def _control_state(self, request: web.Request) -> web.Response:
         """The exchange as it is, for tests: never weighed, never banned, never hidden by read lag."""

@@ -92,7 +92,7 @@ from engine.venues.bybit_emulator.faults import (
 )
 from engine.venues.bybit_emulator.limits import ENDPOINT_WINDOW_SECONDS, BybitLimiter
 from engine.venues.bybit_emulator.streams import BybitStreamHub, StreamRows, stream_signature
-from engine.venues.sim.control_api import advance_seconds, control_body, require_loopback
+from engine.venues.sim.control_api import advance_seconds, control_body, require_loopback, skew_seconds
 from engine.venues.sim.core import DEFAULT_ACCOUNT, SimCore
 from engine.venues.sim.prices import GbmWalk
 from engine.venues.sim.settings import SimVenueSettings
@@ -1356,14 +1356,7 @@ class BybitEmulator:
         return _json({"now": _ms(self.now())})
 
     async def _control_skew(self, request: web.Request) -> web.Response:
-        body = await self._control_body(request)
-        try:
-            seconds = float(body.get("seconds", 0))
-        except (TypeError, ValueError):
-            raise web.HTTPBadRequest(text="control API: seconds must be a number") from None
-        if not -86_400 <= seconds <= 86_400:
-            raise web.HTTPBadRequest(text="control API: skew must be within ±86400 s")
-        self._skew = seconds
+        self._skew = skew_seconds(await self._control_body(request))
         return _json({"server_time": _ms(self.server_time())})
 
     async def _control_position_stops(self, request: web.Request) -> web.Response:

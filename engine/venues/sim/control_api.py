@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 
 MAX_ADVANCE_SECONDS = 30 * 86_400
+MAX_SKEW_SECONDS = 86_400
 
 
 def require_loopback(request: web.Request) -> None:
@@ -41,4 +42,15 @@ def advance_seconds(body: dict[str, Any]) -> float:
         raise web.HTTPBadRequest(text="control API: seconds must be a number") from None
     if not 0 <= seconds <= MAX_ADVANCE_SECONDS:
         raise web.HTTPBadRequest(text=f"control API: seconds must be within 0..{MAX_ADVANCE_SECONDS}")
+    return seconds
+
+
+def skew_seconds(body: dict[str, Any]) -> float:
+    """`seconds` of a `POST /_sim/skew`: the server clock's error against the real one (either way)."""
+    try:
+        seconds = float(body.get("seconds", 0))
+    except (TypeError, ValueError):
+        raise web.HTTPBadRequest(text="control API: seconds must be a number") from None
+    if not -MAX_SKEW_SECONDS <= seconds <= MAX_SKEW_SECONDS:
+        raise web.HTTPBadRequest(text=f"control API: skew must be within ±{MAX_SKEW_SECONDS} s")
     return seconds
