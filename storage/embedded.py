@@ -200,14 +200,18 @@ _RESTARTING = threading.Lock()
 
 class PostmasterState(StrEnum):
     RUNNING = "running"  # alive (answering or not: only a probe can tell)
-    DEAD = "dead"  # no postmaster.pid, no such process, a zombie, or the pid now belongs to something else
+    # no postmaster.pid, no such process, a zombie, or the pid now belongs to something else (another
+    # directory's postmaster included: a pid file left by a crash whose pid was given again after a reboot)
+    DEAD = "dead"
 
 
 def postmaster_state(data_dir: Path) -> tuple[PostmasterState, int | None]:
     """Whether the postmaster recorded in `data_dir/postmaster.pid` is alive, and its pid.
 
     A postmaster killed with SIGKILL whose parent does not reap it (pg_ctl daemonises it onto init, and a
-    container's init may never reap) stays a zombie: dead, though its pid still exists."""
+    container's init may never reap) stays a zombie: dead, though its pid still exists. A postmaster works
+    in its data directory: a live one elsewhere is another server, named by a stale file (taken for ours,
+    it was joined, then stopped and killed by pgserver's clean-up: another installation's database)."""
     import psutil  # pgserver's own dependency
 
     try:
@@ -219,9 +223,12 @@ def postmaster_state(data_dir: Path) -> tuple[PostmasterState, int | None]:
     try:
         process = psutil.Process(pid)
         status, name = process.status(), process.name()
-    except psutil.Error:
+        if status in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD) or not name.startswith("postgres"):
+            return PostmasterState.DEAD, pid
+        works_in = Path(process.cwd()).resolve()
+    except psutil.Error:  # (gone, or not ours to look at: our own server always is)
         return PostmasterState.DEAD, pid
-    if status in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD) or not name.startswith("postgres"):
+    if works_in != data_dir.expanduser().resolve():
         return PostmasterState.DEAD, pid
     return PostmasterState.RUNNING, pid
 
@@ -456,14 +463,18 @@ def _last_fatal(server_log: Path, since: int) -> str | None:
 def _remove_lock_files(data_dir: Path, dead_pid: int) -> None:
     """The dead postmaster's lock files (its data directory's and its socket's), which a zombie's pid would
     keep "in use": only those naming `dead_pid`. Its backends exit on their own once it is gone, and
-    PostgreSQL's shared-memory interlock refuses to start while any of them is still attached."""
+    PostgreSQL's shared-memory interlock refuses to start while any of them is still attached. A stale pid
+    file naming another directory's live postmaster is removed alone: the socket lock it names is that
+    server's."""
+    import psutil  # pgserver's own dependency
+
     pid_file = data_dir / "postmaster.pid"
     try:
         lines = pid_file.read_text().splitlines()
     except FileNotFoundError:
         return
     candidates = [pid_file]
-    if len(lines) >= 5 and lines[3].strip() and lines[4].strip():
+    if len(lines) >= 5 and lines[3].strip() and lines[4].strip() and not _alive(dead_pid, psutil):
         candidates.append(Path(lines[4].strip()) / f".s.PGSQL.{lines[3].strip()}.lock")
     for candidate in candidates:
         try:

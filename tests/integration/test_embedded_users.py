@@ -104,3 +104,30 @@ def test_a_failed_server_program_is_said_by_its_name_and_status_not_its_command_
         subprocess.run(["/bin/sh", "-c", "exit 3"], check=True)
     assert _failure_words(failed.value) == "sh exited with status 3"
     assert _failure_words(OSError("disk full")) == "OSError: disk full"
+
+
+def test_a_stale_pid_file_naming_another_server_neither_joins_nor_kills_it(tmp_path: Path) -> None:
+    """After a crash and a reboot, `postmaster.pid` of a stopped data directory can name a pid that is now
+    another installation's live postmaster (r80). Taken for this directory's server, it was joined (its
+    socket: "FileNotFoundError" at connect), and at exit pgserver's clean-up stopped it, then killed it:
+    another installation's database gone. A postmaster runs in its data directory: one that does not is
+    not this directory's, and the pid file is stale."""
+    other, ours = tmp_path / "other", tmp_path / "ours"
+    assert _user(other, "kill").returncode == -9  # a server left running, as another installation's
+    try:
+        state, other_pid = postmaster_state(other)
+        assert state is PostmasterState.RUNNING
+        assert other_pid is not None
+        assert _user(ours, "exit").returncode == 0  # ours: made, then stopped by its last user
+        assert _stopped_within(ours, 15.0)
+        (ours / "postmaster.pid").write_text((other / "postmaster.pid").read_text())  # the stale file
+        assert postmaster_state(ours) == (PostmasterState.DEAD, other_pid)
+
+        used = _user(ours, "exit")
+        assert used.returncode == 0, used.stderr
+        assert psutil.pid_exists(other_pid)
+        assert postmaster_state(other) == (PostmasterState.RUNNING, other_pid)  # untouched, still serving
+        assert _stopped_within(ours, 15.0)  # ours started, served, and stopped with its last user
+    finally:
+        _no_server_left(other)
+        _no_server_left(ours)
