@@ -487,7 +487,7 @@ async def test_a_move_left_in_flight_with_both_stops_gone_and_the_mark_through_t
         row = await run.db.pool.fetchrow(
             "SELECT status, exit_reason FROM monitoring.positions WHERE id = $1", move.position_id
         )
-        assert row["exit_reason"] == "trailing_stop"
+        assert row["exit_reason"] == "stop_breached"  # closed by the engine: no trailing stop fired (r79)
         await run.settle()
         run.verdict(coverage_at_least=0.0)
         token = run.auditor.token

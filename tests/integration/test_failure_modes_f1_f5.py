@@ -1185,6 +1185,53 @@ async def test_f4_a_trail_move_is_committed_only_after_the_venue_confirms_it(
         assert stuck == 0
 
 
+async def test_f8_a_trail_move_the_price_has_already_crossed_closes_the_position(db: Database) -> None:
+    """A managed trail decided a move up to 191.04 (peak 192); by the time the venue had the new stop the mark
+    was 190.3 and it refused it as "would trigger immediately" (r79, the Binance wire). The engine kept the
+    old, looser stop (187.25) and sent nothing more: the trail's own level was crossed, and the position
+    stayed open 60 s below it. A stop the price has already crossed means that level is breached: closed
+    reduce-only at market, as a refused hard stop or re-placed trail stop is."""
+    latency = '{"create_order": {"distribution": "fixed", "seconds": 2.0}}'
+    async with _managed_trail_active(db, SYMBOLS[43], {"VENUE__SIM__LATENCY__BY_CALL": latency}) as (
+        engine,
+        clock,
+        guard,
+    ):
+        symbol = guard.symbol
+        venue = engine.venue
+        market = engine.markets[symbol]
+        old_stop = guard.trail.stop_price
+        assert old_stop is not None
+        peak = market.round_price(guard.entry_price * Decimal("1.06"))
+        venue.override_mark_price(symbol, peak)
+        await drive_until(clock, lambda: guard.pending_move is not None, what="the move decided and sent")
+        new_stop = guard.trail.params.trail_price(peak)
+        assert new_stop > old_stop
+        # Before the new stop reaches the venue (half the 2 s round trip), the price falls between the two.
+        between = market.round_price((new_stop + old_stop) / 2)
+        assert old_stop < between < new_stop
+        venue.override_mark_price(symbol, between)
+        await drive_until(
+            clock,
+            lambda: not venue.core.positions(clock.now()),  # type: ignore[attr-defined]
+            what="the position closed once its trail's new stop was refused as already crossed",
+            limit=30.0,
+        )
+        await drive_until(
+            clock,
+            lambda: db.pool.fetchval(
+                "SELECT status = 'closed' FROM monitoring.positions WHERE id = $1", guard.position_id
+            ),
+            what="the position recorded closed",
+        )
+        reason = await db.pool.fetchval(
+            "SELECT exit_reason FROM monitoring.positions WHERE id = $1", guard.position_id
+        )
+        assert reason == "stop_breached"  # closed by the engine: no stop fired
+        said = await events_of(db, "stop_breached")
+        assert any("trailing stop" in row["message"] for row in said), said
+
+
 async def test_f4_a_trail_move_the_venue_keeps_refusing_waits_its_backoff_not_the_next_mark(
     db: Database,
 ) -> None:
