@@ -188,9 +188,13 @@ async def test_the_close_question_says_what_it_cancels_of_a_position_without_sto
             "both stops seen gone",
         )
         await board.press("x")
-        body = board.confirm_body()
-        assert "None of its stops is confirmed on the exchange" in body, body
-        assert "Its stop-loss and trailing stop are cancelled" not in body, body
+        # The dialog reads the position again while it is open: its first words are the last frame's, which
+        # a loaded run painted a moment before the table's row (a clean-clone CI run read them then).
+        await board.until(
+            lambda: "None of its stops is confirmed on the exchange" in board.confirm_body(),
+            "the dialog says it",
+        )
+        assert "Its stop-loss and trailing stop are cancelled" not in board.confirm_body()
         await board.press("n")
 
 
