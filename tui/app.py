@@ -193,9 +193,22 @@ def _clearing_on_exit(driver_class: type[Driver]) -> type[Driver]:
     operator). Blank, they are blank."""
 
     class ClearingDriver(driver_class):  # type: ignore[misc,valid-type]
+        # The terminal hung up: nothing is drawn any more. Textual's writer thread dies on the lost terminal
+        # (EIO), and every frame after queued for it until its queue (30) was full and the event loop
+        # blocked on it for good: the engine's stop never finished, at 100 % CPU, the account held (opme48).
+        terminal_gone = False
+
+        def write(self, data: str) -> None:
+            if not self.terminal_gone:
+                super().write(data)
+
         def stop_application_mode(self) -> None:
             self.write("\x1b[H\x1b[2J")  # (still on the dashboard's screen: the shell's is untouched)
             super().stop_application_mode()
+
+        def close(self) -> None:
+            if not self.terminal_gone:  # (its writer may be dead with a full queue: a stop would wait on it)
+                super().close()
 
     ClearingDriver.__name__ = ClearingDriver.__qualname__ = f"Clearing{driver_class.__name__}"
     return ClearingDriver
@@ -642,6 +655,11 @@ class DashboardApp(App[int]):
                 os.dup2(devnull, fd)
             os.close(devnull)
             self.hung_up = True
+            driver = self._driver
+            if driver is not None and hasattr(driver, "terminal_gone"):
+                driver.terminal_gone = True
+                # Its input thread would read /dev/null's end without pause until the exit: stopped now.
+                driver.disable_input()
         if not self.stopping:
             self.shutdown()
 

@@ -137,22 +137,31 @@ def _postmaster_alive(data_dir: Path) -> int | None:
     return None if state == "Z" else pid
 
 
+@pytest.mark.parametrize("in_flight", [False, True], ids=["settled", "protecting"])
 def test_closing_the_terminal_stops_the_engine_and_the_embedded_server_it_started(
-    tmux: Tmux, tmp_path: Path
+    tmux: Tmux, tmp_path: Path, in_flight: bool
 ) -> None:
     """tmux kill-session (like an ssh drop) sends SIGHUP: the dashboard stops like `q` and the embedded
     PostgreSQL it started does not outlive it. Its exit line goes to stdout redirected to a file (a
     service's log, nohup's): the hang-up pointed every standard stream at /dev/null, and the file stayed
-    empty (an operator)."""
+    empty (an operator). `in_flight`: orders take 9 s, so the hang-up comes while positions are being
+    protected; the stop waits for them, repainting "stopping" meanwhile, and the app hung for good, at
+    100 % CPU, holding the account (opme48): its screen writes queued for the terminal's writer thread,
+    which had died on the lost terminal, until the queue was full and the event loop blocked on it."""
     data_dir = tmp_path / "pgdata"
     (tmp_path / "config.toml").write_text(
         "[signals]\nwave_size = 3\nwave_interval_seconds = 2\n[tui]\nrefresh_per_second = 4\n"
     )
+    log_file = tmp_path / "logs" / "trading_bot.log"
     env = {
         "TSBOT_DATABASE__DATA_DIR": str(data_dir),
-        "TSBOT_LOGGING__FILE": str(tmp_path / "logs" / "trading_bot.log"),
+        "TSBOT_LOGGING__FILE": str(log_file),
         "TERM": "xterm-256color",
     }
+    if in_flight:
+        env["TSBOT_VENUE__SIM__LATENCY__BY_CALL"] = (
+            '{"create_order": {"distribution": "fixed", "seconds": 9.0}}'
+        )
     exported = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
     said = tmp_path / "exit-line.txt"
     command = (
@@ -161,7 +170,13 @@ def test_closing_the_terminal_stops_the_engine_and_the_embedded_server_it_starte
     )
     tmux.run("new-session", "-d", "-s", "hup", "-x", "120", "-y", "40", command)
     try:
-        tmux.wait_for("hup", r"TS coverage % \d+/[1-9]", within=90)  # running, on its own server
+        if in_flight:  # a wave's entries filled, their stops on their way
+            deadline = time.monotonic() + 90
+            while not (log_file.exists() and "Opened " in log_file.read_text()):
+                assert time.monotonic() < deadline, "no position opened"
+                time.sleep(0.2)
+        else:
+            tmux.wait_for("hup", r"TS coverage % \d+/[1-9]", within=90)  # running, on its own server
         assert _postmaster_alive(data_dir) is not None
         tmux.run("kill-session", "-t", "hup")
 
