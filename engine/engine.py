@@ -1476,6 +1476,7 @@ class Engine:
             if writes:  # records still being written (entries control): let them land, briefly
                 await wait_for_all(self.clock, 5.0, [asyncio.shield(t) for t in writes])
             report = StopReport(0, 0)
+            managed = False  # any managed trail among the positions (they stop moving with the engine)
             if self.manager is not None:
                 manager = self.manager
                 listed = await self._listing_at_stop()
@@ -1529,6 +1530,7 @@ class Engine:
                 )
                 if self.fatal is not None:  # what this engine saw last is not what the new holder protects
                     report = StopReport(report.open_positions, 0, taken_over=True)
+                managed = manager.trails_managed  # (of its guards, before they are stopped)
                 # The stops the listing lacks recorded missing: only under its own lease (the rows are then
                 # its own).
                 await manager.stop(
@@ -1536,11 +1538,7 @@ class Engine:
                 )
                 # Only under its own lease: another engine may hold the account (`fatal`, or the lease lost
                 # and not yet found taken), the rows its own, its trails armed.
-                if (
-                    manager.kind is TrailingKind.MANAGED
-                    and self.store is not None
-                    and self._holds_the_lease()
-                ):
+                if managed and self.store is not None and self._holds_the_lease():
                     try:  # nobody moves a managed trail now: none is armed (has_trailing_stop stays venue truth)
                         await self.store.disarm_managed_trails()
                     except Exception:
@@ -1587,7 +1585,7 @@ class Engine:
                 "engine stopped: %s%s",
                 report.describe(),
                 "; managed trailing stops do not move until the engine runs again"
-                if self.manager and self.manager.kind is TrailingKind.MANAGED and report.open_positions
+                if managed and report.open_positions
                 else "",
             )
         finally:  # the lease (and its heartbeat) ends with the stop, even one that fails

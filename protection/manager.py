@@ -163,6 +163,7 @@ class ProtectionConfig:
         )
 
     def trailing_kind(self, capabilities: Capabilities) -> TrailingKind:
+        """The trail new positions get (a restored one keeps its own: `ProtectionManager.guard`)."""
         native_ok = (
             capabilities.native_trailing_stop
             and capabilities.callback_rate_min <= self.callback_percent <= capabilities.callback_rate_max
@@ -3826,6 +3827,13 @@ class ProtectionManager:
             if guard is not recovered and guard.backing_off and not guard.closed:
                 guard.wake.set()
 
+    @property
+    def trails_managed(self) -> bool:
+        """Whether any trail here is the engine's own: the mode's, or a position's kept from its opening."""
+        return self.kind is TrailingKind.MANAGED or any(
+            g.kind is TrailingKind.MANAGED for g in self.guards.values()
+        )
+
     def protect(
         self,
         position: PositionRecord,
@@ -3853,11 +3861,17 @@ class ProtectionManager:
         if position.id in self.guards:
             return self.guards[position.id]
         market = self.markets[position.symbol]
+        kind = self.kind
+        if trail_record is not None and trail_record.mode == TrailingKind.MANAGED.value:
+            # A position keeps the trail it was opened with: the mode applies to new positions. Restored as
+            # native after a switch, a managed trail's STOP_MARKET passed for a trailing stop and nothing
+            # moved it again (r79: 5.6 % past it for 77 s, TS 100 % said).
+            kind = TrailingKind.MANAGED
         guard = PositionGuard(
             self,
             position,
             market,
-            self.kind,
+            kind,
             filled_at=self.clock.monotonic() if filled_at is None else filled_at,
         )
         guard.naked_since = naked_since

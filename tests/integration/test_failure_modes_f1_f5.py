@@ -816,6 +816,62 @@ async def test_f3_restart_restores_a_managed_trail_peak_and_stop(db: Database) -
         await drive(clock, engine_b.stop())
 
 
+@pytest.mark.parametrize("mode", ["native", "auto"])
+async def test_f4_a_managed_trail_keeps_trailing_after_a_restart_in_native_mode(
+    db: Database, mode: str
+) -> None:
+    """An active managed trail, then a restart with `trailing.mode` native (or auto, the default: native
+    where the venue has it): the new engine took the trail's STOP_MARKET for a native trailing stop and
+    counted it as one, and nothing moved it again. The mark rose 5.6 % past it with a 0.5 % callback for 77 s
+    while status said TS 100 % (r79). A position keeps the trail it was opened with; the mode applies to
+    new positions."""
+    engine_a = make_engine(
+        settings_for(db, {"PROTECTION__TRAILING__MODE": "managed"}), clock := ManualClock()
+    )
+    await drive(clock, engine_a.start())
+    try:
+        (guard_a,) = await open_positions(engine_a, clock, [SYMBOLS[36]])
+        await drive_until_covered(engine_a, clock, 1)
+        await push_mark(engine_a, clock, guard_a, "1.02")
+        assert guard_a.trail is not None
+        stop_a = guard_a.trail.stop_price
+        await drive_until(
+            clock,
+            lambda: db.pool.fetchval(
+                "SELECT count(*) = 1 FROM monitoring.trailing_stop_state WHERE state = 'active'"
+            ),
+            what="the active trail recorded",
+        )
+    finally:
+        await drive(clock, engine_a.stop())
+
+    engine_b = restarted(engine_a, settings_for(db, {"PROTECTION__TRAILING__MODE": mode}), clock)
+    report = await drive(clock, engine_b.start())
+    try:
+        assert (report.restored, report.failed) == (1, 0)
+        assert engine_b.manager is not None
+        [guard_b] = engine_b.manager.guards.values()
+        assert guard_b.kind is TrailingKind.MANAGED
+        await push_mark(engine_b, clock, guard_b, "1.06")  # (waits for the trail to move there)
+        assert guard_b.trail is not None
+        assert guard_b.trail.stop_price is not None
+        assert stop_a is not None
+        assert guard_b.trail.stop_price > stop_a
+        await drive_until(  # on the venue: the moved stop alone (make-before-break: the old one cancelled)
+            clock,
+            lambda: (
+                [
+                    (o.client_order_id, o.stop_price)
+                    for o in live_trailing_stops(engine_b.venue, clock, guard_b.symbol, token_of(engine_b))
+                ]
+                == [(guard_b.trailing_stop.client_order_id, guard_b.trail.stop_price)]
+            ),
+            what="the moved stop alone on the venue",
+        )
+    finally:
+        await drive(clock, engine_b.stop())
+
+
 async def test_f3_reopened_symbol_does_not_inherit_the_old_trail(db: Database) -> None:
     """F3, state keyed by symbol: in the old bot a re-opened symbol inherited the previous position's side
     and stop. Here a long on a symbol is trailed, closed, and the symbol re-opened as a short: the short
