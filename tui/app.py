@@ -931,12 +931,36 @@ class DashboardApp(App[int]):
         )
 
     def action_toggle_entries(self) -> None:
+        if not self._watching_only and self._refuse_if_not_trading():
+            return
+        snapshot = self.feed.snapshot()
+        by = snapshot.entries_paused_by
+        if not snapshot.entries_paused or by in ("", "operator"):
+            self._toggle_entries()
+            return
+        # A pause the operator did not make (the breaker's: protection was failing) was lifted by one key,
+        # with nothing said of why it was made; it tripped again 25 s later (opme48).
+        why = f": {snapshot.entries_pause_reason}" if snapshot.entries_pause_reason else ""
+
+        def confirmed(yes: bool | None) -> None:
+            if yes:
+                self._toggle_entries()
+
+        self.push_screen(
+            ConfirmScreen(
+                "Resume new entries?",
+                f"Entries were paused by the {by}{why}. Resumed, new signals open positions again; the "
+                f"{by} pauses them again if it finds the same.",
+                confirm_label="Resume",
+            ),
+            confirmed,
+        )
+
+    def _toggle_entries(self) -> None:
         if self._watching_only:
             paused = not self.feed.snapshot().entries_paused
             kind = CommandKind.ENTRIES_PAUSE if paused else CommandKind.ENTRIES_RESUME
             self.send_to_engine(kind, {}, "Pause entries" if paused else "Resume entries")
-            return
-        if self._refuse_if_not_trading():
             return
         paused = not self.feed.snapshot().entries_paused
         done, answer = self.feed.set_entries_paused(paused)

@@ -359,6 +359,11 @@ async def test_e_says_so_when_the_engine_refuses_to_resume_entries(db: Database)
         await board.open_positions([SYMBOLS[30]])
         await board.until(lambda: board.engine.entries_paused, "the breaker paused entries")
         await board.press("e")
+        # A pause the operator did not make is lifted only once confirmed, its reason shown (opme48).
+        assert "Entries were paused by the breaker: " in board.confirm_body()
+        await board.press("n")
+        assert board.engine.entries_paused
+        await board.press("e", "y")
         await board.until(
             lambda: any("Entries NOT resumed: refused: protection is failing" in n for n in _notices(board)),
             "the refusal shown",
