@@ -828,6 +828,7 @@ def load_config(
         elif key_path in file_paths:
             sources[key_path] = Source.FILE
 
+    settings = _paths_from(path.parent if path is not None else None, cwd or Path.cwd(), settings, sources)
     settings, secret_sources = _read_secret_files(settings, label, sources, _env_names(environ))
     sources.update(secret_sources)
     problems = _alert_url_problems(settings, label, sources, _env_names(environ))
@@ -1041,6 +1042,40 @@ def _unknown_env_sections(environ: Mapping[str, str]) -> list[str]:
                 f"{name.upper()}{ENV_NESTED_DELIMITER}<KEY>"
             )
     return problems
+
+
+# Keys naming a file or a directory: set relative in a config file, they are read from that file's directory.
+PATH_KEYS: tuple[tuple[str, str], ...] = (
+    ("logging", "file"),
+    ("database", "data_dir"),
+    ("database", "password_file"),
+    ("venue", "api_key_file"),
+    ("venue", "api_secret_file"),
+    ("alerts", "urls_file"),
+)
+
+
+def _paths_from(
+    file_directory: Path | None, cwd: Path, settings: Settings, sources: Mapping[tuple[str, ...], Source]
+) -> Settings:
+    """Every relative path made absolute once, at load: those the config file set from the file's directory
+    (`tsbot run --config ../config.toml` from another directory wrote its log, and the protection journal
+    beside it, under the working one; the next start from the config's own directory found no journal:
+    r80), the environment's and the defaults' from the working directory (as the process would read them;
+    `config show` then shows where they are). `~` paths are left as written."""
+    updates: dict[str, dict[str, Any]] = {}
+    for section, key in PATH_KEYS:
+        value = getattr(getattr(settings, section), key)
+        if not value or value.startswith("~") or Path(value).is_absolute():
+            continue
+        from_file = sources.get((section, key)) == Source.FILE and file_directory is not None
+        base = file_directory if from_file and file_directory is not None else cwd
+        updates.setdefault(section, {})[key] = str(base.absolute() / value)
+    if not updates:
+        return settings
+    return settings.model_copy(
+        update={name: getattr(settings, name).model_copy(update=changes) for name, changes in updates.items()}
+    )
 
 
 def _read_secret_files(

@@ -390,7 +390,7 @@ def test_a_real_bug_is_one_line_and_its_traceback_goes_to_the_log(
     assert result.code == 1
     assert result.stderr_lines == [
         "tsbot: internal error (a bug, not your input): KeyError: 'a bug'; the traceback is in "
-        "logs/trading_bot.log"
+        f"{workdir / 'logs' / 'trading_bot.log'}"  # (where it is, whatever directory the command ran from)
     ]
     assert "Traceback (most recent call last)" in (workdir / "logs" / "trading_bot.log").read_text()
 

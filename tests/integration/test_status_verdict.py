@@ -711,7 +711,7 @@ async def test_status_says_the_records_are_behind_a_journal_no_engine_has_replay
     assert report["journaled_writes_pending"] == 2
     assert report["reason"] == (
         "no engine is measuring: none holds the account sim:default; the records are 2 writes behind: the last "
-        "engine journaled them while the database was down (logs/tsbot-journal-"
+        f"engine journaled them while the database was down ({workdir / 'logs'}/tsbot-journal-"
         f"{token}-sim-sim_default.jsonl), and its next start replays them"
     )
     # An engine looking after the account replays its own journal: nothing to say then.

@@ -42,7 +42,43 @@ def _leaf_keys(model: type, prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]
 
 def test_shipped_config_toml_is_the_built_in_defaults(project_root: Path) -> None:
     loaded = load_config(project_root / "config.toml", environ={})
-    assert loaded.settings == default_settings()
+    defaults = default_settings()
+    # (Its relative log path is read from the file's directory: the defaults', from the working one.)
+    logging_there = defaults.logging.model_copy(update={"file": str(project_root / defaults.logging.file)})
+    assert loaded.settings == defaults.model_copy(update={"logging": logging_there})
+
+
+def test_relative_paths_in_a_config_file_are_read_from_its_directory(tmp_path: Path) -> None:
+    """`tsbot run --config ../config.toml` from another directory wrote its log, and the protection journal
+    beside it, under the working directory: the next start from the config's directory found no journal and
+    cancelled a live stop the journal named, and a later one replayed a stale journal over newer records
+    (r80). Paths set in a file are the file's; those from the environment, the working directory's."""
+    config_dir, elsewhere = tmp_path / "conf", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (config_dir / "keys").mkdir(parents=True)
+    secret = _write(config_dir / "keys" / "secret.txt", "s3cret", mode=0o600)
+    config = _write(
+        config_dir / "config.toml",
+        '[logging]\nfile = "logs/bot.log"\n[database]\ndata_dir = "pg/data"\n'
+        '[venue]\nkind = "binanceusdm"\napi_key_file = "keys/secret.txt"\napi_secret_file = "keys/secret.txt"\n',
+    )
+    loaded = load_config(config, environ={}, cwd=elsewhere)
+    assert loaded.settings.logging.file == str(config_dir / "logs" / "bot.log")
+    assert loaded.settings.database.data_dir == str(config_dir / "pg" / "data")
+    assert loaded.settings.venue.api_key.get_secret_value() == "s3cret"  # (read from the file's keys/)
+    assert secret.exists()
+    from_env = load_config(
+        config,
+        environ={
+            "TSBOT_LOGGING__FILE": "here.log",
+            "TSBOT_VENUE__API_KEY_FILE": str(secret),
+            "TSBOT_VENUE__API_SECRET_FILE": str(secret),
+        },
+        cwd=elsewhere,
+    )
+    assert from_env.settings.logging.file == str(elsewhere / "here.log")  # the working directory's
+    home = load_config(config, environ={"TSBOT_DATABASE__DATA_DIR": "~/x"}, cwd=elsewhere)
+    assert home.settings.database.data_dir == "~/x"
 
 
 def test_shipped_config_toml_has_every_key_and_a_comment_above_each(project_root: Path) -> None:
