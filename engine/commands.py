@@ -174,7 +174,15 @@ class CommandRunner:
             outcome = CommandOutcome(
                 False, f"internal error: {type(exc).__name__}: {exc}", failed_inside=True
             )
-        await _reachable(self._queue.finish(command.id, outcome.state, outcome.as_json()))
+        try:
+            await _reachable(self._queue.finish(command.id, outcome.state, outcome.as_json()))
+        except asyncio.CancelledError:
+            # The engine stops while the answer is written (a stop lets a close under way end, then stops
+            # this loop): written still, or the command stayed `running` with its outcome known.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(STOPPED_ANSWER_SECONDS):
+                    await self._queue.finish(command.id, outcome.state, outcome.as_json())
+            raise
         self.executed += 1
         log.log(
             _LOG_LEVELS[outcome.severity],

@@ -1448,6 +1448,9 @@ class Engine:
             await self._drain_entries(budget)
             if self.manager is not None:  # a managed trail's move in flight finishes, or is left recorded
                 await self.manager.finish_moves(budget)
+                # A close at market already under way ends within two and a half call budgets, its tries
+                # again included (`PositionGuard._close`): cut short, its record stayed `closing`.
+                await self.manager.finish_closes(2.5 * budget)
         await self._supervisor.stop()
         self._keep_heard(LeasePhase.STOPPING)  # the rest of the stop can take a while; the watcher is gone
         try:

@@ -4584,6 +4584,30 @@ class ProtectionManager:
             )
         return left
 
+    async def finish_closes(self, within: float) -> int:
+        """Before a clean stop: closes at market already under way are given up to `within` seconds to end
+        (filled and recorded, or refused and the position kept with its stops). Cut short, one left its
+        record `active` with the close `pending` while the venue closed it, and the exit line counted it
+        among the positions keeping their stops (opme48). Returns how many were still under way."""
+        closing = [g for g in self.guards.values() if g.closing and not g.closed]
+        if not closing:
+            return 0
+        log.info("stopping: letting %d closes at market under way finish (up to %.0fs)", len(closing), within)
+        deadline = self.clock.monotonic() + within
+        # Until each close's own call has answered (its position may be known closed a moment sooner, by the
+        # stream: cut there, the operator's `x` was answered "not confirmed" of a position that closed).
+        while (left := [g for g in closing if g.closing]) and self.clock.monotonic() < deadline:
+            await self.clock.sleep(0.05)
+        if left:
+            log.warning(
+                "stopping: %d closes at market still unanswered after %.0fs (%s): the next start reads them "
+                "on the venue",
+                len(left),
+                within,
+                ", ".join(g.symbol for g in left),
+            )
+        return len(left)
+
     @contextlib.contextmanager
     def sending(self) -> Iterator[None]:
         """Around a protective order's call, until its answer (`stop(drain=True)` waits for these)."""

@@ -93,7 +93,8 @@ async def test_an_engine_stopped_while_a_close_is_on_its_way_leaves_the_position
 ) -> None:
     """The engine stops while an operator's close is on its way (its answer held up): the position stayed
     `closing`, out of the operators' SQL while the engine was down, whatever the venue did with the close
-    (found in a review). Now it is `active` again; the next start looks the close up by its id."""
+    (found in a review). The stop now lets the close end (opme48): its first send was not executed, the
+    next closes it; the record is never left `closing`."""
     settings = settings_for(db)
     clock = ManualClock()
     engine = make_engine(settings, clock)
@@ -111,10 +112,9 @@ async def test_an_engine_stopped_while_a_close_is_on_its_way_leaves_the_position
         assert await _status(db, guard.position_id) == "closing"
     finally:
         await drive(clock, engine.stop())
-    with contextlib.suppress(asyncio.CancelledError):
-        await closing
-    assert await _status(db, guard.position_id) == "active"
-    assert venue.core.positions(clock.now())  # the venue still holds it (the close never ran)
+    assert await closing
+    assert await _status(db, guard.position_id) == "closed"
+    assert not venue.core.positions(clock.now())
 
 
 async def test_a_close_after_a_protection_restart_takes_a_new_id_not_the_refused_closes(db: Database) -> None:
@@ -2182,3 +2182,31 @@ async def test_a_cancel_that_reached_the_venue_before_the_stop_showed_proves_not
         assert await _order_status(db, cid) == "canceled"
     finally:
         await drive(clock, engine.stop())
+
+
+async def test_a_stop_lets_a_close_in_flight_finish_and_does_not_count_its_position_kept(
+    db: Database,
+) -> None:
+    """`x`, `y` then `q` while the close's order took 8 s (opme48): the stop did not wait for it. The exit line
+    said "10 of 10 open positions keep their stops" with 9 on the venue, the record stayed `active` with its
+    close `pending`, and the next start sent stops for a position that no longer existed. A close already
+    sent is let finish within the call budget, as an entry is."""
+    latency = '{"create_order": {"distribution": "fixed", "seconds": 3.0}}'
+    settings = settings_for(db, {"VENUE__SIM__LATENCY__BY_CALL": latency})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    (guard,) = await open_positions(engine, clock, [SYMBOLS[67]])
+    await drive_until_covered(engine, clock, 1)
+    closing = asyncio.create_task(engine.close_position(guard.position_id))
+    await drive_until(clock, lambda: guard.closing, what="the close under way")
+    report = await drive(clock, engine.stop())
+    assert await closing
+    venue = engine.venue
+    assert isinstance(venue, SimVenue)
+    assert venue.core.positions(clock.now()) == []
+    assert (report.open_positions, report.uncovered) == (0, 0), report
+    row = await db.pool.fetchrow(
+        "SELECT status, exit_reason FROM monitoring.positions WHERE id = $1", guard.position_id
+    )
+    assert (row["status"], row["exit_reason"]) == ("closed", "manual")
