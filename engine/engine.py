@@ -119,7 +119,14 @@ from storage.database import (
 )
 from storage.embedded import default_data_dir, detach_embedded
 from storage.journal import WriteJournal
-from storage.lease import EngineLease, LeaseHeld, LeasePhase, end_own_lost_session, is_own_lease
+from storage.lease import (
+    EngineLease,
+    LeaseHeld,
+    LeasePhase,
+    current_holder,
+    end_own_lost_session,
+    is_own_lease,
+)
 from storage.outage import DatabaseWatch, journal_path
 from storage.repositories import (
     LIVE_ORDER_STATUSES,
@@ -1959,6 +1966,7 @@ class Engine:
         snapshot = await self._restore_snapshot(restart=handover is not None)
         if snapshot is not None and handover is None:
             self._refuse_a_shared_account(snapshot.open_orders)
+            await self._refuse_another_identity(snapshot.open_orders)
         venue_orders = snapshot.open_orders_by_id() if snapshot is not None else None
         # An empty answer this soon after connecting may be a venue glitch (F3): it confirms nothing, so
         # every order is looked up on its own rather than believed gone.
@@ -2120,6 +2128,42 @@ class Engine:
             f"another tsbot installation (client ids {tokens}: another database); one engine per account. "
             f"Stop that engine (or, if it is gone for good, {gone}) and start again; nothing was traded"
         )
+
+    async def _refuse_another_identity(self, open_orders: Sequence[Order]) -> None:
+        """A start on a venue account whose orders this database sent for positions it records under another
+        account identity, whose engine runs, is refused: another API key of the same venue account (or its
+        testnet setting flipped) is another identity and lease, with this database's token. Started, it
+        adopted the first engine's positions as not recorded for it, and each cancelled the other's stops as
+        orphans at every pass (r80). One whose engine does not run (a key replaced) is said, not refused."""
+        assert self.manager is not None and self.store is not None
+        ours: dict[int, int] = {}
+        for order in open_orders:
+            key = parse_client_order_id(order.client_order_id, self._token)
+            if key is not None:
+                ours[key.position_id] = ours.get(key.position_id, 0) + 1
+        if not ours:
+            return
+        elsewhere: dict[str, int] = {}
+        for position_id, account in (await self.store.accounts_of_positions(ours)).items():
+            if account != self.account_key:
+                elsewhere[account] = elsewhere.get(account, 0) + ours[position_id]
+        assert self._db is not None
+        for account, orders in sorted(elsewhere.items()):
+            holder = await current_holder(self._db.pool, self.exchange_name, account)
+            if holder is not None:  # (a silent one too: frozen, it goes on once it thaws)
+                raise AccountShared(
+                    f"venue {self.venue.name}: the account holds {counted(orders, 'open order')} this database "
+                    f"recorded for account {account}, traded by {holder.describe()}: another API key (or testnet "
+                    "setting) of the same venue account; one engine per venue account. Stop that engine and "
+                    "start again; nothing was traded"
+                )
+            log.warning(
+                "venue %s: the account holds %s this database recorded for account %s, whose engine does not "
+                "run (its API key replaced by this one?): its positions are adopted as found on the venue",
+                self.venue.name,
+                counted(orders, "open order"),
+                account,
+            )
 
     async def _restore_snapshot(self, *, restart: bool) -> VenueSnapshot | None:
         """The venue's positions and protective orders for a restore (None: each order is looked up by its

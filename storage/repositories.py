@@ -1048,6 +1048,15 @@ class Store:
             sent.setdefault(row["position_id"], {})[OrderPurpose(row["purpose"])] = row["error"]
         return sent
 
+    async def accounts_of_positions(self, position_ids: Collection[int]) -> dict[int, str]:
+        """The account each of these positions is recorded for, whichever it is: this database's orders on a
+        venue account name positions, and another identity of the same venue account (another API key of
+        it, the testnet setting flipped) records its own under another account (r80)."""
+        rows = await self._pool.fetch(
+            "SELECT id, account FROM monitoring.positions WHERE id = ANY($1::bigint[])", list(position_ids)
+        )
+        return {row["id"]: row["account"] for row in rows}
+
     async def live_stops_of_closed_positions(self, within_hours: float = 24.0) -> dict[str, dict[str, float]]:
         """For restart: our stops the records say may still be live (`pending`, `open`, `unknown` — a fired
         stop not finished is `unknown`) on positions ended in the last `within_hours`, by symbol, each with
