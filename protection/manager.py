@@ -827,6 +827,10 @@ class PositionGuard:
         if self.has_stop_loss:
             return "without its trailing stop (its hard stop is live)"
         if self.trailing_in_place:
+            if self.kind is TrailingKind.MANAGED and (self.trail is None or self.trail.stop_price is None):
+                # Armed, not activated: no order of it is on the venue, and it moves nothing below the price
+                # ("its trailing protection is live" was said of a position with no order at all: r79).
+                return "unprotected (its managed trail has no stop on the venue before it activates)"
             return "without its hard stop (its trailing protection is live)"
         held = self._attached_holds
         hard = _stop_state(held if held is not None and not self.stop_loss.maybe_sent else self.stop_loss)

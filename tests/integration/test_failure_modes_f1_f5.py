@@ -1288,6 +1288,43 @@ async def test_f8_a_trail_move_the_price_has_already_crossed_closes_the_position
         assert any("trailing stop" in row["message"] for row in said), said
 
 
+async def test_a_managed_trail_not_activated_is_no_protection_in_a_failures_words(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A managed trail armed and not activated has no order on the venue. Its hard stop gone and refused
+    again, the failure's line said "without its hard stop (its trailing protection is live)" while the venue
+    held no order for the position at all (r79: 42 s so). It says "unprotected" now, and why."""
+    settings = settings_for(db, {"PROTECTION__TRAILING__MODE": "managed"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        (guard,) = await open_positions(engine, clock, [SYMBOLS[44]])
+        await drive_until_covered(engine, clock, 1)
+        assert guard.trail is not None
+        assert guard.trail.stop_price is None  # armed, not activated: no trailing order on the venue
+        venue = engine.venue
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.SERVER_ERROR, 10_000, stops_only=True)
+        stop = guard.stop_loss.client_order_id
+        assert stop is not None
+        caplog.clear()
+        venue.core.cancel_order(guard.symbol, stop, clock.now())  # type: ignore[attr-defined]
+
+        def failures() -> list[str]:
+            return [
+                r.getMessage()
+                for r in caplog.records
+                if r.getMessage().startswith(f"Server error creating stop-loss for {guard.symbol}")
+            ]
+
+        await drive_until(clock, lambda: bool(failures()), what="the hard stop's replacement failing")
+        said = failures()[0]
+        assert "trailing protection is live" not in said, said
+        assert f"; {guard.symbol} unprotected (its managed trail has no stop on the venue" in said, said
+    finally:
+        await drive(clock, engine.stop())
+
+
 async def test_f4_a_trail_move_the_venue_keeps_refusing_waits_its_backoff_not_the_next_mark(
     db: Database,
 ) -> None:
