@@ -1128,12 +1128,26 @@ class RunningWave:
         self.positions: list[tuple[float, int]] = []  # (opened at, position id)
         self._opened = 0  # PositionOpened seen
         self._finished = 0  # positions accounted for by WaveFinished
+        # When the waves of the set began (`EngineSnapshot.wave_begun`, seen while painting): "since" was
+        # the first fill's time, 8 s after a slow wave's start (opme48).
+        self._began: float | None = None
+        self._next_began: float | None = None  # a wave begun before the set's first position opened
+
+    def note_begun(self, wave_begun: tuple[float, int] | None) -> None:
+        if wave_begun is None:
+            return
+        if self.positions:
+            self._began = wave_begun[0] if self._began is None else min(self._began, wave_begun[0])
+        else:
+            self._next_began = wave_begun[0]
 
     def see(self, event: object) -> None:
         if isinstance(event, PositionOpened):
             if self._opened <= self._finished:
                 self.positions = []
                 self._opened = self._finished
+                began, self._next_began = self._next_began, None
+                self._began = began if began is not None and began <= event.at else None
             self.positions.append((event.at, event.position_id))
             self._opened += 1
         elif isinstance(event, WaveFinished):
@@ -1146,12 +1160,16 @@ class RunningWave:
 
     @property
     def started_at(self) -> float | None:
-        return self.positions[0][0] if self.positions else None
+        if not self.positions:
+            return None
+        first = self.positions[0][0]
+        return first if self._began is None else min(self._began, first)
 
 
 def wave_line(snapshot: EngineSnapshot, running: RunningWave, tz: tzinfo | None) -> str:
     """The wave in progress with its state, else the newest finished one, in one line (below 140 columns
     the waves table gives its room to the log)."""
+    running.note_begun(snapshot.wave_begun)
     if running.started_at is not None:
         ids = {position_id for _, position_id in running.positions}
         uncovered = set(snapshot.coverage.uncovered_ids)

@@ -40,6 +40,7 @@ from tests.tui.snapshots import svg_to_text
 from tui import formatting
 from tui.app import RunningWave, wave_line
 from tui.feed import ReadOnlyFeed
+from tui.formatting import clock_time
 from tui.screens.info import LeaseHeldScreen
 from tui.screens.position import PositionDetailScreen
 from tui.widgets.coverage import CoverageGauge
@@ -405,12 +406,29 @@ async def test_a_wave_whose_entries_wait_for_the_venue_is_said_running_before_an
         await drive_until(clock, lambda: engine.snapshot().wave_begun is not None, what="the wave begun")
         snapshot = engine.snapshot()
         assert snapshot.positions == ()
-        line = wave_line(snapshot, RunningWave(), UTC)
+        running = RunningWave()
+        line = wave_line(snapshot, running, UTC)
         assert re.fullmatch(r"wave running since \d\d:\d\d:\d\d: 3 signals, none opened yet", line), line
+        began = clock_time(snapshot.wave_begun[0], UTC)  # type: ignore[index]
+        assert line == f"wave running since {began}: 3 signals, none opened yet"
         await drive_until(
             clock, lambda: engine.snapshot().wave_begun is None, limit=120, what="the wave ended"
         )
         assert not wave_line(engine.snapshot(), RunningWave(), UTC).startswith("wave running")
+        # Its positions opened 20 s after it began: the line says when the wave began, not the first fill
+        # (opme48: "since 09:17:57" of a wave begun at 09:17:49).
+        for view in engine.snapshot().positions:
+            running.see(
+                PositionOpened(
+                    at=clock.now(),
+                    position_id=view.position_id,
+                    symbol=view.symbol,
+                    side=view.side,
+                    quantity=view.quantity,
+                    entry_price=view.entry_price,
+                )
+            )
+        assert wave_line(engine.snapshot(), running, UTC).startswith(f"wave running since {began}: 3 opened")
     finally:
         await drive(clock, engine.stop())
 
