@@ -983,6 +983,9 @@ class DashboardApp(App[int]):
         if view is None:
             self.notify("No position selected.", severity="warning")
             return
+        if view.closing:  # offered again, a second close went after the first (opme48: two toasts)
+            self.notify(f"{view.symbol} is being closed already: its close at market is on its way.")
+            return
 
         def confirmed(yes: bool | None) -> None:
             if yes and self._watching_only:

@@ -549,3 +549,22 @@ async def test_a_signal_for_a_symbol_already_held_is_no_warning_on_the_log_panel
         unknown = row("unknown symbol NOPEUSDT")
         assert unknown is not None
         assert unknown.severity == "warning", unknown
+
+
+async def test_a_position_being_closed_says_so_and_is_not_offered_for_closing_again(db: Database) -> None:
+    """During an 8 s close the row went on saying "wait +1.67%", and `x` offered to close the position a
+    second time (opme48). The row says it is closing, and `x` says the close is on its way."""
+    latency = '{"create_order": {"distribution": "fixed", "seconds": 4.0}}'
+    async with dashboard(tui_settings(db, {"VENUE__SIM__LATENCY__BY_CALL": latency})) as board:
+        await started(board)
+        await board.open_positions([SYMBOLS[35]])
+        await board.until(lambda: board.engine.snapshot().coverage.protected == 1, "covered")
+        assert board.engine.manager is not None
+        guard = board.engine.manager.by_symbol[SYMBOLS[35]]
+        await board.press("x", "y")
+        await board.until(lambda: guard.closing, "the close on its way")
+        await board.until(lambda: "closing at market" in board.positions.row_text(guard.position_id), "said")
+        await board.press("x")
+        assert not isinstance(board.app.screen, ConfirmScreen)
+        assert any(f"{SYMBOLS[35]} is being closed already" in n for n in _notices(board))
+        await board.until(lambda: not board.engine.manager.by_symbol, "closed")
