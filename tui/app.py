@@ -461,6 +461,10 @@ class DashboardApp(App[int]):
                 defer=defer_rows,
             )
             subtitle = wave_line(snapshot, self.running_wave, self.tz)
+            if self.feed.read_only and not self._looked_after():
+                # Watching with no engine on the account: the rows are the records as the last one left them
+                # (a position its stop closed meanwhile still showed, "trail on last", marks frozen: opme48).
+                subtitle = "as recorded: no engine checks the venue now"
             if subtitle != self._positions_subtitle:  # setting one repaints the whole table, even unchanged
                 self._positions_subtitle = subtitle
                 self._positions.border_subtitle = subtitle

@@ -568,3 +568,38 @@ async def test_a_position_being_closed_says_so_and_is_not_offered_for_closing_ag
         assert not isinstance(board.app.screen, ConfirmScreen)
         assert any(f"{SYMBOLS[35]} is being closed already" in n for n in _notices(board))
         await board.until(lambda: not board.engine.manager.by_symbol, "closed")
+
+
+async def test_a_read_only_dashboard_says_its_rows_are_the_records_once_no_engine_runs(db: Database) -> None:
+    """The trading engine stopped; a read-only dashboard went on showing its positions, marks frozen, one
+    "trail on last" that the venue had closed meanwhile, with nothing but "no engine running" in the
+    header (opme48): `tsbot status` says "in the records: no engine checks the venue now", and so does the
+    positions panel."""
+    settings = tui_settings(db)
+    clock = ManualClock()
+    trader = make_engine(settings, clock)
+    await drive(clock, trader.start())
+    stopped = False
+    try:
+        await trader.store.insert_signals([(SYMBOLS[61], "long", None, None)])  # type: ignore[union-attr]
+        await drive(clock, _until_covered(trader, clock))
+        async with dashboard(settings, engine=make_engine(settings, clock)) as board:
+            board.app.read_only_poll_seconds = 0.05
+            from tui.screens.info import LeaseHeldScreen
+
+            await board.until(lambda: isinstance(board.app.screen, LeaseHeldScreen), "lease refusal shown")
+            await board.press("o")
+            await board.until(
+                lambda: board.positions.shown_symbols() == [SYMBOLS[61]], "the trader's position"
+            )
+            assert "as recorded" not in str(board.positions.border_subtitle)
+            await drive(clock, trader.stop())
+            stopped = True
+            await board.until(lambda: "no engine running" in board.status_text(), "the header says it")
+            await board.until(
+                lambda: str(board.positions.border_subtitle) == "as recorded: no engine checks the venue now",
+                "the positions panel says its rows are the records",
+            )
+    finally:
+        if not stopped:
+            await drive(clock, trader.stop())
