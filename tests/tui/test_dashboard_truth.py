@@ -185,6 +185,13 @@ async def test_enter_on_a_position_shows_every_field_and_its_stop_orders_venue_i
             assert order.exchange_order_id
             assert f"venue id {order.exchange_order_id}" in detail
             assert order.client_order_id in detail
+        # At 80×24 the text was cut after the stop-loss's row, the close hint with it, and nothing scrolled
+        # (opme48): it scrolls within the screen, its hint always shown.
+        assert "esc / enter: close" in text, text
+        await board.press("end")
+        await board.pilot.pause()
+        bottom = " ".join(svg_to_text(board.app.export_screenshot(), 80, 24).split())
+        assert all(order.client_order_id in bottom for order in orders), bottom
         await board.press("escape")
         assert not isinstance(board.app.screen, PositionDetailScreen)
 
