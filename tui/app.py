@@ -30,7 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
-from datetime import tzinfo
+from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import IO, ClassVar
 
@@ -285,6 +285,27 @@ class DashboardApp(App[int]):
         self.stopped_by = "quit"  # what ended the app, in the words of its exit line ("SIGTERM received")
         self.attention = CriticalAttention(in_tmux=bool(os.environ.get("TMUX")))
         self.running_wave = RunningWave()
+
+    def deliver_screenshot(
+        self, filename: str | None = None, path: str | None = None, time_format: str | None = None
+    ) -> str | None:
+        """The palette's "Screenshot", saved beside the log file (it went to ~/Downloads, which a server may
+        not have: "Failed to save screenshot", with no path and no reason; an operator), owner-only (it
+        shows the account's positions), its path or the reason it failed said."""
+        directory = Path(path) if path else Path(self.log_file).expanduser().absolute().parent
+        target = directory / (
+            filename or f"tsbot-tui-{datetime.now().strftime(time_format or '%Y-%m-%dT%H_%M_%S')}.svg"
+        )
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+                file.write(self.export_screenshot())
+        except OSError as exc:
+            self.notify(f"Screenshot not saved: {target}: {exc.strerror or exc}", severity="error")
+            return None
+        self.notify(f"Screenshot saved: {target} (owner-only)")
+        return str(target)
 
     def get_system_commands(self, screen: Screen[object]) -> Iterable[SystemCommand]:
         """Textual's own palette entries, less its "Quit": ours (with what quitting leaves) is the one. Its

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import stat
 from datetime import UTC
 from decimal import Decimal
+from pathlib import Path
 
 from engine.venues.sim.universe import UNIVERSE
 from storage.database import Database
@@ -234,3 +236,28 @@ async def test_a_long_operation_is_cut_on_one_line_not_wrapped_mid_word_at_80x24
         await pilot.pause(0.1)
         details = [log.get_row(r.key)[-1].plain for r in log.ordered_rows]
         assert "paused 0.4s: new entries paused by the operator" in details, details
+
+
+async def test_the_palettes_screenshot_is_saved_beside_the_log_owner_only_and_said_where(
+    tmp_path: Path,
+) -> None:
+    """Textual saved it to ~/Downloads, which a server may not have: "Failed to save screenshot", with no
+    path and no reason (an operator). It shows the account's positions: owner-only, like the log."""
+    settings = scenario_settings()
+    log_file = tmp_path / "logs" / "trading_bot.log"
+    app = DashboardApp(settings, feed=ScenarioFeed(settings), tz=UTC, code_roots=[], log_file=str(log_file))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await _settled(app, pilot)
+        prompts = await palette_prompts(app, pilot, "screenshot")
+        assert prompts[0] == "Screenshot", prompts
+        await pilot.press("enter")
+        for _ in range(300):
+            if list(log_file.parent.glob("*.svg")):
+                break
+            await pilot.pause(0.02)
+        [saved] = list(log_file.parent.glob("*.svg"))
+        assert stat.S_IMODE(saved.stat().st_mode) == 0o600
+        assert "<svg" in saved.read_text()
+        await pilot.pause(0.1)
+        notices = [str(n.message) for n in app._notifications]
+        assert any(f"Screenshot saved: {saved}" in n for n in notices), notices
