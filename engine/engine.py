@@ -257,12 +257,20 @@ class StartupReport:
     # venue that lost them): closed. Unsaid, a start that closed six positions read "restored 0,
     # re-protected 0, adopted 0, failed 0" (a reviewer).
     closed_symbols: tuple[str, ...] = ()
+    # Closed at market by the start itself: a stop it had to place again was already crossed (said as found
+    # ended on the venue, r79), or a fired stop never filled.
+    breached_symbols: tuple[str, ...] = ()
 
     def describe(self) -> str:
         text = f"restored {self.restored}, re-protected {self.reprotected}, adopted {self.adopted}, failed {self.failed}"
         text += f" ({', '.join(self.failed_symbols)})" if self.failed_symbols else ""
         if self.closed_symbols:
             text += f"; closed {len(self.closed_symbols)}, found ended on the venue: {', '.join(self.closed_symbols)}"
+        if self.breached_symbols:
+            text += (
+                f"; closed {len(self.breached_symbols)} at market, a stop already crossed: "
+                f"{', '.join(self.breached_symbols)}"
+            )
         if self.gone_symbols:
             text += f"; gone from the venue, being confirmed: {', '.join(self.gone_symbols)}"
         if self.in_doubt_symbols:
@@ -2053,9 +2061,20 @@ class Engine:
         )
         unlisted = tuple(sorted(p.symbol for p in positions if p.symbol not in self.markets))
         ended = {g.position_id: g for g in (*guards, *waited) if g.closed}
-        closed = tuple(sorted(g.symbol for g in ended.values()))
+        by_the_start = {"stop_breached", "stop_not_filled"}  # the start closed them at market itself
+        closed = tuple(sorted(g.symbol for g in ended.values() if g.closed_as not in by_the_start))
+        breached = tuple(sorted(g.symbol for g in ended.values() if g.closed_as in by_the_start))
         return StartupReport(
-            restored, reprotected, adopted, len(failed), tuple(failed), gone, in_doubt, unlisted, closed
+            restored,
+            reprotected,
+            adopted,
+            len(failed),
+            tuple(failed),
+            gone,
+            in_doubt,
+            unlisted,
+            closed,
+            breached,
         )
 
     async def _restore_records(self, *, restart: bool) -> _RestoreRecords:

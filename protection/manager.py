@@ -606,6 +606,7 @@ class PositionGuard:
         # A close we sent is in flight: the position is on its way out on purpose. Its stops stay on the
         # venue until the close fills, so it is as covered as it was; shown as "closing", never an alarm.
         self.closing = False
+        self.closed_as = ""  # the exit reason it was recorded closed with (`stop_breached`: by the engine)
         # The account stream's word on the close in flight (its client id), kept for `_close_at_market`:
         # the venue's answer when the call's own answer is late or lost.
         self._closing_cid: str | None = None
@@ -3400,6 +3401,7 @@ class PositionGuard:
             self.retiring = {}  # still open: its stops are its own again
             raise
         self.closed = True
+        self.closed_as = exit_reason
         self.ended.set()
         self._pass_finished.set()  # nobody waits for a pass of a closed position
         self._superseded.clear()

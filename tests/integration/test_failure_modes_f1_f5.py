@@ -872,6 +872,37 @@ async def test_f4_a_managed_trail_keeps_trailing_after_a_restart_in_native_mode(
         await drive(clock, engine_b.stop())
 
 
+async def test_a_start_that_closes_a_position_at_market_says_so_not_found_ended(db: Database) -> None:
+    """While no engine ran, the hard stop went and the price crossed its level. The start sends it again,
+    the venue refuses it as already crossed, and the start closes the position at market: its report said
+    "closed 1, found ended on the venue", of a position the start itself closed (r79)."""
+    settings = settings_for(db)
+    clock = ManualClock()
+    engine_a = make_engine(settings, clock)
+    await drive(clock, engine_a.start())
+    try:
+        (guard,) = await open_positions(engine_a, clock, [SYMBOLS[37]])
+        await drive_until_covered(engine_a, clock, 1)
+        stop, stop_price = guard.stop_loss.client_order_id, guard.stop_loss.price
+    finally:
+        await drive(clock, engine_a.stop())
+    assert stop is not None
+    assert stop_price is not None
+    venue = engine_a.venue
+    venue.core.cancel_order(guard.symbol, stop, clock.now())  # type: ignore[attr-defined]
+    market = engine_a.markets[guard.symbol]
+    venue.override_mark_price(guard.symbol, market.round_price(stop_price * Decimal("0.99")))
+    engine_b = restarted(engine_a, settings, clock)
+    report = await drive(clock, engine_b.start())
+    try:
+        assert report.breached_symbols == (guard.symbol,), report.describe()
+        assert report.closed_symbols == ()
+        assert f"closed 1 at market, a stop already crossed: {guard.symbol}" in report.describe()
+        assert "found ended on the venue" not in report.describe()
+    finally:
+        await drive(clock, engine_b.stop())
+
+
 async def test_f3_reopened_symbol_does_not_inherit_the_old_trail(db: Database) -> None:
     """F3, state keyed by symbol: in the old bot a re-opened symbol inherited the previous position's side
     and stop. Here a long on a symbol is trailed, closed, and the symbol re-opened as a short: the short
