@@ -2719,15 +2719,7 @@ class PositionGuard:
         if order.purpose is OrderPurpose.STOP_LOSS:
             message = f"{self.symbol}: price already through the stop-loss at {order.price} (would trigger immediately)"
             if m.config.close_on_would_trigger:
-                log.error("%s: closing reduce-only at market", message)
-                await m.store.record_event(
-                    Severity.ERROR,
-                    "stop_breached",
-                    message + ": closing at market",
-                    symbol=self.symbol,
-                    position_id=self.position_id,
-                )
-                self.submit(ClosePosition(exit_reason="stop_breached"))
+                await self._close_breached("stop-loss", order.price)
                 return _Outcome.BREACHED
             log.error("%s: left open (close_on_would_trigger = false); uncovered", message)
             await m.store.record_event(
@@ -2759,7 +2751,7 @@ class PositionGuard:
                 self.trailing_stop.price = self.onto_grid(self.trail.stop_price, OrderPurpose.TRAILING_STOP)
             outcome = await self._ensure(self.trailing_stop, self._send_trail_stop(self.trailing_stop))
             if outcome is _Outcome.BREACHED and m.config.close_on_would_trigger:
-                await self._close_trail_breached(self.trailing_stop.price)
+                await self._close_breached("trailing stop", self.trailing_stop.price)
                 return False
             if outcome is not _Outcome.CONFIRMED:
                 return False
@@ -2832,7 +2824,7 @@ class PositionGuard:
                 # The price fell through the trail's new level before the venue had the stop: the trail is
                 # breached. The old, looser stop was left alone while the position stayed open below the
                 # trail's level, nothing more sent (r79: 60 s, 0.9 % under the stop the peak decided).
-                await self._close_trail_breached(new_price)
+                await self._close_breached("trailing stop", new_price)
                 return False
             return outcome is _Outcome.BREACHED  # breached, left open by configuration: the old stop stays
         self._move_finishing = True
@@ -2842,12 +2834,10 @@ class PositionGuard:
             self._move_finishing = False
         return True
 
-    async def _close_trail_breached(self, level: Decimal | None) -> None:
-        """The managed trail's stop at `level` was refused as already crossed: its level is breached, closed
-        reduce-only at market (`stop_breached`: the engine closed it, no stop fired)."""
-        message = (
-            f"{self.symbol}: price already through the trailing stop at {level} (would trigger immediately)"
-        )
+    async def _close_breached(self, stop: str, level: Decimal | None) -> None:
+        """The `stop` ("stop-loss", "trailing stop") at `level` was refused as already crossed: its level is
+        breached, closed reduce-only at market (`stop_breached`: the engine closed it, no stop fired)."""
+        message = f"{self.symbol}: price already through the {stop} at {level} (would trigger immediately)"
         log.error("%s: closing reduce-only at market", message)
         await self._m.store.record_event(
             Severity.ERROR,
