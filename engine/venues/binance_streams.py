@@ -23,7 +23,7 @@ Binance routes USDⓈ-M websockets by kind since 2026 (the unrouted legacy URLs 
 * Account: `POST /fapi/v1/listenKey`, connect `/private/ws/<listenKey>`, `PUT` every `listen_key_keepalive_seconds`
   (30 min; the key lives 60). `listenKeyExpired` or a refused keep-alive (-1125) makes a new key and a new
   connection; a keep-alive refused for the rate (a ban) is asked again when the venue says, the stream going
-  on. A reconnect after a connection that lived uses the key in hand, with no REST call, so a stream
+  on. Closing leaves the key to lapse: the account has one, which another client may be using. A reconnect after a connection that lived uses the key in hand, with no REST call, so a stream
   dropped during a REST ban comes back in it (`_key_in_hand`). Once live again after any interruption the stream yields a `StreamGap` naming when events
   may have stopped: the reader reconciles.
 * Both: no message (data, pong) for `stall_seconds` while connected is a stall (we ping at half of it):
@@ -37,7 +37,6 @@ The listen key is a credential: it appears in no log line, no state, no exceptio
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -123,7 +122,6 @@ class BinanceStreams:
         rest_marks: Callable[[Collection[str] | None], Awaitable[dict[str, MarkPrice]]],
         create_key: Callable[[], Awaitable[str]],
         keep_alive_key: Callable[[], Awaitable[None]],
-        delete_key: Callable[[], Awaitable[None]],
         mark_poll_seconds: float,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -134,7 +132,6 @@ class BinanceStreams:
         self._settings = settings
         self._create_key = create_key
         self._keep_alive_key = keep_alive_key
-        self._delete_key = delete_key
         self._market = ReconnectingSocket("binance", "marks", settings, session)
         self._account = ReconnectingSocket("binance", "account", settings, session)
         self._supervisor = Supervisor("binance")
@@ -175,11 +172,10 @@ class BinanceStreams:
             queue.put_nowait(None)  # the account watchers end
         self._marks.close()
         await self._supervisor.close()
-        if self._listen_key is not None:
-            self._listen_key = None
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(2.0):
-                    await self._delete_key()
+        # The listen key is left to lapse (an hour after its last keep-alive): the account has one, and
+        # another client may use it now. Deleted, it closed the stream of the engine that had just taken
+        # the account over (r80: a gap and a reconcile pass at every takeover).
+        self._listen_key = None
 
     def _on_engine_clock(self, at: float | None) -> float | None:
         return None if at is None else self._monotonic() - (time.monotonic() - at)

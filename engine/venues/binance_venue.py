@@ -116,7 +116,6 @@ class BinanceUsdmVenue(CcxtVenue):
             rest_marks=self.fetch_mark_prices,
             create_key=self._create_listen_key,
             keep_alive_key=self._keep_alive_listen_key,
-            delete_key=self._delete_listen_key,
             mark_poll_seconds=config.mark_poll_seconds,
             monotonic=self._clock.monotonic,
         )
@@ -190,9 +189,6 @@ class BinanceUsdmVenue(CcxtVenue):
 
     async def _keep_alive_listen_key(self) -> None:
         await self._call(self._exchange.fapiPrivatePutListenKey(), mutating=False)
-
-    async def _delete_listen_key(self) -> None:
-        await self._call(self._exchange.fapiPrivateDeleteListenKey(), mutating=False)
 
     # ---- markets and market data ------------------------------------------------------------------------
 

@@ -640,7 +640,7 @@ class CcxtVenue(RequestHooks):
             resync.cancel()
             await asyncio.gather(resync, return_exceptions=True)
         if self._streams is not None:
-            await self._streams.close()  # Binance deletes its listen key while the session is still open
+            await self._streams.close()  # (before the session: its sockets use it)
         self._closed = True
         try:
             await self._exchange.close()

@@ -570,3 +570,40 @@ async def test_the_marks_streams_last_event_is_its_last_data_not_a_pong() -> Non
         assert marks.connected
         assert marks.last_event_at is not None
         assert marks.last_event_at <= dropped_at + 0.2, (marks.last_event_at - dropped_at, marks)
+
+
+async def test_a_client_closing_leaves_the_accounts_listen_key_to_the_others() -> None:
+    """Binance gives an account one listen key. An engine stopping deleted it, and with it the user-data
+    stream of the engine that had just taken the account over (r80: "closed by the venue; reconnecting"
+    at every takeover, a gap and a reconcile pass). A closing client leaves the key; it lapses on its own
+    an hour after its last keep-alive."""
+    async with rig(symbols=[SYMBOL]) as r:
+        other = BinanceUsdmVenue(
+            CcxtVenueConfig(
+                kind="binanceusdm",
+                api_key=KEY,
+                api_secret=SECRET,
+                base_url=r.base_url,
+                mark_poll_seconds=0.2,
+                streams=FAST,
+            )
+        )
+        await other.connect()
+        await other.load_markets()
+        told: list[object] = []
+
+        async def read() -> None:
+            async for event in other.watch_account():
+                told.append(event)
+
+        reader = asyncio.create_task(read())
+        try:
+            await wait_until(lambda: len(told) >= 1, what="the other client's stream live")
+            gaps_before = len(r.gaps())
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            await other.close()
+        await asyncio.sleep(2.0)  # (a closed stream is said within the backoff's first step, 0.2 s)
+        assert len(r.gaps()) == gaps_before, r.gaps()
+        assert await r.user_connected()
