@@ -607,6 +607,7 @@ class PositionGuard:
         # venue until the close fills, so it is as covered as it was; shown as "closing", never an alarm.
         self.closing = False
         self.closed_as = ""  # the exit reason it was recorded closed with (`stop_breached`: by the engine)
+        self.close_held_back = False  # its close waits for its place in the venue's windows: nothing sent
         # The account stream's word on the close in flight (its client id), kept for `_close_at_market`:
         # the venue's answer when the call's own answer is late or lost.
         self._closing_cid: str | None = None
@@ -3268,12 +3269,15 @@ class PositionGuard:
             try:
                 while not slot.done() and not self._close_wait_taken():
                     self._ending_told.clear()
+                    self.close_held_back = True
                     await first_of(asyncio.shield(slot), self._ending_told.wait())
             except BaseException:
                 await end_all(slot)
                 if not slot.cancelled() and slot.exception() is None:  # a place taken, never sent
                     m.budget.order_answered(slot.result(), room=False)
                 raise
+            finally:
+                self.close_held_back = False
             await end_all(slot)
             if not slot.cancelled():  # the place came as the wait ended: the close goes
                 return True, slot.result()
@@ -4585,14 +4589,19 @@ class ProtectionManager:
         (filled and recorded, or refused and the position kept with its stops). Cut short, one left its
         record `active` with the close `pending` while the venue closed it, and the exit line counted it
         among the positions keeping their stops (opme48). Returns how many were still under way."""
-        closing = [g for g in self.guards.values() if g.closing and not g.closed]
+        # Only those on their way to the venue: one held back (a ban, a 429's hold) has sent nothing and
+        # waits for the venue's word, minutes maybe; waited for, the stop took 25 s and then said it
+        # "unanswered" (r81). It is given up with the stop, nothing sent.
+        closing = [g for g in self.guards.values() if g.closing and not g.close_held_back and not g.closed]
         if not closing:
             return 0
         log.info("stopping: letting %d closes at market under way finish (up to %.0fs)", len(closing), within)
         deadline = self.clock.monotonic() + within
         # Until each close's own call has answered (its position may be known closed a moment sooner, by the
         # stream: cut there, the operator's `x` was answered "not confirmed" of a position that closed).
-        while (left := [g for g in closing if g.closing]) and self.clock.monotonic() < deadline:
+        while (
+            left := [g for g in closing if g.closing and not g.close_held_back]
+        ) and self.clock.monotonic() < deadline:
             await self.clock.sleep(0.05)
         if left:
             log.warning(

@@ -993,3 +993,43 @@ async def test_a_position_on_a_symbol_the_venue_stopped_trading_is_guarded_after
             assert reason == f"{other} is not trading on {kind} ({status})"
         finally:
             await second.stop()
+
+
+async def test_a_stop_does_not_wait_for_a_close_held_back_by_a_ban(db: Database) -> None:
+    """A close that waits out the venue's ban has sent nothing. The stop waited 25 s for it (two and a half
+    call budgets), then said it "still unanswered … the next start reads them on the venue" (r81, the Binance
+    wire): past systemd's stop timeout with a longer budget. It is given up with the stop, nothing sent, and
+    the position keeps its stops."""
+    emulator = BinanceEmulator(
+        SimVenueSettings(seed=7, volatility=0.0), api_key=KEY, api_secret=SECRET, control=True
+    )
+    async with running(emulator) as url:
+        engine = binance_wire_engine(db.target.dsn, url, KEY, SECRET, {"PROTECTION__RECONCILE_SECONDS": "1"})
+        await engine.start()
+        try:
+            assert engine.store is not None
+            symbol = sorted(emulator.core.markets)[3]
+            await engine.store.insert_signals([(symbol, "long", None, None)])
+            await wait_until(
+                lambda: engine.manager is not None and engine.snapshot().coverage.protected == 1,
+                within=30,
+                what="covered",
+            )
+            assert engine.manager is not None
+            guard = engine.manager.by_symbol[symbol]
+            budget = engine.order_budget
+            assert budget is not None
+            async with aiohttp.ClientSession() as control:
+                body = {"targets": ["GET:positionRisk"], "fault": "ban:300", "count": 1}
+                async with control.post(f"{url}/_sim/fault", json=body) as answer:
+                    assert answer.status == 200
+            await wait_until(lambda: budget.banned_for() is not None, within=30, what="the ban met")
+            closing = asyncio.create_task(engine.close_position(guard.position_id))
+            await wait_until(lambda: guard.close_held_back, within=30, what="the close held back by the ban")
+            began = time.monotonic()
+        finally:
+            await engine.stop()
+        assert time.monotonic() - began < 10.0, "the stop waited for a close that had sent nothing"
+        assert not await closing
+        assert [p.symbol for p in emulator.core.positions(emulator.now())] == [symbol]
+        assert await db.pool.fetchval("SELECT count(*) FROM monitoring.orders WHERE purpose = 'close'") == 0
