@@ -71,9 +71,13 @@ def start_embedded(data_dir: Path) -> EmbeddedPostgres:
     if state is PostmasterState.DEAD and pid is not None:
         # Its postmaster died without cleaning up (SIGKILL: in a container whose init does not reap, it even
         # stays a zombie that pgserver and PostgreSQL would both take for a live server): start it again.
+        import psutil  # pgserver's own dependency
+
+        # (A live pid there is another directory's server, named by a stale file: it did not die; r81.)
+        why = "its postmaster.pid named another server's" if _alive(pid, psutil) else "had died"
         server = restart_embedded(data_dir)
         log.info(
-            "embedded PostgreSQL started again: data %s, pid %s (pid %s had died)", data_dir, server.pid, pid
+            "embedded PostgreSQL started again: data %s, pid %s (pid %s %s)", data_dir, server.pid, pid, why
         )
         return server
     if _joined(data_dir):

@@ -22,8 +22,9 @@ ROOT = Path(__file__).resolve().parents[2]
 # A user of the server in `argv[1]`: it joins, then exits ("exit"), is killed ("kill"), or stops the server
 # whoever else uses it ("stop": whoever owns the directory's lifetime, here the test, whatever happened).
 USE_AND = """
-import os, signal, sys
+import logging, os, signal, sys
 from pathlib import Path
+logging.basicConfig(level=logging.INFO)  # (what it says of the server, to stderr)
 from storage.embedded import start_embedded, stop_embedded
 start_embedded(Path(sys.argv[1]))
 if sys.argv[2] == "kill":
@@ -126,6 +127,7 @@ def test_a_stale_pid_file_naming_another_server_neither_joins_nor_kills_it(tmp_p
 
         used = _user(ours, "exit")
         assert used.returncode == 0, used.stderr
+        assert f"(pid {other_pid} its postmaster.pid named another server's)" in used.stderr, used.stderr
         assert psutil.pid_exists(other_pid)
         assert postmaster_state(other) == (PostmasterState.RUNNING, other_pid)  # untouched, still serving
         assert _stopped_within(ours, 15.0)  # ours started, served, and stopped with its last user
