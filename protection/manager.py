@@ -27,7 +27,7 @@ import contextlib
 import functools
 import logging
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import ROUND_DOWN, ROUND_UP, Decimal
@@ -3786,6 +3786,10 @@ class ProtectionManager:
         # position stays its own through a moment without an order of its there (a stop being replaced, one
         # TRIGGERING, one not readable yet): adopted then, it got a second pair of stops (r74).
         self.other_installation_symbols: set[str] = set()
+        # This database's orders for positions recorded under another account identity (another API key of
+        # the same venue account): left alone (`saw_other_identities`).
+        self.other_identity_orders: set[str] = set()
+        self._other_identities: set[str] = set()
         self._told_recorded: dict[int, set[str]] = {}  # the recorded stops told to the venue, by position
         self._unfinished_told: set[str] = set()  # fired stops of closed positions already said (once each)
         self._cancel_failure_said: dict[str, float] = {}  # failing cancels, by id: when last said (monotonic)
@@ -5060,6 +5064,25 @@ class ProtectionManager:
             log.critical("%s", message)
             self.spawn_event_write(Severity.CRITICAL, "other_installation", message, None, None)
         self.other_installations = seen
+
+    def saw_other_identities(self, theirs: Mapping[str, Sequence[Order]]) -> None:
+        """Note this database's orders on the venue account for positions recorded under other account
+        identities (by identity), a listing's: left alone and never adopted; said at CRITICAL when one
+        appears, and the breaker pauses entries while they are there (as another installation's)."""
+        self.other_identity_orders = {o.client_order_id for orders in theirs.values() for o in orders}
+        self.other_installation_symbols |= {o.symbol for orders in theirs.values() for o in orders}
+        for account in sorted(theirs.keys() - self._other_identities):
+            message = (
+                f"another identity of this venue account trades it from this database: the venue holds "
+                f"{counted(len(theirs[account]), 'open order')} this database recorded for account {account} "
+                "(another API key of the account, or the testnet setting flipped); its positions are left to "
+                "its engine, and entries are paused by the breaker (resumed by the operator once they are "
+                "gone). One engine per venue account"
+            )
+            log.critical("%s", message)
+            self.spawn_event_write(Severity.CRITICAL, "other_identity", message, None, None)
+        self._other_identities = set(theirs)
+        self.other_installations.update({f"identity {a}": len(o) for a, o in theirs.items()})
 
     def request_reconcile(self) -> None:
         self._reconcile_requested.set()

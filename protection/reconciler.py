@@ -231,6 +231,7 @@ class Reconciler:
                 ", ".join(sorted(report.kept)),
             )
 
+        await self._note_other_identities(open_orders)
         tracked = {g.symbol for g in manager.guards.values()} | self._entries_in_flight()
         # A position another installation of this program protects (its stops live on the symbol) is that
         # engine's: adopted, it got a second pair of stops from here (two databases, one account).
@@ -481,6 +482,24 @@ class Reconciler:
         await self._adopt(venue_position, alone)
         report.adopted.append(venue_position.symbol)
 
+    async def _note_other_identities(self, open_orders: Sequence[Order]) -> None:
+        """Orders this database sent for positions it records under another account identity of the same
+        venue account (another API key of it, the testnet setting flipped): that identity's engine trades
+        here. Taken for orphans, each engine cancelled the other's stops at every pass, and adopted the
+        other's positions (r80, r81). Told to the manager, which leaves them alone."""
+        manager = self._manager
+        unguarded: dict[int, list[Order]] = {}
+        for order in open_orders:
+            key = parse_client_order_id(order.client_order_id, manager.token)
+            if key is not None and key.position_id not in manager.guards:
+                unguarded.setdefault(key.position_id, []).append(order)
+        theirs: dict[str, list[Order]] = {}
+        if unguarded:
+            for position_id, account in (await self._store.accounts_of_positions(unguarded)).items():
+                if account != self._store.account:
+                    theirs.setdefault(account, []).extend(unguarded[position_id])
+        manager.saw_other_identities(theirs)
+
     async def _cancel_if_stale(self, order: Order, report: ReconcileReport) -> None:
         manager = self._manager
         if manager.stopped:
@@ -488,6 +507,8 @@ class Reconciler:
         key = parse_client_order_id(order.client_order_id, manager.token)
         if key is None:
             return  # not ours: never touched
+        if order.client_order_id in manager.other_identity_orders:
+            return  # another identity's of this database (`_note_other_identities`): its engine's
         guard = manager.guards.get(key.position_id)
         if guard is not None and order.client_order_id in guard.order_ids():
             return

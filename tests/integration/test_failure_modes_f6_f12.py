@@ -1018,6 +1018,52 @@ async def test_f16_a_second_identity_of_one_venue_account_on_one_database_is_ref
         await drive(clock, first.stop())
 
 
+async def test_f16_a_second_identity_appearing_on_the_venue_account_is_left_alone_and_pauses_entries(
+    db: Database,
+) -> None:
+    """The start-up refusal above is passed by a second identity started while the first held no order (it
+    was flat): it then opened positions, and the first engine, at its next passes, adopted them as not
+    recorded for it and cancelled their stops as orphans, and the second cancelled the first's back (r81:
+    41 and 36 cancels in 70 s, status OK). Orders this database sent for another identity's positions are
+    that identity's: left alone, said at CRITICAL, and entries paused by the breaker."""
+    clock = ManualClock()
+    first, _ = await _started(
+        db, {"VENUE__ACCOUNT": "first", "PROTECTION__RECONCILE_SECONDS": "2"}, clock=clock
+    )
+    second = None
+    try:
+        venue = first.venue
+        assert isinstance(venue, SimVenue)
+        second = make_engine(engine_settings(db.target.dsn, {"VENUE__ACCOUNT": "second"}), clock, venue)
+        await drive(clock, second.start())  # (the first holds no order: nothing refuses it)
+        await _open(second, clock, SYMBOL)
+        assert second.manager is not None
+        guard = second.manager.by_symbol[SYMBOL]
+        theirs = {guard.stop_loss.client_order_id, guard.trailing_stop.client_order_id}
+        assert first.manager is not None
+        runs = first.reconciler.runs if first.reconciler is not None else 0
+        await drive_until(
+            clock,
+            lambda: first.reconciler is not None and first.reconciler.runs >= runs + 3,
+            what="three passes of the first engine",
+        )
+        live = {o.client_order_id for o in venue.core.open_protective_orders(clock.now())}
+        assert theirs <= live, "the first engine cancelled the second identity's stops"
+        # (Whether the first adopted the position before the second's stops were on the venue is a race no
+        # order can settle yet: then both protect it, neither cancelling the other's stops.)
+        await drive_until(clock, lambda: first.entries_paused_by == "breaker", what="the breaker's pause")
+        said = await db.pool.fetchval(
+            "SELECT message FROM monitoring.events WHERE type = 'other_identity' AND severity = 'critical'"
+        )
+        assert said is not None
+        assert "sim:second" in said, said
+        assert guard.covered
+    finally:
+        if second is not None:
+            await drive(clock, second.stop())
+        await drive(clock, first.stop())
+
+
 async def test_f9_another_installation_appearing_on_the_account_pauses_entries_and_is_not_adopted(
     db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
