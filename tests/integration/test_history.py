@@ -464,3 +464,35 @@ async def test_only_the_measuring_engines_own_stop_ends_its_samples(db: Database
         measured.append(report.measured_seconds)
     # Taken over: 30 s of samples, the last standing its 30 s. Stopped: up to the stop, 5 s past the last.
     assert measured == [Decimal("60.000"), Decimal("35.000")]
+
+
+async def test_a_first_protection_later_than_grace_is_an_uncovered_span_from_the_fill(db: Database) -> None:
+    """Stops that reached the venue 6–9 s after the fill (grace 5 s): the dashboard said UNCOVERED and the
+    breaker tripped, and the history recorded nothing, `tsbot report` "uncovered: 0.554 s" (opme48). A first
+    protection later than the grace period is a span from the fill; one within it is the opening's round
+    trip, no span."""
+    # (A stop is confirmed when the venue takes it, by the account stream: half the round trip, 6 s here.)
+    latency = '{"create_order": {"distribution": "fixed", "seconds": 12.0}}'
+    settings = settings_for(
+        db, {"VENUE__SIM__LATENCY__BY_CALL": latency, "VENUE__SIM__REQUEST_TIMEOUT_SECONDS": "20"}
+    )
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        (guard,) = await open_positions(engine, clock, [SYMBOLS[70]])
+        await drive_until_covered(engine, clock, 1)
+        await drive_until(
+            clock,
+            lambda: db.pool.fetchval(
+                "SELECT count(*) = 1 FROM monitoring.uncovered_spans WHERE ended_at IS NOT NULL"
+            ),
+            what="the span recorded",
+        )
+        [span] = await _spans(db)
+        assert span["position_id"] == guard.position_id
+        assert span["ended_by"] == "protected"
+        lasted = (span["ended_at"] - span["started_at"]).total_seconds()
+        assert 5.0 < lasted <= 9.0, lasted  # from the fill to both stops confirmed (6 s after they left)
+    finally:
+        await drive(clock, engine.stop())
