@@ -608,6 +608,9 @@ class PositionGuard:
         self.closing = False
         self.closed_as = ""  # the exit reason it was recorded closed with (`stop_breached`: by the engine)
         self.close_held_back = False  # its close waits for its place in the venue's windows: nothing sent
+        # Its fill was this engine's entry's, just now (not a restored or adopted position): a first protection
+        # later than grace is a span from it (`_write_facts`).
+        self.fresh_fill = False
         # The account stream's word on the close in flight (its client id), kept for `_close_at_market`:
         # the venue's answer when the call's own answer is late or lost.
         self._closing_cid: str | None = None
@@ -3662,7 +3665,11 @@ class PositionGuard:
         late_first = None  # a first protection later than the grace period: uncovered from the fill
         if covered:
             if self.protected_at is None:
-                if now - self.filled_at > m.config.grace_seconds and self.naked_since is None:
+                if (
+                    self.fresh_fill
+                    and now - self.filled_at > m.config.grace_seconds
+                    and self.naked_since is None
+                ):
                     late_first = _datetime(m.clock.now() - (now - self.filled_at))
                 self.protected_at = now
                 self.protected.set()
@@ -3885,6 +3892,7 @@ class ProtectionManager:
             filled_at=self.clock.monotonic() if filled_at is None else filled_at,
         )
         guard.naked_since = naked_since
+        guard.fresh_fill = fresh_fill
         if position.unprotected_since is not None:
             guard.resume_unprotected_since(position.unprotected_since)
         elif position.has_stop_loss and position.trailing_in_place:
