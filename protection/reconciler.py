@@ -47,6 +47,7 @@ from storage.repositories import LIVE_ORDER_STATUSES, OrderPurpose, OrderRecordS
 log = logging.getLogger(__name__)
 
 MISSING_CHECKS_PER_PASS = 20  # positions missing from the venue's list that one pass looks into
+ACCOUNTS_READ_SECONDS = 2.0  # the read of whose orders of ours without a guard are, at most
 
 
 # The exit reason of a position found closed by a close order of ours whose guard never heard its answer
@@ -131,6 +132,9 @@ class Reconciler:
         self._adopt = adopt
         self._entries_in_flight = entries_in_flight
         self._absent_once: set[int] = set()
+        # This pass's orders of ours without a guard whose positions' accounts could not be read (the
+        # database down): whose they are is unknown, so none of them is cancelled as an orphan.
+        self._unattributed: set[str] = set()
         self.runs = 0
 
     async def take_snapshot(self, lane: Lane = Lane.READ) -> VenueSnapshot:
@@ -494,10 +498,27 @@ class Reconciler:
             if key is not None and key.position_id not in manager.guards:
                 unguarded.setdefault(key.position_id, []).append(order)
         theirs: dict[str, list[Order]] = {}
-        if unguarded:
-            for position_id, account in (await self._store.accounts_of_positions(unguarded)).items():
-                if account != self._store.account:
-                    theirs.setdefault(account, []).extend(unguarded[position_id])
+        self._unattributed = set()
+        if not unguarded:
+            manager.saw_other_identities(theirs)
+            return
+        try:
+            if getattr(self._store, "down", False):
+                raise ConnectionError("the database is down")
+            # Briefly: a restart of protection waits for this pass (a read held by a dead server held it).
+            async with asyncio.timeout(ACCOUNTS_READ_SECONDS):
+                accounts = await self._store.accounts_of_positions(unguarded)
+        except Exception as exc:
+            self._unattributed = {o.client_order_id for orders in unguarded.values() for o in orders}
+            log.info(
+                "reconcile: whose %s of ours without a guard are not read (%s): none is cancelled this pass",
+                counted(len(self._unattributed), "order"),
+                type(exc).__name__,
+            )
+            return
+        for position_id, account in accounts.items():
+            if account != self._store.account:
+                theirs.setdefault(account, []).extend(unguarded[position_id])
         manager.saw_other_identities(theirs)
 
     async def _cancel_if_stale(self, order: Order, report: ReconcileReport) -> None:
@@ -507,8 +528,11 @@ class Reconciler:
         key = parse_client_order_id(order.client_order_id, manager.token)
         if key is None:
             return  # not ours: never touched
-        if order.client_order_id in manager.other_identity_orders:
-            return  # another identity's of this database (`_note_other_identities`): its engine's
+        if (
+            order.client_order_id in manager.other_identity_orders
+            or order.client_order_id in self._unattributed
+        ):
+            return  # another identity's of this database, or not known whose (`_note_other_identities`)
         guard = manager.guards.get(key.position_id)
         if guard is not None and order.client_order_id in guard.order_ids():
             return

@@ -16,6 +16,7 @@ import math
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Mapping
+from decimal import Decimal
 from pathlib import Path
 
 import asyncpg
@@ -27,7 +28,7 @@ from engine.commands import ProtectionRestartRefused
 from engine.config import Settings
 from engine.engine import Engine
 from engine.events import SignalRejected
-from engine.exchange.port import OrderType
+from engine.exchange.port import OrderSide, OrderType
 from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, LatencyDistribution, LatencySettings
 from protection.health import Component, HealthState
@@ -793,3 +794,53 @@ async def test_a_frozen_database_is_timed_from_its_first_unanswered_request_and_
         for pid in frozen:
             resume(pid)
         await engine.stop()
+
+
+async def test_a_reconcile_pass_with_an_order_of_ours_without_a_guard_goes_on_while_the_database_is_down(
+    owned_server: EmbeddedPostgres, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pass reads whose orders of ours without a guard are (another identity's of this database?). With the
+    database down the read is not made (or given up after 2 s: a protection restart waits for the pass in
+    flight), the passes go on, and such an order, whose it is not known, is not cancelled."""
+    settings, _dsn = _settings(owned_server, tmp_path, {"PROTECTION__RECONCILE_SECONDS": "2"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    stale_lock = StaleSocketLock(owned_server)
+    try:
+        watch = engine.db_watch
+        assert watch is not None
+        guard = await _open(engine, clock, COVERED_BEFORE)
+        venue = engine.venue
+        assert isinstance(venue, SimVenue)
+        market = engine.markets["ALLUSDT"]
+        mark = venue.core.mark("ALLUSDT")
+        # Ours by token, of a position this engine does not guard (another identity's, or one it lost).
+        token = guard.stop_loss.client_order_id.split("-")[0]  # type: ignore[union-attr]
+        unguarded = f"{token}-999-sl0"
+        venue.core.place_market_order(
+            "ALLUSDT", OrderSide.BUY, market.min_quantity * 100, "by-hand", clock.now()
+        )
+        venue.core.place_stop_market_order(
+            "ALLUSDT",
+            OrderSide.SELL,
+            market.min_quantity * 100,
+            market.round_price(mark * Decimal("0.9")),
+            unguarded,
+            clock.now(),
+        )
+        kill_postmaster(owned_server.data_dir)
+        stale_lock.hold()
+        await drive_until(clock, lambda: watch.down, what="the outage noticed")
+        caplog.clear()
+        reconciler = engine.reconciler
+        assert reconciler is not None
+        runs = reconciler.runs
+        await drive_until(clock, lambda: reconciler.runs >= runs + 5, limit=60, what="five passes")
+        failed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("reconciler failed")]
+        assert failed == [], failed
+        live = {o.client_order_id for o in venue.core.open_protective_orders(clock.now())}
+        assert unguarded in live
+    finally:
+        stale_lock.release()
+        await drive(clock, engine.stop())
