@@ -183,8 +183,14 @@ async def test_f1_wave_of_20_at_2s_per_call_is_protected_in_parallel(db: Databas
         round_trip = 2.0
         by_fill = sorted(guards, key=lambda g: (g.filled_at, g.position_id))
         took = [g.protected_at - g.filled_at for g in by_fill]
-        # Entries went out together too: the whole wave filled within one round trip.
-        assert by_fill[-1].filled_at - by_fill[0].filled_at < round_trip
+        # Entries went out together too. No engine knows at its start that it is alone on its account, so
+        # its first entry probes the venue's windows alone (`OrderBudget`) and the others wait for word of
+        # it: one probe, then the rest of the wave filled within one round trip. (The probe's lead is half
+        # a round trip, its fill streamed, plus the others' database writes before their sends: virtual
+        # time here: stop 50's CI saw 2.05 s of lead on a loaded machine.)
+        assert engine.manager is not None
+        assert engine.manager.budget.probes == 1
+        assert by_fill[-1].filled_at - by_fill[1].filled_at < round_trip
         # Hard stop and trailing stop go out together: one round trip (plus DB work), never two queued.
         assert max(took) <= 2 * round_trip, took
         # Place in the wave does not matter: the last is not slower than the first by a round trip.
