@@ -34,7 +34,7 @@ from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import IO, ClassVar
 
-from textual import work
+from textual import events, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal
@@ -106,7 +106,7 @@ from tui.widgets.coverage import TREND_WINDOW_SECONDS, CoverageGauge
 from tui.widgets.event_log import EventLog
 from tui.widgets.health import HealthPanel
 from tui.widgets.positions import DEFERRED_ROWS_PER_STEP, PositionsTable
-from tui.widgets.status import CodeBanner, StatusBar
+from tui.widgets.status import CodeBanner, SizeNotice, StatusBar
 from tui.widgets.waves import WavesTable
 
 log = logging.getLogger(__name__)
@@ -260,6 +260,7 @@ class DashboardApp(App[int]):
             None  # read-only: the lease holder it speaks of
         )
         self._code_check_seconds = code_check_seconds
+        self._size_notice: SizeNotice | None = None  # (the terminal's first size comes before the mount)
         self.code_difference: CodeDifference | None = None
         self.feed_started = False
         self.stopping = False
@@ -324,6 +325,7 @@ class DashboardApp(App[int]):
     def compose(self) -> ComposeResult:
         yield StatusBar(tz=self.tz, id="status")
         yield CodeBanner("", id="code-banner", markup=False)
+        yield SizeNotice("", id="size-notice", markup=False)
         with Horizontal(id="top"):
             yield CoverageGauge(thresholds=self.thresholds, id="gauge")
             yield HealthPanel(id="health")
@@ -350,6 +352,8 @@ class DashboardApp(App[int]):
         self.theme_changed_signal.subscribe(self, lambda theme: self._save_ui_state(theme=theme.name))
         self._status = self.query_one(StatusBar)
         self._banner = self.query_one(CodeBanner)
+        self._size_notice = self.query_one(SizeNotice)
+        self._size_notice.show_size(*self.size)
         self._gauge = self.query_one(CoverageGauge)
         self._health = self.query_one(HealthPanel)
         self._waves = self.query_one(WavesTable)
@@ -386,6 +390,10 @@ class DashboardApp(App[int]):
             log.warning("could not save the dashboard's settings to %s: %s", self.ui_state_file, exc)
 
     # --- painting ------------------------------------------------------------------------------------
+
+    def on_resize(self, event: events.Resize) -> None:
+        if self._size_notice is not None:
+            self._size_notice.show_size(event.size.width, event.size.height)
 
     def paint(self) -> None:
         """One frame from the latest snapshot: every widget updates only what changed, in one batch."""

@@ -12,6 +12,8 @@ from __future__ import annotations
 import html
 import os
 import re
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from textual.app import App
@@ -52,3 +54,21 @@ def assert_matches_snapshot(app: App[object], name: str) -> None:
         f"screen styles differ from {svg_path} (the text is the same); "
         "run with TSBOT_UPDATE_SNAPSHOTS=1 if the change is intended"
     )
+
+
+def screen_text(app: App[object]) -> str:
+    """The app's screen as text, one line per row."""
+    width, height = app.size
+    return svg_to_text(app.export_screenshot(), width, height)
+
+
+async def wait_for(pilot, condition: Callable[[], bool], what: str, within: float = 30.0) -> None:
+    """Until `condition` holds, for `within` seconds of the wall clock (not a count of pauses: on a loaded
+    machine each pause let the app do less, and 500 of them ran out before a redraw a run took 5 s for)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if condition():
+            await pilot.pause()
+            return
+        await pilot.pause(0.01)
+    raise AssertionError(f"{what}: not reached")

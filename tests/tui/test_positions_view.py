@@ -5,8 +5,6 @@ last row, and the title carries the uncovered count. Read from the rendered scre
 from __future__ import annotations
 
 import dataclasses
-import time
-from collections.abc import Callable
 from datetime import UTC
 from decimal import Decimal
 
@@ -15,29 +13,12 @@ import pytest
 from engine.venues.sim.universe import UNIVERSE
 from tests.tui.book import BookFeed, ScreenScopedBookFeed, book_position
 from tests.tui.scenario import scenario_settings
-from tests.tui.snapshots import svg_to_text
+from tests.tui.snapshots import screen_text, wait_for
 from tui.app import DashboardApp, quit_warning
 from tui.widgets.coverage import CoverageGauge, CoverageTrend
 from tui.widgets.positions import ROWS_FORMATTED_AT_ONCE, PositionsTable
 
 SYMBOLS = sorted(UNIVERSE)
-
-
-def screen_text(app: DashboardApp) -> str:
-    width, height = app.size
-    return svg_to_text(app.export_screenshot(), width, height)
-
-
-async def wait_for(pilot, condition: Callable[[], bool], what: str, within: float = 30.0) -> None:
-    """Until `condition` holds, for `within` seconds of the wall clock (not a count of pauses: on a loaded
-    machine each pause let the app do less, and 500 of them ran out before a redraw a run took 5 s for)."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if condition():
-            await pilot.pause()
-            return
-        await pilot.pause(0.01)
-    raise AssertionError(f"{what}: not reached")
 
 
 async def test_uncovered_rows_stay_on_screen_the_table_opens_at_the_top_and_home_end_move_the_cursor() -> (

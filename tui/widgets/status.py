@@ -103,6 +103,26 @@ class StatusBar(Horizontal):
             self._labels[widget_id].update(text, layout=widget_id != "engine-clock")
 
 
+# The least terminal the dashboard is laid out for: below it panels are cut or hidden (the health panel, the
+# positions), and without a word the operator took what was left for all there is (an operator, at 40×12).
+MIN_COLUMNS, MIN_ROWS = 80, 24
+
+
+class SizeNotice(Static):
+    """Hidden while the terminal is at least MIN_COLUMNS × MIN_ROWS; below, says what is cut and how to see
+    it whole."""
+
+    def show_size(self, columns: int, rows: int) -> None:
+        small = columns < MIN_COLUMNS or rows < MIN_ROWS
+        self.set_class(small, "-visible")
+        self.update(
+            f"terminal {columns}×{rows}, under {MIN_COLUMNS}×{MIN_ROWS}: panels are cut (h: health in full, "
+            "u: uncovered positions)"
+            if small
+            else ""
+        )
+
+
 class CodeBanner(Static):
     """Hidden until the installed code differs from the code this process runs."""
 
