@@ -13,7 +13,7 @@ import pytest
 from textual.widgets import DataTable
 
 from engine.engine import EngineState, WaveView
-from protection.health import HealthState
+from protection.health import DISPLAY_NAMES, HealthState
 from tests.tui.book import PlanFeed
 from tests.tui.scenario import all_protected, scenario_positions, scenario_settings
 from tests.tui.snapshots import svg_to_text
@@ -135,6 +135,11 @@ async def test_health_lines_are_whole_in_the_health_view(size: tuple[int, int]) 
         assert app.last_snapshot is not None
         for component in app.last_snapshot.health:
             assert flat(component.summary) in text, component.summary
+            # Named as on the panel, with the log's name beside where that is another.
+            assert f"{SHORT_NAMES[component.component]}: " in text or (
+                f"{SHORT_NAMES[component.component]} (logged as “{DISPLAY_NAMES[component.component]}”): "
+                in text
+            ), text
             if component.reason:
                 assert flat(component.reason) in text, component.reason
 

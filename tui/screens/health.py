@@ -13,8 +13,8 @@ from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
-from protection.health import DISPLAY_NAMES, ComponentHealth, worst_state
-from tui.widgets.health import STATE_WORDS
+from protection.health import ComponentHealth, worst_state
+from tui.widgets.health import STATE_WORDS, full_name
 
 
 class HealthDetailScreen(ModalScreen[None]):
@@ -49,8 +49,7 @@ class HealthDetailScreen(ModalScreen[None]):
         for index, component in enumerate(components):
             if index:
                 text.append("\n")
-            name = DISPLAY_NAMES.get(component.component, component.component.value)
-            text.append(f"{name}: {STATE_WORDS[component.state]}", style="bold")
+            text.append(f"{full_name(component)}: {STATE_WORDS[component.state]}", style="bold")
             if component.reason:
                 text.append(f"\n  cause: {component.reason}\n  measured: {component.summary}")
             else:

@@ -157,6 +157,14 @@ def _name(component: ComponentHealth) -> str:
     return SHORT_NAMES.get(component.component, DISPLAY_NAMES.get(component.component, "?"))
 
 
+def full_name(component: ComponentHealth) -> str:
+    """The panel's name, and the log's where that is another ("prices", logged as "Price Feed"): the health
+    view named them as the log does and the panel otherwise, three names for one thing (an operator)."""
+    name = _name(component)
+    logged = DISPLAY_NAMES.get(component.component, name)
+    return name if logged.lower() == name.lower() else f"{name} (logged as “{logged}”)"
+
+
 def _words(component: ComponentHealth) -> str:
     """The cause first when there is one, then the measurement it came from."""
     return f"{component.reason} · {component.summary}" if component.reason else component.summary
