@@ -342,6 +342,13 @@ LATE_ANSWER_MIN_SECONDS = 0.5
 # Stops the account stream told live that are kept (the latest), for `ProtectionManager.streamed_live`.
 STREAMED_LIVE_KEPT = 1024
 REPEATED_FAILURE_SAID_EVERY_SECONDS = 60.0  # a cancel that keeps failing is said again this often
+# A stop the venue answered placed and that neither its cancel nor its look-up can find is taken for gone
+# only this long after they first could not: the venue's reads lag its writes "for seconds" (Binance's
+# algo orders), and past the lag we count on (5 s) such a stop is still live. Taken for cancelled, a closed
+# position's stop stayed on the venue, its symbol took a new position, and the old stop cut it (a reviewer,
+# a 16 s lag on the Binance-wire emulator). Beyond this the order is taken as ended and forgotten by the
+# venue: the symbol is not held for ever on a stop nobody can find.
+PLACED_UNSEEN_LIMIT_SECONDS = 120.0
 # From this share of the venue's request budget used, a stop within its read lag is looked up once, at
 # the lag's end, not every retry step.
 LOOK_UPS_SPARSE_FROM_BUDGET_USED = 0.5
@@ -3454,6 +3461,8 @@ class PositionGuard:
         (the caller says who tries again)."""
         cid = order.client_order_id
         assert cid is not None
+        if order.confirmed:  # the venue answered it placed: "unknown order" cannot prove it gone
+            self._m.placed_stop_cancelled(cid)
         order.confirmed = False
         return await self._m.cancel_by_id(self.symbol, cid, sent_at=order.left_at(self._m.clock.monotonic()))
 
@@ -3805,6 +3814,9 @@ class ProtectionManager:
         self._other_identities: set[str] = set()
         self._told_recorded: dict[int, set[str]] = {}  # the recorded stops told to the venue, by position
         self._unfinished_told: set[str] = set()  # fired stops of closed positions already said (once each)
+        # Stops being cancelled that the venue answered placed (or listed): "unknown order" cannot prove
+        # one gone (`cancel_by_id`); with when its cancel and look-up first could not find it (or None).
+        self._placed_unseen: dict[str, float | None] = {}
         self._cancel_failure_said: dict[str, float] = {}  # failing cancels, by id: when last said (monotonic)
         self.handed_over: dict[str, dict[str, float | None]] = {}  # set by `stop`
         # Set by `stop`: `never_taken()` and `confirmed_within_lag()`, for the manager that replaces this one.
@@ -4383,11 +4395,62 @@ class ProtectionManager:
             if sent_at is not None and asked_at - sent_at < self.absence_window():
                 log.info("%s: %s not visible yet to cancel (read-after-write lag); trying again", symbol, cid)
                 return False
+            if cid in self._placed_unseen:
+                return await self._placed_stop_ended(symbol, cid)
             await self._record_cancel_outcome(cid, OrderRecordStatus.CANCELED)
         except (ExchangeError, TimeoutError) as exc:
             level = logging.DEBUG if self.cancel_failure_said_lately(cid) else logging.WARNING
             log.log(level, "%s: cancelling %s failed (%s); trying again", symbol, cid, _short(exc))
             return False
+        self._cancel_failure_said.pop(cid, None)
+        self._placed_unseen.pop(cid, None)
+        return True
+
+    def placed_stop_cancelled(self, cid: str) -> None:
+        """`cid` is being cancelled and the venue had answered it placed (or listed it): its cancel's
+        "unknown order" is no proof that it is gone (`cancel_by_id`)."""
+        self._placed_unseen.setdefault(cid, None)
+
+    async def _placed_stop_ended(self, symbol: str, cid: str) -> bool:
+        """A stop the venue answered placed, whose cancel answered "unknown order" past the read lag we
+        count on: gone only if its look-up by id finds it ended (its status recorded), or if neither has
+        found it for PLACED_UNSEEN_LIMIT_SECONDS. Found live, the next cancel gets it."""
+        now = self.clock.monotonic()
+        found: Order | None
+        try:
+            found = await self.read(lambda: self.venue.fetch_order(symbol, cid), "fetch_order")
+        except NotFound:
+            first = self._placed_unseen.get(cid)
+            if first is None:
+                self._placed_unseen[cid] = now
+                log.warning(
+                    "%s: %s, which the venue answered placed, cannot be found to cancel past its read lag "
+                    "(%.0fs): not taken for cancelled, and no new position on %s until it is seen ended",
+                    symbol,
+                    cid,
+                    self.read_after_write_seconds,
+                    symbol,
+                )
+                return False
+            if now - first < PLACED_UNSEEN_LIMIT_SECONDS:
+                return False
+            log.warning(
+                "%s: %s not found on the venue for %.0fs since; taken as ended", symbol, cid, now - first
+            )
+            found = None
+        except (ExchangeError, TimeoutError) as exc:
+            log.info("%s: looking %s up to cancel it failed (%s); trying again", symbol, cid, _short(exc))
+            return False
+        if found is not None and not found.status.is_final:
+            log.info("%s: %s is live on the venue after all; cancelling it again", symbol, cid)
+            return False
+        status = OrderRecordStatus.CANCELED if found is None else record_status_of(found.status)
+        await self._record_cancel_outcome(cid, status)
+        if found is not None and found.status is OrderStatus.FILLED:
+            key = parse_client_order_id(cid, self.token)
+            if key is not None and key.purpose in _STOP_PURPOSES:
+                self.settle_exit_soon(key.position_id, key.purpose, found)
+        self._placed_unseen.pop(cid, None)
         self._cancel_failure_said.pop(cid, None)
         return True
 
