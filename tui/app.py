@@ -1127,11 +1127,22 @@ class DashboardApp(App[int]):
         snapshot = self._final_snapshot or self.last_snapshot
         if isinstance(self.feed, ReadOnlyFeed):
             # Quit without a word, a watching dashboard left the operator wondering what it had stopped.
+            # "The engine holding the account protects as before" was said with no engine running (an
+            # operator): what is left on the account is said as the watch last saw it.
             holder = self.feed.holder
-            who = f" (pid {holder.pid} on {holder.host})" if holder is not None else ""
+            if holder is None:
+                return (
+                    "tsbot-tui stopped: it only watched; no engine holds the account: its positions keep "
+                    "only the stops on the exchange, nothing re-protects them (see `tsbot status`)"
+                )
+            if why := holder.not_looking_after():
+                return (
+                    f"tsbot-tui stopped: it only watched; the engine holding the account {why}: its "
+                    "positions keep only the stops on the exchange for now (see `tsbot status`)"
+                )
             return (
-                f"tsbot-tui stopped: it only watched; the engine holding the account{who} trades and "
-                "protects as before"
+                f"tsbot-tui stopped: it only watched; the engine holding the account (pid {holder.pid} on "
+                f"{holder.host}) trades and protects as before"
             )
         if snapshot is None or self.feed.read_only or not self.feed_started:
             return ""

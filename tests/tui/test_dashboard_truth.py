@@ -831,12 +831,35 @@ async def test_a_watch_says_whether_the_engine_it_watches_takes_entries(db: Data
 
 async def test_a_watch_whose_engine_is_gone_does_not_say_entries_are_on(db: Database) -> None:
     """After the engine it watched was killed, the read-only header said "no engine running" beside
-    "entries on", in normal colours (an operator): no entry goes with no engine."""
+    "entries on", in normal colours (an operator): no entry goes with no engine. Its exit line then said
+    "the engine holding the account trades and protects as before" (another operator): it says none does."""
     async with _watching(db) as (trader, board):
         await drive(trader.clock, trader.stop(drain=False))  # (its lease released: as dead as a watch sees)
         await board.until(lambda: "no engine running" in board.status_text(), "the engine gone, watched")
         await board.until(lambda: "NO ENTRIES (no engine)" in board.status_text(), "no entries said")
         assert "entries on" not in board.status_text()
+        assert board.app.exit_summary() == (
+            "tsbot-tui stopped: it only watched; no engine holds the account: its positions keep only the "
+            "stops on the exchange, nothing re-protects them (see `tsbot status`)"
+        )
+
+
+async def test_a_watchs_exit_line_names_an_engine_that_holds_the_account_without_looking_after_it(
+    db: Database,
+) -> None:
+    """The engine holding the account, silent (hung, its host gone): not "trades and protects as before"."""
+    async with _watching(db) as (_trader, board):
+        await db.pool.execute("UPDATE monitoring.engine_leases SET heartbeat_at = now() - interval '31 s'")
+        feed = board.app.feed
+        assert isinstance(feed, ReadOnlyFeed)
+        await board.until(lambda: feed.holder is not None and feed.holder.silent, "the holder seen silent")
+        said = board.app.exit_summary()
+        assert re.fullmatch(
+            r"tsbot-tui stopped: it only watched; the engine holding the account is silent: pid \d+ on "
+            r".*not heard for \d+s.*: its positions keep only the stops on the exchange for now "
+            r"\(see `tsbot status`\)",
+            said,
+        ), said
 
 
 async def test_a_watch_says_entries_are_held_back_by_the_venue_as_its_health_panel_does(db: Database) -> None:
