@@ -1242,7 +1242,7 @@ def _missing_stops(
         again = (
             "the engine sends it again" if resent else "no engine looks after the account to send it again"
         )
-        return f" (its last send refused: {one_line(refused)[:80]}; {again})"
+        return f" (its last send refused: {one_line(refused)}; {again})"
 
     lacking = [
         f"{name}{why(doubted, purpose)}"
