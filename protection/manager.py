@@ -3924,6 +3924,8 @@ class ProtectionManager:
             guard.correct_attached_stop_loss(from_fill)
         if venue_open_orders is not None:
             self._confirm_from_snapshot(guard, position, live_orders, venue_open_orders)
+        else:
+            self._unverified_on_record(guard, live_orders)
         self.guards[position.id] = guard
         self.by_symbol[position.symbol] = guard
         self._run_guard(guard, guard.run())
@@ -4199,6 +4201,17 @@ class ProtectionManager:
                 )
                 guard.trail = trailing.TrailingState.start(guard.trail_params())
                 guard._restored_move = None
+
+    def _unverified_on_record(self, guard: PositionGuard, live_orders: Iterable[OrderRecord]) -> None:
+        """Restored with no venue listing to check them against (a protection restart whose snapshot never
+        came: a ban): the stops the record has live are in doubt until their look-ups answer, uncovered,
+        but *unverified*, not missing. Every row read MISSING while the venue held all 150 stops, which
+        invites a stop by hand beside the live one (an operator, `r` during a ban)."""
+        recorded_live = {r.client_order_id for r in live_orders if r.status is OrderRecordStatus.OPEN}
+        now = self.clock.monotonic()
+        for order in (guard.stop_loss, guard.trailing_stop):
+            if order.client_order_id in recorded_live and order.maybe_sent and not order.confirmed:
+                order.doubt(now)
 
     def _sent_at_of(self, record: OrderRecord) -> float:
         """When a recorded order left, on our monotonic clock, as far as its record tells (its creation)."""

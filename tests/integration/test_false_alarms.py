@@ -203,6 +203,54 @@ async def test_restart_protection_still_shows_a_stop_removed_on_the_venue_uncove
         await drive(clock, engine.stop())
 
 
+async def test_restart_protection_while_the_venue_cannot_be_read_shows_the_recorded_stops_unverified(
+    db: Database,
+) -> None:
+    """An operator pressed `r` while the venue refused every read (a ban): the restart's snapshot never
+    came, and every row read MISSING, 0/75, while the venue held all 150 stops ("missing" invites a stop by
+    hand beside the live one, or a flatten). Nothing vouches for the recorded stops, so they are uncovered
+    (never fail open), but they are *unverified*, not missing, until the venue answers; then they are
+    confirmed by their ids, nothing sent again."""
+    settings = settings_for(db, {"VENUE__SIM__LATENCY__SECONDS": "0.2"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        guards = await open_positions(engine, clock, SYMBOLS[:4])
+        await drive_until_covered(engine, clock, 4, limit=60.0)
+        venue = engine.venue
+        assert isinstance(venue, SimVenue)
+        placed = venue.core.inspect(clock.now()).orders_placed
+        old_manager = engine.manager
+        reads_fail(venue)
+        missing_said: list[str] = []
+
+        async def sample() -> None:
+            manager = engine.manager
+            if manager is old_manager or manager is None or len(manager.guards) < 4:
+                return
+            for view in engine.snapshot().positions:  # (the venue holds both stops of each, all along)
+                if not view.has_stop_loss and not view.stop_loss_unverified:
+                    missing_said.append(f"{view.symbol} hard stop")
+                if not view.has_trailing_stop and not view.trailing_stop_unverified:
+                    missing_said.append(f"{view.symbol} trailing stop")
+
+        await drive_sampling(clock, engine.restart_protection(), sample)
+        for _ in range(40):  # the new guards look their stops up, and every look-up fails
+            await sample()
+            await drive(clock, clock.sleep(0.1))
+        assert engine.manager is not old_manager
+        assert missing_said == []
+        assert engine.snapshot().coverage.protected == 0  # in doubt: uncovered all the same
+        assert all(v.stop_loss_unverified for v in engine.snapshot().positions)
+        venue.clear_injected_faults()
+        await drive_until_covered(engine, clock, 4, limit=60.0)
+        assert venue.core.inspect(clock.now()).orders_placed == placed  # confirmed by id, none sent again
+        assert {g.symbol for g in guards} == {v.symbol for v in engine.snapshot().positions}
+    finally:
+        await drive(clock, engine.stop())
+
+
 async def test_a_close_the_venue_refuses_leaves_the_position_open_covered_and_no_longer_closing(
     db: Database,
 ) -> None:
