@@ -1365,11 +1365,16 @@ def quit_warning(snapshot: EngineSnapshot) -> str:
             + (
                 # (A start waiting for the venue is given up at a quit: nothing is restored or sent. The
                 # dialog promised protection the exit line then said had not happened: an operator.)
-                ". Quitting now gives up the start: nothing is restored or sent, and they stay UNCOVERED "
-                "until an engine runs again."
+                ". Quitting now gives up the start: nothing is restored or sent, and "
+                f"{'it stays' if unconfirmed == 1 else 'they stay'} UNCOVERED until an engine runs again."
                 if snapshot.start_waiting_for
-                else ". The engine tries to protect them before it stops (within the call budget); any it "
-                "cannot stays UNCOVERED."
+                else (
+                    ". The engine tries to protect it before it stops (within the call budget); if it cannot, "
+                    "it stays UNCOVERED."
+                    if unconfirmed == 1
+                    else ". The engine tries to protect them before it stops (within the call budget); any it "
+                    "cannot stays UNCOVERED."
+                )
             )
         )
     if snapshot.entries_sending:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import stat
 from datetime import UTC
 from decimal import Decimal
 from pathlib import Path
 
+from engine.engine import ENTRY_IN_DOUBT_PHASE
 from engine.venues.sim.universe import UNIVERSE
 from storage.database import Database
 from tests.tui.book import BookFeed, book_position
@@ -14,14 +16,14 @@ from tests.tui.harness import dashboard, started, tui_settings
 from tests.tui.scenario import T0, ScenarioFeed, palette_prompts, scenario_settings
 from tests.tui.snapshots import svg_to_text
 from tui import formatting
-from tui.app import DashboardApp
+from tui.app import DashboardApp, quit_warning
 from tui.feed import LogEntry
 from tui.messages import LogEntryAdded
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.info import HelpScreen
 from tui.screens.restart import RestartReportScreen
 from tui.widgets.event_log import EventLog
-from tui.widgets.positions import PositionsTable
+from tui.widgets.positions import COLUMNS, PositionsTable, _trailing_cell
 
 SYMBOLS = sorted(UNIVERSE)
 
@@ -261,3 +263,38 @@ async def test_the_palettes_screenshot_is_saved_beside_the_log_owner_only_and_sa
         await pilot.pause(0.1)
         notices = [str(n.message) for n in app._notifications]
         assert any(f"Screenshot saved: {saved}" in n for n in notices), notices
+
+
+def test_the_trailing_states_words_fit_the_ts_column() -> None:
+    """The TS column is 16 wide (14 on a narrow terminal): "closing at market…" read "closing at marke"
+    (an operator). Each of its words fits whole."""
+    width = next(w for name, _, w in COLUMNS if name == "ts")
+    base = book_position(1, sorted(UNIVERSE)[0])
+    styles = dict.fromkeys(("missing", "active-trail"), "")
+    views = [
+        dataclasses.replace(base, closing=True),
+        dataclasses.replace(base, trailing_phase=ENTRY_IN_DOUBT_PHASE),
+        dataclasses.replace(base, has_trailing_stop=False, trailing_stop_unverified=True),
+        dataclasses.replace(base, has_trailing_stop=False),
+        dataclasses.replace(base, trailing_phase="waiting", distance_to_activation_percent=Decimal("-12.34")),
+        dataclasses.replace(base, distance_to_activation_percent=Decimal(0)),
+        dataclasses.replace(base, distance_to_activation_percent=Decimal(0), trailing_follows="last"),
+    ]
+    for view in views:
+        for short, room in ((False, width), (True, 14)):
+            text = _trailing_cell(view, styles, short=short).plain  # type: ignore[arg-type]
+            assert len(text) <= room, (text, short)
+
+
+def test_the_quit_warning_speaks_of_one_uncovered_position_in_the_singular() -> None:
+    """ "1 position is UNCOVERED right now (DOTUSDT). The engine tries to protect them" (an operator)."""
+    symbols = sorted(UNIVERSE)
+    one = BookFeed(scenario_settings(), [book_position(1, symbols[0], uncovered_for=30.0)]).snapshot()
+    said = " ".join(quit_warning(one).split())
+    assert "1 position is UNCOVERED right now" in said, said
+    assert "The engine tries to protect it before it stops" in said, said
+    assert "them" not in said.split("UNCOVERED right now", 1)[1].split("Managed", 1)[0], said
+    two = BookFeed(
+        scenario_settings(), [book_position(i, symbols[i], uncovered_for=30.0) for i in (1, 2)]
+    ).snapshot()
+    assert "The engine tries to protect them before it stops" in " ".join(quit_warning(two).split())

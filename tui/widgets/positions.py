@@ -1061,7 +1061,7 @@ def _trailing_cell(view: PositionView, styles: dict[str, Style], *, short: bool 
     if view.trailing_phase == ENTRY_IN_DOUBT_PHASE:  # it may have filled: no stop of ours either way
         return Text("ENTRY?" if short else "ENTRY UNKNOWN", style=styles["missing"])
     if view.closing:  # a close we sent is on its way: the row read "wait +1.67%" for 10 s (opme48)
-        return Text("closing…" if short else "closing at market…")
+        return Text("closing…" if short else "closing (market)")  # (16: the column's width)
     if not view.has_trailing_stop:
         if view.trailing_stop_unverified:
             return Text("UNVERIFIED", style=styles["missing"])
