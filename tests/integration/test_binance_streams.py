@@ -607,3 +607,32 @@ async def test_a_client_closing_leaves_the_accounts_listen_key_to_the_others() -
         await asyncio.sleep(2.0)  # (a closed stream is said within the backoff's first step, 0.2 s)
         assert len(r.gaps()) == gaps_before, r.gaps()
         assert await r.user_connected()
+
+
+async def test_an_account_stream_whose_reconnect_a_ban_refuses_is_back_right_after_the_ban() -> None:
+    """A reviewer (r82): the listen key gone during a 418 ban, the account stream's reconnect needs a POST,
+    which the ban refuses; each refusal said when the ban ends, yet the reconnect kept its exponential
+    backoff and came 17 s after the ban's end (up to 30 s), fills and cancels learned only by polling
+    meanwhile. The venue's word sets the next attempt: right after the ban."""
+    settings = StreamSettings(
+        stall_seconds=30.0,  # (the production backoff: 0.5 s doubling to 30 s)
+        stale_mark_seconds=2.5,
+        backoff_initial_seconds=0.5,
+        backoff_max_seconds=30.0,
+        stable_seconds=30.0,
+    )
+    async with rig(settings=settings, symbols=[SYMBOL]) as r:
+        ban = 25.0
+        await r.post("/_sim/fault", {"targets": ["*"], "fault": f"ban:{ban:g}"})
+        with pytest.raises(Banned):
+            await r.venue.fetch_positions()  # meets the fault: the IP is banned from here
+        banned_until = time.monotonic() + ban
+        await r.post("/_sim/stream-fault", {"fault": "expire_listen_key"})
+
+        async def dropped() -> bool:
+            return not await r.user_connected()
+
+        await wait_until(dropped, within=10, what="the account stream dropped")
+        await wait_until(r.user_connected, within=ban + 35, what="the account stream back")
+        back = time.monotonic() - banned_until
+        assert back < 2.5, f"back {back:.1f}s after the ban's end"
