@@ -1272,7 +1272,7 @@ class Engine:
         if self._carried is carried and not carried.guards_created:
             log.warning(
                 "start: the venue not read after %.0fs; %s on the record count%s as unverified "
-                "(uncovered) until it is",
+                "(uncovered) until it is read",
                 self._grace_seconds(),
                 "the 1 open position"
                 if len(carried.views) == 1
@@ -1307,7 +1307,7 @@ class Engine:
                     continue
                 log.warning(
                     "start-up: the venue refuses us until %s (%s left: %s); %s waits for that end "
-                    "(stop with Ctrl-C or SIGTERM)",
+                    "(a stop gives the start up meanwhile)",
                     datetime.fromtimestamp(exc.until, tz=UTC).strftime("%H:%M:%S UTC"),
                     format_duration(left),
                     exc,  # the venue's own words: a ban, or a 403 that is something else (a region block)
@@ -2335,6 +2335,9 @@ class Engine:
                 )
             # The venue holds a position on the symbol, the entry's record its own now: opened.
             await self._signal_settled(position, position, None)
+            # (Its all-clear says what it became: "nothing open on the venue from it" was said of a position
+            # open and guarded, r82.)
+            doubt.guard = self.manager.guards.get(position.id) if self.manager is not None else None
             self._in_doubt.pop(doubt.symbol, None)
             log.info(
                 "position %s %s: its entry from before the restart is settled; guarded",
@@ -2348,7 +2351,7 @@ class Engine:
             if not self._protection_handed_over():
                 await self._protection_ready.wait()
             assert self.manager is not None
-            recorded.protect(self.manager, filled, filled_at=doubt.sent_at)
+            doubt.guard = recorded.protect(self.manager, filled, filled_at=doubt.sent_at)
             log.warning(
                 "position %s %s: its entry from before the restart filled at %s; protecting it",
                 position.id,

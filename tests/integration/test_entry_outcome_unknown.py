@@ -647,7 +647,7 @@ async def test_an_entry_whose_fill_the_account_stream_tells_first_gets_its_stops
     ids=["still-working-at-restart", "part-filled-before-restart"],
 )
 async def test_an_entry_in_doubt_at_a_crash_that_was_working_or_part_filled_is_protected_by_the_next_start(
-    db: Database, delay: float, share: Decimal
+    db: Database, delay: float, share: Decimal, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The process dies while an entry answered NEW is in doubt (Bybit's creation is asynchronous): at the
     next start the venue says it is still working, or that it ended part-filled. Start-up recorded either
@@ -685,6 +685,18 @@ async def test_an_entry_in_doubt_at_a_crash_that_was_working_or_part_filled_is_p
         held = _held_quantity(venue, clock, SYMBOL)
         assert _stop_quantities(venue, clock, SYMBOL) == {held}
         assert await db.pool.fetchval("SELECT quantity FROM monitoring.positions") == held
+
+        # Its all-clear says what it became: "nothing open on the venue from it" was said of a position
+        # the next start had just protected (r82).
+        def settled() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "unknown outcome is settled" in r.getMessage()]
+
+        if share < 1:  # (ended before the start: never in doubt there, nothing to settle)
+            return
+        await drive_until(clock, lambda: settled() != [], what="its all-clear said")
+        assert settled() == [
+            f"{SYMBOL} (position 1): the entry of unknown outcome is settled: filled, and guarded"
+        ]
     finally:
         await drive(clock, second.stop())
 
