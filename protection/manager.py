@@ -3798,6 +3798,9 @@ class ProtectionManager:
         # The account stream's liquidation price of a position it pushed before a guard held it (by symbol:
         # its side, the price, the venue's event time), for that guard.
         self.streamed_liquidation: dict[str, tuple[PositionSide, Decimal, float]] = {}
+        # Symbols whose size the account stream told while no guard had them (an entry's fill on its way,
+        # and maybe someone else's order beside it): the guard to come asks the venue once it exists.
+        self.sized_unguarded: dict[str, tuple[PositionSide, Decimal]] = {}
         # Stops of ours still live on symbols whose positions ended, being cancelled again (by symbol).
         self.leftovers: dict[str, dict[str, float | None]] = {}
         self.foreign_stops_seen = 0  # open stops on the account not ours, at the last reconcile pass
@@ -3929,6 +3932,12 @@ class ProtectionManager:
         self.guards[position.id] = guard
         self.by_symbol[position.symbol] = guard
         self._run_guard(guard, guard.run())
+        told = self.sized_unguarded.pop(position.symbol, None)
+        if told is not None and told != (guard.side, guard.quantity):
+            # The stream told another size before this guard existed: the venue is read now. Another
+            # client's order beside our entry (385 where ours was 285) was seen only at the next periodic
+            # pass, the stops short of the position for up to `reconcile_seconds` (r82).
+            self.request_reconcile()
         streamed = self.streamed_liquidation.pop(position.symbol, None)
         if (
             streamed is not None

@@ -90,7 +90,10 @@ def route_account_event(manager: ProtectionManager, event: AccountEvent) -> bool
         guard = manager.by_symbol.get(event.symbol)
         if not event.quantity:
             manager.streamed_liquidation.pop(event.symbol, None)
-        elif event.liquidation_price is not None and (guard is None or guard.closed):
+            manager.sized_unguarded.pop(event.symbol, None)
+        elif guard is None or guard.closed:
+            manager.sized_unguarded[event.symbol] = (event.side, event.quantity)
+        if event.quantity and event.liquidation_price is not None and (guard is None or guard.closed):
             # The fill's size, pushed before its entry's answer made a guard: its liquidation price is
             # kept for the guard to come (`ProtectionManager.protect`).
             manager.streamed_liquidation[event.symbol] = (

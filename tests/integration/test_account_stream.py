@@ -17,7 +17,7 @@ from engine.alerts import observe_engine
 from engine.clock import ManualClock
 from engine.config import Settings
 from engine.engine import STARTUP_UNKNOWN_SECONDS, Engine
-from engine.exchange.port import OrderStatus, OrderType, OrderUpdate, PositionSide, PositionUpdate
+from engine.exchange.port import OrderSide, OrderStatus, OrderType, OrderUpdate, PositionSide, PositionUpdate
 from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, FaultKind
 from protection.manager import PositionGuard
@@ -560,5 +560,49 @@ async def test_with_the_stream_down_and_no_grace_the_venue_is_not_read_back_to_b
         await drive(clock, clock.sleep(10.0))
         reads = _position_reads(venue) - before
         assert 5 <= reads <= 12, reads  # a pass a second (and the outage's own at once), not back to back
+    finally:
+        await drive(clock, engine.stop())
+
+
+async def test_a_size_the_stream_told_before_the_guard_existed_is_checked_once_it_does(db: Database) -> None:
+    """A reviewer (r82): someone's order on the symbol landed while our entry was on its way. The stream
+    told the position's new size (ours and theirs) before our entry's answer made a guard, so it reached
+    no guard, and the pass it asked for ran while the entry's symbol was held: the stops covered our part
+    alone until the next periodic pass (10 s; an hour here). The guard reads the venue once it exists."""
+    settings = settings_for(db, {**NO_POLLING, "VENUE__SIM__LATENCY__BY_CALL__CREATE_ORDER__SECONDS": "2"})
+    clock = ManualClock()
+    venue = SimVenue(settings.venue.sim, clock=clock)
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    try:
+        await drive(clock, clock.sleep(1.0))  # the stream's first pass is over
+        symbol = SYMBOLS[21]
+        assert engine.store is not None
+        await engine.store.insert_signals([(symbol, "long", None, None)])
+
+        def held() -> Decimal:
+            return sum(
+                (p.quantity for p in venue.core.inspect(clock.now()).positions if p.symbol == symbol),
+                Decimal(0),
+            )
+
+        await drive_until(clock, lambda: held() > 0, what="our entry executed on the venue", limit=10.0)
+        ours = held()
+        assert engine.manager is not None
+        assert symbol not in engine.manager.by_symbol  # (its answer still on its way)
+        venue.core.place_market_order(symbol, OrderSide.BUY, ours, "byhand-1", clock.now())
+        await drive_until(clock, lambda: symbol in engine.manager.by_symbol, what="guarded", limit=10.0)
+        guard = engine.manager.by_symbol[symbol]
+        took = await drive_until(
+            clock,
+            lambda: (
+                guard.quantity == 2 * ours
+                and {o.quantity for o in venue.core.open_protective_orders(clock.now()) if o.symbol == symbol}
+                == {2 * ours}
+            ),
+            what="the stops cover the whole position",
+            limit=30.0,
+        )
+        assert took < 5.0, took
     finally:
         await drive(clock, engine.stop())
