@@ -3725,10 +3725,15 @@ class Engine:
             await self.store.set_order_status(
                 doubt.client_order_id, OrderRecordStatus.UNKNOWN, error=doubt.error[:500]
             )
+            # (A working entry is no alarm here either: the watch's log panel tails these events, r83.)
             await self.store.record_event(
-                Severity.ERROR,
+                Severity.WARNING if doubt.working else Severity.ERROR,
                 "entry_outcome_unknown",
-                f"{doubt.symbol}: {doubt.error}; counted uncovered, asked for by its id until the venue answers",
+                f"{doubt.symbol}: the venue has the entry {doubt.working}, not filled yet; counted uncovered "
+                "until its fill is known"
+                if doubt.working
+                else f"{doubt.symbol}: {doubt.error}; counted uncovered, asked for by its id until the venue "
+                "answers",
                 symbol=doubt.symbol,
                 position_id=doubt.position_id,
             )

@@ -568,6 +568,16 @@ async def test_an_entry_the_venue_answers_new_is_protected_once_it_fills(
             if "the venue has the entry new, not filled yet; counted uncovered" in r.getMessage()
         ]
         assert [r.levelno for r in working] == [logging.WARNING]  # (its second read found it New too)
+        # Its event too (a watching dashboard's log panel tails them): a warning (r83).
+        events = await db.pool.fetch(
+            "SELECT severity, message FROM monitoring.events WHERE type = 'entry_outcome_unknown'"
+        )
+        assert [(e["severity"], e["message"]) for e in events] == [
+            (
+                "warning",
+                f"{SYMBOL}: the venue has the entry new, not filled yet; counted uncovered until its fill is known",
+            )
+        ]
     finally:
         await drive(clock, engine.stop())
 
