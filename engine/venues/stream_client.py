@@ -219,17 +219,17 @@ class ReconnectingSocket:
             self.last_lived, self.last_stalled = lived, stalled
             if lived >= self._settings.stable_seconds:
                 self._failures = 0
-            if told_wait is not None:
-                # A ban's end, a 429's Retry-After: asked again right then, not at the backoff's next step,
-                # which came 17 s after a ban had ended (up to 30 s), the account's news polled meanwhile
-                # (r82). (Not one more failure: the venue's word, not a guess.)
+            delay = min(
+                self._settings.backoff_max_seconds,
+                self._settings.backoff_initial_seconds * (2**self._failures),
+            ) * random.uniform(0.5, 1.0)
+            self._failures = min(self._failures + 1, 30)
+            if told_wait is not None and told_wait > delay:
+                # A ban's end (or a 429's Retry-After) past the backoff's next step: asked again right then.
+                # The backoff's steps came 17 s after a ban had ended (up to 30 s), the account's news polled
+                # meanwhile (r82). Never sooner than the backoff: an end already past by our clock, the venue
+                # still refusing, or a Retry-After of 0, tried again seven times a second (r83).
                 delay = told_wait + random.uniform(0.05, 0.25)
-            else:
-                delay = min(
-                    self._settings.backoff_max_seconds,
-                    self._settings.backoff_initial_seconds * (2**self._failures),
-                ) * random.uniform(0.5, 1.0)
-                self._failures = min(self._failures + 1, 30)
             logger.warning("%s %s stream: %s; reconnecting in %.1fs", self.venue, self.name, reason, delay)
             await asyncio.sleep(delay)
 
