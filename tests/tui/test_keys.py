@@ -563,7 +563,7 @@ async def test_a_position_being_closed_says_so_and_is_not_offered_for_closing_ag
         guard = board.engine.manager.by_symbol[SYMBOLS[35]]
         await board.press("x", "y")
         await board.until(lambda: guard.closing, "the close on its way")
-        await board.until(lambda: "closing at market" in board.positions.row_text(guard.position_id), "said")
+        await board.until(lambda: "closing (market)" in board.positions.row_text(guard.position_id), "said")
         await board.press("x")
         assert not isinstance(board.app.screen, ConfirmScreen)
         assert any(f"{SYMBOLS[35]} is being closed already" in n for n in _notices(board))
