@@ -493,7 +493,8 @@ _RestoreRecords = tuple[
     dict[int, list[OrderRecord]],
     dict[int, list[str]],
     dict[int, TrailingStateRecord],
-    dict[str, dict[str, float]],  # stops that may be live on closed positions, by symbol: their records' ages
+    # Stops that may be live on closed positions, by symbol: their records' ages, and whether placed (`open`).
+    dict[str, dict[str, tuple[float, bool]]],
 ]
 
 
@@ -1941,6 +1942,11 @@ class Engine:
             self.manager.streamed_live = previous.streamed_live
             # Stops not ours the last pass saw still fill the venue's cap until the next pass says otherwise.
             self.manager.foreign_stops_seen = previous.foreign_stops_seen
+            # Stops the venue answered placed, and since when those being cancelled went unfound: "unknown
+            # order" to the next manager's cancel proves nothing either. Forgotten, a restart took it for
+            # proof and freed the symbol beside a closed position's live stops (r83).
+            self.manager.placed_ids |= previous.placed_ids
+            self.manager.placed_unseen.update(previous.placed_unseen)
         # Stops of closed positions the last manager was still cancelling: cancelled now, and until they
         # are gone their symbols take no new position (an old stop would act on the new position).
         for symbol, orders in (unfinished_cancels or {}).items():
@@ -1958,7 +1964,10 @@ class Engine:
         now = self.clock.monotonic()
         for symbol, ages in closed_stops.items():
             known = (unfinished_cancels or {}).get(symbol, {})
-            if fresh := {cid: now - age for cid, age in ages.items() if cid not in known}:
+            # (Those the record has `open` the venue answered placed: as in the last manager, its "unknown
+            # order" is no proof they are gone.)
+            self.manager.placed_ids.update(cid for cid, (_, placed) in ages.items() if placed)
+            if fresh := {cid: now - age for cid, (age, _) in ages.items() if cid not in known}:
                 self.manager.sweep_leftovers(symbol, fresh, at_once=True)
         self.reconciler = Reconciler(
             manager=self.manager,

@@ -2491,6 +2491,7 @@ class PositionGuard:
             ),
         )
         order.confirmed = True
+        m.placed_ids.add(cid)
         order.doubted_id = None
         order.confirmed_at = m.clock.monotonic()
         order.maybe_sent = False
@@ -3452,6 +3453,8 @@ class PositionGuard:
             data={"realized_pnl": str(pnl) if pnl is not None else None},
         )
         self.wake.set()
+        for cid in self.order_ids() - left.keys():  # (filled, or cancelled: nothing more to ask of them)
+            m.placed_ids.discard(cid)
         m.forget(self)
         if left:
             m.sweep_leftovers(self.symbol, left)
@@ -3461,8 +3464,6 @@ class PositionGuard:
         (the caller says who tries again)."""
         cid = order.client_order_id
         assert cid is not None
-        if order.confirmed:  # the venue answered it placed: "unknown order" cannot prove it gone
-            self._m.placed_stop_cancelled(cid)
         order.confirmed = False
         return await self._m.cancel_by_id(self.symbol, cid, sent_at=order.left_at(self._m.clock.monotonic()))
 
@@ -3817,9 +3818,12 @@ class ProtectionManager:
         self._other_identities: set[str] = set()
         self._told_recorded: dict[int, set[str]] = {}  # the recorded stops told to the venue, by position
         self._unfinished_told: set[str] = set()  # fired stops of closed positions already said (once each)
-        # Stops being cancelled that the venue answered placed (or listed): "unknown order" cannot prove
-        # one gone (`cancel_by_id`); with when its cancel and look-up first could not find it (or None).
-        self._placed_unseen: dict[str, float | None] = {}
+        # Stops the venue answered placed, listed, or the record holds open: "unknown order" to a cancel of
+        # one proves nothing (`cancel_by_id`), whatever became of its `confirmed` since (a listing's lag, a
+        # doubt). Handed to the next manager with the stops it was still cancelling.
+        self.placed_ids: set[str] = set()
+        # Those of them being cancelled that neither a cancel nor a look-up has found, since when.
+        self.placed_unseen: dict[str, float] = {}
         self._cancel_failure_said: dict[str, float] = {}  # failing cancels, by id: when last said (monotonic)
         self.handed_over: dict[str, dict[str, float | None]] = {}  # set by `stop`
         # Set by `stop`: `never_taken()` and `confirmed_within_lag()`, for the manager that replaces this one.
@@ -4091,6 +4095,8 @@ class ProtectionManager:
             key = parse_client_order_id(record.client_order_id, self.token)
             if key is None or key.position_id != position.id:
                 continue
+            if record.status is OrderRecordStatus.OPEN or record.client_order_id in self.known_confirmed:
+                self.placed_ids.add(record.client_order_id)  # (the venue answered it placed, or listed it)
             if key.purpose is OrderPurpose.STOP_LOSS:
                 target = guard.stop_loss
             elif key.purpose is OrderPurpose.TRAILING_STOP:
@@ -4286,6 +4292,7 @@ class ProtectionManager:
             if cid is None or found is None or not order.maybe_sent:
                 continue
             order.confirmed, order.confirmed_at, order.maybe_sent = True, now, False
+            self.placed_ids.add(cid)
             order.live_since = found.created_at or None
             guard.report.restored_orders += 1
             record = records.get(cid)
@@ -4306,6 +4313,7 @@ class ProtectionManager:
             # The move the last engine left in flight reached the venue: its guard adopts it first thing.
             found = venue_open_orders[move.client_order_id]
             move.confirmed, move.confirmed_at, move.maybe_sent = True, now, False
+            self.placed_ids.add(found.client_order_id)
             record = records.get(move.client_order_id)
             if record is None or record.status is not OrderRecordStatus.OPEN:
                 self.spawn_order_status(
@@ -4417,7 +4425,9 @@ class ProtectionManager:
             if sent_at is not None and asked_at - sent_at < self.absence_window():
                 log.info("%s: %s not visible yet to cancel (read-after-write lag); trying again", symbol, cid)
                 return False
-            if cid in self._placed_unseen:
+            if cid in self.placed_ids and self.venue.capabilities().stops_are_orders:
+                # (Where stops are the position's own fields, Bybit's, there is no order to lag: a stop the
+                # position does not hold is gone.)
                 return await self._placed_stop_ended(symbol, cid)
             await self._record_cancel_outcome(cid, OrderRecordStatus.CANCELED)
         except (ExchangeError, TimeoutError) as exc:
@@ -4425,13 +4435,12 @@ class ProtectionManager:
             log.log(level, "%s: cancelling %s failed (%s); trying again", symbol, cid, _short(exc))
             return False
         self._cancel_failure_said.pop(cid, None)
-        self._placed_unseen.pop(cid, None)
+        self._gone(cid)
         return True
 
-    def placed_stop_cancelled(self, cid: str) -> None:
-        """`cid` is being cancelled and the venue had answered it placed (or listed it): its cancel's
-        "unknown order" is no proof that it is gone (`cancel_by_id`)."""
-        self._placed_unseen.setdefault(cid, None)
+    def _gone(self, cid: str) -> None:
+        self.placed_ids.discard(cid)
+        self.placed_unseen.pop(cid, None)
 
     async def _placed_stop_ended(self, symbol: str, cid: str) -> bool:
         """A stop the venue answered placed, whose cancel answered "unknown order" past the read lag we
@@ -4442,9 +4451,9 @@ class ProtectionManager:
         try:
             found = await self.read(lambda: self.venue.fetch_order(symbol, cid), "fetch_order")
         except NotFound:
-            first = self._placed_unseen.get(cid)
+            first = self.placed_unseen.get(cid)
             if first is None:
-                self._placed_unseen[cid] = now
+                self.placed_unseen[cid] = now
                 log.warning(
                     "%s: %s, which the venue answered placed, cannot be found to cancel past its read lag "
                     "(%.0fs): not taken for cancelled, and no new position on %s until it is seen ended",
@@ -4465,6 +4474,7 @@ class ProtectionManager:
             return False
         if found is not None and not found.status.is_final:
             log.info("%s: %s is live on the venue after all; cancelling it again", symbol, cid)
+            self.placed_unseen.pop(cid, None)  # (its 120 s count from a later miss, if any)
             return False
         status = OrderRecordStatus.CANCELED if found is None else record_status_of(found.status)
         await self._record_cancel_outcome(cid, status)
@@ -4472,7 +4482,7 @@ class ProtectionManager:
             key = parse_client_order_id(cid, self.token)
             if key is not None and key.purpose in _STOP_PURPOSES:
                 self.settle_exit_soon(key.position_id, key.purpose, found)
-        self._placed_unseen.pop(cid, None)
+        self._gone(cid)
         self._cancel_failure_said.pop(cid, None)
         return True
 

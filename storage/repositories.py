@@ -1057,16 +1057,19 @@ class Store:
         )
         return {row["id"]: row["account"] for row in rows}
 
-    async def live_stops_of_closed_positions(self, within_hours: float = 24.0) -> dict[str, dict[str, float]]:
+    async def live_stops_of_closed_positions(
+        self, within_hours: float = 24.0
+    ) -> dict[str, dict[str, tuple[float, bool]]]:
         """For restart: our stops the records say may still be live (`pending`, `open`, `unknown` — a fired
         stop not finished is `unknown`) on positions ended in the last `within_hours`, by symbol, each with
         the age of its record in seconds (written just before its send: a look-up within the venue's read lag
-        of that proves nothing). The last run was cancelling them (or waiting for a fired one to end, or for
+        of that proves nothing) and whether the venue answered it placed (`open`: its "unknown order" is no
+        proof it is gone). The last run was cancelling them (or waiting for a fired one to end, or for
         one that filled to show) when it stopped; the venue's open orders do not list a fired stop still
         TRIGGERING, so nothing else tells the next start of it."""
         rows = await self._pool.fetch(
             """
-            SELECT p.symbol, o.client_order_id,
+            SELECT p.symbol, o.client_order_id, o.status = 'open' AS placed,
                    greatest(0, extract(epoch FROM now() - o.created_at))::float8 AS age
             FROM monitoring.orders o
             JOIN monitoring.positions p ON p.id = o.position_id
@@ -1079,9 +1082,9 @@ class Store:
             self.account,
             within_hours * 3600.0,
         )
-        found: dict[str, dict[str, float]] = {}
+        found: dict[str, dict[str, tuple[float, bool]]] = {}
         for row in rows:
-            found.setdefault(row["symbol"], {})[row["client_order_id"]] = row["age"]
+            found.setdefault(row["symbol"], {})[row["client_order_id"]] = (row["age"], row["placed"])
         return found
 
     async def entries_not_filled(self) -> dict[int, OrderRecord]:
