@@ -3388,10 +3388,13 @@ class PositionGuard:
         # position until it is gone (an old stop for the old quantity would act on the new position).
         # Known as retiring from before the position is recorded closed: a manager stopped from here on
         # hands them to the next one (which restores no guard for a closed position).
+        # (And one the venue answered placed that a look-up took for absent past the lag we count on: it may
+        # be live all the same, and left uncancelled it freed the symbol beside the new position, r84.)
         ours = [
             order
             for order in (self.stop_loss, self.trailing_stop)
-            if order.client_order_id and (order.confirmed or order.maybe_sent)
+            if order.client_order_id
+            and (order.confirmed or order.maybe_sent or order.client_order_id in m.placed_ids)
         ]
         ours.extend(self._superseded)
         if self._restored_move is not None and self._restored_move.client_order_id:
@@ -3453,8 +3456,7 @@ class PositionGuard:
             data={"realized_pnl": str(pnl) if pnl is not None else None},
         )
         self.wake.set()
-        for cid in self.order_ids() - left.keys():  # (filled, or cancelled: nothing more to ask of them)
-            m.placed_ids.discard(cid)
+        m.forget_placed(self.position_id, keep=left.keys())  # (filled, or cancelled: nothing more to ask)
         m.forget(self)
         if left:
             m.sweep_leftovers(self.symbol, left)
@@ -4442,6 +4444,14 @@ class ProtectionManager:
         self.placed_ids.discard(cid)
         self.placed_unseen.pop(cid, None)
 
+    def forget_placed(self, position_id: int, keep: Collection[str]) -> None:
+        """The ended position's ids, but those still being cancelled (`keep`): every generation it used,
+        the current ones and those that ended before (a stop that filled, one proven gone)."""
+        for cid in [c for c in self.placed_ids if c not in keep]:
+            key = parse_client_order_id(cid, self.token)
+            if key is not None and key.position_id == position_id:
+                self.placed_ids.discard(cid)
+
     async def _placed_stop_ended(self, symbol: str, cid: str) -> bool:
         """A stop the venue answered placed, whose cancel answered "unknown order" past the read lag we
         count on: gone only if its look-up by id finds it ended (its status recorded), or if neither has
@@ -5376,6 +5386,7 @@ class ProtectionManager:
             return False
         self.streamed_live.pop(order.client_order_id, None)
         if order.status is OrderStatus.NEW and self.stream_new_proves_live:
+            self.placed_ids.add(order.client_order_id)  # (its answer lost, the close began before this word)
             self.streamed_live[order.client_order_id] = order
             while len(self.streamed_live) > STREAMED_LIVE_KEPT:
                 self.streamed_live.popitem(last=False)

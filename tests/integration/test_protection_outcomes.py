@@ -1037,7 +1037,14 @@ async def test_a_stop_does_not_wait_for_a_close_held_back_by_a_ban(db: Database)
 
 @pytest.mark.parametrize(
     ("route", "lag"),
-    [("as-closed", 12), ("protection-restart", 16), ("engine-restart", 16), ("listing-lagged", 20)],
+    [
+        ("as-closed", 12),
+        ("protection-restart", 16),
+        ("engine-restart", 16),
+        ("listing-lagged", 20),
+        ("looked-up-absent", 30),
+        ("stream-new-late", 16),
+    ],
 )
 async def test_on_the_binance_wire_a_closed_positions_stop_the_venue_cannot_show_yet_is_not_taken_for_cancelled(
     db: Database, caplog: pytest.LogCaptureFixture, route: str, lag: int
@@ -1050,7 +1057,10 @@ async def test_on_the_binance_wire_a_closed_positions_stop_the_venue_cannot_show
     the position is closed at once and a new signal for the symbol comes right after. Judged by the venue:
     never a position on the symbol beside a live stop of the closed one. r83 found three more routes to it:
     a protection restart, or an engine restart, while the stops were still being cancelled (the next
-    manager knew nothing of them), and a periodic listing that lagged too, which un-confirmed them first."""
+    manager knew nothing of them), and a periodic listing that lagged too, which un-confirmed them first. r84
+    two more: the guard's own look-up took them for absent and its send again was refused (not executed), so
+    the close cancelled nothing; and stops whose answers were lost, known live only by the account stream's
+    NEW, which came after the close had begun."""
     caplog.set_level(logging.INFO)
     async with _on_the_binance_wire(db) as (emulator, base_url, session, first):
         engine = first
@@ -1059,13 +1069,26 @@ async def test_on_the_binance_wire_a_closed_positions_stop_the_venue_cannot_show
         assert manager is not None
         assert store is not None
         await _force(session, base_url, f"lag:{lag}", count=2)
+        if route == "stream-new-late":  # their answers lost, the stream's NEW late
+            await _force(session, base_url, "timeout", count=2)
+            await _stream_late(session, base_url, ms=1500, seconds=30)
         await store.insert_signals([(symbol, "long", None, None)])
-        await wait_until(
-            lambda: symbol in manager.by_symbol and manager.by_symbol[symbol].covered,
-            within=20.0,
-            what="the first position covered",
-        )
-        guard = manager.by_symbol[symbol]
+        if route == "stream-new-late":
+            await wait_until(lambda: symbol in manager.by_symbol, within=20.0, what="the first position")
+            guard = manager.by_symbol[symbol]
+            await wait_until(
+                lambda: guard.stop_loss.client_order_id is not None and guard.stop_loss.maybe_sent,
+                within=10.0,
+                what="its stops sent",
+            )
+            await asyncio.sleep(0.3)
+        else:
+            await wait_until(
+                lambda: symbol in manager.by_symbol and manager.by_symbol[symbol].covered,
+                within=20.0,
+                what="the first position covered",
+            )
+            guard = manager.by_symbol[symbol]
         old = {guard.stop_loss.client_order_id, guard.trailing_stop.client_order_id}
 
         def venue() -> tuple[set[str | None], list[Decimal]]:
@@ -1077,11 +1100,23 @@ async def test_on_the_binance_wire_a_closed_positions_stop_the_venue_cannot_show
             return [r for r in caplog.records if "not taken for cancelled" in r.getMessage()]
 
         assert venue()[0] == old  # (both live, though their reads lag)
-        if route == "listing-lagged":  # a pass past our 5 s: its list lacks them, taken for lost
+        if route in ("listing-lagged", "looked-up-absent"):  # a pass past our 5 s: its list lacks them
             await asyncio.sleep(6.5)
+            if route == "looked-up-absent":  # and each send again is refused, not executed
+                await _force(session, base_url, "busy", count=400)
             assert engine.reconciler is not None
             await engine.reconciler.reconcile_once()
+        if route == "looked-up-absent":
+            await wait_until(
+                lambda: any("is not on the exchange; sending it" in r.getMessage() for r in caplog.records),
+                within=10.0,
+                what="taken for absent by its look-up",
+            )
+            await asyncio.sleep(0.3)
         assert await engine.close_position(guard.position_id)
+        if route == "looked-up-absent":
+            answer = await session.post(f"{base_url}/_sim/clear-faults", json={})
+            assert answer.status == 200
         second: Engine | None = None
         if route in ("protection-restart", "engine-restart"):
             await wait_until(lambda: said() != [], within=20.0, what="the cancel not taken for proof")
@@ -1109,11 +1144,15 @@ async def test_on_the_binance_wire_a_closed_positions_stop_the_venue_cannot_show
         finally:
             if second is not None:
                 await second.stop()
-        statuses = await db.pool.fetch(
-            "SELECT client_order_id, status FROM monitoring.orders WHERE client_order_id = ANY($1::text[])",
-            list(old),
-        )
-        assert {r["status"] for r in statuses} == {"canceled"}, statuses
+
+        async def cancelled_on_record() -> bool:
+            rows = await db.pool.fetch(
+                "SELECT status FROM monitoring.orders WHERE client_order_id = ANY($1::text[])", list(old)
+            )
+            return {r["status"] for r in rows} == {"canceled"}
+
+        # (The record follows the venue's answer: a loaded run read it a moment before it was written.)
+        await wait_until(cancelled_on_record, within=10.0, what="both recorded cancelled")
         assert said()
         assert {r.levelno for r in said()} == {logging.WARNING}
 
