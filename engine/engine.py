@@ -3679,9 +3679,11 @@ class Engine:
         settles it from its record."""
         symbol = doubt.symbol
         if doubt.working:
-            # Routine on Bybit (41 in a 10-minute soak, each filled 2 s on): said at ERROR, an alarm an
-            # operator learns to skip. Its time without stops still counts, and past grace it is one.
-            log.warning(
+            # Routine on Bybit (41 in a 10-minute soak, each filled 2 s on): said at ERROR, then as a warning
+            # and its settling as another (40 warnings for a 20-signal wave, opme50), an alarm an operator
+            # learns to skip. Information: its time without stops still counts, and past grace it is an
+            # alarm (the gauge, health, the breaker).
+            log.info(
                 "%s (position %s): the venue has the entry %s, not filled yet; counted uncovered until its "
                 "fill is known, asked for by its id (%s)",
                 symbol,
@@ -3720,8 +3722,10 @@ class Engine:
                 self._in_flight.discard(symbol)
                 doubt.ended.set()
                 # The all-clear where the alarm was read (stderr shows warnings): the doubt said at ERROR and
-                # its settling only at INFO left a headless run's operator with the alarm alone.
-                log.warning(
+                # its settling only at INFO left a headless run's operator with the alarm alone. (A working
+                # entry raised none: its settling is information too.)
+                log.log(
+                    logging.INFO if doubt.working else logging.WARNING,
                     "%s (position %s): the entry of unknown outcome is settled: %s",
                     symbol,
                     doubt.position_id,
@@ -3736,7 +3740,7 @@ class Engine:
             )
             # (A working entry is no alarm here either: the watch's log panel tails these events, r83.)
             await self.store.record_event(
-                Severity.WARNING if doubt.working else Severity.ERROR,
+                Severity.INFO if doubt.working else Severity.ERROR,
                 "entry_outcome_unknown",
                 f"{doubt.symbol}: the venue has the entry {doubt.working}, not filled yet; counted uncovered "
                 "until its fill is known"
