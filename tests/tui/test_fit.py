@@ -196,6 +196,32 @@ async def test_a_critical_component_is_on_the_health_panel_before_the_degraded_o
         assert "more lines: h shows all" in shown, shown
 
 
+async def test_the_health_view_has_the_panels_streams_line() -> None:
+    """The panel's last line says the push streams (`streams  account up 0.1s ago · marks up 0.4s ago`); the
+    `h` view left it out, the two naming different sets of things (opme50)."""
+    settings = scenario_settings()
+    feed = PlanFeed(settings)
+    measured = {
+        "account_stream_connected": True,
+        "account_stream_last_event_age_seconds": 2.0,
+        "account_stream_reconnects": 1,
+    }
+    health = tuple(
+        dataclasses.replace(c, measurements={**c.measurements, **measured})
+        if c.component.value == "exchange"
+        else c
+        for c in feed._snapshot.health
+    )
+    feed._snapshot = dataclasses.replace(feed._snapshot, health=health)
+    app = DashboardApp(settings, feed=feed, tz=UTC, code_roots=[])
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(app, pilot)
+        assert "account up 2.0s ago, 1 reconnect" in region_text(app, app.query_one(HealthPanel))
+        await pilot.press("h")
+        await pilot.pause()
+        assert "streams: account up 2.0s ago, 1 reconnect" in dialog_text(screen(app))
+
+
 @SIZES
 async def test_help_text_is_whole(size: tuple[int, int]) -> None:
     app = await started_app(size)

@@ -14,7 +14,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Static
 
 from protection.health import ComponentHealth, worst_state
-from tui.widgets.health import STATE_WORDS, full_name
+from tui.widgets.health import STATE_WORDS, full_name, stream_words
 
 
 class HealthDetailScreen(ModalScreen[None]):
@@ -54,6 +54,10 @@ class HealthDetailScreen(ModalScreen[None]):
                 text.append(f"\n  cause: {component.reason}\n  measured: {component.summary}")
             else:
                 text.append(f" · {component.summary}")
+        # The panel's last line, here too: the view left it out, the two naming different sets (opme50).
+        if streams := stream_words(components):
+            text.append("\nstreams: ", style="bold")
+            text.append(" · ".join(words for _, _, words in streams))
         return text
 
     def action_close(self) -> None:
