@@ -3,6 +3,7 @@ real PostgreSQL): the action happens in the engine, and the screen shows its res
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -137,13 +138,22 @@ async def test_x_closes_the_selected_position_after_confirmation(db: Database) -
         await board.open_positions(SYMBOLS[30:32])
         await board.until(lambda: board.engine.snapshot().coverage.protected == 2, "2 covered")
         await board.until(lambda: board.positions.shown_symbols() == SYMBOLS[30:32], "both shown, covered")
-        await board.press("down")  # the second row, in display order
+
         # The key reaches the table through the app and the screen (one message queue each); under load
         # Textual's pilot can return before the last hop has run, so the move is awaited, not read at once.
-        await board.until(
-            lambda: (view := board.positions.selected_view()) is not None and view.symbol == SYMBOLS[31],
-            "the cursor on the second row",
-        )
+        # (CI 234, loaded: one press never showed in 120 virtual seconds; what is tested here is `x`, so the
+        # cursor is put on the second row again if it is not there.)
+        def on_second_row() -> bool:
+            view = board.positions.selected_view()
+            return view is not None and view.symbol == SYMBOLS[31]
+
+        for _ in range(3):
+            if on_second_row():
+                break
+            await board.press("home", "down")  # the second row, in display order
+            with contextlib.suppress(AssertionError):
+                await board.until(on_second_row, "the cursor on the second row", limit=10.0)
+        assert on_second_row()
         target = board.positions.selected_view()
         assert target is not None
 
