@@ -1222,17 +1222,24 @@ class PositionGuard:
         if order.price is not None and not self._too_near_liquidation(order.price, command.price):
             self.wake.set()  # (only the held one lay beyond: its correction is the stop to come)
             return True
-        if order.client_order_id and (order.confirmed or order.maybe_sent):
+        if self._may_be_live(order):
             self._supersede(order)
         order.maybe_sent = False
         order.price = limit
         self.wake.set()
         return True
 
+    def _may_be_live(self, order: ProtectiveOrder) -> bool:
+        """Whether the venue may hold `order` under its current id: confirmed, maybe sent, or an id the venue
+        answered placed (`ProtectionManager.placed_ids`) that a look-up took for absent past the read lag we
+        count on, or whose send again was refused: it may be live all the same (r84, r85)."""
+        cid = order.client_order_id
+        return bool(cid) and (order.confirmed or order.maybe_sent or cid in self._m.placed_ids)
+
     def _supersede(self, order: ProtectiveOrder) -> None:
         """`order`, which the venue may hold, goes to the superseded stops (cancelled once the position is
         covered again), and it takes its next id: a stop replaced (resized, moved inside liquidation)."""
-        if order.client_order_id and (order.confirmed or order.maybe_sent):
+        if self._may_be_live(order):
             self._superseded.append(
                 ProtectiveOrder(
                     order.purpose,
@@ -1484,7 +1491,7 @@ class PositionGuard:
         interrupts its cancel (an urgent command): dropped before that, an old stop stayed live after a
         close."""
         old, self.trailing_stop = self.trailing_stop, new
-        if old.client_order_id is None or not (old.confirmed or old.maybe_sent):
+        if not self._may_be_live(old):
             return None
         self._superseded.append(old)
         return old
@@ -2579,6 +2586,13 @@ class PositionGuard:
             read = await m.venue.venue_time_read(wait, since=sent_at)
             if read or m.clock.monotonic() - began >= wait * CLOCK_READ_WAITED_SHARE:
                 self.retry_at = m.clock.monotonic()
+        if cid in m.placed_ids:
+            # A send again of an id the venue answered placed (a look-up took it for absent past the lag):
+            # its first copy may be live, so its record stays `open` (written `pending`, an engine restart
+            # took its "unknown order" for proof, r85), and a refused id is replaced, kept for its cancel.
+            if isinstance(exc, Rejected):
+                self._supersede(order)
+            return
         if isinstance(exc, Rejected):
             await m.store.set_order_status(cid, OrderRecordStatus.REJECTED, error=_short(exc))
             # A rejected id is spent on the venue; the next attempt needs a fresh one.
@@ -3390,12 +3404,7 @@ class PositionGuard:
         # hands them to the next one (which restores no guard for a closed position).
         # (And one the venue answered placed that a look-up took for absent past the lag we count on: it may
         # be live all the same, and left uncancelled it freed the symbol beside the new position, r84.)
-        ours = [
-            order
-            for order in (self.stop_loss, self.trailing_stop)
-            if order.client_order_id
-            and (order.confirmed or order.maybe_sent or order.client_order_id in m.placed_ids)
-        ]
+        ours = [order for order in (self.stop_loss, self.trailing_stop) if self._may_be_live(order)]
         ours.extend(self._superseded)
         if self._restored_move is not None and self._restored_move.client_order_id:
             ours.append(
@@ -4440,6 +4449,17 @@ class ProtectionManager:
         self._gone(cid)
         return True
 
+    def note_placed(self, order: Order) -> None:
+        """The venue's word that our stop `order` is live (the account stream's NEW, a listing): "unknown
+        order" to its cancel is no proof from now on, and its record says `open`, for a next process too
+        (its answer lost, the record said `pending`, and an engine restart took its "unknown order" for
+        proof: r85)."""
+        cid = order.client_order_id
+        if cid in self.placed_ids:
+            return
+        self.placed_ids.add(cid)
+        self.spawn_order_status(OrderStatusRow(cid, OrderRecordStatus.OPEN, order.venue_order_id or None))
+
     def _gone(self, cid: str) -> None:
         self.placed_ids.discard(cid)
         self.placed_unseen.pop(cid, None)
@@ -5386,7 +5406,7 @@ class ProtectionManager:
             return False
         self.streamed_live.pop(order.client_order_id, None)
         if order.status is OrderStatus.NEW and self.stream_new_proves_live:
-            self.placed_ids.add(order.client_order_id)  # (its answer lost, the close began before this word)
+            self.note_placed(order)  # (its answer lost, the close began before this word)
             self.streamed_live[order.client_order_id] = order
             while len(self.streamed_live) > STREAMED_LIVE_KEPT:
                 self.streamed_live.popitem(last=False)

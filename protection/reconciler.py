@@ -319,7 +319,7 @@ class Reconciler:
                 # placed on a venue with a read lag was uncovered again, a false span each).
                 continue
             if order.client_order_id in open_by_id:
-                self._manager.placed_ids.add(order.client_order_id)
+                self._manager.note_placed(open_by_id[order.client_order_id])
                 continue
             # Confirmed by us, absent on the venue: it triggered, was cancelled by hand, or expired.
             what = "trailing stop" if order.purpose is OrderPurpose.TRAILING_STOP else "stop-loss"

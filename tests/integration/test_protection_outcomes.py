@@ -1044,6 +1044,9 @@ async def test_a_stop_does_not_wait_for_a_close_held_back_by_a_ban(db: Database)
         ("listing-lagged", 20),
         ("looked-up-absent", 30),
         ("stream-new-late", 16),
+        ("stream-new-late-then-restart", 16),
+        ("looked-up-absent-then-restart", 30),
+        ("looked-up-absent-then-resized", 30),
     ],
 )
 async def test_on_the_binance_wire_a_closed_positions_stop_the_venue_cannot_show_yet_is_not_taken_for_cancelled(
@@ -1060,7 +1063,9 @@ async def test_on_the_binance_wire_a_closed_positions_stop_the_venue_cannot_show
     manager knew nothing of them), and a periodic listing that lagged too, which un-confirmed them first. r84
     two more: the guard's own look-up took them for absent and its send again was refused (not executed), so
     the close cancelled nothing; and stops whose answers were lost, known live only by the account stream's
-    NEW, which came after the close had begun."""
+    NEW, which came after the close had begun. r85 three more: either of those two followed by an engine
+    restart (nothing on the record said the venue had them), and the first with the position resized by
+    hand before the close (the replaced stops were not kept for cancelling)."""
     caplog.set_level(logging.INFO)
     async with _on_the_binance_wire(db) as (emulator, base_url, session, first):
         engine = first
@@ -1068,12 +1073,13 @@ async def test_on_the_binance_wire_a_closed_positions_stop_the_venue_cannot_show
         manager, store = engine.manager, engine.store
         assert manager is not None
         assert store is not None
+        stream_new, absent = route.startswith("stream-new-late"), route.startswith("looked-up-absent")
         await _force(session, base_url, f"lag:{lag}", count=2)
-        if route == "stream-new-late":  # their answers lost, the stream's NEW late
+        if stream_new:  # their answers lost, the stream's NEW late
             await _force(session, base_url, "timeout", count=2)
             await _stream_late(session, base_url, ms=1500, seconds=30)
         await store.insert_signals([(symbol, "long", None, None)])
-        if route == "stream-new-late":
+        if stream_new:
             await wait_until(lambda: symbol in manager.by_symbol, within=20.0, what="the first position")
             guard = manager.by_symbol[symbol]
             await wait_until(
@@ -1100,25 +1106,32 @@ async def test_on_the_binance_wire_a_closed_positions_stop_the_venue_cannot_show
             return [r for r in caplog.records if "not taken for cancelled" in r.getMessage()]
 
         assert venue()[0] == old  # (both live, though their reads lag)
-        if route in ("listing-lagged", "looked-up-absent"):  # a pass past our 5 s: its list lacks them
+        if route == "listing-lagged" or absent:  # a pass past our 5 s: its list lacks them
             await asyncio.sleep(6.5)
-            if route == "looked-up-absent":  # and each send again is refused, not executed
+            if absent:  # and each send again is refused, not executed
                 await _force(session, base_url, "busy", count=400)
             assert engine.reconciler is not None
             await engine.reconciler.reconcile_once()
-        if route == "looked-up-absent":
+        if absent:
             await wait_until(
                 lambda: any("is not on the exchange; sending it" in r.getMessage() for r in caplog.records),
                 within=10.0,
                 what="taken for absent by its look-up",
             )
             await asyncio.sleep(0.3)
+        if route == "looked-up-absent-then-resized":  # someone adds to the position: its stops replaced
+            held = venue()[1][0]
+            emulator.core.place_market_order(symbol, OrderSide.BUY, held, "by-hand-add", time.time())
+            assert engine.reconciler is not None
+            await engine.reconciler.reconcile_once()
+            await wait_until(lambda: guard.quantity == 2 * held, within=10.0, what="resized")
+            await asyncio.sleep(0.3)
         assert await engine.close_position(guard.position_id)
-        if route == "looked-up-absent":
+        if absent:
             answer = await session.post(f"{base_url}/_sim/clear-faults", json={})
             assert answer.status == 200
         second: Engine | None = None
-        if route in ("protection-restart", "engine-restart"):
+        if route in ("protection-restart", "engine-restart") or route.endswith("-then-restart"):
             await wait_until(lambda: said() != [], within=20.0, what="the cancel not taken for proof")
             if route == "protection-restart":
                 await engine.restart_protection()
@@ -1126,6 +1139,8 @@ async def test_on_the_binance_wire_a_closed_positions_stop_the_venue_cannot_show
                 await engine.stop()
                 second = engine = binance_wire_engine(db.target.dsn, base_url, KEY, SECRET)
                 await engine.start()
+                if absent:  # (the breaker's pause, for the refused sends, is kept across the restart)
+                    engine.resume_entries("test", by="breaker")
         try:
             assert engine.store is not None
             await engine.store.insert_signals([(symbol, "long", None, None)])
