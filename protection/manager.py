@@ -4458,7 +4458,16 @@ class ProtectionManager:
         if cid in self.placed_ids:
             return
         self.placed_ids.add(cid)
-        self.spawn_order_status(OrderStatusRow(cid, OrderRecordStatus.OPEN, order.venue_order_id or None))
+
+        async def write() -> None:
+            # Only over a record that does not know it yet: written blindly, in the background, a NEW
+            # overtook the fill recorded since and set a filled stop's record back to `open`.
+            try:
+                await self.store.mark_order_live_if_unsettled(cid, order.venue_order_id or None)
+            except Exception:
+                log.exception("could not record order %s as live", cid)
+
+        self._in_background(write(), f"order-live-{cid}")
 
     def _gone(self, cid: str) -> None:
         self.placed_ids.discard(cid)

@@ -986,6 +986,22 @@ class Store:
         )
         return _order(self._require(row, client_order_id))
 
+    async def mark_order_live_if_unsettled(self, client_order_id: str, exchange_order_id: str | None) -> bool:
+        """The venue's word that an order of ours is live, where the record does not know it yet (`pending`,
+        `unknown`): `open`. Never over an end already recorded (that word may have been overtaken by a fill
+        or a cancel recorded since). Whether it changed the record."""
+        changed = await self._pool.fetchval(
+            """
+            UPDATE monitoring.orders
+            SET status = 'open', exchange_order_id = COALESCE($2, exchange_order_id)
+            WHERE client_order_id = $1 AND status IN ('pending', 'unknown')
+            RETURNING true
+            """,
+            client_order_id,
+            exchange_order_id,
+        )
+        return bool(changed)
+
     async def set_order_statuses_many(self, updates: Sequence[OrderStatusRow]) -> None:
         """Many orders' statuses in one statement (see `set_order_status`)."""
         if not updates:
