@@ -4462,10 +4462,11 @@ class ProtectionManager:
         async def write() -> None:
             # Only over a record that does not know it yet: written blindly, in the background, a NEW
             # overtook the fill recorded since and set a filled stop's record back to `open`.
+            # (Not journaled: the word is kept in memory meanwhile, and a database down is said elsewhere.)
             try:
                 await self.store.mark_order_live_if_unsettled(cid, order.venue_order_id or None)
-            except Exception:
-                log.exception("could not record order %s as live", cid)
+            except Exception as exc:
+                log.info("order %s not recorded as live (%s)", cid, type(exc).__name__)
 
         self._in_background(write(), f"order-live-{cid}")
 
