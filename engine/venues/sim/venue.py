@@ -16,7 +16,7 @@ walk every `mark_tick_seconds` of clock time, feeds the marks to the core (which
 the event loop, and nothing is held across an await.
 
 Besides the port, the venue has a small control surface for tests and demos: `override_mark_price`,
-`inject_fault`, `answer_positions_empty`, `clear_injected_faults`, and Binance's documented misbehaviour of algo orders:
+`inject_fault`, `answer_positions_empty`, `answer_open_orders_empty`, `clear_injected_faults`, and Binance's documented misbehaviour of algo orders:
 `set_trigger_delay` (fired stops sit TRIGGERING, or stick there, before their fill) and `set_read_lag`
 (a just-placed stop answers "unknown order" for a while). All of it runs on the venue's clock, so a
 `ManualClock` plays it out in virtual time.
@@ -146,6 +146,7 @@ class SimVenue:
         self._closed = False
         self._pacing: VenuePacing | None = None
         self._empty_position_answers = 0
+        self._empty_open_order_answers = 0
         self.calls_made: dict[CallKind, int] = {}  # requests that reached this venue, by kind
         self._book = book
         self._book_loaded = False
@@ -383,10 +384,14 @@ class SimVenue:
         return await self._call(CallKind.FETCH_POSITIONS, positions)
 
     async def fetch_open_protective_orders(self, symbol: str | None = None) -> list[Order]:
-        return await self._call(
-            CallKind.FETCH_OPEN_ORDERS,
-            lambda now: self._core.open_protective_orders(now, symbol, self._account_id),
-        )
+        def listed(now: float) -> list[Order]:
+            if symbol is None and self._empty_open_order_answers > 0:
+                self._empty_open_order_answers -= 1
+                logger.info("sim venue: answering [] for all open orders (a glitch, as asked)")
+                return []
+            return self._core.open_protective_orders(now, symbol, self._account_id)
+
+        return await self._call(CallKind.FETCH_OPEN_ORDERS, listed)
 
     async def set_leverage(self, symbol: str, leverage: int) -> int:
         return await self._call(
@@ -583,9 +588,18 @@ class SimVenue:
             raise ValueError("count must be >= 1")
         self._empty_position_answers += count
 
+    def answer_open_orders_empty(self, count: int = 1) -> None:
+        """The next `count` listings of *all* open orders answer `[]` whatever the account holds: a listing
+        that leaves live orders out (a glitch, or a read lagging past the one the engine counts on, which
+        Binance documents only as "seconds"). A look-up by id, or a listing of one symbol, answers truly."""
+        if count < 1:
+            raise ValueError("count must be >= 1")
+        self._empty_open_order_answers += count
+
     def clear_injected_faults(self) -> None:
         self._faults.clear_forced()
         self._empty_position_answers = 0
+        self._empty_open_order_answers = 0
 
     # ---- the kept book ------------------------------------------------------------------------------
 
