@@ -13,8 +13,9 @@ Rules (times on the engine's clock; `R.x` is an `[alerts]` setting):
     condition           when                                                     level
     ------------------  -------------------------------------------------------  -------------------------
     coverage_low        coverage < R.coverage_below_percent while a position is   WARNING; CRITICAL below
-                        uncovered past its grace period; positions still within   R.coverage_critical_percent
-                        it are not counted (a wave being protected is no fault)
+                        uncovered past its grace period (without its stops for    R.coverage_critical_percent
+                        one); positions within it are not counted (a wave being
+                        protected, a stop-out settling is no fault)
     position_uncovered  a position uncovered >= R.uncovered_seconds (one per      WARNING
                         position: its symbol and time unprotected are named)
     breaker_tripped     entries paused by the circuit breaker                    WARNING
@@ -126,6 +127,9 @@ class Observation:
     protected: int
     uncovered: tuple[UncoveredPosition, ...] = ()  # past their grace period
     protecting: int = 0  # uncovered but still within their grace period (a wave being protected)
+    # Of `uncovered`, those without their stops for less than a grace period (a stop-out settling, a stop
+    # being put back): named if they last (`position_uncovered`), not counted against coverage until then.
+    brief: int = 0
     breaker_reason: str | None = None  # entries paused by the breaker: why
     breaker_seconds: float = 0.0  # how long that pause has stood
     breaker_carried: bool = False  # an earlier run's pause, carried over this engine's start
@@ -207,18 +211,22 @@ def conditions(observed: Observation, rules: AlertRules) -> tuple[Condition, ...
     found: list[Condition] = []
     # Positions still within their grace period are not counted: a wave being protected is not a fault, and
     # counting it would raise and clear the alarm on every wave while one old position stays uncovered.
-    coverage = percent(observed.protected, observed.active - observed.protecting)
-    if observed.uncovered and coverage is not None and coverage < rules.coverage_below_percent:
+    # Nor, as the breaker and the health check judge, positions that lost a stop less than a grace period
+    # ago: two stop-outs of 36 settling in the same second read "coverage 94.4%" (opme51).
+    judged = observed.active - observed.protecting - observed.brief
+    lasting = len(observed.uncovered) - observed.brief
+    coverage = percent(observed.protected, judged)
+    if lasting > 0 and coverage is not None and coverage < rules.coverage_below_percent:
         critical = coverage < rules.coverage_critical_percent
         found.append(
             Condition(
                 AlertKind.COVERAGE_LOW.value,
                 AlertKind.COVERAGE_LOW,
                 Level.CRITICAL if critical else Level.WARNING,
-                f"coverage {coverage}% ({observed.protected}/{observed.active - observed.protecting} "
+                f"coverage {coverage}% ({observed.protected}/{judged} "
                 "protected past grace), below "
                 f"{rules.coverage_critical_percent if critical else rules.coverage_below_percent}%; "
-                f"{len(observed.uncovered)} uncovered past grace",
+                f"{lasting} uncovered past grace",
             )
         )
     for position in sorted(observed.uncovered, key=lambda p: (-p.unprotected_seconds, p.symbol)):
@@ -456,6 +464,7 @@ def observe_engine(engine: Engine, now: float) -> Observation:
         protected=figures.protected,
         uncovered=tuple(uncovered),
         protecting=figures.protecting,
+        brief=figures.uncovered - figures.lasting,
         breaker_reason=engine.breaker_pause_reason,
         breaker_seconds=0.0
         if (began := engine.breaker_pause_began()) is None

@@ -46,6 +46,11 @@ class CoverageFigures:
     protecting_with_stop_loss: int = 0
     protecting_with_trailing_stop: int = 0
     oldest_unprotected_symbol: str = ""  # the symbol of the oldest uncovered past grace
+    # Of the uncovered past grace, those without their stops for less than a grace period (`uncovered` less
+    # `lasting`: a stop-out settling, a stop being put back), with that stop confirmed: shown uncovered at
+    # once, judged by the health rule once that lasts a grace period, as the breaker and the alerts judge.
+    brief_with_stop_loss: int = 0
+    brief_with_trailing_stop: int = 0
 
 
 def percent(part: int, whole: int) -> Decimal | None:
@@ -58,6 +63,7 @@ def coverage_figures(
     positions: Iterable[PositionCoverage], now: float, grace_seconds: float
 ) -> CoverageFigures:
     active = protected = protecting = with_sl = with_ts = lasting = protecting_sl = protecting_ts = 0
+    brief_sl = brief_ts = 0
     uncovered_ids: list[int] = []
     oldest: float | None = None
     oldest_symbol = ""
@@ -79,7 +85,11 @@ def coverage_figures(
         uncovered_ids.append(position.position_id)
         if oldest is None or age > oldest:
             oldest, oldest_symbol = age, position.symbol
-        lasting += age >= grace_seconds
+        if age >= grace_seconds:
+            lasting += 1
+        else:
+            brief_sl += position.has_stop_loss
+            brief_ts += position.has_trailing_stop
     return CoverageFigures(
         active=active,
         protected=protected,
@@ -95,6 +105,8 @@ def coverage_figures(
         protecting_with_stop_loss=protecting_sl,
         protecting_with_trailing_stop=protecting_ts,
         oldest_unprotected_symbol=oldest_symbol,
+        brief_with_stop_loss=brief_sl,
+        brief_with_trailing_stop=brief_ts,
     )
 
 

@@ -62,6 +62,9 @@ a rule on the TS share alone would allow when the newcomer has its trailing stop
 Coverage alarms need a position uncovered past grace because a wave being protected is not a fault:
 seven positions opened a second ago have no stops yet, and calling that CRITICAL for a few seconds on
 every wave is exactly the false alarm that trained the operator to ignore the old one.
+"Uncovered past its grace period" is without its stops for a grace period or more (from its fill, or
+from the moment it lost a stop), as the breaker and the alerts judge: a stop-out settling, or a stop
+being put back, is shown uncovered at once and alarms only if it lasts.
 
 Overall state = the worst component by `critical > degraded > unknown > healthy`. UNKNOWN ranks above
 HEALTHY because "not measured" must never read as "fine", and below DEGRADED because a missing
@@ -359,7 +362,8 @@ class ProtectionMeasurement:
     """Coverage counted per position from confirmed exchange facts (F4, F11), not from row counts.
 
     `protected_positions` have both stops confirmed; the rest are uncovered, and
-    `uncovered_past_grace` of those have been open longer than the protection grace period.
+    `uncovered_past_grace` of those have been without their stops for the protection grace period or
+    longer (the rest are still being protected: a new position, a stop-out settling, a stop put back).
     `ts_covered` / `sl_covered` count positions whose trailing stop / hard stop-loss is confirmed.
     `oldest_uncovered_seconds` is how long the longest-uncovered position has been so (None when every
     position is protected). `timeouts_last_hour` counts protection timeouts, resolved or not."""
@@ -388,7 +392,11 @@ class ProtectionMeasurement:
         unchecked_seconds: float | None = None,
         unchecked_why: str = "",
     ) -> ProtectionMeasurement:
-        """From the coverage figures the gauge shows (the health check and the dashboard read one rule)."""
+        """From the coverage figures the gauge shows (the health check and the dashboard read one rule).
+        Judged past grace: the positions without their stops for a grace period (`lasting`), as the breaker
+        and the alerts judge them. Counting every uncovered position opened before the grace period, a
+        stop-out settling in the same second made it CRITICAL ("Low coverage: 94.4% (34/36 past grace)",
+        two stop-outs of 36, opme51); the gauge shows them uncovered at once all the same."""
         return cls(
             unchecked_seconds=unchecked_seconds,
             unchecked_why=unchecked_why,
@@ -396,13 +404,13 @@ class ProtectionMeasurement:
             protected_positions=figures.protected,
             ts_covered=figures.with_trailing_stop,
             sl_covered=figures.with_stop_loss,
-            uncovered_past_grace=figures.uncovered,
+            uncovered_past_grace=figures.lasting,
             oldest_uncovered_seconds=figures.oldest_unprotected_seconds
             if figures.uncovered
             else (None if figures.protected == figures.active else 0.0),
             timeouts_last_hour=timeouts_last_hour,
-            protecting_ts_covered=figures.protecting_with_trailing_stop,
-            protecting_sl_covered=figures.protecting_with_stop_loss,
+            protecting_ts_covered=figures.protecting_with_trailing_stop + figures.brief_with_trailing_stop,
+            protecting_sl_covered=figures.protecting_with_stop_loss + figures.brief_with_stop_loss,
             oldest_uncovered_symbol=figures.oldest_unprotected_symbol if figures.uncovered else "",
         )
 

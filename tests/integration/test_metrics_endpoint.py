@@ -243,7 +243,13 @@ async def test_healthz_and_the_dashboard_judge_protection_at_this_instant_not_at
         assert victim.stop_loss.client_order_id is not None
         engine.venue.core.cancel_order(victim.symbol, victim.stop_loss.client_order_id, clock.now())
         engine.manager.request_reconcile()  # type: ignore[union-attr]
-        await drive_until(clock, lambda: engine.coverage().uncovered == 1, what="uncovered past grace")
+        await drive_until(clock, lambda: engine.coverage().uncovered == 1, what="uncovered")
+        # Judged once it has lasted a grace period, as the breaker and the alerts judge (a stop-out settling
+        # is no alarm: test_coverage_figures.py); shown uncovered meanwhile.
+        status, body = await healthz(engine)
+        assert (status, body["uncovered"]) == (200, 1)
+        await drive(clock, clock.sleep(float(settings.protection.grace_seconds)))
+        assert engine.coverage().uncovered == 1
         assert engine.health_measured_at == measured  # no measurement since: the next is minutes away
 
         status, body = await healthz(engine)  # 1 of 2 past grace with both stops: under the critical line

@@ -205,17 +205,7 @@ class CoverageGauge(Vertical):
 
     def verdict(self, figures: CoverageFigures) -> health.HealthState:
         """The protection rule on these figures: the same verdict the health panel will show."""
-        measured = health.ProtectionMeasurement(
-            active_positions=figures.active,
-            protected_positions=figures.protected,
-            ts_covered=figures.with_trailing_stop,
-            sl_covered=figures.with_stop_loss,
-            uncovered_past_grace=figures.uncovered,
-            oldest_uncovered_seconds=figures.oldest_unprotected_seconds if figures.uncovered else None,
-            protecting_ts_covered=figures.protecting_with_trailing_stop,
-            protecting_sl_covered=figures.protecting_with_stop_loss,
-            oldest_uncovered_symbol=figures.oldest_unprotected_symbol if figures.uncovered else "",
-        )
+        measured = health.ProtectionMeasurement.of(figures, 0)
         return health.evaluate_protection(measured, self._thresholds).state
 
     def _figure(
