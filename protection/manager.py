@@ -271,10 +271,9 @@ class ProtectiveOrder:
     # unverified (`PositionGuard.stop_loss_unverified`); still a doubt for the entries' hold until a listing
     # or its look-up by id settles it (`doubt_pending`).
     told_ended: bool = False
-    # Put in doubt because a listing of the venue's open orders left it out (`OrderMissing`): that alone
-    # proves nothing (a glitch, a read lagging past the one we count on), so it is no alarm; its look-up
-    # by id decides, and one it finds ended without a fill, or not at all, is protection lost (said then,
-    # once: the listing's miss and the look-up's finding were two alarms for one stop).
+    # Put in doubt because a listing of the venue's open orders left it out (`OrderMissing`), which the
+    # reconciler said as protection lost: its look-up by id, finding it ended, says no more (the listing's
+    # miss and the look-up's finding were two alarms for one stop).
     missed_by_listing: bool = False
     # Found live by a start (not sent by this process): when the venue placed it (epoch seconds, the venue's
     # clock). The position is protected since its stops went live, not since the start found them.
@@ -1675,7 +1674,7 @@ class PositionGuard:
             if found is _Outcome.CONFIRMED:
                 self.report.restored_orders += 1
                 return found
-            missed = order.missed_by_listing  # (cleared by `_next_generation`)
+            said = order.missed_by_listing  # (cleared by `_next_generation`)
             if found is _Outcome.GONE:
                 filled = order.ended_as is OrderStatus.FILLED
                 fired = order.fired_at is not None  # (cleared by `_next_generation`)
@@ -1684,15 +1683,12 @@ class PositionGuard:
                     return outcome  # the position is probably gone: the reconciler settles it first
                 # Cancelled or expired without a fill: the position is naked now; replace it at once.
                 if (
-                    (order.ended_as is OrderStatus.CANCELED or missed)
+                    order.ended_as is OrderStatus.CANCELED
                     and not fired
-                    and self._ended_unseen(cid, order, missed_by_listing=missed)
+                    and self._ended_unseen(cid, order, already_said=said)
                 ):
                     await self._write_facts()  # uncovered since its end on the venue (one write, then placed)
                 return await self._ensure(order, send)
-            if found is _Outcome.ABSENT and missed:
-                order.missed_by_listing = False
-                self._missing_by_id(cid, order.purpose)
             if found not in (_Outcome.ABSENT, _Outcome.UNSEEN):
                 return found
             # Proven absent, or not seen yet: sent with the same id. The venue takes one open order per
@@ -2120,14 +2116,14 @@ class PositionGuard:
             at = max(at, order.unclear_at + m.read_after_write_seconds + READ_LAG_MARGIN_SECONDS)
         return at
 
-    def _ended_unseen(self, cid: str, order: ProtectiveOrder, *, missed_by_listing: bool = False) -> bool:
+    def _ended_unseen(self, cid: str, order: ProtectiveOrder, *, already_said: bool = False) -> bool:
         """A stop of ours found cancelled on the venue by its look-up (by hand), its end unseen when it came
         (the stream missed it, or no engine ran): protection lost, said as the stream's word on it is. Not
         one that fired (it may end expired, part-filled), nor one that expired; not where the venue ends a
         position's stops with it (Bybit: the position may be gone, which the reconciler settles), nor after
-        a fill of its sibling, our own close, or the stream's word that the position is flat. One a listing
-        that still held the position left out (`missed_by_listing`) is lost however it ended (the caller
-        leaves out fills and fired ones), on any venue."""
+        a fill of its sibling, our own close, or the stream's word that the position is flat. Not said again
+        when the reconciler said it (`already_said`: a listing left it out); its time uncovered is set all
+        the same."""
         m = self._m
         status = order.ended_as
         if (
@@ -2135,11 +2131,12 @@ class PositionGuard:
             or self.exit_evidence is not None  # its sibling filled: the venue may end this one with it
             or self.close_sent
             or self.venue_flat_at is not None
-            or not (m.venue.capabilities().stops_are_orders or missed_by_listing)
+            or not m.venue.capabilities().stops_are_orders
         ):
             return False
         timed = self._uncovered_since_its_end(order)
-        self._ended_by_someone(cid, order.purpose, status, "found by its id")
+        if not already_said:
+            self._ended_by_someone(cid, order.purpose, status, "found by its id")
         return timed
 
     def _uncovered_since_its_end(self, order: ProtectiveOrder) -> bool:
@@ -2161,26 +2158,6 @@ class PositionGuard:
         self.unprotected_since_epoch = m.clock.now() - (now - since)
         self._loss_found_at = now
         return True
-
-    def _missing_by_id(self, cid: str, purpose: OrderPurpose) -> None:
-        """A stop a listing left out and its look-up by id did not find either, past the venue's read lag:
-        protection lost (the log's ERROR, the event, the alert), as a stop someone ended is."""
-        what = stop_words(purpose)
-        log.error(
-            "%s: %s %s is not on the venue (a listing left it out, and its look-up by id found nothing); "
-            "re-placing it now",
-            self.symbol,
-            what,
-            cid,
-        )
-        self._m.protection_lost(
-            self.symbol,
-            self.position_id,
-            what,
-            f"{cid} is not on the venue",
-            f"{self.symbol}: {what} {cid} is not on the venue (a listing left it out, its look-up by id "
-            "found nothing); re-placing",
-        )
 
     def _ended_by_someone(self, cid: str, purpose: OrderPurpose, status: OrderStatus, told_by: str) -> None:
         """One of our stops ended on the venue by someone else's hand: protection lost (the log's ERROR, the
