@@ -1105,11 +1105,21 @@ async def _read_status(
         ),
         None,
     )
+    # With an engine looking after the account, the verdict judges positions without their stops for a grace
+    # period, as its health and breaker do (a stop-out settling is listed below, not a DEGRADED: r86); with
+    # none, every one listed: nothing protects them.
+    judged = [
+        p
+        for p in uncovered
+        if not looked_after
+        or p.unprotected_since is None
+        or (now - p.unprotected_since).total_seconds() >= grace
+    ]
     state, reason = _verdict(
         health,
         running=looked_after,
         account=account,
-        uncovered=[p.symbol for p in uncovered],
+        uncovered=[p.symbol for p in judged],
         holder_not_looking=holder.not_looking_after() if holder is not None else "",
         unwatched=_unwatched(holder, None if held else last, now, coverage.active, account),
     )

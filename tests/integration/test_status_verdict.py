@@ -411,11 +411,22 @@ async def test_with_an_engine_running_the_uncovered_list_is_never_under_an_ok_ve
             symbol,
             age,
         )
+    # One that lost a stop a moment ago (a stop-out settling, a stop being put back) is listed at once, and
+    # judged by the verdict once that lasts a grace period, as the engine's health judges it (r86: DEGRADED
+    # where the health said healthy).
+    await engine_side.execute(
+        "INSERT INTO monitoring.positions (account, symbol, exchange, side, quantity, entry_price, status, "
+        "has_stop_loss, has_trailing_stop, opened_at, unprotected_since) "
+        "VALUES ('sim:default', 'ZUSDT', 'sim', 'long', 1, 2, 'active', true, false, now() - interval '1 minute', "
+        "now())"
+    )
     human = tsbot("status", cwd=workdir, **GRACE_30S)
     assert human.returncode == 1, human.stdout + human.stderr
     assert human.stdout.splitlines()[0] == (
         "DEGRADED: protection: 1 position uncovered (XUSDT) past grace in the records"
     )
+    listed = json.loads(tsbot("status", "--json", cwd=workdir, **GRACE_30S).stdout)["uncovered"]
+    assert sorted(p["symbol"] for p in listed) == ["XUSDT", "ZUSDT"]
     # The protection component saying the same is not said a second time (an operator), another one is.
     await engine_side.measure(
         ("protection", "degraded", "1 uncovered, oldest 60s"), ("exchange", "degraded", "Exchange errors 12%")
