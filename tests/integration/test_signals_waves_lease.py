@@ -314,7 +314,9 @@ async def _kill_lease_connection(db: Database, key: str) -> None:
         key,
     )
     assert pid is not None
-    await db.pool.execute("SELECT pg_terminate_backend($1)", pid)
+    # Until it has gone, and its lock with it: pg_terminate_backend only signals it (a clean-clone CI's
+    # next statement found the lock still held).
+    assert await db.pool.fetchval("SELECT pg_terminate_backend($1, 10000)", pid)
 
 
 async def test_a_lost_lease_stops_entries_refuses_resume_and_is_taken_again(
