@@ -553,7 +553,7 @@ async def _run_rows(
                 )
 
             with contextlib.suppress(AssertionError):  # rows still pending are reported as stuck below
-                await drive_until(clock, finished, limit=4.0, what="every row finished")
+                await drive_until(clock, finished, limit=30.0, what="every row finished")  # (database writes)
             found = {
                 r["id"]: (r["status"], r["reason"])
                 for r in await pool.fetch(

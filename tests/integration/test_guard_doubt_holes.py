@@ -285,7 +285,7 @@ async def test_a_fill_whose_record_waits_for_the_database_counts_as_a_position_w
             )
 
         await engine.store.insert_signals([(symbol, "long", None, None)])
-        await drive_until(clock, entry_recorded, limit=5.0, what="the entry sent")
+        await drive_until(clock, entry_recorded, limit=30.0, what="the entry sent")  # (a database write)
         async with db.pool.acquire() as connection, connection.transaction():
             # The entry's answer is on its way: its writes wait for this lock (a slow database).
             await connection.execute("LOCK TABLE monitoring.orders IN EXCLUSIVE MODE")
