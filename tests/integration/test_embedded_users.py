@@ -165,3 +165,36 @@ def test_a_command_leaving_a_running_server_running_does_not_say_it_does_not_ans
         assert "does not answer" not in said, said
     finally:
         _no_server_left(data_dir)
+
+
+def test_a_restart_after_a_crash_waits_out_a_recovery_longer_than_pg_ctls_ten_seconds(tmp_path: Path) -> None:
+    """A server killed with SIGKILL recovers when started again. pgserver gives `pg_ctl -w` 10 s; a recovery
+    that took longer (a loaded machine) was called a failed start while the server went on recovering, and
+    the restart tried again over it ("lock file already exists"). It is waited for now, and joined.
+
+    Staged with a recovery that waits 13 s once: an archive recovery whose first `restore_command` sleeps
+    (run in the data directory; every fetch then fails, and the server ends recovery on its own WAL)."""
+    data_dir = tmp_path / "pg"
+    assert _user(data_dir, "kill").returncode == -9  # a server left running by a killed user
+    try:
+        state, pid = postmaster_state(data_dir)
+        assert state is PostmasterState.RUNNING
+        assert pid is not None
+        psutil.Process(pid).kill()  # the crash
+        assert _stopped_within(data_dir, 15.0)
+        (data_dir / "recovery.signal").write_text("")
+        with (data_dir / "postgresql.auto.conf").open("a") as conf:
+            conf.write("\nhot_standby = off\n")  # (not ready until its recovery ends)
+            conf.write("restore_command = 'test -f slow_once || { touch slow_once; sleep 13; }; exit 1'\n")
+
+        started = time.monotonic()
+        used = _user(data_dir, "exit")
+        took = time.monotonic() - started
+        assert used.returncode == 0, used.stderr[-2000:]
+        assert "still starting after 10 s" in used.stderr, used.stderr[-2000:]
+        assert "started again" in used.stderr, used.stderr[-2000:]
+        assert took > 10.0, took  # (the staging held it past pg_ctl's 10 s)
+        assert (data_dir / "slow_once").exists()
+        assert _stopped_within(data_dir, 15.0)  # served, then stopped by its last user
+    finally:
+        _no_server_left(data_dir)
