@@ -145,6 +145,7 @@ class SimVenue:
         self._subscribers: set[_MarkSubscription] = set()
         self._closed = False
         self._pacing: VenuePacing | None = None
+        self._forced_retry_after = FORCED_RETRY_AFTER_SECONDS
         self._empty_position_answers = 0
         self._empty_open_order_answers = 0
         self.calls_made: dict[CallKind, int] = {}  # requests that reached this venue, by kind
@@ -580,6 +581,13 @@ class SimVenue:
     ) -> None:
         self._faults.force(kind, fault, count, stops_only=stops_only, market_symbol=market_symbol)
 
+    def set_forced_retry_after(self, seconds: float) -> None:
+        """What an injected 429 (`FaultKind.RATE_LIMITED`) says to wait, its `Retry-After` (1 s unless set):
+        the venues' own vary."""
+        if seconds <= 0:
+            raise ValueError("seconds must be > 0")
+        self._forced_retry_after = seconds
+
     def answer_positions_empty(self, count: int = 1) -> None:
         """The next `count` reads of *all* positions answer `[]` whatever the account holds, at any time
         (not only right after connecting, as `faults.empty_positions_for_seconds` does), as Binance was seen
@@ -750,11 +758,10 @@ class SimVenue:
         await self._clock.sleep(arrival)
         if plan.fault is FaultKind.RATE_LIMITED:
             await self._clock.sleep(min(half, timeout - arrival))
+            wait = self._forced_retry_after
             if self._pacing is not None:  # a request-rate 429: reported as a ccxt venue reports one
-                self._pacing.rate_limited(FORCED_RETRY_AFTER_SECONDS)
-            raise RateLimited(FORCED_RETRY_AFTER_SECONDS, f"sim {kind}: HTTP 429 (as asked)").answered(
-                http_status=429
-            )
+                self._pacing.rate_limited(wait)
+            raise RateLimited(wait, f"sim {kind}: HTTP 429 (as asked)").answered(http_status=429)
         if plan.fault is FaultKind.SERVER_ERROR:
             await self._clock.sleep(min(half, timeout - arrival))
             raise Retryable(f"sim {kind}: HTTP 500 before execution").answered(http_status=500)
