@@ -18,8 +18,9 @@ import asyncpg
 import pytest
 
 from storage.database import Database, DatabaseTarget, create_pool, ensure_database_exists
-from storage.embedded import EmbeddedPostgres, start_embedded, stop_embedded
+from storage.embedded import EmbeddedPostgres, stop_embedded
 from storage.migrator import apply_migrations
+from tests.support.owned_postgres import start_owned
 
 TEMPLATE_DB = "tsbot_template"
 # pytest-timeout shows the threads' stacks when a test runs out of time; an async test's are the event
@@ -87,20 +88,10 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 @pytest.fixture(scope="session")
 def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
-    server = start_embedded(tmp_path_factory.mktemp("embedded-pg") / "pgdata")
+    # (Each test's database from the template, and every commit, waited for the disk: `start_owned`.)
+    server = start_owned(tmp_path_factory.mktemp("embedded-pg") / "pgdata")
 
     async def prepare_template() -> None:
-        admin = await asyncpg.connect(server.dsn("postgres"))
-        try:
-            # The tests' own server survives no power cut it would have to: its data need not reach the disk
-            # before a commit returns, only the kernel (a killed postmaster, which tests do, loses nothing
-            # so). Each test's database from the template, and every commit, waited for the disk: wall time
-            # spent on nothing a test checks, on a machine the suite shares.
-            for setting in ("fsync", "full_page_writes"):
-                await admin.execute(f"ALTER SYSTEM SET {setting} = off")
-            await admin.execute("SELECT pg_reload_conf()")
-        finally:
-            await admin.close()
         await ensure_database_exists(server.dsn("postgres"), TEMPLATE_DB)
         conn = await asyncpg.connect(server.dsn(TEMPLATE_DB))
         try:

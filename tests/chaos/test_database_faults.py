@@ -30,6 +30,7 @@ from storage.embedded import EmbeddedPostgres, start_embedded, stop_embedded
 from storage.lease import LEASE_NAMESPACE
 from tests.chaos.support import ChaosRun
 from tests.integration.engine_support import engine_settings
+from tests.support.owned_postgres import start_owned
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +43,7 @@ STOP_WITHIN_SECONDS = 15.0
 def own_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
     """An embedded PostgreSQL for this module alone: its schedules freeze and kill it."""
     data_dir = tmp_path_factory.mktemp("chaos-pg") / "pgdata"
-    server = start_embedded(data_dir)
+    server = start_owned(data_dir)
     yield server
     _thaw(server)
     if not psutil.pid_exists(_postmaster_pid(server)):

@@ -30,7 +30,6 @@ from storage.embedded import (
     PostmasterState,
     postmaster_state,
     restart_embedded,
-    start_embedded,
     stop_embedded,
 )
 from tests.integration.engine_support import engine_settings, make_engine
@@ -38,7 +37,7 @@ from tests.integration.test_failure_modes_f1_f5 import (
     killed_after_protecting,
 )
 from tests.support.driving import drive, drive_until
-from tests.support.owned_postgres import StaleSocketLock, kill_postmaster
+from tests.support.owned_postgres import StaleSocketLock, kill_postmaster, start_owned
 from tests.support.webhook import Delivery, WebhookReceiver
 
 SYMBOLS = sorted(UNIVERSE)
@@ -314,7 +313,7 @@ async def test_a_protection_restart_is_no_false_recovery_and_no_second_alert(
 @pytest.fixture(scope="module")
 def owned_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
     """An embedded server of this module's own, which a test may kill."""
-    server = start_embedded(tmp_path_factory.mktemp("alerts-pg") / "pgdata")
+    server = start_owned(tmp_path_factory.mktemp("alerts-pg") / "pgdata")
     yield server
     if postmaster_state(server.data_dir)[0] is PostmasterState.DEAD:
         restart_embedded(server.data_dir)

@@ -23,7 +23,6 @@ from storage.embedded import (
     PostmasterState,
     postmaster_state,
     restart_embedded,
-    start_embedded,
     stop_embedded,
 )
 from storage.journal import WriteJournal, read_journal
@@ -36,12 +35,12 @@ from storage.repositories import (
     Severity,
 )
 from storage.resilient import ResilientStore
-from tests.support.owned_postgres import create_migrated_database, kill_postmaster
+from tests.support.owned_postgres import create_migrated_database, kill_postmaster, start_owned
 
 
 @pytest.fixture(scope="module")
 def owned_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
-    server = start_embedded(tmp_path_factory.mktemp("owned-pg") / "pgdata")
+    server = start_owned(tmp_path_factory.mktemp("owned-pg") / "pgdata")
     yield server
     if postmaster_state(server.data_dir)[0] is PostmasterState.DEAD:
         restart_embedded(server.data_dir)

@@ -30,12 +30,12 @@ from engine.accounts import account_key
 from engine.code_watch import SourceWatcher
 from engine.config import load_config
 from storage.database import DatabaseTarget, create_pool
-from storage.embedded import EmbeddedPostgres, start_embedded, stop_embedded
+from storage.embedded import EmbeddedPostgres, stop_embedded
 from storage.journal import WriteJournal
 from storage.lease import EngineLease, LeasePhase, current_holder
 from storage.outage import journal_path
 from storage.repositories import HealthRow, Store
-from tests.support.owned_postgres import create_migrated_database, resume, stop_postmaster
+from tests.support.owned_postgres import create_migrated_database, resume, start_owned, stop_postmaster
 from tests.support.records import entry_recorded
 from tests.support.waiting import wait_until
 
@@ -933,7 +933,7 @@ async def test_status_lists_only_the_configured_accounts_positions(
 @pytest.fixture(scope="module")
 def own_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
     """An embedded PostgreSQL of this module's own: it is frozen and stopped here, never the session's."""
-    server = start_embedded(tmp_path_factory.mktemp("status-pg") / "pgdata")
+    server = start_owned(tmp_path_factory.mktemp("status-pg") / "pgdata")
     yield server
     stop_embedded(server.data_dir)
 
