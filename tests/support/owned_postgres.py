@@ -23,7 +23,8 @@ QUICK_DISK = ("fsync", "full_page_writes")
 
 
 def start_owned(data_dir: Path) -> EmbeddedPostgres:
-    """An embedded server of a test module's own in `data_dir`, started, with `QUICK_DISK` off."""
+    """A tests' embedded server in `data_dir` (the session's, or a module's own), started, with `QUICK_DISK`
+    off."""
     server = start_embedded(data_dir)
     with (server.data_dir / "postgresql.conf").open("a") as conf:
         conf.writelines(f"{setting} = off\n" for setting in QUICK_DISK)
