@@ -242,6 +242,7 @@ class ProtectiveOrder:
     sent_this_run: bool = False  # this process sent it (a confirmation is a creation, not a restore)
     fired_at: float | None = None  # monotonic time we first saw it fired but not finished (TRIGGERING)
     ended_as: OrderStatus | None = None  # how the venue said its last id ended (filled, cancelled …)
+    ended_id: str | None = None  # the id `ended_as` is of
     ended_at: float | None = None  # and when, on the venue's clock (epoch seconds), when its answer said so
     recorded_id: str | None = None  # the id this process already wrote ahead (a retry writes nothing more)
     # Its last send, by this process, had no clear answer (HTTP 500, -1007, a timeout) and was not itself a
@@ -271,9 +272,10 @@ class ProtectiveOrder:
     # unverified (`PositionGuard.stop_loss_unverified`); still a doubt for the entries' hold until a listing
     # or its look-up by id settles it (`doubt_pending`).
     told_ended: bool = False
-    # Put in doubt because a listing of the venue's open orders left it out (`OrderMissing`), which the
-    # reconciler said as protection lost: its look-up by id, finding it ended, says no more (the listing's
-    # miss and the look-up's finding were two alarms for one stop).
+    # Put in doubt because a listing of the venue's open orders left it out (`OrderMissing`), and not settled
+    # yet: the loss is said once the venue says the stop ended (or it is given up unsettled), not at the
+    # listing's miss: a live stop a listing left out was said as protection lost, an alarm, an event and a
+    # ProtectionFailed, for a stop that never left (`PositionGuard._missed_gone`).
     missed_by_listing: bool = False
     # Found live by a start (not sent by this process): when the venue placed it (epoch seconds, the venue's
     # clock). The position is protected since its stops went live, not since the start found them.
@@ -1337,6 +1339,7 @@ class PositionGuard:
                 reason, update.average_price, cid, m.clock.monotonic(), venue_at=update.updated_at
             )
             target.ended_as = OrderStatus.FILLED
+            target.ended_id = cid
             target.maybe_sent = False
             self._fresh_id(target)
             log.warning(
@@ -1360,6 +1363,7 @@ class PositionGuard:
             target.confirmed = False
             target.maybe_sent = True
             target.fired_at = m.clock.monotonic()
+            target.missed_by_listing = False  # (it fired: why a listing left it out, nobody's hand)
             self._arm_stuck_check()
             log.warning(
                 "%s: %s %s fired (account stream); uncovered until it fills",
@@ -1419,6 +1423,7 @@ class PositionGuard:
                 self._ended_by_someone(cid, target.purpose, status, "account stream")
             m.spawn_order_status(OrderStatusRow(cid, record_status_of(status), update.venue_order_id))
             target.ended_as = status
+            target.ended_id = cid
             target.maybe_sent = False
             self._fresh_id(target)  # un-confirmed: the next pass sends a new one (or asks the venue first)
             if cleaned_up:
@@ -1548,6 +1553,12 @@ class PositionGuard:
             order.missed_by_listing = True
             m.streamed_live.pop(command.client_order_id, None)  # the venue's read is newer than that word
             return True
+        for order in self._superseded:
+            if order.client_order_id == command.client_order_id and order.confirmed:
+                # Replaced since the listing (a resize in the same pass): nothing looks it up now, its
+                # replacement covers the position once confirmed. Said lost at once, or never (r86).
+                self._missed_gone(order)
+                return False
         return False
 
     def doubt_pending(self) -> bool:
@@ -2046,6 +2057,8 @@ class PositionGuard:
                 return _Outcome.RETRY
             order.maybe_sent = False  # proven absent: the same id may be sent
             order.doubted_id = None  # (missing, not unverified: the venue said so)
+            if order.missed_by_listing:  # confirmed live once, unknown now: it was removed
+                self._missed_gone(order)
             if not absent_means_send:
                 return _Outcome.ABSENT
             log.warning(
@@ -2071,6 +2084,7 @@ class PositionGuard:
             return self._fired(order, found.updated_at)
         order.maybe_sent = False
         order.ended_as = found.status
+        order.ended_id = cid
         # (an order's last update is its end; one that was never updated after its creation says nothing)
         order.ended_at = found.updated_at if found.updated_at > found.created_at else None
         if found.status is OrderStatus.FILLED:
@@ -2159,6 +2173,45 @@ class PositionGuard:
         self._loss_found_at = now
         return True
 
+    def _missed_gone(self, order: ProtectiveOrder) -> None:
+        """A stop a listing of open orders left out (`missed_by_listing`) is let go without being found live:
+        said as protection lost now, once, unless the venue says it filled, or its position is ending (its
+        sibling filled, our own close, the stream's word that it is flat: the venue ends a position's stops
+        with it). Found cancelled or expired by its id: said as such. Else (proven absent by its id, or given
+        up before its look-up answered: a resize in the same pass, a Bybit stop that rode on the entry) in
+        the reconciler's words of before: nothing proves it is still there."""
+        order.missed_by_listing = False
+        cid = order.client_order_id
+        if cid is None:
+            return
+        ended = order.ended_as if order.ended_id == cid else None
+        if (
+            ended is OrderStatus.FILLED
+            or self.exit_evidence is not None
+            or self.close_sent
+            or self.venue_flat_at is not None
+        ):
+            return
+        if ended is not None:
+            self._ended_by_someone(cid, order.purpose, ended, "found by its id after a listing left it out")
+            return
+        what = stop_words(order.purpose)
+        log.error(
+            "%s: %s %s is no longer on the exchange (a listing of open orders left it out, and the venue did "
+            "not show it live since); re-protecting",
+            self.symbol,
+            what,
+            cid,
+        )
+        self._m.protection_lost(
+            self.symbol,
+            self.position_id,
+            what,
+            f"{cid} is no longer on the exchange",
+            f"{self.symbol}: {what} {cid} is no longer on the exchange (triggered, cancelled or expired); "
+            "re-protecting",
+        )
+
     def _ended_by_someone(self, cid: str, purpose: OrderPurpose, status: OrderStatus, told_by: str) -> None:
         """One of our stops ended on the venue by someone else's hand: protection lost (the log's ERROR, the
         event, the alert), however it was learned (`told_by`)."""
@@ -2196,6 +2249,7 @@ class PositionGuard:
         m = self._m
         order.confirmed = False
         order.maybe_sent = True  # ask again: it ends FILLED (position gone) or not at all
+        order.missed_by_listing = False  # (it fired: why a listing left it out, nobody's hand)
         if order.fired_at is None:
             # At least one round trip from now all the same: a venue clock ahead of ours must not make a
             # stop that fired a moment ago "stuck" at first sight (its close would race its own fill).
@@ -2243,6 +2297,10 @@ class PositionGuard:
                 ):
                     # its sibling, cancelled by someone (said as elsewhere)
                     timed = self._ended_unseen(cid, order) or timed
+                if order.purpose in crossed:
+                    # The mark went through it: whatever ended it (it may have fired and expired, a thin
+                    # book), a listing's miss of it is no one's hand either (`_missed_gone`).
+                    order.missed_by_listing = False
                 self._fresh_id(order)
             elif outcome is _Outcome.ABSENT:
                 order.confirmed = False  # proven not on the venue: this pass sends it again (the same id)
@@ -2450,7 +2508,10 @@ class PositionGuard:
         took it unarmed, and the position kept only its hard stop where it had trailed. The entry's hard
         stop held while its correction goes (`_attached_holds`) gets no new id: ended, it is let go, and the
         correction, sent until confirmed, is the hard stop to come (its id stays among the superseded, to
-        be cancelled if it is still live after all)."""
+        be cancelled if it is still live after all). A stop a listing left out that leaves unsettled is said
+        lost here (`_missed_gone`)."""
+        if order.missed_by_listing:
+            self._missed_gone(order)
         if order is self._attached_holds:
             order.confirmed = False
             self._attached_holds = None
@@ -2515,7 +2576,15 @@ class PositionGuard:
         order.confirmed = True
         m.placed_ids.add(cid)
         order.doubted_id = None
-        order.missed_by_listing = False
+        if order.missed_by_listing:
+            log.info(
+                "%s: %s %s is live on the venue (found by its id): the listing of open orders that left it "
+                "out was wrong; nothing lost",
+                self.symbol,
+                stop_words(order.purpose),
+                cid,
+            )
+            order.missed_by_listing = False
         order.confirmed_at = m.clock.monotonic()
         order.maybe_sent = False
         order.may_send_again = False

@@ -322,25 +322,16 @@ class Reconciler:
                 self._manager.note_placed(open_by_id[order.client_order_id])
                 continue
             # Confirmed by us, absent from the venue's list: it triggered, was cancelled by hand or expired
-            # (or the list left it out: a glitch, a read lagging past the one we count on). Said as protection
-            # lost now, once: the guard looks it up by id (unverified meanwhile), and its finding that the stop
-            # ended is not said again (it was a second ERROR and a second alert for one stop). Held back until
-            # the look-up, the alarm went silent on paths where no look-up of that id follows (a resize in the
-            # same pass, a Bybit stop that rode on the entry: r86).
-            what = "trailing stop" if order.purpose is OrderPurpose.TRAILING_STOP else "stop-loss"
-            log.error(
-                "reconcile: %s of %s (%s) is no longer on the exchange; re-protecting",
-                what,
+            # (or the list left it out: a glitch, a read lagging past the one we count on). Uncovered from
+            # now: the guard looks it up by id (unverified meanwhile), and says protection lost once the
+            # venue says it ended, or it lets it go unsettled (`PositionGuard._missed_gone`). Said lost here,
+            # a live stop a listing left out was an ERROR, an event and an alert for a stop that never left.
+            log.warning(
+                "reconcile: %s of %s (%s) is not in the venue's list of open orders; uncovered until its "
+                "look-up by id says whether it is live",
+                "trailing stop" if order.purpose is OrderPurpose.TRAILING_STOP else "stop-loss",
                 guard.symbol,
                 order.client_order_id,
-            )
-            self._manager.protection_lost(
-                guard.symbol,
-                guard.position_id,
-                what,
-                f"{order.client_order_id} is no longer on the exchange",
-                f"{guard.symbol}: {what} {order.client_order_id} is no longer on the exchange "
-                "(triggered, cancelled or expired); re-protecting",
             )
             guard.submit(OrderMissing(client_order_id=order.client_order_id, seen_at=snapshot_at))
             report.reprotected.append(guard.symbol)

@@ -1417,10 +1417,11 @@ async def test_f12_a_stop_that_vanished_from_the_exchange_is_loud_and_replaced(
     db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
     """F12 (and F4): someone cancels a position's stop-loss on the exchange. The position is unprotected
-    until we notice; that must not be silent: the reconciler logs it at ERROR with the symbol, records an
-    event, publishes `ProtectionFailed` — once: the stop's look-up by id, finding it cancelled, said it
-    again (a second ERROR, a second `protection_lost`, a second alert for one stop) — and the guard places a
-    new stop (a new client id)."""
+    until we notice; that must not be silent: the reconciler's listing misses it (a WARNING; the position
+    uncovered at once), its look-up by id finds it cancelled, and that is logged at ERROR with the symbol,
+    recorded as an event and published as `ProtectionFailed` — once (the listing's miss and the look-up's
+    finding were a second ERROR, a second `protection_lost`, a second alert for one stop) — and the guard
+    places a new stop (a new client id)."""
     caplog.set_level(logging.INFO)
     # The reconciler's path (the safety net): a venue without account stream, which would re-place the stop
     # before any pass (tests/integration/test_account_stream.py covers that path).
@@ -1437,17 +1438,17 @@ async def test_f12_a_stop_that_vanished_from_the_exchange_is_loud_and_replaced(
         report = await drive(clock, engine.reconcile_now())
         assert report.reprotected == [SYMBOL]
         assert not guard.covered  # uncovered from the listing's miss, before any look-up
-        assert _loud(caplog, "protection.reconciler", SYMBOL, old, "no longer on the exchange")
+        assert _loud(caplog, "protection.reconciler", SYMBOL, old, "not in the venue's list of open orders")
         await drive_until(clock, lambda: guard.covered, what="re-protected")
         await drive(clock, clock.sleep(2.0))
-        assert [
-            r.levelno for r in caplog.records if old in r.getMessage() and r.levelno >= logging.ERROR
-        ] == [logging.ERROR]
+        said = [r for r in caplog.records if old in r.getMessage() and r.levelno >= logging.ERROR]
+        assert [(r.levelno, r.name) for r in said] == [(logging.ERROR, "protection.manager")]
+        assert "was canceled on the venue, not by us" in said[0].getMessage()
         lost = await db.pool.fetch(
             "SELECT severity, message FROM monitoring.events WHERE type = 'protection_lost' AND symbol = $1",
             SYMBOL,
         )
-        assert [(r["severity"], "no longer on the exchange" in r["message"]) for r in lost] == [
+        assert [(r["severity"], "canceled on the venue, not by us" in r["message"]) for r in lost] == [
             ("error", True)
         ]
         failed = [e for e in seen if isinstance(e, ProtectionFailed) and e.position_id == position_id]
@@ -1470,11 +1471,13 @@ async def test_f12_a_live_stop_a_listing_left_out_is_found_live_not_placed_twice
     db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A listing of open orders that leaves a live stop out (a venue's glitch, or a read that lags past the
-    one we count on) is said as protection lost (nothing tells it from a stop cancelled by hand until the
-    look-up), and the position is uncovered; its look-up by id finds both stops live: confirmed again,
-    nothing sent (no second stop beside the first)."""
+    one we count on) makes the position uncovered at once (nothing tells it from a stop cancelled by hand
+    until the look-up); its look-up by id finds both stops live: confirmed again, nothing sent (no second
+    stop beside the first), and no protection lost said: no ERROR, no `protection_lost` event, no
+    `ProtectionFailed` (each was said for these two stops, which never left the venue)."""
     caplog.set_level(logging.INFO)
     engine, clock = await _started(db, {"VENUE__SIM__ACCOUNT_STREAM__ENABLED": "false"})
+    seen, follower = _collect(engine)
     try:
         assert engine.manager is not None
         assert isinstance(engine.venue, SimVenue)
@@ -1495,8 +1498,19 @@ async def test_f12_a_live_stop_a_listing_left_out_is_found_live_not_placed_twice
         assert engine.venue.calls_made.get(CallKind.CREATE_ORDER, 0) == sent
         held = [o for o in await drive(clock, engine.venue.fetch_open_protective_orders(SYMBOL))]
         assert {o.client_order_id for o in held} == stops
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+        assert [e for e in seen if isinstance(e, ProtectionFailed)] == []
+        found_live = [r for r in caplog.records if "found by its id" in r.getMessage()]
+        assert len([r for r in found_live if "nothing lost" in r.getMessage()]) == 2
+        missed = _loud(caplog, "protection.reconciler", SYMBOL, "not in the venue's list of open orders")
+        assert [r.levelno for r in missed] == [logging.WARNING, logging.WARNING]
     finally:
         await drive(clock, engine.stop())
+        await follower
+    # (after the stop: its background event writes are done)
+    assert (
+        await db.pool.fetchval("SELECT count(*) FROM monitoring.events WHERE type = 'protection_lost'") == 0
+    )
 
 
 async def test_f12_a_slow_event_subscriber_is_told_how_many_events_it_missed(
@@ -1529,3 +1543,54 @@ async def test_f12_a_slow_event_subscriber_is_told_how_many_events_it_missed(
     bus.close()
     with pytest.raises(StopAsyncIteration):
         await anext(stream)
+
+
+async def test_f12_a_stop_cancelled_by_hand_in_the_pass_that_resizes_its_position_is_said_lost_once(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Someone cancels the hard stop and adds to the position between two reconcile passes (no account
+    stream). The pass's listing misses the stop (the position uncovered at once) and sees the new size: the
+    resize replaces both stops, and the missed one may be let go before its look-up answers. Its loss is
+    said all the same, once (ERROR, a `protection_lost` event, `ProtectionFailed`), and the live trailing
+    stop it replaced is not said lost at all."""
+    caplog.set_level(logging.INFO)
+    engine, clock = await _started(db, {"VENUE__SIM__ACCOUNT_STREAM__ENABLED": "false"})
+    seen, follower = _collect(engine)
+    try:
+        assert engine.manager is not None
+        venue = engine.venue
+        assert isinstance(venue, SimVenue)
+        position_id = await _open(engine, clock, SYMBOL)
+        guard = engine.manager.guards[position_id]
+        hard, trail = guard.stop_loss.client_order_id, guard.trailing_stop.client_order_id
+        assert hard is not None
+        assert trail is not None
+        await drive(clock, clock.sleep(10.0))  # (confirmed well before the listing: no read lag excuses it)
+        await drive(clock, venue.cancel_order(SYMBOL, hard))  # by hand, on the exchange
+        venue.core.place_market_order(SYMBOL, OrderSide.BUY, guard.quantity, "someone-else-1", clock.now())
+        grown = guard.quantity * 2
+
+        await drive(clock, engine.reconcile_now())
+        await drive_until(
+            clock,
+            lambda: (
+                guard.covered
+                and sorted(o.quantity for o in venue.core.open_protective_orders(clock.now(), SYMBOL))
+                == [grown, grown]
+            ),
+            what="both stops placed again for the new size",
+            limit=60,
+        )
+        await drive(clock, clock.sleep(2.0))
+        said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert [m for m in said if hard in m] == [m for m in said if SYMBOL in m]
+        assert len([m for m in said if hard in m]) == 1, said
+        assert not [m for m in said if trail in m]
+        failed = [e for e in seen if isinstance(e, ProtectionFailed) and e.position_id == position_id]
+        assert len(failed) == 1
+        assert hard in failed[0].error
+    finally:
+        await drive(clock, engine.stop())
+        await follower
+    lost = await db.pool.fetch("SELECT message FROM monitoring.events WHERE type = 'protection_lost'")
+    assert [hard in r["message"] for r in lost] == [True]
