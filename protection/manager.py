@@ -687,6 +687,7 @@ class PositionGuard:
         self.adopt_after_end = False
         self._pass: asyncio.Future[bool] | None = None  # the protection pass in flight
         self._stuck_timer: asyncio.Task[None] | None = None  # asks for a StuckTriggerCheck when patience ends
+        self._stuck_said: set[str] = set()  # the fired stops whose close at market was said (ERROR, event)
         self._fact: PositionCoverage | None = None  # the last coverage(), given again while nothing changed
         # The account stream's word on the position: when it last said its size (venue epoch seconds; an
         # older event is out of order and ignored) and whether that was "flat".
@@ -2423,20 +2424,27 @@ class PositionGuard:
         if gone:
             self._said_gone(asked_at)
             return
-        log.error(
+        said = {o.client_order_id for o in stuck} <= self._stuck_said
+        log.log(
+            logging.INFO if said else logging.ERROR,
             "%s: %s fired %.1fs ago and has not filled while the position is still open; closing reduce-only "
-            "at market",
+            "at market%s",
             self.symbol,
             ", ".join(stop_words(o.purpose) for o in stuck),
             m.clock.monotonic() - fired_at,
+            " (again: the last close did not get through)" if said else "",
         )
-        await m.store.record_event(
-            Severity.ERROR,
-            "stop_stuck_triggering",
-            f"{self.symbol}: a fired stop did not fill within {patience:g}s; closing at market",
-            symbol=self.symbol,
-            position_id=self.position_id,
-        )
+        if not said:
+            # Once per stuck stop: a close the venue held back (a 429) was decided again by the next pass,
+            # a second ERROR and event for the same stop within 0.2 s (a sim soak).
+            self._stuck_said.update(o.client_order_id for o in stuck if o.client_order_id)
+            await m.store.record_event(
+                Severity.ERROR,
+                "stop_stuck_triggering",
+                f"{self.symbol}: a fired stop did not fill within {patience:g}s; closing at market",
+                symbol=self.symbol,
+                position_id=self.position_id,
+            )
         self.submit(ClosePosition(exit_reason="stop_not_filled"))
 
     def correct_attached_stop_loss(self, from_fill: Decimal) -> None:

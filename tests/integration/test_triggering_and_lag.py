@@ -881,3 +881,43 @@ async def test_a_position_closed_by_hand_is_closed_on_record_while_its_stops_res
             "SELECT exit_reason FROM monitoring.positions WHERE id = $1", guard.position_id
         )
         assert row["exit_reason"] == "closed_on_exchange"
+
+
+async def test_a_stuck_stop_whose_close_the_venue_holds_back_is_said_once(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stop stuck TRIGGERING whose close at market meets a full order window (429, Retry-After): the close
+    waits for the venue's word, and every pass meanwhile decided the close again, each an ERROR and a
+    `stop_stuck_triggering` event for the one stuck stop (a sim soak: two within 0.2 s). Said once: the
+    close decided again is an INFO line; the refusal and its wait are said as they were."""
+    caplog.set_level(logging.INFO)
+    async with _one_guarded_position(db, SYMBOLS[20], GRACE_5) as (_engine, venue, clock, guard):
+        venue.set_trigger_delay(None, stuck=True)
+        assert guard.stop_loss.price is not None
+        venue.override_mark_price(guard.symbol, guard.stop_loss.price - 3 * guard.market.tick_size)
+        await drive_until(clock, lambda: not guard.covered, what="the stop seen fired", step=0.05)
+        core, flat = venue.core, SYMBOLS[21]
+        for i in range(100_000):
+            try:
+                core.place_market_order(
+                    flat, OrderSide.SELL, Decimal(1), f"other-{i}", clock.now(), reduce_only=True
+                )
+            except RateLimited:
+                break
+            except ExchangeError:
+                pass
+        await drive_until(clock, lambda: guard.closed, what="closed at market", step=0.05, limit=120.0)
+        await drive(clock, clock.sleep(2.0))
+        said = [r for r in caplog.records if r.levelno >= logging.WARNING and guard.symbol in r.getMessage()]
+        decided = [r for r in said if "has not filled while the position is still open" in r.getMessage()]
+        assert [r.levelno for r in decided] == [logging.ERROR]
+        events = await db.pool.fetch(
+            "SELECT type FROM monitoring.events WHERE position_id = $1 AND type = 'stop_stuck_triggering'",
+            guard.position_id,
+        )
+        assert len(events) == 1
+        assert [
+            r for r in said if "close position failed" in r.getMessage() and "retrying in" in r.getMessage()
+        ]
+        again = [r for r in caplog.records if "(again: the last close did not get through)" in r.getMessage()]
+        assert [r.levelno for r in again] == [logging.INFO]
