@@ -2215,22 +2215,28 @@ class PositionGuard:
 
     def _ended_by_someone(self, cid: str, purpose: OrderPurpose, status: OrderStatus, told_by: str) -> None:
         """One of our stops ended on the venue by someone else's hand: protection lost (the log's ERROR, the
-        event, the alert), however it was learned (`told_by`)."""
+        event, the alert), however it was learned (`told_by`). Where the stops are the position's own fields
+        (Bybit), "cancelled" is how the adapter tells that the field no longer holds our value: someone set
+        another (the adapter's WARNING names both) or cleared it; said so, not "canceled" (opme50)."""
         what = stop_words(purpose)
+        if self._m.venue.capabilities().stops_are_orders:
+            ended = f"was {status.value} on the venue"
+        else:
+            ended = "no longer holds our value on the venue's position (changed or cleared)"
         log.error(
-            "%s: %s %s was %s on the venue, not by us (%s); re-placing it now",
+            "%s: %s %s %s, not by us (%s); re-placing it now",
             self.symbol,
             what,
             cid,
-            status.value,
+            ended,
             told_by,
         )
         self._m.protection_lost(
             self.symbol,
             self.position_id,
             what,
-            f"{cid} {status.value} on the venue, not by us",
-            f"{self.symbol}: {what} {cid} {status.value} on the venue, not by us; re-placing",
+            f"{cid} {ended.removeprefix('was ')}, not by us",
+            f"{self.symbol}: {what} {cid} {ended.removeprefix('was ')}, not by us; re-placing",
         )
 
     def _next_generation(self, order: ProtectiveOrder) -> _Outcome:

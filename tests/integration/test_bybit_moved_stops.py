@@ -172,6 +172,14 @@ async def test_a_stop_moved_by_someone_else_is_uncovered_at_once_and_set_again_a
             if r.levelno >= logging.WARNING and SYMBOL in r.getMessage() and moved in r.getMessage()
         ]
         assert warned, [r.getMessage() for r in caplog.records]
+        # Said as what it is: our value no longer on the position, not an order "canceled" (opme50).
+        lost_lines = [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelno >= logging.ERROR and SYMBOL in r.getMessage() and "not by us" in r.getMessage()
+        ]
+        assert lost_lines, [r.getMessage() for r in caplog.records]
+        assert all("changed or cleared" in m and "canceled" not in m for m in lost_lines), lost_lines
         # The other stop was left alone, and our value stays: no flapping once restored.
         other = "trailingStop" if moved == "stopLoss" else "stopLoss"
         held = await _held(base_url)
