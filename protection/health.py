@@ -26,7 +26,7 @@ Rules (`T.x` is a `HealthThresholds` field; all causes of the winning severity a
                           the summary shows the whole window's figures
                 degraded  rate budget used >= 80 %
                 degraded  the venue's account stream is down (fills are learned by polling meanwhile);
-                          the summary says its state: connected, last event age, reconnects
+                          the summary says its state: connected, last message age, reconnects
                 unknown   no calls completed in the window (and none of the above)
                 healthy   otherwise
     price_feed  critical  open positions and no mark price ever received (nobody is watching prices)
@@ -699,13 +699,15 @@ def evaluate_price_feed(
 
 
 def _stream_words(stream: StreamMeasurement) -> str:
-    """`account stream up, last event 2s ago, 1 reconnect` / `account stream down (why)`."""
+    """`account stream up, last message 2s ago, 1 reconnect` / `account stream down (why)`. A message, not an
+    event: the account stream's age counts every message the venue sent (its pongs too: a quiet account read
+    "last event 2.1s ago", opme49); the marks stream's counts its data only."""
     state = "up" if stream.connected else "down"
     words = f"{stream.name} stream {state}"
     if stream.detail:
         words += f" ({stream.detail})"
     age = stream.last_event_age_seconds
-    words += ", no event yet" if age is None else f", last event {format_duration(age)} ago"
+    words += ", no message yet" if age is None else f", last message {format_duration(age)} ago"
     return words + f", {counted(stream.reconnects, 'reconnect')}"
 
 

@@ -1,7 +1,7 @@
 """Live streams on the dashboard (issue 11): a position whose mark is stale (older than
 `health.stale_mark_seconds`) says so on its row (`~` before the mark; the flag goes when the mark is fresh
 again, and a fresh row never carries it); the health panel has a line for the venue's push streams
-(connected, last event age, reconnects), and none when the venue runs none. Read from the rendered screen."""
+(connected, last message age, reconnects), and none when the venue runs none. Read from the rendered screen."""
 
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ def test_the_account_stream_state_is_in_the_exchange_summary_and_down_degrades()
     up = StreamMeasurement("account", connected=True, last_event_age_seconds=2.0, reconnects=1)
     health = evaluate_exchange(ExchangeMeasurement(calls=CALLS, account_stream=up), T)
     assert health.state is HealthState.HEALTHY
-    assert "account stream up, last event 2.0s ago, 1 reconnect" in health.summary
+    assert "account stream up, last message 2.0s ago, 1 reconnect" in health.summary
     assert health.measurements["account_stream_connected"] is True
     assert health.measurements["account_stream_reconnects"] == 1
     down = StreamMeasurement("account", connected=False, last_event_age_seconds=None, detail="dropped")

@@ -197,7 +197,9 @@ def stream_words(components: Sequence[ComponentHealth]) -> list[tuple[str, bool,
             age = values.get(f"{name}_stream_last_event_age_seconds")
             reconnects = values.get(f"{name}_stream_reconnects") or 0
             words = f"{name} {'up' if connected else 'DOWN'}"
-            words += " (no event yet)" if not isinstance(age, int | float) else f" {format_duration(age)} ago"
+            words += (
+                " (no message yet)" if not isinstance(age, int | float) else f" {format_duration(age)} ago"
+            )
             if reconnects:
                 words += f", {reconnects} reconnect{'s' if reconnects != 1 else ''}"
             found.append((name, bool(connected), words))
