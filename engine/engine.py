@@ -4861,7 +4861,8 @@ class Engine:
         waits = budget.held_for()
         if waits is None or waits < OPERATOR_CLOSE_RECHECK_SECONDS:
             return False
-        why = "bans the account" if budget.banned_for() is not None else "refuses orders for its rate"
+        # (a ban of our requests: Binance bans the IP with a 418, the sim bans the account)
+        why = "bans our requests" if budget.banned_for() is not None else "refuses orders for its rate"
         until = datetime.fromtimestamp(self.clock.now() + waits, tz=UTC).strftime("%H:%M:%S UTC")
         message = (
             f"close of position {guard.position_id} {guard.symbol} held back up to {math.ceil(waits)}s: the "

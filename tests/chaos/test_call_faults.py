@@ -711,7 +711,7 @@ async def test_tsbot_close_during_a_ban_says_it_waits_for_the_ban_s_end(db: Data
         lines = out.splitlines()
         assert lines, (out, err)
         assert lines[0].startswith(f"waiting: close of position {position_id} {symbol} held back up to "), out
-        assert "bans the account until" in lines[0], out
+        assert "bans our requests until" in lines[0], out
         await run.until(lambda: symbol not in run.held(), limit=60.0, what="closed once the ban ended")
         await run.settle()
     finally:
