@@ -1035,6 +1035,13 @@ class PositionGuard:
                 self.first_pass.set()
             if self._pass is not None and not self._pass.done():
                 self._pass.cancel()
+            if self._m.stopped and not self.closed:
+                # A stop a listing left out and not settled yet: the next manager (a protection restart,
+                # the next start) does not know the listing missed it, and its look-up finding it ended or
+                # unknown said nothing there (r87). Said now, as the listing's miss was before.
+                for order in (*self.watched_stops, *self._superseded):
+                    if order.missed_by_listing:
+                        self._missed_gone(order)
             if self._stuck_timer is not None:
                 self._stuck_timer.cancel()
             for command in self._commands:
@@ -1501,6 +1508,11 @@ class PositionGuard:
         interrupts its cancel (an urgent command): dropped before that, an old stop stayed live after a
         close."""
         old, self.trailing_stop = self.trailing_stop, new
+        if old.missed_by_listing:
+            # A listing left it out, and the move replaces it before its look-up settled it: nothing asks
+            # whether it was live, so it is said lost (a managed trail's stop cancelled by hand while a move
+            # was in flight went silent: r87).
+            self._missed_gone(old)
         if not self._may_be_live(old):
             return None
         self._superseded.append(old)
@@ -2296,17 +2308,16 @@ class PositionGuard:
         for order, outcome in zip(asked, outcomes, strict=True):
             if outcome is _Outcome.GONE:
                 cid, fired = order.client_order_id, order.fired_at is not None
-                if (
-                    cid
-                    and order.ended_as is OrderStatus.CANCELED
-                    and not fired
-                    and order.purpose not in crossed
-                ):
-                    # its sibling, cancelled by someone (said as elsewhere)
-                    timed = self._ended_unseen(cid, order) or timed
-                if order.purpose in crossed:
-                    # The mark went through it: whatever ended it (it may have fired and expired, a thin
-                    # book), a listing's miss of it is no one's hand either (`_missed_gone`).
+                cancelled = order.ended_as is OrderStatus.CANCELED
+                if cid and cancelled and not fired:
+                    # Cancelled by someone (said as elsewhere), the sibling or the stop the mark went through
+                    # alike: a stop that fired ends filled or expired, never cancelled. Taken for a fire, a
+                    # stop cancelled by hand and then wicked through was said nowhere (r87). Said once:
+                    # by `_missed_gone` (in `_fresh_id`) if a listing left it out.
+                    timed = self._ended_unseen(cid, order, already_said=order.missed_by_listing) or timed
+                elif order.purpose in crossed:
+                    # The mark went through it and it ended filled or expired (it may have fired and expired,
+                    # a thin book): a listing's miss of it is no one's hand (`_missed_gone`).
                     order.missed_by_listing = False
                 self._fresh_id(order)
             elif outcome is _Outcome.ABSENT:
@@ -2442,8 +2453,8 @@ class PositionGuard:
         )
         if not said:
             # Once per stuck stop: a close the venue held back (a 429) was decided again by the next pass,
-            # a second ERROR and event for the same stop within 0.2 s (a sim soak).
-            self._stuck_said.update(o.client_order_id for o in stuck if o.client_order_id)
+            # a second ERROR and event for the same stop within 0.2 s (a sim soak). Marked said once its
+            # event is written (a pass interrupted during the write says it again, with the event).
             await m.store.record_event(
                 Severity.ERROR,
                 "stop_stuck_triggering",
@@ -2451,6 +2462,7 @@ class PositionGuard:
                 symbol=self.symbol,
                 position_id=self.position_id,
             )
+            self._stuck_said.update(o.client_order_id for o in stuck if o.client_order_id)
         self.submit(ClosePosition(exit_reason="stop_not_filled"))
 
     def correct_attached_stop_loss(self, from_fill: Decimal) -> None:
