@@ -382,6 +382,26 @@ class OrderBudget:
         position its confirmed stops protect) first waits for `discretionary_held_for` to clear."""
         return await self._take_ahead_of_entries(self._windows)
 
+    def close_waits(self) -> tuple[float, str] | None:
+        """How long at most a close asking now (`acquire_close`) waits for its place, and why; None if it
+        would go at once (a probe's answer, a fraction of a second, aside)."""
+        now = self._clock.monotonic()
+        banned = self.banned_for()
+        if banned is not None:
+            return banned, "the venue bans our requests until then"
+        held = self.held_for()
+        if held is not None:
+            return held, "the venue refused an order for its rate (429) and said when it takes orders again"
+        wait = self._wait_for(1, windows=self._windows)
+        if wait > 0.0:
+            fullest = max(self._windows, key=lambda w: w.wait_for(1, now))
+            return wait, (
+                f"the venue's order window is full ({fullest.limit} orders in {fullest.seconds:g}s, ours and "
+                "those the venue counted for the account); sent into it, it would be refused, a step toward a "
+                "ban that holds every stop"
+            )
+        return None
+
     def discretionary_held_for(self) -> float | None:
         """Seconds at most that an order the positions do not need (an operator's close of a position its
         confirmed stops protect) should wait before it is sent, or None: it may go. With refusals piled up

@@ -327,6 +327,7 @@ EXIT_SETTLE_LOOKS = 3  # read lags after a position's end, its unreadable stops 
 STUCK_TRIGGER_ROUND_TRIPS = 3
 STUCK_TRIGGER_SHARE = 0.5
 STUCK_CHECK_MIN_SECONDS = 0.5  # the least a stuck stop's re-check may take (a round trip)
+CLOSE_WAIT_SAID_SECONDS = 0.5  # a close still waiting for the venue's order window this long is said
 # A protective create whose answer is this late (in order round trips, and never before the venue's
 # read-after-write lag or this floor) is looked up by its client id while the call goes on.
 FIRST_RETRY_MIN_SECONDS = 0.05  # the least a naked position's first retry waits (a round trip, unknown yet)
@@ -3400,13 +3401,21 @@ class PositionGuard:
         for the rest of a hold. (True, probe) once the place is taken, as `acquire_close` returns it;
         (False, None) once the position is over."""
         m = self._m
+        started = m.clock.monotonic()
+        said = False
         while True:
             slot = asyncio.ensure_future(m.budget.acquire_close())
             try:
                 while not slot.done() and not self._close_wait_taken():
                     self._ending_told.clear()
                     self.close_held_back = True
-                    await first_of(asyncio.shield(slot), self._ending_told.wait())
+                    if said:
+                        await first_of(asyncio.shield(slot), self._ending_told.wait())
+                        continue
+                    await first_of(
+                        asyncio.shield(slot), self._ending_told.wait(), m.clock.sleep(CLOSE_WAIT_SAID_SECONDS)
+                    )
+                    said = self._say_close_waits(slot)
             except BaseException:
                 await end_all(slot)
                 if not slot.cancelled() and slot.exception() is None:  # a place taken, never sent
@@ -3416,10 +3425,29 @@ class PositionGuard:
                 self.close_held_back = False
             await end_all(slot)
             if not slot.cancelled():  # the place came as the wait ended: the close goes
+                if said:
+                    log.info(
+                        "%s: the close at market goes, %.1fs after it began to wait for the venue",
+                        self.symbol,
+                        m.clock.monotonic() - started,
+                    )
                 return True, slot.result()
             await self._apply_while_closing()
             if self.closed:
                 return False, None
+
+    def _say_close_waits(self, slot: asyncio.Future[float | None]) -> bool:
+        """A close still waiting for its place after CLOSE_WAIT_SAID_SECONDS is said (WARNING), with how long
+        at most and why: a stuck stop's close waited 2.5 s and 8 s in silence in sim soaks while its position
+        had no working stop. True once said (or nothing to say: it went)."""
+        if slot.done():
+            return False
+        waits = self._m.budget.close_waits()
+        if waits is None:
+            return False  # (a probe's answer: it goes in a moment)
+        seconds, why = waits
+        log.warning("%s: the close at market waits up to %.1fs: %s", self.symbol, seconds, why)
+        return True
 
     def _close_wait_taken(self) -> bool:
         """A command a close waiting for its turn applies at once is queued: one that may end the position,

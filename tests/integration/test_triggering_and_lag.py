@@ -921,3 +921,51 @@ async def test_a_stuck_stop_whose_close_the_venue_holds_back_is_said_once(
         ]
         again = [r for r in caplog.records if "(again: the last close did not get through)" in r.getMessage()]
         assert [r.levelno for r in again] == [logging.INFO]
+
+
+async def test_a_stuck_stops_close_that_waits_for_room_in_the_order_window_says_so(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stop stuck TRIGGERING right after its position's entry and stops filled the venue's order window
+    (four orders in 10 s, three ours with the headroom): its close at market waits for the window's room, a refusal being a step toward a
+    ban that holds every stop. That wait was silent: a sim soak saw a close decided, then nothing for 2.5 s
+    and 8 s (soak62, soak63) while the position had no stop. It is said at once, with how long at most; the
+    close goes when the window has room, with no refusal."""
+    caplog.set_level(logging.INFO)
+    overrides = {
+        **GRACE_5,
+        "VENUE__SIM__RATE_LIMITS__ORDERS_PER_10S": "4",
+        "VENUE__SIM__RATE_LIMITS__BAN_AFTER_VIOLATIONS": "1000",
+    }
+    async with _one_guarded_position(db, SYMBOLS[22], overrides) as (engine, venue, clock, guard):
+        assert engine.order_budget is not None
+        # The entry and its two stops: three of the venue's four, all our own window holds (its headroom).
+        assert engine.order_budget.used_fraction() == 0.75
+        assert engine.order_budget.limits[0].limit == 3
+        venue.set_trigger_delay(None, stuck=True)
+        assert guard.stop_loss.price is not None
+        venue.override_mark_price(guard.symbol, guard.stop_loss.price - 3 * guard.market.tick_size)
+        decided_at: list[float] = []
+
+        def decided() -> bool:
+            if not decided_at and any(
+                "closing reduce-only at market" in r.getMessage() for r in caplog.records
+            ):
+                decided_at.append(clock.monotonic())
+            return bool(decided_at)
+
+        await drive_until(clock, decided, what="the close decided", step=0.05)
+        await drive(clock, clock.sleep(1.0))
+        assert not guard.closed  # (still waiting for the window)
+        said = [
+            r
+            for r in caplog.records
+            if r.levelno == logging.WARNING
+            and guard.symbol in r.getMessage()
+            and "close at market waits up to" in r.getMessage()
+            and "order window is full" in r.getMessage()
+        ]
+        assert len(said) == 1, [r.getMessage() for r in caplog.records if guard.symbol in r.getMessage()]
+        await drive_until(clock, lambda: guard.closed, what="closed at market", step=0.05, limit=20.0)
+        assert venue.core.positions(clock.now()) == []
+        assert not [r for r in caplog.records if "rate limit exceeded" in r.getMessage()]
