@@ -386,13 +386,15 @@ class OrderBudget:
         """How long at most a close asking now (`acquire_close`) waits for its place, and why; None if it
         would go at once (a probe's answer, a fraction of a second, aside)."""
         now = self._clock.monotonic()
+        wait = self._wait_for(1, windows=self._windows)
         banned = self.banned_for()
         if banned is not None:
-            return banned, "the venue bans our requests until then"
+            return max(banned, wait), "the venue bans our requests until then"
         held = self.held_for()
         if held is not None:
-            return held, "the venue refused an order for its rate (429) and said when it takes orders again"
-        wait = self._wait_for(1, windows=self._windows)
+            return max(
+                held, wait
+            ), "the venue refused an order for its rate (429) and said when it takes orders again"
         if wait > 0.0:
             fullest = max(self._windows, key=lambda w: w.wait_for(1, now))
             return wait, (

@@ -1036,13 +1036,6 @@ class PositionGuard:
                 self.first_pass.set()
             if self._pass is not None and not self._pass.done():
                 self._pass.cancel()
-            if self._m.stopped and not self.closed:
-                # A stop a listing left out and not settled yet: the next manager (a protection restart,
-                # the next start) does not know the listing missed it, and its look-up finding it ended or
-                # unknown said nothing there (r87). Said now, as the listing's miss was before.
-                for order in (*self.watched_stops, *self._superseded):
-                    if order.missed_by_listing:
-                        self._missed_gone(order)
             if self._stuck_timer is not None:
                 self._stuck_timer.cancel()
             for command in self._commands:
@@ -2071,7 +2064,14 @@ class PositionGuard:
                 return _Outcome.RETRY
             order.maybe_sent = False  # proven absent: the same id may be sent
             order.doubted_id = None  # (missing, not unverified: the venue said so)
-            if order.missed_by_listing:  # confirmed live once, unknown now: it was removed
+            if order.missed_by_listing or cid in m.placed_ids:
+                # The venue had it live (it answered it placed, listed it, or a listing of ours missed it
+                # once confirmed), and past its read lag it does not know the id: it was removed, or ended
+                # and forgotten (Binance forgets a cancelled order with no fill). Said lost once, whichever
+                # manager finds it: a protection restart while a listing's miss was being looked up sent
+                # it again with a WARNING only (r87), and saying every unsettled miss as the old guard
+                # stopped said live stops lost (r88).
+                order.missed_by_listing = True
                 self._missed_gone(order)
             if not absent_means_send:
                 return _Outcome.ABSENT
@@ -3442,7 +3442,10 @@ class PositionGuard:
         had no working stop. True once said (or nothing to say: it went)."""
         if slot.done():
             return False
-        waits = self._m.budget.close_waits()
+        budget = self._m.budget
+        if self._closing_reason == MANUAL_CLOSE and budget.held_for() is not None:
+            return True  # an operator's close held by a ban or a 429's hold: the engine says it, once (r88)
+        waits = budget.close_waits()
         if waits is None:
             return False  # (a probe's answer: it goes in a moment)
         seconds, why = waits

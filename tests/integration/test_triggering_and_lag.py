@@ -969,3 +969,35 @@ async def test_a_stuck_stops_close_that_waits_for_room_in_the_order_window_says_
         await drive_until(clock, lambda: guard.closed, what="closed at market", step=0.05, limit=20.0)
         assert venue.core.positions(clock.now()) == []
         assert not [r for r in caplog.records if "rate limit exceeded" in r.getMessage()]
+
+
+async def test_an_operators_close_during_a_429_hold_is_said_waiting_once(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 429 with Retry-After 10 s holds every order. The operator closes a covered position: the engine says
+    it at once ("close of position N SYM held back up to 10s: the venue refuses orders for its rate until
+    …; it goes then", WARNING and a close_held event). f978e87 then says the same wait again 0.5 s later from
+    the guard ("SYM: the close at market waits up to 9.5s: the venue refused an order for its rate (429)
+    …"): two WARNINGs for one wait (r88). Said once, by the engine."""
+    caplog.set_level(logging.INFO)
+    async with _one_guarded_position(db, SYMBOLS[22]) as (engine, venue, clock, guard):
+        assert engine.order_budget is not None
+        assert engine.store is not None
+        venue.set_forced_retry_after(10.0)
+        venue.inject_fault(CallKind.CREATE_ORDER, FaultKind.RATE_LIMITED, 1, stops_only=True)
+        await engine.store.insert_signals([(SYMBOLS[23], "long", None, None)])  # a stop of it gets the 429
+        await drive_until(
+            clock, lambda: engine.order_budget.held_for() is not None, what="the 429's hold", step=0.05
+        )
+        assert guard.covered
+        close = asyncio.ensure_future(engine.close_position(guard.position_id))
+        await drive_until(clock, lambda: close.done(), what="closed", step=0.05, limit=30.0)
+        assert close.result()
+        waits = [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelno == logging.WARNING
+            and guard.symbol in r.getMessage()
+            and ("held back up to" in r.getMessage() or "close at market waits up to" in r.getMessage())
+        ]
+        assert len(waits) == 1, waits
