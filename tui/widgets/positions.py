@@ -361,7 +361,7 @@ class PositionsTable(DataTable[Text]):
     def _update_cells(self, position_id: int, shown: Cells, cells: Cells, changed: dict[int, None]) -> None:
         data = self._data[self._row_keys[position_id]]
         for column, (before, after) in enumerate(zip(shown, cells, strict=True)):
-            if before != after:
+            if not _drawn_alike(before, after):
                 # What `update_cell` does, without its repaint of the whole table (see _repaint_slice).
                 data[self._column_key_objects[column]] = after
                 self.cell_updates += 1
@@ -1031,6 +1031,13 @@ def error_cell(view: PositionView, styles: Mapping[str, Style]) -> Text:
     if not view.covered:
         return Text(view.last_error, style=styles["missing"])
     return Text("" if view.last_error_old else view.last_error)
+
+
+def _drawn_alike(before: Text, after: Text) -> bool:
+    """Whether two cells draw the same. Rich's `Text ==` compares the text (and spans) only: a cell whose
+    style alone changed (the symbol of a position that turns uncovered, the error of one protected again)
+    was never written, and the row kept the look of its last state."""
+    return before == after and before.style == after.style and before.justify == after.justify
 
 
 def _plain(cell: object) -> bool:
