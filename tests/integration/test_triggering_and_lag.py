@@ -369,8 +369,11 @@ async def test_a_ban_the_sim_venue_answers_holds_the_engines_requests_until_it_e
         engine.manager.request_reconcile()
         await drive(clock, clock.sleep(banned_at - clock.now() - 1.0))
         during_ban = sum(venue.calls_made.values()) - calls_before
-        # The call that met the ban (a read or the stop's placement), perhaps one more already in flight.
-        assert during_ban <= 2, venue.calls_made
+        # Each path that was calling meets the ban once, then waits for its end: the reconcile pass's two
+        # reads (positions and open orders, together), and the stop's placement once the account stream told
+        # its cancel (on a loaded machine it may come as the ban begins: 3 in clean-clone CI 250). Hammering
+        # is what this bounds (a chaos soak counted 345 answers 418 in two minutes).
+        assert during_ban <= 3, venue.calls_made
 
         def stop_back_on_the_venue() -> bool:
             truth = core.inspect(clock.now())  # the oracle: what the venue holds, through any ban
