@@ -57,6 +57,19 @@ def _assert_nothing_sent_twice(
     )
 
 
+def _another_client_fills_the_order_window(venue: SimVenue, clock: ManualClock, flat: str) -> None:
+    """Another client on the account fills the venue's order window, up to its first refusal (429)."""
+    for i in range(100_000):
+        try:
+            venue.core.place_market_order(
+                flat, OrderSide.SELL, Decimal(1), f"other-{i}", clock.now(), reduce_only=True
+            )
+        except RateLimited:
+            return
+        except ExchangeError:
+            pass  # reduce-only on a flat symbol: refused, and counted as every new order is
+
+
 @contextlib.asynccontextmanager
 async def _one_guarded_position(
     db: Database, symbol: str, overrides: dict[str, str] | None = None
@@ -205,17 +218,8 @@ async def test_a_stuck_stops_close_at_market_waits_out_the_venues_order_limit(db
         assert guard.stop_loss.price is not None
         venue.override_mark_price(guard.symbol, guard.stop_loss.price - 3 * guard.market.tick_size)
         await drive_until(clock, lambda: not guard.covered, what="the stop seen fired", step=0.05)
-        # Another client on the account fills the order window, up to its first refusal.
-        core, flat = venue.core, SYMBOLS[19]
-        for i in range(100_000):
-            try:
-                core.place_market_order(
-                    flat, OrderSide.SELL, Decimal(1), f"other-{i}", clock.now(), reduce_only=True
-                )
-            except RateLimited:
-                break
-            except ExchangeError:
-                pass  # reduce-only on a flat symbol: refused, and counted as every new order is
+        _another_client_fills_the_order_window(venue, clock, SYMBOLS[19])
+        core = venue.core
         bans: list[float] = []
 
         def closed() -> bool:
@@ -899,16 +903,7 @@ async def test_a_stuck_stop_whose_close_the_venue_holds_back_is_said_once(
         assert guard.stop_loss.price is not None
         venue.override_mark_price(guard.symbol, guard.stop_loss.price - 3 * guard.market.tick_size)
         await drive_until(clock, lambda: not guard.covered, what="the stop seen fired", step=0.05)
-        core, flat = venue.core, SYMBOLS[21]
-        for i in range(100_000):
-            try:
-                core.place_market_order(
-                    flat, OrderSide.SELL, Decimal(1), f"other-{i}", clock.now(), reduce_only=True
-                )
-            except RateLimited:
-                break
-            except ExchangeError:
-                pass
+        _another_client_fills_the_order_window(venue, clock, SYMBOLS[21])
         await drive_until(clock, lambda: guard.closed, what="closed at market", step=0.05, limit=120.0)
         await drive(clock, clock.sleep(2.0))
         said = [r for r in caplog.records if r.levelno >= logging.WARNING and guard.symbol in r.getMessage()]
