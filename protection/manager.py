@@ -1261,6 +1261,10 @@ class PositionGuard:
                     send_ticket=order.send_ticket,
                 )
             )
+            if order.missed_by_listing and self._m.venue.capabilities().stops_are_orders:
+                # A listing's miss of it goes with it: its cancel's answer settles it (`_cancel_quietly`).
+                self._superseded[-1].missed_by_listing = True
+                order.missed_by_listing = False
         self._fresh_id(order)
 
     async def _quantity_changed(self, command: QuantityChanged) -> bool:
@@ -1502,12 +1506,12 @@ class PositionGuard:
         interrupts its cancel (an urgent command): dropped before that, an old stop stayed live after a
         close."""
         old, self.trailing_stop = self.trailing_stop, new
-        if old.missed_by_listing:
-            # A listing left it out, and the move replaces it before its look-up settled it: nothing asks
-            # whether it was live, so it is said lost (a managed trail's stop cancelled by hand while a move
-            # was in flight went silent: r87).
-            self._missed_gone(old)
-        if not self._may_be_live(old):
+        if not self._may_be_live(old) or not self._m.venue.capabilities().stops_are_orders:
+            if old.missed_by_listing:
+                # A listing left it out and nothing will cancel it: said lost now (a managed trail's stop
+                # cancelled by hand while a move was in flight went silent: r87). Cancelled, its cancel's
+                # answer says (`_cancel_quietly`).
+                self._missed_gone(old)
             return None
         self._superseded.append(old)
         return old
@@ -1562,9 +1566,15 @@ class PositionGuard:
             return True
         for order in self._superseded:
             if order.client_order_id == command.client_order_id and order.confirmed:
-                # Replaced since the listing (a resize in the same pass): nothing looks it up now, its
-                # replacement covers the position once confirmed. Said lost at once, or never (r86).
-                self._missed_gone(order)
+                # Replaced since the listing (a resize in the same pass): nothing looks it up now, but its
+                # cancel's answer says whether it was live (`_cancel_quietly`): said lost then if it had
+                # ended (r86), nothing if it was live (said at once, a glitching listing's live stops were
+                # said lost: r87). Where the stops are the position's fields (Bybit), no cancel answers so:
+                # said at once.
+                if self._m.venue.capabilities().stops_are_orders:
+                    order.missed_by_listing = True
+                else:
+                    self._missed_gone(order)
                 return False
         return False
 
@@ -2191,16 +2201,19 @@ class PositionGuard:
         """A stop a listing of open orders left out (`missed_by_listing`) is let go without being found live:
         said as protection lost now, once, unless the venue says it filled, or its position is ending (its
         sibling filled, our own close, the stream's word that it is flat: the venue ends a position's stops
-        with it). Found cancelled or expired by its id: said as such. Else (proven absent by its id, or given
-        up before its look-up answered: a resize in the same pass, a Bybit stop that rode on the entry) in
-        the reconciler's words of before: nothing proves it is still there."""
+        with it), or that it expired (the venue's own end). Found cancelled by its id (or by our cancel's
+        answer, `_cancel_quietly`): said as such. Else (proven absent by its id, or given up before its
+        look-up answered: a Bybit stop that rode on the entry) in the reconciler's words of before: nothing
+        proves it is still there."""
         order.missed_by_listing = False
         cid = order.client_order_id
         if cid is None:
             return
         ended = order.ended_as if order.ended_id == cid else None
         if (
-            ended is OrderStatus.FILLED
+            # (expired: the venue's own end, a fired stop's part fill among them: nobody's hand, as in
+            # `_ended_unseen`; a fired stop that part-filled was said "no longer on the exchange": r87)
+            ended in (OrderStatus.FILLED, OrderStatus.EXPIRED)
             or self.exit_evidence is not None
             or self.close_sent
             or self.venue_flat_at is not None
@@ -3618,7 +3631,22 @@ class PositionGuard:
         cid = order.client_order_id
         assert cid is not None
         order.confirmed = False
-        return await self._m.cancel_by_id(self.symbol, cid, sent_at=order.left_at(self._m.clock.monotonic()))
+        m = self._m
+        missed = order.missed_by_listing
+        gone = await m.cancel_by_id(
+            self.symbol, cid, sent_at=order.left_at(m.clock.monotonic()), tell_end=missed
+        )
+        if missed and gone:
+            # A listing had left it out: our cancel's answer settles it. It cancelled a live stop: nothing
+            # was lost. The stop had ended before: said (`_missed_gone`), as its look-up would have.
+            if cid in m.ended_before_cancel:
+                order.ended_as, order.ended_id = m.ended_before_cancel.pop(cid), cid
+                if order.ended_as is None:
+                    order.ended_id = None
+                self._missed_gone(order)
+            else:
+                order.missed_by_listing = False
+        return gone
 
     # --- bookkeeping ---------------------------------------------------------------------------------
 
@@ -3975,6 +4003,9 @@ class ProtectionManager:
         # one proves nothing (`cancel_by_id`), whatever became of its `confirmed` since (a listing's lag, a
         # doubt). Handed to the next manager with the stops it was still cancelling.
         self.placed_ids: set[str] = set()
+        # How a stop a listing had left out had ended before our cancel reached it (None: the venue did not
+        # know it), for the cancels that ask (`cancel_by_id(tell_end=True)`); absent: our cancel ended it.
+        self.ended_before_cancel: dict[str, OrderStatus | None] = {}
         # Those of them being cancelled that neither a cancel nor a look-up has found, since when.
         self.placed_unseen: dict[str, float] = {}
         self._cancel_failure_said: dict[str, float] = {}  # failing cancels, by id: when last said (monotonic)
@@ -4542,7 +4573,9 @@ class ProtectionManager:
         await self.clock.sleep(delay)
         await guard.run()
 
-    async def cancel_by_id(self, symbol: str, cid: str, *, sent_at: float | None = None) -> bool:
+    async def cancel_by_id(
+        self, symbol: str, cid: str, *, sent_at: float | None = None, tell_end: bool = False
+    ) -> bool:
         """Cancel one of our orders by client id: True when it is gone from the venue (cancelled now, or
         already ended), False when the venue did not say so. "Unknown order" within the venue's
         read-after-write lag of its send (`sent_at`) proves nothing: it may show up a moment later. Nor
@@ -4552,12 +4585,16 @@ class ProtectionManager:
         # its answer): judged on the answer's arrival, a cancel that reached the venue before the stop
         # showed was taken for proof it was gone, and the live stop was recorded cancelled and forgotten.
         asked_at = self.clock.monotonic()
+        asked_epoch = self.clock.now()
         try:
             # Idempotent like a read: sent again once its answer is late, the first answer settles it (a
             # second cancel of a cancelled order answers "unknown order": gone). A lost answer held the
             # position's other cancels, and their retries, for the whole call budget.
             final = await self.read(lambda: self.venue.cancel_order(symbol, cid), "cancel_order")
             await self._record_cancel_outcome(cid, record_status_of(final.status))
+            ours = final.status is OrderStatus.CANCELED and final.updated_at >= asked_epoch
+            if tell_end and final.status.is_final and not ours:
+                self.ended_before_cancel[cid] = final.status  # (it had ended before this cancel came)
             if final.status is OrderStatus.FILLED:  # a stop of ours that ended its position, maybe
                 key = parse_client_order_id(cid, self.token)
                 if key is not None and key.purpose in _STOP_PURPOSES:
@@ -4578,10 +4615,15 @@ class ProtectionManager:
             if sent_at is not None and asked_at - sent_at < self.absence_window():
                 log.info("%s: %s not visible yet to cancel (read-after-write lag); trying again", symbol, cid)
                 return False
+            if tell_end:
+                self.ended_before_cancel[cid] = None  # unknown to the venue: it ended before (how: unsaid)
             if cid in self.placed_ids and self.venue.capabilities().stops_are_orders:
                 # (Where stops are the position's own fields, Bybit's, there is no order to lag: a stop the
                 # position does not hold is gone.)
-                return await self._placed_stop_ended(symbol, cid)
+                gone = await self._placed_stop_ended(symbol, cid)
+                if not gone:
+                    self.ended_before_cancel.pop(cid, None)  # (not settled: asked again by the next cancel)
+                return gone
             await self._record_cancel_outcome(cid, OrderRecordStatus.CANCELED)
         except (ExchangeError, TimeoutError) as exc:
             level = logging.DEBUG if self.cancel_failure_said_lately(cid) else logging.WARNING

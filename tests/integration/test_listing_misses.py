@@ -3,7 +3,9 @@
 learns it (no account stream): an adversarial review (r87) of 6585f38, which said a listing's miss lost
 only once the venue settles it, found each path silent; each test failed on f3c7d48. A second review (r88)
 of the fixes found live stops said lost, and one removal said twice, across a protection restart or an
-engine stop: the last three tests, each failed on a581245 (the last one, forgotten by the venue, is r87's). The sim venue and the real embedded PostgreSQL,
+engine stop: three tests, each failed on a581245 (the case forgotten by the venue is r87's). The last two,
+r87's, are older than 6585f38: a resize replaced a stop a listing missed, and the replacement said it
+lost without asking the venue; each failed on 26615b8. The sim venue and the real embedded PostgreSQL,
 no mocks."""
 
 from __future__ import annotations
@@ -315,3 +317,75 @@ async def test_a_missed_stop_cancelled_by_hand_at_a_protection_restart_is_said_l
         assert len(said) == 1, said
         assert len(failed) == 1
     assert len(await _lost_events(db, hard)) == 1
+
+
+async def test_live_stops_a_glitching_listing_left_out_in_a_resizing_pass_are_not_said_lost(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """(b) A listing that leaves both live stops out (a glitch) in the pass that also sees the position
+    grown (someone added to it). Neither stop left the venue: the guard resizes and cancels both itself,
+    each cancel answered by the venue as a cancel of a live order. No protection was lost; nothing may be
+    said lost (a live stop a listing left out is no alarm). They were, at once, without a look-up (r87):
+    now each replaced copy's cancel answers it (a live order cancelled by us: nothing lost)."""
+    caplog.set_level(logging.INFO)
+    async with _one_position(db) as (engine, clock, venue, guard, seen):
+        position_id = guard.position_id
+        hard, trail = guard.stop_loss.client_order_id, guard.trailing_stop.client_order_id
+        assert hard is not None
+        assert trail is not None
+        await drive(clock, clock.sleep(10.0))
+        venue.core.place_market_order(SYMBOL, OrderSide.BUY, guard.quantity, "someone-else-1", clock.now())
+        grown = guard.quantity * 2
+        venue.answer_open_orders_empty(1)  # both stops live; the listing leaves them out
+
+        await drive(clock, engine.reconcile_now())
+        await drive_until(
+            clock,
+            lambda: (
+                guard.covered
+                and sorted(o.quantity for o in venue.core.open_protective_orders(clock.now(), SYMBOL))
+                == [grown, grown]
+            ),
+            what="resized",
+            limit=60,
+        )
+        await drive(clock, clock.sleep(2.0))
+        said = _errors(caplog, SYMBOL)
+        failed = [e for e in seen if isinstance(e, ProtectionFailed) and e.position_id == position_id]
+        assert said == [], said
+        assert failed == []
+    assert await _lost_events(db, SYMBOL) == []
+
+
+async def test_a_stop_that_fired_part_filled_after_a_listing_missed_it_is_not_said_removed(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """(b) No account stream; the symbol's mark stream stalls (the venue's marks go on and fire stops). The
+    hard stop fires in a thin book: half of it fills, the rest EXPIRED (Binance's triggered MARKET order).
+    The next listing misses the stop and sees the position halved. Nobody's hand removed anything: the stop
+    fired (the commit's rule: "filled, fired …: nothing said lost"; `_ended_unseen` and the stream's path
+    never call a fired stop's expiry a removal). It was said as protection lost all the same (r87): via the
+    resize in the same pass, "no longer on the exchange". Now the replaced copy's cancel answers that it
+    had expired: the venue's end, nobody's hand."""
+    caplog.set_level(logging.INFO)
+    async with _one_position(db) as (engine, clock, venue, guard, seen):
+        hard, price = guard.stop_loss.client_order_id, guard.stop_loss.price
+        assert hard is not None
+        assert price is not None
+        await drive(clock, clock.sleep(10.0))
+        venue.set_stop_fill(Decimal("0.5"))
+        venue.stall_marks(SYMBOL, 30.0)
+        venue.override_mark_price(SYMBOL, price * Decimal("0.99"))  # the venue fires the hard stop
+        await drive(clock, engine.reconcile_now())
+        await drive_until(
+            clock,
+            lambda: guard.closed or (guard.covered and guard.stop_loss.client_order_id != hard),
+            what="settled",
+            limit=60,
+        )
+        await drive(clock, clock.sleep(2.0))
+        said = _errors(caplog, hard)
+        failed = [e for e in seen if isinstance(e, ProtectionFailed) and hard in e.error]
+        assert said == [], said
+        assert failed == []
+    assert await _lost_events(db, hard) == []
