@@ -16,6 +16,7 @@ orphans, database against venue).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import Awaitable, Callable
@@ -278,12 +279,15 @@ async def settles_at_the_trails_stop(
         )
 
     # The trail's record is written in the background, a step behind the memory the venue agrees with (a
-    # loaded clean-clone run read "moving" the moment the move settled): given a second to land.
+    # loaded clean-clone run read "moving" the moment the move settled): given time to land. A write is
+    # real I/O while the steps are virtual time: one loaded CI still read "moving" after five steps (1
+    # virtual second), so each step also gives the event loop real time, up to 25 of them.
     row = await recorded()
-    for _ in range(5):
+    for _ in range(25):
         if row["state"] == "active" and row["current_stop_price"] == wanted:
             break
         await move.watch.step()
+        await asyncio.sleep(0.05)
         row = await recorded()
     assert row["state"] == "active"
     assert row["peak_price"] >= move.peak
