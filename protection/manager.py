@@ -3640,9 +3640,8 @@ class PositionGuard:
             # A listing had left it out: our cancel's answer settles it. It cancelled a live stop: nothing
             # was lost. The stop had ended before: said (`_missed_gone`), as its look-up would have.
             if cid in m.ended_before_cancel:
-                order.ended_as, order.ended_id = m.ended_before_cancel.pop(cid), cid
-                if order.ended_as is None:
-                    order.ended_id = None
+                ended = m.ended_before_cancel.pop(cid)  # (None: the venue did not know it)
+                order.ended_as, order.ended_id = ended, cid if ended is not None else None
                 self._missed_gone(order)
             else:
                 order.missed_by_listing = False

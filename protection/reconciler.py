@@ -40,6 +40,7 @@ from protection.manager import (
     ProtectionManager,
     QuantityChanged,
     record_status_of,
+    stop_words,
 )
 from protection.order_ids import parse_client_order_id
 from storage.repositories import LIVE_ORDER_STATUSES, OrderPurpose, OrderRecordStatus, Severity, Store
@@ -329,7 +330,7 @@ class Reconciler:
             log.warning(
                 "reconcile: %s of %s (%s) is not in the venue's list of open orders; uncovered until its "
                 "look-up by id says whether it is live",
-                "trailing stop" if order.purpose is OrderPurpose.TRAILING_STOP else "stop-loss",
+                stop_words(order.purpose),
                 guard.symbol,
                 order.client_order_id,
             )
