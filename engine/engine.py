@@ -260,6 +260,9 @@ class StartupReport:
     # Closed at market by the start itself: a stop it had to place again was already crossed (said as found
     # ended on the venue, r79), or a fired stop never filled.
     breached_symbols: tuple[str, ...] = ()
+    # A protection restart that could not list the venue: positions whose stops it kept as the manager it
+    # replaced had them confirmed, the account stream unbroken since (checked once the venue answers).
+    kept_unread_symbols: tuple[str, ...] = ()
 
     def describe(self) -> str:
         text = f"restored {self.restored}, re-protected {self.reprotected}, adopted {self.adopted}, failed {self.failed}"
@@ -277,6 +280,11 @@ class StartupReport:
             text += f"; entries of unknown outcome, counted uncovered: {', '.join(self.in_doubt_symbols)}"
         if self.unlisted_symbols:
             text += f"; NOT GUARDED, symbol not trading on the venue: {', '.join(self.unlisted_symbols)}"
+        if self.kept_unread_symbols:
+            text += (
+                f"; the venue could not be read: {len(self.kept_unread_symbols)} kept as the running manager "
+                "had them confirmed, the account stream unbroken since (checked once the venue answers)"
+            )
         return text
 
 
@@ -1983,7 +1991,9 @@ class Engine:
         )
         for position in positions:
             self.manager.tell_recorded(position, orders_by_position.get(position.id, ()))
-        snapshot = await self._restore_snapshot(restart=handover is not None)
+        snapshot = await self._restore_snapshot(
+            restart=handover is not None, kept=previous is not None and bool(previous.handed_over_vouched)
+        )
         if snapshot is not None and handover is None:
             self._refuse_a_shared_account(snapshot.open_orders)
             await self._refuse_another_identity(snapshot.open_orders)
@@ -1992,6 +2002,15 @@ class Engine:
         # every order is looked up on its own rather than believed gone.
         if snapshot is not None and not snapshot.positions and positions:
             venue_orders = None
+        # A restart that cannot list the venue (a ban): the stops the last manager had confirmed, with no gap
+        # in the account stream since, stay confirmed (the stream's cancel or expiry reaches the new guards)
+        # and are checked once a listing answers. Counted in doubt, a ban's positions went from covered to
+        # 0 % with no news at all, and past grace the breaker paused entries while the venue held every stop
+        # (the sim chaos soak).
+        vouched: Mapping[str, float] = {}
+        if venue_orders is None and previous is not None and self._account_stream_down_since() is None:
+            vouched = previous.handed_over_vouched
+            self.manager.known_confirmed = {**vouched, **self.manager.known_confirmed}
         # An entry this engine has on its way (a protection restart mid-wave) is its own coroutine's to
         # resolve: looked up now it may not be on the venue yet, and would be recorded failed while it fills.
         restorable = [
@@ -2041,6 +2060,9 @@ class Engine:
         # venue's answer); each entry left pending is looked up, and guarded on its own answer: none waits
         # for the slowest look-up (the call budget), as every guard once did.
         guards = [protect(p) for p in restorable if not _entry_pending(p)]
+        kept_unread = tuple(
+            sorted(g.symbol for g in guards if any(o.client_order_id in vouched for o in g.watched_stops))
+        )
         if handover is not None:  # the guards exist: the account's events reach them from now on
             handover()
         # (Each runs to its end whatever the others do, look-ups included; the first exception is raised
@@ -2063,7 +2085,10 @@ class Engine:
         else:  # the start: the venue's news reaches the guards while their first passes run
             self._start_watching_the_venue()
         await self._wait_first_pass(waited)
-        restored = sum(1 for g in guards if g.covered and g.report.created_orders == 0)
+        # (Not those kept unread: nothing found them live.)
+        restored = sum(
+            1 for g in guards if g.covered and g.report.created_orders == 0 and g.symbol not in kept_unread
+        )
         uncovered = [g for g in waited if not g.covered and not g.closed]
         failed = sorted(g.symbol for g in uncovered if g.said_gone_at is None)
         gone = tuple(sorted(g.symbol for g in uncovered if g.said_gone_at is not None))
@@ -2087,6 +2112,7 @@ class Engine:
             unlisted,
             closed,
             breached,
+            kept_unread,
         )
 
     async def _restore_records(self, *, restart: bool) -> _RestoreRecords:
@@ -2196,12 +2222,19 @@ class Engine:
                 account,
             )
 
-    async def _restore_snapshot(self, *, restart: bool) -> VenueSnapshot | None:
+    async def _restore_snapshot(self, *, restart: bool, kept: bool = False) -> VenueSnapshot | None:
         """The venue's positions and protective orders for a restore (None: each order is looked up by its
-        own guard). A protection restart waits for it only `RESTART_SNAPSHOT_LATE_ANSWERS` late answers:
-        until the new guards exist the account stream's fills wait for them, and a snapshot held by a ban
-        and a lost answer kept two stop fills unread for 28 s in the chaos soak."""
+        own guard, but those the manager a protection restart replaces had confirmed, `kept`). A protection
+        restart waits for it only `RESTART_SNAPSHOT_LATE_ANSWERS` late answers: until the new guards exist
+        the account stream's fills wait for them, and a snapshot held by a ban and a lost answer kept two
+        stop fills unread for 28 s in the chaos soak."""
         assert self.reconciler is not None and self.manager is not None
+        instead = (
+            "the stops the running manager had confirmed are kept (the account stream unbroken since), the "
+            "others looked up on their own"
+            if kept
+            else "every order is looked up on its own"
+        )
         started = self.clock.monotonic()
         patience = RESTART_SNAPSHOT_LATE_ANSWERS * self.manager.late_answer_seconds() if restart else math.inf
         for attempt in range(1, SNAPSHOT_ATTEMPTS + 1):
@@ -2212,9 +2245,9 @@ class Engine:
                     left <= 0 or await wait_for_all(self.clock, left, [asyncio.shield(read)])
                 ):
                     log.warning(
-                        "protection restart: the venue's snapshot is not back after %.1fs; the guards start "
-                        "and verify their own orders",
+                        "protection restart: the venue's snapshot is not back after %.1fs; %s",
                         patience,
+                        instead,
                     )
                     return None
                 return await read
@@ -2228,9 +2261,7 @@ class Engine:
                 # (Said as what reads it: "start-up:" during a protection restart misled an operator.)
                 who = "protection restart" if restart else "start-up"
                 if isinstance(exc, Banned) or attempt == SNAPSHOT_ATTEMPTS or pause >= remaining:
-                    log.error(
-                        "%s: the venue did not answer (%s); every order is looked up on its own", who, exc
-                    )
+                    log.error("%s: the venue did not answer (%s); %s", who, exc, instead)
                     return None
                 log.warning(
                     "%s: reading the venue's positions and stops failed (%s); asked again in %.1fs "
@@ -2641,7 +2672,11 @@ class Engine:
                 hand_over()
         report = self.startup_report
         troubled = bool(
-            report.failed or report.gone_symbols or report.in_doubt_symbols or report.unlisted_symbols
+            report.failed
+            or report.gone_symbols
+            or report.in_doubt_symbols
+            or report.unlisted_symbols
+            or report.kept_unread_symbols
         )
         log.log(logging.WARNING if troubled else logging.INFO, "protection restarted: %s", report.describe())
         assert self.store is not None

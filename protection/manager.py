@@ -4012,6 +4012,7 @@ class ProtectionManager:
         # Set by `stop`: `never_taken()` and `confirmed_within_lag()`, for the manager that replaces this one.
         self.handed_over_unsent: frozenset[str] = frozenset()
         self.handed_over_confirmed: dict[str, float] = {}
+        self.handed_over_vouched: dict[str, float] = {}
         self.handed_over_left: dict[str, float] = {}
         self.handed_over_unclear: frozenset[str] = frozenset()
         # What the manager this one replaces knew of its stops and the venue cannot tell yet (set before any
@@ -4810,14 +4811,20 @@ class ProtectionManager:
         lag ends. It counted such a position uncovered for up to 5 s after the restart, past grace: a false
         alarm for the gauge and the breaker. (Older confirmations are verified on the venue as ever; the
         reconciler checks these once its list can show them.)"""
-        window = self.absence_window()
+        return self.confirmed_stops(within=self.absence_window())
+
+    def confirmed_stops(self, *, within: float | None = None) -> dict[str, float]:
+        """The open positions' confirmed stops (those confirmed less than `within` seconds ago), with when
+        (monotonic)."""
         now = self.clock.monotonic()
         return {
             order.client_order_id: order.confirmed_at
             for guard in self.guards.values()
             if not guard.closed
             for order in (guard.stop_loss, guard.trailing_stop)
-            if order.client_order_id and order.confirmed and now - order.confirmed_at < window
+            if order.client_order_id
+            and order.confirmed
+            and (within is None or now - order.confirmed_at < within)
         }
 
     async def _sweep(self, symbol: str, at_once: bool = False) -> None:
@@ -4998,6 +5005,10 @@ class ProtectionManager:
                 [asyncio.shield(t) for t in list(self._records_in_flight)],
             )
         self.handed_over_unsent, self.handed_over_confirmed = self.never_taken(), self.confirmed_within_lag()
+        # Every stop confirmed, where no gap in the account stream waits for a listing: what the stream keeps
+        # true (its cancel or expiry would have un-confirmed one). A restart that cannot list the venue
+        # (a ban) keeps these covered rather than counting every position uncovered with no news at all.
+        self.handed_over_vouched = self.confirmed_stops() if self._gap_noted_at is None else {}
         self.handed_over_left = self.left_unsettled()
         self.handed_over_unclear = self.unclear_sends()
         if listed is not None:

@@ -204,14 +204,67 @@ async def test_restart_protection_still_shows_a_stop_removed_on_the_venue_uncove
         await drive(clock, engine.stop())
 
 
+async def test_restart_protection_while_the_venue_cannot_be_read_keeps_what_the_account_stream_vouches_for(
+    db: Database,
+) -> None:
+    """`r` while the venue refused every read (a ban), the account stream connected all along: the running
+    manager had the four positions covered, and nothing the venue told since said otherwise. The new
+    manager could not list the venue and showed all four uncovered (unverified) until the ban ended, 4/4 to
+    0/4 with no news at all; past grace the breaker paused entries (the sim chaos soak, while the venue held
+    every stop). The stops the old manager had confirmed are carried over, covered, and checked once the
+    venue answers; a stop cancelled by hand meanwhile is still said and uncovered at once (the stream's
+    word reaches the new guards)."""
+    settings = settings_for(db, {"VENUE__SIM__LATENCY__SECONDS": "0.2"})
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        guards = await open_positions(engine, clock, SYMBOLS[:4])
+        await drive_until_covered(engine, clock, 4, limit=60.0)
+        venue = engine.venue
+        assert isinstance(venue, SimVenue)
+        placed = venue.core.inspect(clock.now()).orders_placed
+        reads_fail(venue)
+
+        async def sample() -> None:
+            assert_all_covered(engine.snapshot(), 4)
+
+        report = await drive_sampling(clock, engine.restart_protection(), sample)
+        # Not "restored" (nothing found them live), and said so.
+        assert (report.restored, len(report.kept_unread_symbols)) == (0, 4), report.describe()
+        assert "the venue could not be read: 4 kept" in report.describe(), report.describe()
+        grace = float(settings.protection.grace_seconds)
+        for _ in range(round(4 * grace / 0.1)):  # the ban goes on, past the breaker's grace
+            await sample()
+            await drive(clock, clock.sleep(0.1))
+        assert not engine.snapshot().entries_paused, engine.snapshot().entries_pause_reason
+        # Cancelled by hand during the ban: the stream says so, the position is uncovered at once.
+        victim = guards[1]
+        cid = engine.manager.guards[victim.position_id].stop_loss.client_order_id if engine.manager else None
+        assert cid is not None
+        venue.core.cancel_order(victim.symbol, cid, clock.now())
+        await drive_until(
+            clock,
+            lambda: [v.symbol for v in engine.snapshot().positions if not v.covered] == [victim.symbol],
+            limit=1.0,
+            what="the hand-cancelled stop's position uncovered",
+        )
+        venue.clear_injected_faults()
+        await drive_until_covered(engine, clock, 4, limit=60.0)
+        # The carried stops checked by the venue's listing, none sent again; only the cancelled one re-placed.
+        assert venue.core.inspect(clock.now()).orders_placed == placed + 1
+    finally:
+        await drive(clock, engine.stop())
+
+
 async def test_restart_protection_while_the_venue_cannot_be_read_shows_the_recorded_stops_unverified(
     db: Database,
 ) -> None:
-    """An operator pressed `r` while the venue refused every read (a ban): the restart's snapshot never
-    came, and every row read MISSING, 0/75, while the venue held all 150 stops ("missing" invites a stop by
-    hand beside the live one, or a flatten). Nothing vouches for the recorded stops, so they are uncovered
-    (never fail open), but they are *unverified*, not missing, until the venue answers; then they are
-    confirmed by their ids, nothing sent again."""
+    """An operator pressed `r` while the venue refused every read (a ban), the account stream down too:
+    the restart's snapshot never came, and every row read MISSING, 0/75, while the venue held all 150 stops
+    ("missing" invites a stop by hand beside the live one, or a flatten). Nothing vouches for the recorded
+    stops, so they are uncovered (never fail open), but they are *unverified*, not missing, until the
+    venue answers; then they are confirmed by their ids, nothing sent again."""
     settings = settings_for(db, {"VENUE__SIM__LATENCY__SECONDS": "0.2"})
     clock = ManualClock()
     engine = make_engine(settings, clock)
@@ -224,6 +277,10 @@ async def test_restart_protection_while_the_venue_cannot_be_read_shows_the_recor
         placed = venue.core.inspect(clock.now()).orders_placed
         old_manager = engine.manager
         reads_fail(venue)
+        venue.drop_account_stream(600.0)
+        await drive(clock, clock.sleep(3.0))  # the engine notices the stream down: what it missed is unknown
+        assert old_manager is not None
+        assert old_manager.gap_pending_since is not None
         missing_said: list[str] = []
 
         async def sample() -> None:

@@ -282,7 +282,7 @@ async def test_a_covered_position_a_protection_restart_cannot_verify_is_uncovere
     db: Database,
 ) -> None:
     """A position covered when last recorded, whose stops a protection restart cannot verify (the venue's
-    reads failing), is uncovered from the restart on — not from its fill: the chaos soak showed "Position
+    reads failing, its account stream down: nothing vouches for them), is uncovered from the restart on — not from its fill: the chaos soak showed "Position
     uncovered for 2m31s" and a breaker trip on "the oldest for 152s" for positions covered until the
     restart a second before. (A position never recorded covered still counts from its fill.)"""
     settings = settings_for(db, {"PROTECTION__BREAKER__UNCOVERED_FACTOR": "1000"})
@@ -297,6 +297,7 @@ async def test_a_covered_position_a_protection_restart_cannot_verify_is_uncovere
         venue = engine.venue
         for kind in (CallKind.FETCH_OPEN_ORDERS, CallKind.FETCH_ORDER, CallKind.FETCH_POSITIONS):
             venue.inject_fault(kind, FaultKind.NETWORK_ERROR_BEFORE_SEND, 100_000)  # type: ignore[attr-defined]
+        venue.drop_account_stream(600.0)  # type: ignore[attr-defined]
         restarted_at = clock.monotonic()
         await drive(clock, engine.restart_protection())
         assert engine.manager is not None
