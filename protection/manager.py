@@ -1578,6 +1578,10 @@ class PositionGuard:
                 return False
         return False
 
+    def has_news(self) -> bool:
+        """Commands told to it that its task has not applied yet."""
+        return bool(self._commands)
+
     def doubt_pending(self) -> bool:
         """A stop of it is in doubt, or will be once its task applies a doubt already told."""
         return any(o.unverified for o in self.watched_stops) or any(
@@ -4813,14 +4817,16 @@ class ProtectionManager:
         reconciler checks these once its list can show them.)"""
         return self.confirmed_stops(within=self.absence_window())
 
-    def confirmed_stops(self, *, within: float | None = None) -> dict[str, float]:
-        """The open positions' confirmed stops (those confirmed less than `within` seconds ago), with when
-        (monotonic)."""
+    def confirmed_stops(
+        self, *, within: float | None = None, without: Collection[int] = ()
+    ) -> dict[str, float]:
+        """The open positions' confirmed stops (those confirmed less than `within` seconds ago; not those of
+        the positions `without`), with when (monotonic)."""
         now = self.clock.monotonic()
         return {
             order.client_order_id: order.confirmed_at
             for guard in self.guards.values()
-            if not guard.closed
+            if not guard.closed and guard.position_id not in without
             for order in (guard.stop_loss, guard.trailing_stop)
             if order.client_order_id
             and order.confirmed
@@ -4994,6 +5000,9 @@ class ProtectionManager:
                 )
         self.stopped = True
         self.handed_over = self.unfinished_cancels()
+        # Guards with news not applied yet (the stream's cancel of a stop, queued behind a pass): their stops'
+        # confirmations are not carried, as the cancel of their tasks drops that news.
+        with_news = {g.position_id for g in self.guards.values() if g.has_news()}
         tasks = list(self._tasks.values()) + list(self._background)
         for task in tasks:
             task.cancel()
@@ -5008,7 +5017,9 @@ class ProtectionManager:
         # Every stop confirmed, where no gap in the account stream waits for a listing: what the stream keeps
         # true (its cancel or expiry would have un-confirmed one). A restart that cannot list the venue
         # (a ban) keeps these covered rather than counting every position uncovered with no news at all.
-        self.handed_over_vouched = self.confirmed_stops() if self._gap_noted_at is None else {}
+        self.handed_over_vouched = (
+            self.confirmed_stops(without=with_news) if self._gap_noted_at is None else {}
+        )
         self.handed_over_left = self.left_unsettled()
         self.handed_over_unclear = self.unclear_sends()
         if listed is not None:
