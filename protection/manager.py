@@ -3464,7 +3464,7 @@ class PositionGuard:
             return True  # an operator's close held by a ban or a 429's hold: the engine says it, once (r88)
         waits = budget.close_waits()
         if waits is None:
-            return False  # (a probe's answer: it goes in a moment)
+            return False  # (it goes now)
         seconds, why = waits
         log.warning("%s: the close at market waits up to %.1fs: %s", self.symbol, seconds, why)
         return True

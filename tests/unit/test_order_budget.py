@@ -442,6 +442,33 @@ async def test_a_protective_order_waits_for_a_probe_only_as_long_as_an_answer_ta
     assert budget.protective_probe_patience() == 4 * 0.3
 
 
+async def test_a_close_behind_a_probe_says_how_long_it_may_wait_and_why() -> None:
+    """A stuck stop's close behind an entry's probe waits up to the probe patience (8 s at a 2 s round trip)
+    for its answer; `close_waits` said nothing of it (None: "a probe's answer, a fraction of a second"), so
+    that wait went unsaid while the position had no working stop (r88)."""
+    clock = ManualClock()
+    budget = OrderBudget(
+        [RateBudget(limit=100, window_seconds=10.0)], clock, lambda: 2.0, probe_patience_seconds=10.0
+    )
+    budget.hold_until(clock.monotonic())  # shared: a 429 whose hold is over
+    await clock.advance(PROBE_FRESH_SECONDS + 0.1)
+    assert budget.close_waits() is None  # nothing out: the close would probe itself at once
+    entry = await budget.acquire_entry(2)
+    assert entry.probe_at is not None
+    await clock.advance(1.0)
+    waits = budget.close_waits()
+    assert waits is not None
+    assert waits[0] == pytest.approx(8.0 - 1.0)
+    assert "order sent alone waits for its answer" in waits[1]
+    close = asyncio.create_task(budget.acquire_close())
+    await clock.advance(6.9)
+    assert not close.done()  # as said: it waits that long, no longer
+    await clock.advance(0.2)
+    assert close.done()
+    budget.entry_answered(entry, room=True)
+    assert budget.close_waits() is None
+
+
 async def test_orders_alone_on_their_account_or_after_a_fresh_answer_never_wait_for_a_probe() -> None:
     clock = ManualClock()
     alone = _budget(clock, limit=100)
