@@ -1991,8 +1991,10 @@ class Engine:
         )
         for position in positions:
             self.manager.tell_recorded(position, orders_by_position.get(position.id, ()))
+        # (What a restart that cannot list the venue keeps: see `vouched` below.)
+        may_keep = previous is not None and bool(previous.handed_over_vouched)
         snapshot = await self._restore_snapshot(
-            restart=handover is not None, kept=previous is not None and bool(previous.handed_over_vouched)
+            restart=handover is not None, kept=may_keep and self._account_stream_down_since() is None
         )
         if snapshot is not None and handover is None:
             self._refuse_a_shared_account(snapshot.open_orders)
@@ -2008,7 +2010,8 @@ class Engine:
         # 0 % with no news at all, and past grace the breaker paused entries while the venue held every stop
         # (the sim chaos soak).
         vouched: Mapping[str, float] = {}
-        if venue_orders is None and previous is not None and self._account_stream_down_since() is None:
+        if venue_orders is None and may_keep and self._account_stream_down_since() is None:
+            assert previous is not None
             vouched = previous.handed_over_vouched
             self.manager.known_confirmed = {**vouched, **self.manager.known_confirmed}
         # An entry this engine has on its way (a protection restart mid-wave) is its own coroutine's to
