@@ -318,6 +318,15 @@ class OrderBudget:
             return True, 0.0
         return True, max(0.0, self._probe_at + patience - now)
 
+    def _protective_probing(self, now: float) -> tuple[bool, float]:
+        """`_probing` for a protective order or a close (`_take_ahead_of_entries`)."""
+        return self._probing(
+            now,
+            self.protective_probe_patience(),
+            fresh=PROBE_FRESH_SECONDS,
+            hold_is_room=self._recent_refusals(now) < ENTRY_PAUSE_REFUSALS,
+        )
+
     def _send_probe(self, now: float) -> float:
         self._probe_at = now
         self._probe_answered = asyncio.Event()
@@ -405,12 +414,7 @@ class OrderBudget:
         # Behind an order sent alone to learn whether the windows have room (another client was seen on the
         # account, and no answer has shown room lately): up to an answer's usual time, 8 s on a 2 s venue,
         # which went unsaid (r88). (As `_take_ahead_of_entries` decides it.)
-        _, probe_wait = self._probing(
-            now,
-            self.protective_probe_patience(),
-            fresh=PROBE_FRESH_SECONDS,
-            hold_is_room=self._recent_refusals(now) < ENTRY_PAUSE_REFUSALS,
-        )
+        _, probe_wait = self._protective_probing(now)
         if probe_wait > 0.0:
             return probe_wait, (
                 "an order sent alone waits for its answer, to learn whether the venue's order window has room "
@@ -451,12 +455,7 @@ class OrderBudget:
                 # on a slow venue); entries probe again, they can wait.
                 # Not with refusals piled up: the orders a hold kept back, sent together into a window
                 # refilled meanwhile, would be refusals enough for a ban.
-                probe, probe_wait = self._probing(
-                    now,
-                    self.protective_probe_patience(),
-                    fresh=PROBE_FRESH_SECONDS,
-                    hold_is_room=self._recent_refusals(now) < ENTRY_PAUSE_REFUSALS,
-                )
+                probe, probe_wait = self._protective_probing(now)
                 if probe_wait > 0.0:
                     await wait_event(self._clock, self._probe_answered, probe_wait)
                     continue

@@ -13,9 +13,10 @@ Snapshots are sampled at every step of a ManualClock, with venue latency so each
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from typing import TypeVar
 
@@ -27,6 +28,7 @@ from engine.pacing import Lane
 from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, FaultKind
 from protection import health
+from protection.manager import PositionGuard
 from storage.database import Database
 from tests.integration.engine_support import make_engine, reads_fail
 from tests.integration.test_failure_modes_f1_f5 import (
@@ -204,6 +206,27 @@ async def test_restart_protection_still_shows_a_stop_removed_on_the_venue_uncove
         await drive(clock, engine.stop())
 
 
+@contextlib.asynccontextmanager
+async def _four_covered_then_reads_fail(
+    db: Database,
+) -> AsyncIterator[tuple[Engine, ManualClock, SimVenue, list[PositionGuard], int]]:
+    """An engine on the sim venue with four positions covered, then every read of the venue failing (a ban
+    of reads): yields it with its clock, the venue, the guards and how many orders the venue had taken."""
+    clock = ManualClock()
+    engine = make_engine(settings_for(db, {"VENUE__SIM__LATENCY__SECONDS": "0.2"}), clock)
+    await drive(clock, engine.start())
+    try:
+        guards = await open_positions(engine, clock, SYMBOLS[:4])
+        await drive_until_covered(engine, clock, 4, limit=60.0)
+        venue = engine.venue
+        assert isinstance(venue, SimVenue)
+        placed = venue.core.inspect(clock.now()).orders_placed
+        reads_fail(venue)
+        yield engine, clock, venue, guards, placed
+    finally:
+        await drive(clock, engine.stop())
+
+
 async def test_restart_protection_while_the_venue_cannot_be_read_keeps_what_the_account_stream_vouches_for(
     db: Database,
 ) -> None:
@@ -214,17 +237,7 @@ async def test_restart_protection_while_the_venue_cannot_be_read_keeps_what_the_
     every stop). The stops the old manager had confirmed are carried over, covered, and checked once the
     venue answers; a stop cancelled by hand meanwhile is still said and uncovered at once (the stream's
     word reaches the new guards)."""
-    settings = settings_for(db, {"VENUE__SIM__LATENCY__SECONDS": "0.2"})
-    clock = ManualClock()
-    engine = make_engine(settings, clock)
-    await drive(clock, engine.start())
-    try:
-        guards = await open_positions(engine, clock, SYMBOLS[:4])
-        await drive_until_covered(engine, clock, 4, limit=60.0)
-        venue = engine.venue
-        assert isinstance(venue, SimVenue)
-        placed = venue.core.inspect(clock.now()).orders_placed
-        reads_fail(venue)
+    async with _four_covered_then_reads_fail(db) as (engine, clock, venue, guards, placed):
 
         async def sample() -> None:
             assert_all_covered(engine.snapshot(), 4)
@@ -233,7 +246,7 @@ async def test_restart_protection_while_the_venue_cannot_be_read_keeps_what_the_
         # Not "restored" (nothing found them live), and said so.
         assert (report.restored, len(report.kept_unread_symbols)) == (0, 4), report.describe()
         assert "the venue could not be read: 4 kept" in report.describe(), report.describe()
-        grace = float(settings.protection.grace_seconds)
+        grace = float(engine.settings.protection.grace_seconds)
         for _ in range(round(4 * grace / 0.1)):  # the ban goes on, past the breaker's grace
             await sample()
             await drive(clock, clock.sleep(0.1))
@@ -253,8 +266,6 @@ async def test_restart_protection_while_the_venue_cannot_be_read_keeps_what_the_
         await drive_until_covered(engine, clock, 4, limit=60.0)
         # The carried stops checked by the venue's listing, none sent again; only the cancelled one re-placed.
         assert venue.core.inspect(clock.now()).orders_placed == placed + 1
-    finally:
-        await drive(clock, engine.stop())
 
 
 async def test_restart_protection_while_the_venue_cannot_be_read_shows_the_recorded_stops_unverified(
@@ -265,18 +276,8 @@ async def test_restart_protection_while_the_venue_cannot_be_read_shows_the_recor
     ("missing" invites a stop by hand beside the live one, or a flatten). Nothing vouches for the recorded
     stops, so they are uncovered (never fail open), but they are *unverified*, not missing, until the
     venue answers; then they are confirmed by their ids, nothing sent again."""
-    settings = settings_for(db, {"VENUE__SIM__LATENCY__SECONDS": "0.2"})
-    clock = ManualClock()
-    engine = make_engine(settings, clock)
-    await drive(clock, engine.start())
-    try:
-        guards = await open_positions(engine, clock, SYMBOLS[:4])
-        await drive_until_covered(engine, clock, 4, limit=60.0)
-        venue = engine.venue
-        assert isinstance(venue, SimVenue)
-        placed = venue.core.inspect(clock.now()).orders_placed
+    async with _four_covered_then_reads_fail(db) as (engine, clock, venue, guards, placed):
         old_manager = engine.manager
-        reads_fail(venue)
         venue.drop_account_stream(600.0)
         await drive(clock, clock.sleep(3.0))  # the engine notices the stream down: what it missed is unknown
         assert old_manager is not None
@@ -305,8 +306,6 @@ async def test_restart_protection_while_the_venue_cannot_be_read_shows_the_recor
         await drive_until_covered(engine, clock, 4, limit=60.0)
         assert venue.core.inspect(clock.now()).orders_placed == placed  # confirmed by id, none sent again
         assert {g.symbol for g in guards} == {v.symbol for v in engine.snapshot().positions}
-    finally:
-        await drive(clock, engine.stop())
 
 
 async def test_a_close_the_venue_refuses_leaves_the_position_open_covered_and_no_longer_closing(
