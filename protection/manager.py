@@ -1578,9 +1578,10 @@ class PositionGuard:
                 return False
         return False
 
-    def has_news(self) -> bool:
-        """Commands told to it that its task has not applied yet."""
-        return bool(self._commands)
+    def news_withdraws_cover(self) -> bool:
+        """A command its task has not applied yet may end the position, or is the venue's word that a
+        confirmed stop is gone."""
+        return any(c.ends_position or self._withdraws_cover(c) for c in self._commands)
 
     def doubt_pending(self) -> bool:
         """A stop of it is in doubt, or will be once its task applies a doubt already told."""
@@ -3470,10 +3471,10 @@ class PositionGuard:
         return True
 
     def _close_wait_taken(self) -> bool:
-        """A command a close waiting for its turn applies at once is queued: one that may end the position,
-        or the venue's word that a confirmed stop is gone (waiting behind the close, the position was
-        counted covered, by the gauge and the records, for a whole ban with no hard stop on the venue)."""
-        return any(c.ends_position or self._withdraws_cover(c) for c in self._commands)
+        """A command a close waiting for its turn applies at once is queued (`news_withdraws_cover`): waiting
+        behind the close, the position was counted covered, by the gauge and the records, for a whole ban
+        with no hard stop on the venue."""
+        return self.news_withdraws_cover()
 
     async def _apply_while_closing(self) -> None:
         """Apply what `_close_wait_taken` takes; a stop lost meanwhile is said in the records at once."""
@@ -5000,9 +5001,11 @@ class ProtectionManager:
                 )
         self.stopped = True
         self.handed_over = self.unfinished_cancels()
-        # Guards with news not applied yet (the stream's cancel of a stop, queued behind a pass): their stops'
-        # confirmations are not carried, as the cancel of their tasks drops that news.
-        with_news = {g.position_id for g in self.guards.values() if g.has_news()}
+        # Guards with news not applied yet that withdraws a stop's cover or ends the position (the stream's
+        # cancel of a stop, queued behind a pass): their stops' confirmations are not carried, as the cancel of
+        # their tasks drops that news. (Not other news: the echo of our own cancel of a moved trail's old stop
+        # left a managed trail's guard in doubt after a restart in a ban, "failed 1", r89.)
+        with_news = {g.position_id for g in self.guards.values() if g.news_withdraws_cover()}
         tasks = list(self._tasks.values()) + list(self._background)
         for task in tasks:
             task.cancel()
