@@ -450,6 +450,8 @@ class EngineSnapshot:
     entries_paused_by: str = ""  # operator | breaker | lease
     entries_pause_reason: str = ""
     entries_held: tuple[float, str] | None = None  # held back by the venue's word: seconds left, why
+    # Every order waits for the venue's word, stops too (`Engine.orders_held`): seconds left, why.
+    orders_held: tuple[float, str] | None = None
     # Every open position's coverage facts, by position id (what `coverage` counts): the cheap row of each
     # position (id, symbol, covered). `positions` holds a view of every one of them, or, from
     # `snapshot(views_of=…)`, of those the selector asked for.
@@ -4503,6 +4505,7 @@ class Engine:
             entries_paused_by=self.entries_paused_by,
             entries_pause_reason=self.entries_pause_reason,
             entries_held=self.entries_held(),
+            orders_held=self.orders_held(),
             positions=tuple(sorted(views, key=_by_position_id)),
             coverage=coverage,
             health=self.current_health(coverage),
@@ -4688,16 +4691,28 @@ class Engine:
         # The result of a pass begun after the request: one already under way (failing, say, against a venue
         # that has since recovered) says nothing about it.
         budget = float(self.settings.protection.call_timeout_seconds) * 3
-        await wait_for_all(
-            self.clock, budget, [g.wait_pass_started_after(started[g.position_id]) for g in guards]
-        )
+        # While the venue takes no order (a ban, a 429's hold) the passes wait for its end: waited for when it
+        # ends within the budget; past it, answered now. Every position read "NOT covered: rate limited"
+        # after a 30 s spinner during a known ban (opme49).
+        held = self.orders_held()
+        if held is None or held[0] < budget:
+            budget += held[0] if held is not None else 0.0
+            await wait_for_all(
+                self.clock, budget, [g.wait_pass_started_after(started[g.position_id]) for g in guards]
+            )
+            held = self.orders_held()
         results = []
         for item in plan:
             guard = self.manager.guards.get(item.position_id)
             if guard is None:
                 results.append(ProtectionResult(item.position_id, item.symbol, False, "position closed"))
             else:
-                detail = "covered" if guard.covered else (guard.last_error or "still protecting")
+                if guard.covered:
+                    detail = "covered"
+                elif held is not None:
+                    detail = f"waits: {held[1]}; its orders go then"
+                else:
+                    detail = guard.last_error or "still protecting"
                 results.append(ProtectionResult(item.position_id, item.symbol, guard.covered, detail))
         assert self.store is not None
         await self.store.record_event(
@@ -4907,20 +4922,31 @@ class Engine:
                 )
             await budget.room_shown(min(held, left, OPERATOR_CLOSE_RECHECK_SECONDS))
 
+    def orders_held(self) -> tuple[float, str] | None:
+        """Seconds before the venue takes our orders again, every order waiting meanwhile, protective ones
+        too (a ban of our requests, a 429's hold), with why ("the venue bans our requests until 12:03:44
+        UTC"); None when none waits for that."""
+        budget = self.order_budget
+        waits = budget.held_for() if budget is not None else None
+        if budget is None or waits is None:
+            return None
+        # (a ban of our requests: Binance bans the IP with a 418, the sim bans the account)
+        why = "bans our requests" if budget.banned_for() is not None else "refuses orders for its rate"
+        until = datetime.fromtimestamp(self.clock.now() + waits, tz=UTC).strftime("%H:%M:%S UTC")
+        return waits, f"the venue {why} until {until}"
+
     def _say_close_waits_for_the_venue(self, guard: PositionGuard, budget: OrderBudget) -> bool:
         """An operator's close that will wait for the venue to take orders again (a ban, a 429's hold: every
         order waits, protective ones too) is said as it is asked for, in the log and in the events a
         `tsbot close` and a watch follow: during a ban the close waited minutes in silence (the dashboard
         said nothing, `tsbot close --wait-seconds 5` ended in "no answer"), then went. True once said."""
-        waits = budget.held_for()
-        if waits is None or waits < OPERATOR_CLOSE_RECHECK_SECONDS:
+        held = self.orders_held()
+        if held is None or held[0] < OPERATOR_CLOSE_RECHECK_SECONDS:
             return False
-        # (a ban of our requests: Binance bans the IP with a 418, the sim bans the account)
-        why = "bans our requests" if budget.banned_for() is not None else "refuses orders for its rate"
-        until = datetime.fromtimestamp(self.clock.now() + waits, tz=UTC).strftime("%H:%M:%S UTC")
+        waits, why = held
         message = (
-            f"close of position {guard.position_id} {guard.symbol} held back up to {math.ceil(waits)}s: the "
-            f"venue {why} until {until} (every order waits, stops too); it goes then"
+            f"close of position {guard.position_id} {guard.symbol} held back up to {math.ceil(waits)}s: "
+            f"{why} (every order waits, stops too); it goes then"
         )
         log.warning("%s", message)
         self._spawn(self._record_quietly(Severity.WARNING, "close_held", message, guard), "close-held")

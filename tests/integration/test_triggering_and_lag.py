@@ -333,6 +333,64 @@ async def test_waiting_out_the_venues_read_lag_is_said_as_information_not_as_a_f
         assert guard.covered
 
 
+def _another_client_earns_a_ban(venue: SimVenue, clock: ManualClock) -> float:
+    """Another client on the account fills the order window with refused orders (reduce-only on a flat
+    symbol) until the venue bans the account; returns when the ban ends (epoch seconds)."""
+    core = venue.core
+    flat = next(s for s in SYMBOLS[20:] if s not in {p.symbol for p in core.inspect(clock.now()).positions})
+    for i in range(100):
+        try:
+            core.place_market_order(
+                flat, OrderSide.SELL, Decimal(1), f"other-{i}", clock.now(), reduce_only=True
+            )
+        except Banned as ban:
+            return ban.until
+        except ExchangeError:
+            pass
+    raise AssertionError("the venue did not ban the account")
+
+
+@pytest.mark.parametrize("ban_seconds", [20, 120])
+async def test_protect_now_during_a_ban_says_the_orders_wait_for_its_end(
+    db: Database, ban_seconds: int
+) -> None:
+    """`p` (protect uncovered positions now) while the venue bans our requests: every position read "NOT
+    covered: rate limited" after a 30 s spinner, the ban's end unsaid (opme49). A ban that ends within the
+    command's budget is waited for, and the stop is placed then; a longer one is answered at once, with its
+    end, and the guard places the stop when it ends. The dashboard's plan says the ban before it runs."""
+    async with _one_guarded_position(
+        db,
+        SYMBOLS[19],
+        {
+            "VENUE__SIM__RATE_LIMITS__ORDERS_PER_10S": "12",
+            "VENUE__SIM__RATE_LIMITS__BAN_AFTER_VIOLATIONS": "1",
+            "VENUE__SIM__RATE_LIMITS__BAN_SECONDS": str(ban_seconds),
+        },
+    ) as (engine, venue, clock, guard):
+        await drive(clock, clock.sleep(11.0))  # a fresh 10-second order window
+        assert guard.stop_loss.client_order_id is not None
+        venue.core.cancel_order(guard.symbol, guard.stop_loss.client_order_id, clock.now())
+        ends = _another_client_earns_a_ban(venue, clock)
+        await drive_until(clock, lambda: engine.orders_held() is not None, what="the engine meets the ban")
+        held = engine.snapshot().orders_held
+        assert held is not None
+        assert "the venue bans our requests until" in held[1]
+        asked = clock.now()
+        [result] = await drive(clock, engine.reprotect_uncovered())
+        budget = 3 * float(engine.settings.protection.call_timeout_seconds)
+        if ban_seconds * 1.0 < budget:
+            assert result.covered, result
+            assert clock.now() >= ends  # (waited for the ban's end, not answered "rate limited" before it)
+        else:
+            assert not result.covered
+            assert clock.now() - asked < 1.0  # answered now, not after a spinner
+            assert result.detail.startswith("waits: the venue bans our requests until "), result.detail
+            await drive_until(
+                clock, lambda: guard.covered, what="covered after the ban", limit=ban_seconds + 30
+            )
+            assert clock.now() >= ends
+
+
 async def test_a_ban_the_sim_venue_answers_holds_the_engines_requests_until_it_ends(db: Database) -> None:
     """Rehearsal = production: the ccxt venue reports a 418 to the engine's pacer, which then sends nothing
     until the ban's end (protective requests wait for it, the rest are refused at home). The sim venue kept
@@ -353,21 +411,7 @@ async def test_a_ban_the_sim_venue_answers_holds_the_engines_requests_until_it_e
         core = venue.core
         assert guard.stop_loss.client_order_id is not None
         core.cancel_order(guard.symbol, guard.stop_loss.client_order_id, clock.now())
-        flat = next(
-            s for s in SYMBOLS[20:] if s not in {p.symbol for p in core.inspect(clock.now()).positions}
-        )
-        banned_at = None
-        for i in range(100):  # another client fills the window with refused orders until the venue bans
-            try:
-                core.place_market_order(
-                    flat, OrderSide.SELL, Decimal(1), f"other-{i}", clock.now(), reduce_only=True
-                )
-            except Banned as ban:
-                banned_at = ban.until
-                break
-            except ExchangeError:
-                pass
-        assert banned_at is not None
+        banned_at = _another_client_earns_a_ban(venue, clock)
         calls_before = sum(venue.calls_made.values())
         assert engine.manager is not None
         engine.manager.request_reconcile()

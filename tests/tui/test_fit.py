@@ -259,6 +259,30 @@ async def test_reprotect_plan_and_result_are_whole(size: tuple[int, int]) -> Non
         assert result.endswith("covered")  # SOLUSDT
 
 
+class BannedPlanFeed(PlanFeed):
+    """The re-protect plan while the venue bans our requests (every order waits for its end)."""
+
+    def snapshot(self, views_of=None):  # type: ignore[no-untyped-def]
+        held = (27.0, "the venue bans our requests until 12:03:44 UTC")
+        return dataclasses.replace(super().snapshot(views_of), orders_held=held)
+
+
+@SIZES
+async def test_protect_now_during_a_ban_says_no_order_can_go_before_its_end(size: tuple[int, int]) -> None:
+    """`p` during a known ban spun for 30 s with nothing said, then read "rate limited" for every position
+    (opme49): the plan says the ban and its end before it runs, and while it runs, whole at 80 columns."""
+    settings = scenario_settings()
+    app = DashboardApp(settings, feed=BannedPlanFeed(settings), tz=UTC, code_roots=[])
+    said = "No order can go before then: the venue bans our requests until 12:03:44 UTC (27s from now)."
+    async with app.run_test(size=size) as pilot:
+        await settle(app, pilot)
+        await pilot.press("p")
+        await pilot.pause()
+        assert isinstance(app.screen, ReprotectScreen)
+        assert said in flat(dialog_text(screen(app)))
+        assert "[y] protect now" in screen(app)
+
+
 async def test_a_wide_terminal_is_used_not_left_empty() -> None:
     """At 200 columns the tables kept their 120-column widths: the log's details were cut at a fixed 100
     columns while the rest of the line stayed empty. Now the positions get a last-error column and the

@@ -102,16 +102,32 @@ class ReprotectScreen(ModalScreen[list[ProtectionResult] | None]):
         return (
             f"{count} uncovered position{'s' if count != 1 else ''}. Each gets the orders below now, "
             "skipping its retry backoff; an order whose earlier outcome is unknown is looked up by its client "
-            "order id first, never sent twice."
+            "order id first, never sent twice." + self._held()
         )
+
+    def _held(self) -> str:
+        """What every order waits for now, said (a ban, a 429's hold): `p` during a ban spun for 30 s with
+        nothing said, then read "rate limited" (opme49)."""
+        held = self._feed.snapshot().orders_held
+        if held is None:
+            return ""
+        seconds, why = held
+        return f" No order can go before then: {why} ({formatting.duration(seconds)} from now)."
 
     def action_run_plan(self) -> None:
         if self.state != "planned":
             return
         self.state = "running"
-        self.query_one("#reprotect-status", Static).update("Protecting… (the engine keeps running)")
+        self._show_running()
         self.query_one("#reprotect-keys", Static).update("running…")
+        self.set_interval(1.0, self._show_running)
         self.run_plan()
+
+    def _show_running(self) -> None:
+        if self.state == "running":
+            self.query_one("#reprotect-status", Static).update(
+                "Protecting… (the engine keeps running)" + self._held()
+            )
 
     @work(exclusive=True, group="command", exit_on_error=False, description="re-protect uncovered positions")
     async def run_plan(self) -> None:
