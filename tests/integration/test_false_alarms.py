@@ -333,6 +333,35 @@ async def test_restart_protection_while_the_venue_cannot_be_read_keeps_what_the_
         assert venue.core.inspect(clock.now()).orders_placed == placed + 1
 
 
+async def test_a_restart_in_a_ban_just_after_a_managed_trail_moved_keeps_its_stops(db: Database) -> None:
+    """r89: a managed trail's move ended 1.4 s before `r` in a ban (orders and cancels take 1 s): the account
+    stream's word of our own cancel of the old stop was still queued for the guard, and any queued news kept
+    the guard's confirmations from being carried: "failed 1", both stops in doubt while the venue held them.
+    Only news that withdraws a stop's cover (or ends the position) does."""
+    slow = json.dumps({"create_order": {"seconds": 1.0}, "cancel_order": {"seconds": 1.0}})
+    settings = settings_for(
+        db, {"VENUE__SIM__LATENCY__BY_CALL": slow, "PROTECTION__TRAILING__MODE": "managed"}
+    )
+    clock = ManualClock()
+    engine = make_engine(settings, clock)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, SYMBOLS[:1])
+        venue = engine.venue
+        assert isinstance(venue, SimVenue)
+        venue.override_mark_price(guard.symbol, guard.entry_price * Decimal("1.03"))
+        await drive_until_covered(engine, clock, 1, limit=60.0)
+        await drive(clock, clock.sleep(3.0))
+        venue.override_mark_price(guard.symbol, guard.entry_price * Decimal("1.06"))  # the trail moves
+        await drive(clock, clock.sleep(1.4))
+        reads_fail(venue)
+        report = await drive(clock, engine.restart_protection())
+        assert report.failed == 0, report.describe()
+        assert report.kept_unread_symbols == (guard.symbol,), report.describe()
+    finally:
+        await drive(clock, engine.stop())
+
+
 async def test_restart_protection_while_the_venue_cannot_be_read_shows_the_recorded_stops_unverified(
     db: Database,
 ) -> None:
