@@ -411,3 +411,50 @@ async def test_a_listing_without_the_stop_orders_is_said_unchecked_in_protection
 
         emulator.faults.clear_forced()
         await wait_until(lambda: not said(), within=15.0, what="checked again")
+
+
+async def test_a_pass_whose_listing_is_older_than_a_replaced_stop_says_nothing_cancelled(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """soak65 (Bybit emulator): "reconcile: cancelled our duplicate (not the current order) …-sl0", a WARNING
+    and an `orphan_cancelled` event, 8 times in 10 minutes. Each pass had read the positions just before
+    the guard replaced its hard stop (the one that rode on the entry, corrected from the fill): the listing
+    still showed the old value, and its "cancel" found the field holding the new stop's value, and
+    answered the old one ended. Nothing was cancelled, and nothing was a duplicate: Bybit holds one value
+    per field. Here the replacement is our own value set again after someone moved it, and the pass runs
+    on a listing read before."""
+    emulator = _emulator()
+    async with bybit_engine(db, emulator, {"PROTECTION__RECONCILE_SECONDS": "3600"}) as (engine, _rejected):
+        base_url = engine.settings.venue.base_url
+        guard = await _one_protected(engine, SYMBOL)
+        ours = await _settled(guard, base_url)
+        assert engine.reconciler is not None
+        stale = await engine.reconciler.take_snapshot()
+        old = guard.stop_loss.client_order_id
+        assert old in {o.client_order_id for o in stale.open_orders}
+        await _as_operator(
+            base_url, stopLoss=str((Decimal(ours["stopLoss"]) / 2).quantize(TICK)), slTriggerBy="MarkPrice"
+        )
+
+        async def ours_again() -> bool:
+            held = await _held(base_url)
+            return (
+                guard.covered
+                and guard.stop_loss.client_order_id != old
+                and held["stopLoss"] is not None
+                and Decimal(held["stopLoss"]) == Decimal(ours["stopLoss"])
+            )
+
+        await wait_until(ours_again, within=8.0, what="our own value set again under a new id")
+        caplog.set_level(logging.INFO)
+        report = await engine.reconciler.reconcile_once(stale)
+        said = [r.getMessage() for r in caplog.records if old is not None and old in r.getMessage()]
+        assert not [m for m in said if "cancelled our" in m], said
+        assert report.orphans_cancelled == [], report
+        events = await db.pool.fetchval(
+            "SELECT count(*) FROM monitoring.events WHERE type = 'orphan_cancelled' AND symbol = $1", SYMBOL
+        )
+        assert events == 0
+        held = await _held(base_url)
+        assert Decimal(held["stopLoss"]) == Decimal(ours["stopLoss"])  # (the field keeps our stop)
+        assert guard.covered
