@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 
 from engine.clock import Clock
-from engine.exchange.port import AccountEvent, ExchangePort
+from engine.exchange.port import AccountEvent, ExchangePort, StreamGap
 from protection.manager import ProtectionManager
 from protection.stream_events import route_account_event
 
@@ -45,6 +45,7 @@ class AccountStreamReader:
         self._clock = clock
         self._reconcile_seconds = reconcile_seconds
         self.events_read = 0
+        self.gaps_read = 0  # the stream's own word that it may have lost events (held or routed)
         self.events_routed = 0
         self.streaming = False  # the venue's account stream is being read
         self.polling_only = False  # the venue has no account stream
@@ -57,6 +58,8 @@ class AccountStreamReader:
                 async for event in self._venue.watch_account():
                     received += 1
                     self.events_read += 1
+                    if isinstance(event, StreamGap):
+                        self.gaps_read += 1
                     ready = self._protection_ready
                     if ready is not None and not ready.is_set():
                         await ready.wait()

@@ -903,6 +903,7 @@ class Engine:
         # The venue's account events, read by a supervised loop and handed to the guards (the reconciler
         # stays the safety net); None before the loops start.
         self.account_stream: AccountStreamReader | None = None
+        self._stream_mark_at_restart: tuple[int, int] | None = None  # `_restart_protection`
         self.consumer: SignalConsumer | None = None
         self.commands: CommandRunner | None = None
         self.markets: dict[str, Market] = {}
@@ -1993,11 +1994,7 @@ class Engine:
         )
         for position in positions:
             self.manager.tell_recorded(position, orders_by_position.get(position.id, ()))
-        # (What a restart that cannot list the venue keeps: see `vouched` below.)
-        may_keep = previous is not None and bool(previous.handed_over_vouched)
-        snapshot = await self._restore_snapshot(
-            restart=handover is not None, kept=may_keep and self._account_stream_vouches()
-        )
+        snapshot = await self._restore_snapshot(restart=handover is not None)
         if snapshot is not None and handover is None:
             self._refuse_a_shared_account(snapshot.open_orders)
             await self._refuse_another_identity(snapshot.open_orders)
@@ -2014,10 +2011,21 @@ class Engine:
         # (Not where the snapshot answered with no positions: its open orders answered, and what they lack
         # is looked up by id, r89.)
         vouched: Mapping[str, float] = {}
-        if snapshot is None and may_keep and self._account_stream_vouches():
-            assert previous is not None
+        mark = self._account_stream_mark()
+        if (
+            snapshot is None
+            and previous is not None
+            and previous.handed_over_vouched
+            and mark is not None
+            and mark == self._stream_mark_at_restart
+        ):
             vouched = previous.handed_over_vouched
             self.manager.known_confirmed = {**vouched, **self.manager.known_confirmed}
+            log.warning(
+                "protection restart: the stops the running manager had confirmed (%d) are kept, the account "
+                "stream unbroken since; checked once the venue answers",
+                len(vouched),
+            )
         # An entry this engine has on its way (a protection restart mid-wave) is its own coroutine's to
         # resolve: looked up now it may not be on the venue yet, and would be recorded failed while it fills.
         restorable = [
@@ -2234,19 +2242,14 @@ class Engine:
                 account,
             )
 
-    async def _restore_snapshot(self, *, restart: bool, kept: bool = False) -> VenueSnapshot | None:
+    async def _restore_snapshot(self, *, restart: bool) -> VenueSnapshot | None:
         """The venue's positions and protective orders for a restore (None: each order is looked up by its
-        own guard, but those the manager a protection restart replaces had confirmed, `kept`). A protection
-        restart waits for it only `RESTART_SNAPSHOT_LATE_ANSWERS` late answers: until the new guards exist
-        the account stream's fills wait for them, and a snapshot held by a ban and a lost answer kept two
-        stop fills unread for 28 s in the chaos soak."""
+        own guard, but those a protection restart keeps, said apart). A protection restart waits for it only
+        `RESTART_SNAPSHOT_LATE_ANSWERS` late answers: until the new guards exist the account stream's fills
+        wait for them, and a snapshot held by a ban and a lost answer kept two stop fills unread for 28 s in
+        the chaos soak."""
         assert self.reconciler is not None and self.manager is not None
-        instead = (
-            "the stops the running manager had confirmed are kept (the account stream unbroken since), the "
-            "others looked up on their own"
-            if kept
-            else "every order is looked up on its own"
-        )
+        instead = "the guards start without it" if restart else "every order is looked up on its own"
         started = self.clock.monotonic()
         patience = RESTART_SNAPSHOT_LATE_ANSWERS * self.manager.late_answer_seconds() if restart else math.inf
         for attempt in range(1, SNAPSHOT_ATTEMPTS + 1):
@@ -2628,6 +2631,9 @@ class Engine:
         outlived its manager saw every order of ours as an orphan and cancelled them all."""
         assert self.manager is not None
         log.info("restarting the protection manager on operator request")
+        # The account stream as the restart begins: a break during it (a drop and a reconnect, its gap held
+        # for the new guards) means it vouches for nothing the old manager knew (r90).
+        self._stream_mark_at_restart = self._account_stream_mark()
         await self._supervisor.stop_one("reconciler")
         now = self.clock.monotonic()
         still_open = self.manager.open_guards()
@@ -2646,6 +2652,7 @@ class Engine:
         # grace period the lease says so (its readers then count neither as looked after), as the carried
         # state does; within it, a restart's round trips are no alarm.
         said_starting = asyncio.ensure_future(self._say_starting_after(self._grace_seconds(), self._carried))
+        stream_watched = asyncio.ensure_future(self._doubt_carried_on_a_stream_break(self._carried))
         handed_over = 0
 
         def hand_over() -> None:
@@ -2659,6 +2666,7 @@ class Engine:
                 self._carried = None
                 self._protection_ready.set()
                 said_starting.cancel()
+                stream_watched.cancel()
                 self._say_running_phase(LeasePhase.RUNNING)
             elif handed_over == 2:
                 self._entries_handed_over.set()
@@ -3125,6 +3133,22 @@ class Engine:
                 why,
             )
         return False
+
+    async def _doubt_carried_on_a_stream_break(self, carried: _CarriedProtection) -> None:
+        """While a protection restart carries the positions' last verified state: the account stream breaking
+        meanwhile (down, or a drop and a reconnect) may have lost a stop's cancel, and nobody reads the venue
+        until the new guards exist. The carried stops are unverified from then on, as the running manager's
+        would be. A position whose hard stop was cancelled by hand during such a break read covered for the
+        whole restart (12 s behind a slow snapshot; 5.8 s without a restart, r90)."""
+        while not carried.guards_created:
+            mark = self._account_stream_mark()
+            if mark != self._stream_mark_at_restart or self._account_stream_down_since() is not None:
+                carried.unverified_from(
+                    self.clock.monotonic(),
+                    "not verified: the account stream broke while the protection manager restarts",
+                )
+                return
+            await self.clock.sleep(STREAM_CHECK_SECONDS)
 
     async def _say_starting_after(self, seconds: float, carried: _CarriedProtection) -> None:
         """`starting` on the lease once a protection restart has lasted `seconds`, as soon as it leaves
@@ -4286,14 +4310,18 @@ class Engine:
             frozenset((p.symbol, p.side.value) for p in snapshot.positions),
         )
 
-    def _account_stream_vouches(self) -> bool:
-        """The venue's account stream is read and connected now: what it tells of our stops (a cancel, an
-        expiry) reaches the guards. Not on a venue with none (polling only: a restart kept a stop cancelled
-        by hand covered for as long as the listings failed, 74 s, r89)."""
+    def _account_stream_mark(self) -> tuple[int, int] | None:
+        """While the venue's account stream is read and connected (what it tells of our stops, a cancel or an
+        expiry, reaches the guards): its reconnects and the gaps it has told, which any break since changes;
+        else None. None on a venue with none (polling only: a restart kept a stop cancelled by hand covered
+        for as long as the listings failed, 74 s, r89)."""
         reader = self.account_stream
         if reader is None or reader.polling_only or not reader.streaming:
-            return False
-        return any(state.name == "account" and state.connected for state in self.venue.stream_states())
+            return None
+        for state in self.venue.stream_states():
+            if state.name == "account" and state.connected:
+                return state.reconnects, reader.gaps_read
+        return None
 
     def _account_stream_down_since(self) -> float | None:
         """Since when (monotonic: its last message) the venue's account stream is down, or None while it is

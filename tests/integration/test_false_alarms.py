@@ -333,6 +333,38 @@ async def test_restart_protection_while_the_venue_cannot_be_read_keeps_what_the_
         assert venue.core.inspect(clock.now()).orders_placed == placed + 1
 
 
+async def test_a_stream_break_during_a_restart_in_a_ban_keeps_nothing_and_doubts_the_carried_stops(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """r90: the account stream drops for 0.6 s as `r` is pressed in a ban, and a hard stop is cancelled by
+    hand meanwhile (its event lost with the drop). The restart kept every stop, the stream being connected
+    again when it decided ("the account stream unbroken since": untrue), and the victim read covered 6 s
+    with no hard stop on the venue; behind a slow snapshot (12 s), the carried view read covered for the
+    whole restart. A break during the restart keeps nothing, and the carried stops are unverified from the
+    break on, as the running manager's would be."""
+    caplog.set_level(logging.INFO)
+    async with _four_covered_then_reads_fail(db) as (engine, clock, venue, guards, _):
+        victim = guards[0]
+        venue.drop_account_stream(0.6)
+        _cancel_hard_stop_by_hand(engine, venue, clock, victim)
+        open_at: list[float] = []
+
+        async def sample() -> None:  # counted covered while the venue holds no hard stop for it
+            live = venue.core.inspect(clock.now()).open_conditional
+            if _covered(engine, victim.symbol) and not any(
+                o.symbol == victim.symbol and o.type is OrderType.STOP_MARKET for o in live
+            ):
+                open_at.append(clock.monotonic())
+
+        report = await drive_sampling(clock, engine.restart_protection(), sample)
+        for _ in range(100):
+            await sample()
+            await drive(clock, clock.sleep(0.1))
+        assert report.kept_unread_symbols == (), report.describe()
+        assert not [r for r in caplog.records if "unbroken" in r.getMessage()]
+        assert not open_at or open_at[-1] - open_at[0] < 1.5, open_at
+
+
 async def test_a_restart_in_a_ban_just_after_a_managed_trail_moved_keeps_its_stops(db: Database) -> None:
     """r89: a managed trail's move ended 1.4 s before `r` in a ban (orders and cancels take 1 s): the account
     stream's word of our own cancel of the old stop was still queued for the guard, and any queued news kept
