@@ -4954,13 +4954,22 @@ class Engine:
         """Seconds before the venue takes our orders again, every order waiting meanwhile, protective ones
         too (a ban of our requests, a 429's hold), with why ("the venue bans our requests until 12:03:44
         UTC"); None when none waits for that."""
-        budget = self.order_budget
-        waits = budget.held_for() if budget is not None else None
-        if budget is None or waits is None:
+        budget, pacer = self.order_budget, self.request_pacer
+        orders = budget.held_for() if budget is not None else None
+        # Every order is a request too: a 429 on the request weight (a read's) holds them all (r90: `p`
+        # spun 30 s with nothing said while such a hold ran 60 s).
+        requests = pacer.held_for() if pacer is not None else None
+        waits = max((w for w in (orders, requests) if w is not None), default=None)
+        if waits is None:
             return None
         # (a ban of our requests: Binance bans the IP with a 418, the sim bans the account)
-        why = "bans our requests" if budget.banned_for() is not None else "refuses orders for its rate"
-        until = datetime.fromtimestamp(self.clock.now() + waits, tz=UTC).strftime("%H:%M:%S UTC")
+        if self._banned_for() is not None:
+            why = "bans our requests"
+        elif orders is not None and orders >= waits:
+            why = "refuses orders for its rate"
+        else:
+            why = "refuses requests for their weight"
+        until = datetime.fromtimestamp(math.ceil(self.clock.now() + waits), tz=UTC).strftime("%H:%M:%S UTC")
         return waits, f"the venue {why} until {until}"
 
     def _say_close_waits_for_the_venue(self, guard: PositionGuard, budget: OrderBudget) -> bool:

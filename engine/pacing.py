@@ -260,6 +260,11 @@ class RequestPacer:
         left = self._banned_until - self._clock.monotonic()
         return left if left > 0 else None
 
+    def held_for(self) -> float | None:
+        """Seconds left before a request may go again (a 429's hold or a ban), or None."""
+        left = self._hold_until - self._clock.monotonic()
+        return left if left > 0 else None
+
     def budgets(self) -> tuple[RequestBudget, ...]:
         return tuple(RequestBudget(k, w.venue_limit, w.seconds, w.spread) for k, w in self._windows.items())
 

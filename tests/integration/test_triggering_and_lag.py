@@ -391,6 +391,29 @@ async def test_protect_now_during_a_ban_says_the_orders_wait_for_its_end(
             assert clock.now() >= ends
 
 
+async def test_protect_now_during_a_hold_on_the_request_weight_says_it(db: Database) -> None:
+    """r90: a 429 on a read (Retry-After 60 s: Binance's IP request weight) holds every request, orders too.
+    `p` read only the order budget: it spun 30 s, then answered "NOT covered: still protecting", and the stop
+    went 58 s after `p`. The hold is said, with its end, and `p` answers at once."""
+    async with _one_guarded_position(db, SYMBOLS[19]) as (engine, venue, clock, guard):
+        venue.set_forced_retry_after(60.0)
+        venue.inject_fault(CallKind.FETCH_POSITIONS, FaultKind.RATE_LIMITED, count=1)
+        assert engine.manager is not None
+        engine.manager.request_reconcile()
+        await drive_until(clock, lambda: engine.orders_held() is not None, what="the read's 429 held")
+        held = engine.orders_held()
+        assert held is not None
+        assert "the venue refuses requests for their weight until" in held[1]
+        assert guard.stop_loss.client_order_id is not None
+        venue.core.cancel_order(guard.symbol, guard.stop_loss.client_order_id, clock.now())
+        await drive_until(clock, lambda: not guard.covered, what="uncovered", limit=5.0)
+        asked = clock.monotonic()
+        [result] = await drive(clock, engine.reprotect_uncovered())
+        assert clock.monotonic() - asked < 1.0
+        assert not result.covered
+        assert result.detail.startswith("waits: the venue refuses requests for their weight until "), result
+
+
 async def test_a_ban_the_sim_venue_answers_holds_the_engines_requests_until_it_ends(db: Database) -> None:
     """Rehearsal = production: the ccxt venue reports a 418 to the engine's pacer, which then sends nothing
     until the ban's end (protective requests wait for it, the rest are refused at home). The sim venue kept

@@ -260,10 +260,13 @@ async def test_reprotect_plan_and_result_are_whole(size: tuple[int, int]) -> Non
 
 
 class BannedPlanFeed(PlanFeed):
-    """The re-protect plan while the venue bans our requests (every order waits for its end)."""
+    """The re-protect plan while the venue bans our requests (every order waits for its end), until
+    `ban_over`."""
+
+    ban_over = False
 
     def snapshot(self, views_of=None):  # type: ignore[no-untyped-def]
-        held = (27.0, "the venue bans our requests until 12:03:44 UTC")
+        held = None if self.ban_over else (27.0, "the venue bans our requests until 12:03:44 UTC")
         return dataclasses.replace(super().snapshot(views_of), orders_held=held)
 
 
@@ -272,7 +275,8 @@ async def test_protect_now_during_a_ban_says_no_order_can_go_before_its_end(size
     """`p` during a known ban spun for 30 s with nothing said, then read "rate limited" for every position
     (opme49): the plan says the ban and its end before it runs, and while it runs, whole at 80 columns."""
     settings = scenario_settings()
-    app = DashboardApp(settings, feed=BannedPlanFeed(settings), tz=UTC, code_roots=[])
+    feed = BannedPlanFeed(settings)
+    app = DashboardApp(settings, feed=feed, tz=UTC, code_roots=[])
     said = "No order can go before then: the venue bans our requests until 12:03:44 UTC (27s from now)."
     async with app.run_test(size=size) as pilot:
         await settle(app, pilot)
@@ -281,6 +285,9 @@ async def test_protect_now_during_a_ban_says_no_order_can_go_before_its_end(size
         assert isinstance(app.screen, ReprotectScreen)
         assert said in flat(dialog_text(screen(app)))
         assert "[y] protect now" in screen(app)
+        feed.ban_over = True  # the plan says the hold as it stands, not as when it opened (r90)
+        await pilot.pause(1.5)
+        assert "No order can go" not in flat(dialog_text(screen(app)))
 
 
 async def test_a_wide_terminal_is_used_not_left_empty() -> None:

@@ -69,6 +69,8 @@ class ReprotectScreen(ModalScreen[list[ProtectionResult] | None]):
         table.add_column("Orders to place", key="orders", width=orders_width)
         table.add_column("Result", key="result", width=flexible - orders_width)
         self._fill({})
+        # The venue's hold is said as it stands (its end drew near, or it ended), not as when the plan opened.
+        self.set_interval(1.0, self._show_status)
 
     def _fill(self, results: dict[int, ProtectionResult]) -> None:
         """The plan's rows, with each position's result once known. Rows are added again rather than updated
@@ -118,13 +120,14 @@ class ReprotectScreen(ModalScreen[list[ProtectionResult] | None]):
         if self.state != "planned":
             return
         self.state = "running"
-        self._show_running()
+        self._show_status()
         self.query_one("#reprotect-keys", Static).update("running…")
-        self.set_interval(1.0, self._show_running)
         self.run_plan()
 
-    def _show_running(self) -> None:
-        if self.state == "running":
+    def _show_status(self) -> None:
+        if self.state == "planned":
+            self.query_one("#reprotect-status", Static).update(self._intro())
+        elif self.state == "running":
             self.query_one("#reprotect-status", Static).update(
                 "Protecting… (the engine keeps running)" + self._held()
             )
