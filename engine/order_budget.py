@@ -392,35 +392,43 @@ class OrderBudget:
         return await self._take_ahead_of_entries(self._windows)
 
     def close_waits(self) -> tuple[float, str] | None:
-        """How long at most a close asking now (`acquire_close`) waits for its place, and why; None if it
-        would go at once."""
+        """How long at most a close asking now (`acquire_close`) waits for its place, and why (the longest of
+        what holds it); None if it would go at once."""
         now = self._clock.monotonic()
         wait = self._wait_for(1, windows=self._windows)
+        waits: list[tuple[float, str]] = []
         banned = self.banned_for()
-        if banned is not None:
-            return max(banned, wait), "the venue bans our requests until then"
         held = self.held_for()
-        if held is not None:
-            return max(
-                held, wait
-            ), "the venue refused an order for its rate (429) and said when it takes orders again"
-        if wait > 0.0:
+        if banned is not None:
+            waits.append((max(banned, wait), "the venue bans our requests until then"))
+        elif held is not None:
+            why = "the venue refused an order for its rate (429) and said when it takes orders again"
+            waits.append((max(held, wait), why))
+        elif wait > 0.0:
             fullest = max(self._windows, key=lambda w: w.wait_for(1, now))
-            return wait, (
-                f"the venue's order window is full ({fullest.limit} orders in {fullest.seconds:g}s, ours and "
-                "those the venue counted for the account); sent into it, it would be refused, a step toward a "
-                "ban that holds every stop"
+            waits.append(
+                (
+                    wait,
+                    f"the venue's order window is full ({fullest.limit} orders in {fullest.seconds:g}s, ours "
+                    "and those the venue counted for the account); sent into it, it would be refused, a step "
+                    "toward a ban that holds every stop",
+                )
             )
         # Behind an order sent alone to learn whether the windows have room (another client was seen on the
         # account, and no answer has shown room lately): up to an answer's usual time, 8 s on a 2 s venue,
-        # which went unsaid (r88). (As `_take_ahead_of_entries` decides it.)
+        # which went unsaid (r88); checked before the window, so a longer wait than its (r90). (As
+        # `_take_ahead_of_entries` decides it.)
         _, probe_wait = self._protective_probing(now)
         if probe_wait > 0.0:
-            return probe_wait, (
-                "an order sent alone waits for its answer, to learn whether the venue's order window has room "
-                "(another client uses the account); sent beside it into a full window, it would be refused"
+            waits.append(
+                (
+                    probe_wait,
+                    "an order sent alone waits for its answer, to learn whether the venue's order window has "
+                    "room (another client uses the account); sent beside it into a full window, it would be "
+                    "refused",
+                )
             )
-        return None
+        return max(waits, key=lambda w: w[0], default=None)
 
     def discretionary_held_for(self) -> float | None:
         """Seconds at most that an order the positions do not need (an operator's close of a position its

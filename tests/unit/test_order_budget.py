@@ -469,6 +469,29 @@ async def test_a_close_behind_a_probe_says_how_long_it_may_wait_and_why() -> Non
     assert budget.close_waits() is None
 
 
+async def test_a_close_behind_a_probe_and_a_full_window_is_told_the_longer_wait() -> None:
+    """r90: a probe out (7 s of its patience left) and the order window full for 2 s: `close_waits` said "up to
+    2.0s: the window is full", and the close waited 7 s for the probe, checked first."""
+    clock = ManualClock()
+    budget = OrderBudget(
+        [RateBudget(limit=100, window_seconds=2.0)], clock, lambda: 2.0, probe_patience_seconds=10.0
+    )
+    budget.hold_until(clock.monotonic())  # another client seen (a 429 whose hold is over)
+    await clock.advance(PROBE_FRESH_SECONDS + 0.1)
+    entry = await budget.acquire_entry(0)
+    assert entry.probe_at is not None
+    await clock.advance(1.0)
+    budget.observe(2.0, 1000)  # the venue counts the window full (others' orders)
+    said = budget.close_waits()
+    assert said is not None
+    assert "order sent alone" in said[1]
+    started = clock.monotonic()
+    close = asyncio.create_task(budget.acquire_close())
+    while not close.done():
+        await clock.advance(0.1)
+    assert clock.monotonic() - started <= said[0] + 0.2
+
+
 async def test_orders_alone_on_their_account_or_after_a_fresh_answer_never_wait_for_a_probe() -> None:
     clock = ManualClock()
     alone = _budget(clock, limit=100)
