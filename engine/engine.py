@@ -3135,17 +3135,25 @@ class Engine:
         return False
 
     async def _doubt_carried_on_a_stream_break(self, carried: _CarriedProtection) -> None:
-        """While a protection restart carries the positions' last verified state: the account stream breaking
-        meanwhile (down, or a drop and a reconnect) may have lost a stop's cancel, and nobody reads the venue
-        until the new guards exist. The carried stops are unverified from then on, as the running manager's
-        would be. A position whose hard stop was cancelled by hand during such a break read covered for the
-        whole restart (12 s behind a slow snapshot; 5.8 s without a restart, r90)."""
+        """While a protection restart carries the positions' last verified state: the account stream down or
+        broken (a drop and a reconnect) may have lost a stop's cancel, and nothing lists the venue until the
+        new guards exist. As the running manager does, the carried stops are unverified, from the break on,
+        once a grace period has passed with no listing: a position whose hard stop was cancelled by hand
+        during such a break read covered for the whole restart (12 s behind a slow snapshot; 5.8 s without
+        a restart, r90). At once, every position of a restart read uncovered for a harmless 0.3 s drop
+        until the snapshot came (r91)."""
+        broken_at: float | None = None
         while not carried.guards_created:
-            mark = self._account_stream_mark()
-            if mark != self._stream_mark_at_restart or self._account_stream_down_since() is not None:
+            now = self.clock.monotonic()
+            if broken_at is None and (
+                self._account_stream_mark() != self._stream_mark_at_restart
+                or self._account_stream_down_since() is not None
+            ):
+                broken_at = now
+            if broken_at is not None and now - broken_at >= self._grace_seconds():
                 carried.unverified_from(
-                    self.clock.monotonic(),
-                    "not verified: the account stream broke while the protection manager restarts",
+                    broken_at,
+                    "not verified: the account stream is down or broke, and the venue has not been listed since",
                 )
                 return
             await self.clock.sleep(STREAM_CHECK_SECONDS)

@@ -547,6 +547,10 @@ class Reconciler:
         )
         cid = order.client_order_id
         asked = self._clock.now()
+        # Where stops are fields of the position (Bybit), the adapter stamps their ends with our own clock;
+        # a venue's stamp is on its clock, behind ours by tens of milliseconds at times, and every orphan
+        # cancelled would read "ended before" (r91).
+        stamped_here = not self._venue.capabilities().stops_are_orders
         try:
             final: Order | None = await manager.call(
                 self._venue.cancel_order(order.symbol, cid), "cancel_order", Lane.READ
@@ -562,7 +566,7 @@ class Reconciler:
         if (
             final is None
             or final.status is not OrderStatus.CANCELED
-            or 0 < final.updated_at < asked - ENDED_BEFORE_MARGIN_SECONDS
+            or (stamped_here and 0 < final.updated_at < asked - ENDED_BEFORE_MARGIN_SECONDS)
         ):
             # It ended before the cancel (this pass's read is older than the stop's fill), or it fired and
             # may still fill: the venue's word is recorded, and nothing is said cancelled that was not. So

@@ -24,13 +24,15 @@ import pytest
 
 from engine.clock import ManualClock
 from engine.engine import Engine, EngineSnapshot
-from engine.exchange.port import OrderType
+from engine.exchange.port import OrderSide, OrderType
 from engine.pacing import Lane
 from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, FaultKind
 from protection import health
 from protection.manager import PositionGuard
+from protection.order_ids import client_order_id
 from storage.database import Database
+from storage.repositories import OrderPurpose
 from tests.integration.engine_support import make_engine, reads_fail
 from tests.integration.test_failure_modes_f1_f5 import (
     SYMBOLS,
@@ -363,6 +365,121 @@ async def test_a_stream_break_during_a_restart_in_a_ban_keeps_nothing_and_doubts
         assert report.kept_unread_symbols == (), report.describe()
         assert not [r for r in caplog.records if "unbroken" in r.getMessage()]
         assert not open_at or open_at[-1] - open_at[0] < 1.5, open_at
+
+
+async def _four_settled(db: Database, overrides: dict[str, str]) -> tuple[Engine, ManualClock, SimVenue]:
+    clock = ManualClock()
+    engine = make_engine(settings_for(db, overrides), clock)
+    await drive(clock, engine.start())
+    await open_positions(engine, clock, SYMBOLS[:4])
+    await drive_until_covered(engine, clock, 4, limit=60.0)
+    await drive(clock, clock.sleep(30.0))
+    venue = engine.venue
+    assert isinstance(venue, SimVenue)
+    return engine, clock, venue
+
+
+def _never_uncovered(engine: Engine, seen: list[str]) -> Callable[[], Awaitable[None]]:
+    """A sampler noting every position shown uncovered (the venue holds every stop all along)."""
+
+    async def sample() -> None:
+        seen.extend(f"{v.symbol}: {v.last_error}" for v in engine.snapshot().positions if not v.covered)
+
+    return sample
+
+
+@pytest.mark.parametrize("down_before", [False, True], ids=["a blip during it", "down before it"])
+async def test_a_restart_with_the_account_stream_dropping_shows_nothing_uncovered_while_the_venue_is_read(
+    db: Database, down_before: bool
+) -> None:
+    """r91: a harmless 0.3 s drop of the account stream as `r` is pressed (the snapshot answering in 2 s),
+    or a stream down for 10 s before it (REST answering all along): every position read uncovered, "the
+    account stream broke while the protection manager restarts", until the snapshot came (2.0 s; or for a
+    break that was not during the restart at all). As the running manager, the restart doubts the carried
+    stops only once a grace period passes with no listing."""
+    slow = json.dumps({"fetch_open_orders": {"seconds": 2.0}, "fetch_positions": {"seconds": 2.0}})
+    engine, clock, venue = await _four_settled(
+        db, {"VENUE__SIM__LATENCY__SECONDS": "0.2", "VENUE__SIM__LATENCY__BY_CALL": slow}
+    )
+    try:
+        seen: list[str] = []
+        sample = _never_uncovered(engine, seen)
+        if down_before:
+            venue.drop_account_stream(60.0, reason="websocket outage")
+            for _ in range(100):
+                await sample()
+                await drive(clock, clock.sleep(0.1))
+        restart = engine.restart_protection()
+        if not down_before:
+            venue.drop_account_stream(0.3, reason="blip")
+        report = await drive_sampling(clock, restart, sample)
+        for _ in range(50):
+            await sample()
+            await drive(clock, clock.sleep(0.1))
+        assert report.failed == 0, report.describe()
+        assert seen == []
+    finally:
+        await drive(clock, engine.stop())
+
+
+class _VenueClockBehind:
+    """The sim venue's clock: ours, its wall time `behind` seconds behind (our clock ahead of the venue's,
+    within the second a venue accepts a request's timestamp ahead)."""
+
+    def __init__(self, ours: ManualClock, behind: float) -> None:
+        self._ours, self._behind = ours, behind
+
+    def now(self) -> float:
+        return self._ours.now() - self._behind
+
+    def monotonic(self) -> float:
+        return self._ours.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await self._ours.sleep(seconds)
+
+
+async def test_an_orphan_a_pass_cancels_on_a_venue_whose_clock_is_behind_ours_is_said_cancelled(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """r91: dfb5d35 took a cancel answered as of before it was asked for an end before the pass; with the
+    venue's clock 0.05–0.3 s behind ours, every orphan and duplicate the pass did cancel read "was canceled
+    before the pass could cancel it" (INFO), with no WARNING and no event. The rule holds only where the
+    adapter stamps ends with our own clock (stops as position fields)."""
+    caplog.set_level(logging.INFO)
+    clock = ManualClock()
+    settings = settings_for(
+        db, {"VENUE__SIM__LATENCY__SECONDS": "0.05", "PROTECTION__RECONCILE_SECONDS": "3600"}
+    )
+    venue = SimVenue(settings.venue.sim, clock=_VenueClockBehind(clock, 0.3))  # type: ignore[arg-type]
+    engine = make_engine(settings, clock, venue)
+    await drive(clock, engine.start())
+    try:
+        [guard] = await open_positions(engine, clock, SYMBOLS[:1])
+        await drive_until_covered(engine, clock, 1, limit=60.0)
+        assert engine.store is not None
+        token = await engine.store.installation_token()
+        assert guard.stop_loss.price is not None
+        below = guard.stop_loss.price - Decimal("0.0100")
+        orphan = client_order_id(token, 987_654, OrderPurpose.STOP_LOSS, 0)
+        duplicate = client_order_id(token, guard.position_id, OrderPurpose.STOP_LOSS, 7)
+        for cid in (orphan, duplicate):
+            await drive(
+                clock,
+                venue.create_stop_market_order(
+                    guard.symbol, OrderSide.SELL, guard.quantity, below, client_order_id=cid
+                ),
+            )
+        await drive(clock, clock.sleep(2.0))
+        report = await drive(clock, engine.reconcile_now())
+        said = [r.getMessage() for r in caplog.records if "before the pass could cancel it" in r.getMessage()]
+        assert sorted(report.orphans_cancelled) == sorted([orphan, duplicate]), said
+        events = await db.pool.fetchval(
+            "SELECT count(*) FROM monitoring.events WHERE type = 'orphan_cancelled'"
+        )
+        assert events == 2
+    finally:
+        await drive(clock, engine.stop())
 
 
 async def test_a_restart_in_a_ban_just_after_a_managed_trail_moved_keeps_its_stops(db: Database) -> None:
