@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import tempfile
 from collections.abc import AsyncIterator, Mapping
+from decimal import Decimal
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -14,7 +15,10 @@ from engine.clock import ManualClock, SystemClock
 from engine.config import Settings, load_config
 from engine.engine import Engine, build_venue
 from engine.events import SignalRejected
+from engine.exchange.errors import Banned, ExchangeError
+from engine.exchange.port import OrderSide
 from engine.venues.sim import SimVenue
+from engine.venues.sim.core import SimCore
 from engine.venues.sim.settings import CallKind, FaultKind
 from storage.database import Database
 from tests.support.driving import drive_until
@@ -132,3 +136,18 @@ def reads_fail(venue: SimVenue, *kinds: CallKind) -> None:
     until `venue.clear_injected_faults()`."""
     for kind in kinds or VENUE_READS:
         venue.inject_fault(kind, FaultKind.SERVER_ERROR, count=100_000)
+
+
+def banned_by_another_client(core: SimCore, clock: ManualClock, symbol: str) -> float:
+    """Another client on the account fills the order window (reduce-only sells of `symbol`, refused or not)
+    until the venue bans the account; when the ban ends (epoch seconds)."""
+    for i in range(100):
+        try:
+            core.place_market_order(
+                symbol, OrderSide.SELL, Decimal(1), f"other-{i}", clock.now(), reduce_only=True
+            )
+        except Banned as ban:
+            return ban.until
+        except ExchangeError:
+            pass
+    raise AssertionError("the venue never banned the account")

@@ -247,6 +247,21 @@ def _covered(engine: Engine, symbol: str) -> bool:
     return any(v.covered for v in engine.snapshot().positions if v.symbol == symbol)
 
 
+def _covered_without_hard_stop(
+    engine: Engine, venue: SimVenue, clock: ManualClock, symbol: str, open_at: list[float]
+) -> Callable[[], Awaitable[None]]:
+    """A sampler noting when `symbol` is counted covered while the venue holds no hard stop for it."""
+
+    async def sample() -> None:
+        live = venue.core.inspect(clock.now()).open_conditional
+        if _covered(engine, symbol) and not any(
+            o.symbol == symbol and o.type is OrderType.STOP_MARKET for o in live
+        ):
+            open_at.append(clock.monotonic())
+
+    return sample
+
+
 async def test_a_restart_on_a_venue_without_an_account_stream_keeps_nothing_unread(
     db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -279,13 +294,7 @@ async def test_a_restart_whose_snapshot_has_no_positions_keeps_nothing_unread(db
         _cancel_hard_stop_by_hand(engine, venue, clock, victim)
         venue.answer_positions_empty(1000)
         open_at: list[float] = []
-
-        async def sample() -> None:  # counted covered while the venue holds no hard stop for it
-            live = venue.core.inspect(clock.now()).open_conditional
-            if _covered(engine, victim.symbol) and not any(
-                o.symbol == victim.symbol and o.type is OrderType.STOP_MARKET for o in live
-            ):
-                open_at.append(clock.monotonic())
+        sample = _covered_without_hard_stop(engine, venue, clock, victim.symbol, open_at)
 
         report = await drive_sampling(clock, engine.restart_protection(), sample)
         assert report.kept_unread_symbols == (), report.describe()
@@ -350,13 +359,7 @@ async def test_a_stream_break_during_a_restart_in_a_ban_keeps_nothing_and_doubts
         venue.drop_account_stream(0.6)
         _cancel_hard_stop_by_hand(engine, venue, clock, victim)
         open_at: list[float] = []
-
-        async def sample() -> None:  # counted covered while the venue holds no hard stop for it
-            live = venue.core.inspect(clock.now()).open_conditional
-            if _covered(engine, victim.symbol) and not any(
-                o.symbol == victim.symbol and o.type is OrderType.STOP_MARKET for o in live
-            ):
-                open_at.append(clock.monotonic())
+        sample = _covered_without_hard_stop(engine, venue, clock, victim.symbol, open_at)
 
         report = await drive_sampling(clock, engine.restart_protection(), sample)
         for _ in range(100):

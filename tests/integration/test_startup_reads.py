@@ -8,19 +8,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from decimal import Decimal
 
 import pytest
 
 from engine.clock import ManualClock
 from engine.engine import STARTUP_READ_ATTEMPTS, EngineState
-from engine.exchange.errors import Banned, ExchangeError, Retryable
+from engine.exchange.errors import Retryable
 from engine.exchange.port import OrderSide, OrderType
 from engine.venues.sim import SimVenue
-from engine.venues.sim.core import SimCore
 from engine.venues.sim.settings import CallKind, FaultKind
 from storage.database import Database
-from tests.integration.engine_support import engine_settings, make_engine
+from tests.integration.engine_support import banned_by_another_client, engine_settings, make_engine
 from tests.integration.test_failure_modes_f1_f5 import SYMBOLS, drive_until_covered, open_positions
 from tests.support.driving import drive, drive_until
 from tui.app import quit_warning
@@ -115,21 +113,6 @@ def _a_venue_holding_a_naked_position(settings, symbol: str) -> tuple[SimVenue, 
     return venue, clock
 
 
-def _banned_by_another_client(core: SimCore, clock: ManualClock, symbol: str) -> float:
-    """Another client on the account fills the order window (reduce-only sells of `symbol`, refused or not)
-    until the venue bans the account; when the ban ends (epoch seconds)."""
-    for i in range(100):
-        try:
-            core.place_market_order(
-                symbol, OrderSide.SELL, Decimal(1), f"other-{i}", clock.now(), reduce_only=True
-            )
-        except Banned as ban:
-            return ban.until
-        except ExchangeError:
-            pass
-    raise AssertionError("the venue never banned the account")
-
-
 async def test_a_start_during_a_venue_ban_waits_for_its_end_then_protects_what_the_venue_holds(
     db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -149,7 +132,7 @@ async def test_a_start_during_a_venue_ban_waits_for_its_end_then_protects_what_t
     venue, clock = _a_venue_holding_a_naked_position(settings, SYMBOLS[0])
     core = venue.core
     naked, flat = SYMBOLS[0], SYMBOLS[1]
-    banned_until = _banned_by_another_client(core, clock, flat)
+    banned_until = banned_by_another_client(core, clock, flat)
     engine = make_engine(settings, clock, venue)
     with caplog.at_level(logging.WARNING, logger="engine.engine"):
         report = await drive(clock, engine.start())
@@ -227,7 +210,7 @@ async def test_a_start_waiting_out_a_ban_says_why_and_tells_unverified_stops_fro
     finally:
         await drive(clock, first.stop())
     core = venue.core
-    _banned_by_another_client(core, clock, SYMBOLS[4])
+    banned_by_another_client(core, clock, SYMBOLS[4])
     second = make_engine(settings, clock, SimVenue(settings.venue.sim, clock=clock, core=core))
     starting = asyncio.ensure_future(second.start())
     try:

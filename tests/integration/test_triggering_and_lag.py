@@ -18,14 +18,14 @@ import pytest
 
 from engine.clock import ManualClock
 from engine.engine import Engine
-from engine.exchange.errors import Banned, ExchangeError, RateLimited
+from engine.exchange.errors import ExchangeError, RateLimited
 from engine.exchange.port import OrderSide, OrderType
 from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, FaultKind
 from engine.venues.sim.venue import FORCED_RETRY_AFTER_SECONDS
 from protection.manager import PositionGuard
 from storage.database import Database
-from tests.integration.engine_support import make_engine, until_closed_in_db
+from tests.integration.engine_support import banned_by_another_client, make_engine, until_closed_in_db
 from tests.integration.test_failure_modes_f1_f5 import (
     SYMBOLS,
     drive_until_covered,
@@ -334,20 +334,10 @@ async def test_waiting_out_the_venues_read_lag_is_said_as_information_not_as_a_f
 
 
 def _another_client_earns_a_ban(venue: SimVenue, clock: ManualClock) -> float:
-    """Another client on the account fills the order window with refused orders (reduce-only on a flat
-    symbol) until the venue bans the account; returns when the ban ends (epoch seconds)."""
+    """`banned_by_another_client` on a symbol the venue holds no position on."""
     core = venue.core
     flat = next(s for s in SYMBOLS[20:] if s not in {p.symbol for p in core.inspect(clock.now()).positions})
-    for i in range(100):
-        try:
-            core.place_market_order(
-                flat, OrderSide.SELL, Decimal(1), f"other-{i}", clock.now(), reduce_only=True
-            )
-        except Banned as ban:
-            return ban.until
-        except ExchangeError:
-            pass
-    raise AssertionError("the venue did not ban the account")
+    return banned_by_another_client(core, clock, flat)
 
 
 @pytest.mark.parametrize("ban_seconds", [20, 120])
