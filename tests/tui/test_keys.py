@@ -10,11 +10,12 @@ import socket
 from engine.clock import ManualClock
 from engine.engine import EngineState
 from engine.order_budget import OrderBudget
+from engine.venues.sim import SimVenue
 from engine.venues.sim.settings import CallKind, FaultKind
 from engine.venues.sim.universe import UNIVERSE
 from storage.database import Database
 from storage.repositories import SignalStatus
-from tests.integration.engine_support import make_engine
+from tests.integration.engine_support import make_engine, reads_fail
 from tests.support.driving import drive
 from tests.tui.harness import Dashboard, dashboard, started, tui_settings
 from tests.tui.snapshots import svg_to_text
@@ -71,6 +72,28 @@ async def test_p_protects_a_position_left_uncovered_by_a_fault_and_reports_per_p
         assert guard.covered
         assert board.engine.snapshot().coverage.ts_coverage_pct == 100
         assert any("Re-protect: 1/1 covered" in d for d in board.log_details())
+
+
+async def test_r_in_a_ban_says_in_its_report_the_stops_it_kept(db: Database) -> None:
+    """`r` while the venue refuses every read: the restart keeps the stops the running manager had confirmed
+    (the account stream unbroken). Its dialog read "restored 0 … failed 0" and nothing else, the two
+    positions it kept unsaid (the log's line said them)."""
+    async with dashboard(tui_settings(db)) as board:
+        await started(board)
+        await board.open_positions(SYMBOLS[10:12])
+        await board.until(lambda: board.engine.snapshot().coverage.protected == 2, "2 covered")
+        venue = board.engine.venue
+        assert isinstance(venue, SimVenue)
+        reads_fail(venue)
+        await board.press("r")
+        await board.press("y")
+        report_screen = board.app.screen
+        assert isinstance(report_screen, RestartReportScreen)
+        await board.until(lambda: not report_screen.running, "restart finished")
+        text = " ".join(str(report_screen.query_one("#restart-report").content).split())  # type: ignore[attr-defined]
+        assert "the venue could not be read: 2 kept as the running manager had them confirmed" in text
+        assert board.engine.snapshot().coverage.protected == 2
+        venue.clear_injected_faults()
 
 
 async def test_r_restarts_protection_shows_the_report_and_protection_continues(db: Database) -> None:

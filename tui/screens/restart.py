@@ -81,6 +81,10 @@ class RestartReportScreen(ModalScreen[StartupReport | None]):
             ]
             if r.failed_symbols:
                 lines.append(f"  failed: {', '.join(r.failed_symbols)}")
+            # And what else the report says (closed, gone, in doubt, kept unread…), as the log says it: a
+            # restart in a ban read "restored 0 … failed 0" here, the positions it kept on the running
+            # manager's word unsaid.
+            lines.extend(f"  {part}" for part in r.describe().split("; ")[1:])
             body.update("\n".join(lines))
         self.query_one("#restart-keys", Static).update("[esc / enter / q] close")
         # The result also goes to the log panel (as a toast too): it outlives this dialog.
