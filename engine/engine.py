@@ -1091,6 +1091,7 @@ class Engine:
                 waits=self.budget_waits,
                 protective_budgets=self.venue.capabilities().protective_rate_budgets,
                 probe_patience_seconds=float(self.settings.protection.call_timeout_seconds),
+                requests_held=self.request_pacer.held_for,
             )
             self._venue_pacing.orders = self.order_budget
             self.marks = await self._startup_read("fetch_mark_prices", self.venue.fetch_mark_prices)
@@ -4903,7 +4904,10 @@ class Engine:
         guard = manager.guards.get(position_id) if manager is not None else None
         if guard is None or budget is None or guard.closed:
             return None
-        waits = budget.held_for()  # the venue takes no order before then (a ban, a 429's hold): any close
+        # The venue takes no order before then (a ban, a 429's hold, on orders or on the request weight): any
+        # close. (The order budget's alone left a close held by a weight 429 unsaid on the dashboard, r92.)
+        orders_held = self.orders_held()
+        waits = orders_held[0] if orders_held is not None else None
         if not guard.covered:
             return waits
         held = budget.discretionary_held_for()

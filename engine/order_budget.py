@@ -126,10 +126,14 @@ class OrderBudget:
         protective_budgets: Sequence[RateBudget] = (),
         probe_patience_seconds: float = 10.0,
         known_alone: bool = False,
+        requests_held: Callable[[], float | None] = lambda: None,
     ):
         if not 0.0 <= headroom < 1.0:
             raise ValueError(f"headroom must be within [0, 1), got {headroom}")
         self._clock = clock
+        # Seconds left of the venue's hold on every request (a 429 on the request weight: the request pacer's),
+        # which every order waits for too, or None.
+        self.requests_held_for = requests_held
         # How long entries wait for a probe's answer (the engine gives the call budget: an entry's answer,
         # or its look-up by id, comes within it); past that, the next entry probes as well.
         self._probe_patience = probe_patience_seconds
@@ -388,7 +392,11 @@ class OrderBudget:
         order where the venue counts orders (the entries' windows), ahead of any entry, and in no promised
         stop's place. It waits out a 429's hold and a ban like every order, and probes like a protective
         order (returned as by `acquire_protective`). A close the position does not need (an operator's, of a
-        position its confirmed stops protect) first waits for `discretionary_held_for` to clear."""
+        position its confirmed stops protect) first waits for `discretionary_held_for` to clear. A hold on
+        every request (a 429 on the request weight) is waited out here first, where the wait is said
+        (`close_waits`), not in the request pacer, where it was not: 28 s of a stuck stop's close unsaid (r92)."""
+        while (left := self.requests_held_for()) is not None:
+            await self._clock.sleep(left)
         return await self._take_ahead_of_entries(self._windows)
 
     def close_waits(self) -> tuple[float, str] | None:
@@ -404,7 +412,12 @@ class OrderBudget:
         elif held is not None:
             why = "the venue refused an order for its rate (429) and said when it takes orders again"
             waits.append((max(held, wait), why))
-        elif wait > 0.0:
+        requests = self.requests_held_for()
+        if requests is not None and banned is None:  # (a ban holds both alike, said as a ban)
+            # (A 429 on a read's request weight holds every request, the close too: 28 s unsaid, r92.)
+            why = "the venue refused a request for its weight (429) and said when it takes requests again"
+            waits.append((max(requests, wait), why))
+        if banned is None and held is None and wait > 0.0:
             fullest = max(self._windows, key=lambda w: w.wait_for(1, now))
             waits.append(
                 (

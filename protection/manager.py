@@ -3461,7 +3461,9 @@ class PositionGuard:
         if slot.done():
             return False
         budget = self._m.budget
-        if self._closing_reason == MANUAL_CLOSE and budget.held_for() is not None:
+        if self._closing_reason == MANUAL_CLOSE and (
+            budget.held_for() is not None or budget.requests_held_for() is not None
+        ):
             return True  # an operator's close held by a ban or a 429's hold: the engine says it, once (r88)
         waits = budget.close_waits()
         if waits is None:

@@ -386,11 +386,7 @@ async def test_protect_now_during_a_hold_on_the_request_weight_says_it(db: Datab
     `p` read only the order budget: it spun 30 s, then answered "NOT covered: still protecting", and the stop
     went 58 s after `p`. The hold is said, with its end, and `p` answers at once."""
     async with _one_guarded_position(db, SYMBOLS[19]) as (engine, venue, clock, guard):
-        venue.set_forced_retry_after(60.0)
-        venue.inject_fault(CallKind.FETCH_POSITIONS, FaultKind.RATE_LIMITED, count=1)
-        assert engine.manager is not None
-        engine.manager.request_reconcile()
-        await drive_until(clock, lambda: engine.orders_held() is not None, what="the read's 429 held")
+        await _a_read_answered_429(engine, venue, clock, 60.0)
         held = engine.orders_held()
         assert held is not None
         assert "the venue refuses requests for their weight until" in held[1]
@@ -402,6 +398,53 @@ async def test_protect_now_during_a_hold_on_the_request_weight_says_it(db: Datab
         assert clock.monotonic() - asked < 1.0
         assert not result.covered
         assert result.detail.startswith("waits: the venue refuses requests for their weight until "), result
+
+
+async def _a_read_answered_429(engine: Engine, venue: SimVenue, clock: ManualClock, seconds: float) -> None:
+    """A read refused for the request weight (429, Retry-After `seconds`: Binance's IP weight), which holds
+    every request, orders too."""
+    venue.set_forced_retry_after(seconds)
+    venue.inject_fault(CallKind.FETCH_POSITIONS, FaultKind.RATE_LIMITED, count=1)
+    assert engine.manager is not None
+    engine.manager.request_reconcile()
+    await drive_until(clock, lambda: engine.orders_held() is not None, what="the read's 429 held", step=0.01)
+
+
+async def test_a_stuck_stops_close_held_by_a_429_on_the_request_weight_says_its_wait(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """r92: a stop stuck TRIGGERING, then a read's 429 with Retry-After 30 s. The close at market took its
+    place in the order windows at once and waited in the request pacer, where nothing said it: 28.5 s of
+    silence after "closing reduce-only at market", the position without a working stop. The wait is said."""
+    caplog.set_level(logging.INFO)
+    async with _one_guarded_position(db, SYMBOLS[20], GRACE_5) as (engine, venue, clock, guard):
+        venue.set_trigger_delay(None, stuck=True)
+        assert guard.stop_loss.price is not None
+        venue.override_mark_price(guard.symbol, guard.stop_loss.price - 3 * guard.market.tick_size)
+        await drive_until(clock, lambda: not guard.covered, what="the stop seen fired", step=0.05)
+        await _a_read_answered_429(engine, venue, clock, 30.0)
+        await drive_until(clock, lambda: guard.closed, what="closed", step=0.05, limit=120.0)
+        said = [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelno == logging.WARNING
+            and guard.symbol in r.getMessage()
+            and "waits up to" in r.getMessage()
+        ]
+        assert len(said) == 1, said
+        assert "refused a request for its weight (429)" in said[0]
+
+
+async def test_an_operators_close_held_by_a_429_on_the_request_weight_is_said_on_the_dashboard(
+    db: Database,
+) -> None:
+    """r92: `x` during a read's 429 (Retry-After 30 s): the engine's log said the close was held back up to
+    30 s, but the figure the dashboard's close notice reads (`operator_close_held_for`) was None."""
+    async with _one_guarded_position(db, SYMBOLS[21]) as (engine, venue, clock, guard):
+        await _a_read_answered_429(engine, venue, clock, 30.0)
+        held = engine.operator_close_held_for(guard.position_id)
+        assert held is not None
+        assert held > 25.0
 
 
 async def test_a_ban_the_sim_venue_answers_holds_the_engines_requests_until_it_ends(db: Database) -> None:
