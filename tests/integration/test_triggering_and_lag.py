@@ -214,10 +214,7 @@ async def test_a_stuck_stops_close_at_market_waits_out_the_venues_order_limit(db
     again 0.1 s after such a 429 and the account banned for 20 s (three refusals within a minute), the
     position without protection all along."""
     async with _one_guarded_position(db, SYMBOLS[18], GRACE_5) as (_engine, venue, clock, guard):
-        venue.set_trigger_delay(None, stuck=True)
-        assert guard.stop_loss.price is not None
-        venue.override_mark_price(guard.symbol, guard.stop_loss.price - 3 * guard.market.tick_size)
-        await drive_until(clock, lambda: not guard.covered, what="the stop seen fired", step=0.05)
+        await _hard_stop_fires_stuck(venue, clock, guard)
         _another_client_fills_the_order_window(venue, clock, SYMBOLS[19])
         core = venue.core
         bans: list[float] = []
@@ -400,6 +397,15 @@ async def test_protect_now_during_a_hold_on_the_request_weight_says_it(db: Datab
         assert result.detail.startswith("waits: the venue refuses requests for their weight until "), result
 
 
+async def _hard_stop_fires_stuck(venue: SimVenue, clock: ManualClock, guard: PositionGuard) -> None:
+    """The mark goes through the hard stop, which fires and stays TRIGGERING (no fill); until the guard has
+    seen it fired."""
+    venue.set_trigger_delay(None, stuck=True)
+    assert guard.stop_loss.price is not None
+    venue.override_mark_price(guard.symbol, guard.stop_loss.price - 3 * guard.market.tick_size)
+    await drive_until(clock, lambda: not guard.covered, what="the stop seen fired", step=0.05)
+
+
 async def _a_read_answered_429(engine: Engine, venue: SimVenue, clock: ManualClock, seconds: float) -> None:
     """A read refused for the request weight (429, Retry-After `seconds`: Binance's IP weight), which holds
     every request, orders too."""
@@ -418,10 +424,7 @@ async def test_a_stuck_stops_close_held_by_a_429_on_the_request_weight_says_its_
     silence after "closing reduce-only at market", the position without a working stop. The wait is said."""
     caplog.set_level(logging.INFO)
     async with _one_guarded_position(db, SYMBOLS[20], GRACE_5) as (engine, venue, clock, guard):
-        venue.set_trigger_delay(None, stuck=True)
-        assert guard.stop_loss.price is not None
-        venue.override_mark_price(guard.symbol, guard.stop_loss.price - 3 * guard.market.tick_size)
-        await drive_until(clock, lambda: not guard.covered, what="the stop seen fired", step=0.05)
+        await _hard_stop_fires_stuck(venue, clock, guard)
         await _a_read_answered_429(engine, venue, clock, 30.0)
         await drive_until(clock, lambda: guard.closed, what="closed", step=0.05, limit=120.0)
         said = [
@@ -999,10 +1002,7 @@ async def test_a_stuck_stop_whose_close_the_venue_holds_back_is_said_once(
     close decided again is an INFO line; the refusal and its wait are said as they were."""
     caplog.set_level(logging.INFO)
     async with _one_guarded_position(db, SYMBOLS[20], GRACE_5) as (_engine, venue, clock, guard):
-        venue.set_trigger_delay(None, stuck=True)
-        assert guard.stop_loss.price is not None
-        venue.override_mark_price(guard.symbol, guard.stop_loss.price - 3 * guard.market.tick_size)
-        await drive_until(clock, lambda: not guard.covered, what="the stop seen fired", step=0.05)
+        await _hard_stop_fires_stuck(venue, clock, guard)
         _another_client_fills_the_order_window(venue, clock, SYMBOLS[21])
         await drive_until(clock, lambda: guard.closed, what="closed at market", step=0.05, limit=120.0)
         await drive(clock, clock.sleep(2.0))
