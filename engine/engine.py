@@ -2104,7 +2104,9 @@ class Engine:
             sorted(
                 g.symbol
                 for g in guards
-                if g.covered and any(o.confirmed and o.client_order_id in vouched for o in g.watched_stops)
+                if g.covered
+                and g.report.created_orders == 0  # (one that got a stop again is "re-protected", once)
+                and any(o.confirmed and o.client_order_id in vouched for o in g.watched_stops)
             )
         )
         restored = sum(

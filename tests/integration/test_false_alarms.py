@@ -262,6 +262,22 @@ def _covered_without_hard_stop(
     return sample
 
 
+async def test_a_restart_in_a_ban_does_not_count_kept_a_stop_found_cancelled_during_it(db: Database) -> None:
+    """r89: a stop cancelled by hand while the restart runs in a ban (the stream tells it; the new guard
+    places it again): the report said "re-protected 1 …; the venue could not be read: 4 kept", counting
+    as kept the stop it had just found cancelled. The kept count is taken at the report's end."""
+    async with _four_covered_then_reads_fail(db) as (engine, clock, venue, guards, _):
+        victim = guards[0]
+        cid = victim.stop_loss.client_order_id
+        assert cid is not None
+        restart = asyncio.ensure_future(engine.restart_protection())
+        await drive(clock, clock.sleep(0.2))
+        venue.core.cancel_order(victim.symbol, cid, clock.now())  # by hand, while the restart runs
+        report = await drive(clock, restart)
+        assert victim.symbol not in report.kept_unread_symbols, report.describe()
+        assert len(report.kept_unread_symbols) == 3, report.describe()
+
+
 async def test_a_restart_on_a_venue_without_an_account_stream_keeps_nothing_unread(
     db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
