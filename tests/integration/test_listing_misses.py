@@ -65,6 +65,27 @@ async def _one_position(
         await follower
 
 
+async def _grown_by_someone_and_resized(
+    engine: Engine, clock: ManualClock, venue: SimVenue, guard: PositionGuard
+) -> None:
+    """Another client adds the position's size to it; a reconcile pass sees it, and both stops are placed
+    again for the new size (then two seconds for what follows to be said)."""
+    venue.core.place_market_order(SYMBOL, OrderSide.BUY, guard.quantity, "someone-else-1", clock.now())
+    grown = guard.quantity * 2
+    await drive(clock, engine.reconcile_now())
+    await drive_until(
+        clock,
+        lambda: (
+            guard.covered
+            and sorted(o.quantity for o in venue.core.open_protective_orders(clock.now(), SYMBOL))
+            == [grown, grown]
+        ),
+        what="both stops placed again for the new size",
+        limit=60,
+    )
+    await drive(clock, clock.sleep(2.0))
+
+
 async def test_a_stop_cancelled_by_hand_in_the_pass_that_resizes_its_position_is_said_lost_once(
     db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -81,21 +102,7 @@ async def test_a_stop_cancelled_by_hand_in_the_pass_that_resizes_its_position_is
         assert trail is not None
         await drive(clock, clock.sleep(10.0))  # (confirmed well before the listing: no read lag excuses it)
         await drive(clock, venue.cancel_order(SYMBOL, hard))  # by hand, on the exchange
-        venue.core.place_market_order(SYMBOL, OrderSide.BUY, guard.quantity, "someone-else-1", clock.now())
-        grown = guard.quantity * 2
-
-        await drive(clock, engine.reconcile_now())
-        await drive_until(
-            clock,
-            lambda: (
-                guard.covered
-                and sorted(o.quantity for o in venue.core.open_protective_orders(clock.now(), SYMBOL))
-                == [grown, grown]
-            ),
-            what="both stops placed again for the new size",
-            limit=60,
-        )
-        await drive(clock, clock.sleep(2.0))
+        await _grown_by_someone_and_resized(engine, clock, venue, guard)
         said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
         assert [m for m in said if hard in m] == [m for m in said if SYMBOL in m]
         assert len([m for m in said if hard in m]) == 1, said
@@ -334,22 +341,8 @@ async def test_live_stops_a_glitching_listing_left_out_in_a_resizing_pass_are_no
         assert hard is not None
         assert trail is not None
         await drive(clock, clock.sleep(10.0))
-        venue.core.place_market_order(SYMBOL, OrderSide.BUY, guard.quantity, "someone-else-1", clock.now())
-        grown = guard.quantity * 2
         venue.answer_open_orders_empty(1)  # both stops live; the listing leaves them out
-
-        await drive(clock, engine.reconcile_now())
-        await drive_until(
-            clock,
-            lambda: (
-                guard.covered
-                and sorted(o.quantity for o in venue.core.open_protective_orders(clock.now(), SYMBOL))
-                == [grown, grown]
-            ),
-            what="resized",
-            limit=60,
-        )
-        await drive(clock, clock.sleep(2.0))
+        await _grown_by_someone_and_resized(engine, clock, venue, guard)
         said = _errors(caplog, SYMBOL)
         failed = [e for e in seen if isinstance(e, ProtectionFailed) and e.position_id == position_id]
         assert said == [], said
