@@ -168,6 +168,29 @@ class VenueSettings(Section):
         return _check_secret(value)
 
 
+def is_loopback_host(host: str) -> bool:
+    """`host` (a name or an address, no port) is this machine: localhost or a loopback address."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def venue_mode(venue: VenueSettings) -> str:
+    """What the engine trades, as the header and the metrics name it: SIM (the sim venue), LOCAL (a real
+    venue's wire at a `base_url` on this machine: the emulators), else TESTNET or LIVE by `testnet`.
+
+    `testnet` only picks the venue's own hosts; a `base_url` replaces them all, so on the local emulator
+    "TESTNET" named a place no order went (an operator)."""
+    if venue.kind is VenueKind.SIM:
+        return "SIM"
+    if venue.base_url and is_loopback_host(urllib.parse.urlsplit(venue.base_url).hostname or ""):
+        return "LOCAL"
+    return "TESTNET" if venue.testnet else "LIVE"
+
+
 def real_venue_problems(venue: VenueSettings) -> list[str]:
     """Why a real (ccxt) venue must not start with these settings: one line per problem, [] when fine.
 

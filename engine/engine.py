@@ -37,7 +37,7 @@ from engine.alerts import Alerter, EngineObserver
 from engine.clock import Clock, SystemClock, end_all, first_of, monotonic_of, wait_event, wait_for_all
 from engine.code_watch import CodeDifference, SourceWatcher, running_code
 from engine.commands import CommandRunner, ProtectionRestartRefused, requester_identity
-from engine.config import ConfigError, Settings, VenueKind, real_venue_problems
+from engine.config import ConfigError, Settings, VenueKind, real_venue_problems, venue_mode
 from engine.credentials import check_credentials
 from engine.events import (
     EngineEvent,
@@ -440,7 +440,7 @@ class EngineSnapshot:
     started_at: float
     venue: str
     account: str
-    mode: str  # SIM | TESTNET | LIVE
+    mode: str  # SIM | LOCAL | TESTNET | LIVE (`venue_mode`)
     entries_paused: bool
     positions: tuple[PositionView, ...]
     coverage: CoverageFigures
@@ -1016,9 +1016,7 @@ class Engine:
 
     @property
     def mode(self) -> str:
-        if self.settings.venue.kind is VenueKind.SIM:
-            return "SIM"
-        return "TESTNET" if self.settings.venue.testnet else "LIVE"
+        return venue_mode(self.settings.venue)
 
     async def start(self) -> StartupReport:
         """Open everything, restore and verify protection, then start trading. Raises `LeaseHeld` when

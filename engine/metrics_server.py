@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import ipaddress
 import json
 import logging
 import socket
@@ -40,6 +39,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from engine.config import is_loopback_host
 from engine.events import EventsDropped, ProtectionFailed, ProtectionTimedOut
 from engine.exchange.errors import FailureClass
 from engine.metrics import CumulativeHistogram
@@ -487,7 +487,7 @@ class MetricsServer:
             ) from None
         sockets = self._server.sockets
         self.port = sockets[0].getsockname()[1] if sockets else self.configured_port
-        if not _loopback(self.host):
+        if not is_loopback_host(self.host):
             log.warning(
                 "metrics: %s is not a loopback address: whoever can reach this machine can read the "
                 "engine's figures (there is no authentication)",
@@ -590,15 +590,6 @@ async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str]:
         if header in (b"\r\n", b"\n", b""):
             return parts[0].upper(), parts[1]
     raise ValueError("too many header lines")
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _why(exc: OSError) -> str:

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from engine.accounts import account_key
 from engine.cli import COVERAGE_SAMPLE_STANDS_SECONDS
 from engine.commands import CommandAnswer, send_command
-from engine.config import Settings, VenueKind
+from engine.config import Settings, VenueKind, venue_mode
 from engine.engine import (
     Engine,
     EngineSnapshot,
@@ -469,12 +469,6 @@ def native_trailing_follows(kind: VenueKind) -> str:
     return "last" if kind is VenueKind.BYBIT else "mark"
 
 
-def mode_of(settings: Settings) -> str:
-    if settings.venue.kind is VenueKind.SIM:
-        return "SIM"
-    return "TESTNET" if settings.venue.testnet else "LIVE"
-
-
 class ReadOnlyFeed:
     """Watches the database another engine writes: positions, coverage, health, waves, events.
 
@@ -631,7 +625,7 @@ class ReadOnlyFeed:
             started_at=self.holder.started_at.timestamp() if self.holder else 0.0,
             venue=settings.venue.kind.value,
             account=settings.venue.account,
-            mode=mode_of(settings),
+            mode=venue_mode(settings.venue),
             entries_paused=control is not None and control.paused,
             entries_paused_by=control.paused_by if control is not None and control.paused else "",
             entries_pause_reason=control.reason if control is not None and control.paused else "",
@@ -901,7 +895,7 @@ def _empty_snapshot(settings: Settings, state: EngineState, holder: LeaseHolder 
         started_at=holder.started_at.timestamp() if holder else 0.0,
         venue=settings.venue.kind.value,
         account=settings.venue.account,
-        mode=mode_of(settings),
+        mode=venue_mode(settings.venue),
         entries_paused=False,
         positions=(),
         coverage=CoverageFigures(0, 0, 0, 0, 0, 0, None, 0, None, None, ()),

@@ -19,7 +19,7 @@ from textual.app import App
 from textual.command import CommandList
 from textual.pilot import Pilot
 
-from engine.config import Settings, load_config
+from engine.config import Settings, load_config, venue_mode
 from engine.engine import (
     EngineSnapshot,
     EngineState,
@@ -289,9 +289,9 @@ def scenario_snapshot(settings: Settings) -> EngineSnapshot:
         state=EngineState.RUNNING,
         version="test",
         started_at=T0 - MONO,
-        venue="sim",
-        account="default",
-        mode="SIM",
+        venue=settings.venue.kind.value,
+        account=settings.venue.account,
+        mode=venue_mode(settings.venue),
         entries_paused=False,
         positions=positions,
         coverage=figures,

@@ -15,7 +15,7 @@ from engine.engine import EngineSnapshot, EngineState
 from tui import formatting
 
 TIGHT_BELOW = 100  # columns: the header's compact form below this (`app.tcss`, `#status.-tight`)
-MODE_BADGES = {"SIM": " SIM ", "TESTNET": " TESTNET ", "LIVE": " ● LIVE · REAL MONEY "}
+MODE_BADGES = {"SIM": " SIM ", "LOCAL": " LOCAL ", "TESTNET": " TESTNET ", "LIVE": " ● LIVE · REAL MONEY "}
 
 
 class StatusBar(Horizontal):
@@ -48,7 +48,7 @@ class StatusBar(Horizontal):
         """`looked_after`: watching, an engine holds the account and is heard (none: no entry goes, and
         "entries on" beside "no engine running" read as if one would, an operator)."""
         mode = snapshot.mode
-        for name in ("SIM", "TESTNET", "LIVE"):
+        for name in ("SIM", "LOCAL", "TESTNET", "LIVE"):
             self.set_class(mode == name, f"-{name.lower()}")
         self.set_class(watching is not None, "-read-only")
         state = "stopping" if stopping else snapshot.state.value
