@@ -60,7 +60,7 @@ from engine.logs import LogFileError, RedactingFormatter, configure_logging
 from engine.metrics_server import MetricsUnavailable
 from engine.signal_input import BadSignal, SignalInput, normalise_symbol, read_jsonl, signal_from_fields
 from engine.words import counted, format_duration
-from protection.health import entries_held_recorded
+from protection.health import entries_held_recorded, stream_words
 from storage import history
 from storage.commands import CommandKind
 from storage.database import (
@@ -908,6 +908,8 @@ def _status(args: argparse.Namespace, loaded: LoadedConfig) -> int:
         print(
             f"  {component['component']:<11} {component['state']:<9} {component['reason'] or component['summary']}"
         )
+    if report["health"]["streams"]:
+        print(f"  {'streams':<11} {'; '.join(stream['words'] for stream in report['health']['streams'])}")
     print(_field("active positions") + str(report["active"]))
     print(_field("with stop-loss") + str(report["with_stop_loss"]))
     print(_field("with trailing stop") + str(report["with_trailing_stop"]))
@@ -1380,9 +1382,12 @@ def _venue_name(loaded: LoadedConfig) -> str:
 def _health_report(rows: list[HealthRow], now: Any, stale_after: float, *, running: bool) -> dict[str, Any]:
     """The engine's last measurement per component; stale or absent when no engine is measuring."""
     components = []
+    fresh: list[Mapping[str, Any]] = []
     for row in rows:
         age = (now - row.measured_at).total_seconds() if row.measured_at else None
         stale = not running or age is None or age > stale_after
+        if not stale:
+            fresh.append(row.measurements)
         components.append(
             {
                 "component": row.component,
@@ -1401,7 +1406,13 @@ def _health_report(rows: list[HealthRow], now: Any, stale_after: float, *, runni
         )
     order = {"critical": 3, "degraded": 2, "unknown": 1, "healthy": 0}
     worst = max((c["state"] for c in components), key=lambda s: order.get(s, 1), default="unknown")
-    return {"state": worst, "components": components}
+    # The venue's push streams, as the dashboard's `streams` line shows them (status listed five lines
+    # where the dashboard showed six, an operator); from fresh measurements only.
+    streams = [
+        {"stream": name, "connected": connected, "words": words}
+        for name, connected, words in stream_words(fresh)
+    ]
+    return {"state": worst, "components": components, "streams": streams}
 
 
 def _json_default(value: Any) -> Any:

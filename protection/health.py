@@ -116,6 +116,7 @@ __all__ = [
     "format_duration",
     "log_level",
     "log_line",
+    "stream_words",
     "worst_state",
 ]
 
@@ -935,3 +936,27 @@ def entries_held_recorded(measurements: Mapping[str, object], age_seconds: float
         return None
     why = measurements.get("entries_held_why")
     return held - age_seconds, why if isinstance(why, str) else ""
+
+
+def stream_words(measured: Iterable[Mapping[str, Any]]) -> list[tuple[str, bool, str]]:
+    """Each push stream the components' measurements name (`<name>_stream_connected` …), as (name,
+    connected, words), e.g. `account up 2.0s ago, 1 reconnect`, those down first. Empty when the venue
+    runs none (polled). The dashboard's `streams` line and `tsbot status`'s."""
+    found: list[tuple[str, bool, str]] = []
+    suffix = "_stream_connected"
+    for values in measured:
+        for key, connected in values.items():
+            if not key.endswith(suffix):
+                continue
+            name = key[: -len(suffix)]
+            age = values.get(f"{name}_stream_last_event_age_seconds")
+            reconnects = values.get(f"{name}_stream_reconnects") or 0
+            words = f"{name} {'up' if connected else 'DOWN'}"
+            words += (
+                " (no message yet)" if not isinstance(age, int | float) else f" {format_duration(age)} ago"
+            )
+            if reconnects:
+                words += f", {reconnects} reconnect{'s' if reconnects != 1 else ''}"
+            found.append((name, bool(connected), words))
+    found.sort(key=lambda item: item[1])  # a stream that is down first
+    return found

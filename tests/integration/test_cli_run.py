@@ -134,6 +134,7 @@ async def test_run_for_a_duration_protects_every_position_and_status_agrees(
         "protection",
         "signals",
     }
+    assert report["health"]["streams"] == []  # measured by no engine: not shown as if up now
     log = (workdir / "logs" / "trading_bot.log").read_text()
     assert "Created trailing stop for " in log
     assert "health_check: Trailing Stop System: healthy" in log
@@ -160,11 +161,19 @@ async def test_sigterm_stops_cleanly_and_a_second_engine_is_refused(
         assert status["engine"]["pid"] == first.pid
 
         # As a monitoring check: the running engine's own health makes the verdict, and the exit code.
+        said: list[str] = []
+
         async def status_says_ok() -> bool:
             check = await asyncio.to_thread(tsbot, "status", cwd=workdir)
+            said[:] = [check.stdout]
             return check.returncode == 0 and check.stdout.startswith("OK: all 5 components healthy\n")
 
         await wait_until(status_says_ok, within=60, what="`tsbot status` to say OK (exit 0) for the engine")
+        # Its health lines are the dashboard's: the five components and the venue's streams (the sim's
+        # account and marks), which status left out (an operator counted five lines beside the dashboard's six).
+        [streams] = [line for line in said[0].splitlines() if line.startswith("  streams ")]
+        when = r"(\(no message yet\)|[0-9.hms]+ ago)"
+        assert re.fullmatch(rf"  streams +account up {when}; marks up {when}", streams), said[0]
 
         first.send_signal(signal.SIGTERM)
         out, err = await asyncio.to_thread(first.communicate, timeout=60)

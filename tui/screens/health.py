@@ -13,8 +13,8 @@ from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
-from protection.health import ComponentHealth, worst_state
-from tui.widgets.health import STATE_WORDS, full_name, stream_words
+from protection.health import ComponentHealth, stream_words, worst_state
+from tui.widgets.health import STATE_WORDS, full_name
 
 
 class HealthDetailScreen(ModalScreen[None]):
@@ -55,7 +55,7 @@ class HealthDetailScreen(ModalScreen[None]):
             else:
                 text.append(f" · {component.summary}")
         # The panel's last line, here too: the view left it out, the two naming different sets (opme50).
-        if streams := stream_words(components):
+        if streams := stream_words(c.measurements for c in components):
             text.append("\nstreams: ", style="bold")
             text.append(" · ".join(words for _, _, words in streams))
         return text

@@ -16,7 +16,7 @@ from protection.health import (
     Component,
     ComponentHealth,
     HealthState,
-    format_duration,
+    stream_words,
     worst_state,
 )
 from tui.widgets.styling import component_style
@@ -128,7 +128,7 @@ class HealthPanel(Static):
             return
         lines = Text(no_wrap=True, overflow="ellipsis")
         width, height = self.size
-        streams = stream_words(components)
+        streams = stream_words(c.measurements for c in components)
         room = height - bool(streams)
         wrapped = [_wrapped(c, width, measured=True) for c in components]
         if width and sum(len(parts) for parts in wrapped) > room:
@@ -181,27 +181,3 @@ def _wrapped(component: ComponentHealth, width: int, *, measured: bool) -> list[
     if not width or component.state is HealthState.HEALTHY or _TEXT_AT + len(words) <= width:
         return [words]
     return textwrap.wrap(words, max(8, width - _TEXT_AT)) or [""]
-
-
-def stream_words(components: Sequence[ComponentHealth]) -> list[tuple[str, bool, str]]:
-    """Each push stream the measurements name (`<name>_stream_connected` …), as (name, connected, words),
-    e.g. `account up 2.0s ago, 1 reconnect`, those down first. Empty when the venue runs none (polled)."""
-    found: list[tuple[str, bool, str]] = []
-    suffix = "_stream_connected"
-    for component in components:
-        values = component.measurements
-        for key, connected in values.items():
-            if not key.endswith(suffix):
-                continue
-            name = key[: -len(suffix)]
-            age = values.get(f"{name}_stream_last_event_age_seconds")
-            reconnects = values.get(f"{name}_stream_reconnects") or 0
-            words = f"{name} {'up' if connected else 'DOWN'}"
-            words += (
-                " (no message yet)" if not isinstance(age, int | float) else f" {format_duration(age)} ago"
-            )
-            if reconnects:
-                words += f", {reconnects} reconnect{'s' if reconnects != 1 else ''}"
-            found.append((name, bool(connected), words))
-    found.sort(key=lambda item: item[1])  # a stream that is down first
-    return found
