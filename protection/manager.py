@@ -328,6 +328,7 @@ STUCK_TRIGGER_ROUND_TRIPS = 3
 STUCK_TRIGGER_SHARE = 0.5
 STUCK_CHECK_MIN_SECONDS = 0.5  # the least a stuck stop's re-check may take (a round trip)
 CLOSE_WAIT_SAID_SECONDS = 0.5  # a close still waiting for the venue's order window this long is said
+CLOSE_EDGE_RECHECK_SECONDS = 0.5  # a close held while a refusal would be a ban's looks again this often
 # A protective create whose answer is this late (in order round trips, and never before the venue's
 # read-after-write lag or this floor) is looked up by its client id while the call goes on.
 FIRST_RETRY_MIN_SECONDS = 0.05  # the least a naked position's first retry waits (a round trip, unknown yet)
@@ -622,6 +623,8 @@ class PositionGuard:
         self.closing = False
         self.closed_as = ""  # the exit reason it was recorded closed with (`stop_breached`: by the engine)
         self.close_held_back = False  # its close waits for its place in the venue's windows: nothing sent
+        # Seconds at most its close waits while a refusal would be a ban's (`_close_turn`), or None.
+        self._close_held_at_edge: float | None = None
         # Its fill was this engine's entry's, just now (not a restored or adopted position): a first protection
         # later than grace is a span from it (`_write_facts`).
         self.fresh_fill = False
@@ -3422,7 +3425,7 @@ class PositionGuard:
         started = m.clock.monotonic()
         said = False
         while True:
-            slot = asyncio.ensure_future(m.budget.acquire_close())
+            slot = asyncio.ensure_future(self._close_turn())
             try:
                 while not slot.done() and not self._close_wait_taken():
                     self._ending_told.clear()
@@ -3454,6 +3457,26 @@ class PositionGuard:
             if self.closed:
                 return False, None
 
+    async def _close_turn(self) -> float | None:
+        """The close's place in the venue's order windows (`OrderBudget.acquire_close`). A close its position
+        can wait for, its hard stop confirmed (a trailing stop's stuck in TRIGGERING, or breached), first
+        waits while its refusal would be a ban's (`OrderBudget.discretionary_held_for`, as an operator's
+        close does): two of a sim soak's three bans began with such a close sent into a window another
+        client had just filled, with two refusals remembered, and each ban held every stop and close of
+        every position back with it (20 s there, 2 minutes and up on Binance). A close the hard stop does
+        not cover (its own stop stuck: the price is through it) goes at once; a hard stop lost meanwhile
+        ends the wait (`_close_slot` starts the turn again once it has applied that news)."""
+        budget = self._m.budget
+        while self._closing_reason != MANUAL_CLOSE and self.has_stop_loss:
+            held = budget.discretionary_held_for()
+            if held is None:
+                budget.take_discretionary_turn()
+                break
+            self._close_held_at_edge = held
+            await budget.room_shown(min(held, CLOSE_EDGE_RECHECK_SECONDS))
+        self._close_held_at_edge = None
+        return await budget.acquire_close()
+
     def _say_close_waits(self, slot: asyncio.Future[float | None]) -> bool:
         """A close still waiting for its place after CLOSE_WAIT_SAID_SECONDS is said (WARNING), with how long
         at most and why: a stuck stop's close waited 2.5 s and 8 s in silence in sim soaks while its position
@@ -3465,6 +3488,15 @@ class PositionGuard:
             budget.held_for() is not None or budget.requests_held_for() is not None
         ):
             return True  # an operator's close held by a ban or a 429's hold: the engine says it, once (r88)
+        if self._close_held_at_edge is not None:
+            log.warning(
+                "%s: the close at market waits up to %.1fs: the venue refused orders for its rate lately, and "
+                "one more refusal may get the account banned, every stop held back with it; the position "
+                "keeps its confirmed hard stop meanwhile (should it be lost, the close goes at once)",
+                self.symbol,
+                self._close_held_at_edge,
+            )
+            return True
         waits = budget.close_waits()
         if waits is None:
             return False  # (it goes now)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
@@ -574,6 +575,76 @@ async def test_an_operators_close_is_not_the_third_refusal_within_a_minute(
         # machine's database writes stretch it on the manual clock; 98.8 % was seen in a CI run. The rules,
         # nothing naked past grace, are what this judges.)
         run.verdict(coverage_at_least=95.0)
+    finally:
+        await run.stop()
+
+
+async def test_a_stuck_trailing_stops_close_is_not_the_third_refusal_within_a_minute(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """soak69 (sim, default stress): two of its three bans began with the close at market of a position
+    whose trailing stop had fired and stuck in TRIGGERING while its hard stop stayed live, sent into a window
+    another client had just filled, with two rate refusals remembered: its refusal was the third within a
+    minute. Each ban held every stop, cancel and close of every position back with it (the last, 20 s:
+    one position 21 s with its trailing stop fired and unfilled, 14 of our stops live on flat symbols). Such
+    a close can wait, as an operator's does: the hard stop covers the position meanwhile. No ban; the hard
+    stop live throughout; closed after."""
+    caplog.set_level(logging.INFO)
+    settings = chaos_settings(db, {"VENUE__SIM__RATE_LIMITS__ORDERS_PER_10S": "60"})
+    # The position waits with its trailing stop fired and unfilled (the venue's doing) up to the refusals'
+    # minute; its hard stop is live all along, which the auditor checks.
+    run = ChaosRun(db, settings, limits=AuditLimits.from_settings(settings, uncovered_seconds=60.0))
+    await run.start()
+    try:
+        symbol = await run.one_protected_position(sides=["long"])
+        run.move_mark(symbol, run.against(symbol, "-3"))  # past the trailing stop's activation (1.5 %)
+        await run.run_for(1.0)
+        await _two_refusals_then_a_filled_window(run)
+        run.venue.set_trigger_delay(None, symbol=symbol, stuck=True)
+        run.move_mark(symbol, run.against(symbol, "-1"))  # 2 % off the peak: the trailing stop (0.5 %) fires
+        manager = run.engine.manager
+        assert manager is not None
+        guard = manager.by_symbol[symbol]
+        await run.until(lambda: guard.trailing_stop.fired_at is not None, limit=5.0, what="the stop fired")
+        fired_at = run.clock.monotonic()
+        await run.until(
+            lambda: run.banned_for() is not None or symbol not in run.held(), limit=70.0, what="closed"
+        )
+        ban = run.banned_for()
+        assert ban is None, f"the venue banned the account for {ban:.0f} s"
+        assert run.clock.monotonic() - fired_at > 5.0  # held past the filled window, not refused in it
+        said = [
+            r.getMessage()
+            for r in caplog.records
+            if "one more refusal may get the account banned" in r.getMessage()
+        ]
+        assert len(said) == 1, said
+        assert said[0].startswith(f"{symbol}: the close at market waits up to "), said
+        assert "keeps its confirmed hard stop meanwhile" in said[0]
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)
+    finally:
+        await run.stop()
+
+
+async def test_a_stuck_hard_stops_close_is_not_held(db: Database) -> None:
+    """Its position is through its hard stop, with no stop of ours that covers it: its close goes at once,
+    two refusals remembered or not (here into a fresh window with room: it fills)."""
+    settings = chaos_settings(db, {"VENUE__SIM__RATE_LIMITS__ORDERS_PER_10S": "60"})
+    run = ChaosRun(db, settings)
+    await run.start()
+    try:
+        symbol = await run.one_protected_position(sides=["long"])
+        await _two_refusals_then_a_filled_window(run)
+        await run.run_for(2.0)
+        await run.a_window_starts()  # the next: the other client's full window is over
+        assert run.rate_violations() == 2
+        run.venue.set_trigger_delay(None, symbol=symbol, stuck=True)
+        run.move_mark(symbol, run.against(symbol, "5"))  # past the 3 % hard stop
+        await run.until(lambda: symbol not in run.held(), limit=5.0, what="closed at market, not held")
+        assert run.banned_for() is None
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)
     finally:
         await run.stop()
 
