@@ -458,3 +458,44 @@ async def test_a_pass_whose_listing_is_older_than_a_replaced_stop_says_nothing_c
         held = await _held(base_url)
         assert Decimal(held["stopLoss"]) == Decimal(ours["stopLoss"])  # (the field keeps our stop)
         assert guard.covered
+
+
+@pytest.mark.parametrize("cleared", ["stopLoss", "trailingStop"])
+async def test_a_stop_cleared_while_no_engine_ran_is_said_lost_and_set_again(
+    db: Database, caplog: pytest.LogCaptureFixture, cleared: str
+) -> None:
+    """An engine stops; someone clears one of the position's stops (the field set to 0); the next engine
+    finds the position held without it. A reviewer read that such a stop, found cleared by its look-up after
+    a restart, would go unsaid (Bybit ends a closed position's stops with it, so a cleared field alone is no
+    proof of a hand). It is said: once, as protection lost (an ERROR and one event), the position counted
+    re-protected, and our value set on the position again, the other stop left alone."""
+    emulator = _emulator()
+    async with running(emulator) as base_url:
+        overrides = {"PROTECTION__RECONCILE_SECONDS": "3600"}
+        async with engine_on(db, base_url, overrides) as engine:
+            guard = await _one_protected(engine, SYMBOL)
+            ours = await _settled(guard, base_url)
+        await _as_operator(base_url, **{cleared: "0"})
+        assert not Decimal((await _held(base_url))[cleared] or 0)
+        caplog.set_level(logging.WARNING)
+        async with engine_on(db, base_url, overrides) as engine:
+
+            async def set_again() -> bool:
+                held = (await _held(base_url))[cleared]
+                return bool(held) and Decimal(held) == Decimal(ours[cleared])
+
+            await wait_until(set_again, within=15.0, what="our value set on the position again")
+            assert engine.manager is not None
+            [guard] = engine.manager.guards.values()
+            await wait_until(lambda: guard.covered, within=8.0, what="the position covered again")
+            report = engine.startup_report
+            assert report is not None
+            assert (report.restored, report.reprotected) == (0, 1), report.describe()
+            other = "trailingStop" if cleared == "stopLoss" else "stopLoss"
+            assert Decimal((await _held(base_url))[other]) == Decimal(ours[other])  # left alone
+        assert await _lost(db) == 1
+        errors = [
+            r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and SYMBOL in r.getMessage()
+        ]
+        assert len(errors) == 1, errors
+        assert "is no longer on the exchange" in errors[0], errors
