@@ -1351,7 +1351,9 @@ class PositionGuard:
             target.ended_id = cid
             target.maybe_sent = False
             self._fresh_id(target)
-            log.warning(
+            # (INFO: a stop that fills is the exit the product exists to make; said at WARNING, with its
+            # "fired", it was most of a soak's WARNINGs, two for every normal exit)
+            log.info(
                 "%s: %s %s filled at %s (account stream)",
                 self.symbol,
                 stop_words(target.purpose),
@@ -1374,7 +1376,9 @@ class PositionGuard:
             target.fired_at = m.clock.monotonic()
             target.missed_by_listing = False  # (it fired: why a listing left it out, nobody's hand)
             self._arm_stuck_check()
-            log.warning(
+            # (INFO: it fills milliseconds later as a rule; one that does not is an ERROR once its
+            # patience ends, `_check_fired`)
+            log.info(
                 "%s: %s %s fired (account stream); uncovered until it fills",
                 self.symbol,
                 stop_words(target.purpose),

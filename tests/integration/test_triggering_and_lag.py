@@ -1099,3 +1099,29 @@ async def test_an_operators_close_during_a_429_hold_is_said_waiting_once(
             and ("held back up to" in r.getMessage() or "close at market waits up to" in r.getMessage())
         ]
         assert len(waits) == 1, waits
+
+
+@pytest.mark.parametrize("stop", ["hard stop", "trailing stop"])
+async def test_a_stop_that_fires_and_fills_is_a_normal_exit_not_a_warning(
+    db: Database, caplog: pytest.LogCaptureFixture, stop: str
+) -> None:
+    """Every stop that closed its position said two WARNINGs, "fired (account stream); uncovered until it
+    fills" and "filled at …", a few milliseconds apart: 1 356 of a Bybit-wire soak's WARNINGs were these,
+    for the exits the product exists to make. A stop that fires and fills is said at INFO; one that fires
+    and does not fill is an ERROR at its patience's end, as before (tested above)."""
+    caplog.set_level(logging.INFO)
+    async with _one_guarded_position(db, SYMBOLS[29]) as (_engine, venue, clock, guard):
+        assert guard.stop_loss.price is not None
+        assert guard.trailing_stop.price is not None
+        if stop == "hard stop":
+            venue.override_mark_price(guard.symbol, guard.stop_loss.price - 3 * guard.market.tick_size)
+        else:  # past the activation, then back by more than the callback
+            peak = guard.trailing_stop.price * Decimal("1.03")
+            venue.override_mark_price(guard.symbol, peak)
+            await drive(clock, clock.sleep(1.0))
+            venue.override_mark_price(guard.symbol, peak * Decimal("0.98"))
+        await drive_until(clock, lambda: guard.closed, what="closed by its stop", step=0.05, limit=30.0)
+        said = [r for r in caplog.records if guard.symbol in r.getMessage()]
+        assert any("fired (account stream)" in r.getMessage() for r in said), [r.getMessage() for r in said]
+        loud = [r.getMessage() for r in said if r.levelno >= logging.WARNING]
+        assert loud == [], loud
