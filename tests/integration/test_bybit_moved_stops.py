@@ -27,6 +27,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from engine.engine import Engine
 from engine.venues.binance_emulator.faults import Target
 from engine.venues.bybit_emulator import BybitEmulator, running
 from engine.venues.bybit_emulator.faults import parse_bybit_fault
@@ -116,6 +117,27 @@ PATHS: dict[str, tuple[str, tuple[str, ...]]] = {
     "order-row": ("3600", ("position",)),
     "reconciler": ("1", ("order", "position")),
 }
+
+
+async def _set_again_by_the_next_engine(
+    engine: Engine, base_url: str, field: str, ours: dict[str, Any]
+) -> None:
+    """The next engine, on a position whose `field` someone changed while none ran, sets our value there
+    again: the position re-protected (not restored), covered, its other stop left alone."""
+
+    async def set_again() -> bool:
+        held = (await _held(base_url))[field]
+        return bool(held) and Decimal(held) == Decimal(ours[field])
+
+    await wait_until(set_again, within=15.0, what="our own value set on the position again")
+    assert engine.manager is not None
+    [guard] = engine.manager.guards.values()
+    await wait_until(lambda: guard.covered, within=8.0, what="the position covered again")
+    report = engine.startup_report
+    assert report is not None
+    assert (report.restored, report.reprotected) == (0, 1), report.describe()
+    other = "trailingStop" if field == "stopLoss" else "stopLoss"
+    assert Decimal((await _held(base_url))[other]) == Decimal(ours[other])  # left alone
 
 
 @pytest.mark.parametrize(
@@ -244,20 +266,7 @@ async def test_a_stop_moved_while_no_engine_ran_is_not_restored_as_ours(
         assert Decimal((await _held(base_url))[moved]) == value
         caplog.set_level(logging.WARNING)
         async with engine_on(db, base_url, overrides) as engine:
-
-            async def restored() -> bool:
-                held = await _held(base_url)
-                return held[moved] is not None and Decimal(held[moved]) == Decimal(ours[moved])
-
-            await wait_until(restored, within=15.0, what="our own value set on the position again")
-            assert engine.manager is not None
-            [guard] = engine.manager.guards.values()
-            await wait_until(lambda: guard.covered, within=8.0, what="the position covered again")
-            report = engine.startup_report
-            assert report is not None
-            assert (report.restored, report.reprotected) == (0, 1), report.describe()
-            other = "trailingStop" if moved == "stopLoss" else "stopLoss"
-            assert Decimal((await _held(base_url))[other]) == Decimal(ours[other])  # left alone
+            await _set_again_by_the_next_engine(engine, base_url, moved, ours)
             if moved == "activePrice":
                 assert Decimal((await _held(base_url))["trailingStop"]) == Decimal(ours["trailingStop"])
         warned = [
@@ -479,20 +488,7 @@ async def test_a_stop_cleared_while_no_engine_ran_is_said_lost_and_set_again(
         assert not Decimal((await _held(base_url))[cleared] or 0)
         caplog.set_level(logging.WARNING)
         async with engine_on(db, base_url, overrides) as engine:
-
-            async def set_again() -> bool:
-                held = (await _held(base_url))[cleared]
-                return bool(held) and Decimal(held) == Decimal(ours[cleared])
-
-            await wait_until(set_again, within=15.0, what="our value set on the position again")
-            assert engine.manager is not None
-            [guard] = engine.manager.guards.values()
-            await wait_until(lambda: guard.covered, within=8.0, what="the position covered again")
-            report = engine.startup_report
-            assert report is not None
-            assert (report.restored, report.reprotected) == (0, 1), report.describe()
-            other = "trailingStop" if cleared == "stopLoss" else "stopLoss"
-            assert Decimal((await _held(base_url))[other]) == Decimal(ours[other])  # left alone
+            await _set_again_by_the_next_engine(engine, base_url, cleared, ours)
         assert await _lost(db) == 1
         errors = [
             r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and SYMBOL in r.getMessage()
