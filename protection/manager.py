@@ -969,8 +969,8 @@ class PositionGuard:
         withdraws = self._withdraws_cover(command)
         if (command.urgent or withdraws) and self._pass is not None and not self._pass.done():
             self._pass.cancel()
-        if command.ends_position or withdraws:  # taken by a close waiting for its turn, too
-            self._ending_told.set()
+        if command.ends_position or withdraws or self._fires_a_confirmed_stop(command):
+            self._ending_told.set()  # taken by a close waiting for its turn, too
         self.wake.set()
         return command.done
 
@@ -992,6 +992,18 @@ class PositionGuard:
             return False
         return any(
             o.confirmed and o.client_order_id == cid and o.confirmed_at < seen_at for o in self.watched_stops
+        )
+
+    def _fires_a_confirmed_stop(self, command: GuardCommand) -> bool:
+        """The account stream's word that a confirmed stop of ours fired (TRIGGERING): it protects nothing
+        from then on. A close held while the hard stop covers its position (`_close_turn`) takes it at
+        once: held behind the close, a hard stop fired and stuck kept the close waiting 8.8 s with no stop
+        of ours working, and the position said covered by it (r93)."""
+        if not isinstance(command, StreamOrderUpdate) or command.order is None:
+            return False
+        order = command.order
+        return order.status is OrderStatus.TRIGGERED and any(
+            o.confirmed and o.client_order_id == order.client_order_id for o in self.watched_stops
         )
 
     async def run(self) -> None:
@@ -3493,13 +3505,16 @@ class PositionGuard:
         ):
             return True  # an operator's close held by a ban or a 429's hold: the engine says it, once (r88)
         if self._close_held_at_edge is not None:
-            log.warning(
-                "%s: the close at market waits up to %.1fs: the venue refused orders for its rate lately, and "
-                "one more refusal may get the account banned, every stop held back with it; the position "
-                "keeps its confirmed hard stop meanwhile (should it be lost, the close goes at once)",
-                self.symbol,
-                self._close_held_at_edge,
+            message = (
+                f"{self.symbol}: the close at market waits up to {self._close_held_at_edge:.1f}s: the venue "
+                "refused orders for its rate lately, and one more refusal may get the account banned, every "
+                "stop held back with it; the position keeps its confirmed hard stop meanwhile (should it be "
+                "lost, the close goes at once)"
             )
+            log.warning("%s", message)
+            # Recorded too, as an operator's held close is: the dashboards and a watch showed the position
+            # "closing at market" for up to a minute with nothing sent and no reason (r93).
+            self._m.spawn_event_write(Severity.WARNING, "close_held", message, self.symbol, self.position_id)
             return True
         waits = budget.close_waits()
         if waits is None:
@@ -3512,12 +3527,16 @@ class PositionGuard:
         """A command a close waiting for its turn applies at once is queued (`news_withdraws_cover`): waiting
         behind the close, the position was counted covered, by the gauge and the records, for a whole ban
         with no hard stop on the venue."""
-        return self.news_withdraws_cover()
+        return self.news_withdraws_cover() or any(self._fires_a_confirmed_stop(c) for c in self._commands)
 
     async def _apply_while_closing(self) -> None:
         """Apply what `_close_wait_taken` takes; a stop lost meanwhile is said in the records at once."""
         withdrawn = False
-        while (command := self._take(lambda c: c.ends_position or self._withdraws_cover(c))) is not None:
+        while (
+            command := self._take(
+                lambda c: c.ends_position or self._withdraws_cover(c) or self._fires_a_confirmed_stop(c)
+            )
+        ) is not None:
             withdrawn = withdrawn or not command.ends_position
             await self._apply(command)
         if withdrawn and not self.closed:

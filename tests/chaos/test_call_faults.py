@@ -19,6 +19,7 @@ import pytest
 from engine.commands import send_command
 from engine.order_budget import RATE_REFUSAL_MEMORY_SECONDS
 from engine.venues.sim.settings import CallKind, FaultKind
+from protection.manager import PositionGuard
 from storage.commands import CommandKind
 from storage.database import Database
 from tests.chaos.processes import TSBOT, environ
@@ -527,6 +528,9 @@ async def test_no_entry_is_sent_that_could_be_the_third_refusal_within_a_minute(
         await run.stop()
 
 
+CLOSE_HELD = "one more refusal may get the account banned"
+
+
 async def _two_refusals_then_a_filled_window(run: ChaosRun) -> None:
     """Two lone entries, each refused once by a window the other client filled (two refusals remembered: a
     third gets the account banned), then the other client fills the window again."""
@@ -596,33 +600,80 @@ async def test_a_stuck_trailing_stops_close_is_not_the_third_refusal_within_a_mi
     run = ChaosRun(db, settings, limits=AuditLimits.from_settings(settings, uncovered_seconds=60.0))
     await run.start()
     try:
-        symbol = await run.one_protected_position(sides=["long"])
-        run.move_mark(symbol, run.against(symbol, "-3"))  # past the trailing stop's activation (1.5 %)
-        await run.run_for(1.0)
-        await _two_refusals_then_a_filled_window(run)
-        run.venue.set_trigger_delay(None, symbol=symbol, stuck=True)
-        run.move_mark(symbol, run.against(symbol, "-1"))  # 2 % off the peak: the trailing stop (0.5 %) fires
-        manager = run.engine.manager
-        assert manager is not None
-        guard = manager.by_symbol[symbol]
-        await run.until(lambda: guard.trailing_stop.fired_at is not None, limit=5.0, what="the stop fired")
-        fired_at = run.clock.monotonic()
+        symbol, guard = await _a_held_stuck_trailing_close(run, caplog)
+        assert guard.trailing_stop.fired_at is not None
+        fired_at = guard.trailing_stop.fired_at
         await run.until(
             lambda: run.banned_for() is not None or symbol not in run.held(), limit=70.0, what="closed"
         )
         ban = run.banned_for()
         assert ban is None, f"the venue banned the account for {ban:.0f} s"
         assert run.clock.monotonic() - fired_at > 5.0  # held past the filled window, not refused in it
-        said = [
-            r.getMessage()
-            for r in caplog.records
-            if "one more refusal may get the account banned" in r.getMessage()
-        ]
+        said = [r.getMessage() for r in caplog.records if CLOSE_HELD in r.getMessage()]
         assert len(said) == 1, said
         assert said[0].startswith(f"{symbol}: the close at market waits up to "), said
         assert "keeps its confirmed hard stop meanwhile" in said[0]
+        # In the records too, where the dashboards and a watch read why nothing is sent (r93).
+        recorded = await db.pool.fetchval(
+            "SELECT message FROM monitoring.events WHERE type = 'close_held' AND symbol = $1", symbol
+        )
+        assert recorded == said[0]
         await run.settle()
         run.verdict(coverage_at_least=0.0)
+    finally:
+        await run.stop()
+
+
+async def _a_held_stuck_trailing_close(
+    run: ChaosRun, caplog: pytest.LogCaptureFixture
+) -> tuple[str, PositionGuard]:
+    """A long position whose trailing stop, armed, fires and sticks in TRIGGERING with two rate refusals
+    remembered and the window another client filled: its close held (said). Its symbol and guard."""
+    symbol = await run.one_protected_position(sides=["long"])
+    run.move_mark(symbol, run.against(symbol, "-3"))  # past the trailing stop's activation (1.5 %)
+    await run.run_for(1.0)
+    await _two_refusals_then_a_filled_window(run)
+    run.venue.set_trigger_delay(None, symbol=symbol, stuck=True)
+    run.move_mark(symbol, run.against(symbol, "-1"))  # 2 % off the peak: the trailing stop (0.5 %) fires
+    manager = run.engine.manager
+    assert manager is not None
+    guard = manager.by_symbol[symbol]
+    await run.until(lambda: guard.trailing_stop.fired_at is not None, limit=5.0, what="the stop fired")
+    await run.until(
+        lambda: any(CLOSE_HELD in r.getMessage() for r in caplog.records), limit=10.0, what="the close held"
+    )
+    return symbol, guard
+
+
+@pytest.mark.parametrize("how", ["fires and sticks", "cancelled by hand"])
+async def test_a_held_close_goes_at_once_when_the_hard_stop_stops_covering(
+    db: Database, caplog: pytest.LogCaptureFixture, how: str
+) -> None:
+    """r93: while a stuck trailing stop's close was held (the hard stop covering the position), the price
+    went through the hard stop, which fired and stuck too. The stream's word that it fired queued behind the
+    held close, which waited 8.8 s more with no stop of ours working, the position said covered by a stop
+    that had fired. The close now goes at once, as it does when the hard stop is cancelled by hand."""
+    caplog.set_level(logging.INFO)
+    settings = chaos_settings(db, {"VENUE__SIM__RATE_LIMITS__ORDERS_PER_10S": "60"})
+    run = ChaosRun(db, settings, limits=AuditLimits.from_settings(settings, uncovered_seconds=120.0))
+    await run.start()
+    try:
+        symbol, guard = await _a_held_stuck_trailing_close(run, caplog)
+        if how == "fires and sticks":
+            run.move_mark(symbol, run.against(symbol, "5"))  # through the 3 % hard stop
+        else:
+            assert guard.stop_loss.client_order_id is not None
+            run.venue.core.cancel_order(symbol, guard.stop_loss.client_order_id, run.clock.now())
+        ended = run.clock.monotonic()
+        # The close goes at once: into the window the other client filled, its refusal is the third within
+        # a minute, and the venue bans the account (no stop of ours works: it cannot wait for that).
+        await run.until(
+            lambda: run.banned_for() is not None or symbol not in run.held(),
+            limit=70.0,
+            what="the close sent",
+        )
+        took = run.clock.monotonic() - ended
+        assert took < 3.0, f"the close waited {took:.1f}s more, no stop of ours working"
     finally:
         await run.stop()
 
