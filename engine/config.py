@@ -169,26 +169,33 @@ class VenueSettings(Section):
 
 
 def is_loopback_host(host: str) -> bool:
-    """`host` (a name or an address, no port) is this machine: localhost or a loopback address."""
-    if host.lower() == "localhost":
+    """`host` (a name or an address, no port) is this machine: localhost or a loopback address (an IPv4
+    one written as IPv6 too). Not 0.0.0.0: listened on, it is every interface."""
+    name = host.lower().rstrip(".")
+    if name == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(name)
     except ValueError:
         return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 (Python 3.11 does not call it loopback)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def venue_mode(venue: VenueSettings) -> str:
-    """What the engine trades, as the header and the metrics name it: SIM (the sim venue), LOCAL (a real
-    venue's wire at a `base_url` on this machine: the emulators), else TESTNET or LIVE by `testnet`.
+    """What the engine trades, as the header and the metrics name it: SIM (the sim venue); LIVE whenever
+    `testnet = false`, wherever the `base_url` points (a local forwarder to the venue's mainnet is real
+    money, r93); LOCAL for a real venue's wire at a `base_url` on this machine (the emulators); else TESTNET.
 
     `testnet` only picks the venue's own hosts; a `base_url` replaces them all, so on the local emulator
     "TESTNET" named a place no order went (an operator)."""
     if venue.kind is VenueKind.SIM:
         return "SIM"
+    if not venue.testnet:
+        return "LIVE"
     if venue.base_url and is_loopback_host(urllib.parse.urlsplit(venue.base_url).hostname or ""):
         return "LOCAL"
-    return "TESTNET" if venue.testnet else "LIVE"
+    return "TESTNET"
 
 
 def real_venue_problems(venue: VenueSettings) -> list[str]:

@@ -19,6 +19,17 @@ CASES = [
     ({"TSBOT_VENUE__KIND": "binanceusdm", "TSBOT_VENUE__BASE_URL": "http://127.0.0.1:8900"}, "LOCAL"),
     ({"TSBOT_VENUE__KIND": "bybit", "TSBOT_VENUE__BASE_URL": "http://localhost:8901/"}, "LOCAL"),
     ({"TSBOT_VENUE__KIND": "bybit", "TSBOT_VENUE__BASE_URL": "http://[::1]:8901"}, "LOCAL"),
+    ({"TSBOT_VENUE__KIND": "bybit", "TSBOT_VENUE__BASE_URL": "http://[::ffff:127.0.0.1]:8901"}, "LOCAL"),
+    ({"TSBOT_VENUE__KIND": "bybit", "TSBOT_VENUE__BASE_URL": "http://LOCALHOST.:8901"}, "LOCAL"),
+    # A local forwarder (ssh -L, a proxy) to the venue's mainnet is real money: `testnet = false` wins (r93).
+    (
+        {
+            "TSBOT_VENUE__KIND": "binanceusdm",
+            "TSBOT_VENUE__BASE_URL": "http://127.0.0.1:8443",
+            "TSBOT_VENUE__TESTNET": "false",
+        },
+        "● LIVE · REAL MONEY",
+    ),
     ({"TSBOT_VENUE__KIND": "binanceusdm"}, "TESTNET"),
     # Another machine may be anything: the flag the operator set stands (never told "LOCAL").
     ({"TSBOT_VENUE__KIND": "binanceusdm", "TSBOT_VENUE__BASE_URL": "https://fapi.example.net"}, "TESTNET"),
@@ -34,7 +45,20 @@ CASES = [
 
 
 @pytest.mark.parametrize(
-    ("environ", "badge"), CASES, ids=["sim", "loopback", "localhost", "ipv6", "testnet", "remote", "live"]
+    ("environ", "badge"),
+    CASES,
+    ids=[
+        "sim",
+        "loopback",
+        "localhost",
+        "ipv6",
+        "ipv4-mapped",
+        "trailing-dot",
+        "local-forwarder-to-mainnet",
+        "testnet",
+        "remote",
+        "live",
+    ],
 )
 async def test_the_header_badge_names_where_orders_go(environ: dict[str, str], badge: str) -> None:
     settings = load_config(
