@@ -2273,20 +2273,17 @@ class PositionGuard:
             ended = f"was {status.value} on the venue"
         else:
             ended = "no longer holds our value on the venue's position (changed or cleared)"
-        log.error(
-            "%s: %s %s %s, not by us (%s); re-placing it now",
-            self.symbol,
-            what,
-            cid,
-            ended,
-            told_by,
-        )
+        # A position being closed at market gets no new stop: the close goes (one held waiting for room goes
+        # at once, `_close_turn`). "Re-placing it now" was said there, and nothing was placed (r93).
+        then = "the close at market goes" if self.closing else "re-placing it now"
+        log.error("%s: %s %s %s, not by us (%s); %s", self.symbol, what, cid, ended, told_by, then)
         self._m.protection_lost(
             self.symbol,
             self.position_id,
             what,
             f"{cid} {ended.removeprefix('was ')}, not by us",
-            f"{self.symbol}: {what} {cid} {ended.removeprefix('was ')}, not by us; re-placing",
+            f"{self.symbol}: {what} {cid} {ended.removeprefix('was ')}, not by us; "
+            + ("the close at market goes" if self.closing else "re-placing"),
         )
 
     def _next_generation(self, order: ProtectiveOrder) -> _Outcome:

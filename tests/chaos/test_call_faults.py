@@ -674,6 +674,13 @@ async def test_a_held_close_goes_at_once_when_the_hard_stop_stops_covering(
         )
         took = run.clock.monotonic() - ended
         assert took < 3.0, f"the close waited {took:.1f}s more, no stop of ours working"
+        if how == "cancelled by hand":  # said as what happens: the close, not a new stop (r93)
+            [lost] = [
+                r.getMessage()
+                for r in caplog.records
+                if r.levelno == logging.ERROR and "not by us" in r.getMessage() and symbol in r.getMessage()
+            ]
+            assert lost.endswith("; the close at market goes"), lost
     finally:
         await run.stop()
 
