@@ -594,11 +594,9 @@ async def test_a_stuck_trailing_stops_close_is_not_the_third_refusal_within_a_mi
     a close can wait, as an operator's does: the hard stop covers the position meanwhile. No ban; the hard
     stop live throughout; closed after."""
     caplog.set_level(logging.INFO)
-    settings = chaos_settings(db, {"VENUE__SIM__RATE_LIMITS__ORDERS_PER_10S": "60"})
     # The position waits with its trailing stop fired and unfilled (the venue's doing) up to the refusals'
     # minute; its hard stop is live all along, which the auditor checks.
-    run = ChaosRun(db, settings, limits=AuditLimits.from_settings(settings, uncovered_seconds=60.0))
-    await run.start()
+    run = await _a_shared_account_run(db, uncovered_seconds=60.0)
     try:
         symbol, guard = await _a_held_stuck_trailing_close(run, caplog)
         assert guard.trailing_stop.fired_at is not None
@@ -622,6 +620,17 @@ async def test_a_stuck_trailing_stops_close_is_not_the_third_refusal_within_a_mi
         run.verdict(coverage_at_least=0.0)
     finally:
         await run.stop()
+
+
+async def _a_shared_account_run(db: Database, *, uncovered_seconds: float) -> ChaosRun:
+    """A started run whose venue takes 60 orders per 10 s (another client can fill that), its auditor
+    allowing a position `uncovered_seconds` without a working stop (the venue's doing)."""
+    settings = chaos_settings(db, {"VENUE__SIM__RATE_LIMITS__ORDERS_PER_10S": "60"})
+    run = ChaosRun(
+        db, settings, limits=AuditLimits.from_settings(settings, uncovered_seconds=uncovered_seconds)
+    )
+    await run.start()
+    return run
 
 
 async def _a_held_stuck_trailing_close(
@@ -654,9 +663,7 @@ async def test_a_held_close_goes_at_once_when_the_hard_stop_stops_covering(
     held close, which waited 8.8 s more with no stop of ours working, the position said covered by a stop
     that had fired. The close now goes at once, as it does when the hard stop is cancelled by hand."""
     caplog.set_level(logging.INFO)
-    settings = chaos_settings(db, {"VENUE__SIM__RATE_LIMITS__ORDERS_PER_10S": "60"})
-    run = ChaosRun(db, settings, limits=AuditLimits.from_settings(settings, uncovered_seconds=120.0))
-    await run.start()
+    run = await _a_shared_account_run(db, uncovered_seconds=120.0)
     try:
         symbol, guard = await _a_held_stuck_trailing_close(run, caplog)
         if how == "fires and sticks":

@@ -119,6 +119,16 @@ PATHS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+async def _protected_by_an_engine_that_stops(
+    db: Database, base_url: str, overrides: dict[str, str]
+) -> dict[str, Any]:
+    """An engine opens and protects a position on SYMBOL, then stops (its stops stay on the position, as
+    they must): the position's stop fields as it left them."""
+    async with engine_on(db, base_url, overrides) as engine:
+        guard = await _one_protected(engine, SYMBOL)
+        return await _settled(guard, base_url)
+
+
 async def _set_again_by_the_next_engine(
     engine: Engine, base_url: str, field: str, ours: dict[str, Any]
 ) -> None:
@@ -250,9 +260,7 @@ async def test_a_stop_moved_while_no_engine_ran_is_not_restored_as_ours(
     emulator = _emulator()
     async with running(emulator) as base_url:
         overrides = {"PROTECTION__RECONCILE_SECONDS": "3600"}
-        async with engine_on(db, base_url, overrides) as engine:
-            guard = await _one_protected(engine, SYMBOL)
-            ours = await _settled(guard, base_url)
+        ours = await _protected_by_an_engine_that_stops(db, base_url, overrides)
         assert await _lost(db) == 0
         factor = {"stopLoss": Decimal("0.5"), "trailingStop": Decimal(10), "activePrice": Decimal(2)}[moved]
         assert ours[moved] is not None
@@ -481,9 +489,7 @@ async def test_a_stop_cleared_while_no_engine_ran_is_said_lost_and_set_again(
     emulator = _emulator()
     async with running(emulator) as base_url:
         overrides = {"PROTECTION__RECONCILE_SECONDS": "3600"}
-        async with engine_on(db, base_url, overrides) as engine:
-            guard = await _one_protected(engine, SYMBOL)
-            ours = await _settled(guard, base_url)
+        ours = await _protected_by_an_engine_that_stops(db, base_url, overrides)
         await _as_operator(base_url, **{cleared: "0"})
         assert not Decimal((await _held(base_url))[cleared] or 0)
         caplog.set_level(logging.WARNING)
