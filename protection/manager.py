@@ -144,6 +144,8 @@ class ProtectionConfig:
     min_move_interval_seconds: Decimal
     min_improvement_percent: Decimal
     emergency_move_percent: Decimal
+    # How long a position may be uncovered before the circuit breaker pauses entries (grace × its factor).
+    breaker_uncovered_seconds: float = float("inf")
 
     @classmethod
     def from_settings(cls, settings: Any) -> ProtectionConfig:
@@ -160,6 +162,7 @@ class ProtectionConfig:
             min_move_interval_seconds=settings.trailing.min_move_interval_seconds,
             min_improvement_percent=settings.trailing.min_improvement_percent,
             emergency_move_percent=settings.trailing.emergency_move_percent,
+            breaker_uncovered_seconds=float(settings.grace_seconds * settings.breaker.uncovered_factor),
         )
 
     def trailing_kind(self, capabilities: Capabilities) -> TrailingKind:
@@ -3479,14 +3482,22 @@ class PositionGuard:
         every position back with it (20 s there, 2 minutes and up on Binance). A close the hard stop does
         not cover (its own stop stuck: the price is through it) goes at once; a hard stop lost meanwhile
         ends the wait (`_close_slot` starts the turn again once it has applied that news)."""
-        budget = self._m.budget
+        m = self._m
+        budget = m.budget
+        # Not past the point where the wait itself would be "protection failing": the breaker pauses
+        # entries once a position is uncovered grace × its factor, and the close needs a grace period to
+        # go and be answered. Held to the refusals' minute, such closes waited up to 33 s and tripped the
+        # breaker three times in a 10-minute soak (soak73); past this point the close goes, as before.
+        since = self.unprotected_since if self.unprotected_since is not None else m.clock.monotonic()
+        until = since + m.config.breaker_uncovered_seconds - m.config.grace_seconds
         while self._closing_reason != MANUAL_CLOSE and self.has_stop_loss:
             held = budget.discretionary_held_for()
-            if held is None:
+            left = until - m.clock.monotonic()
+            if held is None or left <= 0:
                 budget.take_discretionary_turn()
                 break
-            self._close_held_at_edge = held
-            await budget.room_shown(min(held, CLOSE_EDGE_RECHECK_SECONDS))
+            self._close_held_at_edge = min(held, left)
+            await budget.room_shown(min(held, left, CLOSE_EDGE_RECHECK_SECONDS))
         self._close_held_at_edge = None
         return await budget.acquire_close()
 

@@ -594,9 +594,10 @@ async def test_a_stuck_trailing_stops_close_is_not_the_third_refusal_within_a_mi
     a close can wait, as an operator's does: the hard stop covers the position meanwhile. No ban; the hard
     stop live throughout; closed after."""
     caplog.set_level(logging.INFO)
-    # The position waits with its trailing stop fired and unfilled (the venue's doing) up to the refusals'
-    # minute; its hard stop is live all along, which the auditor checks.
-    run = await _a_shared_account_run(db, uncovered_seconds=60.0)
+    # The position waits with its trailing stop fired and unfilled (the venue's doing), here up to 20 s
+    # (grace 10 s: the wait stops a grace short of the breaker's 3 × grace); its hard stop is live all
+    # along, which the auditor checks.
+    run = await _a_shared_account_run(db, uncovered_seconds=60.0, grace="10")
     try:
         symbol, guard = await _a_held_stuck_trailing_close(run, caplog)
         assert guard.trailing_stop.fired_at is not None
@@ -622,10 +623,12 @@ async def test_a_stuck_trailing_stops_close_is_not_the_third_refusal_within_a_mi
         await run.stop()
 
 
-async def _a_shared_account_run(db: Database, *, uncovered_seconds: float) -> ChaosRun:
+async def _a_shared_account_run(db: Database, *, uncovered_seconds: float, grace: str = "5") -> ChaosRun:
     """A started run whose venue takes 60 orders per 10 s (another client can fill that), its auditor
     allowing a position `uncovered_seconds` without a working stop (the venue's doing)."""
-    settings = chaos_settings(db, {"VENUE__SIM__RATE_LIMITS__ORDERS_PER_10S": "60"})
+    settings = chaos_settings(
+        db, {"VENUE__SIM__RATE_LIMITS__ORDERS_PER_10S": "60", "PROTECTION__GRACE_SECONDS": grace}
+    )
     run = ChaosRun(
         db, settings, limits=AuditLimits.from_settings(settings, uncovered_seconds=uncovered_seconds)
     )
@@ -652,6 +655,32 @@ async def _a_held_stuck_trailing_close(
         lambda: any(CLOSE_HELD in r.getMessage() for r in caplog.records), limit=10.0, what="the close held"
     )
     return symbol, guard
+
+
+async def test_a_held_close_goes_before_its_wait_would_trip_the_breaker(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """soak73: held to the refusals' minute, such closes waited up to 33 s, their positions uncovered (the
+    trailing stop fired, unfilled), and the breaker paused entries three times in 10 minutes: the engine's
+    own wait read as protection failing, which only an operator may resume. The wait now ends a grace period
+    short of the breaker's limit (3 × grace 5 s: 10 s after the stop fired), then the close goes."""
+    caplog.set_level(logging.INFO)
+    run = await _a_shared_account_run(db, uncovered_seconds=15.0)
+    try:
+        symbol, guard = await _a_held_stuck_trailing_close(run, caplog)
+        assert guard.trailing_stop.fired_at is not None
+        fired_at = guard.trailing_stop.fired_at
+        await run.until(
+            lambda: run.banned_for() is not None or symbol not in run.held(), limit=40.0, what="closed"
+        )
+        assert run.banned_for() is None  # (the other client's window had ended by then)
+        took = run.clock.monotonic() - fired_at
+        assert 5.0 < took < 12.0, f"closed {took:.1f}s after the stop fired"
+        assert run.engine.breaker_pause_reason is None, run.engine.breaker_pause_reason
+        await run.settle()
+        run.verdict(coverage_at_least=0.0)
+    finally:
+        await run.stop()
 
 
 @pytest.mark.parametrize("how", ["fires and sticks", "cancelled by hand"])
