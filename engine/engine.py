@@ -1952,6 +1952,8 @@ class Engine:
             self.manager.streamed_live = previous.streamed_live
             # Stops not ours the last pass saw still fill the venue's cap until the next pass says otherwise.
             self.manager.foreign_stops_seen = previous.foreign_stops_seen
+            # A stuck stop's close, said once: not again by the next manager's guard (r93).
+            self.manager.stuck_said = previous.stuck_said
             # Stops the venue answered placed, and since when those being cancelled went unfound: "unknown
             # order" to the next manager's cancel proves nothing either. Forgotten, a restart took it for
             # proof and freed the symbol beside a closed position's live stops (r83).

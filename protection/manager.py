@@ -694,7 +694,6 @@ class PositionGuard:
         self.adopt_after_end = False
         self._pass: asyncio.Future[bool] | None = None  # the protection pass in flight
         self._stuck_timer: asyncio.Task[None] | None = None  # asks for a StuckTriggerCheck when patience ends
-        self._stuck_said: set[str] = set()  # the fired stops whose close at market was said (ERROR, event)
         self._fact: PositionCoverage | None = None  # the last coverage(), given again while nothing changed
         # The account stream's word on the position: when it last said its size (venue epoch seconds; an
         # older event is out of order and ignored) and whether that was "flat".
@@ -2479,7 +2478,7 @@ class PositionGuard:
         if gone:
             self._said_gone(asked_at)
             return
-        said = {o.client_order_id for o in stuck} <= self._stuck_said
+        said = {o.client_order_id for o in stuck} <= m.stuck_said
         log.log(
             logging.INFO if said else logging.ERROR,
             "%s: %s fired %.1fs ago and has not filled while the position is still open; closing reduce-only "
@@ -2500,7 +2499,7 @@ class PositionGuard:
                 symbol=self.symbol,
                 position_id=self.position_id,
             )
-            self._stuck_said.update(o.client_order_id for o in stuck if o.client_order_id)
+            m.stuck_said.update(o.client_order_id for o in stuck if o.client_order_id)
         self.submit(ClosePosition(exit_reason="stop_not_filled"))
 
     def correct_attached_stop_loss(self, from_fill: Decimal) -> None:
@@ -4033,6 +4032,9 @@ class ProtectionManager:
         self.stopped = False  # no guard runs any more: nothing may act in this manager's name
         self.moves_frozen = False  # stopping: managed moves already sent finish, no new one is sent
         self.announced: set[str] = set()  # order ids logged as created / restored in this run
+        # The fired stops whose close at market was said (ERROR, event): once per stop, across protection
+        # restarts too (the next manager's guard said it again, r93).
+        self.stuck_said: set[str] = set()
         self.guards: dict[int, PositionGuard] = {}
         self.by_symbol: dict[str, PositionGuard] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}

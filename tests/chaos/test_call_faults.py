@@ -683,6 +683,38 @@ async def test_a_held_close_goes_before_its_wait_would_trip_the_breaker(
         await run.stop()
 
 
+async def test_a_protection_restart_during_a_held_close_does_not_say_the_stuck_stop_again(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """r93: a protection restart while a stuck stop's close was held said the stuck stop again, a second
+    ERROR "closing reduce-only at market" and a second `stop_stuck_triggering` event for the same stop. It is
+    said once; the close still goes, and no ban."""
+    caplog.set_level(logging.INFO)
+    run = await _a_shared_account_run(db, uncovered_seconds=30.0)
+    try:
+        symbol, _guard = await _a_held_stuck_trailing_close(run, caplog)
+        await run.drive(run.engine.restart_protection(), limit=10.0)
+        await run.until(
+            lambda: run.banned_for() is not None or symbol not in run.held(), limit=40.0, what="closed"
+        )
+        assert run.banned_for() is None
+        errors = [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelno >= logging.ERROR
+            and symbol in r.getMessage()
+            and "closing reduce-only" in r.getMessage()
+        ]
+        assert len(errors) == 1, errors
+        events = await db.pool.fetchval(
+            "SELECT count(*) FROM monitoring.events WHERE type = 'stop_stuck_triggering' AND symbol = $1",
+            symbol,
+        )
+        assert events == 1
+    finally:
+        await run.stop()
+
+
 @pytest.mark.parametrize("how", ["fires and sticks", "cancelled by hand"])
 async def test_a_held_close_goes_at_once_when_the_hard_stop_stops_covering(
     db: Database, caplog: pytest.LogCaptureFixture, how: str
