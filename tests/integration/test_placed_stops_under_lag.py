@@ -141,18 +141,21 @@ async def test_on_the_binance_wire_a_closed_positions_stop_the_venue_cannot_show
                 await asyncio.sleep(0.05)
             assert beside == []
             assert venue()[0] == set()  # the old stops cancelled on the venue, not only on the record
+
+            async def cancelled_on_record() -> bool:
+                rows = await db.pool.fetch(
+                    "SELECT status FROM monitoring.orders WHERE client_order_id = ANY($1::text[])", list(old)
+                )
+                return {r["status"] for r in rows} == {"canceled"}
+
+            # (The record follows the venue's answer: a loaded run read it a moment before it was written.
+            # Read while the engine that writes it runs: read after the restarted engine had stopped, a
+            # clean-clone CI run found the write never made.)
+            await wait_until(cancelled_on_record, within=10.0, what="both recorded cancelled")
         finally:
             if second is not None:
                 await second.stop()
 
-        async def cancelled_on_record() -> bool:
-            rows = await db.pool.fetch(
-                "SELECT status FROM monitoring.orders WHERE client_order_id = ANY($1::text[])", list(old)
-            )
-            return {r["status"] for r in rows} == {"canceled"}
-
-        # (The record follows the venue's answer: a loaded run read it a moment before it was written.)
-        await wait_until(cancelled_on_record, within=10.0, what="both recorded cancelled")
         assert said()
         assert {r.levelno for r in said()} == {logging.WARNING}
 
