@@ -600,11 +600,9 @@ async def test_a_stuck_trailing_stops_close_is_not_the_third_refusal_within_a_mi
     run = await _a_shared_account_run(db, uncovered_seconds=60.0, grace="10")
     try:
         symbol, guard = await _a_held_stuck_trailing_close(run, caplog)
-        assert guard.trailing_stop.fired_at is not None
         fired_at = guard.trailing_stop.fired_at
-        await run.until(
-            lambda: run.banned_for() is not None or symbol not in run.held(), limit=70.0, what="closed"
-        )
+        assert fired_at is not None
+        await _closed_or_banned(run, symbol, limit=70.0)
         ban = run.banned_for()
         assert ban is None, f"the venue banned the account for {ban:.0f} s"
         assert run.clock.monotonic() - fired_at > 5.0  # held past the filled window, not refused in it
@@ -634,6 +632,11 @@ async def _a_shared_account_run(db: Database, *, uncovered_seconds: float, grace
     )
     await run.start()
     return run
+
+
+async def _closed_or_banned(run: ChaosRun, symbol: str, *, limit: float, what: str = "closed") -> None:
+    """Drive until the venue no longer holds `symbol`'s position, or bans the account (a close's refusal)."""
+    await run.until(lambda: run.banned_for() is not None or symbol not in run.held(), limit=limit, what=what)
 
 
 async def _a_held_stuck_trailing_close(
@@ -668,11 +671,9 @@ async def test_a_held_close_goes_before_its_wait_would_trip_the_breaker(
     run = await _a_shared_account_run(db, uncovered_seconds=15.0)
     try:
         symbol, guard = await _a_held_stuck_trailing_close(run, caplog)
-        assert guard.trailing_stop.fired_at is not None
         fired_at = guard.trailing_stop.fired_at
-        await run.until(
-            lambda: run.banned_for() is not None or symbol not in run.held(), limit=40.0, what="closed"
-        )
+        assert fired_at is not None
+        await _closed_or_banned(run, symbol, limit=40.0)
         assert run.banned_for() is None  # (the other client's window had ended by then)
         took = run.clock.monotonic() - fired_at
         assert 5.0 < took < 12.0, f"closed {took:.1f}s after the stop fired"
@@ -694,9 +695,7 @@ async def test_a_protection_restart_during_a_held_close_does_not_say_the_stuck_s
     try:
         symbol, _guard = await _a_held_stuck_trailing_close(run, caplog)
         await run.drive(run.engine.restart_protection(), limit=10.0)
-        await run.until(
-            lambda: run.banned_for() is not None or symbol not in run.held(), limit=40.0, what="closed"
-        )
+        await _closed_or_banned(run, symbol, limit=40.0)
         assert run.banned_for() is None
         errors = [
             r.getMessage()
@@ -735,11 +734,7 @@ async def test_a_held_close_goes_at_once_when_the_hard_stop_stops_covering(
         ended = run.clock.monotonic()
         # The close goes at once: into the window the other client filled, its refusal is the third within
         # a minute, and the venue bans the account (no stop of ours works: it cannot wait for that).
-        await run.until(
-            lambda: run.banned_for() is not None or symbol not in run.held(),
-            limit=70.0,
-            what="the close sent",
-        )
+        await _closed_or_banned(run, symbol, limit=70.0, what="the close sent")
         took = run.clock.monotonic() - ended
         assert took < 3.0, f"the close waited {took:.1f}s more, no stop of ours working"
         if how == "cancelled by hand":  # said as what happens: the close, not a new stop (r93)
